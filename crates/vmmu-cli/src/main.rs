@@ -1,0 +1,35 @@
+//! The `vmmu` command. Subcommands are added as the machine, scenarios and benches land.
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// A virtual MMU with generation-checked MMIO caching: run it, check it, measure it.
+#[derive(Parser, Debug)]
+#[command(name = "vmmu", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the historical bugs this build can re-inject.
+    Bugs,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    match cli.command {
+        Some(Command::Bugs) | None => {
+            for b in vmmu::bugs::Bug::ALL {
+                println!("{}", b.name());
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Historical KVM bugs that a test build can switch back on, one at a time, to prove that the
+//! checkers (loom models, the machine's oracle, named tests) would have caught them.
+//!
+//! A [`BugSet`] is carried by value in each subsystem's configuration (never a global, so tests
+//! running in parallel cannot leak a bug into each other). Without the cargo feature
+//! `historical-bugs`, [`BugSet::has`] is a constant `false` and every injection point compiles
+//! away: normal builds cannot run a bug.
+
+use core::fmt;
+
+/// One re-injectable bug. Each names the KVM fix it undoes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[repr(u8)]
+pub enum Bug {
+    /// Undoes ee3d1570b586 "kvm: fix potentially corrupt mmio cache" (2014): the final generation
+    /// is published together with the new set, with no in-progress marker and no second
+    /// increment after the grace period.
+    NoSecondIncrement = 0,
+    /// Undoes ddfd1730fd82 "Do not cache MMIO accesses while memslots are in flux" (2019): the
+    /// per-vCPU MMIO info cache is filled while an update is in progress.
+    CacheWhileInProgress = 1,
+    /// Undoes 56f17dd3fbc4 "kvm: x86: fix stale mmio cache bug" (2014): the per-vCPU MMIO info
+    /// cache ignores the generation.
+    VcpuCacheWithoutGen = 2,
+    /// Undoes 152482580a1b "Call kvm_arch_memslots_updated() before updating memslots" (2019):
+    /// the wrap hook runs after the final generation is visible.
+    WrapHookAfterPublish = 3,
+    /// Undoes c3e0c8c2e8b1 "Fully re-evaluate MMIO caching when SPTE masks change" (2022): a
+    /// disable from an earlier mask sticks.
+    StickyCachingDisable = 4,
+    /// Undoes the 2011 lockless-walk rule (ce88decffd17 thread): an entry zapped under a
+    /// concurrent walk is reported as a genuine misconfiguration instead of Retry.
+    ZappedSpteIsMisconfig = 5,
+    /// Undoes a955cad84cda / 18c841e1f411 "Retry page fault if root is invalidated" (2021): no
+    /// stale-root check before installing an SPTE.
+    NoStaleRootCheck = 6,
+    /// Undoes e0c378684b65 "Retry page faults that hit an invalid memslot" (2021): a slot being
+    /// deleted or moved is treated as no slot, i.e. MMIO.
+    InvalidSlotAsMmio = 7,
+    /// Undoes f8f559422b6c "fast invalidate all mmio sptes" (2013): an MMIO SPTE hit does not
+    /// compare the generation.
+    MmioSpteIgnoresGen = 8,
+    /// Undoes the remote TLB flush on zap (kvm_flush_remote_tlbs): zapping present leaves does not
+    /// flush the vCPUs' TLBs.
+    NoTlbFlushOnZap = 9,
+}
+
+impl Bug {
+    /// Every bug, in a stable order.
+    pub const ALL: [Bug; 10] = [
+        Bug::NoSecondIncrement,
+        Bug::CacheWhileInProgress,
+        Bug::VcpuCacheWithoutGen,
+        Bug::WrapHookAfterPublish,
+        Bug::StickyCachingDisable,
+        Bug::ZappedSpteIsMisconfig,
+        Bug::NoStaleRootCheck,
+        Bug::InvalidSlotAsMmio,
+        Bug::MmioSpteIgnoresGen,
+        Bug::NoTlbFlushOnZap,
+    ];
+
+    /// The bug's command-line name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Bug::NoSecondIncrement => "no-second-increment",
+            Bug::CacheWhileInProgress => "cache-while-in-progress",
+            Bug::VcpuCacheWithoutGen => "vcpu-cache-without-gen",
+            Bug::WrapHookAfterPublish => "wrap-hook-after-publish",
+            Bug::StickyCachingDisable => "sticky-caching-disable",
+            Bug::ZappedSpteIsMisconfig => "zapped-spte-is-misconfig",
+            Bug::NoStaleRootCheck => "no-stale-root-check",
+            Bug::InvalidSlotAsMmio => "invalid-slot-as-mmio",
+            Bug::MmioSpteIgnoresGen => "mmio-spte-ignores-gen",
+            Bug::NoTlbFlushOnZap => "no-tlb-flush-on-zap",
+        }
+    }
+
+    /// The bug with this command-line name.
+    pub fn from_name(name: &str) -> Option<Bug> {
+        Bug::ALL.into_iter().find(|b| b.name() == name)
+    }
+}
+
+impl fmt::Display for Bug {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A set of injected bugs (empty in every normal configuration).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub struct BugSet(u32);
+
+impl BugSet {
+    /// No bug: the correct behaviour.
+    pub const NONE: BugSet = BugSet(0);
+
+    /// The set holding just `bug`. Only with the `historical-bugs` feature.
+    #[cfg(feature = "historical-bugs")]
+    pub const fn only(bug: Bug) -> BugSet {
+        BugSet(1 << bug as u8)
+    }
+
+    /// This set plus `bug`. Only with the `historical-bugs` feature.
+    #[cfg(feature = "historical-bugs")]
+    pub const fn with(self, bug: Bug) -> BugSet {
+        BugSet(self.0 | 1 << bug as u8)
+    }
+
+    /// Whether `bug` is injected. Always `false` without the `historical-bugs` feature.
+    #[inline(always)]
+    pub const fn has(self, bug: Bug) -> bool {
+        #[cfg(feature = "historical-bugs")]
+        {
+            self.0 & (1 << bug as u8) != 0
+        }
+        #[cfg(not(feature = "historical-bugs"))]
+        {
+            let _ = (self, bug);
+            false
+        }
+    }
+
+    /// Whether no bug is injected.
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for b in Bug::ALL {
+            assert_eq!(Bug::from_name(b.name()), Some(b));
+        }
+        assert_eq!(Bug::from_name("no-such-bug"), None);
+    }
+
+    #[test]
+    fn empty_set_has_nothing() {
+        for b in Bug::ALL {
+            assert!(!BugSet::NONE.has(b));
+        }
+    }
+
+    #[cfg(feature = "historical-bugs")]
+    #[test]
+    fn only_has_one() {
+        let s = BugSet::only(Bug::InvalidSlotAsMmio);
+        assert!(s.has(Bug::InvalidSlotAsMmio));
+        assert!(!s.has(Bug::NoSecondIncrement));
+    }
+}

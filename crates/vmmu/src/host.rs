@@ -1,0 +1,69 @@
+//! What the core needs from its host, as small traits: page-table frames and host-virtual to
+//! host-frame translation. The software machine implements them with std; a bare-metal
+//! hypervisor implements them with its own allocator and page tables; loom models implement them
+//! with boxed tables.
+//!
+//! Contracts:
+//! - [`FrameAllocator::table`] is on the lockless hot path: O(1), no lock, no allocation;
+//! - a table frame is freed only by the MMU, only after a grace period since it was unlinked, so
+//!   no walker (the MMU's own lockless walk, or the hardware walker) can still read it;
+//! - [`HostMemory::translate`] may fail: KVM reports that at fault time (`-EFAULT` from
+//!   `KVM_RUN`), never by turning the access into MMIO.
+
+use crate::sync::AtomicU64;
+use crate::types::{Hva, Level, Pfn};
+use core::ptr::NonNull;
+
+/// Entries in one page-table page.
+pub const ENTRIES_PER_TABLE: usize = 512;
+
+/// The entries of one page-table page: 512 atomic 64-bit SPTEs.
+pub type TableEntries = [AtomicU64; ENTRIES_PER_TABLE];
+
+/// Page-table frames for the MMU's tables.
+pub trait FrameAllocator: Send + Sync {
+    /// A new table page with every entry set to `init` (the format's non-present value), or
+    /// `None` when the host is out of frames (the fault then fails with an out-of-memory error).
+    fn alloc_table(&self, init: u64) -> Option<Pfn>;
+
+    /// Returns a table page to the host.
+    ///
+    /// # Safety
+    /// `pfn` came from [`Self::alloc_table`] of this allocator, has not been freed since, and no
+    /// thread can reach it any more: it was unlinked and a grace period has passed since.
+    unsafe fn free_table(&self, pfn: Pfn);
+
+    /// The entries of a live table page, or `None` if `pfn` is not a table page of this
+    /// allocator. The pointer stays valid until `free_table(pfn)`.
+    fn table(&self, pfn: Pfn) -> Option<NonNull<TableEntries>>;
+}
+
+/// The host's view of a guest page's backing: the frame and how large a page maps it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct HostPage {
+    /// The frame backing the translated address.
+    pub pfn: Pfn,
+    /// Whether the host mapping allows writes.
+    pub writable: bool,
+    /// The largest level at which the host maps this address contiguously: the naturally aligned
+    /// block of that size around the address is backed by naturally aligned contiguous frames
+    /// (KVM: `host_pfn_mapping_level`).
+    pub level: Level,
+}
+
+/// Why a host-virtual address could not be translated.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
+pub enum HostFault {
+    /// Nothing is mapped at the address (KVM: `-EFAULT` from `KVM_RUN`).
+    #[error("host address {0} is not mapped")]
+    Unmapped(Hva),
+    /// The mapping forbids the access (e.g. a write to a read-only host mapping).
+    #[error("host address {0} does not allow this access")]
+    Protected(Hva),
+}
+
+/// Host-virtual to host-frame translation (KVM: `hva_to_pfn` / get_user_pages).
+pub trait HostMemory: Send + Sync {
+    /// Translates `hva` for a read (`write == false`) or a write.
+    fn translate(&self, hva: Hva, write: bool) -> Result<HostPage, HostFault>;
+}

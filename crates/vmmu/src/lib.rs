@@ -1,0 +1,27 @@
+//! # vmmu: a virtual MMU with generation-checked MMIO caching
+//!
+//! The core library: memslots and their generation protocol, SPTE formats and the MMIO SPTE
+//! codec, and (in later modules) the TDP MMU with its fault paths, per-vCPU MMIO info cache and
+//! zapping. It mirrors Linux KVM's x86 MMU (see `shared/design/kvm-mmu-facts.md`); where a type
+//! mirrors a KVM concept its doc says which.
+//!
+//! `#![no_std]` + `alloc`: the host provides page-table frames and address translation through
+//! the traits in [`host`], and chooses how waiters wait ([`sync::Relax`]). The `std` feature (on
+//! by default) adds `std::error::Error` impls and the yielding wait policy.
+#![no_std]
+#![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+extern crate alloc;
+#[cfg(any(feature = "std", test, loom))]
+extern crate std;
+
+pub mod bugs;
+pub mod host;
+pub mod memslot;
+pub mod spte;
+pub mod srcu;
+pub mod sync;
+pub mod types;
+
+pub use types::{Access, AsId, FaultAccess, Generation, Gfn, Gpa, Hva, Level, Pfn, SlotId};

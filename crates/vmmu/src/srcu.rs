@@ -1,0 +1,1 @@
+//! SRCU-like grace periods for memslot readers. (Being built: issue 2.)

@@ -1,0 +1,420 @@
+//! The one synchronisation shim: every atomic, lock, cell and wait loop in the core goes through
+//! here, so the same code runs normally and under [loom](https://docs.rs/loom) (`--cfg loom`).
+//!
+//! What lives here:
+//! - re-exports of the atomic types, [`fence`] and [`Ordering`] (core's, or loom's under loom);
+//! - [`Arc`] (alloc's, or loom's);
+//! - [`UnsafeCell`] with loom's closure API (`with`, `with_mut`) in both builds;
+//! - [`Mutex`] and [`RwLock`]: spin locks on the shim atomics in normal builds (no_std, no OS),
+//!   loom's own locks under loom. They are for short critical sections (slots lock, MMU lock);
+//! - [`Relax`]: how a waiter waits (grace periods, TLB-flush acknowledgements, lock spins). The
+//!   host picks it: spin on bare metal, yield to the scheduler with std, loom's yield under loom.
+//!
+//! Contract: nothing in the core may use `core::sync::atomic` or `std::sync` directly.
+
+#[cfg(not(loom))]
+pub use core::sync::atomic::{
+    fence, AtomicBool, AtomicPtr, AtomicU16, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
+#[cfg(loom)]
+pub use loom::sync::atomic::{
+    fence, AtomicBool, AtomicPtr, AtomicU16, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
+
+#[cfg(not(loom))]
+pub use alloc::sync::Arc;
+#[cfg(loom)]
+pub use loom::sync::Arc;
+
+/// How a thread waits for another to make progress.
+pub trait Relax: Sync {
+    /// Called once per iteration of a wait loop.
+    fn relax(&self);
+}
+
+/// Busy-wait with the CPU's spin hint: for bare metal, where there is no scheduler.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Spin;
+
+impl Relax for Spin {
+    #[inline]
+    fn relax(&self) {
+        #[cfg(loom)]
+        loom::thread::yield_now();
+        #[cfg(not(loom))]
+        core::hint::spin_loop();
+    }
+}
+
+/// Yield to the OS scheduler (std), or to loom's scheduler under loom. The default for hosted
+/// builds: on a 2-core machine with more runnable threads than cores, spinning alone can starve
+/// the thread being waited for.
+#[cfg(any(feature = "std", loom))]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Yield;
+
+#[cfg(any(feature = "std", loom))]
+impl Relax for Yield {
+    #[inline]
+    fn relax(&self) {
+        #[cfg(loom)]
+        loom::thread::yield_now();
+        #[cfg(not(loom))]
+        std::thread::yield_now();
+    }
+}
+
+/// The relax policy used where the caller does not choose one.
+#[cfg(any(feature = "std", loom))]
+pub type DefaultRelax = Yield;
+/// The relax policy used where the caller does not choose one.
+#[cfg(not(any(feature = "std", loom)))]
+pub type DefaultRelax = Spin;
+
+/// One iteration of a wait loop with the default policy.
+#[inline]
+pub fn relax() {
+    DefaultRelax::default().relax();
+}
+
+/// An `UnsafeCell` with loom's closure API, so accesses are tracked under loom.
+#[cfg(not(loom))]
+#[derive(Debug, Default)]
+pub struct UnsafeCell<T>(core::cell::UnsafeCell<T>);
+
+#[cfg(not(loom))]
+impl<T> UnsafeCell<T> {
+    /// A new cell.
+    pub const fn new(v: T) -> Self {
+        UnsafeCell(core::cell::UnsafeCell::new(v))
+    }
+    /// Runs `f` with a shared raw pointer to the contents.
+    #[inline]
+    pub fn with<R>(&self, f: impl FnOnce(*const T) -> R) -> R {
+        f(self.0.get())
+    }
+    /// Runs `f` with a unique raw pointer to the contents.
+    #[inline]
+    pub fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
+        f(self.0.get())
+    }
+    /// The contents, for an owner with `&mut self`.
+    #[inline]
+    pub fn get_mut(&mut self) -> &mut T {
+        self.0.get_mut()
+    }
+}
+
+#[cfg(loom)]
+pub use loom::cell::UnsafeCell;
+
+#[cfg(not(loom))]
+mod locks {
+    use super::{AtomicU32, Ordering, Relax};
+    use core::cell::UnsafeCell;
+    use core::ops::{Deref, DerefMut};
+
+    /// A spin mutex. `lock` spins with the default [`Relax`] policy.
+    #[derive(Debug, Default)]
+    pub struct Mutex<T> {
+        locked: AtomicU32,
+        value: UnsafeCell<T>,
+    }
+
+    // SAFETY: the lock hands out at most one guard at a time, so `&Mutex<T>` only ever gives one
+    // thread access to the `T`; that needs `T: Send` and no more, as for `std::sync::Mutex`.
+    unsafe impl<T: Send> Sync for Mutex<T> {}
+    // SAFETY: moving the mutex moves the `T`.
+    unsafe impl<T: Send> Send for Mutex<T> {}
+
+    impl<T> Mutex<T> {
+        /// A new unlocked mutex.
+        pub const fn new(v: T) -> Self {
+            Mutex { locked: AtomicU32::new(0), value: UnsafeCell::new(v) }
+        }
+        /// Takes the lock, spinning until it is free.
+        pub fn lock(&self) -> MutexGuard<'_, T> {
+            let relax = super::DefaultRelax::default();
+            loop {
+                if let Some(g) = self.try_lock() {
+                    return g;
+                }
+                while self.locked.load(Ordering::Relaxed) != 0 {
+                    relax.relax();
+                }
+            }
+        }
+        /// Takes the lock if it is free.
+        pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+            // Acquire pairs with the Release in `MutexGuard::drop`: the previous holder's writes
+            // to the value are visible to the new holder.
+            self.locked
+                .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+                .ok()
+                .map(|_| MutexGuard { m: self })
+        }
+        /// The value, for an owner with `&mut self`.
+        pub fn get_mut(&mut self) -> &mut T {
+            self.value.get_mut()
+        }
+    }
+
+    /// Proof of holding a [`Mutex`].
+    pub struct MutexGuard<'a, T> {
+        m: &'a Mutex<T>,
+    }
+
+    impl<T> Deref for MutexGuard<'_, T> {
+        type Target = T;
+        fn deref(&self) -> &T {
+            // SAFETY: the guard exists only while `locked` is held by this thread, so no other
+            // reference to the value exists.
+            unsafe { &*self.m.value.get() }
+        }
+    }
+    impl<T> DerefMut for MutexGuard<'_, T> {
+        fn deref_mut(&mut self) -> &mut T {
+            // SAFETY: as in `deref`; `&mut self` makes this the only reference through the guard.
+            unsafe { &mut *self.m.value.get() }
+        }
+    }
+    impl<T> Drop for MutexGuard<'_, T> {
+        fn drop(&mut self) {
+            self.m.locked.store(0, Ordering::Release);
+        }
+    }
+
+    const WRITER: u32 = 1 << 31;
+
+    /// A reader-writer spin lock (KVM's `mmu_lock` is an rwlock on x86). Writers set a flag that
+    /// stops new readers, then wait for the readers in flight, so writers are not starved.
+    #[derive(Debug, Default)]
+    pub struct RwLock<T> {
+        state: AtomicU32,
+        value: UnsafeCell<T>,
+    }
+
+    // SAFETY: readers share `&T` across threads (needs `T: Sync`), writers get `&mut T` on any
+    // thread (needs `T: Send`), as for `std::sync::RwLock`.
+    unsafe impl<T: Send + Sync> Sync for RwLock<T> {}
+    // SAFETY: moving the lock moves the `T`.
+    unsafe impl<T: Send> Send for RwLock<T> {}
+
+    impl<T> RwLock<T> {
+        /// A new unlocked lock.
+        pub const fn new(v: T) -> Self {
+            RwLock { state: AtomicU32::new(0), value: UnsafeCell::new(v) }
+        }
+        /// Takes the lock shared.
+        pub fn read(&self) -> RwLockReadGuard<'_, T> {
+            let relax = super::DefaultRelax::default();
+            loop {
+                let s = self.state.load(Ordering::Relaxed);
+                if s & WRITER == 0
+                    && self
+                        .state
+                        .compare_exchange_weak(s, s + 1, Ordering::Acquire, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    return RwLockReadGuard { l: self };
+                }
+                relax.relax();
+            }
+        }
+        /// Takes the lock exclusive.
+        pub fn write(&self) -> RwLockWriteGuard<'_, T> {
+            let relax = super::DefaultRelax::default();
+            // Claim the writer flag (one writer at a time), then wait for readers to drain.
+            loop {
+                let s = self.state.load(Ordering::Relaxed);
+                if s & WRITER == 0
+                    && self
+                        .state
+                        .compare_exchange_weak(s, s | WRITER, Ordering::Acquire, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    break;
+                }
+                relax.relax();
+            }
+            // Acquire pairs with the readers' Release in their guard's drop.
+            while self.state.load(Ordering::Acquire) != WRITER {
+                relax.relax();
+            }
+            RwLockWriteGuard { l: self }
+        }
+    }
+
+    /// Proof of holding a [`RwLock`] shared.
+    pub struct RwLockReadGuard<'a, T> {
+        l: &'a RwLock<T>,
+    }
+    impl<T> Deref for RwLockReadGuard<'_, T> {
+        type Target = T;
+        fn deref(&self) -> &T {
+            // SAFETY: while a read guard exists no writer holds the lock, so only shared
+            // references to the value exist.
+            unsafe { &*self.l.value.get() }
+        }
+    }
+    impl<T> Drop for RwLockReadGuard<'_, T> {
+        fn drop(&mut self) {
+            self.l.state.fetch_sub(1, Ordering::Release);
+        }
+    }
+
+    /// Proof of holding a [`RwLock`] exclusive.
+    pub struct RwLockWriteGuard<'a, T> {
+        l: &'a RwLock<T>,
+    }
+    impl<T> Deref for RwLockWriteGuard<'_, T> {
+        type Target = T;
+        fn deref(&self) -> &T {
+            // SAFETY: the write guard is the only holder of the lock.
+            unsafe { &*self.l.value.get() }
+        }
+    }
+    impl<T> DerefMut for RwLockWriteGuard<'_, T> {
+        fn deref_mut(&mut self) -> &mut T {
+            // SAFETY: the write guard is the only holder of the lock.
+            unsafe { &mut *self.l.value.get() }
+        }
+    }
+    impl<T> Drop for RwLockWriteGuard<'_, T> {
+        fn drop(&mut self) {
+            self.l.state.store(0, Ordering::Release);
+        }
+    }
+}
+
+#[cfg(loom)]
+mod locks {
+    //! Under loom the locks are loom's, so the model checker sees every acquisition.
+    use core::ops::{Deref, DerefMut};
+
+    /// loom's mutex behind the shim's API.
+    #[derive(Debug, Default)]
+    pub struct Mutex<T>(loom::sync::Mutex<T>);
+    /// Proof of holding a [`Mutex`].
+    pub struct MutexGuard<'a, T>(loom::sync::MutexGuard<'a, T>);
+
+    impl<T> Mutex<T> {
+        /// A new unlocked mutex.
+        pub fn new(v: T) -> Self {
+            Mutex(loom::sync::Mutex::new(v))
+        }
+        /// Takes the lock.
+        pub fn lock(&self) -> MutexGuard<'_, T> {
+            MutexGuard(self.0.lock().unwrap_or_else(|e| e.into_inner()))
+        }
+        /// Takes the lock if it is free.
+        pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+            self.0.try_lock().ok().map(MutexGuard)
+        }
+        /// The value, for an owner with `&mut self`.
+        pub fn get_mut(&mut self) -> &mut T {
+            self.0.get_mut().unwrap_or_else(|e| e.into_inner())
+        }
+    }
+    impl<T> Deref for MutexGuard<'_, T> {
+        type Target = T;
+        fn deref(&self) -> &T {
+            &self.0
+        }
+    }
+    impl<T> DerefMut for MutexGuard<'_, T> {
+        fn deref_mut(&mut self) -> &mut T {
+            &mut self.0
+        }
+    }
+
+    /// loom's rwlock behind the shim's API.
+    #[derive(Debug, Default)]
+    pub struct RwLock<T>(loom::sync::RwLock<T>);
+    /// Proof of holding a [`RwLock`] shared.
+    pub struct RwLockReadGuard<'a, T>(loom::sync::RwLockReadGuard<'a, T>);
+    /// Proof of holding a [`RwLock`] exclusive.
+    pub struct RwLockWriteGuard<'a, T>(loom::sync::RwLockWriteGuard<'a, T>);
+
+    impl<T> RwLock<T> {
+        /// A new unlocked lock.
+        pub fn new(v: T) -> Self {
+            RwLock(loom::sync::RwLock::new(v))
+        }
+        /// Takes the lock shared.
+        pub fn read(&self) -> RwLockReadGuard<'_, T> {
+            RwLockReadGuard(self.0.read().unwrap_or_else(|e| e.into_inner()))
+        }
+        /// Takes the lock exclusive.
+        pub fn write(&self) -> RwLockWriteGuard<'_, T> {
+            RwLockWriteGuard(self.0.write().unwrap_or_else(|e| e.into_inner()))
+        }
+    }
+    impl<T> Deref for RwLockReadGuard<'_, T> {
+        type Target = T;
+        fn deref(&self) -> &T {
+            &self.0
+        }
+    }
+    impl<T> Deref for RwLockWriteGuard<'_, T> {
+        type Target = T;
+        fn deref(&self) -> &T {
+            &self.0
+        }
+    }
+    impl<T> DerefMut for RwLockWriteGuard<'_, T> {
+        fn deref_mut(&mut self) -> &mut T {
+            &mut self.0
+        }
+    }
+}
+
+pub use locks::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mutex_excludes() {
+        let m = Mutex::new(0u32);
+        {
+            let mut g = m.lock();
+            *g += 1;
+            assert!(m.try_lock().is_none(), "a held mutex must not be taken twice");
+        }
+        assert_eq!(*m.lock(), 1);
+    }
+
+    #[test]
+    fn rwlock_counts_readers_and_excludes_writer() {
+        let l = RwLock::new(5u32);
+        let a = l.read();
+        let b = l.read();
+        assert_eq!(*a + *b, 10);
+        drop((a, b));
+        *l.write() = 7;
+        assert_eq!(*l.read(), 7);
+    }
+
+    #[cfg(feature = "std")]
+    #[test]
+    fn rwlock_under_contention() {
+        let l = Arc::new(RwLock::new(0u64));
+        let threads: std::vec::Vec<_> = (0..4)
+            .map(|_| {
+                let l = l.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        *l.write() += 1;
+                        let _r = l.read();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(*l.read(), 4000);
+    }
+}
