@@ -68,7 +68,7 @@ pub enum FormatKind {
     /// NPT on a host with memory encryption: the C-bit position is not reserved and is set in
     /// present entries.
     NptSev {
-        /// Position of the C-bit (CPUID 0x8000001F EBX[5:0]), in `phys_bits..=51`.
+        /// Position of the C-bit (CPUID 0x8000001F `EBX[5:0]`), in `phys_bits..=51`.
         c_bit: u8,
     },
 }
@@ -209,19 +209,30 @@ impl SpteFormat {
         debug_assert!(pfn.hpa() & !self.addr_mask() == 0, "{pfn:?} beyond phys_bits");
         debug_assert!(pfn.raw() % level.pages() == 0, "{pfn:?} not aligned to {level:?}");
         let w = writable && access.contains(Access::WRITE);
-        let mut spte = Self::MMU_PRESENT | (pfn.hpa() & self.addr_mask()) | BIT_W * w as u64;
+        let x = access.contains(Access::EXEC);
+        let mut spte = Self::MMU_PRESENT | (pfn.hpa() & self.addr_mask());
         if level > Level::L4K {
             spte |= BIT_LARGE;
         }
         if self.is_ept() {
-            spte |= EPT_R | EPT_MT_WB << EPT_MT_SHIFT | EPT_A | BIT_63;
-            spte |= EPT_X * access.contains(Access::EXEC) as u64;
-            spte |= EPT_D * w as u64;
+            spte |= EPT_R | (EPT_MT_WB << EPT_MT_SHIFT) | EPT_A | BIT_63;
+            if w {
+                spte |= BIT_W | EPT_D;
+            }
+            if x {
+                spte |= EPT_X;
+            }
         } else {
             spte |= NPT_P | NPT_A | self.c_bit_mask();
-            spte |= NPT_U * access.contains(Access::USER) as u64;
-            spte |= BIT_63 * !access.contains(Access::EXEC) as u64;
-            spte |= NPT_D * w as u64;
+            if w {
+                spte |= BIT_W | NPT_D;
+            }
+            if !x {
+                spte |= BIT_63; // NX
+            }
+            if access.contains(Access::USER) {
+                spte |= NPT_U;
+            }
         }
         spte
     }
