@@ -14,7 +14,7 @@
 //! | 5:3 | memory type; 2, 3 and 7 are a misconfiguration. KVM makes WB (6) | reserved |
 //! | 6 | ignore PAT | reserved |
 //! | 7 | page size at levels 2, 3; ignored at level 1 | 0 (reserved at levels 4, 5) |
-//! | 8, 9 | accessed, dirty | accessed (8), PML4/PML5 bit 7 reserved too |
+//! | 8, 9 | accessed, dirty | accessed (8); 9 ignored |
 //! | 10 | user-execute (MBEC; unused here) | ignored |
 //! | 11 | software: **MMU-present** (KVM `SPTE_MMU_PRESENT_MASK`) | same |
 //! | 12..phys_bits | pfn (2M leaves: bits 12..=20 reserved; 1G leaves: 12..=29) | table pfn |
