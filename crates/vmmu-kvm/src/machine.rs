@@ -222,7 +222,13 @@ impl KvmMachine {
         let hit = self.slots.iter().find(|(_, s)| gpa >= s.gpa && gpa - s.gpa < s.size);
         if let Some((&id, s)) = hit {
             let hva = s.uaddr.wrapping_add(gpa - s.gpa);
-            let backed = self.own.contains(hva, n) || self.bufs.iter().any(|b| b.contains(hva, n));
+            // A scenario's slot must lead into a scenario buffer (never into the backend's own
+            // tables and code), the backend's slot into its own memory.
+            let backed = if u32::from(id) == OWN_SLOT {
+                self.own.contains(hva, n)
+            } else {
+                self.bufs.iter().any(|b| b.contains(hva, n))
+            };
             if !backed {
                 return Err(KvmError::Unbacked { gpa, slot: u32::from(id), hva });
             }
