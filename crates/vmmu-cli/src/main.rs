@@ -2,6 +2,8 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod scenario_cmd;
+
 /// A virtual MMU with generation-checked MMIO caching: run it, check it, measure it.
 #[derive(Parser, Debug)]
 #[command(name = "vmmu", version, about)]
@@ -14,6 +16,8 @@ struct Cli {
 enum Command {
     /// Print the historical bugs this build can re-inject.
     Bugs,
+    /// Run a scenario file and print its observations (JSON Lines) on stdout.
+    Scenario(scenario_cmd::ScenarioArgs),
 }
 
 fn main() -> ExitCode {
@@ -25,6 +29,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Some(Command::Scenario(args)) => scenario_cmd::run(&args),
         Some(Command::Bugs) | None => {
             for b in vmmu::bugs::Bug::ALL {
                 println!("{}", b.name());

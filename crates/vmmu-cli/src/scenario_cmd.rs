@@ -1,0 +1,117 @@
+//! `vmmu scenario FILE`: parse a scenario, run it on a backend, print the observations.
+//!
+//! Exit status: 0 when the scenario ran (or was skipped: `{"skipped":"REASON"}`), 2 when the file
+//! cannot be read or does not parse (message on stderr, nothing runs), 1 when the backend failed
+//! (the observations made so far are on stdout, the error naming the step on stderr).
+
+use clap::{Args, ValueEnum};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use vmmu_scenario::{Backend, Format, Overrides};
+
+/// Which machine runs the scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// The software machine (the vmmu MMU).
+    Sim,
+    /// Real /dev/kvm.
+    Kvm,
+}
+
+/// SPTE format override.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    /// Intel EPT.
+    Ept,
+    /// AMD NPT.
+    Npt,
+}
+
+/// On/off switch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
+/// Arguments of `vmmu scenario`.
+#[derive(Args, Debug)]
+pub struct ScenarioArgs {
+    /// The scenario file (format: shared/design/scenarios.md).
+    pub file: PathBuf,
+    /// The machine to run it on.
+    #[arg(long, value_enum, default_value_t = BackendKind::Sim)]
+    pub backend: BackendKind,
+    /// Override the file's `format=`.
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
+    /// Override the file's `mmio_caching=`.
+    #[arg(long, value_enum)]
+    pub mmio_caching: Option<OnOff>,
+    /// Override the file's `phys_bits=` (36..=52).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(36..=52))]
+    pub phys_bits: Option<u8>,
+}
+
+/// The backend for `kind`, or why it cannot be had. Adding a backend is one match arm.
+fn backend(kind: BackendKind) -> Result<Box<dyn Backend>, String> {
+    match kind {
+        BackendKind::Sim => {
+            Err("the sim backend is not built yet; use --backend kvm for now".to_string())
+        }
+        BackendKind::Kvm => Ok(Box::new(vmmu_kvm::KvmBackend)),
+    }
+}
+
+/// Runs the command; returns the process exit status.
+pub fn run(args: &ScenarioArgs) -> ExitCode {
+    let shown = args.file.display();
+    let text = match std::fs::read_to_string(&args.file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("vmmu scenario: cannot read {shown}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut scenario = match vmmu_scenario::parse(&text) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{shown}:{}:{}: {}", e.line, e.column, e.kind);
+            return ExitCode::from(2);
+        }
+    };
+    scenario.apply(&Overrides {
+        format: args.format.map(|f| match f {
+            FormatArg::Ept => Format::Ept,
+            FormatArg::Npt => Format::Npt,
+        }),
+        mmio_caching: args.mmio_caching.map(|m| m == OnOff::On),
+        phys_bits: args.phys_bits,
+    });
+    let backend = match backend(args.backend) {
+        Ok(b) => b,
+        Err(msg) => {
+            eprintln!("vmmu scenario: {msg}");
+            return ExitCode::from(1);
+        }
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut write_failed = false;
+    let result = vmmu_scenario::run(backend.as_ref(), &scenario, &mut |o| {
+        if !write_failed && writeln!(out, "{o}").is_err() {
+            write_failed = true;
+        }
+    });
+    let _ = out.flush();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmmu scenario: {shown}: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! `vmmu scenario`: exit codes, stdout/stderr contract, flag overrides.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn vmmu(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmmu")).args(args).output().expect("run vmmu")
+}
+
+fn temp_scenario(name: &str, text: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("vmmu-cli-{}-{name}.scn", std::process::id()));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn repo(rel: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel).to_string_lossy().into_owned()
+}
+
+fn kvm_usable() -> bool {
+    match vmmu_kvm::probe() {
+        Ok(_) => true,
+        Err(why) => {
+            println!("skipped: {why}");
+            false
+        }
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn parse_error_exits_2_naming_file_line_and_column() {
+    let p = temp_scenario("parse", "vm\nmem b size=4K\nread 0 gpa=0x10000001 size=4\n");
+    for backend in ["sim", "kvm"] {
+        let out = vmmu(&["scenario", p.to_str().unwrap(), "--backend", backend]);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(out.stdout.is_empty(), "nothing runs");
+        let err = text(&out.stderr);
+        assert!(err.starts_with(&format!("{}:3:12: ", p.display())), "{err}");
+        assert!(err.contains("not aligned"), "{err}");
+    }
+}
+
+#[test]
+fn unreadable_file_exits_2() {
+    let out = vmmu(&["scenario", "/nonexistent/x.scn", "--backend", "kvm"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("cannot read /nonexistent/x.scn"));
+}
+
+#[test]
+fn bad_flags_exit_2() {
+    let f = repo("tests/scenarios/create_read_write.scn");
+    for bad in [
+        &["--phys-bits", "60"][..],
+        &["--phys-bits", "35"],
+        &["--format", "shadow"],
+        &["--backend", "qemu"],
+        &["--mmio-caching", "yes"],
+    ] {
+        let mut args = vec!["scenario", f.as_str()];
+        args.extend_from_slice(bad);
+        assert_eq!(vmmu(&args).status.code(), Some(2), "{bad:?}");
+    }
+}
+
+#[test]
+fn default_backend_is_sim_which_is_not_built_yet() {
+    let out = vmmu(&["scenario", &repo("tests/scenarios/create_read_write.scn")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("sim backend is not built yet"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn kvm_run_prints_expected_observations_whatever_the_overrides() {
+    if !kvm_usable() {
+        return;
+    }
+    let f = repo("tests/scenarios/readonly_slot.scn");
+    let want = std::fs::read_to_string(repo("tests/expected/readonly_slot.jsonl")).unwrap();
+    for extra in [&[][..], &["--format", "npt", "--mmio-caching", "off", "--phys-bits", "36"]] {
+        let mut args = vec!["scenario", f.as_str(), "--backend", "kvm"];
+        args.extend_from_slice(extra);
+        let out = vmmu(&args);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), want);
+    }
+}
+
+#[test]
+fn backend_failure_exits_1_after_printing_what_ran() {
+    if !kvm_usable() {
+        return;
+    }
+    let p = temp_scenario(
+        "fail",
+        "mem s size=4K\nslot 1 gpa=0x10000000 size=8K mem=s\nread 0 gpa=0x10001000 size=1\n",
+    );
+    let out = vmmu(&["scenario", p.to_str().unwrap(), "--backend", "kvm"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(text(&out.stdout), "{\"step\":2,\"op\":\"slot\",\"result\":\"ok\"}\n");
+    assert!(
+        text(&out.stderr).contains("failed at step 3 (line 3, `read`)"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn skipped_scenario_exits_0_with_one_line() {
+    let Ok(info) = vmmu_kvm::probe() else {
+        println!("skipped: /dev/kvm not usable");
+        return;
+    };
+    if info.address_spaces >= 2 {
+        println!("skipped: this kernel has an SMM address space, nothing is skipped");
+        return;
+    }
+    let out =
+        vmmu(&["scenario", &repo("tests/scenarios/address_spaces_smm.scn"), "--backend", "kvm"]);
+    assert_eq!(out.status.code(), Some(0));
+    let s = text(&out.stdout);
+    assert!(
+        s.starts_with("{\"skipped\":\"") && s.ends_with("\"}\n") && s.lines().count() == 1,
+        "{s}"
+    );
+}

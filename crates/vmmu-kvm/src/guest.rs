@@ -1,0 +1,206 @@
+//! The backend's own guest: a 64-bit long-mode machine whose access code runs at CPL3.
+//!
+//! Everything lives in one buffer mapped at guest-physical 0 by slot [`OWN_SLOT`] (address
+//! space 0), below 8 MiB, where scenarios may not go:
+//!
+//! | gpa | what |
+//! |---|---|
+//! | `GDT` | null, kernel code/data (DPL 0), user code/data (DPL 3), 64-bit TSS |
+//! | `IDT` | 256 interrupt gates to the exception stubs (CPL 0) |
+//! | `TSS` | `RSP0` = top of the kernel stack, no I/O bitmap |
+//! | `STUBS` | one 16-byte stub per vector: report the vector on the exception port, halt |
+//! | `CODE` | the current step's access code |
+//! | `KSTACK_TOP` | kernel stack for exception delivery |
+//! | `PML4`, `PDPT`, `PD0..` | identity map of the low 64 GiB with user+writable 2 MiB pages |
+//!
+//! vCPUs never enter CPL0 on purpose: registers and segments are set through `KVM_SET_SREGS` /
+//! `KVM_SET_REGS` so each vCPU starts at CPL3 (CS.RPL = CS.DPL = SS.DPL = 3), and the access code
+//! hands control back with an MMIO store (see [`crate::code`]). CPL0 runs only when the guest
+//! takes an exception, which is a backend failure anyway: the stub reports the vector with an
+//! `out` (legal at CPL0). On a nested PVM host CPL0 code is emulated and very slow, CPL3 is not.
+
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use vmmu_scenario::ACCESS_LIMIT;
+
+/// The slot id of the backend's own memory (one of the ids scenarios may not use).
+pub const OWN_SLOT: u32 = 32760;
+/// Size of the backend's own memory.
+pub const OWN_SIZE: usize = 1 << 20;
+
+/// Global descriptor table.
+pub const GDT: u64 = 0x1000;
+/// Interrupt descriptor table.
+pub const IDT: u64 = 0x2000;
+/// Task-state segment.
+pub const TSS: u64 = 0x3000;
+/// Exception stubs, 16 bytes per vector.
+pub const STUBS: u64 = 0x4000;
+/// The access code page.
+pub const CODE: u64 = 0x5000;
+/// Top of the (unused) user stack.
+pub const USTACK_TOP: u64 = 0x7000;
+/// Top of the kernel stack used for exception delivery.
+pub const KSTACK_TOP: u64 = 0x10000;
+/// Page-map level 4.
+pub const PML4: u64 = 0x10000;
+/// The one page-directory-pointer table (64 entries used).
+pub const PDPT: u64 = 0x11000;
+/// First of the 64 page directories.
+pub const PD0: u64 = 0x12000;
+
+const KERNEL_CS: u16 = 0x08;
+const USER_CS: u16 = 0x18 | 3;
+const USER_DS: u16 = 0x20 | 3;
+const TSS_SEL: u16 = 0x28;
+
+const PTE_P: u64 = 1;
+const PTE_RW: u64 = 1 << 1;
+const PTE_US: u64 = 1 << 2;
+const PTE_PS: u64 = 1 << 7;
+
+/// Number of 1 GiB page directories needed to cover [`ACCESS_LIMIT`].
+const PDS: u64 = ACCESS_LIMIT >> 30;
+
+/// The bytes of the backend's memory (as `(gpa, bytes)` pieces) before any step runs.
+pub fn image() -> Vec<(u64, Vec<u8>)> {
+    let mut pieces = Vec::new();
+    // GDT: 64-bit code has L=1, D=0; data is a flat 4 GiB segment; the TSS descriptor is 16 bytes.
+    let mut gdt = Vec::new();
+    for d in [
+        0u64,
+        0x00af_9b00_0000_ffff, // 0x08 kernel code, DPL 0, L
+        0x00cf_9300_0000_ffff, // 0x10 kernel data, DPL 0
+        0x00af_fb00_0000_ffff, // 0x18 user code, DPL 3, L
+        0x00cf_f300_0000_ffff, // 0x20 user data, DPL 3
+    ] {
+        gdt.extend_from_slice(&d.to_le_bytes());
+    }
+    let tss_lo = 0x67 | ((TSS & 0xff_ffff) << 16) | (0x89u64 << 40) | (((TSS >> 24) & 0xff) << 56);
+    gdt.extend_from_slice(&tss_lo.to_le_bytes());
+    gdt.extend_from_slice(&(TSS >> 32).to_le_bytes());
+    pieces.push((GDT, gdt));
+
+    // IDT: present 64-bit interrupt gates (type 0xe), DPL 0, to the kernel code segment.
+    let mut idt = Vec::with_capacity(256 * 16);
+    for v in 0..256u64 {
+        let off = STUBS + 16 * v;
+        let lo = (off & 0xffff)
+            | (u64::from(KERNEL_CS) << 16)
+            | (0x8eu64 << 40)
+            | (((off >> 16) & 0xffff) << 48);
+        idt.extend_from_slice(&lo.to_le_bytes());
+        idt.extend_from_slice(&(off >> 32).to_le_bytes());
+    }
+    pieces.push((IDT, idt));
+
+    // TSS: RSP0 at offset 4; I/O map base beyond the limit (no bitmap).
+    let mut tss = vec![0u8; 0x68];
+    tss[4..12].copy_from_slice(&KSTACK_TOP.to_le_bytes());
+    tss[0x66..0x68].copy_from_slice(&0x68u16.to_le_bytes());
+    pieces.push((TSS, tss));
+
+    let mut stubs = Vec::with_capacity(256 * 16);
+    for v in 0..=255u8 {
+        stubs.extend_from_slice(&crate::code::exception_stub(v));
+    }
+    pieces.push((STUBS, stubs));
+
+    // Page tables: PML4[0] -> PDPT; PDPT[i] -> PD i; PD i maps [i GiB, i+1 GiB) with 2 MiB pages.
+    let flags = PTE_P | PTE_RW | PTE_US;
+    pieces.push((PML4, (PDPT | flags).to_le_bytes().to_vec()));
+    let pdpt: Vec<u8> = (0..PDS).flat_map(|i| ((PD0 + i * 4096) | flags).to_le_bytes()).collect();
+    pieces.push((PDPT, pdpt));
+    let pds: Vec<u8> =
+        (0..PDS * 512).flat_map(|i| ((i << 21) | flags | PTE_PS).to_le_bytes()).collect();
+    pieces.push((PD0, pds));
+    pieces
+}
+
+fn seg(selector: u16, type_: u8, dpl: u8, code64: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl,
+        db: u8::from(!code64),
+        s: 1,
+        l: u8::from(code64),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// Long mode, paging on, segments at CPL3; starts from the vCPU's current special registers.
+pub fn sregs(mut s: kvm_sregs) -> kvm_sregs {
+    s.cs = seg(USER_CS, 0xb, 3, true);
+    let data = seg(USER_DS, 0x3, 3, false);
+    s.ds = data;
+    s.es = data;
+    s.fs = data;
+    s.gs = data;
+    s.ss = data;
+    s.tr = kvm_segment {
+        base: TSS,
+        limit: 0x67,
+        selector: TSS_SEL,
+        type_: 0xb, // busy 64-bit TSS
+        present: 1,
+        dpl: 0,
+        db: 0,
+        s: 0,
+        l: 0,
+        g: 0,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    s.ldt =
+        kvm_segment { selector: 0, type_: 0x2, present: 1, limit: 0xffff, ..Default::default() };
+    s.gdt.base = GDT;
+    s.gdt.limit = 7 * 8 - 1;
+    s.idt.base = IDT;
+    s.idt.limit = 256 * 16 - 1;
+    s.cr0 = 0x8005_0033; // PG | AM | WP | NE | ET | MP | PE
+    s.cr3 = PML4;
+    s.cr4 = 0x20; // PAE
+    s.efer = 0x500; // LMA | LME
+    s
+}
+
+/// Registers for running the code page: RIP at [`CODE`], interrupts off.
+pub fn regs() -> kvm_regs {
+    kvm_regs { rip: CODE, rsp: USTACK_TOP, rflags: 0x2, ..Default::default() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_fits_below_own_size_and_maps_64_gib() {
+        let img = image();
+        for (gpa, bytes) in &img {
+            assert!(gpa + bytes.len() as u64 <= OWN_SIZE as u64, "{gpa:#x}");
+        }
+        let pds = &img.iter().find(|(g, _)| *g == PD0).unwrap().1;
+        assert_eq!(pds.len() as u64, 64 * 4096);
+        let last = u64::from_le_bytes(pds[pds.len() - 8..].try_into().unwrap());
+        assert_eq!(last & !0xfff, ACCESS_LIMIT - (2 << 20));
+        assert_eq!(last & 0xfff, 0x87);
+    }
+
+    #[test]
+    fn idt_gate_points_at_its_stub() {
+        let img = image();
+        let idt = &img.iter().find(|(g, _)| *g == IDT).unwrap().1;
+        let g14 = &idt[14 * 16..15 * 16];
+        let off = u64::from(u16::from_le_bytes([g14[0], g14[1]]))
+            | (u64::from(u16::from_le_bytes([g14[6], g14[7]])) << 16);
+        assert_eq!(off, STUBS + 14 * 16);
+        assert_eq!(g14[5], 0x8e);
+    }
+}

@@ -1,0 +1,121 @@
+//! Host buffers: anonymous, zero-filled, page-aligned mappings followed by an inaccessible guard.
+//!
+//! A slot may reach past the end of its buffer (KVM accepts that). The guard (reserved address
+//! space, `PROT_NONE`, no memory behind it) makes sure that the part beyond the buffer is not
+//! some other mapping of this process that a guest store could corrupt: a guest access there
+//! makes `KVM_RUN` fail with `EFAULT`. The machine also refuses such accesses before running
+//! them (see `KvmMachine::check_backed`), so the guard is the second line of defence.
+
+use std::io;
+use std::ptr::NonNull;
+
+/// Address space reserved (not backed) after every buffer.
+pub const GUARD: usize = 1 << 30;
+
+/// One buffer: `len` readable and writable bytes at `base`, then `GUARD` bytes of `PROT_NONE`.
+#[derive(Debug)]
+pub struct Mapping {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+impl Mapping {
+    /// Maps `len` zero-filled bytes (`len` a non-zero multiple of the page size).
+    pub fn new(len: usize) -> io::Result<Mapping> {
+        let total = len
+            .checked_add(GUARD)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "buffer too large"))?;
+        // SAFETY: an anonymous private mapping at an address the kernel chooses; it aliases
+        // nothing. MAP_NORESERVE: large buffers cost nothing until touched.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `p..p+len` lies inside the mapping just made, which nothing else uses yet.
+        if unsafe { libc::mprotect(p, len, libc::PROT_READ | libc::PROT_WRITE) } != 0 {
+            let e = io::Error::last_os_error();
+            // SAFETY: unmapping exactly the mapping made above, never handed out.
+            unsafe { libc::munmap(p, total) };
+            return Err(e);
+        }
+        let base = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave 0"))?;
+        Ok(Mapping { base, len })
+    }
+
+    /// The buffer's host-virtual address.
+    pub fn addr(&self) -> u64 {
+        self.base.as_ptr() as u64
+    }
+
+    /// Whether `[hva, hva + n)` lies inside the buffer.
+    pub fn contains(&self, hva: u64, n: u64) -> bool {
+        let a = self.addr();
+        hva >= a && hva.checked_add(n).is_some_and(|e| e <= a + self.len as u64)
+    }
+
+    /// Copies `bytes` to `offset`. Panics if the range is outside the buffer (a caller bug: the
+    /// parser only admits in-buffer host accesses).
+    pub fn write_bytes(&self, offset: usize, bytes: &[u8]) {
+        assert!(offset.checked_add(bytes.len()).is_some_and(|e| e <= self.len));
+        // SAFETY: the range is inside the writable part of the mapping (asserted above); the
+        // guest may access it concurrently only while a vCPU runs, and vCPUs run only inside
+        // this thread's KVM_RUN calls, never during this copy.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.base.as_ptr().add(offset),
+                bytes.len(),
+            )
+        };
+    }
+
+    /// Reads `out.len()` bytes at `offset`. Panics if the range is outside the buffer.
+    pub fn read_bytes(&self, offset: usize, out: &mut [u8]) {
+        assert!(offset.checked_add(out.len()).is_some_and(|e| e <= self.len));
+        // SAFETY: as in `write_bytes`: inside the mapping, and no vCPU runs during the copy.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.base.as_ptr().add(offset),
+                out.as_mut_ptr(),
+                out.len(),
+            )
+        };
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped. The owner drops the VM (and so every memslot
+        // that points here) before its mappings.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len + GUARD) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_filled_page_aligned_and_guarded() {
+        let m = Mapping::new(8192).unwrap();
+        assert_eq!(m.addr() % 4096, 0);
+        let mut b = [1u8; 16];
+        m.read_bytes(8192 - 16, &mut b);
+        assert_eq!(b, [0; 16]);
+        m.write_bytes(8, &[1, 2, 3]);
+        m.read_bytes(8, &mut b[..3]);
+        assert_eq!(&b[..3], &[1, 2, 3]);
+        assert!(m.contains(m.addr() + 8184, 8));
+        assert!(!m.contains(m.addr() + 8188, 8));
+        assert!(!m.contains(m.addr() - 1, 1));
+    }
+}

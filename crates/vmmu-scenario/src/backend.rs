@@ -1,0 +1,175 @@
+//! What a backend implements, and the one driver that runs a scenario on it.
+//!
+//! A [`Backend`] turns a parsed [`Scenario`] into a running [`Machine`] (or declines with a
+//! reason: a skipped scenario). The driver [`run`] then walks the steps in order, calls the
+//! machine once per step with typed arguments, and builds the [`Observation`]s itself: step
+//! numbering, which steps are observed and the current `mmio-reply` value live here, so every
+//! backend's stream has the same shape and `diff` can compare them line by line.
+//!
+//! A machine method returns `Err` only for a problem of the backend itself (the guest stopped,
+//! the host refused something the scenario did not ask for); what KVM's rules say about a
+//! request is an `Ok` observation. The driver stops at the first error and names the step.
+
+use crate::observation::{Observation, ReadExit, SlotResult, WriteExit};
+use crate::step::{
+    HostReadOp, HostWriteOp, MemDecl, MemId, Op, ReadOp, Scenario, SlotOp, Step, WriteOp,
+};
+
+/// A backend could not do what a step needed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The backend cannot run at all here (no usable `/dev/kvm`, not built yet, ...).
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+    /// Something went wrong while running.
+    #[error("{0}")]
+    Failed(String),
+    /// Something went wrong while running, with the underlying error.
+    #[error(transparent)]
+    Other(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// A scenario that stopped: the step it stopped at, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The backend could not start the scenario.
+    #[error("{backend} backend could not start: {source}")]
+    Start {
+        /// The backend's name.
+        backend: String,
+        /// Why.
+        #[source]
+        source: BackendError,
+    },
+    /// A step failed inside the backend.
+    #[error("{backend} backend failed at step {step} (line {line}, `{keyword}`): {source}")]
+    Step {
+        /// The backend's name.
+        backend: String,
+        /// The step number.
+        step: u32,
+        /// Its line in the file.
+        line: u32,
+        /// The step's keyword.
+        keyword: &'static str,
+        /// Why.
+        #[source]
+        source: BackendError,
+    },
+}
+
+/// What [`Backend::start`] gives back.
+pub enum Start {
+    /// Run the scenario on this machine.
+    Run(Box<dyn Machine>),
+    /// This backend cannot honour the scenario as written; the reason is printed as
+    /// `{"skipped":"REASON"}` and nothing runs.
+    Skip(String),
+}
+
+/// A kind of machine that can run scenarios (the simulated MMU under some configuration, real
+/// `/dev/kvm`, ...).
+pub trait Backend {
+    /// A short name for messages (`sim`, `kvm`).
+    fn name(&self) -> &str;
+
+    /// Builds a fresh machine for `scenario` (its [`Scenario::vm`] is the effective
+    /// configuration, overrides applied), or declines it with [`Start::Skip`].
+    fn start(&self, scenario: &Scenario) -> Result<Start, BackendError>;
+}
+
+/// A machine running one scenario. The driver calls one method per step, in file order.
+pub trait Machine {
+    /// `mem`: make the zero-filled buffer `id` of `decl.size` bytes (whole pages).
+    fn mem(&mut self, id: MemId, decl: &MemDecl) -> Result<(), BackendError>;
+
+    /// `slot`: issue the request exactly as written; KVM's verdict is the result.
+    fn slot(&mut self, op: &SlotOp) -> Result<SlotResult, BackendError>;
+
+    /// `read`: one guest load; an MMIO read receives `mmio_reply` truncated to its length.
+    fn read(&mut self, op: &ReadOp, mmio_reply: u64) -> Result<ReadExit, BackendError>;
+
+    /// `write`: one guest store.
+    fn write(&mut self, op: &WriteOp) -> Result<WriteExit, BackendError>;
+
+    /// `host-write`: store into a buffer, little-endian, bypassing the guest.
+    fn host_write(&mut self, op: &HostWriteOp) -> Result<(), BackendError>;
+
+    /// `host-read`: load from a buffer, little-endian, bypassing the guest.
+    fn host_read(&mut self, op: &HostReadOp) -> Result<u64, BackendError>;
+}
+
+/// Runs `scenario` on `backend`, handing each observation to `sink` as soon as it is made (so a
+/// failure late in a scenario still leaves the earlier observations printed).
+pub fn run(
+    backend: &dyn Backend,
+    scenario: &Scenario,
+    sink: &mut dyn FnMut(&Observation),
+) -> Result<(), RunError> {
+    let name = backend.name();
+    let mut machine = match backend.start(scenario) {
+        Ok(Start::Run(m)) => m,
+        Ok(Start::Skip(reason)) => {
+            sink(&Observation::Skipped { reason });
+            return Ok(());
+        }
+        Err(source) => return Err(RunError::Start { backend: name.into(), source }),
+    };
+    let mut mmio_reply = 0u64;
+    for step in &scenario.steps {
+        let obs =
+            one_step(machine.as_mut(), step, &mut mmio_reply).map_err(|source| RunError::Step {
+                backend: name.into(),
+                step: step.number,
+                line: step.line,
+                keyword: step.op.keyword(),
+                source,
+            })?;
+        if let Some(o) = obs {
+            sink(&o);
+        }
+    }
+    Ok(())
+}
+
+/// [`run`], collecting the observations. On failure the error comes with those made so far.
+pub fn run_collect(
+    backend: &dyn Backend,
+    scenario: &Scenario,
+) -> Result<Vec<Observation>, (Vec<Observation>, RunError)> {
+    let mut out = Vec::new();
+    match run(backend, scenario, &mut |o| out.push(o.clone())) {
+        Ok(()) => Ok(out),
+        Err(e) => Err((out, e)),
+    }
+}
+
+fn one_step(
+    m: &mut dyn Machine,
+    step: &Step,
+    mmio_reply: &mut u64,
+) -> Result<Option<Observation>, BackendError> {
+    let n = step.number;
+    Ok(match &step.op {
+        Op::Vm(_) => None,
+        Op::Mem(id, decl) => {
+            m.mem(*id, decl)?;
+            None
+        }
+        Op::Slot(op) => Some(Observation::Slot { step: n, result: m.slot(op)? }),
+        Op::Read(op) => {
+            let exit = m.read(op, *mmio_reply)?;
+            Some(Observation::Read { step: n, exit })
+        }
+        Op::Write(op) => Some(Observation::Write { step: n, exit: m.write(op)? }),
+        Op::HostWrite(op) => {
+            m.host_write(op)?;
+            None
+        }
+        Op::HostRead(op) => Some(Observation::HostRead { step: n, value: m.host_read(op)? }),
+        Op::MmioReply(v) => {
+            *mmio_reply = *v;
+            None
+        }
+    })
+}

@@ -1,0 +1,40 @@
+//! # vmmu-scenario: the scenario format, version 1
+//!
+//! A scenario is a deterministic script of memslot operations and guest accesses (the contract is
+//! `shared/design/scenarios.md`). This crate owns:
+//!
+//! - [`parse`]: text to a [`Scenario`]; every error names the line and column, and a scenario
+//!   that parses is one every backend can run (reserved ranges, alignment and sizes are checked
+//!   here, never by the backends);
+//! - [`Observation`]: what one step showed, with the exact JSON Lines form (key order, hex form,
+//!   step numbering) and its reader, so streams from different backends can be compared;
+//! - [`Backend`] / [`Machine`]: what a backend implements, and [`run`], the one driver that walks
+//!   the steps, numbers the observations and hands them out one by one.
+//!
+//! ```
+//! use vmmu_scenario::{parse, Op};
+//! let s = parse("vm vcpus=2\nmem buf size=4K\nslot 1 gpa=0x1000_0000 size=4K mem=buf\n");
+//! assert!(s.is_err()); // `_` is not allowed in numbers
+//! let s = parse("vm vcpus=2\nmem buf size=4K\nslot 1 gpa=0x10000000 size=4K mem=buf\n").unwrap();
+//! assert_eq!(s.vm.vcpus, 2);
+//! assert!(matches!(s.steps[2].op, Op::Slot(_)));
+//! ```
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod backend;
+mod observation;
+mod parse;
+mod step;
+
+pub use backend::{run, run_collect, Backend, BackendError, Machine, RunError, Start};
+pub use observation::{
+    first_difference, parse_observations, Observation, ObservationError, ReadExit, SlotResult,
+    WriteExit,
+};
+pub use parse::{parse, ParseError, ParseErrorKind};
+pub use step::{
+    Format, HostReadOp, HostWriteOp, MemDecl, MemId, MemRef, Op, Overrides, ReadOp, Scenario,
+    SlotFlags, SlotOp, Step, VmConfig, Width, WriteOp, ACCESS_LIMIT, PAGE_SIZE, RESERVED_BELOW,
+    RESERVED_SLOT_IDS,
+};

@@ -1,0 +1,313 @@
+//! Observations: what one step showed, and their exact JSON Lines form.
+//!
+//! The [`fmt::Display`] of an [`Observation`] is its line (without the newline): keys in the
+//! order of `scenarios.md`, addresses and values as lowercase hex without leading zeros (`"0x0"`
+//! for zero), `len` as a decimal number. Two backends agree when their streams are equal, so this
+//! form is written by hand and tested byte for byte. [`parse_observations`] reads such a stream
+//! back (for `diff` and for checked-in expected outputs); it accepts only what the writer writes.
+
+use serde_json::{Map, Value};
+use std::fmt;
+
+/// The result of a `slot` step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SlotResult {
+    /// The ioctl succeeded.
+    Ok,
+    /// The ioctl failed with this errno name (`EINVAL`, `EEXIST`, ...).
+    Err(String),
+}
+
+impl SlotResult {
+    fn as_str(&self) -> &str {
+        match self {
+            SlotResult::Ok => "ok",
+            SlotResult::Err(e) => e,
+        }
+    }
+}
+
+/// How a guest load ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadExit {
+    /// It read RAM: the value loaded.
+    None {
+        /// The value loaded.
+        value: u64,
+    },
+    /// It exited to the VMM as an MMIO read.
+    Mmio {
+        /// The guest-physical address of the exit.
+        gpa: u64,
+        /// Its length in bytes.
+        len: u32,
+        /// The value the guest loaded (the reply, truncated to `len`).
+        value: u64,
+    },
+}
+
+/// How a guest store ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteExit {
+    /// It wrote RAM.
+    None,
+    /// It exited to the VMM as an MMIO write.
+    Mmio {
+        /// The guest-physical address of the exit.
+        gpa: u64,
+        /// Its length in bytes.
+        len: u32,
+        /// The data written (little-endian bytes as a number).
+        data: u64,
+    },
+}
+
+/// One line of a backend's output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Observation {
+    /// A `slot` step.
+    Slot {
+        /// Step number.
+        step: u32,
+        /// `ok` or the errno name.
+        result: SlotResult,
+    },
+    /// A `read` step.
+    Read {
+        /// Step number.
+        step: u32,
+        /// How it ended.
+        exit: ReadExit,
+    },
+    /// A `write` step.
+    Write {
+        /// Step number.
+        step: u32,
+        /// How it ended.
+        exit: WriteExit,
+    },
+    /// A `host-read` step.
+    HostRead {
+        /// Step number.
+        step: u32,
+        /// The value read.
+        value: u64,
+    },
+    /// The backend cannot run this scenario as written (the only line of its output).
+    Skipped {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Observation {
+    /// The step this observation belongs to (`None` for [`Observation::Skipped`]).
+    pub fn step(&self) -> Option<u32> {
+        match self {
+            Observation::Slot { step, .. }
+            | Observation::Read { step, .. }
+            | Observation::Write { step, .. }
+            | Observation::HostRead { step, .. } => Some(*step),
+            Observation::Skipped { .. } => None,
+        }
+    }
+}
+
+impl fmt::Display for Observation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Observation::Slot { step, result } => {
+                write!(f, r#"{{"step":{step},"op":"slot","result":"#)?;
+                write!(f, "{}}}", Value::from(result.as_str()))
+            }
+            Observation::Read { step, exit: ReadExit::None { value } } => {
+                write!(f, r#"{{"step":{step},"op":"read","exit":"none","value":"{value:#x}"}}"#)
+            }
+            Observation::Read { step, exit: ReadExit::Mmio { gpa, len, value } } => write!(
+                f,
+                r#"{{"step":{step},"op":"read","exit":"mmio","gpa":"{gpa:#x}","len":{len},"value":"{value:#x}"}}"#
+            ),
+            Observation::Write { step, exit: WriteExit::None } => {
+                write!(f, r#"{{"step":{step},"op":"write","exit":"none"}}"#)
+            }
+            Observation::Write { step, exit: WriteExit::Mmio { gpa, len, data } } => write!(
+                f,
+                r#"{{"step":{step},"op":"write","exit":"mmio","gpa":"{gpa:#x}","len":{len},"data":"{data:#x}"}}"#
+            ),
+            Observation::HostRead { step, value } => {
+                write!(f, r#"{{"step":{step},"op":"host-read","value":"{value:#x}"}}"#)
+            }
+            Observation::Skipped { reason } => {
+                write!(f, r#"{{"skipped":{}}}"#, Value::from(reason.as_str()))
+            }
+        }
+    }
+}
+
+/// A line of an observation stream that is not what the writer writes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("observation line {line}: {message}")]
+pub struct ObservationError {
+    /// Line, from 1.
+    pub line: u32,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Reads a JSON Lines observation stream (blank lines are ignored). Every line must be exactly
+/// what [`Observation`]'s writer produces, key order included.
+pub fn parse_observations(text: &str) -> Result<Vec<Observation>, ObservationError> {
+    let mut out = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = u32::try_from(i + 1).unwrap_or(u32::MAX);
+        let raw = raw.trim_end_matches('\r');
+        if raw.trim().is_empty() {
+            continue;
+        }
+        let fail = |message: String| ObservationError { line, message };
+        let v: Value = serde_json::from_str(raw).map_err(|e| fail(format!("not JSON: {e}")))?;
+        let obj = v.as_object().ok_or_else(|| fail("not a JSON object".into()))?;
+        let obs = from_object(obj).map_err(fail)?;
+        let canonical = obs.to_string();
+        if canonical != raw {
+            return Err(fail(format!("not in canonical form; expected `{canonical}`")));
+        }
+        out.push(obs);
+    }
+    Ok(out)
+}
+
+fn from_object(o: &Map<String, Value>) -> Result<Observation, String> {
+    let s = |k: &str| -> Result<&str, String> {
+        o.get(k).and_then(Value::as_str).ok_or_else(|| format!("missing string field `{k}`"))
+    };
+    let n = |k: &str| -> Result<u64, String> {
+        o.get(k).and_then(Value::as_u64).ok_or_else(|| format!("missing number field `{k}`"))
+    };
+    let hex = |k: &str| -> Result<u64, String> {
+        let t = s(k)?;
+        t.strip_prefix("0x")
+            .and_then(|h| u64::from_str_radix(h, 16).ok())
+            .ok_or_else(|| format!("field `{k}` is not a 0x hex number: `{t}`"))
+    };
+    if o.contains_key("skipped") {
+        return Ok(Observation::Skipped { reason: s("skipped")?.into() });
+    }
+    let step = u32::try_from(n("step")?).map_err(|_| "step out of range".to_string())?;
+    let len = || u32::try_from(n("len")?).map_err(|_| "len out of range".to_string());
+    Ok(match (s("op")?, o.get("exit").and_then(Value::as_str)) {
+        ("slot", _) => Observation::Slot {
+            step,
+            result: match s("result")? {
+                "ok" => SlotResult::Ok,
+                e => SlotResult::Err(e.into()),
+            },
+        },
+        ("read", Some("none")) => {
+            Observation::Read { step, exit: ReadExit::None { value: hex("value")? } }
+        }
+        ("read", Some("mmio")) => Observation::Read {
+            step,
+            exit: ReadExit::Mmio { gpa: hex("gpa")?, len: len()?, value: hex("value")? },
+        },
+        ("write", Some("none")) => Observation::Write { step, exit: WriteExit::None },
+        ("write", Some("mmio")) => Observation::Write {
+            step,
+            exit: WriteExit::Mmio { gpa: hex("gpa")?, len: len()?, data: hex("data")? },
+        },
+        ("host-read", _) => Observation::HostRead { step, value: hex("value")? },
+        (op, exit) => return Err(format!("unknown op/exit `{op}`/{exit:?}")),
+    })
+}
+
+/// The first place two observation streams differ: `(index, left, right)`, where a missing
+/// observation (one stream is shorter) is `None`. `None` overall when they are equal.
+pub fn first_difference<'a>(
+    left: &'a [Observation],
+    right: &'a [Observation],
+) -> Option<(usize, Option<&'a Observation>, Option<&'a Observation>)> {
+    let n = left.len().max(right.len());
+    (0..n).map(|i| (i, left.get(i), right.get(i))).find(|(_, a, b)| a != b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example stream of scenarios.md, byte for byte.
+    const SPEC: &str = r#"{"step":3,"op":"slot","result":"ok"}
+{"step":4,"op":"slot","result":"EEXIST"}
+{"step":5,"op":"read","exit":"none","value":"0x2a"}
+{"step":6,"op":"read","exit":"mmio","gpa":"0x100000000","len":4,"value":"0x0"}
+{"step":7,"op":"write","exit":"none"}
+{"step":8,"op":"write","exit":"mmio","gpa":"0x100000000","len":4,"data":"0xcafe"}
+{"step":9,"op":"host-read","value":"0x1234"}
+"#;
+
+    fn spec_observations() -> Vec<Observation> {
+        vec![
+            Observation::Slot { step: 3, result: SlotResult::Ok },
+            Observation::Slot { step: 4, result: SlotResult::Err("EEXIST".into()) },
+            Observation::Read { step: 5, exit: ReadExit::None { value: 0x2a } },
+            Observation::Read {
+                step: 6,
+                exit: ReadExit::Mmio { gpa: 0x1_0000_0000, len: 4, value: 0 },
+            },
+            Observation::Write { step: 7, exit: WriteExit::None },
+            Observation::Write {
+                step: 8,
+                exit: WriteExit::Mmio { gpa: 0x1_0000_0000, len: 4, data: 0xcafe },
+            },
+            Observation::HostRead { step: 9, value: 0x1234 },
+        ]
+    }
+
+    #[test]
+    fn writer_matches_spec_bytes() {
+        let text: String = spec_observations().iter().map(|o| format!("{o}\n")).collect();
+        assert_eq!(text, SPEC);
+    }
+
+    #[test]
+    fn hex_is_lowercase_without_leading_zeros() {
+        let o = Observation::HostRead { step: 1, value: 0xABCD_EF00_0000_0001 };
+        assert_eq!(o.to_string(), r#"{"step":1,"op":"host-read","value":"0xabcdef0000000001"}"#);
+        let o = Observation::Read { step: 12, exit: ReadExit::None { value: 0 } };
+        assert_eq!(o.to_string(), r#"{"step":12,"op":"read","exit":"none","value":"0x0"}"#);
+    }
+
+    #[test]
+    fn skipped_reason_is_escaped() {
+        let o = Observation::Skipped { reason: "no \"SMM\"\\".into() };
+        assert_eq!(o.to_string(), r#"{"skipped":"no \"SMM\"\\"}"#);
+        assert_eq!(parse_observations(&o.to_string()).unwrap(), vec![o]);
+    }
+
+    #[test]
+    fn reader_round_trips_and_rejects_other_forms() {
+        assert_eq!(parse_observations(SPEC).unwrap(), spec_observations());
+        for bad in [
+            r#"{"op":"slot","step":3,"result":"ok"}"#,
+            r#"{"step":5,"op":"read","exit":"none","value":"0x02a"}"#,
+            r#"{"step":5,"op":"read","exit":"none","value":"0x2A"}"#,
+            r#"{"step":5,"op":"read","exit":"none","value":42}"#,
+            r#"{"step":5,"op":"read","exit":"mmio","gpa":"0x1","len":"4","value":"0x0"}"#,
+            r#"{"step":5,"op":"frob"}"#,
+            "not json",
+        ] {
+            let e = parse_observations(&format!("\n{bad}\n")).unwrap_err();
+            assert_eq!(e.line, 2, "{bad}");
+        }
+    }
+
+    #[test]
+    fn first_difference_finds_change_and_length_mismatch() {
+        let a = spec_observations();
+        let mut b = a.clone();
+        assert_eq!(first_difference(&a, &b), None);
+        b[2] = Observation::Read { step: 5, exit: ReadExit::None { value: 0 } };
+        assert_eq!(first_difference(&a, &b).map(|d| d.0), Some(2));
+        let c = &a[..4];
+        assert_eq!(first_difference(&a, c), Some((4, Some(&a[4]), None)));
+    }
+}

@@ -1,0 +1,356 @@
+//! The parsed form of a scenario: the VM configuration and the steps, in file order.
+//!
+//! Invariants (established by the parser, relied on by every backend):
+//! - `Scenario::steps` holds one [`Step`] per line that holds a step, numbered from 1;
+//! - every [`MemRef`] names a buffer declared by an earlier `mem` step ([`MemId`] is the index of
+//!   that declaration among the `mem` steps);
+//! - accesses are naturally aligned, inside `[RESERVED_BELOW, ACCESS_LIMIT)` for the guest and
+//!   inside the buffer for the host; written values fit their width; vCPU indices are below
+//!   `vm.vcpus`;
+//! - nothing reserved for the backends (see [`RESERVED_SLOT_IDS`], [`RESERVED_BELOW`]) is used.
+//!
+//! Slot requests are *not* validated: KVM's rules decide them at run time.
+
+use std::fmt;
+
+/// The page size of every buffer and slot (x86 4 KiB pages).
+pub const PAGE_SIZE: u64 = 4096;
+/// Guest-physical addresses below this (8 MiB) belong to the backends, in address space 0.
+pub const RESERVED_BELOW: u64 = 0x80_0000;
+/// Guest accesses must end at or below this (64 GiB): the backends identity-map this much.
+pub const ACCESS_LIMIT: u64 = 64 << 30;
+/// Slot ids the backends use for themselves, in address space 0.
+pub const RESERVED_SLOT_IDS: std::ops::RangeInclusive<u16> = 32760..=32763;
+
+/// The SPTE format a simulated MMU uses (`format=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Intel EPT entries.
+    Ept,
+    /// x86 page-table entries as AMD NPT uses them.
+    Npt,
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Format::Ept => "ept",
+            Format::Npt => "npt",
+        })
+    }
+}
+
+/// The `vm` line, with defaults filled in (and, in [`Scenario::vm`], command-line overrides).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Number of vCPUs, 1..=256.
+    pub vcpus: u32,
+    /// Number of address spaces, 1 or 2 (2 = KVM's SMM address space).
+    pub address_spaces: u8,
+    /// Whether the MMU may cache MMIO information in SPTEs.
+    pub mmio_caching: bool,
+    /// The SPTE format.
+    pub format: Format,
+    /// Host MAXPHYADDR, 36..=52.
+    pub phys_bits: u8,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            vcpus: 1,
+            address_spaces: 1,
+            mmio_caching: true,
+            format: Format::Ept,
+            phys_bits: 46,
+        }
+    }
+}
+
+/// Command-line overrides of the file's `vm` line (`--format`, `--mmio-caching`, `--phys-bits`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// Replaces `format=`.
+    pub format: Option<Format>,
+    /// Replaces `mmio_caching=`.
+    pub mmio_caching: Option<bool>,
+    /// Replaces `phys_bits=` (the caller checks the range 36..=52).
+    pub phys_bits: Option<u8>,
+}
+
+/// Width of one access in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Width {
+    /// 1 byte.
+    W1,
+    /// 2 bytes.
+    W2,
+    /// 4 bytes.
+    W4,
+    /// 8 bytes.
+    W8,
+}
+
+impl Width {
+    /// The width for `n` bytes, if `n` is 1, 2, 4 or 8.
+    pub fn from_bytes(n: u64) -> Option<Width> {
+        match n {
+            1 => Some(Width::W1),
+            2 => Some(Width::W2),
+            4 => Some(Width::W4),
+            8 => Some(Width::W8),
+            _ => None,
+        }
+    }
+
+    /// The number of bytes.
+    pub fn bytes(self) -> u32 {
+        match self {
+            Width::W1 => 1,
+            Width::W2 => 2,
+            Width::W4 => 4,
+            Width::W8 => 8,
+        }
+    }
+
+    /// All-ones mask of this width (`0xff` for one byte).
+    pub fn mask(self) -> u64 {
+        match self {
+            Width::W8 => u64::MAX,
+            w => (1u64 << (8 * w.bytes())) - 1,
+        }
+    }
+}
+
+/// Index of a `mem` declaration among the scenario's `mem` steps (0 = the first `mem` line).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MemId(pub usize);
+
+/// A `mem NAME size=SIZE` step: a zero-filled, page-aligned host buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemDecl {
+    /// The buffer's name.
+    pub name: String,
+    /// Its size in bytes, rounded up to whole pages (never 0).
+    pub size: u64,
+}
+
+/// `NAME+OFFSET`: a place in a host buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemRef {
+    /// The buffer.
+    pub mem: MemId,
+    /// The buffer's name, as written.
+    pub name: String,
+    /// Byte offset from the buffer's start (for a slot: not checked, may lie past the end).
+    pub offset: u64,
+}
+
+/// Slot flags (`flags=readonly,dirty_log`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotFlags {
+    /// `KVM_MEM_READONLY`.
+    pub readonly: bool,
+    /// `KVM_MEM_LOG_DIRTY_PAGES`.
+    pub dirty_log: bool,
+}
+
+impl SlotFlags {
+    /// `KVM_MEM_LOG_DIRTY_PAGES`.
+    pub const LOG_DIRTY_PAGES: u32 = 1 << 0;
+    /// `KVM_MEM_READONLY`.
+    pub const READONLY: u32 = 1 << 1;
+
+    /// The flags word of `struct kvm_userspace_memory_region`.
+    pub fn bits(self) -> u32 {
+        let mut b = 0;
+        if self.dirty_log {
+            b |= Self::LOG_DIRTY_PAGES;
+        }
+        if self.readonly {
+            b |= Self::READONLY;
+        }
+        b
+    }
+}
+
+/// A `slot` step: one `KVM_SET_USER_MEMORY_REGION` request, exactly as written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotOp {
+    /// Slot id (low 16 bits of KVM's `slot`).
+    pub id: u16,
+    /// Address space (high 16 bits of KVM's `slot`).
+    pub as_id: u16,
+    /// `guest_phys_addr`.
+    pub gpa: u64,
+    /// `memory_size`; 0 deletes.
+    pub size: u64,
+    /// The backing buffer; `None` only when `size == 0` (userspace_addr 0).
+    pub mem: Option<MemRef>,
+    /// Flags.
+    pub flags: SlotFlags,
+}
+
+impl SlotOp {
+    /// KVM's `slot` field: `(as << 16) | id`.
+    pub fn kvm_slot(&self) -> u32 {
+        (u32::from(self.as_id) << 16) | u32::from(self.id)
+    }
+}
+
+/// A `read` step: one guest load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadOp {
+    /// The vCPU (0-based, below `vm.vcpus`).
+    pub vcpu: u32,
+    /// Guest-physical (= guest-virtual) address, aligned to `width`.
+    pub gpa: u64,
+    /// Access width.
+    pub width: Width,
+}
+
+/// A `write` step: one guest store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteOp {
+    /// The vCPU (0-based, below `vm.vcpus`).
+    pub vcpu: u32,
+    /// Guest-physical (= guest-virtual) address, aligned to `width`.
+    pub gpa: u64,
+    /// Access width.
+    pub width: Width,
+    /// The value stored (fits in `width`).
+    pub value: u64,
+}
+
+/// A `host-write` step: the VMM stores into its own buffer (little-endian).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostWriteOp {
+    /// Where (aligned, inside the buffer).
+    pub at: MemRef,
+    /// Access width.
+    pub width: Width,
+    /// The value (fits in `width`).
+    pub value: u64,
+}
+
+/// A `host-read` step: the VMM loads from its own buffer (little-endian).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostReadOp {
+    /// Where (aligned, inside the buffer).
+    pub at: MemRef,
+    /// Access width.
+    pub width: Width,
+}
+
+/// What a step does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// `vm ...`, as written (defaults filled in, no overrides).
+    Vm(VmConfig),
+    /// `mem NAME size=SIZE`; the [`MemId`] is its index among the `mem` steps.
+    Mem(MemId, MemDecl),
+    /// `slot ...`.
+    Slot(SlotOp),
+    /// `read ...`.
+    Read(ReadOp),
+    /// `write ...`.
+    Write(WriteOp),
+    /// `host-write ...`.
+    HostWrite(HostWriteOp),
+    /// `host-read ...`.
+    HostRead(HostReadOp),
+    /// `mmio-reply value=V`.
+    MmioReply(u64),
+}
+
+impl Op {
+    /// The step's keyword.
+    pub fn keyword(&self) -> &'static str {
+        match self {
+            Op::Vm(_) => "vm",
+            Op::Mem(..) => "mem",
+            Op::Slot(_) => "slot",
+            Op::Read(_) => "read",
+            Op::Write(_) => "write",
+            Op::HostWrite(_) => "host-write",
+            Op::HostRead(_) => "host-read",
+            Op::MmioReply(_) => "mmio-reply",
+        }
+    }
+}
+
+/// One step: a line that holds a step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Step {
+    /// Step number: counts lines that hold a step, from 1.
+    pub number: u32,
+    /// Line number in the file, from 1.
+    pub line: u32,
+    /// What it does.
+    pub op: Op,
+}
+
+/// A parsed scenario.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scenario {
+    /// The effective VM configuration: the `vm` line (or the defaults) with overrides applied.
+    pub vm: VmConfig,
+    /// The buffers, in declaration order (indexed by [`MemId`]).
+    pub mems: Vec<MemDecl>,
+    /// Every step, in file order.
+    pub steps: Vec<Step>,
+}
+
+impl Scenario {
+    /// Applies command-line overrides to [`Scenario::vm`] (the steps are unchanged).
+    pub fn apply(&mut self, o: &Overrides) {
+        if let Some(f) = o.format {
+            self.vm.format = f;
+        }
+        if let Some(m) = o.mmio_caching {
+            self.vm.mmio_caching = m;
+        }
+        if let Some(p) = o.phys_bits {
+            self.vm.phys_bits = p;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn width_masks_and_bytes() {
+        assert_eq!(Width::W1.mask(), 0xff);
+        assert_eq!(Width::W2.mask(), 0xffff);
+        assert_eq!(Width::W4.mask(), 0xffff_ffff);
+        assert_eq!(Width::W8.mask(), u64::MAX);
+        assert_eq!(Width::from_bytes(3), None);
+        assert_eq!(Width::from_bytes(8).map(Width::bytes), Some(8));
+    }
+
+    #[test]
+    fn kvm_slot_encoding_and_flag_bits() {
+        let s = SlotOp {
+            id: 7,
+            as_id: 1,
+            gpa: 0,
+            size: 0,
+            mem: None,
+            flags: SlotFlags { readonly: true, dirty_log: true },
+        };
+        assert_eq!(s.kvm_slot(), 0x1_0007);
+        assert_eq!(s.flags.bits(), 3);
+        assert_eq!(SlotFlags { readonly: true, dirty_log: false }.bits(), 2);
+    }
+
+    #[test]
+    fn overrides_replace_only_what_they_name() {
+        let mut s = Scenario { vm: VmConfig::default(), mems: vec![], steps: vec![] };
+        s.apply(&Overrides { format: Some(Format::Npt), mmio_caching: None, phys_bits: Some(52) });
+        assert_eq!(s.vm.format, Format::Npt);
+        assert_eq!(s.vm.phys_bits, 52);
+        assert!(s.vm.mmio_caching);
+    }
+}
