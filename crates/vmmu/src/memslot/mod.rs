@@ -431,15 +431,15 @@ impl Memslots {
                 st.nr_memslot_pages += new.npages();
             }
             MemslotChange::Move => self.swap(req.as_id, invalid.as_ref(), Some(new), hooks),
-            MemslotChange::FlagsOnly => {
-                self.swap(req.as_id, old.as_ref(), Some(new), hooks);
-                if !new.dirty_logging() {
-                    st.meta.free(key);
-                }
-            }
+            MemslotChange::FlagsOnly => self.swap(req.as_id, old.as_ref(), Some(new), hooks),
             MemslotChange::Delete | MemslotChange::NoOp => {
                 unreachable!("delete and no-op returned above")
             }
+        }
+        // KVM `kvm_commit_memory_region`: a move or flags change that stops dirty logging
+        // frees the old bitmap; one that starts it installs the bitmap prepared above.
+        if !new.dirty_logging() {
+            st.meta.free(key);
         }
         if let Some(b) = fresh_bitmap {
             st.meta.install(key, b);
