@@ -2,7 +2,7 @@
 //! monotonic per reader, the generation of a set always matches its contents, and a reader that
 //! sees a final generation made its earlier decision on that same set.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use vmmu::memslot::{
     MemslotSet, Memslots, MemslotsConfig, NoHooks, SlotCache, UserspaceMemoryRegion,
@@ -70,14 +70,15 @@ fn readers_race_updates() {
     const CYCLES: u64 = 200;
     let m = Arc::new(Memslots::new(MemslotsConfig { max_readers: 4, ..Default::default() }));
     let stop = Arc::new(AtomicBool::new(false));
+    let running = Arc::new(AtomicUsize::new(0));
     let readers: Vec<_> = (0..2)
         .map(|_| {
-            let (m, stop) = (m.clone(), stop.clone());
+            let (m, stop, running) = (m.clone(), stop.clone(), running.clone());
             let id = m.register_reader().unwrap();
             std::thread::spawn(move || {
                 let mut last = 0;
                 let mut cache = SlotCache::new();
-                let mut finals_seen = 0u64;
+                let mut sections = 0u64;
                 while !stop.load(Ordering::Acquire) {
                     let g = m.read(id);
                     let s1 = g.set(AsId(0));
@@ -100,12 +101,15 @@ fn readers_race_updates() {
                             k1, k2,
                             "final generation {gen2:?} seen after deciding on {gen1:?}"
                         );
-                        finals_seen += 1;
                     }
                     last = k2;
                     drop(g);
+                    sections += 1;
+                    if sections == 1 {
+                        running.fetch_add(1, Ordering::AcqRel);
+                    }
                 }
-                finals_seen
+                sections
             })
         })
         .collect();
@@ -116,6 +120,9 @@ fn readers_race_updates() {
         memory_size: size,
         userspace_addr: HVA,
     };
+    while running.load(Ordering::Acquire) < 2 {
+        std::thread::yield_now();
+    }
     for _ in 0..CYCLES {
         m.set_memory_region(&r(A, PAGES << 12), &NoHooks).unwrap();
         m.set_memory_region(&r(B, PAGES << 12), &NoHooks).unwrap();

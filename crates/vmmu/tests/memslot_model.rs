@@ -185,7 +185,7 @@ fn raw_region() -> impl Strategy<Value = UserspaceMemoryRegion> {
     let id = prop_oneof![12 => 0u32..4, 1 => Just(32764u32), 1 => Just(0xffffu32)];
     let flags = prop_oneof![8 => 0u32..4, 1 => Just(4u32), 1 => Just(1u32 << 31)];
     let page = |max: u64| (0..max).prop_map(|p| p * 4096);
-    let gpa = prop_oneof![10 => page(70), 1 => Just(8u64), 1 => Just(u64::MAX & !4095)];
+    let gpa = prop_oneof![10 => page(70), 1 => Just(8u64), 1 => Just(!4095u64)];
     let size = prop_oneof![3 => Just(0u64), 10 => (1u64..12).prop_map(|p| p * 4096), 1 => Just(100u64), 1 => Just(1u64 << 43)];
     let hva = prop_oneof![10 => (0u64..4).prop_map(|p| p * 0x10_0000), 1 => Just(0x10u64), 1 => Just(VA_LIMIT)];
     (as_id, id, flags, gpa, size, hva).prop_map(|(a, id, flags, gpa, size, hva)| {
