@@ -1,0 +1,252 @@
+//! One memslot set of one address space (KVM's `struct kvm_memslots`): the slots indexed by base
+//! gfn and by id, and the set's generation.
+//!
+//! Invariants:
+//! - slots in a set never overlap; `by_id` and `by_gfn` hold the same slots;
+//! - the maps change only through [`MemslotSet::replace`], whose contract is that no reader can
+//!   reach the set (it is unpublished and a grace period has passed since it last was, or it was
+//!   never published), and only the slots-lock holder calls it;
+//! - the generation is an atomic because its final store (facts §2.2) races readers that already
+//!   hold the published set.
+//!
+//! Lookups allocate nothing and take no lock: `find` is one B-tree descent (`O(log n)`),
+//! `iter_range` one descent plus a walk. Both include `KVM_MEMSLOT_INVALID` slots; the caller
+//! decides (a fault on an invalid slot retries).
+
+use super::cache::SlotCache;
+use super::slot::Memslot;
+use crate::sync::{AtomicU64, Ordering, UnsafeCell};
+use crate::types::{Generation, Gfn, SlotId};
+use alloc::collections::BTreeMap;
+use core::ops::Bound;
+
+/// The slot maps of a set.
+#[derive(Default, Debug)]
+struct SlotMaps {
+    /// Slots by base gfn.
+    by_gfn: BTreeMap<u64, Memslot>,
+    /// Base gfn by slot id.
+    by_id: BTreeMap<u16, u64>,
+}
+
+/// A memslot set: what a reader sees of one address space.
+pub struct MemslotSet {
+    generation: AtomicU64,
+    maps: UnsafeCell<SlotMaps>,
+}
+
+// SAFETY: the maps are mutated only by `replace`, whose caller guarantees that no other thread
+// can reach the set meanwhile (the double-buffer protocol of `Memslots`, documented there); all
+// other access is shared reads. The generation is an atomic.
+unsafe impl Sync for MemslotSet {}
+
+impl core::fmt::Debug for MemslotSet {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("MemslotSet")
+            .field("generation", &self.generation())
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+impl MemslotSet {
+    /// An empty set with generation `gen`.
+    pub(crate) fn new(gen: Generation) -> Self {
+        MemslotSet {
+            generation: AtomicU64::new(gen.raw()),
+            maps: UnsafeCell::new(SlotMaps::default()),
+        }
+    }
+
+    #[inline]
+    fn maps(&self) -> &SlotMaps {
+        // SAFETY: `&self` is reachable only inside a read section of the owning `Memslots` or by
+        // the slots-lock holder; `replace` (the only writer) is called only on a set no reader
+        // can reach and by the lock holder, who does not hold a reference from here across it.
+        self.maps.with(|p| unsafe { &*p })
+    }
+
+    /// The set's generation. Acquire: pairs with the Release store of the final generation.
+    #[inline]
+    pub fn generation(&self) -> Generation {
+        Generation::from_raw(self.generation.load(Ordering::Acquire))
+    }
+
+    /// Stores the generation (the updater's in-progress and final stores).
+    #[inline]
+    pub(crate) fn store_generation(&self, gen: Generation, order: Ordering) {
+        self.generation.store(gen.raw(), order);
+    }
+
+    /// The slot holding `gfn`, if any (KVM `search_memslots`); invalid slots included.
+    #[inline]
+    pub fn find(&self, gfn: Gfn) -> Option<&Memslot> {
+        self.maps().by_gfn.range(..=gfn.0).next_back().map(|(_, s)| s).filter(|s| s.contains(gfn))
+    }
+
+    /// [`Self::find`] through a per-reader last-used-slot cache validated by the full generation
+    /// (KVM `kvm_vcpu_gfn_to_memslot`). Returns a copy of the slot.
+    #[inline]
+    pub fn find_cached(&self, gfn: Gfn, cache: &mut SlotCache) -> Option<Memslot> {
+        let gen = self.generation();
+        if let Some(s) = cache.lookup(gen, gfn) {
+            return Some(s);
+        }
+        let s = self.find(gfn).copied();
+        cache.fill(gen, s);
+        s
+    }
+
+    /// The slot with id `id`, if any (KVM `id_to_memslot`).
+    pub fn get(&self, id: SlotId) -> Option<&Memslot> {
+        let m = self.maps();
+        m.by_id.get(&id.0).and_then(|base| m.by_gfn.get(base))
+    }
+
+    /// The slots meeting `[start, end)`, by base gfn (KVM `kvm_for_each_memslot_in_gfn_range`).
+    pub fn iter_range(&self, start: Gfn, end: Gfn) -> impl Iterator<Item = &Memslot> + '_ {
+        let m = self.maps();
+        let nonempty = start.0 < end.0;
+        let first = m
+            .by_gfn
+            .range(..=start.0)
+            .next_back()
+            .map(|(_, s)| s)
+            .filter(move |s| nonempty && s.end_gfn().0 > start.0);
+        let rest = if nonempty {
+            m.by_gfn.range((Bound::Excluded(start.0), Bound::Excluded(end.0)))
+        } else {
+            m.by_gfn.range(0..0)
+        };
+        first.into_iter().chain(rest.map(|(_, s)| s))
+    }
+
+    /// All slots, by base gfn.
+    pub fn iter(&self) -> impl Iterator<Item = &Memslot> + '_ {
+        self.maps().by_gfn.values()
+    }
+
+    /// The number of slots.
+    pub fn len(&self) -> usize {
+        self.maps().by_gfn.len()
+    }
+
+    /// Whether the set has no slot.
+    pub fn is_empty(&self) -> bool {
+        self.maps().by_gfn.is_empty()
+    }
+
+    /// The lowest slot other than `id` meeting `[start, end)` (KVM
+    /// `kvm_check_memslot_overlap`).
+    pub(crate) fn overlapping(&self, id: SlotId, start: Gfn, end: Gfn) -> Option<&Memslot> {
+        self.iter_range(start, end).find(|s| s.id() != id)
+    }
+
+    /// Removes `old` (if any), then inserts `new` (if any) (KVM `kvm_replace_memslot`).
+    /// `O(log n)`; no copy of the set.
+    ///
+    /// # Safety
+    /// No other thread may hold a reference into this set's maps: the set is not the published
+    /// one of its address space, and a grace period has passed since it last was (or it never
+    /// was). The caller holds the slots lock.
+    pub(crate) unsafe fn replace(&self, old: Option<&Memslot>, new: Option<Memslot>) {
+        self.maps.with_mut(|p| {
+            // SAFETY: the caller guarantees exclusive access (see above).
+            let m = unsafe { &mut *p };
+            if let Some(o) = old {
+                let removed = m.by_gfn.remove(&o.base_gfn().0);
+                debug_assert_eq!(
+                    removed.map(|s| s.id()),
+                    Some(o.id()),
+                    "replace of a missing slot"
+                );
+                m.by_id.remove(&o.id().0);
+            }
+            if let Some(n) = new {
+                m.by_id.insert(n.id().0, n.base_gfn().0);
+                let prev = m.by_gfn.insert(n.base_gfn().0, n);
+                debug_assert!(prev.is_none(), "replace would overlap a slot");
+            }
+        });
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::types::{AsId, Hva};
+
+    fn slot(id: u16, base: u64, n: u64) -> Memslot {
+        Memslot::new(AsId(0), SlotId(id), Gfn(base), n, Hva(0), 0)
+    }
+
+    fn set_of(slots: &[Memslot]) -> MemslotSet {
+        let s = MemslotSet::new(Generation::from_raw(0));
+        for x in slots {
+            // SAFETY: the set is local to this test.
+            unsafe { s.replace(None, Some(*x)) };
+        }
+        s
+    }
+
+    #[test]
+    fn find_and_holes() {
+        let s = set_of(&[slot(1, 0x10, 0x10), slot(2, 0x30, 1)]);
+        assert_eq!(s.find(Gfn(0x10)).map(|x| x.id()), Some(SlotId(1)));
+        assert_eq!(s.find(Gfn(0x1f)).map(|x| x.id()), Some(SlotId(1)));
+        assert_eq!(s.find(Gfn(0x20)), None);
+        assert_eq!(s.find(Gfn(0xf)), None);
+        assert_eq!(s.find(Gfn(0x30)).map(|x| x.id()), Some(SlotId(2)));
+        assert_eq!(s.find(Gfn(0x31)), None);
+        assert_eq!(s.get(SlotId(2)).map(|x| x.base_gfn()), Some(Gfn(0x30)));
+        assert!(s.get(SlotId(3)).is_none());
+    }
+
+    #[test]
+    fn iter_range_includes_a_slot_starting_before() {
+        let s = set_of(&[slot(1, 0x10, 0x10), slot(2, 0x30, 4), slot(3, 0x40, 4)]);
+        let ids = |a: u64, b: u64| {
+            s.iter_range(Gfn(a), Gfn(b)).map(|x| x.id().0).collect::<alloc::vec::Vec<_>>()
+        };
+        assert_eq!(ids(0x18, 0x31), [1, 2]);
+        assert_eq!(ids(0x20, 0x30), [] as [u16; 0]);
+        assert_eq!(ids(0x0, 0x100), [1, 2, 3]);
+        assert_eq!(ids(0x33, 0x34), [2]);
+        assert_eq!(ids(0x34, 0x34), [] as [u16; 0], "empty range");
+        assert_eq!(ids(0x40, 0x30), [] as [u16; 0], "reversed range");
+        assert_eq!(s.overlapping(SlotId(2), Gfn(0x30), Gfn(0x41)).map(|x| x.id()), Some(SlotId(3)));
+        assert_eq!(s.overlapping(SlotId(2), Gfn(0x1f), Gfn(0x34)).map(|x| x.id()), Some(SlotId(1)));
+        assert!(s.overlapping(SlotId(2), Gfn(0x20), Gfn(0x40)).is_none());
+    }
+
+    #[test]
+    fn replace_moves_and_removes() {
+        let s = set_of(&[slot(1, 0x10, 4)]);
+        let old = *s.get(SlotId(1)).unwrap();
+        // SAFETY: local set.
+        unsafe { s.replace(Some(&old), Some(slot(1, 0x100, 4))) };
+        assert_eq!(s.find(Gfn(0x10)), None);
+        assert_eq!(s.find(Gfn(0x103)).map(|x| x.id()), Some(SlotId(1)));
+        let cur = *s.get(SlotId(1)).unwrap();
+        // SAFETY: local set.
+        unsafe { s.replace(Some(&cur), None) };
+        assert!(s.is_empty() && s.get(SlotId(1)).is_none());
+    }
+
+    #[test]
+    fn cache_is_validated_by_generation() {
+        let s = set_of(&[slot(1, 0x10, 4)]);
+        let mut c = SlotCache::new();
+        assert_eq!(s.find_cached(Gfn(0x11), &mut c).map(|x| x.id()), Some(SlotId(1)));
+        assert_eq!((c.hits(), c.misses()), (0, 1));
+        assert!(s.find_cached(Gfn(0x12), &mut c).is_some());
+        assert_eq!(c.hits(), 1);
+        // Same gfn, new generation: the cache must not answer.
+        s.store_generation(Generation::from_raw(2), Ordering::Relaxed);
+        assert!(s.find_cached(Gfn(0x12), &mut c).is_some());
+        assert_eq!((c.hits(), c.misses()), (1, 2));
+        // A gfn outside the cached slot is a miss, and a hole is not cached.
+        assert!(s.find_cached(Gfn(0x20), &mut c).is_none());
+        assert_eq!(c.misses(), 3);
+    }
+}
