@@ -46,7 +46,9 @@ pub enum FaultOutcome {
 pub enum FaultError {
     /// Reserved bits in a present entry above the leaf: a genuine misconfiguration, not MMIO
     /// (KVM: `WARN_ONCE` with the SPTE hierarchy, `-EINVAL`).
-    #[error("genuine SPTE misconfiguration at gpa {gpa} (level {level}: {reason:?}); entries: {dump}")]
+    #[error(
+        "genuine SPTE misconfiguration at gpa {gpa} (level {level}: {reason:?}); entries: {dump}"
+    )]
     Misconfig {
         /// The faulting address.
         gpa: Gpa,

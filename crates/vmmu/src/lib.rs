@@ -25,6 +25,7 @@ pub mod srcu;
 pub mod stats;
 pub mod sync;
 pub mod tdp;
+pub mod testing;
 pub mod types;
 pub mod vcpu;
 pub mod vm;

@@ -5,7 +5,7 @@
 use crate::bugs::BugSet;
 use crate::host::Host;
 use crate::memslot::{
-    MemslotChange, MemslotError, MemslotHooks, Memslot, Memslots, MemslotsConfig,
+    Memslot, MemslotChange, MemslotError, MemslotHooks, Memslots, MemslotsConfig,
     UserspaceMemoryRegion,
 };
 use crate::spte::{FormatKind, HostCpu, MmioCachingPolicy, SpteConfigError, SpteFormat};
@@ -124,7 +124,8 @@ impl<H: Host> Vm<H> {
     /// Builds a VM on `host`.
     pub fn new(cfg: VmConfig, host: Arc<H>) -> Result<Self, VmError> {
         let format = SpteFormat::new(cfg.format, cfg.host_cpu.phys_bits())?;
-        let policy = MmioCachingPolicy::for_format(cfg.mmio_caching, cfg.host_cpu, cfg.format, cfg.bugs);
+        let policy =
+            MmioCachingPolicy::for_format(cfg.mmio_caching, cfg.host_cpu, cfg.format, cfg.bugs);
         let codec = policy.vm_codec();
         let mcfg = MemslotsConfig {
             nr_address_spaces: cfg.nr_address_spaces,

@@ -9,7 +9,6 @@ use crate::spte::SpteFormat;
 use crate::sync::Ordering;
 use crate::types::{Access, Gfn, Level, Pfn};
 
-
 /// What to install at the end of the walk.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum LeafSpec {
@@ -78,7 +77,7 @@ impl<H: Host> TdpMmu<H> {
                 return MapOutcome::Retry;
             }
             let present = SpteFormat::is_mmu_present(old);
-            if level <= target && !(present && !fmt.is_leaf(old, level)) {
+            if level <= target && (!present || fmt.is_leaf(old, level)) {
                 // Target level reached and no lower table is in the way.
                 let new = match spec {
                     LeafSpec::Ram { base_pfn, max_level, access, writable } => {
@@ -108,7 +107,12 @@ impl<H: Host> TdpMmu<H> {
                     // A huge leaf above the target that did not satisfy the fault (e.g. it was made
                     // read-only for dirty logging): remove it, flush, and fault again.
                     if entry
-                        .compare_exchange(old, SpteFormat::NONPRESENT, Ordering::AcqRel, Ordering::Acquire)
+                        .compare_exchange(
+                            old,
+                            SpteFormat::NONPRESENT,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        )
                         .is_ok()
                     {
                         self.account_leaf(old, level, -1);

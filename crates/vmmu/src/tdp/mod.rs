@@ -149,7 +149,7 @@ impl<H: Host> TdpMmu<H> {
     /// that protection for as long as it uses the reference: unlinked pages are freed only after a
     /// grace period (rule 3), so the page stays allocated.
     #[inline]
-    pub(crate) unsafe fn table<'a>(&'a self, pfn: Pfn) -> Option<&'a TableEntries> {
+    pub(crate) unsafe fn table(&self, pfn: Pfn) -> Option<&TableEntries> {
         // SAFETY: the allocator's pointer is valid until `free_table(pfn)`, which by the caller's
         // contract cannot happen while the reference is used; entries are atomics, so shared
         // references are sound.
@@ -262,10 +262,14 @@ impl<H: Host> TdpMmu<H> {
                     return; // valid roots stay for the next vCPU that loads one
                 }
                 let mut roots = self.mmu_lock.write();
-                if root.users() != 0 {
-                    return; // taken again meanwhile (cannot happen for obsolete roots; be safe)
-                }
+                // Obsolete roots gain no users (get_root takes valid ones only, under the lock).
+                debug_assert_eq!(root.users(), 0);
+                let before = roots.len();
                 roots.retain(|r| !Arc::ptr_eq(r, &root));
+                if roots.len() == before {
+                    // `zap_all_fast` retired it already (it saw no users): it frees the page.
+                    return;
+                }
                 if self.zap_root_locked(&root, &mut pages)
                     && !self.cfg.bugs.has(crate::bugs::Bug::NoTlbFlushOnZap)
                 {
@@ -339,6 +343,34 @@ impl<H: Host> TdpMmu<H> {
     pub fn invalidate_end(&self) {
         let _roots = self.mmu_lock.write();
         self.inval.end();
+    }
+
+    /// The entry for `gfn` at `level` under `root`, if the tables reach that level: a test hook
+    /// for corrupting or freezing entries. Takes the MMU lock shared while it walks.
+    #[doc(hidden)]
+    pub fn entry_for_tests(
+        &self,
+        root: &Root,
+        gfn: Gfn,
+        level: Level,
+    ) -> Option<&crate::sync::AtomicU64> {
+        let _g = self.mmu_lock.read();
+        let mut pfn = root.pfn();
+        let mut l = root.level();
+        loop {
+            // SAFETY: test hook; the caller keeps the root and does not zap concurrently.
+            let table = unsafe { self.table(pfn) }?;
+            let e = &table[l.index(gfn)];
+            if l == level {
+                return Some(e);
+            }
+            let v = e.load(crate::sync::Ordering::Acquire);
+            if !SpteFormat::is_mmu_present(v) || self.cfg.format.is_leaf(v, l) {
+                return None;
+            }
+            pfn = self.cfg.format.pfn(v);
+            l = l.lower()?;
+        }
     }
 
     /// Number of roots on the list (valid and obsolete).

@@ -178,6 +178,7 @@ pub fn hw_walk(
     let mut pfn = root;
     let mut level = root_level;
     let mut perms = Access::ALL;
+    let mut readable = true;
     loop {
         let Some(ptr) = tables.table(pfn) else {
             // The hardware would read whatever is at that physical address; our frames are all
@@ -191,10 +192,13 @@ pub fn hw_walk(
         match format.classify(spte, level) {
             HwEntry::NotPresent => return HwWalk::Violation { present: false, dump },
             HwEntry::Misconfig(reason) => return HwWalk::Misconfig { reason, dump },
-            HwEntry::Present { leaf, pfn: next, perms: p } => {
+            HwEntry::Present { leaf, pfn: next, perms: p, readable: r } => {
                 perms = perms.intersect(p);
+                readable &= r;
                 if leaf {
-                    if !perms.contains(need) {
+                    // Data accesses need R (execute-only EPT entries allow fetches only).
+                    let read_ok = readable || need.contains(Access::EXEC);
+                    if !perms.contains(need) || !read_ok {
                         return HwWalk::Violation { present: true, dump };
                     }
                     let offset = gfn.raw() & (level.pages() - 1);

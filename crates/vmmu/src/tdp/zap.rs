@@ -82,7 +82,16 @@ impl<H: Host> TdpMmu<H> {
                 break;
             }
             let hi = lo + span;
-            flush |= self.zap_entry(table, i, level, Gfn(lo), lo >= start.raw() && hi <= end.raw(), start, end, pages);
+            flush |= self.zap_entry(
+                table,
+                i,
+                level,
+                Gfn(lo),
+                lo >= start.raw() && hi <= end.raw(),
+                start,
+                end,
+                pages,
+            );
         }
         flush
     }

@@ -36,7 +36,14 @@ impl MmioInfoCache {
     /// generation `gen` (KVM `vcpu_cache_mmio_info`). Does nothing while an update is in progress.
     /// Returns whether it cached.
     #[inline]
-    pub fn fill(&mut self, gva: u64, gfn: Gfn, access: Access, gen: Generation, bugs: BugSet) -> bool {
+    pub fn fill(
+        &mut self,
+        gva: u64,
+        gfn: Gfn,
+        access: Access,
+        gen: Generation,
+        bugs: BugSet,
+    ) -> bool {
         if gen.in_progress() && !bugs.has(Bug::CacheWhileInProgress) {
             return false;
         }

@@ -101,6 +101,11 @@ impl<H: Host> Vcpu<H> {
         }
     }
 
+    /// The VM's SPTE format (which exits the hardware raises).
+    pub fn format(&self) -> crate::spte::SpteFormat {
+        self.vm.mmu.cfg.format
+    }
+
     /// The per-vCPU MMIO info cache (read-only view, for tests and reports).
     pub fn mmio_cache(&self) -> &MmioInfoCache {
         &self.mmio_cache
@@ -355,7 +360,8 @@ impl<H: Host> Vcpu<H> {
                     .host
                     .translate(hva, access.write)
                     .map_err(|fault| FaultError::HostFault { gpa, hva, fault })?;
-                let max_level = max_mapping_level(s, gfn, hp.level, mmu.cfg.format.max_leaf_level());
+                let max_level =
+                    max_mapping_level(s, gfn, hp.level, mmu.cfg.format.max_leaf_level());
                 let offset = gfn.raw() & (max_level.pages() - 1);
                 let writable =
                     !s.is_readonly() && hp.writable && (!s.dirty_logging() || access.write);
@@ -372,8 +378,11 @@ impl<H: Host> Vcpu<H> {
                 self.mmio_cache.fill(0, gfn, mmio_access, gen, bugs);
                 self.stats.slow_path_mmio += 1;
                 self.stats.pf_emulate += 1;
-                let emulate =
-                    FaultOutcome::Emulate { gpa, access: mmio_access, source: EmulateSource::SlowPathMmio };
+                let emulate = FaultOutcome::Emulate {
+                    gpa,
+                    access: mmio_access,
+                    source: EmulateSource::SlowPathMmio,
+                };
                 if !codec.enabled() || gfn > mmu.cfg.max_gfn {
                     return Ok(emulate);
                 }
@@ -392,9 +401,7 @@ impl<H: Host> Vcpu<H> {
                     drop(roots);
                     return Ok(self.retry(RetryCause::ObsoleteRoot));
                 }
-                RootKind::Pageless
-                    if self.state().pending().has(Request::FreeObsoleteRoots) =>
-                {
+                RootKind::Pageless if self.state().pending().has(Request::FreeObsoleteRoots) => {
                     drop(roots);
                     return Ok(self.retry(RetryCause::PagelessRootReloadPending));
                 }
