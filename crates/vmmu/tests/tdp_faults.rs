@@ -391,3 +391,27 @@ fn fault_on_a_slot_being_deleted_retries() {
     assert_eq!(v.stats.pf_mmio_spte_created, 0);
     assert_eq!(v.mmio_cache().entry(), None, "nothing cached as MMIO for a slot being deleted");
 }
+
+#[test]
+fn five_level_tables_map_and_emulate() {
+    let mut cfg = VmConfig::new(FormatKind::Ept, 52).unwrap();
+    cfg.root_level = Level::L5;
+    let (vm, _h) = vm_with(cfg);
+    vm.set_memory_region(&region(0, 0x10_0000, 0x1000, RAM_HVA, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    assert_eq!(access(&mut v, 0x10_0000, false).unwrap().0, Seen::Ram(Pfn(RAM_HVA >> 12)));
+    assert_eq!(v.root().unwrap().level(), Level::L5);
+    // Above 2^48: only a 5-level walk reaches it; no slot there, so MMIO.
+    let (seen, _) = access(&mut v, 1 << 50, false).unwrap();
+    assert_eq!(seen, Seen::Mmio(EmulateSource::SlowPathMmio));
+    let (seen, _) = access(&mut v, 1 << 50, false).unwrap();
+    assert_eq!(seen, Seen::Mmio(EmulateSource::VcpuCacheHit));
+}
+
+#[test]
+fn bad_root_level_is_rejected() {
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.root_level = Level::L2M;
+    let host = std::sync::Arc::new(vmmu::testing::TestHost::new(8));
+    assert!(vmmu::vm::Vm::new(cfg, host).is_err());
+}
