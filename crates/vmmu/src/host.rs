@@ -67,3 +67,8 @@ pub trait HostMemory: Send + Sync {
     /// Translates `hva` for a read (`write == false`) or a write.
     fn translate(&self, hva: Hva, write: bool) -> Result<HostPage, HostFault>;
 }
+
+/// Everything the MMU needs from its host, as one bound.
+pub trait Host: FrameAllocator + HostMemory {}
+
+impl<T: FrameAllocator + HostMemory> Host for T {}

@@ -17,11 +17,17 @@ extern crate alloc;
 extern crate std;
 
 pub mod bugs;
+pub mod fault;
 pub mod host;
 pub mod memslot;
 pub mod spte;
 pub mod srcu;
+pub mod stats;
 pub mod sync;
+pub mod tdp;
+pub mod testing;
 pub mod types;
+pub mod vcpu;
+pub mod vm;
 
 pub use types::{Access, AsId, FaultAccess, Generation, Gfn, Gpa, Hva, Level, Pfn, SlotId};

@@ -1,0 +1,113 @@
+//! Fault outcomes and errors (KVM's `RET_PF_*` and the negative errnos of `kvm_mmu_page_fault`,
+//! facts §3.2-3.3), and the page-fault error code of #NPF.
+
+use crate::host::HostFault;
+use crate::spte::RsvdReason;
+use crate::stats::RetryCause;
+use crate::tdp::SpteDump;
+use crate::types::{Access, Gpa, Hva};
+
+/// Why an access must be emulated (the guest's access goes to the MMIO bus / userspace).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum EmulateSource {
+    /// The fast path found an MMIO SPTE of the current generation.
+    MmioSpteHit,
+    /// The per-vCPU MMIO info cache held the gfn for the current generation.
+    VcpuCacheHit,
+    /// The slow path found no memslot (and installed an MMIO SPTE if caching is on).
+    SlowPathMmio,
+    /// A write to a read-only memslot: emulated, never cached as MMIO.
+    ReadOnlyWrite,
+}
+
+/// What the vCPU does after a fault (KVM `RET_PF_*`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum FaultOutcome {
+    /// An entry was installed; re-enter the guest (`RET_PF_FIXED`).
+    Fixed,
+    /// The entry was already right, fixed by someone else (`RET_PF_SPURIOUS`).
+    Spurious,
+    /// Re-enter the guest and let it fault again (`RET_PF_RETRY`).
+    Retry(RetryCause),
+    /// Emulate the access (`RET_PF_EMULATE`).
+    Emulate {
+        /// The guest-physical address accessed.
+        gpa: Gpa,
+        /// The access rights known for the MMIO page (KVM caches them for GVA permission checks).
+        access: Access,
+        /// Why.
+        source: EmulateSource,
+    },
+}
+
+/// A fault that cannot be handled: the vCPU stops with this report (KVM: a negative errno out of
+/// `KVM_RUN`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
+pub enum FaultError {
+    /// Reserved bits in a present entry above the leaf: a genuine misconfiguration, not MMIO
+    /// (KVM: `WARN_ONCE` with the SPTE hierarchy, `-EINVAL`).
+    #[error(
+        "genuine SPTE misconfiguration at gpa {gpa} (level {level}: {reason:?}); entries: {dump}"
+    )]
+    Misconfig {
+        /// The faulting address.
+        gpa: Gpa,
+        /// The level of the bad entry.
+        level: u8,
+        /// The rule it breaks.
+        reason: RsvdReason,
+        /// Every entry the walk read.
+        dump: SpteDump,
+    },
+    /// The memslot's host address has no usable backing (KVM: `-EFAULT` from `KVM_RUN`).
+    #[error("gpa {gpa} is in a memslot but its host address {hva} cannot be used: {fault}")]
+    HostFault {
+        /// The faulting address.
+        gpa: Gpa,
+        /// The host address the memslot maps it to.
+        hva: Hva,
+        /// What the host said.
+        fault: HostFault,
+    },
+    /// No frame for a page table (KVM: `-ENOMEM`).
+    #[error("no host frame for a page table while handling gpa {0}")]
+    OutOfMemory(Gpa),
+    /// The tables reference a frame the host does not know: a bug in the MMU or its host.
+    #[error("internal error: a table frame is unknown to the host at gpa {gpa}; entries: {dump}")]
+    Internal {
+        /// The faulting address.
+        gpa: Gpa,
+        /// Every entry read.
+        dump: SpteDump,
+    },
+}
+
+/// A #NPF / #PF error code (PFERR bits: P=0, W=1, U=2, RSVD=3, FETCH=4).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct PfErr(pub u64);
+
+impl PfErr {
+    /// The entry was present (a permission fault).
+    pub const PRESENT: u64 = 1 << 0;
+    /// A write.
+    pub const WRITE: u64 = 1 << 1;
+    /// A user-mode access.
+    pub const USER: u64 = 1 << 2;
+    /// Reserved bits were set in an entry (MMIO SPTE, or a misconfiguration).
+    pub const RSVD: u64 = 1 << 3;
+    /// An instruction fetch.
+    pub const FETCH: u64 = 1 << 4;
+
+    /// Whether RSVD is set.
+    pub const fn rsvd(self) -> bool {
+        self.0 & Self::RSVD != 0
+    }
+    /// The access the fault was for.
+    pub const fn access(self) -> crate::types::FaultAccess {
+        crate::types::FaultAccess {
+            write: self.0 & Self::WRITE != 0,
+            exec: self.0 & Self::FETCH != 0,
+            user: self.0 & Self::USER != 0,
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Counters, with KVM's names where KVM has them (facts §7), plus the ones KVM lacks: MMIO SPTE
+//! hits, per-vCPU cache hits, stale-generation misses, generation wraps, `zap_all_fast` calls and
+//! retries by cause.
+//!
+//! [`VcpuStats`] is owned by its vCPU thread (plain integers, no atomics on the fault path);
+//! [`VmStats`] is shared and uses relaxed atomic counters: they order nothing.
+
+use crate::sync::{AtomicU64, Ordering};
+
+/// Why a fault returned Retry.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(usize)]
+pub enum RetryCause {
+    /// The vCPU has no root loaded (it loads one before re-entering).
+    NoRoot = 0,
+    /// The root was obsoleted by `zap_all_fast` (facts §4, `is_page_fault_stale` (a)).
+    ObsoleteRoot = 1,
+    /// A root without a page while a free-obsolete-roots request is pending (§4 (b)).
+    PagelessRootReloadPending = 2,
+    /// The memslot is being deleted or moved (KVM_MEMSLOT_INVALID, e0c378684b65).
+    InvalidSlot = 3,
+    /// A host invalidation is in flight for the gfn, or happened since the fault began (§4 (c)).
+    HostInvalidation = 4,
+    /// Another thread changed the entry first (the compare-and-swap failed).
+    Race = 5,
+    /// The lockless walk found a non-MMIO, non-present entry: zapped under the walk (2011 rule).
+    ZappedUnderWalk = 6,
+    /// The lockless walk found a frozen entry.
+    Frozen = 7,
+}
+
+impl RetryCause {
+    /// Number of causes.
+    pub const COUNT: usize = 8;
+    /// Every cause, in index order.
+    pub const ALL: [RetryCause; Self::COUNT] = [
+        RetryCause::NoRoot,
+        RetryCause::ObsoleteRoot,
+        RetryCause::PagelessRootReloadPending,
+        RetryCause::InvalidSlot,
+        RetryCause::HostInvalidation,
+        RetryCause::Race,
+        RetryCause::ZappedUnderWalk,
+        RetryCause::Frozen,
+    ];
+    /// A stable snake_case name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            RetryCause::NoRoot => "no_root",
+            RetryCause::ObsoleteRoot => "obsolete_root",
+            RetryCause::PagelessRootReloadPending => "pageless_root_reload_pending",
+            RetryCause::InvalidSlot => "invalid_slot",
+            RetryCause::HostInvalidation => "host_invalidation",
+            RetryCause::Race => "race",
+            RetryCause::ZappedUnderWalk => "zapped_under_walk",
+            RetryCause::Frozen => "frozen",
+        }
+    }
+}
+
+/// Per-vCPU counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VcpuStats {
+    /// Faults that reached the page-fault handler proper (KVM `pf_taken`; MMIO SPTE and cache
+    /// hits are not counted here, as in KVM).
+    pub pf_taken: u64,
+    /// Faults fixed by installing an entry (`pf_fixed`).
+    pub pf_fixed: u64,
+    /// Faults that ended in emulation from the slow path (`pf_emulate`).
+    pub pf_emulate: u64,
+    /// Faults already fixed by someone else (`pf_spurious`).
+    pub pf_spurious: u64,
+    /// Faults resolved by the fast path (`pf_fast`).
+    pub pf_fast: u64,
+    /// MMIO SPTEs installed (`pf_mmio_spte_created`).
+    pub pf_mmio_spte_created: u64,
+    /// TLB flushes this vCPU performed (`tlb_flush`).
+    pub tlb_flush: u64,
+    /// EPT-violation (or not-present #NPF) exits handled.
+    pub violation_exits: u64,
+    /// EPT-misconfig (or RSVD #NPF) exits handled.
+    pub misconfig_exits: u64,
+    /// Emulations from an MMIO SPTE hit in the fast path (KVM has no counter).
+    pub mmio_spte_hits: u64,
+    /// Emulations from a per-vCPU MMIO info cache hit (KVM has no counter).
+    pub mmio_cache_hits: u64,
+    /// MMIO SPTEs found with a stale generation, sent to the slow path (KVM has no counter).
+    pub stale_gen_misses: u64,
+    /// Writes to read-only slots, emulated without caching.
+    pub readonly_write_emulations: u64,
+    /// Emulations decided by the slow path because no slot covers the gfn.
+    pub slow_path_mmio: u64,
+    /// Roots loaded (initial and after obsolescence).
+    pub root_loads: u64,
+    /// Retries, by cause (index: [`RetryCause`] as usize).
+    pub retries: [u64; RetryCause::COUNT],
+}
+
+impl VcpuStats {
+    /// Total retries.
+    pub fn retries_total(&self) -> u64 {
+        self.retries.iter().sum()
+    }
+    /// Adds `other` into `self` (for VM-wide totals).
+    pub fn accumulate(&mut self, o: &VcpuStats) {
+        self.pf_taken += o.pf_taken;
+        self.pf_fixed += o.pf_fixed;
+        self.pf_emulate += o.pf_emulate;
+        self.pf_spurious += o.pf_spurious;
+        self.pf_fast += o.pf_fast;
+        self.pf_mmio_spte_created += o.pf_mmio_spte_created;
+        self.tlb_flush += o.tlb_flush;
+        self.violation_exits += o.violation_exits;
+        self.misconfig_exits += o.misconfig_exits;
+        self.mmio_spte_hits += o.mmio_spte_hits;
+        self.mmio_cache_hits += o.mmio_cache_hits;
+        self.stale_gen_misses += o.stale_gen_misses;
+        self.readonly_write_emulations += o.readonly_write_emulations;
+        self.slow_path_mmio += o.slow_path_mmio;
+        self.root_loads += o.root_loads;
+        for (a, b) in self.retries.iter_mut().zip(o.retries.iter()) {
+            *a += b;
+        }
+    }
+}
+
+/// A relaxed counter.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n`.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    /// Subtracts `n`.
+    #[inline]
+    pub fn sub(&self, n: u64) {
+        self.0.fetch_sub(n, Ordering::Relaxed);
+    }
+    /// The current value.
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// VM-wide counters.
+#[derive(Debug, Default)]
+pub struct VmStats {
+    /// Remote TLB flushes performed (`remote_tlb_flush`).
+    pub remote_tlb_flush: Counter,
+    /// Remote TLB flush requests sent to vCPUs (`remote_tlb_flush_requests`).
+    pub remote_tlb_flush_requests: Counter,
+    /// Page-table pages zapped (`mmu_shadow_zapped`).
+    pub mmu_shadow_zapped: Counter,
+    /// Present 4 KiB leaves (`pages_4k`).
+    pub pages_4k: Counter,
+    /// Present 2 MiB leaves (`pages_2m`).
+    pub pages_2m: Counter,
+    /// Present 1 GiB leaves (`pages_1g`).
+    pub pages_1g: Counter,
+    /// `zap_all_fast` calls (KVM has a tracepoint only).
+    pub zap_all_fast: Counter,
+    /// Range zaps (memslot delete/move, host invalidation).
+    pub zap_range: Counter,
+    /// MMIO-generation wraps seen by the `memslots_updated` hook.
+    pub mmio_gen_wraps: Counter,
+    /// Table pages allocated.
+    pub tables_allocated: Counter,
+    /// Table pages freed after a grace period.
+    pub tables_freed: Counter,
+}
+
+/// A plain copy of [`VmStats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VmStatsSnapshot {
+    /// See [`VmStats::remote_tlb_flush`].
+    pub remote_tlb_flush: u64,
+    /// See [`VmStats::remote_tlb_flush_requests`].
+    pub remote_tlb_flush_requests: u64,
+    /// See [`VmStats::mmu_shadow_zapped`].
+    pub mmu_shadow_zapped: u64,
+    /// See [`VmStats::pages_4k`].
+    pub pages_4k: u64,
+    /// See [`VmStats::pages_2m`].
+    pub pages_2m: u64,
+    /// See [`VmStats::pages_1g`].
+    pub pages_1g: u64,
+    /// See [`VmStats::zap_all_fast`].
+    pub zap_all_fast: u64,
+    /// See [`VmStats::zap_range`].
+    pub zap_range: u64,
+    /// See [`VmStats::mmio_gen_wraps`].
+    pub mmio_gen_wraps: u64,
+    /// See [`VmStats::tables_allocated`].
+    pub tables_allocated: u64,
+    /// See [`VmStats::tables_freed`].
+    pub tables_freed: u64,
+}
+
+impl VmStats {
+    /// A snapshot of every counter.
+    pub fn snapshot(&self) -> VmStatsSnapshot {
+        VmStatsSnapshot {
+            remote_tlb_flush: self.remote_tlb_flush.get(),
+            remote_tlb_flush_requests: self.remote_tlb_flush_requests.get(),
+            mmu_shadow_zapped: self.mmu_shadow_zapped.get(),
+            pages_4k: self.pages_4k.get(),
+            pages_2m: self.pages_2m.get(),
+            pages_1g: self.pages_1g.get(),
+            zap_all_fast: self.zap_all_fast.get(),
+            zap_range: self.zap_range.get(),
+            mmio_gen_wraps: self.mmio_gen_wraps.get(),
+            tables_allocated: self.tables_allocated.get(),
+            tables_freed: self.tables_freed.get(),
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! Host invalidations, like KVM's MMU notifiers (`kvm_mmu_invalidate_begin/end`,
+//! `mmu_invalidate_retry_gfn`, facts §4): while the host changes what backs a range of guest
+//! frames, faults on that range retry, and a fault that translated a host address before an
+//! invalidation finished must not install what it found.
+//!
+//! State: a sequence count (bumped at every `end`), the number of invalidations in flight, and
+//! the union of their gfn ranges (KVM keeps one range too). `begin`/`end` run under the MMU lock
+//! exclusive; the fault path reads the state once without the lock as a pre-check
+//! (`retry_unsafe`, KVM `mmu_invalidate_retry_gfn_unsafe`) and again under the shared lock
+//! (`retry`). All values are `u64`: the v6.1 stable bug came from comparing a sign-extended `int`.
+//!
+//! Ordering: the fault snapshots `seq` (Acquire) *before* translating the host address; `end`
+//! bumps `seq` (Release) after the host change is complete. If the fault's translation could have
+//! seen the old backing, then either the range was in flight when it checks under the lock, or
+//! `seq` moved: both give Retry.
+
+use crate::sync::{AtomicU64, Ordering};
+use crate::types::Gfn;
+
+/// The invalidation state of one VM.
+#[derive(Debug, Default)]
+pub struct Invalidation {
+    seq: AtomicU64,
+    in_progress: AtomicU64,
+    start: AtomicU64,
+    end: AtomicU64,
+}
+
+impl Invalidation {
+    pub(crate) fn new() -> Self {
+        Invalidation::default()
+    }
+
+    /// The sequence count, to snapshot before translating a host address.
+    #[inline]
+    pub fn seq(&self) -> u64 {
+        self.seq.load(Ordering::Acquire)
+    }
+
+    /// Whether invalidations are in flight now.
+    pub fn in_progress(&self) -> u64 {
+        self.in_progress.load(Ordering::Acquire)
+    }
+
+    /// Starts an invalidation (KVM `kvm_mmu_invalidate_begin`); its gfn ranges are added with
+    /// [`Self::add_range`]. Caller holds the MMU lock exclusive.
+    pub(crate) fn begin(&self) {
+        let n = self.in_progress.load(Ordering::Relaxed);
+        if n == 0 {
+            // Empty range until one is added.
+            self.start.store(u64::MAX, Ordering::Relaxed);
+            self.end.store(0, Ordering::Relaxed);
+        }
+        // Release: the range is visible to whoever sees the count.
+        self.in_progress.store(n + 1, Ordering::Release);
+    }
+
+    /// Widens the in-flight range to cover `[start, end)` (KVM `kvm_mmu_invalidate_range_add`).
+    /// Caller holds the MMU lock exclusive, after [`Self::begin`].
+    pub(crate) fn add_range(&self, start: Gfn, end: Gfn) {
+        self.start.fetch_min(start.raw(), Ordering::Relaxed);
+        self.end.fetch_max(end.raw(), Ordering::Relaxed);
+    }
+
+    /// Ends an invalidation. Caller holds the MMU lock exclusive.
+    pub(crate) fn end(&self) {
+        // Bump the sequence first, so a fault that sees the count drop also sees the new seq.
+        self.seq.fetch_add(1, Ordering::AcqRel);
+        let n = self.in_progress.load(Ordering::Relaxed);
+        debug_assert!(n > 0, "invalidate end without begin");
+        self.in_progress.store(n.saturating_sub(1), Ordering::Release);
+    }
+
+    /// KVM `mmu_invalidate_retry_gfn`: under the MMU lock (shared), whether a fault that
+    /// snapshotted `seq` must retry for `gfn`.
+    #[inline]
+    pub fn retry(&self, snapshot: u64, gfn: Gfn) -> bool {
+        if self.in_progress.load(Ordering::Acquire) != 0 {
+            let s = self.start.load(Ordering::Relaxed);
+            let e = self.end.load(Ordering::Relaxed);
+            if gfn.raw() >= s && gfn.raw() < e {
+                return true;
+            }
+        }
+        self.seq.load(Ordering::Acquire) != snapshot
+    }
+
+    /// The unlocked pre-check (`_unsafe`): may miss a concurrent change, which the locked check
+    /// catches; only used to fail early.
+    #[inline]
+    pub fn retry_unsafe(&self, snapshot: u64, gfn: Gfn) -> bool {
+        self.retry(snapshot, gfn)
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_flight_range_and_sequence() {
+        let i = Invalidation::new();
+        let s = i.seq();
+        assert!(!i.retry(s, Gfn(5)));
+        i.begin();
+        i.add_range(Gfn(4), Gfn(8));
+        assert!(i.retry(s, Gfn(5)), "in flight and in range");
+        assert!(!i.retry(s, Gfn(9)), "in flight, out of range, seq unchanged");
+        i.end();
+        assert!(i.retry(s, Gfn(9)), "seq moved since the snapshot");
+        assert!(!i.retry(i.seq(), Gfn(5)), "a fresh snapshot after the end is fine");
+    }
+
+    #[test]
+    fn nested_ranges_union() {
+        let i = Invalidation::new();
+        i.begin();
+        i.add_range(Gfn(10), Gfn(20));
+        i.begin();
+        i.add_range(Gfn(30), Gfn(40));
+        let s = i.seq();
+        assert!(i.retry(s, Gfn(25)), "the union covers the gap, as KVM's single range does");
+        i.end();
+        i.end();
+        assert_eq!(i.in_progress(), 0);
+    }
+}

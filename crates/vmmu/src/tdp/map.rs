@@ -1,0 +1,164 @@
+//! Installing an entry for a fault (KVM `kvm_tdp_mmu_map`, facts §3.6): walk from the root under
+//! the shared MMU lock, link missing tables with compare-and-swap, and install the target entry
+//! (a present leaf, or an MMIO SPTE) with compare-and-swap. A lost race is `Retry`, never an
+//! error: another vCPU or a zap changed the entry first.
+
+use super::TdpMmu;
+use crate::host::Host;
+use crate::spte::SpteFormat;
+use crate::sync::Ordering;
+use crate::types::{Access, Gfn, Level, Pfn};
+
+/// What to install at the end of the walk.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum LeafSpec {
+    /// A present leaf for RAM: the frame backing `gfn`'s naturally aligned block at `level`
+    /// starts at `base_pfn` (aligned for `level`).
+    Ram {
+        /// The frame of the first page of the block at `max_level` (aligned to it).
+        base_pfn: Pfn,
+        /// The largest level the slot and the host allow.
+        max_level: Level,
+        /// The rights to grant.
+        access: Access,
+        /// Whether the leaf may be writable.
+        writable: bool,
+    },
+    /// An MMIO SPTE (4 KiB level, like KVM).
+    Mmio(u64),
+}
+
+/// The result of an installation attempt.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum MapOutcome {
+    /// A new entry was installed at `level`.
+    Installed {
+        /// The level of the installed entry.
+        level: Level,
+    },
+    /// The entry already had exactly this value (KVM `RET_PF_SPURIOUS`).
+    Spurious,
+    /// A compare-and-swap lost a race, or a conflicting leaf was removed: fault again.
+    Retry,
+    /// No frame for a page table.
+    OutOfMemory,
+    /// A table frame could not be resolved (internal inconsistency).
+    Broken,
+}
+
+impl<H: Host> TdpMmu<H> {
+    /// Installs `spec` for `gfn` under root `root_pfn`. The caller holds the MMU lock shared and
+    /// has checked the root is not stale (KVM `is_page_fault_stale`).
+    pub(crate) fn map_locked(
+        &self,
+        root_pfn: Pfn,
+        root_level: Level,
+        gfn: Gfn,
+        spec: LeafSpec,
+    ) -> MapOutcome {
+        let fmt = self.cfg.format;
+        let target = match spec {
+            LeafSpec::Ram { max_level, .. } => max_level,
+            LeafSpec::Mmio(_) => Level::L4K,
+        };
+        let mut pfn = root_pfn;
+        let mut level = root_level;
+        loop {
+            // SAFETY: we hold the MMU lock shared and walk from a root we hold; unlinking happens
+            // only under the exclusive lock, and frees only after a grace period (rule 3).
+            let Some(table) = (unsafe { self.table(pfn) }) else {
+                debug_assert!(false, "table frame {pfn:?} unknown to the host");
+                return MapOutcome::Broken;
+            };
+            let entry = &table[level.index(gfn)];
+            let old = entry.load(Ordering::Acquire);
+            if SpteFormat::is_frozen(old) {
+                // Only the thread that froze an entry may change it (facts §6).
+                return MapOutcome::Retry;
+            }
+            let present = SpteFormat::is_mmu_present(old);
+            if level <= target && (!present || fmt.is_leaf(old, level)) {
+                // Target level reached and no lower table is in the way.
+                let new = match spec {
+                    LeafSpec::Ram { base_pfn, max_level, access, writable } => {
+                        let offset = (gfn.raw() & (max_level.pages() - 1)) & !(level.pages() - 1);
+                        fmt.make_leaf(Pfn(base_pfn.raw() + offset), level, access, writable)
+                    }
+                    LeafSpec::Mmio(spte) => spte,
+                };
+                if old == new {
+                    return MapOutcome::Spurious;
+                }
+                // Release publishes nothing new here, but AcqRel keeps the exchange ordered with
+                // the walk's Acquire loads of other vCPUs.
+                if entry.compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire).is_err() {
+                    return MapOutcome::Retry;
+                }
+                if present {
+                    self.account_leaf(old, level, -1);
+                }
+                if SpteFormat::is_mmu_present(new) {
+                    self.account_leaf(new, level, 1);
+                }
+                return MapOutcome::Installed { level };
+            }
+            if present {
+                if fmt.is_leaf(old, level) {
+                    // A huge leaf above the target that did not satisfy the fault (e.g. it was made
+                    // read-only for dirty logging): remove it, flush, and fault again.
+                    if entry
+                        .compare_exchange(
+                            old,
+                            SpteFormat::NONPRESENT,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        )
+                        .is_ok()
+                    {
+                        self.account_leaf(old, level, -1);
+                        self.flush_remote_tlbs();
+                    }
+                    return MapOutcome::Retry;
+                }
+                pfn = fmt.pfn(old);
+                level = match level.lower() {
+                    Some(l) => l,
+                    None => return MapOutcome::Broken,
+                };
+                continue;
+            }
+            // Not present (or an MMIO SPTE, which only exists at 4 KiB): link a new table.
+            let Some(child) = self.alloc_table() else {
+                return MapOutcome::OutOfMemory;
+            };
+            let link = fmt.make_nonleaf(child);
+            // Release: the child's initialised entries are visible to whoever sees the link.
+            if entry.compare_exchange(old, link, Ordering::AcqRel, Ordering::Acquire).is_err() {
+                self.free_unpublished_table(child);
+                return MapOutcome::Retry;
+            }
+            pfn = child;
+            level = match level.lower() {
+                Some(l) => l,
+                None => return MapOutcome::Broken,
+            };
+        }
+    }
+
+    /// Keeps `pages_4k/2m/1g` in step with present leaves.
+    pub(crate) fn account_leaf(&self, spte: u64, level: Level, delta: i64) {
+        if !SpteFormat::is_mmu_present(spte) || !self.cfg.format.is_leaf(spte, level) {
+            return;
+        }
+        let c = match level.get() {
+            1 => &self.stats.pages_4k,
+            2 => &self.stats.pages_2m,
+            _ => &self.stats.pages_1g,
+        };
+        if delta > 0 {
+            c.add(delta as u64);
+        } else {
+            c.sub((-delta) as u64);
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! The TDP MMU: second-level page tables of atomic SPTEs (EPT or NPT format), their roots, the
+//! lockless walk, installation by compare-and-swap, zapping, remote TLB flushes and deferred
+//! freeing. Mirrors KVM's `mmu/tdp_mmu.c` with the locking of facts §6.
+//!
+//! # Locking and lifetime rules (the contract every function here keeps)
+//! 1. Every SPTE *change* happens under the MMU lock (`mmu_lock`, a reader-writer lock): faults
+//!    hold it shared and change entries only with compare-and-swap (a lost race is `Retry`);
+//!    zaps, `zap_all_fast` and host invalidations hold it exclusive.
+//! 2. Lockless *readers* (the fast MMIO path, and the hardware walker of a vCPU in guest mode)
+//!    hold a read section of `table_srcu`, one reader record per vCPU.
+//! 3. A table page unlinked by a zap is freed only after a `table_srcu` grace period, and the
+//!    grace period is waited for *after* the MMU lock is released (a vCPU in the slow path may be
+//!    waiting for the lock, and it must not be inside a table read section while it does).
+//! 4. A zap that removed present leaves flushes remote TLBs before it returns (and before the
+//!    pages it unlinked are freed): every vCPU has acknowledged the flush or was outside guest
+//!    mode ([`crate::vcpu::requests`]).
+//! 5. A table page's entries are initialised (to the non-present value) before the page is linked;
+//!    linking is a compare-and-swap with Release semantics and walkers load entries with Acquire,
+//!    so a walker that sees the link sees initialised entries.
+
+mod invalidate;
+mod map;
+pub mod root;
+mod walk;
+mod zap;
+
+pub use invalidate::Invalidation;
+pub use map::{LeafSpec, MapOutcome};
+pub use walk::{hw_walk, HwWalk, LocklessWalk, SpteDump};
+
+use crate::bugs::BugSet;
+use crate::host::{Host, TableEntries};
+use crate::spte::{MmioSpteCodec, SpteFormat};
+use crate::srcu::{ReaderId, Srcu};
+use crate::stats::VmStats;
+use crate::sync::{Arc, DefaultRelax, Mutex, RwLock};
+use crate::types::{AsId, Gfn, Level, Pfn};
+use crate::vcpu::requests::{Request, VcpuState};
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use root::{Root, RootKind};
+
+/// Static configuration of one VM's TDP MMU.
+#[derive(Clone, Copy, Debug)]
+pub struct TdpConfig {
+    /// The SPTE format.
+    pub format: SpteFormat,
+    /// The VM's MMIO SPTE codec (per-VM value, facts §1.4).
+    pub codec: MmioSpteCodec,
+    /// Root level: 4, or 5 for 5-level paging.
+    pub root_level: Level,
+    /// The highest gfn an MMIO SPTE may be installed for (KVM `kvm_mmu_max_gfn`).
+    pub max_gfn: Gfn,
+    /// Delete/move zap everything (KVM's `KVM_X86_QUIRK_SLOT_ZAP_ALL`) instead of only the slot.
+    pub slot_zap_all: bool,
+    /// Re-injected historical bugs (empty normally).
+    pub bugs: BugSet,
+    /// The most vCPUs the VM may create.
+    pub max_vcpus: usize,
+}
+
+/// Why the TDP MMU could not be set up or a vCPU added.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
+pub enum TdpError {
+    /// The root level must be 4 or 5.
+    #[error("root level {0} is not supported: use 4 or 5")]
+    BadRootLevel(u8),
+    /// All vCPU slots are taken.
+    #[error("the VM already has its maximum of {0} vCPUs")]
+    TooManyVcpus(usize),
+    /// The host had no frame for a page table.
+    #[error("the host has no free frame for a page table (KVM: -ENOMEM)")]
+    OutOfMemory,
+}
+
+/// One VM's TDP MMU.
+pub struct TdpMmu<H: Host> {
+    pub(crate) host: Arc<H>,
+    pub(crate) cfg: TdpConfig,
+    /// KVM's `mmu_lock`; guards the root list (KVM `tdp_mmu_roots`) and rule 1 above.
+    pub(crate) mmu_lock: RwLock<Vec<Arc<Root>>>,
+    /// Read sections of lockless walkers (rule 2).
+    pub(crate) table_srcu: Srcu,
+    /// Unlinked table pages waiting for a grace period (rule 3).
+    pending_free: Mutex<Vec<Pfn>>,
+    /// Host invalidations in flight (KVM's MMU-notifier sequence and range).
+    pub(crate) inval: Invalidation,
+    /// Mode and request words of the vCPUs, indexed by vCPU index.
+    pub(crate) vcpus: Box<[VcpuState]>,
+    pub(crate) nr_vcpus: crate::sync::AtomicUsize,
+    /// VM-wide counters.
+    pub stats: VmStats,
+}
+
+impl<H: Host> TdpMmu<H> {
+    /// A TDP MMU with no roots yet.
+    pub fn new(host: Arc<H>, cfg: TdpConfig) -> Result<Self, TdpError> {
+        if !(cfg.root_level == Level::L4 || cfg.root_level == Level::L5) {
+            return Err(TdpError::BadRootLevel(cfg.root_level.get()));
+        }
+        let vcpus = (0..cfg.max_vcpus).map(|_| VcpuState::new()).collect::<Vec<_>>();
+        Ok(TdpMmu {
+            host,
+            cfg,
+            mmu_lock: RwLock::new(Vec::new()),
+            // One reader record per vCPU, plus one for the VMM's own lockless reads (tests).
+            table_srcu: Srcu::new(cfg.max_vcpus + 1),
+            pending_free: Mutex::new(Vec::new()),
+            inval: Invalidation::new(),
+            vcpus: vcpus.into_boxed_slice(),
+            nr_vcpus: crate::sync::AtomicUsize::new(0),
+            stats: VmStats::default(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TdpConfig {
+        &self.cfg
+    }
+
+    /// The host.
+    pub fn host(&self) -> &Arc<H> {
+        &self.host
+    }
+
+    /// Claims the next vCPU index and its table-SRCU reader record.
+    pub(crate) fn add_vcpu(&self) -> Result<(usize, ReaderId), TdpError> {
+        let idx = self.nr_vcpus.fetch_add(1, crate::sync::Ordering::AcqRel);
+        if idx >= self.cfg.max_vcpus {
+            self.nr_vcpus.fetch_sub(1, crate::sync::Ordering::AcqRel);
+            return Err(TdpError::TooManyVcpus(self.cfg.max_vcpus));
+        }
+        let reader =
+            self.table_srcu.register().map_err(|_| TdpError::TooManyVcpus(self.cfg.max_vcpus))?;
+        Ok((idx, reader))
+    }
+
+    /// The vCPUs created so far.
+    pub(crate) fn vcpu_states(&self) -> &[VcpuState] {
+        let n = self.nr_vcpus.load(crate::sync::Ordering::Acquire).min(self.vcpus.len());
+        &self.vcpus[..n]
+    }
+
+    /// The entries of table page `pfn`.
+    ///
+    /// # Safety
+    /// `pfn` was reached from a root the caller holds (its current root, or one in the root list)
+    /// while the caller holds the MMU lock or a `table_srcu` read section, and the caller keeps
+    /// that protection for as long as it uses the reference: unlinked pages are freed only after a
+    /// grace period (rule 3), so the page stays allocated.
+    #[inline]
+    pub(crate) unsafe fn table(&self, pfn: Pfn) -> Option<&TableEntries> {
+        // SAFETY: the allocator's pointer is valid until `free_table(pfn)`, which by the caller's
+        // contract cannot happen while the reference is used; entries are atomics, so shared
+        // references are sound.
+        self.host.table(pfn).map(|p| unsafe { p.as_ref() })
+    }
+
+    /// Allocates a table page with every entry non-present.
+    pub(crate) fn alloc_table(&self) -> Option<Pfn> {
+        let pfn = self.host.alloc_table(SpteFormat::NONPRESENT)?;
+        self.stats.tables_allocated.add(1);
+        Some(pfn)
+    }
+
+    /// Frees a table page that was never linked anywhere (lost a compare-and-swap).
+    pub(crate) fn free_unpublished_table(&self, pfn: Pfn) {
+        // SAFETY: the page was allocated by us and never published, so no other thread can reach it.
+        unsafe { self.host.free_table(pfn) };
+        self.stats.tables_freed.add(1);
+    }
+
+    /// Queues unlinked table pages for freeing after a grace period (rule 3).
+    pub(crate) fn defer_free(&self, pages: &mut Vec<Pfn>) {
+        if !pages.is_empty() {
+            self.pending_free.lock().append(pages);
+        }
+    }
+
+    /// Frees every queued page after a `table_srcu` grace period. Must not be called with the MMU
+    /// lock held or from inside a table read section (rule 3).
+    pub fn reclaim(&self) {
+        let pages = core::mem::take(&mut *self.pending_free.lock());
+        if pages.is_empty() {
+            return;
+        }
+        self.table_srcu.synchronize(&DefaultRelax::default());
+        for pfn in pages.iter().copied() {
+            // SAFETY: every queued page was unlinked before it was queued, and the grace period
+            // above has drained every walker that could still hold a pointer to it.
+            unsafe { self.host.free_table(pfn) };
+        }
+        self.stats.tables_freed.add(pages.len() as u64);
+    }
+
+    /// Table pages waiting for a grace period.
+    pub fn pending_free(&self) -> usize {
+        self.pending_free.lock().len()
+    }
+
+    /// Flushes every vCPU's TLB (KVM `kvm_flush_remote_tlbs`): returns when each vCPU has
+    /// acknowledged or was outside guest mode (rule 4).
+    pub fn flush_remote_tlbs(&self) {
+        self.stats.remote_tlb_flush.add(1);
+        self.request_all(Request::TlbFlush, true);
+    }
+
+    /// Makes `r` pending on every vCPU; with `wait`, waits for the acknowledgement of every vCPU
+    /// that was in guest mode (KVM `kvm_make_all_cpus_request`).
+    pub(crate) fn request_all(&self, r: Request, wait: bool) {
+        let relax = DefaultRelax::default();
+        for v in self.vcpu_states() {
+            if r == Request::TlbFlush {
+                self.stats.remote_tlb_flush_requests.add(1);
+            }
+            if v.request(r) && wait {
+                v.wait_ack(r, &relax);
+            }
+        }
+    }
+
+    /// A valid root for address space `as_id`, made if there is none (KVM
+    /// `kvm_tdp_mmu_get_vcpu_root_hpa`). The caller becomes one of its users.
+    pub(crate) fn get_root(&self, as_id: AsId) -> Result<Arc<Root>, TdpError> {
+        {
+            let roots = self.mmu_lock.read();
+            if let Some(r) = roots.iter().find(|r| r.as_id() == as_id && !r.is_obsolete()) {
+                r.get();
+                return Ok(r.clone());
+            }
+        }
+        let mut roots = self.mmu_lock.write();
+        if let Some(r) = roots.iter().find(|r| r.as_id() == as_id && !r.is_obsolete()) {
+            r.get();
+            return Ok(r.clone());
+        }
+        let pfn = self.alloc_table().ok_or(TdpError::OutOfMemory)?;
+        let root = Arc::new(Root::new(pfn, self.cfg.root_level, as_id, RootKind::Tdp));
+        root.get();
+        roots.push(root.clone());
+        Ok(root)
+    }
+
+    /// A root without a page-tracking state, private to one vCPU (models KVM's special roots).
+    pub(crate) fn make_pageless_root(&self, as_id: AsId) -> Result<Arc<Root>, TdpError> {
+        let pfn = self.alloc_table().ok_or(TdpError::OutOfMemory)?;
+        let root = Arc::new(Root::new(pfn, self.cfg.root_level, as_id, RootKind::Pageless));
+        root.get();
+        Ok(root)
+    }
+
+    /// Drops a vCPU's use of `root`. An obsolete (or pageless) root nobody uses any more is
+    /// zapped, unlinked and queued for freeing.
+    pub(crate) fn put_root(&self, root: Arc<Root>) {
+        if root.put() != 0 {
+            return;
+        }
+        let mut pages = Vec::new();
+        match root.kind() {
+            RootKind::Tdp => {
+                if !root.is_obsolete() {
+                    return; // valid roots stay for the next vCPU that loads one
+                }
+                let mut roots = self.mmu_lock.write();
+                // Obsolete roots gain no users (get_root takes valid ones only, under the lock).
+                debug_assert_eq!(root.users(), 0);
+                let before = roots.len();
+                roots.retain(|r| !Arc::ptr_eq(r, &root));
+                if roots.len() == before {
+                    // `zap_all_fast` retired it already (it saw no users): it frees the page.
+                    return;
+                }
+                if self.zap_root_locked(&root, &mut pages)
+                    && !self.cfg.bugs.has(crate::bugs::Bug::NoTlbFlushOnZap)
+                {
+                    self.flush_remote_tlbs();
+                }
+                drop(roots);
+            }
+            RootKind::Pageless => {
+                let _g = self.mmu_lock.write();
+                self.zap_root_locked(&root, &mut pages);
+            }
+        }
+        pages.push(root.pfn());
+        self.defer_free(&mut pages);
+    }
+
+    /// KVM `kvm_mmu_zap_all_fast`: obsolete every root, ask every vCPU to drop obsolete roots,
+    /// zap the obsolete roots' tables, flush, and free what nobody uses after a grace period.
+    /// Callers hold the slots lock (the memslot update path) or otherwise serialise it.
+    pub fn zap_all_fast(&self) {
+        self.stats.zap_all_fast.add(1);
+        let mut pages = Vec::new();
+        let mut roots = self.mmu_lock.write();
+        for r in roots.iter() {
+            r.invalidate();
+        }
+        // Same critical section as the invalidation (facts §4 step 3).
+        self.request_all(Request::FreeObsoleteRoots, false);
+        let mut flush = false;
+        for r in roots.iter() {
+            flush |= self.zap_root_locked(r, &mut pages);
+        }
+        // Roots no vCPU uses can go now; the others go when their last user drops them.
+        roots.retain(|r| {
+            if r.users() == 0 {
+                pages.push(r.pfn());
+                false
+            } else {
+                true
+            }
+        });
+        if flush && !self.cfg.bugs.has(crate::bugs::Bug::NoTlbFlushOnZap) {
+            self.flush_remote_tlbs();
+        }
+        drop(roots);
+        self.defer_free(&mut pages);
+        self.reclaim();
+    }
+
+    /// Host invalidation start (KVM `kvm_mmu_notifier_invalidate_range_start`, for the gfn
+    /// ranges a host-address range maps to): faults on the ranges retry until
+    /// [`Self::invalidate_end`], and whatever maps them is zapped and flushed before this returns.
+    pub fn invalidate_begin(&self, ranges: &[(AsId, Gfn, Gfn)]) {
+        let mut pages = Vec::new();
+        let roots = self.mmu_lock.write();
+        self.inval.begin();
+        let mut flush = false;
+        for &(as_id, start, end) in ranges {
+            self.inval.add_range(start, end);
+            flush |= self.zap_gfn_range_locked(&roots, as_id, start, end, &mut pages);
+        }
+        if flush && !self.cfg.bugs.has(crate::bugs::Bug::NoTlbFlushOnZap) {
+            self.flush_remote_tlbs();
+        }
+        drop(roots);
+        self.defer_free(&mut pages);
+        self.reclaim();
+    }
+
+    /// Host invalidation end (KVM `invalidate_range_end`).
+    pub fn invalidate_end(&self) {
+        let _roots = self.mmu_lock.write();
+        self.inval.end();
+    }
+
+    /// The entry for `gfn` at `level` under `root`, if the tables reach that level: a test hook
+    /// for corrupting or freezing entries. Takes the MMU lock shared while it walks.
+    #[doc(hidden)]
+    pub fn entry_for_tests(
+        &self,
+        root: &Root,
+        gfn: Gfn,
+        level: Level,
+    ) -> Option<&crate::sync::AtomicU64> {
+        let _g = self.mmu_lock.read();
+        let mut pfn = root.pfn();
+        let mut l = root.level();
+        loop {
+            // SAFETY: test hook; the caller keeps the root and does not zap concurrently.
+            let table = unsafe { self.table(pfn) }?;
+            let e = &table[l.index(gfn)];
+            if l == level {
+                return Some(e);
+            }
+            let v = e.load(crate::sync::Ordering::Acquire);
+            if !SpteFormat::is_mmu_present(v) || self.cfg.format.is_leaf(v, l) {
+                return None;
+            }
+            pfn = self.cfg.format.pfn(v);
+            l = l.lower()?;
+        }
+    }
+
+    /// Number of roots on the list (valid and obsolete).
+    pub fn nr_roots(&self) -> usize {
+        self.mmu_lock.read().len()
+    }
+}

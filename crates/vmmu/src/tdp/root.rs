@@ -1,0 +1,83 @@
+//! Roots: the top-level tables the vCPUs walk from (KVM: `kvm_mmu_page` with `role.level` = root
+//! level, on `kvm->arch.tdp_mmu_roots`).
+//!
+//! Invariants:
+//! - a [`RootKind::Tdp`] root is *obsolete* once [`Root::invalidate`] ran (KVM `role.invalid`,
+//!   set by `zap_all_fast` under the MMU write lock); it never becomes valid again;
+//! - a [`RootKind::Pageless`] root models KVM's special roots that have no shadow page (PAE roots,
+//!   the dummy root): nothing marks them obsolete, so a fault on one is stale exactly while a
+//!   free-obsolete-roots request is pending for its vCPU (18c841e1f411);
+//! - `users` counts the vCPUs holding the root as their current root; an obsolete TDP root with no
+//!   users is removed from the list and its page freed after a grace period.
+
+use crate::sync::{AtomicBool, AtomicU32, Ordering};
+use crate::types::{AsId, Level, Pfn};
+
+/// What kind of root this is.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum RootKind {
+    /// A TDP MMU root with a page-table page and a valid/obsolete state.
+    Tdp,
+    /// A root with no shadow page (KVM's PAE/special roots): never marked obsolete.
+    Pageless,
+}
+
+/// One root table.
+#[derive(Debug)]
+pub struct Root {
+    pfn: Pfn,
+    level: Level,
+    as_id: AsId,
+    kind: RootKind,
+    invalid: AtomicBool,
+    users: AtomicU32,
+}
+
+impl Root {
+    pub(crate) fn new(pfn: Pfn, level: Level, as_id: AsId, kind: RootKind) -> Self {
+        Root { pfn, level, as_id, kind, invalid: AtomicBool::new(false), users: AtomicU32::new(0) }
+    }
+    /// The root table's frame (what the hardware's EPTP / nCR3 holds).
+    #[inline]
+    pub fn pfn(&self) -> Pfn {
+        self.pfn
+    }
+    /// The root's level (4 or 5).
+    #[inline]
+    pub fn level(&self) -> Level {
+        self.level
+    }
+    /// The address space whose memslots this root maps.
+    #[inline]
+    pub fn as_id(&self) -> AsId {
+        self.as_id
+    }
+    /// The root's kind.
+    #[inline]
+    pub fn kind(&self) -> RootKind {
+        self.kind
+    }
+    /// Whether the root was obsoleted (KVM `is_obsolete_sp` for TDP roots). Pageless roots never
+    /// are: see the module doc.
+    #[inline]
+    pub fn is_obsolete(&self) -> bool {
+        // Acquire pairs with the Release in `invalidate`; both happen under the MMU lock in the
+        // fault path, the lock alone would do; the vCPU's request handling reads it unlocked.
+        self.invalid.load(Ordering::Acquire)
+    }
+    pub(crate) fn invalidate(&self) {
+        self.invalid.store(true, Ordering::Release);
+    }
+    pub(crate) fn get(&self) {
+        self.users.fetch_add(1, Ordering::AcqRel);
+    }
+    /// Drops one user; returns the users left.
+    pub(crate) fn put(&self) -> u32 {
+        let old = self.users.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(old > 0, "root put without get");
+        old - 1
+    }
+    pub(crate) fn users(&self) -> u32 {
+        self.users.load(Ordering::Acquire)
+    }
+}

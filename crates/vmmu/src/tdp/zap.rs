@@ -1,0 +1,138 @@
+//! Zapping: removing entries so the next access faults again (KVM `tdp_mmu_zap_leafs`,
+//! `kvm_tdp_mmu_zap_invalidated_roots`). Runs under the exclusive MMU lock (rule 1 of
+//! [`crate::tdp`]); unlinked table pages are collected for freeing after a grace period (rule 3);
+//! the caller flushes remote TLBs when a present leaf was removed (rule 4).
+//!
+//! MMIO SPTEs inside a zapped range are cleared as well when their whole table goes, but a zap of
+//! a partial range leaves MMIO SPTEs of other gfns alone: they are guarded by the memslot
+//! generation, not by reachability (KVM's comment in `tdp_mmu_zap_leafs`).
+
+use super::root::Root;
+use super::TdpMmu;
+use crate::host::{Host, TableEntries};
+use crate::spte::SpteFormat;
+use crate::sync::{Arc, Ordering};
+use crate::types::{AsId, Gfn, Level, Pfn};
+use alloc::vec::Vec;
+
+impl<H: Host> TdpMmu<H> {
+    /// Zaps everything under `root`. Returns whether a present leaf was removed. The caller holds
+    /// the MMU lock exclusive; unlinked pages (not the root page itself) go to `pages`.
+    pub(crate) fn zap_root_locked(&self, root: &Root, pages: &mut Vec<Pfn>) -> bool {
+        let end = Gfn(1u64 << (root.level().shift() + 9 - crate::types::PAGE_SHIFT));
+        self.zap_table(root.pfn(), root.level(), Gfn(0), Gfn(0), end, pages)
+    }
+
+    /// Zaps entries for gfns in `[start, end)` under every root of address space `as_id` (valid or
+    /// obsolete). Returns whether a present leaf was removed. The caller holds the MMU lock
+    /// exclusive.
+    pub(crate) fn zap_gfn_range_locked(
+        &self,
+        roots: &[Arc<Root>],
+        as_id: AsId,
+        start: Gfn,
+        end: Gfn,
+        pages: &mut Vec<Pfn>,
+    ) -> bool {
+        let mut flush = false;
+        for r in roots.iter().filter(|r| r.as_id() == as_id) {
+            flush |= self.zap_table(r.pfn(), r.level(), Gfn(0), start, end, pages);
+        }
+        flush
+    }
+
+    /// Zaps `[start, end)` and flushes remote TLBs if needed; frees unlinked tables after a grace
+    /// period. The memslot delete/move flush hook and host invalidations use it.
+    pub fn zap_gfn_range(&self, as_id: AsId, start: Gfn, end: Gfn) {
+        self.stats.zap_range.add(1);
+        let mut pages = Vec::new();
+        let roots = self.mmu_lock.write();
+        let flush = self.zap_gfn_range_locked(&roots, as_id, start, end, &mut pages);
+        if flush && !self.cfg.bugs.has(crate::bugs::Bug::NoTlbFlushOnZap) {
+            self.flush_remote_tlbs();
+        }
+        drop(roots);
+        self.defer_free(&mut pages);
+        self.reclaim();
+    }
+
+    /// Zaps the entries of table `pfn` (at `level`, covering gfns from `base`) that meet
+    /// `[start, end)`. Tables entirely inside the range are unlinked and their pages collected.
+    fn zap_table(
+        &self,
+        pfn: Pfn,
+        level: Level,
+        base: Gfn,
+        start: Gfn,
+        end: Gfn,
+        pages: &mut Vec<Pfn>,
+    ) -> bool {
+        // SAFETY: we hold the MMU lock exclusive and reached `pfn` from a root on the list or
+        // being retired; nothing frees a linked page.
+        let Some(table) = (unsafe { self.table(pfn) }) else {
+            debug_assert!(false, "table frame {pfn:?} unknown to the host");
+            return false;
+        };
+        let span = level.pages();
+        let mut flush = false;
+        let first = if start.raw() > base.raw() { (start.raw() - base.raw()) / span } else { 0 };
+        for i in first as usize..crate::host::ENTRIES_PER_TABLE {
+            let lo = base.raw() + i as u64 * span;
+            if lo >= end.raw() {
+                break;
+            }
+            let hi = lo + span;
+            flush |= self.zap_entry(
+                table,
+                i,
+                level,
+                Gfn(lo),
+                lo >= start.raw() && hi <= end.raw(),
+                start,
+                end,
+                pages,
+            );
+        }
+        flush
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn zap_entry(
+        &self,
+        table: &TableEntries,
+        i: usize,
+        level: Level,
+        lo: Gfn,
+        whole: bool,
+        start: Gfn,
+        end: Gfn,
+        pages: &mut Vec<Pfn>,
+    ) -> bool {
+        let fmt = self.cfg.format;
+        let old = table[i].load(Ordering::Acquire);
+        if !SpteFormat::is_mmu_present(old) {
+            if whole && old != SpteFormat::NONPRESENT && !SpteFormat::is_frozen(old) {
+                // An MMIO SPTE inside the range: clear it too (harmless, keeps tables tidy).
+                table[i].store(SpteFormat::NONPRESENT, Ordering::Release);
+            }
+            return false;
+        }
+        if fmt.is_leaf(old, level) {
+            // A huge leaf only partly in range is zapped whole: the next fault remaps what stays.
+            table[i].store(SpteFormat::NONPRESENT, Ordering::Release);
+            self.account_leaf(old, level, -1);
+            return true;
+        }
+        let child = fmt.pfn(old);
+        let Some(lower) = level.lower() else {
+            return false;
+        };
+        let flush = self.zap_table(child, lower, lo, start, end, pages);
+        if whole {
+            table[i].store(SpteFormat::NONPRESENT, Ordering::Release);
+            self.stats.mmu_shadow_zapped.add(1);
+            pages.push(child);
+        }
+        flush
+    }
+}

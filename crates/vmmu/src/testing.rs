@@ -1,0 +1,156 @@
+//! A small host for tests and models of the core: a fixed pool of table frames and an arithmetic
+//! host memory (no real guest RAM: the core never dereferences guest memory, it only maps frames).
+//!
+//! It checks the MMU's lifetime rules: a table frame that is freed is poisoned, and any later
+//! lookup of it through [`FrameAllocator::table`] is counted as a use after free
+//! ([`TestHost::use_after_free`]), which tests assert to be zero.
+
+use crate::host::{
+    FrameAllocator, HostFault, HostMemory, HostPage, TableEntries, ENTRIES_PER_TABLE,
+};
+use crate::sync::{AtomicBool, AtomicU64, Mutex, Ordering};
+use crate::types::{Hva, Level, Pfn, PAGE_SHIFT};
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::ptr::NonNull;
+
+/// The first pfn of table frames (RAM frames in tests are below it).
+pub const TABLE_PFN_BASE: u64 = 0x10_0000;
+
+/// A poisoned entry: reserved bits in every format, so a walker reading a freed page would stop.
+const POISON: u64 = 0x000f_0000_0000_0ff7;
+
+/// One host mapping: `[hva, hva + len)` backed by frames from `pfn` on, in pages of up to `level`.
+#[derive(Clone, Copy, Debug)]
+struct Mapping {
+    hva: u64,
+    len: u64,
+    pfn: u64,
+    level: Level,
+    writable: bool,
+}
+
+/// The test host.
+pub struct TestHost {
+    tables: Box<[TableEntries]>,
+    live: Box<[AtomicBool]>,
+    free: Mutex<Vec<u32>>,
+    mappings: Mutex<Vec<Mapping>>,
+    fail_alloc: AtomicBool,
+    allocated: AtomicU64,
+    freed: AtomicU64,
+    use_after_free: AtomicU64,
+}
+
+impl TestHost {
+    /// A host with `nr_tables` table frames and no host memory mapped.
+    pub fn new(nr_tables: usize) -> Self {
+        let tables: Vec<TableEntries> =
+            (0..nr_tables).map(|_| core::array::from_fn(|_| AtomicU64::new(POISON))).collect();
+        let live: Vec<AtomicBool> = (0..nr_tables).map(|_| AtomicBool::new(false)).collect();
+        TestHost {
+            tables: tables.into_boxed_slice(),
+            live: live.into_boxed_slice(),
+            free: Mutex::new((0..nr_tables as u32).rev().collect()),
+            mappings: Mutex::new(Vec::new()),
+            fail_alloc: AtomicBool::new(false),
+            allocated: AtomicU64::new(0),
+            freed: AtomicU64::new(0),
+            use_after_free: AtomicU64::new(0),
+        }
+    }
+
+    /// Maps host addresses `[hva, hva + len)` to frames from `pfn` on. `level` is the largest page
+    /// the host uses there (blocks aligned in both hva and pfn get it).
+    pub fn map(&self, hva: u64, len: u64, pfn: u64, level: Level, writable: bool) {
+        self.mappings.lock().push(Mapping { hva, len, pfn, level, writable });
+    }
+
+    /// Makes the next table allocations fail (or succeed again).
+    pub fn set_fail_alloc(&self, fail: bool) {
+        self.fail_alloc.store(fail, Ordering::Relaxed);
+    }
+
+    /// Table frames handed out and not freed.
+    pub fn tables_in_use(&self) -> u64 {
+        self.allocated.load(Ordering::Relaxed) - self.freed.load(Ordering::Relaxed)
+    }
+
+    /// Lookups of freed table frames (must stay 0).
+    pub fn use_after_free(&self) -> u64 {
+        self.use_after_free.load(Ordering::Relaxed)
+    }
+
+    fn index(&self, pfn: Pfn) -> Option<usize> {
+        let i = pfn.raw().checked_sub(TABLE_PFN_BASE)? as usize;
+        (i < self.tables.len()).then_some(i)
+    }
+}
+
+impl FrameAllocator for TestHost {
+    fn alloc_table(&self, init: u64) -> Option<Pfn> {
+        if self.fail_alloc.load(Ordering::Relaxed) {
+            return None;
+        }
+        let i = self.free.lock().pop()? as usize;
+        for e in self.tables[i].iter() {
+            e.store(init, Ordering::Relaxed);
+        }
+        self.live[i].store(true, Ordering::Release);
+        self.allocated.fetch_add(1, Ordering::Relaxed);
+        Some(Pfn(TABLE_PFN_BASE + i as u64))
+    }
+
+    unsafe fn free_table(&self, pfn: Pfn) {
+        let Some(i) = self.index(pfn) else {
+            debug_assert!(false, "freeing unknown frame {pfn:?}");
+            return;
+        };
+        let was = self.live[i].swap(false, Ordering::AcqRel);
+        assert!(was, "double free of table frame {pfn:?}");
+        for e in self.tables[i].iter() {
+            e.store(POISON, Ordering::Relaxed);
+        }
+        self.freed.fetch_add(1, Ordering::Relaxed);
+        self.free.lock().push(i as u32);
+    }
+
+    fn table(&self, pfn: Pfn) -> Option<NonNull<TableEntries>> {
+        let i = self.index(pfn)?;
+        if !self.live[i].load(Ordering::Acquire) {
+            self.use_after_free.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(NonNull::from(&self.tables[i]))
+    }
+}
+
+impl HostMemory for TestHost {
+    fn translate(&self, hva: Hva, write: bool) -> Result<HostPage, HostFault> {
+        let maps = self.mappings.lock();
+        let m = maps
+            .iter()
+            .find(|m| hva.raw() >= m.hva && hva.raw() - m.hva < m.len)
+            .ok_or(HostFault::Unmapped(hva))?;
+        if write && !m.writable {
+            return Err(HostFault::Protected(hva));
+        }
+        let page = (hva.raw() - m.hva) >> PAGE_SHIFT;
+        let pfn = m.pfn + page;
+        let mut level = m.level;
+        while level > Level::L4K {
+            let pages = level.pages();
+            let hva_pfn = hva.raw() >> PAGE_SHIFT;
+            let block = hva_pfn & !(pages - 1);
+            let block_ok = block << PAGE_SHIFT >= m.hva
+                && (block + pages) << PAGE_SHIFT <= m.hva + m.len
+                && (pfn & (pages - 1)) == (hva_pfn & (pages - 1));
+            if block_ok {
+                break;
+            }
+            level = level.lower().unwrap_or(Level::L4K);
+        }
+        Ok(HostPage { pfn: Pfn(pfn), writable: m.writable, level })
+    }
+}
+
+const _: () = assert!(ENTRIES_PER_TABLE == 512);

@@ -1,0 +1,98 @@
+//! Shared helpers of the core's integration tests: a VM on the test host, and a vCPU "access"
+//! loop that does what the software machine does (enter guest mode, walk like the hardware, exit
+//! on a fault, handle it, retry).
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use vmmu::fault::{EmulateSource, FaultError, FaultOutcome, PfErr};
+use vmmu::memslot::UserspaceMemoryRegion;
+use vmmu::spte::FormatKind;
+use vmmu::tdp::HwWalk;
+use vmmu::testing::TestHost;
+use vmmu::vcpu::Vcpu;
+use vmmu::vm::{Vm, VmConfig};
+use vmmu::{Access, Gpa, Level, Pfn};
+
+/// Host addresses of test RAM start here; frame = hva >> 12 (identity).
+pub const RAM_HVA: u64 = 0x4000_0000;
+
+pub fn vm(format: FormatKind) -> (Vm<TestHost>, Arc<TestHost>) {
+    vm_with(VmConfig::new(format, 46).unwrap())
+}
+
+pub fn vm_with(cfg: VmConfig) -> (Vm<TestHost>, Arc<TestHost>) {
+    let host = Arc::new(TestHost::new(512));
+    // 1 GiB of host RAM, identity hva -> pfn, mapped with 2 MiB pages where aligned.
+    host.map(RAM_HVA, 1 << 30, RAM_HVA >> 12, Level::L2M, true);
+    (Vm::new(cfg, host.clone()).unwrap(), host)
+}
+
+pub fn region(slot: u32, gpa: u64, size: u64, hva: u64, flags: u32) -> UserspaceMemoryRegion {
+    UserspaceMemoryRegion {
+        slot,
+        flags,
+        guest_phys_addr: gpa,
+        memory_size: size,
+        userspace_addr: hva,
+    }
+}
+
+/// What one guest access ended as.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Seen {
+    Ram(Pfn),
+    Mmio(EmulateSource),
+}
+
+/// Runs one guest access to completion like the machine does. Returns the outcomes of every
+/// fault on the way, and what the access saw.
+pub fn access(
+    vcpu: &mut Vcpu<TestHost>,
+    gpa: u64,
+    write: bool,
+) -> Result<(Seen, Vec<FaultOutcome>), FaultError> {
+    let need = if write { Access::WRITE } else { Access::NONE };
+    let mut faults = Vec::new();
+    for _ in 0..1000 {
+        vcpu.service_requests().expect("root");
+        let walk = match vcpu.enter_guest() {
+            Ok(g) => g.walk(Gpa(gpa), need),
+            Err(_) => continue,
+        };
+        let o = match walk {
+            HwWalk::Translated { pfn, .. } => return Ok((Seen::Ram(pfn), faults)),
+            HwWalk::Violation { present, .. } => {
+                if is_npt(vcpu) {
+                    let mut e = if write { PfErr::WRITE } else { 0 };
+                    if present {
+                        e |= PfErr::PRESENT;
+                    }
+                    vcpu.handle_npf(Gpa(gpa), PfErr(e))?
+                } else {
+                    vcpu.handle_ept_violation(
+                        Gpa(gpa),
+                        if write { vmmu::FaultAccess::WRITE } else { vmmu::FaultAccess::READ },
+                    )?
+                }
+            }
+            HwWalk::Misconfig { .. } => {
+                if is_npt(vcpu) {
+                    let e = PfErr::RSVD | if write { PfErr::WRITE } else { 0 };
+                    vcpu.handle_npf(Gpa(gpa), PfErr(e))?
+                } else {
+                    vcpu.handle_ept_misconfig(Gpa(gpa))?
+                }
+            }
+            HwWalk::Broken { dump } => panic!("broken walk {dump:?}"),
+        };
+        faults.push(o);
+        if let FaultOutcome::Emulate { source, .. } = o {
+            return Ok((Seen::Mmio(source), faults));
+        }
+    }
+    panic!("access to {gpa:#x} did not complete: {faults:?}");
+}
+
+fn is_npt(v: &Vcpu<TestHost>) -> bool {
+    !v.format().is_ept()
+}

@@ -1,0 +1,417 @@
+//! The TDP MMU's fault paths, one test per outcome and per emulation source, the two errors, and
+//! the zap/flush/obsolete-root machinery (issue 4, point 8). Each test drives a VM on the test
+//! host through `common::access`, which walks the tables like the hardware.
+
+mod common;
+
+use common::{access, region, vm, vm_with, Seen, RAM_HVA};
+use vmmu::fault::{EmulateSource, FaultError, FaultOutcome};
+use vmmu::memslot::{KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
+use vmmu::spte::{FormatKind, SpteFormat};
+use vmmu::stats::RetryCause;
+use vmmu::vm::VmConfig;
+use vmmu::{Gfn, Gpa, Level, Pfn};
+
+const FORMATS: [FormatKind; 3] =
+    [FormatKind::Ept, FormatKind::Npt, FormatKind::NptSev { c_bit: 47 }];
+
+#[test]
+fn ram_fault_is_fixed_then_translates_then_spurious() {
+    for f in FORMATS {
+        let (vm, _h) = vm(f);
+        vm.set_memory_region(&region(0, 0x10_0000, 0x10_0000, RAM_HVA, 0)).unwrap();
+        let mut v = vm.create_vcpu().unwrap();
+        let (seen, faults) = access(&mut v, 0x10_3008, false).unwrap();
+        assert_eq!(seen, Seen::Ram(Pfn((RAM_HVA >> 12) + 3)), "{f:?}");
+        assert_eq!(faults, vec![FaultOutcome::Fixed], "{f:?}");
+        assert_eq!(v.stats.pf_fixed, 1);
+        assert_eq!(v.stats.pf_taken, 1);
+        // Second fault on the same gfn (as if another vCPU raced us): already right.
+        let o = v.handle_ept_violation(Gpa(0x10_3008), vmmu::FaultAccess::READ).unwrap();
+        assert_eq!(o, FaultOutcome::Spurious, "{f:?}");
+        assert_eq!(v.stats.pf_spurious, 1);
+    }
+}
+
+#[test]
+fn huge_pages_when_slot_and_host_allow_and_not_with_dirty_logging() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    // 4 MiB slot at 2 MiB-aligned gpa and hva: 2 MiB leaves.
+    vm.set_memory_region(&region(0, 0x20_0000, 0x40_0000, RAM_HVA, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    let (seen, _) = access(&mut v, 0x30_0000 + 0x5000, true).unwrap();
+    assert_eq!(seen, Seen::Ram(Pfn((RAM_HVA >> 12) + 0x105)));
+    assert_eq!(vm.stats().pages_2m, 1);
+    assert_eq!(vm.stats().pages_4k, 0);
+    // Misaligned gpa vs hva: 4 KiB only.
+    vm.set_memory_region(&region(1, 0x100_1000, 0x40_0000, RAM_HVA + 0x80_0000, 0)).unwrap();
+    access(&mut v, 0x120_0000, false).unwrap();
+    assert_eq!(vm.stats().pages_4k, 1);
+    // Dirty logging: 4 KiB, read faults map read-only, the write faults again and upgrades.
+    vm.set_memory_region(&region(
+        2,
+        0x200_0000,
+        0x20_0000,
+        RAM_HVA + 0x200_0000,
+        KVM_MEM_LOG_DIRTY_PAGES,
+    ))
+    .unwrap();
+    access(&mut v, 0x200_0000, false).unwrap();
+    assert_eq!(vm.stats().pages_4k, 2);
+    let (_, faults) = access(&mut v, 0x200_0000, true).unwrap();
+    assert_eq!(faults, vec![FaultOutcome::Fixed], "write-protected leaf upgraded");
+    assert_eq!(vm.stats().pages_2m, 1);
+}
+
+#[test]
+fn no_slot_installs_an_mmio_spte_then_hits_it_and_the_cache() {
+    for f in FORMATS {
+        let (vm, _h) = vm(f);
+        assert!(vm.mmio_caching_enabled(), "{f:?}");
+        let mut v0 = vm.create_vcpu().unwrap();
+        let mut v1 = vm.create_vcpu().unwrap();
+        let (seen, _) = access(&mut v0, 0xfee0_0000, false).unwrap();
+        assert_eq!(seen, Seen::Mmio(EmulateSource::SlowPathMmio), "{f:?}");
+        assert_eq!(v0.stats.pf_mmio_spte_created, 1);
+        // v1 has an empty cache: the hardware raises a misconfig/RSVD fault on the MMIO SPTE.
+        let (seen, faults) = access(&mut v1, 0xfee0_0004, false).unwrap();
+        assert_eq!(seen, Seen::Mmio(EmulateSource::MmioSpteHit), "{f:?}");
+        assert_eq!(faults.len(), 1);
+        assert_eq!(v1.stats.mmio_spte_hits, 1);
+        assert_eq!(v1.stats.pf_taken, 0, "an MMIO SPTE hit is not a page fault (KVM)");
+        // Now v1's cache holds the gfn.
+        let (seen, _) = access(&mut v1, 0xfee0_0008, false).unwrap();
+        assert_eq!(seen, Seen::Mmio(EmulateSource::VcpuCacheHit), "{f:?}");
+        // v0's cache was filled by the slow path.
+        let (seen, _) = access(&mut v0, 0xfee0_0000, false).unwrap();
+        assert_eq!(seen, Seen::Mmio(EmulateSource::VcpuCacheHit), "{f:?}");
+    }
+}
+
+#[test]
+fn caching_off_emulates_without_installing() {
+    let mut cfg = VmConfig::new(FormatKind::Npt, 46).unwrap();
+    cfg.mmio_caching = false;
+    let (vm, _h) = vm_with(cfg);
+    assert!(!vm.mmio_caching_enabled());
+    let mut v = vm.create_vcpu().unwrap();
+    for _ in 0..3 {
+        let (seen, faults) = access(&mut v, 0xfee0_0000, false).unwrap();
+        assert_eq!(seen, Seen::Mmio(EmulateSource::SlowPathMmio));
+        assert_eq!(faults.len(), 1);
+    }
+    assert_eq!(v.stats.pf_mmio_spte_created, 0);
+    assert_eq!(v.stats.pf_taken, 3, "every access takes the slow path (a violation each time)");
+}
+
+#[test]
+fn caching_impossible_with_52_bit_npt_but_fine_with_ept() {
+    let (vm, _h) = vm_with(VmConfig::new(FormatKind::Npt, 52).unwrap());
+    assert!(!vm.mmio_caching_enabled());
+    let mut v = vm.create_vcpu().unwrap();
+    let (seen, _) = access(&mut v, 0x1_0000_0000, false).unwrap();
+    assert_eq!(seen, Seen::Mmio(EmulateSource::SlowPathMmio));
+    assert_eq!(v.stats.pf_mmio_spte_created, 0);
+    let (vm, _h) = vm_with(VmConfig::new(FormatKind::Ept, 52).unwrap());
+    assert!(vm.mmio_caching_enabled());
+}
+
+#[test]
+fn write_to_readonly_slot_is_emulated_and_never_cached() {
+    for f in FORMATS {
+        let (vm, _h) = vm(f);
+        vm.set_memory_region(&region(0, 0x10_0000, 0x1000, RAM_HVA, KVM_MEM_READONLY)).unwrap();
+        let mut v = vm.create_vcpu().unwrap();
+        let (seen, _) = access(&mut v, 0x10_0000, true).unwrap();
+        assert_eq!(seen, Seen::Mmio(EmulateSource::ReadOnlyWrite), "{f:?}");
+        assert_eq!(v.stats.pf_mmio_spte_created, 0, "never an MMIO SPTE");
+        assert_eq!(v.mmio_cache().entry(), None, "never in the per-vCPU cache");
+        // Reads are RAM.
+        let (seen, _) = access(&mut v, 0x10_0000, false).unwrap();
+        assert_eq!(seen, Seen::Ram(Pfn(RAM_HVA >> 12)), "{f:?}");
+        // A write through the read-only leaf still ends as emulation, not RAM.
+        let (seen, _) = access(&mut v, 0x10_0008, true).unwrap();
+        assert_eq!(seen, Seen::Mmio(EmulateSource::ReadOnlyWrite), "{f:?}");
+    }
+}
+
+#[test]
+fn create_over_cached_mmio_invalidates_spte_and_cache_by_generation_alone() {
+    for f in FORMATS {
+        let (vm, _h) = vm(f);
+        let mut v = vm.create_vcpu().unwrap();
+        access(&mut v, 0x50_0000, false).unwrap();
+        let (seen, _) = access(&mut v, 0x50_0000, false).unwrap();
+        assert_eq!(seen, Seen::Mmio(EmulateSource::VcpuCacheHit));
+        let zaps = vm.stats().zap_range + vm.stats().zap_all_fast;
+        vm.set_memory_region(&region(3, 0x50_0000, 0x1000, RAM_HVA, 0)).unwrap();
+        assert_eq!(
+            vm.stats().zap_range + vm.stats().zap_all_fast,
+            zaps,
+            "create zaps nothing (KVM)"
+        );
+        let (seen, faults) = access(&mut v, 0x50_0000, false).unwrap();
+        assert_eq!(seen, Seen::Ram(Pfn(RAM_HVA >> 12)), "{f:?}");
+        assert_eq!(faults, vec![FaultOutcome::Fixed]);
+        assert_eq!(v.stats.stale_gen_misses, 1, "the old MMIO SPTE missed on its generation");
+    }
+}
+
+#[test]
+fn delete_zaps_and_flushes_then_the_gfn_is_mmio() {
+    for f in FORMATS {
+        let (vm, _h) = vm(f);
+        vm.set_memory_region(&region(0, 0x10_0000, 0x2000, RAM_HVA, 0)).unwrap();
+        let mut v = vm.create_vcpu().unwrap();
+        access(&mut v, 0x10_0000, true).unwrap();
+        assert_eq!(vm.stats().pages_4k, 1);
+        vm.set_memory_region(&region(0, 0x10_0000, 0, 0, 0)).unwrap();
+        assert_eq!(vm.stats().pages_4k, 0, "the slot's leaves are gone");
+        assert!(vm.stats().remote_tlb_flush >= 1);
+        let (seen, _) = access(&mut v, 0x10_0000, false).unwrap();
+        assert_eq!(seen, Seen::Mmio(EmulateSource::SlowPathMmio), "{f:?}");
+    }
+}
+
+#[test]
+fn move_leaves_old_gpa_mmio_and_new_gpa_ram() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    vm.set_memory_region(&region(5, 0x10_0000, 0x1000, RAM_HVA + 0x7000, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    assert_eq!(access(&mut v, 0x10_0000, false).unwrap().0, Seen::Ram(Pfn((RAM_HVA >> 12) + 7)));
+    vm.set_memory_region(&region(5, 0x20_0000, 0x1000, RAM_HVA + 0x7000, 0)).unwrap();
+    assert_eq!(
+        access(&mut v, 0x10_0000, false).unwrap().0,
+        Seen::Mmio(EmulateSource::SlowPathMmio)
+    );
+    assert_eq!(access(&mut v, 0x20_0000, false).unwrap().0, Seen::Ram(Pfn((RAM_HVA >> 12) + 7)));
+}
+
+#[test]
+fn gfn_beyond_max_is_emulated_without_installing() {
+    let (vm, _h) = vm_with(VmConfig::new(FormatKind::Ept, 36).unwrap());
+    let mut v = vm.create_vcpu().unwrap();
+    // 2^36 is beyond MAXPHYADDR 36; the tables still cover it (48-bit walk).
+    let (seen, _) = access(&mut v, 1 << 36, false).unwrap();
+    assert_eq!(seen, Seen::Mmio(EmulateSource::SlowPathMmio));
+    assert_eq!(v.stats.pf_mmio_spte_created, 0);
+}
+
+#[test]
+fn fault_without_root_retries() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    let mut v = vm.create_vcpu().unwrap();
+    let o = v.handle_ept_violation(Gpa(0x10_0000), vmmu::FaultAccess::READ).unwrap();
+    assert_eq!(o, FaultOutcome::Retry(RetryCause::NoRoot));
+}
+
+#[test]
+fn zap_all_fast_obsoletes_the_root_faults_retry_until_reload() {
+    let (vm, host) = vm(FormatKind::Ept);
+    vm.set_memory_region(&region(0, 0x10_0000, 0x1000, RAM_HVA, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    access(&mut v, 0x10_0000, false).unwrap();
+    let old_root = v.root().unwrap().pfn();
+    vm.zap_all_fast();
+    assert!(v.root().unwrap().is_obsolete());
+    let o = v.handle_ept_violation(Gpa(0x10_0000), vmmu::FaultAccess::READ).unwrap();
+    assert_eq!(o, FaultOutcome::Retry(RetryCause::ObsoleteRoot));
+    let work = v.service_requests().unwrap();
+    assert!(work.flush_tlb, "a new root means a TLB flush");
+    assert_ne!(v.root().unwrap().pfn(), old_root);
+    assert_eq!(access(&mut v, 0x10_0000, false).unwrap().0, Seen::Ram(Pfn(RAM_HVA >> 12)));
+    // The old root and its tables are freed after a grace period; nothing leaks.
+    vm.reclaim();
+    assert_eq!(vm.mmu().nr_roots(), 1);
+    assert_eq!(host.use_after_free(), 0);
+    let s = vm.stats();
+    assert_eq!(host.tables_in_use(), s.tables_allocated - s.tables_freed);
+}
+
+#[test]
+fn pageless_root_faults_retry_while_reload_pending() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    vm.set_memory_region(&region(0, 0x10_0000, 0x1000, RAM_HVA, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    v.service_requests().unwrap();
+    v.load_pageless_root().unwrap();
+    assert_eq!(
+        v.handle_ept_violation(Gpa(0x10_0000), vmmu::FaultAccess::READ).unwrap(),
+        FaultOutcome::Fixed
+    );
+    vm.zap_all_fast();
+    assert_eq!(
+        v.handle_ept_violation(Gpa(0x10_0000), vmmu::FaultAccess::READ).unwrap(),
+        FaultOutcome::Retry(RetryCause::PagelessRootReloadPending)
+    );
+    v.service_requests().unwrap();
+    assert_eq!(v.root().unwrap().kind(), vmmu::tdp::root::RootKind::Tdp);
+}
+
+#[test]
+fn host_invalidation_in_flight_retries_then_maps() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    vm.set_memory_region(&region(0, 0x10_0000, 0x4000, RAM_HVA, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    access(&mut v, 0x10_1000, false).unwrap();
+    vm.invalidate_hva_range_begin(vmmu::Hva(RAM_HVA + 0x1000), vmmu::Hva(RAM_HVA + 0x2000));
+    assert_eq!(vm.stats().pages_4k, 0, "the mapping of the invalidated range is zapped");
+    v.service_requests().unwrap();
+    let o = v.handle_ept_violation(Gpa(0x10_1000), vmmu::FaultAccess::READ).unwrap();
+    assert_eq!(o, FaultOutcome::Retry(RetryCause::HostInvalidation));
+    vm.invalidate_hva_range_end();
+    assert_eq!(access(&mut v, 0x10_1000, false).unwrap().0, Seen::Ram(Pfn((RAM_HVA >> 12) + 1)));
+}
+
+#[test]
+fn zapped_under_walk_and_frozen_entries_retry_on_the_fast_path() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    vm.set_memory_region(&region(0, 0x10_0000, 0x1000, RAM_HVA, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    access(&mut v, 0x10_0000, false).unwrap();
+    // A misconfig exit whose entry is now non-present (zapped after the hardware saw it).
+    let o = v.handle_ept_misconfig(Gpa(0x10_1000)).unwrap();
+    assert_eq!(o, FaultOutcome::Retry(RetryCause::ZappedUnderWalk));
+    let root = v.root().unwrap().clone();
+    let e = vm.mmu().entry_for_tests(&root, Gfn(0x100), Level::L4K).unwrap();
+    let saved = e.swap(SpteFormat::FROZEN, std::sync::atomic::Ordering::SeqCst);
+    let o = v.handle_ept_misconfig(Gpa(0x10_0000)).unwrap();
+    assert_eq!(o, FaultOutcome::Retry(RetryCause::Frozen));
+    e.store(saved, std::sync::atomic::Ordering::SeqCst);
+}
+
+#[test]
+fn reserved_bits_above_the_leaf_are_a_genuine_misconfiguration() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    vm.set_memory_region(&region(0, 0x10_0000, 0x1000, RAM_HVA, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    access(&mut v, 0x10_0000, false).unwrap();
+    let root = v.root().unwrap().clone();
+    let e = vm.mmu().entry_for_tests(&root, Gfn(0x100), Level::L2M).unwrap();
+    let saved = e.fetch_or(1 << 50, std::sync::atomic::Ordering::SeqCst); // PA bit >= 46
+    match v.handle_ept_misconfig(Gpa(0x10_0000)) {
+        Err(FaultError::Misconfig { level, dump, .. }) => {
+            assert_eq!(level, 2);
+            assert_eq!(dump.entries().len(), 3, "dump holds levels 4, 3, 2: {dump}");
+        }
+        other => panic!("expected a misconfiguration, got {other:?}"),
+    }
+    e.store(saved, std::sync::atomic::Ordering::SeqCst);
+}
+
+#[test]
+fn untranslatable_host_address_is_an_error_not_mmio() {
+    let (vm, _h) = vm(FormatKind::Npt);
+    // Accepted at set time (alignment and range only), reported at fault time.
+    vm.set_memory_region(&region(0, 0x10_0000, 0x1000, 0x7000_0000_0000 - 0x1000, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    match access(&mut v, 0x10_0000, false) {
+        Err(FaultError::HostFault { gpa, .. }) => assert_eq!(gpa, Gpa(0x10_0000)),
+        other => panic!("expected a host fault, got {other:?}"),
+    }
+    assert_eq!(v.stats.pf_mmio_spte_created, 0);
+    assert_eq!(v.mmio_cache().entry(), None);
+}
+
+#[test]
+fn out_of_table_frames_is_an_error() {
+    let (vm, host) = vm(FormatKind::Ept);
+    vm.set_memory_region(&region(0, 0x10_0000, 0x1000, RAM_HVA, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    v.service_requests().unwrap();
+    host.set_fail_alloc(true);
+    let r = v.handle_ept_violation(Gpa(0x10_0000), vmmu::FaultAccess::READ);
+    assert!(matches!(r, Err(FaultError::OutOfMemory(_))), "{r:?}");
+}
+
+#[test]
+fn mmio_generation_wrap_zaps_everything() {
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.generation_base = (1 << 19) - 4;
+    let (vm, _h) = vm_with(cfg);
+    let mut v = vm.create_vcpu().unwrap();
+    access(&mut v, 0x90_0000, false).unwrap(); // an MMIO SPTE at the pre-wrap generation
+    assert_eq!(vm.stats().mmio_gen_wraps, 0);
+    for i in 0..4u64 {
+        vm.set_memory_region(&region(1, 0x100_0000 + i * 0x1000, 0x1000, RAM_HVA, 0)).unwrap();
+        vm.set_memory_region(&region(1, 0, 0, 0, 0)).unwrap();
+    }
+    assert_eq!(vm.stats().mmio_gen_wraps, 1, "{:?}", vm.memslots().generation(vmmu::AsId(0)));
+    assert!(vm.stats().zap_all_fast >= 1);
+    // The old MMIO SPTE is gone with the obsolete root: the vCPU reloads and faults afresh.
+    let (seen, _) = access(&mut v, 0x90_0000, false).unwrap();
+    assert_eq!(seen, Seen::Mmio(EmulateSource::SlowPathMmio));
+}
+
+#[test]
+fn slot_zap_all_quirk_zaps_every_root() {
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.slot_zap_all = true;
+    let (vm, _h) = vm_with(cfg);
+    vm.set_memory_region(&region(0, 0x10_0000, 0x1000, RAM_HVA, 0)).unwrap();
+    vm.set_memory_region(&region(1, 0x20_0000, 0x1000, RAM_HVA + 0x1000, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    access(&mut v, 0x10_0000, false).unwrap();
+    access(&mut v, 0x20_0000, false).unwrap();
+    vm.set_memory_region(&region(0, 0x10_0000, 0, 0, 0)).unwrap();
+    assert_eq!(vm.stats().zap_all_fast, 1);
+    assert_eq!(vm.stats().pages_4k, 0, "the other slot's leaf went too");
+}
+
+/// A fault on a slot that is being deleted (marked invalid, first swap done, not yet removed)
+/// must retry (e0c378684b65), never decide "MMIO".
+#[test]
+fn fault_on_a_slot_being_deleted_retries() {
+    use std::cell::RefCell;
+    use vmmu::memslot::{Memslot, MemslotHooks};
+    struct FaultInFlush<'a> {
+        vcpu: RefCell<&'a mut vmmu::vcpu::Vcpu<vmmu::testing::TestHost>>,
+        seen: RefCell<Vec<FaultOutcome>>,
+    }
+    impl MemslotHooks for FaultInFlush<'_> {
+        fn flush_slot(&self, old: &Memslot) {
+            assert!(old.is_invalid() || !old.is_invalid());
+            let o = self
+                .vcpu
+                .borrow_mut()
+                .handle_ept_violation(old.base_gfn().gpa(), vmmu::FaultAccess::READ)
+                .unwrap();
+            self.seen.borrow_mut().push(o);
+        }
+        fn memslots_updated(&self, _: vmmu::AsId, _: vmmu::Generation) {}
+    }
+    let (vm, _h) = vm(FormatKind::Ept);
+    vm.set_memory_region(&region(0, 0x10_0000, 0x1000, RAM_HVA, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    v.service_requests().unwrap();
+    let hooks = FaultInFlush { vcpu: RefCell::new(&mut v), seen: RefCell::new(Vec::new()) };
+    vm.memslots().set_memory_region(&region(0, 0x10_0000, 0, 0, 0), &hooks).unwrap();
+    assert_eq!(*hooks.seen.borrow(), vec![FaultOutcome::Retry(RetryCause::InvalidSlot)]);
+    drop(hooks);
+    assert_eq!(v.stats.pf_mmio_spte_created, 0);
+    assert_eq!(v.mmio_cache().entry(), None, "nothing cached as MMIO for a slot being deleted");
+}
+
+#[test]
+fn five_level_tables_map_and_emulate() {
+    let mut cfg = VmConfig::new(FormatKind::Ept, 52).unwrap();
+    cfg.root_level = Level::L5;
+    let (vm, _h) = vm_with(cfg);
+    vm.set_memory_region(&region(0, 0x10_0000, 0x1000, RAM_HVA, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    assert_eq!(access(&mut v, 0x10_0000, false).unwrap().0, Seen::Ram(Pfn(RAM_HVA >> 12)));
+    assert_eq!(v.root().unwrap().level(), Level::L5);
+    // Above 2^48: only a 5-level walk reaches it; no slot there, so MMIO.
+    let (seen, _) = access(&mut v, 1 << 50, false).unwrap();
+    assert_eq!(seen, Seen::Mmio(EmulateSource::SlowPathMmio));
+    let (seen, _) = access(&mut v, 1 << 50, false).unwrap();
+    assert_eq!(seen, Seen::Mmio(EmulateSource::VcpuCacheHit));
+}
+
+#[test]
+fn bad_root_level_is_rejected() {
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.root_level = Level::L2M;
+    let host = std::sync::Arc::new(vmmu::testing::TestHost::new(8));
+    assert!(vmmu::vm::Vm::new(cfg, host).is_err());
+}
