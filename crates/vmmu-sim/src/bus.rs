@@ -88,11 +88,17 @@ impl MmioBus {
     }
 
     /// Puts `device` on `[start, start + len)`.
-    pub fn register(&mut self, start: Gpa, len: u64, device: Arc<dyn MmioDevice>) -> Result<(), BusError> {
-        let end = start.0.checked_add(len).filter(|_| len > 0).ok_or(BusError::Empty {
-            start: start.0,
-            end: start.0.wrapping_add(len),
-        })?;
+    pub fn register(
+        &mut self,
+        start: Gpa,
+        len: u64,
+        device: Arc<dyn MmioDevice>,
+    ) -> Result<(), BusError> {
+        let end = start
+            .0
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(BusError::Empty { start: start.0, end: start.0.wrapping_add(len) })?;
         if self.devices.iter().any(|(r, _)| r.start < end && start.0 < r.end) {
             return Err(BusError::Overlap { start: start.0, end });
         }
@@ -123,8 +129,12 @@ impl MmioBus {
                 };
             }
         }
-        let value = if write.is_some() { 0 } else { self.reply.load(Ordering::Relaxed) & width.mask() };
-        BusOutcome::Exit { exit: MmioExit { gpa, width, write: write.map(|v| v & width.mask()) }, value }
+        let value =
+            if write.is_some() { 0 } else { self.reply.load(Ordering::Relaxed) & width.mask() };
+        BusOutcome::Exit {
+            exit: MmioExit { gpa, width, write: write.map(|v| v & width.mask()) },
+            value,
+        }
     }
 }
 
@@ -186,22 +196,33 @@ mod tests {
     #[test]
     fn devices_claim_their_range_and_the_rest_exits() {
         let mut bus = MmioBus::new();
-        bus.register(Gpa(0x1000), 0x1000, Arc::new(RegisterDevice::new(Gpa(0x1000), 2))).expect("reg");
-        assert_eq!(bus.dispatch(Gpa(0x1000), Width::W4, None), BusOutcome::Device(RegisterDevice::ID));
-        assert_eq!(bus.dispatch(Gpa(0x1010), Width::W8, Some(0x1234_5678_9abc)), BusOutcome::Device(0));
+        bus.register(Gpa(0x1000), 0x1000, Arc::new(RegisterDevice::new(Gpa(0x1000), 2)))
+            .expect("reg");
+        assert_eq!(
+            bus.dispatch(Gpa(0x1000), Width::W4, None),
+            BusOutcome::Device(RegisterDevice::ID)
+        );
+        assert_eq!(
+            bus.dispatch(Gpa(0x1010), Width::W8, Some(0x1234_5678_9abc)),
+            BusOutcome::Device(0)
+        );
         assert_eq!(bus.dispatch(Gpa(0x1010), Width::W2, None), BusOutcome::Device(0x9abc));
         assert_eq!(bus.dispatch(Gpa(0x1100), Width::W1, None), BusOutcome::Device(0xff));
         let out = bus.dispatch(Gpa(0x2000), Width::W4, None);
         assert_eq!(
             out,
-            BusOutcome::Exit { exit: MmioExit { gpa: Gpa(0x2000), width: Width::W4, write: None }, value: 0 }
+            BusOutcome::Exit {
+                exit: MmioExit { gpa: Gpa(0x2000), width: Width::W4, write: None },
+                value: 0
+            }
         );
         bus.set_userspace_reply(0x1_0000_00ff);
         let BusOutcome::Exit { value, .. } = bus.dispatch(Gpa(0xfff), Width::W2, None) else {
             panic!("below the device is unclaimed");
         };
         assert_eq!(value, 0xff);
-        let BusOutcome::Exit { exit, .. } = bus.dispatch(Gpa(0x2000), Width::W1, Some(0x1ab)) else {
+        let BusOutcome::Exit { exit, .. } = bus.dispatch(Gpa(0x2000), Width::W1, Some(0x1ab))
+        else {
             panic!("unclaimed");
         };
         assert_eq!(exit.write, Some(0xab));

@@ -24,7 +24,9 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use serde::Serialize;
 use std::alloc::{self, Layout};
 use std::sync::{Arc, Mutex, RwLock};
-use vmmu::host::{FrameAllocator, HostFault, HostMemory, HostPage, TableEntries, ENTRIES_PER_TABLE};
+use vmmu::host::{
+    FrameAllocator, HostFault, HostMemory, HostPage, TableEntries, ENTRIES_PER_TABLE,
+};
 use vmmu::types::{Hva, Level, Pfn, PAGE_SIZE};
 
 /// Bytes in a 2 MiB block.
@@ -286,9 +288,7 @@ impl SimHost {
         if size == 0 {
             return Err(HostError::ZeroSize(name.to_string()));
         }
-        let len = size
-            .checked_next_multiple_of(PAGE_SIZE)
-            .ok_or(HostError::AllocFailed(size))?;
+        let len = size.checked_next_multiple_of(PAGE_SIZE).ok_or(HostError::AllocFailed(size))?;
         let huge = len >= SIZE_2M;
         let align = if huge { SIZE_2M } else { PAGE_SIZE };
         let npages = len / PAGE_SIZE;
@@ -310,7 +310,8 @@ impl SimHost {
             .and_then(|l| Layout::from_size_align(l, align as usize).ok())
             .ok_or(HostError::AllocFailed(len))?;
         // SAFETY: `layout` has a non-zero size.
-        let ptr = NonNull::new(unsafe { alloc::alloc_zeroed(layout) }).ok_or(HostError::AllocFailed(len))?;
+        let ptr = NonNull::new(unsafe { alloc::alloc_zeroed(layout) })
+            .ok_or(HostError::AllocFailed(len))?;
         st.next_pfn = first + npages;
         drop(st);
         for i in 0..npages {
@@ -334,7 +335,12 @@ impl SimHost {
 
     /// The buffer named `name`.
     pub fn buffer(&self, name: &str) -> Option<Arc<HostBuffer>> {
-        self.buffers.read().unwrap_or_else(|e| e.into_inner()).iter().find(|b| b.name == name).cloned()
+        self.buffers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|b| b.name == name)
+            .cloned()
     }
 
     /// Every buffer, in creation order.
@@ -427,7 +433,8 @@ impl FrameAllocator for SimHost {
         // Release: the stores of `init` above are visible to whoever finds this entry with the
         // Acquire load in `table`.
         self.frames[pfn.0 as usize].store(page.0.as_ptr() as usize | KIND_TABLE, Ordering::Release);
-        let live = self.allocated.fetch_add(1, Ordering::Relaxed) + 1 - self.freed.load(Ordering::Relaxed);
+        let live =
+            self.allocated.fetch_add(1, Ordering::Relaxed) + 1 - self.freed.load(Ordering::Relaxed);
         self.high_water.fetch_max(live, Ordering::Relaxed);
         Some(pfn)
     }

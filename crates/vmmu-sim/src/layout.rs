@@ -120,7 +120,13 @@ impl MachineLayout {
         let rom = Gpa(b.0 + per_region + SIZE_2M);
         MachineLayout {
             vcpus,
-            shared: RamRegion { name: "shared", slot: 1, gpa: Gpa(16 << 20), size: SIZE_2M, readonly: false },
+            shared: RamRegion {
+                name: "shared",
+                slot: 1,
+                gpa: Gpa(16 << 20),
+                size: SIZE_2M,
+                readonly: false,
+            },
             private: [
                 RamRegion { name: "private_a", slot: 2, gpa: a, size: per_region, readonly: false },
                 RamRegion { name: "private_b", slot: 3, gpa: b, size: per_region, readonly: false },
@@ -134,7 +140,13 @@ impl MachineLayout {
                 positions: [Gpa(0xc000_0000), Gpa(0xc080_0000)],
                 buffers: ["bar0", "bar1"],
             },
-            dimm: RamRegion { name: "dimm", slot: 11, gpa: Gpa(1 << 32), size: 4 << 20, readonly: false },
+            dimm: RamRegion {
+                name: "dimm",
+                slot: 11,
+                gpa: Gpa(1 << 32),
+                size: 4 << 20,
+                readonly: false,
+            },
         }
     }
 
@@ -205,7 +217,14 @@ impl MachineMemory {
         &self.buffers
     }
     /// The request that maps `region` with buffer `buffer` at `gpa`.
-    pub fn request(&self, slot: u16, gpa: Gpa, buffer: &str, size: u64, readonly: bool) -> Option<SlotRequest> {
+    pub fn request(
+        &self,
+        slot: u16,
+        gpa: Gpa,
+        buffer: &str,
+        size: u64,
+        readonly: bool,
+    ) -> Option<SlotRequest> {
         let b = self.buffer(buffer)?;
         Some(SlotRequest {
             slot: u32::from(slot),
@@ -235,7 +254,8 @@ mod tests {
     fn regions_do_not_overlap_and_fit_the_rules() {
         for vcpus in [1, 2, 7, 256] {
             let l = MachineLayout::new(vcpus);
-            let mut ranges: Vec<(u64, u64)> = l.static_regions().iter().map(|r| (r.gpa.0, r.size)).collect();
+            let mut ranges: Vec<(u64, u64)> =
+                l.static_regions().iter().map(|r| (r.gpa.0, r.size)).collect();
             ranges.extend(l.bar.positions.iter().map(|p| (p.0, l.bar.size)));
             ranges.push((l.dimm.gpa.0, l.dimm.size));
             ranges.push((l.device.0, l.device_size));

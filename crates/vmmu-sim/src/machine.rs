@@ -21,7 +21,9 @@ use crate::layout::{MachineLayout, MachineMemory};
 use crate::mix::{AccessGen, AccessKind, GuestAccess, MixWeights};
 use crate::oracle::{Clock, Observed, Oracle, OracleReport, VcpuChecker, Violation};
 use crate::ram;
-use crate::report::{ConfigReport, MemslotReport, MmioCachingReport, Percentiles, Report, VcpuReport};
+use crate::report::{
+    ConfigReport, MemslotReport, MmioCachingReport, Percentiles, Report, VcpuReport,
+};
 use crate::schedule::{Schedule, ScheduleError};
 use crate::seam::{GuestMmu, SlotRequest, Translation};
 use crate::tlb::{Tlb, TlbEntry, TlbStats};
@@ -168,7 +170,11 @@ impl Machine {
         let layout = MachineLayout::new(config.vcpus);
         let memory = layout.build(&host)?;
         let mut bus = MmioBus::new();
-        bus.register(layout.device, layout.device_size, Arc::new(RegisterDevice::new(layout.device, config.vcpus)))?;
+        bus.register(
+            layout.device,
+            layout.device_size,
+            Arc::new(RegisterDevice::new(layout.device, config.vcpus)),
+        )?;
         let max_gfn = 1u64 << (host.config().phys_bits - 12);
         let schedule = Arc::new(Schedule::device_manager(&memory, max_gfn)?);
         Ok(Machine { config, memory, bus, schedule })
@@ -232,10 +238,13 @@ impl Machine {
                 .enumerate()
                 .map(|(i, (state, checker))| {
                     let (shared, counter) = (&shared, &counters[i].0);
-                    s.spawn(move || vcpu_thread(shared, cfg, self.layout(), i, state, checker, counter))
+                    s.spawn(move || {
+                        vcpu_thread(shared, cfg, self.layout(), i, state, checker, counter)
+                    })
                 })
                 .collect();
-            let dm = s.spawn(|| device_manager(&shared, &self.schedule, cfg.update_pause, &updates));
+            let dm =
+                s.spawn(|| device_manager(&shared, &self.schedule, cfg.update_pause, &updates));
             loop {
                 std::thread::sleep(Duration::from_millis(10));
                 let elapsed = started.elapsed();
@@ -247,7 +256,8 @@ impl Machine {
                 };
                 progress(&snap);
                 let budget_done = cfg.accesses_per_vcpu.is_some_and(|max| {
-                    counters.iter().all(|c| c.0.load(Ordering::Relaxed) >= max) && snap.updates >= cfg.min_updates
+                    counters.iter().all(|c| c.0.load(Ordering::Relaxed) >= max)
+                        && snap.updates >= cfg.min_updates
                 });
                 let crashed = handles.iter().any(|h| h.is_finished()) || dm.is_finished();
                 if elapsed >= cfg.duration || budget_done || crashed {
@@ -392,10 +402,16 @@ fn access<M: GuestMmu>(
         match sh.mmu.translate(state, a.gpa, write) {
             Translation::Ram { pfn, writable, level } => {
                 if write && !writable {
-                    break Observed::Error(format!("read-only translation of {} returned for a write", a.gpa));
+                    break Observed::Error(format!(
+                        "read-only translation of {} returned for a write",
+                        a.gpa
+                    ));
                 }
                 let Some(page) = sh.host.ram_page(pfn) else {
-                    break Observed::Error(format!("translation of {} to {pfn:?}, which is not a RAM frame", a.gpa));
+                    break Observed::Error(format!(
+                        "translation of {} to {pfn:?}, which is not a RAM frame",
+                        a.gpa
+                    ));
                 };
                 tlb.insert(gfn, TlbEntry { page, pfn, writable, level });
                 break ram_access(page, a);

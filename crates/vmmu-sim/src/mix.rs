@@ -116,7 +116,8 @@ pub struct AccessGen {
 impl AccessGen {
     /// The stream of vCPU `vcpu` for run seed `seed`. All-zero weights fall back to the default.
     pub fn new(layout: &MachineLayout, vcpu: usize, seed: u64, weights: MixWeights) -> AccessGen {
-        let weights = if weights.0.iter().all(|w| *w == 0) { MixWeights::default() } else { weights };
+        let weights =
+            if weights.0.iter().all(|w| *w == 0) { MixWeights::default() } else { weights };
         let mut cumulative = [0u32; 11];
         let mut sum = 0u32;
         for (c, w) in cumulative.iter_mut().zip(weights.0) {
@@ -152,7 +153,8 @@ impl AccessGen {
         let AccessGen { layout: l, vcpu, rng, own_words, shared_seq, .. } = self;
         let vcpu = *vcpu;
         let width = |rng: &mut fastrand::Rng| Width::ALL[rng.usize(0..4)];
-        let aligned = |rng: &mut fastrand::Rng, span: u64, w: Width| rng.u64(0..span / w.bytes()) * w.bytes();
+        let aligned =
+            |rng: &mut fastrand::Rng, span: u64, w: Width| rng.u64(0..span / w.bytes()) * w.bytes();
         let (gpa, width, value) = match kind {
             AccessKind::PrivateRead | AccessKind::PrivateWrite => {
                 let w = width(rng);
@@ -180,7 +182,9 @@ impl AccessGen {
                     (l.device.0 + RegisterDevice::scratch_offset(vcpu), Width::W8, 0)
                 }
             }
-            AccessKind::DeviceWrite => (l.device.0 + RegisterDevice::scratch_offset(vcpu), Width::W8, rng.u64(..)),
+            AccessKind::DeviceWrite => {
+                (l.device.0 + RegisterDevice::scratch_offset(vcpu), Width::W8, rng.u64(..))
+            }
             AccessKind::BarRead => {
                 let pos = l.bar.positions[rng.usize(0..2)];
                 (pos.0 + aligned(rng, l.bar.scratch_offset(), Width::W8), Width::W8, 0)
@@ -188,9 +192,15 @@ impl AccessGen {
             AccessKind::BarWrite => {
                 let pos = l.bar.positions[rng.usize(0..2)];
                 let span = l.bar.size - l.bar.scratch_offset();
-                (pos.0 + l.bar.scratch_offset() + aligned(rng, span, Width::W8), Width::W8, rng.u64(..))
+                (
+                    pos.0 + l.bar.scratch_offset() + aligned(rng, span, Width::W8),
+                    Width::W8,
+                    rng.u64(..),
+                )
             }
-            AccessKind::DimmRead => (l.dimm.gpa.0 + aligned(rng, l.dimm.size, Width::W8), Width::W8, 0),
+            AccessKind::DimmRead => {
+                (l.dimm.gpa.0 + aligned(rng, l.dimm.size, Width::W8), Width::W8, 0)
+            }
         };
         let value = if kind.is_write() { value } else { 0 };
         GuestAccess { kind, gpa: Gpa(gpa), width, value }
@@ -246,8 +256,15 @@ mod tests {
                         a.gpa.0 - l.device.0 < l.device_size
                     }
                     AccessKind::BarRead | AccessKind::BarWrite => {
-                        let off = l.bar.positions.iter().map(|p| a.gpa.0.wrapping_sub(p.0)).min().unwrap_or(u64::MAX);
-                        off < l.bar.size && (off >= l.bar.scratch_offset()) == (a.kind == AccessKind::BarWrite)
+                        let off = l
+                            .bar
+                            .positions
+                            .iter()
+                            .map(|p| a.gpa.0.wrapping_sub(p.0))
+                            .min()
+                            .unwrap_or(u64::MAX);
+                        off < l.bar.size
+                            && (off >= l.bar.scratch_offset()) == (a.kind == AccessKind::BarWrite)
                     }
                     AccessKind::DimmRead => l.dimm.contains(a.gpa),
                 };
@@ -262,6 +279,8 @@ mod tests {
         let l = MachineLayout::new(1);
         let mut w = [0; 11];
         w[4] = 1;
-        assert!(AccessGen::new(&l, 0, 3, MixWeights(w)).take(100).all(|a| a.kind == AccessKind::RomRead));
+        assert!(AccessGen::new(&l, 0, 3, MixWeights(w))
+            .take(100)
+            .all(|a| a.kind == AccessKind::RomRead));
     }
 }

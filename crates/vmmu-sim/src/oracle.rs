@@ -32,7 +32,9 @@
 
 use crate::bus::RegisterDevice;
 use crate::host::HostBuffer;
-use crate::layout::{pattern_word, shared_value, tag_of, MachineMemory, PRIVATE_PER_VCPU, SHARED_USED};
+use crate::layout::{
+    pattern_word, shared_value, tag_of, MachineMemory, PRIVATE_PER_VCPU, SHARED_USED,
+};
 use crate::mix::{AccessKind, GuestAccess};
 use crate::ram::Width;
 use crate::schedule::Schedule;
@@ -181,7 +183,12 @@ impl Oracle {
         let mut buffers: Vec<BufferInfo> = memory
             .buffers()
             .iter()
-            .map(|b| BufferInfo { start: b.hva().0, len: b.len(), tag: tag_of(b), name: b.name().to_string() })
+            .map(|b| BufferInfo {
+                start: b.hva().0,
+                len: b.len(),
+                tag: tag_of(b),
+                name: b.name().to_string(),
+            })
             .collect();
         buffers.sort_by_key(|b| b.start);
         Oracle { memory, schedule, buffers }
@@ -226,7 +233,11 @@ impl Oracle {
         let private = self
             .memory
             .buffer(region.name)
-            .map(|b| (0..PRIVATE_PER_VCPU).map(|i| b.read(base + i, Width::W1).unwrap_or(0) as u8).collect())
+            .map(|b| {
+                (0..PRIVATE_PER_VCPU)
+                    .map(|i| b.read(base + i, Width::W1).unwrap_or(0) as u8)
+                    .collect()
+            })
             .unwrap_or_default();
         let shared = self.memory.buffer(l.shared.name);
         let own_shared = (0..SHARED_USED / 8)
@@ -251,7 +262,9 @@ impl Oracle {
         let mut intact = |b: &HostBuffer, upto: u64| {
             r.checked += 1;
             let tag = tag_of(b);
-            if let Some(off) = (0..upto).step_by(8).find(|o| b.read(*o, Width::W8) != Ok(pattern_word(tag, *o))) {
+            if let Some(off) =
+                (0..upto).step_by(8).find(|o| b.read(*o, Width::W8) != Ok(pattern_word(tag, *o)))
+            {
                 r.push(Violation {
                     vcpu: None,
                     gpa: None,
@@ -276,9 +289,9 @@ impl Oracle {
             r.checked += 1;
             let (region, base) = l.private_area(c.vcpu);
             let Some(b) = self.memory.buffer(region.name) else { continue };
-            if let Some(i) = (0..PRIVATE_PER_VCPU)
-                .find(|i| b.read(base + i, Width::W1).ok() != Some(u64::from(c.private[*i as usize])))
-            {
+            if let Some(i) = (0..PRIVATE_PER_VCPU).find(|i| {
+                b.read(base + i, Width::W1).ok() != Some(u64::from(c.private[*i as usize]))
+            }) {
                 r.push(Violation {
                     vcpu: Some(c.vcpu),
                     gpa: Some(format!("{:#x}", c.private_base + i)),
@@ -308,7 +321,9 @@ fn describe(o: &Observed, oracle: &Oracle) -> String {
     match o {
         Observed::Ram { hva, value } => format!("{} value {value:#x}", oracle.describe_hva(hva.0)),
         Observed::Mmio { device: true, value } => format!("device MMIO value {value:#x}"),
-        Observed::Mmio { device: false, value } => format!("MMIO exit to userspace (value {value:#x})"),
+        Observed::Mmio { device: false, value } => {
+            format!("MMIO exit to userspace (value {value:#x})")
+        }
         Observed::Error(e) => format!("MMU error: {e}"),
     }
 }
@@ -414,7 +429,8 @@ impl VcpuChecker<'_> {
                 }
             }
             AccessKind::DeviceRead => {
-                let want = if a.gpa == l.device { RegisterDevice::ID } else { self.scratch.unwrap_or(0) };
+                let want =
+                    if a.gpa == l.device { RegisterDevice::ID } else { self.scratch.unwrap_or(0) };
                 let want = want & a.width.mask();
                 if !matches!(seen, Observed::Mmio { device: true, value } if *value == want) {
                     self.fail(a, format!("device register value {want:#x}"), seen);
@@ -426,7 +442,9 @@ impl VcpuChecker<'_> {
                     self.fail(a, "the device".into(), seen);
                 }
             }
-            AccessKind::BarRead | AccessKind::BarWrite | AccessKind::DimmRead => self.check_dynamic(a, seen, start, end),
+            AccessKind::BarRead | AccessKind::BarWrite | AccessKind::DimmRead => {
+                self.check_dynamic(a, seen, start, end)
+            }
         }
     }
 
@@ -541,7 +559,12 @@ mod tests {
         let mut c = o.checker(1);
         let (region, base) = o.memory.layout().private_area(1);
         let gpa = Gpa(region.gpa.0 + base + 16);
-        let w = GuestAccess { kind: AccessKind::PrivateWrite, gpa, width: Width::W4, value: 0xdead_beef };
+        let w = GuestAccess {
+            kind: AccessKind::PrivateWrite,
+            gpa,
+            width: Width::W4,
+            value: 0xdead_beef,
+        };
         let r = GuestAccess { kind: AccessKind::PrivateRead, gpa, width: Width::W2, value: 0 };
         c.check(&w, &Observed::Ram { hva: Hva(0), value: 0xdead_beef }, 0, 0);
         c.check(&r, &Observed::Ram { hva: Hva(0), value: 0xbeef }, 0, 0);
@@ -558,10 +581,12 @@ mod tests {
         let o = oracle();
         let l = o.memory.layout().clone();
         let mut c = o.checker(0);
-        let w = GuestAccess { kind: AccessKind::RomWrite, gpa: l.rom.gpa, width: Width::W1, value: 1 };
+        let w =
+            GuestAccess { kind: AccessKind::RomWrite, gpa: l.rom.gpa, width: Width::W1, value: 1 };
         c.check(&w, &Observed::Mmio { device: false, value: 0 }, 0, 0);
         c.check(&w, &Observed::Ram { hva: Hva(0), value: 1 }, 0, 0);
-        let id = GuestAccess { kind: AccessKind::DeviceRead, gpa: l.device, width: Width::W4, value: 0 };
+        let id =
+            GuestAccess { kind: AccessKind::DeviceRead, gpa: l.device, width: Width::W4, value: 0 };
         c.check(&id, &Observed::Mmio { device: true, value: RegisterDevice::ID }, 0, 0);
         c.check(&id, &Observed::Mmio { device: false, value: 0 }, 0, 0);
         assert_eq!(c.report().violations, 2);

@@ -103,8 +103,12 @@ pub unsafe fn store(ptr: *mut u8, width: Width, value: u64) {
     unsafe {
         match width {
             Width::W1 => AtomicU8::from_ptr(ptr).store(value as u8, Ordering::Relaxed),
-            Width::W2 => AtomicU16::from_ptr(ptr as *mut u16).store(value as u16, Ordering::Relaxed),
-            Width::W4 => AtomicU32::from_ptr(ptr as *mut u32).store(value as u32, Ordering::Relaxed),
+            Width::W2 => {
+                AtomicU16::from_ptr(ptr as *mut u16).store(value as u16, Ordering::Relaxed)
+            }
+            Width::W4 => {
+                AtomicU32::from_ptr(ptr as *mut u32).store(value as u32, Ordering::Relaxed)
+            }
             Width::W8 => AtomicU64::from_ptr(ptr as *mut u64).store(value, Ordering::Relaxed),
         }
     }

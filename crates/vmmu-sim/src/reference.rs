@@ -108,7 +108,11 @@ impl GuestMmu for ReferenceMmu {
             return Translation::Mmio;
         }
         match self.host.translate(Hva(slot.hva(gpa.0)), write) {
-            Ok(p) => Translation::Ram { pfn: p.pfn, writable: p.writable && !slot.readonly(), level: Level::L4K },
+            Ok(p) => Translation::Ram {
+                pfn: p.pfn,
+                writable: p.writable && !slot.readonly(),
+                level: Level::L4K,
+            },
             Err(e) => Translation::Error(e.to_string()),
         }
     }
@@ -209,7 +213,8 @@ mod tests {
         let (host, mmu, hva) = setup();
         let mut v = mmu.create_vcpu(0);
         mmu.set_memory_region(&req(1, 0x100_0000, hva, SlotRequest::READONLY)).expect("slot");
-        let Translation::Ram { pfn, writable, .. } = mmu.translate(&mut v, Gpa(0x100_1008), false) else {
+        let Translation::Ram { pfn, writable, .. } = mmu.translate(&mut v, Gpa(0x100_1008), false)
+        else {
             panic!("RAM expected");
         };
         assert!(!writable);
@@ -231,7 +236,10 @@ mod tests {
                 done.store(true, Ordering::SeqCst);
             });
             std::thread::sleep(Duration::from_millis(30));
-            assert!(!done.load(Ordering::SeqCst), "the update must wait for the vCPU's acknowledgement");
+            assert!(
+                !done.load(Ordering::SeqCst),
+                "the update must wait for the vCPU's acknowledgement"
+            );
             while !mmu.poll_tlb_flush(&mut v) {
                 std::thread::yield_now();
             }

@@ -266,7 +266,11 @@ impl fmt::Display for Report {
             s.generation_wraps
         )?;
         let t = &self.tlb;
-        writeln!(f, "tlb: hits {}, misses {}, flushes {}, inserts {}", t.hits, t.misses, t.flushes, t.inserts)?;
+        writeln!(
+            f,
+            "tlb: hits {}, misses {}, flushes {}, inserts {}",
+            t.hits, t.misses, t.flushes, t.inserts
+        )?;
         let tb = &self.tables;
         writeln!(
             f,
@@ -277,7 +281,11 @@ impl fmt::Display for Report {
         if o.violations == 0 {
             write!(f, "oracle: OK, {} outcomes checked, 0 violations", o.checked)
         } else {
-            write!(f, "oracle: FAILED, {} violations in {} outcomes checked", o.violations, o.checked)?;
+            write!(
+                f,
+                "oracle: FAILED, {} violations in {} outcomes checked",
+                o.violations, o.checked
+            )?;
             for v in &o.first_violations {
                 write!(f, "\n  {v}")?;
             }
@@ -306,7 +314,17 @@ mod tests {
             seen: "RAM bar0+0x40".into(),
         });
         let v: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
-        for key in ["config", "vcpus", "exits", "mmu", "memslots", "tlb", "tables", "oracle", "elapsed_seconds"] {
+        for key in [
+            "config",
+            "vcpus",
+            "exits",
+            "mmu",
+            "memslots",
+            "tlb",
+            "tables",
+            "oracle",
+            "elapsed_seconds",
+        ] {
             assert!(v.get(key).is_some(), "missing {key}");
         }
         assert_eq!(v["oracle"]["violations"], 1);
@@ -352,7 +370,10 @@ mod tests {
         s.extra.insert("stale_generation_misses".into(), 2);
         let mut r = Report::default();
         r.fill_mmu(&s);
-        assert_eq!((r.exits.mmio_cache_hit, r.mmu.mmio_sptes_created, r.memslots.generation), (3, 4, 12));
+        assert_eq!(
+            (r.exits.mmio_cache_hit, r.mmu.mmio_sptes_created, r.memslots.generation),
+            (3, 4, 12)
+        );
         assert_eq!(r.mmu.extra.get("stale_generation_misses"), Some(&2));
     }
 }

@@ -59,13 +59,21 @@ pub struct Schedule {
 impl Schedule {
     /// Checks `steps` against KVM's rules starting from `initial`, and records the maps. The
     /// steps must bring the map back to `initial`.
-    pub fn new(initial: SlotTable, steps: Vec<ScheduledRequest>) -> Result<Schedule, ScheduleError> {
+    pub fn new(
+        initial: SlotTable,
+        steps: Vec<ScheduledRequest>,
+    ) -> Result<Schedule, ScheduleError> {
         let mut versions = vec![initial.clone()];
         let mut t = initial;
         for (index, s) in steps.iter().enumerate() {
             let got = t.apply(&s.request);
             if got != s.expect {
-                return Err(ScheduleError::Inconsistent { index, label: s.label, got, want: s.expect });
+                return Err(ScheduleError::Inconsistent {
+                    index,
+                    label: s.label,
+                    got,
+                    want: s.expect,
+                });
             }
             versions.push(t.clone());
         }
@@ -92,7 +100,11 @@ impl Schedule {
             step("bar: move to position 1", req(p1, b0, bar.size, bar.slot)?, Ok(())),
             step("dimm: hot-plug", req(l.dimm.gpa, l.dimm.name, l.dimm.size, l.dimm.slot)?, Ok(())),
             step("bar: unmap", SlotRequest::delete(bar.slot.into()), Ok(())),
-            step("bar: map over the dimm (refused)", req(l.dimm.gpa, b1, bar.size, bar.slot)?, Err("EEXIST")),
+            step(
+                "bar: map over the dimm (refused)",
+                req(l.dimm.gpa, b1, bar.size, bar.slot)?,
+                Err("EEXIST"),
+            ),
             step("bar: map bar1 at position 1", req(p1, b1, bar.size, bar.slot)?, Ok(())),
             step("bar: move to position 0", req(p0, b1, bar.size, bar.slot)?, Ok(())),
             step("dimm: remove", SlotRequest::delete(l.dimm.slot.into()), Ok(())),
@@ -176,7 +188,10 @@ mod tests {
         let mut steps = Schedule::device_manager(&mem, 1 << 28).expect("schedule").steps().to_vec();
         steps[4].expect = Ok(());
         let initial = Schedule::device_manager(&mem, 1 << 28).expect("schedule").version(0).clone();
-        assert!(matches!(Schedule::new(initial.clone(), steps), Err(ScheduleError::Inconsistent { index: 4, .. })));
+        assert!(matches!(
+            Schedule::new(initial.clone(), steps),
+            Err(ScheduleError::Inconsistent { index: 4, .. })
+        ));
         let one = vec![Schedule::device_manager(&mem, 1 << 28).expect("s").steps()[0].clone()];
         assert_eq!(Schedule::new(initial, one).err(), Some(ScheduleError::NotACycle));
     }

@@ -117,7 +117,10 @@ impl SlotTable {
         };
         if let Some(i) = old {
             let o = self.slots[i];
-            if o.userspace_addr != new.userspace_addr || o.npages != new.npages || o.readonly() != new.readonly() {
+            if o.userspace_addr != new.userspace_addr
+                || o.npages != new.npages
+                || o.readonly() != new.readonly()
+            {
                 return Err("EINVAL");
             }
             if o.base_gfn == new.base_gfn {
@@ -187,7 +190,8 @@ mod tests {
             assert_eq!(t.apply(&r), Err(want), "{r:?}");
         }
         assert_eq!(t.slots().len(), 1, "failed requests change nothing");
-        t.apply(&req(1, 0x10_0000, 0x2000, 0x7000_0000, SlotRequest::LOG_DIRTY_PAGES)).expect("flags only");
+        t.apply(&req(1, 0x10_0000, 0x2000, 0x7000_0000, SlotRequest::LOG_DIRTY_PAGES))
+            .expect("flags only");
         assert_eq!(t.slots()[0].flags, SlotRequest::LOG_DIRTY_PAGES);
     }
 }

@@ -30,7 +30,11 @@ fn reference_mmu_runs_clean() {
     assert!(report.memslots.refused >= 1, "the EEXIST step ran: {report}");
     assert!(report.total_accesses() >= 80_000);
     assert!(report.oracle.checked >= report.total_accesses());
-    assert!(report.exits.mmio_device > 0 && report.exits.mmio_userspace > 0 && report.exits.readonly_write > 0);
+    assert!(
+        report.exits.mmio_device > 0
+            && report.exits.mmio_userspace > 0
+            && report.exits.readonly_write > 0
+    );
     assert!(report.tlb.hits > 0 && report.tlb.flushes > 0, "{report}");
     assert!(report.memslots.latency_ns.max >= report.memslots.latency_ns.p50);
     assert!(report.vcpus.iter().all(|v| v.errors == 0 && v.accesses_per_sec > 0.0));
