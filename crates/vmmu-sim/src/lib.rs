@@ -5,8 +5,8 @@
 //!   `phys_bits`) and page-table frames: the core's `HostMemory` and `FrameAllocator`;
 //! - [`tlb`]: a per-vCPU TLB of present leaf translations;
 //! - [`bus`]: the MMIO bus, its register device and exit-to-userspace records;
-//! - [`seam`]: the [`GuestMmu`](seam::GuestMmu) trait the machine drives, and what an MMU reports;
-//! - [`slots`], [`reference`]: a plain memslot table, a reference MMU built on it, and a broken
+//! - [`seam`]: the [`GuestMmu`] trait the machine drives, and what an MMU reports;
+//! - [`slots`], [`reference`](mod@reference): a plain memslot table, a reference MMU built on it, and a broken
 //!   ("stale") MMU that the oracle must catch;
 //! - [`layout`], [`mix`], [`schedule`]: the default machine as data: regions and buffers, each
 //!   vCPU's deterministic access mix, the device manager's memslot schedule;
