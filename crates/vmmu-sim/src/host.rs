@@ -33,6 +33,9 @@ use vmmu::types::{Hva, Level, Pfn, PAGE_SIZE};
 pub const SIZE_2M: u64 = 2 << 20;
 const PAGES_PER_2M: u64 = SIZE_2M / PAGE_SIZE;
 
+/// The most frames a host tracks: 2^24 frames, 64 GiB of RAM and tables (a 128 MiB table).
+pub const MAX_FRAME_TABLE: u64 = 1 << 24;
+
 /// Kind tags in the low bits of a frame-table entry (host pointers are page aligned).
 const KIND_RAM: usize = 1;
 const KIND_TABLE: usize = 2;
@@ -44,7 +47,8 @@ pub struct HostConfig {
     /// The host MAXPHYADDR, 36..=52: every pfn is below `2^(phys_bits - 12)`.
     pub phys_bits: u8,
     /// How many frames (RAM and table pages together) the host may hand out at most. Also the
-    /// size of the frame table (one word per frame). Capped at `2^(phys_bits - 12)`.
+    /// size of the frame table (one word per frame). Capped at `2^(phys_bits - 12)` and at
+    /// [`MAX_FRAME_TABLE`].
     pub max_frames: u64,
 }
 
@@ -255,8 +259,17 @@ impl SimHost {
         if !(36..=52).contains(&config.phys_bits) {
             return Err(HostError::PhysBits(config.phys_bits));
         }
-        let capacity = config.max_frames.min(1u64 << (config.phys_bits - 12)).max(2);
-        let frames: Box<[AtomicUsize]> = (0..capacity).map(|_| AtomicUsize::new(0)).collect();
+        let capacity =
+            config.max_frames.min(1u64 << (config.phys_bits - 12)).clamp(2, MAX_FRAME_TABLE);
+        let len = usize::try_from(capacity).map_err(|_| HostError::AllocFailed(capacity))?;
+        // `vec![0; n]` allocates zeroed memory, which the system hands out lazily, so a large
+        // table costs little until used.
+        let zeroed: Box<[usize]> = vec![0usize; len].into_boxed_slice();
+        // SAFETY: `AtomicUsize` has the same size, alignment and bit validity as `usize` (its
+        // documented guarantee), so the allocation is a valid `[AtomicUsize]` of the same length,
+        // and ownership moves from one box to the other.
+        let frames: Box<[AtomicUsize]> =
+            unsafe { Box::from_raw(Box::into_raw(zeroed) as *mut [AtomicUsize]) };
         Ok(SimHost {
             config: HostConfig { max_frames: capacity, ..config },
             frames,

@@ -111,7 +111,7 @@ pub enum SimError {
     Vcpus(usize),
 }
 
-/// What the progress callback gets, about every 50 ms.
+/// What the progress callback gets, about every 10 ms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProgressSnapshot {
     /// Time since the vCPUs started.
@@ -210,7 +210,7 @@ impl Machine {
         self.run_with_progress(mmu, &mut |_| {})
     }
 
-    /// As [`Machine::run`], calling `progress` about every 50 ms from the calling thread.
+    /// As [`Machine::run`], calling `progress` about every 10 ms from the calling thread.
     pub fn run_with_progress<M: GuestMmu>(
         &self,
         mmu: &M,

@@ -168,6 +168,8 @@ pub struct Oracle {
     memory: MachineMemory,
     schedule: Arc<Schedule>,
     buffers: Vec<BufferInfo>,
+    shared_tag: u64,
+    rom_tag: u64,
 }
 
 /// What a version maps at an address.
@@ -191,7 +193,10 @@ impl Oracle {
             })
             .collect();
         buffers.sort_by_key(|b| b.start);
-        Oracle { memory, schedule, buffers }
+        let l = memory.layout();
+        let tag = |name: &str| memory.buffer(name).map_or(0, |b| tag_of(b));
+        let (shared_tag, rom_tag) = (tag(l.shared.name), tag(l.rom.name));
+        Oracle { memory, schedule, buffers, shared_tag, rom_tag }
     }
 
     /// The schedule the oracle judges against.
@@ -383,7 +388,7 @@ impl VcpuChecker<'_> {
             AccessKind::SharedRead | AccessKind::SharedWrite => {
                 let word = (a.gpa.0 - l.shared.gpa.0) / 8;
                 let owner = l.shared_owner(word);
-                let tag = self.oracle.memory.buffer(l.shared.name).map_or(0, |b| tag_of(b));
+                let tag = self.oracle.shared_tag;
                 let own = (owner == self.vcpu).then(|| (word / l.vcpus as u64) as usize);
                 if a.kind == AccessKind::SharedWrite {
                     if let Some(i) = own {
@@ -415,12 +420,10 @@ impl VcpuChecker<'_> {
                 }
             }
             AccessKind::RomRead => {
-                let want = self.oracle.memory.buffer(l.rom.name).map(|b| {
-                    let off = a.gpa.0 - l.rom.gpa.0;
-                    a.width.extract(pattern_word(tag_of(b), off & !7), off)
-                });
-                if !matches!((seen, want), (Observed::Ram { value, .. }, Some(w)) if *value == w) {
-                    self.fail(a, format!("ROM value {:#x}", want.unwrap_or(0)), seen);
+                let off = a.gpa.0 - l.rom.gpa.0;
+                let want = a.width.extract(pattern_word(self.oracle.rom_tag, off & !7), off);
+                if !matches!(seen, Observed::Ram { value, .. } if *value == want) {
+                    self.fail(a, format!("ROM value {want:#x}"), seen);
                 }
             }
             AccessKind::RomWrite => {
