@@ -590,6 +590,43 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_alloc_free_and_lookup_stay_consistent() {
+        let h = host(40);
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let h = &h;
+                s.spawn(move || {
+                    let mut mine = Vec::new();
+                    for i in 0..500u64 {
+                        let pfn = h.alloc_table(t).expect("frames");
+                        // SAFETY: `pfn` is live and owned by this thread until it frees it.
+                        let e = unsafe { h.table(pfn).expect("live table").as_ref() };
+                        assert_eq!(
+                            e[511].load(Ordering::Relaxed),
+                            t,
+                            "initialised before published"
+                        );
+                        e[0].store(t << 32 | i, Ordering::Relaxed);
+                        mine.push(pfn);
+                        if i % 3 == 0 {
+                            let p = mine.swap_remove(0);
+                            // SAFETY: allocated by this thread, freed once, never linked anywhere.
+                            unsafe { h.free_table(p) };
+                        }
+                    }
+                    for p in mine {
+                        // SAFETY: as above.
+                        unsafe { h.free_table(p) };
+                    }
+                });
+            }
+        });
+        let s = h.table_stats();
+        assert_eq!((s.allocated, s.freed, s.live), (2000, 2000, 0), "no leak");
+        assert!(s.high_water <= 2000 && s.high_water >= 300);
+    }
+
+    #[test]
     fn table_allocation_fails_when_frames_run_out() {
         let h = SimHost::new(HostConfig { phys_bits: 36, max_frames: 4 }).expect("host");
         let got: Vec<_> = (0..5).filter_map(|_| h.alloc_table(0)).collect();
