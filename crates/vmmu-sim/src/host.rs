@@ -1,0 +1,635 @@
+//! Host memory and host frames for the software machine: named, zero-filled, page-aligned buffers
+//! standing for the VMM's guest-memory mappings, page-table pages for the MMU, and the frame
+//! table that gives every one of them a host frame number (pfn).
+//!
+//! [`SimHost`] implements the core's [`HostMemory`] (hva -> pfn, what KVM does with
+//! get_user_pages) and [`FrameAllocator`] (page-table pages).
+//!
+//! Invariants this module owns:
+//! - every pfn handed out is below `2^(phys_bits - 12)` and below the configured frame capacity;
+//!   pfn 0 is never handed out, so a zeroed SPTE never names a live frame;
+//! - a buffer's frames are contiguous; a buffer of 2 MiB or more is 2 MiB aligned both in host
+//!   virtual memory and in frame space, so [`HostPage::level`] can report 2 MiB blocks;
+//! - RAM frames and table frames come from the same frame space and never overlap;
+//! - a buffer lives as long as the [`SimHost`]: a guest may hold translations to it at any time,
+//!   so it is never unmapped while the host exists (the machine has no MMU notifier);
+//! - the frame table maps pfn -> host pointer with one atomic word per frame: lookups
+//!   ([`SimHost::ram_page`], [`FrameAllocator::table`]) are O(1), take no lock and allocate
+//!   nothing. Ordering: a frame's entry is stored with `Release` after its memory is initialised,
+//!   and loaded with `Acquire`, so a reader that finds the entry also sees the initialised memory.
+
+use crate::ram::{self, Width};
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use serde::Serialize;
+use std::alloc::{self, Layout};
+use std::sync::{Arc, Mutex, RwLock};
+use vmmu::host::{
+    FrameAllocator, HostFault, HostMemory, HostPage, TableEntries, ENTRIES_PER_TABLE,
+};
+use vmmu::types::{Hva, Level, Pfn, PAGE_SIZE};
+
+/// Bytes in a 2 MiB block.
+pub const SIZE_2M: u64 = 2 << 20;
+const PAGES_PER_2M: u64 = SIZE_2M / PAGE_SIZE;
+
+/// The most frames a host tracks: 2^24 frames, 64 GiB of RAM and tables (a 128 MiB table).
+pub const MAX_FRAME_TABLE: u64 = 1 << 24;
+
+/// Kind tags in the low bits of a frame-table entry (host pointers are page aligned).
+const KIND_RAM: usize = 1;
+const KIND_TABLE: usize = 2;
+const KIND_MASK: usize = 3;
+
+/// How the host's frame space is set up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostConfig {
+    /// The host MAXPHYADDR, 36..=52: every pfn is below `2^(phys_bits - 12)`.
+    pub phys_bits: u8,
+    /// How many frames (RAM and table pages together) the host may hand out at most. Also the
+    /// size of the frame table (one word per frame). Capped at `2^(phys_bits - 12)` and at
+    /// [`MAX_FRAME_TABLE`].
+    pub max_frames: u64,
+}
+
+impl HostConfig {
+    /// `phys_bits` with the default capacity of 2^20 frames (4 GiB of frames, an 8 MiB table).
+    pub fn new(phys_bits: u8) -> HostConfig {
+        HostConfig { phys_bits, max_frames: 1 << 20 }
+    }
+}
+
+/// Why the host refused a request.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HostError {
+    /// `phys_bits` outside 36..=52.
+    #[error("phys_bits {0} is outside 36..=52 (the x86 MAXPHYADDR range this machine supports)")]
+    PhysBits(u8),
+    /// A buffer of size 0.
+    #[error("buffer {0:?} has size 0; give it at least one byte")]
+    ZeroSize(String),
+    /// Two buffers with one name.
+    #[error("a buffer named {0:?} already exists")]
+    DuplicateName(String),
+    /// The frame space is full.
+    #[error("out of host frames: {needed} more needed, {available} left (raise max_frames or phys_bits)")]
+    OutOfFrames {
+        /// Frames the request needs.
+        needed: u64,
+        /// Frames still free.
+        available: u64,
+    },
+    /// The system allocator failed.
+    #[error("the host could not allocate {0} bytes")]
+    AllocFailed(u64),
+    /// A host-side access outside its buffer or misaligned.
+    #[error("host access at offset {offset:#x} of {width} bytes is outside buffer {name:?} (size {size:#x}) or misaligned")]
+    BadAccess {
+        /// The buffer.
+        name: String,
+        /// Offset of the access.
+        offset: u64,
+        /// Bytes accessed.
+        width: u64,
+        /// The buffer's size.
+        size: u64,
+    },
+}
+
+/// One host buffer: a zero-filled, page-aligned allocation with contiguous frames.
+#[derive(Debug)]
+pub struct HostBuffer {
+    name: String,
+    index: usize,
+    ptr: NonNull<u8>,
+    layout: Layout,
+    len: u64,
+    first_pfn: Pfn,
+    host_writable: AtomicBool,
+}
+
+// SAFETY: the buffer owns its allocation; every access to the bytes goes through atomic
+// operations (`ram::load`/`ram::store`), so sharing and sending it across threads is sound.
+unsafe impl Send for HostBuffer {}
+// SAFETY: as above.
+unsafe impl Sync for HostBuffer {}
+
+impl HostBuffer {
+    /// The buffer's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// Its position in creation order (0-based), a stable small id.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+    /// Its host-virtual address: the real host pointer value.
+    pub fn hva(&self) -> Hva {
+        Hva(self.ptr.as_ptr() as u64)
+    }
+    /// Its size in bytes (a whole number of pages).
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    /// Whether the buffer is empty (never: sizes are at least one page).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The frame of its first page; page `i` has frame `first_pfn + i`.
+    pub fn first_pfn(&self) -> Pfn {
+        self.first_pfn
+    }
+    /// Whether `hva` lies inside the buffer.
+    pub fn contains(&self, hva: Hva) -> bool {
+        hva.0.wrapping_sub(self.hva().0) < self.len
+    }
+    /// Whether the host mapping allows guest writes (an `mprotect` stand-in).
+    pub fn host_writable(&self) -> bool {
+        self.host_writable.load(Ordering::Relaxed)
+    }
+    /// Makes the host mapping writable or read-only for later translations.
+    pub fn set_host_writable(&self, writable: bool) {
+        self.host_writable.store(writable, Ordering::Relaxed);
+    }
+
+    fn check(&self, offset: u64, width: Width) -> Result<*mut u8, HostError> {
+        let end = offset.checked_add(width.bytes());
+        if end.is_none_or(|e| e > self.len) || !width.is_aligned(offset) {
+            return Err(HostError::BadAccess {
+                name: self.name.clone(),
+                offset,
+                width: width.bytes(),
+                size: self.len,
+            });
+        }
+        // SAFETY: `offset + width <= len`, so the result stays inside the allocation.
+        Ok(unsafe { self.ptr.as_ptr().add(offset as usize) })
+    }
+
+    /// The host reads its own buffer (a VMM access, bypassing the guest).
+    pub fn read(&self, offset: u64, width: Width) -> Result<u64, HostError> {
+        let p = self.check(offset, width)?;
+        // SAFETY: `check` proved the access is inside the live allocation and aligned; all
+        // accesses to buffers are atomic.
+        Ok(unsafe { ram::load(p, width) })
+    }
+
+    /// The host writes its own buffer.
+    pub fn write(&self, offset: u64, width: Width, value: u64) -> Result<(), HostError> {
+        let p = self.check(offset, width)?;
+        // SAFETY: as in `read`.
+        unsafe { ram::store(p, width, value) };
+        Ok(())
+    }
+
+    /// Fills every 8-byte word with `f(word offset)`.
+    pub fn fill_words(&self, f: impl Fn(u64) -> u64) {
+        for off in (0..self.len).step_by(8) {
+            // In bounds and aligned by construction of the loop.
+            let p = self.ptr.as_ptr().wrapping_add(off as usize);
+            // SAFETY: `off + 8 <= len` (len is a multiple of the page size), 8-aligned.
+            unsafe { ram::store(p, Width::W8, f(off)) };
+        }
+    }
+}
+
+impl Drop for HostBuffer {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from `alloc_zeroed(self.layout)` and is freed once, here.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+/// A page-table page's memory, owned by the allocator.
+#[derive(Clone, Copy)]
+struct TablePage(NonNull<TableEntries>);
+// SAFETY: the page is plain atomics; ownership moves between threads only under the allocator's
+// mutex.
+unsafe impl Send for TablePage {}
+
+const TABLE_LAYOUT: Layout = match Layout::from_size_align(4096, 4096) {
+    Ok(l) => l,
+    Err(_) => panic!("4 KiB page layout"),
+};
+
+struct AllocState {
+    /// The next never-used pfn.
+    next_pfn: u64,
+    /// Freed table pages (pfn and memory), reused before new frames.
+    free_tables: Vec<(Pfn, TablePage)>,
+    /// Every table page ever allocated, for `Drop`.
+    all_tables: Vec<TablePage>,
+}
+
+/// Counters of table-page traffic, for the report and for leak tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TableStats {
+    /// `alloc_table` calls that returned a page.
+    pub allocated: u64,
+    /// `free_table` calls.
+    pub freed: u64,
+    /// Pages allocated and not freed now.
+    pub live: u64,
+    /// The largest `live` seen.
+    pub high_water: u64,
+}
+
+/// The software machine's host: buffers, table pages, and the frame table between them.
+pub struct SimHost {
+    config: HostConfig,
+    /// pfn -> host pointer | kind, one word per frame; 0 = no frame.
+    frames: Box<[AtomicUsize]>,
+    /// Buffers sorted by host address, for `translate` and `locate`.
+    buffers: RwLock<Vec<Arc<HostBuffer>>>,
+    alloc: Mutex<AllocState>,
+    allocated: AtomicU64,
+    freed: AtomicU64,
+    high_water: AtomicU64,
+}
+
+impl core::fmt::Debug for SimHost {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("SimHost").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl SimHost {
+    /// A host with no buffers.
+    pub fn new(config: HostConfig) -> Result<SimHost, HostError> {
+        if !(36..=52).contains(&config.phys_bits) {
+            return Err(HostError::PhysBits(config.phys_bits));
+        }
+        let capacity =
+            config.max_frames.min(1u64 << (config.phys_bits - 12)).clamp(2, MAX_FRAME_TABLE);
+        let len = usize::try_from(capacity).map_err(|_| HostError::AllocFailed(capacity))?;
+        // `vec![0; n]` allocates zeroed memory, which the system hands out lazily, so a large
+        // table costs little until used.
+        let zeroed: Box<[usize]> = vec![0usize; len].into_boxed_slice();
+        // SAFETY: `AtomicUsize` has the same size, alignment and bit validity as `usize` (its
+        // documented guarantee), so the allocation is a valid `[AtomicUsize]` of the same length,
+        // and ownership moves from one box to the other.
+        let frames: Box<[AtomicUsize]> =
+            unsafe { Box::from_raw(Box::into_raw(zeroed) as *mut [AtomicUsize]) };
+        Ok(SimHost {
+            config: HostConfig { max_frames: capacity, ..config },
+            frames,
+            buffers: RwLock::new(Vec::new()),
+            alloc: Mutex::new(AllocState {
+                next_pfn: 1,
+                free_tables: Vec::new(),
+                all_tables: Vec::new(),
+            }),
+            allocated: AtomicU64::new(0),
+            freed: AtomicU64::new(0),
+            high_water: AtomicU64::new(0),
+        })
+    }
+
+    /// The configuration in force (`max_frames` capped to what `phys_bits` allows).
+    pub fn config(&self) -> HostConfig {
+        self.config
+    }
+
+    fn lock_alloc(&self) -> std::sync::MutexGuard<'_, AllocState> {
+        // A panic while holding the lock leaves the state consistent (every update is a single
+        // push/pop or a bump), so poisoning is ignored.
+        self.alloc.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Creates a zero-filled buffer of `size` bytes rounded up to whole pages.
+    pub fn add_buffer(&self, name: &str, size: u64) -> Result<Arc<HostBuffer>, HostError> {
+        if size == 0 {
+            return Err(HostError::ZeroSize(name.to_string()));
+        }
+        let len = size.checked_next_multiple_of(PAGE_SIZE).ok_or(HostError::AllocFailed(size))?;
+        let huge = len >= SIZE_2M;
+        let align = if huge { SIZE_2M } else { PAGE_SIZE };
+        let npages = len / PAGE_SIZE;
+        let mut buffers = self.buffers.write().unwrap_or_else(|e| e.into_inner());
+        if buffers.iter().any(|b| b.name == name) {
+            return Err(HostError::DuplicateName(name.to_string()));
+        }
+        let mut st = self.lock_alloc();
+        let first = if huge { st.next_pfn.next_multiple_of(PAGES_PER_2M) } else { st.next_pfn };
+        let cap = self.frames.len() as u64;
+        if first.saturating_add(npages) > cap {
+            return Err(HostError::OutOfFrames {
+                needed: npages,
+                available: cap.saturating_sub(st.next_pfn),
+            });
+        }
+        let layout = usize::try_from(len)
+            .ok()
+            .and_then(|l| Layout::from_size_align(l, align as usize).ok())
+            .ok_or(HostError::AllocFailed(len))?;
+        // SAFETY: `layout` has a non-zero size.
+        let ptr = NonNull::new(unsafe { alloc::alloc_zeroed(layout) })
+            .ok_or(HostError::AllocFailed(len))?;
+        st.next_pfn = first + npages;
+        drop(st);
+        for i in 0..npages {
+            let page = ptr.as_ptr() as usize + (i * PAGE_SIZE) as usize;
+            // Release: publishes the zeroed page to `ram_page` readers (see the module doc).
+            self.frames[(first + i) as usize].store(page | KIND_RAM, Ordering::Release);
+        }
+        let buf = Arc::new(HostBuffer {
+            name: name.to_string(),
+            index: buffers.len(),
+            ptr,
+            layout,
+            len,
+            first_pfn: Pfn(first),
+            host_writable: AtomicBool::new(true),
+        });
+        let at = buffers.partition_point(|b| b.hva() < buf.hva());
+        buffers.insert(at, buf.clone());
+        Ok(buf)
+    }
+
+    /// The buffer named `name`.
+    pub fn buffer(&self, name: &str) -> Option<Arc<HostBuffer>> {
+        self.buffers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|b| b.name == name)
+            .cloned()
+    }
+
+    /// Every buffer, in creation order.
+    pub fn buffers(&self) -> Vec<Arc<HostBuffer>> {
+        let mut v = self.buffers.read().unwrap_or_else(|e| e.into_inner()).clone();
+        v.sort_by_key(|b| b.index);
+        v
+    }
+
+    /// The buffer containing `hva` and the offset of `hva` in it.
+    pub fn locate(&self, hva: Hva) -> Option<(Arc<HostBuffer>, u64)> {
+        let buffers = self.buffers.read().unwrap_or_else(|e| e.into_inner());
+        let i = buffers.partition_point(|b| b.hva() <= hva);
+        let b = buffers.get(i.checked_sub(1)?)?;
+        b.contains(hva).then(|| (b.clone(), hva.0 - b.hva().0))
+    }
+
+    /// The host pointer of RAM frame `pfn` (its first byte), or `None` if `pfn` is not a RAM
+    /// frame. O(1), lock-free, allocation-free: the page walker calls it on every leaf. The
+    /// pointer stays valid as long as the host.
+    #[inline]
+    pub fn ram_page(&self, pfn: Pfn) -> Option<NonNull<u8>> {
+        let e = self.frames.get(usize::try_from(pfn.0).ok()?)?.load(Ordering::Acquire);
+        if e & KIND_MASK == KIND_RAM {
+            NonNull::new((e & !KIND_MASK) as *mut u8)
+        } else {
+            None
+        }
+    }
+
+    /// Table-page counters.
+    pub fn table_stats(&self) -> TableStats {
+        let allocated = self.allocated.load(Ordering::Relaxed);
+        let freed = self.freed.load(Ordering::Relaxed);
+        TableStats {
+            allocated,
+            freed,
+            live: allocated.saturating_sub(freed),
+            high_water: self.high_water.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl HostMemory for SimHost {
+    fn translate(&self, hva: Hva, write: bool) -> Result<HostPage, HostFault> {
+        let (buf, offset) = self.locate(hva).ok_or(HostFault::Unmapped(hva))?;
+        if write && !buf.host_writable() {
+            return Err(HostFault::Protected(hva));
+        }
+        let page = offset / PAGE_SIZE;
+        let pfn = Pfn(buf.first_pfn.0 + page);
+        // A 2 MiB block maps this address if the naturally aligned 2 MiB block around it lies in
+        // the buffer and hva and pfn agree modulo 2 MiB (then the block's frames are the aligned,
+        // contiguous run the buffer owns).
+        let block = hva.0 & !(SIZE_2M - 1);
+        let in_buffer = block >= buf.hva().0 && block + SIZE_2M <= buf.hva().0 + buf.len;
+        let congruent = (hva.0 / PAGE_SIZE) % PAGES_PER_2M == pfn.0 % PAGES_PER_2M;
+        let level = if in_buffer && congruent { Level::L2M } else { Level::L4K };
+        Ok(HostPage { pfn, writable: buf.host_writable(), level })
+    }
+}
+
+impl FrameAllocator for SimHost {
+    fn alloc_table(&self, init: u64) -> Option<Pfn> {
+        let mut st = self.lock_alloc();
+        let (pfn, page) = match st.free_tables.pop() {
+            Some(p) => p,
+            None => {
+                if st.next_pfn >= self.frames.len() as u64 {
+                    return None;
+                }
+                // SAFETY: the layout has a non-zero size.
+                let raw = unsafe { alloc::alloc_zeroed(TABLE_LAYOUT) } as *mut TableEntries;
+                let page = TablePage(NonNull::new(raw)?);
+                st.all_tables.push(page);
+                let pfn = Pfn(st.next_pfn);
+                st.next_pfn += 1;
+                (pfn, page)
+            }
+        };
+        drop(st);
+        // SAFETY: the page is either fresh (zeroed, 4 KiB, page aligned, so a valid
+        // `[AtomicU64; 512]`) or was freed, which by `free_table`'s contract means no thread can
+        // reach it; either way this thread has it alone until it is published below.
+        let entries = unsafe { page.0.as_ref() };
+        for e in entries.iter() {
+            e.store(init, Ordering::Relaxed);
+        }
+        debug_assert_eq!(entries.len(), ENTRIES_PER_TABLE);
+        // Release: the stores of `init` above are visible to whoever finds this entry with the
+        // Acquire load in `table`.
+        self.frames[pfn.0 as usize].store(page.0.as_ptr() as usize | KIND_TABLE, Ordering::Release);
+        let live =
+            self.allocated.fetch_add(1, Ordering::Relaxed) + 1 - self.freed.load(Ordering::Relaxed);
+        self.high_water.fetch_max(live, Ordering::Relaxed);
+        Some(pfn)
+    }
+
+    unsafe fn free_table(&self, pfn: Pfn) {
+        let Some(slot) = self.frames.get(pfn.0 as usize) else {
+            debug_assert!(false, "free_table of pfn {pfn:?} outside the frame table");
+            return;
+        };
+        let e = slot.swap(0, Ordering::AcqRel);
+        debug_assert_eq!(e & KIND_MASK, KIND_TABLE, "free_table of a pfn that is not a live table");
+        let Some(p) = NonNull::new((e & !KIND_MASK) as *mut TableEntries) else {
+            return;
+        };
+        if e & KIND_MASK != KIND_TABLE {
+            return;
+        }
+        self.freed.fetch_add(1, Ordering::Relaxed);
+        self.lock_alloc().free_tables.push((pfn, TablePage(p)));
+    }
+
+    #[inline]
+    fn table(&self, pfn: Pfn) -> Option<NonNull<TableEntries>> {
+        let e = self.frames.get(usize::try_from(pfn.0).ok()?)?.load(Ordering::Acquire);
+        if e & KIND_MASK == KIND_TABLE {
+            NonNull::new((e & !KIND_MASK) as *mut TableEntries)
+        } else {
+            None
+        }
+    }
+}
+
+impl Drop for SimHost {
+    fn drop(&mut self) {
+        let st = self.alloc.get_mut().unwrap_or_else(|e| e.into_inner());
+        for p in st.all_tables.drain(..) {
+            // SAFETY: every table page came from `alloc_zeroed(TABLE_LAYOUT)` and appears once in
+            // `all_tables`; the host is being dropped, so nothing can reach the page any more.
+            unsafe { alloc::dealloc(p.0.as_ptr() as *mut u8, TABLE_LAYOUT) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(bits: u8) -> SimHost {
+        SimHost::new(HostConfig { phys_bits: bits, max_frames: 1 << 16 }).expect("host")
+    }
+
+    #[test]
+    fn rejects_phys_bits_out_of_range() {
+        assert_eq!(SimHost::new(HostConfig::new(35)).err(), Some(HostError::PhysBits(35)));
+        assert_eq!(SimHost::new(HostConfig::new(53)).err(), Some(HostError::PhysBits(53)));
+        assert!(SimHost::new(HostConfig::new(36)).is_ok());
+    }
+
+    #[test]
+    fn buffers_are_aligned_zeroed_and_translate_to_contiguous_frames() {
+        let h = host(40);
+        let small = h.add_buffer("small", 5000).expect("small");
+        let big = h.add_buffer("big", 3 * SIZE_2M).expect("big");
+        assert_eq!(small.len(), 2 * PAGE_SIZE);
+        assert!(small.hva().is_page_aligned());
+        assert_eq!(big.hva().0 % SIZE_2M, 0);
+        assert_eq!(big.first_pfn().0 % PAGES_PER_2M, 0);
+        assert_eq!(big.read(0x1234 & !7, Width::W8), Ok(0));
+        for (off, want_level) in [(0, Level::L2M), (SIZE_2M + 0x5123, Level::L2M)] {
+            let p = h.translate(Hva(big.hva().0 + off), false).expect("mapped");
+            assert_eq!(p.pfn, Pfn(big.first_pfn().0 + off / PAGE_SIZE));
+            assert_eq!(p.level, want_level);
+            let page = h.ram_page(p.pfn).expect("ram frame");
+            assert_eq!(page.as_ptr() as u64, (big.hva().0 + off) & !(PAGE_SIZE - 1));
+        }
+        assert_eq!(h.translate(small.hva(), true).map(|p| p.level), Ok(Level::L4K));
+        let outside = Hva(small.hva().0 + small.len());
+        if !big.contains(outside) {
+            assert_eq!(h.translate(outside, false), Err(HostFault::Unmapped(outside)));
+        }
+        assert_eq!(h.translate(Hva(8), false), Err(HostFault::Unmapped(Hva(8))));
+    }
+
+    #[test]
+    fn pfns_fit_phys_bits_and_capacity() {
+        let h = SimHost::new(HostConfig { phys_bits: 36, max_frames: u64::MAX }).expect("host");
+        assert_eq!(h.config().max_frames, 1 << 24);
+        let h = host(36);
+        let b = h.add_buffer("a", 1 << 20).expect("a");
+        assert!(b.first_pfn().0 + 256 <= 1 << 16);
+        assert!(matches!(h.add_buffer("huge", 1 << 30), Err(HostError::OutOfFrames { .. })));
+        assert_eq!(h.add_buffer("a", 4096).err(), Some(HostError::DuplicateName("a".into())));
+        assert_eq!(h.add_buffer("z", 0).err(), Some(HostError::ZeroSize("z".into())));
+    }
+
+    #[test]
+    fn readonly_host_mapping_refuses_writes() {
+        let h = host(40);
+        let b = h.add_buffer("ro", 4096).expect("ro");
+        b.set_host_writable(false);
+        assert_eq!(h.translate(b.hva(), true), Err(HostFault::Protected(b.hva())));
+        assert!(!h.translate(b.hva(), false).expect("read").writable);
+    }
+
+    #[test]
+    fn host_accesses_are_bounds_and_alignment_checked() {
+        let h = host(40);
+        let b = h.add_buffer("b", 4096).expect("b");
+        b.write(8, Width::W4, 0xdead_beef).expect("in bounds");
+        assert_eq!(b.read(8, Width::W2), Ok(0xbeef));
+        assert!(b.read(4096, Width::W1).is_err());
+        assert!(b.read(4094, Width::W4).is_err());
+        assert!(b.write(3, Width::W2, 0).is_err());
+    }
+
+    #[test]
+    fn table_pages_are_initialised_reused_and_counted() {
+        let h = host(40);
+        let ram = h.add_buffer("ram", 4096).expect("ram");
+        let a = h.alloc_table(0x55).expect("a");
+        let b = h.alloc_table(0).expect("b");
+        assert_ne!(a, b);
+        assert_ne!(a, ram.first_pfn());
+        assert!(h.ram_page(a).is_none(), "a table frame is not RAM");
+        assert!(h.table(ram.first_pfn()).is_none(), "a RAM frame is not a table");
+        // SAFETY: `table(a)` is live until freed below; only this thread uses it.
+        let ta = unsafe { h.table(a).expect("live").as_ref() };
+        assert!(ta.iter().all(|e| e.load(Ordering::Relaxed) == 0x55));
+        ta[3].store(7, Ordering::Relaxed);
+        // SAFETY: `a` came from `alloc_table`, is freed once, and nothing links to it.
+        unsafe { h.free_table(a) };
+        assert!(h.table(a).is_none());
+        let c = h.alloc_table(0x99).expect("c");
+        assert_eq!(c, a, "freed pages are reused");
+        // SAFETY: as above.
+        let tc = unsafe { h.table(c).expect("live").as_ref() };
+        assert_eq!(tc[3].load(Ordering::Relaxed), 0x99, "a reused page is re-initialised");
+        let s = h.table_stats();
+        assert_eq!((s.allocated, s.freed, s.live, s.high_water), (3, 1, 2, 2));
+    }
+
+    #[test]
+    fn concurrent_alloc_free_and_lookup_stay_consistent() {
+        let h = host(40);
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let h = &h;
+                s.spawn(move || {
+                    let mut mine = Vec::new();
+                    for i in 0..500u64 {
+                        let pfn = h.alloc_table(t).expect("frames");
+                        // SAFETY: `pfn` is live and owned by this thread until it frees it.
+                        let e = unsafe { h.table(pfn).expect("live table").as_ref() };
+                        assert_eq!(
+                            e[511].load(Ordering::Relaxed),
+                            t,
+                            "initialised before published"
+                        );
+                        e[0].store(t << 32 | i, Ordering::Relaxed);
+                        mine.push(pfn);
+                        if i % 3 == 0 {
+                            let p = mine.swap_remove(0);
+                            // SAFETY: allocated by this thread, freed once, never linked anywhere.
+                            unsafe { h.free_table(p) };
+                        }
+                    }
+                    for p in mine {
+                        // SAFETY: as above.
+                        unsafe { h.free_table(p) };
+                    }
+                });
+            }
+        });
+        let s = h.table_stats();
+        assert_eq!((s.allocated, s.freed, s.live), (2000, 2000, 0), "no leak");
+        assert!(s.high_water <= 2000 && s.high_water >= 300);
+    }
+
+    #[test]
+    fn table_allocation_fails_when_frames_run_out() {
+        let h = SimHost::new(HostConfig { phys_bits: 36, max_frames: 4 }).expect("host");
+        let got: Vec<_> = (0..5).filter_map(|_| h.alloc_table(0)).collect();
+        assert_eq!(got.len(), 3, "pfn 0 is reserved, so 3 of 4 frames are usable");
+    }
+}

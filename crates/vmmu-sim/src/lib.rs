@@ -1,0 +1,50 @@
+//! The software machine that drives the vmmu MMU: everything around the MMU that a real machine
+//! would provide, so an MMU can be run, stressed and judged without `/dev/kvm`.
+//!
+//! - [`host`]: host memory (page-aligned buffers with pfns from a frame table that fits
+//!   `phys_bits`) and page-table frames: the core's `HostMemory` and `FrameAllocator`;
+//! - [`tlb`]: a per-vCPU TLB of present leaf translations;
+//! - [`bus`]: the MMIO bus, its register device and exit-to-userspace records;
+//! - [`seam`]: the [`GuestMmu`] trait the machine drives, and what an MMU reports;
+//! - [`slots`], [`reference`](mod@reference): a plain memslot table, a reference MMU built on it, and a broken
+//!   ("stale") MMU that the oracle must catch;
+//! - [`layout`], [`mix`], [`schedule`]: the default machine as data: regions and buffers, each
+//!   vCPU's deterministic access mix, the device manager's memslot schedule;
+//! - [`oracle`]: judges every access against the memslot history;
+//! - [`machine`]: vCPU threads, the device manager, the run loop;
+//! - [`report`], [`progress`], [`options`]: what `vmmu run` takes and prints.
+//!
+//! ```
+//! use std::time::Duration;
+//! use vmmu_sim::machine::{Machine, MachineConfig};
+//! use vmmu_sim::reference::ReferenceMmu;
+//!
+//! let config = MachineConfig { duration: Duration::from_millis(50), ..MachineConfig::default() };
+//! let machine = Machine::new(config)?;
+//! let mmu = ReferenceMmu::new(machine.host().clone());
+//! let report = machine.run(&mmu)?;
+//! assert_eq!(report.oracle.violations, 0);
+//! # Ok::<(), vmmu_sim::machine::SimError>(())
+//! ```
+#![deny(missing_docs)]
+
+pub mod bus;
+pub mod host;
+pub mod layout;
+pub mod machine;
+pub mod mix;
+pub mod options;
+pub mod oracle;
+pub mod progress;
+pub mod ram;
+pub mod reference;
+pub mod report;
+pub mod schedule;
+pub mod seam;
+pub mod slots;
+pub mod tlb;
+
+pub use machine::{Machine, MachineConfig, SimError};
+pub use options::RunOptions;
+pub use report::Report;
+pub use seam::{GuestMmu, SlotRequest, Translation};

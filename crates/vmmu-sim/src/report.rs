@@ -1,0 +1,379 @@
+//! The run report: what `vmmu run` prints, as a struct with a human-readable [`Display`] and a
+//! stable JSON form (serde, snake_case keys, nested groups: `config`, `vcpus`, `exits`, `mmu`,
+//! `memslots`, `tlb`, `tables`, `oracle`).
+//!
+//! The machine fills everything it measures itself; the MMU's part comes from
+//! [`GuestMmu::stats`](crate::seam::GuestMmu::stats) and
+//! [`GuestMmu::mmio_caching`](crate::seam::GuestMmu::mmio_caching). Keys are part of the CLI's
+//! interface: add keys, never rename them.
+//!
+//! [`Display`]: core::fmt::Display
+
+use crate::host::TableStats;
+use crate::oracle::OracleReport;
+use crate::seam::MmuStats;
+use crate::tlb::TlbStats;
+use core::fmt;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// The complete report of one run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Report {
+    /// What ran.
+    pub config: ConfigReport,
+    /// Wall-clock seconds the vCPUs ran.
+    pub elapsed_seconds: f64,
+    /// Per vCPU.
+    pub vcpus: Vec<VcpuReport>,
+    /// Exits by kind.
+    pub exits: ExitsReport,
+    /// MMU counters.
+    pub mmu: MmuReport,
+    /// Memslot updates.
+    pub memslots: MemslotReport,
+    /// TLB totals over all vCPUs.
+    pub tlb: TlbStats,
+    /// Page-table pages.
+    pub tables: TableStats,
+    /// The oracle's verdict.
+    pub oracle: OracleReport,
+}
+
+/// The configuration a run used.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ConfigReport {
+    /// SPTE format (`ept` or `npt`).
+    pub format: String,
+    /// Host MAXPHYADDR.
+    pub phys_bits: u8,
+    /// vCPUs.
+    pub vcpus: usize,
+    /// The seed of the access mix.
+    pub seed: u64,
+    /// MMIO caching: asked for, in effect, why.
+    pub mmio_caching: MmioCachingReport,
+}
+
+/// MMIO caching as requested and as in effect.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MmioCachingReport {
+    /// Whether `--mmio-caching on` was asked for.
+    pub requested: bool,
+    /// Whether the MMU uses MMIO SPTEs.
+    pub effective: bool,
+    /// Why (from the MMU).
+    pub reason: String,
+}
+
+/// One vCPU's work.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct VcpuReport {
+    /// vCPU index.
+    pub index: usize,
+    /// Accesses done.
+    pub accesses: u64,
+    /// Accesses per second of the run.
+    pub accesses_per_sec: f64,
+    /// Loads.
+    pub reads: u64,
+    /// Stores.
+    pub writes: u64,
+    /// Accesses that went to RAM.
+    pub ram: u64,
+    /// Accesses a device handled.
+    pub mmio_device: u64,
+    /// Accesses that exited to userspace.
+    pub mmio_userspace: u64,
+    /// ROM writes that exited (read-only slot).
+    pub readonly_write: u64,
+    /// Translations retried.
+    pub retries: u64,
+    /// Accesses the MMU failed.
+    pub errors: u64,
+    /// This vCPU's TLB.
+    pub tlb: TlbStats,
+}
+
+/// Exits by kind: the MMU's fault-path view plus the machine's MMIO destinations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ExitsReport {
+    /// EPT violations / NPT not-present or permission faults (from the MMU).
+    pub violation: u64,
+    /// EPT misconfigurations / RSVD faults (from the MMU).
+    pub misconfig: u64,
+    /// MMIO SPTE hits with a current generation (from the MMU).
+    pub mmio_spte_hit: u64,
+    /// Per-vCPU MMIO cache hits (from the MMU).
+    pub mmio_cache_hit: u64,
+    /// Slow-path MMIO (from the MMU).
+    pub mmio_slow_path: u64,
+    /// Writes to the read-only ROM slot that exited (machine).
+    pub readonly_write: u64,
+    /// MMIO handled by an in-process device (machine).
+    pub mmio_device: u64,
+    /// MMIO exits to userspace (machine).
+    pub mmio_userspace: u64,
+}
+
+/// The MMU's counters other than exits.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MmuReport {
+    /// MMIO SPTEs installed.
+    pub mmio_sptes_created: u64,
+    /// SPTE zaps.
+    pub zaps: u64,
+    /// `zap_all_fast` calls.
+    pub zap_all_fast: u64,
+    /// Faults that returned "retry" (MMU side; the vCPUs' own count is per vCPU).
+    pub retries: u64,
+    /// Remote TLB flush requests.
+    pub tlb_flush_requests: u64,
+    /// MMU-specific counters.
+    pub extra: BTreeMap<String, u64>,
+}
+
+/// Memslot update counts and latency.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MemslotReport {
+    /// Requests made by the device manager.
+    pub updates: u64,
+    /// Of those, refused by design (the schedule expects the errno).
+    pub refused: u64,
+    /// `set_memory_region` latency percentiles, in nanoseconds.
+    pub latency_ns: Percentiles,
+    /// The final memslot generation.
+    pub generation: u64,
+    /// MMIO generation wraps.
+    pub generation_wraps: u64,
+}
+
+/// Latency percentiles.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Largest.
+    pub max: u64,
+}
+
+impl Percentiles {
+    /// Percentiles of `h` (all 0 when it is empty).
+    pub fn of(h: &Histogram<u64>) -> Percentiles {
+        if h.is_empty() {
+            return Percentiles::default();
+        }
+        Percentiles {
+            p50: h.value_at_quantile(0.50),
+            p90: h.value_at_quantile(0.90),
+            p99: h.value_at_quantile(0.99),
+            max: h.max(),
+        }
+    }
+}
+
+impl Report {
+    /// Copies the MMU's counters into the report's `exits`, `mmu` and `memslots` groups.
+    pub fn fill_mmu(&mut self, s: &MmuStats) {
+        self.exits.violation = s.exits.violation;
+        self.exits.misconfig = s.exits.misconfig;
+        self.exits.mmio_spte_hit = s.exits.mmio_spte_hit;
+        self.exits.mmio_cache_hit = s.exits.mmio_cache_hit;
+        self.exits.mmio_slow_path = s.exits.mmio_slow_path;
+        self.mmu = MmuReport {
+            mmio_sptes_created: s.mmio_sptes_created,
+            zaps: s.zaps,
+            zap_all_fast: s.zap_all_fast,
+            retries: s.retries,
+            tlb_flush_requests: s.tlb_flush_requests,
+            extra: s.extra.clone(),
+        };
+        self.memslots.generation = s.generation;
+        self.memslots.generation_wraps = s.generation_wraps;
+    }
+
+    /// Total accesses over all vCPUs.
+    pub fn total_accesses(&self) -> u64 {
+        self.vcpus.iter().map(|v| v.accesses).sum()
+    }
+
+    /// The report as pretty JSON.
+    pub fn to_json(&self) -> String {
+        // Serialising plain structs of numbers, strings and maps with string keys cannot fail.
+        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+}
+
+fn us(ns: u64) -> f64 {
+    ns as f64 / 1000.0
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        let m = &c.mmio_caching;
+        writeln!(
+            f,
+            "config: format {} phys_bits {} vcpus {} seed {}; mmio caching requested {} effective {} ({})",
+            c.format,
+            c.phys_bits,
+            c.vcpus,
+            c.seed,
+            if m.requested { "on" } else { "off" },
+            if m.effective { "on" } else { "off" },
+            m.reason
+        )?;
+        writeln!(f, "ran {:.2} s, {} accesses", self.elapsed_seconds, self.total_accesses())?;
+        for v in &self.vcpus {
+            writeln!(
+                f,
+                "  vcpu {}: {} accesses ({:.0}/s), ram {}, device {}, userspace exits {}, retries {}, errors {}",
+                v.index, v.accesses, v.accesses_per_sec, v.ram, v.mmio_device, v.mmio_userspace, v.retries, v.errors
+            )?;
+        }
+        let e = &self.exits;
+        writeln!(
+            f,
+            "exits: violation {}, misconfig {}, mmio spte hit {}, mmio cache hit {}, slow-path mmio {}, read-only write {}, device {}, userspace {}",
+            e.violation, e.misconfig, e.mmio_spte_hit, e.mmio_cache_hit, e.mmio_slow_path, e.readonly_write, e.mmio_device, e.mmio_userspace
+        )?;
+        let mm = &self.mmu;
+        write!(
+            f,
+            "mmu: mmio sptes created {}, zaps {}, zap_all_fast {}, retries {}, tlb flush requests {}",
+            mm.mmio_sptes_created, mm.zaps, mm.zap_all_fast, mm.retries, mm.tlb_flush_requests
+        )?;
+        for (k, v) in &mm.extra {
+            write!(f, ", {k} {v}")?;
+        }
+        writeln!(f)?;
+        let s = &self.memslots;
+        writeln!(
+            f,
+            "memslots: {} updates ({} refused as expected), latency p50 {:.1} us p90 {:.1} us p99 {:.1} us max {:.1} us; generation {}, wraps {}",
+            s.updates,
+            s.refused,
+            us(s.latency_ns.p50),
+            us(s.latency_ns.p90),
+            us(s.latency_ns.p99),
+            us(s.latency_ns.max),
+            s.generation,
+            s.generation_wraps
+        )?;
+        let t = &self.tlb;
+        writeln!(
+            f,
+            "tlb: hits {}, misses {}, flushes {}, inserts {}",
+            t.hits, t.misses, t.flushes, t.inserts
+        )?;
+        let tb = &self.tables;
+        writeln!(
+            f,
+            "table pages: allocated {}, freed {}, live {}, high water {}",
+            tb.allocated, tb.freed, tb.live, tb.high_water
+        )?;
+        let o = &self.oracle;
+        if o.violations == 0 {
+            write!(f, "oracle: OK, {} outcomes checked, 0 violations", o.checked)
+        } else {
+            write!(
+                f,
+                "oracle: FAILED, {} violations in {} outcomes checked",
+                o.violations, o.checked
+            )?;
+            for v in &o.first_violations {
+                write!(f, "\n  {v}")?;
+            }
+            if o.violations > o.first_violations.len() as u64 {
+                write!(f, "\n  ... and {} more", o.violations - o.first_violations.len() as u64)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oracle::Violation;
+
+    #[test]
+    fn json_has_the_stable_groups_and_keys() {
+        let mut r = Report::default();
+        r.vcpus.push(VcpuReport { index: 0, accesses: 10, ..VcpuReport::default() });
+        r.oracle.push(Violation {
+            vcpu: Some(1),
+            gpa: Some("0xc0000040".into()),
+            what: "BarRead of 8 bytes".into(),
+            expected: "v0: MMIO exit".into(),
+            seen: "RAM bar0+0x40".into(),
+        });
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
+        for key in [
+            "config",
+            "vcpus",
+            "exits",
+            "mmu",
+            "memslots",
+            "tlb",
+            "tables",
+            "oracle",
+            "elapsed_seconds",
+        ] {
+            assert!(v.get(key).is_some(), "missing {key}");
+        }
+        assert_eq!(v["oracle"]["violations"], 1);
+        assert_eq!(v["oracle"]["first_violations"][0]["vcpu"], 1);
+        assert!(v["config"]["mmio_caching"].get("reason").is_some());
+        assert!(v["memslots"]["latency_ns"].get("p99").is_some());
+        assert!(v["exits"].get("mmio_spte_hit").is_some());
+        assert_eq!(v["vcpus"][0]["accesses"], 10);
+    }
+
+    #[test]
+    fn display_names_the_verdict_and_violations() {
+        let mut r = Report::default();
+        assert!(r.to_string().contains("oracle: OK"));
+        r.oracle.push(Violation {
+            vcpu: Some(0),
+            gpa: Some("0x1000".into()),
+            what: "read".into(),
+            expected: "MMIO exit".into(),
+            seen: "RAM".into(),
+        });
+        let s = r.to_string();
+        assert!(s.contains("oracle: FAILED, 1 violations"), "{s}");
+        assert!(s.contains("vCPU 0 gpa 0x1000 read: expected MMIO exit, saw RAM"), "{s}");
+    }
+
+    #[test]
+    fn percentiles_of_a_histogram() {
+        let mut h = Histogram::<u64>::new(3).expect("histogram");
+        for v in 1..=100u64 {
+            h.record(v * 1000).expect("record");
+        }
+        let p = Percentiles::of(&h);
+        assert!(p.p50 >= 49_000 && p.p50 <= 51_000, "{p:?}");
+        assert!(p.max >= 100_000 && p.max < 100_100);
+        assert_eq!(Percentiles::of(&Histogram::<u64>::new(3).expect("h")), Percentiles::default());
+    }
+
+    #[test]
+    fn fill_mmu_copies_counters() {
+        let mut s = MmuStats { mmio_sptes_created: 4, generation: 12, ..MmuStats::default() };
+        s.exits.mmio_cache_hit = 3;
+        s.extra.insert("stale_generation_misses".into(), 2);
+        let mut r = Report::default();
+        r.fill_mmu(&s);
+        assert_eq!(
+            (r.exits.mmio_cache_hit, r.mmu.mmio_sptes_created, r.memslots.generation),
+            (3, 4, 12)
+        );
+        assert_eq!(r.mmu.extra.get("stale_generation_misses"), Some(&2));
+    }
+}
