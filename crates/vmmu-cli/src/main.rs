@@ -1,7 +1,8 @@
-//! The `vmmu` command. Subcommands are added as the machine, scenarios and benches land.
+//! The `vmmu` command: `run` (the default), `scenario`, `bugs`.
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod run_cmd;
 mod scenario_cmd;
 
 /// A virtual MMU with generation-checked MMIO caching: run it, check it, measure it.
@@ -14,6 +15,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the software machine on the MMU for a few seconds and report (the default command).
+    Run(run_cmd::RunArgs),
     /// Print the historical bugs this build can re-inject.
     Bugs,
     /// Run a scenario file and print its observations (JSON Lines) on stdout.
@@ -30,7 +33,12 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Scenario(args)) => scenario_cmd::run(&args),
-        Some(Command::Bugs) | None => {
+        Some(Command::Run(args)) => run_cmd::run(&args),
+        None => match Cli::try_parse_from(["vmmu", "run"]) {
+            Ok(Cli { command: Some(Command::Run(args)) }) => run_cmd::run(&args),
+            _ => ExitCode::from(2),
+        },
+        Some(Command::Bugs) => {
             for b in vmmu::bugs::Bug::ALL {
                 println!("{}", b.name());
             }

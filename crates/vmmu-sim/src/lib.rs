@@ -37,6 +37,7 @@ pub mod options;
 pub mod oracle;
 pub mod progress;
 pub mod ram;
+pub mod real;
 pub mod reference;
 pub mod report;
 pub mod schedule;
@@ -46,5 +47,6 @@ pub mod tlb;
 
 pub use machine::{Machine, MachineConfig, SimError};
 pub use options::RunOptions;
+pub use real::{RealMmu, RealMmuConfig};
 pub use report::Report;
 pub use seam::{GuestMmu, SlotRequest, Translation};

@@ -65,6 +65,9 @@ pub struct MachineConfig {
     pub format: String,
     /// Whether MMIO caching was requested, for the report.
     pub mmio_caching_requested: bool,
+    /// Stop once the device manager has made this many memslot updates (churn runs); the
+    /// duration still bounds the run.
+    pub max_updates: Option<u64>,
 }
 
 impl Default for MachineConfig {
@@ -82,6 +85,7 @@ impl Default for MachineConfig {
             host: HostConfig::new(46),
             format: "ept".into(),
             mmio_caching_requested: true,
+            max_updates: None,
         }
     }
 }
@@ -259,8 +263,9 @@ impl Machine {
                     counters.iter().all(|c| c.0.load(Ordering::Relaxed) >= max)
                         && snap.updates >= cfg.min_updates
                 });
+                let churn_done = cfg.max_updates.is_some_and(|m| snap.updates >= m);
                 let crashed = handles.iter().any(|h| h.is_finished()) || dm.is_finished();
-                if elapsed >= cfg.duration || budget_done || crashed {
+                if elapsed >= cfg.duration || budget_done || churn_done || crashed {
                     stop.store(true, Ordering::Relaxed);
                     break;
                 }

@@ -191,6 +191,23 @@ impl Srcu {
         ReadGuard { srcu: self, index: id.index() }
     }
 
+    /// Opens a read section with no guard, for callers whose section spans calls that cannot
+    /// hold a borrow (a vCPU's guest-mode period). Close it with [`Self::read_unlock_raw`].
+    #[inline]
+    pub fn read_lock_raw(&self, id: ReaderId) {
+        core::mem::forget(self.read_lock(id));
+    }
+
+    /// Closes a section opened by [`Self::read_lock_raw`].
+    ///
+    /// # Safety
+    /// A section opened with `read_lock_raw(id)` on this `Srcu` is open and not yet closed, and
+    /// the caller owns it (no guard of that section exists).
+    #[inline]
+    pub unsafe fn read_unlock_raw(&self, id: ReaderId) {
+        drop(ReadGuard { srcu: self, index: id.index() });
+    }
+
     /// Waits until every read section that began before this call has ended, using `relax`
     /// between polls. Must not be called from inside a read section of this `Srcu`.
     pub fn synchronize(&self, relax: &impl Relax) {

@@ -61,6 +61,8 @@ pub struct Vcpu<H: Host> {
     root: Option<Arc<Root>>,
     mmio_cache: MmioInfoCache,
     slot_cache: SlotCache,
+    /// In guest mode through [`Vcpu::enter_guest_mode`] (holding a raw table read section).
+    in_guest: bool,
     /// This vCPU's counters.
     pub stats: VcpuStats,
 }
@@ -79,6 +81,7 @@ impl<H: Host> Vcpu<H> {
             root: None,
             mmio_cache: MmioInfoCache::new(),
             slot_cache: SlotCache::default(),
+            in_guest: false,
             stats: VcpuStats::default(),
         })
     }
@@ -131,6 +134,7 @@ impl<H: Host> Vcpu<H> {
     /// Handles pending requests and loads a root if none is loaded (KVM: the request checks of
     /// `vcpu_enter_guest` and `kvm_mmu_reload`). Call outside guest mode, between accesses.
     pub fn service_requests(&mut self) -> Result<EntryWork, TdpError> {
+        debug_assert!(!self.in_guest, "requests are serviced outside guest mode");
         let mut work = EntryWork::default();
         let pending = self.state().pending();
         if pending.has(Request::FreeObsoleteRoots) {
@@ -181,6 +185,59 @@ impl<H: Host> Vcpu<H> {
         Ok(GuestMode { vm: &self.vm, state, root_pfn, root_level, _table: table_guard })
     }
 
+    /// Enters guest mode without a guard, for drivers whose guest-mode period spans several calls
+    /// (the software machine). Same contract as [`Self::enter_guest`]; leave with
+    /// [`Self::exit_guest_mode`]. Fault handlers must be called outside guest mode.
+    pub fn enter_guest_mode(&mut self) -> Result<(), Requests> {
+        debug_assert!(!self.in_guest, "already in guest mode");
+        if self.root.is_none() {
+            return Err(self.state().pending());
+        }
+        let mmu = &self.vm.mmu;
+        mmu.table_srcu.read_lock_raw(self.table_reader);
+        if let Err(r) = mmu.vcpus[self.index].enter_guest_mode() {
+            // SAFETY: opened just above by this thread, no guard exists.
+            unsafe { mmu.table_srcu.read_unlock_raw(self.table_reader) };
+            return Err(r);
+        }
+        self.in_guest = true;
+        Ok(())
+    }
+
+    /// Leaves guest mode entered with [`Self::enter_guest_mode`] (a VM exit). No-op outside it.
+    pub fn exit_guest_mode(&mut self) {
+        if !self.in_guest {
+            return;
+        }
+        self.in_guest = false;
+        let mmu = &self.vm.mmu;
+        mmu.vcpus[self.index].exit_guest_mode();
+        // SAFETY: `in_guest` was set by `enter_guest_mode`, which opened the section.
+        unsafe { mmu.table_srcu.read_unlock_raw(self.table_reader) };
+    }
+
+    /// Whether the vCPU is in guest mode through [`Self::enter_guest_mode`].
+    pub fn in_guest_mode(&self) -> bool {
+        self.in_guest
+    }
+
+    /// Whether requests are pending (cheap; poll it between accesses in guest mode).
+    #[inline]
+    pub fn requests_pending(&self) -> bool {
+        !self.state().pending().is_empty()
+    }
+
+    /// The hardware walk for a TLB miss, in guest mode entered with [`Self::enter_guest_mode`].
+    #[inline]
+    pub fn walk(&self, gpa: Gpa, need: Access) -> HwWalk {
+        assert!(self.in_guest, "the hardware walks only in guest mode");
+        let Some(root) = self.root.as_ref() else {
+            return HwWalk::Broken { dump: Default::default() };
+        };
+        let mmu = &self.vm.mmu;
+        hw_walk(&mmu.cfg.format, &*mmu.host, root.pfn(), root.level(), gpa.gfn(), need)
+    }
+
     /// EPT violation exit (not present, or present without the right): KVM
     /// `handle_ept_violation` -> `kvm_mmu_page_fault` without RSVD.
     pub fn handle_ept_violation(
@@ -216,6 +273,7 @@ impl<H: Host> Vcpu<H> {
         access: FaultAccess,
         rsvd: bool,
     ) -> Result<FaultOutcome, FaultError> {
+        debug_assert!(!self.in_guest, "fault handlers run outside guest mode (after a VM exit)");
         if self.root.is_none() {
             return Ok(self.retry(RetryCause::NoRoot));
         }
@@ -514,6 +572,7 @@ impl<H: Host> Drop for GuestMode<'_, H> {
 
 impl<H: Host> Drop for Vcpu<H> {
     fn drop(&mut self) {
+        self.exit_guest_mode();
         if let Some(r) = self.root.take() {
             self.vm.mmu.put_root(r);
         }

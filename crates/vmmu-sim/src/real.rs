@@ -1,0 +1,304 @@
+//! The machine on the real MMU: [`RealMmu`] implements the [`GuestMmu`] seam with a
+//! [`vmmu::vm::Vm`] on the machine's [`SimHost`]. A TLB miss is what the hardware does: the
+//! vCPU, in guest mode, walks the second-level tables ([`vmmu::tdp::hw_walk`]); a violation or a
+//! misconfiguration/RSVD fault is a VM exit to the MMU's entry point for that exit kind; the
+//! outcome decides what the access sees (RAM after a retry, or MMIO emulation).
+//!
+//! Guest mode here is KVM's: while a vCPU is in it, remote TLB flushes wait for it to notice the
+//! request (it polls between accesses, as an IPI would interrupt it) and leave.
+
+use crate::host::SimHost;
+use crate::seam::{GuestMmu, MmioCachingState, MmuExits, MmuStats, SlotRequest, Translation};
+use std::sync::{Arc, Mutex};
+use vmmu::bugs::BugSet;
+use vmmu::fault::{FaultOutcome, PfErr};
+use vmmu::memslot::UserspaceMemoryRegion;
+use vmmu::spte::FormatKind;
+use vmmu::stats::VcpuStats;
+use vmmu::tdp::HwWalk;
+use vmmu::vcpu::Vcpu;
+use vmmu::vm::{Vm, VmConfig, VmError};
+use vmmu::{Access, AsId, FaultAccess, Gpa};
+
+/// How to build the real MMU for a machine.
+#[derive(Clone, Copy, Debug)]
+pub struct RealMmuConfig {
+    /// The SPTE format.
+    pub format: FormatKind,
+    /// Host MAXPHYADDR.
+    pub phys_bits: u8,
+    /// The user's wish for MMIO caching.
+    pub mmio_caching: bool,
+    /// vCPUs the VM must hold.
+    pub vcpus: usize,
+    /// First memslot generation (e.g. near the MMIO wrap for churn runs).
+    pub generation_base: u64,
+    /// Delete/move zaps everything.
+    pub slot_zap_all: bool,
+    /// Injected historical bugs.
+    pub bugs: BugSet,
+}
+
+/// The real MMU behind the seam.
+pub struct RealMmu {
+    vm: Vm<SimHost>,
+    /// Counters of vCPUs that have finished (each adds its own when dropped).
+    totals: Arc<Mutex<VcpuStats>>,
+    timing: Arc<Mutex<MmioTiming>>,
+}
+
+/// One vCPU of [`RealMmu`].
+pub struct RealVcpu {
+    vcpu: Vcpu<SimHost>,
+    flush_tlb: bool,
+    totals: Arc<Mutex<VcpuStats>>,
+    timing: Arc<Mutex<MmioTiming>>,
+    mine: MmioTiming,
+}
+
+/// Time spent resolving accesses that ended as MMIO (the walk, the exit and the MMU's
+/// handling, up to the bus): what MMIO caching is meant to shorten.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MmioTiming {
+    /// Accesses resolved as MMIO by `translate`.
+    pub count: u64,
+    /// Nanoseconds spent in those `translate` calls, retries included.
+    pub nanos: u64,
+}
+
+impl RealMmu {
+    /// A VM on `host`.
+    pub fn new(host: Arc<SimHost>, cfg: RealMmuConfig) -> Result<Self, VmError> {
+        let mut vc = VmConfig::new(cfg.format, cfg.phys_bits)?;
+        vc.mmio_caching = cfg.mmio_caching;
+        vc.max_vcpus = cfg.vcpus.max(1);
+        vc.generation_base = cfg.generation_base;
+        vc.slot_zap_all = cfg.slot_zap_all;
+        vc.bugs = cfg.bugs;
+        Ok(RealMmu {
+            vm: Vm::new(vc, host)?,
+            totals: Arc::new(Mutex::new(VcpuStats::default())),
+            timing: Arc::new(Mutex::new(MmioTiming::default())),
+        })
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &Vm<SimHost> {
+        &self.vm
+    }
+
+    /// MMIO resolution time of the vCPUs that have finished, summed.
+    pub fn mmio_timing(&self) -> MmioTiming {
+        self.timing.lock().map(|t| *t).unwrap_or_default()
+    }
+
+    /// The per-vCPU counters of the vCPUs that have finished, summed.
+    pub fn vcpu_totals(&self) -> VcpuStats {
+        self.totals.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+}
+
+impl RealVcpu {
+    /// Services requests until the vCPU is in guest mode.
+    fn enter(&mut self) {
+        loop {
+            match self.vcpu.service_requests() {
+                Ok(w) => self.flush_tlb |= w.flush_tlb,
+                Err(e) => panic!("vCPU {} cannot load a root: {e}", self.vcpu.index()),
+            }
+            if self.vcpu.enter_guest_mode().is_ok() {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for RealVcpu {
+    fn drop(&mut self) {
+        self.vcpu.exit_guest_mode();
+        if let Ok(mut t) = self.totals.lock() {
+            t.accumulate(&self.vcpu.stats);
+        }
+        if let Ok(mut t) = self.timing.lock() {
+            t.count += self.mine.count;
+            t.nanos += self.mine.nanos;
+        }
+    }
+}
+
+impl GuestMmu for RealMmu {
+    type Vcpu = RealVcpu;
+
+    fn create_vcpu(&self, index: usize) -> RealVcpu {
+        let vcpu = self
+            .vm
+            .create_vcpu()
+            .unwrap_or_else(|e| panic!("vCPU {index} could not be created: {e}"));
+        RealVcpu {
+            vcpu,
+            flush_tlb: true,
+            totals: self.totals.clone(),
+            timing: self.timing.clone(),
+            mine: MmioTiming::default(),
+        }
+    }
+
+    fn set_memory_region(&self, r: &SlotRequest) -> Result<(), String> {
+        let region = UserspaceMemoryRegion {
+            slot: r.slot,
+            flags: r.flags,
+            guest_phys_addr: r.guest_phys_addr,
+            memory_size: r.memory_size,
+            userspace_addr: r.userspace_addr,
+        };
+        self.vm.set_memory_region(&region).map(|_| ()).map_err(|e| e.errno().to_string())
+    }
+
+    fn enter_guest(&self, v: &mut RealVcpu) {
+        if !v.vcpu.in_guest_mode() {
+            v.enter();
+        }
+    }
+
+    fn exit_guest(&self, v: &mut RealVcpu) {
+        v.vcpu.exit_guest_mode();
+    }
+
+    fn poll_tlb_flush(&self, v: &mut RealVcpu) -> bool {
+        if !v.vcpu.in_guest_mode() || v.vcpu.requests_pending() {
+            // The "IPI": leave guest mode, handle the requests, come back.
+            v.vcpu.exit_guest_mode();
+            v.enter();
+        }
+        std::mem::take(&mut v.flush_tlb)
+    }
+
+    fn translate(&self, v: &mut RealVcpu, gpa: Gpa, write: bool) -> Translation {
+        let t0 = std::time::Instant::now();
+        let t = translate(v, gpa, write);
+        if t == Translation::Mmio {
+            v.mine.count += 1;
+            v.mine.nanos += t0.elapsed().as_nanos() as u64;
+        }
+        t
+    }
+
+    fn stats(&self) -> MmuStats {
+        stats(self)
+    }
+
+    fn mmio_caching(&self) -> MmioCachingState {
+        let p = self.vm.mmio_caching();
+        let effective = self.vm.mmio_caching_enabled();
+        let reason = match p.reason() {
+            Some(r) => r.to_string(),
+            None if effective => "enabled".to_string(),
+            None => "disabled for this VM".to_string(),
+        };
+        MmioCachingState { effective, reason }
+    }
+}
+
+/// A TLB miss: the hardware walk in guest mode, and on a fault the exit to the MMU's entry point
+/// for that exit kind.
+fn translate(v: &mut RealVcpu, gpa: Gpa, write: bool) -> Translation {
+    if !v.vcpu.in_guest_mode() {
+        v.enter();
+    }
+    let need = if write { Access::WRITE } else { Access::NONE };
+    let walk = v.vcpu.walk(gpa, need);
+    let ept = v.vcpu.format().is_ept();
+    // Anything but a translation is a VM exit.
+    let result = match walk {
+        HwWalk::Translated { pfn, level, perms } => {
+            return Translation::Ram { pfn, writable: perms.contains(Access::WRITE), level };
+        }
+        HwWalk::Broken { dump } => {
+            return Translation::Error(format!(
+                "hardware walk of {gpa} hit an unknown frame: {dump}"
+            ));
+        }
+        HwWalk::Violation { present, .. } => {
+            v.vcpu.exit_guest_mode();
+            if ept {
+                let fa = if write { FaultAccess::WRITE } else { FaultAccess::READ };
+                v.vcpu.handle_ept_violation(gpa, fa)
+            } else {
+                let mut e = PfErr::USER | if write { PfErr::WRITE } else { 0 };
+                if present {
+                    e |= PfErr::PRESENT;
+                }
+                v.vcpu.handle_npf(gpa, PfErr(e))
+            }
+        }
+        HwWalk::Misconfig { .. } => {
+            v.vcpu.exit_guest_mode();
+            if ept {
+                v.vcpu.handle_ept_misconfig(gpa)
+            } else {
+                let e = PfErr::RSVD
+                    | PfErr::PRESENT
+                    | PfErr::USER
+                    | if write { PfErr::WRITE } else { 0 };
+                v.vcpu.handle_npf(gpa, PfErr(e))
+            }
+        }
+    };
+    match result {
+        Ok(FaultOutcome::Emulate { .. }) => Translation::Mmio,
+        Ok(FaultOutcome::Fixed | FaultOutcome::Spurious | FaultOutcome::Retry(_)) => {
+            Translation::Retry
+        }
+        Err(e) => Translation::Error(format!("vCPU {}: {e}", v.vcpu.index())),
+    }
+}
+
+fn stats(m: &RealMmu) -> MmuStats {
+    let t = m.vcpu_totals();
+    let vm = m.vm.stats();
+    let mut s = MmuStats {
+        exits: MmuExits {
+            violation: t.violation_exits,
+            misconfig: t.misconfig_exits,
+            mmio_spte_hit: t.mmio_spte_hits,
+            mmio_cache_hit: t.mmio_cache_hits,
+            mmio_slow_path: t.slow_path_mmio,
+        },
+        mmio_sptes_created: t.pf_mmio_spte_created,
+        zaps: vm.zap_range,
+        zap_all_fast: vm.zap_all_fast,
+        retries: t.retries_total(),
+        tlb_flush_requests: vm.remote_tlb_flush_requests,
+        generation: m.vm.memslots().generation(AsId(0)).raw(),
+        generation_wraps: vm.mmio_gen_wraps,
+        extra: Default::default(),
+    };
+    let timing = m.mmio_timing();
+    let counters = [
+        ("pf_taken", t.pf_taken),
+        ("pf_fixed", t.pf_fixed),
+        ("pf_emulate", t.pf_emulate),
+        ("pf_spurious", t.pf_spurious),
+        ("pf_fast", t.pf_fast),
+        ("stale_gen_misses", t.stale_gen_misses),
+        ("readonly_write_emulations", t.readonly_write_emulations),
+        ("root_loads", t.root_loads),
+        ("vcpu_tlb_flushes", t.tlb_flush),
+        ("remote_tlb_flush", vm.remote_tlb_flush),
+        ("mmu_shadow_zapped", vm.mmu_shadow_zapped),
+        ("pages_4k", vm.pages_4k),
+        ("pages_2m", vm.pages_2m),
+        ("pages_1g", vm.pages_1g),
+        ("tables_allocated", vm.tables_allocated),
+        ("tables_freed", vm.tables_freed),
+        ("mmio_translations", timing.count),
+        ("mmio_translate_ns", timing.nanos),
+    ];
+    for (k, v) in counters {
+        s.extra.insert(k.to_string(), v);
+    }
+    for c in vmmu::stats::RetryCause::ALL {
+        s.extra.insert(format!("retry_{}", c.name()), t.retries[c as usize]);
+    }
+    s
+}
