@@ -1,0 +1,120 @@
+//! `vmmu run` end to end: exit status, the JSON report's stable keys, a churn run across the MMIO
+//! generation wrap, `--compare-caching`, and (with the feature) an injected bug making it fail.
+
+use serde_json::Value;
+use std::process::{Command, Output};
+
+fn vmmu(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmmu")).args(args).output().expect("run vmmu")
+}
+
+fn json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("stdout is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+    })
+}
+
+#[test]
+fn short_run_is_clean_and_reports_stable_keys() {
+    for format in ["ept", "npt"] {
+        let out = vmmu(&["run", "--seconds", "0.5", "--json", "--format", format]);
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        let r = json(&out);
+        assert_eq!(r["oracle"]["violations"], 0);
+        assert!(r["oracle"]["checked"].as_u64().unwrap() > 1000);
+        assert_eq!(r["config"]["format"], format);
+        assert_eq!(r["config"]["mmio_caching"]["requested"], true);
+        assert_eq!(r["config"]["mmio_caching"]["effective"], true);
+        assert!(r["config"]["mmio_caching"]["reason"].is_string());
+        for key in [
+            "violation",
+            "misconfig",
+            "mmio_spte_hit",
+            "mmio_cache_hit",
+            "mmio_slow_path",
+            "readonly_write",
+        ] {
+            assert!(r["exits"][key].as_u64().is_some(), "exits.{key} missing");
+        }
+        assert!(r["memslots"]["latency_ns"]["p99"].as_u64().is_some());
+        assert!(r["vcpus"].as_array().unwrap().len() == 2);
+    }
+}
+
+#[test]
+fn caching_impossible_is_reported_with_its_reason() {
+    let out = vmmu(&["run", "--seconds", "0.3", "--json", "--format", "npt", "--phys-bits", "52"]);
+    assert_eq!(out.status.code(), Some(0));
+    let r = json(&out);
+    assert_eq!(r["config"]["mmio_caching"]["effective"], false);
+    let reason = r["config"]["mmio_caching"]["reason"].as_str().unwrap().to_lowercase();
+    assert!(reason.contains("52") || reason.contains("reserved"), "{reason}");
+    assert_eq!(r["exits"]["misconfig"], 0);
+}
+
+#[test]
+fn bad_arguments_exit_2_with_a_message() {
+    for args in [
+        &["run", "--phys-bits", "99"][..],
+        &["run", "--vcpus", "0"],
+        &["run", "--seconds", "-1"],
+        &["run", "--format", "shadow"],
+        &["run", "--inject", "no-such-bug"],
+    ] {
+        let out = vmmu(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(!out.stderr.is_empty(), "{args:?} gave no message");
+    }
+}
+
+#[test]
+fn inject_list_names_every_bug() {
+    let out = vmmu(&["run", "--inject", "list"]);
+    assert_eq!(out.status.code(), Some(0));
+    let names: Vec<_> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    let want: Vec<_> = vmmu::bugs::Bug::ALL.iter().map(|b| b.name().to_string()).collect();
+    assert_eq!(names, want);
+}
+
+#[test]
+fn churn_crosses_the_mmio_generation_wrap_cleanly() {
+    let out = vmmu(&["run", "--churn", "3000", "--near-wrap", "--seconds", "60", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = json(&out);
+    assert!(r["memslots"]["updates"].as_u64().unwrap() >= 3000);
+    assert!(r["memslots"]["generation_wraps"].as_u64().unwrap() >= 1, "{}", r["memslots"]);
+    assert!(r["memslots"]["generation"].as_u64().unwrap() > 1 << 19);
+    assert_eq!(r["oracle"]["violations"], 0);
+}
+
+#[test]
+fn compare_caching_prints_both_runs_and_ratios() {
+    let out = vmmu(&["run", "--seconds", "0.3", "--compare-caching", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = json(&out);
+    assert_eq!(r["caching_on"]["config"]["mmio_caching"]["effective"], true);
+    assert_eq!(r["caching_off"]["config"]["mmio_caching"]["effective"], false);
+    assert!(r["ratios"]["mmio_cost_off_over_on"].as_f64().unwrap() > 0.0);
+    assert!(r["ratios"]["throughput_on_over_off"].as_f64().unwrap() > 0.0);
+    let text = vmmu(&["run", "--seconds", "0.2", "--compare-caching"]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("compare: MMIO handling"));
+}
+
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn injected_bug_makes_the_oracle_fail() {
+    let out = vmmu(&["run", "--seconds", "1", "--json", "--inject", "mmio-spte-ignores-gen"]);
+    assert_eq!(out.status.code(), Some(1));
+    let r = json(&out);
+    assert!(r["oracle"]["violations"].as_u64().unwrap() > 0);
+    let first = &r["oracle"]["first_violations"][0];
+    assert!(first["vcpu"].is_number() && first["gpa"].is_string(), "{first}");
+}
+
+#[cfg(not(feature = "historical-bugs"))]
+#[test]
+fn inject_without_the_feature_explains_how() {
+    let out = vmmu(&["run", "--inject", "mmio-spte-ignores-gen"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--features historical-bugs"));
+}
