@@ -67,9 +67,19 @@ pub struct MmioTiming {
 }
 
 impl RealMmu {
-    /// A VM on `host`.
+    /// A VM on `host` with one address space.
     pub fn new(host: Arc<SimHost>, cfg: RealMmuConfig) -> Result<Self, VmError> {
+        Self::with_address_spaces(host, cfg, 1)
+    }
+
+    /// A VM on `host` with `nr_address_spaces` (1, or 2 for an SMM address space).
+    pub fn with_address_spaces(
+        host: Arc<SimHost>,
+        cfg: RealMmuConfig,
+        nr_address_spaces: u16,
+    ) -> Result<Self, VmError> {
         let mut vc = VmConfig::new(cfg.format, cfg.phys_bits)?;
+        vc.nr_address_spaces = nr_address_spaces;
         vc.mmio_caching = cfg.mmio_caching;
         vc.max_vcpus = cfg.vcpus.max(1);
         vc.generation_base = cfg.generation_base;

@@ -1,0 +1,301 @@
+//! The software machine as a scenario backend (`vmmu scenario --backend sim`): every `slot` step
+//! is a `set_memory_region` on the real MMU ([`RealMmu`]), every `read`/`write` runs on the named
+//! vCPU's own thread (TLB lookup, hardware walk, VM exit to the MMU, retry) and every buffer is a
+//! [`SimHost`] buffer, whose real address is the `userspace_addr` the request carries.
+//!
+//! Deterministic: the driver runs one step at a time and waits for it. Between steps every vCPU
+//! is outside guest mode, so a memslot update never waits for an idle vCPU thread.
+
+use crate::host::{HostBuffer, HostConfig, SimHost};
+use crate::ram::{self, Width as RamWidth};
+use crate::real::{RealMmu, RealMmuConfig, RealVcpu};
+use crate::seam::{GuestMmu, SlotRequest, Translation};
+use crate::tlb::{Tlb, TlbEntry};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use vmmu::spte::FormatKind;
+use vmmu::Gpa;
+use vmmu_scenario::{
+    Backend, BackendError, Format, HostReadOp, HostWriteOp, Machine, MemDecl, MemId, MemRef,
+    ReadExit, ReadOp, Scenario, SlotOp, SlotResult, Start, Width, WriteExit, WriteOp,
+};
+
+/// Frames the scenario host may hand out (RAM and tables): 2^22 frames = 16 GiB of frame numbers
+/// (only buffers that scenarios declare are backed).
+const MAX_FRAMES: u64 = 1 << 22;
+/// Retries of one access before the backend gives up (a livelock is a bug, not an observation).
+const RETRY_LIMIT: u32 = 100_000;
+
+/// The software machine backend. The MMU configuration comes from the scenario's `vm` line
+/// (after command-line overrides).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SimBackend;
+
+impl Backend for SimBackend {
+    fn name(&self) -> &str {
+        "sim"
+    }
+
+    fn start(&self, scenario: &Scenario) -> Result<Start, BackendError> {
+        Ok(Start::Run(Box::new(SimMachine::new(scenario)?)))
+    }
+}
+
+/// What a vCPU thread is asked to do.
+enum Job {
+    Access { gpa: u64, width: Width, write: Option<u64>, reply: Sender<Result<Access, String>> },
+}
+
+/// What one guest access did.
+enum Access {
+    Ram(u64),
+    Mmio,
+}
+
+struct VcpuThread {
+    jobs: Option<Sender<Job>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// One running scenario.
+pub struct SimMachine {
+    host: Arc<SimHost>,
+    mmu: Arc<RealMmu>,
+    buffers: Vec<Option<Arc<HostBuffer>>>,
+    vcpus: Vec<VcpuThread>,
+}
+
+fn ram_width(w: Width) -> RamWidth {
+    match w.bytes() {
+        1 => RamWidth::W1,
+        2 => RamWidth::W2,
+        4 => RamWidth::W4,
+        _ => RamWidth::W8,
+    }
+}
+
+fn failed(e: impl std::fmt::Display) -> BackendError {
+    BackendError::Failed(e.to_string())
+}
+
+impl SimMachine {
+    fn new(sc: &Scenario) -> Result<SimMachine, BackendError> {
+        let vm = &sc.vm;
+        let host = Arc::new(
+            SimHost::new(HostConfig { phys_bits: vm.phys_bits, max_frames: MAX_FRAMES })
+                .map_err(failed)?,
+        );
+        let format = match vm.format {
+            Format::Ept => FormatKind::Ept,
+            Format::Npt => FormatKind::Npt,
+        };
+        let mut cfg = RealMmuConfig {
+            format,
+            phys_bits: vm.phys_bits,
+            mmio_caching: vm.mmio_caching,
+            vcpus: vm.vcpus as usize,
+            generation_base: 0,
+            slot_zap_all: false,
+            bugs: vmmu::bugs::BugSet::NONE,
+        };
+        cfg.vcpus = cfg.vcpus.max(1);
+        let mmu = Arc::new(
+            RealMmu::with_address_spaces(host.clone(), cfg, u16::from(vm.address_spaces))
+                .map_err(failed)?,
+        );
+        let mut vcpus = Vec::new();
+        for i in 0..vm.vcpus as usize {
+            let state = mmu.create_vcpu(i);
+            let (tx, rx) = channel();
+            let (mmu2, host2) = (mmu.clone(), host.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || vcpu_thread(&mmu2, &host2, state, rx))
+                .map_err(failed)?;
+            vcpus.push(VcpuThread { jobs: Some(tx), handle: Some(handle) });
+        }
+        Ok(SimMachine { host, mmu, buffers: vec![None; sc.mems.len()], vcpus })
+    }
+
+    fn buffer(&self, id: MemId) -> Result<&Arc<HostBuffer>, BackendError> {
+        self.buffers
+            .get(id.0)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| failed(format!("buffer #{} is used before its `mem` step", id.0)))
+    }
+
+    fn on_vcpu(
+        &self,
+        vcpu: u32,
+        gpa: u64,
+        width: Width,
+        write: Option<u64>,
+    ) -> Result<Access, BackendError> {
+        let t = self
+            .vcpus
+            .get(vcpu as usize)
+            .ok_or_else(|| failed(format!("vCPU {vcpu} does not exist")))?;
+        let (reply, rx) = channel();
+        t.jobs
+            .as_ref()
+            .ok_or_else(|| failed("vCPU thread is gone"))?
+            .send(Job::Access { gpa, width, write, reply })
+            .map_err(|_| failed(format!("vCPU {vcpu}'s thread stopped")))?;
+        rx.recv().map_err(|_| failed(format!("vCPU {vcpu}'s thread stopped")))?.map_err(failed)
+    }
+
+    fn host_ptr(&self, at: &MemRef, width: Width) -> Result<*mut u8, BackendError> {
+        let b = self.buffer(at.mem)?;
+        if at.offset.checked_add(width.bytes() as u64).is_none_or(|end| end > b.len()) {
+            return Err(failed(format!("{}+{:#x} is outside the buffer", at.name, at.offset)));
+        }
+        Ok((b.hva().raw() + at.offset) as *mut u8)
+    }
+}
+
+impl Machine for SimMachine {
+    fn mem(&mut self, id: MemId, decl: &MemDecl) -> Result<(), BackendError> {
+        let b = self.host.add_buffer(&decl.name, decl.size).map_err(failed)?;
+        if let Some(slot) = self.buffers.get_mut(id.0) {
+            *slot = Some(b);
+        }
+        Ok(())
+    }
+
+    fn slot(&mut self, op: &SlotOp) -> Result<SlotResult, BackendError> {
+        let userspace_addr = match &op.mem {
+            Some(m) => self.buffer(m.mem)?.hva().raw().wrapping_add(m.offset),
+            None => 0,
+        };
+        let mut flags = 0;
+        if op.flags.dirty_log {
+            flags |= SlotRequest::LOG_DIRTY_PAGES;
+        }
+        if op.flags.readonly {
+            flags |= SlotRequest::READONLY;
+        }
+        let req = SlotRequest {
+            slot: (u32::from(op.as_id) << 16) | u32::from(op.id),
+            flags,
+            guest_phys_addr: op.gpa,
+            memory_size: op.size,
+            userspace_addr,
+        };
+        Ok(match self.mmu.set_memory_region(&req) {
+            Ok(()) => SlotResult::Ok,
+            Err(errno) => SlotResult::Err(errno),
+        })
+    }
+
+    fn read(&mut self, op: &ReadOp, mmio_reply: u64) -> Result<ReadExit, BackendError> {
+        Ok(match self.on_vcpu(op.vcpu, op.gpa, op.width, None)? {
+            Access::Ram(value) => ReadExit::None { value },
+            Access::Mmio => ReadExit::Mmio {
+                gpa: op.gpa,
+                len: op.width.bytes() as u32,
+                value: mmio_reply & op.width.mask(),
+            },
+        })
+    }
+
+    fn write(&mut self, op: &WriteOp) -> Result<WriteExit, BackendError> {
+        Ok(match self.on_vcpu(op.vcpu, op.gpa, op.width, Some(op.value))? {
+            Access::Ram(_) => WriteExit::None,
+            Access::Mmio => {
+                WriteExit::Mmio { gpa: op.gpa, len: op.width.bytes() as u32, data: op.value }
+            }
+        })
+    }
+
+    fn host_write(&mut self, op: &HostWriteOp) -> Result<(), BackendError> {
+        let p = self.host_ptr(&op.at, op.width)?;
+        // SAFETY: `p` is inside a live buffer (checked above) that the host keeps until the
+        // machine is dropped; the parser only accepts naturally aligned offsets, and buffers are
+        // page aligned; buffer memory is only accessed atomically.
+        unsafe { ram::store(p, ram_width(op.width), op.value) };
+        Ok(())
+    }
+
+    fn host_read(&mut self, op: &HostReadOp) -> Result<u64, BackendError> {
+        let p = self.host_ptr(&op.at, op.width)?;
+        // SAFETY: as in `host_write`.
+        Ok(unsafe { ram::load(p, ram_width(op.width)) })
+    }
+}
+
+impl Drop for SimMachine {
+    fn drop(&mut self) {
+        for v in &mut self.vcpus {
+            v.jobs = None; // the thread's receive fails and it ends
+        }
+        for v in &mut self.vcpus {
+            if let Some(h) = v.handle.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+fn vcpu_thread(mmu: &RealMmu, host: &SimHost, mut state: RealVcpu, jobs: Receiver<Job>) {
+    let mut tlb = Tlb::new(64);
+    while let Ok(Job::Access { gpa, width, write, reply }) = jobs.recv() {
+        mmu.enter_guest(&mut state);
+        let r = access(mmu, host, &mut state, &mut tlb, gpa, width, write);
+        mmu.exit_guest(&mut state);
+        let _ = reply.send(r);
+    }
+}
+
+fn access(
+    mmu: &RealMmu,
+    host: &SimHost,
+    state: &mut RealVcpu,
+    tlb: &mut Tlb,
+    gpa: u64,
+    width: Width,
+    write: Option<u64>,
+) -> Result<Access, String> {
+    let gpa = Gpa(gpa);
+    let gfn = gpa.gfn();
+    for _ in 0..RETRY_LIMIT {
+        if mmu.poll_tlb_flush(state) {
+            tlb.flush();
+        }
+        let entry = match tlb.lookup(gfn, write.is_some()) {
+            Some(e) => e,
+            None => match mmu.translate(state, gpa, write.is_some()) {
+                Translation::Ram { pfn, writable, level } => {
+                    let page = host
+                        .ram_page(pfn)
+                        .ok_or_else(|| format!("{gpa} translated to {pfn:?}, not a RAM frame"))?;
+                    let e = TlbEntry { page, pfn, writable, level };
+                    tlb.insert(gfn, e);
+                    e
+                }
+                Translation::Mmio => return Ok(Access::Mmio),
+                Translation::Retry => continue,
+                Translation::Error(e) => return Err(e),
+            },
+        };
+        if write.is_some() && !entry.writable {
+            return Err(format!("read-only translation of {gpa} used for a write"));
+        }
+        let p = entry.page.as_ptr().wrapping_add(gpa.page_offset() as usize);
+        // SAFETY: `page` is a RAM frame of the host (from `ram_page`, directly or via the TLB,
+        // which is flushed whenever the MMU asks), alive as long as the host; the access is
+        // naturally aligned (the parser checks it), so it stays inside the page; buffer memory
+        // is only accessed atomically.
+        let value = unsafe {
+            match write {
+                Some(v) => {
+                    ram::store(p, ram_width(width), v);
+                    v
+                }
+                None => ram::load(p, ram_width(width)),
+            }
+        };
+        return Ok(Access::Ram(value));
+    }
+    Err(format!("access to {gpa} retried {RETRY_LIMIT} times"))
+}
