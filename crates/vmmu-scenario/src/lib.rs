@@ -9,7 +9,10 @@
 //! - [`Observation`]: what one step showed, with the exact JSON Lines form (key order, hex form,
 //!   step numbering) and its reader, so streams from different backends can be compared;
 //! - [`Backend`] / [`Machine`]: what a backend implements, and [`run`], the one driver that walks
-//!   the steps, numbers the observations and hands them out one by one.
+//!   the steps, numbers the observations and hands them out one by one;
+//! - [`diff`]: one scenario on several sources (backends under configurations, recorded
+//!   streams), compared into one [`Verdict`];
+//! - `generate` (feature `generate`): a proptest strategy for random valid scenario files.
 //!
 //! ```
 //! use vmmu_scenario::{parse, Op};
@@ -23,11 +26,15 @@
 #![forbid(unsafe_code)]
 
 mod backend;
+pub mod diff;
+#[cfg(feature = "generate")]
+pub mod generate;
 mod observation;
 mod parse;
 mod step;
 
 pub use backend::{run, run_collect, Backend, BackendError, Machine, RunError, Start};
+pub use diff::{Verdict, VerdictLine};
 pub use observation::{
     first_difference, parse_observations, Observation, ObservationError, ReadExit, SlotResult,
     WriteExit,
