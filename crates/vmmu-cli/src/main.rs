@@ -2,6 +2,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod diff_cmd;
 mod scenario_cmd;
 
 /// A virtual MMU with generation-checked MMIO caching: run it, check it, measure it.
@@ -18,6 +19,8 @@ enum Command {
     Bugs,
     /// Run a scenario file and print its observations (JSON Lines) on stdout.
     Scenario(scenario_cmd::ScenarioArgs),
+    /// Run scenario files on every machine configuration, KVM and recorded outputs; compare.
+    Diff(diff_cmd::DiffArgs),
 }
 
 fn main() -> ExitCode {
@@ -30,6 +33,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Scenario(args)) => scenario_cmd::run(&args),
+        Some(Command::Diff(args)) => diff_cmd::run(&args),
         Some(Command::Bugs) | None => {
             for b in vmmu::bugs::Bug::ALL {
                 println!("{}", b.name());

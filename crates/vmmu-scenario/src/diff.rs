@@ -7,7 +7,9 @@
 //!
 //! - a source whose backend is unavailable (no `/dev/kvm`) is left out;
 //! - a source that printed `{"skipped":...}` cannot be compared with one that ran; skipped
-//!   sources are compared among themselves, running ones among themselves;
+//!   sources are compared among themselves, running ones among themselves; two sources that
+//!   skip with the same reason agree (their streams are equal), one source that ran agrees with
+//!   nothing;
 //! - a backend that failed makes the verdict [`Verdict::Failed`] (a failure is never equal to an
 //!   observation);
 //! - otherwise the first source is the reference and the first difference against any other
@@ -20,6 +22,7 @@ use crate::backend::{run_collect, Backend, BackendError, RunError, Start};
 use crate::observation::{first_difference, Observation};
 use crate::step::{Format, Overrides, Scenario};
 use std::fmt;
+use std::fmt::Write as _;
 
 /// A backend under a fixed configuration: [`Backend::start`] applies `overrides` to a copy of
 /// the scenario first.
@@ -107,10 +110,13 @@ pub struct Source {
 pub enum Verdict {
     /// Every source that ran agrees (and so does every source that skipped).
     Equal {
-        /// The sources compared, reference first.
+        /// The sources compared, reference first: those that ran it, or, when none did, those
+        /// that skipped it (all with the same reason).
         compared: Vec<String>,
-        /// Sources that skipped the scenario while others ran it.
+        /// Sources that skipped the scenario.
         skipped: Vec<String>,
+        /// Why they skipped it, when some did.
+        skip_reason: Option<String>,
     },
     /// Two sources disagree.
     Differ {
@@ -183,8 +189,10 @@ pub fn compare(sources: &[Source]) -> Verdict {
         }
     }
     let names = |g: &[(&str, &[Observation])]| g.iter().map(|(n, _)| n.to_string()).collect();
-    if running.len() >= 2 {
-        return Verdict::Equal { compared: names(&running), skipped: names(&skipping) };
+    let skip_reason = skipping.first().and_then(|(_, o)| skip_reason(o)).map(str::to_string);
+    if running.len() >= 2 || (running.is_empty() && skipping.len() >= 2) {
+        let compared = if running.is_empty() { names(&skipping) } else { names(&running) };
+        return Verdict::Equal { compared, skipped: names(&skipping), skip_reason };
     }
     let unavailable: Vec<String> = sources
         .iter()
@@ -193,13 +201,11 @@ pub fn compare(sources: &[Source]) -> Verdict {
             _ => None,
         })
         .collect();
-    let why = if let Some((_, obs)) = skipping.first().filter(|_| running.is_empty()) {
-        let all: Vec<String> = names(&skipping);
-        format!("{} skipped it: {}", all.join(", "), skip_reason(obs).unwrap_or(""))
-    } else {
-        let ran: Vec<String> = names(&running);
-        format!("fewer than two sources ran it (ran: {})", ran.join(", "))
-    };
+    let ran: Vec<String> = names(&running);
+    let mut why = format!("fewer than two sources ran it (ran: {})", ran.join(", "));
+    if let Some(r) = skip_reason {
+        let _ = write!(why, "; {} skipped it: {r}", names(&skipping).join(", "));
+    }
     if unavailable.is_empty() {
         Verdict::Skipped(why)
     } else {
@@ -243,9 +249,11 @@ impl fmt::Display for VerdictLine<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let path = self.path;
         match self.verdict {
-            Verdict::Equal { compared, skipped } => {
+            Verdict::Equal { compared, skipped, skip_reason } => {
                 write!(f, "equal  {path} ({}", compared.join(", "))?;
-                if !skipped.is_empty() {
+                if compared == skipped {
+                    write!(f, "; all skipped: {}", skip_reason.as_deref().unwrap_or(""))?;
+                } else if !skipped.is_empty() {
                     write!(f, "; skipped by {}", skipped.join(", "))?;
                 }
                 f.write_str(")")
@@ -296,7 +304,11 @@ mod tests {
         let v = compare(&[src("kvm", stream(1)), src("expected", stream(1))]);
         assert_eq!(
             v,
-            Verdict::Equal { compared: vec!["kvm".into(), "expected".into()], skipped: vec![] }
+            Verdict::Equal {
+                compared: vec!["kvm".into(), "expected".into()],
+                skipped: vec![],
+                skip_reason: None
+            }
         );
         assert_eq!(
             VerdictLine { path: "a.scn", verdict: &v }.to_string(),
@@ -350,11 +362,22 @@ mod tests {
             v,
             Verdict::Equal {
                 compared: vec!["sim".into(), "sim2".into()],
-                skipped: vec!["kvm".into()]
+                skipped: vec!["kvm".into()],
+                skip_reason: Some("smm".into())
             }
         );
+        let line = VerdictLine { path: "s", verdict: &v }.to_string();
+        assert_eq!(line, "equal  s (sim, sim2; skipped by kvm)");
+        // Two identical skips agree (the streams are equal), and the line says so.
         let v = compare(&[src("kvm", skip("smm")), src("expected", skip("smm"))]);
-        assert_eq!(v, Verdict::Skipped("kvm, expected skipped it: smm".into()));
+        let line = VerdictLine { path: "s", verdict: &v }.to_string();
+        assert_eq!(line, "equal  s (kvm, expected; all skipped: smm)");
+        // One source ran, the other skipped: nothing to compare.
+        let v = compare(&[src("kvm", stream(1)), src("expected", skip("smm"))]);
+        match v {
+            Verdict::Skipped(why) => assert!(why.contains("expected skipped it: smm"), "{why}"),
+            other => panic!("{other:?}"),
+        }
         let v = compare(&[src("kvm", skip("smm")), src("expected", skip("other"))]);
         assert!(matches!(v, Verdict::Differ { step: None, .. }), "{v:?}");
     }
