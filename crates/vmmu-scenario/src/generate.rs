@@ -26,11 +26,11 @@ use proptest::prelude::*;
 use std::fmt;
 use std::fmt::Write as _;
 
-/// Base of the grid most generated slots sit on (256 MiB): slots of a few pages on a 64 KiB
+/// Base of the grid most generated slots sit on (256 MiB): slots of up to 16 pages on a 16 KiB
 /// grid overlap often.
 const GRID_BASE: u64 = 0x1000_0000;
 /// Spacing of the grid.
-const GRID_STEP: u64 = 0x1_0000;
+const GRID_STEP: u64 = 0x4000;
 /// Start of the far slots (4 GiB), spaced [`FAR_STEP`] apart.
 const FAR_BASE: u64 = 0x1_0000_0000;
 /// Spacing of far slots (1 GiB), up to the 64 GiB access limit.
@@ -58,7 +58,7 @@ pub struct GenVm {
 /// A slot id choice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GenId {
-    /// A small id, 0..8 (most requests: they collide on purpose).
+    /// A small id, 0..32 (most requests: they collide on purpose).
     Small(u16),
     /// A valid but unusual id (509, 32759).
     Edge(u16),
@@ -162,7 +162,8 @@ pub enum GenChange {
 /// Where a guest access goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GenTarget {
-    /// Relative to the n-th earlier slot request (modulo their number).
+    /// Relative to the n-th most recent earlier slot request of non-zero size (0 = the last
+    /// one; modulo their number).
     Slot(usize, GenPlace),
     /// A grid address plus `k` bytes (a hole or a slot, whatever is there).
     Grid(u64, u64),
@@ -192,7 +193,8 @@ pub struct GenWidth(pub u8);
 pub enum GenStep {
     /// A fresh slot request.
     Slot(GenSlot),
-    /// A request derived from the n-th earlier one (a delete of slot 1 when there is none).
+    /// A request derived from the n-th most recent earlier one (0 = the last one; modulo their
+    /// number; a delete of slot 1 when there is none).
     Reuse(usize, GenChange),
     /// A delete by id (often of a missing slot).
     Delete(GenId, GenAs),
@@ -267,7 +269,7 @@ impl GenScenario {
 
     fn resolve_id(id: GenId) -> u16 {
         match id {
-            GenId::Small(n) => n % 8,
+            GenId::Small(n) => n % 32,
             GenId::Edge(n) => n,
             GenId::Bad(n) => n.max(32764),
         }
@@ -366,14 +368,15 @@ impl GenScenario {
         r
     }
 
-    /// A naturally aligned guest address for `at`, inside `[8 MiB, 64 GiB)`.
+    /// A naturally aligned guest address for `at`, inside `[8 MiB, 64 GiB)`; `reqs` are the
+    /// earlier requests of non-zero size.
     fn resolve_target(reqs: &[Req], at: GenTarget, w: u64) -> u64 {
         let raw = match at {
             GenTarget::Grid(k, off) => GRID_BASE + (k % 32) * GRID_STEP + off % (2 * GRID_STEP),
             GenTarget::Slot(_, _) if reqs.is_empty() => GRID_BASE,
-            GenTarget::Slot(i, place) => {
-                let r = reqs[i % reqs.len()];
-                let size = r.size.max(PAGE_SIZE).min(1 << 30);
+            GenTarget::Slot(back, place) => {
+                let r = reqs[reqs.len() - 1 - back % reqs.len()];
+                let size = r.size.clamp(PAGE_SIZE, 1 << 30);
                 match place {
                     GenPlace::First => r.gpa,
                     GenPlace::Last => r.gpa.wrapping_add(size - w),
@@ -388,7 +391,7 @@ impl GenScenario {
             a
         } else {
             // Out of range (a wrapping or misplaced slot): somewhere on the grid instead.
-            GRID_BASE + (a % (2 * GRID_STEP * 32)) & !(w - 1)
+            (GRID_BASE + a % (2 * GRID_STEP * 32)) & !(w - 1)
         }
     }
 
@@ -414,6 +417,7 @@ impl GenScenario {
             let _ = writeln!(t, "mem m{i} size={size:#x}");
         }
         let mut reqs: Vec<Req> = Vec::new();
+        let mut sized: Vec<Req> = Vec::new();
         let vcpus = vm.vcpus.max(1);
         for step in &self.steps {
             match step {
@@ -421,9 +425,13 @@ impl GenScenario {
                     let r = self.fresh(s);
                     slot_line(&mut t, &r);
                     reqs.push(r);
+                    if r.size != 0 {
+                        sized.push(r);
+                    }
                 }
                 GenStep::Reuse(i, change) => {
-                    let r = match reqs.get(i % reqs.len().max(1)) {
+                    let back = reqs.len().checked_sub(1 + i % reqs.len().max(1));
+                    let r = match back.and_then(|b| reqs.get(b)) {
                         Some(old) => self.derive(old, *change),
                         None => Req {
                             id: 1,
@@ -437,6 +445,9 @@ impl GenScenario {
                     };
                     slot_line(&mut t, &r);
                     reqs.push(r);
+                    if r.size != 0 {
+                        sized.push(r);
+                    }
                 }
                 GenStep::Delete(id, a) => {
                     let r = Req {
@@ -452,12 +463,12 @@ impl GenScenario {
                 }
                 GenStep::Read { vcpu, at, width } => {
                     let w = width_bytes(*width);
-                    let gpa = Self::resolve_target(&reqs, *at, w);
+                    let gpa = Self::resolve_target(&sized, *at, w);
                     let _ = writeln!(t, "read {} gpa={gpa:#x} size={w}", vcpu % vcpus);
                 }
                 GenStep::Write { vcpu, at, width, value } => {
                     let w = width_bytes(*width);
-                    let gpa = Self::resolve_target(&reqs, *at, w);
+                    let gpa = Self::resolve_target(&sized, *at, w);
                     let v = value & mask(w);
                     let _ =
                         writeln!(t, "write {} gpa={gpa:#x} size={w} value={v:#x}", vcpu % vcpus);
@@ -546,7 +557,7 @@ fn gen_vm() -> impl Strategy<Value = GenVm> {
 
 fn gen_id() -> impl Strategy<Value = GenId> {
     prop_oneof![
-        12 => (0u16..8).prop_map(GenId::Small),
+        28 => (0u16..32).prop_map(GenId::Small),
         1 => prop_oneof![Just(509u16), Just(32759u16)].prop_map(GenId::Edge),
         1 => prop_oneof![Just(32764u16), Just(32767u16), Just(u16::MAX)].prop_map(GenId::Bad),
     ]
@@ -554,7 +565,7 @@ fn gen_id() -> impl Strategy<Value = GenId> {
 
 fn gen_as() -> impl Strategy<Value = GenAs> {
     prop_oneof![
-        16 => Just(GenAs::Zero),
+        38 => Just(GenAs::Zero),
         1 => Just(GenAs::One),
         1 => prop_oneof![Just(2u16), Just(u16::MAX)].prop_map(GenAs::Bad),
     ]
@@ -562,8 +573,8 @@ fn gen_as() -> impl Strategy<Value = GenAs> {
 
 fn gen_gpa() -> impl Strategy<Value = GenGpa> {
     prop_oneof![
-        10 => (0u64..32).prop_map(GenGpa::Grid),
-        2 => (0u64..60).prop_map(GenGpa::Far),
+        24 => (0u64..32).prop_map(GenGpa::Grid),
+        3 => (0u64..60).prop_map(GenGpa::Far),
         1 => Just(GenGpa::Top),
         1 => (0u64..32).prop_map(GenGpa::Misaligned),
         1 => Just(GenGpa::Wrap),
@@ -572,8 +583,8 @@ fn gen_gpa() -> impl Strategy<Value = GenGpa> {
 
 fn gen_size() -> impl Strategy<Value = GenSize> {
     prop_oneof![
-        10 => (1u64..16).prop_map(GenSize::Pages),
-        3 => Just(GenSize::Whole),
+        24 => (1u64..16).prop_map(GenSize::Pages),
+        4 => Just(GenSize::Whole),
         1 => (0u64..16).prop_map(GenSize::Misaligned),
         1 => Just(GenSize::Zero),
         1 => Just(GenSize::Huge),
@@ -582,7 +593,7 @@ fn gen_size() -> impl Strategy<Value = GenSize> {
 
 fn gen_offset() -> impl Strategy<Value = GenOffset> {
     prop_oneof![
-        12 => (0u64..64).prop_map(GenOffset::Page),
+        29 => (0u64..64).prop_map(GenOffset::Page),
         1 => (0u64..64).prop_map(GenOffset::Misaligned),
     ]
 }
@@ -618,6 +629,11 @@ fn gen_change() -> impl Strategy<Value = GenChange> {
     ]
 }
 
+/// How far back a step looks for an earlier request: mostly the last two.
+fn recent() -> impl Strategy<Value = usize> {
+    prop_oneof![3 => 0usize..2, 1 => 0usize..16]
+}
+
 fn gen_target() -> impl Strategy<Value = GenTarget> {
     let place = prop_oneof![
         3 => Just(GenPlace::First),
@@ -627,7 +643,7 @@ fn gen_target() -> impl Strategy<Value = GenTarget> {
         3 => (0u64..4096).prop_map(GenPlace::Inside),
     ];
     prop_oneof![
-        5 => (0usize..16, place).prop_map(|(i, p)| GenTarget::Slot(i, p)),
+        5 => (recent(), place).prop_map(|(i, p)| GenTarget::Slot(i, p)),
         1 => (0u64..32, 0u64..0x2_0000).prop_map(|(k, o)| GenTarget::Grid(k, o)),
     ]
 }
@@ -635,7 +651,7 @@ fn gen_target() -> impl Strategy<Value = GenTarget> {
 fn gen_step() -> impl Strategy<Value = GenStep> {
     prop_oneof![
         6 => gen_slot().prop_map(GenStep::Slot),
-        4 => (0usize..16, gen_change()).prop_map(|(i, c)| GenStep::Reuse(i, c)),
+        4 => (recent(), gen_change()).prop_map(|(i, c)| GenStep::Reuse(i, c)),
         1 => (gen_id(), gen_as()).prop_map(|(id, a)| GenStep::Delete(id, a)),
         5 => (0u32..4, gen_target(), gen_width())
             .prop_map(|(vcpu, at, width)| GenStep::Read { vcpu, at, width }),
@@ -836,10 +852,10 @@ mod tests {
         };
         let want = "vm vcpus=2 mmio_caching=off format=npt phys_bits=52\n\
                     mem m0 size=0x1800\n\
-                    slot 1 gpa=0x10010000 size=0x1000 mem=m0+0x1000 flags=readonly\n\
-                    read 1 gpa=0x10010ff8 size=8\n\
-                    slot 1 gpa=0x10010000 size=0x0\n\
-                    slot 1 gpa=0x10010000 size=0x1000 mem=m0\n";
+                    slot 9 gpa=0x10004000 size=0x1000 mem=m0+0x1000 flags=readonly\n\
+                    read 1 gpa=0x10004ff8 size=8\n\
+                    slot 9 gpa=0x10004000 size=0x0\n\
+                    slot 9 gpa=0x10004000 size=0x1000 mem=m0 flags=readonly\n";
         assert_eq!(g.text(), want);
         assert_eq!(format!("{g:?}"), format!("scenario file:\n{want}"));
         parse(want).unwrap();

@@ -12,6 +12,7 @@
 //!   the steps, numbers the observations and hands them out one by one;
 //! - [`diff`]: one scenario on several sources (backends under configurations, recorded
 //!   streams), compared into one [`Verdict`];
+//! - [`to_text`]: a parsed scenario back to canonical text;
 //! - `generate` (feature `generate`): a proptest strategy for random valid scenario files.
 //!
 //! ```
@@ -31,6 +32,7 @@ pub mod diff;
 pub mod generate;
 mod observation;
 mod parse;
+mod print;
 mod step;
 
 pub use backend::{run, run_collect, Backend, BackendError, Machine, RunError, Start};
@@ -40,6 +42,7 @@ pub use observation::{
     WriteExit,
 };
 pub use parse::{parse, ParseError, ParseErrorKind};
+pub use print::to_text;
 pub use step::{
     Format, HostReadOp, HostWriteOp, MemDecl, MemId, MemRef, Op, Overrides, ReadOp, Scenario,
     SlotFlags, SlotOp, Step, VmConfig, Width, WriteOp, ACCESS_LIMIT, PAGE_SIZE, RESERVED_BELOW,
