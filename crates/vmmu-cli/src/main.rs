@@ -2,6 +2,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod diff_cmd;
 mod run_cmd;
 mod scenario_cmd;
 
@@ -21,6 +22,8 @@ enum Command {
     Bugs,
     /// Run a scenario file and print its observations (JSON Lines) on stdout.
     Scenario(scenario_cmd::ScenarioArgs),
+    /// Run scenario files on every machine configuration, KVM and recorded outputs; compare.
+    Diff(diff_cmd::DiffArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +36,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Scenario(args)) => scenario_cmd::run(&args),
+        Some(Command::Diff(args)) => diff_cmd::run(&args),
         Some(Command::Run(args)) => run_cmd::run(&args),
         None => match Cli::try_parse_from(["vmmu", "run"]) {
             Ok(Cli { command: Some(Command::Run(args)) }) => run_cmd::run(&args),

@@ -9,7 +9,11 @@
 //! - [`Observation`]: what one step showed, with the exact JSON Lines form (key order, hex form,
 //!   step numbering) and its reader, so streams from different backends can be compared;
 //! - [`Backend`] / [`Machine`]: what a backend implements, and [`run`], the one driver that walks
-//!   the steps, numbers the observations and hands them out one by one.
+//!   the steps, numbers the observations and hands them out one by one;
+//! - [`diff`]: one scenario on several sources (backends under configurations, recorded
+//!   streams), compared into one [`Verdict`];
+//! - [`to_text`]: a parsed scenario back to canonical text;
+//! - `generate` (feature `generate`): a proptest strategy for random valid scenario files.
 //!
 //! ```
 //! use vmmu_scenario::{parse, Op};
@@ -23,16 +27,22 @@
 #![forbid(unsafe_code)]
 
 mod backend;
+pub mod diff;
+#[cfg(feature = "generate")]
+pub mod generate;
 mod observation;
 mod parse;
+mod print;
 mod step;
 
 pub use backend::{run, run_collect, Backend, BackendError, Machine, RunError, Start};
+pub use diff::{Verdict, VerdictLine};
 pub use observation::{
     first_difference, parse_observations, Observation, ObservationError, ReadExit, SlotResult,
     WriteExit,
 };
 pub use parse::{parse, ParseError, ParseErrorKind};
+pub use print::to_text;
 pub use step::{
     Format, HostReadOp, HostWriteOp, MemDecl, MemId, MemRef, Op, Overrides, ReadOp, Scenario,
     SlotFlags, SlotOp, Step, VmConfig, Width, WriteOp, ACCESS_LIMIT, PAGE_SIZE, RESERVED_BELOW,

@@ -1,0 +1,146 @@
+//! `vmmu diff`: verdict lines, exit codes, recorded outputs. The tests that need two running
+//! sources use real `/dev/kvm` (the sim backend is not built yet) and print why they check less
+//! without it.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn vmmu(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmmu")).args(args).output().expect("run vmmu")
+}
+
+fn repo(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel)
+}
+
+/// A fresh directory for this test.
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vmmu-diff-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn kvm_usable() -> bool {
+    match vmmu_kvm::probe() {
+        Ok(_) => true,
+        Err(why) => {
+            println!("checking less: {why}");
+            false
+        }
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn corpus() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(repo("tests/scenarios"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "scn"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn corpus_is_all_equal() {
+    let files = corpus();
+    let mut args = vec!["diff"];
+    args.extend(files.iter().map(String::as_str));
+    let out = vmmu(&args);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", text(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), files.len(), "{stdout}");
+    for (line, f) in lines.iter().zip(&files) {
+        if kvm_usable() {
+            assert!(line.starts_with(&format!("equal  {f} (kvm, expected")), "{line}");
+        } else {
+            assert!(line.starts_with(&format!("skipped {f}: fewer than two")), "{line}");
+            assert!(text(&out.stderr).contains("not comparing with KVM"));
+        }
+    }
+}
+
+#[test]
+fn a_changed_recording_differs_at_its_step() {
+    let dir = temp_dir("tampered");
+    let src = std::fs::read_to_string(repo("tests/expected/create_read_write.jsonl")).unwrap();
+    // Change the value the first read saw.
+    let seen = r#"{"step":4,"op":"read","exit":"none","value":"0x0"}"#;
+    let changed = r#"{"step":4,"op":"read","exit":"none","value":"0xdead"}"#;
+    assert!(src.contains(seen), "the recording changed; adapt this test");
+    std::fs::write(dir.join("create_read_write.jsonl"), src.replacen(seen, changed, 1)).unwrap();
+    let f = repo("tests/scenarios/create_read_write.scn");
+    let d = dir.to_string_lossy().into_owned();
+    let out = vmmu(&["diff", "--expected", &d, f.to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    if !kvm_usable() {
+        assert_eq!(out.status.code(), Some(0));
+        assert!(stdout.starts_with("skipped "), "{stdout}");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let want = format!("DIFFER {}: step 4: kvm: {seen} | expected: {changed}\n", f.display());
+    assert_eq!(stdout, want);
+}
+
+#[test]
+fn a_backend_failure_is_reported_and_fails() {
+    if !kvm_usable() {
+        return;
+    }
+    let dir = temp_dir("fail");
+    let f = dir.join("beyond.scn");
+    // The slot reaches past its one-page buffer; reading its second page is a backend failure.
+    let scn = "mem b size=4K\nslot 1 gpa=0x10000000 size=8K mem=b\nread 0 gpa=0x10001000 size=4\n";
+    std::fs::write(&f, scn).unwrap();
+    let out = vmmu(&["diff", f.to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.starts_with(&format!("FAILED {}: kvm: ", f.display())), "{stdout}");
+    assert!(stdout.contains("step 3"), "{stdout}");
+}
+
+#[test]
+fn parse_errors_exit_2_and_the_other_files_still_run() {
+    let dir = temp_dir("parse");
+    let bad = dir.join("bad.scn");
+    std::fs::write(&bad, "vm\nread 0 gpa=0x1000 size=4\n").unwrap();
+    let good = repo("tests/scenarios/create_read_write.scn");
+    let out = vmmu(&["diff", "--no-kvm", bad.to_str().unwrap(), good.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.starts_with(&format!("{}:2:", bad.display())), "{err}");
+    let stdout = text(&out.stdout);
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(stdout.contains("create_read_write.scn"), "{stdout}");
+    let out = vmmu(&["diff", "/nonexistent/x.scn"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("cannot read /nonexistent/x.scn"));
+}
+
+#[test]
+fn bad_arguments_exit_2() {
+    let f = repo("tests/scenarios/create_read_write.scn");
+    let f = f.to_str().unwrap();
+    for args in
+        [&["diff"][..], &["diff", "--expected", "/tmp", "--no-expected", f], &["diff", "--x", f]]
+    {
+        let out = vmmu(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+}
+
+#[test]
+fn nothing_to_compare_is_skipped_not_equal() {
+    let f = repo("tests/scenarios/create_read_write.scn");
+    let out = vmmu(&["diff", "--no-kvm", "--no-expected", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = text(&out.stdout);
+    assert!(stdout.starts_with("skipped ") && stdout.contains("fewer than two"), "{stdout}");
+}

@@ -1,0 +1,434 @@
+//! Differential runs: one scenario on several sources, one verdict.
+//!
+//! A *source* is a named observation stream: a [`Backend`] run on the scenario (the simulated
+//! machine under some configuration, real KVM) or a recorded stream (a checked-in
+//! `tests/expected/NAME.jsonl`). [`diff`] runs the backends, adds the recorded streams and
+//! [`compare`]s them into one [`Verdict`]:
+//!
+//! - a source whose backend is unavailable (no `/dev/kvm`) is left out;
+//! - a source that printed `{"skipped":...}` cannot be compared with one that ran; skipped
+//!   sources are compared among themselves, running ones among themselves; two sources that
+//!   skip with the same reason agree (their streams are equal), one source that ran agrees with
+//!   nothing;
+//! - a backend that failed makes the verdict [`Verdict::Failed`] (a failure is never equal to an
+//!   observation);
+//! - otherwise the first source is the reference and the first difference against any other
+//!   source is reported ([`Verdict::Differ`]), or [`Verdict::Equal`].
+//!
+//! [`Configured`] wraps a backend with [`Overrides`], so "the machine with format=npt and caching
+//! off" is one value in the list of backends.
+
+use crate::backend::{run_collect, Backend, BackendError, RunError, Start};
+use crate::observation::{first_difference, Observation};
+use crate::step::{Format, Overrides, Scenario};
+use std::fmt;
+use std::fmt::Write as _;
+
+/// A backend under a fixed configuration: [`Backend::start`] applies `overrides` to a copy of
+/// the scenario first.
+pub struct Configured {
+    name: String,
+    inner: Box<dyn Backend>,
+    overrides: Overrides,
+}
+
+impl Configured {
+    /// `inner` run with `overrides`, reported as `name`.
+    pub fn new(name: impl Into<String>, inner: Box<dyn Backend>, overrides: Overrides) -> Self {
+        Configured { name: name.into(), inner, overrides }
+    }
+}
+
+impl Backend for Configured {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn start(&self, scenario: &Scenario) -> Result<Start, BackendError> {
+        let mut s = scenario.clone();
+        s.apply(&self.overrides);
+        self.inner.start(&s)
+    }
+}
+
+/// The configurations a simulated machine must agree under: every format (only the pinned one
+/// when the `vm` line pins `format=`) times MMIO caching on and off, as `(name suffix,
+/// overrides)`, e.g. `("ept-on", ...)`.
+pub fn machine_configurations(pinned_format: Option<Format>) -> Vec<(String, Overrides)> {
+    let formats = match pinned_format {
+        Some(f) => vec![f],
+        None => vec![Format::Ept, Format::Npt],
+    };
+    let mut out = Vec::new();
+    for format in formats {
+        for caching in [true, false] {
+            let name = format!("{format}-{}", if caching { "on" } else { "off" });
+            let o =
+                Overrides { format: Some(format), mmio_caching: Some(caching), phys_bits: None };
+            out.push((name, o));
+        }
+    }
+    out
+}
+
+/// The format the scenario's `vm` line writes out (`format=...`), if any. `text` must be the
+/// text `scenario` was parsed from; the parsed [`crate::VmConfig`] cannot tell a written
+/// default from an omitted one.
+pub fn pinned_format(text: &str, scenario: &Scenario) -> Option<Format> {
+    let vm_step = scenario.steps.first().filter(|s| s.op.keyword() == "vm")?;
+    let line = text.lines().nth(usize::try_from(vm_step.line).ok()?.checked_sub(1)?)?;
+    let line = line.split('#').next().unwrap_or("");
+    line.split_whitespace().find_map(|w| match w {
+        "format=ept" => Some(Format::Ept),
+        "format=npt" => Some(Format::Npt),
+        _ => None,
+    })
+}
+
+/// What one source gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A complete stream (possibly a single `{"skipped":...}`).
+    Stream(Vec<Observation>),
+    /// The backend cannot run here at all; the source is left out.
+    Unavailable(String),
+    /// The backend failed (the message names the step).
+    Failed(String),
+}
+
+/// A named source and what it gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// The source's name (`kvm`, `sim-ept-on`, `expected`).
+    pub name: String,
+    /// What it gave.
+    pub outcome: Outcome,
+}
+
+/// The verdict for one scenario.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every source that ran agrees (and so does every source that skipped).
+    Equal {
+        /// The sources compared, reference first: those that ran it, or, when none did, those
+        /// that skipped it (all with the same reason).
+        compared: Vec<String>,
+        /// Sources that skipped the scenario.
+        skipped: Vec<String>,
+        /// Why they skipped it, when some did.
+        skip_reason: Option<String>,
+    },
+    /// Two sources disagree.
+    Differ {
+        /// The reference source.
+        config_a: String,
+        /// The source that differs from it.
+        config_b: String,
+        /// The step of the first differing observation (`None` when it is a skip line).
+        step: Option<u32>,
+        /// `config_a`'s line there (`None`: its stream ended).
+        a_line: Option<String>,
+        /// `config_b`'s line there (`None`: its stream ended).
+        b_line: Option<String>,
+    },
+    /// Nothing could be compared (fewer than two sources ran, or all skipped).
+    Skipped(String),
+    /// A source failed.
+    Failed {
+        /// The source.
+        config: String,
+        /// Its error.
+        error: String,
+    },
+}
+
+impl Verdict {
+    /// Whether the verdict makes `diff` fail (a difference or a failure).
+    pub fn is_bad(&self) -> bool {
+        matches!(self, Verdict::Differ { .. } | Verdict::Failed { .. })
+    }
+}
+
+/// `Some(reason)` when the stream is a single skip line.
+fn skip_reason(stream: &[Observation]) -> Option<&str> {
+    match stream {
+        [Observation::Skipped { reason }] => Some(reason),
+        _ => None,
+    }
+}
+
+/// Compares sources as described in the module docs.
+pub fn compare(sources: &[Source]) -> Verdict {
+    if let Some((s, e)) = sources.iter().find_map(|s| match &s.outcome {
+        Outcome::Failed(e) => Some((s, e)),
+        _ => None,
+    }) {
+        return Verdict::Failed { config: s.name.clone(), error: e.clone() };
+    }
+    let streams: Vec<(&str, &[Observation])> = sources
+        .iter()
+        .filter_map(|s| match &s.outcome {
+            Outcome::Stream(o) => Some((s.name.as_str(), o.as_slice())),
+            _ => None,
+        })
+        .collect();
+    let (skipping, running): (Vec<_>, Vec<_>) =
+        streams.iter().partition(|(_, o)| skip_reason(o).is_some());
+    for group in [&running, &skipping] {
+        let Some((ref_name, ref_obs)) = group.first() else { continue };
+        for (name, obs) in &group[1..] {
+            if let Some((_, a, b)) = first_difference(ref_obs, obs) {
+                return Verdict::Differ {
+                    config_a: ref_name.to_string(),
+                    config_b: name.to_string(),
+                    step: a.or(b).and_then(Observation::step),
+                    a_line: a.map(ToString::to_string),
+                    b_line: b.map(ToString::to_string),
+                };
+            }
+        }
+    }
+    let names = |g: &[(&str, &[Observation])]| g.iter().map(|(n, _)| n.to_string()).collect();
+    let skip_reason = skipping.first().and_then(|(_, o)| skip_reason(o)).map(str::to_string);
+    if running.len() >= 2 || (running.is_empty() && skipping.len() >= 2) {
+        let compared = if running.is_empty() { names(&skipping) } else { names(&running) };
+        return Verdict::Equal { compared, skipped: names(&skipping), skip_reason };
+    }
+    let unavailable: Vec<String> = sources
+        .iter()
+        .filter_map(|s| match &s.outcome {
+            Outcome::Unavailable(why) => Some(format!("{}: {why}", s.name)),
+            _ => None,
+        })
+        .collect();
+    let ran: Vec<String> = names(&running);
+    let mut why = format!("fewer than two sources ran it (ran: {})", ran.join(", "));
+    if let Some(r) = skip_reason {
+        let _ = write!(why, "; {} skipped it: {r}", names(&skipping).join(", "));
+    }
+    if unavailable.is_empty() {
+        Verdict::Skipped(why)
+    } else {
+        Verdict::Skipped(format!("{why}; unavailable: {}", unavailable.join("; ")))
+    }
+}
+
+/// Runs `scenario` on one backend.
+pub fn run_source(name: &str, backend: &dyn Backend, scenario: &Scenario) -> Source {
+    let outcome = match run_collect(backend, scenario) {
+        Ok(obs) => Outcome::Stream(obs),
+        Err((_, RunError::Start { source: BackendError::Unavailable(why), .. })) => {
+            Outcome::Unavailable(why)
+        }
+        Err((_, e)) => Outcome::Failed(e.to_string()),
+    };
+    Source { name: name.to_string(), outcome }
+}
+
+/// Runs `scenario` on every backend (in order), appends the `recorded` sources and compares.
+pub fn diff(
+    scenario: &Scenario,
+    backends: &[(String, Box<dyn Backend>)],
+    recorded: Vec<Source>,
+) -> Verdict {
+    let mut sources: Vec<Source> =
+        backends.iter().map(|(n, b)| run_source(n, b.as_ref(), scenario)).collect();
+    sources.extend(recorded);
+    compare(&sources)
+}
+
+/// One verdict line of `vmmu diff`: the verdict for the file `path`.
+pub struct VerdictLine<'a> {
+    /// The file, as shown.
+    pub path: &'a str,
+    /// Its verdict.
+    pub verdict: &'a Verdict,
+}
+
+impl fmt::Display for VerdictLine<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let path = self.path;
+        match self.verdict {
+            Verdict::Equal { compared, skipped, skip_reason } => {
+                write!(f, "equal  {path} ({}", compared.join(", "))?;
+                if compared == skipped {
+                    write!(f, "; all skipped: {}", skip_reason.as_deref().unwrap_or(""))?;
+                } else if !skipped.is_empty() {
+                    write!(f, "; skipped by {}", skipped.join(", "))?;
+                }
+                f.write_str(")")
+            }
+            Verdict::Differ { config_a, config_b, step, a_line, b_line } => {
+                let end = "(end of stream)";
+                write!(f, "DIFFER {path}: ")?;
+                match step {
+                    Some(s) => write!(f, "step {s}: ")?,
+                    None => f.write_str("skip: ")?,
+                }
+                write!(
+                    f,
+                    "{config_a}: {} | {config_b}: {}",
+                    a_line.as_deref().unwrap_or(end),
+                    b_line.as_deref().unwrap_or(end)
+                )
+            }
+            Verdict::Skipped(why) => write!(f, "skipped {path}: {why}"),
+            Verdict::Failed { config, error } => write!(f, "FAILED {path}: {config}: {error}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observation::{ReadExit, SlotResult};
+    use crate::parse::parse;
+
+    fn src(name: &str, outcome: Outcome) -> Source {
+        Source { name: name.into(), outcome }
+    }
+
+    fn stream(v: u64) -> Outcome {
+        Outcome::Stream(vec![
+            Observation::Slot { step: 3, result: SlotResult::Ok },
+            Observation::Read { step: 4, exit: ReadExit::None { value: v } },
+        ])
+    }
+
+    fn skip(why: &str) -> Outcome {
+        Outcome::Stream(vec![Observation::Skipped { reason: why.into() }])
+    }
+
+    #[test]
+    fn equal_streams_are_equal_and_name_their_sources() {
+        let v = compare(&[src("kvm", stream(1)), src("expected", stream(1))]);
+        assert_eq!(
+            v,
+            Verdict::Equal {
+                compared: vec!["kvm".into(), "expected".into()],
+                skipped: vec![],
+                skip_reason: None
+            }
+        );
+        assert_eq!(
+            VerdictLine { path: "a.scn", verdict: &v }.to_string(),
+            "equal  a.scn (kvm, expected)"
+        );
+        assert!(!v.is_bad());
+    }
+
+    #[test]
+    fn first_difference_is_reported_with_both_lines() {
+        let v = compare(&[src("a", stream(1)), src("b", stream(1)), src("c", stream(2))]);
+        let line = VerdictLine { path: "x.scn", verdict: &v }.to_string();
+        assert_eq!(
+            line,
+            r#"DIFFER x.scn: step 4: a: {"step":4,"op":"read","exit":"none","value":"0x1"} | c: {"step":4,"op":"read","exit":"none","value":"0x2"}"#
+        );
+        assert!(v.is_bad());
+    }
+
+    #[test]
+    fn a_shorter_stream_differs_at_its_end() {
+        let short = Outcome::Stream(vec![Observation::Slot { step: 3, result: SlotResult::Ok }]);
+        let v = compare(&[src("a", stream(1)), src("b", short)]);
+        match &v {
+            Verdict::Differ { step: Some(4), b_line: None, a_line: Some(_), .. } => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(VerdictLine { path: "x", verdict: &v }.to_string().ends_with("b: (end of stream)"));
+    }
+
+    #[test]
+    fn failure_wins_and_unavailable_is_left_out() {
+        let v = compare(&[src("a", stream(1)), src("b", Outcome::Failed("boom at step 4".into()))]);
+        assert_eq!(v, Verdict::Failed { config: "b".into(), error: "boom at step 4".into() });
+        let v = compare(&[
+            src("kvm", Outcome::Unavailable("no /dev/kvm".into())),
+            src("expected", stream(1)),
+        ]);
+        match v {
+            Verdict::Skipped(why) => {
+                assert!(why.contains("fewer than two") && why.contains("no /dev/kvm"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn skipping_sources_are_compared_apart_from_running_ones() {
+        let v = compare(&[src("sim", stream(1)), src("sim2", stream(1)), src("kvm", skip("smm"))]);
+        assert_eq!(
+            v,
+            Verdict::Equal {
+                compared: vec!["sim".into(), "sim2".into()],
+                skipped: vec!["kvm".into()],
+                skip_reason: Some("smm".into())
+            }
+        );
+        let line = VerdictLine { path: "s", verdict: &v }.to_string();
+        assert_eq!(line, "equal  s (sim, sim2; skipped by kvm)");
+        // Two identical skips agree (the streams are equal), and the line says so.
+        let v = compare(&[src("kvm", skip("smm")), src("expected", skip("smm"))]);
+        let line = VerdictLine { path: "s", verdict: &v }.to_string();
+        assert_eq!(line, "equal  s (kvm, expected; all skipped: smm)");
+        // One source ran, the other skipped: nothing to compare.
+        let v = compare(&[src("kvm", stream(1)), src("expected", skip("smm"))]);
+        match v {
+            Verdict::Skipped(why) => assert!(why.contains("expected skipped it: smm"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        let v = compare(&[src("kvm", skip("smm")), src("expected", skip("other"))]);
+        assert!(matches!(v, Verdict::Differ { step: None, .. }), "{v:?}");
+    }
+
+    #[test]
+    fn configurations_cover_formats_times_caching_unless_pinned() {
+        let names: Vec<String> = machine_configurations(None).into_iter().map(|c| c.0).collect();
+        assert_eq!(names, ["ept-on", "ept-off", "npt-on", "npt-off"]);
+        let c = machine_configurations(Some(Format::Npt));
+        assert_eq!(c.len(), 2);
+        assert!(c.iter().all(|(_, o)| o.format == Some(Format::Npt)));
+        assert_eq!(c[1].1.mmio_caching, Some(false));
+    }
+
+    #[test]
+    fn pinned_format_reads_the_vm_line_only() {
+        let t = "# format=npt in a comment\nvm vcpus=1 format=npt # x\nmem a size=4K\n";
+        assert_eq!(pinned_format(t, &parse(t).unwrap()), Some(Format::Npt));
+        let t = "vm vcpus=2 # format=npt\n";
+        assert_eq!(pinned_format(t, &parse(t).unwrap()), None);
+        let t = "mem a size=4K\n";
+        assert_eq!(pinned_format(t, &parse(t).unwrap()), None);
+        let t = "vm format=ept\n";
+        assert_eq!(pinned_format(t, &parse(t).unwrap()), Some(Format::Ept));
+    }
+
+    /// A backend that reports a fixed `read` value, to check that [`Configured`] applies its
+    /// overrides before starting.
+    struct FormatEcho;
+    impl Backend for FormatEcho {
+        fn name(&self) -> &str {
+            "echo"
+        }
+        fn start(&self, s: &Scenario) -> Result<Start, BackendError> {
+            Ok(Start::Skip(format!("{}-{}", s.vm.format, s.vm.mmio_caching)))
+        }
+    }
+
+    #[test]
+    fn configured_applies_overrides_and_diff_runs_backends() {
+        let s = parse("vm format=ept\n").unwrap();
+        let mut backends: Vec<(String, Box<dyn Backend>)> = Vec::new();
+        for (name, o) in machine_configurations(None) {
+            backends.push((name.clone(), Box::new(Configured::new(name, Box::new(FormatEcho), o))));
+        }
+        assert_eq!(backends[3].1.name(), "npt-off");
+        let sources: Vec<Source> =
+            backends.iter().map(|(n, b)| run_source(n, b.as_ref(), &s)).collect();
+        assert_eq!(sources[3].outcome, skip("npt-false"));
+        assert_eq!(sources[0].outcome, skip("ept-true"));
+        // The four configurations skip with different reasons: the diff says so.
+        assert!(matches!(diff(&s, &backends, vec![]), Verdict::Differ { .. }));
+    }
+}
