@@ -39,10 +39,9 @@ pub struct DiffArgs {
 
 /// HOOK for the sim backend: the simulated machine under every configuration it must agree
 /// under (`sim-ept-on`, `sim-ept-off`, `sim-npt-on`, `sim-npt-off`; only the pinned format's
-/// two when `pinned` is set). Until `vmmu-sim` exists there is no machine to build, so the list
-/// is empty; when it lands, `machine` becomes `Some(|| Box::new(vmmu_sim::SimBackend))`.
+/// two when `pinned` is set).
 fn sim_backends(pinned: Option<Format>) -> Vec<(String, Box<dyn Backend>)> {
-    let machine: Option<fn() -> Box<dyn Backend>> = None;
+    let machine: Option<fn() -> Box<dyn Backend>> = Some(|| Box::new(vmmu_sim::SimBackend));
     let Some(make) = machine else { return Vec::new() };
     diff::machine_configurations(pinned)
         .into_iter()

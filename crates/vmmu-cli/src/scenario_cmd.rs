@@ -59,9 +59,7 @@ pub struct ScenarioArgs {
 /// The backend for `kind`, or why it cannot be had. Adding a backend is one match arm.
 fn backend(kind: BackendKind) -> Result<Box<dyn Backend>, String> {
     match kind {
-        BackendKind::Sim => {
-            Err("the sim backend is not built yet; use --backend kvm for now".to_string())
-        }
+        BackendKind::Sim => Ok(Box::new(vmmu_sim::SimBackend)),
         BackendKind::Kvm => Ok(Box::new(vmmu_kvm::KvmBackend)),
     }
 }

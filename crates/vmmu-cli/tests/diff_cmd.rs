@@ -1,6 +1,6 @@
-//! `vmmu diff`: verdict lines, exit codes, recorded outputs. The tests that need two running
-//! sources use real `/dev/kvm` (the sim backend is not built yet) and print why they check less
-//! without it.
+//! `vmmu diff`: verdict lines, exit codes, recorded outputs. The software machine always runs
+//! (every format x caching configuration, or the pinned format's two); real `/dev/kvm` joins
+//! where it is usable, and the tests print why they check less without it.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -55,13 +55,16 @@ fn corpus_is_all_equal() {
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", text(&out.stderr));
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), files.len(), "{stdout}");
+    let kvm = kvm_usable();
     for (line, f) in lines.iter().zip(&files) {
-        if kvm_usable() {
-            assert!(line.starts_with(&format!("equal  {f} (kvm, expected")), "{line}");
-        } else {
-            assert!(line.starts_with(&format!("skipped {f}: fewer than two")), "{line}");
-            assert!(text(&out.stderr).contains("not comparing with KVM"));
+        assert!(line.starts_with(&format!("equal  {f} (sim-")), "{line}");
+        assert!(line.contains("expected"), "compared with the recording too: {line}");
+        if kvm {
+            assert!(line.contains("kvm"), "{line}");
         }
+    }
+    if !kvm {
+        assert!(text(&out.stderr).contains("not comparing with KVM"));
     }
 }
 
@@ -78,21 +81,14 @@ fn a_changed_recording_differs_at_its_step() {
     let d = dir.to_string_lossy().into_owned();
     let out = vmmu(&["diff", "--expected", &d, f.to_str().unwrap()]);
     let stdout = text(&out.stdout);
-    if !kvm_usable() {
-        assert_eq!(out.status.code(), Some(0));
-        assert!(stdout.starts_with("skipped "), "{stdout}");
-        return;
-    }
     assert_eq!(out.status.code(), Some(1), "{stdout}");
-    let want = format!("DIFFER {}: step 4: kvm: {seen} | expected: {changed}\n", f.display());
+    let want =
+        format!("DIFFER {}: step 4: sim-ept-on: {seen} | expected: {changed}\n", f.display());
     assert_eq!(stdout, want);
 }
 
 #[test]
 fn a_backend_failure_is_reported_and_fails() {
-    if !kvm_usable() {
-        return;
-    }
     let dir = temp_dir("fail");
     let f = dir.join("beyond.scn");
     // The slot reaches past its one-page buffer; reading its second page is a backend failure.
@@ -101,7 +97,7 @@ fn a_backend_failure_is_reported_and_fails() {
     let out = vmmu(&["diff", f.to_str().unwrap()]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
-    assert!(stdout.starts_with(&format!("FAILED {}: kvm: ", f.display())), "{stdout}");
+    assert!(stdout.starts_with(&format!("FAILED {}: sim-ept-on: ", f.display())), "{stdout}");
     assert!(stdout.contains("step 3"), "{stdout}");
 }
 
@@ -137,10 +133,22 @@ fn bad_arguments_exit_2() {
 }
 
 #[test]
-fn nothing_to_compare_is_skipped_not_equal() {
+fn the_machine_configurations_alone_are_compared() {
     let f = repo("tests/scenarios/create_read_write.scn");
     let out = vmmu(&["diff", "--no-kvm", "--no-expected", f.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0));
     let stdout = text(&out.stdout);
-    assert!(stdout.starts_with("skipped ") && stdout.contains("fewer than two"), "{stdout}");
+    let want =
+        format!("equal  {} (sim-ept-on, sim-ept-off, sim-npt-on, sim-npt-off)\n", f.display());
+    assert_eq!(stdout, want);
+}
+
+#[test]
+fn a_pinned_format_runs_only_that_format() {
+    let f = repo("tests/scenarios/bad_gpa_wrap.scn");
+    assert!(std::fs::read_to_string(&f).unwrap().contains("format=npt"), "adapt this test");
+    let out = vmmu(&["diff", "--no-kvm", "--no-expected", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0));
+    let want = format!("equal  {} (sim-npt-on, sim-npt-off)\n", f.display());
+    assert_eq!(text(&out.stdout), want);
 }

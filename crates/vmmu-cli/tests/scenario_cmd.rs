@@ -67,10 +67,18 @@ fn bad_flags_exit_2() {
 }
 
 #[test]
-fn default_backend_is_sim_which_is_not_built_yet() {
-    let out = vmmu(&["scenario", &repo("tests/scenarios/create_read_write.scn")]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("sim backend is not built yet"), "{}", text(&out.stderr));
+fn default_backend_is_the_machine_and_prints_what_kvm_recorded() {
+    let f = repo("tests/scenarios/create_read_write.scn");
+    let want = std::fs::read_to_string(repo("tests/expected/create_read_write.jsonl")).unwrap();
+    for extra in [&[][..], &["--format", "npt", "--mmio-caching", "off", "--phys-bits", "36"]] {
+        let mut args = vec!["scenario", f.as_str()];
+        args.extend_from_slice(extra);
+        let out = vmmu(&args);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), want, "{extra:?}");
+        let out = vmmu(&[&args[..], &["--backend", "sim"]].concat());
+        assert_eq!(text(&out.stdout), want, "{extra:?} with --backend sim");
+    }
 }
 
 #[test]
