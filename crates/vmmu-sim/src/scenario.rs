@@ -193,7 +193,7 @@ impl Machine for SimMachine {
             Access::Ram(value) => ReadExit::None { value },
             Access::Mmio => ReadExit::Mmio {
                 gpa: op.gpa,
-                len: op.width.bytes() as u32,
+                len: op.width.bytes(),
                 value: mmio_reply & op.width.mask(),
             },
         })
@@ -203,7 +203,7 @@ impl Machine for SimMachine {
         Ok(match self.on_vcpu(op.vcpu, op.gpa, op.width, Some(op.value))? {
             Access::Ram(_) => WriteExit::None,
             Access::Mmio => {
-                WriteExit::Mmio { gpa: op.gpa, len: op.width.bytes() as u32, data: op.value }
+                WriteExit::Mmio { gpa: op.gpa, len: op.width.bytes(), data: op.value }
             }
         })
     }
