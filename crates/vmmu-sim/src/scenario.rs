@@ -202,9 +202,7 @@ impl Machine for SimMachine {
     fn write(&mut self, op: &WriteOp) -> Result<WriteExit, BackendError> {
         Ok(match self.on_vcpu(op.vcpu, op.gpa, op.width, Some(op.value))? {
             Access::Ram(_) => WriteExit::None,
-            Access::Mmio => {
-                WriteExit::Mmio { gpa: op.gpa, len: op.width.bytes(), data: op.value }
-            }
+            Access::Mmio => WriteExit::Mmio { gpa: op.gpa, len: op.width.bytes(), data: op.value },
         })
     }
 
