@@ -80,7 +80,13 @@ pub(crate) struct VmInner<H: Host> {
     pub(crate) bugs: BugSet,
     /// The VMM's own memslot reader (host invalidations map host addresses to gfns).
     vmm_reader: ReaderId,
+    /// Serialises memslot updates, `zap_all_fast` and the start of host invalidations (KVM's
+    /// `slots_lock` and `mn_invalidate_lock` roles for what this VM object does).
     vmm_lock: crate::sync::Mutex<()>,
+    /// Host invalidations begun and not ended (KVM `mn_active_invalidate_count`). A memslot update
+    /// waits for it to reach 0 under `vmm_lock`, so an invalidation's gfn ranges, computed from
+    /// the memslots when it began, stay right until it ends (a slot cannot move meanwhile).
+    mn_active: crate::sync::AtomicU32,
 }
 
 /// A VM. Cheap to clone (shared).
@@ -159,6 +165,7 @@ impl<H: Host> Vm<H> {
                 bugs: cfg.bugs,
                 vmm_reader,
                 vmm_lock: crate::sync::Mutex::new(()),
+                mn_active: crate::sync::AtomicU32::new(0),
             }),
         })
     }
@@ -170,6 +177,12 @@ impl<H: Host> Vm<H> {
         r: &UserspaceMemoryRegion,
     ) -> Result<MemslotChange, MemslotError> {
         let inner = &*self.inner;
+        let _serial = inner.vmm_lock.lock();
+        // KVM's swap waits until no host invalidation is in flight; holding `vmm_lock` keeps new
+        // ones from starting until the update is done.
+        while inner.mn_active.load(crate::sync::Ordering::Acquire) != 0 {
+            crate::sync::relax();
+        }
         let hooks = MmuHooks { mmu: &inner.mmu, nr_as: inner.memslots.nr_address_spaces() };
         let change = inner.memslots.set_memory_region(r, &hooks)?;
         if change == MemslotChange::FlagsOnly
@@ -203,8 +216,9 @@ impl<H: Host> Vm<H> {
     pub fn invalidate_hva_range_begin(&self, start: Hva, end: Hva) {
         let inner = &*self.inner;
         let mut ranges = Vec::new();
+        let _serial = inner.vmm_lock.lock();
+        inner.mn_active.fetch_add(1, crate::sync::Ordering::AcqRel);
         {
-            let _g = inner.vmm_lock.lock();
             let guard = inner.memslots.read(inner.vmm_reader);
             for as_id in 0..inner.memslots.nr_address_spaces() {
                 for s in guard.set(AsId(as_id)).iter() {
@@ -226,6 +240,8 @@ impl<H: Host> Vm<H> {
     /// Host invalidation end: pairs with one [`Self::invalidate_hva_range_begin`].
     pub fn invalidate_hva_range_end(&self) {
         self.inner.mmu.invalidate_end();
+        let old = self.inner.mn_active.fetch_sub(1, crate::sync::Ordering::AcqRel);
+        debug_assert!(old > 0, "invalidate end without begin");
     }
 
     /// The memslots (generation, lookups).

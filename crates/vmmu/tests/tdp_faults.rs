@@ -415,3 +415,26 @@ fn bad_root_level_is_rejected() {
     let host = std::sync::Arc::new(vmmu::testing::TestHost::new(8));
     assert!(vmmu::vm::Vm::new(cfg, host).is_err());
 }
+
+/// A memslot update waits for host invalidations in flight (KVM's swap waits for
+/// `mn_active_invalidate_count` to drop to 0), so an invalidation's gfn ranges stay right.
+#[test]
+fn memslot_update_waits_for_host_invalidation_in_flight() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (vm, _h) = vm(FormatKind::Ept);
+    vm.set_memory_region(&region(0, 0x10_0000, 0x1000, RAM_HVA, 0)).unwrap();
+    vm.invalidate_hva_range_begin(vmmu::Hva(RAM_HVA), vmmu::Hva(RAM_HVA + 0x1000));
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    let t = {
+        let (vm, done) = (vm.clone(), done.clone());
+        std::thread::spawn(move || {
+            vm.set_memory_region(&region(0, 0x20_0000, 0x1000, RAM_HVA, 0)).unwrap();
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(!done.load(Ordering::SeqCst), "the move went ahead during an invalidation");
+    vm.invalidate_hva_range_end();
+    t.join().unwrap();
+    assert!(done.load(Ordering::SeqCst));
+}
