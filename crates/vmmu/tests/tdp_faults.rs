@@ -1,6 +1,7 @@
 //! The TDP MMU's fault paths, one test per outcome and per emulation source, the two errors, and
 //! the zap/flush/obsolete-root machinery (issue 4, point 8). Each test drives a VM on the test
 //! host through `common::access`, which walks the tables like the hardware.
+#![cfg(not(loom))] // std threads and atomics: loom types only work inside a model
 
 mod common;
 
