@@ -1,6 +1,7 @@
 //! Readers looping lookups while updates run (std threads): no torn results, generations
 //! monotonic per reader, the generation of a set always matches its contents, and a reader that
 //! sees a final generation made its earlier decision on that same set.
+#![cfg(not(loom))] // std threads and atomics: loom types only work inside a model
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

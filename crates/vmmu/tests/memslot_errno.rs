@@ -3,6 +3,7 @@
 //! where two rules fail and KVM's order decides. Each row runs on a fresh VM with the same
 //! slots; a rejected row must leave the slots, the generations and the hooks untouched (except
 //! a move rejected after its invalidation, which KVM reverts with a second swap).
+#![cfg(not(loom))] // std threads and atomics: loom types only work inside a model
 
 use std::sync::Mutex;
 use vmmu::memslot::{

@@ -1,5 +1,6 @@
 //! Generation sequences and hook calls of the memslot protocol (facts §2.2-2.4): swaps per
 //! change, generation arithmetic per address space, hook order, and what the hooks see.
+#![cfg(not(loom))] // std threads and atomics: loom types only work inside a model
 
 use std::sync::{Arc, Mutex};
 use vmmu::memslot::{

@@ -3,6 +3,7 @@
 //! §5.3 and §2.2: a vector of slots, the checks in KVM's order, generation arithmetic and the
 //! hook calls. Results, errnos, rules, lookups of every gfn, generations, hook logs, page totals
 //! and metadata bytes must agree after every step.
+#![cfg(not(loom))] // std threads and atomics: loom types only work inside a model
 
 use proptest::prelude::*;
 use std::sync::Mutex;

@@ -6,6 +6,7 @@
 //! - the CPU sees the non-present and frozen values as not present, and every MMIO SPTE as a
 //!   misconfiguration (EPT) or a reserved-bit fault (NPT);
 //! - encode then decode returns the gfn, the masked generation and the masked access.
+#![cfg(not(loom))] // std threads and atomics: loom types only work inside a model
 
 use proptest::prelude::*;
 use vmmu::bugs::BugSet;

@@ -1,6 +1,7 @@
 //! The TDP MMU's fault paths, one test per outcome and per emulation source, the two errors, and
 //! the zap/flush/obsolete-root machinery (issue 4, point 8). Each test drives a VM on the test
 //! host through `common::access`, which walks the tables like the hardware.
+#![cfg(not(loom))] // std threads and atomics: loom types only work inside a model
 
 mod common;
 
@@ -358,10 +359,11 @@ fn slot_zap_all_quirk_zaps_every_root() {
     assert_eq!(vm.stats().pages_4k, 0, "the other slot's leaf went too");
 }
 
-/// A fault on a slot that is being deleted (marked invalid, first swap done, not yet removed)
-/// must retry (e0c378684b65), never decide "MMIO".
-#[test]
-fn fault_on_a_slot_being_deleted_retries() {
+/// A fault on a slot that is being deleted (marked invalid, first swap done, not yet removed):
+/// the fault's outcome, the MMIO SPTEs it made and what it cached.
+fn fault_on_a_slot_being_deleted(
+    bugs: vmmu::bugs::BugSet,
+) -> (Vec<FaultOutcome>, u64, Option<(Gfn, vmmu::Access)>) {
     use std::cell::RefCell;
     use vmmu::memslot::{Memslot, MemslotHooks};
     struct FaultInFlush<'a> {
@@ -370,7 +372,6 @@ fn fault_on_a_slot_being_deleted_retries() {
     }
     impl MemslotHooks for FaultInFlush<'_> {
         fn flush_slot(&self, old: &Memslot) {
-            assert!(old.is_invalid() || !old.is_invalid());
             let o = self
                 .vcpu
                 .borrow_mut()
@@ -380,16 +381,73 @@ fn fault_on_a_slot_being_deleted_retries() {
         }
         fn memslots_updated(&self, _: vmmu::AsId, _: vmmu::Generation) {}
     }
-    let (vm, _h) = vm(FormatKind::Ept);
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.bugs = bugs;
+    let (vm, _h) = vm_with(cfg);
     vm.set_memory_region(&region(0, 0x10_0000, 0x1000, RAM_HVA, 0)).unwrap();
     let mut v = vm.create_vcpu().unwrap();
     v.service_requests().unwrap();
     let hooks = FaultInFlush { vcpu: RefCell::new(&mut v), seen: RefCell::new(Vec::new()) };
     vm.memslots().set_memory_region(&region(0, 0x10_0000, 0, 0, 0), &hooks).unwrap();
-    assert_eq!(*hooks.seen.borrow(), vec![FaultOutcome::Retry(RetryCause::InvalidSlot)]);
-    drop(hooks);
-    assert_eq!(v.stats.pf_mmio_spte_created, 0);
-    assert_eq!(v.mmio_cache().entry(), None, "nothing cached as MMIO for a slot being deleted");
+    let seen = hooks.seen.into_inner();
+    (seen, v.stats.pf_mmio_spte_created, v.mmio_cache().entry())
+}
+
+/// A fault on a slot that is being deleted must retry (e0c378684b65), never decide "MMIO".
+#[test]
+fn fault_on_a_slot_being_deleted_retries() {
+    let (seen, created, cached) = fault_on_a_slot_being_deleted(vmmu::bugs::BugSet::NONE);
+    assert_eq!(seen, vec![FaultOutcome::Retry(RetryCause::InvalidSlot)]);
+    assert_eq!(created, 0);
+    assert_eq!(cached, None, "nothing cached as MMIO for a slot being deleted");
+}
+
+/// The test above catches `invalid-slot-as-mmio`: the fault is emulated as MMIO, an MMIO SPTE
+/// is made and the gfn is cached as MMIO while the slot still exists.
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn fault_on_a_slot_being_deleted_catches_invalid_slot_as_mmio() {
+    let bugs = vmmu::bugs::BugSet::only(vmmu::bugs::Bug::InvalidSlotAsMmio);
+    let (seen, created, cached) = fault_on_a_slot_being_deleted(bugs);
+    assert!(
+        matches!(seen[..], [FaultOutcome::Emulate { .. }]),
+        "the bug should emulate the fault as MMIO: {seen:?}"
+    );
+    assert_eq!(created, 1, "and install an MMIO SPTE");
+    assert!(cached.is_some(), "and cache the gfn as MMIO");
+}
+
+/// An access to an MMIO gfn (SPTE and per-vCPU cache filled), then a create over it, then the
+/// same access: what it saw.
+fn access_after_create_over_cached_mmio(bugs: vmmu::bugs::BugSet) -> Seen {
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.bugs = bugs;
+    let (vm, _h) = vm_with(cfg);
+    let mut v = vm.create_vcpu().unwrap();
+    access(&mut v, 0x50_0000, false).unwrap();
+    access(&mut v, 0x50_0000, false).unwrap();
+    vm.set_memory_region(&region(3, 0x50_0000, 0x1000, RAM_HVA, 0)).unwrap();
+    access(&mut v, 0x50_0000, false).unwrap().0
+}
+
+#[test]
+fn access_after_create_over_cached_mmio_reaches_ram() {
+    let seen = access_after_create_over_cached_mmio(vmmu::bugs::BugSet::NONE);
+    assert_eq!(seen, Seen::Ram(Pfn(RAM_HVA >> 12)));
+}
+
+/// The test above catches the two generation checks being dropped: the per-vCPU cache
+/// (56f17dd3fbc4) or the MMIO SPTE (f8f559422b6c) answers "MMIO" for what is now RAM.
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn access_after_create_over_cached_mmio_catches_missing_generation_checks() {
+    use vmmu::bugs::{Bug, BugSet};
+    let seen = access_after_create_over_cached_mmio(BugSet::only(Bug::VcpuCacheWithoutGen));
+    assert_eq!(seen, Seen::Mmio(EmulateSource::VcpuCacheHit), "vcpu-cache-without-gen");
+    // Without the cache's help (the bug in the SPTE check alone): the access through the
+    // per-vCPU cache misses on the generation, and the stale SPTE hits.
+    let seen = access_after_create_over_cached_mmio(BugSet::only(Bug::MmioSpteIgnoresGen));
+    assert_eq!(seen, Seen::Mmio(EmulateSource::MmioSpteHit), "mmio-spte-ignores-gen");
 }
 
 #[test]

@@ -74,6 +74,12 @@ impl MmioInfoCache {
         (self.gfn != 0).then_some((Gfn(self.gfn), self.access))
     }
 
+    /// The generation the cached entry was made under, if any gfn is cached (for models: the
+    /// 2019 fix ddfd1730fd82 means it is never an in-progress generation).
+    pub fn generation(&self) -> Option<Generation> {
+        (self.gfn != 0).then_some(Generation::from_raw(self.gen))
+    }
+
     /// Clears the gva part (KVM `vcpu_clear_mmio_info(vcpu, MMIO_GVA_ANY)`).
     #[inline]
     pub fn clear_gva(&mut self) {

@@ -1,0 +1,418 @@
+//! loom models of the MMU's fault paths racing memslot updates and zaps, with the real code
+//! (`Vm`, `Vcpu`, `TdpMmu`, `Memslots`, `TestHost`) through the sync shim. Run with
+//! `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p vmmu --release
+//! --features historical-bugs --test loom_mmu` (`scripts/test` does).
+//!
+//! Each model is a function of the injected bugs. `*_holds` runs it with no bug and must pass;
+//! `*_catches_*` (feature `historical-bugs`) runs it with one bug and asserts that loom finds an
+//! interleaving where the model's property fails (a panic whose message contains
+//! `VIOLATION`; any other panic is re-raised). `tests/bugs_caught.rs` lists which test catches
+//! which bug.
+//!
+//! Sizes are tiny on purpose: one vCPU, one address space, EPT, a test host with 8-12 table
+//! frames, at most two updates per model; the preemption bound is `LOOM_MAX_PREEMPTIONS`
+//! (2 when unset). Every model runs in well under a second in release.
+#![cfg(loom)]
+
+use loom::sync::atomic::AtomicBool;
+use loom::thread;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use vmmu::bugs::BugSet;
+use vmmu::fault::{EmulateSource, FaultOutcome};
+use vmmu::memslot::UserspaceMemoryRegion;
+use vmmu::spte::FormatKind;
+use vmmu::sync::{Arc, Ordering};
+use vmmu::tdp::{hw_walk, HwWalk};
+use vmmu::testing::TestHost;
+use vmmu::vcpu::Vcpu;
+use vmmu::vm::{Vm, VmConfig};
+use vmmu::{Access, AsId, FaultAccess, Generation, Gfn, Gpa, Level};
+
+/// The gfn the models fight over, and a neighbour in the same last-level table.
+const X: u64 = 0x1234;
+const Y: u64 = X + 1;
+/// Host RAM: one page at this host address, frame = hva >> 12.
+const RAM_HVA: u64 = 0x4000_0000;
+
+fn vm_with(bugs: BugSet, frames: usize, generation_base: u64) -> (Vm<TestHost>, Arc<TestHost>) {
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.max_vcpus = 1;
+    cfg.nr_address_spaces = 1;
+    cfg.generation_base = generation_base;
+    cfg.bugs = bugs;
+    let host = Arc::new(TestHost::new(frames));
+    host.map(RAM_HVA, 0x1000, RAM_HVA >> 12, Level::L4K, true);
+    (Vm::new(cfg, host.clone()).unwrap(), host)
+}
+
+fn vm(bugs: BugSet) -> (Vm<TestHost>, Arc<TestHost>) {
+    vm_with(bugs, 8, 0)
+}
+
+/// A one-page slot 0 at gfn `gfn` backed by the host RAM page (size 0: delete).
+fn slot_at(gfn: u64, pages: u64) -> UserspaceMemoryRegion {
+    UserspaceMemoryRegion {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: gfn << 12,
+        memory_size: pages << 12,
+        userspace_addr: RAM_HVA,
+    }
+}
+
+fn gpa(gfn: u64) -> Gpa {
+    Gpa(gfn << 12)
+}
+
+/// A vCPU with its root loaded.
+fn vcpu(vm: &Vm<TestHost>) -> Vcpu<TestHost> {
+    let mut v = vm.create_vcpu().unwrap();
+    v.service_requests().unwrap();
+    v
+}
+
+/// loom with room for the tables' 512-entry loops, and a default preemption bound of 2.
+fn model(f: impl Fn() + Sync + Send + 'static) {
+    let mut b = loom::model::Builder::new();
+    b.max_branches = 200_000;
+    if b.preemption_bound.is_none() {
+        b.preemption_bound = Some(2);
+    }
+    b.check(f);
+}
+
+/// Whether running `m(bugs)` makes loom report a property violation. Other panics (a model
+/// that cannot run, loom's own limits) are re-raised, so they cannot pass for a catch.
+#[allow(dead_code)]
+fn violation(m: fn(BugSet), bugs: BugSet) -> bool {
+    match catch_unwind(AssertUnwindSafe(|| m(bugs))) {
+        Ok(()) => false,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            if msg.contains("VIOLATION") {
+                true
+            } else {
+                std::panic::resume_unwind(p)
+            }
+        }
+    }
+}
+
+/// What one guest access ended as.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Seen {
+    Ram,
+    Mmio(EmulateSource),
+}
+
+/// One guest access as the machine does it (service requests, enter guest mode, walk like the
+/// hardware, exit, handle the fault), retried a few times. Used only sequentially.
+fn access(v: &mut Vcpu<TestHost>, gfn: u64) -> Seen {
+    for _ in 0..8 {
+        v.service_requests().unwrap();
+        let walk = match v.enter_guest() {
+            Ok(g) => g.walk(gpa(gfn), Access::NONE),
+            Err(_) => continue,
+        };
+        let o = match walk {
+            HwWalk::Translated { .. } => return Seen::Ram,
+            HwWalk::Violation { .. } => v.handle_ept_violation(gpa(gfn), FaultAccess::READ),
+            HwWalk::Misconfig { .. } => v.handle_ept_misconfig(gpa(gfn)),
+            HwWalk::Broken { dump } => panic!("broken walk {dump:?}"),
+        };
+        if let FaultOutcome::Emulate { source, .. } = o.unwrap() {
+            return Seen::Mmio(source);
+        }
+    }
+    panic!("access to gfn {gfn:#x} did not complete");
+}
+
+// ---------------------------------------------------------------------------------------------
+// (a) A vCPU decides "MMIO" for a gfn while a memslot over it is created (the 2014 corrupt-MMIO
+// race, ee3d1570b586, and the generation checks of 56f17dd3fbc4 / f8f559422b6c).
+//
+// Property: the racing fault ends as Emulate (it used the old set), Fixed (the new one) or
+// Retry; and once the create has returned, an access to the gfn reaches RAM: neither the MMIO
+// SPTE nor the per-vCPU cache entry made from the old set may hit any more. KVM's create zaps
+// nothing, so only the generation protects this.
+//
+// Note: the real fault path reads the memslot set once and takes the generation from that set,
+// so `no-second-increment` cannot mix "decision from the old set" with "generation of the new
+// one" here; `loom_memslot.rs` catches that bug with a reader that reads the set twice, as
+// KVM's `kvm_memslots()` callers did.
+// ---------------------------------------------------------------------------------------------
+
+fn create_over_mmio(bugs: BugSet) {
+    model(move || {
+        let (vm, _host) = vm(bugs);
+        let mut v = vcpu(&vm);
+        let t = thread::spawn(move || {
+            let o = v.handle_ept_violation(gpa(X), FaultAccess::READ);
+            (v, o)
+        });
+        vm.set_memory_region(&slot_at(X, 1)).unwrap();
+        let (mut v, o) = t.join().unwrap();
+        assert!(
+            matches!(
+                o,
+                Ok(FaultOutcome::Emulate { .. } | FaultOutcome::Fixed | FaultOutcome::Retry(_))
+            ),
+            "VIOLATION: racing fault ended as {o:?}"
+        );
+        let seen = access(&mut v, X);
+        assert_eq!(seen, Seen::Ram, "VIOLATION: after the create returned, gfn {X:#x} is {seen:?}");
+    });
+}
+
+#[test]
+fn create_over_mmio_holds() {
+    create_over_mmio(BugSet::NONE);
+}
+
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn create_over_mmio_catches_mmio_spte_ignores_gen() {
+    let b = BugSet::only(vmmu::bugs::Bug::MmioSpteIgnoresGen);
+    assert!(violation(create_over_mmio, b), "missed mmio-spte-ignores-gen");
+}
+
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn create_over_mmio_catches_vcpu_cache_without_gen() {
+    let b = BugSet::only(vmmu::bugs::Bug::VcpuCacheWithoutGen);
+    assert!(violation(create_over_mmio, b), "missed vcpu-cache-without-gen");
+}
+
+// ---------------------------------------------------------------------------------------------
+// (b) The per-vCPU MMIO cache fills while an update is in progress (2019, ddfd1730fd82 "Do not
+// cache MMIO accesses while memslots are in flux").
+//
+// Property: the per-vCPU cache never holds an entry tagged with an in-progress generation, the
+// invariant the fix introduced. (Here the tag is the full 64-bit generation of the set the
+// decision was made on, so such an entry could not hit after the window closes; KVM's rule is
+// still that nothing decided inside the window is cached, and this model checks exactly that.)
+// ---------------------------------------------------------------------------------------------
+
+fn cache_fill_during_update(bugs: BugSet) {
+    model(move || {
+        let (vm, _host) = vm(bugs);
+        let mut v = vcpu(&vm);
+        let t = thread::spawn(move || {
+            let o = v.handle_ept_violation(gpa(X), FaultAccess::READ);
+            (v, o)
+        });
+        // An unrelated create: gfn X stays MMIO throughout.
+        vm.set_memory_region(&slot_at(0x10, 1)).unwrap();
+        let (v, o) = t.join().unwrap();
+        assert!(matches!(o, Ok(FaultOutcome::Emulate { .. })), "VIOLATION: fault ended as {o:?}");
+        if let Some(g) = v.mmio_cache().generation() {
+            assert!(!g.in_progress(), "VIOLATION: cached MMIO info under in-progress {g:?}");
+        }
+    });
+}
+
+#[test]
+fn cache_fill_during_update_holds() {
+    cache_fill_during_update(BugSet::NONE);
+}
+
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn cache_fill_during_update_catches_cache_while_in_progress() {
+    let b = BugSet::only(vmmu::bugs::Bug::CacheWhileInProgress);
+    assert!(violation(cache_fill_during_update, b), "missed cache-while-in-progress");
+}
+
+// ---------------------------------------------------------------------------------------------
+// (c) The lockless MMIO walk races a zap of its table (the 2011 MMIO series, ce88decffd17:
+// "SPTE zapped/changed concurrently: let the CPU fault again").
+//
+// Property: a misconfiguration exit on an MMIO SPTE whose last-level table is being zapped and
+// freed ends as Emulate (the walk saw the SPTE) or Retry (it saw the zapped entry), never as an
+// error; and no walk reads a freed table page (the grace period before freeing; the test host
+// counts lookups of freed frames).
+// ---------------------------------------------------------------------------------------------
+
+fn walk_vs_zap(bugs: BugSet) {
+    model(move || {
+        let (vm, host) = vm(bugs);
+        let mut v = vcpu(&vm);
+        for g in [X, Y] {
+            // MMIO SPTEs for X and Y; the cache ends up holding Y, so X needs the walk.
+            let o = v.handle_ept_violation(gpa(g), FaultAccess::READ).unwrap();
+            assert!(matches!(o, FaultOutcome::Emulate { .. }), "setup: {o:?}");
+        }
+        let t = thread::spawn(move || v.handle_ept_misconfig(gpa(X)));
+        // Zap the whole 2 MiB region: the last-level table is unlinked and freed.
+        let base = X & !511;
+        vm.mmu().zap_gfn_range(AsId(0), Gfn(base), Gfn(base + 512));
+        let o = t.join().unwrap();
+        assert!(
+            matches!(o, Ok(FaultOutcome::Emulate { .. } | FaultOutcome::Retry(_))),
+            "VIOLATION: a walk racing a zap ended as {o:?}"
+        );
+        vm.reclaim();
+        assert_eq!(host.use_after_free(), 0, "VIOLATION: a walk read a freed table page");
+    });
+}
+
+#[test]
+fn walk_vs_zap_holds() {
+    walk_vs_zap(BugSet::NONE);
+}
+
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn walk_vs_zap_catches_zapped_spte_is_misconfig() {
+    let b = BugSet::only(vmmu::bugs::Bug::ZappedSpteIsMisconfig);
+    assert!(violation(walk_vs_zap, b), "missed zapped-spte-is-misconfig");
+}
+
+// ---------------------------------------------------------------------------------------------
+// (d) A fault on a root that `zap_all_fast` obsoletes (2021, a955cad84cda "Retry page fault if
+// root is invalidated by memslot update"), and on a root without a page (18c841e1f411 "Retry
+// page fault if MMU reload is pending and root has no sp").
+//
+// Property: a fault that begins after `zap_all_fast` returned (and before the vCPU serviced its
+// requests) retries; and once both are done, the obsoleted TDP root maps nothing (a fault that
+// was in flight did not install into it after it was zapped).
+// ---------------------------------------------------------------------------------------------
+
+fn fault_vs_zap_all_fast(bugs: BugSet, pageless: bool) {
+    model(move || {
+        let (vm, host) = vm_with(bugs, 12, 0);
+        vm.set_memory_region(&slot_at(X, 1)).unwrap();
+        let mut v = vcpu(&vm);
+        if pageless {
+            v.load_pageless_root().unwrap();
+        }
+        let root = v.root().unwrap().clone();
+        let zapped = Arc::new(AtomicBool::new(false));
+        let t = {
+            let zapped = zapped.clone();
+            thread::spawn(move || {
+                let after = zapped.load(Ordering::Acquire);
+                let o = v.handle_ept_violation(gpa(X), FaultAccess::READ);
+                (v, after, o)
+            })
+        };
+        vm.zap_all_fast();
+        zapped.store(true, Ordering::Release);
+        let (v, after, o) = t.join().unwrap();
+        if after {
+            assert!(
+                matches!(o, Ok(FaultOutcome::Retry(_))),
+                "VIOLATION: a fault after zap_all_fast on its obsoleted root ended as {o:?}"
+            );
+        } else {
+            assert!(
+                matches!(o, Ok(FaultOutcome::Fixed | FaultOutcome::Retry(_))),
+                "VIOLATION: racing fault ended as {o:?}"
+            );
+        }
+        if !pageless {
+            let fmt = vm.mmu().config().format;
+            let w = hw_walk(&fmt, &*host, root.pfn(), root.level(), Gfn(X), Access::NONE);
+            assert!(
+                !matches!(w, HwWalk::Translated { .. }),
+                "VIOLATION: the obsoleted root maps gfn {X:#x} after zap_all_fast: {w:?}"
+            );
+        }
+        drop(v);
+    });
+}
+
+fn fault_vs_zap_all_fast_tdp(bugs: BugSet) {
+    fault_vs_zap_all_fast(bugs, false)
+}
+
+fn fault_vs_zap_all_fast_pageless(bugs: BugSet) {
+    fault_vs_zap_all_fast(bugs, true)
+}
+
+#[test]
+fn fault_vs_zap_all_fast_holds() {
+    fault_vs_zap_all_fast_tdp(BugSet::NONE);
+}
+
+#[test]
+fn fault_vs_zap_all_fast_pageless_holds() {
+    fault_vs_zap_all_fast_pageless(BugSet::NONE);
+}
+
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn fault_vs_zap_all_fast_catches_no_stale_root_check() {
+    let b = BugSet::only(vmmu::bugs::Bug::NoStaleRootCheck);
+    assert!(violation(fault_vs_zap_all_fast_tdp, b), "missed no-stale-root-check (TDP root)");
+    assert!(
+        violation(fault_vs_zap_all_fast_pageless, b),
+        "missed no-stale-root-check (root without a page)"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// (e) The MMIO-generation wrap hook against a vCPU checking a pre-wrap MMIO SPTE (2019,
+// 152482580a1b "Call kvm_arch_memslots_updated() before updating memslots").
+//
+// Setup: the generation starts at 2^19 - 1, so the next update's final generation, 2^19, has
+// MMIO bits 0 and the hook zaps everything. An MMIO SPTE for X with generation bits 0 stands for
+// one made 2^19 updates earlier (written through the test hook; making it for real would take
+// half a million updates). The update creates RAM over X.
+//
+// Property: the racing misconfiguration exit on X never hits that pre-wrap SPTE (it matches only
+// the post-wrap generation, and the wrap zap must be done before that generation is visible).
+// ---------------------------------------------------------------------------------------------
+
+fn wrap_hook_vs_prewrap_spte(bugs: BugSet) {
+    model(move || {
+        let (vm, _host) = vm_with(bugs, 8, (1 << 19) - 1);
+        let mut v = vcpu(&vm);
+        let o = v.handle_ept_violation(gpa(X), FaultAccess::READ).unwrap();
+        assert!(matches!(o, FaultOutcome::Emulate { .. }), "setup: {o:?}");
+        {
+            let root = v.root().unwrap();
+            let codec = vm.mmu().config().codec;
+            let e = vm.mmu().entry_for_tests(root, Gfn(X), Level::L4K).unwrap();
+            e.store(codec.make(Gfn(X), Generation::from_raw(0), Access::ALL), Ordering::Release);
+        }
+        // Move the per-vCPU cache to Y, so X needs the walk.
+        let o = v.handle_ept_violation(gpa(Y), FaultAccess::READ).unwrap();
+        assert!(matches!(o, FaultOutcome::Emulate { .. }), "setup: {o:?}");
+        let t = thread::spawn(move || {
+            let o = v.handle_ept_misconfig(gpa(X));
+            (v, o)
+        });
+        vm.set_memory_region(&slot_at(X, 1)).unwrap();
+        assert_eq!(vm.stats().mmio_gen_wraps, 1, "setup: the create must wrap");
+        let (_v, o) = t.join().unwrap();
+        assert!(
+            !matches!(o, Ok(FaultOutcome::Emulate { source: EmulateSource::MmioSpteHit, .. })),
+            "VIOLATION: a pre-wrap MMIO SPTE hit under the post-wrap generation: {o:?}"
+        );
+        assert!(o.is_ok(), "VIOLATION: racing exit ended as {o:?}");
+    });
+}
+
+#[test]
+fn wrap_hook_vs_prewrap_spte_holds() {
+    wrap_hook_vs_prewrap_spte(BugSet::NONE);
+}
+
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn wrap_hook_vs_prewrap_spte_catches_wrap_hook_after_publish() {
+    let b = BugSet::only(vmmu::bugs::Bug::WrapHookAfterPublish);
+    assert!(violation(wrap_hook_vs_prewrap_spte, b), "missed wrap-hook-after-publish");
+}
+
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn wrap_hook_vs_prewrap_spte_catches_no_second_increment() {
+    let b = BugSet::only(vmmu::bugs::Bug::NoSecondIncrement);
+    assert!(violation(wrap_hook_vs_prewrap_spte, b), "missed no-second-increment");
+}

@@ -1,0 +1,61 @@
+//! Issue 7 point 1: every atomic, lock, cell and wait loop of the core goes through `crate::sync`
+//! (core's types normally, loom's under `--cfg loom`), so the loom models run the real code and
+//! not a copy of it. This test reads the core's sources and fails on any synchronisation
+//! primitive taken from elsewhere outside `src/sync.rs` (test modules may use std threads).
+
+use std::path::{Path, PathBuf};
+
+/// Paths that bypass the shim.
+const FORBIDDEN: &[&str] = &[
+    "core::sync::",
+    "std::sync::",
+    "alloc::sync::",
+    "core::cell::",
+    "std::cell::",
+    "core::hint::spin_loop",
+    "std::thread::",
+    "parking_lot",
+    "spin::",
+];
+
+fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            sources(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+#[test]
+fn core_uses_only_the_sync_shim() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    sources(&src, &mut files);
+    assert!(files.len() > 20, "found only {} source files under {src:?}", files.len());
+    let mut bad = Vec::new();
+    for f in files.iter().filter(|f| !f.ends_with("sync.rs")) {
+        let text = std::fs::read_to_string(f).unwrap();
+        // Unit-test modules sit at the end of each file; they may spawn std threads.
+        let code = text
+            .find("#[cfg(test)]")
+            .into_iter()
+            .chain(text.find("#[cfg(all(test"))
+            .min()
+            .map_or(&text[..], |i| &text[..i]);
+        for (n, line) in code.lines().enumerate() {
+            let l = line.trim_start();
+            if l.starts_with("//") {
+                continue;
+            }
+            for pat in FORBIDDEN {
+                if l.contains(pat) {
+                    bad.push(format!("{}:{}: {}", f.display(), n + 1, l));
+                }
+            }
+        }
+    }
+    assert!(bad.is_empty(), "synchronisation outside crate::sync:\n{}", bad.join("\n"));
+}
