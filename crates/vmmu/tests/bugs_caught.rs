@@ -8,7 +8,8 @@
 //!
 //! Where they run: loom models (`tests/loom_*.rs`) in the loom pass of `scripts/test`, which
 //! builds with `--features historical-bugs`; the others in `cargo test --workspace
-//! --all-features`. The machine's oracle runs (`vmmu run --inject`) are listed by the simulator.
+//! --all-features`. End-to-end catches by the machine's oracle (`vmmu run --inject`) are in
+//! `crates/vmmu-sim/tests/oracle_bugs.rs` and `crates/vmmu-cli/tests/run_cmd.rs`.
 
 use std::path::Path;
 use vmmu::bugs::Bug;
