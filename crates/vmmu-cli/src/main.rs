@@ -2,6 +2,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod bench_cmd;
 mod run_cmd;
 mod scenario_cmd;
 
@@ -21,6 +22,8 @@ enum Command {
     Bugs,
     /// Run a scenario file and print its observations (JSON Lines) on stdout.
     Scenario(scenario_cmd::ScenarioArgs),
+    /// Measure: MMIO paths, lookups, memslot updates (and the same on /dev/kvm), faults, churn.
+    Bench(bench_cmd::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Scenario(args)) => scenario_cmd::run(&args),
         Some(Command::Run(args)) => run_cmd::run(&args),
+        Some(Command::Bench(args)) => bench_cmd::run(&args),
         None => match Cli::try_parse_from(["vmmu", "run"]) {
             Ok(Cli { command: Some(Command::Run(args)) }) => run_cmd::run(&args),
             _ => ExitCode::from(2),
