@@ -32,7 +32,7 @@ struct KvmNumbers {
 
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 fn measure(opts: &Options) -> Result<KvmNumbers, String> {
-    use vmmu_kvm::bench::{BenchVm, WORK_SLOT};
+    use vmmu_kvm::bench::{BenchVm, BUSY_INNER, WORK_SLOT};
     use vmmu_kvm::guest::OWN_SLOT as OWN_SLOT_ID;
     let cycles = opts.n(50, 500);
     let mut vm = BenchVm::new()?;
@@ -46,16 +46,22 @@ fn measure(opts: &Options) -> Result<KvmNumbers, String> {
     let busy = vm.start_busy(helper_cpu()).ok_or("the vCPU is already running")?;
     // Let the guest fault its working set in before timing.
     let t = std::time::Instant::now();
-    while busy.adds() == 0 && !busy.finished() && t.elapsed().as_secs() < 10 {
+    while busy.adds() < 4 * u64::from(BUSY_INNER) && !busy.finished() && t.elapsed().as_secs() < 10 {
         std::thread::yield_now();
     }
     let issue = |r: &crate::memslot::Req| {
         vm.set_region(KVM_SLOT, r.flags, r.gpa, r.size, 0).map_err(|e| format!("{r:?}: {e}"))
     };
     let a0 = busy.adds();
+    // At least 100 ms of busy cycles, so the vCPU makes progress (it reports every
+    // BUSY_INNER adds).
     let res = cycle(&mut k.busy, cycles / 10 + 1, issue).and_then(|()| {
         k.busy = OpLatencies::default();
-        cycle(&mut k.busy, cycles, issue)
+        let t = std::time::Instant::now();
+        while k.busy.0[0].len() < cycles as u64 || t.elapsed().as_millis() < 100 {
+            cycle(&mut k.busy, 1, issue)?;
+        }
+        Ok(())
     });
     k.busy_adds = busy.adds() - a0;
     vm.stop_busy(busy)?;
