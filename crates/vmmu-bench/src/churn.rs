@@ -257,7 +257,13 @@ fn rate_note(s: &Share, what: &str) -> String {
 
 /// The group's rows.
 pub fn run(opts: &Options, info: &mut RunInfo) -> Result<Vec<Row>, BenchError> {
-    let secs = if opts.quick { 0.5 } else { 2.0 };
+    let secs = if opts.smoke {
+        0.05
+    } else if opts.quick {
+        0.5
+    } else {
+        2.0
+    };
     let zap_slot = vmmu_share(secs, false)?;
     let zap_all = vmmu_share(secs, true)?;
     let kvm = if opts.no_kvm { Err("--no-kvm".to_string()) } else { kvm_share(secs) };

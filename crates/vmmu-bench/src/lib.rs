@@ -42,6 +42,8 @@ pub const GROUPS: [&str; 6] = ["mmio", "lookup", "memslot", "kvm", "faults", "ch
 pub struct Options {
     /// Fewer samples and shorter phases (under a minute in all).
     pub quick: bool,
+    /// Token samples, for tests of the table's structure (numbers meaningless). Implies `quick`.
+    pub smoke: bool,
     /// Only these groups (all when empty).
     pub only: Vec<String>,
     /// Skip the real-KVM measurements (their rows say so).
@@ -53,9 +55,12 @@ impl Options {
         self.only.is_empty() || self.only.iter().any(|g| g == group)
     }
 
-    /// Scales a sample count: `full` normally, `quick` with `--quick`.
+    /// Scales a sample count: `full` normally, `quick` with `--quick`, a tenth of that (at
+    /// least 1) with `smoke`.
     pub(crate) fn n(&self, quick: usize, full: usize) -> usize {
-        if self.quick {
+        if self.smoke {
+            (quick / 10).max(1)
+        } else if self.quick {
             quick
         } else {
             full
@@ -132,7 +137,7 @@ pub fn run(opts: &Options) -> Result<Table, BenchError> {
     }
     let t0 = Instant::now();
     let mut info = RunInfo {
-        quick: opts.quick,
+        quick: opts.quick || opts.smoke,
         cpus: timing::cpus(),
         load_before: timing::load_average(),
         ..RunInfo::default()

@@ -19,6 +19,9 @@ pub struct BenchArgs {
     /// Only these row groups (repeatable): mmio, lookup, memslot, kvm, faults, churn.
     #[arg(long, value_name = "GROUP", value_parser = clap::builder::PossibleValuesParser::new(GROUPS))]
     only: Vec<String>,
+    /// Token samples: checks that every row is produced (for tests; the numbers mean nothing).
+    #[arg(long, hide = true)]
+    smoke: bool,
     /// Skip the real-KVM measurements (their rows print n/a).
     #[arg(long = "no-kvm")]
     no_kvm: bool,
@@ -26,7 +29,12 @@ pub struct BenchArgs {
 
 /// Runs the benchmarks and prints the table.
 pub fn run(args: &BenchArgs) -> ExitCode {
-    let opts = Options { quick: args.quick, only: args.only.clone(), no_kvm: args.no_kvm };
+    let opts = Options {
+        quick: args.quick,
+        smoke: args.smoke,
+        only: args.only.clone(),
+        no_kvm: args.no_kvm,
+    };
     if !args.json {
         eprintln!("vmmu bench{}: running (load average {:?})...", if args.quick { " --quick" } else { "" }, vmmu_bench::timing::load_average());
     }
