@@ -34,7 +34,7 @@ struct KvmNumbers {
 fn measure(opts: &Options) -> Result<KvmNumbers, String> {
     use vmmu_kvm::bench::{BenchVm, BUSY_INNER, WORK_SLOT};
     use vmmu_kvm::guest::OWN_SLOT as OWN_SLOT_ID;
-    let cycles = opts.n(50, 500);
+    let cycles = opts.n(50, 2000);
     let mut vm = BenchVm::new()?;
     let mut k = KvmNumbers::default();
     let issue = |r: &crate::memslot::Req| {
@@ -46,7 +46,8 @@ fn measure(opts: &Options) -> Result<KvmNumbers, String> {
     let busy = vm.start_busy(helper_cpu()).ok_or("the vCPU is already running")?;
     // Let the guest fault its working set in before timing.
     let t = std::time::Instant::now();
-    while busy.adds() < 4 * u64::from(BUSY_INNER) && !busy.finished() && t.elapsed().as_secs() < 10 {
+    while busy.adds() < 4 * u64::from(BUSY_INNER) && !busy.finished() && t.elapsed().as_secs() < 10
+    {
         std::thread::yield_now();
     }
     let issue = |r: &crate::memslot::Req| {
@@ -73,7 +74,8 @@ fn measure(opts: &Options) -> Result<KvmNumbers, String> {
 
     // Setup: one-page slots, all aliasing the first page of the churn buffer (KVM allows it).
     let vm = BenchVm::new()?;
-    let max = u32::try_from(vm.nr_memslots()).unwrap_or(0).min(if opts.smoke { 100 } else { 32764 });
+    let max =
+        u32::try_from(vm.nr_memslots()).unwrap_or(0).min(if opts.smoke { 100 } else { 32764 });
     let ids: Vec<u32> = (0..max).filter(|&i| i != OWN_SLOT_ID && i != WORK_SLOT).collect();
     let t = std::time::Instant::now();
     for (n, id) in ids.iter().enumerate() {

@@ -113,7 +113,13 @@ pub(crate) fn vm(
 }
 
 /// `KVM_SET_USER_MEMORY_REGION` fields.
-pub(crate) fn region(slot: u32, flags: u32, gpa: u64, size: u64, hva: u64) -> UserspaceMemoryRegion {
+pub(crate) fn region(
+    slot: u32,
+    flags: u32,
+    gpa: u64,
+    size: u64,
+    hva: u64,
+) -> UserspaceMemoryRegion {
     UserspaceMemoryRegion {
         slot,
         flags,

@@ -17,7 +17,11 @@ pub const SIZES: [u32; 3] = [10, 1000, 32764];
 
 /// `n` one-page slots at gfns 0, 2, 4, ...
 pub fn memslots(n: u32) -> Result<Memslots, BenchError> {
-    let m = Memslots::new(MemslotsConfig { nr_address_spaces: 1, max_readers: 2, ..Default::default() });
+    let m = Memslots::new(MemslotsConfig {
+        nr_address_spaces: 1,
+        max_readers: 2,
+        ..Default::default()
+    });
     for id in 0..n {
         let r = UserspaceMemoryRegion {
             slot: id,

@@ -206,9 +206,10 @@ pub fn run(opts: &Options, info: &mut RunInfo) -> Result<Vec<Row>, BenchError> {
                 .map_or(f64::NAN, |c| c.2 .0[op].summary().median);
             for (n, _, lat) in cells.iter().filter(|c| c.1 == busy) {
                 let s = lat.0[op].summary().us();
-                let mut row = Row::new(G, format!("{name}, {n} other slots, {mode}"), Unit::Us, s.median)
-                    .p99(s.p99)
-                    .ratio(s.median * 1e3 / at10, "x at 10 slots");
+                let mut row =
+                    Row::new(G, format!("{name}, {n} other slots, {mode}"), Unit::Us, s.median)
+                        .p99(s.p99)
+                        .ratio(s.median * 1e3 / at10, "x at 10 slots");
                 if *n == 32000 {
                     let met = s.median * 1e3 <= 1.5 * at10;
                     row = row.target("<= 1.5x at 10 slots", met);

@@ -82,7 +82,10 @@ impl DeviceBus {
     #[inline]
     pub fn find(&self, addr: u64) -> Option<u32> {
         let m = self.ranges.read().unwrap_or_else(|e| e.into_inner());
-        m.range(..=addr).next_back().filter(|(base, (len, _))| addr - **base < *len).map(|(_, d)| d.1)
+        m.range(..=addr)
+            .next_back()
+            .filter(|(base, (len, _))| addr - **base < *len)
+            .map(|(_, d)| d.1)
     }
 
     /// Two addresses inside devices 10 and 50.
@@ -137,7 +140,9 @@ pub fn measure(batches: usize) -> Result<MmioNumbers, BenchError> {
     expect(off.handle_ept_violation(b, FaultAccess::READ), EmulateSource::SlowPathMmio)?;
     let slow_off = per_call(batches, 1000, || {
         flip = !flip;
-        let _ = black_box(off.handle_ept_violation(black_box(if flip { a } else { b }), FaultAccess::READ));
+        let _ = black_box(
+            off.handle_ept_violation(black_box(if flip { a } else { b }), FaultAccess::READ),
+        );
     });
     if off.stats.slow_path_mmio < (batches as u64 + 1) * 1000 {
         return Err(BenchError::Harness("caching off: not every access took the slow path".into()));

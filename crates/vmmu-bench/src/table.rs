@@ -221,7 +221,9 @@ mod tests {
         let t = Table {
             info: RunInfo::default(),
             rows: vec![
-                Row::new("mmio", "fast", Unit::Ns, 12.345).ratio(0.4, "x base").target("<= 25 ns", true),
+                Row::new("mmio", "fast", Unit::Ns, 12.345)
+                    .ratio(0.4, "x base")
+                    .target("<= 25 ns", true),
                 Row::na("kvm", "create", Unit::Us, "no /dev/kvm").ratio(f64::NAN, "x KVM"),
             ],
         };
