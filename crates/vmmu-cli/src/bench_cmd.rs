@@ -36,7 +36,11 @@ pub fn run(args: &BenchArgs) -> ExitCode {
         no_kvm: args.no_kvm,
     };
     if !args.json {
-        eprintln!("vmmu bench{}: running (load average {:?})...", if args.quick { " --quick" } else { "" }, vmmu_bench::timing::load_average());
+        eprintln!(
+            "vmmu bench{}: running (load average {:?})...",
+            if args.quick { " --quick" } else { "" },
+            vmmu_bench::timing::load_average()
+        );
     }
     match vmmu_bench::run(&opts) {
         Ok(t) => {

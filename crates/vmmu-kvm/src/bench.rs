@@ -19,8 +19,8 @@
 use crate::code::SYNC_GPA;
 use crate::errno;
 use crate::guest::{self, CODE, OWN_SIZE, OWN_SLOT};
-use crate::mapping::Mapping;
 use crate::machine::KvmError;
+use crate::mapping::Mapping;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
