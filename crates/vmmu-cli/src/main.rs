@@ -1,7 +1,8 @@
-//! The `vmmu` command: `run` (the default), `scenario`, `bugs`.
+//! The `vmmu` command: `run` (the default), `scenario`, `diff`, `bench`, `bugs`.
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod bench_cmd;
 mod diff_cmd;
 mod run_cmd;
 mod scenario_cmd;
@@ -24,6 +25,8 @@ enum Command {
     Scenario(scenario_cmd::ScenarioArgs),
     /// Run scenario files on every machine configuration, KVM and recorded outputs; compare.
     Diff(diff_cmd::DiffArgs),
+    /// Measure: MMIO paths, lookups, memslot updates (and the same on /dev/kvm), faults, churn.
+    Bench(bench_cmd::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
         Some(Command::Scenario(args)) => scenario_cmd::run(&args),
         Some(Command::Diff(args)) => diff_cmd::run(&args),
         Some(Command::Run(args)) => run_cmd::run(&args),
+        Some(Command::Bench(args)) => bench_cmd::run(&args),
         None => match Cli::try_parse_from(["vmmu", "run"]) {
             Ok(Cli { command: Some(Command::Run(args)) }) => run_cmd::run(&args),
             _ => ExitCode::from(2),

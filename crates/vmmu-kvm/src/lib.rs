@@ -19,6 +19,8 @@
 //! [`vmmu_scenario::BackendError::Unavailable`] and a message saying why.
 #![deny(missing_docs)]
 
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod bench;
 pub mod code;
 
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]

@@ -78,6 +78,10 @@ pub enum FormatKind {
 pub struct SpteFormat {
     kind: FormatKind,
     phys_bits: u8,
+    /// [`Self::addr_mask`], computed once: walks use it at every level.
+    addr_mask: u64,
+    /// [`Self::reserved_pa_mask`], computed once: walks check it at every level.
+    rsvd_pa_mask: u64,
 }
 
 // Bits shared by both formats.
@@ -122,7 +126,16 @@ impl SpteFormat {
                 return Err(SpteConfigError::CBitOutOfRange { c_bit, phys_bits });
             }
         }
-        Ok(SpteFormat { kind, phys_bits })
+        let c_bit = match kind {
+            FormatKind::NptSev { c_bit } => 1 << c_bit,
+            _ => 0,
+        };
+        Ok(SpteFormat {
+            kind,
+            phys_bits,
+            addr_mask: genmask(phys_bits as u32 - 1, PAGE_SHIFT),
+            rsvd_pa_mask: genmask(51, phys_bits as u32) & !c_bit,
+        })
     }
 
     /// The format kind.
@@ -152,14 +165,14 @@ impl SpteFormat {
     /// The pfn field: bits `12..phys_bits`.
     #[inline]
     pub const fn addr_mask(&self) -> u64 {
-        genmask(self.phys_bits as u32 - 1, PAGE_SHIFT)
+        self.addr_mask
     }
 
     /// The bits above MAXPHYADDR that the CPU treats as reserved: `phys_bits..=51`, minus the
     /// SEV C-bit. Empty with 52 physical bits.
     #[inline]
     pub const fn reserved_pa_mask(&self) -> u64 {
-        genmask(51, self.phys_bits as u32) & !self.c_bit_mask()
+        self.rsvd_pa_mask
     }
 
     /// The SEV C-bit as a mask (KVM's `shadow_me_value`), 0 for other formats.

@@ -1,0 +1,69 @@
+//! `vmmu bench`: the benchmark table of issue 8 (MMIO paths, lookups, memslot updates on vmmu
+//! and on real KVM, demand faults, churn), every row with its ratio and target. The numbers are
+//! printed, never judged: the exit status is 0 when the run completed, 1 when a benchmark could
+//! not run, 2 on bad arguments.
+
+use clap::Args;
+use std::process::ExitCode;
+use vmmu_bench::{Options, GROUPS};
+
+/// Options of `vmmu bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Print the table as JSON (keys `info`, `rows[].{group,name,value,p99,unit,ratio,ratio_of,target,met,note}`).
+    #[arg(long)]
+    json: bool,
+    /// Fewer samples and shorter phases (under a minute).
+    #[arg(long)]
+    quick: bool,
+    /// Only these row groups (repeatable): mmio, lookup, memslot, kvm, faults, churn.
+    #[arg(long, value_name = "GROUP", value_parser = clap::builder::PossibleValuesParser::new(GROUPS))]
+    only: Vec<String>,
+    /// Token samples: checks that every row is produced (for tests; the numbers mean nothing).
+    #[arg(long, hide = true)]
+    smoke: bool,
+    /// Skip the real-KVM measurements (their rows print n/a).
+    #[arg(long = "no-kvm")]
+    no_kvm: bool,
+}
+
+/// Runs the benchmarks and prints the table.
+pub fn run(args: &BenchArgs) -> ExitCode {
+    let opts = Options {
+        quick: args.quick,
+        smoke: args.smoke,
+        only: args.only.clone(),
+        no_kvm: args.no_kvm,
+    };
+    if !args.json {
+        eprintln!(
+            "vmmu bench{}: running (load average {:?})...",
+            if args.quick { " --quick" } else { "" },
+            vmmu_bench::timing::load_average()
+        );
+    }
+    match vmmu_bench::run(&opts) {
+        Ok(t) => {
+            if args.json {
+                println!("{}", t.to_json());
+            } else {
+                print!("{}", t.to_text());
+                for n in &t.info.notes {
+                    println!("- {n}");
+                }
+                println!(
+                    "- {} CPUs, load average before the run {}, took {:.1} s{}",
+                    t.info.cpus,
+                    t.info.load_before.map_or("unknown".into(), |l| format!("{l:.2}")),
+                    t.info.elapsed_s,
+                    if t.info.quick { " (--quick)" } else { "" }
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vmmu bench: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

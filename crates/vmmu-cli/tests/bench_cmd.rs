@@ -1,0 +1,81 @@
+//! `vmmu bench` structure (never timings): the JSON table has every row of every group, each
+//! measured row has a value and a ratio, each unmeasured row says why; `--no-kvm` turns the KVM
+//! rows into `n/a`; a bad group is a usage error. Runs with `--smoke` (token samples).
+
+use serde_json::Value;
+use std::process::{Command, Output};
+
+fn vmmu(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmmu")).args(args).output().expect("run vmmu")
+}
+
+fn rows(out: &Output) -> Vec<Value> {
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("stdout is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+    });
+    assert!(v["info"]["cpus"].as_u64().unwrap() >= 1);
+    v["rows"].as_array().expect("rows").clone()
+}
+
+fn names(rows: &[Value], group: &str) -> Vec<String> {
+    rows.iter()
+        .filter(|r| r["group"] == group)
+        .map(|r| r["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn every_row_has_a_value_and_ratio_or_a_reason() {
+    let rows = rows(&vmmu(&["bench", "--smoke", "--json"]));
+    // 4 MMIO, 4 lookup, 33 memslot (4 ops x 4 sizes x 2 modes + setup), 9 KVM, 4 faults, 5 churn.
+    let want =
+        [("mmio", 4), ("lookup", 4), ("memslot", 33), ("kvm", 9), ("faults", 4), ("churn", 5)];
+    for (group, n) in want {
+        assert_eq!(names(&rows, group).len(), n, "{group}: {:?}", names(&rows, group));
+    }
+    for r in &rows {
+        let ok = if r["value"].is_null() {
+            r["note"].as_str().is_some_and(|s| !s.is_empty())
+        } else {
+            r["ratio"].as_f64().is_some() && !r["ratio_of"].as_str().unwrap().is_empty()
+        };
+        assert!(ok, "row without value+ratio or reason: {r}");
+        assert!(
+            ["ns", "us", "s", "m_per_s", "percent"].contains(&r["unit"].as_str().unwrap()),
+            "{r}"
+        );
+        if !r["target"].is_null() {
+            assert!(r["met"].is_boolean() || r["value"].is_null(), "{r}");
+        }
+    }
+    let mmio = names(&rows, "mmio");
+    assert!(
+        mmio.iter().any(|n| n.contains("fast path")) && mmio.iter().any(|n| n.contains("BTreeMap"))
+    );
+    let memslot = names(&rows, "memslot");
+    for op in ["create", "flags change", "move", "delete"] {
+        for n in [0, 10, 1000, 32000] {
+            for mode in ["idle", "busy"] {
+                let name = format!("{op}, {n} other slots, vCPU {mode}");
+                assert!(memslot.contains(&name), "missing {name}");
+            }
+        }
+    }
+}
+
+#[test]
+fn no_kvm_rows_say_why_and_bad_group_is_a_usage_error() {
+    let rows = rows(&vmmu(&["bench", "--smoke", "--json", "--no-kvm", "--only", "kvm"]));
+    assert_eq!(rows.len(), 9);
+    for r in &rows {
+        assert!(r["value"].is_null(), "{r}");
+        assert!(r["note"].as_str().unwrap().contains("--no-kvm"), "{r}");
+    }
+    let out = vmmu(&["bench", "--only", "nonsense"]);
+    assert_eq!(out.status.code(), Some(2));
+    let text = vmmu(&["bench", "--smoke", "--only", "lookup"]);
+    assert_eq!(text.status.code(), Some(0));
+    let s = String::from_utf8_lossy(&text.stdout);
+    assert!(s.contains("| lookup") && s.contains("x at 10 slots"), "{s}");
+}

@@ -1,0 +1,290 @@
+//! A small VM for benchmarks on real KVM: raw `KVM_SET_USER_MEMORY_REGION` calls to time, and
+//! one vCPU thread kept busy at CPL3.
+//!
+//! The VM reuses the scenario backend's guest ([`crate::guest`]: long mode, CPL3, identity map
+//! of the low 64 GiB) and adds two buffers:
+//! - a *working set* of [`WORK_SIZE`] bytes in slot [`WORK_SLOT`] at [`WORK_GPA`], which the busy
+//!   vCPU keeps writing (one 8-byte add per 4 KiB page, round robin);
+//! - a *churn* buffer of [`CHURN_BUF`] bytes that the caller's slot requests ([`BenchVm::set_region`])
+//!   may point into (offsets are checked, so a slot never leads outside it).
+//!
+//! The busy vCPU's loop does [`BUSY_INNER`] adds, then one store to the sync address (an MMIO
+//! exit; `out` raises #GP at CPL3 on this kind of host), so the host thread sees progress and
+//! can stop it. Its throughput is the number of adds per second.
+//!
+//! Invariants: the VM and its vCPU fd are dropped before the buffers (field order, and the busy
+//! thread is joined before [`BusyVcpu`] hands the fd back); guest code only touches the working
+//! set and the sync address.
+
+use crate::code::SYNC_GPA;
+use crate::errno;
+use crate::guest::{self, CODE, OWN_SIZE, OWN_SLOT};
+use crate::machine::KvmError;
+use crate::mapping::Mapping;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// Slot id of the busy vCPU's working set.
+pub const WORK_SLOT: u32 = 32761;
+/// Guest-physical address of the working set (1 GiB).
+pub const WORK_GPA: u64 = 1 << 30;
+/// Size of the working set (16 MiB, 4096 pages).
+pub const WORK_SIZE: usize = 16 << 20;
+/// Size of the churn buffer (4 MiB: room for a 2 MiB slot at a 2 MiB-aligned offset).
+pub const CHURN_BUF: usize = 4 << 20;
+/// Adds the busy loop does between two exits.
+pub const BUSY_INNER: u32 = 4096;
+
+fn ioctl(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> KvmError {
+    move |e| KvmError::Ioctl { what, errno: errno::name(e.errno()) }
+}
+
+/// The busy loop: `rdi` = working set, `rsi` = offset; `BUSY_INNER` times `add qword
+/// [rdi+rsi], 1` with `rsi` stepping one page through the working set, then a byte store to the
+/// sync address, then again.
+pub fn busy_code() -> Vec<u8> {
+    let mut c = Vec::with_capacity(64);
+    c.extend_from_slice(&[0x48, 0xbf]); // mov rdi, imm64
+    c.extend_from_slice(&WORK_GPA.to_le_bytes());
+    c.extend_from_slice(&[0x31, 0xf6]); // xor esi, esi
+    let outer = c.len();
+    c.push(0xb9); // mov ecx, imm32
+    c.extend_from_slice(&BUSY_INNER.to_le_bytes());
+    let inner = c.len();
+    c.extend_from_slice(&[0x48, 0x83, 0x04, 0x37, 0x01]); // add qword [rdi+rsi], 1
+    c.extend_from_slice(&[0x48, 0x81, 0xc6, 0x00, 0x10, 0x00, 0x00]); // add rsi, 0x1000
+    c.extend_from_slice(&[0x48, 0x81, 0xe6]); // and rsi, imm32
+    let mask = u32::try_from(WORK_SIZE - 1).unwrap_or(u32::MAX) & !0xfff;
+    c.extend_from_slice(&mask.to_le_bytes());
+    c.extend_from_slice(&[0xff, 0xc9]); // dec ecx
+    let back = inner as i64 - (c.len() as i64 + 2);
+    c.extend_from_slice(&[0x75, back as i8 as u8]); // jnz inner
+    c.extend_from_slice(&[0x48, 0xb9]); // mov rcx, SYNC_GPA
+    c.extend_from_slice(&SYNC_GPA.to_le_bytes());
+    c.extend_from_slice(&[0x88, 0x01]); // mov byte [rcx], al  (the exit)
+    let back = outer as i64 - (c.len() as i64 + 2);
+    c.extend_from_slice(&[0xeb, back as i8 as u8]); // jmp outer
+    c
+}
+
+/// A VM with the backend's guest, a working set and a churn buffer; one vCPU.
+pub struct BenchVm {
+    // Field order is drop order: vCPU and VM before the memory they use.
+    vcpu: Option<VcpuFd>,
+    vm: VmFd,
+    _own: Mapping,
+    _work: Mapping,
+    churn: Mapping,
+    _kvm: Kvm,
+}
+
+impl std::fmt::Debug for BenchVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BenchVm").finish_non_exhaustive()
+    }
+}
+
+impl BenchVm {
+    /// Creates the VM; `Err` with a reason when `/dev/kvm` is not usable.
+    pub fn new() -> Result<BenchVm, String> {
+        Self::try_new().map_err(|e| e.to_string())
+    }
+
+    fn try_new() -> Result<BenchVm, KvmError> {
+        let kvm = Kvm::new().map_err(|e| KvmError::Ioctl {
+            what: "open /dev/kvm",
+            errno: errno::name(e.errno()),
+        })?;
+        let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+        let map = |size: usize| {
+            Mapping::new(size).map_err(|source| KvmError::Mmap { size: size as u64, source })
+        };
+        let own = map(OWN_SIZE)?;
+        for (gpa, bytes) in guest::image() {
+            own.write_bytes(gpa as usize, &bytes);
+        }
+        own.write_bytes(CODE as usize, &busy_code());
+        let work = map(WORK_SIZE)?;
+        let churn = map(CHURN_BUF)?;
+        for (slot, gpa, size, addr) in [
+            (OWN_SLOT, 0, OWN_SIZE as u64, own.addr()),
+            (WORK_SLOT, WORK_GPA, WORK_SIZE as u64, work.addr()),
+        ] {
+            let r = kvm_userspace_memory_region {
+                slot,
+                flags: 0,
+                guest_phys_addr: gpa,
+                memory_size: size,
+                userspace_addr: addr,
+            };
+            // SAFETY: the region is one of this VM's own mappings, which outlive the VM (field
+            // order) and which nothing else in this process uses.
+            unsafe { vm.set_user_memory_region(r) }
+                .map_err(ioctl("KVM_SET_USER_MEMORY_REGION (bench)"))?;
+        }
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        let v = vm.create_vcpu(0).map_err(ioctl("KVM_CREATE_VCPU"))?;
+        v.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
+        let s = v.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+        v.set_sregs(&guest::sregs(s)).map_err(ioctl("KVM_SET_SREGS"))?;
+        v.set_regs(&guest::regs()).map_err(ioctl("KVM_SET_REGS"))?;
+        Ok(BenchVm { vcpu: Some(v), vm, _own: own, _work: work, churn, _kvm: kvm })
+    }
+
+    /// `KVM_CAP_NR_MEMSLOTS` of this VM.
+    pub fn nr_memslots(&self) -> i32 {
+        self.vm.check_extension_int(Cap::NrMemslots)
+    }
+
+    /// One raw `KVM_SET_USER_MEMORY_REGION` whose host memory starts `offset` bytes into the
+    /// churn buffer (a delete passes size 0). `Err` is KVM's errno name. Slot ids
+    /// [`OWN_SLOT`] and [`WORK_SLOT`] are refused (EPERM), and so is a range outside the buffer.
+    pub fn set_region(
+        &self,
+        slot: u32,
+        flags: u32,
+        gpa: u64,
+        size: u64,
+        offset: u64,
+    ) -> Result<(), String> {
+        if slot == OWN_SLOT || slot == WORK_SLOT {
+            return Err("EPERM".into());
+        }
+        if size != 0 && !self.churn.contains(self.churn.addr().wrapping_add(offset), size) {
+            return Err("EFAULT".into());
+        }
+        let r = kvm_userspace_memory_region {
+            slot,
+            flags,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: self.churn.addr() + offset,
+        };
+        // SAFETY: the slot's host range lies inside the churn buffer (checked above), which lives
+        // as long as the VM; the guest code never accesses it.
+        unsafe { self.vm.set_user_memory_region(r) }.map_err(|e| errno::name(e.errno()))
+    }
+
+    /// Starts the vCPU on its busy loop in a new thread, pinned to `cpu` if given. `None` if
+    /// it is already running.
+    pub fn start_busy(&mut self, cpu: Option<usize>) -> Option<BusyVcpu> {
+        let vcpu = self.vcpu.take()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let exits = Arc::new(AtomicU64::new(0));
+        let (s, e) = (stop.clone(), exits.clone());
+        let thread = std::thread::spawn(move || busy_thread(vcpu, cpu, &s, &e));
+        Some(BusyVcpu { stop, exits, thread: Some(thread) })
+    }
+
+    /// Takes the vCPU back from a stopped [`BusyVcpu`]; the error says why the loop ended early.
+    pub fn stop_busy(&mut self, mut busy: BusyVcpu) -> Result<(), String> {
+        busy.stop.store(true, Ordering::Relaxed);
+        let res = match busy.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err("the busy vCPU thread panicked".into()),
+            None => Err("no thread".into()),
+        };
+        match res {
+            Ok(v) => {
+                self.vcpu = Some(v);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Pins the calling thread to `cpu`. `Err` says why not.
+pub fn pin_current_thread(cpu: usize) -> Result<(), String> {
+    // SAFETY: `cpu_set_t` is plain data; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes one bit inside `set` (it checks the index against the set size).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is the calling thread; `set` is a valid cpu_set_t of the size passed.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(format!("sched_setaffinity(cpu {cpu}): {}", std::io::Error::last_os_error()))
+    }
+}
+
+fn busy_thread(
+    mut vcpu: VcpuFd,
+    cpu: Option<usize>,
+    stop: &AtomicBool,
+    exits: &AtomicU64,
+) -> Result<VcpuFd, String> {
+    if let Some(c) = cpu {
+        pin_current_thread(c)?;
+    }
+    while !stop.load(Ordering::Relaxed) {
+        match vcpu.run() {
+            Ok(VcpuExit::MmioWrite(SYNC_GPA, _)) => {
+                exits.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(other) => return Err(format!("busy vCPU: unexpected exit {other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => return Err(format!("busy vCPU: KVM_RUN failed: {}", errno::name(e.errno()))),
+        }
+    }
+    Ok(vcpu)
+}
+
+/// A vCPU running the busy loop in its own thread. Stop it with [`BenchVm::stop_busy`]
+/// (dropping it also stops and joins the thread, discarding the vCPU).
+pub struct BusyVcpu {
+    stop: Arc<AtomicBool>,
+    exits: Arc<AtomicU64>,
+    thread: Option<JoinHandle<Result<VcpuFd, String>>>,
+}
+
+impl std::fmt::Debug for BusyVcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BusyVcpu").field("adds", &self.adds()).finish_non_exhaustive()
+    }
+}
+
+impl BusyVcpu {
+    /// Guest adds completed so far (exits times [`BUSY_INNER`]).
+    pub fn adds(&self) -> u64 {
+        self.exits.load(Ordering::Relaxed) * u64::from(BUSY_INNER)
+    }
+
+    /// Whether the busy thread ended (an error; it only stops when asked).
+    pub fn finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+}
+
+impl Drop for BusyVcpu {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_code_branches_land_on_their_labels() {
+        let c = busy_code();
+        // mov rdi (10) + xor (2) = outer at 12; mov ecx (5) -> inner at 17.
+        assert_eq!(&c[12..13], &[0xb9]);
+        let jnz = c.iter().position(|&b| b == 0x75).unwrap();
+        let target = jnz as i64 + 2 + i64::from(c[jnz + 1] as i8);
+        assert_eq!(target, 17);
+        let jmp = c.len() - 2;
+        assert_eq!(c[jmp], 0xeb);
+        assert_eq!(jmp as i64 + 2 + i64::from(c[jmp + 1] as i8), 12);
+    }
+}
