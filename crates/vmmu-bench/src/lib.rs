@@ -120,13 +120,7 @@ pub(crate) fn region(
     size: u64,
     hva: u64,
 ) -> UserspaceMemoryRegion {
-    UserspaceMemoryRegion {
-        slot,
-        flags,
-        guest_phys_addr: gpa,
-        memory_size: size,
-        userspace_addr: hva,
-    }
+    UserspaceMemoryRegion::new(slot, flags, gpa, size, hva)
 }
 
 /// `vm.set_memory_region` that names the request on failure.

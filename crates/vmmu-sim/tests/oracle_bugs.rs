@@ -5,36 +5,15 @@
 //! `vmmu run --inject NAME` shows.
 #![cfg(feature = "historical-bugs")]
 
+mod common;
+
 use std::time::Duration;
 use vmmu::bugs::{Bug, BugSet};
 use vmmu::spte::FormatKind;
-use vmmu_sim::machine::{Machine, MachineConfig};
-use vmmu_sim::{RealMmu, RealMmuConfig};
 
 fn violations(bug: Bug, format: FormatKind) -> u64 {
-    let machine = Machine::new(MachineConfig {
-        vcpus: 2,
-        seed: 3,
-        duration: Duration::from_millis(1500),
-        min_updates: 40,
-        update_pause: Duration::from_micros(100),
-        ..MachineConfig::default()
-    })
-    .expect("machine");
-    let mmu = RealMmu::new(
-        machine.host().clone(),
-        RealMmuConfig {
-            format,
-            phys_bits: 46,
-            mmio_caching: true,
-            vcpus: 2,
-            generation_base: 0,
-            slot_zap_all: false,
-            bugs: BugSet::only(bug),
-        },
-    )
-    .expect("mmu");
-    let report = machine.run(&mmu).expect("run");
+    let report =
+        common::run_real(format, true, BugSet::only(bug), 3, Duration::from_millis(1500), 40);
     report.oracle.violations + report.vcpus.iter().map(|v| v.errors).sum::<u64>()
 }
 

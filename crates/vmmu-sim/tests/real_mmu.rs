@@ -2,40 +2,21 @@
 //! caching on and off; the oracle finds no violation, and every exit kind the workload must
 //! produce is counted.
 
+mod common;
+
 use std::time::Duration;
 use vmmu::spte::FormatKind;
-use vmmu_sim::host::HostConfig;
-use vmmu_sim::machine::{Machine, MachineConfig};
-use vmmu_sim::{RealMmu, RealMmuConfig};
 
 fn run(format: FormatKind, caching: bool) {
     let name = if format == FormatKind::Ept { "ept" } else { "npt" };
-    let machine = Machine::new(MachineConfig {
-        vcpus: 2,
-        seed: 7,
-        duration: Duration::from_millis(1000),
-        min_updates: 30,
-        update_pause: Duration::from_micros(100),
-        host: HostConfig::new(46),
-        format: name.into(),
-        mmio_caching_requested: caching,
-        ..MachineConfig::default()
-    })
-    .expect("machine");
-    let mmu = RealMmu::new(
-        machine.host().clone(),
-        RealMmuConfig {
-            format,
-            phys_bits: 46,
-            mmio_caching: caching,
-            vcpus: 2,
-            generation_base: 0,
-            slot_zap_all: false,
-            bugs: vmmu::bugs::BugSet::NONE,
-        },
-    )
-    .expect("mmu");
-    let report = machine.run(&mmu).expect("run");
+    let report = common::run_real(
+        format,
+        caching,
+        vmmu::bugs::BugSet::NONE,
+        7,
+        Duration::from_millis(1000),
+        30,
+    );
     let ctx = format!("{name} caching={caching}\n{report}");
     eprintln!("{ctx}");
     assert_eq!(report.oracle.violations, 0, "{ctx}");

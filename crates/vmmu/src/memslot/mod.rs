@@ -547,21 +547,14 @@ impl Memslots {
 mod tests {
     use super::*;
 
-    fn region(slot: u32, flags: u32, gpa: u64, size: u64, hva: u64) -> UserspaceMemoryRegion {
-        UserspaceMemoryRegion {
-            slot,
-            flags,
-            guest_phys_addr: gpa,
-            memory_size: size,
-            userspace_addr: hva,
-        }
-    }
-
     #[test]
     fn create_lookup_delete() {
         let m = Memslots::new(MemslotsConfig::default());
         let r = m.register_reader().unwrap();
-        let c = m.set_memory_region(&region(1, 0, 0x10_0000, 0x4000, 0x7000_0000), &NoHooks);
+        let c = m.set_memory_region(
+            &UserspaceMemoryRegion::new(1, 0, 0x10_0000, 0x4000, 0x7000_0000),
+            &NoHooks,
+        );
         assert_eq!(c, Ok(MemslotChange::Create));
         {
             let g = m.read(r);
@@ -572,7 +565,7 @@ mod tests {
         assert_eq!(m.generation(AsId(0)).raw(), 2);
         assert_eq!(m.generation(AsId(1)).raw(), 1);
         assert_eq!(m.nr_memslot_pages(), 4);
-        let c = m.set_memory_region(&region(1, 0, 0, 0, 0), &NoHooks);
+        let c = m.set_memory_region(&UserspaceMemoryRegion::new(1, 0, 0, 0, 0), &NoHooks);
         assert_eq!(c, Ok(MemslotChange::Delete));
         assert_eq!(m.generation(AsId(0)).raw(), 6, "delete takes two swaps");
         assert!(m.read(r).set(AsId(0)).is_empty());
@@ -584,9 +577,11 @@ mod tests {
         let m = Memslots::new(MemslotsConfig { nr_address_spaces: 1, ..Default::default() });
         for i in 0..4u32 {
             let gpa = (i as u64) << 20;
-            m.set_memory_region(&region(i, 0, gpa, 0x1000, 0), &NoHooks).unwrap();
+            m.set_memory_region(&UserspaceMemoryRegion::new(i, 0, gpa, 0x1000, 0), &NoHooks)
+                .unwrap();
         }
-        m.set_memory_region(&region(2, 0, 0x4000_0000, 0x1000, 0), &NoHooks).unwrap();
+        m.set_memory_region(&UserspaceMemoryRegion::new(2, 0, 0x4000_0000, 0x1000, 0), &NoHooks)
+            .unwrap();
         let sp = m.space(AsId(0));
         let ids = |s: &MemslotSet| {
             s.iter().map(|x| (x.id(), x.base_gfn(), x.flags())).collect::<Vec<_>>()

@@ -50,6 +50,18 @@ pub struct UserspaceMemoryRegion {
 }
 
 impl UserspaceMemoryRegion {
+    /// A request with KVM's fields, in the struct's order.
+    #[inline]
+    pub const fn new(
+        slot: u32,
+        flags: u32,
+        guest_phys_addr: u64,
+        memory_size: u64,
+        userspace_addr: u64,
+    ) -> Self {
+        UserspaceMemoryRegion { slot, flags, guest_phys_addr, memory_size, userspace_addr }
+    }
+
     /// The address space (high 16 bits of `slot`).
     #[inline]
     pub const fn as_id(&self) -> AsId {
@@ -328,40 +340,39 @@ pub(crate) fn check_request(
 mod tests {
     use super::*;
 
-    fn req(slot: u32, flags: u32, gpa: u64, size: u64, hva: u64) -> UserspaceMemoryRegion {
-        UserspaceMemoryRegion {
-            slot,
-            flags,
-            guest_phys_addr: gpa,
-            memory_size: size,
-            userspace_addr: hva,
-        }
-    }
-
     #[test]
     fn flags_are_checked_before_the_slot_id() {
-        let e = check_request(&req(40000, 4, 0, 4096, 0), 2, TASK_SIZE_MAX).unwrap_err();
+        let e = check_request(&UserspaceMemoryRegion::new(40000, 4, 0, 4096, 0), 2, TASK_SIZE_MAX)
+            .unwrap_err();
         assert_eq!(e.rule(), "invalid-flags");
-        let e = check_request(&req(40000, 3, 0, 4096, 0), 2, TASK_SIZE_MAX).unwrap_err();
+        let e = check_request(&UserspaceMemoryRegion::new(40000, 3, 0, 4096, 0), 2, TASK_SIZE_MAX)
+            .unwrap_err();
         assert_eq!(e.rule(), "slot-id-not-user");
     }
 
     #[test]
     fn access_ok_boundary() {
         let lim = TASK_SIZE_MAX;
-        assert!(check_request(&req(0, 0, 0, 4096, lim - 4096), 1, lim).is_ok());
-        let e = check_request(&req(0, 0, 0, 8192, lim - 4096), 1, lim).unwrap_err();
+        assert!(
+            check_request(&UserspaceMemoryRegion::new(0, 0, 0, 4096, lim - 4096), 1, lim).is_ok()
+        );
+        let e = check_request(&UserspaceMemoryRegion::new(0, 0, 0, 8192, lim - 4096), 1, lim)
+            .unwrap_err();
         assert_eq!(e.rule(), "hva-range-not-user");
         // A delete is checked too.
-        let e = check_request(&req(0, 0, 0, 0, lim + 4096), 1, lim).unwrap_err();
+        let e =
+            check_request(&UserspaceMemoryRegion::new(0, 0, 0, 0, lim + 4096), 1, lim).unwrap_err();
         assert_eq!(e.rule(), "hva-range-not-user");
     }
 
     #[test]
     fn fields_are_parsed() {
-        let r =
-            check_request(&req(0x1_0005, 3, 0x20_0000, 0x40_0000, 0x7000_0000), 2, TASK_SIZE_MAX)
-                .unwrap();
+        let r = check_request(
+            &UserspaceMemoryRegion::new(0x1_0005, 3, 0x20_0000, 0x40_0000, 0x7000_0000),
+            2,
+            TASK_SIZE_MAX,
+        )
+        .unwrap();
         assert_eq!((r.as_id, r.id), (AsId(1), SlotId(5)));
         assert_eq!((r.base_gfn, r.npages, r.hva), (Gfn(0x200), 0x400, Hva(0x7000_0000)));
     }

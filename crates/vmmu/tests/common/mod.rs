@@ -29,13 +29,7 @@ pub fn vm_with(cfg: VmConfig) -> (Vm<TestHost>, Arc<TestHost>) {
 }
 
 pub fn region(slot: u32, gpa: u64, size: u64, hva: u64, flags: u32) -> UserspaceMemoryRegion {
-    UserspaceMemoryRegion {
-        slot,
-        flags,
-        guest_phys_addr: gpa,
-        memory_size: size,
-        userspace_addr: hva,
-    }
+    UserspaceMemoryRegion::new(slot, flags, gpa, size, hva)
 }
 
 /// What one guest access ended as.
