@@ -425,6 +425,10 @@ impl HostMemory for SimHost {
     }
 }
 
+/// The machine's vCPUs poll their request word between accesses (`GuestMmu::poll_tlb_flush`),
+/// which is the kick: nothing to send.
+impl vmmu::host::VcpuKick for SimHost {}
+
 impl FrameAllocator for SimHost {
     fn alloc_table(&self, init: u64) -> Option<Pfn> {
         let mut st = self.lock_alloc();

@@ -68,7 +68,23 @@ pub trait HostMemory: Send + Sync {
     fn translate(&self, hva: Hva, write: bool) -> Result<HostPage, HostFault>;
 }
 
-/// Everything the MMU needs from its host, as one bound.
-pub trait Host: FrameAllocator + HostMemory {}
+/// Getting a vCPU out of guest mode (KVM `kvm_vcpu_kick`: an IPI to the CPU running it).
+///
+/// The MMU calls [`Self::kick`] after it made a request to a vCPU that was in guest mode: a remote
+/// TLB flush, a free-obsolete-roots request, or a plain kick before it waits for a grace period
+/// that the vCPU's guest-mode read section would otherwise hold up forever (a vCPU that never
+/// faults never leaves guest mode by itself). The vCPU must then leave guest mode soon (a VM
+/// exit) and call [`crate::vcpu::Vcpu::service_requests`] before entering again. A host whose
+/// vCPUs poll [`crate::vcpu::Vcpu::requests_pending`] between guest accesses (the software
+/// machine) needs to do nothing here: the default does nothing.
+pub trait VcpuKick: Send + Sync {
+    /// Interrupts the guest-mode period of vCPU `vcpu_index`. Must not block.
+    fn kick(&self, vcpu_index: usize) {
+        let _ = vcpu_index;
+    }
+}
 
-impl<T: FrameAllocator + HostMemory> Host for T {}
+/// Everything the MMU needs from its host, as one bound.
+pub trait Host: FrameAllocator + HostMemory + VcpuKick {}
+
+impl<T: FrameAllocator + HostMemory + VcpuKick> Host for T {}

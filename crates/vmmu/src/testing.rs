@@ -40,6 +40,7 @@ pub struct TestHost {
     allocated: AtomicU64,
     freed: AtomicU64,
     use_after_free: AtomicU64,
+    kicks: AtomicU64,
 }
 
 impl TestHost {
@@ -57,6 +58,7 @@ impl TestHost {
             allocated: AtomicU64::new(0),
             freed: AtomicU64::new(0),
             use_after_free: AtomicU64::new(0),
+            kicks: AtomicU64::new(0),
         }
     }
 
@@ -79,6 +81,11 @@ impl TestHost {
     /// Lookups of freed table frames (must stay 0).
     pub fn use_after_free(&self) -> u64 {
         self.use_after_free.load(Ordering::Relaxed)
+    }
+
+    /// Kicks the MMU sent to vCPUs in guest mode ([`crate::host::VcpuKick`]).
+    pub fn kicks(&self) -> u64 {
+        self.kicks.load(Ordering::Relaxed)
     }
 
     fn index(&self, pfn: Pfn) -> Option<usize> {
@@ -121,6 +128,12 @@ impl FrameAllocator for TestHost {
             self.use_after_free.fetch_add(1, Ordering::Relaxed);
         }
         Some(NonNull::from(&self.tables[i]))
+    }
+}
+
+impl crate::host::VcpuKick for TestHost {
+    fn kick(&self, _vcpu_index: usize) {
+        self.kicks.fetch_add(1, Ordering::Relaxed);
     }
 }
 

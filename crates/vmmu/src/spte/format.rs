@@ -274,6 +274,20 @@ impl SpteFormat {
         spte & BIT_W != 0
     }
 
+    /// Whether a present leaf `spte` allows `access` (KVM `is_access_allowed`): writes need W,
+    /// fetches need X (EPT) or no NX (NPT), user accesses need U (NPT; EPT has no user bit).
+    #[inline]
+    pub const fn leaf_allows(&self, spte: u64, access: crate::types::FaultAccess) -> bool {
+        if access.write && !self.is_writable(spte) {
+            return false;
+        }
+        if self.is_ept() {
+            !access.exec || spte & EPT_X != 0
+        } else {
+            (!access.exec || spte & BIT_63 == 0) && (!access.user || spte & NPT_U != 0)
+        }
+    }
+
     /// Whether the accessed bit is set (EPT bit 8, NPT bit 5).
     #[inline]
     pub const fn is_accessed(&self, spte: u64) -> bool {

@@ -7,7 +7,8 @@ use super::TdpMmu;
 use crate::host::Host;
 use crate::spte::SpteFormat;
 use crate::sync::Ordering;
-use crate::types::{Access, Gfn, Level, Pfn};
+use super::change::FlushNeed;
+use crate::types::{Access, FaultAccess, Gfn, Level, Pfn};
 
 /// What to install at the end of the walk.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -38,6 +39,11 @@ pub enum MapOutcome {
     },
     /// The entry already had exactly this value (KVM `RET_PF_SPURIOUS`).
     Spurious,
+    /// A present leaf already allows the access: another vCPU fixed the fault first (KVM
+    /// `RET_PF_SPURIOUS` from the fast page fault path). The entry was left alone, whatever the
+    /// faulting vCPU decided, so a stale decision (e.g. "MMIO" from an older memslot set) never
+    /// replaces a translation that other vCPUs may hold.
+    PresentLeafAllows,
     /// A compare-and-swap lost a race, or a conflicting leaf was removed: fault again.
     Retry,
     /// No frame for a page table.
@@ -47,13 +53,15 @@ pub enum MapOutcome {
 }
 
 impl<H: Host> TdpMmu<H> {
-    /// Installs `spec` for `gfn` under root `root_pfn`. The caller holds the MMU lock shared and
-    /// has checked the root is not stale (KVM `is_page_fault_stale`).
+    /// Installs `spec` for a fault on `gfn` making `access`, under root `root_pfn`. The caller
+    /// holds the MMU lock shared and has checked the root is not stale (KVM
+    /// `is_page_fault_stale`). Replacing a present leaf flushes remote TLBs before returning.
     pub(crate) fn map_locked(
         &self,
         root_pfn: Pfn,
         root_level: Level,
         gfn: Gfn,
+        access: FaultAccess,
         spec: LeafSpec,
     ) -> MapOutcome {
         let fmt = self.cfg.format;
@@ -79,6 +87,9 @@ impl<H: Host> TdpMmu<H> {
             let present = SpteFormat::is_mmu_present(old);
             if level <= target && (!present || fmt.is_leaf(old, level)) {
                 // Target level reached and no lower table is in the way.
+                if present && fmt.leaf_allows(old, access) {
+                    return MapOutcome::PresentLeafAllows;
+                }
                 let new = match spec {
                     LeafSpec::Ram { base_pfn, max_level, access, writable } => {
                         let offset = (gfn.raw() & (max_level.pages() - 1)) & !(level.pages() - 1);
@@ -89,33 +100,26 @@ impl<H: Host> TdpMmu<H> {
                 if old == new {
                     return MapOutcome::Spurious;
                 }
-                // Release publishes nothing new here, but AcqRel keeps the exchange ordered with
-                // the walk's Acquire loads of other vCPUs.
-                if entry.compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire).is_err() {
-                    return MapOutcome::Retry;
-                }
-                if present {
-                    self.account_leaf(old, level, -1);
-                }
-                if SpteFormat::is_mmu_present(new) {
-                    self.account_leaf(new, level, 1);
+                match self.set_spte_atomic(entry, old, new, level) {
+                    Err(()) => return MapOutcome::Retry,
+                    Ok(FlushNeed::Remote) => self.flush_remote_tlbs(),
+                    Ok(FlushNeed::NotNeeded) => {}
                 }
                 return MapOutcome::Installed { level };
             }
             if present {
                 if fmt.is_leaf(old, level) {
+                    if fmt.leaf_allows(old, access) {
+                        // A huge leaf that serves the access: whatever this fault decided is
+                        // older than it (see `PresentLeafAllows`).
+                        return MapOutcome::PresentLeafAllows;
+                    }
                     // A huge leaf above the target that did not satisfy the fault (e.g. it was made
                     // read-only for dirty logging): remove it, flush, and fault again.
-                    if entry
-                        .compare_exchange(
-                            old,
-                            SpteFormat::NONPRESENT,
-                            Ordering::AcqRel,
-                            Ordering::Acquire,
-                        )
-                        .is_ok()
+                    if let Ok(flush) =
+                        self.set_spte_atomic(entry, old, SpteFormat::NONPRESENT, level)
                     {
-                        self.account_leaf(old, level, -1);
+                        debug_assert_eq!(flush, FlushNeed::Remote, "a present leaf was dropped");
                         self.flush_remote_tlbs();
                     }
                     return MapOutcome::Retry;
@@ -132,8 +136,9 @@ impl<H: Host> TdpMmu<H> {
                 return MapOutcome::OutOfMemory;
             };
             let link = fmt.make_nonleaf(child);
-            // Release: the child's initialised entries are visible to whoever sees the link.
-            if entry.compare_exchange(old, link, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            // Release (in the exchange): the child's initialised entries are visible to whoever
+            // sees the link. Replacing a non-present entry or an MMIO SPTE needs no flush.
+            if self.set_spte_atomic(entry, old, link, level).is_err() {
                 self.free_unpublished_table(child);
                 return MapOutcome::Retry;
             }

@@ -18,6 +18,7 @@
 //!    linking is a compare-and-swap with Release semantics and walkers load entries with Acquire,
 //!    so a walker that sees the link sees initialised entries.
 
+mod change;
 mod invalidate;
 mod map;
 pub mod root;
@@ -77,7 +78,9 @@ pub enum TdpError {
 pub struct TdpMmu<H: Host> {
     pub(crate) host: Arc<H>,
     pub(crate) cfg: TdpConfig,
-    /// KVM's `mmu_lock`; guards the root list (KVM `tdp_mmu_roots`) and rule 1 above.
+    /// KVM's `mmu_lock`; guards the root list (KVM `tdp_mmu_roots`) and rule 1 above. The list
+    /// holds every root a vCPU may walk, pageless ones included, so that every zap (delete/move,
+    /// `zap_all_fast`, host invalidations, the wrap zap) reaches every root (issue 11, defect 2).
     pub(crate) mmu_lock: RwLock<Vec<Arc<Root>>>,
     /// Read sections of lockless walkers (rule 2).
     pub(crate) table_srcu: Srcu,
@@ -184,6 +187,12 @@ impl<H: Host> TdpMmu<H> {
         if pages.is_empty() {
             return;
         }
+        // A vCPU in guest mode holds a table read section for its whole guest-mode period and
+        // leaves it only on an exit: kick every vCPU, or one spinning on TLB hits would stall
+        // this grace period, and the memslot update or zap waiting on it, forever (issue 11,
+        // defect 3). The request is a read-modify-write of the vCPU's word, so a vCPU between
+        // opening its section and setting IN_GUEST_MODE sees it and does not enter.
+        self.request_all(Request::Kick, false);
         self.table_srcu.synchronize(&DefaultRelax::default());
         for pfn in pages.iter().copied() {
             // SAFETY: every queued page was unlinked before it was queued, and the grace period
@@ -209,12 +218,16 @@ impl<H: Host> TdpMmu<H> {
     /// that was in guest mode (KVM `kvm_make_all_cpus_request`).
     pub(crate) fn request_all(&self, r: Request, wait: bool) {
         let relax = DefaultRelax::default();
-        for v in self.vcpu_states() {
+        for (i, v) in self.vcpu_states().iter().enumerate() {
             if r == Request::TlbFlush {
                 self.stats.remote_tlb_flush_requests.add(1);
             }
-            if v.request(r) && wait {
-                v.wait_ack(r, &relax);
+            if v.request(r) {
+                // The "IPI": the vCPU was in guest mode and may not look at its requests soon.
+                self.host.kick(i);
+                if wait {
+                    v.wait_ack(r, &relax);
+                }
             }
         }
     }
@@ -224,13 +237,13 @@ impl<H: Host> TdpMmu<H> {
     pub(crate) fn get_root(&self, as_id: AsId) -> Result<Arc<Root>, TdpError> {
         {
             let roots = self.mmu_lock.read();
-            if let Some(r) = roots.iter().find(|r| r.as_id() == as_id && !r.is_obsolete()) {
+            if let Some(r) = roots.iter().find(|r| r.is_shared_valid(as_id)) {
                 r.get();
                 return Ok(r.clone());
             }
         }
         let mut roots = self.mmu_lock.write();
-        if let Some(r) = roots.iter().find(|r| r.as_id() == as_id && !r.is_obsolete()) {
+        if let Some(r) = roots.iter().find(|r| r.is_shared_valid(as_id)) {
             r.get();
             return Ok(r.clone());
         }
@@ -242,10 +255,12 @@ impl<H: Host> TdpMmu<H> {
     }
 
     /// A root without a page-tracking state, private to one vCPU (models KVM's special roots).
+    /// It joins the root list, so zaps reach what it maps like any other root.
     pub(crate) fn make_pageless_root(&self, as_id: AsId) -> Result<Arc<Root>, TdpError> {
         let pfn = self.alloc_table().ok_or(TdpError::OutOfMemory)?;
         let root = Arc::new(Root::new(pfn, self.cfg.root_level, as_id, RootKind::Pageless));
         root.get();
+        self.mmu_lock.write().push(root.clone());
         Ok(root)
     }
 
@@ -278,8 +293,16 @@ impl<H: Host> TdpMmu<H> {
                 drop(roots);
             }
             RootKind::Pageless => {
-                let _g = self.mmu_lock.write();
-                self.zap_root_locked(&root, &mut pages);
+                // Private to the vCPU dropping it: no other vCPU can hold its translations, and
+                // the vCPU flushes its own TLB when it loads its next root.
+                let mut roots = self.mmu_lock.write();
+                let before = roots.len();
+                roots.retain(|r| !Arc::ptr_eq(r, &root));
+                if roots.len() == before {
+                    // `zap_all_fast` retired it already (it saw no users): it frees the page.
+                    return;
+                }
+                let _ = self.zap_root_locked(&root, &mut pages);
             }
         }
         pages.push(root.pfn());
@@ -293,7 +316,9 @@ impl<H: Host> TdpMmu<H> {
         self.stats.zap_all_fast.add(1);
         let mut pages = Vec::new();
         let mut roots = self.mmu_lock.write();
-        for r in roots.iter() {
+        for r in roots.iter().filter(|r| r.kind() == RootKind::Tdp) {
+            // Pageless roots have no page to mark (KVM's special roots): their vCPUs drop them on
+            // the request below, and their tables are zapped with everyone else's.
             r.invalidate();
         }
         // Same critical section as the invalidation (facts §4 step 3).

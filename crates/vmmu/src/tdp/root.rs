@@ -7,8 +7,11 @@
 //! - a [`RootKind::Pageless`] root models KVM's special roots that have no shadow page (PAE roots,
 //!   the dummy root): nothing marks them obsolete, so a fault on one is stale exactly while a
 //!   free-obsolete-roots request is pending for its vCPU (18c841e1f411);
+//! - every root, pageless ones included, is on the MMU's root list while a vCPU may walk it, so
+//!   every zap reaches it;
 //! - `users` counts the vCPUs holding the root as their current root; an obsolete TDP root with no
-//!   users is removed from the list and its page freed after a grace period.
+//!   users, or a pageless root its vCPU dropped, is removed from the list, zapped, and its page
+//!   freed after a grace period.
 
 use crate::sync::{AtomicBool, AtomicU32, Ordering};
 use crate::types::{AsId, Level, Pfn};
@@ -64,6 +67,12 @@ impl Root {
         // Acquire pairs with the Release in `invalidate`; both happen under the MMU lock in the
         // fault path, the lock alone would do; the vCPU's request handling reads it unlocked.
         self.invalid.load(Ordering::Acquire)
+    }
+    /// Whether a vCPU loading a root for `as_id` may share this one: a valid TDP root of that
+    /// address space (pageless roots are private to the vCPU that made them).
+    #[inline]
+    pub(crate) fn is_shared_valid(&self, as_id: AsId) -> bool {
+        self.kind == RootKind::Tdp && self.as_id == as_id && !self.is_obsolete()
     }
     pub(crate) fn invalidate(&self) {
         self.invalid.store(true, Ordering::Release);

@@ -119,9 +119,8 @@ impl<H: Host> TdpMmu<H> {
         }
         if fmt.is_leaf(old, level) {
             // A huge leaf only partly in range is zapped whole: the next fault remaps what stays.
-            table[i].store(SpteFormat::NONPRESENT, Ordering::Release);
-            self.account_leaf(old, level, -1);
-            return true;
+            let flush = self.set_spte_locked(&table[i], old, SpteFormat::NONPRESENT, level);
+            return flush == super::change::FlushNeed::Remote;
         }
         let child = fmt.pfn(old);
         let Some(lower) = level.lower() else {

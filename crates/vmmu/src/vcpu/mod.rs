@@ -152,6 +152,10 @@ impl<H: Host> Vcpu<H> {
             self.state().clear(Request::TlbFlush);
             work.flush_tlb = true;
         }
+        if pending.has(Request::Kick) {
+            // Leaving guest mode was the whole point: the read section it held has ended.
+            self.state().clear(Request::Kick);
+        }
         if self.root.is_none() {
             self.root = Some(self.vm.mmu.get_root(self.as_id)?);
             self.stats.root_loads += 1;
@@ -477,7 +481,7 @@ impl<H: Host> Vcpu<H> {
             drop(roots);
             return Ok(self.retry(RetryCause::HostInvalidation));
         }
-        let outcome = mmu.map_locked(root.pfn(), root.level(), gfn, spec);
+        let outcome = mmu.map_locked(root.pfn(), root.level(), gfn, access, spec);
         drop(roots);
         let is_mmio = matches!(spec, LeafSpec::Mmio(_));
         match outcome {
@@ -499,7 +503,10 @@ impl<H: Host> Vcpu<H> {
                 self.stats.pf_fixed += 1;
                 Ok(FaultOutcome::Fixed)
             }
-            MapOutcome::Spurious => {
+            // Another vCPU mapped the gfn with rights enough for this access (a RAM leaf from a
+            // newer memslot set, while this fault decided from an older one): let the access
+            // walk again and use it. Not Emulate, even if this fault thought "MMIO".
+            MapOutcome::Spurious | MapOutcome::PresentLeafAllows => {
                 self.stats.pf_spurious += 1;
                 Ok(FaultOutcome::Spurious)
             }

@@ -35,6 +35,9 @@ pub enum Request {
     TlbFlush = 1 << 0,
     /// Drop obsolete roots and load a valid one (KVM `KVM_REQ_MMU_FREE_OBSOLETE_ROOTS`).
     FreeObsoleteRoots = 1 << 1,
+    /// Just leave guest mode (KVM `kvm_vcpu_kick` with no request): the MMU waits for a grace
+    /// period that the vCPU's guest-mode read section holds up.
+    Kick = 1 << 2,
 }
 
 /// The set of pending requests, as returned to the vCPU.

@@ -1,0 +1,88 @@
+//! The one place an SPTE changes (KVM `tdp_mmu_set_spte_atomic` / `tdp_mmu_iter_set_spte` and
+//! `handle_changed_spte`): the exchange, the leaf accounting, and the TLB-flush decision.
+//!
+//! Invariant: no present leaf is dropped or changed without the caller learning that vCPUs may
+//! still translate through the old value ([`FlushNeed::Remote`]). A fault that replaced a present
+//! leaf flushes before it returns; a zap collects the need and flushes once for its whole range
+//! (rule 4 of [`crate::tdp`]). This is what keeps a vCPU from using a frame after the entry that
+//! mapped it was overwritten (issue 11, defect 1: a stale "MMIO" decision used to overwrite a RAM
+//! leaf another vCPU had in its TLB, and the later delete of the slot found nothing to flush).
+
+use super::TdpMmu;
+use crate::host::Host;
+use crate::spte::SpteFormat;
+use crate::sync::{AtomicU64, Ordering};
+use crate::types::Level;
+
+/// What an SPTE change requires before the changed mapping can be relied on.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[must_use = "a changed present leaf needs a remote TLB flush"]
+pub(crate) enum FlushNeed {
+    /// No vCPU can hold a translation the change invalidates.
+    NotNeeded,
+    /// A present leaf was dropped or changed: vCPUs may cache it; flush remote TLBs.
+    Remote,
+}
+
+impl<H: Host> TdpMmu<H> {
+    /// Replaces `old` by `new` in `entry` with compare-and-swap, under the shared MMU lock (a
+    /// fault). `Err(())` if the entry no longer holds `old` (another vCPU or a zap won: retry).
+    #[inline]
+    pub(crate) fn set_spte_atomic(
+        &self,
+        entry: &AtomicU64,
+        old: u64,
+        new: u64,
+        level: Level,
+    ) -> Result<FlushNeed, ()> {
+        // AcqRel: Release publishes a linked table's initialised entries to walkers that Acquire
+        // the link (rule 5); Acquire orders this change after the value it replaced.
+        entry.compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire).map_err(|_| ())?;
+        Ok(self.handle_changed_spte(old, new, level))
+    }
+
+    /// Stores `new` over `old` in `entry` under the exclusive MMU lock (a zap): nothing else
+    /// changes entries meanwhile.
+    #[inline]
+    pub(crate) fn set_spte_locked(
+        &self,
+        entry: &AtomicU64,
+        old: u64,
+        new: u64,
+        level: Level,
+    ) -> FlushNeed {
+        entry.store(new, Ordering::Release);
+        self.handle_changed_spte(old, new, level)
+    }
+
+    /// Accounting and the flush decision for a change, already made, of one entry at `level`
+    /// from `old` to `new`.
+    fn handle_changed_spte(&self, old: u64, new: u64, level: Level) -> FlushNeed {
+        if old == new {
+            return FlushNeed::NotNeeded;
+        }
+        let fmt = self.cfg.format;
+        let was_leaf = SpteFormat::is_mmu_present(old) && fmt.is_leaf(old, level);
+        let is_leaf = SpteFormat::is_mmu_present(new) && fmt.is_leaf(new, level);
+        if was_leaf {
+            self.account_leaf(old, level, -1);
+        }
+        if is_leaf {
+            self.account_leaf(new, level, 1);
+        }
+        if !was_leaf {
+            // A non-present entry (or an MMIO SPTE, which the hardware never caches) or a table
+            // link: filling holes or linking tables invalidates nothing a TLB may hold.
+            // (Unlinking a table is the zap's business: it reports the leaves below it.)
+            return FlushNeed::NotNeeded;
+        }
+        // KVM `leaf_spte_change_needs_tlb_flush`: the leaf went, its frame changed, or a bit it
+        // had (a right: write, exec, user; or accessed/dirty) was taken away. A leaf that only
+        // gained bits maps the same frame with more rights: a stale TLB entry just faults again.
+        if !is_leaf || fmt.pfn(old) != fmt.pfn(new) || (old & !new) != 0 {
+            FlushNeed::Remote
+        } else {
+            FlushNeed::NotNeeded
+        }
+    }
+}
