@@ -123,6 +123,8 @@ impl FrameAllocator for TestHost {
     }
 
     fn table(&self, pfn: Pfn) -> Option<NonNull<TableEntries>> {
+        #[cfg(all(feature = "std", not(loom)))]
+        slow::pause();
         let i = self.index(pfn)?;
         if !self.live[i].load(Ordering::Acquire) {
             self.use_after_free.fetch_add(1, Ordering::Relaxed);
@@ -167,3 +169,28 @@ impl HostMemory for TestHost {
 }
 
 const _: () = assert!(ENTRIES_PER_TABLE == 512);
+
+/// A slow host for race tests: table lookups made by a chosen thread take longer (a cache miss,
+/// a preemption), which widens the window between a fault's decision and its installation so a
+/// race test hits the interleaving it looks for in a few rounds instead of millions.
+#[cfg(all(feature = "std", not(loom)))]
+pub mod slow {
+    use core::cell::Cell;
+    use std::time::Duration;
+
+    std::thread_local! {
+        static PAUSE: Cell<Duration> = const { Cell::new(Duration::ZERO) };
+    }
+
+    /// Makes every table lookup of the calling thread sleep for `d` (zero: no pause).
+    pub fn table_lookups_on_this_thread(d: Duration) {
+        PAUSE.with(|p| p.set(d));
+    }
+
+    pub(super) fn pause() {
+        let d = PAUSE.with(|p| p.get());
+        if !d.is_zero() {
+            std::thread::sleep(d);
+        }
+    }
+}

@@ -274,3 +274,147 @@ impl<H: Host> Vm<H> {
         self.inner.mmu.reclaim();
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    //! Regression tests of issue 11's defects that need the MMU's insides (a fault's decision
+    //! taken at one moment and applied at another). Races on real threads are in
+    //! `tests/tdp_races.rs`, exhaustive interleavings in the loom models.
+    use super::*;
+    use crate::fault::FaultOutcome;
+    use crate::memslot::UserspaceMemoryRegion;
+    use crate::spte::FormatKind;
+    use crate::tdp::{HwWalk, LeafSpec, MapOutcome};
+    use crate::testing::TestHost;
+    use crate::types::{Access, FaultAccess, Gpa, Pfn};
+    use alloc::collections::BTreeMap;
+
+    const RAM_HVA: u64 = 0x4000_0000;
+    const GPA: u64 = 0x10_0000;
+
+    fn vm(format: FormatKind) -> (Vm<TestHost>, Arc<TestHost>) {
+        let host = Arc::new(TestHost::new(64));
+        host.map(RAM_HVA, 1 << 24, RAM_HVA >> 12, Level::L4K, true);
+        let mut cfg = VmConfig::new(format, 46).unwrap();
+        cfg.max_vcpus = 2;
+        (Vm::new(cfg, host.clone()).unwrap(), host)
+    }
+
+    /// A vCPU with a TLB (gfn -> frame) that it flushes when asked, as the hardware does.
+    struct TlbVcpu {
+        vcpu: Vcpu<TestHost>,
+        tlb: BTreeMap<u64, Pfn>,
+    }
+
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    enum Seen {
+        Ram(Pfn),
+        Mmio,
+    }
+
+    impl TlbVcpu {
+        fn read(&mut self, gpa: u64) -> Seen {
+            for _ in 0..100 {
+                if self.vcpu.service_requests().unwrap().flush_tlb {
+                    self.tlb.clear();
+                }
+                let walk = {
+                    let Ok(g) = self.vcpu.enter_guest() else { continue };
+                    if let Some(pfn) = self.tlb.get(&(gpa >> 12)) {
+                        return Seen::Ram(*pfn);
+                    }
+                    g.walk(Gpa(gpa), Access::NONE)
+                };
+                let o = match walk {
+                    HwWalk::Translated { pfn, .. } => {
+                        self.tlb.insert(gpa >> 12, pfn);
+                        return Seen::Ram(pfn);
+                    }
+                    HwWalk::Violation { .. } => {
+                        self.vcpu.handle_ept_violation(Gpa(gpa), FaultAccess::READ).unwrap()
+                    }
+                    HwWalk::Misconfig { .. } => self.vcpu.handle_ept_misconfig(Gpa(gpa)).unwrap(),
+                    HwWalk::Broken { dump } => panic!("broken walk {dump:?}"),
+                };
+                if let FaultOutcome::Emulate { .. } = o {
+                    return Seen::Mmio;
+                }
+            }
+            panic!("read of {gpa:#x} did not complete");
+        }
+    }
+
+    /// Defect 1, deterministically: during a slot create, vCPU A decided "MMIO" from the old
+    /// memslot set while vCPU B installed the RAM leaf from the new set and cached it in its TLB.
+    /// A's decision then reaches the tables (what A's slow path does next, replayed here with the
+    /// generation A saw). It must not replace B's leaf silently: after the slot is deleted, B must
+    /// not read the deleted slot's frame.
+    #[test]
+    fn a_stale_mmio_decision_does_not_hide_a_present_leaf_from_the_delete_flush() {
+        let (vm, host) = vm(FormatKind::Ept);
+        let mut a = vm.create_vcpu().unwrap();
+        let mut b = TlbVcpu { vcpu: vm.create_vcpu().unwrap(), tlb: BTreeMap::new() };
+        a.service_requests().unwrap();
+        let old_gen = vm.memslots().generation(AsId(0));
+        let frame = Pfn(RAM_HVA >> 12);
+        vm.set_memory_region(&UserspaceMemoryRegion::new(1, 0, GPA, 0x1000, RAM_HVA)).unwrap();
+        assert_eq!(b.read(GPA), Seen::Ram(frame), "B maps the new slot and caches it");
+
+        let mmu = &vm.inner.mmu;
+        let codec = mmu.config().codec;
+        let spte = codec.make(Gpa(GPA).gfn(), old_gen, Access::ALL);
+        let root = a.root().unwrap().clone();
+        let outcome = {
+            let _shared = mmu.mmu_lock.read();
+            mmu.map_locked(
+                root.pfn(),
+                root.level(),
+                Gpa(GPA).gfn(),
+                FaultAccess::READ,
+                LeafSpec::Mmio(spte),
+            )
+        };
+
+        vm.set_memory_region(&UserspaceMemoryRegion::new(1, 0, GPA, 0, 0)).unwrap();
+        let seen = b.read(GPA);
+        assert_eq!(seen, Seen::Mmio, "B used the deleted slot's frame {frame:?} after the delete");
+        assert_eq!(outcome, MapOutcome::PresentLeafAllows, "the present leaf serves the access");
+        assert_eq!(host.use_after_free(), 0);
+    }
+
+    /// Any fault that does replace a present leaf (here: a write that the read-only leaf does not
+    /// allow, decided "MMIO" from an older set) flushes remote TLBs: B's cached translation of
+    /// the replaced leaf goes.
+    #[test]
+    fn replacing_a_present_leaf_flushes_remote_tlbs() {
+        let (vm, _host) = vm(FormatKind::Npt);
+        let mut a = vm.create_vcpu().unwrap();
+        a.service_requests().unwrap();
+        let mut b = vm.create_vcpu().unwrap();
+        b.service_requests().unwrap();
+        let old_gen = vm.memslots().generation(AsId(0));
+        let ro = crate::memslot::KVM_MEM_READONLY;
+        vm.set_memory_region(&UserspaceMemoryRegion::new(1, ro, GPA, 0x1000, RAM_HVA)).unwrap();
+        let mmu = &vm.inner.mmu;
+        let root = a.root().unwrap().clone();
+        let gfn = Gpa(GPA).gfn();
+        let ram = LeafSpec::Ram {
+            base_pfn: Pfn(RAM_HVA >> 12),
+            max_level: Level::L4K,
+            access: Access::ALL,
+            writable: false,
+        };
+        let _shared = mmu.mmu_lock.read();
+        let o = mmu.map_locked(root.pfn(), root.level(), gfn, FaultAccess::READ, ram);
+        assert_eq!(o, MapOutcome::Installed { level: Level::L4K });
+        let flushes = mmu.stats.remote_tlb_flush.get();
+        let spte = mmu.config().codec.make(gfn, old_gen, Access::ALL);
+        let o =
+            mmu.map_locked(root.pfn(), root.level(), gfn, FaultAccess::WRITE, LeafSpec::Mmio(spte));
+        assert_eq!(o, MapOutcome::Installed { level: Level::L4K });
+        assert_eq!(mmu.stats.remote_tlb_flush.get(), flushes + 1, "the dropped leaf was flushed");
+        drop(_shared);
+        let pending = mmu.vcpus[b.index()].pending();
+        assert!(pending.has(crate::vcpu::requests::Request::TlbFlush), "B must flush its TLB");
+    }
+}

@@ -181,3 +181,186 @@ fn race_catches_no_tlb_flush_on_zap() {
     let caught = (0..10).any(|_| !race(FormatKind::Ept, false, bug).is_empty());
     assert!(caught, "no-tlb-flush-on-zap went unnoticed in 10 runs");
 }
+
+/// Issue 11, defect 1, on real threads and the real fault path. Each round, with GPA unmapped:
+/// vCPU A takes one violation exit for GPA on a slow host (its table lookups take 200 us, which
+/// stretches the time between its memslot decision and its installation) while the updater creates a slot at
+/// GPA and vCPU B reads GPA until it gets RAM (and caches it in its TLB). A decided "MMIO" from
+/// the old memslot set; if its installation replaced B's RAM leaf silently, the later delete finds
+/// no present leaf to flush and B reads the deleted slot's frame from its TLB. Returns the
+/// rounds where B did.
+fn create_window_race(format: FormatKind, rounds: u64) -> Vec<String> {
+    use std::sync::Barrier;
+    use std::time::Duration;
+    let mut cfg = VmConfig::new(format, 46).unwrap();
+    cfg.max_vcpus = 2;
+    let host = Arc::new(TestHost::new(64));
+    host.map(RAM_HVA, 1 << 24, RAM_HVA >> 12, Level::L4K, true);
+    let vm = Vm::new(cfg, host.clone()).unwrap();
+    assert!(vm.mmio_caching_enabled(), "the race needs MMIO SPTEs");
+    // Phases per round: 0 start (A reads, updater creates, B reads to RAM), 1 updater deleted,
+    // 2 B read again.
+    let barrier = Arc::new(Barrier::new(3));
+    let a_started = Arc::new(AtomicU64::new(0));
+
+    let mut va = vm.create_vcpu().unwrap();
+    let (bar_a, started, vm_a) = (barrier.clone(), a_started.clone(), vm.clone());
+    let thread_a = std::thread::spawn(move || {
+        for round in 0..rounds {
+            bar_a.wait();
+            // One exit, as the hardware raises it: the walk finds GPA unmapped.
+            va.service_requests().unwrap();
+            let walk = va.enter_guest().map(|g| g.walk(Gpa(GPA), Access::NONE));
+            assert!(
+                matches!(walk, Ok(HwWalk::Violation { .. })),
+                "GPA starts unmapped: {walk:?} root {:?} gen {:?} round {round}",
+                va.root(),
+                vm_a.memslots().generation(vmmu::AsId(0))
+            );
+            // Slow from here: the fault decides, then installs 4 table lookups later.
+            vmmu::testing::slow::table_lookups_on_this_thread(Duration::from_micros(200));
+            started.store(round + 1, Ordering::Release);
+            if va.format().is_ept() {
+                va.handle_ept_violation(Gpa(GPA), vmmu::FaultAccess::READ).unwrap();
+            } else {
+                va.handle_npf(Gpa(GPA), PfErr(0)).unwrap();
+            }
+            vmmu::testing::slow::table_lookups_on_this_thread(Duration::ZERO);
+            bar_a.wait(); // created and B cached
+            bar_a.wait(); // deleted
+            bar_a.wait(); // B read again
+        }
+    });
+    let mut vb = vm.create_vcpu().unwrap();
+    let (bar_b, started) = (barrier.clone(), a_started.clone());
+    let thread_b = std::thread::spawn(move || {
+        let mut tlb = HashMap::new();
+        let mut stale = Vec::new();
+        for round in 0..rounds {
+            bar_b.wait();
+            // After A's exit, so A's walk found GPA unmapped.
+            while started.load(Ordering::Acquire) != round + 1 {
+                std::hint::spin_loop();
+            }
+            let frame = loop {
+                if let Seen::Ram(pfn) = access(&mut vb, &mut tlb, GPA) {
+                    break pfn;
+                }
+                std::thread::yield_now();
+            };
+            bar_b.wait(); // created and B cached
+            bar_b.wait(); // deleted
+            if let Seen::Ram(pfn) = access(&mut vb, &mut tlb, GPA) {
+                stale.push(format!(
+                    "round {round}: B read frame {pfn:?} (slot frame {frame:?}) after the delete"
+                ));
+            }
+            bar_b.wait();
+        }
+        stale
+    });
+
+    for round in 0..rounds {
+        barrier.wait();
+        // Start the create once A's fault is under way, so A decides from the old set.
+        while a_started.load(Ordering::Acquire) != round + 1 {
+            assert!(!thread_a.is_finished(), "vCPU A stopped in round {round}");
+            std::hint::spin_loop();
+        }
+        std::thread::sleep(Duration::from_micros(50));
+        vm.set_memory_region(&region(3, GPA, 0x1000, RAM_HVA, 0)).unwrap();
+        barrier.wait();
+        vm.set_memory_region(&region(3, GPA, 0, 0, 0)).unwrap();
+        barrier.wait();
+        barrier.wait();
+        // B's last read left an MMIO SPTE: clear it so A's next exit is a violation again.
+        vm.zap_all_fast();
+    }
+    thread_a.join().unwrap();
+    let stale = thread_b.join().unwrap();
+    vm.reclaim();
+    assert_eq!(host.use_after_free(), 0, "a walk read a freed table page");
+    stale
+}
+
+#[test]
+fn create_window_race_never_leaves_a_vcpu_on_a_deleted_frame() {
+    for format in [FormatKind::Ept, FormatKind::Npt] {
+        let stale = create_window_race(format, 150);
+        assert!(stale.is_empty(), "{format:?}: {} stale rounds, first: {}", stale.len(), stale[0]);
+    }
+}
+
+/// Issue 11, defect 3: a vCPU that stays in guest mode, spinning on TLB hits and never faulting,
+/// must not stall a memslot delete. The delete unlinks a table page, so it waits for a grace
+/// period of the table read sections, and a vCPU holds one for its whole guest-mode period: the
+/// MMU must kick it out (a request the vCPU sees when it polls, and the host's `VcpuKick`).
+#[test]
+fn a_vcpu_spinning_in_guest_mode_does_not_stall_a_delete() {
+    use std::sync::mpsc;
+    use std::time::Duration;
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.max_vcpus = 1;
+    let host = Arc::new(TestHost::new(64));
+    // 4 KiB host pages: the 2 MiB slot needs a last-level table, which the delete unlinks.
+    host.map(RAM_HVA, 1 << 22, RAM_HVA >> 12, Level::L4K, true);
+    let vm = Vm::new(cfg, host.clone()).unwrap();
+    let gpa = 0x20_0000;
+    let mut v = vm.create_vcpu().unwrap();
+    let mut tlb = HashMap::new();
+    // An MMIO SPTE builds a last-level table for the 2 MiB block; the slot created over it zaps
+    // nothing, and its delete unlinks that table without removing a present leaf: no remote TLB
+    // flush makes the vCPU exit, only the kick before the grace period does.
+    assert!(matches!(access(&mut v, &mut tlb, gpa), Seen::Mmio));
+    vm.set_memory_region(&region(1, gpa, 0x20_0000, RAM_HVA, 0)).unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let in_guest = Arc::new(AtomicBool::new(false));
+    let (stop2, in_guest2) = (stop.clone(), in_guest.clone());
+    let vcpu = std::thread::spawn(move || {
+        let mut exits = 0u64;
+        v.service_requests().unwrap();
+        while v.enter_guest_mode().is_err() {
+            v.service_requests().unwrap();
+        }
+        in_guest2.store(true, Ordering::Release);
+        while !stop2.load(Ordering::Acquire) {
+            // Guest accesses that hit the TLB: no walk, no fault, no exit of its own.
+            std::hint::black_box(tlb.get(&(gpa >> 12)));
+            if v.requests_pending() {
+                // The kick lands: exit, handle the requests, enter again.
+                exits += 1;
+                v.exit_guest_mode();
+                loop {
+                    if v.service_requests().unwrap().flush_tlb {
+                        tlb.clear();
+                    }
+                    if v.enter_guest_mode().is_ok() {
+                        break;
+                    }
+                }
+            }
+        }
+        v.exit_guest_mode();
+        exits
+    });
+    while !in_guest.load(Ordering::Acquire) {
+        std::thread::yield_now();
+    }
+    let (done_tx, done_rx) = mpsc::channel();
+    let vm2 = vm.clone();
+    std::thread::spawn(move || {
+        vm2.set_memory_region(&region(1, gpa, 0, 0, 0)).unwrap();
+        let _ = done_tx.send(vm2.stats().tables_freed);
+    });
+    let done = done_rx.recv_timeout(Duration::from_secs(30));
+    stop.store(true, Ordering::Release);
+    let freed = done.expect("the delete stalled behind a vCPU in guest mode");
+    assert!(freed >= 1, "the delete freed the unlinked table after a grace period");
+    let exits = vcpu.join().unwrap();
+    assert!(exits >= 1, "the vCPU was made to exit");
+    assert!(host.kicks() >= 1, "the host was asked to kick the vCPU");
+    vm.reclaim();
+    assert_eq!(vm.mmu().pending_free(), 0);
+    assert_eq!(host.use_after_free(), 0);
+}

@@ -3,11 +3,11 @@
 //! (a present leaf, or an MMIO SPTE) with compare-and-swap. A lost race is `Retry`, never an
 //! error: another vCPU or a zap changed the entry first.
 
+use super::change::FlushNeed;
 use super::TdpMmu;
 use crate::host::Host;
 use crate::spte::SpteFormat;
 use crate::sync::Ordering;
-use super::change::FlushNeed;
 use crate::types::{Access, FaultAccess, Gfn, Level, Pfn};
 
 /// What to install at the end of the walk.
