@@ -230,6 +230,62 @@ fn zap_all_fast_obsoletes_the_root_faults_retry_until_reload() {
     assert_eq!(host.tables_in_use(), s.tables_allocated - s.tables_freed);
 }
 
+/// Evidence for the "No harm in this design" of `cache-while-in-progress` (`src/bugs.rs`): the
+/// entry the bug caches during an update is tagged with the in-progress generation of the set
+/// the decision was made on, and never hits again once the update is done: after a create over
+/// the gfn, an access reaches RAM. Not a catcher: `catchers` has the invariant test.
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn cache_while_in_progress_entry_never_hits_after_its_update() {
+    use vmmu::bugs::{Bug, BugSet};
+    const X: u64 = 0x70_0000;
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.bugs = BugSet::only(Bug::CacheWhileInProgress);
+    let (vm, _h) = vm_with(cfg);
+    let mut v = vm.create_vcpu().unwrap();
+    catchers::update_with_window(&vm, &region(0, 0x10_0000, 0x1000, RAM_HVA, 0), |p| {
+        if let catchers::Point::Updated { .. } = p {
+            catchers::step(&mut v, X).unwrap();
+            let g = v.mmio_cache().generation().expect("the bug caches");
+            assert!(g.in_progress(), "{g:?}");
+        }
+    });
+    assert!(v.mmio_cache().generation().unwrap().in_progress(), "the entry is still there");
+    vm.set_memory_region(&region(1, X, 0x1000, RAM_HVA + 0x1000, 0)).unwrap();
+    let (seen, _) = access(&mut v, X, false).unwrap();
+    assert_eq!(seen, Seen::Ram(Pfn((RAM_HVA >> 12) + 1)));
+}
+
+/// Evidence for the "No harm in this design" of `no-stale-root-check` (`src/bugs.rs`): the SPTE
+/// the bug installs into a root that `zap_all_fast` obsoleted maps the slot's current frame, and
+/// goes when the slot is deleted, although the vCPU has not dropped that root yet (every zap
+/// walks obsolete roots still in use). Not a catcher: `catchers` has the invariant test.
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn no_stale_root_check_stray_spte_goes_with_its_slot() {
+    use vmmu::bugs::{Bug, BugSet};
+    use vmmu::tdp::{hw_walk, HwWalk};
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.bugs = BugSet::only(Bug::NoStaleRootCheck);
+    let (vm, host) = vm_with(cfg);
+    vm.set_memory_region(&region(0, 0x10_0000, 0x1000, RAM_HVA, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    v.service_requests().unwrap();
+    let root = v.root().unwrap().clone();
+    vm.zap_all_fast();
+    let o = v.handle_ept_violation(Gpa(0x10_0000), vmmu::FaultAccess::READ).unwrap();
+    assert_eq!(o, FaultOutcome::Fixed, "the bug installs into the obsoleted root");
+    let fmt = vm.mmu().config().format;
+    let walk = || hw_walk(&fmt, &*host, root.pfn(), root.level(), Gfn(0x100), vmmu::Access::NONE);
+    assert!(
+        matches!(walk(), HwWalk::Translated { pfn, .. } if pfn == Pfn(RAM_HVA >> 12)),
+        "the current frame"
+    );
+    vm.set_memory_region(&region(0, 0x10_0000, 0, 0, 0)).unwrap();
+    assert!(matches!(walk(), HwWalk::Violation { .. }), "zapped with its slot: {:?}", walk());
+    assert!(v.root().unwrap().is_obsolete(), "while the vCPU still holds the root");
+}
+
 #[test]
 fn pageless_root_faults_retry_while_reload_pending() {
     let (vm, _h) = vm(FormatKind::Ept);
