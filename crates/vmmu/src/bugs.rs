@@ -15,15 +15,37 @@ pub enum Bug {
     /// Undoes ee3d1570b586 "kvm: fix potentially corrupt mmio cache" (2014): the final generation
     /// is published together with the new set, with no in-progress marker and no second
     /// increment after the grace period.
+    ///
+    /// Harm here: a fault reads the memslot set once and tags what it decides with that set's
+    /// generation, so KVM's 2014 mix (decision from the old set, generation from the new one)
+    /// cannot happen; what remains is that the MMIO-generation wrap zap runs after the final
+    /// generation is visible, so an access can hit a pre-wrap MMIO SPTE for a gfn that is RAM
+    /// (`tests/catchers`, `catch_wrap_hook_vs_prewrap_spte`). `tests/loom_memslot.rs` catches
+    /// the 2014 mix with a reader that reads the set twice, as KVM's `kvm_memslots()` users did.
     NoSecondIncrement = 0,
     /// Undoes ddfd1730fd82 "Do not cache MMIO accesses while memslots are in flux" (2019): the
     /// per-vCPU MMIO info cache is filled while an update is in progress.
+    ///
+    /// No harm in this design: the cache entry is tagged with the full 64-bit generation
+    /// (in-progress flag included) of the very set the MMIO decision was made on, read in the
+    /// same read section. An entry made in the window is tagged `G | IN_PROGRESS` and can hit
+    /// only while that same set, with the same slots, is published with that same value: within
+    /// the window, where it agrees with the set every reader sees. The final store makes the
+    /// generation `G + nr_as`, which it never equals again (generations are 64-bit and unique
+    /// per address space). KVM needed the fix because its decision and the generation it cached
+    /// came from separate `kvm_memslots()` reads (an old-set decision could be tagged with the
+    /// new set's in-progress value and hit during the window). `tests/catchers` keeps an
+    /// invariant test of the fix (nothing is cached under an in-progress generation).
     CacheWhileInProgress = 1,
     /// Undoes 56f17dd3fbc4 "kvm: x86: fix stale mmio cache bug" (2014): the per-vCPU MMIO info
     /// cache ignores the generation.
     VcpuCacheWithoutGen = 2,
     /// Undoes 152482580a1b "Call kvm_arch_memslots_updated() before updating memslots" (2019):
     /// the wrap hook runs after the final generation is visible.
+    ///
+    /// Harm: between the store and the zap, an access matches a pre-wrap MMIO SPTE whose
+    /// generation bits equal the post-wrap generation's and is emulated as MMIO for a gfn that is
+    /// RAM in the set it reads.
     WrapHookAfterPublish = 3,
     /// Undoes c3e0c8c2e8b1 "Fully re-evaluate MMIO caching when SPTE masks change" (2022): a
     /// disable from an earlier mask sticks.
@@ -33,6 +55,21 @@ pub enum Bug {
     ZappedSpteIsMisconfig = 5,
     /// Undoes a955cad84cda / 18c841e1f411 "Retry page fault if root is invalidated" (2021): no
     /// stale-root check before installing an SPTE.
+    ///
+    /// No harm in this design: the SPTE a fault installs into an obsolete root maps what the
+    /// memslots and the host map at that moment, and nothing can make it stale while anyone can
+    /// walk it. (1) A fault holds its memslot read section from the slot lookup to the install,
+    /// so the delete or move of that slot cannot publish its second swap, nor even complete the
+    /// grace period of its invalidating swap, while the fault is in flight; a fault that sees
+    /// the slot invalid retries before the root check. (2) Host invalidations are caught by the
+    /// notifier-sequence check, which does not depend on the root. (3) An obsolete root stays on
+    /// the root list while a vCPU uses it, every later zap (of a range or of everything) walks it,
+    /// and the last user's `put_root` zaps it before it is freed, so the SPTE goes when a valid
+    /// root's would (no leak either, which was KVM's TDP harm). A vCPU still in guest mode on
+    /// the obsolete root may translate through the new SPTE, but to the current frame. For a
+    /// root without a page (18c841e1f411) KVM's harm was a NULL dereference, which has no
+    /// equivalent here. `tests/catchers` keeps an invariant test (the obsoleted root maps
+    /// nothing after `zap_all_fast`; a fault with a reload pending retries).
     NoStaleRootCheck = 6,
     /// Undoes e0c378684b65 "Retry page faults that hit an invalid memslot" (2021): a slot being
     /// deleted or moved is treated as no slot, i.e. MMIO.

@@ -6,8 +6,10 @@
 //! Each model is a function of the injected bugs. `*_holds` runs it with no bug and must pass;
 //! `*_catches_*` (feature `historical-bugs`) runs it with one bug and asserts that loom finds an
 //! interleaving where the model's property fails (a panic whose message contains
-//! `VIOLATION`; any other panic is re-raised). `tests/bugs_caught.rs` lists which test catches
-//! which bug.
+//! `VIOLATION`; any other panic is re-raised). `*_invariant_test_*` does the same for a bug
+//! that cannot cause harm in this design (why: its doc in `src/bugs.rs`): the model checks the
+//! fix's invariant, not an access. `tests/bugs_caught.rs` runs a deterministic check per bug
+//! (`tests/catchers`).
 //!
 //! Sizes are tiny on purpose: one vCPU, one address space, EPT, a test host with 8-12 table
 //! frames, at most two updates per model; the preemption bound is `LOOM_MAX_PREEMPTIONS`
@@ -220,9 +222,11 @@ fn cache_fill_during_update_holds() {
     cache_fill_during_update(BugSet::NONE);
 }
 
+/// An invariant test, not a catcher: `cache-while-in-progress` cannot cause harm in this design
+/// (`src/bugs.rs`), so this checks that the fix's invariant breaks with the bug.
 #[cfg(feature = "historical-bugs")]
 #[test]
-fn cache_fill_during_update_catches_cache_while_in_progress() {
+fn cache_fill_during_update_invariant_test_breaks_with_cache_while_in_progress() {
     let b = BugSet::only(vmmu::bugs::Bug::CacheWhileInProgress);
     assert!(violation(cache_fill_during_update, b), "missed cache-while-in-progress");
 }
@@ -344,9 +348,12 @@ fn fault_vs_zap_all_fast_pageless_holds() {
     fault_vs_zap_all_fast_pageless(BugSet::NONE);
 }
 
+/// An invariant test, not a catcher: `no-stale-root-check` cannot cause harm in this design
+/// (`src/bugs.rs`), so this checks that the fix's invariants (a fault retries on an obsoleted
+/// root; the obsoleted root maps nothing) break with the bug.
 #[cfg(feature = "historical-bugs")]
 #[test]
-fn fault_vs_zap_all_fast_catches_no_stale_root_check() {
+fn fault_vs_zap_all_fast_invariant_test_breaks_with_no_stale_root_check() {
     let b = BugSet::only(vmmu::bugs::Bug::NoStaleRootCheck);
     assert!(violation(fault_vs_zap_all_fast_tdp, b), "missed no-stale-root-check (TDP root)");
     assert!(

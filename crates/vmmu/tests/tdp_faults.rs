@@ -3,6 +3,7 @@
 //! host through `common::access`, which walks the tables like the hardware.
 #![cfg(not(loom))] // std threads and atomics: loom types only work inside a model
 
+mod catchers;
 mod common;
 
 use common::{access, region, vm, vm_with, Seen, RAM_HVA};
@@ -229,6 +230,62 @@ fn zap_all_fast_obsoletes_the_root_faults_retry_until_reload() {
     assert_eq!(host.tables_in_use(), s.tables_allocated - s.tables_freed);
 }
 
+/// Evidence for the "No harm in this design" of `cache-while-in-progress` (`src/bugs.rs`): the
+/// entry the bug caches during an update is tagged with the in-progress generation of the set
+/// the decision was made on, and never hits again once the update is done: after a create over
+/// the gfn, an access reaches RAM. Not a catcher: `catchers` has the invariant test.
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn cache_while_in_progress_entry_never_hits_after_its_update() {
+    use vmmu::bugs::{Bug, BugSet};
+    const X: u64 = 0x70_0000;
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.bugs = BugSet::only(Bug::CacheWhileInProgress);
+    let (vm, _h) = vm_with(cfg);
+    let mut v = vm.create_vcpu().unwrap();
+    catchers::update_with_window(&vm, &region(0, 0x10_0000, 0x1000, RAM_HVA, 0), |p| {
+        if let catchers::Point::Updated { .. } = p {
+            catchers::step(&mut v, X).unwrap();
+            let g = v.mmio_cache().generation().expect("the bug caches");
+            assert!(g.in_progress(), "{g:?}");
+        }
+    });
+    assert!(v.mmio_cache().generation().unwrap().in_progress(), "the entry is still there");
+    vm.set_memory_region(&region(1, X, 0x1000, RAM_HVA + 0x1000, 0)).unwrap();
+    let (seen, _) = access(&mut v, X, false).unwrap();
+    assert_eq!(seen, Seen::Ram(Pfn((RAM_HVA >> 12) + 1)));
+}
+
+/// Evidence for the "No harm in this design" of `no-stale-root-check` (`src/bugs.rs`): the SPTE
+/// the bug installs into a root that `zap_all_fast` obsoleted maps the slot's current frame, and
+/// goes when the slot is deleted, although the vCPU has not dropped that root yet (every zap
+/// walks obsolete roots still in use). Not a catcher: `catchers` has the invariant test.
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn no_stale_root_check_stray_spte_goes_with_its_slot() {
+    use vmmu::bugs::{Bug, BugSet};
+    use vmmu::tdp::{hw_walk, HwWalk};
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.bugs = BugSet::only(Bug::NoStaleRootCheck);
+    let (vm, host) = vm_with(cfg);
+    vm.set_memory_region(&region(0, 0x10_0000, 0x1000, RAM_HVA, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    v.service_requests().unwrap();
+    let root = v.root().unwrap().clone();
+    vm.zap_all_fast();
+    let o = v.handle_ept_violation(Gpa(0x10_0000), vmmu::FaultAccess::READ).unwrap();
+    assert_eq!(o, FaultOutcome::Fixed, "the bug installs into the obsoleted root");
+    let fmt = vm.mmu().config().format;
+    let walk = || hw_walk(&fmt, &*host, root.pfn(), root.level(), Gfn(0x100), vmmu::Access::NONE);
+    assert!(
+        matches!(walk(), HwWalk::Translated { pfn, .. } if pfn == Pfn(RAM_HVA >> 12)),
+        "the current frame"
+    );
+    vm.set_memory_region(&region(0, 0x10_0000, 0, 0, 0)).unwrap();
+    assert!(matches!(walk(), HwWalk::Violation { .. }), "zapped with its slot: {:?}", walk());
+    assert!(v.root().unwrap().is_obsolete(), "while the vCPU still holds the root");
+}
+
 #[test]
 fn pageless_root_faults_retry_while_reload_pending() {
     let (vm, _h) = vm(FormatKind::Ept);
@@ -402,38 +459,30 @@ fn fault_on_a_slot_being_deleted_retries() {
     assert_eq!(cached, None, "nothing cached as MMIO for a slot being deleted");
 }
 
-/// The test above catches `invalid-slot-as-mmio`: the fault is emulated as MMIO, an MMIO SPTE
-/// is made and the gfn is cached as MMIO while the slot still exists.
+/// A move of a slot over part of its own old range: an access to a gpa that is RAM before and
+/// after, made while the slot is in flux, retries and then reaches the slot's new frame
+/// (`catchers::catch_invalid_slot_as_mmio` says what it checks).
+#[test]
+fn move_over_its_own_range_retries_then_reaches_ram() {
+    let harm = catchers::catch_invalid_slot_as_mmio(vmmu::bugs::BugSet::NONE);
+    assert_eq!(harm, None);
+}
+
+/// The test above catches `invalid-slot-as-mmio` by its harm: the access made during the move
+/// is emulated as MMIO, which is neither the state before the move nor the one after.
 #[cfg(feature = "historical-bugs")]
 #[test]
-fn fault_on_a_slot_being_deleted_catches_invalid_slot_as_mmio() {
+fn move_over_its_own_range_catches_invalid_slot_as_mmio() {
     let bugs = vmmu::bugs::BugSet::only(vmmu::bugs::Bug::InvalidSlotAsMmio);
-    let (seen, created, cached) = fault_on_a_slot_being_deleted(bugs);
-    assert!(
-        matches!(seen[..], [FaultOutcome::Emulate { .. }]),
-        "the bug should emulate the fault as MMIO: {seen:?}"
-    );
-    assert_eq!(created, 1, "and install an MMIO SPTE");
-    assert!(cached.is_some(), "and cache the gfn as MMIO");
+    let harm = catchers::catch_invalid_slot_as_mmio(bugs).expect("invalid-slot-as-mmio missed");
+    assert!(harm.seen.contains("emulated as MMIO"), "{harm}");
 }
 
 /// An access to an MMIO gfn (SPTE and per-vCPU cache filled), then a create over it, then the
-/// same access: what it saw.
-fn access_after_create_over_cached_mmio(bugs: vmmu::bugs::BugSet) -> Seen {
-    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
-    cfg.bugs = bugs;
-    let (vm, _h) = vm_with(cfg);
-    let mut v = vm.create_vcpu().unwrap();
-    access(&mut v, 0x50_0000, false).unwrap();
-    access(&mut v, 0x50_0000, false).unwrap();
-    vm.set_memory_region(&region(3, 0x50_0000, 0x1000, RAM_HVA, 0)).unwrap();
-    access(&mut v, 0x50_0000, false).unwrap().0
-}
-
+/// same access: it reaches the new RAM (`catchers::catch_stale_mmio_after_create`).
 #[test]
 fn access_after_create_over_cached_mmio_reaches_ram() {
-    let seen = access_after_create_over_cached_mmio(vmmu::bugs::BugSet::NONE);
-    assert_eq!(seen, Seen::Ram(Pfn(RAM_HVA >> 12)));
+    assert_eq!(catchers::catch_stale_mmio_after_create(vmmu::bugs::BugSet::NONE), None);
 }
 
 /// The test above catches the two generation checks being dropped: the per-vCPU cache
@@ -442,12 +491,14 @@ fn access_after_create_over_cached_mmio_reaches_ram() {
 #[test]
 fn access_after_create_over_cached_mmio_catches_missing_generation_checks() {
     use vmmu::bugs::{Bug, BugSet};
-    let seen = access_after_create_over_cached_mmio(BugSet::only(Bug::VcpuCacheWithoutGen));
-    assert_eq!(seen, Seen::Mmio(EmulateSource::VcpuCacheHit), "vcpu-cache-without-gen");
+    let harm = catchers::catch_stale_mmio_after_create(BugSet::only(Bug::VcpuCacheWithoutGen))
+        .expect("vcpu-cache-without-gen missed");
+    assert!(harm.seen.contains("VcpuCacheHit"), "{harm}");
     // Without the cache's help (the bug in the SPTE check alone): the access through the
     // per-vCPU cache misses on the generation, and the stale SPTE hits.
-    let seen = access_after_create_over_cached_mmio(BugSet::only(Bug::MmioSpteIgnoresGen));
-    assert_eq!(seen, Seen::Mmio(EmulateSource::MmioSpteHit), "mmio-spte-ignores-gen");
+    let harm = catchers::catch_stale_mmio_after_create(BugSet::only(Bug::MmioSpteIgnoresGen))
+        .expect("mmio-spte-ignores-gen missed");
+    assert!(harm.seen.contains("MmioSpteHit"), "{harm}");
 }
 
 #[test]
