@@ -211,9 +211,20 @@ impl Srcu {
     /// Waits until every read section that began before this call has ended, using `relax`
     /// between polls. Must not be called from inside a read section of this `Srcu`.
     pub fn synchronize(&self, relax: &impl Relax) {
+        self.synchronize_nudging(relax, || {});
+    }
+
+    /// [`Self::synchronize`], calling `nudge` once when the grace period has begun (after the
+    /// counter bump, before waiting for any reader): a section that opens after the nudge is not
+    /// waited for. Readers whose sections last until something wakes them (a vCPU in guest mode
+    /// holds one until its next exit) are woken by `nudge`; woken before the bump instead, such a
+    /// reader could leave and re-enter with a section that still counts as older than the grace
+    /// period, and be waited for forever.
+    pub fn synchronize_nudging(&self, relax: &impl Relax, nudge: impl FnOnce()) {
         // AcqRel: Release so a reader whose snapshot reads this bump sees what was published
         // before it; Acquire keeps the record polls below after the bump.
         let target = self.counter.fetch_add(1, Ordering::AcqRel).wrapping_add(1) & SNAP_MASK;
+        nudge();
         for rec in self.records.iter() {
             loop {
                 // An RMW, not a load: it is ordered with the readers' RMWs on this record, and

@@ -86,11 +86,12 @@ fn race(format: FormatKind, slot_zap_all: bool, bugs: vmmu::bugs::BugSet) -> Vec
     let vm = Vm::new(cfg, host.clone()).unwrap();
     let clock = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
+    let accesses = Arc::new(AtomicU64::new(0));
 
     let mut vcpu_threads = Vec::new();
     for _ in 0..2 {
         let mut v = vm.create_vcpu().unwrap();
-        let (clock, stop) = (clock.clone(), stop.clone());
+        let (clock, stop, done) = (clock.clone(), stop.clone(), accesses.clone());
         vcpu_threads.push(std::thread::spawn(move || {
             let mut tlb = HashMap::new();
             let mut log = Vec::new();
@@ -99,6 +100,7 @@ fn race(format: FormatKind, slot_zap_all: bool, bugs: vmmu::bugs::BugSet) -> Vec
                 let seen = access(&mut v, &mut tlb, GPA + 0x10);
                 let t1 = clock.fetch_add(1, Ordering::SeqCst);
                 log.push((t0, t1, seen));
+                done.fetch_add(1, Ordering::Relaxed);
             }
             log
         }));
@@ -123,6 +125,12 @@ fn race(format: FormatKind, slot_zap_all: bool, bugs: vmmu::bugs::BugSet) -> Vec
         let remove_end = clock.fetch_add(1, Ordering::SeqCst);
         rounds.push(Round { create_end, remove_start, remove_end, pfn: Pfn(hva >> 12) });
         std::thread::sleep(std::time::Duration::from_micros(100));
+    }
+    // On a loaded machine the vCPU threads may have had little CPU: give them some more (the
+    // slot stays deleted meanwhile), within a bound.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while accesses.load(Ordering::Relaxed) < 200 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
     stop.store(true, Ordering::Release);
     let logs: Vec<_> = vcpu_threads.into_iter().map(|t| t.join().unwrap()).collect();
@@ -300,24 +308,23 @@ fn a_vcpu_spinning_in_guest_mode_does_not_stall_a_delete() {
     use std::sync::mpsc;
     use std::time::Duration;
     let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
-    cfg.max_vcpus = 1;
+    cfg.max_vcpus = 2;
     let host = Arc::new(TestHost::new(64));
     // 4 KiB host pages: the 2 MiB slot needs a last-level table, which the delete unlinks.
     host.map(RAM_HVA, 1 << 22, RAM_HVA >> 12, Level::L4K, true);
     let vm = Vm::new(cfg, host.clone()).unwrap();
     let gpa = 0x20_0000;
     let mut v = vm.create_vcpu().unwrap();
-    let mut tlb = HashMap::new();
-    // An MMIO SPTE builds a last-level table for the 2 MiB block; the slot created over it zaps
-    // nothing, and its delete unlinks that table without removing a present leaf: no remote TLB
-    // flush makes the vCPU exit, only the kick before the grace period does.
-    assert!(matches!(access(&mut v, &mut tlb, gpa), Seen::Mmio));
-    vm.set_memory_region(&region(1, gpa, 0x20_0000, RAM_HVA, 0)).unwrap();
+    // The other vCPU prepares each round from outside guest mode.
+    let mut helper = vm.create_vcpu().unwrap();
+    let mut helper_tlb = HashMap::new();
 
     let stop = Arc::new(AtomicBool::new(false));
     let in_guest = Arc::new(AtomicBool::new(false));
     let (stop2, in_guest2) = (stop.clone(), in_guest.clone());
     let vcpu = std::thread::spawn(move || {
+        let tlb: HashMap<u64, Pfn> = HashMap::new();
+        let mut tlb = tlb;
         let mut exits = 0u64;
         v.service_requests().unwrap();
         while v.enter_guest_mode().is_err() {
@@ -328,7 +335,7 @@ fn a_vcpu_spinning_in_guest_mode_does_not_stall_a_delete() {
             // Guest accesses that hit the TLB: no walk, no fault, no exit of its own.
             std::hint::black_box(tlb.get(&(gpa >> 12)));
             if v.requests_pending() {
-                // The kick lands: exit, handle the requests, enter again.
+                // The kick lands: exit, handle the requests, enter again at once.
                 exits += 1;
                 v.exit_guest_mode();
                 loop {
@@ -350,13 +357,21 @@ fn a_vcpu_spinning_in_guest_mode_does_not_stall_a_delete() {
     let (done_tx, done_rx) = mpsc::channel();
     let vm2 = vm.clone();
     std::thread::spawn(move || {
-        vm2.set_memory_region(&region(1, gpa, 0, 0, 0)).unwrap();
+        for _ in 0..ROUNDS {
+            // An MMIO SPTE builds a last-level table for the 2 MiB block; the slot created over
+            // it zaps nothing, and its delete unlinks that table without removing a present
+            // leaf: no remote TLB flush makes the spinning vCPU exit, only the kick does.
+            let seen = access(&mut helper, &mut helper_tlb, gpa);
+            assert!(matches!(seen, Seen::Mmio), "{seen:?}");
+            vm2.set_memory_region(&region(1, gpa, 0x20_0000, RAM_HVA, 0)).unwrap();
+            vm2.set_memory_region(&region(1, gpa, 0, 0, 0)).unwrap();
+        }
         let _ = done_tx.send(vm2.stats().tables_freed);
     });
     let done = done_rx.recv_timeout(Duration::from_secs(30));
     stop.store(true, Ordering::Release);
     let freed = done.expect("the delete stalled behind a vCPU in guest mode");
-    assert!(freed >= 1, "the delete freed the unlinked table after a grace period");
+    assert!(freed >= ROUNDS, "each delete freed the unlinked table after a grace period");
     let exits = vcpu.join().unwrap();
     assert!(exits >= 1, "the vCPU was made to exit");
     assert!(host.kicks() >= 1, "the host was asked to kick the vCPU");

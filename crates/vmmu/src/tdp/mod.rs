@@ -190,10 +190,13 @@ impl<H: Host> TdpMmu<H> {
         // A vCPU in guest mode holds a table read section for its whole guest-mode period and
         // leaves it only on an exit: kick every vCPU, or one spinning on TLB hits would stall
         // this grace period, and the memslot update or zap waiting on it, forever (issue 11,
-        // defect 3). The request is a read-modify-write of the vCPU's word, so a vCPU between
-        // opening its section and setting IN_GUEST_MODE sees it and does not enter.
-        self.request_all(Request::Kick, false);
-        self.table_srcu.synchronize(&DefaultRelax::default());
+        // defect 3). The kick comes after the grace period began, so the section a kicked vCPU
+        // opens when it re-enters is not waited for. The request is a read-modify-write of the
+        // vCPU's word, so a vCPU between opening its section and setting IN_GUEST_MODE sees it
+        // and does not enter.
+        self.table_srcu.synchronize_nudging(&DefaultRelax::default(), || {
+            self.request_all(Request::Kick, false)
+        });
         for pfn in pages.iter().copied() {
             // SAFETY: every queued page was unlinked before it was queued, and the grace period
             // above has drained every walker that could still hold a pointer to it.
