@@ -429,7 +429,12 @@ impl HostMemory for SimHost {
 /// which is the kick: nothing to send.
 impl vmmu::host::VcpuKick for SimHost {}
 
-impl FrameAllocator for SimHost {
+// SAFETY: table pages are 4 KiB zeroed allocations kept in `all_tables` for the host's whole
+// life (freed pages go to `free_tables` for reuse, never back to the allocator), so a pointer
+// from `table` stays valid until the frame is freed and handed out again; `alloc_table` takes a
+// frame from the free list or a fresh one, initialises every entry before publishing it, and
+// `table` answers `None` for any frame not published as a table.
+unsafe impl FrameAllocator for SimHost {
     fn alloc_table(&self, init: u64) -> Option<Pfn> {
         let mut st = self.lock_alloc();
         let (pfn, page) = match st.free_tables.pop() {

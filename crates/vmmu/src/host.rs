@@ -21,7 +21,19 @@ pub const ENTRIES_PER_TABLE: usize = 512;
 pub type TableEntries = [AtomicU64; ENTRIES_PER_TABLE];
 
 /// Page-table frames for the MMU's tables.
-pub trait FrameAllocator: Send + Sync {
+///
+/// # Safety
+/// The MMU dereferences the pointers [`Self::table`] returns, from any thread, without locks, so
+/// an implementation must guarantee:
+/// - `table(pfn)` for a frame handed out by [`Self::alloc_table`] and not yet freed returns a
+///   pointer to 512 initialised `AtomicU64`s, properly aligned, that stays valid (not moved, not
+///   unmapped, not reused) until `free_table(pfn)` is called for that frame;
+/// - `alloc_table` never hands out a frame that is live (allocated and not freed), and fills
+///   every entry with `init` before returning;
+/// - `table` returns `None` (never a dangling pointer) for any other frame number.
+///
+/// The MMU in turn frees a frame only after nothing can reach it (see [`Self::free_table`]).
+pub unsafe trait FrameAllocator: Send + Sync {
     /// A new table page with every entry set to `init` (the format's non-present value), or
     /// `None` when the host is out of frames (the fault then fails with an out-of-memory error).
     fn alloc_table(&self, init: u64) -> Option<Pfn>;

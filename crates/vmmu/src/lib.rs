@@ -23,11 +23,18 @@ pub mod memslot;
 pub mod spte;
 pub mod srcu;
 pub mod stats;
+/// The one atomics/locks shim (loom's types under `--cfg loom`). Public for the crate's loom
+/// models and tests; not part of the stable API (use the re-exports [`Relax`] and [`Spin`]).
+#[doc(hidden)]
 pub mod sync;
 pub mod tdp;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod types;
 pub mod vcpu;
 pub mod vm;
 
+#[cfg(any(feature = "std", loom))]
+pub use sync::Yield;
+pub use sync::{Relax, Spin};
 pub use types::{Access, AsId, FaultAccess, Generation, Gfn, Gpa, Hva, Level, Pfn, SlotId};

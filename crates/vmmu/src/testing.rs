@@ -94,7 +94,11 @@ impl TestHost {
     }
 }
 
-impl FrameAllocator for TestHost {
+// SAFETY: frames are slots of a boxed slice that lives as long as the host and never moves;
+// `alloc_table` pops a slot from the free list (only freed slots are on it) and initialises it;
+// `table` returns `None` for numbers outside the slice; a freed slot stays mapped (poisoned), so
+// even a use after free reads valid atomics, and is counted.
+unsafe impl FrameAllocator for TestHost {
     fn alloc_table(&self, init: u64) -> Option<Pfn> {
         if self.fail_alloc.load(Ordering::Relaxed) {
             return None;

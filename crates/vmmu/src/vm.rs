@@ -89,6 +89,22 @@ pub(crate) struct VmInner<H: Host> {
     mn_active: crate::sync::AtomicU32,
 }
 
+/// A read-only view of a VM's memslots.
+#[derive(Clone, Copy)]
+pub struct MemslotsView<'a>(&'a Memslots);
+
+impl MemslotsView<'_> {
+    /// The current generation of `as_id` (see [`Memslots::generation`]).
+    pub fn generation(&self, as_id: AsId) -> Generation {
+        self.0.generation(as_id)
+    }
+
+    /// The number of address spaces (1, or 2 with SMM).
+    pub fn nr_address_spaces(&self) -> u16 {
+        self.0.nr_address_spaces()
+    }
+}
+
 /// A VM. Cheap to clone (shared).
 pub struct Vm<H: Host> {
     inner: Arc<VmInner<H>>,
@@ -100,11 +116,40 @@ impl<H: Host> Clone for Vm<H> {
     }
 }
 
+/// Points inside one memslot update where a test may act (a stand-in for another thread running
+/// at that instant). Only with the `testing` feature ([`Vm::set_memory_region_probed`]).
+#[cfg(feature = "testing")]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum UpdateProbe {
+    /// Delete/move: the invalid copy of the slot is published and the MMU has zapped what mapped
+    /// it (KVM `kvm_arch_flush_shadow_memslot` has returned); the second swap has not begun.
+    Flushed,
+    /// KVM `kvm_arch_memslots_updated`: the new set is published and the old set's readers are
+    /// drained; the final generation `new_gen` is not stored yet. Before the MMU's wrap check.
+    Updated {
+        /// The generation about to be stored.
+        new_gen: Generation,
+    },
+}
+
 /// The MMU's side of the memslot protocol (KVM `kvm_arch_flush_shadow_memslot` and
 /// `kvm_arch_memslots_updated`).
 struct MmuHooks<'a, H: Host> {
     mmu: &'a TdpMmu<H>,
     nr_as: u16,
+    #[cfg(feature = "testing")]
+    probe: Option<&'a dyn Fn(UpdateProbe)>,
+}
+
+impl<'a, H: Host> MmuHooks<'a, H> {
+    fn new(inner: &'a VmInner<H>) -> Self {
+        MmuHooks {
+            mmu: &inner.mmu,
+            nr_as: inner.memslots.nr_address_spaces(),
+            #[cfg(feature = "testing")]
+            probe: None,
+        }
+    }
 }
 
 impl<H: Host> MemslotHooks for MmuHooks<'_, H> {
@@ -114,9 +159,17 @@ impl<H: Host> MemslotHooks for MmuHooks<'_, H> {
         } else {
             self.mmu.zap_gfn_range(old.as_id(), old.base_gfn(), old.end_gfn());
         }
+        #[cfg(feature = "testing")]
+        if let Some(probe) = self.probe {
+            probe(UpdateProbe::Flushed);
+        }
     }
 
     fn memslots_updated(&self, _as_id: AsId, new_gen: Generation) {
+        #[cfg(feature = "testing")]
+        if let Some(probe) = self.probe {
+            probe(UpdateProbe::Updated { new_gen });
+        }
         // KVM `kvm_mmu_invalidate_mmio_sptes`: on a wrap of the MMIO generation bits (address
         // space modifier stripped), no MMIO SPTE may survive, or an old one could match again.
         if new_gen.is_mmio_wrap(self.nr_as) {
@@ -183,8 +236,7 @@ impl<H: Host> Vm<H> {
         while inner.mn_active.load(crate::sync::Ordering::Acquire) != 0 {
             crate::sync::relax();
         }
-        let hooks = MmuHooks { mmu: &inner.mmu, nr_as: inner.memslots.nr_address_spaces() };
-        let change = inner.memslots.set_memory_region(r, &hooks)?;
+        let change = inner.memslots.set_memory_region(r, &MmuHooks::new(inner))?;
         if change == MemslotChange::FlagsOnly
             && r.flags & crate::memslot::KVM_MEM_LOG_DIRTY_PAGES != 0
         {
@@ -244,12 +296,43 @@ impl<H: Host> Vm<H> {
         debug_assert!(old > 0, "invalidate end without begin");
     }
 
-    /// The memslots (generation, lookups).
-    pub fn memslots(&self) -> &Memslots {
-        &self.inner.memslots
+    /// A read-only view of the memslots (generation, address spaces). Updates go through
+    /// [`Self::set_memory_region`] only, so the MMU's hooks always run.
+    pub fn memslots(&self) -> MemslotsView<'_> {
+        MemslotsView(&self.inner.memslots)
     }
 
-    /// The TDP MMU (stats, roots).
+    /// [`Self::set_memory_region`] with `probe` called at the points of [`UpdateProbe`] (after
+    /// the MMU's own hook work for `Flushed`, before it for `Updated`). Test builds only: the
+    /// deterministic way to run something "in the window" of an update.
+    #[cfg(feature = "testing")]
+    pub fn set_memory_region_probed(
+        &self,
+        r: &UserspaceMemoryRegion,
+        probe: &dyn Fn(UpdateProbe),
+    ) -> Result<MemslotChange, MemslotError> {
+        let inner = &*self.inner;
+        let _serial = inner.vmm_lock.lock();
+        let mut hooks = MmuHooks::new(inner);
+        hooks.probe = Some(probe);
+        inner.memslots.set_memory_region(r, &hooks)
+    }
+
+    /// Zaps `[start, end)` of `as_id` in every root and flushes (what a delete's hook does),
+    /// outside any memslot update. Test builds only.
+    #[cfg(feature = "testing")]
+    pub fn zap_gfn_range_for_tests(&self, as_id: AsId, start: Gfn, end: Gfn) {
+        let _g = self.inner.vmm_lock.lock();
+        self.inner.mmu.zap_gfn_range(as_id, start, end);
+    }
+
+    /// A remote TLB flush of every vCPU (KVM `kvm_flush_remote_tlbs`). Test builds only.
+    #[cfg(feature = "testing")]
+    pub fn flush_remote_tlbs_for_tests(&self) {
+        self.inner.mmu.flush_remote_tlbs();
+    }
+
+    /// The TDP MMU (configuration, stats, roots).
     pub fn mmu(&self) -> &TdpMmu<H> {
         &self.inner.mmu
     }

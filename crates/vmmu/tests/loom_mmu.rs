@@ -253,7 +253,7 @@ fn walk_vs_zap(bugs: BugSet) {
         let t = thread::spawn(move || v.handle_ept_misconfig(gpa(X)));
         // Zap the whole 2 MiB region: the last-level table is unlinked and freed.
         let base = X & !511;
-        vm.mmu().zap_gfn_range(AsId(0), Gfn(base), Gfn(base + 512));
+        vm.zap_gfn_range_for_tests(AsId(0), Gfn(base), Gfn(base + 512));
         let o = t.join().unwrap();
         assert!(
             matches!(o, Ok(FaultOutcome::Emulate { .. } | FaultOutcome::Retry(_))),
@@ -320,7 +320,8 @@ fn fault_vs_zap_all_fast(bugs: BugSet, pageless: bool) {
         }
         // Pageless roots too: every zap reaches every root (issue 11, defect 2).
         let fmt = vm.mmu().config().format;
-        let w = hw_walk(&fmt, &*host, root.pfn(), root.level(), Gfn(X), Access::NONE);
+        // SAFETY: both threads have joined; `v` keeps `root` (and its pages) until dropped below.
+        let w = unsafe { hw_walk(&fmt, &*host, root.pfn(), root.level(), Gfn(X), Access::NONE) };
         assert!(
             !matches!(w, HwWalk::Translated { .. }),
             "VIOLATION: the {:?} root maps gfn {X:#x} after zap_all_fast: {w:?}",
@@ -384,7 +385,8 @@ fn wrap_hook_vs_prewrap_spte(bugs: BugSet) {
         {
             let root = v.root().unwrap();
             let codec = vm.mmu().config().codec;
-            let e = vm.mmu().entry_for_tests(root, Gfn(X), Level::L4K).unwrap();
+            // SAFETY: the entry is used only before the zap this model starts below frees anything.
+            let e = unsafe { vm.mmu().entry_for_tests(root, Gfn(X), Level::L4K) }.unwrap();
             e.store(codec.make(Gfn(X), Generation::from_raw(0), Access::ALL), Ordering::Release);
         }
         // Move the per-vCPU cache to Y, so X needs the walk.

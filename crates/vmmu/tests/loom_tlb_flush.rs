@@ -97,9 +97,9 @@ fn tlb_flush(bugs: BugSet, via_zap: bool) {
         };
         changed.store(true, Ordering::Release);
         if via_zap {
-            vm.mmu().zap_gfn_range(AsId(0), Gfn(X), Gfn(X + 1));
+            vm.zap_gfn_range_for_tests(AsId(0), Gfn(X), Gfn(X + 1));
         } else {
-            vm.mmu().flush_remote_tlbs();
+            vm.flush_remote_tlbs_for_tests();
         }
         flushed.store(true, Ordering::Release);
         t.join().unwrap();

@@ -41,7 +41,8 @@ fn two_roots(vm: &Vm<TestHost>) -> [(Vcpu<TestHost>, Arc<Root>); 2] {
 
 /// The 4 KiB entry for `gpa` under `root`, if the tables reach it and it is not empty.
 fn entry(vm: &Vm<TestHost>, root: &Root, gpa: u64) -> Option<u64> {
-    let e = vm.mmu().entry_for_tests(root, Gpa(gpa).gfn(), Level::L4K)?;
+    // SAFETY: single-threaded: the entry is read at once, before anything else runs.
+    let e = unsafe { vm.mmu().entry_for_tests(root, Gpa(gpa).gfn(), Level::L4K) }?;
     let v = e.load(std::sync::atomic::Ordering::Acquire);
     (v != SpteFormat::NONPRESENT).then_some(v)
 }

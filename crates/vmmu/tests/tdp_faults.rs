@@ -276,7 +276,10 @@ fn no_stale_root_check_stray_spte_goes_with_its_slot() {
     let o = v.handle_ept_violation(Gpa(0x10_0000), vmmu::FaultAccess::READ).unwrap();
     assert_eq!(o, FaultOutcome::Fixed, "the bug installs into the obsoleted root");
     let fmt = vm.mmu().config().format;
-    let walk = || hw_walk(&fmt, &*host, root.pfn(), root.level(), Gfn(0x100), vmmu::Access::NONE);
+    // SAFETY: single-threaded; the test keeps `root`, and nothing frees its pages between walks.
+    let walk = || unsafe {
+        hw_walk(&fmt, &*host, root.pfn(), root.level(), Gfn(0x100), vmmu::Access::NONE)
+    };
     assert!(
         matches!(walk(), HwWalk::Translated { pfn, .. } if pfn == Pfn(RAM_HVA >> 12)),
         "the current frame"
@@ -331,7 +334,8 @@ fn zapped_under_walk_and_frozen_entries_retry_on_the_fast_path() {
     let o = v.handle_ept_misconfig(Gpa(0x10_1000)).unwrap();
     assert_eq!(o, FaultOutcome::Retry(RetryCause::ZappedUnderWalk));
     let root = v.root().unwrap().clone();
-    let e = vm.mmu().entry_for_tests(&root, Gfn(0x100), Level::L4K).unwrap();
+    // SAFETY: single-threaded; no zap runs while `e` is used.
+    let e = unsafe { vm.mmu().entry_for_tests(&root, Gfn(0x100), Level::L4K) }.unwrap();
     let saved = e.swap(SpteFormat::FROZEN, std::sync::atomic::Ordering::SeqCst);
     let o = v.handle_ept_misconfig(Gpa(0x10_0000)).unwrap();
     assert_eq!(o, FaultOutcome::Retry(RetryCause::Frozen));
@@ -345,7 +349,8 @@ fn reserved_bits_above_the_leaf_are_a_genuine_misconfiguration() {
     let mut v = vm.create_vcpu().unwrap();
     access(&mut v, 0x10_0000, false).unwrap();
     let root = v.root().unwrap().clone();
-    let e = vm.mmu().entry_for_tests(&root, Gfn(0x100), Level::L2M).unwrap();
+    // SAFETY: single-threaded; no zap runs while `e` is used.
+    let e = unsafe { vm.mmu().entry_for_tests(&root, Gfn(0x100), Level::L2M) }.unwrap();
     let saved = e.fetch_or(1 << 50, std::sync::atomic::Ordering::SeqCst); // PA bit >= 46
     match v.handle_ept_misconfig(Gpa(0x10_0000)) {
         Err(FaultError::Misconfig { level, dump, .. }) => {
@@ -422,31 +427,27 @@ fn fault_on_a_slot_being_deleted(
     bugs: vmmu::bugs::BugSet,
 ) -> (Vec<FaultOutcome>, u64, Option<(Gfn, vmmu::Access)>) {
     use std::cell::RefCell;
-    use vmmu::memslot::{Memslot, MemslotHooks};
-    struct FaultInFlush<'a> {
-        vcpu: RefCell<&'a mut vmmu::vcpu::Vcpu<vmmu::testing::TestHost>>,
-        seen: RefCell<Vec<FaultOutcome>>,
-    }
-    impl MemslotHooks for FaultInFlush<'_> {
-        fn flush_slot(&self, old: &Memslot) {
-            let o = self
-                .vcpu
-                .borrow_mut()
-                .handle_ept_violation(old.base_gfn().gpa(), vmmu::FaultAccess::READ)
-                .unwrap();
-            self.seen.borrow_mut().push(o);
-        }
-        fn memslots_updated(&self, _: vmmu::AsId, _: vmmu::Generation) {}
-    }
+    use vmmu::vm::UpdateProbe;
     let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
     cfg.bugs = bugs;
     let (vm, _h) = vm_with(cfg);
     vm.set_memory_region(&region(0, 0x10_0000, 0x1000, RAM_HVA, 0)).unwrap();
     let mut v = vm.create_vcpu().unwrap();
     v.service_requests().unwrap();
-    let hooks = FaultInFlush { vcpu: RefCell::new(&mut v), seen: RefCell::new(Vec::new()) };
-    vm.memslots().set_memory_region(&region(0, 0x10_0000, 0, 0, 0), &hooks).unwrap();
-    let seen = hooks.seen.into_inner();
+    // A fault while the slot is in flux: its invalid copy is published and zapped.
+    let vcpu = RefCell::new(&mut v);
+    let seen = RefCell::new(Vec::new());
+    vm.set_memory_region_probed(&region(0, 0x10_0000, 0, 0, 0), &|p| {
+        if p == UpdateProbe::Flushed {
+            let o = vcpu
+                .borrow_mut()
+                .handle_ept_violation(Gpa(0x10_0000), vmmu::FaultAccess::READ)
+                .unwrap();
+            seen.borrow_mut().push(o);
+        }
+    })
+    .unwrap();
+    let seen = seen.into_inner();
     (seen, v.stats.pf_mmio_spte_created, v.mmio_cache().entry())
 }
 

@@ -97,7 +97,7 @@ pub struct TdpMmu<H: Host> {
 
 impl<H: Host> TdpMmu<H> {
     /// A TDP MMU with no roots yet.
-    pub fn new(host: Arc<H>, cfg: TdpConfig) -> Result<Self, TdpError> {
+    pub(crate) fn new(host: Arc<H>, cfg: TdpConfig) -> Result<Self, TdpError> {
         if !(cfg.root_level == Level::L4 || cfg.root_level == Level::L5) {
             return Err(TdpError::BadRootLevel(cfg.root_level.get()));
         }
@@ -182,7 +182,7 @@ impl<H: Host> TdpMmu<H> {
 
     /// Frees every queued page after a `table_srcu` grace period. Must not be called with the MMU
     /// lock held or from inside a table read section (rule 3).
-    pub fn reclaim(&self) {
+    pub(crate) fn reclaim(&self) {
         let pages = core::mem::take(&mut *self.pending_free.lock());
         if pages.is_empty() {
             return;
@@ -212,7 +212,7 @@ impl<H: Host> TdpMmu<H> {
 
     /// Flushes every vCPU's TLB (KVM `kvm_flush_remote_tlbs`): returns when each vCPU has
     /// acknowledged or was outside guest mode (rule 4).
-    pub fn flush_remote_tlbs(&self) {
+    pub(crate) fn flush_remote_tlbs(&self) {
         self.stats.remote_tlb_flush.add(1);
         self.request_all(Request::TlbFlush, true);
     }
@@ -315,7 +315,7 @@ impl<H: Host> TdpMmu<H> {
     /// KVM `kvm_mmu_zap_all_fast`: obsolete every root, ask every vCPU to drop obsolete roots,
     /// zap the obsolete roots' tables, flush, and free what nobody uses after a grace period.
     /// Callers hold the slots lock (the memslot update path) or otherwise serialise it.
-    pub fn zap_all_fast(&self) {
+    pub(crate) fn zap_all_fast(&self) {
         self.stats.zap_all_fast.add(1);
         let mut pages = Vec::new();
         let mut roots = self.mmu_lock.write();
@@ -350,7 +350,7 @@ impl<H: Host> TdpMmu<H> {
     /// Host invalidation start (KVM `kvm_mmu_notifier_invalidate_range_start`, for the gfn
     /// ranges a host-address range maps to): faults on the ranges retry until
     /// [`Self::invalidate_end`], and whatever maps them is zapped and flushed before this returns.
-    pub fn invalidate_begin(&self, ranges: &[(AsId, Gfn, Gfn)]) {
+    pub(crate) fn invalidate_begin(&self, ranges: &[(AsId, Gfn, Gfn)]) {
         let mut pages = Vec::new();
         let roots = self.mmu_lock.write();
         self.inval.begin();
@@ -368,15 +368,21 @@ impl<H: Host> TdpMmu<H> {
     }
 
     /// Host invalidation end (KVM `invalidate_range_end`).
-    pub fn invalidate_end(&self) {
+    pub(crate) fn invalidate_end(&self) {
         let _roots = self.mmu_lock.write();
         self.inval.end();
     }
 
     /// The entry for `gfn` at `level` under `root`, if the tables reach that level: a test hook
-    /// for corrupting or freezing entries. Takes the MMU lock shared while it walks.
-    #[doc(hidden)]
-    pub fn entry_for_tests(
+    /// for corrupting or freezing entries. Takes the MMU lock shared while it walks. Only with the
+    /// `testing` feature.
+    ///
+    /// # Safety
+    /// The reference points into a table page: the caller must not use it after anything that
+    /// may free that page (a zap, a root's last user dropping it, `zap_all_fast`) has run, and
+    /// must keep `root` alive while it uses it.
+    #[cfg(feature = "testing")]
+    pub unsafe fn entry_for_tests(
         &self,
         root: &Root,
         gfn: Gfn,

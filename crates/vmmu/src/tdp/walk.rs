@@ -163,10 +163,17 @@ pub enum HwWalk {
 }
 
 /// The walk the CPU performs on a TLB miss, classifying each entry exactly as
-/// [`SpteFormat::classify`] says. `tables` resolves table frames (the host's frame table). The
-/// caller must keep every page it may reach alive (a vCPU in guest mode holds its table read
-/// section).
-pub fn hw_walk(
+/// [`SpteFormat::classify`] says. `tables` resolves table frames (the host's frame table).
+///
+/// Safe callers use [`crate::vcpu::GuestMode::walk`] or [`crate::vcpu::Vcpu::walk`], which hold
+/// the vCPU's table read section.
+///
+/// # Safety
+/// Every table page reachable from `root` must stay allocated for the whole call: the caller
+/// holds a read section of the MMU's table SRCU (a vCPU in guest mode) or the MMU lock, and
+/// `root` is a root the caller keeps (its vCPU's current root, or one on the root list), or the
+/// caller otherwise knows nothing frees those pages meanwhile (a test with no concurrent zap).
+pub unsafe fn hw_walk(
     format: &SpteFormat,
     tables: &dyn FrameAllocator,
     root: Pfn,

@@ -43,7 +43,7 @@ impl<H: Host> TdpMmu<H> {
 
     /// Zaps `[start, end)` and flushes remote TLBs if needed; frees unlinked tables after a grace
     /// period. The memslot delete/move flush hook and host invalidations use it.
-    pub fn zap_gfn_range(&self, as_id: AsId, start: Gfn, end: Gfn) {
+    pub(crate) fn zap_gfn_range(&self, as_id: AsId, start: Gfn, end: Gfn) {
         self.stats.zap_range.add(1);
         let mut pages = Vec::new();
         let roots = self.mmu_lock.write();

@@ -239,7 +239,10 @@ impl<H: Host> Vcpu<H> {
             return HwWalk::Broken { dump: Default::default() };
         };
         let mmu = &self.vm.mmu;
-        hw_walk(&mmu.cfg.format, &*mmu.host, root.pfn(), root.level(), gpa.gfn(), need)
+        // SAFETY: in guest mode (asserted above) the vCPU holds its table read section, opened in
+        // `enter_guest_mode`, and `root` is its current root, which it keeps: nothing reachable
+        // from it is freed before the section ends (rule 3 of `crate::tdp`).
+        unsafe { hw_walk(&mmu.cfg.format, &*mmu.host, root.pfn(), root.level(), gpa.gfn(), need) }
     }
 
     /// EPT violation exit (not present, or present without the right): KVM
@@ -569,7 +572,11 @@ impl<H: Host> GuestMode<'_, H> {
     #[inline]
     pub fn walk(&self, gpa: Gpa, need: Access) -> HwWalk {
         let mmu = &self.vm.mmu;
-        hw_walk(&mmu.cfg.format, &*mmu.host, self.root_pfn, self.root_level, gpa.gfn(), need)
+        // SAFETY: `self` holds the vCPU's table read section (`_table`) for its whole life, and
+        // borrows the vCPU, whose current root (`root_pfn`) cannot change meanwhile.
+        unsafe {
+            hw_walk(&mmu.cfg.format, &*mmu.host, self.root_pfn, self.root_level, gpa.gfn(), need)
+        }
     }
 
     /// The root being walked.

@@ -25,12 +25,12 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use vmmu::bugs::{Bug, BugSet};
 use vmmu::fault::{EmulateSource, FaultError, FaultOutcome};
-use vmmu::memslot::{Memslot, MemslotChange, MemslotHooks, UserspaceMemoryRegion};
+use vmmu::memslot::{MemslotChange, UserspaceMemoryRegion};
 use vmmu::spte::FormatKind;
 use vmmu::tdp::{hw_walk, HwWalk};
 use vmmu::testing::TestHost;
 use vmmu::vcpu::Vcpu;
-use vmmu::vm::{Vm, VmConfig};
+use vmmu::vm::{UpdateProbe, Vm, VmConfig};
 use vmmu::{Access, AsId, FaultAccess, Generation, Gfn, Gpa, Level, Pfn};
 
 /// A wrong observation made by a guest access.
@@ -148,40 +148,23 @@ pub enum Point {
     Flushed,
 }
 
-/// Memslot hooks that do what the VM's own do (`vm.rs`, `MmuHooks`) and call `at` at each
-/// [`Point`]: a deterministic stand-in for a vCPU thread running at that instant.
-pub struct Window<'a, F: FnMut(Point)> {
-    vm: &'a Vm<TestHost>,
-    at: RefCell<F>,
-}
-
-impl<F: FnMut(Point)> MemslotHooks for Window<'_, F> {
-    fn flush_slot(&self, old: &Memslot) {
-        let mmu = self.vm.mmu();
-        if mmu.config().slot_zap_all {
-            mmu.zap_all_fast();
-        } else {
-            mmu.zap_gfn_range(old.as_id(), old.base_gfn(), old.end_gfn());
-        }
-        (self.at.borrow_mut())(Point::Flushed);
-    }
-
-    fn memslots_updated(&self, _as_id: AsId, new_gen: Generation) {
-        (self.at.borrow_mut())(Point::Updated { new_gen });
-        if new_gen.is_mmio_wrap(self.vm.memslots().nr_address_spaces()) {
-            self.vm.mmu().zap_all_fast();
-        }
-    }
-}
-
-/// `KVM_SET_USER_MEMORY_REGION` on `vm` through a [`Window`] calling `at`. Single-threaded use
-/// only (it bypasses the VM's own serialisation of updates).
+/// `KVM_SET_USER_MEMORY_REGION` on `vm` calling `at` at each [`Point`] of the update (the VM's
+/// own hooks run as always: `Vm::set_memory_region_probed`), a deterministic stand-in for a vCPU
+/// thread running at that instant. Single-threaded use only.
 pub fn update_with_window(
     vm: &Vm<TestHost>,
     r: &UserspaceMemoryRegion,
     at: impl FnMut(Point),
 ) -> MemslotChange {
-    vm.memslots().set_memory_region(r, &Window { vm, at: RefCell::new(at) }).unwrap()
+    let at = RefCell::new(at);
+    vm.set_memory_region_probed(r, &|p| {
+        let point = match p {
+            UpdateProbe::Flushed => Point::Flushed,
+            UpdateProbe::Updated { new_gen } => Point::Updated { new_gen },
+        };
+        (at.borrow_mut())(point)
+    })
+    .unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -211,7 +194,9 @@ pub fn catch_wrap_hook_vs_prewrap_spte(bugs: BugSet) -> Option<Harm> {
     {
         let root = v.root().unwrap().clone();
         let codec = vm.mmu().config().codec;
-        let e = vm.mmu().entry_for_tests(&root, Gfn(X >> 12), Level::L4K).expect("setup: table");
+        // SAFETY: written at once, before any zap can free the page.
+        let e = unsafe { vm.mmu().entry_for_tests(&root, Gfn(X >> 12), Level::L4K) }
+            .expect("setup: table");
         e.store(codec.make(Gfn(X >> 12), Generation::from_raw(0), Access::ALL), Ordering::SeqCst);
     }
     let mut in_window = None;
@@ -389,7 +374,10 @@ pub fn invariant_obsolete_root_gains_no_mapping(bugs: BugSet) -> Option<Broken> 
     assert!(root.is_obsolete());
     let o = v.handle_ept_violation(Gpa(S), FaultAccess::READ).unwrap();
     let fmt = vm.mmu().config().format;
-    let w = hw_walk(&fmt, &**vm.mmu().host(), root.pfn(), root.level(), Gfn(S >> 12), Access::NONE);
+    // SAFETY: single-threaded; the vCPU keeps `root`, and nothing frees its pages during the walk.
+    let w = unsafe {
+        hw_walk(&fmt, &**vm.mmu().host(), root.pfn(), root.level(), Gfn(S >> 12), Access::NONE)
+    };
     if let HwWalk::Translated { pfn, .. } = w {
         return Some(Broken {
             invariant,
