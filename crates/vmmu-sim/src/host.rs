@@ -427,7 +427,7 @@ impl HostMemory for SimHost {
 
 /// The machine's vCPUs poll their request word between accesses (`GuestMmu::poll_tlb_flush`),
 /// which is the kick: nothing to send.
-impl vmmu::host::VcpuKick for SimHost {}
+impl vmmu::host::Sched for SimHost {}
 
 // SAFETY: table pages are 4 KiB zeroed allocations kept in `all_tables` for the host's whole
 // life (freed pages go to `free_tables` for reuse, never back to the allocator), so a pointer

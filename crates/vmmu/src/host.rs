@@ -10,7 +10,7 @@
 //! - [`HostMemory::translate`] may fail: KVM reports that at fault time (`-EFAULT` from
 //!   `KVM_RUN`), never by turning the access into MMIO.
 
-use crate::sync::AtomicU64;
+use crate::sync::{AtomicU64, Relax};
 use crate::types::{Hva, Level, Pfn};
 use core::ptr::NonNull;
 
@@ -80,7 +80,9 @@ pub trait HostMemory: Send + Sync {
     fn translate(&self, hva: Hva, write: bool) -> Result<HostPage, HostFault>;
 }
 
-/// Getting a vCPU out of guest mode (KVM `kvm_vcpu_kick`: an IPI to the CPU running it).
+/// The host's scheduler, as the MMU needs it: getting a vCPU out of guest mode (KVM
+/// `kvm_vcpu_kick`: an IPI to the CPU running it), and how the MMU's waits wait (grace periods,
+/// remote-flush acknowledgements, host invalidations in flight).
 ///
 /// The MMU calls [`Self::kick`] after it made a request to a vCPU that was in guest mode: a remote
 /// TLB flush, a free-obsolete-roots request, or a plain kick before it waits for a grace period
@@ -89,14 +91,32 @@ pub trait HostMemory: Send + Sync {
 /// exit) and call [`crate::vcpu::Vcpu::service_requests`] before entering again. A host whose
 /// vCPUs poll [`crate::vcpu::Vcpu::requests_pending`] between guest accesses (the software
 /// machine) needs to do nothing here: the default does nothing.
-pub trait VcpuKick: Send + Sync {
+pub trait Sched: Send + Sync {
     /// Interrupts the guest-mode period of vCPU `vcpu_index`. Must not block.
     fn kick(&self, vcpu_index: usize) {
         let _ = vcpu_index;
     }
+
+    /// One turn of a wait loop: the MMU waits for other threads (vCPUs leaving read sections or
+    /// acknowledging a flush). Spin, yield, or park for a while: the host's choice, which it
+    /// should make knowing how many runnable threads share its CPUs. The default yields to the OS
+    /// scheduler with `std`, and spins with the CPU's pause hint without it.
+    fn relax(&self) {
+        crate::sync::DefaultRelax::default().relax();
+    }
+}
+
+/// [`Sched::relax`] as a [`Relax`] for the MMU's wait loops.
+pub(crate) struct HostRelax<'a, S: Sched + ?Sized>(pub(crate) &'a S);
+
+impl<S: Sched + ?Sized> Relax for HostRelax<'_, S> {
+    #[inline]
+    fn relax(&self) {
+        self.0.relax();
+    }
 }
 
 /// Everything the MMU needs from its host, as one bound.
-pub trait Host: FrameAllocator + HostMemory + VcpuKick {}
+pub trait Host: FrameAllocator + HostMemory + Sched {}
 
-impl<T: FrameAllocator + HostMemory + VcpuKick> Host for T {}
+impl<T: FrameAllocator + HostMemory + Sched> Host for T {}

@@ -4,7 +4,8 @@
 //! TDP MMU uses for deferred freeing of page-table pages; it is generic over what it protects.
 //!
 //! # What this module owns
-//! - one reader record per registered reader (a vCPU), fixed at construction (`max_readers`);
+//! - reader records, `max_readers` of them made at construction, each claimed by one reader (a
+//!   vCPU) from `register` to `unregister` and then free for the next;
 //! - a global grace-period counter.
 //!
 //! A record is one `AtomicU64`: bits 0..16 count the reader's nested open sections, bits 16..64
@@ -49,7 +50,7 @@
 //! from inside a read section of the same `Srcu` (it would wait for itself; KVM has the same rule
 //! for `slots_lock` and `kvm->srcu`).
 
-use crate::sync::{AtomicU64, AtomicUsize, Ordering, Relax};
+use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Ordering, Relax};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 
@@ -90,12 +91,15 @@ impl ReaderId {
 #[repr(align(64))]
 struct Record {
     state: AtomicU64,
+    /// Claimed by a reader ([`Srcu::register`] .. [`Srcu::unregister`]).
+    owned: AtomicBool,
 }
 
 /// The grace-period domain: reader records and the global counter.
 pub struct Srcu {
     counter: AtomicU64,
     records: Box<[Record]>,
+    /// Records claimed now (for `Debug`).
     registered: AtomicUsize,
 }
 
@@ -118,8 +122,9 @@ pub struct ReadGuard<'a> {
 impl Srcu {
     /// A domain with room for `max_readers` readers.
     pub fn new(max_readers: usize) -> Self {
-        let records: Vec<Record> =
-            (0..max_readers).map(|_| Record { state: AtomicU64::new(0) }).collect();
+        let records: Vec<Record> = (0..max_readers)
+            .map(|_| Record { state: AtomicU64::new(0), owned: AtomicBool::new(false) })
+            .collect();
         Srcu {
             counter: AtomicU64::new(0),
             records: records.into_boxed_slice(),
@@ -132,24 +137,29 @@ impl Srcu {
         self.records.len()
     }
 
-    /// Claims a reader record (one per vCPU). Records are never given back.
+    /// Claims a free reader record (one per vCPU); [`Self::unregister`] gives it back.
     pub fn register(&self) -> Result<ReaderId, SrcuError> {
         let max = self.records.len();
-        // Relaxed: the records exist from construction; the counter only hands out indices.
-        let mut n = self.registered.load(Ordering::Relaxed);
-        loop {
-            if n >= max || n >= u32::MAX as usize {
-                return Err(SrcuError::TooManyReaders { max });
+        for (i, rec) in self.records.iter().enumerate().take(u32::MAX as usize) {
+            // Acquire pairs with `unregister`'s Release: the previous owner's last section has
+            // ended (its record state is 0) before the new owner opens one.
+            if rec.owned.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok()
+            {
+                self.registered.fetch_add(1, Ordering::Relaxed);
+                return Ok(ReaderId(i as u32));
             }
-            match self.registered.compare_exchange_weak(
-                n,
-                n + 1,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return Ok(ReaderId(n as u32)),
-                Err(cur) => n = cur,
-            }
+        }
+        Err(SrcuError::TooManyReaders { max })
+    }
+
+    /// Gives back a reader record (a vCPU is destroyed), for a later [`Self::register`]. The
+    /// reader must have no section open; `id` must not be used afterwards. (Misuse cannot break
+    /// memory safety: a record used by two readers only makes grace periods wait longer.)
+    pub fn unregister(&self, id: ReaderId) {
+        let rec = self.record(id);
+        debug_assert_eq!(rec.state.load(Ordering::Relaxed) & NEST_MASK, 0, "section still open");
+        if rec.owned.swap(false, Ordering::Release) {
+            self.registered.fetch_sub(1, Ordering::Relaxed);
         }
     }
 

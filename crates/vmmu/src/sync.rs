@@ -27,7 +27,7 @@ pub use alloc::sync::Arc;
 pub use loom::sync::Arc;
 
 /// How a thread waits for another to make progress.
-pub trait Relax: Sync {
+pub trait Relax {
     /// Called once per iteration of a wait loop.
     fn relax(&self);
 }

@@ -83,7 +83,7 @@ impl TestHost {
         self.use_after_free.load(Ordering::Relaxed)
     }
 
-    /// Kicks the MMU sent to vCPUs in guest mode ([`crate::host::VcpuKick`]).
+    /// Kicks the MMU sent to vCPUs in guest mode ([`crate::host::Sched`]).
     pub fn kicks(&self) -> u64 {
         self.kicks.load(Ordering::Relaxed)
     }
@@ -137,7 +137,7 @@ unsafe impl FrameAllocator for TestHost {
     }
 }
 
-impl crate::host::VcpuKick for TestHost {
+impl crate::host::Sched for TestHost {
     fn kick(&self, _vcpu_index: usize) {
         self.kicks.fetch_add(1, Ordering::Relaxed);
     }

@@ -170,6 +170,16 @@ impl<H: Host> MemslotHooks for MmuHooks<'_, H> {
         if let Some(probe) = self.probe {
             probe(UpdateProbe::Updated { new_gen });
         }
+        self.wrap_check(new_gen);
+    }
+
+    fn relax(&self) {
+        crate::host::Sched::relax(&*self.mmu.host);
+    }
+}
+
+impl<H: Host> MmuHooks<'_, H> {
+    fn wrap_check(&self, new_gen: Generation) {
         // KVM `kvm_mmu_invalidate_mmio_sptes`: on a wrap of the MMIO generation bits (address
         // space modifier stripped), no MMIO SPTE may survive, or an old one could match again.
         if new_gen.is_mmio_wrap(self.nr_as) {
@@ -234,7 +244,7 @@ impl<H: Host> Vm<H> {
         // KVM's swap waits until no host invalidation is in flight; holding `vmm_lock` keeps new
         // ones from starting until the update is done.
         while inner.mn_active.load(crate::sync::Ordering::Acquire) != 0 {
-            crate::sync::relax();
+            crate::host::Sched::relax(&*inner.mmu.host);
         }
         let change = inner.memslots.set_memory_region(r, &MmuHooks::new(inner))?;
         if change == MemslotChange::FlagsOnly

@@ -548,3 +548,25 @@ fn memslot_update_waits_for_host_invalidation_in_flight() {
     t.join().unwrap();
     assert!(done.load(Ordering::SeqCst));
 }
+
+/// Issue 12 point 3: a dropped vCPU gives back its index and its SRCU reader records, so a VM
+/// with room for 2 vCPUs can create and drop 100,000 in a row, and a third live one is refused.
+#[test]
+fn vcpu_indices_and_reader_records_are_reclaimed() {
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.max_vcpus = 2;
+    let (vm, _h) = vm_with(cfg);
+    vm.set_memory_region(&region(0, 0x10_0000, 0x1000, RAM_HVA, 0)).unwrap();
+    let keep = vm.create_vcpu().unwrap();
+    for i in 0..100_000u32 {
+        let mut v = vm.create_vcpu().unwrap_or_else(|e| panic!("vCPU {i}: {e}"));
+        if i % 10_000 == 0 {
+            assert_eq!(access(&mut v, 0x10_0000, false).unwrap().0, Seen::Ram(Pfn(RAM_HVA >> 12)));
+        }
+    }
+    let second = vm.create_vcpu().unwrap();
+    assert!(vm.create_vcpu().is_err(), "only 2 vCPUs fit");
+    drop((keep, second));
+    // Updates still complete: no grace period waits for a record of a dropped vCPU.
+    vm.set_memory_region(&region(0, 0x10_0000, 0, 0, 0)).unwrap();
+}

@@ -302,7 +302,7 @@ fn create_window_race_never_leaves_a_vcpu_on_a_deleted_frame() {
 /// Issue 11, defect 3: a vCPU that stays in guest mode, spinning on TLB hits and never faulting,
 /// must not stall a memslot delete. The delete unlinks a table page, so it waits for a grace
 /// period of the table read sections, and a vCPU holds one for its whole guest-mode period: the
-/// MMU must kick it out (a request the vCPU sees when it polls, and the host's `VcpuKick`).
+/// MMU must kick it out (a request the vCPU sees when it polls, and the host's `Sched`).
 #[test]
 fn a_vcpu_spinning_in_guest_mode_does_not_stall_a_delete() {
     use std::sync::mpsc;

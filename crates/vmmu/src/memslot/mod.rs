@@ -55,7 +55,7 @@ pub use slot::Memslot;
 
 use crate::bugs::{Bug, BugSet};
 use crate::srcu::{ReadGuard, ReaderId, Srcu, SrcuError};
-use crate::sync::{AtomicUsize, DefaultRelax, Mutex, Ordering};
+use crate::sync::{AtomicUsize, DefaultRelax, Mutex, Ordering, Relax};
 use crate::types::{AsId, Generation, Gfn, SlotId};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -86,6 +86,20 @@ pub trait MemslotHooks {
     /// Between the grace period and the store of the final generation `new_gen` of `as_id`
     /// (KVM `kvm_arch_memslots_updated`: the MMIO-generation wrap check).
     fn memslots_updated(&self, as_id: AsId, new_gen: Generation);
+    /// One turn of the update's wait for a grace period (the VM passes its host's
+    /// [`crate::host::Sched::relax`]).
+    fn relax(&self) {
+        DefaultRelax::default().relax();
+    }
+}
+
+/// A hooks object's wait policy as a [`crate::sync::Relax`].
+struct HooksRelax<'a, K: MemslotHooks + ?Sized>(&'a K);
+
+impl<K: MemslotHooks + ?Sized> crate::sync::Relax for HooksRelax<'_, K> {
+    fn relax(&self) {
+        self.0.relax();
+    }
 }
 
 /// Hooks that do nothing (no MMU attached).
@@ -290,6 +304,11 @@ impl Memslots {
     /// Claims a reader record: one per vCPU, at most `max_readers`.
     pub fn register_reader(&self) -> Result<ReaderId, SrcuError> {
         self.srcu.register()
+    }
+
+    /// Gives back a reader record (see [`Srcu::unregister`]).
+    pub fn unregister_reader(&self, r: ReaderId) {
+        self.srcu.unregister(r)
     }
 
     /// Opens a read section for reader `r`. Wait-free.
@@ -521,7 +540,7 @@ impl Memslots {
         sp.active.store(cur ^ 1, Ordering::Release);
 
         // Every reader that could hold `was_active` has left its section after this.
-        self.srcu.synchronize(&DefaultRelax::default());
+        self.srcu.synchronize(&HooksRelax(hooks));
 
         if !no_second_increment {
             if !hook_after_publish {

@@ -34,7 +34,7 @@ use crate::host::{Host, TableEntries};
 use crate::spte::{MmioSpteCodec, SpteFormat};
 use crate::srcu::{ReaderId, Srcu};
 use crate::stats::VmStats;
-use crate::sync::{Arc, DefaultRelax, Mutex, RwLock};
+use crate::sync::{Arc, Mutex, RwLock};
 use crate::types::{AsId, Gfn, Level, Pfn};
 use crate::vcpu::requests::{Request, VcpuState};
 use alloc::boxed::Box;
@@ -90,6 +90,9 @@ pub struct TdpMmu<H: Host> {
     pub(crate) inval: Invalidation,
     /// Mode and request words of the vCPUs, indexed by vCPU index.
     pub(crate) vcpus: Box<[VcpuState]>,
+    /// Which vCPU indices are taken (a dropped vCPU gives its index back).
+    vcpu_taken: Box<[crate::sync::AtomicBool]>,
+    /// One above the highest vCPU index ever taken: requests go to indices below it.
     pub(crate) nr_vcpus: crate::sync::AtomicUsize,
     /// VM-wide counters.
     pub stats: VmStats,
@@ -102,6 +105,8 @@ impl<H: Host> TdpMmu<H> {
             return Err(TdpError::BadRootLevel(cfg.root_level.get()));
         }
         let vcpus = (0..cfg.max_vcpus).map(|_| VcpuState::new()).collect::<Vec<_>>();
+        let taken =
+            (0..cfg.max_vcpus).map(|_| crate::sync::AtomicBool::new(false)).collect::<Vec<_>>();
         Ok(TdpMmu {
             host,
             cfg,
@@ -111,6 +116,7 @@ impl<H: Host> TdpMmu<H> {
             pending_free: Mutex::new(Vec::new()),
             inval: Invalidation::new(),
             vcpus: vcpus.into_boxed_slice(),
+            vcpu_taken: taken.into_boxed_slice(),
             nr_vcpus: crate::sync::AtomicUsize::new(0),
             stats: VmStats::default(),
         })
@@ -126,16 +132,37 @@ impl<H: Host> TdpMmu<H> {
         &self.host
     }
 
-    /// Claims the next vCPU index and its table-SRCU reader record.
+    /// Claims a free vCPU index and a table-SRCU reader record; [`Self::remove_vcpu`] gives
+    /// both back.
     pub(crate) fn add_vcpu(&self) -> Result<(usize, ReaderId), TdpError> {
-        let idx = self.nr_vcpus.fetch_add(1, crate::sync::Ordering::AcqRel);
-        if idx >= self.cfg.max_vcpus {
-            self.nr_vcpus.fetch_sub(1, crate::sync::Ordering::AcqRel);
-            return Err(TdpError::TooManyVcpus(self.cfg.max_vcpus));
-        }
-        let reader =
-            self.table_srcu.register().map_err(|_| TdpError::TooManyVcpus(self.cfg.max_vcpus))?;
+        use crate::sync::Ordering;
+        let full = TdpError::TooManyVcpus(self.cfg.max_vcpus);
+        let idx = self
+            .vcpu_taken
+            .iter()
+            .position(|t| {
+                t.compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+            })
+            .ok_or(full)?;
+        let reader = match self.table_srcu.register() {
+            Ok(r) => r,
+            Err(_) => {
+                self.vcpu_taken[idx].store(false, Ordering::Release);
+                return Err(full);
+            }
+        };
+        // A fresh vCPU: nothing pending from the index's previous owner (it has no TLB and no
+        // root yet, so nothing a lost request was about applies to it).
+        self.vcpus[idx].reset();
+        self.nr_vcpus.fetch_max(idx + 1, Ordering::AcqRel);
         Ok((idx, reader))
+    }
+
+    /// Gives back vCPU index `idx` and its table reader record (the vCPU was dropped: it is out
+    /// of guest mode and has no section open).
+    pub(crate) fn remove_vcpu(&self, idx: usize, reader: ReaderId) {
+        self.table_srcu.unregister(reader);
+        self.vcpu_taken[idx].store(false, crate::sync::Ordering::Release);
     }
 
     /// The vCPUs created so far.
@@ -194,7 +221,7 @@ impl<H: Host> TdpMmu<H> {
         // opens when it re-enters is not waited for. The request is a read-modify-write of the
         // vCPU's word, so a vCPU between opening its section and setting IN_GUEST_MODE sees it
         // and does not enter.
-        self.table_srcu.synchronize_nudging(&DefaultRelax::default(), || {
+        self.table_srcu.synchronize_nudging(&crate::host::HostRelax(&*self.host), || {
             self.request_all(Request::Kick, false)
         });
         for pfn in pages.iter().copied() {
@@ -220,7 +247,7 @@ impl<H: Host> TdpMmu<H> {
     /// Makes `r` pending on every vCPU; with `wait`, waits for the acknowledgement of every vCPU
     /// that was in guest mode (KVM `kvm_make_all_cpus_request`).
     pub(crate) fn request_all(&self, r: Request, wait: bool) {
-        let relax = DefaultRelax::default();
+        let relax = crate::host::HostRelax(&*self.host);
         for (i, v) in self.vcpu_states().iter().enumerate() {
             if r == Request::TlbFlush {
                 self.stats.remote_tlb_flush_requests.add(1);

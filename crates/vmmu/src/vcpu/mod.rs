@@ -70,8 +70,13 @@ pub struct Vcpu<H: Host> {
 impl<H: Host> Vcpu<H> {
     pub(crate) fn new(vm: Arc<VmInner<H>>) -> Result<Self, TdpError> {
         let (index, table_reader) = vm.mmu.add_vcpu()?;
-        let memslot_reader =
-            vm.memslots.register_reader().map_err(|_| TdpError::TooManyVcpus(index))?;
+        let memslot_reader = match vm.memslots.register_reader() {
+            Ok(r) => r,
+            Err(_) => {
+                vm.mmu.remove_vcpu(index, table_reader);
+                return Err(TdpError::TooManyVcpus(vm.mmu.cfg.max_vcpus));
+            }
+        };
         Ok(Vcpu {
             vm,
             index,
@@ -597,5 +602,8 @@ impl<H: Host> Drop for Vcpu<H> {
         if let Some(r) = self.root.take() {
             self.vm.mmu.put_root(r);
         }
+        // KVM `kvm_vcpu_destroy`: the index and the reader records go back for the next vCPU.
+        self.vm.memslots.unregister_reader(self.memslot_reader);
+        self.vm.mmu.remove_vcpu(self.index, self.table_reader);
     }
 }

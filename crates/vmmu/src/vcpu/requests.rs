@@ -69,6 +69,11 @@ impl VcpuState {
         VcpuState { word: AtomicU32::new(0) }
     }
 
+    /// A new owner of the vCPU index: outside guest mode, nothing pending.
+    pub(crate) fn reset(&self) {
+        self.word.store(0, Ordering::Release);
+    }
+
     /// vCPU side: try to enter guest mode. `Err(pending)` if requests are pending: the vCPU stays
     /// outside guest mode and must handle them first.
     #[inline]
