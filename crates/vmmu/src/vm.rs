@@ -8,8 +8,8 @@ use crate::memslot::{
     Memslot, MemslotChange, MemslotError, MemslotHooks, Memslots, MemslotsConfig,
     UserspaceMemoryRegion,
 };
+use crate::shared::VmShared;
 use crate::spte::{FormatKind, HostCpu, MmioCachingPolicy, SpteConfigError, SpteFormat};
-use crate::srcu::ReaderId;
 use crate::stats::VmStatsSnapshot;
 use crate::sync::Arc;
 use crate::tdp::{TdpConfig, TdpError, TdpMmu};
@@ -72,23 +72,6 @@ pub enum VmError {
     Tdp(#[from] TdpError),
 }
 
-/// The state shared by a VM and its vCPUs.
-pub(crate) struct VmInner<H: Host> {
-    pub(crate) memslots: Memslots,
-    pub(crate) mmu: TdpMmu<H>,
-    pub(crate) policy: MmioCachingPolicy,
-    pub(crate) bugs: BugSet,
-    /// The VMM's own memslot reader (host invalidations map host addresses to gfns).
-    vmm_reader: ReaderId,
-    /// Serialises memslot updates, `zap_all_fast` and the start of host invalidations (KVM's
-    /// `slots_lock` and `mn_invalidate_lock` roles for what this VM object does).
-    vmm_lock: crate::sync::Mutex<()>,
-    /// Host invalidations begun and not ended (KVM `mn_active_invalidate_count`). A memslot update
-    /// waits for it to reach 0 under `vmm_lock`, so an invalidation's gfn ranges, computed from
-    /// the memslots when it began, stay right until it ends (a slot cannot move meanwhile).
-    mn_active: crate::sync::AtomicU32,
-}
-
 /// A read-only view of a VM's memslots.
 #[derive(Clone, Copy)]
 pub struct MemslotsView<'a>(&'a Memslots);
@@ -107,7 +90,7 @@ impl MemslotsView<'_> {
 
 /// A VM. Cheap to clone (shared).
 pub struct Vm<H: Host> {
-    inner: Arc<VmInner<H>>,
+    inner: Arc<VmShared<H>>,
 }
 
 impl<H: Host> Clone for Vm<H> {
@@ -142,7 +125,7 @@ struct MmuHooks<'a, H: Host> {
 }
 
 impl<'a, H: Host> MmuHooks<'a, H> {
-    fn new(inner: &'a VmInner<H>) -> Self {
+    fn new(inner: &'a VmShared<H>) -> Self {
         MmuHooks {
             mmu: &inner.mmu,
             nr_as: inner.memslots.nr_address_spaces(),
@@ -221,7 +204,7 @@ impl<H: Host> Vm<H> {
             },
         )?;
         Ok(Vm {
-            inner: Arc::new(VmInner {
+            inner: Arc::new(VmShared {
                 memslots,
                 mmu,
                 policy,
@@ -374,7 +357,7 @@ mod tests {
     //! taken at one moment and applied at another). Races on real threads are in
     //! `tests/tdp_races.rs`, exhaustive interleavings in the loom models.
     use super::*;
-    use crate::fault::FaultOutcome;
+    use crate::fault::{FaultOutcome, PageFault, PfErr};
     use crate::memslot::UserspaceMemoryRegion;
     use crate::spte::FormatKind;
     use crate::tdp::{HwWalk, LeafSpec, MapOutcome};
@@ -458,14 +441,9 @@ mod tests {
         let spte = codec.make(Gpa(GPA).gfn(), old_gen, Access::ALL);
         let root = a.root().unwrap().clone();
         let outcome = {
-            let _shared = mmu.mmu_lock.read();
-            mmu.map_locked(
-                root.pfn(),
-                root.level(),
-                Gpa(GPA).gfn(),
-                FaultAccess::READ,
-                LeafSpec::Mmio(spte),
-            )
+            let shared = mmu.mmu_lock.read();
+            let fault = PageFault::tdp(Gpa(GPA), PfErr::from_access(FaultAccess::READ, false));
+            mmu.map(&shared, &root, &fault, LeafSpec::Mmio(spte))
         };
 
         vm.set_memory_region(&UserspaceMemoryRegion::new(1, 0, GPA, 0, 0)).unwrap();
@@ -497,17 +475,18 @@ mod tests {
             access: Access::ALL,
             writable: false,
         };
-        let _shared = mmu.mmu_lock.read();
-        let o = mmu.map_locked(root.pfn(), root.level(), gfn, FaultAccess::READ, ram);
+        let shared = mmu.mmu_lock.read();
+        let read = PageFault::tdp(Gpa(GPA), PfErr::from_access(FaultAccess::READ, false));
+        let o = mmu.map(&shared, &root, &read, ram);
         assert_eq!(o, MapOutcome::Installed { level: Level::L4K });
         let flushes = mmu.stats.remote_tlb_flush.get();
         let spte = mmu.config().codec.make(gfn, old_gen, Access::ALL);
-        let o =
-            mmu.map_locked(root.pfn(), root.level(), gfn, FaultAccess::WRITE, LeafSpec::Mmio(spte));
+        let write = PageFault::tdp(Gpa(GPA), PfErr::from_access(FaultAccess::WRITE, false));
+        let o = mmu.map(&shared, &root, &write, LeafSpec::Mmio(spte));
         assert_eq!(o, MapOutcome::Installed { level: Level::L4K });
         assert_eq!(mmu.stats.remote_tlb_flush.get(), flushes + 1, "the dropped leaf was flushed");
-        drop(_shared);
+        drop(shared);
         let pending = mmu.vcpus[b.index()].pending();
-        assert!(pending.has(crate::vcpu::requests::Request::TlbFlush), "B must flush its TLB");
+        assert!(pending.has(crate::requests::Request::TlbFlush), "B must flush its TLB");
     }
 }

@@ -21,11 +21,13 @@
 //!   [`SpteConfigError`]s.
 
 pub mod classify;
+mod dump;
 pub mod format;
 pub mod mmio;
 pub mod policy;
 
 pub use classify::{HwEntry, RsvdReason};
+pub use dump::SpteDump;
 pub use format::{FormatKind, SpteFormat};
 pub use mmio::MmioSpteCodec;
 pub use policy::{DisabledReason, HostCpu, MmioCachingPolicy};

@@ -4,11 +4,13 @@
 //! error: another vCPU or a zap changed the entry first.
 
 use super::change::FlushNeed;
-use super::TdpMmu;
+use super::root::Root;
+use super::{MmuRead, TdpMmu};
+use crate::fault::PageFault;
 use crate::host::Host;
 use crate::spte::SpteFormat;
 use crate::sync::Ordering;
-use crate::types::{Access, FaultAccess, Gfn, Level, Pfn};
+use crate::types::{Access, Level, Pfn};
 
 /// What to install at the end of the walk.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -53,17 +55,19 @@ pub enum MapOutcome {
 }
 
 impl<H: Host> TdpMmu<H> {
-    /// Installs `spec` for a fault on `gfn` making `access`, under root `root_pfn`. The caller
-    /// holds the MMU lock shared and has checked the root is not stale (KVM
-    /// `is_page_fault_stale`). Replacing a present leaf flushes remote TLBs before returning.
-    pub(crate) fn map_locked(
+    /// Installs `spec` for `fault` under `root` (KVM `kvm_tdp_mmu_map`). `_shared` proves the
+    /// MMU lock is held shared; the caller has checked the fault is not stale
+    /// ([`crate::fault::PageFault::stale`]) under that same hold. Replacing a present leaf
+    /// flushes remote TLBs before returning.
+    pub(crate) fn map(
         &self,
-        root_pfn: Pfn,
-        root_level: Level,
-        gfn: Gfn,
-        access: FaultAccess,
+        _shared: &MmuRead<'_>,
+        root: &Root,
+        fault: &PageFault,
         spec: LeafSpec,
     ) -> MapOutcome {
+        let (gfn, access) = (fault.gfn, fault.access);
+        let (root_pfn, root_level) = (root.pfn(), root.level());
         let fmt = self.cfg.format;
         let target = match spec {
             LeafSpec::Ram { max_level, .. } => max_level,

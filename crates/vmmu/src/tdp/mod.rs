@@ -13,33 +13,39 @@
 //!    waiting for the lock, and it must not be inside a table read section while it does).
 //! 4. A zap that removed present leaves flushes remote TLBs before it returns (and before the
 //!    pages it unlinked are freed): every vCPU has acknowledged the flush or was outside guest
-//!    mode ([`crate::vcpu::requests`]).
+//!    mode ([`crate::requests`]).
 //! 5. A table page's entries are initialised (to the non-present value) before the page is linked;
 //!    linking is a compare-and-swap with Release semantics and walkers load entries with Acquire,
 //!    so a walker that sees the link sees initialised entries.
 
 mod change;
-mod invalidate;
 mod map;
 pub mod root;
 mod walk;
 mod zap;
 
-pub use invalidate::Invalidation;
+pub use crate::invalidate::Invalidation;
+pub use crate::spte::SpteDump;
 pub use map::{LeafSpec, MapOutcome};
-pub use walk::{hw_walk, HwWalk, LocklessWalk, SpteDump};
+pub use walk::{hw_walk, HwWalk, LocklessWalk};
 
 use crate::bugs::BugSet;
 use crate::host::{Host, TableEntries};
+use crate::requests::{Request, VcpuState};
 use crate::spte::{MmioSpteCodec, SpteFormat};
 use crate::srcu::{ReaderId, Srcu};
 use crate::stats::VmStats;
 use crate::sync::{Arc, Mutex, RwLock};
 use crate::types::{AsId, Gfn, Level, Pfn};
-use crate::vcpu::requests::{Request, VcpuState};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use root::{Root, RootKind};
+
+/// Proof that the MMU lock is held shared (a fault), passed to what needs it.
+pub(crate) type MmuRead<'a> = crate::sync::RwLockReadGuard<'a, Vec<Arc<Root>>>;
+/// Proof that the MMU lock is held exclusive (a zap), passed to what needs it; it also holds
+/// the root list.
+pub(crate) type MmuWrite<'a> = crate::sync::RwLockWriteGuard<'a, Vec<Arc<Root>>>;
 
 /// Static configuration of one VM's TDP MMU.
 #[derive(Clone, Copy, Debug)]
@@ -315,7 +321,7 @@ impl<H: Host> TdpMmu<H> {
                     // `zap_all_fast` retired it already (it saw no users): it frees the page.
                     return;
                 }
-                if self.zap_root_locked(&root, &mut pages)
+                if self.zap_root_locked(&roots, &root, &mut pages)
                     && !self.cfg.bugs.has(crate::bugs::Bug::NoTlbFlushOnZap)
                 {
                     self.flush_remote_tlbs();
@@ -332,7 +338,7 @@ impl<H: Host> TdpMmu<H> {
                     // `zap_all_fast` retired it already (it saw no users): it frees the page.
                     return;
                 }
-                let _ = self.zap_root_locked(&root, &mut pages);
+                let _ = self.zap_root_locked(&roots, &root, &mut pages);
             }
         }
         pages.push(root.pfn());
@@ -355,7 +361,7 @@ impl<H: Host> TdpMmu<H> {
         self.request_all(Request::FreeObsoleteRoots, false);
         let mut flush = false;
         for r in roots.iter() {
-            flush |= self.zap_root_locked(r, &mut pages);
+            flush |= self.zap_root_locked(&roots, r, &mut pages);
         }
         // Roots no vCPU uses can go now; the others go when their last user drops them.
         roots.retain(|r| {

@@ -68,6 +68,17 @@ impl Root {
         // fault path, the lock alone would do; the vCPU's request handling reads it unlocked.
         self.invalid.load(Ordering::Acquire)
     }
+    /// What the fault path's stale check needs of this root.
+    #[inline]
+    pub(crate) fn state(&self) -> crate::fault::RootState {
+        use crate::fault::RootState;
+        match self.kind {
+            RootKind::Pageless => RootState::NoPage,
+            RootKind::Tdp if self.is_obsolete() => RootState::Obsolete,
+            RootKind::Tdp => RootState::Valid,
+        }
+    }
+
     /// Whether a vCPU loading a root for `as_id` may share this one: a valid TDP root of that
     /// address space (pageless roots are private to the vCPU that made them).
     #[inline]

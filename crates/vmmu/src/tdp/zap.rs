@@ -7,18 +7,24 @@
 //! a partial range leaves MMIO SPTEs of other gfns alone: they are guarded by the memslot
 //! generation, not by reachability (KVM's comment in `tdp_mmu_zap_leafs`).
 
+use super::change::FlushNeed;
 use super::root::Root;
-use super::TdpMmu;
+use super::{MmuWrite, TdpMmu};
 use crate::host::{Host, TableEntries};
 use crate::spte::SpteFormat;
-use crate::sync::{Arc, Ordering};
+use crate::sync::Ordering;
 use crate::types::{AsId, Gfn, Level, Pfn};
 use alloc::vec::Vec;
 
 impl<H: Host> TdpMmu<H> {
-    /// Zaps everything under `root`. Returns whether a present leaf was removed. The caller holds
-    /// the MMU lock exclusive; unlinked pages (not the root page itself) go to `pages`.
-    pub(crate) fn zap_root_locked(&self, root: &Root, pages: &mut Vec<Pfn>) -> bool {
+    /// Zaps everything under `root`. Returns whether a present leaf was removed. `_excl` proves
+    /// the MMU lock is held exclusive; unlinked pages (not the root page itself) go to `pages`.
+    pub(crate) fn zap_root_locked(
+        &self,
+        _excl: &MmuWrite<'_>,
+        root: &Root,
+        pages: &mut Vec<Pfn>,
+    ) -> bool {
         let end = Gfn(1u64 << (root.level().shift() + 9 - crate::types::PAGE_SHIFT));
         self.zap_table(root.pfn(), root.level(), Gfn(0), Gfn(0), end, pages)
     }
@@ -28,7 +34,7 @@ impl<H: Host> TdpMmu<H> {
     /// exclusive.
     pub(crate) fn zap_gfn_range_locked(
         &self,
-        roots: &[Arc<Root>],
+        roots: &MmuWrite<'_>,
         as_id: AsId,
         start: Gfn,
         end: Gfn,
@@ -113,14 +119,15 @@ impl<H: Host> TdpMmu<H> {
         if !SpteFormat::is_mmu_present(old) {
             if whole && old != SpteFormat::NONPRESENT && !SpteFormat::is_frozen(old) {
                 // An MMIO SPTE inside the range: clear it too (harmless, keeps tables tidy).
-                table[i].store(SpteFormat::NONPRESENT, Ordering::Release);
+                let none = self.set_spte_locked(&table[i], old, SpteFormat::NONPRESENT, level);
+                debug_assert_eq!(none, FlushNeed::NotNeeded, "an MMIO SPTE is never cached");
             }
             return false;
         }
         if fmt.is_leaf(old, level) {
             // A huge leaf only partly in range is zapped whole: the next fault remaps what stays.
             let flush = self.set_spte_locked(&table[i], old, SpteFormat::NONPRESENT, level);
-            return flush == super::change::FlushNeed::Remote;
+            return flush == FlushNeed::Remote;
         }
         let child = fmt.pfn(old);
         let Some(lower) = level.lower() else {
@@ -128,7 +135,8 @@ impl<H: Host> TdpMmu<H> {
         };
         let flush = self.zap_table(child, lower, lo, start, end, pages);
         if whole {
-            table[i].store(SpteFormat::NONPRESENT, Ordering::Release);
+            // Unlinking the table: the leaves below reported their own flush need above.
+            let _ = self.set_spte_locked(&table[i], old, SpteFormat::NONPRESENT, level);
             self.stats.mmu_shadow_zapped.add(1);
             pages.push(child);
         }

@@ -1,10 +1,15 @@
-//! Fault outcomes and errors (KVM's `RET_PF_*` and the negative errnos of `kvm_mmu_page_fault`,
-//! facts §3.2-3.3), and the page-fault error code of #NPF.
+//! Faults: the record one fault flows through ([`PageFault`], shared by the MMUs), outcomes and
+//! errors (KVM's `RET_PF_*` and the negative errnos of `kvm_mmu_page_fault`, facts §3.2-3.3), and
+//! the page-fault error code of #NPF.
+
+mod record;
+
+pub use record::{Backing, FaultinStop, PageFault, RootState};
 
 use crate::host::HostFault;
 use crate::spte::RsvdReason;
+use crate::spte::SpteDump;
 use crate::stats::RetryCause;
-use crate::tdp::SpteDump;
 use crate::types::{Access, Gpa, Hva};
 
 /// Why an access must be emulated (the guest's access goes to the MMIO bus / userspace).
@@ -97,6 +102,25 @@ impl PfErr {
     pub const RSVD: u64 = 1 << 3;
     /// An instruction fetch.
     pub const FETCH: u64 = 1 << 4;
+
+    /// The error code of a fault making `access` (with RSVD when `rsvd`), for exits that report
+    /// no error code of their own (an EPT violation's qualification carries the same bits).
+    pub const fn from_access(access: crate::types::FaultAccess, rsvd: bool) -> Self {
+        let mut e = 0;
+        if access.write {
+            e |= Self::WRITE;
+        }
+        if access.exec {
+            e |= Self::FETCH;
+        }
+        if access.user {
+            e |= Self::USER;
+        }
+        if rsvd {
+            e |= Self::RSVD;
+        }
+        PfErr(e)
+    }
 
     /// Whether RSVD is set.
     pub const fn rsvd(self) -> bool {

@@ -1,0 +1,203 @@
+//! One page fault as it flows through the MMU (KVM `struct kvm_page_fault`), and the steps of the
+//! slow path that do not depend on which MMU maps it: faultin (memslot, host frame, or MMIO) and
+//! the staleness check. Shared by the TDP MMU and the shadow MMU.
+//!
+//! Flow: an entry point builds a [`PageFault`] once -> [`PageFault::faultin`] resolves it against
+//! the vCPU's memslot set (inside the caller's memslot read section) -> under the MMU lock,
+//! [`PageFault::stale`] (KVM `is_page_fault_stale`) -> the MMU's map -> the one SPTE-change
+//! function (`tdp/change.rs`).
+
+use super::{FaultError, PfErr};
+use crate::bugs::{Bug, BugSet};
+use crate::host::HostMemory;
+use crate::invalidate::Invalidation;
+use crate::memslot::{Memslot, MemslotSet, SlotCache};
+use crate::requests::{Request, Requests};
+use crate::stats::RetryCause;
+use crate::types::{FaultAccess, Gfn, Gpa, Level, Pfn};
+
+/// What faultin found backs the faulting gfn (KVM: `fault->slot`, `fault->pfn`,
+/// `fault->map_writable`, `fault->max_level`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Backing {
+    /// Not resolved yet.
+    Unresolved,
+    /// RAM of `slot`: the host frame of the first page of the naturally aligned block at
+    /// `max_level` around the gfn is `base_pfn`.
+    Ram {
+        /// The memslot.
+        slot: Memslot,
+        /// The frame of the block's first page (aligned to `max_level`).
+        base_pfn: Pfn,
+        /// The largest level the slot and the host allow (KVM `fault->max_level` after
+        /// `kvm_mmu_max_mapping_level`).
+        max_level: Level,
+        /// Whether the mapping may allow writes (KVM `fault->map_writable`).
+        writable: bool,
+    },
+    /// No memslot: emulated MMIO (KVM `kvm_handle_noslot_fault`).
+    NoSlot,
+}
+
+/// What the stale check needs to know of the root a fault maps into, as each MMU tells it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum RootState {
+    /// A root with a page that is still valid.
+    Valid,
+    /// A root with a page that `zap_all_fast` marked obsolete (KVM `is_obsolete_sp`).
+    Obsolete,
+    /// A root with no page of its own (KVM's special roots): nothing marks it obsolete, so it is
+    /// stale exactly while a free-obsolete-roots request is pending for its vCPU.
+    NoPage,
+}
+
+/// One page fault (KVM `struct kvm_page_fault`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct PageFault {
+    /// The faulting address (a guest-physical address under TDP).
+    pub addr: Gpa,
+    /// The architectural error code of the exit (P, W, U, RSVD, FETCH).
+    pub error_code: PfErr,
+    /// The frame of `addr`.
+    pub gfn: Gfn,
+    /// What the access needs (from the error code).
+    pub access: FaultAccess,
+    /// Whether the fault came from a two-dimensional (TDP) walk.
+    pub is_tdp: bool,
+    /// The host-invalidation sequence sampled before the host frame was looked up (KVM
+    /// `fault->mmu_seq`); 0 until faultin.
+    pub mmu_seq: u64,
+    /// What faultin found.
+    pub backing: Backing,
+}
+
+/// Why faultin ended the fault early.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum FaultinStop {
+    /// Fault again later.
+    Retry(RetryCause),
+    /// A write to a read-only memslot: emulate it, and never cache the gfn as MMIO (reads of it
+    /// are RAM).
+    ReadOnlyWrite,
+}
+
+impl PageFault {
+    /// A TDP fault on `addr` with `error_code`.
+    pub fn tdp(addr: Gpa, error_code: PfErr) -> Self {
+        PageFault {
+            addr,
+            error_code,
+            gfn: addr.gfn(),
+            access: error_code.access(),
+            is_tdp: true,
+            mmu_seq: 0,
+            backing: Backing::Unresolved,
+        }
+    }
+
+    /// Whether the exit reported reserved bits (an MMIO SPTE, or a misconfiguration).
+    pub fn rsvd(&self) -> bool {
+        self.error_code.rsvd()
+    }
+
+    /// KVM `kvm_mmu_faultin_pfn` / `__kvm_faultin_pfn`: resolves the gfn against `set` (read
+    /// inside the caller's memslot read section): a memslot being deleted or moved -> retry; no
+    /// memslot -> [`Backing::NoSlot`]; a write to a read-only slot -> stop, emulate; RAM ->
+    /// the host frame, translated after sampling the invalidation sequence. `Ok(None)`: go on
+    /// to the stale check and the map; `Ok(Some(stop))`: the fault ends here.
+    pub(crate) fn faultin(
+        &mut self,
+        set: &MemslotSet,
+        slot_cache: &mut SlotCache,
+        host: &dyn HostMemory,
+        inval: &Invalidation,
+        max_leaf_level: Level,
+        bugs: BugSet,
+    ) -> Result<Option<FaultinStop>, FaultError> {
+        // Snapshot before translating the host address (see tdp::invalidate).
+        self.mmu_seq = inval.seq();
+        let mut slot = set.find_cached(self.gfn, slot_cache);
+        if slot.as_ref().is_some_and(|s| s.is_invalid()) {
+            if !bugs.has(Bug::InvalidSlotAsMmio) {
+                return Ok(Some(FaultinStop::Retry(RetryCause::InvalidSlot)));
+            }
+            slot = None; // the bug: a slot being deleted is treated as no slot, i.e. MMIO
+        }
+        let Some(s) = slot else {
+            self.backing = Backing::NoSlot;
+            return Ok(None);
+        };
+        if inval.retry_unsafe(self.mmu_seq, self.gfn) {
+            return Ok(Some(FaultinStop::Retry(RetryCause::HostInvalidation)));
+        }
+        if self.access.write && s.is_readonly() {
+            // KVM_PFN_ERR_RO_FAULT.
+            return Ok(Some(FaultinStop::ReadOnlyWrite));
+        }
+        let hva = s.hva_of(self.gfn);
+        let hp = host.translate(hva, self.access.write).map_err(|fault| FaultError::HostFault {
+            gpa: self.addr,
+            hva,
+            fault,
+        })?;
+        let max_level = max_mapping_level(&s, self.gfn, hp.level, max_leaf_level);
+        let offset = self.gfn.raw() & (max_level.pages() - 1);
+        let writable = !s.is_readonly() && hp.writable && (!s.dirty_logging() || self.access.write);
+        self.backing =
+            Backing::Ram { slot: s, base_pfn: Pfn(hp.pfn.raw() - offset), max_level, writable };
+        Ok(None)
+    }
+
+    /// KVM `is_page_fault_stale`, under the MMU lock (the caller holds it): the root was
+    /// obsoleted by `zap_all_fast`, or it has no page and a free-obsolete-roots request is pending
+    /// for the vCPU (18c841e1f411), or a host invalidation touched the gfn since faultin sampled
+    /// the sequence.
+    pub(crate) fn stale(
+        &self,
+        root: RootState,
+        pending: Requests,
+        inval: &Invalidation,
+        bugs: BugSet,
+    ) -> Option<RetryCause> {
+        if !bugs.has(Bug::NoStaleRootCheck) {
+            match root {
+                RootState::Obsolete => return Some(RetryCause::ObsoleteRoot),
+                RootState::NoPage if pending.has(Request::FreeObsoleteRoots) => {
+                    return Some(RetryCause::PagelessRootReloadPending)
+                }
+                _ => {}
+            }
+        }
+        let ram = matches!(self.backing, Backing::Ram { .. });
+        if ram && inval.retry(self.mmu_seq, self.gfn) {
+            return Some(RetryCause::HostInvalidation);
+        }
+        None
+    }
+}
+
+/// The largest level `gfn` may be mapped at (KVM `kvm_mmu_max_mapping_level` for TDP): the slot
+/// covers the whole aligned block, the host maps it with a page at least that large, gfn and host
+/// address are equally aligned, and the slot is not dirty-logged.
+fn max_mapping_level(slot: &Memslot, gfn: Gfn, host_level: Level, format_max: Level) -> Level {
+    if slot.dirty_logging() {
+        return Level::L4K;
+    }
+    let mut level = host_level.min(format_max);
+    while level > Level::L4K {
+        let pages = level.pages();
+        let block = gfn.raw() & !(pages - 1);
+        let inside = block >= slot.base_gfn().raw()
+            && block.checked_add(pages).is_some_and(|e| e <= slot.end_gfn().raw());
+        let hva_pfn = slot.userspace_addr().raw() >> crate::types::PAGE_SHIFT;
+        let congruent = (hva_pfn.wrapping_sub(slot.base_gfn().raw())) & (pages - 1) == 0;
+        if inside && congruent {
+            return level;
+        }
+        level = match level.lower() {
+            Some(l) => l,
+            None => break,
+        };
+    }
+    Level::L4K
+}

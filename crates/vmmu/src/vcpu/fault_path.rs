@@ -1,0 +1,233 @@
+//! The fault path of one vCPU (KVM `kvm_mmu_page_fault` -> `handle_mmio_page_fault` /
+//! `kvm_tdp_page_fault`): the fast path for RSVD faults, then the slow path on the fault record:
+//! faultin, the stale check and the map under the shared MMU lock, and the outcome.
+//!
+//! Everything here runs on the vCPU's thread, outside guest mode, inside one memslot read
+//! section. The fast path takes no lock and allocates nothing.
+
+use super::VcpuMmu;
+use crate::bugs::Bug;
+use crate::fault::{Backing, EmulateSource, FaultError, FaultOutcome, FaultinStop, PageFault};
+use crate::host::Host;
+use crate::memslot::MemslotSet;
+use crate::shared::VmShared;
+use crate::spte::SpteFormat;
+use crate::stats::{RetryCause, VcpuStats};
+use crate::tdp::{LeafSpec, LocklessWalk, MapOutcome};
+use crate::types::{Access, Generation, Gpa};
+
+/// The fast path's own result (KVM adds `RET_PF_INVALID`: "take the slow path").
+enum FastOutcome {
+    Done(FaultOutcome),
+    Invalid,
+}
+
+fn retry(stats: &mut VcpuStats, cause: RetryCause) -> FaultOutcome {
+    stats.retries[cause as usize] += 1;
+    FaultOutcome::Retry(cause)
+}
+
+impl VcpuMmu {
+    /// KVM `kvm_mmu_page_fault`.
+    pub(super) fn page_fault<H: Host>(
+        &mut self,
+        vm: &VmShared<H>,
+        stats: &mut VcpuStats,
+        mut fault: PageFault,
+    ) -> Result<FaultOutcome, FaultError> {
+        if self.root.is_none() {
+            return Ok(retry(stats, RetryCause::NoRoot));
+        }
+        let guard = vm.memslots.read(self.memslot_reader);
+        let set = guard.set(self.as_id);
+        if fault.rsvd() {
+            match self.handle_mmio_page_fault(vm, stats, set, fault.addr)? {
+                FastOutcome::Done(o) => return Ok(o),
+                FastOutcome::Invalid => {}
+            }
+        }
+        stats.pf_taken += 1;
+        self.tdp_page_fault(vm, stats, set, &mut fault)
+    }
+
+    /// KVM `check_mmio_spte`: no hit while an update is in progress; else the SPTE's generation
+    /// bits must equal the low bits of the current generation.
+    #[inline]
+    fn check_mmio_spte<H: Host>(vm: &VmShared<H>, spte: u64, gen: Generation) -> bool {
+        if vm.bugs.has(Bug::MmioSpteIgnoresGen) {
+            return true;
+        }
+        if gen.in_progress() {
+            return false;
+        }
+        vm.mmu.cfg.codec.generation_bits(spte) == gen.mmio_bits()
+    }
+
+    /// The fast path for RSVD faults (KVM `handle_mmio_page_fault`). No lock, no allocation.
+    fn handle_mmio_page_fault<H: Host>(
+        &mut self,
+        vm: &VmShared<H>,
+        stats: &mut VcpuStats,
+        set: &MemslotSet,
+        gpa: Gpa,
+    ) -> Result<FastOutcome, FaultError> {
+        let bugs = vm.bugs;
+        let gen = set.generation();
+        let gfn = gpa.gfn();
+        if self.mmio_cache.match_gpa(gfn, gen, bugs) {
+            stats.mmio_cache_hits += 1;
+            stats.pf_fast += 1;
+            let access = self.mmio_cache.entry().map_or(Access::NONE, |(_, a)| a);
+            return Ok(FastOutcome::Done(FaultOutcome::Emulate {
+                gpa,
+                access,
+                source: EmulateSource::VcpuCacheHit,
+            }));
+        }
+        let (root_pfn, root_level) = match self.root.as_ref() {
+            Some(r) => (r.pfn(), r.level()),
+            None => return Ok(FastOutcome::Done(retry(stats, RetryCause::NoRoot))),
+        };
+        let walk = {
+            let _t = vm.mmu.table_srcu.read_lock(self.table_reader);
+            vm.mmu.walk_lockless(root_pfn, root_level, gfn)
+        };
+        let codec = vm.mmu.cfg.codec;
+        match walk {
+            LocklessWalk::Reserved { level, reason, dump } => {
+                Err(FaultError::Misconfig { gpa, level: level.get(), reason, dump })
+            }
+            LocklessWalk::Broken { dump } => Err(FaultError::Internal { gpa, dump }),
+            LocklessWalk::Leaf { leaf, level, dump } => {
+                if codec.is_mmio(leaf) {
+                    if !Self::check_mmio_spte(vm, leaf, gen) {
+                        stats.stale_gen_misses += 1;
+                        return Ok(FastOutcome::Invalid);
+                    }
+                    let access = codec.access(leaf);
+                    self.mmio_cache.fill(0, codec.gfn(leaf), access, gen, bugs);
+                    stats.mmio_spte_hits += 1;
+                    stats.pf_fast += 1;
+                    return Ok(FastOutcome::Done(FaultOutcome::Emulate {
+                        gpa,
+                        access,
+                        source: EmulateSource::MmioSpteHit,
+                    }));
+                }
+                if SpteFormat::is_frozen(leaf) {
+                    return Ok(FastOutcome::Done(retry(stats, RetryCause::Frozen)));
+                }
+                if bugs.has(Bug::ZappedSpteIsMisconfig) && !SpteFormat::is_mmu_present(leaf) {
+                    // The bug: a concurrently zapped entry is reported as a misconfiguration.
+                    return Err(FaultError::Misconfig {
+                        gpa,
+                        level: level.get(),
+                        reason: crate::spte::RsvdReason::ReservedBit { bit: 0, level: level.get() },
+                        dump,
+                    });
+                }
+                // Zapped or changed under the walk: "let the CPU fault again on the address".
+                Ok(FastOutcome::Done(retry(stats, RetryCause::ZappedUnderWalk)))
+            }
+        }
+    }
+
+    /// The slow path (KVM `kvm_tdp_page_fault`), inside the caller's memslot read section:
+    /// faultin, then the stale check and the map under the shared MMU lock.
+    fn tdp_page_fault<H: Host>(
+        &mut self,
+        vm: &VmShared<H>,
+        stats: &mut VcpuStats,
+        set: &MemslotSet,
+        fault: &mut PageFault,
+    ) -> Result<FaultOutcome, FaultError> {
+        let mmu = &vm.mmu;
+        let bugs = vm.bugs;
+        let codec = mmu.cfg.codec;
+        let gen = set.generation();
+        let gpa = fault.addr;
+        let stop = fault.faultin(
+            set,
+            &mut self.slot_cache,
+            &*mmu.host,
+            &mmu.inval,
+            mmu.cfg.format.max_leaf_level(),
+            bugs,
+        )?;
+        match stop {
+            None => {}
+            Some(FaultinStop::Retry(cause)) => return Ok(retry(stats, cause)),
+            Some(FaultinStop::ReadOnlyWrite) => {
+                // Emulate, and never cache it as MMIO (reads of that gfn are RAM).
+                stats.readonly_write_emulations += 1;
+                stats.pf_emulate += 1;
+                return Ok(FaultOutcome::Emulate {
+                    gpa,
+                    access: fault.access.required(),
+                    source: EmulateSource::ReadOnlyWrite,
+                });
+            }
+        }
+        let mmio_access = Access::from_bits(Access::ALL.bits() & codec.access_mask() as u8);
+        let spec = match fault.backing {
+            Backing::Ram { base_pfn, max_level, writable, .. } => {
+                LeafSpec::Ram { base_pfn, max_level, access: Access::ALL, writable }
+            }
+            Backing::NoSlot => {
+                // KVM `kvm_handle_noslot_fault`.
+                self.mmio_cache.fill(0, fault.gfn, mmio_access, gen, bugs);
+                stats.slow_path_mmio += 1;
+                stats.pf_emulate += 1;
+                if !codec.enabled() || fault.gfn > mmu.cfg.max_gfn {
+                    return Ok(FaultOutcome::Emulate {
+                        gpa,
+                        access: mmio_access,
+                        source: EmulateSource::SlowPathMmio,
+                    });
+                }
+                LeafSpec::Mmio(codec.make(fault.gfn, gen, Access::ALL))
+            }
+            Backing::Unresolved => {
+                debug_assert!(false, "faultin left the fault unresolved");
+                return Err(FaultError::Internal { gpa, dump: Default::default() });
+            }
+        };
+
+        let shared = mmu.mmu_lock.read();
+        let Some(root) = self.root.as_ref() else {
+            return Ok(retry(stats, RetryCause::NoRoot));
+        };
+        let pending = mmu.vcpus[self.index].pending();
+        if let Some(cause) = fault.stale(root.state(), pending, &mmu.inval, bugs) {
+            drop(shared);
+            return Ok(retry(stats, cause));
+        }
+        let outcome = mmu.map(&shared, root, fault, spec);
+        drop(shared);
+        let is_mmio = matches!(spec, LeafSpec::Mmio(_));
+        let emulate_mmio =
+            FaultOutcome::Emulate { gpa, access: mmio_access, source: EmulateSource::SlowPathMmio };
+        match outcome {
+            MapOutcome::Installed { .. } if is_mmio => {
+                stats.pf_mmio_spte_created += 1;
+                Ok(emulate_mmio)
+            }
+            // KVM returns EMULATE for an MMIO SPTE even when it was already there.
+            MapOutcome::Spurious if is_mmio => Ok(emulate_mmio),
+            MapOutcome::Installed { .. } => {
+                stats.pf_fixed += 1;
+                Ok(FaultOutcome::Fixed)
+            }
+            // Another vCPU mapped the gfn with rights enough for this access (a RAM leaf from a
+            // newer memslot set, while this fault decided from an older one): let the access
+            // walk again and use it. Not Emulate, even if this fault thought "MMIO".
+            MapOutcome::Spurious | MapOutcome::PresentLeafAllows => {
+                stats.pf_spurious += 1;
+                Ok(FaultOutcome::Spurious)
+            }
+            MapOutcome::Retry => Ok(retry(stats, RetryCause::Race)),
+            MapOutcome::OutOfMemory => Err(FaultError::OutOfMemory(gpa)),
+            MapOutcome::Broken => Err(FaultError::Internal { gpa, dump: Default::default() }),
+        }
+    }
+}
