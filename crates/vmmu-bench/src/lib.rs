@@ -68,6 +68,11 @@ impl Options {
     }
 }
 
+/// The crate's one error type: everything that fails here fails with a [`BenchError`].
+pub type Error = BenchError;
+/// `Result` with the crate's [`Error`] by default.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {

@@ -35,6 +35,11 @@ mod mapping;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub use machine::{probe, KvmError, KvmInfo};
 
+/// The crate's one error type: everything that fails here fails with a [`KvmError`].
+pub type Error = KvmError;
+/// `Result` with the crate's [`Error`] by default.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
 use vmmu_scenario::{Backend, BackendError, Scenario, Start};
 
 /// The real-KVM backend (`--backend kvm`).

@@ -28,6 +28,7 @@
 
 mod backend;
 pub mod diff;
+mod error;
 #[cfg(feature = "generate")]
 pub mod generate;
 mod observation;
@@ -37,6 +38,7 @@ mod step;
 
 pub use backend::{run, run_collect, Backend, BackendError, Machine, RunError, Start};
 pub use diff::{Verdict, VerdictLine};
+pub use error::{Error, Result};
 pub use observation::{
     first_difference, parse_observations, Observation, ObservationError, ReadExit, SlotResult,
     WriteExit,

@@ -29,6 +29,7 @@
 #![deny(missing_docs)]
 
 pub mod bus;
+mod error;
 pub mod host;
 pub mod layout;
 pub mod machine;
@@ -46,6 +47,7 @@ pub mod seam;
 pub mod slots;
 pub mod tlb;
 
+pub use error::{Error, Result};
 pub use machine::{Machine, MachineConfig, SimError};
 pub use options::RunOptions;
 pub use real::{RealMmu, RealMmuConfig};

@@ -17,6 +17,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod bugs;
+mod error;
 pub mod fault;
 pub mod host;
 pub mod invalidate;
@@ -37,6 +38,7 @@ pub mod types;
 pub mod vcpu;
 pub mod vm;
 
+pub use error::{Error, Result};
 #[cfg(any(feature = "std", loom))]
 pub use sync::Yield;
 pub use sync::{Relax, Spin};

@@ -1,0 +1,52 @@
+//! The crate's one error type: every fallible operation's error converts into [`Error`] (as in
+//! rust-vmm crates), so an embedder can use `vmmu::Result` throughout and still match on the
+//! module error inside when it needs the detail (a memslot request's errno, a fault's report).
+
+use crate::fault::FaultError;
+use crate::memslot::{ConfigError, MemslotError};
+use crate::spte::SpteConfigError;
+use crate::srcu::SrcuError;
+use crate::tdp::TdpError;
+use crate::vm::VmError;
+
+/// Any error of the core.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
+pub enum Error {
+    /// A memslot request was refused (`KVM_SET_USER_MEMORY_REGION`'s errno).
+    #[error(transparent)]
+    Memslot(#[from] MemslotError),
+    /// A fault could not be handled: the vCPU stops with this report.
+    #[error(transparent)]
+    Fault(#[from] FaultError),
+    /// A VM could not be built.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The MMU could not be set up, or a vCPU added.
+    #[error(transparent)]
+    Tdp(#[from] TdpError),
+    /// The SPTE format or host CPU is unusable.
+    #[error(transparent)]
+    Spte(#[from] SpteConfigError),
+    /// The memslot configuration is unusable.
+    #[error(transparent)]
+    MemslotConfig(#[from] ConfigError),
+    /// No reader record was free.
+    #[error(transparent)]
+    Srcu(#[from] SrcuError),
+}
+
+/// `Result` with the crate's [`Error`] by default.
+pub type Result<T, E = Error> = core::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_errors_convert_and_keep_their_message() {
+        let e: Error = TdpError::TooManyVcpus(2).into();
+        assert_eq!(alloc::format!("{e}"), alloc::format!("{}", TdpError::TooManyVcpus(2)));
+        let r: Result<()> = Err(SrcuError::TooManyReaders { max: 1 }.into());
+        assert!(matches!(r, Err(Error::Srcu(_))));
+    }
+}
