@@ -2,10 +2,10 @@
 //! here, so the same code runs normally and under [loom](https://docs.rs/loom) (`--cfg loom`).
 //!
 //! What lives here:
-//! - re-exports of the atomic types, [`fence`] and [`Ordering`] (core's, or loom's under loom);
-//! - [`Arc`] (alloc's, or loom's);
-//! - [`UnsafeCell`] with loom's closure API (`with`, `with_mut`) in both builds;
-//! - [`Mutex`] and [`RwLock`]: spin locks on the shim atomics in normal builds (no_std, no OS),
+//! - re-exports of the atomic types, `fence` and `Ordering` (core's, or loom's under loom);
+//! - `Arc` (alloc's, or loom's);
+//! - `UnsafeCell` with loom's closure API (`with`, `with_mut`) in both builds;
+//! - `Mutex` and `RwLock`: spin locks on the shim atomics in normal builds (no_std, no OS),
 //!   loom's own locks under loom. They are for short critical sections (slots lock, MMU lock);
 //! - [`Relax`]: how a waiter waits (grace periods, TLB-flush acknowledgements, lock spins). The
 //!   host picks it: spin on bare metal, yield to the scheduler with std, loom's yield under loom.
@@ -159,7 +159,7 @@ mod locks {
         }
     }
 
-    /// Proof of holding a [`Mutex`].
+    /// Proof of holding a `Mutex`.
     pub struct MutexGuard<'a, T> {
         m: &'a Mutex<T>,
     }
@@ -245,7 +245,7 @@ mod locks {
         }
     }
 
-    /// Proof of holding a [`RwLock`] shared.
+    /// Proof of holding a `RwLock` shared.
     pub struct RwLockReadGuard<'a, T> {
         l: &'a RwLock<T>,
     }
@@ -263,7 +263,7 @@ mod locks {
         }
     }
 
-    /// Proof of holding a [`RwLock`] exclusive.
+    /// Proof of holding a `RwLock` exclusive.
     pub struct RwLockWriteGuard<'a, T> {
         l: &'a RwLock<T>,
     }
@@ -295,7 +295,7 @@ mod locks {
     /// loom's mutex behind the shim's API.
     #[derive(Debug, Default)]
     pub struct Mutex<T>(loom::sync::Mutex<T>);
-    /// Proof of holding a [`Mutex`].
+    /// Proof of holding a `Mutex`.
     pub struct MutexGuard<'a, T>(loom::sync::MutexGuard<'a, T>);
 
     impl<T> Mutex<T> {
@@ -331,9 +331,9 @@ mod locks {
     /// loom's rwlock behind the shim's API.
     #[derive(Debug, Default)]
     pub struct RwLock<T>(loom::sync::RwLock<T>);
-    /// Proof of holding a [`RwLock`] shared.
+    /// Proof of holding a `RwLock` shared.
     pub struct RwLockReadGuard<'a, T>(loom::sync::RwLockReadGuard<'a, T>);
-    /// Proof of holding a [`RwLock`] exclusive.
+    /// Proof of holding a `RwLock` exclusive.
     pub struct RwLockWriteGuard<'a, T>(loom::sync::RwLockWriteGuard<'a, T>);
 
     impl<T> RwLock<T> {

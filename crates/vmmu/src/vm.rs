@@ -89,6 +89,25 @@ impl MemslotsView<'_> {
 }
 
 /// A VM. Cheap to clone (shared).
+///
+/// ```
+/// use std::sync::Arc;
+/// use vmmu::memslot::UserspaceMemoryRegion;
+/// use vmmu::spte::FormatKind;
+/// use vmmu::testing::TestHost; // your hypervisor's host instead: see examples/embed.rs
+/// use vmmu::vm::{Vm, VmConfig};
+///
+/// let host = Arc::new(TestHost::new(16));
+/// host.map(0x4000_0000, 1 << 20, 0x4_0000, vmmu::Level::L4K, true);
+/// let vm = Vm::new(VmConfig::new(FormatKind::Ept, 46)?, host)?;
+/// // KVM_SET_USER_MEMORY_REGION: 1 MiB of RAM at gpa 0, slot 0.
+/// vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, 1 << 20, 0x4000_0000))?;
+/// // KVM's rules and errnos: an overlapping slot is EEXIST.
+/// let err = vm.set_memory_region(&UserspaceMemoryRegion::new(1, 0, 0, 4096, 0x4000_0000));
+/// assert_eq!(err.unwrap_err().errno().to_string(), "EEXIST");
+/// assert!(vm.mmio_caching_enabled(), "EPT can always cache MMIO");
+/// # Ok::<(), vmmu::Error>(())
+/// ```
 pub struct Vm<H: Host> {
     inner: Arc<VmShared<H>>,
 }

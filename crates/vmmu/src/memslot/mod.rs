@@ -15,7 +15,7 @@
 //! set it replaced, so both hold the same slots again. Each change is one `O(log n)` B-tree
 //! edit per set; nothing copies a whole set.
 //!
-//! Safety invariant (what [`MemslotSet::replace`] relies on): when a swap begins, the inactive
+//! Safety invariant (what `MemslotSet::replace` relies on): when a swap begins, the inactive
 //! set has not been published since the `synchronize` of the previous swap of its address space
 //! returned (or ever), so no reader holds it. Readers reach a set only through a
 //! [`MemslotsGuard`] (an SRCU read section); the slots lock serialises updaters.

@@ -3,7 +3,7 @@
 //!
 //! Invariants:
 //! - slots in a set never overlap; `by_id` and `by_gfn` hold the same slots;
-//! - the maps change only through [`MemslotSet::replace`], whose contract is that no reader can
+//! - the maps change only through `MemslotSet::replace`, whose contract is that no reader can
 //!   reach the set (it is unpublished and a grace period has passed since it last was, or it was
 //!   never published), and only the slots-lock holder calls it;
 //! - the generation is an atomic because its final store (facts §2.2) races readers that already

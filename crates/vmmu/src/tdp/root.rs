@@ -2,7 +2,7 @@
 //! level, on `kvm->arch.tdp_mmu_roots`).
 //!
 //! Invariants:
-//! - a [`RootKind::Tdp`] root is *obsolete* once [`Root::invalidate`] ran (KVM `role.invalid`,
+//! - a [`RootKind::Tdp`] root is *obsolete* once `Root::invalidate` ran (KVM `role.invalid`,
 //!   set by `zap_all_fast` under the MMU write lock); it never becomes valid again;
 //! - a [`RootKind::Pageless`] root models KVM's special roots that have no shadow page (PAE roots,
 //!   the dummy root): nothing marks them obsolete, so a fault on one is stale exactly while a

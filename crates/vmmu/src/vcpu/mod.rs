@@ -21,7 +21,7 @@
 //! unique across address spaces, using the vCPU's own is never weaker, and right for a vCPU in SMM.
 //!
 //! # Shape
-//! [`Vcpu`] holds the VM's shared state (`Arc<VmShared>`), its own MMU state ([`VcpuMmu`]:
+//! [`Vcpu`] holds the VM's shared state (`Arc<VmShared>`), its own MMU state (`VcpuMmu`:
 //! root, caches, reader records) and its counters, as three fields, so a fault borrows the shared
 //! state and mutates the vCPU's own at once without aliasing tricks. The fault path itself is in
 //! `fault_path.rs`: entry point -> fast path -> [`crate::fault::PageFault`] faultin -> stale
@@ -51,6 +51,44 @@ pub struct EntryWork {
 }
 
 /// One vCPU of a [`crate::vm::Vm`]. Owned by the thread that runs it.
+///
+/// The loop a hypervisor runs around it: service requests, enter guest mode, let the hardware
+/// walk (here [`GuestMode::walk`]), and on an exit call the entry point for it.
+///
+/// ```
+/// use std::sync::Arc;
+/// use vmmu::fault::{EmulateSource, FaultOutcome};
+/// use vmmu::memslot::UserspaceMemoryRegion;
+/// use vmmu::spte::FormatKind;
+/// use vmmu::tdp::HwWalk;
+/// use vmmu::testing::TestHost;
+/// use vmmu::vm::{Vm, VmConfig};
+/// use vmmu::{Access, FaultAccess, Gpa};
+///
+/// let host = Arc::new(TestHost::new(16));
+/// host.map(0x4000_0000, 1 << 20, 0x4_0000, vmmu::Level::L4K, true);
+/// let vm = Vm::new(VmConfig::new(FormatKind::Ept, 46)?, host)?;
+/// vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, 1 << 20, 0x4000_0000))?;
+/// let mut vcpu = vm.create_vcpu()?;
+/// vcpu.service_requests()?; // loads a root
+///
+/// // RAM: the first walk misses (EPT violation), the fault maps it, the next walk translates.
+/// let walk = vcpu.enter_guest().unwrap().walk(Gpa(0x2000), Access::NONE);
+/// assert!(matches!(walk, HwWalk::Violation { .. }));
+/// assert_eq!(vcpu.handle_ept_violation(Gpa(0x2000), FaultAccess::READ)?, FaultOutcome::Fixed);
+/// let walk = vcpu.enter_guest().unwrap().walk(Gpa(0x2000), Access::NONE);
+/// assert!(matches!(walk, HwWalk::Translated { .. }));
+///
+/// // MMIO: no slot. The slow path emulates and installs an MMIO SPTE; the next access traps as
+/// // an EPT misconfiguration and the fast path answers from the per-vCPU cache.
+/// let o = vcpu.handle_ept_violation(Gpa(0xfee0_0000), FaultAccess::READ)?;
+/// assert!(matches!(o, FaultOutcome::Emulate { source: EmulateSource::SlowPathMmio, .. }));
+/// let walk = vcpu.enter_guest().unwrap().walk(Gpa(0xfee0_0000), Access::NONE);
+/// assert!(matches!(walk, HwWalk::Misconfig { .. }));
+/// let o = vcpu.handle_ept_misconfig(Gpa(0xfee0_0000))?;
+/// assert!(matches!(o, FaultOutcome::Emulate { source: EmulateSource::VcpuCacheHit, .. }));
+/// # Ok::<(), vmmu::Error>(())
+/// ```
 pub struct Vcpu<H: Host> {
     vm: Arc<VmShared<H>>,
     st: VcpuMmu,
