@@ -386,7 +386,7 @@ fn access<M: GuestMmu>(
 ) -> (Observed, u64, u64) {
     let write = a.kind.is_write();
     let gfn = a.gpa.gfn();
-    let mut start = None;
+    let mut start;
     let mut retries = 0u32;
     c.accesses += 1;
     if write {
@@ -398,9 +398,9 @@ fn access<M: GuestMmu>(
         if sh.mmu.poll_tlb_flush(state) {
             tlb.flush();
         }
-        if start.is_none() {
-            start = Some(sh.clock.now());
-        }
+        // The start stamp is taken per attempt, after the poll: only the last attempt's outcome
+        // is observed, and a stamp from before earlier retries would widen its window.
+        start = sh.clock.now();
         if let Some(e) = tlb.lookup(gfn, write) {
             break ram_access(e.page, a);
         }
@@ -447,7 +447,7 @@ fn access<M: GuestMmu>(
         Observed::Error(_) => c.errors += 1,
     }
     let end = sh.clock.now();
-    (seen, start.unwrap_or(end), end)
+    (seen, start, end)
 }
 
 #[inline]
