@@ -14,28 +14,48 @@
 //! flag between batches. The device manager runs the schedule's requests in a loop with a short
 //! pause between them, ticking the clock before and after each. The main thread reports progress
 //! and stops the run after the configured time or access count.
+//!
+//! `stress_paths` (`vmmu run --stress-paths`) adds, to reach the MMU's racy paths end to end:
+//! - after each memslot request, a host invalidation (the MMU notifier) of 1 to 4 pages of a
+//!   live slot's buffer: begin, overwrite the pages with [`POISON`], restore them, end. No vCPU
+//!   may touch them in between (see the oracle), and they are re-faulted after the end;
+//! - hot spots in the mix ([`AccessGen::with_hot_spots`]) and more BAR and DIMM accesses, so all
+//!   vCPUs fault on the same not-yet-mapped GPA inside a slot's create, move or delete;
+//! - with 3 or more vCPUs, the last one is a spinner: private RAM only (TLB hits once warm) and
+//!   it never leaves guest mode by itself between batches, only when the MMU makes it (a request,
+//!   a fault) or the run stops. An MMU whose memslot update waits for a grace period that only a
+//!   guest exit ends, with no kick, stalls the device manager until the run stops (then the
+//!   report shows few updates and one huge update latency; the run itself stays bounded).
+//!
+//! [`POISON`]: crate::oracle::POISON
 
 use crate::bus::{BusError, BusOutcome, MmioBus, RegisterDevice};
-use crate::host::{HostConfig, HostError, SimHost};
+use crate::host::{HostConfig, HostError, SimHost, SIZE_2M};
 use crate::layout::{MachineLayout, MachineMemory};
 use crate::mix::{AccessGen, AccessKind, GuestAccess, MixWeights};
-use crate::oracle::{Clock, Observed, Oracle, OracleReport, VcpuChecker, Violation};
-use crate::ram;
+use crate::oracle::{Clock, Observed, Oracle, OracleReport, VcpuChecker, Violation, POISON};
+use crate::ram::{self, Width};
 use crate::report::{
     ConfigReport, MemslotReport, MmioCachingReport, Percentiles, Report, VcpuReport,
 };
 use crate::schedule::{Schedule, ScheduleError};
 use crate::seam::{GuestMmu, SlotRequest, Translation};
+use crate::slots::SlotTable;
 use crate::tlb::{Tlb, TlbEntry, TlbStats};
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use hdrhistogram::Histogram;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vmmu::types::Hva;
+use vmmu::types::{Hva, PAGE_SIZE};
 
 /// Retries of one access before the machine calls it a livelock.
 pub const RETRY_LIMIT: u32 = 1_000_000;
+
+/// A memslot request or host invalidation that took at least this long and returned only after
+/// the run was stopped (the vCPUs left guest mode for good) is reported as a stall: it was
+/// waiting for a vCPU that nothing asked to leave guest mode.
+pub const STALL: Duration = Duration::from_secs(1);
 
 /// How to run the machine.
 #[derive(Clone, Debug, PartialEq)]
@@ -68,6 +88,8 @@ pub struct MachineConfig {
     /// Stop once the device manager has made this many memslot updates (churn runs); the
     /// duration still bounds the run.
     pub max_updates: Option<u64>,
+    /// Stress the racy paths (module doc): host invalidations, hot spots, a spinner vCPU.
+    pub stress_paths: bool,
 }
 
 impl Default for MachineConfig {
@@ -86,6 +108,7 @@ impl Default for MachineConfig {
             format: "ept".into(),
             mmio_caching_requested: true,
             max_updates: None,
+            stress_paths: false,
         }
     }
 }
@@ -247,8 +270,7 @@ impl Machine {
                     })
                 })
                 .collect();
-            let dm =
-                s.spawn(|| device_manager(&shared, &self.schedule, cfg.update_pause, &updates));
+            let dm = s.spawn(|| device_manager(&shared, &self.schedule, cfg, &updates));
             loop {
                 std::thread::sleep(Duration::from_millis(10));
                 let elapsed = started.elapsed();
@@ -332,6 +354,7 @@ impl Machine {
         report.memslots = MemslotReport {
             updates: dm.updates,
             refused: dm.refused,
+            host_invalidations: dm.invalidations,
             latency_ns: Percentiles::of(&dm.latency),
             ..mmu_memslots
         };
@@ -352,7 +375,15 @@ fn vcpu_thread<'o, M: GuestMmu>(
     progress: &AtomicU64,
 ) -> VcpuResult<'o> {
     let mut tlb = Tlb::new(cfg.tlb_entries);
-    let mut gen = AccessGen::new(layout, index, cfg.seed, cfg.weights);
+    let spinner = cfg.stress_paths && cfg.vcpus >= 3 && index == cfg.vcpus - 1;
+    let weights = if spinner {
+        MixWeights::PRIVATE_ONLY
+    } else if cfg.stress_paths && cfg.weights == MixWeights::default() {
+        MixWeights::STRESS
+    } else {
+        cfg.weights
+    };
+    let mut gen = AccessGen::new(layout, index, cfg.seed, weights).with_hot_spots(cfg.stress_paths);
     let mut c = VcpuCounters::default();
     let body = catch_unwind(AssertUnwindSafe(|| {
         while !sh.stop.load(Ordering::Relaxed) {
@@ -362,9 +393,13 @@ fn vcpu_thread<'o, M: GuestMmu>(
                 let (seen, start, end) = access(sh, &mut state, &mut tlb, &mut c, &a);
                 checker.check(&a, &seen, start, end);
             }
-            sh.mmu.exit_guest(&mut state);
+            // The spinner stays in guest mode (the MMU may still take it out: requests, faults).
+            if !spinner {
+                sh.mmu.exit_guest(&mut state);
+            }
             progress.store(c.accesses, Ordering::Relaxed);
         }
+        sh.mmu.exit_guest(&mut state);
     }));
     if let Err(panic) = body {
         // Leave guest mode so a memslot update waiting for this vCPU does not hang, then let the
@@ -482,6 +517,7 @@ fn mmio<M: GuestMmu>(sh: &Shared<'_, M>, state: &mut M::Vcpu, a: &GuestAccess) -
 struct DmResult {
     updates: u64,
     refused: u64,
+    invalidations: u64,
     latency: Histogram<u64>,
     oracle: OracleReport,
 }
@@ -489,12 +525,16 @@ struct DmResult {
 fn device_manager<M: GuestMmu>(
     sh: &Shared<'_, M>,
     schedule: &Schedule,
-    pause: Duration,
+    cfg: &MachineConfig,
     progress: &AtomicU64,
 ) -> DmResult {
+    let pause = cfg.update_pause;
+    let mut rng = fastrand::Rng::with_seed(cfg.seed ^ 0x5eed_d3_u64);
+    let mut invalidate = cfg.stress_paths;
     let mut r = DmResult {
         updates: 0,
         refused: 0,
+        invalidations: 0,
         // 1 ns to 60 s with 3 significant digits: valid bounds, so this cannot fail. Longer
         // latencies saturate at 60 s.
         latency: Histogram::new_with_bounds(1, 60_000_000_000, 3)
@@ -506,8 +546,12 @@ fn device_manager<M: GuestMmu>(
         sh.clock.tick();
         let t = Instant::now();
         let got = sh.mmu.set_memory_region(&step.request);
-        let ns = t.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+        let took = t.elapsed();
+        let ns = took.as_nanos().min(u128::from(u64::MAX)) as u64;
         sh.clock.tick();
+        if took >= STALL && sh.stop.load(Ordering::Relaxed) {
+            r.oracle.push(stall(&format!("memslot request {} ({})", r.updates, step.label), took));
+        }
         r.latency.saturating_record(ns.max(1));
         r.updates += 1;
         r.oracle.checked += 1;
@@ -525,6 +569,15 @@ fn device_manager<M: GuestMmu>(
             });
         }
         progress.store(r.updates, Ordering::Relaxed);
+        if invalidate && !sh.stop.load(Ordering::Relaxed) {
+            let t = Instant::now();
+            invalidate = host_invalidation(sh, schedule.version(r.updates), &mut rng);
+            r.invalidations += u64::from(invalidate);
+            let took = t.elapsed();
+            if took >= STALL && sh.stop.load(Ordering::Relaxed) {
+                r.oracle.push(stall("host invalidation", took));
+            }
+        }
         if pause.is_zero() {
             std::thread::yield_now();
         } else {
@@ -532,4 +585,60 @@ fn device_manager<M: GuestMmu>(
         }
     }
     r
+}
+
+/// One host invalidation (`stress_paths`) of 1 to 4 pages of a slot live in `slots` (the map in
+/// force: only the device manager changes it): MMU-notifier begin, poison, restore, end. Half the
+/// time the range starts at the slot's first page, where the vCPUs' private areas, the used
+/// shared words and the hot spots are. Returns `false` if the MMU takes no host invalidations.
+fn host_invalidation<M: GuestMmu>(
+    sh: &Shared<'_, M>,
+    slots: &SlotTable,
+    rng: &mut fastrand::Rng,
+) -> bool {
+    let live = slots.slots();
+    if live.is_empty() {
+        return true;
+    }
+    let s = live[rng.usize(..live.len())];
+    let pages = rng.u64(1..=4).min(s.npages);
+    let first = if rng.bool() { 0 } else { rng.u64(0..=s.npages - pages) };
+    let start = Hva(s.userspace_addr + first * PAGE_SIZE);
+    let len = pages * PAGE_SIZE;
+    let Some((buf, off)) = sh.host.locate(start) else { return true };
+    // The notifier range covers the whole 2 MiB blocks around the pages, clipped to the buffer:
+    // a host changes part of a transparent huge page only after splitting it, and the split
+    // invalidates the whole block (Linux `split_huge_pmd`). Invalidating less would let a fault
+    // on another page of the block map the block with one huge leaf while its pages are changed.
+    let b0 = buf.hva().0;
+    let lo = (start.0 & !(SIZE_2M - 1)).max(b0);
+    let hi = (start.0 + len).next_multiple_of(SIZE_2M).min(b0 + buf.len());
+    if !sh.mmu.invalidate_hva_range_begin(Hva(lo), Hva(hi)) {
+        return false;
+    }
+    // No vCPU may touch the pages now: whatever they read before the end is poison.
+    let words = (off..off + len).step_by(8);
+    let saved: Vec<u64> = words.clone().map(|o| buf.read(o, Width::W8).unwrap_or(0)).collect();
+    for o in words.clone() {
+        // In bounds: the range lies in the slot, and the slot in its buffer.
+        let _ = buf.write(o, Width::W8, POISON);
+    }
+    for (o, v) in words.zip(saved) {
+        let _ = buf.write(o, Width::W8, v);
+    }
+    sh.mmu.invalidate_hva_range_end();
+    true
+}
+
+fn stall(what: &str, took: Duration) -> Violation {
+    Violation {
+        vcpu: None,
+        gpa: None,
+        what: what.to_string(),
+        expected: format!("to complete while the vCPUs run (in less than {STALL:?})"),
+        seen: format!(
+            "it took {took:.1?} and returned only after the run stopped: a stall (a wait for a \
+             vCPU in guest mode that nothing made leave)"
+        ),
+    }
 }

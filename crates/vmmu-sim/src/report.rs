@@ -147,6 +147,9 @@ pub struct MemslotReport {
     pub generation: u64,
     /// MMIO generation wraps.
     pub generation_wraps: u64,
+    /// Host invalidations (MMU-notifier begin/end pairs) the device manager made
+    /// (`--stress-paths`).
+    pub host_invalidations: u64,
 }
 
 /// Latency percentiles.
@@ -265,6 +268,9 @@ impl fmt::Display for Report {
             s.generation,
             s.generation_wraps
         )?;
+        if s.host_invalidations > 0 {
+            writeln!(f, "host invalidations: {}", s.host_invalidations)?;
+        }
         let t = &self.tlb;
         writeln!(
             f,
