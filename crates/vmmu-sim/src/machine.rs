@@ -57,6 +57,10 @@ pub const RETRY_LIMIT: u32 = 1_000_000;
 /// waiting for a vCPU that nothing asked to leave guest mode.
 pub const STALL: Duration = Duration::from_secs(1);
 
+/// How many times the device manager yields to the vCPUs while a host invalidation's pages are
+/// poisoned (`stress_paths`).
+const POISON_HOLD_YIELDS: u32 = 16;
+
 /// How to run the machine.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MachineConfig {
@@ -622,6 +626,11 @@ fn host_invalidation<M: GuestMmu>(
     for o in words.clone() {
         // In bounds: the range lies in the slot, and the slot in its buffer.
         let _ = buf.write(o, Width::W8, POISON);
+    }
+    // Keep the pages poisoned while the vCPUs run a little: an MMU that let them keep a
+    // translation would show it now (a correct one makes their faults there retry meanwhile).
+    for _ in 0..POISON_HOLD_YIELDS {
+        std::thread::yield_now();
     }
     for (o, v) in words.zip(saved) {
         let _ = buf.write(o, Width::W8, v);
