@@ -203,6 +203,10 @@ impl GuestMmu for RealMmu {
         self.vm.invalidate_hva_range_end();
     }
 
+    fn generation(&self) -> u64 {
+        self.vm.memslots().generation(AsId(0)).raw()
+    }
+
     fn stats(&self) -> MmuStats {
         stats(self)
     }

@@ -89,6 +89,16 @@ impl Schedule {
     /// The default device manager's schedule for `mem` (see the module doc). `max_gfn` is the
     /// MMU's address limit (`2^(phys_bits - 12)`).
     pub fn device_manager(mem: &MachineMemory, max_gfn: u64) -> Result<Schedule, ScheduleError> {
+        Self::device_manager_with(mem, max_gfn, 0)
+    }
+
+    /// As [`Schedule::device_manager`], with `dimm_flags` (`KVM_MEM_*`) on the DIMM's hot-plug
+    /// (the wrap trap plugs it dirty-logged, so it is mapped with 4 KiB leaves).
+    pub fn device_manager_with(
+        mem: &MachineMemory,
+        max_gfn: u64,
+        dimm_flags: u32,
+    ) -> Result<Schedule, ScheduleError> {
         let l = mem.layout();
         let bar = &l.bar;
         let req = |gpa: Gpa, buf: &'static str, size: u64, slot: u16| {
@@ -97,6 +107,8 @@ impl Schedule {
         let [p0, p1] = bar.positions;
         let [b0, b1] = bar.buffers;
         let step = |label, request, expect| ScheduledRequest { label, request, expect };
+        let mut dimm = req(l.dimm.gpa, l.dimm.name, l.dimm.size, l.dimm.slot)?;
+        dimm.flags |= dimm_flags;
         let steps = vec![
             step("bar: map bar0 at position 0", req(p0, b0, bar.size, bar.slot)?, Ok(())),
             step(
@@ -106,7 +118,7 @@ impl Schedule {
             ),
             step("bar: slide back (overlapping move)", req(p0, b0, bar.size, bar.slot)?, Ok(())),
             step("bar: move to position 1", req(p1, b0, bar.size, bar.slot)?, Ok(())),
-            step("dimm: hot-plug", req(l.dimm.gpa, l.dimm.name, l.dimm.size, l.dimm.slot)?, Ok(())),
+            step("dimm: hot-plug", dimm, Ok(())),
             step("bar: unmap", SlotRequest::delete(bar.slot.into()), Ok(())),
             step(
                 "bar: map over the dimm (refused)",

@@ -161,6 +161,12 @@ pub trait GuestMmu: Send + Sync {
     /// Host invalidation end: pairs with one `invalidate_hva_range_begin` that returned `true`.
     fn invalidate_hva_range_end(&self) {}
 
+    /// The current memslot generation of address space 0 (raw: KVM's update-in-progress flag,
+    /// bit 63, included); 0 if the MMU has none.
+    fn generation(&self) -> u64 {
+        self.stats().generation
+    }
+
     /// A snapshot of the MMU's counters.
     fn stats(&self) -> MmuStats {
         MmuStats::default()
