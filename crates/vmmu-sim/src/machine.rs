@@ -63,7 +63,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmmu::types::{Generation, Gpa, Hva, PAGE_SIZE};
 
-/// Retries of one access before the machine calls it a livelock.
+/// Retries of one access, outside memslot updates, before the machine calls it a livelock.
 pub const RETRY_LIMIT: u32 = 1_000_000;
 
 /// A memslot request or host invalidation that took at least this long and returned only after
@@ -217,6 +217,10 @@ struct Shared<'a, M> {
     /// The wrap trap's age: the vCPUs wait outside guest mode (paused by the VMM), so that the
     /// 2^19 swaps do not wait for them.
     paused: &'a AtomicBool,
+    /// Set once the wrap trap has been sprung or given up (a budget run waits for it).
+    trap_done: &'a AtomicBool,
+    /// When the run started.
+    started: Instant,
 }
 
 /// Wrap-trap hold handshake: idle.
@@ -323,6 +327,7 @@ impl Machine {
         let sweep = AtomicU8::new(SWEEP_IDLE);
         let hold = AtomicU8::new(HOLD_IDLE);
         let paused = AtomicBool::new(false);
+        let trap_done = AtomicBool::new(false);
         let l = self.layout();
         // The dummy slot aliases the shared buffer's last page, which vCPUs never use.
         let trap_slot = cfg
@@ -344,6 +349,8 @@ impl Machine {
             hold: &hold,
             has_holder: cfg.vcpus >= 2,
             paused: &paused,
+            trap_done: &trap_done,
+            started: Instant::now(),
         };
         let started = Instant::now();
 
@@ -373,6 +380,7 @@ impl Machine {
                 let budget_done = cfg.accesses_per_vcpu.is_some_and(|max| {
                     counters.iter().all(|c| c.0.load(Ordering::Relaxed) >= max)
                         && snap.updates >= cfg.min_updates
+                        && (!cfg.wrap_trap || trap_done.load(Ordering::SeqCst))
                 });
                 let churn_done = cfg.max_updates.is_some_and(|m| snap.updates >= m);
                 let crashed = handles.iter().any(|h| h.is_finished()) || dm.is_finished();
@@ -569,7 +577,11 @@ fn access<M: GuestMmu>(
             Translation::Mmio => break mmio(sh, state, a),
             Translation::Retry => {
                 c.retries += 1;
-                retries += 1;
+                // Retries while a memslot update is in flight (odd clock) wait for it, however
+                // long a loaded host makes it; only the others count towards the livelock limit.
+                if sh.clock.now() & 1 == 0 {
+                    retries += 1;
+                }
                 if retries >= RETRY_LIMIT {
                     break Observed::Error(format!("{RETRY_LIMIT} retries in a row (livelock?)"));
                 }
@@ -656,6 +668,11 @@ fn device_manager<M: GuestMmu>(
     if let Some(trap) = sh.trap_slot {
         arm_wrap_trap(sh, &mut r.trap);
         r.trap.dummy_slot_gpa = trap.guest_phys_addr;
+        if !r.trap.armed {
+            sh.trap_done.store(true, Ordering::SeqCst);
+        }
+    } else {
+        sh.trap_done.store(true, Ordering::SeqCst);
     }
     let dimm = sh
         .trap_slot
@@ -666,8 +683,10 @@ fn device_manager<M: GuestMmu>(
                 .version(r.updates)
                 .lookup(vmmu::types::Gfn(d.request.guest_phys_addr >> 12))
                 .is_some();
-            if r.trap.armed && !r.trap.sprung && plugged {
+            if r.trap.armed && !sh.trap_done.load(Ordering::Relaxed) && plugged {
                 spring_wrap_trap(sh, trap, &mut r.trap);
+                r.trap.sprung_after_ms = sh.started.elapsed().as_millis() as u64;
+                sh.trap_done.store(true, Ordering::SeqCst);
             }
         }
         let step = schedule.step(r.updates);
@@ -851,7 +870,6 @@ fn spring_wrap_trap<M: GuestMmu>(
     slot: SlotRequest,
     t: &mut crate::report::WrapTrapReport,
 ) {
-    t.sprung = true;
     let mut flags = 0;
     let swap = |t: &mut crate::report::WrapTrapReport, flags: u32| {
         t.swaps += 1;
@@ -898,7 +916,7 @@ fn spring_wrap_trap<M: GuestMmu>(
     }
     sh.sweep.store(SWEEP_GO, Ordering::SeqCst);
     flags ^= SlotRequest::LOG_DIRTY_PAGES;
-    swap(t, flags);
+    t.sprung = swap(t, flags);
     sh.host.set_slow_translations(None);
     t.sprung_at = sh.mmu.generation();
     while (sh.sweep.load(Ordering::SeqCst) != SWEEP_IDLE

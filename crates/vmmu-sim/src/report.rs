@@ -169,6 +169,8 @@ pub struct WrapTrapReport {
     pub swaps: u64,
     /// The dummy slot's GPA.
     pub dummy_slot_gpa: u64,
+    /// Milliseconds from the start of the run to the end of the spring.
+    pub sprung_after_ms: u64,
 }
 
 /// Latency percentiles.
@@ -294,8 +296,8 @@ impl fmt::Display for Report {
         if t.armed || t.armed_at > 0 {
             writeln!(
                 f,
-                "wrap trap: armed {} (generation {}), sprung {} (generation {}) after {} dummy swaps",
-                t.armed, t.armed_at, t.sprung, t.sprung_at, t.swaps
+                "wrap trap: armed {} (generation {}), sprung {} (generation {}) after {} dummy swaps, {} ms into the run",
+                t.armed, t.armed_at, t.sprung, t.sprung_at, t.swaps, t.sprung_after_ms
             )?;
         }
         let t = &self.tlb;
