@@ -25,7 +25,7 @@ pub struct RunArgs {
     near_wrap: bool,
     /// Set the MMIO-generation wrap trap: MMIO SPTEs left on the absent DIMM right after a wrap,
     /// the DIMM plugged, about 2^19 generation swaps on a dummy slot, then the DIMM read while
-    /// the next wrap is published (about a second of swaps; see the README).
+    /// the next wrap is published (2^19 swaps, well under a second here; see the README).
     #[arg(long = "wrap-trap", conflicts_with = "near_wrap")]
     wrap_trap: bool,
     /// Delete and move zap every root (KVM's KVM_X86_QUIRK_SLOT_ZAP_ALL) instead of the slot.
