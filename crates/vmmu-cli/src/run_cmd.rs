@@ -23,6 +23,11 @@ pub struct RunArgs {
     /// (before v5.1) to exercise the wrap early.
     #[arg(long = "near-wrap")]
     near_wrap: bool,
+    /// Set the MMIO-generation wrap trap: MMIO SPTEs left on the absent DIMM right after a wrap,
+    /// the DIMM plugged, about 2^19 generation swaps on a dummy slot, then the DIMM read while
+    /// the next wrap is published (2^19 swaps, well under a second here; see the README).
+    #[arg(long = "wrap-trap", conflicts_with = "near_wrap")]
+    wrap_trap: bool,
     /// Delete and move zap every root (KVM's KVM_X86_QUIRK_SLOT_ZAP_ALL) instead of the slot.
     #[arg(long = "slot-zap-all")]
     slot_zap_all: bool,
@@ -67,7 +72,15 @@ fn one_run(
         mc.max_updates = Some(n);
         mc.update_pause = Duration::ZERO;
     }
+    mc.wrap_trap = args.wrap_trap;
     let machine = Machine::new(mc).map_err(|e| format!("machine: {e}"))?;
+    let generation_base = if args.wrap_trap {
+        machine.wrap_trap_generation_base()
+    } else if args.near_wrap {
+        (1 << 19) - NEAR_WRAP_MARGIN
+    } else {
+        0
+    };
     let format = match o.format {
         Format::Ept => FormatKind::Ept,
         Format::Npt => FormatKind::Npt,
@@ -79,7 +92,7 @@ fn one_run(
             phys_bits: o.phys_bits,
             mmio_caching: caching,
             vcpus: o.vcpus as usize,
-            generation_base: if args.near_wrap { (1 << 19) - NEAR_WRAP_MARGIN } else { 0 },
+            generation_base,
             slot_zap_all: args.slot_zap_all,
             bugs,
         },

@@ -60,6 +60,7 @@ fn bad_arguments_exit_2_with_a_message() {
         &["run", "--seconds", "-1"],
         &["run", "--format", "shadow"],
         &["run", "--inject", "no-such-bug"],
+        &["run", "--wrap-trap", "--near-wrap"],
     ] {
         let out = vmmu(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
@@ -98,6 +99,29 @@ fn compare_caching_prints_both_runs_and_ratios() {
     assert!(r["ratios"]["throughput_on_over_off"].as_f64().unwrap() > 0.0);
     let text = vmmu(&["run", "--seconds", "0.2", "--compare-caching"]);
     assert!(String::from_utf8_lossy(&text.stdout).contains("compare: MMIO handling"));
+}
+
+#[test]
+fn stress_paths_and_wrap_trap_runs_are_clean() {
+    let out = vmmu(&["run", "--seconds", "1", "--json", "--stress-paths"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    let r = json(&out);
+    assert!(r["memslots"]["host_invalidations"].as_u64().unwrap() > 0, "{}", r["memslots"]);
+    assert_eq!(r["oracle"]["violations"], 0);
+    let out = vmmu(&["run", "--seconds", "2", "--json", "--wrap-trap"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    let r = json(&out);
+    assert_eq!(r["memslots"]["wrap_trap"]["armed"], true, "{}", r["memslots"]);
+    assert_eq!(r["oracle"]["violations"], 0);
+}
+
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn overlapping_moves_catch_invalid_slot_as_mmio() {
+    let out = vmmu(&["run", "--seconds", "1", "--json", "--inject", "invalid-slot-as-mmio"]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
+    let first = &json(&out)["oracle"]["first_violations"][0];
+    assert!(first["what"].as_str().unwrap().starts_with("Bar"), "{first}");
 }
 
 #[cfg(feature = "historical-bugs")]

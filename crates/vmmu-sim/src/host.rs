@@ -245,6 +245,13 @@ pub struct SimHost {
     allocated: AtomicU64,
     freed: AtomicU64,
     high_water: AtomicU64,
+    /// A host-address range whose translations are slow (a page being faulted in by the host,
+    /// e.g. swapped in): `[slow_start, slow_end)`, `slow_ns` long; 0 ns = none.
+    slow_start: AtomicU64,
+    slow_end: AtomicU64,
+    slow_ns: AtomicU64,
+    /// Set when a slow translation starts.
+    slow_entered: AtomicBool,
 }
 
 impl core::fmt::Debug for SimHost {
@@ -282,6 +289,10 @@ impl SimHost {
             allocated: AtomicU64::new(0),
             freed: AtomicU64::new(0),
             high_water: AtomicU64::new(0),
+            slow_start: AtomicU64::new(0),
+            slow_end: AtomicU64::new(0),
+            slow_ns: AtomicU64::new(0),
+            slow_entered: AtomicBool::new(false),
         })
     }
 
@@ -384,6 +395,28 @@ impl SimHost {
         }
     }
 
+    /// Makes translations of host addresses in `[start, end)` take `delay` (a host page fault
+    /// that sleeps, as swap-in does: KVM holds its memslot read lock meanwhile), or turns that off
+    /// with `None`. For one thread at a time (the device manager).
+    pub fn set_slow_translations(&self, slow: Option<(Hva, Hva, std::time::Duration)>) {
+        match slow {
+            Some((start, end, delay)) => {
+                self.slow_start.store(start.0, Ordering::Relaxed);
+                self.slow_end.store(end.0, Ordering::Relaxed);
+                self.slow_entered.store(false, Ordering::SeqCst);
+                let ns = u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX).max(1);
+                self.slow_ns.store(ns, Ordering::SeqCst);
+            }
+            None => self.slow_ns.store(0, Ordering::SeqCst),
+        }
+    }
+
+    /// Whether a slow translation (see [`SimHost::set_slow_translations`]) has started since
+    /// the range was set.
+    pub fn slow_translation_entered(&self) -> bool {
+        self.slow_entered.load(Ordering::SeqCst)
+    }
+
     /// Table-page counters.
     pub fn table_stats(&self) -> TableStats {
         let allocated = self.allocated.load(Ordering::Relaxed);
@@ -399,6 +432,14 @@ impl SimHost {
 
 impl HostMemory for SimHost {
     fn translate(&self, hva: Hva, write: bool) -> Result<HostPage, HostFault> {
+        let slow = self.slow_ns.load(Ordering::Relaxed);
+        if slow != 0
+            && (self.slow_start.load(Ordering::Relaxed)..self.slow_end.load(Ordering::Relaxed))
+                .contains(&hva.0)
+        {
+            self.slow_entered.store(true, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_nanos(slow));
+        }
         // Like `locate`, but borrowing the buffer under the read guard instead of cloning its
         // Arc: every fault translates, and a clone and drop are two atomic RMWs on a line all
         // vCPU threads share (`vmmu bench --only faults`, 2 threads).

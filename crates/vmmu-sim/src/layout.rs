@@ -8,6 +8,7 @@
 //! | rom       | 4    | after private_b      | buffer `rom`, read-only | reads; writes exit         |
 //! | device    | none | 0xd000_0000, 4 KiB   | [`RegisterDevice`]      | register reads/writes      |
 //! | bar       | 10   | 0xc000_0000 or 0xc080_0000, 2 MiB | `bar0` or `bar1` | mapped, moved, unmapped  |
+//! |           |      | (or slid to 0xbff0_0000, half over its first position) |  | overlapping moves |
 //! | dimm      | 11   | 4 GiB, 4 MiB         | buffer `dimm`           | hot-plugged and removed    |
 //!
 //! Everything lies at or above 8 MiB and below 64 GiB (the scenario format reserves the rest),
@@ -76,8 +77,12 @@ pub struct BarLayout {
     pub slot: u16,
     /// Bytes (a multiple of 2 MiB).
     pub size: u64,
-    /// The two guest-physical positions.
+    /// The two guest-physical positions (where vCPUs access it).
     pub positions: [Gpa; 2],
+    /// Where the device manager slides it from position 0 by an overlapping move: half a BAR
+    /// below, so the first half of position 0 is RAM both before and after the move (with
+    /// another host address), and the scratch page at position 0 is outside it.
+    pub slide: Gpa,
     /// The two backing buffers' names.
     pub buffers: [&'static str; 2],
 }
@@ -138,6 +143,7 @@ impl MachineLayout {
                 slot: 10,
                 size: SIZE_2M,
                 positions: [Gpa(0xc000_0000), Gpa(0xc080_0000)],
+                slide: Gpa(0xc000_0000 - SIZE_2M / 2),
                 buffers: ["bar0", "bar1"],
             },
             dimm: RamRegion {
@@ -266,6 +272,13 @@ mod tests {
             for (gpa, size) in &ranges {
                 assert!(*gpa >= 8 << 20 && gpa + size <= 64 << 30);
             }
+            // The slide overlaps position 0 (by half) and nothing else.
+            let slide = (l.bar.slide.0, l.bar.slide.0 + l.bar.size);
+            for (gpa, size) in &ranges {
+                let overlaps = *gpa < slide.1 && slide.0 < gpa + size;
+                assert_eq!(overlaps, *gpa == l.bar.positions[0].0, "{gpa:#x} vs the slide");
+            }
+            assert_eq!(l.bar.positions[0].0 - l.bar.slide.0, l.bar.size / 2);
             for v in 0..vcpus {
                 let (r, off) = l.private_area(v);
                 assert!(off + PRIVATE_PER_VCPU <= r.size, "vCPU {v}'s area fits its region");

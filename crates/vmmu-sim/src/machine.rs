@@ -14,28 +14,66 @@
 //! flag between batches. The device manager runs the schedule's requests in a loop with a short
 //! pause between them, ticking the clock before and after each. The main thread reports progress
 //! and stops the run after the configured time or access count.
+//!
+//! `stress_paths` (`vmmu run --stress-paths`) adds, to reach the MMU's racy paths end to end:
+//! - after each memslot request, a host invalidation (the MMU notifier) of 1 to 4 pages of a
+//!   live slot's buffer: begin, overwrite the pages with [`POISON`], restore them, end. No vCPU
+//!   may touch them in between (see the oracle), and they are re-faulted after the end;
+//! - hot spots in the mix ([`AccessGen::with_hot_spots`]) and more BAR and DIMM accesses, so all
+//!   vCPUs fault on the same not-yet-mapped GPA inside a slot's create, move or delete;
+//! - with 3 or more vCPUs, the last one is a spinner: private RAM only (TLB hits once warm) and
+//!   it never leaves guest mode by itself between batches, only when the MMU makes it (a request,
+//!   a fault) or the run stops. An MMU whose memslot update waits for a grace period that only a
+//!   guest exit ends, with no kick, stalls the device manager until the run stops (then the
+//!   report shows few updates and one huge update latency; the run itself stays bounded).
+//!
+//! `wrap_trap` (`vmmu run --wrap-trap`, on the real MMU started with
+//! [`Machine::wrap_trap_generation_base`]) reaches the MMIO-generation wrap end to end, which
+//! needs an MMIO SPTE made 2^19 generations before the wrap, so that its generation bits match
+//! again. Nobody but vCPU 0 touches the DIMM. Arm: the static slots end exactly on a wrap
+//! (generation bits 0); vCPU 0 sweeps the absent DIMM, leaving an MMIO SPTE with generation bits
+//! 0 on each of its pages. The schedule then runs until the DIMM is plugged (dirty-logged, so
+//! 4 KiB leaves and one SPTE per page). Age: the device manager toggles dirty logging on a
+//! one-page dummy slot no vCPU touches (one generation swap each, no clock tick: the map the
+//! vCPUs see does not change) until one swap is left before the next wrap. Spring: vCPU 0
+//! sweeps the DIMM while the device manager makes that last swap. An MMU that lets the wrapped
+//! generation be seen before its wrap zap (`wrap-hook-after-publish`, `no-second-increment`)
+//! answers some of those reads from the 2^19-generation-old MMIO SPTEs: MMIO where the DIMM is
+//! RAM, a violation. The arm costs one sweep, the age about 2^19 swaps (about a second).
+//!
+//! [`POISON`]: crate::oracle::POISON
 
 use crate::bus::{BusError, BusOutcome, MmioBus, RegisterDevice};
-use crate::host::{HostConfig, HostError, SimHost};
+use crate::host::{HostConfig, HostError, SimHost, SIZE_2M};
 use crate::layout::{MachineLayout, MachineMemory};
 use crate::mix::{AccessGen, AccessKind, GuestAccess, MixWeights};
-use crate::oracle::{Clock, Observed, Oracle, OracleReport, VcpuChecker, Violation};
-use crate::ram;
+use crate::oracle::{Clock, Observed, Oracle, OracleReport, VcpuChecker, Violation, POISON};
+use crate::ram::{self, Width};
 use crate::report::{
     ConfigReport, MemslotReport, MmioCachingReport, Percentiles, Report, VcpuReport,
 };
 use crate::schedule::{Schedule, ScheduleError};
 use crate::seam::{GuestMmu, SlotRequest, Translation};
+use crate::slots::SlotTable;
 use crate::tlb::{Tlb, TlbEntry, TlbStats};
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use hdrhistogram::Histogram;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vmmu::types::Hva;
+use vmmu::types::{Generation, Gpa, Hva, PAGE_SIZE};
 
-/// Retries of one access before the machine calls it a livelock.
+/// Retries of one access, outside memslot updates, before the machine calls it a livelock.
 pub const RETRY_LIMIT: u32 = 1_000_000;
+
+/// A memslot request or host invalidation that took at least this long and returned only after
+/// the run was stopped (the vCPUs left guest mode for good) is reported as a stall: it was
+/// waiting for a vCPU that nothing asked to leave guest mode.
+pub const STALL: Duration = Duration::from_secs(1);
+
+/// How many times the device manager yields to the vCPUs while a host invalidation's pages are
+/// poisoned (`stress_paths`).
+const POISON_HOLD_YIELDS: u32 = 16;
 
 /// How to run the machine.
 #[derive(Clone, Debug, PartialEq)]
@@ -68,6 +106,11 @@ pub struct MachineConfig {
     /// Stop once the device manager has made this many memslot updates (churn runs); the
     /// duration still bounds the run.
     pub max_updates: Option<u64>,
+    /// Stress the racy paths (module doc): host invalidations, hot spots, a spinner vCPU.
+    pub stress_paths: bool,
+    /// Set the MMIO-generation wrap trap (module doc). The MMU must start at
+    /// [`Machine::wrap_trap_generation_base`].
+    pub wrap_trap: bool,
 }
 
 impl Default for MachineConfig {
@@ -86,6 +129,8 @@ impl Default for MachineConfig {
             format: "ept".into(),
             mmio_caching_requested: true,
             max_updates: None,
+            stress_paths: false,
+            wrap_trap: false,
         }
     }
 }
@@ -161,7 +206,47 @@ struct Shared<'a, M> {
     bus: &'a MmioBus,
     clock: &'a Clock,
     stop: &'a AtomicBool,
+    /// The wrap trap's sweep handshake between the device manager and vCPU 0 (`SWEEP_*`).
+    sweep: &'a AtomicU8,
+    /// The wrap trap's dummy slot (`wrap_trap`).
+    trap_slot: Option<SlotRequest>,
+    /// The wrap trap's hold handshake between the device manager and vCPU 1 (`HOLD_*`).
+    hold: &'a AtomicU8,
+    /// Whether there is a vCPU 1 to hold.
+    has_holder: bool,
+    /// The wrap trap's age: the vCPUs wait outside guest mode (paused by the VMM), so that the
+    /// 2^19 swaps do not wait for them.
+    paused: &'a AtomicBool,
+    /// Set once the wrap trap has been sprung or given up (a budget run waits for it).
+    trap_done: &'a AtomicBool,
+    /// When the run started.
+    started: Instant,
 }
+
+/// Wrap-trap hold handshake: idle.
+const HOLD_IDLE: u8 = 0;
+/// Device manager: fault on the dummy slot's page now (its host translation is slow).
+const HOLD_ASK: u8 = 1;
+
+/// How long the holder's host page fault lasts during the spring.
+const HOLD_TIME: Duration = Duration::from_millis(20);
+
+/// Wrap-trap sweep handshake states.
+const SWEEP_IDLE: u8 = 0;
+/// Device manager: sweep the DIMM now (arm).
+const SWEEP_ARM: u8 = 1;
+/// Device manager: get ready to sweep on `SWEEP_GO` (spring).
+const SWEEP_SPRING: u8 = 2;
+/// vCPU 0: ready, waiting for `SWEEP_GO`.
+const SWEEP_READY: u8 = 3;
+/// Device manager: go (it starts the wrapping swap right after).
+const SWEEP_GO: u8 = 4;
+/// vCPU 0: sweeping.
+const SWEEP_BUSY: u8 = 5;
+
+/// The wrap trap's dummy slot: id, GPA (nothing else is there; no vCPU accesses it).
+const TRAP_SLOT: u16 = 12;
+const TRAP_GPA: u64 = 0x3000_0000;
 
 impl Machine {
     /// Builds the host, the buffers with their patterns, the bus with its device, and the
@@ -180,7 +265,8 @@ impl Machine {
             Arc::new(RegisterDevice::new(layout.device, config.vcpus)),
         )?;
         let max_gfn = 1u64 << (host.config().phys_bits - 12);
-        let schedule = Arc::new(Schedule::device_manager(&memory, max_gfn)?);
+        let dimm_flags = if config.wrap_trap { SlotRequest::LOG_DIRTY_PAGES } else { 0 };
+        let schedule = Arc::new(Schedule::device_manager_with(&memory, max_gfn, dimm_flags)?);
         Ok(Machine { config, memory, bus, schedule })
     }
 
@@ -209,6 +295,12 @@ impl Machine {
         &self.config
     }
 
+    /// The first memslot generation (one address space) for a wrap-trap run: the static slots'
+    /// creates (one swap each) end exactly on an MMIO-generation wrap.
+    pub fn wrap_trap_generation_base(&self) -> u64 {
+        (1u64 << Generation::MMIO_GEN_BITS) - self.memory.static_requests().len() as u64
+    }
+
     /// Runs the machine on `mmu` (a fresh MMU with no slots) and reports.
     pub fn run<M: GuestMmu>(&self, mmu: &M) -> Result<Report, SimError> {
         self.run_with_progress(mmu, &mut |_| {})
@@ -232,7 +324,34 @@ impl Machine {
         let stop = AtomicBool::new(false);
         let counters: Vec<Padded> = (0..n).map(|_| Padded::default()).collect();
         let updates = AtomicU64::new(0);
-        let shared = Shared { mmu, host: self.host(), bus: &self.bus, clock: &clock, stop: &stop };
+        let sweep = AtomicU8::new(SWEEP_IDLE);
+        let hold = AtomicU8::new(HOLD_IDLE);
+        let paused = AtomicBool::new(false);
+        let trap_done = AtomicBool::new(false);
+        let l = self.layout();
+        // The dummy slot aliases the shared buffer's last page, which vCPUs never use.
+        let trap_slot = cfg
+            .wrap_trap
+            .then(|| self.memory.request(TRAP_SLOT, Gpa(TRAP_GPA), l.shared.name, PAGE_SIZE, false))
+            .flatten()
+            .map(|r| SlotRequest {
+                userspace_addr: r.userspace_addr + l.shared.size - PAGE_SIZE,
+                ..r
+            });
+        let shared = Shared {
+            mmu,
+            host: self.host(),
+            bus: &self.bus,
+            clock: &clock,
+            stop: &stop,
+            sweep: &sweep,
+            trap_slot,
+            hold: &hold,
+            has_holder: cfg.vcpus >= 2,
+            paused: &paused,
+            trap_done: &trap_done,
+            started: Instant::now(),
+        };
         let started = Instant::now();
 
         let (vcpu_results, dm, elapsed) = std::thread::scope(|s| {
@@ -247,8 +366,7 @@ impl Machine {
                     })
                 })
                 .collect();
-            let dm =
-                s.spawn(|| device_manager(&shared, &self.schedule, cfg.update_pause, &updates));
+            let dm = s.spawn(|| device_manager(&shared, &self.schedule, cfg, &updates));
             loop {
                 std::thread::sleep(Duration::from_millis(10));
                 let elapsed = started.elapsed();
@@ -262,6 +380,7 @@ impl Machine {
                 let budget_done = cfg.accesses_per_vcpu.is_some_and(|max| {
                     counters.iter().all(|c| c.0.load(Ordering::Relaxed) >= max)
                         && snap.updates >= cfg.min_updates
+                        && (!cfg.wrap_trap || trap_done.load(Ordering::SeqCst))
                 });
                 let churn_done = cfg.max_updates.is_some_and(|m| snap.updates >= m);
                 let crashed = handles.iter().any(|h| h.is_finished()) || dm.is_finished();
@@ -332,6 +451,8 @@ impl Machine {
         report.memslots = MemslotReport {
             updates: dm.updates,
             refused: dm.refused,
+            host_invalidations: dm.invalidations,
+            wrap_trap: dm.trap,
             latency_ns: Percentiles::of(&dm.latency),
             ..mmu_memslots
         };
@@ -352,19 +473,51 @@ fn vcpu_thread<'o, M: GuestMmu>(
     progress: &AtomicU64,
 ) -> VcpuResult<'o> {
     let mut tlb = Tlb::new(cfg.tlb_entries);
-    let mut gen = AccessGen::new(layout, index, cfg.seed, cfg.weights);
+    let spinner = cfg.stress_paths && cfg.vcpus >= 3 && index == cfg.vcpus - 1;
+    let sweeper = cfg.wrap_trap && index == 0;
+    let mut weights = if spinner {
+        MixWeights::PRIVATE_ONLY
+    } else if cfg.stress_paths && cfg.weights == MixWeights::default() {
+        MixWeights::STRESS
+    } else {
+        cfg.weights
+    };
+    if cfg.wrap_trap {
+        // Only the sweeps touch the DIMM: any other touch would replace a trap SPTE.
+        weights.0[10] = 0;
+    }
+    let mut gen = AccessGen::new(layout, index, cfg.seed, weights).with_hot_spots(cfg.stress_paths);
     let mut c = VcpuCounters::default();
     let body = catch_unwind(AssertUnwindSafe(|| {
         while !sh.stop.load(Ordering::Relaxed) {
+            if sh.paused.load(Ordering::Relaxed) {
+                sh.mmu.exit_guest(&mut state);
+                std::thread::sleep(Duration::from_micros(100));
+                continue;
+            }
             sh.mmu.enter_guest(&mut state);
+            if sweeper {
+                sweep_dimm(sh, layout, &mut state, &mut tlb, &mut c, &mut checker);
+            }
+            if cfg.wrap_trap && index == 1 && sh.hold.load(Ordering::SeqCst) == HOLD_ASK {
+                // The holder: one fault on the dummy slot's page, whose host translation is
+                // slow; the outcome is the machine's business, not the guest's, so it is not
+                // judged (no vCPU accesses that GPA otherwise).
+                let _ = sh.mmu.translate(&mut state, Gpa(TRAP_GPA), false);
+                sh.hold.store(HOLD_IDLE, Ordering::SeqCst);
+            }
             for _ in 0..cfg.batch.max(1) {
                 let a = gen.next_access();
                 let (seen, start, end) = access(sh, &mut state, &mut tlb, &mut c, &a);
                 checker.check(&a, &seen, start, end);
             }
-            sh.mmu.exit_guest(&mut state);
+            // The spinner stays in guest mode (the MMU may still take it out: requests, faults).
+            if !spinner {
+                sh.mmu.exit_guest(&mut state);
+            }
             progress.store(c.accesses, Ordering::Relaxed);
         }
+        sh.mmu.exit_guest(&mut state);
     }));
     if let Err(panic) = body {
         // Leave guest mode so a memslot update waiting for this vCPU does not hang, then let the
@@ -386,7 +539,7 @@ fn access<M: GuestMmu>(
 ) -> (Observed, u64, u64) {
     let write = a.kind.is_write();
     let gfn = a.gpa.gfn();
-    let mut start = None;
+    let mut start;
     let mut retries = 0u32;
     c.accesses += 1;
     if write {
@@ -398,9 +551,9 @@ fn access<M: GuestMmu>(
         if sh.mmu.poll_tlb_flush(state) {
             tlb.flush();
         }
-        if start.is_none() {
-            start = Some(sh.clock.now());
-        }
+        // The start stamp is taken per attempt, after the poll: only the last attempt's outcome
+        // is observed, and a stamp from before earlier retries would widen its window.
+        start = sh.clock.now();
         if let Some(e) = tlb.lookup(gfn, write) {
             break ram_access(e.page, a);
         }
@@ -424,7 +577,11 @@ fn access<M: GuestMmu>(
             Translation::Mmio => break mmio(sh, state, a),
             Translation::Retry => {
                 c.retries += 1;
-                retries += 1;
+                // Retries while a memslot update is in flight (odd clock) wait for it, however
+                // long a loaded host makes it; only the others count towards the livelock limit.
+                if sh.clock.now() & 1 == 0 {
+                    retries += 1;
+                }
                 if retries >= RETRY_LIMIT {
                     break Observed::Error(format!("{RETRY_LIMIT} retries in a row (livelock?)"));
                 }
@@ -447,7 +604,7 @@ fn access<M: GuestMmu>(
         Observed::Error(_) => c.errors += 1,
     }
     let end = sh.clock.now();
-    (seen, start.unwrap_or(end), end)
+    (seen, start, end)
 }
 
 #[inline]
@@ -482,6 +639,8 @@ fn mmio<M: GuestMmu>(sh: &Shared<'_, M>, state: &mut M::Vcpu, a: &GuestAccess) -
 struct DmResult {
     updates: u64,
     refused: u64,
+    invalidations: u64,
+    trap: crate::report::WrapTrapReport,
     latency: Histogram<u64>,
     oracle: OracleReport,
 }
@@ -489,25 +648,57 @@ struct DmResult {
 fn device_manager<M: GuestMmu>(
     sh: &Shared<'_, M>,
     schedule: &Schedule,
-    pause: Duration,
+    cfg: &MachineConfig,
     progress: &AtomicU64,
 ) -> DmResult {
+    let pause = cfg.update_pause;
+    let mut rng = fastrand::Rng::with_seed(cfg.seed ^ 0x5eed_d3a1_u64);
+    let mut invalidate = cfg.stress_paths;
     let mut r = DmResult {
         updates: 0,
         refused: 0,
+        invalidations: 0,
+        trap: Default::default(),
         // 1 ns to 60 s with 3 significant digits: valid bounds, so this cannot fail. Longer
         // latencies saturate at 60 s.
         latency: Histogram::new_with_bounds(1, 60_000_000_000, 3)
             .unwrap_or_else(|_| unreachable!("valid histogram bounds")),
         oracle: OracleReport::default(),
     };
+    if let Some(trap) = sh.trap_slot {
+        arm_wrap_trap(sh, &mut r.trap);
+        r.trap.dummy_slot_gpa = trap.guest_phys_addr;
+        if !r.trap.armed {
+            sh.trap_done.store(true, Ordering::SeqCst);
+        }
+    } else {
+        sh.trap_done.store(true, Ordering::SeqCst);
+    }
+    let dimm = sh
+        .trap_slot
+        .and_then(|_| schedule.steps().iter().find(|s| s.label.starts_with("dimm: hot")));
     while !sh.stop.load(Ordering::Relaxed) {
+        if let (Some(trap), Some(d)) = (sh.trap_slot, dimm) {
+            let plugged = schedule
+                .version(r.updates)
+                .lookup(vmmu::types::Gfn(d.request.guest_phys_addr >> 12))
+                .is_some();
+            if r.trap.armed && !sh.trap_done.load(Ordering::Relaxed) && plugged {
+                spring_wrap_trap(sh, trap, &mut r.trap);
+                r.trap.sprung_after_ms = sh.started.elapsed().as_millis() as u64;
+                sh.trap_done.store(true, Ordering::SeqCst);
+            }
+        }
         let step = schedule.step(r.updates);
         sh.clock.tick();
         let t = Instant::now();
         let got = sh.mmu.set_memory_region(&step.request);
-        let ns = t.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+        let took = t.elapsed();
+        let ns = took.as_nanos().min(u128::from(u64::MAX)) as u64;
         sh.clock.tick();
+        if took >= STALL && sh.stop.load(Ordering::Relaxed) {
+            r.oracle.push(stall(&format!("memslot request {} ({})", r.updates, step.label), took));
+        }
         r.latency.saturating_record(ns.max(1));
         r.updates += 1;
         r.oracle.checked += 1;
@@ -525,6 +716,15 @@ fn device_manager<M: GuestMmu>(
             });
         }
         progress.store(r.updates, Ordering::Relaxed);
+        if invalidate && !sh.stop.load(Ordering::Relaxed) {
+            let t = Instant::now();
+            invalidate = host_invalidation(sh, schedule.version(r.updates), &mut rng);
+            r.invalidations += u64::from(invalidate);
+            let took = t.elapsed();
+            if took >= STALL && sh.stop.load(Ordering::Relaxed) {
+                r.oracle.push(stall("host invalidation", took));
+            }
+        }
         if pause.is_zero() {
             std::thread::yield_now();
         } else {
@@ -532,4 +732,208 @@ fn device_manager<M: GuestMmu>(
         }
     }
     r
+}
+
+/// One host invalidation (`stress_paths`) of 1 to 4 pages of a slot live in `slots` (the map in
+/// force: only the device manager changes it): MMU-notifier begin, poison, restore, end. Half the
+/// time the range starts at the slot's first page, where the vCPUs' private areas, the used
+/// shared words and the hot spots are. Returns `false` if the MMU takes no host invalidations.
+fn host_invalidation<M: GuestMmu>(
+    sh: &Shared<'_, M>,
+    slots: &SlotTable,
+    rng: &mut fastrand::Rng,
+) -> bool {
+    let live = slots.slots();
+    if live.is_empty() {
+        return true;
+    }
+    let s = live[rng.usize(..live.len())];
+    let pages = rng.u64(1..=4).min(s.npages);
+    let first = if rng.bool() { 0 } else { rng.u64(0..=s.npages - pages) };
+    let start = Hva(s.userspace_addr + first * PAGE_SIZE);
+    let len = pages * PAGE_SIZE;
+    let Some((buf, off)) = sh.host.locate(start) else { return true };
+    // The notifier range covers the whole 2 MiB blocks around the pages, clipped to the buffer:
+    // a host changes part of a transparent huge page only after splitting it, and the split
+    // invalidates the whole block (Linux `split_huge_pmd`). Invalidating less would let a fault
+    // on another page of the block map the block with one huge leaf while its pages are changed.
+    let b0 = buf.hva().0;
+    let lo = (start.0 & !(SIZE_2M - 1)).max(b0);
+    let hi = (start.0 + len).next_multiple_of(SIZE_2M).min(b0 + buf.len());
+    if !sh.mmu.invalidate_hva_range_begin(Hva(lo), Hva(hi)) {
+        return false;
+    }
+    // No vCPU may touch the pages now: whatever they read before the end is poison.
+    let words = (off..off + len).step_by(8);
+    let saved: Vec<u64> = words.clone().map(|o| buf.read(o, Width::W8).unwrap_or(0)).collect();
+    for o in words.clone() {
+        // In bounds: the range lies in the slot, and the slot in its buffer.
+        let _ = buf.write(o, Width::W8, POISON);
+    }
+    // Keep the pages poisoned while the vCPUs run a little: an MMU that let them keep a
+    // translation would show it now (a correct one makes their faults there retry meanwhile).
+    for _ in 0..POISON_HOLD_YIELDS {
+        std::thread::yield_now();
+    }
+    for (o, v) in words.zip(saved) {
+        let _ = buf.write(o, Width::W8, v);
+    }
+    sh.mmu.invalidate_hva_range_end();
+    true
+}
+
+fn stall(what: &str, took: Duration) -> Violation {
+    Violation {
+        vcpu: None,
+        gpa: None,
+        what: what.to_string(),
+        expected: format!("to complete while the vCPUs run (in less than {STALL:?})"),
+        seen: format!(
+            "it took {took:.1?} and returned only after the run stopped: a stall (a wait for a \
+             vCPU in guest mode that nothing made leave)"
+        ),
+    }
+}
+
+/// vCPU 0 of a wrap-trap run: one sweep of the DIMM (one 8-byte read per page) when the device
+/// manager asks, right away (arm) or on its go (spring).
+fn sweep_dimm<'o, M: GuestMmu>(
+    sh: &Shared<'_, M>,
+    layout: &MachineLayout,
+    state: &mut M::Vcpu,
+    tlb: &mut Tlb,
+    c: &mut VcpuCounters,
+    checker: &mut VcpuChecker<'o>,
+) {
+    let cas =
+        |from, to| sh.sweep.compare_exchange(from, to, Ordering::SeqCst, Ordering::SeqCst).is_ok();
+    if cas(SWEEP_SPRING, SWEEP_READY) {
+        // Spring: wait for the go, then for the wrapping swap to publish a final (not in
+        // progress) generation; sweeping earlier would only replace traps (their generation
+        // does not match yet). A correct MMU zaps them before it publishes that generation.
+        let before = sh.mmu.generation();
+        while sh.sweep.load(Ordering::SeqCst) != SWEEP_GO
+            || sh.mmu.generation() & Generation::UPDATE_IN_PROGRESS != 0
+            || sh.mmu.generation() == before
+        {
+            if sh.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            // Still a vCPU: it answers requests (flushes, kicks) while it waits.
+            if sh.mmu.poll_tlb_flush(state) {
+                tlb.flush();
+            }
+        }
+        sh.sweep.store(SWEEP_BUSY, Ordering::SeqCst);
+    } else if !cas(SWEEP_ARM, SWEEP_BUSY) {
+        return;
+    }
+    let d = &layout.dimm;
+    for page in 0..d.size / PAGE_SIZE {
+        let a = GuestAccess {
+            kind: AccessKind::DimmRead,
+            gpa: Gpa(d.gpa.0 + page * PAGE_SIZE),
+            width: Width::W8,
+            value: 0,
+        };
+        let (seen, start, end) = access(sh, state, tlb, c, &a);
+        checker.check(&a, &seen, start, end);
+    }
+    sh.sweep.store(SWEEP_IDLE, Ordering::SeqCst);
+}
+
+/// Stores `ask` into the sweep handshake and waits until it reads `until` (or the run stops).
+fn sweep_handshake<M: GuestMmu>(sh: &Shared<'_, M>, ask: u8, until: u8) -> bool {
+    sh.sweep.store(ask, Ordering::SeqCst);
+    while sh.sweep.load(Ordering::SeqCst) != until {
+        if sh.stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        std::thread::yield_now();
+    }
+    true
+}
+
+/// The wrap trap's arm (module doc): only if the generation sits exactly on a wrap.
+fn arm_wrap_trap<M: GuestMmu>(sh: &Shared<'_, M>, t: &mut crate::report::WrapTrapReport) {
+    let gen = sh.mmu.generation();
+    t.armed_at = gen;
+    if gen == 0 || gen & Generation::MMIO_GEN_MASK != 0 {
+        return;
+    }
+    t.armed = sweep_handshake(sh, SWEEP_ARM, SWEEP_IDLE);
+}
+
+/// The wrap trap's age and spring (module doc).
+fn spring_wrap_trap<M: GuestMmu>(
+    sh: &Shared<'_, M>,
+    slot: SlotRequest,
+    t: &mut crate::report::WrapTrapReport,
+) {
+    let mut flags = 0;
+    let swap = |t: &mut crate::report::WrapTrapReport, flags: u32| {
+        t.swaps += 1;
+        sh.mmu.set_memory_region(&SlotRequest { flags, ..slot }).is_ok()
+    };
+    if !swap(t, flags) {
+        return;
+    }
+    let last = Generation::MMIO_GEN_MASK;
+    sh.paused.store(true, Ordering::SeqCst);
+    let _resume = Resume(sh.paused);
+    loop {
+        let left = last - (sh.mmu.generation() & last);
+        if left == 0 {
+            break;
+        }
+        for i in 0..left {
+            flags ^= SlotRequest::LOG_DIRTY_PAGES;
+            if !swap(t, flags) || (i % 1024 == 0 && sh.stop.load(Ordering::Relaxed)) {
+                return;
+            }
+        }
+    }
+    sh.paused.store(false, Ordering::SeqCst);
+    if !sweep_handshake(sh, SWEEP_SPRING, SWEEP_READY) {
+        return;
+    }
+    // vCPU 1 (if any) holds the memslot read lock in a slow host page fault across the
+    // wrapping swap, as a vCPU swapping a page in would: the swap's grace period waits for it.
+    sh.host.set_slow_translations(Some((
+        Hva(slot.userspace_addr),
+        Hva(slot.userspace_addr + PAGE_SIZE),
+        HOLD_TIME,
+    )));
+    if sh.has_holder {
+        sh.hold.store(HOLD_ASK, Ordering::SeqCst);
+        // Bounded: without the holder the trap still springs, only with a shorter window.
+        let asked = Instant::now();
+        while !sh.host.slow_translation_entered() && asked.elapsed() < HOLD_TIME {
+            if sh.stop.load(Ordering::Relaxed) {
+                sh.host.set_slow_translations(None);
+                return;
+            }
+            std::thread::yield_now();
+        }
+    }
+    sh.sweep.store(SWEEP_GO, Ordering::SeqCst);
+    flags ^= SlotRequest::LOG_DIRTY_PAGES;
+    t.sprung = swap(t, flags);
+    sh.host.set_slow_translations(None);
+    t.sprung_at = sh.mmu.generation();
+    while (sh.sweep.load(Ordering::SeqCst) != SWEEP_IDLE
+        || sh.hold.load(Ordering::SeqCst) != HOLD_IDLE)
+        && !sh.stop.load(Ordering::Relaxed)
+    {
+        std::thread::yield_now();
+    }
+}
+
+/// Unpauses the vCPUs when dropped (however the wrap trap's age ends).
+struct Resume<'a>(&'a AtomicBool);
+
+impl Drop for Resume<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }

@@ -9,6 +9,11 @@
 //! - device window: the ID register and the vCPU's own scratch register;
 //! - BAR: 8-byte reads outside its scratch page, 8-byte writes inside it, at either position;
 //! - DIMM: 8-byte reads.
+//!
+//! With hot spots on (`--stress-paths`), half the BAR reads go to the first word of position 0
+//! and half the DIMM reads to the first word of the DIMM: every vCPU hammers the same GPAs, which
+//! are unmapped, mapped and moved under them, so they fault on them together inside a memslot
+//! update's window.
 
 use crate::bus::RegisterDevice;
 use crate::layout::{shared_value, MachineLayout, PRIVATE_PER_VCPU, SHARED_USED};
@@ -102,6 +107,13 @@ impl Default for MixWeights {
     }
 }
 
+impl MixWeights {
+    /// `--stress-paths`: more of the accesses whose outcome depends on the memslot history.
+    pub const STRESS: MixWeights = MixWeights([16, 10, 8, 4, 4, 2, 2, 1, 25, 3, 25]);
+    /// Private RAM only: a vCPU that, once warm, only hits its TLB.
+    pub const PRIVATE_ONLY: MixWeights = MixWeights([1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+}
+
 /// A vCPU's access stream.
 #[derive(Clone, Debug)]
 pub struct AccessGen {
@@ -111,6 +123,7 @@ pub struct AccessGen {
     cumulative: [u32; 11],
     own_words: u64,
     shared_seq: u32,
+    hot: bool,
 }
 
 impl AccessGen {
@@ -137,7 +150,14 @@ impl AccessGen {
             cumulative,
             own_words,
             shared_seq: 0,
+            hot: false,
         }
+    }
+
+    /// Turns the hot spots (module doc) on or off.
+    pub fn with_hot_spots(mut self, on: bool) -> AccessGen {
+        self.hot = on;
+        self
     }
 
     fn kind(&mut self) -> AccessKind {
@@ -150,7 +170,8 @@ impl AccessGen {
     /// The next access.
     pub fn next_access(&mut self) -> GuestAccess {
         let kind = self.kind();
-        let AccessGen { layout: l, vcpu, rng, own_words, shared_seq, .. } = self;
+        let AccessGen { layout: l, vcpu, rng, own_words, shared_seq, hot, .. } = self;
+        let hot = *hot && rng.bool();
         let vcpu = *vcpu;
         let width = |rng: &mut fastrand::Rng| Width::ALL[rng.usize(0..4)];
         let aligned =
@@ -185,6 +206,8 @@ impl AccessGen {
             AccessKind::DeviceWrite => {
                 (l.device.0 + RegisterDevice::scratch_offset(vcpu), Width::W8, rng.u64(..))
             }
+            AccessKind::BarRead if hot => (l.bar.positions[0].0, Width::W8, 0),
+            AccessKind::DimmRead if hot => (l.dimm.gpa.0, Width::W8, 0),
             AccessKind::BarRead => {
                 let pos = l.bar.positions[rng.usize(0..2)];
                 (pos.0 + aligned(rng, l.bar.scratch_offset(), Width::W8), Width::W8, 0)

@@ -65,6 +65,12 @@ pub struct RunOptions {
     /// Seed of the vCPUs' access mix.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Stress the MMU's racy paths: host invalidations (MMU-notifier ranges over live slots,
+    /// poisoned while invalidated) between memslot updates; every vCPU hammering the same BAR
+    /// and DIMM GPAs while their slots are created, moved and deleted; and, with 3 or more
+    /// vCPUs, the last vCPU staying in guest mode on TLB hits until the MMU asks it to leave.
+    #[arg(long = "stress-paths")]
+    pub stress_paths: bool,
 }
 
 impl Default for RunOptions {
@@ -78,6 +84,7 @@ impl Default for RunOptions {
             compare_caching: false,
             json: false,
             seed: 1,
+            stress_paths: false,
         }
     }
 }
@@ -140,6 +147,7 @@ impl RunOptions {
             host: HostConfig::new(self.phys_bits),
             format: self.format.name().into(),
             mmio_caching_requested: self.caching_requested(),
+            stress_paths: self.stress_paths,
             ..MachineConfig::default()
         })
     }
@@ -184,8 +192,10 @@ mod tests {
             "--json",
             "--seed",
             "9",
+            "--stress-paths",
         ])
         .expect("flags");
+        assert!(o.stress_paths && o.machine_config().expect("config").stress_paths);
         assert_eq!((o.vcpus, o.seconds, o.format, o.phys_bits), (4, 0.5, Format::Npt, 52));
         assert_eq!((o.mmio_caching, o.json, o.seed), (OnOff::Off, true, 9));
         assert!(parse(&["--compare-caching"]).expect("compare").compare_caching);

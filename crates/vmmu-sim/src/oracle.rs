@@ -10,6 +10,11 @@
 //!
 //! What is checked, and how (all inline in the vCPU's own [`VcpuChecker`], so the oracle adds no
 //! shared lock or shared write to the access path; results are merged after the run):
+//! - provenance: every RAM access is judged by where the data came from, not only by its value:
+//!   the machine reports the host address it actually touched (the frame the translation named,
+//!   plus the page offset), and it must be the host address the allowed map gives for the GPA,
+//!   so a read through a stale or wrong translation is a violation even when the value it read
+//!   happens to match (narrow reads of patterns, zero pages, equal values in two buffers);
 //! - private RAM: the vCPU keeps a byte shadow of its area; every read must match it exactly;
 //! - shared RAM: reads of own words match the vCPU's shadow; reads of other words must hold the
 //!   initial pattern or a value that word's owner writes ([`shared_value`] for that word);
@@ -18,7 +23,12 @@
 //!   values;
 //! - BAR and DIMM: the outcome (MMIO exit, or RAM and its value) must be what some version in the
 //!   access's window maps at the address; reads compare the value with the pattern the mapped
-//!   buffer holds there (guest-visible), writes compare the host address written;
+//!   buffer holds there (guest-visible; any value in a BAR scratch page, which vCPUs write);
+//! - host invalidations (`--stress-paths`): while the host invalidates a range (between the MMU
+//!   notifier's begin returning and its end being called) the device manager overwrites the
+//!   range with [`POISON`] and restores it before the end; no guest access may happen in between
+//!   (faults there must retry until the end, and the pages are re-faulted after it), so a read
+//!   of poison, or a write lost under the restore, is a violation of the checks above;
 //! - at the end ([`Oracle::final_checks`]): ROM, BAR and DIMM still hold their patterns (outside
 //!   the BAR scratch pages), every private area equals its vCPU's shadow.
 //!
@@ -42,6 +52,10 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 use std::sync::Arc;
 use vmmu::types::{Gpa, Hva};
+
+/// What the device manager writes into host pages while the host invalidates them (one 8-byte
+/// word, repeated): never a pattern (top byte 0xa5) nor a shared value (0x5a).
+pub const POISON: u64 = 0xdead_f00d_dead_f00d;
 
 /// How many violations are kept in full (all are counted).
 pub const KEEP_VIOLATIONS: usize = 20;
@@ -160,6 +174,8 @@ struct BufferInfo {
     len: u64,
     tag: u64,
     name: String,
+    /// Offset from which vCPUs may write (a BAR's scratch page; `len` elsewhere).
+    scratch: u64,
 }
 
 /// What the oracle knows: the layout, the schedule, the buffers. Shared, immutable.
@@ -182,6 +198,7 @@ enum Mapped {
 impl Oracle {
     /// An oracle for `memory` under `schedule`.
     pub fn new(memory: MachineMemory, schedule: Arc<Schedule>) -> Oracle {
+        let bar = &memory.layout().bar;
         let mut buffers: Vec<BufferInfo> = memory
             .buffers()
             .iter()
@@ -190,6 +207,11 @@ impl Oracle {
                 len: b.len(),
                 tag: tag_of(b),
                 name: b.name().to_string(),
+                scratch: if bar.buffers.contains(&b.name()) {
+                    bar.scratch_offset()
+                } else {
+                    b.len()
+                },
             })
             .collect();
         buffers.sort_by_key(|b| b.start);
@@ -214,6 +236,16 @@ impl Oracle {
             Some(b) => format!("RAM {}+{:#x}", b.name, hva - b.start),
             None => format!("RAM at unknown host address {hva:#x}"),
         }
+    }
+
+    /// Whether `hva` lies in a page vCPUs write (a BAR's scratch page): any value is fine there.
+    fn in_scratch(&self, hva: u64) -> bool {
+        self.buffer_at(hva).is_some_and(|b| hva - b.start >= b.scratch)
+    }
+
+    /// The host address of byte `offset` of buffer `name` (0 if there is no such buffer).
+    fn hva_of(&self, name: &str, offset: u64) -> u64 {
+        self.memory.buffer(name).map_or(0, |b| b.hva().0 + offset)
     }
 
     /// The pattern value a load of `width` at host address `hva` sees, if `hva` is in a buffer.
@@ -253,6 +285,9 @@ impl Oracle {
             oracle: self,
             vcpu,
             private_base: region.gpa.0 + base,
+            private_hva: self.hva_of(region.name, base),
+            shared_hva: self.hva_of(l.shared.name, 0),
+            rom_hva: self.hva_of(l.rom.name, 0),
             private,
             own_shared,
             scratch: None,
@@ -316,6 +351,10 @@ pub struct VcpuChecker<'a> {
     oracle: &'a Oracle,
     vcpu: usize,
     private_base: u64,
+    /// Host addresses of the private area, the shared region and the ROM (provenance checks).
+    private_hva: u64,
+    shared_hva: u64,
+    rom_hva: u64,
     private: Vec<u8>,
     own_shared: Vec<u64>,
     scratch: Option<u64>,
@@ -367,21 +406,27 @@ impl VcpuChecker<'_> {
     /// Judges one access stamped `[start, end]` on the [`Clock`].
     pub fn check(&mut self, a: &GuestAccess, seen: &Observed, start: u64, end: u64) {
         self.report.checked += 1;
-        let l = self.oracle.memory.layout();
+        let o = self.oracle;
+        let l = o.memory.layout();
         match a.kind {
             AccessKind::PrivateRead | AccessKind::PrivateWrite => {
                 let off = (a.gpa.0 - self.private_base) as usize;
+                let at = self.private_hva + off as u64;
+                let here = |hva: &Hva| hva.0 == at;
                 if a.kind == AccessKind::PrivateWrite {
                     for i in 0..a.width.bytes() as usize {
                         self.private[off + i] = (a.value >> (8 * i)) as u8;
                     }
-                    if !matches!(seen, Observed::Ram { .. }) {
-                        self.fail(a, "a write to private RAM".into(), seen);
+                    if !matches!(seen, Observed::Ram { hva, .. } if here(hva)) {
+                        let expected = format!("a write to private RAM {}", o.describe_hva(at));
+                        self.fail(a, expected, seen);
                     }
                 } else {
                     let want = self.private_value(off, a.width);
-                    if !matches!(seen, Observed::Ram { value, .. } if *value == want) {
-                        self.fail(a, format!("private RAM value {want:#x}"), seen);
+                    if !matches!(seen, Observed::Ram { hva, value } if here(hva) && *value == want)
+                    {
+                        let expected = format!("private {} value {want:#x}", o.describe_hva(at));
+                        self.fail(a, expected, seen);
                     }
                 }
             }
@@ -390,23 +435,28 @@ impl VcpuChecker<'_> {
                 let owner = l.shared_owner(word);
                 let tag = self.oracle.shared_tag;
                 let own = (owner == self.vcpu).then(|| (word / l.vcpus as u64) as usize);
+                let at = self.shared_hva + word * 8;
+                let here = |hva: &Hva| hva.0 == at;
                 if a.kind == AccessKind::SharedWrite {
                     if let Some(i) = own {
                         self.own_shared[i] = a.value;
                     }
-                    if !matches!(seen, Observed::Ram { .. }) {
-                        self.fail(a, "a write to shared RAM".into(), seen);
+                    if !matches!(seen, Observed::Ram { hva, .. } if here(hva)) {
+                        let expected = format!("a write to shared {}", o.describe_hva(at));
+                        self.fail(a, expected, seen);
                     }
                 } else if let Some(i) = own {
                     let want = self.own_shared[i];
-                    if !matches!(seen, Observed::Ram { value, .. } if *value == want) {
+                    if !matches!(seen, Observed::Ram { hva, value } if here(hva) && *value == want)
+                    {
                         self.fail(a, format!("shared RAM value {want:#x} (own word)"), seen);
                     }
                 } else {
                     let ok = match seen {
-                        Observed::Ram { value, .. } => {
-                            *value == pattern_word(tag, word * 8)
-                                || *value & !0xffff_ffff == shared_value(owner, word, 0)
+                        Observed::Ram { hva, value } => {
+                            here(hva)
+                                && (*value == pattern_word(tag, word * 8)
+                                    || *value & !0xffff_ffff == shared_value(owner, word, 0))
                         }
                         _ => false,
                     };
@@ -422,8 +472,9 @@ impl VcpuChecker<'_> {
             AccessKind::RomRead => {
                 let off = a.gpa.0 - l.rom.gpa.0;
                 let want = a.width.extract(pattern_word(self.oracle.rom_tag, off & !7), off);
-                if !matches!(seen, Observed::Ram { value, .. } if *value == want) {
-                    self.fail(a, format!("ROM value {want:#x}"), seen);
+                let at = self.rom_hva + off;
+                if !matches!(seen, Observed::Ram { hva, value } if hva.0 == at && *value == want) {
+                    self.fail(a, format!("{} value {want:#x}", o.describe_hva(at)), seen);
                 }
             }
             AccessKind::RomWrite => {
@@ -470,12 +521,14 @@ impl VcpuChecker<'_> {
         let ok = (lo..=hi).any(|k| match (o.mapped(k, a.gpa), seen) {
             (Mapped::Mmio, Observed::Mmio { device: false, .. }) => true,
             (Mapped::Ram { readonly: true, .. }, Observed::Mmio { device: false, .. }) => write,
+            // Provenance first: the data must come from the host address this version maps.
             (Mapped::Ram { hva, readonly }, Observed::Ram { hva: got, value }) => {
-                if write {
-                    !readonly && got.0 == hva
-                } else {
-                    o.pattern_at(hva, a.width) == Some(*value)
-                }
+                got.0 == hva
+                    && if write {
+                        !readonly
+                    } else {
+                        o.in_scratch(hva) || o.pattern_at(hva, a.width) == Some(*value)
+                    }
             }
             _ => false,
         });
@@ -560,7 +613,11 @@ mod tests {
         // A wrong value is caught even when RAM is allowed.
         c.check(&a, &Observed::Ram { hva: Hva(hva), value: pat ^ 1 }, 2, 2);
         assert_eq!(c.report().violations, 4);
-        assert_eq!(c.report().checked, 8);
+        // So is the right value read from another frame (e.g. a stale translation to bar1,
+        // whose page happens to hold the same bytes).
+        c.check(&a, &Observed::Ram { hva: Hva(hva + 0x1000), value: pat }, 2, 2);
+        assert_eq!(c.report().violations, 5);
+        assert_eq!(c.report().checked, 9);
         let v = &c.report().first_violations[0];
         assert_eq!(v.vcpu, Some(0));
         assert!(v.expected.contains("v0: MMIO exit"), "{v}");
@@ -580,11 +637,15 @@ mod tests {
             value: 0xdead_beef,
         };
         let r = GuestAccess { kind: AccessKind::PrivateRead, gpa, width: Width::W2, value: 0 };
-        c.check(&w, &Observed::Ram { hva: Hva(0), value: 0xdead_beef }, 0, 0);
-        c.check(&r, &Observed::Ram { hva: Hva(0), value: 0xbeef }, 0, 0);
+        let hva = Hva(o.memory.buffer(region.name).expect("private").hva().0 + base + 16);
+        c.check(&w, &Observed::Ram { hva, value: 0xdead_beef }, 0, 0);
+        c.check(&r, &Observed::Ram { hva, value: 0xbeef }, 0, 0);
         assert_eq!(c.report().violations, 0);
-        c.check(&r, &Observed::Ram { hva: Hva(0), value: 0x1234 }, 0, 0);
+        c.check(&r, &Observed::Ram { hva, value: 0x1234 }, 0, 0);
         assert_eq!(c.report().violations, 1);
+        // The right value from the wrong frame is caught too (provenance).
+        c.check(&r, &Observed::Ram { hva: Hva(hva.0 + 4096), value: 0xbeef }, 0, 0);
+        assert_eq!(c.report().violations, 2);
         // Memory never got the write: the end check notices.
         let fin = o.final_checks(&[c]);
         assert_eq!(fin.violations, 1, "{:?}", fin.first_violations);

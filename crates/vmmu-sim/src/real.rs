@@ -16,6 +16,7 @@ use vmmu::memslot::UserspaceMemoryRegion;
 use vmmu::spte::FormatKind;
 use vmmu::stats::VcpuStats;
 use vmmu::tdp::HwWalk;
+use vmmu::types::Hva;
 use vmmu::vcpu::Vcpu;
 use vmmu::vm::{Vm, VmConfig, VmError};
 use vmmu::{Access, AsId, FaultAccess, Gpa};
@@ -191,6 +192,19 @@ impl GuestMmu for RealMmu {
             v.mine.nanos += t0.elapsed().as_nanos() as u64;
         }
         t
+    }
+
+    fn invalidate_hva_range_begin(&self, start: Hva, end: Hva) -> bool {
+        self.vm.invalidate_hva_range_begin(start, end);
+        true
+    }
+
+    fn invalidate_hva_range_end(&self) {
+        self.vm.invalidate_hva_range_end();
+    }
+
+    fn generation(&self) -> u64 {
+        self.vm.memslots().generation(AsId(0)).raw()
     }
 
     fn stats(&self) -> MmuStats {

@@ -47,6 +47,8 @@ pub struct ReferenceMmu {
     mmio: AtomicU64,
     flush_requests: AtomicU64,
     generation: AtomicU64,
+    /// Host-address ranges under invalidation: translations into them retry.
+    invalidating: RwLock<Vec<(u64, u64)>>,
 }
 
 impl ReferenceMmu {
@@ -62,6 +64,7 @@ impl ReferenceMmu {
             mmio: AtomicU64::new(0),
             flush_requests: AtomicU64::new(0),
             generation: AtomicU64::new(0),
+            invalidating: RwLock::new(Vec::new()),
         }
     }
 
@@ -107,7 +110,13 @@ impl GuestMmu for ReferenceMmu {
             self.mmio.fetch_add(1, Ordering::Relaxed);
             return Translation::Mmio;
         }
-        match self.host.translate(Hva(slot.hva(gpa.0)), write) {
+        let hva = slot.hva(gpa.0);
+        let invalidating = self.invalidating.read().unwrap_or_else(|e| e.into_inner());
+        if invalidating.iter().any(|(s, e)| (*s..*e).contains(&hva)) {
+            return Translation::Retry;
+        }
+        drop(invalidating);
+        match self.host.translate(Hva(hva), write) {
             Ok(p) => Translation::Ram {
                 pfn: p.pfn,
                 writable: p.writable && !slot.readonly(),
@@ -115,6 +124,19 @@ impl GuestMmu for ReferenceMmu {
             },
             Err(e) => Translation::Error(e.to_string()),
         }
+    }
+
+    fn invalidate_hva_range_begin(&self, start: Hva, end: Hva) -> bool {
+        let _serial = self.updates.lock().unwrap_or_else(|e| e.into_inner());
+        self.invalidating.write().unwrap_or_else(|e| e.into_inner()).push((start.0, end.0));
+        // A translation that checked the ranges before the push is used by an access that ends
+        // before its vCPU acknowledges this flush.
+        self.flush_all_and_wait();
+        true
+    }
+
+    fn invalidate_hva_range_end(&self) {
+        self.invalidating.write().unwrap_or_else(|e| e.into_inner()).pop();
     }
 
     fn enter_guest(&self, vcpu: &mut RefVcpu) {

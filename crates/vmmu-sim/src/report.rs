@@ -147,6 +147,30 @@ pub struct MemslotReport {
     pub generation: u64,
     /// MMIO generation wraps.
     pub generation_wraps: u64,
+    /// Host invalidations (MMU-notifier begin/end pairs) the device manager made
+    /// (`--stress-paths`).
+    pub host_invalidations: u64,
+    /// The MMIO-generation wrap trap (`--wrap-trap`).
+    pub wrap_trap: WrapTrapReport,
+}
+
+/// What the wrap trap did (see `machine`'s module doc).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct WrapTrapReport {
+    /// The DIMM was swept while its generation bits were 0.
+    pub armed: bool,
+    /// The generation when it was armed.
+    pub armed_at: u64,
+    /// The wrapping swap was made while vCPU 0 swept the DIMM.
+    pub sprung: bool,
+    /// The generation after the wrapping swap.
+    pub sprung_at: u64,
+    /// Dummy-slot swaps the device manager made to age the trap.
+    pub swaps: u64,
+    /// The dummy slot's GPA.
+    pub dummy_slot_gpa: u64,
+    /// Milliseconds from the start of the run to the end of the spring.
+    pub sprung_after_ms: u64,
 }
 
 /// Latency percentiles.
@@ -265,6 +289,17 @@ impl fmt::Display for Report {
             s.generation,
             s.generation_wraps
         )?;
+        if s.host_invalidations > 0 {
+            writeln!(f, "host invalidations: {}", s.host_invalidations)?;
+        }
+        let t = &s.wrap_trap;
+        if t.armed || t.armed_at > 0 {
+            writeln!(
+                f,
+                "wrap trap: armed {} (generation {}), sprung {} (generation {}) after {} dummy swaps, {} ms into the run",
+                t.armed, t.armed_at, t.sprung, t.sprung_at, t.swaps, t.sprung_after_ms
+            )?;
+        }
         let t = &self.tlb;
         writeln!(
             f,

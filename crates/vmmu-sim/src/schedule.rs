@@ -1,10 +1,12 @@
 //! The device manager's schedule of memslot operations, as data: a cycle of requests, the result
 //! KVM gives each, and the slot map in force after each.
 //!
-//! The cycle maps the BAR, moves it, hot-plugs the DIMM, unmaps the BAR, tries an overlapping map
-//! that KVM refuses (`EEXIST`), maps the BAR with its other buffer at the other position, moves it
-//! back, removes the DIMM and unmaps the BAR, which brings the map back to where it started, so
-//! the device manager can repeat it for as long as the run lasts.
+//! The cycle maps the BAR, slides it half its size down and back (moves whose new range overlaps
+//! the old one: a GPA in the overlap is RAM before and after, so it must never be MMIO in between),
+//! moves it, hot-plugs the DIMM, unmaps the BAR, tries an overlapping map that KVM refuses
+//! (`EEXIST`), maps the BAR with its other buffer at the other position, moves it back, removes
+//! the DIMM and unmaps the BAR, which brings the map back to where it started, so the device
+//! manager can repeat it for as long as the run lasts.
 //!
 //! Versions: the map after `k` requests of the run (failed ones count: they leave the map as it
 //! was) is [`Schedule::version`]`(k)`; version 0 has only the static slots.
@@ -87,6 +89,16 @@ impl Schedule {
     /// The default device manager's schedule for `mem` (see the module doc). `max_gfn` is the
     /// MMU's address limit (`2^(phys_bits - 12)`).
     pub fn device_manager(mem: &MachineMemory, max_gfn: u64) -> Result<Schedule, ScheduleError> {
+        Self::device_manager_with(mem, max_gfn, 0)
+    }
+
+    /// As [`Schedule::device_manager`], with `dimm_flags` (`KVM_MEM_*`) on the DIMM's hot-plug
+    /// (the wrap trap plugs it dirty-logged, so it is mapped with 4 KiB leaves).
+    pub fn device_manager_with(
+        mem: &MachineMemory,
+        max_gfn: u64,
+        dimm_flags: u32,
+    ) -> Result<Schedule, ScheduleError> {
         let l = mem.layout();
         let bar = &l.bar;
         let req = |gpa: Gpa, buf: &'static str, size: u64, slot: u16| {
@@ -95,10 +107,18 @@ impl Schedule {
         let [p0, p1] = bar.positions;
         let [b0, b1] = bar.buffers;
         let step = |label, request, expect| ScheduledRequest { label, request, expect };
+        let mut dimm = req(l.dimm.gpa, l.dimm.name, l.dimm.size, l.dimm.slot)?;
+        dimm.flags |= dimm_flags;
         let steps = vec![
             step("bar: map bar0 at position 0", req(p0, b0, bar.size, bar.slot)?, Ok(())),
+            step(
+                "bar: slide down (overlapping move)",
+                req(bar.slide, b0, bar.size, bar.slot)?,
+                Ok(()),
+            ),
+            step("bar: slide back (overlapping move)", req(p0, b0, bar.size, bar.slot)?, Ok(())),
             step("bar: move to position 1", req(p1, b0, bar.size, bar.slot)?, Ok(())),
-            step("dimm: hot-plug", req(l.dimm.gpa, l.dimm.name, l.dimm.size, l.dimm.slot)?, Ok(())),
+            step("dimm: hot-plug", dimm, Ok(())),
             step("bar: unmap", SlotRequest::delete(bar.slot.into()), Ok(())),
             step(
                 "bar: map over the dimm (refused)",
@@ -161,36 +181,43 @@ mod tests {
     fn default_schedule_cycles_and_moves_the_bar() {
         let mem = memory();
         let s = Schedule::device_manager(&mem, 1 << 28).expect("schedule");
-        assert_eq!(s.period(), 9);
+        assert_eq!(s.period(), 11);
         let bar = &mem.layout().bar;
         let p0 = bar.positions[0].gfn();
         let p1 = bar.positions[1].gfn();
         let dimm = mem.layout().dimm.gpa.gfn();
         let at = |k: u64, gfn| s.version(k).lookup(gfn).map(|sl| sl.id);
-        // version: 0 none, 1 bar@p0, 2 bar@p1, 3 +dimm, 4 -bar, 5 same (EEXIST), 6 bar@p1, 7 bar@p0,
-        // 8 -dimm, then back to 0.
-        let expect_p0 = [None, Some(10), None, None, None, None, None, Some(10), Some(10)];
-        let expect_p1 = [None, None, Some(10), Some(10), None, None, Some(10), None, None];
-        for k in 0..9u64 {
+        // version: 0 none, 1 bar@p0, 2 slid (still over p0), 3 bar@p0, 4 bar@p1, 5 +dimm, 6 -bar,
+        // 7 same (EEXIST), 8 bar@p1, 9 bar@p0, 10 -dimm, then back to 0.
+        let b = Some(10);
+        let expect_p0 = [None, b, b, b, None, None, None, None, None, b, b];
+        let expect_p1 = [None, None, None, None, b, b, None, None, b, None, None];
+        for k in 0..11u64 {
             assert_eq!(at(k, p0), expect_p0[k as usize], "p0 at version {k}");
             assert_eq!(at(k, p1), expect_p1[k as usize], "p1 at version {k}");
-            assert_eq!(at(k + 9, p0), at(k, p0), "periodic");
+            assert_eq!(at(k + 11, p0), at(k, p0), "periodic");
         }
-        assert_eq!(at(3, dimm), Some(11));
-        assert_eq!(at(8, dimm), None);
-        assert_eq!(s.version(4), s.version(5), "a refused request changes nothing");
-        assert_eq!(s.step(9), s.step(0));
+        // The slide maps p0 to the second half of the buffer, and the second half of p0 to
+        // nothing.
+        let hva =
+            |k: u64, gfn: vmmu::types::Gfn| s.version(k).lookup(gfn).map(|sl| sl.hva(gfn.0 << 12));
+        assert_eq!(hva(2, p0), hva(1, p0).map(|h| h + bar.size / 2));
+        assert_eq!(at(2, vmmu::types::Gfn(p0.0 + 256)), None);
+        assert_eq!(at(5, dimm), Some(11));
+        assert_eq!(at(10, dimm), None);
+        assert_eq!(s.version(6), s.version(7), "a refused request changes nothing");
+        assert_eq!(s.step(11), s.step(0));
     }
 
     #[test]
     fn a_wrong_expectation_is_reported() {
         let mem = memory();
         let mut steps = Schedule::device_manager(&mem, 1 << 28).expect("schedule").steps().to_vec();
-        steps[4].expect = Ok(());
+        steps[6].expect = Ok(());
         let initial = Schedule::device_manager(&mem, 1 << 28).expect("schedule").version(0).clone();
         assert!(matches!(
             Schedule::new(initial.clone(), steps),
-            Err(ScheduleError::Inconsistent { index: 4, .. })
+            Err(ScheduleError::Inconsistent { index: 6, .. })
         ));
         let one = vec![Schedule::device_manager(&mem, 1 << 28).expect("s").steps()[0].clone()];
         assert_eq!(Schedule::new(initial, one).err(), Some(ScheduleError::NotACycle));

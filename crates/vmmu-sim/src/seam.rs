@@ -13,10 +13,16 @@
 //! by reaching its next poll. This is KVM's `kvm_make_all_cpus_request(.., KVM_REQ_TLB_FLUSH)`
 //! with its wait: a vCPU that is in guest mode is waited for, one outside is not, and it must
 //! poll its requests after entering guest mode.
+//!
+//! Host invalidations (`--stress-paths`): the device manager may also call
+//! `invalidate_hva_range_begin`/`_end` (KVM's MMU notifier) between memslot updates. Contract:
+//! when `begin` returns, no vCPU uses a translation to a page in the range (the same flush and
+//! wait as above), and until `end` is called every fault on such a page retries; after `end` the
+//! pages are re-faulted as usual.
 
 use serde::Serialize;
 use std::collections::BTreeMap;
-use vmmu::types::{Gpa, Level, Pfn};
+use vmmu::types::{Gpa, Hva, Level, Pfn};
 
 /// A memslot update request, with the fields of KVM's `kvm_userspace_memory_region`.
 /// (To be replaced by the core's `vmmu::memslot` request type.)
@@ -143,6 +149,22 @@ pub trait GuestMmu: Send + Sync {
     /// its next access. Returning is the acknowledgement the flush protocol waits for.
     fn poll_tlb_flush(&self, _vcpu: &mut Self::Vcpu) -> bool {
         false
+    }
+
+    /// Host invalidation start (KVM `mmu_notifier invalidate_range_start`) for host addresses
+    /// `[start, end)`; see the module doc for the contract. Returns `false` if this MMU does not
+    /// take host invalidations (the default), and then the machine makes none.
+    fn invalidate_hva_range_begin(&self, _start: Hva, _end: Hva) -> bool {
+        false
+    }
+
+    /// Host invalidation end: pairs with one `invalidate_hva_range_begin` that returned `true`.
+    fn invalidate_hva_range_end(&self) {}
+
+    /// The current memslot generation of address space 0 (raw: KVM's update-in-progress flag,
+    /// bit 63, included); 0 if the MMU has none.
+    fn generation(&self) -> u64 {
+        self.stats().generation
     }
 
     /// A snapshot of the MMU's counters.

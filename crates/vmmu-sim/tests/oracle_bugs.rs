@@ -1,8 +1,10 @@
-//! Historical bugs caught by the machine's oracle (issue 7, point 3): the default machine on the
-//! real MMU with one bug re-injected must report violations; the same run without it is clean
-//! (`tests/real_mmu.rs`). The loom models and named core tests that catch every bug are listed in
-//! `crates/vmmu/tests/bugs_caught.rs`; these are the end-to-end catches, what
-//! `vmmu run --inject NAME` shows.
+//! Historical bugs caught by the machine's oracle (issue 7 point 3, issue 11 point 8): the
+//! machine on the real MMU with one bug re-injected must report violations (wrong access
+//! outcomes); the same runs without it are clean (`tests/real_mmu.rs`, `tests/stress_paths.rs`,
+//! `wrap_trap_runs_clean` below). The loom models and named core tests that catch every bug are
+//! listed in `crates/vmmu/tests/bugs_caught.rs`; these are the end-to-end catches, what
+//! `vmmu run --inject NAME` shows. Each run is bounded (an access/update budget and a time
+//! cap); a catch that depends on a race gets at most three seeds.
 #![cfg(feature = "historical-bugs")]
 
 mod common;
@@ -10,11 +12,55 @@ mod common;
 use std::time::Duration;
 use vmmu::bugs::{Bug, BugSet};
 use vmmu::spte::FormatKind;
+use vmmu_sim::machine::{Machine, MachineConfig};
+use vmmu_sim::{RealMmu, RealMmuConfig, Report};
 
 fn violations(bug: Bug, format: FormatKind) -> u64 {
     let report =
         common::run_real(format, true, BugSet::only(bug), 3, Duration::from_millis(1500), 40);
     report.oracle.violations + report.vcpus.iter().map(|v| v.errors).sum::<u64>()
+}
+
+/// Runs `cfg` on the real MMU (EPT, MAXPHYADDR 46) with `bugs`; a wrap-trap run starts at the
+/// generation the trap needs.
+fn run(cfg: MachineConfig, bugs: BugSet) -> Report {
+    let machine = Machine::new(cfg).expect("machine");
+    let generation_base =
+        if machine.config().wrap_trap { machine.wrap_trap_generation_base() } else { 0 };
+    let mmu = RealMmu::new(
+        machine.host().clone(),
+        RealMmuConfig {
+            format: FormatKind::Ept,
+            phys_bits: 46,
+            mmio_caching: true,
+            vcpus: machine.config().vcpus,
+            generation_base,
+            slot_zap_all: false,
+            bugs,
+        },
+    )
+    .expect("mmu");
+    machine.run(&mmu).expect("run")
+}
+
+/// Whether a run of `cfg` with `bug` reports an access violation, trying up to three seeds.
+fn caught(bug: Bug, cfg: impl Fn(u64) -> MachineConfig) -> bool {
+    (0..3).any(|i| {
+        let report = run(cfg(40 + i), BugSet::only(bug));
+        eprintln!("{bug} seed {}: {} violations", 40 + i, report.oracle.violations);
+        report.oracle.first_violations.iter().any(|v| v.vcpu.is_some())
+    })
+}
+
+fn budget(seed: u64) -> MachineConfig {
+    MachineConfig {
+        seed,
+        duration: Duration::from_secs(2),
+        accesses_per_vcpu: Some(100_000),
+        min_updates: 100,
+        update_pause: Duration::from_micros(100),
+        ..MachineConfig::default()
+    }
 }
 
 #[test]
@@ -30,4 +76,54 @@ fn oracle_catches_mmio_spte_ignores_gen() {
 #[test]
 fn oracle_catches_no_tlb_flush_on_zap() {
     assert!(violations(Bug::NoTlbFlushOnZap, FormatKind::Ept) > 0, "a stale TLB entry went unseen");
+}
+
+/// The BAR's overlapping moves (slides): a GPA in the overlap is RAM before and after, and the
+/// bug answers MMIO for it while the slot is invalid.
+#[test]
+fn oracle_catches_invalid_slot_as_mmio() {
+    assert!(caught(Bug::InvalidSlotAsMmio, budget), "MMIO inside an overlapping move went unseen");
+}
+
+#[test]
+fn oracle_catches_zapped_spte_is_misconfig() {
+    let run = |seed| {
+        let r = run(budget(seed), BugSet::only(Bug::ZappedSpteIsMisconfig));
+        r.oracle.violations + r.vcpus.iter().map(|v| v.errors).sum::<u64>() > 0
+    };
+    assert!((40..43).any(run), "a misconfiguration error on a zapped SPTE went unseen");
+}
+
+/// The hot spots of `--stress-paths` make vCPUs hit their MMIO info cache right across the
+/// DIMM's hot-plug.
+#[test]
+fn oracle_catches_vcpu_cache_without_gen() {
+    let stress = |seed| MachineConfig { stress_paths: true, ..budget(seed) };
+    assert!(caught(Bug::VcpuCacheWithoutGen, stress), "a stale MMIO info cache hit went unseen");
+}
+
+fn trap(seed: u64) -> MachineConfig {
+    MachineConfig {
+        wrap_trap: true,
+        duration: Duration::from_secs(10),
+        accesses_per_vcpu: Some(10_000),
+        min_updates: 10,
+        ..budget(seed)
+    }
+}
+
+/// The wrap trap: the generation made visible before the wrap zap (2^19 generations after the
+/// trap SPTEs) lets the DIMM's reads hit them while a slow host fault holds the grace period.
+#[test]
+fn oracle_catches_no_second_increment() {
+    assert!(caught(Bug::NoSecondIncrement, trap), "a pre-wrap MMIO SPTE hit went unseen");
+}
+
+#[test]
+fn wrap_trap_runs_clean() {
+    let report = run(trap(50), BugSet::NONE);
+    let t = report.memslots.wrap_trap;
+    assert!(t.armed && t.sprung, "{report}");
+    assert_eq!(t.sprung_at, 1 << 20, "{report}");
+    assert_eq!(report.oracle.violations, 0, "{report}");
 }
