@@ -91,6 +91,23 @@ impl Invalidation {
     pub fn retry_unsafe(&self, snapshot: u64, gfn: Gfn) -> bool {
         self.retry(snapshot, gfn)
     }
+
+    /// [`Self::retry`] for a mapping of the whole block `[start, end)` (a huge page): retry if an
+    /// invalidation in flight touches any gfn of it, not only the faulting one. A host changes
+    /// part of a huge page only after splitting it (which invalidates the whole block), but the
+    /// MMU does not rely on that: a huge leaf installed over a page being invalidated would let
+    /// vCPUs use that page until the invalidation ends.
+    #[inline]
+    pub fn retry_range(&self, snapshot: u64, start: Gfn, end: Gfn) -> bool {
+        if self.in_progress.load(Ordering::Acquire) != 0 {
+            let s = self.start.load(Ordering::Relaxed);
+            let e = self.end.load(Ordering::Relaxed);
+            if start.raw() < e && s < end.raw() {
+                return true;
+            }
+        }
+        self.seq.load(Ordering::Acquire) != snapshot
+    }
 }
 
 #[cfg(all(test, not(loom)))]
@@ -109,6 +126,18 @@ mod tests {
         i.end();
         assert!(i.retry(s, Gfn(9)), "seq moved since the snapshot");
         assert!(!i.retry(i.seq(), Gfn(5)), "a fresh snapshot after the end is fine");
+    }
+
+    #[test]
+    fn a_block_overlapping_the_range_retries() {
+        let i = Invalidation::new();
+        let s = i.seq();
+        i.begin();
+        i.add_range(Gfn(0x205), Gfn(0x206));
+        assert!(!i.retry(s, Gfn(0x200)), "the faulting gfn itself is outside");
+        assert!(i.retry_range(s, Gfn(0x200), Gfn(0x400)), "its 2 MiB block is not");
+        assert!(!i.retry_range(s, Gfn(0x400), Gfn(0x600)), "the next block is fine");
+        i.end();
     }
 
     #[test]

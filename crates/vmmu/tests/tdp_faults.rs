@@ -570,3 +570,22 @@ fn vcpu_indices_and_reader_records_are_reclaimed() {
     // Updates still complete: no grace period waits for a record of a dropped vCPU.
     vm.set_memory_region(&region(0, 0x10_0000, 0, 0, 0)).unwrap();
 }
+
+/// A host invalidation of one page inside a 2 MiB block: a fault on another page of the block,
+/// which the host still reports as a huge page, must not map the whole block (the leaf would
+/// cover the page being invalidated); it retries until the invalidation ends.
+#[test]
+fn a_huge_leaf_is_not_installed_over_a_page_being_invalidated() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    // RAM_HVA is 2 MiB aligned and the test host maps it with 2 MiB pages.
+    vm.set_memory_region(&region(0, 0x20_0000, 0x20_0000, RAM_HVA, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    v.service_requests().unwrap();
+    vm.invalidate_hva_range_begin(vmmu::Hva(RAM_HVA + 0x5000), vmmu::Hva(RAM_HVA + 0x6000));
+    let o = v.handle_ept_violation(Gpa(0x20_0000), vmmu::FaultAccess::READ).unwrap();
+    assert_eq!(o, FaultOutcome::Retry(RetryCause::HostInvalidation));
+    assert_eq!(vm.stats().pages_2m, 0, "no 2 MiB leaf over the page being invalidated");
+    vm.invalidate_hva_range_end();
+    assert_eq!(access(&mut v, 0x20_0000, false).unwrap().0, Seen::Ram(Pfn(RAM_HVA >> 12)));
+    assert_eq!(vm.stats().pages_2m, 1);
+}

@@ -168,9 +168,13 @@ impl PageFault {
                 _ => {}
             }
         }
-        let ram = matches!(self.backing, Backing::Ram { .. });
-        if ram && inval.retry(self.mmu_seq, self.gfn) {
-            return Some(RetryCause::HostInvalidation);
+        if let Backing::Ram { max_level, .. } = self.backing {
+            // The whole block the leaf may map, not only the faulting gfn.
+            let start = Gfn(self.gfn.raw() & !(max_level.pages() - 1));
+            let end = Gfn(start.raw() + max_level.pages());
+            if inval.retry_range(self.mmu_seq, start, end) {
+                return Some(RetryCause::HostInvalidation);
+            }
         }
         None
     }
