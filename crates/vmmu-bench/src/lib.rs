@@ -100,7 +100,7 @@ pub enum BenchError {
 
 /// A software host with room for `frames` frames (RAM and tables).
 pub(crate) fn sim_host(frames: u64) -> Result<Arc<SimHost>, BenchError> {
-    Ok(Arc::new(SimHost::new(HostConfig { phys_bits: 46, max_frames: frames })?))
+    Ok(Arc::new(SimHost::new(HostConfig { max_frames: frames, ..HostConfig::new(46) })?))
 }
 
 /// An EPT VM on `host` (MAXPHYADDR 46).

@@ -59,7 +59,7 @@ pub fn run(opts: &Options) -> Result<Vec<Row>, BenchError> {
         let m = memslots(n)?;
         let r = m.register_reader().map_err(|e| BenchError::Harness(e.to_string()))?;
         let p = probes(n, 4096);
-        let guard = m.read(r);
+        let guard = m.read(&r);
         let set = guard.set(AsId(0));
         if p.iter().any(|g| set.find(*g).is_none()) {
             return Err(BenchError::Harness("a probe missed its slot".into()));

@@ -50,12 +50,15 @@ pub struct HostConfig {
     /// size of the frame table (one word per frame). Capped at `2^(phys_bits - 12)` and at
     /// [`MAX_FRAME_TABLE`].
     pub max_frames: u64,
+    /// Give the MMU no process-wide barrier, so its SRCU readers use full fences (for measuring
+    /// what the barrier saves); by default the host offers `membarrier` where the kernel has it.
+    pub full_fences: bool,
 }
 
 impl HostConfig {
     /// `phys_bits` with the default capacity of 2^20 frames (4 GiB of frames, an 8 MiB table).
     pub fn new(phys_bits: u8) -> HostConfig {
-        HostConfig { phys_bits, max_frames: 1 << 20 }
+        HostConfig { phys_bits, max_frames: 1 << 20, full_fences: false }
     }
 }
 
@@ -468,7 +471,14 @@ impl HostMemory for SimHost {
 
 /// The machine's vCPUs poll their request word between accesses (`GuestMmu::poll_tlb_flush`),
 /// which is the kick: nothing to send.
-impl vmmu::host::Sched for SimHost {}
+impl vmmu::host::Sched for SimHost {
+    fn process_barrier(&self) -> Option<fn()> {
+        if self.config.full_fences {
+            return None;
+        }
+        crate::membarrier::process_barrier()
+    }
+}
 
 // SAFETY: table pages are 4 KiB zeroed allocations kept in `all_tables` for the host's whole
 // life (freed pages go to `free_tables` for reuse, never back to the allocator), so a pointer
@@ -555,7 +565,7 @@ mod tests {
     use super::*;
 
     fn host(bits: u8) -> SimHost {
-        SimHost::new(HostConfig { phys_bits: bits, max_frames: 1 << 16 }).expect("host")
+        SimHost::new(HostConfig { max_frames: 1 << 16, ..HostConfig::new(bits) }).expect("host")
     }
 
     #[test]
@@ -592,7 +602,8 @@ mod tests {
 
     #[test]
     fn pfns_fit_phys_bits_and_capacity() {
-        let h = SimHost::new(HostConfig { phys_bits: 36, max_frames: u64::MAX }).expect("host");
+        let h =
+            SimHost::new(HostConfig { max_frames: u64::MAX, ..HostConfig::new(36) }).expect("host");
         assert_eq!(h.config().max_frames, 1 << 24);
         let h = host(36);
         let b = h.add_buffer("a", 1 << 20).expect("a");
@@ -687,7 +698,7 @@ mod tests {
 
     #[test]
     fn table_allocation_fails_when_frames_run_out() {
-        let h = SimHost::new(HostConfig { phys_bits: 36, max_frames: 4 }).expect("host");
+        let h = SimHost::new(HostConfig { max_frames: 4, ..HostConfig::new(36) }).expect("host");
         let got: Vec<_> = (0..5).filter_map(|_| h.alloc_table(0)).collect();
         assert_eq!(got.len(), 3, "pfn 0 is reserved, so 3 of 4 frames are usable");
     }

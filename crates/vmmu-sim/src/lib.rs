@@ -33,6 +33,7 @@ mod error;
 pub mod host;
 pub mod layout;
 pub mod machine;
+pub mod membarrier;
 pub mod mix;
 pub mod options;
 pub mod oracle;

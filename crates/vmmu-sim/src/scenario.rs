@@ -83,7 +83,7 @@ impl SimMachine {
     fn new(sc: &Scenario) -> Result<SimMachine, BackendError> {
         let vm = &sc.vm;
         let host = Arc::new(
-            SimHost::new(HostConfig { phys_bits: vm.phys_bits, max_frames: MAX_FRAMES })
+            SimHost::new(HostConfig { max_frames: MAX_FRAMES, ..HostConfig::new(vm.phys_bits) })
                 .map_err(failed)?,
         );
         let format = match vm.format {

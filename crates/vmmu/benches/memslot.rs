@@ -61,7 +61,7 @@ fn lookup(c: &mut Criterion) {
         let r = m.register_reader().expect("reader");
         let probes = gfns(n, 4096);
         g.bench_with_input(BenchmarkId::new("find", n), &n, |b, _| {
-            let guard = m.read(r);
+            let guard = m.read(&r);
             let set = guard.set(AsId(0));
             let mut i = 0;
             b.iter(|| {
@@ -70,7 +70,7 @@ fn lookup(c: &mut Criterion) {
             })
         });
         g.bench_with_input(BenchmarkId::new("find_cached", n), &n, |b, _| {
-            let guard = m.read(r);
+            let guard = m.read(&r);
             let set = guard.set(AsId(0));
             let mut cache = SlotCache::new();
             let gfn = probes[0];
@@ -80,7 +80,7 @@ fn lookup(c: &mut Criterion) {
             let mut i = 0;
             b.iter(|| {
                 i = (i + 1) & 4095;
-                let guard = m.read(r);
+                let guard = m.read(&r);
                 black_box(guard.set(AsId(0)).find(black_box(probes[i])).map(|s| s.id()))
             })
         });

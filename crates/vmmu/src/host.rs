@@ -104,6 +104,24 @@ pub trait Sched: Send + Sync {
     fn relax(&self) {
         crate::sync::DefaultRelax::default().relax();
     }
+
+    /// A process-wide memory barrier, if the host has one: it must make every thread that may be
+    /// inside an MMU read section (every vCPU thread) execute a full memory barrier before it
+    /// returns (Linux: `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, registered once). With it,
+    /// the MMU's read sections (every fault's memslot lookup, the fast MMIO path's walk) need no
+    /// fence of their own; without it (the default) they use a full fence
+    /// ([`crate::srcu::ReaderFences`]).
+    fn process_barrier(&self) -> Option<fn()> {
+        None
+    }
+
+    /// The SRCU fence kind this host allows.
+    fn reader_fences(&self) -> crate::srcu::ReaderFences {
+        match self.process_barrier() {
+            Some(barrier) => crate::srcu::ReaderFences::Asymmetric(barrier),
+            None => crate::srcu::ReaderFences::Full,
+        }
+    }
 }
 
 /// [`Sched::relax`] as a [`Relax`] for the MMU's wait loops.

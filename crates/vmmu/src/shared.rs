@@ -16,11 +16,10 @@ pub(crate) struct VmShared<H: Host> {
     pub(crate) mmu: TdpMmu<H>,
     pub(crate) policy: MmioCachingPolicy,
     pub(crate) bugs: BugSet,
-    /// The VMM's own memslot reader (host invalidations map host addresses to gfns).
-    pub(crate) vmm_reader: ReaderId,
     /// Serialises memslot updates, `zap_all_fast` and the start of host invalidations (KVM's
     /// `slots_lock` and `mn_invalidate_lock` roles for what this VM object does).
-    pub(crate) vmm_lock: crate::sync::Mutex<()>,
+    /// It holds the VMM's own memslot reader (host invalidations map host addresses to gfns).
+    pub(crate) vmm_lock: crate::sync::Mutex<ReaderId>,
     /// Host invalidations begun and not ended (KVM `mn_active_invalidate_count`). A memslot update
     /// waits for it to reach 0 under `vmm_lock`, so an invalidation's gfn ranges, computed from
     /// the memslots when it began, stay right until it ends (a slot cannot move meanwhile).

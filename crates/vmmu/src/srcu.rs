@@ -13,46 +13,51 @@
 //! *snapshot*). `0` means "not reading".
 //!
 //! # Protocol
-//! Reader, entering: `c = counter.load(Acquire)`; then one compare-exchange on its own record,
-//! `AcqRel`, from idle to `(c << 16) | 1` (or, nested, from `n` to `n + 1`, keeping the older
-//! snapshot). Then it loads whatever the updater publishes. Leaving: a `Release` RMW that lowers
-//! the count (to `0` when the outermost section ends).
+//! A record has one writer, its reader (a [`ReaderId`] is neither `Clone` nor `Sync`, so one
+//! thread at a time holds and uses it), and the updater only reads it. So a reader needs no
+//! read-modify-write:
 //!
-//! Updater ([`Srcu::synchronize`]), after publishing with a `Release` store: `t = counter.fetch_add(1,
-//! AcqRel) + 1`; then for every record, repeatedly `fetch_add(0, AcqRel)` (an RMW that reads and
-//! writes back the same value) until the record shows no open section whose snapshot is
-//! before `t`.
+//! - Reader, entering the outermost section: `c = counter.load(Acquire)`;
+//!   `record.store((c << 16) | 1, Release)`; then the **reader fence**; then it loads whatever the
+//!   updater publishes. Nested: `record.store(n + 1, Relaxed)`.
+//! - Reader, leaving: `record.store(n - 1, Release)` (`0` for the outermost).
+//! - Updater ([`Srcu::synchronize`]), after publishing: the **updater fence**; `t =
+//!   counter.fetch_add(1, AcqRel) + 1`; then for every record, `record.load(Acquire)` until it
+//!   shows no open section whose snapshot is before `t`.
 //!
-//! # Memory-ordering argument (C11 acquire/release only; no SeqCst Dekker pattern)
-//! All RMWs on one record are totally ordered (its modification order). Take a reader section R
-//! and one `synchronize` S, and look at R's entering RMW `E` and S's reading RMW `U` on R's record.
-//! 1. `U` before `E` in the record's order. `E` is an RMW, so it reads the value written by `U`
-//!    or by a later RMW in `U`'s release sequence; `E` is `Acquire`, `U` is `Release`, so `U`
-//!    synchronizes with `E`. The updater's publication (sequenced before `U`) happens before every
-//!    load R makes after `E`: **R sees the new data.**
-//! 2. `E` before `U`. Then `U` reads `E`'s value or a later one. If the record still shows R's
-//!    section with a snapshot before `t`, S waits; it stops only after an RMW of S reads a value
-//!    written by R's leaving RMW (a `Release`) or by a later RMW of its release sequence, so R's
-//!    section happens before everything S does afterwards: **S waited for R.** If instead the
-//!    snapshot is `t` or later, R's counter load read S's bump (or a later one), which is a
-//!    `Release` RMW sequenced after the publication, so the load synchronizes with it and R sees
-//!    the new data, as in case 1.
+//! The fences come in two kinds ([`ReaderFences`]): `Full` (both are `fence(SeqCst)`; the only kind
+//! under loom) or `Asymmetric`, where the reader fence is a compiler fence and the updater fence is
+//! the host's process-wide barrier (Linux `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, as in
+//! liburcu's "memb" flavour): it makes every thread of the process run a full barrier, which turns
+//! each reader's compiler fence into a `SeqCst` fence wherever the argument below needs one. The
+//! reader's hot path is then two plain loads and a plain store to enter, one store to leave.
+//!
+//! # Memory-ordering argument
+//! Take a reader section R (entering store `E`, reader fence `F_r`, then its loads) and one
+//! `synchronize` S (publication `P`, updater fence `F_u`, bump `B`, its load `L` of R's record).
+//! The fences are `SeqCst`, so they are totally ordered:
+//! 1. `F_u` before `F_r`: `P` is sequenced before `F_u` and R's loads after `F_r`, so (C++
+//!    [atomics.order], fences) **R sees the new data** (or newer).
+//! 2. `F_r` before `F_u`: then `L` (after `F_u`) reads `E` or a later store of the record. A later
+//!    store of the same reader is `Release` (a leave, or a newer section's entry), so `L`
+//!    (`Acquire`) synchronizes with it and R's section happens before everything S does next.
+//!    If `L` reads `E` itself: if the snapshot is before `t`, S waits until it reads a later store
+//!    (same as before: **S waited for R**); if the snapshot is `t` or later, R's counter load read
+//!    `B` (an `AcqRel` RMW sequenced after `P`) or a later bump, so **R sees the new data**.
 //!
 //! So every reader either sees what the updater published before `synchronize`, or is waited
-//! for. The loom models in `tests/loom_srcu.rs` check both directions with the real code.
+//! for. The loom models in `tests/loom_srcu.rs` check both directions with the real code, and
+//! `loom_srcu.rs` also shows that without the reader fence a section can be missed.
 //!
 //! # Progress
-//! Readers never wait: with one thread per [`ReaderId`] (the intended use, one per vCPU) the
-//! record is written by that thread only (the updater's `fetch_add(0)` writes back the value it
-//! read), so each compare-exchange succeeds at the first try. Sharing a `ReaderId` between threads
-//! is still memory-safe (the record counts every open section) but then only lock-free, and the
-//! updater may wait longer (a joiner keeps the older snapshot). `synchronize` must not be called
+//! Readers never wait (no loop, no RMW). `synchronize` must not be called
 //! from inside a read section of the same `Srcu` (it would wait for itself; KVM has the same rule
 //! for `slots_lock` and `kvm->srcu`).
 
 use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Ordering, Relax};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
+use core::marker::PhantomData;
 
 /// Bits of a record holding the nesting count.
 const NEST_BITS: u32 = 16;
@@ -75,16 +80,44 @@ pub enum SrcuError {
     },
 }
 
-/// A registered reader: the index of its record. Obtained from [`Srcu::register`].
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-pub struct ReaderId(u32);
+/// A registered reader: the right to write one record of one [`Srcu`]. Obtained from
+/// [`Srcu::register`], given back with [`Srcu::unregister`]. Neither `Clone` nor `Sync`: a record
+/// has exactly one writer at a time, which is what lets readers use plain stores (module doc).
+/// It may move to another thread (`Send`) between sections.
+#[derive(Debug)]
+pub struct ReaderId {
+    index: u32,
+    domain: u64,
+    /// `!Sync` (and `!Send`, given back below): one thread uses a reader at a time.
+    _one_thread: PhantomData<*const ()>,
+}
+
+// SAFETY: moving a `ReaderId` to another thread moves the right to write its record; the move
+// itself (a channel, a spawn) orders the old owner's stores before the new owner's.
+unsafe impl Send for ReaderId {}
 
 impl ReaderId {
     /// The record index.
     #[inline]
-    pub const fn index(self) -> usize {
-        self.0 as usize
+    pub const fn index(&self) -> usize {
+        self.index as usize
     }
+}
+
+/// How a reader's entry is ordered against an updater (module doc, "Protocol").
+#[derive(Clone, Copy, Debug, Default)]
+pub enum ReaderFences {
+    /// A `SeqCst` fence on both sides: needs nothing from the host.
+    #[default]
+    Full,
+    /// A compiler fence in readers; the updater calls this process-wide barrier instead (Linux
+    /// `membarrier`): it must make every thread that may be reading execute a full memory barrier
+    /// before it returns. Ignored under loom, which cannot model it (there `Full` is used).
+    Asymmetric(fn()),
+    /// Only for the loom model that shows the reader fence is needed: no reader fence at all.
+    #[cfg(loom)]
+    #[doc(hidden)]
+    NoReaderFenceForModels,
 }
 
 /// One reader's record, on its own cache line so readers do not share lines with each other.
@@ -101,6 +134,9 @@ pub struct Srcu {
     records: Box<[Record]>,
     /// Records claimed now (for `Debug`).
     registered: AtomicUsize,
+    /// This domain's identity: a [`ReaderId`] works only with the `Srcu` that made it.
+    domain: u64,
+    fences: ReaderFences,
 }
 
 impl core::fmt::Debug for Srcu {
@@ -117,11 +153,23 @@ impl core::fmt::Debug for Srcu {
 pub struct ReadGuard<'a> {
     srcu: &'a Srcu,
     index: usize,
+    /// Borrows the reader, so it cannot be given back or moved while the section is open.
+    _id: PhantomData<&'a ReaderId>,
 }
 
 impl Srcu {
-    /// A domain with room for `max_readers` readers.
+    /// A domain with room for `max_readers` readers and [`ReaderFences::Full`].
     pub fn new(max_readers: usize) -> Self {
+        Self::with_fences(max_readers, ReaderFences::Full)
+    }
+
+    /// A domain with room for `max_readers` readers, ordered by `fences`.
+    pub fn with_fences(max_readers: usize, fences: ReaderFences) -> Self {
+        #[cfg(loom)]
+        let fences = match fences {
+            ReaderFences::Asymmetric(_) => ReaderFences::Full,
+            other => other,
+        };
         let records: Vec<Record> = (0..max_readers)
             .map(|_| Record { state: AtomicU64::new(0), owned: AtomicBool::new(false) })
             .collect();
@@ -129,6 +177,8 @@ impl Srcu {
             counter: AtomicU64::new(0),
             records: records.into_boxed_slice(),
             registered: AtomicUsize::new(0),
+            domain: crate::sync::next_domain_id(),
+            fences,
         }
     }
 
@@ -146,27 +196,44 @@ impl Srcu {
             if rec.owned.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok()
             {
                 self.registered.fetch_add(1, Ordering::Relaxed);
-                return Ok(ReaderId(i as u32));
+                return Ok(ReaderId {
+                    index: i as u32,
+                    domain: self.domain,
+                    _one_thread: PhantomData,
+                });
             }
         }
         Err(SrcuError::TooManyReaders { max })
     }
 
-    /// Gives back a reader record (a vCPU is destroyed), for a later [`Self::register`]. The
-    /// reader must have no section open; `id` must not be used afterwards. (Misuse cannot break
-    /// memory safety: a record used by two readers only makes grace periods wait longer.)
-    pub fn unregister(&self, id: ReaderId) {
+    /// Gives back a reader record (a vCPU is destroyed), for a later [`Self::register`], and
+    /// retires `id`: using it again panics. A record with a section still open (a raw section
+    /// never closed) is kept out of use for good instead: a new owner must start from an idle
+    /// record.
+    pub fn unregister(&self, id: &mut ReaderId) {
         let rec = self.record(id);
-        debug_assert_eq!(rec.state.load(Ordering::Relaxed) & NEST_MASK, 0, "section still open");
+        // No domain is 0: the retired id fails every check from now on.
+        id.domain = 0;
+        if rec.state.load(Ordering::Relaxed) & NEST_MASK != 0 {
+            debug_assert!(false, "SRCU reader given back with a section open");
+            return;
+        }
+        // Release: this owner's last stores come before the next owner's (its Acquire claim).
         if rec.owned.swap(false, Ordering::Release) {
             self.registered.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
-    fn record(&self, id: ReaderId) -> &Record {
+    fn record_index(&self, id: &ReaderId) -> usize {
+        let _ = self.record(id);
+        id.index()
+    }
+
+    fn record(&self, id: &ReaderId) -> &Record {
+        assert!(id.domain == self.domain, "ReaderId {} does not belong to this Srcu", id.index);
         match self.records.get(id.index()) {
             Some(r) => r,
-            None => panic!("ReaderId {} does not belong to this Srcu", id.0),
+            None => panic!("ReaderId {} does not belong to this Srcu", id.index),
         }
     }
 
@@ -177,34 +244,52 @@ impl Srcu {
     /// If `id` was not registered with this `Srcu` (its index is out of range), or on nesting
     /// overflow.
     #[inline]
-    pub fn read_lock(&self, id: ReaderId) -> ReadGuard<'_> {
+    pub fn read_lock<'a>(&'a self, id: &'a ReaderId) -> ReadGuard<'a> {
         let rec = &self.record(id).state;
-        // Relaxed: only a first guess for the compare-exchange, which does the ordering.
-        let mut cur = rec.load(Ordering::Relaxed);
-        loop {
-            let new = if cur & NEST_MASK == 0 {
-                // Acquire: if this reads an updater's bump, the updater's publication (before
-                // the bump) is visible to this section (module doc, case 2).
-                let snap = self.counter.load(Ordering::Acquire) & SNAP_MASK;
-                (snap << NEST_BITS) | 1
-            } else {
-                assert!(cur & NEST_MASK != NEST_MASK, "SRCU read sections nested too deep");
-                cur + 1
-            };
-            // AcqRel: Acquire pairs with the updater's Release RMW on this record (case 1);
-            // Release makes the section visible in the record's modification order.
-            match rec.compare_exchange(cur, new, Ordering::AcqRel, Ordering::Relaxed) {
-                Ok(_) => break,
-                Err(v) => cur = v,
-            }
+        // Relaxed: this thread is the record's only writer.
+        let cur = rec.load(Ordering::Relaxed);
+        if cur & NEST_MASK == 0 {
+            // Acquire: if this reads an updater's bump, the updater's publication (before the
+            // bump) is visible to this section (module doc, case 2).
+            let snap = self.counter.load(Ordering::Acquire) & SNAP_MASK;
+            // Release: a grace period that reads this store (or a later one of this thread)
+            // also sees this thread's earlier sections end (case 2).
+            rec.store((snap << NEST_BITS) | 1, Ordering::Release);
+            self.reader_fence();
+        } else {
+            assert!(cur & NEST_MASK != NEST_MASK, "SRCU read sections nested too deep");
+            // Nested: the outer section's snapshot and fence already cover it.
+            rec.store(cur + 1, Ordering::Relaxed);
         }
-        ReadGuard { srcu: self, index: id.index() }
+        ReadGuard { srcu: self, index: id.index(), _id: PhantomData }
+    }
+
+    /// The reader fence (module doc): `SeqCst`, or a compiler fence when the updater fence is
+    /// the host's process-wide barrier.
+    #[inline(always)]
+    fn reader_fence(&self) {
+        match self.fences {
+            ReaderFences::Full => crate::sync::fence(Ordering::SeqCst),
+            ReaderFences::Asymmetric(_) => crate::sync::compiler_fence(Ordering::SeqCst),
+            #[cfg(loom)]
+            ReaderFences::NoReaderFenceForModels => {}
+        }
+    }
+
+    /// The updater fence (module doc).
+    fn updater_fence(&self) {
+        match self.fences {
+            ReaderFences::Full => crate::sync::fence(Ordering::SeqCst),
+            ReaderFences::Asymmetric(process_barrier) => process_barrier(),
+            #[cfg(loom)]
+            ReaderFences::NoReaderFenceForModels => crate::sync::fence(Ordering::SeqCst),
+        }
     }
 
     /// Opens a read section with no guard, for callers whose section spans calls that cannot
     /// hold a borrow (a vCPU's guest-mode period). Close it with [`Self::read_unlock_raw`].
     #[inline]
-    pub fn read_lock_raw(&self, id: ReaderId) {
+    pub fn read_lock_raw(&self, id: &ReaderId) {
         core::mem::forget(self.read_lock(id));
     }
 
@@ -214,8 +299,8 @@ impl Srcu {
     /// A section opened with `read_lock_raw(id)` on this `Srcu` is open and not yet closed, and
     /// the caller owns it (no guard of that section exists).
     #[inline]
-    pub unsafe fn read_unlock_raw(&self, id: ReaderId) {
-        drop(ReadGuard { srcu: self, index: id.index() });
+    pub unsafe fn read_unlock_raw(&self, id: &ReaderId) {
+        drop(ReadGuard { srcu: self, index: self.record_index(id), _id: PhantomData });
     }
 
     /// Waits until every read section that began before this call has ended, using `relax`
@@ -231,16 +316,18 @@ impl Srcu {
     /// reader could leave and re-enter with a section that still counts as older than the grace
     /// period, and be waited for forever.
     pub fn synchronize_nudging(&self, relax: &impl Relax, nudge: impl FnOnce()) {
+        // Orders the caller's publication before the record loads below, against the readers'
+        // entry fences (module doc, the two cases).
+        self.updater_fence();
         // AcqRel: Release so a reader whose snapshot reads this bump sees what was published
-        // before it; Acquire keeps the record polls below after the bump.
+        // before it; Acquire keeps the record loads below after the bump.
         let target = self.counter.fetch_add(1, Ordering::AcqRel).wrapping_add(1) & SNAP_MASK;
         nudge();
         for rec in self.records.iter() {
             loop {
-                // An RMW, not a load: it is ordered with the readers' RMWs on this record, and
-                // its Release half heads a release sequence that new readers acquire (case 1);
-                // its Acquire half pairs with a reader's leaving Release (case 2).
-                let v = rec.state.fetch_add(0, Ordering::AcqRel);
+                // Acquire: pairs with the reader's Release stores (leaving, or entering a newer
+                // section), so a section this stops waiting for happens before what follows.
+                let v = rec.state.load(Ordering::Acquire);
                 if !began_before(v, target) {
                     break;
                 }
@@ -270,17 +357,13 @@ impl Drop for ReadGuard<'_> {
     #[inline]
     fn drop(&mut self) {
         let rec = &self.srcu.records[self.index].state;
-        let mut cur = rec.load(Ordering::Relaxed);
-        loop {
-            debug_assert!(cur & NEST_MASK != 0, "SRCU record shows no open section");
-            let new = if cur & NEST_MASK == 1 { 0 } else { cur - 1 };
-            // Release: the section's reads happen before an updater that reads this value
-            // (or a later RMW of its release sequence) with Acquire (case 2).
-            match rec.compare_exchange(cur, new, Ordering::Release, Ordering::Relaxed) {
-                Ok(_) => break,
-                Err(v) => cur = v,
-            }
-        }
+        // Relaxed: this thread is the record's only writer.
+        let cur = rec.load(Ordering::Relaxed);
+        debug_assert!(cur & NEST_MASK != 0, "SRCU record shows no open section");
+        let new = if cur & NEST_MASK == 1 { 0 } else { cur - 1 };
+        // Release: the section's reads happen before an updater that reads this value with
+        // Acquire (case 2).
+        rec.store(new, Ordering::Release);
     }
 }
 
@@ -293,15 +376,15 @@ mod tests {
         let s = Srcu::new(2);
         assert_eq!(s.register().unwrap().index(), 0);
         assert_eq!(s.register().unwrap().index(), 1);
-        assert_eq!(s.register(), Err(SrcuError::TooManyReaders { max: 2 }));
+        assert_eq!(s.register().unwrap_err(), SrcuError::TooManyReaders { max: 2 });
     }
 
     #[test]
     fn records_count_nested_sections() {
         let s = Srcu::new(1);
         let id = s.register().unwrap();
-        let a = s.read_lock(id);
-        let b = s.read_lock(id);
+        let a = s.read_lock(&id);
+        let b = s.read_lock(&id);
         let v = s.records[0].state.load(Ordering::Relaxed);
         assert_eq!(v & NEST_MASK, 2);
         drop(b);
@@ -311,11 +394,39 @@ mod tests {
     }
 
     #[test]
+    fn a_given_back_record_is_reused_and_the_old_id_retired() {
+        let s = Srcu::new(1);
+        let mut id = s.register().unwrap();
+        drop(s.read_lock(&id));
+        s.unregister(&mut id);
+        let again = s.register().unwrap();
+        assert_eq!(again.index(), 0, "the record is free again");
+        let retired = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            drop(s.read_lock(&id));
+        }));
+        assert!(retired.is_err(), "a retired id cannot open sections");
+    }
+
+    #[test]
+    fn asymmetric_fences_call_the_process_barrier() {
+        use core::sync::atomic::{AtomicU32, Ordering as O};
+        static CALLS: AtomicU32 = AtomicU32::new(0);
+        fn barrier() {
+            CALLS.fetch_add(1, O::Relaxed);
+        }
+        let s = Srcu::with_fences(1, ReaderFences::Asymmetric(barrier));
+        let id = s.register().unwrap();
+        drop(s.read_lock(&id));
+        s.synchronize_default();
+        assert_eq!(CALLS.load(O::Relaxed), 1);
+    }
+
+    #[test]
     fn synchronize_without_readers_returns() {
         let s = Srcu::new(4);
         s.synchronize_default();
         let id = s.register().unwrap();
-        drop(s.read_lock(id));
+        drop(s.read_lock(&id));
         s.synchronize_default();
         assert_eq!(s.counter.load(Ordering::Relaxed), 2);
     }
@@ -337,7 +448,7 @@ mod tests {
         let b = Srcu::new(1);
         let _ = a.register().unwrap();
         let id = a.register().unwrap();
-        let _g = b.read_lock(id);
+        let _g = b.read_lock(&id);
     }
 
     #[cfg(feature = "std")]
@@ -346,7 +457,7 @@ mod tests {
         use crate::sync::{Arc, AtomicBool};
         let s = Arc::new(Srcu::new(1));
         let id = s.register().unwrap();
-        let g = s.read_lock(id);
+        let g = s.read_lock(&id);
         let done = Arc::new(AtomicBool::new(false));
         let t = {
             let (s, done) = (s.clone(), done.clone());

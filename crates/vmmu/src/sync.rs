@@ -12,6 +12,9 @@
 //!
 //! Contract: nothing in the core may use `core::sync::atomic` or `std::sync` directly.
 
+/// A compiler-only fence (no instruction): the reader side of an asymmetric fence pair, whose
+/// other side is a process-wide barrier (`srcu::ReaderFences::Asymmetric`). Never used under loom.
+pub use core::sync::atomic::compiler_fence;
 #[cfg(not(loom))]
 pub use core::sync::atomic::{
     fence, AtomicBool, AtomicPtr, AtomicU16, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
@@ -20,6 +23,14 @@ pub use core::sync::atomic::{
 pub use loom::sync::atomic::{
     fence, AtomicBool, AtomicPtr, AtomicU16, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
 };
+
+/// A number no other caller of this function in the process gets: the identity of an SRCU domain,
+/// so a reader record cannot be used with another domain. Not part of any modelled protocol, so
+/// it is core's atomic even under loom.
+pub(crate) fn next_domain_id() -> u64 {
+    static NEXT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, core::sync::atomic::Ordering::Relaxed)
+}
 
 #[cfg(not(loom))]
 pub use alloc::sync::Arc;

@@ -208,7 +208,7 @@ impl<H: Host> Vm<H> {
             ..MemslotsConfig::default()
         };
         let max_gfn = Gfn(mcfg.max_gfn());
-        let memslots = Memslots::try_new(mcfg)?;
+        let memslots = Memslots::try_with_fences(mcfg, host.reader_fences())?;
         let vmm_reader = memslots.register_reader().map_err(|_| TdpError::TooManyVcpus(0))?;
         let mmu = TdpMmu::new(
             host,
@@ -228,8 +228,7 @@ impl<H: Host> Vm<H> {
                 mmu,
                 policy,
                 bugs: cfg.bugs,
-                vmm_reader,
-                vmm_lock: crate::sync::Mutex::new(()),
+                vmm_lock: crate::sync::Mutex::new(vmm_reader),
                 mn_active: crate::sync::AtomicU32::new(0),
             }),
         })
@@ -280,10 +279,10 @@ impl<H: Host> Vm<H> {
     pub fn invalidate_hva_range_begin(&self, start: Hva, end: Hva) {
         let inner = &*self.inner;
         let mut ranges = Vec::new();
-        let _serial = inner.vmm_lock.lock();
+        let vmm_reader = inner.vmm_lock.lock();
         inner.mn_active.fetch_add(1, crate::sync::Ordering::AcqRel);
         {
-            let guard = inner.memslots.read(inner.vmm_reader);
+            let guard = inner.memslots.read(&vmm_reader);
             for as_id in 0..inner.memslots.nr_address_spaces() {
                 for s in guard.set(AsId(as_id)).iter() {
                     let s_start = s.userspace_addr().raw();

@@ -37,7 +37,7 @@ fn create_model(bugs: BugSet) {
         let reader = {
             let m = m.clone();
             thread::spawn(move || {
-                let g = m.read(r);
+                let g = m.read(&r);
                 let backed = g.set(AsId(0)).find(Gfn(0x100)).is_some();
                 let gen = g.set(AsId(0)).generation();
                 drop(g);
@@ -73,7 +73,7 @@ fn delete_reader_never_mixes_sets() {
         let reader = {
             let m = m.clone();
             thread::spawn(move || {
-                let g = m.read(r);
+                let g = m.read(&r);
                 let seen = g.set(AsId(0)).find(Gfn(0x100)).copied();
                 let gen = g.set(AsId(0)).generation();
                 drop(g);

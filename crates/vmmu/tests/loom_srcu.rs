@@ -10,7 +10,7 @@ use loom::cell::UnsafeCell;
 use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use loom::sync::Arc;
 use loom::thread;
-use vmmu::srcu::Srcu;
+use vmmu::srcu::{ReaderFences, Srcu};
 use vmmu::sync::Yield;
 
 /// Shared state: the SRCU domain, two buffers and the index of the published one.
@@ -22,8 +22,12 @@ struct Shared {
 
 impl Shared {
     fn new(readers: usize) -> Arc<Self> {
+        Self::with_fences(readers, ReaderFences::Full)
+    }
+
+    fn with_fences(readers: usize, fences: ReaderFences) -> Arc<Self> {
         Arc::new(Shared {
-            srcu: Srcu::new(readers),
+            srcu: Srcu::with_fences(readers, fences),
             bufs: [UnsafeCell::new(1), UnsafeCell::new(0)],
             active: AtomicUsize::new(0),
         })
@@ -43,13 +47,38 @@ impl Shared {
 /// buffer, and loom finds no unordered access to buffer 0.
 #[test]
 fn older_reader_is_waited_for() {
-    loom::model(|| {
-        let s = Shared::new(1);
+    older_reader(ReaderFences::Full);
+}
+
+/// The model has teeth: without the reader's fence (plain stores only), loom finds a reader that
+/// read the old buffer after the updater's grace period ended (a use after reuse), which is why
+/// readers need a `SeqCst` fence, or the host's process-wide barrier on the updater side.
+#[test]
+fn older_reader_without_the_reader_fence_is_missed() {
+    let r = std::panic::catch_unwind(|| older_reader(ReaderFences::NoReaderFenceForModels));
+    let msg = match r {
+        Ok(()) => panic!("loom found no interleaving where the unfenced reader is missed"),
+        Err(p) => p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default(),
+    };
+    // The reader's read of the old buffer races the updater's reuse of it.
+    assert!(
+        msg.contains("Causality violation") || msg.contains("reader saw"),
+        "unexpected failure: {msg}"
+    );
+}
+
+fn older_reader(fences: ReaderFences) {
+    loom::model(move || {
+        let s = Shared::with_fences(1, fences);
         let id = s.srcu.register().unwrap();
         let r = {
             let s = s.clone();
             thread::spawn(move || {
-                let g = s.srcu.read_lock(id);
+                let g = s.srcu.read_lock(&id);
                 let i = s.active.load(Ordering::Acquire);
                 let v1 = s.bufs[i].with(|p| unsafe { *p });
                 thread::yield_now();
@@ -75,7 +104,7 @@ fn later_reader_sees_the_publication() {
             let (s, done) = (s.clone(), done.clone());
             thread::spawn(move || {
                 if done.load(Ordering::Relaxed) {
-                    let _g = s.srcu.read_lock(id);
+                    let _g = s.srcu.read_lock(&id);
                     assert_eq!(
                         s.active.load(Ordering::Acquire),
                         1,
@@ -103,10 +132,10 @@ fn two_readers_with_nesting() {
             .map(|(n, id)| {
                 let s = s.clone();
                 thread::spawn(move || {
-                    let outer = s.srcu.read_lock(id);
+                    let outer = s.srcu.read_lock(&id);
                     let i = s.active.load(Ordering::Acquire);
                     if n == 1 {
-                        let inner = s.srcu.read_lock(id);
+                        let inner = s.srcu.read_lock(&id);
                         drop(inner);
                     }
                     let v = s.bufs[i].with(|p| unsafe { *p });

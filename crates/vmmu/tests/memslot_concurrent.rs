@@ -81,7 +81,7 @@ fn readers_race_updates() {
                 let mut cache = SlotCache::new();
                 let mut sections = 0u64;
                 while !stop.load(Ordering::Acquire) {
-                    let g = m.read(id);
+                    let g = m.read(&id);
                     let s1 = g.set(AsId(0));
                     let gen1 = s1.generation();
                     let c1 = content(s1);

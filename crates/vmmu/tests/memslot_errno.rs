@@ -303,7 +303,7 @@ fn rows() -> Vec<Row> {
 /// Everything observable about the slots: per AS, (id, base, npages, flags) by gfn.
 fn snapshot(m: &Memslots) -> Vec<Vec<(u16, u64, u64, u32)>> {
     let reader = m.register_reader().unwrap_or_else(|_| panic!("one reader per snapshot"));
-    let g = m.read(reader);
+    let g = m.read(&reader);
     (0..m.nr_address_spaces())
         .map(|a| {
             g.set(AsId(a))
@@ -342,7 +342,8 @@ fn errno_table() {
                 // KVM: invalidate (swap + flush), prepare fails, swap the old slot back.
                 assert_eq!(log, ["updated 0:12", "flush 0:0", "updated 0:14"], "{}", row.name);
                 assert_eq!(gens, [before_gens[0] + 4, before_gens[1]]);
-                let g = m.read(m.register_reader().unwrap());
+                let reader = m.register_reader().unwrap();
+                let g = m.read(&reader);
                 let s = g.set(AsId(0)).find(Gfn(0)).copied().unwrap();
                 assert!(!s.is_invalid(), "the old slot is valid again");
             } else {

@@ -142,7 +142,7 @@ fn invalid_slot_is_visible_during_the_flush() {
     struct Check(Arc<Memslots>, vmmu::srcu::ReaderId, Mutex<u32>);
     impl MemslotHooks for Check {
         fn flush_slot(&self, old: &Memslot) {
-            let g = self.0.read(self.1);
+            let g = self.0.read(&self.1);
             let s = g.set(old.as_id()).find(old.base_gfn()).copied().unwrap();
             assert!(s.is_invalid() && s.id() == old.id());
             assert!(
@@ -159,7 +159,7 @@ fn invalid_slot_is_visible_during_the_flush() {
     m.set_memory_region(&r(0, 3, 0, 0x9000, 0x1000), &c).unwrap();
     m.set_memory_region(&r(0, 3, 0, 0, 0), &c).unwrap();
     assert_eq!(*c.2.lock().unwrap(), 2);
-    let g = m.read(c.1);
+    let g = m.read(&c.1);
     assert!(g.set(AsId(0)).find(Gfn(9)).is_none());
 }
 

@@ -267,7 +267,7 @@ proptest! {
             }
             prop_assert_eq!(m.nr_memslot_pages(), model.slots.iter().map(|s| s.npages).sum::<u64>());
             prop_assert_eq!(m.metadata_bytes(), model.meta);
-            let g = m.read(reader);
+            let g = m.read(&reader);
             for a in 0..nr_as {
                 let set = g.set(AsId(a));
                 prop_assert_eq!(set.len(), model.slots.iter().filter(|s| s.as_id == a).count());

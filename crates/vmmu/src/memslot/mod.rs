@@ -54,7 +54,7 @@ pub use set::MemslotSet;
 pub use slot::Memslot;
 
 use crate::bugs::{Bug, BugSet};
-use crate::srcu::{ReadGuard, ReaderId, Srcu, SrcuError};
+use crate::srcu::{ReadGuard, ReaderFences, ReaderId, Srcu, SrcuError};
 use crate::sync::{AtomicUsize, DefaultRelax, Mutex, Ordering, Relax};
 use crate::types::{AsId, Generation, Gfn, SlotId};
 use alloc::boxed::Box;
@@ -265,6 +265,12 @@ impl Memslots {
 
     /// A VM's memslots, or why the configuration is unusable.
     pub fn try_new(cfg: MemslotsConfig) -> Result<Self, ConfigError> {
+        Self::try_with_fences(cfg, ReaderFences::Full)
+    }
+
+    /// [`Self::try_new`] with the readers' fence kind (asymmetric when the host offers a
+    /// process-wide barrier: [`crate::host::Sched::process_barrier`]).
+    pub fn try_with_fences(cfg: MemslotsConfig, fences: ReaderFences) -> Result<Self, ConfigError> {
         cfg.validate()?;
         let spaces: Vec<AddressSpace> = (0..cfg.nr_address_spaces)
             .map(|i| {
@@ -277,7 +283,7 @@ impl Memslots {
             .collect();
         Ok(Memslots {
             cfg,
-            srcu: Srcu::new(cfg.max_readers),
+            srcu: Srcu::with_fences(cfg.max_readers, fences),
             spaces: spaces.into_boxed_slice(),
             slots_lock: Mutex::new(SlotsState {
                 nr_memslot_pages: 0,
@@ -307,13 +313,13 @@ impl Memslots {
     }
 
     /// Gives back a reader record (see [`Srcu::unregister`]).
-    pub fn unregister_reader(&self, r: ReaderId) {
+    pub fn unregister_reader(&self, r: &mut ReaderId) {
         self.srcu.unregister(r)
     }
 
     /// Opens a read section for reader `r`. Wait-free.
     #[inline]
-    pub fn read(&self, r: ReaderId) -> MemslotsGuard<'_> {
+    pub fn read<'a>(&'a self, r: &'a ReaderId) -> MemslotsGuard<'a> {
         MemslotsGuard { slots: self, _section: self.srcu.read_lock(r) }
     }
 
@@ -576,7 +582,7 @@ mod tests {
         );
         assert_eq!(c, Ok(MemslotChange::Create));
         {
-            let g = m.read(r);
+            let g = m.read(&r);
             let s = g.set(AsId(0)).find(Gfn(0x101)).copied().unwrap();
             assert_eq!(s.hva_of(Gfn(0x101)).raw(), 0x7000_1000);
             assert!(g.set(AsId(1)).find(Gfn(0x101)).is_none(), "address spaces are separate");
@@ -587,7 +593,7 @@ mod tests {
         let c = m.set_memory_region(&UserspaceMemoryRegion::new(1, 0, 0, 0, 0), &NoHooks);
         assert_eq!(c, Ok(MemslotChange::Delete));
         assert_eq!(m.generation(AsId(0)).raw(), 6, "delete takes two swaps");
-        assert!(m.read(r).set(AsId(0)).is_empty());
+        assert!(m.read(&r).set(AsId(0)).is_empty());
         assert_eq!(m.nr_memslot_pages(), 0);
     }
 

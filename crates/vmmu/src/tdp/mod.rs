@@ -110,6 +110,7 @@ impl<H: Host> TdpMmu<H> {
         if !(cfg.root_level == Level::L4 || cfg.root_level == Level::L5) {
             return Err(TdpError::BadRootLevel(cfg.root_level.get()));
         }
+        let fences = crate::host::Sched::reader_fences(&*host);
         let vcpus = (0..cfg.max_vcpus).map(|_| VcpuState::new()).collect::<Vec<_>>();
         let taken =
             (0..cfg.max_vcpus).map(|_| crate::sync::AtomicBool::new(false)).collect::<Vec<_>>();
@@ -118,7 +119,7 @@ impl<H: Host> TdpMmu<H> {
             cfg,
             mmu_lock: RwLock::new(Vec::new()),
             // One reader record per vCPU, plus one for the VMM's own lockless reads (tests).
-            table_srcu: Srcu::new(cfg.max_vcpus + 1),
+            table_srcu: Srcu::with_fences(cfg.max_vcpus + 1, fences),
             pending_free: Mutex::new(Vec::new()),
             inval: Invalidation::new(),
             vcpus: vcpus.into_boxed_slice(),
@@ -166,7 +167,7 @@ impl<H: Host> TdpMmu<H> {
 
     /// Gives back vCPU index `idx` and its table reader record (the vCPU was dropped: it is out
     /// of guest mode and has no section open).
-    pub(crate) fn remove_vcpu(&self, idx: usize, reader: ReaderId) {
+    pub(crate) fn remove_vcpu(&self, idx: usize, reader: &mut ReaderId) {
         self.table_srcu.unregister(reader);
         self.vcpu_taken[idx].store(false, crate::sync::Ordering::Release);
     }

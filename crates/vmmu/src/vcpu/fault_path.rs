@@ -5,7 +5,7 @@
 //! Everything here runs on the vCPU's thread, outside guest mode, inside one memslot read
 //! section. The fast path takes no lock and allocates nothing.
 
-use super::VcpuMmu;
+use super::{VcpuMmu, VcpuReaders};
 use crate::bugs::Bug;
 use crate::fault::{Backing, EmulateSource, FaultError, FaultOutcome, FaultinStop, PageFault};
 use crate::host::Host;
@@ -32,16 +32,17 @@ impl VcpuMmu {
     pub(super) fn page_fault<H: Host>(
         &mut self,
         vm: &VmShared<H>,
+        readers: &VcpuReaders,
         stats: &mut VcpuStats,
         mut fault: PageFault,
     ) -> Result<FaultOutcome, FaultError> {
         if self.root.is_none() {
             return Ok(retry(stats, RetryCause::NoRoot));
         }
-        let guard = vm.memslots.read(self.memslot_reader);
+        let guard = vm.memslots.read(&readers.memslot);
         let set = guard.set(self.as_id);
         if fault.rsvd() {
-            match self.handle_mmio_page_fault(vm, stats, set, fault.addr)? {
+            match self.handle_mmio_page_fault(vm, readers, stats, set, fault.addr)? {
                 FastOutcome::Done(o) => return Ok(o),
                 FastOutcome::Invalid => {}
             }
@@ -67,6 +68,7 @@ impl VcpuMmu {
     fn handle_mmio_page_fault<H: Host>(
         &mut self,
         vm: &VmShared<H>,
+        readers: &VcpuReaders,
         stats: &mut VcpuStats,
         set: &MemslotSet,
         gpa: Gpa,
@@ -89,7 +91,7 @@ impl VcpuMmu {
             None => return Ok(FastOutcome::Done(retry(stats, RetryCause::NoRoot))),
         };
         let walk = {
-            let _t = vm.mmu.table_srcu.read_lock(self.table_reader);
+            let _t = vm.mmu.table_srcu.read_lock(&readers.table);
             vm.mmu.walk_lockless(root_pfn, root_level, gfn)
         };
         let codec = vm.mmu.cfg.codec;

@@ -91,16 +91,23 @@ pub struct EntryWork {
 /// ```
 pub struct Vcpu<H: Host> {
     vm: Arc<VmShared<H>>,
+    readers: VcpuReaders,
     st: VcpuMmu,
     /// This vCPU's counters.
     pub stats: VcpuStats,
 }
 
+/// A vCPU's SRCU reader records: its memslot reads and its table walks (its own, or the
+/// hardware's in guest mode). Apart from [`VcpuMmu`] so a read section can borrow them while the
+/// fault path mutates the rest.
+pub(crate) struct VcpuReaders {
+    memslot: ReaderId,
+    table: ReaderId,
+}
+
 /// A vCPU's own MMU state (KVM: the `kvm_vcpu_arch` MMU fields).
 pub(crate) struct VcpuMmu {
     index: usize,
-    memslot_reader: ReaderId,
-    table_reader: ReaderId,
     as_id: AsId,
     root: Option<Arc<Root>>,
     mmio_cache: MmioInfoCache,
@@ -111,25 +118,23 @@ pub(crate) struct VcpuMmu {
 
 impl<H: Host> Vcpu<H> {
     pub(crate) fn new(vm: Arc<VmShared<H>>) -> Result<Self, TdpError> {
-        let (index, table_reader) = vm.mmu.add_vcpu()?;
-        let memslot_reader = match vm.memslots.register_reader() {
+        let (index, mut table) = vm.mmu.add_vcpu()?;
+        let memslot = match vm.memslots.register_reader() {
             Ok(r) => r,
             Err(_) => {
-                vm.mmu.remove_vcpu(index, table_reader);
+                vm.mmu.remove_vcpu(index, &mut table);
                 return Err(TdpError::TooManyVcpus(vm.mmu.cfg.max_vcpus));
             }
         };
         let st = VcpuMmu {
             index,
-            memslot_reader,
-            table_reader,
             as_id: AsId(0),
             root: None,
             mmio_cache: MmioInfoCache::new(),
             slot_cache: SlotCache::default(),
             in_guest: false,
         };
-        Ok(Vcpu { vm, st, stats: VcpuStats::default() })
+        Ok(Vcpu { vm, readers: VcpuReaders { memslot, table }, st, stats: VcpuStats::default() })
     }
 
     /// The vCPU's index in its VM.
@@ -230,7 +235,7 @@ impl<H: Host> Vcpu<H> {
         };
         let (root_pfn, root_level) = (root.pfn(), root.level());
         // The read section first: the hardware walker may reach any table from the root.
-        let table_guard = self.vm.mmu.table_srcu.read_lock(self.st.table_reader);
+        let table_guard = self.vm.mmu.table_srcu.read_lock(&self.readers.table);
         let state = &self.vm.mmu.vcpus[self.st.index];
         state.enter_guest_mode()?;
         Ok(GuestMode { vm: &self.vm, state, root_pfn, root_level, _table: table_guard })
@@ -245,10 +250,10 @@ impl<H: Host> Vcpu<H> {
             return Err(self.state().pending());
         }
         let mmu = &self.vm.mmu;
-        mmu.table_srcu.read_lock_raw(self.st.table_reader);
+        mmu.table_srcu.read_lock_raw(&self.readers.table);
         if let Err(r) = mmu.vcpus[self.st.index].enter_guest_mode() {
             // SAFETY: opened just above by this thread, no guard exists.
-            unsafe { mmu.table_srcu.read_unlock_raw(self.st.table_reader) };
+            unsafe { mmu.table_srcu.read_unlock_raw(&self.readers.table) };
             return Err(r);
         }
         self.st.in_guest = true;
@@ -264,7 +269,7 @@ impl<H: Host> Vcpu<H> {
         let mmu = &self.vm.mmu;
         mmu.vcpus[self.st.index].exit_guest_mode();
         // SAFETY: `in_guest` was set by `enter_guest_mode`, which opened the section.
-        unsafe { mmu.table_srcu.read_unlock_raw(self.st.table_reader) };
+        unsafe { mmu.table_srcu.read_unlock_raw(&self.readers.table) };
     }
 
     /// Whether the vCPU is in guest mode through [`Self::enter_guest_mode`].
@@ -324,8 +329,8 @@ impl<H: Host> Vcpu<H> {
     fn page_fault(&mut self, fault: PageFault) -> Result<FaultOutcome, FaultError> {
         debug_assert!(!self.st.in_guest, "fault handlers run outside guest mode (after a VM exit)");
         // Three disjoint borrows: the shared VM state, the vCPU's own MMU state, its counters.
-        let Vcpu { vm, st, stats } = self;
-        st.page_fault(vm, stats, fault)
+        let Vcpu { vm, readers, st, stats } = self;
+        st.page_fault(vm, readers, stats, fault)
     }
 }
 
@@ -376,7 +381,7 @@ impl<H: Host> Drop for Vcpu<H> {
             self.vm.mmu.put_root(r);
         }
         // KVM `kvm_vcpu_destroy`: the index and the reader records go back for the next vCPU.
-        self.vm.memslots.unregister_reader(self.st.memslot_reader);
-        self.vm.mmu.remove_vcpu(self.st.index, self.st.table_reader);
+        self.vm.memslots.unregister_reader(&mut self.readers.memslot);
+        self.vm.mmu.remove_vcpu(self.st.index, &mut self.readers.table);
     }
 }
