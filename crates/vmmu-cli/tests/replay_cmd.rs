@@ -178,3 +178,62 @@ fn a_refused_request_or_a_recorded_mmio_access_that_hits_ram_exits_1() {
     }
     assert_eq!(t["passed"], false);
 }
+
+/// Whether the KVM half can run here; says why not.
+fn kvm_usable() -> bool {
+    match vmmu_kvm::probe() {
+        Ok(_) => true,
+        Err(why) => {
+            println!("checking less: {why}");
+            false
+        }
+    }
+}
+
+#[test]
+fn kvm_half_agrees_with_the_recordings_where_usable() {
+    let kvm = kvm_usable();
+    for f in ["hand-aliases-move-delete-rom", "seabios-kvm.small"] {
+        let file = repo(&format!("tests/traces/{f}.trace.jsonl"));
+        let out = vmmu(&["replay", "--json", "--format", "ept", "--mmio-caching", "on", &file]);
+        let doc: Value = serde_json::from_slice(&out.stdout).expect("json");
+        let t = &doc["traces"][0];
+        assert_eq!(out.status.code(), Some(0), "{:#}", t["kvm"]);
+        let k = &t["kvm"];
+        if !kvm {
+            assert!(k["skipped"].as_str().unwrap().contains("/dev/kvm not usable"), "{k}");
+            continue;
+        }
+        assert_eq!(k["ran"], true, "{k:#}");
+        assert_eq!(k["error"], Value::Null, "{k:#}");
+        assert_eq!(u(&k["slots_refused"]), 0, "{k:#}");
+        assert_eq!(u(&k["slots_applied"]), u(&t["events"]["slot"]));
+        assert_eq!(u(&k["mmio_not_mmio"]), 0, "{k:#}");
+        assert_eq!(u(&k["mmio_exits"]), u(&k["mmio_checked"]));
+        assert_eq!(
+            u(&k["mmio_checked"]),
+            u(&t["events"]["mmio"]),
+            "small traces are checked whole"
+        );
+    }
+    if kvm {
+        // KVM, too, reaches RAM for an "MMIO" access inside a RAM slot, and refuses an overlap.
+        let mmio = "{\"t\":0.000001,\"op\":\"mmio\",\"dir\":\"read\",\"gpa\":\"0x1000\",\"len\":4,\"value\":\"0x0\",\"exit\":\"user\"}\n";
+        let overlap = RAM.replace("0.000000", "0.000002").replace("\"id\":0", "\"id\":1");
+        let p = temp_file("kvm-diverges.trace.jsonl", &format!("{HEADER}{RAM}{mmio}{overlap}"));
+        let out = vmmu(&[
+            "replay",
+            "--json",
+            "--format",
+            "npt",
+            "--mmio-caching",
+            "off",
+            &p.display().to_string(),
+        ]);
+        assert_eq!(out.status.code(), Some(1));
+        let doc: Value = serde_json::from_slice(&out.stdout).expect("json");
+        let k = &doc["traces"][0]["kvm"];
+        assert_eq!((u(&k["mmio_not_mmio"]), u(&k["slots_refused"])), (1, 1), "{k:#}");
+        assert_eq!(k["first_refusals"][0]["errno"], "EEXIST");
+    }
+}
