@@ -56,9 +56,8 @@ fn configs(args: &ReplayArgs) -> Vec<ReplayConfig> {
         .iter()
         .flat_map(|&format| {
             caching.iter().map(move |&mmio_caching| ReplayConfig {
-                format,
-                mmio_caching,
                 phys_bits: args.phys_bits,
+                ..ReplayConfig::new(format, mmio_caching)
             })
         })
         .collect()

@@ -11,14 +11,17 @@
 //! Checks:
 //! - every `slot` request must be accepted (it was on the recording host);
 //! - every `mmio` access must end as MMIO (no slot, or a write to a read-only slot);
-//! - after every applied `slot` request the replay probes each live slot of address space 0
-//!   (first, middle and last page): the host writes a fresh token into the slot's buffer and
-//!   the guest must read it back; the guest writes another token and the host must find it in
-//!   the buffer (or, in a read-only slot, the write must be MMIO and the buffer unchanged); every
-//!   other live slot that maps the same host page (an alias) must read it too. After a delete
-//!   or move, the old range is probed as well: MMIO where no slot is left. These accesses fill
-//!   the TLB and the SPTEs that the next slot change must invalidate; a stale translation shows
-//!   up as a wrong value or a wrong kind of access (an oracle violation).
+//! - right before every `slot` request the replay probes the slot's old range (first and last
+//!   page) and the requested range (first, middle, last page), so the TLB, the SPTEs and the
+//!   per-vCPU MMIO cache hold what the request must invalidate; right after it, the same pages
+//!   (most recent first) and then each live slot of address space 0 (first, middle and last
+//!   page). A probe of a page in a slot: the host writes a fresh token into the slot's buffer
+//!   and the guest must read it back; the guest writes another token and the host must find it
+//!   in the buffer (or, in a read-only slot, the write must be MMIO and the buffer unchanged);
+//!   every other live slot that maps the same host page (an alias) must read it too. A probe of
+//!   a page in no slot must be MMIO. A stale translation or a stale "this is MMIO" shows up as
+//!   a wrong value or a wrong kind of access (an oracle violation); `tests/replay_bugs.rs` shows
+//!   re-injected historical bugs caught this way.
 
 use super::memory::{MemoryError, TraceMemory};
 use super::parse::{Dir, EventKind, Exit, MmioEvent, SlotEvent, Trace};
@@ -30,6 +33,7 @@ use crate::seam::{GuestMmu, Translation};
 use crate::tlb::{Tlb, TlbEntry};
 use std::collections::BTreeMap;
 use std::time::Instant;
+use vmmu::bugs::BugSet;
 use vmmu::memslot::{MemslotChange, UserspaceMemoryRegion};
 use vmmu::spte::FormatKind;
 use vmmu::types::{Gpa, Hva, PAGE_SIZE};
@@ -47,9 +51,17 @@ pub struct ReplayConfig {
     pub mmio_caching: bool,
     /// Host MAXPHYADDR.
     pub phys_bits: u8,
+    /// Historical KVM bugs to re-inject (empty normally; effective only with the
+    /// `historical-bugs` feature), to show that the replay's checks catch them.
+    pub bugs: BugSet,
 }
 
 impl ReplayConfig {
+    /// `format` with MMIO caching on or off, `phys_bits` 46, no bugs.
+    pub fn new(format: FormatKind, mmio_caching: bool) -> ReplayConfig {
+        ReplayConfig { format, mmio_caching, phys_bits: 46, bugs: BugSet::NONE }
+    }
+
     /// `ept-on`, `npt-off`, ...
     pub fn name(&self) -> String {
         let f = match self.format {
@@ -237,6 +249,12 @@ impl Replay<'_> {
             memory_size: s.size,
             userspace_addr,
         };
+        let key = (s.as_id, s.id);
+        let old = self.live.get(&key).copied();
+        let warm = self.warm_pages(old, s);
+        for &page in &warm {
+            self.probe(page);
+        }
         let vm = self.mmu.vm();
         let before = vm.stats();
         let t0 = Instant::now();
@@ -262,8 +280,6 @@ impl Replay<'_> {
         self.latencies.push(ns);
         self.report.events_applied += 1;
         let after = vm.stats();
-        let key = (s.as_id, s.id);
-        let old = self.live.get(&key).copied();
         let r = &mut self.report.slots;
         r.applied += 1;
         let new = Live {
@@ -305,17 +321,37 @@ impl Replay<'_> {
             z.sptes_zapped += after.mmu_shadow_zapped - before.mmu_shadow_zapped;
             self.pending_zap = true;
         }
-        self.probe_all(key, old, change);
+        // The pages warmed before the request first, most recent first (the per-vCPU MMIO
+        // cache holds the last MMIO gfn), then every live slot.
+        for &page in warm.iter().rev() {
+            self.probe(page);
+        }
+        self.probe_all();
     }
 
-    /// The replay's own accesses after an applied slot request.
-    fn probe_all(&mut self, key: (u16, u16), old: Option<Live>, change: MemslotChange) {
-        if key.0 == 0 && matches!(change, MemslotChange::Delete | MemslotChange::Move) {
-            if let Some(o) = old {
-                self.probe(o.gpa);
-                self.probe(o.gpa + o.size - PAGE_SIZE);
-            }
+    /// Pages to access right before a slot request, so that the TLB, the SPTEs (RAM or MMIO)
+    /// and the per-vCPU MMIO cache hold what the request must invalidate: the first and last
+    /// page of the slot's old range, then the first, middle and last page of the requested
+    /// range (address space 0 only: the vCPU is not in SMM).
+    fn warm_pages(&self, old: Option<Live>, s: &SlotEvent) -> Vec<u64> {
+        let mut pages = Vec::new();
+        if s.as_id != 0 {
+            return pages;
         }
+        if let Some(o) = old {
+            pages.extend([o.gpa, o.gpa + o.size - PAGE_SIZE]);
+        }
+        let n = s.size / PAGE_SIZE;
+        if n > 0 && s.gpa % PAGE_SIZE == 0 && s.gpa.checked_add(s.size).is_some() {
+            pages.extend([0, n / 2, n - 1].map(|p| s.gpa + p * PAGE_SIZE));
+        }
+        pages.dedup();
+        pages
+    }
+
+    /// The replay's own accesses to every live slot of address space 0 after an applied slot
+    /// request.
+    fn probe_all(&mut self) {
         let slots: Vec<Live> =
             self.live.iter().filter(|((a, _), _)| *a == 0).map(|(_, l)| *l).collect();
         for l in slots {
@@ -478,7 +514,7 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
             vcpus: 1,
             generation_base: 0,
             slot_zap_all: false,
-            bugs: vmmu::bugs::BugSet::NONE,
+            bugs: cfg.bugs,
         },
         if uses_smm { 2 } else { 1 },
     )?;

@@ -14,7 +14,7 @@
 //!     "{\"t\":0.000000,\"op\":\"slot\",\"as\":0,\"id\":0,\"flags\":[],\"gpa\":\"0x0\",\"size\":\"0x10000\",\"uaddr\":\"0x7f0000000000\"}\n",
 //!     "{\"t\":0.000001,\"op\":\"mmio\",\"dir\":\"read\",\"gpa\":\"0xfee00030\",\"len\":4,\"value\":\"0x14\",\"exit\":\"kernel\"}\n",
 //! ))?;
-//! let cfg = ReplayConfig { format: vmmu::spte::FormatKind::Ept, mmio_caching: true, phys_bits: 46 };
+//! let cfg = ReplayConfig::new(vmmu::spte::FormatKind::Ept, true);
 //! let report = replay(&trace, &cfg)?;
 //! assert!(report.passed());
 //! assert_eq!(report.mmio.classified_mmio, 1);
