@@ -1,8 +1,9 @@
 //! The `/dev/kvm` half of `vmmu replay`: the trace's memslot requests on real KVM, exactly as
 //! recorded (only `uaddr` remapped, unions of overlapping ranges onto one buffer as on the
 //! software machine), and each recorded MMIO access (or a stride sample of them, see
-//! [`MAX_MMIO`]) as one guest load or store that must exit as MMIO at its address. Dirty-log
-//! calls are not replayed on KVM either.
+//! [`MAX_MMIO`]) as one guest load or store that must exit as MMIO at its address, and each
+//! dirty-log call as that ioctl on the slot (manual protection enabled when the trace clears),
+//! which KVM must accept.
 
 use vmmu_sim::replay::{KvmReport, Trace};
 
@@ -48,9 +49,22 @@ pub fn run(trace: &Trace) -> KvmReport {
             }
         }
     };
+    let mut r = KvmReport { ran: true, ..KvmReport::default() };
+    if trace.count("clear-dirty-log") > 0 {
+        if let Err(why) = vm.enable_manual_dirty_log() {
+            r.error = Some(format!("cannot enable manual dirty-log protection: {why}"));
+            return r;
+        }
+    }
+    let refuse = |r: &mut KvmReport, line: usize, slot: String, errno: String, what: &str| {
+        if r.first_refusals.len() < KEEP {
+            r.first_refusals.push(Refusal { line, slot, errno, reason: what.to_string() });
+        }
+    };
+    // Slot sizes as KVM accepted them, for KVM_GET_DIRTY_LOG's bitmap.
+    let mut sizes = std::collections::BTreeMap::new();
     let total = trace.count("mmio");
     let stride = total.div_ceil(MAX_MMIO).max(1);
-    let mut r = KvmReport { ran: true, ..KvmReport::default() };
     let mut index = 0u64;
     let t0 = std::time::Instant::now();
     for e in &trace.events {
@@ -59,17 +73,18 @@ pub fn run(trace: &Trace) -> KvmReport {
                 let slot = (u32::from(s.as_id) << 16) | u32::from(s.id);
                 let flags = u32::from(s.dirty_log) | (u32::from(s.readonly) << 1);
                 match vm.set_region(slot, flags, s.gpa, s.size, s.uaddr) {
-                    Ok(()) => r.slots_applied += 1,
+                    Ok(()) => {
+                        r.slots_applied += 1;
+                        if s.size == 0 {
+                            sizes.remove(&slot);
+                        } else {
+                            sizes.insert(slot, s.size);
+                        }
+                    }
                     Err(errno) => {
                         r.slots_refused += 1;
-                        if r.first_refusals.len() < KEEP {
-                            r.first_refusals.push(Refusal {
-                                line: e.line,
-                                slot: format!("{}/{}", s.as_id, s.id),
-                                errno,
-                                reason: "refused by KVM".into(),
-                            });
-                        }
+                        let name = format!("{}/{}", s.as_id, s.id);
+                        refuse(&mut r, e.line, name, errno, "KVM_SET_USER_MEMORY_REGION");
                     }
                 }
             }
@@ -102,9 +117,33 @@ pub fn run(trace: &Trace) -> KvmReport {
                     }
                 }
             }
-            EventKind::GetDirtyLog { .. }
-            | EventKind::ClearDirtyLog { .. }
-            | EventKind::KvmZapAllFast => {}
+            EventKind::GetDirtyLog { as_id, id } | EventKind::ClearDirtyLog { as_id, id, .. } => {
+                let slot = (u32::from(as_id) << 16) | u32::from(id);
+                let result = match e.kind {
+                    EventKind::ClearDirtyLog { first_page, num_pages, .. } => {
+                        match u32::try_from(num_pages) {
+                            Ok(n) => vm.clear_dirty_log(slot, first_page, n),
+                            Err(_) => Err("num_pages does not fit 32 bits".to_string()),
+                        }
+                    }
+                    _ => match sizes.get(&slot) {
+                        Some(&size) => vm.get_dirty_log(slot, size),
+                        None => Err("ENOENT (no such slot)".to_string()),
+                    },
+                };
+                match result {
+                    Ok(()) => r.dirty_log_applied += 1,
+                    Err(errno) => {
+                        r.dirty_log_refused += 1;
+                        let what = match e.kind {
+                            EventKind::GetDirtyLog { .. } => "KVM_GET_DIRTY_LOG",
+                            _ => "KVM_CLEAR_DIRTY_LOG",
+                        };
+                        refuse(&mut r, e.line, format!("{as_id}/{id}"), errno, what);
+                    }
+                }
+            }
+            EventKind::KvmZapAllFast => {}
         }
     }
     let sample = if stride == 1 {
@@ -113,7 +152,7 @@ pub fn run(trace: &Trace) -> KvmReport {
         format!("{} of {total} MMIO accesses (every {stride}th)", r.mmio_checked)
     };
     r.method = format!(
-        "slot requests as recorded, uaddr remapped; {sample} as CPL3 loads/stores that must exit as MMIO; guest at {BASE:#x}, sync store at {SYNC:#x}; dirty-log calls not replayed; {:.2} s",
+        "slot requests as recorded, uaddr remapped; {sample} as CPL3 loads/stores that must exit as MMIO; dirty-log calls as recorded (clears with every bit of the range set); guest at {BASE:#x}, sync store at {SYNC:#x}; {:.2} s",
         t0.elapsed().as_secs_f64()
     );
     r

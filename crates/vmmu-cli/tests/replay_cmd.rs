@@ -215,12 +215,17 @@ fn kvm_half_agrees_with_the_recordings_where_usable() {
             u(&t["events"]["mmio"]),
             "small traces are checked whole"
         );
+        let dirty = u(&t["events"]["get-dirty-log"]) + u(&t["events"]["clear-dirty-log"]);
+        assert_eq!((u(&k["dirty_log_applied"]), u(&k["dirty_log_refused"])), (dirty, 0), "{k:#}");
     }
     if kvm {
-        // KVM, too, reaches RAM for an "MMIO" access inside a RAM slot, and refuses an overlap.
+        // KVM, too, reaches RAM for an "MMIO" access inside a RAM slot, refuses an overlap, and
+        // refuses the dirty log of a slot without dirty logging.
         let mmio = "{\"t\":0.000001,\"op\":\"mmio\",\"dir\":\"read\",\"gpa\":\"0x1000\",\"len\":4,\"value\":\"0x0\",\"exit\":\"user\"}\n";
         let overlap = RAM.replace("0.000000", "0.000002").replace("\"id\":0", "\"id\":1");
-        let p = temp_file("kvm-diverges.trace.jsonl", &format!("{HEADER}{RAM}{mmio}{overlap}"));
+        let get = "{\"t\":0.000003,\"op\":\"get-dirty-log\",\"as\":0,\"id\":0}\n";
+        let p =
+            temp_file("kvm-diverges.trace.jsonl", &format!("{HEADER}{RAM}{mmio}{overlap}{get}"));
         let out = vmmu(&[
             "replay",
             "--json",
@@ -235,5 +240,7 @@ fn kvm_half_agrees_with_the_recordings_where_usable() {
         let k = &doc["traces"][0]["kvm"];
         assert_eq!((u(&k["mmio_not_mmio"]), u(&k["slots_refused"])), (1, 1), "{k:#}");
         assert_eq!(k["first_refusals"][0]["errno"], "EEXIST");
+        assert_eq!(u(&k["dirty_log_refused"]), 1, "{k:#}");
+        assert_eq!(k["first_refusals"][1]["reason"], "KVM_GET_DIRTY_LOG");
     }
 }

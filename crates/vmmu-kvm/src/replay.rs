@@ -24,9 +24,16 @@ use crate::guest::{self, OWN_SIZE, OWN_SLOT};
 use crate::machine::KvmError;
 use crate::mapping::Mapping;
 use kvm_bindings::{
-    kvm_userspace_memory_region, KVM_CAP_MULTI_ADDRESS_SPACE, KVM_MAX_CPUID_ENTRIES,
+    kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_enable_cap,
+    kvm_userspace_memory_region, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_CAP_MULTI_ADDRESS_SPACE,
+    KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use std::os::fd::AsRawFd;
+
+/// `KVM_CLEAR_DIRTY_LOG`, `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)` (kvm-ioctls has no
+/// wrapper for it).
+const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = 0xc018_aec0;
 use vmmu_scenario::{Width, ACCESS_LIMIT};
 
 /// Guest-physical address of the replay guest's own memory.
@@ -188,6 +195,57 @@ impl TraceVm {
         // union is passed on unchanged only for requests KVM refuses or deletes, which map
         // nothing.
         unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| errno::name(e.errno()))
+    }
+
+    /// Enables manual dirty-log protection (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`), as the
+    /// recording VMM did if its trace has `clear-dirty-log` calls (KVM refuses them otherwise),
+    /// with `KVM_DIRTY_LOG_INITIALLY_SET` where offered, as QEMU 7.2 does.
+    pub fn enable_manual_dirty_log(&mut self) -> Result<(), String> {
+        let offered = self.vm.check_extension_raw(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.into());
+        let want = u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET);
+        let args0 = u64::try_from(offered).unwrap_or(0) & want;
+        if args0 & u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE) == 0 {
+            return Err(format!("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 not offered ({offered})"));
+        }
+        let cap = kvm_enable_cap {
+            cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+            args: [args0, 0, 0, 0],
+            ..Default::default()
+        };
+        self.vm.enable_cap(&cap).map_err(|e| errno::name(e.errno()))
+    }
+
+    /// `KVM_GET_DIRTY_LOG` of `slot`, whose size is `size` bytes; the bitmap is dropped.
+    pub fn get_dirty_log(&mut self, slot: u32, size: u64) -> Result<(), String> {
+        let size = usize::try_from(size).map_err(|_| "slot size too large".to_string())?;
+        self.vm.get_dirty_log(slot, size).map(|_| ()).map_err(|e| errno::name(e.errno()))
+    }
+
+    /// `KVM_CLEAR_DIRTY_LOG` of pages `[first_page, first_page + num_pages)` of `slot`, with every
+    /// bit of the range set (the recorded bitmap is not in the trace).
+    pub fn clear_dirty_log(
+        &mut self,
+        slot: u32,
+        first_page: u64,
+        num_pages: u32,
+    ) -> Result<(), String> {
+        let mut bitmap = vec![u64::MAX; (num_pages as usize).div_ceil(64).max(1)];
+        let arg = kvm_clear_dirty_log {
+            slot,
+            num_pages,
+            first_page,
+            __bindgen_anon_1: kvm_clear_dirty_log__bindgen_ty_1 {
+                dirty_bitmap: bitmap.as_mut_ptr().cast(),
+            },
+        };
+        // SAFETY: `arg` is a valid `struct kvm_clear_dirty_log` whose bitmap points to
+        // `ceil(num_pages / 64)` words that live until the call returns; KVM only reads it
+        // (and the struct), and validates the slot and the range itself.
+        let ret = unsafe { libc::ioctl(self.vm.as_raw_fd(), KVM_CLEAR_DIRTY_LOG as _, &arg) };
+        if ret < 0 {
+            return Err(errno::name(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)));
+        }
+        Ok(())
     }
 
     /// One guest access of `len` bytes at `gpa` (a store of `write`, or a load answered with

@@ -238,6 +238,10 @@ pub struct KvmReport {
     pub mmio_not_mmio: u64,
     /// The first of those.
     pub first_not_mmio: Vec<Misclassified>,
+    /// Dirty-log calls KVM accepted.
+    pub dirty_log_applied: u64,
+    /// Dirty-log calls KVM refused (must be 0; listed with the slot refusals).
+    pub dirty_log_refused: u64,
     /// A failure of the KVM machinery (not a verdict).
     pub error: Option<String>,
 }
@@ -245,7 +249,10 @@ pub struct KvmReport {
 impl KvmReport {
     /// Nothing refused or misclassified, no failure (a skipped run passes).
     pub fn passed(&self) -> bool {
-        self.slots_refused == 0 && self.mmio_not_mmio == 0 && self.error.is_none()
+        self.slots_refused == 0
+            && self.dirty_log_refused == 0
+            && self.mmio_not_mmio == 0
+            && self.error.is_none()
     }
 }
 
@@ -376,11 +383,15 @@ impl TraceReport {
             let v = if k.passed() { "ok" } else { "FAIL" };
             let _ = writeln!(
                 s,
-                "  kvm [{v}]: slots {} applied, {} refused; mmio {} checked, {} exited as MMIO, {} not MMIO ({})",
-                k.slots_applied, k.slots_refused, k.mmio_checked, k.mmio_exits, k.mmio_not_mmio, k.method
+                "  kvm [{v}]: slots {} applied, {} refused; dirty-log calls {} applied, {} refused; mmio {} checked, {} exited as MMIO, {} not MMIO ({})",
+                k.slots_applied, k.slots_refused, k.dirty_log_applied, k.dirty_log_refused, k.mmio_checked, k.mmio_exits, k.mmio_not_mmio, k.method
             );
             for f in &k.first_refusals {
-                let _ = writeln!(s, "      refused line {}: slot {} {}", f.line, f.slot, f.errno);
+                let _ = writeln!(
+                    s,
+                    "      refused line {}: {} slot {}: {}",
+                    f.line, f.reason, f.slot, f.errno
+                );
             }
             for f in &k.first_not_mmio {
                 let _ = writeln!(s, "      line {}: {} {}: {}", f.line, f.dir, f.gpa, f.seen);
