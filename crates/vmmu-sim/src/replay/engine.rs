@@ -394,7 +394,11 @@ impl Replay<'_> {
             return;
         };
         let t1 = self.next_token();
-        if buf.write(off, Width::W8, t1).is_err() {
+        if let Err(e) = buf.write(off, Width::W8, t1) {
+            // Cannot happen: the word is aligned and inside the slot's union of ranges.
+            self.check(false, || {
+                violation(gpa, "host write of a probe token", "success", e.to_string())
+            });
             return;
         }
         self.report.own_accesses.reads += 1;
