@@ -1,7 +1,7 @@
 //! Replay of recorded VM boots: vmmu traces (format v1, `../shared/design/traces.md`) run on the
 //! software machine with the real MMU, checked against what the recording KVM did.
 //!
-//! - [`parse`]: the strict reader of the trace format (errors name the line);
+//! - [`mod@parse`]: the strict reader of the trace format (errors name the line);
 //! - [`memory`]: the recording VMM's `uaddr` ranges mapped onto host buffers (aliases kept);
 //! - [`engine`]: one replay under one machine configuration, with the replay's own RAM probes and
 //!   their oracle;
