@@ -43,7 +43,7 @@ pub fn read(gpa: u64, width: Width) -> Vec<u8> {
     read_then_sync(gpa, width, SYNC_GPA)
 }
 
-/// [`read`] with the closing one-byte store going to `sync` instead of [`SYNC_GPA`] (a guest
+/// [`read()`] with the closing one-byte store going to `sync` instead of [`SYNC_GPA`] (a guest
 /// whose own memory is elsewhere, see [`crate::replay`]).
 pub fn read_then_sync(gpa: u64, width: Width, sync: u64) -> Vec<u8> {
     let mut c = Vec::with_capacity(20);
@@ -63,7 +63,7 @@ pub fn write(gpa: u64, width: Width, value: u64) -> Vec<u8> {
     write_then_sync(gpa, width, value, SYNC_GPA)
 }
 
-/// [`write`] with the closing store going to `sync` instead of [`SYNC_GPA`].
+/// [`write()`] with the closing store going to `sync` instead of [`SYNC_GPA`].
 pub fn write_then_sync(gpa: u64, width: Width, value: u64, sync: u64) -> Vec<u8> {
     let mut c = Vec::with_capacity(30);
     mov_rax_imm64(&mut c, gpa);

@@ -12,7 +12,7 @@
 //! Invariants:
 //! - the VM and its vCPU are dropped before the buffers its memslots point into (field order);
 //! - every `uaddr` the VM is given lies in one of the buffers (remapped from a union of the
-//!   trace's ranges), and each buffer is followed by a `PROT_NONE` guard ([`Mapping`]); a
+//!   trace's ranges), and each buffer is followed by a `PROT_NONE` guard (`mapping::Mapping`); a
 //!   request whose recorded `uaddr` is in no union is passed on unchanged, and KVM may refuse it
 //!   or, for a delete, ignore it; the guest can only reach host memory through accepted slots,
 //!   which all lie in buffers;
