@@ -1,9 +1,11 @@
-//! The `vmmu` command: `run` (the default), `scenario`, `diff`, `bench`, `bugs`.
+//! The `vmmu` command: `run` (the default), `scenario`, `diff`, `replay`, `bench`, `bugs`.
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 mod bench_cmd;
 mod diff_cmd;
+mod replay_cmd;
+mod replay_kvm;
 mod run_cmd;
 mod scenario_cmd;
 
@@ -25,6 +27,8 @@ enum Command {
     Scenario(scenario_cmd::ScenarioArgs),
     /// Run scenario files on every machine configuration, KVM and recorded outputs; compare.
     Diff(diff_cmd::DiffArgs),
+    /// Replay recorded VM boots (vmmu traces) on every machine configuration and on /dev/kvm.
+    Replay(replay_cmd::ReplayArgs),
     /// Measure: MMIO paths, lookups, memslot updates (and the same on /dev/kvm), faults, churn.
     Bench(bench_cmd::BenchArgs),
 }
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
         Some(Command::Scenario(args)) => scenario_cmd::run(&args),
         Some(Command::Diff(args)) => diff_cmd::run(&args),
         Some(Command::Run(args)) => run_cmd::run(&args),
+        Some(Command::Replay(args)) => replay_cmd::run(&args),
         Some(Command::Bench(args)) => bench_cmd::run(&args),
         None => match Cli::try_parse_from(["vmmu", "run"]) {
             Ok(Cli { command: Some(Command::Run(args)) }) => run_cmd::run(&args),

@@ -27,9 +27,9 @@ fn mov_rbx_imm64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
-fn sync_and_trap(out: &mut Vec<u8>) {
-    out.extend_from_slice(&[0x48, 0xb9]); // mov rcx, SYNC_GPA
-    out.extend_from_slice(&SYNC_GPA.to_le_bytes());
+fn sync_and_trap(out: &mut Vec<u8>, sync: u64) {
+    out.extend_from_slice(&[0x48, 0xb9]); // mov rcx, sync
+    out.extend_from_slice(&sync.to_le_bytes());
     out.extend_from_slice(&[0x88, 0x01]); // mov byte [rcx], al
     out.extend_from_slice(&[0x0f, 0x0b]); // ud2
 }
@@ -40,6 +40,12 @@ const TAIL: [u8; 14] = [0x48, 0xb9, 0x00, 0xf0, 0x7f, 0, 0, 0, 0, 0, 0x88, 0x01,
 
 /// `mov rax, gpa; load rax <- [rax] (zero-extended); sync; ud2`.
 pub fn read(gpa: u64, width: Width) -> Vec<u8> {
+    read_then_sync(gpa, width, SYNC_GPA)
+}
+
+/// [`read()`] with the closing one-byte store going to `sync` instead of [`SYNC_GPA`] (a guest
+/// whose own memory is elsewhere, see [`crate::replay`]).
+pub fn read_then_sync(gpa: u64, width: Width, sync: u64) -> Vec<u8> {
     let mut c = Vec::with_capacity(20);
     mov_rax_imm64(&mut c, gpa);
     c.extend_from_slice(match width {
@@ -48,12 +54,17 @@ pub fn read(gpa: u64, width: Width) -> Vec<u8> {
         Width::W4 => &[0x8b, 0x00],       // mov eax, dword [rax]
         Width::W8 => &[0x48, 0x8b, 0x00], // mov rax, qword [rax]
     });
-    sync_and_trap(&mut c);
+    sync_and_trap(&mut c, sync);
     c
 }
 
 /// `mov rax, gpa; mov rbx, value; store [rax] <- bl/bx/ebx/rbx; sync; ud2`.
 pub fn write(gpa: u64, width: Width, value: u64) -> Vec<u8> {
+    write_then_sync(gpa, width, value, SYNC_GPA)
+}
+
+/// [`write()`] with the closing store going to `sync` instead of [`SYNC_GPA`].
+pub fn write_then_sync(gpa: u64, width: Width, value: u64, sync: u64) -> Vec<u8> {
     let mut c = Vec::with_capacity(30);
     mov_rax_imm64(&mut c, gpa);
     mov_rbx_imm64(&mut c, value);
@@ -63,7 +74,7 @@ pub fn write(gpa: u64, width: Width, value: u64) -> Vec<u8> {
         Width::W4 => &[0x89, 0x18],       // mov dword [rax], ebx
         Width::W8 => &[0x48, 0x89, 0x18], // mov qword [rax], rbx
     });
-    sync_and_trap(&mut c);
+    sync_and_trap(&mut c, sync);
     c
 }
 

@@ -63,6 +63,15 @@ const PDS: u64 = ACCESS_LIMIT >> 30;
 
 /// The bytes of the backend's memory (as `(gpa, bytes)` pieces) before any step runs.
 pub fn image() -> Vec<(u64, Vec<u8>)> {
+    image_at(0)
+}
+
+/// The same guest with its own memory at guest-physical `base` instead of 0: pieces are
+/// `(offset in the own memory, bytes)`, and every address inside them (descriptor table and
+/// stack pointers, gate offsets, table links) is `base` plus the constant of this module. The
+/// identity map still covers the low [`ACCESS_LIMIT`] bytes, so `base + OWN_SIZE` must be at
+/// most that. Use with [`sregs_at`] and [`regs_at`].
+pub fn image_at(base: u64) -> Vec<(u64, Vec<u8>)> {
     let mut pieces = Vec::new();
     // GDT: 64-bit code has L=1, D=0; data is a flat 4 GiB segment; the TSS descriptor is 16 bytes.
     let mut gdt = Vec::new();
@@ -75,15 +84,16 @@ pub fn image() -> Vec<(u64, Vec<u8>)> {
     ] {
         gdt.extend_from_slice(&d.to_le_bytes());
     }
-    let tss_lo = 0x67 | ((TSS & 0xff_ffff) << 16) | (0x89u64 << 40) | (((TSS >> 24) & 0xff) << 56);
+    let tss = base + TSS;
+    let tss_lo = 0x67 | ((tss & 0xff_ffff) << 16) | (0x89u64 << 40) | (((tss >> 24) & 0xff) << 56);
     gdt.extend_from_slice(&tss_lo.to_le_bytes());
-    gdt.extend_from_slice(&(TSS >> 32).to_le_bytes());
+    gdt.extend_from_slice(&(tss >> 32).to_le_bytes());
     pieces.push((GDT, gdt));
 
     // IDT: present 64-bit interrupt gates (type 0xe), DPL 0, to the kernel code segment.
     let mut idt = Vec::with_capacity(256 * 16);
     for v in 0..256u64 {
-        let off = STUBS + 16 * v;
+        let off = base + STUBS + 16 * v;
         let lo = (off & 0xffff)
             | (u64::from(KERNEL_CS) << 16)
             | (0x8eu64 << 40)
@@ -95,7 +105,7 @@ pub fn image() -> Vec<(u64, Vec<u8>)> {
 
     // TSS: RSP0 at offset 4; I/O map base beyond the limit (no bitmap).
     let mut tss = vec![0u8; 0x68];
-    tss[4..12].copy_from_slice(&KSTACK_TOP.to_le_bytes());
+    tss[4..12].copy_from_slice(&(base + KSTACK_TOP).to_le_bytes());
     tss[0x66..0x68].copy_from_slice(&0x68u16.to_le_bytes());
     pieces.push((TSS, tss));
 
@@ -107,8 +117,9 @@ pub fn image() -> Vec<(u64, Vec<u8>)> {
 
     // Page tables: PML4[0] -> PDPT; PDPT[i] -> PD i; PD i maps [i GiB, i+1 GiB) with 2 MiB pages.
     let flags = PTE_P | PTE_RW | PTE_US;
-    pieces.push((PML4, (PDPT | flags).to_le_bytes().to_vec()));
-    let pdpt: Vec<u8> = (0..PDS).flat_map(|i| ((PD0 + i * 4096) | flags).to_le_bytes()).collect();
+    pieces.push((PML4, ((base + PDPT) | flags).to_le_bytes().to_vec()));
+    let pdpt: Vec<u8> =
+        (0..PDS).flat_map(|i| ((base + PD0 + i * 4096) | flags).to_le_bytes()).collect();
     pieces.push((PDPT, pdpt));
     let pds: Vec<u8> =
         (0..PDS * 512).flat_map(|i| ((i << 21) | flags | PTE_PS).to_le_bytes()).collect();
@@ -173,7 +184,22 @@ pub fn sregs(mut s: kvm_sregs) -> kvm_sregs {
 
 /// Registers for running the code page: RIP at [`CODE`], interrupts off.
 pub fn regs() -> kvm_regs {
-    kvm_regs { rip: CODE, rsp: USTACK_TOP, rflags: 0x2, ..Default::default() }
+    regs_at(0)
+}
+
+/// [`sregs`] for the guest of [`image_at`]`(base)`.
+pub fn sregs_at(s: kvm_sregs, base: u64) -> kvm_sregs {
+    let mut s = sregs(s);
+    s.tr.base = base + TSS;
+    s.gdt.base = base + GDT;
+    s.idt.base = base + IDT;
+    s.cr3 = base + PML4;
+    s
+}
+
+/// [`regs`] for the guest of [`image_at`]`(base)`.
+pub fn regs_at(base: u64) -> kvm_regs {
+    kvm_regs { rip: base + CODE, rsp: base + USTACK_TOP, rflags: 0x2, ..Default::default() }
 }
 
 #[cfg(test)]

@@ -31,6 +31,8 @@ pub mod guest;
 mod machine;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 mod mapping;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod replay;
 
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub use machine::{probe, KvmError, KvmInfo};

@@ -12,7 +12,8 @@
 //!   vCPU's deterministic access mix, the device manager's memslot schedule;
 //! - [`oracle`]: judges every access against the memslot history;
 //! - [`machine`]: vCPU threads, the device manager, the run loop;
-//! - [`report`], [`progress`], [`options`]: what `vmmu run` takes and prints.
+//! - [`report`], [`progress`], [`options`]: what `vmmu run` takes and prints;
+//! - [`replay`]: replay of recorded VM boots (vmmu traces) on the real MMU.
 //!
 //! ```
 //! use std::time::Duration;
@@ -41,6 +42,7 @@ pub mod progress;
 pub mod ram;
 pub mod real;
 pub mod reference;
+pub mod replay;
 pub mod report;
 pub mod scenario;
 pub mod schedule;

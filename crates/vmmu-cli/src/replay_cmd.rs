@@ -1,0 +1,163 @@
+//! `vmmu replay TRACE...`: replay recorded VM boots (vmmu traces, `../shared/design/traces.md`)
+//! on the software machine under every format x MMIO caching on/off (unless pinned by flags),
+//! and on real `/dev/kvm` where it is usable, and report per trace.
+//!
+//! Exit status: 2 when a file cannot be read or is malformed (the message names the file and the
+//! line; the other files still run) or on bad flags; else 1 when any replay refused a slot
+//! request, did not classify a recorded MMIO access as MMIO, had an oracle violation, or could
+//! not run; else 0.
+
+use crate::replay_kvm;
+use crate::scenario_cmd::{FormatArg, OnOff};
+use clap::Args;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use vmmu::spte::FormatKind;
+use vmmu_sim::replay::{self, ReplayConfig, Trace, TraceReport};
+
+/// Arguments of `vmmu replay`.
+#[derive(Args, Debug)]
+pub struct ReplayArgs {
+    /// Trace files (vmmu trace v1, JSON Lines).
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Print the reports as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Do not replay on /dev/kvm.
+    #[arg(long)]
+    pub no_kvm: bool,
+    /// Only this SPTE format [default: both].
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
+    /// Only this MMIO caching setting [default: both].
+    #[arg(long = "mmio-caching", value_enum)]
+    pub mmio_caching: Option<OnOff>,
+    /// Host MAXPHYADDR of the software machine (36..=52).
+    #[arg(long = "phys-bits", default_value_t = 46, value_parser = clap::value_parser!(u8).range(36..=52))]
+    pub phys_bits: u8,
+}
+
+/// The machine configurations to replay under.
+fn configs(args: &ReplayArgs) -> Vec<ReplayConfig> {
+    let formats = match args.format {
+        Some(FormatArg::Ept) => vec![FormatKind::Ept],
+        Some(FormatArg::Npt) => vec![FormatKind::Npt],
+        None => vec![FormatKind::Ept, FormatKind::Npt],
+    };
+    let caching = match args.mmio_caching {
+        Some(OnOff::On) => vec![true],
+        Some(OnOff::Off) => vec![false],
+        None => vec![true, false],
+    };
+    formats
+        .iter()
+        .flat_map(|&format| {
+            caching.iter().map(move |&mmio_caching| ReplayConfig {
+                phys_bits: args.phys_bits,
+                ..ReplayConfig::new(format, mmio_caching)
+            })
+        })
+        .collect()
+}
+
+fn warnings(trace: &Trace) -> Vec<String> {
+    let mut w = Vec::new();
+    if let Some(s) = &trace.summary {
+        if s.lost_events > 0 {
+            w.push(format!(
+                "the capture lost {} events: the trace is incomplete and its MMIO/RAM verdicts are not to be trusted",
+                s.lost_events
+            ));
+        }
+        if s.vcpu_threads > 1 {
+            w.push(format!(
+                "{} vCPU threads recorded; v1 does not say which vCPU made an access, so this replay (one vCPU) is exact only for 1",
+                s.vcpu_threads
+            ));
+        }
+    }
+    w
+}
+
+/// Replays one parsed trace everywhere.
+fn replay_trace(args: &ReplayArgs, file: &str, trace: &Trace) -> (TraceReport, Vec<String>) {
+    let mut errors = Vec::new();
+    let mut events = BTreeMap::new();
+    for op in ["slot", "mmio", "get-dirty-log", "clear-dirty-log", "kvm"] {
+        events.insert(op.to_string(), trace.count(op));
+    }
+    let s = trace.summary.clone().unwrap_or_default();
+    let mut report = TraceReport {
+        file: file.to_string(),
+        source: trace.source.clone(),
+        events,
+        kernel_mmio_dropped: s.kernel_mmio_dropped,
+        lost_events: s.lost_events,
+        vcpu_threads: s.vcpu_threads,
+        warnings: warnings(trace),
+        ..TraceReport::default()
+    };
+    for cfg in configs(args) {
+        match replay::replay(trace, &cfg) {
+            Ok(r) => report.runs.push(r),
+            Err(e) => errors.push(format!("{file}: sim-{}: cannot replay: {e}", cfg.name())),
+        }
+    }
+    report.kvm = if args.no_kvm { replay_kvm::skipped("--no-kvm") } else { replay_kvm::run(trace) };
+    report.passed =
+        errors.is_empty() && report.runs.iter().all(|r| r.passed()) && report.kvm.passed();
+    (report, errors)
+}
+
+/// Runs the command; returns the process exit status.
+pub fn run(args: &ReplayArgs) -> ExitCode {
+    let mut bad_input = false;
+    let mut failed = false;
+    let mut reports = Vec::new();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for path in &args.files {
+        let file = path.display().to_string();
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("vmmu replay: cannot read {file}: {e}");
+                bad_input = true;
+                continue;
+            }
+        };
+        let trace = match replay::parse(&text) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("vmmu replay: {file}:{}: malformed trace: {}", e.line, e.kind);
+                bad_input = true;
+                continue;
+            }
+        };
+        let (report, errors) = replay_trace(args, &file, &trace);
+        for e in &errors {
+            eprintln!("vmmu replay: {e}");
+        }
+        failed |= !report.passed;
+        if !args.json && write!(out, "{}", report.text()).is_err() {
+            return ExitCode::from(1);
+        }
+        reports.push(report);
+    }
+    if args.json {
+        let doc = serde_json::json!({ "traces": reports, "passed": !failed && !bad_input });
+        if writeln!(out, "{doc:#}").is_err() {
+            return ExitCode::from(1);
+        }
+    }
+    if bad_input {
+        ExitCode::from(2)
+    } else if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,165 @@
+//! The `/dev/kvm` half of `vmmu replay`: the trace's memslot requests on real KVM, exactly as
+//! recorded (only `uaddr` remapped, unions of overlapping ranges onto one buffer as on the
+//! software machine), and each recorded MMIO access (or a stride sample of them, see
+//! [`MAX_MMIO`]) as one guest load or store that must exit as MMIO at its address, and each
+//! dirty-log call as that ioctl on the slot (manual protection enabled when the trace clears),
+//! which KVM must accept.
+
+use vmmu_sim::replay::{KvmReport, Trace};
+
+/// The most MMIO accesses checked on KVM per trace: each is a `KVM_RUN` round trip (tens of
+/// microseconds on a nested host), and a full recording has about 21,000. Beyond this, every
+/// k-th access is checked (k = ceil(events / MAX_MMIO)); the report says which.
+pub const MAX_MMIO: u64 = 3000;
+
+/// A report saying the KVM run was skipped and why.
+pub fn skipped(why: &str) -> KvmReport {
+    KvmReport { skipped: Some(why.to_string()), ..KvmReport::default() }
+}
+
+/// Replays `trace` on `/dev/kvm`, or says why it was skipped.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub fn run(trace: &Trace) -> KvmReport {
+    use vmmu_kvm::replay::{Access, TraceVm, BASE, SYNC};
+    use vmmu_sim::replay::parse::{Dir, EventKind};
+    use vmmu_sim::replay::report::{Misclassified, Refusal, KEEP};
+
+    if let Err(why) = vmmu_kvm::probe() {
+        return skipped(&why);
+    }
+    let slots = trace.events.iter().filter_map(|e| match e.kind {
+        EventKind::Slot(s) if s.size > 0 => Some((s.as_id, s.id, s.gpa, s.size)),
+        _ => None,
+    });
+    let mmio = trace.events.iter().filter_map(|e| match e.kind {
+        EventKind::Mmio(m) => Some(m.gpa),
+        _ => None,
+    });
+    if let Some(why) = TraceVm::conflict(slots, mmio) {
+        return skipped(&why);
+    }
+    let smm = trace.events.iter().any(|e| matches!(e.kind, EventKind::Slot(s) if s.as_id == 1));
+    let unions = vmmu_sim::replay::memory::uaddr_unions(trace);
+    let mut vm = match TraceVm::new(&unions, if smm { 2 } else { 1 }) {
+        Ok(vm) => vm,
+        Err(e) => {
+            return KvmReport {
+                error: Some(format!("cannot set up the VM: {e}")),
+                ..KvmReport::default()
+            }
+        }
+    };
+    let mut r = KvmReport { ran: true, ..KvmReport::default() };
+    if trace.count("clear-dirty-log") > 0 {
+        if let Err(why) = vm.enable_manual_dirty_log() {
+            r.error = Some(format!("cannot enable manual dirty-log protection: {why}"));
+            return r;
+        }
+    }
+    let refuse = |r: &mut KvmReport, line: usize, slot: String, errno: String, what: &str| {
+        if r.first_refusals.len() < KEEP {
+            r.first_refusals.push(Refusal { line, slot, errno, reason: what.to_string() });
+        }
+    };
+    // Slot sizes as KVM accepted them, for KVM_GET_DIRTY_LOG's bitmap.
+    let mut sizes = std::collections::BTreeMap::new();
+    let total = trace.count("mmio");
+    let stride = total.div_ceil(MAX_MMIO).max(1);
+    let mut index = 0u64;
+    let t0 = std::time::Instant::now();
+    for e in &trace.events {
+        match e.kind {
+            EventKind::Slot(s) => {
+                let slot = (u32::from(s.as_id) << 16) | u32::from(s.id);
+                let flags = u32::from(s.dirty_log) | (u32::from(s.readonly) << 1);
+                match vm.set_region(slot, flags, s.gpa, s.size, s.uaddr) {
+                    Ok(()) => {
+                        r.slots_applied += 1;
+                        if s.size == 0 {
+                            sizes.remove(&slot);
+                        } else {
+                            sizes.insert(slot, s.size);
+                        }
+                    }
+                    Err(errno) => {
+                        r.slots_refused += 1;
+                        let name = format!("{}/{}", s.as_id, s.id);
+                        refuse(&mut r, e.line, name, errno, "KVM_SET_USER_MEMORY_REGION");
+                    }
+                }
+            }
+            EventKind::Mmio(m) => {
+                index += 1;
+                if (index - 1) % stride != 0 {
+                    continue;
+                }
+                let write = match m.dir {
+                    Dir::Read => None,
+                    Dir::Write => Some(m.value.unwrap_or(0)),
+                };
+                r.mmio_checked += 1;
+                match vm.access(m.gpa, m.len, write, m.value.unwrap_or(0)) {
+                    Ok(Access::Mmio) => r.mmio_exits += 1,
+                    Ok(Access::Memory) => {
+                        r.mmio_not_mmio += 1;
+                        if r.first_not_mmio.len() < KEEP {
+                            r.first_not_mmio.push(Misclassified {
+                                line: e.line,
+                                gpa: format!("{:#x}", m.gpa),
+                                dir: if write.is_some() { "write" } else { "read" }.into(),
+                                seen: "no exit: KVM let the guest reach memory".into(),
+                            });
+                        }
+                    }
+                    Err(err) => {
+                        r.error = Some(format!("line {}: {err}", e.line));
+                        break;
+                    }
+                }
+            }
+            EventKind::GetDirtyLog { as_id, id } | EventKind::ClearDirtyLog { as_id, id, .. } => {
+                let slot = (u32::from(as_id) << 16) | u32::from(id);
+                let result = match e.kind {
+                    EventKind::ClearDirtyLog { first_page, num_pages, .. } => {
+                        match u32::try_from(num_pages) {
+                            Ok(n) => vm.clear_dirty_log(slot, first_page, n),
+                            Err(_) => Err("num_pages does not fit 32 bits".to_string()),
+                        }
+                    }
+                    _ => match sizes.get(&slot) {
+                        Some(&size) => vm.get_dirty_log(slot, size),
+                        None => Err("ENOENT (no such slot)".to_string()),
+                    },
+                };
+                match result {
+                    Ok(()) => r.dirty_log_applied += 1,
+                    Err(errno) => {
+                        r.dirty_log_refused += 1;
+                        let what = match e.kind {
+                            EventKind::GetDirtyLog { .. } => "KVM_GET_DIRTY_LOG",
+                            _ => "KVM_CLEAR_DIRTY_LOG",
+                        };
+                        refuse(&mut r, e.line, format!("{as_id}/{id}"), errno, what);
+                    }
+                }
+            }
+            EventKind::KvmZapAllFast => {}
+        }
+    }
+    let sample = if stride == 1 {
+        format!("all {total} MMIO accesses")
+    } else {
+        format!("{} of {total} MMIO accesses (every {stride}th)", r.mmio_checked)
+    };
+    r.method = format!(
+        "slot requests as recorded, uaddr remapped; {sample} as CPL3 loads/stores that must exit as MMIO; dirty-log calls as recorded (clears with every bit of the range set); guest at {BASE:#x}, sync store at {SYNC:#x}; {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
+    r
+}
+
+/// Replays `trace` on `/dev/kvm`: not on this platform.
+#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+pub fn run(_trace: &Trace) -> KvmReport {
+    skipped("/dev/kvm not usable: the KVM replayer needs Linux on x86-64")
+}

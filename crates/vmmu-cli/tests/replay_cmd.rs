@@ -1,0 +1,246 @@
+//! `vmmu replay`: the committed recordings of real VM boots replay cleanly on every machine
+//! configuration; malformed traces exit 2 naming file and line; refusals and misclassifications
+//! exit 1. The software machine always runs; `/dev/kvm` joins only in the test that asks for it.
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn vmmu(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmmu")).args(args).output().expect("run vmmu")
+}
+
+fn repo(rel: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel).to_string_lossy().into_owned()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A fresh file for this test.
+fn temp_file(name: &str, contents: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vmmu-replay-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let p = d.join(name);
+    std::fs::write(&p, contents).unwrap();
+    p
+}
+
+/// Runs `vmmu replay --json --no-kvm` on `file`; returns the exit code and the trace's report.
+fn replay_json(file: &str, extra: &[&str]) -> (Option<i32>, Value) {
+    let mut args = vec!["replay", "--json", "--no-kvm"];
+    args.extend_from_slice(extra);
+    args.push(file);
+    let out = vmmu(&args);
+    let doc: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}\n{}", text(&out.stdout), text(&out.stderr)));
+    (out.status.code(), doc["traces"][0].clone())
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
+}
+
+fn assert_clean(file: &str) -> Value {
+    let (code, t) = replay_json(file, &[]);
+    assert_eq!(code, Some(0), "{t:#}");
+    let runs = t["runs"].as_array().expect("runs");
+    let names: Vec<&str> = runs.iter().map(|r| r["config"].as_str().unwrap()).collect();
+    assert_eq!(names, ["ept-on", "ept-off", "npt-on", "npt-off"]);
+    for r in runs {
+        let c = &r["config"];
+        assert_eq!(u(&r["slots"]["refused"]), 0, "{c}: {:#}", r["slots"]);
+        assert_eq!(u(&r["slots"]["applied"]), u(&t["events"]["slot"]), "{c}");
+        assert_eq!(u(&r["mmio"]["misclassified"]), 0, "{c}: {:#}", r["mmio"]);
+        assert_eq!(u(&r["mmio"]["classified_mmio"]), u(&t["events"]["mmio"]), "{c}");
+        assert_eq!(u(&r["oracle"]["violations"]), 0, "{c}: {:#}", r["oracle"]);
+        assert!(u(&r["oracle"]["checked"]) > 0, "{c}: the replay's own accesses ran");
+        let applied = u(&r["events_applied"]);
+        let total: u64 = t["events"].as_object().unwrap().values().map(u).sum();
+        assert_eq!(applied, total, "{c}: every event applied or counted");
+    }
+    assert_eq!(t["kvm"]["skipped"], "--no-kvm");
+    t
+}
+
+#[test]
+fn seabios_boot_replays_cleanly() {
+    let t = assert_clean(&repo("tests/traces/seabios-kvm.small.trace.jsonl"));
+    assert_eq!(u(&t["events"]["slot"]), 48);
+    for r in t["runs"].as_array().unwrap() {
+        // Every delete on the recording host was followed by its zap_all_fast.
+        assert_eq!(r["zaps"]["recorded_after_delete"], r["zaps"]["deletes_and_moves"]);
+    }
+}
+
+#[test]
+fn migration_replays_cleanly_and_counts_dirty_log_calls_without_applying_them() {
+    let t = assert_clean(&repo("tests/traces/migrate-kvm.small.trace.jsonl"));
+    for r in t["runs"].as_array().unwrap() {
+        let d = &r["dirty_log"];
+        assert_eq!(u(&d["get"]), u(&t["events"]["get-dirty-log"]));
+        assert_eq!(u(&d["clear"]), u(&t["events"]["clear-dirty-log"]));
+        assert!(u(&d["get"]) > 0);
+        assert_eq!(d["applied"], false);
+        assert!(d["note"].as_str().unwrap().contains("issue 16"));
+        assert!(u(&r["slots"]["flags_only"]) >= 16, "dirty logging on and off for every slot");
+    }
+}
+
+#[test]
+fn hand_written_trace_covers_aliases_move_delete_and_rom_writes() {
+    let t = assert_clean(&repo("tests/traces/hand-aliases-move-delete-rom.trace.jsonl"));
+    for r in t["runs"].as_array().unwrap() {
+        let s = &r["slots"];
+        assert_eq!((u(&s["moves"]), u(&s["deletes"]), u(&s["flags_only"])), (1, 1, 1));
+        assert_eq!(u(&r["mmio"]["readonly_writes"]), 2, "writes to the ROM and its alias");
+        assert!(u(&r["own_accesses"]["alias_reads"]) > 0);
+        assert!(u(&r["own_accesses"]["hole_reads"]) > 0, "moved and deleted ranges are probed");
+    }
+}
+
+#[test]
+fn flags_pin_the_configuration_and_text_output_names_each_run() {
+    let f = repo("tests/traces/hand-aliases-move-delete-rom.trace.jsonl");
+    let (code, t) = replay_json(&f, &["--format", "npt", "--mmio-caching", "off"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(t["runs"].as_array().unwrap().len(), 1);
+    assert_eq!(t["runs"][0]["config"], "npt-off");
+    let out = vmmu(&["replay", "--no-kvm", "--format", "ept", &f]);
+    assert_eq!(out.status.code(), Some(0));
+    let s = text(&out.stdout);
+    assert!(s.starts_with("PASS "), "{s}");
+    assert!(s.contains("sim-ept-on [ok]") && s.contains("sim-ept-off [ok]"), "{s}");
+    assert!(s.contains("kvm: skipped: --no-kvm"), "{s}");
+}
+
+const HEADER: &str = "{\"vmmu_trace\":1,\"source\":\"test\"}\n";
+const RAM: &str = "{\"t\":0.000000,\"op\":\"slot\",\"as\":0,\"id\":0,\"flags\":[],\"gpa\":\"0x0\",\"size\":\"0x100000\",\"uaddr\":\"0x7f0000000000\"}\n";
+
+#[test]
+fn malformed_traces_exit_2_naming_file_and_line() {
+    let cases = [
+        ("version", "{\"vmmu_trace\":2,\"source\":\"x\"}\n".to_string(), 1, "version 1"),
+        (
+            "order",
+            format!("{HEADER}{}", RAM.replace("\"as\":0,\"id\":0", "\"id\":0,\"as\":0")),
+            2,
+            "keys",
+        ),
+        ("hex", format!("{HEADER}{}", RAM.replace("0x100000", "0x0100000")), 2, "leading zeros"),
+        ("upper", format!("{HEADER}{}", RAM.replace("0x100000", "0x10000A")), 2, "lowercase"),
+        (
+            "op",
+            format!(
+                "{HEADER}{RAM}{}",
+                RAM.replace("0.000000", "0.000001").replace("slot", "teleport")
+            ),
+            3,
+            "unknown op",
+        ),
+        ("time", format!("{HEADER}{RAM}{}", RAM.replace("0.000000", "0.5")), 3, "six decimals"),
+        ("json", format!("{HEADER}{RAM}{{\"t\":\n"), 3, "JSON"),
+    ];
+    for (name, contents, line, want) in cases {
+        let p = temp_file(&format!("{name}.trace.jsonl"), &contents);
+        let shown = p.display().to_string();
+        let out = vmmu(&["replay", "--no-kvm", &shown]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+        assert!(err.contains(&format!("{shown}:{line}:")), "{name}: {err}");
+        assert!(err.contains(want), "{name}: {err}");
+    }
+    let out = vmmu(&["replay", "--no-kvm", "/nonexistent/x.trace.jsonl"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("cannot read /nonexistent/x.trace.jsonl"));
+}
+
+#[test]
+fn a_refused_request_or_a_recorded_mmio_access_that_hits_ram_exits_1() {
+    // Slot 1 overlaps slot 0: the core refuses with EEXIST (KVM's overlap rule).
+    let overlap = RAM.replace("0.000000", "0.000001").replace("\"id\":0", "\"id\":1");
+    let p = temp_file("refused.trace.jsonl", &format!("{HEADER}{RAM}{overlap}"));
+    let (code, t) = replay_json(&p.display().to_string(), &["--format", "ept"]);
+    assert_eq!(code, Some(1), "{t:#}");
+    for r in t["runs"].as_array().unwrap() {
+        assert_eq!(u(&r["slots"]["refused"]), 1);
+        let f = &r["slots"]["first_refusals"][0];
+        assert_eq!((u(&f["line"]), f["errno"].as_str()), (3, Some("EEXIST")), "{f}");
+    }
+    // A recorded MMIO read inside a RAM slot: the MMU reaches RAM, a divergence.
+    let mmio = "{\"t\":0.000001,\"op\":\"mmio\",\"dir\":\"read\",\"gpa\":\"0x1000\",\"len\":4,\"value\":\"0x0\",\"exit\":\"user\"}\n";
+    let p = temp_file("misclassified.trace.jsonl", &format!("{HEADER}{RAM}{mmio}"));
+    let (code, t) = replay_json(&p.display().to_string(), &["--mmio-caching", "on"]);
+    assert_eq!(code, Some(1), "{t:#}");
+    for r in t["runs"].as_array().unwrap() {
+        assert_eq!(u(&r["mmio"]["misclassified"]), 1);
+        assert_eq!(u(&r["mmio"]["first_misclassified"][0]["line"]), 3);
+    }
+    assert_eq!(t["passed"], false);
+}
+
+/// Whether the KVM half can run here; says why not.
+fn kvm_usable() -> bool {
+    match vmmu_kvm::probe() {
+        Ok(_) => true,
+        Err(why) => {
+            println!("checking less: {why}");
+            false
+        }
+    }
+}
+
+#[test]
+fn kvm_half_agrees_with_the_recordings_where_usable() {
+    let kvm = kvm_usable();
+    for f in ["hand-aliases-move-delete-rom", "seabios-kvm.small"] {
+        let file = repo(&format!("tests/traces/{f}.trace.jsonl"));
+        let out = vmmu(&["replay", "--json", "--format", "ept", "--mmio-caching", "on", &file]);
+        let doc: Value = serde_json::from_slice(&out.stdout).expect("json");
+        let t = &doc["traces"][0];
+        assert_eq!(out.status.code(), Some(0), "{:#}", t["kvm"]);
+        let k = &t["kvm"];
+        if !kvm {
+            assert!(k["skipped"].as_str().unwrap().contains("/dev/kvm not usable"), "{k}");
+            continue;
+        }
+        assert_eq!(k["ran"], true, "{k:#}");
+        assert_eq!(k["error"], Value::Null, "{k:#}");
+        assert_eq!(u(&k["slots_refused"]), 0, "{k:#}");
+        assert_eq!(u(&k["slots_applied"]), u(&t["events"]["slot"]));
+        assert_eq!(u(&k["mmio_not_mmio"]), 0, "{k:#}");
+        assert_eq!(u(&k["mmio_exits"]), u(&k["mmio_checked"]));
+        assert_eq!(
+            u(&k["mmio_checked"]),
+            u(&t["events"]["mmio"]),
+            "small traces are checked whole"
+        );
+        let dirty = u(&t["events"]["get-dirty-log"]) + u(&t["events"]["clear-dirty-log"]);
+        assert_eq!((u(&k["dirty_log_applied"]), u(&k["dirty_log_refused"])), (dirty, 0), "{k:#}");
+    }
+    if kvm {
+        // KVM, too, reaches RAM for an "MMIO" access inside a RAM slot, refuses an overlap, and
+        // refuses the dirty log of a slot without dirty logging.
+        let mmio = "{\"t\":0.000001,\"op\":\"mmio\",\"dir\":\"read\",\"gpa\":\"0x1000\",\"len\":4,\"value\":\"0x0\",\"exit\":\"user\"}\n";
+        let overlap = RAM.replace("0.000000", "0.000002").replace("\"id\":0", "\"id\":1");
+        let get = "{\"t\":0.000003,\"op\":\"get-dirty-log\",\"as\":0,\"id\":0}\n";
+        let p =
+            temp_file("kvm-diverges.trace.jsonl", &format!("{HEADER}{RAM}{mmio}{overlap}{get}"));
+        let out = vmmu(&[
+            "replay",
+            "--json",
+            "--format",
+            "npt",
+            "--mmio-caching",
+            "off",
+            &p.display().to_string(),
+        ]);
+        assert_eq!(out.status.code(), Some(1));
+        let doc: Value = serde_json::from_slice(&out.stdout).expect("json");
+        let k = &doc["traces"][0]["kvm"];
+        assert_eq!((u(&k["mmio_not_mmio"]), u(&k["slots_refused"])), (1, 1), "{k:#}");
+        assert_eq!(k["first_refusals"][0]["errno"], "EEXIST");
+        assert_eq!(u(&k["dirty_log_refused"]), 1, "{k:#}");
+        assert_eq!(k["first_refusals"][1]["reason"], "KVM_GET_DIRTY_LOG");
+    }
+}

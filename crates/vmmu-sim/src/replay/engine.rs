@@ -1,0 +1,585 @@
+//! Replays one trace on the software machine with the real MMU ([`RealMmu`]).
+//!
+//! One vCPU (v1 traces do not say which vCPU made an access, and the reference recordings have
+//! one) runs on the calling thread: every access enters guest mode, polls its requests, looks up
+//! its TLB, on a miss walks the MMU's tables and exits to the MMU's entry points, then leaves
+//! guest mode. Memslot requests go to [`vmmu::vm::Vm::set_memory_region`], which applies KVM's
+//! rules; the replay only mirrors what the core accepted (by the [`MemslotChange`] it returns)
+//! to know where its own accesses go. Between events the vCPU is outside guest mode, so an
+//! update never waits for it.
+//!
+//! Checks:
+//! - every `slot` request must be accepted (it was on the recording host);
+//! - every `mmio` access must end as MMIO (no slot, or a write to a read-only slot);
+//! - right before every `slot` request the replay probes the slot's old range (first and last
+//!   page) and the requested range (first, middle, last page), so the TLB, the SPTEs and the
+//!   per-vCPU MMIO cache hold what the request must invalidate; right after it, the same pages
+//!   (most recent first) and then each live slot of address space 0 (first, middle and last
+//!   page). A probe of a page in a slot: the host writes a fresh token into the slot's buffer
+//!   and the guest must read it back; the guest writes another token and the host must find it
+//!   in the buffer (or, in a read-only slot, the write must be MMIO and the buffer unchanged);
+//!   every other live slot that maps the same host page (an alias) must read it too. A probe of
+//!   a page in no slot must be MMIO. A stale translation or a stale "this is MMIO" shows up as
+//!   a wrong value or a wrong kind of access (an oracle violation); `tests/replay_bugs.rs` shows
+//!   re-injected historical bugs caught this way.
+
+use super::memory::{MemoryError, TraceMemory};
+use super::parse::{Dir, EventKind, Exit, MmioEvent, SlotEvent, Trace};
+use super::report::{Misclassified, Refusal, RunReport, KEEP};
+use crate::oracle::{OracleReport, Violation};
+use crate::ram::{self, Width};
+use crate::real::{RealMmu, RealMmuConfig, RealVcpu};
+use crate::seam::{GuestMmu, Translation};
+use crate::tlb::{Tlb, TlbEntry};
+use std::collections::BTreeMap;
+use std::time::Instant;
+use vmmu::bugs::BugSet;
+use vmmu::memslot::{MemslotChange, UserspaceMemoryRegion};
+use vmmu::spte::FormatKind;
+use vmmu::types::{Gpa, Hva, PAGE_SIZE};
+use vmmu::vm::VmError;
+
+/// Retries of one access before the replay gives up on it (a livelock is a bug).
+const RETRY_LIMIT: u32 = 100_000;
+
+/// One machine configuration to replay under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplayConfig {
+    /// The SPTE format.
+    pub format: FormatKind,
+    /// The user's wish for MMIO caching.
+    pub mmio_caching: bool,
+    /// Host MAXPHYADDR.
+    pub phys_bits: u8,
+    /// Historical KVM bugs to re-inject (empty normally; effective only with the
+    /// `historical-bugs` feature), to show that the replay's checks catch them.
+    pub bugs: BugSet,
+}
+
+impl ReplayConfig {
+    /// `format` with MMIO caching on or off, `phys_bits` 46, no bugs.
+    pub fn new(format: FormatKind, mmio_caching: bool) -> ReplayConfig {
+        ReplayConfig { format, mmio_caching, phys_bits: 46, bugs: BugSet::NONE }
+    }
+
+    /// `ept-on`, `npt-off`, ...
+    pub fn name(&self) -> String {
+        let f = match self.format {
+            FormatKind::Ept => "ept",
+            FormatKind::Npt => "npt",
+            FormatKind::NptSev { .. } => "npt-sev",
+        };
+        format!("{f}-{}", if self.mmio_caching { "on" } else { "off" })
+    }
+}
+
+/// Why a replay could not run at all (a verdict is never an error).
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// Host memory for the trace's slots.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The VM could not be built.
+    #[error("cannot build the VM: {0}")]
+    Vm(#[from] VmError),
+}
+
+/// What one vCPU access did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// RAM; the value loaded or stored (0 when the access was not performed).
+    Ram(u64),
+    /// MMIO emulation.
+    Mmio,
+    /// The MMU failed the access.
+    Error(String),
+}
+
+impl Outcome {
+    fn describe(&self) -> String {
+        match self {
+            Outcome::Ram(v) => format!("RAM {v:#x}"),
+            Outcome::Mmio => "MMIO".into(),
+            Outcome::Error(e) => format!("error: {e}"),
+        }
+    }
+}
+
+/// A slot the core accepted, as far as the replay's own accesses need it.
+#[derive(Clone, Copy, Debug)]
+struct Live {
+    gpa: u64,
+    size: u64,
+    hva: u64,
+    readonly: bool,
+    dirty_log: bool,
+}
+
+/// The replay's single vCPU.
+struct Cpu<'a> {
+    mmu: &'a RealMmu,
+    memory: &'a TraceMemory,
+    vcpu: Option<RealVcpu>,
+    tlb: Tlb,
+}
+
+impl Cpu<'_> {
+    /// One guest access. `perform`: touch RAM (own accesses, naturally aligned); recorded MMIO
+    /// accesses are only classified.
+    fn access(&mut self, gpa: u64, width: Width, write: Option<u64>, perform: bool) -> Outcome {
+        let Some(vcpu) = self.vcpu.as_mut() else {
+            return Outcome::Error("the vCPU is gone".into());
+        };
+        self.mmu.enter_guest(vcpu);
+        let r = access(self.mmu, self.memory, vcpu, &mut self.tlb, gpa, width, write, perform);
+        self.mmu.exit_guest(vcpu);
+        r
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn access(
+    mmu: &RealMmu,
+    memory: &TraceMemory,
+    vcpu: &mut RealVcpu,
+    tlb: &mut Tlb,
+    gpa: u64,
+    width: Width,
+    write: Option<u64>,
+    perform: bool,
+) -> Outcome {
+    let gpa = Gpa(gpa);
+    let gfn = gpa.gfn();
+    for _ in 0..RETRY_LIMIT {
+        if mmu.poll_tlb_flush(vcpu) {
+            tlb.flush();
+        }
+        let entry = match tlb.lookup(gfn, write.is_some()) {
+            Some(e) => e,
+            None => match mmu.translate(vcpu, gpa, write.is_some()) {
+                Translation::Ram { pfn, writable, level } => {
+                    let Some(page) = memory.host().ram_page(pfn) else {
+                        return Outcome::Error(format!("{gpa} translated to {pfn:?}, not RAM"));
+                    };
+                    let e = TlbEntry { page, pfn, writable, level };
+                    tlb.insert(gfn, e);
+                    e
+                }
+                Translation::Mmio => return Outcome::Mmio,
+                Translation::Retry => continue,
+                Translation::Error(e) => return Outcome::Error(e),
+            },
+        };
+        if write.is_some() && !entry.writable {
+            return Outcome::Error(format!("read-only translation of {gpa} used for a write"));
+        }
+        if !perform || !width.is_aligned(gpa.0) {
+            return Outcome::Ram(0);
+        }
+        let p = entry.page.as_ptr().wrapping_add(gpa.page_offset() as usize);
+        // SAFETY: `page` is a RAM frame of the host (from `ram_page`, directly or through the
+        // TLB, which is flushed whenever the MMU asks), alive as long as the host; the access is
+        // naturally aligned (checked above), so it stays inside the page; buffer memory is only
+        // accessed atomically.
+        let value = unsafe {
+            match write {
+                Some(v) => {
+                    ram::store(p, width, v);
+                    v
+                }
+                None => ram::load(p, width),
+            }
+        };
+        return Outcome::Ram(value);
+    }
+    Outcome::Error(format!("access to {gpa} retried {RETRY_LIMIT} times"))
+}
+
+/// The replay of one trace under one configuration.
+struct Replay<'a> {
+    cpu: Cpu<'a>,
+    mmu: &'a RealMmu,
+    memory: &'a TraceMemory,
+    live: BTreeMap<(u16, u16), Live>,
+    report: RunReport,
+    latencies: Vec<u64>,
+    token: u64,
+    /// A delete or move was the last slot request and no annotation followed yet.
+    pending_zap: bool,
+}
+
+fn violation(
+    gpa: u64,
+    what: impl Into<String>,
+    expected: impl Into<String>,
+    seen: String,
+) -> Violation {
+    Violation {
+        vcpu: Some(0),
+        gpa: Some(format!("{gpa:#x}")),
+        what: what.into(),
+        expected: expected.into(),
+        seen,
+    }
+}
+
+impl Replay<'_> {
+    fn next_token(&mut self) -> u64 {
+        self.token += 1;
+        // Distinct from zero and from small values a buffer may hold.
+        0x5eed_0000_0000_0000 | self.token
+    }
+
+    fn check(&mut self, ok: bool, v: impl FnOnce() -> Violation) {
+        self.report.oracle.checked += 1;
+        if !ok {
+            self.report.oracle.push(v());
+        }
+    }
+
+    fn slot(&mut self, line: usize, s: &SlotEvent) {
+        let r = &mut self.report.slots;
+        r.requests += 1;
+        let userspace_addr = self.memory.hva(s.uaddr).unwrap_or(s.uaddr);
+        let flags = u32::from(s.dirty_log) | (u32::from(s.readonly) << 1);
+        let region = UserspaceMemoryRegion {
+            slot: (u32::from(s.as_id) << 16) | u32::from(s.id),
+            flags,
+            guest_phys_addr: s.gpa,
+            memory_size: s.size,
+            userspace_addr,
+        };
+        let key = (s.as_id, s.id);
+        let old = self.live.get(&key).copied();
+        let warm = self.warm_pages(old, s);
+        for &page in &warm {
+            self.probe(page);
+        }
+        let vm = self.mmu.vm();
+        let before = vm.stats();
+        let t0 = Instant::now();
+        let result = vm.set_memory_region(&region);
+        let ns = t0.elapsed().as_nanos() as u64;
+        self.pending_zap = false;
+        let change = match result {
+            Ok(c) => c,
+            Err(e) => {
+                let r = &mut self.report.slots;
+                r.refused += 1;
+                if r.first_refusals.len() < KEEP {
+                    r.first_refusals.push(Refusal {
+                        line,
+                        slot: format!("{}/{}", s.as_id, s.id),
+                        errno: e.errno().to_string(),
+                        reason: e.to_string(),
+                    });
+                }
+                return;
+            }
+        };
+        self.latencies.push(ns);
+        self.report.events_applied += 1;
+        let after = vm.stats();
+        let r = &mut self.report.slots;
+        r.applied += 1;
+        let new = Live {
+            gpa: s.gpa,
+            size: s.size,
+            hva: userspace_addr,
+            readonly: s.readonly,
+            dirty_log: s.dirty_log,
+        };
+        match change {
+            MemslotChange::Create => {
+                r.creates += 1;
+                self.live.insert(key, new);
+            }
+            MemslotChange::Delete => {
+                r.deletes += 1;
+                self.live.remove(&key);
+            }
+            MemslotChange::Move => {
+                r.moves += 1;
+                if let Some(l) = self.live.get_mut(&key) {
+                    l.gpa = s.gpa;
+                    l.dirty_log = s.dirty_log;
+                }
+            }
+            MemslotChange::FlagsOnly => {
+                r.flags_only += 1;
+                if let Some(l) = self.live.get_mut(&key) {
+                    l.dirty_log = s.dirty_log;
+                }
+            }
+            MemslotChange::NoOp => r.no_ops += 1,
+        }
+        if matches!(change, MemslotChange::Delete | MemslotChange::Move) {
+            let z = &mut self.report.zaps;
+            z.deletes_and_moves += 1;
+            z.zap_all_fast += after.zap_all_fast - before.zap_all_fast;
+            z.zap_range += after.zap_range - before.zap_range;
+            z.sptes_zapped += after.mmu_shadow_zapped - before.mmu_shadow_zapped;
+            self.pending_zap = true;
+        }
+        // The pages warmed before the request first, most recent first (the per-vCPU MMIO
+        // cache holds the last MMIO gfn), then every live slot.
+        for &page in warm.iter().rev() {
+            self.probe(page);
+        }
+        self.probe_all();
+    }
+
+    /// Pages to access right before a slot request, so that the TLB, the SPTEs (RAM or MMIO)
+    /// and the per-vCPU MMIO cache hold what the request must invalidate: the first and last
+    /// page of the slot's old range, then the first, middle and last page of the requested
+    /// range (address space 0 only: the vCPU is not in SMM).
+    fn warm_pages(&self, old: Option<Live>, s: &SlotEvent) -> Vec<u64> {
+        let mut pages = Vec::new();
+        if s.as_id != 0 {
+            return pages;
+        }
+        if let Some(o) = old {
+            pages.extend([o.gpa, o.gpa + o.size - PAGE_SIZE]);
+        }
+        let n = s.size / PAGE_SIZE;
+        if n > 0 && s.gpa % PAGE_SIZE == 0 && s.gpa.checked_add(s.size).is_some() {
+            pages.extend([0, n / 2, n - 1].map(|p| s.gpa + p * PAGE_SIZE));
+        }
+        pages.dedup();
+        pages
+    }
+
+    /// The replay's own accesses to every live slot of address space 0 after an applied slot
+    /// request.
+    fn probe_all(&mut self) {
+        let slots: Vec<Live> =
+            self.live.iter().filter(|((a, _), _)| *a == 0).map(|(_, l)| *l).collect();
+        for l in slots {
+            let pages = l.size / PAGE_SIZE;
+            for page in [0, pages / 2, pages.saturating_sub(1)] {
+                self.probe(l.gpa + page * PAGE_SIZE);
+            }
+        }
+    }
+
+    /// The live slot of address space 0 that covers `gpa`.
+    fn covering(&self, gpa: u64) -> Option<Live> {
+        self.live
+            .iter()
+            .find(|((a, _), l)| *a == 0 && gpa >= l.gpa && gpa - l.gpa < l.size)
+            .map(|(_, l)| *l)
+    }
+
+    /// Checks RAM or MMIO at a page: `page` is page aligned; the word in it varies.
+    fn probe(&mut self, page: u64) {
+        let gpa = page + (self.token % 512) * 8;
+        let Some(slot) = self.covering(gpa) else {
+            self.report.own_accesses.hole_reads += 1;
+            let seen = self.cpu.access(gpa, Width::W8, None, true);
+            self.check(seen == Outcome::Mmio, || {
+                violation(gpa, "read where no slot is", "MMIO", seen.describe())
+            });
+            return;
+        };
+        let hva = slot.hva + (gpa - slot.gpa);
+        let Some((buf, off)) = self.memory.host().locate(Hva(hva)) else {
+            self.check(false, || {
+                violation(
+                    gpa,
+                    "own access",
+                    "host memory behind the slot",
+                    format!("none at hva {hva:#x}"),
+                )
+            });
+            return;
+        };
+        let t1 = self.next_token();
+        if let Err(e) = buf.write(off, Width::W8, t1) {
+            // Cannot happen: the word is aligned and inside the slot's union of ranges.
+            self.check(false, || {
+                violation(gpa, "host write of a probe token", "success", e.to_string())
+            });
+            return;
+        }
+        self.report.own_accesses.reads += 1;
+        let seen = self.cpu.access(gpa, Width::W8, None, true);
+        self.check(seen == Outcome::Ram(t1), || {
+            violation(
+                gpa,
+                "read after the host wrote the slot's buffer",
+                format!("RAM {t1:#x}"),
+                seen.describe(),
+            )
+        });
+        let t2 = self.next_token();
+        self.report.own_accesses.writes += 1;
+        let seen = self.cpu.access(gpa, Width::W8, Some(t2), true);
+        let host = buf.read(off, Width::W8).unwrap_or(0);
+        let now = if slot.readonly {
+            self.check(seen == Outcome::Mmio && host == t1, || {
+                violation(
+                    gpa,
+                    "write to a read-only slot",
+                    format!("MMIO, buffer still {t1:#x}"),
+                    format!("{}, buffer {host:#x}", seen.describe()),
+                )
+            });
+            t1
+        } else {
+            self.check(seen == Outcome::Ram(t2) && host == t2, || {
+                violation(
+                    gpa,
+                    "write, then host read of the slot's buffer",
+                    format!("RAM, buffer {t2:#x}"),
+                    format!("{}, buffer {host:#x}", seen.describe()),
+                )
+            });
+            t2
+        };
+        let aliases: Vec<u64> = self
+            .live
+            .iter()
+            .filter(|((a, _), l)| *a == 0 && hva >= l.hva && hva - l.hva < l.size)
+            .map(|(_, l)| l.gpa + (hva - l.hva))
+            .filter(|&g| g != gpa)
+            .collect();
+        for alias in aliases {
+            self.report.own_accesses.alias_reads += 1;
+            let seen = self.cpu.access(alias, Width::W8, None, true);
+            self.check(seen == Outcome::Ram(now), || {
+                violation(
+                    alias,
+                    format!("read through an alias of {gpa:#x}"),
+                    format!("RAM {now:#x}"),
+                    seen.describe(),
+                )
+            });
+        }
+    }
+
+    fn mmio(&mut self, line: usize, m: &MmioEvent) {
+        let r = &mut self.report.mmio;
+        r.events += 1;
+        match m.exit {
+            Exit::User => r.exit_user += 1,
+            Exit::Kernel => r.exit_kernel += 1,
+        }
+        let width = Width::from_bytes(m.len).unwrap_or(Width::W1);
+        let write = match m.dir {
+            Dir::Read => None,
+            Dir::Write => Some(m.value.unwrap_or(0)),
+        };
+        let readonly_write = write.is_some() && self.covering(m.gpa).is_some_and(|l| l.readonly);
+        // Recorded accesses are classified, never performed on RAM: a misclassified one must not
+        // corrupt the buffers the oracle reads.
+        let seen = self.cpu.access(m.gpa, width, write, false);
+        self.report.events_applied += 1;
+        let r = &mut self.report.mmio;
+        if seen == Outcome::Mmio {
+            r.classified_mmio += 1;
+            r.readonly_writes += u64::from(readonly_write);
+        } else {
+            r.misclassified += 1;
+            if r.first_misclassified.len() < KEEP {
+                r.first_misclassified.push(Misclassified {
+                    line,
+                    gpa: format!("{:#x}", m.gpa),
+                    dir: if write.is_some() { "write" } else { "read" }.into(),
+                    seen: seen.describe(),
+                });
+            }
+        }
+    }
+
+    fn dirty_log(&mut self, as_id: u16, id: u16, clear: bool) {
+        let d = &mut self.report.dirty_log;
+        if clear {
+            d.clear += 1;
+        } else {
+            d.get += 1;
+        }
+        if self.live.get(&(as_id, id)).is_some_and(|l| l.dirty_log) {
+            d.on_logged_slot += 1;
+        }
+    }
+}
+
+/// Replays `trace` under `cfg` and reports.
+pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayError> {
+    let memory = TraceMemory::new(trace, cfg.phys_bits)?;
+    let uses_smm =
+        trace.events.iter().any(|e| matches!(e.kind, EventKind::Slot(s) if s.as_id == 1));
+    let mmu = RealMmu::with_address_spaces(
+        memory.host().clone(),
+        RealMmuConfig {
+            format: cfg.format,
+            phys_bits: cfg.phys_bits,
+            mmio_caching: cfg.mmio_caching,
+            vcpus: 1,
+            generation_base: 0,
+            slot_zap_all: false,
+            bugs: cfg.bugs,
+        },
+        if uses_smm { 2 } else { 1 },
+    )?;
+    let caching = mmu.mmio_caching();
+    let mut r = Replay {
+        cpu: Cpu { mmu: &mmu, memory: &memory, vcpu: Some(mmu.create_vcpu(0)), tlb: Tlb::new(64) },
+        mmu: &mmu,
+        memory: &memory,
+        live: BTreeMap::new(),
+        report: RunReport {
+            config: cfg.name(),
+            mmio_caching_effective: caching.effective,
+            mmio_caching_reason: caching.reason,
+            host_buffers: memory.buffers() as u64,
+            host_bytes: memory.bytes(),
+            oracle: OracleReport::default(),
+            ..RunReport::default()
+        },
+        latencies: Vec::new(),
+        token: 0,
+        pending_zap: false,
+    };
+    r.report.dirty_log.note =
+        "the core has no dirty log yet (issue 16): calls are parsed and counted only".into();
+    for e in &trace.events {
+        match &e.kind {
+            EventKind::Slot(s) => r.slot(e.line, s),
+            EventKind::Mmio(m) => r.mmio(e.line, m),
+            EventKind::GetDirtyLog { as_id, id } => {
+                r.dirty_log(*as_id, *id, false);
+                r.report.events_applied += 1;
+            }
+            EventKind::ClearDirtyLog { as_id, id, .. } => {
+                r.dirty_log(*as_id, *id, true);
+                r.report.events_applied += 1;
+            }
+            EventKind::KvmZapAllFast => {
+                r.report.zaps.recorded_zap_all_fast += 1;
+                if std::mem::take(&mut r.pending_zap) {
+                    r.report.zaps.recorded_after_delete += 1;
+                }
+                r.report.events_applied += 1;
+            }
+        }
+    }
+    // The vCPU adds its counters to the MMU's totals when it is dropped.
+    r.cpu.vcpu = None;
+    let stats = mmu.stats();
+    let extra = |k: &str| stats.extra.get(k).copied().unwrap_or(0);
+    let mut report = r.report;
+    report.memslot_update = super::report::Latency::of(r.latencies);
+    report.zaps.zap_all_fast_total = stats.zap_all_fast;
+    report.mmio_paths = super::report::MmioPaths {
+        mmio_spte_hit: stats.exits.mmio_spte_hit,
+        vcpu_cache_hit: stats.exits.mmio_cache_hit,
+        slow_path: stats.exits.mmio_slow_path,
+        readonly_write: extra("readonly_write_emulations"),
+        mmio_sptes_created: stats.mmio_sptes_created,
+        stale_generation: extra("stale_gen_misses"),
+        violation_exits: stats.exits.violation,
+        misconfig_exits: stats.exits.misconfig,
+    };
+    Ok(report)
+}

@@ -1,0 +1,175 @@
+//! Host memory for a replay: the recording VMM's `uaddr` ranges mapped onto [`SimHost`] buffers.
+//!
+//! A `uaddr` is an identity only: slots whose `[uaddr, uaddr + size)` ranges overlap share host
+//! memory (QEMU re-creates RAM slots over one buffer after every split; the BIOS ROM's last
+//! 128 KiB is mapped at `0xe0000` and at `0xfffe0000`). So each maximal union of overlapping ranges
+//! becomes one buffer and every `uaddr` keeps its offset in its union: aliases stay aliases. A
+//! union of 2 MiB or more also keeps its position modulo 2 MiB (the buffer starts at the 2 MiB
+//! boundary below the union's start), so huge pages map exactly where they would have on the
+//! recording host.
+
+use super::parse::{EventKind, Trace};
+use crate::host::{HostBuffer, HostConfig, HostError, SimHost, MAX_FRAME_TABLE, SIZE_2M};
+use std::sync::Arc;
+use vmmu::types::PAGE_SIZE;
+
+/// Frames kept for the MMU's page tables on top of the buffers.
+const TABLE_FRAMES: u64 = 1 << 16;
+
+/// Why a trace's memory could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The slots need more host memory than the machine can track.
+    #[error("the trace's slots need {pages} pages of host memory; this machine tracks at most {max} (a trace larger than {max_gib} GiB of distinct backing memory)")]
+    TooLarge {
+        /// Pages needed.
+        pages: u64,
+        /// Pages possible.
+        max: u64,
+        /// The same in GiB.
+        max_gib: u64,
+    },
+    /// The host refused.
+    #[error(transparent)]
+    Host(#[from] HostError),
+}
+
+/// One union of overlapping `uaddr` ranges and its buffer.
+#[derive(Debug)]
+struct Union {
+    /// First recorded `uaddr` of the union.
+    start: u64,
+    /// End (exclusive).
+    end: u64,
+    /// The recorded `uaddr` that the buffer's first byte stands for.
+    base: u64,
+    buffer: Arc<HostBuffer>,
+}
+
+/// The replay's host and the `uaddr` -> host address map.
+#[derive(Debug)]
+pub struct TraceMemory {
+    host: Arc<SimHost>,
+    unions: Vec<Union>,
+}
+
+/// The maximal unions of overlapping `[uaddr, uaddr + size)` ranges of the trace's non-delete
+/// slot requests, sorted. Ranges that wrap around are left out (KVM refuses them).
+pub fn uaddr_unions(trace: &Trace) -> Vec<(u64, u64)> {
+    let mut ranges: Vec<(u64, u64)> = trace
+        .events
+        .iter()
+        .filter_map(|e| match e.kind {
+            EventKind::Slot(s) if s.size > 0 => Some((s.uaddr, s.uaddr.checked_add(s.size)?)),
+            _ => None,
+        })
+        .collect();
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in ranges {
+        match out.last_mut() {
+            Some(last) if s < last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+impl TraceMemory {
+    /// A host with one buffer per union of the trace's `uaddr` ranges.
+    pub fn new(trace: &Trace, phys_bits: u8) -> Result<TraceMemory, MemoryError> {
+        let plan: Vec<(u64, u64, u64)> = uaddr_unions(trace)
+            .into_iter()
+            .map(|(start, end)| {
+                let align = if end - start >= SIZE_2M { SIZE_2M } else { PAGE_SIZE };
+                (start, end, start & !(align - 1))
+            })
+            .collect();
+        let pages: u64 = plan
+            .iter()
+            .map(|(_, end, base)| (end - base).div_ceil(PAGE_SIZE) + SIZE_2M / PAGE_SIZE)
+            .sum();
+        let max = MAX_FRAME_TABLE - TABLE_FRAMES;
+        if pages > max {
+            return Err(MemoryError::TooLarge { pages, max, max_gib: (max * PAGE_SIZE) >> 30 });
+        }
+        let host =
+            Arc::new(SimHost::new(HostConfig { phys_bits, max_frames: pages + TABLE_FRAMES })?);
+        let mut unions = Vec::with_capacity(plan.len());
+        for (i, (start, end, base)) in plan.into_iter().enumerate() {
+            let buffer = host.add_buffer(&format!("uaddr{i}@{start:#x}"), end - base)?;
+            unions.push(Union { start, end, base, buffer });
+        }
+        Ok(TraceMemory { host, unions })
+    }
+
+    /// The host.
+    pub fn host(&self) -> &Arc<SimHost> {
+        &self.host
+    }
+
+    /// Number of buffers (unions).
+    pub fn buffers(&self) -> usize {
+        self.unions.len()
+    }
+
+    /// Total bytes of the buffers.
+    pub fn bytes(&self) -> u64 {
+        self.unions.iter().map(|u| u.buffer.len()).sum()
+    }
+
+    /// The replay's host address for a recorded `uaddr`, if some union holds it.
+    pub fn hva(&self, uaddr: u64) -> Option<u64> {
+        let u = self.unions.iter().find(|u| (u.start..u.end).contains(&uaddr))?;
+        Some(u.buffer.hva().0 + (uaddr - u.base))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replay::parse::{Event, SlotEvent};
+
+    fn slot(gpa: u64, size: u64, uaddr: u64) -> Event {
+        Event {
+            line: 0,
+            t_us: 0,
+            kind: EventKind::Slot(SlotEvent {
+                as_id: 0,
+                id: 0,
+                dirty_log: false,
+                readonly: false,
+                gpa,
+                size,
+                uaddr,
+            }),
+        }
+    }
+
+    fn trace(events: Vec<Event>) -> Trace {
+        Trace { source: String::new(), events, summary: None }
+    }
+
+    #[test]
+    fn overlapping_ranges_share_a_buffer_and_keep_offsets() {
+        let t = trace(vec![
+            slot(0, 0x40_0000, 0x7f00_0020_0000),
+            slot(0, 0, 0x7f00_0020_0000),
+            slot(0xc0000, 0x1000, 0x7f00_0022_0000),
+            slot(0xfffc0000, 0x40000, 0x7f10_0000_0000),
+            slot(0xe0000, 0x20000, 0x7f10_0002_0000),
+        ]);
+        assert_eq!(
+            uaddr_unions(&t),
+            vec![(0x7f00_0020_0000, 0x7f00_0060_0000), (0x7f10_0000_0000, 0x7f10_0004_0000)]
+        );
+        let m = TraceMemory::new(&t, 46).expect("memory");
+        assert_eq!(m.buffers(), 2);
+        let ram = m.hva(0x7f00_0020_0000).expect("ram");
+        assert_eq!(m.hva(0x7f00_0022_0000), Some(ram + 0x2_0000));
+        assert_eq!(ram % SIZE_2M, 0x7f00_0020_0000 % SIZE_2M, "2 MiB position kept");
+        let rom = m.hva(0x7f10_0000_0000).expect("rom");
+        assert_eq!(m.hva(0x7f10_0002_0000), Some(rom + 0x2_0000));
+        assert_eq!(m.hva(0x7f10_0004_0000), None);
+    }
+}

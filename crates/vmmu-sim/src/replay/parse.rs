@@ -1,0 +1,652 @@
+//! The reader of vmmu traces, version 1 (`../shared/design/traces.md`, the contract with the
+//! recording kit): a header line, events in time order, an optional summary line.
+//!
+//! The reader is strict, as the contract asks: keys in the order the contract shows and no others,
+//! `t` with exactly six decimals and never decreasing, lowercase hex without leading zeros, known
+//! `op`s only, MMIO accesses of 1, 2, 4 or 8 bytes that do not cross a 4 KiB page, and a summary
+//! (when present) that is the last line and whose `events` counts match the file. Every error
+//! names the 1-based line it was found on.
+
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use std::collections::BTreeMap;
+
+/// The trace format version this reader knows.
+pub const TRACE_VERSION: u64 = 1;
+
+/// Why a trace is malformed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("line {line}: {kind}")]
+pub struct ParseError {
+    /// 1-based line number.
+    pub line: usize,
+    /// What is wrong there.
+    pub kind: ParseErrorKind,
+}
+
+/// What is wrong with a line.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseErrorKind {
+    /// The file is empty.
+    #[error("empty file: a trace starts with the header {{\"vmmu_trace\":1,\"source\":\"...\"}}")]
+    Empty,
+    /// A blank line.
+    #[error("blank line (a trace has one JSON object per line and no blank lines)")]
+    Blank,
+    /// Not a JSON object.
+    #[error("not a JSON object: {0}")]
+    Json(String),
+    /// Keys out of order, missing or extra.
+    #[error("{what}: keys must be exactly {expected} in that order, found {found}")]
+    Keys {
+        /// The kind of line.
+        what: String,
+        /// The keys the contract shows.
+        expected: String,
+        /// The keys found.
+        found: String,
+    },
+    /// The header's version is not 1.
+    #[error("vmmu_trace is {0}; this reader knows version 1 only")]
+    Version(String),
+    /// An unknown `op`.
+    #[error("unknown op {0:?} (v1 has slot, mmio, get-dirty-log, clear-dirty-log, kvm, summary)")]
+    UnknownOp(String),
+    /// A field of the wrong type or format.
+    #[error("field {field:?}: {problem}")]
+    Field {
+        /// The key.
+        field: &'static str,
+        /// What is wrong with its value.
+        problem: String,
+    },
+    /// `t` went backwards.
+    #[error("t {t} is before the previous event's t {previous}: events must be in time order")]
+    TimeBackwards {
+        /// This event's time.
+        t: String,
+        /// The previous event's time.
+        previous: String,
+    },
+    /// The first event's `t` is not 0.
+    #[error("the first event has t {0}; it must be 0.000000")]
+    FirstTime(String),
+    /// An MMIO access crosses a page.
+    #[error("mmio access at {gpa:#x} of {len} bytes crosses a 4 KiB page (KVM splits those)")]
+    CrossesPage {
+        /// The address.
+        gpa: u64,
+        /// The length.
+        len: u64,
+    },
+    /// A line after the summary.
+    #[error("a line after the summary (the summary must be the last line)")]
+    AfterSummary,
+    /// The summary's counts do not match the file.
+    #[error("summary says {want} {op} event(s), the file has {have} (truncated or edited trace?)")]
+    CountMismatch {
+        /// The kind.
+        op: String,
+        /// Summary's count.
+        want: u64,
+        /// Lines found.
+        have: u64,
+    },
+}
+
+fn field(field: &'static str, problem: impl Into<String>) -> ParseErrorKind {
+    ParseErrorKind::Field { field, problem: problem.into() }
+}
+
+/// `dir` of an MMIO event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// A load.
+    Read,
+    /// A store.
+    Write,
+}
+
+/// `exit` of an MMIO event: where the recording host handled the access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// `KVM_EXIT_MMIO` to the VMM.
+    User,
+    /// An in-kernel device or a coalesced-MMIO ring.
+    Kernel,
+}
+
+/// One `KVM_SET_USER_MEMORY_REGION` as the VMM made it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotEvent {
+    /// Address space.
+    pub as_id: u16,
+    /// Slot id in the address space.
+    pub id: u16,
+    /// `KVM_MEM_LOG_DIRTY_PAGES`.
+    pub dirty_log: bool,
+    /// `KVM_MEM_READONLY`.
+    pub readonly: bool,
+    /// `guest_phys_addr`.
+    pub gpa: u64,
+    /// `memory_size` (0 deletes).
+    pub size: u64,
+    /// `userspace_addr` in the recording VMM.
+    pub uaddr: u64,
+}
+
+/// One guest access KVM emulated as MMIO.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmioEvent {
+    /// Load or store.
+    pub dir: Dir,
+    /// Guest-physical address.
+    pub gpa: u64,
+    /// Bytes: 1, 2, 4 or 8.
+    pub len: u64,
+    /// Value written or read (`None`: a read never completed).
+    pub value: Option<u64>,
+    /// Where it was handled.
+    pub exit: Exit,
+}
+
+/// What an event line says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// `slot`.
+    Slot(SlotEvent),
+    /// `mmio`.
+    Mmio(MmioEvent),
+    /// `get-dirty-log`.
+    GetDirtyLog {
+        /// Address space.
+        as_id: u16,
+        /// Slot id.
+        id: u16,
+    },
+    /// `clear-dirty-log`.
+    ClearDirtyLog {
+        /// Address space.
+        as_id: u16,
+        /// Slot id.
+        id: u16,
+        /// First page, from the slot's start.
+        first_page: u64,
+        /// Pages.
+        num_pages: u64,
+    },
+    /// `kvm` with `event` `zap_all_fast`: the recording KVM's `kvm_mmu_zap_all_fast`.
+    KvmZapAllFast,
+}
+
+impl EventKind {
+    /// The `op` name.
+    pub const fn op(&self) -> &'static str {
+        match self {
+            EventKind::Slot(_) => "slot",
+            EventKind::Mmio(_) => "mmio",
+            EventKind::GetDirtyLog { .. } => "get-dirty-log",
+            EventKind::ClearDirtyLog { .. } => "clear-dirty-log",
+            EventKind::KvmZapAllFast => "kvm",
+        }
+    }
+}
+
+/// One event with where it came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// 1-based line number in the file.
+    pub line: usize,
+    /// Microseconds since the first event.
+    pub t_us: u64,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// The parts of the summary line a replayer uses (the rest is kept as JSON).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Summary {
+    /// Kernel-handled MMIO events left out of a reduced trace.
+    pub kernel_mmio_dropped: u64,
+    /// Events the capture lost (then verdicts are not to be trusted).
+    pub lost_events: u64,
+    /// Threads that ran `KVM_RUN`.
+    pub vcpu_threads: u64,
+}
+
+/// A parsed trace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Trace {
+    /// The header's `source`.
+    pub source: String,
+    /// The events in file order.
+    pub events: Vec<Event>,
+    /// The summary line, if present.
+    pub summary: Option<Summary>,
+}
+
+impl Trace {
+    /// Number of events of kind `op`.
+    pub fn count(&self, op: &str) -> u64 {
+        self.events.iter().filter(|e| e.kind.op() == op).count() as u64
+    }
+}
+
+/// A JSON object with its keys in file order (values unparsed).
+struct Ordered<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Ordered<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Ordered<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut m: M) -> Result<Ordered<'a>, M::Error> {
+                let mut v = Vec::new();
+                while let Some((k, val)) = m.next_entry::<String, &'de RawValue>()? {
+                    v.push((k, val));
+                }
+                Ok(Ordered(v))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+impl<'a> Ordered<'a> {
+    fn parse(text: &'a str) -> Result<Ordered<'a>, ParseErrorKind> {
+        serde_json::from_str(text).map_err(|e| ParseErrorKind::Json(e.to_string()))
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(k, _)| k.as_str()).collect()
+    }
+
+    fn expect_keys(&self, what: &str, expected: &[&str]) -> Result<(), ParseErrorKind> {
+        let found = self.keys();
+        if found != expected {
+            return Err(ParseErrorKind::Keys {
+                what: what.to_string(),
+                expected: expected.join(","),
+                found: found.join(","),
+            });
+        }
+        Ok(())
+    }
+
+    fn raw(&self, key: &'static str) -> Result<&'a str, ParseErrorKind> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.get())
+            .ok_or_else(|| field(key, "missing"))
+    }
+
+    fn string(&self, key: &'static str) -> Result<String, ParseErrorKind> {
+        serde_json::from_str(self.raw(key)?).map_err(|_| field(key, "must be a JSON string"))
+    }
+
+    fn int(&self, key: &'static str) -> Result<u64, ParseErrorKind> {
+        let raw = self.raw(key)?;
+        if raw.is_empty() || !raw.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(field(
+                key,
+                format!("must be a plain non-negative JSON integer, not {raw}"),
+            ));
+        }
+        raw.parse().map_err(|_| field(key, format!("{raw} is too large")))
+    }
+
+    fn u16(&self, key: &'static str) -> Result<u16, ParseErrorKind> {
+        let v = self.int(key)?;
+        u16::try_from(v).map_err(|_| field(key, format!("{v} does not fit 16 bits")))
+    }
+
+    fn hex(&self, key: &'static str) -> Result<u64, ParseErrorKind> {
+        parse_hex(&self.string(key)?).map_err(|p| field(key, p))
+    }
+}
+
+/// Parses `0x` + lowercase hex without leading zeros.
+pub fn parse_hex(s: &str) -> Result<u64, String> {
+    let digits = s.strip_prefix("0x").ok_or_else(|| format!("{s:?} must start with 0x"))?;
+    if digits.is_empty()
+        || !digits.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(format!("{s:?} is not lowercase hex (0x followed by 0-9a-f)"));
+    }
+    if digits.len() > 1 && digits.starts_with('0') {
+        return Err(format!("{s:?} has leading zeros"));
+    }
+    u64::from_str_radix(digits, 16).map_err(|_| format!("{s:?} does not fit 64 bits"))
+}
+
+/// Parses `t`: digits, a dot, exactly six digits; returns microseconds.
+fn parse_t(raw: &str) -> Result<u64, ParseErrorKind> {
+    let bad = || field("t", format!("{raw} must be seconds with exactly six decimals (0.000000)"));
+    let (int, frac) = raw.split_once('.').ok_or_else(bad)?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(int) || frac.len() != 6 || !digits(frac) {
+        return Err(bad());
+    }
+    let (i, f): (u64, u64) = (int.parse().map_err(|_| bad())?, frac.parse().map_err(|_| bad())?);
+    i.checked_mul(1_000_000).and_then(|us| us.checked_add(f)).ok_or_else(bad)
+}
+
+const SLOT_KEYS: [&str; 8] = ["t", "op", "as", "id", "flags", "gpa", "size", "uaddr"];
+const MMIO_KEYS: [&str; 7] = ["t", "op", "dir", "gpa", "len", "value", "exit"];
+const GET_KEYS: [&str; 4] = ["t", "op", "as", "id"];
+const CLEAR_KEYS: [&str; 6] = ["t", "op", "as", "id", "first_page", "num_pages"];
+const KVM_KEYS: [&str; 3] = ["t", "op", "event"];
+
+fn parse_flags(o: &Ordered<'_>) -> Result<(bool, bool), ParseErrorKind> {
+    let flags: Vec<String> = serde_json::from_str(o.raw("flags")?)
+        .map_err(|_| field("flags", "must be a list of strings"))?;
+    let order = ["dirty_log", "readonly"];
+    let mut next = 0;
+    let (mut dirty, mut ro) = (false, false);
+    for f in &flags {
+        let Some(i) = order.iter().position(|o| o == f) else {
+            return Err(field("flags", format!("unknown flag {f:?} (dirty_log, readonly)")));
+        };
+        if i < next {
+            return Err(field(
+                "flags",
+                "flags must be in the order dirty_log, readonly, once each",
+            ));
+        }
+        next = i + 1;
+        if i == 0 {
+            dirty = true;
+        } else {
+            ro = true;
+        }
+    }
+    Ok((dirty, ro))
+}
+
+fn parse_event(o: &Ordered<'_>, op: &str) -> Result<EventKind, ParseErrorKind> {
+    Ok(match op {
+        "slot" => {
+            o.expect_keys("slot event", &SLOT_KEYS)?;
+            let (dirty_log, readonly) = parse_flags(o)?;
+            EventKind::Slot(SlotEvent {
+                as_id: o.u16("as")?,
+                id: o.u16("id")?,
+                dirty_log,
+                readonly,
+                gpa: o.hex("gpa")?,
+                size: o.hex("size")?,
+                uaddr: o.hex("uaddr")?,
+            })
+        }
+        "mmio" => {
+            o.expect_keys("mmio event", &MMIO_KEYS)?;
+            let dir = match o.string("dir")?.as_str() {
+                "read" => Dir::Read,
+                "write" => Dir::Write,
+                d => return Err(field("dir", format!("{d:?} is neither \"read\" nor \"write\""))),
+            };
+            let gpa = o.hex("gpa")?;
+            let len = o.int("len")?;
+            if !matches!(len, 1 | 2 | 4 | 8) {
+                return Err(field("len", format!("{len} is not 1, 2, 4 or 8")));
+            }
+            if (gpa & 0xfff) + len > 0x1000 {
+                return Err(ParseErrorKind::CrossesPage { gpa, len });
+            }
+            let value = match o.raw("value")? {
+                "null" if dir == Dir::Read => None,
+                "null" => return Err(field("value", "null is allowed for reads only")),
+                _ => {
+                    let v = o.hex("value")?;
+                    if len < 8 && v >> (8 * len) != 0 {
+                        return Err(field("value", format!("{v:#x} has more than {len} bytes")));
+                    }
+                    Some(v)
+                }
+            };
+            let exit = match o.string("exit")?.as_str() {
+                "user" => Exit::User,
+                "kernel" => Exit::Kernel,
+                e => {
+                    return Err(field("exit", format!("{e:?} is neither \"user\" nor \"kernel\"")))
+                }
+            };
+            EventKind::Mmio(MmioEvent { dir, gpa, len, value, exit })
+        }
+        "get-dirty-log" => {
+            o.expect_keys("get-dirty-log event", &GET_KEYS)?;
+            EventKind::GetDirtyLog { as_id: o.u16("as")?, id: o.u16("id")? }
+        }
+        "clear-dirty-log" => {
+            o.expect_keys("clear-dirty-log event", &CLEAR_KEYS)?;
+            EventKind::ClearDirtyLog {
+                as_id: o.u16("as")?,
+                id: o.u16("id")?,
+                first_page: o.int("first_page")?,
+                num_pages: o.int("num_pages")?,
+            }
+        }
+        "kvm" => {
+            o.expect_keys("kvm event", &KVM_KEYS)?;
+            match o.string("event")?.as_str() {
+                "zap_all_fast" => EventKind::KvmZapAllFast,
+                e => {
+                    return Err(field(
+                        "event",
+                        format!("unknown kvm event {e:?} (v1: zap_all_fast)"),
+                    ))
+                }
+            }
+        }
+        other => return Err(ParseErrorKind::UnknownOp(other.to_string())),
+    })
+}
+
+fn parse_summary(o: &Ordered<'_>, events: &[Event]) -> Result<Summary, ParseErrorKind> {
+    let get = |key: &'static str| -> Result<u64, ParseErrorKind> {
+        match o.raw(key) {
+            Ok(_) => o.int(key),
+            Err(_) => Ok(0),
+        }
+    };
+    if let Ok(raw) = o.raw("events") {
+        let counts: BTreeMap<String, u64> = serde_json::from_str(raw)
+            .map_err(|_| field("events", "must be an object of counts"))?;
+        for (op, want) in counts {
+            let have = events.iter().filter(|e| e.kind.op() == op).count() as u64;
+            if have != want {
+                return Err(ParseErrorKind::CountMismatch { op, want, have });
+            }
+        }
+    }
+    Ok(Summary {
+        kernel_mmio_dropped: get("kernel_mmio_dropped")?,
+        lost_events: get("lost_events")?,
+        vcpu_threads: get("vcpu_threads")?,
+    })
+}
+
+/// Parses a whole trace.
+pub fn parse(text: &str) -> Result<Trace, ParseError> {
+    let mut lines = text.split('\n').enumerate().map(|(i, l)| (i + 1, l)).peekable();
+    // A final "\n" leaves one empty piece at the end: not a line.
+    let at = |line: usize| move |kind: ParseErrorKind| ParseError { line, kind };
+    let (_, header) = lines.next().ok_or(ParseError { line: 1, kind: ParseErrorKind::Empty })?;
+    if header.trim().is_empty() {
+        return Err(at(1)(ParseErrorKind::Empty));
+    }
+    let h = Ordered::parse(header).map_err(at(1))?;
+    h.expect_keys("header", &["vmmu_trace", "source"]).map_err(at(1))?;
+    let version = h.raw("vmmu_trace").map_err(at(1))?;
+    if version != "1" {
+        return Err(at(1)(ParseErrorKind::Version(version.to_string())));
+    }
+    let source = h.string("source").map_err(at(1))?;
+    let mut events: Vec<Event> = Vec::new();
+    let mut summary = None;
+    let mut prev_t: Option<(u64, String)> = None;
+    while let Some((n, line)) = lines.next() {
+        if line.is_empty() && lines.peek().is_none() {
+            break;
+        }
+        let err = at(n);
+        if summary.is_some() {
+            return Err(err(ParseErrorKind::AfterSummary));
+        }
+        if line.trim().is_empty() {
+            return Err(err(ParseErrorKind::Blank));
+        }
+        let o = Ordered::parse(line).map_err(err)?;
+        let op = o.0.iter().find(|(k, _)| k == "op").map(|(_, v)| v.get());
+        let op: String = match op {
+            Some(raw) => {
+                serde_json::from_str(raw).map_err(|_| err(field("op", "must be a JSON string")))?
+            }
+            None => return Err(err(field("op", "missing"))),
+        };
+        if op == "summary" {
+            summary = Some(parse_summary(&o, &events).map_err(err)?);
+            continue;
+        }
+        // The event's own checks come first: they check the key order, `t` included.
+        let kind = parse_event(&o, &op).map_err(err)?;
+        let raw_t = o.raw("t").map_err(err)?;
+        let t_us = parse_t(raw_t).map_err(err)?;
+        match &prev_t {
+            None if t_us != 0 => return Err(err(ParseErrorKind::FirstTime(raw_t.to_string()))),
+            Some((p, praw)) if t_us < *p => {
+                return Err(err(ParseErrorKind::TimeBackwards {
+                    t: raw_t.to_string(),
+                    previous: praw.clone(),
+                }))
+            }
+            _ => {}
+        }
+        prev_t = Some((t_us, raw_t.to_string()));
+        events.push(Event { line: n, t_us, kind });
+    }
+    Ok(Trace { source, events, summary })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: &str = "{\"vmmu_trace\":1,\"source\":\"test\"}\n";
+
+    fn one(line: &str) -> Result<Trace, ParseError> {
+        parse(&format!("{H}{line}\n"))
+    }
+
+    fn kind_at(text: &str) -> (usize, String) {
+        let e = parse(text).expect_err("must fail");
+        (e.line, e.kind.to_string())
+    }
+
+    #[test]
+    fn parses_every_kind() {
+        let t = parse(concat!(
+            "{\"vmmu_trace\":1,\"source\":\"s\"}\n",
+            "{\"t\":0.000000,\"op\":\"slot\",\"as\":0,\"id\":1,\"flags\":[\"dirty_log\",\"readonly\"],\"gpa\":\"0xfffc0000\",\"size\":\"0x40000\",\"uaddr\":\"0x7f0000000000\"}\n",
+            "{\"t\":0.000001,\"op\":\"mmio\",\"dir\":\"read\",\"gpa\":\"0xfee000f0\",\"len\":4,\"value\":\"0xff\",\"exit\":\"kernel\"}\n",
+            "{\"t\":0.000001,\"op\":\"get-dirty-log\",\"as\":0,\"id\":3}\n",
+            "{\"t\":1.500000,\"op\":\"clear-dirty-log\",\"as\":0,\"id\":3,\"first_page\":0,\"num_pages\":4096}\n",
+            "{\"t\":1.500000,\"op\":\"kvm\",\"event\":\"zap_all_fast\"}\n",
+            "{\"op\":\"summary\",\"span\":1.5,\"events\":{\"slot\":1,\"mmio\":1,\"get-dirty-log\":1,\"clear-dirty-log\":1,\"kvm\":1},\"kernel_mmio_dropped\":7,\"lost_events\":0,\"vcpu_threads\":1}\n",
+        ))
+        .expect("valid");
+        assert_eq!(t.source, "s");
+        assert_eq!(t.events.len(), 5);
+        assert_eq!(
+            t.events[0].kind,
+            EventKind::Slot(SlotEvent {
+                as_id: 0,
+                id: 1,
+                dirty_log: true,
+                readonly: true,
+                gpa: 0xfffc_0000,
+                size: 0x40000,
+                uaddr: 0x7f00_0000_0000
+            })
+        );
+        assert_eq!(t.events[3].t_us, 1_500_000);
+        assert_eq!(t.events[4].line, 6);
+        assert_eq!(t.summary.as_ref().map(|s| s.kernel_mmio_dropped), Some(7));
+    }
+
+    #[test]
+    fn header_rules() {
+        assert_eq!(kind_at("").0, 1);
+        assert!(kind_at("{\"vmmu_trace\":2,\"source\":\"x\"}\n").1.contains("version 1"));
+        assert!(kind_at("{\"source\":\"x\",\"vmmu_trace\":1}\n").1.contains("keys"));
+    }
+
+    #[test]
+    fn event_rules_name_the_line() {
+        let slot = "{\"t\":0.000000,\"op\":\"slot\",\"as\":0,\"id\":0,\"flags\":[],\"gpa\":\"0x0\",\"size\":\"0x1000\",\"uaddr\":\"0x1000\"}";
+        assert!(one(slot).is_ok());
+        let cases = [
+            (slot.replace("\"as\":0,\"id\":0", "\"id\":0,\"as\":0"), "keys"),
+            (slot.replace("\"0x1000\",\"uaddr", "\"0x01000\",\"uaddr"), "leading zeros"),
+            (slot.replace("\"0x1000\",\"uaddr", "\"0x1A00\",\"uaddr"), "lowercase"),
+            (slot.replace("0.000000", "0.0"), "six decimals"),
+            (slot.replace("0.000000", "0.000001"), "first event"),
+            (slot.replace("\"slot\"", "\"teleport\""), "unknown op"),
+            (slot.replace("[]", "[\"readonly\",\"dirty_log\"]"), "order"),
+            (slot.replace("\"id\":0", "\"id\":-1"), "integer"),
+            (slot.replace('}', ",\"extra\":1}"), "keys"),
+        ];
+        for (line, want) in cases {
+            let e = one(&line).expect_err(&line);
+            assert_eq!(e.line, 2, "{line}");
+            assert!(e.kind.to_string().contains(want), "{line}: {e}");
+        }
+        let text = format!("{H}{slot}\n\n{slot}\n");
+        assert_eq!(kind_at(&text).0, 3);
+        let back = slot.replace("0.000000", "0.000002");
+        let text = format!("{H}{slot}\n{back}\n{slot}\n");
+        assert!(kind_at(&text).1.contains("time order"));
+    }
+
+    #[test]
+    fn mmio_rules() {
+        let m = "{\"t\":0.000000,\"op\":\"mmio\",\"dir\":\"write\",\"gpa\":\"0xb8000\",\"len\":2,\"value\":\"0x741\",\"exit\":\"kernel\"}";
+        assert!(one(m).is_ok());
+        for (line, want) in [
+            (m.replace("\"len\":2", "\"len\":3"), "not 1, 2, 4 or 8"),
+            (m.replace("0xb8000", "0xb8fff"), "crosses"),
+            (m.replace("\"0x741\"", "null"), "reads only"),
+            (m.replace("0x741", "0x10000"), "more than 2 bytes"),
+            (m.replace("kernel", "hypervisor"), "exit"),
+        ] {
+            let e = one(&line).expect_err(&line);
+            assert!(e.kind.to_string().contains(want), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn summary_must_be_last_and_match() {
+        let k = "{\"t\":0.000000,\"op\":\"kvm\",\"event\":\"zap_all_fast\"}";
+        let s = "{\"op\":\"summary\",\"events\":{\"kvm\":2}}";
+        let e = parse(&format!("{H}{k}\n{s}\n")).expect_err("count");
+        assert_eq!(e.line, 3);
+        assert!(e.kind.to_string().contains("truncated"));
+        let s1 = "{\"op\":\"summary\",\"events\":{\"kvm\":1}}";
+        assert!(parse(&format!("{H}{k}\n{s1}\n")).is_ok());
+        assert_eq!(parse(&format!("{H}{k}\n{s1}\n{k}\n")).expect_err("after").line, 4);
+    }
+
+    #[test]
+    fn hex_format() {
+        assert_eq!(parse_hex("0x0"), Ok(0));
+        assert_eq!(parse_hex("0xffffffffffffffff"), Ok(u64::MAX));
+        assert!(parse_hex("0x").is_err());
+        assert!(parse_hex("0x00").is_err());
+        assert!(parse_hex("0x10000000000000000").is_err());
+        assert!(parse_hex("10").is_err());
+    }
+}

@@ -1,0 +1,415 @@
+//! What a replay reports, per machine configuration and per trace, as text and as JSON with
+//! stable keys.
+
+use crate::oracle::OracleReport;
+use serde::Serialize;
+use std::fmt::Write as _;
+
+/// How many refusals and misclassifications are kept in full (all are counted).
+pub const KEEP: usize = 20;
+
+/// A slot request the MMU refused (every recorded request succeeded on the recording host).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Refusal {
+    /// The trace line.
+    pub line: usize,
+    /// `as/id`.
+    pub slot: String,
+    /// KVM's errno name.
+    pub errno: String,
+    /// The rule broken, in words.
+    pub reason: String,
+}
+
+/// A recorded MMIO access the MMU did not treat as MMIO.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Misclassified {
+    /// The trace line.
+    pub line: usize,
+    /// The guest address.
+    pub gpa: String,
+    /// `read` or `write`.
+    pub dir: String,
+    /// What the MMU did instead.
+    pub seen: String,
+}
+
+/// Memslot requests.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SlotCounts {
+    /// `slot` events.
+    pub requests: u64,
+    /// Accepted by the MMU.
+    pub applied: u64,
+    /// Refused by the MMU (must be 0).
+    pub refused: u64,
+    /// Accepted, by kind (the core's decision).
+    pub creates: u64,
+    /// Deletes.
+    pub deletes: u64,
+    /// Moves.
+    pub moves: u64,
+    /// Flags-only changes.
+    pub flags_only: u64,
+    /// Requests identical to the live slot.
+    pub no_ops: u64,
+    /// The first refusals.
+    pub first_refusals: Vec<Refusal>,
+}
+
+/// Recorded MMIO accesses.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MmioCounts {
+    /// `mmio` events.
+    pub events: u64,
+    /// Of those, `"exit":"user"` on the recording host.
+    pub exit_user: u64,
+    /// Of those, `"exit":"kernel"`.
+    pub exit_kernel: u64,
+    /// Classified as MMIO by the MMU (must equal `events`).
+    pub classified_mmio: u64,
+    /// Of those, writes to a read-only slot (emulated writes).
+    pub readonly_writes: u64,
+    /// Not classified as MMIO (must be 0).
+    pub misclassified: u64,
+    /// The first misclassifications.
+    pub first_misclassified: Vec<Misclassified>,
+}
+
+/// How the MMU handled MMIO (the core's per-vCPU counters, the replay's own accesses included).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MmioPaths {
+    /// MMIO SPTE hits (EPT misconfig / NPT RSVD with the current generation): the fast path.
+    pub mmio_spte_hit: u64,
+    /// Per-vCPU MMIO info cache hits.
+    pub vcpu_cache_hit: u64,
+    /// Slow path (memslot lookup).
+    pub slow_path: u64,
+    /// Writes to read-only slots emulated.
+    pub readonly_write: u64,
+    /// MMIO SPTEs installed.
+    pub mmio_sptes_created: u64,
+    /// MMIO SPTEs found with a stale generation.
+    pub stale_generation: u64,
+    /// EPT violation / NPT not-present exits.
+    pub violation_exits: u64,
+    /// EPT misconfig / NPT RSVD exits.
+    pub misconfig_exits: u64,
+}
+
+/// Zaps on delete and move, next to the recording KVM's annotations.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Zaps {
+    /// Deletes and moves applied.
+    pub deletes_and_moves: u64,
+    /// `kvm` `zap_all_fast` annotations in the trace.
+    pub recorded_zap_all_fast: u64,
+    /// Deletes and moves followed by a recorded `zap_all_fast` before the next slot request.
+    pub recorded_after_delete: u64,
+    /// Our `zap_all_fast` calls during deletes and moves.
+    pub zap_all_fast: u64,
+    /// Our range zaps during deletes and moves.
+    pub zap_range: u64,
+    /// SPTEs our deletes and moves zapped.
+    pub sptes_zapped: u64,
+    /// All our `zap_all_fast` calls (generation wraps included).
+    pub zap_all_fast_total: u64,
+}
+
+/// Memslot update latency of the applied requests, nanoseconds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Latency {
+    /// Requests measured.
+    pub count: u64,
+    /// Median.
+    pub p50_ns: u64,
+    /// 90th percentile.
+    pub p90_ns: u64,
+    /// 99th percentile.
+    pub p99_ns: u64,
+    /// Slowest.
+    pub max_ns: u64,
+}
+
+impl Latency {
+    /// Percentiles of `samples` (nearest rank).
+    pub fn of(mut samples: Vec<u64>) -> Latency {
+        samples.sort_unstable();
+        let n = samples.len();
+        let at = |p: usize| if n == 0 { 0 } else { samples[(n * p).div_ceil(100).clamp(1, n) - 1] };
+        Latency {
+            count: n as u64,
+            p50_ns: at(50),
+            p90_ns: at(90),
+            p99_ns: at(99),
+            max_ns: samples.last().copied().unwrap_or(0),
+        }
+    }
+}
+
+/// Dirty-log calls: parsed and counted, not applied (the core has no dirty log yet, issue 16).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DirtyLog {
+    /// `get-dirty-log` events.
+    pub get: u64,
+    /// `clear-dirty-log` events.
+    pub clear: u64,
+    /// Calls whose slot was live with `dirty_log` in the replay at that point (informational).
+    pub on_logged_slot: u64,
+    /// Always false in this version.
+    pub applied: bool,
+    /// Why not.
+    pub note: String,
+}
+
+/// The replay's own accesses.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct OwnAccesses {
+    /// Guest reads.
+    pub reads: u64,
+    /// Guest writes.
+    pub writes: u64,
+    /// Reads through an alias of the written page.
+    pub alias_reads: u64,
+    /// Probes where no slot was live (must be MMIO).
+    pub hole_reads: u64,
+}
+
+/// One trace on one machine configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RunReport {
+    /// `ept-on`, `npt-off`, ...
+    pub config: String,
+    /// Whether MMIO caching was in effect.
+    pub mmio_caching_effective: bool,
+    /// Why or why not.
+    pub mmio_caching_reason: String,
+    /// Events applied or checked (every event of the trace when the run finished).
+    pub events_applied: u64,
+    /// Slot requests.
+    pub slots: SlotCounts,
+    /// Recorded MMIO.
+    pub mmio: MmioCounts,
+    /// MMIO handling by path.
+    pub mmio_paths: MmioPaths,
+    /// Zaps.
+    pub zaps: Zaps,
+    /// Memslot update latency.
+    pub memslot_update: Latency,
+    /// Dirty-log calls.
+    pub dirty_log: DirtyLog,
+    /// The replay's own accesses.
+    pub own_accesses: OwnAccesses,
+    /// The oracle's verdict on the replay's own accesses.
+    pub oracle: OracleReport,
+    /// Host buffers made for the trace's `uaddr` unions.
+    pub host_buffers: u64,
+    /// Their total size.
+    pub host_bytes: u64,
+}
+
+impl RunReport {
+    /// No refusal, no misclassification, no violation.
+    pub fn passed(&self) -> bool {
+        self.slots.refused == 0 && self.mmio.misclassified == 0 && self.oracle.violations == 0
+    }
+}
+
+/// The run on real `/dev/kvm`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct KvmReport {
+    /// Whether it ran.
+    pub ran: bool,
+    /// Why not, when it did not.
+    pub skipped: Option<String>,
+    /// What it checked and how.
+    pub method: String,
+    /// Slot requests KVM accepted.
+    pub slots_applied: u64,
+    /// Slot requests KVM refused (must be 0).
+    pub slots_refused: u64,
+    /// The first refusals.
+    pub first_refusals: Vec<Refusal>,
+    /// MMIO events checked on KVM.
+    pub mmio_checked: u64,
+    /// Of those, exits as MMIO.
+    pub mmio_exits: u64,
+    /// Of those, not MMIO on KVM (must be 0).
+    pub mmio_not_mmio: u64,
+    /// The first of those.
+    pub first_not_mmio: Vec<Misclassified>,
+    /// Dirty-log calls KVM accepted.
+    pub dirty_log_applied: u64,
+    /// Dirty-log calls KVM refused (must be 0; listed with the slot refusals).
+    pub dirty_log_refused: u64,
+    /// A failure of the KVM machinery (not a verdict).
+    pub error: Option<String>,
+}
+
+impl KvmReport {
+    /// Nothing refused or misclassified, no failure (a skipped run passes).
+    pub fn passed(&self) -> bool {
+        self.slots_refused == 0
+            && self.dirty_log_refused == 0
+            && self.mmio_not_mmio == 0
+            && self.error.is_none()
+    }
+}
+
+/// Everything about one trace.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TraceReport {
+    /// The file.
+    pub file: String,
+    /// The header's `source`.
+    pub source: String,
+    /// Events by kind.
+    pub events: std::collections::BTreeMap<String, u64>,
+    /// From the summary: kernel MMIO events left out of a reduced trace.
+    pub kernel_mmio_dropped: u64,
+    /// From the summary: events the capture lost.
+    pub lost_events: u64,
+    /// From the summary: vCPU threads (replay is exact for 1).
+    pub vcpu_threads: u64,
+    /// Warnings about the trace itself.
+    pub warnings: Vec<String>,
+    /// One run per machine configuration.
+    pub runs: Vec<RunReport>,
+    /// The run on `/dev/kvm`.
+    pub kvm: KvmReport,
+    /// Every run passed.
+    pub passed: bool,
+}
+
+fn us(ns: u64) -> String {
+    format!("{:.1} us", ns as f64 / 1000.0)
+}
+
+impl TraceReport {
+    /// The human-readable report.
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        let verdict = if self.passed { "PASS" } else { "FAIL" };
+        let _ = writeln!(s, "{verdict} {}", self.file);
+        let _ = writeln!(s, "  source: {}", self.source);
+        let ev: Vec<String> = self.events.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = writeln!(
+            s,
+            "  events: {} (kernel MMIO dropped {}, lost {}, vCPU threads {})",
+            ev.join(", "),
+            self.kernel_mmio_dropped,
+            self.lost_events,
+            self.vcpu_threads
+        );
+        for w in &self.warnings {
+            let _ = writeln!(s, "  warning: {w}");
+        }
+        for r in &self.runs {
+            let v = if r.passed() { "ok" } else { "FAIL" };
+            let _ = writeln!(
+                s,
+                "  sim-{} [{v}] (MMIO caching {}: {}): {} events applied",
+                r.config,
+                if r.mmio_caching_effective { "on" } else { "off" },
+                r.mmio_caching_reason,
+                r.events_applied
+            );
+            let sl = &r.slots;
+            let _ = writeln!(
+                s,
+                "    slots: {} applied, {} refused (create {}, delete {}, move {}, flags {}, no-op {})",
+                sl.applied, sl.refused, sl.creates, sl.deletes, sl.moves, sl.flags_only, sl.no_ops
+            );
+            for f in &sl.first_refusals {
+                let _ = writeln!(
+                    s,
+                    "      refused line {}: slot {} {}: {}",
+                    f.line, f.slot, f.errno, f.reason
+                );
+            }
+            let m = &r.mmio;
+            let _ = writeln!(
+                s,
+                "    mmio: {} events ({} user, {} kernel), {} classified MMIO ({} read-only-slot writes), {} misclassified",
+                m.events, m.exit_user, m.exit_kernel, m.classified_mmio, m.readonly_writes, m.misclassified
+            );
+            for f in &m.first_misclassified {
+                let _ = writeln!(s, "      line {}: {} {}: {}", f.line, f.dir, f.gpa, f.seen);
+            }
+            let p = &r.mmio_paths;
+            let _ = writeln!(
+                s,
+                "    mmio paths: MMIO SPTE hit {}, vCPU cache hit {}, slow path {}, read-only write {} (MMIO SPTEs created {}, stale generation {}; exits: violation {}, misconfig/RSVD {})",
+                p.mmio_spte_hit, p.vcpu_cache_hit, p.slow_path, p.readonly_write, p.mmio_sptes_created, p.stale_generation, p.violation_exits, p.misconfig_exits
+            );
+            let z = &r.zaps;
+            let _ = writeln!(
+                s,
+                "    zaps: {} deletes+moves; recorded KVM zap_all_fast {} ({} right after a delete); ours during deletes+moves: zap_all_fast {}, range zaps {}, SPTEs zapped {}",
+                z.deletes_and_moves, z.recorded_zap_all_fast, z.recorded_after_delete, z.zap_all_fast, z.zap_range, z.sptes_zapped
+            );
+            let l = &r.memslot_update;
+            let _ = writeln!(
+                s,
+                "    memslot update latency: p50 {}, p90 {}, p99 {}, max {} ({} updates)",
+                us(l.p50_ns),
+                us(l.p90_ns),
+                us(l.p99_ns),
+                us(l.max_ns),
+                l.count
+            );
+            let d = &r.dirty_log;
+            let _ = writeln!(
+                s,
+                "    dirty log: {} get, {} clear, {} on a slot live with dirty_log; not applied: {}",
+                d.get, d.clear, d.on_logged_slot, d.note
+            );
+            let o = &r.own_accesses;
+            let _ = writeln!(
+                s,
+                "    own accesses: {} reads, {} writes, {} alias reads, {} hole reads; oracle: {} checked, {} violations",
+                o.reads, o.writes, o.alias_reads, o.hole_reads, r.oracle.checked, r.oracle.violations
+            );
+            for v in &r.oracle.first_violations {
+                let _ = writeln!(s, "      {v}");
+            }
+        }
+        let k = &self.kvm;
+        if let Some(why) = &k.skipped {
+            let _ = writeln!(s, "  kvm: skipped: {why}");
+        } else if let Some(e) = &k.error {
+            let _ = writeln!(s, "  kvm [FAIL]: {e}");
+        } else if k.ran {
+            let v = if k.passed() { "ok" } else { "FAIL" };
+            let _ = writeln!(
+                s,
+                "  kvm [{v}]: slots {} applied, {} refused; dirty-log calls {} applied, {} refused; mmio {} checked, {} exited as MMIO, {} not MMIO ({})",
+                k.slots_applied, k.slots_refused, k.dirty_log_applied, k.dirty_log_refused, k.mmio_checked, k.mmio_exits, k.mmio_not_mmio, k.method
+            );
+            for f in &k.first_refusals {
+                let _ = writeln!(
+                    s,
+                    "      refused line {}: {} slot {}: {}",
+                    f.line, f.reason, f.slot, f.errno
+                );
+            }
+            for f in &k.first_not_mmio {
+                let _ = writeln!(s, "      line {}: {} {}: {}", f.line, f.dir, f.gpa, f.seen);
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let l = Latency::of((1..=100).collect());
+        assert_eq!((l.p50_ns, l.p90_ns, l.p99_ns, l.max_ns, l.count), (50, 90, 99, 100, 100));
+        assert_eq!(Latency::of(vec![]).max_ns, 0);
+        assert_eq!(Latency::of(vec![7]).p50_ns, 7);
+    }
+}
