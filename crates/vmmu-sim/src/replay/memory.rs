@@ -93,8 +93,10 @@ impl TraceMemory {
         if pages > max {
             return Err(MemoryError::TooLarge { pages, max, max_gib: (max * PAGE_SIZE) >> 30 });
         }
-        let host =
-            Arc::new(SimHost::new(HostConfig { phys_bits, max_frames: pages + TABLE_FRAMES })?);
+        let host = Arc::new(SimHost::new(HostConfig {
+            max_frames: pages + TABLE_FRAMES,
+            ..HostConfig::new(phys_bits)
+        })?);
         let mut unions = Vec::with_capacity(plan.len());
         for (i, (start, end, base)) in plan.into_iter().enumerate() {
             let buffer = host.add_buffer(&format!("uaddr{i}@{start:#x}"), end - base)?;
