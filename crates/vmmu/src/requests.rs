@@ -57,8 +57,11 @@ impl Requests {
     }
 }
 
-/// One vCPU's mode and request word. Shared between the vCPU thread and requesters.
+/// One vCPU's mode and request word. Shared between the vCPU thread and requesters. On a cache
+/// line of its own: each vCPU changes its word on every guest entry and exit, and neighbours
+/// sharing a line would bounce it between their CPUs.
 #[derive(Debug, Default)]
+#[repr(align(64))]
 pub struct VcpuState {
     word: AtomicU32,
 }

@@ -12,7 +12,7 @@ use super::TdpMmu;
 use crate::host::Host;
 use crate::spte::SpteFormat;
 use crate::sync::{AtomicU64, Ordering};
-use crate::types::Level;
+use crate::types::{Gfn, Level};
 
 /// What an SPTE change requires before the changed mapping can be relied on.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -34,11 +34,12 @@ impl<H: Host> TdpMmu<H> {
         old: u64,
         new: u64,
         level: Level,
+        gfn: Gfn,
     ) -> Result<FlushNeed, ()> {
         // AcqRel: Release publishes a linked table's initialised entries to walkers that Acquire
         // the link (rule 5); Acquire orders this change after the value it replaced.
         entry.compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire).map_err(|_| ())?;
-        Ok(self.handle_changed_spte(old, new, level))
+        Ok(self.handle_changed_spte(old, new, level, gfn))
     }
 
     /// Stores `new` over `old` in `entry` under the exclusive MMU lock (a zap): nothing else
@@ -50,14 +51,15 @@ impl<H: Host> TdpMmu<H> {
         old: u64,
         new: u64,
         level: Level,
+        gfn: Gfn,
     ) -> FlushNeed {
         entry.store(new, Ordering::Release);
-        self.handle_changed_spte(old, new, level)
+        self.handle_changed_spte(old, new, level, gfn)
     }
 
-    /// Accounting and the flush decision for a change, already made, of one entry at `level`
-    /// from `old` to `new`.
-    fn handle_changed_spte(&self, old: u64, new: u64, level: Level) -> FlushNeed {
+    /// Accounting and the flush decision for a change, already made, of the entry for `gfn` at
+    /// `level` from `old` to `new`.
+    fn handle_changed_spte(&self, old: u64, new: u64, level: Level, gfn: Gfn) -> FlushNeed {
         if old == new {
             return FlushNeed::NotNeeded;
         }
@@ -65,10 +67,10 @@ impl<H: Host> TdpMmu<H> {
         let was_leaf = SpteFormat::is_mmu_present(old) && fmt.is_leaf(old, level);
         let is_leaf = SpteFormat::is_mmu_present(new) && fmt.is_leaf(new, level);
         if was_leaf {
-            self.account_leaf(old, level, -1);
+            self.account_leaf(old, level, gfn, -1);
         }
         if is_leaf {
-            self.account_leaf(new, level, 1);
+            self.account_leaf(new, level, gfn, 1);
         }
         if !was_leaf {
             // A non-present entry (or an MMIO SPTE, which the hardware never caches) or a table

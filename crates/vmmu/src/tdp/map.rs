@@ -10,7 +10,7 @@ use crate::fault::PageFault;
 use crate::host::Host;
 use crate::spte::SpteFormat;
 use crate::sync::Ordering;
-use crate::types::{Access, Level, Pfn};
+use crate::types::{Access, Gfn, Level, Pfn};
 
 /// What to install at the end of the walk.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -104,7 +104,7 @@ impl<H: Host> TdpMmu<H> {
                 if old == new {
                     return MapOutcome::Spurious;
                 }
-                match self.set_spte_atomic(entry, old, new, level) {
+                match self.set_spte_atomic(entry, old, new, level, gfn) {
                     Err(()) => return MapOutcome::Retry,
                     Ok(FlushNeed::Remote) => self.flush_remote_tlbs(),
                     Ok(FlushNeed::NotNeeded) => {}
@@ -121,7 +121,7 @@ impl<H: Host> TdpMmu<H> {
                     // A huge leaf above the target that did not satisfy the fault (e.g. it was made
                     // read-only for dirty logging): remove it, flush, and fault again.
                     if let Ok(flush) =
-                        self.set_spte_atomic(entry, old, SpteFormat::NONPRESENT, level)
+                        self.set_spte_atomic(entry, old, SpteFormat::NONPRESENT, level, gfn)
                     {
                         debug_assert_eq!(flush, FlushNeed::Remote, "a present leaf was dropped");
                         self.flush_remote_tlbs();
@@ -142,7 +142,7 @@ impl<H: Host> TdpMmu<H> {
             let link = fmt.make_nonleaf(child);
             // Release (in the exchange): the child's initialised entries are visible to whoever
             // sees the link. Replacing a non-present entry or an MMIO SPTE needs no flush.
-            if self.set_spte_atomic(entry, old, link, level).is_err() {
+            if self.set_spte_atomic(entry, old, link, level, gfn).is_err() {
                 self.free_unpublished_table(child);
                 return MapOutcome::Retry;
             }
@@ -155,7 +155,7 @@ impl<H: Host> TdpMmu<H> {
     }
 
     /// Keeps `pages_4k/2m/1g` in step with present leaves.
-    pub(crate) fn account_leaf(&self, spte: u64, level: Level, delta: i64) {
+    pub(crate) fn account_leaf(&self, spte: u64, level: Level, gfn: Gfn, delta: i64) {
         if !SpteFormat::is_mmu_present(spte) || !self.cfg.format.is_leaf(spte, level) {
             return;
         }
@@ -165,9 +165,9 @@ impl<H: Host> TdpMmu<H> {
             _ => &self.stats.pages_1g,
         };
         if delta > 0 {
-            c.add(delta as u64);
+            c.add(gfn.raw(), delta as u64);
         } else {
-            c.sub((-delta) as u64);
+            c.sub(gfn.raw(), (-delta) as u64);
         }
     }
 }

@@ -119,14 +119,14 @@ impl<H: Host> TdpMmu<H> {
         if !SpteFormat::is_mmu_present(old) {
             if whole && old != SpteFormat::NONPRESENT && !SpteFormat::is_frozen(old) {
                 // An MMIO SPTE inside the range: clear it too (harmless, keeps tables tidy).
-                let none = self.set_spte_locked(&table[i], old, SpteFormat::NONPRESENT, level);
+                let none = self.set_spte_locked(&table[i], old, SpteFormat::NONPRESENT, level, lo);
                 debug_assert_eq!(none, FlushNeed::NotNeeded, "an MMIO SPTE is never cached");
             }
             return false;
         }
         if fmt.is_leaf(old, level) {
             // A huge leaf only partly in range is zapped whole: the next fault remaps what stays.
-            let flush = self.set_spte_locked(&table[i], old, SpteFormat::NONPRESENT, level);
+            let flush = self.set_spte_locked(&table[i], old, SpteFormat::NONPRESENT, level, lo);
             return flush == FlushNeed::Remote;
         }
         let child = fmt.pfn(old);
@@ -136,7 +136,7 @@ impl<H: Host> TdpMmu<H> {
         let flush = self.zap_table(child, lower, lo, start, end, pages);
         if whole {
             // Unlinking the table: the leaves below reported their own flush need above.
-            let _ = self.set_spte_locked(&table[i], old, SpteFormat::NONPRESENT, level);
+            let _ = self.set_spte_locked(&table[i], old, SpteFormat::NONPRESENT, level, lo);
             self.stats.mmu_shadow_zapped.add(1);
             pages.push(child);
         }
