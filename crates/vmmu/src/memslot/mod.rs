@@ -329,7 +329,8 @@ impl Memslots {
     /// If `as_id` is not below the VM's number of address spaces.
     pub fn generation(&self, as_id: AsId) -> Generation {
         // Only the set's atomic generation is read, never its maps, so no read section is
-        // needed.
+        // needed. The MMIO fast path relies on this: it compares generations only. Acquire
+        // (here and in `published`): an update that returned before the caller began is seen.
         self.space(as_id).published().generation()
     }
 

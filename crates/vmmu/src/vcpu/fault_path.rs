@@ -39,14 +39,21 @@ impl VcpuMmu {
         if self.root.is_none() {
             return Ok(retry(stats, RetryCause::NoRoot));
         }
-        let guard = vm.memslots.read(&readers.memslot);
-        let set = guard.set(self.as_id);
         if fault.rsvd() {
-            match self.handle_mmio_page_fault(vm, readers, stats, set, fault.addr)? {
+            // The fast path compares generations and reads no memslot map, so it reads the
+            // published generation without a memslot read section: a generation is one atomic
+            // word, and every set's generation only grows (in-progress values never match).
+            // An update racing this check is concurrent with the access, which may then see
+            // either side of it, as with a section; one that returned before the access began
+            // is visible through the Acquire loads of `generation`.
+            let gen = vm.memslots.generation(self.as_id);
+            match self.handle_mmio_page_fault(vm, readers, stats, gen, fault.addr)? {
                 FastOutcome::Done(o) => return Ok(o),
                 FastOutcome::Invalid => {}
             }
         }
+        let guard = vm.memslots.read(&readers.memslot);
+        let set = guard.set(self.as_id);
         stats.pf_taken += 1;
         self.tdp_page_fault(vm, stats, set, &mut fault)
     }
@@ -70,11 +77,10 @@ impl VcpuMmu {
         vm: &VmShared<H>,
         readers: &VcpuReaders,
         stats: &mut VcpuStats,
-        set: &MemslotSet,
+        gen: Generation,
         gpa: Gpa,
     ) -> Result<FastOutcome, FaultError> {
         let bugs = vm.bugs;
-        let gen = set.generation();
         let gfn = gpa.gfn();
         if self.mmio_cache.match_gpa(gfn, gen, bugs) {
             stats.mmio_cache_hits += 1;
