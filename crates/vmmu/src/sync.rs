@@ -143,9 +143,12 @@ mod locks {
         pub const fn new(v: T) -> Self {
             Mutex { locked: AtomicU32::new(0), value: UnsafeCell::new(v) }
         }
-        /// Takes the lock, spinning until it is free.
+        /// Takes the lock, spinning until it is free (with the build's default [`Relax`]).
         pub fn lock(&self) -> MutexGuard<'_, T> {
-            let relax = super::DefaultRelax::default();
+            self.lock_with(&super::DefaultRelax::default())
+        }
+        /// Takes the lock, waiting with `relax` (the host's policy).
+        pub fn lock_with(&self, relax: &impl Relax) -> MutexGuard<'_, T> {
             loop {
                 if let Some(g) = self.try_lock() {
                     return g;
@@ -216,9 +219,12 @@ mod locks {
         pub const fn new(v: T) -> Self {
             RwLock { state: AtomicU32::new(0), value: UnsafeCell::new(v) }
         }
-        /// Takes the lock shared.
+        /// Takes the lock shared (waiting with the build's default [`Relax`]).
         pub fn read(&self) -> RwLockReadGuard<'_, T> {
-            let relax = super::DefaultRelax::default();
+            self.read_with(&super::DefaultRelax::default())
+        }
+        /// Takes the lock shared, waiting with `relax` (the host's policy).
+        pub fn read_with(&self, relax: &impl Relax) -> RwLockReadGuard<'_, T> {
             loop {
                 let s = self.state.load(Ordering::Relaxed);
                 if s & WRITER == 0
@@ -232,9 +238,12 @@ mod locks {
                 relax.relax();
             }
         }
-        /// Takes the lock exclusive.
+        /// Takes the lock exclusive (waiting with the build's default [`Relax`]).
         pub fn write(&self) -> RwLockWriteGuard<'_, T> {
-            let relax = super::DefaultRelax::default();
+            self.write_with(&super::DefaultRelax::default())
+        }
+        /// Takes the lock exclusive, waiting with `relax` (the host's policy).
+        pub fn write_with(&self, relax: &impl Relax) -> RwLockWriteGuard<'_, T> {
             // Claim the writer flag (one writer at a time), then wait for readers to drain.
             loop {
                 let s = self.state.load(Ordering::Relaxed);
@@ -318,6 +327,10 @@ mod locks {
         pub fn lock(&self) -> MutexGuard<'_, T> {
             MutexGuard(self.0.lock().unwrap_or_else(|e| e.into_inner()))
         }
+        /// Takes the lock (loom schedules the wait; `relax` is not needed).
+        pub fn lock_with(&self, _relax: &impl super::Relax) -> MutexGuard<'_, T> {
+            self.lock()
+        }
         /// Takes the lock if it is free.
         pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
             self.0.try_lock().ok().map(MutexGuard)
@@ -359,6 +372,14 @@ mod locks {
         /// Takes the lock exclusive.
         pub fn write(&self) -> RwLockWriteGuard<'_, T> {
             RwLockWriteGuard(self.0.write().unwrap_or_else(|e| e.into_inner()))
+        }
+        /// Takes the lock shared (loom schedules the wait).
+        pub fn read_with(&self, _relax: &impl super::Relax) -> RwLockReadGuard<'_, T> {
+            self.read()
+        }
+        /// Takes the lock exclusive (loom schedules the wait).
+        pub fn write_with(&self, _relax: &impl super::Relax) -> RwLockWriteGuard<'_, T> {
+            self.write()
         }
     }
     impl<T> Deref for RwLockReadGuard<'_, T> {

@@ -241,7 +241,7 @@ impl<H: Host> Vm<H> {
         r: &UserspaceMemoryRegion,
     ) -> Result<MemslotChange, MemslotError> {
         let inner = &*self.inner;
-        let _serial = inner.vmm_lock.lock();
+        let _serial = inner.vmm_lock.lock_with(&inner.mmu.relax());
         // KVM's swap waits until no host invalidation is in flight; holding `vmm_lock` keeps new
         // ones from starting until the update is done.
         while inner.mn_active.load(crate::sync::Ordering::Acquire) != 0 {
@@ -269,7 +269,7 @@ impl<H: Host> Vm<H> {
     /// KVM `kvm_mmu_zap_all_fast`, serialised with other callers of this method (KVM holds the
     /// slots lock).
     pub fn zap_all_fast(&self) {
-        let _g = self.inner.vmm_lock.lock();
+        let _g = self.inner.vmm_lock.lock_with(&self.inner.mmu.relax());
         self.inner.mmu.zap_all_fast();
     }
 
@@ -279,7 +279,7 @@ impl<H: Host> Vm<H> {
     pub fn invalidate_hva_range_begin(&self, start: Hva, end: Hva) {
         let inner = &*self.inner;
         let mut ranges = Vec::new();
-        let vmm_reader = inner.vmm_lock.lock();
+        let vmm_reader = inner.vmm_lock.lock_with(&inner.mmu.relax());
         inner.mn_active.fetch_add(1, crate::sync::Ordering::AcqRel);
         {
             let guard = inner.memslots.read(&vmm_reader);
@@ -323,7 +323,7 @@ impl<H: Host> Vm<H> {
         probe: &dyn Fn(UpdateProbe),
     ) -> Result<MemslotChange, MemslotError> {
         let inner = &*self.inner;
-        let _serial = inner.vmm_lock.lock();
+        let _serial = inner.vmm_lock.lock_with(&inner.mmu.relax());
         let mut hooks = MmuHooks::new(inner);
         hooks.probe = Some(probe);
         inner.memslots.set_memory_region(r, &hooks)
@@ -333,7 +333,7 @@ impl<H: Host> Vm<H> {
     /// outside any memslot update. Test builds only.
     #[cfg(feature = "testing")]
     pub fn zap_gfn_range_for_tests(&self, as_id: AsId, start: Gfn, end: Gfn) {
-        let _g = self.inner.vmm_lock.lock();
+        let _g = self.inner.vmm_lock.lock_with(&self.inner.mmu.relax());
         self.inner.mmu.zap_gfn_range(as_id, start, end);
     }
 

@@ -129,6 +129,12 @@ impl<H: Host> TdpMmu<H> {
         })
     }
 
+    /// The host's wait policy, for the MMU's lock and grace-period waits.
+    #[inline]
+    pub(crate) fn relax(&self) -> crate::host::HostRelax<'_, H> {
+        crate::host::HostRelax(&*self.host)
+    }
+
     /// The configuration.
     pub fn config(&self) -> &TdpConfig {
         &self.cfg
@@ -273,13 +279,13 @@ impl<H: Host> TdpMmu<H> {
     /// `kvm_tdp_mmu_get_vcpu_root_hpa`). The caller becomes one of its users.
     pub(crate) fn get_root(&self, as_id: AsId) -> Result<Arc<Root>, TdpError> {
         {
-            let roots = self.mmu_lock.read();
+            let roots = self.mmu_lock.read_with(&self.relax());
             if let Some(r) = roots.iter().find(|r| r.is_shared_valid(as_id)) {
                 r.get();
                 return Ok(r.clone());
             }
         }
-        let mut roots = self.mmu_lock.write();
+        let mut roots = self.mmu_lock.write_with(&self.relax());
         if let Some(r) = roots.iter().find(|r| r.is_shared_valid(as_id)) {
             r.get();
             return Ok(r.clone());
@@ -297,7 +303,7 @@ impl<H: Host> TdpMmu<H> {
         let pfn = self.alloc_table().ok_or(TdpError::OutOfMemory)?;
         let root = Arc::new(Root::new(pfn, self.cfg.root_level, as_id, RootKind::Pageless));
         root.get();
-        self.mmu_lock.write().push(root.clone());
+        self.mmu_lock.write_with(&self.relax()).push(root.clone());
         Ok(root)
     }
 
@@ -313,7 +319,7 @@ impl<H: Host> TdpMmu<H> {
                 if !root.is_obsolete() {
                     return; // valid roots stay for the next vCPU that loads one
                 }
-                let mut roots = self.mmu_lock.write();
+                let mut roots = self.mmu_lock.write_with(&self.relax());
                 // Obsolete roots gain no users (get_root takes valid ones only, under the lock).
                 debug_assert_eq!(root.users(), 0);
                 let before = roots.len();
@@ -332,7 +338,7 @@ impl<H: Host> TdpMmu<H> {
             RootKind::Pageless => {
                 // Private to the vCPU dropping it: no other vCPU can hold its translations, and
                 // the vCPU flushes its own TLB when it loads its next root.
-                let mut roots = self.mmu_lock.write();
+                let mut roots = self.mmu_lock.write_with(&self.relax());
                 let before = roots.len();
                 roots.retain(|r| !Arc::ptr_eq(r, &root));
                 if roots.len() == before {
@@ -352,7 +358,7 @@ impl<H: Host> TdpMmu<H> {
     pub(crate) fn zap_all_fast(&self) {
         self.stats.zap_all_fast.add(1);
         let mut pages = Vec::new();
-        let mut roots = self.mmu_lock.write();
+        let mut roots = self.mmu_lock.write_with(&self.relax());
         for r in roots.iter().filter(|r| r.kind() == RootKind::Tdp) {
             // Pageless roots have no page to mark (KVM's special roots): their vCPUs drop them on
             // the request below, and their tables are zapped with everyone else's.
@@ -386,7 +392,7 @@ impl<H: Host> TdpMmu<H> {
     /// [`Self::invalidate_end`], and whatever maps them is zapped and flushed before this returns.
     pub(crate) fn invalidate_begin(&self, ranges: &[(AsId, Gfn, Gfn)]) {
         let mut pages = Vec::new();
-        let roots = self.mmu_lock.write();
+        let roots = self.mmu_lock.write_with(&self.relax());
         self.inval.begin();
         let mut flush = false;
         for &(as_id, start, end) in ranges {
@@ -403,7 +409,7 @@ impl<H: Host> TdpMmu<H> {
 
     /// Host invalidation end (KVM `invalidate_range_end`).
     pub(crate) fn invalidate_end(&self) {
-        let _roots = self.mmu_lock.write();
+        let _roots = self.mmu_lock.write_with(&self.relax());
         self.inval.end();
     }
 
@@ -422,7 +428,7 @@ impl<H: Host> TdpMmu<H> {
         gfn: Gfn,
         level: Level,
     ) -> Option<&crate::sync::AtomicU64> {
-        let _g = self.mmu_lock.read();
+        let _g = self.mmu_lock.read_with(&self.relax());
         let mut pfn = root.pfn();
         let mut l = root.level();
         loop {
@@ -443,6 +449,6 @@ impl<H: Host> TdpMmu<H> {
 
     /// Number of roots on the list (valid and obsolete).
     pub fn nr_roots(&self) -> usize {
-        self.mmu_lock.read().len()
+        self.mmu_lock.read_with(&self.relax()).len()
     }
 }

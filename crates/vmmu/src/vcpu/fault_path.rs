@@ -201,7 +201,7 @@ impl VcpuMmu {
             }
         };
 
-        let shared = mmu.mmu_lock.read();
+        let shared = mmu.mmu_lock.read_with(&mmu.relax());
         let Some(root) = self.root.as_ref() else {
             return Ok(retry(stats, RetryCause::NoRoot));
         };
