@@ -255,6 +255,17 @@ pub struct SimHost {
     slow_ns: AtomicU64,
     /// Set when a slow translation starts.
     slow_entered: AtomicBool,
+    /// Stress runs: every [`JITTER_EVERY`]th table lookup of a thread yields its CPU (a cache
+    /// miss or a preemption in the middle of a walk or an installation), which widens the
+    /// windows between an MMU's decision and its table update so races show end to end.
+    table_jitter: AtomicBool,
+}
+
+/// Table lookups of one thread between two jitter yields.
+const JITTER_EVERY: u32 = 512;
+
+std::thread_local! {
+    static JITTER_COUNT: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
 impl core::fmt::Debug for SimHost {
@@ -295,6 +306,7 @@ impl SimHost {
             slow_start: AtomicU64::new(0),
             slow_end: AtomicU64::new(0),
             slow_ns: AtomicU64::new(0),
+            table_jitter: AtomicBool::new(false),
             slow_entered: AtomicBool::new(false),
         })
     }
@@ -401,6 +413,12 @@ impl SimHost {
     /// Makes translations of host addresses in `[start, end)` take `delay` (a host page fault
     /// that sleeps, as swap-in does: KVM holds its memslot read lock meanwhile), or turns that off
     /// with `None`. For one thread at a time (the device manager).
+    /// Stress runs: makes table lookups yield the CPU now and then (see `table_jitter`).
+    pub fn set_table_jitter(&self, on: bool) {
+        self.table_jitter.store(on, Ordering::Relaxed);
+    }
+
+    /// Slow translations of a host-address range (or none).
     pub fn set_slow_translations(&self, slow: Option<(Hva, Hva, std::time::Duration)>) {
         match slow {
             Some((start, end, delay)) => {
@@ -540,6 +558,9 @@ unsafe impl FrameAllocator for SimHost {
 
     #[inline]
     fn table(&self, pfn: Pfn) -> Option<NonNull<TableEntries>> {
+        if self.table_jitter.load(Ordering::Relaxed) {
+            jitter();
+        }
         let e = self.frames.get(usize::try_from(pfn.0).ok()?)?.load(Ordering::Acquire);
         if e & KIND_MASK == KIND_TABLE {
             NonNull::new((e & !KIND_MASK) as *mut TableEntries)
@@ -547,6 +568,18 @@ unsafe impl FrameAllocator for SimHost {
             None
         }
     }
+}
+
+/// One table lookup under jitter: every `JITTER_EVERY`th lookup of this thread yields.
+#[cold]
+fn jitter() {
+    JITTER_COUNT.with(|c| {
+        let n = c.get().wrapping_add(1);
+        c.set(n);
+        if n % JITTER_EVERY == 0 {
+            std::thread::yield_now();
+        }
+    });
 }
 
 impl Drop for SimHost {

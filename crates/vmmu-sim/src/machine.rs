@@ -21,6 +21,9 @@
 //!   may touch them in between (see the oracle), and they are re-faulted after the end;
 //! - hot spots in the mix ([`AccessGen::with_hot_spots`]) and more BAR and DIMM accesses, so all
 //!   vCPUs fault on the same not-yet-mapped GPA inside a slot's create, move or delete;
+//! - table lookups that now and then yield the CPU in the middle of a walk or an installation
+//!   (`SimHost::set_table_jitter`), as a cache miss or a preemption would, so that a vCPU's
+//!   decision and its table update are far apart in time now and then;
 //! - with 3 or more vCPUs, the last one is a spinner: private RAM only (TLB hits once warm) and
 //!   it never leaves guest mode by itself between batches, only when the MMU makes it (a request,
 //!   a fault) or the run stops. An MMU whose memslot update waits for a grace period that only a
@@ -314,6 +317,8 @@ impl Machine {
     ) -> Result<Report, SimError> {
         let cfg = &self.config;
         let n = cfg.vcpus;
+        // Stress runs stretch the MMU's decision-to-install windows (see `SimHost::table`).
+        self.host().set_table_jitter(cfg.stress_paths);
         let states: Vec<M::Vcpu> = (0..n).map(|i| mmu.create_vcpu(i)).collect();
         for request in self.memory.static_requests() {
             mmu.set_memory_region(&request).map_err(|errno| SimError::Setup { request, errno })?;
