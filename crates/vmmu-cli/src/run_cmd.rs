@@ -71,6 +71,7 @@ fn one_run(
     if let Some(n) = args.churn {
         mc.max_updates = Some(n);
         mc.update_pause = Duration::ZERO;
+        mc.update_profile = vmmu_sim::UpdateProfile::Steady;
     }
     mc.wrap_trap = args.wrap_trap;
     let machine = Machine::new(mc).map_err(|e| format!("machine: {e}"))?;

@@ -51,7 +51,7 @@ pub mod slots;
 pub mod tlb;
 
 pub use error::{Error, Result};
-pub use machine::{Machine, MachineConfig, SimError};
+pub use machine::{Machine, MachineConfig, SimError, UpdateProfile};
 pub use options::RunOptions;
 pub use real::{RealMmu, RealMmuConfig};
 pub use report::Report;

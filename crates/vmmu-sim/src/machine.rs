@@ -92,8 +92,11 @@ pub struct MachineConfig {
     pub accesses_per_vcpu: Option<u64>,
     /// See `accesses_per_vcpu`.
     pub min_updates: u64,
-    /// Pause of the device manager between two requests.
+    /// Pause of the device manager between two requests (inside a burst, with
+    /// [`UpdateProfile::Boot`]).
     pub update_pause: Duration,
+    /// How the device manager paces its memslot requests.
+    pub update_profile: UpdateProfile,
     /// Accesses per guest-mode batch.
     pub batch: usize,
     /// TLB entries per vCPU.
@@ -125,6 +128,7 @@ impl Default for MachineConfig {
             accesses_per_vcpu: None,
             min_updates: 0,
             update_pause: Duration::from_micros(200),
+            update_profile: UpdateProfile::Steady,
             batch: 64,
             tlb_entries: 256,
             weights: MixWeights::default(),
@@ -650,6 +654,44 @@ struct DmResult {
     oracle: OracleReport,
 }
 
+/// How the device manager paces its memslot requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpdateProfile {
+    /// Back to back, `update_pause` apart, for the whole run: a stress far beyond what a VM does
+    /// (over 1000 updates per second).
+    Steady,
+    /// Like a recorded boot (`tests/traces/seabios-kvm.small.trace.jsonl`: 48 updates in 3.6 s,
+    /// in bursts of 10 to 15 within a millisecond or two, with quiet gaps of 0.3 to 2.3 s):
+    /// bursts of `burst` requests `update_pause` apart, then `quiet`.
+    Boot {
+        /// Requests per burst.
+        burst: u32,
+        /// The pause after each burst.
+        quiet: Duration,
+    },
+}
+
+impl UpdateProfile {
+    /// The boot-like profile with rates from the recorded SeaBIOS boot: bursts of 12, 600 ms
+    /// apart (about 20 updates per second).
+    pub const BOOT: UpdateProfile =
+        UpdateProfile::Boot { burst: 12, quiet: Duration::from_millis(600) };
+
+    /// The pause after request number `done` (1-based) given the in-burst `pause`.
+    fn pause_after(self, done: u64, pause: Duration) -> Duration {
+        match self {
+            UpdateProfile::Steady => pause,
+            UpdateProfile::Boot { burst, quiet } => {
+                if done % u64::from(burst.max(1)) == 0 {
+                    quiet
+                } else {
+                    pause
+                }
+            }
+        }
+    }
+}
+
 fn device_manager<M: GuestMmu>(
     sh: &Shared<'_, M>,
     schedule: &Schedule,
@@ -730,10 +772,19 @@ fn device_manager<M: GuestMmu>(
                 r.oracle.push(stall("host invalidation", took));
             }
         }
+        let pause = cfg.update_profile.pause_after(r.updates, pause);
         if pause.is_zero() {
             std::thread::yield_now();
         } else {
-            std::thread::sleep(pause);
+            // In slices, so a long quiet gap does not hold the run past its end.
+            let until = Instant::now() + pause;
+            while !sh.stop.load(Ordering::Relaxed) {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                std::thread::sleep(left.min(Duration::from_millis(10)));
+            }
         }
     }
     r

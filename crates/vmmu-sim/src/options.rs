@@ -38,6 +38,15 @@ pub enum OnOff {
     Off,
 }
 
+/// How often the device manager changes the memslots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Updates {
+    /// Like a recorded VM boot: bursts of 12 updates, 600 ms apart (about 20 per second).
+    Boot,
+    /// Back to back, every 200 us, all run long (over 1000 per second): stress.
+    Steady,
+}
+
 /// Options of `vmmu run`.
 #[derive(Args, Clone, Debug, PartialEq)]
 pub struct RunOptions {
@@ -71,6 +80,10 @@ pub struct RunOptions {
     /// vCPUs, the last vCPU staying in guest mode on TLB hits until the MMU asks it to leave.
     #[arg(long = "stress-paths")]
     pub stress_paths: bool,
+    /// The memslot update profile: `boot` (bursts like a recorded boot, then quiet) or `steady`
+    /// (back to back, stress). `--churn` and `--stress-paths` imply `steady`.
+    #[arg(long, value_enum, default_value_t = Updates::Boot)]
+    pub updates: Updates,
 }
 
 impl Default for RunOptions {
@@ -85,6 +98,7 @@ impl Default for RunOptions {
             json: false,
             seed: 1,
             stress_paths: false,
+            updates: Updates::Boot,
         }
     }
 }
@@ -148,6 +162,10 @@ impl RunOptions {
             format: self.format.name().into(),
             mmio_caching_requested: self.caching_requested(),
             stress_paths: self.stress_paths,
+            update_profile: match self.updates {
+                Updates::Boot if !self.stress_paths => crate::machine::UpdateProfile::BOOT,
+                _ => crate::machine::UpdateProfile::Steady,
+            },
             ..MachineConfig::default()
         })
     }

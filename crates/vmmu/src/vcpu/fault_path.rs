@@ -82,10 +82,9 @@ impl VcpuMmu {
     ) -> Result<FastOutcome, FaultError> {
         let bugs = vm.bugs;
         let gfn = gpa.gfn();
-        if self.mmio_cache.match_gpa(gfn, gen, bugs) {
+        if let Some(access) = self.mmio_cache.lookup_gpa(gfn, gen, bugs) {
             stats.mmio_cache_hits += 1;
             stats.pf_fast += 1;
-            let access = self.mmio_cache.entry().map_or(Access::NONE, |(_, a)| a);
             return Ok(FastOutcome::Done(FaultOutcome::Emulate {
                 gpa,
                 access,

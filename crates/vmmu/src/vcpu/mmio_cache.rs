@@ -1,40 +1,66 @@
 //! The per-vCPU MMIO info cache (KVM: `vcpu->arch.mmio_gva/mmio_access/mmio_gfn/mmio_gen`,
-//! facts §3.7): the last address the vCPU found to be emulated MMIO, so the next access to it
-//! needs no table walk at all.
+//! facts §3.7): the last addresses the vCPU found to be emulated MMIO, so the next access to one
+//! of them needs no table walk at all.
+//!
+//! KVM keeps one entry; this keeps [`ENTRIES`] (a guest that drives two devices in turn, or a
+//! device and its doorbell, would miss a single entry on every access and pay two table walks
+//! per exit instead). Each entry behaves as KVM's one does.
 //!
 //! Invariants:
 //! - an entry is tagged with the full 64-bit memslot generation it was made under, and only ever
 //!   hits while the generation is exactly that value (so any memslot update, and any moment of an
 //!   update in progress, misses);
-//! - it is never filled while an update is in progress (bit 63 set): 2019 fix ddfd1730fd82;
+//! - nothing is filled while an update is in progress (bit 63 set): 2019 fix ddfd1730fd82;
 //! - gva 0 and gfn 0 mean "invalid", so they never hit (as in KVM);
-//! - [`MmioInfoCache::clear_gva`] clears only the gva part (KVM `vcpu_clear_mmio_info`): the gfn
-//!   part is guarded by the generation, the gva part by guest page-table changes.
+//! - [`MmioInfoCache::clear_gva`] clears only the gva parts (KVM `vcpu_clear_mmio_info`): the gfn
+//!   parts are guarded by the generation, the gva parts by guest page-table changes;
+//! - a gfn is in at most one entry.
 //!
-//! Owned by its vCPU thread (`&mut`); no atomics. The generation it compares against is read by
-//! the caller inside a memslot read section.
+//! Owned by its vCPU thread (`&mut`); no atomics. The generation it compares against is the
+//! published memslot generation, read by the caller.
 
 use crate::bugs::{Bug, BugSet};
 use crate::types::{Access, Generation, Gfn};
 
-/// The cached MMIO info of one vCPU.
+/// Entries of the cache.
+pub const ENTRIES: usize = 4;
+
+/// One cached MMIO address (KVM's whole cache).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MmioInfoCache {
+struct Entry {
     gva: u64,
     gfn: u64,
     access: Access,
     gen: u64,
 }
 
+impl Entry {
+    const EMPTY: Entry = Entry { gva: 0, gfn: 0, access: Access::NONE, gen: 0 };
+
+    #[inline]
+    fn gen_ok(&self, gen: Generation, bugs: BugSet) -> bool {
+        self.gen == gen.raw() || bugs.has(Bug::VcpuCacheWithoutGen)
+    }
+}
+
+/// The cached MMIO info of one vCPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MmioInfoCache {
+    entries: [Entry; ENTRIES],
+    /// The entry filled last.
+    last: u8,
+}
+
 impl MmioInfoCache {
     /// An empty cache.
     pub const fn new() -> Self {
-        MmioInfoCache { gva: 0, gfn: 0, access: Access::NONE, gen: 0 }
+        MmioInfoCache { entries: [Entry::EMPTY; ENTRIES], last: 0 }
     }
 
     /// Records that `gfn` (reached through `gva`, 0 under TDP) is MMIO with `access`, under
-    /// generation `gen` (KVM `vcpu_cache_mmio_info`). Does nothing while an update is in progress.
-    /// Returns whether it cached.
+    /// generation `gen` (KVM `vcpu_cache_mmio_info`): in the entry that holds `gfn` already, else
+    /// in the one after the last filled (round robin). Does nothing while an update is in
+    /// progress. Returns whether it cached.
     #[inline]
     pub fn fill(
         &mut self,
@@ -47,43 +73,64 @@ impl MmioInfoCache {
         if gen.in_progress() && !bugs.has(Bug::CacheWhileInProgress) {
             return false;
         }
-        self.gva = gva & !crate::types::PAGE_OFFSET_MASK;
-        self.gfn = gfn.raw();
-        self.access = access;
-        self.gen = gen.raw();
+        let slot = match self.entries.iter().position(|e| e.gfn == gfn.raw()) {
+            Some(i) => i,
+            None => (usize::from(self.last) + 1) % ENTRIES,
+        };
+        self.entries[slot] = Entry {
+            gva: gva & !crate::types::PAGE_OFFSET_MASK,
+            gfn: gfn.raw(),
+            access,
+            gen: gen.raw(),
+        };
+        self.last = slot as u8;
         true
     }
 
-    /// Whether the cache holds `gfn` for generation `gen` (KVM `vcpu_match_mmio_gpa`).
+    /// The access rights cached for `gfn` if an entry holds it for generation `gen` (KVM
+    /// `vcpu_match_mmio_gpa`).
     #[inline]
-    pub fn match_gpa(&self, gfn: Gfn, gen: Generation, bugs: BugSet) -> bool {
-        let gen_ok = self.gen == gen.raw() || bugs.has(Bug::VcpuCacheWithoutGen);
-        gen_ok && self.gfn != 0 && self.gfn == gfn.raw()
+    pub fn lookup_gpa(&self, gfn: Gfn, gen: Generation, bugs: BugSet) -> Option<Access> {
+        let g = gfn.raw();
+        self.entries
+            .iter()
+            .find(|e| e.gfn == g && e.gfn != 0 && e.gen_ok(gen, bugs))
+            .map(|e| e.access)
     }
 
-    /// Whether the cache holds the page of `gva` for generation `gen` (KVM
+    /// Whether an entry holds `gfn` for generation `gen` (KVM `vcpu_match_mmio_gpa`).
+    #[inline]
+    pub fn match_gpa(&self, gfn: Gfn, gen: Generation, bugs: BugSet) -> bool {
+        self.lookup_gpa(gfn, gen, bugs).is_some()
+    }
+
+    /// Whether an entry holds the page of `gva` for generation `gen` (KVM
     /// `vcpu_match_mmio_gva`); used by shadow paging, where faults carry guest-virtual addresses.
     #[inline]
     pub fn match_gva(&self, gva: u64, gen: Generation, bugs: BugSet) -> bool {
-        let gen_ok = self.gen == gen.raw() || bugs.has(Bug::VcpuCacheWithoutGen);
-        gen_ok && self.gva != 0 && self.gva == gva & !crate::types::PAGE_OFFSET_MASK
+        let page = gva & !crate::types::PAGE_OFFSET_MASK;
+        self.entries.iter().any(|e| e.gva != 0 && e.gva == page && e.gen_ok(gen, bugs))
     }
 
-    /// The cached gfn and access, if any gfn is cached.
+    /// The gfn and access filled last, if any.
     pub fn entry(&self) -> Option<(Gfn, Access)> {
-        (self.gfn != 0).then_some((Gfn(self.gfn), self.access))
+        let e = &self.entries[usize::from(self.last)];
+        (e.gfn != 0).then_some((Gfn(e.gfn), e.access))
     }
 
-    /// The generation the cached entry was made under, if any gfn is cached (for models: the
-    /// 2019 fix ddfd1730fd82 means it is never an in-progress generation).
+    /// The generation the entry filled last was made under, if any (for models: the 2019 fix
+    /// ddfd1730fd82 means it is never an in-progress generation).
     pub fn generation(&self) -> Option<Generation> {
-        (self.gfn != 0).then_some(Generation::from_raw(self.gen))
+        let e = &self.entries[usize::from(self.last)];
+        (e.gfn != 0).then_some(Generation::from_raw(e.gen))
     }
 
-    /// Clears the gva part (KVM `vcpu_clear_mmio_info(vcpu, MMIO_GVA_ANY)`).
+    /// Clears the gva parts (KVM `vcpu_clear_mmio_info(vcpu, MMIO_GVA_ANY)`).
     #[inline]
     pub fn clear_gva(&mut self) {
-        self.gva = 0;
+        for e in self.entries.iter_mut() {
+            e.gva = 0;
+        }
     }
 
     /// Clears everything (used when the vCPU's root changes: Bonzini 2026 "unconditionally clear
@@ -138,6 +185,28 @@ mod tests {
         assert!(c.match_gpa(Gfn(0x55), G, BugSet::NONE));
         c.clear();
         assert!(!c.match_gpa(Gfn(0x55), G, BugSet::NONE));
+    }
+
+    #[test]
+    fn several_gfns_hit_and_the_oldest_goes_first() {
+        let mut c = MmioInfoCache::new();
+        for g in 1..=ENTRIES as u64 {
+            assert!(c.fill(0, Gfn(0x100 + g), Access::WRITE, G, BugSet::NONE));
+        }
+        for g in 1..=ENTRIES as u64 {
+            assert_eq!(c.lookup_gpa(Gfn(0x100 + g), G, BugSet::NONE), Some(Access::WRITE));
+        }
+        // Refilling a cached gfn reuses its entry; a new gfn evicts the oldest.
+        c.fill(0, Gfn(0x101), Access::USER, G, BugSet::NONE);
+        assert_eq!(c.lookup_gpa(Gfn(0x101), G, BugSet::NONE), Some(Access::USER));
+        c.fill(0, Gfn(0x200), Access::NONE, G, BugSet::NONE);
+        assert!(c.match_gpa(Gfn(0x200), G, BugSet::NONE));
+        assert!(c.match_gpa(Gfn(0x101), G, BugSet::NONE), "refilled last, so not evicted first");
+        assert_eq!(c.entry(), Some((Gfn(0x200), Access::NONE)));
+        // Every entry misses under another generation.
+        for g in [0x101, 0x103, 0x104, 0x200] {
+            assert!(!c.match_gpa(Gfn(g), Generation::from_raw(42), BugSet::NONE));
+        }
     }
 
     #[cfg(feature = "historical-bugs")]
