@@ -1,8 +1,8 @@
 //! Group 1: one MMIO access, resolved four ways.
 //!
-//! - **fast path**: an EPT misconfiguration on a gfn whose MMIO SPTE is installed; two gfns
-//!   alternate so the single-entry per-vCPU cache always misses and every call walks the tables
-//!   (KVM `handle_mmio_page_fault` with a lockless walk);
+//! - **fast path**: an EPT misconfiguration on a gfn whose MMIO SPTE is installed; one gfn more
+//!   than the per-vCPU cache holds, cycled, so the cache always misses and every call walks the
+//!   tables (KVM `handle_mmio_page_fault` with a lockless walk);
 //! - **cache hit**: the same gfn again and again (KVM `vcpu_match_mmio_gpa`);
 //! - **slow path, caching off**: an EPT violation on a gfn with no slot, in a VM that installs no
 //!   MMIO SPTE, so every access searches the memslots (KVM with `kvm.mmio_caching=0`);
@@ -112,20 +112,27 @@ pub fn measure(batches: usize) -> Result<MmioNumbers, BenchError> {
     let host = crate::sim_host(1 << 16)?;
     let a = Gpa(MMIO_A);
     let b = Gpa(MMIO_B);
+    let mut flip = false;
 
     let mut on = vcpu_of(true, &host)?;
-    // Install the MMIO SPTEs (slow path), then check both paths once.
-    for g in [a, b] {
+    // One gfn more than the per-vCPU cache holds, cycled in order: the round-robin cache always
+    // misses, so every call walks the tables.
+    let cycle: Vec<Gpa> =
+        (0..=vmmu::vcpu::mmio_cache::ENTRIES as u64).map(|i| Gpa(MMIO_A + i * 0x2000)).collect();
+    // Install the MMIO SPTEs (slow path), then check the fast path once on each.
+    for &g in &cycle {
         expect(on.handle_ept_violation(g, FaultAccess::READ), EmulateSource::SlowPathMmio)?;
     }
-    expect(on.handle_ept_misconfig(a), EmulateSource::MmioSpteHit)?;
-    expect(on.handle_ept_misconfig(b), EmulateSource::MmioSpteHit)?;
-    let mut flip = false;
+    for &g in &cycle {
+        expect(on.handle_ept_misconfig(g), EmulateSource::MmioSpteHit)?;
+    }
+    let mut next = 0;
     let fast = per_call(batches, 1000, || {
-        flip = !flip;
-        let _ = black_box(on.handle_ept_misconfig(black_box(if flip { a } else { b })));
+        next = (next + 1) % cycle.len();
+        let _ = black_box(on.handle_ept_misconfig(black_box(cycle[next])));
     });
-    expect(on.handle_ept_misconfig(a), EmulateSource::MmioSpteHit)?;
+    // `a` is cached now (filled by this hit if not already): the next calls hit the cache.
+    let _ = on.handle_ept_misconfig(a);
     expect(on.handle_ept_misconfig(a), EmulateSource::VcpuCacheHit)?;
     let cache = per_call(batches, 1000, || {
         let _ = black_box(on.handle_ept_misconfig(black_box(a)));
