@@ -24,7 +24,7 @@ use vmmu::{Gfn, Gpa};
 use vmmu_sim::host::SimHost;
 use vmmu_sim::ram::{self, Width};
 use vmmu_sim::tlb::{Tlb, TlbEntry};
-use vmmu_sim::{GuestMmu, RealMmu, RealMmuConfig, SlotRequest, Translation};
+use vmmu_sim::{AccessKind, GuestMmu, RealMmu, RealMmuConfig, SlotRequest, Translation};
 
 const G: &str = "churn";
 const WORK_GPA: u64 = 1 << 30;
@@ -142,7 +142,7 @@ fn vcpu_loop(
             let e = match tlb.lookup(gfn, true) {
                 Some(e) => e,
                 None => loop {
-                    match mmu.translate(&mut v, Gpa(gfn.0 << 12), true) {
+                    match mmu.translate(&mut v, Gpa(gfn.0 << 12), AccessKind::Write) {
                         Translation::Ram { pfn, writable, level } => {
                             let page =
                                 host.ram_page(pfn).ok_or("translation to a non-RAM frame")?;

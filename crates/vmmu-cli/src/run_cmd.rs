@@ -115,13 +115,7 @@ fn per_sec(r: &Report) -> f64 {
 }
 
 fn mmio_ns(r: &Report) -> f64 {
-    let n = r.mmu.extra.get("mmio_translations").copied().unwrap_or(0);
-    let ns = r.mmu.extra.get("mmio_translate_ns").copied().unwrap_or(0);
-    if n == 0 {
-        0.0
-    } else {
-        ns as f64 / n as f64
-    }
+    r.mmu.extra.as_ref().map_or(0.0, |c| c.mmio_ns_per_translation())
 }
 
 /// Runs `vmmu run`.

@@ -53,4 +53,4 @@ pub use options::RunOptions;
 pub use real::{RealMmu, RealMmuConfig};
 pub use report::Report;
 pub use scenario::SimBackend;
-pub use seam::{GuestMmu, SlotRequest, Translation};
+pub use seam::{AccessKind, Errno, GuestMmu, MmuCounters, SlotRequest, Translation};

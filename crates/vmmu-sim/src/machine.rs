@@ -46,14 +46,14 @@
 use crate::bus::{BusError, BusOutcome, MmioBus, RegisterDevice};
 use crate::host::{HostConfig, HostError, SimHost, SIZE_2M};
 use crate::layout::{MachineLayout, MachineMemory};
-use crate::mix::{AccessGen, AccessKind, GuestAccess, MixWeights};
+use crate::mix::{AccessGen, GuestAccess, MixKind, MixWeights};
 use crate::oracle::{Clock, Observed, Oracle, OracleReport, VcpuChecker, Violation, POISON};
 use crate::ram::{self, Width};
 use crate::report::{
     ConfigReport, MemslotReport, MmioCachingReport, Percentiles, Report, VcpuReport,
 };
 use crate::schedule::{Schedule, ScheduleError};
-use crate::seam::{GuestMmu, SlotRequest, Translation};
+use crate::seam::{AccessKind, Errno, GuestMmu, SlotRequest, Translation};
 use crate::slots::SlotTable;
 use crate::tlb::{Tlb, TlbEntry, TlbStats};
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -61,6 +61,8 @@ use hdrhistogram::Histogram;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use vmmu::memslot::MemslotError;
+use vmmu::spte::FormatKind;
 use vmmu::types::{Generation, Gpa, Hva, PAGE_SIZE};
 
 /// Retries of one access, outside memslot updates, before the machine calls it a livelock.
@@ -99,8 +101,8 @@ pub struct MachineConfig {
     pub weights: MixWeights,
     /// Host frame space.
     pub host: HostConfig,
-    /// SPTE format name, for the report (`ept` or `npt`).
-    pub format: String,
+    /// SPTE format, for the report.
+    pub format: FormatKind,
     /// Whether MMIO caching was requested, for the report.
     pub mmio_caching_requested: bool,
     /// Stop once the device manager has made this many memslot updates (churn runs); the
@@ -126,7 +128,7 @@ impl Default for MachineConfig {
             tlb_entries: 256,
             weights: MixWeights::default(),
             host: HostConfig::new(46),
-            format: "ept".into(),
+            format: FormatKind::Ept,
             mmio_caching_requested: true,
             max_updates: None,
             stress_paths: false,
@@ -148,12 +150,12 @@ pub enum SimError {
     #[error(transparent)]
     Schedule(#[from] ScheduleError),
     /// The MMU refused a static slot.
-    #[error("the MMU refused static memslot {request:?} with {errno}")]
+    #[error("the MMU refused static memslot {request:?} with {errno}: {error}", errno = Errno::of(error))]
     Setup {
         /// The request.
         request: SlotRequest,
-        /// The errno name.
-        errno: String,
+        /// The rule it broke.
+        error: MemslotError,
     },
     /// vCPU count out of range.
     #[error("{0} vCPUs: the machine supports 1..=256")]
@@ -264,9 +266,9 @@ impl Machine {
             layout.device_size,
             Arc::new(RegisterDevice::new(layout.device, config.vcpus)),
         )?;
-        let max_gfn = 1u64 << (host.config().phys_bits - 12);
         let dimm_flags = if config.wrap_trap { SlotRequest::LOG_DIRTY_PAGES } else { 0 };
-        let schedule = Arc::new(Schedule::device_manager_with(&memory, max_gfn, dimm_flags)?);
+        let phys_bits = host.config().phys_bits;
+        let schedule = Arc::new(Schedule::device_manager_with(&memory, phys_bits, dimm_flags)?);
         Ok(Machine { config, memory, bus, schedule })
     }
 
@@ -316,7 +318,7 @@ impl Machine {
         let n = cfg.vcpus;
         let states: Vec<M::Vcpu> = (0..n).map(|i| mmu.create_vcpu(i)).collect();
         for request in self.memory.static_requests() {
-            mmu.set_memory_region(&request).map_err(|errno| SimError::Setup { request, errno })?;
+            mmu.set_memory_region(&request).map_err(|error| SimError::Setup { request, error })?;
         }
         let oracle = Oracle::new(self.memory.clone(), self.schedule.clone());
         let checkers: Vec<VcpuChecker<'_>> = (0..n).map(|i| oracle.checker(i)).collect();
@@ -405,7 +407,7 @@ impl Machine {
 
         let mut report = Report {
             config: ConfigReport {
-                format: cfg.format.clone(),
+                format: cfg.format,
                 phys_bits: self.host().config().phys_bits,
                 vcpus: n,
                 seed: cfg.seed,
@@ -503,7 +505,7 @@ fn vcpu_thread<'o, M: GuestMmu>(
                 // The holder: one fault on the dummy slot's page, whose host translation is
                 // slow; the outcome is the machine's business, not the guest's, so it is not
                 // judged (no vCPU accesses that GPA otherwise).
-                let _ = sh.mmu.translate(&mut state, Gpa(TRAP_GPA), false);
+                let _ = sh.mmu.translate(&mut state, Gpa(TRAP_GPA), AccessKind::Read);
                 sh.hold.store(HOLD_IDLE, Ordering::SeqCst);
             }
             for _ in 0..cfg.batch.max(1) {
@@ -557,7 +559,7 @@ fn access<M: GuestMmu>(
         if let Some(e) = tlb.lookup(gfn, write) {
             break ram_access(e.page, a);
         }
-        match sh.mmu.translate(state, a.gpa, write) {
+        match sh.mmu.translate(state, a.gpa, a.kind.access()) {
             Translation::Ram { pfn, writable, level } => {
                 if write && !writable {
                     break Observed::Error(format!(
@@ -597,7 +599,7 @@ fn access<M: GuestMmu>(
         Observed::Mmio { device: true, .. } => c.mmio_device += 1,
         Observed::Mmio { device: false, .. } => {
             c.mmio_userspace += 1;
-            if a.kind == AccessKind::RomWrite {
+            if a.kind == MixKind::RomWrite {
                 c.readonly_write += 1;
             }
         }
@@ -705,7 +707,8 @@ fn device_manager<M: GuestMmu>(
         if step.expect.is_err() {
             r.refused += 1;
         }
-        let want = step.expect.map_err(str::to_string);
+        let want = step.expect;
+        let got = got.map_err(Errno::from);
         if got != want {
             r.oracle.push(Violation {
                 vcpu: None,
@@ -831,7 +834,7 @@ fn sweep_dimm<'o, M: GuestMmu>(
     let d = &layout.dimm;
     for page in 0..d.size / PAGE_SIZE {
         let a = GuestAccess {
-            kind: AccessKind::DimmRead,
+            kind: MixKind::DimmRead,
             gpa: Gpa(d.gpa.0 + page * PAGE_SIZE),
             width: Width::W8,
             value: 0,

@@ -145,7 +145,10 @@ impl RunOptions {
             seed: self.seed,
             duration: self.duration(),
             host: HostConfig::new(self.phys_bits),
-            format: self.format.name().into(),
+            format: match self.format {
+                Format::Ept => vmmu::spte::FormatKind::Ept,
+                Format::Npt => vmmu::spte::FormatKind::Npt,
+            },
             mmio_caching_requested: self.caching_requested(),
             stress_paths: self.stress_paths,
             ..MachineConfig::default()

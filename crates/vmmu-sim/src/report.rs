@@ -11,12 +11,12 @@
 
 use crate::host::TableStats;
 use crate::oracle::OracleReport;
-use crate::seam::MmuStats;
+use crate::seam::{MmuCounters, MmuStats};
 use crate::tlb::TlbStats;
 use core::fmt;
 use hdrhistogram::Histogram;
-use serde::Serialize;
-use std::collections::BTreeMap;
+use serde::{Serialize, Serializer};
+use vmmu::spte::FormatKind;
 
 /// The complete report of one run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -41,11 +41,35 @@ pub struct Report {
     pub oracle: OracleReport,
 }
 
+/// The name the CLI and the report use for a format: `ept`, `npt` (`npt-sev` with a C-bit).
+pub const fn format_name(f: FormatKind) -> &'static str {
+    match f {
+        FormatKind::Ept => "ept",
+        FormatKind::Npt => "npt",
+        FormatKind::NptSev { .. } => "npt-sev",
+    }
+}
+
+fn serialize_format<S: Serializer>(f: &FormatKind, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(format_name(*f))
+}
+
+/// The real MMU's counters, or `{}` for an MMU without them (the key set of `mmu.extra` is the
+/// MMU's business; its keys never change meaning).
+fn serialize_counters<S: Serializer>(c: &Option<MmuCounters>, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    match c {
+        Some(c) => c.serialize(s),
+        None => s.serialize_map(Some(0))?.end(),
+    }
+}
+
 /// The configuration a run used.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ConfigReport {
-    /// SPTE format (`ept` or `npt`).
-    pub format: String,
+    /// SPTE format (JSON and text: `ept`, `npt` or `npt-sev`).
+    #[serde(serialize_with = "serialize_format")]
+    pub format: FormatKind,
     /// Host MAXPHYADDR.
     pub phys_bits: u8,
     /// vCPUs.
@@ -54,6 +78,18 @@ pub struct ConfigReport {
     pub seed: u64,
     /// MMIO caching: asked for, in effect, why.
     pub mmio_caching: MmioCachingReport,
+}
+
+impl Default for ConfigReport {
+    fn default() -> Self {
+        ConfigReport {
+            format: FormatKind::Ept,
+            phys_bits: 0,
+            vcpus: 0,
+            seed: 0,
+            mmio_caching: MmioCachingReport::default(),
+        }
+    }
 }
 
 /// MMIO caching as requested and as in effect.
@@ -130,8 +166,9 @@ pub struct MmuReport {
     pub retries: u64,
     /// Remote TLB flush requests.
     pub tlb_flush_requests: u64,
-    /// MMU-specific counters.
-    pub extra: BTreeMap<String, u64>,
+    /// The real MMU's own counters (JSON `extra`, `{}` for an MMU without them).
+    #[serde(serialize_with = "serialize_counters")]
+    pub extra: Option<MmuCounters>,
 }
 
 /// Memslot update counts and latency.
@@ -215,7 +252,7 @@ impl Report {
             zap_all_fast: s.zap_all_fast,
             retries: s.retries,
             tlb_flush_requests: s.tlb_flush_requests,
-            extra: s.extra.clone(),
+            extra: s.counters.clone(),
         };
         self.memslots.generation = s.generation;
         self.memslots.generation_wraps = s.generation_wraps;
@@ -244,7 +281,7 @@ impl fmt::Display for Report {
         writeln!(
             f,
             "config: format {} phys_bits {} vcpus {} seed {}; mmio caching requested {} effective {} ({})",
-            c.format,
+            format_name(c.format),
             c.phys_bits,
             c.vcpus,
             c.seed,
@@ -272,7 +309,7 @@ impl fmt::Display for Report {
             "mmu: mmio sptes created {}, zaps {}, zap_all_fast {}, retries {}, tlb flush requests {}",
             mm.mmio_sptes_created, mm.zaps, mm.zap_all_fast, mm.retries, mm.tlb_flush_requests
         )?;
-        for (k, v) in &mm.extra {
+        for (k, v) in mm.extra.iter().flat_map(MmuCounters::named) {
             write!(f, ", {k} {v}")?;
         }
         writeln!(f)?;
@@ -402,13 +439,21 @@ mod tests {
     fn fill_mmu_copies_counters() {
         let mut s = MmuStats { mmio_sptes_created: 4, generation: 12, ..MmuStats::default() };
         s.exits.mmio_cache_hit = 3;
-        s.extra.insert("stale_generation_misses".into(), 2);
+        s.counters = Some(MmuCounters { stale_gen_misses: 2, ..MmuCounters::default() });
         let mut r = Report::default();
         r.fill_mmu(&s);
         assert_eq!(
             (r.exits.mmio_cache_hit, r.mmu.mmio_sptes_created, r.memslots.generation),
             (3, 4, 12)
         );
-        assert_eq!(r.mmu.extra.get("stale_generation_misses"), Some(&2));
+        assert_eq!(r.mmu.extra.as_ref().map(|c| c.stale_gen_misses), Some(2));
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
+        assert_eq!(v["mmu"]["extra"]["stale_gen_misses"], 2);
+        assert_eq!(v["config"]["format"], "ept");
+        let text = r.to_string();
+        assert!(text.contains("format ept") && text.contains(", stale_gen_misses 2,"), "{text}");
+        let none: serde_json::Value =
+            serde_json::from_str(&Report::default().to_json()).expect("j");
+        assert_eq!(none["mmu"]["extra"], serde_json::json!({}));
     }
 }

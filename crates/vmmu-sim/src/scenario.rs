@@ -9,7 +9,7 @@
 use crate::host::{HostBuffer, HostConfig, SimHost};
 use crate::ram::{self, Width as RamWidth};
 use crate::real::{RealMmu, RealMmuConfig, RealVcpu};
-use crate::seam::{GuestMmu, SlotRequest, Translation};
+use crate::seam::{AccessKind, Errno, GuestMmu, SlotRequest, Translation};
 use crate::tlb::{Tlb, TlbEntry};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
@@ -184,7 +184,7 @@ impl Machine for SimMachine {
         };
         Ok(match self.mmu.set_memory_region(&req) {
             Ok(()) => SlotResult::Ok,
-            Err(errno) => SlotResult::Err(errno),
+            Err(e) => SlotResult::Err(Errno::of(&e).to_string()),
         })
     }
 
@@ -262,7 +262,7 @@ fn access(
         }
         let entry = match tlb.lookup(gfn, write.is_some()) {
             Some(e) => e,
-            None => match mmu.translate(state, gpa, write.is_some()) {
+            None => match mmu.translate(state, gpa, AccessKind::from_write(write.is_some())) {
                 Translation::Ram { pfn, writable, level } => {
                     let page = host
                         .ram_page(pfn)

@@ -2,10 +2,11 @@
 //! reports violations (it has teeth).
 
 use std::time::Duration;
+use vmmu::memslot::MemslotError;
 use vmmu::types::{Gpa, Pfn};
 use vmmu_sim::machine::{Machine, MachineConfig};
 use vmmu_sim::reference::{ReferenceMmu, StaleMmu};
-use vmmu_sim::seam::{GuestMmu, SlotRequest, Translation};
+use vmmu_sim::seam::{AccessKind, GuestMmu, SlotRequest, Translation};
 
 fn config(seed: u64) -> MachineConfig {
     MachineConfig {
@@ -64,15 +65,15 @@ impl GuestMmu for RetryingMmu {
     fn create_vcpu(&self, index: usize) -> Self::Vcpu {
         (self.0.create_vcpu(index), false)
     }
-    fn set_memory_region(&self, r: &SlotRequest) -> Result<(), String> {
+    fn set_memory_region(&self, r: &SlotRequest) -> Result<(), MemslotError> {
         self.0.set_memory_region(r)
     }
-    fn translate(&self, v: &mut Self::Vcpu, gpa: Gpa, write: bool) -> Translation {
+    fn translate(&self, v: &mut Self::Vcpu, gpa: Gpa, access: AccessKind) -> Translation {
         v.1 = !v.1;
         if v.1 {
             return Translation::Retry;
         }
-        self.0.translate(&mut v.0, gpa, write)
+        self.0.translate(&mut v.0, gpa, access)
     }
     fn enter_guest(&self, v: &mut Self::Vcpu) {
         self.0.enter_guest(&mut v.0)
@@ -109,11 +110,11 @@ impl GuestMmu for OffByOnePageMmu {
     fn create_vcpu(&self, index: usize) -> Self::Vcpu {
         self.0.create_vcpu(index)
     }
-    fn set_memory_region(&self, r: &SlotRequest) -> Result<(), String> {
+    fn set_memory_region(&self, r: &SlotRequest) -> Result<(), MemslotError> {
         self.0.set_memory_region(r)
     }
-    fn translate(&self, v: &mut Self::Vcpu, gpa: Gpa, write: bool) -> Translation {
-        match self.0.translate(v, gpa, write) {
+    fn translate(&self, v: &mut Self::Vcpu, gpa: Gpa, access: AccessKind) -> Translation {
+        match self.0.translate(v, gpa, access) {
             Translation::Ram { pfn, writable, level } => {
                 Translation::Ram { pfn: Pfn(pfn.0 + 1), writable, level }
             }

@@ -7,11 +7,12 @@
 
 use std::time::Duration;
 use vmmu::bugs::BugSet;
+use vmmu::memslot::MemslotError;
 use vmmu::spte::FormatKind;
 use vmmu::types::{Gpa, Hva};
 use vmmu_sim::machine::{Machine, MachineConfig};
 use vmmu_sim::reference::ReferenceMmu;
-use vmmu_sim::seam::{GuestMmu, SlotRequest, Translation};
+use vmmu_sim::seam::{AccessKind, GuestMmu, SlotRequest, Translation};
 use vmmu_sim::{RealMmu, RealMmuConfig, Report};
 
 /// Updates every run must reach. Small, so that a loaded host (2 cores shared with parallel
@@ -72,11 +73,11 @@ impl GuestMmu for IgnoresInvalidations {
     fn create_vcpu(&self, index: usize) -> Self::Vcpu {
         self.0.create_vcpu(index)
     }
-    fn set_memory_region(&self, r: &SlotRequest) -> Result<(), String> {
+    fn set_memory_region(&self, r: &SlotRequest) -> Result<(), MemslotError> {
         self.0.set_memory_region(r)
     }
-    fn translate(&self, v: &mut Self::Vcpu, gpa: Gpa, write: bool) -> Translation {
-        self.0.translate(v, gpa, write)
+    fn translate(&self, v: &mut Self::Vcpu, gpa: Gpa, access: AccessKind) -> Translation {
+        self.0.translate(v, gpa, access)
     }
     fn enter_guest(&self, v: &mut Self::Vcpu) {
         self.0.enter_guest(v)
