@@ -12,7 +12,9 @@
 //!   vCPU's deterministic access mix, the device manager's memslot schedule;
 //! - [`oracle`]: judges every access against the memslot history;
 //! - [`machine`]: vCPU threads, the device manager, the run loop;
-//! - [`report`], [`progress`], [`options`]: what `vmmu run` takes and prints.
+//! - [`options`], [`report`]: what one `vmmu run` asks of the engine (a plain struct, and
+//!   [`RunOptions::run`]) and what it reports, as data (the CLI owns the flags, the progress bar
+//!   and the text and JSON rendering).
 //!
 //! ```
 //! use std::time::Duration;
@@ -36,7 +38,6 @@ pub mod machine;
 pub mod mix;
 pub mod options;
 pub mod oracle;
-pub mod progress;
 pub mod ram;
 pub mod real;
 pub mod reference;
@@ -49,7 +50,7 @@ pub mod tlb;
 
 pub use error::{Error, Result};
 pub use machine::{Machine, MachineConfig, SimError};
-pub use options::RunOptions;
+pub use options::{RunError, RunOptions};
 pub use real::{RealMmu, RealMmuConfig};
 pub use report::Report;
 pub use scenario::SimBackend;

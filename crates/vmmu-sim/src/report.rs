@@ -1,19 +1,16 @@
-//! The run report: what `vmmu run` prints, as a struct with a human-readable [`Display`] and a
-//! stable JSON form (serde, snake_case keys, nested groups: `config`, `vcpus`, `exits`, `mmu`,
+//! The run report as data: what `vmmu run` prints (the CLI renders it as text, or as JSON through
+//! its `Serialize` form: snake_case keys, nested groups `config`, `vcpus`, `exits`, `mmu`,
 //! `memslots`, `tlb`, `tables`, `oracle`).
 //!
 //! The machine fills everything it measures itself; the MMU's part comes from
 //! [`GuestMmu::stats`](crate::seam::GuestMmu::stats) and
 //! [`GuestMmu::mmio_caching`](crate::seam::GuestMmu::mmio_caching). Keys are part of the CLI's
 //! interface: add keys, never rename them.
-//!
-//! [`Display`]: core::fmt::Display
 
 use crate::host::TableStats;
 use crate::oracle::OracleReport;
 use crate::seam::{MmuCounters, MmuStats};
 use crate::tlb::TlbStats;
-use core::fmt;
 use hdrhistogram::Histogram;
 use serde::{Serialize, Serializer};
 use vmmu::spte::FormatKind;
@@ -262,111 +259,6 @@ impl Report {
     pub fn total_accesses(&self) -> u64 {
         self.vcpus.iter().map(|v| v.accesses).sum()
     }
-
-    /// The report as pretty JSON.
-    pub fn to_json(&self) -> String {
-        // Serialising plain structs of numbers, strings and maps with string keys cannot fail.
-        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
-    }
-}
-
-fn us(ns: u64) -> f64 {
-    ns as f64 / 1000.0
-}
-
-impl fmt::Display for Report {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let c = &self.config;
-        let m = &c.mmio_caching;
-        writeln!(
-            f,
-            "config: format {} phys_bits {} vcpus {} seed {}; mmio caching requested {} effective {} ({})",
-            format_name(c.format),
-            c.phys_bits,
-            c.vcpus,
-            c.seed,
-            if m.requested { "on" } else { "off" },
-            if m.effective { "on" } else { "off" },
-            m.reason
-        )?;
-        writeln!(f, "ran {:.2} s, {} accesses", self.elapsed_seconds, self.total_accesses())?;
-        for v in &self.vcpus {
-            writeln!(
-                f,
-                "  vcpu {}: {} accesses ({:.0}/s), ram {}, device {}, userspace exits {}, retries {}, errors {}",
-                v.index, v.accesses, v.accesses_per_sec, v.ram, v.mmio_device, v.mmio_userspace, v.retries, v.errors
-            )?;
-        }
-        let e = &self.exits;
-        writeln!(
-            f,
-            "exits: violation {}, misconfig {}, mmio spte hit {}, mmio cache hit {}, slow-path mmio {}, read-only write {}, device {}, userspace {}",
-            e.violation, e.misconfig, e.mmio_spte_hit, e.mmio_cache_hit, e.mmio_slow_path, e.readonly_write, e.mmio_device, e.mmio_userspace
-        )?;
-        let mm = &self.mmu;
-        write!(
-            f,
-            "mmu: mmio sptes created {}, zaps {}, zap_all_fast {}, retries {}, tlb flush requests {}",
-            mm.mmio_sptes_created, mm.zaps, mm.zap_all_fast, mm.retries, mm.tlb_flush_requests
-        )?;
-        for (k, v) in mm.extra.iter().flat_map(MmuCounters::named) {
-            write!(f, ", {k} {v}")?;
-        }
-        writeln!(f)?;
-        let s = &self.memslots;
-        writeln!(
-            f,
-            "memslots: {} updates ({} refused as expected), latency p50 {:.1} us p90 {:.1} us p99 {:.1} us max {:.1} us; generation {}, wraps {}",
-            s.updates,
-            s.refused,
-            us(s.latency_ns.p50),
-            us(s.latency_ns.p90),
-            us(s.latency_ns.p99),
-            us(s.latency_ns.max),
-            s.generation,
-            s.generation_wraps
-        )?;
-        if s.host_invalidations > 0 {
-            writeln!(f, "host invalidations: {}", s.host_invalidations)?;
-        }
-        let t = &s.wrap_trap;
-        if t.armed || t.armed_at > 0 {
-            writeln!(
-                f,
-                "wrap trap: armed {} (generation {}), sprung {} (generation {}) after {} dummy swaps, {} ms into the run",
-                t.armed, t.armed_at, t.sprung, t.sprung_at, t.swaps, t.sprung_after_ms
-            )?;
-        }
-        let t = &self.tlb;
-        writeln!(
-            f,
-            "tlb: hits {}, misses {}, flushes {}, inserts {}",
-            t.hits, t.misses, t.flushes, t.inserts
-        )?;
-        let tb = &self.tables;
-        writeln!(
-            f,
-            "table pages: allocated {}, freed {}, live {}, high water {}",
-            tb.allocated, tb.freed, tb.live, tb.high_water
-        )?;
-        let o = &self.oracle;
-        if o.violations == 0 {
-            write!(f, "oracle: OK, {} outcomes checked, 0 violations", o.checked)
-        } else {
-            write!(
-                f,
-                "oracle: FAILED, {} violations in {} outcomes checked",
-                o.violations, o.checked
-            )?;
-            for v in &o.first_violations {
-                write!(f, "\n  {v}")?;
-            }
-            if o.violations > o.first_violations.len() as u64 {
-                write!(f, "\n  ... and {} more", o.violations - o.first_violations.len() as u64)?;
-            }
-            Ok(())
-        }
-    }
 }
 
 #[cfg(test)]
@@ -385,7 +277,7 @@ mod tests {
             expected: "v0: MMIO exit".into(),
             seen: "RAM bar0+0x40".into(),
         });
-        let v: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
+        let v: serde_json::Value = serde_json::to_value(&r).expect("json");
         for key in [
             "config",
             "vcpus",
@@ -405,22 +297,6 @@ mod tests {
         assert!(v["memslots"]["latency_ns"].get("p99").is_some());
         assert!(v["exits"].get("mmio_spte_hit").is_some());
         assert_eq!(v["vcpus"][0]["accesses"], 10);
-    }
-
-    #[test]
-    fn display_names_the_verdict_and_violations() {
-        let mut r = Report::default();
-        assert!(r.to_string().contains("oracle: OK"));
-        r.oracle.push(Violation {
-            vcpu: Some(0),
-            gpa: Some("0x1000".into()),
-            what: "read".into(),
-            expected: "MMIO exit".into(),
-            seen: "RAM".into(),
-        });
-        let s = r.to_string();
-        assert!(s.contains("oracle: FAILED, 1 violations"), "{s}");
-        assert!(s.contains("vCPU 0 gpa 0x1000 read: expected MMIO exit, saw RAM"), "{s}");
     }
 
     #[test]
@@ -447,13 +323,10 @@ mod tests {
             (3, 4, 12)
         );
         assert_eq!(r.mmu.extra.as_ref().map(|c| c.stale_gen_misses), Some(2));
-        let v: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
+        let v: serde_json::Value = serde_json::to_value(&r).expect("json");
         assert_eq!(v["mmu"]["extra"]["stale_gen_misses"], 2);
         assert_eq!(v["config"]["format"], "ept");
-        let text = r.to_string();
-        assert!(text.contains("format ept") && text.contains(", stale_gen_misses 2,"), "{text}");
-        let none: serde_json::Value =
-            serde_json::from_str(&Report::default().to_json()).expect("j");
+        let none: serde_json::Value = serde_json::to_value(Report::default()).expect("j");
         assert_eq!(none["mmu"]["extra"], serde_json::json!({}));
     }
 }
