@@ -4,6 +4,8 @@
 //! - [`host`]: host memory (page-aligned buffers with pfns from a frame table that fits
 //!   `phys_bits`) and page-table frames: the core's `HostMemory` and `FrameAllocator`;
 //! - [`tlb`]: a per-vCPU TLB of present leaf translations;
+//! - [`hw_vcpu`]: one simulated hardware vCPU (TLB, the MMU's walk and exits, guest mode, one
+//!   retry policy) that the machine, the scenario backend and trace replay all run accesses on;
 //! - [`bus`]: the MMIO bus, its register device and exit-to-userspace records;
 //! - [`seam`]: the [`GuestMmu`] trait the machine drives, and what an MMU reports;
 //! - [`slots`], [`reference`](mod@reference): a plain memslot table, a reference MMU built on it, and a broken
@@ -33,6 +35,7 @@
 pub mod bus;
 mod error;
 pub mod host;
+pub mod hw_vcpu;
 pub mod layout;
 pub mod machine;
 pub mod mix;
@@ -49,6 +52,7 @@ pub mod slots;
 pub mod tlb;
 
 pub use error::{Error, Result};
+pub use hw_vcpu::HwVcpu;
 pub use machine::{Machine, MachineConfig, SimError};
 pub use options::{RunError, RunOptions};
 pub use real::{RealMmu, RealMmuConfig};
