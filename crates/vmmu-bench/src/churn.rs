@@ -22,9 +22,9 @@ use vmmu::bugs::BugSet;
 use vmmu::spte::FormatKind;
 use vmmu::{Gfn, Gpa};
 use vmmu_sim::host::SimHost;
+use vmmu_sim::hw_vcpu::{HwVcpu, Outcome};
 use vmmu_sim::ram::{self, Width};
-use vmmu_sim::tlb::{Tlb, TlbEntry};
-use vmmu_sim::{GuestMmu, RealMmu, RealMmuConfig, SlotRequest, Translation};
+use vmmu_sim::{AccessKind, GuestMmu, RealMmu, RealMmuConfig, SlotRequest};
 
 const G: &str = "churn";
 const WORK_GPA: u64 = 1 << 30;
@@ -126,45 +126,26 @@ fn vcpu_loop(
     if let Some(c) = helper_cpu() {
         pin(c)?;
     }
-    let mut v = mmu.create_vcpu(0);
-    let mut tlb = Tlb::new(8192);
+    let mut v = HwVcpu::new(mmu, host, 0, 8192);
     let pages = WORK_SIZE >> 12;
     let base = WORK_GPA >> 12;
     let mut i = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        mmu.enter_guest(&mut v);
+        v.enter_guest();
         for _ in 0..BATCH {
-            if mmu.poll_tlb_flush(&mut v) {
-                tlb.flush();
-            }
             let gfn = Gfn(base + i % pages);
             i += 1;
-            let e = match tlb.lookup(gfn, true) {
-                Some(e) => e,
-                None => loop {
-                    match mmu.translate(&mut v, Gpa(gfn.0 << 12), true) {
-                        Translation::Ram { pfn, writable, level } => {
-                            let page =
-                                host.ram_page(pfn).ok_or("translation to a non-RAM frame")?;
-                            let e = TlbEntry { page, pfn, writable, level };
-                            tlb.insert(gfn, e);
-                            break e;
-                        }
-                        Translation::Retry => {
-                            if mmu.poll_tlb_flush(&mut v) {
-                                tlb.flush();
-                            }
-                        }
-                        other => return Err(format!("working set access at {gfn:?}: {other:?}")),
-                    }
-                },
+            let e = match v.access(Gpa(gfn.0 << 12), AccessKind::Write) {
+                Outcome::Ram(e) => e,
+                other => return Err(format!("working set access at {gfn:?}: {other:?}")),
             };
             let p = e.page.as_ptr();
-            // SAFETY: `p` is the start of a RAM page of `host` (from `ram_page`), 8-aligned; the
-            // host and its buffers outlive this loop; accesses are atomic (`ram`).
+            // SAFETY: `p` is the start of a RAM page of `host` (from `ram_page`, through the
+            // vCPU's TLB), 8-aligned; the host and its buffers outlive this loop; accesses are
+            // atomic (`ram`).
             unsafe { ram::store(p, Width::W8, ram::load(p, Width::W8).wrapping_add(1)) };
         }
-        mmu.exit_guest(&mut v);
+        v.exit_guest();
         count.fetch_add(BATCH, Ordering::Relaxed);
     }
     Ok(())

@@ -4,9 +4,11 @@ use std::process::ExitCode;
 
 mod bench_cmd;
 mod diff_cmd;
+mod progress;
 mod replay_cmd;
 mod replay_kvm;
 mod run_cmd;
+mod run_report;
 mod scenario_cmd;
 
 /// A virtual MMU with generation-checked MMIO caching: run it, check it, measure it.

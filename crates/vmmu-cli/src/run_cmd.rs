@@ -1,20 +1,102 @@
 //! `vmmu run`: the software machine on the real MMU, with the oracle judging every access.
 //! Exit status: 0 clean, 1 oracle violations (or a run that could not complete), 2 bad arguments.
+//!
+//! The flags, the progress bar and the rendering live here; the run itself is
+//! [`vmmu_sim::RunOptions::run`] and its report is data ([`vmmu_sim::Report`]).
+//!
+//! Bad values are refused at parse time with a message naming the flag, the value and the allowed
+//! range (clap exits with status 2 for them, which is `vmmu`'s "bad arguments" status).
 
-use clap::Args;
+use crate::progress::Progress;
+use crate::run_report::{to_json, Text};
+use clap::{Args, ValueEnum};
 use std::process::ExitCode;
-use std::time::Duration;
 use vmmu::bugs::BugSet;
 use vmmu::spte::FormatKind;
-use vmmu_sim::options::{Format, OnOff, RunOptions};
-use vmmu_sim::progress::Progress;
-use vmmu_sim::{Machine, RealMmu, RealMmuConfig, Report};
+use vmmu_sim::options::parse_seconds;
+use vmmu_sim::{Report, RunOptions};
+
+/// The SPTE format the MMU uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Intel EPT.
+    Ept,
+    /// AMD NPT (x86 page-table entries).
+    Npt,
+}
+
+impl Format {
+    /// The core's format.
+    pub const fn kind(self) -> FormatKind {
+        match self {
+            Format::Ept => FormatKind::Ept,
+            Format::Npt => FormatKind::Npt,
+        }
+    }
+}
+
+/// An on/off switch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
+/// How often the device manager changes the memslots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Updates {
+    /// Like a recorded VM boot: bursts of 12 updates, 600 ms apart (about 20 per second).
+    Boot,
+    /// Back to back, every 200 us, all run long (over 1000 per second): stress.
+    Steady,
+}
+
+/// The machine's options of `vmmu run`.
+#[derive(Args, Clone, Debug, PartialEq)]
+pub struct MachineArgs {
+    /// vCPUs (1..=256).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub vcpus: u16,
+    /// How long to run, in seconds (more than 0, at most 3600).
+    #[arg(long, default_value_t = 5.0, value_parser = parse_seconds)]
+    pub seconds: f64,
+    /// SPTE format.
+    #[arg(long, value_enum, default_value_t = Format::Ept)]
+    pub format: Format,
+    /// Host MAXPHYADDR in bits (36..=52).
+    #[arg(long = "phys-bits", default_value_t = 46, value_parser = clap::value_parser!(u8).range(36..=52))]
+    pub phys_bits: u8,
+    /// Cache MMIO in SPTEs (the MMU may still turn it off, and says why in the report).
+    #[arg(long = "mmio-caching", value_enum, default_value_t = OnOff::On)]
+    pub mmio_caching: OnOff,
+    /// Run twice, with MMIO caching on and off, and compare.
+    #[arg(long = "compare-caching", conflicts_with = "mmio_caching")]
+    pub compare_caching: bool,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Seed of the vCPUs' access mix.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Stress the MMU's racy paths: host invalidations (MMU-notifier ranges over live slots,
+    /// poisoned while invalidated) between memslot updates; every vCPU hammering the same BAR
+    /// and DIMM GPAs while their slots are created, moved and deleted; and, with 3 or more
+    /// vCPUs, the last vCPU staying in guest mode on TLB hits until the MMU asks it to leave.
+    #[arg(long = "stress-paths")]
+    pub stress_paths: bool,
+    /// The memslot update profile: `boot` (bursts like a recorded boot, then quiet) or `steady`
+    /// (back to back, stress). `--churn`, `--stress-paths` and `--wrap-trap` imply `steady`.
+    #[arg(long, value_enum, default_value_t = Updates::Boot)]
+    pub updates: Updates,
+}
 
 /// Options of `vmmu run`.
 #[derive(Args, Debug)]
 pub struct RunArgs {
     #[command(flatten)]
-    opts: RunOptions,
+    opts: MachineArgs,
     /// Stop after this many memslot updates (a churn run: the device manager updates back to
     /// back; `--seconds` still bounds the run).
     #[arg(long, value_name = "UPDATES")]
@@ -37,8 +119,30 @@ pub struct RunArgs {
     inject: Option<String>,
 }
 
-/// How far below the wrap `--near-wrap` starts.
-const NEAR_WRAP_MARGIN: u64 = 2048;
+impl RunArgs {
+    /// The engine's options for one run with MMIO caching `caching`.
+    fn options(&self, caching: bool, bugs: BugSet) -> RunOptions {
+        let o = &self.opts;
+        RunOptions {
+            vcpus: o.vcpus,
+            seconds: o.seconds,
+            format: o.format.kind(),
+            phys_bits: o.phys_bits,
+            mmio_caching: caching,
+            seed: o.seed,
+            stress_paths: o.stress_paths,
+            updates: match o.updates {
+                Updates::Boot => vmmu_sim::UpdateProfile::BOOT,
+                Updates::Steady => vmmu_sim::UpdateProfile::Steady,
+            },
+            churn: self.churn,
+            near_wrap: self.near_wrap,
+            wrap_trap: self.wrap_trap,
+            slot_zap_all: self.slot_zap_all,
+            bugs,
+        }
+    }
+}
 
 fn bugs(inject: Option<&str>) -> Result<BugSet, String> {
     let Some(name) = inject else { return Ok(BugSet::NONE) };
@@ -65,48 +169,10 @@ fn one_run(
     bugs: BugSet,
     show_progress: bool,
 ) -> Result<Report, String> {
-    let o = &args.opts;
-    let mut mc = o.machine_config().map_err(|e| e.to_string())?;
-    mc.mmio_caching_requested = caching;
-    if let Some(n) = args.churn {
-        mc.max_updates = Some(n);
-        mc.update_pause = Duration::ZERO;
-        mc.update_profile = vmmu_sim::UpdateProfile::Steady;
-    }
-    mc.wrap_trap = args.wrap_trap;
-    let machine = Machine::new(mc).map_err(|e| format!("machine: {e}"))?;
-    let generation_base = if args.wrap_trap {
-        machine.wrap_trap_generation_base()
-    } else if args.near_wrap {
-        (1 << 19) - NEAR_WRAP_MARGIN
-    } else {
-        0
-    };
-    let format = match o.format {
-        Format::Ept => FormatKind::Ept,
-        Format::Npt => FormatKind::Npt,
-    };
-    let mmu = RealMmu::new(
-        machine.host().clone(),
-        RealMmuConfig {
-            format,
-            phys_bits: o.phys_bits,
-            mmio_caching: caching,
-            vcpus: o.vcpus as usize,
-            generation_base,
-            slot_zap_all: args.slot_zap_all,
-            bugs,
-        },
-    )
-    .map_err(|e| format!("MMU: {e}"))?;
-    let progress = if show_progress {
-        Progress::for_terminal(machine.config().duration)
-    } else {
-        Progress::hidden()
-    };
-    let report = machine
-        .run_with_progress(&mmu, &mut |snap| progress.update(snap))
-        .map_err(|e| format!("run: {e}"))?;
+    let opts = args.options(caching, bugs);
+    let progress =
+        if show_progress { Progress::for_terminal(opts.duration()) } else { Progress::hidden() };
+    let report = opts.run(&mut |snap| progress.update(snap)).map_err(|e| e.to_string())?;
     progress.finish();
     Ok(report)
 }
@@ -116,13 +182,7 @@ fn per_sec(r: &Report) -> f64 {
 }
 
 fn mmio_ns(r: &Report) -> f64 {
-    let n = r.mmu.extra.get("mmio_translations").copied().unwrap_or(0);
-    let ns = r.mmu.extra.get("mmio_translate_ns").copied().unwrap_or(0);
-    if n == 0 {
-        0.0
-    } else {
-        ns as f64 / n as f64
-    }
+    r.mmu.extra.as_ref().map_or(0.0, |c| c.mmio_ns_per_translation())
 }
 
 /// Runs `vmmu run`.
@@ -133,7 +193,7 @@ pub fn run(args: &RunArgs) -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    if let Err(e) = args.opts.validate() {
+    if let Err(e) = args.options(true, BugSet::NONE).validate() {
         eprintln!("vmmu run: {e}");
         return ExitCode::from(2);
     }
@@ -160,15 +220,15 @@ pub fn run(args: &RunArgs) -> ExitCode {
         if json {
             println!(
                 "{{\"caching_on\":{},\"caching_off\":{},\"ratios\":{{\"mmio_ns_per_exit_on\":{:.1},\"mmio_ns_per_exit_off\":{:.1},\"mmio_cost_off_over_on\":{:.3},\"throughput_on_over_off\":{:.3}}}}}",
-                on.to_json(),
-                off.to_json(),
+                to_json(&on),
+                to_json(&off),
                 mmio_ns(&on),
                 mmio_ns(&off),
                 cost_ratio,
                 tput_ratio
             );
         } else {
-            println!("== MMIO caching on\n{on}\n== MMIO caching off\n{off}");
+            println!("== MMIO caching on\n{}\n== MMIO caching off\n{}", Text(&on), Text(&off));
             println!(
                 "compare: MMIO handling {:.0} ns/exit with caching, {:.0} ns without ({cost_ratio:.2}x); \
                  throughput {:.0} vs {:.0} accesses/s ({tput_ratio:.2}x)",
@@ -185,9 +245,9 @@ pub fn run(args: &RunArgs) -> ExitCode {
     match one_run(args, caching, bugs, !json) {
         Ok(report) => {
             if json {
-                println!("{}", report.to_json());
+                println!("{}", to_json(&report));
             } else {
-                println!("{report}");
+                println!("{}", Text(&report));
             }
             if report.oracle.violations == 0 && report.vcpus.iter().all(|v| v.errors == 0) {
                 ExitCode::SUCCESS
@@ -198,6 +258,84 @@ pub fn run(args: &RunArgs) -> ExitCode {
         Err(e) => {
             eprintln!("vmmu run: {e}");
             ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("vmmu").chain(args.iter().copied())).map(|c| c.run)
+    }
+
+    #[test]
+    fn defaults_match_the_issue() {
+        let a = parse(&[]).expect("defaults");
+        assert_eq!(a.options(true, BugSet::NONE), RunOptions::default());
+        let c = a.options(true, BugSet::NONE).machine_config().expect("config");
+        assert_eq!(
+            (c.vcpus, c.duration, c.host.phys_bits),
+            (2, std::time::Duration::from_secs(5), 46)
+        );
+    }
+
+    #[test]
+    fn every_flag_parses() {
+        let a = parse(&[
+            "--vcpus",
+            "4",
+            "--seconds",
+            "0.5",
+            "--format",
+            "npt",
+            "--phys-bits",
+            "52",
+            "--mmio-caching",
+            "off",
+            "--json",
+            "--seed",
+            "9",
+            "--stress-paths",
+            "--churn",
+            "10",
+            "--slot-zap-all",
+        ])
+        .expect("flags");
+        let o = &a.opts;
+        assert!(o.stress_paths);
+        assert_eq!((o.vcpus, o.seconds, o.format, o.phys_bits), (4, 0.5, Format::Npt, 52));
+        assert_eq!((o.mmio_caching, o.json, o.seed), (OnOff::Off, true, 9));
+        let r = a.options(false, BugSet::NONE);
+        assert!(r.stress_paths && r.slot_zap_all && !r.mmio_caching);
+        assert_eq!((r.format, r.churn), (FormatKind::Npt, Some(10)));
+        assert!(r.machine_config().expect("config").stress_paths);
+        assert!(parse(&["--compare-caching"]).expect("compare").opts.compare_caching);
+    }
+
+    #[test]
+    fn bad_values_say_what_is_wrong() {
+        for (args, needle) in [
+            (&["--phys-bits", "35"][..], "36..=52"),
+            (&["--phys-bits", "53"][..], "36..=52"),
+            (&["--vcpus", "0"][..], "1..=256"),
+            (&["--seconds", "0"][..], "above 0"),
+            (&["--seconds", "x"][..], "not a number"),
+            (&["--format", "shadow"][..], "shadow"),
+            (&["--compare-caching", "--mmio-caching", "off"][..], "cannot be used with"),
+            (&["--wrap-trap", "--near-wrap"][..], "cannot be used with"),
+        ] {
+            let e = parse(args).expect_err("must fail");
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+            assert!(e.to_string().contains(needle), "{args:?}: {e}");
         }
     }
 }

@@ -15,6 +15,9 @@ pub enum Error {
     /// The run options are invalid.
     #[error(transparent)]
     Options(#[from] crate::options::OptionsError),
+    /// A run of the default machine could not complete.
+    #[error(transparent)]
+    Run(#[from] crate::options::RunError),
     /// The memslot schedule is invalid.
     #[error(transparent)]
     Schedule(#[from] crate::schedule::ScheduleError),

@@ -4,6 +4,8 @@
 //! - [`host`]: host memory (page-aligned buffers with pfns from a frame table that fits
 //!   `phys_bits`) and page-table frames: the core's `HostMemory` and `FrameAllocator`;
 //! - [`tlb`]: a per-vCPU TLB of present leaf translations;
+//! - [`hw_vcpu`]: one simulated hardware vCPU (TLB, the MMU's walk and exits, guest mode, one
+//!   retry policy) that the machine, the scenario backend and trace replay all run accesses on;
 //! - [`bus`]: the MMIO bus, its register device and exit-to-userspace records;
 //! - [`seam`]: the [`GuestMmu`] trait the machine drives, and what an MMU reports;
 //! - [`slots`], [`reference`](mod@reference): a plain memslot table, a reference MMU built on it, and a broken
@@ -12,7 +14,9 @@
 //!   vCPU's deterministic access mix, the device manager's memslot schedule;
 //! - [`oracle`]: judges every access against the memslot history;
 //! - [`machine`]: vCPU threads, the device manager, the run loop;
-//! - [`report`], [`progress`], [`options`]: what `vmmu run` takes and prints;
+//! - [`options`], [`report`]: what one `vmmu run` asks of the engine (a plain struct, and
+//!   [`RunOptions::run`]) and what it reports, as data (the CLI owns the flags, the progress bar
+//!   and the text and JSON rendering).
 //! - [`replay`]: replay of recorded VM boots (vmmu traces) on the real MMU.
 //!
 //! ```
@@ -32,13 +36,13 @@
 pub mod bus;
 mod error;
 pub mod host;
+pub mod hw_vcpu;
 pub mod layout;
 pub mod machine;
 pub mod membarrier;
 pub mod mix;
 pub mod options;
 pub mod oracle;
-pub mod progress;
 pub mod ram;
 pub mod real;
 pub mod reference;
@@ -51,9 +55,10 @@ pub mod slots;
 pub mod tlb;
 
 pub use error::{Error, Result};
+pub use hw_vcpu::HwVcpu;
 pub use machine::{Machine, MachineConfig, SimError, UpdateProfile};
-pub use options::RunOptions;
+pub use options::{RunError, RunOptions};
 pub use real::{RealMmu, RealMmuConfig};
 pub use report::Report;
 pub use scenario::SimBackend;
-pub use seam::{GuestMmu, SlotRequest, Translation};
+pub use seam::{AccessKind, Errno, GuestMmu, MmuCounters, SlotRequest, Translation};

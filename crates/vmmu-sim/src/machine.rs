@@ -1,14 +1,17 @@
 //! The software machine: vCPU threads running the access mix through a [`GuestMmu`], a device
 //! manager applying the memslot schedule, and the oracle judging every outcome.
 //!
-//! One access, on its vCPU's thread (nothing here takes a lock or touches shared memory other
-//! than the oracle's clock, the MMU and the accessed RAM):
+//! One access, on its vCPU's thread, a [`HwVcpu`] (nothing here takes a lock or touches shared
+//! memory other than the oracle's clock, the MMU and the accessed RAM):
 //! 1. poll the MMU's requests (`poll_tlb_flush`), flushing the TLB if asked;
 //! 2. read the oracle's clock (the access's start stamp);
 //! 3. TLB lookup; on a miss `translate`: RAM -> insert into the TLB; `Retry` -> back to 1;
 //! 4. RAM: one atomic load or store on host memory; MMIO: the bus (an exit to userspace leaves
 //!    guest mode and re-enters, as `KVM_RUN` returning would);
 //! 5. read the clock again (end stamp) and let the vCPU's checker judge the outcome.
+//!
+//! Steps 1, 3 and the RAM half of 4 are [`HwVcpu::load_store_with`]; the machine adds the stamps
+//! and excuses retries while a memslot update is in flight from the livelock limit.
 //!
 //! vCPUs run batches of accesses in guest mode (`enter_guest` .. `exit_guest`) and check the stop
 //! flag between batches. The device manager runs the schedule's requests in a loop with a short
@@ -48,26 +51,30 @@
 
 use crate::bus::{BusError, BusOutcome, MmioBus, RegisterDevice};
 use crate::host::{HostConfig, HostError, SimHost, SIZE_2M};
+use crate::hw_vcpu::{Attempts, Data, HwVcpu};
 use crate::layout::{MachineLayout, MachineMemory};
-use crate::mix::{AccessGen, AccessKind, GuestAccess, MixWeights};
+use crate::mix::{AccessGen, GuestAccess, MixKind, MixWeights};
 use crate::oracle::{Clock, Observed, Oracle, OracleReport, VcpuChecker, Violation, POISON};
-use crate::ram::{self, Width};
+use crate::ram::Width;
 use crate::report::{
     ConfigReport, MemslotReport, MmioCachingReport, Percentiles, Report, VcpuReport,
 };
 use crate::schedule::{Schedule, ScheduleError};
-use crate::seam::{GuestMmu, SlotRequest, Translation};
+use crate::seam::{AccessKind, Errno, GuestMmu, SlotRequest};
 use crate::slots::SlotTable;
-use crate::tlb::{Tlb, TlbEntry, TlbStats};
+use crate::tlb::TlbStats;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use hdrhistogram::Histogram;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use vmmu::memslot::MemslotError;
+use vmmu::spte::FormatKind;
 use vmmu::types::{Generation, Gpa, Hva, PAGE_SIZE};
 
-/// Retries of one access, outside memslot updates, before the machine calls it a livelock.
-pub const RETRY_LIMIT: u32 = 1_000_000;
+/// Retries of one access, outside memslot updates, before the machine calls it a livelock (the
+/// one retry policy of [`crate::hw_vcpu`]).
+pub use crate::hw_vcpu::RETRY_LIMIT;
 
 /// A memslot request or host invalidation that took at least this long and returned only after
 /// the run was stopped (the vCPUs left guest mode for good) is reported as a stall: it was
@@ -105,8 +112,8 @@ pub struct MachineConfig {
     pub weights: MixWeights,
     /// Host frame space.
     pub host: HostConfig,
-    /// SPTE format name, for the report (`ept` or `npt`).
-    pub format: String,
+    /// SPTE format, for the report.
+    pub format: FormatKind,
     /// Whether MMIO caching was requested, for the report.
     pub mmio_caching_requested: bool,
     /// Stop once the device manager has made this many memslot updates (churn runs); the
@@ -133,7 +140,7 @@ impl Default for MachineConfig {
             tlb_entries: 256,
             weights: MixWeights::default(),
             host: HostConfig::new(46),
-            format: "ept".into(),
+            format: FormatKind::Ept,
             mmio_caching_requested: true,
             max_updates: None,
             stress_paths: false,
@@ -155,12 +162,12 @@ pub enum SimError {
     #[error(transparent)]
     Schedule(#[from] ScheduleError),
     /// The MMU refused a static slot.
-    #[error("the MMU refused static memslot {request:?} with {errno}")]
+    #[error("the MMU refused static memslot {request:?} with {errno}: {error}", errno = Errno::of(error))]
     Setup {
         /// The request.
         request: SlotRequest,
-        /// The errno name.
-        errno: String,
+        /// The rule it broke.
+        error: MemslotError,
     },
     /// vCPU count out of range.
     #[error("{0} vCPUs: the machine supports 1..=256")]
@@ -271,9 +278,9 @@ impl Machine {
             layout.device_size,
             Arc::new(RegisterDevice::new(layout.device, config.vcpus)),
         )?;
-        let max_gfn = 1u64 << (host.config().phys_bits - 12);
         let dimm_flags = if config.wrap_trap { SlotRequest::LOG_DIRTY_PAGES } else { 0 };
-        let schedule = Arc::new(Schedule::device_manager_with(&memory, max_gfn, dimm_flags)?);
+        let phys_bits = host.config().phys_bits;
+        let schedule = Arc::new(Schedule::device_manager_with(&memory, phys_bits, dimm_flags)?);
         Ok(Machine { config, memory, bus, schedule })
     }
 
@@ -325,7 +332,7 @@ impl Machine {
         self.host().set_table_jitter(cfg.stress_paths);
         let states: Vec<M::Vcpu> = (0..n).map(|i| mmu.create_vcpu(i)).collect();
         for request in self.memory.static_requests() {
-            mmu.set_memory_region(&request).map_err(|errno| SimError::Setup { request, errno })?;
+            mmu.set_memory_region(&request).map_err(|error| SimError::Setup { request, error })?;
         }
         let oracle = Oracle::new(self.memory.clone(), self.schedule.clone());
         let checkers: Vec<VcpuChecker<'_>> = (0..n).map(|i| oracle.checker(i)).collect();
@@ -414,7 +421,7 @@ impl Machine {
 
         let mut report = Report {
             config: ConfigReport {
-                format: cfg.format.clone(),
+                format: cfg.format,
                 phys_bits: self.host().config().phys_bits,
                 vcpus: n,
                 seed: cfg.seed,
@@ -477,11 +484,11 @@ fn vcpu_thread<'o, M: GuestMmu>(
     cfg: &MachineConfig,
     layout: &MachineLayout,
     index: usize,
-    mut state: M::Vcpu,
+    state: M::Vcpu,
     mut checker: VcpuChecker<'o>,
     progress: &AtomicU64,
 ) -> VcpuResult<'o> {
-    let mut tlb = Tlb::new(cfg.tlb_entries);
+    let mut hw = HwVcpu::with_state(sh.mmu, sh.host, state, cfg.tlb_entries);
     let spinner = cfg.stress_paths && cfg.vcpus >= 3 && index == cfg.vcpus - 1;
     let sweeper = cfg.wrap_trap && index == 0;
     let mut weights = if spinner {
@@ -500,146 +507,107 @@ fn vcpu_thread<'o, M: GuestMmu>(
     let body = catch_unwind(AssertUnwindSafe(|| {
         while !sh.stop.load(Ordering::Relaxed) {
             if sh.paused.load(Ordering::Relaxed) {
-                sh.mmu.exit_guest(&mut state);
+                hw.exit_guest();
                 std::thread::sleep(Duration::from_micros(100));
                 continue;
             }
-            sh.mmu.enter_guest(&mut state);
+            hw.enter_guest();
             if sweeper {
-                sweep_dimm(sh, layout, &mut state, &mut tlb, &mut c, &mut checker);
+                sweep_dimm(sh, layout, &mut hw, &mut c, &mut checker);
             }
             if cfg.wrap_trap && index == 1 && sh.hold.load(Ordering::SeqCst) == HOLD_ASK {
                 // The holder: one fault on the dummy slot's page, whose host translation is
                 // slow; the outcome is the machine's business, not the guest's, so it is not
                 // judged (no vCPU accesses that GPA otherwise).
-                let _ = sh.mmu.translate(&mut state, Gpa(TRAP_GPA), false);
+                let _ = hw.translate_once(Gpa(TRAP_GPA), AccessKind::Read);
                 sh.hold.store(HOLD_IDLE, Ordering::SeqCst);
             }
             for _ in 0..cfg.batch.max(1) {
                 let a = gen.next_access();
-                let (seen, start, end) = access(sh, &mut state, &mut tlb, &mut c, &a);
+                let (seen, start, end) = access(sh, &mut hw, &mut c, &a);
                 checker.check(&a, &seen, start, end);
             }
             // The spinner stays in guest mode (the MMU may still take it out: requests, faults).
             if !spinner {
-                sh.mmu.exit_guest(&mut state);
+                hw.exit_guest();
             }
             progress.store(c.accesses, Ordering::Relaxed);
         }
-        sh.mmu.exit_guest(&mut state);
+        hw.exit_guest();
     }));
     if let Err(panic) = body {
         // Leave guest mode so a memslot update waiting for this vCPU does not hang, then let the
         // run report the panic.
-        sh.mmu.exit_guest(&mut state);
+        hw.exit_guest();
         sh.stop.store(true, Ordering::Relaxed);
         resume_unwind(panic);
     }
-    (c, tlb.stats(), checker)
+    c.retries = hw.retries();
+    (c, hw.tlb_stats(), checker)
+}
+
+/// The machine's view of an access's attempts: each attempt takes its start stamp after the
+/// request poll (only the last attempt's outcome is observed, and a stamp from before earlier
+/// retries would widen its window); retries while a memslot update is in flight (odd clock) wait
+/// for it, however long a loaded host makes it, and do not count towards the livelock limit.
+struct Stamps<'c> {
+    clock: &'c Clock,
+    start: u64,
+}
+
+impl Attempts for Stamps<'_> {
+    #[inline]
+    fn begin(&mut self) {
+        self.start = self.clock.now();
+    }
+    #[inline]
+    fn counts(&mut self) -> bool {
+        self.clock.now() & 1 == 0
+    }
 }
 
 /// One guest access; returns the outcome and its start and end stamps.
 fn access<M: GuestMmu>(
     sh: &Shared<'_, M>,
-    state: &mut M::Vcpu,
-    tlb: &mut Tlb,
+    hw: &mut HwVcpu<'_, M>,
     c: &mut VcpuCounters,
     a: &GuestAccess,
 ) -> (Observed, u64, u64) {
     let write = a.kind.is_write();
-    let gfn = a.gpa.gfn();
-    let mut start;
-    let mut retries = 0u32;
     c.accesses += 1;
     if write {
         c.writes += 1;
     } else {
         c.reads += 1;
     }
-    let seen = loop {
-        if sh.mmu.poll_tlb_flush(state) {
-            tlb.flush();
-        }
-        // The start stamp is taken per attempt, after the poll: only the last attempt's outcome
-        // is observed, and a stamp from before earlier retries would widen its window.
-        start = sh.clock.now();
-        if let Some(e) = tlb.lookup(gfn, write) {
-            break ram_access(e.page, a);
-        }
-        match sh.mmu.translate(state, a.gpa, write) {
-            Translation::Ram { pfn, writable, level } => {
-                if write && !writable {
-                    break Observed::Error(format!(
-                        "read-only translation of {} returned for a write",
-                        a.gpa
-                    ));
-                }
-                let Some(page) = sh.host.ram_page(pfn) else {
-                    break Observed::Error(format!(
-                        "translation of {} to {pfn:?}, which is not a RAM frame",
-                        a.gpa
-                    ));
-                };
-                tlb.insert(gfn, TlbEntry { page, pfn, writable, level });
-                break ram_access(page, a);
-            }
-            Translation::Mmio => break mmio(sh, state, a),
-            Translation::Retry => {
-                c.retries += 1;
-                // Retries while a memslot update is in flight (odd clock) wait for it, however
-                // long a loaded host makes it; only the others count towards the livelock limit.
-                if sh.clock.now() & 1 == 0 {
-                    retries += 1;
-                }
-                if retries >= RETRY_LIMIT {
-                    break Observed::Error(format!("{RETRY_LIMIT} retries in a row (livelock?)"));
-                }
-                if retries % 64 == 0 {
-                    std::thread::yield_now();
-                }
-            }
-            Translation::Error(e) => break Observed::Error(e),
-        }
+    let mut at = Stamps { clock: sh.clock, start: 0 };
+    let seen = match hw.load_store_with(a.gpa, a.width, write.then_some(a.value), &mut at) {
+        Data::Ram { hva, value } => Observed::Ram { hva, value },
+        Data::Mmio => mmio(sh, hw, a),
+        Data::Error(e) => Observed::Error(e.to_string()),
     };
     match &seen {
         Observed::Ram { .. } => c.ram += 1,
         Observed::Mmio { device: true, .. } => c.mmio_device += 1,
         Observed::Mmio { device: false, .. } => {
             c.mmio_userspace += 1;
-            if a.kind == AccessKind::RomWrite {
+            if a.kind == MixKind::RomWrite {
                 c.readonly_write += 1;
             }
         }
         Observed::Error(_) => c.errors += 1,
     }
     let end = sh.clock.now();
-    (seen, start, end)
+    (seen, at.start, end)
 }
 
-#[inline]
-fn ram_access(page: core::ptr::NonNull<u8>, a: &GuestAccess) -> Observed {
-    let p = page.as_ptr().wrapping_add(a.gpa.page_offset() as usize);
-    let value = if a.kind.is_write() {
-        // SAFETY: `page` is a RAM frame of the host (from `ram_page`, directly or via the TLB),
-        // whose buffer lives as long as the host, which outlives the run; the access is naturally
-        // aligned (the mix only makes aligned accesses) so it stays inside the 4 KiB page; every
-        // access to buffers is atomic.
-        unsafe { ram::store(p, a.width, a.value) };
-        a.value
-    } else {
-        // SAFETY: as above.
-        unsafe { ram::load(p, a.width) }
-    };
-    Observed::Ram { hva: Hva(p as u64), value }
-}
-
-fn mmio<M: GuestMmu>(sh: &Shared<'_, M>, state: &mut M::Vcpu, a: &GuestAccess) -> Observed {
+fn mmio<M: GuestMmu>(sh: &Shared<'_, M>, hw: &mut HwVcpu<'_, M>, a: &GuestAccess) -> Observed {
     match sh.bus.dispatch(a.gpa, a.width, a.kind.is_write().then_some(a.value)) {
         BusOutcome::Device(value) => Observed::Mmio { device: true, value },
         BusOutcome::Exit { value, .. } => {
             // KVM_RUN returns to userspace with KVM_EXIT_MMIO: out of guest mode and back.
-            sh.mmu.exit_guest(state);
-            sh.mmu.enter_guest(state);
+            hw.exit_guest();
+            hw.enter_guest();
             Observed::Mmio { device: false, value }
         }
     }
@@ -752,7 +720,8 @@ fn device_manager<M: GuestMmu>(
         if step.expect.is_err() {
             r.refused += 1;
         }
-        let want = step.expect.map_err(str::to_string);
+        let want = step.expect;
+        let got = got.map_err(Errno::from);
         if got != want {
             r.oracle.push(Violation {
                 vcpu: None,
@@ -856,8 +825,7 @@ fn stall(what: &str, took: Duration) -> Violation {
 fn sweep_dimm<'o, M: GuestMmu>(
     sh: &Shared<'_, M>,
     layout: &MachineLayout,
-    state: &mut M::Vcpu,
-    tlb: &mut Tlb,
+    hw: &mut HwVcpu<'_, M>,
     c: &mut VcpuCounters,
     checker: &mut VcpuChecker<'o>,
 ) {
@@ -876,9 +844,7 @@ fn sweep_dimm<'o, M: GuestMmu>(
                 return;
             }
             // Still a vCPU: it answers requests (flushes, kicks) while it waits.
-            if sh.mmu.poll_tlb_flush(state) {
-                tlb.flush();
-            }
+            hw.poll();
         }
         sh.sweep.store(SWEEP_BUSY, Ordering::SeqCst);
     } else if !cas(SWEEP_ARM, SWEEP_BUSY) {
@@ -887,12 +853,12 @@ fn sweep_dimm<'o, M: GuestMmu>(
     let d = &layout.dimm;
     for page in 0..d.size / PAGE_SIZE {
         let a = GuestAccess {
-            kind: AccessKind::DimmRead,
+            kind: MixKind::DimmRead,
             gpa: Gpa(d.gpa.0 + page * PAGE_SIZE),
             width: Width::W8,
             value: 0,
         };
-        let (seen, start, end) = access(sh, state, tlb, c, &a);
+        let (seen, start, end) = access(sh, hw, c, &a);
         checker.check(&a, &seen, start, end);
     }
     sh.sweep.store(SWEEP_IDLE, Ordering::SeqCst);

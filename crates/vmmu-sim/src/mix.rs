@@ -24,7 +24,7 @@ use vmmu::types::Gpa;
 /// What an access is for: decides how the oracle judges it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum AccessKind {
+pub enum MixKind {
     /// Read of the vCPU's private RAM.
     PrivateRead,
     /// Write of the vCPU's private RAM.
@@ -49,37 +49,42 @@ pub enum AccessKind {
     DimmRead,
 }
 
-impl AccessKind {
+impl MixKind {
     /// All kinds, in [`MixWeights`] order.
-    pub const ALL: [AccessKind; 11] = [
-        AccessKind::PrivateRead,
-        AccessKind::PrivateWrite,
-        AccessKind::SharedRead,
-        AccessKind::SharedWrite,
-        AccessKind::RomRead,
-        AccessKind::RomWrite,
-        AccessKind::DeviceRead,
-        AccessKind::DeviceWrite,
-        AccessKind::BarRead,
-        AccessKind::BarWrite,
-        AccessKind::DimmRead,
+    pub const ALL: [MixKind; 11] = [
+        MixKind::PrivateRead,
+        MixKind::PrivateWrite,
+        MixKind::SharedRead,
+        MixKind::SharedWrite,
+        MixKind::RomRead,
+        MixKind::RomWrite,
+        MixKind::DeviceRead,
+        MixKind::DeviceWrite,
+        MixKind::BarRead,
+        MixKind::BarWrite,
+        MixKind::DimmRead,
     ];
 
     /// Whether the access is a store.
     pub const fn is_write(self) -> bool {
         matches!(
             self,
-            AccessKind::PrivateWrite
-                | AccessKind::SharedWrite
-                | AccessKind::RomWrite
-                | AccessKind::DeviceWrite
-                | AccessKind::BarWrite
+            MixKind::PrivateWrite
+                | MixKind::SharedWrite
+                | MixKind::RomWrite
+                | MixKind::DeviceWrite
+                | MixKind::BarWrite
         )
+    }
+
+    /// Load or store, as the hardware walk checks it.
+    pub const fn access(self) -> crate::seam::AccessKind {
+        crate::seam::AccessKind::from_write(self.is_write())
     }
 
     /// Whether what the access sees depends on the memslot history (BAR and DIMM).
     pub const fn is_dynamic(self) -> bool {
-        matches!(self, AccessKind::BarRead | AccessKind::BarWrite | AccessKind::DimmRead)
+        matches!(self, MixKind::BarRead | MixKind::BarWrite | MixKind::DimmRead)
     }
 }
 
@@ -87,7 +92,7 @@ impl AccessKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GuestAccess {
     /// What it is for.
-    pub kind: AccessKind,
+    pub kind: MixKind,
     /// Guest-physical address, naturally aligned for `width`.
     pub gpa: Gpa,
     /// Bytes.
@@ -160,11 +165,11 @@ impl AccessGen {
         self
     }
 
-    fn kind(&mut self) -> AccessKind {
+    fn kind(&mut self) -> MixKind {
         let total = self.cumulative[10];
         let x = self.rng.u32(0..total);
         let i = self.cumulative.partition_point(|c| *c <= x);
-        AccessKind::ALL[i.min(10)]
+        MixKind::ALL[i.min(10)]
     }
 
     /// The next access.
@@ -177,42 +182,42 @@ impl AccessGen {
         let aligned =
             |rng: &mut fastrand::Rng, span: u64, w: Width| rng.u64(0..span / w.bytes()) * w.bytes();
         let (gpa, width, value) = match kind {
-            AccessKind::PrivateRead | AccessKind::PrivateWrite => {
+            MixKind::PrivateRead | MixKind::PrivateWrite => {
                 let w = width(rng);
                 let (r, base) = l.private_area(vcpu);
                 let gpa = r.gpa.0 + base + aligned(rng, PRIVATE_PER_VCPU, w);
                 (gpa, w, rng.u64(..) & w.mask())
             }
-            AccessKind::SharedRead => {
+            MixKind::SharedRead => {
                 let word = rng.u64(0..SHARED_USED / 8);
                 (l.shared.gpa.0 + word * 8, Width::W8, 0)
             }
-            AccessKind::SharedWrite => {
+            MixKind::SharedWrite => {
                 let word = vcpu as u64 + rng.u64(0..(*own_words).max(1)) * l.vcpus as u64;
                 *shared_seq = shared_seq.wrapping_add(1);
                 (l.shared.gpa.0 + word * 8, Width::W8, shared_value(vcpu, word, *shared_seq))
             }
-            AccessKind::RomRead | AccessKind::RomWrite => {
+            MixKind::RomRead | MixKind::RomWrite => {
                 let w = width(rng);
                 (l.rom.gpa.0 + aligned(rng, l.rom.size, w), w, rng.u64(..) & w.mask())
             }
-            AccessKind::DeviceRead => {
+            MixKind::DeviceRead => {
                 if rng.bool() {
                     (l.device.0, Width::W4, 0)
                 } else {
                     (l.device.0 + RegisterDevice::scratch_offset(vcpu), Width::W8, 0)
                 }
             }
-            AccessKind::DeviceWrite => {
+            MixKind::DeviceWrite => {
                 (l.device.0 + RegisterDevice::scratch_offset(vcpu), Width::W8, rng.u64(..))
             }
-            AccessKind::BarRead if hot => (l.bar.positions[0].0, Width::W8, 0),
-            AccessKind::DimmRead if hot => (l.dimm.gpa.0, Width::W8, 0),
-            AccessKind::BarRead => {
+            MixKind::BarRead if hot => (l.bar.positions[0].0, Width::W8, 0),
+            MixKind::DimmRead if hot => (l.dimm.gpa.0, Width::W8, 0),
+            MixKind::BarRead => {
                 let pos = l.bar.positions[rng.usize(0..2)];
                 (pos.0 + aligned(rng, l.bar.scratch_offset(), Width::W8), Width::W8, 0)
             }
-            AccessKind::BarWrite => {
+            MixKind::BarWrite => {
                 let pos = l.bar.positions[rng.usize(0..2)];
                 let span = l.bar.size - l.bar.scratch_offset();
                 (
@@ -221,7 +226,7 @@ impl AccessGen {
                     rng.u64(..),
                 )
             }
-            AccessKind::DimmRead => {
+            MixKind::DimmRead => {
                 (l.dimm.gpa.0 + aligned(rng, l.dimm.size, Width::W8), Width::W8, 0)
             }
         };
@@ -264,21 +269,21 @@ mod tests {
                 assert!(a.width.is_aligned(a.gpa.0), "{a:?}");
                 assert_eq!(a.value & !a.width.mask(), 0);
                 let inside = match a.kind {
-                    AccessKind::PrivateRead | AccessKind::PrivateWrite => {
+                    MixKind::PrivateRead | MixKind::PrivateWrite => {
                         let (r, off) = l.private_area(vcpu);
                         let start = r.gpa.0 + off;
                         a.gpa.0 >= start && a.gpa.0 + a.width.bytes() <= start + PRIVATE_PER_VCPU
                     }
-                    AccessKind::SharedRead => l.shared.contains(a.gpa),
-                    AccessKind::SharedWrite => {
+                    MixKind::SharedRead => l.shared.contains(a.gpa),
+                    MixKind::SharedWrite => {
                         let word = (a.gpa.0 - l.shared.gpa.0) / 8;
                         l.shared_owner(word) == vcpu && word < SHARED_USED / 8
                     }
-                    AccessKind::RomRead | AccessKind::RomWrite => l.rom.contains(a.gpa),
-                    AccessKind::DeviceRead | AccessKind::DeviceWrite => {
+                    MixKind::RomRead | MixKind::RomWrite => l.rom.contains(a.gpa),
+                    MixKind::DeviceRead | MixKind::DeviceWrite => {
                         a.gpa.0 - l.device.0 < l.device_size
                     }
-                    AccessKind::BarRead | AccessKind::BarWrite => {
+                    MixKind::BarRead | MixKind::BarWrite => {
                         let off = l
                             .bar
                             .positions
@@ -287,14 +292,14 @@ mod tests {
                             .min()
                             .unwrap_or(u64::MAX);
                         off < l.bar.size
-                            && (off >= l.bar.scratch_offset()) == (a.kind == AccessKind::BarWrite)
+                            && (off >= l.bar.scratch_offset()) == (a.kind == MixKind::BarWrite)
                     }
-                    AccessKind::DimmRead => l.dimm.contains(a.gpa),
+                    MixKind::DimmRead => l.dimm.contains(a.gpa),
                 };
                 assert!(inside, "vCPU {vcpu}: {a:?} outside its region");
             }
         }
-        assert_eq!(kinds.len(), AccessKind::ALL.len());
+        assert_eq!(kinds.len(), MixKind::ALL.len());
     }
 
     #[test]
@@ -304,6 +309,6 @@ mod tests {
         w[4] = 1;
         assert!(AccessGen::new(&l, 0, 3, MixWeights(w))
             .take(100)
-            .all(|a| a.kind == AccessKind::RomRead));
+            .all(|a| a.kind == MixKind::RomRead));
     }
 }

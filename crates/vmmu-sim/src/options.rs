@@ -1,89 +1,53 @@
-//! `vmmu run`'s options, parsed with clap (derive), and their translation into a
-//! [`MachineConfig`].
+//! What one `vmmu run` asks of the engine, as a plain struct ([`RunOptions`]), its checks, and
+//! [`RunOptions::run`]: the default machine on the real MMU, reported as data.
 //!
-//! Bad values are refused at parse time with a message naming the flag, the value and the allowed
-//! range (clap exits with status 2 for them, which is `vmmu`'s "bad arguments" status).
-//! [`RunOptions::validate`] applies the same rules to options built in code.
+//! The command line (flags, parse-time messages, the progress bar, the text and JSON rendering,
+//! exit codes) is the CLI's business (`crates/vmmu-cli`); [`RunOptions::validate`] applies the
+//! same ranges to options built in code.
 
 use crate::host::HostConfig;
-use crate::machine::MachineConfig;
-use clap::{Args, ValueEnum};
+use crate::machine::{Machine, MachineConfig, ProgressSnapshot, SimError, UpdateProfile};
+use crate::real::{RealMmu, RealMmuConfig};
+use crate::report::Report;
 use std::time::Duration;
+use vmmu::bugs::BugSet;
+use vmmu::spte::FormatKind;
+use vmmu::vm::VmError;
 
-/// The SPTE format the MMU uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Format {
-    /// Intel EPT.
-    Ept,
-    /// AMD NPT (x86 page-table entries).
-    Npt,
-}
+/// How far below the MMIO-generation wrap [`RunOptions::near_wrap`] starts.
+pub const NEAR_WRAP_MARGIN: u64 = 2048;
 
-impl Format {
-    /// The name the CLI and the report use.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Format::Ept => "ept",
-            Format::Npt => "npt",
-        }
-    }
-}
-
-/// An on/off switch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum OnOff {
-    /// On.
-    On,
-    /// Off.
-    Off,
-}
-
-/// How often the device manager changes the memslots.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Updates {
-    /// Like a recorded VM boot: bursts of 12 updates, 600 ms apart (about 20 per second).
-    Boot,
-    /// Back to back, every 200 us, all run long (over 1000 per second): stress.
-    Steady,
-}
-
-/// Options of `vmmu run`.
-#[derive(Args, Clone, Debug, PartialEq)]
+/// Options of one run of the default machine on the real MMU.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RunOptions {
     /// vCPUs (1..=256).
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub vcpus: u16,
     /// How long to run, in seconds (more than 0, at most 3600).
-    #[arg(long, default_value_t = 5.0, value_parser = parse_seconds)]
     pub seconds: f64,
     /// SPTE format.
-    #[arg(long, value_enum, default_value_t = Format::Ept)]
-    pub format: Format,
+    pub format: FormatKind,
     /// Host MAXPHYADDR in bits (36..=52).
-    #[arg(long = "phys-bits", default_value_t = 46, value_parser = clap::value_parser!(u8).range(36..=52))]
     pub phys_bits: u8,
-    /// Cache MMIO in SPTEs (the MMU may still turn it off, and says why in the report).
-    #[arg(long = "mmio-caching", value_enum, default_value_t = OnOff::On)]
-    pub mmio_caching: OnOff,
-    /// Run twice, with MMIO caching on and off, and compare.
-    #[arg(long = "compare-caching", conflicts_with = "mmio_caching")]
-    pub compare_caching: bool,
-    /// Print the report as JSON on stdout.
-    #[arg(long)]
-    pub json: bool,
+    /// Whether MMIO caching is requested (the MMU may still turn it off, and says why).
+    pub mmio_caching: bool,
     /// Seed of the vCPUs' access mix.
-    #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Stress the MMU's racy paths: host invalidations (MMU-notifier ranges over live slots,
-    /// poisoned while invalidated) between memslot updates; every vCPU hammering the same BAR
-    /// and DIMM GPAs while their slots are created, moved and deleted; and, with 3 or more
-    /// vCPUs, the last vCPU staying in guest mode on TLB hits until the MMU asks it to leave.
-    #[arg(long = "stress-paths")]
+    /// Stress the MMU's racy paths (see [`crate::machine`]).
     pub stress_paths: bool,
-    /// The memslot update profile: `boot` (bursts like a recorded boot, then quiet) or `steady`
-    /// (back to back, stress). `--churn` and `--stress-paths` imply `steady`.
-    #[arg(long, value_enum, default_value_t = Updates::Boot)]
-    pub updates: Updates,
+    /// How the device manager paces memslot updates: [`UpdateProfile::BOOT`] (bursts like a
+    /// recorded boot, then quiet; the default) or [`UpdateProfile::Steady`] (back to back, stress).
+    /// `churn` and `stress_paths` make it steady.
+    pub updates: UpdateProfile,
+    /// Stop after this many memslot updates, made back to back (`seconds` still bounds the run).
+    pub churn: Option<u64>,
+    /// Start the memslot generation [`NEAR_WRAP_MARGIN`] swaps below the MMIO-generation wrap.
+    pub near_wrap: bool,
+    /// Set the MMIO-generation wrap trap (see [`crate::machine`]); excludes `near_wrap`.
+    pub wrap_trap: bool,
+    /// Delete and move zap every root (KVM_X86_QUIRK_SLOT_ZAP_ALL).
+    pub slot_zap_all: bool,
+    /// Historical bugs to re-inject.
+    pub bugs: BugSet,
 }
 
 impl Default for RunOptions {
@@ -91,14 +55,17 @@ impl Default for RunOptions {
         RunOptions {
             vcpus: 2,
             seconds: 5.0,
-            format: Format::Ept,
+            format: FormatKind::Ept,
             phys_bits: 46,
-            mmio_caching: OnOff::On,
-            compare_caching: false,
-            json: false,
+            mmio_caching: true,
             seed: 1,
             stress_paths: false,
-            updates: Updates::Boot,
+            updates: UpdateProfile::BOOT,
+            churn: None,
+            near_wrap: false,
+            wrap_trap: false,
+            slot_zap_all: false,
+            bugs: BugSet::NONE,
         }
     }
 }
@@ -115,9 +82,30 @@ pub enum OptionsError {
     /// `--phys-bits` out of range.
     #[error("--phys-bits {0}: x86 MAXPHYADDR must be 36 to 52")]
     PhysBits(u8),
+    /// `--wrap-trap` with `--near-wrap`.
+    #[error("--wrap-trap and --near-wrap exclude each other")]
+    WrapTrapNearWrap,
 }
 
-fn parse_seconds(s: &str) -> Result<f64, String> {
+/// Why a run could not complete (its messages are what `vmmu run` prints after `vmmu run: `).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The options are invalid.
+    #[error(transparent)]
+    Options(#[from] OptionsError),
+    /// The machine could not be built.
+    #[error("machine: {0}")]
+    Machine(SimError),
+    /// The MMU could not be built.
+    #[error("MMU: {0}")]
+    Mmu(VmError),
+    /// The run failed.
+    #[error("run: {0}")]
+    Run(SimError),
+}
+
+/// Parses a run time in seconds: a number above 0 and at most 3600.
+pub fn parse_seconds(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
     if v.is_finite() && v > 0.0 && v <= 3600.0 {
         Ok(v)
@@ -127,16 +115,19 @@ fn parse_seconds(s: &str) -> Result<f64, String> {
 }
 
 impl RunOptions {
-    /// Checks the ranges clap checks, for options built in code.
+    /// Checks the ranges (the CLI checks the same at parse time).
     pub fn validate(&self) -> Result<(), OptionsError> {
         if !(1..=256).contains(&self.vcpus) {
             return Err(OptionsError::Vcpus(self.vcpus));
         }
-        if parse_seconds(&self.seconds.to_string()).is_err() {
+        if !(self.seconds.is_finite() && self.seconds > 0.0 && self.seconds <= 3600.0) {
             return Err(OptionsError::Seconds(self.seconds));
         }
         if !(36..=52).contains(&self.phys_bits) {
             return Err(OptionsError::PhysBits(self.phys_bits));
+        }
+        if self.wrap_trap && self.near_wrap {
+            return Err(OptionsError::WrapTrapNearWrap);
         }
         Ok(())
     }
@@ -146,97 +137,91 @@ impl RunOptions {
         Duration::from_secs_f64(self.seconds.clamp(0.0, 3600.0))
     }
 
-    /// Whether MMIO caching is requested for a single run.
-    pub fn caching_requested(&self) -> bool {
-        self.mmio_caching == OnOff::On
-    }
-
     /// The machine configuration for these options (validated first).
     pub fn machine_config(&self) -> Result<MachineConfig, OptionsError> {
         self.validate()?;
-        Ok(MachineConfig {
+        let mut mc = MachineConfig {
             vcpus: usize::from(self.vcpus),
             seed: self.seed,
             duration: self.duration(),
             host: HostConfig::new(self.phys_bits),
-            format: self.format.name().into(),
-            mmio_caching_requested: self.caching_requested(),
+            format: self.format,
+            mmio_caching_requested: self.mmio_caching,
             stress_paths: self.stress_paths,
-            update_profile: match self.updates {
-                Updates::Boot if !self.stress_paths => crate::machine::UpdateProfile::BOOT,
-                _ => crate::machine::UpdateProfile::Steady,
+            wrap_trap: self.wrap_trap,
+            update_profile: if self.stress_paths || self.wrap_trap {
+                UpdateProfile::Steady
+            } else {
+                self.updates
             },
             ..MachineConfig::default()
-        })
+        };
+        if let Some(n) = self.churn {
+            mc.max_updates = Some(n);
+            mc.update_pause = Duration::ZERO;
+            mc.update_profile = UpdateProfile::Steady;
+        }
+        Ok(mc)
+    }
+
+    /// Runs the default machine on a fresh real MMU, calling `progress` about every 10 ms.
+    pub fn run(&self, progress: &mut dyn FnMut(&ProgressSnapshot)) -> Result<Report, RunError> {
+        let machine = Machine::new(self.machine_config()?).map_err(RunError::Machine)?;
+        let generation_base = if self.wrap_trap {
+            machine.wrap_trap_generation_base()
+        } else if self.near_wrap {
+            (1 << vmmu::types::Generation::MMIO_GEN_BITS) - NEAR_WRAP_MARGIN
+        } else {
+            0
+        };
+        let mmu = RealMmu::new(
+            machine.host().clone(),
+            RealMmuConfig {
+                format: self.format,
+                phys_bits: self.phys_bits,
+                mmio_caching: self.mmio_caching,
+                vcpus: usize::from(self.vcpus),
+                generation_base,
+                slot_zap_all: self.slot_zap_all,
+                bugs: self.bugs,
+            },
+        )
+        .map_err(RunError::Mmu)?;
+        machine.run_with_progress(&mmu, progress).map_err(RunError::Run)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser, Debug)]
-    struct Cli {
-        #[command(flatten)]
-        run: RunOptions,
-    }
-
-    fn parse(args: &[&str]) -> Result<RunOptions, clap::Error> {
-        Cli::try_parse_from(std::iter::once("vmmu").chain(args.iter().copied())).map(|c| c.run)
-    }
 
     #[test]
     fn defaults_match_the_issue() {
-        let o = parse(&[]).expect("defaults");
-        assert_eq!(o, RunOptions::default());
-        let c = o.machine_config().expect("config");
+        let c = RunOptions::default().machine_config().expect("config");
         assert_eq!((c.vcpus, c.duration, c.host.phys_bits), (2, Duration::from_secs(5), 46));
+        assert!(c.mmio_caching_requested && c.max_updates.is_none());
     }
 
     #[test]
-    fn every_flag_parses() {
-        let o = parse(&[
-            "--vcpus",
-            "4",
-            "--seconds",
-            "0.5",
-            "--format",
-            "npt",
-            "--phys-bits",
-            "52",
-            "--mmio-caching",
-            "off",
-            "--json",
-            "--seed",
-            "9",
-            "--stress-paths",
-        ])
-        .expect("flags");
-        assert!(o.stress_paths && o.machine_config().expect("config").stress_paths);
-        assert_eq!((o.vcpus, o.seconds, o.format, o.phys_bits), (4, 0.5, Format::Npt, 52));
-        assert_eq!((o.mmio_caching, o.json, o.seed), (OnOff::Off, true, 9));
-        assert!(parse(&["--compare-caching"]).expect("compare").compare_caching);
+    fn churn_runs_back_to_back() {
+        let o = RunOptions { churn: Some(7), stress_paths: true, ..RunOptions::default() };
+        let c = o.machine_config().expect("config");
+        assert_eq!((c.max_updates, c.update_pause), (Some(7), Duration::ZERO));
+        assert!(c.stress_paths);
     }
 
     #[test]
     fn bad_values_say_what_is_wrong() {
-        for (args, needle) in [
-            (&["--phys-bits", "35"][..], "36..=52"),
-            (&["--phys-bits", "53"][..], "36..=52"),
-            (&["--vcpus", "0"][..], "1..=256"),
-            (&["--seconds", "0"][..], "above 0"),
-            (&["--seconds", "x"][..], "not a number"),
-            (&["--format", "shadow"][..], "shadow"),
-            (&["--compare-caching", "--mmio-caching", "off"][..], "cannot be used with"),
-        ] {
-            let e = parse(args).expect_err("must fail");
-            assert_eq!(e.exit_code(), 2, "{args:?}");
-            assert!(e.to_string().contains(needle), "{args:?}: {e}");
-        }
         let o = RunOptions { vcpus: 0, ..RunOptions::default() };
         assert_eq!(o.validate(), Err(OptionsError::Vcpus(0)));
         let o = RunOptions { phys_bits: 60, ..RunOptions::default() };
         assert!(o.machine_config().is_err());
+        let o = RunOptions { seconds: 0.0, ..RunOptions::default() };
+        assert_eq!(o.validate(), Err(OptionsError::Seconds(0.0)));
+        let o = RunOptions { wrap_trap: true, near_wrap: true, ..RunOptions::default() };
+        assert_eq!(o.validate(), Err(OptionsError::WrapTrapNearWrap));
+        assert!(parse_seconds("x").is_err_and(|e| e.contains("not a number")));
+        assert!(parse_seconds("0").is_err_and(|e| e.contains("above 0")));
+        assert_eq!(parse_seconds("0.5"), Ok(0.5));
     }
 }

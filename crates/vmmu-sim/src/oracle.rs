@@ -45,7 +45,7 @@ use crate::host::HostBuffer;
 use crate::layout::{
     pattern_word, shared_value, tag_of, MachineMemory, PRIVATE_PER_VCPU, SHARED_USED,
 };
-use crate::mix::{AccessKind, GuestAccess};
+use crate::mix::{GuestAccess, MixKind};
 use crate::ram::Width;
 use crate::schedule::Schedule;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -409,11 +409,11 @@ impl VcpuChecker<'_> {
         let o = self.oracle;
         let l = o.memory.layout();
         match a.kind {
-            AccessKind::PrivateRead | AccessKind::PrivateWrite => {
+            MixKind::PrivateRead | MixKind::PrivateWrite => {
                 let off = (a.gpa.0 - self.private_base) as usize;
                 let at = self.private_hva + off as u64;
                 let here = |hva: &Hva| hva.0 == at;
-                if a.kind == AccessKind::PrivateWrite {
+                if a.kind == MixKind::PrivateWrite {
                     for i in 0..a.width.bytes() as usize {
                         self.private[off + i] = (a.value >> (8 * i)) as u8;
                     }
@@ -430,14 +430,14 @@ impl VcpuChecker<'_> {
                     }
                 }
             }
-            AccessKind::SharedRead | AccessKind::SharedWrite => {
+            MixKind::SharedRead | MixKind::SharedWrite => {
                 let word = (a.gpa.0 - l.shared.gpa.0) / 8;
                 let owner = l.shared_owner(word);
                 let tag = self.oracle.shared_tag;
                 let own = (owner == self.vcpu).then(|| (word / l.vcpus as u64) as usize);
                 let at = self.shared_hva + word * 8;
                 let here = |hva: &Hva| hva.0 == at;
-                if a.kind == AccessKind::SharedWrite {
+                if a.kind == MixKind::SharedWrite {
                     if let Some(i) = own {
                         self.own_shared[i] = a.value;
                     }
@@ -469,7 +469,7 @@ impl VcpuChecker<'_> {
                     }
                 }
             }
-            AccessKind::RomRead => {
+            MixKind::RomRead => {
                 let off = a.gpa.0 - l.rom.gpa.0;
                 let want = a.width.extract(pattern_word(self.oracle.rom_tag, off & !7), off);
                 let at = self.rom_hva + off;
@@ -477,12 +477,12 @@ impl VcpuChecker<'_> {
                     self.fail(a, format!("{} value {want:#x}", o.describe_hva(at)), seen);
                 }
             }
-            AccessKind::RomWrite => {
+            MixKind::RomWrite => {
                 if !matches!(seen, Observed::Mmio { device: false, .. }) {
                     self.fail(a, "an MMIO exit (the ROM slot is read-only)".into(), seen);
                 }
             }
-            AccessKind::DeviceRead => {
+            MixKind::DeviceRead => {
                 // The scratch register's value is known once this vCPU wrote it in this run
                 // (before that it holds whatever an earlier run left: any device value will do).
                 let want = if a.gpa == l.device { Some(RegisterDevice::ID) } else { self.scratch };
@@ -501,13 +501,13 @@ impl VcpuChecker<'_> {
                     self.fail(a, expected, seen);
                 }
             }
-            AccessKind::DeviceWrite => {
+            MixKind::DeviceWrite => {
                 self.scratch = Some(a.value);
                 if !matches!(seen, Observed::Mmio { device: true, .. }) {
                     self.fail(a, "the device".into(), seen);
                 }
             }
-            AccessKind::BarRead | AccessKind::BarWrite | AccessKind::DimmRead => {
+            MixKind::BarRead | MixKind::BarWrite | MixKind::DimmRead => {
                 self.check_dynamic(a, seen, start, end)
             }
         }
@@ -558,7 +558,7 @@ mod tests {
     fn oracle() -> Oracle {
         let host = Arc::new(SimHost::new(HostConfig::new(40)).expect("host"));
         let mem = MachineLayout::new(2).build(&host).expect("build");
-        let s = Arc::new(Schedule::device_manager(&mem, 1 << 28).expect("schedule"));
+        let s = Arc::new(Schedule::device_manager(&mem, 40).expect("schedule"));
         Oracle::new(mem, s)
     }
 
@@ -579,7 +579,7 @@ mod tests {
     fn bar_read(o: &Oracle, pos: usize, off: u64) -> (GuestAccess, u64, u64) {
         let l = o.memory.layout();
         let a = GuestAccess {
-            kind: AccessKind::BarRead,
+            kind: MixKind::BarRead,
             gpa: Gpa(l.bar.positions[pos].0 + off),
             width: Width::W8,
             value: 0,
@@ -630,13 +630,9 @@ mod tests {
         let mut c = o.checker(1);
         let (region, base) = o.memory.layout().private_area(1);
         let gpa = Gpa(region.gpa.0 + base + 16);
-        let w = GuestAccess {
-            kind: AccessKind::PrivateWrite,
-            gpa,
-            width: Width::W4,
-            value: 0xdead_beef,
-        };
-        let r = GuestAccess { kind: AccessKind::PrivateRead, gpa, width: Width::W2, value: 0 };
+        let w =
+            GuestAccess { kind: MixKind::PrivateWrite, gpa, width: Width::W4, value: 0xdead_beef };
+        let r = GuestAccess { kind: MixKind::PrivateRead, gpa, width: Width::W2, value: 0 };
         let hva = Hva(o.memory.buffer(region.name).expect("private").hva().0 + base + 16);
         c.check(&w, &Observed::Ram { hva, value: 0xdead_beef }, 0, 0);
         c.check(&r, &Observed::Ram { hva, value: 0xbeef }, 0, 0);
@@ -656,12 +652,11 @@ mod tests {
         let o = oracle();
         let l = o.memory.layout().clone();
         let mut c = o.checker(0);
-        let w =
-            GuestAccess { kind: AccessKind::RomWrite, gpa: l.rom.gpa, width: Width::W1, value: 1 };
+        let w = GuestAccess { kind: MixKind::RomWrite, gpa: l.rom.gpa, width: Width::W1, value: 1 };
         c.check(&w, &Observed::Mmio { device: false, value: 0 }, 0, 0);
         c.check(&w, &Observed::Ram { hva: Hva(0), value: 1 }, 0, 0);
         let id =
-            GuestAccess { kind: AccessKind::DeviceRead, gpa: l.device, width: Width::W4, value: 0 };
+            GuestAccess { kind: MixKind::DeviceRead, gpa: l.device, width: Width::W4, value: 0 };
         c.check(&id, &Observed::Mmio { device: true, value: RegisterDevice::ID }, 0, 0);
         c.check(&id, &Observed::Mmio { device: false, value: 0 }, 0, 0);
         assert_eq!(c.report().violations, 2);

@@ -8,13 +8,16 @@
 //! request (it polls between accesses, as an IPI would interrupt it) and leave.
 
 use crate::host::SimHost;
-use crate::seam::{GuestMmu, MmioCachingState, MmuExits, MmuStats, SlotRequest, Translation};
+use crate::seam::{
+    AccessKind, GuestMmu, MmioCachingState, MmuCounters, MmuExits, MmuStats, SlotRequest,
+    Translation,
+};
 use std::sync::{Arc, Mutex};
 use vmmu::bugs::BugSet;
 use vmmu::fault::{FaultOutcome, PfErr};
-use vmmu::memslot::UserspaceMemoryRegion;
+use vmmu::memslot::MemslotError;
 use vmmu::spte::FormatKind;
-use vmmu::stats::VcpuStats;
+use vmmu::stats::{RetryCause, VcpuStats};
 use vmmu::tdp::HwWalk;
 use vmmu::types::Hva;
 use vmmu::vcpu::Vcpu;
@@ -154,15 +157,8 @@ impl GuestMmu for RealMmu {
         }
     }
 
-    fn set_memory_region(&self, r: &SlotRequest) -> Result<(), String> {
-        let region = UserspaceMemoryRegion {
-            slot: r.slot,
-            flags: r.flags,
-            guest_phys_addr: r.guest_phys_addr,
-            memory_size: r.memory_size,
-            userspace_addr: r.userspace_addr,
-        };
-        self.vm.set_memory_region(&region).map(|_| ()).map_err(|e| e.errno().to_string())
+    fn set_memory_region(&self, r: &SlotRequest) -> Result<(), MemslotError> {
+        self.vm.set_memory_region(&r.region()).map(|_| ())
     }
 
     fn enter_guest(&self, v: &mut RealVcpu) {
@@ -184,9 +180,9 @@ impl GuestMmu for RealMmu {
         std::mem::take(&mut v.flush_tlb)
     }
 
-    fn translate(&self, v: &mut RealVcpu, gpa: Gpa, write: bool) -> Translation {
+    fn translate(&self, v: &mut RealVcpu, gpa: Gpa, access: AccessKind) -> Translation {
         let t0 = std::time::Instant::now();
-        let t = translate(v, gpa, write);
+        let t = translate(v, gpa, access);
         if t == Translation::Mmio {
             v.mine.count += 1;
             v.mine.nanos += t0.elapsed().as_nanos() as u64;
@@ -225,7 +221,8 @@ impl GuestMmu for RealMmu {
 
 /// A TLB miss: the hardware walk in guest mode, and on a fault the exit to the MMU's entry point
 /// for that exit kind.
-fn translate(v: &mut RealVcpu, gpa: Gpa, write: bool) -> Translation {
+fn translate(v: &mut RealVcpu, gpa: Gpa, access: AccessKind) -> Translation {
+    let write = access.is_write();
     if !v.vcpu.in_guest_mode() {
         v.enter();
     }
@@ -280,7 +277,9 @@ fn translate(v: &mut RealVcpu, gpa: Gpa, write: bool) -> Translation {
 fn stats(m: &RealMmu) -> MmuStats {
     let t = m.vcpu_totals();
     let vm = m.vm.stats();
-    let mut s = MmuStats {
+    let timing = m.mmio_timing();
+    let retry = |c: RetryCause| t.retries[c as usize];
+    MmuStats {
         exits: MmuExits {
             violation: t.violation_exits,
             misconfig: t.misconfig_exits,
@@ -295,34 +294,33 @@ fn stats(m: &RealMmu) -> MmuStats {
         tlb_flush_requests: vm.remote_tlb_flush_requests,
         generation: m.vm.memslots().generation(AsId(0)).raw(),
         generation_wraps: vm.mmio_gen_wraps,
-        extra: Default::default(),
-    };
-    let timing = m.mmio_timing();
-    let counters = [
-        ("pf_taken", t.pf_taken),
-        ("pf_fixed", t.pf_fixed),
-        ("pf_emulate", t.pf_emulate),
-        ("pf_spurious", t.pf_spurious),
-        ("pf_fast", t.pf_fast),
-        ("stale_gen_misses", t.stale_gen_misses),
-        ("readonly_write_emulations", t.readonly_write_emulations),
-        ("root_loads", t.root_loads),
-        ("vcpu_tlb_flushes", t.tlb_flush),
-        ("remote_tlb_flush", vm.remote_tlb_flush),
-        ("mmu_shadow_zapped", vm.mmu_shadow_zapped),
-        ("pages_4k", vm.pages_4k),
-        ("pages_2m", vm.pages_2m),
-        ("pages_1g", vm.pages_1g),
-        ("tables_allocated", vm.tables_allocated),
-        ("tables_freed", vm.tables_freed),
-        ("mmio_translations", timing.count),
-        ("mmio_translate_ns", timing.nanos),
-    ];
-    for (k, v) in counters {
-        s.extra.insert(k.to_string(), v);
+        counters: Some(MmuCounters {
+            mmio_translate_ns: timing.nanos,
+            mmio_translations: timing.count,
+            mmu_shadow_zapped: vm.mmu_shadow_zapped,
+            pages_1g: vm.pages_1g,
+            pages_2m: vm.pages_2m,
+            pages_4k: vm.pages_4k,
+            pf_emulate: t.pf_emulate,
+            pf_fast: t.pf_fast,
+            pf_fixed: t.pf_fixed,
+            pf_spurious: t.pf_spurious,
+            pf_taken: t.pf_taken,
+            readonly_write_emulations: t.readonly_write_emulations,
+            remote_tlb_flush: vm.remote_tlb_flush,
+            retry_frozen: retry(RetryCause::Frozen),
+            retry_host_invalidation: retry(RetryCause::HostInvalidation),
+            retry_invalid_slot: retry(RetryCause::InvalidSlot),
+            retry_no_root: retry(RetryCause::NoRoot),
+            retry_obsolete_root: retry(RetryCause::ObsoleteRoot),
+            retry_pageless_root_reload_pending: retry(RetryCause::PagelessRootReloadPending),
+            retry_race: retry(RetryCause::Race),
+            retry_zapped_under_walk: retry(RetryCause::ZappedUnderWalk),
+            root_loads: t.root_loads,
+            stale_gen_misses: t.stale_gen_misses,
+            tables_allocated: vm.tables_allocated,
+            tables_freed: vm.tables_freed,
+            vcpu_tlb_flushes: t.tlb_flush,
+        }),
     }
-    for c in vmmu::stats::RetryCause::ALL {
-        s.extra.insert(format!("retry_{}", c.name()), t.retries[c as usize]);
-    }
-    s
 }

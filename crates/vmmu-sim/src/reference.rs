@@ -16,12 +16,13 @@
 //! or the vCPU's first poll after entering sees the request.
 
 use crate::host::SimHost;
-use crate::seam::{GuestMmu, MmioCachingState, MmuStats, SlotRequest, Translation};
+use crate::seam::{AccessKind, GuestMmu, MmioCachingState, MmuStats, SlotRequest, Translation};
 use crate::slots::SlotTable;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use vmmu::host::HostMemory;
+use vmmu::memslot::MemslotError;
 use vmmu::types::{Gpa, Hva, Level};
 
 #[derive(Debug, Default)]
@@ -54,10 +55,10 @@ pub struct ReferenceMmu {
 impl ReferenceMmu {
     /// An MMU over `host` whose slots must end below `2^phys_bits`.
     pub fn new(host: Arc<SimHost>) -> ReferenceMmu {
-        let max_gfn = 1u64 << (host.config().phys_bits - 12);
+        let phys_bits = host.config().phys_bits;
         ReferenceMmu {
             host,
-            slots: RwLock::new(SlotTable::new(max_gfn)),
+            slots: RwLock::new(SlotTable::new(phys_bits)),
             vcpus: Mutex::new(Vec::new()),
             updates: Mutex::new(()),
             translations: AtomicU64::new(0),
@@ -91,15 +92,16 @@ impl GuestMmu for ReferenceMmu {
         RefVcpu { shared }
     }
 
-    fn set_memory_region(&self, r: &SlotRequest) -> Result<(), String> {
+    fn set_memory_region(&self, r: &SlotRequest) -> Result<(), MemslotError> {
         let _serial = self.updates.lock().unwrap_or_else(|e| e.into_inner());
-        self.slots.write().unwrap_or_else(|e| e.into_inner()).apply(r).map_err(str::to_string)?;
+        self.slots.write().unwrap_or_else(|e| e.into_inner()).apply(r)?;
         self.generation.fetch_add(2, Ordering::Relaxed);
         self.flush_all_and_wait();
         Ok(())
     }
 
-    fn translate(&self, _vcpu: &mut RefVcpu, gpa: Gpa, write: bool) -> Translation {
+    fn translate(&self, _vcpu: &mut RefVcpu, gpa: Gpa, access: AccessKind) -> Translation {
+        let write = access.is_write();
         self.translations.fetch_add(1, Ordering::Relaxed);
         let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
         let Some(slot) = slots.lookup(gpa.gfn()) else {
@@ -171,7 +173,7 @@ impl GuestMmu for ReferenceMmu {
 #[derive(Debug)]
 pub struct StaleVcpu {
     inner: RefVcpu,
-    cache: HashMap<(u64, bool), Translation>,
+    cache: HashMap<(u64, AccessKind), Translation>,
 }
 
 /// A broken MMU for the oracle's teeth: it remembers every translation (RAM and MMIO) per vCPU
@@ -186,15 +188,15 @@ impl GuestMmu for StaleMmu {
     fn create_vcpu(&self, index: usize) -> StaleVcpu {
         StaleVcpu { inner: self.0.create_vcpu(index), cache: HashMap::new() }
     }
-    fn set_memory_region(&self, r: &SlotRequest) -> Result<(), String> {
+    fn set_memory_region(&self, r: &SlotRequest) -> Result<(), MemslotError> {
         self.0.set_memory_region(r)
     }
-    fn translate(&self, vcpu: &mut StaleVcpu, gpa: Gpa, write: bool) -> Translation {
-        let key = (gpa.gfn().0, write);
+    fn translate(&self, vcpu: &mut StaleVcpu, gpa: Gpa, access: AccessKind) -> Translation {
+        let key = (gpa.gfn().0, access);
         if let Some(t) = vcpu.cache.get(&key) {
             return t.clone();
         }
-        let t = self.0.translate(&mut vcpu.inner, gpa, write);
+        let t = self.0.translate(&mut vcpu.inner, gpa, access);
         vcpu.cache.insert(key, t.clone());
         t
     }
@@ -217,7 +219,9 @@ impl GuestMmu for StaleMmu {
 mod tests {
     use super::*;
     use crate::host::HostConfig;
+    use crate::seam::Errno;
     use std::time::Duration;
+    use AccessKind::{Read, Write};
 
     fn setup() -> (Arc<SimHost>, ReferenceMmu, u64) {
         let host = Arc::new(SimHost::new(HostConfig::new(40)).expect("host"));
@@ -235,15 +239,16 @@ mod tests {
         let (host, mmu, hva) = setup();
         let mut v = mmu.create_vcpu(0);
         mmu.set_memory_region(&req(1, 0x100_0000, hva, SlotRequest::READONLY)).expect("slot");
-        let Translation::Ram { pfn, writable, .. } = mmu.translate(&mut v, Gpa(0x100_1008), false)
+        let Translation::Ram { pfn, writable, .. } = mmu.translate(&mut v, Gpa(0x100_1008), Read)
         else {
             panic!("RAM expected");
         };
         assert!(!writable);
         assert_eq!(host.ram_page(pfn).map(|p| p.as_ptr() as u64), Some(hva + 0x1000));
-        assert_eq!(mmu.translate(&mut v, Gpa(0x100_1008), true), Translation::Mmio);
-        assert_eq!(mmu.translate(&mut v, Gpa(0x200_0000), false), Translation::Mmio);
-        assert_eq!(mmu.set_memory_region(&req(2, 0x100_2000, hva, 0)), Err("EEXIST".into()));
+        assert_eq!(mmu.translate(&mut v, Gpa(0x100_1008), Write), Translation::Mmio);
+        assert_eq!(mmu.translate(&mut v, Gpa(0x200_0000), Read), Translation::Mmio);
+        let overlap = mmu.set_memory_region(&req(2, 0x100_2000, hva, 0));
+        assert_eq!(overlap.map_err(Errno::from), Err(Errno::Eexist));
     }
 
     #[test]
@@ -280,9 +285,9 @@ mod tests {
         let (_host, mmu, hva) = setup();
         let stale = StaleMmu(mmu);
         let mut v = stale.create_vcpu(0);
-        assert_eq!(stale.translate(&mut v, Gpa(0x100_0000), false), Translation::Mmio);
+        assert_eq!(stale.translate(&mut v, Gpa(0x100_0000), Read), Translation::Mmio);
         stale.set_memory_region(&req(1, 0x100_0000, hva, 0)).expect("slot");
         assert!(!stale.poll_tlb_flush(&mut v));
-        assert_eq!(stale.translate(&mut v, Gpa(0x100_0000), false), Translation::Mmio, "stale");
+        assert_eq!(stale.translate(&mut v, Gpa(0x100_0000), Read), Translation::Mmio, "stale");
     }
 }

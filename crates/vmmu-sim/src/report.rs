@@ -1,22 +1,19 @@
-//! The run report: what `vmmu run` prints, as a struct with a human-readable [`Display`] and a
-//! stable JSON form (serde, snake_case keys, nested groups: `config`, `vcpus`, `exits`, `mmu`,
+//! The run report as data: what `vmmu run` prints (the CLI renders it as text, or as JSON through
+//! its `Serialize` form: snake_case keys, nested groups `config`, `vcpus`, `exits`, `mmu`,
 //! `memslots`, `tlb`, `tables`, `oracle`).
 //!
 //! The machine fills everything it measures itself; the MMU's part comes from
 //! [`GuestMmu::stats`](crate::seam::GuestMmu::stats) and
 //! [`GuestMmu::mmio_caching`](crate::seam::GuestMmu::mmio_caching). Keys are part of the CLI's
 //! interface: add keys, never rename them.
-//!
-//! [`Display`]: core::fmt::Display
 
 use crate::host::TableStats;
 use crate::oracle::OracleReport;
-use crate::seam::MmuStats;
+use crate::seam::{MmuCounters, MmuStats};
 use crate::tlb::TlbStats;
-use core::fmt;
 use hdrhistogram::Histogram;
-use serde::Serialize;
-use std::collections::BTreeMap;
+use serde::{Serialize, Serializer};
+use vmmu::spte::FormatKind;
 
 /// The complete report of one run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -41,11 +38,35 @@ pub struct Report {
     pub oracle: OracleReport,
 }
 
+/// The name the CLI and the report use for a format: `ept`, `npt` (`npt-sev` with a C-bit).
+pub const fn format_name(f: FormatKind) -> &'static str {
+    match f {
+        FormatKind::Ept => "ept",
+        FormatKind::Npt => "npt",
+        FormatKind::NptSev { .. } => "npt-sev",
+    }
+}
+
+fn serialize_format<S: Serializer>(f: &FormatKind, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(format_name(*f))
+}
+
+/// The real MMU's counters, or `{}` for an MMU without them (the key set of `mmu.extra` is the
+/// MMU's business; its keys never change meaning).
+fn serialize_counters<S: Serializer>(c: &Option<MmuCounters>, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    match c {
+        Some(c) => c.serialize(s),
+        None => s.serialize_map(Some(0))?.end(),
+    }
+}
+
 /// The configuration a run used.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ConfigReport {
-    /// SPTE format (`ept` or `npt`).
-    pub format: String,
+    /// SPTE format (JSON and text: `ept`, `npt` or `npt-sev`).
+    #[serde(serialize_with = "serialize_format")]
+    pub format: FormatKind,
     /// Host MAXPHYADDR.
     pub phys_bits: u8,
     /// vCPUs.
@@ -54,6 +75,18 @@ pub struct ConfigReport {
     pub seed: u64,
     /// MMIO caching: asked for, in effect, why.
     pub mmio_caching: MmioCachingReport,
+}
+
+impl Default for ConfigReport {
+    fn default() -> Self {
+        ConfigReport {
+            format: FormatKind::Ept,
+            phys_bits: 0,
+            vcpus: 0,
+            seed: 0,
+            mmio_caching: MmioCachingReport::default(),
+        }
+    }
 }
 
 /// MMIO caching as requested and as in effect.
@@ -130,8 +163,9 @@ pub struct MmuReport {
     pub retries: u64,
     /// Remote TLB flush requests.
     pub tlb_flush_requests: u64,
-    /// MMU-specific counters.
-    pub extra: BTreeMap<String, u64>,
+    /// The real MMU's own counters (JSON `extra`, `{}` for an MMU without them).
+    #[serde(serialize_with = "serialize_counters")]
+    pub extra: Option<MmuCounters>,
 }
 
 /// Memslot update counts and latency.
@@ -215,7 +249,7 @@ impl Report {
             zap_all_fast: s.zap_all_fast,
             retries: s.retries,
             tlb_flush_requests: s.tlb_flush_requests,
-            extra: s.extra.clone(),
+            extra: s.counters.clone(),
         };
         self.memslots.generation = s.generation;
         self.memslots.generation_wraps = s.generation_wraps;
@@ -224,111 +258,6 @@ impl Report {
     /// Total accesses over all vCPUs.
     pub fn total_accesses(&self) -> u64 {
         self.vcpus.iter().map(|v| v.accesses).sum()
-    }
-
-    /// The report as pretty JSON.
-    pub fn to_json(&self) -> String {
-        // Serialising plain structs of numbers, strings and maps with string keys cannot fail.
-        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
-    }
-}
-
-fn us(ns: u64) -> f64 {
-    ns as f64 / 1000.0
-}
-
-impl fmt::Display for Report {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let c = &self.config;
-        let m = &c.mmio_caching;
-        writeln!(
-            f,
-            "config: format {} phys_bits {} vcpus {} seed {}; mmio caching requested {} effective {} ({})",
-            c.format,
-            c.phys_bits,
-            c.vcpus,
-            c.seed,
-            if m.requested { "on" } else { "off" },
-            if m.effective { "on" } else { "off" },
-            m.reason
-        )?;
-        writeln!(f, "ran {:.2} s, {} accesses", self.elapsed_seconds, self.total_accesses())?;
-        for v in &self.vcpus {
-            writeln!(
-                f,
-                "  vcpu {}: {} accesses ({:.0}/s), ram {}, device {}, userspace exits {}, retries {}, errors {}",
-                v.index, v.accesses, v.accesses_per_sec, v.ram, v.mmio_device, v.mmio_userspace, v.retries, v.errors
-            )?;
-        }
-        let e = &self.exits;
-        writeln!(
-            f,
-            "exits: violation {}, misconfig {}, mmio spte hit {}, mmio cache hit {}, slow-path mmio {}, read-only write {}, device {}, userspace {}",
-            e.violation, e.misconfig, e.mmio_spte_hit, e.mmio_cache_hit, e.mmio_slow_path, e.readonly_write, e.mmio_device, e.mmio_userspace
-        )?;
-        let mm = &self.mmu;
-        write!(
-            f,
-            "mmu: mmio sptes created {}, zaps {}, zap_all_fast {}, retries {}, tlb flush requests {}",
-            mm.mmio_sptes_created, mm.zaps, mm.zap_all_fast, mm.retries, mm.tlb_flush_requests
-        )?;
-        for (k, v) in &mm.extra {
-            write!(f, ", {k} {v}")?;
-        }
-        writeln!(f)?;
-        let s = &self.memslots;
-        writeln!(
-            f,
-            "memslots: {} updates ({} refused as expected), latency p50 {:.1} us p90 {:.1} us p99 {:.1} us max {:.1} us; generation {}, wraps {}",
-            s.updates,
-            s.refused,
-            us(s.latency_ns.p50),
-            us(s.latency_ns.p90),
-            us(s.latency_ns.p99),
-            us(s.latency_ns.max),
-            s.generation,
-            s.generation_wraps
-        )?;
-        if s.host_invalidations > 0 {
-            writeln!(f, "host invalidations: {}", s.host_invalidations)?;
-        }
-        let t = &s.wrap_trap;
-        if t.armed || t.armed_at > 0 {
-            writeln!(
-                f,
-                "wrap trap: armed {} (generation {}), sprung {} (generation {}) after {} dummy swaps, {} ms into the run",
-                t.armed, t.armed_at, t.sprung, t.sprung_at, t.swaps, t.sprung_after_ms
-            )?;
-        }
-        let t = &self.tlb;
-        writeln!(
-            f,
-            "tlb: hits {}, misses {}, flushes {}, inserts {}",
-            t.hits, t.misses, t.flushes, t.inserts
-        )?;
-        let tb = &self.tables;
-        writeln!(
-            f,
-            "table pages: allocated {}, freed {}, live {}, high water {}",
-            tb.allocated, tb.freed, tb.live, tb.high_water
-        )?;
-        let o = &self.oracle;
-        if o.violations == 0 {
-            write!(f, "oracle: OK, {} outcomes checked, 0 violations", o.checked)
-        } else {
-            write!(
-                f,
-                "oracle: FAILED, {} violations in {} outcomes checked",
-                o.violations, o.checked
-            )?;
-            for v in &o.first_violations {
-                write!(f, "\n  {v}")?;
-            }
-            if o.violations > o.first_violations.len() as u64 {
-                write!(f, "\n  ... and {} more", o.violations - o.first_violations.len() as u64)?;
-            }
-            Ok(())
-        }
     }
 }
 
@@ -348,7 +277,7 @@ mod tests {
             expected: "v0: MMIO exit".into(),
             seen: "RAM bar0+0x40".into(),
         });
-        let v: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
+        let v: serde_json::Value = serde_json::to_value(&r).expect("json");
         for key in [
             "config",
             "vcpus",
@@ -371,22 +300,6 @@ mod tests {
     }
 
     #[test]
-    fn display_names_the_verdict_and_violations() {
-        let mut r = Report::default();
-        assert!(r.to_string().contains("oracle: OK"));
-        r.oracle.push(Violation {
-            vcpu: Some(0),
-            gpa: Some("0x1000".into()),
-            what: "read".into(),
-            expected: "MMIO exit".into(),
-            seen: "RAM".into(),
-        });
-        let s = r.to_string();
-        assert!(s.contains("oracle: FAILED, 1 violations"), "{s}");
-        assert!(s.contains("vCPU 0 gpa 0x1000 read: expected MMIO exit, saw RAM"), "{s}");
-    }
-
-    #[test]
     fn percentiles_of_a_histogram() {
         let mut h = Histogram::<u64>::new(3).expect("histogram");
         for v in 1..=100u64 {
@@ -402,13 +315,18 @@ mod tests {
     fn fill_mmu_copies_counters() {
         let mut s = MmuStats { mmio_sptes_created: 4, generation: 12, ..MmuStats::default() };
         s.exits.mmio_cache_hit = 3;
-        s.extra.insert("stale_generation_misses".into(), 2);
+        s.counters = Some(MmuCounters { stale_gen_misses: 2, ..MmuCounters::default() });
         let mut r = Report::default();
         r.fill_mmu(&s);
         assert_eq!(
             (r.exits.mmio_cache_hit, r.mmu.mmio_sptes_created, r.memslots.generation),
             (3, 4, 12)
         );
-        assert_eq!(r.mmu.extra.get("stale_generation_misses"), Some(&2));
+        assert_eq!(r.mmu.extra.as_ref().map(|c| c.stale_gen_misses), Some(2));
+        let v: serde_json::Value = serde_json::to_value(&r).expect("json");
+        assert_eq!(v["mmu"]["extra"]["stale_gen_misses"], 2);
+        assert_eq!(v["config"]["format"], "ept");
+        let none: serde_json::Value = serde_json::to_value(Report::default()).expect("j");
+        assert_eq!(none["mmu"]["extra"], serde_json::json!({}));
     }
 }

@@ -1,16 +1,17 @@
 //! The software machine as a scenario backend (`vmmu scenario --backend sim`): every `slot` step
 //! is a `set_memory_region` on the real MMU ([`RealMmu`]), every `read`/`write` runs on the named
-//! vCPU's own thread (TLB lookup, hardware walk, VM exit to the MMU, retry) and every buffer is a
+//! vCPU's own thread, a [`HwVcpu`] (TLB lookup, hardware walk, VM exit to the MMU, retry under the
+//! machine's one retry policy) and every buffer is a
 //! [`SimHost`] buffer, whose real address is the `userspace_addr` the request carries.
 //!
 //! Deterministic: the driver runs one step at a time and waits for it. Between steps every vCPU
 //! is outside guest mode, so a memslot update never waits for an idle vCPU thread.
 
 use crate::host::{HostBuffer, HostConfig, SimHost};
+use crate::hw_vcpu::{Data, HwVcpu};
 use crate::ram::{self, Width as RamWidth};
 use crate::real::{RealMmu, RealMmuConfig, RealVcpu};
-use crate::seam::{GuestMmu, SlotRequest, Translation};
-use crate::tlb::{Tlb, TlbEntry};
+use crate::seam::{Errno, GuestMmu, SlotRequest};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -24,8 +25,6 @@ use vmmu_scenario::{
 /// Frames the scenario host may hand out (RAM and tables): 2^22 frames = 16 GiB of frame numbers
 /// (only buffers that scenarios declare are backed).
 const MAX_FRAMES: u64 = 1 << 22;
-/// Retries of one access before the backend gives up (a livelock is a bug, not an observation).
-const RETRY_LIMIT: u32 = 100_000;
 
 /// The software machine backend. The MMU configuration comes from the scenario's `vm` line
 /// (after command-line overrides).
@@ -184,7 +183,7 @@ impl Machine for SimMachine {
         };
         Ok(match self.mmu.set_memory_region(&req) {
             Ok(()) => SlotResult::Ok,
-            Err(errno) => SlotResult::Err(errno),
+            Err(e) => SlotResult::Err(Errno::of(&e).to_string()),
         })
     }
 
@@ -235,65 +234,16 @@ impl Drop for SimMachine {
     }
 }
 
-fn vcpu_thread(mmu: &RealMmu, host: &SimHost, mut state: RealVcpu, jobs: Receiver<Job>) {
-    let mut tlb = Tlb::new(64);
+fn vcpu_thread(mmu: &RealMmu, host: &SimHost, state: RealVcpu, jobs: Receiver<Job>) {
+    let mut hw = HwVcpu::with_state(mmu, host, state, 64);
     while let Ok(Job::Access { gpa, width, write, reply }) = jobs.recv() {
-        mmu.enter_guest(&mut state);
-        let r = access(mmu, host, &mut state, &mut tlb, gpa, width, write);
-        mmu.exit_guest(&mut state);
+        hw.enter_guest();
+        let r = match hw.load_store(Gpa(gpa), ram_width(width), write) {
+            Data::Ram { value, .. } => Ok(Access::Ram(value)),
+            Data::Mmio => Ok(Access::Mmio),
+            Data::Error(e) => Err(e.to_string()),
+        };
+        hw.exit_guest();
         let _ = reply.send(r);
     }
-}
-
-fn access(
-    mmu: &RealMmu,
-    host: &SimHost,
-    state: &mut RealVcpu,
-    tlb: &mut Tlb,
-    gpa: u64,
-    width: Width,
-    write: Option<u64>,
-) -> Result<Access, String> {
-    let gpa = Gpa(gpa);
-    let gfn = gpa.gfn();
-    for _ in 0..RETRY_LIMIT {
-        if mmu.poll_tlb_flush(state) {
-            tlb.flush();
-        }
-        let entry = match tlb.lookup(gfn, write.is_some()) {
-            Some(e) => e,
-            None => match mmu.translate(state, gpa, write.is_some()) {
-                Translation::Ram { pfn, writable, level } => {
-                    let page = host
-                        .ram_page(pfn)
-                        .ok_or_else(|| format!("{gpa} translated to {pfn:?}, not a RAM frame"))?;
-                    let e = TlbEntry { page, pfn, writable, level };
-                    tlb.insert(gfn, e);
-                    e
-                }
-                Translation::Mmio => return Ok(Access::Mmio),
-                Translation::Retry => continue,
-                Translation::Error(e) => return Err(e),
-            },
-        };
-        if write.is_some() && !entry.writable {
-            return Err(format!("read-only translation of {gpa} used for a write"));
-        }
-        let p = entry.page.as_ptr().wrapping_add(gpa.page_offset() as usize);
-        // SAFETY: `page` is a RAM frame of the host (from `ram_page`, directly or via the TLB,
-        // which is flushed whenever the MMU asks), alive as long as the host; the access is
-        // naturally aligned (the parser checks it), so it stays inside the page; buffer memory
-        // is only accessed atomically.
-        let value = unsafe {
-            match write {
-                Some(v) => {
-                    ram::store(p, ram_width(width), v);
-                    v
-                }
-                None => ram::load(p, ram_width(width)),
-            }
-        };
-        return Ok(Access::Ram(value));
-    }
-    Err(format!("access to {gpa} retried {RETRY_LIMIT} times"))
 }

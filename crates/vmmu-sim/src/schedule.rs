@@ -12,7 +12,7 @@
 //! was) is [`Schedule::version`]`(k)`; version 0 has only the static slots.
 
 use crate::layout::MachineMemory;
-use crate::seam::SlotRequest;
+use crate::seam::{Errno, SlotRequest};
 use crate::slots::SlotTable;
 use vmmu::types::Gpa;
 
@@ -23,8 +23,8 @@ pub struct ScheduledRequest {
     pub label: &'static str,
     /// The request.
     pub request: SlotRequest,
-    /// `Ok` or the errno name KVM returns.
-    pub expect: Result<(), &'static str>,
+    /// `Ok` or the errno KVM returns.
+    pub expect: Result<(), Errno>,
 }
 
 /// Why a schedule could not be built.
@@ -41,9 +41,9 @@ pub enum ScheduleError {
         /// Step label.
         label: &'static str,
         /// What the rules give.
-        got: Result<(), &'static str>,
+        got: Result<(), Errno>,
         /// What the step says.
-        want: Result<(), &'static str>,
+        want: Result<(), Errno>,
     },
     /// The cycle does not return to the initial map.
     #[error("the schedule does not return to its initial map, so it cannot repeat")]
@@ -68,7 +68,7 @@ impl Schedule {
         let mut versions = vec![initial.clone()];
         let mut t = initial;
         for (index, s) in steps.iter().enumerate() {
-            let got = t.apply(&s.request);
+            let got = t.apply(&s.request).map_err(Errno::from);
             if got != s.expect {
                 return Err(ScheduleError::Inconsistent {
                     index,
@@ -86,17 +86,17 @@ impl Schedule {
         Ok(Schedule { steps, versions })
     }
 
-    /// The default device manager's schedule for `mem` (see the module doc). `max_gfn` is the
-    /// MMU's address limit (`2^(phys_bits - 12)`).
-    pub fn device_manager(mem: &MachineMemory, max_gfn: u64) -> Result<Schedule, ScheduleError> {
-        Self::device_manager_with(mem, max_gfn, 0)
+    /// The default device manager's schedule for `mem` (see the module doc), for an MMU that
+    /// maps guest-physical addresses below `2^phys_bits`.
+    pub fn device_manager(mem: &MachineMemory, phys_bits: u8) -> Result<Schedule, ScheduleError> {
+        Self::device_manager_with(mem, phys_bits, 0)
     }
 
     /// As [`Schedule::device_manager`], with `dimm_flags` (`KVM_MEM_*`) on the DIMM's hot-plug
     /// (the wrap trap plugs it dirty-logged, so it is mapped with 4 KiB leaves).
     pub fn device_manager_with(
         mem: &MachineMemory,
-        max_gfn: u64,
+        phys_bits: u8,
         dimm_flags: u32,
     ) -> Result<Schedule, ScheduleError> {
         let l = mem.layout();
@@ -123,21 +123,21 @@ impl Schedule {
             step(
                 "bar: map over the dimm (refused)",
                 req(l.dimm.gpa, b1, bar.size, bar.slot)?,
-                Err("EEXIST"),
+                Err(Errno::Eexist),
             ),
             step("bar: map bar1 at position 1", req(p1, b1, bar.size, bar.slot)?, Ok(())),
             step("bar: move to position 0", req(p0, b1, bar.size, bar.slot)?, Ok(())),
             step("dimm: remove", SlotRequest::delete(l.dimm.slot.into()), Ok(())),
             step("bar: unmap", SlotRequest::delete(bar.slot.into()), Ok(())),
         ];
-        let mut initial = SlotTable::new(max_gfn);
+        let mut initial = SlotTable::new(phys_bits);
         for r in mem.static_requests() {
             // The static slots are valid by construction of the layout; a failure here is a
             // layout bug, reported as an inconsistent step.
             initial.apply(&r).map_err(|e| ScheduleError::Inconsistent {
                 index: 0,
                 label: "static slot",
-                got: Err(e),
+                got: Err(Errno::of(&e)),
                 want: Ok(()),
             })?;
         }
@@ -180,7 +180,7 @@ mod tests {
     #[test]
     fn default_schedule_cycles_and_moves_the_bar() {
         let mem = memory();
-        let s = Schedule::device_manager(&mem, 1 << 28).expect("schedule");
+        let s = Schedule::device_manager(&mem, 40).expect("schedule");
         assert_eq!(s.period(), 11);
         let bar = &mem.layout().bar;
         let p0 = bar.positions[0].gfn();
@@ -212,14 +212,14 @@ mod tests {
     #[test]
     fn a_wrong_expectation_is_reported() {
         let mem = memory();
-        let mut steps = Schedule::device_manager(&mem, 1 << 28).expect("schedule").steps().to_vec();
+        let mut steps = Schedule::device_manager(&mem, 40).expect("schedule").steps().to_vec();
         steps[6].expect = Ok(());
-        let initial = Schedule::device_manager(&mem, 1 << 28).expect("schedule").version(0).clone();
+        let initial = Schedule::device_manager(&mem, 40).expect("schedule").version(0).clone();
         assert!(matches!(
             Schedule::new(initial.clone(), steps),
             Err(ScheduleError::Inconsistent { index: 6, .. })
         ));
-        let one = vec![Schedule::device_manager(&mem, 1 << 28).expect("s").steps()[0].clone()];
+        let one = vec![Schedule::device_manager(&mem, 40).expect("s").steps()[0].clone()];
         assert_eq!(Schedule::new(initial, one).err(), Some(ScheduleError::NotACycle));
     }
 }

@@ -20,12 +20,13 @@
 //! wait as above), and until `end` is called every fault on such a page retries; after `end` the
 //! pages are re-faulted as usual.
 
+use core::fmt;
 use serde::Serialize;
-use std::collections::BTreeMap;
+use vmmu::memslot::{MemslotError, UserspaceMemoryRegion};
 use vmmu::types::{Gpa, Hva, Level, Pfn};
 
-/// A memslot update request, with the fields of KVM's `kvm_userspace_memory_region`.
-/// (To be replaced by the core's `vmmu::memslot` request type.)
+/// A memslot update request, with the fields of KVM's `kvm_userspace_memory_region` (the core's
+/// [`UserspaceMemoryRegion`], plus `Serialize` and the machine's helpers).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct SlotRequest {
     /// `(as_id << 16) | id`.
@@ -49,6 +50,111 @@ impl SlotRequest {
     /// A request deleting `slot`.
     pub const fn delete(slot: u32) -> SlotRequest {
         SlotRequest { slot, flags: 0, guest_phys_addr: 0, memory_size: 0, userspace_addr: 0 }
+    }
+
+    /// The core's request with the same fields.
+    pub const fn region(&self) -> UserspaceMemoryRegion {
+        UserspaceMemoryRegion {
+            slot: self.slot,
+            flags: self.flags,
+            guest_phys_addr: self.guest_phys_addr,
+            memory_size: self.memory_size,
+            userspace_addr: self.userspace_addr,
+        }
+    }
+}
+
+impl From<SlotRequest> for UserspaceMemoryRegion {
+    fn from(r: SlotRequest) -> Self {
+        r.region()
+    }
+}
+
+/// The errno a refused memslot request gives (KVM's `KVM_SET_USER_MEMORY_REGION` returns only
+/// these three for a VM without guest_memfd). [`Display`](fmt::Display) gives KVM's name
+/// (`EINVAL`, ...), as scenario observations print it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum Errno {
+    /// `EINVAL` (22): a malformed request or one the current slots do not allow.
+    Einval,
+    /// `EEXIST` (17): the new or moved slot overlaps another.
+    Eexist,
+    /// `ENOMEM` (12): slot metadata could not be allocated.
+    Enomem,
+}
+
+impl Errno {
+    /// KVM's name: `"EINVAL"`, `"EEXIST"` or `"ENOMEM"`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Errno::Einval => "EINVAL",
+            Errno::Eexist => "EEXIST",
+            Errno::Enomem => "ENOMEM",
+        }
+    }
+
+    /// The Linux x86 value.
+    pub const fn value(self) -> i32 {
+        match self {
+            Errno::Einval => 22,
+            Errno::Eexist => 17,
+            Errno::Enomem => 12,
+        }
+    }
+
+    /// The errno of a rule the core's memslot checks name ([`MemslotError::errno_value`]).
+    pub const fn of(e: &MemslotError) -> Errno {
+        match e.errno_value() {
+            17 => Errno::Eexist,
+            12 => Errno::Enomem,
+            _ => Errno::Einval,
+        }
+    }
+}
+
+impl From<&MemslotError> for Errno {
+    fn from(e: &MemslotError) -> Self {
+        Errno::of(e)
+    }
+}
+
+impl From<MemslotError> for Errno {
+    fn from(e: MemslotError) -> Self {
+        Errno::of(&e)
+    }
+}
+
+impl fmt::Display for Errno {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a guest access does to memory, as the hardware walk checks it. (No `Fetch`: the
+/// machine's TLB caches no execute permission and no workload fetches instructions.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum AccessKind {
+    /// A load.
+    Read,
+    /// A store.
+    Write,
+}
+
+impl AccessKind {
+    /// Whether the access stores.
+    #[inline]
+    pub const fn is_write(self) -> bool {
+        matches!(self, AccessKind::Write)
+    }
+
+    /// `Write` if `write`, else `Read`.
+    #[inline]
+    pub const fn from_write(write: bool) -> AccessKind {
+        if write {
+            AccessKind::Write
+        } else {
+            AccessKind::Read
+        }
     }
 }
 
@@ -99,8 +205,111 @@ pub struct MmioCachingState {
     pub reason: String,
 }
 
+/// The real MMU's counters beyond [`MmuStats`]' common ones (the core's `VcpuStats` and
+/// `VmStats` names, and the time the machine spent resolving MMIO). The report prints them as
+/// `mmu.extra` (JSON keys = field names; fields in alphabetical order, as the report has always
+/// listed them).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MmuCounters {
+    /// Nanoseconds spent in `translate` calls that ended as MMIO, retries included.
+    pub mmio_translate_ns: u64,
+    /// `translate` calls that ended as MMIO.
+    pub mmio_translations: u64,
+    /// SPTEs zapped (KVM `mmu_shadow_zapped`).
+    pub mmu_shadow_zapped: u64,
+    /// 1 GiB leaves present (KVM `pages_1g`).
+    pub pages_1g: u64,
+    /// 2 MiB leaves present (KVM `pages_2m`).
+    pub pages_2m: u64,
+    /// 4 KiB leaves present (KVM `pages_4k`).
+    pub pages_4k: u64,
+    /// KVM `pf_emulate`.
+    pub pf_emulate: u64,
+    /// KVM `pf_fast`.
+    pub pf_fast: u64,
+    /// KVM `pf_fixed`.
+    pub pf_fixed: u64,
+    /// KVM `pf_spurious`.
+    pub pf_spurious: u64,
+    /// KVM `pf_taken`.
+    pub pf_taken: u64,
+    /// Writes to read-only slots emulated.
+    pub readonly_write_emulations: u64,
+    /// Remote TLB flushes performed (KVM `remote_tlb_flush`).
+    pub remote_tlb_flush: u64,
+    /// Retries: a frozen entry under the lockless walk.
+    pub retry_frozen: u64,
+    /// Retries: a host invalidation in flight.
+    pub retry_host_invalidation: u64,
+    /// Retries: the slot is being deleted or moved.
+    pub retry_invalid_slot: u64,
+    /// Retries: no root loaded.
+    pub retry_no_root: u64,
+    /// Retries: the root was obsoleted.
+    pub retry_obsolete_root: u64,
+    /// Retries: a pageless root with a reload pending.
+    pub retry_pageless_root_reload_pending: u64,
+    /// Retries: another thread changed the entry first.
+    pub retry_race: u64,
+    /// Retries: the entry was zapped under the lockless walk.
+    pub retry_zapped_under_walk: u64,
+    /// Roots loaded.
+    pub root_loads: u64,
+    /// MMIO SPTEs with a stale generation.
+    pub stale_gen_misses: u64,
+    /// Page-table pages allocated.
+    pub tables_allocated: u64,
+    /// Page-table pages freed.
+    pub tables_freed: u64,
+    /// TLB flushes the vCPUs performed (KVM `tlb_flush`).
+    pub vcpu_tlb_flushes: u64,
+}
+
+impl MmuCounters {
+    /// Every counter with its name (the JSON key), in field order.
+    pub fn named(&self) -> [(&'static str, u64); 26] {
+        [
+            ("mmio_translate_ns", self.mmio_translate_ns),
+            ("mmio_translations", self.mmio_translations),
+            ("mmu_shadow_zapped", self.mmu_shadow_zapped),
+            ("pages_1g", self.pages_1g),
+            ("pages_2m", self.pages_2m),
+            ("pages_4k", self.pages_4k),
+            ("pf_emulate", self.pf_emulate),
+            ("pf_fast", self.pf_fast),
+            ("pf_fixed", self.pf_fixed),
+            ("pf_spurious", self.pf_spurious),
+            ("pf_taken", self.pf_taken),
+            ("readonly_write_emulations", self.readonly_write_emulations),
+            ("remote_tlb_flush", self.remote_tlb_flush),
+            ("retry_frozen", self.retry_frozen),
+            ("retry_host_invalidation", self.retry_host_invalidation),
+            ("retry_invalid_slot", self.retry_invalid_slot),
+            ("retry_no_root", self.retry_no_root),
+            ("retry_obsolete_root", self.retry_obsolete_root),
+            ("retry_pageless_root_reload_pending", self.retry_pageless_root_reload_pending),
+            ("retry_race", self.retry_race),
+            ("retry_zapped_under_walk", self.retry_zapped_under_walk),
+            ("root_loads", self.root_loads),
+            ("stale_gen_misses", self.stale_gen_misses),
+            ("tables_allocated", self.tables_allocated),
+            ("tables_freed", self.tables_freed),
+            ("vcpu_tlb_flushes", self.vcpu_tlb_flushes),
+        ]
+    }
+
+    /// The average MMIO resolution time in nanoseconds (0 with no MMIO).
+    pub fn mmio_ns_per_translation(&self) -> f64 {
+        if self.mmio_translations == 0 {
+            0.0
+        } else {
+            self.mmio_translate_ns as f64 / self.mmio_translations as f64
+        }
+    }
+}
+
 /// The MMU's counters for the report, filled by the MMU (the machine never interprets them
-/// beyond copying). Unknown or MMU-specific counters go into `extra`.
+/// beyond copying). The real MMU's own counters are in `counters`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct MmuStats {
     /// Exits by kind.
@@ -119,8 +328,8 @@ pub struct MmuStats {
     pub generation: u64,
     /// MMIO generation wraps handled.
     pub generation_wraps: u64,
-    /// Anything else, by name.
-    pub extra: BTreeMap<String, u64>,
+    /// The real MMU's counters; `None` for an MMU that has none (the reference MMUs).
+    pub counters: Option<MmuCounters>,
 }
 
 /// The MMU as the machine drives it. See the module doc for the call order and the flush
@@ -132,11 +341,12 @@ pub trait GuestMmu: Send + Sync {
     /// The state of vCPU `index` (0-based); called once per vCPU before the run.
     fn create_vcpu(&self, index: usize) -> Self::Vcpu;
 
-    /// `KVM_SET_USER_MEMORY_REGION`. The error is KVM's errno name (`"EINVAL"`, `"EEXIST"`, ...).
-    fn set_memory_region(&self, request: &SlotRequest) -> Result<(), String>;
+    /// `KVM_SET_USER_MEMORY_REGION`. The error names the KVM rule the request broke; its errno
+    /// is [`Errno::of`] it (`EINVAL`, `EEXIST`, ...).
+    fn set_memory_region(&self, request: &SlotRequest) -> Result<(), MemslotError>;
 
     /// Resolves a TLB miss of `vcpu` at `gpa` for a read or a write.
-    fn translate(&self, vcpu: &mut Self::Vcpu, gpa: Gpa, write: bool) -> Translation;
+    fn translate(&self, vcpu: &mut Self::Vcpu, gpa: Gpa, access: AccessKind) -> Translation;
 
     /// The vCPU enters guest mode (KVM: `vcpu->mode = IN_GUEST_MODE` followed by a full barrier,
     /// then the request check happens at the next `poll_tlb_flush`).
@@ -175,5 +385,39 @@ pub trait GuestMmu: Send + Sync {
     /// Whether MMIO caching is in effect and why.
     fn mmio_caching(&self) -> MmioCachingState {
         MmioCachingState { effective: false, reason: "this MMU does not cache MMIO".into() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmmu::stats::RetryCause;
+
+    #[test]
+    fn counters_keep_the_report_keys() {
+        let named = MmuCounters::default().named();
+        let names: Vec<&str> = named.iter().map(|(k, _)| *k).collect();
+        let mut sorted = names.clone();
+        sorted.sort_unstable();
+        assert_eq!(names, sorted, "alphabetical, as the report listed them by name");
+        for c in RetryCause::ALL {
+            let key = format!("retry_{}", c.name());
+            assert!(names.contains(&key.as_str()), "{key} missing");
+        }
+        let json = serde_json::to_value(MmuCounters::default()).expect("json");
+        let keys: Vec<&str> =
+            json.as_object().expect("object").keys().map(String::as_str).collect();
+        assert_eq!(keys.len(), names.len());
+        assert!(names.iter().all(|n| keys.contains(n)), "the JSON keys are the names");
+    }
+
+    #[test]
+    fn errno_of_memslot_errors() {
+        let overlap = MemslotError::Overlap { as_id: 0, id: 1, other: 2, start: 0, end: 1 };
+        assert_eq!(Errno::of(&overlap), Errno::Eexist);
+        assert_eq!(Errno::of(&MemslotError::OutOfMemory { bytes: 8 }).to_string(), "ENOMEM");
+        let e = MemslotError::DeleteMissingSlot { as_id: 0, id: 3 };
+        assert_eq!((Errno::from(e).name(), Errno::from(e).value()), ("EINVAL", 22));
+        assert_eq!(Errno::of(&e).name(), e.errno());
     }
 }

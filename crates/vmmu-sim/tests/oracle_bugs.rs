@@ -123,7 +123,7 @@ fn oracle_catches_no_second_increment() {
 fn wrap_trap_runs_clean() {
     let report = run(trap(50), BugSet::NONE);
     let t = report.memslots.wrap_trap;
-    assert!(t.armed && t.sprung, "{report}");
-    assert_eq!(t.sprung_at, 1 << 20, "{report}");
-    assert_eq!(report.oracle.violations, 0, "{report}");
+    assert!(t.armed && t.sprung, "{report:#?}");
+    assert_eq!(t.sprung_at, 1 << 20, "{report:#?}");
+    assert_eq!(report.oracle.violations, 0, "{report:#?}");
 }

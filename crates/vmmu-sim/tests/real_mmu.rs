@@ -17,7 +17,7 @@ fn run(format: FormatKind, caching: bool) {
         Duration::from_millis(1000),
         30,
     );
-    let ctx = format!("{name} caching={caching}\n{report}");
+    let ctx = format!("{name} caching={caching}\n{report:#?}");
     eprintln!("{ctx}");
     assert_eq!(report.oracle.violations, 0, "{ctx}");
     assert!(report.vcpus.iter().all(|v| v.errors == 0), "{ctx}");

@@ -29,7 +29,7 @@ use super::report::{Misclassified, Refusal, RunReport, KEEP};
 use crate::oracle::{OracleReport, Violation};
 use crate::ram::{self, Width};
 use crate::real::{RealMmu, RealMmuConfig, RealVcpu};
-use crate::seam::{GuestMmu, Translation};
+use crate::seam::{AccessKind, GuestMmu, Translation};
 use crate::tlb::{Tlb, TlbEntry};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -156,7 +156,7 @@ fn access(
         }
         let entry = match tlb.lookup(gfn, write.is_some()) {
             Some(e) => e,
-            None => match mmu.translate(vcpu, gpa, write.is_some()) {
+            None => match mmu.translate(vcpu, gpa, AccessKind::from_write(write.is_some())) {
                 Translation::Ram { pfn, writable, level } => {
                     let Some(page) = memory.host().ram_page(pfn) else {
                         return Outcome::Error(format!("{gpa} translated to {pfn:?}, not RAM"));
@@ -567,7 +567,7 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
     // The vCPU adds its counters to the MMU's totals when it is dropped.
     r.cpu.vcpu = None;
     let stats = mmu.stats();
-    let extra = |k: &str| stats.extra.get(k).copied().unwrap_or(0);
+    let counters = stats.counters.clone().unwrap_or_default();
     let mut report = r.report;
     report.memslot_update = super::report::Latency::of(r.latencies);
     report.zaps.zap_all_fast_total = stats.zap_all_fast;
@@ -575,9 +575,9 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
         mmio_spte_hit: stats.exits.mmio_spte_hit,
         vcpu_cache_hit: stats.exits.mmio_cache_hit,
         slow_path: stats.exits.mmio_slow_path,
-        readonly_write: extra("readonly_write_emulations"),
+        readonly_write: counters.readonly_write_emulations,
         mmio_sptes_created: stats.mmio_sptes_created,
-        stale_generation: extra("stale_gen_misses"),
+        stale_generation: counters.stale_gen_misses,
         violation_exits: stats.exits.violation,
         misconfig_exits: stats.exits.misconfig,
     };

@@ -17,7 +17,6 @@ pub fn run_real(
     duration: Duration,
     min_updates: u64,
 ) -> Report {
-    let name = if format == FormatKind::Ept { "ept" } else { "npt" };
     let machine = Machine::new(MachineConfig {
         vcpus: 2,
         seed,
@@ -25,7 +24,7 @@ pub fn run_real(
         min_updates,
         update_pause: Duration::from_micros(100),
         host: HostConfig::new(46),
-        format: name.into(),
+        format,
         mmio_caching_requested: caching,
         ..MachineConfig::default()
     })

@@ -1,10 +1,10 @@
 //! A progress bar for `vmmu run`, drawn on stderr only when both stdout and stderr are
 //! terminals (so piped or redirected output, and `--json` into a file, carry no bar).
 
-use crate::machine::ProgressSnapshot;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 use std::time::Duration;
+use vmmu_sim::machine::ProgressSnapshot;
 
 /// The run's progress bar (elapsed time against the run time, with access and update counts).
 #[derive(Debug)]
@@ -40,6 +40,7 @@ impl Progress {
     }
 
     /// Whether the bar draws nothing.
+    #[cfg(test)]
     pub fn is_hidden(&self) -> bool {
         self.bar.is_hidden()
     }

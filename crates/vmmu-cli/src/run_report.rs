@@ -1,0 +1,154 @@
+//! `vmmu run`'s report as text (one line per group, the oracle's verdict last) and as JSON (the
+//! report's serde form, pretty-printed). Keys and line shapes are the command's interface: add,
+//! never rename.
+
+use core::fmt;
+use vmmu_sim::report::{format_name, Report};
+use vmmu_sim::MmuCounters;
+
+/// The report rendered as text by its [`Display`](fmt::Display).
+#[derive(Clone, Copy, Debug)]
+pub struct Text<'a>(pub &'a Report);
+
+/// The report as pretty JSON.
+pub fn to_json(r: &Report) -> String {
+    // Serialising plain structs of numbers, strings and maps with string keys cannot fail.
+    serde_json::to_string_pretty(r).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+fn us(ns: u64) -> f64 {
+    ns as f64 / 1000.0
+}
+
+impl fmt::Display for Text<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = self.0;
+        let c = &r.config;
+        let m = &c.mmio_caching;
+        writeln!(
+            f,
+            "config: format {} phys_bits {} vcpus {} seed {}; mmio caching requested {} effective {} ({})",
+            format_name(c.format),
+            c.phys_bits,
+            c.vcpus,
+            c.seed,
+            if m.requested { "on" } else { "off" },
+            if m.effective { "on" } else { "off" },
+            m.reason
+        )?;
+        writeln!(f, "ran {:.2} s, {} accesses", r.elapsed_seconds, r.total_accesses())?;
+        for v in &r.vcpus {
+            writeln!(
+                f,
+                "  vcpu {}: {} accesses ({:.0}/s), ram {}, device {}, userspace exits {}, retries {}, errors {}",
+                v.index, v.accesses, v.accesses_per_sec, v.ram, v.mmio_device, v.mmio_userspace, v.retries, v.errors
+            )?;
+        }
+        let e = &r.exits;
+        writeln!(
+            f,
+            "exits: violation {}, misconfig {}, mmio spte hit {}, mmio cache hit {}, slow-path mmio {}, read-only write {}, device {}, userspace {}",
+            e.violation, e.misconfig, e.mmio_spte_hit, e.mmio_cache_hit, e.mmio_slow_path, e.readonly_write, e.mmio_device, e.mmio_userspace
+        )?;
+        let mm = &r.mmu;
+        write!(
+            f,
+            "mmu: mmio sptes created {}, zaps {}, zap_all_fast {}, retries {}, tlb flush requests {}",
+            mm.mmio_sptes_created, mm.zaps, mm.zap_all_fast, mm.retries, mm.tlb_flush_requests
+        )?;
+        for (k, v) in mm.extra.iter().flat_map(MmuCounters::named) {
+            write!(f, ", {k} {v}")?;
+        }
+        writeln!(f)?;
+        let s = &r.memslots;
+        writeln!(
+            f,
+            "memslots: {} updates ({} refused as expected), latency p50 {:.1} us p90 {:.1} us p99 {:.1} us max {:.1} us; generation {}, wraps {}",
+            s.updates,
+            s.refused,
+            us(s.latency_ns.p50),
+            us(s.latency_ns.p90),
+            us(s.latency_ns.p99),
+            us(s.latency_ns.max),
+            s.generation,
+            s.generation_wraps
+        )?;
+        if s.host_invalidations > 0 {
+            writeln!(f, "host invalidations: {}", s.host_invalidations)?;
+        }
+        let t = &s.wrap_trap;
+        if t.armed || t.armed_at > 0 {
+            writeln!(
+                f,
+                "wrap trap: armed {} (generation {}), sprung {} (generation {}) after {} dummy swaps, {} ms into the run",
+                t.armed, t.armed_at, t.sprung, t.sprung_at, t.swaps, t.sprung_after_ms
+            )?;
+        }
+        let t = &r.tlb;
+        writeln!(
+            f,
+            "tlb: hits {}, misses {}, flushes {}, inserts {}",
+            t.hits, t.misses, t.flushes, t.inserts
+        )?;
+        let tb = &r.tables;
+        writeln!(
+            f,
+            "table pages: allocated {}, freed {}, live {}, high water {}",
+            tb.allocated, tb.freed, tb.live, tb.high_water
+        )?;
+        let o = &r.oracle;
+        if o.violations == 0 {
+            write!(f, "oracle: OK, {} outcomes checked, 0 violations", o.checked)
+        } else {
+            write!(
+                f,
+                "oracle: FAILED, {} violations in {} outcomes checked",
+                o.violations, o.checked
+            )?;
+            for v in &o.first_violations {
+                write!(f, "\n  {v}")?;
+            }
+            if o.violations > o.first_violations.len() as u64 {
+                write!(f, "\n  ... and {} more", o.violations - o.first_violations.len() as u64)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmmu_sim::oracle::Violation;
+    use vmmu_sim::seam::MmuStats;
+
+    #[test]
+    fn text_names_the_verdict_and_violations() {
+        let mut r = Report::default();
+        assert!(Text(&r).to_string().contains("oracle: OK"));
+        r.oracle.push(Violation {
+            vcpu: Some(0),
+            gpa: Some("0x1000".into()),
+            what: "read".into(),
+            expected: "MMIO exit".into(),
+            seen: "RAM".into(),
+        });
+        let s = Text(&r).to_string();
+        assert!(s.contains("oracle: FAILED, 1 violations"), "{s}");
+        assert!(s.contains("vCPU 0 gpa 0x1000 read: expected MMIO exit, saw RAM"), "{s}");
+    }
+
+    #[test]
+    fn text_and_json_show_the_mmu_counters_by_name() {
+        let counters = Some(MmuCounters { stale_gen_misses: 2, ..MmuCounters::default() });
+        let s = MmuStats { counters, ..MmuStats::default() };
+        let mut r = Report::default();
+        r.fill_mmu(&s);
+        let text = Text(&r).to_string();
+        assert!(text.contains("format ept") && text.contains(", stale_gen_misses 2,"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&to_json(&r)).expect("json");
+        assert_eq!(v["mmu"]["extra"]["stale_gen_misses"], 2);
+        assert_eq!(v["config"]["format"], "ept");
+        assert!(v.get("oracle").is_some() && v["memslots"]["latency_ns"].get("p99").is_some());
+    }
+}

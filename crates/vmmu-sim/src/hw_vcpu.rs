@@ -1,0 +1,375 @@
+//! One simulated hardware vCPU: what the CPU does between the guest and the MMU, for every user
+//! of the software machine (the workload's vCPU threads in [`crate::machine`], the scenario
+//! backend's vCPU threads in [`crate::scenario`], and trace replay).
+//!
+//! A [`HwVcpu`] owns its MMU state (`GuestMmu::Vcpu`) and its [`Tlb`], and borrows the MMU and
+//! the host. One guest access ([`HwVcpu::access`]):
+//! 1. poll the MMU's requests (`poll_tlb_flush`: the "IPI" of a remote TLB flush or a kick),
+//!    flushing the TLB if asked ([`HwVcpu::poll`]);
+//! 2. TLB lookup (a write needs a writable entry);
+//! 3. on a miss, the MMU's `translate`: the hardware walk of its tables in guest mode and, on a
+//!    violation or misconfiguration, the VM exit into the MMU's entry point (for [`RealMmu`]:
+//!    `vmmu::tdp::hw_walk` and `Vcpu::handle_ept_violation` / `handle_ept_misconfig` /
+//!    `handle_npf`; the reference MMUs have no tables and answer from their slot map);
+//! 4. RAM: the translation goes into the TLB and the access is [`Outcome::Ram`]; MMIO:
+//!    [`Outcome::Mmio`] (the caller emulates it: a device, or an exit to userspace, around which
+//!    it leaves and re-enters guest mode with [`HwVcpu::exit_guest`] / [`HwVcpu::enter_guest`]);
+//!    Retry: back to 1, under the one [retry policy](RETRY_LIMIT).
+//!
+//! Guest mode is KVM's `vcpu->mode`: [`HwVcpu::enter_guest`] before a run of accesses,
+//! [`HwVcpu::exit_guest`] after it and around exits to userspace; while a vCPU is in guest mode,
+//! memslot updates and host invalidations wait for it to reach its next poll (see
+//! [`crate::seam`]).
+//!
+//! The TLB hit path takes no lock and allocates nothing.
+//!
+//! [`RealMmu`]: crate::real::RealMmu
+
+use crate::host::SimHost;
+use crate::ram::{self, Width};
+use crate::seam::{AccessKind, GuestMmu, Translation};
+use crate::tlb::{Tlb, TlbEntry, TlbStats};
+use vmmu::types::{Gpa, Hva, Pfn};
+
+/// The retry policy (one for every user): retries of one access that the caller does not
+/// excuse (see [`Attempts::counts`]) before the access fails as a livelock. Every 64th counted
+/// retry, and every excused one, yields the thread, so a loaded host lets the updater finish.
+pub const RETRY_LIMIT: u32 = 1_000_000;
+
+/// Counted retries between two yields.
+const YIELD_EVERY: u32 = 64;
+
+/// Why an access failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AccessError {
+    /// The MMU failed the access (KVM: `KVM_RUN` fails).
+    #[error("{0}")]
+    Mmu(String),
+    /// The MMU translated the access to a frame that is not host RAM.
+    #[error("translation of {gpa} to {pfn:?}, which is not a RAM frame")]
+    NotRam {
+        /// The guest address.
+        gpa: Gpa,
+        /// The frame the MMU gave.
+        pfn: Pfn,
+    },
+    /// The MMU answered a write with a read-only translation.
+    #[error("read-only translation of {gpa} returned for a write")]
+    ReadOnlyForWrite {
+        /// The guest address.
+        gpa: Gpa,
+    },
+    /// The retry limit was reached.
+    #[error("{RETRY_LIMIT} retries in a row (livelock?) at {gpa}")]
+    Livelock {
+        /// The guest address.
+        gpa: Gpa,
+    },
+    /// A data access that is not naturally aligned (it could cross a page).
+    #[error("{width:?} access at {gpa} is not naturally aligned")]
+    Unaligned {
+        /// The guest address.
+        gpa: Gpa,
+        /// The width.
+        width: Width,
+    },
+}
+
+/// What an access resolved to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Guest RAM: the translation used (from the TLB or just inserted into it).
+    Ram(TlbEntry),
+    /// Emulated MMIO: the caller sends the access to its bus (KVM: `RET_PF_EMULATE`).
+    Mmio,
+    /// The access failed.
+    Error(AccessError),
+}
+
+/// What a load or store did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Data {
+    /// RAM at host address `hva`: the value loaded, or the value stored.
+    Ram {
+        /// The host address accessed.
+        hva: Hva,
+        /// The value.
+        value: u64,
+    },
+    /// Emulated MMIO: nothing was accessed; the caller emulates it.
+    Mmio,
+    /// The access failed.
+    Error(AccessError),
+}
+
+/// Per-attempt hooks of an access, for callers that observe attempts (the machine's oracle
+/// stamps each attempt, and excuses retries while a memslot update is in flight). `()` has none.
+pub trait Attempts {
+    /// Called at the start of every attempt, after the request poll.
+    #[inline]
+    fn begin(&mut self) {}
+    /// Whether the retry that just happened counts towards [`RETRY_LIMIT`].
+    #[inline]
+    fn counts(&mut self) -> bool {
+        true
+    }
+}
+
+impl Attempts for () {}
+
+/// A simulated hardware vCPU (module doc).
+pub struct HwVcpu<'a, M: GuestMmu> {
+    mmu: &'a M,
+    host: &'a SimHost,
+    state: M::Vcpu,
+    tlb: Tlb,
+    retries: u64,
+}
+
+impl<'a, M: GuestMmu> HwVcpu<'a, M> {
+    /// vCPU `index` of `mmu` (its state made by `create_vcpu`), over `host`, with a TLB of
+    /// `tlb_entries` entries.
+    pub fn new(mmu: &'a M, host: &'a SimHost, index: usize, tlb_entries: usize) -> Self {
+        Self::with_state(mmu, host, mmu.create_vcpu(index), tlb_entries)
+    }
+
+    /// As [`HwVcpu::new`], with MMU state made earlier (e.g. on another thread, in vCPU order).
+    pub fn with_state(mmu: &'a M, host: &'a SimHost, state: M::Vcpu, tlb_entries: usize) -> Self {
+        HwVcpu { mmu, host, state, tlb: Tlb::new(tlb_entries), retries: 0 }
+    }
+
+    /// Enters guest mode (KVM: `vcpu->mode = IN_GUEST_MODE`; requests are seen at the next poll).
+    #[inline]
+    pub fn enter_guest(&mut self) {
+        self.mmu.enter_guest(&mut self.state);
+    }
+
+    /// Leaves guest mode (KVM: `vcpu->mode = OUTSIDE_GUEST_MODE`).
+    #[inline]
+    pub fn exit_guest(&mut self) {
+        self.mmu.exit_guest(&mut self.state);
+    }
+
+    /// Handles the MMU's pending requests and kicks; flushes the TLB if asked and returns whether
+    /// it did. Returning is the acknowledgement remote flushes wait for.
+    #[inline]
+    pub fn poll(&mut self) -> bool {
+        let flush = self.mmu.poll_tlb_flush(&mut self.state);
+        if flush {
+            self.tlb.flush();
+        }
+        flush
+    }
+
+    /// One guest access at `gpa` (module doc), with no per-attempt hooks.
+    #[inline]
+    pub fn access(&mut self, gpa: Gpa, kind: AccessKind) -> Outcome {
+        self.access_with(gpa, kind, &mut ())
+    }
+
+    /// One guest access at `gpa`, calling `at` per attempt.
+    pub fn access_with(&mut self, gpa: Gpa, kind: AccessKind, at: &mut impl Attempts) -> Outcome {
+        let gfn = gpa.gfn();
+        let write = kind.is_write();
+        let mut counted = 0u32;
+        loop {
+            self.poll();
+            at.begin();
+            if let Some(e) = self.tlb.lookup(gfn, write) {
+                return Outcome::Ram(e);
+            }
+            match self.mmu.translate(&mut self.state, gpa, kind) {
+                Translation::Ram { pfn, writable, level } => {
+                    if write && !writable {
+                        return Outcome::Error(AccessError::ReadOnlyForWrite { gpa });
+                    }
+                    let Some(page) = self.host.ram_page(pfn) else {
+                        return Outcome::Error(AccessError::NotRam { gpa, pfn });
+                    };
+                    let e = TlbEntry { page, pfn, writable, level };
+                    self.tlb.insert(gfn, e);
+                    return Outcome::Ram(e);
+                }
+                Translation::Mmio => return Outcome::Mmio,
+                Translation::Error(e) => return Outcome::Error(AccessError::Mmu(e)),
+                Translation::Retry => {
+                    self.retries += 1;
+                    if at.counts() {
+                        counted += 1;
+                    }
+                    if counted >= RETRY_LIMIT {
+                        return Outcome::Error(AccessError::Livelock { gpa });
+                    }
+                    if counted % YIELD_EVERY == 0 {
+                        std::thread::yield_now();
+                    }
+                }
+            }
+        }
+    }
+
+    /// A load (`store == None`) or store of `width` bytes at `gpa`: the access, then the data
+    /// access on host RAM. The address must be naturally aligned.
+    #[inline]
+    pub fn load_store(&mut self, gpa: Gpa, width: Width, store: Option<u64>) -> Data {
+        self.load_store_with(gpa, width, store, &mut ())
+    }
+
+    /// As [`HwVcpu::load_store`], calling `at` per attempt.
+    pub fn load_store_with(
+        &mut self,
+        gpa: Gpa,
+        width: Width,
+        store: Option<u64>,
+        at: &mut impl Attempts,
+    ) -> Data {
+        if !width.is_aligned(gpa.0) {
+            return Data::Error(AccessError::Unaligned { gpa, width });
+        }
+        let kind = AccessKind::from_write(store.is_some());
+        let e = match self.access_with(gpa, kind, at) {
+            Outcome::Ram(e) => e,
+            Outcome::Mmio => return Data::Mmio,
+            Outcome::Error(e) => return Data::Error(e),
+        };
+        let p = e.page.as_ptr().wrapping_add(gpa.page_offset() as usize);
+        let value = match store {
+            Some(v) => {
+                // SAFETY: `e.page` is a RAM frame of `self.host` (from `ram_page`, directly or
+                // through the TLB, which holds only such entries and is flushed whenever the MMU
+                // asks); `ram_page` pointers stay valid as long as the host, which `self`
+                // borrows. The access is naturally aligned (checked above), so it stays inside
+                // the 4 KiB page; buffer memory is only accessed atomically.
+                unsafe { ram::store(p, width, v) };
+                v
+            }
+            // SAFETY: as for the store.
+            None => unsafe { ram::load(p, width) },
+        };
+        Data::Ram { hva: Hva(p as u64), value }
+    }
+
+    /// One TLB miss resolved by the MMU, with no TLB lookup, insert or retry (a fault the
+    /// caller makes for its own sake, e.g. the wrap trap's slow host fault).
+    pub fn translate_once(&mut self, gpa: Gpa, kind: AccessKind) -> Translation {
+        self.mmu.translate(&mut self.state, gpa, kind)
+    }
+
+    /// The MMU this vCPU runs on.
+    pub fn mmu(&self) -> &'a M {
+        self.mmu
+    }
+
+    /// The MMU's state of this vCPU.
+    pub fn state(&mut self) -> &mut M::Vcpu {
+        &mut self.state
+    }
+
+    /// Retries so far (all of them, counted or excused).
+    pub fn retries(&self) -> u64 {
+        self.retries
+    }
+
+    /// The TLB's counters.
+    pub fn tlb_stats(&self) -> TlbStats {
+        self.tlb.stats()
+    }
+
+    /// Gives back the MMU state (leaving guest mode first).
+    pub fn into_state(mut self) -> M::Vcpu {
+        self.exit_guest();
+        self.state
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::HostConfig;
+    use crate::reference::ReferenceMmu;
+    use crate::seam::SlotRequest;
+    use std::sync::Arc;
+
+    fn setup() -> (Arc<SimHost>, ReferenceMmu, u64) {
+        let host = Arc::new(SimHost::new(HostConfig::new(40)).expect("host"));
+        let b = host.add_buffer("b", 0x4000).expect("b");
+        let mmu = ReferenceMmu::new(host.clone());
+        (host, mmu, b.hva().0)
+    }
+
+    fn slot(gpa: u64, hva: u64, flags: u32) -> SlotRequest {
+        SlotRequest {
+            slot: 1,
+            flags,
+            guest_phys_addr: gpa,
+            memory_size: 0x4000,
+            userspace_addr: hva,
+        }
+    }
+
+    #[test]
+    fn ram_through_the_tlb_mmio_and_flushes() {
+        let (host, mmu, hva) = setup();
+        let mut v = HwVcpu::new(&mmu, &host, 0, 8);
+        v.enter_guest();
+        assert_eq!(v.access(Gpa(0x100_0000), AccessKind::Read), Outcome::Mmio);
+        // Updates made on this thread: outside guest mode, or they would wait for this vCPU.
+        v.exit_guest();
+        mmu.set_memory_region(&slot(0x100_0000, hva, 0)).expect("slot");
+        v.enter_guest();
+        let d = v.load_store(Gpa(0x100_1008), Width::W8, Some(0x1234));
+        assert_eq!(d, Data::Ram { hva: Hva(hva + 0x1008), value: 0x1234 });
+        assert_eq!(
+            v.load_store(Gpa(0x100_1008), Width::W4, None),
+            Data::Ram { hva: Hva(hva + 0x1008), value: 0x1234 }
+        );
+        assert_eq!(v.tlb_stats().hits, 1, "the second access hit the TLB");
+        v.exit_guest();
+        mmu.set_memory_region(&SlotRequest::delete(1)).expect("delete");
+        v.enter_guest();
+        assert_eq!(v.access(Gpa(0x100_1008), AccessKind::Read), Outcome::Mmio, "flushed");
+        assert_eq!(v.tlb_stats().flushes, 2, "created, then deleted");
+        let e = v.load_store(Gpa(0x100_1001), Width::W2, None);
+        assert!(matches!(e, Data::Error(AccessError::Unaligned { .. })), "{e:?}");
+    }
+
+    #[test]
+    fn read_only_slots_exit_on_writes() {
+        let (host, mmu, hva) = setup();
+        mmu.set_memory_region(&slot(0x100_0000, hva, SlotRequest::READONLY)).expect("slot");
+        let mut v = HwVcpu::new(&mmu, &host, 0, 8);
+        assert!(matches!(v.access(Gpa(0x100_0000), AccessKind::Read), Outcome::Ram(_)));
+        assert_eq!(v.access(Gpa(0x100_0000), AccessKind::Write), Outcome::Mmio);
+    }
+
+    /// Retries forever; `counts` decides whether the policy counts them.
+    struct Forever;
+    impl GuestMmu for Forever {
+        type Vcpu = ();
+        fn create_vcpu(&self, _: usize) {}
+        fn set_memory_region(&self, _: &SlotRequest) -> Result<(), vmmu::memslot::MemslotError> {
+            Ok(())
+        }
+        fn translate(&self, _: &mut (), _: Gpa, _: AccessKind) -> Translation {
+            Translation::Retry
+        }
+    }
+
+    struct Excuse(u32);
+    impl Attempts for Excuse {
+        fn counts(&mut self) -> bool {
+            // Excuse the first 1000 retries (an update in flight), then count.
+            self.0 += 1;
+            self.0 > 1000
+        }
+    }
+
+    #[test]
+    fn one_retry_policy_with_excused_retries() {
+        let host = SimHost::new(HostConfig::new(40)).expect("host");
+        let mut v = HwVcpu::new(&Forever, &host, 0, 8);
+        let o = v.access_with(Gpa(0), AccessKind::Read, &mut Excuse(0));
+        assert_eq!(o, Outcome::Error(AccessError::Livelock { gpa: Gpa(0) }));
+        assert_eq!(v.retries(), u64::from(RETRY_LIMIT) + 1000);
+    }
+}
