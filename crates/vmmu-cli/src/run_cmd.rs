@@ -87,7 +87,8 @@ pub struct MachineArgs {
     #[arg(long = "stress-paths")]
     pub stress_paths: bool,
     /// The memslot update profile: `boot` (bursts like a recorded boot, then quiet) or `steady`
-    /// (back to back, stress). `--churn`, `--stress-paths` and `--wrap-trap` imply `steady`.
+    /// (back to back, stress). `--churn`, `--stress-paths`, `--wrap-trap` and `--inject` imply
+    /// `steady`.
     #[arg(long, value_enum, default_value_t = Updates::Boot)]
     pub updates: Updates,
 }

@@ -36,7 +36,7 @@ pub struct RunOptions {
     pub stress_paths: bool,
     /// How the device manager paces memslot updates: [`UpdateProfile::BOOT`] (bursts like a
     /// recorded boot, then quiet; the default) or [`UpdateProfile::Steady`] (back to back, stress).
-    /// `churn` and `stress_paths` make it steady.
+    /// `churn`, `stress_paths`, `wrap_trap` and injected bugs make it steady.
     pub updates: UpdateProfile,
     /// Stop after this many memslot updates, made back to back (`seconds` still bounds the run).
     pub churn: Option<u64>,
@@ -149,7 +149,8 @@ impl RunOptions {
             mmio_caching_requested: self.mmio_caching,
             stress_paths: self.stress_paths,
             wrap_trap: self.wrap_trap,
-            update_profile: if self.stress_paths || self.wrap_trap {
+            // Stress runs and bug hunts want every update they can get.
+            update_profile: if self.stress_paths || self.wrap_trap || !self.bugs.is_empty() {
                 UpdateProfile::Steady
             } else {
                 self.updates
