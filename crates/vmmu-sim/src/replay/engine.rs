@@ -26,11 +26,11 @@
 use super::memory::{MemoryError, TraceMemory};
 use super::parse::{Dir, EventKind, Exit, MmioEvent, SlotEvent, Trace};
 use super::report::{Misclassified, Refusal, RunReport, KEEP};
+use crate::hw_vcpu::{Data, HwVcpu, Outcome as HwOutcome};
 use crate::oracle::{OracleReport, Violation};
-use crate::ram::{self, Width};
-use crate::real::{RealMmu, RealMmuConfig, RealVcpu};
-use crate::seam::{AccessKind, GuestMmu, Translation};
-use crate::tlb::{Tlb, TlbEntry};
+use crate::ram::Width;
+use crate::real::{RealMmu, RealMmuConfig};
+use crate::seam::{AccessKind, GuestMmu};
 use std::collections::BTreeMap;
 use std::time::Instant;
 use vmmu::bugs::BugSet;
@@ -38,9 +38,6 @@ use vmmu::memslot::{MemslotChange, UserspaceMemoryRegion};
 use vmmu::spte::FormatKind;
 use vmmu::types::{Gpa, Hva, PAGE_SIZE};
 use vmmu::vm::VmError;
-
-/// Retries of one access before the replay gives up on it (a livelock is a bug).
-const RETRY_LIMIT: u32 = 100_000;
 
 /// One machine configuration to replay under.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,84 +112,38 @@ struct Live {
     dirty_log: bool,
 }
 
-/// The replay's single vCPU.
+/// The replay's single vCPU: the machine's simulated hardware vCPU ([`HwVcpu`]: requests and
+/// kicks, TLB, the MMU's walk and exits, one retry policy), dropped at the end so its counters
+/// reach the MMU's totals.
 struct Cpu<'a> {
-    mmu: &'a RealMmu,
-    memory: &'a TraceMemory,
-    vcpu: Option<RealVcpu>,
-    tlb: Tlb,
+    hw: Option<HwVcpu<'a, RealMmu>>,
 }
 
 impl Cpu<'_> {
     /// One guest access. `perform`: touch RAM (own accesses, naturally aligned); recorded MMIO
     /// accesses are only classified.
     fn access(&mut self, gpa: u64, width: Width, write: Option<u64>, perform: bool) -> Outcome {
-        let Some(vcpu) = self.vcpu.as_mut() else {
+        let Some(hw) = self.hw.as_mut() else {
             return Outcome::Error("the vCPU is gone".into());
         };
-        self.mmu.enter_guest(vcpu);
-        let r = access(self.mmu, self.memory, vcpu, &mut self.tlb, gpa, width, write, perform);
-        self.mmu.exit_guest(vcpu);
-        r
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn access(
-    mmu: &RealMmu,
-    memory: &TraceMemory,
-    vcpu: &mut RealVcpu,
-    tlb: &mut Tlb,
-    gpa: u64,
-    width: Width,
-    write: Option<u64>,
-    perform: bool,
-) -> Outcome {
-    let gpa = Gpa(gpa);
-    let gfn = gpa.gfn();
-    for _ in 0..RETRY_LIMIT {
-        if mmu.poll_tlb_flush(vcpu) {
-            tlb.flush();
-        }
-        let entry = match tlb.lookup(gfn, write.is_some()) {
-            Some(e) => e,
-            None => match mmu.translate(vcpu, gpa, AccessKind::from_write(write.is_some())) {
-                Translation::Ram { pfn, writable, level } => {
-                    let Some(page) = memory.host().ram_page(pfn) else {
-                        return Outcome::Error(format!("{gpa} translated to {pfn:?}, not RAM"));
-                    };
-                    let e = TlbEntry { page, pfn, writable, level };
-                    tlb.insert(gfn, e);
-                    e
-                }
-                Translation::Mmio => return Outcome::Mmio,
-                Translation::Retry => continue,
-                Translation::Error(e) => return Outcome::Error(e),
-            },
-        };
-        if write.is_some() && !entry.writable {
-            return Outcome::Error(format!("read-only translation of {gpa} used for a write"));
-        }
-        if !perform || !width.is_aligned(gpa.0) {
-            return Outcome::Ram(0);
-        }
-        let p = entry.page.as_ptr().wrapping_add(gpa.page_offset() as usize);
-        // SAFETY: `page` is a RAM frame of the host (from `ram_page`, directly or through the
-        // TLB, which is flushed whenever the MMU asks), alive as long as the host; the access is
-        // naturally aligned (checked above), so it stays inside the page; buffer memory is only
-        // accessed atomically.
-        let value = unsafe {
-            match write {
-                Some(v) => {
-                    ram::store(p, width, v);
-                    v
-                }
-                None => ram::load(p, width),
+        hw.enter_guest();
+        let gpa = Gpa(gpa);
+        let r = if perform && width.is_aligned(gpa.0) {
+            match hw.load_store(gpa, width, write) {
+                Data::Ram { value, .. } => Outcome::Ram(value),
+                Data::Mmio => Outcome::Mmio,
+                Data::Error(e) => Outcome::Error(e.to_string()),
+            }
+        } else {
+            match hw.access(gpa, AccessKind::from_write(write.is_some())) {
+                HwOutcome::Ram(_) => Outcome::Ram(0),
+                HwOutcome::Mmio => Outcome::Mmio,
+                HwOutcome::Error(e) => Outcome::Error(e.to_string()),
             }
         };
-        return Outcome::Ram(value);
+        hw.exit_guest();
+        r
     }
-    Outcome::Error(format!("access to {gpa} retried {RETRY_LIMIT} times"))
 }
 
 /// The replay of one trace under one configuration.
@@ -524,7 +475,7 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
     )?;
     let caching = mmu.mmio_caching();
     let mut r = Replay {
-        cpu: Cpu { mmu: &mmu, memory: &memory, vcpu: Some(mmu.create_vcpu(0)), tlb: Tlb::new(64) },
+        cpu: Cpu { hw: Some(HwVcpu::with_state(&mmu, memory.host(), mmu.create_vcpu(0), 64)) },
         mmu: &mmu,
         memory: &memory,
         live: BTreeMap::new(),
@@ -565,7 +516,7 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
         }
     }
     // The vCPU adds its counters to the MMU's totals when it is dropped.
-    r.cpu.vcpu = None;
+    r.cpu.hw = None;
     let stats = mmu.stats();
     let counters = stats.counters.clone().unwrap_or_default();
     let mut report = r.report;
