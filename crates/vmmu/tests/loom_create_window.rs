@@ -17,6 +17,10 @@
 //! accesses, preemption bound 2 (`LOOM_MAX_PREEMPTIONS`).
 #![cfg(loom)]
 
+mod loom_common;
+
+use loom_common::model;
+
 use loom::thread;
 use vmmu::fault::FaultOutcome;
 use vmmu::memslot::UserspaceMemoryRegion;
@@ -32,15 +36,6 @@ const X: u64 = 0x1234;
 /// In the same last-level table as X: an access to it builds X's tables before the race.
 const Y: u64 = X + 1;
 const RAM_HVA: u64 = 0x4000_0000;
-
-fn model(f: impl Fn() + Sync + Send + 'static) {
-    let mut b = loom::model::Builder::new();
-    b.max_branches = 200_000;
-    if b.preemption_bound.is_none() {
-        b.preemption_bound = Some(2);
-    }
-    b.check(f);
-}
 
 fn slot(pages: u64) -> UserspaceMemoryRegion {
     UserspaceMemoryRegion::new(0, 0, X << 12, pages << 12, RAM_HVA)

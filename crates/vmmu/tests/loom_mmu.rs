@@ -16,6 +16,10 @@
 //! (2 when unset). Every model runs in well under a second in release.
 #![cfg(loom)]
 
+mod loom_common;
+
+use loom_common::model;
+
 use loom::sync::atomic::AtomicBool;
 use loom::thread;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -71,16 +75,6 @@ fn vcpu(vm: &Vm<TestHost>) -> Vcpu<TestHost> {
     let mut v = vm.create_vcpu().unwrap();
     v.service_requests().unwrap();
     v
-}
-
-/// loom with room for the tables' 512-entry loops, and a default preemption bound of 2.
-fn model(f: impl Fn() + Sync + Send + 'static) {
-    let mut b = loom::model::Builder::new();
-    b.max_branches = 200_000;
-    if b.preemption_bound.is_none() {
-        b.preemption_bound = Some(2);
-    }
-    b.check(f);
 }
 
 /// Whether running `m(bugs)` makes loom report a property violation. Other panics (a model
@@ -245,8 +239,9 @@ fn walk_vs_zap(bugs: BugSet) {
     model(move || {
         let (vm, host) = vm(bugs);
         let mut v = vcpu(&vm);
-        for g in [X, Y] {
-            // MMIO SPTEs for X and Y; the cache ends up holding Y, so X needs the walk.
+        for g in X..=X + vmmu::vcpu::mmio_cache::ENTRIES as u64 {
+            // MMIO SPTEs for X and the next gfns, as many as the per-vCPU cache holds: the
+            // cache ends up without X (round robin), so X needs the walk.
             let o = v.handle_ept_violation(gpa(g), FaultAccess::READ).unwrap();
             assert!(matches!(o, FaultOutcome::Emulate { .. }), "setup: {o:?}");
         }
@@ -389,9 +384,11 @@ fn wrap_hook_vs_prewrap_spte(bugs: BugSet) {
             let e = unsafe { vm.mmu().entry_for_tests(root, Gfn(X), Level::L4K) }.unwrap();
             e.store(codec.make(Gfn(X), Generation::from_raw(0), Access::ALL), Ordering::Release);
         }
-        // Move the per-vCPU cache to Y, so X needs the walk.
-        let o = v.handle_ept_violation(gpa(Y), FaultAccess::READ).unwrap();
-        assert!(matches!(o, FaultOutcome::Emulate { .. }), "setup: {o:?}");
+        // Fill the per-vCPU cache with other gfns (as many as it holds), so X needs the walk.
+        for g in Y..Y + vmmu::vcpu::mmio_cache::ENTRIES as u64 {
+            let o = v.handle_ept_violation(gpa(g), FaultAccess::READ).unwrap();
+            assert!(matches!(o, FaultOutcome::Emulate { .. }), "setup: {o:?}");
+        }
         let t = thread::spawn(move || {
             let o = v.handle_ept_misconfig(gpa(X));
             (v, o)

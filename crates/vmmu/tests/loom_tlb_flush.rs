@@ -13,6 +13,10 @@
 //! catch `no-tlb-flush-on-zap` (the zap returns without flushing).
 #![cfg(loom)]
 
+mod loom_common;
+
+use loom_common::model;
+
 use loom::sync::atomic::AtomicBool;
 use loom::thread;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -28,15 +32,6 @@ use vmmu::{Access, AsId, FaultAccess, Gfn, Gpa, Level};
 
 const X: u64 = 0x1234;
 const RAM_HVA: u64 = 0x4000_0000;
-
-fn model(f: impl Fn() + Sync + Send + 'static) {
-    let mut b = loom::model::Builder::new();
-    b.max_branches = 200_000;
-    if b.preemption_bound.is_none() {
-        b.preemption_bound = Some(2);
-    }
-    b.check(f);
-}
 
 /// `via_zap`: the flush comes from `zap_gfn_range` removing X's leaf (the real caller);
 /// otherwise `flush_remote_tlbs` is called directly.
