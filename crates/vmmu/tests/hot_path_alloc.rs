@@ -1,0 +1,102 @@
+//! The MMIO hot paths allocate nothing (issue 17 point 8): after warm-up, the per-vCPU cache hit,
+//! the fast path (lockless walk, MMIO SPTE hit) and, with caching off, the slow path's MMIO
+//! decision run many times without one heap allocation. A counting global allocator in this test
+//! binary sees every allocation of the process; the checks run on one thread while no other test
+//! runs (one `#[test]`). What they cost is measured by `vmmu bench --only mmio`, not here.
+#![cfg(not(loom))]
+
+mod common;
+
+use common::{region, vm_with, RAM_HVA};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
+use vmmu::fault::{EmulateSource, FaultOutcome};
+use vmmu::spte::FormatKind;
+use vmmu::vm::VmConfig;
+use vmmu::{FaultAccess, Gpa};
+
+struct Counting;
+
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards to the system allocator unchanged; only counts calls.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract for `alloc` is passed on as is.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller's contract for `dealloc` is passed on as is.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's contract for `realloc` is passed on as is.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn source(o: Result<FaultOutcome, vmmu::fault::FaultError>) -> EmulateSource {
+    match o {
+        Ok(FaultOutcome::Emulate { source, .. }) => source,
+        other => panic!("expected an emulation, got {other:?}"),
+    }
+}
+
+/// Allocations made by `f`, run `n` times.
+fn allocations(n: usize, mut f: impl FnMut()) -> u64 {
+    let before = ALLOCS.load(Ordering::Relaxed);
+    for _ in 0..n {
+        f();
+    }
+    ALLOCS.load(Ordering::Relaxed) - before
+}
+
+#[test]
+fn mmio_hot_paths_allocate_nothing() {
+    for caching in [true, false] {
+        let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+        cfg.mmio_caching = caching;
+        let (vm, _host) = vm_with(cfg);
+        vm.set_memory_region(&region(0, 0, 0x20_0000, RAM_HVA, 0)).unwrap();
+        let mut v = vm.create_vcpu().unwrap();
+        v.service_requests().unwrap();
+        // One gfn more than the per-vCPU cache holds, cycled: every misconfig walks.
+        let n = vmmu::vcpu::mmio_cache::ENTRIES as u64 + 1;
+        let gpas: Vec<Gpa> = (0..n).map(|i| Gpa(0x1_0000_0000 + i * 0x1000)).collect();
+        for &g in &gpas {
+            let o = v.handle_ept_violation(g, FaultAccess::READ);
+            assert_eq!(source(o), EmulateSource::SlowPathMmio);
+        }
+        if caching {
+            // The cache holds the last gfns filled; starting at the first one, every call misses.
+            let mut i = gpas.len() - 1;
+            let fast = allocations(10_000, || {
+                i = (i + 1) % gpas.len();
+                let o = v.handle_ept_misconfig(gpas[i]);
+                assert_eq!(source(o), EmulateSource::MmioSpteHit);
+            });
+            assert_eq!(fast, 0, "the MMIO SPTE fast path allocated");
+            let hit = allocations(10_000, || {
+                let o = v.handle_ept_misconfig(gpas[0]);
+                assert!(matches!(
+                    source(o),
+                    EmulateSource::VcpuCacheHit | EmulateSource::MmioSpteHit
+                ));
+            });
+            assert_eq!(hit, 0, "the per-vCPU cache hit allocated");
+        } else {
+            let mut i = 0;
+            let slow = allocations(10_000, || {
+                i = (i + 1) % gpas.len();
+                let o = v.handle_ept_violation(gpas[i], FaultAccess::READ);
+                assert_eq!(source(o), EmulateSource::SlowPathMmio);
+            });
+            assert_eq!(slow, 0, "the uncached slow path allocated");
+        }
+    }
+}
