@@ -20,7 +20,7 @@
 
 use crate::ram::{self, Width};
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use serde::Serialize;
 use std::alloc::{self, Layout};
 use std::sync::{Arc, Mutex, RwLock};
@@ -244,6 +244,13 @@ pub struct SimHost {
     frames: Box<[AtomicUsize]>,
     /// Buffers sorted by host address, for `translate` and `locate`.
     buffers: RwLock<Vec<Arc<HostBuffer>>>,
+    /// A snapshot of `buffers` for `translate`, which every fault calls: read with one Acquire
+    /// load instead of the `RwLock`'s two shared-line RMWs. Replaced on every `add_buffer`; old
+    /// snapshots are kept in `retired` until the host drops, so a pointer once loaded stays valid.
+    snapshot: AtomicPtr<Vec<Arc<HostBuffer>>>,
+    // Boxed: `snapshot` points at the `Vec` itself, which must not move when `retired` grows.
+    #[allow(clippy::vec_box)]
+    retired: Mutex<Vec<Box<Vec<Arc<HostBuffer>>>>>,
     alloc: Mutex<AllocState>,
     allocated: AtomicU64,
     freed: AtomicU64,
@@ -295,6 +302,8 @@ impl SimHost {
             config: HostConfig { max_frames: capacity, ..config },
             frames,
             buffers: RwLock::new(Vec::new()),
+            snapshot: AtomicPtr::new(std::ptr::null_mut()),
+            retired: Mutex::new(Vec::new()),
             alloc: Mutex::new(AllocState {
                 next_pfn: 1,
                 free_tables: Vec::new(),
@@ -369,6 +378,12 @@ impl SimHost {
         });
         let at = buffers.partition_point(|b| b.hva() < buf.hva());
         buffers.insert(at, buf.clone());
+        // Publish the new list for `translate` (Release: the list is complete before the
+        // pointer), keeping every list ever published alive until the host drops.
+        let mut snap = Box::new(buffers.clone());
+        let ptr: *mut Vec<Arc<HostBuffer>> = &mut *snap;
+        self.retired.lock().unwrap_or_else(|e| e.into_inner()).push(snap);
+        self.snapshot.store(ptr, Ordering::Release);
         Ok(buf)
     }
 
@@ -464,7 +479,14 @@ impl HostMemory for SimHost {
         // Like `locate`, but borrowing the buffer under the read guard instead of cloning its
         // Arc: every fault translates, and a clone and drop are two atomic RMWs on a line all
         // vCPU threads share (`vmmu bench --only faults`, 2 threads).
-        let buffers = self.buffers.read().unwrap_or_else(|e| e.into_inner());
+        let ptr = self.snapshot.load(Ordering::Acquire);
+        if ptr.is_null() {
+            return Err(HostFault::Unmapped(hva));
+        }
+        // SAFETY: a non-null snapshot points into a box in `retired`, which keeps it unchanged
+        // and alive until the host drops, and the host outlives this borrow of it; the Acquire
+        // load pairs with the Release store that published it, after it was complete.
+        let buffers: &Vec<Arc<HostBuffer>> = unsafe { &*ptr };
         let i = buffers.partition_point(|b| b.hva() <= hva);
         let buf = match i.checked_sub(1).and_then(|i| buffers.get(i)) {
             Some(b) if b.contains(hva) => &**b,

@@ -64,12 +64,21 @@ impl Requests {
 #[repr(align(64))]
 pub struct VcpuState {
     word: AtomicU32,
+    /// The vCPU holds the MMU lock's shared side (`tdp::lock`): written only by this vCPU, on
+    /// this vCPU's line.
+    mmu_mark: AtomicU32,
 }
 
 impl VcpuState {
     /// A vCPU outside guest mode with nothing pending.
     pub fn new() -> Self {
-        VcpuState { word: AtomicU32::new(0) }
+        VcpuState { word: AtomicU32::new(0), mmu_mark: AtomicU32::new(0) }
+    }
+
+    /// The vCPU's MMU-lock mark (see `tdp::lock`).
+    #[inline]
+    pub(crate) fn mmu_mark(&self) -> &AtomicU32 {
+        &self.mmu_mark
     }
 
     /// A new owner of the vCPU index: outside guest mode, nothing pending.

@@ -459,7 +459,7 @@ mod tests {
         let spte = codec.make(Gpa(GPA).gfn(), old_gen, Access::ALL);
         let root = a.root().unwrap().clone();
         let outcome = {
-            let shared = mmu.mmu_lock.read();
+            let shared = crate::tdp::MmuRead::Lock(mmu.mmu_lock.read(&mmu.relax()));
             let fault = PageFault::tdp(Gpa(GPA), PfErr::from_access(FaultAccess::READ, false));
             mmu.map(&shared, &root, &fault, LeafSpec::Mmio(spte))
         };
@@ -493,7 +493,7 @@ mod tests {
             access: Access::ALL,
             writable: false,
         };
-        let shared = mmu.mmu_lock.read();
+        let shared = crate::tdp::MmuRead::Lock(mmu.mmu_lock.read(&mmu.relax()));
         let read = PageFault::tdp(Gpa(GPA), PfErr::from_access(FaultAccess::READ, false));
         let o = mmu.map(&shared, &root, &read, ram);
         assert_eq!(o, MapOutcome::Installed { level: Level::L4K });

@@ -19,6 +19,7 @@
 //!    so a walker that sees the link sees initialised entries.
 
 mod change;
+mod lock;
 mod map;
 pub mod root;
 mod walk;
@@ -35,17 +36,13 @@ use crate::requests::{Request, VcpuState};
 use crate::spte::{MmioSpteCodec, SpteFormat};
 use crate::srcu::{ReaderId, Srcu};
 use crate::stats::VmStats;
-use crate::sync::{Arc, Mutex, RwLock};
+use crate::sync::{Arc, Mutex};
 use crate::types::{AsId, Gfn, Level, Pfn};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use root::{Root, RootKind};
 
-/// Proof that the MMU lock is held shared (a fault), passed to what needs it.
-pub(crate) type MmuRead<'a> = crate::sync::RwLockReadGuard<'a, Vec<Arc<Root>>>;
-/// Proof that the MMU lock is held exclusive (a zap), passed to what needs it; it also holds
-/// the root list.
-pub(crate) type MmuWrite<'a> = crate::sync::RwLockWriteGuard<'a, Vec<Arc<Root>>>;
+pub(crate) use lock::{MmuLock, MmuRead, MmuWrite};
 
 /// Static configuration of one VM's TDP MMU.
 #[derive(Clone, Copy, Debug)]
@@ -87,7 +84,7 @@ pub struct TdpMmu<H: Host> {
     /// KVM's `mmu_lock`; guards the root list (KVM `tdp_mmu_roots`) and rule 1 above. The list
     /// holds every root a vCPU may walk, pageless ones included, so that every zap (delete/move,
     /// `zap_all_fast`, host invalidations, the wrap zap) reaches every root (issue 11, defect 2).
-    pub(crate) mmu_lock: RwLock<Vec<Arc<Root>>>,
+    pub(crate) mmu_lock: MmuLock,
     /// Read sections of lockless walkers (rule 2).
     pub(crate) table_srcu: Srcu,
     /// Unlinked table pages waiting for a grace period (rule 3).
@@ -117,7 +114,7 @@ impl<H: Host> TdpMmu<H> {
         Ok(TdpMmu {
             host,
             cfg,
-            mmu_lock: RwLock::new(Vec::new()),
+            mmu_lock: MmuLock::new(fences),
             // One reader record per vCPU, plus one for the VMM's own lockless reads (tests).
             table_srcu: Srcu::with_fences(cfg.max_vcpus + 1, fences),
             pending_free: Mutex::new(Vec::new()),
@@ -279,13 +276,13 @@ impl<H: Host> TdpMmu<H> {
     /// `kvm_tdp_mmu_get_vcpu_root_hpa`). The caller becomes one of its users.
     pub(crate) fn get_root(&self, as_id: AsId) -> Result<Arc<Root>, TdpError> {
         {
-            let roots = self.mmu_lock.read_with(&self.relax());
+            let roots = self.mmu_lock.read(&self.relax());
             if let Some(r) = roots.iter().find(|r| r.is_shared_valid(as_id)) {
                 r.get();
                 return Ok(r.clone());
             }
         }
-        let mut roots = self.mmu_lock.write_with(&self.relax());
+        let mut roots = self.mmu_lock.write(&self.vcpus, &self.relax());
         if let Some(r) = roots.iter().find(|r| r.is_shared_valid(as_id)) {
             r.get();
             return Ok(r.clone());
@@ -303,7 +300,7 @@ impl<H: Host> TdpMmu<H> {
         let pfn = self.alloc_table().ok_or(TdpError::OutOfMemory)?;
         let root = Arc::new(Root::new(pfn, self.cfg.root_level, as_id, RootKind::Pageless));
         root.get();
-        self.mmu_lock.write_with(&self.relax()).push(root.clone());
+        self.mmu_lock.write(&self.vcpus, &self.relax()).push(root.clone());
         Ok(root)
     }
 
@@ -319,7 +316,7 @@ impl<H: Host> TdpMmu<H> {
                 if !root.is_obsolete() {
                     return; // valid roots stay for the next vCPU that loads one
                 }
-                let mut roots = self.mmu_lock.write_with(&self.relax());
+                let mut roots = self.mmu_lock.write(&self.vcpus, &self.relax());
                 // Obsolete roots gain no users (get_root takes valid ones only, under the lock).
                 debug_assert_eq!(root.users(), 0);
                 let before = roots.len();
@@ -338,7 +335,7 @@ impl<H: Host> TdpMmu<H> {
             RootKind::Pageless => {
                 // Private to the vCPU dropping it: no other vCPU can hold its translations, and
                 // the vCPU flushes its own TLB when it loads its next root.
-                let mut roots = self.mmu_lock.write_with(&self.relax());
+                let mut roots = self.mmu_lock.write(&self.vcpus, &self.relax());
                 let before = roots.len();
                 roots.retain(|r| !Arc::ptr_eq(r, &root));
                 if roots.len() == before {
@@ -358,7 +355,7 @@ impl<H: Host> TdpMmu<H> {
     pub(crate) fn zap_all_fast(&self) {
         self.stats.zap_all_fast.add(1);
         let mut pages = Vec::new();
-        let mut roots = self.mmu_lock.write_with(&self.relax());
+        let mut roots = self.mmu_lock.write(&self.vcpus, &self.relax());
         for r in roots.iter().filter(|r| r.kind() == RootKind::Tdp) {
             // Pageless roots have no page to mark (KVM's special roots): their vCPUs drop them on
             // the request below, and their tables are zapped with everyone else's.
@@ -392,7 +389,7 @@ impl<H: Host> TdpMmu<H> {
     /// [`Self::invalidate_end`], and whatever maps them is zapped and flushed before this returns.
     pub(crate) fn invalidate_begin(&self, ranges: &[(AsId, Gfn, Gfn)]) {
         let mut pages = Vec::new();
-        let roots = self.mmu_lock.write_with(&self.relax());
+        let roots = self.mmu_lock.write(&self.vcpus, &self.relax());
         self.inval.begin();
         let mut flush = false;
         for &(as_id, start, end) in ranges {
@@ -409,7 +406,7 @@ impl<H: Host> TdpMmu<H> {
 
     /// Host invalidation end (KVM `invalidate_range_end`).
     pub(crate) fn invalidate_end(&self) {
-        let _roots = self.mmu_lock.write_with(&self.relax());
+        let _roots = self.mmu_lock.write(&self.vcpus, &self.relax());
         self.inval.end();
     }
 
@@ -428,7 +425,7 @@ impl<H: Host> TdpMmu<H> {
         gfn: Gfn,
         level: Level,
     ) -> Option<&crate::sync::AtomicU64> {
-        let _g = self.mmu_lock.read_with(&self.relax());
+        let _g = self.mmu_lock.read(&self.relax());
         let mut pfn = root.pfn();
         let mut l = root.level();
         loop {
@@ -449,6 +446,6 @@ impl<H: Host> TdpMmu<H> {
 
     /// Number of roots on the list (valid and obsolete).
     pub fn nr_roots(&self) -> usize {
-        self.mmu_lock.read_with(&self.relax()).len()
+        self.mmu_lock.read(&self.relax()).len()
     }
 }

@@ -52,7 +52,7 @@ impl<H: Host> TdpMmu<H> {
     pub(crate) fn zap_gfn_range(&self, as_id: AsId, start: Gfn, end: Gfn) {
         self.stats.zap_range.add(1);
         let mut pages = Vec::new();
-        let roots = self.mmu_lock.write_with(&self.relax());
+        let roots = self.mmu_lock.write(&self.vcpus, &self.relax());
         let flush = self.zap_gfn_range_locked(&roots, as_id, start, end, &mut pages);
         if flush && !self.cfg.bugs.has(crate::bugs::Bug::NoTlbFlushOnZap) {
             self.flush_remote_tlbs();

@@ -206,7 +206,7 @@ impl VcpuMmu {
             }
         };
 
-        let shared = mmu.mmu_lock.read_with(&mmu.relax());
+        let shared = mmu.mmu_lock.read_vcpu(&mmu.vcpus[self.index], &mmu.relax());
         let Some(root) = self.root.as_ref() else {
             return Ok(retry(stats, RetryCause::NoRoot));
         };

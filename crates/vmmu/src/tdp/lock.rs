@@ -1,0 +1,142 @@
+//! The MMU lock (KVM `mmu_lock`): a reader-writer lock over the root list, whose shared side a
+//! vCPU's fault takes without writing any line another CPU uses.
+//!
+//! KVM's `mmu_lock` is an rwlock: every fault's read lock and unlock are two atomic
+//! read-modify-writes on one word that every vCPU shares, which bounces that line between the
+//! CPUs of vCPUs faulting at once. Here a vCPU marks its shared hold in its own
+//! [`VcpuState`] (a line only it writes), and a writer (a zap, root management) announces itself
+//! and waits for the marks to clear:
+//!
+//! - vCPU, shared: `mark.store(1)`, the reader fence, then `writer.load()`; if no writer, it
+//!   holds the lock. Otherwise it clears its mark and takes the reader-writer lock's shared side
+//!   (which waits for the writer). Release: `mark.store(0, Release)`.
+//! - writer: takes the reader-writer lock exclusive (excluding other writers and the lock's own
+//!   readers), `writer.store(1)`, the writer fence, then waits until every vCPU's mark reads 0
+//!   (`Acquire`). Release: `writer.store(0, Release)`, then the lock.
+//!
+//! Why it excludes: the fences are a store-buffering pair (`SeqCst` fences, or the asymmetric
+//! pair of [`crate::srcu::ReaderFences`]: a compiler fence in the vCPU, the host's process-wide
+//! barrier in the writer). If the vCPU's load of `writer` missed the writer's store, then the
+//! writer's load of the mark (after its fence) sees the vCPU's mark, and it waits for the vCPU's
+//! Release store of 0, which orders the vCPU's whole hold before the writer's. If the vCPU saw
+//! the writer, it does not hold the fast side at all. Code that is not a vCPU's fault (root
+//! loading, reports, tests) takes the reader-writer lock's shared side, as before.
+
+use super::root::Root;
+use crate::requests::VcpuState;
+use crate::srcu::ReaderFences;
+use crate::sync::{Arc, AtomicU32, Ordering, Relax, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use alloc::vec::Vec;
+use core::ops::{Deref, DerefMut};
+
+/// The MMU lock: the root list behind a reader-writer lock, and the writer's announcement.
+pub(crate) struct MmuLock {
+    rw: RwLock<Vec<Arc<Root>>>,
+    /// A writer holds or is taking the lock (vCPUs then use the reader-writer lock's shared side).
+    writer: AtomicU32,
+    fences: ReaderFences,
+}
+
+/// Proof that the MMU lock is held shared (a fault), passed to what needs it.
+pub(crate) enum MmuRead<'a> {
+    /// A vCPU's mark in its own state (the fast side).
+    Vcpu(&'a VcpuState),
+    /// The reader-writer lock's shared side (held for its release on drop).
+    Lock(#[allow(dead_code)] RwLockReadGuard<'a, Vec<Arc<Root>>>),
+}
+
+impl Drop for MmuRead<'_> {
+    fn drop(&mut self) {
+        if let MmuRead::Vcpu(state) = self {
+            // Release: the hold's reads and SPTE changes happen before a writer that reads 0.
+            state.mmu_mark().store(0, Ordering::Release);
+        }
+    }
+}
+
+/// Proof that the MMU lock is held exclusive (a zap, root management); it also gives the root
+/// list.
+pub(crate) struct MmuWrite<'a> {
+    // Field order: the announcement is withdrawn (Drop below) before the guard is released.
+    writer: &'a AtomicU32,
+    guard: RwLockWriteGuard<'a, Vec<Arc<Root>>>,
+}
+
+impl Deref for MmuWrite<'_> {
+    type Target = Vec<Arc<Root>>;
+    fn deref(&self) -> &Vec<Arc<Root>> {
+        &self.guard
+    }
+}
+
+impl DerefMut for MmuWrite<'_> {
+    fn deref_mut(&mut self) -> &mut Vec<Arc<Root>> {
+        &mut self.guard
+    }
+}
+
+impl Drop for MmuWrite<'_> {
+    fn drop(&mut self) {
+        // Release: what the writer did happens before a vCPU that reads 0 and holds the fast side.
+        self.writer.store(0, Ordering::Release);
+    }
+}
+
+impl MmuLock {
+    pub(crate) fn new(fences: ReaderFences) -> Self {
+        #[cfg(loom)]
+        let fences = match fences {
+            ReaderFences::Asymmetric(_) => ReaderFences::Full,
+            other => other,
+        };
+        MmuLock { rw: RwLock::new(Vec::new()), writer: AtomicU32::new(0), fences }
+    }
+
+    /// The shared side for code that is not a vCPU's fault.
+    pub(crate) fn read(&self, relax: &impl Relax) -> RwLockReadGuard<'_, Vec<Arc<Root>>> {
+        self.rw.read_with(relax)
+    }
+
+    /// The shared side for vCPU `state`'s fault (module doc).
+    pub(crate) fn read_vcpu<'a>(&'a self, state: &'a VcpuState, relax: &impl Relax) -> MmuRead<'a> {
+        let mark = state.mmu_mark();
+        mark.store(1, Ordering::Relaxed);
+        self.reader_fence();
+        // Acquire: a writer that just left published its changes with its Release store of 0.
+        if self.writer.load(Ordering::Acquire) == 0 {
+            return MmuRead::Vcpu(state);
+        }
+        mark.store(0, Ordering::Release);
+        MmuRead::Lock(self.rw.read_with(relax))
+    }
+
+    /// The exclusive side (module doc). `vcpus`: every vCPU state of the VM, claimed or not (a
+    /// vCPU claimed while the writer scans still sees the announcement or is seen).
+    pub(crate) fn write<'a>(&'a self, vcpus: &[VcpuState], relax: &impl Relax) -> MmuWrite<'a> {
+        let guard = self.rw.write_with(relax);
+        self.writer.store(1, Ordering::Relaxed);
+        self.writer_fence();
+        for v in vcpus {
+            // Acquire: pairs with the vCPU's Release store of 0 when its hold ends.
+            while v.mmu_mark().load(Ordering::Acquire) != 0 {
+                relax.relax();
+            }
+        }
+        MmuWrite { writer: &self.writer, guard }
+    }
+
+    #[inline(always)]
+    fn reader_fence(&self) {
+        match self.fences {
+            ReaderFences::Asymmetric(_) => crate::sync::compiler_fence(Ordering::SeqCst),
+            _ => crate::sync::fence(Ordering::SeqCst),
+        }
+    }
+
+    fn writer_fence(&self) {
+        match self.fences {
+            ReaderFences::Asymmetric(process_barrier) => process_barrier(),
+            _ => crate::sync::fence(Ordering::SeqCst),
+        }
+    }
+}
