@@ -406,10 +406,23 @@ impl SimHost {
 
     /// The buffer containing `hva` and the offset of `hva` in it.
     pub fn locate(&self, hva: Hva) -> Option<(Arc<HostBuffer>, u64)> {
-        let buffers = self.buffers.read().unwrap_or_else(|e| e.into_inner());
+        self.find(hva).map(|(b, off)| (b.clone(), off))
+    }
+
+    /// The buffer containing `hva` and the offset in it, from the published snapshot (no lock:
+    /// `translate` calls it on every fault).
+    fn find(&self, hva: Hva) -> Option<(&Arc<HostBuffer>, u64)> {
+        let ptr = self.snapshot.load(Ordering::Acquire);
+        if ptr.is_null() {
+            return None;
+        }
+        // SAFETY: a non-null snapshot points into a box in `retired`, which keeps it unchanged
+        // and alive until the host drops, and the host outlives this borrow of it; the Acquire
+        // load pairs with the Release store that published it, after it was complete.
+        let buffers: &Vec<Arc<HostBuffer>> = unsafe { &*ptr };
         let i = buffers.partition_point(|b| b.hva() <= hva);
         let b = buffers.get(i.checked_sub(1)?)?;
-        b.contains(hva).then(|| (b.clone(), hva.0 - b.hva().0))
+        b.contains(hva).then(|| (b, hva.0 - b.hva().0))
     }
 
     /// The host pointer of RAM frame `pfn` (its first byte), or `None` if `pfn` is not a RAM
@@ -476,23 +489,12 @@ impl HostMemory for SimHost {
             self.slow_entered.store(true, Ordering::SeqCst);
             std::thread::sleep(std::time::Duration::from_nanos(slow));
         }
-        // Like `locate`, but borrowing the buffer under the read guard instead of cloning its
-        // Arc: every fault translates, and a clone and drop are two atomic RMWs on a line all
-        // vCPU threads share (`vmmu bench --only faults`, 2 threads).
-        let ptr = self.snapshot.load(Ordering::Acquire);
-        if ptr.is_null() {
+        // Like `locate`, but borrowing the buffer instead of cloning its Arc: every fault
+        // translates, and a clone and drop are two atomic RMWs on a line all vCPU threads share
+        // (`vmmu bench --only faults`, 2 threads).
+        let Some((buf, offset)) = self.find(hva) else {
             return Err(HostFault::Unmapped(hva));
-        }
-        // SAFETY: a non-null snapshot points into a box in `retired`, which keeps it unchanged
-        // and alive until the host drops, and the host outlives this borrow of it; the Acquire
-        // load pairs with the Release store that published it, after it was complete.
-        let buffers: &Vec<Arc<HostBuffer>> = unsafe { &*ptr };
-        let i = buffers.partition_point(|b| b.hva() <= hva);
-        let buf = match i.checked_sub(1).and_then(|i| buffers.get(i)) {
-            Some(b) if b.contains(hva) => &**b,
-            _ => return Err(HostFault::Unmapped(hva)),
         };
-        let offset = hva.0 - buf.hva().0;
         if write && !buf.host_writable() {
             return Err(HostFault::Protected(hva));
         }

@@ -14,9 +14,10 @@
 //!   readers), `writer.store(1)`, the writer fence, then waits until every vCPU's mark reads 0
 //!   (`Acquire`). Release: `writer.store(0, Release)`, then the lock.
 //!
-//! Why it excludes: the fences are a store-buffering pair (`SeqCst` fences, or the asymmetric
-//! pair of [`crate::srcu::ReaderFences`]: a compiler fence in the vCPU, the host's process-wide
-//! barrier in the writer). If the vCPU's load of `writer` missed the writer's store, then the
+//! Why it excludes: the two `SeqCst` fences are a store-buffering pair. (Full fences on both
+//! sides: a vCPU's fence stays on its own CPU, which is all the fast side is for, while an
+//! asymmetric pair would make every zap pay a process-wide barrier; measured, no gain on faults
+//! and a worse memslot-update tail.) If the vCPU's load of `writer` missed the writer's store, then the
 //! writer's load of the mark (after its fence) sees the vCPU's mark, and it waits for the vCPU's
 //! Release store of 0, which orders the vCPU's whole hold before the writer's. If the vCPU saw
 //! the writer, it does not hold the fast side at all. Code that is not a vCPU's fault (root
@@ -24,7 +25,6 @@
 
 use super::root::Root;
 use crate::requests::VcpuState;
-use crate::srcu::ReaderFences;
 use crate::sync::{Arc, AtomicU32, Ordering, Relax, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use alloc::vec::Vec;
 use core::ops::{Deref, DerefMut};
@@ -34,7 +34,6 @@ pub(crate) struct MmuLock {
     rw: RwLock<Vec<Arc<Root>>>,
     /// A writer holds or is taking the lock (vCPUs then use the reader-writer lock's shared side).
     writer: AtomicU32,
-    fences: ReaderFences,
 }
 
 /// Proof that the MMU lock is held shared (a fault), passed to what needs it.
@@ -83,13 +82,8 @@ impl Drop for MmuWrite<'_> {
 }
 
 impl MmuLock {
-    pub(crate) fn new(fences: ReaderFences) -> Self {
-        #[cfg(loom)]
-        let fences = match fences {
-            ReaderFences::Asymmetric(_) => ReaderFences::Full,
-            other => other,
-        };
-        MmuLock { rw: RwLock::new(Vec::new()), writer: AtomicU32::new(0), fences }
+    pub(crate) fn new() -> Self {
+        MmuLock { rw: RwLock::new(Vec::new()), writer: AtomicU32::new(0) }
     }
 
     /// The shared side for code that is not a vCPU's fault.
@@ -101,7 +95,7 @@ impl MmuLock {
     pub(crate) fn read_vcpu<'a>(&'a self, state: &'a VcpuState, relax: &impl Relax) -> MmuRead<'a> {
         let mark = state.mmu_mark();
         mark.store(1, Ordering::Relaxed);
-        self.reader_fence();
+        crate::sync::fence(Ordering::SeqCst);
         // Acquire: a writer that just left published its changes with its Release store of 0.
         if self.writer.load(Ordering::Acquire) == 0 {
             return MmuRead::Vcpu(state);
@@ -115,7 +109,7 @@ impl MmuLock {
     pub(crate) fn write<'a>(&'a self, vcpus: &[VcpuState], relax: &impl Relax) -> MmuWrite<'a> {
         let guard = self.rw.write_with(relax);
         self.writer.store(1, Ordering::Relaxed);
-        self.writer_fence();
+        crate::sync::fence(Ordering::SeqCst);
         for v in vcpus {
             // Acquire: pairs with the vCPU's Release store of 0 when its hold ends.
             while v.mmu_mark().load(Ordering::Acquire) != 0 {
@@ -123,20 +117,5 @@ impl MmuLock {
             }
         }
         MmuWrite { writer: &self.writer, guard }
-    }
-
-    #[inline(always)]
-    fn reader_fence(&self) {
-        match self.fences {
-            ReaderFences::Asymmetric(_) => crate::sync::compiler_fence(Ordering::SeqCst),
-            _ => crate::sync::fence(Ordering::SeqCst),
-        }
-    }
-
-    fn writer_fence(&self) {
-        match self.fences {
-            ReaderFences::Asymmetric(process_barrier) => process_barrier(),
-            _ => crate::sync::fence(Ordering::SeqCst),
-        }
     }
 }

@@ -115,10 +115,7 @@ impl<H: Host> TdpMmu<H> {
         Ok(TdpMmu {
             host,
             cfg,
-            // Full fences: a fault's fence stays on its own CPU (no shared line, which is what
-            // the lock's fast side is for), while the asymmetric pair would make every zap pay a
-            // process-wide barrier (measured: no gain on faults, a worse update-latency tail).
-            mmu_lock: MmuLock::new(crate::srcu::ReaderFences::Full),
+            mmu_lock: MmuLock::new(),
             // One reader record per vCPU, plus one for the VMM's own lockless reads (tests).
             table_srcu: Srcu::with_fences(cfg.max_vcpus + 1, fences),
             pending_free: Mutex::new(Vec::new()),
@@ -314,41 +311,30 @@ impl<H: Host> TdpMmu<H> {
         if root.put() != 0 {
             return;
         }
-        let mut pages = Vec::new();
-        match root.kind() {
-            RootKind::Tdp => {
-                if !root.is_obsolete() {
-                    return; // valid roots stay for the next vCPU that loads one
-                }
-                let mut roots = self.mmu_lock.write(&self.vcpus, &self.relax());
-                // Obsolete roots gain no users (get_root takes valid ones only, under the lock).
-                debug_assert_eq!(root.users(), 0);
-                let before = roots.len();
-                roots.retain(|r| !Arc::ptr_eq(r, &root));
-                if roots.len() == before {
-                    // `zap_all_fast` retired it already (it saw no users): it frees the page.
-                    return;
-                }
-                if self.zap_root_locked(&roots, &root, &mut pages)
-                    && !self.cfg.bugs.has(crate::bugs::Bug::NoTlbFlushOnZap)
-                {
-                    self.flush_remote_tlbs();
-                }
-                drop(roots);
-            }
-            RootKind::Pageless => {
-                // Private to the vCPU dropping it: no other vCPU can hold its translations, and
-                // the vCPU flushes its own TLB when it loads its next root.
-                let mut roots = self.mmu_lock.write(&self.vcpus, &self.relax());
-                let before = roots.len();
-                roots.retain(|r| !Arc::ptr_eq(r, &root));
-                if roots.len() == before {
-                    // `zap_all_fast` retired it already (it saw no users): it frees the page.
-                    return;
-                }
-                let _ = self.zap_root_locked(&roots, &root, &mut pages);
-            }
+        if root.kind() == RootKind::Tdp && !root.is_obsolete() {
+            return; // valid roots stay for the next vCPU that loads one
         }
+        let mut roots = self.mmu_lock.write(&self.vcpus, &self.relax());
+        // Obsolete roots gain no users (get_root takes valid ones only, under the lock); a
+        // pageless root belongs to the vCPU dropping it.
+        debug_assert_eq!(root.users(), 0);
+        let before = roots.len();
+        roots.retain(|r| !Arc::ptr_eq(r, &root));
+        if roots.len() == before {
+            // `zap_all_fast` retired it already (it saw no users): it frees the page.
+            return;
+        }
+        let mut pages = Vec::new();
+        let flush = self.zap_root_locked(&roots, &root, &mut pages);
+        // A pageless root is private to the vCPU dropping it: no other vCPU can hold its
+        // translations, and that vCPU flushes its own TLB when it loads its next root.
+        if flush
+            && root.kind() == RootKind::Tdp
+            && !self.cfg.bugs.has(crate::bugs::Bug::NoTlbFlushOnZap)
+        {
+            self.flush_remote_tlbs();
+        }
+        drop(roots);
         pages.push(root.pfn());
         self.defer_free(&mut pages);
     }
