@@ -41,6 +41,7 @@ pub struct TestHost {
     freed: AtomicU64,
     use_after_free: AtomicU64,
     kicks: AtomicU64,
+    relaxes: AtomicU64,
 }
 
 impl TestHost {
@@ -59,6 +60,7 @@ impl TestHost {
             freed: AtomicU64::new(0),
             use_after_free: AtomicU64::new(0),
             kicks: AtomicU64::new(0),
+            relaxes: AtomicU64::new(0),
         }
     }
 
@@ -81,6 +83,11 @@ impl TestHost {
     /// Lookups of freed table frames (must stay 0).
     pub fn use_after_free(&self) -> u64 {
         self.use_after_free.load(Ordering::Relaxed)
+    }
+
+    /// Turns of the MMU's wait loops spent in this host's wait policy ([`crate::host::Sched`]).
+    pub fn relaxes(&self) -> u64 {
+        self.relaxes.load(Ordering::Relaxed)
     }
 
     /// Kicks the MMU sent to vCPUs in guest mode ([`crate::host::Sched`]).
@@ -140,6 +147,11 @@ unsafe impl FrameAllocator for TestHost {
 impl crate::host::Sched for TestHost {
     fn kick(&self, _vcpu_index: usize) {
         self.kicks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn relax(&self) {
+        self.relaxes.fetch_add(1, Ordering::Relaxed);
+        crate::sync::Relax::relax(&crate::sync::DefaultRelax::default());
     }
 }
 
