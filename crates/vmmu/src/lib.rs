@@ -42,4 +42,4 @@ pub use error::{Error, Result};
 #[cfg(any(feature = "std", loom))]
 pub use sync::Yield;
 pub use sync::{Relax, Spin};
-pub use types::{Access, AsId, FaultAccess, Generation, Gfn, Gpa, Hva, Level, Pfn, SlotId};
+pub use types::{Access, AsId, FaultAccess, Generation, Gfn, Gpa, Gva, Hva, Level, Pfn, SlotId};

@@ -59,6 +59,11 @@ addr_newtype!(
     Gfn
 );
 addr_newtype!(
+    /// A guest-virtual address: what a guest instruction uses, translated by the guest's own
+    /// page tables (under shadow paging the MMU walks them; KVM's `gva_t`).
+    Gva
+);
+addr_newtype!(
     /// A host-virtual address (KVM's `userspace_addr`).
     Hva
 );
@@ -98,6 +103,19 @@ impl Gfn {
             Some(v) => Some(Gfn(v)),
             None => None,
         }
+    }
+}
+
+impl Gva {
+    /// The address with its page offset cleared (KVM: `gva & PAGE_MASK`).
+    #[inline]
+    pub const fn page_base(self) -> Gva {
+        Gva(self.0 & !PAGE_OFFSET_MASK)
+    }
+    /// The offset within the base page.
+    #[inline]
+    pub const fn page_offset(self) -> u64 {
+        self.0 & PAGE_OFFSET_MASK
     }
 }
 
