@@ -270,9 +270,14 @@ pub struct SimHost {
 
 /// Table lookups of one thread between two jitter yields.
 const JITTER_EVERY: u32 = 512;
+/// Slow-path fault decisions of one thread between two preemptions (`preempt_jitter`).
+const PREEMPT_EVERY: u32 = 4;
+/// How long a preempted fault sleeps between its decision and its installation.
+const PREEMPT_FOR: std::time::Duration = std::time::Duration::from_micros(300);
 
 std::thread_local! {
     static JITTER_COUNT: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    static PREEMPT_COUNT: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
 impl core::fmt::Debug for SimHost {
@@ -514,6 +519,17 @@ impl HostMemory for SimHost {
 /// The machine's vCPUs poll their request word between accesses (`GuestMmu::poll_tlb_flush`),
 /// which is the kick: nothing to send.
 impl vmmu::host::Sched for SimHost {
+    /// Stress runs (`table_jitter`): now and then a vCPU is "preempted" for a while between its
+    /// fault's decision and its installation, so that memslot updates and other vCPUs' faults
+    /// land inside that window (issue 11 defect 1 needs a create and another vCPU's fault there).
+    fn preempt_point(&self, point: vmmu::host::PreemptPoint) {
+        if point == vmmu::host::PreemptPoint::FaultDecided
+            && self.table_jitter.load(Ordering::Relaxed)
+        {
+            preempt_jitter();
+        }
+    }
+
     fn process_barrier(&self) -> Option<fn()> {
         if self.config.full_fences {
             return None;
@@ -592,6 +608,19 @@ unsafe impl FrameAllocator for SimHost {
             None
         }
     }
+}
+
+/// One fault decision under jitter: every [`PREEMPT_EVERY`]th of this thread sleeps
+/// [`PREEMPT_FOR`], about as long as a memslot update's publish-to-return.
+#[cold]
+fn preempt_jitter() {
+    PREEMPT_COUNT.with(|c| {
+        let n = c.get().wrapping_add(1);
+        c.set(n);
+        if n % PREEMPT_EVERY == 0 {
+            std::thread::sleep(PREEMPT_FOR);
+        }
+    });
 }
 
 /// One table lookup under jitter: every `JITTER_EVERY`th lookup of this thread yields.

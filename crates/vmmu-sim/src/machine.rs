@@ -734,7 +734,12 @@ fn device_manager<M: GuestMmu>(
         progress.store(r.updates, Ordering::Relaxed);
         if invalidate && !sh.stop.load(Ordering::Relaxed) {
             let t = Instant::now();
-            invalidate = host_invalidation(sh, schedule.version(r.updates), &mut rng);
+            // The slot the request just mapped (a create or move), if any: its first pages are
+            // being faulted in by every vCPU right now, which is where a stale decision installed
+            // over another vCPU's fresh leaf would leave a translation unflushed.
+            let mapped =
+                (step.request.memory_size != 0).then_some((step.request.slot & 0xffff) as u16);
+            invalidate = host_invalidation(sh, schedule.version(r.updates), mapped, &mut rng);
             r.invalidations += u64::from(invalidate);
             let took = t.elapsed();
             if took >= STALL && sh.stop.load(Ordering::Relaxed) {
@@ -760,19 +765,23 @@ fn device_manager<M: GuestMmu>(
 }
 
 /// One host invalidation (`stress_paths`) of 1 to 4 pages of a slot live in `slots` (the map in
-/// force: only the device manager changes it): MMU-notifier begin, poison, restore, end. Half the
+/// force: only the device manager changes it; slot `prefer` if it is live, else a random one): MMU-notifier begin, poison, restore, end. Half the
 /// time the range starts at the slot's first page, where the vCPUs' private areas, the used
 /// shared words and the hot spots are. Returns `false` if the MMU takes no host invalidations.
 fn host_invalidation<M: GuestMmu>(
     sh: &Shared<'_, M>,
     slots: &SlotTable,
+    prefer: Option<u16>,
     rng: &mut fastrand::Rng,
 ) -> bool {
     let live = slots.slots();
     if live.is_empty() {
         return true;
     }
-    let s = live[rng.usize(..live.len())];
+    let s = match prefer.and_then(|id| live.iter().find(|s| s.id == id)) {
+        Some(s) => *s,
+        None => live[rng.usize(..live.len())],
+    };
     let pages = rng.u64(1..=4).min(s.npages);
     let first = if rng.bool() { 0 } else { rng.u64(0..=s.npages - pages) };
     let start = Hva(s.userspace_addr + first * PAGE_SIZE);

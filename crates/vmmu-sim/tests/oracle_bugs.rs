@@ -52,6 +52,22 @@ fn caught(bug: Bug, cfg: impl Fn(u64) -> MachineConfig) -> bool {
     })
 }
 
+/// Machines of this test process: most share the CPUs, some need them alone. The wrap-trap runs
+/// make 2^19 memslot updates in a row, and each one's grace periods cost a process-wide barrier
+/// whose price grows with the other machines' threads; the stress run that catches a fault
+/// preempted between decision and installation needs the other vCPU to run meanwhile.
+static MACHINES: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Held by a test whose machine may share the CPUs with others.
+fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    MACHINES.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Held by a test whose machine runs alone.
+fn alone() -> std::sync::RwLockWriteGuard<'static, ()> {
+    MACHINES.write().unwrap_or_else(|e| e.into_inner())
+}
+
 fn budget(seed: u64) -> MachineConfig {
     MachineConfig {
         seed,
@@ -65,6 +81,7 @@ fn budget(seed: u64) -> MachineConfig {
 
 #[test]
 fn oracle_catches_mmio_spte_ignores_gen() {
+    let _machines = shared();
     for f in [FormatKind::Ept, FormatKind::Npt] {
         assert!(
             violations(Bug::MmioSpteIgnoresGen, f) > 0,
@@ -75,6 +92,7 @@ fn oracle_catches_mmio_spte_ignores_gen() {
 
 #[test]
 fn oracle_catches_no_tlb_flush_on_zap() {
+    let _machines = shared();
     assert!(violations(Bug::NoTlbFlushOnZap, FormatKind::Ept) > 0, "a stale TLB entry went unseen");
 }
 
@@ -82,11 +100,13 @@ fn oracle_catches_no_tlb_flush_on_zap() {
 /// bug answers MMIO for it while the slot is invalid.
 #[test]
 fn oracle_catches_invalid_slot_as_mmio() {
+    let _machines = shared();
     assert!(caught(Bug::InvalidSlotAsMmio, budget), "MMIO inside an overlapping move went unseen");
 }
 
 #[test]
 fn oracle_catches_zapped_spte_is_misconfig() {
+    let _machines = shared();
     let run = |seed| {
         let r = run(budget(seed), BugSet::only(Bug::ZappedSpteIsMisconfig));
         r.oracle.violations + r.vcpus.iter().map(|v| v.errors).sum::<u64>() > 0
@@ -98,14 +118,27 @@ fn oracle_catches_zapped_spte_is_misconfig() {
 /// DIMM's hot-plug.
 #[test]
 fn oracle_catches_vcpu_cache_without_gen() {
+    let _machines = shared();
     let stress = |seed| MachineConfig { stress_paths: true, ..budget(seed) };
     assert!(caught(Bug::VcpuCacheWithoutGen, stress), "a stale MMIO info cache hit went unseen");
 }
 
-/// The wrap-trap runs make 2^19 memslot updates in a row; each one's grace periods cost a
-/// process-wide barrier, whose price grows with the other threads of this test process that are
-/// running (machines of the tests beside it): run the two trap tests one at a time.
-static TRAP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// Issue 11 defect 1 end to end: `--stress-paths` preempts faults between their decision and
+/// their installation (`SimHost`'s preemption point) and invalidates the slot a request just
+/// mapped, so a stale "MMIO" decision lands on another vCPU's fresh leaf inside a create, and
+/// the host invalidation that follows finds no present leaf to flush: that vCPU reads the
+/// poisoned page through its TLB.
+#[test]
+fn oracle_catches_mmio_over_present_spte_under_stress_paths() {
+    let _machines = alone();
+    // What `vmmu run --stress-paths --seconds 4 --seed SEED` runs.
+    let stress = |seed| {
+        let opts =
+            vmmu_sim::RunOptions { stress_paths: true, seconds: 4.0, seed, ..Default::default() };
+        opts.machine_config().expect("valid options")
+    };
+    assert!(caught(Bug::MmioOverPresentSpte, stress), "a stale TLB entry went unseen");
+}
 
 fn trap(seed: u64) -> MachineConfig {
     MachineConfig {
@@ -121,13 +154,13 @@ fn trap(seed: u64) -> MachineConfig {
 /// trap SPTEs) lets the DIMM's reads hit them while a slow host fault holds the grace period.
 #[test]
 fn oracle_catches_no_second_increment() {
-    let _one_at_a_time = TRAP.lock().unwrap_or_else(|e| e.into_inner());
+    let _machines = alone();
     assert!(caught(Bug::NoSecondIncrement, trap), "a pre-wrap MMIO SPTE hit went unseen");
 }
 
 #[test]
 fn wrap_trap_runs_clean() {
-    let _one_at_a_time = TRAP.lock().unwrap_or_else(|e| e.into_inner());
+    let _machines = alone();
     let report = run(trap(50), BugSet::NONE);
     let t = report.memslots.wrap_trap;
     assert!(t.armed && t.sprung, "{report:#?}");

@@ -80,11 +80,21 @@ pub enum Bug {
     /// Undoes the remote TLB flush on zap (kvm_flush_remote_tlbs): zapping present leaves does not
     /// flush the vCPUs' TLBs.
     NoTlbFlushOnZap = 9,
+    /// Undoes aad885e77496 "Drop/zap existing present SPTE even when creating an MMIO SPTE"
+    /// (2026): a fault that decided "MMIO" writes its MMIO SPTE over a present leaf, with no TLB
+    /// flush. Here the decision can be older than the leaf (a fault that read the memslots
+    /// before a slot create, installing after another vCPU mapped the new slot; issue 11
+    /// defect 1).
+    ///
+    /// Harm: the other vCPU keeps the leaf's translation in its TLB; the MMIO SPTE is not
+    /// present, so the later delete of the slot finds nothing to flush, and that vCPU goes on
+    /// reading and writing the deleted slot's frame.
+    MmioOverPresentSpte = 10,
 }
 
 impl Bug {
     /// Every bug, in a stable order.
-    pub const ALL: [Bug; 10] = [
+    pub const ALL: [Bug; 11] = [
         Bug::NoSecondIncrement,
         Bug::CacheWhileInProgress,
         Bug::VcpuCacheWithoutGen,
@@ -95,6 +105,7 @@ impl Bug {
         Bug::InvalidSlotAsMmio,
         Bug::MmioSpteIgnoresGen,
         Bug::NoTlbFlushOnZap,
+        Bug::MmioOverPresentSpte,
     ];
 
     /// The bug's command-line name.
@@ -110,6 +121,7 @@ impl Bug {
             Bug::InvalidSlotAsMmio => "invalid-slot-as-mmio",
             Bug::MmioSpteIgnoresGen => "mmio-spte-ignores-gen",
             Bug::NoTlbFlushOnZap => "no-tlb-flush-on-zap",
+            Bug::MmioOverPresentSpte => "mmio-over-present-spte",
         }
     }
 

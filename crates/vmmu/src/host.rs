@@ -115,6 +115,17 @@ pub trait Sched: Send + Sync {
         None
     }
 
+    /// A point in the MMU where a real CPU could be preempted or take a long interrupt: the MMU
+    /// calls it and goes on. The default does nothing (and compiles away). Test hosts and the
+    /// software machine use it to widen race windows on purpose (a vCPU's decision made from
+    /// one memslot set and installed much later), so that tests and `vmmu run --stress-paths`
+    /// reach interleavings that are otherwise rare. It must not take MMU locks or update
+    /// memslots on the calling thread (the caller is inside a memslot read section).
+    #[inline(always)]
+    fn preempt_point(&self, point: PreemptPoint) {
+        let _ = point;
+    }
+
     /// The SRCU fence kind this host allows.
     fn reader_fences(&self) -> crate::srcu::ReaderFences {
         match self.process_barrier() {
@@ -122,6 +133,15 @@ pub trait Sched: Send + Sync {
             None => crate::srcu::ReaderFences::Full,
         }
     }
+}
+
+/// Where [`Sched::preempt_point`] is called.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub enum PreemptPoint {
+    /// A fault's slow path has decided what to install (RAM leaf or MMIO SPTE) from the memslot
+    /// set it read, and is about to take the MMU lock, check staleness and install it.
+    FaultDecided,
 }
 
 /// [`Sched::relax`] as a [`Relax`] for the MMU's wait loops.

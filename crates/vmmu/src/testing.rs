@@ -153,6 +153,13 @@ impl crate::host::Sched for TestHost {
         self.relaxes.fetch_add(1, Ordering::Relaxed);
         crate::sync::Relax::relax(&crate::sync::DefaultRelax::default());
     }
+
+    fn preempt_point(&self, point: crate::host::PreemptPoint) {
+        #[cfg(all(feature = "std", not(loom)))]
+        preempt::run(point);
+        #[cfg(not(all(feature = "std", not(loom))))]
+        let _ = point;
+    }
 }
 
 impl HostMemory for TestHost {
@@ -185,6 +192,42 @@ impl HostMemory for TestHost {
 }
 
 const _: () = assert!(ENTRIES_PER_TABLE == 512);
+
+#[cfg(all(feature = "std", not(loom)))]
+pub mod preempt {
+    //! Per-thread hooks at the MMU's preemption points ([`crate::host::Sched::preempt_point`]):
+    //! a test parks a vCPU thread at a named point (e.g. after its fault decided, before it
+    //! installs) and makes other threads act meanwhile, deterministically, without timing.
+    use crate::host::PreemptPoint;
+    use core::cell::RefCell;
+    use std::boxed::Box;
+
+    /// A hook run at every preemption point the calling thread reaches.
+    pub type Hook = Box<dyn FnMut(PreemptPoint)>;
+
+    std::thread_local! {
+        static HOOK: RefCell<Option<Hook>> = const { RefCell::new(None) };
+    }
+
+    /// Sets (or with `None` clears) the calling thread's hook.
+    pub fn on_this_thread(hook: Option<Hook>) {
+        HOOK.with(|h| *h.borrow_mut() = hook);
+    }
+
+    pub(super) fn run(point: PreemptPoint) {
+        // Taken out while it runs, so a hook that reaches a point itself does not recurse.
+        let hook = HOOK.with(|h| h.borrow_mut().take());
+        if let Some(mut f) = hook {
+            f(point);
+            HOOK.with(|h| {
+                let mut slot = h.borrow_mut();
+                if slot.is_none() {
+                    *slot = Some(f);
+                }
+            });
+        }
+    }
+}
 
 /// A slow host for race tests: table lookups made by a chosen thread take longer (a cache miss,
 /// a preemption), which widens the window between a fault's decision and its installation so a

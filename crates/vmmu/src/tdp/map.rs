@@ -91,7 +91,9 @@ impl<H: Host> TdpMmu<H> {
             let present = SpteFormat::is_mmu_present(old);
             if level <= target && (!present || fmt.is_leaf(old, level)) {
                 // Target level reached and no lower table is in the way.
-                if present && fmt.leaf_allows(old, access) {
+                let mmio_over_present = matches!(spec, LeafSpec::Mmio(_))
+                    && self.cfg.bugs.has(crate::bugs::Bug::MmioOverPresentSpte);
+                if present && fmt.leaf_allows(old, access) && !mmio_over_present {
                     return MapOutcome::PresentLeafAllows;
                 }
                 let new = match spec {
@@ -106,7 +108,8 @@ impl<H: Host> TdpMmu<H> {
                 }
                 match self.set_spte_atomic(entry, old, new, level, gfn) {
                     Err(()) => return MapOutcome::Retry,
-                    Ok(FlushNeed::Remote) => self.flush_remote_tlbs(),
+                    Ok(FlushNeed::Remote) if !mmio_over_present => self.flush_remote_tlbs(),
+                    Ok(FlushNeed::Remote) => {}
                     Ok(FlushNeed::NotNeeded) => {}
                 }
                 return MapOutcome::Installed { level };

@@ -206,6 +206,7 @@ impl VcpuMmu {
             }
         };
 
+        mmu.host.preempt_point(crate::host::PreemptPoint::FaultDecided);
         let shared = mmu.mmu_lock.read_vcpu(&mmu.vcpus[self.index], &mmu.relax());
         let Some(root) = self.root.as_ref() else {
             return Ok(retry(stats, RetryCause::NoRoot));

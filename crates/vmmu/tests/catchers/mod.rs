@@ -90,6 +90,7 @@ pub fn catcher(bug: Bug) -> Catcher {
         Bug::NoStaleRootCheck => Catcher::Invariant(invariant_obsolete_root_gains_no_mapping),
         Bug::InvalidSlotAsMmio => Catcher::Harm(catch_invalid_slot_as_mmio),
         Bug::NoTlbFlushOnZap => Catcher::Harm(catch_no_tlb_flush_on_zap),
+        Bug::MmioOverPresentSpte => Catcher::Harm(catch_mmio_over_present_spte),
     }
 }
 
@@ -533,5 +534,77 @@ pub fn catch_no_tlb_flush_on_zap(bugs: BugSet) -> Option<Harm> {
         gpa: X,
         expected: "MMIO emulation: the slot was deleted before the read began".to_string(),
         seen: format!("{after:?}: the deleted slot's frame, from the vCPU's TLB"),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// mmio-over-present-spte
+// ---------------------------------------------------------------------------------------------
+
+/// Issue 11 defect 1, the interleaving KVM's aad885e77496 closes. vCPU A reads X while no slot
+/// covers it; its fault decides "MMIO" from that memslot set and is parked (a preemption point,
+/// `vmmu::testing::preempt`) before it installs. Meanwhile the VMM creates a slot at X (the
+/// create publishes its set, then waits for A's read section) and vCPU B reads X: RAM, which B's
+/// TLB caches. A then installs its decision. After the create returns, the VMM deletes the slot
+/// and B reads X again.
+///
+/// Harm: B reads the deleted slot's frame from its TLB, because A's MMIO SPTE replaced B's leaf
+/// without a flush, and the delete found nothing present to flush.
+pub fn catch_mmio_over_present_spte(bugs: BugSet) -> Option<Harm> {
+    use vmmu::host::PreemptPoint;
+    const X: u64 = 0x10_0000;
+    let (vm, _h) = vm_with(ept(bugs));
+    let old_gen = vm.memslots().generation(AsId(0));
+    let mut a = vm.create_vcpu().unwrap();
+    let mut b = vm.create_vcpu().unwrap();
+    let (decided_tx, decided_rx) = mpsc::channel::<()>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let thread_a = std::thread::spawn(move || {
+        // Parks A once, at its first fault's decision.
+        let mut once = Some((decided_tx, go_rx));
+        vmmu::testing::preempt::on_this_thread(Some(Box::new(move |point| {
+            if point == PreemptPoint::FaultDecided {
+                if let Some((decided, go)) = once.take() {
+                    decided.send(()).unwrap();
+                    go.recv().unwrap();
+                }
+            }
+        })));
+        let mut tlb = HashMap::new();
+        enter(&mut a, &mut tlb);
+        let seen = tlb_read(&mut a, &mut tlb, X);
+        a.exit_guest_mode();
+        vmmu::testing::preempt::on_this_thread(None);
+        seen
+    });
+    decided_rx.recv().unwrap();
+    let updater = {
+        let vm = vm.clone();
+        std::thread::spawn(move || {
+            vm.set_memory_region(&region(0, X, 0x1000, RAM_HVA + 0x5000, 0)).unwrap();
+        })
+    };
+    // The create's set is published (with its in-progress generation) before it waits for A.
+    while vm.memslots().generation(AsId(0)) == old_gen {
+        std::thread::yield_now();
+    }
+    let mut tlb_b = HashMap::new();
+    enter(&mut b, &mut tlb_b);
+    let first = tlb_read(&mut b, &mut tlb_b, X);
+    b.exit_guest_mode();
+    assert_eq!(first, Seen::Ram(ram(5)), "setup: B maps the new slot");
+    go_tx.send(()).unwrap();
+    let seen_a = thread_a.join().unwrap();
+    updater.join().unwrap();
+    vm.set_memory_region(&region(0, X, 0, 0, 0)).unwrap();
+    enter(&mut b, &mut tlb_b);
+    let after = tlb_read(&mut b, &mut tlb_b, X);
+    b.exit_guest_mode();
+    (after != Seen::Mmio(EmulateSource::SlowPathMmio)).then(|| Harm {
+        gpa: X,
+        expected: "MMIO emulation: the slot was deleted before the read began".to_string(),
+        seen: format!(
+            "{after:?}: the deleted slot's frame, from B's TLB (A's parked fault saw {seen_a:?})"
+        ),
     })
 }
