@@ -12,7 +12,9 @@
 //! - the error code is KVM's: 0 (not present, unbacked table), `RSVD|P`, or `P` (permission),
 //!   then `|W|U` from the access and `|FETCH` for a fetch when EFER.NX (facts §2.4);
 //! - `pte_access` of a non-write access lacks W unless the leaf is dirty (`protect_clean_gpte`),
-//!   so the first write through a shadow of a clean gPTE faults and sets D.
+//!   so the first write through a shadow of a clean gPTE faults and sets D;
+//! - a walk allocates nothing and takes no lock (it runs on the uncached MMIO path); it holds no
+//!   state between calls.
 //!
 //! Where we differ from KVM, and why:
 //! - a non-canonical GVA (4-level) or a GVA above 4 GiB (PAE) is [`WalkError::NonCanonical`]:
@@ -114,6 +116,45 @@ pub enum WalkError {
 }
 
 /// Walks the guest's tables for an `access` to `gva` (see the module doc for the rules).
+///
+/// ```
+/// use core::cell::RefCell;
+/// use vmmu::guest::{walk, GpteWriteError, GuestCpu, GuestPteMemory, PagingMode, WalkError};
+/// use vmmu::{Access, FaultAccess, Gpa, Gva, Level};
+///
+/// /// Guest memory: a few gPTEs at fixed addresses.
+/// struct Mem(RefCell<Vec<(u64, u64)>>);
+/// impl GuestPteMemory for Mem {
+///     fn read_gpte(&self, gpa: Gpa) -> Option<u64> {
+///         self.0.borrow().iter().find(|e| e.0 == gpa.0).map(|e| e.1)
+///     }
+///     fn cmpxchg_gpte(&self, gpa: Gpa, old: u64, new: u64) -> Result<bool, GpteWriteError> {
+///         let mut m = self.0.borrow_mut();
+///         let e = m.iter_mut().find(|e| e.0 == gpa.0).ok_or(GpteWriteError::Unreadable)?;
+///         let swapped = e.1 == old;
+///         if swapped {
+///             e.1 = new;
+///         }
+///         Ok(swapped)
+///     }
+/// }
+///
+/// // PML4 at 0x1000, PDPT at 0x2000, a 2 MiB page at 0x4000_0000 (present, writable, user).
+/// let mem = Mem(RefCell::new(vec![(0x1000, 0x2000 | 0x7), (0x2000, 0x3000 | 0x7), (0x3000, 0x4000_0000 | 0x87)]));
+/// let cpu = GuestCpu { mode: PagingMode::Long4, cr3: 0x1000, cr0_wp: true, efer_nx: true, maxphyaddr: 40 };
+///
+/// let w = walk(&cpu, &mem, Gva(0x12_3456), FaultAccess::READ).unwrap();
+/// assert_eq!((w.gpa, w.level), (Gpa(0x4012_3456), Level::L2M));
+/// // The page is clean: a read's rights lack W, so the first write faults in the shadow and sets D.
+/// assert!(!w.pte_access.contains(Access::WRITE));
+/// assert_eq!(mem.read_gpte(Gpa(0x3000)), Some(0x4000_0000 | 0x87 | 0x20), "A set, D not");
+///
+/// // Nothing mapped at 1 GiB: a not-present #PF for the guest (error code W for a write).
+/// match walk(&cpu, &mem, Gva(1 << 30), FaultAccess::WRITE) {
+///     Err(WalkError::PageFault(f)) => assert_eq!(f.error_code.0, 0b10),
+///     other => panic!("{other:?}"),
+/// }
+/// ```
 pub fn walk(
     cpu: &GuestCpu,
     mem: &impl GuestPteMemory,
