@@ -19,6 +19,7 @@ extern crate std;
 pub mod bugs;
 mod error;
 pub mod fault;
+pub mod guest;
 pub mod host;
 pub mod invalidate;
 pub mod memslot;
