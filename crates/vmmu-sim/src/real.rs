@@ -270,6 +270,12 @@ fn translate(v: &mut RealVcpu, gpa: Gpa, access: AccessKind) -> Translation {
         Ok(FaultOutcome::Fixed | FaultOutcome::Spurious | FaultOutcome::Retry(_)) => {
             Translation::Retry
         }
+        // The machine's VMs are TDP VMs: a guest page fault cannot come out of their entry
+        // points.
+        Ok(FaultOutcome::GuestPageFault { addr, .. }) => Translation::Error(format!(
+            "vCPU {}: guest #PF at {addr} from a TDP VM",
+            v.vcpu.index()
+        )),
         Err(e) => Translation::Error(format!("vCPU {}: {e}", v.vcpu.index())),
     }
 }

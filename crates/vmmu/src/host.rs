@@ -80,6 +80,18 @@ pub trait HostMemory: Send + Sync {
     fn translate(&self, hva: Hva, write: bool) -> Result<HostPage, HostFault>;
 }
 
+/// Guest memory as the shadow MMU reads and updates it: 8-byte words at host-virtual addresses
+/// (KVM `get_user` / `__try_cmpxchg_user` on the memslot's host mapping). Only shadow paging
+/// needs it (the guest's page tables live in guest memory); TDP VMs never call it, so the
+/// shadow MMU's entry points are available only for hosts that implement it.
+pub trait GuestMemory: Send + Sync {
+    /// Reads the 8-byte word at `hva` (8-aligned).
+    fn read_u64(&self, hva: Hva) -> Result<u64, HostFault>;
+    /// Replaces the 8-byte word at `hva` (8-aligned) with `new` if it equals `old`, atomically
+    /// with respect to the guest's own accesses: `Ok(true)` replaced, `Ok(false)` it had changed.
+    fn cmpxchg_u64(&self, hva: Hva, old: u64, new: u64) -> Result<bool, HostFault>;
+}
+
 /// The host's scheduler, as the MMU needs it: getting a vCPU out of guest mode (KVM
 /// `kvm_vcpu_kick`: an IPI to the CPU running it), and how the MMU's waits wait (grace periods,
 /// remote-flush acknowledgements, host invalidations in flight).

@@ -24,6 +24,7 @@ pub mod host;
 pub mod invalidate;
 pub mod memslot;
 pub mod requests;
+pub mod shadow;
 mod shared;
 pub mod spte;
 pub mod srcu;

@@ -14,6 +14,9 @@ use crate::tdp::TdpMmu;
 pub(crate) struct VmShared<H: Host> {
     pub(crate) memslots: Memslots,
     pub(crate) mmu: TdpMmu<H>,
+    /// The shadow MMU, for a VM with shadow paging ([`crate::vm::MmuKind::Shadow`]); then
+    /// `mmu` has no roots and serves as the VM-wide machinery (see [`crate::shadow`]).
+    pub(crate) shadow: Option<crate::shadow::ShadowMmu>,
     pub(crate) policy: MmioCachingPolicy,
     pub(crate) bugs: BugSet,
     /// Serialises memslot updates, `zap_all_fast` and the start of host invalidations (KVM's

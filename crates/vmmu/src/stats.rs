@@ -94,6 +94,12 @@ pub struct VcpuStats {
     pub root_loads: u64,
     /// Retries, by cause (index: [`RetryCause`] as usize).
     pub retries: [u64; RetryCause::COUNT],
+    /// Shadow paging: INVLPGs handled (KVM `invlpg`).
+    pub invlpg: u64,
+    /// Shadow paging: page faults given back to the guest (KVM `pf_guest`).
+    pub pf_guest: u64,
+    /// Shadow paging: writes to write-protected guest page tables sent to emulation.
+    pub write_protected_emulations: u64,
 }
 
 impl VcpuStats {
@@ -118,6 +124,9 @@ impl VcpuStats {
         self.readonly_write_emulations += o.readonly_write_emulations;
         self.slow_path_mmio += o.slow_path_mmio;
         self.root_loads += o.root_loads;
+        self.invlpg += o.invlpg;
+        self.pf_guest += o.pf_guest;
+        self.write_protected_emulations += o.write_protected_emulations;
         for (a, b) in self.retries.iter_mut().zip(o.retries.iter()) {
             *a += b;
         }

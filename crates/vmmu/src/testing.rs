@@ -42,6 +42,8 @@ pub struct TestHost {
     use_after_free: AtomicU64,
     kicks: AtomicU64,
     relaxes: AtomicU64,
+    /// Guest memory contents (8-byte words by host address; unwritten words read 0).
+    words: Mutex<alloc::collections::BTreeMap<u64, u64>>,
 }
 
 impl TestHost {
@@ -59,6 +61,7 @@ impl TestHost {
             allocated: AtomicU64::new(0),
             freed: AtomicU64::new(0),
             use_after_free: AtomicU64::new(0),
+            words: Mutex::new(alloc::collections::BTreeMap::new()),
             kicks: AtomicU64::new(0),
             relaxes: AtomicU64::new(0),
         }
@@ -68,6 +71,17 @@ impl TestHost {
     /// the host uses there (blocks aligned in both hva and pfn get it).
     pub fn map(&self, hva: u64, len: u64, pfn: u64, level: Level, writable: bool) {
         self.mappings.lock().push(Mapping { hva, len, pfn, level, writable });
+    }
+
+    /// Writes the 8-byte word at `hva` of mapped host memory (a guest or host write, e.g. of a
+    /// guest page-table entry). Panics if `hva` is unmapped or unaligned (a test bug).
+    pub fn write_u64(&self, hva: u64, value: u64) {
+        assert!(hva % 8 == 0 && self.is_mapped(hva), "write of unmapped or unaligned {hva:#x}");
+        self.words.lock().insert(hva, value);
+    }
+
+    fn is_mapped(&self, hva: u64) -> bool {
+        self.mappings.lock().iter().any(|m| hva >= m.hva && hva - m.hva < m.len)
     }
 
     /// Makes the next table allocations fail (or succeed again).
@@ -159,6 +173,28 @@ impl crate::host::Sched for TestHost {
         preempt::run(point);
         #[cfg(not(all(feature = "std", not(loom))))]
         let _ = point;
+    }
+}
+
+impl crate::host::GuestMemory for TestHost {
+    fn read_u64(&self, hva: Hva) -> Result<u64, HostFault> {
+        if !self.is_mapped(hva.raw()) {
+            return Err(HostFault::Unmapped(hva));
+        }
+        Ok(self.words.lock().get(&(hva.raw() & !7)).copied().unwrap_or(0))
+    }
+
+    fn cmpxchg_u64(&self, hva: Hva, old: u64, new: u64) -> Result<bool, HostFault> {
+        if !self.is_mapped(hva.raw()) {
+            return Err(HostFault::Unmapped(hva));
+        }
+        let mut words = self.words.lock();
+        let w = words.entry(hva.raw() & !7).or_insert(0);
+        if *w != old {
+            return Ok(false);
+        }
+        *w = new;
+        Ok(true)
     }
 }
 

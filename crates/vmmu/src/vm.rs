@@ -1,6 +1,9 @@
-//! A VM: memslots and the TDP MMU tied together (KVM's `struct kvm` for the parts this crate
+//! A VM: memslots and the MMU tied together (KVM's `struct kvm` for the parts this crate
 //! covers): `set_memory_region` with the MMU's hooks (zap on delete/move, zap all on an MMIO
 //! generation wrap), vCPU creation, `zap_all_fast`, host invalidations, and the MMIO caching state.
+//! The MMU is chosen per VM ([`MmuKind`]): the TDP MMU (EPT or NPT tables keyed by
+//! guest-physical address) or the shadow MMU (tables that shadow the guest's own page tables,
+//! keyed by guest-virtual address). Both take the same memslot hooks, flushes and requests.
 
 use crate::bugs::BugSet;
 use crate::host::Host;
@@ -16,6 +19,17 @@ use crate::tdp::{TdpConfig, TdpError, TdpMmu};
 use crate::types::{AsId, Generation, Gfn, Hva, Level, PAGE_SHIFT};
 use crate::vcpu::Vcpu;
 use alloc::vec::Vec;
+
+/// Which MMU a VM uses.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub enum MmuKind {
+    /// Two-dimensional paging: the MMU maps guest-physical addresses (KVM with TDP on).
+    #[default]
+    Tdp,
+    /// Shadow paging: the MMU shadows the guest's page tables (KVM with TDP off). The SPTEs are
+    /// x86 page-table entries, so the format must be NPT-like ([`FormatKind::Npt`]).
+    Shadow,
+}
 
 /// How to build a [`Vm`].
 #[derive(Clone, Copy, Debug)]
@@ -38,9 +52,21 @@ pub struct VmConfig {
     pub generation_base: u64,
     /// Historical bugs to re-inject (empty normally).
     pub bugs: BugSet,
+    /// The MMU.
+    pub mmu: MmuKind,
+    /// Shadow paging: the most shadow pages before the oldest are recycled (KVM
+    /// `n_max_mmu_pages`, `KVM_SET_NR_MMU_PAGES`; at least 64).
+    pub shadow_max_pages: usize,
 }
 
 impl VmConfig {
+    /// A shadow-paging configuration (x86 page-table SPTEs) on a host with `phys_bits`.
+    pub fn shadow(phys_bits: u8) -> Result<Self, VmError> {
+        let mut cfg = VmConfig::new(FormatKind::Npt, phys_bits)?;
+        cfg.mmu = MmuKind::Shadow;
+        Ok(cfg)
+    }
+
     /// A configuration for `format` on a host with `phys_bits` of physical address, caching as
     /// the user allows, one address space, `max_vcpus` vCPUs.
     pub fn new(format: FormatKind, phys_bits: u8) -> Result<Self, VmError> {
@@ -54,6 +80,8 @@ impl VmConfig {
             slot_zap_all: false,
             generation_base: 0,
             bugs: BugSet::NONE,
+            mmu: MmuKind::Tdp,
+            shadow_max_pages: 4096,
         })
     }
 }
@@ -70,6 +98,9 @@ pub enum VmError {
     /// The TDP MMU configuration is unusable, or a vCPU could not be added.
     #[error(transparent)]
     Tdp(#[from] TdpError),
+    /// Shadow paging needs x86 page-table SPTEs.
+    #[error("shadow paging needs the x86 page-table SPTE format (FormatKind::Npt), not {0:?}")]
+    ShadowNeedsX86Format(FormatKind),
 }
 
 /// A read-only view of a VM's memslots.
@@ -138,6 +169,7 @@ pub enum UpdateProbe {
 /// `kvm_arch_memslots_updated`).
 struct MmuHooks<'a, H: Host> {
     mmu: &'a TdpMmu<H>,
+    shadow: Option<&'a crate::shadow::ShadowMmu>,
     nr_as: u16,
     #[cfg(feature = "testing")]
     probe: Option<&'a dyn Fn(UpdateProbe)>,
@@ -147,6 +179,7 @@ impl<'a, H: Host> MmuHooks<'a, H> {
     fn new(inner: &'a VmShared<H>) -> Self {
         MmuHooks {
             mmu: &inner.mmu,
+            shadow: inner.shadow.as_ref(),
             nr_as: inner.memslots.nr_address_spaces(),
             #[cfg(feature = "testing")]
             probe: None,
@@ -156,7 +189,11 @@ impl<'a, H: Host> MmuHooks<'a, H> {
 
 impl<H: Host> MemslotHooks for MmuHooks<'_, H> {
     fn flush_slot(&self, old: &Memslot) {
-        if self.mmu.config().slot_zap_all {
+        if let Some(shadow) = self.shadow {
+            // KVM's default (KVM_X86_QUIRK_SLOT_ZAP_ALL) for the shadow MMU: shadow pages of
+            // guest tables in the slot and leaves of its frames are spread over every root.
+            shadow.zap_all_fast(self.mmu);
+        } else if self.mmu.config().slot_zap_all {
             self.mmu.zap_all_fast();
         } else {
             self.mmu.zap_gfn_range(old.as_id(), old.base_gfn(), old.end_gfn());
@@ -186,7 +223,10 @@ impl<H: Host> MmuHooks<'_, H> {
         // space modifier stripped), no MMIO SPTE may survive, or an old one could match again.
         if new_gen.is_mmio_wrap(self.nr_as) {
             self.mmu.stats.mmio_gen_wraps.add(1);
-            self.mmu.zap_all_fast();
+            match self.shadow {
+                Some(shadow) => shadow.zap_all_fast(self.mmu),
+                None => self.mmu.zap_all_fast(),
+            }
         }
     }
 }
@@ -194,6 +234,9 @@ impl<H: Host> MmuHooks<'_, H> {
 impl<H: Host> Vm<H> {
     /// Builds a VM on `host`.
     pub fn new(cfg: VmConfig, host: Arc<H>) -> Result<Self, VmError> {
+        if cfg.mmu == MmuKind::Shadow && cfg.format != FormatKind::Npt {
+            return Err(VmError::ShadowNeedsX86Format(cfg.format));
+        }
         let format = SpteFormat::new(cfg.format, cfg.host_cpu.phys_bits())?;
         let policy =
             MmioCachingPolicy::for_format(cfg.mmio_caching, cfg.host_cpu, cfg.format, cfg.bugs);
@@ -226,6 +269,8 @@ impl<H: Host> Vm<H> {
             inner: Arc::new(VmShared {
                 memslots,
                 mmu,
+                shadow: (cfg.mmu == MmuKind::Shadow)
+                    .then(|| crate::shadow::ShadowMmu::new(cfg.shadow_max_pages)),
                 policy,
                 bugs: cfg.bugs,
                 vmm_lock: crate::sync::Mutex::new(vmm_reader),
@@ -256,7 +301,10 @@ impl<H: Host> Vm<H> {
             let (as_id, _) = crate::types::SlotId::split(r.slot);
             let start = Gfn(r.guest_phys_addr >> PAGE_SHIFT);
             let end = Gfn((r.guest_phys_addr + r.memory_size) >> PAGE_SHIFT);
-            inner.mmu.zap_gfn_range(as_id, start, end);
+            match inner.shadow.as_ref() {
+                Some(shadow) => shadow.unmap_gfn_ranges(&inner.mmu, &[(as_id, start, end)]),
+                None => inner.mmu.zap_gfn_range(as_id, start, end),
+            }
         }
         Ok(change)
     }
@@ -270,7 +318,10 @@ impl<H: Host> Vm<H> {
     /// slots lock).
     pub fn zap_all_fast(&self) {
         let _g = self.inner.vmm_lock.lock_with(&self.inner.mmu.relax());
-        self.inner.mmu.zap_all_fast();
+        match self.inner.shadow.as_ref() {
+            Some(shadow) => shadow.zap_all_fast(&self.inner.mmu),
+            None => self.inner.mmu.zap_all_fast(),
+        }
     }
 
     /// Host invalidation start for host addresses `[start, end)` (KVM's MMU notifier
@@ -298,6 +349,11 @@ impl<H: Host> Vm<H> {
             }
         }
         inner.mmu.invalidate_begin(&ranges);
+        if let Some(shadow) = inner.shadow.as_ref() {
+            // After the begin: faults on the ranges retry from now on, and what faults
+            // installed before is dropped here.
+            shadow.unmap_gfn_ranges(&inner.mmu, &ranges);
+        }
     }
 
     /// Host invalidation end: pairs with one [`Self::invalidate_hva_range_begin`].
@@ -334,7 +390,10 @@ impl<H: Host> Vm<H> {
     #[cfg(feature = "testing")]
     pub fn zap_gfn_range_for_tests(&self, as_id: AsId, start: Gfn, end: Gfn) {
         let _g = self.inner.vmm_lock.lock_with(&self.inner.mmu.relax());
-        self.inner.mmu.zap_gfn_range(as_id, start, end);
+        match self.inner.shadow.as_ref() {
+            Some(shadow) => shadow.unmap_gfn_ranges(&self.inner.mmu, &[(as_id, start, end)]),
+            None => self.inner.mmu.zap_gfn_range(as_id, start, end),
+        }
     }
 
     /// A remote TLB flush of every vCPU (KVM `kvm_flush_remote_tlbs`). Test builds only.
@@ -361,6 +420,38 @@ impl<H: Host> Vm<H> {
     /// A snapshot of the VM-wide counters.
     pub fn stats(&self) -> VmStatsSnapshot {
         self.inner.mmu.stats.snapshot()
+    }
+
+    /// The shadow MMU (stats, page count), for a shadow-paging VM.
+    pub fn shadow_mmu(&self) -> Option<&crate::shadow::ShadowMmu> {
+        self.inner.shadow.as_ref()
+    }
+
+    /// Which MMU the VM uses.
+    pub fn mmu_kind(&self) -> MmuKind {
+        if self.inner.shadow.is_some() {
+            MmuKind::Shadow
+        } else {
+            MmuKind::Tdp
+        }
+    }
+
+    /// `KVM_SET_NR_MMU_PAGES`: a new shadow page limit (at least 64); the oldest pages no root
+    /// pins are zapped down to it. No-op for a TDP VM.
+    pub fn set_nr_mmu_pages(&self, n: usize) {
+        if let Some(shadow) = self.inner.shadow.as_ref() {
+            shadow.set_max_pages(&self.inner.mmu, n);
+        }
+    }
+
+    /// The host's memory shrinker asks for `nr` shadow pages back (KVM `mmu_shrink_scan`): the
+    /// oldest pages no root pins are zapped while vCPUs keep running. Returns how many. 0 for a
+    /// TDP VM.
+    pub fn shrink_shadow_pages(&self, nr: usize) -> usize {
+        match self.inner.shadow.as_ref() {
+            Some(shadow) => shadow.shrink(&self.inner.mmu, nr),
+            None => 0,
+        }
     }
 
     /// Frees table pages whose grace period has passed.

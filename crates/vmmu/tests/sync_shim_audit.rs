@@ -31,6 +31,11 @@ const ALLOWED: &[(&str, &str, &str)] = &[
         "the test host's per-thread preemption-point hook (a thread-local, std only, never loom)",
     ),
     (
+        "testmem.rs",
+        "core::cell::RefCell",
+        "the guest walker's single-threaded test memory (a map of gPTEs, never shared)",
+    ),
+    (
         "testing.rs",
         "std::thread::sleep",
         "the slow test host's delay of a table lookup (a delay, not a wait for another thread)",

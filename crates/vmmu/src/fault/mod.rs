@@ -23,6 +23,9 @@ pub enum EmulateSource {
     SlowPathMmio,
     /// A write to a read-only memslot: emulated, never cached as MMIO.
     ReadOnlyWrite,
+    /// Shadow paging: a write to a guest page table the MMU shadows (write-protected). Emulate
+    /// the write to RAM, then report it with [`crate::vcpu::Vcpu::track_write`].
+    WriteProtected,
 }
 
 /// What the vCPU does after a fault (KVM `RET_PF_*`).
@@ -42,6 +45,15 @@ pub enum FaultOutcome {
         access: Access,
         /// Why.
         source: EmulateSource,
+    },
+    /// Shadow paging: the guest's own page tables do not allow the access. Inject a #PF with
+    /// this error code and CR2 = `addr` into the guest (KVM `kvm_inject_emulated_page_fault`);
+    /// it is the guest's fault, not the MMU's.
+    GuestPageFault {
+        /// The faulting guest-virtual address (CR2).
+        addr: crate::types::Gva,
+        /// The architectural error code (P, W, U, RSVD, FETCH).
+        error_code: PfErr,
     },
 }
 
@@ -74,6 +86,16 @@ pub enum FaultError {
         /// What the host said.
         fault: HostFault,
     },
+    /// A shadow-paging entry point was called on a VM whose MMU is TDP (or the reverse).
+    #[error("this entry point needs a {wanted} VM")]
+    WrongMmu {
+        /// The MMU the entry point needs.
+        wanted: &'static str,
+    },
+    /// A guest-virtual address the guest cannot fault on (non-canonical; above 4 GiB with PAE):
+    /// the CPU raises #GP, never a page fault.
+    #[error("guest-virtual address {0} is not canonical for the guest's paging mode (#GP)")]
+    NonCanonical(crate::types::Gva),
     /// No frame for a page table (KVM: `-ENOMEM`).
     #[error("no host frame for a page table while handling gpa {0}")]
     OutOfMemory(Gpa),

@@ -250,6 +250,12 @@ impl SpteFormat {
         spte
     }
 
+    /// `spte` without its writable bit (write protection; shadow facts §4.1).
+    #[inline]
+    pub const fn without_write(spte: u64) -> u64 {
+        spte & !BIT_W
+    }
+
     /// Whether bit 7 (page size) is set. Meaningful for levels 2 and 3.
     #[inline]
     pub const fn is_large(&self, spte: u64) -> bool {

@@ -43,6 +43,7 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 use root::{Root, RootKind};
 
+pub(crate) use change::FlushNeed;
 pub(crate) use lock::{MmuLock, MmuRead, MmuWrite};
 
 /// Static configuration of one VM's TDP MMU.

@@ -112,6 +112,28 @@ impl MmioInfoCache {
         self.entries.iter().any(|e| e.gva != 0 && e.gva == page && e.gen_ok(gen, bugs))
     }
 
+    /// The gfn and access cached for the page of `gva` under generation `gen` (KVM
+    /// `vcpu_match_mmio_gva` and the `mmio_gfn`/`mmio_access` it pairs with): shadow paging's
+    /// hit needs no guest walk. The caller checks the access against the cached rights.
+    #[inline]
+    pub fn lookup_gva(&self, gva: u64, gen: Generation, bugs: BugSet) -> Option<(Gfn, Access)> {
+        let page = gva & !crate::types::PAGE_OFFSET_MASK;
+        self.entries
+            .iter()
+            .find(|e| e.gva != 0 && e.gva == page && e.gfn != 0 && e.gen_ok(gen, bugs))
+            .map(|e| (Gfn(e.gfn), e.access))
+    }
+
+    /// Clears the gva part of the entry for the page of `gva`, if any (KVM
+    /// `vcpu_clear_mmio_info(vcpu, gva)` on INVLPG).
+    #[inline]
+    pub fn clear_gva_page(&mut self, gva: u64) {
+        let page = gva & !crate::types::PAGE_OFFSET_MASK;
+        for e in self.entries.iter_mut().filter(|e| e.gva == page) {
+            e.gva = 0;
+        }
+    }
+
     /// The gfn and access filled last, if any.
     pub fn entry(&self) -> Option<(Gfn, Access)> {
         let e = &self.entries[usize::from(self.last)];

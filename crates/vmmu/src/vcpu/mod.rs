@@ -29,6 +29,9 @@
 
 mod fault_path;
 pub mod mmio_cache;
+mod shadow_path;
+
+pub use shadow_path::{ShadowError, NUM_PREV_ROOTS};
 
 use crate::fault::{FaultError, FaultOutcome, PageFault, PfErr};
 use crate::host::Host;
@@ -114,6 +117,8 @@ pub(crate) struct VcpuMmu {
     slot_cache: SlotCache,
     /// In guest mode through [`Vcpu::enter_guest_mode`] (holding a raw table read section).
     in_guest: bool,
+    /// Shadow paging: the guest's paging state and the shadow roots (`None` under TDP).
+    shadow: Option<shadow_path::ShadowVcpu>,
 }
 
 impl<H: Host> Vcpu<H> {
@@ -133,6 +138,7 @@ impl<H: Host> Vcpu<H> {
             mmio_cache: MmioInfoCache::new(),
             slot_cache: SlotCache::default(),
             in_guest: false,
+            shadow: vm.shadow.is_some().then(shadow_path::ShadowVcpu::new),
         };
         Ok(Vcpu { vm, readers: VcpuReaders { memslot, table }, st, stats: VcpuStats::default() })
     }
@@ -178,6 +184,7 @@ impl<H: Host> Vcpu<H> {
         if let Some(r) = self.st.root.take() {
             self.vm.mmu.put_root(r);
         }
+        self.shadow_unload();
         // A new root: nothing cached under the old one may be trusted (issue 4, point 5).
         self.st.mmio_cache.clear();
     }
@@ -188,6 +195,23 @@ impl<H: Host> Vcpu<H> {
         debug_assert!(!self.st.in_guest, "requests are serviced outside guest mode");
         let mut work = EntryWork::default();
         let pending = self.state().pending();
+        if self.vm.shadow.is_some() {
+            let free_obsolete = pending.has(Request::FreeObsoleteRoots);
+            if free_obsolete {
+                self.state().clear(Request::FreeObsoleteRoots);
+            }
+            for r in [Request::TlbFlush, Request::Kick] {
+                if pending.has(r) {
+                    self.state().clear(r);
+                    work.flush_tlb |= r == Request::TlbFlush;
+                }
+            }
+            self.shadow_service(free_obsolete, &mut work)?;
+            if work.flush_tlb {
+                self.stats.tlb_flush += 1;
+            }
+            return Ok(work);
+        }
         if pending.has(Request::FreeObsoleteRoots) {
             self.state().clear(Request::FreeObsoleteRoots);
             // KVM `kvm_mmu_free_obsolete_roots`: pageless roots count as obsolete.
@@ -230,10 +254,9 @@ impl<H: Host> Vcpu<H> {
     /// Enters guest mode (KVM: `vcpu->mode = IN_GUEST_MODE` before VM entry). `Err` when
     /// requests are pending or no root is loaded: call [`Self::service_requests`] first.
     pub fn enter_guest(&mut self) -> Result<GuestMode<'_, H>, Requests> {
-        let Some(root) = self.st.root.as_ref() else {
+        let Some((root_pfn, root_level)) = self.hw_root() else {
             return Err(self.state().pending());
         };
-        let (root_pfn, root_level) = (root.pfn(), root.level());
         // The read section first: the hardware walker may reach any table from the root.
         let table_guard = self.vm.mmu.table_srcu.read_lock(&self.readers.table);
         let state = &self.vm.mmu.vcpus[self.st.index];
@@ -246,7 +269,7 @@ impl<H: Host> Vcpu<H> {
     /// [`Self::exit_guest_mode`]. Fault handlers must be called outside guest mode.
     pub fn enter_guest_mode(&mut self) -> Result<(), Requests> {
         debug_assert!(!self.st.in_guest, "already in guest mode");
-        if self.st.root.is_none() {
+        if self.hw_root().is_none() {
             return Err(self.state().pending());
         }
         let mmu = &self.vm.mmu;
@@ -258,6 +281,14 @@ impl<H: Host> Vcpu<H> {
         }
         self.st.in_guest = true;
         Ok(())
+    }
+
+    /// The frame and level the hardware walks from: the TDP root, or the shadow root.
+    fn hw_root(&self) -> Option<(Pfn, Level)> {
+        match self.st.root.as_ref() {
+            Some(r) => Some((r.pfn(), r.level())),
+            None => self.shadow_hw_root(),
+        }
     }
 
     /// Leaves guest mode entered with [`Self::enter_guest_mode`] (a VM exit). No-op outside it.
@@ -362,6 +393,12 @@ impl<H: Host> GuestMode<'_, H> {
         }
     }
 
+    /// The hardware's walk for a TLB miss on guest-virtual `gva` (shadow paging).
+    #[inline]
+    pub fn walk_gva(&self, gva: crate::types::Gva, need: Access) -> HwWalk {
+        self.walk(Gpa(gva.raw()), need)
+    }
+
     /// The root being walked.
     pub fn root(&self) -> (Pfn, Level) {
         (self.root_pfn, self.root_level)
@@ -380,6 +417,7 @@ impl<H: Host> Drop for Vcpu<H> {
         if let Some(r) = self.st.root.take() {
             self.vm.mmu.put_root(r);
         }
+        self.shadow_unload();
         // KVM `kvm_vcpu_destroy`: the index and the reader records go back for the next vCPU.
         self.vm.memslots.unregister_reader(&mut self.readers.memslot);
         self.vm.mmu.remove_vcpu(self.st.index, &mut self.readers.table);

@@ -1,0 +1,187 @@
+//! Building the shadow of one guest translation and installing its leaf (KVM `FNAME(fetch)` and
+//! `mmu_set_spte`, shadow facts §3.2-§3.3), under the shadow lock.
+//!
+//! Order: walk the shadow levels from the root by guest-virtual address; at each level find or
+//! create the child page that shadows the guest table the walk read there (indirect) or, below a
+//! guest 2 MiB page, the linear range (direct), reusing a linked child only if its gfn **and**
+//! role match (else unlink it: 0cb2af2ea66a, 81ccda30b4e8); flush if new shadowing
+//! write-protected anything, then re-read the guest PTEs and retry if one changed (KVM
+//! `gpte_changed`: the guest may have written its table before it was protected); then the
+//! leaf. A present SPTE is dropped (and flushed) before an MMIO SPTE replaces it (aad885e77496).
+
+use super::pages::{ShadowState, SpId, ZapBatch};
+use super::role::SpRole;
+use super::root::ShadowRoot;
+use super::ShadowStats;
+use crate::bugs::Bug;
+use crate::guest::{GuestPteMemory, GuestWalk};
+use crate::host::Host;
+use crate::spte::SpteFormat;
+use crate::stats::RetryCause;
+use crate::tdp::TdpMmu;
+use crate::types::{Access, FaultAccess, Gfn, Gva, Level, Pfn};
+
+/// What the fault wants at the leaf.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum LeafWant {
+    /// RAM: the host frame of the 4 KiB page, and whether the slot and host allow writes.
+    Ram { pfn: Pfn, writable: bool },
+    /// An MMIO SPTE (already encoded with the gfn, the guest's W/U and the generation).
+    Mmio(u64),
+}
+
+/// How the installation ended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum FetchOutcome {
+    /// The leaf was installed.
+    Installed,
+    /// The leaf already had this value.
+    Spurious,
+    /// Fault again.
+    Retry(RetryCause),
+    /// A write to a guest page table the MMU shadows: the leaf stays read-only, the write must
+    /// be emulated (and reported to [`crate::vcpu::Vcpu::track_write`]).
+    WriteProtected,
+    /// No frame for a shadow page.
+    OutOfMemory,
+}
+
+/// The guest-physical frame a direct page at `level` starting around `gfn` covers from.
+fn direct_base(gfn: Gfn, level: Level) -> Gfn {
+    Gfn(gfn.raw() & !(level.pages() * 512 - 1))
+}
+
+/// Builds the shadow path for `gva` as `walk` translated it and installs `want` (under the
+/// lock; `batch` collects flushes and frees for the caller's commit).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fetch<H: Host>(
+    core: &TdpMmu<H>,
+    stats: &ShadowStats,
+    st: &mut ShadowState,
+    root: &ShadowRoot,
+    walk: &GuestWalk,
+    nonpaging: bool,
+    gva: Gva,
+    access: FaultAccess,
+    want: LeafWant,
+    mem: &impl GuestPteMemory,
+    batch: &mut ZapBatch,
+) -> FetchOutcome {
+    let vgfn = Gfn(gva.raw() >> 12);
+    let fmt = core.cfg.format;
+    let (mut cur, mut level) = match *root {
+        ShadowRoot::Page { sp, .. } => (sp, Level::L4),
+        ShadowRoot::Special { sps, .. } => match sps[((gva.raw() >> 30) & 3) as usize] {
+            Some(sp) => (sp, Level::L2M),
+            None => return FetchOutcome::Retry(RetryCause::Race),
+        },
+    };
+    if st.is_obsolete(cur) {
+        return FetchOutcome::Retry(RetryCause::ObsoleteRoot);
+    }
+    st.sp_mut(cur).flood = 0;
+    let as_id = st.sp(cur).role.as_id();
+    while level > Level::L4K {
+        let Some(child_level) = level.lower() else { break };
+        let idx = level.index(vgfn);
+        let (gfn, role) = if !nonpaging && child_level >= walk.level {
+            let i = usize::from(child_level.get() - 1);
+            (walk.table_gfns[i], SpRole::new(child_level, false, walk.pt_access[i], as_id))
+        } else {
+            let acc = if nonpaging { Access::ALL } else { walk.pte_access };
+            (direct_base(walk.gfn, child_level), SpRole::new(child_level, true, acc, as_id))
+        };
+        let old = st.entry(core, cur, idx).load(crate::sync::Ordering::Acquire);
+        if SpteFormat::is_mmu_present(old) && !fmt.is_leaf(old, level) {
+            if let Some(child) = st.by_pfn(fmt.pfn(old)) {
+                let c = st.sp(child);
+                if c.gfn == gfn && c.role == role {
+                    st.sp_mut(child).flood = 0;
+                    cur = child;
+                    level = child_level;
+                    continue;
+                }
+            }
+        }
+        if old != SpteFormat::NONPRESENT {
+            // A child of another gfn or role, a leaf, or an MMIO SPTE: unlink it first.
+            batch.flush |= st.drop_spte(core, cur, idx);
+        }
+        let Some((child, _new)) = st.get_page(core, stats, gfn, role, batch) else {
+            return FetchOutcome::OutOfMemory;
+        };
+        st.link(core, cur, idx, child);
+        cur = child;
+        level = child_level;
+    }
+    // New shadowing write-protected guest tables: no vCPU may keep writing them through a stale
+    // writable translation once we re-read them below.
+    if batch.flush {
+        core.flush_remote_tlbs();
+        batch.flush = false;
+    }
+    if !nonpaging && gptes_changed(walk, mem) {
+        return FetchOutcome::Retry(RetryCause::Race);
+    }
+    install_leaf(core, st, cur, vgfn, walk, access, want, batch)
+}
+
+/// KVM `FNAME(gpte_changed)` for every level the walk read from memory.
+fn gptes_changed(walk: &GuestWalk, mem: &impl GuestPteMemory) -> bool {
+    let top = walk.max_level.get();
+    let pae = top == 3;
+    (walk.level.get()..=top).any(|l| {
+        let i = usize::from(l - 1);
+        // A PAE PDPTE comes from the register loaded at CR3 load, not from memory.
+        if pae && l == 3 {
+            return false;
+        }
+        mem.read_gpte(walk.pte_gpas[i]) != Some(walk.ptes[i])
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn install_leaf<H: Host>(
+    core: &TdpMmu<H>,
+    st: &mut ShadowState,
+    sp: SpId,
+    vgfn: Gfn,
+    walk: &GuestWalk,
+    access: FaultAccess,
+    want: LeafWant,
+    batch: &mut ZapBatch,
+) -> FetchOutcome {
+    let idx = Level::L4K.index(vgfn);
+    let as_id = st.sp(sp).role.as_id();
+    let old = st.entry(core, sp, idx).load(crate::sync::Ordering::Acquire);
+    match want {
+        LeafWant::Mmio(spte) => {
+            if old == spte {
+                return FetchOutcome::Spurious;
+            }
+            let dropped = st.set_leaf(core, sp, idx, spte, walk.gfn);
+            // aad885e77496: the present SPTE the MMIO SPTE replaced is flushed.
+            if !core.cfg.bugs.has(Bug::MmioOverPresentSpte) {
+                batch.flush |= dropped;
+            }
+            FetchOutcome::Installed
+        }
+        LeafWant::Ram { pfn, writable } => {
+            let tracked = st.is_write_tracked(as_id, walk.gfn);
+            let guest_w = walk.pte_access.contains(Access::WRITE);
+            let w = writable && guest_w && !tracked;
+            let new = core.cfg.format.make_leaf(pfn, Level::L4K, walk.pte_access, w);
+            let outcome = if access.write && guest_w && tracked {
+                FetchOutcome::WriteProtected
+            } else if old == new {
+                return FetchOutcome::Spurious;
+            } else {
+                FetchOutcome::Installed
+            };
+            if old != new {
+                batch.flush |= st.set_leaf(core, sp, idx, new, walk.gfn);
+            }
+            outcome
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! The guest's page tables as the shadow MMU reads them: guest-physical addresses resolved
+//! through one memslot set (the fault's, read inside its memslot read section) to host-virtual
+//! addresses, then read or updated through the host ([`crate::host::GuestMemory`]).
+//!
+//! Invariant: a table in no visible slot (none, or one being deleted or moved) is unreadable,
+//! so the walk reports a not-present fault (KVM: `kvm_vcpu_gfn_to_hva` gives an error); a table
+//! in a read-only slot is readable but its A/D bits are not written (shadow facts §2.2).
+
+use crate::guest::{GpteWriteError, GuestPteMemory};
+use crate::host::GuestMemory;
+use crate::memslot::MemslotSet;
+use crate::types::{Gpa, Hva};
+
+/// Guest memory through one memslot set and a host.
+pub struct SlotGuestMemory<'a, M: GuestMemory + ?Sized> {
+    set: &'a MemslotSet,
+    host: &'a M,
+}
+
+impl<'a, M: GuestMemory + ?Sized> SlotGuestMemory<'a, M> {
+    /// Guest memory as `set` maps it onto `host`.
+    pub fn new(set: &'a MemslotSet, host: &'a M) -> Self {
+        SlotGuestMemory { set, host }
+    }
+
+    /// The host address of `gpa` and whether its slot is writable, if a visible slot maps it.
+    fn resolve(&self, gpa: Gpa) -> Option<(Hva, bool)> {
+        let slot = self.set.find(gpa.gfn()).filter(|s| !s.is_invalid())?;
+        let hva = slot.hva_of(gpa.gfn()).raw() + gpa.page_offset();
+        Some((Hva(hva), !slot.is_readonly()))
+    }
+}
+
+impl<M: GuestMemory + ?Sized> GuestPteMemory for SlotGuestMemory<'_, M> {
+    fn read_gpte(&self, gpa: Gpa) -> Option<u64> {
+        let (hva, _) = self.resolve(gpa)?;
+        self.host.read_u64(hva).ok()
+    }
+
+    fn cmpxchg_gpte(&self, gpa: Gpa, old: u64, new: u64) -> Result<bool, GpteWriteError> {
+        let (hva, writable) = self.resolve(gpa).ok_or(GpteWriteError::Unreadable)?;
+        if !writable {
+            return Err(GpteWriteError::NotWritable);
+        }
+        self.host.cmpxchg_u64(hva, old, new).map_err(|_| GpteWriteError::Unreadable)
+    }
+}

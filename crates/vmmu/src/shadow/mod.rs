@@ -1,0 +1,251 @@
+//! The shadow-paging MMU (KVM with TDP off: `mmu.c` legacy paths and `paging_tmpl.h`; shadow
+//! facts): the MMU shadows the guest's own page tables, so the hardware walks SPTEs keyed by
+//! guest-virtual address. It shares with the TDP MMU everything that is not about the shape of
+//! the tables ([`TdpMmu`] is the VM-wide machinery here: vCPU request words, remote TLB flushes,
+//! the table SRCU and deferred frees, the host-invalidation sequence, the SPTE format and the MMIO
+//! SPTE codec), and the memslot generation protocol, the caching policy and the per-vCPU MMIO
+//! info cache with the rest of the VM.
+//!
+//! # Locking and lifetime rules
+//! 1. All shadow bookkeeping and every SPTE change happen under the shadow lock (KVM takes
+//!    `mmu_lock` for write on every shadow path); holding `&mut ShadowState` is the proof.
+//! 2. Lockless readers (the hardware walk of a vCPU in guest mode, the fast MMIO path) hold a
+//!    table-SRCU read section; a zapped page's SPTEs are cleared before its frame is queued, the
+//!    frame is freed only after remote TLBs were flushed and a grace period passed (the
+//!    [`crate::tdp`] rules 3-4). A lockless walk that meets a cleared entry returns Retry.
+//! 3. Lock order: the shadow lock is taken after `vmm_lock` and after the TDP `mmu_lock` is
+//!    released, never while holding a memslot update's write side; `reclaim` (the grace period)
+//!    runs after the shadow lock is released.
+//! 4. A vCPU root pins its shadow page (`root_count`); a pinned page that is zapped becomes
+//!    invalid and its vCPUs are asked to reload (`FreeObsoleteRoots`) in the same critical
+//!    section, so a fault that holds the lock either sees the request or completes before it.
+//!
+//! Not modelled: unsync shadow pages (every shadowed guest table stays write-protected, which
+//! the facts allow), 32-bit non-PAE guests (quadrants), huge SPTEs (guest 2 MiB pages are mapped
+//! with direct 4 KiB pages), nested (guest-mode) roots, SMEP/SMAP and CR0.WP=0.
+
+pub(crate) mod fetch;
+mod guest_mem;
+mod pages;
+pub mod role;
+pub(crate) mod root;
+mod track;
+
+pub use guest_mem::SlotGuestMemory;
+pub use root::ShadowRootKind;
+
+pub(crate) use pages::{ShadowState, SpId, ZapBatch};
+pub(crate) use root::{PrevRoot, ShadowRoot};
+
+use crate::host::Host;
+use crate::requests::Request;
+use crate::stats::Counter;
+use crate::sync::{Mutex, MutexGuard};
+use crate::tdp::TdpMmu;
+use crate::types::{AsId, Gfn};
+
+/// KVM `KVM_MIN_FREE_MMU_PAGES`.
+pub const MIN_FREE_PAGES: usize = 5;
+/// KVM `KVM_REFILL_PAGES`.
+pub const REFILL_PAGES: usize = 25;
+/// KVM `KVM_MIN_ALLOC_MMU_PAGES`: the smallest page limit.
+pub const MIN_ALLOC_PAGES: usize = 64;
+/// KVM `BATCH_ZAP_PAGES`: obsolete pages zapped between two lock breaks of the fast zap-all.
+pub const BATCH_ZAP_PAGES: usize = 10;
+
+/// Shadow-MMU counters (KVM's VM stats of the same names, shadow facts §10).
+#[derive(Default, Debug)]
+pub struct ShadowStats {
+    /// Shadow page lookups that created a page.
+    pub mmu_cache_miss: Counter,
+    /// Shadow pages zapped (children included).
+    pub mmu_shadow_zapped: Counter,
+    /// Emulated writes to guest memory seen while pages were shadowed.
+    pub mmu_pte_write: Counter,
+    /// SPTEs of upper-level pages zapped by such writes with a non-zero new gPTE.
+    pub mmu_pde_zapped: Counter,
+    /// Pages zapped by a misaligned or flooding write.
+    pub mmu_flooded: Counter,
+    /// Pages zapped to stay under the page limit, or by the shrinker.
+    pub mmu_recycled: Counter,
+    /// Shadow pages in use (KVM `n_used_mmu_pages`).
+    pub shadow_pages: Counter,
+}
+
+/// A snapshot of [`ShadowStats`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct ShadowStatsSnapshot {
+    /// See [`ShadowStats::mmu_cache_miss`].
+    pub mmu_cache_miss: u64,
+    /// See [`ShadowStats::mmu_shadow_zapped`].
+    pub mmu_shadow_zapped: u64,
+    /// See [`ShadowStats::mmu_pte_write`].
+    pub mmu_pte_write: u64,
+    /// See [`ShadowStats::mmu_pde_zapped`].
+    pub mmu_pde_zapped: u64,
+    /// See [`ShadowStats::mmu_flooded`].
+    pub mmu_flooded: u64,
+    /// See [`ShadowStats::mmu_recycled`].
+    pub mmu_recycled: u64,
+    /// See [`ShadowStats::shadow_pages`].
+    pub shadow_pages: u64,
+}
+
+impl ShadowStats {
+    /// The current values.
+    pub fn snapshot(&self) -> ShadowStatsSnapshot {
+        ShadowStatsSnapshot {
+            mmu_cache_miss: self.mmu_cache_miss.get(),
+            mmu_shadow_zapped: self.mmu_shadow_zapped.get(),
+            mmu_pte_write: self.mmu_pte_write.get(),
+            mmu_pde_zapped: self.mmu_pde_zapped.get(),
+            mmu_flooded: self.mmu_flooded.get(),
+            mmu_recycled: self.mmu_recycled.get(),
+            shadow_pages: self.shadow_pages.get(),
+        }
+    }
+}
+
+/// One VM's shadow MMU.
+pub struct ShadowMmu {
+    state: Mutex<ShadowState>,
+    /// Counters.
+    pub stats: ShadowStats,
+}
+
+impl ShadowMmu {
+    /// A shadow MMU with a limit of `max_pages` shadow pages (at least [`MIN_ALLOC_PAGES`]).
+    pub(crate) fn new(max_pages: usize) -> Self {
+        ShadowMmu {
+            state: Mutex::new(ShadowState::new(max_pages.max(MIN_ALLOC_PAGES))),
+            stats: ShadowStats::default(),
+        }
+    }
+
+    /// Takes the shadow lock (rule 1), waiting with the host's policy.
+    pub(crate) fn lock<'a, H: Host>(&'a self, core: &TdpMmu<H>) -> MutexGuard<'a, ShadowState> {
+        self.state.lock_with(&core.relax())
+    }
+
+    /// Shadow pages in use.
+    pub fn pages_in_use(&self) -> usize {
+        self.stats.shadow_pages.get() as usize
+    }
+
+    /// KVM `make_mmu_pages_available`: below [`MIN_FREE_PAGES`] free pages, recycle the oldest
+    /// unpinned ones up to [`REFILL_PAGES`] free.
+    pub(crate) fn make_pages_available<H: Host>(
+        &self,
+        core: &TdpMmu<H>,
+        st: &mut ShadowState,
+        batch: &mut ZapBatch,
+    ) {
+        let avail = st.n_max.saturating_sub(st.n_used);
+        if avail >= MIN_FREE_PAGES {
+            return;
+        }
+        st.zap_oldest(core, &self.stats, REFILL_PAGES - avail, batch);
+    }
+
+    /// KVM `KVM_SET_NR_MMU_PAGES`: a new page limit (at least [`MIN_ALLOC_PAGES`]); zaps the
+    /// oldest unpinned pages down to it.
+    pub(crate) fn set_max_pages<H: Host>(&self, core: &TdpMmu<H>, n: usize) {
+        let mut batch = ZapBatch::default();
+        {
+            let mut st = self.lock(core);
+            st.n_max = n.max(MIN_ALLOC_PAGES);
+            let over = st.n_used.saturating_sub(st.n_max);
+            if over > 0 {
+                st.zap_oldest(core, &self.stats, over, &mut batch);
+            }
+            st.commit_zap(core, &self.stats, &mut batch);
+        }
+        core.reclaim();
+    }
+
+    /// The shrinker's entry point (KVM `mmu_shrink_scan` before v6.13): zaps up to `nr` of the
+    /// oldest pages no root pins, while vCPUs may be running lockless walks. Returns how many.
+    pub(crate) fn shrink<H: Host>(&self, core: &TdpMmu<H>, nr: usize) -> usize {
+        let mut batch = ZapBatch::default();
+        let n = {
+            let mut st = self.lock(core);
+            let n = st.zap_oldest(core, &self.stats, nr, &mut batch);
+            st.commit_zap(core, &self.stats, &mut batch);
+            n
+        };
+        core.reclaim();
+        n
+    }
+
+    /// KVM `kvm_mmu_zap_all_fast` for the shadow MMU: a new `mmu_valid_gen` makes every page
+    /// obsolete; vCPUs are asked to drop obsolete roots in the same critical section; then the
+    /// obsolete pages are zapped oldest first, [`BATCH_ZAP_PAGES`] at a time with the lock
+    /// dropped in between (other vCPUs' faults and lockless walks go on meanwhile); one flush
+    /// and one commit at the end.
+    pub(crate) fn zap_all_fast<H: Host>(&self, core: &TdpMmu<H>) {
+        core.stats.zap_all_fast.add(1);
+        let mut batch = ZapBatch::default();
+        {
+            let mut st = self.lock(core);
+            st.valid_gen = st.valid_gen.wrapping_add(1);
+            // Same critical section as the bump (shadow facts §6.3).
+            core.request_all(Request::FreeObsoleteRoots, false);
+        }
+        loop {
+            let mut st = self.lock(core);
+            let gen = st.valid_gen;
+            let victims: alloc::vec::Vec<SpId> = st
+                .oldest_first()
+                .into_iter()
+                .take_while(|&id| st.sp(id).valid_gen != gen)
+                .take(BATCH_ZAP_PAGES)
+                .collect();
+            if victims.is_empty() {
+                st.commit_zap(core, &self.stats, &mut batch);
+                break;
+            }
+            for id in victims {
+                st.prepare_zap(core, &self.stats, id, &mut batch);
+            }
+            // Lock break between batches (KVM `cond_resched_rwlock_write`).
+            drop(st);
+            crate::host::Sched::relax(&**core.host());
+        }
+        core.reclaim();
+    }
+
+    /// Host invalidation (KVM `kvm_unmap_gfn_range` through the rmap): drops every leaf for
+    /// the ranges and flushes. The caller has begun the invalidation (faults on the ranges
+    /// retry) before this runs.
+    pub(crate) fn unmap_gfn_ranges<H: Host>(&self, core: &TdpMmu<H>, ranges: &[(AsId, Gfn, Gfn)]) {
+        let mut batch = ZapBatch::default();
+        {
+            let mut st = self.lock(core);
+            for &(as_id, start, end) in ranges {
+                batch.flush |= st.unmap_gfn_range(core, as_id, start, end);
+            }
+            st.commit_zap(core, &self.stats, &mut batch);
+        }
+        core.reclaim();
+    }
+
+    /// A vCPU drops its roots (`current` and previous ones); obsolete pages nobody pins any more
+    /// are freed. Special-root frames are queued for the grace period too.
+    pub(crate) fn free_roots<H: Host>(
+        &self,
+        core: &TdpMmu<H>,
+        roots: impl IntoIterator<Item = ShadowRoot>,
+    ) {
+        let mut batch = ZapBatch::default();
+        let mut frames = alloc::vec::Vec::new();
+        {
+            let mut st = self.lock(core);
+            for r in roots {
+                r.release(&mut st, &mut batch, &mut frames);
+            }
+            st.commit_zap(core, &self.stats, &mut batch);
+        }
+        core.defer_free(&mut frames);
+        core.reclaim();
+    }
+}

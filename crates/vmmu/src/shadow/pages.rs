@@ -1,0 +1,506 @@
+//! Shadow pages and everything that indexes them (KVM `struct kvm_mmu_page`, the page hash,
+//! `active_mmu_pages`, the rmap and write tracking; shadow facts §1, §4.1, §7): creation and
+//! lookup by `(gfn, role)`, parent links, leaf SPTEs with their reverse map, write protection of
+//! shadowed guest tables, and zapping in two steps (prepare, then commit after a flush).
+//!
+//! Everything here runs under the shadow MMU's lock (`&mut ShadowState` is the proof). SPTEs
+//! live in host table frames that lockless readers (the hardware walk of a vCPU in guest mode, the
+//! fast MMIO path) read with Acquire loads, so every change is a Release store, and a page's
+//! frame is freed only after (1) no SPTE links it any more, (2) remote TLBs were flushed and
+//! (3) a table-SRCU grace period ([`crate::tdp`] rules 3-4, done by the caller after unlocking).
+//!
+//! Invariants:
+//! - a live page is in the slab, in its hash bucket and in the active list (oldest first) unless
+//!   it was zapped while a root (`role.invalid`): then it is only in the slab, until its last
+//!   root user drops it;
+//! - every present leaf SPTE is in the rmap of the gfn it maps, under the key it was added with
+//!   (the gfn is stored per SPTE, never recomputed);
+//! - while a valid indirect page shadows guest frame `g` (`tracked[g] > 0`), no leaf SPTE maps
+//!   `g` writable (write protection, shadow facts §4.1; there are no unsync pages);
+//! - `parents` of a page lists exactly the SPTEs that link it.
+
+use super::role::SpRole;
+use super::ShadowStats;
+use crate::host::Host;
+use crate::spte::SpteFormat;
+use crate::tdp::TdpMmu;
+use crate::types::{AsId, Gfn, Level, Pfn};
+use alloc::collections::BTreeMap;
+use alloc::vec;
+use alloc::vec::Vec;
+
+/// Index of a shadow page in the slab. Stable while the page lives (a root pins it).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub(crate) struct SpId(pub(crate) u32);
+
+/// KVM `KVM_MMU_HASH_SHIFT`: 4096 buckets.
+const HASH_BUCKETS: usize = 1 << 12;
+
+/// One shadow page (KVM `struct kvm_mmu_page`).
+#[derive(Debug)]
+pub(crate) struct ShadowPage {
+    /// Indirect: the guest table frame shadowed; direct: the first frame of the linear range.
+    pub(crate) gfn: Gfn,
+    pub(crate) role: SpRole,
+    /// The frame of the page's 512 SPTEs.
+    pub(crate) spt: Pfn,
+    /// The SPTEs that link this page: (parent page, index).
+    pub(crate) parents: Vec<(SpId, u16)>,
+    /// vCPU roots (current or previous, or an entry of a special root) pinning the page.
+    pub(crate) root_count: u32,
+    /// `mmu_valid_gen` at creation; another value means obsolete.
+    pub(crate) valid_gen: u8,
+    /// Emulated writes to the shadowed table since the page was last used.
+    pub(crate) flood: u8,
+    /// Age key in the active list.
+    seq: u64,
+    /// Level-1 pages: the gfn each leaf SPTE maps (KVM `shadowed_translation`).
+    leaf_gfns: Vec<u64>,
+}
+
+impl ShadowPage {
+    /// Whether the page shadows a guest table (has guest PTEs).
+    pub(crate) fn has_gptes(&self) -> bool {
+        !self.role.direct()
+    }
+}
+
+/// What `prepare_zap` and friends leave for the commit.
+#[derive(Default, Debug)]
+pub(crate) struct ZapBatch {
+    /// Prepared pages no root pins: freed by the commit.
+    pub(crate) invalid: Vec<SpId>,
+    /// A present SPTE was cleared: remote TLBs must be flushed before anything is freed.
+    pub(crate) flush: bool,
+}
+
+/// The shadow MMU's bookkeeping, guarded by its lock.
+pub(crate) struct ShadowState {
+    slab: Vec<Option<ShadowPage>>,
+    free_ids: Vec<SpId>,
+    buckets: Vec<Vec<SpId>>,
+    /// `active_mmu_pages`: age key -> page, oldest first.
+    active: BTreeMap<u64, SpId>,
+    next_seq: u64,
+    by_pfn: BTreeMap<Pfn, SpId>,
+    /// (address space, gfn) -> the leaf SPTEs mapping it: (page, index).
+    rmap: BTreeMap<(u16, u64), Vec<(SpId, u16)>>,
+    /// (address space, gfn) -> valid indirect pages shadowing that guest frame.
+    tracked: BTreeMap<(u16, u64), u32>,
+    /// KVM `kvm->arch.mmu_valid_gen`.
+    pub(crate) valid_gen: u8,
+    /// KVM `n_used_mmu_pages`.
+    pub(crate) n_used: usize,
+    /// KVM `n_max_mmu_pages`.
+    pub(crate) n_max: usize,
+}
+
+impl ShadowState {
+    pub(crate) fn new(n_max: usize) -> Self {
+        ShadowState {
+            slab: Vec::new(),
+            free_ids: Vec::new(),
+            buckets: (0..HASH_BUCKETS).map(|_| Vec::new()).collect(),
+            active: BTreeMap::new(),
+            next_seq: 0,
+            by_pfn: BTreeMap::new(),
+            rmap: BTreeMap::new(),
+            tracked: BTreeMap::new(),
+            valid_gen: 0,
+            n_used: 0,
+            n_max,
+        }
+    }
+
+    fn bucket(gfn: Gfn) -> usize {
+        // KVM `kvm_page_table_hashfn`: hash_64(gfn, 12).
+        (gfn.raw().wrapping_mul(0x61c8_8646_80b5_83eb) >> (64 - 12)) as usize
+    }
+
+    pub(crate) fn sp(&self, id: SpId) -> &ShadowPage {
+        match self.slab.get(id.0 as usize) {
+            Some(Some(sp)) => sp,
+            _ => unreachable!("shadow page {id:?} is not live"),
+        }
+    }
+
+    pub(crate) fn sp_mut(&mut self, id: SpId) -> &mut ShadowPage {
+        match self.slab.get_mut(id.0 as usize) {
+            Some(Some(sp)) => sp,
+            _ => unreachable!("shadow page {id:?} is not live"),
+        }
+    }
+
+    /// The page whose SPTEs live in frame `pfn`, if it is a shadow page (KVM `sptep_to_sp`).
+    pub(crate) fn by_pfn(&self, pfn: Pfn) -> Option<SpId> {
+        self.by_pfn.get(&pfn).copied()
+    }
+
+    /// Whether `id` is obsolete (made before the last fast zap-all) or was zapped as a root.
+    pub(crate) fn is_obsolete(&self, id: SpId) -> bool {
+        let sp = self.sp(id);
+        sp.role.invalid() || sp.valid_gen != self.valid_gen
+    }
+
+    /// Whether a valid page shadows guest frame `gfn` (its SPTEs must stay read-only).
+    pub(crate) fn is_write_tracked(&self, as_id: AsId, gfn: Gfn) -> bool {
+        self.tracked.get(&(as_id.0, gfn.raw())).is_some_and(|&n| n > 0)
+    }
+
+    /// Valid pages that shadow guest frame `gfn` (indirect ones).
+    pub(crate) fn shadowing(&self, as_id: AsId, gfn: Gfn) -> Vec<SpId> {
+        self.buckets[Self::bucket(gfn)]
+            .iter()
+            .copied()
+            .filter(|&id| {
+                let sp = self.sp(id);
+                sp.gfn == gfn
+                    && sp.has_gptes()
+                    && sp.role.as_id() == as_id
+                    && !sp.role.invalid()
+                    && sp.valid_gen == self.valid_gen
+            })
+            .collect()
+    }
+
+    /// Pages from oldest to newest.
+    pub(crate) fn oldest_first(&self) -> Vec<SpId> {
+        self.active.values().copied().collect()
+    }
+
+    /// The entry `idx` of page `id`.
+    ///
+    /// The reference is used under the lock only; the page's frame stays allocated while the
+    /// page is in the slab (frames are freed by the commit, after the page left it).
+    pub(crate) fn entry<'a, H: Host>(
+        &self,
+        core: &'a TdpMmu<H>,
+        id: SpId,
+        idx: usize,
+    ) -> &'a crate::sync::AtomicU64 {
+        let pfn = self.sp(id).spt;
+        // SAFETY: the page is live (in the slab) and we hold the shadow lock, under which alone
+        // pages are committed (freed); the caller does not keep the reference past the lock.
+        match unsafe { core.table(pfn) } {
+            Some(t) => &t[idx],
+            None => unreachable!("shadow page frame {pfn:?} unknown to the host"),
+        }
+    }
+
+    /// KVM `kvm_mmu_get_shadow_page`: the valid page for `(gfn, role)`, created if there is none.
+    /// Returns it and whether it is new; `None` if the host has no frame.
+    pub(crate) fn get_page<H: Host>(
+        &mut self,
+        core: &TdpMmu<H>,
+        stats: &ShadowStats,
+        gfn: Gfn,
+        role: SpRole,
+        batch: &mut ZapBatch,
+    ) -> Option<(SpId, bool)> {
+        let b = Self::bucket(gfn);
+        let hit = self.buckets[b].iter().copied().find(|&id| {
+            let sp = self.sp(id);
+            sp.gfn == gfn && sp.role == role && sp.valid_gen == self.valid_gen
+        });
+        if let Some(id) = hit {
+            self.sp_mut(id).flood = 0;
+            return Some((id, false));
+        }
+        stats.mmu_cache_miss.add(1);
+        let spt = core.alloc_table()?;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let level1 = role.level() == Level::L4K;
+        let sp = ShadowPage {
+            gfn,
+            role,
+            spt,
+            parents: Vec::new(),
+            root_count: 0,
+            valid_gen: self.valid_gen,
+            flood: 0,
+            seq,
+            leaf_gfns: if level1 { vec![0; 512] } else { Vec::new() },
+        };
+        let has_gptes = sp.has_gptes();
+        let id = match self.free_ids.pop() {
+            Some(id) => {
+                self.slab[id.0 as usize] = Some(sp);
+                id
+            }
+            None => {
+                self.slab.push(Some(sp));
+                SpId((self.slab.len() - 1) as u32)
+            }
+        };
+        self.buckets[b].push(id);
+        self.active.insert(seq, id);
+        self.by_pfn.insert(spt, id);
+        self.n_used += 1;
+        stats.shadow_pages.add(1);
+        if has_gptes {
+            self.account_shadowed(core, role.as_id(), gfn, batch);
+        }
+        Some((id, true))
+    }
+
+    /// KVM `account_shadowed`: the guest frame is now shadowed; write-protect every leaf that
+    /// maps it.
+    fn account_shadowed<H: Host>(
+        &mut self,
+        core: &TdpMmu<H>,
+        as_id: AsId,
+        gfn: Gfn,
+        batch: &mut ZapBatch,
+    ) {
+        let n = self.tracked.entry((as_id.0, gfn.raw())).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            batch.flush |= self.write_protect_gfn(core, as_id, gfn);
+        }
+    }
+
+    fn unaccount_shadowed(&mut self, as_id: AsId, gfn: Gfn) {
+        let key = (as_id.0, gfn.raw());
+        if let Some(n) = self.tracked.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.tracked.remove(&key);
+            }
+        }
+    }
+
+    /// Clears the writable bit of every leaf mapping `gfn`. Returns whether one was writable.
+    pub(crate) fn write_protect_gfn<H: Host>(
+        &mut self,
+        core: &TdpMmu<H>,
+        as_id: AsId,
+        gfn: Gfn,
+    ) -> bool {
+        let Some(list) = self.rmap.get(&(as_id.0, gfn.raw())) else { return false };
+        let mut flush = false;
+        for &(id, idx) in list.iter() {
+            let e = self.entry(core, id, usize::from(idx));
+            let old = e.load(crate::sync::Ordering::Acquire);
+            if SpteFormat::is_mmu_present(old) && core.cfg.format.is_writable(old) {
+                let new = SpteFormat::without_write(old);
+                let need = core.set_spte_locked(e, old, new, Level::L4K, gfn);
+                flush |= need == crate::tdp::FlushNeed::Remote;
+            }
+        }
+        flush
+    }
+
+    /// Makes SPTE `idx` of page `parent` link `child` (KVM `link_shadow_page`).
+    pub(crate) fn link<H: Host>(
+        &mut self,
+        core: &TdpMmu<H>,
+        parent: SpId,
+        idx: usize,
+        child: SpId,
+    ) {
+        let child_spt = self.sp(child).spt;
+        let level = self.sp(parent).role.level();
+        let e = self.entry(core, parent, idx);
+        let old = e.load(crate::sync::Ordering::Acquire);
+        debug_assert!(!SpteFormat::is_mmu_present(old), "link over a present SPTE");
+        let link = core.cfg.format.make_nonleaf(child_spt);
+        let _ = core.set_spte_locked(e, old, link, level, Gfn(0));
+        self.sp_mut(child).parents.push((parent, idx as u16));
+    }
+
+    /// Stores leaf (or MMIO) value `new` for `gfn` at SPTE `idx` of level-1 page `id`, keeping
+    /// the rmap in step. Returns whether a present leaf was changed or dropped (flush needed).
+    pub(crate) fn set_leaf<H: Host>(
+        &mut self,
+        core: &TdpMmu<H>,
+        id: SpId,
+        idx: usize,
+        new: u64,
+        gfn: Gfn,
+    ) -> bool {
+        let flush = self.drop_spte(core, id, idx);
+        let as_id = self.sp(id).role.as_id();
+        let e = self.entry(core, id, idx);
+        let old = e.load(crate::sync::Ordering::Acquire);
+        let _ = core.set_spte_locked(e, old, new, Level::L4K, gfn);
+        if SpteFormat::is_mmu_present(new) {
+            self.sp_mut(id).leaf_gfns[idx] = gfn.raw();
+            self.rmap.entry((as_id.0, gfn.raw())).or_default().push((id, idx as u16));
+        }
+        flush
+    }
+
+    /// Clears SPTE `idx` of page `id` (KVM `mmu_page_zap_pte`): a leaf leaves the rmap, a link
+    /// leaves its child's parent list, an MMIO SPTE just goes. Returns whether the entry was
+    /// present (the caller must flush).
+    pub(crate) fn drop_spte<H: Host>(&mut self, core: &TdpMmu<H>, id: SpId, idx: usize) -> bool {
+        let level = self.sp(id).role.level();
+        let as_id = self.sp(id).role.as_id();
+        let e = self.entry(core, id, idx);
+        let old = e.load(crate::sync::Ordering::Acquire);
+        if old == SpteFormat::NONPRESENT {
+            return false;
+        }
+        let present = SpteFormat::is_mmu_present(old);
+        let fmt = core.cfg.format;
+        if present && !fmt.is_leaf(old, level) {
+            let child = self.by_pfn(fmt.pfn(old));
+            if let Some(c) = child {
+                self.sp_mut(c).parents.retain(|&(p, i)| !(p == id && usize::from(i) == idx));
+            }
+            let _ = core.set_spte_locked(e, old, SpteFormat::NONPRESENT, level, Gfn(0));
+            return true;
+        }
+        let gfn = if present { Gfn(self.sp(id).leaf_gfns[idx]) } else { Gfn(0) };
+        let _ = core.set_spte_locked(e, old, SpteFormat::NONPRESENT, level, gfn);
+        if present {
+            let key = (as_id.0, gfn.raw());
+            if let Some(list) = self.rmap.get_mut(&key) {
+                list.retain(|&(p, i)| !(p == id && usize::from(i) == idx));
+                if list.is_empty() {
+                    self.rmap.remove(&key);
+                }
+            }
+        }
+        present
+    }
+
+    /// Drops every leaf mapping a gfn in `[start, end)` of `as_id` (host invalidation, KVM
+    /// `kvm_unmap_gfn_range` through the rmap). Returns whether one was present.
+    pub(crate) fn unmap_gfn_range<H: Host>(
+        &mut self,
+        core: &TdpMmu<H>,
+        as_id: AsId,
+        start: Gfn,
+        end: Gfn,
+    ) -> bool {
+        let keys: Vec<(u16, u64)> = self
+            .rmap
+            .range((as_id.0, start.raw())..(as_id.0, end.raw()))
+            .map(|(k, _)| *k)
+            .collect();
+        let mut flush = false;
+        for k in keys {
+            let list = self.rmap.get(&k).cloned().unwrap_or_default();
+            for (id, idx) in list {
+                flush |= self.drop_spte(core, id, usize::from(idx));
+            }
+        }
+        flush
+    }
+
+    /// KVM `__kvm_mmu_prepare_zap_page`: clears every SPTE of the page and every SPTE linking it;
+    /// a page no root pins goes to `batch.invalid` (freed by the commit), a pinned one becomes
+    /// invalid, its vCPUs are asked to drop obsolete roots (in this critical section, so a fault
+    /// that holds the lock later sees the request), and its last root user frees it.
+    pub(crate) fn prepare_zap<H: Host>(
+        &mut self,
+        core: &TdpMmu<H>,
+        stats: &ShadowStats,
+        id: SpId,
+        batch: &mut ZapBatch,
+    ) {
+        stats.mmu_shadow_zapped.add(1);
+        core.stats.mmu_shadow_zapped.add(1);
+        for idx in 0..512 {
+            batch.flush |= self.drop_spte(core, id, idx);
+        }
+        let parents = core::mem::take(&mut self.sp_mut(id).parents);
+        for (p, i) in parents {
+            let level = self.sp(p).role.level();
+            let e = self.entry(core, p, usize::from(i));
+            let old = e.load(crate::sync::Ordering::Acquire);
+            let _ = core.set_spte_locked(e, old, SpteFormat::NONPRESENT, level, Gfn(0));
+            batch.flush = true;
+        }
+        let (gfn, role, valid_gen, seq, root_count) = {
+            let sp = self.sp(id);
+            (sp.gfn, sp.role, sp.valid_gen, sp.seq, sp.root_count)
+        };
+        if role.invalid() {
+            return;
+        }
+        if !role.direct() {
+            self.unaccount_shadowed(role.as_id(), gfn);
+        }
+        self.active.remove(&seq);
+        self.buckets[Self::bucket(gfn)].retain(|&x| x != id);
+        self.sp_mut(id).role = role.with_invalid();
+        if root_count == 0 {
+            batch.invalid.push(id);
+        } else if valid_gen == self.valid_gen {
+            core.request_all(crate::requests::Request::FreeObsoleteRoots, false);
+        }
+    }
+
+    /// KVM `kvm_mmu_commit_zap_page`, first half: flushes remote TLBs if anything present was
+    /// cleared, then takes the prepared pages out of the slab and queues their frames for the
+    /// grace period (the caller calls `reclaim` after unlocking).
+    pub(crate) fn commit_zap<H: Host>(
+        &mut self,
+        core: &TdpMmu<H>,
+        stats: &ShadowStats,
+        batch: &mut ZapBatch,
+    ) {
+        if batch.flush || !batch.invalid.is_empty() {
+            if !core.cfg.bugs.has(crate::bugs::Bug::NoTlbFlushOnZap) {
+                core.flush_remote_tlbs();
+            }
+            batch.flush = false;
+        }
+        let mut frames = Vec::with_capacity(batch.invalid.len());
+        for id in batch.invalid.drain(..) {
+            frames.push(self.free_page(stats, id));
+        }
+        core.defer_free(&mut frames);
+    }
+
+    /// Takes a zapped, unpinned page out of the slab; returns its frame (to be freed after a
+    /// grace period).
+    fn free_page(&mut self, stats: &ShadowStats, id: SpId) -> Pfn {
+        let Some(sp) = self.slab.get_mut(id.0 as usize).and_then(Option::take) else {
+            unreachable!("freeing shadow page {id:?} twice");
+        };
+        debug_assert!(sp.role.invalid() && sp.root_count == 0, "{sp:?}");
+        self.by_pfn.remove(&sp.spt);
+        self.free_ids.push(id);
+        self.n_used -= 1;
+        stats.shadow_pages.sub(1);
+        sp.spt
+    }
+
+    /// A vCPU root stops pinning `id`. An invalid page nobody pins any more is queued for the
+    /// commit.
+    pub(crate) fn put_root(&mut self, id: SpId, batch: &mut ZapBatch) {
+        let sp = self.sp_mut(id);
+        sp.root_count -= 1;
+        if sp.root_count == 0 && sp.role.invalid() {
+            batch.invalid.push(id);
+        }
+    }
+
+    /// KVM `kvm_mmu_zap_oldest_mmu_pages`: zaps up to `nr` pages that no root pins, oldest
+    /// first. Returns how many were zapped (children's parent links are cleared too).
+    pub(crate) fn zap_oldest<H: Host>(
+        &mut self,
+        core: &TdpMmu<H>,
+        stats: &ShadowStats,
+        nr: usize,
+        batch: &mut ZapBatch,
+    ) -> usize {
+        let mut zapped = 0;
+        for id in self.oldest_first() {
+            if zapped >= nr {
+                break;
+            }
+            if self.sp(id).root_count > 0 {
+                continue;
+            }
+            self.prepare_zap(core, stats, id, batch);
+            zapped += 1;
+        }
+        stats.mmu_recycled.add(zapped as u64);
+        zapped
+    }
+}

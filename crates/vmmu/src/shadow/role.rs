@@ -1,0 +1,115 @@
+//! The role of a shadow page (KVM `union kvm_mmu_page_role`, shadow facts §1.2): with the guest
+//! frame it shadows, the key under which shadow pages are found and shared.
+//!
+//! Invariants: the role is one `u32` with KVM's bit layout, so "equal except level, access and
+//! quadrant" is a mask; two pages with the same gfn but different roles are different pages (a
+//! child under an SPTE is reused only if gfn **and** role match: the 2026 use-after-free fixes
+//! 0cb2af2ea66a and 81ccda30b4e8).
+
+use crate::types::{Access, AsId, Level};
+use core::fmt;
+
+/// A shadow page's role.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct SpRole(u32);
+
+const LEVEL_MASK: u32 = 0xf;
+const DIRECT: u32 = 1 << 7;
+const ACCESS_SHIFT: u32 = 8;
+const ACCESS_MASK: u32 = 0x7 << ACCESS_SHIFT;
+const INVALID: u32 = 1 << 11;
+const EFER_NX: u32 = 1 << 12;
+const CR0_WP: u32 = 1 << 13;
+const AS_SHIFT: u32 = 24;
+
+impl SpRole {
+    /// A role for a page at `level` that shadows a guest table (`direct == false`) or maps a
+    /// linear range (`direct == true`: a guest huge page mapped with 4 KiB SPTEs, or a guest
+    /// without paging), with the rights `access` granted by the guest entries above it, in
+    /// address space `as_id` (KVM keeps the SMM address space in `role.smm`).
+    pub fn new(level: Level, direct: bool, access: Access, as_id: AsId) -> SpRole {
+        let mut w = u32::from(level.get()) & LEVEL_MASK;
+        if direct {
+            w |= DIRECT;
+        }
+        w |= u32::from(access.bits()) << ACCESS_SHIFT;
+        // The non-nested shadow MMU forces efer_nx; CR0.WP=1 is the only mode modelled.
+        w |= EFER_NX | CR0_WP;
+        w |= (u32::from(as_id.0) & 0xff) << AS_SHIFT;
+        SpRole(w)
+    }
+
+    /// The raw word.
+    pub const fn word(self) -> u32 {
+        self.0
+    }
+
+    /// The level of the SPTEs in the page.
+    pub fn level(self) -> Level {
+        Level::new((self.0 & LEVEL_MASK) as u8).unwrap_or(Level::L4K)
+    }
+
+    /// Whether the page maps a linear range rather than shadowing a guest table.
+    pub const fn direct(self) -> bool {
+        self.0 & DIRECT != 0
+    }
+
+    /// The rights the guest entries above the page grant.
+    pub const fn access(self) -> Access {
+        Access::from_bits(((self.0 & ACCESS_MASK) >> ACCESS_SHIFT) as u8)
+    }
+
+    /// Whether the page was zapped while still a root (freed when its last root user drops it).
+    pub const fn invalid(self) -> bool {
+        self.0 & INVALID != 0
+    }
+
+    /// The role with `invalid` set.
+    pub const fn with_invalid(self) -> SpRole {
+        SpRole(self.0 | INVALID)
+    }
+
+    /// The address space the page maps.
+    pub const fn as_id(self) -> AsId {
+        AsId(((self.0 >> AS_SHIFT) & 0xff) as u16)
+    }
+
+    /// The role of a child page one level down (KVM `kvm_mmu_child_role`).
+    pub fn child(self, direct: bool, access: Access) -> SpRole {
+        let level = self.level().lower().unwrap_or(Level::L4K);
+        SpRole::new(level, direct, access, self.as_id())
+    }
+}
+
+impl fmt::Debug for SpRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "SpRole(level {}, {}, {:?}{}, as {})",
+            self.level().get(),
+            if self.direct() { "direct" } else { "indirect" },
+            self.access(),
+            if self.invalid() { ", invalid" } else { "" },
+            self.as_id().0
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_round_trip_and_differ_by_key() {
+        let r = SpRole::new(Level::L2M, false, Access::WRITE.union(Access::USER), AsId(1));
+        assert_eq!(r.level(), Level::L2M);
+        assert!(!r.direct());
+        assert_eq!(r.access(), Access::from_bits(6));
+        assert_eq!(r.as_id(), AsId(1));
+        assert!(!r.invalid() && r.with_invalid().invalid());
+        assert_ne!(r, SpRole::new(Level::L2M, true, r.access(), AsId(1)));
+        assert_ne!(r, SpRole::new(Level::L2M, false, Access::USER, AsId(1)));
+        let c = r.child(true, Access::USER);
+        assert_eq!((c.level(), c.direct(), c.access()), (Level::L4K, true, Access::USER));
+    }
+}

@@ -1,0 +1,179 @@
+//! A vCPU's shadow roots (shadow facts §5-§6): a root shadow page for a 4-level guest, or a
+//! *special* root for a PAE guest or a guest without paging (KVM `pae_root`: a page of four
+//! PDPTE-level entries that has no shadow page of its own, each entry linking a level-2 shadow
+//! page that the root pins). Previous roots of a 4-level guest are kept for CR3 switches (KVM
+//! `prev_roots`, 3 entries; special roots are never kept).
+//!
+//! Invariants: a root pins every shadow page it links (`root_count`), so none of them is freed
+//! while the vCPU may walk it; a special root's frame is private to its vCPU and freed after a
+//! grace period when the vCPU drops it; a special root is stale exactly while a
+//! free-obsolete-roots request is pending for its vCPU (it has no page to mark obsolete).
+
+use super::pages::{ShadowState, SpId, ZapBatch};
+use super::role::SpRole;
+use crate::fault::RootState;
+use crate::guest::{GuestCpu, PagingMode};
+use crate::host::Host;
+use crate::spte::SpteFormat;
+use crate::tdp::TdpMmu;
+use crate::types::{Access, AsId, Gfn, Level, Pfn};
+use alloc::vec::Vec;
+
+/// KVM `KVM_MMU_NUM_PREV_ROOTS`.
+pub const NUM_PREV_ROOTS: usize = 3;
+
+/// Which kind of root a vCPU walks from (for reports and tests).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ShadowRootKind {
+    /// A root shadow page (4-level guest).
+    Page,
+    /// A special root without a shadow page (PAE guest, or no paging).
+    Special,
+}
+
+/// A vCPU's current shadow root.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum ShadowRoot {
+    /// A root shadow page for guest CR3 `cr3`.
+    Page { sp: SpId, pfn: Pfn, cr3: u64 },
+    /// A special root: its own frame, and the level-2 pages its four entries link.
+    Special { pfn: Pfn, sps: [Option<SpId>; 4] },
+}
+
+/// A previous root kept for a CR3 switch back.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct PrevRoot {
+    pub(crate) cr3: u64,
+    pub(crate) sp: SpId,
+    pub(crate) pfn: Pfn,
+}
+
+impl ShadowRoot {
+    /// The frame and level the hardware walk starts from.
+    pub(crate) fn hw_root(&self) -> (Pfn, Level) {
+        match *self {
+            ShadowRoot::Page { pfn, .. } => (pfn, Level::L4),
+            ShadowRoot::Special { pfn, .. } => (pfn, Level::L1G),
+        }
+    }
+
+    /// The kind.
+    pub(crate) fn kind(&self) -> ShadowRootKind {
+        match self {
+            ShadowRoot::Page { .. } => ShadowRootKind::Page,
+            ShadowRoot::Special { .. } => ShadowRootKind::Special,
+        }
+    }
+
+    /// What the staleness check needs (KVM `is_page_fault_stale`): a root page made before the
+    /// last fast zap-all, or zapped, is obsolete; a special root has no page.
+    pub(crate) fn state(&self, st: &ShadowState) -> RootState {
+        match *self {
+            ShadowRoot::Page { sp, .. } if st.is_obsolete(sp) => RootState::Obsolete,
+            ShadowRoot::Page { .. } => RootState::Valid,
+            ShadowRoot::Special { .. } => RootState::NoPage,
+        }
+    }
+
+    /// Whether the vCPU must drop the root on a free-obsolete-roots request (KVM
+    /// `kvm_mmu_free_obsolete_roots`: a special root counts as obsolete, facts §6.2).
+    pub(crate) fn is_obsolete(&self, st: &ShadowState) -> bool {
+        match *self {
+            ShadowRoot::Page { sp, .. } => st.is_obsolete(sp),
+            ShadowRoot::Special { .. } => true,
+        }
+    }
+
+    /// Unpins what the root pins; a special root's frame goes to `frames` (freed after a grace
+    /// period by the caller).
+    pub(crate) fn release(self, st: &mut ShadowState, batch: &mut ZapBatch, frames: &mut Vec<Pfn>) {
+        match self {
+            ShadowRoot::Page { sp, .. } => st.put_root(sp, batch),
+            ShadowRoot::Special { pfn, sps } => {
+                for sp in sps.into_iter().flatten() {
+                    st.put_root(sp, batch);
+                }
+                frames.push(pfn);
+            }
+        }
+    }
+
+    /// Builds the root for `cpu` in address space `as_id` (KVM `mmu_alloc_shadow_roots`), under
+    /// the shadow lock. `None`: the host had no frame.
+    pub(crate) fn alloc<H: Host>(
+        core: &TdpMmu<H>,
+        stats: &super::ShadowStats,
+        st: &mut ShadowState,
+        cpu: &GuestCpu,
+        as_id: AsId,
+        batch: &mut ZapBatch,
+    ) -> Option<ShadowRoot> {
+        match cpu.mode {
+            PagingMode::Long4 => {
+                let gfn = Gfn((cpu.cr3 & crate::guest::pte::addr_mask(cpu.maxphyaddr)) >> 12);
+                let role = SpRole::new(Level::L4, false, Access::ALL, as_id);
+                let (sp, _) = st.get_page(core, stats, gfn, role, batch)?;
+                let s = st.sp_mut(sp);
+                s.root_count += 1;
+                s.flood = 0;
+                Some(ShadowRoot::Page { sp, pfn: s.spt, cr3: cpu.cr3 })
+            }
+            PagingMode::Pae { pdptrs } => {
+                let pfn = core.alloc_table()?;
+                let mut sps = [None; 4];
+                for (i, pdpte) in pdptrs.iter().enumerate() {
+                    if pdpte & crate::guest::pte::P == 0 {
+                        continue;
+                    }
+                    let gfn = Gfn((pdpte & crate::guest::pte::addr_mask(cpu.maxphyaddr)) >> 12);
+                    let role = SpRole::new(Level::L2M, false, Access::ALL, as_id);
+                    let Some((sp, _)) = st.get_page(core, stats, gfn, role, batch) else {
+                        Self::Special { pfn, sps }.release(st, batch, &mut Vec::new());
+                        core.free_unpublished_table(pfn);
+                        return None;
+                    };
+                    sps[i] = Some(sp);
+                    Self::link_special(core, st, pfn, i, sp);
+                }
+                Some(ShadowRoot::Special { pfn, sps })
+            }
+            PagingMode::NonPaging => {
+                // Four direct level-2 pages cover the 4 GiB a guest without paging reaches.
+                let pfn = core.alloc_table()?;
+                let mut sps = [None; 4];
+                for (i, slot) in sps.iter_mut().enumerate() {
+                    let role = SpRole::new(Level::L2M, true, Access::ALL, as_id);
+                    let Some((sp, _)) =
+                        st.get_page(core, stats, Gfn((i as u64) << 18), role, batch)
+                    else {
+                        Self::Special { pfn, sps: [None; 4] }.release(st, batch, &mut Vec::new());
+                        core.free_unpublished_table(pfn);
+                        return None;
+                    };
+                    *slot = Some(sp);
+                    Self::link_special(core, st, pfn, i, sp);
+                }
+                Some(ShadowRoot::Special { pfn, sps })
+            }
+        }
+    }
+
+    /// Entry `i` of special root `root` links `sp`, which the root pins.
+    fn link_special<H: Host>(
+        core: &TdpMmu<H>,
+        st: &mut ShadowState,
+        root: Pfn,
+        i: usize,
+        sp: SpId,
+    ) {
+        let s = st.sp_mut(sp);
+        s.root_count += 1;
+        let link = core.cfg.format.make_nonleaf(s.spt);
+        // SAFETY: `root` is the vCPU's own special root frame, allocated above and not yet
+        // reachable by anyone else.
+        if let Some(t) = unsafe { core.table(root) } {
+            t[i].store(link, crate::sync::Ordering::Release);
+        }
+        debug_assert!(SpteFormat::is_mmu_present(link));
+    }
+}

@@ -1,0 +1,554 @@
+//! A vCPU under shadow paging (KVM with TDP off): its guest paging state (CR3, mode, PDPTEs), its
+//! shadow roots with the previous-root cache, and the entry points the hypervisor calls: the #PF
+//! exit ([`Vcpu::handle_page_fault`]), INVLPG, MOV CR3, emulated writes to guest page tables,
+//! and the hardware walk by guest-virtual address.
+//!
+//! # Fault flow (KVM `kvm_mmu_page_fault` -> `handle_mmio_page_fault` / `FNAME(page_fault)`)
+//! - RSVD fault: the per-vCPU MMIO cache by GVA (page, generation, and the cached guest rights
+//!   cover the access: no guest walk), then the lockless shadow walk (an MMIO SPTE of the current
+//!   generation -> Emulate and cache; stale -> slow path; a zapped entry -> Retry, never an
+//!   error; reserved bits in a present entry -> a genuine misconfiguration).
+//! - Slow path, inside a memslot read section: walk the guest's tables (a guest fault goes back
+//!   to the guest as [`FaultOutcome::GuestPageFault`]), faultin the guest-physical frame, then
+//!   under the shadow lock: make pages available, the stale check (a special root is stale while
+//!   a free-obsolete-roots request is pending, 18c841e1f411), build the shadow and install.
+//!
+//! # Invariants
+//! - Every root change (CR3 load, mode change, reload after a zap) clears the GVA part of the
+//!   MMIO cache (the 2026 fix 7f8a4eb426b4: a GVA-keyed entry must not survive a root switch);
+//!   INVLPG clears the entry of its page.
+//! - The vCPU pins the pages of its current and previous roots; it releases them outside guest
+//!   mode.
+
+use super::{EntryWork, Vcpu};
+use crate::bugs::Bug;
+use crate::fault::{
+    Backing, EmulateSource, FaultError, FaultOutcome, FaultinStop, PageFault, PfErr,
+};
+use crate::guest::{self, GuestCpu, PagingMode, PdptrError, WalkError};
+use crate::host::{GuestMemory, Host};
+use crate::shadow::{
+    fetch::{fetch, FetchOutcome, LeafWant},
+    PrevRoot, ShadowRoot, ShadowRootKind, SlotGuestMemory, ZapBatch,
+};
+use crate::spte::SpteFormat;
+use crate::stats::{RetryCause, VcpuStats};
+use crate::tdp::{hw_walk, HwWalk, LocklessWalk};
+use crate::types::{Access, Gfn, Gpa, Gva, Level, Pfn};
+
+/// The number of previous roots kept (KVM `KVM_MMU_NUM_PREV_ROOTS`).
+pub use crate::shadow::root::NUM_PREV_ROOTS;
+
+/// A shadow vCPU's paging state.
+#[derive(Debug)]
+pub(crate) struct ShadowVcpu {
+    pub(crate) cpu: GuestCpu,
+    pub(crate) root: Option<ShadowRoot>,
+    /// Most recently used first.
+    pub(crate) prev: [Option<PrevRoot>; NUM_PREV_ROOTS],
+}
+
+impl ShadowVcpu {
+    pub(crate) fn new() -> Self {
+        ShadowVcpu {
+            cpu: GuestCpu {
+                mode: PagingMode::NonPaging,
+                cr3: 0,
+                cr0_wp: true,
+                efer_nx: true,
+                maxphyaddr: 46,
+            },
+            root: None,
+            prev: [None; NUM_PREV_ROOTS],
+        }
+    }
+}
+
+/// Why a shadow-paging request of the hypervisor failed.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
+pub enum ShadowError {
+    /// The VM uses the TDP MMU.
+    #[error("this VM uses the TDP MMU, not shadow paging")]
+    NotShadow,
+    /// MOV CR3 in PAE mode found a bad PDPTE: the guest gets #GP.
+    #[error("loading the PAE PDPTEs failed (#GP for the guest): {0}")]
+    Pdptrs(#[from] PdptrError),
+    /// The host had no frame for a shadow page.
+    #[error("the host has no free frame for a shadow page (KVM: -ENOMEM)")]
+    OutOfMemory,
+}
+
+fn retry(stats: &mut VcpuStats, cause: RetryCause) -> FaultOutcome {
+    stats.retries[cause as usize] += 1;
+    FaultOutcome::Retry(cause)
+}
+
+impl<H: Host> Vcpu<H> {
+    fn shadow_parts(&mut self) -> Result<(), ShadowError> {
+        if self.vm.shadow.is_none() || self.st.shadow.is_none() {
+            return Err(ShadowError::NotShadow);
+        }
+        Ok(())
+    }
+
+    /// The guest paging state (shadow VMs).
+    pub fn guest_cpu(&self) -> Option<&GuestCpu> {
+        self.st.shadow.as_ref().map(|s| &s.cpu)
+    }
+
+    /// The kind of the current shadow root, if one is loaded.
+    pub fn shadow_root_kind(&self) -> Option<ShadowRootKind> {
+        self.st.shadow.as_ref()?.root.as_ref().map(|r| r.kind())
+    }
+
+    /// Drops the current root and every previous root (KVM `kvm_mmu_unload`) and clears the GVA
+    /// part of the MMIO cache. Call outside guest mode.
+    pub(crate) fn shadow_unload(&mut self) {
+        let (Some(shadow), Some(sv)) = (self.vm.shadow.as_ref(), self.st.shadow.as_mut()) else {
+            return;
+        };
+        let roots = sv
+            .root
+            .take()
+            .into_iter()
+            .chain(sv.prev.iter_mut().filter_map(Option::take).map(|p| ShadowRoot::Page {
+                sp: p.sp,
+                pfn: p.pfn,
+                cr3: p.cr3,
+            }))
+            .collect::<alloc::vec::Vec<_>>();
+        self.st.mmio_cache.clear_gva();
+        if !roots.is_empty() {
+            shadow.free_roots(&self.vm.mmu, roots);
+        }
+    }
+
+    /// The shadow part of [`Self::service_requests`]: drop obsolete roots on request (a special
+    /// root always counts as obsolete), and load a root if none is loaded.
+    pub(crate) fn shadow_service(
+        &mut self,
+        free_obsolete: bool,
+        work: &mut EntryWork,
+    ) -> Result<(), crate::tdp::TdpError> {
+        let (Some(shadow), Some(sv)) = (self.vm.shadow.as_ref(), self.st.shadow.as_mut()) else {
+            return Ok(());
+        };
+        let core = &self.vm.mmu;
+        if free_obsolete {
+            let mut drop = alloc::vec::Vec::new();
+            {
+                let st = shadow.lock(core);
+                if sv.root.as_ref().is_some_and(|r| r.is_obsolete(&st)) {
+                    drop.extend(sv.root.take());
+                }
+                for p in sv.prev.iter_mut() {
+                    if p.is_some_and(|p| st.is_obsolete(p.sp)) {
+                        if let Some(p) = p.take() {
+                            drop.push(ShadowRoot::Page { sp: p.sp, pfn: p.pfn, cr3: p.cr3 });
+                        }
+                    }
+                }
+            }
+            if !drop.is_empty() {
+                self.st.mmio_cache.clear_gva();
+                shadow.free_roots(core, drop);
+            }
+        }
+        let sv = self.st.shadow.as_mut().ok_or(crate::tdp::TdpError::OutOfMemory)?;
+        if sv.root.is_none() {
+            let mut batch = ZapBatch::default();
+            let root = {
+                let mut st = shadow.lock(core);
+                shadow.make_pages_available(core, &mut st, &mut batch);
+                let r = ShadowRoot::alloc(
+                    core,
+                    &shadow.stats,
+                    &mut st,
+                    &sv.cpu,
+                    self.st.as_id,
+                    &mut batch,
+                );
+                st.commit_zap(core, &shadow.stats, &mut batch);
+                r
+            };
+            core.reclaim();
+            sv.root = Some(root.ok_or(crate::tdp::TdpError::OutOfMemory)?);
+            // KVM `kvm_mmu_load` clears the GVA cache (7f8a4eb426b4).
+            self.st.mmio_cache.clear_gva();
+            self.stats.root_loads += 1;
+            work.flush_tlb = true;
+        }
+        Ok(())
+    }
+
+    /// The frame and level the hardware walks from under shadow paging.
+    pub(crate) fn shadow_hw_root(&self) -> Option<(Pfn, Level)> {
+        self.st.shadow.as_ref()?.root.as_ref().map(|r| r.hw_root())
+    }
+
+    /// The hardware walk for a TLB miss on `gva` (shadow paging), in guest mode entered with
+    /// [`Self::enter_guest_mode`]. A 4-level guest walks a 4-level shadow; a PAE guest (or one
+    /// without paging) walks its special root from the PDPTE level.
+    pub fn walk_gva(&self, gva: Gva, need: Access) -> HwWalk {
+        assert!(self.st.in_guest, "the hardware walks only in guest mode");
+        let Some((pfn, level)) = self.shadow_hw_root() else {
+            return HwWalk::Broken { dump: Default::default() };
+        };
+        let mmu = &self.vm.mmu;
+        // SAFETY: in guest mode the vCPU holds its table read section and keeps its current
+        // root (which pins its shadow pages): nothing reachable from it is freed meanwhile.
+        unsafe { hw_walk(&mmu.cfg.format, &*mmu.host, pfn, level, Gfn(gva.raw() >> 12), need) }
+    }
+
+    /// Switches the guest's paging mode (KVM `kvm_mmu_reset_context`): every root goes, the GVA
+    /// cache is cleared; the next [`Self::service_requests`] builds the new root. A PAE `cpu`
+    /// carries PDPTEs already loaded ([`crate::guest::load_pdptrs`]). Call outside guest mode.
+    pub fn set_guest_cpu(&mut self, cpu: GuestCpu) -> Result<(), ShadowError> {
+        self.shadow_parts()?;
+        self.shadow_unload();
+        if let Some(sv) = self.st.shadow.as_mut() {
+            sv.cpu = cpu;
+        }
+        Ok(())
+    }
+
+    /// INVLPG of `gva` (KVM `kvm_mmu_invlpg`): clears the MMIO cache entry of that page, and
+    /// zaps the shadow leaf for `gva` under the current and the previous roots. The hypervisor
+    /// also drops its own TLB entry for `gva`. Call outside guest mode.
+    pub fn invlpg(&mut self, gva: Gva) -> Result<(), ShadowError> {
+        self.shadow_parts()?;
+        self.stats.invlpg += 1;
+        self.st.mmio_cache.clear_gva_page(gva.raw());
+        let (Some(shadow), Some(sv)) = (self.vm.shadow.as_ref(), self.st.shadow.as_ref()) else {
+            return Err(ShadowError::NotShadow);
+        };
+        let roots = sv.root.into_iter().chain(sv.prev.iter().flatten().map(|p| ShadowRoot::Page {
+            sp: p.sp,
+            pfn: p.pfn,
+            cr3: p.cr3,
+        }));
+        shadow.zap_gva(&self.vm.mmu, roots, gva);
+        Ok(())
+    }
+}
+
+impl<H: Host + GuestMemory> Vcpu<H> {
+    /// MOV CR3 (KVM `kvm_set_cr3` -> `kvm_mmu_new_pgd`): a 4-level guest switches to a cached
+    /// previous root for `cr3` if one is usable (KVM keeps 3), else its current root becomes the
+    /// most recent previous one and a new root is built on the next entry; a PAE guest reloads
+    /// its PDPTEs (a bad one is #GP) and its special root. Either way the GVA part of the MMIO
+    /// cache is cleared and the hypervisor flushes its TLB (`flush_tlb`). Call outside guest mode.
+    pub fn load_cr3(&mut self, cr3: u64) -> Result<EntryWork, ShadowError> {
+        self.shadow_parts()?;
+        let Vcpu { vm, readers, st, .. } = self;
+        let (Some(shadow), Some(sv)) = (vm.shadow.as_ref(), st.shadow.as_mut()) else {
+            return Err(ShadowError::NotShadow);
+        };
+        let core = &vm.mmu;
+        let mut release = alloc::vec::Vec::new();
+        match sv.cpu.mode {
+            PagingMode::Pae { .. } => {
+                let pdptrs = {
+                    let guard = vm.memslots.read(&readers.memslot);
+                    let mem = SlotGuestMemory::new(guard.set(st.as_id), &*core.host);
+                    guest::load_pdptrs(&mem, cr3, sv.cpu.maxphyaddr)?
+                };
+                sv.cpu.mode = PagingMode::Pae { pdptrs };
+                release.extend(sv.root.take());
+            }
+            PagingMode::Long4 => {
+                let current = sv.root.take();
+                if let Some(ShadowRoot::Page { cr3: c, .. }) = current {
+                    if c == cr3 {
+                        sv.root = current;
+                    }
+                }
+                if sv.root.is_none() {
+                    let hit = {
+                        let s = shadow.lock(core);
+                        sv.prev
+                            .iter()
+                            .position(|p| p.is_some_and(|p| p.cr3 == cr3 && !s.is_obsolete(p.sp)))
+                    };
+                    let demoted = match current {
+                        Some(ShadowRoot::Page { sp, pfn, cr3 }) => Some(PrevRoot { cr3, sp, pfn }),
+                        Some(special) => {
+                            release.push(special);
+                            None
+                        }
+                        None => None,
+                    };
+                    // Most recent first: the old current, then the others in order; the
+                    // reused root leaves the list; what falls off the end is released.
+                    let reused = hit.and_then(|i| sv.prev[i].take());
+                    let mut order: alloc::vec::Vec<PrevRoot> = demoted
+                        .into_iter()
+                        .chain(sv.prev.iter_mut().filter_map(Option::take))
+                        .collect();
+                    while order.len() > NUM_PREV_ROOTS {
+                        if let Some(p) = order.pop() {
+                            release.push(ShadowRoot::Page { sp: p.sp, pfn: p.pfn, cr3: p.cr3 });
+                        }
+                    }
+                    for (slot, p) in sv.prev.iter_mut().zip(order) {
+                        *slot = Some(p);
+                    }
+                    sv.root = reused.map(|p| ShadowRoot::Page { sp: p.sp, pfn: p.pfn, cr3: p.cr3 });
+                }
+            }
+            PagingMode::NonPaging => {}
+        }
+        sv.cpu.cr3 = cr3;
+        st.mmio_cache.clear_gva();
+        if !release.is_empty() {
+            shadow.free_roots(core, release);
+        }
+        Ok(EntryWork { flush_tlb: true })
+    }
+
+    /// Reports a write the hypervisor emulated to guest RAM at `gpa` of `bytes` bytes (after an
+    /// [`EmulateSource::WriteProtected`] exit, or any emulated write): shadow pages of the guest
+    /// table there drop the SPTEs the write changed, or are zapped when the write is misaligned
+    /// or the table is flooded (KVM `kvm_mmu_track_write`). Call outside guest mode.
+    pub fn track_write(&mut self, gpa: Gpa, bytes: u32) -> Result<(), ShadowError> {
+        self.shadow_parts()?;
+        let shadow = self.vm.shadow.as_ref().ok_or(ShadowError::NotShadow)?;
+        let new_gpte = {
+            let guard = self.vm.memslots.read(&self.readers.memslot);
+            let mem = SlotGuestMemory::new(guard.set(self.st.as_id), &*self.vm.mmu.host);
+            guest::GuestPteMemory::read_gpte(&mem, Gpa(gpa.raw() & !7)).unwrap_or(0)
+        };
+        shadow.track_write(&self.vm.mmu, self.st.as_id, gpa, bytes, new_gpte);
+        Ok(())
+    }
+
+    /// A #PF exit under shadow paging, with the hardware's error code (KVM `kvm_mmu_page_fault`
+    /// with TDP off). Call outside guest mode.
+    pub fn handle_page_fault(&mut self, gva: Gva, err: PfErr) -> Result<FaultOutcome, FaultError> {
+        debug_assert!(!self.st.in_guest, "fault handlers run outside guest mode");
+        if self.vm.shadow.is_none() || self.st.shadow.is_none() {
+            return Err(FaultError::WrongMmu { wanted: "shadow-paging" });
+        }
+        if err.rsvd() {
+            self.stats.misconfig_exits += 1;
+        } else {
+            self.stats.violation_exits += 1;
+        }
+        let Some(root) = self.st.shadow.as_ref().and_then(|s| s.root) else {
+            return Ok(retry(&mut self.stats, RetryCause::NoRoot));
+        };
+        let mut err = err;
+        if err.rsvd() {
+            if let Some(o) = self.shadow_mmio_fast(root, gva, err)? {
+                return Ok(o);
+            }
+            err = PfErr(err.0 & !PfErr::RSVD);
+        }
+        self.shadow_slow(root, gva, err)
+    }
+
+    /// KVM `handle_mmio_page_fault` under shadow paging. `None`: take the slow path.
+    fn shadow_mmio_fast(
+        &mut self,
+        root: ShadowRoot,
+        gva: Gva,
+        err: PfErr,
+    ) -> Result<Option<FaultOutcome>, FaultError> {
+        let Vcpu { vm, readers, st, stats } = self;
+        let bugs = vm.bugs;
+        let codec = vm.mmu.cfg.codec;
+        let gen = vm.memslots.generation(st.as_id);
+        let need = err.access().required().intersect(Access::WRITE.union(Access::USER));
+        if let Some((gfn, access)) = st.mmio_cache.lookup_gva(gva.raw(), gen, bugs) {
+            if access.contains(need) {
+                stats.mmio_cache_hits += 1;
+                stats.pf_fast += 1;
+                let gpa = Gpa(gfn.gpa().raw() | gva.page_offset());
+                return Ok(Some(FaultOutcome::Emulate {
+                    gpa,
+                    access,
+                    source: EmulateSource::VcpuCacheHit,
+                }));
+            }
+        }
+        let (pfn, level) = root.hw_root();
+        let walk = {
+            let _t = vm.mmu.table_srcu.read_lock(&readers.table);
+            vm.mmu.walk_lockless(pfn, level, Gfn(gva.raw() >> 12))
+        };
+        match walk {
+            LocklessWalk::Reserved { level, reason, dump } => {
+                Err(FaultError::Misconfig { gpa: Gpa(gva.raw()), level: level.get(), reason, dump })
+            }
+            LocklessWalk::Broken { dump } => {
+                Err(FaultError::Internal { gpa: Gpa(gva.raw()), dump })
+            }
+            LocklessWalk::Leaf { leaf, .. } if codec.is_mmio(leaf) => {
+                let fresh = bugs.has(Bug::MmioSpteIgnoresGen)
+                    || (!gen.in_progress() && codec.generation_bits(leaf) == gen.mmio_bits());
+                if !fresh {
+                    stats.stale_gen_misses += 1;
+                    return Ok(None);
+                }
+                let gfn = codec.gfn(leaf);
+                let access = codec.access(leaf);
+                st.mmio_cache.fill(gva.raw(), gfn, access, gen, bugs);
+                stats.mmio_spte_hits += 1;
+                stats.pf_fast += 1;
+                let gpa = Gpa(gfn.gpa().raw() | gva.page_offset());
+                Ok(Some(FaultOutcome::Emulate { gpa, access, source: EmulateSource::MmioSpteHit }))
+            }
+            LocklessWalk::Leaf { leaf, level, dump } => {
+                if bugs.has(Bug::ZappedSpteIsMisconfig) && !SpteFormat::is_mmu_present(leaf) {
+                    return Err(FaultError::Misconfig {
+                        gpa: Gpa(gva.raw()),
+                        level: level.get(),
+                        reason: crate::spte::RsvdReason::ReservedBit { bit: 0, level: level.get() },
+                        dump,
+                    });
+                }
+                // Zapped under the walk (or fixed meanwhile): let the CPU fault again.
+                Ok(Some(retry(stats, RetryCause::ZappedUnderWalk)))
+            }
+        }
+    }
+
+    /// KVM `FNAME(page_fault)`.
+    fn shadow_slow(
+        &mut self,
+        root: ShadowRoot,
+        gva: Gva,
+        err: PfErr,
+    ) -> Result<FaultOutcome, FaultError> {
+        let Vcpu { vm, readers, st, stats } = self;
+        let (Some(shadow), Some(sv)) = (vm.shadow.as_ref(), st.shadow.as_ref()) else {
+            return Err(FaultError::WrongMmu { wanted: "shadow-paging" });
+        };
+        let core = &vm.mmu;
+        let bugs = vm.bugs;
+        let codec = core.cfg.codec;
+        let cpu = sv.cpu;
+        let guard = vm.memslots.read(&readers.memslot);
+        let set = guard.set(st.as_id);
+        let gen = set.generation();
+        stats.pf_taken += 1;
+        let mem = SlotGuestMemory::new(set, &*core.host);
+        let access = err.access();
+        let nonpaging = matches!(cpu.mode, PagingMode::NonPaging);
+        let walk = match guest::walk(&cpu, &mem, gva, access) {
+            Ok(w) => w,
+            Err(WalkError::NonCanonical(a)) => return Err(FaultError::NonCanonical(a)),
+            Err(WalkError::PageFault(pf)) => {
+                // KVM `kvm_inject_emulated_page_fault`: a protection fault must not leave a stale
+                // SPTE that would make the guest fault forever.
+                if pf.error_code.0 & PfErr::PRESENT != 0 && !pf.error_code.rsvd() {
+                    shadow.zap_gva(core, core::iter::once(root), gva);
+                }
+                stats.pf_guest += 1;
+                return Ok(FaultOutcome::GuestPageFault {
+                    addr: pf.addr,
+                    error_code: pf.error_code,
+                });
+            }
+        };
+        let mut fault = PageFault::tdp(walk.gpa, PfErr(err.0 & !PfErr::RSVD));
+        fault.is_tdp = false;
+        let stop =
+            fault.faultin(set, &mut st.slot_cache, &*core.host, &core.inval, Level::L4K, bugs)?;
+        match stop {
+            None => {}
+            Some(FaultinStop::Retry(cause)) => return Ok(retry(stats, cause)),
+            Some(FaultinStop::ReadOnlyWrite) => {
+                stats.readonly_write_emulations += 1;
+                stats.pf_emulate += 1;
+                return Ok(FaultOutcome::Emulate {
+                    gpa: walk.gpa,
+                    access: access.required(),
+                    source: EmulateSource::ReadOnlyWrite,
+                });
+            }
+        }
+        let mmio_access = walk.pte_access.intersect(Access::WRITE.union(Access::USER));
+        let want = match fault.backing {
+            Backing::Ram { base_pfn, writable, .. } => LeafWant::Ram { pfn: base_pfn, writable },
+            Backing::NoSlot => {
+                // KVM `kvm_handle_noslot_fault` with the GVA (indirect MMU).
+                st.mmio_cache.fill(gva.raw(), walk.gfn, mmio_access, gen, bugs);
+                stats.slow_path_mmio += 1;
+                stats.pf_emulate += 1;
+                if !codec.enabled() || walk.gfn > core.cfg.max_gfn {
+                    return Ok(FaultOutcome::Emulate {
+                        gpa: walk.gpa,
+                        access: mmio_access,
+                        source: EmulateSource::SlowPathMmio,
+                    });
+                }
+                LeafWant::Mmio(codec.make(walk.gfn, gen, mmio_access))
+            }
+            Backing::Unresolved => {
+                return Err(FaultError::Internal { gpa: walk.gpa, dump: Default::default() })
+            }
+        };
+        core.host.preempt_point(crate::host::PreemptPoint::FaultDecided);
+        let mut batch = ZapBatch::default();
+        let outcome = {
+            let mut s = shadow.lock(core);
+            // 2abd5287f083: make pages available first, then check the root.
+            shadow.make_pages_available(core, &mut s, &mut batch);
+            // Read under the lock: zap_all_fast requests the reload inside its critical section.
+            let pending = core.vcpus[st.index].pending();
+            let o = match fault.stale(root.state(&s), pending, &core.inval, bugs) {
+                Some(cause) => FetchOutcome::Retry(cause),
+                None => fetch(
+                    core,
+                    &shadow.stats,
+                    &mut s,
+                    &root,
+                    &walk,
+                    nonpaging,
+                    gva,
+                    access,
+                    want,
+                    &mem,
+                    &mut batch,
+                ),
+            };
+            s.commit_zap(core, &shadow.stats, &mut batch);
+            o
+        };
+        drop(guard);
+        core.reclaim();
+        let is_mmio = matches!(want, LeafWant::Mmio(_));
+        let emulate_mmio = FaultOutcome::Emulate {
+            gpa: walk.gpa,
+            access: mmio_access,
+            source: EmulateSource::SlowPathMmio,
+        };
+        Ok(match outcome {
+            FetchOutcome::Installed if is_mmio => {
+                stats.pf_mmio_spte_created += 1;
+                emulate_mmio
+            }
+            FetchOutcome::Spurious if is_mmio => emulate_mmio,
+            FetchOutcome::Installed => {
+                stats.pf_fixed += 1;
+                FaultOutcome::Fixed
+            }
+            FetchOutcome::Spurious => {
+                stats.pf_spurious += 1;
+                FaultOutcome::Spurious
+            }
+            FetchOutcome::WriteProtected => {
+                stats.write_protected_emulations += 1;
+                stats.pf_emulate += 1;
+                FaultOutcome::Emulate {
+                    gpa: walk.gpa,
+                    access: access.required(),
+                    source: EmulateSource::WriteProtected,
+                }
+            }
+            FetchOutcome::Retry(cause) => retry(stats, cause),
+            FetchOutcome::OutOfMemory => return Err(FaultError::OutOfMemory(walk.gpa)),
+        })
+    }
+}

@@ -1,0 +1,321 @@
+//! The shadow-paging MMU end to end on the test host (issue 13): guest page tables written into
+//! guest RAM, the hardware walk by guest-virtual address, the #PF exit, MMIO under shadow paging
+//! (the GVA-keyed cache and MMIO SPTEs), write protection of guest tables, INVLPG, CR3 switches
+//! through previous roots, PAE special roots and recycling.
+#![cfg(not(loom))]
+
+use std::sync::Arc;
+use vmmu::fault::{EmulateSource, FaultOutcome, PfErr};
+use vmmu::guest::{GuestCpu, PagingMode};
+use vmmu::memslot::UserspaceMemoryRegion;
+use vmmu::shadow::ShadowRootKind;
+use vmmu::stats::RetryCause;
+use vmmu::tdp::HwWalk;
+use vmmu::testing::TestHost;
+use vmmu::vcpu::Vcpu;
+use vmmu::vm::{Vm, VmConfig};
+use vmmu::{Access, Gpa, Gva, Level, Pfn};
+
+const RAM_HVA: u64 = 0x4000_0000;
+const RAM_SIZE: u64 = 64 << 20;
+/// Guest page tables are allocated from here up.
+const TABLES_GPA: u64 = 0x10_0000;
+/// A guest-physical address no slot covers.
+const MMIO_GPA: u64 = 0x1_0000_0000;
+
+const P: u64 = 1;
+const RW: u64 = 2;
+const US: u64 = 4;
+const PS: u64 = 1 << 7;
+
+fn ram_pfn(gpa: u64) -> Pfn {
+    Pfn((RAM_HVA + gpa) >> 12)
+}
+
+/// A guest page-table space written straight into guest RAM (as the guest OS would before it
+/// loads CR3; later changes go through the MMU's write tracking).
+struct Space {
+    host: Arc<TestHost>,
+    cr3: u64,
+    next: std::rc::Rc<std::cell::Cell<u64>>,
+}
+
+impl Space {
+    fn new(host: &Arc<TestHost>, next: &std::rc::Rc<std::cell::Cell<u64>>) -> Space {
+        let cr3 = next.get();
+        next.set(cr3 + 0x1000);
+        Space { host: host.clone(), cr3, next: next.clone() }
+    }
+
+    fn read(&self, gpa: u64) -> u64 {
+        vmmu::host::GuestMemory::read_u64(&*self.host, vmmu::Hva(RAM_HVA + gpa)).unwrap()
+    }
+
+    /// The gpa of the entry for `gva` at `level`, creating tables above it.
+    fn entry_gpa(&self, gva: u64, level: u8) -> u64 {
+        let mut table = self.cr3;
+        for l in (level + 1..=4).rev() {
+            let idx = (gva >> (12 + 9 * (u64::from(l) - 1))) & 511;
+            let e = self.read(table + idx * 8);
+            if e & P == 0 {
+                let t = self.next.get();
+                self.next.set(t + 0x1000);
+                self.host.write_u64(RAM_HVA + table + idx * 8, t | P | RW | US);
+                table = t;
+            } else {
+                table = e & 0x000f_ffff_ffff_f000;
+            }
+        }
+        table + ((gva >> (12 + 9 * (u64::from(level) - 1))) & 511) * 8
+    }
+
+    fn map4k(&self, gva: u64, gpa: u64, flags: u64) -> u64 {
+        let at = self.entry_gpa(gva, 1);
+        self.host.write_u64(RAM_HVA + at, gpa | flags);
+        at
+    }
+
+    fn map2m(&self, gva: u64, gpa: u64, flags: u64) -> u64 {
+        let at = self.entry_gpa(gva, 2);
+        self.host.write_u64(RAM_HVA + at, gpa | flags | PS);
+        at
+    }
+}
+
+fn shadow_vm() -> (Vm<TestHost>, Arc<TestHost>, std::rc::Rc<std::cell::Cell<u64>>) {
+    let host = Arc::new(TestHost::new(2048));
+    host.map(RAM_HVA, RAM_SIZE, RAM_HVA >> 12, Level::L4K, true);
+    let mut cfg = VmConfig::shadow(46).unwrap();
+    cfg.max_vcpus = 2;
+    let vm = Vm::new(cfg, host.clone()).unwrap();
+    vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, RAM_SIZE, RAM_HVA)).unwrap();
+    (vm, host, std::rc::Rc::new(std::cell::Cell::new(TABLES_GPA)))
+}
+
+fn long4(cr3: u64) -> GuestCpu {
+    GuestCpu { mode: PagingMode::Long4, cr3, cr0_wp: true, efer_nx: true, maxphyaddr: 46 }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Seen {
+    Ram(Pfn),
+    Mmio(Gpa, EmulateSource),
+    GuestPf(u64),
+}
+
+/// One user-mode access by `v` to `gva`, like the hardware and the hypervisor do it: walk the
+/// shadow, exit on a fault, handle it, repeat.
+fn access(v: &mut Vcpu<TestHost>, gva: u64, write: bool) -> Seen {
+    let need = if write { Access::WRITE.union(Access::USER) } else { Access::USER };
+    for _ in 0..50 {
+        v.service_requests().unwrap();
+        if v.enter_guest_mode().is_err() {
+            continue; // a request arrived meanwhile (e.g. the flush of the reload itself)
+        }
+        let walk = v.walk_gva(Gva(gva), need);
+        v.exit_guest_mode();
+        let user_write = PfErr::USER | if write { PfErr::WRITE } else { 0 };
+        let err = match walk {
+            HwWalk::Translated { pfn, .. } => return Seen::Ram(pfn),
+            HwWalk::Violation { present, .. } => {
+                user_write | if present { PfErr::PRESENT } else { 0 }
+            }
+            HwWalk::Misconfig { .. } => user_write | PfErr::RSVD | PfErr::PRESENT,
+            HwWalk::Broken { dump } => panic!("broken walk {dump:?}"),
+        };
+        match v.handle_page_fault(Gva(gva), PfErr(err)).unwrap() {
+            FaultOutcome::Fixed | FaultOutcome::Spurious | FaultOutcome::Retry(_) => {}
+            FaultOutcome::Emulate { gpa, source, .. } => return Seen::Mmio(gpa, source),
+            FaultOutcome::GuestPageFault { error_code, addr } => {
+                assert_eq!(addr, Gva(gva));
+                return Seen::GuestPf(error_code.0);
+            }
+        }
+    }
+    panic!("access to {gva:#x} did not complete");
+}
+
+fn vcpu_in(vm: &Vm<TestHost>, cpu: GuestCpu) -> Vcpu<TestHost> {
+    let mut v = vm.create_vcpu().unwrap();
+    v.set_guest_cpu(cpu).unwrap();
+    v
+}
+
+#[test]
+fn guest_translations_and_guest_page_faults_with_error_codes() {
+    let (vm, host, next) = shadow_vm();
+    let s = Space::new(&host, &next);
+    s.map4k(0x4000_0000, 0x20_0000, P | RW | US);
+    s.map4k(0x4000_1000, 0x20_1000, P | US); // read-only
+    s.map4k(0x4000_2000, 0x20_2000, P | RW); // supervisor
+    s.map2m(0x8000_0000, 0x40_0000, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, 0x4000_0008, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(access(&mut v, 0x4000_0008, true), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(access(&mut v, 0x4000_1000, false), Seen::Ram(ram_pfn(0x20_1000)));
+    assert_eq!(access(&mut v, 0x4000_1000, true), Seen::GuestPf(0x7), "read-only: P|W|U");
+    assert_eq!(access(&mut v, 0x4000_2000, false), Seen::GuestPf(0x5), "supervisor: P|U");
+    assert_eq!(access(&mut v, 0x4000_3000, false), Seen::GuestPf(0x4), "not present: U");
+    // A 2 MiB guest page is shadowed with 4 KiB leaves of a direct page.
+    assert_eq!(access(&mut v, 0x8012_3456, false), Seen::Ram(ram_pfn(0x52_3000)));
+    assert_eq!(v.shadow_root_kind(), Some(ShadowRootKind::Page));
+    assert!(v.stats.pf_guest >= 3);
+    // The walker set the accessed and dirty bits in guest memory.
+    let pte = s.read(s.entry_gpa(0x4000_0000, 1));
+    assert_eq!(pte & 0x60, 0x60, "A and D set: {pte:#x}");
+}
+
+#[test]
+fn mmio_is_cached_by_gva_and_in_mmio_sptes_and_never_trusted_after_a_slot_appears() {
+    let (vm, host, next) = shadow_vm();
+    let s = Space::new(&host, &next);
+    s.map4k(0x4000_0000, MMIO_GPA, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    let gpa = Gpa(MMIO_GPA + 0x10);
+    assert_eq!(access(&mut v, 0x4000_0010, false), Seen::Mmio(gpa, EmulateSource::SlowPathMmio));
+    assert_eq!(access(&mut v, 0x4000_0010, false), Seen::Mmio(gpa, EmulateSource::VcpuCacheHit));
+    // The GVA cache kept the guest's rights: a write is allowed (W set, dirty after the read?
+    // the read left W out: protect_clean_gpte), so the cache does not answer it.
+    let w = access(&mut v, 0x4000_0010, true);
+    assert!(matches!(w, Seen::Mmio(g, _) if g == gpa), "{w:?}");
+    // Another vCPU has no cache entry: it hits the MMIO SPTE through the lockless walk.
+    let mut v2 = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v2, 0x4000_0010, false), Seen::Mmio(gpa, EmulateSource::MmioSpteHit));
+    // A slot appears at the MMIO address: neither the cache nor the SPTE may answer.
+    vm.set_memory_region(&UserspaceMemoryRegion::new(1, 0, MMIO_GPA, 0x1000, RAM_HVA + 0x300_0000))
+        .unwrap();
+    assert_eq!(access(&mut v, 0x4000_0010, false), Seen::Ram(ram_pfn(0x300_0000)));
+    assert_eq!(access(&mut v2, 0x4000_0010, false), Seen::Ram(ram_pfn(0x300_0000)));
+}
+
+#[test]
+fn a_guest_write_to_its_page_table_is_write_protected_and_tracked() {
+    let (vm, host, next) = shadow_vm();
+    let s = Space::new(&host, &next);
+    let pte_gpa = s.map4k(0x4000_0000, MMIO_GPA, P | RW | US);
+    // The guest maps its own last-level table so that it can edit it.
+    let table_gpa = pte_gpa & !0xfff;
+    s.map4k(0x5000_0000, table_gpa, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert!(matches!(access(&mut v, 0x4000_0000, false), Seen::Mmio(..)));
+    // Writing the table through its mapping exits for emulation: the table is shadowed.
+    let at = 0x5000_0000 + (pte_gpa & 0xfff);
+    assert_eq!(
+        access(&mut v, at, true),
+        Seen::Mmio(Gpa(pte_gpa), EmulateSource::WriteProtected),
+        "a shadowed guest table must not be writable"
+    );
+    // The hypervisor emulates it: the GVA now maps RAM (the 2011 case: MMIO, then RAM).
+    host.write_u64(RAM_HVA + pte_gpa, 0x20_0000 | P | RW | US);
+    v.track_write(Gpa(pte_gpa), 8).unwrap();
+    v.invlpg(Gva(0x4000_0000)).unwrap();
+    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    let st = vm.shadow_mmu().unwrap().stats.snapshot();
+    assert!(st.mmu_pte_write >= 1, "{st:?}");
+}
+
+#[test]
+fn cr3_switches_reuse_previous_roots_and_clear_the_gva_cache() {
+    let (vm, host, next) = shadow_vm();
+    let a = Space::new(&host, &next);
+    let b = Space::new(&host, &next);
+    a.map4k(0x4000_0000, 0x20_0000, P | RW | US);
+    b.map4k(0x4000_0000, MMIO_GPA, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(a.cr3));
+    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    v.load_cr3(b.cr3).unwrap();
+    assert!(matches!(access(&mut v, 0x4000_0000, false), Seen::Mmio(..)));
+    assert!(matches!(
+        access(&mut v, 0x4000_0000, false),
+        Seen::Mmio(_, EmulateSource::VcpuCacheHit)
+    ));
+    let misses = vm.shadow_mmu().unwrap().stats.mmu_cache_miss.get();
+    let loads = v.stats.root_loads;
+    v.load_cr3(a.cr3).unwrap();
+    // Space A maps the GVA to RAM: the GVA-keyed MMIO entry of space B must not answer.
+    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(vm.shadow_mmu().unwrap().stats.mmu_cache_miss.get(), misses, "A's root reused");
+    assert_eq!(v.stats.root_loads, loads, "a previous root, not a new one");
+}
+
+#[test]
+fn pae_guests_use_a_special_root_that_retries_while_a_reload_is_pending() {
+    let (vm, host, next) = shadow_vm();
+    // PDPT at a 32-byte aligned address; one PD for the first GiB, one PT.
+    let pdpt = next.get();
+    next.set(pdpt + 0x1000);
+    let pd = next.get();
+    next.set(pd + 0x1000);
+    let pt = next.get();
+    next.set(pt + 0x1000);
+    host.write_u64(RAM_HVA + pdpt, pd | P);
+    host.write_u64(RAM_HVA + pd + 8 * 2, pt | P | RW | US); // gva 0x40_0000..
+    host.write_u64(RAM_HVA + pt + 8 * 3, 0x20_0000 | P | RW | US); // gva 0x40_3000
+    let mut v = vm.create_vcpu().unwrap();
+    let cpu = GuestCpu { mode: PagingMode::Pae { pdptrs: [0; 4] }, ..long4(0) };
+    v.set_guest_cpu(cpu).unwrap();
+    v.load_cr3(pdpt).unwrap();
+    assert_eq!(access(&mut v, 0x40_3000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(v.shadow_root_kind(), Some(ShadowRootKind::Special));
+    assert_eq!(access(&mut v, 0x40_4000, false), Seen::GuestPf(0x4));
+    // A fast zap-all asks every vCPU to reload: a fault on the special root (no page to mark
+    // obsolete) must retry until the vCPU has reloaded (18c841e1f411).
+    vm.zap_all_fast();
+    let o = v.handle_page_fault(Gva(0x40_3000), PfErr(PfErr::USER)).unwrap();
+    assert_eq!(o, FaultOutcome::Retry(RetryCause::PagelessRootReloadPending));
+    assert_eq!(access(&mut v, 0x40_3000, false), Seen::Ram(ram_pfn(0x20_0000)));
+}
+
+#[test]
+fn recycling_keeps_the_page_limit_and_translations_right() {
+    let (vm, host, next) = shadow_vm();
+    vm.set_nr_mmu_pages(64);
+    let s = Space::new(&host, &next);
+    // 100 GVAs, each in its own 1 GiB region: each needs its own level-2 and level-1 pages.
+    let gvas: Vec<u64> = (0..100u64).map(|i| (i + 1) << 30).collect();
+    for (i, &g) in gvas.iter().enumerate() {
+        s.map4k(g, 0x20_0000 + ((i as u64) << 12), P | RW | US);
+    }
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    for round in 0..2 {
+        for (i, &g) in gvas.iter().enumerate() {
+            let want = Seen::Ram(ram_pfn(0x20_0000 + ((i as u64) << 12)));
+            assert_eq!(access(&mut v, g, false), want, "round {round} gva {g:#x}");
+        }
+    }
+    let shadow = vm.shadow_mmu().unwrap();
+    let st = shadow.stats.snapshot();
+    assert!(st.mmu_recycled > 0, "{st:?}");
+    assert!(shadow.pages_in_use() <= 64, "{} pages in use", shadow.pages_in_use());
+}
+
+#[test]
+fn a_lockless_walk_over_a_shrunk_page_retries_instead_of_reporting_a_misconfiguration() {
+    let (vm, host, next) = shadow_vm();
+    let s = Space::new(&host, &next);
+    s.map4k(0x4000_0000, MMIO_GPA, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert!(matches!(access(&mut v, 0x4000_0000, false), Seen::Mmio(..)));
+    // Another vCPU saw the MMIO SPTE (an RSVD #PF), then the shrinker zapped the pages before
+    // its fault handler walked: the walk finds the entry cleared.
+    let mut v2 = vcpu_in(&vm, long4(s.cr3));
+    v2.service_requests().unwrap();
+    assert!(vm.shrink_shadow_pages(1000) > 0);
+    let o =
+        v2.handle_page_fault(Gva(0x4000_0000), PfErr(PfErr::USER | PfErr::RSVD | PfErr::PRESENT));
+    assert_eq!(o, Ok(FaultOutcome::Retry(RetryCause::ZappedUnderWalk)));
+    assert!(matches!(access(&mut v2, 0x4000_0000, false), Seen::Mmio(..)));
+    assert_eq!(host.use_after_free(), 0);
+}
+
+#[test]
+fn tdp_vms_refuse_shadow_entry_points() {
+    let host = Arc::new(TestHost::new(16));
+    let vm = Vm::new(VmConfig::new(vmmu::spte::FormatKind::Ept, 46).unwrap(), host).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    assert!(v.handle_page_fault(Gva(0x1000), PfErr(0)).is_err());
+    assert!(v.invlpg(Gva(0x1000)).is_err());
+    let mut cfg = VmConfig::shadow(46).unwrap();
+    cfg.format = vmmu::spte::FormatKind::Ept;
+    assert!(Vm::new(cfg, Arc::new(TestHost::new(16))).is_err());
+}
