@@ -90,11 +90,33 @@ pub enum Bug {
     /// present, so the later delete of the slot finds nothing to flush, and that vCPU goes on
     /// reading and writing the deleted slot's frame.
     MmioOverPresentSpte = 10,
+    /// Undoes the shadow MMU's clearing of the GVA part of the per-vCPU MMIO cache on a root
+    /// switch (KVM `kvm_mmu_new_pgd` after a fast switch, and 7f8a4eb426b4 "clear MMIO gva in
+    /// kvm_mmu_load", 2026): a GVA-keyed entry survives a CR3 switch.
+    ///
+    /// Harm: after switching to a space that maps the GVA to RAM, an RSVD fault or an emulated
+    /// access would be answered from the entry of the previous space: MMIO at the old GPA.
+    GvaCacheSurvivesRootSwitch = 11,
+    /// Undoes the write protection of shadowed guest page tables (KVM `account_shadowed`, shadow
+    /// facts §4.1): a guest table the MMU shadows stays writable for the guest.
+    ///
+    /// Harm: the guest edits a table through its own mapping without an exit, the shadow (here
+    /// under a previous root) keeps the old translation, and after a CR3 switch back, which
+    /// needs no INVLPG, the guest reads the frame its table no longer maps.
+    ShadowTableLeftWritable = 12,
+    /// Undoes `kvm_mmu_track_write`'s zap (shadow facts §4.3): an emulated write to a shadowed
+    /// guest table is counted but drops no SPTE, so a shadow leaf (an MMIO SPTE, say) outlives
+    /// the guest entry it came from.
+    ///
+    /// Harm: the same CR3-switch-back sequence as `shadow-table-left-writable`: the guest's
+    /// remap of a GVA from MMIO to RAM (emulated, reported) is not seen, and the access still
+    /// exits as MMIO.
+    TrackWriteKeepsSpte = 13,
 }
 
 impl Bug {
     /// Every bug, in a stable order.
-    pub const ALL: [Bug; 11] = [
+    pub const ALL: [Bug; 14] = [
         Bug::NoSecondIncrement,
         Bug::CacheWhileInProgress,
         Bug::VcpuCacheWithoutGen,
@@ -106,6 +128,9 @@ impl Bug {
         Bug::MmioSpteIgnoresGen,
         Bug::NoTlbFlushOnZap,
         Bug::MmioOverPresentSpte,
+        Bug::GvaCacheSurvivesRootSwitch,
+        Bug::ShadowTableLeftWritable,
+        Bug::TrackWriteKeepsSpte,
     ];
 
     /// The bug's command-line name.
@@ -122,6 +147,9 @@ impl Bug {
             Bug::MmioSpteIgnoresGen => "mmio-spte-ignores-gen",
             Bug::NoTlbFlushOnZap => "no-tlb-flush-on-zap",
             Bug::MmioOverPresentSpte => "mmio-over-present-spte",
+            Bug::GvaCacheSurvivesRootSwitch => "gva-cache-survives-root-switch",
+            Bug::ShadowTableLeftWritable => "shadow-table-left-writable",
+            Bug::TrackWriteKeepsSpte => "track-write-keeps-spte",
         }
     }
 

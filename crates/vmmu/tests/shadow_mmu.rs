@@ -4,146 +4,23 @@
 //! through previous roots, PAE special roots and recycling.
 #![cfg(not(loom))]
 
+mod common;
+
+use common::shadow::*;
 use std::sync::Arc;
+use vmmu::bugs::BugSet;
 use vmmu::fault::{EmulateSource, FaultOutcome, PfErr};
 use vmmu::guest::{GuestCpu, PagingMode};
 use vmmu::memslot::UserspaceMemoryRegion;
 use vmmu::shadow::ShadowRootKind;
 use vmmu::stats::RetryCause;
-use vmmu::tdp::HwWalk;
 use vmmu::testing::TestHost;
-use vmmu::vcpu::Vcpu;
 use vmmu::vm::{Vm, VmConfig};
-use vmmu::{Access, Gpa, Gva, Level, Pfn};
-
-const RAM_HVA: u64 = 0x4000_0000;
-const RAM_SIZE: u64 = 64 << 20;
-/// Guest page tables are allocated from here up.
-const TABLES_GPA: u64 = 0x10_0000;
-/// A guest-physical address no slot covers.
-const MMIO_GPA: u64 = 0x1_0000_0000;
-
-const P: u64 = 1;
-const RW: u64 = 2;
-const US: u64 = 4;
-const PS: u64 = 1 << 7;
-
-fn ram_pfn(gpa: u64) -> Pfn {
-    Pfn((RAM_HVA + gpa) >> 12)
-}
-
-/// A guest page-table space written straight into guest RAM (as the guest OS would before it
-/// loads CR3; later changes go through the MMU's write tracking).
-struct Space {
-    host: Arc<TestHost>,
-    cr3: u64,
-    next: std::rc::Rc<std::cell::Cell<u64>>,
-}
-
-impl Space {
-    fn new(host: &Arc<TestHost>, next: &std::rc::Rc<std::cell::Cell<u64>>) -> Space {
-        let cr3 = next.get();
-        next.set(cr3 + 0x1000);
-        Space { host: host.clone(), cr3, next: next.clone() }
-    }
-
-    fn read(&self, gpa: u64) -> u64 {
-        vmmu::host::GuestMemory::read_u64(&*self.host, vmmu::Hva(RAM_HVA + gpa)).unwrap()
-    }
-
-    /// The gpa of the entry for `gva` at `level`, creating tables above it.
-    fn entry_gpa(&self, gva: u64, level: u8) -> u64 {
-        let mut table = self.cr3;
-        for l in (level + 1..=4).rev() {
-            let idx = (gva >> (12 + 9 * (u64::from(l) - 1))) & 511;
-            let e = self.read(table + idx * 8);
-            if e & P == 0 {
-                let t = self.next.get();
-                self.next.set(t + 0x1000);
-                self.host.write_u64(RAM_HVA + table + idx * 8, t | P | RW | US);
-                table = t;
-            } else {
-                table = e & 0x000f_ffff_ffff_f000;
-            }
-        }
-        table + ((gva >> (12 + 9 * (u64::from(level) - 1))) & 511) * 8
-    }
-
-    fn map4k(&self, gva: u64, gpa: u64, flags: u64) -> u64 {
-        let at = self.entry_gpa(gva, 1);
-        self.host.write_u64(RAM_HVA + at, gpa | flags);
-        at
-    }
-
-    fn map2m(&self, gva: u64, gpa: u64, flags: u64) -> u64 {
-        let at = self.entry_gpa(gva, 2);
-        self.host.write_u64(RAM_HVA + at, gpa | flags | PS);
-        at
-    }
-}
-
-fn shadow_vm() -> (Vm<TestHost>, Arc<TestHost>, std::rc::Rc<std::cell::Cell<u64>>) {
-    let host = Arc::new(TestHost::new(2048));
-    host.map(RAM_HVA, RAM_SIZE, RAM_HVA >> 12, Level::L4K, true);
-    let mut cfg = VmConfig::shadow(46).unwrap();
-    cfg.max_vcpus = 2;
-    let vm = Vm::new(cfg, host.clone()).unwrap();
-    vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, RAM_SIZE, RAM_HVA)).unwrap();
-    (vm, host, std::rc::Rc::new(std::cell::Cell::new(TABLES_GPA)))
-}
-
-fn long4(cr3: u64) -> GuestCpu {
-    GuestCpu { mode: PagingMode::Long4, cr3, cr0_wp: true, efer_nx: true, maxphyaddr: 46 }
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Seen {
-    Ram(Pfn),
-    Mmio(Gpa, EmulateSource),
-    GuestPf(u64),
-}
-
-/// One user-mode access by `v` to `gva`, like the hardware and the hypervisor do it: walk the
-/// shadow, exit on a fault, handle it, repeat.
-fn access(v: &mut Vcpu<TestHost>, gva: u64, write: bool) -> Seen {
-    let need = if write { Access::WRITE.union(Access::USER) } else { Access::USER };
-    for _ in 0..50 {
-        v.service_requests().unwrap();
-        if v.enter_guest_mode().is_err() {
-            continue; // a request arrived meanwhile (e.g. the flush of the reload itself)
-        }
-        let walk = v.walk_gva(Gva(gva), need);
-        v.exit_guest_mode();
-        let user_write = PfErr::USER | if write { PfErr::WRITE } else { 0 };
-        let err = match walk {
-            HwWalk::Translated { pfn, .. } => return Seen::Ram(pfn),
-            HwWalk::Violation { present, .. } => {
-                user_write | if present { PfErr::PRESENT } else { 0 }
-            }
-            HwWalk::Misconfig { .. } => user_write | PfErr::RSVD | PfErr::PRESENT,
-            HwWalk::Broken { dump } => panic!("broken walk {dump:?}"),
-        };
-        match v.handle_page_fault(Gva(gva), PfErr(err)).unwrap() {
-            FaultOutcome::Fixed | FaultOutcome::Spurious | FaultOutcome::Retry(_) => {}
-            FaultOutcome::Emulate { gpa, source, .. } => return Seen::Mmio(gpa, source),
-            FaultOutcome::GuestPageFault { error_code, addr } => {
-                assert_eq!(addr, Gva(gva));
-                return Seen::GuestPf(error_code.0);
-            }
-        }
-    }
-    panic!("access to {gva:#x} did not complete");
-}
-
-fn vcpu_in(vm: &Vm<TestHost>, cpu: GuestCpu) -> Vcpu<TestHost> {
-    let mut v = vm.create_vcpu().unwrap();
-    v.set_guest_cpu(cpu).unwrap();
-    v
-}
+use vmmu::{Gpa, Gva};
 
 #[test]
 fn guest_translations_and_guest_page_faults_with_error_codes() {
-    let (vm, host, next) = shadow_vm();
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
     let s = Space::new(&host, &next);
     s.map4k(0x4000_0000, 0x20_0000, P | RW | US);
     s.map4k(0x4000_1000, 0x20_1000, P | US); // read-only
@@ -167,7 +44,7 @@ fn guest_translations_and_guest_page_faults_with_error_codes() {
 
 #[test]
 fn mmio_is_cached_by_gva_and_in_mmio_sptes_and_never_trusted_after_a_slot_appears() {
-    let (vm, host, next) = shadow_vm();
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
     let s = Space::new(&host, &next);
     s.map4k(0x4000_0000, MMIO_GPA, P | RW | US);
     let mut v = vcpu_in(&vm, long4(s.cr3));
@@ -190,7 +67,7 @@ fn mmio_is_cached_by_gva_and_in_mmio_sptes_and_never_trusted_after_a_slot_appear
 
 #[test]
 fn a_guest_write_to_its_page_table_is_write_protected_and_tracked() {
-    let (vm, host, next) = shadow_vm();
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
     let s = Space::new(&host, &next);
     let pte_gpa = s.map4k(0x4000_0000, MMIO_GPA, P | RW | US);
     // The guest maps its own last-level table so that it can edit it.
@@ -216,7 +93,7 @@ fn a_guest_write_to_its_page_table_is_write_protected_and_tracked() {
 
 #[test]
 fn cr3_switches_reuse_previous_roots_and_clear_the_gva_cache() {
-    let (vm, host, next) = shadow_vm();
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
     let a = Space::new(&host, &next);
     let b = Space::new(&host, &next);
     a.map4k(0x4000_0000, 0x20_0000, P | RW | US);
@@ -240,7 +117,7 @@ fn cr3_switches_reuse_previous_roots_and_clear_the_gva_cache() {
 
 #[test]
 fn pae_guests_use_a_special_root_that_retries_while_a_reload_is_pending() {
-    let (vm, host, next) = shadow_vm();
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
     // PDPT at a 32-byte aligned address; one PD for the first GiB, one PT.
     let pdpt = next.get();
     next.set(pdpt + 0x1000);
@@ -268,7 +145,7 @@ fn pae_guests_use_a_special_root_that_retries_while_a_reload_is_pending() {
 
 #[test]
 fn recycling_keeps_the_page_limit_and_translations_right() {
-    let (vm, host, next) = shadow_vm();
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
     vm.set_nr_mmu_pages(64);
     let s = Space::new(&host, &next);
     // 100 GVAs, each in its own 1 GiB region: each needs its own level-2 and level-1 pages.
@@ -291,7 +168,7 @@ fn recycling_keeps_the_page_limit_and_translations_right() {
 
 #[test]
 fn a_lockless_walk_over_a_shrunk_page_retries_instead_of_reporting_a_misconfiguration() {
-    let (vm, host, next) = shadow_vm();
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
     let s = Space::new(&host, &next);
     s.map4k(0x4000_0000, MMIO_GPA, P | RW | US);
     let mut v = vcpu_in(&vm, long4(s.cr3));

@@ -167,7 +167,8 @@ fn install_leaf<H: Host>(
             FetchOutcome::Installed
         }
         LeafWant::Ram { pfn, writable } => {
-            let tracked = st.is_write_tracked(as_id, walk.gfn);
+            let tracked = st.is_write_tracked(as_id, walk.gfn)
+                && !core.cfg.bugs.has(Bug::ShadowTableLeftWritable);
             let guest_w = walk.pte_access.contains(Access::WRITE);
             let w = writable && guest_w && !tracked;
             let new = core.cfg.format.make_leaf(pfn, Level::L4K, walk.pte_access, w);

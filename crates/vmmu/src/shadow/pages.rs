@@ -255,7 +255,7 @@ impl ShadowState {
     ) {
         let n = self.tracked.entry((as_id.0, gfn.raw())).or_insert(0);
         *n += 1;
-        if *n == 1 {
+        if *n == 1 && !core.cfg.bugs.has(crate::bugs::Bug::ShadowTableLeftWritable) {
             batch.flush |= self.write_protect_gfn(core, as_id, gfn);
         }
     }

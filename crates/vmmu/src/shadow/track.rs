@@ -39,6 +39,9 @@ impl ShadowMmu {
             // KVM `detect_write_misaligned`: a 1-byte write at an entry's start is allowed.
             let misaligned = (offset & 7) + u64::from(bytes) > 8
                 || (bytes < 4 && !(bytes == 1 && offset & 7 == 0));
+            if core.cfg.bugs.has(crate::bugs::Bug::TrackWriteKeepsSpte) {
+                return;
+            }
             for id in pages {
                 let level = st.sp(id).role.level();
                 let flooded = level > Level::L4K && {

@@ -73,7 +73,14 @@ impl MmioInfoCache {
         if gen.in_progress() && !bugs.has(Bug::CacheWhileInProgress) {
             return false;
         }
-        let slot = match self.entries.iter().position(|e| e.gfn == gfn.raw()) {
+        // One entry per gfn, and per gva page: a GVA maps one GPA at a time, so a new fill for
+        // the same page replaces the old one (KVM keeps a single entry).
+        let page = gva & !crate::types::PAGE_OFFSET_MASK;
+        let slot = match self
+            .entries
+            .iter()
+            .position(|e| e.gfn == gfn.raw() || (page != 0 && e.gva == page))
+        {
             Some(i) => i,
             None => (usize::from(self.last) + 1) % ENTRIES,
         };

@@ -174,7 +174,9 @@ impl<H: Host> Vcpu<H> {
             core.reclaim();
             sv.root = Some(root.ok_or(crate::tdp::TdpError::OutOfMemory)?);
             // KVM `kvm_mmu_load` clears the GVA cache (7f8a4eb426b4).
-            self.st.mmio_cache.clear_gva();
+            if !self.vm.bugs.has(Bug::GvaCacheSurvivesRootSwitch) {
+                self.st.mmio_cache.clear_gva();
+            }
             self.stats.root_loads += 1;
             work.flush_tlb = true;
         }
@@ -299,7 +301,9 @@ impl<H: Host + GuestMemory> Vcpu<H> {
             PagingMode::NonPaging => {}
         }
         sv.cpu.cr3 = cr3;
-        st.mmio_cache.clear_gva();
+        if !vm.bugs.has(Bug::GvaCacheSurvivesRootSwitch) {
+            st.mmio_cache.clear_gva();
+        }
         if !release.is_empty() {
             shadow.free_roots(core, release);
         }

@@ -18,6 +18,8 @@
 //!   MMU's own protocol (request acknowledgements).
 #![allow(dead_code)] // each test crate uses some of it
 
+mod shadow;
+
 use crate::common::{access, region, vm_with, Seen, RAM_HVA};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -91,6 +93,12 @@ pub fn catcher(bug: Bug) -> Catcher {
         Bug::InvalidSlotAsMmio => Catcher::Harm(catch_invalid_slot_as_mmio),
         Bug::NoTlbFlushOnZap => Catcher::Harm(catch_no_tlb_flush_on_zap),
         Bug::MmioOverPresentSpte => Catcher::Harm(catch_mmio_over_present_spte),
+        Bug::GvaCacheSurvivesRootSwitch => {
+            Catcher::Harm(shadow::catch_gva_cache_survives_root_switch)
+        }
+        Bug::ShadowTableLeftWritable | Bug::TrackWriteKeepsSpte => {
+            Catcher::Harm(shadow::catch_stale_shadow_after_table_write)
+        }
     }
 }
 

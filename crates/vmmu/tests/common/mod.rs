@@ -3,6 +3,8 @@
 //! on a fault, handle it, retry).
 #![allow(dead_code)]
 
+pub mod shadow;
+
 use std::sync::Arc;
 use vmmu::fault::{EmulateSource, FaultError, FaultOutcome, PfErr};
 use vmmu::memslot::UserspaceMemoryRegion;
