@@ -149,6 +149,9 @@ pub struct KvmMachine {
 
 /// Creates the VM for `scenario`, or skips it when the kernel cannot honour its `vm` line.
 pub fn start(scenario: &Scenario) -> Result<Start, BackendError> {
+    if scenario.vm.paging != vmmu_scenario::Paging::Off {
+        return Ok(Start::Skip("the kvm backend does not run guest paging yet".into()));
+    }
     let (kvm, vm) = open().map_err(BackendError::Unavailable)?;
     if scenario.vm.address_spaces == 2 {
         let n = vm.check_extension_raw(KVM_CAP_MULTI_ADDRESS_SPACE.into());

@@ -12,7 +12,8 @@
 
 use crate::observation::{Observation, ReadExit, SlotResult, WriteExit};
 use crate::step::{
-    HostReadOp, HostWriteOp, MemDecl, MemId, Op, ReadOp, Scenario, SlotOp, Step, WriteOp,
+    Cr3Op, HostReadOp, HostWriteOp, MapOp, MemDecl, MemId, Op, ReadOp, Scenario, SlotOp, Step,
+    UnmapOp, WriteOp,
 };
 
 /// A backend could not do what a step needed.
@@ -97,6 +98,26 @@ pub trait Machine {
 
     /// `host-read`: load from a buffer, little-endian, bypassing the guest.
     fn host_read(&mut self, op: &HostReadOp) -> Result<u64, BackendError>;
+
+    /// `map` (version 2): the guest writes one PTE of page-table space `op.space` and then
+    /// invalidates the GVA on every vCPU. Backends that run guest paging implement it; the
+    /// others decline paging scenarios in [`Backend::start`].
+    fn map(&mut self, op: &MapOp) -> Result<(), BackendError> {
+        let _ = op;
+        Err(BackendError::Unavailable("this backend does not run guest paging".into()))
+    }
+
+    /// `unmap` (version 2): the guest clears one PTE, then invalidates the GVA on every vCPU.
+    fn unmap(&mut self, op: &UnmapOp) -> Result<(), BackendError> {
+        let _ = op;
+        Err(BackendError::Unavailable("this backend does not run guest paging".into()))
+    }
+
+    /// `cr3` (version 2): the vCPU loads page-table space `op.space`.
+    fn cr3(&mut self, op: &Cr3Op) -> Result<(), BackendError> {
+        let _ = op;
+        Err(BackendError::Unavailable("this backend does not run guest paging".into()))
+    }
 }
 
 /// Runs `scenario` on `backend`, handing each observation to `sink` as soon as it is made (so a
@@ -169,6 +190,18 @@ fn one_step(
         Op::HostRead(op) => Some(Observation::HostRead { step: n, value: m.host_read(op)? }),
         Op::MmioReply(v) => {
             *mmio_reply = *v;
+            None
+        }
+        Op::Map(op) => {
+            m.map(op)?;
+            None
+        }
+        Op::Unmap(op) => {
+            m.unmap(op)?;
+            None
+        }
+        Op::Cr3(op) => {
+            m.cr3(op)?;
             None
         }
     })

@@ -46,7 +46,7 @@ pub use observation::{
 pub use parse::{parse, ParseError, ParseErrorKind};
 pub use print::to_text;
 pub use step::{
-    Format, HostReadOp, HostWriteOp, MemDecl, MemId, MemRef, Op, Overrides, ReadOp, Scenario,
-    SlotFlags, SlotOp, Step, VmConfig, Width, WriteOp, ACCESS_LIMIT, PAGE_SIZE, RESERVED_BELOW,
-    RESERVED_SLOT_IDS,
+    Cr3Op, Format, HostReadOp, HostWriteOp, MapFlags, MapOp, MemDecl, MemId, MemRef, Op, Overrides,
+    PageSize, Paging, ReadOp, Scenario, SlotFlags, SlotOp, Step, UnmapOp, VmConfig, Width, WriteOp,
+    ACCESS_LIMIT, PAGE_SIZE, RESERVED_BELOW, RESERVED_SLOT_IDS, SPACES,
 };

@@ -44,6 +44,13 @@ pub enum ReadExit {
         /// The value the guest loaded (the reply, truncated to `len`).
         value: u64,
     },
+    /// A guest page fault (version 2): the guest's tables do not allow the access.
+    PageFault {
+        /// The faulting guest-virtual address (CR2).
+        gva: u64,
+        /// The architectural #PF error code (P, W, U, RSVD).
+        error: u64,
+    },
 }
 
 /// How a guest store ended.
@@ -59,6 +66,13 @@ pub enum WriteExit {
         len: u32,
         /// The data written (little-endian bytes as a number).
         data: u64,
+    },
+    /// A guest page fault (version 2).
+    PageFault {
+        /// The faulting guest-virtual address (CR2).
+        gva: u64,
+        /// The architectural #PF error code (P, W, U, RSVD).
+        error: u64,
     },
 }
 
@@ -126,6 +140,14 @@ impl fmt::Display for Observation {
             Observation::Read { step, exit: ReadExit::Mmio { gpa, len, value } } => write!(
                 f,
                 r#"{{"step":{step},"op":"read","exit":"mmio","gpa":"{gpa:#x}","len":{len},"value":"{value:#x}"}}"#
+            ),
+            Observation::Read { step, exit: ReadExit::PageFault { gva, error } } => write!(
+                f,
+                r#"{{"step":{step},"op":"read","exit":"page-fault","gva":"{gva:#x}","error":"{error:#x}"}}"#
+            ),
+            Observation::Write { step, exit: WriteExit::PageFault { gva, error } } => write!(
+                f,
+                r#"{{"step":{step},"op":"write","exit":"page-fault","gva":"{gva:#x}","error":"{error:#x}"}}"#
             ),
             Observation::Write { step, exit: WriteExit::None } => {
                 write!(f, r#"{{"step":{step},"op":"write","exit":"none"}}"#)
@@ -214,6 +236,14 @@ fn from_object(o: &Map<String, Value>) -> Result<Observation, String> {
         ("write", Some("mmio")) => Observation::Write {
             step,
             exit: WriteExit::Mmio { gpa: hex("gpa")?, len: len()?, data: hex("data")? },
+        },
+        ("read", Some("page-fault")) => Observation::Read {
+            step,
+            exit: ReadExit::PageFault { gva: hex("gva")?, error: hex("error")? },
+        },
+        ("write", Some("page-fault")) => Observation::Write {
+            step,
+            exit: WriteExit::PageFault { gva: hex("gva")?, error: hex("error")? },
         },
         ("host-read", _) => Observation::HostRead { step, value: hex("value")? },
         (op, exit) => return Err(format!("unknown op/exit `{op}`/{exit:?}")),

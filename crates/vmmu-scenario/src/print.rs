@@ -12,18 +12,26 @@ use std::fmt::Write as _;
 /// The scenario as canonical text (see the module docs).
 pub fn to_text(s: &Scenario) -> String {
     let mut t = String::new();
+    let addr = if s.vm.paging == crate::step::Paging::Off { "gpa" } else { "gva" };
     for step in &s.steps {
         // Writing to a String cannot fail.
         let _ = match &step.op {
-            Op::Vm(vm) => writeln!(
-                t,
-                "vm vcpus={} address_spaces={} mmio_caching={} format={} phys_bits={}",
-                vm.vcpus,
-                vm.address_spaces,
-                if vm.mmio_caching { "on" } else { "off" },
-                vm.format,
-                vm.phys_bits
-            ),
+            Op::Vm(vm) => {
+                let _ = write!(
+                    t,
+                    "vm vcpus={} address_spaces={} mmio_caching={} format={} phys_bits={}",
+                    vm.vcpus,
+                    vm.address_spaces,
+                    if vm.mmio_caching { "on" } else { "off" },
+                    vm.format,
+                    vm.phys_bits
+                );
+                // Version 1 files print as before; paging is named only when on.
+                if vm.paging != crate::step::Paging::Off {
+                    let _ = write!(t, " paging={}", vm.paging);
+                }
+                writeln!(t)
+            }
             Op::Mem(_, decl) => writeln!(t, "mem {} size={:#x}", decl.name, decl.size),
             Op::Slot(op) => {
                 let _ = write!(
@@ -45,11 +53,11 @@ pub fn to_text(s: &Scenario) -> String {
                 writeln!(t)
             }
             Op::Read(r) => {
-                writeln!(t, "read {} gpa={:#x} size={}", r.vcpu, r.gpa, r.width.bytes())
+                writeln!(t, "read {} {addr}={:#x} size={}", r.vcpu, r.gpa, r.width.bytes())
             }
             Op::Write(w) => writeln!(
                 t,
-                "write {} gpa={:#x} size={} value={:#x}",
+                "write {} {addr}={:#x} size={} value={:#x}",
                 w.vcpu,
                 w.gpa,
                 w.width.bytes(),
@@ -67,9 +75,42 @@ pub fn to_text(s: &Scenario) -> String {
                 writeln!(t, "host-read {}+{:#x} size={}", h.at.name, h.at.offset, h.width.bytes())
             }
             Op::MmioReply(v) => writeln!(t, "mmio-reply value={v:#x}"),
+            Op::Map(m) => {
+                let _ = write!(
+                    t,
+                    "map space={} gva={:#x} gpa={:#x} size={}",
+                    m.space,
+                    m.gva,
+                    m.gpa,
+                    page_size(m.size)
+                );
+                let flags: Vec<&str> = [
+                    (m.flags.readonly, "readonly"),
+                    (m.flags.supervisor, "supervisor"),
+                    (m.flags.reserved, "reserved"),
+                ]
+                .into_iter()
+                .filter_map(|(on, name)| on.then_some(name))
+                .collect();
+                if !flags.is_empty() {
+                    let _ = write!(t, " flags={}", flags.join(","));
+                }
+                writeln!(t)
+            }
+            Op::Unmap(u) => {
+                writeln!(t, "unmap space={} gva={:#x} size={}", u.space, u.gva, page_size(u.size))
+            }
+            Op::Cr3(c) => writeln!(t, "cr3 {} space={}", c.vcpu, c.space),
         };
     }
     t
+}
+
+fn page_size(s: crate::step::PageSize) -> &'static str {
+    match s {
+        crate::step::PageSize::Size4K => "4K",
+        crate::step::PageSize::Size2M => "2M",
+    }
 }
 
 #[cfg(test)]

@@ -29,6 +29,9 @@ pub enum Format {
     Ept,
     /// x86 page-table entries as AMD NPT uses them.
     Npt,
+    /// Shadow paging: the MMU shadows the guest's page tables (KVM with TDP off; x86
+    /// page-table SPTEs). Version 2.
+    Shadow,
 }
 
 impl fmt::Display for Format {
@@ -36,9 +39,101 @@ impl fmt::Display for Format {
         f.write_str(match self {
             Format::Ept => "ept",
             Format::Npt => "npt",
+            Format::Shadow => "shadow",
         })
     }
 }
+
+/// The guest's paging mode (`paging=`, version 2).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Paging {
+    /// No guest paging: guest virtual = guest physical (version 1; accesses name `gpa=`).
+    #[default]
+    Off,
+    /// x86-64 4-level paging in long mode (accesses name `gva=`).
+    Level4,
+    /// 32-bit PAE paging: 3 levels, four PDPTEs loaded with CR3; GVAs below 4 GiB.
+    Pae,
+}
+
+impl fmt::Display for Paging {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Paging::Off => "off",
+            Paging::Level4 => "4level",
+            Paging::Pae => "pae",
+        })
+    }
+}
+
+/// The size of a guest page a `map`/`unmap` step names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PageSize {
+    /// 4 KiB.
+    #[default]
+    Size4K,
+    /// 2 MiB.
+    Size2M,
+}
+
+impl PageSize {
+    /// The size in bytes.
+    pub fn bytes(self) -> u64 {
+        match self {
+            PageSize::Size4K => 4 << 10,
+            PageSize::Size2M => 2 << 20,
+        }
+    }
+}
+
+/// Flags of a `map` step's leaf guest PTE.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapFlags {
+    /// R/W = 0.
+    pub readonly: bool,
+    /// U/S = 0 (a user access faults with P|U).
+    pub supervisor: bool,
+    /// Guest PTE bit 51 set (reserved for every MAXPHYADDR below 52: a fault with RSVD|P).
+    pub reserved: bool,
+}
+
+/// A `map` step: the guest writes one PTE in page-table space `space`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapOp {
+    /// Page-table space, 0..=7.
+    pub space: u8,
+    /// Guest-virtual address, aligned to `size`.
+    pub gva: u64,
+    /// Guest-physical address, aligned to `size`.
+    pub gpa: u64,
+    /// Page size.
+    pub size: PageSize,
+    /// Leaf flags.
+    pub flags: MapFlags,
+}
+
+/// An `unmap` step: the guest clears one PTE in page-table space `space`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnmapOp {
+    /// Page-table space, 0..=7.
+    pub space: u8,
+    /// Guest-virtual address, aligned to `size`.
+    pub gva: u64,
+    /// Page size.
+    pub size: PageSize,
+}
+
+/// A `cr3` step: vCPU `vcpu` loads page-table space `space`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cr3Op {
+    /// The vCPU.
+    pub vcpu: u32,
+    /// Page-table space, 0..=7.
+    pub space: u8,
+}
+
+/// The number of page-table spaces a scenario may use.
+pub const SPACES: u8 = 8;
 
 /// The `vm` line, with defaults filled in (and, in [`Scenario::vm`], command-line overrides).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +148,8 @@ pub struct VmConfig {
     pub format: Format,
     /// Host MAXPHYADDR, 36..=52.
     pub phys_bits: u8,
+    /// The guest's paging mode (version 2).
+    pub paging: Paging,
 }
 
 impl Default for VmConfig {
@@ -63,6 +160,7 @@ impl Default for VmConfig {
             mmio_caching: true,
             format: Format::Ept,
             phys_bits: 46,
+            paging: Paging::Off,
         }
     }
 }
@@ -203,7 +301,8 @@ impl SlotOp {
 pub struct ReadOp {
     /// The vCPU (0-based, below `vm.vcpus`).
     pub vcpu: u32,
-    /// Guest-physical (= guest-virtual) address, aligned to `width`.
+    /// The address the guest uses, aligned to `width`: guest-physical with `paging=off`
+    /// (`gpa=`), guest-virtual otherwise (`gva=`).
     pub gpa: u64,
     /// Access width.
     pub width: Width,
@@ -214,7 +313,8 @@ pub struct ReadOp {
 pub struct WriteOp {
     /// The vCPU (0-based, below `vm.vcpus`).
     pub vcpu: u32,
-    /// Guest-physical (= guest-virtual) address, aligned to `width`.
+    /// The address the guest uses, aligned to `width`: guest-physical with `paging=off`
+    /// (`gpa=`), guest-virtual otherwise (`gva=`).
     pub gpa: u64,
     /// Access width.
     pub width: Width,
@@ -261,6 +361,12 @@ pub enum Op {
     HostRead(HostReadOp),
     /// `mmio-reply value=V`.
     MmioReply(u64),
+    /// `map ...` (version 2).
+    Map(MapOp),
+    /// `unmap ...` (version 2).
+    Unmap(UnmapOp),
+    /// `cr3 ...` (version 2).
+    Cr3(Cr3Op),
 }
 
 impl Op {
@@ -275,6 +381,9 @@ impl Op {
             Op::HostWrite(_) => "host-write",
             Op::HostRead(_) => "host-read",
             Op::MmioReply(_) => "mmio-reply",
+            Op::Map(_) => "map",
+            Op::Unmap(_) => "unmap",
+            Op::Cr3(_) => "cr3",
         }
     }
 }

@@ -37,6 +37,10 @@ impl Backend for SimBackend {
     }
 
     fn start(&self, scenario: &Scenario) -> Result<Start, BackendError> {
+        if scenario.vm.paging != vmmu_scenario::Paging::Off || scenario.vm.format == Format::Shadow
+        {
+            return Ok(Start::Skip("the sim backend does not run guest paging yet".into()));
+        }
         Ok(Start::Run(Box::new(SimMachine::new(scenario)?)))
     }
 }
@@ -87,7 +91,7 @@ impl SimMachine {
         );
         let format = match vm.format {
             Format::Ept => FormatKind::Ept,
-            Format::Npt => FormatKind::Npt,
+            Format::Npt | Format::Shadow => FormatKind::Npt,
         };
         let mut cfg = RealMmuConfig {
             format,
