@@ -35,6 +35,7 @@
 
 pub mod bus;
 mod error;
+pub mod guest_tables;
 pub mod host;
 pub mod hw_vcpu;
 pub mod layout;
@@ -49,6 +50,7 @@ pub mod reference;
 pub mod replay;
 pub mod report;
 pub mod scenario;
+mod scenario_vcpu;
 pub mod schedule;
 pub mod seam;
 pub mod slots;

@@ -96,6 +96,25 @@ impl RealMmu {
         })
     }
 
+    /// A shadow-paging VM on `host` (x86 page-table SPTEs; `cfg.format` is ignored).
+    pub fn shadow(
+        host: Arc<SimHost>,
+        cfg: RealMmuConfig,
+        nr_address_spaces: u16,
+    ) -> Result<Self, VmError> {
+        let mut vc = VmConfig::shadow(cfg.phys_bits)?;
+        vc.nr_address_spaces = nr_address_spaces;
+        vc.mmio_caching = cfg.mmio_caching;
+        vc.max_vcpus = cfg.vcpus.max(1);
+        vc.generation_base = cfg.generation_base;
+        vc.bugs = cfg.bugs;
+        Ok(RealMmu {
+            vm: Vm::new(vc, host)?,
+            totals: Arc::new(Mutex::new(VcpuStats::default())),
+            timing: Arc::new(Mutex::new(MmioTiming::default())),
+        })
+    }
+
     /// The VM.
     pub fn vm(&self) -> &Vm<SimHost> {
         &self.vm
@@ -113,6 +132,11 @@ impl RealMmu {
 }
 
 impl RealVcpu {
+    /// The core vCPU (for drivers that use entry points beyond the seam, e.g. shadow paging).
+    pub fn vcpu_mut(&mut self) -> &mut Vcpu<SimHost> {
+        &mut self.vcpu
+    }
+
     /// Services requests until the vCPU is in guest mode.
     fn enter(&mut self) {
         loop {

@@ -7,20 +7,25 @@
 //! Deterministic: the driver runs one step at a time and waits for it. Between steps every vCPU
 //! is outside guest mode, so a memslot update never waits for an idle vCPU thread.
 
+use crate::guest_tables::{GuestTables, TABLES_END, TABLES_GPA};
 use crate::host::{HostBuffer, HostConfig, SimHost};
-use crate::hw_vcpu::{Data, HwVcpu};
 use crate::ram::{self, Width as RamWidth};
-use crate::real::{RealMmu, RealMmuConfig, RealVcpu};
+use crate::real::{RealMmu, RealMmuConfig};
+use crate::scenario_vcpu::{vcpu_thread, Access, Job, Mode};
 use crate::seam::{Errno, GuestMmu, SlotRequest};
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use vmmu::guest::{GuestCpu, PagingMode};
 use vmmu::spte::FormatKind;
-use vmmu::Gpa;
 use vmmu_scenario::{
-    Backend, BackendError, Format, HostReadOp, HostWriteOp, Machine, MemDecl, MemId, MemRef,
-    ReadExit, ReadOp, Scenario, SlotOp, SlotResult, Start, Width, WriteExit, WriteOp,
+    Backend, BackendError, Cr3Op, Format, HostReadOp, HostWriteOp, Machine, MapOp, MemDecl, MemId,
+    MemRef, Paging, ReadExit, ReadOp, Scenario, SlotOp, SlotResult, Start, UnmapOp, Width,
+    WriteExit, WriteOp,
 };
+
+/// The slot (a reserved id) that backs the guest page tables of a paging scenario.
+const TABLES_SLOT: u32 = 32760;
 
 /// Frames the scenario host may hand out (RAM and tables): 2^22 frames = 16 GiB of frame numbers
 /// (only buffers that scenarios declare are backed).
@@ -37,23 +42,8 @@ impl Backend for SimBackend {
     }
 
     fn start(&self, scenario: &Scenario) -> Result<Start, BackendError> {
-        if scenario.vm.paging != vmmu_scenario::Paging::Off || scenario.vm.format == Format::Shadow
-        {
-            return Ok(Start::Skip("the sim backend does not run guest paging yet".into()));
-        }
         Ok(Start::Run(Box::new(SimMachine::new(scenario)?)))
     }
-}
-
-/// What a vCPU thread is asked to do.
-enum Job {
-    Access { gpa: u64, width: Width, write: Option<u64>, reply: Sender<Result<Access, String>> },
-}
-
-/// What one guest access did.
-enum Access {
-    Ram(u64),
-    Mmio,
 }
 
 struct VcpuThread {
@@ -67,6 +57,8 @@ pub struct SimMachine {
     mmu: Arc<RealMmu>,
     buffers: Vec<Option<Arc<HostBuffer>>>,
     vcpus: Vec<VcpuThread>,
+    /// The guest's page-table spaces (paging scenarios).
+    tables: Option<GuestTables>,
 }
 
 fn ram_width(w: Width) -> RamWidth {
@@ -103,22 +95,106 @@ impl SimMachine {
             bugs: vmmu::bugs::BugSet::NONE,
         };
         cfg.vcpus = cfg.vcpus.max(1);
-        let mmu = Arc::new(
-            RealMmu::with_address_spaces(host.clone(), cfg, u16::from(vm.address_spaces))
-                .map_err(failed)?,
-        );
+        let nr_as = u16::from(vm.address_spaces);
+        let shadow = vm.format == Format::Shadow;
+        let mmu = Arc::new(if shadow {
+            RealMmu::shadow(host.clone(), cfg, nr_as).map_err(failed)?
+        } else {
+            RealMmu::with_address_spaces(host.clone(), cfg, nr_as).map_err(failed)?
+        });
+        let cpu = GuestCpu {
+            mode: match vm.paging {
+                Paging::Off => PagingMode::NonPaging,
+                Paging::Level4 => PagingMode::Long4,
+                Paging::Pae => PagingMode::Pae { pdptrs: [0; 4] },
+            },
+            cr3: 0,
+            cr0_wp: true,
+            efer_nx: true,
+            maxphyaddr: vm.phys_bits,
+        };
         let mut vcpus = Vec::new();
         for i in 0..vm.vcpus as usize {
             let state = mmu.create_vcpu(i);
+            let mode = match (shadow, vm.paging) {
+                (true, _) => Mode::Shadow(cpu),
+                (false, Paging::Off) => Mode::Plain,
+                (false, _) => Mode::TdpPaging(cpu),
+            };
             let (tx, rx) = channel();
             let (mmu2, host2) = (mmu.clone(), host.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
-                .spawn(move || vcpu_thread(&mmu2, &host2, state, rx))
+                .spawn(move || vcpu_thread(&mmu2, &host2, state, mode, rx))
                 .map_err(failed)?;
             vcpus.push(VcpuThread { jobs: Some(tx), handle: Some(handle) });
         }
-        Ok(SimMachine { host, mmu, buffers: vec![None; sc.mems.len()], vcpus })
+        let mut m =
+            SimMachine { host, mmu, buffers: vec![None; sc.mems.len()], vcpus, tables: None };
+        if vm.paging != Paging::Off {
+            m.setup_tables(vm.paging)?;
+        }
+        Ok(m)
+    }
+
+    /// Reserves the page-table area (a slot of the backends' own below 8 MiB), builds space 0
+    /// and loads it on every vCPU.
+    fn setup_tables(&mut self, paging: Paging) -> Result<(), BackendError> {
+        let buf =
+            self.host.add_buffer("__guest_tables", TABLES_END - TABLES_GPA).map_err(failed)?;
+        let req = SlotRequest {
+            slot: TABLES_SLOT,
+            flags: 0,
+            guest_phys_addr: TABLES_GPA,
+            memory_size: TABLES_END - TABLES_GPA,
+            userspace_addr: buf.hva().raw(),
+        };
+        self.mmu.set_memory_region(&req).map_err(failed)?;
+        let mut tables = GuestTables::new(paging, buf);
+        let mut writes = Vec::new();
+        let root = tables.root(0, &mut writes).map_err(failed)?;
+        self.tables = Some(tables);
+        self.guest_writes(writes)?;
+        for v in 0..self.vcpus.len() as u32 {
+            self.job(v, |reply| Job::Cr3 { cr3: root, reply })?;
+        }
+        Ok(())
+    }
+
+    /// Sends a job that answers with `Result<(), String>` and waits for it.
+    fn job(
+        &self,
+        vcpu: u32,
+        make: impl FnOnce(Sender<Result<(), String>>) -> Job,
+    ) -> Result<(), BackendError> {
+        let t = self
+            .vcpus
+            .get(vcpu as usize)
+            .ok_or_else(|| failed(format!("vCPU {vcpu} does not exist")))?;
+        let (reply, rx) = channel();
+        t.jobs
+            .as_ref()
+            .ok_or_else(|| failed("vCPU thread is gone"))?
+            .send(make(reply))
+            .map_err(|_| failed(format!("vCPU {vcpu}'s thread stopped")))?;
+        rx.recv().map_err(|_| failed(format!("vCPU {vcpu}'s thread stopped")))?.map_err(failed)
+    }
+
+    /// The guest (vCPU 0) stores page-table entries.
+    fn guest_writes(&self, writes: Vec<(u64, u64)>) -> Result<(), BackendError> {
+        self.job(0, |reply| Job::TableWrites { writes, reply })
+    }
+
+    /// Every vCPU invalidates `gva` (the guest's TLB shootdown).
+    fn shootdown(&self, gva: u64) -> Result<(), BackendError> {
+        for v in 0..self.vcpus.len() as u32 {
+            self.job(v, |reply| Job::Invlpg { gva, reply })?;
+        }
+        Ok(())
+    }
+
+    fn tables(&mut self) -> Result<&mut GuestTables, BackendError> {
+        self.tables.as_mut().ok_or_else(|| failed("a paging step without guest paging"))
     }
 
     fn buffer(&self, id: MemId) -> Result<&Arc<HostBuffer>, BackendError> {
@@ -131,7 +207,7 @@ impl SimMachine {
     fn on_vcpu(
         &self,
         vcpu: u32,
-        gpa: u64,
+        addr: u64,
         width: Width,
         write: Option<u64>,
     ) -> Result<Access, BackendError> {
@@ -143,7 +219,7 @@ impl SimMachine {
         t.jobs
             .as_ref()
             .ok_or_else(|| failed("vCPU thread is gone"))?
-            .send(Job::Access { gpa, width, write, reply })
+            .send(Job::Access { addr, width: ram_width(width), write, reply })
             .map_err(|_| failed(format!("vCPU {vcpu}'s thread stopped")))?;
         rx.recv().map_err(|_| failed(format!("vCPU {vcpu}'s thread stopped")))?.map_err(failed)
     }
@@ -194,18 +270,18 @@ impl Machine for SimMachine {
     fn read(&mut self, op: &ReadOp, mmio_reply: u64) -> Result<ReadExit, BackendError> {
         Ok(match self.on_vcpu(op.vcpu, op.gpa, op.width, None)? {
             Access::Ram(value) => ReadExit::None { value },
-            Access::Mmio => ReadExit::Mmio {
-                gpa: op.gpa,
-                len: op.width.bytes(),
-                value: mmio_reply & op.width.mask(),
-            },
+            Access::Mmio(gpa) => {
+                ReadExit::Mmio { gpa, len: op.width.bytes(), value: mmio_reply & op.width.mask() }
+            }
+            Access::PageFault { gva, error } => ReadExit::PageFault { gva, error },
         })
     }
 
     fn write(&mut self, op: &WriteOp) -> Result<WriteExit, BackendError> {
         Ok(match self.on_vcpu(op.vcpu, op.gpa, op.width, Some(op.value))? {
             Access::Ram(_) => WriteExit::None,
-            Access::Mmio => WriteExit::Mmio { gpa: op.gpa, len: op.width.bytes(), data: op.value },
+            Access::Mmio(gpa) => WriteExit::Mmio { gpa, len: op.width.bytes(), data: op.value },
+            Access::PageFault { gva, error } => WriteExit::PageFault { gva, error },
         })
     }
 
@@ -223,6 +299,28 @@ impl Machine for SimMachine {
         // SAFETY: as in `host_write`.
         Ok(unsafe { ram::load(p, ram_width(op.width)) })
     }
+
+    fn map(&mut self, op: &MapOp) -> Result<(), BackendError> {
+        let writes =
+            self.tables()?.map(op.space, op.gva, op.gpa, op.size, op.flags).map_err(failed)?;
+        self.guest_writes(writes)?;
+        self.shootdown(op.gva)
+    }
+
+    fn unmap(&mut self, op: &UnmapOp) -> Result<(), BackendError> {
+        let writes = self.tables()?.unmap(op.space, op.gva, op.size).map_err(failed)?;
+        self.guest_writes(writes)?;
+        self.shootdown(op.gva)
+    }
+
+    fn cr3(&mut self, op: &Cr3Op) -> Result<(), BackendError> {
+        let mut writes = Vec::new();
+        let root = self.tables()?.root(op.space, &mut writes).map_err(failed)?;
+        if !writes.is_empty() {
+            self.guest_writes(writes)?;
+        }
+        self.job(op.vcpu, |reply| Job::Cr3 { cr3: root, reply })
+    }
 }
 
 impl Drop for SimMachine {
@@ -235,19 +333,5 @@ impl Drop for SimMachine {
                 let _ = h.join();
             }
         }
-    }
-}
-
-fn vcpu_thread(mmu: &RealMmu, host: &SimHost, state: RealVcpu, jobs: Receiver<Job>) {
-    let mut hw = HwVcpu::with_state(mmu, host, state, 64);
-    while let Ok(Job::Access { gpa, width, write, reply }) = jobs.recv() {
-        hw.enter_guest();
-        let r = match hw.load_store(Gpa(gpa), ram_width(width), write) {
-            Data::Ram { value, .. } => Ok(Access::Ram(value)),
-            Data::Mmio => Ok(Access::Mmio),
-            Data::Error(e) => Err(e.to_string()),
-        };
-        hw.exit_guest();
-        let _ = reply.send(r);
     }
 }

@@ -422,6 +422,20 @@ impl<H: Host> Vm<H> {
         self.inner.mmu.stats.snapshot()
     }
 
+    /// The host address of guest frame `gfn` in address space `as_id` under the current
+    /// memslots (KVM `gfn_to_hva`), for an emulator that writes guest RAM (e.g. after a
+    /// write-protection exit); `None` where no usable slot maps it.
+    pub fn gfn_to_hva(&self, as_id: AsId, gfn: Gfn) -> Option<Hva> {
+        let inner = &*self.inner;
+        if as_id.0 >= inner.memslots.nr_address_spaces() {
+            return None;
+        }
+        let reader = inner.vmm_lock.lock_with(&inner.mmu.relax());
+        let guard = inner.memslots.read(&reader);
+        let slot = guard.set(as_id).find(gfn).filter(|s| !s.is_invalid())?;
+        Some(slot.hva_of(gfn))
+    }
+
     /// The shadow MMU (stats, page count), for a shadow-paging VM.
     pub fn shadow_mmu(&self) -> Option<&crate::shadow::ShadowMmu> {
         self.inner.shadow.as_ref()

@@ -1,0 +1,170 @@
+//! The scenario backend's guest page tables (scenario format v2): page-table spaces 0..=7 kept in
+//! guest memory that the backend reserves below 8 MiB, and the PTE writes a `map` or `unmap`
+//! step makes the guest perform.
+//!
+//! Invariants: tables are allocated from `[TABLES_GPA, TABLES_END)` and never freed; an
+//! intermediate entry is always present, writable and user; every value written is returned to
+//! the caller as `(gpa, value)` in the order the guest would write it (the caller performs the
+//! writes as guest stores, so a shadow MMU sees them); a PAE space gets its four page directories
+//! when it is created, so its PDPTEs never change after a CR3 load.
+
+use crate::host::HostBuffer;
+use crate::ram::Width;
+use std::sync::Arc;
+use vmmu_scenario::{MapFlags, PageSize, Paging, SPACES};
+
+/// First guest-physical address of the table area (after the first MiB).
+pub const TABLES_GPA: u64 = 0x10_0000;
+/// End of the table area (the 8 MiB the backends reserve).
+pub const TABLES_END: u64 = 0x80_0000;
+
+const P: u64 = 1;
+const RW: u64 = 1 << 1;
+const US: u64 = 1 << 2;
+const PS: u64 = 1 << 7;
+/// The reserved bit a `reserved` map sets (bit 51).
+const RSVD51: u64 = 1 << 51;
+const ADDR: u64 = 0x000f_ffff_ffff_f000;
+
+/// Why a table operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TablesError {
+    /// The table area is full.
+    #[error("the guest page-table area ({TABLES_GPA:#x}..{TABLES_END:#x}) is full")]
+    Full,
+    /// A space outside 0..=7.
+    #[error("page-table space {0} does not exist (0..=7)")]
+    BadSpace(u8),
+    /// The host buffer could not be read or written.
+    #[error("guest page-table memory: {0}")]
+    Memory(String),
+}
+
+/// The guest's page-table spaces.
+pub struct GuestTables {
+    paging: Paging,
+    buf: Arc<HostBuffer>,
+    next: u64,
+    roots: [Option<u64>; SPACES as usize],
+}
+
+impl GuestTables {
+    /// Tables for `paging` in `buf`, which backs guest-physical `[TABLES_GPA, TABLES_END)`.
+    pub fn new(paging: Paging, buf: Arc<HostBuffer>) -> Self {
+        GuestTables { paging, buf, next: TABLES_GPA, roots: [None; SPACES as usize] }
+    }
+
+    fn read(&self, gpa: u64) -> Result<u64, TablesError> {
+        self.buf.read(gpa - TABLES_GPA, Width::W8).map_err(|e| TablesError::Memory(e.to_string()))
+    }
+
+    fn alloc(&mut self) -> Result<u64, TablesError> {
+        if self.next >= TABLES_END {
+            return Err(TablesError::Full);
+        }
+        let t = self.next;
+        self.next += 0x1000;
+        Ok(t)
+    }
+
+    /// The CR3 value of `space`, creating its root (and, for PAE, its four page directories,
+    /// whose PDPTE writes go to `writes`).
+    pub fn root(&mut self, space: u8, writes: &mut Vec<(u64, u64)>) -> Result<u64, TablesError> {
+        let slot = self.roots.get(usize::from(space)).ok_or(TablesError::BadSpace(space))?;
+        if let Some(r) = *slot {
+            return Ok(r);
+        }
+        let root = self.alloc()?;
+        if self.paging == Paging::Pae {
+            for i in 0..4 {
+                let pd = self.alloc()?;
+                writes.push((root + 8 * i, pd | P));
+            }
+        }
+        self.roots[usize::from(space)] = Some(root);
+        Ok(root)
+    }
+
+    /// The gpa of the entry for `gva` at `level` (1: PTE, 2: PDE) in `space`, creating the
+    /// tables above it (their entries go to `writes`; entries already written earlier in
+    /// `writes` count as present).
+    fn entry_gpa(
+        &mut self,
+        space: u8,
+        gva: u64,
+        level: u32,
+        writes: &mut Vec<(u64, u64)>,
+    ) -> Result<u64, TablesError> {
+        let root = self.root(space, writes)?;
+        let (mut table, top) = match self.paging {
+            Paging::Pae => {
+                let pdpte = self.value(root + 8 * ((gva >> 30) & 3), writes)?;
+                (pdpte & ADDR, 2)
+            }
+            _ => (root, 4),
+        };
+        for l in (level + 1..=top).rev() {
+            let at = table + 8 * ((gva >> (12 + 9 * (l - 1))) & 511);
+            let e = self.value(at, writes)?;
+            table = if e & P != 0 {
+                e & ADDR
+            } else {
+                let t = self.alloc()?;
+                writes.push((at, t | P | RW | US));
+                t
+            };
+        }
+        Ok(table + 8 * ((gva >> (12 + 9 * (level - 1))) & 511))
+    }
+
+    /// The entry at `gpa`, counting writes not yet performed.
+    fn value(&self, gpa: u64, writes: &[(u64, u64)]) -> Result<u64, TablesError> {
+        match writes.iter().rev().find(|(g, _)| *g == gpa) {
+            Some(&(_, v)) => Ok(v),
+            None => self.read(gpa),
+        }
+    }
+
+    /// The writes of a `map` step.
+    pub fn map(
+        &mut self,
+        space: u8,
+        gva: u64,
+        gpa: u64,
+        size: PageSize,
+        flags: MapFlags,
+    ) -> Result<Vec<(u64, u64)>, TablesError> {
+        let mut writes = Vec::new();
+        let (level, ps) = match size {
+            PageSize::Size4K => (1, 0),
+            PageSize::Size2M => (2, PS),
+        };
+        let at = self.entry_gpa(space, gva, level, &mut writes)?;
+        let mut pte = gpa | P | ps;
+        if !flags.readonly {
+            pte |= RW;
+        }
+        if !flags.supervisor {
+            pte |= US;
+        }
+        if flags.reserved {
+            pte |= RSVD51;
+        }
+        writes.push((at, pte));
+        Ok(writes)
+    }
+
+    /// The writes of an `unmap` step.
+    pub fn unmap(
+        &mut self,
+        space: u8,
+        gva: u64,
+        size: PageSize,
+    ) -> Result<Vec<(u64, u64)>, TablesError> {
+        let mut writes = Vec::new();
+        let level = if size == PageSize::Size2M { 2 } else { 1 };
+        let at = self.entry_gpa(space, gva, level, &mut writes)?;
+        writes.push((at, 0));
+        Ok(writes)
+    }
+}
