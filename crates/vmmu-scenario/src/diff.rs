@@ -57,7 +57,7 @@ impl Backend for Configured {
 pub fn machine_configurations(pinned_format: Option<Format>) -> Vec<(String, Overrides)> {
     let formats = match pinned_format {
         Some(f) => vec![f],
-        None => vec![Format::Ept, Format::Npt],
+        None => vec![Format::Ept, Format::Npt, Format::Shadow],
     };
     let mut out = Vec::new();
     for format in formats {
@@ -81,6 +81,7 @@ pub fn pinned_format(text: &str, scenario: &Scenario) -> Option<Format> {
     line.split_whitespace().find_map(|w| match w {
         "format=ept" => Some(Format::Ept),
         "format=npt" => Some(Format::Npt),
+        "format=shadow" => Some(Format::Shadow),
         _ => None,
     })
 }

@@ -154,6 +154,31 @@ impl GuestTables {
         Ok(writes)
     }
 
+    /// Writes `writes` into guest memory directly (before any vCPU runs: the boot loader's
+    /// tables, which no MMU shadows yet).
+    pub fn apply(&self, writes: &[(u64, u64)]) -> Result<(), TablesError> {
+        for &(gpa, v) in writes {
+            self.buf
+                .write(gpa - TABLES_GPA, Width::W8, v)
+                .map_err(|e| TablesError::Memory(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Space 0 maps `[0, limit)` to itself with 2 MiB pages (what a 64-bit guest without
+    /// paging of its own needs under shadow paging: version-1 scenarios on `format=shadow`).
+    /// Returns the CR3 value.
+    pub fn identity_2m(&mut self, limit: u64) -> Result<u64, TablesError> {
+        let mut writes = Vec::new();
+        let root = self.root(0, &mut writes)?;
+        self.apply(&writes)?;
+        for gpa in (0..limit).step_by(2 << 20) {
+            let w = self.map(0, gpa, gpa, PageSize::Size2M, MapFlags::default())?;
+            self.apply(&w)?;
+        }
+        Ok(root)
+    }
+
     /// The writes of an `unmap` step.
     pub fn unmap(
         &mut self,

@@ -117,6 +117,7 @@ impl SimMachine {
         for i in 0..vm.vcpus as usize {
             let state = mmu.create_vcpu(i);
             let mode = match (shadow, vm.paging) {
+                (true, Paging::Off) => Mode::Shadow(GuestCpu { mode: PagingMode::Long4, ..cpu }),
                 (true, _) => Mode::Shadow(cpu),
                 (false, Paging::Off) => Mode::Plain,
                 (false, _) => Mode::TdpPaging(cpu),
@@ -133,6 +134,8 @@ impl SimMachine {
             SimMachine { host, mmu, buffers: vec![None; sc.mems.len()], vcpus, tables: None };
         if vm.paging != Paging::Off {
             m.setup_tables(vm.paging)?;
+        } else if shadow {
+            m.setup_identity()?;
         }
         Ok(m)
     }
@@ -140,6 +143,34 @@ impl SimMachine {
     /// Reserves the page-table area (a slot of the backends' own below 8 MiB), builds space 0
     /// and loads it on every vCPU.
     fn setup_tables(&mut self, paging: Paging) -> Result<(), BackendError> {
+        let buf = self.reserve_tables()?;
+        let mut tables = GuestTables::new(paging, buf);
+        let mut writes = Vec::new();
+        let root = tables.root(0, &mut writes).map_err(failed)?;
+        self.tables = Some(tables);
+        self.guest_writes(writes)?;
+        for v in 0..self.vcpus.len() as u32 {
+            self.job(v, |reply| Job::Cr3 { cr3: root, reply })?;
+        }
+        Ok(())
+    }
+
+    /// A version-1 scenario under shadow paging: the guest runs in long mode with identity
+    /// page tables (2 MiB pages over the 64 GiB scenarios may touch), as the KVM backend's guest
+    /// does, and the MMU shadows them.
+    fn setup_identity(&mut self) -> Result<(), BackendError> {
+        let buf = self.reserve_tables()?;
+        let mut tables = GuestTables::new(Paging::Level4, buf);
+        let root = tables.identity_2m(vmmu_scenario::ACCESS_LIMIT).map_err(failed)?;
+        self.tables = Some(tables);
+        for v in 0..self.vcpus.len() as u32 {
+            self.job(v, |reply| Job::Cr3 { cr3: root, reply })?;
+        }
+        Ok(())
+    }
+
+    /// The buffer and slot of the page-table area.
+    fn reserve_tables(&mut self) -> Result<Arc<HostBuffer>, BackendError> {
         let buf =
             self.host.add_buffer("__guest_tables", TABLES_END - TABLES_GPA).map_err(failed)?;
         let req = SlotRequest {
@@ -150,15 +181,7 @@ impl SimMachine {
             userspace_addr: buf.hva().raw(),
         };
         self.mmu.set_memory_region(&req).map_err(failed)?;
-        let mut tables = GuestTables::new(paging, buf);
-        let mut writes = Vec::new();
-        let root = tables.root(0, &mut writes).map_err(failed)?;
-        self.tables = Some(tables);
-        self.guest_writes(writes)?;
-        for v in 0..self.vcpus.len() as u32 {
-            self.job(v, |reply| Job::Cr3 { cr3: root, reply })?;
-        }
-        Ok(())
+        Ok(buf)
     }
 
     /// Sends a job that answers with `Result<(), String>` and waits for it.

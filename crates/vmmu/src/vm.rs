@@ -243,8 +243,12 @@ impl<H: Host> Vm<H> {
         let codec = policy.vm_codec();
         let mcfg = MemslotsConfig {
             nr_address_spaces: cfg.nr_address_spaces,
-            // TDP: the MMU maps up to the host's MAXPHYADDR (facts §5.3, arch prepare).
-            max_gpa_bits: cfg.host_cpu.phys_bits(),
+            // TDP: the MMU maps up to the host's MAXPHYADDR (facts §5.3, arch prepare); shadow
+            // paging: up to 2^52 (scenarios.md, backend notes).
+            max_gpa_bits: match cfg.mmu {
+                MmuKind::Tdp => cfg.host_cpu.phys_bits(),
+                MmuKind::Shadow => 52,
+            },
             max_readers: cfg.max_vcpus + 1,
             bugs: cfg.bugs,
             generation_base: cfg.generation_base,
