@@ -386,7 +386,7 @@ mod tests {
     #[test]
     fn configurations_cover_formats_times_caching_unless_pinned() {
         let names: Vec<String> = machine_configurations(None).into_iter().map(|c| c.0).collect();
-        assert_eq!(names, ["ept-on", "ept-off", "npt-on", "npt-off"]);
+        assert_eq!(names, ["ept-on", "ept-off", "npt-on", "npt-off", "shadow-on", "shadow-off"]);
         let c = machine_configurations(Some(Format::Npt));
         assert_eq!(c.len(), 2);
         assert!(c.iter().all(|(_, o)| o.format == Some(Format::Npt)));
