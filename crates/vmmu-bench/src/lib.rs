@@ -4,6 +4,9 @@
 //! - [`mmio`]: one MMIO access resolved by the fast path (MMIO SPTE hit), a per-vCPU cache hit,
 //!   the slow path with caching off, and the Rust-VMM baseline (a `BTreeMap` range lookup behind
 //!   an `RwLock` over 64 device ranges);
+//! - [`shadow`]: one MMIO access under the shadow-paging MMU: a GVA-keyed per-vCPU cache hit, an
+//!   MMIO SPTE hit through the lockless shadow walk, and the uncached path (guest page-table
+//!   walk, memslot search, emulate), each against the uncached path;
 //! - [`lookup`]: gfn -> slot at 10, 1000 and 32764 slots, and a last-used hit;
 //! - [`memslot`]: create / flags change / move / delete with 0..32000 other slots, vCPU idle or
 //!   busy faulting; time to set up 32764 slots;
@@ -23,6 +26,7 @@ pub mod kvm;
 pub mod lookup;
 pub mod memslot;
 pub mod mmio;
+pub mod shadow;
 pub mod table;
 pub mod timing;
 
@@ -35,7 +39,7 @@ use vmmu::vm::{Vm, VmConfig, VmError};
 use vmmu_sim::host::{HostConfig, HostError, SimHost};
 
 /// The row groups, in print order.
-pub const GROUPS: [&str; 6] = ["mmio", "lookup", "memslot", "kvm", "faults", "churn"];
+pub const GROUPS: [&str; 7] = ["mmio", "shadow", "lookup", "memslot", "kvm", "faults", "churn"];
 
 /// How to run.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -77,7 +81,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     /// An unknown group name in `only`.
-    #[error("unknown group {0:?}; groups are: mmio, lookup, memslot, kvm, faults, churn")]
+    #[error("unknown group {0:?}; groups are: mmio, shadow, lookup, memslot, kvm, faults, churn")]
     UnknownGroup(String),
     /// The VM could not be built.
     #[error("VM: {0}")]
@@ -150,6 +154,9 @@ pub fn run(opts: &Options) -> Result<Table, BenchError> {
     let mut rows: Vec<Row> = Vec::new();
     if opts.wants("mmio") {
         rows.extend(mmio::run(opts)?);
+    }
+    if opts.wants("shadow") {
+        rows.extend(shadow::run(opts)?);
     }
     if opts.wants("lookup") {
         rows.extend(lookup::run(opts)?);

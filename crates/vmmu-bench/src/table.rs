@@ -38,7 +38,7 @@ impl Unit {
 /// One measurement.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Row {
-    /// The row group (`mmio`, `lookup`, `memslot`, `kvm`, `faults`, `churn`).
+    /// The row group (`mmio`, `shadow`, `lookup`, `memslot`, `kvm`, `faults`, `churn`).
     pub group: &'static str,
     /// What was measured.
     pub name: String,

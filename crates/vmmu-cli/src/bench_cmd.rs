@@ -1,5 +1,5 @@
 //! `vmmu bench`: the benchmark table of issue 8 (MMIO paths, lookups, memslot updates on vmmu
-//! and on real KVM, demand faults, churn), every row with its ratio and target. The numbers are
+//! and on real KVM, demand faults, churn) and issue 13 (MMIO under the shadow MMU), every row with its ratio and target. The numbers are
 //! printed, never judged: the exit status is 0 when the run completed, 1 when a benchmark could
 //! not run, 2 on bad arguments.
 
@@ -16,7 +16,7 @@ pub struct BenchArgs {
     /// Fewer samples and shorter phases (under a minute).
     #[arg(long)]
     quick: bool,
-    /// Only these row groups (repeatable): mmio, lookup, memslot, kvm, faults, churn.
+    /// Only these row groups (repeatable): mmio, shadow, lookup, memslot, kvm, faults, churn.
     #[arg(long, value_name = "GROUP", value_parser = clap::builder::PossibleValuesParser::new(GROUPS))]
     only: Vec<String>,
     /// Token samples: checks that every row is produced (for tests; the numbers mean nothing).

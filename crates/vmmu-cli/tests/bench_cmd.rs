@@ -28,9 +28,17 @@ fn names(rows: &[Value], group: &str) -> Vec<String> {
 #[test]
 fn every_row_has_a_value_and_ratio_or_a_reason() {
     let rows = rows(&vmmu(&["bench", "--smoke", "--json"]));
-    // 4 MMIO, 4 lookup, 33 memslot (4 ops x 4 sizes x 2 modes + setup), 9 KVM, 4 faults, 5 churn.
-    let want =
-        [("mmio", 4), ("lookup", 4), ("memslot", 33), ("kvm", 9), ("faults", 4), ("churn", 5)];
+    // 4 MMIO, 3 shadow, 4 lookup, 33 memslot (4 ops x 4 sizes x 2 modes + setup), 9 KVM,
+    // 4 faults, 5 churn.
+    let want = [
+        ("mmio", 4),
+        ("shadow", 3),
+        ("lookup", 4),
+        ("memslot", 33),
+        ("kvm", 9),
+        ("faults", 4),
+        ("churn", 5),
+    ];
     for (group, n) in want {
         assert_eq!(names(&rows, group).len(), n, "{group}: {:?}", names(&rows, group));
     }
@@ -78,4 +86,35 @@ fn no_kvm_rows_say_why_and_bad_group_is_a_usage_error() {
     assert_eq!(text.status.code(), Some(0));
     let s = String::from_utf8_lossy(&text.stdout);
     assert!(s.contains("| lookup") && s.contains("x at 10 slots"), "{s}");
+}
+
+/// Issue 13 point 12: the shadow MMU's rows run in quick mode (real samples, not `--smoke`), and
+/// each carries its ratio to the uncached path measured in the same run; the cached rows carry
+/// the 10x target and say whether it was met. The numbers themselves are not judged here.
+#[test]
+fn shadow_rows_run_in_quick_mode_with_ratios_to_the_uncached_path() {
+    let rows = rows(&vmmu(&["bench", "--quick", "--json", "--only", "shadow"]));
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let find = |part: &str| {
+        rows.iter()
+            .find(|r| r["name"].as_str().unwrap().contains(part))
+            .unwrap_or_else(|| panic!("no shadow row named *{part}*: {rows:?}"))
+    };
+    for part in ["GVA cache hit", "MMIO SPTE hit"] {
+        let r = find(part);
+        assert_eq!(r["group"], "shadow");
+        assert!(r["value"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+        assert!(r["ratio"].as_f64().is_some(), "{r}");
+        assert_eq!(r["ratio_of"], "x uncached", "{r}");
+        assert!(r["target"].as_str().unwrap().contains("10x"), "{r}");
+        assert!(r["met"].is_boolean(), "{r}");
+        assert!(!r["note"].as_str().unwrap_or("").is_empty(), "the note says how: {r}");
+    }
+    let slow = find("uncached");
+    assert!(slow["value"].as_f64().is_some_and(|v| v > 0.0), "{slow}");
+    assert!(slow["ratio"].as_f64().is_some() && slow["ratio_of"] == "x MMIO SPTE hit", "{slow}");
+    let text = vmmu(&["bench", "--smoke", "--only", "shadow"]);
+    assert_eq!(text.status.code(), Some(0), "{}", String::from_utf8_lossy(&text.stderr));
+    let s = String::from_utf8_lossy(&text.stdout);
+    assert!(s.contains("| shadow") && s.contains("x uncached"), "{s}");
 }

@@ -3,7 +3,8 @@
 //! table that gives every one of them a host frame number (pfn).
 //!
 //! [`SimHost`] implements the core's [`HostMemory`] (hva -> pfn, what KVM does with
-//! get_user_pages) and [`FrameAllocator`] (page-table pages).
+//! get_user_pages), [`FrameAllocator`] (page-table pages) and [`GuestMemory`] (8-byte reads and
+//! compare-exchanges of guest RAM, for the shadow MMU's guest page-table walks).
 //!
 //! Invariants this module owns:
 //! - every pfn handed out is below `2^(phys_bits - 12)` and below the configured frame capacity;
@@ -25,7 +26,7 @@ use serde::Serialize;
 use std::alloc::{self, Layout};
 use std::sync::{Arc, Mutex, RwLock};
 use vmmu::host::{
-    FrameAllocator, HostFault, HostMemory, HostPage, TableEntries, ENTRIES_PER_TABLE,
+    FrameAllocator, GuestMemory, HostFault, HostMemory, HostPage, TableEntries, ENTRIES_PER_TABLE,
 };
 use vmmu::types::{Hva, Level, Pfn, PAGE_SIZE};
 
@@ -516,6 +517,35 @@ impl HostMemory for SimHost {
     }
 }
 
+/// Guest memory for the shadow MMU (guest page tables in RAM buffers): 8-byte words read and
+/// compare-exchanged in place, atomically with respect to every other access to the buffer
+/// (all of which are atomic, see `ram`). An address outside every buffer is unmapped; a
+/// compare-exchange on a buffer the host made read-only is refused (`Protected`), as a
+/// `__try_cmpxchg_user` on a read-only mapping faults.
+impl GuestMemory for SimHost {
+    fn read_u64(&self, hva: Hva) -> Result<u64, HostFault> {
+        let (buf, offset) = self.find(hva).ok_or(HostFault::Unmapped(hva))?;
+        // The word containing `hva` (the trait's addresses are 8-aligned; align down regardless).
+        let p = buf.check(offset & !7, Width::W8).map_err(|_| HostFault::Unmapped(hva))?;
+        // SAFETY: `check` proved the word lies inside the live allocation (buffers live as long
+        // as the host) and is 8-aligned; every access to buffer memory is atomic.
+        Ok(unsafe { ram::load(p, Width::W8) })
+    }
+
+    fn cmpxchg_u64(&self, hva: Hva, old: u64, new: u64) -> Result<bool, HostFault> {
+        let (buf, offset) = self.find(hva).ok_or(HostFault::Unmapped(hva))?;
+        if !buf.host_writable() {
+            return Err(HostFault::Protected(hva));
+        }
+        let p = buf.check(offset & !7, Width::W8).map_err(|_| HostFault::Unmapped(hva))?;
+        // SAFETY: as in `read_u64`: in bounds, 8-aligned, live for the host's life, and every
+        // concurrent access to these bytes is atomic, as `AtomicU64::from_ptr` requires.
+        let word = unsafe { AtomicU64::from_ptr(p as *mut u64) };
+        // SeqCst: the guest's own locked RMW on its page-table entry (a full barrier on x86).
+        Ok(word.compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst).is_ok())
+    }
+}
+
 /// The machine's vCPUs poll their request word between accesses (`GuestMmu::poll_tlb_flush`),
 /// which is the kick: nothing to send.
 /// Guest memory for the shadow MMU's guest walks: 8-byte words of the buffers.
@@ -733,6 +763,25 @@ mod tests {
         assert!(b.read(4096, Width::W1).is_err());
         assert!(b.read(4094, Width::W4).is_err());
         assert!(b.write(3, Width::W2, 0).is_err());
+    }
+
+    #[test]
+    fn guest_memory_reads_and_compare_exchanges_buffer_words() {
+        let h = host(40);
+        let b = h.add_buffer("ram", 8192).expect("ram");
+        b.write(0x1008, Width::W8, 0x1234).expect("in bounds");
+        let at = Hva(b.hva().0 + 0x1008);
+        assert_eq!(h.read_u64(at), Ok(0x1234));
+        assert_eq!(h.cmpxchg_u64(at, 0x1234, 0x1267), Ok(true));
+        assert_eq!(b.read(0x1008, Width::W8), Ok(0x1267));
+        assert_eq!(h.cmpxchg_u64(at, 0x1234, 0x9999), Ok(false), "the word had changed");
+        assert_eq!(b.read(0x1008, Width::W8), Ok(0x1267));
+        let outside = Hva(8);
+        assert_eq!(h.read_u64(outside), Err(HostFault::Unmapped(outside)));
+        assert_eq!(h.cmpxchg_u64(outside, 0, 1), Err(HostFault::Unmapped(outside)));
+        b.set_host_writable(false);
+        assert_eq!(h.cmpxchg_u64(at, 0x1267, 0), Err(HostFault::Protected(at)));
+        assert_eq!(h.read_u64(at), Ok(0x1267), "reads still work on a read-only mapping");
     }
 
     #[test]
