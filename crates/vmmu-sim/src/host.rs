@@ -548,22 +548,6 @@ impl GuestMemory for SimHost {
 
 /// The machine's vCPUs poll their request word between accesses (`GuestMmu::poll_tlb_flush`),
 /// which is the kick: nothing to send.
-/// Guest memory for the shadow MMU's guest walks: 8-byte words of the buffers.
-impl vmmu::host::GuestMemory for SimHost {
-    fn read_u64(&self, hva: Hva) -> Result<u64, vmmu::host::HostFault> {
-        let (b, off) = self.find(hva).ok_or(vmmu::host::HostFault::Unmapped(hva))?;
-        b.read(off, Width::W8).map_err(|_| vmmu::host::HostFault::Unmapped(hva))
-    }
-
-    fn cmpxchg_u64(&self, hva: Hva, old: u64, new: u64) -> Result<bool, vmmu::host::HostFault> {
-        let (b, off) = self.find(hva).ok_or(vmmu::host::HostFault::Unmapped(hva))?;
-        let p = b.check(off, Width::W8).map_err(|_| vmmu::host::HostFault::Unmapped(hva))?;
-        // SAFETY: `check` proved the 8 bytes are inside the live buffer and aligned; buffer
-        // memory is only accessed atomically.
-        Ok(unsafe { ram::cmpxchg8(p, old, new) })
-    }
-}
-
 impl vmmu::host::Sched for SimHost {
     /// Stress runs (`table_jitter`): now and then a vCPU is "preempted" for a while between its
     /// fault's decision and its installation, so that memslot updates and other vCPUs' faults

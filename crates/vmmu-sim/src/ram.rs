@@ -114,21 +114,6 @@ pub unsafe fn store(ptr: *mut u8, width: Width, value: u64) {
     }
 }
 
-/// Replaces the 8 bytes at `ptr` with `new` if they equal `old`, atomically: whether it did.
-///
-/// # Safety
-/// As for [`store`], for 8 bytes.
-#[inline]
-pub unsafe fn cmpxchg8(ptr: *mut u8, old: u64, new: u64) -> bool {
-    debug_assert!(Width::W8.is_aligned(ptr as u64));
-    // SAFETY: as in `load`.
-    unsafe {
-        AtomicU64::from_ptr(ptr as *mut u64)
-            .compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
