@@ -20,9 +20,23 @@
 //!   overlaps (slots sit on a small grid), bad slot ids and address spaces, wrapping ranges, too
 //!   many pages, read-only toggles, size and buffer changes of existing slots, deletes of
 //!   missing slots.
+//!
+//! [`scenario`] writes version 1 files only (no guest paging), exactly as before version 2.
+//! [`scenario_for`] with [`Flavor::Paging`] (or [`paging_scenario`]) writes version 2 files with
+//! guest paging: `paging=4level` or `pae`, `format=` any of `ept`, `npt`, `shadow`, the same slot
+//! churn, and `map`/`unmap`/`cr3` steps in up to 8 page-table spaces, 4K and 2M guest pages with
+//! `readonly`/`supervisor`/`reserved` flags, mapping slot pages, grid addresses, likely MMIO
+//! holes, 8 MiB and the top of the 64 GiB range; accesses go by GVA, mostly near a page mapped
+//! earlier in the vCPU's current space (its edges and just outside them), else into a small
+//! window where most pages are unmapped (page faults). GVAs cover the canonical edges (top of
+//! the lower half, top of the address space, just above PML4 entry 256, the 4 GiB top for PAE).
+//! The printer never mixes page sizes in a 2 MiB region: before a `map` whose size differs from
+//! what is live there it prints the `unmap`s that clear the region, and an `unmap` takes the
+//! size of what is mapped (a 2M `unmap` of a region of 4K pages unmaps each of them).
 
-use crate::step::{Format, ACCESS_LIMIT, PAGE_SIZE, RESERVED_BELOW};
+use crate::step::{Format, Paging, ACCESS_LIMIT, PAGE_SIZE, RESERVED_BELOW, SPACES};
 use proptest::prelude::*;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::fmt::Write as _;
 
@@ -39,6 +53,23 @@ const FAR_STEP: u64 = 0x4000_0000;
 const WRAP_GPA: u64 = 0xffff_ffff_ffff_f000;
 /// A size larger than `KVM_MEM_MAX_NR_PAGES` pages (2^31 - 1).
 const HUGE_SIZE: u64 = 1 << 44;
+/// Base of the GVA window most generated guest pages sit in (1 GiB; below 4 GiB for PAE).
+const GVA_BASE: u64 = 0x4000_0000;
+/// A 2 MiB guest page.
+const HUGE_PAGE: u64 = 0x20_0000;
+/// Where [`GenMapGpa::Hole`] pages go (32 GiB): past the grid, between far slots.
+const HOLE_BASE: u64 = 0x8_0000_0000;
+/// Edge GVAs for 4-level paging (2 MiB aligned): PML4 entry 1, 8 MiB, the top 2 MiB of the
+/// lower half, the first 2 MiB above PML4 entry 256, the top 2 MiB of the address space.
+const EDGES_4LEVEL: [u64; 5] = [
+    0x80_0000_0000,
+    RESERVED_BELOW,
+    0x7fff_ffe0_0000,
+    0xffff_8080_0000_0000,
+    0xffff_ffff_ffe0_0000,
+];
+/// Edge GVAs for PAE paging (2 MiB aligned): other PDPTEs, 8 MiB, the top 2 MiB below 4 GiB.
+const EDGES_PAE: [u64; 5] = [0x8000_0000, RESERVED_BELOW, 0xc000_0000, 0xffc0_0000, 0xffe0_0000];
 
 /// The `vm` line.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,6 +84,62 @@ pub struct GenVm {
     pub format: Option<Format>,
     /// `phys_bits=` if written (46, 48 or 52).
     pub phys_bits: Option<u8>,
+    /// `paging=` if written (version 2: only [`Flavor::Paging`] writes it, never `off`).
+    pub paging: Option<Paging>,
+}
+
+/// Which scenario files the generator writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Flavor {
+    /// Version 1: no guest paging (what [`scenario`] writes).
+    #[default]
+    V1,
+    /// Version 2 with guest paging: `paging=4level|pae`, `map`, `unmap`, `cr3`, GVA accesses.
+    Paging,
+}
+
+/// A guest-virtual page choice (4K aligned; a 2M page takes the 2 MiB region around it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GenGva {
+    /// `GVA_BASE + (r % 4) * 2 MiB + (p % 16) * 4 KiB`: a few regions, pages that collide.
+    Near(u64, u64),
+    /// Edge `e` of the paging mode (modulo their number) plus page `p % 4`.
+    Edge(usize, u64),
+}
+
+/// A guest-physical page choice for a `map`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GenMapGpa {
+    /// Page `p` of the n-th most recent slot request of non-zero size (0 = the last one; a
+    /// grid page when there is none, or when the slot's page is out of range).
+    Slot(usize, u64),
+    /// A grid address, `GRID_BASE + (k % 32) * GRID_STEP` (a slot or a hole).
+    Grid(u64),
+    /// `HOLE_BASE + (k % 8) * 2 MiB`: most likely MMIO.
+    Hole(u64),
+    /// The last page below 64 GiB.
+    Top,
+    /// 8 MiB, the lowest page a map may name.
+    Low,
+}
+
+/// A `map` step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GenMap {
+    /// Page-table space (modulo 8).
+    pub space: u8,
+    /// The page.
+    pub gva: GenGva,
+    /// What it maps.
+    pub gpa: GenMapGpa,
+    /// A 2 MiB page (else 4 KiB).
+    pub huge: bool,
+    /// `readonly`.
+    pub readonly: bool,
+    /// `supervisor`.
+    pub supervisor: bool,
+    /// `reserved`.
+    pub reserved: bool,
 }
 
 /// A slot id choice.
@@ -224,6 +311,24 @@ pub enum GenStep {
     HostRead(usize, u64, GenWidth),
     /// The reply of later MMIO reads.
     MmioReply(u64),
+    /// A `map` (version 2; printed only with paging).
+    Map(GenMap),
+    /// An `unmap` of a page in a space (version 2; printed only with paging).
+    Unmap {
+        /// Page-table space (modulo 8).
+        space: u8,
+        /// The page.
+        gva: GenGva,
+        /// A 2 MiB page (else 4 KiB; the printer uses the size of what is mapped).
+        huge: bool,
+    },
+    /// A `cr3` (version 2; printed only with paging).
+    Cr3 {
+        /// vCPU (modulo the vCPUs).
+        vcpu: u32,
+        /// Page-table space (modulo 8).
+        space: u8,
+    },
 }
 
 /// A generated scenario: the `vm` line, the buffers (sizes in bytes as written, declared first
@@ -412,6 +517,9 @@ impl GenScenario {
         if let Some(p) = vm.phys_bits {
             let _ = write!(t, " phys_bits={p}");
         }
+        if let Some(p) = vm.paging {
+            let _ = write!(t, " paging={p}");
+        }
         t.push('\n');
         for (i, size) in self.mems.iter().enumerate() {
             let _ = writeln!(t, "mem m{i} size={size:#x}");
@@ -419,6 +527,7 @@ impl GenScenario {
         let mut reqs: Vec<Req> = Vec::new();
         let mut sized: Vec<Req> = Vec::new();
         let vcpus = vm.vcpus.max(1);
+        let mut guest = vm.paging.filter(|p| *p != Paging::Off).map(|p| Guest::new(p, vcpus));
         for step in &self.steps {
             match step {
                 GenStep::Slot(s) => {
@@ -463,15 +572,41 @@ impl GenScenario {
                 }
                 GenStep::Read { vcpu, at, width } => {
                     let w = width_bytes(*width);
-                    let gpa = Self::resolve_target(&sized, *at, w);
-                    let _ = writeln!(t, "read {} gpa={gpa:#x} size={w}", vcpu % vcpus);
+                    let vcpu = vcpu % vcpus;
+                    let (field, addr) = match &guest {
+                        Some(g) => ("gva", g.target(vcpu, *at, w)),
+                        None => ("gpa", Self::resolve_target(&sized, *at, w)),
+                    };
+                    let _ = writeln!(t, "read {vcpu} {field}={addr:#x} size={w}");
                 }
                 GenStep::Write { vcpu, at, width, value } => {
                     let w = width_bytes(*width);
-                    let gpa = Self::resolve_target(&sized, *at, w);
+                    let vcpu = vcpu % vcpus;
+                    let (field, addr) = match &guest {
+                        Some(g) => ("gva", g.target(vcpu, *at, w)),
+                        None => ("gpa", Self::resolve_target(&sized, *at, w)),
+                    };
                     let v = value & mask(w);
-                    let _ =
-                        writeln!(t, "write {} gpa={gpa:#x} size={w} value={v:#x}", vcpu % vcpus);
+                    let _ = writeln!(t, "write {vcpu} {field}={addr:#x} size={w} value={v:#x}");
+                }
+                // Paging steps print nothing without paging (the V1 flavor never makes them).
+                GenStep::Map(m) => {
+                    if let Some(g) = &mut guest {
+                        let gpa = resolve_map_gpa(&sized, m.gpa, m.huge);
+                        g.map(&mut t, m, gpa);
+                    }
+                }
+                GenStep::Unmap { space, gva, huge } => {
+                    if let Some(g) = &mut guest {
+                        g.unmap(&mut t, space % SPACES, *gva, *huge);
+                    }
+                }
+                GenStep::Cr3 { vcpu, space } => {
+                    if let Some(g) = &mut guest {
+                        let (vcpu, space) = (vcpu % vcpus, space % SPACES);
+                        g.cr3[vcpu as usize] = space;
+                        let _ = writeln!(t, "cr3 {vcpu} space={space}");
+                    }
                 }
                 GenStep::HostWrite(m, off, width, value) => {
                     let (m, off, w) = self.host_place(*m, *off, *width);
@@ -495,6 +630,182 @@ impl GenScenario {
         let w = width_bytes(width);
         let off = (off % (self.buf_pages(m) * PAGE_SIZE)) & !(w - 1);
         (m, off, w)
+    }
+}
+
+/// The gpa of a `map` (aligned to the page size, in `[8 MiB, 64 GiB)`).
+fn resolve_map_gpa(sized: &[Req], g: GenMapGpa, huge: bool) -> u64 {
+    let size = if huge { HUGE_PAGE } else { PAGE_SIZE };
+    let grid = |k: u64| GRID_BASE + (k % 32) * GRID_STEP;
+    let raw = match g {
+        GenMapGpa::Slot(_, _) if sized.is_empty() => GRID_BASE,
+        GenMapGpa::Slot(back, p) => {
+            let r = sized[sized.len() - 1 - back % sized.len()];
+            r.gpa.wrapping_add((p % pages(r.size).clamp(1, 16)) * PAGE_SIZE)
+        }
+        GenMapGpa::Grid(k) => grid(k),
+        GenMapGpa::Hole(k) => HOLE_BASE + (k % 8) * HUGE_PAGE,
+        GenMapGpa::Top => ACCESS_LIMIT - size,
+        GenMapGpa::Low => RESERVED_BELOW,
+    };
+    let a = raw & !(size - 1);
+    if a >= RESERVED_BELOW && a.checked_add(size).is_some_and(|end| end <= ACCESS_LIMIT) {
+        a
+    } else {
+        // A slot out of range (misplaced or wrapping): the grid instead.
+        GRID_BASE
+    }
+}
+
+/// What is live in one 2 MiB region of one space (as the parser tracks it).
+#[derive(Debug)]
+enum Live {
+    Huge,
+    Small(BTreeSet<u64>),
+}
+
+/// The guest's page tables as the printed file has made them, to aim accesses and to keep
+/// page sizes from mixing.
+struct Guest {
+    paging: Paging,
+    /// Per (space, 2 MiB region).
+    live: HashMap<(u8, u64), Live>,
+    /// Every page mapped so far, in order: (space, gva, size).
+    maps: Vec<(u8, u64, u64)>,
+    /// Each vCPU's space.
+    cr3: Vec<u8>,
+}
+
+impl Guest {
+    fn new(paging: Paging, vcpus: u32) -> Self {
+        Guest { paging, live: HashMap::new(), maps: Vec::new(), cr3: vec![0; vcpus as usize] }
+    }
+
+    /// A 4K-aligned GVA for `g`.
+    fn gva(&self, g: GenGva) -> u64 {
+        match g {
+            GenGva::Near(r, p) => GVA_BASE + (r % 4) * HUGE_PAGE + (p % 16) * PAGE_SIZE,
+            GenGva::Edge(e, p) => {
+                let edges = if self.paging == Paging::Pae { &EDGES_PAE } else { &EDGES_4LEVEL };
+                edges[e % edges.len()] + (p % 4) * PAGE_SIZE
+            }
+        }
+    }
+
+    /// Whether `[gva, gva + len)` is a GVA the parser accepts (`len` divides the alignment).
+    fn valid(&self, gva: u64, len: u64) -> bool {
+        let canonical = match self.paging {
+            Paging::Pae => gva.checked_add(len).is_some_and(|end| end <= 1 << 32),
+            _ => gva.checked_add(len).is_some() && (((gva << 16) as i64) >> 16) as u64 == gva,
+        };
+        canonical
+            && gva >= RESERVED_BELOW
+            && !(0xffff_8000_0000_0000..0xffff_8080_0000_0000).contains(&gva)
+    }
+
+    fn unmap_line(t: &mut String, space: u8, gva: u64, huge: bool) {
+        let _ =
+            writeln!(t, "unmap space={space} gva={gva:#x} size={}", if huge { "2M" } else { "4K" });
+    }
+
+    /// Prints the unmaps that clear region `key` of what `huge` would mix with.
+    fn clear_for(&mut self, t: &mut String, key: (u8, u64), huge: bool) {
+        match self.live.get(&key) {
+            Some(Live::Huge) if !huge => {
+                Self::unmap_line(t, key.0, key.1, true);
+                self.live.remove(&key);
+            }
+            Some(Live::Small(pages)) if huge => {
+                for &p in pages {
+                    Self::unmap_line(t, key.0, p, false);
+                }
+                self.live.remove(&key);
+            }
+            _ => {}
+        }
+    }
+
+    fn map(&mut self, t: &mut String, m: &GenMap, gpa: u64) {
+        let space = m.space % SPACES;
+        let mut gva = self.gva(m.gva);
+        let key = (space, gva & !(HUGE_PAGE - 1));
+        self.clear_for(t, key, m.huge);
+        let size = if m.huge {
+            gva = key.1;
+            self.live.insert(key, Live::Huge);
+            "2M"
+        } else {
+            match self.live.entry(key).or_insert_with(|| Live::Small(BTreeSet::new())) {
+                Live::Small(pages) => {
+                    pages.insert(gva);
+                }
+                Live::Huge => unreachable!("cleared above"),
+            }
+            "4K"
+        };
+        let _ = write!(t, "map space={space} gva={gva:#x} gpa={gpa:#x} size={size}");
+        let flags: Vec<&str> =
+            [(m.readonly, "readonly"), (m.supervisor, "supervisor"), (m.reserved, "reserved")]
+                .iter()
+                .filter(|(on, _)| *on)
+                .map(|(_, n)| *n)
+                .collect();
+        if !flags.is_empty() {
+            let _ = write!(t, " flags={}", flags.join(","));
+        }
+        t.push('\n');
+        self.maps.push((space, gva, if m.huge { HUGE_PAGE } else { PAGE_SIZE }));
+    }
+
+    /// Unmaps with the size of what is live (a 2M unmap of 4K pages unmaps each of them).
+    fn unmap(&mut self, t: &mut String, space: u8, g: GenGva, huge: bool) {
+        let gva = self.gva(g);
+        let key = (space, gva & !(HUGE_PAGE - 1));
+        match self.live.get_mut(&key) {
+            Some(Live::Huge) => {
+                Self::unmap_line(t, space, key.1, true);
+                self.live.remove(&key);
+            }
+            Some(Live::Small(pages)) if !huge => {
+                pages.remove(&gva);
+                if pages.is_empty() {
+                    self.live.remove(&key);
+                }
+                Self::unmap_line(t, space, gva, false);
+            }
+            Some(Live::Small(_)) => self.clear_for(t, key, true),
+            None => Self::unmap_line(t, space, if huge { key.1 } else { gva }, huge),
+        }
+    }
+
+    /// A GVA for an access of `w` bytes by `vcpu`: near a page mapped earlier (in the vCPU's
+    /// space if it has any), else in the window at `GVA_BASE`.
+    fn target(&self, vcpu: u32, at: GenTarget, w: u64) -> u64 {
+        let space = self.cr3[vcpu as usize];
+        let mine: Vec<_> = self.maps.iter().filter(|m| m.0 == space).collect();
+        let maps: Vec<_> = if mine.is_empty() { self.maps.iter().collect() } else { mine };
+        let window = |k: u64, off: u64| GVA_BASE + (k % 32) * GRID_STEP + off % (2 * GRID_STEP);
+        let (raw, base) = match at {
+            GenTarget::Grid(k, off) => (window(k, off), GVA_BASE),
+            GenTarget::Slot(_, _) if maps.is_empty() => (GVA_BASE, GVA_BASE),
+            GenTarget::Slot(back, place) => {
+                let &(_, gva, size) = maps[maps.len() - 1 - back % maps.len()];
+                let a = match place {
+                    GenPlace::First => gva,
+                    GenPlace::Last => gva.wrapping_add(size - w),
+                    GenPlace::Before => gva.wrapping_sub(w),
+                    GenPlace::After => gva.wrapping_add(size),
+                    GenPlace::Inside(k) => gva.wrapping_add((k * 8) % size),
+                };
+                (a, gva)
+            }
+        };
+        let a = raw & !(w - 1);
+        if self.valid(a, w) {
+            a
+        } else {
+            base
+        }
     }
 }
 
@@ -552,7 +863,78 @@ fn gen_vm() -> impl Strategy<Value = GenVm> {
             mmio_caching,
             format,
             phys_bits,
+            paging: None,
         })
+}
+
+fn gen_vm_paging() -> impl Strategy<Value = GenVm> {
+    (
+        gen_vm(),
+        prop_oneof![3 => Just(Paging::Level4), 1 => Just(Paging::Pae)],
+        proptest::option::of(prop_oneof![
+            1 => Just(Format::Ept),
+            1 => Just(Format::Npt),
+            2 => Just(Format::Shadow)
+        ]),
+    )
+        .prop_map(|(vm, paging, format)| GenVm { paging: Some(paging), format, ..vm })
+}
+
+/// Spaces: mostly 0 and 1, sometimes any of the 8.
+fn gen_space() -> impl Strategy<Value = u8> {
+    prop_oneof![6 => 0u8..2, 1 => 0u8..SPACES]
+}
+
+fn gen_gva() -> impl Strategy<Value = GenGva> {
+    prop_oneof![
+        6 => (0u64..4, 0u64..16).prop_map(|(r, p)| GenGva::Near(r, p)),
+        1 => (0usize..5, 0u64..4).prop_map(|(e, p)| GenGva::Edge(e, p)),
+    ]
+}
+
+fn gen_map_gpa() -> impl Strategy<Value = GenMapGpa> {
+    prop_oneof![
+        10 => (recent(), 0u64..16).prop_map(|(b, p)| GenMapGpa::Slot(b, p)),
+        3 => (0u64..32).prop_map(GenMapGpa::Grid),
+        3 => (0u64..8).prop_map(GenMapGpa::Hole),
+        1 => Just(GenMapGpa::Top),
+        1 => Just(GenMapGpa::Low),
+    ]
+}
+
+fn gen_map() -> impl Strategy<Value = GenMap> {
+    (
+        gen_space(),
+        gen_gva(),
+        gen_map_gpa(),
+        proptest::bool::weighted(0.25),
+        proptest::bool::weighted(0.15),
+        proptest::bool::weighted(0.1),
+        proptest::bool::weighted(0.08),
+    )
+        .prop_map(|(space, gva, gpa, huge, readonly, supervisor, reserved)| GenMap {
+            space,
+            gva,
+            gpa,
+            huge,
+            readonly,
+            supervisor,
+            reserved,
+        })
+}
+
+fn gen_step_paging() -> impl Strategy<Value = GenStep> {
+    prop_oneof![
+        8 => gen_step(),
+        6 => gen_map().prop_map(GenStep::Map),
+        2 => (gen_space(), gen_gva(), proptest::bool::weighted(0.25))
+            .prop_map(|(space, gva, huge)| GenStep::Unmap { space, gva, huge }),
+        2 => (0u32..4, gen_space()).prop_map(|(vcpu, space)| GenStep::Cr3 { vcpu, space }),
+        3 => (0u32..4, gen_target(), gen_width())
+            .prop_map(|(vcpu, at, width)| GenStep::Read { vcpu, at, width }),
+        3 => (0u32..4, gen_target(), gen_width(), any::<u64>())
+            .prop_map(|(vcpu, at, width, value)| GenStep::Write { vcpu, at, width, value }),
+    ]
 }
 
 fn gen_id() -> impl Strategy<Value = GenId> {
@@ -690,11 +1072,31 @@ pub fn scenario() -> impl Strategy<Value = GenScenario> {
     scenario_with(40)
 }
 
+/// Random scenarios of `flavor` with up to `max_steps` steps after the `vm` and `mem` lines
+/// ([`Flavor::V1`] is [`scenario_with`]).
+pub fn scenario_for(flavor: Flavor, max_steps: usize) -> BoxedStrategy<GenScenario> {
+    match flavor {
+        Flavor::V1 => scenario_with(max_steps).boxed(),
+        Flavor::Paging => (
+            gen_vm_paging(),
+            proptest::collection::vec(gen_mem_size(), 1..=3),
+            proptest::collection::vec(gen_step_paging(), 0..=max_steps),
+        )
+            .prop_map(|(vm, mems, steps)| GenScenario { vm, mems, steps })
+            .boxed(),
+    }
+}
+
+/// Random version 2 scenarios with guest paging, of up to 40 steps.
+pub fn paging_scenario() -> BoxedStrategy<GenScenario> {
+    scenario_for(Flavor::Paging, 40)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::parse::parse;
-    use crate::step::{Op, Scenario};
+    use crate::step::{Op, PageSize, ReadOp, Scenario, WriteOp};
     use proptest::strategy::ValueTree;
     use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
     use std::collections::BTreeMap;
@@ -748,6 +1150,176 @@ mod tests {
             // Printing is a function of the recipe.
             prop_assert_eq!(text, g.clone().text());
         }
+    }
+
+    proptest! {
+        #![proptest_config(Config::with_cases(300))]
+        /// Every generated paging file parses, names GVAs, and its canonical text means the same.
+        #[test]
+        fn paging_text_parses_and_round_trips(g in paging_scenario()) {
+            let text = g.text();
+            let s = parse(&text).map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
+            prop_assert!(s.vm.paging != Paging::Off);
+            let printed = crate::to_text(&s);
+            let again = parse(&printed).map_err(|e| TestCaseError::fail(format!("{e}\n{printed}")))?;
+            prop_assert!(s.steps.iter().map(|x| &x.op).eq(again.steps.iter().map(|x| &x.op)));
+            prop_assert_eq!(text, g.clone().text());
+        }
+
+        /// The version 1 flavor never writes paging.
+        #[test]
+        fn v1_flavor_has_no_paging(g in scenario_for(Flavor::V1, 40)) {
+            let s = parse(&g.text()).map_err(|e| TestCaseError::fail(format!("{e}")))?;
+            prop_assert_eq!(s.vm.paging, Paging::Off);
+        }
+    }
+
+    fn paging_samples(n: usize) -> Vec<GenScenario> {
+        let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &[9; 32]);
+        let mut runner = TestRunner::new_with_rng(Config::default(), rng);
+        let s = paging_scenario();
+        (0..n).map(|_| s.new_tree(&mut runner).unwrap().current()).collect()
+    }
+
+    #[test]
+    fn paging_scenarios_cover_modes_sizes_flags_spaces_and_hit_mappings() {
+        let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut modes: BTreeMap<String, usize> = BTreeMap::new();
+        let (mut huge, mut ro, mut sup, mut rsvd, mut other_space, mut high) = (0, 0, 0, 0, 0, 0);
+        let (mut hits, mut accesses, mut unmap_huge) = (0usize, 0usize, 0usize);
+        for g in paging_samples(300) {
+            let s = parse(&g.text()).unwrap();
+            *modes.entry(format!("{} {}", s.vm.paging, s.vm.format)).or_default() += 1;
+            // (space, 4K page) -> mapped; a 2M map marks its 512 pages.
+            let mut mapped: BTreeMap<(u8, u64), bool> = BTreeMap::new();
+            let mut cr3 = vec![0u8; s.vm.vcpus as usize];
+            for step in &s.steps {
+                *kinds.entry(step.op.keyword()).or_default() += 1;
+                let pages = |gva: u64, size: PageSize| {
+                    (0..size.bytes() / PAGE_SIZE).map(move |i| gva + i * PAGE_SIZE)
+                };
+                match &step.op {
+                    Op::Map(m) => {
+                        huge += usize::from(m.size == PageSize::Size2M);
+                        ro += usize::from(m.flags.readonly);
+                        sup += usize::from(m.flags.supervisor);
+                        rsvd += usize::from(m.flags.reserved);
+                        other_space += usize::from(m.space > 1);
+                        high += usize::from(m.gva >= 1 << 32);
+                        for p in pages(m.gva, m.size) {
+                            mapped.insert((m.space, p), true);
+                        }
+                    }
+                    Op::Unmap(u) => {
+                        unmap_huge += usize::from(u.size == PageSize::Size2M);
+                        for p in pages(u.gva, u.size) {
+                            mapped.remove(&(u.space, p));
+                        }
+                    }
+                    Op::Cr3(c) => cr3[c.vcpu as usize] = c.space,
+                    Op::Read(ReadOp { vcpu, gpa, .. }) | Op::Write(WriteOp { vcpu, gpa, .. }) => {
+                        accesses += 1;
+                        let key = (cr3[*vcpu as usize], gpa & !(PAGE_SIZE - 1));
+                        hits += usize::from(mapped.contains_key(&key));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for k in ["map", "unmap", "cr3", "read", "write", "slot"] {
+            assert!(kinds.get(k).copied().unwrap_or(0) >= 100, "{k}: {kinds:?}");
+        }
+        for m in ["4level shadow", "4level ept", "4level npt", "pae shadow", "pae ept", "pae npt"] {
+            assert!(modes.get(m).copied().unwrap_or(0) >= 5, "{m}: {modes:?}");
+        }
+        for (what, n) in [
+            ("2M maps", huge),
+            ("2M unmaps", unmap_huge),
+            ("readonly", ro),
+            ("supervisor", sup),
+            ("reserved", rsvd),
+            ("spaces above 1", other_space),
+            ("GVAs above 4 GiB", high),
+        ] {
+            assert!(n >= 20, "{n} {what}");
+        }
+        // Accesses hit mapped pages often, and miss them often (page faults).
+        assert!(hits * 10 >= accesses * 3, "{hits} of {accesses} accesses hit a mapping");
+        assert!(hits * 10 <= accesses * 9, "{hits} of {accesses} accesses hit a mapping");
+    }
+
+    #[test]
+    fn paging_printer_keeps_page_sizes_apart() {
+        let map = |space, gva, gpa, huge| {
+            GenStep::Map(GenMap {
+                space,
+                gva,
+                gpa,
+                huge,
+                readonly: false,
+                supervisor: huge,
+                reserved: false,
+            })
+        };
+        let g = GenScenario {
+            vm: GenVm {
+                vcpus: 2,
+                address_spaces: 1,
+                mmio_caching: None,
+                format: Some(Format::Shadow),
+                phys_bits: None,
+                paging: Some(Paging::Level4),
+            },
+            mems: vec![0x1000],
+            steps: vec![
+                map(0, GenGva::Near(0, 1), GenMapGpa::Grid(0), false),
+                map(0, GenGva::Near(0, 2), GenMapGpa::Grid(1), false),
+                // 2M over two live 4K pages: both unmapped first.
+                map(0, GenGva::Near(0, 5), GenMapGpa::Hole(1), true),
+                // 4K inside the 2M page: the 2M page unmapped first.
+                map(0, GenGva::Near(0, 3), GenMapGpa::Top, false),
+                // A 2M unmap of a region of 4K pages unmaps each.
+                GenStep::Unmap { space: 0, gva: GenGva::Near(0, 0), huge: true },
+                GenStep::Cr3 { vcpu: 3, space: 9 },
+                map(9, GenGva::Edge(2, 1), GenMapGpa::Low, true),
+                // An access in vCPU 1's space (1): the last mapping there, its last bytes.
+                GenStep::Read {
+                    vcpu: 1,
+                    at: GenTarget::Slot(0, GenPlace::Last),
+                    width: GenWidth(8),
+                },
+                // Past the top of the lower half: not canonical, so the page's start.
+                GenStep::Read {
+                    vcpu: 1,
+                    at: GenTarget::Slot(0, GenPlace::After),
+                    width: GenWidth(1),
+                },
+                // vCPU 0 is in space 0: the last page mapped there, unmapped since (a fault).
+                GenStep::Write {
+                    vcpu: 0,
+                    at: GenTarget::Slot(0, GenPlace::First),
+                    width: GenWidth(2),
+                    value: 0x12345,
+                },
+            ],
+        };
+        let want = "vm vcpus=2 format=shadow paging=4level\n\
+                    mem m0 size=0x1000\n\
+                    map space=0 gva=0x40001000 gpa=0x10000000 size=4K\n\
+                    map space=0 gva=0x40002000 gpa=0x10004000 size=4K\n\
+                    unmap space=0 gva=0x40001000 size=4K\n\
+                    unmap space=0 gva=0x40002000 size=4K\n\
+                    map space=0 gva=0x40000000 gpa=0x800200000 size=2M flags=supervisor\n\
+                    unmap space=0 gva=0x40000000 size=2M\n\
+                    map space=0 gva=0x40003000 gpa=0xffffff000 size=4K\n\
+                    unmap space=0 gva=0x40003000 size=4K\n\
+                    cr3 1 space=1\n\
+                    map space=1 gva=0x7fffffe00000 gpa=0x800000 size=2M flags=supervisor\n\
+                    read 1 gva=0x7ffffffffff8 size=8\n\
+                    read 1 gva=0x7fffffe00000 size=1\n\
+                    write 0 gva=0x40003000 size=2 value=0x2345\n";
+        assert_eq!(g.text(), want);
+        parse(want).unwrap();
     }
 
     #[test]
@@ -828,6 +1400,7 @@ mod tests {
                 mmio_caching: Some(false),
                 format: Some(Format::Npt),
                 phys_bits: Some(52),
+                paging: None,
             },
             mems: vec![0x1800],
             steps: vec![

@@ -1,4 +1,4 @@
-//! # vmmu-scenario: the scenario format, version 1
+//! # vmmu-scenario: the scenario format, versions 1 and 2
 //!
 //! A scenario is a deterministic script of memslot operations and guest accesses (the contract is
 //! `shared/design/scenarios.md`). This crate owns:
@@ -13,7 +13,8 @@
 //! - [`diff`]: one scenario on several sources (backends under configurations, recorded
 //!   streams), compared into one [`Verdict`];
 //! - [`to_text`]: a parsed scenario back to canonical text;
-//! - `generate` (feature `generate`): a proptest strategy for random valid scenario files.
+//! - `generate` (feature `generate`): a proptest strategy for random valid scenario files
+//!   (version 1, or version 2 with guest paging: `generate::Flavor`).
 //!
 //! ```
 //! use vmmu_scenario::{parse, Op};

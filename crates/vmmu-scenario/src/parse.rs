@@ -1,9 +1,11 @@
-//! Scenario text to [`Scenario`] (format version 1, `shared/design/scenarios.md`).
+//! Scenario text to [`Scenario`] (format versions 1 and 2, `shared/design/scenarios.md`).
 //!
 //! The parser is all-or-nothing: the first bad line stops it with a [`ParseError`] naming the
 //! line and the column (both from 1; a column counts characters, a tab is one) of the word that
 //! is wrong. What it rejects is the *line*, never the *request*: a `slot` line KVM would refuse
 //! (misaligned, overlapping, too big) parses, and the backend reports KVM's errno.
+//!
+//! Version 2 guest paging (`paging=`, `map`, `unmap`, `cr3`, `gva=`) is in [`paging`].
 
 use crate::step::{
     Format, HostReadOp, HostWriteOp, MemDecl, MemId, MemRef, Op, ReadOp, Scenario, SlotFlags,
@@ -11,6 +13,8 @@ use crate::step::{
     RESERVED_SLOT_IDS,
 };
 use std::collections::HashMap;
+
+mod paging;
 
 /// A scenario line that cannot be run, and where it is.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -28,7 +32,7 @@ pub struct ParseError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseErrorKind {
     /// The first word is not a step keyword.
-    #[error("unknown step `{0}` (expected vm, mem, slot, read, write, host-write, host-read or mmio-reply)")]
+    #[error("unknown step `{0}` (expected vm, mem, slot, read, write, host-write, host-read, mmio-reply, map, unmap or cr3)")]
     UnknownStep(String),
     /// A `key=value` field this step does not have.
     #[error("`{step}` has no field `{field}` (its fields: {allowed})")]
@@ -145,6 +149,66 @@ pub enum ParseErrorKind {
         /// The address.
         gpa: u64,
     },
+    /// A `map`, `unmap` or `cr3` step in a VM without guest paging.
+    #[error("`{step}` needs guest paging (`vm paging=4level` or `vm paging=pae`)")]
+    NeedsPaging {
+        /// The step keyword.
+        step: &'static str,
+    },
+    /// An access that names `gpa=` with paging on, or `gva=` with paging off.
+    #[error("with paging={paging} an access names `{expected}=`, not `{field}=`")]
+    WrongAddressField {
+        /// The field written.
+        field: &'static str,
+        /// The field the access needs.
+        expected: &'static str,
+        /// The VM's paging mode.
+        paging: crate::step::Paging,
+    },
+    /// A GVA that is not canonical for the paging mode.
+    #[error("gva {gva:#x} is not canonical with paging={paging} (4level: bits 63..47 equal; pae: below 4 GiB)")]
+    NonCanonical {
+        /// The address (of the access or page).
+        gva: u64,
+        /// The VM's paging mode.
+        paging: crate::step::Paging,
+    },
+    /// A `map`/`unmap` address not aligned to the page size.
+    #[error("{field}={addr:#x} is not aligned to the page size {}", page_size_name(*size))]
+    PageMisaligned {
+        /// `gva` or `gpa`.
+        field: &'static str,
+        /// The address.
+        addr: u64,
+        /// The page size.
+        size: crate::step::PageSize,
+    },
+    /// A `map` whose guest-physical page ends above 64 GiB.
+    #[error("a {} page at gpa {gpa:#x} ends above 64 GiB (0x1000000000)", page_size_name(*size))]
+    PageTooHigh {
+        /// The page's gpa.
+        gpa: u64,
+        /// The page size.
+        size: crate::step::PageSize,
+    },
+    /// Page sizes mixed in one 2 MiB region of one page-table space.
+    #[error(
+        "{} of a {} page at gva {gva:#x} in space {space}: the 2 MiB region holds live {} mapping(s); \
+         page sizes may not mix in a region (unmap what is there first)",
+        if *unmap { "unmap" } else { "map" }, page_size_name(*size), page_size_name(*live)
+    )]
+    MixedPageSizes {
+        /// The page-table space.
+        space: u8,
+        /// The page's gva.
+        gva: u64,
+        /// The size the line names.
+        size: crate::step::PageSize,
+        /// The size of what is live in the region.
+        live: crate::step::PageSize,
+        /// Whether the line is an `unmap` (else a `map`).
+        unmap: bool,
+    },
     /// A host access that is not inside its buffer.
     #[error(
         "host access at {name}+{offset:#x} (size {width}) is outside the buffer ({size:#x} bytes)"
@@ -167,9 +231,21 @@ pub enum ParseErrorKind {
     BadMemSize(String),
 }
 
+fn page_size_name(s: crate::step::PageSize) -> &'static str {
+    match s {
+        crate::step::PageSize::Size4K => "4K",
+        crate::step::PageSize::Size2M => "2M",
+    }
+}
+
 /// Parses a whole scenario. Nothing runs unless every line is good.
 pub fn parse(text: &str) -> Result<Scenario, ParseError> {
-    let mut p = Parser { vm: VmConfig::default(), mems: Vec::new(), by_name: HashMap::new() };
+    let mut p = Parser {
+        vm: VmConfig::default(),
+        mems: Vec::new(),
+        by_name: HashMap::new(),
+        pt: paging::Live::default(),
+    };
     let mut steps = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let line = u32::try_from(i + 1).unwrap_or(u32::MAX);
@@ -350,6 +426,8 @@ struct Parser {
     vm: VmConfig,
     mems: Vec<MemDecl>,
     by_name: HashMap<String, MemId>,
+    /// Live guest mappings (version 2).
+    pt: paging::Live,
 }
 
 impl Parser {
@@ -382,6 +460,9 @@ impl Parser {
                 let f = Fields::new("mmio-reply", kw.col, rest, &["value"], "value")?;
                 Ok(Op::MmioReply(number(f.need("value")?)?))
             }
+            "map" => self.map_line(*kw, rest),
+            "unmap" => self.unmap_line(*kw, rest),
+            "cr3" => self.cr3_line(*kw, rest),
             other => Err((kw.col, ParseErrorKind::UnknownStep(other.into()))),
         }
     }
@@ -391,13 +472,13 @@ impl Parser {
             return Err((kw.col, ParseErrorKind::VmNotFirst));
         }
         const ALLOWED: &[&str] =
-            &["vcpus", "address_spaces", "mmio_caching", "format", "phys_bits"];
+            &["vcpus", "address_spaces", "mmio_caching", "format", "phys_bits", "paging"];
         let f = Fields::new(
             "vm",
             kw.col,
             rest,
             ALLOWED,
-            "vcpus, address_spaces, mmio_caching, format, phys_bits",
+            "vcpus, address_spaces, mmio_caching, format, phys_bits, paging",
         )?;
         let mut vm = VmConfig::default();
         if let Some(w) = f.get("vcpus") {
@@ -417,11 +498,15 @@ impl Parser {
             vm.format = match w.text {
                 "ept" => Format::Ept,
                 "npt" => Format::Npt,
-                _ => return Err(choice(w, "format", "ept or npt")),
+                "shadow" => Format::Shadow,
+                _ => return Err(choice(w, "format", "ept, npt or shadow")),
             };
         }
         if let Some(w) = f.get("phys_bits") {
             vm.phys_bits = ranged(w, "phys_bits", 36, 52, "36..=52")?;
+        }
+        if let Some(w) = f.get("paging") {
+            vm.paging = paging::paging_choice(w)?;
         }
         self.vm = vm;
         Ok(Op::Vm(vm))
@@ -514,30 +599,27 @@ impl Parser {
         let step = if write { "write" } else { "read" };
         let (vw, fields) = positional(step, kw, rest, "a VCPU index")?;
         let (allowed, text): (&'static [&'static str], _) = if write {
-            (&["gpa", "size", "value"], "gpa, size, value")
+            (&["gpa", "gva", "size", "value"], "gpa or gva, size, value")
         } else {
-            (&["gpa", "size"], "gpa, size")
+            (&["gpa", "gva", "size"], "gpa or gva, size")
         };
         let f = Fields::new(step, kw.col, fields, allowed, text)?;
-        let vcpu = number(vw)?;
-        if vcpu >= u64::from(self.vm.vcpus) {
-            return Err((vw.col, ParseErrorKind::NoSuchVcpu { vcpu, vcpus: self.vm.vcpus }));
-        }
-        let vcpu = u32::try_from(vcpu).unwrap_or(u32::MAX);
-        let gw = f.need("gpa")?;
+        let vcpu = self.vcpu(vw)?;
+        let gw = self.access_addr(&f)?;
         let gpa = number(gw)?;
         let width = width(f.need("size")?)?;
         let w = u64::from(width.bytes());
         if gpa % w != 0 {
             return Err((gw.col, ParseErrorKind::Misaligned { addr: gpa, width: width.bytes() }));
         }
-        if gpa < RESERVED_BELOW {
+        if self.vm.paging != crate::step::Paging::Off {
+            self.check_gva(gw, gpa, w)?;
+        } else if gpa < RESERVED_BELOW {
             return Err((
                 gw.col,
                 ParseErrorKind::Reserved(format!("a guest access at {gpa:#x} (below 8 MiB)")),
             ));
-        }
-        if gpa.checked_add(w).is_none_or(|end| end > ACCESS_LIMIT) {
+        } else if gpa.checked_add(w).is_none_or(|end| end > ACCESS_LIMIT) {
             return Err((gw.col, ParseErrorKind::AccessTooHigh { gpa }));
         }
         if write {
@@ -548,6 +630,15 @@ impl Parser {
         } else {
             Ok(Op::Read(ReadOp { vcpu, gpa, width }))
         }
+    }
+
+    /// A vCPU index below `vcpus`.
+    fn vcpu(&self, vw: Word<'_>) -> LineResult<u32> {
+        let vcpu = number(vw)?;
+        if vcpu >= u64::from(self.vm.vcpus) {
+            return Err((vw.col, ParseErrorKind::NoSuchVcpu { vcpu, vcpus: self.vm.vcpus }));
+        }
+        Ok(u32::try_from(vcpu).unwrap_or(u32::MAX))
     }
 
     fn read_line(&mut self, kw: Word<'_>, rest: &[Word<'_>]) -> LineResult<Op> {
@@ -721,7 +812,7 @@ mod tests {
         for bad in ["vcpus=0", "vcpus=257", "address_spaces=3", "phys_bits=35", "phys_bits=53"] {
             assert!(matches!(err(&format!("vm {bad}\n")).2, ParseErrorKind::OutOfRange { .. }));
         }
-        assert!(matches!(err("vm format=shadow\n").2, ParseErrorKind::BadChoice { .. }));
+        assert!(matches!(err("vm format=tdp\n").2, ParseErrorKind::BadChoice { .. }));
         assert!(matches!(err("vm mmio_caching=yes\n").2, ParseErrorKind::BadChoice { .. }));
     }
 

@@ -7,6 +7,11 @@
 //! - accesses are naturally aligned, inside `[RESERVED_BELOW, ACCESS_LIMIT)` for the guest and
 //!   inside the buffer for the host; written values fit their width; vCPU indices are below
 //!   `vm.vcpus`;
+//! - with guest paging (version 2) guest accesses name GVAs instead: canonical for the paging
+//!   mode, at or above `RESERVED_BELOW`, outside PML4 entry 256; `map`/`unmap`/`cr3` appear only
+//!   with paging on, name spaces below [`SPACES`], pages aligned to their size, `map` gpas in
+//!   `[RESERVED_BELOW, ACCESS_LIMIT)`, and never mix 4K and 2M pages in one 2 MiB region of a
+//!   space;
 //! - nothing reserved for the backends (see [`RESERVED_SLOT_IDS`], [`RESERVED_BELOW`]) is used.
 //!
 //! Slot requests are *not* validated: KVM's rules decide them at run time.
