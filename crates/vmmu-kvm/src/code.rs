@@ -86,6 +86,46 @@ pub fn exception_stub(vector: u8) -> [u8; 16] {
     s
 }
 
+/// CPL0 code (paging): store each `(address, value)` as one 8-byte `mov` (`writes`, in order),
+/// then `invlpg` `gva` if given, then the sync store to `sync`.
+pub fn kernel_writes(writes: &[(u64, u64)], invlpg: Option<u64>, sync: u64) -> Vec<u8> {
+    let mut c = Vec::with_capacity(23 * writes.len() + 40);
+    for &(at, v) in writes {
+        mov_rax_imm64(&mut c, at);
+        mov_rbx_imm64(&mut c, v);
+        c.extend_from_slice(&[0x48, 0x89, 0x18]); // mov qword [rax], rbx
+    }
+    if let Some(gva) = invlpg {
+        mov_rax_imm64(&mut c, gva);
+        c.extend_from_slice(&[0x0f, 0x01, 0x38]); // invlpg [rax]
+    }
+    sync_and_trap(&mut c, sync);
+    c
+}
+
+/// CPL0 code (paging): `mov rax, root; mov cr3, rax`, then the sync store to `sync`.
+pub fn kernel_cr3(root: u64, sync: u64) -> Vec<u8> {
+    let mut c = Vec::with_capacity(30);
+    mov_rax_imm64(&mut c, root);
+    c.extend_from_slice(&[0x0f, 0x22, 0xd8]); // mov cr3, rax
+    sync_and_trap(&mut c, sync);
+    c
+}
+
+/// The #PF handler (paging, CPL0): stores CR2 to `report` and the error code (on top of the
+/// stack) to `report + 8`, both MMIO exits, then halts for good.
+pub fn pf_handler(report: u64) -> Vec<u8> {
+    let mut c = Vec::with_capacity(32);
+    c.extend_from_slice(&[0x0f, 0x20, 0xd0]); // mov rax, cr2
+    c.extend_from_slice(&[0x48, 0xb9]); // mov rcx, report
+    c.extend_from_slice(&report.to_le_bytes());
+    c.extend_from_slice(&[0x48, 0x89, 0x01]); // mov [rcx], rax
+    c.extend_from_slice(&[0x48, 0x8b, 0x04, 0x24]); // mov rax, [rsp]
+    c.extend_from_slice(&[0x48, 0x89, 0x41, 0x08]); // mov [rcx + 8], rax
+    c.extend_from_slice(&[0xf4, 0xeb, 0xfd]); // hlt; jmp hlt
+    c
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,5 +160,22 @@ mod tests {
     fn stub_reports_vector_then_halts_forever() {
         let s = exception_stub(14);
         assert_eq!(&s[..10], &[0xb8, 14, 0, 0, 0, 0xe6, 0x11, 0xf4, 0xeb, 0xfd]);
+    }
+    #[test]
+    fn kernel_routines() {
+        let c = kernel_writes(&[(0x20_1000, 0x7)], Some(0x4000_0000), SYNC_GPA);
+        assert_eq!(&c[..2], &[0x48, 0xb8]);
+        assert_eq!(&c[10..12], &[0x48, 0xbb]);
+        assert_eq!(&c[20..23], &[0x48, 0x89, 0x18]);
+        assert_eq!(&c[23..25], &[0x48, 0xb8]);
+        assert_eq!(&c[33..36], &[0x0f, 0x01, 0x38]);
+        assert_eq!(&c[36..], &TAIL);
+        assert_eq!(kernel_writes(&[], None, SYNC_GPA), TAIL);
+        let c = kernel_cr3(0x20_1000, SYNC_GPA);
+        assert_eq!(&c[10..13], &[0x0f, 0x22, 0xd8]);
+        assert_eq!(&c[13..], &TAIL);
+        let h = pf_handler(0x7f_e000);
+        assert_eq!(&h[..3], &[0x0f, 0x20, 0xd0]);
+        assert_eq!(h.len(), 3 + 10 + 3 + 4 + 4 + 3);
     }
 }

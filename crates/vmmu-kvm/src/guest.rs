@@ -49,6 +49,7 @@ pub const PDPT: u64 = 0x11000;
 pub const PD0: u64 = 0x12000;
 
 const KERNEL_CS: u16 = 0x08;
+const KERNEL_DS: u16 = 0x10;
 const USER_CS: u16 = 0x18 | 3;
 const USER_DS: u16 = 0x20 | 3;
 const TSS_SEL: u16 = 0x28;
@@ -93,13 +94,7 @@ pub fn image_at(base: u64) -> Vec<(u64, Vec<u8>)> {
     // IDT: present 64-bit interrupt gates (type 0xe), DPL 0, to the kernel code segment.
     let mut idt = Vec::with_capacity(256 * 16);
     for v in 0..256u64 {
-        let off = base + STUBS + 16 * v;
-        let lo = (off & 0xffff)
-            | (u64::from(KERNEL_CS) << 16)
-            | (0x8eu64 << 40)
-            | (((off >> 16) & 0xffff) << 48);
-        idt.extend_from_slice(&lo.to_le_bytes());
-        idt.extend_from_slice(&(off >> 32).to_le_bytes());
+        idt.extend_from_slice(&gate(base + STUBS + 16 * v));
     }
     pieces.push((IDT, idt));
 
@@ -127,6 +122,18 @@ pub fn image_at(base: u64) -> Vec<(u64, Vec<u8>)> {
     pieces
 }
 
+/// A present 64-bit interrupt gate (type 0xe, DPL 0) to `off` in the kernel code segment.
+pub fn gate(off: u64) -> [u8; 16] {
+    let lo = (off & 0xffff)
+        | (u64::from(KERNEL_CS) << 16)
+        | (0x8eu64 << 40)
+        | (((off >> 16) & 0xffff) << 48);
+    let mut g = [0u8; 16];
+    g[..8].copy_from_slice(&lo.to_le_bytes());
+    g[8..].copy_from_slice(&(off >> 32).to_le_bytes());
+    g
+}
+
 fn seg(selector: u16, type_: u8, dpl: u8, code64: bool) -> kvm_segment {
     kvm_segment {
         base: 0,
@@ -145,15 +152,23 @@ fn seg(selector: u16, type_: u8, dpl: u8, code64: bool) -> kvm_segment {
     }
 }
 
-/// Long mode, paging on, segments at CPL3; starts from the vCPU's current special registers.
-pub fn sregs(mut s: kvm_sregs) -> kvm_sregs {
-    s.cs = seg(USER_CS, 0xb, 3, true);
-    let data = seg(USER_DS, 0x3, 3, false);
+/// The code and data segments of CPL3 (`kernel` false) or CPL0 (`kernel` true); everything
+/// else in `s` (control registers, CR3 included, descriptor tables) is kept.
+pub fn with_cpl(mut s: kvm_sregs, kernel: bool) -> kvm_sregs {
+    let (cs, ds, dpl) = if kernel { (KERNEL_CS, KERNEL_DS, 0) } else { (USER_CS, USER_DS, 3) };
+    s.cs = seg(cs, 0xb, dpl, true);
+    let data = seg(ds, 0x3, dpl, false);
     s.ds = data;
     s.es = data;
     s.fs = data;
     s.gs = data;
     s.ss = data;
+    s
+}
+
+/// Long mode, paging on, segments at CPL3; starts from the vCPU's current special registers.
+pub fn sregs(s: kvm_sregs) -> kvm_sregs {
+    let mut s = with_cpl(s, false);
     s.tr = kvm_segment {
         base: TSS,
         limit: 0x67,
@@ -185,6 +200,12 @@ pub fn sregs(mut s: kvm_sregs) -> kvm_sregs {
 /// Registers for running the code page: RIP at [`CODE`], interrupts off.
 pub fn regs() -> kvm_regs {
     regs_at(0)
+}
+
+/// Registers for running the code page at CPL0 (paging): RIP at [`CODE`], RSP at the top of the
+/// kernel stack, interrupts off.
+pub fn kernel_regs() -> kvm_regs {
+    kvm_regs { rip: CODE, rsp: KSTACK_TOP, rflags: 0x2, ..Default::default() }
 }
 
 /// [`sregs`] for the guest of [`image_at`]`(base)`.

@@ -32,6 +32,8 @@ mod machine;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 mod mapping;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+mod paging;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod replay;
 
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
