@@ -228,7 +228,7 @@ mod tests {
     #[test]
     fn first_map_links_new_tables_top_down_then_the_leaf() {
         let mut t = Tables::new();
-        let gva = 0x7f_0000_1000;
+        let gva = 0x7f12_3456_7000;
         let w = t.map(&map(2, gva, 0x4000_0000, PageSize::Size4K, MapFlags::default())).unwrap();
         assert_eq!(w.len(), 4, "{w:x?}");
         assert_eq!(w[0], (root(2) + 8 * index(gva, 4), FIRST_FREE | 7));

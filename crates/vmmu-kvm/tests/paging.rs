@@ -150,3 +150,222 @@ fn paging_map_read_write() {
         ]
     );
 }
+
+/// paging_pte_flags: user accesses through read-only, supervisor and reserved-bit leaves fault
+/// with the architectural error codes (P|U|W for a read-only write, P|U for supervisor,
+/// RSVD|P|U for bit 51); reads through a read-only leaf work.
+#[test]
+fn paging_pte_flags() {
+    if !kvm() {
+        return;
+    }
+    let (ro, sup, rsv) = (GVA, GVA + 0x1000, GVA + 0x20_0000);
+    let out = S::new(1)
+        .mem("ram", 16384) // 2
+        .slot(1, RAM, 16384, 0) // 3
+        .host_write(0, 0, 0x5a) // 4
+        .map(0, ro, RAM, K4, RO) // 5
+        .map(0, sup, RAM + 0x1000, K4, SUP) // 6
+        .map(0, rsv, RAM + 0x2000, K4, RSV) // 7
+        .read(0, ro) // 8
+        .write(0, ro, 1) // 9
+        .read(0, sup) // 10
+        .write(0, sup, 1) // 11
+        .read(0, rsv) // 12
+        .write(0, rsv, 1) // 13
+        .map(0, ro, RAM, K4, RW) // 14: the same GVA made writable
+        .write(0, ro, 2) // 15
+        .host_read(0, 0) // 16
+        .run();
+    assert_eq!(
+        out,
+        [
+            slot_ok(3),
+            read_ok(8, 0x5a),
+            write_pf(9, ro, 0x7),
+            read_pf(10, sup, 0x5),
+            write_pf(11, sup, 0x7),
+            read_pf(12, rsv, 0xd),
+            write_pf(13, rsv, 0xf),
+            write_ok(15),
+            host_read(16, 2),
+        ]
+    );
+}
+
+/// paging_mmio_gpa: a GVA mapped to a GPA in no slot exits as MMIO naming that GPA (4 KiB and
+/// 2 MiB guest pages, offsets inside the page kept).
+#[test]
+fn paging_mmio_gpa() {
+    if !kvm() {
+        return;
+    }
+    let (hole, big) = (0x2_0000_0000u64, 0x3_0000_0000u64);
+    let out = S::new(1)
+        .map(0, GVA, hole + 0x5000, K4, RW) // 2
+        .map(0, 0x8000_0000, big, M2, RW) // 3
+        .mmio_reply(0xfeed) // 4
+        .read(0, GVA + 0x18) // 5
+        .write(0, GVA + 0x20, 0xcafe) // 6
+        .read(0, 0x8012_3458) // 7
+        .write(0, 0x801f_fff8, 7) // 8
+        .run();
+    assert_eq!(
+        out,
+        [
+            read_mmio(5, hole + 0x5018, 0xfeed),
+            write_mmio(6, hole + 0x5020, 0xcafe),
+            read_mmio(7, big + 0x12_3458, 0xfeed),
+            write_mmio(8, big + 0x1f_fff8, 7),
+        ]
+    );
+}
+
+/// paging_cr3_switch: two spaces map one GVA to different pages (space 2 to MMIO, space 1 not at
+/// all); each vCPU sees the space it loaded, and switching back sees the first mapping again.
+#[test]
+fn paging_cr3_switch() {
+    if !kvm() {
+        return;
+    }
+    let out = S::new(2)
+        .mem("ram", 8192) // 2
+        .slot(1, RAM, 8192, 0) // 3
+        .host_write(0, 0, 0xa) // 4
+        .host_write(0, 0x1000, 0xb) // 5
+        .map(0, GVA, RAM, K4, RW) // 6
+        .map(3, GVA, RAM + 0x1000, K4, RW) // 7
+        .map(2, GVA, 0x2_0000_0000, K4, RW) // 8
+        .read(0, GVA) // 9
+        .cr3(0, 3) // 10
+        .read(0, GVA) // 11
+        .read(1, GVA) // 12: vCPU 1 still in space 0
+        .cr3(1, 2) // 13
+        .read(1, GVA) // 14
+        .cr3(1, 1) // 15
+        .read(1, GVA) // 16
+        .cr3(0, 0) // 17
+        .read(0, GVA) // 18
+        .cr3(1, 3) // 19
+        .write(1, GVA, 0xc) // 20
+        .host_read(0, 0x1000) // 21
+        .run();
+    assert_eq!(
+        out,
+        [
+            slot_ok(3),
+            read_ok(9, 0xa),
+            read_ok(11, 0xb),
+            read_ok(12, 0xa),
+            read_mmio(14, 0x2_0000_0000, 0),
+            read_pf(16, GVA, 0x4),
+            read_ok(18, 0xa),
+            write_ok(20),
+            host_read(21, 0xc),
+        ]
+    );
+}
+
+/// paging_remap_ram_mmio_ram: the 2011 case: a GVA read as RAM, remapped to MMIO (the read
+/// must exit, on both vCPUs, though both used the RAM translation before), then back to RAM;
+/// unmapped it faults on both.
+#[test]
+fn paging_remap_ram_mmio_ram() {
+    if !kvm() {
+        return;
+    }
+    let mmio = 0x2_0000_3000;
+    let out = S::new(2)
+        .mem("ram", 4096) // 2
+        .slot(1, RAM, 4096, 0) // 3
+        .host_write(0, 0, 0x77) // 4
+        .map(0, GVA, RAM, K4, RW) // 5
+        .read(0, GVA) // 6
+        .read(1, GVA) // 7
+        .map(0, GVA, mmio, K4, RW) // 8
+        .mmio_reply(0x99) // 9
+        .read(0, GVA) // 10
+        .read(1, GVA) // 11
+        .read(1, GVA) // 12
+        .map(0, GVA, RAM, K4, RW) // 13
+        .read(1, GVA) // 14
+        .read(0, GVA) // 15
+        .unmap(0, GVA, K4) // 16
+        .read(0, GVA) // 17
+        .write(1, GVA, 1) // 18
+        .run();
+    assert_eq!(
+        out,
+        [
+            slot_ok(3),
+            read_ok(6, 0x77),
+            read_ok(7, 0x77),
+            read_mmio(10, mmio, 0x99),
+            read_mmio(11, mmio, 0x99),
+            read_mmio(12, mmio, 0x99),
+            read_ok(14, 0x77),
+            read_ok(15, 0x77),
+            read_pf(17, GVA, 0x4),
+            write_pf(18, GVA, 0x6),
+        ]
+    );
+}
+
+/// paging_slot_under_gva: the GVA's translation stays; the slot behind it is deleted (MMIO at
+/// the translated GPA), re-created on other memory (RAM again), then a 2 MiB mapping over a
+/// region that is half slot, half hole.
+#[test]
+fn paging_slot_under_gva() {
+    if !kvm() {
+        return;
+    }
+    let gpa = 0x1_0020_0000;
+    let out = S::new(1)
+        .mem("a", 1 << 20) // 2
+        .mem("b", 1 << 20) // 3
+        .slot(5, gpa, 1 << 20, 0) // 4: the first MiB of the 2 MiB page
+        .host_write(0, 0x800, 1) // 5
+        .host_write(1, 0x800, 2) // 6
+        .map(0, 0x4020_0000, gpa, M2, RW) // 7
+        .read(0, 0x4020_0800) // 8
+        .read(0, 0x4030_0800) // 9: the second MiB is a hole
+        .op(Op::Slot(SlotOp {
+            id: 5,
+            as_id: 0,
+            gpa,
+            size: 0,
+            mem: None,
+            flags: SlotFlags::default(),
+        })) // 10
+        .read(0, 0x4020_0800) // 11
+        .slot(5, gpa, 1 << 20, 1) // 12
+        .read(0, 0x4020_0800) // 13
+        .run();
+    assert_eq!(
+        out,
+        [
+            slot_ok(4),
+            read_ok(8, 1),
+            read_mmio(9, gpa + 0x10_0800, 0),
+            slot_ok(10),
+            read_mmio(11, gpa + 0x800, 0),
+            slot_ok(12),
+            read_ok(13, 2),
+        ]
+    );
+}
+
+/// paging_pae_is_skipped_with_a_reason (until the backend runs 32-bit PAE guests).
+#[test]
+fn paging_pae_is_skipped_with_a_reason() {
+    if !kvm() {
+        return;
+    }
+    let mut s = S::new(1);
+    s.0.vm.paging = Paging::Pae;
+    let out = run_collect(&KvmBackend, &s.0).unwrap();
+    assert!(
+        matches!(&out[..], [Observation::Skipped { reason }] if reason.contains("pae")),
+        "{out:?}"
+    );
+}
