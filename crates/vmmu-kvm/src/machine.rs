@@ -115,6 +115,16 @@ fn ioctl(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> KvmError {
     move |e| KvmError::Ioctl { what, errno: errno::name(e.errno()) }
 }
 
+/// CR0.PG.
+const CR0_PG: u64 = 1 << 31;
+
+/// Why `paging=pae` is skipped on a kernel that keeps CR0.PG clear outside long mode (kvm-pvm
+/// does: it logs that it "supports paging only in long mode", and a guest `mov cr0` that sets
+/// PG with EFER.LME clear takes #GP).
+pub(crate) const PAE_UNSUPPORTED: &str = "paging=pae: this kernel's KVM does not run 32-bit PAE \
+    paging (KVM_SET_SREGS left CR0.PG clear with EFER.LME clear; kvm-pvm supports guest paging \
+    only in long mode)";
+
 /// What this kernel's KVM offers (for messages and test output).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvmInfo {
@@ -167,6 +177,8 @@ struct GuestPaging {
     pool: Mapping,
     /// The host's model of the guest's tables (the guest makes every change itself).
     tables: Tables,
+    /// `paging=pae`: a 32-bit protected-mode guest (else 64-bit long mode).
+    pae: bool,
     /// The space each vCPU has loaded.
     space: Vec<u8>,
     /// Whether each vCPU is at CPL0 now (after a CPL0 routine or a page fault).
@@ -175,11 +187,6 @@ struct GuestPaging {
 
 /// Creates the VM for `scenario`, or skips it when the kernel cannot honour its `vm` line.
 pub fn start(scenario: &Scenario) -> Result<Start, BackendError> {
-    if scenario.vm.paging == Paging::Pae {
-        return Ok(Start::Skip(
-            "the kvm backend does not run paging=pae (32-bit protected-mode guest) yet".into(),
-        ));
-    }
     let (kvm, vm) = open().map_err(BackendError::Unavailable)?;
     if scenario.vm.address_spaces == 2 {
         let n = vm.check_extension_raw(KVM_CAP_MULTI_ADDRESS_SPACE.into());
@@ -198,9 +205,16 @@ pub fn start(scenario: &Scenario) -> Result<Start, BackendError> {
     for (gpa, bytes) in guest::image() {
         own.write_bytes(gpa as usize, &bytes);
     }
-    let paging = scenario.vm.paging == Paging::Level4;
-    if paging {
-        // #PF goes to the guest's own handler, which reports CR2 and the error code.
+    let mode = scenario.vm.paging;
+    let paging = mode != Paging::Off;
+    let pae = mode == Paging::Pae;
+    // #PF goes to the guest's own handler, which reports CR2 and the error code.
+    if pae {
+        for (gpa, bytes) in guest::image32(paging::PF_HANDLER) {
+            own.write_bytes(gpa as usize, &bytes);
+        }
+        own.write_bytes(paging::PF_HANDLER as usize, &code::pf_handler32(REPORT_GPA));
+    } else if paging {
         own.write_bytes(guest::IDT as usize + 14 * 16, &guest::gate(paging::PF_HANDLER));
         own.write_bytes(paging::PF_HANDLER as usize, &code::pf_handler(REPORT_GPA));
     }
@@ -218,7 +232,7 @@ pub fn start(scenario: &Scenario) -> Result<Start, BackendError> {
     let pool = if paging {
         let pool = Mapping::new(POOL_SIZE)
             .map_err(|source| KvmError::Mmap { size: POOL_SIZE as u64, source })?;
-        for (off, bytes) in paging::pool_image() {
+        for (off, bytes) in paging::pool_image(mode) {
             pool.write_bytes(off as usize, &bytes);
         }
         let region = kvm_userspace_memory_region {
@@ -244,12 +258,22 @@ pub fn start(scenario: &Scenario) -> Result<Start, BackendError> {
         let v = vm.create_vcpu(u64::from(i)).map_err(ioctl("KVM_CREATE_VCPU"))?;
         v.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
         let s = v.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
-        let mut s = guest::sregs(s);
-        if paging {
-            // The initial CR3, as a loader leaves it; every later load is the guest's own.
-            s.cr3 = paging::root(0);
-        }
+        // With paging, the initial CR3 is space 0, as a loader leaves it; every later load is
+        // the guest's own.
+        let s = if pae {
+            guest::sregs32(s, paging::root(0))
+        } else if paging {
+            kvm_bindings::kvm_sregs { cr3: paging::root(0), ..guest::sregs(s) }
+        } else {
+            guest::sregs(s)
+        };
         v.set_sregs(&s).map_err(ioctl("KVM_SET_SREGS"))?;
+        if pae {
+            let now = v.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+            if now.cr0 & CR0_PG == 0 {
+                return Ok(Start::Skip(PAE_UNSUPPORTED.into()));
+            }
+        }
         vcpus.push(v);
     }
     let mut slots = BTreeMap::new();
@@ -262,7 +286,8 @@ pub fn start(scenario: &Scenario) -> Result<Start, BackendError> {
             SlotState { gpa: POOL_GPA, size: POOL_SIZE as u64, uaddr: pool.addr() },
         );
         let n = vcpus.len();
-        GuestPaging { pool, tables: Tables::new(), space: vec![0; n], kernel: vec![false; n] }
+        let tables = Tables::new(mode);
+        GuestPaging { pool, tables, pae, space: vec![0; n], kernel: vec![false; n] }
     });
     let bufs = Vec::new();
     Ok(Start::Run(Box::new(KvmMachine { vcpus, vm, own, bufs, _kvm: kvm, slots, paging })))
@@ -336,7 +361,8 @@ impl KvmMachine {
         }
         let v = &self.vcpus[i];
         let s = v.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
-        v.set_sregs(&guest::with_cpl(s, kernel)).map_err(ioctl("KVM_SET_SREGS"))?;
+        let s = guest::with_cpl(s, kernel, !p.pae);
+        v.set_sregs(&s).map_err(ioctl("KVM_SET_SREGS"))?;
         p.kernel[i] = kernel;
         Ok(())
     }
@@ -477,17 +503,25 @@ impl KvmMachine {
     fn exception(&self, vcpu: u32, vector: u8) -> KvmError {
         let v = &self.vcpus[vcpu as usize];
         let cr2 = v.get_sregs().map(|s| s.cr2).unwrap_or(0);
-        // The CPU pushed [error code,] RIP, CS, RFLAGS, RSP, SS on the kernel stack.
-        let frame = if has_error_code(vector) { 48 } else { 40 };
+        // The CPU pushed [error code,] RIP, CS, RFLAGS, RSP, SS on the kernel stack (8-byte
+        // slots; 4-byte ones in the 32-bit PAE guest, which came from CPL3, so SS:ESP too).
+        let w: u64 = if self.pae() { 4 } else { 8 };
+        let frame = if has_error_code(vector) { 6 * w } else { 5 * w };
         let mut f = [0u8; 48];
         self.own.read_bytes((KSTACK_TOP - frame) as usize, &mut f[..frame as usize]);
+        let word = |i: u64| le(&f[(i * w) as usize..((i + 1) * w) as usize]);
         let (error_code, rip) =
-            if has_error_code(vector) { (le(&f[0..8]), le(&f[8..16])) } else { (0, le(&f[0..8])) };
+            if has_error_code(vector) { (word(0), word(1)) } else { (0, word(0)) };
         KvmError::Exception { vector, rip, error_code, cr2 }
     }
 }
 
 impl KvmMachine {
+    /// Whether the guest is the 32-bit PAE one.
+    fn pae(&self) -> bool {
+        self.paging.as_ref().is_some_and(|p| p.pae)
+    }
+
     fn guest_paging(&mut self) -> Result<&mut GuestPaging, BackendError> {
         self.paging.as_mut().ok_or_else(|| {
             BackendError::Failed("a paging step in a scenario without guest paging".into())
@@ -505,8 +539,9 @@ impl KvmMachine {
     /// vCPU 0 makes the entry `writes` at CPL0 and invalidates `gva`; every other vCPU then
     /// invalidates `gva` too (a TLB shootdown).
     fn shootdown(&mut self, writes: &[(u64, u64)], gva: u64) -> Result<(), KvmError> {
-        self.run_kernel(0, &code::kernel_writes(writes, Some(gva), SYNC_GPA))?;
-        let flush = code::kernel_writes(&[], Some(gva), SYNC_GPA);
+        let kernel_writes = if self.pae() { code::kernel_writes32 } else { code::kernel_writes };
+        self.run_kernel(0, &kernel_writes(writes, Some(gva), SYNC_GPA))?;
+        let flush = kernel_writes(&[], Some(gva), SYNC_GPA);
         for v in 1..self.vcpus.len() as u32 {
             self.run_kernel(v, &flush)?;
         }
@@ -560,10 +595,22 @@ impl Machine for KvmMachine {
     }
 
     fn read(&mut self, op: &ReadOp, mmio_reply: u64) -> Result<ReadExit, BackendError> {
-        let code = code::read(op.gpa, op.width);
+        let pae = self.pae();
+        let code = if pae {
+            code::read32(op.gpa, op.width, guest::DATA, SYNC_GPA)
+        } else {
+            code::read(op.gpa, op.width)
+        };
         let gpa = self.target(op.vcpu, op.gpa, false);
         let (end, rax, mmio) = self.run_access(op.vcpu, &code, gpa, op.width, mmio_reply)?;
-        let value = rax & op.width.mask();
+        let value = if pae && op.width == Width::W8 {
+            // 32-bit code loads 8 bytes into MMX and stores them to DATA.
+            let mut b = [0u8; 8];
+            self.own.read_bytes(guest::DATA as usize, &mut b);
+            u64::from_le_bytes(b)
+        } else {
+            rax & op.width.mask()
+        };
         Ok(match (end, mmio) {
             (End::PageFault { gva, error }, _) => ReadExit::PageFault { gva, error },
             (End::Sync, None) => ReadExit::None { value },
@@ -572,7 +619,12 @@ impl Machine for KvmMachine {
     }
 
     fn write(&mut self, op: &WriteOp) -> Result<WriteExit, BackendError> {
-        let code = code::write(op.gpa, op.width, op.value);
+        let code = if self.pae() {
+            self.own.write_bytes(guest::DATA as usize, &op.value.to_le_bytes());
+            code::write32(op.gpa, op.width, op.value, guest::DATA, SYNC_GPA)
+        } else {
+            code::write(op.gpa, op.width, op.value)
+        };
         let gpa = self.target(op.vcpu, op.gpa, true);
         let (end, _, mmio) = self.run_access(op.vcpu, &code, gpa, op.width, 0)?;
         Ok(match (end, mmio) {
@@ -595,8 +647,13 @@ impl Machine for KvmMachine {
     }
 
     fn cr3(&mut self, op: &Cr3Op) -> Result<(), BackendError> {
-        self.guest_paging()?;
-        self.run_kernel(op.vcpu, &code::kernel_cr3(paging::root(op.space), SYNC_GPA))?;
+        let root = paging::root(op.space);
+        let code = if self.guest_paging()?.pae {
+            code::kernel_cr3_32(root, SYNC_GPA)
+        } else {
+            code::kernel_cr3(root, SYNC_GPA)
+        };
+        self.run_kernel(op.vcpu, &code)?;
         if let Some(p) = &mut self.paging {
             p.space[op.vcpu as usize] = op.space;
         }

@@ -29,8 +29,8 @@ const RSV: MapFlags = MapFlags { readonly: false, supervisor: false, reserved: t
 const RW: MapFlags = MapFlags { readonly: false, supervisor: false, reserved: false };
 
 impl S {
-    fn new(vcpus: u32) -> S {
-        let vm = VmConfig { vcpus, paging: Paging::Level4, ..VmConfig::default() };
+    fn new(paging: Paging, vcpus: u32) -> S {
+        let vm = VmConfig { vcpus, paging, ..VmConfig::default() };
         let mut s = S(Scenario { vm, mems: Vec::new(), steps: Vec::new() });
         s.op(Op::Vm(vm));
         s
@@ -121,13 +121,10 @@ const RAM: u64 = 0x1_0000_0000;
 
 /// paging_map_read_write: a 4 KiB page of RAM at a GVA in a new PML4/PDPT/PD region: the write
 /// lands in the buffer, the read sees the host's value; an unmapped GVA faults not-present.
-#[test]
-fn paging_map_read_write() {
-    if !kvm() {
-        return;
-    }
-    let gva = 0x7f12_3456_7000;
-    let out = S::new(1)
+fn paging_map_read_write(mode: Paging) {
+    // 4level: a GVA in a new PML4, PDPT and PD entry; pae: in a new PD entry below 4 GiB.
+    let gva = if mode == Paging::Level4 { 0x7f12_3456_7000 } else { 0xc012_3000 };
+    let out = S::new(mode, 1)
         .mem("ram", 8192) // 2
         .slot(1, RAM, 8192, 0) // 3
         .read(0, gva) // 4: not mapped yet
@@ -154,13 +151,9 @@ fn paging_map_read_write() {
 /// paging_pte_flags: user accesses through read-only, supervisor and reserved-bit leaves fault
 /// with the architectural error codes (P|U|W for a read-only write, P|U for supervisor,
 /// RSVD|P|U for bit 51); reads through a read-only leaf work.
-#[test]
-fn paging_pte_flags() {
-    if !kvm() {
-        return;
-    }
+fn paging_pte_flags(mode: Paging) {
     let (ro, sup, rsv) = (GVA, GVA + 0x1000, GVA + 0x20_0000);
-    let out = S::new(1)
+    let out = S::new(mode, 1)
         .mem("ram", 16384) // 2
         .slot(1, RAM, 16384, 0) // 3
         .host_write(0, 0, 0x5a) // 4
@@ -195,13 +188,9 @@ fn paging_pte_flags() {
 
 /// paging_mmio_gpa: a GVA mapped to a GPA in no slot exits as MMIO naming that GPA (4 KiB and
 /// 2 MiB guest pages, offsets inside the page kept).
-#[test]
-fn paging_mmio_gpa() {
-    if !kvm() {
-        return;
-    }
+fn paging_mmio_gpa(mode: Paging) {
     let (hole, big) = (0x2_0000_0000u64, 0x3_0000_0000u64);
-    let out = S::new(1)
+    let out = S::new(mode, 1)
         .map(0, GVA, hole + 0x5000, K4, RW) // 2
         .map(0, 0x8000_0000, big, M2, RW) // 3
         .mmio_reply(0xfeed) // 4
@@ -223,12 +212,8 @@ fn paging_mmio_gpa() {
 
 /// paging_cr3_switch: two spaces map one GVA to different pages (space 2 to MMIO, space 1 not at
 /// all); each vCPU sees the space it loaded, and switching back sees the first mapping again.
-#[test]
-fn paging_cr3_switch() {
-    if !kvm() {
-        return;
-    }
-    let out = S::new(2)
+fn paging_cr3_switch(mode: Paging) {
+    let out = S::new(mode, 2)
         .mem("ram", 8192) // 2
         .slot(1, RAM, 8192, 0) // 3
         .host_write(0, 0, 0xa) // 4
@@ -269,13 +254,9 @@ fn paging_cr3_switch() {
 /// paging_remap_ram_mmio_ram: the 2011 case: a GVA read as RAM, remapped to MMIO (the read
 /// must exit, on both vCPUs, though both used the RAM translation before), then back to RAM;
 /// unmapped it faults on both.
-#[test]
-fn paging_remap_ram_mmio_ram() {
-    if !kvm() {
-        return;
-    }
+fn paging_remap_ram_mmio_ram(mode: Paging) {
     let mmio = 0x2_0000_3000;
-    let out = S::new(2)
+    let out = S::new(mode, 2)
         .mem("ram", 4096) // 2
         .slot(1, RAM, 4096, 0) // 3
         .host_write(0, 0, 0x77) // 4
@@ -314,13 +295,9 @@ fn paging_remap_ram_mmio_ram() {
 /// paging_slot_under_gva: the GVA's translation stays; the slot behind it is deleted (MMIO at
 /// the translated GPA), re-created on other memory (RAM again), then a 2 MiB mapping over a
 /// region that is half slot, half hole.
-#[test]
-fn paging_slot_under_gva() {
-    if !kvm() {
-        return;
-    }
+fn paging_slot_under_gva(mode: Paging) {
     let gpa = 0x1_0020_0000;
-    let out = S::new(1)
+    let out = S::new(mode, 1)
         .mem("a", 1 << 20) // 2
         .mem("b", 1 << 20) // 3
         .slot(5, gpa, 1 << 20, 0) // 4: the first MiB of the 2 MiB page
@@ -355,17 +332,97 @@ fn paging_slot_under_gva() {
     );
 }
 
-/// paging_pae_is_skipped_with_a_reason (until the backend runs 32-bit PAE guests).
-#[test]
-fn paging_pae_is_skipped_with_a_reason() {
-    if !kvm() {
-        return;
+/// paging_widths: loads and stores of 1, 2, 4 and 8 bytes through a GVA to RAM and to MMIO
+/// (the PAE guest, 32-bit code, makes the 8-byte ones with MMX `movq`).
+fn paging_widths(mode: Paging) {
+    let mut s = S::new(mode, 1);
+    s.mem("ram", 4096).slot(1, RAM, 4096, 0); // 2, 3
+    s.map(0, GVA, RAM, K4, RW).map(0, GVA + 0x1000, 0x2_0000_0000, K4, RW); // 4, 5
+    s.mmio_reply(0x8877_6655_4433_2211); // 6
+    let widths = [Width::W1, Width::W2, Width::W4, Width::W8];
+    for (i, &width) in widths.iter().enumerate() {
+        let (off, value) = (8 * i as u64, 0xf1e2_d3c4_b5a6_9788 & width.mask());
+        s.op(Op::Write(WriteOp { vcpu: 0, gpa: GVA + off, width, value }));
+        s.op(Op::Read(ReadOp { vcpu: 0, gpa: GVA + off, width }));
+        s.op(Op::Write(WriteOp { vcpu: 0, gpa: GVA + 0x1000 + off, width, value }));
+        s.op(Op::Read(ReadOp { vcpu: 0, gpa: GVA + 0x1000 + off, width }));
     }
-    let mut s = S::new(1);
-    s.0.vm.paging = Paging::Pae;
-    let out = run_collect(&KvmBackend, &s.0).unwrap();
-    assert!(
-        matches!(&out[..], [Observation::Skipped { reason }] if reason.contains("pae")),
-        "{out:?}"
-    );
+    s.host_read(0, 24); // 23
+    let out = s.run();
+    let mut want = vec![slot_ok(3)];
+    for (i, &width) in widths.iter().enumerate() {
+        let (step, off, value) =
+            (7 + 4 * i as u32, 8 * i as u64, 0xf1e2_d3c4_b5a6_9788 & width.mask());
+        let len = width.bytes();
+        let mmio = 0x2_0000_0000 + off;
+        want.push(write_ok(step));
+        want.push(read_ok(step + 1, value));
+        want.push(
+            Observation::Write {
+                step: step + 2,
+                exit: WriteExit::Mmio { gpa: mmio, len, data: value },
+            }
+            .to_string(),
+        );
+        let reply = 0x8877_6655_4433_2211 & width.mask();
+        want.push(
+            Observation::Read {
+                step: step + 3,
+                exit: ReadExit::Mmio { gpa: mmio, len, value: reply },
+            }
+            .to_string(),
+        );
+    }
+    want.push(host_read(23, 0xf1e2_d3c4_b5a6_9788));
+    assert_eq!(out, want);
+}
+
+/// Whether KVM runs `mode` here; prints why not. (kvm-pvm runs guest paging only in long mode,
+/// so it skips `paging=pae` scenarios, with the reason.)
+fn runs(mode: Paging) -> bool {
+    if !kvm() {
+        return false;
+    }
+    let s = S::new(mode, 1);
+    match &run_collect(&KvmBackend, &s.0).unwrap()[..] {
+        [] => true,
+        [Observation::Skipped { reason }] => {
+            assert!(mode == Paging::Pae && reason.contains("paging=pae"), "{reason}");
+            println!("skipped: {reason}");
+            false
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+macro_rules! per_mode {
+    ($mode:ident: $($name:ident),*) => {
+        $(
+            #[test]
+            fn $name() {
+                if super::runs(vmmu_scenario::Paging::$mode) {
+                    super::$name(vmmu_scenario::Paging::$mode);
+                }
+            }
+        )*
+    };
+}
+
+/// The 4-level guest runs wherever KVM does; a PAE scenario runs or is skipped with a reason.
+#[test]
+fn paging_modes_run_or_skip_with_a_reason() {
+    assert_eq!(runs(Paging::Level4), kvm());
+    let _ = runs(Paging::Pae);
+}
+
+/// `paging=4level`: a 64-bit long-mode guest.
+mod level4 {
+    per_mode!(Level4: paging_map_read_write, paging_pte_flags, paging_mmio_gpa, paging_cr3_switch,
+        paging_remap_ram_mmio_ram, paging_slot_under_gva, paging_widths);
+}
+
+/// `paging=pae`: a 32-bit protected-mode guest with PAE paging.
+mod pae {
+    per_mode!(Pae: paging_map_read_write, paging_pte_flags, paging_mmio_gpa, paging_cr3_switch,
+        paging_remap_ram_mmio_ram, paging_slot_under_gva, paging_widths);
 }
