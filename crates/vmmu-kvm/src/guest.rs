@@ -13,11 +13,19 @@
 //! | `KSTACK_TOP` | kernel stack for exception delivery |
 //! | `PML4`, `PDPT`, `PD0..` | identity map of the low 64 GiB with user+writable 2 MiB pages |
 //!
-//! vCPUs never enter CPL0 on purpose: registers and segments are set through `KVM_SET_SREGS` /
-//! `KVM_SET_REGS` so each vCPU starts at CPL3 (CS.RPL = CS.DPL = SS.DPL = 3), and the access code
-//! hands control back with an MMIO store (see [`crate::code`]). CPL0 runs only when the guest
-//! takes an exception, which is a backend failure anyway: the stub reports the vector with an
-//! `out` (legal at CPL0). On a nested PVM host CPL0 code is emulated and very slow, CPL3 is not.
+//! Without guest paging (version-1 scenarios) vCPUs never enter CPL0 on purpose: registers and
+//! segments are set through `KVM_SET_SREGS` / `KVM_SET_REGS` so each vCPU starts at CPL3
+//! (CS.RPL = CS.DPL = SS.DPL = 3), and the access code hands control back with an MMIO store
+//! (see [`crate::code`]). CPL0 runs only when the guest takes an exception, which is a backend
+//! failure anyway: the stub reports the vector with an `out` (legal at CPL0). On a nested PVM
+//! host CPL0 code is emulated and slow, CPL3 is not.
+//!
+//! With guest paging (`paging=4level`, see `crate::paging`) the identity map above is unused:
+//! CR3 points at the page-table spaces in the pool, IDT vector 14 goes to a #PF handler that
+//! reports CR2 and the error code, and the backend puts a vCPU at CPL0 ([`with_cpl`],
+//! [`kernel_regs`]) to run short routines of its own in the code page: page-table stores and
+//! INVLPG, MOV CR3. `paging=pae` uses the 32-bit variant of the tables ([`image32`],
+//! [`sregs32`]).
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use vmmu_scenario::ACCESS_LIMIT;

@@ -4,8 +4,14 @@
 //! - the VM (and its vCPUs) is dropped before the buffers its memslots point into (field order);
 //! - `slots` mirrors the memslots KVM accepted in address space 0 (updated only on success), so
 //!   an access through a slot beyond its buffer is refused before the guest makes it;
-//! - a vCPU runs only inside [`KvmMachine::run_access`], on this thread, while no host-side copy
-//!   of guest memory is in progress.
+//! - a vCPU runs only inside [`KvmMachine::run_vcpu`] (for a scenario access or one of the
+//!   backend's CPL0 routines), on this thread, while no host-side copy of guest memory is in
+//!   progress;
+//! - with guest paging, the host writes the page-table pool only before the first vCPU runs;
+//!   afterwards every change to the guest's tables is a guest store at CPL0 (which KVM's shadow
+//!   MMU sees as a write to a write-tracked guest table), followed by INVLPG on every vCPU, and
+//!   every CR3 load after the first is the guest's own MOV CR3. `GuestPaging::tables` is the
+//!   host's copy, used to place new tables and to refuse accesses beyond a slot's buffer.
 
 use crate::code::{self, EXCEPTION_PORT, SYNC_GPA};
 use crate::errno;

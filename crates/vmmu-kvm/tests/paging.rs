@@ -651,3 +651,22 @@ mod pae {
         paging_remap_ram_mmio_ram, paging_slot_under_gva, paging_widths,
         paging_large_and_small_pages, paging_edit_unloaded_space, paging_readonly_slot_under_gva);
 }
+
+/// An access through a GVA whose translation lands in a slot beyond its buffer is refused as a
+/// backend failure naming the step (as with `paging=off`), never made.
+#[test]
+fn paging_access_beyond_the_buffer_is_a_failure() {
+    if !runs(Paging::Level4) {
+        return;
+    }
+    let mut s = S::new(Paging::Level4, 1);
+    s.mem("small", 4096) // 2
+        .slot(1, RAM, 64 << 10, 0) // 3
+        .map(0, GVA, RAM + 0x1000, K4, RW) // 4
+        .read(0, GVA + 0x1000) // 5: not mapped: a page fault, no memory touched
+        .read(0, GVA); // 6
+    let (partial, err) = run_collect(&KvmBackend, &s.0).unwrap_err();
+    assert_eq!(partial.len(), 2, "{partial:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("step 6") && msg.contains("beyond its buffer"), "{msg}");
+}
