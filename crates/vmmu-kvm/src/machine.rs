@@ -173,7 +173,7 @@ pub struct KvmMachine {
     _kvm: Kvm,
     /// Accepted AS0 slots by id (including the backend's own).
     slots: BTreeMap<u16, SlotState>,
-    /// Guest paging (`paging=4level`); `None` for version-1 scenarios.
+    /// Guest paging (`paging=4level` or `pae`); `None` for version-1 scenarios.
     paging: Option<GuestPaging>,
 }
 
