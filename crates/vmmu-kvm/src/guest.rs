@@ -13,11 +13,19 @@
 //! | `KSTACK_TOP` | kernel stack for exception delivery |
 //! | `PML4`, `PDPT`, `PD0..` | identity map of the low 64 GiB with user+writable 2 MiB pages |
 //!
-//! vCPUs never enter CPL0 on purpose: registers and segments are set through `KVM_SET_SREGS` /
-//! `KVM_SET_REGS` so each vCPU starts at CPL3 (CS.RPL = CS.DPL = SS.DPL = 3), and the access code
-//! hands control back with an MMIO store (see [`crate::code`]). CPL0 runs only when the guest
-//! takes an exception, which is a backend failure anyway: the stub reports the vector with an
-//! `out` (legal at CPL0). On a nested PVM host CPL0 code is emulated and very slow, CPL3 is not.
+//! Without guest paging (version-1 scenarios) vCPUs never enter CPL0 on purpose: registers and
+//! segments are set through `KVM_SET_SREGS` / `KVM_SET_REGS` so each vCPU starts at CPL3
+//! (CS.RPL = CS.DPL = SS.DPL = 3), and the access code hands control back with an MMIO store
+//! (see [`crate::code`]). CPL0 runs only when the guest takes an exception, which is a backend
+//! failure anyway: the stub reports the vector with an `out` (legal at CPL0). On a nested PVM
+//! host CPL0 code is emulated and slow, CPL3 is not.
+//!
+//! With guest paging (`paging=4level`, see `crate::paging`) the identity map above is unused:
+//! CR3 points at the page-table spaces in the pool, IDT vector 14 goes to a #PF handler that
+//! reports CR2 and the error code, and the backend puts a vCPU at CPL0 ([`with_cpl`],
+//! [`kernel_regs`]) to run short routines of its own in the code page: page-table stores and
+//! INVLPG, MOV CR3. `paging=pae` uses the 32-bit variant of the tables ([`image32`],
+//! [`sregs32`]).
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use vmmu_scenario::ACCESS_LIMIT;
@@ -37,6 +45,8 @@ pub const TSS: u64 = 0x3000;
 pub const STUBS: u64 = 0x4000;
 /// The access code page.
 pub const CODE: u64 = 0x5000;
+/// Where 32-bit access code keeps an 8-byte value (in the code page, after the code).
+pub const DATA: u64 = CODE + 0x800;
 /// Top of the (unused) user stack.
 pub const USTACK_TOP: u64 = 0x7000;
 /// Top of the kernel stack used for exception delivery.
@@ -49,6 +59,7 @@ pub const PDPT: u64 = 0x11000;
 pub const PD0: u64 = 0x12000;
 
 const KERNEL_CS: u16 = 0x08;
+const KERNEL_DS: u16 = 0x10;
 const USER_CS: u16 = 0x18 | 3;
 const USER_DS: u16 = 0x20 | 3;
 const TSS_SEL: u16 = 0x28;
@@ -93,13 +104,7 @@ pub fn image_at(base: u64) -> Vec<(u64, Vec<u8>)> {
     // IDT: present 64-bit interrupt gates (type 0xe), DPL 0, to the kernel code segment.
     let mut idt = Vec::with_capacity(256 * 16);
     for v in 0..256u64 {
-        let off = base + STUBS + 16 * v;
-        let lo = (off & 0xffff)
-            | (u64::from(KERNEL_CS) << 16)
-            | (0x8eu64 << 40)
-            | (((off >> 16) & 0xffff) << 48);
-        idt.extend_from_slice(&lo.to_le_bytes());
-        idt.extend_from_slice(&(off >> 32).to_le_bytes());
+        idt.extend_from_slice(&gate(base + STUBS + 16 * v));
     }
     pieces.push((IDT, idt));
 
@@ -127,6 +132,18 @@ pub fn image_at(base: u64) -> Vec<(u64, Vec<u8>)> {
     pieces
 }
 
+/// A present 64-bit interrupt gate (type 0xe, DPL 0) to `off` in the kernel code segment.
+pub fn gate(off: u64) -> [u8; 16] {
+    let lo = (off & 0xffff)
+        | (u64::from(KERNEL_CS) << 16)
+        | (0x8eu64 << 40)
+        | (((off >> 16) & 0xffff) << 48);
+    let mut g = [0u8; 16];
+    g[..8].copy_from_slice(&lo.to_le_bytes());
+    g[8..].copy_from_slice(&(off >> 32).to_le_bytes());
+    g
+}
+
 fn seg(selector: u16, type_: u8, dpl: u8, code64: bool) -> kvm_segment {
     kvm_segment {
         base: 0,
@@ -145,15 +162,24 @@ fn seg(selector: u16, type_: u8, dpl: u8, code64: bool) -> kvm_segment {
     }
 }
 
-/// Long mode, paging on, segments at CPL3; starts from the vCPU's current special registers.
-pub fn sregs(mut s: kvm_sregs) -> kvm_sregs {
-    s.cs = seg(USER_CS, 0xb, 3, true);
-    let data = seg(USER_DS, 0x3, 3, false);
+/// The code and data segments of CPL3 (`kernel` false) or CPL0 (`kernel` true), 64-bit code
+/// (`long`) or 32-bit (the PAE guest of [`image32`]); everything else in `s` (control
+/// registers, CR3 included, descriptor tables) is kept.
+pub fn with_cpl(mut s: kvm_sregs, kernel: bool, long: bool) -> kvm_sregs {
+    let (cs, ds, dpl) = if kernel { (KERNEL_CS, KERNEL_DS, 0) } else { (USER_CS, USER_DS, 3) };
+    s.cs = seg(cs, 0xb, dpl, long);
+    let data = seg(ds, 0x3, dpl, false);
     s.ds = data;
     s.es = data;
     s.fs = data;
     s.gs = data;
     s.ss = data;
+    s
+}
+
+/// Long mode, paging on, segments at CPL3; starts from the vCPU's current special registers.
+pub fn sregs(s: kvm_sregs) -> kvm_sregs {
+    let mut s = with_cpl(s, false, true);
     s.tr = kvm_segment {
         base: TSS,
         limit: 0x67,
@@ -187,6 +213,12 @@ pub fn regs() -> kvm_regs {
     regs_at(0)
 }
 
+/// Registers for running the code page at CPL0 (paging): RIP at [`CODE`], RSP at the top of the
+/// kernel stack, interrupts off.
+pub fn kernel_regs() -> kvm_regs {
+    kvm_regs { rip: CODE, rsp: KSTACK_TOP, rflags: 0x2, ..Default::default() }
+}
+
 /// [`sregs`] for the guest of [`image_at`]`(base)`.
 pub fn sregs_at(s: kvm_sregs, base: u64) -> kvm_sregs {
     let mut s = sregs(s);
@@ -200,6 +232,49 @@ pub fn sregs_at(s: kvm_sregs, base: u64) -> kvm_sregs {
 /// [`regs`] for the guest of [`image_at`]`(base)`.
 pub fn regs_at(base: u64) -> kvm_regs {
     kvm_regs { rip: base + CODE, rsp: base + USTACK_TOP, rflags: 0x2, ..Default::default() }
+}
+
+/// The 32-bit protected-mode guest of `paging=pae`: the pieces of [`image`] that differ (GDT
+/// with 32-bit code segments and a 32-bit TSS, IDT of 8-byte gates, TSS with `ESP0`/`SS0`),
+/// written over it. IDT vector 14 goes to `pf_handler`, every other vector to its stub (whose
+/// bytes mean the same in 32-bit code).
+pub fn image32(pf_handler: u64) -> Vec<(u64, Vec<u8>)> {
+    let mut gdt = Vec::new();
+    let tss = TSS;
+    let tss_desc =
+        0x67 | ((tss & 0xff_ffff) << 16) | (0x89u64 << 40) | (((tss >> 24) & 0xff) << 56);
+    for d in [
+        0u64,
+        0x00cf_9b00_0000_ffff, // 0x08 kernel code, DPL 0, 32-bit
+        0x00cf_9300_0000_ffff, // 0x10 kernel data, DPL 0
+        0x00cf_fb00_0000_ffff, // 0x18 user code, DPL 3, 32-bit
+        0x00cf_f300_0000_ffff, // 0x20 user data, DPL 3
+        tss_desc,              // 0x28 32-bit TSS
+        0,
+    ] {
+        gdt.extend_from_slice(&d.to_le_bytes());
+    }
+    let mut idt = Vec::with_capacity(256 * 8);
+    for v in 0..256u64 {
+        let off = if v == 14 { pf_handler } else { STUBS + 16 * v };
+        // A 32-bit interrupt gate is the low half of the 64-bit one.
+        idt.extend_from_slice(&gate(off)[..8]);
+    }
+    let mut tss = vec![0u8; 0x68];
+    tss[4..8].copy_from_slice(&(KSTACK_TOP as u32).to_le_bytes());
+    tss[8..10].copy_from_slice(&KERNEL_DS.to_le_bytes());
+    tss[0x66..0x68].copy_from_slice(&0x68u16.to_le_bytes());
+    vec![(GDT, gdt), (IDT, idt), (TSS, tss)]
+}
+
+/// 32-bit protected mode with PAE paging at CPL3 (the guest of [`image32`]), CR3 = `cr3`.
+pub fn sregs32(s: kvm_sregs, cr3: u64) -> kvm_sregs {
+    let mut s = with_cpl(sregs(s), false, false);
+    s.tr.type_ = 0xb; // busy 32-bit TSS
+    s.idt.limit = 256 * 8 - 1;
+    s.cr3 = cr3;
+    s.efer = 0;
+    s
 }
 
 #[cfg(test)]

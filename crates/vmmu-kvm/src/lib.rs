@@ -15,6 +15,14 @@
 //! - anything else (an exception in the guest, a shutdown, an internal error, `KVM_RUN` failing,
 //!   an access through a slot beyond its buffer) is a backend failure, never an observation.
 //!
+//! Version-2 scenarios with `paging=4level` run with guest page tables (`paging` module): eight
+//! page-table spaces in a pool below 8 MiB (slot 32761), each mapping the backend's own low
+//! 8 MiB; `map`/`unmap` are guest stores to the tables at CPL0 followed by INVLPG on every vCPU,
+//! `cr3` is the guest's own MOV CR3, accesses run at CPL3 through the vCPU's current space, and
+//! a guest page fault goes to the guest's #PF handler, which reports CR2 and the error code (the
+//! `page-fault` observation). `paging=pae` runs a 32-bit PAE guest where KVM allows it; a kernel
+//! that keeps CR0.PG clear outside long mode (kvm-pvm) makes it a `skipped` scenario.
+//!
 //! Without a usable `/dev/kvm` (or on another OS) [`KvmBackend::start`] fails with
 //! [`vmmu_scenario::BackendError::Unavailable`] and a message saying why.
 #![deny(missing_docs)]
@@ -31,6 +39,8 @@ pub mod guest;
 mod machine;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 mod mapping;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+mod paging;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod replay;
 

@@ -4,21 +4,28 @@
 //! - the VM (and its vCPUs) is dropped before the buffers its memslots point into (field order);
 //! - `slots` mirrors the memslots KVM accepted in address space 0 (updated only on success), so
 //!   an access through a slot beyond its buffer is refused before the guest makes it;
-//! - a vCPU runs only inside [`KvmMachine::run_access`], on this thread, while no host-side copy
-//!   of guest memory is in progress.
+//! - a vCPU runs only inside [`KvmMachine::run_vcpu`] (for a scenario access or one of the
+//!   backend's CPL0 routines), on this thread, while no host-side copy of guest memory is in
+//!   progress;
+//! - with guest paging, the host writes the page-table pool only before the first vCPU runs;
+//!   afterwards every change to the guest's tables is a guest store at CPL0 (which KVM's shadow
+//!   MMU sees as a write to a write-tracked guest table), followed by INVLPG on every vCPU, and
+//!   every CR3 load after the first is the guest's own MOV CR3. `GuestPaging::tables` is the
+//!   host's copy, used to place new tables and to refuse accesses beyond a slot's buffer.
 
 use crate::code::{self, EXCEPTION_PORT, SYNC_GPA};
 use crate::errno;
 use crate::guest::{self, CODE, KSTACK_TOP, OWN_SIZE, OWN_SLOT};
 use crate::mapping::Mapping;
+use crate::paging::{self, Tables, POOL_GPA, POOL_SIZE, POOL_SLOT, REPORT_GPA};
 use kvm_bindings::{
     kvm_userspace_memory_region, KVM_CAP_MULTI_ADDRESS_SPACE, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use std::collections::BTreeMap;
 use vmmu_scenario::{
-    BackendError, HostReadOp, HostWriteOp, Machine, MemDecl, MemId, ReadExit, ReadOp, Scenario,
-    SlotOp, SlotResult, Start, Width, WriteExit, WriteOp,
+    BackendError, Cr3Op, HostReadOp, HostWriteOp, Machine, MapOp, MemDecl, MemId, Paging, ReadExit,
+    ReadOp, Scenario, SlotOp, SlotResult, Start, UnmapOp, Width, WriteExit, WriteOp,
 };
 
 /// What went wrong in the KVM backend.
@@ -83,6 +90,17 @@ pub enum KvmError {
         /// The host address it maps to.
         hva: u64,
     },
+    /// The guest took a page fault outside a scenario access (in the backend's own code).
+    #[error("the guest took a page fault at {gva:#x} (error code {error:#x}) in the backend's own CPL0 code")]
+    OwnPageFault {
+        /// CR2.
+        gva: u64,
+        /// The error code.
+        error: u64,
+    },
+    /// The page-table pool is full.
+    #[error(transparent)]
+    Pool(#[from] paging::PoolExhausted),
     /// The VM needs more vCPUs than this kernel allows.
     #[error("the scenario needs {want} vCPUs; this kernel allows {max}")]
     TooManyVcpus {
@@ -102,6 +120,16 @@ impl From<KvmError> for BackendError {
 fn ioctl(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> KvmError {
     move |e| KvmError::Ioctl { what, errno: errno::name(e.errno()) }
 }
+
+/// CR0.PG.
+const CR0_PG: u64 = 1 << 31;
+
+/// Why `paging=pae` is skipped on a kernel that keeps CR0.PG clear outside long mode (kvm-pvm
+/// does: it logs that it "supports paging only in long mode", and a guest `mov cr0` that sets
+/// PG with EFER.LME clear takes #GP).
+pub(crate) const PAE_UNSUPPORTED: &str = "paging=pae: this kernel's KVM does not run 32-bit PAE \
+    paging (KVM_SET_SREGS left CR0.PG clear with EFER.LME clear; kvm-pvm supports guest paging \
+    only in long mode)";
 
 /// What this kernel's KVM offers (for messages and test output).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,13 +173,26 @@ pub struct KvmMachine {
     _kvm: Kvm,
     /// Accepted AS0 slots by id (including the backend's own).
     slots: BTreeMap<u16, SlotState>,
+    /// Guest paging (`paging=4level` or `pae`); `None` for version-1 scenarios.
+    paging: Option<GuestPaging>,
+}
+
+/// The state of a paging guest that the host keeps.
+struct GuestPaging {
+    /// The page-table pool (slot [`POOL_SLOT`]); dropped after the VM like the other buffers.
+    pool: Mapping,
+    /// The host's model of the guest's tables (the guest makes every change itself).
+    tables: Tables,
+    /// `paging=pae`: a 32-bit protected-mode guest (else 64-bit long mode).
+    pae: bool,
+    /// The space each vCPU has loaded.
+    space: Vec<u8>,
+    /// Whether each vCPU is at CPL0 now (after a CPL0 routine or a page fault).
+    kernel: Vec<bool>,
 }
 
 /// Creates the VM for `scenario`, or skips it when the kernel cannot honour its `vm` line.
 pub fn start(scenario: &Scenario) -> Result<Start, BackendError> {
-    if scenario.vm.paging != vmmu_scenario::Paging::Off {
-        return Ok(Start::Skip("the kvm backend does not run guest paging yet".into()));
-    }
     let (kvm, vm) = open().map_err(BackendError::Unavailable)?;
     if scenario.vm.address_spaces == 2 {
         let n = vm.check_extension_raw(KVM_CAP_MULTI_ADDRESS_SPACE.into());
@@ -170,6 +211,19 @@ pub fn start(scenario: &Scenario) -> Result<Start, BackendError> {
     for (gpa, bytes) in guest::image() {
         own.write_bytes(gpa as usize, &bytes);
     }
+    let mode = scenario.vm.paging;
+    let paging = mode != Paging::Off;
+    let pae = mode == Paging::Pae;
+    // #PF goes to the guest's own handler, which reports CR2 and the error code.
+    if pae {
+        for (gpa, bytes) in guest::image32(paging::PF_HANDLER) {
+            own.write_bytes(gpa as usize, &bytes);
+        }
+        own.write_bytes(paging::PF_HANDLER as usize, &code::pf_handler32(REPORT_GPA));
+    } else if paging {
+        own.write_bytes(guest::IDT as usize + 14 * 16, &guest::gate(paging::PF_HANDLER));
+        own.write_bytes(paging::PF_HANDLER as usize, &code::pf_handler(REPORT_GPA));
+    }
     let region = kvm_userspace_memory_region {
         slot: OWN_SLOT,
         flags: 0,
@@ -181,6 +235,28 @@ pub fn start(scenario: &Scenario) -> Result<Start, BackendError> {
     // KvmMachine) and which nothing else in this process uses.
     unsafe { vm.set_user_memory_region(region) }
         .map_err(ioctl("KVM_SET_USER_MEMORY_REGION (own)"))?;
+    let pool = if paging {
+        let pool = Mapping::new(POOL_SIZE)
+            .map_err(|source| KvmError::Mmap { size: POOL_SIZE as u64, source })?;
+        for (off, bytes) in paging::pool_image(mode) {
+            pool.write_bytes(off as usize, &bytes);
+        }
+        let region = kvm_userspace_memory_region {
+            slot: POOL_SLOT,
+            flags: 0,
+            guest_phys_addr: POOL_GPA,
+            memory_size: POOL_SIZE as u64,
+            userspace_addr: pool.addr(),
+        };
+        // SAFETY: the region is the backend's own pool mapping, which outlives the VM (it is
+        // dropped with KvmMachine::paging, after the VM) and which nothing else in this process
+        // uses.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(ioctl("KVM_SET_USER_MEMORY_REGION (page tables)"))?;
+        Some(pool)
+    } else {
+        None
+    };
     let cpuid =
         kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
     let mut vcpus = Vec::new();
@@ -188,13 +264,53 @@ pub fn start(scenario: &Scenario) -> Result<Start, BackendError> {
         let v = vm.create_vcpu(u64::from(i)).map_err(ioctl("KVM_CREATE_VCPU"))?;
         v.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
         let s = v.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
-        v.set_sregs(&guest::sregs(s)).map_err(ioctl("KVM_SET_SREGS"))?;
+        // With paging, the initial CR3 is space 0, as a loader leaves it; every later load is
+        // the guest's own.
+        let s = if pae {
+            guest::sregs32(s, paging::root(0))
+        } else if paging {
+            kvm_bindings::kvm_sregs { cr3: paging::root(0), ..guest::sregs(s) }
+        } else {
+            guest::sregs(s)
+        };
+        v.set_sregs(&s).map_err(ioctl("KVM_SET_SREGS"))?;
+        if pae {
+            let now = v.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+            if now.cr0 & CR0_PG == 0 {
+                return Ok(Start::Skip(PAE_UNSUPPORTED.into()));
+            }
+        }
         vcpus.push(v);
     }
     let mut slots = BTreeMap::new();
     let own_id = u16::try_from(OWN_SLOT).unwrap_or(u16::MAX);
     slots.insert(own_id, SlotState { gpa: 0, size: OWN_SIZE as u64, uaddr: own.addr() });
-    Ok(Start::Run(Box::new(KvmMachine { vcpus, vm, own, bufs: Vec::new(), _kvm: kvm, slots })))
+    let paging = pool.map(|pool| {
+        let pool_id = u16::try_from(POOL_SLOT).unwrap_or(u16::MAX);
+        slots.insert(
+            pool_id,
+            SlotState { gpa: POOL_GPA, size: POOL_SIZE as u64, uaddr: pool.addr() },
+        );
+        let n = vcpus.len();
+        let tables = Tables::new(mode);
+        GuestPaging { pool, tables, pae, space: vec![0; n], kernel: vec![false; n] }
+    });
+    let bufs = Vec::new();
+    Ok(Start::Run(Box::new(KvmMachine { vcpus, vm, own, bufs, _kvm: kvm, slots, paging })))
+}
+
+/// How a run of the guest ended.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    /// The code reached its sync store.
+    Sync,
+    /// The guest's #PF handler reported a page fault.
+    PageFault {
+        /// CR2.
+        gva: u64,
+        /// The error code.
+        error: u64,
+    },
 }
 
 /// What one access did besides its final register state.
@@ -229,6 +345,8 @@ impl KvmMachine {
             // tables and code), the backend's slot into its own memory.
             let backed = if u32::from(id) == OWN_SLOT {
                 self.own.contains(hva, n)
+            } else if u32::from(id) == POOL_SLOT {
+                self.paging.as_ref().is_some_and(|p| p.pool.contains(hva, n))
             } else {
                 self.bufs.iter().any(|b| b.contains(hva, n))
             };
@@ -239,48 +357,112 @@ impl KvmMachine {
         Ok(())
     }
 
-    /// Runs `code` on vCPU `vcpu` until it reaches the sync store; returns RAX and the MMIO exit,
-    /// if any. MMIO reads are answered with `reply`.
+    /// Puts vCPU `vcpu` at CPL0 (`kernel`) or CPL3 through `KVM_SET_SREGS` (segments only: CR3
+    /// and the control registers stay as the guest left them). Only paging guests enter CPL0.
+    fn set_cpl(&mut self, vcpu: u32, kernel: bool) -> Result<(), KvmError> {
+        let Some(p) = &mut self.paging else { return Ok(()) };
+        let i = vcpu as usize;
+        if p.kernel[i] == kernel {
+            return Ok(());
+        }
+        let v = &self.vcpus[i];
+        let s = v.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+        let s = guest::with_cpl(s, kernel, !p.pae);
+        v.set_sregs(&s).map_err(ioctl("KVM_SET_SREGS"))?;
+        p.kernel[i] = kernel;
+        Ok(())
+    }
+
+    /// Runs one scenario access (`code`, at CPL3) on vCPU `vcpu`. `gpa` is where the access goes
+    /// if the host knows it (it is refused if that is beyond a slot's buffer, and an MMIO exit
+    /// must name it); with guest paging it is the translation of the host's model (`None` when
+    /// the access faults), and the exit's address is KVM's. Returns how the run ended, RAX and
+    /// the MMIO exit, if any. MMIO reads are answered with `reply`.
     fn run_access(
         &mut self,
         vcpu: u32,
         code: &[u8],
-        gpa: u64,
+        gpa: Option<u64>,
         width: Width,
         reply: u64,
-    ) -> Result<(u64, Option<Mmio>), KvmError> {
-        self.check_backed(gpa, u64::from(width.bytes()))?;
+    ) -> Result<(End, u64, Option<Mmio>), KvmError> {
+        if let Some(gpa) = gpa {
+            self.check_backed(gpa, u64::from(width.bytes()))?;
+        }
+        self.set_cpl(vcpu, false)?;
         self.own.write_bytes(CODE as usize, code);
+        self.vcpus[vcpu as usize].set_regs(&guest::regs()).map_err(ioctl("KVM_SET_REGS"))?;
+        let want = if self.paging.is_some() { None } else { gpa };
+        let (end, mmio) = self.run_vcpu(vcpu, Some((want, width)), reply)?;
+        let regs = self.vcpus[vcpu as usize].get_regs().map_err(ioctl("KVM_GET_REGS"))?;
+        Ok((end, regs.rax, mmio))
+    }
+
+    /// Runs `code` at CPL0 on vCPU `vcpu` (paging guests: page-table writes, INVLPG, MOV CR3)
+    /// until its sync store; it may make no other exit.
+    fn run_kernel(&mut self, vcpu: u32, code: &[u8]) -> Result<(), KvmError> {
+        self.set_cpl(vcpu, true)?;
+        self.own.write_bytes(CODE as usize, code);
+        let v = &self.vcpus[vcpu as usize];
+        v.set_regs(&guest::kernel_regs()).map_err(ioctl("KVM_SET_REGS"))?;
+        match self.run_vcpu(vcpu, None, 0)? {
+            (End::Sync, _) => Ok(()),
+            (End::PageFault { gva, error }, _) => Err(KvmError::OwnPageFault { gva, error }),
+        }
+    }
+
+    /// Runs vCPU `vcpu` from the registers set until the sync store or a page fault the guest's
+    /// handler reports. `access` is the scenario access the code makes (its GPA when it must
+    /// match the exit, its width); without one, an MMIO exit is a failure.
+    fn run_vcpu(
+        &mut self,
+        vcpu: u32,
+        access: Option<(Option<u64>, Width)>,
+        reply: u64,
+    ) -> Result<(End, Option<Mmio>), KvmError> {
+        let paging = self.paging.is_some();
         let v = &mut self.vcpus[vcpu as usize];
-        v.set_regs(&guest::regs()).map_err(ioctl("KVM_SET_REGS"))?;
         let mut mmio: Option<Mmio> = None;
         let check = |mmio: &Option<Mmio>, addr: u64, len: usize| {
-            if mmio.is_some() || addr != gpa || len != width.bytes() as usize {
+            let Some((want, width)) = access else {
+                return Err(KvmError::Exit(format!(
+                    "KVM_EXIT_MMIO at {addr:#x} len {len} in the backend's own CPL0 code"
+                )));
+            };
+            if mmio.is_some() || want.is_some_and(|g| g != addr) || len != width.bytes() as usize {
                 return Err(KvmError::MmioMismatch {
                     gpa: addr,
                     len,
-                    want_gpa: gpa,
+                    want_gpa: want.unwrap_or(addr),
                     want_len: width.bytes(),
                 });
             }
-            Ok(())
+            Ok(width)
         };
         let exception_port = u16::from(EXCEPTION_PORT);
         let mut exception = None;
-        loop {
+        let mut cr2 = None;
+        let end = loop {
             let exit = match v.run() {
                 Ok(e) => e,
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
                 Err(e) => return Err(KvmError::Run { errno: errno::name(e.errno()) }),
             };
             match exit {
-                VcpuExit::MmioWrite(SYNC_GPA, _) => break,
+                VcpuExit::MmioWrite(SYNC_GPA, _) => break End::Sync,
+                VcpuExit::MmioWrite(REPORT_GPA, data) if paging => cr2 = Some(le(data)),
+                VcpuExit::MmioWrite(a, data) if paging && a == REPORT_GPA + 8 => {
+                    let gva = cr2.ok_or_else(|| {
+                        KvmError::Exit("the #PF handler reported an error code without CR2".into())
+                    })?;
+                    break End::PageFault { gva, error: le(data) };
+                }
                 VcpuExit::IoOut(p, data) if p == exception_port => {
                     exception = Some(data.first().copied().unwrap_or(0xff));
-                    break;
+                    break End::Sync;
                 }
                 VcpuExit::MmioRead(addr, data) => {
-                    check(&mmio, addr, data.len())?;
+                    let width = check(&mmio, addr, data.len())?;
                     let bytes = reply.to_le_bytes();
                     let n = data.len().min(8);
                     data[..n].copy_from_slice(&bytes[..n]);
@@ -288,7 +470,7 @@ impl KvmMachine {
                     mmio = Some(Mmio { gpa: addr, len, data: reply & width.mask() });
                 }
                 VcpuExit::MmioWrite(addr, data) => {
-                    check(&mmio, addr, data.len())?;
+                    let width = check(&mmio, addr, data.len())?;
                     mmio = Some(Mmio { gpa: addr, len: width.bytes(), data: le(data) });
                 }
                 VcpuExit::InternalError => {
@@ -310,25 +492,66 @@ impl KvmMachine {
                 }
                 other => return Err(KvmError::Exit(format!("{other:?}"))),
             }
+        };
+        if let Some(p) = &mut self.paging {
+            // An exception leaves the vCPU in its CPL0 handler.
+            if exception.is_some() || matches!(end, End::PageFault { .. }) {
+                p.kernel[vcpu as usize] = true;
+            }
         }
         if let Some(vector) = exception {
             return Err(self.exception(vcpu, vector));
         }
-        let regs = self.vcpus[vcpu as usize].get_regs().map_err(ioctl("KVM_GET_REGS"))?;
-        Ok((regs.rax, mmio))
+        Ok((end, mmio))
     }
 
     /// Describes an exception the guest reported through its stub.
     fn exception(&self, vcpu: u32, vector: u8) -> KvmError {
         let v = &self.vcpus[vcpu as usize];
         let cr2 = v.get_sregs().map(|s| s.cr2).unwrap_or(0);
-        // The CPU pushed [error code,] RIP, CS, RFLAGS, RSP, SS on the kernel stack.
-        let frame = if has_error_code(vector) { 48 } else { 40 };
+        // The CPU pushed [error code,] RIP, CS, RFLAGS, RSP, SS on the kernel stack (8-byte
+        // slots; 4-byte ones in the 32-bit PAE guest, which came from CPL3, so SS:ESP too).
+        let w: u64 = if self.pae() { 4 } else { 8 };
+        let frame = if has_error_code(vector) { 6 * w } else { 5 * w };
         let mut f = [0u8; 48];
         self.own.read_bytes((KSTACK_TOP - frame) as usize, &mut f[..frame as usize]);
+        let word = |i: u64| le(&f[(i * w) as usize..((i + 1) * w) as usize]);
         let (error_code, rip) =
-            if has_error_code(vector) { (le(&f[0..8]), le(&f[8..16])) } else { (0, le(&f[0..8])) };
+            if has_error_code(vector) { (word(0), word(1)) } else { (0, word(0)) };
         KvmError::Exception { vector, rip, error_code, cr2 }
+    }
+}
+
+impl KvmMachine {
+    /// Whether the guest is the 32-bit PAE one.
+    fn pae(&self) -> bool {
+        self.paging.as_ref().is_some_and(|p| p.pae)
+    }
+
+    fn guest_paging(&mut self) -> Result<&mut GuestPaging, BackendError> {
+        self.paging.as_mut().ok_or_else(|| {
+            BackendError::Failed("a paging step in a scenario without guest paging".into())
+        })
+    }
+
+    /// The guest-physical address an access by `vcpu` to `addr` reaches (`None`: it faults).
+    fn target(&self, vcpu: u32, addr: u64, write: bool) -> Option<u64> {
+        match &self.paging {
+            None => Some(addr),
+            Some(p) => p.tables.translate(p.space[vcpu as usize], addr, write),
+        }
+    }
+
+    /// vCPU 0 makes the entry `writes` at CPL0 and invalidates `gva`; every other vCPU then
+    /// invalidates `gva` too (a TLB shootdown).
+    fn shootdown(&mut self, writes: &[(u64, u64)], gva: u64) -> Result<(), KvmError> {
+        let kernel_writes = if self.pae() { code::kernel_writes32 } else { code::kernel_writes };
+        self.run_kernel(0, &kernel_writes(writes, Some(gva), SYNC_GPA))?;
+        let flush = kernel_writes(&[], Some(gva), SYNC_GPA);
+        for v in 1..self.vcpus.len() as u32 {
+            self.run_kernel(v, &flush)?;
+        }
+        Ok(())
     }
 }
 
@@ -378,22 +601,69 @@ impl Machine for KvmMachine {
     }
 
     fn read(&mut self, op: &ReadOp, mmio_reply: u64) -> Result<ReadExit, BackendError> {
-        let code = code::read(op.gpa, op.width);
-        let (rax, mmio) = self.run_access(op.vcpu, &code, op.gpa, op.width, mmio_reply)?;
-        let value = rax & op.width.mask();
-        Ok(match mmio {
-            None => ReadExit::None { value },
-            Some(m) => ReadExit::Mmio { gpa: m.gpa, len: m.len, value },
+        let pae = self.pae();
+        let code = if pae {
+            code::read32(op.gpa, op.width, guest::DATA, SYNC_GPA)
+        } else {
+            code::read(op.gpa, op.width)
+        };
+        let gpa = self.target(op.vcpu, op.gpa, false);
+        let (end, rax, mmio) = self.run_access(op.vcpu, &code, gpa, op.width, mmio_reply)?;
+        let value = if pae && op.width == Width::W8 {
+            // 32-bit code loads 8 bytes into MMX and stores them to DATA.
+            let mut b = [0u8; 8];
+            self.own.read_bytes(guest::DATA as usize, &mut b);
+            u64::from_le_bytes(b)
+        } else {
+            rax & op.width.mask()
+        };
+        Ok(match (end, mmio) {
+            (End::PageFault { gva, error }, _) => ReadExit::PageFault { gva, error },
+            (End::Sync, None) => ReadExit::None { value },
+            (End::Sync, Some(m)) => ReadExit::Mmio { gpa: m.gpa, len: m.len, value },
         })
     }
 
     fn write(&mut self, op: &WriteOp) -> Result<WriteExit, BackendError> {
-        let code = code::write(op.gpa, op.width, op.value);
-        let (_, mmio) = self.run_access(op.vcpu, &code, op.gpa, op.width, 0)?;
-        Ok(match mmio {
-            None => WriteExit::None,
-            Some(m) => WriteExit::Mmio { gpa: m.gpa, len: m.len, data: m.data },
+        let code = if self.pae() {
+            self.own.write_bytes(guest::DATA as usize, &op.value.to_le_bytes());
+            code::write32(op.gpa, op.width, op.value, guest::DATA, SYNC_GPA)
+        } else {
+            code::write(op.gpa, op.width, op.value)
+        };
+        let gpa = self.target(op.vcpu, op.gpa, true);
+        let (end, _, mmio) = self.run_access(op.vcpu, &code, gpa, op.width, 0)?;
+        Ok(match (end, mmio) {
+            (End::PageFault { gva, error }, _) => WriteExit::PageFault { gva, error },
+            (End::Sync, None) => WriteExit::None,
+            (End::Sync, Some(m)) => WriteExit::Mmio { gpa: m.gpa, len: m.len, data: m.data },
         })
+    }
+
+    fn map(&mut self, op: &MapOp) -> Result<(), BackendError> {
+        let writes = self.guest_paging()?.tables.map(op).map_err(KvmError::from)?;
+        self.shootdown(&writes, op.gva)?;
+        Ok(())
+    }
+
+    fn unmap(&mut self, op: &UnmapOp) -> Result<(), BackendError> {
+        let writes = self.guest_paging()?.tables.unmap(op);
+        self.shootdown(&writes, op.gva)?;
+        Ok(())
+    }
+
+    fn cr3(&mut self, op: &Cr3Op) -> Result<(), BackendError> {
+        let root = paging::root(op.space);
+        let code = if self.guest_paging()?.pae {
+            code::kernel_cr3_32(root, SYNC_GPA)
+        } else {
+            code::kernel_cr3(root, SYNC_GPA)
+        };
+        self.run_kernel(op.vcpu, &code)?;
+        if let Some(p) = &mut self.paging {
+            p.space[op.vcpu as usize] = op.space;
+        }
+        Ok(())
     }
 
     fn host_write(&mut self, op: &HostWriteOp) -> Result<(), BackendError> {
