@@ -24,6 +24,12 @@ use vmmu_scenario::{
     WriteExit, WriteOp,
 };
 
+/// The guest's own MAXPHYADDR (its CPUID), which decides the reserved bits of its page-table
+/// entries. Not the scenario's `phys_bits` (the host's, for the MMU's SPTEs): a real guest sees
+/// the CPU's value whatever the MMU does, and every value below 52 gives a scenario the same
+/// observations (bit 51 reserved; every mappable GPA, below 64 GiB, representable).
+const GUEST_MAXPHYADDR: u8 = 46;
+
 /// The slot (a reserved id) that backs the guest page tables of a paging scenario.
 const TABLES_SLOT: u32 = 32760;
 
@@ -111,7 +117,7 @@ impl SimMachine {
             cr3: 0,
             cr0_wp: true,
             efer_nx: true,
-            maxphyaddr: vm.phys_bits,
+            maxphyaddr: GUEST_MAXPHYADDR,
         };
         let mut vcpus = Vec::new();
         for i in 0..vm.vcpus as usize {

@@ -396,6 +396,13 @@ impl<H: Host + GuestMemory> Vcpu<H> {
                 }
                 let gfn = codec.gfn(leaf);
                 let access = codec.access(leaf);
+                if !access.contains(need) {
+                    // The guest's rights recorded in the SPTE do not cover the access (a write
+                    // to a read-only or clean mapping, a user access to a supervisor one): the
+                    // guest walk decides (a #PF, or new rights after setting the dirty bit), as
+                    // KVM's emulator does with `permission_fault` on the cached access.
+                    return Ok(None);
+                }
                 st.mmio_cache.fill(gva.raw(), gfn, access, gen, bugs);
                 stats.mmio_spte_hits += 1;
                 stats.pf_fast += 1;
