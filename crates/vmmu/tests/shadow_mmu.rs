@@ -196,3 +196,25 @@ fn tdp_vms_refuse_shadow_entry_points() {
     cfg.format = vmmu::spte::FormatKind::Ept;
     assert!(Vm::new(cfg, Arc::new(TestHost::new(16))).is_err());
 }
+
+/// The 2011 lockless-walk rule under shadow paging, re-injected: with `zapped-spte-is-misconfig`
+/// the same shrink-under-walk sequence stops the vCPU with a "misconfiguration" (what KVM's
+/// early lockless walk reported for a page another CPU zapped); without it the walk retries.
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn the_zapped_page_as_misconfig_bug_stops_the_vcpu_under_shadow_paging() {
+    let (vm, host, next) = shadow_vm(BugSet::only(vmmu::bugs::Bug::ZappedSpteIsMisconfig));
+    let s = Space::new(&host, &next);
+    s.map4k(0x4000_0000, MMIO_GPA, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert!(matches!(access(&mut v, 0x4000_0000, false), Seen::Mmio(..)));
+    let mut v2 = vcpu_in(&vm, long4(s.cr3));
+    v2.service_requests().unwrap();
+    assert!(vm.shrink_shadow_pages(1000) > 0);
+    let o =
+        v2.handle_page_fault(Gva(0x4000_0000), PfErr(PfErr::USER | PfErr::RSVD | PfErr::PRESENT));
+    assert!(
+        matches!(o, Err(vmmu::fault::FaultError::Misconfig { .. })),
+        "harm: the vCPU's run fails on a page the shrinker zapped; got {o:?}"
+    );
+}
