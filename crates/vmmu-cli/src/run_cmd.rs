@@ -23,6 +23,9 @@ pub enum Format {
     Ept,
     /// AMD NPT (x86 page-table entries).
     Npt,
+    /// Shadow paging (KVM with TDP off): the MMU shadows the guest's own page tables, so the
+    /// machine's guest runs with paging (implies `--guest-paging`).
+    Shadow,
 }
 
 impl Format {
@@ -30,7 +33,7 @@ impl Format {
     pub const fn kind(self) -> FormatKind {
         match self {
             Format::Ept => FormatKind::Ept,
-            Format::Npt => FormatKind::Npt,
+            Format::Npt | Format::Shadow => FormatKind::Npt,
         }
     }
 }
@@ -91,6 +94,12 @@ pub struct MachineArgs {
     /// `steady`.
     #[arg(long, value_enum, default_value_t = Updates::Boot)]
     pub updates: Updates,
+    /// Run the guest with paging: two processes (page-table spaces) per vCPU, accesses through
+    /// guest-virtual addresses, a GVA remapped between RAM and MMIO, unmapped GVAs that must
+    /// fault, CR3 switches (implied by `--format shadow`; with ept/npt the hardware walks the
+    /// guest's tables two-dimensionally).
+    #[arg(long = "guest-paging")]
+    pub guest_paging: bool,
 }
 
 /// Options of `vmmu run`.
@@ -141,6 +150,8 @@ impl RunArgs {
             wrap_trap: self.wrap_trap,
             slot_zap_all: self.slot_zap_all,
             bugs,
+            shadow: o.format == Format::Shadow,
+            guest_paging: o.guest_paging,
         }
     }
 }

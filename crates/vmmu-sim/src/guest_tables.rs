@@ -44,22 +44,37 @@ pub enum TablesError {
 pub struct GuestTables {
     paging: Paging,
     buf: Arc<HostBuffer>,
+    /// The guest-physical address of the buffer's first byte.
+    buf_gpa: u64,
     next: u64,
+    end: u64,
     roots: [Option<u64>; SPACES as usize],
 }
 
 impl GuestTables {
     /// Tables for `paging` in `buf`, which backs guest-physical `[TABLES_GPA, TABLES_END)`.
     pub fn new(paging: Paging, buf: Arc<HostBuffer>) -> Self {
-        GuestTables { paging, buf, next: TABLES_GPA, roots: [None; SPACES as usize] }
+        Self::in_area(paging, buf, TABLES_GPA, TABLES_GPA, TABLES_END)
+    }
+
+    /// Tables allocated from `[start, end)` of `buf`, which backs guest-physical memory from
+    /// `buf_gpa` on.
+    pub fn in_area(
+        paging: Paging,
+        buf: Arc<HostBuffer>,
+        buf_gpa: u64,
+        start: u64,
+        end: u64,
+    ) -> Self {
+        GuestTables { paging, buf, buf_gpa, next: start, end, roots: [None; SPACES as usize] }
     }
 
     fn read(&self, gpa: u64) -> Result<u64, TablesError> {
-        self.buf.read(gpa - TABLES_GPA, Width::W8).map_err(|e| TablesError::Memory(e.to_string()))
+        self.buf.read(gpa - self.buf_gpa, Width::W8).map_err(|e| TablesError::Memory(e.to_string()))
     }
 
     fn alloc(&mut self) -> Result<u64, TablesError> {
-        if self.next >= TABLES_END {
+        if self.next >= self.end {
             return Err(TablesError::Full);
         }
         let t = self.next;
@@ -159,7 +174,7 @@ impl GuestTables {
     pub fn apply(&self, writes: &[(u64, u64)]) -> Result<(), TablesError> {
         for &(gpa, v) in writes {
             self.buf
-                .write(gpa - TABLES_GPA, Width::W8, v)
+                .write(gpa - self.buf_gpa, Width::W8, v)
                 .map_err(|e| TablesError::Memory(e.to_string()))?;
         }
         Ok(())

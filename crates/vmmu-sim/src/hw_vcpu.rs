@@ -37,7 +37,7 @@ use vmmu::types::{Gpa, Hva, Pfn};
 pub const RETRY_LIMIT: u32 = 1_000_000;
 
 /// Counted retries between two yields.
-const YIELD_EVERY: u32 = 64;
+pub(crate) const YIELD_EVERY: u32 = 64;
 
 /// Why an access failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

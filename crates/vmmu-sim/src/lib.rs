@@ -40,6 +40,7 @@ pub mod host;
 pub mod hw_vcpu;
 pub mod layout;
 pub mod machine;
+pub mod machine_paging;
 pub mod membarrier;
 pub mod mix;
 pub mod options;

@@ -53,6 +53,7 @@ use crate::bus::{BusError, BusOutcome, MmioBus, RegisterDevice};
 use crate::host::{HostConfig, HostError, SimHost, SIZE_2M};
 use crate::hw_vcpu::{Attempts, Data, HwVcpu};
 use crate::layout::{MachineLayout, MachineMemory};
+use crate::machine_paging::{shadow_access, PagingEvent, ShadowAccess, VcpuPaging};
 use crate::mix::{AccessGen, GuestAccess, MixKind, MixWeights};
 use crate::oracle::{Clock, Observed, Oracle, OracleReport, VcpuChecker, Violation, POISON};
 use crate::ram::Width;
@@ -68,6 +69,7 @@ use hdrhistogram::Histogram;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use vmmu::fault::PfErr;
 use vmmu::memslot::MemslotError;
 use vmmu::spte::FormatKind;
 use vmmu::types::{Generation, Gpa, Hva, PAGE_SIZE};
@@ -124,6 +126,10 @@ pub struct MachineConfig {
     /// Set the MMIO-generation wrap trap (module doc). The MMU must start at
     /// [`Machine::wrap_trap_generation_base`].
     pub wrap_trap: bool,
+    /// Guest paging (`crate::machine_paging`): every access through a guest-virtual address of
+    /// the vCPU's own page tables, with remaps, unmaps and CR3 switches. Under a shadow-paging
+    /// MMU the hardware walks the shadow; else it walks the guest tables two-dimensionally.
+    pub guest_paging: bool,
 }
 
 impl Default for MachineConfig {
@@ -145,6 +151,7 @@ impl Default for MachineConfig {
             max_updates: None,
             stress_paths: false,
             wrap_trap: false,
+            guest_paging: false,
         }
     }
 }
@@ -207,6 +214,7 @@ struct VcpuCounters {
     readonly_write: u64,
     retries: u64,
     errors: u64,
+    guest_page_faults: u64,
 }
 
 /// A per-vCPU progress counter on its own cache line, so vCPUs do not share one.
@@ -334,6 +342,14 @@ impl Machine {
         for request in self.memory.static_requests() {
             mmu.set_memory_region(&request).map_err(|error| SimError::Setup { request, error })?;
         }
+        let tables = if cfg.guest_paging {
+            let buf = self.host().add_buffer("guest_tables", crate::machine_paging::TABLES_SIZE)?;
+            let request = crate::machine_paging::tables_slot(&buf);
+            mmu.set_memory_region(&request).map_err(|error| SimError::Setup { request, error })?;
+            Some(buf)
+        } else {
+            None
+        };
         let oracle = Oracle::new(self.memory.clone(), self.schedule.clone());
         let checkers: Vec<VcpuChecker<'_>> = (0..n).map(|i| oracle.checker(i)).collect();
         let clock = Clock::new();
@@ -377,8 +393,9 @@ impl Machine {
                 .enumerate()
                 .map(|(i, (state, checker))| {
                     let (shared, counter) = (&shared, &counters[i].0);
+                    let tables = tables.clone();
                     s.spawn(move || {
-                        vcpu_thread(shared, cfg, self.layout(), i, state, checker, counter)
+                        vcpu_thread(shared, cfg, self.layout(), i, state, checker, counter, tables)
                     })
                 })
                 .collect();
@@ -479,6 +496,7 @@ impl Machine {
 
 type VcpuResult<'o> = (VcpuCounters, TlbStats, VcpuChecker<'o>);
 
+#[allow(clippy::too_many_arguments)]
 fn vcpu_thread<'o, M: GuestMmu>(
     sh: &Shared<'_, M>,
     cfg: &MachineConfig,
@@ -487,8 +505,28 @@ fn vcpu_thread<'o, M: GuestMmu>(
     state: M::Vcpu,
     mut checker: VcpuChecker<'o>,
     progress: &AtomicU64,
+    tables: Option<Arc<crate::host::HostBuffer>>,
 ) -> VcpuResult<'o> {
     let mut hw = HwVcpu::with_state(sh.mmu, sh.host, state, cfg.tlb_entries);
+    let shadow = sh.mmu.shadow_vcpu(hw.state()).is_some();
+    let mut paging = match tables {
+        Some(buf) => match VcpuPaging::new(buf, layout, index, cfg.vcpus, cfg.seed, shadow) {
+            Ok(mut p) => {
+                if let Some(v) = sh.mmu.shadow_vcpu(hw.state()) {
+                    if let Err(e) = v.set_guest_cpu(p.cpu()) {
+                        checker.note_error(&format!("guest paging setup: {e}"));
+                    }
+                }
+                p.counters = Default::default();
+                Some(p)
+            }
+            Err(e) => {
+                checker.note_error(&format!("guest paging setup: {e}"));
+                None
+            }
+        },
+        None => None,
+    };
     let spinner = cfg.stress_paths && cfg.vcpus >= 3 && index == cfg.vcpus - 1;
     let sweeper = cfg.wrap_trap && index == 0;
     let mut weights = if spinner {
@@ -522,9 +560,35 @@ fn vcpu_thread<'o, M: GuestMmu>(
                 let _ = hw.translate_once(Gpa(TRAP_GPA), AccessKind::Read);
                 sh.hold.store(HOLD_IDLE, Ordering::SeqCst);
             }
+            if let Some(p) = paging.as_mut() {
+                match p.between_batches(&mut hw) {
+                    Ok(PagingEvent::Access(a, gva)) => {
+                        let (seen, start, end) = paged_access(sh, &mut hw, &mut c, &a, gva, p);
+                        checker.check(&a, &seen, start, end);
+                    }
+                    Ok(PagingEvent::Unmapped(gva)) => {
+                        let a = GuestAccess {
+                            kind: MixKind::PrivateRead,
+                            gpa: Gpa(0),
+                            width: crate::ram::Width::W8,
+                            value: 0,
+                        };
+                        let (seen, _, _) = paged_access(sh, &mut hw, &mut c, &a, gva, p);
+                        checker.check_page_fault(gva, PfErr::USER, &seen);
+                    }
+                    Ok(PagingEvent::None) => {}
+                    Err(e) => checker.note_error(&format!("guest paging: {e}")),
+                }
+            }
             for _ in 0..cfg.batch.max(1) {
                 let a = gen.next_access();
-                let (seen, start, end) = access(sh, &mut hw, &mut c, &a);
+                let (seen, start, end) = match paging.as_mut() {
+                    Some(p) => match p.gva_for(&mut hw, &a) {
+                        Ok(gva) => paged_access(sh, &mut hw, &mut c, &a, gva, p),
+                        Err(e) => (Observed::Error(e), 0, 0),
+                    },
+                    None => access(sh, &mut hw, &mut c, &a),
+                };
                 checker.check(&a, &seen, start, end);
             }
             // The spinner stays in guest mode (the MMU may still take it out: requests, faults).
@@ -596,9 +660,66 @@ fn access<M: GuestMmu>(
             }
         }
         Observed::Error(_) => c.errors += 1,
+        Observed::GuestPageFault { .. } => c.guest_page_faults += 1,
     }
     let end = sh.clock.now();
     (seen, at.start, end)
+}
+
+/// One guest access through guest-virtual address `gva` (guest paging); `a` says what the
+/// oracle expects (its GPA is the one the vCPU mapped at `gva`).
+fn paged_access<M: GuestMmu>(
+    sh: &Shared<'_, M>,
+    hw: &mut HwVcpu<'_, M>,
+    c: &mut VcpuCounters,
+    a: &GuestAccess,
+    gva: u64,
+    p: &mut VcpuPaging,
+) -> (Observed, u64, u64) {
+    let write = a.kind.is_write();
+    c.accesses += 1;
+    if write {
+        c.writes += 1;
+    } else {
+        c.reads += 1;
+    }
+    let mut start = sh.clock.now();
+    let store = write.then_some(a.value);
+    let seen = if p.is_shadow() {
+        let clock = sh.clock;
+        let attempt = || {
+            start = clock.now();
+            start & 1 == 0
+        };
+        match shadow_access(hw, sh.host, gva, a.width, store, attempt) {
+            ShadowAccess::Ram { hva, value } => Observed::Ram { hva, value },
+            ShadowAccess::Mmio(gpa) => mmio(sh, hw, &GuestAccess { gpa, ..*a }),
+            ShadowAccess::PageFault(error) => Observed::GuestPageFault { error },
+            ShadowAccess::Error(e) => Observed::Error(e),
+        }
+    } else {
+        match p.walk_tdp(hw, gva, write) {
+            Err(o) => o,
+            Ok(gpa) => {
+                let mut at = Stamps { clock: sh.clock, start: 0 };
+                let seen = match hw.load_store_with(gpa, a.width, store, &mut at) {
+                    Data::Ram { hva, value } => Observed::Ram { hva, value },
+                    Data::Mmio => mmio(sh, hw, &GuestAccess { gpa, ..*a }),
+                    Data::Error(e) => Observed::Error(e.to_string()),
+                };
+                start = at.start;
+                seen
+            }
+        }
+    };
+    match &seen {
+        Observed::Ram { .. } => c.ram += 1,
+        Observed::Mmio { device: true, .. } => c.mmio_device += 1,
+        Observed::Mmio { device: false, .. } => c.mmio_userspace += 1,
+        Observed::Error(_) => c.errors += 1,
+        Observed::GuestPageFault { .. } => c.guest_page_faults += 1,
+    }
+    (seen, start, sh.clock.now())
 }
 
 fn mmio<M: GuestMmu>(sh: &Shared<'_, M>, hw: &mut HwVcpu<'_, M>, a: &GuestAccess) -> Observed {

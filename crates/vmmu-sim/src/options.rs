@@ -48,6 +48,12 @@ pub struct RunOptions {
     pub slot_zap_all: bool,
     /// Historical bugs to re-inject.
     pub bugs: BugSet,
+    /// Shadow paging (`--format shadow`): the MMU shadows the guest's page tables; implies
+    /// guest paging. `format` is then the x86 page-table format (NPT-like).
+    pub shadow: bool,
+    /// Guest paging with a TDP format (`--guest-paging`): the hardware walks the guest's tables
+    /// two-dimensionally.
+    pub guest_paging: bool,
 }
 
 impl Default for RunOptions {
@@ -66,6 +72,8 @@ impl Default for RunOptions {
             wrap_trap: false,
             slot_zap_all: false,
             bugs: BugSet::NONE,
+            shadow: false,
+            guest_paging: false,
         }
     }
 }
@@ -85,6 +93,9 @@ pub enum OptionsError {
     /// `--wrap-trap` with `--near-wrap`.
     #[error("--wrap-trap and --near-wrap exclude each other")]
     WrapTrapNearWrap,
+    /// The wrap trap's sweeps and slow-fault holder access guest-physical addresses directly.
+    #[error("--wrap-trap runs without guest paging: drop --format shadow / --guest-paging")]
+    WrapTrapPaging,
 }
 
 /// Why a run could not complete (its messages are what `vmmu run` prints after `vmmu run: `).
@@ -126,6 +137,9 @@ impl RunOptions {
         if !(36..=52).contains(&self.phys_bits) {
             return Err(OptionsError::PhysBits(self.phys_bits));
         }
+        if self.wrap_trap && (self.shadow || self.guest_paging) {
+            return Err(OptionsError::WrapTrapPaging);
+        }
         if self.wrap_trap && self.near_wrap {
             return Err(OptionsError::WrapTrapNearWrap);
         }
@@ -149,6 +163,7 @@ impl RunOptions {
             mmio_caching_requested: self.mmio_caching,
             stress_paths: self.stress_paths,
             wrap_trap: self.wrap_trap,
+            guest_paging: self.shadow || self.guest_paging,
             // Stress runs and bug hunts want every update they can get.
             update_profile: if self.stress_paths || self.wrap_trap || !self.bugs.is_empty() {
                 UpdateProfile::Steady
@@ -175,18 +190,20 @@ impl RunOptions {
         } else {
             0
         };
-        let mmu = RealMmu::new(
-            machine.host().clone(),
-            RealMmuConfig {
-                format: self.format,
-                phys_bits: self.phys_bits,
-                mmio_caching: self.mmio_caching,
-                vcpus: usize::from(self.vcpus),
-                generation_base,
-                slot_zap_all: self.slot_zap_all,
-                bugs: self.bugs,
-            },
-        )
+        let cfg = RealMmuConfig {
+            format: self.format,
+            phys_bits: self.phys_bits,
+            mmio_caching: self.mmio_caching,
+            vcpus: usize::from(self.vcpus),
+            generation_base,
+            slot_zap_all: self.slot_zap_all,
+            bugs: self.bugs,
+        };
+        let mmu = if self.shadow {
+            RealMmu::shadow(machine.host().clone(), cfg, 1)
+        } else {
+            RealMmu::new(machine.host().clone(), cfg)
+        }
         .map_err(RunError::Mmu)?;
         machine.run_with_progress(&mmu, progress).map_err(RunError::Run)
     }

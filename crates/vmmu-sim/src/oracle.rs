@@ -106,6 +106,12 @@ pub enum Observed {
     },
     /// The MMU failed the access.
     Error(String),
+    /// A guest page fault with this error code (guest paging): the guest's own tables refused
+    /// the access.
+    GuestPageFault {
+        /// The architectural #PF error code.
+        error: u64,
+    },
 }
 
 /// One wrong outcome.
@@ -369,6 +375,7 @@ fn describe(o: &Observed, oracle: &Oracle) -> String {
             format!("MMIO exit to userspace (value {value:#x})")
         }
         Observed::Error(e) => format!("MMU error: {e}"),
+        Observed::GuestPageFault { error } => format!("guest page fault (error {error:#x})"),
     }
 }
 
@@ -401,6 +408,34 @@ impl VcpuChecker<'_> {
 
     fn private_value(&self, off: usize, width: Width) -> u64 {
         (0..width.bytes() as usize).fold(0, |v, i| v | u64::from(self.private[off + i]) << (8 * i))
+    }
+
+    /// Records a failure of the vCPU's own machinery (not an access outcome) as a violation.
+    pub fn note_error(&mut self, what: &str) {
+        self.report.checked += 1;
+        self.report.push(Violation {
+            vcpu: Some(self.vcpu),
+            gpa: None,
+            what: what.to_string(),
+            expected: "no error".into(),
+            seen: "an error".into(),
+        });
+    }
+
+    /// Guest paging: an access to a guest-virtual address the vCPU's own tables do not map must
+    /// be a guest page fault with `error` (the vCPU changed its tables itself and invalidated the
+    /// address, so the expectation is exact).
+    pub fn check_page_fault(&mut self, gva: u64, error: u64, seen: &Observed) {
+        self.report.checked += 1;
+        if *seen != (Observed::GuestPageFault { error }) {
+            self.report.push(Violation {
+                vcpu: Some(self.vcpu),
+                gpa: None,
+                what: format!("access to unmapped gva {gva:#x}"),
+                expected: format!("a guest page fault with error code {error:#x}"),
+                seen: format!("{seen:?}"),
+            });
+        }
     }
 
     /// Judges one access stamped `[start, end]` on the [`Clock`].

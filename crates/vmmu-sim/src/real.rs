@@ -195,6 +195,10 @@ impl GuestMmu for RealMmu {
         v.vcpu.exit_guest_mode();
     }
 
+    fn shadow_vcpu<'v>(&self, v: &'v mut RealVcpu) -> Option<&'v mut Vcpu<SimHost>> {
+        (self.vm.mmu_kind() == vmmu::vm::MmuKind::Shadow).then_some(&mut v.vcpu)
+    }
+
     fn poll_tlb_flush(&self, v: &mut RealVcpu) -> bool {
         if !v.vcpu.in_guest_mode() || v.vcpu.requests_pending() {
             // The "IPI": leave guest mode, handle the requests, come back.

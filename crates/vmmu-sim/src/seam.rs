@@ -352,6 +352,15 @@ pub trait GuestMmu: Send + Sync {
     /// then the request check happens at the next `poll_tlb_flush`).
     fn enter_guest(&self, _vcpu: &mut Self::Vcpu) {}
 
+    /// The core vCPU of a shadow-paging MMU (its guest-virtual entry points), or `None` if this
+    /// MMU does not shadow guest page tables.
+    fn shadow_vcpu<'v>(
+        &self,
+        _vcpu: &'v mut Self::Vcpu,
+    ) -> Option<&'v mut vmmu::vcpu::Vcpu<crate::host::SimHost>> {
+        None
+    }
+
     /// The vCPU leaves guest mode (KVM: `vcpu->mode = OUTSIDE_GUEST_MODE`).
     fn exit_guest(&self, _vcpu: &mut Self::Vcpu) {}
 

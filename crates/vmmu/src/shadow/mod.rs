@@ -230,7 +230,8 @@ impl ShadowMmu {
     }
 
     /// A vCPU drops its roots (`current` and previous ones); obsolete pages nobody pins any more
-    /// are freed. Special-root frames are queued for the grace period too.
+    /// are freed. Special-root frames are queued for the grace period too. Called by the vCPU
+    /// outside guest mode; it reclaims only in batches.
     pub(crate) fn free_roots<H: Host>(
         &self,
         core: &TdpMmu<H>,
@@ -246,6 +247,6 @@ impl ShadowMmu {
             st.commit_zap(core, &self.stats, &mut batch);
         }
         core.defer_free(&mut frames);
-        core.reclaim();
+        core.reclaim_batched();
     }
 }

@@ -62,7 +62,7 @@ impl ShadowMmu {
             }
             st.commit_zap(core, &self.stats, &mut batch);
         }
-        core.reclaim();
+        core.reclaim_batched();
     }
 
     /// Drops the shadow leaf (RAM or MMIO) for `gva` under each of `roots`.
@@ -103,6 +103,6 @@ impl ShadowMmu {
             }
             st.commit_zap(core, &self.stats, &mut batch);
         }
-        core.reclaim();
+        core.reclaim_batched();
     }
 }

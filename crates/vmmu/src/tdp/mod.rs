@@ -46,6 +46,9 @@ use root::{Root, RootKind};
 pub(crate) use change::FlushNeed;
 pub(crate) use lock::{MmuLock, MmuRead, MmuWrite};
 
+/// Pages the vCPU-side paths let wait before they pay for a grace period.
+const RECLAIM_BATCH: usize = 64;
+
 /// Static configuration of one VM's TDP MMU.
 #[derive(Clone, Copy, Debug)]
 pub struct TdpConfig {
@@ -242,6 +245,15 @@ impl<H: Host> TdpMmu<H> {
             unsafe { self.host.free_table(pfn) };
         }
         self.stats.tables_freed.add(pages.len() as u64);
+    }
+
+    /// [`Self::reclaim`] once enough pages wait (the vCPU-side paths of the shadow MMU: a
+    /// grace period per fault would cost more than the pages; they free in batches, and every
+    /// zap of the VMM reclaims anyway). Same contract as `reclaim`.
+    pub(crate) fn reclaim_batched(&self) {
+        if self.pending_free.lock().len() >= RECLAIM_BATCH {
+            self.reclaim();
+        }
     }
 
     /// Table pages waiting for a grace period.

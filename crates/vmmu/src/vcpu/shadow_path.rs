@@ -171,7 +171,7 @@ impl<H: Host> Vcpu<H> {
                 st.commit_zap(core, &shadow.stats, &mut batch);
                 r
             };
-            core.reclaim();
+            core.reclaim_batched();
             sv.root = Some(root.ok_or(crate::tdp::TdpError::OutOfMemory)?);
             // KVM `kvm_mmu_load` clears the GVA cache (7f8a4eb426b4).
             if !self.vm.bugs.has(Bug::GvaCacheSurvivesRootSwitch) {
@@ -528,7 +528,7 @@ impl<H: Host + GuestMemory> Vcpu<H> {
             o
         };
         drop(guard);
-        core.reclaim();
+        core.reclaim_batched();
         let is_mmio = matches!(want, LeafWant::Mmio(_));
         let emulate_mmio = FaultOutcome::Emulate {
             gpa: walk.gpa,

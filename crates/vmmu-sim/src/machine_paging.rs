@@ -1,0 +1,453 @@
+//! Guest paging on the default machine (`vmmu run --format shadow`, or `--guest-paging` with the
+//! TDP formats; issue 14 points 1-2): every vCPU runs two guest processes (page-table spaces of
+//! its own) and makes its accesses through guest-virtual addresses.
+//!
+//! - The mix's guest-physical address `P` is reached through the GVA `base(vcpu) + P`, mapped
+//!   on first use in the current space (a guest store of the PTE).
+//! - A remap GVA `R` maps a page of the vCPU's private RAM in one space and the device page in
+//!   the other; now and then the vCPU remaps `R` in the current space from RAM to MMIO or back
+//!   (store, then INVLPG) and accesses it at once: the 2011 case (MMIO, then RAM, through one
+//!   GVA), and, across CR3 switches, a GVA-keyed MMIO cache entry that must not survive.
+//! - Now and then it unmaps the GVA `U`, which it maps nowhere else, and reads it: the access
+//!   must be a guest page fault with error code 0x4 (not present, user).
+//! - Now and then it switches spaces with MOV CR3.
+//!
+//! The oracle knows every expectation exactly: a vCPU changes only its own tables, invalidates
+//! what it changed, and the GPA behind each GVA is the one it mapped, judged against the memslot
+//! history as any other access (`oracle`).
+//!
+//! With `format=shadow` the hardware walks the shadow tables (`walk_gva`), #PF exits go to the
+//! shadow MMU, and a guest store to a shadowed table is emulated and reported with
+//! `track_write`; with EPT/NPT the simulated hardware walks the guest tables itself, each table
+//! load a guest-physical access through the second-level tables (a two-dimensional walk).
+//! Tables live in a slot of their own, 8 MiB to 16 MiB, split between the vCPUs. No vCPU keeps
+//! guest-virtual translations in a TLB: the shadow path walks every time, the TDP path caches
+//! guest-physical ones only.
+
+use crate::guest_tables::GuestTables;
+use crate::host::{HostBuffer, SimHost};
+use crate::hw_vcpu::{Data, HwVcpu};
+use crate::layout::MachineLayout;
+use crate::mix::{GuestAccess, MixKind};
+use crate::oracle::Observed;
+use crate::ram::{self, Width};
+use crate::seam::{GuestMmu, SlotRequest};
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::sync::Arc;
+use vmmu::fault::{EmulateSource, FaultOutcome, PfErr};
+use vmmu::guest::{GpteWriteError, GuestCpu, GuestPteMemory, PagingMode, WalkError};
+use vmmu::tdp::HwWalk;
+use vmmu::{FaultAccess, Gpa, Gva, Hva};
+use vmmu_scenario::{MapFlags, PageSize, Paging};
+
+/// The slot of the guest page tables.
+pub const TABLES_SLOT: u32 = 12;
+/// Guest-physical start of the table area (free in the default layout).
+pub const TABLES_GPA: u64 = 8 << 20;
+/// Its size.
+pub const TABLES_SIZE: u64 = 8 << 20;
+/// GVAs of vCPU `i` start at `GVA_BASE + (i << 40)`.
+const GVA_BASE: u64 = 0x0000_4000_0000_0000;
+/// The remap GVA's offset in a vCPU's GVA range (above every linear GVA: GPAs are below 64 GiB).
+const REMAP_OFFSET: u64 = 1 << 39;
+
+/// The slot request of the table area.
+pub fn tables_slot(buf: &HostBuffer) -> SlotRequest {
+    SlotRequest {
+        slot: TABLES_SLOT,
+        flags: 0,
+        guest_phys_addr: TABLES_GPA,
+        memory_size: TABLES_SIZE,
+        userspace_addr: buf.hva().raw(),
+    }
+}
+
+/// What `R` maps in a space.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Target {
+    Ram,
+    Device,
+}
+
+/// What a vCPU does after a paging event (`VcpuPaging::between_batches`).
+pub enum PagingEvent {
+    /// Nothing happened.
+    None,
+    /// Access `R` (this access, judged as usual, at this GVA).
+    Access(GuestAccess, u64),
+    /// Read this GVA, which is unmapped: it must fault.
+    Unmapped(u64),
+}
+
+/// Counters of the paging layer.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PagingCounters {
+    /// PTE stores (maps, remaps, unmaps).
+    pub pte_stores: u64,
+    /// Remaps of `R`.
+    pub remaps: u64,
+    /// MOV CR3.
+    pub cr3_loads: u64,
+    /// Accesses to `U` while unmapped (expected guest page faults).
+    pub unmapped_reads: u64,
+}
+
+/// One vCPU's guest paging.
+pub struct VcpuPaging {
+    tables: GuestTables,
+    buf: Arc<HostBuffer>,
+    roots: [u64; 2],
+    space: usize,
+    mapped: [HashSet<u64>; 2],
+    target: [Target; 2],
+    base: u64,
+    ram_page: GuestAccess,
+    device_page: GuestAccess,
+    rng: fastrand::Rng,
+    shadow: bool,
+    cpu: GuestCpu,
+    /// Counters.
+    pub counters: PagingCounters,
+}
+
+impl VcpuPaging {
+    /// The paging state of vCPU `index` of `vcpus`, with its tables in its share of `buf`.
+    pub fn new(
+        buf: Arc<HostBuffer>,
+        layout: &MachineLayout,
+        index: usize,
+        vcpus: usize,
+        seed: u64,
+        shadow: bool,
+    ) -> Result<Self, String> {
+        let share = (TABLES_SIZE / vcpus.max(1) as u64) & !0xfff;
+        let start = TABLES_GPA + share * index as u64;
+        let mut tables =
+            GuestTables::in_area(Paging::Level4, buf.clone(), TABLES_GPA, start, start + share);
+        let mut writes = Vec::new();
+        let roots = [
+            tables.root(0, &mut writes).map_err(|e| e.to_string())?,
+            tables.root(1, &mut writes).map_err(|e| e.to_string())?,
+        ];
+        tables.apply(&writes).map_err(|e| e.to_string())?;
+        let (region, off) = layout.private_area(index);
+        let ram_page = GuestAccess {
+            kind: MixKind::PrivateRead,
+            gpa: Gpa(region.gpa.0 + off),
+            width: crate::ram::Width::W8,
+            value: 0,
+        };
+        let device_page = GuestAccess {
+            kind: MixKind::DeviceRead,
+            gpa: layout.device,
+            width: crate::ram::Width::W4,
+            value: 0,
+        };
+        let cpu = GuestCpu {
+            mode: PagingMode::Long4,
+            cr3: roots[0],
+            cr0_wp: true,
+            efer_nx: true,
+            maxphyaddr: 46,
+        };
+        let mut p = VcpuPaging {
+            tables,
+            buf,
+            roots,
+            space: 0,
+            mapped: [HashSet::new(), HashSet::new()],
+            target: [Target::Ram, Target::Device],
+            base: GVA_BASE + ((index as u64) << 40),
+            ram_page,
+            device_page,
+            rng: fastrand::Rng::with_seed(seed ^ 0x9a61_0000 ^ index as u64),
+            shadow,
+            cpu,
+            counters: PagingCounters::default(),
+        };
+        // R in both spaces, from the start.
+        for space in 0..2 {
+            let w = p.map_writes(space, p.remap_gva(), p.target_gpa(p.target[space]))?;
+            p.tables.apply(&w).map_err(|e| e.to_string())?;
+        }
+        Ok(p)
+    }
+
+    /// The guest CPU state for a vCPU starting in space 0.
+    pub fn cpu(&self) -> GuestCpu {
+        self.cpu
+    }
+
+    fn remap_gva(&self) -> u64 {
+        self.base + REMAP_OFFSET
+    }
+
+    fn unmapped_gva(&self) -> u64 {
+        self.base + REMAP_OFFSET + 0x1000
+    }
+
+    fn target_gpa(&self, t: Target) -> u64 {
+        match t {
+            Target::Ram => self.ram_page.gpa.0 & !0xfff,
+            Target::Device => self.device_page.gpa.0 & !0xfff,
+        }
+    }
+
+    fn map_writes(&mut self, space: usize, gva: u64, gpa: u64) -> Result<Vec<(u64, u64)>, String> {
+        self.tables
+            .map(space as u8, gva, gpa, PageSize::Size4K, MapFlags::default())
+            .map_err(|e| e.to_string())
+    }
+
+    /// The guest's stores of `writes` (and, under shadow paging, their report to the MMU).
+    fn store<M: GuestMmu>(&mut self, hw: &mut HwVcpu<'_, M>, writes: &[(u64, u64)]) {
+        for &(gpa, v) in writes {
+            self.counters.pte_stores += 1;
+            // In bounds: the tables allocate from the area the buffer backs.
+            let _ = self.buf.write(gpa - TABLES_GPA, Width::W8, v);
+            if let Some(vcpu) = hw.mmu().shadow_vcpu(hw.state()) {
+                vcpu.exit_guest_mode();
+                let _ = vcpu.track_write(Gpa(gpa), 8);
+            }
+        }
+    }
+
+    fn invlpg<M: GuestMmu>(&mut self, hw: &mut HwVcpu<'_, M>, gva: u64) {
+        if let Some(vcpu) = hw.mmu().shadow_vcpu(hw.state()) {
+            vcpu.exit_guest_mode();
+            let _ = vcpu.invlpg(Gva(gva));
+        }
+    }
+
+    /// What the vCPU does between batches: at most one paging event, a CR3 switch (then an
+    /// access to `R`), a remap of `R` (then an access to it) or an unmap of `U` (then a read of
+    /// it, which must fault). Returns the access to judge with its GVA, or the GVA of `U`.
+    pub fn between_batches<M: GuestMmu>(
+        &mut self,
+        hw: &mut HwVcpu<'_, M>,
+    ) -> Result<PagingEvent, String> {
+        match self.rng.u32(0..16) {
+            0..=1 => {
+                self.space ^= 1;
+                self.counters.cr3_loads += 1;
+                self.cpu.cr3 = self.roots[self.space];
+                if let Some(vcpu) = hw.mmu().shadow_vcpu(hw.state()) {
+                    vcpu.exit_guest_mode();
+                    vcpu.load_cr3(self.roots[self.space]).map_err(|e| e.to_string())?;
+                }
+                Ok(PagingEvent::Access(self.r_access(), self.r_gva()))
+            }
+            2..=5 => {
+                let s = self.space;
+                self.target[s] = match self.target[s] {
+                    Target::Ram => Target::Device,
+                    Target::Device => Target::Ram,
+                };
+                let w = self.map_writes(s, self.remap_gva(), self.target_gpa(self.target[s]))?;
+                self.store(hw, &w);
+                self.invlpg(hw, self.remap_gva());
+                self.counters.remaps += 1;
+                Ok(PagingEvent::Access(self.r_access(), self.r_gva()))
+            }
+            6..=7 => {
+                let s = self.space;
+                let w = self.tables.unmap(s as u8, self.unmapped_gva(), PageSize::Size4K);
+                let w = w.map_err(|e| e.to_string())?;
+                self.store(hw, &w);
+                self.invlpg(hw, self.unmapped_gva());
+                self.counters.unmapped_reads += 1;
+                Ok(PagingEvent::Unmapped(self.unmapped_gva()))
+            }
+            _ => Ok(PagingEvent::None),
+        }
+    }
+
+    /// The access to `R` as the oracle judges it (its target in the current space).
+    fn r_access(&self) -> GuestAccess {
+        match self.target[self.space] {
+            Target::Ram => self.ram_page,
+            Target::Device => self.device_page,
+        }
+    }
+
+    /// The GVA of `R`'s access (the target's offset within the page).
+    fn r_gva(&self) -> u64 {
+        self.remap_gva() + (self.r_access().gpa.0 & 0xfff)
+    }
+
+    /// The GVA an access of the mix to `a.gpa` uses (mapping the page first if the current
+    /// space lacks it).
+    pub fn gva_for<M: GuestMmu>(
+        &mut self,
+        hw: &mut HwVcpu<'_, M>,
+        a: &GuestAccess,
+    ) -> Result<u64, String> {
+        let page = a.gpa.0 & !0xfff;
+        let gva_page = self.base + page;
+        if self.mapped[self.space].insert(gva_page) {
+            let w = self.map_writes(self.space, gva_page, page)?;
+            self.store(hw, &w);
+        }
+        Ok(gva_page + (a.gpa.0 & 0xfff))
+    }
+
+    /// Resolves `gva` for `a` (not under shadow paging: the two-dimensional walk): the GPA.
+    pub fn walk_tdp<M: GuestMmu>(
+        &self,
+        hw: &mut HwVcpu<'_, M>,
+        gva: u64,
+        write: bool,
+    ) -> Result<Gpa, Observed> {
+        let cell = RefCell::new(hw);
+        let mem = TwoDimensional { hw: &cell };
+        let access = FaultAccess { write, exec: false, user: true };
+        match vmmu::guest::walk(&self.cpu, &mem, Gva(gva), access) {
+            Ok(w) => Ok(w.gpa),
+            Err(WalkError::PageFault(pf)) => {
+                Err(Observed::GuestPageFault { error: pf.error_code.0 })
+            }
+            Err(e) => Err(Observed::Error(e.to_string())),
+        }
+    }
+
+    /// Whether the vCPU runs on the shadow MMU.
+    pub fn is_shadow(&self) -> bool {
+        self.shadow
+    }
+}
+
+/// Guest tables read through the second-level tables.
+struct TwoDimensional<'c, 'h, 'a, M: GuestMmu> {
+    hw: &'c RefCell<&'h mut HwVcpu<'a, M>>,
+}
+
+impl<M: GuestMmu> GuestPteMemory for TwoDimensional<'_, '_, '_, M> {
+    fn read_gpte(&self, gpa: Gpa) -> Option<u64> {
+        match self.hw.borrow_mut().load_store(gpa, Width::W8, None) {
+            Data::Ram { value, .. } => Some(value),
+            _ => None,
+        }
+    }
+
+    fn cmpxchg_gpte(&self, gpa: Gpa, old: u64, new: u64) -> Result<bool, GpteWriteError> {
+        // Only this vCPU writes its own tables: load, compare, store cannot interleave with
+        // another store to them.
+        let mut hw = self.hw.borrow_mut();
+        match hw.load_store(gpa, Width::W8, None) {
+            Data::Ram { value, .. } if value != old => Ok(false),
+            Data::Ram { .. } => match hw.load_store(gpa, Width::W8, Some(new)) {
+                Data::Ram { .. } => Ok(true),
+                _ => Err(GpteWriteError::NotWritable),
+            },
+            _ => Err(GpteWriteError::Unreadable),
+        }
+    }
+}
+
+/// What a shadow-paging access ended as.
+pub enum ShadowAccess {
+    /// RAM at this host address; the value loaded or stored.
+    Ram {
+        /// The host address accessed.
+        hva: Hva,
+        /// The value read or written.
+        value: u64,
+    },
+    /// Emulated at this GPA (the bus decides).
+    Mmio(Gpa),
+    /// A guest page fault with this error code.
+    PageFault(u64),
+    /// The MMU failed.
+    Error(String),
+}
+
+/// One access through the shadow tables, as the hardware and the hypervisor do it: walk by
+/// GVA, exit on a fault, handle it, until RAM, MMIO or a guest page fault. A write that the MMU
+/// write-protects (a guest table) is emulated here and reported.
+pub fn shadow_access<M: GuestMmu>(
+    hw: &mut HwVcpu<'_, M>,
+    host: &SimHost,
+    gva: u64,
+    width: Width,
+    store: Option<u64>,
+    mut attempt: impl FnMut() -> bool,
+) -> ShadowAccess {
+    let mmu = hw.mmu();
+    let Some(v) = mmu.shadow_vcpu(hw.state()) else {
+        return ShadowAccess::Error("not a shadow-paging MMU".into());
+    };
+    let need = if store.is_some() {
+        vmmu::Access::WRITE.union(vmmu::Access::USER)
+    } else {
+        vmmu::Access::USER
+    };
+    let mut counted = 0u32;
+    loop {
+        // The machine's one retry policy (`hw_vcpu`): attempts while a memslot update is in
+        // flight are excused; the others count towards the livelock limit.
+        if attempt() {
+            counted += 1;
+            if counted >= crate::hw_vcpu::RETRY_LIMIT {
+                return ShadowAccess::Error(format!("access to {gva:#x} did not complete"));
+            }
+            if counted % crate::hw_vcpu::YIELD_EVERY == 0 {
+                std::thread::yield_now();
+            }
+        }
+        // Requests are serviced outside guest mode (the vCPU may hold its guest-mode read
+        // section from the batch start).
+        v.exit_guest_mode();
+        if let Err(e) = v.service_requests() {
+            return ShadowAccess::Error(e.to_string());
+        }
+        if v.enter_guest_mode().is_err() {
+            continue;
+        }
+        let walk = v.walk_gva(Gva(gva), need);
+        let mut err = PfErr::USER | if store.is_some() { PfErr::WRITE } else { 0 };
+        match walk {
+            HwWalk::Translated { pfn, .. } => {
+                let Some(page) = host.ram_page(pfn) else {
+                    return ShadowAccess::Error(format!("{pfn:?} is not RAM"));
+                };
+                let p = page.as_ptr().wrapping_add((gva & 0xfff) as usize);
+                let value = match store {
+                    // SAFETY: `page` is a RAM frame of the host (from `ram_page`), valid while
+                    // the host lives; the access is naturally aligned (the mix makes it so), so
+                    // it stays in the page; buffer memory is only accessed atomically.
+                    Some(val) => unsafe {
+                        ram::store(p, width, val);
+                        val
+                    },
+                    // SAFETY: as for the store.
+                    None => unsafe { ram::load(p, width) },
+                };
+                return ShadowAccess::Ram { hva: Hva(p as u64), value };
+            }
+            HwWalk::Violation { present, .. } => {
+                if present {
+                    err |= PfErr::PRESENT;
+                }
+            }
+            HwWalk::Misconfig { .. } => err |= PfErr::RSVD | PfErr::PRESENT,
+            HwWalk::Broken { dump } => {
+                return ShadowAccess::Error(format!("broken shadow walk {dump:?}"))
+            }
+        }
+        v.exit_guest_mode();
+        match v.handle_page_fault(Gva(gva), PfErr(err)) {
+            Err(e) => return ShadowAccess::Error(e.to_string()),
+            Ok(FaultOutcome::Fixed | FaultOutcome::Spurious | FaultOutcome::Retry(_)) => {}
+            Ok(FaultOutcome::GuestPageFault { error_code, .. }) => {
+                return ShadowAccess::PageFault(error_code.0)
+            }
+            Ok(FaultOutcome::Emulate { gpa, source: EmulateSource::WriteProtected, .. }) => {
+                // The machine's tables lie outside every GVA it maps, so no access of the mix
+                // stores into a shadowed table.
+                return ShadowAccess::Error(format!("unexpected write-protection exit at {gpa}"));
+            }
+            Ok(FaultOutcome::Emulate { gpa, .. }) => return ShadowAccess::Mmio(gpa),
+        }
+    }
+}
