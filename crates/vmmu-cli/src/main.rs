@@ -4,9 +4,11 @@ use std::process::ExitCode;
 
 mod bench_cmd;
 mod diff_cmd;
+mod html_report;
 mod progress;
 mod replay_cmd;
 mod replay_kvm;
+mod report_pages;
 mod run_cmd;
 mod run_report;
 mod scenario_cmd;

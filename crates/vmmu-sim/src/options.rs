@@ -48,6 +48,8 @@ pub struct RunOptions {
     pub slot_zap_all: bool,
     /// Historical bugs to re-inject.
     pub bugs: BugSet,
+    /// Record the report's [`Timeline`](crate::timeline::Timeline) (for `--report`).
+    pub timeline: bool,
 }
 
 impl Default for RunOptions {
@@ -66,6 +68,7 @@ impl Default for RunOptions {
             wrap_trap: false,
             slot_zap_all: false,
             bugs: BugSet::NONE,
+            timeline: false,
         }
     }
 }
@@ -149,6 +152,7 @@ impl RunOptions {
             mmio_caching_requested: self.mmio_caching,
             stress_paths: self.stress_paths,
             wrap_trap: self.wrap_trap,
+            timeline: self.timeline,
             // Stress runs and bug hunts want every update they can get.
             update_profile: if self.stress_paths || self.wrap_trap || !self.bugs.is_empty() {
                 UpdateProfile::Steady
