@@ -33,6 +33,8 @@ mod machine;
 mod mapping;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod replay;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod selftest;
 
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub use machine::{probe, KvmError, KvmInfo};
