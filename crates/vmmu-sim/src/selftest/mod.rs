@@ -21,11 +21,53 @@ pub mod perf;
 pub mod set_memory_region;
 pub mod stress;
 
+use crate::host::SimHost;
 use crate::hw_vcpu::{Data, HwVcpu};
 use crate::ram::Width;
-use crate::real::RealMmu;
+use crate::real::{RealMmu, RealMmuConfig};
+use std::sync::Arc;
 use std::time::Duration;
+use vmmu::bugs::BugSet;
+use vmmu::spte::FormatKind;
 use vmmu::Gpa;
+
+/// The MMU the tests run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmuChoice {
+    /// SPTE format.
+    pub format: FormatKind,
+    /// MMIO caching requested.
+    pub mmio_caching: bool,
+    /// Historical KVM bugs to re-inject (to show the tests catch them; needs the
+    /// `historical-bugs` feature to have an effect).
+    pub bugs: BugSet,
+}
+
+impl Default for MmuChoice {
+    /// EPT, MMIO caching on, no bugs.
+    fn default() -> Self {
+        MmuChoice { format: FormatKind::Ept, mmio_caching: true, bugs: BugSet::NONE }
+    }
+}
+
+impl MmuChoice {
+    /// A fresh real MMU on `host` for `vcpus` vCPUs (MAXPHYADDR 46).
+    fn mmu(&self, host: &Arc<SimHost>, vcpus: usize) -> Result<RealMmu> {
+        RealMmu::new(
+            host.clone(),
+            RealMmuConfig {
+                format: self.format,
+                phys_bits: 46,
+                mmio_caching: self.mmio_caching,
+                vcpus,
+                generation_base: 0,
+                slot_zap_all: false,
+                bugs: self.bugs,
+            },
+        )
+        .map_err(setup)
+    }
+}
 
 /// Why a selftest did not pass.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -77,11 +119,14 @@ fn access8(
     match hw.load_store(Gpa(gpa), Width::W8, store) {
         Data::Ram { hva, value } => {
             if !want_hva.contains(&hva.raw()) {
+                let want: Vec<String> =
+                    want_hva.iter().filter(|&&h| h != 0).map(|h| format!("{h:#x}")).collect();
                 return Err(format!(
                     "guest {} of gpa {gpa:#x} reached host address {:#x}, the memslots map it to \
-                     {want_hva:#x?} (a stale translation)",
+                     {} (a stale translation)",
                     if store.is_some() { "write" } else { "read" },
-                    hva.raw()
+                    hva.raw(),
+                    if want.is_empty() { "nothing".to_string() } else { want.join(" or ") }
                 ));
             }
             Ok(value)

@@ -12,18 +12,16 @@
 //! host leaves guest mode (a C guest spins in guest mode instead). The C test's `-d` checks
 //! (values read back on the host before unmapping) always run here.
 
-use super::{access8, setup, Result, SelftestError, SYNC_TIMEOUT};
+use super::{access8, setup, MmuChoice, Result, SelftestError, SYNC_TIMEOUT};
 use crate::host::{HostBuffer, HostConfig, SimHost};
 use crate::hw_vcpu::HwVcpu;
 use crate::ram::Width;
-use crate::real::{RealMmu, RealMmuConfig};
+use crate::real::RealMmu;
 use crate::seam::{GuestMmu, SlotRequest};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vmmu::bugs::BugSet;
 use vmmu::memslot::KVM_USER_MEM_SLOTS;
-use vmmu::spte::FormatKind;
 use vmmu::types::Hva;
 
 /// The test memory's GPA.
@@ -286,7 +284,7 @@ impl Vm {
     }
 }
 
-fn prepare(cap: Option<u32>, mempages: u64, format: FormatKind) -> Result<(Vm, Duration)> {
+fn prepare(cap: Option<u32>, mempages: u64, m: &MmuChoice) -> Result<(Vm, Duration)> {
     let max =
         u64::from(cap.unwrap_or(u32::from(KVM_USER_MEM_SLOTS)).min(u32::from(KVM_USER_MEM_SLOTS)));
     if max <= 1 {
@@ -303,19 +301,7 @@ fn prepare(cap: Option<u32>, mempages: u64, format: FormatKind) -> Result<(Vm, D
     );
     let code = host.add_buffer("code", PAGE).map_err(setup)?;
     let mem = host.add_buffer("test", mempages * PAGE).map_err(setup)?;
-    let mmu = RealMmu::new(
-        host.clone(),
-        RealMmuConfig {
-            format,
-            phys_bits: 46,
-            mmio_caching: true,
-            vcpus: 1,
-            generation_base: 0,
-            slot_zap_all: false,
-            bugs: BugSet::NONE,
-        },
-    )
-    .map_err(setup)?;
+    let mmu = m.mmu(&host, 1)?;
     let code_slot = SlotRequest {
         slot: 0,
         flags: 0,
@@ -341,11 +327,11 @@ struct MmioOk {
 }
 
 /// Runs `test` with `p`'s parameters on `format`; the best of `p.runs` runs.
-pub fn run(test: PerfTest, p: &Params, format: FormatKind) -> Result<Outcome> {
+pub fn run(test: PerfTest, p: &Params, m: &MmuChoice) -> Result<Outcome> {
     let mut best: Option<Outcome> = None;
     let mut best_setup: Option<Duration> = None;
     for _ in 0..p.runs.max(1) {
-        let o = run_once(test, p, format)?;
+        let o = run_once(test, p, m)?;
         best_setup = Some(best_setup.map_or(o.slot_setup, |b| b.min(o.slot_setup)));
         let better = match (&best, o.per_iteration) {
             (None, _) => true,
@@ -361,9 +347,9 @@ pub fn run(test: PerfTest, p: &Params, format: FormatKind) -> Result<Outcome> {
     Ok(o)
 }
 
-fn run_once(test: PerfTest, p: &Params, format: FormatKind) -> Result<Outcome> {
+fn run_once(test: PerfTest, p: &Params, m: &MmuChoice) -> Result<Outcome> {
     let mempages = p.sizes.pages(test);
-    let (vm, slot_setup) = prepare(p.slots, mempages, format)?;
+    let (vm, slot_setup) = prepare(p.slots, mempages, m)?;
     let sync = SyncArea::default();
     let mut mmio = MmioOk { ok: false, min: 0, max: 0 };
     let mut move_base = 0;
@@ -591,7 +577,8 @@ mod tests {
     #[test]
     fn every_test_passes_quickly() {
         for t in PerfTest::ALL {
-            let o = run(t, &quick(16), FormatKind::Ept).unwrap_or_else(|e| panic!("{t:?}: {e}"));
+            let o =
+                run(t, &quick(16), &MmuChoice::default()).unwrap_or_else(|e| panic!("{t:?}: {e}"));
             assert_eq!(o.slots, 16, "{t:?}");
             assert!(o.iterations > 0, "{t:?}: {o:?}");
         }
@@ -599,7 +586,7 @@ mod tests {
 
     #[test]
     fn too_many_slots_is_reported_as_the_c_test_does() {
-        let e = run(PerfTest::Map, &quick(32764), FormatKind::Ept).expect_err("too many");
+        let e = run(PerfTest::Map, &quick(32764), &MmuChoice::default()).expect_err("too many");
         assert_eq!(e, SelftestError::TooManySlots { max: Sizes::scaled(5).map / PAGE + 1 });
     }
 }

@@ -9,16 +9,13 @@
 //! MMIO outcome, an error or a stale translation fails the test). A pass over a vCPU's memory
 //! is its `SYNC`.
 
-use super::{access8, setup, Result, SelftestError};
+use super::{access8, setup, MmuChoice, Result, SelftestError};
 use crate::host::{HostConfig, SimHost};
 use crate::hw_vcpu::HwVcpu;
-use crate::real::{RealMmu, RealMmuConfig};
 use crate::seam::{GuestMmu, SlotRequest};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vmmu::bugs::BugSet;
-use vmmu::spte::FormatKind;
 
 /// The dummy slot's id.
 pub const DUMMY_MEMSLOT_INDEX: u32 = 7;
@@ -59,7 +56,7 @@ pub struct Outcome {
 }
 
 /// Runs the test on the real MMU with `format` and MMIO caching `caching`.
-pub fn run(p: &Params, format: FormatKind, caching: bool) -> Result<Outcome> {
+pub fn run(p: &Params, m: &MmuChoice) -> Result<Outcome> {
     if p.vcpus == 0 || p.bytes_per_vcpu < 4096 {
         return Err(setup("give at least 1 vCPU and 4096 bytes per vCPU"));
     }
@@ -73,19 +70,7 @@ pub fn run(p: &Params, format: FormatKind, caching: bool) -> Result<Outcome> {
     );
     let mem = host.add_buffer("test", size).map_err(setup)?;
     let dummy = host.add_buffer("dummy", 4096).map_err(setup)?;
-    let mmu = RealMmu::new(
-        host.clone(),
-        RealMmuConfig {
-            format,
-            phys_bits,
-            mmio_caching: caching,
-            vcpus: p.vcpus,
-            generation_base: 0,
-            slot_zap_all: false,
-            bugs: BugSet::NONE,
-        },
-    )
-    .map_err(setup)?;
+    let mmu = m.mmu(&host, p.vcpus)?;
     // memstress: the test memory ends one page below the top of the guest-physical space.
     let max_gfn = (1u64 << (phys_bits - 12)) - 1;
     let test_gpa = (max_gfn - pages) * 4096;
@@ -187,7 +172,7 @@ mod tests {
     #[test]
     fn small_run_passes() {
         let p = Params { vcpus: 2, bytes_per_vcpu: 1 << 20, iterations: 50, ..Params::default() };
-        let o = run(&p, FormatKind::Ept, true).expect("stress");
+        let o = run(&p, &MmuChoice::default()).expect("stress");
         assert_eq!(o.updates, 100);
         assert!(o.accesses > 0);
     }
