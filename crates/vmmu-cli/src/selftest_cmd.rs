@@ -304,9 +304,12 @@ fn bugs(inject: Option<&str>) -> Result<vmmu::bugs::BugSet, String> {
         let names: Vec<_> = vmmu::bugs::Bug::ALL.iter().map(|b| b.name()).collect();
         format!("--inject {name}: no such bug; known: {}", names.join(", "))
     })?;
-    if cfg!(feature = "historical-bugs") {
+    #[cfg(feature = "historical-bugs")]
+    {
         Ok(vmmu::bugs::BugSet::only(bug))
-    } else {
+    }
+    #[cfg(not(feature = "historical-bugs"))]
+    {
         Err(format!(
             "--inject {bug}: this build cannot re-inject bugs; build it with `--features \
              historical-bugs`"

@@ -126,6 +126,7 @@ fn bad_names_and_values_are_usage_errors() {
         (&["selftest", "memslot-perf-nope"][..], "--list"),
         (&["selftest", "all", "--slots", "1"][..], "2..=32764"),
         (&["selftest", "all", "--seconds", "0"][..], "above 0"),
+        (&["selftest", "all", "--inject", "nope"][..], "no such bug"),
     ] {
         let out = vmmu(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");

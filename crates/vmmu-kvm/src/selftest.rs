@@ -699,7 +699,7 @@ pub mod perf {
                 mmio_range = Some(src..=src + MOVE_PAGES * PAGE / 2 - 1);
             }
         }
-        vm.t.own.write_bytes(EXIT_FLAG_GPA as usize, &[0]);
+        vm.t.own.store_u64(EXIT_FLAG_GPA as usize, 0);
         let host_res = std::thread::scope(|s| {
             let guest = s.spawn(|| {
                 let r = guest(test, &mut vcpu, &sync, move_base, mmio_range.clone(), &mmio);
@@ -720,7 +720,7 @@ pub mod perf {
                 }
             })();
             sync.exit.store(true, Ordering::Release);
-            vm.t.own.write_bytes(EXIT_FLAG_GPA as usize, &[1]);
+            vm.t.own.store_u64(EXIT_FLAG_GPA as usize, 1);
             let _ = guest.join();
             res
         });
@@ -911,11 +911,12 @@ pub mod stress {
         let mut fds = (0..vcpus).map(|i| t.vcpu(i as u64)).collect::<Result<Vec<_>>>()?;
         let stop = AtomicBool::new(false);
         let passes = AtomicU64::new(0);
+        let running = std::sync::atomic::AtomicUsize::new(0);
         let failure: Mutex<Option<KvmSelftestError>> = Mutex::new(None);
         let t0 = Instant::now();
         let updates = std::thread::scope(|s| {
             for (i, v) in fds.iter_mut().enumerate() {
-                let (stop, passes, failure) = (&stop, &passes, &failure);
+                let (stop, passes, failure, running) = (&stop, &passes, &failure, &running);
                 s.spawn(move || {
                     let st = Start {
                         rip: code::WRITE,
@@ -924,6 +925,7 @@ pub mod stress {
                         rbx: 1,
                         r10: 0,
                     };
+                    running.fetch_add(1, Ordering::SeqCst);
                     while !stop.load(Ordering::Relaxed) {
                         let r = start(v, st)
                             .and_then(|()| run_to_sync(v, &mut no_mmio_read, &mut no_mmio_write));
@@ -947,6 +949,10 @@ pub mod stress {
             }
             let mut updates = 0;
             let r = (|| -> Result<()> {
+                // memstress_start_vcpu_threads: every vCPU thread is running first.
+                while running.load(Ordering::SeqCst) < vcpus && !stop.load(Ordering::Relaxed) {
+                    std::thread::yield_now();
+                }
                 for _ in 0..iterations {
                     if stop.load(Ordering::Relaxed) {
                         break;

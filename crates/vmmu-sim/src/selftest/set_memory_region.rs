@@ -328,7 +328,7 @@ fn delete_once(m: &MmuChoice, loop_index: u32) -> Result<u64> {
         map.host_gone.store(host.is_err(), Ordering::SeqCst);
         let end = guest.join().unwrap_or_else(|_| Err("the guest thread panicked".into()));
         let end = match end {
-            Err(e) if e == HOST_GONE => return host.map(|()| ()),
+            Err(e) if e == HOST_GONE => return host,
             end => end.map_err(SelftestError::Failed)?,
         };
         host?;

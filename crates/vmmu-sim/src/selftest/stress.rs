@@ -13,7 +13,7 @@ use super::{access8, setup, MmuChoice, Result, SelftestError};
 use crate::host::{HostConfig, SimHost};
 use crate::hw_vcpu::HwVcpu;
 use crate::seam::{GuestMmu, SlotRequest};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -92,13 +92,14 @@ pub fn run(p: &Params, m: &MmuChoice) -> Result<Outcome> {
     let stop = AtomicBool::new(false);
     let accesses = AtomicU64::new(0);
     let passes = AtomicU64::new(0);
+    let running = AtomicUsize::new(0);
     let failure: Mutex<Option<String>> = Mutex::new(None);
     let states: Vec<_> = (0..p.vcpus).map(|i| mmu.create_vcpu(i)).collect();
     let t0 = Instant::now();
     let updates = std::thread::scope(|s| {
         for (i, state) in states.into_iter().enumerate() {
-            let (mmu, host, stop, accesses, passes, failure) =
-                (&mmu, &host, &stop, &accesses, &passes, &failure);
+            let (mmu, host, stop, accesses, passes, failure, running) =
+                (&mmu, &host, &stop, &accesses, &passes, &failure, &running);
             let base_gpa = test_gpa + i as u64 * per;
             let base_hva = mem.hva().raw() + i as u64 * per;
             s.spawn(move || {
@@ -128,6 +129,9 @@ pub fn run(p: &Params, m: &MmuChoice) -> Result<Outcome> {
                             accesses.fetch_add(1, Ordering::Relaxed);
                         }
                         hw.exit_guest();
+                        if pass == 1 && off <= 64 * 4096 {
+                            running.fetch_add(1, Ordering::SeqCst);
+                        }
                         if stop.load(Ordering::Relaxed) {
                             break 'run;
                         }
@@ -139,6 +143,17 @@ pub fn run(p: &Params, m: &MmuChoice) -> Result<Outcome> {
         }
         let mut updates = 0u64;
         let result = (|| -> Result<()> {
+            // memstress_start_vcpu_threads: the vCPUs are running (here: past their first
+            // batch of writes) before the host starts.
+            let t = Instant::now();
+            while running.load(Ordering::SeqCst) < p.vcpus && !stop.load(Ordering::Relaxed) {
+                if t.elapsed() > Duration::from_secs(10) {
+                    return Err(SelftestError::Failed(
+                        "the vCPUs did not start within 10 s".into(),
+                    ));
+                }
+                std::thread::yield_now();
+            }
             for _ in 0..p.iterations {
                 if stop.load(Ordering::Relaxed) {
                     break;
