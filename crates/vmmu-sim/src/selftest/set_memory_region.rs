@@ -22,7 +22,7 @@ use crate::host::{HostConfig, SimHost};
 use crate::hw_vcpu::HwVcpu;
 use crate::ram::Width;
 use crate::real::RealMmu;
-use crate::seam::{GuestMmu, SlotRequest};
+use crate::seam::{AccessKind, GuestMmu, SlotRequest, Translation};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -135,6 +135,7 @@ impl Map {
 /// from `spin`; then sync. `Err(end)` when the code page is gone.
 fn spin_on_val(
     hw: &mut HwVcpu<'_, RealMmu>,
+    host: &SimHost,
     map: &Map,
     spin: u64,
     sync: &mpsc::Sender<()>,
@@ -159,7 +160,21 @@ fn spin_on_val(
             mmio_exits.fetch_add(1, Ordering::Relaxed);
             Ok(MMIO_VAL)
         };
-        let val = access8(hw, MEM_REGION_GPA, None, &[now, before], &mut mmio)?;
+        let val = match access8(hw, MEM_REGION_GPA, None, &[now, before], &mut mmio) {
+            Ok(v) => v,
+            Err(e) if e.contains("stale translation") => {
+                // Where does the MMU itself lead now (no TLB)? Tells a stale TLB entry from a
+                // stale SPTE.
+                let fresh = match hw.translate_once(vmmu::Gpa(MEM_REGION_GPA), AccessKind::Read) {
+                    Translation::Ram { pfn, level, .. } => {
+                        format!("host page {:#x} (level {level:?})", host_page(host, pfn))
+                    }
+                    other => format!("{other:?}"),
+                };
+                return Err(format!("{e}; a fresh walk of the MMU's tables now gives {fresh}"));
+            }
+            Err(e) => return Err(e),
+        };
         hw.exit_guest();
         if val != spin {
             let _ = sync.send(());
@@ -170,6 +185,10 @@ fn spin_on_val(
         }
         std::thread::yield_now();
     }
+}
+
+fn host_page(host: &SimHost, pfn: vmmu::types::Pfn) -> u64 {
+    host.ram_page(pfn).map_or(0, |p| p.as_ptr() as u64)
 }
 
 fn guest_assert(ok: bool, what: &str, val: u64) -> std::result::Result<(), String> {
@@ -215,10 +234,11 @@ fn move_once(m: &MmuChoice) -> Result<u64> {
         let guest = s.spawn(|| -> std::result::Result<(), String> {
             let mut hw = HwVcpu::new(&v.mmu, &v.host, 0, 64);
             let _ = tx.send(()); // GUEST_SYNC(0)
-            let mut spin = |val| match spin_on_val(&mut hw, &map, val, &tx, &mmio_exits, false)? {
-                Ok(v) => Ok(v),
-                Err(end) => Err(format!("the guest ended early: {end:?}")),
-            };
+            let mut spin =
+                |val| match spin_on_val(&mut hw, &v.host, &map, val, &tx, &mmio_exits, false)? {
+                    Ok(v) => Ok(v),
+                    Err(end) => Err(format!("the guest ended early: {end:?}")),
+                };
             let val = spin(0)?;
             guest_assert(val == 1 || val == MMIO_VAL, "val == 1 || val == MMIO_VAL", val)?;
             let val = spin(MMIO_VAL)?;
@@ -284,7 +304,8 @@ fn delete_once(m: &MmuChoice, loop_index: u32) -> Result<u64> {
         let guest = s.spawn(|| -> std::result::Result<GuestEnd, String> {
             let mut hw = HwVcpu::new(&v.mmu, &v.host, 0, 64);
             let _ = tx.send(());
-            let mut spin = |val, last| spin_on_val(&mut hw, &map, val, &tx, &mmio_exits, last);
+            let mut spin =
+                |val, last| spin_on_val(&mut hw, &v.host, &map, val, &tx, &mmio_exits, last);
             let early = |end: GuestEnd| format!("the guest ended early: {end:?}");
             let val = spin(0, false)?.map_err(early)?;
             guest_assert(val == MMIO_VAL, "val == MMIO_VAL", val)?;
