@@ -24,6 +24,8 @@ use vmmu::{Gfn, Gpa};
 use vmmu_sim::host::SimHost;
 use vmmu_sim::hw_vcpu::{HwVcpu, Outcome};
 use vmmu_sim::ram::{self, Width};
+use vmmu_sim::seam::MmuExits;
+use vmmu_sim::timeline::{new_histogram, LatencyHistogram, Sample, Timeline};
 use vmmu_sim::{AccessKind, GuestMmu, RealMmu, RealMmuConfig, SlotRequest};
 
 const G: &str = "churn";
@@ -117,11 +119,39 @@ fn phases(
     })
 }
 
+/// The vCPU's exits by kind, published after each batch for the timeline's sampler.
+#[derive(Default)]
+struct LiveExits([AtomicU64; 5]);
+
+impl LiveExits {
+    fn store(&self, e: &MmuExits) {
+        let v = [e.violation, e.misconfig, e.mmio_spte_hit, e.mmio_cache_hit, e.mmio_slow_path];
+        for (a, v) in self.0.iter().zip(v) {
+            a.store(v, Ordering::Relaxed);
+        }
+    }
+
+    fn load(&self) -> MmuExits {
+        let l = |i: usize| self.0[i].load(Ordering::Relaxed);
+        MmuExits {
+            violation: l(0),
+            misconfig: l(1),
+            mmio_spte_hit: l(2),
+            mmio_cache_hit: l(3),
+            mmio_slow_path: l(4),
+        }
+    }
+}
+
+/// How often the churn timeline samples.
+const SAMPLE_EVERY: Duration = Duration::from_millis(20);
+
 fn vcpu_loop(
     mmu: &RealMmu,
     host: &SimHost,
     stop: &AtomicBool,
     count: &AtomicU64,
+    exits: &LiveExits,
 ) -> Result<(), String> {
     if let Some(c) = helper_cpu() {
         pin(c)?;
@@ -147,13 +177,20 @@ fn vcpu_loop(
         }
         v.exit_guest();
         count.fetch_add(BATCH, Ordering::Relaxed);
+        exits.store(&mmu.vcpu_exits(v.state()));
     }
     Ok(())
 }
 
 /// `pace`: at most this many updates per second (the issuing thread spins between them, as a
-/// thread inside a slower ioctl would); `None` is back to back.
-fn vmmu_share(secs: f64, slot_zap_all: bool, pace: Option<f64>) -> Result<Share, BenchError> {
+/// thread inside a slower ioctl would); `None` is back to back. With `record`, also a timeline
+/// of the three phases (samples every [`SAMPLE_EVERY`], every update timed).
+fn vmmu_share(
+    secs: f64,
+    slot_zap_all: bool,
+    pace: Option<f64>,
+    record: bool,
+) -> Result<(Share, Option<Timeline>), BenchError> {
     let host = crate::sim_host(1 << 18)?;
     let work = host.add_buffer("work", WORK_SIZE)?;
     work.fill_words(|_| 0);
@@ -181,16 +218,35 @@ fn vmmu_share(secs: f64, slot_zap_all: bool, pace: Option<f64>) -> Result<Share,
     let stop = AtomicBool::new(false);
     let done = AtomicBool::new(false);
     let count = AtomicU64::new(0);
+    let issued = AtomicU64::new(0);
+    let exits = LiveExits::default();
+    let sampling = AtomicBool::new(record);
     let reqs = churn_cycle(1, churn_buf.hva().raw());
     std::thread::scope(|s| {
         let vcpu = s.spawn(|| {
-            let r = vcpu_loop(&mmu, &host, &stop, &count);
+            let r = vcpu_loop(&mmu, &host, &stop, &count, &exits);
             done.store(true, Ordering::Relaxed);
             r
+        });
+        // A sleeping sampler: it wakes every 20 ms for a few relaxed loads.
+        let sampler = s.spawn(|| {
+            let t0 = Instant::now();
+            let mut samples = Vec::new();
+            while sampling.load(Ordering::Relaxed) {
+                samples.push(Sample {
+                    t_us: t0.elapsed().as_micros() as u64,
+                    accesses: count.load(Ordering::Relaxed),
+                    updates: issued.load(Ordering::Relaxed),
+                    exits: exits.load(),
+                });
+                std::thread::sleep(SAMPLE_EVERY);
+            }
+            samples
         });
         let res = s
             .spawn(|| {
                 pin(0)?;
+                let mut latency = record.then(new_histogram);
                 let mut k = 0usize;
                 let interval = pace.map(|p| Duration::from_secs_f64(1.0 / p.max(1.0)));
                 let mut next: Option<Instant> = None;
@@ -204,14 +260,31 @@ fn vmmu_share(secs: f64, slot_zap_all: bool, pace: Option<f64>) -> Result<Share,
                     }
                     let r = &reqs[k % 3];
                     k += 1;
-                    mmu.set_memory_region(r).map_err(|e| format!("{r:?}: {e}"))
+                    let t = latency.as_ref().map(|_| Instant::now());
+                    let got = mmu.set_memory_region(r).map_err(|e| format!("{r:?}: {e}"));
+                    if let (Some(t), Some(h)) = (t, latency.as_mut()) {
+                        h.saturating_record((t.elapsed().as_nanos() as u64).max(1));
+                    }
+                    issued.fetch_add(1, Ordering::Relaxed);
+                    got
                 })
+                .map(|share| (share, latency))
             })
             .join()
             .unwrap_or_else(|_| Err("churn thread panicked".into()));
+        sampling.store(false, Ordering::Relaxed);
         stop.store(true, Ordering::Relaxed);
+        let samples = sampler.join().unwrap_or_default();
         let v = vcpu.join().unwrap_or_else(|_| Err("vCPU thread panicked".into()));
-        v.and(res).map_err(BenchError::Harness)
+        let (share, latency) = v.and(res).map_err(BenchError::Harness)?;
+        let timeline = latency.map(|h| Timeline {
+            clock: "wall time".into(),
+            interval_us: SAMPLE_EVERY.as_micros() as u64,
+            samples,
+            update_latency: LatencyHistogram::of(&h),
+            mmio_latency: LatencyHistogram::default(),
+        });
+        Ok((share, timeline))
     })
 }
 
@@ -287,10 +360,11 @@ pub fn run(opts: &Options, info: &mut RunInfo) -> Result<Vec<Row>, BenchError> {
         Ok(k) => (k.updates_per_s, "KVM's measured rate"),
         Err(_) => (20_000.0, "20000/s, KVM not measured"),
     };
-    let zap_slot = vmmu_share(secs, false, None)?;
-    let zap_all = vmmu_share(secs, true, None)?;
-    let zap_slot_paced = vmmu_share(secs, false, Some(pace))?;
-    let zap_all_paced = vmmu_share(secs, true, Some(pace))?;
+    let (zap_slot, timeline) = vmmu_share(secs, false, None, true)?;
+    info.churn_timeline = timeline;
+    let (zap_all, _) = vmmu_share(secs, true, None, false)?;
+    let (zap_slot_paced, _) = vmmu_share(secs, false, Some(pace), false)?;
+    let (zap_all_paced, _) = vmmu_share(secs, true, Some(pace), false)?;
     info.notes.push(format!(
         "churn: churning thread pinned to CPU 0, vCPU thread on CPU {}; phases of {secs} s; \
          paced rows: {pace:.0} updates/s ({pace_src})",

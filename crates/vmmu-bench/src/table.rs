@@ -122,6 +122,10 @@ pub struct RunInfo {
     pub elapsed_s: f64,
     /// Where threads were pinned, and anything else a reader needs to interpret the numbers.
     pub notes: Vec<String>,
+    /// The churn group's first vmmu run (zap the slot, back to back), sampled every 20 ms over
+    /// its three phases, with every update timed (for `--report`; not part of the JSON).
+    #[serde(skip)]
+    pub churn_timeline: Option<vmmu_sim::timeline::Timeline>,
 }
 
 /// All rows of one run.

@@ -3,7 +3,9 @@
 //! printed, never judged: the exit status is 0 when the run completed, 1 when a benchmark could
 //! not run, 2 on bad arguments.
 
+use crate::html_report::ReportFile;
 use clap::Args;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use vmmu_bench::{Options, GROUPS};
 
@@ -25,10 +27,21 @@ pub struct BenchArgs {
     /// Skip the real-KVM measurements (their rows print n/a).
     #[arg(long = "no-kvm")]
     no_kvm: bool,
+    /// Also write a self-contained HTML report (every row, bar charts, the churn group's
+    /// timeline and update latency histogram) to this file.
+    #[arg(long, value_name = "FILE.html")]
+    report: Option<PathBuf>,
 }
 
 /// Runs the benchmarks and prints the table.
 pub fn run(args: &BenchArgs) -> ExitCode {
+    let report_file = match args.report.as_deref().map(ReportFile::create).transpose() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("vmmu bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let opts = Options {
         quick: args.quick,
         smoke: args.smoke,
@@ -59,7 +72,24 @@ pub fn run(args: &BenchArgs) -> ExitCode {
                     if t.info.quick { " (--quick)" } else { "" }
                 );
             }
-            ExitCode::SUCCESS
+            let Some(file) = report_file else { return ExitCode::SUCCESS };
+            let path = file.path().display().to_string();
+            let flags = [
+                ("--quick", args.quick.to_string()),
+                ("--smoke", args.smoke.to_string()),
+                ("--only", if args.only.is_empty() { "all".into() } else { args.only.join(" ") }),
+                ("--no-kvm", args.no_kvm.to_string()),
+            ];
+            match file.write(&crate::report_pages::bench_page(&flags, &t)) {
+                Ok(()) => {
+                    eprintln!("vmmu bench: report written to {path}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vmmu bench: {e}");
+                    ExitCode::from(1)
+                }
+            }
         }
         Err(e) => {
             eprintln!("vmmu bench: {e}");

@@ -1,15 +1,19 @@
-//! The `vmmu` command: `run` (the default), `scenario`, `diff`, `replay`, `bench`, `bugs`.
+//! The `vmmu` command: `run` (the default), `scenario`, `diff`, `replay`, `bench`, `selftest`,
+//! `bugs`.
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 mod bench_cmd;
 mod diff_cmd;
+mod html_report;
 mod progress;
 mod replay_cmd;
 mod replay_kvm;
+mod report_pages;
 mod run_cmd;
 mod run_report;
 mod scenario_cmd;
+mod selftest_cmd;
 
 /// A virtual MMU with generation-checked MMIO caching: run it, check it, measure it.
 #[derive(Parser, Debug)]
@@ -33,6 +37,8 @@ enum Command {
     Replay(replay_cmd::ReplayArgs),
     /// Measure: MMIO paths, lookups, memslot updates (and the same on /dev/kvm), faults, churn.
     Bench(bench_cmd::BenchArgs),
+    /// KVM's memslot selftests restated, on the software machine and on /dev/kvm side by side.
+    Selftest(selftest_cmd::SelftestArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +55,7 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) => run_cmd::run(&args),
         Some(Command::Replay(args)) => replay_cmd::run(&args),
         Some(Command::Bench(args)) => bench_cmd::run(&args),
+        Some(Command::Selftest(args)) => selftest_cmd::run(&args),
         None => match Cli::try_parse_from(["vmmu", "run"]) {
             Ok(Cli { command: Some(Command::Run(args)) }) => run_cmd::run(&args),
             _ => ExitCode::from(2),

@@ -7,6 +7,7 @@
 //! request, did not classify a recorded MMIO access as MMIO, had an oracle violation, or could
 //! not run; else 0.
 
+use crate::html_report::ReportFile;
 use crate::replay_kvm;
 use crate::scenario_cmd::{FormatArg, OnOff};
 use clap::Args;
@@ -38,6 +39,30 @@ pub struct ReplayArgs {
     /// Host MAXPHYADDR of the software machine (36..=52).
     #[arg(long = "phys-bits", default_value_t = 46, value_parser = clap::value_parser!(u8).range(36..=52))]
     pub phys_bits: u8,
+    /// Also write a self-contained HTML report (per trace and configuration: timeline on the
+    /// recorded clock, latency histograms) to this file.
+    #[arg(long, value_name = "FILE.html")]
+    pub report: Option<PathBuf>,
+}
+
+impl ReplayArgs {
+    /// The options as given, for the HTML report.
+    fn flags(&self) -> Vec<(&'static str, String)> {
+        let files: Vec<String> = self.files.iter().map(|f| f.display().to_string()).collect();
+        vec![
+            ("traces", files.join(" ")),
+            (
+                "--format",
+                self.format.map_or("ept and npt".into(), |f| format!("{f:?}").to_lowercase()),
+            ),
+            (
+                "--mmio-caching",
+                self.mmio_caching.map_or("on and off".into(), |c| format!("{c:?}").to_lowercase()),
+            ),
+            ("--phys-bits", self.phys_bits.to_string()),
+            ("--no-kvm", self.no_kvm.to_string()),
+        ]
+    }
 }
 
 /// The machine configurations to replay under.
@@ -114,6 +139,13 @@ fn replay_trace(args: &ReplayArgs, file: &str, trace: &Trace) -> (TraceReport, V
 
 /// Runs the command; returns the process exit status.
 pub fn run(args: &ReplayArgs) -> ExitCode {
+    let report_file = match args.report.as_deref().map(ReportFile::create).transpose() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("vmmu replay: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let mut bad_input = false;
     let mut failed = false;
     let mut reports = Vec::new();
@@ -151,6 +183,16 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
         let doc = serde_json::json!({ "traces": reports, "passed": !failed && !bad_input });
         if writeln!(out, "{doc:#}").is_err() {
             return ExitCode::from(1);
+        }
+    }
+    if let Some(file) = report_file {
+        let path = file.path().display().to_string();
+        match file.write(&crate::report_pages::replay_page(&args.flags(), &reports)) {
+            Ok(()) => eprintln!("vmmu replay: report written to {path}"),
+            Err(e) => {
+                eprintln!("vmmu replay: {e}");
+                failed = true;
+            }
         }
     }
     if bad_input {

@@ -7,9 +7,12 @@
 //! Bad values are refused at parse time with a message naming the flag, the value and the allowed
 //! range (clap exits with status 2 for them, which is `vmmu`'s "bad arguments" status).
 
+use crate::html_report::ReportFile;
 use crate::progress::Progress;
+use crate::report_pages;
 use crate::run_report::{to_json, Text};
 use clap::{Args, ValueEnum};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use vmmu::bugs::BugSet;
 use vmmu::spte::FormatKind;
@@ -127,6 +130,10 @@ pub struct RunArgs {
     /// `--features historical-bugs`.
     #[arg(long, value_name = "NAME")]
     inject: Option<String>,
+    /// Also write a self-contained HTML report (timeline, latency histograms, configuration)
+    /// to this file.
+    #[arg(long, value_name = "FILE.html")]
+    report: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -152,6 +159,56 @@ impl RunArgs {
             bugs,
             shadow: o.format == Format::Shadow,
             guest_paging: o.guest_paging,
+            timeline: self.report.is_some(),
+        }
+    }
+
+    /// The options as given, for the HTML report.
+    fn flags(&self) -> Vec<(&'static str, String)> {
+        let o = &self.opts;
+        let updates = if self.churn.is_some() || o.stress_paths || self.wrap_trap {
+            "steady (implied)".to_string()
+        } else {
+            format!("{:?}", o.updates).to_lowercase()
+        };
+        vec![
+            ("--seconds", o.seconds.to_string()),
+            ("--vcpus", o.vcpus.to_string()),
+            ("--format", format!("{:?}", o.format).to_lowercase()),
+            ("--phys-bits", o.phys_bits.to_string()),
+            (
+                "--mmio-caching",
+                if o.compare_caching {
+                    "compare (on and off)".into()
+                } else {
+                    format!("{:?}", o.mmio_caching).to_lowercase()
+                },
+            ),
+            ("--seed", o.seed.to_string()),
+            ("--updates", updates),
+            ("--churn", self.churn.map_or("none".into(), |n| n.to_string())),
+            ("--stress-paths", o.stress_paths.to_string()),
+            ("--near-wrap", self.near_wrap.to_string()),
+            ("--wrap-trap", self.wrap_trap.to_string()),
+            ("--slot-zap-all", self.slot_zap_all.to_string()),
+            ("--inject", self.inject.clone().unwrap_or_else(|| "none".into())),
+        ]
+    }
+}
+
+/// Writes the HTML report of `runs` if `--report` was given; false (after saying why) if it
+/// could not be written.
+fn write_report(args: &RunArgs, file: Option<ReportFile>, runs: &[(&str, &Report)]) -> bool {
+    let Some(file) = file else { return true };
+    let path = file.path().display().to_string();
+    match file.write(&report_pages::run_page(&args.flags(), runs)) {
+        Ok(()) => {
+            eprintln!("vmmu run: report written to {path}");
+            true
+        }
+        Err(e) => {
+            eprintln!("vmmu run: {e}");
+            false
         }
     }
 }
@@ -216,6 +273,13 @@ pub fn run(args: &RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let report_file = match args.report.as_deref().map(ReportFile::create).transpose() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("vmmu run: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let json = args.opts.json;
     if args.opts.compare_caching {
         let on = one_run(args, true, bugs, !json);
@@ -251,7 +315,12 @@ pub fn run(args: &RunArgs) -> ExitCode {
             );
         }
         let bad = on.oracle.violations + off.oracle.violations;
-        return if bad == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) };
+        let written = write_report(
+            args,
+            report_file,
+            &[("MMIO caching on", &on), ("MMIO caching off", &off)],
+        );
+        return if bad == 0 && written { ExitCode::SUCCESS } else { ExitCode::from(1) };
     }
     let caching = args.opts.mmio_caching == OnOff::On;
     match one_run(args, caching, bugs, !json) {
@@ -261,7 +330,11 @@ pub fn run(args: &RunArgs) -> ExitCode {
             } else {
                 println!("{}", Text(&report));
             }
-            if report.oracle.violations == 0 && report.vcpus.iter().all(|v| v.errors == 0) {
+            let written = write_report(args, report_file, &[("run", &report)]);
+            if written
+                && report.oracle.violations == 0
+                && report.vcpus.iter().all(|v| v.errors == 0)
+            {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)

@@ -43,6 +43,8 @@ mod mapping;
 mod paging;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod replay;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod selftest;
 
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub use machine::{probe, KvmError, KvmInfo};

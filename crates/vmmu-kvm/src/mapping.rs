@@ -92,6 +92,44 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    /// Loads the u64 at `offset` (8-aligned) atomically: a running guest may store to it at the
+    /// same time (the selftests' host threads read memory a vCPU is writing). Panics if the
+    /// range is outside the buffer or misaligned.
+    pub fn load_u64(&self, offset: usize) -> u64 {
+        self.word(offset).load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Stores `v` at `offset` (8-aligned) atomically; as [`Mapping::load_u64`].
+    pub fn store_u64(&self, offset: usize, v: u64) {
+        self.word(offset).store(v, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn word(&self, offset: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!(offset % 8 == 0 && offset.checked_add(8).is_some_and(|e| e <= self.len));
+        // SAFETY: in bounds and 8-aligned (asserted; the base is page-aligned); the mapping
+        // lives as long as `self`; every host access to words shared with a running guest
+        // goes through atomics, and the guest's own accesses are outside Rust's model.
+        unsafe { std::sync::atomic::AtomicU64::from_ptr(self.base.as_ptr().add(offset).cast()) }
+    }
+
+    /// `madvise(MADV_DONTNEED)` of `len` bytes at `offset` (page-aligned): the pages are
+    /// dropped, KVM's MMU notifier zaps their SPTEs, the next touch faults in zeroed pages.
+    pub fn dontneed(&self, offset: usize, len: usize) -> io::Result<()> {
+        assert!(offset % 4096 == 0 && offset.checked_add(len).is_some_and(|e| e <= self.len));
+        // SAFETY: the range lies inside this private anonymous mapping (asserted); dropping
+        // its pages only makes later reads see zeroes, which every user of it expects.
+        let r = unsafe {
+            libc::madvise(self.base.as_ptr().add(offset).cast(), len, libc::MADV_DONTNEED)
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly what `new` mapped. The owner drops the VM (and so every memslot

@@ -18,6 +18,8 @@
 //!   [`RunOptions::run`]) and what it reports, as data (the CLI owns the flags, the progress bar
 //!   and the text and JSON rendering).
 //! - [`replay`]: replay of recorded VM boots (vmmu traces) on the real MMU.
+//! - [`selftest`]: KVM's memslot selftests restated on the machine (`vmmu selftest`).
+//! - [`timeline`]: per-interval samples and latency histograms of a run, for HTML reports.
 //!
 //! ```
 //! use std::time::Duration;
@@ -54,7 +56,9 @@ pub mod scenario;
 mod scenario_vcpu;
 pub mod schedule;
 pub mod seam;
+pub mod selftest;
 pub mod slots;
+pub mod timeline;
 pub mod tlb;
 
 pub use error::{Error, Result};

@@ -61,8 +61,9 @@ use crate::report::{
     ConfigReport, MemslotReport, MmioCachingReport, Percentiles, Report, VcpuReport,
 };
 use crate::schedule::{Schedule, ScheduleError};
-use crate::seam::{AccessKind, Errno, GuestMmu, SlotRequest};
+use crate::seam::{AccessKind, Errno, GuestMmu, MmuExits, SlotRequest};
 use crate::slots::SlotTable;
+use crate::timeline::{new_histogram, LatencyHistogram, Sample, Timeline};
 use crate::tlb::TlbStats;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use hdrhistogram::Histogram;
@@ -130,6 +131,9 @@ pub struct MachineConfig {
     /// the vCPU's own page tables, with remaps, unmaps and CR3 switches. Under a shadow-paging
     /// MMU the hardware walks the shadow; else it walks the guest tables two-dimensionally.
     pub guest_paging: bool,
+    /// Record a [`Timeline`] in the report (per-interval samples, every MMIO access timed):
+    /// for `--report`. Costs a clock read per access.
+    pub timeline: bool,
 }
 
 impl Default for MachineConfig {
@@ -152,6 +156,7 @@ impl Default for MachineConfig {
             stress_paths: false,
             wrap_trap: false,
             guest_paging: false,
+            timeline: false,
         }
     }
 }
@@ -215,6 +220,32 @@ struct VcpuCounters {
     retries: u64,
     errors: u64,
     guest_page_faults: u64,
+    /// MMIO handling latency (with `MachineConfig::timeline`).
+    mmio_latency: Option<Histogram<u64>>,
+}
+
+/// A vCPU's exit counts, published after each batch for the timeline's sampler (relaxed: the
+/// sampler wants recent counts, not a consistent cut).
+#[repr(align(128))]
+#[derive(Default)]
+struct LiveExits([AtomicU64; 5]);
+
+impl LiveExits {
+    fn store(&self, e: &MmuExits) {
+        let v = [e.violation, e.misconfig, e.mmio_spte_hit, e.mmio_cache_hit, e.mmio_slow_path];
+        for (a, v) in self.0.iter().zip(v) {
+            a.store(v, Ordering::Relaxed);
+        }
+    }
+
+    fn add_to(&self, e: &mut MmuExits) {
+        let l = |i: usize| self.0[i].load(Ordering::Relaxed);
+        e.violation += l(0);
+        e.misconfig += l(1);
+        e.mmio_spte_hit += l(2);
+        e.mmio_cache_hit += l(3);
+        e.mmio_slow_path += l(4);
+    }
 }
 
 /// A per-vCPU progress counter on its own cache line, so vCPUs do not share one.
@@ -243,6 +274,8 @@ struct Shared<'a, M> {
     trap_done: &'a AtomicBool,
     /// When the run started.
     started: Instant,
+    /// Per vCPU, its exits so far (`MachineConfig::timeline`).
+    live: &'a [LiveExits],
 }
 
 /// Wrap-trap hold handshake: idle.
@@ -360,6 +393,7 @@ impl Machine {
         let hold = AtomicU8::new(HOLD_IDLE);
         let paused = AtomicBool::new(false);
         let trap_done = AtomicBool::new(false);
+        let live: Vec<LiveExits> = (0..n).map(|_| LiveExits::default()).collect();
         let l = self.layout();
         // The dummy slot aliases the shared buffer's last page, which vCPUs never use.
         let trap_slot = cfg
@@ -383,8 +417,21 @@ impl Machine {
             paused: &paused,
             trap_done: &trap_done,
             started: Instant::now(),
+            live: &live,
         };
         let started = Instant::now();
+        let interval = Timeline::interval_for(cfg.duration);
+        let mut samples: Vec<Sample> = Vec::new();
+        let mut sample = |elapsed: Duration, accesses: u64, updates: u64| {
+            let mut exits = MmuExits::default();
+            live.iter().for_each(|l| l.add_to(&mut exits));
+            let t_us = elapsed.as_micros().min(u128::from(u64::MAX)) as u64;
+            samples.push(Sample { t_us, accesses, updates, exits });
+        };
+        if cfg.timeline {
+            sample(Duration::ZERO, 0, 0);
+        }
+        let mut next_sample = interval;
 
         let (vcpu_results, dm, elapsed) = std::thread::scope(|s| {
             let handles: Vec<_> = states
@@ -410,6 +457,10 @@ impl Machine {
                     updates: updates.load(Ordering::Relaxed),
                 };
                 progress(&snap);
+                if cfg.timeline && elapsed >= next_sample {
+                    sample(elapsed, snap.accesses, snap.updates);
+                    next_sample += interval;
+                }
                 let budget_done = cfg.accesses_per_vcpu.is_some_and(|max| {
                     counters.iter().all(|c| c.0.load(Ordering::Relaxed) >= max)
                         && snap.updates >= cfg.min_updates
@@ -426,6 +477,10 @@ impl Machine {
             let elapsed = started.elapsed();
             (results, dm.join(), elapsed)
         });
+        if cfg.timeline {
+            let accesses = counters.iter().map(|c| c.0.load(Ordering::Relaxed)).sum();
+            sample(elapsed, accesses, updates.load(Ordering::Relaxed));
+        }
         let mut vcpus = Vec::new();
         let mut checkers = Vec::new();
         for r in vcpu_results {
@@ -454,7 +509,13 @@ impl Machine {
         report.config.mmio_caching.effective = caching.effective;
         report.config.mmio_caching.reason = caching.reason;
         let mut oracle_report = OracleReport::default();
+        let mut mmio_latency = cfg.timeline.then(new_histogram);
         for (index, (c, tlb, mut checker)) in vcpus.into_iter().enumerate() {
+            if let (Some(all), Some(mine)) = (mmio_latency.as_mut(), c.mmio_latency.as_ref()) {
+                // Same bounds on both sides, so this cannot fail; a failure would only lose
+                // this vCPU's part of the histogram.
+                let _ = all.add(mine);
+            }
             oracle_report.merge(checker.take_report());
             report.exits.readonly_write += c.readonly_write;
             report.exits.mmio_device += c.mmio_device;
@@ -490,6 +551,15 @@ impl Machine {
             ..mmu_memslots
         };
         report.tables = self.host().table_stats();
+        if cfg.timeline {
+            report.timeline = Some(Timeline {
+                clock: "wall time".into(),
+                interval_us: interval.as_micros() as u64,
+                samples,
+                update_latency: LatencyHistogram::of(&dm.latency),
+                mmio_latency: mmio_latency.as_ref().map(LatencyHistogram::of).unwrap_or_default(),
+            });
+        }
         Ok(report)
     }
 }
@@ -541,7 +611,9 @@ fn vcpu_thread<'o, M: GuestMmu>(
         weights.0[10] = 0;
     }
     let mut gen = AccessGen::new(layout, index, cfg.seed, weights).with_hot_spots(cfg.stress_paths);
-    let mut c = VcpuCounters::default();
+    let mut c =
+        VcpuCounters { mmio_latency: cfg.timeline.then(new_histogram), ..VcpuCounters::default() };
+    let live = &sh.live[index];
     let body = catch_unwind(AssertUnwindSafe(|| {
         while !sh.stop.load(Ordering::Relaxed) {
             if sh.paused.load(Ordering::Relaxed) {
@@ -582,6 +654,7 @@ fn vcpu_thread<'o, M: GuestMmu>(
             }
             for _ in 0..cfg.batch.max(1) {
                 let a = gen.next_access();
+                let t0 = c.mmio_latency.is_some().then(Instant::now);
                 let (seen, start, end) = match paging.as_mut() {
                     Some(p) => match p.gva_for(&mut hw, &a) {
                         Ok(gva) => paged_access(sh, &mut hw, &mut c, &a, gva, p),
@@ -589,7 +662,15 @@ fn vcpu_thread<'o, M: GuestMmu>(
                     },
                     None => access(sh, &mut hw, &mut c, &a),
                 };
+                if let (Some(t0), Some(h), Observed::Mmio { .. }) =
+                    (t0, c.mmio_latency.as_mut(), &seen)
+                {
+                    h.saturating_record((t0.elapsed().as_nanos() as u64).max(1));
+                }
                 checker.check(&a, &seen, start, end);
+            }
+            if cfg.timeline {
+                live.store(&sh.mmu.vcpu_exits(hw.state()));
             }
             // The spinner stays in guest mode (the MMU may still take it out: requests, faults).
             if !spinner {

@@ -54,6 +54,8 @@ pub struct RunOptions {
     /// Guest paging with a TDP format (`--guest-paging`): the hardware walks the guest's tables
     /// two-dimensionally.
     pub guest_paging: bool,
+    /// Record the report's [`Timeline`](crate::timeline::Timeline) (for `--report`).
+    pub timeline: bool,
 }
 
 impl Default for RunOptions {
@@ -74,6 +76,7 @@ impl Default for RunOptions {
             bugs: BugSet::NONE,
             shadow: false,
             guest_paging: false,
+            timeline: false,
         }
     }
 }
@@ -164,6 +167,7 @@ impl RunOptions {
             stress_paths: self.stress_paths,
             wrap_trap: self.wrap_trap,
             guest_paging: self.shadow || self.guest_paging,
+            timeline: self.timeline,
             // Stress runs and bug hunts want every update they can get.
             update_profile: if self.stress_paths || self.wrap_trap || !self.bugs.is_empty() {
                 UpdateProfile::Steady

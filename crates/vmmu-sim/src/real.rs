@@ -235,6 +235,17 @@ impl GuestMmu for RealMmu {
         stats(self)
     }
 
+    fn vcpu_exits(&self, v: &RealVcpu) -> MmuExits {
+        let s = &v.vcpu.stats;
+        MmuExits {
+            violation: s.violation_exits,
+            misconfig: s.misconfig_exits,
+            mmio_spte_hit: s.mmio_spte_hits,
+            mmio_cache_hit: s.mmio_cache_hits,
+            mmio_slow_path: s.slow_path_mmio,
+        }
+    }
+
     fn mmio_caching(&self) -> MmioCachingState {
         let p = self.vm.mmio_caching();
         let effective = self.vm.mmio_caching_enabled();

@@ -10,6 +10,7 @@
 use crate::host::TableStats;
 use crate::oracle::OracleReport;
 use crate::seam::{MmuCounters, MmuStats};
+use crate::timeline::Timeline;
 use crate::tlb::TlbStats;
 use hdrhistogram::Histogram;
 use serde::{Serialize, Serializer};
@@ -36,6 +37,10 @@ pub struct Report {
     pub tables: TableStats,
     /// The oracle's verdict.
     pub oracle: OracleReport,
+    /// Per-interval samples and latency histograms, when the run recorded them
+    /// (`MachineConfig::timeline`; not part of the JSON report).
+    #[serde(skip)]
+    pub timeline: Option<Timeline>,
 }
 
 /// The name the CLI and the report use for a format: `ept`, `npt` (`npt-sev` with a C-bit).

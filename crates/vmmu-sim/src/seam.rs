@@ -395,6 +395,12 @@ pub trait GuestMmu: Send + Sync {
     fn mmio_caching(&self) -> MmioCachingState {
         MmioCachingState { effective: false, reason: "this MMU does not cache MMIO".into() }
     }
+
+    /// `vcpu`'s own exit counts so far (for per-interval samples while it runs; [`Self::stats`]
+    /// may count a vCPU only once it is gone). All zero for an MMU without per-vCPU counters.
+    fn vcpu_exits(&self, _vcpu: &Self::Vcpu) -> MmuExits {
+        MmuExits::default()
+    }
 }
 
 #[cfg(test)]

@@ -31,6 +31,7 @@ use crate::oracle::{OracleReport, Violation};
 use crate::ram::Width;
 use crate::real::{RealMmu, RealMmuConfig};
 use crate::seam::{AccessKind, GuestMmu};
+use crate::timeline::{LatencyHistogram, Sample, Timeline};
 use std::collections::BTreeMap;
 use std::time::Instant;
 use vmmu::bugs::BugSet;
@@ -154,6 +155,8 @@ struct Replay<'a> {
     live: BTreeMap<(u16, u16), Live>,
     report: RunReport,
     latencies: Vec<u64>,
+    /// MMIO handling latency of the recorded MMIO accesses that ended as MMIO.
+    mmio_latencies: Vec<u64>,
     token: u64,
     /// A delete or move was the last slot request and no annotation followed yet.
     pending_zap: bool,
@@ -423,7 +426,11 @@ impl Replay<'_> {
         let readonly_write = write.is_some() && self.covering(m.gpa).is_some_and(|l| l.readonly);
         // Recorded accesses are classified, never performed on RAM: a misclassified one must not
         // corrupt the buffers the oracle reads.
+        let t0 = Instant::now();
         let seen = self.cpu.access(m.gpa, width, write, false);
+        if seen == Outcome::Mmio {
+            self.mmio_latencies.push(t0.elapsed().as_nanos() as u64);
+        }
         self.report.events_applied += 1;
         let r = &mut self.report.mmio;
         if seen == Outcome::Mmio {
@@ -439,6 +446,22 @@ impl Replay<'_> {
                     seen: seen.describe(),
                 });
             }
+        }
+    }
+
+    /// The timeline's sample at recorded time `t_us`: accesses are the replay's own plus the
+    /// recorded MMIO, updates the applied slot requests, exits the vCPU's own counters.
+    fn sample(&mut self, t_us: u64) -> Sample {
+        let r = &self.report;
+        let exits = match self.cpu.hw.as_mut() {
+            Some(hw) => self.mmu.vcpu_exits(hw.state()),
+            None => Default::default(),
+        };
+        Sample {
+            t_us,
+            accesses: r.own_accesses.reads + r.own_accesses.writes + r.mmio.events,
+            updates: r.slots.applied,
+            exits,
         }
     }
 
@@ -489,9 +512,15 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
             ..RunReport::default()
         },
         latencies: Vec::new(),
+        mmio_latencies: Vec::new(),
         token: 0,
         pending_zap: false,
     };
+    // The timeline runs on the trace's recorded clock: about 500 samples over the trace.
+    let last_t = trace.events.last().map_or(0, |e| e.t_us);
+    let interval_us = (last_t / 500).max(1000);
+    let mut samples = vec![Sample::default()];
+    let mut next_sample = interval_us;
     r.report.dirty_log.note =
         "the core has no dirty log yet (issue 16): calls are parsed and counted only".into();
     for e in &trace.events {
@@ -514,12 +543,24 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
                 r.report.events_applied += 1;
             }
         }
+        if e.t_us >= next_sample {
+            samples.push(r.sample(e.t_us));
+            next_sample = e.t_us - e.t_us % interval_us + interval_us;
+        }
     }
+    samples.push(r.sample(last_t));
     // The vCPU adds its counters to the MMU's totals when it is dropped.
     r.cpu.hw = None;
     let stats = mmu.stats();
     let counters = stats.counters.clone().unwrap_or_default();
     let mut report = r.report;
+    report.timeline = Some(Timeline {
+        clock: "recorded time".into(),
+        interval_us,
+        samples,
+        update_latency: LatencyHistogram::of_samples(&r.latencies),
+        mmio_latency: LatencyHistogram::of_samples(&r.mmio_latencies),
+    });
     report.memslot_update = super::report::Latency::of(r.latencies);
     report.zaps.zap_all_fast_total = stats.zap_all_fast;
     report.mmio_paths = super::report::MmioPaths {

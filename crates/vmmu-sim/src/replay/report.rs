@@ -206,6 +206,9 @@ pub struct RunReport {
     pub host_buffers: u64,
     /// Their total size.
     pub host_bytes: u64,
+    /// Samples on the trace's recorded clock and latency histograms (not part of the JSON).
+    #[serde(skip)]
+    pub timeline: Option<crate::timeline::Timeline>,
 }
 
 impl RunReport {

@@ -1,0 +1,616 @@
+//! `vmmu selftest NAME...`: KVM's memslot selftests restated, on the software machine and on
+//! `/dev/kvm`, side by side with the figures published for KVM (`memslot_perf_test`, Maciej S.
+//! Szmigiero's "KVM: Scalable memslots implementation" v4, "after" column, at the nearest slot
+//! count). The engines are `vmmu_sim::selftest` and `vmmu_kvm::selftest`; this module parses,
+//! runs and prints.
+//!
+//! Exit status: 0 when every test that ran passed (a KVM half skipped because `/dev/kvm` is not
+//! usable, or a test the slot cap leaves no room for, as the C test reports it, is not a
+//! failure); 1 when a test failed (the row says what was seen); 2 on bad arguments.
+
+use clap::{Args, ValueEnum};
+use std::process::ExitCode;
+use std::time::Duration;
+use vmmu::spte::FormatKind;
+use vmmu_sim::selftest::perf::{self as sim_perf, PerfTest, Sizes};
+use vmmu_sim::selftest::{
+    set_memory_region as sim_smr, stress as sim_stress, MmuChoice, SelftestError,
+};
+
+/// The tests, by name.
+const TESTS: [(&str, &str); 8] = [
+    (
+        "set-memory-region-move",
+        "set_memory_region_test MOVE: a slot the guest spins on moves away and back; never stale",
+    ),
+    (
+        "set-memory-region-delete",
+        "set_memory_region_test DELETE: delete/re-create/delete an in-use slot, then the code slot",
+    ),
+    (
+        "memslot-modification-stress",
+        "memslot_modification_stress_test: vCPUs write while a 1-page slot is added and deleted",
+    ),
+    ("memslot-perf-map", "memslot_perf_test 0 map: fault-in across many slots while unmapping"),
+    ("memslot-perf-unmap", "memslot_perf_test 1 unmap: MADV_DONTNEED 4 KiB at a time"),
+    ("memslot-perf-unmap-chunked", "memslot_perf_test 2 unmap chunked: in 2 MiB chunks"),
+    (
+        "memslot-perf-move-active",
+        "memslot_perf_test 3 move active area: move the slot the guest writes (MMIO allowed)",
+    ),
+    (
+        "memslot-perf-move-inactive",
+        "memslot_perf_test 4 move inactive area: move a slot the guest does not touch",
+    ),
+];
+/// The sixth perf test (kept apart so `TESTS` reads in the C tests' order with it last).
+const RW: (&str, &str) =
+    ("memslot-perf-rw", "memslot_perf_test 5 RW: guest and host write and verify every page");
+/// Group names.
+const GROUPS: [(&str, &str); 3] = [
+    ("all", "every test"),
+    ("set-memory-region", "set-memory-region-move and -delete"),
+    ("memslot-perf", "the six memslot_perf_test tests"),
+];
+
+fn all_tests() -> Vec<&'static str> {
+    TESTS.iter().chain(std::iter::once(&RW)).map(|t| t.0).collect()
+}
+
+/// SPTE format of the software machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    /// Intel EPT.
+    Ept,
+    /// AMD NPT.
+    Npt,
+}
+
+/// Options of `vmmu selftest`.
+#[derive(Args, Debug)]
+pub struct SelftestArgs {
+    /// Tests or groups to run (`--list` names them).
+    #[arg(value_name = "NAME")]
+    names: Vec<String>,
+    /// List the tests and groups.
+    #[arg(long)]
+    list: bool,
+    /// Small sizes and short runs (for CI): 1 loop, 64 slots, 0.2 s per perf run, 1/16 of the
+    /// perf memory, 16 MiB per stress vCPU; explicit flags still win.
+    #[arg(long)]
+    quick: bool,
+    /// Do not run on /dev/kvm.
+    #[arg(long = "no-kvm")]
+    no_kvm: bool,
+    /// Print the results as JSON.
+    #[arg(long)]
+    json: bool,
+    /// SPTE format of the software machine.
+    #[arg(long, value_enum, default_value_t = FormatArg::Ept)]
+    format: FormatArg,
+    /// set_memory_region_test loops (its argv[1]; default 10).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    loops: Option<u32>,
+    /// memslot_perf_test -s: slot cap, 2..=32764 (default: the maximum).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=32764))]
+    slots: Option<u32>,
+    /// memslot_perf_test -l: seconds per run (default 5).
+    #[arg(long, value_parser = vmmu_sim::options::parse_seconds)]
+    seconds: Option<f64>,
+    /// memslot_perf_test -r: runs per test, the best reported (default 1).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    runs: u32,
+    /// memslot_modification_stress_test -v: vCPUs (default 1).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    vcpus: u16,
+    /// memslot_modification_stress_test -b: MiB per vCPU (default 1024).
+    #[arg(long = "mib-per-vcpu", value_parser = clap::value_parser!(u64).range(1..=16384))]
+    mib_per_vcpu: Option<u64>,
+    /// memslot_modification_stress_test -i: add/delete iterations (default 10).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    iterations: u64,
+    /// memslot_modification_stress_test -d: microseconds before each iteration (default 0).
+    #[arg(long = "delay-us", default_value_t = 0)]
+    delay_us: u64,
+    /// Re-inject a historical KVM bug into the software machine's MMU (a build with
+    /// `--features historical-bugs`): shows which selftests catch it.
+    #[arg(long, value_name = "BUG")]
+    inject: Option<String>,
+}
+
+/// One side's result of one test.
+#[derive(Clone, Debug, PartialEq)]
+enum Cell {
+    /// Passed: the figures, short (for the table) and in full.
+    Pass(String, String),
+    /// The slot cap leaves no room (the C test says so and goes on).
+    NotRun(String),
+    /// Not run here (no /dev/kvm, `--no-kvm`).
+    Skipped(String),
+    /// Failed: what was seen.
+    Fail(String),
+}
+
+impl Cell {
+    fn text(&self) -> String {
+        match self {
+            Cell::Pass(_, s) => format!("ok: {s}"),
+            Cell::NotRun(s) => format!("not run: {s}"),
+            Cell::Skipped(s) => format!("skipped: {s}"),
+            Cell::Fail(s) => format!("FAIL: {s}"),
+        }
+    }
+    fn short(&self) -> String {
+        match self {
+            Cell::Pass(s, _) => s.clone(),
+            Cell::NotRun(_) => "not run".into(),
+            Cell::Skipped(_) => "skipped".into(),
+            Cell::Fail(_) => "FAIL".into(),
+        }
+    }
+
+    fn status(&self) -> &'static str {
+        match self {
+            Cell::Pass(..) => "pass",
+            Cell::NotRun(_) => "not-run",
+            Cell::Skipped(_) => "skipped",
+            Cell::Fail(_) => "fail",
+        }
+    }
+}
+
+/// One row of the table.
+#[derive(Clone, Debug)]
+struct Row {
+    test: &'static str,
+    sim: Cell,
+    kvm: Cell,
+    /// Per-iteration time (perf tests), for the ratio.
+    sim_iter: Option<Duration>,
+    kvm_iter: Option<Duration>,
+    published: String,
+}
+
+fn secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s >= 1.0 {
+        format!("{s:.3} s")
+    } else if s >= 1e-3 {
+        format!("{:.3} ms", s * 1e3)
+    } else {
+        format!("{:.1} us", s * 1e6)
+    }
+}
+
+/// Maciej S. Szmigiero's v4 figures ("after", seconds per iteration) at 10, 30, 50, 100, 509
+/// and 32k slots (map: 8194), per test index, and slot setup.
+const PUBLISHED_SLOTS: [u32; 6] = [10, 30, 50, 100, 509, 32764];
+const PUBLISHED: [[f64; 6]; 5] = [
+    [0.0186, 0.0190, 0.0190, 0.0191, 0.0223, 0.0541],
+    [0.0310, 0.0310, 0.0311, 0.0312, 0.0315, 0.0351],
+    [0.000351, 0.000373, 0.000395, 0.000447, 0.000869, 0.0348],
+    [0.0000948, 0.0000865, 0.0000854, 0.0000800, 0.0000792, 0.0000786],
+    [0.0000933, 0.0000918, 0.0000826, 0.0000840, 0.0000847, 0.0000880],
+];
+const PUBLISHED_SETUP: [f64; 6] = [0.000283, 0.000775, 0.000990, 0.00174, 0.00803, 0.59];
+
+fn published_index(slots: u32) -> usize {
+    let mut best = 0;
+    for (i, &s) in PUBLISHED_SLOTS.iter().enumerate() {
+        if (f64::from(s).ln() - f64::from(slots).ln()).abs()
+            < (f64::from(PUBLISHED_SLOTS[best]).ln() - f64::from(slots).ln()).abs()
+        {
+            best = i;
+        }
+    }
+    best
+}
+
+fn published(test: PerfTest, slots: u32) -> String {
+    let i = published_index(slots);
+    let shown = if PUBLISHED_SLOTS[i] == 32764 {
+        if test == PerfTest::Map {
+            "32k (run with 8194)".to_string()
+        } else {
+            "32k".to_string()
+        }
+    } else {
+        PUBLISHED_SLOTS[i].to_string()
+    };
+    let row = match test {
+        PerfTest::Map => 0,
+        PerfTest::Unmap => 1,
+        PerfTest::UnmapChunked => 2,
+        PerfTest::MoveActive => 3,
+        PerfTest::MoveInactive => 4,
+        PerfTest::Rw => return "none published".into(),
+    };
+    format!(
+        "{} per iteration at {shown} slots, full-size test",
+        secs(Duration::from_secs_f64(PUBLISHED[row][i]))
+    )
+}
+
+/// Resolved parameters.
+struct Plan {
+    mmu: MmuChoice,
+    loops: u32,
+    perf: sim_perf::Params,
+    stress: sim_stress::Params,
+    kvm: bool,
+}
+
+impl SelftestArgs {
+    fn plan(&self) -> Result<Plan, String> {
+        let q = self.quick;
+        Ok(Plan {
+            mmu: MmuChoice {
+                format: match self.format {
+                    FormatArg::Ept => FormatKind::Ept,
+                    FormatArg::Npt => FormatKind::Npt,
+                },
+                mmio_caching: true,
+                bugs: bugs(self.inject.as_deref())?,
+            },
+            loops: self.loops.unwrap_or(if q { 1 } else { sim_smr::DEFAULT_LOOPS }),
+            perf: sim_perf::Params {
+                slots: self.slots.or(q.then_some(64)),
+                seconds: self.seconds.unwrap_or(if q { 0.2 } else { sim_perf::DEFAULT_SECONDS }),
+                runs: self.runs,
+                sizes: if q { Sizes::scaled(4) } else { Sizes::FULL },
+            },
+            stress: sim_stress::Params {
+                vcpus: usize::from(self.vcpus),
+                bytes_per_vcpu: self.mib_per_vcpu.unwrap_or(if q { 16 } else { 1024 }) << 20,
+                iterations: self.iterations,
+                delay: Duration::from_micros(self.delay_us),
+            },
+            kvm: !self.no_kvm,
+        })
+    }
+
+    /// The tests named, in the C tests' order; `Err` names the unknown name.
+    fn selected(&self) -> Result<Vec<&'static str>, String> {
+        let all = all_tests();
+        let mut want = Vec::new();
+        for n in &self.names {
+            match n.as_str() {
+                "all" => want.extend(all.iter().copied()),
+                "set-memory-region" => want.extend(all.iter().filter(|t| t.starts_with("set-"))),
+                "memslot-perf" => want.extend(all.iter().filter(|t| t.starts_with("memslot-perf"))),
+                other => match all.iter().find(|t| **t == other) {
+                    Some(t) => want.push(*t),
+                    None => {
+                        return Err(format!(
+                            "no test named {other:?}; `vmmu selftest --list` lists them: {}",
+                            all.join(", ")
+                        ))
+                    }
+                },
+            }
+        }
+        if want.is_empty() {
+            return Err(
+                "name a test or group (`vmmu selftest --list`), e.g. `vmmu selftest all`".into()
+            );
+        }
+        Ok(all.into_iter().filter(|t| want.contains(t)).collect())
+    }
+}
+
+fn bugs(inject: Option<&str>) -> Result<vmmu::bugs::BugSet, String> {
+    let Some(name) = inject else { return Ok(vmmu::bugs::BugSet::NONE) };
+    let bug = vmmu::bugs::Bug::from_name(name).ok_or_else(|| {
+        let names: Vec<_> = vmmu::bugs::Bug::ALL.iter().map(|b| b.name()).collect();
+        format!("--inject {name}: no such bug; known: {}", names.join(", "))
+    })?;
+    #[cfg(feature = "historical-bugs")]
+    {
+        Ok(vmmu::bugs::BugSet::only(bug))
+    }
+    #[cfg(not(feature = "historical-bugs"))]
+    {
+        Err(format!(
+            "--inject {bug}: this build cannot re-inject bugs; build it with `--features \
+             historical-bugs`"
+        ))
+    }
+}
+
+fn perf_test(name: &str) -> Option<PerfTest> {
+    Some(match name {
+        "memslot-perf-map" => PerfTest::Map,
+        "memslot-perf-unmap" => PerfTest::Unmap,
+        "memslot-perf-unmap-chunked" => PerfTest::UnmapChunked,
+        "memslot-perf-move-active" => PerfTest::MoveActive,
+        "memslot-perf-move-inactive" => PerfTest::MoveInactive,
+        "memslot-perf-rw" => PerfTest::Rw,
+        _ => return None,
+    })
+}
+
+fn sim_cell<T>(r: Result<T, SelftestError>, ok: impl FnOnce(T) -> (String, String)) -> Cell {
+    match r {
+        Ok(t) => {
+            let (short, long) = ok(t);
+            Cell::Pass(short, long)
+        }
+        Err(e @ (SelftestError::TooManySlots { .. } | SelftestError::MoveSlotTooSmall { .. })) => {
+            Cell::NotRun(e.to_string())
+        }
+        Err(e) => Cell::Fail(e.to_string()),
+    }
+}
+
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+fn kvm_cell<T>(
+    r: Result<T, vmmu_kvm::selftest::KvmSelftestError>,
+    ok: impl FnOnce(T) -> (String, String),
+) -> Cell {
+    use vmmu_kvm::selftest::KvmSelftestError as E;
+    match r {
+        Ok(t) => {
+            let (short, long) = ok(t);
+            Cell::Pass(short, long)
+        }
+        Err(E::Unavailable(why)) => Cell::Skipped(format!("/dev/kvm not usable: {why}")),
+        Err(e @ (E::TooManySlots { .. } | E::MoveSlotTooSmall { .. })) => {
+            Cell::NotRun(e.to_string())
+        }
+        Err(e) => Cell::Fail(e.to_string()),
+    }
+}
+
+fn perf_text(
+    slots: u32,
+    setup: Duration,
+    iterations: u64,
+    per: Option<Duration>,
+    mmio: u64,
+) -> (String, String) {
+    let short = match per {
+        Some(d) => format!("ok, {}/it", secs(d)),
+        None => "ok, 0 it".into(),
+    };
+    let long = format!(
+        "{slots} slots, setup {}, {iterations} iterations, {} per iteration{}",
+        secs(setup),
+        per.map_or("n/a (no full iteration)".into(), secs),
+        if mmio > 0 { format!(", {mmio} MMIO exits (allowed)") } else { String::new() }
+    );
+    (short, long)
+}
+
+fn stress_text(updates: u64, accesses: u64, passes: u64, t: Duration) -> (String, String) {
+    (
+        format!("ok, {updates} updates"),
+        format!("{updates} updates, {accesses} guest writes ({passes} full passes), {}", secs(t)),
+    )
+}
+
+/// Runs one test on both sides.
+fn run_one(test: &'static str, p: &Plan) -> Row {
+    let mut row = Row {
+        test,
+        sim: Cell::Skipped(String::new()),
+        kvm: Cell::Skipped("--no-kvm".into()),
+        sim_iter: None,
+        kvm_iter: None,
+        published: "pass/fail only".into(),
+    };
+    let smr = |o: sim_smr::Outcome| {
+        (
+            format!("ok, {} loops", o.loops),
+            format!("{} loops, {} MMIO exits, {}", o.loops, o.mmio_exits, secs(o.elapsed)),
+        )
+    };
+    match test {
+        "set-memory-region-move" => {
+            row.sim = sim_cell(sim_smr::test_move(p.loops, &p.mmu), smr);
+        }
+        "set-memory-region-delete" => {
+            row.sim = sim_cell(sim_smr::test_delete(p.loops, &p.mmu), smr);
+        }
+        "memslot-modification-stress" => {
+            row.sim = sim_cell(sim_stress::run(&p.stress, &p.mmu), |o| {
+                stress_text(o.updates, o.accesses, o.passes, o.elapsed)
+            });
+        }
+        name => {
+            if let Some(t) = perf_test(name) {
+                let r = sim_perf::run(t, &p.perf, &p.mmu);
+                if let Ok(o) = &r {
+                    row.sim_iter = o.per_iteration;
+                    row.published = published(t, o.slots);
+                }
+                row.sim = sim_cell(r, |o| {
+                    perf_text(o.slots, o.slot_setup, o.iterations, o.per_iteration, o.mmio_exits)
+                });
+            }
+        }
+    }
+    if p.kvm {
+        run_kvm(&mut row, p);
+    }
+    row
+}
+
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+fn run_kvm(row: &mut Row, p: &Plan) {
+    use vmmu_kvm::selftest::{perf as kp, set_memory_region as ksmr, stress as kst};
+    let smr = |o: ksmr::Outcome| {
+        (
+            format!("ok, {} loops", o.loops),
+            format!("{} loops, {} MMIO exits, {}", o.loops, o.mmio_exits, secs(o.elapsed)),
+        )
+    };
+    row.kvm = match row.test {
+        "set-memory-region-move" => kvm_cell(ksmr::test_move(p.loops), smr),
+        "set-memory-region-delete" => kvm_cell(ksmr::test_delete(p.loops), smr),
+        "memslot-modification-stress" => {
+            let s = &p.stress;
+            kvm_cell(kst::run(s.vcpus, s.bytes_per_vcpu, s.iterations, s.delay), |o| {
+                stress_text(o.updates, o.accesses, o.passes, o.elapsed)
+            })
+        }
+        name => {
+            let Some(t) = perf_test(name) else { return };
+            let pages = p.perf.sizes.pages(t);
+            let kt = match t {
+                PerfTest::Map => kp::Test::Map(pages),
+                PerfTest::Unmap => kp::Test::Unmap(pages),
+                PerfTest::UnmapChunked => kp::Test::UnmapChunked(pages),
+                PerfTest::MoveActive => kp::Test::MoveActive(pages),
+                PerfTest::MoveInactive => kp::Test::MoveInactive(pages),
+                PerfTest::Rw => kp::Test::Rw(pages),
+            };
+            let r = kp::run(kt, p.perf.slots, p.perf.seconds, p.perf.runs);
+            if let Ok(o) = &r {
+                row.kvm_iter = o.per_iteration;
+                if row.sim_iter.is_none() {
+                    row.published = published(t, o.slots);
+                }
+            }
+            kvm_cell(r, |o| {
+                perf_text(o.slots, o.slot_setup, o.iterations, o.per_iteration, o.mmio_exits)
+            })
+        }
+    };
+}
+
+#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+fn run_kvm(row: &mut Row, _p: &Plan) {
+    row.kvm = Cell::Skipped("/dev/kvm not usable: needs Linux on x86-64".into());
+}
+
+/// The side-by-side table, then each cell in full.
+fn print_table(rows: &[Row]) {
+    let head = ["test", "vmmu (sim)", "KVM (/dev/kvm)", "vmmu/KVM", "published for KVM"];
+    let cells: Vec<[String; 5]> = rows
+        .iter()
+        .map(|r| {
+            let ratio = match (r.sim_iter, r.kvm_iter) {
+                (Some(s), Some(k)) => {
+                    format!("{:.2}x", s.as_secs_f64() / k.as_secs_f64().max(1e-12))
+                }
+                _ => "-".into(),
+            };
+            [r.test.to_string(), r.sim.short(), r.kvm.short(), ratio, r.published.clone()]
+        })
+        .collect();
+    let mut w = head.map(str::len);
+    for c in &cells {
+        for (i, s) in c.iter().enumerate() {
+            w[i] = w[i].max(s.len());
+        }
+    }
+    let line = |c: [&str; 5]| {
+        let mut s = String::new();
+        for (i, v) in c.iter().enumerate() {
+            s.push_str(&format!("{v:<width$}  ", width = w[i]));
+        }
+        println!("{}", s.trim_end());
+    };
+    line(head);
+    for c in &cells {
+        line([&c[0], &c[1], &c[2], &c[3], &c[4]]);
+    }
+    println!();
+    for r in rows {
+        let verdict = if matches!(r.sim, Cell::Fail(_)) || matches!(r.kvm, Cell::Fail(_)) {
+            "FAIL"
+        } else {
+            "PASS"
+        };
+        println!("{verdict} {}", r.test);
+        println!("  vmmu (sim): {}", r.sim.text());
+        println!("  KVM:        {}", r.kvm.text());
+    }
+}
+
+/// Prints the tests and groups.
+fn list() {
+    println!("tests:");
+    for (n, d) in TESTS.iter().chain(std::iter::once(&RW)) {
+        println!("  {n:<30} {d}");
+    }
+    println!("groups:");
+    for (n, d) in GROUPS {
+        println!("  {n:<30} {d}");
+    }
+}
+
+/// Runs `vmmu selftest`.
+pub fn run(args: &SelftestArgs) -> ExitCode {
+    if args.list {
+        list();
+        return ExitCode::SUCCESS;
+    }
+    let tests = match args.selected() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("vmmu selftest: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let plan = match args.plan() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("vmmu selftest: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut rows = Vec::new();
+    for t in tests {
+        if !args.json {
+            eprintln!("vmmu selftest: running {t}...");
+        }
+        rows.push(run_one(t, &plan));
+    }
+    if args.json {
+        let j: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "test": r.test,
+                    "sim": { "status": r.sim.status(), "detail": r.sim.text() },
+                    "kvm": { "status": r.kvm.status(), "detail": r.kvm.text() },
+                    "sim_ns_per_iteration": r.sim_iter.map(|d| d.as_nanos() as u64),
+                    "kvm_ns_per_iteration": r.kvm_iter.map(|d| d.as_nanos() as u64),
+                    "published": r.published,
+                })
+            })
+            .collect();
+        println!("{:#}", serde_json::json!({ "tests": j }));
+    } else {
+        print_table(&rows);
+        let setup: Vec<String> = PUBLISHED_SLOTS
+            .iter()
+            .zip(PUBLISHED_SETUP)
+            .map(|(n, s)| format!("{n}: {}", secs(Duration::from_secs_f64(s))))
+            .collect();
+        println!("published slot setup (adding all slots, whole test area): {}", setup.join(", "));
+    }
+    let failed =
+        rows.iter().any(|r| matches!(r.sim, Cell::Fail(_)) || matches!(r.kvm, Cell::Fail(_)));
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn published_figures_at_the_nearest_slot_count() {
+        assert_eq!(published_index(10), 0);
+        assert_eq!(published_index(64), 2); // nearer to 50 than to 100 in log scale
+        assert_eq!(published_index(32764), 5);
+        assert!(published(PerfTest::Unmap, 509).contains("31.500 ms"));
+        assert!(published(PerfTest::Map, 32764).contains("8194"));
+        assert_eq!(published(PerfTest::Rw, 10), "none published");
+    }
+}

@@ -1,0 +1,592 @@
+//! `memslot_perf_test` restated: the test memory (512 MiB + 4 KiB at GPA `0x10000000`, or the
+//! test's smaller size) split evenly over `N - 1` slots (the last also gets the remainder; the
+//! first page is the sync page), N = min(`KVM_USER_MEM_SLOTS` = 32764, the cap); slot 0 maps the
+//! guest's code page. Adding the slots is timed ("slot setup"); then the host loop of the test
+//! runs for `seconds` and each iteration is timed; of `runs` runs the best is reported, as the C
+//! test does.
+//!
+//! The host's `MADV_DONTNEED` of guest memory is restated as what it does to the MMU: an
+//! MMU-notifier invalidation of the range (`invalidate_hva_range_begin/end`), with the words the
+//! test uses zeroed in between (the pages are gone; a later guest touch faults them back in).
+//! The sync page's atomics are Rust atomics shared by the two threads; a vCPU waiting for the
+//! host leaves guest mode (a C guest spins in guest mode instead). The C test's `-d` checks
+//! (values read back on the host before unmapping) always run here.
+
+use super::{access8, setup, MmuChoice, Result, SelftestError, SYNC_TIMEOUT};
+use crate::host::{HostBuffer, HostConfig, SimHost};
+use crate::hw_vcpu::HwVcpu;
+use crate::ram::Width;
+use crate::real::RealMmu;
+use crate::seam::{GuestMmu, SlotRequest};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vmmu::memslot::KVM_USER_MEM_SLOTS;
+use vmmu::types::Hva;
+
+/// The test memory's GPA.
+pub const MEM_GPA: u64 = 0x1000_0000;
+/// The full test memory (512 MiB + the sync page).
+pub const MEM_SIZE: u64 = (512 << 20) + 4096;
+/// The map test's memory (32 MiB + the sync page).
+pub const MEM_SIZE_MAP: u64 = (32 << 20) + 4096;
+/// The unmap tests' test area (128 MiB; the memory is one page more).
+pub const MEM_TEST_UNMAP_SIZE: u64 = 128 << 20;
+/// The unmap chunked test's chunk (2 MiB, in pages).
+pub const MEM_TEST_UNMAP_CHUNK_PAGES: u64 = 512;
+/// The move tests' window, in pages.
+pub const MEM_TEST_MOVE_SIZE_PAGES: u64 = 50;
+/// The value the guest writes.
+pub const MEM_TEST_VAL_1: u64 = 0x1122_3344_5566_7788;
+/// The value the host writes (RW test).
+pub const MEM_TEST_VAL_2: u64 = 0x99AA_BBCC_DDEE_FF00;
+/// The C test's default time per run.
+pub const DEFAULT_SECONDS: f64 = 5.0;
+
+const PAGE: u64 = 4096;
+const MEM_TEST_GPA: u64 = MEM_GPA + PAGE;
+
+/// One of the six tests (`-f`/`-e` 0..5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PerfTest {
+    /// 0: map.
+    Map,
+    /// 1: unmap, 4 KiB at a time.
+    Unmap,
+    /// 2: unmap, 2 MiB at a time.
+    UnmapChunked,
+    /// 3: move the slot the guest is writing to.
+    MoveActive,
+    /// 4: move a slot the guest is not writing to.
+    MoveInactive,
+    /// 5: read/write every page from both sides.
+    Rw,
+}
+
+impl PerfTest {
+    /// In the C test's order.
+    pub const ALL: [PerfTest; 6] = [
+        PerfTest::Map,
+        PerfTest::Unmap,
+        PerfTest::UnmapChunked,
+        PerfTest::MoveActive,
+        PerfTest::MoveInactive,
+        PerfTest::Rw,
+    ];
+
+    /// The C test's name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            PerfTest::Map => "map",
+            PerfTest::Unmap => "unmap",
+            PerfTest::UnmapChunked => "unmap chunked",
+            PerfTest::MoveActive => "move active area",
+            PerfTest::MoveInactive => "move inactive area",
+            PerfTest::Rw => "RW",
+        }
+    }
+}
+
+/// Memory sizes: the C test's, or scaled down by `2^shift` for quick runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sizes {
+    /// The full memory (sync page included).
+    pub mem: u64,
+    /// The map test's memory (sync page included).
+    pub map: u64,
+    /// The unmap tests' test area.
+    pub unmap_test: u64,
+}
+
+impl Sizes {
+    /// The C test's sizes.
+    pub const FULL: Sizes =
+        Sizes { mem: MEM_SIZE, map: MEM_SIZE_MAP, unmap_test: MEM_TEST_UNMAP_SIZE };
+
+    /// Sizes divided by `2^shift` (at most 5: the unmap area stays a multiple of two chunks).
+    pub fn scaled(shift: u32) -> Sizes {
+        let s = shift.min(5);
+        Sizes {
+            mem: ((512 << 20) >> s) + PAGE,
+            map: ((32 << 20) >> s) + PAGE,
+            unmap_test: MEM_TEST_UNMAP_SIZE >> s,
+        }
+    }
+
+    /// The memory of `t`, in pages.
+    pub fn pages(&self, t: PerfTest) -> u64 {
+        match t {
+            PerfTest::Map => self.map / PAGE,
+            PerfTest::Unmap | PerfTest::UnmapChunked => self.unmap_test / PAGE + 1,
+            _ => self.mem / PAGE,
+        }
+    }
+}
+
+/// The test's parameters (the C test's flags).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Params {
+    /// `-s`: slot cap (`None`: the maximum, 32764).
+    pub slots: Option<u32>,
+    /// `-l`: seconds per run.
+    pub seconds: f64,
+    /// `-r`: runs (the best is reported).
+    pub runs: u32,
+    /// Memory sizes.
+    pub sizes: Sizes,
+}
+
+impl Default for Params {
+    /// The C test's defaults: no cap, 5 s, 1 run, full sizes.
+    fn default() -> Self {
+        Params { slots: None, seconds: DEFAULT_SECONDS, runs: 1, sizes: Sizes::FULL }
+    }
+}
+
+/// The best of the runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Outcome {
+    /// Slots in use (code slot included), as the C test counts them.
+    pub slots: u32,
+    /// Pages per test slot.
+    pub pages_per_slot: u64,
+    /// Best slot setup time (adding all slots).
+    pub slot_setup: Duration,
+    /// Iterations of the best run.
+    pub iterations: u64,
+    /// Best time per iteration (`None`: no full iteration; the C test only warns).
+    pub per_iteration: Option<Duration>,
+    /// MMIO exits the guest took (move active: expected ones).
+    pub mmio_exits: u64,
+}
+
+/// The host/guest sync area (the C test's `struct sync_area`).
+#[derive(Default)]
+struct SyncArea {
+    start: AtomicBool,
+    exit: AtomicBool,
+    sync: AtomicBool,
+    /// Set by the guest when it stops (done or failed).
+    gone: AtomicBool,
+}
+
+impl SyncArea {
+    fn host_perform_sync(&self) -> Result<()> {
+        let t = Instant::now();
+        self.sync.store(true, Ordering::Release);
+        while self.sync.load(Ordering::Acquire) {
+            if self.gone.load(Ordering::Acquire) {
+                return Err(SelftestError::Failed("the guest stopped before a sync".into()));
+            }
+            if t.elapsed() > SYNC_TIMEOUT {
+                return Err(SelftestError::Failed("host sync timed out after 2 s".into()));
+            }
+            std::thread::yield_now();
+        }
+        Ok(())
+    }
+
+    /// Waits (outside guest mode) for the host's sync; false when told to exit.
+    fn guest_perform_sync(&self, hw: &mut HwVcpu<'_, RealMmu>) -> bool {
+        hw.exit_guest();
+        loop {
+            if self.exit.load(Ordering::Acquire) {
+                return false;
+            }
+            if self
+                .sync
+                .compare_exchange_weak(true, false, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                hw.enter_guest();
+                return true;
+            }
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// One run's VM.
+struct Vm {
+    host: Arc<SimHost>,
+    mmu: RealMmu,
+    mem: Arc<HostBuffer>,
+    /// Test slots (ids 1..=nslots).
+    nslots: u64,
+    npages: u64,
+    pages_per_slot: u64,
+}
+
+impl Vm {
+    fn hva(&self, gpa: u64) -> u64 {
+        self.mem.hva().raw() + (gpa - MEM_GPA)
+    }
+
+    fn slot_gpa(&self, slot: u64) -> u64 {
+        MEM_GPA + (slot - 1) * self.pages_per_slot * PAGE
+    }
+
+    fn slot_pages(&self, slot: u64) -> u64 {
+        if slot == self.nslots {
+            self.npages - (slot - 1) * self.pages_per_slot
+        } else {
+            self.pages_per_slot
+        }
+    }
+
+    fn slot_request(&self, slot: u64, gpa: u64) -> SlotRequest {
+        SlotRequest {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: self.slot_pages(slot) * PAGE,
+            userspace_addr: self.hva(self.slot_gpa(slot)),
+        }
+    }
+
+    /// `MADV_DONTNEED` of `count` pages from test page `first`, cut at slot boundaries as the C
+    /// test does (one call per slot piece): an invalidation each, the used words zeroed.
+    fn unmap(&self, first: u64, count: u64) -> Result<()> {
+        let start = MEM_TEST_GPA + first * PAGE;
+        let end = start + count * PAGE;
+        let mut gpa = start;
+        while gpa < end {
+            let slot = ((gpa - MEM_GPA) / PAGE / self.pages_per_slot + 1).min(self.nslots);
+            let slot_end = self.slot_gpa(slot) + self.slot_pages(slot) * PAGE;
+            let piece_end = slot_end.min(end);
+            let (hs, he) = (self.hva(gpa), self.hva(piece_end));
+            self.mmu.invalidate_hva_range_begin(Hva(hs), Hva(he));
+            let mut p = gpa;
+            while p < piece_end {
+                for off in [0, PAGE / 2] {
+                    self.mem.write(p - MEM_GPA + off, Width::W8, 0).map_err(setup)?;
+                }
+                p += PAGE;
+            }
+            self.mmu.invalidate_hva_range_end();
+            gpa = piece_end;
+        }
+        Ok(())
+    }
+
+    /// The `-d` check: the host reads `want` at test page `page` (then zeroes it).
+    fn check(&self, page: u64, want: u64) -> Result<()> {
+        let off = MEM_TEST_GPA + page * PAGE - MEM_GPA;
+        let v = self.mem.read(off, Width::W8).map_err(setup)?;
+        if v != want {
+            return Err(SelftestError::Failed(format!(
+                "guest written values should read back correctly before unmap ({v:#x} vs \
+                 {want:#x} @ gpa {:#x})",
+                MEM_TEST_GPA + page * PAGE
+            )));
+        }
+        self.mem.write(off, Width::W8, 0).map_err(setup)
+    }
+}
+
+fn prepare(cap: Option<u32>, mempages: u64, m: &MmuChoice) -> Result<(Vm, Duration)> {
+    let max =
+        u64::from(cap.unwrap_or(u32::from(KVM_USER_MEM_SLOTS)).min(u32::from(KVM_USER_MEM_SLOTS)));
+    if max <= 1 {
+        return Err(setup("the slot cap must be above 1"));
+    }
+    let nslots = max - 1;
+    let pages_per_slot = mempages / nslots;
+    if pages_per_slot == 0 {
+        return Err(SelftestError::TooManySlots { max: mempages + 1 });
+    }
+    let host = Arc::new(
+        SimHost::new(HostConfig { max_frames: mempages + (1 << 18), ..HostConfig::new(46) })
+            .map_err(setup)?,
+    );
+    let code = host.add_buffer("code", PAGE).map_err(setup)?;
+    let mem = host.add_buffer("test", mempages * PAGE).map_err(setup)?;
+    let mmu = m.mmu(&host, 1)?;
+    let code_slot = SlotRequest {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: PAGE,
+        userspace_addr: code.hva().raw(),
+    };
+    mmu.set_memory_region(&code_slot).map_err(setup)?;
+    let vm = Vm { host, mmu, mem, nslots, npages: mempages, pages_per_slot };
+    let t = Instant::now();
+    for slot in 1..=nslots {
+        vm.mmu.set_memory_region(&vm.slot_request(slot, vm.slot_gpa(slot))).map_err(setup)?;
+    }
+    Ok((vm, t.elapsed()))
+}
+
+/// What the guest's MMIO exits may be (the C test's `mmio_ok`, `mmio_gpa_min/max`).
+#[derive(Clone, Copy)]
+struct MmioOk {
+    ok: bool,
+    min: u64,
+    max: u64,
+}
+
+/// Runs `test` with `p`'s parameters on `format`; the best of `p.runs` runs.
+pub fn run(test: PerfTest, p: &Params, m: &MmuChoice) -> Result<Outcome> {
+    let mut best: Option<Outcome> = None;
+    let mut best_setup: Option<Duration> = None;
+    for _ in 0..p.runs.max(1) {
+        let o = run_once(test, p, m)?;
+        best_setup = Some(best_setup.map_or(o.slot_setup, |b| b.min(o.slot_setup)));
+        let better = match (&best, o.per_iteration) {
+            (None, _) => true,
+            (Some(b), Some(t)) => b.per_iteration.is_none_or(|bt| t < bt),
+            (Some(_), None) => false,
+        };
+        if better {
+            best = Some(o);
+        }
+    }
+    let mut o = best.unwrap_or_default();
+    o.slot_setup = best_setup.unwrap_or_default();
+    Ok(o)
+}
+
+fn run_once(test: PerfTest, p: &Params, m: &MmuChoice) -> Result<Outcome> {
+    let mempages = p.sizes.pages(test);
+    let (vm, slot_setup) = prepare(p.slots, mempages, m)?;
+    let sync = SyncArea::default();
+    let mut mmio = MmioOk { ok: false, min: 0, max: 0 };
+    let mut move_base = 0;
+    if matches!(test, PerfTest::MoveActive | PerfTest::MoveInactive) {
+        let src = vm.slot_gpa(vm.nslots);
+        let active = test == PerfTest::MoveActive;
+        if active && vm.slot_pages(vm.nslots) < MEM_TEST_MOVE_SIZE_PAGES / 2 {
+            return Err(SelftestError::MoveSlotTooSmall { pages: vm.slot_pages(vm.nslots) });
+        }
+        move_base = src - MEM_TEST_MOVE_SIZE_PAGES * PAGE / if active { 2 } else { 1 };
+        if active {
+            mmio =
+                MmioOk { ok: true, min: src, max: src + MEM_TEST_MOVE_SIZE_PAGES * PAGE / 2 - 1 };
+        }
+    }
+    let sizes = p.sizes;
+    let failure: Mutex<Option<String>> = Mutex::new(None);
+    let mmio_exits = AtomicU64::new(0);
+    let mut nloops = 0u64;
+    let mut guest_runtime = Duration::ZERO;
+    let host_result = std::thread::scope(|s| {
+        let guest = s.spawn(|| {
+            let r = guest(test, &vm, &sync, mmio, move_base, sizes, &mmio_exits);
+            if let Err(e) = r {
+                *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+            }
+            sync.gone.store(true, Ordering::Release);
+        });
+        let t0 = Instant::now();
+        sync.start.store(true, Ordering::Release);
+        let res = (|| -> Result<()> {
+            loop {
+                guest_runtime = t0.elapsed();
+                if guest_runtime.as_secs_f64() >= p.seconds {
+                    return Ok(());
+                }
+                host_loop(test, &vm, &sync, sizes)?;
+                nloops += 1;
+            }
+        })();
+        sync.exit.store(true, Ordering::Release);
+        let _ = guest.join();
+        res
+    });
+    if let Some(f) = failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(SelftestError::Failed(f));
+    }
+    host_result?;
+    Ok(Outcome {
+        slots: (vm.nslots + 1) as u32,
+        pages_per_slot: vm.pages_per_slot,
+        slot_setup,
+        iterations: nloops,
+        per_iteration: (nloops > 0).then(|| guest_runtime / nloops as u32),
+        mmio_exits: mmio_exits.load(Ordering::Relaxed),
+    })
+}
+
+/// One iteration of the host's loop.
+fn host_loop(test: PerfTest, vm: &Vm, sync: &SyncArea, sizes: Sizes) -> Result<()> {
+    match test {
+        PerfTest::Map => {
+            let half = (sizes.map / PAGE - 1) / 2;
+            vm.unmap(half, half)?;
+            sync.host_perform_sync()?;
+            vm.check(0, MEM_TEST_VAL_1)?;
+            vm.check(half - 1, MEM_TEST_VAL_1)?;
+            vm.unmap(0, half)?;
+            sync.host_perform_sync()?;
+            vm.check(half, MEM_TEST_VAL_2)?;
+            vm.check(2 * half - 1, MEM_TEST_VAL_2)
+        }
+        PerfTest::Unmap | PerfTest::UnmapChunked => {
+            let chunk = if test == PerfTest::Unmap { 1 } else { MEM_TEST_UNMAP_CHUNK_PAGES };
+            let half = sizes.unmap_test / PAGE / 2;
+            sync.host_perform_sync()?;
+            vm.check(0, MEM_TEST_VAL_1)?;
+            for c in (0..half).step_by(chunk as usize) {
+                vm.unmap(c, chunk)?;
+            }
+            sync.host_perform_sync()?;
+            vm.check(half, MEM_TEST_VAL_2)?;
+            for c in (half..2 * half).step_by(chunk as usize) {
+                vm.unmap(c, chunk)?;
+            }
+            Ok(())
+        }
+        PerfTest::MoveActive | PerfTest::MoveInactive => {
+            let last = vm.nslots;
+            let src = vm.slot_gpa(last);
+            vm.mmu.set_memory_region(&vm.slot_request(last, MEM_GPA + sizes.mem)).map_err(setup)?;
+            vm.mmu.set_memory_region(&vm.slot_request(last, src)).map_err(setup)
+        }
+        PerfTest::Rw => {
+            let test_pages = sizes.mem / PAGE - 1;
+            for page in 0..test_pages {
+                let off = PAGE + page * PAGE + PAGE / 2;
+                vm.mem.write(off, Width::W8, MEM_TEST_VAL_2).map_err(setup)?;
+            }
+            sync.host_perform_sync()?;
+            for page in 0..test_pages {
+                let off = PAGE + page * PAGE;
+                let v = vm.mem.read(off, Width::W8).map_err(setup)?;
+                if v != MEM_TEST_VAL_1 {
+                    return Err(SelftestError::Failed(format!(
+                        "guest written values should read back correctly (is {v:#x} @ gpa {:#x})",
+                        MEM_GPA + off
+                    )));
+                }
+                vm.mem.write(off, Width::W8, 0).map_err(setup)?;
+            }
+            sync.host_perform_sync()
+        }
+    }
+}
+
+/// The guest's code of each test; `Err` is a guest assertion or an unexpected exit.
+fn guest(
+    test: PerfTest,
+    vm: &Vm,
+    sync: &SyncArea,
+    mmio_ok: MmioOk,
+    move_base: u64,
+    sizes: Sizes,
+    mmio_exits: &AtomicU64,
+) -> std::result::Result<(), String> {
+    let mut hw = HwVcpu::new(&vm.mmu, &vm.host, 0, 8192);
+    let mut mmio = |gpa: u64, write: bool| {
+        if !mmio_ok.ok {
+            return Err(format!("unexpected MMIO exit at gpa {gpa:#x}"));
+        }
+        if !write {
+            return Err(format!("unexpected MMIO read at gpa {gpa:#x}"));
+        }
+        if gpa < mmio_ok.min || gpa > mmio_ok.max {
+            return Err(format!("unexpected MMIO exit address {gpa:#x}"));
+        }
+        mmio_exits.fetch_add(1, Ordering::Relaxed);
+        Ok(0)
+    };
+    let mut rw = |hw: &mut HwVcpu<'_, RealMmu>, gpa: u64, store: Option<u64>| {
+        access8(hw, gpa, store, &[vm.hva(gpa)], &mut mmio)
+    };
+    while !sync.start.load(Ordering::Acquire) {
+        std::thread::yield_now();
+    }
+    hw.enter_guest();
+    match test {
+        PerfTest::MoveActive | PerfTest::MoveInactive => {
+            while !sync.exit.load(Ordering::Acquire) {
+                for page in 0..MEM_TEST_MOVE_SIZE_PAGES {
+                    rw(&mut hw, move_base + page * PAGE, Some(MEM_TEST_VAL_1))?;
+                }
+                // The C guest polls nothing else in this loop; leaving guest mode once per pass
+                // is this machine's interrupt window.
+                hw.exit_guest();
+                hw.enter_guest();
+            }
+        }
+        PerfTest::Map => {
+            let half = (sizes.map / PAGE - 1) / 2;
+            loop {
+                for page in 0..half {
+                    rw(&mut hw, MEM_TEST_GPA + page * PAGE, Some(MEM_TEST_VAL_1))?;
+                }
+                if !sync.guest_perform_sync(&mut hw) {
+                    break;
+                }
+                for page in half..2 * half {
+                    rw(&mut hw, MEM_TEST_GPA + page * PAGE, Some(MEM_TEST_VAL_2))?;
+                }
+                if !sync.guest_perform_sync(&mut hw) {
+                    break;
+                }
+            }
+        }
+        PerfTest::Unmap | PerfTest::UnmapChunked => loop {
+            rw(&mut hw, MEM_TEST_GPA, Some(MEM_TEST_VAL_1))?;
+            if !sync.guest_perform_sync(&mut hw) {
+                break;
+            }
+            rw(&mut hw, MEM_TEST_GPA + sizes.unmap_test / 2, Some(MEM_TEST_VAL_2))?;
+            if !sync.guest_perform_sync(&mut hw) {
+                break;
+            }
+        },
+        PerfTest::Rw => {
+            let test_pages = sizes.mem / PAGE - 1;
+            loop {
+                for page in 0..test_pages {
+                    rw(&mut hw, MEM_TEST_GPA + page * PAGE, Some(MEM_TEST_VAL_1))?;
+                }
+                if !sync.guest_perform_sync(&mut hw) {
+                    break;
+                }
+                for page in 0..test_pages {
+                    let gpa = MEM_TEST_GPA + page * PAGE + PAGE / 2;
+                    let v = rw(&mut hw, gpa, None)?;
+                    if v != MEM_TEST_VAL_2 {
+                        return Err(format!(
+                            "guest assertion failed: val == MEM_TEST_VAL_2 at gpa {gpa:#x}, val = \
+                             {v:#x}"
+                        ));
+                    }
+                    rw(&mut hw, gpa, Some(0))?;
+                }
+                if !sync.guest_perform_sync(&mut hw) {
+                    break;
+                }
+            }
+        }
+    }
+    hw.exit_guest();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quick(slots: u32) -> Params {
+        Params { slots: Some(slots), seconds: 0.05, runs: 1, sizes: Sizes::scaled(5) }
+    }
+
+    #[test]
+    fn every_test_passes_quickly() {
+        for t in PerfTest::ALL {
+            let o =
+                run(t, &quick(16), &MmuChoice::default()).unwrap_or_else(|e| panic!("{t:?}: {e}"));
+            assert_eq!(o.slots, 16, "{t:?}");
+            assert!(o.iterations > 0, "{t:?}: {o:?}");
+        }
+    }
+
+    #[test]
+    fn too_many_slots_is_reported_as_the_c_test_does() {
+        let e = run(PerfTest::Map, &quick(32764), &MmuChoice::default()).expect_err("too many");
+        assert_eq!(e, SelftestError::TooManySlots { max: Sizes::scaled(5).map / PAGE + 1 });
+    }
+}
