@@ -132,6 +132,16 @@ impl ShadowMmu {
         self.stats.shadow_pages.get() as usize
     }
 
+    /// Test-only (feature `testing`; takes the shadow lock of the VM whose `core` is passed,
+    /// i.e. `vm.mmu()`): what zapped shadow pages still make reachable, which must be 0 while no
+    /// zap is in progress: MMU-present SPTEs in pages that are invalid (zapped while pinned by a
+    /// root) or obsolete, and parent links from a freed, invalid or obsolete page (a table
+    /// installed below a zapped page). For models and tests of the staleness check.
+    #[cfg(feature = "testing")]
+    pub fn stale_entries_for_tests<H: Host>(&self, core: &TdpMmu<H>) -> usize {
+        self.lock(core).stale_entries_for_tests(core)
+    }
+
     /// KVM `make_mmu_pages_available`: below [`MIN_FREE_PAGES`] free pages, recycle the oldest
     /// unpinned ones up to [`REFILL_PAGES`] free.
     pub(crate) fn make_pages_available<H: Host>(

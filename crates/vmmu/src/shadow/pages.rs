@@ -480,6 +480,48 @@ impl ShadowState {
         }
     }
 
+    /// Test-only (feature `testing`): entries that zapped shadow pages still make reachable.
+    /// Counts (1) MMU-present SPTEs in pages that are still allocated but invalid (zapped while
+    /// a root pinned them) or obsolete (made before the last fast zap-all), and (2) parent
+    /// links of live pages that come from a freed, invalid or obsolete page, that are listed
+    /// twice, or whose SPTE no longer links the page. Both are 0 whenever no zap is in progress: a zap clears
+    /// every SPTE of the page and every SPTE linking it, and no fault may install below an
+    /// invalid page (the staleness check).
+    #[cfg(feature = "testing")]
+    pub(crate) fn stale_entries_for_tests<H: Host>(&self, core: &TdpMmu<H>) -> usize {
+        let fmt = core.cfg.format;
+        let bad_page = |id: SpId| match self.slab.get(id.0 as usize) {
+            Some(Some(sp)) => sp.role.invalid() || sp.valid_gen != self.valid_gen,
+            _ => true,
+        };
+        let mut n = 0;
+        for (i, slot) in self.slab.iter().enumerate() {
+            let Some(sp) = slot else { continue };
+            let id = SpId(i as u32);
+            if bad_page(id) {
+                n += (0..512)
+                    .filter(|&idx| {
+                        let e = self.entry(core, id, idx).load(crate::sync::Ordering::Acquire);
+                        SpteFormat::is_mmu_present(e)
+                    })
+                    .count();
+            }
+            for (k, &(p, idx)) in sp.parents.iter().enumerate() {
+                // A link listed twice: one of them was made below a page that was freed since
+                // (and whose id a new page reuses).
+                if bad_page(p) || sp.parents[..k].contains(&(p, idx)) {
+                    n += 1;
+                    continue;
+                }
+                let e = self.entry(core, p, usize::from(idx)).load(crate::sync::Ordering::Acquire);
+                if !SpteFormat::is_mmu_present(e) || fmt.pfn(e) != sp.spt {
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
     /// KVM `kvm_mmu_zap_oldest_mmu_pages`: zaps up to `nr` pages that no root pins, oldest
     /// first. Returns how many were zapped (children's parent links are cleared too).
     pub(crate) fn zap_oldest<H: Host>(
