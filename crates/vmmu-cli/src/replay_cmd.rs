@@ -70,6 +70,8 @@ fn configs(args: &ReplayArgs) -> Vec<ReplayConfig> {
     let formats = match args.format {
         Some(FormatArg::Ept) => vec![FormatKind::Ept],
         Some(FormatArg::Npt) => vec![FormatKind::Npt],
+        // Refused in `run` before any configuration is built.
+        Some(FormatArg::Shadow) => vec![],
         None => vec![FormatKind::Ept, FormatKind::Npt],
     };
     let caching = match args.mmio_caching {
@@ -139,6 +141,14 @@ fn replay_trace(args: &ReplayArgs, file: &str, trace: &Trace) -> (TraceReport, V
 
 /// Runs the command; returns the process exit status.
 pub fn run(args: &ReplayArgs) -> ExitCode {
+    if args.format == Some(FormatArg::Shadow) {
+        eprintln!(
+            "vmmu replay: --format shadow: traces carry guest-physical accesses only, so replay \
+             runs the TDP MMU (ept or npt); shadow paging runs in `vmmu run --format shadow` \
+             and in version-2 scenarios"
+        );
+        return ExitCode::from(2);
+    }
     let report_file = match args.report.as_deref().map(ReportFile::create).transpose() {
         Ok(f) => f,
         Err(e) => {

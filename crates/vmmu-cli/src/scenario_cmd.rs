@@ -26,6 +26,8 @@ pub enum FormatArg {
     Ept,
     /// AMD NPT.
     Npt,
+    /// Shadow paging (x86 page-table SPTEs shadowing the guest's tables).
+    Shadow,
 }
 
 /// On/off switch.
@@ -85,6 +87,7 @@ pub fn run(args: &ScenarioArgs) -> ExitCode {
         format: args.format.map(|f| match f {
             FormatArg::Ept => Format::Ept,
             FormatArg::Npt => Format::Npt,
+            FormatArg::Shadow => Format::Shadow,
         }),
         mmio_caching: args.mmio_caching.map(|m| m == OnOff::On),
         phys_bits: args.phys_bits,

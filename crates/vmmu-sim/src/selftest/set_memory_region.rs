@@ -162,6 +162,17 @@ fn spin_on_val(
         };
         let val = match access8(hw, MEM_REGION_GPA, None, &[now, before], &mut mmio) {
             Ok(v) => v,
+            // The map may have changed between the snapshot above and the access: a host
+            // address the map allows now (after the access) is no staleness either.
+            Err(e)
+                if e.contains("stale translation")
+                    && reached(&e).is_some_and(|h| {
+                        h == map.now.load(Ordering::SeqCst)
+                            || h == map.before.load(Ordering::SeqCst)
+                    }) =>
+            {
+                continue;
+            }
             Err(e) if e.contains("stale translation") => {
                 // Where does the MMU itself lead now (no TLB)? Tells a stale TLB entry from a
                 // stale SPTE.
@@ -185,6 +196,13 @@ fn spin_on_val(
         }
         std::thread::yield_now();
     }
+}
+
+/// The host address a "stale translation" error names.
+fn reached(e: &str) -> Option<u64> {
+    let rest = e.split("reached host address 0x").nth(1)?;
+    let hex: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
+    u64::from_str_radix(&hex, 16).ok()
 }
 
 fn host_page(host: &SimHost, pfn: vmmu::types::Pfn) -> u64 {
