@@ -218,3 +218,24 @@ fn the_zapped_page_as_misconfig_bug_stops_the_vcpu_under_shadow_paging() {
         "harm: the vCPU's run fails on a page the shrinker zapped; got {o:?}"
     );
 }
+
+/// Nested-style use (the "GVA" is an L2 guest's physical address): the GVA part of the MMIO
+/// cache is never used, so a repeated MMIO access hits the MMIO SPTE, not the cache (KVM's Feb
+/// 2019 rule); the same access without nesting is a cache hit.
+#[test]
+fn a_nested_walk_keeps_no_gva_in_the_mmio_cache() {
+    for nested in [false, true] {
+        let (vm, host, next) = shadow_vm(BugSet::NONE);
+        let s = Space::new(&host, &next);
+        s.map4k(0x4000_0000, MMIO_GPA, P | RW | US);
+        let mut v = vcpu_in(&vm, long4(s.cr3));
+        v.set_nested_walk(nested).unwrap();
+        assert!(matches!(access(&mut v, 0x4000_0000, false), Seen::Mmio(..)));
+        let second = access(&mut v, 0x4000_0000, false);
+        let want = if nested { EmulateSource::MmioSpteHit } else { EmulateSource::VcpuCacheHit };
+        assert_eq!(second, Seen::Mmio(Gpa(MMIO_GPA), want), "nested {nested}");
+        let gen = vm.memslots().generation(vmmu::AsId(0));
+        let cached = v.mmio_cache().lookup_gva(0x4000_0000, gen, BugSet::NONE).is_some();
+        assert_eq!(cached, !nested, "nested {nested}");
+    }
+}

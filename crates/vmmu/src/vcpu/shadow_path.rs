@@ -46,6 +46,9 @@ pub(crate) struct ShadowVcpu {
     pub(crate) root: Option<ShadowRoot>,
     /// Most recently used first.
     pub(crate) prev: [Option<PrevRoot>; NUM_PREV_ROOTS],
+    /// The addresses this MMU translates are an L2 guest's physical addresses, not virtual
+    /// ones (KVM `mmu_is_nested`): the GVA part of the MMIO cache is never filled or used.
+    pub(crate) nested: bool,
 }
 
 impl ShadowVcpu {
@@ -60,6 +63,7 @@ impl ShadowVcpu {
             },
             root: None,
             prev: [None; NUM_PREV_ROOTS],
+            nested: false,
         }
     }
 }
@@ -214,6 +218,19 @@ impl<H: Host> Vcpu<H> {
         Ok(())
     }
 
+    /// Marks the addresses this vCPU's faults carry as nested guest-physical addresses (an L2
+    /// guest's, KVM `mmu_is_nested`) or as guest-virtual ones (the default). Nested: the MMIO
+    /// info cache keeps no GVA (the Feb 2019 patch: `mmio_gva = 0` refuses every GVA hit), so an
+    /// RSVD fault goes to the MMIO SPTE; the GVA part is cleared now.
+    pub fn set_nested_walk(&mut self, nested: bool) -> Result<(), ShadowError> {
+        self.shadow_parts()?;
+        if let Some(sv) = self.st.shadow.as_mut() {
+            sv.nested = nested;
+        }
+        self.st.mmio_cache.clear_gva();
+        Ok(())
+    }
+
     /// INVLPG of `gva` (KVM `kvm_mmu_invlpg`): clears the MMIO cache entry of that page, and
     /// zaps the shadow leaf for `gva` under the current and the previous roots. The hypervisor
     /// also drops its own TLB entry for `gva`. Call outside guest mode.
@@ -363,7 +380,9 @@ impl<H: Host + GuestMemory> Vcpu<H> {
         let codec = vm.mmu.cfg.codec;
         let gen = vm.memslots.generation(st.as_id);
         let need = err.access().required().intersect(Access::WRITE.union(Access::USER));
-        if let Some((gfn, access)) = st.mmio_cache.lookup_gva(gva.raw(), gen, bugs) {
+        // A nested walk caches no GVA (KVM: `mmio_gva = 0` for `mmu_is_nested`).
+        let cache_gva = if st.shadow.as_ref().is_some_and(|s| s.nested) { 0 } else { gva.raw() };
+        if let Some((gfn, access)) = st.mmio_cache.lookup_gva(cache_gva, gen, bugs) {
             if access.contains(need) {
                 stats.mmio_cache_hits += 1;
                 stats.pf_fast += 1;
@@ -403,7 +422,7 @@ impl<H: Host + GuestMemory> Vcpu<H> {
                     // KVM's emulator does with `permission_fault` on the cached access.
                     return Ok(None);
                 }
-                st.mmio_cache.fill(gva.raw(), gfn, access, gen, bugs);
+                st.mmio_cache.fill(cache_gva, gfn, access, gen, bugs);
                 stats.mmio_spte_hits += 1;
                 stats.pf_fast += 1;
                 let gpa = Gpa(gfn.gpa().raw() | gva.page_offset());
@@ -484,7 +503,8 @@ impl<H: Host + GuestMemory> Vcpu<H> {
             Backing::Ram { base_pfn, writable, .. } => LeafWant::Ram { pfn: base_pfn, writable },
             Backing::NoSlot => {
                 // KVM `kvm_handle_noslot_fault` with the GVA (indirect MMU).
-                st.mmio_cache.fill(gva.raw(), walk.gfn, mmio_access, gen, bugs);
+                let cache_gva = if sv.nested { 0 } else { gva.raw() };
+                st.mmio_cache.fill(cache_gva, walk.gfn, mmio_access, gen, bugs);
                 stats.slow_path_mmio += 1;
                 stats.pf_emulate += 1;
                 if !codec.enabled() || walk.gfn > core.cfg.max_gfn {
