@@ -772,7 +772,7 @@ fn paged_access<M: GuestMmu>(
             start = clock.now();
             start & 1 == 0
         };
-        match shadow_access(hw, sh.host, gva, a.width, store, attempt) {
+        match shadow_access(hw, sh.host, &mut p.tlb, gva, a.width, store, attempt) {
             ShadowAccess::Ram { hva, value } => Observed::Ram { hva, value },
             ShadowAccess::Mmio(gpa) => mmio(sh, hw, &GuestAccess { gpa, ..*a }),
             ShadowAccess::PageFault(error) => Observed::GuestPageFault { error },

@@ -20,9 +20,11 @@
 //! shadow MMU, and a guest store to a shadowed table is emulated and reported with
 //! `track_write`; with EPT/NPT the simulated hardware walks the guest tables itself, each table
 //! load a guest-physical access through the second-level tables (a two-dimensional walk).
-//! Tables live in a slot of their own, 8 MiB to 16 MiB, split between the vCPUs. No vCPU keeps
-//! guest-virtual translations in a TLB: the shadow path walks every time, the TDP path caches
-//! guest-physical ones only.
+//! Tables live in a slot of their own, 8 MiB to 16 MiB, split between the vCPUs. Under shadow
+//! paging each vCPU has a GVA-keyed TLB ([`GvaTlb`]) filled by its hardware walks, emptied by
+//! the MMU's flush requests (which it polls before every access, as the TDP path does), by a
+//! new root, and by its own INVLPG (that page) and MOV CR3 (everything); the TDP path caches
+//! guest-physical translations only (its TLB is the machine's usual one).
 
 use crate::guest_tables::GuestTables;
 use crate::host::{HostBuffer, SimHost};
@@ -33,7 +35,7 @@ use crate::oracle::Observed;
 use crate::ram::{self, Width};
 use crate::seam::{GuestMmu, SlotRequest};
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use vmmu::fault::{EmulateSource, FaultOutcome, PfErr};
 use vmmu::guest::{GpteWriteError, GuestCpu, GuestPteMemory, PagingMode, WalkError};
@@ -60,6 +62,22 @@ pub fn tables_slot(buf: &HostBuffer) -> SlotRequest {
         guest_phys_addr: TABLES_GPA,
         memory_size: TABLES_SIZE,
         userspace_addr: buf.hva().raw(),
+    }
+}
+
+/// A vCPU's TLB of guest-virtual pages (shadow paging): page -> (frame, rights).
+#[derive(Default, Debug)]
+pub struct GvaTlb(HashMap<u64, (vmmu::Pfn, vmmu::Access)>);
+
+impl GvaTlb {
+    /// Drops every entry.
+    pub fn flush(&mut self) {
+        self.0.clear();
+    }
+
+    /// Drops the entry of `gva`'s page.
+    pub fn invlpg(&mut self, gva: u64) {
+        self.0.remove(&(gva & !0xfff));
     }
 }
 
@@ -107,6 +125,8 @@ pub struct VcpuPaging {
     rng: fastrand::Rng,
     shadow: bool,
     cpu: GuestCpu,
+    /// The GVA-keyed TLB (shadow paging).
+    pub tlb: GvaTlb,
     /// Counters.
     pub counters: PagingCounters,
 }
@@ -164,6 +184,7 @@ impl VcpuPaging {
             rng: fastrand::Rng::with_seed(seed ^ 0x9a61_0000 ^ index as u64),
             shadow,
             cpu,
+            tlb: GvaTlb::default(),
             counters: PagingCounters::default(),
         };
         // R in both spaces, from the start.
@@ -214,6 +235,7 @@ impl VcpuPaging {
     }
 
     fn invlpg<M: GuestMmu>(&mut self, hw: &mut HwVcpu<'_, M>, gva: u64) {
+        self.tlb.invlpg(gva);
         if let Some(vcpu) = hw.mmu().shadow_vcpu(hw.state()) {
             vcpu.exit_guest_mode();
             let _ = vcpu.invlpg(Gva(gva));
@@ -232,6 +254,8 @@ impl VcpuPaging {
                 self.space ^= 1;
                 self.counters.cr3_loads += 1;
                 self.cpu.cr3 = self.roots[self.space];
+                // MOV CR3 flushes the (non-global) TLB.
+                self.tlb.flush();
                 if let Some(vcpu) = hw.mmu().shadow_vcpu(hw.state()) {
                     vcpu.exit_guest_mode();
                     vcpu.load_cr3(self.roots[self.space]).map_err(|e| e.to_string())?;
@@ -368,15 +392,16 @@ pub enum ShadowAccess {
 pub fn shadow_access<M: GuestMmu>(
     hw: &mut HwVcpu<'_, M>,
     host: &SimHost,
+    tlb: &mut GvaTlb,
     gva: u64,
     width: Width,
     store: Option<u64>,
     mut attempt: impl FnMut() -> bool,
 ) -> ShadowAccess {
     let mmu = hw.mmu();
-    let Some(v) = mmu.shadow_vcpu(hw.state()) else {
+    if mmu.shadow_vcpu(hw.state()).is_none() {
         return ShadowAccess::Error("not a shadow-paging MMU".into());
-    };
+    }
     let need = if store.is_some() {
         vmmu::Access::WRITE.union(vmmu::Access::USER)
     } else {
@@ -395,19 +420,29 @@ pub fn shadow_access<M: GuestMmu>(
                 std::thread::yield_now();
             }
         }
-        // Requests are serviced outside guest mode (the vCPU may hold its guest-mode read
-        // section from the batch start).
-        v.exit_guest_mode();
-        if let Err(e) = v.service_requests() {
-            return ShadowAccess::Error(e.to_string());
+        // The "IPI": pending requests make the vCPU leave guest mode and service them, and a
+        // flush (asked for now or during any earlier entry, e.g. after an MMIO exit) empties
+        // its TLB; then it is in guest mode again.
+        if hw.poll() {
+            tlb.flush();
         }
-        if v.enter_guest_mode().is_err() {
+        let Some(v) = mmu.shadow_vcpu(hw.state()) else {
+            return ShadowAccess::Error("not a shadow-paging MMU".into());
+        };
+        if !v.in_guest_mode() {
             continue;
         }
-        let walk = v.walk_gva(Gva(gva), need);
+        let page = gva & !0xfff;
+        let walk = match tlb.0.get(&page) {
+            Some(&(pfn, perms)) if perms.contains(need) => {
+                HwWalk::Translated { pfn, level: vmmu::Level::L4K, perms }
+            }
+            _ => v.walk_gva(Gva(gva), need),
+        };
         let mut err = PfErr::USER | if store.is_some() { PfErr::WRITE } else { 0 };
         match walk {
-            HwWalk::Translated { pfn, .. } => {
+            HwWalk::Translated { pfn, perms, .. } => {
+                tlb.0.insert(page, (pfn, perms));
                 let Some(page) = host.ram_page(pfn) else {
                     return ShadowAccess::Error(format!("{pfn:?} is not RAM"));
                 };

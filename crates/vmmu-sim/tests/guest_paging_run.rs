@@ -63,3 +63,27 @@ fn the_oracle_sees_a_stale_mmio_spte_through_guest_virtual_accesses() {
     });
     assert!(caught, "a stale MMIO SPTE went unseen under shadow paging");
 }
+
+/// The vCPUs' GVA-keyed TLBs under shadow paging: without the flush after a zap they keep
+/// translating through zapped shadow leaves, and the oracle sees the stale frames. (Slot
+/// deletes and moves zap everything, which reloads every root, and a new root flushes the TLB
+/// anyway; the host invalidations of `--stress-paths` zap leaves through the rmap, where the
+/// flush is all there is.)
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn the_oracle_sees_a_missing_tlb_flush_through_the_gva_tlbs() {
+    use vmmu::bugs::{Bug, BugSet};
+    let caught = (0..3).any(|seed| {
+        let o = RunOptions {
+            seed,
+            bugs: BugSet::only(Bug::NoTlbFlushOnZap),
+            seconds: 2.0,
+            stress_paths: true,
+            ..opts(true, FormatKind::Npt)
+        };
+        let r = run(o);
+        eprintln!("seed {seed}: {} violations", r.oracle.violations);
+        r.oracle.violations > 0
+    });
+    assert!(caught, "stale GVA TLB entries went unseen under shadow paging");
+}
