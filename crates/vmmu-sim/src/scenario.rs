@@ -1,8 +1,10 @@
 //! The software machine as a scenario backend (`vmmu scenario --backend sim`): every `slot` step
 //! is a `set_memory_region` on the real MMU ([`RealMmu`]), every `read`/`write` runs on the named
-//! vCPU's own thread, a [`HwVcpu`] (TLB lookup, hardware walk, VM exit to the MMU, retry under the
-//! machine's one retry policy) and every buffer is a
-//! [`SimHost`] buffer, whose real address is the `userspace_addr` the request carries.
+//! vCPU's own thread (`scenario_vcpu`: a [`HwVcpu`](crate::hw_vcpu::HwVcpu) with its TLB,
+//! hardware walk, VM exits and the machine's one retry policy; or the shadow MMU's GVA entry
+//! points), and every buffer is a [`SimHost`] buffer, whose real address is the
+//! `userspace_addr` the request carries. Version-2 scenarios keep the guest's page tables in a
+//! slot of the backend's own below 8 MiB (`guest_tables`).
 //!
 //! Deterministic: the driver runs one step at a time and waits for it. Between steps every vCPU
 //! is outside guest mode, so a memslot update never waits for an idle vCPU thread.
