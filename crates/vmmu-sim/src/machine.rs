@@ -73,7 +73,7 @@ use std::time::{Duration, Instant};
 use vmmu::fault::PfErr;
 use vmmu::memslot::MemslotError;
 use vmmu::spte::FormatKind;
-use vmmu::types::{Generation, Gpa, Hva, PAGE_SIZE};
+use vmmu::types::{Access, Generation, Gpa, Hva, PAGE_SIZE};
 
 /// Retries of one access, outside memslot updates, before the machine calls it a livelock (the
 /// one retry policy of [`crate::hw_vcpu`]).
@@ -747,6 +747,23 @@ fn access<M: GuestMmu>(
     (seen, at.start, end)
 }
 
+/// The data access of a translated guest access: `width` bytes at `gva`'s offset in `page`.
+fn ram_at(page: std::ptr::NonNull<u8>, gva: u64, width: Width, store: Option<u64>) -> Observed {
+    let p = page.as_ptr().wrapping_add((gva & 0xfff) as usize);
+    let value = match store {
+        // SAFETY: `page` is a RAM frame of the machine's host (from `ram_page` or a TLB entry
+        // made from one), valid while the host lives; the access is naturally aligned (the mix
+        // makes it so), so it stays in the page; buffer memory is only accessed atomically.
+        Some(v) => unsafe {
+            crate::ram::store(p, width, v);
+            v
+        },
+        // SAFETY: as for the store.
+        None => unsafe { crate::ram::load(p, width) },
+    };
+    Observed::Ram { hva: Hva(p as u64), value }
+}
+
 /// One guest access through guest-virtual address `gva` (guest paging); `a` says what the
 /// oracle expects (its GPA is the one the vCPU mapped at `gva`).
 fn paged_access<M: GuestMmu>(
@@ -779,18 +796,36 @@ fn paged_access<M: GuestMmu>(
             ShadowAccess::Error(e) => Observed::Error(e),
         }
     } else {
-        match p.walk_tdp(hw, gva, write) {
-            Err(o) => o,
-            Ok(gpa) => {
-                let mut at = Stamps { clock: sh.clock, start: 0 };
-                let seen = match hw.load_store_with(gpa, a.width, store, &mut at) {
-                    Data::Ram { hva, value } => Observed::Ram { hva, value },
-                    Data::Mmio => mmio(sh, hw, &GuestAccess { gpa, ..*a }),
-                    Data::Error(e) => Observed::Error(e.to_string()),
-                };
-                start = at.start;
-                seen
-            }
+        // Requests first, as the hardware path does before every TLB lookup (a flush request
+        // empties the second-level TLB); then the combined TLB, which empties with it.
+        hw.poll();
+        p.tlb.follow(hw.tlb_stats().flushes);
+        let need = if write { Access::WRITE.union(Access::USER) } else { Access::USER };
+        match p.tlb.lookup(gva, need).and_then(|pfn| sh.host.ram_page(pfn)) {
+            Some(page) => ram_at(page, gva, a.width, store),
+            None => match p.walk_tdp(hw, gva, write) {
+                Err(o) => o,
+                Ok((gpa, guest_rights)) => {
+                    let mut at = Stamps { clock: sh.clock, start: 0 };
+                    let kind = if write { AccessKind::Write } else { AccessKind::Read };
+                    let seen = match hw.access_with(gpa, kind, &mut at) {
+                        crate::hw_vcpu::Outcome::Ram(e) => {
+                            p.tlb.follow(hw.tlb_stats().flushes);
+                            let rights = if e.writable {
+                                guest_rights
+                            } else {
+                                guest_rights.intersect(Access::USER.union(Access::EXEC))
+                            };
+                            p.tlb.insert(gva, e.pfn, rights);
+                            ram_at(e.page, gva, a.width, store)
+                        }
+                        crate::hw_vcpu::Outcome::Mmio => mmio(sh, hw, &GuestAccess { gpa, ..*a }),
+                        crate::hw_vcpu::Outcome::Error(e) => Observed::Error(e.to_string()),
+                    };
+                    start = at.start;
+                    seen
+                }
+            },
         }
     };
     match &seen {

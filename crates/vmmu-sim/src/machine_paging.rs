@@ -20,11 +20,10 @@
 //! shadow MMU, and a guest store to a shadowed table is emulated and reported with
 //! `track_write`; with EPT/NPT the simulated hardware walks the guest tables itself, each table
 //! load a guest-physical access through the second-level tables (a two-dimensional walk).
-//! Tables live in a slot of their own, 8 MiB to 16 MiB, split between the vCPUs. Under shadow
-//! paging each vCPU has a GVA-keyed TLB ([`GvaTlb`]) filled by its hardware walks, emptied by
-//! the MMU's flush requests (which it polls before every access, as the TDP path does), by a
-//! new root, and by its own INVLPG (that page) and MOV CR3 (everything); the TDP path caches
-//! guest-physical translations only (its TLB is the machine's usual one).
+//! Tables live in a slot of their own, 8 MiB to 16 MiB, split between the vCPUs. Every vCPU has
+//! a GVA-keyed TLB ([`GvaTlb`]) filled by its hardware walks (shadow walks, or combined
+//! translations of the two-dimensional walk), emptied by the MMU's flush requests (polled before
+//! every access), by a new root, and by its own INVLPG (that page) and MOV CR3 (everything).
 
 use crate::guest_tables::GuestTables;
 use crate::host::{HostBuffer, SimHost};
@@ -65,11 +64,33 @@ pub fn tables_slot(buf: &HostBuffer) -> SlotRequest {
     }
 }
 
-/// A vCPU's TLB of guest-virtual pages (shadow paging): page -> (frame, rights).
+/// A vCPU's TLB of guest-virtual pages: page -> (frame, rights). Under shadow paging it caches
+/// what the shadow walk found; with EPT/NPT it caches combined translations (guest walk, then
+/// second-level walk), so it must be emptied whenever the second-level TLB is
+/// ([`GvaTlb::follow`]).
 #[derive(Default, Debug)]
-pub struct GvaTlb(HashMap<u64, (vmmu::Pfn, vmmu::Access)>);
+pub struct GvaTlb(HashMap<u64, (vmmu::Pfn, vmmu::Access)>, u64);
 
 impl GvaTlb {
+    /// Empties the TLB if the vCPU's second-level TLB was flushed since the last call
+    /// (`flushes` is its flush count): a combined translation must not outlive its GPA part.
+    pub fn follow(&mut self, flushes: u64) {
+        if flushes != self.1 {
+            self.1 = flushes;
+            self.0.clear();
+        }
+    }
+
+    /// The entry for `gva`'s page if it allows `need`.
+    pub fn lookup(&self, gva: u64, need: vmmu::Access) -> Option<vmmu::Pfn> {
+        self.0.get(&(gva & !0xfff)).filter(|(_, p)| p.contains(need)).map(|(pfn, _)| *pfn)
+    }
+
+    /// Caches `gva`'s page.
+    pub fn insert(&mut self, gva: u64, pfn: vmmu::Pfn, perms: vmmu::Access) {
+        self.0.insert(gva & !0xfff, (pfn, perms));
+    }
+
     /// Drops every entry.
     pub fn flush(&mut self) {
         self.0.clear();
@@ -322,12 +343,12 @@ impl VcpuPaging {
         hw: &mut HwVcpu<'_, M>,
         gva: u64,
         write: bool,
-    ) -> Result<Gpa, Observed> {
+    ) -> Result<(Gpa, vmmu::Access), Observed> {
         let cell = RefCell::new(hw);
         let mem = TwoDimensional { hw: &cell };
         let access = FaultAccess { write, exec: false, user: true };
         match vmmu::guest::walk(&self.cpu, &mem, Gva(gva), access) {
-            Ok(w) => Ok(w.gpa),
+            Ok(w) => Ok((w.gpa, w.pte_access)),
             Err(WalkError::PageFault(pf)) => {
                 Err(Observed::GuestPageFault { error: pf.error_code.0 })
             }
