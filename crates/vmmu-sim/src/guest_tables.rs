@@ -18,13 +18,11 @@ pub const TABLES_GPA: u64 = 0x10_0000;
 /// End of the table area (the 8 MiB the backends reserve).
 pub const TABLES_END: u64 = 0x80_0000;
 
-const P: u64 = 1;
-const RW: u64 = 1 << 1;
-const US: u64 = 1 << 2;
-const PS: u64 = 1 << 7;
+use vmmu::guest::pte::{P, PS, RW, US};
 /// The reserved bit a `reserved` map sets (bit 51).
 const RSVD51: u64 = 1 << 51;
-const ADDR: u64 = 0x000f_ffff_ffff_f000;
+/// The address bits of an entry (MAXPHYADDR 52: what the backends' tables hold).
+const ADDR: u64 = vmmu::guest::pte::addr_mask(52);
 
 /// Why a table operation failed.
 #[derive(Debug, thiserror::Error)]

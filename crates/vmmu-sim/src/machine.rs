@@ -248,6 +248,36 @@ impl LiveExits {
     }
 }
 
+impl VcpuCounters {
+    /// Counts the start of access `a`; returns whether it is a write.
+    fn begin(&mut self, a: &GuestAccess) -> bool {
+        let write = a.kind.is_write();
+        self.accesses += 1;
+        if write {
+            self.writes += 1;
+        } else {
+            self.reads += 1;
+        }
+        write
+    }
+
+    /// Counts how access `a` ended.
+    fn end(&mut self, a: &GuestAccess, seen: &Observed) {
+        match seen {
+            Observed::Ram { .. } => self.ram += 1,
+            Observed::Mmio { device: true, .. } => self.mmio_device += 1,
+            Observed::Mmio { device: false, .. } => {
+                self.mmio_userspace += 1;
+                if a.kind == MixKind::RomWrite {
+                    self.readonly_write += 1;
+                }
+            }
+            Observed::Error(_) => self.errors += 1,
+            Observed::GuestPageFault { .. } => self.guest_page_faults += 1,
+        }
+    }
+}
+
 /// A per-vCPU progress counter on its own cache line, so vCPUs do not share one.
 #[repr(align(128))]
 #[derive(Default)]
@@ -718,31 +748,14 @@ fn access<M: GuestMmu>(
     c: &mut VcpuCounters,
     a: &GuestAccess,
 ) -> (Observed, u64, u64) {
-    let write = a.kind.is_write();
-    c.accesses += 1;
-    if write {
-        c.writes += 1;
-    } else {
-        c.reads += 1;
-    }
+    let write = c.begin(a);
     let mut at = Stamps { clock: sh.clock, start: 0 };
     let seen = match hw.load_store_with(a.gpa, a.width, write.then_some(a.value), &mut at) {
         Data::Ram { hva, value } => Observed::Ram { hva, value },
         Data::Mmio => mmio(sh, hw, a),
         Data::Error(e) => Observed::Error(e.to_string()),
     };
-    match &seen {
-        Observed::Ram { .. } => c.ram += 1,
-        Observed::Mmio { device: true, .. } => c.mmio_device += 1,
-        Observed::Mmio { device: false, .. } => {
-            c.mmio_userspace += 1;
-            if a.kind == MixKind::RomWrite {
-                c.readonly_write += 1;
-            }
-        }
-        Observed::Error(_) => c.errors += 1,
-        Observed::GuestPageFault { .. } => c.guest_page_faults += 1,
-    }
+    c.end(a, &seen);
     let end = sh.clock.now();
     (seen, at.start, end)
 }
@@ -774,13 +787,7 @@ fn paged_access<M: GuestMmu>(
     gva: u64,
     p: &mut VcpuPaging,
 ) -> (Observed, u64, u64) {
-    let write = a.kind.is_write();
-    c.accesses += 1;
-    if write {
-        c.writes += 1;
-    } else {
-        c.reads += 1;
-    }
+    let write = c.begin(a);
     let mut start = sh.clock.now();
     let store = write.then_some(a.value);
     let seen = if p.is_shadow() {
@@ -828,13 +835,7 @@ fn paged_access<M: GuestMmu>(
             },
         }
     };
-    match &seen {
-        Observed::Ram { .. } => c.ram += 1,
-        Observed::Mmio { device: true, .. } => c.mmio_device += 1,
-        Observed::Mmio { device: false, .. } => c.mmio_userspace += 1,
-        Observed::Error(_) => c.errors += 1,
-        Observed::GuestPageFault { .. } => c.guest_page_faults += 1,
-    }
+    c.end(a, &seen);
     (seen, start, sh.clock.now())
 }
 
