@@ -80,11 +80,17 @@ pub enum Bug {
     /// Undoes the remote TLB flush on zap (kvm_flush_remote_tlbs): zapping present leaves does not
     /// flush the vCPUs' TLBs.
     NoTlbFlushOnZap = 9,
+    /// Undoes the remote TLB flush after dirty-log write protection (KVM
+    /// `kvm_get_dirty_log_protect` / `kvm_clear_dirty_log_protect`: `if (flush)
+    /// kvm_flush_remote_tlbs_memslot()` before the ioctl returns): a vCPU keeps writing through
+    /// a cached writable translation of a page the collection just took, and the write is in no
+    /// later collection (a lost dirty page).
+    DirtyLogNoFlush = 10,
 }
 
 impl Bug {
     /// Every bug, in a stable order.
-    pub const ALL: [Bug; 10] = [
+    pub const ALL: [Bug; 11] = [
         Bug::NoSecondIncrement,
         Bug::CacheWhileInProgress,
         Bug::VcpuCacheWithoutGen,
@@ -95,6 +101,7 @@ impl Bug {
         Bug::InvalidSlotAsMmio,
         Bug::MmioSpteIgnoresGen,
         Bug::NoTlbFlushOnZap,
+        Bug::DirtyLogNoFlush,
     ];
 
     /// The bug's command-line name.
@@ -110,6 +117,7 @@ impl Bug {
             Bug::InvalidSlotAsMmio => "invalid-slot-as-mmio",
             Bug::MmioSpteIgnoresGen => "mmio-spte-ignores-gen",
             Bug::NoTlbFlushOnZap => "no-tlb-flush-on-zap",
+            Bug::DirtyLogNoFlush => "dirty-log-no-flush",
         }
     }
 
