@@ -385,8 +385,8 @@ impl<H: Host> Vm<H> {
     /// `first + 64k + j`) over pages `[first, first + count)` of the slot and write-protects the
     /// pages that were dirty, flushing before it returns. KVM's checks in KVM's order: ids
     /// (`EINVAL`), `first` a multiple of 64 (`EINVAL`), the slot logs (`ENOENT`), the range fits
-    /// and `count` is a multiple of 64 unless it ends at the slot's end (`EINVAL`); then manual
-    /// protect must be on (`EINVAL`) and `bitmap` must cover the range (`EFAULT`).
+    /// and `count` is a multiple of 64 unless it ends at the slot's end (`EINVAL`); then
+    /// `bitmap` must cover the range (`EFAULT`). As in KVM it works without manual protect too.
     pub fn clear_dirty_log(
         &self,
         as_id: AsId,

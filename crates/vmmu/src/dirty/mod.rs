@@ -75,9 +75,6 @@ pub enum DirtyLogError {
         /// The slot's pages.
         npages: u64,
     },
-    /// `KVM_CLEAR_DIRTY_LOG` is for manual-protect VMs only (`EINVAL`).
-    #[error("KVM_CLEAR_DIRTY_LOG needs manual dirty-log protection")]
-    NotManual,
     /// The caller's bitmap is shorter than the range (KVM's `copy_from_user` fails: `EFAULT`).
     #[error("the bitmap has {words} words, the range needs {needed}")]
     BitmapTooShort {
@@ -333,11 +330,10 @@ impl<H: crate::host::Host> crate::shared::VmShared<H> {
                 0 => Ok(()),
                 _ => Err(DirtyLogError::FirstNotAligned { first }),
             },
-            |slot, log, mode| {
+            |slot, log, _mode| {
                 check_clear_range(first, count, slot.npages())?;
-                if mode != DirtyLogMode::Manual {
-                    return Err(DirtyLogError::NotManual);
-                }
+                // KVM does not check the mode: CLEAR works in auto mode too (checked on
+                // /dev/kvm, `tests/scenarios/dirty_log_bad_requests.scn`).
                 let needed = count.div_ceil(64) as usize;
                 if bitmap.len() < needed {
                     return Err(DirtyLogError::BitmapTooShort { words: bitmap.len(), needed });
