@@ -40,13 +40,13 @@ pub use backend::{run, run_collect, Backend, BackendError, Machine, RunError, St
 pub use diff::{Verdict, VerdictLine};
 pub use error::{Error, Result};
 pub use observation::{
-    first_difference, parse_observations, Observation, ObservationError, ReadExit, SlotResult,
-    WriteExit,
+    first_difference, parse_observations, DirtyLogResult, Observation, ObservationError, ReadExit,
+    SlotResult, WriteExit,
 };
 pub use parse::{parse, ParseError, ParseErrorKind};
 pub use print::to_text;
 pub use step::{
-    Format, HostReadOp, HostWriteOp, MemDecl, MemId, MemRef, Op, Overrides, ReadOp, Scenario,
-    SlotFlags, SlotOp, Step, VmConfig, Width, WriteOp, ACCESS_LIMIT, PAGE_SIZE, RESERVED_BELOW,
-    RESERVED_SLOT_IDS,
+    ClearDirtyLogOp, DirtyLogMode, DirtyLogOp, Format, HostReadOp, HostWriteOp, MemDecl, MemId,
+    MemRef, Op, Overrides, ReadOp, Scenario, SlotFlags, SlotOp, Step, VmConfig, Width, WriteOp,
+    ACCESS_LIMIT, PAGE_SIZE, RESERVED_BELOW, RESERVED_SLOT_IDS,
 };

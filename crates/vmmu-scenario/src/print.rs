@@ -15,15 +15,23 @@ pub fn to_text(s: &Scenario) -> String {
     for step in &s.steps {
         // Writing to a String cannot fail.
         let _ = match &step.op {
-            Op::Vm(vm) => writeln!(
-                t,
-                "vm vcpus={} address_spaces={} mmio_caching={} format={} phys_bits={}",
-                vm.vcpus,
-                vm.address_spaces,
-                if vm.mmio_caching { "on" } else { "off" },
-                vm.format,
-                vm.phys_bits
-            ),
+            Op::Vm(vm) => {
+                let _ = write!(
+                    t,
+                    "vm vcpus={} address_spaces={} mmio_caching={} format={} phys_bits={}",
+                    vm.vcpus,
+                    vm.address_spaces,
+                    if vm.mmio_caching { "on" } else { "off" },
+                    vm.format,
+                    vm.phys_bits
+                );
+                // Version 2's field only when it is not the default, so a version-1 file prints
+                // as version 1.
+                if vm.dirty_log != crate::step::DirtyLogMode::Auto {
+                    let _ = write!(t, " dirty_log={}", vm.dirty_log);
+                }
+                writeln!(t)
+            }
             Op::Mem(_, decl) => writeln!(t, "mem {} size={:#x}", decl.name, decl.size),
             Op::Slot(op) => {
                 let _ = write!(
@@ -67,6 +75,12 @@ pub fn to_text(s: &Scenario) -> String {
                 writeln!(t, "host-read {}+{:#x} size={}", h.at.name, h.at.offset, h.width.bytes())
             }
             Op::MmioReply(v) => writeln!(t, "mmio-reply value={v:#x}"),
+            Op::DirtyLog(d) => writeln!(t, "dirty-log {} as={}", d.id, d.as_id),
+            Op::ClearDirtyLog(c) => writeln!(
+                t,
+                "clear-dirty-log {} as={} first={:#x} count={:#x}",
+                c.id, c.as_id, c.first, c.count
+            ),
         };
     }
     t
@@ -103,6 +117,21 @@ mod tests {
              host-write b+0x0 size=1 value=0x7\n\
              mmio-reply value=0x0\n"
         );
+    }
+
+    #[test]
+    fn dirty_log_steps_print_and_parse_back() {
+        let src =
+            "vm vcpus=1 dirty_log=manual\ndirty-log 2 as=1\nclear-dirty-log 2 first=64 count=65\n";
+        let s = parse(src).unwrap();
+        let text = to_text(&s);
+        assert_eq!(
+            text,
+            "vm vcpus=1 address_spaces=1 mmio_caching=on format=ept phys_bits=46 dirty_log=manual\n\
+             dirty-log 2 as=1\n\
+             clear-dirty-log 2 as=0 first=0x40 count=0x41\n"
+        );
+        assert!(same_steps(&s, &parse(&text).unwrap()));
     }
 
     #[test]

@@ -40,6 +40,26 @@ impl fmt::Display for Format {
     }
 }
 
+/// How `dirty-log` treats the bitmap (`vm dirty_log=`): KVM without manual protect, or with
+/// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` enabled (without "initially set").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DirtyLogMode {
+    /// GET returns, clears and write-protects again.
+    #[default]
+    Auto,
+    /// GET only returns; `clear-dirty-log` clears and write-protects.
+    Manual,
+}
+
+impl fmt::Display for DirtyLogMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DirtyLogMode::Auto => "auto",
+            DirtyLogMode::Manual => "manual",
+        })
+    }
+}
+
 /// The `vm` line, with defaults filled in (and, in [`Scenario::vm`], command-line overrides).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VmConfig {
@@ -53,6 +73,8 @@ pub struct VmConfig {
     pub format: Format,
     /// Host MAXPHYADDR, 36..=52.
     pub phys_bits: u8,
+    /// The dirty-log mode (version 2).
+    pub dirty_log: DirtyLogMode,
 }
 
 impl Default for VmConfig {
@@ -63,6 +85,7 @@ impl Default for VmConfig {
             mmio_caching: true,
             format: Format::Ept,
             phys_bits: 46,
+            dirty_log: DirtyLogMode::Auto,
         }
     }
 }
@@ -242,6 +265,42 @@ pub struct HostReadOp {
     pub width: Width,
 }
 
+/// A `dirty-log` step: `KVM_GET_DIRTY_LOG` on one slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirtyLogOp {
+    /// Slot id.
+    pub id: u16,
+    /// Address space.
+    pub as_id: u16,
+}
+
+/// A `clear-dirty-log` step: `KVM_CLEAR_DIRTY_LOG` with every bit of `[first, first+count)` set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClearDirtyLogOp {
+    /// Slot id.
+    pub id: u16,
+    /// Address space.
+    pub as_id: u16,
+    /// The first page (KVM's `first_page`; not checked: KVM's rules decide).
+    pub first: u64,
+    /// The number of pages (KVM's `num_pages`, a `u32`).
+    pub count: u32,
+}
+
+impl DirtyLogOp {
+    /// KVM's `slot` field: `(as << 16) | id`.
+    pub fn kvm_slot(&self) -> u32 {
+        (u32::from(self.as_id) << 16) | u32::from(self.id)
+    }
+}
+
+impl ClearDirtyLogOp {
+    /// KVM's `slot` field: `(as << 16) | id`.
+    pub fn kvm_slot(&self) -> u32 {
+        (u32::from(self.as_id) << 16) | u32::from(self.id)
+    }
+}
+
 /// What a step does.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -261,6 +320,10 @@ pub enum Op {
     HostRead(HostReadOp),
     /// `mmio-reply value=V`.
     MmioReply(u64),
+    /// `dirty-log ID [as=A]`.
+    DirtyLog(DirtyLogOp),
+    /// `clear-dirty-log ID [as=A] first=N count=M`.
+    ClearDirtyLog(ClearDirtyLogOp),
 }
 
 impl Op {
@@ -275,6 +338,8 @@ impl Op {
             Op::HostWrite(_) => "host-write",
             Op::HostRead(_) => "host-read",
             Op::MmioReply(_) => "mmio-reply",
+            Op::DirtyLog(_) => "dirty-log",
+            Op::ClearDirtyLog(_) => "clear-dirty-log",
         }
     }
 }

@@ -18,8 +18,9 @@ use std::thread::JoinHandle;
 use vmmu::spte::FormatKind;
 use vmmu::Gpa;
 use vmmu_scenario::{
-    Backend, BackendError, Format, HostReadOp, HostWriteOp, Machine, MemDecl, MemId, MemRef,
-    ReadExit, ReadOp, Scenario, SlotOp, SlotResult, Start, Width, WriteExit, WriteOp,
+    Backend, BackendError, ClearDirtyLogOp, DirtyLogMode, DirtyLogOp, DirtyLogResult, Format,
+    HostReadOp, HostWriteOp, Machine, MemDecl, MemId, MemRef, ReadExit, ReadOp, Scenario, SlotOp,
+    SlotResult, Start, Width, WriteExit, WriteOp,
 };
 
 /// Frames the scenario host may hand out (RAM and tables): 2^22 frames = 16 GiB of frame numbers
@@ -82,8 +83,14 @@ impl SimMachine {
     fn new(sc: &Scenario) -> Result<SimMachine, BackendError> {
         let vm = &sc.vm;
         let host = Arc::new(
-            SimHost::new(HostConfig { max_frames: MAX_FRAMES, ..HostConfig::new(vm.phys_bits) })
-                .map_err(failed)?,
+            SimHost::new(HostConfig {
+                max_frames: MAX_FRAMES,
+                // Reads of pages nobody wrote are not writable, as on Linux (a read of a written
+                // page in a dirty-logged slot dirties it in KVM).
+                track_writes: true,
+                ..HostConfig::new(vm.phys_bits)
+            })
+            .map_err(failed)?,
         );
         let format = match vm.format {
             Format::Ept => FormatKind::Ept,
@@ -103,6 +110,9 @@ impl SimMachine {
             RealMmu::with_address_spaces(host.clone(), cfg, u16::from(vm.address_spaces))
                 .map_err(failed)?,
         );
+        if vm.dirty_log == DirtyLogMode::Manual {
+            mmu.vm().set_dirty_log_mode(vmmu::dirty::DirtyLogMode::Manual);
+        }
         let mut vcpus = Vec::new();
         for i in 0..vm.vcpus as usize {
             let state = mmu.create_vcpu(i);
@@ -211,6 +221,7 @@ impl Machine for SimMachine {
         // machine is dropped; the parser only accepts naturally aligned offsets, and buffers are
         // page aligned; buffer memory is only accessed atomically.
         unsafe { ram::store(p, ram_width(op.width), op.value) };
+        self.host.host_wrote(vmmu::Hva(p as u64), u64::from(op.width.bytes()));
         Ok(())
     }
 
@@ -218,6 +229,25 @@ impl Machine for SimMachine {
         let p = self.host_ptr(&op.at, op.width)?;
         // SAFETY: as in `host_write`.
         Ok(unsafe { ram::load(p, ram_width(op.width)) })
+    }
+
+    fn dirty_log(&mut self, op: &DirtyLogOp) -> Result<DirtyLogResult, BackendError> {
+        let vm = self.mmu.vm();
+        Ok(match vm.get_dirty_log(vmmu::AsId(op.as_id), vmmu::SlotId(op.id)) {
+            Ok(words) => DirtyLogResult::Ok(vmmu::dirty::pages_of(&words).collect()),
+            Err(e) => DirtyLogResult::Err(e.errno().to_string()),
+        })
+    }
+
+    fn clear_dirty_log(&mut self, op: &ClearDirtyLogOp) -> Result<SlotResult, BackendError> {
+        // An all-ones bitmap over the range, as the scenario step specifies.
+        let ones = vec![u64::MAX; (op.count as usize).div_ceil(64)];
+        let vm = self.mmu.vm();
+        let (as_id, id) = (vmmu::AsId(op.as_id), vmmu::SlotId(op.id));
+        Ok(match vm.clear_dirty_log(as_id, id, op.first, op.count, &ones) {
+            Ok(()) => SlotResult::Ok,
+            Err(e) => SlotResult::Err(e.errno().to_string()),
+        })
     }
 }
 
