@@ -40,6 +40,7 @@ pub mod hw_vcpu;
 pub mod layout;
 pub mod machine;
 pub mod membarrier;
+pub mod migration;
 pub mod mix;
 pub mod options;
 pub mod oracle;

@@ -48,6 +48,8 @@ pub struct RunOptions {
     pub slot_zap_all: bool,
     /// Historical bugs to re-inject.
     pub bugs: BugSet,
+    /// Dirty logging on the RAM slots with a migration thread and its oracle (`--dirty-log`).
+    pub dirty_log: Option<crate::migration::DirtyLogMode>,
 }
 
 impl Default for RunOptions {
@@ -66,6 +68,7 @@ impl Default for RunOptions {
             wrap_trap: false,
             slot_zap_all: false,
             bugs: BugSet::NONE,
+            dirty_log: None,
         }
     }
 }
@@ -149,6 +152,7 @@ impl RunOptions {
             mmio_caching_requested: self.mmio_caching,
             stress_paths: self.stress_paths,
             wrap_trap: self.wrap_trap,
+            dirty_log: self.dirty_log,
             // Stress runs and bug hunts want every update they can get.
             update_profile: if self.stress_paths || self.wrap_trap || !self.bugs.is_empty() {
                 UpdateProfile::Steady
