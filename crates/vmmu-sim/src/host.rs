@@ -167,15 +167,17 @@ impl HostBuffer {
             .is_some_and(|x| x.load(Ordering::Relaxed) & (1 << (page % 64)) != 0)
     }
 
-    /// Marks page `page` written (a load first: the word is shared by 64 pages).
+    /// Marks page `page` written (a load first: the word is shared by 64 pages); whether it was
+    /// not marked before.
     #[inline]
-    fn mark_written(&self, page: u64) {
+    fn mark_written(&self, page: u64) -> bool {
         if let Some(x) = self.written.as_ref().and_then(|w| w.get((page / 64) as usize)) {
             let bit = 1 << (page % 64);
             if x.load(Ordering::Relaxed) & bit == 0 {
-                x.fetch_or(bit, Ordering::Relaxed);
+                return x.fetch_or(bit, Ordering::Relaxed) & bit == 0;
             }
         }
+        false
     }
 
     /// Makes the host mapping writable or read-only for later translations.
@@ -419,16 +421,21 @@ impl SimHost {
     }
 
     /// The host (the VMM) wrote `[hva, hva + len)` itself, as a store through its own mapping:
-    /// those pages are no longer the zero page ([`HostConfig::track_writes`]).
-    pub fn host_wrote(&self, hva: Hva, len: u64) {
+    /// those pages are no longer the zero page ([`HostConfig::track_writes`]). Returns whether a
+    /// page was written for the first time: on Linux that write replaced the zero page by a new
+    /// page, and the MMU notifier invalidated whatever mapped the old one (the caller tells the
+    /// MMU: `GuestMmu::invalidate_hva_range_begin`).
+    pub fn host_wrote(&self, hva: Hva, len: u64) -> bool {
         if len == 0 {
-            return;
+            return false;
         }
-        let Some((buf, offset)) = self.find(hva) else { return };
+        let Some((buf, offset)) = self.find(hva) else { return false };
         let last = (offset + len - 1).min(buf.len - 1);
+        let mut first = false;
         for page in offset / PAGE_SIZE..=last / PAGE_SIZE {
-            buf.mark_written(page);
+            first |= buf.mark_written(page);
         }
+        first
     }
 
     /// The buffer named `name`.
@@ -545,7 +552,9 @@ impl HostMemory for SimHost {
         let page = offset / PAGE_SIZE;
         let writable = buf.host_writable() && (write || buf.was_written(page));
         if write {
-            buf.mark_written(page);
+            // A guest write through KVM breaks the zero page the same way; the MMU replaces its
+            // own leaf (a write fault), so nothing else maps the old page.
+            let _ = buf.mark_written(page);
         }
         let pfn = Pfn(buf.first_pfn.0 + page);
         // A 2 MiB block maps this address if the naturally aligned 2 MiB block around it lies in
@@ -719,7 +728,8 @@ mod tests {
         assert_eq!(writable(0), Ok(false), "a page nobody wrote is the zero page");
         assert_eq!(h.translate(at(0), true).map(|p| p.writable), Ok(true));
         assert_eq!(writable(0), Ok(true), "written through a write translation");
-        h.host_wrote(at(2), 8);
+        assert!(h.host_wrote(at(2), 8), "the first write replaces the zero page");
+        assert!(!h.host_wrote(at(2), 8), "later writes do not");
         assert_eq!((writable(1), writable(2), writable(3)), (Ok(false), Ok(true), Ok(false)));
         // Untracked hosts: every read of a writable buffer is writable.
         let u = host(40);

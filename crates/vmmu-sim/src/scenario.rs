@@ -58,12 +58,23 @@ struct VcpuThread {
     handle: Option<JoinHandle<()>>,
 }
 
+/// A slot the MMU accepted in address space 0: where guest writes go in host memory.
+#[derive(Clone, Copy, Debug)]
+struct AcceptedSlot {
+    gpa: u64,
+    size: u64,
+    uaddr: u64,
+    readonly: bool,
+}
+
 /// One running scenario.
 pub struct SimMachine {
     host: Arc<SimHost>,
     mmu: Arc<RealMmu>,
     buffers: Vec<Option<Arc<HostBuffer>>>,
     vcpus: Vec<VcpuThread>,
+    /// Accepted slots of address space 0 by id (guest accesses use address space 0 only).
+    slots: std::collections::BTreeMap<u16, AcceptedSlot>,
 }
 
 fn ram_width(w: Width) -> RamWidth {
@@ -102,7 +113,11 @@ impl SimMachine {
             mmio_caching: vm.mmio_caching,
             vcpus: vm.vcpus as usize,
             generation_base: 0,
-            slot_zap_all: false,
+            // KVM's default (KVM_X86_QUIRK_SLOT_ZAP_ALL): a delete or move zaps every mapping.
+            // No version-1 observation depends on it, but a dirty log does: a page whose
+            // mapping went faults on its next read, and a read fault of a written page maps it
+            // writable, which dirties it (measured on /dev/kvm).
+            slot_zap_all: true,
             bugs: vmmu::bugs::BugSet::NONE,
         };
         cfg.vcpus = cfg.vcpus.max(1);
@@ -124,7 +139,8 @@ impl SimMachine {
                 .map_err(failed)?;
             vcpus.push(VcpuThread { jobs: Some(tx), handle: Some(handle) });
         }
-        Ok(SimMachine { host, mmu, buffers: vec![None; sc.mems.len()], vcpus })
+        let slots = std::collections::BTreeMap::new();
+        Ok(SimMachine { host, mmu, buffers: vec![None; sc.mems.len()], vcpus, slots })
     }
 
     fn buffer(&self, id: MemId) -> Result<&Arc<HostBuffer>, BackendError> {
@@ -152,6 +168,21 @@ impl SimMachine {
             .send(Job::Access { gpa, width, write, reply })
             .map_err(|_| failed(format!("vCPU {vcpu}'s thread stopped")))?;
         rx.recv().map_err(|_| failed(format!("vCPU {vcpu}'s thread stopped")))?.map_err(failed)
+    }
+
+    /// The first write to a host page (by the host, or by the guest through a writable slot)
+    /// replaces Linux's shared zero page by a new page, and the MMU notifier invalidates what
+    /// mapped the old one (a guest read maps it read-only, through any alias), before the write
+    /// lands: so the next guest access of any alias faults and maps the new page, writable
+    /// (which dirties it in a logged slot, as on /dev/kvm). Later writes change no mapping.
+    fn first_write(&self, hva: u64, len: u64) {
+        if self.host.host_wrote(vmmu::Hva(hva), len) {
+            let page = hva & !(vmmu::types::PAGE_SIZE - 1);
+            let (start, end) = (vmmu::Hva(page), vmmu::Hva(page + vmmu::types::PAGE_SIZE));
+            if self.mmu.invalidate_hva_range_begin(start, end) {
+                self.mmu.invalidate_hva_range_end();
+            }
+        }
     }
 
     fn host_ptr(&self, at: &MemRef, width: Width) -> Result<*mut u8, BackendError> {
@@ -192,7 +223,22 @@ impl Machine for SimMachine {
             userspace_addr,
         };
         Ok(match self.mmu.set_memory_region(&req) {
-            Ok(()) => SlotResult::Ok,
+            Ok(()) => {
+                if op.as_id == 0 {
+                    if op.size == 0 {
+                        self.slots.remove(&op.id);
+                    } else {
+                        let s = AcceptedSlot {
+                            gpa: op.gpa,
+                            size: op.size,
+                            uaddr: userspace_addr,
+                            readonly: op.flags.readonly,
+                        };
+                        self.slots.insert(op.id, s);
+                    }
+                }
+                SlotResult::Ok
+            }
             Err(e) => SlotResult::Err(Errno::of(&e).to_string()),
         })
     }
@@ -209,6 +255,11 @@ impl Machine for SimMachine {
     }
 
     fn write(&mut self, op: &WriteOp) -> Result<WriteExit, BackendError> {
+        // A store to RAM of a writable slot: KVM's write fault breaks the zero page first.
+        let hit = self.slots.values().find(|s| op.gpa.wrapping_sub(s.gpa) < s.size);
+        if let Some(s) = hit.filter(|s| !s.readonly) {
+            self.first_write(s.uaddr.wrapping_add(op.gpa - s.gpa), u64::from(op.width.bytes()));
+        }
         Ok(match self.on_vcpu(op.vcpu, op.gpa, op.width, Some(op.value))? {
             Access::Ram(_) => WriteExit::None,
             Access::Mmio => WriteExit::Mmio { gpa: op.gpa, len: op.width.bytes(), data: op.value },
@@ -221,7 +272,7 @@ impl Machine for SimMachine {
         // machine is dropped; the parser only accepts naturally aligned offsets, and buffers are
         // page aligned; buffer memory is only accessed atomically.
         unsafe { ram::store(p, ram_width(op.width), op.value) };
-        self.host.host_wrote(vmmu::Hva(p as u64), u64::from(op.width.bytes()));
+        self.first_write(p as u64, u64::from(op.width.bytes()));
         Ok(())
     }
 

@@ -252,12 +252,13 @@ impl<H: Host> Vm<H> {
         if change == MemslotChange::FlagsOnly
             && r.flags & crate::memslot::KVM_MEM_LOG_DIRTY_PAGES != 0
         {
-            // Dirty logging starts: drop huge and writable mappings so writes fault and pages
-            // are 4 KiB (KVM write-protects or splits them in `kvm_mmu_slot_apply_flags`).
+            // Dirty logging starts: write-protect the slot's mappings so writes fault (and map
+            // 4 KiB) while reads still hit, as KVM's `kvm_mmu_slot_apply_flags` does (a zap
+            // would make the next read fault, and a read fault can dirty a page).
             let (as_id, _) = crate::types::SlotId::split(r.slot);
             let start = Gfn(r.guest_phys_addr >> PAGE_SHIFT);
             let end = Gfn((r.guest_phys_addr + r.memory_size) >> PAGE_SHIFT);
-            inner.mmu.zap_gfn_range(as_id, start, end);
+            inner.mmu.write_protect_gfn_range(as_id, start, end);
         }
         Ok(change)
     }

@@ -228,3 +228,25 @@ fn bitmap_follows_flag_changes_and_moves() {
     vm.set_memory_region(&region(1, 0, 0, 0, 0)).unwrap();
     assert_eq!(vm.get_dirty_log(AsId(0), SlotId(1)).unwrap_err().errno(), "ENOENT");
 }
+
+/// KVM `kvm_mmu_slot_apply_flags`: starting dirty logging write-protects what is mapped, huge
+/// leaves included, and leaves it mapped: reads hit (no fault, nothing dirty), writes fault and
+/// are logged at 4 KiB.
+#[test]
+fn starting_logging_write_protects_and_keeps_mappings() {
+    let (vm, h) = vm(FormatKind::Ept);
+    h.set_zero_page_reads(false); // reads would map writable: they must not even fault
+                                  // 2 MiB-aligned slot and host range: a write maps a 2 MiB leaf.
+    vm.set_memory_region(&region(1, 0x20_0000, 0x20_0000, RAM_HVA, 0)).unwrap();
+    let mut v = TlbVcpu::new(&vm);
+    v.access(0x20_0000, true);
+    assert_eq!(vm.stats().pages_2m, 1);
+    vm.set_memory_region(&region(1, 0x20_0000, 0x20_0000, RAM_HVA, LOG)).unwrap();
+    assert_eq!(vm.stats().pages_2m, 1, "still mapped");
+    assert_eq!(v.access(0x20_5000, false), 0, "a read hits the write-protected huge leaf");
+    assert_eq!(get(&vm, 1), [] as [u64; 0]);
+    // The write faults (TLB flushed, leaf read-only): the huge leaf goes, the retry maps 4 KiB.
+    assert_eq!(v.access(0x20_5000, true), 2);
+    assert_eq!(get(&vm, 1), [5]);
+    assert_eq!((vm.stats().pages_2m, vm.stats().pages_4k), (0, 1), "the write maps 4 KiB");
+}

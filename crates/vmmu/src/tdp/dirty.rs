@@ -13,7 +13,7 @@ use crate::host::Host;
 use crate::memslot::Memslot;
 use crate::spte::SpteFormat;
 use crate::sync::Ordering;
-use crate::types::Gfn;
+use crate::types::{AsId, Gfn, Level, Pfn};
 
 /// The write bit (bit 1 in both EPT and NPT leaves).
 const BIT_W: u64 = 1 << 1;
@@ -53,6 +53,57 @@ impl<H: Host> TdpMmu<H> {
                     Some(l) => l,
                     None => break,
                 };
+            }
+        }
+        flush
+    }
+}
+
+impl<H: Host> TdpMmu<H> {
+    /// KVM `kvm_mmu_slot_remove_write_access` when dirty logging starts on a slot: every leaf
+    /// mapping a gfn in `[start, end)` of `as_id` loses its write right (huge leaves whole: a
+    /// write fault then maps 4 KiB), and remote TLBs are flushed before this returns if one did.
+    /// Mappings stay present, so reads do not fault (and do not dirty pages, as in KVM).
+    pub(crate) fn write_protect_gfn_range(&self, as_id: AsId, start: Gfn, end: Gfn) {
+        let roots = self.mmu_lock.write(&self.vcpus, &self.relax());
+        let mut flush = false;
+        for r in roots.iter().filter(|r| r.as_id() == as_id) {
+            flush |= self.write_protect_table(r.pfn(), r.level(), Gfn(0), start, end);
+        }
+        if flush {
+            self.flush_remote_tlbs();
+        }
+    }
+
+    /// Write-protects the leaves of table `pfn` (at `level`, from gfn `base`) that meet
+    /// `[start, end)`. The caller holds the MMU lock exclusive.
+    fn write_protect_table(&self, pfn: Pfn, level: Level, base: Gfn, start: Gfn, end: Gfn) -> bool {
+        // SAFETY: the caller holds the MMU lock exclusive and reached `pfn` from a root on the
+        // list; nothing frees a linked page meanwhile.
+        let Some(table) = (unsafe { self.table(pfn) }) else {
+            debug_assert!(false, "table frame {pfn:?} unknown to the host");
+            return false;
+        };
+        let fmt = self.cfg.format;
+        let span = level.pages();
+        let first = start.raw().saturating_sub(base.raw()) / span;
+        let mut flush = false;
+        for (i, entry) in table.iter().enumerate().skip(first as usize) {
+            let lo = base.raw() + i as u64 * span;
+            if lo >= end.raw() {
+                break;
+            }
+            let old = entry.load(Ordering::Acquire);
+            if !SpteFormat::is_mmu_present(old) {
+                continue;
+            }
+            if fmt.is_leaf(old, level) {
+                if fmt.is_writable(old) {
+                    let need = self.set_spte_locked(entry, old, old & !BIT_W, level, Gfn(lo));
+                    flush |= need == FlushNeed::Remote;
+                }
+            } else if let Some(lower) = level.lower() {
+                flush |= self.write_protect_table(fmt.pfn(old), lower, Gfn(lo), start, end);
             }
         }
         flush
