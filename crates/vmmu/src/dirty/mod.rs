@@ -11,8 +11,9 @@
 //! - a fault that installs a writable leaf in a logged slot marks the page while it still holds
 //!   the MMU lock *shared* (the leaf may already be visible; no collector can run meanwhile);
 //! - a collection takes the MMU lock *exclusive*, and for each bitmap word exchanges it with 0
-//!   (or clears the requested bits) and write-protects the pages it took ([`WriteProtect`]), then
-//!   flushes remote TLBs before it returns if a writable leaf lost its write right.
+//!   (or clears the requested bits) and write-protects the pages it took (the crate-internal
+//!   trait `WriteProtect`), then flushes remote TLBs before it returns if a writable leaf lost
+//!   its write right.
 //!
 //! So a write either went through a leaf that was writable before the collection's exclusive
 //! hold (its page was marked before the hold began: the collection takes the bit) or through a
@@ -20,8 +21,10 @@
 //! third way, a vCPU writing through a TLB entry of a leaf the collection just write-protected
 //! (the re-injectable bug [`crate::bugs::Bug::DirtyLogNoFlush`] removes it).
 //!
-//! An MMU plugs in by implementing [`WriteProtect`] (the TDP MMU: `tdp/dirty.rs`; a shadow MMU
-//! would write-protect through its reverse map).
+//! An MMU plugs in by implementing `WriteProtect` (the TDP MMU: `tdp/dirty.rs`; a shadow MMU
+//! would write-protect through its reverse map) and by marking pages with
+//! [`crate::memslot::MemslotSet::mark_page_dirty`] when it installs a writable leaf in a logged
+//! slot, under its lock.
 
 use crate::memslot::{Memslot, KVM_USER_MEM_SLOTS};
 use crate::sync::{AtomicU64, Ordering};
