@@ -13,7 +13,9 @@
 //! - [`kvm`]: the same memslot operations on real `/dev/kvm` in the same run, and vmmu / KVM;
 //! - [`faults`]: demand faults (4 KiB and 2 MiB, 1 and 2 threads) over populated host memory;
 //! - [`churn`]: vCPU throughput while a 2 MiB slot is created, moved and deleted back to back,
-//!   as a share of undisturbed throughput, for vmmu and for KVM.
+//!   as a share of undisturbed throughput, for vmmu and for KVM;
+//! - [`dirtylog`]: `KVM_GET_DIRTY_LOG` / `KVM_CLEAR_DIRTY_LOG` on 1 GiB and 4 GiB slots, GET with
+//!   dirty pages, and the write fault after a re-protect, for vmmu and for KVM.
 //!
 //! Every row carries a ratio measured in the same run; targets are reported, never asserted.
 //! The issuing thread of memslot operations is pinned to CPU 0 and busy vCPU threads to CPU 1
@@ -21,6 +23,7 @@
 #![deny(missing_docs)]
 
 pub mod churn;
+pub mod dirtylog;
 pub mod faults;
 pub mod kvm;
 pub mod lookup;
@@ -39,7 +42,8 @@ use vmmu::vm::{Vm, VmConfig, VmError};
 use vmmu_sim::host::{HostConfig, HostError, SimHost};
 
 /// The row groups, in print order.
-pub const GROUPS: [&str; 7] = ["mmio", "shadow", "lookup", "memslot", "kvm", "faults", "churn"];
+pub const GROUPS: [&str; 8] =
+    ["mmio", "shadow", "lookup", "memslot", "kvm", "faults", "churn", "dirtylog"];
 
 /// How to run.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -81,7 +85,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     /// An unknown group name in `only`.
-    #[error("unknown group {0:?}; groups are: mmio, shadow, lookup, memslot, kvm, faults, churn")]
+    #[error(
+        "unknown group {0:?}; groups are: mmio, shadow, lookup, memslot, kvm, faults, churn, dirtylog"
+    )]
     UnknownGroup(String),
     /// The VM could not be built.
     #[error("VM: {0}")]
@@ -173,6 +179,9 @@ pub fn run(opts: &Options) -> Result<Table, BenchError> {
     }
     if opts.wants("churn") {
         rows.extend(churn::run(opts, &mut info)?);
+    }
+    if opts.wants("dirtylog") {
+        rows.extend(dirtylog::run(opts)?);
     }
     info.elapsed_s = t0.elapsed().as_secs_f64();
     Ok(Table { info, rows })

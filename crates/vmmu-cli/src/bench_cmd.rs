@@ -18,7 +18,8 @@ pub struct BenchArgs {
     /// Fewer samples and shorter phases (under a minute).
     #[arg(long)]
     quick: bool,
-    /// Only these row groups (repeatable): mmio, shadow, lookup, memslot, kvm, faults, churn.
+    /// Only these row groups (repeatable): mmio, shadow, lookup, memslot, kvm, faults, churn,
+    /// dirtylog.
     #[arg(long, value_name = "GROUP", value_parser = clap::builder::PossibleValuesParser::new(GROUPS))]
     only: Vec<String>,
     /// Token samples: checks that every row is produced (for tests; the numbers mean nothing).

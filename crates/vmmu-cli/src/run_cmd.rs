@@ -50,6 +50,15 @@ pub enum OnOff {
     Off,
 }
 
+/// How the migration thread of `--dirty-log` collects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DirtyLog {
+    /// KVM_GET_DIRTY_LOG clears and re-protects.
+    Auto,
+    /// Manual protect: KVM_GET_DIRTY_LOG, then KVM_CLEAR_DIRTY_LOG of what it returned.
+    Manual,
+}
+
 /// How often the device manager changes the memslots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Updates {
@@ -134,6 +143,11 @@ pub struct RunArgs {
     /// to this file.
     #[arg(long, value_name = "FILE.html")]
     report: Option<PathBuf>,
+    /// Dirty-log the RAM slots while a migration thread collects the log back to back (`auto`:
+    /// GET; `manual`: GET then CLEAR); the oracle checks that every page a vCPU wrote is in a
+    /// collection that could see the write (no lost dirty page).
+    #[arg(long = "dirty-log", value_enum, value_name = "MODE", num_args = 0..=1, default_missing_value = "auto")]
+    dirty_log: Option<DirtyLog>,
 }
 
 impl RunArgs {
@@ -160,6 +174,10 @@ impl RunArgs {
             shadow: o.format == Format::Shadow,
             guest_paging: o.guest_paging,
             timeline: self.report.is_some(),
+            dirty_log: self.dirty_log.map(|m| match m {
+                DirtyLog::Auto => vmmu_sim::migration::DirtyLogMode::Auto,
+                DirtyLog::Manual => vmmu_sim::migration::DirtyLogMode::Manual,
+            }),
         }
     }
 
@@ -192,6 +210,10 @@ impl RunArgs {
             ("--wrap-trap", self.wrap_trap.to_string()),
             ("--slot-zap-all", self.slot_zap_all.to_string()),
             ("--inject", self.inject.clone().unwrap_or_else(|| "none".into())),
+            (
+                "--dirty-log",
+                self.dirty_log.map_or("off".into(), |m| format!("{m:?}").to_lowercase()),
+            ),
         ]
     }
 }
@@ -404,6 +426,19 @@ mod tests {
         assert_eq!((r.format, r.churn), (FormatKind::Npt, Some(10)));
         assert!(r.machine_config().expect("config").stress_paths);
         assert!(parse(&["--compare-caching"]).expect("compare").opts.compare_caching);
+    }
+
+    #[test]
+    fn dirty_log_takes_an_optional_mode() {
+        use vmmu_sim::migration::DirtyLogMode;
+        let mode =
+            |args: &[&str]| parse(args).expect("flags").options(true, BugSet::NONE).dirty_log;
+        assert_eq!(mode(&[]), None);
+        assert_eq!(mode(&["--dirty-log"]), Some(DirtyLogMode::Auto));
+        assert_eq!(mode(&["--dirty-log", "manual"]), Some(DirtyLogMode::Manual));
+        assert_eq!(mode(&["--dirty-log=auto", "--vcpus", "3"]), Some(DirtyLogMode::Auto));
+        let e = parse(&["--dirty-log", "sometimes"]).expect_err("bad mode");
+        assert!(e.to_string().contains("auto") && e.to_string().contains("manual"), "{e}");
     }
 
     #[test]

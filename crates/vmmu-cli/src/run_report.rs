@@ -96,6 +96,13 @@ impl fmt::Display for Text<'_> {
             "table pages: allocated {}, freed {}, live {}, high water {}",
             tb.allocated, tb.freed, tb.live, tb.high_water
         )?;
+        if let Some(d) = &r.dirty_log {
+            writeln!(
+                f,
+                "dirty log ({}): {} collections, {} pages reported, {} write windows checked, {} unverifiable",
+                d.mode, d.collections, d.pages_reported, d.windows_checked, d.unverifiable
+            )?;
+        }
         let o = &r.oracle;
         if o.violations == 0 {
             write!(f, "oracle: OK, {} outcomes checked, 0 violations", o.checked)

@@ -29,7 +29,7 @@ fn names(rows: &[Value], group: &str) -> Vec<String> {
 fn every_row_has_a_value_and_ratio_or_a_reason() {
     let rows = rows(&vmmu(&["bench", "--smoke", "--json"]));
     // 4 MMIO, 3 shadow, 4 lookup, 33 memslot (4 ops x 4 sizes x 2 modes + setup), 9 KVM,
-    // 4 faults, 5 churn.
+    // 4 faults, 5 churn, 12 dirty log (6 measurements on vmmu and on KVM).
     let want = [
         ("mmio", 4),
         ("shadow", 3),
@@ -38,6 +38,7 @@ fn every_row_has_a_value_and_ratio_or_a_reason() {
         ("kvm", 9),
         ("faults", 4),
         ("churn", 5),
+        ("dirtylog", 12),
     ];
     for (group, n) in want {
         assert_eq!(names(&rows, group).len(), n, "{group}: {:?}", names(&rows, group));
@@ -61,6 +62,12 @@ fn every_row_has_a_value_and_ratio_or_a_reason() {
     assert!(
         mmio.iter().any(|n| n.contains("fast path")) && mmio.iter().any(|n| n.contains("BTreeMap"))
     );
+    let dirtylog = names(&rows, "dirtylog");
+    for size in ["1 GiB", "4 GiB"] {
+        assert!(dirtylog.contains(&format!("GET, idle {size} slot")), "{dirtylog:?}");
+        assert!(dirtylog.contains(&format!("KVM CLEAR all, idle {size} slot (manual)")));
+    }
+    assert!(dirtylog.iter().any(|n| n.contains("write fault after re-protect")));
     let memslot = names(&rows, "memslot");
     for op in ["create", "flags change", "move", "delete"] {
         for n in [0, 10, 1000, 32000] {
@@ -82,6 +89,13 @@ fn no_kvm_rows_say_why_and_bad_group_is_a_usage_error() {
     }
     let out = vmmu(&["bench", "--only", "nonsense"]);
     assert_eq!(out.status.code(), Some(2));
+    // Without KVM the dirty-log rows of vmmu still have their values, and say why no ratio.
+    let rows = vmmu(&["bench", "--smoke", "--json", "--no-kvm", "--only", "dirtylog"]);
+    for r in self::rows(&rows) {
+        let kvm = r["name"].as_str().unwrap().starts_with("KVM ");
+        assert_eq!(r["value"].is_null(), kvm, "{r}");
+        assert!(r["note"].as_str().unwrap().contains("--no-kvm"), "{r}");
+    }
     let text = vmmu(&["bench", "--smoke", "--only", "lookup"]);
     assert_eq!(text.status.code(), Some(0));
     let s = String::from_utf8_lossy(&text.stdout);

@@ -14,7 +14,8 @@ use vmmu_kvm::KvmBackend;
 use vmmu_scenario::diff::{compare, run_source, Outcome};
 use vmmu_scenario::generate::{paging_scenario, scenario, GenScenario};
 use vmmu_scenario::{
-    parse, to_text, Backend, Observation, ReadExit, SlotResult, Verdict, VerdictLine,
+    parse, to_text, Backend, DirtyLogResult, Observation, ReadExit, SlotResult, Verdict,
+    VerdictLine,
 };
 
 /// The backends whose streams must agree, reference first.
@@ -83,6 +84,8 @@ fn generated_scenarios_parse_and_round_trip() {
 struct Stats {
     results: BTreeMap<String, usize>,
     reads: BTreeMap<&'static str, usize>,
+    /// Dirty-log results: `pages` (a non-empty list), `empty`, or the errno.
+    logs: BTreeMap<String, usize>,
     ran: usize,
 }
 
@@ -124,6 +127,21 @@ fn generated_scenarios_agree_across_sides() {
                     Observation::Read { exit: ReadExit::Mmio { .. }, .. } => {
                         *st.reads.entry("mmio").or_default() += 1
                     }
+                    Observation::DirtyLog { result, .. } => {
+                        let k = match result {
+                            DirtyLogResult::Ok(p) if p.is_empty() => "empty".to_string(),
+                            DirtyLogResult::Ok(_) => "pages".to_string(),
+                            DirtyLogResult::Err(e) => e.clone(),
+                        };
+                        *st.logs.entry(k).or_default() += 1
+                    }
+                    Observation::ClearDirtyLog { result, .. } => {
+                        let k = match result {
+                            SlotResult::Ok => "clear ok".to_string(),
+                            SlotResult::Err(e) => format!("clear {e}"),
+                        };
+                        *st.logs.entry(k).or_default() += 1
+                    }
                     _ => {}
                 }
             }
@@ -137,10 +155,11 @@ fn generated_scenarios_agree_across_sides() {
     });
     let st = stats.into_inner();
     println!(
-        "{n} cases in {:?}; KVM slot results {:?}, reads {:?}",
+        "{n} cases in {:?}; KVM slot results {:?}, reads {:?}, dirty logs {:?}",
         started.elapsed(),
         st.results,
-        st.reads
+        st.reads,
+        st.logs
     );
     if n >= 50 {
         // The generator must keep KVM busy on both paths: accepted and refused requests, reads
@@ -158,6 +177,13 @@ fn generated_scenarios_agree_across_sides() {
         let reads: usize = st.reads.values().sum();
         for k in ["none", "mmio"] {
             assert!(st.reads.get(k).copied().unwrap_or(0) * 5 >= reads, "reads {:?}", st.reads);
+        }
+        // Dirty logging: collections that found pages, and both errnos, GET and CLEAR (about
+        // 20 or more of each in 200 cases).
+        if n >= 200 {
+            for k in ["pages", "ENOENT", "EINVAL", "clear ok", "clear EINVAL", "clear ENOENT"] {
+                assert!(st.logs.get(k).copied().unwrap_or(0) >= 5, "dirty logs {:?}", st.logs);
+            }
         }
     }
 }

@@ -75,6 +75,9 @@ pub struct BenchVm {
     // Field order is drop order: vCPU and VM before the memory they use.
     vcpu: Option<VcpuFd>,
     vm: VmFd,
+    /// Host memory of dirty-logged slots added by [`BenchVm::add_logged_slot`], with their KVM
+    /// slot numbers and sizes.
+    logged: Vec<(u32, u64, Mapping)>,
     _own: Mapping,
     _work: Mapping,
     churn: Mapping,
@@ -133,7 +136,15 @@ impl BenchVm {
         let s = v.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
         v.set_sregs(&guest::sregs(s)).map_err(ioctl("KVM_SET_SREGS"))?;
         v.set_regs(&guest::regs()).map_err(ioctl("KVM_SET_REGS"))?;
-        Ok(BenchVm { vcpu: Some(v), vm, _own: own, _work: work, churn, _kvm: kvm })
+        Ok(BenchVm {
+            vcpu: Some(v),
+            vm,
+            logged: Vec::new(),
+            _own: own,
+            _work: work,
+            churn,
+            _kvm: kvm,
+        })
     }
 
     /// `KVM_CAP_NR_MEMSLOTS` of this VM.
@@ -168,6 +179,63 @@ impl BenchVm {
         // SAFETY: the slot's host range lies inside the churn buffer (checked above), which lives
         // as long as the VM; the guest code never accesses it.
         unsafe { self.vm.set_user_memory_region(r) }.map_err(|e| errno::name(e.errno()))
+    }
+
+    /// Adds a dirty-logged slot `slot` of `size` bytes at `gpa`, backed by a fresh mapping (the
+    /// guest never touches it). `Err` is KVM's errno name or why the mapping failed.
+    pub fn add_logged_slot(&mut self, slot: u32, gpa: u64, size: u64) -> Result<(), String> {
+        if slot == OWN_SLOT || slot == WORK_SLOT || self.logged.iter().any(|l| l.0 == slot) {
+            return Err("EPERM".into());
+        }
+        let len = usize::try_from(size).map_err(|_| "slot too large".to_string())?;
+        let m = Mapping::new(len).map_err(|e| format!("mmap of {size:#x} bytes: {e}"))?;
+        let r = kvm_userspace_memory_region {
+            slot,
+            flags: 1, // KVM_MEM_LOG_DIRTY_PAGES
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: m.addr(),
+        };
+        // SAFETY: the slot's host range is the whole of `m`, which this VM keeps until it is
+        // dropped (field order: after the VM).
+        unsafe { self.vm.set_user_memory_region(r) }.map_err(|e| errno::name(e.errno()))?;
+        self.logged.push((slot, size, m));
+        Ok(())
+    }
+
+    /// Turns dirty logging of the working set (slot [`WORK_SLOT`]) on or off (a flags-only
+    /// `KVM_SET_USER_MEMORY_REGION`).
+    pub fn log_working_set(&self, on: bool) -> Result<(), String> {
+        let r = kvm_userspace_memory_region {
+            slot: WORK_SLOT,
+            flags: u32::from(on),
+            guest_phys_addr: WORK_GPA,
+            memory_size: WORK_SIZE as u64,
+            userspace_addr: self._work.addr(),
+        };
+        // SAFETY: the same working-set mapping as at creation, only the flags change.
+        unsafe { self.vm.set_user_memory_region(r) }.map_err(|e| errno::name(e.errno()))
+    }
+
+    /// `KVM_GET_DIRTY_LOG` of the working set or of a slot added by
+    /// [`BenchVm::add_logged_slot`]; `Err` is KVM's errno name.
+    pub fn get_dirty_log(&self, slot: u32) -> Result<Vec<u64>, String> {
+        let size = if slot == WORK_SLOT {
+            WORK_SIZE as u64
+        } else {
+            self.logged.iter().find(|l| l.0 == slot).map(|l| l.1).ok_or("ENOENT")?
+        };
+        crate::dirty::get(&self.vm, slot, size)
+    }
+
+    /// `KVM_CLEAR_DIRTY_LOG` of pages `[first, first + count)` with every bit set.
+    pub fn clear_dirty_log(&self, slot: u32, first: u64, count: u32) -> Result<(), String> {
+        crate::dirty::clear(&self.vm, slot, first, count)
+    }
+
+    /// Enables manual dirty-log protection (without "initially set").
+    pub fn enable_manual_dirty_log(&self) -> Result<(), String> {
+        crate::dirty::enable_manual(&self.vm)
     }
 
     /// Starts the vCPU on its busy loop in a new thread, pinned to `cpu` if given. `None` if

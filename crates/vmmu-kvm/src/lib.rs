@@ -12,6 +12,9 @@
 //! - a `read`/`write` step writes a few instructions ([`code`]) to the code page, sets RIP and
 //!   runs the vCPU until the guest's closing store to the sync address; a `KVM_EXIT_MMIO` before
 //!   that is the MMIO observation (reads get the current `mmio-reply`);
+//! - `dirty-log` / `clear-dirty-log` are `KVM_GET_DIRTY_LOG` / `KVM_CLEAR_DIRTY_LOG` (all bits
+//!   of the range set), and `vm dirty_log=manual` enables `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`
+//!   without "initially set" (a kernel without it skips the scenario);
 //! - anything else (an exception in the guest, a shutdown, an internal error, `KVM_RUN` failing,
 //!   an access through a slot beyond its buffer) is a backend failure, never an observation.
 //!
@@ -31,6 +34,8 @@
 pub mod bench;
 pub mod code;
 
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+mod dirty;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 mod errno;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]

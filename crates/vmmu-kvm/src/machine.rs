@@ -24,8 +24,9 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use std::collections::BTreeMap;
 use vmmu_scenario::{
-    BackendError, Cr3Op, HostReadOp, HostWriteOp, Machine, MapOp, MemDecl, MemId, Paging, ReadExit,
-    ReadOp, Scenario, SlotOp, SlotResult, Start, UnmapOp, Width, WriteExit, WriteOp,
+    BackendError, ClearDirtyLogOp, Cr3Op, DirtyLogMode, DirtyLogOp, DirtyLogResult, HostReadOp,
+    HostWriteOp, Machine, MapOp, MemDecl, MemId, Paging, ReadExit, ReadOp, Scenario, SlotOp,
+    SlotResult, Start, UnmapOp, Width, WriteExit, WriteOp,
 };
 
 /// What went wrong in the KVM backend.
@@ -175,6 +176,9 @@ pub struct KvmMachine {
     slots: BTreeMap<u16, SlotState>,
     /// Guest paging (`paging=4level` or `pae`); `None` for version-1 scenarios.
     paging: Option<GuestPaging>,
+    /// Sizes of the accepted slots of every address space, by KVM's `slot` number (the size of
+    /// the bitmap `KVM_GET_DIRTY_LOG` writes).
+    sizes: BTreeMap<u32, u64>,
 }
 
 /// The state of a paging guest that the host keeps.
@@ -200,6 +204,11 @@ pub fn start(scenario: &Scenario) -> Result<Start, BackendError> {
             return Ok(Start::Skip(format!(
                 "address_spaces=2 needs KVM_CAP_MULTI_ADDRESS_SPACE >= 2; this kernel reports {n}"
             )));
+        }
+    }
+    if scenario.vm.dirty_log == DirtyLogMode::Manual {
+        if let Err(why) = crate::dirty::enable_manual(&vm) {
+            return Ok(Start::Skip(format!("dirty_log=manual: {why}")));
         }
     }
     let max = vm.check_extension_int(Cap::MaxVcpus);
@@ -296,7 +305,9 @@ pub fn start(scenario: &Scenario) -> Result<Start, BackendError> {
         GuestPaging { pool, tables, pae, space: vec![0; n], kernel: vec![false; n] }
     });
     let bufs = Vec::new();
-    Ok(Start::Run(Box::new(KvmMachine { vcpus, vm, own, bufs, _kvm: kvm, slots, paging })))
+    let sizes = BTreeMap::from([(OWN_SLOT, OWN_SIZE as u64)]);
+    let m = KvmMachine { vcpus, vm, own, bufs, _kvm: kvm, slots, paging, sizes };
+    Ok(Start::Run(Box::new(m)))
 }
 
 /// How a run of the guest ended.
@@ -586,6 +597,11 @@ impl Machine for KvmMachine {
         // PROT_NONE guard after each buffer as a second line of defence.
         match unsafe { self.vm.set_user_memory_region(region) } {
             Ok(()) => {
+                if op.size == 0 {
+                    self.sizes.remove(&op.kvm_slot());
+                } else {
+                    self.sizes.insert(op.kvm_slot(), op.size);
+                }
                 if op.as_id == 0 {
                     if op.size == 0 {
                         self.slots.remove(&op.id);
@@ -682,5 +698,31 @@ impl Machine for KvmMachine {
             usize::try_from(op.at.offset).map_err(|_| BackendError::Failed("offset".into()))?;
         self.buffer(op.at.mem).read_bytes(off, &mut bytes[..n]);
         Ok(le(&bytes[..n]))
+    }
+
+    fn dirty_log(&mut self, op: &DirtyLogOp) -> Result<DirtyLogResult, BackendError> {
+        let slot = op.kvm_slot();
+        let size = self.sizes.get(&slot).copied().unwrap_or(0);
+        Ok(match crate::dirty::get(&self.vm, slot, size) {
+            Ok(words) => DirtyLogResult::Ok(
+                words
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(w, &bits)| {
+                        (0..64u64)
+                            .filter(move |b| bits >> b & 1 != 0)
+                            .map(move |b| w as u64 * 64 + b)
+                    })
+                    .collect(),
+            ),
+            Err(e) => DirtyLogResult::Err(e),
+        })
+    }
+
+    fn clear_dirty_log(&mut self, op: &ClearDirtyLogOp) -> Result<SlotResult, BackendError> {
+        Ok(match crate::dirty::clear(&self.vm, op.kvm_slot(), op.first, op.count) {
+            Ok(()) => SlotResult::Ok,
+            Err(e) => SlotResult::Err(e),
+        })
     }
 }

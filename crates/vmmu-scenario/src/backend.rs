@@ -10,10 +10,10 @@
 //! the host refused something the scenario did not ask for); what KVM's rules say about a
 //! request is an `Ok` observation. The driver stops at the first error and names the step.
 
-use crate::observation::{Observation, ReadExit, SlotResult, WriteExit};
+use crate::observation::{DirtyLogResult, Observation, ReadExit, SlotResult, WriteExit};
 use crate::step::{
-    Cr3Op, HostReadOp, HostWriteOp, MapOp, MemDecl, MemId, Op, ReadOp, Scenario, SlotOp, Step,
-    UnmapOp, WriteOp,
+    ClearDirtyLogOp, Cr3Op, DirtyLogOp, HostReadOp, HostWriteOp, MapOp, MemDecl, MemId, Op, ReadOp,
+    Scenario, SlotOp, Step, UnmapOp, WriteOp,
 };
 
 /// A backend could not do what a step needed.
@@ -98,6 +98,12 @@ pub trait Machine {
 
     /// `host-read`: load from a buffer, little-endian, bypassing the guest.
     fn host_read(&mut self, op: &HostReadOp) -> Result<u64, BackendError>;
+
+    /// `dirty-log`: `KVM_GET_DIRTY_LOG`; the pages set, or KVM's errno.
+    fn dirty_log(&mut self, op: &DirtyLogOp) -> Result<DirtyLogResult, BackendError>;
+
+    /// `clear-dirty-log`: `KVM_CLEAR_DIRTY_LOG` with every bit of the range set; KVM's verdict.
+    fn clear_dirty_log(&mut self, op: &ClearDirtyLogOp) -> Result<SlotResult, BackendError>;
 
     /// `map` (version 2): the guest writes one PTE of page-table space `op.space` and then
     /// invalidates the GVA on every vCPU. Backends that run guest paging implement it; the
@@ -203,6 +209,10 @@ fn one_step(
         Op::Cr3(op) => {
             m.cr3(op)?;
             None
+        }
+        Op::DirtyLog(op) => Some(Observation::DirtyLog { step: n, result: m.dirty_log(op)? }),
+        Op::ClearDirtyLog(op) => {
+            Some(Observation::ClearDirtyLog { step: n, result: m.clear_dirty_log(op)? })
         }
     })
 }

@@ -19,7 +19,10 @@
 //! - invalid requests are common on purpose: misaligned addresses, sizes and buffer offsets,
 //!   overlaps (slots sit on a small grid), bad slot ids and address spaces, wrapping ranges, too
 //!   many pages, read-only toggles, size and buffer changes of existing slots, deletes of
-//!   missing slots.
+//!   missing slots;
+//! - dirty logging (version 2): `vm dirty_log=` in either mode, `dirty-log` and `clear-dirty-log`
+//!   mostly on a recent slot request (so on logged slots often), with KVM's alignment rules
+//!   broken on purpose now and then (misaligned first page, odd counts, ranges past the end).
 //!
 //! [`scenario`] writes version 1 files only (no guest paging), exactly as before version 2.
 //! [`scenario_for`] with [`Flavor::Paging`] (or [`paging_scenario`]) writes version 2 files with
@@ -34,7 +37,7 @@
 //! what is live there it prints the `unmap`s that clear the region, and an `unmap` takes the
 //! size of what is mapped (a 2M `unmap` of a region of 4K pages unmaps each of them).
 
-use crate::step::{Format, Paging, ACCESS_LIMIT, PAGE_SIZE, RESERVED_BELOW, SPACES};
+use crate::step::{DirtyLogMode, Format, Paging, ACCESS_LIMIT, PAGE_SIZE, RESERVED_BELOW, SPACES};
 use proptest::prelude::*;
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -86,6 +89,8 @@ pub struct GenVm {
     pub phys_bits: Option<u8>,
     /// `paging=` if written (version 2: only [`Flavor::Paging`] writes it, never `off`).
     pub paging: Option<Paging>,
+    /// `dirty_log=` if written.
+    pub dirty_log: Option<DirtyLogMode>,
 }
 
 /// Which scenario files the generator writes.
@@ -271,6 +276,37 @@ pub enum GenPlace {
     Inside(u64),
 }
 
+/// Which slot a dirty-log step names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GenLogSlot {
+    /// The id and address space of the n-th most recent earlier slot request that asked for
+    /// dirty logging with a non-zero size (0 = the last one; modulo their number), or of any
+    /// request when there is none such (slot 1 when there is none at all).
+    Recent(usize),
+    /// Any id and address space (often missing or invalid).
+    Id(GenId, GenAs),
+}
+
+/// `first=` of a `clear-dirty-log`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GenFirst {
+    /// Page `64 * k`.
+    Aligned(u64),
+    /// Page `64 * k + 1` (refused).
+    Misaligned(u64),
+}
+
+/// `count=` of a `clear-dirty-log`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GenCount {
+    /// `64 * k` pages.
+    Words(u32),
+    /// From `first` to the end of the slot (the request's pages; 0 if `first` is past it).
+    ToEnd,
+    /// `n` pages (odd counts: refused unless they end at the slot's end).
+    Pages(u32),
+}
+
 /// An access width choice, in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GenWidth(pub u8);
@@ -329,6 +365,10 @@ pub enum GenStep {
         /// Page-table space (modulo 8).
         space: u8,
     },
+    /// `dirty-log`.
+    DirtyLog(GenLogSlot),
+    /// `clear-dirty-log`.
+    ClearDirtyLog(GenLogSlot, GenFirst, GenCount),
 }
 
 /// A generated scenario: the `vm` line, the buffers (sizes in bytes as written, declared first
@@ -520,6 +560,9 @@ impl GenScenario {
         if let Some(p) = vm.paging {
             let _ = write!(t, " paging={p}");
         }
+        if let Some(d) = vm.dirty_log {
+            let _ = write!(t, " dirty_log={d}");
+        }
         t.push('\n');
         for (i, size) in self.mems.iter().enumerate() {
             let _ = writeln!(t, "mem m{i} size={size:#x}");
@@ -620,9 +663,50 @@ impl GenScenario {
                 GenStep::MmioReply(v) => {
                     let _ = writeln!(t, "mmio-reply value={v:#x}");
                 }
+                GenStep::DirtyLog(which) => {
+                    let (id, as_id, _) = Self::log_slot(&reqs, *which);
+                    log_line(&mut t, "dirty-log", id, as_id);
+                    t.push('\n');
+                }
+                GenStep::ClearDirtyLog(which, first, count) => {
+                    let (id, as_id, npages) = Self::log_slot(&reqs, *which);
+                    let first = match first {
+                        GenFirst::Aligned(k) => 64 * (k % 4),
+                        GenFirst::Misaligned(k) => 64 * (k % 4) + 1,
+                    };
+                    let count = match count {
+                        GenCount::Words(k) => 64 * (k % 3),
+                        GenCount::ToEnd => {
+                            u32::try_from(npages.saturating_sub(first)).unwrap_or(u32::MAX)
+                        }
+                        GenCount::Pages(n) => n % 200,
+                    };
+                    log_line(&mut t, "clear-dirty-log", id, as_id);
+                    let _ = writeln!(t, " first={first:#x} count={count}");
+                }
             }
         }
         t
+    }
+
+    /// The id, address space and pages of the slot a dirty-log step names.
+    fn log_slot(reqs: &[Req], which: GenLogSlot) -> (u16, u16, u64) {
+        match which {
+            GenLogSlot::Recent(i) => {
+                let logged: Vec<&Req> =
+                    reqs.iter().filter(|r| r.dirty_log && r.size != 0).collect();
+                let pick = if logged.is_empty() {
+                    reqs.len().checked_sub(1 + i % reqs.len().max(1)).and_then(|b| reqs.get(b))
+                } else {
+                    logged.get(logged.len() - 1 - i % logged.len()).copied()
+                };
+                match pick {
+                    Some(r) => (r.id, r.as_id, r.size / PAGE_SIZE),
+                    None => (1, 0, 0),
+                }
+            }
+            GenLogSlot::Id(id, a) => (Self::resolve_id(id), Self::resolve_as(a), 0),
+        }
     }
 
     fn host_place(&self, m: usize, off: u64, width: GenWidth) -> (usize, u64, u64) {
@@ -826,6 +910,14 @@ fn mask(w: u64) -> u64 {
     }
 }
 
+/// `KEYWORD ID[ as=A]`, without the newline.
+fn log_line(t: &mut String, keyword: &str, id: u16, as_id: u16) {
+    let _ = write!(t, "{keyword} {id}");
+    if as_id != 0 {
+        let _ = write!(t, " as={as_id}");
+    }
+}
+
 fn slot_line(t: &mut String, r: &Req) {
     let _ = write!(t, "slot {}", r.id);
     if r.as_id != 0 {
@@ -856,14 +948,18 @@ fn gen_vm() -> impl Strategy<Value = GenVm> {
         proptest::option::of(any::<bool>()),
         proptest::option::of(prop_oneof![Just(Format::Ept), Just(Format::Npt)]),
         proptest::option::of(prop_oneof![Just(46u8), Just(48u8), Just(52u8)]),
+        proptest::option::of(prop_oneof![Just(DirtyLogMode::Auto), Just(DirtyLogMode::Manual)]),
     )
-        .prop_map(|(vcpus, address_spaces, mmio_caching, format, phys_bits)| GenVm {
-            vcpus,
-            address_spaces,
-            mmio_caching,
-            format,
-            phys_bits,
-            paging: None,
+        .prop_map(|(vcpus, address_spaces, mmio_caching, format, phys_bits, dirty_log)| {
+            GenVm {
+                vcpus,
+                address_spaces,
+                mmio_caching,
+                format,
+                phys_bits,
+                paging: None,
+                dirty_log,
+            }
         })
 }
 
@@ -985,18 +1081,19 @@ fn gen_width() -> impl Strategy<Value = GenWidth> {
 }
 
 fn gen_slot() -> impl Strategy<Value = GenSlot> {
-    (gen_id(), gen_as(), gen_gpa(), gen_size(), 0usize..3, gen_offset(), any::<[bool; 2]>())
-        .prop_map(|(id, as_id, gpa, size, mem, offset, [ro, dl])| GenSlot {
+    (gen_id(), gen_as(), gen_gpa(), gen_size(), 0usize..3, gen_offset(), 0u8..8).prop_map(
+        |(id, as_id, gpa, size, mem, offset, f)| GenSlot {
             id,
             as_id,
             gpa,
             size,
             mem,
             offset,
-            // Read-only in one request of four, dirty logging in one of four.
-            readonly: ro && dl,
-            dirty_log: !ro && dl,
-        })
+            // Read-only in one request of four, dirty logging in one of two.
+            readonly: f < 2,
+            dirty_log: (2..6).contains(&f),
+        },
+    )
 }
 
 fn gen_change() -> impl Strategy<Value = GenChange> {
@@ -1030,8 +1127,35 @@ fn gen_target() -> impl Strategy<Value = GenTarget> {
     ]
 }
 
+fn gen_log_slot() -> impl Strategy<Value = GenLogSlot> {
+    prop_oneof![
+        6 => recent().prop_map(GenLogSlot::Recent),
+        1 => (gen_id(), gen_as()).prop_map(|(id, a)| GenLogSlot::Id(id, a)),
+    ]
+}
+
+fn gen_first() -> impl Strategy<Value = GenFirst> {
+    // Mostly page 0: generated slots are small, so a later 64-page unit is past their end.
+    prop_oneof![
+        6 => Just(GenFirst::Aligned(0)),
+        2 => (1u64..4).prop_map(GenFirst::Aligned),
+        1 => (0u64..4).prop_map(GenFirst::Misaligned),
+    ]
+}
+
+fn gen_count() -> impl Strategy<Value = GenCount> {
+    prop_oneof![
+        3 => (0u32..3).prop_map(GenCount::Words),
+        3 => Just(GenCount::ToEnd),
+        1 => (0u32..200).prop_map(GenCount::Pages),
+    ]
+}
+
 fn gen_step() -> impl Strategy<Value = GenStep> {
     prop_oneof![
+        2 => gen_log_slot().prop_map(GenStep::DirtyLog),
+        2 => (gen_log_slot(), gen_first(), gen_count())
+            .prop_map(|(s, f, c)| GenStep::ClearDirtyLog(s, f, c)),
         6 => gen_slot().prop_map(GenStep::Slot),
         4 => (recent(), gen_change()).prop_map(|(i, c)| GenStep::Reuse(i, c)),
         1 => (gen_id(), gen_as()).prop_map(|(id, a)| GenStep::Delete(id, a)),
@@ -1269,6 +1393,7 @@ mod tests {
                 format: Some(Format::Shadow),
                 phys_bits: None,
                 paging: Some(Paging::Level4),
+                dirty_log: None,
             },
             mems: vec![0x1000],
             steps: vec![
@@ -1353,7 +1478,18 @@ mod tests {
                 }
             }
         }
-        for k in ["vm", "mem", "slot", "read", "write", "host-write", "host-read", "mmio-reply"] {
+        for k in [
+            "vm",
+            "mem",
+            "slot",
+            "read",
+            "write",
+            "host-write",
+            "host-read",
+            "mmio-reply",
+            "dirty-log",
+            "clear-dirty-log",
+        ] {
             assert!(kinds.get(k).copied().unwrap_or(0) >= 20, "{k}: {kinds:?}");
         }
         let frac = invalid as f64 / slots as f64;
@@ -1401,6 +1537,7 @@ mod tests {
                 format: Some(Format::Npt),
                 phys_bits: Some(52),
                 paging: None,
+                dirty_log: Some(DirtyLogMode::Manual),
             },
             mems: vec![0x1800],
             steps: vec![
@@ -1421,14 +1558,22 @@ mod tests {
                 },
                 GenStep::Reuse(0, GenChange::Delete),
                 GenStep::Reuse(5, GenChange::Remap(GenOffset::Page(0))),
+                GenStep::DirtyLog(GenLogSlot::Recent(0)),
+                GenStep::ClearDirtyLog(
+                    GenLogSlot::Recent(1),
+                    GenFirst::Aligned(0),
+                    GenCount::ToEnd,
+                ),
             ],
         };
-        let want = "vm vcpus=2 mmio_caching=off format=npt phys_bits=52\n\
+        let want = "vm vcpus=2 mmio_caching=off format=npt phys_bits=52 dirty_log=manual\n\
                     mem m0 size=0x1800\n\
                     slot 9 gpa=0x10004000 size=0x1000 mem=m0+0x1000 flags=readonly\n\
                     read 1 gpa=0x10004ff8 size=8\n\
                     slot 9 gpa=0x10004000 size=0x0\n\
-                    slot 9 gpa=0x10004000 size=0x1000 mem=m0 flags=readonly\n";
+                    slot 9 gpa=0x10004000 size=0x1000 mem=m0 flags=readonly\n\
+                    dirty-log 9\n\
+                    clear-dirty-log 9 first=0x0 count=0\n";
         assert_eq!(g.text(), want);
         assert_eq!(format!("{g:?}"), format!("scenario file:\n{want}"));
         parse(want).unwrap();

@@ -41,13 +41,14 @@ pub use backend::{run, run_collect, Backend, BackendError, Machine, RunError, St
 pub use diff::{Verdict, VerdictLine};
 pub use error::{Error, Result};
 pub use observation::{
-    first_difference, parse_observations, Observation, ObservationError, ReadExit, SlotResult,
-    WriteExit,
+    first_difference, parse_observations, DirtyLogResult, Observation, ObservationError, ReadExit,
+    SlotResult, WriteExit,
 };
 pub use parse::{parse, ParseError, ParseErrorKind};
 pub use print::to_text;
 pub use step::{
-    Cr3Op, Format, HostReadOp, HostWriteOp, MapFlags, MapOp, MemDecl, MemId, MemRef, Op, Overrides,
-    PageSize, Paging, ReadOp, Scenario, SlotFlags, SlotOp, Step, UnmapOp, VmConfig, Width, WriteOp,
-    ACCESS_LIMIT, PAGE_SIZE, RESERVED_BELOW, RESERVED_SLOT_IDS, SPACES,
+    ClearDirtyLogOp, Cr3Op, DirtyLogMode, DirtyLogOp, Format, HostReadOp, HostWriteOp, MapFlags,
+    MapOp, MemDecl, MemId, MemRef, Op, Overrides, PageSize, Paging, ReadOp, Scenario, SlotFlags,
+    SlotOp, Step, UnmapOp, VmConfig, Width, WriteOp, ACCESS_LIMIT, PAGE_SIZE, RESERVED_BELOW,
+    RESERVED_SLOT_IDS, SPACES,
 };

@@ -27,6 +27,15 @@ impl SlotResult {
     }
 }
 
+/// The result of a `dirty-log` step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DirtyLogResult {
+    /// The ioctl succeeded: the indexes of the dirty pages within the slot, ascending.
+    Ok(Vec<u64>),
+    /// The ioctl failed with this errno name (`ENOENT`, `EINVAL`).
+    Err(String),
+}
+
 /// How a guest load ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReadExit {
@@ -107,6 +116,20 @@ pub enum Observation {
         /// The value read.
         value: u64,
     },
+    /// A `dirty-log` step.
+    DirtyLog {
+        /// Step number.
+        step: u32,
+        /// The pages, or the errno.
+        result: DirtyLogResult,
+    },
+    /// A `clear-dirty-log` step.
+    ClearDirtyLog {
+        /// Step number.
+        step: u32,
+        /// `ok` or the errno name.
+        result: SlotResult,
+    },
     /// The backend cannot run this scenario as written (the only line of its output).
     Skipped {
         /// Why.
@@ -121,7 +144,9 @@ impl Observation {
             Observation::Slot { step, .. }
             | Observation::Read { step, .. }
             | Observation::Write { step, .. }
-            | Observation::HostRead { step, .. } => Some(*step),
+            | Observation::HostRead { step, .. }
+            | Observation::DirtyLog { step, .. }
+            | Observation::ClearDirtyLog { step, .. } => Some(*step),
             Observation::Skipped { .. } => None,
         }
     }
@@ -161,6 +186,25 @@ impl fmt::Display for Observation {
             }
             Observation::Skipped { reason } => {
                 write!(f, r#"{{"skipped":{}}}"#, Value::from(reason.as_str()))
+            }
+            Observation::DirtyLog { step, result: DirtyLogResult::Ok(pages) } => {
+                write!(f, r#"{{"step":{step},"op":"dirty-log","result":"ok","pages":["#)?;
+                for (i, p) in pages.iter().enumerate() {
+                    let sep = if i == 0 { "" } else { "," };
+                    write!(f, r#"{sep}"{p:#x}""#)?;
+                }
+                f.write_str("]}")
+            }
+            Observation::DirtyLog { step, result: DirtyLogResult::Err(e) } => {
+                write!(
+                    f,
+                    r#"{{"step":{step},"op":"dirty-log","result":{}}}"#,
+                    Value::from(e.as_str())
+                )
+            }
+            Observation::ClearDirtyLog { step, result } => {
+                write!(f, r#"{{"step":{step},"op":"clear-dirty-log","result":"#)?;
+                write!(f, "{}}}", Value::from(result.as_str()))
             }
         }
     }
@@ -246,6 +290,35 @@ fn from_object(o: &Map<String, Value>) -> Result<Observation, String> {
             exit: WriteExit::PageFault { gva: hex("gva")?, error: hex("error")? },
         },
         ("host-read", _) => Observation::HostRead { step, value: hex("value")? },
+        ("dirty-log", _) => Observation::DirtyLog {
+            step,
+            result: match s("result")? {
+                "ok" => {
+                    let list = o
+                        .get("pages")
+                        .and_then(Value::as_array)
+                        .ok_or_else(|| "missing array field `pages`".to_string())?;
+                    let mut pages = Vec::with_capacity(list.len());
+                    for v in list {
+                        let t = v.as_str().ok_or_else(|| "a page is not a string".to_string())?;
+                        let p = t
+                            .strip_prefix("0x")
+                            .and_then(|h| u64::from_str_radix(h, 16).ok())
+                            .ok_or_else(|| format!("page `{t}` is not a 0x hex number"))?;
+                        pages.push(p);
+                    }
+                    DirtyLogResult::Ok(pages)
+                }
+                e => DirtyLogResult::Err(e.into()),
+            },
+        },
+        ("clear-dirty-log", _) => Observation::ClearDirtyLog {
+            step,
+            result: match s("result")? {
+                "ok" => SlotResult::Ok,
+                e => SlotResult::Err(e.into()),
+            },
+        },
         (op, exit) => return Err(format!("unknown op/exit `{op}`/{exit:?}")),
     })
 }
@@ -296,6 +369,31 @@ mod tests {
     fn writer_matches_spec_bytes() {
         let text: String = spec_observations().iter().map(|o| format!("{o}\n")).collect();
         assert_eq!(text, SPEC);
+    }
+
+    #[test]
+    fn dirty_log_observations_match_spec_and_round_trip() {
+        let spec = r#"{"step":7,"op":"dirty-log","result":"ok","pages":["0x0","0x5"]}
+{"step":7,"op":"dirty-log","result":"ENOENT"}
+{"step":8,"op":"clear-dirty-log","result":"ok"}
+{"step":9,"op":"dirty-log","result":"ok","pages":[]}
+"#;
+        let obs = vec![
+            Observation::DirtyLog { step: 7, result: DirtyLogResult::Ok(vec![0, 5]) },
+            Observation::DirtyLog { step: 7, result: DirtyLogResult::Err("ENOENT".into()) },
+            Observation::ClearDirtyLog { step: 8, result: SlotResult::Ok },
+            Observation::DirtyLog { step: 9, result: DirtyLogResult::Ok(vec![]) },
+        ];
+        let text: String = obs.iter().map(|o| format!("{o}\n")).collect();
+        assert_eq!(text, spec);
+        assert_eq!(parse_observations(spec).unwrap(), obs);
+        for bad in [
+            r#"{"step":7,"op":"dirty-log","result":"ok"}"#,
+            r#"{"step":7,"op":"dirty-log","result":"ok","pages":["0x05"]}"#,
+            r#"{"step":7,"op":"dirty-log","result":"ok","pages":[5]}"#,
+        ] {
+            assert!(parse_observations(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

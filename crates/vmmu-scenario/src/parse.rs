@@ -8,9 +8,9 @@
 //! Version 2 guest paging (`paging=`, `map`, `unmap`, `cr3`, `gva=`) is in [`paging`].
 
 use crate::step::{
-    Format, HostReadOp, HostWriteOp, MemDecl, MemId, MemRef, Op, ReadOp, Scenario, SlotFlags,
-    SlotOp, Step, VmConfig, Width, WriteOp, ACCESS_LIMIT, PAGE_SIZE, RESERVED_BELOW,
-    RESERVED_SLOT_IDS,
+    ClearDirtyLogOp, DirtyLogMode, DirtyLogOp, Format, HostReadOp, HostWriteOp, MemDecl, MemId,
+    MemRef, Op, ReadOp, Scenario, SlotFlags, SlotOp, Step, VmConfig, Width, WriteOp, ACCESS_LIMIT,
+    PAGE_SIZE, RESERVED_BELOW, RESERVED_SLOT_IDS,
 };
 use std::collections::HashMap;
 
@@ -32,7 +32,7 @@ pub struct ParseError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseErrorKind {
     /// The first word is not a step keyword.
-    #[error("unknown step `{0}` (expected vm, mem, slot, read, write, host-write, host-read, mmio-reply, map, unmap or cr3)")]
+    #[error("unknown step `{0}` (expected vm, mem, slot, read, write, host-write, host-read, mmio-reply, map, unmap, cr3, dirty-log or clear-dirty-log)")]
     UnknownStep(String),
     /// A `key=value` field this step does not have.
     #[error("`{step}` has no field `{field}` (its fields: {allowed})")]
@@ -463,6 +463,27 @@ impl Parser {
             "map" => self.map_line(*kw, rest),
             "unmap" => self.unmap_line(*kw, rest),
             "cr3" => self.cr3_line(*kw, rest),
+            "dirty-log" => {
+                let (idw, fields) = positional("dirty-log", *kw, rest, "a slot ID")?;
+                let f = Fields::new("dirty-log", kw.col, fields, &["as"], "as")?;
+                let (id, as_id) = log_slot(idw, &f)?;
+                Ok(Op::DirtyLog(DirtyLogOp { id, as_id }))
+            }
+            "clear-dirty-log" => {
+                let (idw, fields) = positional("clear-dirty-log", *kw, rest, "a slot ID")?;
+                let f = Fields::new(
+                    "clear-dirty-log",
+                    kw.col,
+                    fields,
+                    &["as", "first", "count"],
+                    "as, first, count",
+                )?;
+                let (id, as_id) = log_slot(idw, &f)?;
+                let first = number(f.need("first")?)?;
+                let count =
+                    ranged(f.need("count")?, "count", 0, u32::MAX.into(), "0..=0xffffffff")?;
+                Ok(Op::ClearDirtyLog(ClearDirtyLogOp { id, as_id, first, count }))
+            }
             other => Err((kw.col, ParseErrorKind::UnknownStep(other.into()))),
         }
     }
@@ -471,14 +492,21 @@ impl Parser {
         if number != 1 {
             return Err((kw.col, ParseErrorKind::VmNotFirst));
         }
-        const ALLOWED: &[&str] =
-            &["vcpus", "address_spaces", "mmio_caching", "format", "phys_bits", "paging"];
+        const ALLOWED: &[&str] = &[
+            "vcpus",
+            "address_spaces",
+            "mmio_caching",
+            "format",
+            "phys_bits",
+            "paging",
+            "dirty_log",
+        ];
         let f = Fields::new(
             "vm",
             kw.col,
             rest,
             ALLOWED,
-            "vcpus, address_spaces, mmio_caching, format, phys_bits, paging",
+            "vcpus, address_spaces, mmio_caching, format, phys_bits, paging, dirty_log",
         )?;
         let mut vm = VmConfig::default();
         if let Some(w) = f.get("vcpus") {
@@ -507,6 +535,13 @@ impl Parser {
         }
         if let Some(w) = f.get("paging") {
             vm.paging = paging::paging_choice(w)?;
+        }
+        if let Some(w) = f.get("dirty_log") {
+            vm.dirty_log = match w.text {
+                "auto" => DirtyLogMode::Auto,
+                "manual" => DirtyLogMode::Manual,
+                _ => return Err(choice(w, "dirty_log", "auto or manual")),
+            };
         }
         self.vm = vm;
         Ok(Op::Vm(vm))
@@ -688,6 +723,27 @@ impl Parser {
         }
         Ok(at)
     }
+}
+
+/// The slot of a `dirty-log` / `clear-dirty-log` line: `ID` and `as=` (16-bit each); the
+/// backends' own slot ids are rejected as for `slot`.
+fn log_slot(idw: Word<'_>, f: &Fields<'_>) -> LineResult<(u16, u16)> {
+    let id: u16 = ranged(idw, "ID", 0, 0xffff, "0..=65535")?;
+    let as_id: u16 = match f.get("as") {
+        Some(w) => ranged(w, "as", 0, 0xffff, "0..=65535")?,
+        None => 0,
+    };
+    if as_id == 0 && RESERVED_SLOT_IDS.contains(&id) {
+        return Err((
+            idw.col,
+            ParseErrorKind::Reserved(format!(
+                "slot id {id} in address space 0 (ids {}..={})",
+                RESERVED_SLOT_IDS.start(),
+                RESERVED_SLOT_IDS.end()
+            )),
+        ));
+    }
+    Ok((id, as_id))
 }
 
 fn choice(w: Word<'_>, field: &'static str, allowed: &'static str) -> (u32, ParseErrorKind) {
@@ -934,6 +990,47 @@ mod tests {
         ));
         assert!(parse(&format!("{HEAD}host-write buf+0x1ff8 size=8 value=0xffffffffffffffff\n"))
             .is_ok());
+    }
+
+    #[test]
+    fn dirty_log_steps() {
+        let s = parse(
+            "vm dirty_log=manual\nmem b size=4K\ndirty-log 3\ndirty-log 4 as=1\n\
+             clear-dirty-log 3 first=0x40 count=64\nclear-dirty-log 32760 as=1 first=1 count=0\n",
+        )
+        .unwrap();
+        assert_eq!(s.vm.dirty_log, DirtyLogMode::Manual);
+        assert_eq!(s.steps[2].op, Op::DirtyLog(DirtyLogOp { id: 3, as_id: 0 }));
+        match &s.steps[3].op {
+            Op::DirtyLog(d) => assert_eq!(d.kvm_slot(), 0x1_0004),
+            other => panic!("{other:?}"),
+        }
+        let c = ClearDirtyLogOp { id: 3, as_id: 0, first: 0x40, count: 64 };
+        assert_eq!(s.steps[4].op, Op::ClearDirtyLog(c));
+        assert!(
+            matches!(s.steps[5].op, Op::ClearDirtyLog(c) if c.first == 1 && c.kvm_slot() == 0x1_7ff8),
+            "misaligned first and reserved ids outside address space 0 parse: KVM decides"
+        );
+        assert_eq!(parse("dirty-log 1\n").unwrap().vm.dirty_log, DirtyLogMode::Auto);
+
+        let e = |t: &str| {
+            let (l, c, k) = err(t);
+            (l, c, k.to_string())
+        };
+        assert_eq!(e("vm dirty_log=on\n").1, 14);
+        assert!(e("vm dirty_log=on\n").2.contains("auto or manual"));
+        assert_eq!(
+            e("dirty-log\n"),
+            (1, 1, "`dirty-log` needs a slot ID after the keyword".into())
+        );
+        assert_eq!(e("dirty-log 70000\n").1, 11);
+        assert_eq!(e("dirty-log 1 first=0\n").1, 13, "dirty-log has no first=");
+        assert_eq!(e("dirty-log 32761\n").1, 11, "a backend's own slot id");
+        assert_eq!(e("clear-dirty-log 1 first=0\n").2, "`clear-dirty-log` needs `count=`");
+        assert_eq!(e("clear-dirty-log 1 count=1\n").2, "`clear-dirty-log` needs `first=`");
+        assert_eq!(e("clear-dirty-log 1 first=0 count=0x100000000\n").1, 33);
+        assert_eq!(e("clear-dirty-log 1 first=-1 count=1\n").1, 25);
+        assert_eq!(e("dirty-log 1\ndirty-log 1 as=1 as=1\n").0, 2);
     }
 
     #[test]

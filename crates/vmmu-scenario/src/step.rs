@@ -71,6 +71,26 @@ impl fmt::Display for Paging {
     }
 }
 
+/// How `dirty-log` treats the bitmap (`vm dirty_log=`): KVM without manual protect, or with
+/// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` enabled (without "initially set").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DirtyLogMode {
+    /// GET returns, clears and write-protects again.
+    #[default]
+    Auto,
+    /// GET only returns; `clear-dirty-log` clears and write-protects.
+    Manual,
+}
+
+impl fmt::Display for DirtyLogMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DirtyLogMode::Auto => "auto",
+            DirtyLogMode::Manual => "manual",
+        })
+    }
+}
+
 /// The size of a guest page a `map`/`unmap` step names.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PageSize {
@@ -155,6 +175,8 @@ pub struct VmConfig {
     pub phys_bits: u8,
     /// The guest's paging mode (version 2).
     pub paging: Paging,
+    /// The dirty-log mode (version 2).
+    pub dirty_log: DirtyLogMode,
 }
 
 impl Default for VmConfig {
@@ -166,6 +188,7 @@ impl Default for VmConfig {
             format: Format::Ept,
             phys_bits: 46,
             paging: Paging::Off,
+            dirty_log: DirtyLogMode::Auto,
         }
     }
 }
@@ -347,6 +370,42 @@ pub struct HostReadOp {
     pub width: Width,
 }
 
+/// A `dirty-log` step: `KVM_GET_DIRTY_LOG` on one slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirtyLogOp {
+    /// Slot id.
+    pub id: u16,
+    /// Address space.
+    pub as_id: u16,
+}
+
+/// A `clear-dirty-log` step: `KVM_CLEAR_DIRTY_LOG` with every bit of `[first, first+count)` set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClearDirtyLogOp {
+    /// Slot id.
+    pub id: u16,
+    /// Address space.
+    pub as_id: u16,
+    /// The first page (KVM's `first_page`; not checked: KVM's rules decide).
+    pub first: u64,
+    /// The number of pages (KVM's `num_pages`, a `u32`).
+    pub count: u32,
+}
+
+impl DirtyLogOp {
+    /// KVM's `slot` field: `(as << 16) | id`.
+    pub fn kvm_slot(&self) -> u32 {
+        (u32::from(self.as_id) << 16) | u32::from(self.id)
+    }
+}
+
+impl ClearDirtyLogOp {
+    /// KVM's `slot` field: `(as << 16) | id`.
+    pub fn kvm_slot(&self) -> u32 {
+        (u32::from(self.as_id) << 16) | u32::from(self.id)
+    }
+}
+
 /// What a step does.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -372,6 +431,10 @@ pub enum Op {
     Unmap(UnmapOp),
     /// `cr3 ...` (version 2).
     Cr3(Cr3Op),
+    /// `dirty-log ID [as=A]`.
+    DirtyLog(DirtyLogOp),
+    /// `clear-dirty-log ID [as=A] first=N count=M`.
+    ClearDirtyLog(ClearDirtyLogOp),
 }
 
 impl Op {
@@ -389,6 +452,8 @@ impl Op {
             Op::Map(_) => "map",
             Op::Unmap(_) => "unmap",
             Op::Cr3(_) => "cr3",
+            Op::DirtyLog(_) => "dirty-log",
+            Op::ClearDirtyLog(_) => "clear-dirty-log",
         }
     }
 }

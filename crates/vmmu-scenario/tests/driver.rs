@@ -47,6 +47,12 @@ impl Machine for ToyMachine {
     fn host_read(&mut self, op: &HostReadOp) -> Result<u64, BackendError> {
         Ok(op.at.offset)
     }
+    fn dirty_log(&mut self, op: &DirtyLogOp) -> Result<DirtyLogResult, BackendError> {
+        Ok(DirtyLogResult::Ok(vec![u64::from(op.id)]))
+    }
+    fn clear_dirty_log(&mut self, _: &ClearDirtyLogOp) -> Result<SlotResult, BackendError> {
+        Ok(SlotResult::Err("EINVAL".into()))
+    }
 }
 
 const TEXT: &str = "\
@@ -62,6 +68,8 @@ host-write buf+8 size=8 value=1
 read 0 gpa=0x20000000 size=4
 write 1 gpa=0x10000000 size=8 value=5
 host-read buf+0x10 size=8
+dirty-log 7
+clear-dirty-log 1 first=0 count=64
 ";
 
 #[test]
@@ -77,6 +85,8 @@ fn driver_numbers_steps_and_passes_the_reply() {
 {"step":8,"op":"read","exit":"mmio","gpa":"0x20000000","len":4,"value":"0x23456789"}
 {"step":9,"op":"write","exit":"none"}
 {"step":10,"op":"host-read","value":"0x10"}
+{"step":11,"op":"dirty-log","result":"ok","pages":["0x7"]}
+{"step":12,"op":"clear-dirty-log","result":"EINVAL"}
 "#
     );
 }

@@ -54,12 +54,18 @@ pub struct HostConfig {
     /// Give the MMU no process-wide barrier, so its SRCU readers use full fences (for measuring
     /// what the barrier saves); by default the host offers `membarrier` where the kernel has it.
     pub full_fences: bool,
+    /// Model Linux's anonymous memory for reads: a page nobody wrote yet is the shared zero
+    /// page, so a read translation of it is not writable (KVM maps such a read fault read-only,
+    /// and a read of a page the host or guest wrote before writable, which dirties it in a
+    /// dirty-logged slot). Writes through a translation and [`SimHost::host_wrote`] mark pages.
+    /// Off: every read translation of a writable buffer is writable.
+    pub track_writes: bool,
 }
 
 impl HostConfig {
     /// `phys_bits` with the default capacity of 2^20 frames (4 GiB of frames, an 8 MiB table).
     pub fn new(phys_bits: u8) -> HostConfig {
-        HostConfig { phys_bits, max_frames: 1 << 20, full_fences: false }
+        HostConfig { phys_bits, max_frames: 1 << 20, full_fences: false, track_writes: false }
     }
 }
 
@@ -110,6 +116,9 @@ pub struct HostBuffer {
     len: u64,
     first_pfn: Pfn,
     host_writable: AtomicBool,
+    /// Pages written since the buffer was made (one bit each), when the host tracks writes
+    /// ([`HostConfig::track_writes`]).
+    written: Option<Box<[std::sync::atomic::AtomicU64]>>,
 }
 
 // SAFETY: the buffer owns its allocation; every access to the bytes goes through atomic
@@ -151,6 +160,27 @@ impl HostBuffer {
     pub fn host_writable(&self) -> bool {
         self.host_writable.load(Ordering::Relaxed)
     }
+    /// Whether page `page` was written (always `true` when the host does not track writes).
+    #[inline]
+    fn was_written(&self, page: u64) -> bool {
+        let Some(w) = &self.written else { return true };
+        w.get((page / 64) as usize)
+            .is_some_and(|x| x.load(Ordering::Relaxed) & (1 << (page % 64)) != 0)
+    }
+
+    /// Marks page `page` written (a load first: the word is shared by 64 pages); whether it was
+    /// not marked before.
+    #[inline]
+    fn mark_written(&self, page: u64) -> bool {
+        if let Some(x) = self.written.as_ref().and_then(|w| w.get((page / 64) as usize)) {
+            let bit = 1 << (page % 64);
+            if x.load(Ordering::Relaxed) & bit == 0 {
+                return x.fetch_or(bit, Ordering::Relaxed) & bit == 0;
+            }
+        }
+        false
+    }
+
     /// Makes the host mapping writable or read-only for later translations.
     pub fn set_host_writable(&self, writable: bool) {
         self.host_writable.store(writable, Ordering::Relaxed);
@@ -381,6 +411,9 @@ impl SimHost {
             len,
             first_pfn: Pfn(first),
             host_writable: AtomicBool::new(true),
+            written: self.config.track_writes.then(|| {
+                (0..npages.div_ceil(64)).map(|_| std::sync::atomic::AtomicU64::new(0)).collect()
+            }),
         });
         let at = buffers.partition_point(|b| b.hva() < buf.hva());
         buffers.insert(at, buf.clone());
@@ -391,6 +424,24 @@ impl SimHost {
         self.retired.lock().unwrap_or_else(|e| e.into_inner()).push(snap);
         self.snapshot.store(ptr, Ordering::Release);
         Ok(buf)
+    }
+
+    /// The host (the VMM) wrote `[hva, hva + len)` itself, as a store through its own mapping:
+    /// those pages are no longer the zero page ([`HostConfig::track_writes`]). Returns whether a
+    /// page was written for the first time: on Linux that write replaced the zero page by a new
+    /// page, and the MMU notifier invalidated whatever mapped the old one (the caller tells the
+    /// MMU: `GuestMmu::invalidate_hva_range_begin`).
+    pub fn host_wrote(&self, hva: Hva, len: u64) -> bool {
+        if len == 0 {
+            return false;
+        }
+        let Some((buf, offset)) = self.find(hva) else { return false };
+        let last = (offset + len - 1).min(buf.len - 1);
+        let mut first = false;
+        for page in offset / PAGE_SIZE..=last / PAGE_SIZE {
+            first |= buf.mark_written(page);
+        }
+        first
     }
 
     /// The buffer named `name`.
@@ -505,6 +556,12 @@ impl HostMemory for SimHost {
             return Err(HostFault::Protected(hva));
         }
         let page = offset / PAGE_SIZE;
+        let writable = buf.host_writable() && (write || buf.was_written(page));
+        if write {
+            // A guest write through KVM breaks the zero page the same way; the MMU replaces its
+            // own leaf (a write fault), so nothing else maps the old page.
+            let _ = buf.mark_written(page);
+        }
         let pfn = Pfn(buf.first_pfn.0 + page);
         // A 2 MiB block maps this address if the naturally aligned 2 MiB block around it lies in
         // the buffer and hva and pfn agree modulo 2 MiB (then the block's frames are the aligned,
@@ -513,7 +570,7 @@ impl HostMemory for SimHost {
         let in_buffer = block >= buf.hva().0 && block + SIZE_2M <= buf.hva().0 + buf.len;
         let congruent = (hva.0 / PAGE_SIZE) % PAGES_PER_2M == pfn.0 % PAGES_PER_2M;
         let level = if in_buffer && congruent { Level::L2M } else { Level::L4K };
-        Ok(HostPage { pfn, writable: buf.host_writable(), level })
+        Ok(HostPage { pfn, writable, level })
     }
 }
 
@@ -714,6 +771,29 @@ mod tests {
             assert_eq!(h.translate(outside, false), Err(HostFault::Unmapped(outside)));
         }
         assert_eq!(h.translate(Hva(8), false), Err(HostFault::Unmapped(Hva(8))));
+    }
+
+    #[test]
+    fn tracked_reads_are_writable_only_after_a_write() {
+        let h = SimHost::new(HostConfig {
+            max_frames: 1 << 16,
+            track_writes: true,
+            ..HostConfig::new(40)
+        })
+        .expect("host");
+        let b = h.add_buffer("b", 4 * PAGE_SIZE).expect("b");
+        let at = |page: u64| Hva(b.hva().0 + page * PAGE_SIZE + 8);
+        let writable = |page| h.translate(at(page), false).map(|p| p.writable);
+        assert_eq!(writable(0), Ok(false), "a page nobody wrote is the zero page");
+        assert_eq!(h.translate(at(0), true).map(|p| p.writable), Ok(true));
+        assert_eq!(writable(0), Ok(true), "written through a write translation");
+        assert!(h.host_wrote(at(2), 8), "the first write replaces the zero page");
+        assert!(!h.host_wrote(at(2), 8), "later writes do not");
+        assert_eq!((writable(1), writable(2), writable(3)), (Ok(false), Ok(true), Ok(false)));
+        // Untracked hosts: every read of a writable buffer is writable.
+        let u = host(40);
+        let d = u.add_buffer("d", PAGE_SIZE).expect("d");
+        assert_eq!(u.translate(d.hva(), false).map(|p| p.writable), Ok(true));
     }
 
     #[test]

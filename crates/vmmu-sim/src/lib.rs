@@ -44,6 +44,7 @@ pub mod layout;
 pub mod machine;
 pub mod machine_paging;
 pub mod membarrier;
+pub mod migration;
 pub mod mix;
 pub mod options;
 pub mod oracle;

@@ -54,6 +54,7 @@ use crate::host::{HostConfig, HostError, SimHost, SIZE_2M};
 use crate::hw_vcpu::{Attempts, Data, HwVcpu};
 use crate::layout::{MachineLayout, MachineMemory};
 use crate::machine_paging::{shadow_access, PagingEvent, ShadowAccess, VcpuPaging};
+use crate::migration::{DirtyLogMode, Migration, Recorder};
 use crate::mix::{AccessGen, GuestAccess, MixKind, MixWeights};
 use crate::oracle::{Clock, Observed, Oracle, OracleReport, VcpuChecker, Violation, POISON};
 use crate::ram::Width;
@@ -134,6 +135,9 @@ pub struct MachineConfig {
     /// Record a [`Timeline`] in the report (per-interval samples, every MMIO access timed):
     /// for `--report`. Costs a clock read per access.
     pub timeline: bool,
+    /// Dirty logging on the RAM slots, collected by a migration thread and checked by its
+    /// oracle ([`crate::migration`]); `None`: no logging.
+    pub dirty_log: Option<DirtyLogMode>,
 }
 
 impl Default for MachineConfig {
@@ -157,6 +161,7 @@ impl Default for MachineConfig {
             wrap_trap: false,
             guest_paging: false,
             timeline: false,
+            dirty_log: None,
         }
     }
 }
@@ -402,7 +407,21 @@ impl Machine {
         // Stress runs stretch the MMU's decision-to-install windows (see `SimHost::table`).
         self.host().set_table_jitter(cfg.stress_paths);
         let states: Vec<M::Vcpu> = (0..n).map(|i| mmu.create_vcpu(i)).collect();
+        let l = self.layout();
+        let migration = cfg
+            .dirty_log
+            .map(|mode| Migration::new(mode, &[&l.shared, &l.private[0], &l.private[1]]));
+        let mut collector = migration.as_ref().map(Migration::collector);
+        if let Some(c) = &collector {
+            if !c.prepare(mmu) {
+                collector = None; // this MMU has no dirty logging: nothing to collect
+            }
+        }
         for request in self.memory.static_requests() {
+            let request = match (&migration, &collector) {
+                (Some(m), Some(_)) => m.flag(request),
+                _ => request,
+            };
             mmu.set_memory_region(&request).map_err(|error| SimError::Setup { request, error })?;
         }
         let tables = if cfg.guest_paging {
@@ -413,6 +432,7 @@ impl Machine {
         } else {
             None
         };
+        let logging = collector.is_some();
         let oracle = Oracle::new(self.memory.clone(), self.schedule.clone());
         let checkers: Vec<VcpuChecker<'_>> = (0..n).map(|i| oracle.checker(i)).collect();
         let clock = Clock::new();
@@ -463,7 +483,7 @@ impl Machine {
         }
         let mut next_sample = interval;
 
-        let (vcpu_results, dm, elapsed) = std::thread::scope(|s| {
+        let (vcpu_results, dm, elapsed, collector) = std::thread::scope(|s| {
             let handles: Vec<_> = states
                 .into_iter()
                 .zip(checkers)
@@ -471,12 +491,25 @@ impl Machine {
                 .map(|(i, (state, checker))| {
                     let (shared, counter) = (&shared, &counters[i].0);
                     let tables = tables.clone();
+                    let recorder = migration.as_ref().filter(|_| logging).map(|m| m.recorder(i));
                     s.spawn(move || {
-                        vcpu_thread(shared, cfg, self.layout(), i, state, checker, counter, tables)
+                        let out = (shared, cfg, self.layout(), i, state, checker, counter);
+                        vcpu_thread(out, recorder, tables)
                     })
                 })
                 .collect();
             let dm = s.spawn(|| device_manager(&shared, &self.schedule, cfg, &updates));
+            // The migration thread: collections back to back, a short pause apart.
+            let migrator = collector.map(|mut c| {
+                let (stop, mmu) = (&stop, mmu);
+                s.spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        c.collect(mmu);
+                        std::thread::sleep(crate::migration::PAUSE);
+                    }
+                    c
+                })
+            });
             loop {
                 std::thread::sleep(Duration::from_millis(10));
                 let elapsed = started.elapsed();
@@ -497,7 +530,9 @@ impl Machine {
                         && (!cfg.wrap_trap || trap_done.load(Ordering::SeqCst))
                 });
                 let churn_done = cfg.max_updates.is_some_and(|m| snap.updates >= m);
-                let crashed = handles.iter().any(|h| h.is_finished()) || dm.is_finished();
+                let crashed = handles.iter().any(|h| h.is_finished())
+                    || dm.is_finished()
+                    || migrator.as_ref().is_some_and(|m| m.is_finished());
                 if elapsed >= cfg.duration || budget_done || churn_done || crashed {
                     stop.store(true, Ordering::Relaxed);
                     break;
@@ -505,7 +540,8 @@ impl Machine {
             }
             let results: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
             let elapsed = started.elapsed();
-            (results, dm.join(), elapsed)
+            let collector = migrator.map(|m| m.join().unwrap_or_else(|panic| resume_unwind(panic)));
+            (results, dm.join(), elapsed, collector)
         });
         if cfg.timeline {
             let accesses = counters.iter().map(|c| c.0.load(Ordering::Relaxed)).sum();
@@ -569,6 +605,12 @@ impl Machine {
         }
         oracle_report.merge(dm.oracle);
         oracle_report.merge(oracle.final_checks(&checkers));
+        if let Some(c) = collector {
+            // The vCPUs have stopped and handed their last windows over: close them all.
+            let (verdict, stats) = c.finish(mmu);
+            oracle_report.merge(verdict);
+            report.dirty_log = Some(stats);
+        }
         report.oracle = oracle_report;
         report.fill_mmu(&mmu.stats());
         let mmu_memslots = report.memslots.clone();
@@ -596,15 +638,21 @@ impl Machine {
 
 type VcpuResult<'o> = (VcpuCounters, TlbStats, VcpuChecker<'o>);
 
-#[allow(clippy::too_many_arguments)]
+/// What a vCPU thread gets: the shared state, the configuration, the layout, its index, its MMU
+/// state, its checker and its progress counter.
+type VcpuArgs<'a, 's, 'o, M> = (
+    &'a Shared<'s, M>,
+    &'a MachineConfig,
+    &'a MachineLayout,
+    usize,
+    <M as GuestMmu>::Vcpu,
+    VcpuChecker<'o>,
+    &'a AtomicU64,
+);
+
 fn vcpu_thread<'o, M: GuestMmu>(
-    sh: &Shared<'_, M>,
-    cfg: &MachineConfig,
-    layout: &MachineLayout,
-    index: usize,
-    state: M::Vcpu,
-    mut checker: VcpuChecker<'o>,
-    progress: &AtomicU64,
+    (sh, cfg, layout, index, state, mut checker, progress): VcpuArgs<'_, '_, 'o, M>,
+    mut recorder: Option<Recorder<'_>>,
     tables: Option<Arc<crate::host::HostBuffer>>,
 ) -> VcpuResult<'o> {
     let mut hw = HwVcpu::with_state(sh.mmu, sh.host, state, cfg.tlb_entries);
@@ -685,6 +733,7 @@ fn vcpu_thread<'o, M: GuestMmu>(
             for _ in 0..cfg.batch.max(1) {
                 let a = gen.next_access();
                 let t0 = c.mmio_latency.is_some().then(Instant::now);
+                let ended_before = recorder.as_ref().map_or(0, Recorder::before);
                 let (seen, start, end) = match paging.as_mut() {
                     Some(p) => match p.gva_for(&mut hw, &a) {
                         Ok(gva) => paged_access(sh, &mut hw, &mut c, &a, gva, p),
@@ -696,6 +745,11 @@ fn vcpu_thread<'o, M: GuestMmu>(
                     (t0, c.mmio_latency.as_mut(), &seen)
                 {
                     h.saturating_record((t0.elapsed().as_nanos() as u64).max(1));
+                }
+                if let (Some(r), true, Observed::Ram { .. }) =
+                    (recorder.as_mut(), a.kind.is_write(), &seen)
+                {
+                    r.wrote(a.gpa, ended_before);
                 }
                 checker.check(&a, &seen, start, end);
             }
@@ -709,6 +763,9 @@ fn vcpu_thread<'o, M: GuestMmu>(
             progress.store(c.accesses, Ordering::Relaxed);
         }
         hw.exit_guest();
+        if let Some(r) = recorder.as_mut() {
+            r.hand_over();
+        }
     }));
     if let Err(panic) = body {
         // Leave guest mode so a memslot update waiting for this vCPU does not hang, then let the

@@ -56,6 +56,8 @@ pub struct RunOptions {
     pub guest_paging: bool,
     /// Record the report's [`Timeline`](crate::timeline::Timeline) (for `--report`).
     pub timeline: bool,
+    /// Dirty logging on the RAM slots with a migration thread and its oracle (`--dirty-log`).
+    pub dirty_log: Option<crate::migration::DirtyLogMode>,
 }
 
 impl Default for RunOptions {
@@ -77,6 +79,7 @@ impl Default for RunOptions {
             shadow: false,
             guest_paging: false,
             timeline: false,
+            dirty_log: None,
         }
     }
 }
@@ -168,6 +171,7 @@ impl RunOptions {
             wrap_trap: self.wrap_trap,
             guest_paging: self.shadow || self.guest_paging,
             timeline: self.timeline,
+            dirty_log: self.dirty_log,
             // Stress runs and bug hunts want every update they can get.
             update_profile: if self.stress_paths || self.wrap_trap || !self.bugs.is_empty() {
                 UpdateProfile::Steady

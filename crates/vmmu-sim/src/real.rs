@@ -14,6 +14,7 @@ use crate::seam::{
 };
 use std::sync::{Arc, Mutex};
 use vmmu::bugs::BugSet;
+use vmmu::dirty::DirtyLogMode;
 use vmmu::fault::{FaultOutcome, PfErr};
 use vmmu::memslot::MemslotError;
 use vmmu::spte::FormatKind;
@@ -22,7 +23,7 @@ use vmmu::tdp::HwWalk;
 use vmmu::types::Hva;
 use vmmu::vcpu::Vcpu;
 use vmmu::vm::{Vm, VmConfig, VmError};
-use vmmu::{Access, AsId, FaultAccess, Gpa};
+use vmmu::{Access, AsId, FaultAccess, Gpa, SlotId};
 
 /// How to build the real MMU for a machine.
 #[derive(Clone, Copy, Debug)]
@@ -166,6 +167,29 @@ impl Drop for RealVcpu {
 
 impl GuestMmu for RealMmu {
     type Vcpu = RealVcpu;
+
+    fn set_dirty_log_manual(&self, manual: bool) -> bool {
+        let mode = if manual { DirtyLogMode::Manual } else { DirtyLogMode::Auto };
+        self.vm.set_dirty_log_mode(mode);
+        true
+    }
+
+    fn get_dirty_log(&self, slot: u32) -> Option<Result<Vec<u64>, String>> {
+        let (as_id, id) = (AsId((slot >> 16) as u16), SlotId(slot as u16));
+        Some(self.vm.get_dirty_log(as_id, id).map_err(|e| e.errno().to_string()))
+    }
+
+    fn clear_dirty_log(
+        &self,
+        slot: u32,
+        first: u64,
+        count: u32,
+        bitmap: &[u64],
+    ) -> Option<Result<(), String>> {
+        let (as_id, id) = (AsId((slot >> 16) as u16), SlotId(slot as u16));
+        let r = self.vm.clear_dirty_log(as_id, id, first, count, bitmap);
+        Some(r.map_err(|e| e.errno().to_string()))
+    }
 
     fn create_vcpu(&self, index: usize) -> RealVcpu {
         let vcpu = self

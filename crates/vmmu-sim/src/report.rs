@@ -41,6 +41,9 @@ pub struct Report {
     /// (`MachineConfig::timeline`; not part of the JSON report).
     #[serde(skip)]
     pub timeline: Option<Timeline>,
+    /// The dirty-log oracle's numbers (`--dirty-log` runs only; absent from the JSON otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dirty_log: Option<crate::migration::DirtyLogReport>,
 }
 
 /// The name the CLI and the report use for a format: `ept`, `npt` (`npt-sev` with a C-bit).

@@ -21,9 +21,9 @@ use std::thread::JoinHandle;
 use vmmu::guest::{GuestCpu, PagingMode};
 use vmmu::spte::FormatKind;
 use vmmu_scenario::{
-    Backend, BackendError, Cr3Op, Format, HostReadOp, HostWriteOp, Machine, MapOp, MemDecl, MemId,
-    MemRef, Paging, ReadExit, ReadOp, Scenario, SlotOp, SlotResult, Start, UnmapOp, Width,
-    WriteExit, WriteOp,
+    Backend, BackendError, ClearDirtyLogOp, Cr3Op, DirtyLogMode, DirtyLogOp, DirtyLogResult,
+    Format, HostReadOp, HostWriteOp, Machine, MapOp, MemDecl, MemId, MemRef, Paging, ReadExit,
+    ReadOp, Scenario, SlotOp, SlotResult, Start, UnmapOp, Width, WriteExit, WriteOp,
 };
 
 /// The guest's own MAXPHYADDR (its CPUID), which decides the reserved bits of its page-table
@@ -59,6 +59,15 @@ struct VcpuThread {
     handle: Option<JoinHandle<()>>,
 }
 
+/// A slot the MMU accepted in address space 0: where guest writes go in host memory.
+#[derive(Clone, Copy, Debug)]
+struct AcceptedSlot {
+    gpa: u64,
+    size: u64,
+    uaddr: u64,
+    readonly: bool,
+}
+
 /// One running scenario.
 pub struct SimMachine {
     host: Arc<SimHost>,
@@ -67,6 +76,10 @@ pub struct SimMachine {
     vcpus: Vec<VcpuThread>,
     /// The guest's page-table spaces (paging scenarios).
     tables: Option<GuestTables>,
+    /// Accepted slots of address space 0 by id (guest accesses use address space 0 only).
+    slots: std::collections::BTreeMap<u16, AcceptedSlot>,
+    /// The guest's paging mode (accesses name GVAs unless it is off).
+    paging: Paging,
 }
 
 fn ram_width(w: Width) -> RamWidth {
@@ -86,8 +99,14 @@ impl SimMachine {
     fn new(sc: &Scenario) -> Result<SimMachine, BackendError> {
         let vm = &sc.vm;
         let host = Arc::new(
-            SimHost::new(HostConfig { max_frames: MAX_FRAMES, ..HostConfig::new(vm.phys_bits) })
-                .map_err(failed)?,
+            SimHost::new(HostConfig {
+                max_frames: MAX_FRAMES,
+                // Reads of pages nobody wrote are not writable, as on Linux (a read of a written
+                // page in a dirty-logged slot dirties it in KVM).
+                track_writes: true,
+                ..HostConfig::new(vm.phys_bits)
+            })
+            .map_err(failed)?,
         );
         let format = match vm.format {
             Format::Ept => FormatKind::Ept,
@@ -99,7 +118,11 @@ impl SimMachine {
             mmio_caching: vm.mmio_caching,
             vcpus: vm.vcpus as usize,
             generation_base: 0,
-            slot_zap_all: false,
+            // KVM's default (KVM_X86_QUIRK_SLOT_ZAP_ALL): a delete or move zaps every mapping.
+            // No version-1 observation depends on it, but a dirty log does: a page whose
+            // mapping went faults on its next read, and a read fault of a written page maps it
+            // writable, which dirties it (measured on /dev/kvm).
+            slot_zap_all: true,
             bugs: vmmu::bugs::BugSet::NONE,
         };
         cfg.vcpus = cfg.vcpus.max(1);
@@ -121,6 +144,9 @@ impl SimMachine {
             efer_nx: true,
             maxphyaddr: GUEST_MAXPHYADDR,
         };
+        if vm.dirty_log == DirtyLogMode::Manual {
+            mmu.vm().set_dirty_log_mode(vmmu::dirty::DirtyLogMode::Manual);
+        }
         let mut vcpus = Vec::new();
         for i in 0..vm.vcpus as usize {
             let state = mmu.create_vcpu(i);
@@ -138,8 +164,15 @@ impl SimMachine {
                 .map_err(failed)?;
             vcpus.push(VcpuThread { jobs: Some(tx), handle: Some(handle) });
         }
-        let mut m =
-            SimMachine { host, mmu, buffers: vec![None; sc.mems.len()], vcpus, tables: None };
+        let mut m = SimMachine {
+            host,
+            mmu,
+            buffers: vec![None; sc.mems.len()],
+            vcpus,
+            tables: None,
+            slots: std::collections::BTreeMap::new(),
+            paging: vm.paging,
+        };
         if vm.paging != Paging::Off {
             m.setup_tables(vm.paging)?;
         } else if shadow {
@@ -255,6 +288,21 @@ impl SimMachine {
         rx.recv().map_err(|_| failed(format!("vCPU {vcpu}'s thread stopped")))?.map_err(failed)
     }
 
+    /// The first write to a host page (by the host, or by the guest through a writable slot)
+    /// replaces Linux's shared zero page by a new page, and the MMU notifier invalidates what
+    /// mapped the old one (a guest read maps it read-only, through any alias), before the write
+    /// lands: so the next guest access of any alias faults and maps the new page, writable
+    /// (which dirties it in a logged slot, as on /dev/kvm). Later writes change no mapping.
+    fn first_write(&self, hva: u64, len: u64) {
+        if self.host.host_wrote(vmmu::Hva(hva), len) {
+            let page = hva & !(vmmu::types::PAGE_SIZE - 1);
+            let (start, end) = (vmmu::Hva(page), vmmu::Hva(page + vmmu::types::PAGE_SIZE));
+            if self.mmu.invalidate_hva_range_begin(start, end) {
+                self.mmu.invalidate_hva_range_end();
+            }
+        }
+    }
+
     fn host_ptr(&self, at: &MemRef, width: Width) -> Result<*mut u8, BackendError> {
         let b = self.buffer(at.mem)?;
         if at.offset.checked_add(width.bytes() as u64).is_none_or(|end| end > b.len()) {
@@ -293,7 +341,22 @@ impl Machine for SimMachine {
             userspace_addr,
         };
         Ok(match self.mmu.set_memory_region(&req) {
-            Ok(()) => SlotResult::Ok,
+            Ok(()) => {
+                if op.as_id == 0 {
+                    if op.size == 0 {
+                        self.slots.remove(&op.id);
+                    } else {
+                        let s = AcceptedSlot {
+                            gpa: op.gpa,
+                            size: op.size,
+                            uaddr: userspace_addr,
+                            readonly: op.flags.readonly,
+                        };
+                        self.slots.insert(op.id, s);
+                    }
+                }
+                SlotResult::Ok
+            }
             Err(e) => SlotResult::Err(Errno::of(&e).to_string()),
         })
     }
@@ -309,6 +372,15 @@ impl Machine for SimMachine {
     }
 
     fn write(&mut self, op: &WriteOp) -> Result<WriteExit, BackendError> {
+        // A store to RAM of a writable slot: KVM's write fault breaks the zero page first.
+        // (Modelled where the address is a GPA; with guest paging it is a GVA, and only dirty
+        // logs, which paging scenarios do not collect, would show the difference.)
+        let by_gpa = self.paging == Paging::Off;
+        let hit =
+            self.slots.values().filter(|_| by_gpa).find(|s| op.gpa.wrapping_sub(s.gpa) < s.size);
+        if let Some(s) = hit.filter(|s| !s.readonly) {
+            self.first_write(s.uaddr.wrapping_add(op.gpa - s.gpa), u64::from(op.width.bytes()));
+        }
         Ok(match self.on_vcpu(op.vcpu, op.gpa, op.width, Some(op.value))? {
             Access::Ram(_) => WriteExit::None,
             Access::Mmio(gpa) => WriteExit::Mmio { gpa, len: op.width.bytes(), data: op.value },
@@ -322,6 +394,7 @@ impl Machine for SimMachine {
         // machine is dropped; the parser only accepts naturally aligned offsets, and buffers are
         // page aligned; buffer memory is only accessed atomically.
         unsafe { ram::store(p, ram_width(op.width), op.value) };
+        self.first_write(p as u64, u64::from(op.width.bytes()));
         Ok(())
     }
 
@@ -351,6 +424,25 @@ impl Machine for SimMachine {
             self.guest_writes(writes)?;
         }
         self.job(op.vcpu, |reply| Job::Cr3 { cr3: root, reply })
+    }
+
+    fn dirty_log(&mut self, op: &DirtyLogOp) -> Result<DirtyLogResult, BackendError> {
+        let vm = self.mmu.vm();
+        Ok(match vm.get_dirty_log(vmmu::AsId(op.as_id), vmmu::SlotId(op.id)) {
+            Ok(words) => DirtyLogResult::Ok(vmmu::dirty::pages_of(&words).collect()),
+            Err(e) => DirtyLogResult::Err(e.errno().to_string()),
+        })
+    }
+
+    fn clear_dirty_log(&mut self, op: &ClearDirtyLogOp) -> Result<SlotResult, BackendError> {
+        // An all-ones bitmap over the range, as the scenario step specifies.
+        let ones = vec![u64::MAX; (op.count as usize).div_ceil(64)];
+        let vm = self.mmu.vm();
+        let (as_id, id) = (vmmu::AsId(op.as_id), vmmu::SlotId(op.id));
+        Ok(match vm.clear_dirty_log(as_id, id, op.first, op.count, &ones) {
+            Ok(()) => SlotResult::Ok,
+            Err(e) => SlotResult::Err(e.errno().to_string()),
+        })
     }
 }
 

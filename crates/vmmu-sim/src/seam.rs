@@ -380,6 +380,31 @@ pub trait GuestMmu: Send + Sync {
     /// Host invalidation end: pairs with one `invalidate_hva_range_begin` that returned `true`.
     fn invalidate_hva_range_end(&self) {}
 
+    /// Dirty logging: manual protect on or off (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`). Returns
+    /// `false` if this MMU has no dirty logging (the default); the machine then collects nothing.
+    fn set_dirty_log_manual(&self, _manual: bool) -> bool {
+        false
+    }
+
+    /// `KVM_GET_DIRTY_LOG` of `slot` (`(as << 16) | id`): the bitmap (bit `i` = page `i` of the
+    /// slot) or the errno name; `None` without dirty logging. Contract: a page the guest wrote
+    /// after the previous collection of the slot returned is in the next one (see
+    /// `crate::migration`).
+    fn get_dirty_log(&self, _slot: u32) -> Option<Result<Vec<u64>, String>> {
+        None
+    }
+
+    /// `KVM_CLEAR_DIRTY_LOG` of the bits of `bitmap` over pages `[first, first + count)`.
+    fn clear_dirty_log(
+        &self,
+        _slot: u32,
+        _first: u64,
+        _count: u32,
+        _bitmap: &[u64],
+    ) -> Option<Result<(), String>> {
+        None
+    }
+
     /// The current memslot generation of address space 0 (raw: KVM's update-in-progress flag,
     /// bit 63, included); 0 if the MMU has none.
     fn generation(&self) -> u64 {

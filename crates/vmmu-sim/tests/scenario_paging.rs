@@ -63,6 +63,7 @@ fn scenario(paging: Paging, format: Format, caching: bool) -> (Scenario, Vec<(u3
         format,
         phys_bits: 46,
         paging,
+        dirty_log: vmmu_scenario::DirtyLogMode::Auto,
     };
     b.op(Op::Vm(vm));
     b.mem("ram", 4 << 20);

@@ -112,11 +112,17 @@ pub enum Bug {
     /// remap of a GVA from MMIO to RAM (emulated, reported) is not seen, and the access still
     /// exits as MMIO.
     TrackWriteKeepsSpte = 13,
+    /// Undoes the remote TLB flush after dirty-log write protection (KVM
+    /// `kvm_get_dirty_log_protect` / `kvm_clear_dirty_log_protect`: `if (flush)
+    /// kvm_flush_remote_tlbs_memslot()` before the ioctl returns): a vCPU keeps writing through
+    /// a cached writable translation of a page the collection just took, and the write is in no
+    /// later collection (a lost dirty page).
+    DirtyLogNoFlush = 14,
 }
 
 impl Bug {
     /// Every bug, in a stable order.
-    pub const ALL: [Bug; 14] = [
+    pub const ALL: [Bug; 15] = [
         Bug::NoSecondIncrement,
         Bug::CacheWhileInProgress,
         Bug::VcpuCacheWithoutGen,
@@ -131,6 +137,7 @@ impl Bug {
         Bug::GvaCacheSurvivesRootSwitch,
         Bug::ShadowTableLeftWritable,
         Bug::TrackWriteKeepsSpte,
+        Bug::DirtyLogNoFlush,
     ];
 
     /// The bug's command-line name.
@@ -150,6 +157,7 @@ impl Bug {
             Bug::GvaCacheSurvivesRootSwitch => "gva-cache-survives-root-switch",
             Bug::ShadowTableLeftWritable => "shadow-table-left-writable",
             Bug::TrackWriteKeepsSpte => "track-write-keeps-spte",
+            Bug::DirtyLogNoFlush => "dirty-log-no-flush",
         }
     }
 

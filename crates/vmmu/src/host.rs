@@ -55,7 +55,12 @@ pub unsafe trait FrameAllocator: Send + Sync {
 pub struct HostPage {
     /// The frame backing the translated address.
     pub pfn: Pfn,
-    /// Whether the host mapping allows writes.
+    /// Whether the leaf may be writable (KVM `map_writable`): for a write, the host mapping
+    /// allows writes; for a read, the host maps the page writable *already* (KVM's
+    /// `hva_to_pfn` maps a read fault writable only if a write-GUP succeeds without faulting, so
+    /// a never-written anonymous page, the zero page, is mapped read-only). A writable leaf in a
+    /// dirty-logged slot marks its page dirty, so this decides whether a guest read dirties a
+    /// page, as in KVM.
     pub writable: bool,
     /// The largest level at which the host maps this address contiguously: the naturally aligned
     /// block of that size around the address is backed by naturally aligned contiguous frames

@@ -17,6 +17,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod bugs;
+pub mod dirty;
 mod error;
 pub mod fault;
 pub mod guest;

@@ -215,6 +215,9 @@ pub struct VmStats {
     pub tables_allocated: Counter,
     /// Table pages freed after a grace period.
     pub tables_freed: Counter,
+    /// Pages a dirty-log collection took and write-protected again (KVM counts them down in
+    /// `dirty_pages`).
+    pub dirty_log_protected: Counter,
 }
 
 /// A plain copy of [`VmStats`].
@@ -242,6 +245,8 @@ pub struct VmStatsSnapshot {
     pub tables_allocated: u64,
     /// See [`VmStats::tables_freed`].
     pub tables_freed: u64,
+    /// See [`VmStats::dirty_log_protected`].
+    pub dirty_log_protected: u64,
 }
 
 impl VmStats {
@@ -259,6 +264,7 @@ impl VmStats {
             mmio_gen_wraps: self.mmio_gen_wraps.get(),
             tables_allocated: self.tables_allocated.get(),
             tables_freed: self.tables_freed.get(),
+            dirty_log_protected: self.dirty_log_protected.get(),
         }
     }
 }

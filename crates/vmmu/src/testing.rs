@@ -44,6 +44,11 @@ pub struct TestHost {
     relaxes: AtomicU64,
     /// Guest memory contents (8-byte words by host address; unwritten words read 0).
     words: Mutex<alloc::collections::BTreeMap<u64, u64>>,
+    /// Reads of never-written pages are not writable (Linux's zero page), see
+    /// [`TestHost::set_zero_page_reads`].
+    zero_page_reads: AtomicBool,
+    /// Host pages (hva >> 12) written through a write translation.
+    written: Mutex<alloc::collections::BTreeSet<u64>>,
 }
 
 impl TestHost {
@@ -64,7 +69,16 @@ impl TestHost {
             words: Mutex::new(alloc::collections::BTreeMap::new()),
             kicks: AtomicU64::new(0),
             relaxes: AtomicU64::new(0),
+            zero_page_reads: AtomicBool::new(false),
+            written: Mutex::new(alloc::collections::BTreeSet::new()),
         }
+    }
+
+    /// With `on`, a read translation of a page no write translation reached yet is not
+    /// writable, as Linux's anonymous memory (the zero page) is to KVM (see
+    /// [`HostPage::writable`]). Off (the default): reads of writable mappings are writable.
+    pub fn set_zero_page_reads(&self, on: bool) {
+        self.zero_page_reads.store(on, Ordering::Relaxed);
     }
 
     /// Maps host addresses `[hva, hva + len)` to frames from `pfn` on. `level` is the largest page
@@ -223,7 +237,15 @@ impl HostMemory for TestHost {
             }
             level = level.lower().unwrap_or(Level::L4K);
         }
-        Ok(HostPage { pfn: Pfn(pfn), writable: m.writable, level })
+        let page = hva.raw() >> PAGE_SHIFT;
+        let writable = m.writable
+            && (write
+                || !self.zero_page_reads.load(Ordering::Relaxed)
+                || self.written.lock().contains(&page));
+        if write {
+            self.written.lock().insert(page);
+        }
+        Ok(HostPage { pfn: Pfn(pfn), writable, level })
     }
 }
 

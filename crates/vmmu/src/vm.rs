@@ -6,6 +6,7 @@
 //! keyed by guest-virtual address). Both take the same memslot hooks, flushes and requests.
 
 use crate::bugs::BugSet;
+use crate::dirty::{DirtyLogError, DirtyLogMode};
 use crate::host::Host;
 use crate::memslot::{
     Memslot, MemslotChange, MemslotError, MemslotHooks, Memslots, MemslotsConfig,
@@ -16,7 +17,7 @@ use crate::spte::{FormatKind, HostCpu, MmioCachingPolicy, SpteConfigError, SpteF
 use crate::stats::VmStatsSnapshot;
 use crate::sync::Arc;
 use crate::tdp::{TdpConfig, TdpError, TdpMmu};
-use crate::types::{AsId, Generation, Gfn, Hva, Level, PAGE_SHIFT};
+use crate::types::{AsId, Generation, Gfn, Hva, Level, SlotId, PAGE_SHIFT};
 use crate::vcpu::Vcpu;
 use alloc::vec::Vec;
 
@@ -300,14 +301,15 @@ impl<H: Host> Vm<H> {
         if change == MemslotChange::FlagsOnly
             && r.flags & crate::memslot::KVM_MEM_LOG_DIRTY_PAGES != 0
         {
-            // Dirty logging starts: drop huge and writable mappings so writes fault and pages
-            // are 4 KiB (KVM write-protects or splits them in `kvm_mmu_slot_apply_flags`).
+            // Dirty logging starts: write-protect the slot's mappings so writes fault (and map
+            // 4 KiB) while reads still hit, as KVM's `kvm_mmu_slot_apply_flags` does (a zap
+            // would make the next read fault, and a read fault can dirty a page).
             let (as_id, _) = crate::types::SlotId::split(r.slot);
             let start = Gfn(r.guest_phys_addr >> PAGE_SHIFT);
             let end = Gfn((r.guest_phys_addr + r.memory_size) >> PAGE_SHIFT);
             match inner.shadow.as_ref() {
-                Some(shadow) => shadow.unmap_gfn_ranges(&inner.mmu, &[(as_id, start, end)]),
-                None => inner.mmu.zap_gfn_range(as_id, start, end),
+                Some(shadow) => shadow.write_protect_gfn_range(&inner.mmu, as_id, start, end),
+                None => inner.mmu.write_protect_gfn_range(as_id, start, end),
             }
         }
         Ok(change)
@@ -475,6 +477,41 @@ impl<H: Host> Vm<H> {
     /// Frees table pages whose grace period has passed.
     pub fn reclaim(&self) {
         self.inner.mmu.reclaim();
+    }
+}
+
+/// Dirty logging (`crate::dirty`): the ioctls, on the VM's memslots and MMU.
+impl<H: Host> Vm<H> {
+    /// `KVM_GET_DIRTY_LOG` on slot `id` of address space `as_id`: the slot's dirty bitmap (bit
+    /// `i` of word `w` = page `64w + i` of the slot; [`crate::dirty::pages_of`] lists them).
+    /// In [`DirtyLogMode::Auto`] the returned pages are cleared and write-protected again, and
+    /// every vCPU's TLB is flushed before this returns. Errors in KVM's order: `EINVAL` for an
+    /// address space or id out of range, `ENOENT` for no slot or no dirty logging.
+    pub fn get_dirty_log(&self, as_id: AsId, id: SlotId) -> Result<Vec<u64>, DirtyLogError> {
+        self.inner.get_dirty_log(as_id.0, id.0)
+    }
+
+    /// `KVM_CLEAR_DIRTY_LOG`: clears the bits of `bitmap` (bit `j` of word `k` = page
+    /// `first + 64k + j`) over pages `[first, first + count)` of the slot and write-protects the
+    /// pages that were dirty, flushing before it returns. KVM's checks in KVM's order: ids
+    /// (`EINVAL`), `first` a multiple of 64 (`EINVAL`), the slot logs (`ENOENT`), the range fits
+    /// and `count` is a multiple of 64 unless it ends at the slot's end (`EINVAL`); then
+    /// `bitmap` must cover the range (`EFAULT`). As in KVM it works without manual protect too.
+    pub fn clear_dirty_log(
+        &self,
+        as_id: AsId,
+        id: SlotId,
+        first: u64,
+        count: u32,
+        bitmap: &[u64],
+    ) -> Result<(), DirtyLogError> {
+        self.inner.clear_dirty_log(as_id.0, id.0, first, count, bitmap)
+    }
+
+    /// Enables or disables manual dirty-log protection (`KVM_ENABLE_CAP` of
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` without "initially set").
+    pub fn set_dirty_log_mode(&self, mode: DirtyLogMode) {
+        self.inner.memslots.set_dirty_log_mode(mode);
     }
 }
 

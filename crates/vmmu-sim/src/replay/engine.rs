@@ -465,15 +465,42 @@ impl Replay<'_> {
         }
     }
 
-    fn dirty_log(&mut self, as_id: u16, id: u16, clear: bool) {
+    /// One dirty-log call, applied to the core: a GET, or (`clear = Some((first, count))`) a
+    /// CLEAR with every bit of the range set (the recorded bitmap is not in the trace).
+    fn dirty_log(&mut self, line: usize, as_id: u16, id: u16, clear: Option<(u64, u64)>) {
+        let logged = self.live.get(&(as_id, id)).is_some_and(|l| l.dirty_log);
+        let slot = (u32::from(as_id) << 16) | u32::from(id);
+        let result = match clear {
+            Some((first, count)) => {
+                self.report.dirty_log.clear += 1;
+                match u32::try_from(count) {
+                    Ok(n) => {
+                        let ones = vec![u64::MAX; (n as usize).div_ceil(64)];
+                        self.mmu.clear_dirty_log(slot, first, n, &ones).map(|r| r.map(|()| 0))
+                    }
+                    Err(_) => Some(Err("EINVAL (num_pages above 32 bits)".into())),
+                }
+            }
+            None => {
+                self.report.dirty_log.get += 1;
+                self.mmu
+                    .get_dirty_log(slot)
+                    .map(|r| r.map(|w| vmmu::dirty::pages_of(&w).count() as u64))
+            }
+        };
         let d = &mut self.report.dirty_log;
-        if clear {
-            d.clear += 1;
-        } else {
-            d.get += 1;
-        }
-        if self.live.get(&(as_id, id)).is_some_and(|l| l.dirty_log) {
-            d.on_logged_slot += 1;
+        d.on_logged_slot += u64::from(logged);
+        match result {
+            Some(Ok(pages)) => d.pages += pages,
+            Some(Err(errno)) => {
+                d.refused += 1;
+                if d.first_refusals.len() < KEEP {
+                    let what = if clear.is_some() { "clear-dirty-log" } else { "get-dirty-log" };
+                    d.first_refusals
+                        .push(format!("line {line}: {what} as {as_id} id {id}: {errno}"));
+                }
+            }
+            None => {}
         }
     }
 }
@@ -521,18 +548,25 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
     let interval_us = (last_t / 500).max(1000);
     let mut samples = vec![Sample::default()];
     let mut next_sample = interval_us;
-    r.report.dirty_log.note =
-        "the core has no dirty log yet (issue 16): calls are parsed and counted only".into();
+    // As the recording VMM did (and the KVM side of the replay does): manual protect when the
+    // trace clears. "Initially set" (QEMU's choice where offered) is not modelled: GETs return
+    // what the replay's own writes dirtied, not the recording's pages.
+    let manual = trace.events.iter().any(|e| matches!(e.kind, EventKind::ClearDirtyLog { .. }));
+    r.report.dirty_log.applied = mmu.set_dirty_log_manual(manual);
+    r.report.dirty_log.note = format!(
+        "applied to the core's dirty log, {} protect; clears with every bit of the range set",
+        if manual { "manual" } else { "auto" }
+    );
     for e in &trace.events {
         match &e.kind {
             EventKind::Slot(s) => r.slot(e.line, s),
             EventKind::Mmio(m) => r.mmio(e.line, m),
             EventKind::GetDirtyLog { as_id, id } => {
-                r.dirty_log(*as_id, *id, false);
+                r.dirty_log(e.line, *as_id, *id, None);
                 r.report.events_applied += 1;
             }
-            EventKind::ClearDirtyLog { as_id, id, .. } => {
-                r.dirty_log(*as_id, *id, true);
+            EventKind::ClearDirtyLog { as_id, id, first_page, num_pages } => {
+                r.dirty_log(e.line, *as_id, *id, Some((*first_page, *num_pages)));
                 r.report.events_applied += 1;
             }
             EventKind::KvmZapAllFast => {

@@ -147,7 +147,8 @@ impl Latency {
     }
 }
 
-/// Dirty-log calls: parsed and counted, not applied (the core has no dirty log yet, issue 16).
+/// Dirty-log calls, applied to the core's dirty log (`Vm::get_dirty_log` /
+/// `Vm::clear_dirty_log`, manual protect when the trace clears, as the recording VMM had it).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DirtyLog {
     /// `get-dirty-log` events.
@@ -156,9 +157,15 @@ pub struct DirtyLog {
     pub clear: u64,
     /// Calls whose slot was live with `dirty_log` in the replay at that point (informational).
     pub on_logged_slot: u64,
-    /// Always false in this version.
+    /// Whether the calls were applied to the core (true since issue 16).
     pub applied: bool,
-    /// Why not.
+    /// Calls the core refused (the recording KVM accepted every recorded call: must be 0).
+    pub refused: u64,
+    /// The first refusals: the trace line, the call and the errno.
+    pub first_refusals: Vec<String>,
+    /// Pages the GETs returned, summed.
+    pub pages: u64,
+    /// How the calls were applied.
     pub note: String,
 }
 
@@ -214,7 +221,10 @@ pub struct RunReport {
 impl RunReport {
     /// No refusal, no misclassification, no violation.
     pub fn passed(&self) -> bool {
-        self.slots.refused == 0 && self.mmio.misclassified == 0 && self.oracle.violations == 0
+        self.slots.refused == 0
+            && self.mmio.misclassified == 0
+            && self.oracle.violations == 0
+            && self.dirty_log.refused == 0
     }
 }
 
@@ -364,8 +374,8 @@ impl TraceReport {
             let d = &r.dirty_log;
             let _ = writeln!(
                 s,
-                "    dirty log: {} get, {} clear, {} on a slot live with dirty_log; not applied: {}",
-                d.get, d.clear, d.on_logged_slot, d.note
+                "    dirty log: {} get, {} clear, {} on a slot live with dirty_log, {} refused, {} pages returned ({})",
+                d.get, d.clear, d.on_logged_slot, d.refused, d.pages, d.note
             );
             let o = &r.own_accesses;
             let _ = writeln!(

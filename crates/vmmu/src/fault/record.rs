@@ -142,7 +142,11 @@ impl PageFault {
         })?;
         let max_level = max_mapping_level(&s, self.gfn, hp.level, max_leaf_level);
         let offset = self.gfn.raw() & (max_level.pages() - 1);
-        let writable = !s.is_readonly() && hp.writable && (!s.dirty_logging() || self.access.write);
+        // KVM `make_spte`: the leaf is writable when the host maps the page writable, for a read
+        // too (a read never breaks copy-on-write, so the host says writable only for a page
+        // already written: `HostPage::writable`); in a dirty-logged slot such a leaf marks the
+        // page dirty (the fault path), read or not, as KVM does.
+        let writable = !s.is_readonly() && hp.writable;
         self.backing =
             Backing::Ram { slot: s, base_pfn: Pfn(hp.pfn.raw() - offset), max_level, writable };
         Ok(None)

@@ -5,30 +5,28 @@
 //! the bitmaps' sizes (allocated ones, including one held by an update in flight) and never
 //! exceeds `limit`. Lives under the slots lock.
 //!
-//! Sizes follow KVM: `ALIGN(npages, 64) / 8` bytes per bitmap, allocated twice over
-//! (`kvm_alloc_dirty_bitmap` takes a second buffer for `KVM_GET_DIRTY_LOG`).
+//! Sizes follow KVM: `ALIGN(npages, 64) / 8` bytes per bitmap, counted twice over
+//! (`kvm_alloc_dirty_bitmap` takes a second buffer for `KVM_GET_DIRTY_LOG`; here the second
+//! buffer is the `Vec` a collection returns, so the budget stays KVM's).
+//!
+//! The bitmap itself ([`DirtyBitmap`]) is shared: this table holds one reference for the slots
+//! lock holder (dirty-log ioctls, accounting), and each memslot set that holds the slot holds
+//! another, for faults that mark pages from inside a read section.
 
 use super::region::MemslotError;
+use crate::dirty::DirtyBitmap;
+use crate::sync::Arc;
 use alloc::collections::BTreeMap;
-use alloc::vec::Vec;
 
-/// A dirty bitmap: two buffers of one bit per page.
-#[derive(Debug)]
-pub(crate) struct DirtyBitmap {
-    words: Vec<u64>,
-}
-
-impl DirtyBitmap {
-    /// Its size in bytes.
-    pub(crate) fn bytes(&self) -> u64 {
-        self.words.len() as u64 * 8
-    }
+/// Bytes counted for a bitmap of `npages` pages (both of KVM's buffers).
+fn counted_bytes(b: &DirtyBitmap) -> u64 {
+    SlotMetadata::bitmap_bytes(b.npages())
 }
 
 /// The bitmaps of all slots, by `(as_id, id)`, and their memory budget.
 #[derive(Debug)]
 pub(crate) struct SlotMetadata {
-    bitmaps: BTreeMap<(u16, u16), DirtyBitmap>,
+    bitmaps: BTreeMap<(u16, u16), Arc<DirtyBitmap>>,
     bytes: u64,
     limit: Option<u64>,
 }
@@ -44,27 +42,24 @@ impl SlotMetadata {
     }
 
     /// Allocates a zeroed bitmap for `npages` pages, counted against the budget.
-    pub(crate) fn alloc_bitmap(&mut self, npages: u64) -> Result<DirtyBitmap, MemslotError> {
+    pub(crate) fn alloc_bitmap(&mut self, npages: u64) -> Result<Arc<DirtyBitmap>, MemslotError> {
         let bytes = Self::bitmap_bytes(npages);
         let oom = MemslotError::OutOfMemory { bytes };
         if self.limit.is_some_and(|l| self.bytes.saturating_add(bytes) > l) {
             return Err(oom);
         }
-        let words = usize::try_from(bytes / 8).map_err(|_| oom)?;
-        let mut v = Vec::new();
-        v.try_reserve_exact(words).map_err(|_| oom)?;
-        v.resize(words, 0);
+        let b = DirtyBitmap::try_new(npages).ok_or(oom)?;
         self.bytes += bytes;
-        Ok(DirtyBitmap { words: v })
+        Ok(Arc::new(b))
     }
 
     /// Gives back a bitmap that was never installed.
-    pub(crate) fn release(&mut self, b: DirtyBitmap) {
-        self.bytes -= b.bytes();
+    pub(crate) fn release(&mut self, b: Arc<DirtyBitmap>) {
+        self.bytes -= counted_bytes(&b);
     }
 
     /// Installs the bitmap of slot `key`.
-    pub(crate) fn install(&mut self, key: (u16, u16), b: DirtyBitmap) {
+    pub(crate) fn install(&mut self, key: (u16, u16), b: Arc<DirtyBitmap>) {
         if let Some(old) = self.bitmaps.insert(key, b) {
             debug_assert!(false, "slot {key:?} already had a bitmap");
             self.release(old);
@@ -80,7 +75,12 @@ impl SlotMetadata {
 
     /// The size of slot `key`'s bitmap, if it has one.
     pub(crate) fn bitmap_of(&self, key: (u16, u16)) -> Option<u64> {
-        self.bitmaps.get(&key).map(DirtyBitmap::bytes)
+        self.bitmaps.get(&key).map(|b| counted_bytes(b))
+    }
+
+    /// The bitmap of slot `key`, if it has one.
+    pub(crate) fn get(&self, key: (u16, u16)) -> Option<&Arc<DirtyBitmap>> {
+        self.bitmaps.get(&key)
     }
 
     /// Bytes allocated now.

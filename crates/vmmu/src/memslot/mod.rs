@@ -54,12 +54,14 @@ pub use set::MemslotSet;
 pub use slot::Memslot;
 
 use crate::bugs::{Bug, BugSet};
+use crate::dirty::{DirtyBitmap, DirtyLogError, DirtyLogMode};
 use crate::srcu::{ReadGuard, ReaderFences, ReaderId, Srcu, SrcuError};
+use crate::sync::Arc;
 use crate::sync::{AtomicUsize, DefaultRelax, Mutex, Ordering, Relax};
 use crate::types::{AsId, Generation, Gfn, SlotId};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
-use metadata::{DirtyBitmap, SlotMetadata};
+use metadata::SlotMetadata;
 
 /// What a successful `set_memory_region` did (KVM `enum kvm_mr_change`, plus no-op).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -213,6 +215,8 @@ struct SlotsState {
     /// Pages in all slots of all address spaces (KVM `kvm->nr_memslot_pages`).
     nr_memslot_pages: u64,
     meta: SlotMetadata,
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` (KVM `kvm->manual_dirty_log_protect`).
+    dirty_log_mode: DirtyLogMode,
 }
 
 /// A VM's memslots: both address spaces, their SRCU domain and the slots lock (KVM's
@@ -288,6 +292,7 @@ impl Memslots {
             slots_lock: Mutex::new(SlotsState {
                 nr_memslot_pages: 0,
                 meta: SlotMetadata::new(cfg.metadata_limit),
+                dirty_log_mode: DirtyLogMode::Auto,
             }),
         })
     }
@@ -361,6 +366,40 @@ impl Memslots {
         self.slots_lock.lock().meta.bitmap_of((as_id.0, id.0))
     }
 
+    /// Sets how `KVM_GET_DIRTY_LOG` treats bitmaps from now on (KVM `KVM_ENABLE_CAP` of
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`). Takes the slots lock.
+    pub fn set_dirty_log_mode(&self, mode: DirtyLogMode) {
+        self.slots_lock.lock().dirty_log_mode = mode;
+    }
+
+    /// The dirty-log mode. Takes the slots lock.
+    pub fn dirty_log_mode(&self) -> DirtyLogMode {
+        self.slots_lock.lock().dirty_log_mode
+    }
+
+    /// Runs `f` on slot `(as_id, id)` and its dirty bitmap with the slots lock held (KVM's
+    /// dirty-log ioctls hold `slots_lock`, so the slot cannot change meanwhile): KVM's first
+    /// checks in KVM's order (`EINVAL` for an address space or id out of range, then `pre`, then
+    /// `ENOENT` for no slot or no dirty logging). The slot is read from the published set, which
+    /// only the lock holder changes.
+    pub(crate) fn with_dirty_log<R>(
+        &self,
+        as_id: u16,
+        id: u16,
+        pre: impl FnOnce() -> Result<(), DirtyLogError>,
+        f: impl FnOnce(&Memslot, &DirtyBitmap, DirtyLogMode) -> Result<R, DirtyLogError>,
+    ) -> Result<R, DirtyLogError> {
+        crate::dirty::check_ids(as_id, id, self.cfg.nr_address_spaces)?;
+        pre()?;
+        let st = self.slots_lock.lock();
+        let slot = self.space(AsId(as_id)).published().get(SlotId(id)).copied();
+        let bitmap = st.meta.get((as_id, id)).cloned();
+        match (slot, bitmap) {
+            (Some(s), Some(b)) if s.dirty_logging() => f(&s, &b, st.dirty_log_mode),
+            _ => Err(DirtyLogError::NoLog { as_id, id }),
+        }
+    }
+
     /// KVM's `KVM_SET_USER_MEMORY_REGION`: validates `r` with KVM's rules in KVM's order, then
     /// creates, deletes, moves or re-flags the slot with the generation protocol, calling
     /// `hooks` at the protocol's steps. Serialised by the slots lock; must not be called inside
@@ -384,9 +423,10 @@ impl Memslots {
                 return Err(MemslotError::DeleteMissingSlot { as_id: req.as_id.0, id: req.id.0 });
             };
             debug_assert!(st.nr_memslot_pages >= old.npages(), "page accounting");
-            let invalid = self.invalidate(req.as_id, &old, hooks);
+            let old_bitmap = st.meta.get(key).cloned();
+            let invalid = self.invalidate(req.as_id, &old, old_bitmap.as_ref(), hooks);
             // Preparing a delete cannot fail.
-            self.swap(req.as_id, Some(&invalid), None, hooks);
+            self.swap(req.as_id, Some(&invalid), None, None, hooks);
             st.nr_memslot_pages -= old.npages();
             st.meta.free(key);
             return Ok(MemslotChange::Delete);
@@ -435,8 +475,13 @@ impl Memslots {
         }
 
         let new = Memslot::new(req.as_id, req.id, req.base_gfn, req.npages, req.hva, req.flags);
+        // KVM `kvm_prepare_memory_region`: a slot that keeps logging keeps its bitmap (and its
+        // bits, across a move); one that starts logging gets a fresh one (below).
+        let old_bitmap = st.meta.get(key).cloned();
         let invalid = match (&old, change) {
-            (Some(o), MemslotChange::Move) => Some(self.invalidate(req.as_id, o, hooks)),
+            (Some(o), MemslotChange::Move) => {
+                Some(self.invalidate(req.as_id, o, old_bitmap.as_ref(), hooks))
+            }
             _ => None,
         };
 
@@ -445,19 +490,28 @@ impl Memslots {
             Err(e) => {
                 if let Some(inv) = invalid {
                     // Revert the invalidation: publish the old slot again.
-                    self.swap(req.as_id, Some(&inv), old, hooks);
+                    self.swap(req.as_id, Some(&inv), old, old_bitmap.as_ref(), hooks);
                 }
                 return Err(e);
             }
         };
 
+        let new_bitmap = match &fresh_bitmap {
+            _ if !new.dirty_logging() => None,
+            Some(b) => Some(b),
+            None => old_bitmap.as_ref(),
+        };
         match change {
             MemslotChange::Create => {
-                self.swap(req.as_id, None, Some(new), hooks);
+                self.swap(req.as_id, None, Some(new), new_bitmap, hooks);
                 st.nr_memslot_pages += new.npages();
             }
-            MemslotChange::Move => self.swap(req.as_id, invalid.as_ref(), Some(new), hooks),
-            MemslotChange::FlagsOnly => self.swap(req.as_id, old.as_ref(), Some(new), hooks),
+            MemslotChange::Move => {
+                self.swap(req.as_id, invalid.as_ref(), Some(new), new_bitmap, hooks)
+            }
+            MemslotChange::FlagsOnly => {
+                self.swap(req.as_id, old.as_ref(), Some(new), new_bitmap, hooks)
+            }
             MemslotChange::Delete | MemslotChange::NoOp => {
                 unreachable!("delete and no-op returned above")
             }
@@ -482,7 +536,7 @@ impl Memslots {
         old: Option<&Memslot>,
         new: &Memslot,
         change: MemslotChange,
-    ) -> Result<Option<DirtyBitmap>, MemslotError> {
+    ) -> Result<Option<Arc<DirtyBitmap>>, MemslotError> {
         let fresh = if new.dirty_logging() && !old.is_some_and(Memslot::dirty_logging) {
             Some(st.meta.alloc_bitmap(new.npages())?)
         } else {
@@ -503,21 +557,29 @@ impl Memslots {
 
     /// KVM `kvm_invalidate_memslot`: publish `old` marked invalid, then flush it. Returns the
     /// invalid copy now in both sets.
-    fn invalidate(&self, as_id: AsId, old: &Memslot, hooks: &dyn MemslotHooks) -> Memslot {
+    fn invalidate(
+        &self,
+        as_id: AsId,
+        old: &Memslot,
+        bitmap: Option<&Arc<DirtyBitmap>>,
+        hooks: &dyn MemslotHooks,
+    ) -> Memslot {
         let invalid = old.invalidated();
-        self.swap(as_id, Some(old), Some(invalid), hooks);
+        self.swap(as_id, Some(old), Some(invalid), bitmap, hooks);
         hooks.flush_slot(old);
         invalid
     }
 
     /// One swap (module doc): replace `old` by `new` in the inactive set, publish it with the
     /// in-progress generation, wait for a grace period, run the hook, store the final
-    /// generation, then make the same replacement in the set that was replaced.
+    /// generation, then make the same replacement in the set that was replaced. `bitmap` is
+    /// `new`'s dirty bitmap (`Some` iff `new` logs).
     fn swap(
         &self,
         as_id: AsId,
         old: Option<&Memslot>,
         new: Option<Memslot>,
+        bitmap: Option<&Arc<DirtyBitmap>>,
         hooks: &dyn MemslotHooks,
     ) {
         let sp = self.space(as_id);
@@ -528,7 +590,7 @@ impl Memslots {
         // SAFETY: `next` is not published, and the synchronize of the previous swap of this
         // address space (which unpublished it) returned before that swap ended, so no reader
         // can reach it (module doc, "Safety invariant"). We hold the slots lock.
-        unsafe { next.replace(old, new) };
+        unsafe { next.replace(old, new, bitmap) };
 
         let g = was_active.generation();
         debug_assert!(!g.in_progress(), "a swap began while another was in progress");
@@ -565,7 +627,7 @@ impl Memslots {
 
         // SAFETY: `was_active` was unpublished above and the synchronize drained every reader
         // that could hold it; new readers reach only `next`. We hold the slots lock.
-        unsafe { was_active.replace(old, new) };
+        unsafe { was_active.replace(old, new, bitmap) };
     }
 }
 

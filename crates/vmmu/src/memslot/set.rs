@@ -15,7 +15,8 @@
 
 use super::cache::SlotCache;
 use super::slot::Memslot;
-use crate::sync::{AtomicU64, Ordering, UnsafeCell};
+use crate::dirty::DirtyBitmap;
+use crate::sync::{Arc, AtomicU64, Ordering, UnsafeCell};
 use crate::types::{Generation, Gfn, SlotId};
 use alloc::collections::BTreeMap;
 use core::ops::Bound;
@@ -27,6 +28,8 @@ struct SlotMaps {
     by_gfn: BTreeMap<u64, Memslot>,
     /// Base gfn by slot id.
     by_id: BTreeMap<u16, u64>,
+    /// Dirty bitmaps of the slots that log, by slot id (KVM `memslot->dirty_bitmap`).
+    dirty: BTreeMap<u16, Arc<DirtyBitmap>>,
 }
 
 /// A memslot set: what a reader sees of one address space.
@@ -103,6 +106,24 @@ impl MemslotSet {
         m.by_id.get(&id.0).and_then(|base| m.by_gfn.get(base))
     }
 
+    /// The dirty bitmap of slot `id` of this set, if it logs.
+    pub fn dirty_bitmap(&self, id: SlotId) -> Option<&DirtyBitmap> {
+        self.maps().dirty.get(&id.0).map(|b| &**b)
+    }
+
+    /// KVM `mark_page_dirty_in_slot`: marks `gfn` in `slot`'s bitmap if the slot logs. `slot`
+    /// must be this set's slot (a copy from a lookup in this set). No lock, no allocation.
+    #[inline]
+    pub fn mark_page_dirty(&self, slot: &Memslot, gfn: Gfn) {
+        if !slot.dirty_logging() || !slot.contains(gfn) {
+            return;
+        }
+        debug_assert_eq!(self.get(slot.id()).map(|s| s.base_gfn()), Some(slot.base_gfn()));
+        if let Some(b) = self.dirty_bitmap(slot.id()) {
+            b.mark(gfn.raw() - slot.base_gfn().raw());
+        }
+    }
+
     /// The slots meeting `[start, end)`, by base gfn (KVM `kvm_for_each_memslot_in_gfn_range`).
     pub fn iter_range(&self, start: Gfn, end: Gfn) -> impl Iterator<Item = &Memslot> + '_ {
         let m = self.maps();
@@ -142,14 +163,19 @@ impl MemslotSet {
         self.iter_range(start, end).find(|s| s.id() != id)
     }
 
-    /// Removes `old` (if any), then inserts `new` (if any) (KVM `kvm_replace_memslot`).
-    /// `O(log n)`; no copy of the set.
+    /// Removes `old` (if any), then inserts `new` (if any) with its dirty bitmap `bitmap` (KVM
+    /// `kvm_replace_memslot`). `O(log n)`; no copy of the set.
     ///
     /// # Safety
     /// No other thread may hold a reference into this set's maps: the set is not the published
     /// one of its address space, and a grace period has passed since it last was (or it never
     /// was). The caller holds the slots lock.
-    pub(crate) unsafe fn replace(&self, old: Option<&Memslot>, new: Option<Memslot>) {
+    pub(crate) unsafe fn replace(
+        &self,
+        old: Option<&Memslot>,
+        new: Option<Memslot>,
+        bitmap: Option<&Arc<DirtyBitmap>>,
+    ) {
         self.maps.with_mut(|p| {
             // SAFETY: the caller guarantees exclusive access (see above).
             let m = unsafe { &mut *p };
@@ -161,8 +187,13 @@ impl MemslotSet {
                     "replace of a missing slot"
                 );
                 m.by_id.remove(&o.id().0);
+                m.dirty.remove(&o.id().0);
             }
             if let Some(n) = new {
+                debug_assert_eq!(n.dirty_logging(), bitmap.is_some(), "a logged slot has a bitmap");
+                if let Some(b) = bitmap {
+                    m.dirty.insert(n.id().0, b.clone());
+                }
                 m.by_id.insert(n.id().0, n.base_gfn().0);
                 let prev = m.by_gfn.insert(n.base_gfn().0, n);
                 debug_assert!(prev.is_none(), "replace would overlap a slot");
@@ -184,7 +215,7 @@ mod tests {
         let s = MemslotSet::new(Generation::from_raw(0));
         for x in slots {
             // SAFETY: the set is local to this test.
-            unsafe { s.replace(None, Some(*x)) };
+            unsafe { s.replace(None, Some(*x), None) };
         }
         s
     }
@@ -224,12 +255,12 @@ mod tests {
         let s = set_of(&[slot(1, 0x10, 4)]);
         let old = *s.get(SlotId(1)).unwrap();
         // SAFETY: local set.
-        unsafe { s.replace(Some(&old), Some(slot(1, 0x100, 4))) };
+        unsafe { s.replace(Some(&old), Some(slot(1, 0x100, 4)), None) };
         assert_eq!(s.find(Gfn(0x10)), None);
         assert_eq!(s.find(Gfn(0x103)).map(|x| x.id()), Some(SlotId(1)));
         let cur = *s.get(SlotId(1)).unwrap();
         // SAFETY: local set.
-        unsafe { s.replace(Some(&cur), None) };
+        unsafe { s.replace(Some(&cur), None, None) };
         assert!(s.is_empty() && s.get(SlotId(1)).is_none());
     }
 

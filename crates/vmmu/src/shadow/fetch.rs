@@ -33,8 +33,12 @@ pub(crate) enum LeafWant {
 /// How the installation ended.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum FetchOutcome {
-    /// The leaf was installed.
-    Installed,
+    /// The leaf was installed (`writable`: a RAM leaf the guest may write through, which
+    /// dirties the page in a logged slot).
+    Installed {
+        /// Whether the leaf allows writes.
+        writable: bool,
+    },
     /// The leaf already had this value.
     Spurious,
     /// Fault again.
@@ -164,7 +168,7 @@ fn install_leaf<H: Host>(
             if !core.cfg.bugs.has(Bug::MmioOverPresentSpte) {
                 batch.flush |= dropped;
             }
-            FetchOutcome::Installed
+            FetchOutcome::Installed { writable: false }
         }
         LeafWant::Ram { pfn, writable } => {
             let tracked = st.is_write_tracked(as_id, walk.gfn)
@@ -177,7 +181,7 @@ fn install_leaf<H: Host>(
             } else if old == new {
                 return FetchOutcome::Spurious;
             } else {
-                FetchOutcome::Installed
+                FetchOutcome::Installed { writable: w }
             };
             if old != new {
                 batch.flush |= st.set_leaf(core, sp, idx, new, walk.gfn);

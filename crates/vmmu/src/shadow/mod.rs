@@ -24,6 +24,7 @@
 //! the facts allow), 32-bit non-PAE guests (quadrants), huge SPTEs (guest 2 MiB pages are mapped
 //! with direct 4 KiB pages), nested (guest-mode) roots, SMEP/SMAP and CR0.WP=0.
 
+mod dirty;
 pub(crate) mod fetch;
 mod guest_mem;
 mod pages;
@@ -34,6 +35,7 @@ mod track;
 pub use guest_mem::SlotGuestMemory;
 pub use root::ShadowRootKind;
 
+pub(crate) use dirty::ShadowProtect;
 pub(crate) use pages::{ShadowState, SpId, ZapBatch};
 pub(crate) use root::{PrevRoot, ShadowRoot};
 

@@ -270,9 +270,17 @@ impl ShadowState {
         }
     }
 
+    /// The gfns in `[start, end)` of `as_id` that some leaf maps.
+    pub(crate) fn rmap_gfns(&self, as_id: AsId, start: Gfn, end: Gfn) -> Vec<Gfn> {
+        self.rmap
+            .range((as_id.0, start.raw())..(as_id.0, end.raw()))
+            .map(|(k, _)| Gfn(k.1))
+            .collect()
+    }
+
     /// Clears the writable bit of every leaf mapping `gfn`. Returns whether one was writable.
     pub(crate) fn write_protect_gfn<H: Host>(
-        &mut self,
+        &self,
         core: &TdpMmu<H>,
         as_id: AsId,
         gfn: Gfn,

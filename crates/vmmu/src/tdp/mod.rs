@@ -20,6 +20,7 @@
 //!    so a walker that sees the link sees initialised entries.
 
 mod change;
+mod dirty;
 mod lock;
 mod map;
 pub mod root;

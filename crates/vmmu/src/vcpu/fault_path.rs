@@ -217,6 +217,13 @@ impl VcpuMmu {
             return Ok(retry(stats, cause));
         }
         let outcome = mmu.map(&shared, root, fault, spec);
+        if let (MapOutcome::Installed { .. }, Backing::Ram { slot, writable: true, .. }) =
+            (outcome, fault.backing)
+        {
+            // Dirty logging: mark the page before the shared hold ends, so no collection (which
+            // holds the lock exclusive) sits between the writable leaf and its mark (crate::dirty).
+            set.mark_page_dirty(&slot, fault.gfn);
+        }
         drop(shared);
         let is_mmio = matches!(spec, LeafSpec::Mmio(_));
         let emulate_mmio =

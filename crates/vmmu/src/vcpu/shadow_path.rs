@@ -544,6 +544,13 @@ impl<H: Host + GuestMemory> Vcpu<H> {
                     &mut batch,
                 ),
             };
+            if let (FetchOutcome::Installed { writable: true }, Backing::Ram { slot, .. }) =
+                (o, fault.backing)
+            {
+                // Dirty logging: marked while the lock is held, so no collection (which takes
+                // it) sits between the writable leaf and its mark.
+                set.mark_page_dirty(&slot, walk.gfn);
+            }
             s.commit_zap(core, &shadow.stats, &mut batch);
             o
         };
@@ -556,12 +563,12 @@ impl<H: Host + GuestMemory> Vcpu<H> {
             source: EmulateSource::SlowPathMmio,
         };
         Ok(match outcome {
-            FetchOutcome::Installed if is_mmio => {
+            FetchOutcome::Installed { .. } if is_mmio => {
                 stats.pf_mmio_spte_created += 1;
                 emulate_mmio
             }
             FetchOutcome::Spurious if is_mmio => emulate_mmio,
-            FetchOutcome::Installed => {
+            FetchOutcome::Installed { .. } => {
                 stats.pf_fixed += 1;
                 FaultOutcome::Fixed
             }

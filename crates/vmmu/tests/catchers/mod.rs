@@ -99,6 +99,7 @@ pub fn catcher(bug: Bug) -> Catcher {
         Bug::ShadowTableLeftWritable | Bug::TrackWriteKeepsSpte => {
             Catcher::Harm(shadow::catch_stale_shadow_after_table_write)
         }
+        Bug::DirtyLogNoFlush => Catcher::Harm(catch_dirty_log_no_flush),
     }
 }
 
@@ -614,5 +615,67 @@ pub fn catch_mmio_over_present_spte(bugs: BugSet) -> Option<Harm> {
         seen: format!(
             "{after:?}: the deleted slot's frame, from B's TLB (A's parked fault saw {seen_a:?})"
         ),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// dirty-log-no-flush
+// ---------------------------------------------------------------------------------------------
+
+/// A write by a vCPU with a TLB that caches the write right: it hits the TLB when the cached
+/// translation allows it, else walks and faults like the hardware. Returns whether it faulted.
+fn tlb_write(v: &mut Vcpu<TestHost>, tlb: &mut HashMap<u64, (Pfn, bool)>, gpa: u64) -> bool {
+    let mut faulted = false;
+    for _ in 0..100 {
+        if v.service_requests().unwrap().flush_tlb {
+            tlb.clear();
+        }
+        if tlb.get(&(gpa >> 12)).is_some_and(|&(_, w)| w) {
+            return faulted;
+        }
+        let walk = match v.enter_guest() {
+            Ok(g) => g.walk(Gpa(gpa), Access::WRITE),
+            Err(_) => continue,
+        };
+        match walk {
+            HwWalk::Translated { pfn, perms, .. } => {
+                tlb.insert(gpa >> 12, (pfn, perms.contains(Access::WRITE)));
+                return faulted;
+            }
+            HwWalk::Violation { .. } => {
+                faulted = true;
+                v.handle_ept_violation(Gpa(gpa), FaultAccess::WRITE).unwrap();
+            }
+            other => panic!("unexpected walk {other:?}"),
+        }
+    }
+    panic!("write to {gpa:#x} did not complete");
+}
+
+/// A vCPU writes page 3 of a dirty-logged slot (its TLB caches the writable translation); the
+/// VMM collects the log (KVM_GET_DIRTY_LOG, auto mode: page 3 is taken and write-protected);
+/// the vCPU writes page 3 again; the VMM collects again.
+///
+/// Harm: the second write went through the stale writable TLB entry (no flush after the
+/// re-protect), did not fault, and is in no collection: a lost dirty page.
+pub fn catch_dirty_log_no_flush(bugs: BugSet) -> Option<Harm> {
+    const X: u64 = 0x10_0000;
+    let log = vmmu::memslot::KVM_MEM_LOG_DIRTY_PAGES;
+    let (vm, _h) = vm_with(ept(bugs));
+    vm.set_memory_region(&region(1, X, 0x10000, RAM_HVA, log)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    let mut tlb = HashMap::new();
+    let get = || {
+        let b = vm.get_dirty_log(AsId(0), vmmu::SlotId(1)).unwrap();
+        vmmu::dirty::pages_of(&b).collect::<Vec<_>>()
+    };
+    tlb_write(&mut v, &mut tlb, X + 0x3000);
+    assert_eq!(get(), [3], "setup: the first write is logged");
+    tlb_write(&mut v, &mut tlb, X + 0x3008);
+    let second = get();
+    (second != [3]).then(|| Harm {
+        gpa: X + 0x3008,
+        expected: "the write after the collection is in the next collection (page 3)".into(),
+        seen: format!("next collection {second:?}: the write went through a stale TLB entry"),
     })
 }

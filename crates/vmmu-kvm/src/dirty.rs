@@ -1,0 +1,86 @@
+//! The dirty-log ioctls as a scenario runs them: `KVM_GET_DIRTY_LOG`, `KVM_CLEAR_DIRTY_LOG` with
+//! every bit of the range set, and `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` without "initially set"
+//! (`vm dirty_log=manual`).
+//!
+//! Memory safety of GET rests on the bitmap being as large as KVM writes: KVM copies
+//! `ALIGN(npages, 64) / 8` bytes of the slot it finds, so the caller passes the size of the slot
+//! KVM accepted under that id (tracked from every accepted `KVM_SET_USER_MEMORY_REGION`), and
+//! the buffer here is never smaller than that.
+
+use crate::errno;
+use kvm_bindings::{
+    kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_dirty_log,
+    kvm_dirty_log__bindgen_ty_1, kvm_enable_cap, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+};
+use kvm_ioctls::VmFd;
+use std::os::fd::AsRawFd;
+
+/// `KVM_GET_DIRTY_LOG`, `_IOW(KVMIO, 0x42, struct kvm_dirty_log)`.
+const KVM_GET_DIRTY_LOG: libc::c_ulong = 0x4010_ae42;
+/// `KVM_CLEAR_DIRTY_LOG`, `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`.
+const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = 0xc018_aec0;
+
+fn last_errno() -> String {
+    errno::name(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+}
+
+/// Enables manual protect without "initially set"; `Err` says why it cannot be had.
+pub(crate) fn enable_manual(vm: &VmFd) -> Result<(), String> {
+    let offered = vm.check_extension_raw(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.into());
+    let enable = u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE);
+    if u64::try_from(offered).unwrap_or(0) & enable == 0 {
+        return Err(format!("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 not offered ({offered})"));
+    }
+    let cap = kvm_enable_cap {
+        cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+        args: [enable, 0, 0, 0],
+        ..Default::default()
+    };
+    vm.enable_cap(&cap).map_err(|e| format!("KVM_ENABLE_CAP: {}", errno::name(e.errno())))
+}
+
+/// `KVM_GET_DIRTY_LOG` of `slot`, whose accepted size is `size` bytes (0 if KVM has no slot
+/// under that id): the bitmap's words, or KVM's errno name.
+pub(crate) fn get(vm: &VmFd, slot: u32, size: u64) -> Result<Vec<u64>, String> {
+    let pages = size.div_ceil(4096);
+    let words = usize::try_from(pages.div_ceil(64)).map_err(|_| "slot too large".to_string())?;
+    // One spare word: never a zero-length buffer, and room if KVM's rounding ever differed.
+    let mut bitmap = vec![0u64; words + 1];
+    let arg = kvm_dirty_log {
+        slot,
+        padding1: 0,
+        __bindgen_anon_1: kvm_dirty_log__bindgen_ty_1 { dirty_bitmap: bitmap.as_mut_ptr().cast() },
+    };
+    // SAFETY: `arg` is a valid `struct kvm_dirty_log`; KVM writes `ALIGN(npages, 64) / 8` bytes
+    // for the slot it finds under `slot`, whose size is `size` (module doc), so at most `words`
+    // words, and `bitmap` has `words + 1`; it lives until the call returns.
+    let ret = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_GET_DIRTY_LOG as _, &arg) };
+    if ret < 0 {
+        return Err(last_errno());
+    }
+    bitmap.truncate(words);
+    Ok(bitmap)
+}
+
+/// `KVM_CLEAR_DIRTY_LOG` of pages `[first, first + count)` of `slot` with every bit set: `Ok` or
+/// KVM's errno name.
+pub(crate) fn clear(vm: &VmFd, slot: u32, first: u64, count: u32) -> Result<(), String> {
+    let mut bitmap = vec![u64::MAX; (count as usize).div_ceil(64).max(1)];
+    let arg = kvm_clear_dirty_log {
+        slot,
+        num_pages: count,
+        first_page: first,
+        __bindgen_anon_1: kvm_clear_dirty_log__bindgen_ty_1 {
+            dirty_bitmap: bitmap.as_mut_ptr().cast(),
+        },
+    };
+    // SAFETY: `arg` is a valid `struct kvm_clear_dirty_log` whose bitmap points to
+    // `ceil(count / 64)` words (at least one) that live until the call returns; KVM only reads
+    // `ALIGN(count, 64) / 8` bytes of it.
+    let ret = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_CLEAR_DIRTY_LOG as _, &arg) };
+    if ret < 0 {
+        return Err(last_errno());
+    }
+    Ok(())
+}

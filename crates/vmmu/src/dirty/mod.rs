@@ -1,0 +1,463 @@
+//! Dirty logging (KVM `KVM_GET_DIRTY_LOG` / `KVM_CLEAR_DIRTY_LOG`, `kvm_get_dirty_log_protect`
+//! and `kvm_clear_dirty_log_protect`): the per-slot bitmap, the requests' checks in KVM's order,
+//! and the collect-and-re-protect step every MMU shares.
+//!
+//! # The promise, and the rule that keeps it
+//! A page the guest writes after a collection returned is in a later collection. The memslot
+//! owns the bitmap ([`DirtyBitmap`], reached from a read section through
+//! [`crate::memslot::MemslotSet::mark_page_dirty`]); the MMU makes writes to a logged slot fault
+//! until the page is marked. Two sides, one lock:
+//!
+//! - a fault that installs a writable leaf in a logged slot marks the page while it still holds
+//!   the MMU lock *shared* (the leaf may already be visible; no collector can run meanwhile);
+//! - a collection takes the MMU lock *exclusive*, and for each bitmap word exchanges it with 0
+//!   (or clears the requested bits) and write-protects the pages it took (the crate-internal
+//!   trait `WriteProtect`), then flushes remote TLBs before it returns if a writable leaf lost
+//!   its write right.
+//!
+//! So a write either went through a leaf that was writable before the collection's exclusive
+//! hold (its page was marked before the hold began: the collection takes the bit) or through a
+//! leaf made writable after it (marked again, for the next collection). The flush closes the
+//! third way, a vCPU writing through a TLB entry of a leaf the collection just write-protected
+//! (the re-injectable bug [`crate::bugs::Bug::DirtyLogNoFlush`] removes it).
+//!
+//! An MMU plugs in by implementing `WriteProtect` (the TDP MMU: `tdp/dirty.rs`; a shadow MMU
+//! would write-protect through its reverse map) and by marking pages with
+//! [`crate::memslot::MemslotSet::mark_page_dirty`] when it installs a writable leaf in a logged
+//! slot, under its lock.
+
+use crate::memslot::{Memslot, KVM_USER_MEM_SLOTS};
+use crate::sync::{AtomicU64, Ordering};
+use crate::types::Gfn;
+use alloc::vec::Vec;
+
+/// How `KVM_GET_DIRTY_LOG` treats the bitmap (per VM: `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub enum DirtyLogMode {
+    /// KVM's default: GET returns the dirty pages, clears them and write-protects them again.
+    #[default]
+    Auto,
+    /// Manual protect (`KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE`, without "initially set"): GET only
+    /// reads; `KVM_CLEAR_DIRTY_LOG` clears and re-protects.
+    Manual,
+}
+
+/// Why a dirty-log request was refused, in KVM's order of checks.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
+pub enum DirtyLogError {
+    /// The address space does not exist or the id is not a user slot (`EINVAL`).
+    #[error("slot {id} of address space {as_id}: no such user slot id or address space")]
+    BadSlot {
+        /// The address space asked for.
+        as_id: u16,
+        /// The slot id asked for.
+        id: u16,
+    },
+    /// `KVM_CLEAR_DIRTY_LOG`'s first page is not a multiple of 64 (`EINVAL`).
+    #[error("first page {first} is not a multiple of 64")]
+    FirstNotAligned {
+        /// The first page asked for.
+        first: u64,
+    },
+    /// No slot with this id, or the slot does not log dirty pages (`ENOENT`).
+    #[error("slot {id} of address space {as_id} does not exist or has no dirty logging")]
+    NoLog {
+        /// The address space.
+        as_id: u16,
+        /// The slot id.
+        id: u16,
+    },
+    /// `KVM_CLEAR_DIRTY_LOG`'s range leaves the slot, or its count is not a multiple of 64 and
+    /// the range does not end at the slot's end (`EINVAL`).
+    #[error("pages [{first}, {first}+{count}) do not fit slot of {npages} pages in 64-page units")]
+    BadRange {
+        /// The first page.
+        first: u64,
+        /// The number of pages.
+        count: u64,
+        /// The slot's pages.
+        npages: u64,
+    },
+    /// The caller's bitmap is shorter than the range (KVM's `copy_from_user` fails: `EFAULT`).
+    #[error("the bitmap has {words} words, the range needs {needed}")]
+    BitmapTooShort {
+        /// Words given.
+        words: usize,
+        /// Words needed.
+        needed: usize,
+    },
+}
+
+impl DirtyLogError {
+    /// The errno name KVM returns.
+    pub const fn errno(&self) -> &'static str {
+        match self {
+            DirtyLogError::NoLog { .. } => "ENOENT",
+            DirtyLogError::BitmapTooShort { .. } => "EFAULT",
+            _ => "EINVAL",
+        }
+    }
+
+    /// The numeric errno (Linux x86: ENOENT 2, EFAULT 14, EINVAL 22).
+    pub const fn errno_value(&self) -> i32 {
+        match self {
+            DirtyLogError::NoLog { .. } => 2,
+            DirtyLogError::BitmapTooShort { .. } => 14,
+            _ => 22,
+        }
+    }
+}
+
+/// The first check of both ioctls: `as_id < nr_as` and `id < KVM_USER_MEM_SLOTS`.
+pub(crate) fn check_ids(as_id: u16, id: u16, nr_as: u16) -> Result<(), DirtyLogError> {
+    if as_id >= nr_as || id >= KVM_USER_MEM_SLOTS {
+        return Err(DirtyLogError::BadSlot { as_id, id });
+    }
+    Ok(())
+}
+
+/// `KVM_CLEAR_DIRTY_LOG`'s range rule against a slot of `npages` pages.
+pub(crate) fn check_clear_range(first: u64, count: u64, npages: u64) -> Result<(), DirtyLogError> {
+    let bad = DirtyLogError::BadRange { first, count, npages };
+    if first > npages {
+        return Err(bad);
+    }
+    let left = npages - first;
+    if count > left || (count < left && count % 64 != 0) {
+        return Err(bad);
+    }
+    Ok(())
+}
+
+/// A slot's dirty bitmap: one bit per page, set by faults without a lock, collected under the
+/// MMU lock held exclusive (module doc). KVM's `memslot->dirty_bitmap`.
+#[derive(Debug)]
+pub struct DirtyBitmap {
+    words: alloc::boxed::Box<[AtomicU64]>,
+    npages: u64,
+}
+
+impl DirtyBitmap {
+    /// A clear bitmap for `npages` pages, or `None` if the memory cannot be had.
+    pub(crate) fn try_new(npages: u64) -> Option<Self> {
+        let n = usize::try_from(npages.div_ceil(64)).ok()?;
+        let mut v = Vec::new();
+        v.try_reserve_exact(n).ok()?;
+        v.extend((0..n).map(|_| AtomicU64::new(0)));
+        Some(DirtyBitmap { words: v.into_boxed_slice(), npages })
+    }
+
+    /// The number of pages.
+    #[inline]
+    pub fn npages(&self) -> u64 {
+        self.npages
+    }
+
+    /// The number of 64-bit words.
+    #[inline]
+    pub fn len_words(&self) -> usize {
+        self.words.len()
+    }
+
+    /// Marks page `index` (KVM `set_bit_le` in `mark_page_dirty_in_slot`). Relaxed: the MMU
+    /// lock orders it against collections (module doc). No lock, no allocation.
+    #[inline]
+    pub fn mark(&self, index: u64) {
+        debug_assert!(index < self.npages, "page {index} beyond {} pages", self.npages);
+        if let Some(w) = self.words.get((index / 64) as usize) {
+            w.fetch_or(1 << (index % 64), Ordering::Relaxed);
+        }
+    }
+
+    /// A copy of the bits (manual mode's GET).
+    pub fn snapshot(&self) -> Vec<u64> {
+        self.words.iter().map(|w| w.load(Ordering::Relaxed)).collect()
+    }
+
+    /// Takes word `i` and leaves 0 (auto mode's GET).
+    #[inline]
+    fn take(&self, i: usize) -> u64 {
+        self.words[i].swap(0, Ordering::Relaxed)
+    }
+
+    /// Clears `mask` in word `i`; returns the bits of `mask` that were set.
+    #[inline]
+    fn clear(&self, i: usize, mask: u64) -> u64 {
+        mask & self.words[i].fetch_and(!mask, Ordering::Relaxed)
+    }
+}
+
+/// What an MMU gives dirty logging: an exclusive hold of its lock, write protection of the pages
+/// of one bitmap word, and a remote TLB flush (KVM `kvm_arch_mmu_enable_log_dirty_pt_masked`,
+/// `kvm_flush_remote_tlbs_memslot`).
+pub(crate) trait WriteProtect {
+    /// Proof that the MMU lock is held exclusive.
+    type Exclusive<'a>
+    where
+        Self: 'a;
+    /// Takes the MMU lock exclusive.
+    fn lock_exclusive(&self) -> Self::Exclusive<'_>;
+    /// Removes the write right from every leaf mapping page `offset + b` of `slot` for each set
+    /// bit `b` of `mask` (`offset` is a multiple of 64, relative to the slot's base gfn).
+    /// Returns whether a leaf lost a write right (vCPUs may cache it: flush before relying on
+    /// the protection).
+    fn write_protect_masked(
+        &self,
+        excl: &Self::Exclusive<'_>,
+        slot: &Memslot,
+        offset: u64,
+        mask: u64,
+    ) -> bool;
+    /// Flushes every vCPU's TLB; returns when each has acknowledged or was outside guest mode.
+    fn flush_remote_tlbs(&self);
+    /// Whether to skip the flush (the re-injected bug; `false` normally).
+    fn skip_flush(&self) -> bool {
+        false
+    }
+}
+
+/// KVM `kvm_get_dirty_log_protect` on a slot that logs, with the slots lock held by the caller:
+/// the bitmap's words (bit `i` = page `i` of the slot). Auto mode also clears them and
+/// write-protects those pages, flushing before it returns.
+pub(crate) fn get_log<M: WriteProtect>(
+    mmu: &M,
+    slot: &Memslot,
+    bitmap: &DirtyBitmap,
+    mode: DirtyLogMode,
+) -> Vec<u64> {
+    if mode == DirtyLogMode::Manual {
+        return bitmap.snapshot();
+    }
+    let mut out = Vec::with_capacity(bitmap.len_words());
+    let mut flush = false;
+    {
+        let excl = mmu.lock_exclusive();
+        for i in 0..bitmap.len_words() {
+            // Cheap test first: most words of a big slot are 0 and need no exchange.
+            let mask =
+                if bitmap.words[i].load(Ordering::Relaxed) == 0 { 0 } else { bitmap.take(i) };
+            out.push(mask);
+            if mask != 0 {
+                flush |= mmu.write_protect_masked(&excl, slot, i as u64 * 64, mask);
+            }
+        }
+    }
+    if flush && !mmu.skip_flush() {
+        mmu.flush_remote_tlbs();
+    }
+    out
+}
+
+/// KVM `kvm_clear_dirty_log_protect` after the checks, with the slots lock held by the caller:
+/// clears the bits of `bitmap` (bit `j` of word `k` = page `first + 64k + j`) over
+/// `[first, first + count)` and write-protects the pages that were dirty, flushing before it
+/// returns. `first` is a multiple of 64 and the range fits the slot (checked).
+pub(crate) fn clear_log<M: WriteProtect>(
+    mmu: &M,
+    slot: &Memslot,
+    log: &DirtyBitmap,
+    first: u64,
+    count: u64,
+    bitmap: &[u64],
+) {
+    debug_assert!(first % 64 == 0 && check_clear_range(first, count, log.npages()).is_ok());
+    let words = count.div_ceil(64) as usize;
+    let mut flush = false;
+    {
+        let excl = mmu.lock_exclusive();
+        for (k, &req) in bitmap.iter().take(words).enumerate() {
+            let i = (first / 64) as usize + k;
+            if req == 0 || i >= log.len_words() {
+                continue;
+            }
+            let mask = log.clear(i, req);
+            if mask != 0 {
+                flush |= mmu.write_protect_masked(&excl, slot, i as u64 * 64, mask);
+            }
+        }
+    }
+    if flush && !mmu.skip_flush() {
+        mmu.flush_remote_tlbs();
+    }
+}
+
+/// The pages of a returned bitmap, ascending (bit `i` of word `w` = page `64w + i`).
+pub fn pages_of(bitmap: &[u64]) -> impl Iterator<Item = u64> + '_ {
+    bitmap.iter().enumerate().flat_map(|(w, &bits)| {
+        let mut b = bits;
+        core::iter::from_fn(move || {
+            if b == 0 {
+                return None;
+            }
+            let i = b.trailing_zeros() as u64;
+            b &= b - 1;
+            Some(w as u64 * 64 + i)
+        })
+    })
+}
+
+/// The gfn of page `index` of `slot`.
+#[inline]
+pub(crate) fn gfn_of(slot: &Memslot, index: u64) -> Gfn {
+    Gfn(slot.base_gfn().raw() + index)
+}
+
+impl<H: crate::host::Host> crate::shared::VmShared<H> {
+    /// `KVM_GET_DIRTY_LOG` (see [`crate::vm::Vm::get_dirty_log`]).
+    pub(crate) fn get_dirty_log(&self, as_id: u16, id: u16) -> Result<Vec<u64>, DirtyLogError> {
+        // KVM holds `slots_lock` for the whole ioctl: no memslot update meanwhile.
+        let _serial = self.vmm_lock.lock_with(&self.mmu.relax());
+        self.memslots.with_dirty_log(
+            as_id,
+            id,
+            || Ok(()),
+            |slot, bitmap, mode| {
+                Ok(match self.shadow.as_ref() {
+                    Some(shadow) => get_log(
+                        &crate::shadow::ShadowProtect { core: &self.mmu, shadow },
+                        slot,
+                        bitmap,
+                        mode,
+                    ),
+                    None => get_log(&self.mmu, slot, bitmap, mode),
+                })
+            },
+        )
+    }
+
+    /// `KVM_CLEAR_DIRTY_LOG` (see [`crate::vm::Vm::clear_dirty_log`]).
+    pub(crate) fn clear_dirty_log(
+        &self,
+        as_id: u16,
+        id: u16,
+        first: u64,
+        count: u32,
+        bitmap: &[u64],
+    ) -> Result<(), DirtyLogError> {
+        let _serial = self.vmm_lock.lock_with(&self.mmu.relax());
+        let count = u64::from(count);
+        self.memslots.with_dirty_log(
+            as_id,
+            id,
+            || match first % 64 {
+                0 => Ok(()),
+                _ => Err(DirtyLogError::FirstNotAligned { first }),
+            },
+            |slot, log, _mode| {
+                check_clear_range(first, count, slot.npages())?;
+                // KVM does not check the mode: CLEAR works in auto mode too (checked on
+                // /dev/kvm, `tests/scenarios/dirty_log_bad_requests.scn`).
+                let needed = count.div_ceil(64) as usize;
+                if bitmap.len() < needed {
+                    return Err(DirtyLogError::BitmapTooShort { words: bitmap.len(), needed });
+                }
+                match self.shadow.as_ref() {
+                    Some(shadow) => clear_log(
+                        &crate::shadow::ShadowProtect { core: &self.mmu, shadow },
+                        slot,
+                        log,
+                        first,
+                        count,
+                        bitmap,
+                    ),
+                    None => clear_log(&self.mmu, slot, log, first, count, bitmap),
+                }
+                Ok(())
+            },
+        )
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::types::{AsId, Hva, SlotId};
+    use core::cell::RefCell;
+
+    /// An MMU that records what it was asked to protect and flush.
+    #[derive(Default)]
+    struct Recorder {
+        protected: RefCell<Vec<(u64, u64)>>,
+        flushes: RefCell<u32>,
+        locked: RefCell<bool>,
+    }
+
+    impl WriteProtect for Recorder {
+        type Exclusive<'a> = ();
+        fn lock_exclusive(&self) {
+            *self.locked.borrow_mut() = true;
+        }
+        fn write_protect_masked(&self, _: &(), _: &Memslot, offset: u64, mask: u64) -> bool {
+            assert!(*self.locked.borrow(), "protection outside the exclusive hold");
+            self.protected.borrow_mut().push((offset, mask));
+            true
+        }
+        fn flush_remote_tlbs(&self) {
+            *self.flushes.borrow_mut() += 1;
+        }
+    }
+
+    fn slot(npages: u64) -> Memslot {
+        Memslot::new(AsId(0), SlotId(1), Gfn(0x100), npages, Hva(0), 1)
+    }
+
+    #[test]
+    fn auto_get_takes_protects_and_flushes() {
+        let s = slot(130);
+        let b = DirtyBitmap::try_new(130).unwrap();
+        for p in [0, 5, 64, 129] {
+            b.mark(p);
+        }
+        let m = Recorder::default();
+        let out = get_log(&m, &s, &b, DirtyLogMode::Auto);
+        assert_eq!(pages_of(&out).collect::<Vec<_>>(), [0, 5, 64, 129]);
+        assert_eq!(*m.protected.borrow(), [(0, 0x21), (64, 1), (128, 2)]);
+        assert_eq!(*m.flushes.borrow(), 1);
+        assert_eq!(b.snapshot(), [0, 0, 0], "auto mode clears what it returns");
+        let again = get_log(&m, &s, &b, DirtyLogMode::Auto);
+        assert_eq!(pages_of(&again).count(), 0);
+        assert_eq!(*m.flushes.borrow(), 1, "nothing protected, nothing to flush");
+    }
+
+    #[test]
+    fn manual_get_only_reads_and_clear_clears_the_requested_bits() {
+        let s = slot(200);
+        let b = DirtyBitmap::try_new(200).unwrap();
+        for p in [1, 2, 70, 199] {
+            b.mark(p);
+        }
+        let m = Recorder::default();
+        let out = get_log(&m, &s, &b, DirtyLogMode::Manual);
+        assert_eq!(pages_of(&out).collect::<Vec<_>>(), [1, 2, 70, 199]);
+        assert!(m.protected.borrow().is_empty() && *m.flushes.borrow() == 0);
+        // Clear page 1 only of the first word, and the whole tail from 128.
+        clear_log(&m, &s, &b, 0, 64, &[0b10]);
+        clear_log(&m, &s, &b, 128, 72, &[u64::MAX, u64::MAX]);
+        assert_eq!(pages_of(&b.snapshot()).collect::<Vec<_>>(), [2, 70]);
+        assert_eq!(*m.protected.borrow(), [(0, 0b10), (192, 1 << 7)]);
+        assert_eq!(*m.flushes.borrow(), 2);
+    }
+
+    #[test]
+    fn clear_range_rules() {
+        assert!(check_clear_range(0, 64, 200).is_ok());
+        assert!(check_clear_range(128, 72, 200).is_ok(), "a short count that ends at the end");
+        assert!(check_clear_range(0, 200, 200).is_ok());
+        assert!(check_clear_range(200, 0, 200).is_ok(), "empty range at the end");
+        assert!(check_clear_range(0, 0, 200).is_ok());
+        assert!(check_clear_range(0, 65, 200).is_err(), "not a multiple of 64, not at the end");
+        assert!(check_clear_range(128, 73, 200).is_err(), "past the end");
+        assert!(check_clear_range(256, 0, 200).is_err(), "first beyond the slot");
+        assert!(check_ids(0, KVM_USER_MEM_SLOTS, 1).is_err());
+        assert!(check_ids(1, 0, 1).is_err());
+        assert!(check_ids(1, KVM_USER_MEM_SLOTS - 1, 2).is_ok());
+    }
+
+    #[test]
+    fn errnos() {
+        assert_eq!(DirtyLogError::NoLog { as_id: 0, id: 0 }.errno(), "ENOENT");
+        assert_eq!(DirtyLogError::BadSlot { as_id: 0, id: 0 }.errno(), "EINVAL");
+        assert_eq!(DirtyLogError::FirstNotAligned { first: 1 }.errno_value(), 22);
+        assert_eq!(DirtyLogError::BitmapTooShort { words: 0, needed: 1 }.errno(), "EFAULT");
+    }
+}

@@ -1,0 +1,83 @@
+//! Dirty logging under shadow paging (issue 16 point 2; KVM `kvm_mmu_slot_gfn_write_protect`
+//! through the rmap): write protection of a logged slot's pages when logging starts and after
+//! each collection, through the reverse map, under the shadow lock. A fault that installs a
+//! writable leaf in a logged slot marks the page while it holds the lock (`vcpu/shadow_path.rs`),
+//! so no collection sits between the writable leaf and its mark.
+
+use super::pages::{ShadowState, ZapBatch};
+use super::ShadowMmu;
+use crate::dirty::WriteProtect;
+use crate::host::Host;
+use crate::memslot::Memslot;
+use crate::sync::MutexGuard;
+use crate::tdp::TdpMmu;
+use crate::types::{AsId, Gfn};
+
+impl ShadowMmu {
+    /// Clears the writable bit of every leaf mapping a gfn in `[start, end)` of `as_id`, and
+    /// flushes (logging starts on a slot).
+    pub(crate) fn write_protect_gfn_range<H: Host>(
+        &self,
+        core: &TdpMmu<H>,
+        as_id: AsId,
+        start: Gfn,
+        end: Gfn,
+    ) {
+        let mut batch = ZapBatch::default();
+        {
+            let mut st = self.lock(core);
+            for gfn in st.rmap_gfns(as_id, start, end) {
+                batch.flush |= st.write_protect_gfn(core, as_id, gfn);
+            }
+            st.commit_zap(core, &self.stats, &mut batch);
+        }
+        core.reclaim();
+    }
+}
+
+/// The shadow MMU as the dirty log's write protector.
+pub(crate) struct ShadowProtect<'a, H: Host> {
+    pub(crate) core: &'a TdpMmu<H>,
+    pub(crate) shadow: &'a ShadowMmu,
+}
+
+impl<H: Host> WriteProtect for ShadowProtect<'_, H> {
+    type Exclusive<'a>
+        = MutexGuard<'a, ShadowState>
+    where
+        Self: 'a;
+
+    fn lock_exclusive(&self) -> MutexGuard<'_, ShadowState> {
+        self.shadow.lock(self.core)
+    }
+
+    fn write_protect_masked(
+        &self,
+        excl: &MutexGuard<'_, ShadowState>,
+        slot: &Memslot,
+        offset: u64,
+        mask: u64,
+    ) -> bool {
+        let mut flush = false;
+        let mut m = mask;
+        while m != 0 {
+            let bit = m.trailing_zeros() as u64;
+            m &= m - 1;
+            let index = offset + bit;
+            if index < slot.npages() {
+                let gfn = crate::dirty::gfn_of(slot, index);
+                flush |= excl.write_protect_gfn(self.core, slot.as_id(), gfn);
+            }
+        }
+        self.core.stats.dirty_log_protected.add(mask.count_ones() as u64);
+        flush
+    }
+
+    fn flush_remote_tlbs(&self) {
+        self.core.flush_remote_tlbs();
+    }
+
+    fn skip_flush(&self) -> bool {
+        self.core.cfg.bugs.has(crate::bugs::Bug::DirtyLogNoFlush)
+    }
+}

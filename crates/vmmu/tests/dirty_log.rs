@@ -1,0 +1,252 @@
+//! Dirty logging through the VM's ioctls and real guest writes (issue 16 points 1-2): which pages
+//! a GET returns, that auto mode re-protects and flushes (a vCPU writing through a cached
+//! writable translation after a GET faults again and is in the next GET), manual protect, and
+//! KVM's errnos in KVM's order.
+#![cfg(not(loom))]
+
+mod common;
+
+use common::{region, vm, vm_with, RAM_HVA};
+use std::collections::HashMap;
+use vmmu::bugs::BugSet;
+use vmmu::dirty::{pages_of, DirtyLogMode};
+use vmmu::fault::FaultOutcome;
+use vmmu::memslot::{KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
+use vmmu::spte::FormatKind;
+use vmmu::tdp::HwWalk;
+use vmmu::testing::TestHost;
+use vmmu::vcpu::Vcpu;
+use vmmu::vm::{Vm, VmConfig};
+use vmmu::{Access, AsId, FaultAccess, Gpa, Pfn, SlotId};
+
+const GPA: u64 = 0x10_0000;
+const LOG: u32 = KVM_MEM_LOG_DIRTY_PAGES;
+
+/// A vCPU with a TLB that caches translations with their write right, as the hardware does:
+/// it stays in guest mode between accesses only in the caller's imagination (it exits after
+/// each access and keeps its TLB; only a flush request empties it).
+struct TlbVcpu {
+    vcpu: Vcpu<TestHost>,
+    tlb: HashMap<u64, (Pfn, bool)>,
+}
+
+impl TlbVcpu {
+    fn new(vm: &Vm<TestHost>) -> Self {
+        TlbVcpu { vcpu: vm.create_vcpu().unwrap(), tlb: HashMap::new() }
+    }
+
+    /// One guest access to completion; returns how many faults it took.
+    fn access(&mut self, gpa: u64, write: bool) -> usize {
+        let need = if write { Access::WRITE } else { Access::NONE };
+        let mut faults = 0;
+        for _ in 0..100 {
+            if self.vcpu.service_requests().unwrap().flush_tlb {
+                self.tlb.clear();
+            }
+            if let Some(&(_, w)) = self.tlb.get(&(gpa >> 12)) {
+                if w || !write {
+                    return faults; // a TLB hit: no walk, no fault
+                }
+            }
+            let walk = match self.vcpu.enter_guest() {
+                Ok(g) => g.walk(Gpa(gpa), need),
+                Err(_) => continue,
+            };
+            match walk {
+                HwWalk::Translated { pfn, perms, .. } => {
+                    self.tlb.insert(gpa >> 12, (pfn, perms.contains(Access::WRITE)));
+                    return faults;
+                }
+                HwWalk::Violation { .. } => {
+                    faults += 1;
+                    let a = if write { FaultAccess::WRITE } else { FaultAccess::READ };
+                    let o = self.vcpu.handle_ept_violation(Gpa(gpa), a).unwrap();
+                    assert!(!matches!(o, FaultOutcome::Emulate { .. }), "{gpa:#x} is RAM");
+                }
+                other => panic!("unexpected walk {other:?}"),
+            }
+        }
+        panic!("access to {gpa:#x} did not complete");
+    }
+}
+
+fn get(vm: &Vm<TestHost>, id: u16) -> Vec<u64> {
+    pages_of(&vm.get_dirty_log(AsId(0), SlotId(id)).unwrap()).collect()
+}
+
+fn ept(bugs: BugSet) -> (Vm<TestHost>, std::sync::Arc<TestHost>) {
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.bugs = bugs;
+    vm_with(cfg)
+}
+
+/// The test of issue 16 point 2: after a GET, a vCPU whose TLB holds a writable translation of
+/// a page the GET took must fault on its next write, and the page must be in the next GET. Fails
+/// if the GET does not write-protect the leaf, or does not flush the TLBs.
+fn write_through_cached_translation_after_get(bugs: BugSet) -> Vec<u64> {
+    let (vm, _h) = ept(bugs);
+    vm.set_memory_region(&region(1, GPA, 0x10000, RAM_HVA, LOG)).unwrap();
+    let mut v = TlbVcpu::new(&vm);
+    assert_eq!(v.access(GPA + 0x3000, true), 1, "first write faults (read-only or absent)");
+    assert_eq!(v.access(GPA + 0x3008, true), 0, "second write hits the TLB");
+    assert_eq!(get(&vm, 1), [3]);
+    v.access(GPA + 0x3010, true);
+    get(&vm, 1)
+}
+
+#[test]
+fn a_write_through_a_cached_translation_after_get_is_in_the_next_get() {
+    assert_eq!(write_through_cached_translation_after_get(BugSet::NONE), [3]);
+}
+
+// With the flush removed (`Bug::DirtyLogNoFlush`), `tests/catchers` shows the lost page.
+
+#[test]
+fn only_guest_writes_to_logged_slots_dirty_pages() {
+    let (vm, h) = vm(FormatKind::Npt);
+    h.set_zero_page_reads(true);
+    vm.set_memory_region(&region(1, GPA, 0x8000, RAM_HVA, LOG)).unwrap();
+    vm.set_memory_region(&region(2, 0x20_0000, 0x8000, RAM_HVA, 0)).unwrap();
+    let ro = LOG | KVM_MEM_READONLY;
+    vm.set_memory_region(&region(3, 0x30_0000, 0x8000, RAM_HVA, ro)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    common::access(&mut v, GPA + 0x1000, false).unwrap();
+    common::access(&mut v, GPA + 0x2000, true).unwrap();
+    common::access(&mut v, GPA + 0x2000, true).unwrap();
+    // The alias without logging and the read-only alias: nothing of slot 1 gets dirty.
+    common::access(&mut v, 0x20_0000 + 0x5000, true).unwrap();
+    common::access(&mut v, 0x30_0000 + 0x6000, true).unwrap();
+    common::access(&mut v, GPA + 0x7000, true).unwrap();
+    assert_eq!(get(&vm, 1), [2, 7]);
+    assert_eq!(get(&vm, 1), [] as [u64; 0], "auto mode cleared them");
+    assert_eq!(get(&vm, 3), [] as [u64; 0], "read-only: writes are MMIO");
+    assert_eq!(vm.get_dirty_log(AsId(0), SlotId(2)).unwrap_err().errno(), "ENOENT");
+    // After the GET, a write to a taken page faults again and is logged again.
+    common::access(&mut v, GPA + 0x2000, true).unwrap();
+    assert_eq!(get(&vm, 1), [2]);
+    assert!(vm.stats().dirty_log_protected >= 3);
+}
+
+/// KVM maps a read fault writable when the host page is writable already (written before, by
+/// anyone), and a writable leaf in a logged slot dirties its page: real KVM reports such a read.
+/// A read of a page nobody wrote (the zero page) dirties nothing.
+#[test]
+fn a_read_that_maps_a_written_page_writable_dirties_it() {
+    let (vm, h) = vm(FormatKind::Ept);
+    h.set_zero_page_reads(true);
+    vm.set_memory_region(&region(1, GPA, 0x8000, RAM_HVA, LOG)).unwrap();
+    vm.set_memory_region(&region(2, 0x20_0000, 0x8000, RAM_HVA, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    // Page 4 is written through the alias without logging; page 5 is only read.
+    common::access(&mut v, 0x20_0000 + 0x4000, true).unwrap();
+    common::access(&mut v, GPA + 0x4000, false).unwrap();
+    common::access(&mut v, GPA + 0x5000, false).unwrap();
+    assert_eq!(get(&vm, 1), [4]);
+    h.set_zero_page_reads(false);
+    common::access(&mut v, GPA + 0x6000, false).unwrap();
+    assert_eq!(get(&vm, 1), [6], "a host that maps reads writable: every first read dirties");
+}
+
+#[test]
+fn manual_mode_keeps_bits_until_cleared_and_clear_reprotects() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    vm.set_dirty_log_mode(DirtyLogMode::Manual);
+    // 130 pages: two full words and a tail of 2.
+    vm.set_memory_region(&region(1, GPA, 130 << 12, RAM_HVA, LOG)).unwrap();
+    let mut v = TlbVcpu::new(&vm);
+    for p in [0u64, 63, 64, 129] {
+        v.access(GPA + (p << 12), true);
+    }
+    assert_eq!(get(&vm, 1), [0, 63, 64, 129]);
+    assert_eq!(get(&vm, 1), [0, 63, 64, 129], "manual GET clears nothing");
+    // Pages stay writable until cleared: no fault, nothing new.
+    assert_eq!(v.access(GPA + 0x40, true), 0);
+    let clear = |first, count, bm: &[u64]| vm.clear_dirty_log(AsId(0), SlotId(1), first, count, bm);
+    clear(0, 64, &[1]).unwrap();
+    assert_eq!(get(&vm, 1), [63, 64, 129]);
+    clear(128, 2, &[u64::MAX]).unwrap();
+    assert_eq!(get(&vm, 1), [63, 64]);
+    // The cleared page 0 was write-protected and flushed: the next write faults and logs it.
+    assert_eq!(v.access(GPA + 0x80, true), 1);
+    assert_eq!(get(&vm, 1), [0, 63, 64]);
+}
+
+#[test]
+fn errnos_in_kvms_order() {
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.nr_address_spaces = 2;
+    let (vm, _h) = vm_with(cfg);
+    vm.set_memory_region(&region(1, GPA, 200 << 12, RAM_HVA, LOG)).unwrap();
+    vm.set_memory_region(&region(2, 0x100_0000, 0x1000, RAM_HVA, 0)).unwrap();
+    fn e<T: std::fmt::Debug>(r: Result<T, vmmu::dirty::DirtyLogError>) -> &'static str {
+        r.unwrap_err().errno()
+    }
+    let get = |a, id| vm.get_dirty_log(AsId(a), SlotId(id));
+    assert_eq!(e(get(2, 1)), "EINVAL", "no address space 2");
+    assert_eq!(e(get(0, 32764)), "EINVAL", "not a user slot id");
+    assert_eq!(e(get(1, 1)), "ENOENT", "valid address space, no slot");
+    assert_eq!(e(get(0, 2)), "ENOENT", "a slot without logging");
+    let clear =
+        |a, id, first, count| vm.clear_dirty_log(AsId(a), SlotId(id), first, count, &[!0; 4]);
+    assert_eq!(e(clear(2, 1, 1, 1)), "EINVAL", "ids before alignment");
+    assert_eq!(e(clear(0, 9, 1, 1)), "EINVAL", "alignment before the slot lookup");
+    assert_eq!(e(clear(0, 9, 0, 1)), "ENOENT", "the slot lookup before the range");
+    assert_eq!(e(clear(0, 1, 256, 0)), "EINVAL", "first beyond the slot");
+    assert_eq!(e(clear(0, 1, 0, 65)), "EINVAL", "count not a multiple of 64");
+    assert_eq!(e(clear(0, 1, 128, 73)), "EINVAL", "past the end");
+    assert_eq!(clear(0, 1, 128, 72), Ok(()), "a short count that ends at the slot's end");
+    assert_eq!(
+        e(vm.clear_dirty_log(AsId(0), SlotId(1), 0, 128, &[0])),
+        "EFAULT",
+        "bitmap shorter than the range"
+    );
+}
+
+#[test]
+fn bitmap_follows_flag_changes_and_moves() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    vm.set_memory_region(&region(1, GPA, 0x8000, RAM_HVA, 0)).unwrap();
+    let mut v = TlbVcpu::new(&vm);
+    v.access(GPA + 0x1000, true);
+    assert_eq!(vm.get_dirty_log(AsId(0), SlotId(1)).unwrap_err().errno(), "ENOENT");
+    // Logging starts: the writable translation cached before must not carry writes unlogged.
+    vm.set_memory_region(&region(1, GPA, 0x8000, RAM_HVA, LOG)).unwrap();
+    assert_eq!(get(&vm, 1), [] as [u64; 0], "writes before logging do not count");
+    assert_eq!(v.access(GPA + 0x1000, true), 1, "the start of logging dropped the writable leaf");
+    assert_eq!(vm.mmu().stats.pages_2m.get(), 0);
+    // A move keeps the bitmap and its bits (KVM keeps `dirty_bitmap` across a move).
+    v.access(GPA + 0x2000, true);
+    vm.set_memory_region(&region(1, 0x80_0000, 0x8000, RAM_HVA, LOG)).unwrap();
+    v.access(0x80_0000 + 0x3000, true);
+    assert_eq!(get(&vm, 1), [1, 2, 3]);
+    // Logging off and on again: a fresh, clear bitmap.
+    v.access(0x80_0000 + 0x4000, true);
+    vm.set_memory_region(&region(1, 0x80_0000, 0x8000, RAM_HVA, 0)).unwrap();
+    assert_eq!(vm.get_dirty_log(AsId(0), SlotId(1)).unwrap_err().errno(), "ENOENT");
+    vm.set_memory_region(&region(1, 0x80_0000, 0x8000, RAM_HVA, LOG)).unwrap();
+    assert_eq!(get(&vm, 1), [] as [u64; 0]);
+    vm.set_memory_region(&region(1, 0, 0, 0, 0)).unwrap();
+    assert_eq!(vm.get_dirty_log(AsId(0), SlotId(1)).unwrap_err().errno(), "ENOENT");
+}
+
+/// KVM `kvm_mmu_slot_apply_flags`: starting dirty logging write-protects what is mapped, huge
+/// leaves included, and leaves it mapped: reads hit (no fault, nothing dirty), writes fault and
+/// are logged at 4 KiB.
+#[test]
+fn starting_logging_write_protects_and_keeps_mappings() {
+    let (vm, h) = vm(FormatKind::Ept);
+    h.set_zero_page_reads(false); // reads would map writable: they must not even fault
+                                  // 2 MiB-aligned slot and host range: a write maps a 2 MiB leaf.
+    vm.set_memory_region(&region(1, 0x20_0000, 0x20_0000, RAM_HVA, 0)).unwrap();
+    let mut v = TlbVcpu::new(&vm);
+    v.access(0x20_0000, true);
+    assert_eq!(vm.stats().pages_2m, 1);
+    vm.set_memory_region(&region(1, 0x20_0000, 0x20_0000, RAM_HVA, LOG)).unwrap();
+    assert_eq!(vm.stats().pages_2m, 1, "still mapped");
+    assert_eq!(v.access(0x20_5000, false), 0, "a read hits the write-protected huge leaf");
+    assert_eq!(get(&vm, 1), [] as [u64; 0]);
+    // The write faults (TLB flushed, leaf read-only): the huge leaf goes, the retry maps 4 KiB.
+    assert_eq!(v.access(0x20_5000, true), 2);
+    assert_eq!(get(&vm, 1), [5]);
+    assert_eq!((vm.stats().pages_2m, vm.stats().pages_4k), (0, 1), "the write maps 4 KiB");
+}
