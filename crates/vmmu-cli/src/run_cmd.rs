@@ -449,7 +449,7 @@ mod tests {
             (&["--vcpus", "0"][..], "1..=256"),
             (&["--seconds", "0"][..], "above 0"),
             (&["--seconds", "x"][..], "not a number"),
-            (&["--format", "shadow"][..], "shadow"),
+            (&["--format", "vmx"][..], "vmx"),
             (&["--compare-caching", "--mmio-caching", "off"][..], "cannot be used with"),
             (&["--wrap-trap", "--near-wrap"][..], "cannot be used with"),
         ] {
