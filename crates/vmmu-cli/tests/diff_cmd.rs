@@ -138,8 +138,11 @@ fn the_machine_configurations_alone_are_compared() {
     let out = vmmu(&["diff", "--no-kvm", "--no-expected", f.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0));
     let stdout = text(&out.stdout);
-    let want =
-        format!("equal  {} (sim-ept-on, sim-ept-off, sim-npt-on, sim-npt-off)\n", f.display());
+    let want = format!(
+        "equal  {} (sim-ept-on, sim-ept-off, sim-npt-on, sim-npt-off, sim-shadow-on, \
+         sim-shadow-off)\n",
+        f.display()
+    );
     assert_eq!(stdout, want);
 }
 

@@ -58,7 +58,7 @@ fn bad_arguments_exit_2_with_a_message() {
         &["run", "--phys-bits", "99"][..],
         &["run", "--vcpus", "0"],
         &["run", "--seconds", "-1"],
-        &["run", "--format", "shadow"],
+        &["run", "--format", "vmx"],
         &["run", "--inject", "no-such-bug"],
         &["run", "--wrap-trap", "--near-wrap"],
     ] {

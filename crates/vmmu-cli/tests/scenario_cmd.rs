@@ -56,7 +56,7 @@ fn bad_flags_exit_2() {
     for bad in [
         &["--phys-bits", "60"][..],
         &["--phys-bits", "35"],
-        &["--format", "shadow"],
+        &["--format", "vmx"],
         &["--backend", "qemu"],
         &["--mmio-caching", "yes"],
     ] {

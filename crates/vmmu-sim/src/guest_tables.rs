@@ -178,7 +178,7 @@ impl GuestTables {
         Ok(())
     }
 
-    /// Space 0 maps `[0, limit)` to itself with 2 MiB pages (what a 64-bit guest without
+    /// Space 0 maps `[0, limit)` to itself with 2 MiB pages, accessed and dirty (what a 64-bit guest without
     /// paging of its own needs under shadow paging: version-1 scenarios on `format=shadow`).
     /// Returns the CR3 value.
     pub fn identity_2m(&mut self, limit: u64) -> Result<u64, TablesError> {
@@ -186,7 +186,13 @@ impl GuestTables {
         let root = self.root(0, &mut writes)?;
         self.apply(&writes)?;
         for gpa in (0..limit).step_by(2 << 20) {
-            let w = self.map(0, gpa, gpa, PageSize::Size2M, MapFlags::default())?;
+            let mut w = self.map(0, gpa, gpa, PageSize::Size2M, MapFlags::default())?;
+            // Accessed and dirty from the start, as the KVM backend's guest sets them: a read
+            // through a clean leaf would map read-only under shadow paging, and whether a read
+            // dirties a logged page would depend on what the guest wrote before.
+            if let Some(leaf) = w.last_mut() {
+                leaf.1 |= vmmu::guest::pte::A | vmmu::guest::pte::D;
+            }
             self.apply(&w)?;
         }
         Ok(root)

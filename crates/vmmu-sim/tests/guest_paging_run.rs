@@ -87,3 +87,16 @@ fn the_oracle_sees_a_missing_tlb_flush_through_the_gva_tlbs() {
     });
     assert!(caught, "stale GVA TLB entries went unseen under shadow paging");
 }
+
+/// Dirty logging under shadow paging (issue 16 point 4, every MMU): the migration thread's
+/// collections lose no page the vCPUs wrote through their GVAs, in both modes.
+#[test]
+fn shadow_paging_loses_no_dirty_page() {
+    for mode in [vmmu_sim::migration::DirtyLogMode::Auto, vmmu_sim::migration::DirtyLogMode::Manual]
+    {
+        let o = RunOptions { dirty_log: Some(mode), ..opts(true, FormatKind::Npt) };
+        let r = run(o);
+        assert_eq!(r.oracle.violations, 0, "{mode:?}: {:#?}", r.oracle.first_violations);
+        assert!(r.dirty_log.is_some(), "{mode:?}: no dirty-log report");
+    }
+}

@@ -239,3 +239,39 @@ fn a_nested_walk_keeps_no_gva_in_the_mmio_cache() {
         assert_eq!(cached, !nested, "nested {nested}");
     }
 }
+
+/// Dirty logging under shadow paging (issue 16 point 2): a guest write through a GVA marks the
+/// page; the collection write-protects it through the reverse map, so the next write faults and
+/// marks it again; a read marks nothing.
+#[test]
+fn shadow_paging_tracks_dirty_pages_through_the_rmap() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    // A logged slot of 4 pages at 4 GiB + 2 MiB, mapped at GVAs 0x5000_0000...
+    const LOG_GPA: u64 = 0x1_0020_0000;
+    let log = vmmu::memslot::KVM_MEM_LOG_DIRTY_PAGES;
+    vm.set_memory_region(&UserspaceMemoryRegion::new(
+        7,
+        log,
+        LOG_GPA,
+        0x4000,
+        RAM_HVA + 0x100_0000,
+    ))
+    .unwrap();
+    for i in 0..4 {
+        s.map4k(0x5000_0000 + i * 0x1000, LOG_GPA + i * 0x1000, P | RW | US);
+    }
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    let get = |vm: &Vm<TestHost>| {
+        let w = vm.get_dirty_log(vmmu::AsId(0), vmmu::SlotId(7)).unwrap();
+        vmmu::dirty::pages_of(&w).collect::<Vec<_>>()
+    };
+    assert!(matches!(access(&mut v, 0x5000_1000, false), Seen::Ram(_)));
+    assert!(matches!(access(&mut v, 0x5000_2000, true), Seen::Ram(_)));
+    assert_eq!(get(&vm), vec![2], "only the written page");
+    // Re-protected by the collection: the next write (through the cached shadow leaf) faults.
+    assert!(matches!(access(&mut v, 0x5000_2008, true), Seen::Ram(_)));
+    assert!(matches!(access(&mut v, 0x5000_3000, true), Seen::Ram(_)));
+    assert_eq!(get(&vm), vec![2, 3]);
+    assert_eq!(get(&vm), Vec::<u64>::new(), "collected and cleared");
+}
