@@ -198,6 +198,22 @@ impl GuestTables {
         Ok(root)
     }
 
+    /// The writes that make the entry for `gva` at `level` in `space` hold `value` (e.g. a
+    /// page-directory entry linking a table shared by several spaces), creating the tables
+    /// above it.
+    pub fn set_entry(
+        &mut self,
+        space: u8,
+        gva: u64,
+        level: u32,
+        value: u64,
+    ) -> Result<Vec<(u64, u64)>, TablesError> {
+        let mut writes = Vec::new();
+        let at = self.entry_gpa(space, gva, level, &mut writes)?;
+        writes.push((at, value));
+        Ok(writes)
+    }
+
     /// The writes of an `unmap` step.
     pub fn unmap(
         &mut self,

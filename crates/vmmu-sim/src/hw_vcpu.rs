@@ -255,6 +255,11 @@ impl<'a, M: GuestMmu> HwVcpu<'a, M> {
         self.mmu.translate(&mut self.state, gpa, kind)
     }
 
+    /// The host whose memory this vCPU accesses.
+    pub fn host(&self) -> &'a SimHost {
+        self.host
+    }
+
     /// The MMU this vCPU runs on.
     pub fn mmu(&self) -> &'a M {
         self.mmu

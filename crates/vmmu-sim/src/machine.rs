@@ -53,7 +53,10 @@ use crate::bus::{BusError, BusOutcome, MmioBus, RegisterDevice};
 use crate::host::{HostConfig, HostError, SimHost, SIZE_2M};
 use crate::hw_vcpu::{Attempts, Data, HwVcpu};
 use crate::layout::{MachineLayout, MachineMemory};
-use crate::machine_paging::{shadow_access, PagingEvent, ShadowAccess, VcpuPaging};
+use crate::machine_paging::{shadow_access, PagingEvent, ShadowAccess, Shootdown, VcpuPaging};
+
+/// The page of shared RAM the shootdowns' GVA maps (beyond the words the vCPUs use).
+const SHARED_RAM_OFFSET: u64 = 0x10_0000;
 use crate::migration::{DirtyLogMode, Migration, Recorder};
 use crate::mix::{AccessGen, GuestAccess, MixKind, MixWeights};
 use crate::oracle::{Clock, Observed, Oracle, OracleReport, VcpuChecker, Violation, POISON};
@@ -428,7 +431,12 @@ impl Machine {
             let buf = self.host().add_buffer("guest_tables", crate::machine_paging::TABLES_SIZE)?;
             let request = crate::machine_paging::tables_slot(&buf);
             mmu.set_memory_region(&request).map_err(|error| SimError::Setup { request, error })?;
-            Some(buf)
+            // The shared GVA starts mapping an unused page of shared RAM (module doc of
+            // `machine_paging`), through the shared table.
+            let first = self.layout().shared.gpa.0 + SHARED_RAM_OFFSET;
+            let at = Shootdown::pte_gpa() - crate::machine_paging::TABLES_GPA;
+            buf.write(at, Width::W8, Shootdown::pte(first))?;
+            Some((buf, Arc::new(Shootdown::new(first))))
         } else {
             None
         };
@@ -653,11 +661,14 @@ type VcpuArgs<'a, 's, 'o, M> = (
 fn vcpu_thread<'o, M: GuestMmu>(
     (sh, cfg, layout, index, state, mut checker, progress): VcpuArgs<'_, '_, 'o, M>,
     mut recorder: Option<Recorder<'_>>,
-    tables: Option<Arc<crate::host::HostBuffer>>,
+    tables: Option<(Arc<crate::host::HostBuffer>, Arc<Shootdown>)>,
 ) -> VcpuResult<'o> {
     let mut hw = HwVcpu::with_state(sh.mmu, sh.host, state, cfg.tlb_entries);
     let shadow = sh.mmu.shadow_vcpu(hw.state()).is_some();
-    let mut paging = match tables {
+    let shootdown = tables.as_ref().map(|(_, sd)| sd.clone());
+    let shared_ram = layout.shared.gpa.0 + SHARED_RAM_OFFSET;
+    let shared_ram_hva = sh.host.buffer(layout.shared.name).map(|b| b.hva().0 + SHARED_RAM_OFFSET);
+    let mut paging = match tables.map(|(buf, _)| buf) {
         Some(buf) => match VcpuPaging::new(buf, layout, index, cfg.vcpus, cfg.seed, shadow) {
             Ok(mut p) => {
                 if let Some(v) = sh.mmu.shadow_vcpu(hw.state()) {
@@ -728,6 +739,26 @@ fn vcpu_thread<'o, M: GuestMmu>(
                     }
                     Ok(PagingEvent::None) => {}
                     Err(e) => checker.note_error(&format!("guest paging: {e}")),
+                }
+                if let Some(sd) = shootdown.as_deref() {
+                    if index == 0 {
+                        p.initiate_shootdown(&mut hw, sd, shared_ram);
+                    }
+                    let from = p.follow_shootdowns(&mut hw, sd);
+                    if p.wants_shared_access() {
+                        let a = GuestAccess {
+                            kind: MixKind::SharedRead,
+                            gpa: Gpa(shared_ram),
+                            width: crate::ram::Width::W4,
+                            value: 0,
+                        };
+                        let gva = crate::machine_paging::SHARED_GVA;
+                        let (seen, _, _) = paged_access(sh, &mut hw, &mut c, &a, gva, p);
+                        let targets = sd.targets(from, sd.now());
+                        let ram = targets.contains(&shared_ram).then_some(shared_ram_hva).flatten();
+                        let device = targets.contains(&layout.device.0);
+                        checker.check_shared_gva(gva, ram, device, &seen);
+                    }
                 }
             }
             for _ in 0..cfg.batch.max(1) {

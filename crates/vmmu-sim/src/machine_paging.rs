@@ -11,6 +11,12 @@
 //! - Now and then it unmaps the GVA `U`, which it maps nowhere else, and reads it: the access
 //!   must be a guest page fault with error code 0x4 (not present, user).
 //! - Now and then it switches spaces with MOV CR3.
+//! - INVLPG shootdowns: every space of every vCPU maps the shared GVA `S` through one shared
+//!   last-level table (its page-directory entry links the same page `T`). vCPU 0 now and then
+//!   remaps `S` between a page of shared RAM and the device page (a store into `T`, INVLPG on
+//!   itself) and publishes the change ([`Shootdown`]); every vCPU invalidates `S` when it sees a
+//!   newer change (the other half of the shootdown), and its accesses to `S` may see any
+//!   target from the last change it invalidated for up to the newest: never an older one.
 //!
 //! The oracle knows every expectation exactly: a vCPU changes only its own tables, invalidates
 //! what it changed, and the GPA behind each GVA is the one it mapped, judged against the memslot
@@ -37,10 +43,79 @@ use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use vmmu::fault::{EmulateSource, FaultOutcome, PfErr};
+use vmmu::guest::pte::{P, RW, US};
 use vmmu::guest::{GpteWriteError, GuestCpu, GuestPteMemory, PagingMode, WalkError};
 use vmmu::tdp::HwWalk;
 use vmmu::{FaultAccess, Gpa, Gva, Hva};
 use vmmu_scenario::{MapFlags, PageSize, Paging};
+
+/// The shared GVA `S` (below every vCPU's own range).
+pub const SHARED_GVA: u64 = 0x0000_3000_0000_0000;
+/// The shared last-level table `T` (the last page of the table area).
+pub const SHARED_TABLE: u64 = TABLES_GPA + TABLES_SIZE - 0x1000;
+
+/// The shootdowns of `S` (module doc): the targets `S` has mapped, in order (index = change
+/// number), and the number of the latest change.
+#[derive(Debug)]
+pub struct Shootdown {
+    /// The latest change announced (before its store into `T`).
+    published: std::sync::atomic::AtomicU64,
+    /// The latest change stored into `T` (what the other vCPUs invalidate for).
+    completed: std::sync::atomic::AtomicU64,
+    history: std::sync::Mutex<Vec<u64>>,
+}
+
+impl Shootdown {
+    /// `S` starts mapping guest-physical page `first`.
+    pub fn new(first: u64) -> Self {
+        Shootdown {
+            published: std::sync::atomic::AtomicU64::new(0),
+            completed: std::sync::atomic::AtomicU64::new(0),
+            history: std::sync::Mutex::new(vec![first]),
+        }
+    }
+
+    /// The latest change announced: a walk of `T` may have read it (the upper bound of what an
+    /// access to `S` may see).
+    pub fn now(&self) -> u64 {
+        self.published.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The latest change whose store into `T` is done (the other vCPUs' INVLPG follows it).
+    pub fn completed(&self) -> u64 {
+        self.completed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The targets of changes `from..=to`.
+    pub fn targets(&self, from: u64, to: u64) -> Vec<u64> {
+        let h = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        h.get(from as usize..=(to as usize).min(h.len().saturating_sub(1)))
+            .map(<[u64]>::to_vec)
+            .unwrap_or_default()
+    }
+
+    /// The entry of `S` in `T`, as a value: `gpa` mapped present, writable, user.
+    pub fn pte(gpa: u64) -> u64 {
+        gpa | P | RW | US
+    }
+
+    /// Where `S`'s entry lies in `T`.
+    pub fn pte_gpa() -> u64 {
+        SHARED_TABLE + 8 * ((SHARED_GVA >> 12) & 511)
+    }
+
+    fn publish(&self, gpa: u64) {
+        let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        h.push(gpa);
+        // Before the store into `T` (the initiator publishes first): a reader that loads `seq`
+        // after its access covers every value it could have read.
+        self.published.store(h.len() as u64 - 1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn complete(&self, change: u64) {
+        self.completed.store(change, std::sync::atomic::Ordering::SeqCst);
+    }
+}
 
 /// The slot of the guest page tables.
 pub const TABLES_SLOT: u32 = 12;
@@ -148,6 +223,8 @@ pub struct VcpuPaging {
     cpu: GuestCpu,
     /// The GVA-keyed TLB (shadow paging).
     pub tlb: GvaTlb,
+    /// The last shootdown of `S` this vCPU invalidated.
+    acked: u64,
     /// Counters.
     pub counters: PagingCounters,
 }
@@ -162,7 +239,8 @@ impl VcpuPaging {
         seed: u64,
         shadow: bool,
     ) -> Result<Self, String> {
-        let share = (TABLES_SIZE / vcpus.max(1) as u64) & !0xfff;
+        // The last page is the shared table `T`.
+        let share = ((TABLES_SIZE - 0x1000) / vcpus.max(1) as u64) & !0xfff;
         let start = TABLES_GPA + share * index as u64;
         let mut tables =
             GuestTables::in_area(Paging::Level4, buf.clone(), TABLES_GPA, start, start + share);
@@ -206,11 +284,16 @@ impl VcpuPaging {
             shadow,
             cpu,
             tlb: GvaTlb::default(),
+            acked: 0,
             counters: PagingCounters::default(),
         };
-        // R in both spaces, from the start.
+        // R in both spaces, and S through the shared table, from the start.
         for space in 0..2 {
             let w = p.map_writes(space, p.remap_gva(), p.target_gpa(p.target[space]))?;
+            p.tables.apply(&w).map_err(|e| e.to_string())?;
+            let link = SHARED_TABLE | P | RW | US;
+            let w =
+                p.tables.set_entry(space as u8, SHARED_GVA, 2, link).map_err(|e| e.to_string())?;
             p.tables.apply(&w).map_err(|e| e.to_string())?;
         }
         Ok(p)
@@ -308,6 +391,50 @@ impl VcpuPaging {
         }
     }
 
+    /// vCPU 0's half of a shootdown: remap `S` (a store into the shared table, INVLPG on
+    /// itself), then publish the change. Returns whether it did one now.
+    pub fn initiate_shootdown<M: GuestMmu>(
+        &mut self,
+        hw: &mut HwVcpu<'_, M>,
+        sd: &Shootdown,
+        shared_ram: u64,
+    ) -> bool {
+        if self.rng.u32(0..8) != 0 {
+            return false;
+        }
+        let now = sd.targets(sd.now(), sd.now()).first().copied().unwrap_or(shared_ram);
+        let next = if now == shared_ram { self.device_page.gpa.0 & !0xfff } else { shared_ram };
+        // Published before the store: any value a walker reads from `T` is then in the history
+        // up to the latest change it loads after its access.
+        sd.publish(next);
+        self.store(hw, &[(Shootdown::pte_gpa(), Shootdown::pte(next))]);
+        self.invlpg(hw, SHARED_GVA);
+        self.acked = sd.now();
+        // The store is done: the other vCPUs' INVLPG may follow.
+        sd.complete(self.acked);
+        true
+    }
+
+    /// Every vCPU's half: invalidate `S` if a newer change was published. Returns the change the
+    /// vCPU has now invalidated up to.
+    pub fn follow_shootdowns<M: GuestMmu>(
+        &mut self,
+        hw: &mut HwVcpu<'_, M>,
+        sd: &Shootdown,
+    ) -> u64 {
+        let now = sd.completed();
+        if now > self.acked {
+            self.invlpg(hw, SHARED_GVA);
+            self.acked = now;
+        }
+        self.acked
+    }
+
+    /// Whether to access `S` after this batch.
+    pub fn wants_shared_access(&mut self) -> bool {
+        self.rng.u32(0..4) == 0
+    }
+
     /// The access to `R` as the oracle judges it (its target in the current space).
     fn r_access(&self) -> GuestAccess {
         match self.target[self.space] {
@@ -376,15 +503,14 @@ impl<M: GuestMmu> GuestPteMemory for TwoDimensional<'_, '_, '_, M> {
     }
 
     fn cmpxchg_gpte(&self, gpa: Gpa, old: u64, new: u64) -> Result<bool, GpteWriteError> {
-        // Only this vCPU writes its own tables: load, compare, store cannot interleave with
-        // another store to them.
+        // The A/D update of the hardware walk: an atomic compare-exchange on the host word the
+        // second-level translation leads to (the shared table `T` is written by vCPU 0 while
+        // the others walk it).
         let mut hw = self.hw.borrow_mut();
         match hw.load_store(gpa, Width::W8, None) {
             Data::Ram { value, .. } if value != old => Ok(false),
-            Data::Ram { .. } => match hw.load_store(gpa, Width::W8, Some(new)) {
-                Data::Ram { .. } => Ok(true),
-                _ => Err(GpteWriteError::NotWritable),
-            },
+            Data::Ram { hva, .. } => vmmu::host::GuestMemory::cmpxchg_u64(hw.host(), hva, old, new)
+                .map_err(|_| GpteWriteError::NotWritable),
             _ => Err(GpteWriteError::Unreadable),
         }
     }

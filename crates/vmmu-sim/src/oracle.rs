@@ -410,6 +410,40 @@ impl VcpuChecker<'_> {
         (0..width.bytes() as usize).fold(0, |v, i| v | u64::from(self.private[off + i]) << (8 * i))
     }
 
+    /// Guest paging, the shared GVA of the shootdowns: the access must have reached one of the
+    /// targets the GVA mapped from the last change this vCPU invalidated up to the newest (RAM
+    /// at host address `ram_hva`, if that page is one of them; the device, if it is one).
+    pub fn check_shared_gva(
+        &mut self,
+        gva: u64,
+        ram_hva: Option<u64>,
+        device: bool,
+        seen: &Observed,
+    ) {
+        self.report.checked += 1;
+        let ok = match seen {
+            Observed::Ram { hva, .. } => ram_hva == Some(hva.0),
+            Observed::Mmio { device: true, .. } => device,
+            _ => false,
+        };
+        if !ok {
+            let mut expected = Vec::new();
+            if let Some(h) = ram_hva {
+                expected.push(format!("RAM {}", self.oracle.describe_hva(h)));
+            }
+            if device {
+                expected.push("the device".to_string());
+            }
+            self.report.push(Violation {
+                vcpu: Some(self.vcpu),
+                gpa: None,
+                what: format!("read of the shared gva {gva:#x} (remapped by INVLPG shootdowns)"),
+                expected: expected.join(" or "),
+                seen: describe(seen, self.oracle),
+            });
+        }
+    }
+
     /// Records a failure of the vCPU's own machinery (not an access outcome) as a violation.
     pub fn note_error(&mut self, what: &str) {
         self.report.checked += 1;
