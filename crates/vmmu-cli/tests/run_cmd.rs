@@ -101,6 +101,26 @@ fn compare_caching_prints_both_runs_and_ratios() {
     assert!(String::from_utf8_lossy(&text.stdout).contains("compare: MMIO handling"));
 }
 
+/// Guest paging (issue 14 point 2): `--format shadow` (and `--guest-paging` with EPT) run clean,
+/// and `--compare-caching` works for shadow paging too.
+#[test]
+fn guest_paging_runs_are_clean_and_compare_caching_works_for_shadow() {
+    for args in [&["--format", "shadow"][..], &["--guest-paging"][..]] {
+        let mut a = vec!["run", "--seconds", "0.5", "--json"];
+        a.extend_from_slice(args);
+        let out = vmmu(&a);
+        assert_eq!(out.status.code(), Some(0), "{a:?}: {}", String::from_utf8_lossy(&out.stdout));
+        assert_eq!(json(&out)["oracle"]["violations"], 0, "{a:?}");
+    }
+    let out =
+        vmmu(&["run", "--seconds", "0.3", "--format", "shadow", "--compare-caching", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = json(&out);
+    assert_eq!(r["caching_on"]["oracle"]["violations"], 0);
+    assert_eq!(r["caching_off"]["config"]["mmio_caching"]["effective"], false);
+    assert!(r["ratios"]["mmio_cost_off_over_on"].as_f64().unwrap() > 0.0);
+}
+
 #[test]
 fn stress_paths_and_wrap_trap_runs_are_clean() {
     let out = vmmu(&["run", "--seconds", "1", "--json", "--stress-paths"]);

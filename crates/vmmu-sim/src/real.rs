@@ -219,6 +219,11 @@ impl GuestMmu for RealMmu {
         v.vcpu.exit_guest_mode();
     }
 
+    fn record_mmio_time(&self, v: &mut RealVcpu, nanos: u64) {
+        v.mine.count += 1;
+        v.mine.nanos += nanos;
+    }
+
     fn shadow_vcpu<'v>(&self, v: &'v mut RealVcpu) -> Option<&'v mut Vcpu<SimHost>> {
         (self.vm.mmu_kind() == vmmu::vm::MmuKind::Shadow).then_some(&mut v.vcpu)
     }

@@ -352,6 +352,10 @@ pub trait GuestMmu: Send + Sync {
     /// then the request check happens at the next `poll_tlb_flush`).
     fn enter_guest(&self, _vcpu: &mut Self::Vcpu) {}
 
+    /// Adds `nanos` of MMIO resolution to the vCPU's timing (accesses resolved outside
+    /// [`GuestMmu::translate`], e.g. through the shadow MMU's GVA entry points).
+    fn record_mmio_time(&self, _vcpu: &mut Self::Vcpu, _nanos: u64) {}
+
     /// The core vCPU of a shadow-paging MMU (its guest-virtual entry points), or `None` if this
     /// MMU does not shadow guest page tables.
     fn shadow_vcpu<'v>(
