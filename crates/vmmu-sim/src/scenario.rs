@@ -225,12 +225,12 @@ impl SimMachine {
         Ok(buf)
     }
 
-    /// Sends a job that answers with `Result<(), String>` and waits for it.
-    fn job(
+    /// Sends a job that answers with `Result<T, String>` to vCPU `vcpu` and waits for it.
+    fn job<T>(
         &self,
         vcpu: u32,
-        make: impl FnOnce(Sender<Result<(), String>>) -> Job,
-    ) -> Result<(), BackendError> {
+        make: impl FnOnce(Sender<Result<T, String>>) -> Job,
+    ) -> Result<T, BackendError> {
         let t = self
             .vcpus
             .get(vcpu as usize)
@@ -275,17 +275,7 @@ impl SimMachine {
         width: Width,
         write: Option<u64>,
     ) -> Result<Access, BackendError> {
-        let t = self
-            .vcpus
-            .get(vcpu as usize)
-            .ok_or_else(|| failed(format!("vCPU {vcpu} does not exist")))?;
-        let (reply, rx) = channel();
-        t.jobs
-            .as_ref()
-            .ok_or_else(|| failed("vCPU thread is gone"))?
-            .send(Job::Access { addr, width: ram_width(width), write, reply })
-            .map_err(|_| failed(format!("vCPU {vcpu}'s thread stopped")))?;
-        rx.recv().map_err(|_| failed(format!("vCPU {vcpu}'s thread stopped")))?.map_err(failed)
+        self.job(vcpu, |reply| Job::Access { addr, width: ram_width(width), write, reply })
     }
 
     /// The first write to a host page (by the host, or by the guest through a writable slot)

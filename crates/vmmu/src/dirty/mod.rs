@@ -296,6 +296,28 @@ pub fn pages_of(bitmap: &[u64]) -> impl Iterator<Item = u64> + '_ {
     })
 }
 
+/// Calls `f` with the gfn of page `offset + b` of `slot` for each set bit `b` of `mask` that
+/// lies in the slot (what every MMU's `WriteProtect::write_protect_masked` walks); returns
+/// whether any call returned true.
+pub(crate) fn any_masked_gfn(
+    slot: &Memslot,
+    offset: u64,
+    mask: u64,
+    mut f: impl FnMut(Gfn) -> bool,
+) -> bool {
+    let mut any = false;
+    let mut m = mask;
+    while m != 0 {
+        let bit = m.trailing_zeros() as u64;
+        m &= m - 1;
+        let index = offset + bit;
+        if index < slot.npages() {
+            any |= f(gfn_of(slot, index));
+        }
+    }
+    any
+}
+
 /// The gfn of page `index` of `slot`.
 #[inline]
 pub(crate) fn gfn_of(slot: &Memslot, index: u64) -> Gfn {

@@ -58,17 +58,9 @@ impl<H: Host> WriteProtect for ShadowProtect<'_, H> {
         offset: u64,
         mask: u64,
     ) -> bool {
-        let mut flush = false;
-        let mut m = mask;
-        while m != 0 {
-            let bit = m.trailing_zeros() as u64;
-            m &= m - 1;
-            let index = offset + bit;
-            if index < slot.npages() {
-                let gfn = crate::dirty::gfn_of(slot, index);
-                flush |= excl.write_protect_gfn(self.core, slot.as_id(), gfn);
-            }
-        }
+        let flush = crate::dirty::any_masked_gfn(slot, offset, mask, |gfn| {
+            excl.write_protect_gfn(self.core, slot.as_id(), gfn)
+        });
         self.core.stats.dirty_log_protected.add(mask.count_ones() as u64);
         flush
     }

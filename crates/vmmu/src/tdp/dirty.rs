@@ -127,16 +127,9 @@ impl<H: Host> WriteProtect for TdpMmu<H> {
         offset: u64,
         mask: u64,
     ) -> bool {
-        let mut flush = false;
-        let mut m = mask;
-        while m != 0 {
-            let bit = m.trailing_zeros() as u64;
-            m &= m - 1;
-            let index = offset + bit;
-            if index < slot.npages() {
-                flush |= self.write_protect_gfn(excl, slot, crate::dirty::gfn_of(slot, index));
-            }
-        }
+        let flush = crate::dirty::any_masked_gfn(slot, offset, mask, |gfn| {
+            self.write_protect_gfn(excl, slot, gfn)
+        });
         self.stats.dirty_log_protected.add(mask.count_ones() as u64);
         flush
     }
