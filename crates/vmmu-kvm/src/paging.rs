@@ -188,7 +188,10 @@ impl Tables {
                 t
             };
         }
-        let mut leaf = op.gpa | P;
+        // Accessed and dirty from the start (bits 5 and 6): under shadow paging KVM maps a read
+        // through a clean guest leaf read-only, so whether a read dirties a logged page would
+        // depend on the MMU; with D set it does as under TDP (the software machine does the same).
+        let mut leaf = op.gpa | P | (1 << 5) | (1 << 6);
         if !op.flags.readonly {
             leaf |= RW;
         }
@@ -263,7 +266,7 @@ mod tests {
         assert_eq!(w.len(), 4, "{w:x?}");
         assert_eq!(w[0], (root(2) + 8 * index(gva, 4), FIRST_FREE | 7));
         assert_eq!(w[1].1, (FIRST_FREE + 0x1000) | 7);
-        assert_eq!(w[3].1, 0x4000_0000 | 7);
+        assert_eq!(w[3].1, 0x4000_0000 | 7 | 0x60, "the leaf is accessed and dirty");
         assert_eq!(t.translate(2, gva + 8, false), Some(0x4000_0008));
         assert_eq!(t.translate(0, gva, false), None);
         // A second page in the same 2 MiB region writes only its leaf.
@@ -277,7 +280,7 @@ mod tests {
         let ro = MapFlags { readonly: true, ..MapFlags::default() };
         let w = t.map(&map(0, 0x80_0000, 0x1_0000_0000, PageSize::Size2M, ro)).unwrap();
         // PD 0 exists already: just the leaf, in PD 0 entry 4.
-        assert_eq!(w, [(root(0) + 0x2000 + 32, 0x1_0000_0000 | P | US | PS)]);
+        assert_eq!(w, [(root(0) + 0x2000 + 32, 0x1_0000_0000 | P | US | PS | 0x60)]);
         assert_eq!(t.translate(0, 0x80_1234, false), Some(0x1_0000_1234));
         assert_eq!(t.translate(0, 0x80_1234, true), None);
         let sup = MapFlags { supervisor: true, ..MapFlags::default() };
@@ -285,7 +288,7 @@ mod tests {
         assert_eq!(t.translate(0, 0x4000_0000, false), None);
         let rsv = MapFlags { reserved: true, ..MapFlags::default() };
         let w = t.map(&map(1, 0x4000_0000, 0x4000_0000, PageSize::Size4K, rsv)).unwrap();
-        assert_eq!(w.last().unwrap().1, 0x4000_0000 | RSVD51 | 7);
+        assert_eq!(w.last().unwrap().1, 0x4000_0000 | RSVD51 | 7 | 0x60);
         assert_eq!(t.translate(1, 0x4000_0000, false), None);
     }
 
@@ -328,7 +331,7 @@ mod tests {
         let gva = 0xc000_0000;
         let w = t.map(&map(5, gva, 0x2_0000_0000, PageSize::Size4K, MapFlags::default())).unwrap();
         // PD 3 entry 0 links a new page table; then the leaf.
-        assert_eq!(w, [(root(5) + 0x4000, FIRST_FREE | 7), (FIRST_FREE, 0x2_0000_0000 | 7)]);
+        assert_eq!(w, [(root(5) + 0x4000, FIRST_FREE | 7), (FIRST_FREE, 0x2_0000_0000 | 7 | 0x60)]);
         assert_eq!(t.translate(5, gva + 4, true), Some(0x2_0000_0004));
         let w = t.map(&map(
             5,
@@ -339,7 +342,7 @@ mod tests {
         ));
         assert_eq!(
             w.unwrap(),
-            [(root(5) + 0x1000 + 32, (0x40_0000_0000 - (2 << 20)) | P | RW | US | PS)]
+            [(root(5) + 0x1000 + 32, (0x40_0000_0000 - (2 << 20)) | P | RW | US | PS | 0x60)]
         );
     }
 }

@@ -153,7 +153,10 @@ impl GuestTables {
             PageSize::Size2M => (2, PS),
         };
         let at = self.entry_gpa(space, gva, level, &mut writes)?;
-        let mut pte = gpa | P | ps;
+        // Accessed and dirty from the start, as the KVM backend's guest writes its leaves: a
+        // read through a clean leaf would map read-only under shadow paging only, and whether a
+        // read dirties a logged page would depend on the MMU.
+        let mut pte = gpa | P | ps | vmmu::guest::pte::A | vmmu::guest::pte::D;
         if !flags.readonly {
             pte |= RW;
         }
@@ -186,13 +189,8 @@ impl GuestTables {
         let root = self.root(0, &mut writes)?;
         self.apply(&writes)?;
         for gpa in (0..limit).step_by(2 << 20) {
-            let mut w = self.map(0, gpa, gpa, PageSize::Size2M, MapFlags::default())?;
-            // Accessed and dirty from the start, as the KVM backend's guest sets them: a read
-            // through a clean leaf would map read-only under shadow paging, and whether a read
-            // dirties a logged page would depend on what the guest wrote before.
-            if let Some(leaf) = w.last_mut() {
-                leaf.1 |= vmmu::guest::pte::A | vmmu::guest::pte::D;
-            }
+            // Accessed and dirty, as every leaf `map` writes.
+            let w = self.map(0, gpa, gpa, PageSize::Size2M, MapFlags::default())?;
             self.apply(&w)?;
         }
         Ok(root)
@@ -212,6 +210,36 @@ impl GuestTables {
         let at = self.entry_gpa(space, gva, level, &mut writes)?;
         writes.push((at, value));
         Ok(writes)
+    }
+
+    /// The guest-physical address a user-mode write to `gva` in `space` would reach, if the
+    /// guest's tables let it through (present, writable and user at every level, no reserved
+    /// bit 51): what the backend needs to model the host side of a guest store.
+    pub fn user_write_target(&self, space: u8, gva: u64) -> Option<u64> {
+        let root = (*self.roots.get(usize::from(space))?)?;
+        let ok = |e: u64| e & (P | RW | US) == (P | RW | US) && e & RSVD51 == 0;
+        let (mut table, top) = match self.paging {
+            Paging::Pae => {
+                let pdpte = self.read(root + 8 * ((gva >> 30) & 3)).ok()?;
+                if pdpte & P == 0 {
+                    return None;
+                }
+                (pdpte & ADDR, 2)
+            }
+            _ => (root, 4),
+        };
+        for l in (1..=top).rev() {
+            let e = self.read(table + 8 * ((gva >> (12 + 9 * (l - 1))) & 511)).ok()?;
+            if !ok(e) {
+                return None;
+            }
+            if l == 1 || (l == 2 && e & PS != 0) {
+                let span = if l == 2 { 2 << 20 } else { 4 << 10 };
+                return Some((e & ADDR & !(span - 1)) | (gva & (span - 1)));
+            }
+            table = e & ADDR;
+        }
+        None
     }
 
     /// The writes of an `unmap` step.

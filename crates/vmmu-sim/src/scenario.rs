@@ -80,6 +80,8 @@ pub struct SimMachine {
     slots: std::collections::BTreeMap<u16, AcceptedSlot>,
     /// The guest's paging mode (accesses name GVAs unless it is off).
     paging: Paging,
+    /// The page-table space each vCPU has loaded (guest paging).
+    spaces: Vec<u8>,
 }
 
 fn ram_width(w: Width) -> RamWidth {
@@ -172,6 +174,7 @@ impl SimMachine {
             tables: None,
             slots: std::collections::BTreeMap::new(),
             paging: vm.paging,
+            spaces: vec![0; vm.vcpus as usize],
         };
         if vm.paging != Paging::Off {
             m.setup_tables(vm.paging)?;
@@ -362,14 +365,22 @@ impl Machine for SimMachine {
     }
 
     fn write(&mut self, op: &WriteOp) -> Result<WriteExit, BackendError> {
-        // A store to RAM of a writable slot: KVM's write fault breaks the zero page first.
-        // (Modelled where the address is a GPA; with guest paging it is a GVA, and only dirty
-        // logs, which paging scenarios do not collect, would show the difference.)
-        let by_gpa = self.paging == Paging::Off;
-        let hit =
-            self.slots.values().filter(|_| by_gpa).find(|s| op.gpa.wrapping_sub(s.gpa) < s.size);
-        if let Some(s) = hit.filter(|s| !s.readonly) {
-            self.first_write(s.uaddr.wrapping_add(op.gpa - s.gpa), u64::from(op.width.bytes()));
+        // A store to RAM of a writable slot: KVM's write fault breaks the zero page first. With
+        // guest paging the address is a GVA: the GPA is where the vCPU's tables send a user
+        // write (none if they refuse it: the store faults and writes nothing).
+        let gpa = match (self.paging, self.tables.as_ref()) {
+            (Paging::Off, _) => Some(op.gpa),
+            (_, Some(t)) => {
+                let space = self.spaces.get(op.vcpu as usize).copied().unwrap_or(0);
+                t.user_write_target(space, op.gpa)
+            }
+            (_, None) => None,
+        };
+        let hit = gpa.and_then(|g| {
+            self.slots.values().find(|s| g.wrapping_sub(s.gpa) < s.size).map(|s| (s, g))
+        });
+        if let Some((s, g)) = hit.filter(|(s, _)| !s.readonly) {
+            self.first_write(s.uaddr.wrapping_add(g - s.gpa), u64::from(op.width.bytes()));
         }
         Ok(match self.on_vcpu(op.vcpu, op.gpa, op.width, Some(op.value))? {
             Access::Ram(_) => WriteExit::None,
@@ -413,7 +424,11 @@ impl Machine for SimMachine {
         if !writes.is_empty() {
             self.guest_writes(writes)?;
         }
-        self.job(op.vcpu, |reply| Job::Cr3 { cr3: root, reply })
+        self.job(op.vcpu, |reply| Job::Cr3 { cr3: root, reply })?;
+        if let Some(s) = self.spaces.get_mut(op.vcpu as usize) {
+            *s = op.space;
+        }
+        Ok(())
     }
 
     fn dirty_log(&mut self, op: &DirtyLogOp) -> Result<DirtyLogResult, BackendError> {
