@@ -48,6 +48,12 @@ pub(crate) struct PrevRoot {
     pub(crate) pfn: Pfn,
 }
 
+impl From<PrevRoot> for ShadowRoot {
+    fn from(p: PrevRoot) -> Self {
+        ShadowRoot::Page { sp: p.sp, pfn: p.pfn, cr3: p.cr3 }
+    }
+}
+
 impl ShadowRoot {
     /// The frame and level the hardware walk starts from.
     pub(crate) fn hw_root(&self) -> (Pfn, Level) {

@@ -115,11 +115,7 @@ impl<H: Host> Vcpu<H> {
             .root
             .take()
             .into_iter()
-            .chain(sv.prev.iter_mut().filter_map(Option::take).map(|p| ShadowRoot::Page {
-                sp: p.sp,
-                pfn: p.pfn,
-                cr3: p.cr3,
-            }))
+            .chain(sv.prev.iter_mut().filter_map(Option::take).map(ShadowRoot::from))
             .collect::<alloc::vec::Vec<_>>();
         self.st.mmio_cache.clear_gva();
         if !roots.is_empty() {
@@ -148,7 +144,7 @@ impl<H: Host> Vcpu<H> {
                 for p in sv.prev.iter_mut() {
                     if p.is_some_and(|p| st.is_obsolete(p.sp)) {
                         if let Some(p) = p.take() {
-                            drop.push(ShadowRoot::Page { sp: p.sp, pfn: p.pfn, cr3: p.cr3 });
+                            drop.push(ShadowRoot::from(p));
                         }
                     }
                 }
@@ -241,11 +237,8 @@ impl<H: Host> Vcpu<H> {
         let (Some(shadow), Some(sv)) = (self.vm.shadow.as_ref(), self.st.shadow.as_ref()) else {
             return Err(ShadowError::NotShadow);
         };
-        let roots = sv.root.into_iter().chain(sv.prev.iter().flatten().map(|p| ShadowRoot::Page {
-            sp: p.sp,
-            pfn: p.pfn,
-            cr3: p.cr3,
-        }));
+        let roots =
+            sv.root.into_iter().chain(sv.prev.iter().flatten().copied().map(ShadowRoot::from));
         shadow.zap_gva(&self.vm.mmu, roots, gva);
         Ok(())
     }
@@ -306,13 +299,13 @@ impl<H: Host + GuestMemory> Vcpu<H> {
                         .collect();
                     while order.len() > NUM_PREV_ROOTS {
                         if let Some(p) = order.pop() {
-                            release.push(ShadowRoot::Page { sp: p.sp, pfn: p.pfn, cr3: p.cr3 });
+                            release.push(ShadowRoot::from(p));
                         }
                     }
                     for (slot, p) in sv.prev.iter_mut().zip(order) {
                         *slot = Some(p);
                     }
-                    sv.root = reused.map(|p| ShadowRoot::Page { sp: p.sp, pfn: p.pfn, cr3: p.cr3 });
+                    sv.root = reused.map(ShadowRoot::from);
                 }
             }
             PagingMode::NonPaging => {}
