@@ -196,24 +196,15 @@ impl<H: Host> Vcpu<H> {
         let mut work = EntryWork::default();
         let pending = self.state().pending();
         if self.vm.shadow.is_some() {
-            let free_obsolete = pending.has(Request::FreeObsoleteRoots);
-            if free_obsolete {
-                self.state().clear(Request::FreeObsoleteRoots);
-            }
-            for r in [Request::TlbFlush, Request::Kick] {
-                if pending.has(r) {
-                    self.state().clear(r);
-                    work.flush_tlb |= r == Request::TlbFlush;
-                }
-            }
+            let free_obsolete = self.take_request(pending, Request::FreeObsoleteRoots);
+            self.take_flush_and_kick(pending, &mut work);
             self.shadow_service(free_obsolete, &mut work)?;
             if work.flush_tlb {
                 self.stats.tlb_flush += 1;
             }
             return Ok(work);
         }
-        if pending.has(Request::FreeObsoleteRoots) {
-            self.state().clear(Request::FreeObsoleteRoots);
+        if self.take_request(pending, Request::FreeObsoleteRoots) {
             // KVM `kvm_mmu_free_obsolete_roots`: pageless roots count as obsolete.
             let stale = self
                 .st
@@ -224,14 +215,7 @@ impl<H: Host> Vcpu<H> {
                 self.drop_root();
             }
         }
-        if pending.has(Request::TlbFlush) {
-            self.state().clear(Request::TlbFlush);
-            work.flush_tlb = true;
-        }
-        if pending.has(Request::Kick) {
-            // Leaving guest mode was the whole point: the read section it held has ended.
-            self.state().clear(Request::Kick);
-        }
+        self.take_flush_and_kick(pending, &mut work);
         if self.st.root.is_none() {
             self.st.root = Some(self.vm.mmu.get_root(self.st.as_id)?);
             self.stats.root_loads += 1;
@@ -241,6 +225,23 @@ impl<H: Host> Vcpu<H> {
             self.stats.tlb_flush += 1;
         }
         Ok(work)
+    }
+
+    /// Clears `r` when the snapshot `pending` holds it; says whether it did.
+    fn take_request(&self, pending: Requests, r: Request) -> bool {
+        let held = pending.has(r);
+        if held {
+            self.state().clear(r);
+        }
+        held
+    }
+
+    /// Clears the TLB-flush and kick requests of the snapshot `pending`: a flush becomes
+    /// `work.flush_tlb`; a kick needs nothing more (leaving guest mode was the whole point: the
+    /// read section it held has ended).
+    fn take_flush_and_kick(&self, pending: Requests, work: &mut EntryWork) {
+        work.flush_tlb |= self.take_request(pending, Request::TlbFlush);
+        self.take_request(pending, Request::Kick);
     }
 
     /// Loads a root without a page-tracking state (KVM's special roots), for tests and models of
