@@ -586,39 +586,16 @@ pub fn shadow_access<M: GuestMmu>(
             }
             _ => v.walk_gva(Gva(gva), need),
         };
-        let mut err = PfErr::USER | if store.is_some() { PfErr::WRITE } else { 0 };
-        match walk {
-            HwWalk::Translated { pfn, perms, .. } => {
-                tlb.0.insert(page, (pfn, perms));
-                let Some(page) = host.ram_page(pfn) else {
-                    return ShadowAccess::Error(format!("{pfn:?} is not RAM"));
-                };
-                let p = page.as_ptr().wrapping_add((gva & 0xfff) as usize);
-                let value = match store {
-                    // SAFETY: `page` is a RAM frame of the host (from `ram_page`), valid while
-                    // the host lives; the access is naturally aligned (the mix makes it so), so
-                    // it stays in the page; buffer memory is only accessed atomically.
-                    Some(val) => unsafe {
-                        ram::store(p, width, val);
-                        val
-                    },
-                    // SAFETY: as for the store.
-                    None => unsafe { ram::load(p, width) },
-                };
-                return ShadowAccess::Ram { hva: Hva(p as u64), value };
-            }
-            HwWalk::Violation { present, .. } => {
-                if present {
-                    err |= PfErr::PRESENT;
-                }
-            }
-            HwWalk::Misconfig { .. } => err |= PfErr::RSVD | PfErr::PRESENT,
-            HwWalk::Broken { dump } => {
-                return ShadowAccess::Error(format!("broken shadow walk {dump:?}"))
-            }
+        if let HwWalk::Translated { pfn, perms, .. } = walk {
+            tlb.0.insert(page, (pfn, perms));
         }
+        let err = match finish_shadow_walk(host, walk, gva, width, store) {
+            Ok(ShadowWalkStep::Ram { hva, value }) => return ShadowAccess::Ram { hva, value },
+            Ok(ShadowWalkStep::Fault(err)) => err,
+            Err(e) => return ShadowAccess::Error(e),
+        };
         v.exit_guest_mode();
-        match v.handle_page_fault(Gva(gva), PfErr(err)) {
+        match v.handle_page_fault(Gva(gva), err) {
             Err(e) => return ShadowAccess::Error(e.to_string()),
             Ok(FaultOutcome::Fixed | FaultOutcome::Spurious | FaultOutcome::Retry(_)) => {}
             Ok(FaultOutcome::GuestPageFault { error_code, .. }) => {
@@ -632,4 +609,61 @@ pub fn shadow_access<M: GuestMmu>(
             Ok(FaultOutcome::Emulate { gpa, .. }) => return ShadowAccess::Mmio(gpa),
         }
     }
+}
+
+/// Where one access's walk of the shadow tables (or its TLB hit) leads before any fault
+/// handling.
+pub(crate) enum ShadowWalkStep {
+    /// Done in RAM at this host address: the value loaded or stored.
+    Ram {
+        /// The host address accessed.
+        hva: Hva,
+        /// The value read or written.
+        value: u64,
+    },
+    /// The walk faulted: the error code the page-fault exit reports.
+    Fault(PfErr),
+}
+
+/// Completes a user-mode access of `width` at `gva` whose shadow walk is `walk`: a translation
+/// is the RAM access itself (the store or load done here); a violation or a misconfiguration
+/// becomes the page-fault error code the hypervisor handles (KVM: a reserved-bit fault is an
+/// MMIO SPTE). Shared by the machine and the scenario backend.
+pub(crate) fn finish_shadow_walk(
+    host: &SimHost,
+    walk: HwWalk,
+    gva: u64,
+    width: Width,
+    store: Option<u64>,
+) -> Result<ShadowWalkStep, String> {
+    let mut err = PfErr::USER | if store.is_some() { PfErr::WRITE } else { 0 };
+    match walk {
+        HwWalk::Translated { pfn, .. } => {
+            if gva % width.bytes() != 0 {
+                return Err(format!("{gva:#x} is not aligned for a {width:?} access"));
+            }
+            let page = host.ram_page(pfn).ok_or_else(|| format!("{pfn:?} is not RAM"))?;
+            let p = page.as_ptr().wrapping_add((gva & 0xfff) as usize);
+            let value = match store {
+                // SAFETY: `page` is a RAM frame of the host (from `ram_page`), valid while the
+                // host lives; the access is naturally aligned (checked above), so it stays in
+                // the page; buffer memory is only accessed atomically.
+                Some(val) => unsafe {
+                    ram::store(p, width, val);
+                    val
+                },
+                // SAFETY: as for the store.
+                None => unsafe { ram::load(p, width) },
+            };
+            return Ok(ShadowWalkStep::Ram { hva: Hva(p as u64), value });
+        }
+        HwWalk::Violation { present, .. } => {
+            if present {
+                err |= PfErr::PRESENT;
+            }
+        }
+        HwWalk::Misconfig { .. } => err |= PfErr::RSVD | PfErr::PRESENT,
+        HwWalk::Broken { dump } => return Err(format!("broken shadow walk {dump:?}")),
+    }
+    Ok(ShadowWalkStep::Fault(PfErr(err)))
 }

@@ -15,13 +15,13 @@
 
 use crate::host::SimHost;
 use crate::hw_vcpu::{Data, HwVcpu};
-use crate::ram::{self, Width as RamWidth};
+use crate::machine_paging::{finish_shadow_walk, ShadowWalkStep};
+use crate::ram::Width as RamWidth;
 use crate::real::{RealMmu, RealVcpu};
 use std::cell::RefCell;
 use std::sync::mpsc::{Receiver, Sender};
-use vmmu::fault::{EmulateSource, FaultOutcome, PfErr};
+use vmmu::fault::{EmulateSource, FaultOutcome};
 use vmmu::guest::{GpteWriteError, GuestCpu, GuestPteMemory, PagingMode, WalkError};
-use vmmu::tdp::HwWalk;
 use vmmu::{Access as Rights, AsId, FaultAccess, Gpa, Gva};
 
 /// What a vCPU thread is asked to do.
@@ -259,33 +259,11 @@ fn shadow_access(
         }
         let walk = v.walk_gva(Gva(gva), need);
         v.exit_guest_mode();
-        let mut err = PfErr::USER | if write.is_some() { PfErr::WRITE } else { 0 };
-        match walk {
-            HwWalk::Translated { pfn, .. } => {
-                let page = host.ram_page(pfn).ok_or_else(|| format!("{pfn:?} is not RAM"))?;
-                let p = page.as_ptr().wrapping_add((gva & 0xfff) as usize);
-                let value = match write {
-                    // SAFETY: `page` is a RAM frame of the host (from `ram_page`), valid while
-                    // the host lives; the access is naturally aligned (the parser checks it), so
-                    // it stays in the page; buffer memory is only accessed atomically.
-                    Some(val) => unsafe {
-                        ram::store(p, width, val);
-                        val
-                    },
-                    // SAFETY: as for the store.
-                    None => unsafe { ram::load(p, width) },
-                };
-                return Ok(Access::Ram(value));
-            }
-            HwWalk::Violation { present, .. } => {
-                if present {
-                    err |= PfErr::PRESENT;
-                }
-            }
-            HwWalk::Misconfig { .. } => err |= PfErr::RSVD | PfErr::PRESENT,
-            HwWalk::Broken { dump } => return Err(format!("broken shadow walk {dump:?}")),
-        }
-        match v.handle_page_fault(Gva(gva), PfErr(err)).map_err(|e| e.to_string())? {
+        let err = match finish_shadow_walk(host, walk, gva, width, write)? {
+            ShadowWalkStep::Ram { value, .. } => return Ok(Access::Ram(value)),
+            ShadowWalkStep::Fault(err) => err,
+        };
+        match v.handle_page_fault(Gva(gva), err).map_err(|e| e.to_string())? {
             FaultOutcome::Fixed | FaultOutcome::Spurious | FaultOutcome::Retry(_) => {}
             FaultOutcome::GuestPageFault { addr, error_code } => {
                 return Ok(Access::PageFault { gva: addr.raw(), error: error_code.0 })
