@@ -118,11 +118,20 @@ pub enum Bug {
     /// a cached writable translation of a page the collection just took, and the write is in no
     /// later collection (a lost dirty page).
     DirtyLogNoFlush = 14,
+    /// Not a KVM fix: undoes vmmu's own check of the fast path's leaf-table cache (issue 17,
+    /// `tdp/walk.rs`): a vCPU reads its cached level-1 table without comparing the table epoch,
+    /// so a table that was unlinked since (a guest remapped the 2 MiB above it, a zap) still
+    /// answers.
+    ///
+    /// Harm: the guest points a page directory entry at a new table that maps a GVA to another
+    /// device; another vCPU's RSVD fault on that GVA is answered from the old table's shadow:
+    /// MMIO at the old device's address.
+    LeafCacheIgnoresEpoch = 15,
 }
 
 impl Bug {
     /// Every bug, in a stable order.
-    pub const ALL: [Bug; 15] = [
+    pub const ALL: [Bug; 16] = [
         Bug::NoSecondIncrement,
         Bug::CacheWhileInProgress,
         Bug::VcpuCacheWithoutGen,
@@ -138,6 +147,7 @@ impl Bug {
         Bug::ShadowTableLeftWritable,
         Bug::TrackWriteKeepsSpte,
         Bug::DirtyLogNoFlush,
+        Bug::LeafCacheIgnoresEpoch,
     ];
 
     /// The bug's command-line name.
@@ -158,6 +168,7 @@ impl Bug {
             Bug::ShadowTableLeftWritable => "shadow-table-left-writable",
             Bug::TrackWriteKeepsSpte => "track-write-keeps-spte",
             Bug::DirtyLogNoFlush => "dirty-log-no-flush",
+            Bug::LeafCacheIgnoresEpoch => "leaf-cache-ignores-epoch",
         }
     }
 

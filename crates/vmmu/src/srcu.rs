@@ -151,8 +151,8 @@ impl core::fmt::Debug for Srcu {
 /// An open read section. Dropping it ends the section.
 #[must_use = "the read section ends when the guard is dropped"]
 pub struct ReadGuard<'a> {
-    srcu: &'a Srcu,
-    index: usize,
+    /// The reader's record (its `state`), found once when the section opened.
+    rec: &'a AtomicU64,
     /// Borrows the reader, so it cannot be given back or moved while the section is open.
     _id: PhantomData<&'a ReaderId>,
 }
@@ -224,16 +224,11 @@ impl Srcu {
         }
     }
 
-    fn record_index(&self, id: &ReaderId) -> usize {
-        let _ = self.record(id);
-        id.index()
-    }
-
+    #[inline]
     fn record(&self, id: &ReaderId) -> &Record {
-        assert!(id.domain == self.domain, "ReaderId {} does not belong to this Srcu", id.index);
         match self.records.get(id.index()) {
-            Some(r) => r,
-            None => panic!("ReaderId {} does not belong to this Srcu", id.index),
+            Some(r) if id.domain == self.domain => r,
+            _ => foreign_reader(id),
         }
     }
 
@@ -261,7 +256,7 @@ impl Srcu {
             // Nested: the outer section's snapshot and fence already cover it.
             rec.store(cur + 1, Ordering::Relaxed);
         }
-        ReadGuard { srcu: self, index: id.index(), _id: PhantomData }
+        ReadGuard { rec, _id: PhantomData }
     }
 
     /// The reader fence (module doc): `SeqCst`, or a compiler fence when the updater fence is
@@ -300,7 +295,7 @@ impl Srcu {
     /// the caller owns it (no guard of that section exists).
     #[inline]
     pub unsafe fn read_unlock_raw(&self, id: &ReaderId) {
-        drop(ReadGuard { srcu: self, index: self.record_index(id), _id: PhantomData });
+        drop(ReadGuard { rec: &self.record(id).state, _id: PhantomData });
     }
 
     /// Waits until every read section that began before this call has ended, using `relax`
@@ -356,7 +351,7 @@ fn began_before(v: u64, target: u64) -> bool {
 impl Drop for ReadGuard<'_> {
     #[inline]
     fn drop(&mut self) {
-        let rec = &self.srcu.records[self.index].state;
+        let rec = self.rec;
         // Relaxed: this thread is the record's only writer.
         let cur = rec.load(Ordering::Relaxed);
         debug_assert!(cur & NEST_MASK != 0, "SRCU record shows no open section");
@@ -365,6 +360,13 @@ impl Drop for ReadGuard<'_> {
         // Acquire (case 2).
         rec.store(new, Ordering::Release);
     }
+}
+
+/// The panic of [`Srcu::record`], out of the read sections' hot path.
+#[cold]
+#[inline(never)]
+fn foreign_reader(id: &ReaderId) -> ! {
+    panic!("ReaderId {} does not belong to this Srcu", id.index)
 }
 
 #[cfg(all(test, not(loom)))]

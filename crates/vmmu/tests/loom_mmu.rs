@@ -272,6 +272,56 @@ fn walk_vs_zap_catches_zapped_spte_is_misconfig() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// (c2) The fast path's leaf-table cache (issue 17, `tdp/walk.rs`) races a zap that unlinks and
+// frees the cached table.
+//
+// Property: the fault ends as Emulate or Retry, and its read of the cached table never touches
+// a freed page (debug and loom builds look the frame up on every hit; the test host counts a
+// lookup of a freed frame). Caught: `leaf-cache-ignores-epoch` (the hit skips the epoch compare
+// and reads the table after the zap freed it).
+// ---------------------------------------------------------------------------------------------
+
+fn leaf_cache_vs_zap(bugs: BugSet) {
+    model(move || {
+        let (vm, host) = vm(bugs);
+        let mut v = vcpu(&vm);
+        let n = vmmu::vcpu::mmio_cache::ENTRIES as u64;
+        for g in X..=X + n {
+            let o = v.handle_ept_violation(gpa(g), FaultAccess::READ).unwrap();
+            assert!(matches!(o, FaultOutcome::Emulate { .. }), "setup: {o:?}");
+        }
+        // X was evicted from the per-vCPU cache: its fast path walks and keeps the level-1
+        // table; it evicts X + 1 in turn, whose fault below then reads that table directly.
+        let o = v.handle_ept_misconfig(gpa(X)).unwrap();
+        assert!(
+            matches!(o, FaultOutcome::Emulate { source: EmulateSource::MmioSpteHit, .. }),
+            "setup: {o:?}"
+        );
+        let t = thread::spawn(move || v.handle_ept_misconfig(gpa(X + 1)));
+        let base = X & !511;
+        vm.zap_gfn_range_for_tests(AsId(0), Gfn(base), Gfn(base + 512));
+        let o = t.join().unwrap();
+        assert!(
+            matches!(o, Ok(FaultOutcome::Emulate { .. } | FaultOutcome::Retry(_))),
+            "VIOLATION: a cached-table read racing a zap ended as {o:?}"
+        );
+        assert_eq!(host.use_after_free(), 0, "VIOLATION: a fast path read a freed table page");
+    });
+}
+
+#[test]
+fn leaf_cache_vs_zap_holds() {
+    leaf_cache_vs_zap(BugSet::NONE);
+}
+
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn leaf_cache_vs_zap_catches_leaf_cache_ignores_epoch() {
+    let b = BugSet::only(vmmu::bugs::Bug::LeafCacheIgnoresEpoch);
+    assert!(violation(leaf_cache_vs_zap, b), "missed leaf-cache-ignores-epoch");
+}
+
+// ---------------------------------------------------------------------------------------------
 // (d) A fault on a root that `zap_all_fast` obsoletes (2021, a955cad84cda "Retry page fault if
 // root is invalidated by memslot update"), and on a root without a page (18c841e1f411 "Retry
 // page fault if MMU reload is pending and root has no sp").

@@ -24,9 +24,11 @@
 //! ```text
 //! G = active.gen;  inactive.gen = G | IN_PROGRESS      (Relaxed: not yet reachable)
 //! active := inactive                                   (Release: publishes maps + gen)
+//! published_gen[as] = G | IN_PROGRESS                  (the mirror `generation()` reads)
 //! srcu.synchronize()                                   (drains readers of the old set)
 //! hooks.memslots_updated(as, G + nr_as)                (MMIO-generation wrap check)
 //! inactive.gen = G + nr_as                             (Release; pairs with readers' Acquire)
+//! published_gen[as] = G + nr_as                        (Release)
 //! old active set gets the same edit                    (no reader can reach it now)
 //! ```
 //! A reader that sees the final generation got the new set: the generation lives in the set,
@@ -57,7 +59,7 @@ use crate::bugs::{Bug, BugSet};
 use crate::dirty::{DirtyBitmap, DirtyLogError, DirtyLogMode};
 use crate::srcu::{ReadGuard, ReaderFences, ReaderId, Srcu, SrcuError};
 use crate::sync::Arc;
-use crate::sync::{AtomicUsize, DefaultRelax, Mutex, Ordering, Relax};
+use crate::sync::{AtomicU64, AtomicUsize, DefaultRelax, Mutex, Ordering, Relax};
 use crate::types::{AsId, Generation, Gfn, SlotId};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -223,6 +225,14 @@ struct SlotsState {
 /// `kvm->memslots`, `kvm->srcu`, `kvm->slots_lock`). `Send + Sync`; readers never block.
 pub struct Memslots {
     cfg: MemslotsConfig,
+    /// The generation of each address space's published set, mirrored in one word per space
+    /// for [`Self::generation`] (the MMIO fast path): two dependent loads from the VM instead of
+    /// four. `swap` stores it right after each store that changes the published set's
+    /// generation (the publication of the in-progress set, then the final generation), so the
+    /// mirror takes the same values in the same order and at most lags the set for the length
+    /// of one store: a reader that sees the older value linearises just before the newer one.
+    /// Release/Acquire as the set's own word; it is read without a read section, like it.
+    published_gen: [AtomicU64; 2],
     srcu: Srcu,
     spaces: Box<[AddressSpace]>,
     slots_lock: Mutex<SlotsState>,
@@ -285,8 +295,10 @@ impl Memslots {
                 }
             })
             .collect();
+        let gen_of = |i: u64| AtomicU64::new(cfg.generation_base + i);
         Ok(Memslots {
             cfg,
+            published_gen: [gen_of(0), gen_of(1)],
             srcu: Srcu::with_fences(cfg.max_readers, fences),
             spaces: spaces.into_boxed_slice(),
             slots_lock: Mutex::new(SlotsState {
@@ -332,11 +344,17 @@ impl Memslots {
     ///
     /// # Panics
     /// If `as_id` is not below the VM's number of address spaces.
+    #[inline]
     pub fn generation(&self, as_id: AsId) -> Generation {
-        // Only the set's atomic generation is read, never its maps, so no read section is
-        // needed. The MMIO fast path relies on this: it compares generations only. Acquire
-        // (here and in `published`): an update that returned before the caller began is seen.
-        self.space(as_id).published().generation()
+        // Only the published generation is read (its mirror, `published_gen`), never a map, so
+        // no read section is needed. The MMIO fast path relies on this: it compares
+        // generations only. Acquire: an update that returned before the caller began is seen.
+        match self.published_gen.get(usize::from(as_id.0)) {
+            Some(g) if as_id.0 < self.cfg.nr_address_spaces => {
+                Generation::from_raw(g.load(Ordering::Acquire))
+            }
+            _ => no_such_space(as_id),
+        }
     }
 
     #[inline]
@@ -607,6 +625,9 @@ impl Memslots {
         }
         // Release: a reader that loads `active` (Acquire) sees the maps and generation above.
         sp.active.store(cur ^ 1, Ordering::Release);
+        // The mirror follows the published set (field doc).
+        let mirror = &self.published_gen[usize::from(as_id.0)];
+        mirror.store(next.generation().raw(), Ordering::Release);
 
         // Every reader that could hold `was_active` has left its section after this.
         self.srcu.synchronize(&HooksRelax(hooks));
@@ -617,6 +638,7 @@ impl Memslots {
             }
             // Release: pairs with `MemslotSet::generation`'s Acquire.
             next.store_generation(final_gen, Ordering::Release);
+            mirror.store(final_gen.raw(), Ordering::Release);
             if hook_after_publish {
                 // Bug (pre-2019): the wrap hook runs after the final generation is visible.
                 hooks.memslots_updated(as_id, final_gen);
@@ -629,6 +651,13 @@ impl Memslots {
         // that could hold it; new readers reach only `next`. We hold the slots lock.
         unsafe { was_active.replace(old, new, bitmap) };
     }
+}
+
+/// The panic of [`Memslots::generation`], out of the fast path.
+#[cold]
+#[inline(never)]
+fn no_such_space(as_id: AsId) -> ! {
+    panic!("address space {} does not exist in this VM", as_id.0)
 }
 
 #[cfg(all(test, not(loom)))]

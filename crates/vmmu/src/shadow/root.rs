@@ -56,6 +56,7 @@ impl From<PrevRoot> for ShadowRoot {
 
 impl ShadowRoot {
     /// The frame and level the hardware walk starts from.
+    #[inline]
     pub(crate) fn hw_root(&self) -> (Pfn, Level) {
         match *self {
             ShadowRoot::Page { pfn, .. } => (pfn, Level::L4),

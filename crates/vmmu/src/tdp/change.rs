@@ -64,6 +64,11 @@ impl<H: Host> TdpMmu<H> {
             return FlushNeed::NotNeeded;
         }
         let fmt = self.cfg.format;
+        if SpteFormat::is_mmu_present(old) && !fmt.is_leaf(old, level) {
+            // A table link changed (unlinked or replaced): after the store, so a leaf-table cache
+            // fill that sees this bump walks after the change (`walk.rs`).
+            self.table_epoch.fetch_add(1, Ordering::Release);
+        }
         let was_leaf = SpteFormat::is_mmu_present(old) && fmt.is_leaf(old, level);
         let is_leaf = SpteFormat::is_mmu_present(new) && fmt.is_leaf(new, level);
         if was_leaf {

@@ -31,6 +31,7 @@ pub use crate::invalidate::Invalidation;
 pub use crate::spte::SpteDump;
 pub use map::{LeafSpec, MapOutcome};
 pub use walk::{hw_walk, HwWalk, LocklessWalk};
+pub(crate) use walk::{CachedWalk, LeafTableCache};
 
 use crate::bugs::BugSet;
 use crate::host::{Host, TableEntries};
@@ -93,6 +94,12 @@ pub struct TdpMmu<H: Host> {
     pub(crate) mmu_lock: MmuLock,
     /// Read sections of lockless walkers (rule 2).
     pub(crate) table_srcu: Srcu,
+    /// The table epoch of the vCPUs' leaf-table caches (`walk.rs`): bumped (Release) after every
+    /// change of an entry that linked a table and whenever table pages are queued for freeing,
+    /// so before the grace period that frees them. Read (Acquire) by the fast path inside its
+    /// table read section. Written only by zaps and faults that replace a table link, so vCPUs
+    /// that only read it share its cache line without traffic.
+    pub(crate) table_epoch: crate::sync::AtomicU64,
     /// Unlinked table pages waiting for a grace period (rule 3).
     pending_free: Mutex<Vec<Pfn>>,
     /// Host invalidations in flight (KVM's MMU-notifier sequence and range).
@@ -124,6 +131,7 @@ impl<H: Host> TdpMmu<H> {
             // One reader record per vCPU, plus one for the VMM's own lockless reads (tests).
             table_srcu: Srcu::with_fences(cfg.max_vcpus + 1, fences),
             pending_free: Mutex::new(Vec::new()),
+            table_epoch: crate::sync::AtomicU64::new(0),
             inval: Invalidation::new(),
             vcpus: vcpus.into_boxed_slice(),
             vcpu_taken: taken.into_boxed_slice(),
@@ -219,6 +227,9 @@ impl<H: Host> TdpMmu<H> {
     /// Queues unlinked table pages for freeing after a grace period (rule 3).
     pub(crate) fn defer_free(&self, pages: &mut Vec<Pfn>) {
         if !pages.is_empty() {
+            // Before the grace period that frees them: no leaf-table cache hit reads these pages
+            // from a section the grace period does not wait for (`walk.rs`).
+            self.table_epoch.fetch_add(1, crate::sync::Ordering::Release);
             self.pending_free.lock().append(pages);
         }
     }

@@ -6,12 +6,38 @@
 //! Both read entries with Acquire loads (pairing with the Release of the compare-and-swap that
 //! linked a table, rule 5 of [`crate::tdp`]) and must run inside a `table_srcu` read section of the
 //! walking vCPU, so no page they reach is freed under them (rule 2/3).
+//!
+//! # The leaf-table cache (issue 17 target 2, issue 13 point 12)
+//! A vCPU's fast path remembers the last level-1 table its lockless walk reached
+//! ([`LeafTableCache`]: the root, which 2 MiB of the address space, the table's frame, and the
+//! MMU's *table epoch* when the walk began). The next RSVD fault in the same 2 MiB under the same
+//! root reads the entry of that table instead of walking from the root, if the epoch is
+//! unchanged. The epoch ([`TdpMmu::table_epoch`]) is bumped after every change of an entry that
+//! linked a table (unlink, or replacement: `change.rs`) and when table pages are queued for
+//! freeing (`defer_free`), before any grace period that frees them. Why a hit is right:
+//! - *the page is live*: a hit reads the epoch inside the vCPU's table read section and finds
+//!   the value of before the bump; had its section begun after the grace period that precedes the
+//!   free, it would see every store made before that grace period, the bump included. So the
+//!   grace period waits for the section, and the frame stays allocated while it is read;
+//! - *the path is current*: the fill loads the epoch (Acquire) *before* it walks, and the bump
+//!   follows the unlink in program order (Release); a fill that saw the bump therefore walks
+//!   after the unlink and cannot reach the unlinked table. A path that changes after the fill
+//!   bumps the epoch past the cached value, and the next hit misses;
+//! - an entry read through a hit races with a concurrent unlink exactly as an entry read by a
+//!   whole walk does: the fault linearises before the change.
+//!
+//! Only MMIO SPTEs are answered from a hit; anything else found there walks again from the root,
+//! so errors (with their full dumps), retries and re-injected bugs behave as without the cache.
+//! There is nothing to clear on a root change: the root is part of the key, and a freed root's
+//! frame can come back only after the bump of its `defer_free`.
 
 use super::TdpMmu;
-use crate::host::{FrameAllocator, Host};
+use crate::bugs::{Bug, BugSet};
+use crate::host::{FrameAllocator, Host, TableEntries};
 use crate::spte::{HwEntry, RsvdReason, SpteDump, SpteFormat};
 use crate::sync::Ordering;
 use crate::types::{Access, Gfn, Level, Pfn};
+use core::ptr::NonNull;
 
 /// What the MMU's lockless walk found.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -42,12 +68,136 @@ pub enum LocklessWalk {
     },
 }
 
+/// What [`TdpMmu::walk_lockless_cached`] found.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum CachedWalk {
+    /// An MMIO SPTE (of any generation: the caller checks it).
+    Mmio(u64),
+    /// Anything else, from a whole walk.
+    Walked(LocklessWalk),
+}
+
+/// A vCPU's last level-1 table of its lockless walks (see the module doc). Owned by the vCPU.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct LeafTableCache {
+    entry: Option<LeafTable>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct LeafTable {
+    root: Pfn,
+    /// `gfn >> 9`: the 2 MiB of address space the table maps.
+    region: u64,
+    /// The table's entries, as the host's frame table gave them at the fill (valid until the
+    /// host frees the frame, which the epoch check rules out: module doc).
+    table: NonNull<TableEntries>,
+    /// Its frame: debug and loom builds ask the host on every hit whether it is still a live table (the
+    /// test host counts a lookup of a freed frame as a use after free).
+    #[cfg(any(debug_assertions, loom))]
+    pfn: Pfn,
+    epoch: u64,
+}
+
+// SAFETY: the pointer is dereferenced only by the owning vCPU's fast path, under the epoch check
+// of the module doc, and points to atomics (`Sync`); moving the cache to another thread moves
+// that right with the vCPU.
+unsafe impl Send for LeafTableCache {}
+
+impl LeafTableCache {
+    #[inline]
+    fn lookup(
+        &self,
+        root: Pfn,
+        gfn: Gfn,
+        epoch: u64,
+        bugs: BugSet,
+        #[cfg_attr(not(any(debug_assertions, loom)), allow(unused_variables))]
+        host: &impl FrameAllocator,
+    ) -> Option<NonNull<TableEntries>> {
+        match self.entry {
+            Some(e)
+                if e.root == root
+                    && e.region == gfn.raw() >> 9
+                    && (e.epoch == epoch || bugs.has(Bug::LeafCacheIgnoresEpoch)) =>
+            {
+                #[cfg(any(debug_assertions, loom))]
+                let _ = host.table(e.pfn);
+                Some(e.table)
+            }
+            _ => None,
+        }
+    }
+}
+
 impl<H: Host> TdpMmu<H> {
+    /// The lockless walk through the vCPU's leaf-table cache: an MMIO SPTE in the cached level-1
+    /// table is the answer ([`CachedWalk::Mmio`], no dump built); anything else is a whole
+    /// [`Self::walk_lockless`], which refills the cache. Same contract as `walk_lockless`.
+    #[inline]
+    pub(crate) fn walk_lockless_cached(
+        &self,
+        cache: &mut LeafTableCache,
+        root_pfn: Pfn,
+        root_level: Level,
+        gfn: Gfn,
+    ) -> CachedWalk {
+        // Acquire: pairs with the Release bump after an unlink (module doc: the fill walks after
+        // any unlink whose bump it saw).
+        let epoch = self.table_epoch.load(Ordering::Acquire);
+        if let Some(table) = cache.lookup(root_pfn, gfn, epoch, self.cfg.bugs, &*self.host) {
+            // SAFETY: the caller holds a table read section and `epoch`, read inside it, equals
+            // the epoch of the fill: the table was not unlinked or queued for freeing before the
+            // section began, so the grace period before its free waits for this section and the
+            // host's pointer stays valid (`FrameAllocator::table`; module doc).
+            let table = unsafe { table.as_ref() };
+            let spte = table[Level::L4K.index(gfn)].load(Ordering::Acquire);
+            if self.cfg.codec.is_mmio(spte) {
+                return CachedWalk::Mmio(spte);
+            }
+        }
+        self.walk_and_fill(cache, root_pfn, root_level, gfn, epoch)
+    }
+
+    /// The miss side of [`Self::walk_lockless_cached`], out of line.
+    #[inline(never)]
+    fn walk_and_fill(
+        &self,
+        cache: &mut LeafTableCache,
+        root_pfn: Pfn,
+        root_level: Level,
+        gfn: Gfn,
+        epoch: u64,
+    ) -> CachedWalk {
+        let (walk, leaf_table) = self.walk_lockless(root_pfn, root_level, gfn);
+        cache.entry = leaf_table.and_then(|pfn| {
+            self.host.table(pfn).map(|table| LeafTable {
+                root: root_pfn,
+                region: gfn.raw() >> 9,
+                table,
+                #[cfg(any(debug_assertions, loom))]
+                pfn,
+                epoch,
+            })
+        });
+        match walk {
+            LocklessWalk::Leaf { leaf, .. } if self.cfg.codec.is_mmio(leaf) => {
+                CachedWalk::Mmio(leaf)
+            }
+            w => CachedWalk::Walked(w),
+        }
+    }
+
     /// The lockless walk of KVM's `get_mmio_spte`: root to leaf for `gfn`, checking reserved bits
     /// on every MMU-present entry (a non-present leaf, which includes MMIO SPTEs, is not checked).
     ///
     /// The caller holds a `table_srcu` read section and holds `root_pfn` as its current root.
-    pub(crate) fn walk_lockless(&self, root_pfn: Pfn, root_level: Level, gfn: Gfn) -> LocklessWalk {
+    /// Also returns the level-1 table the walk read its last entry from, if it got that far.
+    fn walk_lockless(
+        &self,
+        root_pfn: Pfn,
+        root_level: Level,
+        gfn: Gfn,
+    ) -> (LocklessWalk, Option<Pfn>) {
         let fmt = self.cfg.format;
         let mut dump = SpteDump::default();
         let mut pfn = root_pfn;
@@ -55,25 +205,26 @@ impl<H: Host> TdpMmu<H> {
         loop {
             // SAFETY: reached from the caller's root inside its table read section (see above).
             let Some(table) = (unsafe { self.table(pfn) }) else {
-                return LocklessWalk::Broken { dump };
+                return (LocklessWalk::Broken { dump }, None);
             };
             let spte = table[level.index(gfn)].load(Ordering::Acquire);
             dump.push(level, spte);
+            let leaf_table = (level == Level::L4K).then_some(pfn);
             if !SpteFormat::is_mmu_present(spte) {
-                return LocklessWalk::Leaf { leaf: spte, level, dump };
+                return (LocklessWalk::Leaf { leaf: spte, level, dump }, leaf_table);
             }
             if let Some(reason) = fmt.has_reserved_bits(spte, level) {
-                return LocklessWalk::Reserved { level, reason, dump };
+                return (LocklessWalk::Reserved { level, reason, dump }, None);
             }
             if fmt.is_leaf(spte, level) {
-                return LocklessWalk::Leaf { leaf: spte, level, dump };
+                return (LocklessWalk::Leaf { leaf: spte, level, dump }, leaf_table);
             }
             match level.lower() {
                 Some(l) => {
                     pfn = fmt.pfn(spte);
                     level = l;
                 }
-                None => return LocklessWalk::Leaf { leaf: spte, level, dump },
+                None => return (LocklessWalk::Leaf { leaf: spte, level, dump }, leaf_table),
             }
         }
     }

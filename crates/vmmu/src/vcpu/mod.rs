@@ -114,6 +114,8 @@ pub(crate) struct VcpuMmu {
     as_id: AsId,
     root: Option<Arc<Root>>,
     mmio_cache: MmioInfoCache,
+    /// The last level-1 table of the fast path's lockless walks (`tdp/walk.rs`).
+    leaf_tables: crate::tdp::LeafTableCache,
     slot_cache: SlotCache,
     /// In guest mode through [`Vcpu::enter_guest_mode`] (holding a raw table read section).
     in_guest: bool,
@@ -136,6 +138,7 @@ impl<H: Host> Vcpu<H> {
             as_id: AsId(0),
             root: None,
             mmio_cache: MmioInfoCache::new(),
+            leaf_tables: Default::default(),
             slot_cache: SlotCache::default(),
             in_guest: false,
             shadow: vm.shadow.is_some().then(shadow_path::ShadowVcpu::new),

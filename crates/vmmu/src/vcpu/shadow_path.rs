@@ -33,7 +33,7 @@ use crate::shadow::{
 };
 use crate::spte::SpteFormat;
 use crate::stats::{RetryCause, VcpuStats};
-use crate::tdp::{hw_walk, HwWalk, LocklessWalk};
+use crate::tdp::{hw_walk, CachedWalk, HwWalk, LocklessWalk};
 use crate::types::{Access, Gfn, Gpa, Gva, Level, Pfn};
 
 /// The number of previous roots kept (KVM `KVM_MMU_NUM_PREV_ROOTS`).
@@ -348,23 +348,32 @@ impl<H: Host + GuestMemory> Vcpu<H> {
         } else {
             self.stats.violation_exits += 1;
         }
-        let Some(root) = self.st.shadow.as_ref().and_then(|s| s.root) else {
+        // Only the frame and level of the root, read in place: the fast path copies no
+        // `ShadowRoot` (a copy of it cost a store-forwarding stall of about 5 ns per fault).
+        let Some((root_pfn, root_level)) =
+            self.st.shadow.as_ref().and_then(|s| s.root.as_ref()).map(ShadowRoot::hw_root)
+        else {
             return Ok(retry(&mut self.stats, RetryCause::NoRoot));
         };
         let mut err = err;
         if err.rsvd() {
-            if let Some(o) = self.shadow_mmio_fast(root, gva, err)? {
+            if let Some(o) = self.shadow_mmio_fast(root_pfn, root_level, gva, err)? {
                 return Ok(o);
             }
             err = PfErr(err.0 & !PfErr::RSVD);
         }
+        let Some(root) = self.st.shadow.as_ref().and_then(|s| s.root) else {
+            return Ok(retry(&mut self.stats, RetryCause::NoRoot));
+        };
         self.shadow_slow(root, gva, err)
     }
 
     /// KVM `handle_mmio_page_fault` under shadow paging. `None`: take the slow path.
+    #[inline]
     fn shadow_mmio_fast(
         &mut self,
-        root: ShadowRoot,
+        pfn: Pfn,
+        level: Level,
         gva: Gva,
         err: PfErr,
     ) -> Result<Option<FaultOutcome>, FaultError> {
@@ -387,56 +396,38 @@ impl<H: Host + GuestMemory> Vcpu<H> {
                 }));
             }
         }
-        let (pfn, level) = root.hw_root();
         let walk = {
             let _t = vm.mmu.table_srcu.read_lock(&readers.table);
-            vm.mmu.walk_lockless(pfn, level, Gfn(gva.raw() >> 12))
+            vm.mmu.walk_lockless_cached(&mut st.leaf_tables, pfn, level, Gfn(gva.raw() >> 12))
         };
-        match walk {
-            LocklessWalk::Reserved { level, reason, dump } => {
-                Err(FaultError::Misconfig { gpa: Gpa(gva.raw()), level: level.get(), reason, dump })
-            }
-            LocklessWalk::Broken { dump } => {
-                Err(FaultError::Internal { gpa: Gpa(gva.raw()), dump })
-            }
-            LocklessWalk::Leaf { leaf, .. } if codec.is_mmio(leaf) => {
-                let fresh = bugs.has(Bug::MmioSpteIgnoresGen)
-                    || (!gen.in_progress() && codec.generation_bits(leaf) == gen.mmio_bits());
-                if !fresh {
-                    stats.stale_gen_misses += 1;
-                    return Ok(None);
-                }
-                let gfn = codec.gfn(leaf);
-                let access = codec.access(leaf);
-                if !access.contains(need) {
-                    // The guest's rights recorded in the SPTE do not cover the access (a write
-                    // to a read-only or clean mapping, a user access to a supervisor one): the
-                    // guest walk decides (a #PF, or new rights after setting the dirty bit), as
-                    // KVM's emulator does with `permission_fault` on the cached access.
-                    return Ok(None);
-                }
-                st.mmio_cache.fill(cache_gva, gfn, access, gen, bugs);
-                stats.mmio_spte_hits += 1;
-                stats.pf_fast += 1;
-                let gpa = Gpa(gfn.gpa().raw() | gva.page_offset());
-                Ok(Some(FaultOutcome::Emulate { gpa, access, source: EmulateSource::MmioSpteHit }))
-            }
-            LocklessWalk::Leaf { leaf, level, dump } => {
-                if bugs.has(Bug::ZappedSpteIsMisconfig) && !SpteFormat::is_mmu_present(leaf) {
-                    return Err(FaultError::Misconfig {
-                        gpa: Gpa(gva.raw()),
-                        level: level.get(),
-                        reason: crate::spte::RsvdReason::ReservedBit { bit: 0, level: level.get() },
-                        dump,
-                    });
-                }
-                // Zapped under the walk (or fixed meanwhile): let the CPU fault again.
-                Ok(Some(retry(stats, RetryCause::ZappedUnderWalk)))
-            }
+        let leaf = match walk {
+            CachedWalk::Mmio(leaf) => leaf,
+            CachedWalk::Walked(w) => return shadow_not_mmio(stats, bugs, gva, w),
+        };
+        let fresh = bugs.has(Bug::MmioSpteIgnoresGen)
+            || (!gen.in_progress() && codec.generation_bits(leaf) == gen.mmio_bits());
+        if !fresh {
+            stats.stale_gen_misses += 1;
+            return Ok(None);
         }
+        let gfn = codec.gfn(leaf);
+        let access = codec.access(leaf);
+        if !access.contains(need) {
+            // The guest's rights recorded in the SPTE do not cover the access (a write to a
+            // read-only or clean mapping, a user access to a supervisor one): the guest walk
+            // decides (a #PF, or new rights after setting the dirty bit), as KVM's emulator does
+            // with `permission_fault` on the cached access.
+            return Ok(None);
+        }
+        st.mmio_cache.fill(cache_gva, gfn, access, gen, bugs);
+        stats.mmio_spte_hits += 1;
+        stats.pf_fast += 1;
+        let gpa = Gpa(gfn.gpa().raw() | gva.page_offset());
+        Ok(Some(FaultOutcome::Emulate { gpa, access, source: EmulateSource::MmioSpteHit }))
     }
 
     /// KVM `FNAME(page_fault)`.
+    #[inline(never)]
     fn shadow_slow(
         &mut self,
         root: ShadowRoot,
@@ -581,5 +572,34 @@ impl<H: Host + GuestMemory> Vcpu<H> {
             FetchOutcome::Retry(cause) => retry(stats, cause),
             FetchOutcome::OutOfMemory => return Err(FaultError::OutOfMemory(walk.gpa)),
         })
+    }
+}
+
+/// The shadow fast path's walk found no MMIO SPTE: a genuine misconfiguration, a host
+/// inconsistency, or an entry zapped or fixed under the walk (Retry, never an error: 2011).
+#[cold]
+fn shadow_not_mmio(
+    stats: &mut VcpuStats,
+    bugs: crate::bugs::BugSet,
+    gva: Gva,
+    walk: LocklessWalk,
+) -> Result<Option<FaultOutcome>, FaultError> {
+    match walk {
+        LocklessWalk::Reserved { level, reason, dump } => {
+            Err(FaultError::Misconfig { gpa: Gpa(gva.raw()), level: level.get(), reason, dump })
+        }
+        LocklessWalk::Broken { dump } => Err(FaultError::Internal { gpa: Gpa(gva.raw()), dump }),
+        LocklessWalk::Leaf { leaf, level, dump } => {
+            if bugs.has(Bug::ZappedSpteIsMisconfig) && !SpteFormat::is_mmu_present(leaf) {
+                return Err(FaultError::Misconfig {
+                    gpa: Gpa(gva.raw()),
+                    level: level.get(),
+                    reason: crate::spte::RsvdReason::ReservedBit { bit: 0, level: level.get() },
+                    dump,
+                });
+            }
+            // Zapped under the walk (or fixed meanwhile): let the CPU fault again.
+            Ok(Some(retry(stats, RetryCause::ZappedUnderWalk)))
+        }
     }
 }

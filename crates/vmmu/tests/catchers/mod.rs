@@ -100,6 +100,7 @@ pub fn catcher(bug: Bug) -> Catcher {
             Catcher::Harm(shadow::catch_stale_shadow_after_table_write)
         }
         Bug::DirtyLogNoFlush => Catcher::Harm(catch_dirty_log_no_flush),
+        Bug::LeafCacheIgnoresEpoch => Catcher::Harm(shadow::catch_leaf_cache_ignores_epoch),
     }
 }
 

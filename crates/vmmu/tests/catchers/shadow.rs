@@ -81,3 +81,50 @@ pub fn catch_stale_shadow_after_table_write(bugs: BugSet) -> Option<Harm> {
         seen: format!("{seen:?}: the shadow kept the old guest entry"),
     })
 }
+
+/// Two vCPUs in space A, where the 2 MiB at R is mapped by guest table T1: X1 -> device page 0,
+/// X2 -> device page 1. vCPU 1 reads X1 and X2 (the slow path installs their MMIO SPTEs); vCPU 0
+/// reads X1, an RSVD fault whose fast path walks the shadow and keeps T1's shadow page as its
+/// last level-1 table. vCPU 1 then points R's page-directory entry at a new table T2 that maps
+/// X2 to device page 5 (a write-protection exit, emulated and reported), invalidates X2 on both
+/// vCPUs, and reads X2 (its slow path shadows T2). vCPU 0 reads X2: the hardware finds the MMIO
+/// SPTE for page 5 and exits with RSVD.
+///
+/// Harm: vCPU 0's fast path answers from T1's shadow page, still alive but unlinked: MMIO at
+/// device page 1, the device the guest unmapped.
+pub fn catch_leaf_cache_ignores_epoch(bugs: BugSet) -> Option<Harm> {
+    const R: u64 = 0x4000_0000;
+    const X1: u64 = R + 0x1000;
+    const X2: u64 = R + 0x2000;
+    const T: u64 = 0x5000_0000;
+    let (vm, host, next) = shadow_vm(bugs);
+    let a = Space::new(&host, &next);
+    a.map4k(X1, MMIO_GPA, P | RW | US);
+    a.map4k(X2, MMIO_GPA + 0x1000, P | RW | US);
+    let pde = a.entry_gpa(R, 2);
+    a.map4k(T, pde & !0xfff, P | RW | US);
+    // T2, written before the guest links it (as an OS fills a table before it points at it).
+    let t2 = next.get();
+    next.set(t2 + 0x1000);
+    host.write_u64(RAM_HVA + t2 + ((X2 >> 12) & 511) * 8, (MMIO_GPA + 0x5000) | P | RW | US);
+
+    let mut v0 = vcpu_in(&vm, long4(a.cr3));
+    let mut v1 = vcpu_in(&vm, long4(a.cr3));
+    for x in [X1, X2] {
+        assert!(matches!(access(&mut v1, x, false), Seen::Mmio(..)), "setup: {x:#x} is MMIO");
+    }
+    let seen = access(&mut v0, X1, false);
+    assert_eq!(seen, Seen::Mmio(Gpa(MMIO_GPA), EmulateSource::MmioSpteHit), "setup: fast path");
+
+    guest_store(&mut v1, &host, T + (pde & 0xfff), pde, t2 | P | RW | US);
+    v1.invlpg(Gva(X2)).unwrap();
+    v0.invlpg(Gva(X2)).unwrap();
+    let page5 = Gpa(MMIO_GPA + 0x5000);
+    assert!(matches!(access(&mut v1, X2, false), Seen::Mmio(g, _) if g == page5), "setup: T2");
+    let seen = access(&mut v0, X2, false);
+    (!matches!(seen, Seen::Mmio(g, _) if g == page5)).then(|| Harm {
+        gpa: page5.raw(),
+        expected: format!("MMIO at {page5:?}: the guest's new table T2 maps GVA {X2:#x} there"),
+        seen: format!("{seen:?}, from the unlinked shadow of the old table T1"),
+    })
+}
