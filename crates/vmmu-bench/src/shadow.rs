@@ -182,8 +182,8 @@ pub fn measure(batches: usize) -> Result<ShadowNumbers, BenchError> {
     let mut next = GVAS - 1;
     let (h0, c0) = (on.stats.mmio_spte_hits, on.stats.mmio_cache_hits);
     let spte = per_call(batches, BATCH, || {
-        next = (next + 1) % GVAS;
-        let _ = black_box(on.handle_page_fault(black_box(gva(next)), PfErr(RSVD)));
+        next = crate::cycle_next(next, GVAS);
+        black_box(crate::emulated_gpa(on.handle_page_fault(black_box(gva(next)), PfErr(RSVD))));
     });
     all_took("MMIO SPTE hit", h0, on.stats.mmio_spte_hits, calls)?;
     if on.stats.mmio_cache_hits != c0 {
@@ -195,7 +195,7 @@ pub fn measure(batches: usize) -> Result<ShadowNumbers, BenchError> {
     expect(&mut on, gva(0), RSVD, mmio_gpa(0), EmulateSource::VcpuCacheHit)?;
     let c0 = on.stats.mmio_cache_hits;
     let cache = per_call(batches, BATCH, || {
-        let _ = black_box(on.handle_page_fault(black_box(gva(0)), PfErr(RSVD)));
+        black_box(crate::emulated_gpa(on.handle_page_fault(black_box(gva(0)), PfErr(RSVD))));
     });
     all_took("GVA cache hit", c0, on.stats.mmio_cache_hits, calls)?;
 
@@ -212,7 +212,7 @@ pub fn measure(batches: usize) -> Result<ShadowNumbers, BenchError> {
     let uncached = per_call(batches, BATCH, || {
         flip = !flip;
         let g = gva(usize::from(flip));
-        let _ = black_box(off.handle_page_fault(black_box(g), PfErr(PfErr::USER)));
+        black_box(crate::emulated_gpa(off.handle_page_fault(black_box(g), PfErr(PfErr::USER))));
     });
     all_took("uncached (slow path MMIO)", s0, off.stats.slow_path_mmio, calls)?;
     all_took("uncached (faults taken)", t0, off.stats.pf_taken, calls)?;
