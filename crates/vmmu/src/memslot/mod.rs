@@ -689,6 +689,38 @@ mod tests {
         assert_eq!(m.nr_memslot_pages(), 0);
     }
 
+    /// The mirror `generation()` reads takes the published set's values: in progress while the
+    /// wrap hook runs (between the grace period and the final store), final after the update.
+    #[test]
+    fn the_generation_mirror_follows_the_published_set() {
+        struct Probe<'a> {
+            m: &'a Memslots,
+            r: &'a ReaderId,
+            seen: core::cell::RefCell<Vec<(Generation, Generation)>>,
+        }
+        impl MemslotHooks for Probe<'_> {
+            fn flush_slot(&self, _old: &Memslot) {}
+            fn memslots_updated(&self, as_id: AsId, _new_gen: Generation) {
+                let published = self.m.read(self.r).set(as_id).generation();
+                self.seen.borrow_mut().push((self.m.generation(as_id), published));
+            }
+        }
+        let m = Memslots::new(MemslotsConfig::default());
+        let r = m.register_reader().unwrap();
+        let probe = Probe { m: &m, r: &r, seen: Default::default() };
+        let create = UserspaceMemoryRegion::new(1, 0, 0x10_0000, 0x4000, 0x7000_0000);
+        m.set_memory_region(&create, &probe).unwrap();
+        m.set_memory_region(&UserspaceMemoryRegion::new(1, 0, 0, 0, 0), &probe).unwrap();
+        let seen = probe.seen.into_inner();
+        assert_eq!(seen.len(), 3, "create: one swap; delete: two");
+        for (mirror, published) in seen {
+            assert!(mirror.in_progress(), "{mirror:?} during the update");
+            assert_eq!(mirror, published);
+        }
+        assert_eq!(m.generation(AsId(0)), m.read(&r).set(AsId(0)).generation());
+        assert!(!m.generation(AsId(0)).in_progress());
+    }
+
     #[test]
     fn both_buffers_stay_in_step() {
         let m = Memslots::new(MemslotsConfig { nr_address_spaces: 1, ..Default::default() });
