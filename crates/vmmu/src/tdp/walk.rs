@@ -12,7 +12,8 @@
 //! ([`LeafTableCache`]: the root, which 2 MiB of the address space, the table's frame, and the
 //! MMU's *table epoch* when the walk began). The next RSVD fault in the same 2 MiB under the same
 //! root reads the entry of that table instead of walking from the root, if the epoch is
-//! unchanged. The epoch ([`TdpMmu::table_epoch`]) is bumped after every change of an entry that
+//! unchanged. Seven earlier tables are kept as spares, looked at only when the last one does not
+//! match (a guest's devices often sit in different 2 MiB). The epoch ([`TdpMmu::table_epoch`]) is bumped after every change of an entry that
 //! linked a table (unlink, or replacement: `change.rs`) and when table pages are queued for
 //! freeing (`defer_free`), before any grace period that frees them. Why a hit is right:
 //! - *the page is live*: a hit reads the epoch inside the vCPU's table read section and finds
@@ -77,10 +78,19 @@ pub(crate) enum CachedWalk {
     Walked(LocklessWalk),
 }
 
-/// A vCPU's last level-1 table of its lockless walks (see the module doc). Owned by the vCPU.
+/// Level-1 tables a vCPU remembers besides the one it used last: a guest drives several devices
+/// (a register page, a BAR, a doorbell), often in different 2 MiB.
+const SPARE_TABLES: usize = 7;
+
+/// A vCPU's last level-1 tables of its lockless walks (see the module doc). Owned by the vCPU.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct LeafTableCache {
+    /// The table used last: the only one the inline hit path looks at.
     entry: Option<LeafTable>,
+    /// Earlier ones, looked at by the out-of-line miss path before it walks: a hit there
+    /// swaps with `entry`. Replaced round robin.
+    spare: [Option<LeafTable>; SPARE_TABLES],
+    spare_next: u8,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -111,10 +121,23 @@ impl LeafTableCache {
         gfn: Gfn,
         epoch: u64,
         bugs: BugSet,
+        host: &impl FrameAllocator,
+    ) -> Option<NonNull<TableEntries>> {
+        Self::valid(self.entry, root, gfn, epoch, bugs, host)
+    }
+
+    /// `e`'s table if `e` holds `gfn`'s 2 MiB under `root` at `epoch`.
+    #[inline]
+    fn valid(
+        e: Option<LeafTable>,
+        root: Pfn,
+        gfn: Gfn,
+        epoch: u64,
+        bugs: BugSet,
         #[cfg_attr(not(any(debug_assertions, loom)), allow(unused_variables))]
         host: &impl FrameAllocator,
     ) -> Option<NonNull<TableEntries>> {
-        match self.entry {
+        match e {
             Some(e)
                 if e.root == root
                     && e.region == gfn.raw() >> 9
@@ -126,6 +149,37 @@ impl LeafTableCache {
             }
             _ => None,
         }
+    }
+
+    /// The miss path: a spare that holds `gfn`'s 2 MiB becomes the entry used last (swapping
+    /// places with it).
+    fn promote_spare(
+        &mut self,
+        root: Pfn,
+        gfn: Gfn,
+        epoch: u64,
+        bugs: BugSet,
+        host: &impl FrameAllocator,
+    ) -> Option<NonNull<TableEntries>> {
+        let i = self
+            .spare
+            .iter()
+            .position(|&e| Self::valid(e, root, gfn, epoch, bugs, host).is_some())?;
+        core::mem::swap(&mut self.entry, &mut self.spare[i]);
+        Self::valid(self.entry, root, gfn, epoch, bugs, host)
+    }
+
+    /// Makes `t` the entry used last; the one it replaces becomes a spare (round robin), unless
+    /// it held the same 2 MiB.
+    fn fill(&mut self, t: LeafTable) {
+        if let Some(old) = self.entry {
+            if !(old.root == t.root && old.region == t.region) {
+                let i = usize::from(self.spare_next) % SPARE_TABLES;
+                self.spare[i] = Some(old);
+                self.spare_next = ((i + 1) % SPARE_TABLES) as u8;
+            }
+        }
+        self.entry = Some(t);
     }
 }
 
@@ -168,8 +222,18 @@ impl<H: Host> TdpMmu<H> {
         gfn: Gfn,
         epoch: u64,
     ) -> CachedWalk {
+        let bugs = self.cfg.bugs;
+        if let Some(table) = cache.promote_spare(root_pfn, gfn, epoch, bugs, &*self.host) {
+            // SAFETY: as for the hit in `walk_lockless_cached`: a table of the cache whose
+            // epoch, read inside the caller's table read section, is unchanged.
+            let table = unsafe { table.as_ref() };
+            let spte = table[Level::L4K.index(gfn)].load(Ordering::Acquire);
+            if self.cfg.codec.is_mmio(spte) {
+                return CachedWalk::Mmio(spte);
+            }
+        }
         let (walk, leaf_table) = self.walk_lockless(root_pfn, root_level, gfn);
-        cache.entry = leaf_table.and_then(|pfn| {
+        let fill = leaf_table.and_then(|pfn| {
             self.host.table(pfn).map(|table| LeafTable {
                 root: root_pfn,
                 region: gfn.raw() >> 9,
@@ -179,6 +243,9 @@ impl<H: Host> TdpMmu<H> {
                 epoch,
             })
         });
+        if let Some(t) = fill {
+            cache.fill(t);
+        }
         match walk {
             LocklessWalk::Leaf { leaf, .. } if self.cfg.codec.is_mmio(leaf) => {
                 CachedWalk::Mmio(leaf)
