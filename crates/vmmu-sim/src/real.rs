@@ -19,11 +19,11 @@ use vmmu::fault::{FaultOutcome, PfErr};
 use vmmu::memslot::MemslotError;
 use vmmu::spte::FormatKind;
 use vmmu::stats::{RetryCause, VcpuStats};
-use vmmu::tdp::HwWalk;
+use vmmu::tdp::{hw_walk, hw_walk_leaf_table, HwWalk};
 use vmmu::types::Hva;
 use vmmu::vcpu::Vcpu;
 use vmmu::vm::{Vm, VmConfig, VmError};
-use vmmu::{Access, AsId, FaultAccess, Gpa, SlotId};
+use vmmu::{Access, AsId, FaultAccess, Gfn, Gpa, Level, Pfn, SlotId};
 
 /// How to build the real MMU for a machine.
 #[derive(Clone, Copy, Debug)]
@@ -52,10 +52,61 @@ pub struct RealMmu {
     timing: Arc<Mutex<MmioTiming>>,
 }
 
+/// The hardware's paging-structure cache of one vCPU (Intel SDM vol. 3 §4.10.3, "PDE cache"):
+/// the level-1 tables its walks went through, by the 2 MiB they map, so a TLB miss there reads
+/// one entry instead of walking four levels. Like the hardware's, it is emptied by a TLB flush
+/// and by a new root; the MMU flushes on every table unlink (`vmmu::tdp`, rule 4), so it never
+/// holds a table that was freed. Set-associative (8 sets of 2 ways, by a hash of the 2 MiB), so
+/// a lookup costs two compares whether it hits or not: the hardware looks its entries up in
+/// parallel, and a longer search would charge the walks that never fill it (those that stop
+/// above level 1) for the model's own work.
+#[derive(Default)]
+struct PagingStructureCache {
+    /// `(root frame, gfn >> 9, level-1 table frame)`; set `i` is entries `2i` and `2i + 1`.
+    entries: [Option<(Pfn, u64, Pfn)>; 2 * PSC_SETS],
+    /// Per set, the way to replace next.
+    victim: [u8; PSC_SETS],
+}
+
+/// Sets of [`PagingStructureCache`] (16 entries; real PDE caches hold 16 to 32).
+const PSC_SETS: usize = 8;
+
+impl PagingStructureCache {
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
+
+    #[inline]
+    fn set(region: u64) -> usize {
+        // Fibonacci hashing: the top 3 bits of the product.
+        (region.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 61) as usize
+    }
+
+    #[inline]
+    fn lookup(&self, root: Pfn, gfn: Gfn) -> Option<Pfn> {
+        let region = gfn.raw() >> 9;
+        let i = 2 * Self::set(region);
+        self.entries[i..i + 2]
+            .iter()
+            .flatten()
+            .find(|&&(r, reg, _)| r == root && reg == region)
+            .map(|&(_, _, table)| table)
+    }
+
+    fn fill(&mut self, root: Pfn, gfn: Gfn, table: Pfn) {
+        let region = gfn.raw() >> 9;
+        let set = Self::set(region);
+        let way = usize::from(self.victim[set] & 1);
+        self.entries[2 * set + way] = Some((root, region, table));
+        self.victim[set] = (way ^ 1) as u8;
+    }
+}
+
 /// One vCPU of [`RealMmu`].
 pub struct RealVcpu {
     vcpu: Vcpu<SimHost>,
     flush_tlb: bool,
+    psc: PagingStructureCache,
     totals: Arc<Mutex<VcpuStats>>,
     timing: Arc<Mutex<MmioTiming>>,
     mine: MmioTiming,
@@ -142,7 +193,13 @@ impl RealVcpu {
     fn enter(&mut self) {
         loop {
             match self.vcpu.service_requests() {
-                Ok(w) => self.flush_tlb |= w.flush_tlb,
+                Ok(w) => {
+                    if w.flush_tlb {
+                        // A flush (every table unlink requests one) or a new root.
+                        self.psc.clear();
+                    }
+                    self.flush_tlb |= w.flush_tlb;
+                }
                 Err(e) => panic!("vCPU {} cannot load a root: {e}", self.vcpu.index()),
             }
             if self.vcpu.enter_guest_mode().is_ok() {
@@ -199,6 +256,7 @@ impl GuestMmu for RealMmu {
         RealVcpu {
             vcpu,
             flush_tlb: true,
+            psc: PagingStructureCache::default(),
             totals: self.totals.clone(),
             timing: self.timing.clone(),
             mine: MmioTiming::default(),
@@ -239,7 +297,7 @@ impl GuestMmu for RealMmu {
 
     fn translate(&self, v: &mut RealVcpu, gpa: Gpa, access: AccessKind) -> Translation {
         let t0 = std::time::Instant::now();
-        let t = translate(v, gpa, access);
+        let t = translate(&self.vm, v, gpa, access);
         if t == Translation::Mmio {
             v.mine.count += 1;
             v.mine.nanos += t0.elapsed().as_nanos() as u64;
@@ -287,15 +345,42 @@ impl GuestMmu for RealMmu {
     }
 }
 
+/// The hardware's walk for a TLB miss, through the vCPU's paging-structure cache. In guest mode.
+fn hw_walk_cached(vm: &Vm<SimHost>, v: &mut RealVcpu, gpa: Gpa, need: Access) -> HwWalk {
+    let Some((root, root_level)) = v.vcpu.root().map(|r| (r.pfn(), r.level())) else {
+        return v.vcpu.walk(gpa, need);
+    };
+    let mmu = vm.mmu();
+    let fmt = mmu.config().format;
+    let host: &SimHost = mmu.host();
+    if let Some(table) = v.psc.lookup(root, gpa.gfn()) {
+        // SAFETY: the vCPU is in guest mode (its table read section is open), and the cached
+        // table was reached from its current root after the last flush it handled: the MMU
+        // requests a flush of every vCPU for every table it unlinks, before the grace period
+        // that frees it (rule 4 of `vmmu::tdp`), and `enter` empties the cache on that flush; so
+        // the table is either still linked or was unlinked during this guest-mode period, which
+        // the grace period waits for.
+        return unsafe { hw_walk(&fmt, host, table, Level::L4K, gpa.gfn(), need) };
+    }
+    // SAFETY: in guest mode (the read section is open) from the vCPU's current root, which it
+    // keeps while in guest mode (what `Vcpu::walk` does).
+    let (walk, leaf_table) =
+        unsafe { hw_walk_leaf_table(&fmt, host, root, root_level, gpa.gfn(), need) };
+    if let Some(table) = leaf_table {
+        v.psc.fill(root, gpa.gfn(), table);
+    }
+    walk
+}
+
 /// A TLB miss: the hardware walk in guest mode, and on a fault the exit to the MMU's entry point
 /// for that exit kind.
-fn translate(v: &mut RealVcpu, gpa: Gpa, access: AccessKind) -> Translation {
+fn translate(vm: &Vm<SimHost>, v: &mut RealVcpu, gpa: Gpa, access: AccessKind) -> Translation {
     let write = access.is_write();
     if !v.vcpu.in_guest_mode() {
         v.enter();
     }
     let need = if write { Access::WRITE } else { Access::NONE };
-    let walk = v.vcpu.walk(gpa, need);
+    let walk = hw_walk_cached(vm, v, gpa, need);
     let ept = v.vcpu.format().is_ept();
     // Anything but a translation is a VM exit.
     let result = match walk {

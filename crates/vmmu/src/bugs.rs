@@ -127,11 +127,19 @@ pub enum Bug {
     /// device; another vCPU's RSVD fault on that GVA is answered from the old table's shadow:
     /// MMIO at the old device's address.
     LeafCacheIgnoresEpoch = 15,
+    /// Undoes the flush on table unlink (KVM flushes whenever it zaps a shadow-present SPTE, leaf
+    /// or not: `tdp_mmu_zap_leafs`' and `handle_removed_pt`'s callers, because of the hardware's
+    /// paging-structure caches): a zap that unlinks a table with no present leaf below it (only
+    /// MMIO SPTEs, say) does not flush, and frees the table after the grace period.
+    ///
+    /// Harm: a CPU whose paging-structure cache kept the link walks the freed frame, reused for
+    /// another table: a gfn made RAM since keeps exiting as MMIO and never reaches its frame.
+    NoFlushOnTableUnlink = 16,
 }
 
 impl Bug {
     /// Every bug, in a stable order.
-    pub const ALL: [Bug; 16] = [
+    pub const ALL: [Bug; 17] = [
         Bug::NoSecondIncrement,
         Bug::CacheWhileInProgress,
         Bug::VcpuCacheWithoutGen,
@@ -148,6 +156,7 @@ impl Bug {
         Bug::TrackWriteKeepsSpte,
         Bug::DirtyLogNoFlush,
         Bug::LeafCacheIgnoresEpoch,
+        Bug::NoFlushOnTableUnlink,
     ];
 
     /// The bug's command-line name.
@@ -169,6 +178,7 @@ impl Bug {
             Bug::TrackWriteKeepsSpte => "track-write-keeps-spte",
             Bug::DirtyLogNoFlush => "dirty-log-no-flush",
             Bug::LeafCacheIgnoresEpoch => "leaf-cache-ignores-epoch",
+            Bug::NoFlushOnTableUnlink => "no-flush-on-table-unlink",
         }
     }
 

@@ -1,8 +1,12 @@
 //! The one place an SPTE changes (KVM `tdp_mmu_set_spte_atomic` / `tdp_mmu_iter_set_spte` and
 //! `handle_changed_spte`): the exchange, the leaf accounting, and the TLB-flush decision.
 //!
-//! Invariant: no present leaf is dropped or changed without the caller learning that vCPUs may
-//! still translate through the old value ([`FlushNeed::Remote`]). A fault that replaced a present
+//! Invariant: no present leaf is dropped or changed, and no table is unlinked, without the caller
+//! learning that vCPUs may still translate through the old value ([`FlushNeed::Remote`]): a TLB
+//! caches leaves, and the hardware's paging-structure caches keep the entries that link tables
+//! (Intel SDM vol. 3 §4.10.3, §28.4), so a CPU may walk an unlinked table, even one holding only
+//! MMIO SPTEs or nothing, until it is flushed. KVM flushes on every zap of a shadow-present SPTE,
+//! leaf or not, for this reason. A fault that replaced a present
 //! leaf flushes before it returns; a zap collects the need and flushes once for its whole range
 //! (rule 4 of [`crate::tdp`]). This is what keeps a vCPU from using a frame after the entry that
 //! mapped it was overwritten (issue 11, defect 1: a stale "MMIO" decision used to overwrite a RAM
@@ -77,10 +81,16 @@ impl<H: Host> TdpMmu<H> {
         if is_leaf {
             self.account_leaf(new, level, gfn, 1);
         }
+        if SpteFormat::is_mmu_present(old) && !was_leaf {
+            // A table link went or changed: paging-structure caches may hold it (module doc).
+            if self.cfg.bugs.has(crate::bugs::Bug::NoFlushOnTableUnlink) {
+                return FlushNeed::NotNeeded;
+            }
+            return FlushNeed::Remote;
+        }
         if !was_leaf {
-            // A non-present entry (or an MMIO SPTE, which the hardware never caches) or a table
-            // link: filling holes or linking tables invalidates nothing a TLB may hold.
-            // (Unlinking a table is the zap's business: it reports the leaves below it.)
+            // A non-present entry or an MMIO SPTE (which the hardware never caches): filling a
+            // hole or linking a table invalidates nothing a TLB or paging-structure cache holds.
             return FlushNeed::NotNeeded;
         }
         // KVM `leaf_spte_change_needs_tlb_flush`: the leaf went, its frame changed, or a bit it

@@ -12,9 +12,11 @@
 //! 3. A table page unlinked by a zap is freed only after a `table_srcu` grace period, and the
 //!    grace period is waited for *after* the MMU lock is released (a vCPU in the slow path may be
 //!    waiting for the lock, and it must not be inside a table read section while it does).
-//! 4. A zap that removed present leaves flushes remote TLBs before it returns (and before the
-//!    pages it unlinked are freed): every vCPU has acknowledged the flush or was outside guest
-//!    mode ([`crate::requests`]).
+//! 4. A zap that removed present leaves or unlinked a table flushes remote TLBs before it
+//!    returns (and before the pages it unlinked are freed): every vCPU has acknowledged the flush
+//!    or was outside guest mode and handles the request before it enters again
+//!    ([`crate::requests`]). A vCPU's TLB and paging-structure caches therefore never hold a
+//!    freed table (`change.rs`).
 //! 5. A table page's entries are initialised (to the non-present value) before the page is linked;
 //!    linking is a compare-and-swap with Release semantics and walkers load entries with Acquire,
 //!    so a walker that sees the link sees initialised entries.
@@ -30,7 +32,7 @@ mod zap;
 pub use crate::invalidate::Invalidation;
 pub use crate::spte::SpteDump;
 pub use map::{LeafSpec, MapOutcome};
-pub use walk::{hw_walk, HwWalk, LocklessWalk};
+pub use walk::{hw_walk, hw_walk_leaf_table, HwWalk, LocklessWalk};
 pub(crate) use walk::{CachedWalk, LeafTableCache};
 
 use crate::bugs::BugSet;
@@ -47,6 +49,7 @@ use root::{Root, RootKind};
 
 pub(crate) use change::FlushNeed;
 pub(crate) use lock::{MmuLock, MmuRead, MmuWrite};
+pub(crate) use zap::ZapScope;
 
 /// Pages the vCPU-side paths let wait before they pay for a grace period.
 const RECLAIM_BATCH: usize = 64;
@@ -401,7 +404,8 @@ impl<H: Host> TdpMmu<H> {
 
     /// Host invalidation start (KVM `kvm_mmu_notifier_invalidate_range_start`, for the gfn
     /// ranges a host-address range maps to): faults on the ranges retry until
-    /// [`Self::invalidate_end`], and whatever maps them is zapped and flushed before this returns.
+    /// [`Self::invalidate_end`], and every leaf that maps them is zapped and flushed before this
+    /// returns. Tables stay linked ([`ZapScope::Leaves`], as KVM's `kvm_unmap_gfn_range`).
     pub(crate) fn invalidate_begin(&self, ranges: &[(AsId, Gfn, Gfn)]) {
         let mut pages = Vec::new();
         let roots = self.mmu_lock.write(&self.vcpus, &self.relax());
@@ -409,7 +413,8 @@ impl<H: Host> TdpMmu<H> {
         let mut flush = false;
         for &(as_id, start, end) in ranges {
             self.inval.add_range(start, end);
-            flush |= self.zap_gfn_range_locked(&roots, as_id, start, end, &mut pages);
+            flush |=
+                self.zap_gfn_range_locked(&roots, as_id, start, end, ZapScope::Leaves, &mut pages);
         }
         if flush && !self.cfg.bugs.has(crate::bugs::Bug::NoTlbFlushOnZap) {
             self.flush_remote_tlbs();

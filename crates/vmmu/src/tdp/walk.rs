@@ -342,6 +342,7 @@ pub enum HwWalk {
 /// holds a read section of the MMU's table SRCU (a vCPU in guest mode) or the MMU lock, and
 /// `root` is a root the caller keeps (its vCPU's current root, or one on the root list), or the
 /// caller otherwise knows nothing frees those pages meanwhile (a test with no concurrent zap).
+#[inline]
 pub unsafe fn hw_walk(
     format: &SpteFormat,
     tables: &dyn FrameAllocator,
@@ -350,24 +351,46 @@ pub unsafe fn hw_walk(
     gfn: Gfn,
     need: Access,
 ) -> HwWalk {
+    // SAFETY: the same contract, passed on.
+    unsafe { hw_walk_leaf_table(format, tables, root, root_level, gfn, need).0 }
+}
+
+/// [`hw_walk`], and the level-1 table whose entry it read last, if the walk got that far (what
+/// the hardware's paging-structure caches keep, for a model of them).
+///
+/// # Safety
+/// As for [`hw_walk`].
+#[inline(always)]
+pub unsafe fn hw_walk_leaf_table(
+    format: &SpteFormat,
+    tables: &dyn FrameAllocator,
+    root: Pfn,
+    root_level: Level,
+    gfn: Gfn,
+    need: Access,
+) -> (HwWalk, Option<Pfn>) {
     let mut dump = SpteDump::default();
     let mut pfn = root;
     let mut level = root_level;
     let mut perms = Access::ALL;
     let mut readable = true;
+    let mut leaf_table = None;
     loop {
         let Some(ptr) = tables.table(pfn) else {
             // The hardware would read whatever is at that physical address; our frames are all
             // known, so this is an internal inconsistency.
-            return HwWalk::Broken { dump };
+            return (HwWalk::Broken { dump }, leaf_table);
         };
         // SAFETY: the caller keeps reachable pages alive (see above); entries are atomics.
         let table = unsafe { ptr.as_ref() };
         let spte = table[level.index(gfn)].load(Ordering::Acquire);
         dump.push(level, spte);
+        if level == Level::L4K {
+            leaf_table = Some(pfn);
+        }
         match format.classify(spte, level) {
-            HwEntry::NotPresent => return HwWalk::Violation { present: false, dump },
-            HwEntry::Misconfig(reason) => return HwWalk::Misconfig { reason, dump },
+            HwEntry::NotPresent => return (HwWalk::Violation { present: false, dump }, leaf_table),
+            HwEntry::Misconfig(reason) => return (HwWalk::Misconfig { reason, dump }, leaf_table),
             HwEntry::Present { leaf, pfn: next, perms: p, readable: r } => {
                 perms = perms.intersect(p);
                 readable &= r;
@@ -375,17 +398,20 @@ pub unsafe fn hw_walk(
                     // Data accesses need R (execute-only EPT entries allow fetches only).
                     let read_ok = readable || need.contains(Access::EXEC);
                     if !perms.contains(need) || !read_ok {
-                        return HwWalk::Violation { present: true, dump };
+                        return (HwWalk::Violation { present: true, dump }, leaf_table);
                     }
                     let offset = gfn.raw() & (level.pages() - 1);
-                    return HwWalk::Translated { pfn: Pfn(next.raw() + offset), level, perms };
+                    return (
+                        HwWalk::Translated { pfn: Pfn(next.raw() + offset), level, perms },
+                        leaf_table,
+                    );
                 }
                 match level.lower() {
                     Some(l) => {
                         pfn = next;
                         level = l;
                     }
-                    None => return HwWalk::Broken { dump },
+                    None => return (HwWalk::Broken { dump }, leaf_table),
                 }
             }
         }

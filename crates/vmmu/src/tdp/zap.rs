@@ -1,7 +1,7 @@
 //! Zapping: removing entries so the next access faults again (KVM `tdp_mmu_zap_leafs`,
 //! `kvm_tdp_mmu_zap_invalidated_roots`). Runs under the exclusive MMU lock (rule 1 of
 //! [`crate::tdp`]); unlinked table pages are collected for freeing after a grace period (rule 3);
-//! the caller flushes remote TLBs when a present leaf was removed (rule 4).
+//! the caller flushes remote TLBs when a present leaf was removed or a table unlinked (rule 4).
 //!
 //! MMIO SPTEs inside a zapped range are cleared as well when their whole table goes, but a zap of
 //! a partial range leaves MMIO SPTEs of other gfns alone: they are guarded by the memslot
@@ -16,8 +16,21 @@ use crate::sync::Ordering;
 use crate::types::{AsId, Gfn, Level, Pfn};
 use alloc::vec::Vec;
 
+/// What a range zap removes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum ZapScope {
+    /// Present leaves only; every table stays linked (KVM `tdp_mmu_zap_leafs`, what the MMU
+    /// notifier's `kvm_unmap_gfn_range` does): a host invalidation changes what frames back the
+    /// gfns, not which tables map them, and keeps the MMIO SPTEs of its range (they are guarded
+    /// by the generation).
+    Leaves,
+    /// Leaves, MMIO SPTEs, and the tables entirely inside the range (unlinked, flushed, freed
+    /// after a grace period): memslot delete and move, whose gfns may stay unmapped for long.
+    Tables,
+}
+
 impl<H: Host> TdpMmu<H> {
-    /// Zaps everything under `root`. Returns whether a present leaf was removed. `_excl` proves
+    /// Zaps everything under `root`. Returns whether a present leaf was removed or a table unlinked (a flush is needed). `_excl` proves
     /// the MMU lock is held exclusive; unlinked pages (not the root page itself) go to `pages`.
     pub(crate) fn zap_root_locked(
         &self,
@@ -26,23 +39,25 @@ impl<H: Host> TdpMmu<H> {
         pages: &mut Vec<Pfn>,
     ) -> bool {
         let end = Gfn(1u64 << (root.level().shift() + 9 - crate::types::PAGE_SHIFT));
-        self.zap_table(root.pfn(), root.level(), Gfn(0), Gfn(0), end, pages)
+        self.zap_table(root.pfn(), root.level(), Gfn(0), Gfn(0), end, ZapScope::Tables, pages)
     }
 
     /// Zaps entries for gfns in `[start, end)` under every root of address space `as_id` (valid or
-    /// obsolete). Returns whether a present leaf was removed. The caller holds the MMU lock
+    /// obsolete). Returns whether a flush is needed (a present leaf removed, a table unlinked). The caller holds the MMU lock
     /// exclusive.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn zap_gfn_range_locked(
         &self,
         roots: &MmuWrite<'_>,
         as_id: AsId,
         start: Gfn,
         end: Gfn,
+        scope: ZapScope,
         pages: &mut Vec<Pfn>,
     ) -> bool {
         let mut flush = false;
         for r in roots.iter().filter(|r| r.as_id() == as_id) {
-            flush |= self.zap_table(r.pfn(), r.level(), Gfn(0), start, end, pages);
+            flush |= self.zap_table(r.pfn(), r.level(), Gfn(0), start, end, scope, pages);
         }
         flush
     }
@@ -53,7 +68,8 @@ impl<H: Host> TdpMmu<H> {
         self.stats.zap_range.add(1);
         let mut pages = Vec::new();
         let roots = self.mmu_lock.write(&self.vcpus, &self.relax());
-        let flush = self.zap_gfn_range_locked(&roots, as_id, start, end, &mut pages);
+        let flush =
+            self.zap_gfn_range_locked(&roots, as_id, start, end, ZapScope::Tables, &mut pages);
         if flush && !self.cfg.bugs.has(crate::bugs::Bug::NoTlbFlushOnZap) {
             self.flush_remote_tlbs();
         }
@@ -63,7 +79,9 @@ impl<H: Host> TdpMmu<H> {
     }
 
     /// Zaps the entries of table `pfn` (at `level`, covering gfns from `base`) that meet
-    /// `[start, end)`. Tables entirely inside the range are unlinked and their pages collected.
+    /// `[start, end)`. With [`ZapScope::Tables`], tables entirely inside the range are unlinked
+    /// and their pages collected.
+    #[allow(clippy::too_many_arguments)]
     fn zap_table(
         &self,
         pfn: Pfn,
@@ -71,6 +89,7 @@ impl<H: Host> TdpMmu<H> {
         base: Gfn,
         start: Gfn,
         end: Gfn,
+        scope: ZapScope,
         pages: &mut Vec<Pfn>,
     ) -> bool {
         // SAFETY: we hold the MMU lock exclusive and reached `pfn` from a root on the list or
@@ -93,9 +112,10 @@ impl<H: Host> TdpMmu<H> {
                 i,
                 level,
                 Gfn(lo),
-                lo >= start.raw() && hi <= end.raw(),
+                lo >= start.raw() && hi <= end.raw() && scope == ZapScope::Tables,
                 start,
                 end,
+                scope,
                 pages,
             );
         }
@@ -112,6 +132,7 @@ impl<H: Host> TdpMmu<H> {
         whole: bool,
         start: Gfn,
         end: Gfn,
+        scope: ZapScope,
         pages: &mut Vec<Pfn>,
     ) -> bool {
         let fmt = self.cfg.format;
@@ -133,10 +154,12 @@ impl<H: Host> TdpMmu<H> {
         let Some(lower) = level.lower() else {
             return false;
         };
-        let flush = self.zap_table(child, lower, lo, start, end, pages);
+        let mut flush = self.zap_table(child, lower, lo, start, end, scope, pages);
         if whole {
-            // Unlinking the table: the leaves below reported their own flush need above.
-            let _ = self.set_spte_locked(&table[i], old, SpteFormat::NONPRESENT, level, lo);
+            // Unlinking the table: a flush even if nothing below was present, for the
+            // paging-structure caches that may hold the link (`change.rs`).
+            let unlink = self.set_spte_locked(&table[i], old, SpteFormat::NONPRESENT, level, lo);
+            flush |= unlink == FlushNeed::Remote;
             self.stats.mmu_shadow_zapped.add(1);
             pages.push(child);
         }

@@ -18,6 +18,7 @@
 //!   MMU's own protocol (request acknowledgements).
 #![allow(dead_code)] // each test crate uses some of it
 
+mod psc;
 mod shadow;
 
 use crate::common::{access, region, vm_with, Seen, RAM_HVA};
@@ -101,6 +102,7 @@ pub fn catcher(bug: Bug) -> Catcher {
         }
         Bug::DirtyLogNoFlush => Catcher::Harm(catch_dirty_log_no_flush),
         Bug::LeafCacheIgnoresEpoch => Catcher::Harm(shadow::catch_leaf_cache_ignores_epoch),
+        Bug::NoFlushOnTableUnlink => Catcher::Harm(psc::catch_no_flush_on_table_unlink),
     }
 }
 
