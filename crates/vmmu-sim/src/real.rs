@@ -461,7 +461,7 @@ fn stats(m: &RealMmu) -> MmuStats {
             pages_2m: vm.pages_2m,
             pages_4k: vm.pages_4k,
             pf_emulate: t.pf_emulate,
-            pf_fast: t.pf_fast,
+            pf_fast: t.pf_fast(),
             pf_fixed: t.pf_fixed,
             pf_spurious: t.pf_spurious,
             pf_taken: t.pf_taken,

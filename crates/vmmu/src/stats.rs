@@ -70,8 +70,6 @@ pub struct VcpuStats {
     pub pf_emulate: u64,
     /// Faults already fixed by someone else (`pf_spurious`).
     pub pf_spurious: u64,
-    /// Faults resolved by the fast path (`pf_fast`).
-    pub pf_fast: u64,
     /// MMIO SPTEs installed (`pf_mmio_spte_created`).
     pub pf_mmio_spte_created: u64,
     /// TLB flushes this vCPU performed (`tlb_flush`).
@@ -103,6 +101,12 @@ pub struct VcpuStats {
 }
 
 impl VcpuStats {
+    /// Faults resolved by the fast path (KVM `pf_fast`): per-vCPU MMIO cache hits plus MMIO
+    /// SPTE hits. Derived, not counted, so the fast path updates one counter less.
+    pub fn pf_fast(&self) -> u64 {
+        self.mmio_cache_hits + self.mmio_spte_hits
+    }
+
     /// Total retries.
     pub fn retries_total(&self) -> u64 {
         self.retries.iter().sum()
@@ -113,7 +117,6 @@ impl VcpuStats {
         self.pf_fixed += o.pf_fixed;
         self.pf_emulate += o.pf_emulate;
         self.pf_spurious += o.pf_spurious;
-        self.pf_fast += o.pf_fast;
         self.pf_mmio_spte_created += o.pf_mmio_spte_created;
         self.tlb_flush += o.tlb_flush;
         self.violation_exits += o.violation_exits;

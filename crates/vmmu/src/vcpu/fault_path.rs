@@ -90,7 +90,6 @@ impl VcpuMmu {
         let gfn = gpa.gfn();
         if let Some(access) = self.mmio_cache.lookup_gpa(gfn, gen, bugs) {
             stats.mmio_cache_hits += 1;
-            stats.pf_fast += 1;
             return Ok(FastOutcome::Done(FaultOutcome::Emulate {
                 gpa,
                 access,
@@ -117,7 +116,6 @@ impl VcpuMmu {
         let access = codec.access(leaf);
         self.mmio_cache.fill(0, codec.gfn(leaf), access, gen, bugs);
         stats.mmio_spte_hits += 1;
-        stats.pf_fast += 1;
         Ok(FastOutcome::Done(FaultOutcome::Emulate {
             gpa,
             access,

@@ -387,7 +387,6 @@ impl<H: Host + GuestMemory> Vcpu<H> {
         if let Some((gfn, access)) = st.mmio_cache.lookup_gva(cache_gva, gen, bugs) {
             if access.contains(need) {
                 stats.mmio_cache_hits += 1;
-                stats.pf_fast += 1;
                 let gpa = Gpa(gfn.gpa().raw() | gva.page_offset());
                 return Ok(Some(FaultOutcome::Emulate {
                     gpa,
@@ -421,7 +420,6 @@ impl<H: Host + GuestMemory> Vcpu<H> {
         }
         st.mmio_cache.fill(cache_gva, gfn, access, gen, bugs);
         stats.mmio_spte_hits += 1;
-        stats.pf_fast += 1;
         let gpa = Gpa(gfn.gpa().raw() | gva.page_offset());
         Ok(Some(FaultOutcome::Emulate { gpa, access, source: EmulateSource::MmioSpteHit }))
     }
