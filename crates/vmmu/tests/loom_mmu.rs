@@ -235,17 +235,28 @@ fn cache_fill_during_update_invariant_test_breaks_with_cache_while_in_progress()
 // counts lookups of freed frames).
 // ---------------------------------------------------------------------------------------------
 
-fn walk_vs_zap(bugs: BugSet) {
+/// A misconfiguration exit on `target` (one of the MMIO gfns `X..=X + ENTRIES`) raced against a
+/// zap of their 2 MiB, which unlinks and frees the level-1 table; `warm` first takes X's fast
+/// path once, so the vCPU's leaf-table cache holds that table when `target` faults.
+fn misconfig_vs_zap(bugs: BugSet, warm: bool, target: u64) {
     model(move || {
         let (vm, host) = vm(bugs);
         let mut v = vcpu(&vm);
         for g in X..=X + vmmu::vcpu::mmio_cache::ENTRIES as u64 {
-            // MMIO SPTEs for X and the next gfns, as many as the per-vCPU cache holds: the
+            // MMIO SPTEs for X and the next gfns, one more than the per-vCPU cache holds: the
             // cache ends up without X (round robin), so X needs the walk.
             let o = v.handle_ept_violation(gpa(g), FaultAccess::READ).unwrap();
             assert!(matches!(o, FaultOutcome::Emulate { .. }), "setup: {o:?}");
         }
-        let t = thread::spawn(move || v.handle_ept_misconfig(gpa(X)));
+        if warm {
+            // X's fast path walks and keeps the level-1 table; it evicts X + 1 in turn.
+            let o = v.handle_ept_misconfig(gpa(X)).unwrap();
+            assert!(
+                matches!(o, FaultOutcome::Emulate { source: EmulateSource::MmioSpteHit, .. }),
+                "setup: {o:?}"
+            );
+        }
+        let t = thread::spawn(move || v.handle_ept_misconfig(gpa(target)));
         // Zap the whole 2 MiB region: the last-level table is unlinked and freed.
         let base = X & !511;
         vm.zap_gfn_range_for_tests(AsId(0), Gfn(base), Gfn(base + 512));
@@ -257,6 +268,10 @@ fn walk_vs_zap(bugs: BugSet) {
         vm.reclaim();
         assert_eq!(host.use_after_free(), 0, "VIOLATION: a walk read a freed table page");
     });
+}
+
+fn walk_vs_zap(bugs: BugSet) {
+    misconfig_vs_zap(bugs, false, X);
 }
 
 #[test]
@@ -282,31 +297,7 @@ fn walk_vs_zap_catches_zapped_spte_is_misconfig() {
 // ---------------------------------------------------------------------------------------------
 
 fn leaf_cache_vs_zap(bugs: BugSet) {
-    model(move || {
-        let (vm, host) = vm(bugs);
-        let mut v = vcpu(&vm);
-        let n = vmmu::vcpu::mmio_cache::ENTRIES as u64;
-        for g in X..=X + n {
-            let o = v.handle_ept_violation(gpa(g), FaultAccess::READ).unwrap();
-            assert!(matches!(o, FaultOutcome::Emulate { .. }), "setup: {o:?}");
-        }
-        // X was evicted from the per-vCPU cache: its fast path walks and keeps the level-1
-        // table; it evicts X + 1 in turn, whose fault below then reads that table directly.
-        let o = v.handle_ept_misconfig(gpa(X)).unwrap();
-        assert!(
-            matches!(o, FaultOutcome::Emulate { source: EmulateSource::MmioSpteHit, .. }),
-            "setup: {o:?}"
-        );
-        let t = thread::spawn(move || v.handle_ept_misconfig(gpa(X + 1)));
-        let base = X & !511;
-        vm.zap_gfn_range_for_tests(AsId(0), Gfn(base), Gfn(base + 512));
-        let o = t.join().unwrap();
-        assert!(
-            matches!(o, Ok(FaultOutcome::Emulate { .. } | FaultOutcome::Retry(_))),
-            "VIOLATION: a cached-table read racing a zap ended as {o:?}"
-        );
-        assert_eq!(host.use_after_free(), 0, "VIOLATION: a fast path read a freed table page");
-    });
+    misconfig_vs_zap(bugs, true, X + 1);
 }
 
 #[test]
