@@ -181,8 +181,9 @@ impl GuestTables {
         Ok(())
     }
 
-    /// Space 0 maps `[0, limit)` to itself with 2 MiB pages, accessed and dirty (what a 64-bit guest without
-    /// paging of its own needs under shadow paging: version-1 scenarios on `format=shadow`).
+    /// Space 0 maps `[0, limit)` to itself with 2 MiB pages, accessed and dirty (what a 64-bit
+    /// guest without paging of its own needs under shadow paging: version-1 scenarios on
+    /// `format=shadow`).
     /// Returns the CR3 value.
     pub fn identity_2m(&mut self, limit: u64) -> Result<u64, TablesError> {
         let mut writes = Vec::new();

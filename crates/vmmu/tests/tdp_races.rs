@@ -192,8 +192,8 @@ fn race_catches_no_tlb_flush_on_zap() {
 
 /// Issue 11, defect 1, on real threads and the real fault path. Each round, with GPA unmapped:
 /// vCPU A takes one violation exit for GPA on a slow host (its table lookups take 200 us, which
-/// stretches the time between its memslot decision and its installation) while the updater creates a slot at
-/// GPA and vCPU B reads GPA until it gets RAM (and caches it in its TLB). A decided "MMIO" from
+/// stretches the time between its memslot decision and its installation) while the updater
+/// creates a slot at GPA and vCPU B reads GPA until it gets RAM (and caches it in its TLB). A decided "MMIO" from
 /// the old memslot set; if its installation replaced B's RAM leaf silently, the later delete finds
 /// no present leaf to flush and B reads the deleted slot's frame from its TLB. Returns the
 /// rounds where B did.

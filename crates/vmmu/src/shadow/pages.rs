@@ -492,9 +492,9 @@ impl ShadowState {
     /// Counts (1) MMU-present SPTEs in pages that are still allocated but invalid (zapped while
     /// a root pinned them) or obsolete (made before the last fast zap-all), and (2) parent
     /// links of live pages that come from a freed, invalid or obsolete page, that are listed
-    /// twice, or whose SPTE no longer links the page. Both are 0 whenever no zap is in progress: a zap clears
-    /// every SPTE of the page and every SPTE linking it, and no fault may install below an
-    /// invalid page (the staleness check).
+    /// twice, or whose SPTE no longer links the page. Both are 0 whenever no zap is in
+    /// progress: a zap clears every SPTE of the page and every SPTE linking it, and no fault may
+    /// install below an invalid page (the staleness check).
     #[cfg(feature = "testing")]
     pub(crate) fn stale_entries_for_tests<H: Host>(&self, core: &TdpMmu<H>) -> usize {
         let fmt = core.cfg.format;

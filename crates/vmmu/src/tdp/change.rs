@@ -68,11 +68,6 @@ impl<H: Host> TdpMmu<H> {
             return FlushNeed::NotNeeded;
         }
         let fmt = self.cfg.format;
-        if SpteFormat::is_mmu_present(old) && !fmt.is_leaf(old, level) {
-            // A table link changed (unlinked or replaced): after the store, so a leaf-table cache
-            // fill that sees this bump walks after the change (`walk.rs`).
-            self.table_epoch.fetch_add(1, Ordering::Release);
-        }
         let was_leaf = SpteFormat::is_mmu_present(old) && fmt.is_leaf(old, level);
         let is_leaf = SpteFormat::is_mmu_present(new) && fmt.is_leaf(new, level);
         if was_leaf {
@@ -82,7 +77,10 @@ impl<H: Host> TdpMmu<H> {
             self.account_leaf(new, level, gfn, 1);
         }
         if SpteFormat::is_mmu_present(old) && !was_leaf {
-            // A table link went or changed: paging-structure caches may hold it (module doc).
+            // A table link went or changed (unlinked or replaced). The epoch bump comes after the
+            // store, so a leaf-table cache fill that sees it walks after the change (`walk.rs`);
+            // paging-structure caches may hold the link, so a flush is needed (module doc).
+            self.table_epoch.fetch_add(1, Ordering::Release);
             if self.cfg.bugs.has(crate::bugs::Bug::NoFlushOnTableUnlink) {
                 return FlushNeed::NotNeeded;
             }

@@ -13,9 +13,10 @@
 //! MMU's *table epoch* when the walk began). The next RSVD fault in the same 2 MiB under the same
 //! root reads the entry of that table instead of walking from the root, if the epoch is
 //! unchanged. Seven earlier tables are kept as spares, looked at only when the last one does not
-//! match (a guest's devices often sit in different 2 MiB). The epoch ([`TdpMmu::table_epoch`]) is bumped after every change of an entry that
-//! linked a table (unlink, or replacement: `change.rs`) and when table pages are queued for
-//! freeing (`defer_free`), before any grace period that frees them. Why a hit is right:
+//! match (a guest's devices often sit in different 2 MiB). The epoch ([`TdpMmu::table_epoch`])
+//! is bumped after every change of an entry that linked a table (unlink, or replacement:
+//! `change.rs`) and when table pages are queued for freeing (`defer_free`), before any grace
+//! period that frees them. Why a hit is right:
 //! - *the page is live*: a hit reads the epoch inside the vCPU's table read section and finds
 //!   the value of before the bump; had its section begun after the grace period that precedes the
 //!   free, it would see every store made before that grace period, the bump included. So the
@@ -101,8 +102,8 @@ struct LeafTable {
     /// The table's entries, as the host's frame table gave them at the fill (valid until the
     /// host frees the frame, which the epoch check rules out: module doc).
     table: NonNull<TableEntries>,
-    /// Its frame: debug and loom builds ask the host on every hit whether it is still a live table (the
-    /// test host counts a lookup of a freed frame as a use after free).
+    /// Its frame: debug and loom builds ask the host on every hit whether it is still a live
+    /// table (the test host counts a lookup of a freed frame as a use after free).
     #[cfg(any(debug_assertions, loom))]
     pfn: Pfn,
     epoch: u64,
@@ -199,17 +200,24 @@ impl<H: Host> TdpMmu<H> {
         // any unlink whose bump it saw).
         let epoch = self.table_epoch.load(Ordering::Acquire);
         if let Some(table) = cache.lookup(root_pfn, gfn, epoch, self.cfg.bugs, &*self.host) {
-            // SAFETY: the caller holds a table read section and `epoch`, read inside it, equals
-            // the epoch of the fill: the table was not unlinked or queued for freeing before the
-            // section began, so the grace period before its free waits for this section and the
-            // host's pointer stays valid (`FrameAllocator::table`; module doc).
-            let table = unsafe { table.as_ref() };
-            let spte = table[Level::L4K.index(gfn)].load(Ordering::Acquire);
-            if self.cfg.codec.is_mmio(spte) {
+            if let Some(spte) = self.cached_mmio_spte(table, gfn) {
                 return CachedWalk::Mmio(spte);
             }
         }
         self.walk_and_fill(cache, root_pfn, root_level, gfn, epoch)
+    }
+
+    /// The entry for `gfn` in `table`, a table of the vCPU's leaf-table cache that `lookup` or
+    /// `promote_spare` just validated, if it is an MMIO SPTE.
+    #[inline]
+    fn cached_mmio_spte(&self, table: NonNull<TableEntries>, gfn: Gfn) -> Option<u64> {
+        // SAFETY: the caller holds a table read section, and the table's epoch equals the one
+        // read inside it: the table was not unlinked or queued for freeing before the section
+        // began, so the grace period before its free waits for this section and the host's
+        // pointer stays valid (`FrameAllocator::table`; module doc).
+        let table = unsafe { table.as_ref() };
+        let spte = table[Level::L4K.index(gfn)].load(Ordering::Acquire);
+        self.cfg.codec.is_mmio(spte).then_some(spte)
     }
 
     /// The miss side of [`Self::walk_lockless_cached`], out of line.
@@ -224,11 +232,7 @@ impl<H: Host> TdpMmu<H> {
     ) -> CachedWalk {
         let bugs = self.cfg.bugs;
         if let Some(table) = cache.promote_spare(root_pfn, gfn, epoch, bugs, &*self.host) {
-            // SAFETY: as for the hit in `walk_lockless_cached`: a table of the cache whose
-            // epoch, read inside the caller's table read section, is unchanged.
-            let table = unsafe { table.as_ref() };
-            let spte = table[Level::L4K.index(gfn)].load(Ordering::Acquire);
-            if self.cfg.codec.is_mmio(spte) {
+            if let Some(spte) = self.cached_mmio_spte(table, gfn) {
                 return CachedWalk::Mmio(spte);
             }
         }

@@ -30,8 +30,9 @@ pub(crate) enum ZapScope {
 }
 
 impl<H: Host> TdpMmu<H> {
-    /// Zaps everything under `root`. Returns whether a present leaf was removed or a table unlinked (a flush is needed). `_excl` proves
-    /// the MMU lock is held exclusive; unlinked pages (not the root page itself) go to `pages`.
+    /// Zaps everything under `root`. Returns whether a flush is needed (a present leaf removed, a
+    /// table unlinked). `_excl` proves the MMU lock is held exclusive; unlinked pages (not the
+    /// root page itself) go to `pages`.
     pub(crate) fn zap_root_locked(
         &self,
         _excl: &MmuWrite<'_>,
@@ -43,8 +44,8 @@ impl<H: Host> TdpMmu<H> {
     }
 
     /// Zaps entries for gfns in `[start, end)` under every root of address space `as_id` (valid or
-    /// obsolete). Returns whether a flush is needed (a present leaf removed, a table unlinked). The caller holds the MMU lock
-    /// exclusive.
+    /// obsolete). Returns whether a flush is needed (a present leaf removed, a table unlinked).
+    /// The caller holds the MMU lock exclusive.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn zap_gfn_range_locked(
         &self,
