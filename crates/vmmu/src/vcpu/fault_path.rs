@@ -23,12 +23,13 @@ use crate::tdp::{CachedWalk, LeafSpec, LocklessWalk, MapOutcome};
 use crate::types::{Access, Generation, Gpa};
 
 /// The fast path's own result (KVM adds `RET_PF_INVALID`: "take the slow path").
-enum FastOutcome {
+pub(super) enum FastOutcome {
     Done(FaultOutcome),
     Invalid,
 }
 
-fn retry(stats: &mut VcpuStats, cause: RetryCause) -> FaultOutcome {
+/// Counts a retry by its cause and returns it (both MMUs' fault paths).
+pub(super) fn retry(stats: &mut VcpuStats, cause: RetryCause) -> FaultOutcome {
     stats.retries[cause as usize] += 1;
     FaultOutcome::Retry(cause)
 }
@@ -67,7 +68,7 @@ impl VcpuMmu {
     /// KVM `check_mmio_spte`: no hit while an update is in progress; else the SPTE's generation
     /// bits must equal the low bits of the current generation.
     #[inline]
-    fn check_mmio_spte<H: Host>(vm: &VmShared<H>, spte: u64, gen: Generation) -> bool {
+    pub(super) fn check_mmio_spte<H: Host>(vm: &VmShared<H>, spte: u64, gen: Generation) -> bool {
         if vm.bugs.has(Bug::MmioSpteIgnoresGen) {
             return true;
         }
@@ -123,10 +124,11 @@ impl VcpuMmu {
         }))
     }
 
-    /// The fast path's walk found no MMIO SPTE: a genuine misconfiguration, a host
-    /// inconsistency, or an entry zapped or changed under the walk (Retry).
+    /// The fast path's walk found no MMIO SPTE (both MMUs; `gpa` is the GVA under shadow
+    /// paging): a genuine misconfiguration, a host inconsistency, or an entry zapped, frozen or
+    /// changed under the walk (Retry, never an error: 2011).
     #[cold]
-    fn not_mmio(
+    pub(super) fn not_mmio(
         stats: &mut VcpuStats,
         bugs: crate::bugs::BugSet,
         gpa: Gpa,

@@ -20,7 +20,8 @@
 //! - The vCPU pins the pages of its current and previous roots; it releases them outside guest
 //!   mode.
 
-use super::{EntryWork, Vcpu};
+use super::fault_path::{retry, FastOutcome};
+use super::{EntryWork, Vcpu, VcpuMmu};
 use crate::bugs::Bug;
 use crate::fault::{
     Backing, EmulateSource, FaultError, FaultOutcome, FaultinStop, PageFault, PfErr,
@@ -31,9 +32,8 @@ use crate::shadow::{
     fetch::{fetch, FetchOutcome, LeafWant},
     PrevRoot, ShadowRoot, ShadowRootKind, SlotGuestMemory, ZapBatch,
 };
-use crate::spte::SpteFormat;
-use crate::stats::{RetryCause, VcpuStats};
-use crate::tdp::{hw_walk, CachedWalk, HwWalk, LocklessWalk};
+use crate::stats::RetryCause;
+use crate::tdp::{hw_walk, CachedWalk, HwWalk};
 use crate::types::{Access, Gfn, Gpa, Gva, Level, Pfn};
 
 /// The number of previous roots kept (KVM `KVM_MMU_NUM_PREV_ROOTS`).
@@ -80,11 +80,6 @@ pub enum ShadowError {
     /// The host had no frame for a shadow page.
     #[error("the host has no free frame for a shadow page (KVM: -ENOMEM)")]
     OutOfMemory,
-}
-
-fn retry(stats: &mut VcpuStats, cause: RetryCause) -> FaultOutcome {
-    stats.retries[cause as usize] += 1;
-    FaultOutcome::Retry(cause)
 }
 
 impl<H: Host> Vcpu<H> {
@@ -401,11 +396,15 @@ impl<H: Host + GuestMemory> Vcpu<H> {
         };
         let leaf = match walk {
             CachedWalk::Mmio(leaf) => leaf,
-            CachedWalk::Walked(w) => return shadow_not_mmio(stats, bugs, gva, w),
+            CachedWalk::Walked(w) => {
+                // Never `Invalid`: only an MMIO SPTE of a stale generation takes the slow path.
+                return VcpuMmu::not_mmio(stats, bugs, Gpa(gva.raw()), w).map(|o| match o {
+                    FastOutcome::Done(o) => Some(o),
+                    FastOutcome::Invalid => None,
+                });
+            }
         };
-        let fresh = bugs.has(Bug::MmioSpteIgnoresGen)
-            || (!gen.in_progress() && codec.generation_bits(leaf) == gen.mmio_bits());
-        if !fresh {
+        if !VcpuMmu::check_mmio_spte(vm, leaf, gen) {
             stats.stale_gen_misses += 1;
             return Ok(None);
         }
@@ -570,34 +569,5 @@ impl<H: Host + GuestMemory> Vcpu<H> {
             FetchOutcome::Retry(cause) => retry(stats, cause),
             FetchOutcome::OutOfMemory => return Err(FaultError::OutOfMemory(walk.gpa)),
         })
-    }
-}
-
-/// The shadow fast path's walk found no MMIO SPTE: a genuine misconfiguration, a host
-/// inconsistency, or an entry zapped or fixed under the walk (Retry, never an error: 2011).
-#[cold]
-fn shadow_not_mmio(
-    stats: &mut VcpuStats,
-    bugs: crate::bugs::BugSet,
-    gva: Gva,
-    walk: LocklessWalk,
-) -> Result<Option<FaultOutcome>, FaultError> {
-    match walk {
-        LocklessWalk::Reserved { level, reason, dump } => {
-            Err(FaultError::Misconfig { gpa: Gpa(gva.raw()), level: level.get(), reason, dump })
-        }
-        LocklessWalk::Broken { dump } => Err(FaultError::Internal { gpa: Gpa(gva.raw()), dump }),
-        LocklessWalk::Leaf { leaf, level, dump } => {
-            if bugs.has(Bug::ZappedSpteIsMisconfig) && !SpteFormat::is_mmu_present(leaf) {
-                return Err(FaultError::Misconfig {
-                    gpa: Gpa(gva.raw()),
-                    level: level.get(),
-                    reason: crate::spte::RsvdReason::ReservedBit { bit: 0, level: level.get() },
-                    dump,
-                });
-            }
-            // Zapped under the walk (or fixed meanwhile): let the CPU fault again.
-            Ok(Some(retry(stats, RetryCause::ZappedUnderWalk)))
-        }
     }
 }
