@@ -116,7 +116,18 @@ pub struct MmioNumbers {
     pub baseline: crate::timing::Summary,
 }
 
-/// Measures the four paths.
+/// Installs the MMIO SPTEs of `gpas` (slow path), then checks the fast path once on each.
+fn install_mmio_sptes(v: &mut Vcpu<SimHost>, gpas: &[Gpa]) -> Result<(), BenchError> {
+    for &g in gpas {
+        expect(v.handle_ept_violation(g, FaultAccess::READ), EmulateSource::SlowPathMmio)?;
+    }
+    for &g in gpas {
+        expect(v.handle_ept_misconfig(g), EmulateSource::MmioSpteHit)?;
+    }
+    Ok(())
+}
+
+/// Measures the paths.
 pub fn measure(batches: usize) -> Result<MmioNumbers, BenchError> {
     let host = crate::sim_host(1 << 16)?;
     let a = Gpa(MMIO_A);
@@ -128,13 +139,7 @@ pub fn measure(batches: usize) -> Result<MmioNumbers, BenchError> {
     // misses, so every call walks the tables.
     let cycle: Vec<Gpa> =
         (0..=vmmu::vcpu::mmio_cache::ENTRIES as u64).map(|i| Gpa(MMIO_A + i * 0x2000)).collect();
-    // Install the MMIO SPTEs (slow path), then check the fast path once on each.
-    for &g in &cycle {
-        expect(on.handle_ept_violation(g, FaultAccess::READ), EmulateSource::SlowPathMmio)?;
-    }
-    for &g in &cycle {
-        expect(on.handle_ept_misconfig(g), EmulateSource::MmioSpteHit)?;
-    }
+    install_mmio_sptes(&mut on, &cycle)?;
     let mut next = 0;
     let fast = per_call(batches, 1000, || {
         next = crate::cycle_next(next, cycle.len());
@@ -143,12 +148,7 @@ pub fn measure(batches: usize) -> Result<MmioNumbers, BenchError> {
     // The same, with each gfn in its own 2 MiB and more of them than the vCPU's leaf-table cache
     // holds: it misses on every call too, so each call walks from the root.
     let far: Vec<Gpa> = (0..FAR_GFNS).map(|i| Gpa(MMIO_A + (1 << 30) + i * (2 << 20))).collect();
-    for &g in &far {
-        expect(on.handle_ept_violation(g, FaultAccess::READ), EmulateSource::SlowPathMmio)?;
-    }
-    for &g in &far {
-        expect(on.handle_ept_misconfig(g), EmulateSource::MmioSpteHit)?;
-    }
+    install_mmio_sptes(&mut on, &far)?;
     let hits0 = on.stats.mmio_spte_hits;
     // Start with the gfn the round-robin cache evicted longest ago (the check left it at the
     // last one).
