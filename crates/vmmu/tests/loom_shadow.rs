@@ -113,6 +113,17 @@ fn long4_vcpu(vm: &Vm<TestHost>, cr3: u64) -> Vcpu<TestHost> {
     v
 }
 
+/// A shadow VM whose long-mode guest maps `GVA` to the device page `MMIO_GPA`, and a vCPU that
+/// read it once (the slow path installed the MMIO SPTE and cached the GVA). Returns the CR3 too.
+fn vcpu_after_an_mmio_read(bugs: BugSet) -> (Vm<TestHost>, Arc<TestHost>, Vcpu<TestHost>, u64) {
+    let (vm, host) = shadow_vm(bugs);
+    let cr3 = long4_tables(&host, MMIO_GPA);
+    let mut v = long4_vcpu(&vm, cr3);
+    let mmio = Gpa(MMIO_GPA);
+    assert_eq!(access(&mut v, GVA), Seen::Mmio(mmio, EmulateSource::SlowPathMmio), "setup");
+    (vm, host, v, cr3)
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Seen {
     Ram(Pfn),
@@ -178,11 +189,8 @@ fn lockless_walk_vs_zap(bugs: BugSet, zap_all: bool) -> Coverage {
     let c = cov.clone();
     model(move || {
         c.execution();
-        let (vm, host) = shadow_vm(bugs);
-        let cr3 = long4_tables(&host, MMIO_GPA);
-        let mut v = long4_vcpu(&vm, cr3);
+        let (vm, host, mut v, cr3) = vcpu_after_an_mmio_read(bugs);
         let mmio = Gpa(MMIO_GPA);
-        assert_eq!(access(&mut v, GVA), Seen::Mmio(mmio, EmulateSource::SlowPathMmio), "setup");
         // A MOV CR3 of the same CR3 keeps the root (and its MMIO SPTE) and drops the GVA cache:
         // the next RSVD fault takes the lockless shadow walk.
         v.load_cr3(cr3).unwrap();
@@ -313,11 +321,7 @@ fn gva_cache_vs_slot_create(bugs: BugSet, check_after_join: bool) -> Coverage {
     let c = cov.clone();
     model(move || {
         c.execution();
-        let (vm, host) = shadow_vm(bugs);
-        let cr3 = long4_tables(&host, MMIO_GPA);
-        let mut v = long4_vcpu(&vm, cr3);
-        let mmio = Gpa(MMIO_GPA);
-        assert_eq!(access(&mut v, GVA), Seen::Mmio(mmio, EmulateSource::SlowPathMmio), "setup");
+        let (vm, host, mut v, _cr3) = vcpu_after_an_mmio_read(bugs);
         let gen = vm.memslots().generation(vmmu::AsId(0));
         assert!(v.mmio_cache().match_gva(GVA, gen, BugSet::NONE), "setup: the GVA is cached");
         let ram = Seen::Ram(Pfn(NEW_HVA >> 12));

@@ -15,6 +15,7 @@ use vmmu::memslot::UserspaceMemoryRegion;
 use vmmu::shadow::ShadowRootKind;
 use vmmu::stats::RetryCause;
 use vmmu::testing::TestHost;
+use vmmu::vcpu::Vcpu;
 use vmmu::vm::{Vm, VmConfig};
 use vmmu::{Gpa, Gva};
 
@@ -166,20 +167,30 @@ fn recycling_keeps_the_page_limit_and_translations_right() {
     assert!(shadow.pages_in_use() <= 64, "{} pages in use", shadow.pages_in_use());
 }
 
-#[test]
-fn a_lockless_walk_over_a_shrunk_page_retries_instead_of_reporting_a_misconfiguration() {
-    let (vm, host, next) = shadow_vm(BugSet::NONE);
+/// One vCPU maps GVA 0x4000_0000 to MMIO; another saw the MMIO SPTE (an RSVD #PF), then the
+/// shrinker zapped the pages before its fault handler walked: returns what that fault ended as,
+/// with the VM, its host and the second vCPU.
+#[allow(clippy::type_complexity)]
+fn rsvd_fault_after_a_shrink(
+    bugs: BugSet,
+) -> (Result<FaultOutcome, vmmu::fault::FaultError>, Vm<TestHost>, Arc<TestHost>, Vcpu<TestHost>) {
+    let (vm, host, next) = shadow_vm(bugs);
     let s = Space::new(&host, &next);
     s.map4k(0x4000_0000, MMIO_GPA, P | RW | US);
     let mut v = vcpu_in(&vm, long4(s.cr3));
     assert!(matches!(access(&mut v, 0x4000_0000, false), Seen::Mmio(..)));
-    // Another vCPU saw the MMIO SPTE (an RSVD #PF), then the shrinker zapped the pages before
-    // its fault handler walked: the walk finds the entry cleared.
     let mut v2 = vcpu_in(&vm, long4(s.cr3));
     v2.service_requests().unwrap();
     assert!(vm.shrink_shadow_pages(1000) > 0);
     let o =
         v2.handle_page_fault(Gva(0x4000_0000), PfErr(PfErr::USER | PfErr::RSVD | PfErr::PRESENT));
+    (o, vm, host, v2)
+}
+
+#[test]
+fn a_lockless_walk_over_a_shrunk_page_retries_instead_of_reporting_a_misconfiguration() {
+    // The walk finds the entry cleared.
+    let (o, _vm, host, mut v2) = rsvd_fault_after_a_shrink(BugSet::NONE);
     assert_eq!(o, Ok(FaultOutcome::Retry(RetryCause::ZappedUnderWalk)));
     assert!(matches!(access(&mut v2, 0x4000_0000, false), Seen::Mmio(..)));
     assert_eq!(host.use_after_free(), 0);
@@ -203,16 +214,7 @@ fn tdp_vms_refuse_shadow_entry_points() {
 #[cfg(feature = "historical-bugs")]
 #[test]
 fn the_zapped_page_as_misconfig_bug_stops_the_vcpu_under_shadow_paging() {
-    let (vm, host, next) = shadow_vm(BugSet::only(vmmu::bugs::Bug::ZappedSpteIsMisconfig));
-    let s = Space::new(&host, &next);
-    s.map4k(0x4000_0000, MMIO_GPA, P | RW | US);
-    let mut v = vcpu_in(&vm, long4(s.cr3));
-    assert!(matches!(access(&mut v, 0x4000_0000, false), Seen::Mmio(..)));
-    let mut v2 = vcpu_in(&vm, long4(s.cr3));
-    v2.service_requests().unwrap();
-    assert!(vm.shrink_shadow_pages(1000) > 0);
-    let o =
-        v2.handle_page_fault(Gva(0x4000_0000), PfErr(PfErr::USER | PfErr::RSVD | PfErr::PRESENT));
+    let (o, ..) = rsvd_fault_after_a_shrink(BugSet::only(vmmu::bugs::Bug::ZappedSpteIsMisconfig));
     assert!(
         matches!(o, Err(vmmu::fault::FaultError::Misconfig { .. })),
         "harm: the vCPU's run fails on a page the shrinker zapped; got {o:?}"
