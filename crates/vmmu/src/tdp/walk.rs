@@ -237,18 +237,15 @@ impl<H: Host> TdpMmu<H> {
             }
         }
         let (walk, leaf_table) = self.walk_lockless(root_pfn, root_level, gfn);
-        let fill = leaf_table.and_then(|pfn| {
-            self.host.table(pfn).map(|table| LeafTable {
+        if let Some((_pfn, table)) = leaf_table {
+            cache.fill(LeafTable {
                 root: root_pfn,
                 region: gfn.raw() >> 9,
                 table,
                 #[cfg(any(debug_assertions, loom))]
-                pfn,
+                pfn: _pfn,
                 epoch,
-            })
-        });
-        if let Some(t) = fill {
-            cache.fill(t);
+            });
         }
         match walk {
             LocklessWalk::Leaf { leaf, .. } if self.cfg.codec.is_mmio(leaf) => {
@@ -262,13 +259,14 @@ impl<H: Host> TdpMmu<H> {
     /// on every MMU-present entry (a non-present leaf, which includes MMIO SPTEs, is not checked).
     ///
     /// The caller holds a `table_srcu` read section and holds `root_pfn` as its current root.
-    /// Also returns the level-1 table the walk read its last entry from, if it got that far.
+    /// Also returns the level-1 table the walk read its last entry from (frame and entries), if
+    /// it got that far.
     fn walk_lockless(
         &self,
         root_pfn: Pfn,
         root_level: Level,
         gfn: Gfn,
-    ) -> (LocklessWalk, Option<Pfn>) {
+    ) -> (LocklessWalk, Option<(Pfn, NonNull<TableEntries>)>) {
         let fmt = self.cfg.format;
         let mut dump = SpteDump::default();
         let mut pfn = root_pfn;
@@ -280,7 +278,7 @@ impl<H: Host> TdpMmu<H> {
             };
             let spte = table[level.index(gfn)].load(Ordering::Acquire);
             dump.push(level, spte);
-            let leaf_table = (level == Level::L4K).then_some(pfn);
+            let leaf_table = (level == Level::L4K).then(|| (pfn, NonNull::from(table)));
             if !SpteFormat::is_mmu_present(spte) {
                 return (LocklessWalk::Leaf { leaf: spte, level, dump }, leaf_table);
             }
