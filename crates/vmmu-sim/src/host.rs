@@ -297,6 +297,8 @@ pub struct SimHost {
     /// miss or a preemption in the middle of a walk or an installation), which widens the
     /// windows between an MMU's decision and its table update so races show end to end.
     table_jitter: AtomicBool,
+    /// Whether 2 MiB blocks of a buffer count as huge pages (Linux THP on, the default).
+    huge_pages: AtomicBool,
 }
 
 /// Table lookups of one thread between two jitter yields.
@@ -352,6 +354,7 @@ impl SimHost {
             slow_end: AtomicU64::new(0),
             slow_ns: AtomicU64::new(0),
             table_jitter: AtomicBool::new(false),
+            huge_pages: AtomicBool::new(true),
             slow_entered: AtomicBool::new(false),
         })
     }
@@ -503,6 +506,14 @@ impl SimHost {
         self.table_jitter.store(on, Ordering::Relaxed);
     }
 
+    /// Turns huge host pages on (the default: a naturally aligned 2 MiB block of a buffer is one
+    /// transparent huge page, [`HostPage::level`] 2 MiB) or off (THP disabled: every host page
+    /// is 4 KiB, so the MMU maps everything with 4 KiB leaves). Set it before the MMU maps
+    /// anything: the level is read at each translation.
+    pub fn set_huge_pages(&self, on: bool) {
+        self.huge_pages.store(on, Ordering::Relaxed);
+    }
+
     /// Slow translations of a host-address range (or none).
     pub fn set_slow_translations(&self, slow: Option<(Hva, Hva, std::time::Duration)>) {
         match slow {
@@ -569,7 +580,8 @@ impl HostMemory for SimHost {
         let block = hva.0 & !(SIZE_2M - 1);
         let in_buffer = block >= buf.hva().0 && block + SIZE_2M <= buf.hva().0 + buf.len;
         let congruent = (hva.0 / PAGE_SIZE) % PAGES_PER_2M == pfn.0 % PAGES_PER_2M;
-        let level = if in_buffer && congruent { Level::L2M } else { Level::L4K };
+        let huge = in_buffer && congruent && self.huge_pages.load(Ordering::Relaxed);
+        let level = if huge { Level::L2M } else { Level::L4K };
         Ok(HostPage { pfn, writable, level })
     }
 }

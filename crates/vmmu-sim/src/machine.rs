@@ -27,6 +27,8 @@
 //! - table lookups that now and then yield the CPU in the middle of a walk or an installation
 //!   (`SimHost::set_table_jitter`), as a cache miss or a preemption would, so that a vCPU's
 //!   decision and its table update are far apart in time now and then;
+//! - 4 KiB host pages only (`SimHost::set_huge_pages`, Linux with THP off), so every page of a
+//!   slot is faulted, mapped and raced for on its own, as a huge leaf would hide it;
 //! - with 3 or more vCPUs, the last one is a spinner: private RAM only (TLB hits once warm) and
 //!   it never leaves guest mode by itself between batches, only when the MMU makes it (a request,
 //!   a fault) or the run stops. An MMU whose memslot update waits for a grace period that only a
@@ -407,8 +409,10 @@ impl Machine {
     ) -> Result<Report, SimError> {
         let cfg = &self.config;
         let n = cfg.vcpus;
-        // Stress runs stretch the MMU's decision-to-install windows (see `SimHost::table`).
+        // Stress runs stretch the MMU's decision-to-install windows (see `SimHost::table`), and
+        // map with 4 KiB leaves only, so that vCPUs race per page.
         self.host().set_table_jitter(cfg.stress_paths);
+        self.host().set_huge_pages(!cfg.stress_paths);
         let states: Vec<M::Vcpu> = (0..n).map(|i| mmu.create_vcpu(i)).collect();
         let l = self.layout();
         let migration = cfg
