@@ -86,7 +86,7 @@ pub struct MachineArgs {
     /// Cache MMIO in SPTEs (the MMU may still turn it off, and says why in the report).
     #[arg(long = "mmio-caching", value_enum, default_value_t = OnOff::On)]
     pub mmio_caching: OnOff,
-    /// Run twice, with MMIO caching on and off, and compare.
+    /// Compare MMIO caching on and off: four runs of half `--seconds` each (on, off, off, on).
     #[arg(long = "compare-caching", conflicts_with = "mmio_caching")]
     pub compare_caching: bool,
     /// Print the report as JSON on stdout.
@@ -260,7 +260,10 @@ fn one_run(
     bugs: BugSet,
     show_progress: bool,
 ) -> Result<Report, String> {
-    let opts = args.options(caching, bugs);
+    one_run_with(args.options(caching, bugs), show_progress)
+}
+
+fn one_run_with(opts: RunOptions, show_progress: bool) -> Result<Report, String> {
     let progress =
         if show_progress { Progress::for_terminal(opts.duration()) } else { Progress::hidden() };
     let report = opts.run(&mut |snap| progress.update(snap)).map_err(|e| e.to_string())?;
@@ -272,8 +275,92 @@ fn per_sec(r: &Report) -> f64 {
     r.total_accesses() as f64 / r.elapsed_seconds.max(1e-9)
 }
 
-fn mmio_ns(r: &Report) -> f64 {
-    r.mmu.extra.as_ref().map_or(0.0, |c| c.mmio_ns_per_translation())
+/// The order of `--compare-caching`'s runs (ABBA): a drift of the machine's speed during the
+/// comparison (another tenant, frequency) weighs on both settings alike.
+const COMPARE_ORDER: [bool; 4] = [true, false, false, true];
+
+/// Throughput (accesses/s) and MMIO cost (ns per MMIO translation) of some runs taken together.
+fn pooled(runs: &[&Report]) -> (f64, f64) {
+    let accesses: u64 = runs.iter().map(|r| r.total_accesses()).sum();
+    let secs: f64 = runs.iter().map(|r| r.elapsed_seconds).sum();
+    let (ns, n) = runs
+        .iter()
+        .filter_map(|r| r.mmu.extra.as_ref())
+        .fold((0u64, 0u64), |a, c| (a.0 + c.mmio_translate_ns, a.1 + c.mmio_translations));
+    let cost = if n == 0 { 0.0 } else { ns as f64 / n as f64 };
+    (accesses as f64 / secs.max(1e-9), cost)
+}
+
+/// `--compare-caching`: four runs of half `--seconds` each, caching on, off, off, on; the ratios
+/// pool each setting's two runs. The first run of each setting is printed in full.
+fn compare_caching(args: &RunArgs, bugs: BugSet, report_file: Option<ReportFile>) -> ExitCode {
+    let json = args.opts.json;
+    let mut runs: Vec<(bool, Report)> = Vec::new();
+    for caching in COMPARE_ORDER {
+        let mut opts = args.options(caching, bugs);
+        opts.seconds /= 2.0;
+        match one_run_with(opts, !json) {
+            Ok(r) => runs.push((caching, r)),
+            Err(e) => {
+                eprintln!("vmmu run: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    let of = |caching: bool| -> Vec<&Report> {
+        runs.iter().filter(|(c, _)| *c == caching).map(|(_, r)| r).collect()
+    };
+    let (on_runs, off_runs) = (of(true), of(false));
+    let ((tput_on, ns_on), (tput_off, ns_off)) = (pooled(&on_runs), pooled(&off_runs));
+    let cost_ratio = if ns_on > 0.0 { ns_off / ns_on } else { 0.0 };
+    let tput_ratio = tput_on / tput_off.max(1e-9);
+    // Each half of the ABBA order on its own: (on, off) and (off, on).
+    let halves: Vec<f64> = [(0, 1), (3, 2)]
+        .iter()
+        .map(|&(a, b)| per_sec(&runs[a].1) / per_sec(&runs[b].1).max(1e-9))
+        .collect();
+    let (on, off) = (on_runs[0], off_runs[0]);
+    if json {
+        println!(
+            "{{\"caching_on\":{},\"caching_off\":{},\"ratios\":{{\"mmio_ns_per_exit_on\":{:.1},\"mmio_ns_per_exit_off\":{:.1},\"mmio_cost_off_over_on\":{:.3},\"throughput_on_over_off\":{:.3},\"throughput_on_over_off_halves\":[{:.3},{:.3}]}}}}",
+            to_json(on),
+            to_json(off),
+            ns_on,
+            ns_off,
+            cost_ratio,
+            tput_ratio,
+            halves[0],
+            halves[1]
+        );
+    } else {
+        println!("== MMIO caching on\n{}\n== MMIO caching off\n{}", Text(on), Text(off));
+        println!(
+            "compare (runs on, off, off, on of {} s each; each setting's two runs pooled): MMIO \
+             handling {ns_on:.0} ns/exit with caching, {ns_off:.0} ns without ({cost_ratio:.2}x); \
+             throughput {tput_on:.0} vs {tput_off:.0} accesses/s ({tput_ratio:.2}x; {:.2}x and \
+             {:.2}x in the two halves)",
+            args.opts.seconds / 2.0,
+            halves[0],
+            halves[1]
+        );
+    }
+    let bad: u64 = runs.iter().map(|(_, r)| r.oracle.violations).sum();
+    let named: Vec<(&str, &Report)> = runs
+        .iter()
+        .zip([
+            "MMIO caching on (1 of 2)",
+            "MMIO caching off (1 of 2)",
+            "MMIO caching off (2 of 2)",
+            "MMIO caching on (2 of 2)",
+        ])
+        .map(|((_, r), name)| (name, r))
+        .collect();
+    let written = write_report(args, report_file, &named);
+    if bad == 0 && written {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 /// Runs `vmmu run`.
@@ -304,45 +391,7 @@ pub fn run(args: &RunArgs) -> ExitCode {
     };
     let json = args.opts.json;
     if args.opts.compare_caching {
-        let on = one_run(args, true, bugs, !json);
-        let off = one_run(args, false, bugs, !json);
-        let (on, off) = match (on, off) {
-            (Ok(a), Ok(b)) => (a, b),
-            (Err(e), _) | (_, Err(e)) => {
-                eprintln!("vmmu run: {e}");
-                return ExitCode::from(1);
-            }
-        };
-        let cost_ratio = if mmio_ns(&on) > 0.0 { mmio_ns(&off) / mmio_ns(&on) } else { 0.0 };
-        let tput_ratio = per_sec(&on) / per_sec(&off).max(1e-9);
-        if json {
-            println!(
-                "{{\"caching_on\":{},\"caching_off\":{},\"ratios\":{{\"mmio_ns_per_exit_on\":{:.1},\"mmio_ns_per_exit_off\":{:.1},\"mmio_cost_off_over_on\":{:.3},\"throughput_on_over_off\":{:.3}}}}}",
-                to_json(&on),
-                to_json(&off),
-                mmio_ns(&on),
-                mmio_ns(&off),
-                cost_ratio,
-                tput_ratio
-            );
-        } else {
-            println!("== MMIO caching on\n{}\n== MMIO caching off\n{}", Text(&on), Text(&off));
-            println!(
-                "compare: MMIO handling {:.0} ns/exit with caching, {:.0} ns without ({cost_ratio:.2}x); \
-                 throughput {:.0} vs {:.0} accesses/s ({tput_ratio:.2}x)",
-                mmio_ns(&on),
-                mmio_ns(&off),
-                per_sec(&on),
-                per_sec(&off)
-            );
-        }
-        let bad = on.oracle.violations + off.oracle.violations;
-        let written = write_report(
-            args,
-            report_file,
-            &[("MMIO caching on", &on), ("MMIO caching off", &off)],
-        );
-        return if bad == 0 && written { ExitCode::SUCCESS } else { ExitCode::from(1) };
+        return compare_caching(args, bugs, report_file);
     }
     let caching = args.opts.mmio_caching == OnOff::On;
     match one_run(args, caching, bugs, !json) {

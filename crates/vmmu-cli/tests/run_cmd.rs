@@ -97,8 +97,13 @@ fn compare_caching_prints_both_runs_and_ratios() {
     assert_eq!(r["caching_off"]["config"]["mmio_caching"]["effective"], false);
     assert!(r["ratios"]["mmio_cost_off_over_on"].as_f64().unwrap() > 0.0);
     assert!(r["ratios"]["throughput_on_over_off"].as_f64().unwrap() > 0.0);
+    let halves = r["ratios"]["throughput_on_over_off_halves"].as_array().expect("halves");
+    assert_eq!(halves.len(), 2, "the (on, off) and (off, on) halves");
+    assert!(halves.iter().all(|h| h.as_f64().unwrap() > 0.0));
     let text = vmmu(&["run", "--seconds", "0.2", "--compare-caching"]);
-    assert!(String::from_utf8_lossy(&text.stdout).contains("compare: MMIO handling"));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("compare (runs on, off, off, on of 0.1 s each"), "{text}");
+    assert!(text.contains("MMIO handling"), "{text}");
 }
 
 /// Guest paging (issue 14 point 2): `--format shadow` (and `--guest-paging` with EPT) run clean,
