@@ -1,8 +1,9 @@
 //! Group 1: one MMIO access, resolved five ways.
 //!
 //! - **fast path**: an EPT misconfiguration on a gfn whose MMIO SPTE is installed; one gfn more
-//!   than the per-vCPU cache holds, cycled, so the cache always misses and every call takes the
-//!   lockless walk (KVM `handle_mmio_page_fault`). The gfns share one 2 MiB, as a device's
+//!   than the per-vCPU cache holds, 16 KiB apart so that all select one entry of the
+//!   direct-mapped cache, cycled, so the cache always misses and every call takes the lockless
+//!   walk (KVM `handle_mmio_page_fault`). The gfns share one 2 MiB, as a device's
 //!   registers do, so the walk is answered by the vCPU's leaf-table cache (`vmmu::tdp` walk
 //!   module: one entry read from the last level-1 table, validated by the table epoch);
 //! - **fast path, whole walk**: the same with the gfns 2 MiB apart, so the leaf-table cache
@@ -135,10 +136,10 @@ pub fn measure(batches: usize) -> Result<MmioNumbers, BenchError> {
     let mut flip = false;
 
     let mut on = vcpu_of(true, &host)?;
-    // One gfn more than the per-vCPU cache holds, cycled in order: the round-robin cache always
-    // misses, so every call walks the tables.
+    // One gfn more than the per-vCPU cache holds, 16 KiB apart (so all select one entry of the
+    // direct-mapped cache), cycled in order: the cache always misses, so every call walks.
     let cycle: Vec<Gpa> =
-        (0..=vmmu::vcpu::mmio_cache::ENTRIES as u64).map(|i| Gpa(MMIO_A + i * 0x2000)).collect();
+        (0..=vmmu::vcpu::mmio_cache::ENTRIES as u64).map(|i| Gpa(MMIO_A + i * 0x4000)).collect();
     install_mmio_sptes(&mut on, &cycle)?;
     let mut next = 0;
     let fast = per_call(batches, 1000, || {
@@ -150,8 +151,8 @@ pub fn measure(batches: usize) -> Result<MmioNumbers, BenchError> {
     let far: Vec<Gpa> = (0..FAR_GFNS).map(|i| Gpa(MMIO_A + (1 << 30) + i * (2 << 20))).collect();
     install_mmio_sptes(&mut on, &far)?;
     let hits0 = on.stats.mmio_spte_hits;
-    // Start with the gfn the round-robin cache evicted longest ago (the check left it at the
-    // last one).
+    // Start with the gfn after the last one the check used (the gfns 2 MiB apart share two
+    // entries of the per-vCPU cache, each evicted before its gfn comes round again).
     next = far.len() - 1;
     let fast_walk = per_call(batches, 1000, || {
         next = crate::cycle_next(next, far.len());

@@ -6,8 +6,9 @@
 //!   `handle_mmio_page_fault` -> `vcpu_match_mmio_gva`);
 //! - **MMIO SPTE hit**: the same fault on a GVA the cache does not hold, so the lockless shadow
 //!   walk finds the MMIO SPTE (and refills the cache). One GVA more than the cache has entries
-//!   ([`vmmu::vcpu::mmio_cache::ENTRIES`]), each mapping its own MMIO gfn, is cycled in order: the
-//!   round-robin cache holds the last `ENTRIES` GVAs, so the next one in the cycle is never there.
+//!   ([`vmmu::vcpu::mmio_cache::ENTRIES`]), each mapping its own MMIO gfn, 16 KiB apart so that
+//!   all select the same entry of the direct-mapped cache, is cycled in order: the entry holds
+//!   the GVA just used, so the next one in the cycle is never there.
 //!   Each call therefore costs one cache miss (as every SPTE hit does) plus the walk: nothing
 //!   else (no CR3 reload, no cache clearing) is timed;
 //! - **uncached**: a VM with MMIO caching off (`mmio_caching = false`, KVM `kvm.mmio_caching=0`)
@@ -42,7 +43,7 @@ const G: &str = "shadow";
 const RAM_SLOTS: u64 = 10;
 /// The guest's PML4; the PDPT, PD and PT follow it page by page.
 const CR3: u64 = 0x1000;
-/// The GVAs used (a 4 KiB page each, consecutive): PML4 index 0, PDPT index 1, PD index 0.
+/// The GVAs used (a 4 KiB page each, 16 KiB apart): PML4 index 0, PDPT index 1, PD index 0.
 const GVA_BASE: u64 = 0x4000_0000;
 /// Offset of the access inside its page.
 const OFFSET: u64 = 0x10;
@@ -58,7 +59,7 @@ const RW: u64 = 2;
 const US: u64 = 4;
 
 fn gva(i: usize) -> Gva {
-    Gva(GVA_BASE + i as u64 * 0x1000 + OFFSET)
+    Gva(GVA_BASE + i as u64 * 0x4000 + OFFSET)
 }
 
 fn mmio_gpa(i: usize) -> Gpa {
@@ -172,13 +173,13 @@ pub fn measure(batches: usize) -> Result<ShadowNumbers, BenchError> {
             return Err(BenchError::Harness(format!("GVA {i}: no MMIO SPTE installed")));
         }
     }
-    // Cycling GVAS GVAs through the ENTRIES-entry round-robin cache: every one misses it (twice
-    // round, so the check covers the steady state the timing sees).
+    // Cycling GVAS GVAs through one entry of the cache: every one misses it (twice round, so the
+    // check covers the steady state the timing sees).
     for i in (0..GVAS).chain(0..GVAS) {
         expect(&mut on, gva(i), RSVD, mmio_gpa(i), EmulateSource::MmioSpteHit)?;
     }
     // Continue the cycle where the check left it (at the last GVA), so the first timed call is
-    // GVA 0, the one the cache evicted longest ago.
+    // GVA 0.
     let mut next = GVAS - 1;
     let (h0, c0) = (on.stats.mmio_spte_hits, on.stats.mmio_cache_hits);
     let spte = per_call(batches, BATCH, || {
@@ -235,8 +236,8 @@ pub fn run(opts: &Options) -> Result<Vec<Row>, BenchError> {
             .ratio(m.spte.median / slow, "x uncached")
             .target(target, m.spte.median * 10.0 <= slow)
             .note(format!(
-                "{GVAS} GVAs ({GVAS} MMIO gfns) cycled through the {ENTRIES}-entry cache: \
-                 every call misses it, then walks"
+                "{GVAS} GVAs ({GVAS} MMIO gfns) cycled through one entry of the {ENTRIES}-entry \
+                 cache: every call misses it, then walks"
             )),
         Row::new(G, "uncached: guest walk + memslot search + emulate", Unit::Ns, slow)
             .p99(m.uncached.p99)

@@ -65,9 +65,10 @@ fn mmio_hot_paths_allocate_nothing() {
         vm.set_memory_region(&region(0, 0, 0x20_0000, RAM_HVA, 0)).unwrap();
         let mut v = vm.create_vcpu().unwrap();
         v.service_requests().unwrap();
-        // One gfn more than the per-vCPU cache holds, cycled: every misconfig walks.
+        // One gfn more than the per-vCPU cache holds, 16 KiB apart (all in one entry of the
+        // direct-mapped cache), cycled: every misconfig walks.
         let n = vmmu::vcpu::mmio_cache::ENTRIES as u64 + 1;
-        let gpas: Vec<Gpa> = (0..n).map(|i| Gpa(0x1_0000_0000 + i * 0x1000)).collect();
+        let gpas: Vec<Gpa> = (0..n).map(|i| Gpa(0x1_0000_0000 + i * 0x4000)).collect();
         for &g in &gpas {
             let o = v.handle_ept_violation(g, FaultAccess::READ);
             assert_eq!(source(o), EmulateSource::SlowPathMmio);

@@ -243,13 +243,14 @@ fn misconfig_vs_zap(bugs: BugSet, warm: bool, target: u64) {
         let (vm, host) = vm(bugs);
         let mut v = vcpu(&vm);
         for g in X..=X + vmmu::vcpu::mmio_cache::ENTRIES as u64 {
-            // MMIO SPTEs for X and the next gfns, one more than the per-vCPU cache holds: the
-            // cache ends up without X (round robin), so X needs the walk.
+            // MMIO SPTEs for X and the next gfns, one more than the per-vCPU cache holds: X +
+            // ENTRIES takes X's entry of the direct-mapped cache, so X needs the walk.
             let o = v.handle_ept_violation(gpa(g), FaultAccess::READ).unwrap();
             assert!(matches!(o, FaultOutcome::Emulate { .. }), "setup: {o:?}");
         }
         if warm {
-            // X's fast path walks and keeps the level-1 table; it evicts X + 1 in turn.
+            // X's fast path walks and keeps the level-1 table; it takes back its entry of the
+            // per-vCPU cache from X + ENTRIES, which then needs the walk.
             let o = v.handle_ept_misconfig(gpa(X)).unwrap();
             assert!(
                 matches!(o, FaultOutcome::Emulate { source: EmulateSource::MmioSpteHit, .. }),
@@ -297,7 +298,7 @@ fn walk_vs_zap_catches_zapped_spte_is_misconfig() {
 // ---------------------------------------------------------------------------------------------
 
 fn leaf_cache_vs_zap(bugs: BugSet) {
-    misconfig_vs_zap(bugs, true, X + 1);
+    misconfig_vs_zap(bugs, true, X + vmmu::vcpu::mmio_cache::ENTRIES as u64);
 }
 
 #[test]
@@ -425,7 +426,8 @@ fn wrap_hook_vs_prewrap_spte(bugs: BugSet) {
             let e = unsafe { vm.mmu().entry_for_tests(root, Gfn(X), Level::L4K) }.unwrap();
             e.store(codec.make(Gfn(X), Generation::from_raw(0), Access::ALL), Ordering::Release);
         }
-        // Fill the per-vCPU cache with other gfns (as many as it holds), so X needs the walk.
+        // Fill the per-vCPU cache with the next gfns (as many as it holds): X + ENTRIES takes
+        // X's entry of the direct-mapped cache, so X needs the walk.
         for g in Y..Y + vmmu::vcpu::mmio_cache::ENTRIES as u64 {
             let o = v.handle_ept_violation(gpa(g), FaultAccess::READ).unwrap();
             assert!(matches!(o, FaultOutcome::Emulate { .. }), "setup: {o:?}");

@@ -28,13 +28,6 @@ pub(super) enum FastOutcome {
     Invalid,
 }
 
-/// The slow path's result.
-enum SlowOutcome {
-    Done(FaultOutcome),
-    /// A table is linked where the fault's huge leaf belongs ([`MapOutcome::TableInTheWay`]).
-    TableInTheWay(crate::types::Level),
-}
-
 /// Counts a retry by its cause and returns it (both MMUs' fault paths).
 pub(super) fn retry(stats: &mut VcpuStats, cause: RetryCause) -> FaultOutcome {
     stats.retries[cause as usize] += 1;
@@ -71,15 +64,16 @@ impl VcpuMmu {
         stats.pf_taken += 1;
         let outcome = self.tdp_page_fault(vm, stats, set, &mut fault);
         drop(guard);
-        match outcome? {
-            SlowOutcome::Done(o) => Ok(o),
-            SlowOutcome::TableInTheWay(level) => {
-                // Outside every read section and lock, as a zap must be; then fault again and
-                // install the huge leaf.
-                vm.mmu.zap_for_huge_leaf(self.as_id, fault.gfn, level);
-                Ok(retry(stats, RetryCause::TableInTheWay))
-            }
+        if let (
+            Ok(FaultOutcome::Retry(RetryCause::TableInTheWay)),
+            Backing::Ram { max_level, .. },
+        ) = (&outcome, fault.backing)
+        {
+            // The map found a table where the leaf of `max_level` belongs. Outside every read
+            // section and lock, as a zap must be: zap it; the retry installs the huge leaf.
+            vm.mmu.zap_for_huge_leaf(self.as_id, fault.gfn, max_level);
         }
+        outcome
     }
 
     /// KVM `check_mmio_spte`: no hit while an update is in progress; else the SPTE's generation
@@ -185,7 +179,7 @@ impl VcpuMmu {
         stats: &mut VcpuStats,
         set: &MemslotSet,
         fault: &mut PageFault,
-    ) -> Result<SlowOutcome, FaultError> {
+    ) -> Result<FaultOutcome, FaultError> {
         let mmu = &vm.mmu;
         let bugs = vm.bugs;
         let codec = mmu.cfg.codec;
@@ -201,16 +195,16 @@ impl VcpuMmu {
         )?;
         match stop {
             None => {}
-            Some(FaultinStop::Retry(cause)) => return Ok(SlowOutcome::Done(retry(stats, cause))),
+            Some(FaultinStop::Retry(cause)) => return Ok(retry(stats, cause)),
             Some(FaultinStop::ReadOnlyWrite) => {
                 // Emulate, and never cache it as MMIO (reads of that gfn are RAM).
                 stats.readonly_write_emulations += 1;
                 stats.pf_emulate += 1;
-                return Ok(SlowOutcome::Done(FaultOutcome::Emulate {
+                return Ok(FaultOutcome::Emulate {
                     gpa,
                     access: fault.access.required(),
                     source: EmulateSource::ReadOnlyWrite,
-                }));
+                });
             }
         }
         let mmio_access = Access::from_bits(Access::ALL.bits() & codec.access_mask() as u8);
@@ -224,11 +218,11 @@ impl VcpuMmu {
                 stats.slow_path_mmio += 1;
                 stats.pf_emulate += 1;
                 if !codec.enabled() || fault.gfn > mmu.cfg.max_gfn {
-                    return Ok(SlowOutcome::Done(FaultOutcome::Emulate {
+                    return Ok(FaultOutcome::Emulate {
                         gpa,
                         access: mmio_access,
                         source: EmulateSource::SlowPathMmio,
-                    }));
+                    });
                 }
                 LeafSpec::Mmio(codec.make(fault.gfn, gen, Access::ALL))
             }
@@ -241,12 +235,12 @@ impl VcpuMmu {
         mmu.host.preempt_point(crate::host::PreemptPoint::FaultDecided);
         let shared = mmu.mmu_lock.read_vcpu(&mmu.vcpus[self.index], &mmu.relax());
         let Some(root) = self.root.as_ref() else {
-            return Ok(SlowOutcome::Done(retry(stats, RetryCause::NoRoot)));
+            return Ok(retry(stats, RetryCause::NoRoot));
         };
         let pending = mmu.vcpus[self.index].pending();
         if let Some(cause) = fault.stale(root.state(), pending, &mmu.inval, bugs) {
             drop(shared);
-            return Ok(SlowOutcome::Done(retry(stats, cause)));
+            return Ok(retry(stats, cause));
         }
         let outcome = mmu.map(&shared, root, fault, spec);
         if let (MapOutcome::Installed { .. }, Backing::Ram { slot, writable: true, .. }) =
@@ -260,31 +254,29 @@ impl VcpuMmu {
         let is_mmio = matches!(spec, LeafSpec::Mmio(_));
         let emulate_mmio =
             FaultOutcome::Emulate { gpa, access: mmio_access, source: EmulateSource::SlowPathMmio };
-        let done = match outcome {
+        match outcome {
             MapOutcome::Installed { .. } if is_mmio => {
                 stats.pf_mmio_spte_created += 1;
-                emulate_mmio
+                Ok(emulate_mmio)
             }
             // KVM returns EMULATE for an MMIO SPTE even when it was already there.
-            MapOutcome::Spurious if is_mmio => emulate_mmio,
+            MapOutcome::Spurious if is_mmio => Ok(emulate_mmio),
             MapOutcome::Installed { .. } => {
                 stats.pf_fixed += 1;
-                FaultOutcome::Fixed
+                Ok(FaultOutcome::Fixed)
             }
             // Another vCPU mapped the gfn with rights enough for this access (a RAM leaf from a
             // newer memslot set, while this fault decided from an older one): let the access
             // walk again and use it. Not Emulate, even if this fault thought "MMIO".
             MapOutcome::Spurious | MapOutcome::PresentLeafAllows => {
                 stats.pf_spurious += 1;
-                FaultOutcome::Spurious
+                Ok(FaultOutcome::Spurious)
             }
-            MapOutcome::Retry => retry(stats, RetryCause::Race),
-            MapOutcome::TableInTheWay { level } => return Ok(SlowOutcome::TableInTheWay(level)),
-            MapOutcome::OutOfMemory => return Err(FaultError::OutOfMemory(gpa)),
-            MapOutcome::Broken => {
-                return Err(FaultError::Internal { gpa, dump: Default::default() })
-            }
-        };
-        Ok(SlowOutcome::Done(done))
+            MapOutcome::Retry => Ok(retry(stats, RetryCause::Race)),
+            // The caller zaps the table (`page_fault`): not under this fault's locks.
+            MapOutcome::TableInTheWay { .. } => Ok(retry(stats, RetryCause::TableInTheWay)),
+            MapOutcome::OutOfMemory => Err(FaultError::OutOfMemory(gpa)),
+            MapOutcome::Broken => Err(FaultError::Internal { gpa, dump: Default::default() }),
+        }
     }
 }
