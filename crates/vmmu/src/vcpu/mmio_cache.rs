@@ -5,7 +5,7 @@
 //! KVM keeps one entry; this keeps [`ENTRIES`] (a guest that drives two devices in turn, or a
 //! device and its doorbell, would miss a single entry on every access and pay two table walks
 //! per exit instead). Each entry behaves as KVM's one does. The cache is direct-mapped: an
-//! address lives only in the entry its page number selects ([`slot_of`]: the GVA's page under
+//! address lives only in the entry its page number selects (`slot_of`: the GVA's page under
 //! shadow paging, else the gfn), so a lookup reads one entry. A miss therefore costs one compare,
 //! not a scan, and every MMIO SPTE hit of the fast path pays a miss first (measured by `vmmu
 //! bench --only mmio --only shadow`). Neighbouring pages select different entries.
@@ -18,7 +18,7 @@
 //! - gva 0 and gfn 0 mean "invalid", so they never hit (as in KVM);
 //! - [`MmioInfoCache::clear_gva`] clears only the gva parts (KVM `vcpu_clear_mmio_info`): the gfn
 //!   parts are guarded by the generation, the gva parts by guest page-table changes;
-//! - a gva page is only ever in the entry [`slot_of`] its page number, and so in at most one; a
+//! - a gva page is only ever in the entry `slot_of` its page number, and so in at most one; a
 //!   gfn filled without a gva likewise. A gfn filled through GVAs sits in the entry of each GVA
 //!   that maps it (aliases), so a lookup by gfn reads every entry once any fill had a gva.
 //!
