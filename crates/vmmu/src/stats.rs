@@ -162,8 +162,9 @@ impl Counter {
     }
 }
 
-/// Stripes of a [`StripedCounter`].
-const STRIPES: usize = 8;
+/// Stripes of a [`StripedCounter`] (a power of two).
+pub const STRIPES: usize = 8;
+const _: () = assert!(STRIPES.is_power_of_two());
 
 /// One stripe, on a cache line of its own.
 #[derive(Debug, Default)]
@@ -171,24 +172,54 @@ const STRIPES: usize = 8;
 struct Stripe(AtomicU64);
 
 /// A counter that many vCPUs change at once on their fault paths (present leaves): kept in
-/// cache-line stripes chosen by a key (the 2 MiB region of the gfn), so faults on different
-/// regions do not bounce one line between CPUs. Stripes wrap; their sum is the value.
+/// cache-line stripes, so that vCPUs faulting at the same time do not bounce one line between
+/// their CPUs. A fault counts in its vCPU's own stripe ([`StripeKey::Vcpu`]: one per vCPU up to
+/// [`STRIPES`] vCPUs); other changes (zaps, under the exclusive MMU lock) in a stripe chosen by a
+/// hash of the gfn's 2 MiB region. Stripes wrap; their sum is the value.
 #[derive(Debug, Default)]
 pub struct StripedCounter([Stripe; STRIPES]);
 
+/// Which stripe of a [`StripedCounter`] a change goes to.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum StripeKey {
+    /// A vCPU's fault: the vCPU's own stripe (index modulo [`STRIPES`]).
+    Vcpu(usize),
+    /// Anything else: the stripe of the gfn's 2 MiB region (Fibonacci hashing of the region,
+    /// so that runs of regions spread over all stripes).
+    Gfn(u64),
+}
+
 impl StripedCounter {
     #[inline]
-    fn stripe(&self, key: u64) -> &AtomicU64 {
-        &self.0[(key >> 9) as usize % STRIPES].0
+    fn stripe(&self, key: StripeKey) -> &AtomicU64 {
+        let i = match key {
+            StripeKey::Vcpu(index) => index % STRIPES,
+            StripeKey::Gfn(gfn) => {
+                let region = gfn >> 9;
+                (region.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - STRIPES.trailing_zeros()))
+                    as usize
+            }
+        };
+        &self.0[i].0
     }
     /// Adds `n` in the stripe of `key` (a gfn).
     #[inline]
     pub fn add(&self, key: u64, n: u64) {
-        self.stripe(key).fetch_add(n, Ordering::Relaxed);
+        self.add_at(StripeKey::Gfn(key), n);
     }
     /// Subtracts `n` in the stripe of `key` (a gfn).
     #[inline]
     pub fn sub(&self, key: u64, n: u64) {
+        self.sub_at(StripeKey::Gfn(key), n);
+    }
+    /// Adds `n` in the stripe `key` selects.
+    #[inline]
+    pub fn add_at(&self, key: StripeKey, n: u64) {
+        self.stripe(key).fetch_add(n, Ordering::Relaxed);
+    }
+    /// Subtracts `n` in the stripe `key` selects.
+    #[inline]
+    pub fn sub_at(&self, key: StripeKey, n: u64) {
         self.stripe(key).fetch_sub(n, Ordering::Relaxed);
     }
     /// The current value: the sum of the stripes.
@@ -279,5 +310,43 @@ impl VmStats {
             tables_freed: self.tables_freed.get(),
             dirty_log_protected: self.dirty_log_protected.get(),
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    fn stripe_of(c: &StripedCounter, gfn: u64) -> usize {
+        let p = c.stripe(StripeKey::Gfn(gfn)) as *const AtomicU64;
+        c.0.iter().position(|s| core::ptr::eq(&s.0, p)).expect("a stripe")
+    }
+
+    /// Two vCPUs faulting through ranges 128 regions (256 MiB) apart, one 2 MiB region per fault
+    /// in step: with the region's low bits as the stripe they would share a line on every fault.
+    #[test]
+    fn faults_in_step_on_ranges_far_apart_use_different_stripes_mostly() {
+        let c = StripedCounter::default();
+        let (a, b) = (0x10_0000u64, 0x10_0000u64 + (128 << 9));
+        let same = (0..1024u64)
+            .filter(|i| stripe_of(&c, a + (i << 9)) == stripe_of(&c, b + (i << 9)))
+            .count();
+        assert!(same < 1024 / 4, "{same} of 1024 faults on one stripe");
+        // Every stripe is used, and the sum is the value.
+        let used: std::collections::BTreeSet<usize> =
+            (0..64u64).map(|i| stripe_of(&c, i << 9)).collect();
+        assert_eq!(used.len(), STRIPES);
+        for i in 0..64u64 {
+            c.add(i << 9, 2);
+        }
+        c.sub(5 << 9, 1);
+        assert_eq!(c.get(), 127);
+        // Each of the first STRIPES vCPUs has a stripe of its own.
+        let own: std::collections::BTreeSet<*const AtomicU64> =
+            (0..STRIPES).map(|i| c.stripe(StripeKey::Vcpu(i)) as *const AtomicU64).collect();
+        assert_eq!(own.len(), STRIPES);
+        c.add_at(StripeKey::Vcpu(3), 5);
+        c.sub_at(StripeKey::Gfn(3 << 9), 5);
+        assert_eq!(c.get(), 127);
     }
 }

@@ -607,7 +607,7 @@ mod tests {
         let outcome = {
             let shared = crate::tdp::MmuRead::Lock(mmu.mmu_lock.read(&mmu.relax()));
             let fault = PageFault::tdp(Gpa(GPA), PfErr::from_access(FaultAccess::READ, false));
-            mmu.map(&shared, &root, &fault, LeafSpec::Mmio(spte))
+            mmu.map(&shared, &root, &fault, LeafSpec::Mmio(spte), crate::stats::StripeKey::Vcpu(0))
         };
 
         vm.set_memory_region(&UserspaceMemoryRegion::new(1, 0, GPA, 0, 0)).unwrap();
@@ -641,12 +641,13 @@ mod tests {
         };
         let shared = crate::tdp::MmuRead::Lock(mmu.mmu_lock.read(&mmu.relax()));
         let read = PageFault::tdp(Gpa(GPA), PfErr::from_access(FaultAccess::READ, false));
-        let o = mmu.map(&shared, &root, &read, ram);
+        let o = mmu.map(&shared, &root, &read, ram, crate::stats::StripeKey::Vcpu(0));
         assert_eq!(o, MapOutcome::Installed { level: Level::L4K });
         let flushes = mmu.stats.remote_tlb_flush.get();
         let spte = mmu.config().codec.make(gfn, old_gen, Access::ALL);
         let write = PageFault::tdp(Gpa(GPA), PfErr::from_access(FaultAccess::WRITE, false));
-        let o = mmu.map(&shared, &root, &write, LeafSpec::Mmio(spte));
+        let o =
+            mmu.map(&shared, &root, &write, LeafSpec::Mmio(spte), crate::stats::StripeKey::Vcpu(0));
         assert_eq!(o, MapOutcome::Installed { level: Level::L4K });
         assert_eq!(mmu.stats.remote_tlb_flush.get(), flushes + 1, "the dropped leaf was flushed");
         drop(shared);

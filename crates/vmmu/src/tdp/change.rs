@@ -15,6 +15,7 @@
 use super::TdpMmu;
 use crate::host::Host;
 use crate::spte::SpteFormat;
+use crate::stats::StripeKey;
 use crate::sync::{AtomicU64, Ordering};
 use crate::types::{Gfn, Level};
 
@@ -30,7 +31,8 @@ pub(crate) enum FlushNeed {
 
 impl<H: Host> TdpMmu<H> {
     /// Replaces `old` by `new` in `entry` with compare-and-swap, under the shared MMU lock (a
-    /// fault). `Err(())` if the entry no longer holds `old` (another vCPU or a zap won: retry).
+    /// fault of the vCPU `who` names). `Err(())` if the entry no longer holds `old` (another vCPU
+    /// or a zap won: retry).
     #[inline]
     pub(crate) fn set_spte_atomic(
         &self,
@@ -38,12 +40,12 @@ impl<H: Host> TdpMmu<H> {
         old: u64,
         new: u64,
         level: Level,
-        gfn: Gfn,
+        who: StripeKey,
     ) -> Result<FlushNeed, ()> {
         // AcqRel: Release publishes a linked table's initialised entries to walkers that Acquire
         // the link (rule 5); Acquire orders this change after the value it replaced.
         entry.compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire).map_err(|_| ())?;
-        Ok(self.handle_changed_spte(old, new, level, gfn))
+        Ok(self.handle_changed_spte(old, new, level, who))
     }
 
     /// Stores `new` over `old` in `entry` under the exclusive MMU lock (a zap): nothing else
@@ -58,12 +60,12 @@ impl<H: Host> TdpMmu<H> {
         gfn: Gfn,
     ) -> FlushNeed {
         entry.store(new, Ordering::Release);
-        self.handle_changed_spte(old, new, level, gfn)
+        self.handle_changed_spte(old, new, level, StripeKey::Gfn(gfn.raw()))
     }
 
-    /// Accounting and the flush decision for a change, already made, of the entry for `gfn` at
-    /// `level` from `old` to `new`.
-    fn handle_changed_spte(&self, old: u64, new: u64, level: Level, gfn: Gfn) -> FlushNeed {
+    /// Accounting (in the counters' stripe `who`) and the flush decision for a change, already
+    /// made, of an entry at `level` from `old` to `new`.
+    fn handle_changed_spte(&self, old: u64, new: u64, level: Level, who: StripeKey) -> FlushNeed {
         if old == new {
             return FlushNeed::NotNeeded;
         }
@@ -71,10 +73,10 @@ impl<H: Host> TdpMmu<H> {
         let was_leaf = SpteFormat::is_mmu_present(old) && fmt.is_leaf(old, level);
         let is_leaf = SpteFormat::is_mmu_present(new) && fmt.is_leaf(new, level);
         if was_leaf {
-            self.account_leaf(old, level, gfn, -1);
+            self.account_leaf(old, level, who, -1);
         }
         if is_leaf {
-            self.account_leaf(new, level, gfn, 1);
+            self.account_leaf(new, level, who, 1);
         }
         if SpteFormat::is_mmu_present(old) && !was_leaf {
             // A table link went or changed (unlinked or replaced). The epoch bump comes after the

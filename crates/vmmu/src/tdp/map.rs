@@ -9,8 +9,9 @@ use super::{MmuRead, TdpMmu};
 use crate::fault::PageFault;
 use crate::host::Host;
 use crate::spte::SpteFormat;
+use crate::stats::StripeKey;
 use crate::sync::Ordering;
-use crate::types::{Access, Gfn, Level, Pfn};
+use crate::types::{Access, Level, Pfn};
 
 /// What to install at the end of the walk.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -67,13 +68,15 @@ impl<H: Host> TdpMmu<H> {
     /// Installs `spec` for `fault` under `root` (KVM `kvm_tdp_mmu_map`). `_shared` proves the
     /// MMU lock is held shared; the caller has checked the fault is not stale
     /// ([`crate::fault::PageFault::stale`]) under that same hold. Replacing a present leaf
-    /// flushes remote TLBs before returning.
+    /// flushes remote TLBs before returning. `who` is the stripe the leaf counters change in
+    /// (the faulting vCPU's own).
     pub(crate) fn map(
         &self,
         _shared: &MmuRead<'_>,
         root: &Root,
         fault: &PageFault,
         spec: LeafSpec,
+        who: StripeKey,
     ) -> MapOutcome {
         let (gfn, access) = (fault.gfn, fault.access);
         let (root_pfn, root_level) = (root.pfn(), root.level());
@@ -115,7 +118,7 @@ impl<H: Host> TdpMmu<H> {
                 if old == new {
                     return MapOutcome::Spurious;
                 }
-                match self.set_spte_atomic(entry, old, new, level, gfn) {
+                match self.set_spte_atomic(entry, old, new, level, who) {
                     Err(()) => return MapOutcome::Retry,
                     Ok(FlushNeed::Remote) if !mmio_over_present => self.flush_remote_tlbs(),
                     Ok(FlushNeed::Remote) => {}
@@ -136,7 +139,7 @@ impl<H: Host> TdpMmu<H> {
                     // A huge leaf above the target that did not satisfy the fault (e.g. it was made
                     // read-only for dirty logging): remove it, flush, and fault again.
                     if let Ok(flush) =
-                        self.set_spte_atomic(entry, old, SpteFormat::NONPRESENT, level, gfn)
+                        self.set_spte_atomic(entry, old, SpteFormat::NONPRESENT, level, who)
                     {
                         debug_assert_eq!(flush, FlushNeed::Remote, "a present leaf was dropped");
                         self.flush_remote_tlbs();
@@ -157,7 +160,7 @@ impl<H: Host> TdpMmu<H> {
             let link = fmt.make_nonleaf(child);
             // Release (in the exchange): the child's initialised entries are visible to whoever
             // sees the link. Replacing a non-present entry or an MMIO SPTE needs no flush.
-            if self.set_spte_atomic(entry, old, link, level, gfn).is_err() {
+            if self.set_spte_atomic(entry, old, link, level, who).is_err() {
                 self.free_unpublished_table(child);
                 return MapOutcome::Retry;
             }
@@ -170,7 +173,7 @@ impl<H: Host> TdpMmu<H> {
     }
 
     /// Keeps `pages_4k/2m/1g` in step with present leaves.
-    pub(crate) fn account_leaf(&self, spte: u64, level: Level, gfn: Gfn, delta: i64) {
+    pub(crate) fn account_leaf(&self, spte: u64, level: Level, who: StripeKey, delta: i64) {
         if !SpteFormat::is_mmu_present(spte) || !self.cfg.format.is_leaf(spte, level) {
             return;
         }
@@ -180,9 +183,9 @@ impl<H: Host> TdpMmu<H> {
             _ => &self.stats.pages_1g,
         };
         if delta > 0 {
-            c.add(gfn.raw(), delta as u64);
+            c.add_at(who, delta as u64);
         } else {
-            c.sub(gfn.raw(), (-delta) as u64);
+            c.sub_at(who, (-delta) as u64);
         }
     }
 }

@@ -18,7 +18,7 @@ use crate::host::Host;
 use crate::memslot::MemslotSet;
 use crate::shared::VmShared;
 use crate::spte::SpteFormat;
-use crate::stats::{RetryCause, VcpuStats};
+use crate::stats::{RetryCause, StripeKey, VcpuStats};
 use crate::tdp::{CachedWalk, LeafSpec, LocklessWalk, MapOutcome};
 use crate::types::{Access, Generation, Gpa};
 
@@ -242,7 +242,7 @@ impl VcpuMmu {
             drop(shared);
             return Ok(retry(stats, cause));
         }
-        let outcome = mmu.map(&shared, root, fault, spec);
+        let outcome = mmu.map(&shared, root, fault, spec, StripeKey::Vcpu(self.index));
         if let (MapOutcome::Installed { .. }, Backing::Ram { slot, writable: true, .. }) =
             (outcome, fault.backing)
         {

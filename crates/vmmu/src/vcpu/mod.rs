@@ -92,6 +92,10 @@ pub struct EntryWork {
 /// assert!(matches!(o, FaultOutcome::Emulate { source: EmulateSource::VcpuCacheHit, .. }));
 /// # Ok::<(), vmmu::Error>(())
 /// ```
+// Two cache lines of alignment: an embedder may keep its vCPUs side by side (a `Vec<Vcpu>`), and
+// each vCPU's thread writes its counters and caches on every fault; unaligned, the end of one
+// vCPU and the start of the next could share a line that both CPUs then bounce.
+#[repr(align(128))]
 pub struct Vcpu<H: Host> {
     vm: Arc<VmShared<H>>,
     readers: VcpuReaders,
