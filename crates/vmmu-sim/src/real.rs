@@ -454,7 +454,6 @@ fn stats(m: &RealMmu) -> MmuStats {
         generation: m.vm.memslots().generation(AsId(0)).raw(),
         generation_wraps: vm.mmio_gen_wraps,
         counters: Some(MmuCounters {
-            huge_over_table: vm.huge_over_table,
             mmio_translate_ns: timing.nanos,
             mmio_translations: timing.count,
             mmu_shadow_zapped: vm.mmu_shadow_zapped,
@@ -475,7 +474,6 @@ fn stats(m: &RealMmu) -> MmuStats {
             retry_obsolete_root: retry(RetryCause::ObsoleteRoot),
             retry_pageless_root_reload_pending: retry(RetryCause::PagelessRootReloadPending),
             retry_race: retry(RetryCause::Race),
-            retry_table_in_the_way: retry(RetryCause::TableInTheWay),
             retry_zapped_under_walk: retry(RetryCause::ZappedUnderWalk),
             root_loads: t.root_loads,
             stale_gen_misses: t.stale_gen_misses,

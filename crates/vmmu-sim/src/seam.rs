@@ -211,9 +211,6 @@ pub struct MmioCachingState {
 /// listed them).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct MmuCounters {
-    /// Tables a fault zapped so its huge leaf could go where they were linked (vmmu's
-    /// `huge_over_table`; KVM replaces them without a counter).
-    pub huge_over_table: u64,
     /// Nanoseconds spent in `translate` calls that ended as MMIO, retries included.
     pub mmio_translate_ns: u64,
     /// `translate` calls that ended as MMIO.
@@ -254,8 +251,6 @@ pub struct MmuCounters {
     pub retry_pageless_root_reload_pending: u64,
     /// Retries: another thread changed the entry first.
     pub retry_race: u64,
-    /// Retries: a table was where the fault's huge leaf belongs (zapped, then faulted again).
-    pub retry_table_in_the_way: u64,
     /// Retries: the entry was zapped under the lockless walk.
     pub retry_zapped_under_walk: u64,
     /// Roots loaded.
@@ -272,9 +267,8 @@ pub struct MmuCounters {
 
 impl MmuCounters {
     /// Every counter with its name (the JSON key), in field order.
-    pub fn named(&self) -> [(&'static str, u64); 28] {
+    pub fn named(&self) -> [(&'static str, u64); 26] {
         [
-            ("huge_over_table", self.huge_over_table),
             ("mmio_translate_ns", self.mmio_translate_ns),
             ("mmio_translations", self.mmio_translations),
             ("mmu_shadow_zapped", self.mmu_shadow_zapped),
@@ -295,7 +289,6 @@ impl MmuCounters {
             ("retry_obsolete_root", self.retry_obsolete_root),
             ("retry_pageless_root_reload_pending", self.retry_pageless_root_reload_pending),
             ("retry_race", self.retry_race),
-            ("retry_table_in_the_way", self.retry_table_in_the_way),
             ("retry_zapped_under_walk", self.retry_zapped_under_walk),
             ("root_loads", self.root_loads),
             ("stale_gen_misses", self.stale_gen_misses),

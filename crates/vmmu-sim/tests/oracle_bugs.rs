@@ -104,7 +104,7 @@ fn oracle_catches_invalid_slot_as_mmio() {
     assert!(caught(Bug::InvalidSlotAsMmio, budget), "MMIO inside an overlapping move went unseen");
 }
 
-/// A zap of MMIO SPTEs (a slot's delete or move, or RAM replacing their table with a huge leaf)
+/// A zap of MMIO SPTEs (a slot's delete or move)
 /// under another vCPU's lockless walk: the bug reports a misconfiguration. The race needs many
 /// RSVD exits across many zaps, so each try is what `vmmu run --inject zapped-spte-is-misconfig
 /// --seconds 1 --seed SEED` runs (updates back to back: 1000-odd of them, and 4-10 violations

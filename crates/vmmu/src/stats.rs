@@ -27,13 +27,11 @@ pub enum RetryCause {
     ZappedUnderWalk = 6,
     /// The lockless walk found a frozen entry.
     Frozen = 7,
-    /// The fault found a table where its huge leaf belongs and zapped it (`MapOutcome::TableInTheWay`).
-    TableInTheWay = 8,
 }
 
 impl RetryCause {
     /// Number of causes.
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = 8;
     /// Every cause, in index order.
     pub const ALL: [RetryCause; Self::COUNT] = [
         RetryCause::NoRoot,
@@ -44,7 +42,6 @@ impl RetryCause {
         RetryCause::Race,
         RetryCause::ZappedUnderWalk,
         RetryCause::Frozen,
-        RetryCause::TableInTheWay,
     ];
     /// A stable snake_case name.
     pub const fn name(self) -> &'static str {
@@ -57,7 +54,6 @@ impl RetryCause {
             RetryCause::Race => "race",
             RetryCause::ZappedUnderWalk => "zapped_under_walk",
             RetryCause::Frozen => "frozen",
-            RetryCause::TableInTheWay => "table_in_the_way",
         }
     }
 }
@@ -247,9 +243,6 @@ pub struct VmStats {
     pub zap_all_fast: Counter,
     /// Range zaps (memslot delete/move, host invalidation).
     pub zap_range: Counter,
-    /// Tables a fault found where its huge leaf belongs, and zapped so the leaf could go in
-    /// (KVM replaces them in `kvm_tdp_mmu_map` and counts nothing).
-    pub huge_over_table: Counter,
     /// MMIO-generation wraps seen by the `memslots_updated` hook.
     pub mmio_gen_wraps: Counter,
     /// Table pages allocated.
@@ -280,8 +273,6 @@ pub struct VmStatsSnapshot {
     pub zap_all_fast: u64,
     /// See [`VmStats::zap_range`].
     pub zap_range: u64,
-    /// See [`VmStats::huge_over_table`].
-    pub huge_over_table: u64,
     /// See [`VmStats::mmio_gen_wraps`].
     pub mmio_gen_wraps: u64,
     /// See [`VmStats::tables_allocated`].
@@ -304,7 +295,6 @@ impl VmStats {
             pages_1g: self.pages_1g.get(),
             zap_all_fast: self.zap_all_fast.get(),
             zap_range: self.zap_range.get(),
-            huge_over_table: self.huge_over_table.get(),
             mmio_gen_wraps: self.mmio_gen_wraps.get(),
             tables_allocated: self.tables_allocated.get(),
             tables_freed: self.tables_freed.get(),

@@ -161,40 +161,6 @@ fn create_over_cached_mmio_invalidates_spte_and_cache_by_generation_alone() {
     }
 }
 
-/// RAM that comes where MMIO SPTEs were: the first fault finds the level-1 table those SPTEs
-/// needed where its 2 MiB leaf belongs, zaps it and retries; the next maps the 2 MiB leaf (KVM
-/// `kvm_tdp_mmu_map` replaces such a table), and every page of the block reads its own frame.
-#[test]
-fn ram_over_an_mmio_table_gets_its_huge_leaf() {
-    for f in FORMATS {
-        let (vm, _h) = vm(f);
-        let mut v = vm.create_vcpu().unwrap();
-        for gpa in [0x20_0000, 0x20_3000, 0x3f_f000] {
-            let (seen, _) = access(&mut v, gpa, false).unwrap();
-            assert_eq!(seen, Seen::Mmio(EmulateSource::SlowPathMmio), "{f:?}");
-        }
-        assert_eq!(v.stats.pf_mmio_spte_created, 3, "{f:?}");
-        let (zapped, flushes) = (vm.stats().mmu_shadow_zapped, vm.stats().remote_tlb_flush);
-        vm.set_memory_region(&region(0, 0x20_0000, 0x20_0000, RAM_HVA, 0)).unwrap();
-        let (seen, faults) = access(&mut v, 0x20_3008, false).unwrap();
-        assert_eq!(seen, Seen::Ram(Pfn((RAM_HVA >> 12) + 3)), "{f:?}");
-        assert_eq!(
-            faults,
-            vec![FaultOutcome::Retry(RetryCause::TableInTheWay), FaultOutcome::Fixed],
-            "{f:?}"
-        );
-        let s = vm.stats();
-        assert_eq!((s.pages_2m, s.pages_4k, s.huge_over_table), (1, 0, 1), "{f:?}");
-        assert_eq!(s.mmu_shadow_zapped, zapped + 1, "the MMIO SPTEs' table went, {f:?}");
-        assert!(s.remote_tlb_flush > flushes, "unlinking a table flushes, {f:?}");
-        for page in [0, 0x1ff] {
-            let (seen, faults) = access(&mut v, 0x20_0000 + page * 0x1000, true).unwrap();
-            assert_eq!(seen, Seen::Ram(Pfn((RAM_HVA >> 12) + page)), "{f:?}");
-            assert!(faults.is_empty(), "the huge leaf maps the whole block, {f:?}");
-        }
-    }
-}
-
 #[test]
 fn delete_zaps_and_flushes_then_the_gfn_is_mmio() {
     for f in FORMATS {

@@ -51,15 +51,6 @@ pub enum MapOutcome {
     Retry,
     /// No frame for a page table.
     OutOfMemory,
-    /// A table is linked where the leaf belongs (at `level`, the fault's goal level, above 4
-    /// KiB): RAM that replaced MMIO whose SPTEs needed the table, or a host page that became
-    /// huge. KVM's `kvm_tdp_mmu_map` replaces the table by the huge leaf there; here the caller
-    /// zaps the table under the exclusive lock (`TdpMmu::zap_for_huge_leaf`) and faults again,
-    /// so the region is not left mapped with 512 small leaves for good.
-    TableInTheWay {
-        /// The level of the entry that links the table.
-        level: Level,
-    },
     /// A table frame could not be resolved (internal inconsistency).
     Broken,
 }
@@ -125,9 +116,6 @@ impl<H: Host> TdpMmu<H> {
                     Ok(FlushNeed::NotNeeded) => {}
                 }
                 return MapOutcome::Installed { level };
-            }
-            if present && level <= target && !fmt.is_leaf(old, level) {
-                return MapOutcome::TableInTheWay { level };
             }
             if present {
                 if fmt.is_leaf(old, level) {

@@ -6,9 +6,7 @@
 //! 1. Every SPTE *change* happens under the MMU lock (`mmu_lock`, `lock.rs`: a reader-writer
 //!    lock whose shared side a vCPU's fault takes as a mark on its own cache line): faults hold
 //!    it shared and change entries only with compare-and-swap (a lost race is `Retry`); zaps,
-//!    `zap_all_fast` and host invalidations hold it exclusive. So does a fault that found a table
-//!    where its huge leaf belongs ([`MapOutcome::TableInTheWay`]): it leaves its shared hold and
-//!    its memslot read section, zaps the block under the exclusive lock, and faults again.
+//!    `zap_all_fast` and host invalidations hold it exclusive.
 //! 2. Lockless *readers* (the fast MMIO path, and the hardware walker of a vCPU in guest mode)
 //!    hold a read section of `table_srcu`, one reader record per vCPU.
 //! 3. A table page unlinked by a zap is freed only after a `table_srcu` grace period, and the

@@ -79,27 +79,6 @@ impl<H: Host> TdpMmu<H> {
         self.reclaim();
     }
 
-    /// Unlinks the table found where a fault's huge leaf belongs: zaps the `level`-sized block
-    /// of `gfn` with its tables (their small leaves go too: the huge leaf maps the same
-    /// frames), flushes, and queues the pages (freed in batches, as the other paths of a vCPU
-    /// do). The fault is then retried and installs the huge leaf ([`MapOutcome::TableInTheWay`]).
-    /// Call with no MMU lock held and outside table and memslot read sections.
-    ///
-    /// [`MapOutcome::TableInTheWay`]: super::MapOutcome::TableInTheWay
-    pub(crate) fn zap_for_huge_leaf(&self, as_id: AsId, gfn: Gfn, level: Level) {
-        self.stats.huge_over_table.add(1);
-        let start = Gfn(gfn.raw() & !(level.pages() - 1));
-        let end = Gfn(start.raw() + level.pages());
-        let mut pages = Vec::new();
-        let roots = self.mmu_lock.write(&self.vcpus, &self.relax());
-        if self.zap_gfn_range_locked(&roots, as_id, start, end, ZapScope::Tables, &mut pages) {
-            self.flush_remote_tlbs();
-        }
-        drop(roots);
-        self.defer_free(&mut pages);
-        self.reclaim_batched();
-    }
-
     /// Zaps the entries of table `pfn` (at `level`, covering gfns from `base`) that meet
     /// `[start, end)`. With [`ZapScope::Tables`], tables entirely inside the range are unlinked
     /// and their pages collected.

@@ -62,18 +62,7 @@ impl VcpuMmu {
         let guard = vm.memslots.read(&readers.memslot);
         let set = guard.set(self.as_id);
         stats.pf_taken += 1;
-        let outcome = self.tdp_page_fault(vm, stats, set, &mut fault);
-        drop(guard);
-        if let (
-            Ok(FaultOutcome::Retry(RetryCause::TableInTheWay)),
-            Backing::Ram { max_level, .. },
-        ) = (&outcome, fault.backing)
-        {
-            // The map found a table where the leaf of `max_level` belongs. Outside every read
-            // section and lock, as a zap must be: zap it; the retry installs the huge leaf.
-            vm.mmu.zap_for_huge_leaf(self.as_id, fault.gfn, max_level);
-        }
-        outcome
+        self.tdp_page_fault(vm, stats, set, &mut fault)
     }
 
     /// KVM `check_mmio_spte`: no hit while an update is in progress; else the SPTE's generation
@@ -273,8 +262,6 @@ impl VcpuMmu {
                 Ok(FaultOutcome::Spurious)
             }
             MapOutcome::Retry => Ok(retry(stats, RetryCause::Race)),
-            // The caller zaps the table (`page_fault`): not under this fault's locks.
-            MapOutcome::TableInTheWay { .. } => Ok(retry(stats, RetryCause::TableInTheWay)),
             MapOutcome::OutOfMemory => Err(FaultError::OutOfMemory(gpa)),
             MapOutcome::Broken => Err(FaultError::Internal { gpa, dump: Default::default() }),
         }
