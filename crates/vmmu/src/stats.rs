@@ -198,16 +198,6 @@ impl StripedCounter {
         };
         &self.0[i].0
     }
-    /// Adds `n` in the stripe of `key` (a gfn).
-    #[inline]
-    pub fn add(&self, key: u64, n: u64) {
-        self.add_at(StripeKey::Gfn(key), n);
-    }
-    /// Subtracts `n` in the stripe of `key` (a gfn).
-    #[inline]
-    pub fn sub(&self, key: u64, n: u64) {
-        self.sub_at(StripeKey::Gfn(key), n);
-    }
     /// Adds `n` in the stripe `key` selects.
     #[inline]
     pub fn add_at(&self, key: StripeKey, n: u64) {
@@ -327,9 +317,9 @@ mod tests {
             (0..64u64).map(|i| stripe_of(&c, i << 9)).collect();
         assert_eq!(used.len(), STRIPES);
         for i in 0..64u64 {
-            c.add(i << 9, 2);
+            c.add_at(StripeKey::Gfn(i << 9), 2);
         }
-        c.sub(5 << 9, 1);
+        c.sub_at(StripeKey::Gfn(5 << 9), 1);
         assert_eq!(c.get(), 127);
         // Each of the first STRIPES vCPUs has a stripe of its own.
         let own: std::collections::BTreeSet<*const AtomicU64> =
