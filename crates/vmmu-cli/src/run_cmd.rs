@@ -286,7 +286,7 @@ fn pooled(runs: &[&Report]) -> (f64, f64) {
     let (ns, n) = runs
         .iter()
         .filter_map(|r| r.mmu.extra.as_ref())
-        .fold((0u64, 0u64), |a, c| (a.0 + c.mmio_translate_ns, a.1 + c.mmio_translations));
+        .fold((0u64, 0u64), |a, c| (a.0 + c.mmio_translate_ns, a.1 + c.mmio_translations_timed));
     let cost = if n == 0 { 0.0 } else { ns as f64 / n as f64 };
     (accesses as f64 / secs.max(1e-9), cost)
 }

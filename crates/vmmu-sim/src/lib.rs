@@ -46,6 +46,7 @@ pub mod machine_paging;
 pub mod membarrier;
 pub mod migration;
 pub mod mix;
+pub mod mmio_timing;
 pub mod options;
 pub mod oracle;
 pub mod ram;

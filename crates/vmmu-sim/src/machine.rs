@@ -61,6 +61,7 @@ use crate::machine_paging::{shadow_access, PagingEvent, ShadowAccess, Shootdown,
 const SHARED_RAM_OFFSET: u64 = 0x10_0000;
 use crate::migration::{DirtyLogMode, Migration, Recorder};
 use crate::mix::{AccessGen, GuestAccess, MixKind, MixWeights};
+use crate::mmio_timing::{elapsed_ns, Sampler};
 use crate::oracle::{Clock, Observed, Oracle, OracleReport, VcpuChecker, Violation, POISON};
 use crate::ram::Width;
 use crate::report::{
@@ -232,6 +233,8 @@ struct VcpuCounters {
     guest_page_faults: u64,
     /// MMIO handling latency (with `MachineConfig::timeline`).
     mmio_latency: Option<Histogram<u64>>,
+    /// Which shadow-paging accesses to time (the MMU times its own translations).
+    sampler: Sampler,
 }
 
 /// A vCPU's exit counts, published after each batch for the timeline's sampler (relaxed: the
@@ -888,13 +891,12 @@ fn paged_access<M: GuestMmu>(
             start = clock.now();
             start & 1 == 0
         };
-        let t0 = Instant::now();
+        let t0 = c.sampler.start();
         match shadow_access(hw, sh.host, &mut p.tlb, gva, a.width, store, attempt) {
             ShadowAccess::Ram { hva, value } => Observed::Ram { hva, value },
             ShadowAccess::Mmio(gpa) => {
                 // What MMIO caching is meant to shorten: the walk, exits and the MMU's handling.
-                let ns = t0.elapsed().as_nanos() as u64;
-                sh.mmu.record_mmio_time(hw.state(), ns);
+                sh.mmu.record_mmio_time(hw.state(), elapsed_ns(t0));
                 mmio(sh, hw, &GuestAccess { gpa, ..*a })
             }
             ShadowAccess::PageFault(error) => Observed::GuestPageFault { error },

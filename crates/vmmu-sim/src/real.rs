@@ -8,6 +8,8 @@
 //! request (it polls between accesses, as an IPI would interrupt it) and leave.
 
 use crate::host::SimHost;
+pub use crate::mmio_timing::MmioTiming;
+use crate::mmio_timing::{elapsed_ns, Sampler};
 use crate::seam::{
     AccessKind, GuestMmu, MmioCachingState, MmuCounters, MmuExits, MmuStats, SlotRequest,
     Translation,
@@ -110,16 +112,7 @@ pub struct RealVcpu {
     totals: Arc<Mutex<VcpuStats>>,
     timing: Arc<Mutex<MmioTiming>>,
     mine: MmioTiming,
-}
-
-/// Time spent resolving accesses that ended as MMIO (the walk, the exit and the MMU's
-/// handling, up to the bus): what MMIO caching is meant to shorten.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MmioTiming {
-    /// Accesses resolved as MMIO by `translate`.
-    pub count: u64,
-    /// Nanoseconds spent in those `translate` calls, retries included.
-    pub nanos: u64,
+    sampler: Sampler,
 }
 
 impl RealMmu {
@@ -216,8 +209,7 @@ impl Drop for RealVcpu {
             t.accumulate(&self.vcpu.stats);
         }
         if let Ok(mut t) = self.timing.lock() {
-            t.count += self.mine.count;
-            t.nanos += self.mine.nanos;
+            t.add(&self.mine);
         }
     }
 }
@@ -260,6 +252,7 @@ impl GuestMmu for RealMmu {
             totals: self.totals.clone(),
             timing: self.timing.clone(),
             mine: MmioTiming::default(),
+            sampler: Sampler::default(),
         }
     }
 
@@ -277,9 +270,8 @@ impl GuestMmu for RealMmu {
         v.vcpu.exit_guest_mode();
     }
 
-    fn record_mmio_time(&self, v: &mut RealVcpu, nanos: u64) {
-        v.mine.count += 1;
-        v.mine.nanos += nanos;
+    fn record_mmio_time(&self, v: &mut RealVcpu, nanos: Option<u64>) {
+        v.mine.record(nanos);
     }
 
     fn shadow_vcpu<'v>(&self, v: &'v mut RealVcpu) -> Option<&'v mut Vcpu<SimHost>> {
@@ -296,11 +288,10 @@ impl GuestMmu for RealMmu {
     }
 
     fn translate(&self, v: &mut RealVcpu, gpa: Gpa, access: AccessKind) -> Translation {
-        let t0 = std::time::Instant::now();
+        let t0 = v.sampler.start();
         let t = translate(&self.vm, v, gpa, access);
         if t == Translation::Mmio {
-            v.mine.count += 1;
-            v.mine.nanos += t0.elapsed().as_nanos() as u64;
+            v.mine.record(elapsed_ns(t0));
         }
         t
     }
@@ -456,6 +447,7 @@ fn stats(m: &RealMmu) -> MmuStats {
         counters: Some(MmuCounters {
             mmio_translate_ns: timing.nanos,
             mmio_translations: timing.count,
+            mmio_translations_timed: timing.timed,
             mmu_shadow_zapped: vm.mmu_shadow_zapped,
             pages_1g: vm.pages_1g,
             pages_2m: vm.pages_2m,

@@ -211,10 +211,13 @@ pub struct MmioCachingState {
 /// listed them).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct MmuCounters {
-    /// Nanoseconds spent in `translate` calls that ended as MMIO, retries included.
+    /// Nanoseconds spent in the timed `translate` calls that ended as MMIO, retries included
+    /// (one call in [`crate::mmio_timing::TIME_ONE_IN`] is timed).
     pub mmio_translate_ns: u64,
     /// `translate` calls that ended as MMIO.
     pub mmio_translations: u64,
+    /// How many of them were timed.
+    pub mmio_translations_timed: u64,
     /// SPTEs zapped (KVM `mmu_shadow_zapped`).
     pub mmu_shadow_zapped: u64,
     /// 1 GiB leaves present (KVM `pages_1g`).
@@ -267,10 +270,11 @@ pub struct MmuCounters {
 
 impl MmuCounters {
     /// Every counter with its name (the JSON key), in field order.
-    pub fn named(&self) -> [(&'static str, u64); 26] {
+    pub fn named(&self) -> [(&'static str, u64); 27] {
         [
             ("mmio_translate_ns", self.mmio_translate_ns),
             ("mmio_translations", self.mmio_translations),
+            ("mmio_translations_timed", self.mmio_translations_timed),
             ("mmu_shadow_zapped", self.mmu_shadow_zapped),
             ("pages_1g", self.pages_1g),
             ("pages_2m", self.pages_2m),
@@ -300,10 +304,10 @@ impl MmuCounters {
 
     /// The average MMIO resolution time in nanoseconds (0 with no MMIO).
     pub fn mmio_ns_per_translation(&self) -> f64 {
-        if self.mmio_translations == 0 {
+        if self.mmio_translations_timed == 0 {
             0.0
         } else {
-            self.mmio_translate_ns as f64 / self.mmio_translations as f64
+            self.mmio_translate_ns as f64 / self.mmio_translations_timed as f64
         }
     }
 }
@@ -352,9 +356,9 @@ pub trait GuestMmu: Send + Sync {
     /// then the request check happens at the next `poll_tlb_flush`).
     fn enter_guest(&self, _vcpu: &mut Self::Vcpu) {}
 
-    /// Adds `nanos` of MMIO resolution to the vCPU's timing (accesses resolved outside
-    /// [`GuestMmu::translate`], e.g. through the shadow MMU's GVA entry points).
-    fn record_mmio_time(&self, _vcpu: &mut Self::Vcpu, _nanos: u64) {}
+    /// Counts one access resolved as MMIO outside [`GuestMmu::translate`] (through the shadow
+    /// MMU's GVA entry points), with its resolution time in nanoseconds if it was timed.
+    fn record_mmio_time(&self, _vcpu: &mut Self::Vcpu, _nanos: Option<u64>) {}
 
     /// The core vCPU of a shadow-paging MMU (its guest-virtual entry points), or `None` if this
     /// MMU does not shadow guest page tables.
