@@ -34,8 +34,9 @@ pub const ENTRIES: usize = 4;
 /// The entry a page number (a gva's page number, or a gfn when there is no gva) lives in: its
 /// low bits, with bits 8 and 16 up folded in, so that neighbouring pages use different entries
 /// and so do the usual device windows that share their low bits (0xfec00, 0xfed00, 0xfee00).
+/// Public so that benchmarks and tests can pick addresses that share an entry.
 #[inline(always)]
-fn slot_of(key: u64) -> usize {
+pub fn slot_of(key: u64) -> usize {
     ((key ^ (key >> 8) ^ (key >> 16)) as usize) & (ENTRIES - 1)
 }
 
