@@ -143,6 +143,11 @@ pub struct RunArgs {
     /// to this file.
     #[arg(long, value_name = "FILE.html")]
     report: Option<PathBuf>,
+    /// With `--compare-caching`: run the on, off, off, on sequence this many times (1..=100);
+    /// the ratios pool every run, and each round's ratios and their median are printed too.
+    #[arg(long, default_value_t = 1, requires = "compare_caching",
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
     /// Dirty-log the RAM slots while a migration thread collects the log back to back (`auto`:
     /// GET; `manual`: GET then CLEAR); the oracle checks that every page a vCPU wrote is in a
     /// collection that could see the write (no lost dirty page).
@@ -202,6 +207,7 @@ impl RunArgs {
                     format!("{:?}", o.mmio_caching).to_lowercase()
                 },
             ),
+            ("--rounds", self.rounds.to_string()),
             ("--seed", o.seed.to_string()),
             ("--updates", updates),
             ("--churn", self.churn.map_or("none".into(), |n| n.to_string())),
@@ -291,70 +297,122 @@ fn pooled(runs: &[&Report]) -> (f64, f64) {
     (accesses as f64 / secs.max(1e-9), cost)
 }
 
-/// `--compare-caching`: four runs of half `--seconds` each, caching on, off, off, on; the ratios
-/// pool each setting's two runs. The first run of each setting is printed in full.
-fn compare_caching(args: &RunArgs, bugs: BugSet, report_file: Option<ReportFile>) -> ExitCode {
-    let json = args.opts.json;
-    let mut runs: Vec<(bool, Report)> = Vec::new();
-    for caching in COMPARE_ORDER {
-        let mut opts = args.options(caching, bugs);
-        opts.seconds /= 2.0;
-        match one_run_with(opts, !json) {
-            Ok(r) => runs.push((caching, r)),
-            Err(e) => {
-                eprintln!("vmmu run: {e}");
-                return ExitCode::from(1);
-            }
-        }
-    }
+/// The on-over-off ratios of some runs: throughput, and MMIO cost per exit (off over on).
+fn ratios(runs: &[(bool, Report)]) -> (f64, f64) {
     let of = |caching: bool| -> Vec<&Report> {
         runs.iter().filter(|(c, _)| *c == caching).map(|(_, r)| r).collect()
     };
-    let (on_runs, off_runs) = (of(true), of(false));
-    let ((tput_on, ns_on), (tput_off, ns_off)) = (pooled(&on_runs), pooled(&off_runs));
-    let cost_ratio = if ns_on > 0.0 { ns_off / ns_on } else { 0.0 };
-    let tput_ratio = tput_on / tput_off.max(1e-9);
-    // Each half of the ABBA order on its own: (on, off) and (off, on).
-    let halves: Vec<f64> = [(0, 1), (3, 2)]
-        .iter()
-        .map(|&(a, b)| per_sec(&runs[a].1) / per_sec(&runs[b].1).max(1e-9))
+    let ((tput_on, ns_on), (tput_off, ns_off)) = (pooled(&of(true)), pooled(&of(false)));
+    let cost = if ns_on > 0.0 { ns_off / ns_on } else { 0.0 };
+    (tput_on / tput_off.max(1e-9), cost)
+}
+
+/// The median of `v` (0 if empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// `--compare-caching`: `--rounds` times four runs of half `--seconds` each, caching on, off,
+/// off, on; the ratios pool each setting's runs. The first run of each setting is printed in
+/// full.
+fn compare_caching(args: &RunArgs, bugs: BugSet, report_file: Option<ReportFile>) -> ExitCode {
+    let json = args.opts.json;
+    let mut runs: Vec<(bool, Report)> = Vec::new();
+    for _ in 0..args.rounds {
+        for caching in COMPARE_ORDER {
+            let mut opts = args.options(caching, bugs);
+            opts.seconds /= 2.0;
+            match one_run_with(opts, !json) {
+                Ok(r) => runs.push((caching, r)),
+                Err(e) => {
+                    eprintln!("vmmu run: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+        }
+    }
+    let pick = |caching: bool| -> Vec<&Report> {
+        runs.iter().filter(|(c, _)| *c == caching).map(|(_, r)| r).collect()
+    };
+    let ((tput_on, ns_on), (tput_off, ns_off)) = (pooled(&pick(true)), pooled(&pick(false)));
+    let (tput_ratio, cost_ratio) = ratios(&runs);
+    let rounds: Vec<(f64, f64)> = runs.chunks(COMPARE_ORDER.len()).map(ratios).collect();
+    // Each half of each round on its own: (on, off) and (off, on).
+    let halves: Vec<f64> = runs
+        .chunks(COMPARE_ORDER.len())
+        .flat_map(|c| [(&c[0].1, &c[1].1), (&c[3].1, &c[2].1)])
+        .map(|(on, off)| per_sec(on) / per_sec(off).max(1e-9))
         .collect();
-    let (on, off) = (on_runs[0], off_runs[0]);
+    let tput_median = median(rounds.iter().map(|r| r.0).collect());
+    let cost_median = median(rounds.iter().map(|r| r.1).collect());
+    let (on, off) = (pick(true)[0], pick(false)[0]);
+    let list = |v: &[f64]| v.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(",");
     if json {
+        let (t, c): (Vec<f64>, Vec<f64>) = rounds.iter().copied().unzip();
         println!(
-            "{{\"caching_on\":{},\"caching_off\":{},\"ratios\":{{\"mmio_ns_per_exit_on\":{:.1},\"mmio_ns_per_exit_off\":{:.1},\"mmio_cost_off_over_on\":{:.3},\"throughput_on_over_off\":{:.3},\"throughput_on_over_off_halves\":[{:.3},{:.3}]}}}}",
+            "{{\"caching_on\":{},\"caching_off\":{},\"ratios\":{{\"mmio_ns_per_exit_on\":{:.1},\"mmio_ns_per_exit_off\":{:.1},\"mmio_cost_off_over_on\":{:.3},\"throughput_on_over_off\":{:.3},\"throughput_on_over_off_halves\":[{}],\"rounds\":{{\"throughput_on_over_off\":[{}],\"mmio_cost_off_over_on\":[{}],\"throughput_median\":{:.3},\"mmio_cost_median\":{:.3}}}}}}}",
             to_json(on),
             to_json(off),
             ns_on,
             ns_off,
             cost_ratio,
             tput_ratio,
-            halves[0],
-            halves[1]
+            list(&halves),
+            list(&t),
+            list(&c),
+            tput_median,
+            cost_median
         );
     } else {
         println!("== MMIO caching on\n{}\n== MMIO caching off\n{}", Text(on), Text(off));
+        let halves: Vec<String> = halves.iter().map(|h| format!("{h:.2}x")).collect();
         println!(
-            "compare (runs on, off, off, on of {} s each; each setting's two runs pooled): MMIO \
-             handling {ns_on:.0} ns/exit with caching, {ns_off:.0} ns without ({cost_ratio:.2}x); \
-             throughput {tput_on:.0} vs {tput_off:.0} accesses/s ({tput_ratio:.2}x; {:.2}x and \
-             {:.2}x in the two halves)",
+            "compare ({} of runs on, off, off, on of {} s each; each setting's runs pooled): \
+             MMIO handling {ns_on:.0} ns/exit with caching, {ns_off:.0} ns without \
+             ({cost_ratio:.2}x); throughput {tput_on:.0} vs {tput_off:.0} accesses/s \
+             ({tput_ratio:.2}x; {} in the halves)",
+            if args.rounds == 1 {
+                "one round".to_string()
+            } else {
+                format!("{} rounds", args.rounds)
+            },
             args.opts.seconds / 2.0,
-            halves[0],
-            halves[1]
+            halves.join(", "),
         );
+        if args.rounds > 1 {
+            let each = |f: fn(&(f64, f64)) -> f64| -> String {
+                rounds.iter().map(|r| format!("{:.2}x", f(r))).collect::<Vec<_>>().join(" ")
+            };
+            println!(
+                "rounds: throughput {} (median {tput_median:.2}x); cost per MMIO exit, off over \
+                 on, {} (median {cost_median:.2}x)",
+                each(|r| r.0),
+                each(|r| r.1)
+            );
+        }
     }
     let bad: u64 = runs.iter().map(|(_, r)| r.oracle.violations).sum();
-    let named: Vec<(&str, &Report)> = runs
+    let names: Vec<String> = runs
         .iter()
-        .zip([
-            "MMIO caching on (1 of 2)",
-            "MMIO caching off (1 of 2)",
-            "MMIO caching off (2 of 2)",
-            "MMIO caching on (2 of 2)",
-        ])
-        .map(|((_, r), name)| (name, r))
+        .enumerate()
+        .map(|(i, (caching, _))| {
+            let (round, k) = (i / COMPARE_ORDER.len() + 1, i % COMPARE_ORDER.len());
+            let setting = if *caching { "on" } else { "off" };
+            let nth = if k < 2 { 1 } else { 2 };
+            if args.rounds == 1 {
+                format!("MMIO caching {setting} ({nth} of 2)")
+            } else {
+                format!("MMIO caching {setting} (round {round}, {nth} of 2)")
+            }
+        })
         .collect();
+    let named: Vec<(&str, &Report)> =
+        runs.iter().zip(&names).map(|((_, r), name)| (name.as_str(), r)).collect();
     let written = write_report(args, report_file, &named);
     if bad == 0 && written {
         ExitCode::SUCCESS
@@ -421,6 +479,13 @@ pub fn run(args: &RunArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn median_of_odd_even_and_empty_lists() {
+        assert_eq!(median(vec![1.2, 0.9, 1.0]), 1.0);
+        assert_eq!(median(vec![1.2, 0.9, 1.0, 1.1]), 1.05);
+        assert_eq!(median(vec![]), 0.0);
+    }
     use clap::Parser;
 
     #[derive(Parser, Debug)]

@@ -102,8 +102,41 @@ fn compare_caching_prints_both_runs_and_ratios() {
     assert!(halves.iter().all(|h| h.as_f64().unwrap() > 0.0));
     let text = vmmu(&["run", "--seconds", "0.2", "--compare-caching"]);
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.contains("compare (runs on, off, off, on of 0.1 s each"), "{text}");
+    assert!(text.contains("compare (one round of runs on, off, off, on of 0.1 s each"), "{text}");
     assert!(text.contains("MMIO handling"), "{text}");
+}
+
+/// `--rounds`: every round's ratios, two halves per round, and their medians.
+#[test]
+fn compare_caching_rounds_give_each_rounds_ratios() {
+    let out = vmmu(&["run", "--seconds", "0.1", "--compare-caching", "--rounds", "3", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = json(&out);
+    let halves = r["ratios"]["throughput_on_over_off_halves"].as_array().expect("halves");
+    assert_eq!(halves.len(), 6, "two halves per round");
+    let rounds = &r["ratios"]["rounds"];
+    for key in ["throughput_on_over_off", "mmio_cost_off_over_on"] {
+        let v = rounds[key].as_array().expect(key);
+        assert_eq!(v.len(), 3, "{key}");
+        assert!(v.iter().all(|x| x.as_f64().unwrap() > 0.0), "{key}: {v:?}");
+    }
+    let (lo, hi) = {
+        let v: Vec<f64> = rounds["throughput_on_over_off"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        (v.iter().copied().fold(f64::MAX, f64::min), v.iter().copied().fold(0.0, f64::max))
+    };
+    let median = rounds["throughput_median"].as_f64().unwrap();
+    assert!(lo <= median && median <= hi, "{median} outside [{lo}, {hi}]");
+    let text = vmmu(&["run", "--seconds", "0.1", "--compare-caching", "--rounds", "2"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("compare (2 rounds of runs on, off, off, on"), "{text}");
+    assert!(text.contains("rounds: throughput "), "{text}");
+    let bad = vmmu(&["run", "--seconds", "0.1", "--rounds", "2"]);
+    assert_eq!(bad.status.code(), Some(2), "--rounds needs --compare-caching");
 }
 
 /// Guest paging (issue 14 point 2): `--format shadow` (and `--guest-paging` with EPT) run clean,
