@@ -8,22 +8,31 @@
 //! [`TIME_ONE_IN`], whatever it turns out to be. The choice never depends on the outcome, so the
 //! average over the timed MMIO translations estimates the average over all of them.
 //!
-//! Invariant: `timed <= count`, and `nanos` sums the timed translations only.
+//! A timed translation that took longer than [`OUTLIER_NS`] is counted as an outlier and left out
+//! of the time: no MMU path takes that long, but a vCPU thread the host deschedules mid-exit
+//! does, and one such sample in a run moved the average by more than caching does.
+//!
+//! Invariant: `timed + outliers <= count`, and `nanos` sums the timed translations only.
 
 use std::time::Instant;
 
 /// One translation in this many is timed.
 pub const TIME_ONE_IN: u32 = 16;
 
+/// A timed translation longer than this (nanoseconds) is an outlier: the thread was descheduled.
+pub const OUTLIER_NS: u64 = 100_000;
+
 /// MMIO resolution counts and the sampled time spent on them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MmioTiming {
     /// Accesses resolved as MMIO.
     pub count: u64,
-    /// How many of them were timed.
+    /// How many of them were timed (outliers not included).
     pub timed: u64,
     /// Nanoseconds spent on the timed ones, retries included.
     pub nanos: u64,
+    /// Timed ones longer than [`OUTLIER_NS`], left out of `timed` and `nanos`.
+    pub outliers: u64,
 }
 
 impl MmioTiming {
@@ -31,9 +40,13 @@ impl MmioTiming {
     #[inline]
     pub fn record(&mut self, nanos: Option<u64>) {
         self.count += 1;
-        if let Some(ns) = nanos {
-            self.timed += 1;
-            self.nanos += ns;
+        match nanos {
+            Some(ns) if ns > OUTLIER_NS => self.outliers += 1,
+            Some(ns) => {
+                self.timed += 1;
+                self.nanos += ns;
+            }
+            None => {}
         }
     }
 
@@ -42,6 +55,7 @@ impl MmioTiming {
         self.count += other.count;
         self.timed += other.timed;
         self.nanos += other.nanos;
+        self.outliers += other.outliers;
     }
 }
 
@@ -81,8 +95,9 @@ mod tests {
         t.record(None);
         t.record(Some(40));
         t.record(None);
-        let mut total = MmioTiming { count: 1, timed: 1, nanos: 10 };
+        t.record(Some(OUTLIER_NS + 1));
+        let mut total = MmioTiming { count: 1, timed: 1, nanos: 10, outliers: 0 };
         total.add(&t);
-        assert_eq!(total, MmioTiming { count: 4, timed: 2, nanos: 50 });
+        assert_eq!(total, MmioTiming { count: 5, timed: 2, nanos: 50, outliers: 1 });
     }
 }

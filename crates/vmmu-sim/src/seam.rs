@@ -211,12 +211,15 @@ pub struct MmioCachingState {
 /// listed them).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct MmuCounters {
+    /// Timed `translate` calls that ended as MMIO but were left out as outliers (longer than
+    /// [`crate::mmio_timing::OUTLIER_NS`]: the thread was descheduled).
+    pub mmio_timed_outliers: u64,
     /// Nanoseconds spent in the timed `translate` calls that ended as MMIO, retries included
     /// (one call in [`crate::mmio_timing::TIME_ONE_IN`] is timed).
     pub mmio_translate_ns: u64,
     /// `translate` calls that ended as MMIO.
     pub mmio_translations: u64,
-    /// How many of them were timed.
+    /// How many of them were timed (outliers not included).
     pub mmio_translations_timed: u64,
     /// SPTEs zapped (KVM `mmu_shadow_zapped`).
     pub mmu_shadow_zapped: u64,
@@ -270,8 +273,9 @@ pub struct MmuCounters {
 
 impl MmuCounters {
     /// Every counter with its name (the JSON key), in field order.
-    pub fn named(&self) -> [(&'static str, u64); 27] {
+    pub fn named(&self) -> [(&'static str, u64); 28] {
         [
+            ("mmio_timed_outliers", self.mmio_timed_outliers),
             ("mmio_translate_ns", self.mmio_translate_ns),
             ("mmio_translations", self.mmio_translations),
             ("mmio_translations_timed", self.mmio_translations_timed),
