@@ -1,4 +1,4 @@
-//! Group 1: one MMIO access, resolved five ways.
+//! Group 1: one MMIO access, resolved six ways (three of them the fast path).
 //!
 //! - **fast path**: an EPT misconfiguration on a gfn whose MMIO SPTE is installed; one gfn more
 //!   than the per-vCPU cache holds, 16 KiB apart so that all select one entry of the
