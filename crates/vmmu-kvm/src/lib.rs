@@ -16,7 +16,8 @@
 //!   of the range set), and `vm dirty_log=manual` enables `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`
 //!   without "initially set" (a kernel without it skips the scenario);
 //! - anything else (an exception in the guest, a shutdown, an internal error, `KVM_RUN` failing,
-//!   an access through a slot beyond its buffer) is a backend failure, never an observation.
+//!   an access through a slot beyond its buffer, other than a store through a read-only slot,
+//!   which exits as MMIO) is a backend failure, never an observation.
 //!
 //! Version-2 scenarios with `paging=4level` run with guest page tables (`paging` module): eight
 //! page-table spaces in a pool below 8 MiB (slot 32761), each mapping the backend's own low

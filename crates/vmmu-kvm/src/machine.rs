@@ -3,7 +3,8 @@
 //! Invariants:
 //! - the VM (and its vCPUs) is dropped before the buffers its memslots point into (field order);
 //! - `slots` mirrors the memslots KVM accepted in address space 0 (updated only on success), so
-//!   an access through a slot beyond its buffer is refused before the guest makes it;
+//!   an access through a slot beyond its buffer is refused before the guest makes it (except a
+//!   store through a read-only slot, which exits as MMIO and touches no host memory);
 //! - a vCPU runs only inside [`KvmMachine::run_vcpu`] (for a scenario access or one of the
 //!   backend's CPL0 routines), on this thread, while no host-side copy of guest memory is in
 //!   progress;
@@ -162,6 +163,9 @@ struct SlotState {
     gpa: u64,
     size: u64,
     uaddr: u64,
+    /// `KVM_MEM_READONLY`: a guest store through the slot exits as MMIO without touching the
+    /// host address (KVM refuses the write fault before it looks the address up).
+    readonly: bool,
 }
 
 /// A running scenario.
@@ -293,12 +297,20 @@ pub fn start(scenario: &Scenario) -> Result<Start, BackendError> {
     }
     let mut slots = BTreeMap::new();
     let own_id = u16::try_from(OWN_SLOT).unwrap_or(u16::MAX);
-    slots.insert(own_id, SlotState { gpa: 0, size: OWN_SIZE as u64, uaddr: own.addr() });
+    slots.insert(
+        own_id,
+        SlotState { gpa: 0, size: OWN_SIZE as u64, uaddr: own.addr(), readonly: false },
+    );
     let paging = pool.map(|pool| {
         let pool_id = u16::try_from(POOL_SLOT).unwrap_or(u16::MAX);
         slots.insert(
             pool_id,
-            SlotState { gpa: POOL_GPA, size: POOL_SIZE as u64, uaddr: pool.addr() },
+            SlotState {
+                gpa: POOL_GPA,
+                size: POOL_SIZE as u64,
+                uaddr: pool.addr(),
+                readonly: false,
+            },
         );
         let n = vcpus.len();
         let tables = Tables::new(mode);
@@ -347,10 +359,11 @@ impl KvmMachine {
         &self.bufs[id.0]
     }
 
-    /// Refuses an access that would reach host memory outside every buffer through a slot.
-    fn check_backed(&self, gpa: u64, n: u64) -> Result<(), KvmError> {
+    /// Refuses an access that would reach host memory outside every buffer through a slot. A
+    /// store through a read-only slot reaches no host memory (it exits as MMIO), so it passes.
+    fn check_backed(&self, gpa: u64, n: u64, write: bool) -> Result<(), KvmError> {
         let hit = self.slots.iter().find(|(_, s)| gpa >= s.gpa && gpa - s.gpa < s.size);
-        if let Some((&id, s)) = hit {
+        if let Some((&id, s)) = hit.filter(|(_, s)| !(write && s.readonly)) {
             let hva = s.uaddr.wrapping_add(gpa - s.gpa);
             // A scenario's slot must lead into a scenario buffer (never into the backend's own
             // tables and code), the backend's slot into its own memory.
@@ -394,11 +407,12 @@ impl KvmMachine {
         vcpu: u32,
         code: &[u8],
         gpa: Option<u64>,
+        write: bool,
         width: Width,
         reply: u64,
     ) -> Result<(End, u64, Option<Mmio>), KvmError> {
         if let Some(gpa) = gpa {
-            self.check_backed(gpa, u64::from(width.bytes()))?;
+            self.check_backed(gpa, u64::from(width.bytes()), write)?;
         }
         self.set_cpl(vcpu, false)?;
         self.own.write_bytes(CODE as usize, code);
@@ -606,7 +620,12 @@ impl Machine for KvmMachine {
                     if op.size == 0 {
                         self.slots.remove(&op.id);
                     } else {
-                        let s = SlotState { gpa: op.gpa, size: op.size, uaddr };
+                        let s = SlotState {
+                            gpa: op.gpa,
+                            size: op.size,
+                            uaddr,
+                            readonly: op.flags.readonly,
+                        };
                         self.slots.insert(op.id, s);
                     }
                 }
@@ -624,7 +643,7 @@ impl Machine for KvmMachine {
             code::read(op.gpa, op.width)
         };
         let gpa = self.target(op.vcpu, op.gpa, false);
-        let (end, rax, mmio) = self.run_access(op.vcpu, &code, gpa, op.width, mmio_reply)?;
+        let (end, rax, mmio) = self.run_access(op.vcpu, &code, gpa, false, op.width, mmio_reply)?;
         let value = if pae && op.width == Width::W8 {
             // 32-bit code loads 8 bytes into MMX and stores them to DATA.
             let mut b = [0u8; 8];
@@ -648,7 +667,7 @@ impl Machine for KvmMachine {
             code::write(op.gpa, op.width, op.value)
         };
         let gpa = self.target(op.vcpu, op.gpa, true);
-        let (end, _, mmio) = self.run_access(op.vcpu, &code, gpa, op.width, 0)?;
+        let (end, _, mmio) = self.run_access(op.vcpu, &code, gpa, true, op.width, 0)?;
         Ok(match (end, mmio) {
             (End::PageFault { gva, error }, _) => WriteExit::PageFault { gva, error },
             (End::Sync, None) => WriteExit::None,

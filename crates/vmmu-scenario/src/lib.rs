@@ -14,7 +14,8 @@
 //!   streams), compared into one [`Verdict`];
 //! - [`to_text`]: a parsed scenario back to canonical text;
 //! - `generate` (feature `generate`): a proptest strategy for random valid scenario files
-//!   (version 1, or version 2 with guest paging: `generate::Flavor`).
+//!   (version 1, or version 2 with guest paging: `generate::Flavor`), and `mutate`: damaged
+//!   variants of committed files, for robustness and differential tests.
 //!
 //! ```
 //! use vmmu_scenario::{parse, Op};
@@ -32,6 +33,8 @@ pub mod diff;
 mod error;
 #[cfg(feature = "generate")]
 pub mod generate;
+#[cfg(feature = "generate")]
+pub mod mutate;
 mod observation;
 mod parse;
 mod print;

@@ -1,6 +1,7 @@
-//! Inputs a user or a recorder can hand us, damaged: the committed scenario files and recorded
-//! traces, with values replaced by edge cases (0, all ones, 2^63, past u64, negative, empty,
-//! not a number), keys and lines dropped, duplicated or swapped, and lines cut short. Every
+//! Inputs a user or a recorder can hand us, damaged (`vmmu_scenario::mutate`): the committed
+//! scenario files and recorded traces, with values replaced by edge cases (0, all ones, 2^63,
+//! past u64, negative, empty, not a number), keys and lines dropped, duplicated or swapped, and
+//! lines cut short. Every
 //! mutant must either be refused with an error or run to an end (observations, a report) on
 //! the software machine: a panic anywhere, in the parser, the scenario driver, the machine, the
 //! replay or the MMU below them, fails the test, and proptest prints the shrunk input.
@@ -9,43 +10,14 @@
 //! The mutants come from a fixed seed, so a run in CI is repeatable; `VMMU_MUTATION_SEED=N`
 //! picks other ones (`random`: a new seed each run, for a longer search by hand).
 
-use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestRunner};
 use std::cell::Cell;
 use std::path::PathBuf;
 use vmmu::spte::FormatKind;
+use vmmu_scenario::mutate::{apply, damaged_scenario, mutation, Mutation, EDGE_VALUES};
 use vmmu_scenario::run_collect;
 use vmmu_sim::replay::{parse as parse_trace, replay, ReplayConfig};
 use vmmu_sim::SimBackend;
-
-/// Values that break careless arithmetic or parsing.
-const EDGE_VALUES: &[&str] = &[
-    "0",
-    "1",
-    "0x0",
-    "0x1",
-    "0xfff",
-    "0x1000",
-    "0xfffff000",
-    "0x1000000000",
-    "0x7fffffffffffffff",
-    "0x8000000000000000",
-    "0xffffffffffffffff",
-    "0x10000000000000000",
-    "18446744073709551615",
-    "18446744073709551616",
-    "4294967295",
-    "4294967296",
-    "65535",
-    "65536",
-    "32767",
-    "-1",
-    "",
-    "0x",
-    "x",
-    "1e3",
-    "9.5",
-];
 
 fn repo(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel)
@@ -83,66 +55,6 @@ fn corpus(dir: &str, suffix: &str) -> Vec<(String, String)> {
     files.sort();
     assert!(!files.is_empty(), "no {suffix} files in {dir}");
     files
-}
-
-/// One damage to a file of lines; the numbers pick lines, tokens and values (taken modulo).
-#[derive(Clone, Debug)]
-enum Mutation {
-    /// Replace the value of a token (`key=value`, or a JSON field) by an edge value.
-    Value {
-        line: usize,
-        token: usize,
-        value: usize,
-    },
-    /// Drop a token or a JSON field.
-    DropToken {
-        line: usize,
-        token: usize,
-    },
-    DropLine(usize),
-    DuplicateLine(usize),
-    SwapLines(usize, usize),
-    /// Cut a line at a byte (on a char boundary).
-    Truncate {
-        line: usize,
-        at: usize,
-    },
-}
-
-/// A mutation; `value_weight` weighs value replacements against the other kinds (each 1).
-fn mutation(value_weight: u32) -> impl Strategy<Value = Mutation> {
-    let n = || 0usize..10_000;
-    prop_oneof![
-        value_weight => (n(), n(), n()).prop_map(|(line, token, value)| Mutation::Value { line, token, value }),
-        1 => (n(), n()).prop_map(|(line, token)| Mutation::DropToken { line, token }),
-        1 => n().prop_map(Mutation::DropLine),
-        1 => n().prop_map(Mutation::DuplicateLine),
-        1 => (n(), n()).prop_map(|(a, b)| Mutation::SwapLines(a, b)),
-        1 => (n(), n()).prop_map(|(line, at)| Mutation::Truncate { line, at }),
-    ]
-}
-
-/// A scenario line's tokens: whitespace-separated; a value is what follows `=`.
-fn mutate_scenario_line(line: &str, m: &Mutation) -> String {
-    let mut tokens: Vec<String> = line.split_whitespace().map(str::to_string).collect();
-    if tokens.is_empty() {
-        return line.to_string();
-    }
-    match *m {
-        Mutation::Value { token, value, .. } => {
-            let i = token % tokens.len();
-            let v = EDGE_VALUES[value % EDGE_VALUES.len()];
-            tokens[i] = match tokens[i].split_once('=') {
-                Some((k, _)) => format!("{k}={v}"),
-                None => v.to_string(),
-            };
-        }
-        Mutation::DropToken { token, .. } => {
-            tokens.remove(token % tokens.len());
-        }
-        _ => {}
-    }
-    tokens.join(" ")
 }
 
 /// The top-level fields of a one-line JSON object, as (key start, value start, value end) byte
@@ -221,34 +133,6 @@ fn mutate_trace_line(line: &str, m: &Mutation) -> String {
     }
 }
 
-fn apply(lines: &mut Vec<String>, m: &Mutation, line_fn: fn(&str, &Mutation) -> String) {
-    if lines.is_empty() {
-        return;
-    }
-    let n = lines.len();
-    match *m {
-        Mutation::Value { line, .. } | Mutation::DropToken { line, .. } => {
-            lines[line % n] = line_fn(&lines[line % n], m);
-        }
-        Mutation::DropLine(i) => {
-            lines.remove(i % n);
-        }
-        Mutation::DuplicateLine(i) => {
-            let l = lines[i % n].clone();
-            lines.insert(i % n, l);
-        }
-        Mutation::SwapLines(a, b) => lines.swap(a % n, b % n),
-        Mutation::Truncate { line, at } => {
-            let l = &mut lines[line % n];
-            let mut cut = at % (l.len() + 1);
-            while !l.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            l.truncate(cut);
-        }
-    }
-}
-
 /// How many mutants parsed, and how many of those ran to the end without an error: a test where
 /// no mutant gets past the parser would only test the parser.
 #[derive(Default)]
@@ -287,11 +171,7 @@ fn damaged_scenarios_are_refused_or_run_without_panicking() {
     let reach = Reach::default();
     runner()
         .run(&strategy, |(file, muts)| {
-            let mut lines: Vec<String> = files[file].1.lines().map(str::to_string).collect();
-            for m in &muts {
-                apply(&mut lines, m, mutate_scenario_line);
-            }
-            let text = lines.join("\n") + "\n";
+            let text = damaged_scenario(&files[file].1, &muts);
             reach.cases.set(reach.cases.get() + 1);
             if let Ok(scenario) = vmmu_scenario::parse(&text) {
                 reach.parsed.set(reach.parsed.get() + 1);
