@@ -246,3 +246,41 @@ fn kvm_half_agrees_with_the_recordings_where_usable() {
         assert_eq!(k["first_refusals"][1]["reason"], "KVM_GET_DIRTY_LOG");
     }
 }
+
+/// A q35-style boot with SMM has memslots in address space 1 (SMRAM). The machine applies them
+/// all; on a kernel without an SMM address space the KVM half leaves exactly those out (a guest
+/// outside SMM cannot see them) and still checks everything else, so the trace passes.
+#[test]
+fn smm_requests_replay_on_the_machine_and_are_left_out_on_kvm_without_smm() {
+    let trace = concat!(
+        "{\"vmmu_trace\":1,\"source\":\"hand: SMRAM in address space 1, as QEMU q35 makes it\"}\n",
+        "{\"t\":0.000000,\"op\":\"slot\",\"as\":0,\"id\":0,\"flags\":[],\"gpa\":\"0x0\",\"size\":\"0xa0000\",\"uaddr\":\"0x7f0000000000\"}\n",
+        "{\"t\":0.000050,\"op\":\"slot\",\"as\":0,\"id\":1,\"flags\":[],\"gpa\":\"0x100000\",\"size\":\"0x7f00000\",\"uaddr\":\"0x7f0000100000\"}\n",
+        "{\"t\":0.000100,\"op\":\"slot\",\"as\":1,\"id\":0,\"flags\":[],\"gpa\":\"0x0\",\"size\":\"0xa0000\",\"uaddr\":\"0x7f0000000000\"}\n",
+        "{\"t\":0.000200,\"op\":\"slot\",\"as\":1,\"id\":1,\"flags\":[],\"gpa\":\"0xa0000\",\"size\":\"0x20000\",\"uaddr\":\"0x7f00000a0000\"}\n",
+        "{\"t\":0.000300,\"op\":\"mmio\",\"dir\":\"read\",\"gpa\":\"0xa0000\",\"len\":1,\"value\":\"0x0\",\"exit\":\"user\"}\n",
+        "{\"t\":0.000400,\"op\":\"slot\",\"as\":1,\"id\":1,\"flags\":[],\"gpa\":\"0xa0000\",\"size\":\"0x0\",\"uaddr\":\"0x7f00000a0000\"}\n",
+        "{\"t\":0.000500,\"op\":\"mmio\",\"dir\":\"write\",\"gpa\":\"0xfee000b0\",\"len\":4,\"value\":\"0x0\",\"exit\":\"kernel\"}\n",
+    );
+    let p = temp_file("smm.trace.jsonl", trace);
+    let file = p.display().to_string();
+    // The machine: every request applied, and 0xa0000 (SMRAM only in address space 1) is MMIO
+    // for a guest outside SMM.
+    assert_clean(&file);
+    let out = vmmu(&["replay", "--json", "--format", "ept", &file]);
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let k = &doc["traces"][0]["kvm"];
+    assert_eq!(out.status.code(), Some(0), "{k:#}");
+    let Ok(info) = vmmu_kvm::probe() else {
+        assert!(k["skipped"].as_str().is_some(), "{k:#}");
+        return;
+    };
+    assert_eq!(k["ran"], true, "{k:#}");
+    assert_eq!(u(&k["mmio_exits"]), 2, "{k:#}");
+    if info.address_spaces >= 2 {
+        assert_eq!((u(&k["slots_applied"]), u(&k["smm_skipped"])), (5, 0), "{k:#}");
+    } else {
+        assert_eq!((u(&k["slots_applied"]), u(&k["smm_skipped"])), (2, 3), "{k:#}");
+        assert!(k["method"].as_str().unwrap().contains("3 address-space-1 (SMM) requests"));
+    }
+}

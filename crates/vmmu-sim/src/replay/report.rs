@@ -255,6 +255,9 @@ pub struct KvmReport {
     pub dirty_log_applied: u64,
     /// Dirty-log calls KVM refused (must be 0; listed with the slot refusals).
     pub dirty_log_refused: u64,
+    /// Address-space-1 (SMM) slot and dirty-log requests not made because this kernel has no
+    /// SMM address space (they cannot change what a guest outside SMM sees).
+    pub smm_skipped: u64,
     /// A failure of the KVM machinery (not a verdict).
     pub error: Option<String>,
 }
