@@ -24,6 +24,24 @@ fn sides() -> Vec<(String, Box<dyn Backend>)> {
     vec![("kvm".into(), Box::new(KvmBackend)), ("sim".into(), Box::new(vmmu_sim::SimBackend))]
 }
 
+/// Runs `s` on every side. KVM here runs guest paging only in long mode: a PAE scenario it
+/// skips is compared as 4-level (`s` is changed to that).
+fn run_sides(s: &mut vmmu_scenario::Scenario) -> Vec<vmmu_scenario::diff::Source> {
+    sides()
+        .iter()
+        .map(|(name, b)| {
+            let mut src = run_source(name, b.as_ref(), s);
+            let skipped = matches!(&src.outcome,
+                Outcome::Stream(o) if matches!(o.first(), Some(Observation::Skipped { .. })));
+            if skipped && s.vm.paging == vmmu_scenario::Paging::Pae {
+                s.vm.paging = vmmu_scenario::Paging::Level4;
+                src = run_source(name, b.as_ref(), s);
+            }
+            src
+        })
+        .collect()
+}
+
 fn cases() -> u32 {
     match std::env::var("VMMU_DIFF_CASES") {
         Ok(v) => v.parse().unwrap_or_else(|_| panic!("VMMU_DIFF_CASES={v} is not a number")),
@@ -312,20 +330,7 @@ fn generated_paging_scenarios_agree_across_sides() {
             g.vm.address_spaces = 1;
         }
         let mut s = parse_checked(&g)?;
-        let sources: Vec<_> = sides()
-            .iter()
-            .map(|(name, b)| {
-                let mut src = run_source(name, b.as_ref(), &s);
-                if matches!(&src.outcome, Outcome::Stream(o) if matches!(o.first(), Some(Observation::Skipped { .. })))
-                    && s.vm.paging == vmmu_scenario::Paging::Pae
-                {
-                    // KVM here runs guest paging only in long mode: compare as 4-level.
-                    s.vm.paging = vmmu_scenario::Paging::Level4;
-                    src = run_source(name, b.as_ref(), &s);
-                }
-                src
-            })
-            .collect();
+        let sources = run_sides(&mut s);
         if let Outcome::Stream(obs) = &sources[0].outcome {
             let mut f = faults.borrow_mut();
             for o in obs {
@@ -406,19 +411,7 @@ fn damaged_corpus_scenarios_agree_across_sides() {
         if info.address_spaces < 2 {
             s.vm.address_spaces = 1;
         }
-        let sources: Vec<_> = sides()
-            .iter()
-            .map(|(name, b)| {
-                let mut src = run_source(name, b.as_ref(), &s);
-                if matches!(&src.outcome, Outcome::Stream(o) if matches!(o.first(), Some(Observation::Skipped { .. })))
-                    && s.vm.paging == vmmu_scenario::Paging::Pae
-                {
-                    s.vm.paging = vmmu_scenario::Paging::Level4;
-                    src = run_source(name, b.as_ref(), &s);
-                }
-                src
-            })
-            .collect();
+        let sources = run_sides(&mut s);
         if let Some(why) = both_stopped(&sources) {
             // Outside the format (a guest access through the part of a slot past its buffer),
             // which only running finds out: both backends must stop at the same step.
