@@ -129,6 +129,9 @@ mod locks {
     #[derive(Debug, Default)]
     pub struct Mutex<T> {
         locked: AtomicU32,
+        /// Threads in `lock_with`'s wait loop: a holder that wants to break its hold for them
+        /// (KVM `cond_resched_rwlock_write`) asks [`Self::contended`]. Advisory: Relaxed.
+        waiters: AtomicU32,
         value: UnsafeCell<T>,
     }
 
@@ -141,7 +144,11 @@ mod locks {
     impl<T> Mutex<T> {
         /// A new unlocked mutex.
         pub const fn new(v: T) -> Self {
-            Mutex { locked: AtomicU32::new(0), value: UnsafeCell::new(v) }
+            Mutex {
+                locked: AtomicU32::new(0),
+                waiters: AtomicU32::new(0),
+                value: UnsafeCell::new(v),
+            }
         }
         /// Takes the lock, spinning until it is free (with the build's default [`Relax`]).
         pub fn lock(&self) -> MutexGuard<'_, T> {
@@ -149,13 +156,34 @@ mod locks {
         }
         /// Takes the lock, waiting with `relax` (the host's policy).
         pub fn lock_with(&self, relax: &impl Relax) -> MutexGuard<'_, T> {
+            if let Some(g) = self.try_lock() {
+                return g;
+            }
+            self.waiters.fetch_add(1, Ordering::Relaxed);
             loop {
-                if let Some(g) = self.try_lock() {
-                    return g;
-                }
                 while self.locked.load(Ordering::Relaxed) != 0 {
                     relax.relax();
                 }
+                if let Some(g) = self.try_lock() {
+                    self.waiters.fetch_sub(1, Ordering::Relaxed);
+                    return g;
+                }
+            }
+        }
+        /// Whether another thread waits for the lock (a hint: it may change at once).
+        pub fn contended(&self) -> bool {
+            self.waiters.load(Ordering::Relaxed) != 0
+        }
+        /// After dropping a guard because [`Self::contended`] said so: spins briefly until a
+        /// waiter has taken the lock, so that the next `lock` queues behind it instead of
+        /// taking the lock back at once. Bounded: a waiter that is not running is not waited
+        /// for.
+        pub fn hand_off(&self) {
+            for _ in 0..HAND_OFF_SPINS {
+                if self.locked.load(Ordering::Relaxed) != 0 {
+                    return;
+                }
+                core::hint::spin_loop();
             }
         }
         /// Takes the lock if it is free.
@@ -199,6 +227,10 @@ mod locks {
     }
 
     const WRITER: u32 = 1 << 31;
+
+    /// How long [`Mutex::hand_off`] waits for a waiter to take the lock: about the time a
+    /// waiter's relax takes to come back (a `sched_yield` with nothing else to run, 1-2 us).
+    const HAND_OFF_SPINS: u32 = 64;
 
     /// A reader-writer spin lock (KVM's `mmu_lock` is an rwlock on x86). Writers set a flag that
     /// stops new readers, then wait for the readers in flight, so writers are not starved.
@@ -331,6 +363,12 @@ mod locks {
         pub fn lock_with(&self, _relax: &impl super::Relax) -> MutexGuard<'_, T> {
             self.lock()
         }
+        /// Under loom: always, so models explore the lock break.
+        pub fn contended(&self) -> bool {
+            true
+        }
+        /// Under loom: nothing (loom schedules the waiters at the next lock).
+        pub fn hand_off(&self) {}
         /// Takes the lock if it is free.
         pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
             self.0.try_lock().ok().map(MutexGuard)
@@ -416,6 +454,28 @@ mod tests {
             assert!(m.try_lock().is_none(), "a held mutex must not be taken twice");
         }
         assert_eq!(*m.lock(), 1);
+    }
+
+    #[cfg(feature = "std")]
+    #[test]
+    fn a_holder_sees_a_waiter_and_hands_the_lock_over() {
+        let m = Arc::new(Mutex::new(std::vec::Vec::new()));
+        let mut g = m.lock();
+        assert!(!m.contended(), "nobody waits yet");
+        let waiter = {
+            let m = m.clone();
+            std::thread::spawn(move || m.lock_with(&Yield).push("waiter"))
+        };
+        while !m.contended() {
+            std::thread::yield_now();
+        }
+        g.push("holder");
+        drop(g);
+        m.hand_off();
+        waiter.join().unwrap();
+        assert!(!m.contended(), "the waiter left the count when it took the lock");
+        m.lock().push("holder again");
+        assert_eq!(*m.lock(), ["holder", "waiter", "holder again"]);
     }
 
     #[test]
