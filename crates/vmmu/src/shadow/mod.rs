@@ -220,9 +220,9 @@ impl ShadowMmu {
                 st.prepare_zap(core, &self.stats, id, &mut batch);
             }
             // Lock break between batches (KVM `cond_resched_rwlock_write`): when a vCPU waits
-            // for the lock, let it in before the next batch. Not a yield of the CPU: with as
-            // many runnable threads as CPUs, a yield gave the CPU away for a whole time slice
-            // at every break, and a slot delete under shadow paging took 2-10 ms (measured,
+            // for the lock, let it in before the next batch. Not a yield of the CPU: with more
+            // runnable threads than CPUs, a yield gave the CPU away for a whole time slice at
+            // every break, and a slot delete under shadow paging took 2-10 ms (measured,
             // `vmmu run --format shadow`).
             let contended = self.state.contended();
             drop(st);
