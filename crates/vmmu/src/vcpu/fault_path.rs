@@ -22,6 +22,16 @@ use crate::stats::{RetryCause, StripeKey, VcpuStats};
 use crate::tdp::{CachedWalk, LeafSpec, LocklessWalk, MapOutcome};
 use crate::types::{Access, Generation, Gpa};
 
+/// What [`VcpuMmu::mmio_cache_probe`] found.
+pub(super) enum CacheProbe {
+    /// A hit: emulate.
+    Hit(FaultOutcome),
+    /// A miss, at this generation.
+    Miss(Generation),
+    /// No root is loaded (the fault path retries).
+    NoRoot,
+}
+
 /// The fast path's own result (KVM adds `RET_PF_INVALID`: "take the slow path").
 pub(super) enum FastOutcome {
     Done(FaultOutcome),
@@ -35,13 +45,42 @@ pub(super) fn retry(stats: &mut VcpuStats, cause: RetryCause) -> FaultOutcome {
 }
 
 impl VcpuMmu {
+    /// The per-vCPU MMIO cache lookup of an RSVD fault at `gpa` (KVM `mmio_info_in_cache`, the
+    /// first step of `handle_mmio_page_fault`), inline in the exit handler so that a hit does
+    /// not pay for the fault path's frame. On a miss the caller goes on with
+    /// [`Self::ept_misconfig_after_cache_miss`] and the generation read here.
+    #[inline(always)]
+    pub(super) fn mmio_cache_probe<H: Host>(
+        &self,
+        vm: &VmShared<H>,
+        stats: &mut VcpuStats,
+        gpa: Gpa,
+    ) -> CacheProbe {
+        if self.root.is_none() {
+            return CacheProbe::NoRoot;
+        }
+        // Read without a memslot read section, as `page_fault` explains.
+        let gen = vm.memslots.generation(self.as_id);
+        match self.mmio_cache.lookup_gpa(gpa.gfn(), gen, vm.bugs) {
+            Some(access) => {
+                stats.mmio_cache_hits += 1;
+                CacheProbe::Hit(FaultOutcome::Emulate {
+                    gpa,
+                    access,
+                    source: EmulateSource::VcpuCacheHit,
+                })
+            }
+            None => CacheProbe::Miss(gen),
+        }
+    }
+
     /// KVM `kvm_mmu_page_fault`.
     pub(super) fn page_fault<H: Host>(
         &mut self,
         vm: &VmShared<H>,
         readers: &VcpuReaders,
         stats: &mut VcpuStats,
-        mut fault: PageFault,
+        fault: PageFault,
     ) -> Result<FaultOutcome, FaultError> {
         if self.root.is_none() {
             return Ok(retry(stats, RetryCause::NoRoot));
@@ -54,11 +93,53 @@ impl VcpuMmu {
             // either side of it, as with a section; one that returned before the access began
             // is visible through the Acquire loads of `generation`.
             let gen = vm.memslots.generation(self.as_id);
-            match self.handle_mmio_page_fault(vm, readers, stats, gen, fault.addr)? {
-                FastOutcome::Done(o) => return Ok(o),
-                FastOutcome::Invalid => {}
-            }
+            return self.rsvd_fault::<H, true>(vm, readers, stats, gen, fault);
         }
+        self.memslot_slow_path(vm, readers, stats, fault)
+    }
+
+    /// An EPT misconfiguration at `gpa` whose per-vCPU cache lookup ([`Self::mmio_cache_probe`],
+    /// with a root loaded) missed at generation `gen`: the rest of `page_fault`. Out of line, so
+    /// the probe's caller keeps a small frame.
+    #[inline(never)]
+    pub(super) fn ept_misconfig_after_cache_miss<H: Host>(
+        &mut self,
+        vm: &VmShared<H>,
+        readers: &VcpuReaders,
+        stats: &mut VcpuStats,
+        gen: Generation,
+        gpa: Gpa,
+    ) -> Result<FaultOutcome, FaultError> {
+        let fault = PageFault::tdp(gpa, crate::fault::PfErr(crate::fault::PfErr::RSVD));
+        self.rsvd_fault::<H, false>(vm, readers, stats, gen, fault)
+    }
+
+    /// An RSVD fault with a root loaded: the fast path (`CHECK_CACHE`: starting with the
+    /// per-vCPU cache), then the slow path if the fast path did not decide.
+    #[inline(always)]
+    fn rsvd_fault<H: Host, const CHECK_CACHE: bool>(
+        &mut self,
+        vm: &VmShared<H>,
+        readers: &VcpuReaders,
+        stats: &mut VcpuStats,
+        gen: Generation,
+        fault: PageFault,
+    ) -> Result<FaultOutcome, FaultError> {
+        match self.handle_mmio_page_fault::<H, CHECK_CACHE>(vm, readers, stats, gen, fault.addr)? {
+            FastOutcome::Done(o) => Ok(o),
+            FastOutcome::Invalid => self.memslot_slow_path(vm, readers, stats, fault),
+        }
+    }
+
+    /// The slow path inside one memslot read section.
+    #[inline(always)]
+    fn memslot_slow_path<H: Host>(
+        &mut self,
+        vm: &VmShared<H>,
+        readers: &VcpuReaders,
+        stats: &mut VcpuStats,
+        mut fault: PageFault,
+    ) -> Result<FaultOutcome, FaultError> {
         let guard = vm.memslots.read(&readers.memslot);
         let set = guard.set(self.as_id);
         stats.pf_taken += 1;
@@ -79,7 +160,7 @@ impl VcpuMmu {
     }
 
     /// The fast path for RSVD faults (KVM `handle_mmio_page_fault`). No lock, no allocation.
-    fn handle_mmio_page_fault<H: Host>(
+    fn handle_mmio_page_fault<H: Host, const CHECK_CACHE: bool>(
         &mut self,
         vm: &VmShared<H>,
         readers: &VcpuReaders,
@@ -89,13 +170,15 @@ impl VcpuMmu {
     ) -> Result<FastOutcome, FaultError> {
         let bugs = vm.bugs;
         let gfn = gpa.gfn();
-        if let Some(access) = self.mmio_cache.lookup_gpa(gfn, gen, bugs) {
-            stats.mmio_cache_hits += 1;
-            return Ok(FastOutcome::Done(FaultOutcome::Emulate {
-                gpa,
-                access,
-                source: EmulateSource::VcpuCacheHit,
-            }));
+        if CHECK_CACHE {
+            if let Some(access) = self.mmio_cache.lookup_gpa(gfn, gen, bugs) {
+                stats.mmio_cache_hits += 1;
+                return Ok(FastOutcome::Done(FaultOutcome::Emulate {
+                    gpa,
+                    access,
+                    source: EmulateSource::VcpuCacheHit,
+                }));
+            }
         }
         let (root_pfn, root_level) = match self.root.as_ref() {
             Some(r) => (r.pfn(), r.level()),
