@@ -80,8 +80,7 @@ impl PagingStructureCache {
 
     #[inline]
     fn set(region: u64) -> usize {
-        // Fibonacci hashing: the top 3 bits of the product.
-        (region.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 61) as usize
+        vmmu::hash::bucket(region, PSC_SETS)
     }
 
     #[inline]

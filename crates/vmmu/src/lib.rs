@@ -21,6 +21,7 @@ pub mod dirty;
 mod error;
 pub mod fault;
 pub mod guest;
+pub mod hash;
 pub mod host;
 pub mod invalidate;
 pub mod memslot;

@@ -190,11 +190,7 @@ impl StripedCounter {
     fn stripe(&self, key: StripeKey) -> &AtomicU64 {
         let i = match key {
             StripeKey::Vcpu(index) => index % STRIPES,
-            StripeKey::Gfn(gfn) => {
-                let region = gfn >> 9;
-                (region.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - STRIPES.trailing_zeros()))
-                    as usize
-            }
+            StripeKey::Gfn(gfn) => crate::hash::bucket(gfn >> 9, STRIPES),
         };
         &self.0[i].0
     }

@@ -14,9 +14,9 @@
 //! entry of that table instead of walking from the root, if the epoch is unchanged. The cache
 //! holds sixteen tables, two per set, the set chosen by a hash of the 2 MiB: a guest's devices
 //! often sit in different 2 MiB, and each must hit without a walk. The epoch
-//! ([`TdpMmu::table_epoch`]) is bumped after every change of an entry that linked a table (unlink, or replacement:
-//! `change.rs`) and when table pages are queued for freeing (`defer_free`), before any grace
-//! period that frees them. Why a hit is right:
+//! ([`TdpMmu::table_epoch`]) is bumped after every change of an entry that linked a table
+//! (unlink, or replacement: `change.rs`) and when table pages are queued for freeing
+//! (`defer_free`), before any grace period that frees them. Why a hit is right:
 //! - *the page is live*: a hit reads the epoch inside the vCPU's table read section and finds
 //!   the value of before the bump; had its section begun after the grace period that precedes the
 //!   free, it would see every store made before that grace period, the bump included. So the
@@ -85,11 +85,11 @@ const SETS: usize = 8;
 /// Tables per set. A set is one cache line in release builds (two 32-byte entries).
 const WAYS: usize = 2;
 
-/// The set of a 2 MiB region: the top bits of a multiplicative hash, so regions a fixed stride
-/// apart (device windows at round addresses) spread over the sets.
+/// The set of a 2 MiB region ([`crate::hash::bucket`]: regions a fixed stride apart, device
+/// windows at round addresses, spread over the sets).
 #[inline]
 const fn set_of(region: u64) -> usize {
-    (region.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - SETS.trailing_zeros())) as usize
+    crate::hash::bucket(region, SETS)
 }
 
 /// A vCPU's level-1 tables of its lockless walks (see the module doc), two-way set-associative by
