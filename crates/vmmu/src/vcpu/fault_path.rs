@@ -38,6 +38,13 @@ pub(super) enum FastOutcome {
     Invalid,
 }
 
+/// Counts a per-vCPU MMIO cache hit at `gpa` and returns its outcome (both MMUs).
+#[inline(always)]
+pub(super) fn cache_hit(stats: &mut VcpuStats, gpa: Gpa, access: Access) -> FaultOutcome {
+    stats.mmio_cache_hits += 1;
+    FaultOutcome::Emulate { gpa, access, source: EmulateSource::VcpuCacheHit }
+}
+
 /// Counts a retry by its cause and returns it (both MMUs' fault paths).
 pub(super) fn retry(stats: &mut VcpuStats, cause: RetryCause) -> FaultOutcome {
     stats.retries[cause as usize] += 1;
@@ -62,14 +69,7 @@ impl VcpuMmu {
         // Read without a memslot read section, as `page_fault` explains.
         let gen = vm.memslots.generation(self.as_id);
         match self.mmio_cache.lookup_gpa(gpa.gfn(), gen, vm.bugs) {
-            Some(access) => {
-                stats.mmio_cache_hits += 1;
-                CacheProbe::Hit(FaultOutcome::Emulate {
-                    gpa,
-                    access,
-                    source: EmulateSource::VcpuCacheHit,
-                })
-            }
+            Some(access) => CacheProbe::Hit(cache_hit(stats, gpa, access)),
             None => CacheProbe::Miss(gen),
         }
     }
@@ -172,12 +172,7 @@ impl VcpuMmu {
         let gfn = gpa.gfn();
         if CHECK_CACHE {
             if let Some(access) = self.mmio_cache.lookup_gpa(gfn, gen, bugs) {
-                stats.mmio_cache_hits += 1;
-                return Ok(FastOutcome::Done(FaultOutcome::Emulate {
-                    gpa,
-                    access,
-                    source: EmulateSource::VcpuCacheHit,
-                }));
+                return Ok(FastOutcome::Done(cache_hit(stats, gpa, access)));
             }
         }
         let (root_pfn, root_level) = match self.root.as_ref() {

@@ -381,13 +381,8 @@ impl<H: Host + GuestMemory> Vcpu<H> {
         let cache_gva = if st.shadow.as_ref().is_some_and(|s| s.nested) { 0 } else { gva.raw() };
         if let Some((gfn, access)) = st.mmio_cache.lookup_gva(cache_gva, gen, bugs) {
             if access.contains(need) {
-                stats.mmio_cache_hits += 1;
                 let gpa = Gpa(gfn.gpa().raw() | gva.page_offset());
-                return Ok(Some(FaultOutcome::Emulate {
-                    gpa,
-                    access,
-                    source: EmulateSource::VcpuCacheHit,
-                }));
+                return Ok(Some(super::fault_path::cache_hit(stats, gpa, access)));
             }
         }
         let walk = {
