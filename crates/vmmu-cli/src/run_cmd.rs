@@ -297,14 +297,21 @@ fn pooled(runs: &[&Report]) -> (f64, f64) {
     (accesses as f64 / secs.max(1e-9), cost)
 }
 
-/// The on-over-off ratios of some runs: throughput, and MMIO cost per exit (off over on).
-fn ratios(runs: &[(bool, Report)]) -> (f64, f64) {
-    let of = |caching: bool| -> Vec<&Report> {
-        runs.iter().filter(|(c, _)| *c == caching).map(|(_, r)| r).collect()
-    };
-    let ((tput_on, ns_on), (tput_off, ns_off)) = (pooled(&of(true)), pooled(&of(false)));
+/// The reports of the runs with MMIO caching `caching`.
+fn with_caching(runs: &[(bool, Report)], caching: bool) -> Vec<&Report> {
+    runs.iter().filter(|(c, _)| *c == caching).map(|(_, r)| r).collect()
+}
+
+/// The on-over-off ratios of two [`pooled`] results: throughput, and MMIO cost per exit (off
+/// over on).
+fn ratios_of((tput_on, ns_on): (f64, f64), (tput_off, ns_off): (f64, f64)) -> (f64, f64) {
     let cost = if ns_on > 0.0 { ns_off / ns_on } else { 0.0 };
     (tput_on / tput_off.max(1e-9), cost)
+}
+
+/// The on-over-off ratios of some runs, each setting's runs pooled.
+fn ratios(runs: &[(bool, Report)]) -> (f64, f64) {
+    ratios_of(pooled(&with_caching(runs, true)), pooled(&with_caching(runs, false)))
 }
 
 /// The median of `v` (0 if empty).
@@ -336,11 +343,9 @@ fn compare_caching(args: &RunArgs, bugs: BugSet, report_file: Option<ReportFile>
             }
         }
     }
-    let pick = |caching: bool| -> Vec<&Report> {
-        runs.iter().filter(|(c, _)| *c == caching).map(|(_, r)| r).collect()
-    };
-    let ((tput_on, ns_on), (tput_off, ns_off)) = (pooled(&pick(true)), pooled(&pick(false)));
-    let (tput_ratio, cost_ratio) = ratios(&runs);
+    let (on_runs, off_runs) = (with_caching(&runs, true), with_caching(&runs, false));
+    let ((tput_on, ns_on), (tput_off, ns_off)) = (pooled(&on_runs), pooled(&off_runs));
+    let (tput_ratio, cost_ratio) = ratios_of((tput_on, ns_on), (tput_off, ns_off));
     let rounds: Vec<(f64, f64)> = runs.chunks(COMPARE_ORDER.len()).map(ratios).collect();
     // Each half of each round on its own: (on, off) and (off, on).
     let halves: Vec<f64> = runs
@@ -350,7 +355,7 @@ fn compare_caching(args: &RunArgs, bugs: BugSet, report_file: Option<ReportFile>
         .collect();
     let tput_median = median(rounds.iter().map(|r| r.0).collect());
     let cost_median = median(rounds.iter().map(|r| r.1).collect());
-    let (on, off) = (pick(true)[0], pick(false)[0]);
+    let (on, off) = (on_runs[0], off_runs[0]);
     let list = |v: &[f64]| v.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(",");
     if json {
         let (t, c): (Vec<f64>, Vec<f64>) = rounds.iter().copied().unzip();
@@ -479,6 +484,7 @@ pub fn run(args: &RunArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
 
     #[test]
     fn median_of_odd_even_and_empty_lists() {
@@ -486,7 +492,6 @@ mod tests {
         assert_eq!(median(vec![1.2, 0.9, 1.0, 1.1]), 1.05);
         assert_eq!(median(vec![]), 0.0);
     }
-    use clap::Parser;
 
     #[derive(Parser, Debug)]
     struct Cli {
