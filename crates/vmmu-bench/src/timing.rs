@@ -3,7 +3,10 @@
 //!
 //! Micro paths are too short to time one call at a time (a clock read costs about as much), so
 //! [`per_call`] times batches of calls and takes the median over batches of the per-call mean:
-//! the median discards batches hit by an interrupt or a preemption.
+//! the median discards batches hit by an interrupt or a preemption. Paths whose times are
+//! compared are timed in turns by [`Rounds`], so that the host changing speed during a run
+//! (frequency, steal time: this shared VM's speed moves by 1.5x within minutes) moves every
+//! compared path alike.
 
 use hdrhistogram::Histogram;
 use std::time::Instant;
@@ -42,6 +45,67 @@ pub fn per_call(batches: usize, batch: usize, mut f: impl FnMut()) -> Summary {
     }
     v.sort_by(f64::total_cmp);
     Summary { median: quantile(&v, 0.5), p99: quantile(&v, 0.99) }
+}
+
+/// `N` paths timed in turns: each round times one batch of every path, after a few untimed calls
+/// that warm the caches and branch predictors again for it. A ratio of two paths is the median,
+/// over rounds, of the ratio of their batches in that round: both were timed within microseconds
+/// of each other, at one host speed.
+pub struct Rounds<const N: usize> {
+    batch: usize,
+    warm: usize,
+    samples: [Vec<f64>; N],
+}
+
+impl<const N: usize> Rounds<N> {
+    /// Room for `rounds` rounds of batches of `batch` calls, each batch preceded by `batch / 10`
+    /// untimed calls.
+    pub fn new(rounds: usize, batch: usize) -> Rounds<N> {
+        let batch = batch.max(1);
+        Rounds {
+            batch,
+            warm: (batch / 10).max(1),
+            samples: std::array::from_fn(|_| Vec::with_capacity(rounds)),
+        }
+    }
+
+    /// Times one batch of `f` as path `path` (after the untimed warm-up calls).
+    #[inline]
+    pub fn time(&mut self, path: usize, mut f: impl FnMut()) {
+        for _ in 0..self.warm {
+            f();
+        }
+        let t = Instant::now();
+        for _ in 0..self.batch {
+            f();
+        }
+        self.samples[path].push(t.elapsed().as_nanos() as f64 / self.batch as f64);
+    }
+
+    /// Calls made so far as path `path`, timed and untimed.
+    pub fn calls(&self, path: usize) -> u64 {
+        (self.samples[path].len() * (self.batch + self.warm)) as u64
+    }
+
+    /// Per-call median and p99 of path `path` over its batches (ns).
+    pub fn summary(&self, path: usize) -> Summary {
+        let mut v = self.samples[path].clone();
+        v.sort_by(f64::total_cmp);
+        Summary { median: quantile(&v, 0.5), p99: quantile(&v, 0.99) }
+    }
+
+    /// The median over rounds of path `a`'s time divided by path `b`'s in the same round; 0 if
+    /// no round timed both.
+    pub fn ratio(&self, a: usize, b: usize) -> f64 {
+        let mut v: Vec<f64> = self.samples[a]
+            .iter()
+            .zip(&self.samples[b])
+            .filter(|(_, &y)| y > 0.0)
+            .map(|(x, y)| x / y)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        quantile(&v, 0.5)
+    }
 }
 
 /// The `q` quantile of sorted `v` (nearest rank); 0 for an empty slice.
@@ -156,5 +220,25 @@ mod tests {
         let s = per_call(3, 10, || n += 1);
         assert_eq!(n, 40);
         assert!(s.median >= 0.0);
+    }
+
+    #[test]
+    fn rounds_pair_the_batches_of_one_round() {
+        let mut r = Rounds::<2>::new(3, 20);
+        let (mut a, mut b) = (0, 0);
+        for _ in 0..3 {
+            r.time(0, || a += 1);
+            r.time(1, || b += 1);
+        }
+        // 20 timed and 2 untimed calls per batch.
+        assert_eq!((a, b), (66, 66));
+        assert_eq!((r.calls(0), r.calls(1)), (66, 66));
+        // The ratio pairs round i of one path with round i of the other.
+        r.samples = [vec![1.0, 10.0, 100.0], vec![2.0, 20.0, 200.0]];
+        assert_eq!(r.ratio(0, 1), 0.5);
+        assert_eq!(r.ratio(1, 0), 2.0);
+        assert_eq!(r.summary(0).median, 10.0);
+        r.samples[1].clear();
+        assert_eq!(r.ratio(0, 1), 0.0);
     }
 }
