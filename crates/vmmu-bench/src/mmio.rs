@@ -215,29 +215,20 @@ pub fn measure(rounds: usize) -> Result<MmioNumbers, BenchError> {
     }
 
     let mut r = Rounds::<PATHS>::new(rounds, 1000);
-    // Each cycle's position, kept from round to round.
-    let (mut next_fast, mut next_dev, mut next_far) = (0, devices.len() - 1, far.len() - 1);
+    // The three fast-path rows, each cycling its gfns on from where its last batch stopped.
+    let cycles = [(Path::Fast, &cycle), (Path::Devices, &devices), (Path::Walk, &far)];
+    let mut next = cycles.map(|(_, gpas)| gpas.len() - 1);
     let mut flip = false;
     let mut took = [0u64; PATHS];
     for _ in 0..rounds.max(1) {
-        let h = on.stats.mmio_spte_hits;
-        r.time(Path::Fast as usize, || {
-            next_fast = crate::cycle_next(next_fast, cycle.len());
-            black_box(crate::emulated_gpa(on.handle_ept_misconfig(black_box(cycle[next_fast]))));
-        });
-        took[Path::Fast as usize] += on.stats.mmio_spte_hits - h;
-        let h = on.stats.mmio_spte_hits;
-        r.time(Path::Devices as usize, || {
-            next_dev = crate::cycle_next(next_dev, devices.len());
-            black_box(crate::emulated_gpa(on.handle_ept_misconfig(black_box(devices[next_dev]))));
-        });
-        took[Path::Devices as usize] += on.stats.mmio_spte_hits - h;
-        let h = on.stats.mmio_spte_hits;
-        r.time(Path::Walk as usize, || {
-            next_far = crate::cycle_next(next_far, far.len());
-            black_box(crate::emulated_gpa(on.handle_ept_misconfig(black_box(far[next_far]))));
-        });
-        took[Path::Walk as usize] += on.stats.mmio_spte_hits - h;
+        for ((path, gpas), n) in cycles.iter().zip(&mut next) {
+            let h = on.stats.mmio_spte_hits;
+            r.time(*path as usize, || {
+                *n = crate::cycle_next(*n, gpas.len());
+                black_box(crate::emulated_gpa(on.handle_ept_misconfig(black_box(gpas[*n]))));
+            });
+            took[*path as usize] += on.stats.mmio_spte_hits - h;
+        }
         let h = on.stats.mmio_cache_hits;
         r.time(Path::Cache as usize, || {
             black_box(crate::emulated_gpa(on.handle_ept_misconfig(black_box(a))));
