@@ -20,7 +20,7 @@ pub fn skipped(why: &str) -> KvmReport {
 /// Replays `trace` on `/dev/kvm`, or says why it was skipped.
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub fn run(trace: &Trace) -> KvmReport {
-    use vmmu_kvm::replay::{Access, TraceVm, BASE, SYNC};
+    use vmmu_kvm::replay::{Access, TraceVm};
     use vmmu_sim::replay::parse::{Dir, EventKind};
     use vmmu_sim::replay::report::{Misclassified, Refusal, KEEP};
 
@@ -36,16 +36,17 @@ pub fn run(trace: &Trace) -> KvmReport {
         EventKind::Mmio(m) => Some(m.gpa),
         _ => None,
     });
-    if let Some(why) = TraceVm::conflict(slots, mmio) {
-        return skipped(&why);
-    }
+    let base = match TraceVm::place(slots, mmio) {
+        Ok(base) => base,
+        Err(why) => return skipped(&why),
+    };
     let smm = trace.events.iter().any(|e| matches!(e.kind, EventKind::Slot(s) if s.as_id == 1));
     // Without an SMM address space here, the address-space-1 requests cannot be made. They
     // change nothing a guest outside SMM sees (memslots, ids and overlap rules are per address
     // space), so the rest of the trace is still checked, and the report counts what was left out.
     let smm_here = smm && info.address_spaces >= 2;
     let unions = vmmu_sim::replay::memory::uaddr_unions(trace);
-    let mut vm = match TraceVm::new(&unions, if smm_here { 2 } else { 1 }) {
+    let mut vm = match TraceVm::new(&unions, if smm_here { 2 } else { 1 }, base) {
         Ok(vm) => vm,
         Err(e) => {
             return KvmReport {
@@ -171,7 +172,9 @@ pub fn run(trace: &Trace) -> KvmReport {
         String::new()
     };
     r.method = format!(
-        "slot requests as recorded, uaddr remapped; {sample} as CPL3 loads/stores that must exit as MMIO; dirty-log calls as recorded (clears with every bit of the range set); guest at {BASE:#x}, sync store at {SYNC:#x}{smm_note}; {:.2} s",
+        "slot requests as recorded, uaddr remapped; {sample} as CPL3 loads/stores that must exit as MMIO; dirty-log calls as recorded (clears with every bit of the range set); guest at {:#x}, sync store at {:#x}{smm_note}; {:.2} s",
+        vm.base(),
+        vm.sync(),
         t0.elapsed().as_secs_f64()
     );
     r

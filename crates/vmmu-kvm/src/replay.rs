@@ -2,12 +2,15 @@
 //! recorded (only `uaddr` remapped onto this process's buffers), and each recorded MMIO access
 //! is one guest load or store whose exit says whether KVM treats the address as MMIO.
 //!
-//! The trace may use any GPA below 4 GiB, the first megabyte included (`traces.md`: "a replayer
-//! that needs guest memory of its own puts it where the trace places no slot and no access"), so
-//! the guest of [`crate::guest`] is relocated: its code, tables and stacks sit at [`BASE`]
-//! (4 GiB) in slot [`guest::OWN_SLOT`] of address space 0, and the access code's closing store
-//! goes to [`SYNC`], just above, where no slot is. [`TraceVm::conflict`] says when a trace uses
-//! those places (then the caller skips KVM).
+//! The trace may use any GPA, the first megabyte included (`traces.md`: "a replayer that needs
+//! guest memory of its own puts it where the trace places no slot and no access"), so the guest
+//! of [`crate::guest`] is relocated: its code, tables and stacks sit in a window of [`WINDOW`]
+//! bytes in slot [`guest::OWN_SLOT`] of address space 0, and the access code's closing store goes
+//! [`SYNC_OFFSET`] above the window's start, where no slot is. [`TraceVm::place`] picks the
+//! window: [`BASE`] (4 GiB, above everything the reference recordings use) when the trace leaves
+//! it free, else the first free window above it, else below it (a VM with RAM above 4 GiB maps
+//! it right there). It says why when there is none, or when the trace uses the replayer's slot
+//! id or an address its guest cannot reach (then the caller skips KVM).
 //!
 //! Invariants:
 //! - the VM and its vCPU are dropped before the buffers its memslots point into (field order);
@@ -36,17 +39,20 @@ use std::os::fd::AsRawFd;
 const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = 0xc018_aec0;
 use vmmu_scenario::{Width, ACCESS_LIMIT};
 
-/// Guest-physical address of the replay guest's own memory.
+/// The preferred guest-physical address of the replay guest's own memory.
 pub const BASE: u64 = 1 << 32;
-/// Where the access code's closing store goes (an MMIO exit: no slot there).
-pub const SYNC: u64 = BASE + 0x20_0000;
-/// The range the replay guest keeps for itself: its memory and the sync address.
-pub const RESERVED: std::ops::Range<u64> = BASE..BASE + 0x40_0000;
+/// Size (and alignment) of the window the replay guest keeps for itself: its memory and the sync
+/// address.
+pub const WINDOW: u64 = 0x40_0000;
+/// Where the access code's closing store goes, from the window's start (an MMIO exit: no slot
+/// there).
+pub const SYNC_OFFSET: u64 = 0x20_0000;
 
-// The guest's memory lies below the sync address, both inside the reserved range, which the
-// guest's identity map covers.
-const _: () =
-    assert!(BASE + OWN_SIZE as u64 <= SYNC && SYNC < RESERVED.end && RESERVED.end <= ACCESS_LIMIT);
+// The guest's memory lies below the sync address, both inside the window; the preferred window
+// is inside the guest's identity map.
+const _: () = assert!(
+    OWN_SIZE as u64 <= SYNC_OFFSET && SYNC_OFFSET < WINDOW && BASE + WINDOW <= ACCESS_LIMIT
+);
 
 fn ioctl(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> KvmError {
     move |e| KvmError::Ioctl { what, errno: errno::name(e.errno()) }
@@ -77,44 +83,70 @@ pub struct TraceVm {
     vm: VmFd,
     own: Mapping,
     bufs: Vec<Buffer>,
+    /// Guest-physical start of the replay guest's window.
+    base: u64,
     _kvm: Kvm,
 }
 
 impl TraceVm {
-    /// Why a trace cannot run on this VM, if it cannot: `slots` are `(as_id, id, gpa, size)`
-    /// of its non-delete requests, `mmio` the addresses it accesses.
-    pub fn conflict(
+    /// Where the replay guest's window goes for a trace (its guest-physical start), or why
+    /// the trace cannot run on this VM: `slots` are `(as_id, id, gpa, size)` of its non-delete
+    /// requests, `mmio` the addresses it accesses. The window is [`BASE`] if the trace leaves it
+    /// free, else the first free [`WINDOW`]-aligned window above it, else below it, inside the
+    /// guest's identity map (below [`ACCESS_LIMIT`]).
+    pub fn place(
         slots: impl IntoIterator<Item = (u16, u16, u64, u64)>,
         mmio: impl IntoIterator<Item = u64>,
-    ) -> Option<String> {
+    ) -> Result<u64, String> {
+        let mut used: Vec<(u64, u64)> = Vec::new();
         for (as_id, id, gpa, size) in slots {
-            if as_id == 0 && u32::from(id) == OWN_SLOT {
-                return Some(format!(
+            if as_id != 0 {
+                continue;
+            }
+            if u32::from(id) == OWN_SLOT {
+                return Err(format!(
                     "the trace uses slot id {OWN_SLOT}, which the KVM replayer keeps for its guest"
                 ));
             }
-            let end = gpa.saturating_add(size);
-            if as_id == 0 && gpa < RESERVED.end && end > RESERVED.start {
-                return Some(format!(
-                    "the trace maps {gpa:#x}+{size:#x}, where the KVM replayer keeps its guest ({:#x}..{:#x})",
-                    RESERVED.start, RESERVED.end
-                ));
-            }
+            used.push((gpa, gpa.saturating_add(size)));
         }
         for gpa in mmio {
-            if RESERVED.contains(&gpa) || gpa >= ACCESS_LIMIT {
-                return Some(format!(
-                    "the trace accesses {gpa:#x}; the KVM replayer's guest reaches below {ACCESS_LIMIT:#x} only, its own memory at {:#x}..{:#x} excluded",
-                    RESERVED.start, RESERVED.end
+            if gpa >= ACCESS_LIMIT {
+                return Err(format!(
+                    "the trace accesses {gpa:#x}; the KVM replayer's guest reaches below {ACCESS_LIMIT:#x} only"
                 ));
             }
+            // An access never crosses a 4 KiB page, so never a window boundary either.
+            used.push((gpa, gpa + 1));
         }
-        None
+        used.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(used.len());
+        for (s, e) in used {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        // Disjoint and sorted: the ends are sorted too.
+        let free = |base: u64| {
+            let i = merged.partition_point(|&(_, end)| end <= base);
+            merged.get(i).is_none_or(|&(start, _)| start >= base + WINDOW)
+        };
+        (BASE..ACCESS_LIMIT)
+            .step_by(WINDOW as usize)
+            .chain((0..BASE).step_by(WINDOW as usize))
+            .find(|&b| free(b))
+            .ok_or_else(|| {
+                format!(
+                    "the trace leaves no free {WINDOW:#x}-byte window below {ACCESS_LIMIT:#x} for the KVM replayer's guest"
+                )
+            })
     }
 
-    /// A VM with one buffer per union `[start, end)` of recorded `uaddr` ranges, the relocated
-    /// guest and one vCPU. `address_spaces`: 2 when the trace has SMM slots.
-    pub fn new(unions: &[(u64, u64)], address_spaces: u16) -> Result<TraceVm, KvmError> {
+    /// A VM with one buffer per union `[start, end)` of recorded `uaddr` ranges, the guest
+    /// relocated to the window at `base` (from [`TraceVm::place`]) and one vCPU.
+    /// `address_spaces`: 2 when the trace has SMM slots.
+    pub fn new(unions: &[(u64, u64)], address_spaces: u16, base: u64) -> Result<TraceVm, KvmError> {
         let kvm = Kvm::new().map_err(|e| KvmError::Ioctl {
             what: "open /dev/kvm",
             errno: errno::name(e.errno()),
@@ -130,13 +162,13 @@ impl TraceVm {
         }
         let own = Mapping::new(OWN_SIZE)
             .map_err(|source| KvmError::Mmap { size: OWN_SIZE as u64, source })?;
-        for (off, bytes) in guest::image_at(BASE) {
+        for (off, bytes) in guest::image_at(base) {
             own.write_bytes(off as usize, &bytes);
         }
         let region = kvm_userspace_memory_region {
             slot: OWN_SLOT,
             flags: 0,
-            guest_phys_addr: BASE,
+            guest_phys_addr: base,
             memory_size: OWN_SIZE as u64,
             userspace_addr: own.addr(),
         };
@@ -161,8 +193,18 @@ impl TraceVm {
         let vcpu = vm.create_vcpu(0).map_err(ioctl("KVM_CREATE_VCPU"))?;
         vcpu.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
         let s = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
-        vcpu.set_sregs(&guest::sregs_at(s, BASE)).map_err(ioctl("KVM_SET_SREGS"))?;
-        Ok(TraceVm { vcpu, vm, own, bufs, _kvm: kvm })
+        vcpu.set_sregs(&guest::sregs_at(s, base)).map_err(ioctl("KVM_SET_SREGS"))?;
+        Ok(TraceVm { vcpu, vm, own, bufs, base, _kvm: kvm })
+    }
+
+    /// Guest-physical start of the replay guest's window.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// Where the access code's closing store goes.
+    pub fn sync(&self) -> u64 {
+        self.base + SYNC_OFFSET
     }
 
     /// This process's address for a recorded `uaddr` (the recorded value if no union holds it).
@@ -263,13 +305,14 @@ impl TraceVm {
             4 => Width::W4,
             _ => Width::W8,
         };
+        let sync = self.sync();
         let code = match write {
-            Some(v) => code::write_then_sync(gpa, width, v, SYNC),
-            None => code::read_then_sync(gpa, width, SYNC),
+            Some(v) => code::write_then_sync(gpa, width, v, sync),
+            None => code::read_then_sync(gpa, width, sync),
         };
         self.own.write_bytes(guest::CODE as usize, &code);
         let v = &mut self.vcpu;
-        v.set_regs(&guest::regs_at(BASE)).map_err(ioctl("KVM_SET_REGS"))?;
+        v.set_regs(&guest::regs_at(self.base)).map_err(ioctl("KVM_SET_REGS"))?;
         let mut seen = Access::Memory;
         let mismatch = |addr: u64, n: usize| KvmError::MmioMismatch {
             gpa: addr,
@@ -284,7 +327,7 @@ impl TraceVm {
                 Err(e) => return Err(KvmError::Run { errno: errno::name(e.errno()) }),
             };
             match exit {
-                VcpuExit::MmioWrite(SYNC, _) => return Ok(seen),
+                VcpuExit::MmioWrite(addr, _) if addr == sync => return Ok(seen),
                 VcpuExit::MmioRead(addr, data) => {
                     if addr != gpa || data.len() as u64 != len || seen == Access::Mmio {
                         return Err(mismatch(addr, data.len()));
@@ -319,12 +362,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn conflicts_name_the_reserved_places() {
-        assert_eq!(TraceVm::conflict([(0, 0, 0, 0x1000_0000)], [0xfee0_0000]), None);
-        assert!(TraceVm::conflict([(0, 1, BASE, 0x1000)], []).is_some());
-        assert!(TraceVm::conflict([(0, OWN_SLOT as u16, 0, 0x1000)], []).is_some());
-        assert!(TraceVm::conflict([(1, OWN_SLOT as u16, BASE, 0x1000)], []).is_none());
-        assert!(TraceVm::conflict([], [SYNC]).is_some());
-        assert!(TraceVm::conflict([], [ACCESS_LIMIT]).is_some());
+    fn the_window_goes_where_the_trace_places_nothing() {
+        // The reference recordings use nothing at or above 4 GiB: the preferred window.
+        assert_eq!(TraceVm::place([(0, 0, 0, 0x1000_0000)], [0xfee0_0000]), Ok(BASE));
+        // Address space 1 does not count; an access or a slot in the window moves it up.
+        assert_eq!(TraceVm::place([(1, OWN_SLOT as u16, BASE, 0x1000)], []), Ok(BASE));
+        assert_eq!(TraceVm::place([], [BASE + SYNC_OFFSET]), Ok(BASE + WINDOW));
+        assert_eq!(TraceVm::place([(0, 1, BASE, 0x1000)], []), Ok(BASE + WINDOW));
+        // RAM above 4 GiB (QEMU -m 4G and more): the first free window after it.
+        assert_eq!(
+            TraceVm::place([(0, 0, 0, 0xc000_0000), (0, 1, BASE, 0x4000_0000)], [BASE + (1 << 30)]),
+            Ok(BASE + (1 << 30) + WINDOW)
+        );
+        // Everything from 4 GiB up taken: below it, where the trace left room.
+        let high = (0, 1, BASE, ACCESS_LIMIT - BASE);
+        assert_eq!(TraceVm::place([high, (0, 0, 0, 0xa0000)], []), Ok(WINDOW));
+        assert!(TraceVm::place([(0, 0, 0, u64::MAX)], []).unwrap_err().contains("no free"));
+        // The replayer's slot id, and addresses its guest cannot reach.
+        assert!(TraceVm::place([(0, OWN_SLOT as u16, 0, 0x1000)], []).is_err());
+        assert!(TraceVm::place([], [ACCESS_LIMIT]).is_err());
     }
 }
