@@ -35,9 +35,10 @@ const GUEST_MAXPHYADDR: u8 = 46;
 /// The slot (a reserved id) that backs the guest page tables of a paging scenario.
 const TABLES_SLOT: u32 = 32760;
 
-/// Frames the scenario host may hand out (RAM and tables): 2^22 frames = 16 GiB of frame numbers
-/// (only buffers that scenarios declare are backed).
-const MAX_FRAMES: u64 = 1 << 22;
+/// Frames the scenario host may hand out (RAM and tables): 2^24 frames = 64 GiB of frame numbers,
+/// as much as a scenario's guest-physical space. Only what a scenario touches costs memory: the
+/// frame table and the buffers are zeroed pages the OS hands out on first use.
+const MAX_FRAMES: u64 = crate::host::MAX_FRAME_TABLE;
 
 /// The software machine backend. The MMU configuration comes from the scenario's `vm` line
 /// (after command-line overrides).
