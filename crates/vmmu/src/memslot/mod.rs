@@ -17,7 +17,9 @@
 //!
 //! Safety invariant (what `MemslotSet::replace` relies on): when a swap begins, the inactive
 //! set has not been published since the `synchronize` of the previous swap of its address space
-//! returned (or ever), so no reader holds it. Readers reach a set only through a
+//! returned (or ever), so no reader holds it. A swap that a hook's panic cut short breaks this
+//! (its `synchronize` may not have returned), so it marks the memslots torn and every later
+//! update panics instead of editing that set (`tests/memslot_panic_safety.rs`). Readers reach a set only through a
 //! [`MemslotsGuard`] (an SRCU read section); the slots lock serialises updaters.
 //!
 //! # One swap (facts §2.2, `kvm_swap_active_memslots`)
@@ -59,7 +61,7 @@ use crate::bugs::{Bug, BugSet};
 use crate::dirty::{DirtyBitmap, DirtyLogError, DirtyLogMode};
 use crate::srcu::{ReadGuard, ReaderFences, ReaderId, Srcu, SrcuError};
 use crate::sync::Arc;
-use crate::sync::{AtomicU64, AtomicUsize, DefaultRelax, Mutex, Ordering, Relax};
+use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, DefaultRelax, Mutex, Ordering, Relax};
 use crate::types::{AsId, Generation, Gfn, SlotId};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -236,6 +238,12 @@ pub struct Memslots {
     srcu: Srcu,
     spaces: Box<[AddressSpace]>,
     slots_lock: Mutex<SlotsState>,
+    /// A swap began and did not end: a hook panicked in it (its grace-period wait's `relax`, the
+    /// wrap hook), and the unwinding released the slots lock. The set that swap unpublished may
+    /// still be held by readers its grace period never waited for, and the two sets of the
+    /// space no longer hold the same slots, so no later update may run (it would `replace` in
+    /// that set). Written and read by the slots-lock holder only (the lock orders it: Relaxed).
+    torn: AtomicBool,
 }
 
 impl core::fmt::Debug for Memslots {
@@ -306,6 +314,7 @@ impl Memslots {
                 meta: SlotMetadata::new(cfg.metadata_limit),
                 dirty_log_mode: DirtyLogMode::Auto,
             }),
+            torn: AtomicBool::new(false),
         })
     }
 
@@ -422,6 +431,10 @@ impl Memslots {
     /// creates, deletes, moves or re-flags the slot with the generation protocol, calling
     /// `hooks` at the protocol's steps. Serialised by the slots lock; must not be called inside
     /// a read section of this VM (it waits for grace periods).
+    ///
+    /// # Panics
+    /// If a hook panicked in the middle of an earlier update (as a `std` mutex is poisoned): that
+    /// update left a set that readers may still hold where the next update would edit it.
     pub fn set_memory_region(
         &self,
         r: &UserspaceMemoryRegion,
@@ -429,6 +442,9 @@ impl Memslots {
     ) -> Result<MemslotChange, MemslotError> {
         let req = region::check_request(r, self.cfg.nr_address_spaces, self.cfg.user_va_limit)?;
         let mut st = self.slots_lock.lock();
+        if self.torn.load(Ordering::Relaxed) {
+            torn_update();
+        }
         let sp = self.space(req.as_id);
         // The updater reads the published set without a read section: only the slots-lock
         // holder changes sets, and never the published one.
@@ -605,9 +621,12 @@ impl Memslots {
         let cur = sp.active.load(Ordering::Relaxed) & 1;
         let (was_active, next) = (&sp.sets[cur], &sp.sets[cur ^ 1]);
 
+        // Cleared at the end: a panic in between (a hook's) leaves it set (`torn`'s doc).
+        self.torn.store(true, Ordering::Relaxed);
         // SAFETY: `next` is not published, and the synchronize of the previous swap of this
         // address space (which unpublished it) returned before that swap ended, so no reader
-        // can reach it (module doc, "Safety invariant"). We hold the slots lock.
+        // can reach it (module doc, "Safety invariant"); a swap that did not end leaves `torn`
+        // set, and no update runs after it. We hold the slots lock.
         unsafe { next.replace(old, new, bitmap) };
 
         let g = was_active.generation();
@@ -650,7 +669,18 @@ impl Memslots {
         // SAFETY: `was_active` was unpublished above and the synchronize drained every reader
         // that could hold it; new readers reach only `next`. We hold the slots lock.
         unsafe { was_active.replace(old, new, bitmap) };
+        self.torn.store(false, Ordering::Relaxed);
     }
+}
+
+/// The panic of [`Memslots::set_memory_region`] after a torn swap, out of line.
+#[cold]
+#[inline(never)]
+fn torn_update() -> ! {
+    panic!(
+        "memslots left in the middle of an update by a panic (in a hook: the grace-period wait's \
+         relax, a flush or the wrap hook); no further update can run safely"
+    )
 }
 
 /// The panic of [`Memslots::generation`], out of the fast path.
