@@ -193,7 +193,7 @@ mod locks {
             self.locked
                 .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
                 .ok()
-                .map(|_| MutexGuard { m: self })
+                .map(|_| MutexGuard { m: self, _value: core::marker::PhantomData })
         }
         /// The value, for an owner with `&mut self`.
         pub fn get_mut(&mut self) -> &mut T {
@@ -201,9 +201,12 @@ mod locks {
         }
     }
 
-    /// Proof of holding a `Mutex`.
+    /// Proof of holding a `Mutex`. It gives `&mut T`, and is `Send`/`Sync` exactly as a
+    /// `&mut T` is: `Sync` needs `T: Sync` (sharing the guard shares the value), which the
+    /// `&Mutex<T>` alone would not require (`Mutex<T>: Sync` needs only `T: Send`).
     pub struct MutexGuard<'a, T> {
         m: &'a Mutex<T>,
+        _value: core::marker::PhantomData<&'a mut T>,
     }
 
     impl<T> Deref for MutexGuard<'_, T> {
@@ -476,6 +479,33 @@ mod tests {
         assert!(!m.contended(), "the waiter left the count when it took the lock");
         m.lock().push("holder again");
         assert_eq!(*m.lock(), ["holder", "waiter", "holder again"]);
+    }
+
+    /// `Sync` of `T`, seen from a concrete type: the inherent method applies when `T: Sync`,
+    /// the trait's otherwise (method resolution prefers inherent methods whose bounds hold).
+    struct SyncProbe<T>(core::marker::PhantomData<T>);
+    trait NotSync {
+        fn is_sync(&self) -> bool {
+            false
+        }
+    }
+    impl<T> NotSync for SyncProbe<T> {}
+    impl<T: Sync> SyncProbe<T> {
+        fn is_sync(&self) -> bool {
+            true
+        }
+    }
+
+    /// A guard is a `&mut T`: sharing it between threads shares the `T`, so it may be `Sync`
+    /// only when `T` is (as `std::sync::MutexGuard`). A `Mutex<Cell<_>>` is `Sync` (a `Cell`
+    /// is `Send`); were its guard `Sync` too, two threads could call `Cell::set` through one
+    /// `&MutexGuard` at once: a data race from safe code.
+    #[test]
+    fn a_mutex_guard_is_sync_only_for_a_sync_value() {
+        type CellGuard = MutexGuard<'static, core::cell::Cell<u32>>;
+        assert!(SyncProbe::<Mutex<core::cell::Cell<u32>>>(Default::default()).is_sync());
+        assert!(!SyncProbe::<CellGuard>(Default::default()).is_sync(), "a shared guard races");
+        assert!(SyncProbe::<MutexGuard<'static, u32>>(Default::default()).is_sync());
     }
 
     #[test]
