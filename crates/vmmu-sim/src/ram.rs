@@ -3,11 +3,13 @@
 //!
 //! Invariant: every access is naturally aligned (the pointer is a multiple of its width), so it
 //! is one atomic operation on the host, like a guest's aligned load or store, and never tears.
+//! Each is carried out as an 8-byte atomic operation on the aligned word holding it, so that
+//! accesses of different widths to the same bytes never race (see [`load`]).
 //! Ordering is `Relaxed`: the data itself publishes nothing; every cross-thread ordering the
 //! machine relies on (memslot updates, TLB flush requests, the oracle's clock) has its own
 //! atomics with their own arguments.
 
-use core::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 
 /// The size of one guest access.
@@ -72,46 +74,60 @@ impl Width {
     }
 }
 
+/// The naturally aligned 8-byte word holding the byte at `ptr`, and the shift of an access of
+/// `width` at `ptr` within the word's value.
+#[inline]
+fn word_of(ptr: *const u8, width: Width) -> (*mut u64, u32) {
+    let off = ptr as usize & 7;
+    let shift = if cfg!(target_endian = "little") {
+        8 * off as u32
+    } else {
+        8 * (8 - off as u32 - width.bytes() as u32)
+    };
+    (ptr.wrapping_sub(off) as *mut u64, shift)
+}
+
 /// Loads `width` bytes at `ptr` atomically.
 ///
+/// Every access, whatever its width, is an 8-byte atomic operation on the aligned word holding
+/// it: Rust's memory model makes an atomic write that races with an atomic access of another
+/// size to the same bytes undefined behaviour, and guests (and the VMM through
+/// [`crate::host::HostBuffer`]) mix widths on the same memory from several threads.
+///
 /// # Safety
-/// `ptr` is valid for reads of `width.bytes()` bytes for the duration of the call, is naturally
-/// aligned for `width`, and every concurrent access to those bytes is atomic.
+/// `ptr` is naturally aligned for `width`, the naturally aligned 8-byte word holding it is valid
+/// for reads for the duration of the call (true of any in-bounds byte of a page-aligned host
+/// buffer), and every concurrent access to that word goes through [`load`] and [`store`] (or
+/// is another 8-byte atomic operation on it).
 #[inline]
 pub unsafe fn load(ptr: *const u8, width: Width) -> u64 {
     debug_assert!(width.is_aligned(ptr as u64));
-    // SAFETY (all arms): the caller guarantees validity, alignment and that all concurrent
-    // accesses are atomic, which is what `Atomic*::from_ptr` requires.
-    unsafe {
-        match width {
-            Width::W1 => AtomicU8::from_ptr(ptr as *mut u8).load(Ordering::Relaxed) as u64,
-            Width::W2 => AtomicU16::from_ptr(ptr as *mut u16).load(Ordering::Relaxed) as u64,
-            Width::W4 => AtomicU32::from_ptr(ptr as *mut u32).load(Ordering::Relaxed) as u64,
-            Width::W8 => AtomicU64::from_ptr(ptr as *mut u64).load(Ordering::Relaxed),
-        }
-    }
+    let (word, shift) = word_of(ptr, width);
+    // SAFETY: the caller guarantees the word is valid and accessed only atomically with this
+    // size; `word_of` aligned it to 8.
+    let w = unsafe { AtomicU64::from_ptr(word) }.load(Ordering::Relaxed);
+    (w >> shift) & width.mask()
 }
 
-/// Stores the low `width` bytes of `value` at `ptr` atomically.
+/// Stores the low `width` bytes of `value` at `ptr` atomically: an 8-byte store, or a
+/// compare-exchange loop on the aligned word that changes only the accessed bytes (see
+/// [`load`]).
 ///
 /// # Safety
 /// As for [`load`], with validity for writes.
 #[inline]
 pub unsafe fn store(ptr: *mut u8, width: Width, value: u64) {
     debug_assert!(width.is_aligned(ptr as u64));
-    // SAFETY (all arms): as in `load`.
-    unsafe {
-        match width {
-            Width::W1 => AtomicU8::from_ptr(ptr).store(value as u8, Ordering::Relaxed),
-            Width::W2 => {
-                AtomicU16::from_ptr(ptr as *mut u16).store(value as u16, Ordering::Relaxed)
-            }
-            Width::W4 => {
-                AtomicU32::from_ptr(ptr as *mut u32).store(value as u32, Ordering::Relaxed)
-            }
-            Width::W8 => AtomicU64::from_ptr(ptr as *mut u64).store(value, Ordering::Relaxed),
-        }
+    let (word, shift) = word_of(ptr, width);
+    // SAFETY: as in `load`.
+    let a = unsafe { AtomicU64::from_ptr(word) };
+    if width == Width::W8 {
+        a.store(value, Ordering::Relaxed);
+        return;
     }
+    let mask = width.mask() << shift;
+    let bits = (value & width.mask()) << shift;
+    let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| Some((w & !mask) | bits));
 }
 
 #[cfg(test)]
@@ -138,6 +154,31 @@ mod tests {
         assert_eq!(Width::W2.extract(word, 2), 0x4433);
         assert_eq!(Width::W4.extract(word, 4), 0x8877_6655);
         assert_eq!(Width::W8.extract(word, 0), word);
+    }
+
+    /// Sub-word stores are read-modify-writes of the whole word: concurrent stores to
+    /// different bytes of one word must not undo each other.
+    #[test]
+    fn concurrent_stores_to_neighbouring_bytes_keep_each_other() {
+        let word = AtomicU64::new(0);
+        let p = word.as_ptr() as usize;
+        std::thread::scope(|s| {
+            for (byte, width) in [(0usize, Width::W1), (2, Width::W2), (4, Width::W4)] {
+                s.spawn(move || {
+                    for i in 0..20_000u64 {
+                        // SAFETY: `word` outlives the scope; every access to it is atomic and
+                        // goes through `store`/`load`.
+                        unsafe { store((p + byte) as *mut u8, width, i) };
+                    }
+                });
+            }
+        });
+        // SAFETY: as above.
+        let w = unsafe { load(p as *const u8, Width::W8) };
+        assert_eq!(w & 0xff, 19_999 & 0xff);
+        assert_eq!((w >> 16) & 0xffff, 19_999);
+        assert_eq!(w >> 32, 19_999);
+        assert_eq!((w >> 8) & 0xff, 0, "byte 1 was never written");
     }
 
     #[test]
