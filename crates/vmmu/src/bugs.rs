@@ -126,6 +126,11 @@ pub enum Bug {
     /// Harm: the guest points a page directory entry at a new table that maps a GVA to another
     /// device; another vCPU's RSVD fault on that GVA is answered from the old table's shadow:
     /// MMIO at the old device's address.
+    ///
+    /// Memory safety: the unchecked read may reach a table page after its grace period, so it is
+    /// sound only with a host that never gives table memory back to the system allocator while it
+    /// lives: `SimHost` and `TestHost` keep every table page until they drop. Never inject it
+    /// with another host.
     LeafCacheIgnoresEpoch = 15,
     /// Undoes the flush on table unlink (KVM flushes whenever it zaps a shadow-present SPTE, leaf
     /// or not: `tdp_mmu_zap_leafs`' and `handle_removed_pt`'s callers, because of the hardware's

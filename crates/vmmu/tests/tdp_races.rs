@@ -417,3 +417,42 @@ fn the_mmu_waits_with_the_hosts_policy() {
     assert!(host.relaxes() > before, "the flush waited without the host's wait policy");
     drop(t.join().unwrap());
 }
+
+/// Misuse of the raw guest-mode calls cannot wedge the MMU: entering twice is one guest-mode
+/// period, `service_requests` called in guest mode is a VM exit, and a handler's slow path leaves
+/// guest mode before it could wait for its own vCPU (release builds; debug builds assert that
+/// handlers run outside guest mode, so this test runs the handler only in release). Before, the
+/// second entry nested the table read section and one exit left it open for good.
+#[test]
+fn a_handler_called_in_guest_mode_leaves_it_and_zaps_still_complete() {
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.max_vcpus = 1;
+    let host = Arc::new(TestHost::new(64));
+    host.map(RAM_HVA, 1 << 22, RAM_HVA >> 12, Level::L4K, true);
+    let vm = Vm::new(cfg, host.clone()).unwrap();
+    vm.set_memory_region(&region(1, GPA, 0x1000, RAM_HVA, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    let mut tlb = HashMap::new();
+    assert!(matches!(access(&mut v, &mut tlb, GPA), Seen::Ram(_)));
+    v.service_requests().unwrap();
+    v.enter_guest_mode().unwrap();
+    v.enter_guest_mode().unwrap();
+    assert!(v.in_guest_mode());
+    v.exit_guest_mode();
+    assert!(!v.in_guest_mode(), "one exit ends the period however often it was entered");
+    // A zap waits for no section of this (idle) vCPU: it returns on this thread.
+    vm.zap_gfn_range_for_tests(vmmu::AsId(0), vmmu::Gfn(GPA >> 12), vmmu::Gfn((GPA >> 12) + 1));
+    // A fault handler's slow path and `service_requests` called in guest mode leave it first.
+    v.service_requests().unwrap();
+    if !cfg!(debug_assertions) {
+        v.enter_guest_mode().unwrap();
+        let o = v.handle_ept_violation(Gpa(GPA), vmmu::FaultAccess::READ).unwrap();
+        assert!(matches!(o, FaultOutcome::Fixed | FaultOutcome::Retry(_)), "{o:?}");
+        assert!(!v.in_guest_mode());
+    }
+    v.enter_guest_mode().unwrap();
+    v.service_requests().unwrap();
+    assert!(!v.in_guest_mode());
+    vm.zap_gfn_range_for_tests(vmmu::AsId(0), vmmu::Gfn(GPA >> 12), vmmu::Gfn((GPA >> 12) + 1));
+    assert_eq!(host.use_after_free(), 0);
+}

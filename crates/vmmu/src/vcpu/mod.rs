@@ -162,6 +162,7 @@ impl<H: Host> Vcpu<H> {
 
     /// Switches the vCPU's address space (KVM: entering or leaving SMM): the root changes.
     pub fn set_as_id(&mut self, as_id: AsId) {
+        self.vm_exit();
         if self.st.as_id != as_id {
             self.st.as_id = as_id;
             self.drop_root();
@@ -197,9 +198,9 @@ impl<H: Host> Vcpu<H> {
     }
 
     /// Handles pending requests and loads a root if none is loaded (KVM: the request checks of
-    /// `vcpu_enter_guest` and `kvm_mmu_reload`). Call outside guest mode, between accesses.
+    /// `vcpu_enter_guest` and `kvm_mmu_reload`). Between accesses; in guest mode it leaves it first.
     pub fn service_requests(&mut self) -> Result<EntryWork, TdpError> {
-        debug_assert!(!self.st.in_guest, "requests are serviced outside guest mode");
+        self.vm_exit();
         let mut work = EntryWork::default();
         let pending = self.state().pending();
         if self.vm.shadow.is_some() {
@@ -254,6 +255,7 @@ impl<H: Host> Vcpu<H> {
     /// Loads a root without a page-tracking state (KVM's special roots), for tests and models of
     /// 18c841e1f411. Replaces the current root.
     pub fn load_pageless_root(&mut self) -> Result<(), TdpError> {
+        self.vm_exit();
         self.drop_root();
         self.st.root = Some(self.vm.mmu.make_pageless_root(self.st.as_id)?);
         Ok(())
@@ -274,9 +276,16 @@ impl<H: Host> Vcpu<H> {
 
     /// Enters guest mode without a guard, for drivers whose guest-mode period spans several calls
     /// (the software machine). Same contract as [`Self::enter_guest`]; leave with
-    /// [`Self::exit_guest_mode`]. Fault handlers must be called outside guest mode.
+    /// [`Self::exit_guest_mode`]. Entering again while in guest mode does nothing. Methods that
+    /// change the vCPU's MMU state (`service_requests`, `set_as_id`, the shadow MMU's CR3,
+    /// INVLPG and write-tracking entry points) are VM exits: called in guest mode, they leave it
+    /// first. Exit handlers (`handle_*`) must be called after leaving guest mode (debug builds
+    /// assert it); called in guest mode, a handler's fast path runs as it is, and its slow path
+    /// leaves guest mode before anything that could wait for this vCPU.
     pub fn enter_guest_mode(&mut self) -> Result<(), Requests> {
-        debug_assert!(!self.st.in_guest, "already in guest mode");
+        if self.st.in_guest {
+            return Ok(());
+        }
         if self.hw_root().is_none() {
             return Err(self.state().pending());
         }
@@ -301,14 +310,17 @@ impl<H: Host> Vcpu<H> {
 
     /// Leaves guest mode entered with [`Self::enter_guest_mode`] (a VM exit). No-op outside it.
     pub fn exit_guest_mode(&mut self) {
-        if !self.st.in_guest {
-            return;
+        let Vcpu { vm, readers, st, .. } = self;
+        st.leave_guest_mode(vm, readers);
+    }
+
+    /// The first step of a method that is a VM exit (see [`Self::enter_guest_mode`]): leaves
+    /// guest mode if the vCPU is in it.
+    #[inline(always)]
+    fn vm_exit(&mut self) {
+        if self.st.in_guest {
+            self.exit_guest_mode();
         }
-        self.st.in_guest = false;
-        let mmu = &self.vm.mmu;
-        mmu.vcpus[self.st.index].exit_guest_mode();
-        // SAFETY: `in_guest` was set by `enter_guest_mode`, which opened the section.
-        unsafe { mmu.table_srcu.read_unlock_raw(&self.readers.table) };
     }
 
     /// Whether the vCPU is in guest mode through [`Self::enter_guest_mode`].
@@ -343,6 +355,7 @@ impl<H: Host> Vcpu<H> {
         gpa: Gpa,
         access: FaultAccess,
     ) -> Result<FaultOutcome, FaultError> {
+        debug_assert!(!self.st.in_guest, "an exit handler is called after the VM exit");
         self.stats.violation_exits += 1;
         self.page_fault(PageFault::tdp(gpa, PfErr::from_access(access, false)))
     }
@@ -352,7 +365,7 @@ impl<H: Host> Vcpu<H> {
     /// per-vCPU MMIO cache is looked up here, inline: a hit returns without entering the fault
     /// path (2.4 ns less per hit, measured with `vmmu bench --only mmio`).
     pub fn handle_ept_misconfig(&mut self, gpa: Gpa) -> Result<FaultOutcome, FaultError> {
-        debug_assert!(!self.st.in_guest, "fault handlers run outside guest mode (after a VM exit)");
+        debug_assert!(!self.st.in_guest, "an exit handler is called after the VM exit");
         self.stats.misconfig_exits += 1;
         let Vcpu { vm, readers, st, stats } = self;
         match st.mmio_cache_probe(vm, stats, gpa) {
@@ -368,6 +381,7 @@ impl<H: Host> Vcpu<H> {
 
     /// #NPF exit with its error code (RSVD set for MMIO SPTEs).
     pub fn handle_npf(&mut self, gpa: Gpa, err: PfErr) -> Result<FaultOutcome, FaultError> {
+        debug_assert!(!self.st.in_guest, "an exit handler is called after the VM exit");
         if err.rsvd() {
             self.stats.misconfig_exits += 1;
         } else {
@@ -378,7 +392,6 @@ impl<H: Host> Vcpu<H> {
 
     /// KVM `kvm_mmu_page_fault`.
     fn page_fault(&mut self, fault: PageFault) -> Result<FaultOutcome, FaultError> {
-        debug_assert!(!self.st.in_guest, "fault handlers run outside guest mode (after a VM exit)");
         // Three disjoint borrows: the shared VM state, the vCPU's own MMU state, its counters.
         let Vcpu { vm, readers, st, stats } = self;
         st.page_fault(vm, readers, stats, fault)

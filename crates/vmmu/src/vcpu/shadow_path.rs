@@ -101,7 +101,7 @@ impl<H: Host> Vcpu<H> {
     }
 
     /// Drops the current root and every previous root (KVM `kvm_mmu_unload`) and clears the GVA
-    /// part of the MMIO cache. Call outside guest mode.
+    /// part of the MMIO cache. The caller is outside guest mode.
     pub(crate) fn shadow_unload(&mut self) {
         let (Some(shadow), Some(sv)) = (self.vm.shadow.as_ref(), self.st.shadow.as_mut()) else {
             return;
@@ -199,8 +199,9 @@ impl<H: Host> Vcpu<H> {
 
     /// Switches the guest's paging mode (KVM `kvm_mmu_reset_context`): every root goes, the GVA
     /// cache is cleared; the next [`Self::service_requests`] builds the new root. A PAE `cpu`
-    /// carries PDPTEs already loaded ([`crate::guest::load_pdptrs`]). Call outside guest mode.
+    /// carries PDPTEs already loaded ([`crate::guest::load_pdptrs`]). In guest mode it leaves it first (a VM exit).
     pub fn set_guest_cpu(&mut self, cpu: GuestCpu) -> Result<(), ShadowError> {
+        self.vm_exit();
         self.shadow_parts()?;
         self.shadow_unload();
         if let Some(sv) = self.st.shadow.as_mut() {
@@ -214,6 +215,7 @@ impl<H: Host> Vcpu<H> {
     /// info cache keeps no GVA (the Feb 2019 patch: `mmio_gva = 0` refuses every GVA hit), so an
     /// RSVD fault goes to the MMIO SPTE; the GVA part is cleared now.
     pub fn set_nested_walk(&mut self, nested: bool) -> Result<(), ShadowError> {
+        self.vm_exit();
         self.shadow_parts()?;
         if let Some(sv) = self.st.shadow.as_mut() {
             sv.nested = nested;
@@ -224,8 +226,9 @@ impl<H: Host> Vcpu<H> {
 
     /// INVLPG of `gva` (KVM `kvm_mmu_invlpg`): clears the MMIO cache entry of that page, and
     /// zaps the shadow leaf for `gva` under the current and the previous roots. The hypervisor
-    /// also drops its own TLB entry for `gva`. Call outside guest mode.
+    /// also drops its own TLB entry for `gva`. In guest mode it leaves it first (a VM exit).
     pub fn invlpg(&mut self, gva: Gva) -> Result<(), ShadowError> {
+        self.vm_exit();
         self.shadow_parts()?;
         self.stats.invlpg += 1;
         self.st.mmio_cache.clear_gva_page(gva.raw());
@@ -244,8 +247,9 @@ impl<H: Host + GuestMemory> Vcpu<H> {
     /// previous root for `cr3` if one is usable (KVM keeps 3), else its current root becomes the
     /// most recent previous one and a new root is built on the next entry; a PAE guest reloads
     /// its PDPTEs (a bad one is #GP) and its special root. Either way the GVA part of the MMIO
-    /// cache is cleared and the hypervisor flushes its TLB (`flush_tlb`). Call outside guest mode.
+    /// cache is cleared and the hypervisor flushes its TLB (`flush_tlb`). In guest mode it leaves it first (a VM exit).
     pub fn load_cr3(&mut self, cr3: u64) -> Result<EntryWork, ShadowError> {
+        self.vm_exit();
         self.shadow_parts()?;
         let Vcpu { vm, readers, st, .. } = self;
         let (Some(shadow), Some(sv)) = (vm.shadow.as_ref(), st.shadow.as_mut()) else {
@@ -318,8 +322,9 @@ impl<H: Host + GuestMemory> Vcpu<H> {
     /// Reports a write the hypervisor emulated to guest RAM at `gpa` of `bytes` bytes (after an
     /// [`EmulateSource::WriteProtected`] exit, or any emulated write): shadow pages of the guest
     /// table there drop the SPTEs the write changed, or are zapped when the write is misaligned
-    /// or the table is flooded (KVM `kvm_mmu_track_write`). Call outside guest mode.
+    /// or the table is flooded (KVM `kvm_mmu_track_write`). In guest mode it leaves it first (a VM exit).
     pub fn track_write(&mut self, gpa: Gpa, bytes: u32) -> Result<(), ShadowError> {
+        self.vm_exit();
         self.shadow_parts()?;
         let shadow = self.vm.shadow.as_ref().ok_or(ShadowError::NotShadow)?;
         let new_gpte = {
@@ -332,9 +337,9 @@ impl<H: Host + GuestMemory> Vcpu<H> {
     }
 
     /// A #PF exit under shadow paging, with the hardware's error code (KVM `kvm_mmu_page_fault`
-    /// with TDP off). Call outside guest mode.
+    /// with TDP off). In guest mode it leaves it first (a VM exit).
     pub fn handle_page_fault(&mut self, gva: Gva, err: PfErr) -> Result<FaultOutcome, FaultError> {
-        debug_assert!(!self.st.in_guest, "fault handlers run outside guest mode");
+        debug_assert!(!self.st.in_guest, "an exit handler is called after the VM exit");
         if self.vm.shadow.is_none() || self.st.shadow.is_none() {
             return Err(FaultError::WrongMmu { wanted: "shadow-paging" });
         }
@@ -427,6 +432,7 @@ impl<H: Host + GuestMemory> Vcpu<H> {
         err: PfErr,
     ) -> Result<FaultOutcome, FaultError> {
         let Vcpu { vm, readers, st, stats } = self;
+        st.leave_guest_mode_before_waiting(vm, readers);
         let (Some(shadow), Some(sv)) = (vm.shadow.as_ref(), st.shadow.as_ref()) else {
             return Err(FaultError::WrongMmu { wanted: "shadow-paging" });
         };
