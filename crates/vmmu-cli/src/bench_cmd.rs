@@ -1,5 +1,6 @@
 //! `vmmu bench`: the benchmark table of issue 8 (MMIO paths, lookups, memslot updates on vmmu
-//! and on real KVM, demand faults, churn) and issue 13 (MMIO under the shadow MMU), every row with its ratio and target. The numbers are
+//! and on real KVM, demand faults, churn), issue 13 (MMIO under the shadow MMU) and issue 16
+//! (dirty logging, on vmmu and on real KVM), every row with its ratio and target. The numbers are
 //! printed, never judged: the exit status is 0 when the run completed, 1 when a benchmark could
 //! not run, 2 on bad arguments.
 

@@ -27,7 +27,8 @@ struct Cli {
 enum Command {
     /// Run the software machine on the MMU for a few seconds and report (the default command).
     Run(run_cmd::RunArgs),
-    /// Print the historical bugs this build can re-inject.
+    /// Print the names of the historical bugs `--inject` takes (re-injecting one needs a build
+    /// with `--features historical-bugs`).
     Bugs,
     /// Run a scenario file and print its observations (JSON Lines) on stdout.
     Scenario(scenario_cmd::ScenarioArgs),
@@ -35,7 +36,8 @@ enum Command {
     Diff(diff_cmd::DiffArgs),
     /// Replay recorded VM boots (vmmu traces) on every machine configuration and on /dev/kvm.
     Replay(replay_cmd::ReplayArgs),
-    /// Measure: MMIO paths, lookups, memslot updates (and the same on /dev/kvm), faults, churn.
+    /// Measure: MMIO paths, lookups, memslot updates (and the same on /dev/kvm), faults, churn,
+    /// dirty logging.
     Bench(bench_cmd::BenchArgs),
     /// KVM's memslot selftests restated, on the software machine and on /dev/kvm side by side.
     Selftest(selftest_cmd::SelftestArgs),

@@ -8,7 +8,8 @@
 
 use core::fmt;
 
-/// One re-injectable bug. Each names the KVM fix it undoes.
+/// One re-injectable bug. Each names the KVM fix it undoes, but for
+/// [`Bug::LeafCacheIgnoresEpoch`], which undoes a check of vmmu's own.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 #[repr(u8)]
 pub enum Bug {

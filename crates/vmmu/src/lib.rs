@@ -1,9 +1,9 @@
 //! # vmmu: a virtual MMU with generation-checked MMIO caching
 //!
 //! The core library: memslots and their generation protocol, SPTE formats and the MMIO SPTE
-//! codec, and (in later modules) the TDP MMU with its fault paths, per-vCPU MMIO info cache and
-//! zapping. It mirrors Linux KVM's x86 MMU (see `shared/design/kvm-mmu-facts.md`); where a type
-//! mirrors a KVM concept its doc says which.
+//! codec, the TDP MMU and the shadow MMU with their fault paths, per-vCPU MMIO info cache and
+//! zapping, and dirty logging. It mirrors Linux KVM's x86 MMU (see
+//! `shared/design/kvm-mmu-facts.md`); where a type mirrors a KVM concept its doc says which.
 //!
 //! `#![no_std]` + `alloc`: the host provides page-table frames and address translation through
 //! the traits in [`host`], and chooses how waiters wait ([`sync::Relax`]). The `std` feature (on
