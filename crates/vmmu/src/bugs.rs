@@ -8,7 +8,7 @@
 
 use core::fmt;
 
-/// One re-injectable bug. Each names the KVM fix it undoes, but for
+/// One re-injectable bug. Each names the KVM fix it undoes, except
 /// [`Bug::LeafCacheIgnoresEpoch`], which undoes a check of vmmu's own.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 #[repr(u8)]
