@@ -111,11 +111,10 @@ pub enum HostError {
 pub struct HostBuffer {
     name: String,
     index: usize,
-    /// The buffer's first byte: `alloc` aligned up to the buffer's alignment.
+    /// The buffer's first byte, inside `mem`.
     ptr: NonNull<u8>,
-    /// The allocation holding the buffer (`ptr` lies inside it), and its layout.
-    alloc: NonNull<u8>,
-    layout: Layout,
+    /// The memory holding the buffer, held for its drop (which frees it).
+    _mem: crate::anon::AnonMemory,
     len: u64,
     first_pfn: Pfn,
     host_writable: AtomicBool,
@@ -227,13 +226,6 @@ impl HostBuffer {
             // SAFETY: `off + 8 <= len` (len is a multiple of the page size), 8-aligned.
             unsafe { ram::store(p, Width::W8, f(off)) };
         }
-    }
-}
-
-impl Drop for HostBuffer {
-    fn drop(&mut self) {
-        // SAFETY: `alloc` came from `alloc_zeroed(self.layout)` and is freed once, here.
-        unsafe { alloc::dealloc(self.alloc.as_ptr(), self.layout) };
     }
 }
 
@@ -395,24 +387,12 @@ impl SimHost {
                 available: cap.saturating_sub(st.next_pfn),
             });
         }
-        // The buffer's alignment is added to the size and the pointer aligned by hand, so that
-        // the layout's alignment stays small: the system allocator then asks for zeroed memory
-        // (`calloc`), which a large allocation gets as untouched pages from the OS, instead of
-        // aligning and then zeroing every byte itself. A scenario's `mem big size=8G` then costs
-        // the pages it touches, as a guest's RAM does, not 8 GiB at once.
-        let layout = len
-            .checked_add(align)
-            .and_then(|l| usize::try_from(l).ok())
-            .and_then(|l| Layout::from_size_align(l, 16).ok())
-            .ok_or(HostError::AllocFailed(len))?;
-        // SAFETY: `layout` has a non-zero size.
-        let alloc_ptr = NonNull::new(unsafe { alloc::alloc_zeroed(layout) })
-            .ok_or(HostError::AllocFailed(len))?;
-        let pad = (alloc_ptr.as_ptr() as usize).next_multiple_of(align as usize)
-            - alloc_ptr.as_ptr() as usize;
-        // The padding is below `align` and the allocation has `len + align` bytes, so the
-        // buffer lies inside it.
-        let ptr = NonNull::new(alloc_ptr.as_ptr().wrapping_add(pad))
+        // Mapped as a VMM maps guest RAM: zero pages on first touch, so a scenario's `mem big
+        // size=8G` costs the pages it touches, and placed where KVM's `access_ok` sees a VMM's
+        // buffers (`crate::anon`).
+        let (mem, ptr) = usize::try_from(len)
+            .ok()
+            .and_then(|l| crate::anon::AnonMemory::new(l, align as usize))
             .ok_or(HostError::AllocFailed(len))?;
         st.next_pfn = first + npages;
         drop(st);
@@ -425,8 +405,7 @@ impl SimHost {
             name: name.to_string(),
             index: buffers.len(),
             ptr,
-            alloc: alloc_ptr,
-            layout,
+            _mem: mem,
             len,
             first_pfn: Pfn(first),
             host_writable: AtomicBool::new(true),

@@ -35,6 +35,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod anon;
 pub mod bus;
 mod error;
 pub mod guest_tables;
