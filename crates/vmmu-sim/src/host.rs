@@ -106,7 +106,7 @@ pub enum HostError {
     },
 }
 
-/// One host buffer: a zero-filled, page-aligned allocation with contiguous frames.
+/// One host buffer: zero-filled, page-aligned memory (`crate::anon`) with contiguous frames.
 #[derive(Debug)]
 pub struct HostBuffer {
     name: String,
