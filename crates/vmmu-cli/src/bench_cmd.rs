@@ -59,22 +59,25 @@ pub fn run(args: &BenchArgs) -> ExitCode {
     }
     match vmmu_bench::run(&opts) {
         Ok(t) => {
-            if args.json {
-                println!("{}", t.to_json());
+            let text = if args.json {
+                format!("{}\n", t.to_json())
             } else {
-                print!("{}", t.to_text());
+                let mut text = t.to_text();
                 for n in &t.info.notes {
-                    println!("- {n}");
+                    text.push_str(&format!("- {n}\n"));
                 }
-                println!(
-                    "- {} CPUs, load average before the run {}, took {:.1} s{}",
+                text.push_str(&format!(
+                    "- {} CPUs, load average before the run {}, took {:.1} s{}\n",
                     t.info.cpus,
                     t.info.load_before.map_or("unknown".into(), |l| format!("{l:.2}")),
                     t.info.elapsed_s,
                     if t.info.quick { " (--quick)" } else { "" }
-                );
-            }
-            let Some(file) = report_file else { return ExitCode::SUCCESS };
+                ));
+                text
+            };
+            let printed = crate::stdout::emit("bench", &text);
+            let status = if printed { ExitCode::SUCCESS } else { ExitCode::from(1) };
+            let Some(file) = report_file else { return status };
             let path = file.path().display().to_string();
             let flags = [
                 ("--quick", args.quick.to_string()),
@@ -85,7 +88,7 @@ pub fn run(args: &BenchArgs) -> ExitCode {
             match file.write(&crate::report_pages::bench_page(&flags, &t)) {
                 Ok(()) => {
                     eprintln!("vmmu bench: report written to {path}");
-                    ExitCode::SUCCESS
+                    status
                 }
                 Err(e) => {
                     eprintln!("vmmu bench: {e}");

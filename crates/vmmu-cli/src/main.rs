@@ -14,6 +14,7 @@ mod run_cmd;
 mod run_report;
 mod scenario_cmd;
 mod selftest_cmd;
+mod stdout;
 
 /// A virtual MMU with generation-checked MMIO caching: run it, check it, measure it.
 #[derive(Parser, Debug)]
@@ -63,10 +64,13 @@ fn main() -> ExitCode {
             _ => ExitCode::from(2),
         },
         Some(Command::Bugs) => {
-            for b in vmmu::bugs::Bug::ALL {
-                println!("{}", b.name());
+            let names: String =
+                vmmu::bugs::Bug::ALL.iter().map(|b| format!("{}\n", b.name())).collect();
+            if stdout::emit("bugs", &names) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
             }
-            ExitCode::SUCCESS
         }
     }
 }

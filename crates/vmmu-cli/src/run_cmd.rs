@@ -11,6 +11,7 @@ use crate::html_report::ReportFile;
 use crate::progress::Progress;
 use crate::report_pages;
 use crate::run_report::{to_json, Text};
+use crate::stdout::{emit, say};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -357,9 +358,11 @@ fn compare_caching(args: &RunArgs, bugs: BugSet, report_file: Option<ReportFile>
     let cost_median = median(rounds.iter().map(|r| r.1).collect());
     let (on, off) = (on_runs[0], off_runs[0]);
     let list = |v: &[f64]| v.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(",");
+    let mut printed = true;
     if json {
         let (t, c): (Vec<f64>, Vec<f64>) = rounds.iter().copied().unzip();
-        println!(
+        printed &= say!(
+            "run",
             "{{\"caching_on\":{},\"caching_off\":{},\"ratios\":{{\"mmio_ns_per_exit_on\":{:.1},\"mmio_ns_per_exit_off\":{:.1},\"mmio_cost_off_over_on\":{:.3},\"throughput_on_over_off\":{:.3},\"throughput_on_over_off_halves\":[{}],\"rounds\":{{\"throughput_on_over_off\":[{}],\"mmio_cost_off_over_on\":[{}],\"throughput_median\":{:.3},\"mmio_cost_median\":{:.3}}}}}}}",
             to_json(on),
             to_json(off),
@@ -374,9 +377,11 @@ fn compare_caching(args: &RunArgs, bugs: BugSet, report_file: Option<ReportFile>
             cost_median
         );
     } else {
-        println!("== MMIO caching on\n{}\n== MMIO caching off\n{}", Text(on), Text(off));
+        printed &=
+            say!("run", "== MMIO caching on\n{}\n== MMIO caching off\n{}", Text(on), Text(off));
         let halves: Vec<String> = halves.iter().map(|h| format!("{h:.2}x")).collect();
-        println!(
+        printed &= say!(
+            "run",
             "compare ({} of runs on, off, off, on of {} s each; each setting's runs pooled): \
              MMIO handling {ns_on:.0} ns/exit with caching, {ns_off:.0} ns without \
              ({cost_ratio:.2}x); throughput {tput_on:.0} vs {tput_off:.0} accesses/s \
@@ -393,7 +398,8 @@ fn compare_caching(args: &RunArgs, bugs: BugSet, report_file: Option<ReportFile>
             let each = |f: fn(&(f64, f64)) -> f64| -> String {
                 rounds.iter().map(|r| format!("{:.2}x", f(r))).collect::<Vec<_>>().join(" ")
             };
-            println!(
+            printed &= say!(
+                "run",
                 "rounds: throughput {} (median {tput_median:.2}x); cost per MMIO exit, off over \
                  on, {} (median {cost_median:.2}x)",
                 each(|r| r.0),
@@ -419,7 +425,7 @@ fn compare_caching(args: &RunArgs, bugs: BugSet, report_file: Option<ReportFile>
     let named: Vec<(&str, &Report)> =
         runs.iter().zip(&names).map(|((_, r), name)| (name.as_str(), r)).collect();
     let written = write_report(args, report_file, &named);
-    if bad == 0 && written {
+    if bad == 0 && written && printed {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -429,10 +435,9 @@ fn compare_caching(args: &RunArgs, bugs: BugSet, report_file: Option<ReportFile>
 /// Runs `vmmu run`.
 pub fn run(args: &RunArgs) -> ExitCode {
     if args.inject.as_deref() == Some("list") {
-        for b in vmmu::bugs::Bug::ALL {
-            println!("{}", b.name());
-        }
-        return ExitCode::SUCCESS;
+        let names: String =
+            vmmu::bugs::Bug::ALL.iter().map(|b| format!("{}\n", b.name())).collect();
+        return if emit("run", &names) { ExitCode::SUCCESS } else { ExitCode::from(1) };
     }
     if let Err(e) = args.options(true, BugSet::NONE).validate() {
         eprintln!("vmmu run: {e}");
@@ -459,13 +464,14 @@ pub fn run(args: &RunArgs) -> ExitCode {
     let caching = args.opts.mmio_caching == OnOff::On;
     match one_run(args, caching, bugs, !json) {
         Ok(report) => {
-            if json {
-                println!("{}", to_json(&report));
+            let printed = if json {
+                say!("run", "{}", to_json(&report))
             } else {
-                println!("{}", Text(&report));
-            }
+                say!("run", "{}", Text(&report))
+            };
             let written = write_report(args, report_file, &[("run", &report)]);
-            if written
+            if printed
+                && written
                 && report.oracle.violations == 0
                 && report.vcpus.iter().all(|v| v.errors == 0)
             {

@@ -101,15 +101,24 @@ pub fn run(args: &ScenarioArgs) -> ExitCode {
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let mut write_failed = false;
+    let mut write_error = None;
     let result = vmmu_scenario::run(backend.as_ref(), &scenario, &mut |o| {
-        if !write_failed && writeln!(out, "{o}").is_err() {
-            write_failed = true;
+        if write_error.is_none() {
+            write_error = writeln!(out, "{o}").err();
         }
     });
-    let _ = out.flush();
+    if write_error.is_none() {
+        write_error = out.flush().err();
+    }
+    // The observations are the command's output: a run that could not print them all failed.
+    if let Some(e) = &write_error {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("vmmu scenario: {shown}: cannot write the observations to stdout: {e}");
+        }
+    }
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) if write_error.is_none() => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::from(1),
         Err(e) => {
             eprintln!("vmmu scenario: {shown}: {e}");
             ExitCode::from(1)

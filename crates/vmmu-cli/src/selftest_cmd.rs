@@ -8,6 +8,7 @@
 //! usable, or a test the slot cap leaves no room for, as the C test reports it, is not a
 //! failure); 1 when a test failed (the row says what was seen); 2 on bad arguments.
 
+use crate::stdout::emit;
 use clap::{Args, ValueEnum};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -484,7 +485,7 @@ fn run_kvm(row: &mut Row, _p: &Plan) {
 }
 
 /// The side-by-side table, then each cell in full.
-fn print_table(rows: &[Row]) {
+fn table(rows: &[Row]) -> String {
     let head = ["test", "vmmu (sim)", "KVM (/dev/kvm)", "vmmu/KVM", "published for KVM"];
     let cells: Vec<[String; 5]> = rows
         .iter()
@@ -504,47 +505,50 @@ fn print_table(rows: &[Row]) {
             w[i] = w[i].max(s.len());
         }
     }
-    let line = |c: [&str; 5]| {
+    let mut out = String::new();
+    let mut line = |c: [&str; 5]| {
         let mut s = String::new();
         for (i, v) in c.iter().enumerate() {
             s.push_str(&format!("{v:<width$}  ", width = w[i]));
         }
-        println!("{}", s.trim_end());
+        out.push_str(s.trim_end());
+        out.push('\n');
     };
     line(head);
     for c in &cells {
         line([&c[0], &c[1], &c[2], &c[3], &c[4]]);
     }
-    println!();
+    out.push('\n');
     for r in rows {
         let verdict = if matches!(r.sim, Cell::Fail(_)) || matches!(r.kvm, Cell::Fail(_)) {
             "FAIL"
         } else {
             "PASS"
         };
-        println!("{verdict} {}", r.test);
-        println!("  vmmu (sim): {}", r.sim.text());
-        println!("  KVM:        {}", r.kvm.text());
+        out.push_str(&format!("{verdict} {}\n", r.test));
+        out.push_str(&format!("  vmmu (sim): {}\n", r.sim.text()));
+        out.push_str(&format!("  KVM:        {}\n", r.kvm.text()));
     }
+    out
 }
 
-/// Prints the tests and groups.
-fn list() {
-    println!("tests:");
+/// The list of tests and groups.
+fn list() -> String {
+    let mut out = String::from("tests:\n");
     for (n, d) in TESTS.iter().chain(std::iter::once(&RW)) {
-        println!("  {n:<30} {d}");
+        out.push_str(&format!("  {n:<30} {d}\n"));
     }
-    println!("groups:");
+    out.push_str("groups:\n");
     for (n, d) in GROUPS {
-        println!("  {n:<30} {d}");
+        out.push_str(&format!("  {n:<30} {d}\n"));
     }
+    out
 }
 
 /// Runs `vmmu selftest`.
 pub fn run(args: &SelftestArgs) -> ExitCode {
     if args.list {
-        list();
-        return ExitCode::SUCCESS;
+        return if emit("selftest", &list()) { ExitCode::SUCCESS } else { ExitCode::from(1) };
     }
     let tests = match args.selected() {
         Ok(t) => t,
@@ -567,7 +571,7 @@ pub fn run(args: &SelftestArgs) -> ExitCode {
         }
         rows.push(run_one(t, &plan));
     }
-    if args.json {
+    let text = if args.json {
         let j: Vec<_> = rows
             .iter()
             .map(|r| {
@@ -581,19 +585,23 @@ pub fn run(args: &SelftestArgs) -> ExitCode {
                 })
             })
             .collect();
-        println!("{:#}", serde_json::json!({ "tests": j }));
+        format!("{:#}\n", serde_json::json!({ "tests": j }))
     } else {
-        print_table(&rows);
         let setup: Vec<String> = PUBLISHED_SLOTS
             .iter()
             .zip(PUBLISHED_SETUP)
             .map(|(n, s)| format!("{n}: {}", secs(Duration::from_secs_f64(s))))
             .collect();
-        println!("published slot setup (adding all slots, whole test area): {}", setup.join(", "));
-    }
+        format!(
+            "{}published slot setup (adding all slots, whole test area): {}\n",
+            table(&rows),
+            setup.join(", ")
+        )
+    };
+    let printed = emit("selftest", &text);
     let failed =
         rows.iter().any(|r| matches!(r.sim, Cell::Fail(_)) || matches!(r.kvm, Cell::Fail(_)));
-    if failed {
+    if failed || !printed {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS

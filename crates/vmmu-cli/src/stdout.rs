@@ -1,0 +1,27 @@
+//! The commands' results on stdout, without panicking: `println!` panics when stdout cannot be
+//! written (`> /dev/full`, a closed pipe). A command writes through [`emit`] (or [`say!`])
+//! instead and exits 1 when it could not, as `diff`, `replay` and `scenario` do.
+
+use std::io::{ErrorKind, Write};
+
+/// Writes `text` to stdout and flushes it. On failure, says why on stderr (prefixed with
+/// `vmmu CMD:`; nothing for a closed pipe, whose reader left on purpose) and returns false.
+pub fn emit(cmd: &str, text: &str) -> bool {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => true,
+        Err(e) if e.kind() == ErrorKind::BrokenPipe => false,
+        Err(e) => {
+            eprintln!("vmmu {cmd}: cannot write to stdout: {e}");
+            false
+        }
+    }
+}
+
+/// `println!` through [`emit`]: `say!("run", "{x}")` is true when the line was written.
+macro_rules! say {
+    ($cmd:expr, $($arg:tt)*) => {
+        $crate::stdout::emit($cmd, &format!("{}\n", format_args!($($arg)*)))
+    };
+}
+pub(crate) use say;
