@@ -363,10 +363,23 @@ impl<H: Host> Vm<H> {
     }
 
     /// Host invalidation end: pairs with one [`Self::invalidate_hva_range_begin`].
+    ///
+    /// # Panics
+    /// If no invalidation is in flight (an end without its begin). The count of invalidations in
+    /// flight is left at zero: wrapped below it, it would make every later memslot update wait
+    /// forever.
     pub fn invalidate_hva_range_end(&self) {
+        // KVM's order: the MMU's sequence and in-progress count first (its decrement saturates),
+        // then the count memslot updates wait on.
         self.inner.mmu.invalidate_end();
-        let old = self.inner.mn_active.fetch_sub(1, crate::sync::Ordering::AcqRel);
-        debug_assert!(old > 0, "invalidate end without begin");
+        let paired = self
+            .inner
+            .mn_active
+            .fetch_update(crate::sync::Ordering::AcqRel, crate::sync::Ordering::Acquire, |n| {
+                n.checked_sub(1)
+            })
+            .is_ok();
+        assert!(paired, "invalidate_hva_range_end without a matching invalidate_hva_range_begin");
     }
 
     /// A read-only view of the memslots (generation, address spaces). Updates go through

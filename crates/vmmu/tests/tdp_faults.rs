@@ -326,6 +326,23 @@ fn host_invalidation_in_flight_retries_then_maps() {
     assert_eq!(access(&mut v, 0x10_1000, false).unwrap().0, Seen::Ram(Pfn((RAM_HVA >> 12) + 1)));
 }
 
+/// An invalidation end without its begin is refused (a panic, as documented) and leaves the
+/// in-flight count at zero: before, release builds wrapped it and every later memslot update
+/// waited for it forever.
+#[test]
+fn an_unpaired_invalidation_end_is_refused_and_updates_still_run() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    vm.set_memory_region(&region(0, 0x10_0000, 0x4000, RAM_HVA, 0)).unwrap();
+    vm.invalidate_hva_range_begin(vmmu::Hva(RAM_HVA), vmmu::Hva(RAM_HVA + 0x1000));
+    vm.invalidate_hva_range_end();
+    let unpaired = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        vm.invalidate_hva_range_end();
+    }));
+    assert!(unpaired.is_err(), "an end without a begin must be refused");
+    // A memslot update waits for invalidations in flight: there is none, so it returns.
+    vm.set_memory_region(&region(1, 0x20_0000, 0x1000, RAM_HVA + 0x10_0000, 0)).unwrap();
+}
+
 #[test]
 fn zapped_under_walk_and_frozen_entries_retry_on_the_fast_path() {
     let (vm, _h) = vm(FormatKind::Ept);
