@@ -220,7 +220,7 @@ impl Collector<'_> {
             };
             if self.m.mode == DirtyLogMode::Manual {
                 let count = u32::try_from(s.pages).unwrap_or(u32::MAX);
-                if let Some(Err(errno)) = mmu.clear_dirty_log(s.slot, 0, count, &words) {
+                if let Some(Err(errno)) = mmu.clear_dirty_log(s.slot, 0, count, Some(&words)) {
                     self.report.push(Violation {
                         vcpu: None,
                         gpa: Some(format!("{:#x}", s.gpa.0)),

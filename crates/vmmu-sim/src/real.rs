@@ -232,10 +232,13 @@ impl GuestMmu for RealMmu {
         slot: u32,
         first: u64,
         count: u32,
-        bitmap: &[u64],
+        bitmap: Option<&[u64]>,
     ) -> Option<Result<(), String>> {
         let (as_id, id) = (AsId((slot >> 16) as u16), SlotId(slot as u16));
-        let r = self.vm.clear_dirty_log(as_id, id, first, count, bitmap);
+        let r = match bitmap {
+            Some(bitmap) => self.vm.clear_dirty_log(as_id, id, first, count, bitmap),
+            None => self.vm.clear_dirty_log_all(as_id, id, first, count),
+        };
         Some(r.map_err(|e| e.errno().to_string()))
     }
 

@@ -406,13 +406,14 @@ pub trait GuestMmu: Send + Sync {
         None
     }
 
-    /// `KVM_CLEAR_DIRTY_LOG` of the bits of `bitmap` over pages `[first, first + count)`.
+    /// `KVM_CLEAR_DIRTY_LOG` of the bits of `bitmap` over pages `[first, first + count)`; `None`
+    /// clears every page of the range (no bitmap is built, however large `count`).
     fn clear_dirty_log(
         &self,
         _slot: u32,
         _first: u64,
         _count: u32,
-        _bitmap: &[u64],
+        _bitmap: Option<&[u64]>,
     ) -> Option<Result<(), String>> {
         None
     }

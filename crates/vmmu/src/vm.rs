@@ -518,7 +518,20 @@ impl<H: Host> Vm<H> {
         count: u32,
         bitmap: &[u64],
     ) -> Result<(), DirtyLogError> {
-        self.inner.clear_dirty_log(as_id.0, id.0, first, count, bitmap)
+        self.inner.clear_dirty_log(as_id.0, id.0, first, count, Some(bitmap))
+    }
+
+    /// [`Self::clear_dirty_log`] with every bit of the range set, without a bitmap: what a VMM
+    /// asks when it clears a whole range. Same checks, in the same order, except that there is
+    /// no bitmap to be too short; a range KVM refuses costs nothing, however large `count`.
+    pub fn clear_dirty_log_all(
+        &self,
+        as_id: AsId,
+        id: SlotId,
+        first: u64,
+        count: u32,
+    ) -> Result<(), DirtyLogError> {
+        self.inner.clear_dirty_log(as_id.0, id.0, first, count, None)
     }
 
     /// Enables or disables manual dirty-log protection (`KVM_ENABLE_CAP` of

@@ -200,6 +200,33 @@ fn errnos_in_kvms_order() {
         "EFAULT",
         "bitmap shorter than the range"
     );
+    // Without a bitmap (every page of the range): the same errnos in the same order, and a
+    // huge refused range costs no bitmap.
+    let all = |a, id, first, count| vm.clear_dirty_log_all(AsId(a), SlotId(id), first, count);
+    assert_eq!(e(all(2, 1, 1, 1)), "EINVAL");
+    assert_eq!(e(all(0, 9, 1, 1)), "EINVAL");
+    assert_eq!(e(all(0, 9, 0, 1)), "ENOENT");
+    assert_eq!(e(all(0, 1, 0, u32::MAX)), "EINVAL", "past the end, however far");
+    assert_eq!(all(0, 1, 128, 72), Ok(()));
+}
+
+/// `clear_dirty_log_all` clears exactly what an all-ones bitmap clears.
+#[test]
+fn clearing_a_whole_range_is_an_all_ones_bitmap() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    vm.set_dirty_log_mode(DirtyLogMode::Manual);
+    vm.set_memory_region(&region(1, GPA, 200 << 12, RAM_HVA, LOG)).unwrap();
+    let mut v = TlbVcpu::new(&vm);
+    for p in [0u64, 63, 64, 127, 128, 199] {
+        v.access(GPA + (p << 12), true);
+    }
+    vm.clear_dirty_log_all(AsId(0), SlotId(1), 64, 64).unwrap();
+    assert_eq!(get(&vm, 1), [0, 63, 128, 199]);
+    vm.clear_dirty_log_all(AsId(0), SlotId(1), 128, 72).unwrap();
+    assert_eq!(get(&vm, 1), [0, 63]);
+    // The cleared pages were write-protected: a write faults and is logged again.
+    assert_eq!(v.access(GPA + (64 << 12), true), 1);
+    assert_eq!(get(&vm, 1), [0, 63, 64]);
 }
 
 #[test]

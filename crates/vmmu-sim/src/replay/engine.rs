@@ -474,10 +474,7 @@ impl Replay<'_> {
             Some((first, count)) => {
                 self.report.dirty_log.clear += 1;
                 match u32::try_from(count) {
-                    Ok(n) => {
-                        let ones = vec![u64::MAX; (n as usize).div_ceil(64)];
-                        self.mmu.clear_dirty_log(slot, first, n, &ones).map(|r| r.map(|()| 0))
-                    }
+                    Ok(n) => self.mmu.clear_dirty_log(slot, first, n, None).map(|r| r.map(|()| 0)),
                     Err(_) => Some(Err("EINVAL (num_pages above 32 bits)".into())),
                 }
             }

@@ -258,14 +258,16 @@ pub(crate) fn clear_log<M: WriteProtect>(
     log: &DirtyBitmap,
     first: u64,
     count: u64,
-    bitmap: &[u64],
+    bitmap: Option<&[u64]>,
 ) {
     debug_assert!(first % 64 == 0 && check_clear_range(first, count, log.npages()).is_ok());
     let words = count.div_ceil(64) as usize;
+    // `None`: every bit of the range.
+    let requests = (0..words).map(|k| bitmap.map_or(u64::MAX, |b| b.get(k).copied().unwrap_or(0)));
     let mut flush = false;
     {
         let excl = mmu.lock_exclusive();
-        for (k, &req) in bitmap.iter().take(words).enumerate() {
+        for (k, req) in requests.enumerate() {
             let i = (first / 64) as usize + k;
             if req == 0 || i >= log.len_words() {
                 continue;
@@ -354,7 +356,7 @@ impl<H: crate::host::Host> crate::shared::VmShared<H> {
         id: u16,
         first: u64,
         count: u32,
-        bitmap: &[u64],
+        bitmap: Option<&[u64]>,
     ) -> Result<(), DirtyLogError> {
         let _serial = self.vmm_lock.lock_with(&self.mmu.relax());
         let count = u64::from(count);
@@ -370,7 +372,7 @@ impl<H: crate::host::Host> crate::shared::VmShared<H> {
                 // KVM does not check the mode: CLEAR works in auto mode too (checked on
                 // /dev/kvm, `tests/scenarios/dirty_log_bad_requests.scn`).
                 let needed = count.div_ceil(64) as usize;
-                if bitmap.len() < needed {
+                if let Some(bitmap) = bitmap.filter(|b| b.len() < needed) {
                     return Err(DirtyLogError::BitmapTooShort { words: bitmap.len(), needed });
                 }
                 match self.shadow.as_ref() {
@@ -453,8 +455,8 @@ mod tests {
         assert_eq!(pages_of(&out).collect::<Vec<_>>(), [1, 2, 70, 199]);
         assert!(m.protected.borrow().is_empty() && *m.flushes.borrow() == 0);
         // Clear page 1 only of the first word, and the whole tail from 128.
-        clear_log(&m, &s, &b, 0, 64, &[0b10]);
-        clear_log(&m, &s, &b, 128, 72, &[u64::MAX, u64::MAX]);
+        clear_log(&m, &s, &b, 0, 64, Some(&[0b10]));
+        clear_log(&m, &s, &b, 128, 72, Some(&[u64::MAX, u64::MAX]));
         assert_eq!(pages_of(&b.snapshot()).collect::<Vec<_>>(), [2, 70]);
         assert_eq!(*m.protected.borrow(), [(0, 0b10), (192, 1 << 7)]);
         assert_eq!(*m.flushes.borrow(), 2);
