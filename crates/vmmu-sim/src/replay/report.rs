@@ -148,7 +148,7 @@ impl Latency {
 }
 
 /// Dirty-log calls, applied to the core's dirty log (`Vm::get_dirty_log` /
-/// `Vm::clear_dirty_log`, manual protect when the trace clears, as the recording VMM had it).
+/// `Vm::clear_dirty_log_all`, manual protect when the trace clears, as the recording VMM had it).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DirtyLog {
     /// `get-dirty-log` events.
