@@ -230,7 +230,7 @@ impl BenchVm {
 
     /// `KVM_CLEAR_DIRTY_LOG` of pages `[first, first + count)` with every bit set.
     pub fn clear_dirty_log(&self, slot: u32, first: u64, count: u32) -> Result<(), String> {
-        crate::dirty::clear(&self.vm, slot, first, count)
+        crate::dirty::clear(&self.vm, slot, first, count, None)
     }
 
     /// Enables manual dirty-log protection (without "initially set").

@@ -64,9 +64,20 @@ pub(crate) fn get(vm: &VmFd, slot: u32, size: u64) -> Result<Vec<u64>, String> {
 }
 
 /// `KVM_CLEAR_DIRTY_LOG` of pages `[first, first + count)` of `slot` with every bit set: `Ok` or
-/// KVM's errno name.
-pub(crate) fn clear(vm: &VmFd, slot: u32, first: u64, count: u32) -> Result<(), String> {
-    let mut bitmap = vec![u64::MAX; (count as usize).div_ceil(64).max(1)];
+/// KVM's errno name. `size`: the slot's size in bytes, when the caller knows the slot exists with
+/// it. KVM checks the range against the slot before it reads the bitmap, so a range that does not
+/// fit gets a one-word bitmap: a `count` of 2^32 - 1 then costs no 512 MiB of ones.
+pub(crate) fn clear(
+    vm: &VmFd,
+    slot: u32,
+    first: u64,
+    count: u32,
+    size: Option<u64>,
+) -> Result<(), String> {
+    let npages = size.map(|s| s >> 12);
+    let refused = npages.is_some_and(|n| first > n || u64::from(count) > n - first);
+    let words = if refused { 1 } else { (count as usize).div_ceil(64).max(1) };
+    let mut bitmap = vec![u64::MAX; words];
     let arg = kvm_clear_dirty_log {
         slot,
         num_pages: count,
@@ -75,9 +86,10 @@ pub(crate) fn clear(vm: &VmFd, slot: u32, first: u64, count: u32) -> Result<(), 
             dirty_bitmap: bitmap.as_mut_ptr().cast(),
         },
     };
-    // SAFETY: `arg` is a valid `struct kvm_clear_dirty_log` whose bitmap points to
-    // `ceil(count / 64)` words (at least one) that live until the call returns; KVM only reads
-    // `ALIGN(count, 64) / 8` bytes of it.
+    // SAFETY: `arg` is a valid `struct kvm_clear_dirty_log` whose bitmap points to `words` words
+    // that live until the call returns. KVM reads `ALIGN(count, 64) / 8` bytes of it only after
+    // the range fits the slot: `words` is `ceil(count / 64)` (at least one) unless the slot's
+    // known size refuses the range, and then KVM reads nothing.
     let ret = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_CLEAR_DIRTY_LOG as _, &arg) };
     if ret < 0 {
         return Err(last_errno());

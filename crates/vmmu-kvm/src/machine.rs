@@ -739,9 +739,17 @@ impl Machine for KvmMachine {
     }
 
     fn clear_dirty_log(&mut self, op: &ClearDirtyLogOp) -> Result<SlotResult, BackendError> {
-        Ok(match crate::dirty::clear(&self.vm, op.kvm_slot(), op.first, op.count) {
-            Ok(()) => SlotResult::Ok,
-            Err(e) => SlotResult::Err(e),
-        })
+        Ok(
+            match crate::dirty::clear(
+                &self.vm,
+                op.kvm_slot(),
+                op.first,
+                op.count,
+                self.sizes.get(&op.kvm_slot()).copied(),
+            ) {
+                Ok(()) => SlotResult::Ok,
+                Err(e) => SlotResult::Err(e),
+            },
+        )
     }
 }
