@@ -380,12 +380,8 @@ fn a_vcpu_spinning_in_guest_mode_does_not_stall_a_delete() {
     assert_eq!(host.use_after_free(), 0);
 }
 
-/// Issue 12 point 3: the MMU waits with the host's policy. A zap's remote flush waits for a vCPU
-/// that stays in guest mode 20 ms after it noticed the request; the waiting is done by the test
-/// host's `Sched::relax`, which counts its turns.
-#[test]
-fn the_mmu_waits_with_the_hosts_policy() {
-    use std::time::Duration;
+/// A one-vCPU EPT VM whose vCPU has mapped `GPA` (RAM), with its requests serviced.
+fn one_vcpu_mapping_gpa() -> (Vm<TestHost>, Arc<TestHost>, Vcpu<TestHost>) {
     let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
     cfg.max_vcpus = 1;
     let host = Arc::new(TestHost::new(64));
@@ -396,6 +392,16 @@ fn the_mmu_waits_with_the_hosts_policy() {
     let mut tlb = HashMap::new();
     assert!(matches!(access(&mut v, &mut tlb, GPA), Seen::Ram(_)));
     v.service_requests().unwrap();
+    (vm, host, v)
+}
+
+/// Issue 12 point 3: the MMU waits with the host's policy. A zap's remote flush waits for a vCPU
+/// that stays in guest mode 20 ms after it noticed the request; the waiting is done by the test
+/// host's `Sched::relax`, which counts its turns.
+#[test]
+fn the_mmu_waits_with_the_hosts_policy() {
+    use std::time::Duration;
+    let (vm, host, mut v) = one_vcpu_mapping_gpa();
     v.enter_guest_mode().unwrap();
     let in_guest = Arc::new(AtomicBool::new(true));
     let flag = in_guest.clone();
@@ -425,16 +431,7 @@ fn the_mmu_waits_with_the_hosts_policy() {
 /// second entry nested the table read section and one exit left it open for good.
 #[test]
 fn a_handler_called_in_guest_mode_leaves_it_and_zaps_still_complete() {
-    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
-    cfg.max_vcpus = 1;
-    let host = Arc::new(TestHost::new(64));
-    host.map(RAM_HVA, 1 << 22, RAM_HVA >> 12, Level::L4K, true);
-    let vm = Vm::new(cfg, host.clone()).unwrap();
-    vm.set_memory_region(&region(1, GPA, 0x1000, RAM_HVA, 0)).unwrap();
-    let mut v = vm.create_vcpu().unwrap();
-    let mut tlb = HashMap::new();
-    assert!(matches!(access(&mut v, &mut tlb, GPA), Seen::Ram(_)));
-    v.service_requests().unwrap();
+    let (vm, host, mut v) = one_vcpu_mapping_gpa();
     v.enter_guest_mode().unwrap();
     v.enter_guest_mode().unwrap();
     assert!(v.in_guest_mode());
