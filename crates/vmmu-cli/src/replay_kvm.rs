@@ -134,7 +134,9 @@ pub fn run(trace: &Trace) -> KvmReport {
                 let result = match e.kind {
                     EventKind::ClearDirtyLog { first_page, num_pages, .. } => {
                         match u32::try_from(num_pages) {
-                            Ok(n) => vm.clear_dirty_log(slot, first_page, n),
+                            Ok(n) => {
+                                vm.clear_dirty_log(slot, first_page, n, sizes.get(&slot).copied())
+                            }
                             Err(_) => Err("num_pages does not fit 32 bits".to_string()),
                         }
                     }

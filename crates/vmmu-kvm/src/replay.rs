@@ -27,16 +27,12 @@ use crate::guest::{self, OWN_SIZE, OWN_SLOT};
 use crate::machine::KvmError;
 use crate::mapping::Mapping;
 use kvm_bindings::{
-    kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_enable_cap,
-    kvm_userspace_memory_region, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_CAP_MULTI_ADDRESS_SPACE,
-    KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MAX_CPUID_ENTRIES,
+    kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    KVM_CAP_MULTI_ADDRESS_SPACE, KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+    KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use std::os::fd::AsRawFd;
 
-/// `KVM_CLEAR_DIRTY_LOG`, `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)` (kvm-ioctls has no
-/// wrapper for it).
-const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = 0xc018_aec0;
 use vmmu_scenario::{Width, ACCESS_LIMIT};
 
 /// The preferred guest-physical address of the replay guest's own memory.
@@ -264,30 +260,16 @@ impl TraceVm {
     }
 
     /// `KVM_CLEAR_DIRTY_LOG` of pages `[first_page, first_page + num_pages)` of `slot`, with every
-    /// bit of the range set (the recorded bitmap is not in the trace).
+    /// bit of the range set (the recorded bitmap is not in the trace); `size`: the slot's size in
+    /// bytes when the trace created it ([`crate::dirty`]'s `clear`).
     pub fn clear_dirty_log(
         &mut self,
         slot: u32,
         first_page: u64,
         num_pages: u32,
+        size: Option<u64>,
     ) -> Result<(), String> {
-        let mut bitmap = vec![u64::MAX; (num_pages as usize).div_ceil(64).max(1)];
-        let arg = kvm_clear_dirty_log {
-            slot,
-            num_pages,
-            first_page,
-            __bindgen_anon_1: kvm_clear_dirty_log__bindgen_ty_1 {
-                dirty_bitmap: bitmap.as_mut_ptr().cast(),
-            },
-        };
-        // SAFETY: `arg` is a valid `struct kvm_clear_dirty_log` whose bitmap points to
-        // `ceil(num_pages / 64)` words that live until the call returns; KVM only reads it
-        // (and the struct), and validates the slot and the range itself.
-        let ret = unsafe { libc::ioctl(self.vm.as_raw_fd(), KVM_CLEAR_DIRTY_LOG as _, &arg) };
-        if ret < 0 {
-            return Err(errno::name(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)));
-        }
-        Ok(())
+        crate::dirty::clear(&self.vm, slot, first_page, num_pages, size)
     }
 
     /// One guest access of `len` bytes at `gpa` (a store of `write`, or a load answered with
