@@ -53,7 +53,8 @@ pub(super) fn retry(stats: &mut VcpuStats, cause: RetryCause) -> FaultOutcome {
 
 impl VcpuMmu {
     /// Leaves guest mode if the vCPU is in it (`Vcpu::exit_guest_mode`): clears the mode bit and
-    /// closes the guest-mode table read section.
+    /// closes the guest-mode table read section. A load and a branch outside guest mode.
+    #[inline]
     pub(super) fn leave_guest_mode<H: Host>(&mut self, vm: &VmShared<H>, readers: &VcpuReaders) {
         if !self.in_guest {
             return;
@@ -64,20 +65,6 @@ impl VcpuMmu {
         // SAFETY: `in_guest` was set by `Vcpu::enter_guest_mode`, which opened the section on
         // this reader, and nothing else closes it.
         unsafe { mmu.table_srcu.read_unlock_raw(&readers.table) };
-    }
-
-    /// A slow path may wait for every vCPU in guest mode (a remote flush) or for a grace period.
-    /// A handler called in guest mode (a misuse that debug builds assert against) would then wait
-    /// for its own vCPU forever, so the slow paths leave guest mode first.
-    #[inline(always)]
-    pub(super) fn leave_guest_mode_before_waiting<H: Host>(
-        &mut self,
-        vm: &VmShared<H>,
-        readers: &VcpuReaders,
-    ) {
-        if self.in_guest {
-            self.leave_guest_mode(vm, readers);
-        }
     }
 
     /// The per-vCPU MMIO cache lookup of an RSVD fault at `gpa` (KVM `mmio_info_in_cache`, the
@@ -172,7 +159,10 @@ impl VcpuMmu {
         stats: &mut VcpuStats,
         mut fault: PageFault,
     ) -> Result<FaultOutcome, FaultError> {
-        self.leave_guest_mode_before_waiting(vm, readers);
+        // The slow path may wait for every vCPU in guest mode (a remote flush) or for a grace
+        // period: a handler called in guest mode (a misuse debug builds assert against) would
+        // wait for its own vCPU forever, so it leaves guest mode first.
+        self.leave_guest_mode(vm, readers);
         let guard = vm.memslots.read(&readers.memslot);
         let set = guard.set(self.as_id);
         stats.pf_taken += 1;

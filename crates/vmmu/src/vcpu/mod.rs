@@ -162,7 +162,7 @@ impl<H: Host> Vcpu<H> {
 
     /// Switches the vCPU's address space (KVM: entering or leaving SMM): the root changes.
     pub fn set_as_id(&mut self, as_id: AsId) {
-        self.vm_exit();
+        self.exit_guest_mode();
         if self.st.as_id != as_id {
             self.st.as_id = as_id;
             self.drop_root();
@@ -200,7 +200,7 @@ impl<H: Host> Vcpu<H> {
     /// Handles pending requests and loads a root if none is loaded (KVM: the request checks of
     /// `vcpu_enter_guest` and `kvm_mmu_reload`). Between accesses; in guest mode it leaves it first.
     pub fn service_requests(&mut self) -> Result<EntryWork, TdpError> {
-        self.vm_exit();
+        self.exit_guest_mode();
         let mut work = EntryWork::default();
         let pending = self.state().pending();
         if self.vm.shadow.is_some() {
@@ -255,7 +255,7 @@ impl<H: Host> Vcpu<H> {
     /// Loads a root without a page-tracking state (KVM's special roots), for tests and models of
     /// 18c841e1f411. Replaces the current root.
     pub fn load_pageless_root(&mut self) -> Result<(), TdpError> {
-        self.vm_exit();
+        self.exit_guest_mode();
         self.drop_root();
         self.st.root = Some(self.vm.mmu.make_pageless_root(self.st.as_id)?);
         Ok(())
@@ -312,15 +312,6 @@ impl<H: Host> Vcpu<H> {
     pub fn exit_guest_mode(&mut self) {
         let Vcpu { vm, readers, st, .. } = self;
         st.leave_guest_mode(vm, readers);
-    }
-
-    /// The first step of a method that is a VM exit (see [`Self::enter_guest_mode`]): leaves
-    /// guest mode if the vCPU is in it.
-    #[inline(always)]
-    fn vm_exit(&mut self) {
-        if self.st.in_guest {
-            self.exit_guest_mode();
-        }
     }
 
     /// Whether the vCPU is in guest mode through [`Self::enter_guest_mode`].

@@ -201,7 +201,7 @@ impl<H: Host> Vcpu<H> {
     /// cache is cleared; the next [`Self::service_requests`] builds the new root. A PAE `cpu`
     /// carries PDPTEs already loaded ([`crate::guest::load_pdptrs`]). In guest mode it leaves it first (a VM exit).
     pub fn set_guest_cpu(&mut self, cpu: GuestCpu) -> Result<(), ShadowError> {
-        self.vm_exit();
+        self.exit_guest_mode();
         self.shadow_parts()?;
         self.shadow_unload();
         if let Some(sv) = self.st.shadow.as_mut() {
@@ -215,7 +215,7 @@ impl<H: Host> Vcpu<H> {
     /// info cache keeps no GVA (the Feb 2019 patch: `mmio_gva = 0` refuses every GVA hit), so an
     /// RSVD fault goes to the MMIO SPTE; the GVA part is cleared now.
     pub fn set_nested_walk(&mut self, nested: bool) -> Result<(), ShadowError> {
-        self.vm_exit();
+        self.exit_guest_mode();
         self.shadow_parts()?;
         if let Some(sv) = self.st.shadow.as_mut() {
             sv.nested = nested;
@@ -228,7 +228,7 @@ impl<H: Host> Vcpu<H> {
     /// zaps the shadow leaf for `gva` under the current and the previous roots. The hypervisor
     /// also drops its own TLB entry for `gva`. In guest mode it leaves it first (a VM exit).
     pub fn invlpg(&mut self, gva: Gva) -> Result<(), ShadowError> {
-        self.vm_exit();
+        self.exit_guest_mode();
         self.shadow_parts()?;
         self.stats.invlpg += 1;
         self.st.mmio_cache.clear_gva_page(gva.raw());
@@ -249,7 +249,7 @@ impl<H: Host + GuestMemory> Vcpu<H> {
     /// its PDPTEs (a bad one is #GP) and its special root. Either way the GVA part of the MMIO
     /// cache is cleared and the hypervisor flushes its TLB (`flush_tlb`). In guest mode it leaves it first (a VM exit).
     pub fn load_cr3(&mut self, cr3: u64) -> Result<EntryWork, ShadowError> {
-        self.vm_exit();
+        self.exit_guest_mode();
         self.shadow_parts()?;
         let Vcpu { vm, readers, st, .. } = self;
         let (Some(shadow), Some(sv)) = (vm.shadow.as_ref(), st.shadow.as_mut()) else {
@@ -324,7 +324,7 @@ impl<H: Host + GuestMemory> Vcpu<H> {
     /// table there drop the SPTEs the write changed, or are zapped when the write is misaligned
     /// or the table is flooded (KVM `kvm_mmu_track_write`). In guest mode it leaves it first (a VM exit).
     pub fn track_write(&mut self, gpa: Gpa, bytes: u32) -> Result<(), ShadowError> {
-        self.vm_exit();
+        self.exit_guest_mode();
         self.shadow_parts()?;
         let shadow = self.vm.shadow.as_ref().ok_or(ShadowError::NotShadow)?;
         let new_gpte = {
@@ -432,7 +432,8 @@ impl<H: Host + GuestMemory> Vcpu<H> {
         err: PfErr,
     ) -> Result<FaultOutcome, FaultError> {
         let Vcpu { vm, readers, st, stats } = self;
-        st.leave_guest_mode_before_waiting(vm, readers);
+        // As the TDP slow path (`memslot_slow_path`): never wait for this vCPU's own guest mode.
+        st.leave_guest_mode(vm, readers);
         let (Some(shadow), Some(sv)) = (vm.shadow.as_ref(), st.shadow.as_ref()) else {
             return Err(FaultError::WrongMmu { wanted: "shadow-paging" });
         };
