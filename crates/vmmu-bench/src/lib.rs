@@ -123,6 +123,16 @@ pub(crate) fn emulated_gpa(r: Result<vmmu::fault::FaultOutcome, vmmu::fault::Fau
     }
 }
 
+/// Checks that `took` of the `calls` calls of a timed path took the path its row names,
+/// allowing `slack` calls that did not: the untimed warm-up calls right after a switch from
+/// another path (a cycle of gfns settles into its steady state within the per-vCPU cache's size).
+pub(crate) fn all_took(path: &str, took: u64, calls: u64, slack: u64) -> Result<(), BenchError> {
+    if took + slack < calls {
+        return Err(BenchError::Harness(format!("{path}: only {took} of {calls} calls took it")));
+    }
+    Ok(())
+}
+
 /// The next index of a timed loop that cycles through `len` addresses: a compare, not `%`,
 /// whose 64-bit division (tens of cycles on this CPU, and a dependency from one call to the
 /// next) would otherwise be timed with the path.

@@ -162,16 +162,6 @@ fn install_mmio_sptes(v: &mut Vcpu<SimHost>, gpas: &[Gpa]) -> Result<(), BenchEr
     Ok(())
 }
 
-/// Checks that `took` of the `calls` calls of `path` took the path its row names, allowing
-/// `slack` per round: the calls right after a switch from another path, which are untimed warm-up
-/// calls (a cycle of gfns settles into its steady state within the per-vCPU cache's size).
-fn all_took(path: &str, took: u64, calls: u64, slack: u64) -> Result<(), BenchError> {
-    if took + slack < calls {
-        return Err(BenchError::Harness(format!("{path}: only {took} of {calls} calls took it")));
-    }
-    Ok(())
-}
-
 /// Measures the paths: `rounds` rounds, each timing one batch of 1000 calls of every path.
 pub fn measure(rounds: usize) -> Result<MmioNumbers, BenchError> {
     let host = crate::sim_host(1 << 16)?;
@@ -257,7 +247,7 @@ pub fn measure(rounds: usize) -> Result<MmioNumbers, BenchError> {
         (Path::Cache, "per-vCPU cache hit"),
         (Path::SlowOff, "caching off (slow path)"),
     ] {
-        all_took(name, took[path as usize], r.calls(path as usize), slack)?;
+        crate::all_took(name, took[path as usize], r.calls(path as usize), slack)?;
     }
     let s = |p: Path| r.summary(p as usize);
     let ratio = |x: Path, y: Path| r.ratio(x as usize, y as usize);
