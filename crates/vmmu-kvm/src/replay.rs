@@ -261,7 +261,7 @@ impl TraceVm {
 
     /// `KVM_CLEAR_DIRTY_LOG` of pages `[first_page, first_page + num_pages)` of `slot`, with every
     /// bit of the range set (the recorded bitmap is not in the trace); `size`: the slot's size in
-    /// bytes when the trace created it ([`crate::dirty`]'s `clear`).
+    /// bytes when the trace created it (the scenario backend's `dirty::clear`).
     pub fn clear_dirty_log(
         &mut self,
         slot: u32,
