@@ -636,8 +636,15 @@ impl vmmu::host::Sched for SimHost {
 // life (freed pages go to `free_tables` for reuse, never back to the allocator), so a pointer
 // from `table` stays valid until the frame is freed and handed out again; `alloc_table` takes a
 // frame from the free list or a fresh one, initialises every entry before publishing it, and
-// `table` answers `None` for any frame not published as a table.
+// `table` answers `None` for any frame not published as a table. Type-stable: a freed page's
+// memory stays allocated until the host drops and is reused only as a table page, and the only
+// stores this host makes into a table page, `alloc_table`'s initialisation, are `Release`.
 unsafe impl FrameAllocator for SimHost {
+    #[inline(always)]
+    fn type_stable_tables(&self) -> bool {
+        true
+    }
+
     fn alloc_table(&self, init: u64) -> Option<Pfn> {
         let mut st = self.lock_alloc();
         let (pfn, page) = match st.free_tables.pop() {
@@ -661,7 +668,9 @@ unsafe impl FrameAllocator for SimHost {
         // reach it; either way this thread has it alone until it is published below.
         let entries = unsafe { page.0.as_ref() };
         for e in entries.iter() {
-            e.store(init, Ordering::Relaxed);
+            // Release: type-stable table memory (`FrameAllocator`'s `# Safety`): a leaf-table
+            // cache hit that reads this store also sees the MMU's epoch bump before the free.
+            e.store(init, Ordering::Release);
         }
         debug_assert_eq!(entries.len(), ENTRIES_PER_TABLE);
         // Release: the stores of `init` above are visible to whoever finds this entry with the

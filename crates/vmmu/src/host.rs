@@ -33,7 +33,30 @@ pub type TableEntries = [AtomicU64; ENTRIES_PER_TABLE];
 /// - `table` returns `None` (never a dangling pointer) for any other frame number.
 ///
 /// The MMU in turn frees a frame only after nothing can reach it (see [`Self::free_table`]).
+///
+/// An implementation whose [`Self::type_stable_tables`] returns `true` also guarantees:
+/// - *type-stable table memory*: every pointer `table` ever returned stays valid for atomic
+///   reads of its 512 `AtomicU64`s for as long as the allocator lives, also after `free_table`:
+///   a freed frame's memory is kept (reused only as a table page of this allocator, or left as it
+///   is), never unmapped, moved or given back to another allocator while the allocator lives
+///   (Linux's `SLAB_TYPESAFE_BY_RCU` caches make the same promise);
+/// - every store the implementation makes into a table page's entries (the initialisation in
+///   `alloc_table`, poisoning a freed page) is a `Release` store (or a read-modify-write at
+///   least `Release`), so that a reader that sees such a store also sees the MMU's table-epoch
+///   bump that preceded the free (the MMU's own stores into tables are all `Release` or
+///   stronger).
+///
+/// The MMU then answers the fast MMIO path's leaf-table cache hits without a table read section
+/// (the `tdp` walk module: a sequence check of the table epoch around the read instead).
 pub unsafe trait FrameAllocator: Send + Sync {
+    /// Whether this allocator's table memory is type-stable (see the trait's `# Safety`). The
+    /// default, `false`, promises nothing beyond the pointer's validity until `free_table`. Read
+    /// on the fast MMIO path: return a constant, or a field that never changes.
+    #[inline(always)]
+    fn type_stable_tables(&self) -> bool {
+        false
+    }
+
     /// A new table page with every entry set to `init` (the format's non-present value), or
     /// `None` when the host is out of frames (the fault then fails with an out-of-memory error).
     fn alloc_table(&self, init: u64) -> Option<Pfn>;

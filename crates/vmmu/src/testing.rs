@@ -49,6 +49,8 @@ pub struct TestHost {
     zero_page_reads: AtomicBool,
     /// Host pages (hva >> 12) written through a write translation.
     written: Mutex<alloc::collections::BTreeSet<u64>>,
+    /// [`FrameAllocator::type_stable_tables`]: see [`TestHost::new_type_stable`].
+    type_stable: bool,
 }
 
 impl TestHost {
@@ -71,7 +73,18 @@ impl TestHost {
             relaxes: AtomicU64::new(0),
             zero_page_reads: AtomicBool::new(false),
             written: Mutex::new(alloc::collections::BTreeSet::new()),
+            type_stable: false,
         }
+    }
+
+    /// [`TestHost::new`] that declares its table memory type-stable
+    /// ([`FrameAllocator::type_stable_tables`]; true of every test host: the frames are a boxed
+    /// slice kept for the host's life, and its stores into them are `Release`). The fast MMIO
+    /// path then reads the vCPU's leaf-table cache without a table read section, as with the
+    /// software machine's host, and such reads are not checked against freed frames (they may
+    /// read one, and discard what they read). The default host keeps the section and the check.
+    pub fn new_type_stable(nr_tables: usize) -> Self {
+        TestHost { type_stable: true, ..Self::new(nr_tables) }
     }
 
     /// With `on`, a read translation of a page no write translation reached yet is not
@@ -132,15 +145,22 @@ impl TestHost {
 // SAFETY: frames are slots of a boxed slice that lives as long as the host and never moves;
 // `alloc_table` pops a slot from the free list (only freed slots are on it) and initialises it;
 // `table` returns `None` for numbers outside the slice; a freed slot stays mapped (poisoned), so
-// even a use after free reads valid atomics, and is counted.
+// even a use after free reads valid atomics, and is counted. Type-stable whatever
+// `type_stable` says: the slice is never given back while the host lives, and the
+// initialisation and the poison are `Release` stores.
 unsafe impl FrameAllocator for TestHost {
+    fn type_stable_tables(&self) -> bool {
+        self.type_stable
+    }
+
     fn alloc_table(&self, init: u64) -> Option<Pfn> {
         if self.fail_alloc.load(Ordering::Relaxed) {
             return None;
         }
         let i = self.free.lock().pop()? as usize;
         for e in self.tables[i].iter() {
-            e.store(init, Ordering::Relaxed);
+            // Release: type-stable table memory (`FrameAllocator`'s `# Safety`).
+            e.store(init, Ordering::Release);
         }
         self.live[i].store(true, Ordering::Release);
         self.allocated.fetch_add(1, Ordering::Relaxed);
@@ -155,7 +175,8 @@ unsafe impl FrameAllocator for TestHost {
         let was = self.live[i].swap(false, Ordering::AcqRel);
         assert!(was, "double free of table frame {pfn:?}");
         for e in self.tables[i].iter() {
-            e.store(POISON, Ordering::Relaxed);
+            // Release: as in `alloc_table`.
+            e.store(POISON, Ordering::Release);
         }
         self.freed.fetch_add(1, Ordering::Relaxed);
         self.free.lock().push(i as u32);

@@ -314,6 +314,111 @@ fn leaf_cache_vs_zap_catches_leaf_cache_ignores_epoch() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// (c3) The same hit on a type-stable host (`FrameAllocator::type_stable_tables`), which takes
+// no table read section: a sequence check of the table epoch around the entry read instead
+// (`tdp/walk.rs`, "Type-stable hosts"). The zap unlinks and frees the cached table (its grace
+// period does not wait for the hit), and a second vCPU's fault in the next 2 MiB reuses the
+// frame for a new level-1 table holding an MMIO SPTE at the index the hit reads.
+//
+// Property: the racing fault ends as Emulate or Retry, and it fills the vCPU's MMIO cache for
+// its own gfn only. Afterwards the vCPU's first access of the other 2 MiB's gfn must not be a
+// per-vCPU cache hit: that vCPU never faulted there, so such a hit is a decision read from the
+// reused frame, a table of another 2 MiB (a wrong translation). Caught: the hit without its
+// second epoch load (`vmmu::tdp::loom_knobs::SKIP_EPOCH_RECHECK`), and `leaf-cache-ignores-epoch`.
+// ---------------------------------------------------------------------------------------------
+
+/// The gfn the type-stable hit races for, and the gfn at the same index of the next 2 MiB.
+const STABLE_TARGET: u64 = X + vmmu::vcpu::mmio_cache::ENTRIES as u64;
+const STABLE_REUSER: u64 = STABLE_TARGET + 512;
+
+fn type_stable_hit_vs_zap_and_reuse(bugs: BugSet) {
+    model(move || {
+        let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+        cfg.max_vcpus = 2;
+        cfg.nr_address_spaces = 1;
+        cfg.bugs = bugs;
+        let host = Arc::new(TestHost::new_type_stable(8));
+        let vm = Vm::new(cfg, host.clone()).unwrap();
+        let mut v = vcpu(&vm);
+        let mut other = vcpu(&vm);
+        for g in X..=STABLE_TARGET {
+            // As in `misconfig_vs_zap`: MMIO SPTEs for X and its neighbours, one more than the
+            // per-vCPU cache holds.
+            let o = v.handle_ept_violation(gpa(g), FaultAccess::READ).unwrap();
+            assert!(matches!(o, FaultOutcome::Emulate { .. }), "setup: {o:?}");
+        }
+        // X's fast path keeps the level-1 table in the leaf-table cache; the target's entry of
+        // the per-vCPU cache goes back to X, so the target's fault below needs the hit.
+        let o = v.handle_ept_misconfig(gpa(X)).unwrap();
+        assert!(
+            matches!(o, FaultOutcome::Emulate { source: EmulateSource::MmioSpteHit, .. }),
+            "setup: {o:?}"
+        );
+        let t = thread::spawn(move || {
+            let o = v.handle_ept_misconfig(gpa(STABLE_TARGET));
+            (v, o)
+        });
+        let base = X & !511;
+        vm.zap_gfn_range_for_tests(AsId(0), Gfn(base), Gfn(base + 512));
+        vm.reclaim();
+        // The freed frame is the next one the host hands out: the reuser's level-1 table.
+        let o = other.handle_ept_violation(gpa(STABLE_REUSER), FaultAccess::READ).unwrap();
+        assert!(matches!(o, FaultOutcome::Emulate { .. }), "reuser: {o:?}");
+        let (mut v, o) = t.join().unwrap();
+        assert!(
+            matches!(o, Ok(FaultOutcome::Emulate { .. } | FaultOutcome::Retry(_))),
+            "VIOLATION: a type-stable hit racing a zap ended as {o:?}"
+        );
+        let o = v.handle_ept_misconfig(gpa(STABLE_REUSER));
+        assert!(
+            !matches!(o, Ok(FaultOutcome::Emulate { source: EmulateSource::VcpuCacheHit, .. })),
+            "VIOLATION: gfn {STABLE_REUSER:#x} answered from a cache entry the fault on \
+             {STABLE_TARGET:#x} made from the reused frame ({o:?})"
+        );
+    });
+}
+
+#[test]
+fn type_stable_hit_vs_zap_and_reuse_holds() {
+    let _k = KNOB.lock().unwrap_or_else(|e| e.into_inner());
+    type_stable_hit_vs_zap_and_reuse(BugSet::NONE);
+}
+
+/// The knob is process-wide and changes only type-stable hosts: the tests of this model hold
+/// this lock, so none runs while another has it on.
+static KNOB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Whether the model finds a violation with `knob` on.
+fn type_stable_violation_with(knob: &std::sync::atomic::AtomicBool) -> bool {
+    use std::sync::atomic::Ordering as StdOrdering;
+    let _k = KNOB.lock().unwrap_or_else(|e| e.into_inner());
+    knob.store(true, StdOrdering::Relaxed);
+    let caught = catch_unwind(|| violation(type_stable_hit_vs_zap_and_reuse, BugSet::NONE));
+    knob.store(false, StdOrdering::Relaxed);
+    caught.unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+#[test]
+fn type_stable_hit_vs_zap_and_reuse_fails_without_the_epoch_recheck() {
+    let caught = type_stable_violation_with(&vmmu::tdp::loom_knobs::SKIP_EPOCH_RECHECK);
+    assert!(caught, "the model passes without the second epoch load");
+}
+
+#[test]
+fn type_stable_hit_vs_zap_and_reuse_fails_with_a_relaxed_entry_load() {
+    let caught = type_stable_violation_with(&vmmu::tdp::loom_knobs::RELAXED_ENTRY_LOAD);
+    assert!(caught, "the model passes with a Relaxed entry load");
+}
+
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn type_stable_hit_vs_zap_and_reuse_catches_leaf_cache_ignores_epoch() {
+    let _k = KNOB.lock().unwrap_or_else(|e| e.into_inner());
+    let b = BugSet::only(vmmu::bugs::Bug::LeafCacheIgnoresEpoch);
+    assert!(violation(type_stable_hit_vs_zap_and_reuse, b), "missed leaf-cache-ignores-epoch");
+}
+
+// ---------------------------------------------------------------------------------------------
 // (d) A fault on a root that `zap_all_fast` obsoletes (2021, a955cad84cda "Retry page fault if
 // root is invalidated by memslot update"), and on a root without a page (18c841e1f411 "Retry
 // page fault if MMU reload is pending and root has no sp").

@@ -29,6 +29,19 @@ pub mod root;
 mod walk;
 mod zap;
 
+/// Switches for loom models that must fail when a step of a lock-free argument is removed.
+#[cfg(loom)]
+pub mod loom_knobs {
+    /// Skips the second table-epoch load of a type-stable leaf-table cache hit (`walk.rs`): the
+    /// hit then answers from a table that may have been freed and reused since the first load.
+    pub static SKIP_EPOCH_RECHECK: core::sync::atomic::AtomicBool =
+        core::sync::atomic::AtomicBool::new(false);
+    /// Makes that hit's entry load `Relaxed` (it is `Acquire`): the second epoch load may then
+    /// miss the bump that preceded the free of a frame whose reuse the entry load saw.
+    pub static RELAXED_ENTRY_LOAD: core::sync::atomic::AtomicBool =
+        core::sync::atomic::AtomicBool::new(false);
+}
+
 pub use crate::invalidate::Invalidation;
 pub use crate::spte::SpteDump;
 pub use map::{LeafSpec, MapOutcome};

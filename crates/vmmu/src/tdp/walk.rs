@@ -28,6 +28,30 @@
 //! - an entry read through a hit races with a concurrent unlink exactly as an entry read by a
 //!   whole walk does: the fault linearises before the change.
 //!
+//! # Type-stable hosts: the hit without a read section
+//! A host whose table memory is type-stable ([`FrameAllocator::type_stable_tables`]: a freed
+//! frame stays readable as a table page for the host's life, and the host's own stores into
+//! table pages are `Release`) lets the fast path answer a hit with no table read section
+//! ([`TdpMmu::walk_mmio_fast`]), as a seqlock reader: load the epoch (Acquire), find the cache
+//! entry filled at that epoch, load the entry (Acquire), load the epoch again, and answer only if
+//! it is unchanged. Why that is right although no grace period waits for it:
+//! - *the memory is there*: the pointer came from `table` at the fill, and type-stable memory
+//!   stays valid for atomic reads while the host lives (the MMU holds the host);
+//! - *what it read is the table's*: a frame is freed only after the bump of its `defer_free`,
+//!   and every store into a table page after its free (the host's initialisation or poison, the
+//!   MMU's SPTE stores and compare-and-swaps into the reused page) is `Release` and happens after
+//!   that bump. If the entry load reads such a store, its Acquire makes the bump happen before
+//!   the second epoch load, which therefore differs, and the hit is dropped. If it reads an older
+//!   store, it read the table as it was while linked (or unlinked but before the bump), which
+//!   is the race with a concurrent zap that the section-based hit has too;
+//! - everything else is as above: a match of the first load with the fill's epoch means no
+//!   unlink since the fill.
+//!
+//! When the check fails (or the entry is not an MMIO SPTE, or nothing is cached) the fast path
+//! opens a section and does the section-based lookup and walk. `tests/loom_mmu.rs` races such
+//! a hit against a zap that frees the cached table and a fault that reuses its frame, and shows
+//! the model failing without the second epoch load and with a `Relaxed` entry load.
+//!
 //! Only MMIO SPTEs are answered from a hit; anything else found there walks again from the root,
 //! so errors (with their full dumps), retries and re-injected bugs behave as without the cache.
 //! There is nothing to clear on a root change: the root is part of the key, and a freed root's
@@ -37,6 +61,7 @@ use super::TdpMmu;
 use crate::bugs::{Bug, BugSet};
 use crate::host::{FrameAllocator, Host, TableEntries};
 use crate::spte::{HwEntry, RsvdReason, SpteDump, SpteFormat};
+use crate::srcu::ReaderId;
 use crate::sync::Ordering;
 use crate::types::{Access, Gfn, Level, Pfn};
 use core::ptr::NonNull;
@@ -113,8 +138,10 @@ struct LeafTable {
     /// The table's entries, as the host's frame table gave them at the fill (valid until the
     /// host frees the frame, which the epoch check rules out: module doc).
     table: NonNull<TableEntries>,
-    /// Its frame: debug and loom builds ask the host on every hit whether it is still a live
-    /// table (the test host counts a lookup of a freed frame as a use after free).
+    /// Its frame: debug and loom builds ask the host on every hit inside a table read section
+    /// whether it is still a live table (the test host counts a lookup of a freed frame as a use
+    /// after free). A type-stable hit, outside a section, does not ask: it may read a freed
+    /// frame, and its epoch recheck discards what it read there.
     #[cfg(any(debug_assertions, loom))]
     pfn: Pfn,
     epoch: u64,
@@ -126,9 +153,11 @@ struct LeafTable {
 unsafe impl Send for LeafTableCache {}
 
 impl LeafTableCache {
-    /// The cached table of `gfn`'s 2 MiB under `root`, if it was filled at `epoch`.
+    /// The cached table of `gfn`'s 2 MiB under `root`, if it was filled at `epoch`. With
+    /// `CHECK_LIVE`, debug and loom builds ask the host whether the frame is still a live table
+    /// (only a caller inside a table read section may: see [`LeafTable::pfn`]).
     #[inline]
-    fn lookup(
+    fn lookup<const CHECK_LIVE: bool>(
         &self,
         root: Pfn,
         gfn: Gfn,
@@ -138,13 +167,13 @@ impl LeafTableCache {
     ) -> Option<NonNull<TableEntries>> {
         let region = gfn.raw() >> 9;
         let [a, b] = self.sets[set_of(region)].0;
-        Self::valid(a, root, region, epoch, bugs, host)
-            .or_else(|| Self::valid(b, root, region, epoch, bugs, host))
+        Self::valid::<CHECK_LIVE>(a, root, region, epoch, bugs, host)
+            .or_else(|| Self::valid::<CHECK_LIVE>(b, root, region, epoch, bugs, host))
     }
 
     /// `e`'s table if `e` holds `region` under `root` at `epoch`.
     #[inline]
-    fn valid(
+    fn valid<const CHECK_LIVE: bool>(
         e: Option<LeafTable>,
         root: Pfn,
         region: u64,
@@ -160,7 +189,9 @@ impl LeafTableCache {
                     && (e.epoch == epoch || bugs.has(Bug::LeafCacheIgnoresEpoch)) =>
             {
                 #[cfg(any(debug_assertions, loom))]
-                let _ = host.table(e.pfn);
+                if CHECK_LIVE {
+                    let _ = host.table(e.pfn);
+                }
                 Some(e.table)
             }
             _ => None,
@@ -181,6 +212,72 @@ impl LeafTableCache {
 }
 
 impl<H: Host> TdpMmu<H> {
+    /// The fast MMIO path's walk for `gfn` under the vCPU's root (both MMUs; under shadow paging
+    /// `gfn` is the GVA's page number): with a type-stable host
+    /// ([`FrameAllocator::type_stable_tables`]), first a leaf-table cache hit with no read
+    /// section ([`Self::mmio_spte_type_stable`]); otherwise, or when that does not answer,
+    /// [`Self::walk_lockless_cached`] inside a table read section of `reader` (the vCPU's).
+    #[inline(always)]
+    pub(crate) fn walk_mmio_fast(
+        &self,
+        cache: &mut LeafTableCache,
+        reader: &ReaderId,
+        root_pfn: Pfn,
+        root_level: Level,
+        gfn: Gfn,
+    ) -> CachedWalk {
+        if self.host.type_stable_tables() {
+            if let Some(spte) = self.mmio_spte_type_stable(cache, root_pfn, gfn) {
+                return CachedWalk::Mmio(spte);
+            }
+        }
+        let _section = self.table_srcu.read_lock(reader);
+        self.walk_lockless_cached(cache, root_pfn, root_level, gfn)
+    }
+
+    /// A leaf-table cache hit without a table read section, for a type-stable host: the MMIO
+    /// SPTE for `gfn` in its cached level-1 table, if the table epoch is the cache entry's both
+    /// before and after the entry is read (module doc, "Type-stable hosts"). `None`: no entry,
+    /// not an MMIO SPTE, or the epoch moved; the caller walks inside a section.
+    #[inline(always)]
+    fn mmio_spte_type_stable(
+        &self,
+        cache: &LeafTableCache,
+        root_pfn: Pfn,
+        gfn: Gfn,
+    ) -> Option<u64> {
+        // Acquire: as in `walk_lockless_cached`.
+        let epoch = self.table_epoch.load(Ordering::Acquire);
+        let table = cache.lookup::<false>(root_pfn, gfn, epoch, self.cfg.bugs, &*self.host)?;
+        // SAFETY: the host's table memory is type-stable (`FrameAllocator::type_stable_tables`): the pointer,
+        // which `table` returned for a live frame at the fill, stays valid for atomic reads while
+        // the host lives, and `self` holds the host. Whether the table was still the one the
+        // cache entry names when it was read is the epoch check below.
+        let entries = unsafe { table.as_ref() };
+        // Acquire: if this reads a store made after a free (the host's reinitialisation or
+        // poison, or the MMU's stores into the reused page: all `Release`), the epoch bump that
+        // preceded the free happens before the load below, which then cannot return `epoch`.
+        #[cfg(not(loom))]
+        let order = Ordering::Acquire;
+        #[cfg(loom)]
+        let order = match super::loom_knobs::RELAXED_ENTRY_LOAD
+            .load(core::sync::atomic::Ordering::Relaxed)
+        {
+            true => Ordering::Relaxed,
+            false => Ordering::Acquire,
+        };
+        let spte = entries[Level::L4K.index(gfn)].load(order);
+        #[cfg(loom)]
+        if super::loom_knobs::SKIP_EPOCH_RECHECK.load(core::sync::atomic::Ordering::Relaxed) {
+            return self.cfg.codec.is_mmio(spte).then_some(spte);
+        }
+        // Relaxed: ordered after the entry load by its Acquire.
+        if self.table_epoch.load(Ordering::Relaxed) != epoch {
+            return None;
+        }
+        self.cfg.codec.is_mmio(spte).then_some(spte)
+    }
+
     /// The lockless walk through the vCPU's leaf-table cache: an MMIO SPTE in the cached level-1
     /// table is the answer ([`CachedWalk::Mmio`], no dump built); anything else is a whole
     /// [`Self::walk_lockless`], which refills the cache. Same contract as `walk_lockless`.
@@ -195,7 +292,8 @@ impl<H: Host> TdpMmu<H> {
         // Acquire: pairs with the Release bump after an unlink (module doc: the fill walks after
         // any unlink whose bump it saw).
         let epoch = self.table_epoch.load(Ordering::Acquire);
-        if let Some(table) = cache.lookup(root_pfn, gfn, epoch, self.cfg.bugs, &*self.host) {
+        if let Some(table) = cache.lookup::<true>(root_pfn, gfn, epoch, self.cfg.bugs, &*self.host)
+        {
             if let Some(spte) = self.cached_mmio_spte(table, gfn) {
                 return CachedWalk::Mmio(spte);
             }
@@ -447,7 +545,7 @@ mod tests {
             cache.fill(entry(root, r, t));
         }
         for (&r, &(_, t)) in regions.iter().zip(&tables) {
-            let hit = cache.lookup(root, gfn_in(r), 7, BugSet::NONE, &host);
+            let hit = cache.lookup::<true>(root, gfn_in(r), 7, BugSet::NONE, &host);
             assert_eq!(hit, Some(t), "region {r:#x} of {regions:x?}");
         }
     }
@@ -475,7 +573,7 @@ mod tests {
         let tables: Vec<_> = regions.iter().map(|_| table(&host, 0)).collect();
         for round in 0..3 {
             for (&r, &t) in regions.iter().zip(&tables) {
-                let hit = cache.lookup(root, gfn_in(r), 7, BugSet::NONE, &host);
+                let hit = cache.lookup::<true>(root, gfn_in(r), 7, BugSet::NONE, &host);
                 assert_eq!(hit, None, "round {round}, region {r:#x}");
                 cache.fill(entry(root, r, t));
             }
@@ -493,13 +591,13 @@ mod tests {
         for i in 0..3 {
             cache.fill(entry(root, same[i], t[i]));
         }
-        let look = |r: u64| cache.lookup(root, gfn_in(r), 7, BugSet::NONE, &host);
+        let look = |r: u64| cache.lookup::<true>(root, gfn_in(r), 7, BugSet::NONE, &host);
         assert_eq!(look(same[0]), None, "the oldest table is dropped");
         assert_eq!(look(same[1]), Some(t[1].1));
         assert_eq!(look(same[2]), Some(t[2].1));
         // Refilling a held region replaces it in place: the other table stays.
         cache.fill(entry(root, same[1], t[0]));
-        let look = |r: u64| cache.lookup(root, gfn_in(r), 7, BugSet::NONE, &host);
+        let look = |r: u64| cache.lookup::<true>(root, gfn_in(r), 7, BugSet::NONE, &host);
         assert_eq!(look(same[1]), Some(t[0].1));
         assert_eq!(look(same[2]), Some(t[2].1));
     }
@@ -511,10 +609,13 @@ mod tests {
         let t = table(&host, 0);
         let mut cache = LeafTableCache::default();
         cache.fill(entry(root, 0x680, t));
-        assert_eq!(cache.lookup(root, gfn_in(0x680), 7, BugSet::NONE, &host), Some(t.1));
-        assert_eq!(cache.lookup(root, gfn_in(0x681), 7, BugSet::NONE, &host), None);
-        assert_eq!(cache.lookup(Pfn(root.raw() - 1), gfn_in(0x680), 7, BugSet::NONE, &host), None);
-        assert_eq!(cache.lookup(root, gfn_in(0x680), 8, BugSet::NONE, &host), None);
+        assert_eq!(cache.lookup::<true>(root, gfn_in(0x680), 7, BugSet::NONE, &host), Some(t.1));
+        assert_eq!(cache.lookup::<true>(root, gfn_in(0x681), 7, BugSet::NONE, &host), None);
+        assert_eq!(
+            cache.lookup::<true>(Pfn(root.raw() - 1), gfn_in(0x680), 7, BugSet::NONE, &host),
+            None
+        );
+        assert_eq!(cache.lookup::<true>(root, gfn_in(0x680), 8, BugSet::NONE, &host), None);
         assert_eq!(host.use_after_free(), 0);
     }
 

@@ -4,7 +4,8 @@
 //!
 //! Everything here runs on the vCPU's thread, outside guest mode. The fast path (per-vCPU cache,
 //! then the lockless walk) reads the published generation and enters only the table read
-//! section; the slow path runs inside one memslot read section.
+//! section, and not even that for a leaf-table cache hit on a type-stable host (`tdp` walk
+//! module); the slow path runs inside one memslot read section.
 //!
 //! Hot-path contract: the per-vCPU cache hit, the MMIO SPTE fast path and the uncached slow
 //! path's "no slot" decision take no lock (the one lock of the fault path, `mmu_lock`, is taken
@@ -202,10 +203,8 @@ impl VcpuMmu {
             Some(r) => (r.pfn(), r.level()),
             None => return Ok(FastOutcome::Done(retry(stats, RetryCause::NoRoot))),
         };
-        let walk = {
-            let _t = vm.mmu.table_srcu.read_lock(&readers.table);
-            vm.mmu.walk_lockless_cached(&mut self.leaf_tables, root_pfn, root_level, gfn)
-        };
+        let walk =
+            vm.mmu.walk_mmio_fast(&mut self.leaf_tables, &readers.table, root_pfn, root_level, gfn);
         let leaf = match walk {
             CachedWalk::Mmio(leaf) => leaf,
             CachedWalk::Walked(w) => return Self::not_mmio(stats, bugs, gpa, w),

@@ -390,10 +390,8 @@ impl<H: Host + GuestMemory> Vcpu<H> {
                 return Ok(Some(super::fault_path::cache_hit(stats, gpa, access)));
             }
         }
-        let walk = {
-            let _t = vm.mmu.table_srcu.read_lock(&readers.table);
-            vm.mmu.walk_lockless_cached(&mut st.leaf_tables, pfn, level, Gfn(gva.raw() >> 12))
-        };
+        let page = Gfn(gva.raw() >> 12);
+        let walk = vm.mmu.walk_mmio_fast(&mut st.leaf_tables, &readers.table, pfn, level, page);
         let leaf = match walk {
             CachedWalk::Mmio(leaf) => leaf,
             CachedWalk::Walked(w) => {
