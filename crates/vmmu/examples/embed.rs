@@ -62,11 +62,20 @@ impl Host {
 // SAFETY: pool pages live in a boxed slice that lives as long as the host and never moves; a
 // page is handed out only from the free list (so never twice while live) and initialised before
 // `alloc_table` returns; `table` answers `None` for numbers outside the pool or not live.
+// Type-stable: a freed page stays in the pool, is reused only as a table page, and the only
+// stores this host makes into pages (the initialisation) are `Release`.
 unsafe impl FrameAllocator for Host {
+    fn type_stable_tables(&self) -> bool {
+        // A fixed pool of table pages, as a bare-metal hypervisor keeps: the fast MMIO path's
+        // leaf-table cache hit then needs no read section.
+        true
+    }
+
     fn alloc_table(&self, init: u64) -> Option<Pfn> {
         let i = self.free.lock().ok()?.pop()?;
         for e in self.pool[i].iter() {
-            e.store(init, Ordering::Relaxed);
+            // Release: type-stable table memory (`FrameAllocator`'s `# Safety`).
+            e.store(init, Ordering::Release);
         }
         // Release: the initialised entries are visible to whoever sees the page live.
         self.live[i].store(true, Ordering::Release);
@@ -84,6 +93,9 @@ unsafe impl FrameAllocator for Host {
     fn table(&self, pfn: Pfn) -> Option<NonNull<TableEntries>> {
         let i = usize::try_from(pfn.raw().checked_sub(POOL_BASE_PFN)?).ok()?;
         let page = self.pool.get(i)?;
+        if !self.live.get(i)?.load(Ordering::Acquire) {
+            return None;
+        }
         debug_assert_eq!(page.len(), ENTRIES_PER_TABLE);
         Some(NonNull::from(page))
     }
