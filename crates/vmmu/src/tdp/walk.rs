@@ -249,10 +249,10 @@ impl<H: Host> TdpMmu<H> {
         // Acquire: as in `walk_lockless_cached`.
         let epoch = self.table_epoch.load(Ordering::Acquire);
         let table = cache.lookup::<false>(root_pfn, gfn, epoch, self.cfg.bugs, &*self.host)?;
-        // SAFETY: the host's table memory is type-stable (`FrameAllocator::type_stable_tables`): the pointer,
-        // which `table` returned for a live frame at the fill, stays valid for atomic reads while
-        // the host lives, and `self` holds the host. Whether the table was still the one the
-        // cache entry names when it was read is the epoch check below.
+        // SAFETY: the host's table memory is type-stable (`FrameAllocator::type_stable_tables`):
+        // the pointer, which `table` returned for a live frame at the fill, stays valid for
+        // atomic reads while the host lives, and `self` holds the host. Whether the table was
+        // still the one the cache entry names when it was read is the epoch check below.
         let entries = unsafe { table.as_ref() };
         // Acquire: if this reads a store made after a free (the host's reinitialisation or
         // poison, or the MMU's stores into the reused page: all `Release`), the epoch bump that
