@@ -324,8 +324,7 @@ impl<H: Host> TdpMmu<H> {
         gfn: Gfn,
         epoch: u64,
     ) -> CachedWalk {
-        let (walk, leaf_table) = self.walk_lockless(root_pfn, root_level, gfn);
-        if let Some((_pfn, table)) = leaf_table {
+        let fill = |cache: &mut LeafTableCache, (_pfn, table): (Pfn, NonNull<TableEntries>)| {
             cache.fill(LeafTable {
                 root: root_pfn,
                 region: gfn.raw() >> 9,
@@ -333,13 +332,56 @@ impl<H: Host> TdpMmu<H> {
                 #[cfg(any(debug_assertions, loom))]
                 pfn: _pfn,
                 epoch,
-            });
+            })
+        };
+        if let Some((spte, leaf_table)) = self.walk_lockless_to_mmio(root_pfn, root_level, gfn) {
+            if let Some(t) = leaf_table {
+                fill(cache, t);
+            }
+            return CachedWalk::Mmio(spte);
+        }
+        let (walk, leaf_table) = self.walk_lockless(root_pfn, root_level, gfn);
+        if let Some(t) = leaf_table {
+            fill(cache, t);
         }
         match walk {
             LocklessWalk::Leaf { leaf, .. } if self.cfg.codec.is_mmio(leaf) => {
                 CachedWalk::Mmio(leaf)
             }
             w => CachedWalk::Walked(w),
+        }
+    }
+
+    /// [`Self::walk_lockless`] for the fast path's common end, an MMIO SPTE, without building the
+    /// dump: that SPTE and the level-1 table it is in (if it is at level 1). `None` for any
+    /// other end (not present, reserved bits, a present leaf, an unknown frame): the caller walks
+    /// again with [`Self::walk_lockless`], which builds the dump and classifies. Same contract.
+    #[inline]
+    fn walk_lockless_to_mmio(
+        &self,
+        root_pfn: Pfn,
+        root_level: Level,
+        gfn: Gfn,
+    ) -> Option<(u64, Option<(Pfn, NonNull<TableEntries>)>)> {
+        let fmt = self.cfg.format;
+        let mut pfn = root_pfn;
+        let mut level = root_level;
+        loop {
+            // SAFETY: as in `walk_lockless`.
+            let table = unsafe { self.table(pfn) }?;
+            let spte = table[level.index(gfn)].load(Ordering::Acquire);
+            if !SpteFormat::is_mmu_present(spte) {
+                if !self.cfg.codec.is_mmio(spte) {
+                    return None;
+                }
+                let leaf_table = (level == Level::L4K).then(|| (pfn, NonNull::from(table)));
+                return Some((spte, leaf_table));
+            }
+            if fmt.has_reserved_bits(spte, level).is_some() || fmt.is_leaf(spte, level) {
+                return None;
+            }
+            level = level.lower()?;
+            pfn = fmt.pfn(spte);
         }
     }
 
