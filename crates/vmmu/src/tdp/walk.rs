@@ -117,6 +117,9 @@ const fn set_of(region: u64) -> usize {
     crate::hash::bucket(region, SETS)
 }
 
+/// A level-1 table a walk read its last entry from: its frame and its entries.
+type LeafTableRef = (Pfn, NonNull<TableEntries>);
+
 /// A vCPU's level-1 tables of its lockless walks (see the module doc), two-way set-associative by
 /// 2 MiB region. Owned by the vCPU.
 #[derive(Clone, Copy, Debug, Default)]
@@ -324,7 +327,7 @@ impl<H: Host> TdpMmu<H> {
         gfn: Gfn,
         epoch: u64,
     ) -> CachedWalk {
-        let fill = |cache: &mut LeafTableCache, (_pfn, table): (Pfn, NonNull<TableEntries>)| {
+        let fill = |cache: &mut LeafTableCache, (_pfn, table): LeafTableRef| {
             cache.fill(LeafTable {
                 root: root_pfn,
                 region: gfn.raw() >> 9,
@@ -362,7 +365,7 @@ impl<H: Host> TdpMmu<H> {
         root_pfn: Pfn,
         root_level: Level,
         gfn: Gfn,
-    ) -> Option<(u64, Option<(Pfn, NonNull<TableEntries>)>)> {
+    ) -> Option<(u64, Option<LeafTableRef>)> {
         let fmt = self.cfg.format;
         let mut pfn = root_pfn;
         let mut level = root_level;
@@ -396,7 +399,7 @@ impl<H: Host> TdpMmu<H> {
         root_pfn: Pfn,
         root_level: Level,
         gfn: Gfn,
-    ) -> (LocklessWalk, Option<(Pfn, NonNull<TableEntries>)>) {
+    ) -> (LocklessWalk, Option<LeafTableRef>) {
         let fmt = self.cfg.format;
         let mut dump = SpteDump::default();
         let mut pfn = root_pfn;
