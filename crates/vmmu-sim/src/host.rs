@@ -34,8 +34,11 @@ use vmmu::types::{Hva, Level, Pfn, PAGE_SIZE};
 pub const SIZE_2M: u64 = 2 << 20;
 const PAGES_PER_2M: u64 = SIZE_2M / PAGE_SIZE;
 
-/// The most frames a host tracks: 2^24 frames, 64 GiB of RAM and tables (a 128 MiB table).
-pub const MAX_FRAME_TABLE: u64 = 1 << 24;
+/// The most frames a host tracks: 2^28 frames, 1 TiB of RAM and tables (a 2 GiB table at that
+/// size). A host's table is as large as its configured capacity, and only the entries of frames
+/// handed out are written, so a host costs what it uses: a replay of a 70 GiB VM's boot fills
+/// about 18 million entries (147 MB).
+pub const MAX_FRAME_TABLE: u64 = 1 << 28;
 
 /// Kind tags in the low bits of a frame-table entry (host pointers are page aligned).
 const KIND_RAM: usize = 1;

@@ -38,7 +38,7 @@ const TABLES_SLOT: u32 = 32760;
 /// Frames the scenario host may hand out (RAM and tables): 2^24 frames = 64 GiB of frame numbers,
 /// as much as a scenario's guest-physical space. Only what a scenario touches costs memory: the
 /// frame table and the buffers are zeroed pages the OS hands out on first use.
-const MAX_FRAMES: u64 = crate::host::MAX_FRAME_TABLE;
+const MAX_FRAMES: u64 = 1 << 24;
 
 /// The software machine backend. The MMU configuration comes from the scenario's `vm` line
 /// (after command-line overrides).

@@ -131,6 +131,8 @@ impl TraceMemory {
 mod tests {
     use super::*;
     use crate::replay::parse::{Event, SlotEvent};
+    use vmmu::host::HostMemory;
+    use vmmu::types::Hva;
 
     fn slot(gpa: u64, size: u64, uaddr: u64) -> Event {
         Event {
@@ -173,5 +175,27 @@ mod tests {
         let rom = m.hva(0x7f10_0000_0000).expect("rom");
         assert_eq!(m.hva(0x7f10_0002_0000), Some(rom + 0x2_0000));
         assert_eq!(m.hva(0x7f10_0004_0000), None);
+    }
+
+    #[test]
+    fn a_vm_with_more_than_64_gib_of_ram_gets_its_memory() {
+        // QEMU pc-i440fx `-m 70G`, as recorded: one RAM block, 3 GiB below the PCI hole and
+        // 67 GiB from 4 GiB up (adjacent `uaddr` ranges, two unions), 70 GiB of backing memory.
+        let ram = 0x7f87_dfe0_0000;
+        let t = trace(vec![
+            slot(0, 0xc000_0000, ram),
+            slot(0x1_0000_0000, 0x10_c000_0000, ram + 0xc000_0000),
+            slot(0xfffc_0000, 0x4_0000, 0x7f99_6500_0000),
+        ]);
+        let m = TraceMemory::new(&t, 46).expect("a 70 GiB VM's memory");
+        assert_eq!(m.buffers(), 3);
+        let base = m.hva(ram + 0xc000_0000).expect("high RAM");
+        let top = base + 0x10_c000_0000 - PAGE_SIZE;
+        assert_eq!(m.hva(ram + 0x11_8000_0000 - PAGE_SIZE), Some(top));
+        let low = m.hva(ram).expect("low RAM");
+        for hva in [low, base, top, m.hva(0x7f99_6500_0000).expect("rom")] {
+            let page = m.host().translate(Hva(hva), true).expect("backed");
+            assert!(m.host().ram_page(page.pfn).is_some(), "{hva:#x} has a frame");
+        }
     }
 }
