@@ -110,8 +110,7 @@ fn warnings(trace: &Trace) -> Vec<String> {
 }
 
 /// Replays one parsed trace everywhere.
-fn replay_trace(args: &ReplayArgs, file: &str, trace: &Trace) -> (TraceReport, Vec<String>) {
-    let mut errors = Vec::new();
+fn replay_trace(args: &ReplayArgs, file: &str, trace: &Trace) -> TraceReport {
     let mut events = BTreeMap::new();
     for op in ["slot", "mmio", "get-dirty-log", "clear-dirty-log", "kvm"] {
         events.insert(op.to_string(), trace.count(op));
@@ -130,13 +129,14 @@ fn replay_trace(args: &ReplayArgs, file: &str, trace: &Trace) -> (TraceReport, V
     for cfg in configs(args) {
         match replay::replay(trace, &cfg) {
             Ok(r) => report.runs.push(r),
-            Err(e) => errors.push(format!("{file}: sim-{}: cannot replay: {e}", cfg.name())),
+            Err(e) => report.run_errors.push(format!("sim-{}: cannot replay: {e}", cfg.name())),
         }
     }
     report.kvm = if args.no_kvm { replay_kvm::skipped("--no-kvm") } else { replay_kvm::run(trace) };
-    report.passed =
-        errors.is_empty() && report.runs.iter().all(|r| r.passed()) && report.kvm.passed();
-    (report, errors)
+    report.passed = report.run_errors.is_empty()
+        && report.runs.iter().all(|r| r.passed())
+        && report.kvm.passed();
+    report
 }
 
 /// Runs the command; returns the process exit status.
@@ -179,9 +179,9 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
                 continue;
             }
         };
-        let (report, errors) = replay_trace(args, &file, &trace);
-        for e in &errors {
-            eprintln!("vmmu replay: {e}");
+        let report = replay_trace(args, &file, &trace);
+        for e in &report.run_errors {
+            eprintln!("vmmu replay: {file}: {e}");
         }
         failed |= !report.passed;
         if !args.json && write!(out, "{}", report.text()).is_err() {

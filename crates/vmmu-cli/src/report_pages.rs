@@ -128,6 +128,9 @@ pub fn replay_page(flags: &[(&str, String)], traces: &[TraceReport]) -> String {
         for w in &t.warnings {
             p.note(&format!("warning: {w}"));
         }
+        for e in &t.run_errors {
+            p.note(&format!("FAIL: {e}"));
+        }
         let k = &t.kvm;
         let kvm = match (&k.skipped, &k.error) {
             (Some(why), _) => format!("skipped: {why}"),

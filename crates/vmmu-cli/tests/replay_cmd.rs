@@ -181,6 +181,29 @@ fn a_refused_request_or_a_recorded_mmio_access_that_hits_ram_exits_1() {
     assert_eq!(t["passed"], false);
 }
 
+#[test]
+fn a_trace_the_machine_cannot_set_up_fails_and_says_why_in_every_output() {
+    // 2 TiB of RAM: more backing memory than the software machine tracks (1 TiB).
+    let big = RAM.replace("0x100000", "0x20000000000");
+    let p = temp_file("too-large.trace.jsonl", &format!("{HEADER}{big}"));
+    let shown = p.display().to_string();
+    let (code, t) = replay_json(&shown, &["--format", "npt"]);
+    assert_eq!(code, Some(1), "{t:#}");
+    assert_eq!(t["passed"], false);
+    assert!(t["runs"].as_array().unwrap().is_empty(), "{t:#}");
+    let errors: Vec<&str> =
+        t["run_errors"].as_array().expect("run_errors").iter().filter_map(|e| e.as_str()).collect();
+    assert_eq!(errors.len(), 2, "{t:#}");
+    assert!(errors[0].starts_with("sim-npt-on: cannot replay: "), "{errors:?}");
+    assert!(errors[0].contains("pages of host memory"), "{errors:?}");
+    let out = vmmu(&["replay", "--no-kvm", "--format", "npt", "--mmio-caching", "off", &shown]);
+    assert_eq!(out.status.code(), Some(1));
+    let s = text(&out.stdout);
+    assert!(s.starts_with("FAIL ") && s.contains("[FAIL] sim-npt-off: cannot replay: "), "{s}");
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("{shown}: sim-npt-off: cannot replay")), "{err}");
+}
+
 /// Whether the KVM half can run here; says why not.
 fn kvm_usable() -> bool {
     match vmmu_kvm::probe() {

@@ -291,6 +291,9 @@ pub struct TraceReport {
     pub warnings: Vec<String>,
     /// One run per machine configuration.
     pub runs: Vec<RunReport>,
+    /// Machine configurations that could not run the trace at all, one line each
+    /// (`sim-CONFIG: cannot replay: WHY`); any makes the trace fail.
+    pub run_errors: Vec<String>,
     /// The run on `/dev/kvm`.
     pub kvm: KvmReport,
     /// Every run passed.
@@ -319,6 +322,9 @@ impl TraceReport {
         );
         for w in &self.warnings {
             let _ = writeln!(s, "  warning: {w}");
+        }
+        for e in &self.run_errors {
+            let _ = writeln!(s, "  [FAIL] {e}");
         }
         for r in &self.runs {
             let v = if r.passed() { "ok" } else { "FAIL" };
