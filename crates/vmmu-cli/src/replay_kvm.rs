@@ -12,6 +12,21 @@ use vmmu_sim::replay::{KvmReport, Trace};
 /// k-th access is checked (k = ceil(events / MAX_MMIO)); the report says which.
 pub const MAX_MMIO: u64 = 3000;
 
+/// Which MMIO accesses were checked: all, or `checked` of `total`, every `stride`-th.
+fn sample_note(checked: u64, total: u64, stride: u64) -> String {
+    if stride <= 1 {
+        return format!("all {total} MMIO accesses");
+    }
+    let suffix = match (stride % 10, stride % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{checked} of {total} MMIO accesses (every {stride}{suffix})")
+}
+
 /// A report saying the KVM run was skipped and why.
 pub fn skipped(why: &str) -> KvmReport {
     KvmReport { skipped: Some(why.to_string()), ..KvmReport::default() }
@@ -160,11 +175,7 @@ pub fn run(trace: &Trace) -> KvmReport {
             EventKind::KvmZapAllFast => {}
         }
     }
-    let sample = if stride == 1 {
-        format!("all {total} MMIO accesses")
-    } else {
-        format!("{} of {total} MMIO accesses (every {stride}th)", r.mmio_checked)
-    };
+    let sample = sample_note(r.mmio_checked, total, stride);
     let smm_note = if r.smm_skipped > 0 {
         format!(
             "; {} address-space-1 (SMM) requests not made: this kernel has no SMM address space",
@@ -186,4 +197,20 @@ pub fn run(trace: &Trace) -> KvmReport {
 #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
 pub fn run(_trace: &Trace) -> KvmReport {
     skipped("/dev/kvm not usable: the KVM replayer needs Linux on x86-64")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sample_note_uses_english_ordinals() {
+        assert_eq!(sample_note(2376, 2376, 1), "all 2376 MMIO accesses");
+        let every = |stride| sample_note(1, 2, stride);
+        assert!(every(2).ends_with("(every 2nd)"), "{}", every(2));
+        assert!(every(3).ends_with("(every 3rd)"));
+        assert!(every(8).ends_with("(every 8th)"));
+        assert!(every(11).ends_with("(every 11th)") && every(12).ends_with("(every 12th)"));
+        assert!(every(21).ends_with("(every 21st)") && every(22).ends_with("(every 22nd)"));
+    }
 }
