@@ -36,9 +36,10 @@ pub struct ReplayArgs {
     /// Only this MMIO caching setting [default: both].
     #[arg(long = "mmio-caching", value_enum)]
     pub mmio_caching: Option<OnOff>,
-    /// Host MAXPHYADDR of the software machine (36..=52).
-    #[arg(long = "phys-bits", default_value_t = 46, value_parser = clap::value_parser!(u8).range(36..=52))]
-    pub phys_bits: u8,
+    /// Host MAXPHYADDR of the software machine (36..=52) [default: 46, or what the trace's
+    /// highest guest-physical address needs (the recording host accepted its slots)].
+    #[arg(long = "phys-bits", value_parser = clap::value_parser!(u8).range(36..=52))]
+    pub phys_bits: Option<u8>,
     /// Also write a self-contained HTML report (per trace and configuration: timeline on the
     /// recorded clock, latency histograms) to this file.
     #[arg(long, value_name = "FILE.html")]
@@ -59,14 +60,18 @@ impl ReplayArgs {
                 "--mmio-caching",
                 self.mmio_caching.map_or("on and off".into(), |c| format!("{c:?}").to_lowercase()),
             ),
-            ("--phys-bits", self.phys_bits.to_string()),
+            (
+                "--phys-bits",
+                self.phys_bits.map_or("per trace (46 or more)".into(), |b| b.to_string()),
+            ),
             ("--no-kvm", self.no_kvm.to_string()),
         ]
     }
 }
 
-/// The machine configurations to replay under.
-fn configs(args: &ReplayArgs) -> Vec<ReplayConfig> {
+/// The machine configurations to replay `trace` under.
+fn configs(args: &ReplayArgs, trace: &Trace) -> Vec<ReplayConfig> {
+    let phys_bits = args.phys_bits.unwrap_or_else(|| replay::phys_bits_for(trace));
     let formats = match args.format {
         Some(FormatArg::Ept) => vec![FormatKind::Ept],
         Some(FormatArg::Npt) => vec![FormatKind::Npt],
@@ -83,15 +88,24 @@ fn configs(args: &ReplayArgs) -> Vec<ReplayConfig> {
         .iter()
         .flat_map(|&format| {
             caching.iter().map(move |&mmio_caching| ReplayConfig {
-                phys_bits: args.phys_bits,
+                phys_bits,
                 ..ReplayConfig::new(format, mmio_caching)
             })
         })
         .collect()
 }
 
-fn warnings(trace: &Trace) -> Vec<String> {
+fn warnings(args: &ReplayArgs, trace: &Trace) -> Vec<String> {
     let mut w = Vec::new();
+    let auto = replay::phys_bits_for(trace);
+    if args.phys_bits.is_none() && auto > replay::DEFAULT_PHYS_BITS {
+        w.push(format!(
+            "the trace reaches guest-physical {:#x}: the software machine runs with MAXPHYADDR {auto} \
+             (the recording host, which ran it, had at least that many bits; \
+             --phys-bits overrides)",
+            replay::highest_gpa(trace).unwrap_or(0)
+        ));
+    }
     if let Some(s) = &trace.summary {
         if s.lost_events > 0 {
             w.push(format!(
@@ -123,10 +137,10 @@ fn replay_trace(args: &ReplayArgs, file: &str, trace: &Trace) -> TraceReport {
         kernel_mmio_dropped: s.kernel_mmio_dropped,
         lost_events: s.lost_events,
         vcpu_threads: s.vcpu_threads,
-        warnings: warnings(trace),
+        warnings: warnings(args, trace),
         ..TraceReport::default()
     };
-    for cfg in configs(args) {
+    for cfg in configs(args, trace) {
         match replay::replay(trace, &cfg) {
             Ok(r) => report.runs.push(r),
             Err(e) => report.run_errors.push(format!("sim-{}: cannot replay: {e}", cfg.name())),

@@ -204,6 +204,33 @@ fn a_trace_the_machine_cannot_set_up_fails_and_says_why_in_every_output() {
     assert!(err.contains(&format!("{shown}: sim-npt-off: cannot replay")), "{err}");
 }
 
+#[test]
+fn a_bar_above_2_pow_46_replays_with_the_phys_bits_the_trace_needs() {
+    // A 64-bit BAR as firmware places one near the top of a 48-bit host's space, and a read
+    // just past it (MMIO): the recording host accepted the slot, so it had more than 46 bits.
+    let bar = RAM
+        .replace("0.000000", "0.000001")
+        .replace("\"id\":0", "\"id\":1")
+        .replace("\"gpa\":\"0x0\"", "\"gpa\":\"0x7ff000000000\"")
+        .replace("0x7f0000000000", "0x7f1000000000");
+    let mmio = "{\"t\":0.000002,\"op\":\"mmio\",\"dir\":\"read\",\"gpa\":\"0x7ff000100000\",\"len\":4,\"value\":\"0x0\",\"exit\":\"user\"}\n";
+    let p = temp_file("high-bar.trace.jsonl", &format!("{HEADER}{RAM}{bar}{mmio}"));
+    let shown = p.display().to_string();
+    let (code, t) = replay_json(&shown, &["--format", "ept"]);
+    assert_eq!(code, Some(0), "{t:#}");
+    for r in t["runs"].as_array().unwrap() {
+        assert_eq!(u(&r["phys_bits"]), 47, "{r:#}");
+        assert_eq!(u(&r["slots"]["refused"]), 0);
+        assert_eq!(u(&r["mmio"]["classified_mmio"]), 1);
+    }
+    assert!(t["warnings"][0].as_str().unwrap().contains("MAXPHYADDR 47"), "{t:#}");
+    // Pinned below what the trace needs, the machine refuses the BAR as KVM would.
+    let (code, t) = replay_json(&shown, &["--format", "ept", "--phys-bits", "46"]);
+    assert_eq!(code, Some(1), "{t:#}");
+    assert_eq!(u(&t["runs"][0]["slots"]["refused"]), 1);
+    assert_eq!(t["warnings"].as_array().map(Vec::len), Some(0));
+}
+
 /// Whether the KVM half can run here; says why not.
 fn kvm_usable() -> bool {
     match vmmu_kvm::probe() {

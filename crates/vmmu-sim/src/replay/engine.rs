@@ -54,10 +54,37 @@ pub struct ReplayConfig {
     pub bugs: BugSet,
 }
 
+/// The host MAXPHYADDR a replay uses unless the trace needs more ([`phys_bits_for`]).
+pub const DEFAULT_PHYS_BITS: u8 = 46;
+
+/// The highest guest-physical byte `trace` names: the last byte of a slot request (deletes
+/// included, they name the old range) or of an MMIO access; `None` for a trace without either.
+pub fn highest_gpa(trace: &Trace) -> Option<u64> {
+    trace
+        .events
+        .iter()
+        .filter_map(|e| match e.kind {
+            EventKind::Slot(s) if s.size > 0 => Some(s.gpa.saturating_add(s.size - 1)),
+            EventKind::Mmio(m) => Some(m.gpa.saturating_add(m.len.max(1) - 1)),
+            _ => None,
+        })
+        .max()
+}
+
+/// The host MAXPHYADDR to replay `trace` with when the user names none: [`DEFAULT_PHYS_BITS`],
+/// or as many bits as the trace's highest guest-physical address needs, at most 52. Every
+/// recorded slot request succeeded, and a TDP host accepts a slot only below its own MAXPHYADDR
+/// (KVM's `kvm_mmu_max_gfn`), so a trace with a 64-bit BAR mapped at 2^47 comes from a host with
+/// at least 48 bits; replaying it with 46 would refuse a request the recording host accepted.
+pub fn phys_bits_for(trace: &Trace) -> u8 {
+    let needed = highest_gpa(trace).map_or(0, |last| 64 - last.leading_zeros());
+    u8::try_from(needed).unwrap_or(52).clamp(DEFAULT_PHYS_BITS, 52)
+}
+
 impl ReplayConfig {
-    /// `format` with MMIO caching on or off, `phys_bits` 46, no bugs.
+    /// `format` with MMIO caching on or off, `phys_bits` [`DEFAULT_PHYS_BITS`], no bugs.
     pub fn new(format: FormatKind, mmio_caching: bool) -> ReplayConfig {
-        ReplayConfig { format, mmio_caching, phys_bits: 46, bugs: BugSet::NONE }
+        ReplayConfig { format, mmio_caching, phys_bits: DEFAULT_PHYS_BITS, bugs: BugSet::NONE }
     }
 
     /// `ept-on`, `npt-off`, ...
@@ -528,6 +555,7 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
         live: BTreeMap::new(),
         report: RunReport {
             config: cfg.name(),
+            phys_bits: cfg.phys_bits,
             mmio_caching_effective: caching.effective,
             mmio_caching_reason: caching.reason,
             host_buffers: memory.buffers() as u64,
@@ -605,4 +633,50 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
         misconfig_exits: stats.exits.misconfig,
     };
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replay::parse::parse;
+
+    const HEADER: &str = "{\"vmmu_trace\":1,\"source\":\"test\"}\n";
+
+    fn slot(gpa: &str, size: &str) -> String {
+        format!("{{\"t\":0.000000,\"op\":\"slot\",\"as\":0,\"id\":1,\"flags\":[],\"gpa\":\"{gpa}\",\"size\":\"{size}\",\"uaddr\":\"0x7f0000000000\"}}\n")
+    }
+
+    fn mmio(gpa: &str) -> String {
+        format!("{{\"t\":0.000000,\"op\":\"mmio\",\"dir\":\"read\",\"gpa\":\"{gpa}\",\"len\":8,\"value\":\"0x0\",\"exit\":\"user\"}}\n")
+    }
+
+    fn bits(lines: &[String]) -> u8 {
+        phys_bits_for(&parse(&format!("{HEADER}{}", lines.concat())).expect("trace"))
+    }
+
+    #[test]
+    fn phys_bits_cover_the_highest_slot_or_access() {
+        assert_eq!(bits(&[]), DEFAULT_PHYS_BITS);
+        assert_eq!(bits(&[slot("0x0", "0x10000000"), mmio("0xfee00000")]), 46);
+        assert_eq!(bits(&[slot("0x3fff00000000", "0x100000000")]), 46, "ends at 2^46 - 1");
+        // A 64-bit BAR placed by firmware near the top of a 48-bit host's space.
+        assert_eq!(bits(&[slot("0x7ff000000000", "0x4000")]), 47);
+        assert_eq!(bits(&[mmio("0x800000000000")]), 48);
+        assert_eq!(bits(&[slot("0xfffffffff000", "0x1000")]), 48);
+        assert_eq!(bits(&[slot("0xffff000000000000", "0x1000")]), 52, "capped at 52");
+    }
+
+    #[test]
+    fn a_trace_from_a_48_bit_host_replays_with_its_phys_bits_and_is_refused_with_46() {
+        let text =
+            format!("{HEADER}{}{}", slot("0x7ff000000000", "0x4000"), mmio("0x7ff000004000"));
+        let trace = parse(&text).expect("trace");
+        let cfg =
+            |phys_bits| ReplayConfig { phys_bits, ..ReplayConfig::new(FormatKind::Ept, true) };
+        let r = replay(&trace, &cfg(phys_bits_for(&trace))).expect("replay");
+        assert!(r.passed(), "{}", r.slots.refused);
+        assert_eq!(r.phys_bits, 47);
+        let r = replay(&trace, &cfg(DEFAULT_PHYS_BITS)).expect("replay");
+        assert_eq!(r.slots.refused, 1, "KVM with MAXPHYADDR 46 refuses the slot (EINVAL)");
+    }
 }

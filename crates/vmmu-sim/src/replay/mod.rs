@@ -26,6 +26,8 @@ pub mod memory;
 pub mod parse;
 pub mod report;
 
-pub use engine::{replay, ReplayConfig, ReplayError};
+pub use engine::{
+    highest_gpa, phys_bits_for, replay, ReplayConfig, ReplayError, DEFAULT_PHYS_BITS,
+};
 pub use parse::{parse, ParseError, Trace};
 pub use report::{KvmReport, RunReport, TraceReport};

@@ -187,6 +187,9 @@ pub struct OwnAccesses {
 pub struct RunReport {
     /// `ept-on`, `npt-off`, ...
     pub config: String,
+    /// The host MAXPHYADDR of the machine (the TDP MMU maps guest-physical addresses below
+    /// `2^phys_bits`).
+    pub phys_bits: u8,
     /// Whether MMIO caching was in effect.
     pub mmio_caching_effective: bool,
     /// Why or why not.
@@ -330,10 +333,11 @@ impl TraceReport {
             let v = if r.passed() { "ok" } else { "FAIL" };
             let _ = writeln!(
                 s,
-                "  sim-{} [{v}] (MMIO caching {}: {}): {} events applied",
+                "  sim-{} [{v}] (MMIO caching {}: {}; MAXPHYADDR {}): {} events applied",
                 r.config,
                 if r.mmio_caching_effective { "on" } else { "off" },
                 r.mmio_caching_reason,
+                r.phys_bits,
                 r.events_applied
             );
             let sl = &r.slots;
