@@ -73,6 +73,22 @@ fn seabios_boot_replays_cleanly() {
     }
 }
 
+/// QEMU q35 with `-m 4608`: RAM split at 2 GiB and 4 GiB (the second part above 4 GiB), the
+/// TSEG slot made and dropped, and PCIe config space through MMCONFIG at `0xb0000000` (MMIO).
+#[test]
+fn q35_boot_with_ram_above_4_gib_replays_cleanly() {
+    let file = repo("tests/traces/q35-kvm.small.trace.jsonl");
+    let t = assert_clean(&file);
+    assert_eq!(u(&t["events"]["slot"]), 51);
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("\"gpa\":\"0x100000000\",\"size\":\"0xa0000000\""), "RAM above 4 GiB");
+    assert!(text.contains("\"op\":\"mmio\",\"dir\":\"read\",\"gpa\":\"0xb00"), "MMCONFIG reads");
+    for r in t["runs"].as_array().unwrap() {
+        assert_eq!(r["zaps"]["recorded_after_delete"], r["zaps"]["deletes_and_moves"]);
+        assert_eq!(u(&r["phys_bits"]), 46);
+    }
+}
+
 #[test]
 fn migration_replays_cleanly_and_applies_its_dirty_log_calls() {
     let t = assert_clean(&repo("tests/traces/migrate-kvm.small.trace.jsonl"));
@@ -245,7 +261,7 @@ fn kvm_usable() -> bool {
 #[test]
 fn kvm_half_agrees_with_the_recordings_where_usable() {
     let kvm = kvm_usable();
-    for f in ["hand-aliases-move-delete-rom", "seabios-kvm.small"] {
+    for f in ["hand-aliases-move-delete-rom", "seabios-kvm.small", "q35-kvm.small"] {
         let file = repo(&format!("tests/traces/{f}.trace.jsonl"));
         let out = vmmu(&["replay", "--json", "--format", "ept", "--mmio-caching", "on", &file]);
         let doc: Value = serde_json::from_slice(&out.stdout).expect("json");
