@@ -51,9 +51,22 @@ pub fn run(trace: &Trace) -> KvmReport {
         EventKind::Mmio(m) => Some(m.gpa),
         _ => None,
     });
-    let base = match TraceVm::place(slots, mmio) {
+    let base = match TraceVm::place(slots, mmio.clone()) {
         Ok(base) => base,
         Err(why) => return skipped(&why),
+    };
+    let high = match TraceVm::high_frames(mmio, info.guest_phys_bits) {
+        Ok(high) => high,
+        Err(why) => return skipped(&why),
+    };
+    let high_note = if high.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; accesses at or above {:#x} through a high alias window for {} 2 MiB frames",
+            vmmu_scenario::ACCESS_LIMIT,
+            high.len()
+        )
     };
     let smm = trace.events.iter().any(|e| matches!(e.kind, EventKind::Slot(s) if s.as_id == 1));
     // Without an SMM address space here, the address-space-1 requests cannot be made. They
@@ -61,7 +74,7 @@ pub fn run(trace: &Trace) -> KvmReport {
     // space), so the rest of the trace is still checked, and the report counts what was left out.
     let smm_here = smm && info.address_spaces >= 2;
     let unions = vmmu_sim::replay::memory::uaddr_unions(trace);
-    let mut vm = match TraceVm::new(&unions, if smm_here { 2 } else { 1 }, base) {
+    let mut vm = match TraceVm::new(&unions, if smm_here { 2 } else { 1 }, base, high) {
         Ok(vm) => vm,
         Err(e) => {
             return KvmReport {
@@ -185,7 +198,7 @@ pub fn run(trace: &Trace) -> KvmReport {
         String::new()
     };
     r.method = format!(
-        "slot requests as recorded, uaddr remapped; {sample} as CPL3 loads/stores that must exit as MMIO; dirty-log calls as recorded (clears with every bit of the range set); guest at {:#x}, sync store at {:#x}{smm_note}; {:.2} s",
+        "slot requests as recorded, uaddr remapped; {sample} as CPL3 loads/stores that must exit as MMIO; dirty-log calls as recorded (clears with every bit of the range set); guest at {:#x}, sync store at {:#x}{high_note}{smm_note}; {:.2} s",
         vm.base(),
         vm.sync(),
         t0.elapsed().as_secs_f64()

@@ -383,3 +383,38 @@ fn kvm_half_runs_a_trace_with_ram_at_4_gib() {
     // The window right after the trace's RAM above 4 GiB and its MMIO access.
     assert!(k["method"].as_str().unwrap().contains("guest at 0x100c00000"), "{k:#}");
 }
+
+/// Firmware may put 64-bit BARs far above RAM. The KVM half reaches accesses beyond its guest's
+/// 64 GiB identity map through a high alias window, and still tells MMIO from RAM there: a write
+/// to a read-only slot at 96 GiB and a read where no slot is (256 GiB) exit as MMIO, a recorded
+/// "MMIO" read inside a RAM slot at 96 GiB does not (a divergence, as on the machine).
+#[test]
+fn kvm_half_reaches_accesses_above_64_gib() {
+    let trace = concat!(
+        "{\"vmmu_trace\":1,\"source\":\"hand: BARs above 64 GiB\"}\n",
+        "{\"t\":0.000000,\"op\":\"slot\",\"as\":0,\"id\":0,\"flags\":[],\"gpa\":\"0x0\",\"size\":\"0xa0000\",\"uaddr\":\"0x7f0000000000\"}\n",
+        "{\"t\":0.000010,\"op\":\"slot\",\"as\":0,\"id\":1,\"flags\":[\"readonly\"],\"gpa\":\"0x1800000000\",\"size\":\"0x4000\",\"uaddr\":\"0x7f0100000000\"}\n",
+        "{\"t\":0.000020,\"op\":\"slot\",\"as\":0,\"id\":2,\"flags\":[],\"gpa\":\"0x1800200000\",\"size\":\"0x200000\",\"uaddr\":\"0x7f0200000000\"}\n",
+        "{\"t\":0.000030,\"op\":\"mmio\",\"dir\":\"write\",\"gpa\":\"0x1800000008\",\"len\":4,\"value\":\"0x12345678\",\"exit\":\"user\"}\n",
+        "{\"t\":0.000040,\"op\":\"mmio\",\"dir\":\"read\",\"gpa\":\"0x4000000ffc\",\"len\":4,\"value\":\"0xffffffff\",\"exit\":\"user\"}\n",
+        "{\"t\":0.000050,\"op\":\"mmio\",\"dir\":\"read\",\"gpa\":\"0x1800201000\",\"len\":8,\"value\":\"0x0\",\"exit\":\"user\"}\n",
+    );
+    let p = temp_file("above-64g.trace.jsonl", trace);
+    let file = p.display().to_string();
+    let out = vmmu(&["replay", "--json", "--format", "ept", "--mmio-caching", "on", &file]);
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let t = &doc["traces"][0];
+    let k = &t["kvm"];
+    // The machine, too, finds the RAM read.
+    assert_eq!(u(&t["runs"][0]["mmio"]["misclassified"]), 1, "{t:#}");
+    assert_eq!(out.status.code(), Some(1), "{k:#}");
+    if !kvm_usable() {
+        assert!(k["skipped"].as_str().is_some(), "{k:#}");
+        return;
+    }
+    assert_eq!((k["ran"].clone(), k["error"].clone()), (Value::Bool(true), Value::Null), "{k:#}");
+    assert_eq!((u(&k["slots_applied"]), u(&k["slots_refused"])), (3, 0), "{k:#}");
+    assert_eq!((u(&k["mmio_exits"]), u(&k["mmio_not_mmio"])), (2, 1), "{k:#}");
+    assert_eq!(u(&k["first_not_mmio"][0]["line"]), 7, "{k:#}");
+    assert!(k["method"].as_str().unwrap().contains("high alias window for 3 2 MiB frames"), "{k:#}");
+}

@@ -64,12 +64,12 @@ const USER_CS: u16 = 0x18 | 3;
 const USER_DS: u16 = 0x20 | 3;
 const TSS_SEL: u16 = 0x28;
 
-const PTE_P: u64 = 1;
-const PTE_RW: u64 = 1 << 1;
-const PTE_US: u64 = 1 << 2;
-const PTE_PS: u64 = 1 << 7;
+pub(crate) const PTE_P: u64 = 1;
+pub(crate) const PTE_RW: u64 = 1 << 1;
+pub(crate) const PTE_US: u64 = 1 << 2;
+pub(crate) const PTE_PS: u64 = 1 << 7;
 /// Accessed and dirty, set in the 2 MiB leaves from the start (see `image_at`).
-const PTE_AD: u64 = (1 << 5) | (1 << 6);
+pub(crate) const PTE_AD: u64 = (1 << 5) | (1 << 6);
 
 /// Number of 1 GiB page directories needed to cover [`ACCESS_LIMIT`].
 const PDS: u64 = ACCESS_LIMIT >> 30;

@@ -140,14 +140,27 @@ pub struct KvmInfo {
     pub nr_memslots: i32,
     /// `KVM_CAP_MULTI_ADDRESS_SPACE`.
     pub address_spaces: i32,
+    /// The MAXPHYADDR KVM offers a guest (supported CPUID 0x80000008 EAX bits 7:0; 36 if that
+    /// leaf is missing): the guest's page tables can name guest-physical addresses below
+    /// `2^guest_phys_bits` only.
+    pub guest_phys_bits: u8,
 }
 
 /// Whether `/dev/kvm` can be opened and a VM created; `Err` says why not.
 pub fn probe() -> Result<KvmInfo, String> {
-    let (_kvm, vm) = open()?;
+    let (kvm, vm) = open()?;
+    let cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| format!("/dev/kvm not usable: KVM_GET_SUPPORTED_CPUID: {e}"))?;
+    let guest_phys_bits = cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0x8000_0008)
+        .map_or(36, |e| (e.eax & 0xff) as u8);
     Ok(KvmInfo {
         nr_memslots: vm.check_extension_int(Cap::NrMemslots),
         address_spaces: vm.check_extension_raw(KVM_CAP_MULTI_ADDRESS_SPACE.into()),
+        guest_phys_bits,
     })
 }
 

@@ -10,7 +10,10 @@
 //! window: [`BASE`] (4 GiB, above everything the reference recordings use) when the trace leaves
 //! it free, else the first free window above it, else below it (a VM with RAM above 4 GiB maps
 //! it right there). It says why when there is none, or when the trace uses the replayer's slot
-//! id or an address its guest cannot reach (then the caller skips KVM).
+//! id (then the caller skips KVM). The guest identity-maps the low [`ACCESS_LIMIT`] (64 GiB);
+//! an access above it (a 64-bit BAR that firmware put high) goes through a high alias window at
+//! [`HIGH_VA`] that maps each 2 MiB frame the trace accesses up there
+//! ([`TraceVm::high_frames`]; the caller skips KVM when those lie above the guest's MAXPHYADDR).
 //!
 //! Invariants:
 //! - the VM and its vCPU are dropped before the buffers its memslots point into (field order);
@@ -43,6 +46,20 @@ pub const WINDOW: u64 = 0x40_0000;
 /// Where the access code's closing store goes, from the window's start (an MMIO exit: no slot
 /// there).
 pub const SYNC_OFFSET: u64 = 0x20_0000;
+/// Guest-virtual start of the high alias window (PML4 entry 1): an access at or above
+/// [`ACCESS_LIMIT`], beyond the identity map, goes through the `i`-th 2 MiB page of this window,
+/// which maps the `i`-th distinct 2 MiB frame the trace accesses up there
+/// ([`TraceVm::high_frames`]).
+pub const HIGH_VA: u64 = 1 << 39;
+/// The most distinct 2 MiB frames at or above [`ACCESS_LIMIT`] a trace may access (one page
+/// directory of the alias window; a boot touches a few BARs).
+pub const MAX_HIGH_FRAMES: usize = 512;
+const SIZE_2M: u64 = 0x20_0000;
+/// The alias window's page-directory-pointer table and page directory, in the guest's own
+/// memory right after the identity map's tables.
+const HIGH_PDPT: u64 = guest::PD0 + (ACCESS_LIMIT >> 30) * 4096;
+const HIGH_PD: u64 = HIGH_PDPT + 4096;
+const _: () = assert!(HIGH_PD + 4096 <= OWN_SIZE as u64 && MAX_HIGH_FRAMES as u64 * 8 <= 4096);
 
 // The guest's memory lies below the sync address, both inside the window; the preferred window
 // is inside the guest's identity map.
@@ -81,6 +98,8 @@ pub struct TraceVm {
     bufs: Vec<Buffer>,
     /// Guest-physical start of the replay guest's window.
     base: u64,
+    /// The 2 MiB frames mapped in the high alias window, sorted (index = page of the window).
+    high: Vec<u64>,
     _kvm: Kvm,
 }
 
@@ -107,13 +126,9 @@ impl TraceVm {
             used.push((gpa, gpa.saturating_add(size)));
         }
         for gpa in mmio {
-            if gpa >= ACCESS_LIMIT {
-                return Err(format!(
-                    "the trace accesses {gpa:#x}; the KVM replayer's guest reaches below {ACCESS_LIMIT:#x} only"
-                ));
-            }
-            // An access never crosses a 4 KiB page, so never a window boundary either.
-            used.push((gpa, gpa + 1));
+            // An access never crosses a 4 KiB page, so never a window boundary either (accesses
+            // at or above ACCESS_LIMIT go through the high alias window, `high_frames`).
+            used.push((gpa, gpa.saturating_add(1)));
         }
         used.sort_unstable();
         let mut merged: Vec<(u64, u64)> = Vec::with_capacity(used.len());
@@ -139,10 +154,55 @@ impl TraceVm {
             })
     }
 
+    /// The distinct 2 MiB frames at or above [`ACCESS_LIMIT`] (beyond the guest's identity map)
+    /// that the accesses `mmio` touch, sorted, for [`TraceVm::new`]; or why the guest cannot
+    /// reach them: more than [`MAX_HIGH_FRAMES`], or an address at or above `2^guest_phys_bits`
+    /// (the MAXPHYADDR KVM offers the guest here; a higher one would be a reserved-bit fault).
+    pub fn high_frames(
+        mmio: impl IntoIterator<Item = u64>,
+        guest_phys_bits: u8,
+    ) -> Result<Vec<u64>, String> {
+        let limit = 1u64.checked_shl(u32::from(guest_phys_bits)).unwrap_or(u64::MAX);
+        let mut frames = Vec::new();
+        for gpa in mmio.into_iter().filter(|&g| g >= ACCESS_LIMIT) {
+            if gpa >= limit {
+                return Err(format!(
+                    "the trace accesses {gpa:#x}, at or above 2^{guest_phys_bits} (the MAXPHYADDR this KVM offers its guest)"
+                ));
+            }
+            frames.push(gpa & !(SIZE_2M - 1));
+        }
+        frames.sort_unstable();
+        frames.dedup();
+        if frames.len() > MAX_HIGH_FRAMES {
+            return Err(format!(
+                "the trace accesses {} distinct 2 MiB frames at or above {ACCESS_LIMIT:#x}; the KVM replayer's guest maps at most {MAX_HIGH_FRAMES} there",
+                frames.len()
+            ));
+        }
+        Ok(frames)
+    }
+
+    /// The guest-virtual address through which the guest reaches `gpa`: itself below
+    /// [`ACCESS_LIMIT`] (identity map), else its place in the high alias window.
+    fn va(&self, gpa: u64) -> Option<u64> {
+        if gpa < ACCESS_LIMIT {
+            return Some(gpa);
+        }
+        let i = self.high.binary_search(&(gpa & !(SIZE_2M - 1))).ok()? as u64;
+        Some(HIGH_VA + i * SIZE_2M + (gpa & (SIZE_2M - 1)))
+    }
+
     /// A VM with one buffer per union `[start, end)` of recorded `uaddr` ranges, the guest
-    /// relocated to the window at `base` (from [`TraceVm::place`]) and one vCPU.
+    /// relocated to the window at `base` (from [`TraceVm::place`]) with the 2 MiB frames `high`
+    /// (from [`TraceVm::high_frames`]) mapped in its high alias window, and one vCPU.
     /// `address_spaces`: 2 when the trace has SMM slots.
-    pub fn new(unions: &[(u64, u64)], address_spaces: u16, base: u64) -> Result<TraceVm, KvmError> {
+    pub fn new(
+        unions: &[(u64, u64)],
+        address_spaces: u16,
+        base: u64,
+        high: Vec<u64>,
+    ) -> Result<TraceVm, KvmError> {
         let kvm = Kvm::new().map_err(|e| KvmError::Ioctl {
             what: "open /dev/kvm",
             errno: errno::name(e.errno()),
@@ -160,6 +220,24 @@ impl TraceVm {
             .map_err(|source| KvmError::Mmap { size: OWN_SIZE as u64, source })?;
         for (off, bytes) in guest::image_at(base) {
             own.write_bytes(off as usize, &bytes);
+        }
+        if !high.is_empty() {
+            if high.len() > MAX_HIGH_FRAMES {
+                return Err(KvmError::Exit(format!(
+                    "{} high 2 MiB frames; at most {MAX_HIGH_FRAMES}",
+                    high.len()
+                )));
+            }
+            // PML4[1] -> PDPT; PDPT[0] -> PD; PD[i] -> the i-th frame, 2 MiB, user, writable,
+            // accessed and dirty like the identity map's leaves (see `guest::image_at`).
+            let table = guest::PTE_P | guest::PTE_RW | guest::PTE_US;
+            own.write_bytes(guest::PML4 as usize + 8, &((base + HIGH_PDPT) | table).to_le_bytes());
+            own.write_bytes(HIGH_PDPT as usize, &((base + HIGH_PD) | table).to_le_bytes());
+            let pd: Vec<u8> = high
+                .iter()
+                .flat_map(|&f| (f | table | guest::PTE_PS | guest::PTE_AD).to_le_bytes())
+                .collect();
+            own.write_bytes(HIGH_PD as usize, &pd);
         }
         let region = kvm_userspace_memory_region {
             slot: OWN_SLOT,
@@ -190,7 +268,7 @@ impl TraceVm {
         vcpu.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
         let s = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
         vcpu.set_sregs(&guest::sregs_at(s, base)).map_err(ioctl("KVM_SET_SREGS"))?;
-        Ok(TraceVm { vcpu, vm, own, bufs, base, _kvm: kvm })
+        Ok(TraceVm { vcpu, vm, own, bufs, base, high, _kvm: kvm })
     }
 
     /// Guest-physical start of the replay guest's window.
@@ -288,9 +366,14 @@ impl TraceVm {
             _ => Width::W8,
         };
         let sync = self.sync();
+        let va = self.va(gpa).ok_or_else(|| {
+            KvmError::Exit(format!(
+                "{gpa:#x} is beyond the identity map and not in the high window"
+            ))
+        })?;
         let code = match write {
-            Some(v) => code::write_then_sync(gpa, width, v, sync),
-            None => code::read_then_sync(gpa, width, sync),
+            Some(v) => code::write_then_sync(va, width, v, sync),
+            None => code::read_then_sync(va, width, sync),
         };
         self.own.write_bytes(guest::CODE as usize, &code);
         let v = &mut self.vcpu;
@@ -362,6 +445,21 @@ mod tests {
         assert!(TraceVm::place([(0, 0, 0, u64::MAX)], []).unwrap_err().contains("no free"));
         // The replayer's slot id, and addresses its guest cannot reach.
         assert!(TraceVm::place([(0, OWN_SLOT as u16, 0, 0x1000)], []).is_err());
-        assert!(TraceVm::place([], [ACCESS_LIMIT]).is_err());
+        // An access beyond the identity map does not take the window (high alias window).
+        assert_eq!(TraceVm::place([], [ACCESS_LIMIT, u64::MAX]), Ok(BASE));
+    }
+
+    #[test]
+    fn accesses_beyond_the_identity_map_get_high_frames_below_the_guest_maxphyaddr() {
+        // A 64-bit BAR near the top of a 48-bit space, read twice in one 2 MiB frame and once in
+        // the next; low accesses need no frame.
+        let bar = 0x7ff0_0000_0000;
+        let mmio = [0xfee0_0030, bar + 0x10, bar + 0x1f_fff8, bar + 0x20_0000, ACCESS_LIMIT];
+        assert_eq!(TraceVm::high_frames(mmio, 48), Ok(vec![ACCESS_LIMIT, bar, bar + SIZE_2M]));
+        assert_eq!(TraceVm::high_frames([0xfee0_0030], 36), Ok(vec![]));
+        let e = TraceVm::high_frames([bar], 46).unwrap_err();
+        assert!(e.contains("2^46"), "{e}");
+        let many = (0..=MAX_HIGH_FRAMES as u64).map(|i| ACCESS_LIMIT + i * SIZE_2M);
+        assert!(TraceVm::high_frames(many, 52).unwrap_err().contains("at most 512"));
     }
 }
