@@ -89,6 +89,25 @@ fn q35_boot_with_ram_above_4_gib_replays_cleanly() {
     }
 }
 
+/// A boot sector sets VGA mode 13h: QEMU maps VRAM at `0xa0000` as a dirty-logged slot (chain-4)
+/// and drops it again as the mode changes, over the range that is VGA MMIO in text mode, and
+/// reads the slot's dirty log for display updates (no migration).
+#[test]
+fn vga_mode_13h_maps_vram_at_0xa0000_and_replays_cleanly() {
+    let file = repo("tests/traces/vga13-kvm.small.trace.jsonl");
+    let t = assert_clean(&file);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let vram = "\"flags\":[\"dirty_log\"],\"gpa\":\"0xa0000\",\"size\":\"0x10000\"";
+    assert!(text.matches(vram).count() >= 2, "VRAM mapped at 0xa0000 more than once");
+    for r in t["runs"].as_array().unwrap() {
+        let d = &r["dirty_log"];
+        assert_eq!(u(&d["get"]), u(&t["events"]["get-dirty-log"]));
+        assert!(u(&d["get"]) > 0);
+        assert_eq!(u(&d["refused"]), 0, "{d:#}");
+        assert!(u(&r["own_accesses"]["hole_reads"]) > 0, "0xa0000 probed while unmapped");
+    }
+}
+
 #[test]
 fn migration_replays_cleanly_and_applies_its_dirty_log_calls() {
     let t = assert_clean(&repo("tests/traces/migrate-kvm.small.trace.jsonl"));
@@ -261,7 +280,9 @@ fn kvm_usable() -> bool {
 #[test]
 fn kvm_half_agrees_with_the_recordings_where_usable() {
     let kvm = kvm_usable();
-    for f in ["hand-aliases-move-delete-rom", "seabios-kvm.small", "q35-kvm.small"] {
+    for f in
+        ["hand-aliases-move-delete-rom", "seabios-kvm.small", "q35-kvm.small", "vga13-kvm.small"]
+    {
         let file = repo(&format!("tests/traces/{f}.trace.jsonl"));
         let out = vmmu(&["replay", "--json", "--format", "ept", "--mmio-caching", "on", &file]);
         let doc: Value = serde_json::from_slice(&out.stdout).expect("json");
@@ -416,5 +437,8 @@ fn kvm_half_reaches_accesses_above_64_gib() {
     assert_eq!((u(&k["slots_applied"]), u(&k["slots_refused"])), (3, 0), "{k:#}");
     assert_eq!((u(&k["mmio_exits"]), u(&k["mmio_not_mmio"])), (2, 1), "{k:#}");
     assert_eq!(u(&k["first_not_mmio"][0]["line"]), 7, "{k:#}");
-    assert!(k["method"].as_str().unwrap().contains("high alias window for 3 2 MiB frames"), "{k:#}");
+    assert!(
+        k["method"].as_str().unwrap().contains("high alias window for 3 2 MiB frames"),
+        "{k:#}"
+    );
 }
