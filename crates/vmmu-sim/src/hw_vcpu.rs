@@ -32,7 +32,8 @@ use crate::tlb::{Tlb, TlbEntry, TlbStats};
 use vmmu::types::{Gpa, Hva, Pfn};
 
 /// The retry policy (one for every user): retries of one access that the caller does not
-/// excuse (see [`Attempts::counts`]) before the access fails as a livelock. Every 64th counted
+/// excuse (see [`Attempts::counts`]) before the access fails as a livelock (a caller that runs
+/// alone may set a lower limit: [`Attempts::limit`]). Every 64th counted
 /// retry, and every excused one, yields the thread, so a loaded host lets the updater finish.
 pub const RETRY_LIMIT: u32 = 1_000_000;
 
@@ -60,10 +61,12 @@ pub enum AccessError {
         gpa: Gpa,
     },
     /// The retry limit was reached.
-    #[error("{RETRY_LIMIT} retries in a row (livelock?) at {gpa}")]
+    #[error("{retries} retries in a row (livelock?) at {gpa}")]
     Livelock {
         /// The guest address.
         gpa: Gpa,
+        /// The retries counted (the caller's limit, [`Attempts::limit`]).
+        retries: u32,
     },
     /// A data access that is not naturally aligned (it could cross a page).
     #[error("{width:?} access at {gpa} is not naturally aligned")]
@@ -108,10 +111,17 @@ pub trait Attempts {
     /// Called at the start of every attempt, after the request poll.
     #[inline]
     fn begin(&mut self) {}
-    /// Whether the retry that just happened counts towards [`RETRY_LIMIT`].
+    /// Whether the retry that just happened counts towards [`Self::limit`].
     #[inline]
     fn counts(&mut self) -> bool {
         true
+    }
+    /// Counted retries in a row after which the access fails as a livelock: [`RETRY_LIMIT`],
+    /// unless the caller knows that no other thread can end a retry streak (a replay, which
+    /// runs one vCPU and applies every event between accesses).
+    #[inline]
+    fn limit(&self) -> u32 {
+        RETRY_LIMIT
     }
 }
 
@@ -197,8 +207,8 @@ impl<'a, M: GuestMmu> HwVcpu<'a, M> {
                     if at.counts() {
                         counted += 1;
                     }
-                    if counted >= RETRY_LIMIT {
-                        return Outcome::Error(AccessError::Livelock { gpa });
+                    if counted >= at.limit() {
+                        return Outcome::Error(AccessError::Livelock { gpa, retries: counted });
                     }
                     if counted % YIELD_EVERY == 0 {
                         std::thread::yield_now();
@@ -374,7 +384,22 @@ mod tests {
         let host = SimHost::new(HostConfig::new(40)).expect("host");
         let mut v = HwVcpu::new(&Forever, &host, 0, 8);
         let o = v.access_with(Gpa(0), AccessKind::Read, &mut Excuse(0));
-        assert_eq!(o, Outcome::Error(AccessError::Livelock { gpa: Gpa(0) }));
+        assert_eq!(o, Outcome::Error(AccessError::Livelock { gpa: Gpa(0), retries: RETRY_LIMIT }));
         assert_eq!(v.retries(), u64::from(RETRY_LIMIT) + 1000);
+    }
+
+    #[test]
+    fn a_caller_that_runs_alone_sets_a_lower_limit() {
+        struct Alone;
+        impl Attempts for Alone {
+            fn limit(&self) -> u32 {
+                5
+            }
+        }
+        let host = SimHost::new(HostConfig::new(40)).expect("host");
+        let mut v = HwVcpu::new(&Forever, &host, 0, 8);
+        let o = v.access_with(Gpa(0), AccessKind::Read, &mut Alone);
+        assert_eq!(o, Outcome::Error(AccessError::Livelock { gpa: Gpa(0), retries: 5 }));
+        assert_eq!(v.retries(), 5);
     }
 }

@@ -36,7 +36,9 @@ fn stale_translations_and_stale_mmio_are_caught_on_recorded_boots() {
         (Bug::MmioSpteIgnoresGen, FormatKind::Npt, true),
         (Bug::VcpuCacheWithoutGen, FormatKind::Ept, true),
     ];
-    for name in ["hand-aliases-move-delete-rom", "seabios-kvm.small"] {
+    for name in
+        ["hand-aliases-move-delete-rom", "seabios-kvm.small", "q35-kvm.small", "vga13-kvm.small"]
+    {
         let t = trace(name);
         for (bug, format, caching) in cases {
             let clean = run(&t, format, caching, BugSet::NONE);

@@ -26,7 +26,7 @@
 use super::memory::{MemoryError, TraceMemory};
 use super::parse::{Dir, EventKind, Exit, MmioEvent, SlotEvent, Trace};
 use super::report::{Misclassified, Refusal, RunReport, KEEP};
-use crate::hw_vcpu::{Data, HwVcpu, Outcome as HwOutcome};
+use crate::hw_vcpu::{Attempts, Data, HwVcpu, Outcome as HwOutcome};
 use crate::oracle::{OracleReport, Violation};
 use crate::ram::Width;
 use crate::real::{RealMmu, RealMmuConfig};
@@ -147,6 +147,22 @@ struct Cpu<'a> {
     hw: Option<HwVcpu<'a, RealMmu>>,
 }
 
+/// The replay's retry policy: [`Attempts`] with a limit of [`SEQUENTIAL_RETRY_LIMIT`].
+struct Sequential;
+
+/// Counted retries in a row before a replay access fails as a livelock. The replay runs one
+/// vCPU and applies every event between its accesses, so no other thread can end a retry
+/// streak: an access that retries this often retries forever (a re-injected bug can do that),
+/// and waiting for the machine's general limit (`RETRY_LIMIT`, a million) only costs seconds
+/// per access.
+const SEQUENTIAL_RETRY_LIMIT: u32 = 10_000;
+
+impl Attempts for Sequential {
+    fn limit(&self) -> u32 {
+        SEQUENTIAL_RETRY_LIMIT
+    }
+}
+
 impl Cpu<'_> {
     /// One guest access. `perform`: touch RAM (own accesses, naturally aligned); recorded MMIO
     /// accesses are only classified.
@@ -157,13 +173,13 @@ impl Cpu<'_> {
         hw.enter_guest();
         let gpa = Gpa(gpa);
         let r = if perform && width.is_aligned(gpa.0) {
-            match hw.load_store(gpa, width, write) {
+            match hw.load_store_with(gpa, width, write, &mut Sequential) {
                 Data::Ram { value, .. } => Outcome::Ram(value),
                 Data::Mmio => Outcome::Mmio,
                 Data::Error(e) => Outcome::Error(e.to_string()),
             }
         } else {
-            match hw.access(gpa, AccessKind::from_write(write.is_some())) {
+            match hw.access_with(gpa, AccessKind::from_write(write.is_some()), &mut Sequential) {
                 HwOutcome::Ram(_) => Outcome::Ram(0),
                 HwOutcome::Mmio => Outcome::Mmio,
                 HwOutcome::Error(e) => Outcome::Error(e.to_string()),
