@@ -12,11 +12,15 @@ use crate::dirty::WriteProtect;
 use crate::host::Host;
 use crate::memslot::Memslot;
 use crate::spte::SpteFormat;
+use crate::stats::StripeKey;
 use crate::sync::Ordering;
 use crate::types::{AsId, Gfn, Level, Pfn};
 
 /// The write bit (bit 1 in both EPT and NPT leaves).
 const BIT_W: u64 = 1 << 1;
+/// The page-size bit of a huge leaf (bit 7 in both formats; PAT in an NPT 4 KiB leaf, which the
+/// MMU never sets).
+const BIT_LARGE: u64 = 1 << 7;
 
 impl<H: Host> TdpMmu<H> {
     /// Removes the write right from the leaf mapping `gfn` under every root of the slot's
@@ -60,10 +64,15 @@ impl<H: Host> TdpMmu<H> {
 }
 
 impl<H: Host> TdpMmu<H> {
-    /// KVM `kvm_mmu_slot_remove_write_access` when dirty logging starts on a slot: every leaf
-    /// mapping a gfn in `[start, end)` of `as_id` loses its write right (huge leaves whole: a
-    /// write fault then maps 4 KiB), and remote TLBs are flushed before this returns if one did.
-    /// Mappings stay present, so reads do not fault (and do not dirty pages, as in KVM).
+    /// KVM `kvm_mmu_slot_apply_flags` when dirty logging starts on a slot, with KVM's default
+    /// `eager_page_split`: every huge leaf meeting `[start, end)` of `as_id` is split into 4 KiB
+    /// leaves (`kvm_mmu_slot_try_split_huge_pages`), and every leaf mapping a gfn in the range
+    /// loses its write right (`kvm_mmu_slot_remove_write_access`); remote TLBs are flushed
+    /// before this returns if a leaf changed. Mappings stay present, so reads do not fault (and
+    /// do not dirty pages, as in KVM), also after a write fault in the same 2 MiB block (which
+    /// would zap a huge leaf, and make later reads there fault and map writable pages: dirty).
+    /// Where no table page can be had, the huge leaf is write-protected whole (KVM's split is
+    /// best effort too) and a write fault zaps it.
     pub(crate) fn write_protect_gfn_range(&self, as_id: AsId, start: Gfn, end: Gfn) {
         let roots = self.mmu_lock.write(&self.vcpus, &self.relax());
         let mut flush = false;
@@ -98,7 +107,16 @@ impl<H: Host> TdpMmu<H> {
                 continue;
             }
             if fmt.is_leaf(old, level) {
-                if fmt.is_writable(old) {
+                if let Some((child, lower)) = self.split_huge_leaf(old, level, Gfn(lo)) {
+                    // The children are read-only already; the link replaces a present leaf.
+                    let need =
+                        self.set_spte_locked(entry, old, fmt.make_nonleaf(child), level, Gfn(lo));
+                    flush |= need == FlushNeed::Remote;
+                    if lower > Level::L4K {
+                        // A 1 GiB leaf split into 2 MiB leaves: split those too.
+                        flush |= self.write_protect_table(child, lower, Gfn(lo), start, end);
+                    }
+                } else if fmt.is_writable(old) {
                     let need = self.set_spte_locked(entry, old, old & !BIT_W, level, Gfn(lo));
                     flush |= need == FlushNeed::Remote;
                 }
@@ -107,6 +125,37 @@ impl<H: Host> TdpMmu<H> {
             }
         }
         flush
+    }
+}
+
+impl<H: Host> TdpMmu<H> {
+    /// KVM `make_huge_page_split_spte` for every child: a new, unpublished table at the level
+    /// below `level` whose 512 leaves map the frames of the huge leaf `old` (which maps the
+    /// block at `base`) with its rights, the write right taken away. `None` for a 4 KiB leaf or
+    /// when no table page can be had. The caller holds the MMU lock exclusive and links the
+    /// table in place of `old`.
+    fn split_huge_leaf(&self, old: u64, level: Level, base: Gfn) -> Option<(Pfn, Level)> {
+        let lower = level.lower().filter(|_| level > Level::L4K)?;
+        let fmt = self.cfg.format;
+        let child = self.alloc_table()?;
+        // SAFETY: we allocated `child` and have not published it: no other thread can reach it.
+        let Some(table) = (unsafe { self.table(child) }) else {
+            debug_assert!(false, "table frame {child:?} unknown to the host");
+            self.free_unpublished_table(child);
+            return None;
+        };
+        let attrs = old & !fmt.addr_mask() & !BIT_W;
+        let attrs = if lower == Level::L4K { attrs & !BIT_LARGE } else { attrs };
+        let first = fmt.pfn(old).raw();
+        for (i, entry) in table.iter().enumerate() {
+            let frame = Pfn(first + i as u64 * lower.pages());
+            let spte = attrs | (frame.hpa() & fmt.addr_mask());
+            // Release by the link's store publishes these.
+            entry.store(spte, Ordering::Relaxed);
+            let gfn = base.raw() + i as u64 * lower.pages();
+            self.account_leaf(spte, lower, StripeKey::Gfn(gfn), 1);
+        }
+        Some((child, lower))
     }
 }
 
