@@ -224,20 +224,22 @@ impl<H: Host> Vcpu<H> {
         Ok(())
     }
 
-    /// INVLPG of `gva` (KVM `kvm_mmu_invlpg`): clears the MMIO cache entry of that page, and
-    /// zaps the shadow leaf for `gva` under the current and the previous roots. The hypervisor
-    /// also drops its own TLB entry for `gva`. In guest mode it leaves it first (a VM exit).
+    /// INVLPG of `gva` (KVM `kvm_mmu_invlpg` since v6.4, `kvm_mmu_invalidate_addr`): clears the
+    /// MMIO cache entry of that page. KVM then syncs the SPTE for `gva` only in unsync shadow
+    /// pages; this MMU keeps every shadowed table write-protected (no unsync pages: a guest
+    /// table write is trapped and reaches `track_write`, which already dropped what it changed),
+    /// so no shadow leaf is dropped. (Before v6.4 `FNAME(invlpg)` zapped the leaf; dropping it
+    /// here made the next read through it fault, and a read fault maps a written page writable,
+    /// which dirties it in a logged slot where /dev/kvm reports nothing.) The hypervisor also
+    /// drops its own TLB entry for `gva`. In guest mode it leaves it first (a VM exit).
     pub fn invlpg(&mut self, gva: Gva) -> Result<(), ShadowError> {
         self.exit_guest_mode();
         self.shadow_parts()?;
         self.stats.invlpg += 1;
         self.st.mmio_cache.clear_gva_page(gva.raw());
-        let (Some(shadow), Some(sv)) = (self.vm.shadow.as_ref(), self.st.shadow.as_ref()) else {
+        if self.vm.shadow.is_none() || self.st.shadow.is_none() {
             return Err(ShadowError::NotShadow);
-        };
-        let roots =
-            sv.root.into_iter().chain(sv.prev.iter().flatten().copied().map(ShadowRoot::from));
-        shadow.zap_gva(&self.vm.mmu, roots, gva);
+        }
         Ok(())
     }
 }
