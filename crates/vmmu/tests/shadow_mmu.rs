@@ -92,6 +92,28 @@ fn a_guest_write_to_its_page_table_is_write_protected_and_tracked() {
     assert!(st.mmu_pte_write >= 1, "{st:?}");
 }
 
+/// KVM since v6.4 (`kvm_mmu_invalidate_addr`): INVLPG syncs the SPTE only in unsync shadow
+/// pages. This MMU has none (every shadowed guest table is write-protected), so INVLPG keeps
+/// the synced leaf, and the next access through it translates with no fault (a fault would map a
+/// written page writable again and dirty it in a logged slot, which KVM does not).
+#[test]
+fn invlpg_keeps_a_synced_shadow_leaf() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    s.map4k(0x4000_0000, 0x20_0000, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    v.invlpg(Gva(0x4000_0000)).unwrap();
+    v.service_requests().unwrap();
+    v.enter_guest_mode().unwrap();
+    let walk = v.walk_gva(Gva(0x4000_0000), vmmu::Access::USER);
+    v.exit_guest_mode();
+    assert!(
+        matches!(walk, vmmu::tdp::HwWalk::Translated { pfn, .. } if pfn == ram_pfn(0x20_0000)),
+        "the shadow leaf is gone after INVLPG: {walk:?}"
+    );
+}
+
 #[test]
 fn cr3_switches_reuse_previous_roots_and_clear_the_gva_cache() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);
