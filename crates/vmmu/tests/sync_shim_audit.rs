@@ -95,3 +95,54 @@ fn core_uses_only_the_sync_shim() {
     }
     assert!(bad.is_empty(), "synchronisation outside crate::sync:\n{}", bad.join("\n"));
 }
+
+/// The modules that store into table pages (SPTEs of TDP and shadow tables).
+const TABLE_MODULES: &[&str] = &[
+    "tdp/change.rs",
+    "tdp/dirty.rs",
+    "tdp/map.rs",
+    "tdp/root.rs",
+    "tdp/walk.rs",
+    "tdp/zap.rs",
+    "shadow",
+];
+
+/// A type-stable host's leaf-table cache hit reads table memory with no read section and relies
+/// on every store into a table page being `Release` (`src/tdp/walk.rs`, "Type-stable hosts"):
+/// no store, swap, read-modify-write or compare-and-swap success ordering in the modules that
+/// write table entries may be `Relaxed`.
+#[test]
+fn table_stores_are_release() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    sources(&src, &mut files);
+    let table_files: Vec<_> = files
+        .iter()
+        .filter(|f| {
+            let rel = f.strip_prefix(&src).unwrap().to_string_lossy().replace('\\', "/");
+            TABLE_MODULES.iter().any(|m| rel.starts_with(m))
+        })
+        .collect();
+    assert!(table_files.len() >= TABLE_MODULES.len(), "found only {table_files:?}");
+    let writes = [".store(", ".swap(", ".fetch_", ".compare_exchange"];
+    let mut bad = Vec::new();
+    for f in table_files {
+        let text = std::fs::read_to_string(f).unwrap();
+        // Statements can span lines: judge each from its write call to the next `;`.
+        for (at, _) in text.match_indices('.') {
+            let rest = &text[at..];
+            if !writes.iter().any(|w| rest.starts_with(w)) {
+                continue;
+            }
+            let stmt = &rest[..rest.find(';').unwrap_or(rest.len())];
+            // The first ordering is the store's (or the success ordering of a compare-and-swap);
+            // a compare-and-swap's failure ordering is a load.
+            let first = stmt.find("Ordering::").map(|i| &stmt[i..]);
+            if first.is_some_and(|o| o.starts_with("Ordering::Relaxed")) {
+                let line = text[..at].lines().count();
+                bad.push(format!("{}:{line}: {}", f.display(), stmt.lines().next().unwrap_or("")));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "Relaxed stores into table memory:\n{}", bad.join("\n"));
+}

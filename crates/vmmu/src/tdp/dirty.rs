@@ -150,8 +150,10 @@ impl<H: Host> TdpMmu<H> {
         for (i, entry) in table.iter().enumerate() {
             let frame = Pfn(first + i as u64 * lower.pages());
             let spte = attrs | (frame.hpa() & fmt.addr_mask());
-            // Release by the link's store publishes these.
-            entry.store(spte, Ordering::Relaxed);
+            // The link's Release store publishes these. Release here too: the page may be a
+            // reused frame that a type-stable leaf-cache hit reads without a section, and every
+            // store into table memory after a free must be Release (`walk.rs`).
+            entry.store(spte, Ordering::Release);
             let gfn = base.raw() + i as u64 * lower.pages();
             self.account_leaf(spte, lower, StripeKey::Gfn(gfn), 1);
         }
