@@ -601,6 +601,7 @@ impl Machine for KvmMachine {
             source: std::io::Error::other("larger than the address space"),
         })?;
         let m = Mapping::new(size).map_err(|source| KvmError::Mmap { size: decl.size, source })?;
+        m.no_huge_pages().map_err(|source| KvmError::Mmap { size: decl.size, source })?;
         self.bufs.push(m);
         Ok(())
     }

@@ -113,6 +113,29 @@ impl Mapping {
         unsafe { std::sync::atomic::AtomicU64::from_ptr(self.base.as_ptr().add(offset).cast()) }
     }
 
+    /// `madvise(MADV_NOHUGEPAGE)` over the whole buffer: the kernel backs it with 4 KiB pages
+    /// only, whatever the host's transparent-huge-page setting (`always` would otherwise give a
+    /// 2 MiB-aligned part a huge page on first touch, zero-filled and writable as a whole, and
+    /// let KVM map it with one 2 MiB leaf). Scenario observations about which pages a read
+    /// dirties depend on that, and the recordings and the software machine assume 4 KiB pages.
+    /// A kernel without THP refuses the advice (`EINVAL`) and has no huge pages anyway, so that
+    /// error counts as success.
+    pub fn no_huge_pages(&self) -> io::Result<()> {
+        // SAFETY: the range is exactly this private anonymous mapping's accessible part; the
+        // advice changes how later faults are backed, not what the memory holds.
+        let r =
+            unsafe { libc::madvise(self.base.as_ptr().cast(), self.len, libc::MADV_NOHUGEPAGE) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINVAL) {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    }
+
     /// `madvise(MADV_DONTNEED)` of `len` bytes at `offset` (page-aligned): the pages are
     /// dropped, KVM's MMU notifier zaps their SPTEs, the next touch faults in zeroed pages.
     pub fn dontneed(&self, offset: usize, len: usize) -> io::Result<()> {
@@ -155,5 +178,25 @@ mod tests {
         assert!(m.contains(m.addr() + 8184, 8));
         assert!(!m.contains(m.addr() + 8188, 8));
         assert!(!m.contains(m.addr() - 1, 1));
+    }
+
+    /// The advice lands on the buffer's VMA (`nh` in its smaps VmFlags where the kernel has
+    /// THP) and leaves the memory as it was.
+    #[test]
+    fn no_huge_pages_marks_the_mapping() {
+        let m = Mapping::new(4 << 20).unwrap();
+        m.write_bytes(0x1000, &[7]);
+        m.no_huge_pages().unwrap();
+        let mut b = [0u8; 2];
+        m.read_bytes(0x1000, &mut b);
+        assert_eq!(b, [7, 0]);
+        if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+            return;
+        }
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let start = format!("{:x}-", m.addr());
+        let vma = smaps.split('\n').skip_while(|l| !l.starts_with(&start));
+        let flags = vma.skip(1).find(|l| l.starts_with("VmFlags:")).unwrap().to_string();
+        assert!(flags.split_whitespace().any(|f| f == "nh"), "{flags}");
     }
 }
