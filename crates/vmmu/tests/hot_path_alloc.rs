@@ -7,11 +7,12 @@
 
 mod common;
 
-use common::{region, vm_with, RAM_HVA};
+use common::{region, test_frames, vm_on, RAM_HVA};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
 use vmmu::fault::{EmulateSource, FaultOutcome};
 use vmmu::spte::FormatKind;
+use vmmu::testing::TestHost;
 use vmmu::vm::VmConfig;
 use vmmu::{FaultAccess, Gpa};
 
@@ -58,10 +59,16 @@ fn allocations(n: usize, mut f: impl FnMut()) -> u64 {
 
 #[test]
 fn mmio_hot_paths_allocate_nothing() {
-    for caching in [true, false] {
+    // Caching on with both hosts: a type-stable one answers the leaf-table cache hit without a
+    // table read section, the other inside one.
+    for (caching, type_stable) in [(true, false), (true, true), (false, false)] {
         let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
         cfg.mmio_caching = caching;
-        let (vm, _host) = vm_with(cfg);
+        let host = match type_stable {
+            true => TestHost::new_type_stable(test_frames()),
+            false => TestHost::new(test_frames()),
+        };
+        let (vm, _host) = vm_on(cfg, host);
         vm.set_memory_region(&region(0, 0, 0x20_0000, RAM_HVA, 0)).unwrap();
         let mut v = vm.create_vcpu().unwrap();
         v.service_requests().unwrap();

@@ -23,8 +23,24 @@ pub fn vm(format: FormatKind) -> (Vm<TestHost>, Arc<TestHost>) {
 }
 
 pub fn vm_with(cfg: VmConfig) -> (Vm<TestHost>, Arc<TestHost>) {
-    // Fewer frames under Miri: each is 512 atomics, and the interpreter pays for every one.
-    let host = Arc::new(TestHost::new(if cfg!(miri) { 16 } else { 512 }));
+    vm_on(cfg, TestHost::new(test_frames()))
+}
+
+/// Table frames of the hosts of [`vm_with`] and [`vm_on`]: fewer under Miri, where each is 512
+/// atomics and the interpreter pays for every one.
+#[allow(dead_code)]
+pub fn test_frames() -> usize {
+    if cfg!(miri) {
+        16
+    } else {
+        512
+    }
+}
+
+/// [`vm_with`] on a host of the caller's (e.g. [`TestHost::new_type_stable`]).
+#[allow(dead_code)]
+pub fn vm_on(cfg: VmConfig, host: TestHost) -> (Vm<TestHost>, Arc<TestHost>) {
+    let host = Arc::new(host);
     // 1 GiB of host RAM, identity hva -> pfn, mapped with 2 MiB pages where aligned.
     host.map(RAM_HVA, 1 << 30, RAM_HVA >> 12, Level::L2M, true);
     (Vm::new(cfg, host.clone()).unwrap(), host)
