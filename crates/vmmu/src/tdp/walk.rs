@@ -250,6 +250,7 @@ impl<H: Host> TdpMmu<H> {
         root_pfn: Pfn,
         gfn: Gfn,
     ) -> Option<u64> {
+        debug_assert!(self.host.type_stable_tables(), "a sectionless hit on a host that is not");
         // Acquire: as in `walk_lockless_cached`.
         let epoch = self.table_epoch.load(Ordering::Acquire);
         let table = cache.lookup::<false>(root_pfn, gfn, epoch, self.cfg.bugs, &*self.host)?;
