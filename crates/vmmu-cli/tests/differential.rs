@@ -13,7 +13,9 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use vmmu_kvm::KvmBackend;
 use vmmu_scenario::diff::{compare, run_source, Outcome};
-use vmmu_scenario::generate::{paging_scenario, scenario, GenScenario};
+use vmmu_scenario::generate::{
+    paging_scenario, scenario, wide_paging_scenario, wide_scenario, GenScenario,
+};
 use vmmu_scenario::{
     parse, to_text, Backend, DirtyLogResult, Observation, ReadExit, SlotResult, Verdict,
     VerdictLine,
@@ -96,6 +98,10 @@ fn check_with(
 #[test]
 fn generated_scenarios_parse_and_round_trip() {
     check(TestRunner::new(config(500)), |g| parse_checked(&g).map(|_| ()));
+    check_with(TestRunner::new(config(200)), wide_scenario(), |g| parse_checked(&g).map(|_| ()));
+    check_with(TestRunner::new(config(200)), wide_paging_scenario(), |g| {
+        parse_checked(&g).map(|_| ())
+    });
 }
 
 /// What the reference side observed, over all cases: slot results and read exits.
@@ -110,6 +116,20 @@ struct Stats {
 
 #[test]
 fn generated_scenarios_agree_across_sides() {
+    v1_agree(proptest::strategy::Strategy::boxed(scenario()), true);
+}
+
+/// [`generated_scenarios_agree_across_sides`] over the wide generator (`generate::Flavor::Wide`:
+/// slots of up to 6 MiB, accesses at any page and around 2 MiB boundaries, denser dirty
+/// logging). `VMMU_DIFF_CASES` sets the count (default 200).
+#[test]
+fn generated_wide_scenarios_agree_across_sides() {
+    v1_agree(wide_scenario(), false);
+}
+
+/// Runs `cases()` scenarios of `strategy` on every side; with `mix`, asserts that KVM saw the
+/// mix of results the version 1 generator is meant to give.
+fn v1_agree(strategy: proptest::strategy::BoxedStrategy<GenScenario>, mix: bool) {
     let info = match vmmu_kvm::probe() {
         Ok(info) => info,
         Err(why) => {
@@ -120,7 +140,7 @@ fn generated_scenarios_agree_across_sides() {
     let n = cases();
     let stats = RefCell::new(Stats::default());
     let started = std::time::Instant::now();
-    check(TestRunner::new(config(n)), |mut g| {
+    check_with(TestRunner::new(config(n)), strategy, |mut g| {
         if info.address_spaces < 2 {
             // This kernel has no SMM address space, so KVM would skip the case: compare the same
             // requests with one address space instead (as=1 requests are then EINVAL everywhere).
@@ -180,7 +200,7 @@ fn generated_scenarios_agree_across_sides() {
         st.reads,
         st.logs
     );
-    if n >= 50 {
+    if mix && n >= 50 {
         // The generator must keep KVM busy on both paths: accepted and refused requests, reads
         // of RAM and MMIO exits.
         let total: usize = st.results.values().sum();
@@ -314,6 +334,18 @@ fn tdp_dirty_log_differences_are_checked_under_shadow_paging() {
 /// sets the count (default 200).
 #[test]
 fn generated_paging_scenarios_agree_across_sides() {
+    paging_agree(paging_scenario());
+}
+
+/// [`generated_paging_scenarios_agree_across_sides`] over the wide paging generator
+/// (`generate::Flavor::WidePaging`: 4K and 2M guest pages over any page of slots of up to
+/// 6 MiB, all 8 spaces, more `cr3` switches between memslot and dirty-log steps).
+#[test]
+fn generated_wide_paging_scenarios_agree_across_sides() {
+    paging_agree(wide_paging_scenario());
+}
+
+fn paging_agree(strategy: proptest::strategy::BoxedStrategy<GenScenario>) {
     let info = match vmmu_kvm::probe() {
         Ok(info) => info,
         Err(why) => {
@@ -325,7 +357,7 @@ fn generated_paging_scenarios_agree_across_sides() {
     let started = std::time::Instant::now();
     let faults = RefCell::new((0usize, 0usize, 0usize));
     let tdp_allowances = std::cell::Cell::new(0usize);
-    check_with(TestRunner::new(config(n)), paging_scenario(), |mut g| {
+    check_with(TestRunner::new(config(n)), strategy, |mut g| {
         if info.address_spaces < 2 {
             g.vm.address_spaces = 1;
         }

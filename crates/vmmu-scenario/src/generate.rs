@@ -36,6 +36,21 @@
 //! The printer never mixes page sizes in a 2 MiB region: before a `map` whose size differs from
 //! what is live there it prints the `unmap`s that clear the region, and an `unmap` takes the
 //! size of what is mapped (a 2M `unmap` of a region of 4K pages unmaps each of them).
+//!
+//! The version 1 and paging generators keep slots small (at most 16 pages) and accesses near
+//! their edges. [`Flavor::Wide`] ([`wide_scenario`]) and [`Flavor::WidePaging`]
+//! ([`wide_paging_scenario`]) mix those steps with what they never produce: buffers of 2 MiB,
+//! 2 MiB plus or minus a page, 4 and 6 MiB; slots of up to 6 MiB (512, 511, 513, 1024 pages or
+//! any) at 2 MiB boundaries or one, 256 or 511 pages past one, over a 16 MiB range that holds
+//! the small slots' grid, at buffer offsets of 0, 2 MiB, one page, 511 pages or any (so the
+//! host address is 2 MiB-aligned with the gpa or not); accesses at any page of a slot (pages
+//! the guest never touched) and within 16 bytes of its 2 MiB boundaries; dirty logging toggled
+//! on live slots, `dirty-log` twice as often, `clear-dirty-log` up to page 1984 with counts of
+//! up to 31 words; host writes anywhere in the large buffers; with paging, 4K and 2M guest pages
+//! over any page of a large slot, GVAs anywhere in a 2 MiB region, all 8 spaces and more `cr3`
+//! switches between memslot and dirty-log steps. Each wide file opens with one or two large
+//! slot requests. The existing generators' strategies are unchanged (the same seed gives the
+//! same files); the new recipe variants are written by the wide flavors only.
 
 use crate::step::{DirtyLogMode, Format, Paging, ACCESS_LIMIT, PAGE_SIZE, RESERVED_BELOW, SPACES};
 use proptest::prelude::*;
@@ -62,6 +77,13 @@ const GVA_BASE: u64 = 0x4000_0000;
 const HUGE_PAGE: u64 = 0x20_0000;
 /// Where [`GenMapGpa::Hole`] pages go (32 GiB): past the grid, between far slots.
 const HOLE_BASE: u64 = 0x8_0000_0000;
+/// Base of the 2 MiB regions the wide generators' large slots sit in: 4 MiB below the grid, so
+/// region 2 holds the grid and large slots collide with small ones.
+const BIG_BASE: u64 = GRID_BASE - 2 * HUGE_PAGE;
+/// Number of 2 MiB regions from [`BIG_BASE`] a large slot may start in.
+const BIG_REGIONS: u64 = 8;
+/// Largest size of a large slot, in pages (6 MiB; also bounded by its buffer).
+const BIG_PAGES: u64 = 0x600;
 /// Edge GVAs for 4-level paging (2 MiB aligned): PML4 entry 1, 8 MiB, the top 2 MiB of the
 /// lower half, the first 2 MiB above PML4 entry 256, the top 2 MiB of the address space.
 const EDGES_4LEVEL: [u64; 5] = [
@@ -101,6 +123,15 @@ pub enum Flavor {
     V1,
     /// Version 2 with guest paging: `paging=4level|pae`, `map`, `unmap`, `cr3`, GVA accesses.
     Paging,
+    /// [`Flavor::V1`]'s steps mixed with large slots (up to 6 MiB, 2 MiB-aligned or not, on
+    /// buffers of up to 6 MiB at 2 MiB-aligned or other offsets), accesses at any page of a slot
+    /// and around its 2 MiB boundaries, and denser dirty logging (GET, CLEAR far into large
+    /// slots, logging toggled on live slots).
+    Wide,
+    /// [`Flavor::Paging`]'s steps mixed with [`Flavor::Wide`]'s, plus 4K and 2M guest pages
+    /// over any page of large slots, GVAs anywhere in a 2 MiB region, all 8 spaces and more
+    /// `cr3` switches.
+    WidePaging,
 }
 
 /// A guest-virtual page choice (4K aligned; a 2M page takes the 2 MiB region around it).
@@ -110,6 +141,9 @@ pub enum GenGva {
     Near(u64, u64),
     /// Edge `e` of the paging mode (modulo their number) plus page `p % 4`.
     Edge(usize, u64),
+    /// `GVA_BASE + (r % 4) * 2 MiB + (p % 512) * 4 KiB`: any page of the regions of
+    /// [`GenGva::Near`] (wide generators only).
+    Wide(u64, u64),
 }
 
 /// A guest-physical page choice for a `map`.
@@ -126,6 +160,9 @@ pub enum GenMapGpa {
     Top,
     /// 8 MiB, the lowest page a map may name.
     Low,
+    /// Page `p` (modulo its pages, any of them) of the n-th most recent slot request of
+    /// non-zero size (wide generators only).
+    SlotPage(usize, u64),
 }
 
 /// A `map` step.
@@ -182,6 +219,9 @@ pub enum GenGpa {
     Misaligned(u64),
     /// Near 2^64: every non-zero size wraps.
     Wrap,
+    /// `BIG_BASE + (k % 8) * 2 MiB + (p % 512) * 4 KiB`: a 2 MiB boundary or pages past one
+    /// (wide generators only).
+    Big(u64, u64),
 }
 
 /// A slot size choice.
@@ -197,6 +237,9 @@ pub enum GenSize {
     Zero,
     /// 2^44 bytes: more pages than KVM allows.
     Huge,
+    /// `(n % 1536).max(1)` pages (up to 6 MiB), at most what the buffer has from the offset on
+    /// (wide generators only).
+    Big(u64),
 }
 
 /// A buffer offset choice.
@@ -274,6 +317,11 @@ pub enum GenPlace {
     After,
     /// `8 * k` bytes in (modulo its size).
     Inside(u64),
+    /// Page `p` (modulo its pages) plus `off % 4096` bytes (wide generators only).
+    Page(u64, u64),
+    /// `d - 16` bytes from the `(j % 3)`-th 2 MiB boundary above its start, in or past it
+    /// (wide generators only).
+    Boundary(u64, u64),
 }
 
 /// Which slot a dirty-log step names.
@@ -294,6 +342,8 @@ pub enum GenFirst {
     Aligned(u64),
     /// Page `64 * k + 1` (refused).
     Misaligned(u64),
+    /// Page `64 * (k % 32)`: far into a large slot (wide generators only).
+    Far(u64),
 }
 
 /// `count=` of a `clear-dirty-log`.
@@ -305,6 +355,8 @@ pub enum GenCount {
     ToEnd,
     /// `n` pages (odd counts: refused unless they end at the slot's end).
     Pages(u32),
+    /// `64 * (k % 32)` pages (wide generators only).
+    ManyWords(u32),
 }
 
 /// An access width choice, in bytes.
@@ -435,6 +487,7 @@ impl GenScenario {
             GenGpa::Top => ACCESS_LIMIT - 0x20_0000,
             GenGpa::Misaligned(k) => GRID_BASE + (k % 32) * GRID_STEP + PAGE_SIZE / 2,
             GenGpa::Wrap => WRAP_GPA,
+            GenGpa::Big(k, p) => BIG_BASE + (k % BIG_REGIONS) * HUGE_PAGE + (p % 512) * PAGE_SIZE,
         }
     }
 
@@ -456,6 +509,7 @@ impl GenScenario {
             GenSize::Misaligned(n) => (n % 16) * PAGE_SIZE + 16,
             GenSize::Zero => 0,
             GenSize::Huge => HUGE_SIZE,
+            GenSize::Big(n) => ((n % BIG_PAGES).max(1) * PAGE_SIZE).min(room),
         }
     }
 
@@ -528,6 +582,10 @@ impl GenScenario {
                     GenPlace::Before => r.gpa.wrapping_sub(w),
                     GenPlace::After => r.gpa.wrapping_add(size),
                     GenPlace::Inside(k) => r.gpa.wrapping_add((k * 8) % size),
+                    GenPlace::Page(p, off) => {
+                        r.gpa.wrapping_add((p % pages(size)) * PAGE_SIZE + off % PAGE_SIZE)
+                    }
+                    GenPlace::Boundary(j, d) => boundary(r.gpa, j, d),
                 }
             }
         };
@@ -673,6 +731,7 @@ impl GenScenario {
                     let first = match first {
                         GenFirst::Aligned(k) => 64 * (k % 4),
                         GenFirst::Misaligned(k) => 64 * (k % 4) + 1,
+                        GenFirst::Far(k) => 64 * (k % 32),
                     };
                     let count = match count {
                         GenCount::Words(k) => 64 * (k % 3),
@@ -680,6 +739,7 @@ impl GenScenario {
                             u32::try_from(npages.saturating_sub(first)).unwrap_or(u32::MAX)
                         }
                         GenCount::Pages(n) => n % 200,
+                        GenCount::ManyWords(k) => 64 * (k % 32),
                     };
                     log_line(&mut t, "clear-dirty-log", id, as_id);
                     let _ = writeln!(t, " first={first:#x} count={count}");
@@ -731,6 +791,11 @@ fn resolve_map_gpa(sized: &[Req], g: GenMapGpa, huge: bool) -> u64 {
         GenMapGpa::Hole(k) => HOLE_BASE + (k % 8) * HUGE_PAGE,
         GenMapGpa::Top => ACCESS_LIMIT - size,
         GenMapGpa::Low => RESERVED_BELOW,
+        GenMapGpa::SlotPage(_, _) if sized.is_empty() => GRID_BASE,
+        GenMapGpa::SlotPage(back, p) => {
+            let r = sized[sized.len() - 1 - back % sized.len()];
+            r.gpa.wrapping_add((p % pages(r.size).clamp(1, BIG_PAGES)) * PAGE_SIZE)
+        }
     };
     let a = raw & !(size - 1);
     if a >= RESERVED_BELOW && a.checked_add(size).is_some_and(|end| end <= ACCESS_LIMIT) {
@@ -773,6 +838,7 @@ impl Guest {
                 let edges = if self.paging == Paging::Pae { &EDGES_PAE } else { &EDGES_4LEVEL };
                 edges[e % edges.len()] + (p % 4) * PAGE_SIZE
             }
+            GenGva::Wide(r, p) => GVA_BASE + (r % 4) * HUGE_PAGE + (p % 512) * PAGE_SIZE,
         }
     }
 
@@ -880,6 +946,10 @@ impl Guest {
                     GenPlace::Before => gva.wrapping_sub(w),
                     GenPlace::After => gva.wrapping_add(size),
                     GenPlace::Inside(k) => gva.wrapping_add((k * 8) % size),
+                    GenPlace::Page(p, off) => {
+                        gva.wrapping_add((p % pages(size)) * PAGE_SIZE + off % PAGE_SIZE)
+                    }
+                    GenPlace::Boundary(j, d) => boundary(gva, j, d),
                 };
                 (a, gva)
             }
@@ -891,6 +961,12 @@ impl Guest {
             base
         }
     }
+}
+
+/// `d % 32 - 16` bytes from the `(j % 3)`-th 2 MiB boundary strictly above `start`.
+fn boundary(start: u64, j: u64, d: u64) -> u64 {
+    let first = (start | (HUGE_PAGE - 1)).wrapping_add(1);
+    first.wrapping_add((j % 3) * HUGE_PAGE).wrapping_add(d % 32).wrapping_sub(16)
 }
 
 fn width_bytes(w: GenWidth) -> u64 {
@@ -1208,7 +1284,222 @@ pub fn scenario_for(flavor: Flavor, max_steps: usize) -> BoxedStrategy<GenScenar
         )
             .prop_map(|(vm, mems, steps)| GenScenario { vm, mems, steps })
             .boxed(),
+        // The wide flavors open with one or two large slot requests, so that most later steps
+        // have one to aim at.
+        Flavor::Wide => (
+            gen_vm(),
+            proptest::collection::vec(gen_mem_size_wide(), 1..=3),
+            proptest::collection::vec(gen_slot_wide(), 1..=2),
+            proptest::collection::vec(gen_step_wide(), 0..=max_steps),
+        )
+            .prop_map(|(vm, mems, first, steps)| GenScenario {
+                vm,
+                mems,
+                steps: first.into_iter().map(GenStep::Slot).chain(steps).collect(),
+            })
+            .boxed(),
+        Flavor::WidePaging => (
+            gen_vm_paging(),
+            proptest::collection::vec(gen_mem_size_wide(), 1..=3),
+            proptest::collection::vec(gen_slot_wide(), 1..=2),
+            proptest::collection::vec(gen_step_paging_wide(), 0..=max_steps),
+        )
+            .prop_map(|(vm, mems, first, steps)| GenScenario {
+                vm,
+                mems,
+                steps: first.into_iter().map(GenStep::Slot).chain(steps).collect(),
+            })
+            .boxed(),
     }
+}
+
+/// Random [`Flavor::Wide`] scenarios (version 1, large slots), of up to 40 steps.
+pub fn wide_scenario() -> BoxedStrategy<GenScenario> {
+    scenario_for(Flavor::Wide, 40)
+}
+
+/// Random [`Flavor::WidePaging`] scenarios (guest paging over large slots), of up to 40 steps.
+pub fn wide_paging_scenario() -> BoxedStrategy<GenScenario> {
+    scenario_for(Flavor::WidePaging, 40)
+}
+
+/// Buffer sizes of the wide generators: 2 MiB and a page more or less, 4 and 6 MiB, and now and
+/// then the small ones.
+fn gen_mem_size_wide() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        3 => Just(0x20_0000u64),
+        2 => Just(0x20_1000),
+        1 => Just(0x1f_f000),
+        3 => Just(0x40_0000),
+        1 => Just(0x60_0000),
+        2 => gen_mem_size(),
+    ]
+}
+
+/// A page within a 2 MiB region: its first, second, middle or last, or any.
+fn gen_region_page() -> impl Strategy<Value = u64> {
+    prop_oneof![4 => Just(0u64), 1 => Just(1), 1 => Just(256), 1 => Just(511), 2 => 0u64..512]
+}
+
+fn gen_gpa_wide() -> impl Strategy<Value = GenGpa> {
+    prop_oneof![
+        4 => (0u64..BIG_REGIONS, gen_region_page()).prop_map(|(k, p)| GenGpa::Big(k, p)),
+        1 => gen_gpa(),
+    ]
+}
+
+fn gen_size_wide() -> impl Strategy<Value = GenSize> {
+    prop_oneof![
+        2 => Just(GenSize::Big(512)),
+        1 => Just(GenSize::Big(511)),
+        1 => Just(GenSize::Big(513)),
+        1 => Just(GenSize::Big(1024)),
+        3 => (1u64..BIG_PAGES).prop_map(GenSize::Big),
+        2 => Just(GenSize::Whole),
+        1 => gen_size(),
+    ]
+}
+
+/// Buffer offsets: 0, 2 MiB, a page or a page short of 2 MiB (the host address then is not
+/// 2 MiB-aligned with the gpa), any page, now and then misaligned.
+fn gen_offset_wide() -> impl Strategy<Value = GenOffset> {
+    prop_oneof![
+        4 => Just(GenOffset::Page(0)),
+        1 => Just(GenOffset::Page(512)),
+        1 => Just(GenOffset::Page(1)),
+        1 => Just(GenOffset::Page(511)),
+        2 => (0u64..BIG_PAGES).prop_map(GenOffset::Page),
+        1 => gen_offset(),
+    ]
+}
+
+fn gen_slot_wide() -> impl Strategy<Value = GenSlot> {
+    (gen_id(), gen_as(), gen_gpa_wide(), gen_size_wide(), 0usize..3, gen_offset_wide(), 0u8..8)
+        .prop_map(|(id, as_id, gpa, size, mem, offset, f)| GenSlot {
+            id,
+            as_id,
+            gpa,
+            size,
+            mem,
+            offset,
+            // Read-only in one request of eight, dirty logging in five.
+            readonly: f < 1,
+            dirty_log: (1..6).contains(&f),
+        })
+}
+
+fn gen_change_wide() -> impl Strategy<Value = GenChange> {
+    prop_oneof![
+        1 => Just(GenChange::Same),
+        3 => gen_gpa_wide().prop_map(GenChange::Move),
+        // Logging toggled on a live slot (read-only kept off: a toggle is refused).
+        4 => any::<bool>().prop_map(|dirty_log| GenChange::Flags { readonly: false, dirty_log }),
+        2 => Just(GenChange::Delete),
+        1 => gen_size_wide().prop_map(GenChange::Resize),
+        1 => gen_change(),
+    ]
+}
+
+fn gen_place_wide() -> impl Strategy<Value = GenPlace> {
+    prop_oneof![
+        2 => Just(GenPlace::First),
+        2 => Just(GenPlace::Last),
+        1 => Just(GenPlace::Before),
+        1 => Just(GenPlace::After),
+        5 => (0u64..BIG_PAGES, 0u64..PAGE_SIZE).prop_map(|(p, o)| GenPlace::Page(p, o)),
+        3 => (0u64..3, 0u64..32).prop_map(|(j, d)| GenPlace::Boundary(j, d)),
+    ]
+}
+
+fn gen_target_wide() -> impl Strategy<Value = GenTarget> {
+    prop_oneof![
+        6 => (recent(), gen_place_wide()).prop_map(|(i, p)| GenTarget::Slot(i, p)),
+        1 => gen_target(),
+    ]
+}
+
+fn gen_first_wide() -> impl Strategy<Value = GenFirst> {
+    prop_oneof![
+        3 => Just(GenFirst::Aligned(0)),
+        3 => (0u64..32).prop_map(GenFirst::Far),
+        1 => gen_first(),
+    ]
+}
+
+fn gen_count_wide() -> impl Strategy<Value = GenCount> {
+    prop_oneof![
+        3 => Just(GenCount::ToEnd),
+        2 => (1u32..32).prop_map(GenCount::ManyWords),
+        1 => gen_count(),
+    ]
+}
+
+/// Boxed: nesting the composite step strategies unboxed overflows a debug build's stack when a
+/// value tree is made.
+fn gen_step_wide() -> BoxedStrategy<GenStep> {
+    prop_oneof![
+        6 => gen_step().boxed(),
+        6 => gen_slot_wide().prop_map(GenStep::Slot),
+        3 => (recent(), gen_change_wide()).prop_map(|(i, c)| GenStep::Reuse(i, c)),
+        4 => (0u32..4, gen_target_wide(), gen_width())
+            .prop_map(|(vcpu, at, width)| GenStep::Read { vcpu, at, width }),
+        5 => (0u32..4, gen_target_wide(), gen_width(), any::<u64>())
+            .prop_map(|(vcpu, at, width, value)| GenStep::Write { vcpu, at, width, value }),
+        5 => gen_log_slot().prop_map(GenStep::DirtyLog),
+        3 => (gen_log_slot(), gen_first_wide(), gen_count_wide())
+            .prop_map(|(s, f, c)| GenStep::ClearDirtyLog(s, f, c)),
+        1 => (0usize..3, 0u64..0x60_0000, gen_width(), any::<u64>())
+            .prop_map(|(m, o, w, v)| GenStep::HostWrite(m, o, w, v)),
+    ]
+    .boxed()
+}
+
+fn gen_gva_wide() -> impl Strategy<Value = GenGva> {
+    prop_oneof![
+        3 => (0u64..4, 0u64..512).prop_map(|(r, p)| GenGva::Wide(r, p)),
+        2 => gen_gva(),
+    ]
+}
+
+fn gen_map_wide() -> impl Strategy<Value = GenMap> {
+    (
+        prop_oneof![1 => gen_space(), 1 => 0u8..SPACES],
+        gen_gva_wide(),
+        prop_oneof![
+            6 => (recent(), 0u64..BIG_PAGES).prop_map(|(b, p)| GenMapGpa::SlotPage(b, p)),
+            2 => gen_map_gpa(),
+        ],
+        proptest::bool::weighted(0.4),
+        proptest::bool::weighted(0.15),
+        proptest::bool::weighted(0.05),
+        proptest::bool::weighted(0.03),
+    )
+        .prop_map(|(space, gva, gpa, huge, readonly, supervisor, reserved)| GenMap {
+            space,
+            gva,
+            gpa,
+            huge,
+            readonly,
+            supervisor,
+            reserved,
+        })
+}
+
+fn gen_step_paging_wide() -> BoxedStrategy<GenStep> {
+    prop_oneof![
+        4 => gen_step_paging().boxed(),
+        4 => gen_step_wide(),
+        5 => gen_map_wide().prop_map(GenStep::Map),
+        1 => (0u8..SPACES, gen_gva_wide(), proptest::bool::weighted(0.3))
+            .prop_map(|(space, gva, huge)| GenStep::Unmap { space, gva, huge }),
+        3 => (0u32..4, 0u8..SPACES).prop_map(|(vcpu, space)| GenStep::Cr3 { vcpu, space }),
+        2 => gen_log_slot().prop_map(GenStep::DirtyLog),
+        3 => (0u32..4, gen_target_wide(), gen_width())
+            .prop_map(|(vcpu, at, width)| GenStep::Read { vcpu, at, width }),
+        3 => (0u32..4, gen_target_wide(), gen_width(), any::<u64>())
+            .prop_map(|(vcpu, at, width, value)| GenStep::Write { vcpu, at, width, value }),
+    ]
+    .boxed()
 }
 
 /// Random version 2 scenarios with guest paging, of up to 40 steps.
@@ -1577,5 +1868,101 @@ mod tests {
         assert_eq!(g.text(), want);
         assert_eq!(format!("{g:?}"), format!("scenario file:\n{want}"));
         parse(want).unwrap();
+    }
+
+    fn wide_samples(flavor: Flavor, n: usize) -> Vec<GenScenario> {
+        let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &[11; 32]);
+        let mut runner = TestRunner::new_with_rng(Config::default(), rng);
+        let s = scenario_for(flavor, 40);
+        (0..n).map(|_| s.new_tree(&mut runner).unwrap().current()).collect()
+    }
+
+    proptest! {
+        #![proptest_config(Config::with_cases(200))]
+        /// The wide flavors keep the printer's promises: files parse, accepted slots are backed.
+        #[test]
+        fn wide_text_parses_and_accepted_slots_are_backed(
+            g in prop_oneof![scenario_for(Flavor::Wide, 40), scenario_for(Flavor::WidePaging, 40)]
+        ) {
+            let text = g.text();
+            let s = parse(&text).map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
+            for step in &s.steps {
+                if let Op::Slot(op) = &step.op {
+                    if op.size == 0 || statically_invalid(&s, op).is_some() {
+                        continue;
+                    }
+                    let m = op.mem.as_ref().expect("non-zero slot has mem");
+                    prop_assert!(m.offset + op.size <= s.mems[m.mem.0].size, "{}", text);
+                }
+            }
+            prop_assert_eq!(text, g.clone().text());
+        }
+    }
+
+    #[test]
+    fn wide_scenarios_reach_large_slots_2m_boundaries_far_pages_and_dense_logging() {
+        let (mut big, mut big_aligned, mut big_unaligned, mut host_unaligned) = (0, 0, 0, 0);
+        let (mut far, mut near_2m, mut far_clear, mut logs, mut toggles) = (0, 0, 0, 0, 0);
+        let (mut steps, mut huge_maps_in_big, mut cr3s) = (0usize, 0, 0);
+        for flavor in [Flavor::Wide, Flavor::WidePaging] {
+            for g in wide_samples(flavor, 300) {
+                let s = parse(&g.text()).unwrap();
+                let mut live: BTreeMap<u16, (u64, u64, bool)> = BTreeMap::new();
+                for step in &s.steps {
+                    steps += 1;
+                    match &step.op {
+                        Op::Slot(op) if statically_invalid(&s, op).is_none() => {
+                            if op.size >= HUGE_PAGE {
+                                big += 1;
+                                if op.gpa % HUGE_PAGE == 0 {
+                                    big_aligned += 1;
+                                } else {
+                                    big_unaligned += 1;
+                                }
+                                let off = op.mem.as_ref().map_or(0, |m| m.offset);
+                                host_unaligned += usize::from(off % HUGE_PAGE != 0);
+                            }
+                            if let Some(&(_, _, was)) = live.get(&op.id) {
+                                toggles += usize::from(op.size != 0 && was != op.flags.dirty_log);
+                            }
+                            live.insert(op.id, (op.gpa, op.size, op.flags.dirty_log));
+                        }
+                        Op::Read(ReadOp { gpa, .. }) | Op::Write(WriteOp { gpa, .. }) => {
+                            let into = |&(g, n, _): &(u64, u64, bool)| {
+                                (g..g.saturating_add(n)).contains(gpa) && gpa - g >= 16 * PAGE_SIZE
+                            };
+                            far += usize::from(live.values().any(into));
+                            let m = gpa % HUGE_PAGE;
+                            near_2m += usize::from(!(16..HUGE_PAGE - 16).contains(&m));
+                        }
+                        Op::ClearDirtyLog(c) => far_clear += usize::from(c.first >= 128),
+                        Op::DirtyLog(_) => logs += 1,
+                        Op::Map(m) if m.size == PageSize::Size2M => {
+                            huge_maps_in_big +=
+                                usize::from(live.values().any(|&(g, n, _)| {
+                                    n >= HUGE_PAGE && (g..g + n).contains(&m.gpa)
+                                }));
+                        }
+                        Op::Cr3(_) => cr3s += 1,
+                        _ => {}
+                    }
+                }
+            }
+        }
+        for (what, n) in [
+            ("slots of 2 MiB or more", big),
+            ("2 MiB-aligned large slots", big_aligned),
+            ("large slots off 2 MiB alignment", big_unaligned),
+            ("large slots at a buffer offset off 2 MiB", host_unaligned),
+            ("accesses past page 16 of a slot", far),
+            ("accesses within 16 bytes of a 2 MiB boundary", near_2m),
+            ("clears from page 128 on", far_clear),
+            ("logging toggled on a live slot", toggles),
+            ("2M guest maps into a large slot", huge_maps_in_big),
+            ("cr3 switches", cr3s),
+        ] {
+            assert!(n >= 50, "{n} {what}");
+        }
+        assert!(logs * 12 >= steps, "{logs} dirty-logs in {steps} steps");
     }
 }
