@@ -1157,17 +1157,29 @@ fn gen_width() -> impl Strategy<Value = GenWidth> {
 }
 
 fn gen_slot() -> impl Strategy<Value = GenSlot> {
-    (gen_id(), gen_as(), gen_gpa(), gen_size(), 0usize..3, gen_offset(), 0u8..8).prop_map(
-        |(id, as_id, gpa, size, mem, offset, f)| GenSlot {
+    // Read-only in one request of four, dirty logging in one of two.
+    slot_from(gen_gpa(), gen_size(), gen_offset(), 2)
+}
+
+/// A slot request with any id, address space and buffer, its gpa, size and buffer offset from
+/// the given strategies, and its flags from a draw `f` in `0..8`: read-only when
+/// `f < readonly_below`, else dirty logging when `f < 6`.
+fn slot_from(
+    gpa: impl Strategy<Value = GenGpa>,
+    size: impl Strategy<Value = GenSize>,
+    offset: impl Strategy<Value = GenOffset>,
+    readonly_below: u8,
+) -> impl Strategy<Value = GenSlot> {
+    (gen_id(), gen_as(), gpa, size, 0usize..3, offset, 0u8..8).prop_map(
+        move |(id, as_id, gpa, size, mem, offset, f)| GenSlot {
             id,
             as_id,
             gpa,
             size,
             mem,
             offset,
-            // Read-only in one request of four, dirty logging in one of two.
-            readonly: f < 2,
-            dirty_log: (2..6).contains(&f),
+            readonly: f < readonly_below,
+            dirty_log: (readonly_below..6).contains(&f),
         },
     )
 }
@@ -1374,18 +1386,8 @@ fn gen_offset_wide() -> impl Strategy<Value = GenOffset> {
 }
 
 fn gen_slot_wide() -> impl Strategy<Value = GenSlot> {
-    (gen_id(), gen_as(), gen_gpa_wide(), gen_size_wide(), 0usize..3, gen_offset_wide(), 0u8..8)
-        .prop_map(|(id, as_id, gpa, size, mem, offset, f)| GenSlot {
-            id,
-            as_id,
-            gpa,
-            size,
-            mem,
-            offset,
-            // Read-only in one request of eight, dirty logging in five.
-            readonly: f < 1,
-            dirty_log: (1..6).contains(&f),
-        })
+    // Read-only in one request of eight, dirty logging in five.
+    slot_from(gen_gpa_wide(), gen_size_wide(), gen_offset_wide(), 1)
 }
 
 fn gen_change_wide() -> impl Strategy<Value = GenChange> {
