@@ -41,12 +41,23 @@ const Y: u64 = X + 1;
 const RAM_HVA: u64 = 0x4000_0000;
 
 fn vm_with(bugs: BugSet, frames: usize, generation_base: u64) -> (Vm<TestHost>, Arc<TestHost>) {
+    vm_on(bugs, TestHost::new(frames), 1, generation_base)
+}
+
+/// An EPT VM with one address space and `max_vcpus` vCPUs on `host`, with the host RAM page
+/// mapped.
+fn vm_on(
+    bugs: BugSet,
+    host: TestHost,
+    max_vcpus: usize,
+    generation_base: u64,
+) -> (Vm<TestHost>, Arc<TestHost>) {
     let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
-    cfg.max_vcpus = 1;
+    cfg.max_vcpus = max_vcpus;
     cfg.nr_address_spaces = 1;
     cfg.generation_base = generation_base;
     cfg.bugs = bugs;
-    let host = Arc::new(TestHost::new(frames));
+    let host = Arc::new(host);
     host.map(RAM_HVA, 0x1000, RAM_HVA >> 12, Level::L4K, true);
     (Vm::new(cfg, host.clone()).unwrap(), host)
 }
@@ -333,12 +344,7 @@ const STABLE_REUSER: u64 = STABLE_TARGET + 512;
 
 fn type_stable_hit_vs_zap_and_reuse(bugs: BugSet) {
     model(move || {
-        let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
-        cfg.max_vcpus = 2;
-        cfg.nr_address_spaces = 1;
-        cfg.bugs = bugs;
-        let host = Arc::new(TestHost::new_type_stable(8));
-        let vm = Vm::new(cfg, host.clone()).unwrap();
+        let (vm, _host) = vm_on(bugs, TestHost::new_type_stable(8), 2, 0);
         let mut v = vcpu(&vm);
         let mut other = vcpu(&vm);
         for g in X..=STABLE_TARGET {
