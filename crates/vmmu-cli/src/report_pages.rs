@@ -73,13 +73,24 @@ pub fn run_page(flags: &[(&str, String)], runs: &[(&str, &Report)]) -> String {
                     v.mmio_device.to_string(),
                     v.mmio_userspace.to_string(),
                     v.retries.to_string(),
+                    v.gave_way.to_string(),
                     v.errors.to_string(),
                 ]
             })
             .collect();
         p.table(
             "vcpus",
-            &["vCPU", "accesses", "per s", "RAM", "device", "userspace exits", "retries", "errors"],
+            &[
+                "vCPU",
+                "accesses",
+                "per s",
+                "RAM",
+                "device",
+                "userspace exits",
+                "retries",
+                "gave way",
+                "errors",
+            ],
             &rows,
         );
         let e = &r.exits;

@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use vmmu::bugs::BugSet;
 use vmmu::spte::FormatKind;
+use vmmu_sim::host::ReaderFenceKind;
 use vmmu_sim::options::parse_seconds;
 use vmmu_sim::{Report, RunOptions};
 
@@ -69,6 +70,15 @@ pub enum Updates {
     Steady,
 }
 
+/// How the MMU's read sections are ordered against memslot updates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ReaderFences {
+    /// A full fence in every read section's entry (the default).
+    Full,
+    /// Compiler fences in readers; every grace period runs a process-wide `membarrier`.
+    Membarrier,
+}
+
 /// The machine's options of `vmmu run`.
 #[derive(Args, Clone, Debug, PartialEq)]
 pub struct MachineArgs {
@@ -113,6 +123,11 @@ pub struct MachineArgs {
     /// guest's tables two-dimensionally).
     #[arg(long = "guest-paging")]
     pub guest_paging: bool,
+    /// How the MMU's SRCU read sections (faults' memslot lookups, guest mode) are ordered
+    /// against grace periods: a full fence per section entry, or a `membarrier(2)` per grace
+    /// period (falls back to full fences where the kernel lacks it). See BENCHMARKS.md.
+    #[arg(long = "reader-fences", value_enum, default_value_t = ReaderFences::Full)]
+    pub reader_fences: ReaderFences,
 }
 
 /// Options of `vmmu run`.
@@ -179,6 +194,10 @@ impl RunArgs {
             bugs,
             shadow: o.format == Format::Shadow,
             guest_paging: o.guest_paging,
+            reader_fences: match o.reader_fences {
+                ReaderFences::Full => ReaderFenceKind::Full,
+                ReaderFences::Membarrier => ReaderFenceKind::Membarrier,
+            },
             timeline: self.report.is_some(),
             dirty_log: self.dirty_log.map(|m| match m {
                 DirtyLog::Auto => vmmu_sim::migration::DirtyLogMode::Auto,
@@ -210,6 +229,7 @@ impl RunArgs {
             ),
             ("--rounds", self.rounds.to_string()),
             ("--seed", o.seed.to_string()),
+            ("--reader-fences", format!("{:?}", o.reader_fences).to_lowercase()),
             ("--updates", updates),
             ("--churn", self.churn.map_or("none".into(), |n| n.to_string())),
             ("--stress-paths", o.stress_paths.to_string()),

@@ -40,8 +40,8 @@ impl fmt::Display for Text<'_> {
         for v in &r.vcpus {
             writeln!(
                 f,
-                "  vcpu {}: {} accesses ({:.0}/s), ram {}, device {}, userspace exits {}, retries {}, errors {}",
-                v.index, v.accesses, v.accesses_per_sec, v.ram, v.mmio_device, v.mmio_userspace, v.retries, v.errors
+                "  vcpu {}: {} accesses ({:.0}/s), ram {}, device {}, userspace exits {}, retries {}, gave way {}, errors {}",
+                v.index, v.accesses, v.accesses_per_sec, v.ram, v.mmio_device, v.mmio_userspace, v.retries, v.gave_way, v.errors
             )?;
         }
         let e = &r.exits;

@@ -134,6 +134,7 @@ pub struct HwVcpu<'a, M: GuestMmu> {
     state: M::Vcpu,
     tlb: Tlb,
     retries: u64,
+    gave_way: u64,
 }
 
 impl<'a, M: GuestMmu> HwVcpu<'a, M> {
@@ -145,7 +146,7 @@ impl<'a, M: GuestMmu> HwVcpu<'a, M> {
 
     /// As [`HwVcpu::new`], with MMU state made earlier (e.g. on another thread, in vCPU order).
     pub fn with_state(mmu: &'a M, host: &'a SimHost, state: M::Vcpu, tlb_entries: usize) -> Self {
-        HwVcpu { mmu, host, state, tlb: Tlb::new(tlb_entries), retries: 0 }
+        HwVcpu { mmu, host, state, tlb: Tlb::new(tlb_entries), retries: 0, gave_way: 0 }
     }
 
     /// Enters guest mode (KVM: `vcpu->mode = IN_GUEST_MODE`; requests are seen at the next poll).
@@ -158,6 +159,27 @@ impl<'a, M: GuestMmu> HwVcpu<'a, M> {
     #[inline]
     pub fn exit_guest(&mut self) {
         self.mmu.exit_guest(&mut self.state);
+    }
+
+    /// Between two accesses in guest mode: if a thread waits in the host's wait loop (a memslot
+    /// update's grace period, a remote flush), leaves guest mode, yields the CPU once and enters
+    /// guest mode again, as a KVM vCPU thread that is scheduled out leaves guest mode
+    /// ([`crate::handoff`] says why). Returns whether it gave way. One relaxed load otherwise.
+    #[inline]
+    pub fn give_way(&mut self) -> bool {
+        if !self.host.handoff().someone_waits() {
+            return false;
+        }
+        self.exit_guest();
+        std::thread::yield_now();
+        self.enter_guest();
+        self.gave_way += 1;
+        true
+    }
+
+    /// Times [`Self::give_way`] gave way.
+    pub fn gave_way(&self) -> u64 {
+        self.gave_way
     }
 
     /// Handles the MMU's pending requests and kicks; flushes the TLB if asked and returns whether

@@ -39,6 +39,7 @@ mod anon;
 pub mod bus;
 mod error;
 pub mod guest_tables;
+pub mod handoff;
 pub mod host;
 pub mod hw_vcpu;
 pub mod layout;

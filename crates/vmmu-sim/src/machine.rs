@@ -229,6 +229,7 @@ struct VcpuCounters {
     mmio_userspace: u64,
     readonly_write: u64,
     retries: u64,
+    gave_way: u64,
     errors: u64,
     guest_page_faults: u64,
     /// MMIO handling latency (with `MachineConfig::timeline`).
@@ -613,6 +614,7 @@ impl Machine {
                 mmio_userspace: c.mmio_userspace,
                 readonly_write: c.readonly_write,
                 retries: c.retries,
+                gave_way: c.gave_way,
                 errors: c.errors,
                 tlb,
             });
@@ -790,6 +792,7 @@ fn vcpu_thread<'o, M: GuestMmu>(
                     r.wrote(a.gpa, ended_before);
                 }
                 checker.check(&a, &seen, start, end);
+                hw.give_way();
             }
             if cfg.timeline {
                 live.store(&sh.mmu.vcpu_exits(hw.state()));
@@ -813,6 +816,7 @@ fn vcpu_thread<'o, M: GuestMmu>(
         resume_unwind(panic);
     }
     c.retries = hw.retries();
+    c.gave_way = hw.gave_way();
     (c, hw.tlb_stats(), checker)
 }
 

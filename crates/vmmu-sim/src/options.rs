@@ -5,7 +5,7 @@
 //! exit codes) is the CLI's business (`crates/vmmu-cli`); [`RunOptions::validate`] applies the
 //! same ranges to options built in code.
 
-use crate::host::HostConfig;
+use crate::host::{HostConfig, ReaderFenceKind};
 use crate::machine::{Machine, MachineConfig, ProgressSnapshot, SimError, UpdateProfile};
 use crate::real::{RealMmu, RealMmuConfig};
 use crate::report::Report;
@@ -54,6 +54,8 @@ pub struct RunOptions {
     /// Guest paging with a TDP format (`--guest-paging`): the hardware walks the guest's tables
     /// two-dimensionally.
     pub guest_paging: bool,
+    /// How the MMU's SRCU readers are ordered against grace periods (the host's choice).
+    pub reader_fences: ReaderFenceKind,
     /// Record the report's [`Timeline`](crate::timeline::Timeline) (for `--report`).
     pub timeline: bool,
     /// Dirty logging on the RAM slots with a migration thread and its oracle (`--dirty-log`).
@@ -78,6 +80,7 @@ impl Default for RunOptions {
             bugs: BugSet::NONE,
             shadow: false,
             guest_paging: false,
+            reader_fences: ReaderFenceKind::Full,
             timeline: false,
             dirty_log: None,
         }
@@ -164,7 +167,10 @@ impl RunOptions {
             vcpus: usize::from(self.vcpus),
             seed: self.seed,
             duration: self.duration(),
-            host: HostConfig::new(self.phys_bits),
+            host: HostConfig {
+                reader_fences: self.reader_fences,
+                ..HostConfig::new(self.phys_bits)
+            },
             format: self.format,
             mmio_caching_requested: self.mmio_caching,
             stress_paths: self.stress_paths,

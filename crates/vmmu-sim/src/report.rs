@@ -131,6 +131,9 @@ pub struct VcpuReport {
     pub readonly_write: u64,
     /// Translations retried.
     pub retries: u64,
+    /// Times the vCPU left guest mode and yielded its CPU to a thread waiting for vCPUs
+    /// ([`crate::handoff`]).
+    pub gave_way: u64,
     /// Accesses the MMU failed.
     pub errors: u64,
     /// This vCPU's TLB.
