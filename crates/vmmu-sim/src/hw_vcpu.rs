@@ -40,6 +40,35 @@ pub const RETRY_LIMIT: u32 = 1_000_000;
 /// Counted retries between two yields.
 pub(crate) const YIELD_EVERY: u32 = 64;
 
+/// The retry policy's state for one access: how many retries counted so far (every user of the
+/// machine retries through this, so all follow [`RETRY_LIMIT`] and [`YIELD_EVERY`] alike).
+#[derive(Debug, Default)]
+pub(crate) struct RetryBudget {
+    counted: u32,
+}
+
+impl RetryBudget {
+    /// After an attempt that must be retried; `counts` says whether it counts towards `limit`.
+    /// Fails with the count once `limit` counted retries are reached. Yields the CPU every
+    /// [`YIELD_EVERY`]th counted retry, and at every excused one: an excused retry waits for a
+    /// memslot update in flight, and spinning it would keep the CPU from the updater (preempted
+    /// on this CPU, often) for the rest of the time slice.
+    pub(crate) fn retried(&mut self, counts: bool, limit: u32) -> Result<(), u32> {
+        if !counts {
+            std::thread::yield_now();
+            return Ok(());
+        }
+        self.counted += 1;
+        if self.counted >= limit {
+            return Err(self.counted);
+        }
+        if self.counted % YIELD_EVERY == 0 {
+            std::thread::yield_now();
+        }
+        Ok(())
+    }
+}
+
 /// Why an access failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AccessError {
@@ -203,7 +232,7 @@ impl<'a, M: GuestMmu> HwVcpu<'a, M> {
     pub fn access_with(&mut self, gpa: Gpa, kind: AccessKind, at: &mut impl Attempts) -> Outcome {
         let gfn = gpa.gfn();
         let write = kind.is_write();
-        let mut counted = 0u32;
+        let mut budget = RetryBudget::default();
         loop {
             self.poll();
             at.begin();
@@ -226,14 +255,8 @@ impl<'a, M: GuestMmu> HwVcpu<'a, M> {
                 Translation::Error(e) => return Outcome::Error(AccessError::Mmu(e)),
                 Translation::Retry => {
                     self.retries += 1;
-                    if at.counts() {
-                        counted += 1;
-                    }
-                    if counted >= at.limit() {
-                        return Outcome::Error(AccessError::Livelock { gpa, retries: counted });
-                    }
-                    if counted % YIELD_EVERY == 0 {
-                        std::thread::yield_now();
+                    if let Err(retries) = budget.retried(at.counts(), at.limit()) {
+                        return Outcome::Error(AccessError::Livelock { gpa, retries });
                     }
                 }
             }

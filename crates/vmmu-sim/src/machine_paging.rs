@@ -554,18 +554,16 @@ pub fn shadow_access<M: GuestMmu>(
     } else {
         vmmu::Access::USER
     };
-    let mut counted = 0u32;
+    let mut budget = crate::hw_vcpu::RetryBudget::default();
+    let mut first = true;
     loop {
-        // The machine's one retry policy (`hw_vcpu`): attempts while a memslot update is in
-        // flight are excused; the others count towards the livelock limit.
-        if attempt() {
-            counted += 1;
-            if counted >= crate::hw_vcpu::RETRY_LIMIT {
-                return ShadowAccess::Error(format!("access to {gva:#x} did not complete"));
-            }
-            if counted % crate::hw_vcpu::YIELD_EVERY == 0 {
-                std::thread::yield_now();
-            }
+        // The machine's one retry policy (`hw_vcpu`): retries while a memslot update is in
+        // flight are excused (and yield); the others count towards the livelock limit.
+        let counts = attempt();
+        if !core::mem::take(&mut first)
+            && budget.retried(counts, crate::hw_vcpu::RETRY_LIMIT).is_err()
+        {
+            return ShadowAccess::Error(format!("access to {gva:#x} did not complete"));
         }
         // The "IPI": pending requests make the vCPU leave guest mode and service them, and a
         // flush (asked for now or during any earlier entry, e.g. after an MMIO exit) empties
