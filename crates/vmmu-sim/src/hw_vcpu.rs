@@ -368,6 +368,32 @@ mod tests {
     }
 
     #[test]
+    fn a_vcpu_gives_way_only_while_someone_waits() {
+        let (host, mmu, _) = setup();
+        let mut v = HwVcpu::new(&mmu, &host, 0, 8);
+        v.enter_guest();
+        assert!(!v.give_way(), "nobody waits");
+        let waiting = host.handoff().announce();
+        assert!(v.give_way());
+        assert!(v.give_way());
+        drop(waiting);
+        assert!(!v.give_way());
+        assert_eq!(v.gave_way(), 2);
+    }
+
+    #[test]
+    fn retry_budget_counts_only_counted_retries() {
+        let mut b = RetryBudget::default();
+        for _ in 0..10 {
+            assert_eq!(b.retried(false, 3), Ok(()), "excused retries never fail");
+        }
+        assert_eq!(b.retried(true, 3), Ok(()));
+        assert_eq!(b.retried(false, 3), Ok(()));
+        assert_eq!(b.retried(true, 3), Ok(()));
+        assert_eq!(b.retried(true, 3), Err(3));
+    }
+
+    #[test]
     fn ram_through_the_tlb_mmio_and_flushes() {
         let (host, mmu, hva) = setup();
         let mut v = HwVcpu::new(&mmu, &host, 0, 8);
