@@ -141,6 +141,13 @@ pub trait Sched: Send + Sync {
     /// acknowledging a flush). Spin, yield, or park for a while: the host's choice, which it
     /// should make knowing how many runnable threads share its CPUs. The default yields to the OS
     /// scheduler with `std`, and spins with the CPU's pause hint without it.
+    ///
+    /// With more runnable threads than CPUs, the thread waited for is often the one this waiter
+    /// preempted, and a yield alone hands it the CPU for the rest of its time slice (Linux's
+    /// EEVDF charges the yielder a slice). A host whose vCPU threads can tell that someone waits
+    /// should have them leave guest mode and yield once between accesses, as a KVM vCPU thread
+    /// that is scheduled out leaves guest mode (the software machine does: `vmmu-sim`'s
+    /// `handoff` module).
     fn relax(&self) {
         crate::sync::DefaultRelax::default().relax();
     }
