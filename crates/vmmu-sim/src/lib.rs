@@ -6,6 +6,9 @@
 //! - [`tlb`]: a per-vCPU TLB of present leaf translations;
 //! - [`hw_vcpu`]: one simulated hardware vCPU (TLB, the MMU's walk and exits, guest mode, one
 //!   retry policy) that the machine, the scenario backend and trace replay all run accesses on;
+//! - [`handoff`]: threads waiting in the MMU's wait loops announce themselves, and vCPUs give
+//!   way to them between accesses (leave guest mode, yield once), so a memslot update does not
+//!   wait out the time slice of a vCPU it preempted;
 //! - [`bus`]: the MMIO bus, its register device and exit-to-userspace records;
 //! - [`seam`]: the [`GuestMmu`] trait the machine drives, and what an MMU reports;
 //! - [`slots`], [`reference`](mod@reference): a plain memslot table, a reference MMU built on it, and a broken
