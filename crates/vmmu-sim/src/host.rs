@@ -10,7 +10,10 @@
 //! - every pfn handed out is below `2^(phys_bits - 12)` and below the configured frame capacity;
 //!   pfn 0 is never handed out, so a zeroed SPTE never names a live frame;
 //! - a buffer's frames are contiguous; a buffer of 2 MiB or more is 2 MiB aligned both in host
-//!   virtual memory and in frame space, so [`HostPage::level`] can report 2 MiB blocks;
+//!   virtual memory and in frame space, so [`HostPage::level`] can report 2 MiB blocks. Except
+//!   with [`HostConfig::lazy_frames`]: then each page gets its frame on its first translation
+//!   (as Linux backs an anonymous mapping on first touch), frames are not contiguous and every
+//!   host page is 4 KiB;
 //! - RAM frames and table frames come from the same frame space and never overlap;
 //! - a buffer lives as long as the [`SimHost`]: a guest may hold translations to it at any time,
 //!   so it is never unmapped while the host exists (the machine has no MMU notifier);
@@ -65,6 +68,13 @@ pub struct HostConfig {
     /// dirty-logged slot). Writes through a translation and [`SimHost::host_wrote`] mark pages.
     /// Off: every read translation of a writable buffer is writable.
     pub track_writes: bool,
+    /// Give a buffer's pages their frames on first translation, as Linux gives the pages of an
+    /// anonymous mapping frames on first touch, instead of a contiguous run when the buffer is
+    /// made: buffers then cost frames only for the pages the MMU maps, so their total size is
+    /// not bounded by the frame capacity (a scenario's `mem` may be as large as on a real host).
+    /// Every host page is 4 KiB then ([`SimHost::set_huge_pages`] has no effect), and a
+    /// translation that finds the frame space full fails as unmapped (`-EFAULT`).
+    pub lazy_frames: bool,
 }
 
 impl HostConfig {
@@ -75,6 +85,7 @@ impl HostConfig {
             max_frames: 1 << 20,
             reader_fences: ReaderFenceKind::Full,
             track_writes: false,
+            lazy_frames: false,
         }
     }
 }
@@ -146,11 +157,20 @@ pub struct HostBuffer {
     /// The memory holding the buffer, held for its drop (which frees it).
     _mem: crate::anon::AnonMemory,
     len: u64,
-    first_pfn: Pfn,
+    frames: BufferFrames,
     host_writable: AtomicBool,
     /// Pages written since the buffer was made (one bit each), when the host tracks writes
     /// ([`HostConfig::track_writes`]).
     written: Option<Box<[std::sync::atomic::AtomicU64]>>,
+}
+
+/// Where a buffer's pages get their frames.
+#[derive(Debug)]
+enum BufferFrames {
+    /// Page `i` has frame `first + i`, all given when the buffer was made.
+    Contiguous(Pfn),
+    /// Page -> frame, given on the page's first translation ([`HostConfig::lazy_frames`]).
+    Lazy(Mutex<std::collections::HashMap<u64, Pfn>>),
 }
 
 // SAFETY: the buffer owns its allocation; every access to the bytes goes through atomic
@@ -180,9 +200,13 @@ impl HostBuffer {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-    /// The frame of its first page; page `i` has frame `first_pfn + i`.
-    pub fn first_pfn(&self) -> Pfn {
-        self.first_pfn
+    /// The frame of its first page, page `i` having frame `first_pfn + i`; `None` for a buffer
+    /// whose pages get frames on first translation ([`HostConfig::lazy_frames`]).
+    pub fn first_pfn(&self) -> Option<Pfn> {
+        match self.frames {
+            BufferFrames::Contiguous(first) => Some(first),
+            BufferFrames::Lazy(_) => None,
+        }
     }
     /// Whether `hva` lies inside the buffer.
     pub fn contains(&self, hva: Hva) -> bool {
@@ -404,7 +428,8 @@ impl SimHost {
             return Err(HostError::ZeroSize(name.to_string()));
         }
         let len = size.checked_next_multiple_of(PAGE_SIZE).ok_or(HostError::AllocFailed(size))?;
-        let huge = len >= SIZE_2M;
+        let lazy = self.config.lazy_frames;
+        let huge = len >= SIZE_2M && !lazy;
         let align = if huge { SIZE_2M } else { PAGE_SIZE };
         let npages = len / PAGE_SIZE;
         let mut buffers = self.buffers.write().unwrap_or_else(|e| e.into_inner());
@@ -414,7 +439,7 @@ impl SimHost {
         let mut st = self.lock_alloc();
         let first = if huge { st.next_pfn.next_multiple_of(PAGES_PER_2M) } else { st.next_pfn };
         let cap = self.frames.len() as u64;
-        if first.saturating_add(npages) > cap {
+        if !lazy && first.saturating_add(npages) > cap {
             return Err(HostError::OutOfFrames {
                 needed: npages,
                 available: cap.saturating_sub(st.next_pfn),
@@ -427,24 +452,35 @@ impl SimHost {
             .ok()
             .and_then(|l| crate::anon::AnonMemory::new(l, align as usize))
             .ok_or(HostError::AllocFailed(len))?;
-        st.next_pfn = first + npages;
-        drop(st);
-        for i in 0..npages {
-            let page = ptr.as_ptr() as usize + (i * PAGE_SIZE) as usize;
-            // Release: publishes the zeroed page to `ram_page` readers (see the module doc).
-            self.frames[(first + i) as usize].store(page | KIND_RAM, Ordering::Release);
-        }
+        let frames = if lazy {
+            drop(st);
+            BufferFrames::Lazy(Mutex::new(std::collections::HashMap::new()))
+        } else {
+            st.next_pfn = first + npages;
+            drop(st);
+            for i in 0..npages {
+                let page = ptr.as_ptr() as usize + (i * PAGE_SIZE) as usize;
+                // Release: publishes the zeroed page to `ram_page` readers (see the module doc).
+                self.frames[(first + i) as usize].store(page | KIND_RAM, Ordering::Release);
+            }
+            BufferFrames::Contiguous(Pfn(first))
+        };
+        let written = if self.config.track_writes {
+            let words =
+                usize::try_from(npages.div_ceil(64)).map_err(|_| HostError::AllocFailed(len))?;
+            Some(zeroed_atomics(words))
+        } else {
+            None
+        };
         let buf = Arc::new(HostBuffer {
             name: name.to_string(),
             index: buffers.len(),
             ptr,
             _mem: mem,
             len,
-            first_pfn: Pfn(first),
+            frames,
             host_writable: AtomicBool::new(true),
-            written: self.config.track_writes.then(|| {
-                (0..npages.div_ceil(64)).map(|_| std::sync::atomic::AtomicU64::new(0)).collect()
-            }),
+            written,
         });
         let at = buffers.partition_point(|b| b.hva() < buf.hva());
         buffers.insert(at, buf.clone());
@@ -582,6 +618,44 @@ impl SimHost {
     }
 }
 
+impl SimHost {
+    /// The frame of page `page` of `buf` (a [`BufferFrames::Lazy`] buffer, whose page -> frame
+    /// map is `given`), given now if the page has none yet; `None` when the frame space is full.
+    fn lazy_frame(
+        &self,
+        buf: &HostBuffer,
+        given: &Mutex<std::collections::HashMap<u64, Pfn>>,
+        page: u64,
+    ) -> Option<Pfn> {
+        let mut given = given.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&pfn) = given.get(&page) {
+            return Some(pfn);
+        }
+        let mut st = self.lock_alloc();
+        if st.next_pfn >= self.frames.len() as u64 {
+            return None;
+        }
+        let pfn = Pfn(st.next_pfn);
+        st.next_pfn += 1;
+        drop(st);
+        let at = buf.ptr.as_ptr() as usize + (page * PAGE_SIZE) as usize;
+        // Release: publishes the page to `ram_page` readers (see the module doc).
+        self.frames[pfn.0 as usize].store(at | KIND_RAM, Ordering::Release);
+        given.insert(page, pfn);
+        Some(pfn)
+    }
+}
+
+/// `n` zeroed atomic words, allocated as zeroed memory (which the system hands out lazily, so a
+/// large bitmap costs the pages used).
+fn zeroed_atomics(n: usize) -> Box<[AtomicU64]> {
+    let zeroed: Box<[u64]> = vec![0u64; n].into_boxed_slice();
+    // SAFETY: `AtomicU64` has the same size, alignment and bit validity as `u64` (its documented
+    // guarantee), so the allocation is a valid `[AtomicU64]` of the same length, and ownership
+    // moves from one box to the other.
+    unsafe { Box::from_raw(Box::into_raw(zeroed) as *mut [AtomicU64]) }
+}
+
 impl HostMemory for SimHost {
     fn translate(&self, hva: Hva, write: bool) -> Result<HostPage, HostFault> {
         let slow = self.slow_ns.load(Ordering::Relaxed);
@@ -608,7 +682,13 @@ impl HostMemory for SimHost {
             // own leaf (a write fault), so nothing else maps the old page.
             let _ = buf.mark_written(page);
         }
-        let pfn = Pfn(buf.first_pfn.0 + page);
+        let pfn = match &buf.frames {
+            BufferFrames::Contiguous(first) => Pfn(first.0 + page),
+            BufferFrames::Lazy(given) => {
+                let pfn = self.lazy_frame(buf, given, page).ok_or(HostFault::Unmapped(hva))?;
+                return Ok(HostPage { pfn, writable, level: Level::L4K });
+            }
+        };
         // A 2 MiB block maps this address if the naturally aligned 2 MiB block around it lies in
         // the buffer and hva and pfn agree modulo 2 MiB (then the block's frames are the aligned,
         // contiguous run the buffer owns).
@@ -818,11 +898,11 @@ mod tests {
         assert_eq!(small.len(), 2 * PAGE_SIZE);
         assert!(small.hva().is_page_aligned());
         assert_eq!(big.hva().0 % SIZE_2M, 0);
-        assert_eq!(big.first_pfn().0 % PAGES_PER_2M, 0);
+        assert_eq!(big.first_pfn().expect("contiguous").0 % PAGES_PER_2M, 0);
         assert_eq!(big.read(0x1234 & !7, Width::W8), Ok(0));
         for (off, want_level) in [(0, Level::L2M), (SIZE_2M + 0x5123, Level::L2M)] {
             let p = h.translate(Hva(big.hva().0 + off), false).expect("mapped");
-            assert_eq!(p.pfn, Pfn(big.first_pfn().0 + off / PAGE_SIZE));
+            assert_eq!(p.pfn, Pfn(big.first_pfn().expect("contiguous").0 + off / PAGE_SIZE));
             assert_eq!(p.level, want_level);
             let page = h.ram_page(p.pfn).expect("ram frame");
             assert_eq!(page.as_ptr() as u64, (big.hva().0 + off) & !(PAGE_SIZE - 1));
@@ -865,10 +945,39 @@ mod tests {
         assert_eq!(h.config().max_frames, 1 << 24);
         let h = host(36);
         let b = h.add_buffer("a", 1 << 20).expect("a");
-        assert!(b.first_pfn().0 + 256 <= 1 << 16);
+        assert!(b.first_pfn().expect("contiguous").0 + 256 <= 1 << 16);
         assert!(matches!(h.add_buffer("huge", 1 << 30), Err(HostError::OutOfFrames { .. })));
         assert_eq!(h.add_buffer("a", 4096).err(), Some(HostError::DuplicateName("a".into())));
         assert_eq!(h.add_buffer("z", 0).err(), Some(HostError::ZeroSize("z".into())));
+    }
+
+    #[test]
+    fn lazy_frames_are_given_on_first_translation_and_kept() {
+        let h =
+            SimHost::new(HostConfig { max_frames: 8, lazy_frames: true, ..HostConfig::new(36) })
+                .expect("host");
+        // Far more pages than frames: only translated pages take one.
+        let big = h.add_buffer("big", 1 << 34).expect("big");
+        let alias = h.add_buffer("small", 4 * SIZE_2M).expect("small");
+        assert_eq!(big.first_pfn(), None);
+        let at = |b: &HostBuffer, page: u64| Hva(b.hva().0 + page * PAGE_SIZE + 8);
+        let last = (1 << 34) / PAGE_SIZE - 1;
+        let p = h.translate(at(&big, last), true).expect("mapped");
+        assert_eq!(p.level, Level::L4K, "lazy frames are never a 2 MiB block");
+        assert_eq!(h.translate(at(&big, last), false).map(|q| q.pfn), Ok(p.pfn), "kept");
+        let page = h.ram_page(p.pfn).expect("ram frame");
+        assert_eq!(page.as_ptr() as u64, big.hva().0 + last * PAGE_SIZE);
+        let q = h.translate(at(&alias, 512), false).expect("mapped");
+        assert_ne!(q.pfn, p.pfn);
+        assert_eq!(q.level, Level::L4K);
+        let t = h.alloc_table(0).expect("table");
+        assert!(t != p.pfn && t != q.pfn, "tables and RAM share the frame space");
+        // Frames 1..8: three taken, four left; then translations of new pages fail.
+        for i in 0..4 {
+            assert!(h.translate(at(&big, i), false).is_ok());
+        }
+        assert_eq!(h.translate(at(&big, 9), false), Err(HostFault::Unmapped(at(&big, 9))));
+        assert!(h.translate(at(&big, last), false).is_ok(), "a page with a frame keeps it");
     }
 
     #[test]
@@ -917,9 +1026,12 @@ mod tests {
         let a = h.alloc_table(0x55).expect("a");
         let b = h.alloc_table(0).expect("b");
         assert_ne!(a, b);
-        assert_ne!(a, ram.first_pfn());
+        assert_ne!(a, ram.first_pfn().expect("contiguous"));
         assert!(h.ram_page(a).is_none(), "a table frame is not RAM");
-        assert!(h.table(ram.first_pfn()).is_none(), "a RAM frame is not a table");
+        assert!(
+            h.table(ram.first_pfn().expect("contiguous")).is_none(),
+            "a RAM frame is not a table"
+        );
         // SAFETY: `table(a)` is live until freed below; only this thread uses it.
         let ta = unsafe { h.table(a).expect("live").as_ref() };
         assert!(ta.iter().all(|e| e.load(Ordering::Relaxed) == 0x55));

@@ -36,8 +36,10 @@ const GUEST_MAXPHYADDR: u8 = 46;
 const TABLES_SLOT: u32 = 32760;
 
 /// Frames the scenario host may hand out (RAM and tables): 2^24 frames = 64 GiB of frame numbers,
-/// as much as a scenario's guest-physical space. Only what a scenario touches costs memory: the
-/// frame table and the buffers are zeroed pages the OS hands out on first use.
+/// as much as a scenario's guest-physical space. Buffer pages take frames on first translation
+/// ([`HostConfig::lazy_frames`]), so the buffers' sizes are not bounded by this; and only what a
+/// scenario touches costs memory: the frame table and the buffers are zeroed pages the OS hands
+/// out on first use.
 const MAX_FRAMES: u64 = 1 << 24;
 
 /// The software machine backend. The MMU configuration comes from the scenario's `vm` line
@@ -107,6 +109,9 @@ impl SimMachine {
                 // Reads of pages nobody wrote are not writable, as on Linux (a read of a written
                 // page in a dirty-logged slot dirties it in KVM).
                 track_writes: true,
+                // Frames on first touch, as Linux backs the KVM backend's buffers: a scenario's
+                // buffers may together be larger than the frame space.
+                lazy_frames: true,
                 ..HostConfig::new(vm.phys_bits)
             })
             .map_err(failed)?,
@@ -486,6 +491,32 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Buffers cost frames only for the pages a guest maps, as Linux gives an anonymous
+    /// mapping's pages frames on first touch: two 32 GiB buffers (all 2^24 frames of the
+    /// scenario host and more) run, as on /dev/kvm (`tests/scenarios/buffers_past_frame_space.scn`).
+    #[test]
+    fn buffers_larger_than_the_frame_space_run() {
+        let text = "vm format=shadow\nmem a size=32G\nmem b size=32G\n\
+                    slot 1 gpa=0x100000000 size=32G mem=a\n\
+                    slot 2 gpa=0x900000000 size=4K mem=b+0x7ffff000\n\
+                    write 0 gpa=0x900000008 size=8 value=0x7\n\
+                    write 0 gpa=0x8fffffff8 size=8 value=0x9\n\
+                    host-read b+0x7ffff008 size=8\nhost-read a+0x7fffffff8 size=8\n";
+        for format in ["ept", "npt", "shadow"] {
+            let text = text.replace("format=shadow", &format!("format={format}"));
+            let sc = parse(&text).expect("scenario");
+            let obs = run_collect(&SimBackend, &sc).expect("runs");
+            let values: Vec<u64> = obs
+                .iter()
+                .filter_map(|o| match o {
+                    Observation::HostRead { value, .. } => Some(*value),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(values, [7, 9], "format={format}");
+        }
     }
 
     /// With 4 KiB host pages (as behind the KVM backend's buffers) a TDP MMU maps only the
