@@ -283,6 +283,54 @@ impl HostBuffer {
     }
 }
 
+/// The buffers as `translate` sees them: runs sorted by host address, together every buffer once,
+/// with run lengths strictly decreasing (a binary counter: adding a buffer merges equal runs), so
+/// a snapshot has O(log n) runs, shared with the snapshots before it.
+#[derive(Default)]
+struct Snapshot {
+    runs: Vec<Arc<[Arc<HostBuffer>]>>,
+}
+
+impl Snapshot {
+    /// This snapshot with `buf` added.
+    fn with(&self, buf: Arc<HostBuffer>) -> Snapshot {
+        let mut runs = self.runs.clone();
+        let mut add: Vec<Arc<HostBuffer>> = vec![buf];
+        while runs.last().is_some_and(|r| r.len() <= add.len()) {
+            let Some(last) = runs.pop() else { break };
+            let mut merged = Vec::with_capacity(last.len() + add.len());
+            let (mut a, mut b) = (last.iter().peekable(), add.iter().peekable());
+            while let (Some(x), Some(y)) = (a.peek(), b.peek()) {
+                if x.hva() < y.hva() {
+                    merged.extend(a.next().cloned());
+                } else {
+                    merged.extend(b.next().cloned());
+                }
+            }
+            merged.extend(a.cloned());
+            merged.extend(b.cloned());
+            add = merged;
+        }
+        runs.push(add.into());
+        Snapshot { runs }
+    }
+
+    /// The buffer containing `hva` and the offset of `hva` in it.
+    fn find(&self, hva: Hva) -> Option<(&Arc<HostBuffer>, u64)> {
+        self.runs.iter().find_map(|run| {
+            let i = run.partition_point(|b| b.hva() <= hva);
+            let b = run.get(i.checked_sub(1)?)?;
+            b.contains(hva).then(|| (b, hva.0 - b.hva().0))
+        })
+    }
+
+    /// Buffer entries in all runs (for the retention test).
+    #[cfg(test)]
+    fn entries(&self) -> usize {
+        self.runs.iter().map(|r| r.len()).sum()
+    }
+}
+
 /// A page-table page's memory, owned by the allocator.
 #[derive(Clone, Copy)]
 struct TablePage(NonNull<TableEntries>);
@@ -327,10 +375,12 @@ pub struct SimHost {
     /// A snapshot of `buffers` for `translate`, which every fault calls: read with one Acquire
     /// load instead of the `RwLock`'s two shared-line RMWs. Replaced on every `add_buffer`; old
     /// snapshots are kept in `retired` until the host drops, so a pointer once loaded stays valid.
-    snapshot: AtomicPtr<Vec<Arc<HostBuffer>>>,
-    // Boxed: `snapshot` points at the `Vec` itself, which must not move when `retired` grows.
+    /// A snapshot is a few sorted runs of buffers shared between snapshots ([`Snapshot`]), so
+    /// keeping every one costs O(n log n) words for n buffers, not the O(n^2) of whole copies.
+    snapshot: AtomicPtr<Snapshot>,
+    // Boxed: `snapshot` points at the `Snapshot` itself, which must not move when `retired` grows.
     #[allow(clippy::vec_box)]
-    retired: Mutex<Vec<Box<Vec<Arc<HostBuffer>>>>>,
+    retired: Mutex<Vec<Box<Snapshot>>>,
     alloc: Mutex<AllocState>,
     allocated: AtomicU64,
     freed: AtomicU64,
@@ -484,11 +534,17 @@ impl SimHost {
         });
         let at = buffers.partition_point(|b| b.hva() < buf.hva());
         buffers.insert(at, buf.clone());
-        // Publish the new list for `translate` (Release: the list is complete before the
-        // pointer), keeping every list ever published alive until the host drops.
-        let mut snap = Box::new(buffers.clone());
-        let ptr: *mut Vec<Arc<HostBuffer>> = &mut *snap;
-        self.retired.lock().unwrap_or_else(|e| e.into_inner()).push(snap);
+        // Publish the new snapshot for `translate` (Release: it is complete before the pointer),
+        // keeping every snapshot ever published alive until the host drops. Built from the
+        // current one under the `buffers` write lock, which serialises adders.
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        let mut snap = Box::new(match retired.last() {
+            Some(last) => last.with(buf.clone()),
+            None => Snapshot::default().with(buf.clone()),
+        });
+        let ptr: *mut Snapshot = &mut *snap;
+        retired.push(snap);
+        drop(retired);
         self.snapshot.store(ptr, Ordering::Release);
         Ok(buf)
     }
@@ -543,10 +599,8 @@ impl SimHost {
         // SAFETY: a non-null snapshot points into a box in `retired`, which keeps it unchanged
         // and alive until the host drops, and the host outlives this borrow of it; the Acquire
         // load pairs with the Release store that published it, after it was complete.
-        let buffers: &Vec<Arc<HostBuffer>> = unsafe { &*ptr };
-        let i = buffers.partition_point(|b| b.hva() <= hva);
-        let b = buffers.get(i.checked_sub(1)?)?;
-        b.contains(hva).then(|| (b, hva.0 - b.hva().0))
+        let snapshot: &Snapshot = unsafe { &*ptr };
+        snapshot.find(hva)
     }
 
     /// The host pointer of RAM frame `pfn` (its first byte), or `None` if `pfn` is not a RAM
@@ -978,6 +1032,35 @@ mod tests {
         }
         assert_eq!(h.translate(at(&big, 9), false), Err(HostFault::Unmapped(at(&big, 9))));
         assert!(h.translate(at(&big, last), false).is_ok(), "a page with a frame keeps it");
+    }
+
+    #[test]
+    fn many_buffers_translate_and_snapshots_stay_small() {
+        let h = host(40);
+        let n = 3000usize;
+        let bufs: Vec<_> =
+            (0..n).map(|i| h.add_buffer(&format!("b{i}"), PAGE_SIZE).expect("buffer")).collect();
+        for (i, b) in bufs.iter().enumerate() {
+            let (found, off) = h.locate(Hva(b.hva().0 + 8)).expect("found");
+            assert_eq!((found.index(), off), (i, 8));
+            assert!(h.translate(Hva(b.hva().0 + 0xff8), false).is_ok());
+        }
+        // Every snapshot is kept, but they share their runs: O(n log n) entries in all, where
+        // whole copies would hold n (n + 1) / 2.
+        let retired = h.retired.lock().expect("lock");
+        assert_eq!(retired.len(), n);
+        let last = retired.last().expect("snapshot");
+        assert_eq!(last.entries(), n);
+        assert!(last.runs.len() <= 12, "{} runs", last.runs.len());
+        assert!(last.runs.windows(2).all(|w| w[0].len() > w[1].len()));
+        let mut seen = std::collections::HashSet::new();
+        let held: usize = retired
+            .iter()
+            .flat_map(|s| s.runs.iter())
+            .filter(|r| seen.insert(Arc::as_ptr(r) as *const Arc<HostBuffer> as usize))
+            .map(|r| r.len())
+            .sum();
+        assert!(held <= n * 13, "{held} entries held for {n} buffers");
     }
 
     #[test]
