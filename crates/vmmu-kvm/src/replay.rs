@@ -351,7 +351,10 @@ impl TraceVm {
     }
 
     /// One guest access of `len` bytes at `gpa` (a store of `write`, or a load answered with
-    /// `reply` if it exits); says whether it exited as MMIO at `gpa`.
+    /// `reply` if it exits); says whether it exited as MMIO at `gpa`. A recorded length other
+    /// than 1, 2, 4 or 8 (a page-crossing fragment such as 3 bytes, or a 16-byte SSE access,
+    /// as KVM traces them) is replayed as the widest of those that fits in it ([`access_width`]):
+    /// the same address, so the same verdict.
     pub fn access(
         &mut self,
         gpa: u64,
@@ -359,12 +362,8 @@ impl TraceVm {
         write: Option<u64>,
         reply: u64,
     ) -> Result<Access, KvmError> {
-        let width = match len {
-            1 => Width::W1,
-            2 => Width::W2,
-            4 => Width::W4,
-            _ => Width::W8,
-        };
+        let width = access_width(len);
+        let len = u64::from(width.bytes());
         let sync = self.sync();
         let va = self.va(gpa).ok_or_else(|| {
             KvmError::Exit(format!(
@@ -422,9 +421,28 @@ impl TraceVm {
     }
 }
 
+/// The load or store that replays a recorded access of `len` bytes: the widest of 1, 2, 4 and 8
+/// bytes that is at most `len` (1 for 0), so it never reaches past the recorded access (which
+/// does not cross a page).
+pub fn access_width(len: u64) -> Width {
+    match len {
+        0..=1 => Width::W1,
+        2..=3 => Width::W2,
+        4..=7 => Width::W4,
+        _ => Width::W8,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn odd_recorded_lengths_replay_as_the_widest_access_inside_them() {
+        let widths: Vec<u32> =
+            [1, 2, 3, 4, 5, 7, 8, 10, 16, 32].map(|l| access_width(l).bytes()).to_vec();
+        assert_eq!(widths, [1, 2, 2, 4, 4, 4, 8, 8, 8, 8]);
+    }
 
     #[test]
     fn the_window_goes_where_the_trace_places_nothing() {
