@@ -45,7 +45,8 @@ pub struct VmConfig {
     pub nr_address_spaces: u16,
     /// The most vCPUs.
     pub max_vcpus: usize,
-    /// 4- or 5-level tables.
+    /// 4- or 5-level tables ([`VmConfig::new`]: 5 when `phys_bits` is above 48). A TDP VM
+    /// refuses 4 levels with `phys_bits` above 48 ([`VmError::RootTooShallow`]).
     pub root_level: Level,
     /// Delete/move zaps everything (KVM_X86_QUIRK_SLOT_ZAP_ALL) instead of only the slot.
     pub slot_zap_all: bool,
@@ -69,7 +70,10 @@ impl VmConfig {
     }
 
     /// A configuration for `format` on a host with `phys_bits` of physical address, caching as
-    /// the user allows, one address space, `max_vcpus` vCPUs.
+    /// the user allows, one address space, `max_vcpus` vCPUs, and 4-level tables, or 5-level ones
+    /// when `phys_bits` is above 48: a 4-level table reaches 48 bits of guest-physical address,
+    /// a host with a larger MAXPHYADDR has 5-level EPT/NPT, and KVM uses it when the guest's
+    /// MAXPHYADDR is above 48 (`kvm_mmu_get_tdp_level`), as a guest given the host's is.
     pub fn new(format: FormatKind, phys_bits: u8) -> Result<Self, VmError> {
         Ok(VmConfig {
             format,
@@ -77,7 +81,7 @@ impl VmConfig {
             mmio_caching: true,
             nr_address_spaces: 1,
             max_vcpus: 8,
-            root_level: Level::L4,
+            root_level: if phys_bits > 48 { Level::L5 } else { Level::L4 },
             slot_zap_all: false,
             generation_base: 0,
             bugs: BugSet::NONE,
@@ -102,6 +106,14 @@ pub enum VmError {
     /// Shadow paging needs x86 page-table SPTEs.
     #[error("shadow paging needs the x86 page-table SPTE format (FormatKind::Npt), not {0:?}")]
     ShadowNeedsX86Format(FormatKind),
+    /// A TDP VM with 4-level tables on a host whose MAXPHYADDR is above 48: memslots would be
+    /// accepted up to the MAXPHYADDR, but a 4-level walk reaches only 48 bits (a gpa above would
+    /// alias a lower one).
+    #[error("a 4-level TDP root reaches 48 bits of guest-physical address; MAXPHYADDR {phys_bits} needs root_level 5")]
+    RootTooShallow {
+        /// The host MAXPHYADDR.
+        phys_bits: u8,
+    },
 }
 
 /// A read-only view of a VM's memslots.
@@ -239,6 +251,10 @@ impl<H: Host> Vm<H> {
             return Err(VmError::ShadowNeedsX86Format(cfg.format));
         }
         let format = SpteFormat::new(cfg.format, cfg.host_cpu.phys_bits())?;
+        let phys_bits = cfg.host_cpu.phys_bits();
+        if cfg.mmu == MmuKind::Tdp && cfg.root_level == Level::L4 && phys_bits > 48 {
+            return Err(VmError::RootTooShallow { phys_bits });
+        }
         let policy =
             MmioCachingPolicy::for_format(cfg.mmio_caching, cfg.host_cpu, cfg.format, cfg.bugs);
         let codec = policy.vm_codec();

@@ -537,6 +537,30 @@ fn five_level_tables_map_and_emulate() {
     assert_eq!(seen, Seen::Mmio(EmulateSource::VcpuCacheHit));
 }
 
+/// A host with MAXPHYADDR above 48 gets 5-level tables by default: memslots are accepted up to
+/// the MAXPHYADDR, and a 4-level walk would reach only 48 bits (gpa 2^51 + x aliased x, so an
+/// access above 2^48 found low RAM). A TDP VM asked for 4 levels there is refused.
+#[test]
+fn a_host_above_48_bits_walks_5_levels_and_refuses_4() {
+    for bits in [49, 52] {
+        let cfg = VmConfig::new(FormatKind::Ept, bits).unwrap();
+        assert_eq!(cfg.root_level, Level::L5, "{bits}");
+        let (vm, _h) = vm_with(cfg);
+        vm.set_memory_region(&region(0, 0, 0x1000, RAM_HVA, 0)).unwrap();
+        let mut v = vm.create_vcpu().unwrap();
+        assert_eq!(access(&mut v, 0, false).unwrap().0, Seen::Ram(Pfn(RAM_HVA >> 12)));
+        let high = 1u64 << (bits - 1);
+        let (seen, _) = access(&mut v, high, false).unwrap();
+        assert_eq!(seen, Seen::Mmio(EmulateSource::SlowPathMmio), "{bits}: {high:#x} is no slot");
+        let mut four = VmConfig::new(FormatKind::Npt, bits).unwrap();
+        four.root_level = Level::L4;
+        let host = std::sync::Arc::new(vmmu::testing::TestHost::new(8));
+        let e = vmmu::vm::Vm::new(four, host).err().expect("4 levels refused");
+        assert!(e.to_string().contains("root_level 5"), "{e}");
+    }
+    assert_eq!(VmConfig::new(FormatKind::Ept, 48).unwrap().root_level, Level::L4);
+}
+
 #[test]
 fn bad_root_level_is_rejected() {
     let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();

@@ -683,6 +683,24 @@ mod tests {
     }
 
     #[test]
+    fn a_slot_above_2_pow_48_is_its_own_memory_not_an_alias_of_low_ram() {
+        // RAM at 0 and a 64-bit BAR at 0xf000000000000 (a 52-bit host): with a 4-level root the
+        // BAR's pages aliased low RAM (the walk drops bits 48 and up), so the replay's own
+        // probes read the wrong memory and the hole above the BAR read as RAM.
+        let ram = "{\"t\":0.000000,\"op\":\"slot\",\"as\":0,\"id\":0,\"flags\":[],\"gpa\":\"0x0\",\"size\":\"0x100000\",\"uaddr\":\"0x7f0000000000\"}\n";
+        let bar = "{\"t\":0.000000,\"op\":\"slot\",\"as\":0,\"id\":1,\"flags\":[],\"gpa\":\"0xf000000000000\",\"size\":\"0x4000\",\"uaddr\":\"0x7f5000000000\"}\n";
+        let text = format!("{HEADER}{ram}{bar}{}", mmio("0xf000000004000"));
+        let trace = parse(&text).expect("trace");
+        assert_eq!(phys_bits_for(&trace), 52);
+        for format in [FormatKind::Ept, FormatKind::Npt] {
+            let cfg = ReplayConfig { phys_bits: 52, ..ReplayConfig::new(format, true) };
+            let r = replay(&trace, &cfg).expect("replay");
+            assert!(r.passed(), "{format:?}: {:?}", r.oracle.first_violations);
+            assert_eq!(r.mmio.classified_mmio, 1);
+        }
+    }
+
+    #[test]
     fn a_trace_from_a_48_bit_host_replays_with_its_phys_bits_and_is_refused_with_46() {
         let text =
             format!("{HEADER}{}{}", slot("0x7ff000000000", "0x4000"), mmio("0x7ff000004000"));
