@@ -159,7 +159,7 @@ impl Timeline {
                 let dt = (b.t_us - a.t_us) as f64 / 1e6;
                 let per = |x: u64, y: u64| y.saturating_sub(x) as f64 / dt;
                 Rates {
-                    t_s: (a.t_us + b.t_us) as f64 / 2e6,
+                    t_s: (a.t_us as f64 + b.t_us as f64) / 2e6,
                     dt_s: dt,
                     accesses: per(a.accesses, b.accesses),
                     updates: b.updates.saturating_sub(a.updates),

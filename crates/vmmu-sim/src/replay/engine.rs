@@ -620,7 +620,7 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
         }
         if e.t_us >= next_sample {
             samples.push(r.sample(e.t_us));
-            next_sample = e.t_us - e.t_us % interval_us + interval_us;
+            next_sample = (e.t_us - e.t_us % interval_us).saturating_add(interval_us);
         }
     }
     samples.push(r.sample(last_t));
@@ -680,6 +680,19 @@ mod tests {
         assert_eq!(bits(&[mmio("0x800000000000")]), 48);
         assert_eq!(bits(&[slot("0xfffffffff000", "0x1000")]), 48);
         assert_eq!(bits(&[slot("0xffff000000000000", "0x1000")]), 52, "capped at 52");
+    }
+
+    #[test]
+    fn a_trace_ending_at_the_largest_t_replays_and_renders() {
+        // `t` is any six-decimal number of seconds that fits 64 bits of microseconds.
+        let late = mmio("0xfee00000").replace("0.000000", "18446744073709.551615");
+        let text = format!("{HEADER}{}{late}", slot("0x0", "0x10000"));
+        let trace = parse(&text).expect("trace");
+        let r = replay(&trace, &ReplayConfig::new(FormatKind::Ept, true)).expect("replay");
+        assert!(r.passed());
+        let timeline = r.timeline.as_ref().expect("timeline");
+        assert_eq!(timeline.samples.last().map(|s| s.t_us), Some(u64::MAX));
+        assert!(!timeline.rates().is_empty());
     }
 
     #[test]
