@@ -571,6 +571,13 @@ mod tests {
         assert_eq!((r.format, r.churn), (FormatKind::Npt, Some(10)));
         assert!(r.machine_config().expect("config").stress_paths);
         assert!(parse(&["--compare-caching"]).expect("compare").opts.compare_caching);
+        let fences = |args: &[&str]| {
+            let o = parse(args).expect("flags").options(true, BugSet::NONE);
+            o.machine_config().expect("config").host.reader_fences
+        };
+        assert_eq!(fences(&[]), ReaderFenceKind::Full);
+        assert_eq!(fences(&["--reader-fences", "membarrier"]), ReaderFenceKind::Membarrier);
+        assert!(parse(&["--reader-fences", "none"]).is_err());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! never rename.
 
 use core::fmt;
+use vmmu_sim::host::ReaderFenceKind;
 use vmmu_sim::report::{format_name, Report};
 use vmmu_sim::MmuCounters;
 
@@ -27,14 +28,18 @@ impl fmt::Display for Text<'_> {
         let m = &c.mmio_caching;
         writeln!(
             f,
-            "config: format {} phys_bits {} vcpus {} seed {}; mmio caching requested {} effective {} ({})",
+            "config: format {} phys_bits {} vcpus {} seed {}; mmio caching requested {} effective {} ({}); reader fences {}",
             format_name(c.format),
             c.phys_bits,
             c.vcpus,
             c.seed,
             if m.requested { "on" } else { "off" },
             if m.effective { "on" } else { "off" },
-            m.reason
+            m.reason,
+            match c.reader_fences {
+                ReaderFenceKind::Full => "full",
+                ReaderFenceKind::Membarrier => "membarrier",
+            }
         )?;
         writeln!(f, "ran {:.2} s, {} accesses", r.elapsed_seconds, r.total_accesses())?;
         for v in &r.vcpus {

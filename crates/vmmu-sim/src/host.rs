@@ -99,7 +99,8 @@ impl HostConfig {
 /// cache) open no read section. Measured on this 2-CPU VM (`vmmu run`, and `vmmu bench`): update
 /// latency p50 about 20 us with full fences against 55-70 us with `membarrier`; the churn row's
 /// kept vCPU throughput 93 % against 48 %; MMIO fast paths and demand faults within noise.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ReaderFenceKind {
     /// A `SeqCst` fence in every reader entry and in the updater.
     #[default]
@@ -630,6 +631,15 @@ impl SimHost {
     /// anything: the level is read at each translation.
     pub fn set_huge_pages(&self, on: bool) {
         self.huge_pages.store(on, Ordering::Relaxed);
+    }
+
+    /// The reader fences in effect: [`HostConfig::reader_fences`], or `Full` where the kernel
+    /// has no `membarrier` to offer.
+    pub fn reader_fences(&self) -> ReaderFenceKind {
+        match vmmu::host::Sched::process_barrier(self) {
+            Some(_) => ReaderFenceKind::Membarrier,
+            None => ReaderFenceKind::Full,
+        }
     }
 
     /// The threads waiting in the MMU's wait loops (the vCPUs give way to them:

@@ -583,6 +583,7 @@ impl Machine {
                     requested: cfg.mmio_caching_requested,
                     ..MmioCachingReport::default()
                 },
+                reader_fences: self.host().reader_fences(),
             },
             elapsed_seconds: elapsed.as_secs_f64(),
             ..Report::default()

@@ -7,7 +7,7 @@
 //! [`GuestMmu::mmio_caching`](crate::seam::GuestMmu::mmio_caching). Keys are part of the CLI's
 //! interface: add keys, never rename them.
 
-use crate::host::TableStats;
+use crate::host::{ReaderFenceKind, TableStats};
 use crate::oracle::OracleReport;
 use crate::seam::{MmuCounters, MmuStats};
 use crate::timeline::Timeline;
@@ -83,6 +83,8 @@ pub struct ConfigReport {
     pub seed: u64,
     /// MMIO caching: asked for, in effect, why.
     pub mmio_caching: MmioCachingReport,
+    /// The SRCU reader fences in effect (JSON and text: `full` or `membarrier`).
+    pub reader_fences: ReaderFenceKind,
 }
 
 impl Default for ConfigReport {
@@ -93,6 +95,7 @@ impl Default for ConfigReport {
             vcpus: 0,
             seed: 0,
             mmio_caching: MmioCachingReport::default(),
+            reader_fences: ReaderFenceKind::Full,
         }
     }
 }
