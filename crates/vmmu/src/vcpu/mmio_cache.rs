@@ -18,6 +18,12 @@
 //! - gva 0 and gfn 0 mean "invalid", so they never hit (as in KVM);
 //! - [`MmioInfoCache::clear_gva`] clears only the gva parts (KVM `vcpu_clear_mmio_info`): the gfn
 //!   parts are guarded by the generation, the gva parts by guest page-table changes;
+//! - an entry filled with a gva records the size of the guest page it was translated through
+//!   (4 KiB, or 2 MiB when unknown or large), and INVLPG of any address in that guest page clears
+//!   its gva part, as INVLPG drops the TLB entry of the whole page. KVM compares the 4 KiB page
+//!   only, so after a guest remaps a 2 MiB page and invalidates it by its base address (as Linux
+//!   does), KVM's entry for another 4 KiB page inside it outlives the mapping: with MMIO SPTEs
+//!   on, the next RSVD fault there hits it and emulates at the old device address;
 //! - a gva page is only ever in the entry `slot_of` its page number, and so in at most one; a
 //!   gfn filled without a gva likewise. A gfn filled through GVAs sits in the entry of each GVA
 //!   that maps it (aliases), so a lookup by gfn reads every entry once any fill had a gva.
@@ -26,7 +32,7 @@
 //! published memslot generation, read by the caller.
 
 use crate::bugs::{Bug, BugSet};
-use crate::types::{Access, Generation, Gfn};
+use crate::types::{Access, Generation, Gfn, Level, PAGE_SHIFT};
 
 /// Entries of the cache.
 pub const ENTRIES: usize = 4;
@@ -46,11 +52,14 @@ struct Entry {
     gva: u64,
     gfn: u64,
     access: Access,
+    /// log2 of the size of the guest page `gva` was translated through (12 or 21).
+    span_shift: u8,
     gen: u64,
 }
 
 impl Entry {
-    const EMPTY: Entry = Entry { gva: 0, gfn: 0, access: Access::NONE, gen: 0 };
+    const EMPTY: Entry =
+        Entry { gva: 0, gfn: 0, access: Access::NONE, span_shift: PAGE_SHIFT as u8, gen: 0 };
 
     #[inline]
     fn gen_ok(&self, gen: Generation, bugs: BugSet) -> bool {
@@ -77,11 +86,28 @@ impl MmioInfoCache {
     /// Records that `gfn` (reached through `gva`, 0 under TDP) is MMIO with `access`, under
     /// generation `gen` (KVM `vcpu_cache_mmio_info`), in the entry the gva's page (or, without
     /// a gva, the gfn) selects, replacing what it held. Does nothing while an update is in
-    /// progress. Returns whether it cached.
+    /// progress. Returns whether it cached. The size of the guest page behind `gva` is taken to
+    /// be 2 MiB (the largest a guest leaf is here), so INVLPG anywhere in that 2 MiB region
+    /// clears it; [`Self::fill_guest_page`] names the size when the caller knows it.
     #[inline]
     pub fn fill(
         &mut self,
         gva: u64,
+        gfn: Gfn,
+        access: Access,
+        gen: Generation,
+        bugs: BugSet,
+    ) -> bool {
+        self.fill_guest_page(gva, Level::L2M, gfn, access, gen, bugs)
+    }
+
+    /// [`Self::fill`] for a `gva` that the guest's tables map with a leaf at `guest_level`
+    /// (4 KiB or 2 MiB): INVLPG of any address in that guest page clears the entry.
+    #[inline]
+    pub fn fill_guest_page(
+        &mut self,
+        gva: u64,
+        guest_level: Level,
         gfn: Gfn,
         access: Access,
         gen: Generation,
@@ -97,7 +123,10 @@ impl MmioInfoCache {
         } else {
             slot_of(gfn.raw())
         };
-        self.entries[slot] = Entry { gva: page, gfn: gfn.raw(), access, gen: gen.raw() };
+        // At most 2 MiB (`Level::shift` is 12 or 21 for the guest leaves this cache sees).
+        let span_shift = guest_level.shift().min(Level::L2M.shift()) as u8;
+        self.entries[slot] =
+            Entry { gva: page, gfn: gfn.raw(), access, span_shift, gen: gen.raw() };
         self.last = slot as u8;
         true
     }
@@ -144,14 +173,17 @@ impl MmioInfoCache {
             .then_some((Gfn(e.gfn), e.access))
     }
 
-    /// Clears the gva part of the entry for the page of `gva`, if any (KVM
-    /// `vcpu_clear_mmio_info(vcpu, gva)` on INVLPG).
+    /// INVLPG of `gva` (KVM `vcpu_clear_mmio_info(vcpu, gva)`): clears the gva part of every
+    /// entry whose guest page contains `gva` (the entry of `gva`'s own 4 KiB page, and any entry
+    /// filled through the 2 MiB guest page `gva` lies in; KVM clears only the former, see the
+    /// module doc).
     #[inline]
     pub fn clear_gva_page(&mut self, gva: u64) {
-        let page = gva & !crate::types::PAGE_OFFSET_MASK;
-        let e = &mut self.entries[slot_of(page >> crate::types::PAGE_SHIFT)];
-        if e.gva == page {
-            e.gva = 0;
+        for e in self.entries.iter_mut() {
+            let mask = !((1u64 << e.span_shift) - 1);
+            if e.gva != 0 && e.gva & mask == gva & mask {
+                e.gva = 0;
+            }
         }
     }
 
@@ -275,8 +307,10 @@ mod tests {
     fn a_gva_page_is_in_one_entry_and_aliases_of_a_gfn_in_several() {
         let mut c = MmioInfoCache::new();
         // Two GVAs map one MMIO gfn with different guest rights: both hit, each with its own.
-        c.fill(0x7000_0000, Gfn(0x55), Access::USER, G, BugSet::NONE);
-        c.fill(0x7000_1000, Gfn(0x55), Access::WRITE.union(Access::USER), G, BugSet::NONE);
+        let l = Level::L4K;
+        c.fill_guest_page(0x7000_0000, l, Gfn(0x55), Access::USER, G, BugSet::NONE);
+        let wu = Access::WRITE.union(Access::USER);
+        c.fill_guest_page(0x7000_1000, l, Gfn(0x55), wu, G, BugSet::NONE);
         assert_eq!(c.lookup_gva(0x7000_0010, G, BugSet::NONE), Some((Gfn(0x55), Access::USER)));
         assert_eq!(
             c.lookup_gva(0x7000_1010, G, BugSet::NONE),
@@ -284,13 +318,36 @@ mod tests {
         );
         assert!(c.match_gpa(Gfn(0x55), G, BugSet::NONE), "a gfn lookup reads every entry");
         // The guest remaps the first page to another gfn: the new fill replaces the old one.
-        c.fill(0x7000_0000, Gfn(0x66), Access::USER, G, BugSet::NONE);
+        c.fill_guest_page(0x7000_0000, l, Gfn(0x66), Access::USER, G, BugSet::NONE);
         assert_eq!(c.lookup_gva(0x7000_0000, G, BugSet::NONE), Some((Gfn(0x66), Access::USER)));
         // INVLPG of the second page clears its gva part only.
         c.clear_gva_page(0x7000_1ff8);
         assert!(!c.match_gva(0x7000_1000, G, BugSet::NONE));
         assert!(c.match_gva(0x7000_0000, G, BugSet::NONE));
         assert!(c.match_gpa(Gfn(0x55), G, BugSet::NONE));
+    }
+
+    #[test]
+    fn invlpg_of_a_large_guest_page_clears_every_gva_inside_it() {
+        let mut c = MmioInfoCache::new();
+        // Two 4 KiB pages inside one 2 MiB guest page, and one 4 KiB guest page next to it.
+        c.fill_guest_page(0x2000_3000, Level::L2M, Gfn(0x80003), Access::USER, G, BugSet::NONE);
+        c.fill_guest_page(0x2000_5000, Level::L2M, Gfn(0x80005), Access::USER, G, BugSet::NONE);
+        c.fill_guest_page(0x2020_0000, Level::L4K, Gfn(0x90000), Access::USER, G, BugSet::NONE);
+        // The guest remaps the 2 MiB page and invalidates it by its base address.
+        c.clear_gva_page(0x2000_0000);
+        assert_eq!(c.lookup_gva(0x2000_3000, G, BugSet::NONE), None);
+        assert_eq!(c.lookup_gva(0x2000_5000, G, BugSet::NONE), None);
+        assert!(c.match_gva(0x2020_0000, G, BugSet::NONE), "another guest page keeps its entry");
+        // A fill whose guest page size is unknown is taken as 2 MiB.
+        c.fill(0x2000_7000, Gfn(0x80007), Access::USER, G, BugSet::NONE);
+        c.clear_gva_page(0x201f_f000);
+        assert!(!c.match_gva(0x2000_7000, G, BugSet::NONE));
+        // A 4 KiB guest page is cleared by its own page only.
+        c.clear_gva_page(0x2020_1000);
+        assert!(c.match_gva(0x2020_0000, G, BugSet::NONE));
+        c.clear_gva_page(0x2020_0ff8);
+        assert!(!c.match_gva(0x2020_0000, G, BugSet::NONE));
     }
 
     #[cfg(feature = "historical-bugs")]

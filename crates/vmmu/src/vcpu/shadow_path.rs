@@ -487,7 +487,14 @@ impl<H: Host + GuestMemory> Vcpu<H> {
             Backing::NoSlot => {
                 // KVM `kvm_handle_noslot_fault` with the GVA (indirect MMU).
                 let cache_gva = if sv.nested { 0 } else { gva.raw() };
-                st.mmio_cache.fill(cache_gva, walk.gfn, mmio_access, gen, bugs);
+                st.mmio_cache.fill_guest_page(
+                    cache_gva,
+                    walk.level,
+                    walk.gfn,
+                    mmio_access,
+                    gen,
+                    bugs,
+                );
                 stats.slow_path_mmio += 1;
                 stats.pf_emulate += 1;
                 if !codec.enabled() || walk.gfn > core.cfg.max_gfn {
