@@ -57,8 +57,13 @@ pub struct VmConfig {
     /// The MMU.
     pub mmu: MmuKind,
     /// Shadow paging: the most shadow pages before the oldest are recycled (KVM
-    /// `n_max_mmu_pages`, `KVM_SET_NR_MMU_PAGES`; at least 64).
-    pub shadow_max_pages: usize,
+    /// `n_max_mmu_pages`; at least 64). `Some(n)`: as if `KVM_SET_NR_MMU_PAGES(n)` had been
+    /// called, fixed until [`Vm::set_nr_mmu_pages`]. `None` (the default): KVM's default limit,
+    /// recomputed at every memslot creation and deletion as 2% of the pages of all memslots, at
+    /// least 64 (`kvm_mmu_calculate_default_mmu_pages`), so a small VM recycles shadow pages
+    /// as KVM does (which a guest sees in dirty logs: a read through a recycled table faults
+    /// and maps a dirty guest page writable again, marking it dirty).
+    pub shadow_max_pages: Option<usize>,
 }
 
 impl VmConfig {
@@ -86,7 +91,7 @@ impl VmConfig {
             generation_base: 0,
             bugs: BugSet::NONE,
             mmu: MmuKind::Tdp,
-            shadow_max_pages: 4096,
+            shadow_max_pages: None,
         })
     }
 }
@@ -314,6 +319,18 @@ impl<H: Host> Vm<H> {
             crate::host::Sched::relax(&*inner.mmu.host);
         }
         let change = inner.memslots.set_memory_region(r, &MmuHooks::new(inner))?;
+        if let (Some(shadow), MemslotChange::Create | MemslotChange::Delete) =
+            (inner.shadow.as_ref(), change)
+        {
+            // KVM `kvm_arch_commit_memory_region`: the default page limit follows the memslots.
+            let nr_pages = {
+                let guard = inner.memslots.read(&_serial);
+                (0..inner.memslots.nr_address_spaces())
+                    .flat_map(|a| guard.set(AsId(a)).iter().map(|s| s.npages()).collect::<Vec<_>>())
+                    .sum::<u64>()
+            };
+            shadow.set_default_max_pages(&inner.mmu, nr_pages);
+        }
         if change == MemslotChange::FlagsOnly
             && r.flags & crate::memslot::KVM_MEM_LOG_DIRTY_PAGES != 0
         {
@@ -474,6 +491,12 @@ impl<H: Host> Vm<H> {
     /// The shadow MMU (stats, page count), for a shadow-paging VM.
     pub fn shadow_mmu(&self) -> Option<&crate::shadow::ShadowMmu> {
         self.inner.shadow.as_ref()
+    }
+
+    /// The shadow page limit (KVM `n_max_mmu_pages`); `None` for a TDP VM.
+    pub fn shadow_max_pages(&self) -> Option<usize> {
+        let shadow = self.inner.shadow.as_ref()?;
+        Some(shadow.lock(&self.inner.mmu).n_max)
     }
 
     /// Which MMU the VM uses.

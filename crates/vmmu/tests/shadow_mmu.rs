@@ -17,7 +17,7 @@ use vmmu::stats::RetryCause;
 use vmmu::testing::TestHost;
 use vmmu::vcpu::Vcpu;
 use vmmu::vm::{Vm, VmConfig};
-use vmmu::{Gpa, Gva};
+use vmmu::{Gpa, Gva, Level};
 
 #[test]
 fn guest_translations_and_guest_page_faults_with_error_codes() {
@@ -187,6 +187,32 @@ fn recycling_keeps_the_page_limit_and_translations_right() {
     let st = shadow.stats.snapshot();
     assert!(st.mmu_recycled > 0, "{st:?}");
     assert!(shadow.pages_in_use() <= 64, "{} pages in use", shadow.pages_in_use());
+}
+
+#[test]
+fn the_default_page_limit_follows_the_memslots_until_one_is_requested() {
+    // KVM `kvm_mmu_calculate_default_mmu_pages` at every memslot creation and deletion: 2% of
+    // the pages of all memslots, at least 64; `KVM_SET_NR_MMU_PAGES` fixes it.
+    let (vm, host, _next) = shadow_vm(BugSet::NONE);
+    let ram_pages = RAM_SIZE >> 12;
+    assert_eq!(vm.shadow_max_pages(), Some((ram_pages * 20 / 1000) as usize), "2% of 64 MiB");
+    let big_hva = 0x10_0000_0000u64;
+    host.map(big_hva, 1 << 30, big_hva >> 12, Level::L4K, true);
+    let big = UserspaceMemoryRegion::new(1, 0, 0x1_0000_0000, 1 << 30, big_hva);
+    vm.set_memory_region(&big).unwrap();
+    let pages = ram_pages + (1 << 18);
+    assert_eq!(vm.shadow_max_pages(), Some((pages * 20 / 1000) as usize));
+    vm.set_memory_region(&UserspaceMemoryRegion::new(1, 0, 0x1_0000_0000, 0, 0)).unwrap();
+    vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, 0, 0)).unwrap();
+    assert_eq!(vm.shadow_max_pages(), Some(64), "deletions recompute it; at least 64");
+    vm.set_nr_mmu_pages(100);
+    vm.set_memory_region(&big).unwrap();
+    assert_eq!(vm.shadow_max_pages(), Some(100), "a requested limit stays");
+    let mut cfg = VmConfig::shadow(46).unwrap();
+    cfg.shadow_max_pages = Some(500);
+    let vm = Vm::new(cfg, host.clone()).unwrap();
+    vm.set_memory_region(&big).unwrap();
+    assert_eq!(vm.shadow_max_pages(), Some(500), "a configured limit is a requested one");
 }
 
 /// One vCPU maps GVA 0x4000_0000 to MMIO; another saw the MMIO SPTE (an RSVD #PF), then the

@@ -52,6 +52,16 @@ pub const MIN_FREE_PAGES: usize = 5;
 pub const REFILL_PAGES: usize = 25;
 /// KVM `KVM_MIN_ALLOC_MMU_PAGES`: the smallest page limit.
 pub const MIN_ALLOC_PAGES: usize = 64;
+/// KVM `KVM_PERMILLE_MMU_PAGES`: the default page limit is this many per thousand memslot pages.
+pub const PERMILLE_MMU_PAGES: u64 = 20;
+
+/// KVM `kvm_mmu_calculate_default_mmu_pages`: the default shadow page limit for memslots
+/// holding `nr_pages` pages in all (every address space): 2% of them, at least
+/// [`MIN_ALLOC_PAGES`].
+pub fn default_max_pages(nr_pages: u64) -> usize {
+    let n = nr_pages.saturating_mul(PERMILLE_MMU_PAGES) / 1000;
+    usize::try_from(n).unwrap_or(usize::MAX).max(MIN_ALLOC_PAGES)
+}
 /// KVM `BATCH_ZAP_PAGES`: obsolete pages zapped between two lock breaks of the fast zap-all.
 pub const BATCH_ZAP_PAGES: usize = 10;
 
@@ -116,12 +126,14 @@ pub struct ShadowMmu {
 }
 
 impl ShadowMmu {
-    /// A shadow MMU with a limit of `max_pages` shadow pages (at least [`MIN_ALLOC_PAGES`]).
-    pub(crate) fn new(max_pages: usize) -> Self {
-        ShadowMmu {
-            state: Mutex::new(ShadowState::new(max_pages.max(MIN_ALLOC_PAGES))),
-            stats: ShadowStats::default(),
-        }
+    /// A shadow MMU with a limit of `max_pages` shadow pages (at least [`MIN_ALLOC_PAGES`]), as
+    /// if `KVM_SET_NR_MMU_PAGES` had set it (memslot changes keep it); `None`: KVM's default
+    /// limit, [`MIN_ALLOC_PAGES`] until memslot creations and deletions recompute it
+    /// ([`Self::set_default_max_pages`]).
+    pub(crate) fn new(max_pages: Option<usize>) -> Self {
+        let mut st = ShadowState::new(max_pages.unwrap_or(MIN_ALLOC_PAGES).max(MIN_ALLOC_PAGES));
+        st.n_requested = max_pages.is_some();
+        ShadowMmu { state: Mutex::new(st), stats: ShadowStats::default() }
     }
 
     /// Takes the shadow lock (rule 1), waiting with the host's policy.
@@ -162,9 +174,27 @@ impl ShadowMmu {
     /// KVM `KVM_SET_NR_MMU_PAGES`: a new page limit (at least [`MIN_ALLOC_PAGES`]); zaps the
     /// oldest unpinned pages down to it.
     pub(crate) fn set_max_pages<H: Host>(&self, core: &TdpMmu<H>, n: usize) {
+        self.change_max_pages(core, n, true);
+    }
+
+    /// KVM `kvm_arch_commit_memory_region` after a memslot creation or deletion: unless a limit
+    /// was requested ([`Self::set_max_pages`]), the limit becomes [`default_max_pages`] of the
+    /// memslots' pages (`nr_pages`), zapping the oldest unpinned pages down to it.
+    pub(crate) fn set_default_max_pages<H: Host>(&self, core: &TdpMmu<H>, nr_pages: u64) {
+        self.change_max_pages(core, default_max_pages(nr_pages), false);
+    }
+
+    /// KVM `kvm_mmu_change_mmu_pages`; `requested`: from `KVM_SET_NR_MMU_PAGES` (a default
+    /// limit is ignored once a limit was requested).
+    fn change_max_pages<H: Host>(&self, core: &TdpMmu<H>, n: usize, requested: bool) {
         let mut batch = ZapBatch::default();
         {
             let mut st = self.lock(core);
+            if requested {
+                st.n_requested = true;
+            } else if st.n_requested {
+                return;
+            }
             st.n_max = n.max(MIN_ALLOC_PAGES);
             let over = st.n_used.saturating_sub(st.n_max);
             if over > 0 {

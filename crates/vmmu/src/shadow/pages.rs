@@ -93,6 +93,9 @@ pub(crate) struct ShadowState {
     pub(crate) n_used: usize,
     /// KVM `n_max_mmu_pages`.
     pub(crate) n_max: usize,
+    /// KVM `n_requested_mmu_pages != 0`: the limit was set by `KVM_SET_NR_MMU_PAGES` (or the
+    /// VM's configuration), so memslot changes no longer recompute it.
+    pub(crate) n_requested: bool,
 }
 
 impl ShadowState {
@@ -109,6 +112,7 @@ impl ShadowState {
             valid_gen: 0,
             n_used: 0,
             n_max,
+            n_requested: false,
         }
     }
 
