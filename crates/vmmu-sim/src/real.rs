@@ -451,6 +451,7 @@ fn stats(m: &RealMmu) -> MmuStats {
             mmio_translations: timing.count,
             mmio_translations_timed: timing.timed,
             mmio_timed_outliers: timing.outliers,
+            mmu_recycled: m.vm.shadow_mmu().map_or(0, |s| s.stats.snapshot().mmu_recycled),
             mmu_shadow_zapped: vm.mmu_shadow_zapped,
             pages_1g: vm.pages_1g,
             pages_2m: vm.pages_2m,

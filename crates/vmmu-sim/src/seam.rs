@@ -221,6 +221,9 @@ pub struct MmuCounters {
     pub mmio_translations: u64,
     /// How many of them were timed (outliers not included).
     pub mmio_translations_timed: u64,
+    /// Shadow pages recycled because the VM was over its page limit (KVM `mmu_recycled`; 0
+    /// under TDP).
+    pub mmu_recycled: u64,
     /// SPTEs zapped (KVM `mmu_shadow_zapped`).
     pub mmu_shadow_zapped: u64,
     /// 1 GiB leaves present (KVM `pages_1g`).
@@ -273,12 +276,13 @@ pub struct MmuCounters {
 
 impl MmuCounters {
     /// Every counter with its name (the JSON key), in field order.
-    pub fn named(&self) -> [(&'static str, u64); 28] {
+    pub fn named(&self) -> [(&'static str, u64); 29] {
         [
             ("mmio_timed_outliers", self.mmio_timed_outliers),
             ("mmio_translate_ns", self.mmio_translate_ns),
             ("mmio_translations", self.mmio_translations),
             ("mmio_translations_timed", self.mmio_translations_timed),
+            ("mmu_recycled", self.mmu_recycled),
             ("mmu_shadow_zapped", self.mmu_shadow_zapped),
             ("pages_1g", self.pages_1g),
             ("pages_2m", self.pages_2m),
