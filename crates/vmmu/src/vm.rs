@@ -43,7 +43,7 @@ pub struct VmConfig {
     pub mmio_caching: bool,
     /// Address spaces: 1, or 2 (SMM).
     pub nr_address_spaces: u16,
-    /// The most vCPUs.
+    /// The most vCPUs, at most [`KVM_MAX_VCPUS`] ([`VmError::TooManyVcpus`] above it).
     pub max_vcpus: usize,
     /// 4- or 5-level tables ([`VmConfig::new`]: 5 when `phys_bits` is above 48). A TDP VM
     /// refuses 4 levels with `phys_bits` above 48 ([`VmError::RootTooShallow`]).
@@ -96,6 +96,10 @@ impl VmConfig {
     }
 }
 
+/// The most vCPUs a VM may have (x86 KVM's `KVM_MAX_VCPUS`, the largest
+/// `CONFIG_KVM_MAX_NR_VCPUS`): [`VmConfig::max_vcpus`] above it is refused.
+pub const KVM_MAX_VCPUS: usize = 4096;
+
 /// Why a VM could not be built.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
 pub enum VmError {
@@ -111,6 +115,13 @@ pub enum VmError {
     /// Shadow paging needs x86 page-table SPTEs.
     #[error("shadow paging needs the x86 page-table SPTE format (FormatKind::Npt), not {0:?}")]
     ShadowNeedsX86Format(FormatKind),
+    /// [`VmConfig::max_vcpus`] is above [`KVM_MAX_VCPUS`]: the VM's per-vCPU state (request
+    /// words, reader records) is allocated up front, so a count near `usize::MAX` could not be.
+    #[error("max_vcpus {max_vcpus} is above KVM_MAX_VCPUS ({KVM_MAX_VCPUS})")]
+    TooManyVcpus {
+        /// The count asked for.
+        max_vcpus: usize,
+    },
     /// A TDP VM with 4-level tables on a host whose MAXPHYADDR is above 48: memslots would be
     /// accepted up to the MAXPHYADDR, but a 4-level walk reaches only 48 bits (a gpa above would
     /// alias a lower one).
@@ -127,6 +138,9 @@ pub struct MemslotsView<'a>(&'a Memslots);
 
 impl MemslotsView<'_> {
     /// The current generation of `as_id` (see [`Memslots::generation`]).
+    ///
+    /// # Panics
+    /// If `as_id` is not below [`Self::nr_address_spaces`] (a caller bug).
     pub fn generation(&self, as_id: AsId) -> Generation {
         self.0.generation(as_id)
     }
@@ -254,6 +268,9 @@ impl<H: Host> Vm<H> {
     pub fn new(cfg: VmConfig, host: Arc<H>) -> Result<Self, VmError> {
         if cfg.mmu == MmuKind::Shadow && cfg.format != FormatKind::Npt {
             return Err(VmError::ShadowNeedsX86Format(cfg.format));
+        }
+        if cfg.max_vcpus > KVM_MAX_VCPUS {
+            return Err(VmError::TooManyVcpus { max_vcpus: cfg.max_vcpus });
         }
         let format = SpteFormat::new(cfg.format, cfg.host_cpu.phys_bits())?;
         let phys_bits = cfg.host_cpu.phys_bits();

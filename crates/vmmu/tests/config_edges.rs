@@ -1,0 +1,219 @@
+//! Configuration edges through the public API: every MAXPHYADDR 36..=52 with EPT and NPT, the
+//! last gfn of the guest-physical space, 1-page slots, MMIO next to them, deletes and zaps near
+//! the top, dirty logging, and odd call orders of the vCPU entry points.
+#![cfg(not(loom))]
+
+mod common;
+
+use common::{access, region, vm_with, Seen, RAM_HVA};
+use vmmu::fault::{EmulateSource, FaultOutcome};
+use vmmu::memslot::KVM_MEM_LOG_DIRTY_PAGES;
+use vmmu::spte::FormatKind;
+use vmmu::vm::VmConfig;
+use vmmu::{AsId, Gfn, Gpa, Pfn, SlotId};
+
+const FORMATS: [FormatKind; 2] = [FormatKind::Ept, FormatKind::Npt];
+
+fn is_mmio(s: Seen) -> bool {
+    matches!(s, Seen::Mmio(_))
+}
+
+/// A 1-page slot at the last gfn, a 2 MiB slot just below it, MMIO between and above them:
+/// every access translates to the right frame or emulates, for every MAXPHYADDR and format.
+#[test]
+fn the_top_of_the_guest_physical_space_maps_and_emulates() {
+    for bits in 36u8..=52 {
+        for f in FORMATS {
+            let (vm, h) = vm_with(VmConfig::new(f, bits).unwrap());
+            let top = (1u64 << bits) - 0x1000;
+            let huge = (1u64 << bits) - 0x40_0000;
+            vm.set_memory_region(&region(0, top, 0x1000, RAM_HVA, 0)).unwrap();
+            vm.set_memory_region(&region(1, huge, 0x20_0000, RAM_HVA + 0x20_0000, 0)).unwrap();
+            // One past the top: KVM's max gfn check (EINVAL).
+            let e = vm.set_memory_region(&region(2, top + 0x1000 - 0x2000, 0x2000, RAM_HVA, 0));
+            assert!(e.is_err(), "{bits} {f:?}: overlapping the top slot");
+            let e = vm.set_memory_region(&region(2, 1u64 << bits, 0x1000, RAM_HVA, 0));
+            assert_eq!(e.unwrap_err().errno().to_string(), "EINVAL", "{bits} {f:?}");
+            let mut v = vm.create_vcpu().unwrap();
+            let mut w = vm.create_vcpu().unwrap();
+            let ctx = format!("{bits} {f:?}");
+            assert_eq!(
+                access(&mut v, top + 8, true).unwrap().0,
+                Seen::Ram(Pfn(RAM_HVA >> 12)),
+                "{ctx}"
+            );
+            assert_eq!(
+                access(&mut w, top, false).unwrap().0,
+                Seen::Ram(Pfn(RAM_HVA >> 12)),
+                "{ctx}"
+            );
+            let (s, _) = access(&mut v, huge + 0x1_2345, false).unwrap();
+            assert_eq!(s, Seen::Ram(Pfn(((RAM_HVA + 0x20_0000) >> 12) + 0x12)), "{ctx}");
+            // MMIO at the gfn below the top slot, and at the other end of the space.
+            for gpa in [top - 0x1000, huge - 0x1000, 0, 0xfee0_0000 & ((1u64 << bits) - 1)] {
+                let (s, _) = access(&mut v, gpa, false).unwrap();
+                assert!(is_mmio(s), "{ctx} {gpa:#x}: {s:?}");
+                let (s, _) = access(&mut v, gpa, false).unwrap();
+                assert!(is_mmio(s), "{ctx} {gpa:#x}: {s:?}");
+                let (s, _) = access(&mut w, gpa, true).unwrap();
+                assert!(is_mmio(s), "{ctx} {gpa:#x}: {s:?}");
+            }
+            // The MMIO SPTE keeps the gfn: a cached hit emulates the right page.
+            let o = w.handle_npf_or_misconfig(top - 0x1000);
+            if let Some(FaultOutcome::Emulate { gpa, .. }) = o {
+                assert_eq!(gpa, Gpa(top - 0x1000), "{ctx}");
+            }
+            // Delete the top slot: its gfn becomes MMIO; the huge slot's frames stay right.
+            vm.set_memory_region(&region(0, top, 0, 0, 0)).unwrap();
+            let (s, _) = access(&mut v, top, false).unwrap();
+            assert!(is_mmio(s), "{ctx}: deleted top slot still maps: {s:?}");
+            let (s, _) = access(&mut w, top, true).unwrap();
+            assert!(is_mmio(s), "{ctx}: deleted top slot still maps: {s:?}");
+            // Created again, with another frame: the stale MMIO decision goes.
+            vm.set_memory_region(&region(0, top, 0x1000, RAM_HVA + 0x1000, 0)).unwrap();
+            let want = Seen::Ram(Pfn((RAM_HVA >> 12) + 1));
+            assert_eq!(access(&mut v, top, false).unwrap().0, want, "{ctx}");
+            assert_eq!(access(&mut w, top, true).unwrap().0, want, "{ctx}");
+            // Dirty logging on the top slot.
+            vm.set_memory_region(&region(
+                0,
+                top,
+                0x1000,
+                RAM_HVA + 0x1000,
+                KVM_MEM_LOG_DIRTY_PAGES,
+            ))
+            .unwrap();
+            assert_eq!(access(&mut v, top, true).unwrap().0, want, "{ctx}");
+            let log = vm.get_dirty_log(AsId(0), SlotId(0)).unwrap();
+            assert_eq!(log, vec![1], "{ctx}");
+            assert_eq!(access(&mut v, top, true).unwrap().0, want, "{ctx}");
+            assert_eq!(vm.get_dirty_log(AsId(0), SlotId(0)).unwrap(), vec![1], "{ctx}");
+            // A zap of the last gfns, and of a range ending at the top.
+            vm.zap_gfn_range_for_tests(AsId(0), Gfn(top >> 12), Gfn((1u64 << bits) >> 12));
+            vm.zap_gfn_range_for_tests(AsId(0), Gfn(0), Gfn(u64::MAX >> 12));
+            assert_eq!(access(&mut v, top, false).unwrap().0, want, "{ctx}");
+            let (s, _) = access(&mut w, huge, false).unwrap();
+            assert_eq!(s, Seen::Ram(Pfn((RAM_HVA + 0x20_0000) >> 12)), "{ctx}");
+            drop((v, w));
+            vm.zap_all_fast();
+            vm.reclaim();
+            assert_eq!(h.use_after_free(), 0, "{ctx}");
+            let _ = EmulateSource::SlowPathMmio;
+        }
+    }
+}
+
+trait Raw {
+    fn handle_npf_or_misconfig(&mut self, gpa: u64) -> Option<FaultOutcome>;
+}
+
+impl Raw for vmmu::vcpu::Vcpu<vmmu::testing::TestHost> {
+    fn handle_npf_or_misconfig(&mut self, gpa: u64) -> Option<FaultOutcome> {
+        let r = if self.format().is_ept() {
+            self.handle_ept_misconfig(Gpa(gpa))
+        } else {
+            self.handle_npf(Gpa(gpa), vmmu::fault::PfErr(vmmu::fault::PfErr::RSVD))
+        };
+        r.ok()
+    }
+}
+
+/// Entry points called in odd orders and with odd arguments: typed outcomes, no panic.
+#[test]
+fn odd_call_orders_do_not_panic() {
+    for f in FORMATS {
+        let (vm, _h) = vm_with(VmConfig::new(f, 46).unwrap());
+        let mut v = vm.create_vcpu().unwrap();
+        // Faults before any root is loaded.
+        let o = v.handle_ept_violation(Gpa(0x1000), vmmu::FaultAccess::READ).unwrap();
+        assert!(matches!(o, FaultOutcome::Retry(_)), "{o:?}");
+        let o = v.handle_ept_misconfig(Gpa(0x1000)).unwrap();
+        assert!(matches!(o, FaultOutcome::Retry(_)), "{o:?}");
+        let o = v.handle_npf(Gpa(0x1000), vmmu::fault::PfErr(!0)).unwrap();
+        assert!(matches!(o, FaultOutcome::Retry(_)), "{o:?}");
+        // Exit before enter, twice.
+        v.exit_guest_mode();
+        v.exit_guest_mode();
+        v.service_requests().unwrap();
+        v.service_requests().unwrap();
+        v.enter_guest_mode().unwrap();
+        v.enter_guest_mode().unwrap();
+        v.service_requests().unwrap();
+        v.exit_guest_mode();
+        // Extreme addresses and error codes.
+        for gpa in [u64::MAX, 1 << 63, 1 << 52, (1 << 52) - 1, 1 << 46, (1 << 46) - 1] {
+            let _ = v.handle_ept_violation(Gpa(gpa), vmmu::FaultAccess::WRITE);
+            let _ = v.handle_ept_misconfig(Gpa(gpa));
+            let _ = v.handle_npf(Gpa(gpa), vmmu::fault::PfErr(!0));
+            let _ = v.handle_npf(Gpa(gpa), vmmu::fault::PfErr(0));
+            let _ = v.handle_npf(Gpa(gpa), vmmu::fault::PfErr(vmmu::fault::PfErr::RSVD));
+        }
+        // Shadow entry points on a TDP vCPU: typed errors.
+        assert!(v.invlpg(vmmu::Gva(0)).is_err());
+        assert!(v.set_nested_walk(true).is_err());
+        // A pageless root, then faults.
+        v.load_pageless_root().unwrap();
+        let _ = v.handle_ept_violation(Gpa(0x1000), vmmu::FaultAccess::READ);
+        v.service_requests().unwrap();
+        // Dropping the VM handle while vCPUs live; then the vCPUs go on and drop.
+        let mut w = vm.create_vcpu().unwrap();
+        drop(vm);
+        let _ = access(&mut w, 0x1000, true).unwrap();
+        drop(v);
+        drop(w);
+    }
+}
+
+/// The most vCPUs, indexes reused, and more refused with a typed error.
+#[test]
+fn max_vcpus_and_index_reuse() {
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.max_vcpus = 64;
+    let (vm, _h) = vm_with(cfg);
+    vm.set_memory_region(&region(0, 0, 0x1000, RAM_HVA, 0)).unwrap();
+    let mut vs: Vec<_> = (0..64).map(|_| vm.create_vcpu().unwrap()).collect();
+    assert!(vm.create_vcpu().is_err());
+    for v in vs.iter_mut() {
+        assert_eq!(access(v, 0, true).unwrap().0, Seen::Ram(Pfn(RAM_HVA >> 12)));
+    }
+    vs.swap_remove(17);
+    let mut n = vm.create_vcpu().unwrap();
+    assert_eq!(n.index(), 17);
+    assert_eq!(access(&mut n, 0, false).unwrap().0, Seen::Ram(Pfn(RAM_HVA >> 12)));
+    vm.zap_all_fast();
+    for v in vs.iter_mut() {
+        assert_eq!(access(v, 0, false).unwrap().0, Seen::Ram(Pfn(RAM_HVA >> 12)));
+    }
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.max_vcpus = 0;
+    let host = std::sync::Arc::new(vmmu::testing::TestHost::new(8));
+    if let Ok(vm) = vmmu::vm::Vm::new(cfg, host) {
+        assert!(vm.create_vcpu().is_err());
+    }
+}
+
+/// Huge vCPU counts are refused with a typed error, not an overflow or an allocation failure.
+#[test]
+fn huge_max_vcpus_is_refused() {
+    for n in [usize::MAX, usize::MAX - 1, 1 << 40, 1 << 30] {
+        let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+        cfg.max_vcpus = n;
+        let host = std::sync::Arc::new(vmmu::testing::TestHost::new(8));
+        let r = vmmu::vm::Vm::new(cfg, host);
+        assert!(r.is_err(), "{n} vCPUs accepted");
+    }
+}
+
+#[test]
+fn kvm_max_vcpus_is_accepted() {
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.max_vcpus = vmmu::vm::KVM_MAX_VCPUS;
+    let host = std::sync::Arc::new(vmmu::testing::TestHost::new(8));
+    let vm = vmmu::vm::Vm::new(cfg, host).unwrap();
+    let v = vm.create_vcpu().unwrap();
+    assert_eq!(v.index(), 0);
+    cfg.max_vcpus += 1;
+    let host = std::sync::Arc::new(vmmu::testing::TestHost::new(8));
+    let e = vmmu::vm::Vm::new(cfg, host).err().unwrap();
+    assert!(e.to_string().contains("KVM_MAX_VCPUS"), "{e}");
+}
