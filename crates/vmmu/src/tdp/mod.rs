@@ -98,6 +98,14 @@ pub enum TdpError {
     /// The host had no frame for a page table.
     #[error("the host has no free frame for a page table (KVM: -ENOMEM)")]
     OutOfMemory,
+    /// A vCPU was asked to run in an address space the VM does not have.
+    #[error("address space {as_id} does not exist: this VM has {nr} address space(s)")]
+    NoSuchAddressSpace {
+        /// The address space asked for.
+        as_id: u16,
+        /// The VM's number of address spaces.
+        nr: u16,
+    },
 }
 
 /// One VM's TDP MMU.

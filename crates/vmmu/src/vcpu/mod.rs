@@ -161,12 +161,20 @@ impl<H: Host> Vcpu<H> {
     }
 
     /// Switches the vCPU's address space (KVM: entering or leaving SMM): the root changes.
-    pub fn set_as_id(&mut self, as_id: AsId) {
+    /// An address space the VM does not have ([`crate::vm::VmConfig::nr_address_spaces`]) is
+    /// refused ([`TdpError::NoSuchAddressSpace`]; KVM has no SMM address space without SMM) and
+    /// the vCPU stays where it was.
+    pub fn set_as_id(&mut self, as_id: AsId) -> Result<(), TdpError> {
+        let nr = self.vm.memslots.nr_address_spaces();
+        if as_id.0 >= nr {
+            return Err(TdpError::NoSuchAddressSpace { as_id: as_id.0, nr });
+        }
         self.exit_guest_mode();
         if self.st.as_id != as_id {
             self.st.as_id = as_id;
             self.drop_root();
         }
+        Ok(())
     }
 
     /// The VM's SPTE format (which exits the hardware raises).
