@@ -293,7 +293,12 @@ impl<H: Host> Vm<H> {
             generation_base: cfg.generation_base,
             ..MemslotsConfig::default()
         };
-        let max_gfn = Gfn(mcfg.max_gfn());
+        // KVM `kvm_mmu_max_gfn`, and never above what an MMIO SPTE can hold: the codec stores
+        // the host's physical-address bits only, and a shadow-paging guest (whose MAXPHYADDR
+        // may be above the host's, up to the memslot limit of 52 bits) reaches gfns above it.
+        // Cached, such a gfn would decode as the lower gfn its low bits name (aliasing); above
+        // the limit the slow path emulates without an SPTE.
+        let max_gfn = Gfn(mcfg.max_gfn().min(codec.max_gfn().raw()));
         let memslots = Memslots::try_with_fences(mcfg, host.reader_fences())?;
         let vmm_reader = memslots.register_reader().map_err(|_| TdpError::TooManyVcpus(0))?;
         let mmu = TdpMmu::new(

@@ -76,7 +76,8 @@ pub struct TdpConfig {
     pub codec: MmioSpteCodec,
     /// Root level: 4, or 5 for 5-level paging.
     pub root_level: Level,
-    /// The highest gfn an MMIO SPTE may be installed for (KVM `kvm_mmu_max_gfn`).
+    /// The highest gfn an MMIO SPTE may be installed for (KVM `kvm_mmu_max_gfn`); at most
+    /// [`MmioSpteCodec::max_gfn`], the highest the codec can hold.
     pub max_gfn: Gfn,
     /// Delete/move zap everything (KVM's `KVM_X86_QUIRK_SLOT_ZAP_ALL`) instead of only the slot.
     pub slot_zap_all: bool,

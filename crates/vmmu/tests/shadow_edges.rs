@@ -1,0 +1,71 @@
+//! Shadow paging at the edges of the guest-physical space: a guest whose MAXPHYADDR is above the
+//! host's (shadow paging allows it: the memslot limit is 52 bits) maps gpas an MMIO SPTE cannot
+//! hold.
+#![cfg(not(loom))]
+
+mod common;
+
+use common::shadow::*;
+use vmmu::bugs::BugSet;
+use vmmu::fault::EmulateSource;
+use vmmu::guest::GuestCpu;
+use vmmu::memslot::UserspaceMemoryRegion;
+use vmmu::Gpa;
+
+fn long4_52(cr3: u64) -> GuestCpu {
+    GuestCpu { maxphyaddr: 52, ..long4(cr3) }
+}
+
+/// MMIO at a gpa above the host MAXPHYADDR (46): every access emulates that gpa, never the
+/// low gpa its bits below 46 name (which is RAM here). An MMIO SPTE holds only the host's
+/// physical-address bits, so such a gfn must not be cached in one (KVM emulates gfns above
+/// the host's MAXPHYADDR without installing an SPTE).
+#[test]
+fn mmio_above_the_host_maxphyaddr_emulates_its_own_gpa() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let high = (1u64 << 50) | 0x20_0000;
+    s.map4k(0x4000_0000, high, P | RW | US);
+    let mut v = vcpu_in(&vm, long4_52(s.cr3));
+    let mut w = vcpu_in(&vm, long4_52(s.cr3));
+    let want = Gpa(high + 0x10);
+    for vc in [&mut v, &mut w] {
+        for _ in 0..3 {
+            match access(vc, 0x4000_0010, false) {
+                Seen::Mmio(gpa, _) => assert_eq!(gpa, want),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    // A slot up there (the shadow MMU maps up to 2^52): RAM.
+    vm.set_memory_region(&UserspaceMemoryRegion::new(1, 0, high, 0x1000, RAM_HVA + 0x300_0000))
+        .unwrap();
+    assert_eq!(access(&mut v, 0x4000_0010, false), Seen::Ram(ram_pfn(0x300_0000)));
+    assert_eq!(access(&mut w, 0x4000_0010, true), Seen::Ram(ram_pfn(0x300_0000)));
+    let _ = EmulateSource::SlowPathMmio;
+}
+
+/// The last gfn of the shadow MMU's space (2^52 - 4 KiB) as a 1-page slot, and MMIO below it.
+#[test]
+fn the_last_gfn_of_2_to_the_52() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let top = (1u64 << 52) - 0x1000;
+    s.map4k(0x4000_0000, top, P | RW | US);
+    s.map4k(0x4000_1000, top - 0x1000, P | RW | US);
+    vm.set_memory_region(&UserspaceMemoryRegion::new(1, 0, top, 0x1000, RAM_HVA + 0x300_0000))
+        .unwrap();
+    let mut v = vcpu_in(&vm, long4_52(s.cr3));
+    let mut w = vcpu_in(&vm, long4_52(s.cr3));
+    assert_eq!(access(&mut v, 0x4000_0000, true), Seen::Ram(ram_pfn(0x300_0000)));
+    for vc in [&mut v, &mut w] {
+        for _ in 0..3 {
+            match access(vc, 0x4000_1008, false) {
+                Seen::Mmio(gpa, _) => assert_eq!(gpa, Gpa(top - 0x1000 + 8)),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    let e = vm.set_memory_region(&UserspaceMemoryRegion::new(2, 0, top, 0x2000, RAM_HVA));
+    assert!(e.is_err());
+}
