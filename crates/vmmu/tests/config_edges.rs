@@ -22,9 +22,55 @@ fn is_mmio(s: Seen) -> bool {
 /// every access translates to the right frame or emulates, for every MAXPHYADDR and format.
 #[test]
 fn the_top_of_the_guest_physical_space_maps_and_emulates() {
-    for bits in 36u8..=52 {
+    top_of_the_space(false);
+}
+
+/// The same on a type-stable host: the fast path's leaf-table cache answers without a read
+/// section.
+#[test]
+fn the_top_of_the_guest_physical_space_on_a_type_stable_host() {
+    top_of_the_space(true);
+}
+
+/// The same on hosts with the L1TF bug: MMIO SPTEs force 5 bits below the L1D width to 1 and
+/// move the gpa's bits there 5 bits up.
+#[test]
+fn the_top_of_the_guest_physical_space_with_l1tf() {
+    top_of_the_space_on(false, true, false);
+}
+
+/// The same with 5-level tables at every MAXPHYADDR (KVM may use them below 49 bits too).
+#[test]
+fn the_top_of_the_guest_physical_space_with_5_levels_everywhere() {
+    top_of_the_space_on(false, false, true);
+}
+
+fn top_of_the_space(type_stable: bool) {
+    top_of_the_space_on(type_stable, false, false);
+}
+
+fn top_of_the_space_on(type_stable: bool, l1tf: bool, five: bool) {
+    let configs: Vec<(u8, Option<u8>)> = if l1tf {
+        (36u8..=52).flat_map(|b| [(b, Some(b)), (b, Some(46.max(b))), (b, Some(52))]).collect()
+    } else {
+        (36u8..=52).map(|b| (b, None)).collect()
+    };
+    for (bits, cache) in configs {
         for f in FORMATS {
-            let (vm, h) = vm_with(VmConfig::new(f, bits).unwrap());
+            let mut cfg = VmConfig::new(f, bits).unwrap();
+            if five {
+                cfg.root_level = vmmu::Level::L5;
+            }
+            if let Some(c) = cache {
+                cfg.host_cpu = cfg.host_cpu.with_l1tf(c).unwrap();
+            }
+            let n = common::test_frames();
+            let host = if type_stable {
+                vmmu::testing::TestHost::new_type_stable(n)
+            } else {
+                vmmu::testing::TestHost::new(n)
+            };
+            let (vm, h) = common::vm_on(cfg, host);
             let top = (1u64 << bits) - 0x1000;
             let huge = (1u64 << bits) - 0x40_0000;
             vm.set_memory_region(&region(0, top, 0x1000, RAM_HVA, 0)).unwrap();
@@ -36,7 +82,7 @@ fn the_top_of_the_guest_physical_space_maps_and_emulates() {
             assert_eq!(e.unwrap_err().errno().to_string(), "EINVAL", "{bits} {f:?}");
             let mut v = vm.create_vcpu().unwrap();
             let mut w = vm.create_vcpu().unwrap();
-            let ctx = format!("{bits} {f:?}");
+            let ctx = format!("{bits} {cache:?} {f:?}");
             assert_eq!(
                 access(&mut v, top + 8, true).unwrap().0,
                 Seen::Ram(Pfn(RAM_HVA >> 12)),
@@ -63,6 +109,25 @@ fn the_top_of_the_guest_physical_space_maps_and_emulates() {
             if let Some(FaultOutcome::Emulate { gpa, .. }) = o {
                 assert_eq!(gpa, Gpa(top - 0x1000), "{ctx}");
             }
+            // A vCPU with an empty cache hits the MMIO SPTE and caches the gfn it decodes.
+            let mut x = vm.create_vcpu().unwrap();
+            x.service_requests().unwrap();
+            let o = x.handle_npf_or_misconfig(top - 0x1000);
+            if vm.mmio_caching_enabled() {
+                assert!(
+                    matches!(
+                        o,
+                        Some(FaultOutcome::Emulate { source: EmulateSource::MmioSpteHit, .. })
+                    ),
+                    "{ctx}: {o:?}"
+                );
+                assert_eq!(
+                    x.mmio_cache().entry().map(|e| e.0),
+                    Some(Gfn((top >> 12) - 1)),
+                    "{ctx}"
+                );
+            }
+            drop(x);
             // Delete the top slot: its gfn becomes MMIO; the huge slot's frames stay right.
             vm.set_memory_region(&region(0, top, 0, 0, 0)).unwrap();
             let (s, _) = access(&mut v, top, false).unwrap();
@@ -98,7 +163,6 @@ fn the_top_of_the_guest_physical_space_maps_and_emulates() {
             vm.zap_all_fast();
             vm.reclaim();
             assert_eq!(h.use_after_free(), 0, "{ctx}");
-            let _ = EmulateSource::SlowPathMmio;
         }
     }
 }
@@ -274,5 +338,74 @@ fn set_as_id_out_of_range_is_refused() {
         assert_eq!(access(&mut v, 0, false).unwrap().0, Seen::Ram(Pfn(RAM_HVA >> 12)));
         let o = v.handle_ept_misconfig(Gpa(0x5000)).unwrap();
         assert!(!matches!(o, FaultOutcome::Retry(_)) || true);
+    }
+}
+
+/// A full cycle of the 19 MMIO generation bits in either address space after an MMIO SPTE
+/// was made: the SPTE must not hit when the low bits come round again (the wrap zap), for
+/// both address spaces of an SMM VM and both formats.
+#[test]
+fn a_full_mmio_generation_cycle_does_not_revive_an_mmio_spte() {
+    for f in FORMATS {
+        for as_id in [0u16, 1] {
+            let mut cfg = VmConfig::new(f, 46).unwrap();
+            cfg.nr_address_spaces = 2;
+            let (vm, _h) = vm_with(cfg);
+            let slot = u32::from(as_id) << 16;
+            let mut v = vm.create_vcpu().unwrap();
+            let mut w = vm.create_vcpu().unwrap();
+            v.set_as_id(AsId(as_id)).unwrap();
+            w.set_as_id(AsId(as_id)).unwrap();
+            // MMIO at gpa 0x10_0000 in the SPTE, as of generation g.
+            assert!(is_mmio(access(&mut v, 0x10_0000, false).unwrap().0));
+            let g = vm.memslots().generation(AsId(as_id));
+            // A slot there, then flags-only updates until the low bits are g's again.
+            vm.set_memory_region(&region(slot, 0x10_0000, 0x1000, RAM_HVA, 0)).unwrap();
+            let mut flags = 0;
+            while vm.memslots().generation(AsId(as_id)).mmio_bits() != g.mmio_bits() {
+                flags ^= KVM_MEM_LOG_DIRTY_PAGES;
+                vm.set_memory_region(&region(slot, 0x10_0000, 0x1000, RAM_HVA, flags)).unwrap();
+            }
+            assert!(vm.stats().mmio_gen_wraps >= 1, "{f:?} {as_id}");
+            let want = Seen::Ram(Pfn(RAM_HVA >> 12));
+            assert_eq!(access(&mut w, 0x10_0000, false).unwrap().0, want, "{f:?} {as_id}");
+            assert_eq!(access(&mut v, 0x10_0000, false).unwrap().0, want, "{f:?} {as_id}");
+        }
+    }
+}
+
+/// Dirty-log ioctls with extreme ranges on a slot at the top: KVM's errnos, no overflow.
+#[test]
+fn dirty_log_extreme_ranges() {
+    for f in FORMATS {
+        let (vm, _h) = vm_with(VmConfig::new(f, 52).unwrap());
+        let top = (1u64 << 52) - 0x40_0000;
+        vm.set_memory_region(&region(3, top, 0x40_0000, RAM_HVA, KVM_MEM_LOG_DIRTY_PAGES)).unwrap();
+        vm.set_dirty_log_mode(vmmu::dirty::DirtyLogMode::Manual);
+        let mut v = vm.create_vcpu().unwrap();
+        access(&mut v, top + 0x3f_f000, true).unwrap();
+        let log = vm.get_dirty_log(AsId(0), SlotId(3)).unwrap();
+        assert_eq!(log.len(), 16);
+        assert_eq!(log[15], 1 << 63);
+        for (first, count) in [
+            (u64::MAX - 63, 64u32),
+            (u64::MAX - 63, u32::MAX),
+            (0, u32::MAX),
+            (960, 64),
+            (1024, 0),
+            (960, u32::MAX),
+            (1 << 63, 64),
+        ] {
+            let r = vm.clear_dirty_log_all(AsId(0), SlotId(3), first, count);
+            let r2 = vm.clear_dirty_log(AsId(0), SlotId(3), first, count, &[u64::MAX; 2]);
+            if first == 960 && count == 64 {
+                assert!(r.is_ok() && r2.is_ok(), "{first} {count}: {r:?} {r2:?}");
+            } else if count != 0 {
+                assert!(r.is_err(), "{first} {count}");
+            }
+        }
+        assert!(vm.get_dirty_log(AsId(u16::MAX), SlotId(u16::MAX)).is_err());
+        assert!(vm.clear_dirty_log_all(AsId(1), SlotId(3), 0, 64).is_err());
+        assert!(vm.clear_dirty_log_all(AsId(0), SlotId(u16::MAX), 0, 64).is_err());
     }
 }
