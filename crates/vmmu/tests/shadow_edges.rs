@@ -69,3 +69,61 @@ fn the_last_gfn_of_2_to_the_52() {
     let e = vm.set_memory_region(&UserspaceMemoryRegion::new(2, 0, top, 0x2000, RAM_HVA));
     assert!(e.is_err());
 }
+
+/// Dirty logging, a 2 MiB guest page and zaps of the whole space, for a slot at the top of
+/// 2^52 under shadow paging, in both address spaces of an SMM VM.
+#[test]
+fn top_slot_dirty_logging_and_zaps_in_both_address_spaces() {
+    use std::sync::Arc;
+    use vmmu::memslot::KVM_MEM_LOG_DIRTY_PAGES;
+    use vmmu::testing::TestHost;
+    use vmmu::vm::{Vm, VmConfig};
+    use vmmu::{AsId, Gfn, Level, SlotId};
+    let host = Arc::new(TestHost::new(2048));
+    host.map(RAM_HVA, RAM_SIZE, RAM_HVA >> 12, Level::L4K, true);
+    let mut cfg = VmConfig::shadow(46).unwrap();
+    cfg.nr_address_spaces = 2;
+    let vm = Vm::new(cfg, host.clone()).unwrap();
+    let next = std::rc::Rc::new(std::cell::Cell::new(TABLES_GPA));
+    let top = (1u64 << 52) - 0x20_0000;
+    for as_id in [0u32, 1] {
+        vm.set_memory_region(&UserspaceMemoryRegion::new(as_id << 16, 0, 0, 0x80_0000, RAM_HVA))
+            .unwrap();
+        let flags = KVM_MEM_LOG_DIRTY_PAGES;
+        let hva = RAM_HVA + 0x100_0000 + u64::from(as_id) * 0x20_0000;
+        vm.set_memory_region(&UserspaceMemoryRegion::new(
+            as_id << 16 | 1,
+            flags,
+            top,
+            0x20_0000,
+            hva,
+        ))
+        .unwrap();
+    }
+    let s = Space::new(&host, &next);
+    s.map4k(0x4000_0000, top + 0x1f_f000, P | RW | US);
+    s.map2m(0x4020_0000, top, P | RW | US);
+    let mut v = vcpu_in(&vm, long4_52(s.cr3));
+    for as_id in [0u16, 1] {
+        v.set_as_id(AsId(as_id)).unwrap();
+        let base = (0x100_0000 + u64::from(as_id) * 0x20_0000) >> 12;
+        assert_eq!(
+            access(&mut v, 0x4000_0000, true),
+            Seen::Ram(vmmu::Pfn(ram_pfn(0).raw() + base + 0x1ff))
+        );
+        assert_eq!(
+            access(&mut v, 0x4020_3000, true),
+            Seen::Ram(vmmu::Pfn(ram_pfn(0).raw() + base + 3))
+        );
+        let log = vm.get_dirty_log(AsId(as_id), SlotId(1)).unwrap();
+        assert_eq!(log[7], 1 << 63, "{as_id}");
+        assert_eq!(log[0], 1 << 3, "{as_id}");
+        vm.zap_gfn_range_for_tests(AsId(as_id), Gfn(0), Gfn(u64::MAX >> 12));
+        assert_eq!(
+            access(&mut v, 0x4000_0000, false),
+            Seen::Ram(vmmu::Pfn(ram_pfn(0).raw() + base + 0x1ff))
+        );
+    }
+    drop(v);
+    assert_eq!(host.use_after_free(), 0);
+}

@@ -334,6 +334,10 @@ impl<H: Host> Vcpu<H> {
     }
 
     /// The hardware walk for a TLB miss, in guest mode entered with [`Self::enter_guest_mode`].
+    ///
+    /// # Panics
+    /// Outside guest mode (a caller bug): only guest mode's read section keeps the tables the
+    /// walk reads from being freed.
     #[inline]
     pub fn walk(&self, gpa: Gpa, need: Access) -> HwWalk {
         assert!(self.st.in_guest, "the hardware walks only in guest mode");

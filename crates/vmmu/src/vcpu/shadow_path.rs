@@ -186,6 +186,9 @@ impl<H: Host> Vcpu<H> {
     /// The hardware walk for a TLB miss on `gva` (shadow paging), in guest mode entered with
     /// [`Self::enter_guest_mode`]. A 4-level guest walks a 4-level shadow; a PAE guest (or one
     /// without paging) walks its special root from the PDPTE level.
+    ///
+    /// # Panics
+    /// Outside guest mode, as [`Self::walk`].
     pub fn walk_gva(&self, gva: Gva, need: Access) -> HwWalk {
         assert!(self.st.in_guest, "the hardware walks only in guest mode");
         let Some((pfn, level)) = self.shadow_hw_root() else {
