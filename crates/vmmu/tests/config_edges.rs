@@ -483,3 +483,60 @@ fn one_gib_leaves_at_the_top() {
         }
     }
 }
+
+/// A slot moved to the last gfns and back: MMIO SPTEs and cached MMIO info at the destination
+/// never answer for the moved RAM, and the old place becomes MMIO.
+#[test]
+fn moves_to_the_top_and_back() {
+    for bits in [36u8, 40, 46, 48, 49, 51, 52] {
+        for f in FORMATS {
+            let (vm, _h) = vm_with(VmConfig::new(f, bits).unwrap());
+            let ctx = format!("{bits} {f:?}");
+            let top = (1u64 << bits) - 0x2000;
+            vm.set_memory_region(&region(5, 0x10_0000, 0x2000, RAM_HVA, 0)).unwrap();
+            let mut v = vm.create_vcpu().unwrap();
+            let mut w = vm.create_vcpu().unwrap();
+            let ram = |i: u64| Seen::Ram(Pfn((RAM_HVA >> 12) + i));
+            for i in 0..2 {
+                assert!(is_mmio(access(&mut v, top + i * 0x1000, false).unwrap().0), "{ctx}");
+                assert!(is_mmio(access(&mut w, top + i * 0x1000, false).unwrap().0), "{ctx}");
+                assert_eq!(
+                    access(&mut w, 0x10_0000 + i * 0x1000, true).unwrap().0,
+                    ram(i),
+                    "{ctx}"
+                );
+            }
+            vm.set_memory_region(&region(5, top, 0x2000, RAM_HVA, 0)).unwrap();
+            for i in 0..2 {
+                assert_eq!(access(&mut v, top + i * 0x1000, false).unwrap().0, ram(i), "{ctx}");
+                assert_eq!(access(&mut w, top + i * 0x1000, true).unwrap().0, ram(i), "{ctx}");
+                assert!(is_mmio(access(&mut w, 0x10_0000 + i * 0x1000, false).unwrap().0), "{ctx}");
+            }
+            vm.set_memory_region(&region(5, 0x10_0000, 0x2000, RAM_HVA, 0)).unwrap();
+            for i in 0..2 {
+                assert!(is_mmio(access(&mut v, top + i * 0x1000, false).unwrap().0), "{ctx}");
+                assert!(is_mmio(access(&mut w, top + i * 0x1000, true).unwrap().0), "{ctx}");
+                assert_eq!(
+                    access(&mut v, 0x10_0000 + i * 0x1000, false).unwrap().0,
+                    ram(i),
+                    "{ctx}"
+                );
+            }
+        }
+    }
+}
+
+/// A zap of gfns beyond what a 4-level root reaches (2^36 pages) removes nothing below it.
+#[test]
+fn a_zap_beyond_the_root_reach_does_not_alias() {
+    let (vm, _h) = vm_with(VmConfig::new(FormatKind::Ept, 46).unwrap());
+    vm.set_memory_region(&region(0, 0, 0x1000, RAM_HVA, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    access(&mut v, 0, false).unwrap();
+    let before = vm.stats();
+    vm.zap_gfn_range_for_tests(AsId(0), Gfn(1 << 36), Gfn((1 << 36) + 1));
+    vm.zap_gfn_range_for_tests(AsId(0), Gfn(1 << 40), Gfn(u64::MAX));
+    assert_eq!(vm.stats().pages_4k, before.pages_4k, "a zap above the reach zapped gfn 0");
+    let (_, faults) = access(&mut v, 0, false).unwrap();
+    assert!(faults.is_empty(), "{faults:?}");
+}
