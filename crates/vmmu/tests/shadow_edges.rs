@@ -7,7 +7,7 @@ mod common;
 
 use common::shadow::*;
 use vmmu::bugs::BugSet;
-use vmmu::fault::EmulateSource;
+use vmmu::fault::{EmulateSource, FaultError};
 use vmmu::guest::GuestCpu;
 use vmmu::memslot::UserspaceMemoryRegion;
 use vmmu::Gpa;
@@ -126,4 +126,31 @@ fn top_slot_dirty_logging_and_zaps_in_both_address_spaces() {
     }
     drop(v);
     assert_eq!(host.use_after_free(), 0);
+}
+
+/// TDP-only entry points on a shadow vCPU are refused and leave it working: a pageless TDP
+/// root would otherwise shadow the shadow root in the hardware walk (every access faulting
+/// forever), and TDP exits have no meaning under shadow paging.
+#[test]
+fn tdp_entry_points_on_a_shadow_vcpu() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    s.map4k(0x4000_0000, 0x20_0000, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert!(v.load_pageless_root().is_err());
+    assert_eq!(access(&mut v, 0x4000_0000, true), Seen::Ram(ram_pfn(0x20_0000)));
+    // The guard's walk (the hardware's) uses the shadow root.
+    v.service_requests().unwrap();
+    let walk = v.enter_guest().unwrap().walk_gva(vmmu::Gva(0x4000_0000), vmmu::Access::USER);
+    assert!(
+        matches!(walk, vmmu::tdp::HwWalk::Translated { pfn, .. } if pfn == ram_pfn(0x20_0000)),
+        "{walk:?}"
+    );
+    let wrong = |r: Result<_, FaultError>| matches!(r, Err(FaultError::WrongMmu { .. }));
+    assert!(wrong(v.handle_ept_violation(Gpa(0x20_0000), vmmu::FaultAccess::READ)));
+    assert!(wrong(v.handle_ept_misconfig(Gpa(0x20_0000))));
+    assert!(wrong(v.handle_npf(Gpa(0x20_0000), vmmu::fault::PfErr(!0))));
+    assert!(wrong(v.handle_npf(Gpa(0x20_0000), vmmu::fault::PfErr(0))));
+    assert_eq!(access(&mut v, 0x4000_0000, true), Seen::Ram(ram_pfn(0x20_0000)));
 }

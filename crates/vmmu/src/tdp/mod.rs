@@ -99,6 +99,9 @@ pub enum TdpError {
     /// The host had no frame for a page table.
     #[error("the host has no free frame for a page table (KVM: -ENOMEM)")]
     OutOfMemory,
+    /// A TDP-only operation on a shadow-paging VM.
+    #[error("this operation needs a TDP VM; the VM uses shadow paging")]
+    NotTdp,
     /// A vCPU was asked to run in an address space the VM does not have.
     #[error("address space {as_id} does not exist: this VM has {nr} address space(s)")]
     NoSuchAddressSpace {

@@ -99,6 +99,11 @@ impl VcpuMmu {
         fault: PageFault,
     ) -> Result<FaultOutcome, FaultError> {
         if self.root.is_none() {
+            if vm.shadow.is_some() {
+                // A TDP exit on a shadow-paging vCPU: it never has a TDP root, so retrying
+                // would loop forever (the reverse of `handle_page_fault` on a TDP vCPU).
+                return Err(FaultError::WrongMmu { wanted: "TDP" });
+            }
             return Ok(retry(stats, RetryCause::NoRoot));
         }
         if fault.rsvd() {

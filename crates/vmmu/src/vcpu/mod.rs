@@ -261,8 +261,13 @@ impl<H: Host> Vcpu<H> {
     }
 
     /// Loads a root without a page-tracking state (KVM's special roots), for tests and models of
-    /// 18c841e1f411. Replaces the current root.
+    /// 18c841e1f411. Replaces the current root. A TDP VM's only: a shadow-paging vCPU is
+    /// refused ([`TdpError::NotTdp`]), since the hardware walk would take the TDP root over the
+    /// shadow root and fault forever.
     pub fn load_pageless_root(&mut self) -> Result<(), TdpError> {
+        if self.vm.shadow.is_some() {
+            return Err(TdpError::NotTdp);
+        }
         self.exit_guest_mode();
         self.drop_root();
         self.st.root = Some(self.vm.mmu.make_pageless_root(self.st.as_id)?);
