@@ -39,6 +39,14 @@ fn the_top_of_the_guest_physical_space_with_l1tf() {
     top_of_the_space_on(false, true, false);
 }
 
+/// The same with MMIO caching disallowed by the user, and with the memslot generation a few
+/// updates before the MMIO generation wraps.
+#[test]
+fn the_top_of_the_guest_physical_space_uncached_and_near_the_wrap() {
+    top_of_the_space_with(false, false, false, |cfg| cfg.mmio_caching = false);
+    top_of_the_space_with(false, false, false, |cfg| cfg.generation_base = (1 << 19) - 4);
+}
+
 /// The same with 5-level tables at every MAXPHYADDR (KVM may use them below 49 bits too).
 #[test]
 fn the_top_of_the_guest_physical_space_with_5_levels_everywhere() {
@@ -50,6 +58,10 @@ fn top_of_the_space(type_stable: bool) {
 }
 
 fn top_of_the_space_on(type_stable: bool, l1tf: bool, five: bool) {
+    top_of_the_space_with(type_stable, l1tf, five, |_| {});
+}
+
+fn top_of_the_space_with(type_stable: bool, l1tf: bool, five: bool, tweak: fn(&mut VmConfig)) {
     let configs: Vec<(u8, Option<u8>)> = if l1tf {
         (36u8..=52).flat_map(|b| [(b, Some(b)), (b, Some(46.max(b))), (b, Some(52))]).collect()
     } else {
@@ -65,6 +77,7 @@ fn top_of_the_space_on(type_stable: bool, l1tf: bool, five: bool) {
             if five {
                 cfg.root_level = vmmu::Level::L5;
             }
+            tweak(&mut cfg);
             if let Some(c) = cache {
                 cfg.host_cpu = cfg.host_cpu.with_l1tf(c).unwrap();
             }
