@@ -553,3 +553,34 @@ fn a_zap_beyond_the_root_reach_does_not_alias() {
     let (_, faults) = access(&mut v, 0, false).unwrap();
     assert!(faults.is_empty(), "{faults:?}");
 }
+
+/// Unusable configurations are typed errors: address-space counts, generation bases, root
+/// levels, MAXPHYADDRs, C-bits, shadow paging with EPT.
+#[test]
+fn unusable_configurations_are_typed_errors() {
+    let build = |tweak: &dyn Fn(&mut VmConfig)| {
+        let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+        tweak(&mut cfg);
+        let host = std::sync::Arc::new(vmmu::testing::TestHost::new(8));
+        vmmu::vm::Vm::new(cfg, host).err()
+    };
+    assert!(build(&|c| c.nr_address_spaces = 0).is_some());
+    assert!(build(&|c| c.nr_address_spaces = 3).is_some());
+    assert!(build(&|c| c.nr_address_spaces = u16::MAX).is_some());
+    assert!(build(&|c| {
+        c.nr_address_spaces = 2;
+        c.generation_base = 3;
+    })
+    .is_some());
+    assert!(build(&|c| c.generation_base = 1 << 62).is_some());
+    assert!(build(&|c| c.generation_base = u64::MAX).is_some());
+    assert!(build(&|c| c.root_level = vmmu::Level::L4K).is_some());
+    assert!(build(&|c| c.mmu = vmmu::vm::MmuKind::Shadow).is_some());
+    assert!(build(&|c| c.format = FormatKind::NptSev { c_bit: 40 }).is_some());
+    assert!(build(&|c| c.format = FormatKind::NptSev { c_bit: 255 }).is_some());
+    assert!(build(&|c| c.generation_base = (1 << 62) - 2).is_none());
+    for bits in [0u8, 35, 53, 255] {
+        assert!(VmConfig::new(FormatKind::Ept, bits).is_err());
+        assert!(VmConfig::shadow(bits).is_err());
+    }
+}

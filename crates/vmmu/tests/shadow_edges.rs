@@ -154,3 +154,61 @@ fn tdp_entry_points_on_a_shadow_vcpu() {
     assert!(wrong(v.handle_npf(Gpa(0x20_0000), vmmu::fault::PfErr(0))));
     assert_eq!(access(&mut v, 0x4000_0000, true), Seen::Ram(ram_pfn(0x20_0000)));
 }
+
+/// Guest CPU states at the edges: CR3 and PDPTEs at or above 2^52, MAXPHYADDR 0 and 255,
+/// nonpaging gvas above 2^52: each access ends as RAM, MMIO, a guest #PF or a typed error.
+#[test]
+fn odd_guest_cpu_states_do_not_panic() {
+    use vmmu::guest::PagingMode;
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    s.map4k(0x4000_0000, 0x20_0000, P | RW | US);
+    let mut v = vm.create_vcpu().unwrap();
+    let modes = [
+        PagingMode::Long4,
+        PagingMode::NonPaging,
+        PagingMode::Pae { pdptrs: [u64::MAX; 4] },
+        PagingMode::Pae { pdptrs: [((1 << 52) - 0x1000) | 1, 0, 1, s.cr3 | 1] },
+    ];
+    for mode in modes {
+        for cr3 in [s.cr3, u64::MAX, (1 << 52) - 0x1000, 1 << 63] {
+            for maxphyaddr in [0u8, 12, 36, 46, 52, 63, 64, 255] {
+                let cpu = GuestCpu { mode, cr3, cr0_wp: true, efer_nx: false, maxphyaddr };
+                v.set_guest_cpu(cpu).unwrap();
+                let _ = v.load_cr3(cr3);
+                for gva in [0x4000_0000u64, 0, !0xfff, 1 << 52, 0xffff_8000_0000_0000] {
+                    for write in [false, true] {
+                        try_access(&mut v, gva, write);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn try_access(v: &mut vmmu::vcpu::Vcpu<vmmu::testing::TestHost>, gva: u64, write: bool) {
+    use vmmu::fault::{FaultOutcome, PfErr};
+    use vmmu::tdp::HwWalk;
+    let need = if write { vmmu::Access::WRITE } else { vmmu::Access::NONE };
+    for _ in 0..20 {
+        if v.service_requests().is_err() {
+            return;
+        }
+        let walk = match v.enter_guest() {
+            Ok(g) => g.walk_gva(vmmu::Gva(gva), need),
+            Err(_) => continue,
+        };
+        let err = match walk {
+            HwWalk::Translated { .. } => return,
+            HwWalk::Violation { present, .. } => {
+                (if write { PfErr::WRITE } else { 0 }) | if present { PfErr::PRESENT } else { 0 }
+            }
+            HwWalk::Misconfig { .. } => PfErr::RSVD | PfErr::PRESENT,
+            HwWalk::Broken { dump } => panic!("broken walk {dump:?}"),
+        };
+        match v.handle_page_fault(vmmu::Gva(gva), PfErr(err)) {
+            Ok(FaultOutcome::Fixed | FaultOutcome::Spurious | FaultOutcome::Retry(_)) => {}
+            _ => return,
+        }
+    }
+}
