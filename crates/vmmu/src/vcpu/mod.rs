@@ -295,6 +295,11 @@ impl<H: Host> Vcpu<H> {
     /// first. Exit handlers (`handle_*`) must be called after leaving guest mode (debug builds
     /// assert it); called in guest mode, a handler's fast path runs as it is, and its slow path
     /// leaves guest mode before anything that could wait for this vCPU.
+    ///
+    /// A thread must not update memslots (or zap, flush, or do anything else that waits for the
+    /// vCPUs) while a vCPU it drives is in guest mode: the update waits for that vCPU to leave,
+    /// which it never does. Leave guest mode first, as a KVM vCPU thread returns from `KVM_RUN`
+    /// before its VMM issues an ioctl on the same thread.
     pub fn enter_guest_mode(&mut self) -> Result<(), Requests> {
         if self.st.in_guest {
             return Ok(());
