@@ -344,14 +344,9 @@ impl<H: Host> Vm<H> {
         if let (Some(shadow), MemslotChange::Create | MemslotChange::Delete) =
             (inner.shadow.as_ref(), change)
         {
-            // KVM `kvm_arch_commit_memory_region`: the default page limit follows the memslots.
-            let nr_pages = {
-                let guard = inner.memslots.read(&_serial);
-                (0..inner.memslots.nr_address_spaces())
-                    .flat_map(|a| guard.set(AsId(a)).iter().map(|s| s.npages()).collect::<Vec<_>>())
-                    .sum::<u64>()
-            };
-            shadow.set_default_max_pages(&inner.mmu, nr_pages);
+            // KVM `kvm_arch_commit_memory_region`: the default page limit follows the memslots
+            // (`kvm->nr_memslot_pages`, which the memslots keep as every update commits).
+            shadow.set_default_max_pages(&inner.mmu, inner.memslots.nr_memslot_pages());
         }
         if change == MemslotChange::FlagsOnly
             && r.flags & crate::memslot::KVM_MEM_LOG_DIRTY_PAGES != 0
