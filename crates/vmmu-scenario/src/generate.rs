@@ -1075,16 +1075,20 @@ fn gen_map_gpa() -> impl Strategy<Value = GenMapGpa> {
 }
 
 fn gen_map() -> impl Strategy<Value = GenMap> {
-    (
-        gen_space(),
-        gen_gva(),
-        gen_map_gpa(),
-        proptest::bool::weighted(0.25),
-        proptest::bool::weighted(0.15),
-        proptest::bool::weighted(0.1),
-        proptest::bool::weighted(0.08),
-    )
-        .prop_map(|(space, gva, gpa, huge, readonly, supervisor, reserved)| GenMap {
+    map_from(gen_space(), gen_gva(), gen_map_gpa(), [0.25, 0.15, 0.1, 0.08])
+}
+
+/// A `map` step in a space, at a gva, to a gpa from the given strategies, with its size and flags
+/// drawn with the probabilities `[huge, readonly, supervisor, reserved]`.
+fn map_from(
+    space: impl Strategy<Value = u8>,
+    gva: impl Strategy<Value = GenGva>,
+    gpa: impl Strategy<Value = GenMapGpa>,
+    [huge, readonly, supervisor, reserved]: [f64; 4],
+) -> impl Strategy<Value = GenMap> {
+    let w = proptest::bool::weighted;
+    (space, gva, gpa, w(huge), w(readonly), w(supervisor), w(reserved)).prop_map(
+        |(space, gva, gpa, huge, readonly, supervisor, reserved)| GenMap {
             space,
             gva,
             gpa,
@@ -1092,7 +1096,8 @@ fn gen_map() -> impl Strategy<Value = GenMap> {
             readonly,
             supervisor,
             reserved,
-        })
+        },
+    )
 }
 
 fn gen_step_paging() -> impl Strategy<Value = GenStep> {
@@ -1464,27 +1469,15 @@ fn gen_gva_wide() -> impl Strategy<Value = GenGva> {
 }
 
 fn gen_map_wide() -> impl Strategy<Value = GenMap> {
-    (
+    map_from(
         prop_oneof![1 => gen_space(), 1 => 0u8..SPACES],
         gen_gva_wide(),
         prop_oneof![
             6 => (recent(), 0u64..BIG_PAGES).prop_map(|(b, p)| GenMapGpa::SlotPage(b, p)),
             2 => gen_map_gpa(),
         ],
-        proptest::bool::weighted(0.4),
-        proptest::bool::weighted(0.15),
-        proptest::bool::weighted(0.05),
-        proptest::bool::weighted(0.03),
+        [0.4, 0.15, 0.05, 0.03],
     )
-        .prop_map(|(space, gva, gpa, huge, readonly, supervisor, reserved)| GenMap {
-            space,
-            gva,
-            gpa,
-            huge,
-            readonly,
-            supervisor,
-            reserved,
-        })
 }
 
 fn gen_step_paging_wide() -> BoxedStrategy<GenStep> {
