@@ -3,7 +3,6 @@
 //! never rename.
 
 use core::fmt;
-use vmmu_sim::host::ReaderFenceKind;
 use vmmu_sim::report::{format_name, Report};
 use vmmu_sim::MmuCounters;
 
@@ -36,10 +35,7 @@ impl fmt::Display for Text<'_> {
             if m.requested { "on" } else { "off" },
             if m.effective { "on" } else { "off" },
             m.reason,
-            match c.reader_fences {
-                ReaderFenceKind::Full => "full",
-                ReaderFenceKind::Membarrier => "membarrier",
-            }
+            c.reader_fences.name()
         )?;
         writeln!(f, "ran {:.2} s, {} accesses", r.elapsed_seconds, r.total_accesses())?;
         for v in &r.vcpus {

@@ -111,6 +111,16 @@ pub enum ReaderFenceKind {
     Membarrier,
 }
 
+impl ReaderFenceKind {
+    /// The name reports use (the JSON value and the `--reader-fences` value).
+    pub const fn name(self) -> &'static str {
+        match self {
+            ReaderFenceKind::Full => "full",
+            ReaderFenceKind::Membarrier => "membarrier",
+        }
+    }
+}
+
 /// Why the host refused a request.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum HostError {
@@ -1013,6 +1023,13 @@ mod tests {
         assert!(matches!(h.add_buffer("huge", 1 << 30), Err(HostError::OutOfFrames { .. })));
         assert_eq!(h.add_buffer("a", 4096).err(), Some(HostError::DuplicateName("a".into())));
         assert_eq!(h.add_buffer("z", 0).err(), Some(HostError::ZeroSize("z".into())));
+    }
+
+    #[test]
+    fn reader_fence_names_are_the_json_values() {
+        for k in [ReaderFenceKind::Full, ReaderFenceKind::Membarrier] {
+            assert_eq!(serde_json::to_value(k).expect("json"), k.name());
+        }
     }
 
     #[test]
