@@ -4,7 +4,7 @@
 use crate::html_report::Page;
 use vmmu_bench::table::{Row, Table};
 use vmmu_sim::replay::TraceReport;
-use vmmu_sim::report::{format_name, Report};
+use vmmu_sim::report::{format_name, mmu_name, Report};
 
 fn on_off(b: bool) -> String {
     if b { "on" } else { "off" }.into()
@@ -37,6 +37,8 @@ pub fn run_page(flags: &[(&str, String)], runs: &[(&str, &Report)]) -> String {
         let c = &r.config;
         p.h2("Configuration");
         p.config(&[
+            ("mmu", mmu_name(c.mmu).into()),
+            ("guest paging", on_off(c.guest_paging)),
             ("format", format_name(c.format).into()),
             ("phys_bits", c.phys_bits.to_string()),
             ("vcpus", c.vcpus.to_string()),

@@ -3,7 +3,7 @@
 //! never rename.
 
 use core::fmt;
-use vmmu_sim::report::{format_name, Report};
+use vmmu_sim::report::{format_name, mmu_name, Report};
 use vmmu_sim::MmuCounters;
 
 /// The report rendered as text by its [`Display`](fmt::Display).
@@ -27,7 +27,9 @@ impl fmt::Display for Text<'_> {
         let m = &c.mmio_caching;
         writeln!(
             f,
-            "config: format {} phys_bits {} vcpus {} seed {}; mmio caching requested {} effective {} ({}); reader fences {}",
+            "config: mmu {}{} format {} phys_bits {} vcpus {} seed {}; mmio caching requested {} effective {} ({}); reader fences {}",
+            mmu_name(c.mmu),
+            if c.guest_paging { " (guest paging)" } else { "" },
             format_name(c.format),
             c.phys_bits,
             c.vcpus,

@@ -23,6 +23,8 @@ fn short_run_is_clean_and_reports_stable_keys() {
         assert_eq!(r["oracle"]["violations"], 0);
         assert!(r["oracle"]["checked"].as_u64().unwrap() > 1000);
         assert_eq!(r["config"]["format"], format);
+        assert_eq!(r["config"]["mmu"], "tdp");
+        assert_eq!(r["config"]["guest_paging"], false);
         assert_eq!(r["config"]["mmio_caching"]["requested"], true);
         assert_eq!(r["config"]["mmio_caching"]["effective"], true);
         assert!(r["config"]["mmio_caching"]["reason"].is_string());
@@ -143,12 +145,16 @@ fn compare_caching_rounds_give_each_rounds_ratios() {
 /// and `--compare-caching` works for shadow paging too.
 #[test]
 fn guest_paging_runs_are_clean_and_compare_caching_works_for_shadow() {
-    for args in [&["--format", "shadow"][..], &["--guest-paging"][..]] {
+    for (args, mmu) in [(&["--format", "shadow"][..], "shadow"), (&["--guest-paging"][..], "tdp")] {
         let mut a = vec!["run", "--seconds", "0.5", "--json"];
         a.extend_from_slice(args);
         let out = vmmu(&a);
         assert_eq!(out.status.code(), Some(0), "{a:?}: {}", String::from_utf8_lossy(&out.stdout));
-        assert_eq!(json(&out)["oracle"]["violations"], 0, "{a:?}");
+        let r = json(&out);
+        assert_eq!(r["oracle"]["violations"], 0, "{a:?}");
+        // The report names the MMU: a shadow MMU's SPTE format alone (npt) would not tell.
+        assert_eq!(r["config"]["mmu"], mmu, "{a:?}");
+        assert_eq!(r["config"]["guest_paging"], true, "{a:?}");
     }
     let out =
         vmmu(&["run", "--seconds", "0.3", "--format", "shadow", "--compare-caching", "--json"]);

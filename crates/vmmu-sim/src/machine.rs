@@ -575,6 +575,8 @@ impl Machine {
 
         let mut report = Report {
             config: ConfigReport {
+                mmu: mmu.mmu_kind(),
+                guest_paging: cfg.guest_paging,
                 format: cfg.format,
                 phys_bits: self.host().config().phys_bits,
                 vcpus: n,

@@ -280,6 +280,10 @@ impl GuestMmu for RealMmu {
         (self.vm.mmu_kind() == vmmu::vm::MmuKind::Shadow).then_some(&mut v.vcpu)
     }
 
+    fn mmu_kind(&self) -> vmmu::vm::MmuKind {
+        self.vm.mmu_kind()
+    }
+
     fn poll_tlb_flush(&self, v: &mut RealVcpu) -> bool {
         if !v.vcpu.in_guest_mode() || v.vcpu.requests_pending() {
             // The "IPI": leave guest mode, handle the requests, come back.

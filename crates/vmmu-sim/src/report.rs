@@ -15,6 +15,7 @@ use crate::tlb::TlbStats;
 use hdrhistogram::Histogram;
 use serde::{Serialize, Serializer};
 use vmmu::spte::FormatKind;
+use vmmu::vm::MmuKind;
 
 /// The complete report of one run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -55,6 +56,18 @@ pub const fn format_name(f: FormatKind) -> &'static str {
     }
 }
 
+/// The name the CLI and the report use for an MMU: `tdp` or `shadow` (`--format shadow`).
+pub const fn mmu_name(m: MmuKind) -> &'static str {
+    match m {
+        MmuKind::Tdp => "tdp",
+        MmuKind::Shadow => "shadow",
+    }
+}
+
+fn serialize_mmu<S: Serializer>(m: &MmuKind, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(mmu_name(*m))
+}
+
 fn serialize_format<S: Serializer>(f: &FormatKind, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(format_name(*f))
 }
@@ -72,7 +85,14 @@ fn serialize_counters<S: Serializer>(c: &Option<MmuCounters>, s: S) -> Result<S:
 /// The configuration a run used.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ConfigReport {
-    /// SPTE format (JSON and text: `ept`, `npt` or `npt-sev`).
+    /// The MMU (JSON and text: `tdp` or `shadow`).
+    #[serde(serialize_with = "serialize_mmu")]
+    pub mmu: MmuKind,
+    /// Whether vCPUs access memory through their own guest page tables (always under a shadow
+    /// MMU).
+    pub guest_paging: bool,
+    /// SPTE format (JSON and text: `ept`, `npt` or `npt-sev`; a shadow MMU's SPTEs are x86
+    /// page-table entries, `npt`).
     #[serde(serialize_with = "serialize_format")]
     pub format: FormatKind,
     /// Host MAXPHYADDR.
@@ -90,6 +110,8 @@ pub struct ConfigReport {
 impl Default for ConfigReport {
     fn default() -> Self {
         ConfigReport {
+            mmu: MmuKind::Tdp,
+            guest_paging: false,
             format: FormatKind::Ept,
             phys_bits: 0,
             vcpus: 0,

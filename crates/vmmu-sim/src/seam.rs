@@ -433,6 +433,12 @@ pub trait GuestMmu: Send + Sync {
         MmuStats::default()
     }
 
+    /// Which MMU this is: two-dimensional (the default) or shadow paging. The run report names
+    /// it, since a shadow MMU's SPTE format is NPT-like and the format alone would not tell.
+    fn mmu_kind(&self) -> vmmu::vm::MmuKind {
+        vmmu::vm::MmuKind::Tdp
+    }
+
     /// Whether MMIO caching is in effect and why.
     fn mmio_caching(&self) -> MmioCachingState {
         MmioCachingState { effective: false, reason: "this MMU does not cache MMIO".into() }

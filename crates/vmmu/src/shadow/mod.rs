@@ -36,7 +36,7 @@ pub use guest_mem::SlotGuestMemory;
 pub use root::ShadowRootKind;
 
 pub(crate) use dirty::ShadowProtect;
-pub(crate) use pages::{ShadowState, SpId, ZapBatch};
+pub(crate) use pages::{ShadowState, ZapBatch};
 pub(crate) use root::{PrevRoot, ShadowRoot};
 
 use crate::host::Host;
@@ -236,12 +236,7 @@ impl ShadowMmu {
         loop {
             let mut st = self.lock(core);
             let gen = st.valid_gen;
-            let victims: alloc::vec::Vec<SpId> = st
-                .oldest_first()
-                .into_iter()
-                .take_while(|&id| st.sp(id).valid_gen != gen)
-                .take(BATCH_ZAP_PAGES)
-                .collect();
+            let victims = st.oldest(BATCH_ZAP_PAGES, |sp| sp.valid_gen != gen, |_| true);
             if victims.is_empty() {
                 st.commit_zap(core, &self.stats, &mut batch);
                 break;

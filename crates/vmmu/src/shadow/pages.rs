@@ -167,9 +167,24 @@ impl ShadowState {
             .collect()
     }
 
-    /// Pages from oldest to newest.
-    pub(crate) fn oldest_first(&self) -> Vec<SpId> {
-        self.active.values().copied().collect()
+    /// Up to `n` pages, oldest first, from the oldest end of the active list while `keep_going`
+    /// holds for each page (`take_while`), skipping those `eligible` refuses. Reads only the
+    /// pages it returns or stops at, not the whole list: a zap-all walks it in batches of
+    /// [`super::BATCH_ZAP_PAGES`], and copying every page at each batch made a memslot delete
+    /// quadratic in the number of pages.
+    pub(crate) fn oldest(
+        &self,
+        n: usize,
+        keep_going: impl Fn(&ShadowPage) -> bool,
+        eligible: impl Fn(&ShadowPage) -> bool,
+    ) -> Vec<SpId> {
+        self.active
+            .values()
+            .copied()
+            .take_while(|&id| keep_going(self.sp(id)))
+            .filter(|&id| eligible(self.sp(id)))
+            .take(n)
+            .collect()
     }
 
     /// The entry `idx` of page `id`.
@@ -543,16 +558,10 @@ impl ShadowState {
         nr: usize,
         batch: &mut ZapBatch,
     ) -> usize {
-        let mut zapped = 0;
-        for id in self.oldest_first() {
-            if zapped >= nr {
-                break;
-            }
-            if self.sp(id).root_count > 0 {
-                continue;
-            }
+        let victims = self.oldest(nr, |_| true, |sp| sp.root_count == 0);
+        let zapped = victims.len();
+        for id in victims {
             self.prepare_zap(core, stats, id, batch);
-            zapped += 1;
         }
         stats.mmu_recycled.add(zapped as u64);
         zapped
