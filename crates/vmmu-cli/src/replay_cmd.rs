@@ -1,6 +1,8 @@
 //! `vmmu replay TRACE...`: replay recorded VM boots (vmmu traces, `../shared/design/traces.md`)
-//! on the software machine under every format x MMIO caching on/off (unless pinned by flags),
-//! and on real `/dev/kvm` where it is usable, and report per trace.
+//! on the software machine under every MMU x MMIO caching on/off (unless pinned by flags): the
+//! TDP MMU with EPT and with NPT, and the shadow MMU (the vCPU then runs on identity-mapped
+//! guest page tables, as the recording hosts' shadow-paging KVM shadowed the guest's); and on
+//! real `/dev/kvm` where it is usable; and report per trace.
 //!
 //! Exit status: 2 when a file cannot be read or is malformed (the message names the file and the
 //! line; the other files still run) or on bad flags; else 1 when any replay refused a slot
@@ -30,7 +32,7 @@ pub struct ReplayArgs {
     /// Do not replay on /dev/kvm.
     #[arg(long)]
     pub no_kvm: bool,
-    /// Only this SPTE format [default: both].
+    /// Only this MMU: the TDP MMU with EPT or NPT, or shadow paging [default: all three].
     #[arg(long, value_enum)]
     pub format: Option<FormatArg>,
     /// Only this MMIO caching setting [default: both].
@@ -54,7 +56,8 @@ impl ReplayArgs {
             ("traces", files.join(" ")),
             (
                 "--format",
-                self.format.map_or("ept and npt".into(), |f| format!("{f:?}").to_lowercase()),
+                self.format
+                    .map_or("ept, npt and shadow".into(), |f| format!("{f:?}").to_lowercase()),
             ),
             (
                 "--mmio-caching",
@@ -73,11 +76,10 @@ impl ReplayArgs {
 fn configs(args: &ReplayArgs, trace: &Trace) -> Vec<ReplayConfig> {
     let phys_bits = args.phys_bits.unwrap_or_else(|| replay::phys_bits_for(trace));
     let formats = match args.format {
-        Some(FormatArg::Ept) => vec![FormatKind::Ept],
-        Some(FormatArg::Npt) => vec![FormatKind::Npt],
-        // Refused in `run` before any configuration is built.
-        Some(FormatArg::Shadow) => vec![],
-        None => vec![FormatKind::Ept, FormatKind::Npt],
+        Some(FormatArg::Ept) => vec![FormatArg::Ept],
+        Some(FormatArg::Npt) => vec![FormatArg::Npt],
+        Some(FormatArg::Shadow) => vec![FormatArg::Shadow],
+        None => vec![FormatArg::Ept, FormatArg::Npt, FormatArg::Shadow],
     };
     let caching = match args.mmio_caching {
         Some(OnOff::On) => vec![true],
@@ -87,9 +89,13 @@ fn configs(args: &ReplayArgs, trace: &Trace) -> Vec<ReplayConfig> {
     formats
         .iter()
         .flat_map(|&format| {
-            caching.iter().map(move |&mmio_caching| ReplayConfig {
-                phys_bits,
-                ..ReplayConfig::new(format, mmio_caching)
+            caching.iter().map(move |&mmio_caching| {
+                let cfg = match format {
+                    FormatArg::Ept => ReplayConfig::new(FormatKind::Ept, mmio_caching),
+                    FormatArg::Npt => ReplayConfig::new(FormatKind::Npt, mmio_caching),
+                    FormatArg::Shadow => ReplayConfig::shadow(mmio_caching),
+                };
+                ReplayConfig { phys_bits, ..cfg }
             })
         })
         .collect()
@@ -155,14 +161,6 @@ fn replay_trace(args: &ReplayArgs, file: &str, trace: &Trace) -> TraceReport {
 
 /// Runs the command; returns the process exit status.
 pub fn run(args: &ReplayArgs) -> ExitCode {
-    if args.format == Some(FormatArg::Shadow) {
-        eprintln!(
-            "vmmu replay: --format shadow: traces carry guest-physical accesses only, so replay \
-             runs the TDP MMU (ept or npt); shadow paging runs in `vmmu run --format shadow` \
-             and in version-2 scenarios"
-        );
-        return ExitCode::from(2);
-    }
     let report_file = match args.report.as_deref().map(ReportFile::create).transpose() {
         Ok(f) => f,
         Err(e) => {

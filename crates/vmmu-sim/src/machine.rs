@@ -55,7 +55,9 @@ use crate::bus::{BusError, BusOutcome, MmioBus, RegisterDevice};
 use crate::host::{HostConfig, HostError, SimHost, SIZE_2M};
 use crate::hw_vcpu::{Attempts, Data, HwVcpu};
 use crate::layout::{MachineLayout, MachineMemory};
-use crate::machine_paging::{shadow_access, PagingEvent, ShadowAccess, Shootdown, VcpuPaging};
+use crate::machine_paging::{
+    shadow_access, PagingEvent, RamOp, ShadowAccess, Shootdown, VcpuPaging,
+};
 
 /// The page of shared RAM the shootdowns' GVA maps (beyond the words the vCPUs use).
 const SHARED_RAM_OFFSET: u64 = 0x10_0000;
@@ -899,7 +901,15 @@ fn paged_access<M: GuestMmu>(
             start & 1 == 0
         };
         let t0 = c.sampler.start();
-        match shadow_access(hw, sh.host, &mut p.tlb, gva, a.width, store, attempt) {
+        match shadow_access(
+            hw,
+            sh.host,
+            &mut p.tlb,
+            gva,
+            a.width,
+            RamOp::from_store(store),
+            attempt,
+        ) {
             ShadowAccess::Ram { hva, value } => Observed::Ram { hva, value },
             ShadowAccess::Mmio(gpa) => {
                 // What MMIO caching is meant to shorten: the walk, exits and the MMU's handling.

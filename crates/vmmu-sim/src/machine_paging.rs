@@ -542,14 +542,14 @@ pub fn shadow_access<M: GuestMmu>(
     tlb: &mut GvaTlb,
     gva: u64,
     width: Width,
-    store: Option<u64>,
+    op: RamOp,
     mut attempt: impl FnMut() -> bool,
 ) -> ShadowAccess {
     let mmu = hw.mmu();
     if mmu.shadow_vcpu(hw.state()).is_none() {
         return ShadowAccess::Error("not a shadow-paging MMU".into());
     }
-    let need = if store.is_some() {
+    let need = if op.is_write() {
         vmmu::Access::WRITE.union(vmmu::Access::USER)
     } else {
         vmmu::Access::USER
@@ -587,7 +587,7 @@ pub fn shadow_access<M: GuestMmu>(
         if let HwWalk::Translated { pfn, perms, .. } = walk {
             tlb.0.insert(page, (pfn, perms));
         }
-        let err = match finish_shadow_walk(host, walk, gva, width, store) {
+        let err = match finish_shadow_walk(host, walk, gva, width, op) {
             Ok(ShadowWalkStep::Ram { hva, value }) => return ShadowAccess::Ram { hva, value },
             Ok(ShadowWalkStep::Fault(err)) => err,
             Err(e) => return ShadowAccess::Error(e),
@@ -623,20 +623,60 @@ pub(crate) enum ShadowWalkStep {
     Fault(PfErr),
 }
 
+/// What a user-mode access through the shadow does with RAM once it is translated.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum RamOp {
+    /// Load.
+    Load,
+    /// Store this value.
+    Store(u64),
+    /// Translate as a read or a write (`write`) and touch no RAM: how a replay classifies a
+    /// recorded access, which must never be performed on RAM it was not meant for.
+    Classify {
+        /// A write (needs write permission; a write fault's error code).
+        write: bool,
+    },
+}
+
+impl RamOp {
+    /// `Store(v)` for `Some(v)`, else `Load`.
+    pub const fn from_store(store: Option<u64>) -> RamOp {
+        match store {
+            Some(v) => RamOp::Store(v),
+            None => RamOp::Load,
+        }
+    }
+
+    /// Whether the access writes.
+    pub const fn is_write(self) -> bool {
+        matches!(self, RamOp::Store(_) | RamOp::Classify { write: true })
+    }
+}
+
 /// Completes a user-mode access of `width` at `gva` whose shadow walk is `walk`: a translation
-/// is the RAM access itself (the store or load done here); a violation or a misconfiguration
-/// becomes the page-fault error code the hypervisor handles (KVM: a reserved-bit fault is an
-/// MMIO SPTE). Shared by the machine and the scenario backend.
+/// is the RAM access itself (the store or load done here, or nothing for [`RamOp::Classify`],
+/// which reports value 0); a violation or a misconfiguration becomes the page-fault error code
+/// the hypervisor handles (KVM: a reserved-bit fault is an MMIO SPTE). Shared by the machine,
+/// the scenario backend and the replay.
 pub(crate) fn finish_shadow_walk(
     host: &SimHost,
     walk: HwWalk,
     gva: u64,
     width: Width,
-    store: Option<u64>,
+    op: RamOp,
 ) -> Result<ShadowWalkStep, String> {
-    let mut err = PfErr::USER | if store.is_some() { PfErr::WRITE } else { 0 };
+    let mut err = PfErr::USER | if op.is_write() { PfErr::WRITE } else { 0 };
     match walk {
         HwWalk::Translated { pfn, .. } => {
+            let store = match op {
+                RamOp::Classify { .. } => {
+                    let page = host.ram_page(pfn).ok_or_else(|| format!("{pfn:?} is not RAM"))?;
+                    let hva = Hva(page.as_ptr() as u64 + (gva & 0xfff));
+                    return Ok(ShadowWalkStep::Ram { hva, value: 0 });
+                }
+                RamOp::Load => None,
+                RamOp::Store(v) => Some(v),
+            };
             if gva % width.bytes() != 0 {
                 return Err(format!("{gva:#x} is not aligned for a {width:?} access"));
             }

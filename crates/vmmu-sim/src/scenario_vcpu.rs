@@ -15,7 +15,7 @@
 
 use crate::host::SimHost;
 use crate::hw_vcpu::{Data, HwVcpu};
-use crate::machine_paging::{finish_shadow_walk, ShadowWalkStep};
+use crate::machine_paging::{finish_shadow_walk, RamOp, ShadowWalkStep};
 use crate::ram::Width as RamWidth;
 use crate::real::{RealMmu, RealVcpu};
 use std::cell::RefCell;
@@ -259,7 +259,7 @@ fn shadow_access(
         }
         let walk = v.walk_gva(Gva(gva), need);
         v.exit_guest_mode();
-        let err = match finish_shadow_walk(host, walk, gva, width, write)? {
+        let err = match finish_shadow_walk(host, walk, gva, width, RamOp::from_store(write))? {
             ShadowWalkStep::Ram { value, .. } => return Ok(Access::Ram(value)),
             ShadowWalkStep::Fault(err) => err,
         };

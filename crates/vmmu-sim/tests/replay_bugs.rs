@@ -20,34 +20,34 @@ fn trace(name: &str) -> Trace {
     parse(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-fn run(t: &Trace, format: FormatKind, caching: bool, bugs: BugSet) -> RunReport {
-    let cfg = ReplayConfig { bugs, ..ReplayConfig::new(format, caching) };
-    replay(t, &cfg).expect("replay runs")
+fn run(t: &Trace, cfg: ReplayConfig, bugs: BugSet) -> RunReport {
+    replay(t, &ReplayConfig { bugs, ..cfg }).expect("replay runs")
 }
 
 #[test]
 fn stale_translations_and_stale_mmio_are_caught_on_recorded_boots() {
+    let tdp = ReplayConfig::new;
     let cases = [
         // A stale TLB entry after a delete: the old range reads RAM where no slot is.
-        (Bug::NoTlbFlushOnZap, FormatKind::Ept, false),
-        (Bug::NoTlbFlushOnZap, FormatKind::Npt, true),
+        (Bug::NoTlbFlushOnZap, tdp(FormatKind::Ept, false)),
+        (Bug::NoTlbFlushOnZap, tdp(FormatKind::Npt, true)),
         // A pre-create MMIO SPTE (or per-vCPU cache entry) still used after the slot appeared.
-        (Bug::MmioSpteIgnoresGen, FormatKind::Ept, true),
-        (Bug::MmioSpteIgnoresGen, FormatKind::Npt, true),
-        (Bug::VcpuCacheWithoutGen, FormatKind::Ept, true),
+        (Bug::MmioSpteIgnoresGen, tdp(FormatKind::Ept, true)),
+        (Bug::MmioSpteIgnoresGen, tdp(FormatKind::Npt, true)),
+        (Bug::VcpuCacheWithoutGen, tdp(FormatKind::Ept, true)),
+        // The same under the shadow MMU, as the recording hosts ran these boots.
+        (Bug::MmioSpteIgnoresGen, ReplayConfig::shadow(true)),
+        (Bug::VcpuCacheWithoutGen, ReplayConfig::shadow(true)),
     ];
     for name in
         ["hand-aliases-move-delete-rom", "seabios-kvm.small", "q35-kvm.small", "vga13-kvm.small"]
     {
         let t = trace(name);
-        for (bug, format, caching) in cases {
-            let clean = run(&t, format, caching, BugSet::NONE);
-            assert!(clean.passed(), "{name} {format:?} caching {caching}: {clean:?}");
-            let r = run(&t, format, caching, BugSet::only(bug));
-            assert!(
-                r.oracle.violations > 0,
-                "{name}: {bug} ({format:?}, caching {caching}) went unnoticed"
-            );
+        for (bug, cfg) in cases {
+            let clean = run(&t, cfg, BugSet::NONE);
+            assert!(clean.passed(), "{name} {}: {clean:?}", cfg.name());
+            let r = run(&t, cfg, BugSet::only(bug));
+            assert!(r.oracle.violations > 0, "{name}: {bug} ({}) went unnoticed", cfg.name());
             let first = &r.oracle.first_violations[0];
             println!("{name} {bug}: {} violations, first: {first}", r.oracle.violations);
         }

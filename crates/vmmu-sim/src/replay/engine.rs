@@ -23,10 +23,13 @@
 //!   a wrong value or a wrong kind of access (an oracle violation); `tests/replay_bugs.rs` shows
 //!   re-injected historical bugs caught this way.
 
+use super::identity::{IdentityError, IdentityTables};
 use super::memory::{MemoryError, TraceMemory};
 use super::parse::{Dir, EventKind, Exit, MmioEvent, SlotEvent, Trace};
 use super::report::{Misclassified, Refusal, RunReport, KEEP};
+use crate::host::SimHost;
 use crate::hw_vcpu::{Attempts, Data, HwVcpu, Outcome as HwOutcome};
+use crate::machine_paging::{shadow_access, GvaTlb, RamOp, ShadowAccess};
 use crate::oracle::{OracleReport, Violation};
 use crate::ram::Width;
 use crate::real::{RealMmu, RealMmuConfig};
@@ -35,14 +38,19 @@ use crate::timeline::{LatencyHistogram, Sample, Timeline};
 use std::collections::BTreeMap;
 use std::time::Instant;
 use vmmu::bugs::BugSet;
+use vmmu::guest::{GuestCpu, PagingMode};
 use vmmu::memslot::{MemslotChange, UserspaceMemoryRegion};
 use vmmu::spte::FormatKind;
 use vmmu::types::{Gpa, Hva, PAGE_SIZE};
-use vmmu::vm::VmError;
+use vmmu::vm::{MmuKind, VmError};
 
 /// One machine configuration to replay under.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReplayConfig {
+    /// The MMU. Under [`MmuKind::Shadow`] the vCPU runs in long mode on identity-mapped guest
+    /// page tables ([`super::identity`]) and `format` is [`FormatKind::Npt`] (x86 page-table
+    /// SPTEs).
+    pub mmu: MmuKind,
     /// The SPTE format.
     pub format: FormatKind,
     /// The user's wish for MMIO caching.
@@ -84,15 +92,28 @@ pub fn phys_bits_for(trace: &Trace) -> u8 {
 impl ReplayConfig {
     /// `format` with MMIO caching on or off, `phys_bits` [`DEFAULT_PHYS_BITS`], no bugs.
     pub fn new(format: FormatKind, mmio_caching: bool) -> ReplayConfig {
-        ReplayConfig { format, mmio_caching, phys_bits: DEFAULT_PHYS_BITS, bugs: BugSet::NONE }
+        ReplayConfig {
+            mmu: MmuKind::Tdp,
+            format,
+            mmio_caching,
+            phys_bits: DEFAULT_PHYS_BITS,
+            bugs: BugSet::NONE,
+        }
     }
 
-    /// `ept-on`, `npt-off`, ...
+    /// The shadow MMU (KVM with TDP off, as on the hosts the reference traces come from), MMIO
+    /// caching on or off, `phys_bits` [`DEFAULT_PHYS_BITS`], no bugs.
+    pub fn shadow(mmio_caching: bool) -> ReplayConfig {
+        ReplayConfig { mmu: MmuKind::Shadow, ..ReplayConfig::new(FormatKind::Npt, mmio_caching) }
+    }
+
+    /// `ept-on`, `npt-off`, `shadow-on`, ...
     pub fn name(&self) -> String {
-        let f = match self.format {
-            FormatKind::Ept => "ept",
-            FormatKind::Npt => "npt",
-            FormatKind::NptSev { .. } => "npt-sev",
+        let f = match (self.mmu, self.format) {
+            (MmuKind::Shadow, _) => "shadow",
+            (MmuKind::Tdp, FormatKind::Ept) => "ept",
+            (MmuKind::Tdp, FormatKind::Npt) => "npt",
+            (MmuKind::Tdp, FormatKind::NptSev { .. }) => "npt-sev",
         };
         format!("{f}-{}", if self.mmio_caching { "on" } else { "off" })
     }
@@ -107,6 +128,12 @@ pub enum ReplayError {
     /// The VM could not be built.
     #[error("cannot build the VM: {0}")]
     Vm(#[from] VmError),
+    /// The shadow replay's guest page tables could not be set up.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// The shadow replay's guest could not be set up (its page-table slot or its CR3).
+    #[error("cannot set up the shadow replay's guest: {0}")]
+    Guest(String),
 }
 
 /// What one vCPU access did.
@@ -142,9 +169,12 @@ struct Live {
 
 /// The replay's single vCPU: the machine's simulated hardware vCPU ([`HwVcpu`]: requests and
 /// kicks, TLB, the MMU's walk and exits, one retry policy), dropped at the end so its counters
-/// reach the MMU's totals.
+/// reach the MMU's totals. Under the shadow MMU its accesses go by guest-virtual address
+/// (identity-mapped) through the shadow tables, with a TLB of guest-virtual pages.
 struct Cpu<'a> {
     hw: Option<HwVcpu<'a, RealMmu>>,
+    shadow: Option<(GvaTlb, IdentityTables)>,
+    host: &'a SimHost,
 }
 
 /// The replay's retry policy: [`Attempts`] with a limit of [`SEQUENTIAL_RETRY_LIMIT`].
@@ -170,6 +200,31 @@ impl Cpu<'_> {
         let Some(hw) = self.hw.as_mut() else {
             return Outcome::Error("the vCPU is gone".into());
         };
+        if let Some((tlb, tables)) = self.shadow.as_mut() {
+            let op = match (perform && width.is_aligned(gpa), write) {
+                (true, None) => RamOp::Load,
+                (true, Some(v)) => RamOp::Store(v),
+                (false, w) => RamOp::Classify { write: w.is_some() },
+            };
+            let width = if width.is_aligned(gpa) { width } else { Width::W1 };
+            let mut attempts = 0u32;
+            let attempt = || {
+                attempts += 1;
+                true
+            };
+            hw.enter_guest();
+            let gva = tables.gva(gpa);
+            let r = match shadow_access(hw, self.host, tlb, gva, width, op, attempt) {
+                ShadowAccess::Ram { value, .. } => Outcome::Ram(value),
+                ShadowAccess::Mmio(_) => Outcome::Mmio,
+                ShadowAccess::PageFault(e) => {
+                    Outcome::Error(format!("guest page fault (error code {e:#x})"))
+                }
+                ShadowAccess::Error(e) => Outcome::Error(e),
+            };
+            hw.exit_guest();
+            return r;
+        }
         hw.enter_guest();
         let gpa = Gpa(gpa);
         let r = if perform && width.is_aligned(gpa.0) {
@@ -550,22 +605,32 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
     let memory = TraceMemory::new(trace, cfg.phys_bits)?;
     let uses_smm =
         trace.events.iter().any(|e| matches!(e.kind, EventKind::Slot(s) if s.as_id == 1));
-    let mmu = RealMmu::with_address_spaces(
-        memory.host().clone(),
-        RealMmuConfig {
-            format: cfg.format,
-            phys_bits: cfg.phys_bits,
-            mmio_caching: cfg.mmio_caching,
-            vcpus: 1,
-            generation_base: 0,
-            slot_zap_all: false,
-            bugs: cfg.bugs,
-        },
-        if uses_smm { 2 } else { 1 },
-    )?;
+    let shadow = cfg.mmu == MmuKind::Shadow;
+    let mmu_cfg = RealMmuConfig {
+        format: if shadow { FormatKind::Npt } else { cfg.format },
+        phys_bits: cfg.phys_bits,
+        mmio_caching: cfg.mmio_caching,
+        vcpus: 1,
+        generation_base: 0,
+        slot_zap_all: false,
+        bugs: cfg.bugs,
+    };
+    let nr_as = if uses_smm { 2 } else { 1 };
+    let mmu = if shadow {
+        RealMmu::shadow(memory.host().clone(), mmu_cfg, nr_as)?
+    } else {
+        RealMmu::with_address_spaces(memory.host().clone(), mmu_cfg, nr_as)?
+    };
+    let mut hw = HwVcpu::with_state(&mmu, memory.host(), mmu.create_vcpu(0), 64);
+    let tables =
+        if shadow { Some(shadow_guest(trace, &memory, &mmu, &mut hw, cfg)?) } else { None };
     let caching = mmu.mmio_caching();
     let mut r = Replay {
-        cpu: Cpu { hw: Some(HwVcpu::with_state(&mmu, memory.host(), mmu.create_vcpu(0), 64)) },
+        cpu: Cpu {
+            hw: Some(hw),
+            shadow: tables.map(|t| (GvaTlb::default(), t)),
+            host: memory.host(),
+        },
         mmu: &mmu,
         memory: &memory,
         live: BTreeMap::new(),
@@ -651,6 +716,34 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
     Ok(report)
 }
 
+/// Sets up the shadow replay's guest: its identity page tables in a slot of its own, long mode,
+/// and CR3 pointing at them.
+fn shadow_guest(
+    trace: &Trace,
+    memory: &TraceMemory,
+    mmu: &RealMmu,
+    hw: &mut HwVcpu<'_, RealMmu>,
+    cfg: &ReplayConfig,
+) -> Result<IdentityTables, ReplayError> {
+    let tables = IdentityTables::build(trace, memory.host(), cfg.phys_bits)?;
+    mmu.vm().set_memory_region(&tables.region).map_err(|e| {
+        ReplayError::Guest(format!("the page-table slot {:?} was refused: {e}", tables.region))
+    })?;
+    let v = mmu
+        .shadow_vcpu(hw.state())
+        .ok_or_else(|| ReplayError::Guest("the VM does not use the shadow MMU".into()))?;
+    let cpu = GuestCpu {
+        mode: PagingMode::Long4,
+        cr3: tables.cr3,
+        cr0_wp: true,
+        efer_nx: true,
+        maxphyaddr: cfg.phys_bits,
+    };
+    v.set_guest_cpu(cpu).map_err(|e| ReplayError::Guest(e.to_string()))?;
+    v.load_cr3(tables.cr3).map_err(|e| ReplayError::Guest(e.to_string()))?;
+    Ok(tables)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -705,10 +798,17 @@ mod tests {
         let text = format!("{HEADER}{ram}{bar}{}", mmio("0xf000000004000"));
         let trace = parse(&text).expect("trace");
         assert_eq!(phys_bits_for(&trace), 52);
-        for format in [FormatKind::Ept, FormatKind::Npt] {
-            let cfg = ReplayConfig { phys_bits: 52, ..ReplayConfig::new(format, true) };
+        let configs = [
+            ReplayConfig::new(FormatKind::Ept, true),
+            ReplayConfig::new(FormatKind::Npt, true),
+            // The shadow MMU's guest identity-maps the BAR's GiB too (4-level guest tables reach
+            // 2^48 only, so the guest's maxphyaddr and walk must cover bits 48 and up).
+            ReplayConfig::shadow(true),
+        ];
+        for cfg in configs {
+            let cfg = ReplayConfig { phys_bits: 52, ..cfg };
             let r = replay(&trace, &cfg).expect("replay");
-            assert!(r.passed(), "{format:?}: {:?}", r.oracle.first_violations);
+            assert!(r.passed(), "{}: {:?}", cfg.name(), r.oracle.first_violations);
             assert_eq!(r.mmio.classified_mmio, 1);
         }
     }

@@ -3,8 +3,9 @@
 //!
 //! - [`mod@parse`]: the strict reader of the trace format (errors name the line);
 //! - [`memory`]: the recording VMM's `uaddr` ranges mapped onto host buffers (aliases kept);
-//! - [`engine`]: one replay under one machine configuration, with the replay's own RAM probes and
-//!   their oracle;
+//! - [`engine`]: one replay under one machine configuration (the TDP MMU with EPT or NPT, or the
+//!   shadow MMU), with the replay's own RAM probes and their oracle;
+//! - [`identity`]: the identity-mapped guest page tables a replay under the shadow MMU runs on;
 //! - [`report`]: what a replay reports (text, and JSON with stable keys).
 //!
 //! ```
@@ -22,6 +23,7 @@
 //! ```
 
 pub mod engine;
+pub mod identity;
 pub mod memory;
 pub mod parse;
 pub mod report;

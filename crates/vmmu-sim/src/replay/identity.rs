@@ -1,0 +1,230 @@
+//! The guest page tables of a replay under the shadow MMU.
+//!
+//! A trace carries guest-physical addresses only. Under shadow paging the MMU maps what the
+//! guest's own page tables map, so the replay's vCPU runs in long mode with an identity map:
+//! every 1 GiB region the trace touches (any slot of address space 0, deleted ones included,
+//! and any recorded MMIO access) is mapped to itself with 2 MiB pages, user and writable,
+//! accessed and dirty (so no walk writes the tables). This is what the KVM half's guest and
+//! version-1 scenarios on `format=shadow` do. A region at or above 2^47 has no canonical
+//! user address of the same value under 4-level paging: it is mapped at a free region below
+//! 2^47 instead ([`IdentityTables::gva`] says where).
+//!
+//! Invariants: the tables live in a slot of the replay's own, in a 1 GiB region the trace never
+//! touches, with a slot id the trace never uses; nothing the trace does reaches them, and the
+//! replay's own accesses never go there (they stay in the touched regions).
+
+use super::parse::{EventKind, Trace};
+use crate::host::{HostBuffer, SimHost};
+use crate::ram::Width;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use vmmu::guest::pte::{A, D, P, PS, RW, US};
+use vmmu::memslot::region::KVM_USER_MEM_SLOTS;
+use vmmu::memslot::UserspaceMemoryRegion;
+
+const GIB: u64 = 1 << 30;
+const MIB2: u64 = 2 << 20;
+const PAGE: u64 = 4096;
+/// At most this much memory for the tables (16383 page directories: 16 TiB mapped), so they
+/// fit in the replay host's frames for MMU tables with room to spare.
+pub const MAX_TABLE_BYTES: u64 = 64 << 20;
+/// An intermediate entry: present, writable, user, accessed.
+const TABLE: u64 = P | RW | US | A;
+
+/// Why the identity tables could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// Every 1 GiB region below MAXPHYADDR is used by the trace.
+    #[error(
+        "no 1 GiB region below 2^{phys_bits} is free of the trace's slots and accesses: the \
+         shadow replay has nowhere to put its guest page tables"
+    )]
+    NoRoom {
+        /// The host MAXPHYADDR.
+        phys_bits: u8,
+    },
+    /// The trace uses every slot id of address space 0.
+    #[error("the trace uses every slot id of address space 0; the shadow replay needs one")]
+    NoSlotId,
+    /// The tables would take more than [`MAX_TABLE_BYTES`] (the trace touches over 16 TiB).
+    #[error(
+        "the trace touches {0} GiB of guest-physical space: its identity map would take more \
+         than 64 MiB of page tables"
+    )]
+    TooLarge(usize),
+    /// Host memory for the tables.
+    #[error("host memory for the replay's page tables: {0}")]
+    Host(String),
+}
+
+/// The replay's identity map, built in host memory, and the slot that must hold it.
+pub struct IdentityTables {
+    /// The slot request that puts the tables where CR3 points.
+    pub region: UserspaceMemoryRegion,
+    /// CR3: the PML4's guest-physical address.
+    pub cr3: u64,
+    /// Regions (1 GiB indices) mapped at another guest-virtual region: guest-physical region
+    /// -> guest-virtual region (those at or above 2^47).
+    moved: BTreeMap<u64, u64>,
+    /// The host buffer (kept alive with the replay).
+    _buf: Arc<HostBuffer>,
+}
+
+/// The 1 GiB regions (by index) that `trace` touches in address space 0.
+fn touched(trace: &Trace) -> BTreeSet<u64> {
+    let mut set = BTreeSet::new();
+    let mut add = |start: u64, len: u64| {
+        if len == 0 {
+            return;
+        }
+        let last = start.saturating_add(len - 1);
+        set.extend(start / GIB..=last / GIB);
+    };
+    for e in &trace.events {
+        match e.kind {
+            EventKind::Slot(s) if s.as_id == 0 => add(s.gpa, s.size),
+            EventKind::Mmio(m) => add(m.gpa, m.len.max(1)),
+            _ => {}
+        }
+    }
+    set
+}
+
+impl IdentityTables {
+    /// Builds the tables for `trace` in a new buffer of `host`, for a host of `phys_bits`.
+    pub fn build(
+        trace: &Trace,
+        host: &SimHost,
+        phys_bits: u8,
+    ) -> Result<IdentityTables, IdentityError> {
+        let regions = touched(trace);
+        let limit = 1u64 << phys_bits.min(63);
+        let home = (0..limit / GIB)
+            .find(|i| !regions.contains(i))
+            .ok_or(IdentityError::NoRoom { phys_bits })?;
+        let used: BTreeSet<u16> = trace
+            .events
+            .iter()
+            .filter_map(|e| match e.kind {
+                EventKind::Slot(s) if s.as_id == 0 => Some(s.id),
+                _ => None,
+            })
+            .collect();
+        let id = (0..KVM_USER_MEM_SLOTS)
+            .rev()
+            .find(|i| !used.contains(i))
+            .ok_or(IdentityError::NoSlotId)?;
+        // Guest-virtual region of each touched region: itself when canonical, else a free one.
+        let canonical = (1u64 << 47) / GIB;
+        let mut free = (0..canonical).filter(|i| !regions.contains(i) && *i != home);
+        let mut moved = BTreeMap::new();
+        let mut gva_region = BTreeMap::new();
+        for &r in &regions {
+            let v = if r < canonical {
+                r
+            } else {
+                let v = free.next().ok_or(IdentityError::NoRoom { phys_bits })?;
+                moved.insert(r, v);
+                v
+            };
+            gva_region.insert(r, v);
+        }
+        let pdpts: BTreeSet<u64> = gva_region.values().map(|v| v / 512).collect();
+        let pages = 1 + pdpts.len() + regions.len();
+        let size = (pages as u64 * PAGE).next_multiple_of(MIB2);
+        if size > MAX_TABLE_BYTES {
+            return Err(IdentityError::TooLarge(regions.len()));
+        }
+        let buf = host
+            .add_buffer("__replay_identity_tables", size)
+            .map_err(|e| IdentityError::Host(e.to_string()))?;
+        let base = home * GIB;
+        let write = |gpa: u64, value: u64| {
+            buf.write(gpa - base, Width::W8, value).map_err(|e| IdentityError::Host(e.to_string()))
+        };
+        // Page 0: the PML4; then one page per PDPT, then one per page directory.
+        let mut next = base + PAGE;
+        let mut pdpt_at = BTreeMap::new();
+        for &p in &pdpts {
+            write(base + 8 * p, next | TABLE)?;
+            pdpt_at.insert(p, next);
+            next += PAGE;
+        }
+        for (&r, &v) in &gva_region {
+            let pd = next;
+            next += PAGE;
+            write(pdpt_at[&(v / 512)] + 8 * (v % 512), pd | TABLE)?;
+            for i in 0..512u64 {
+                let gpa = r * GIB + i * MIB2;
+                write(pd + 8 * i, gpa | P | RW | US | A | D | PS)?;
+            }
+        }
+        let region = UserspaceMemoryRegion {
+            slot: u32::from(id),
+            flags: 0,
+            guest_phys_addr: base,
+            memory_size: size,
+            userspace_addr: buf.hva().raw(),
+        };
+        Ok(IdentityTables { region, cr3: base, moved, _buf: buf })
+    }
+
+    /// The guest-virtual address that maps guest-physical `gpa` (`gpa` itself below 2^47).
+    pub fn gva(&self, gpa: u64) -> u64 {
+        match self.moved.get(&(gpa / GIB)) {
+            Some(v) => v * GIB + gpa % GIB,
+            None => gpa,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::HostConfig;
+    use crate::replay::parse::parse;
+
+    const HEADER: &str = "{\"vmmu_trace\":1,\"source\":\"test\"}\n";
+
+    fn slot(id: u16, gpa: &str, size: &str) -> String {
+        format!("{{\"t\":0.000000,\"op\":\"slot\",\"as\":0,\"id\":{id},\"flags\":[],\"gpa\":\"{gpa}\",\"size\":\"{size}\",\"uaddr\":\"0x7f0000000000\"}}\n")
+    }
+
+    #[test]
+    fn tables_go_to_the_first_untouched_gib_with_an_unused_slot_id() {
+        let text = format!(
+            "{HEADER}{}{}",
+            slot(0, "0x0", "0x40000000"),
+            slot(32763, "0x40000000", "0x1000")
+        );
+        let trace = parse(&text).expect("trace");
+        let host = SimHost::new(HostConfig::new(46)).expect("host");
+        let t = IdentityTables::build(&trace, &host, 46).expect("tables");
+        assert_eq!(t.cr3, 2 * GIB, "GiB 0 and 1 are the trace's");
+        assert_eq!(t.region.slot, 32762);
+        assert_eq!(t.region.guest_phys_addr, t.cr3);
+        assert_eq!(t.region.memory_size, MIB2);
+    }
+
+    #[test]
+    fn regions_above_2_pow_47_are_mapped_at_a_free_canonical_region() {
+        let text =
+            format!("{HEADER}{}{}", slot(0, "0x0", "0x1000"), slot(1, "0xf000000000000", "0x4000"));
+        let trace = parse(&text).expect("trace");
+        let host = SimHost::new(HostConfig::new(52)).expect("host");
+        let t = IdentityTables::build(&trace, &host, 52).expect("tables");
+        assert_eq!(t.cr3, GIB, "GiB 0 is the trace's");
+        assert_eq!(t.gva(0x1234), 0x1234);
+        assert_eq!(t.gva(0xf000000001234), 2 * GIB + 0x1234, "GiB 1 holds the tables");
+    }
+
+    #[test]
+    fn a_trace_over_the_whole_space_is_refused_with_a_reason() {
+        // 2^36 bytes: 64 GiB, all of it in one slot.
+        let text = format!("{HEADER}{}", slot(0, "0x0", "0x1000000000"));
+        let trace = parse(&text).expect("trace");
+        let host = SimHost::new(HostConfig::new(36)).expect("host");
+        let e = IdentityTables::build(&trace, &host, 36).err().expect("refused");
+        assert!(matches!(e, IdentityError::NoRoom { phys_bits: 36 }), "{e}");
+    }
+}
