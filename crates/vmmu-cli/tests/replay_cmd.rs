@@ -82,6 +82,11 @@ fn seabios_boot_replays_cleanly() {
     for r in t["runs"].as_array().unwrap() {
         // Every delete on the recording host was followed by its zap_all_fast.
         assert_eq!(r["zaps"]["recorded_after_delete"], r["zaps"]["deletes_and_moves"]);
+        // SeaBIOS stays below 4 GiB: under the shadow MMU the guest runs without paging, on a
+        // special root, as it did on the recording host.
+        let shadow = r["config"].as_str().is_some_and(|c| c.starts_with("shadow"));
+        let guest = r["guest"].as_str().unwrap_or("");
+        assert_eq!(shadow, guest.contains("special root"), "{}: {guest}", r["config"]);
     }
 }
 
@@ -98,6 +103,15 @@ fn q35_boot_with_ram_above_4_gib_replays_cleanly() {
     for r in t["runs"].as_array().unwrap() {
         assert_eq!(r["zaps"]["recorded_after_delete"], r["zaps"]["deletes_and_moves"]);
         assert_eq!(u(&r["phys_bits"]), 46);
+        // RAM above 4 GiB: under the shadow MMU the guest needs paging to reach it.
+        let shadow = r["config"].as_str().is_some_and(|c| c.starts_with("shadow"));
+        let guest = r["guest"].as_str().unwrap_or("");
+        assert_eq!(
+            shadow,
+            guest.contains("long mode, identity-mapped"),
+            "{}: {guest}",
+            r["config"]
+        );
     }
 }
 

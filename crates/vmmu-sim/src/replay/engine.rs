@@ -173,7 +173,9 @@ struct Live {
 /// (identity-mapped) through the shadow tables, with a TLB of guest-virtual pages.
 struct Cpu<'a> {
     hw: Option<HwVcpu<'a, RealMmu>>,
-    shadow: Option<(GvaTlb, IdentityTables)>,
+    /// Under the shadow MMU: the guest-virtual TLB, and the identity tables of a long-mode
+    /// guest (`None`: the guest runs without paging, GVA = GPA).
+    shadow: Option<(GvaTlb, Option<IdentityTables>)>,
     host: &'a SimHost,
 }
 
@@ -213,7 +215,7 @@ impl Cpu<'_> {
                 true
             };
             hw.enter_guest();
-            let gva = tables.gva(gpa);
+            let gva = tables.as_ref().map_or(gpa, |t| t.gva(gpa));
             let r = match shadow_access(hw, self.host, tlb, gva, width, op, attempt) {
                 ShadowAccess::Ram { value, .. } => Outcome::Ram(value),
                 ShadowAccess::Mmio(_) => Outcome::Mmio,
@@ -622,13 +624,13 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
         RealMmu::with_address_spaces(memory.host().clone(), mmu_cfg, nr_as)?
     };
     let mut hw = HwVcpu::with_state(&mmu, memory.host(), mmu.create_vcpu(0), 64);
-    let tables =
-        if shadow { Some(shadow_guest(trace, &memory, &mmu, &mut hw, cfg)?) } else { None };
+    let guest = if shadow { Some(shadow_guest(trace, &memory, &mmu, &mut hw, cfg)?) } else { None };
+    let guest_note = guest.as_ref().map(|(_, note)| note.clone());
     let caching = mmu.mmio_caching();
     let mut r = Replay {
         cpu: Cpu {
             hw: Some(hw),
-            shadow: tables.map(|t| (GvaTlb::default(), t)),
+            shadow: guest.map(|(tables, _)| (GvaTlb::default(), tables)),
             host: memory.host(),
         },
         mmu: &mmu,
@@ -636,6 +638,7 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
         live: BTreeMap::new(),
         report: RunReport {
             config: cfg.name(),
+            guest: guest_note,
             phys_bits: cfg.phys_bits,
             mmio_caching_effective: caching.effective,
             mmio_caching_reason: caching.reason,
@@ -716,15 +719,35 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
     Ok(report)
 }
 
-/// Sets up the shadow replay's guest: its identity page tables in a slot of its own, long mode,
-/// and CR3 pointing at them.
+/// Sets up the shadow replay's guest, and says how in a line for the report. A trace that
+/// stays below 4 GiB runs without guest paging (GVA = GPA), as firmware such as SeaBIOS does:
+/// KVM then walks a special root of four direct shadow pages (shadow facts §6.1), and so does
+/// this MMU. Above, a guest without paging cannot reach, so the guest runs in long mode on
+/// identity-mapped tables ([`IdentityTables`]) in a slot of their own, CR3 pointing at them.
 fn shadow_guest(
     trace: &Trace,
     memory: &TraceMemory,
     mmu: &RealMmu,
     hw: &mut HwVcpu<'_, RealMmu>,
     cfg: &ReplayConfig,
-) -> Result<IdentityTables, ReplayError> {
+) -> Result<(Option<IdentityTables>, String), ReplayError> {
+    let v = mmu
+        .shadow_vcpu(hw.state())
+        .ok_or_else(|| ReplayError::Guest("the VM does not use the shadow MMU".into()))?;
+    let cpu = GuestCpu {
+        mode: PagingMode::NonPaging,
+        cr3: 0,
+        cr0_wp: true,
+        efer_nx: true,
+        maxphyaddr: cfg.phys_bits,
+    };
+    if highest_gpa(trace).is_none_or(|last| last < FOUR_GIB) {
+        v.set_guest_cpu(cpu).map_err(|e| ReplayError::Guest(e.to_string()))?;
+        return Ok((
+            None,
+            "no paging (GVA = GPA) on a special root, as firmware below 4 GiB".into(),
+        ));
+    }
     let tables = IdentityTables::build(trace, memory.host(), cfg.phys_bits)?;
     mmu.vm().set_memory_region(&tables.region).map_err(|e| {
         ReplayError::Guest(format!("the page-table slot {:?} was refused: {e}", tables.region))
@@ -732,17 +755,19 @@ fn shadow_guest(
     let v = mmu
         .shadow_vcpu(hw.state())
         .ok_or_else(|| ReplayError::Guest("the VM does not use the shadow MMU".into()))?;
-    let cpu = GuestCpu {
-        mode: PagingMode::Long4,
-        cr3: tables.cr3,
-        cr0_wp: true,
-        efer_nx: true,
-        maxphyaddr: cfg.phys_bits,
-    };
+    let cpu = GuestCpu { mode: PagingMode::Long4, cr3: tables.cr3, ..cpu };
     v.set_guest_cpu(cpu).map_err(|e| ReplayError::Guest(e.to_string()))?;
     v.load_cr3(tables.cr3).map_err(|e| ReplayError::Guest(e.to_string()))?;
-    Ok(tables)
+    let note = format!(
+        "long mode, identity-mapped with 2 MiB pages (the trace reaches above 4 GiB); tables at \
+         {:#x} in slot {}",
+        tables.cr3, tables.region.slot
+    );
+    Ok((Some(tables), note))
 }
+
+/// A guest without paging reaches guest-physical addresses below this.
+const FOUR_GIB: u64 = 1 << 32;
 
 #[cfg(test)]
 mod tests {

@@ -185,8 +185,12 @@ pub struct OwnAccesses {
 /// One trace on one machine configuration.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct RunReport {
-    /// `ept-on`, `npt-off`, ...
+    /// `ept-on`, `npt-off`, `shadow-on`, ...
     pub config: String,
+    /// Under the shadow MMU: how the replay's guest translates its addresses (non-paging on a
+    /// special root, or long mode on identity-mapped tables); absent under the TDP MMU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest: Option<String>,
     /// The host MAXPHYADDR of the machine (the TDP MMU maps guest-physical addresses below
     /// `2^phys_bits`).
     pub phys_bits: u8,
@@ -340,6 +344,9 @@ impl TraceReport {
                 r.phys_bits,
                 r.events_applied
             );
+            if let Some(g) = &r.guest {
+                let _ = writeln!(s, "    guest: {g}");
+            }
             let sl = &r.slots;
             let _ = writeln!(
                 s,
