@@ -3,7 +3,9 @@
 //! One vCPU (v1 traces do not say which vCPU made an access, and the reference recordings have
 //! one) runs on the calling thread: every access enters guest mode, polls its requests, looks up
 //! its TLB, on a miss walks the MMU's tables and exits to the MMU's entry points, then leaves
-//! guest mode. Memslot requests go to [`vmmu::vm::Vm::set_memory_region`], which applies KVM's
+//! guest mode. Under the shadow MMU the vCPU is a guest of its own (`shadow_guest`: no paging
+//! below 4 GiB, identity-mapped long mode above) and each access goes by guest-virtual address
+//! through the shadow tables, with the same exits and retries. Memslot requests go to [`vmmu::vm::Vm::set_memory_region`], which applies KVM's
 //! rules; the replay only mirrors what the core accepted (by the [`MemslotChange`] it returns)
 //! to know where its own accesses go. Between events the vCPU is outside guest mode, so an
 //! update never waits for it.
@@ -47,9 +49,9 @@ use vmmu::vm::{MmuKind, VmError};
 /// One machine configuration to replay under.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReplayConfig {
-    /// The MMU. Under [`MmuKind::Shadow`] the vCPU runs in long mode on identity-mapped guest
-    /// page tables ([`super::identity`]) and `format` is [`FormatKind::Npt`] (x86 page-table
-    /// SPTEs).
+    /// The MMU. Under [`MmuKind::Shadow`] the vCPU runs without paging, or in long mode on
+    /// identity-mapped guest page tables ([`super::identity`]) when the trace reaches above
+    /// 4 GiB, and `format` is [`FormatKind::Npt`] (x86 page-table SPTEs).
     pub mmu: MmuKind,
     /// The SPTE format.
     pub format: FormatKind,
@@ -209,11 +211,9 @@ impl Cpu<'_> {
                 (false, w) => RamOp::Classify { write: w.is_some() },
             };
             let width = if width.is_aligned(gpa) { width } else { Width::W1 };
-            let mut attempts = 0u32;
-            let attempt = || {
-                attempts += 1;
-                true
-            };
+            // Every retry counts towards the livelock limit: no update can be in flight while
+            // the replay's only vCPU runs (events are applied between its accesses).
+            let attempt = || true;
             hw.enter_guest();
             let gva = tables.as_ref().map_or(gpa, |t| t.gva(gpa));
             let r = match shadow_access(hw, self.host, tlb, gva, width, op, attempt) {
