@@ -195,6 +195,9 @@ pub fn replay_page(flags: &[(&str, String)], traces: &[TraceReport]) -> String {
                 on_off(r.mmio_caching_effective),
                 r.mmio_caching_reason
             ));
+            if let Some(g) = &r.guest {
+                p.note(&format!("Guest: {g}."));
+            }
             match &r.timeline {
                 Some(tl) => {
                     p.timeline(tl);
