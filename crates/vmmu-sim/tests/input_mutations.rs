@@ -191,12 +191,17 @@ fn damaged_traces_are_refused_or_replay_without_panicking() {
     let files = corpus("tests/traces", ".trace.jsonl");
     // A trace's summary counts its events: most line-level damage is refused at the end, so
     // values are mostly what changes.
-    let strategy = (0..files.len(), 0usize..3, proptest::collection::vec(mutation(20), 1..4));
     let configs = [
         ReplayConfig::new(FormatKind::Ept, true),
         ReplayConfig::new(FormatKind::Npt, false),
         ReplayConfig { phys_bits: 52, ..ReplayConfig::new(FormatKind::Ept, true) },
+        // The shadow MMU's own guest (no paging below 4 GiB, identity tables above) meets the
+        // damaged addresses too.
+        ReplayConfig::shadow(true),
+        ReplayConfig { phys_bits: 52, ..ReplayConfig::shadow(false) },
     ];
+    let strategy =
+        (0..files.len(), 0..configs.len(), proptest::collection::vec(mutation(20), 1..4));
     let reach = Reach::default();
     runner()
         .run(&strategy, |(file, config, muts)| {

@@ -19,7 +19,7 @@ use crate::ram::Width;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use vmmu::guest::pte::{A, D, P, PS, RW, US};
-use vmmu::memslot::region::KVM_USER_MEM_SLOTS;
+use vmmu::memslot::region::{KVM_MEM_MAX_NR_PAGES, KVM_USER_MEM_SLOTS};
 use vmmu::memslot::UserspaceMemoryRegion;
 
 const GIB: u64 = 1 << 30;
@@ -46,10 +46,10 @@ pub enum IdentityError {
     /// The trace uses every slot id of address space 0.
     #[error("the trace uses every slot id of address space 0; the shadow replay needs one")]
     NoSlotId,
-    /// The tables would take more than [`MAX_TABLE_BYTES`] (the trace touches over 16 TiB).
+    /// The tables would take more than [`MAX_TABLE_BYTES`] (the trace touches about 16 TiB).
     #[error(
-        "the trace touches {0} GiB of guest-physical space: its identity map would take more \
-         than 64 MiB of page tables"
+        "the trace touches more than {0} GiB of guest-physical space: its identity map would \
+         take more than 64 MiB of page tables"
     )]
     TooLarge(usize),
     /// Host memory for the tables.
@@ -70,24 +70,46 @@ pub struct IdentityTables {
     _buf: Arc<HostBuffer>,
 }
 
-/// The 1 GiB regions (by index) that `trace` touches in address space 0.
-fn touched(trace: &Trace) -> BTreeSet<u64> {
+/// Most regions the tables map (so they fit in [`MAX_TABLE_BYTES`]: a PML4, the PDPTs, a page
+/// directory per region).
+const MAX_REGIONS: usize = (MAX_TABLE_BYTES / PAGE) as usize - 1 - 512;
+
+/// The 1 GiB regions (by index) below `2^phys_bits` that `trace` touches in address space 0:
+/// those of every recorded MMIO access and of every slot request KVM could accept by its shape
+/// (page-aligned, at most `KVM_MEM_MAX_NR_PAGES` pages, below `2^phys_bits`). A request it
+/// refuses maps nothing (the run fails on the refusal anyway), and a damaged one may name
+/// ranges no table could cover.
+fn touched(trace: &Trace, phys_bits: u8) -> Result<BTreeSet<u64>, IdentityError> {
+    let limit = 1u64 << phys_bits.min(63);
     let mut set = BTreeSet::new();
     let mut add = |start: u64, len: u64| {
-        if len == 0 {
-            return;
+        let Some(end) = start.checked_add(len) else { return Ok(()) };
+        if len == 0 || end > limit {
+            return Ok(());
         }
-        let last = start.saturating_add(len - 1);
-        set.extend(start / GIB..=last / GIB);
+        for r in start / GIB..=(end - 1) / GIB {
+            set.insert(r);
+            if set.len() > MAX_REGIONS {
+                return Err(IdentityError::TooLarge(set.len()));
+            }
+        }
+        Ok(())
     };
     for e in &trace.events {
         match e.kind {
-            EventKind::Slot(s) if s.as_id == 0 => add(s.gpa, s.size),
-            EventKind::Mmio(m) => add(m.gpa, m.len.max(1)),
+            EventKind::Slot(s)
+                if s.as_id == 0
+                    && s.gpa % PAGE == 0
+                    && s.size % PAGE == 0
+                    && s.size / PAGE <= KVM_MEM_MAX_NR_PAGES =>
+            {
+                add(s.gpa, s.size)?
+            }
+            EventKind::Mmio(m) => add(m.gpa, m.len.max(1))?,
             _ => {}
         }
     }
-    set
+    Ok(set)
 }
 
 impl IdentityTables {
@@ -97,7 +119,7 @@ impl IdentityTables {
         host: &SimHost,
         phys_bits: u8,
     ) -> Result<IdentityTables, IdentityError> {
-        let regions = touched(trace);
+        let regions = touched(trace, phys_bits)?;
         let limit = 1u64 << phys_bits.min(63);
         let home = (0..limit / GIB)
             .find(|i| !regions.contains(i))
@@ -132,9 +154,6 @@ impl IdentityTables {
         let pdpts: BTreeSet<u64> = gva_region.values().map(|v| v / 512).collect();
         let pages = 1 + pdpts.len() + regions.len();
         let size = (pages as u64 * PAGE).next_multiple_of(MIB2);
-        if size > MAX_TABLE_BYTES {
-            return Err(IdentityError::TooLarge(regions.len()));
-        }
         let buf = host
             .add_buffer("__replay_identity_tables", size)
             .map_err(|e| IdentityError::Host(e.to_string()))?;
@@ -216,6 +235,33 @@ mod tests {
         assert_eq!(t.cr3, GIB, "GiB 0 is the trace's");
         assert_eq!(t.gva(0x1234), 0x1234);
         assert_eq!(t.gva(0xf000000001234), 2 * GIB + 0x1234, "GiB 1 holds the tables");
+    }
+
+    #[test]
+    fn ranges_kvm_refuses_by_shape_map_nothing_and_cost_nothing() {
+        // A damaged request (found by the input mutations: it took 22 GB): 2^64 - 1 bytes.
+        let text = format!(
+            "{HEADER}{}{}{}",
+            slot(0, "0x0", "0x1000"),
+            slot(1, "0x2000000", "0xffffffffffffffff"),
+            slot(2, "0x40000000000", "0x1000")
+        );
+        let trace = parse(&text).expect("trace");
+        let host = SimHost::new(HostConfig::new(46)).expect("host");
+        let t = IdentityTables::build(&trace, &host, 46).expect("tables");
+        assert_eq!(t.cr3, GIB);
+        // 4 TiB is above MAXPHYADDR 36: nothing there either.
+        assert_eq!(touched(&trace, 36).expect("regions"), BTreeSet::from([0]));
+    }
+
+    #[test]
+    fn more_than_16_tib_is_refused_with_a_reason() {
+        let slots: Vec<String> = (0..3u16)
+            .map(|i| slot(i, &format!("{:#x}", u64::from(i) << 43), "0x7fffffff000"))
+            .collect();
+        let trace = parse(&format!("{HEADER}{}", slots.concat())).expect("trace");
+        let e = touched(&trace, 52).expect_err("refused");
+        assert!(matches!(e, IdentityError::TooLarge(_)), "{e}");
     }
 
     #[test]
