@@ -773,6 +773,20 @@ impl HostMemory for SimHost {
         let level = if huge { Level::L2M } else { Level::L4K };
         Ok(HostPage { pfn, writable, level })
     }
+
+    fn translate_mapped_writable(&self, hva: Hva) -> Option<Pfn> {
+        let (buf, offset) = self.find(hva)?;
+        let page = offset / PAGE_SIZE;
+        // Written pages are the ones the host maps writable (`translate`): a page never
+        // written is unmapped or the zero page, which a fast write-GUP does not take.
+        if !buf.host_writable() || !buf.was_written(page) {
+            return None;
+        }
+        match &buf.frames {
+            BufferFrames::Contiguous(first) => Some(Pfn(first.0 + page)),
+            BufferFrames::Lazy(given) => self.lazy_frame(buf, given, page),
+        }
+    }
 }
 
 /// Guest memory for the shadow MMU (guest page tables in RAM buffers): 8-byte words read and

@@ -106,6 +106,16 @@ pub enum HostFault {
 pub trait HostMemory: Send + Sync {
     /// Translates `hva` for a read (`write == false`) or a write.
     fn translate(&self, hva: Hva, write: bool) -> Result<HostPage, HostFault>;
+
+    /// The frame of `hva` if the host maps it writable *already*, found without faulting
+    /// anything in (KVM's prefetch: `get_user_pages_fast_only` with `FOLL_WRITE`): `None` for a
+    /// page never touched, one only read (the zero page) or a read-only mapping. The shadow MMU
+    /// prefetches neighbour SPTEs only through this; the default finds nothing, so a host that
+    /// does not implement it gets no prefetching.
+    fn translate_mapped_writable(&self, hva: Hva) -> Option<Pfn> {
+        let _ = hva;
+        None
+    }
 }
 
 /// Guest memory as the shadow MMU reads and updates it: 8-byte words at host-virtual addresses

@@ -268,6 +268,15 @@ impl HostMemory for TestHost {
         }
         Ok(HostPage { pfn: Pfn(pfn), writable, level })
     }
+
+    /// Pages a write translation reached, in a writable mapping (Linux maps no others writable
+    /// before a write fault).
+    fn translate_mapped_writable(&self, hva: Hva) -> Option<Pfn> {
+        let maps = self.mappings.lock();
+        let m = maps.iter().find(|m| hva.raw() >= m.hva && hva.raw() - m.hva < m.len)?;
+        let written = self.written.lock().contains(&(hva.raw() >> PAGE_SHIFT));
+        (m.writable && written).then(|| Pfn(m.pfn + ((hva.raw() - m.hva) >> PAGE_SHIFT)))
+    }
 }
 
 const _: () = assert!(ENTRIES_PER_TABLE == 512);

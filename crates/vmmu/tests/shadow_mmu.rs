@@ -114,6 +114,51 @@ fn invlpg_keeps_a_synced_shadow_leaf() {
     );
 }
 
+/// The hardware walk of `gva` (user access, `write` or not) without handling any fault.
+fn hw(v: &mut Vcpu<TestHost>, gva: u64, write: bool) -> vmmu::tdp::HwWalk {
+    // A request may arrive meanwhile (e.g. the flush of a reload itself): service it again.
+    while {
+        v.service_requests().unwrap();
+        v.enter_guest_mode().is_err()
+    } {}
+    let need = if write { vmmu::Access::WRITE } else { vmmu::Access::NONE };
+    let walk = v.walk_gva(Gva(gva), need.union(vmmu::Access::USER));
+    v.exit_guest_mode();
+    walk
+}
+
+/// KVM `FNAME(pte_prefetch)`: a fault also maps the not-present neighbours in the 8-aligned
+/// group of its guest PTEs, in order, while they are present and accessed and their host pages
+/// are mapped writable already (a dirty gPTE: writable); the first that is not ends it.
+#[test]
+fn a_fault_prefetches_accessed_neighbours_up_to_the_first_it_cannot() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    for i in 0..4 {
+        s.map4k(0x4000_0000 + i * 0x1000, 0x20_0000 + i * 0x1000, P | RW | US);
+    }
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    // Pages 1 and 3: written by the guest (gPTEs accessed and dirty, host pages written).
+    assert_eq!(access(&mut v, 0x4000_1000, true), Seen::Ram(ram_pfn(0x20_1000)));
+    assert_eq!(access(&mut v, 0x4000_3000, true), Seen::Ram(ram_pfn(0x20_3000)));
+    // Every SPTE goes (delete, create again); the gPTEs keep their A/D bits.
+    let region = |size| UserspaceMemoryRegion::new(0, 0, 0, size, RAM_HVA);
+    vm.set_memory_region(&region(0)).unwrap();
+    vm.set_memory_region(&region(RAM_SIZE)).unwrap();
+    assert!(matches!(hw(&mut v, 0x4000_1000, false), vmmu::tdp::HwWalk::Violation { .. }));
+    // A read of page 0 prefetches page 1 writable and stops at page 2 (never accessed).
+    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    let w = hw(&mut v, 0x4000_1000, true);
+    assert!(
+        matches!(w, vmmu::tdp::HwWalk::Translated { pfn, .. } if pfn == ram_pfn(0x20_1000)),
+        "page 1 not prefetched writable: {w:?}"
+    );
+    for gva in [0x4000_2000, 0x4000_3000] {
+        let w = hw(&mut v, gva, false);
+        assert!(matches!(w, vmmu::tdp::HwWalk::Violation { .. }), "{gva:#x}: {w:?}");
+    }
+}
+
 #[test]
 fn cr3_switches_reuse_previous_roots_and_clear_the_gva_cache() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);

@@ -8,8 +8,10 @@
 //! write-protected anything, then re-read the guest PTEs and retry if one changed (KVM
 //! `gpte_changed`: the guest may have written its table before it was protected); then the
 //! leaf. A present SPTE is dropped (and flushed) before an MMIO SPTE replaces it (aad885e77496).
+//! After a RAM leaf, neighbour SPTEs are prefetched (`super::prefetch`).
 
 use super::pages::{ShadowState, SpId, ZapBatch};
+use super::prefetch::{prefetch, PrefetchCtx};
 use super::role::SpRole;
 use super::root::ShadowRoot;
 use super::ShadowStats;
@@ -69,6 +71,7 @@ pub(crate) fn fetch<H: Host>(
     access: FaultAccess,
     want: LeafWant,
     mem: &impl GuestPteMemory,
+    pf: &PrefetchCtx<'_>,
     batch: &mut ZapBatch,
 ) -> FetchOutcome {
     let vgfn = Gfn(gva.raw() >> 12);
@@ -127,7 +130,15 @@ pub(crate) fn fetch<H: Host>(
     if !nonpaging && gptes_changed(walk, mem) {
         return FetchOutcome::Retry(RetryCause::Race);
     }
-    install_leaf(core, st, cur, vgfn, walk, access, want, batch)
+    let outcome = install_leaf(core, st, cur, vgfn, walk, access, want, batch);
+    // KVM prefetches after every `mmu_set_spte` but a spurious one; after an MMIO SPTE only
+    // with MMIO caching on, which this MMU leaves out (see `prefetch`).
+    let ram = matches!(want, LeafWant::Ram { .. });
+    if ram && matches!(outcome, FetchOutcome::Installed { .. } | FetchOutcome::WriteProtected) {
+        let idx = Level::L4K.index(vgfn);
+        prefetch(core, st, cur, idx, walk.pte_gpas[0], pf, mem, batch);
+    }
+    outcome
 }
 
 /// KVM `FNAME(gpte_changed)` for every level the walk read from memory.

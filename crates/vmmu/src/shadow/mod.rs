@@ -28,6 +28,7 @@ mod dirty;
 pub(crate) mod fetch;
 mod guest_mem;
 mod pages;
+pub(crate) mod prefetch;
 pub mod role;
 pub(crate) mod root;
 mod track;

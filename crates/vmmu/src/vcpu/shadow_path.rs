@@ -30,6 +30,7 @@ use crate::guest::{self, GuestCpu, PagingMode, PdptrError, WalkError};
 use crate::host::{GuestMemory, Host};
 use crate::shadow::{
     fetch::{fetch, FetchOutcome, LeafWant},
+    prefetch::PrefetchCtx,
     PrevRoot, ShadowRoot, ShadowRootKind, SlotGuestMemory, ZapBatch,
 };
 use crate::stats::RetryCause;
@@ -534,6 +535,7 @@ impl<H: Host + GuestMemory> Vcpu<H> {
                     access,
                     want,
                     &mem,
+                    &PrefetchCtx { set, cpu: &cpu, inval: &core.inval },
                     &mut batch,
                 ),
             };

@@ -1,0 +1,170 @@
+//! Prefetching neighbour SPTEs after a fault installed a 4 KiB leaf (KVM `FNAME(pte_prefetch)`
+//! for a page that shadows a guest table, `__direct_pte_prefetch` for a direct page: below a
+//! guest 2 MiB page, or without guest paging), under the shadow lock.
+//!
+//! Rules (KVM v6.18 `paging_tmpl.h` / `mmu.c`, measured on /dev/kvm):
+//! - Only a level-1 page, only the 8-aligned group of SPTEs around the faulting one
+//!   (`PTE_PREFETCH_NUM`), only entries that are not present (an MMIO SPTE counts as not
+//!   present), and not while a host invalidation is in progress.
+//! - Indirect: the group's guest PTEs, in order; the first one that cannot be prefetched ends
+//!   the prefetch. A guest PTE qualifies when present, **accessed** and free of reserved bits; its
+//!   rights are the page's role access ANDed with the gPTE's, without W unless the gPTE is dirty
+//!   (`protect_clean_gpte`).
+//! - Direct: the runs of not-present entries between the faulting and present ones, each from the
+//!   page's linear range with the role's access; a run that cannot be prefetched at all ends the
+//!   prefetch, a partly prefetched one does not.
+//! - A run of `n` frames from `gfn` (KVM `kvm_mmu_prefetch_sptes`): the memslot of `gfn` (visible,
+//!   not being deleted), not dirty-logged if the rights include W, not read-only, holding all `n`
+//!   frames from `gfn`; then the leading frames the host maps writable already, without faulting
+//!   (a fast write-GUP: [`HostMemory::translate_mapped_writable`]); none of them: the run fails.
+//!   Each becomes a leaf with those rights; W also needs the gfn not to be a shadowed guest table.
+//!   So a prefetched leaf never dirties a page, but it keeps the next read of that page from
+//!   faulting: after dirty logging starts, a read fault of a written page in a logged slot maps
+//!   it writable and dirties it; a prefetched (then write-protected) leaf does not.
+//!
+//! Deliberately not modelled: KVM also prefetches after installing an MMIO SPTE (MMIO caching
+//! on). The reference KVM here runs with MMIO caching off (no MMIO SPTE, so no prefetch after an
+//! MMIO fault), and no MMU setting may change an observation, so this MMU prefetches only after
+//! a RAM leaf, with MMIO caching on or off.
+
+use super::pages::{ShadowState, SpId, ZapBatch};
+use crate::guest::pte::{self, RsvdMasks, TableFormat};
+use crate::guest::{GuestCpu, GuestPteMemory, PagingMode};
+use crate::host::{Host, HostMemory};
+use crate::invalidate::Invalidation;
+use crate::memslot::MemslotSet;
+use crate::spte::SpteFormat;
+use crate::tdp::TdpMmu;
+use crate::types::{Access, Gfn, Gpa, Level};
+
+/// KVM `PTE_PREFETCH_NUM`.
+pub(crate) const PREFETCH_NUM: usize = 8;
+
+/// What prefetching needs besides the shadow state: the fault's memslot set and the guest CPU
+/// (for the reserved bits of the neighbour gPTEs).
+pub(crate) struct PrefetchCtx<'a> {
+    pub(crate) set: &'a MemslotSet,
+    pub(crate) cpu: &'a GuestCpu,
+    pub(crate) inval: &'a Invalidation,
+}
+
+/// Prefetches around SPTE `idx` of level-1 page `sp`, whose leaf the fault just installed;
+/// `leaf_gpte_gpa` is where the walk read the guest PTE of that leaf (indirect pages only).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn prefetch<H: Host>(
+    core: &TdpMmu<H>,
+    st: &mut ShadowState,
+    sp: SpId,
+    idx: usize,
+    leaf_gpte_gpa: Gpa,
+    ctx: &PrefetchCtx<'_>,
+    mem: &impl GuestPteMemory,
+    batch: &mut ZapBatch,
+) {
+    let role = st.sp(sp).role;
+    if role.level() != Level::L4K || ctx.inval.in_progress() != 0 {
+        return;
+    }
+    let first = idx & !(PREFETCH_NUM - 1);
+    if role.direct() {
+        let base = st.sp(sp).gfn;
+        let mut start = None;
+        for j in first..first + PREFETCH_NUM {
+            if j == idx || present(core, st, sp, j) {
+                if let Some(s) = start.take() {
+                    let gfn = Gfn(base.raw() + s as u64);
+                    if run(core, st, sp, s, j - s, gfn, role.access(), ctx, batch) == 0 {
+                        return;
+                    }
+                }
+            } else if start.is_none() {
+                start = Some(j);
+            }
+        }
+        if let Some(s) = start {
+            let end = first + PREFETCH_NUM;
+            let _ = run(
+                core,
+                st,
+                sp,
+                s,
+                end - s,
+                Gfn(base.raw() + s as u64),
+                role.access(),
+                ctx,
+                batch,
+            );
+        }
+        return;
+    }
+    let format = match ctx.cpu.mode {
+        PagingMode::Long4 => TableFormat::Long4,
+        PagingMode::Pae { .. } => TableFormat::Pae,
+        // Without guest paging every page is direct.
+        PagingMode::NonPaging => return,
+    };
+    let masks = RsvdMasks::new(format, ctx.cpu.maxphyaddr, ctx.cpu.efer_nx);
+    let addr_mask = pte::addr_mask(ctx.cpu.maxphyaddr);
+    let group = leaf_gpte_gpa.raw() & !(8 * PREFETCH_NUM as u64 - 1);
+    for (i, j) in (first..first + PREFETCH_NUM).enumerate() {
+        if j == idx || present(core, st, sp, j) {
+            continue;
+        }
+        let Some(gpte) = mem.read_gpte(Gpa(group + 8 * i as u64)) else { return };
+        let usable = gpte & pte::P != 0
+            && gpte & pte::A != 0
+            && masks.reserved_bits_set(Level::L4K, gpte) == 0;
+        if !usable {
+            return;
+        }
+        let mut access = role.access().intersect(pte::gpte_access(gpte));
+        if gpte & pte::D == 0 {
+            access = Access::from_bits(access.bits() & !Access::WRITE.bits());
+        }
+        let gfn = Gfn((gpte & addr_mask) >> crate::types::PAGE_SHIFT);
+        if run(core, st, sp, j, 1, gfn, access, ctx, batch) == 0 {
+            return;
+        }
+    }
+}
+
+/// Whether SPTE `j` of `sp` is present (an MMIO SPTE is not).
+fn present<H: Host>(core: &TdpMmu<H>, st: &ShadowState, sp: SpId, j: usize) -> bool {
+    SpteFormat::is_mmu_present(st.entry(core, sp, j).load(crate::sync::Ordering::Acquire))
+}
+
+/// KVM `kvm_mmu_prefetch_sptes`: leaves for up to `n` frames from `gfn` at SPTEs `j..j + n` of
+/// `sp` with rights `access`; returns how many it made (0: the run failed).
+#[allow(clippy::too_many_arguments)]
+fn run<H: Host>(
+    core: &TdpMmu<H>,
+    st: &mut ShadowState,
+    sp: SpId,
+    j: usize,
+    n: usize,
+    gfn: Gfn,
+    access: Access,
+    ctx: &PrefetchCtx<'_>,
+    batch: &mut ZapBatch,
+) -> usize {
+    let Some(slot) = ctx.set.find(gfn).filter(|s| !s.is_invalid()) else { return 0 };
+    let write = access.contains(Access::WRITE);
+    if (write && slot.dirty_logging()) || slot.is_readonly() {
+        return 0;
+    }
+    if slot.end_gfn().raw() - gfn.raw() < n as u64 {
+        return 0;
+    }
+    let as_id = st.sp(sp).role.as_id();
+    let host: &dyn HostMemory = &*core.host;
+    let mut made = 0;
+    for k in 0..n {
+        let g = Gfn(gfn.raw() + k as u64);
+        let Some(pfn) = host.translate_mapped_writable(slot.hva_of(g)) else { break };
+        let w = write && !st.is_write_tracked(as_id, g);
+        let leaf = core.cfg.format.make_leaf(pfn, Level::L4K, access, w);
+        batch.flush |= st.set_leaf(core, sp, j + k, leaf, g);
+        made += 1;
+    }
+    made
+}
