@@ -205,6 +205,7 @@ fn vmmu_share(
             generation_base: 0,
             slot_zap_all,
             bugs: BugSet::NONE,
+            tdp_prefetch: false,
         },
     )?;
     let ws = SlotRequest {

@@ -212,6 +212,7 @@ impl RunOptions {
             generation_base,
             slot_zap_all: self.slot_zap_all,
             bugs: self.bugs,
+            tdp_prefetch: false,
         };
         let mmu = if self.shadow {
             RealMmu::shadow(machine.host().clone(), cfg, 1)

@@ -44,6 +44,8 @@ pub struct RealMmuConfig {
     pub slot_zap_all: bool,
     /// Injected historical bugs.
     pub bugs: BugSet,
+    /// TDP formats: prefetch as KVM's legacy direct MMU ([`VmConfig::tdp_prefetch`]).
+    pub tdp_prefetch: bool,
 }
 
 /// The real MMU behind the seam.
@@ -133,6 +135,7 @@ impl RealMmu {
         vc.generation_base = cfg.generation_base;
         vc.slot_zap_all = cfg.slot_zap_all;
         vc.bugs = cfg.bugs;
+        vc.tdp_prefetch = cfg.tdp_prefetch;
         Ok(RealMmu {
             vm: Vm::new(vc, host)?,
             totals: Arc::new(Mutex::new(VcpuStats::default())),

@@ -138,6 +138,11 @@ impl SimMachine {
             // writable, which dirties it (measured on /dev/kvm).
             slot_zap_all: true,
             bugs: vmmu::bugs::BugSet::NONE,
+            // Version 1: the reference KVM (shadow paging) runs the backend's guest on 2 MiB
+            // identity pages, accessed and dirty, and so prefetches around every RAM fault as
+            // its direct MMU does; the TDP formats do the same to agree with it. (With guest
+            // paging its prefetch follows the guest's PTEs, which only the shadow MMU sees.)
+            tdp_prefetch: vm.paging == Paging::Off,
         };
         cfg.vcpus = cfg.vcpus.max(1);
         let nr_as = u16::from(vm.address_spaces);

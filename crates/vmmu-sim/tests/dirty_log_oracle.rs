@@ -31,6 +31,7 @@ fn run(mode: DirtyLogMode, format: FormatKind, bugs: BugSet, seed: u64) -> Repor
             generation_base: 0,
             slot_zap_all: false,
             bugs,
+            tdp_prefetch: false,
         },
     )
     .expect("mmu");
@@ -63,6 +64,7 @@ fn without_dirty_logging_there_is_no_report() {
             vcpus: 2,
             generation_base: 0,
             slot_zap_all: false,
+            tdp_prefetch: false,
             bugs: BugSet::NONE,
         },
     )

@@ -37,6 +37,7 @@ fn run(cfg: MachineConfig, bugs: BugSet) -> Report {
             generation_base,
             slot_zap_all: false,
             bugs,
+            tdp_prefetch: false,
         },
     )
     .expect("mmu");

@@ -43,6 +43,7 @@ fn real(machine: &Machine, format: FormatKind, vcpus: usize) -> RealMmu {
             generation_base: 0,
             slot_zap_all: false,
             bugs: BugSet::NONE,
+            tdp_prefetch: false,
         },
     )
     .expect("mmu")

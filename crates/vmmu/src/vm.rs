@@ -64,6 +64,12 @@ pub struct VmConfig {
     /// as KVM does (which a guest sees in dirty logs: a read through a recycled table faults
     /// and maps a dirty guest page writable again, marking it dirty).
     pub shadow_max_pages: Option<usize>,
+    /// TDP: prefetch neighbour leaves after a 4 KiB RAM fault, as KVM's legacy direct MMU
+    /// (`tdp_mmu=N`) and its shadow MMU below a guest's 2 MiB pages do; KVM's TDP MMU does not
+    /// (the default, `false`). A prefetched leaf keeps a later read of its page from faulting,
+    /// which a dirty log shows (see [`crate::shadow`]'s prefetch). The shadow MMU always
+    /// prefetches, as KVM's does.
+    pub tdp_prefetch: bool,
 }
 
 impl VmConfig {
@@ -92,6 +98,7 @@ impl VmConfig {
             bugs: BugSet::NONE,
             mmu: MmuKind::Tdp,
             shadow_max_pages: None,
+            tdp_prefetch: false,
         })
     }
 }
@@ -311,6 +318,7 @@ impl<H: Host> Vm<H> {
                 slot_zap_all: cfg.slot_zap_all,
                 bugs: cfg.bugs,
                 max_vcpus: cfg.max_vcpus,
+                direct_prefetch: cfg.tdp_prefetch,
             },
         )?;
         Ok(Vm {

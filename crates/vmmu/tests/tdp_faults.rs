@@ -632,3 +632,37 @@ fn a_huge_leaf_is_not_installed_over_a_page_being_invalidated() {
     assert_eq!(access(&mut v, 0x20_0000, false).unwrap().0, Seen::Ram(Pfn(RAM_HVA >> 12)));
     assert_eq!(vm.stats().pages_2m, 1);
 }
+
+/// `VmConfig::tdp_prefetch` (KVM's legacy direct MMU, `direct_pte_prefetch`): a 4 KiB RAM fault
+/// also maps the not-present pages of its 8-aligned group whose host pages are mapped writable
+/// already; the TDP MMU proper (the default) maps only the faulting page.
+#[test]
+fn tdp_prefetch_maps_written_neighbours_of_the_group() {
+    for prefetch in [false, true] {
+        let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+        cfg.tdp_prefetch = prefetch;
+        let (vm, h) = vm_with(cfg);
+        h.set_zero_page_reads(true);
+        // gpa and hva not 2 MiB-congruent: 4 KiB leaves only.
+        let slot = |size| region(0, 0x100_1000, size, RAM_HVA, 0);
+        vm.set_memory_region(&slot(0x10_0000)).unwrap();
+        let mut v = vm.create_vcpu().unwrap();
+        // Gfns 0x1009 and 0x100a written (their host pages are now mapped writable).
+        access(&mut v, 0x100_9000, true).unwrap();
+        access(&mut v, 0x100_a000, true).unwrap();
+        vm.set_memory_region(&slot(0)).unwrap();
+        vm.set_memory_region(&slot(0x10_0000)).unwrap();
+        assert_eq!(vm.stats().pages_4k, 0, "the delete zapped every leaf");
+        // Gfn 0x1008 (group 0x1008..0x1010): the run 0x1009..0x1010 gets 0x1009 and 0x100a,
+        // then stops at 0x100b (never written). (A run from 0x1000, outside the slot, would get
+        // nothing and end the prefetch.)
+        access(&mut v, 0x100_8000, false).unwrap();
+        let want = if prefetch { 3 } else { 1 };
+        assert_eq!(vm.stats().pages_4k, want, "prefetch {prefetch}");
+        let (_, faults) = access(&mut v, 0x100_a000, false).unwrap();
+        assert_eq!(faults.is_empty(), prefetch, "prefetch {prefetch}: {faults:?}");
+        access(&mut v, 0x100_1000, false).unwrap();
+        // Gfn 0x1001 (outside the prefetch of its group: the first run starts below the slot).
+        assert_eq!(vm.stats().pages_4k, want + 1 + u64::from(!prefetch));
+    }
+}

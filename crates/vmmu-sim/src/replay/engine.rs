@@ -616,6 +616,7 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
         generation_base: 0,
         slot_zap_all: false,
         bugs: cfg.bugs,
+        tdp_prefetch: false,
     };
     let nr_as = if uses_smm { 2 } else { 1 };
     let mmu = if shadow {

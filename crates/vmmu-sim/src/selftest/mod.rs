@@ -63,6 +63,7 @@ impl MmuChoice {
                 generation_base: 0,
                 slot_zap_all: false,
                 bugs: self.bugs,
+                tdp_prefetch: false,
             },
         )
         .map_err(setup)

@@ -39,6 +39,7 @@ pub fn run_real(
             generation_base: 0,
             slot_zap_all: false,
             bugs,
+            tdp_prefetch: false,
         },
     )
     .expect("mmu");

@@ -177,3 +177,93 @@ impl<H: Host> TdpMmu<H> {
         }
     }
 }
+
+impl<H: Host> TdpMmu<H> {
+    /// KVM's legacy direct-MMU prefetch (`direct_pte_prefetch`, with `tdp_mmu=N`; the TDP MMU
+    /// proper does not prefetch), when [`super::TdpConfig::direct_prefetch`] asks for it: after a
+    /// fault installed a 4 KiB RAM leaf for `gfn` under `root`, the runs of not-present entries
+    /// (an MMIO SPTE counts as not present) in the 8-aligned group of its table around it become
+    /// writable leaves, by the rules of [`crate::shadow::prefetch`] (a run needs its whole range
+    /// in one slot that is neither dirty-logged nor read-only, and gets the leading frames the
+    /// host maps writable already; a run that gets none ends the prefetch). Nothing while a host
+    /// invalidation is in progress; a lost compare-and-swap ends it too. `_shared` proves the MMU
+    /// lock is held shared, the same hold as the fault's map.
+    pub(crate) fn prefetch_direct(
+        &self,
+        _shared: &MmuRead<'_>,
+        root: &Root,
+        gfn: crate::types::Gfn,
+        set: &crate::memslot::MemslotSet,
+        who: StripeKey,
+    ) {
+        use crate::types::Gfn;
+        const GROUP: u64 = crate::shadow::prefetch::PREFETCH_NUM as u64;
+        if !self.cfg.direct_prefetch || self.inval.in_progress() != 0 {
+            return;
+        }
+        let fmt = self.cfg.format;
+        let (mut pfn, mut level) = (root.pfn(), root.level());
+        // Down to the 4 KiB table that holds the new leaf.
+        let table = loop {
+            // SAFETY: as in `map`: the MMU lock is held shared and the walk starts at a root we
+            // hold; tables are freed only after a grace period.
+            let Some(table) = (unsafe { self.table(pfn) }) else { return };
+            if level == Level::L4K {
+                break table;
+            }
+            let old = table[level.index(gfn)].load(Ordering::Acquire);
+            if !SpteFormat::is_mmu_present(old) || fmt.is_leaf(old, level) {
+                return;
+            }
+            pfn = fmt.pfn(old);
+            level = match level.lower() {
+                Some(l) => l,
+                None => return,
+            };
+        };
+        let first = gfn.raw() & !(GROUP - 1);
+        let present = |g: u64| {
+            SpteFormat::is_mmu_present(table[Level::L4K.index(Gfn(g))].load(Ordering::Acquire))
+        };
+        // One run `start..end`: how many leaves it made.
+        let run = |start: u64, end: u64| -> u64 {
+            let Some(slot) = set.find(Gfn(start)).filter(|s| !s.is_invalid()) else { return 0 };
+            if slot.dirty_logging() || slot.is_readonly() || slot.end_gfn().raw() < end {
+                return 0;
+            }
+            let host: &dyn crate::host::HostMemory = &*self.host;
+            let mut made = 0;
+            for g in start..end {
+                let Some(frame) = host.translate_mapped_writable(slot.hva_of(Gfn(g))) else {
+                    break;
+                };
+                let entry = &table[Level::L4K.index(Gfn(g))];
+                let leaf = fmt.make_leaf(frame, Level::L4K, Access::ALL, true);
+                let old = entry.load(Ordering::Acquire);
+                if SpteFormat::is_mmu_present(old)
+                    || SpteFormat::is_frozen(old)
+                    || self.set_spte_atomic(entry, old, leaf, Level::L4K, who).is_err()
+                {
+                    break;
+                }
+                made += 1;
+            }
+            made
+        };
+        let mut start = None;
+        for g in first..first + GROUP {
+            if g == gfn.raw() || present(g) {
+                if let Some(s) = start.take() {
+                    if run(s, g) == 0 {
+                        return;
+                    }
+                }
+            } else if start.is_none() {
+                start = Some(g);
+            }
+        }
+        if let Some(s) = start {
+            let _ = run(s, first + GROUP);
+        }
+    }
+}

@@ -85,6 +85,9 @@ pub struct TdpConfig {
     pub bugs: BugSet,
     /// The most vCPUs the VM may create.
     pub max_vcpus: usize,
+    /// Prefetch neighbour leaves after a 4 KiB RAM fault as KVM's legacy direct MMU does
+    /// (`direct_pte_prefetch`, [`TdpMmu::prefetch_direct`]); KVM's TDP MMU does not.
+    pub direct_prefetch: bool,
 }
 
 /// Why the TDP MMU could not be set up or a vCPU added.

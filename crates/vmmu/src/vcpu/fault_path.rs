@@ -344,6 +344,11 @@ impl VcpuMmu {
             // holds the lock exclusive) sits between the writable leaf and its mark (crate::dirty).
             set.mark_page_dirty(&slot, fault.gfn);
         }
+        if let (MapOutcome::Installed { level: crate::types::Level::L4K }, Backing::Ram { .. }) =
+            (outcome, fault.backing)
+        {
+            mmu.prefetch_direct(&shared, root, fault.gfn, set, StripeKey::Vcpu(self.index));
+        }
         drop(shared);
         let is_mmio = matches!(spec, LeafSpec::Mmio(_));
         let emulate_mmio =
