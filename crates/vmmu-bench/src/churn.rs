@@ -206,6 +206,7 @@ fn vmmu_share(
             slot_zap_all,
             bugs: BugSet::NONE,
             tdp_prefetch: false,
+            shadow_mmio_path_only: false,
         },
     )?;
     let ws = SlotRequest {

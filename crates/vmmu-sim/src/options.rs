@@ -213,6 +213,7 @@ impl RunOptions {
             slot_zap_all: self.slot_zap_all,
             bugs: self.bugs,
             tdp_prefetch: false,
+            shadow_mmio_path_only: false,
         };
         let mmu = if self.shadow {
             RealMmu::shadow(machine.host().clone(), cfg, 1)

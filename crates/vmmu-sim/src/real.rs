@@ -46,6 +46,8 @@ pub struct RealMmuConfig {
     pub bugs: BugSet,
     /// TDP formats: prefetch as KVM's legacy direct MMU ([`VmConfig::tdp_prefetch`]).
     pub tdp_prefetch: bool,
+    /// Shadow paging: MMIO faults build no shadow page ([`VmConfig::shadow_mmio_path_only`]).
+    pub shadow_mmio_path_only: bool,
 }
 
 /// The real MMU behind the seam.
@@ -155,6 +157,7 @@ impl RealMmu {
         vc.max_vcpus = cfg.vcpus.max(1);
         vc.generation_base = cfg.generation_base;
         vc.bugs = cfg.bugs;
+        vc.shadow_mmio_path_only = cfg.shadow_mmio_path_only;
         Ok(RealMmu {
             vm: Vm::new(vc, host)?,
             totals: Arc::new(Mutex::new(VcpuStats::default())),

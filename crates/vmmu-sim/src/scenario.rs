@@ -143,6 +143,10 @@ impl SimMachine {
             // its direct MMU does; the TDP formats do the same to agree with it. (With guest
             // paging its prefetch follows the guest's PTEs, which only the shadow MMU sees.)
             tdp_prefetch: vm.paging == Paging::Off,
+            // The reference KVM runs with MMIO caching off and builds no shadow page for an
+            // MMIO fault; with caching on it would, and recycle earlier (a dirty log shows it).
+            // Every configuration here observes what the reference does.
+            shadow_mmio_path_only: true,
         };
         cfg.vcpus = cfg.vcpus.max(1);
         let nr_as = u16::from(vm.address_spaces);

@@ -32,6 +32,7 @@ fn run(mode: DirtyLogMode, format: FormatKind, bugs: BugSet, seed: u64) -> Repor
             slot_zap_all: false,
             bugs,
             tdp_prefetch: false,
+            shadow_mmio_path_only: false,
         },
     )
     .expect("mmu");
@@ -65,6 +66,7 @@ fn without_dirty_logging_there_is_no_report() {
             generation_base: 0,
             slot_zap_all: false,
             tdp_prefetch: false,
+            shadow_mmio_path_only: false,
             bugs: BugSet::NONE,
         },
     )

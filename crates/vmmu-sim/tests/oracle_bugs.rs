@@ -38,6 +38,7 @@ fn run(cfg: MachineConfig, bugs: BugSet) -> Report {
             slot_zap_all: false,
             bugs,
             tdp_prefetch: false,
+            shadow_mmio_path_only: false,
         },
     )
     .expect("mmu");

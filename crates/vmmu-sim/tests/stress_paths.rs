@@ -44,6 +44,7 @@ fn real(machine: &Machine, format: FormatKind, vcpus: usize) -> RealMmu {
             slot_zap_all: false,
             bugs: BugSet::NONE,
             tdp_prefetch: false,
+            shadow_mmio_path_only: false,
         },
     )
     .expect("mmu")

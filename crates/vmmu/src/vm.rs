@@ -70,6 +70,14 @@ pub struct VmConfig {
     /// which a dirty log shows (see [`crate::shadow`]'s prefetch). The shadow MMU always
     /// prefetches, as KVM's does.
     pub tdp_prefetch: bool,
+    /// Shadow paging: an MMIO fault builds no shadow page (and so recycles none to make room);
+    /// its MMIO SPTE goes only where the shadow path to it exists already. KVM with MMIO caching
+    /// off emulates such a fault before `FNAME(fetch)` and builds nothing; with caching on it
+    /// builds the path (the default, `false`), and the different page count shows through
+    /// recycling: a recycled table's dirty guest pages fault again, map writable and are logged.
+    /// A host that must observe the same with caching on and off (the scenario backend, whose
+    /// reference KVM runs with caching off) sets it.
+    pub shadow_mmio_path_only: bool,
 }
 
 impl VmConfig {
@@ -99,6 +107,7 @@ impl VmConfig {
             mmu: MmuKind::Tdp,
             shadow_max_pages: None,
             tdp_prefetch: false,
+            shadow_mmio_path_only: false,
         })
     }
 }
@@ -319,6 +328,7 @@ impl<H: Host> Vm<H> {
                 bugs: cfg.bugs,
                 max_vcpus: cfg.max_vcpus,
                 direct_prefetch: cfg.tdp_prefetch,
+                shadow_mmio_path_only: cfg.shadow_mmio_path_only,
             },
         )?;
         Ok(Vm {

@@ -370,3 +370,34 @@ fn shadow_paging_tracks_dirty_pages_through_the_rmap() {
     assert_eq!(get(&vm), vec![2, 3]);
     assert_eq!(get(&vm), Vec::<u64>::new(), "collected and cleared");
 }
+
+/// `VmConfig::shadow_mmio_path_only` (what KVM with MMIO caching off accounts): an MMIO fault
+/// builds no shadow page, so a GVA whose path does not exist is emulated every time without an
+/// MMIO SPTE; once a RAM access built the path, the MMIO SPTE goes into the existing table.
+#[test]
+fn mmio_faults_build_no_shadow_pages_with_shadow_mmio_path_only() {
+    let host = Arc::new(TestHost::new(2048));
+    host.map(RAM_HVA, RAM_SIZE, RAM_HVA >> 12, Level::L4K, true);
+    let mut cfg = VmConfig::shadow(46).unwrap();
+    cfg.shadow_mmio_path_only = true;
+    let vm = Vm::new(cfg, host.clone()).unwrap();
+    vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, RAM_SIZE, RAM_HVA)).unwrap();
+    let next = std::rc::Rc::new(std::cell::Cell::new(TABLES_GPA));
+    let s = Space::new(&host, &next);
+    s.map4k(0x4000_0000, MMIO_GPA, P | RW | US);
+    s.map4k(0x4000_1000, 0x20_0000, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    let shadow = vm.shadow_mmu().unwrap();
+    assert_eq!(
+        access(&mut v, 0x4000_0000, false),
+        Seen::Mmio(Gpa(MMIO_GPA), EmulateSource::SlowPathMmio)
+    );
+    let pages = shadow.pages_in_use();
+    assert_eq!(pages, 1, "only the root");
+    assert_eq!(v.stats.pf_mmio_spte_created, 0);
+    // The RAM page next to it builds the path; then the MMIO fault installs its SPTE there.
+    assert_eq!(access(&mut v, 0x4000_1000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(shadow.pages_in_use(), 4, "PDPT, PD and PT pages");
+    assert!(matches!(access(&mut v, 0x4000_0000, true), Seen::Mmio(..)));
+    assert_eq!(v.stats.pf_mmio_spte_created, 1);
+}

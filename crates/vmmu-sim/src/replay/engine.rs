@@ -617,6 +617,7 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
         slot_zap_all: false,
         bugs: cfg.bugs,
         tdp_prefetch: false,
+        shadow_mmio_path_only: false,
     };
     let nr_as = if uses_smm { 2 } else { 1 };
     let mmu = if shadow {

@@ -64,6 +64,7 @@ impl MmuChoice {
                 slot_zap_all: false,
                 bugs: self.bugs,
                 tdp_prefetch: false,
+                shadow_mmio_path_only: false,
             },
         )
         .map_err(setup)

@@ -40,6 +40,7 @@ pub fn run_real(
             slot_zap_all: false,
             bugs,
             tdp_prefetch: false,
+            shadow_mmio_path_only: false,
         },
     )
     .expect("mmu");

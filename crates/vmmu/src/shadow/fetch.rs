@@ -48,6 +48,9 @@ pub(crate) enum FetchOutcome {
     /// A write to a guest page table the MMU shadows: the leaf stays read-only, the write must
     /// be emulated (and reported to [`crate::vcpu::Vcpu::track_write`]).
     WriteProtected,
+    /// An MMIO leaf whose shadow path is not complete: nothing was built or changed, the access
+    /// is emulated without an MMIO SPTE (see [`fetch`]).
+    NoPath,
     /// No frame for a shadow page.
     OutOfMemory,
 }
@@ -59,6 +62,11 @@ fn direct_base(gfn: Gfn, level: Level) -> Gfn {
 
 /// Builds the shadow path for `gva` as `walk` translated it and installs `want` (under the
 /// lock; `batch` collects flushes and frees for the caller's commit).
+///
+/// With [`crate::tdp::TdpConfig::shadow_mmio_path_only`] an MMIO leaf is installed only where
+/// the whole shadow path to it exists already (linked pages of the right gfn and role);
+/// otherwise nothing is built or touched (no flood count is reset either) and the outcome is
+/// [`FetchOutcome::NoPath`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn fetch<H: Host>(
     core: &TdpMmu<H>,
@@ -86,7 +94,10 @@ pub(crate) fn fetch<H: Host>(
     if st.is_obsolete(cur) {
         return FetchOutcome::Retry(RetryCause::ObsoleteRoot);
     }
-    st.sp_mut(cur).flood = 0;
+    let mmio = matches!(want, LeafWant::Mmio(_)) && core.cfg.shadow_mmio_path_only;
+    if !mmio {
+        st.sp_mut(cur).flood = 0;
+    }
     let as_id = st.sp(cur).role.as_id();
     while level > Level::L4K {
         let Some(child_level) = level.lower() else { break };
@@ -103,12 +114,17 @@ pub(crate) fn fetch<H: Host>(
             if let Some(child) = st.by_pfn(fmt.pfn(old)) {
                 let c = st.sp(child);
                 if c.gfn == gfn && c.role == role {
-                    st.sp_mut(child).flood = 0;
+                    if !mmio {
+                        st.sp_mut(child).flood = 0;
+                    }
                     cur = child;
                     level = child_level;
                     continue;
                 }
             }
+        }
+        if mmio {
+            return FetchOutcome::NoPath;
         }
         if old != SpteFormat::NONPRESENT {
             // A child of another gfn or role, a leaf, or an MMIO SPTE: unlink it first.

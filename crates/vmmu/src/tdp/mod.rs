@@ -88,6 +88,10 @@ pub struct TdpConfig {
     /// Prefetch neighbour leaves after a 4 KiB RAM fault as KVM's legacy direct MMU does
     /// (`direct_pte_prefetch`, [`TdpMmu::prefetch_direct`]); KVM's TDP MMU does not.
     pub direct_prefetch: bool,
+    /// Shadow paging: an MMIO fault installs its MMIO SPTE only where the shadow path to it
+    /// exists already, and builds no shadow page and recycles none for it
+    /// ([`crate::vm::VmConfig::shadow_mmio_path_only`]).
+    pub shadow_mmio_path_only: bool,
 }
 
 /// Why the TDP MMU could not be set up or a vCPU added.

@@ -518,8 +518,11 @@ impl<H: Host + GuestMemory> Vcpu<H> {
         let mut batch = ZapBatch::default();
         let outcome = {
             let mut s = shadow.lock(core);
-            // 2abd5287f083: make pages available first, then check the root.
-            shadow.make_pages_available(core, &mut s, &mut batch);
+            // 2abd5287f083: make pages available first, then check the root. Not for MMIO when
+            // it builds no shadow page (`TdpConfig::shadow_mmio_path_only`).
+            if !(matches!(want, LeafWant::Mmio(_)) && core.cfg.shadow_mmio_path_only) {
+                shadow.make_pages_available(core, &mut s, &mut batch);
+            }
             // Read under the lock: zap_all_fast requests the reload inside its critical section.
             let pending = core.vcpus[st.index].pending();
             let o = match fault.stale(root.state(&s), pending, &core.inval, bugs) {
@@ -562,7 +565,7 @@ impl<H: Host + GuestMemory> Vcpu<H> {
                 stats.pf_mmio_spte_created += 1;
                 emulate_mmio
             }
-            FetchOutcome::Spurious if is_mmio => emulate_mmio,
+            FetchOutcome::Spurious | FetchOutcome::NoPath if is_mmio => emulate_mmio,
             FetchOutcome::Installed { .. } => {
                 stats.pf_fixed += 1;
                 FaultOutcome::Fixed
@@ -581,6 +584,9 @@ impl<H: Host + GuestMemory> Vcpu<H> {
                 }
             }
             FetchOutcome::Retry(cause) => retry(stats, cause),
+            FetchOutcome::NoPath => {
+                return Err(FaultError::Internal { gpa: walk.gpa, dump: Default::default() })
+            }
             FetchOutcome::OutOfMemory => return Err(FaultError::OutOfMemory(walk.gpa)),
         })
     }
