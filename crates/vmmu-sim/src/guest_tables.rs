@@ -213,12 +213,14 @@ impl GuestTables {
         Ok(writes)
     }
 
-    /// The guest-physical address a user-mode write to `gva` in `space` would reach, if the
-    /// guest's tables let it through (present, writable and user at every level, no reserved
-    /// bit 51): what the backend needs to model the host side of a guest store.
-    pub fn user_write_target(&self, space: u8, gva: u64) -> Option<u64> {
+    /// The guest-physical address a user-mode access (a write if `write`) to `gva` in `space`
+    /// would reach, if the guest's tables let it through (present and user at every level,
+    /// writable too for a write, no reserved bit 51): what the backend needs to model the host
+    /// side of a guest access.
+    pub fn user_target(&self, space: u8, gva: u64, write: bool) -> Option<u64> {
         let root = (*self.roots.get(usize::from(space))?)?;
-        let ok = |e: u64| e & (P | RW | US) == (P | RW | US) && e & RSVD51 == 0;
+        let need = if write { P | RW | US } else { P | US };
+        let ok = |e: u64| e & need == need && e & RSVD51 == 0;
         let (mut table, top) = match self.paging {
             Paging::Pae => {
                 let pdpte = self.read(root + 8 * ((gva >> 30) & 3)).ok()?;

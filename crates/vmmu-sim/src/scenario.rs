@@ -302,6 +302,47 @@ impl SimMachine {
         self.job(vcpu, |reply| Job::Access { addr, width: ram_width(width), write, reply })
     }
 
+    /// The guest-physical address an access by `vcpu` to `addr` reaches (`None`: it faults).
+    fn target(&self, vcpu: u32, addr: u64, write: bool) -> Option<u64> {
+        match (self.paging, self.tables.as_ref()) {
+            (Paging::Off, _) => Some(addr),
+            (_, Some(t)) => {
+                let space = self.spaces.get(vcpu as usize).copied().unwrap_or(0);
+                t.user_target(space, addr, write)
+            }
+            (_, None) => None,
+        }
+    }
+
+    /// Refuses a guest access whose slot leads to host memory outside every scenario buffer
+    /// (`scenarios.md`: a slot may reach past the end of its buffer, but an access through that
+    /// part is a backend failure), as the KVM backend does before it runs the access: past its
+    /// buffer the host address may lie in the machine's own memory (its guest page tables),
+    /// which the access would then read or overwrite. An address inside another scenario buffer
+    /// passes, as with the KVM backend (KVM accesses whatever the process maps there). A store
+    /// through a read-only slot reaches no host memory (it exits as MMIO), so it passes.
+    fn check_backed(&self, gpa: u64, width: Width, write: bool) -> Result<(), BackendError> {
+        let hit = self.slots.iter().find(|(_, s)| gpa.wrapping_sub(s.gpa) < s.size);
+        let Some((id, s)) = hit.filter(|(_, s)| !(write && s.readonly)) else {
+            return Ok(());
+        };
+        let hva = s.uaddr.wrapping_add(gpa - s.gpa);
+        let last = hva.wrapping_add(u64::from(width.bytes()) - 1);
+        let backed = self
+            .buffers
+            .iter()
+            .flatten()
+            .any(|b| b.contains(vmmu::Hva(hva)) && b.contains(vmmu::Hva(last)));
+        if backed {
+            Ok(())
+        } else {
+            Err(failed(format!(
+                "guest access at {gpa:#x} goes through slot {id} to host address {hva:#x}, \
+                 beyond its buffer; scenarios must not access that part of a slot"
+            )))
+        }
+    }
+
     /// The first write to a host page (by the host, or by the guest through a writable slot)
     /// replaces Linux's shared zero page by a new page, and the MMU notifier invalidates what
     /// mapped the old one (a guest read maps it read-only, through any alias), before the write
@@ -376,6 +417,9 @@ impl Machine for SimMachine {
     }
 
     fn read(&mut self, op: &ReadOp, mmio_reply: u64) -> Result<ReadExit, BackendError> {
+        if let Some(gpa) = self.target(op.vcpu, op.gpa, false) {
+            self.check_backed(gpa, op.width, false)?;
+        }
         Ok(match self.on_vcpu(op.vcpu, op.gpa, op.width, None)? {
             Access::Ram(value) => ReadExit::None { value },
             Access::Mmio(gpa) => {
@@ -389,14 +433,10 @@ impl Machine for SimMachine {
         // A store to RAM of a writable slot: KVM's write fault breaks the zero page first. With
         // guest paging the address is a GVA: the GPA is where the vCPU's tables send a user
         // write (none if they refuse it: the store faults and writes nothing).
-        let gpa = match (self.paging, self.tables.as_ref()) {
-            (Paging::Off, _) => Some(op.gpa),
-            (_, Some(t)) => {
-                let space = self.spaces.get(op.vcpu as usize).copied().unwrap_or(0);
-                t.user_write_target(space, op.gpa)
-            }
-            (_, None) => None,
-        };
+        let gpa = self.target(op.vcpu, op.gpa, true);
+        if let Some(g) = gpa {
+            self.check_backed(g, op.width, true)?;
+        }
         let hit = gpa.and_then(|g| {
             self.slots.values().find(|s| g.wrapping_sub(s.gpa) < s.size).map(|s| (s, g))
         });
@@ -487,8 +527,42 @@ impl Drop for SimMachine {
 
 #[cfg(test)]
 mod tests {
-    use super::SimBackend;
-    use vmmu_scenario::{parse, run_collect, DirtyLogResult, Observation};
+    use super::{SimBackend, SimMachine};
+    use vmmu_scenario::{
+        parse, run_collect, DirtyLogResult, Machine, MemId, MemRef, Observation, ReadExit, ReadOp,
+        SlotFlags, SlotOp, SlotResult, Width,
+    };
+
+    /// A slot may reach past the end of its buffer, but a guest access through that part is a
+    /// backend failure (scenarios.md), also where the host address it leads to is the
+    /// machine's own memory (its guest page tables): the machine refuses it as the KVM backend
+    /// refuses a slot into its own memory, rather than letting the guest read or overwrite its
+    /// tables (the generated-scenario test once saw a guest store through the unbacked part of a
+    /// slot land in them, under NPT and shadow paging, depending on where the buffers lay).
+    #[test]
+    fn an_access_through_a_slot_into_the_machines_own_memory_fails() {
+        let sc = parse("vm format=shadow\nmem a size=4K\n").expect("scenario");
+        let mut m = SimMachine::new(&sc).expect("machine");
+        m.mem(MemId(0), &sc.mems[0]).expect("mem a");
+        let own = m.host.buffer("__guest_tables").expect("the machine's own memory").hva().raw();
+        let a = m.buffer(MemId(0)).expect("buffer").hva().raw();
+        let slot = |id: u16, gpa: u64, offset: u64| SlotOp {
+            id,
+            as_id: 0,
+            gpa,
+            size: 0x1000,
+            mem: Some(MemRef { mem: MemId(0), name: "a".into(), offset }),
+            flags: SlotFlags::default(),
+        };
+        let (inside, outside) = (0x1_0000_0000, 0x1_0000_1000);
+        assert_eq!(m.slot(&slot(1, inside, 0)).expect("slot"), SlotResult::Ok);
+        assert_eq!(m.slot(&slot(2, outside, own.wrapping_sub(a))).expect("slot"), SlotResult::Ok);
+        let read =
+            |m: &mut SimMachine, gpa: u64| m.read(&ReadOp { vcpu: 0, gpa, width: Width::W8 }, 0);
+        assert!(matches!(read(&mut m, inside), Ok(ReadExit::None { value: 0 })));
+        let err = read(&mut m, outside).expect_err("the machine's tables are no scenario buffer");
+        assert!(err.to_string().contains("beyond its buffer"), "{err}");
+    }
 
     /// The pages each `dirty-log` step reported, in order.
     fn dirty_logs(text: &str) -> Vec<Vec<u64>> {
