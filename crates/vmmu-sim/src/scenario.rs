@@ -35,6 +35,20 @@ const GUEST_MAXPHYADDR: u8 = 46;
 /// The slot (a reserved id) that backs the guest page tables of a paging scenario.
 const TABLES_SLOT: u32 = 32760;
 
+/// Size of the backend's own memory in a version-1 scenario under shadow paging: 1 MiB, as the
+/// KVM backend's own slot (its guest's code, descriptor tables, stack and identity tables). Under
+/// shadow paging KVM's default shadow-page limit is 2% of every slot's pages (at least 64), so
+/// the backend's own pages count towards it as a scenario's do.
+const IDENTITY_OWN_SIZE: u64 = 0x10_0000;
+
+/// The page a version-1 guest under shadow paging "fetches its code" from before each access:
+/// the last page of its own memory, in the first 2 MiB of guest-physical memory as the KVM
+/// backend's code page (`CODE`, 0x5000) is. Under shadow paging the code page needs a shadow
+/// mapping as any other page (a direct shadow page for the 2 MiB region, under the shadow page
+/// of the first GiB's page directory), which counts towards the shadow-page limit, is recycled
+/// with the others, and is mapped again by the next instruction fetch.
+const IDENTITY_CODE_GPA: u64 = TABLES_GPA + IDENTITY_OWN_SIZE - 0x1000;
+
 /// Frames the scenario host may hand out (RAM and tables): 2^24 frames = 64 GiB of frame numbers,
 /// as much as a scenario's guest-physical space. Buffer pages take frames on first translation
 /// ([`HostConfig::lazy_frames`]), so the buffers' sizes are not bounded by this; and only what a
@@ -85,6 +99,9 @@ pub struct SimMachine {
     paging: Paging,
     /// The page-table space each vCPU has loaded (guest paging).
     spaces: Vec<u8>,
+    /// Where each vCPU fetches its access code from before a guest access, when that costs the
+    /// MMU something a scenario can observe (a version-1 guest under shadow paging).
+    code_gpa: Option<u64>,
 }
 
 fn ram_width(w: Width) -> RamWidth {
@@ -196,6 +213,7 @@ impl SimMachine {
             slots: std::collections::BTreeMap::new(),
             paging: vm.paging,
             spaces: vec![0; vm.vcpus as usize],
+            code_gpa: None,
         };
         if vm.paging != Paging::Off {
             m.setup_tables(vm.paging)?;
@@ -208,7 +226,7 @@ impl SimMachine {
     /// Reserves the page-table area (a slot of the backends' own below 8 MiB), builds space 0
     /// and loads it on every vCPU.
     fn setup_tables(&mut self, paging: Paging) -> Result<(), BackendError> {
-        let buf = self.reserve_tables()?;
+        let buf = self.reserve_tables(TABLES_END - TABLES_GPA)?;
         let mut tables = GuestTables::new(paging, buf);
         let mut writes = Vec::new();
         let root = tables.root(0, &mut writes).map_err(failed)?;
@@ -222,27 +240,31 @@ impl SimMachine {
 
     /// A version-1 scenario under shadow paging: the guest runs in long mode with identity
     /// page tables (2 MiB pages over the 64 GiB scenarios may touch), as the KVM backend's guest
-    /// does, and the MMU shadows them.
+    /// does, and the MMU shadows them. Its own memory is as large as the KVM backend's (1 MiB),
+    /// and each access is preceded by a fetch from its code page ([`IDENTITY_CODE_GPA`]), so
+    /// that the shadow pages it uses, and the default limit on them, are the KVM backend's: which
+    /// pages KVM recycles (and so which reads fault again and dirty a logged page) is the same.
     fn setup_identity(&mut self) -> Result<(), BackendError> {
-        let buf = self.reserve_tables()?;
-        let mut tables = GuestTables::new(Paging::Level4, buf);
+        let buf = self.reserve_tables(IDENTITY_OWN_SIZE)?;
+        let end = IDENTITY_CODE_GPA;
+        let mut tables = GuestTables::in_area(Paging::Level4, buf, TABLES_GPA, TABLES_GPA, end);
         let root = tables.identity_2m(vmmu_scenario::ACCESS_LIMIT).map_err(failed)?;
         self.tables = Some(tables);
+        self.code_gpa = Some(IDENTITY_CODE_GPA);
         for v in 0..self.vcpus.len() as u32 {
             self.job(v, |reply| Job::Cr3 { cr3: root, reply })?;
         }
         Ok(())
     }
 
-    /// The buffer and slot of the page-table area.
-    fn reserve_tables(&mut self) -> Result<Arc<HostBuffer>, BackendError> {
-        let buf =
-            self.host.add_buffer("__guest_tables", TABLES_END - TABLES_GPA).map_err(failed)?;
+    /// The buffer and slot of the page-table area: `size` bytes from [`TABLES_GPA`].
+    fn reserve_tables(&mut self, size: u64) -> Result<Arc<HostBuffer>, BackendError> {
+        let buf = self.host.add_buffer("__guest_tables", size).map_err(failed)?;
         let req = SlotRequest {
             slot: TABLES_SLOT,
             flags: 0,
             guest_phys_addr: TABLES_GPA,
-            memory_size: TABLES_END - TABLES_GPA,
+            memory_size: size,
             userspace_addr: buf.hva().raw(),
         };
         self.mmu.set_memory_region(&req).map_err(failed)?;
@@ -343,6 +365,19 @@ impl SimMachine {
         }
     }
 
+    /// The instruction fetch a guest access starts with, where it costs the MMU anything
+    /// ([`SimMachine::code_gpa`]): a read of the vCPU's code page, which is RAM.
+    fn fetch_code(&self, vcpu: u32) -> Result<(), BackendError> {
+        let Some(addr) = self.code_gpa else {
+            return Ok(());
+        };
+        let width = RamWidth::W8;
+        match self.job(vcpu, |reply| Job::Access { addr, width, write: None, reply })? {
+            Access::Ram(_) => Ok(()),
+            _ => Err(failed(format!("vCPU {vcpu}'s code fetch at {addr:#x} did not reach RAM"))),
+        }
+    }
+
     /// The first write to a host page (by the host, or by the guest through a writable slot)
     /// replaces Linux's shared zero page by a new page, and the MMU notifier invalidates what
     /// mapped the old one (a guest read maps it read-only, through any alias), before the write
@@ -420,6 +455,7 @@ impl Machine for SimMachine {
         if let Some(gpa) = self.target(op.vcpu, op.gpa, false) {
             self.check_backed(gpa, op.width, false)?;
         }
+        self.fetch_code(op.vcpu)?;
         Ok(match self.on_vcpu(op.vcpu, op.gpa, op.width, None)? {
             Access::Ram(value) => ReadExit::None { value },
             Access::Mmio(gpa) => {
@@ -440,6 +476,7 @@ impl Machine for SimMachine {
         let hit = gpa.and_then(|g| {
             self.slots.values().find(|s| g.wrapping_sub(s.gpa) < s.size).map(|s| (s, g))
         });
+        self.fetch_code(op.vcpu)?;
         if let Some((s, g)) = hit.filter(|(s, _)| !s.readonly) {
             self.first_write(s.uaddr.wrapping_add(g - s.gpa), u64::from(op.width.bytes()));
         }
@@ -562,6 +599,32 @@ mod tests {
         assert!(matches!(read(&mut m, inside), Ok(ReadExit::None { value: 0 })));
         let err = read(&mut m, outside).expect_err("the machine's tables are no scenario buffer");
         assert!(err.to_string().contains("beyond its buffer"), "{err}");
+    }
+
+    /// A version-1 guest under shadow paging costs the shadow MMU what the KVM backend's guest
+    /// costs KVM: its own memory is 1 MiB (KVM's default shadow-page limit counts it) and its
+    /// code page, fetched before each access, holds a shadow page of its own. So 55 new 2 MiB
+    /// regions are what makes the MMU recycle a logged page's shadow page, as on /dev/kvm
+    /// (tests/scenarios/shadow_recycle_code_page.scn): the next read of the page faults and
+    /// dirties it. Without the code page 56 regions were needed.
+    #[test]
+    fn shadow_guest_code_page_counts_towards_the_page_limit() {
+        let mut text = String::from(
+            "vm format=shadow\nmem buf size=1M\n\
+             slot 1 gpa=0x10000000 size=4K mem=buf flags=dirty_log\n\
+             write 0 gpa=0x10000000 size=8 value=0x1\ndirty-log 1\n",
+        );
+        let region = |i: u64| 0x4000_0000 + i * 0x20_0000;
+        for i in 2..=56u64 {
+            text += &format!("slot {i} gpa={:#x} size=4K mem=buf+{:#x}\n", region(i), i * 0x1000);
+        }
+        for i in 2..=55u64 {
+            text += &format!("read 0 gpa={:#x} size=8\n", region(i));
+        }
+        text += "read 0 gpa=0x10000000 size=8\ndirty-log 1\n";
+        text += &format!("read 0 gpa={:#x} size=8\n", region(56));
+        text += "read 0 gpa=0x10000000 size=8\ndirty-log 1\n";
+        assert_eq!(dirty_logs(&text), vec![vec![0], vec![], vec![0]]);
     }
 
     /// The pages each `dirty-log` step reported, in order.
