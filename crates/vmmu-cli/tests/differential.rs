@@ -112,6 +112,9 @@ struct Stats {
     /// Dirty-log results: `pages` (a non-empty list), `empty`, or the errno.
     logs: BTreeMap<String, usize>,
     ran: usize,
+    /// Cases whose EPT/NPT run differed from KVM only in `dirty-log` pages (and that agreed
+    /// under `format=shadow`): see [`tdp_dirty_pages_differ_only`].
+    tdp_dirty: usize,
 }
 
 #[test]
@@ -185,20 +188,27 @@ fn v1_agree(strategy: proptest::strategy::BoxedStrategy<GenScenario>, mix: bool)
                 }
             }
         }
-        match compare(&sources) {
-            Verdict::Equal { .. } => Ok(()),
-            v => {
-                Err(TestCaseError::fail(VerdictLine { path: "generated", verdict: &v }.to_string()))
+        // Without guest paging too, a shadow MMU (this host's KVM) maps pages at other times than
+        // a TDP MMU: it prefetches the neighbours of a fault, and it recycles its oldest pages
+        // at its page limit; both change which reads fault, so which pages a read dirties.
+        match paging_verdict(&s, &sources) {
+            Ok(tdp_only) => {
+                stats.borrow_mut().tdp_dirty += usize::from(tdp_only);
+                Ok(())
             }
+            Err(why) => Err(TestCaseError::fail(why)),
         }
     });
     let st = stats.into_inner();
     println!(
-        "{n} cases in {:?}; KVM slot results {:?}, reads {:?}, dirty logs {:?}",
+        "{n} cases in {:?}; KVM slot results {:?}, reads {:?}, dirty logs {:?}; {} cases where \
+         the TDP side's dirty-log pages differed from KVM's (shadow paging), each checked again \
+         under format=shadow",
         started.elapsed(),
         st.results,
         st.reads,
-        st.logs
+        st.logs,
+        st.tdp_dirty
     );
     if mix && n >= 50 {
         // The generator must keep KVM busy on both paths: accepted and refused requests, reads
@@ -234,7 +244,10 @@ fn v1_agree(strategy: proptest::strategy::BoxedStrategy<GenScenario>, mix: bool)
 /// gfn once, whatever the guest's tables say: a read through a read-only guest mapping maps it
 /// writable (and marks it), and a read after a CR3 switch finds the existing leaf (and marks
 /// nothing). A shadow MMU maps per guest mapping and per root: the read-only guest PTE keeps the
-/// SPTE read-only, and the new root's first read faults and maps writable. True when the
+/// SPTE read-only, and the new root's first read faults and maps writable. With or without guest
+/// paging, a shadow MMU also prefetches the neighbours of a fault in a direct shadow page (their
+/// later reads do not fault) and recycles its oldest pages at its page limit (their later reads
+/// fault again); a TDP MMU does neither. True when the
 /// scenario's format is not shadow and the streams differ only in the pages of `dirty-log`
 /// results; the caller then requires the scenario under `format=shadow` to agree with KVM
 /// exactly. (That a TDP run never loses a page the guest wrote is the machine oracle's check,
@@ -260,7 +273,7 @@ fn tdp_dirty_pages_differ_only(
         })
 }
 
-/// The verdict on a paging scenario's streams (KVM first, then the machine): `Ok(false)` equal,
+/// The verdict on a scenario's streams (KVM first, then the machine): `Ok(false)` equal,
 /// `Ok(true)` different only as [`tdp_dirty_pages_differ_only`] allows and equal to KVM under
 /// `format=shadow`, else why not.
 fn paging_verdict(
@@ -289,8 +302,10 @@ fn paging_verdict(
 /// The two minimal scenarios the paging differential found on 2026-12-01, with what the machine
 /// under EPT (a TDP MMU) reports at their last `dirty-log`: a read through a read-only guest
 /// mapping dirties the page; a read after a CR3 switch, of a page the last collection
-/// write-protected, does not.
-const TDP_DIRTY_CASES: [(&str, &str); 2] = [
+/// write-protected, does not. And one without guest paging: pages 1 and 2, written by the host,
+/// are neighbours of the page a read maps before logging starts, which KVM's shadow MMU
+/// prefetches (so their reads after it do not fault and dirty nothing) and a TDP MMU does not.
+const TDP_DIRTY_CASES: [(&str, &str); 3] = [
     (
         "vm vcpus=1 paging=4level\nmem m0 size=0x1\nslot 0 gpa=0x10000000 size=0x1000 mem=m0 \
          flags=dirty_log\nmap space=0 gva=0x40000000 gpa=0x10000000 size=4K flags=readonly\n\
@@ -303,6 +318,13 @@ const TDP_DIRTY_CASES: [(&str, &str); 2] = [
          gva=0x40000000 gpa=0x10000000 size=4K\nwrite 0 gva=0x40000000 size=1 value=0x0\n\
          cr3 0 space=1\ndirty-log 0\nread 0 gva=0x40000000 size=1\ndirty-log 0\n",
         r#"{"step":10,"op":"dirty-log","result":"ok","pages":[]}"#,
+    ),
+    (
+        "vm\nmem buf size=32K\nhost-write buf+0x1000 size=8 value=0x1\n\
+         host-write buf+0x2000 size=8 value=0x1\nslot 1 gpa=0x10000000 size=32K mem=buf\n\
+         read 0 gpa=0x10000000 size=8\nslot 1 gpa=0x10000000 size=32K mem=buf flags=dirty_log\n\
+         read 0 gpa=0x10001000 size=8\nread 0 gpa=0x10002000 size=8\ndirty-log 1\n",
+        r#"{"step":10,"op":"dirty-log","result":"ok","pages":["0x1","0x2"]}"#,
     ),
 ];
 
