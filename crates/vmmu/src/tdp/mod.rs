@@ -86,7 +86,7 @@ pub struct TdpConfig {
     /// The most vCPUs the VM may create.
     pub max_vcpus: usize,
     /// Prefetch neighbour leaves after a 4 KiB RAM fault as KVM's legacy direct MMU does
-    /// (`direct_pte_prefetch`, [`TdpMmu::prefetch_direct`]); KVM's TDP MMU does not.
+    /// (`direct_pte_prefetch`, `TdpMmu::prefetch_direct`); KVM's TDP MMU does not.
     pub direct_prefetch: bool,
     /// Shadow paging: an MMIO fault installs its MMIO SPTE only where the shadow path to it
     /// exists already, and builds no shadow page and recycles none for it
