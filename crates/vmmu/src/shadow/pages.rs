@@ -430,8 +430,19 @@ impl ShadowState {
     ) {
         stats.mmu_shadow_zapped.add(1);
         core.stats.mmu_shadow_zapped.add(1);
-        for idx in 0..512 {
-            batch.flush |= self.drop_spte(core, id, idx);
+        // Only the entries that hold something go through `drop_spte`: most of a shadow page is
+        // not present, and `drop_spte`'s lookups per entry cost more than this scan (a zap-all
+        // of a few dozen pages spent most of its time on them).
+        let spt = self.sp(id).spt;
+        // SAFETY: the page is live (in the slab) and we hold the shadow lock, under which alone
+        // pages are committed (freed); the reference is not kept past this function.
+        let Some(table) = (unsafe { core.table(spt) }) else {
+            unreachable!("shadow page frame {spt:?} unknown to the host")
+        };
+        for (idx, e) in table.iter().enumerate() {
+            if e.load(crate::sync::Ordering::Acquire) != SpteFormat::NONPRESENT {
+                batch.flush |= self.drop_spte(core, id, idx);
+            }
         }
         let parents = core::mem::take(&mut self.sp_mut(id).parents);
         for (p, i) in parents {
