@@ -74,7 +74,7 @@ use crate::seam::{AccessKind, Errno, GuestMmu, MmuExits, SlotRequest};
 use crate::slots::SlotTable;
 use crate::timeline::{new_histogram, LatencyHistogram, Sample, Timeline};
 use crate::tlb::TlbStats;
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use hdrhistogram::Histogram;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -322,6 +322,11 @@ struct Shared<'a, M> {
     started: Instant,
     /// Per vCPU, its exits so far (`MachineConfig::timeline`).
     live: &'a [LiveExits],
+    /// Host invalidations in flight (`stress_paths`), from before the MMU's begin to after its
+    /// end: a fault there retries until the host is done, however long a loaded host makes it
+    /// (KVM's faults wait the same way), so those retries do not count towards the livelock
+    /// limit. Relaxed: a hint for the retry policy, nothing the oracle reads.
+    invalidating: &'a AtomicU32,
 }
 
 /// Wrap-trap hold handshake: idle.
@@ -461,6 +466,7 @@ impl Machine {
         let hold = AtomicU8::new(HOLD_IDLE);
         let paused = AtomicBool::new(false);
         let trap_done = AtomicBool::new(false);
+        let invalidating = AtomicU32::new(0);
         let live: Vec<LiveExits> = (0..n).map(|_| LiveExits::default()).collect();
         let l = self.layout();
         // The dummy slot aliases the shared buffer's last page, which vCPUs never use.
@@ -486,6 +492,7 @@ impl Machine {
             trap_done: &trap_done,
             started: Instant::now(),
             live: &live,
+            invalidating: &invalidating,
         };
         let started = Instant::now();
         let interval = Timeline::interval_for(cfg.duration);
@@ -827,10 +834,12 @@ fn vcpu_thread<'o, M: GuestMmu>(
 
 /// The machine's view of an access's attempts: each attempt takes its start stamp after the
 /// request poll (only the last attempt's outcome is observed, and a stamp from before earlier
-/// retries would widen its window); retries while a memslot update is in flight (odd clock) wait
-/// for it, however long a loaded host makes it, and do not count towards the livelock limit.
+/// retries would widen its window); retries while a memslot update (odd clock) or a host
+/// invalidation is in flight wait for it, however long a loaded host makes it, and do not count
+/// towards the livelock limit.
 struct Stamps<'c> {
     clock: &'c Clock,
+    invalidating: &'c AtomicU32,
     start: u64,
 }
 
@@ -841,8 +850,14 @@ impl Attempts for Stamps<'_> {
     }
     #[inline]
     fn counts(&mut self) -> bool {
-        self.clock.now() & 1 == 0
+        counts(self.clock.now(), self.invalidating)
     }
+}
+
+/// Whether a retry at clock value `now` counts towards the livelock limit ([`Stamps`]).
+#[inline]
+fn counts(now: u64, invalidating: &AtomicU32) -> bool {
+    now & 1 == 0 && invalidating.load(Ordering::Relaxed) == 0
 }
 
 /// One guest access; returns the outcome and its start and end stamps.
@@ -853,7 +868,7 @@ fn access<M: GuestMmu>(
     a: &GuestAccess,
 ) -> (Observed, u64, u64) {
     let write = c.begin(a);
-    let mut at = Stamps { clock: sh.clock, start: 0 };
+    let mut at = Stamps { clock: sh.clock, invalidating: sh.invalidating, start: 0 };
     let seen = match hw.load_store_with(a.gpa, a.width, write.then_some(a.value), &mut at) {
         Data::Ram { hva, value } => Observed::Ram { hva, value },
         Data::Mmio => mmio(sh, hw, a),
@@ -895,10 +910,10 @@ fn paged_access<M: GuestMmu>(
     let mut start = sh.clock.now();
     let store = write.then_some(a.value);
     let seen = if p.is_shadow() {
-        let clock = sh.clock;
+        let (clock, invalidating) = (sh.clock, sh.invalidating);
         let attempt = || {
             start = clock.now();
-            start & 1 == 0
+            counts(start, invalidating)
         };
         let t0 = c.sampler.start();
         match shadow_access(
@@ -930,7 +945,8 @@ fn paged_access<M: GuestMmu>(
             None => match p.walk_tdp(hw, gva, write) {
                 Err(o) => o,
                 Ok((gpa, guest_rights)) => {
-                    let mut at = Stamps { clock: sh.clock, start: 0 };
+                    let mut at =
+                        Stamps { clock: sh.clock, invalidating: sh.invalidating, start: 0 };
                     let kind = if write { AccessKind::Write } else { AccessKind::Read };
                     let seen = match hw.access_with(gpa, kind, &mut at) {
                         crate::hw_vcpu::Outcome::Ram(e) => {
@@ -1149,7 +1165,9 @@ fn host_invalidation<M: GuestMmu>(
     let b0 = buf.hva().0;
     let lo = (start.0 & !(SIZE_2M - 1)).max(b0);
     let hi = (start.0 + len).next_multiple_of(SIZE_2M).min(b0 + buf.len());
+    sh.invalidating.fetch_add(1, Ordering::Relaxed);
     if !sh.mmu.invalidate_hva_range_begin(Hva(lo), Hva(hi)) {
+        sh.invalidating.fetch_sub(1, Ordering::Relaxed);
         return false;
     }
     // No vCPU may touch the pages now: whatever they read before the end is poison.
@@ -1168,6 +1186,7 @@ fn host_invalidation<M: GuestMmu>(
         let _ = buf.write(o, Width::W8, v);
     }
     sh.mmu.invalidate_hva_range_end();
+    sh.invalidating.fetch_sub(1, Ordering::Relaxed);
     true
 }
 
