@@ -841,6 +841,25 @@ mod tests {
     }
 
     #[test]
+    fn a_shadow_replay_with_every_gib_touched_puts_its_tables_in_a_gap_and_passes() {
+        // A 2 MiB slot (aliases of one buffer) at the start of each GiB of a 36-bit host: the
+        // TDP replays passed, the shadow ones could not run (no free GiB for the guest tables).
+        let slots: String = (0..64u64)
+            .map(|i| {
+                slot(&format!("{:#x}", i << 30), "0x200000")
+                    .replace("\"id\":1", &format!("\"id\":{i}"))
+            })
+            .collect();
+        let trace = parse(&format!("{HEADER}{slots}{}", mmio("0x40200000"))).expect("trace");
+        for cfg in [ReplayConfig::new(FormatKind::Ept, true), ReplayConfig::shadow(true)] {
+            let cfg = ReplayConfig { phys_bits: 36, ..cfg };
+            let r = replay(&trace, &cfg).expect("replay");
+            assert!(r.passed(), "{}: {:?}", cfg.name(), r.oracle.first_violations);
+            assert_eq!(r.slots.applied, 64);
+        }
+    }
+
+    #[test]
     fn a_trace_from_a_48_bit_host_replays_with_its_phys_bits_and_is_refused_with_46() {
         let text =
             format!("{HEADER}{}{}", slot("0x7ff000000000", "0x4000"), mmio("0x7ff000004000"));

@@ -9,9 +9,11 @@
 //! user address of the same value under 4-level paging: it is mapped at a free region below
 //! 2^47 instead ([`IdentityTables::gva`] says where).
 //!
-//! Invariants: the tables live in a slot of the replay's own, in a 1 GiB region the trace never
-//! touches, with a slot id the trace never uses; nothing the trace does reaches them, and the
-//! replay's own accesses never go there (they stay in the touched regions).
+//! Invariants: the tables live in a slot of the replay's own, with a slot id the trace never
+//! uses, in a 1 GiB region the trace never touches (or, when every region below MAXPHYADDR is
+//! touched, in a gap between the trace's slot requests and accesses, which the identity map then
+//! covers like the rest of its region); nothing the trace does reaches them, and the replay's
+//! own accesses never go there (they stay in the trace's slots and accessed ranges).
 
 use super::parse::{EventKind, Trace};
 use crate::host::{HostBuffer, SimHost};
@@ -34,10 +36,11 @@ const TABLE: u64 = P | RW | US | A;
 /// Why the identity tables could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    /// Every 1 GiB region below MAXPHYADDR is used by the trace.
+    /// Every 1 GiB region below MAXPHYADDR is used by the trace, and no gap between its slots
+    /// and accesses holds the tables either.
     #[error(
-        "no 1 GiB region below 2^{phys_bits} is free of the trace's slots and accesses: the \
-         shadow replay has nowhere to put its guest page tables"
+        "no room below 2^{phys_bits} is free of the trace's slots and accesses: the shadow \
+         replay has nowhere to put its guest page tables (a larger --phys-bits may help)"
     )]
     NoRoom {
         /// The host MAXPHYADDR.
@@ -74,42 +77,74 @@ pub struct IdentityTables {
 /// directory per region).
 const MAX_REGIONS: usize = (MAX_TABLE_BYTES / PAGE) as usize - 1 - 512;
 
-/// The 1 GiB regions (by index) below `2^phys_bits` that `trace` touches in address space 0:
-/// those of every recorded MMIO access and of every slot request KVM could accept by its shape
-/// (page-aligned, at most `KVM_MEM_MAX_NR_PAGES` pages, below `2^phys_bits`). A request it
-/// refuses maps nothing (the run fails on the refusal anyway), and a damaged one may name
-/// ranges no table could cover.
-fn touched(trace: &Trace, phys_bits: u8) -> Result<BTreeSet<u64>, IdentityError> {
+/// The guest-physical byte ranges `[start, end)` below `2^phys_bits` that `trace` reaches in
+/// address space 0: those of every recorded MMIO access and of every slot request KVM could
+/// accept by its shape (page-aligned, at most `KVM_MEM_MAX_NR_PAGES` pages, below
+/// `2^phys_bits`). A request it refuses maps nothing (the run fails on the refusal anyway), and
+/// a damaged one may name ranges no table could cover; the replay still probes the first,
+/// middle and last page of a refused request whose start is page-aligned (they must read as
+/// MMIO), so those pages are reached too.
+fn reached(trace: &Trace, phys_bits: u8) -> Vec<(u64, u64)> {
     let limit = 1u64 << phys_bits.min(63);
-    let mut set = BTreeSet::new();
+    let mut ranges = Vec::new();
     let mut add = |start: u64, len: u64| {
-        let Some(end) = start.checked_add(len) else { return Ok(()) };
-        if len == 0 || end > limit {
-            return Ok(());
+        if let Some(end) = start.checked_add(len).filter(|&end| len > 0 && end <= limit) {
+            ranges.push((start, end));
         }
+    };
+    for e in &trace.events {
+        match e.kind {
+            EventKind::Slot(s) if s.as_id == 0 => {
+                if s.gpa % PAGE == 0 && s.size % PAGE == 0 && s.size / PAGE <= KVM_MEM_MAX_NR_PAGES
+                {
+                    add(s.gpa, s.size);
+                } else if s.gpa % PAGE == 0 && s.gpa.checked_add(s.size).is_some() {
+                    // The pages `Replay::warm_pages` probes before the request.
+                    let n = s.size / PAGE;
+                    if n > 0 {
+                        for p in [0, n / 2, n - 1] {
+                            add(s.gpa + p * PAGE, PAGE);
+                        }
+                    }
+                }
+            }
+            EventKind::Mmio(m) => add(m.gpa, m.len.max(1)),
+            _ => {}
+        }
+    }
+    ranges
+}
+
+/// The 1 GiB regions (by index) of the ranges `trace` reaches ([`reached`]).
+fn touched(trace: &Trace, phys_bits: u8) -> Result<BTreeSet<u64>, IdentityError> {
+    let mut set = BTreeSet::new();
+    for (start, end) in reached(trace, phys_bits) {
         for r in start / GIB..=(end - 1) / GIB {
             set.insert(r);
             if set.len() > MAX_REGIONS {
                 return Err(IdentityError::TooLarge(set.len()));
             }
         }
-        Ok(())
-    };
-    for e in &trace.events {
-        match e.kind {
-            EventKind::Slot(s)
-                if s.as_id == 0
-                    && s.gpa % PAGE == 0
-                    && s.size % PAGE == 0
-                    && s.size / PAGE <= KVM_MEM_MAX_NR_PAGES =>
-            {
-                add(s.gpa, s.size)?
-            }
-            EventKind::Mmio(m) => add(m.gpa, m.len.max(1))?,
-            _ => {}
-        }
     }
     Ok(set)
+}
+
+/// The lowest page-aligned guest-physical address below `2^phys_bits` where `size` bytes reach
+/// nothing of `trace` ([`reached`]): the tables' home when every 1 GiB region is touched (a
+/// trace with a slot or an access in each GiB of a small MAXPHYADDR). The home's region is then
+/// identity-mapped like the others; the replay's accesses never go there all the same.
+fn free_gap(trace: &Trace, phys_bits: u8, size: u64) -> Option<u64> {
+    let limit = 1u64 << phys_bits.min(63);
+    let mut ranges = reached(trace, phys_bits);
+    ranges.sort_unstable();
+    let mut start = 0u64;
+    for (a, b) in ranges.into_iter().chain([(limit, limit)]) {
+        if a >= start && a - start >= size {
+            return Some(start);
+        }
+        start = start.max(b.next_multiple_of(PAGE));
+    }
+    None
 }
 
 impl IdentityTables {
@@ -121,9 +156,7 @@ impl IdentityTables {
     ) -> Result<IdentityTables, IdentityError> {
         let regions = touched(trace, phys_bits)?;
         let limit = 1u64 << phys_bits.min(63);
-        let home = (0..limit / GIB)
-            .find(|i| !regions.contains(i))
-            .ok_or(IdentityError::NoRoom { phys_bits })?;
+        let free_region = (0..limit / GIB).find(|i| !regions.contains(i));
         let used: BTreeSet<u16> = trace
             .events
             .iter()
@@ -138,7 +171,8 @@ impl IdentityTables {
             .ok_or(IdentityError::NoSlotId)?;
         // Guest-virtual region of each touched region: itself when canonical, else a free one.
         let canonical = (1u64 << 47) / GIB;
-        let mut free = (0..canonical).filter(|i| !regions.contains(i) && *i != home);
+        let home_region = free_region.unwrap_or(u64::MAX);
+        let mut free = (0..canonical).filter(|i| !regions.contains(i) && *i != home_region);
         let mut moved = BTreeMap::new();
         let mut gva_region = BTreeMap::new();
         for &r in &regions {
@@ -154,10 +188,14 @@ impl IdentityTables {
         let pdpts: BTreeSet<u64> = gva_region.values().map(|v| v / 512).collect();
         let pages = 1 + pdpts.len() + regions.len();
         let size = (pages as u64 * PAGE).next_multiple_of(MIB2);
+        // A GiB of their own, or else a gap in a touched one (mapped like the rest of it).
+        let base = match free_region {
+            Some(r) => r * GIB,
+            None => free_gap(trace, phys_bits, size).ok_or(IdentityError::NoRoom { phys_bits })?,
+        };
         let buf = host
             .add_buffer("__replay_identity_tables", size)
             .map_err(|e| IdentityError::Host(e.to_string()))?;
-        let base = home * GIB;
         let write = |gpa: u64, value: u64| {
             buf.write(gpa - base, Width::W8, value).map_err(|e| IdentityError::Host(e.to_string()))
         };
@@ -272,5 +310,33 @@ mod tests {
         let host = SimHost::new(HostConfig::new(36)).expect("host");
         let e = IdentityTables::build(&trace, &host, 36).err().expect("refused");
         assert!(matches!(e, IdentityError::NoRoom { phys_bits: 36 }), "{e}");
+    }
+
+    #[test]
+    fn with_every_gib_touched_the_tables_go_to_a_gap_between_slots_and_accesses() {
+        // A 2 MiB slot at the start of each of the 64 GiB of a 36-bit host (aliases of one
+        // buffer), and an MMIO access right after the first: a valid trace the TDP replays pass.
+        // The tables had nowhere to go (NoRoom) although almost every GiB is empty.
+        let slots: Vec<String> = (0..64u16)
+            .map(|i| slot(i, &format!("{:#x}", u64::from(i) * GIB), "0x200000"))
+            .collect();
+        let mmio = "{\"t\":0.000000,\"op\":\"mmio\",\"dir\":\"read\",\"gpa\":\"0x200ff8\",\"len\":8,\"value\":\"0x0\",\"exit\":\"user\"}\n";
+        let trace = parse(&format!("{HEADER}{}{mmio}", slots.concat())).expect("trace");
+        let host = SimHost::new(HostConfig::new(36)).expect("host");
+        let t = IdentityTables::build(&trace, &host, 36).expect("tables");
+        assert_eq!(t.cr3, 0x201000, "the first page after the slot and the access");
+        assert_eq!(t.region.slot, 32763);
+        let end = t.cr3 + t.region.memory_size;
+        assert!(end <= GIB, "{end:#x}");
+    }
+
+    #[test]
+    fn pages_probed_in_a_refused_request_are_mapped() {
+        // A request KVM refuses by its shape (a size of no whole pages): the replay still probes
+        // its first page, which must read as MMIO, so the guest must map it (it page-faulted).
+        let text =
+            format!("{HEADER}{}{}", slot(0, "0x0", "0x1000"), slot(1, "0x100000000", "0x1001"));
+        let trace = parse(&text).expect("trace");
+        assert_eq!(touched(&trace, 46).expect("regions"), BTreeSet::from([0, 4]));
     }
 }
