@@ -757,7 +757,13 @@ fn shadow_guest(
     let v = mmu
         .shadow_vcpu(hw.state())
         .ok_or_else(|| ReplayError::Guest("the VM does not use the shadow MMU".into()))?;
-    let cpu = GuestCpu { mode: PagingMode::Long4, cr3: tables.cr3, ..cpu };
+    // The guest reaches every slot the shadow MMU accepts, above the host's MAXPHYADDR too.
+    let cpu = GuestCpu {
+        mode: PagingMode::Long4,
+        cr3: tables.cr3,
+        maxphyaddr: super::identity::GUEST_PHYS_BITS,
+        ..cpu
+    };
     v.set_guest_cpu(cpu).map_err(|e| ReplayError::Guest(e.to_string()))?;
     v.load_cr3(tables.cr3).map_err(|e| ReplayError::Guest(e.to_string()))?;
     let note = format!(
@@ -857,6 +863,25 @@ mod tests {
             assert!(r.passed(), "{}: {:?}", cfg.name(), r.oracle.first_violations);
             assert_eq!(r.slots.applied, 64);
         }
+    }
+
+    #[test]
+    fn the_shadow_guest_reaches_a_slot_and_an_access_above_the_hosts_maxphyaddr() {
+        // --phys-bits 36 and a slot crossing 2^36: TDP refuses it (EINVAL), the shadow MMU
+        // accepts it (2^52, facts §5.3) but its guest, with MAXPHYADDR 36 and nothing mapped
+        // above, page-faulted on the replay's probes (15 violations) and on an MMIO access there.
+        let ram = "{\"t\":0.000000,\"op\":\"slot\",\"as\":0,\"id\":0,\"flags\":[],\"gpa\":\"0x0\",\"size\":\"0x100000\",\"uaddr\":\"0x7f0000000000\"}\n";
+        let text =
+            format!("{HEADER}{ram}{}{}", slot("0xff0000000", "0x20000000"), mmio("0x1010000000"));
+        let trace = parse(&text).expect("trace");
+        let r = replay(&trace, &ReplayConfig { phys_bits: 36, ..ReplayConfig::shadow(true) })
+            .expect("replay");
+        assert!(r.passed(), "{:?} {:?}", r.oracle.first_violations, r.mmio.first_misclassified);
+        assert_eq!(r.slots.applied, 2);
+        assert_eq!(r.mmio.classified_mmio, 1);
+        let tdp = ReplayConfig { phys_bits: 36, ..ReplayConfig::new(FormatKind::Ept, true) };
+        let r = replay(&trace, &tdp).expect("replay");
+        assert_eq!(r.slots.refused, 1, "TDP maps up to the host's MAXPHYADDR only");
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! A trace carries guest-physical addresses only. Under shadow paging the MMU maps what the
 //! guest's own page tables map, so the replay's vCPU runs in long mode with an identity map:
 //! every 1 GiB region the trace touches (any slot of address space 0, deleted ones included,
-//! and any recorded MMIO access) is mapped to itself with 2 MiB pages, user and writable,
-//! accessed and dirty (so no walk writes the tables). This is what the KVM half's guest and
+//! and any recorded MMIO access, up to the shadow MMU's 2^52 whatever the host's MAXPHYADDR) is
+//! mapped to itself with 2 MiB pages, user and writable, accessed and dirty (so no walk writes
+//! the tables). This is what the KVM half's guest and
 //! version-1 scenarios on `format=shadow` do. A region at or above 2^47 has no canonical
 //! user address of the same value under 4-level paging: it is mapped at a free region below
 //! 2^47 instead ([`IdentityTables::gva`] says where).
@@ -30,6 +31,10 @@ const PAGE: u64 = 4096;
 /// At most this much memory for the tables (16383 page directories: 16 TiB mapped), so they
 /// fit in the replay host's frames for MMU tables with room to spare.
 pub const MAX_TABLE_BYTES: u64 = 64 << 20;
+/// The guest's MAXPHYADDR: the shadow MMU accepts slots up to 2^52 whatever the host's
+/// MAXPHYADDR (KVM's `kvm_mmu_max_gfn` without TDP, facts §5.3), so the guest must reach that
+/// far (a TDP replay of the same trace refuses a slot above the host's MAXPHYADDR instead).
+pub const GUEST_PHYS_BITS: u8 = 52;
 /// An intermediate entry: present, writable, user, accessed.
 const TABLE: u64 = P | RW | US | A;
 
@@ -135,10 +140,11 @@ fn touched(trace: &Trace, phys_bits: u8) -> Result<BTreeSet<u64>, IdentityError>
 /// identity-mapped like the others; the replay's accesses never go there all the same.
 fn free_gap(trace: &Trace, phys_bits: u8, size: u64) -> Option<u64> {
     let limit = 1u64 << phys_bits.min(63);
-    let mut ranges = reached(trace, phys_bits);
+    let mut ranges = reached(trace, GUEST_PHYS_BITS);
     ranges.sort_unstable();
     let mut start = 0u64;
-    for (a, b) in ranges.into_iter().chain([(limit, limit)]) {
+    let below = ranges.into_iter().filter(|&(a, _)| a < limit);
+    for (a, b) in below.chain([(limit, limit)]) {
         if a >= start && a - start >= size {
             return Some(start);
         }
@@ -148,13 +154,14 @@ fn free_gap(trace: &Trace, phys_bits: u8, size: u64) -> Option<u64> {
 }
 
 impl IdentityTables {
-    /// Builds the tables for `trace` in a new buffer of `host`, for a host of `phys_bits`.
+    /// Builds the tables for `trace` in a new buffer of `host`, for a host of `phys_bits`: they
+    /// map what the trace reaches below 2^[`GUEST_PHYS_BITS`] and live below 2^`phys_bits`.
     pub fn build(
         trace: &Trace,
         host: &SimHost,
         phys_bits: u8,
     ) -> Result<IdentityTables, IdentityError> {
-        let regions = touched(trace, phys_bits)?;
+        let regions = touched(trace, GUEST_PHYS_BITS)?;
         let limit = 1u64 << phys_bits.min(63);
         let free_region = (0..limit / GIB).find(|i| !regions.contains(i));
         let used: BTreeSet<u16> = trace
