@@ -214,8 +214,16 @@ impl Cpu<'_> {
             // Every retry counts towards the livelock limit: no update can be in flight while
             // the replay's only vCPU runs (events are applied between its accesses).
             let attempt = || true;
+            let gva = match tables.as_ref().map_or(Some(gpa), |t| t.gva(gpa)) {
+                Some(gva) => gva,
+                None => {
+                    return Outcome::Error(format!(
+                        "the shadow replay's guest maps nothing at guest-physical {gpa:#x} (no \
+                         x86 guest reaches 2^52 or above)"
+                    ))
+                }
+            };
             hw.enter_guest();
-            let gva = tables.as_ref().map_or(gpa, |t| t.gva(gpa));
             let r = match shadow_access(hw, self.host, tlb, gva, width, op, attempt) {
                 ShadowAccess::Ram { value, .. } => Outcome::Ram(value),
                 ShadowAccess::Mmio(_) => Outcome::Mmio,
@@ -882,6 +890,19 @@ mod tests {
         let tdp = ReplayConfig { phys_bits: 36, ..ReplayConfig::new(FormatKind::Ept, true) };
         let r = replay(&trace, &tdp).expect("replay");
         assert_eq!(r.slots.refused, 1, "TDP maps up to the host's MAXPHYADDR only");
+    }
+
+    #[test]
+    fn a_recorded_access_at_2_pow_52_is_no_shadow_ram_alias_of_low_memory() {
+        // No x86 guest reaches 2^52; the shadow replay's guest used it as a guest-virtual
+        // address, which the 4-level walk cut to 0: the access read as RAM of the slot at 0.
+        let text = format!("{HEADER}{}{}", slot("0x0", "0x100000"), mmio("0x10000000000000"));
+        let trace = parse(&text).expect("trace");
+        let r = replay(&trace, &ReplayConfig { phys_bits: 52, ..ReplayConfig::shadow(true) })
+            .expect("replay");
+        assert_eq!(r.mmio.misclassified, 1);
+        let seen = &r.mmio.first_misclassified[0].seen;
+        assert!(seen.contains("maps nothing") && seen.contains("2^52"), "{seen}");
     }
 
     #[test]

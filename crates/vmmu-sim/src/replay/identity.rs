@@ -71,9 +71,9 @@ pub struct IdentityTables {
     pub region: UserspaceMemoryRegion,
     /// CR3: the PML4's guest-physical address.
     pub cr3: u64,
-    /// Regions (1 GiB indices) mapped at another guest-virtual region: guest-physical region
-    /// -> guest-virtual region (those at or above 2^47).
-    moved: BTreeMap<u64, u64>,
+    /// Every mapped region (1 GiB indices): guest-physical region -> guest-virtual region
+    /// (itself below 2^47).
+    mapped: BTreeMap<u64, u64>,
     /// The host buffer (kept alive with the replay).
     _buf: Arc<HostBuffer>,
 }
@@ -180,15 +180,12 @@ impl IdentityTables {
         let canonical = (1u64 << 47) / GIB;
         let home_region = free_region.unwrap_or(u64::MAX);
         let mut free = (0..canonical).filter(|i| !regions.contains(i) && *i != home_region);
-        let mut moved = BTreeMap::new();
         let mut gva_region = BTreeMap::new();
         for &r in &regions {
             let v = if r < canonical {
                 r
             } else {
-                let v = free.next().ok_or(IdentityError::NoRoom { phys_bits })?;
-                moved.insert(r, v);
-                v
+                free.next().ok_or(IdentityError::NoRoom { phys_bits })?
             };
             gva_region.insert(r, v);
         }
@@ -230,15 +227,15 @@ impl IdentityTables {
             memory_size: size,
             userspace_addr: buf.hva().raw(),
         };
-        Ok(IdentityTables { region, cr3: base, moved, _buf: buf })
+        Ok(IdentityTables { region, cr3: base, mapped: gva_region, _buf: buf })
     }
 
-    /// The guest-virtual address that maps guest-physical `gpa` (`gpa` itself below 2^47).
-    pub fn gva(&self, gpa: u64) -> u64 {
-        match self.moved.get(&(gpa / GIB)) {
-            Some(v) => v * GIB + gpa % GIB,
-            None => gpa,
-        }
+    /// The guest-virtual address that maps guest-physical `gpa` (`gpa` itself below 2^47), or
+    /// `None` when the tables map nothing there: a region the trace does not reach, or an
+    /// address at or above 2^52, which no x86 guest reaches (as a guest-virtual address it is
+    /// not canonical, and a 4-level walk would drop its high bits and read low memory).
+    pub fn gva(&self, gpa: u64) -> Option<u64> {
+        self.mapped.get(&(gpa / GIB)).map(|v| v * GIB + gpa % GIB)
     }
 }
 
@@ -278,8 +275,10 @@ mod tests {
         let host = SimHost::new(HostConfig::new(52)).expect("host");
         let t = IdentityTables::build(&trace, &host, 52).expect("tables");
         assert_eq!(t.cr3, GIB, "GiB 0 is the trace's");
-        assert_eq!(t.gva(0x1234), 0x1234);
-        assert_eq!(t.gva(0xf000000001234), 2 * GIB + 0x1234, "GiB 1 holds the tables");
+        assert_eq!(t.gva(0x1234), Some(0x1234));
+        assert_eq!(t.gva(0xf000000001234), Some(2 * GIB + 0x1234), "GiB 1 holds the tables");
+        assert_eq!(t.gva(GIB), None, "the tables' own GiB is not mapped");
+        assert_eq!(t.gva(1 << 52), None, "no guest reaches 2^52 (it aliased 0)");
     }
 
     #[test]
