@@ -546,8 +546,21 @@ pub fn shadow_access<M: GuestMmu>(
     mut attempt: impl FnMut() -> bool,
 ) -> ShadowAccess {
     let mmu = hw.mmu();
-    if mmu.shadow_vcpu(hw.state()).is_none() {
+    let Some(v) = mmu.shadow_vcpu(hw.state()) else {
         return ShadowAccess::Error("not a shadow-paging MMU".into());
+    };
+    // The CPU raises #GP before any walk for an address its mode cannot form: not canonical
+    // (4-level), or above 4 GiB (no paging, PAE). The shadow root's walk would ignore the high
+    // bits and reach another page.
+    let formable = match v.guest_cpu().map(|c| c.mode) {
+        Some(PagingMode::Long4) => ((gva << 16) as i64 >> 16) as u64 == gva,
+        Some(PagingMode::NonPaging | PagingMode::Pae { .. }) => gva >> 32 == 0,
+        None => true,
+    };
+    if !formable {
+        return ShadowAccess::Error(format!(
+            "#GP: the guest's paging mode cannot form the address {gva:#x}"
+        ));
     }
     let need = if op.is_write() {
         vmmu::Access::WRITE.union(vmmu::Access::USER)

@@ -906,6 +906,60 @@ mod tests {
     }
 
     #[test]
+    fn the_shadow_hardware_refuses_an_address_the_guest_mode_cannot_form() {
+        // Without paging the guest forms 32-bit addresses only; an access at 4 GiB ended as
+        // MMIO at 0x100000010 instead of #GP (in long mode, the non-canonical 2^52 read the RAM
+        // at 0: the 4-level walk ignores bits 63:48).
+        let text = format!("{HEADER}{}", slot("0x0", "0x100000"));
+        let trace = parse(&text).expect("trace");
+        let cfg = ReplayConfig::shadow(true);
+        let memory = TraceMemory::new(&trace, cfg.phys_bits).expect("memory");
+        let mmu_cfg = RealMmuConfig {
+            format: FormatKind::Npt,
+            phys_bits: cfg.phys_bits,
+            mmio_caching: true,
+            vcpus: 1,
+            generation_base: 0,
+            slot_zap_all: false,
+            bugs: BugSet::NONE,
+            tdp_prefetch: false,
+            shadow_mmio_path_only: false,
+        };
+        let mmu = RealMmu::shadow(memory.host().clone(), mmu_cfg, 1).expect("mmu");
+        let mut hw = HwVcpu::with_state(&mmu, memory.host(), mmu.create_vcpu(0), 64);
+        let (tables, _) = shadow_guest(&trace, &memory, &mmu, &mut hw, &cfg).expect("guest");
+        assert!(tables.is_none(), "no paging below 4 GiB");
+        let region = UserspaceMemoryRegion {
+            slot: 1,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: 0x100000,
+            userspace_addr: memory.hva(0x7f0000000000).expect("hva"),
+        };
+        mmu.vm().set_memory_region(&region).expect("slot");
+        let mut tlb = GvaTlb::default();
+        for (gva, ram) in [(0x10, true), (FOUR_GIB + 0x10, false)] {
+            hw.enter_guest();
+            let r = shadow_access(
+                &mut hw,
+                memory.host(),
+                &mut tlb,
+                gva,
+                Width::W8,
+                RamOp::Load,
+                || true,
+            );
+            hw.exit_guest();
+            match r {
+                ShadowAccess::Ram { .. } => assert!(ram, "{gva:#x} read as RAM"),
+                ShadowAccess::Error(e) => assert!(!ram && e.contains("#GP"), "{gva:#x}: {e}"),
+                ShadowAccess::Mmio(g) => panic!("{gva:#x}: MMIO at {g}"),
+                ShadowAccess::PageFault(e) => panic!("{gva:#x}: page fault {e:#x}"),
+            }
+        }
+    }
+
+    #[test]
     fn a_trace_from_a_48_bit_host_replays_with_its_phys_bits_and_is_refused_with_46() {
         let text =
             format!("{HEADER}{}{}", slot("0x7ff000000000", "0x4000"), mmio("0x7ff000004000"));
