@@ -330,6 +330,12 @@ impl<'a, M: GuestMmu> HwVcpu<'a, M> {
         self.retries
     }
 
+    /// Counts one retry made outside [`Self::access_with`] (a shadow-paging fault the MMU asked
+    /// to retry: `machine_paging::shadow_access`), so [`Self::retries`] covers every MMU.
+    pub(crate) fn count_retry(&mut self) {
+        self.retries += 1;
+    }
+
     /// The TLB's counters.
     pub fn tlb_stats(&self) -> TlbStats {
         self.tlb.stats()

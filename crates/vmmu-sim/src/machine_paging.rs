@@ -608,7 +608,8 @@ pub fn shadow_access<M: GuestMmu>(
         v.exit_guest_mode();
         match v.handle_page_fault(Gva(gva), err) {
             Err(e) => return ShadowAccess::Error(e.to_string()),
-            Ok(FaultOutcome::Fixed | FaultOutcome::Spurious | FaultOutcome::Retry(_)) => {}
+            Ok(FaultOutcome::Fixed | FaultOutcome::Spurious) => {}
+            Ok(FaultOutcome::Retry(_)) => hw.count_retry(),
             Ok(FaultOutcome::GuestPageFault { error_code, .. }) => {
                 return ShadowAccess::PageFault(error_code.0)
             }

@@ -44,6 +44,21 @@ fn shadow_paging_with_stress_and_four_vcpus_runs_clean() {
     assert_eq!(r.oracle.violations, 0, "{:#?}", r.oracle.first_violations);
 }
 
+/// The vCPUs' retry counts under shadow paging: each fault the MMU asks to retry is a retry of
+/// the vCPU's access, as under TDP. The report said `retries 0` on every vCPU while the MMU
+/// counted thousands (host invalidations, slot updates).
+#[test]
+fn shadow_paging_counts_the_vcpus_retries() {
+    let o =
+        RunOptions { vcpus: 3, seconds: 1.0, stress_paths: true, ..opts(true, FormatKind::Npt) };
+    let r = run(o);
+    assert_eq!(r.oracle.violations, 0, "{:#?}", r.oracle.first_violations);
+    assert!(r.mmu.retries > 0, "no fault retried under stress: the test proves nothing");
+    let vcpus: u64 = r.vcpus.iter().map(|v| v.retries).sum();
+    assert!(vcpus > 0, "the MMU retried {} faults, the vCPUs counted none", r.mmu.retries);
+    assert!(vcpus <= r.mmu.retries, "vCPUs {vcpus} > MMU {}", r.mmu.retries);
+}
+
 /// An MMIO SPTE trusted without its generation: under shadow paging the BAR's and DIMM's GVAs
 /// keep exiting as MMIO after their slots are mapped.
 #[cfg(feature = "historical-bugs")]
