@@ -829,7 +829,13 @@ fn vcpu_thread<'o, M: GuestMmu>(
     }
     c.retries = hw.retries();
     c.gave_way = hw.gave_way();
-    (c, hw.tlb_stats(), checker)
+    // Under shadow paging the GVA-keyed TLB is the vCPU's only one (the GPA-keyed one only
+    // follows the MMU's flush requests).
+    let tlb = match paging.as_ref() {
+        Some(p) if p.is_shadow() => p.tlb.stats(),
+        _ => hw.tlb_stats(),
+    };
+    (c, tlb, checker)
 }
 
 /// The machine's view of an access's attempts: each attempt takes its start stamp after the

@@ -39,6 +39,7 @@ use crate::mix::{GuestAccess, MixKind};
 use crate::oracle::Observed;
 use crate::ram::{self, Width};
 use crate::seam::{GuestMmu, SlotRequest};
+use crate::tlb::TlbStats;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -142,9 +143,11 @@ pub fn tables_slot(buf: &HostBuffer) -> SlotRequest {
 /// A vCPU's TLB of guest-virtual pages: page -> (frame, rights). Under shadow paging it caches
 /// what the shadow walk found; with EPT/NPT it caches combined translations (guest walk, then
 /// second-level walk), so it must be emptied whenever the second-level TLB is
-/// ([`GvaTlb::follow`]).
+/// ([`GvaTlb::follow`]). Under shadow paging it is the vCPU's only TLB, and its counters
+/// ([`GvaTlb::stats`], kept by [`shadow_access`] and [`GvaTlb::flush`]) are what the run
+/// reports for the vCPU's TLB.
 #[derive(Default, Debug)]
-pub struct GvaTlb(HashMap<u64, (vmmu::Pfn, vmmu::Access)>, u64);
+pub struct GvaTlb(HashMap<u64, (vmmu::Pfn, vmmu::Access)>, u64, TlbStats);
 
 impl GvaTlb {
     /// Empties the TLB if the vCPU's second-level TLB was flushed since the last call
@@ -168,7 +171,13 @@ impl GvaTlb {
 
     /// Drops every entry.
     pub fn flush(&mut self) {
+        self.2.flushes += 1;
         self.0.clear();
+    }
+
+    /// Hits, misses and inserts of the shadow walks ([`shadow_access`]), and flushes.
+    pub fn stats(&self) -> TlbStats {
+        self.2
     }
 
     /// Drops the entry of `gva`'s page.
@@ -593,13 +602,19 @@ pub fn shadow_access<M: GuestMmu>(
         let page = gva & !0xfff;
         let walk = match tlb.0.get(&page) {
             Some(&(pfn, perms)) if perms.contains(need) => {
+                tlb.2.hits += 1;
                 HwWalk::Translated { pfn, level: vmmu::Level::L4K, perms }
             }
-            _ => v.walk_gva(Gva(gva), need),
+            _ => {
+                tlb.2.misses += 1;
+                let walk = v.walk_gva(Gva(gva), need);
+                if let HwWalk::Translated { pfn, perms, .. } = walk {
+                    tlb.2.inserts += 1;
+                    tlb.0.insert(page, (pfn, perms));
+                }
+                walk
+            }
         };
-        if let HwWalk::Translated { pfn, perms, .. } = walk {
-            tlb.0.insert(page, (pfn, perms));
-        }
         let err = match finish_shadow_walk(host, walk, gva, width, op) {
             Ok(ShadowWalkStep::Ram { hva, value }) => return ShadowAccess::Ram { hva, value },
             Ok(ShadowWalkStep::Fault(err)) => err,

@@ -59,6 +59,21 @@ fn shadow_paging_counts_the_vcpus_retries() {
     assert!(vcpus <= r.mmu.retries, "vCPUs {vcpus} > MMU {}", r.mmu.retries);
 }
 
+/// The report's TLB line under shadow paging counts the vCPUs' only TLB, the GVA-keyed one the
+/// shadow walk fills: it said `hits 0, misses 0, inserts 0` (the unused GPA-keyed TLB) while a
+/// vCPU made hundreds of thousands of accesses, most of them TLB hits.
+#[test]
+fn shadow_paging_reports_the_gva_tlb() {
+    let r = run(RunOptions { seconds: 1.0, ..opts(true, FormatKind::Npt) });
+    assert_eq!(r.oracle.violations, 0, "{:#?}", r.oracle.first_violations);
+    let t = r.tlb;
+    assert!(t.hits > 0 && t.misses > 0 && t.inserts > 0 && t.flushes > 0, "{t:?}");
+    assert!(t.inserts <= t.misses, "{t:?}");
+    let mut sum = vmmu_sim::tlb::TlbStats::default();
+    r.vcpus.iter().for_each(|v| sum.add(&v.tlb));
+    assert_eq!(sum, t);
+}
+
 /// An MMIO SPTE trusted without its generation: under shadow paging the BAR's and DIMM's GVAs
 /// keep exiting as MMIO after their slots are mapped.
 #[cfg(feature = "historical-bugs")]
