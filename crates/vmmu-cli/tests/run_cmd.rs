@@ -63,6 +63,7 @@ fn bad_arguments_exit_2_with_a_message() {
         &["run", "--format", "vmx"],
         &["run", "--inject", "no-such-bug"],
         &["run", "--wrap-trap", "--near-wrap"],
+        &["run", "--churn", "0"],
     ] {
         let out = vmmu(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");

@@ -99,6 +99,9 @@ pub enum OptionsError {
     /// `--phys-bits` out of range.
     #[error("--phys-bits {0}: x86 MAXPHYADDR must be 36 to 52")]
     PhysBits(u8),
+    /// `--churn 0`: the run would stop before its first memslot update.
+    #[error("--churn 0: a churn run stops after its N-th memslot update; give at least 1")]
+    Churn,
     /// `--wrap-trap` with `--near-wrap`.
     #[error("--wrap-trap and --near-wrap exclude each other")]
     WrapTrapNearWrap,
@@ -145,6 +148,9 @@ impl RunOptions {
         }
         if !(36..=52).contains(&self.phys_bits) {
             return Err(OptionsError::PhysBits(self.phys_bits));
+        }
+        if self.churn == Some(0) {
+            return Err(OptionsError::Churn);
         }
         if self.wrap_trap && (self.shadow || self.guest_paging) {
             return Err(OptionsError::WrapTrapPaging);
@@ -254,6 +260,8 @@ mod tests {
         assert_eq!(o.validate(), Err(OptionsError::Seconds(0.0)));
         let o = RunOptions { wrap_trap: true, near_wrap: true, ..RunOptions::default() };
         assert_eq!(o.validate(), Err(OptionsError::WrapTrapNearWrap));
+        let o = RunOptions { churn: Some(0), ..RunOptions::default() };
+        assert_eq!(o.validate(), Err(OptionsError::Churn));
         assert!(parse_seconds("x").is_err_and(|e| e.contains("not a number")));
         assert!(parse_seconds("0").is_err_and(|e| e.contains("above 0")));
         assert_eq!(parse_seconds("0.5"), Ok(0.5));
