@@ -209,7 +209,8 @@ impl RunArgs {
     /// The options as given, for the HTML report.
     fn flags(&self) -> Vec<(&'static str, String)> {
         let o = &self.opts;
-        let updates = if self.churn.is_some() || o.stress_paths || self.wrap_trap {
+        let implied = self.churn.is_some() || o.stress_paths || self.wrap_trap;
+        let updates = if implied || self.inject.is_some() {
             "steady (implied)".to_string()
         } else {
             format!("{:?}", o.updates).to_lowercase()
@@ -578,6 +579,21 @@ mod tests {
         assert_eq!(fences(&[]), ReaderFenceKind::Full);
         assert_eq!(fences(&["--reader-fences", "membarrier"]), ReaderFenceKind::Membarrier);
         assert!(parse(&["--reader-fences", "none"]).is_err());
+    }
+
+    #[test]
+    fn the_report_names_every_option_that_implies_steady_updates() {
+        let updates = |args: &[&str]| {
+            let a = parse(args).expect("flags");
+            a.flags().into_iter().find(|(k, _)| *k == "--updates").map(|(_, v)| v)
+        };
+        assert_eq!(updates(&[]).as_deref(), Some("boot"));
+        assert_eq!(updates(&["--updates", "steady"]).as_deref(), Some("steady"));
+        for implies in
+            [&["--churn", "5"][..], &["--stress-paths"], &["--wrap-trap"], &["--inject", "x"]]
+        {
+            assert_eq!(updates(implies).as_deref(), Some("steady (implied)"), "{implies:?}");
+        }
     }
 
     #[test]
