@@ -403,10 +403,7 @@ impl Replay<'_> {
         if let Some(o) = old {
             pages.extend([o.gpa, o.gpa + o.size - PAGE_SIZE]);
         }
-        let n = s.size / PAGE_SIZE;
-        if n > 0 && s.gpa % PAGE_SIZE == 0 && s.gpa.checked_add(s.size).is_some() {
-            pages.extend([0, n / 2, n - 1].map(|p| s.gpa + p * PAGE_SIZE));
-        }
+        pages.extend(requested_pages(s).into_iter().flatten());
         pages.dedup();
         pages
     }
@@ -608,6 +605,15 @@ impl Replay<'_> {
             None => {}
         }
     }
+}
+
+/// The first, middle and last page of the range slot request `s` names, which the replay
+/// probes around the request (`Replay::warm_pages`), whether or not the core accepts it; none
+/// for an empty range, an unaligned start or a range past 2^64.
+pub(super) fn requested_pages(s: &SlotEvent) -> Option<[u64; 3]> {
+    let n = s.size / PAGE_SIZE;
+    (n > 0 && s.gpa % PAGE_SIZE == 0 && s.gpa.checked_add(s.size).is_some())
+        .then(|| [0, n / 2, n - 1].map(|p| s.gpa + p * PAGE_SIZE))
 }
 
 /// Replays `trace` under `cfg` and reports.

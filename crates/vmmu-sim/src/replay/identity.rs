@@ -16,6 +16,7 @@
 //! covers like the rest of its region); nothing the trace does reaches them, and the replay's
 //! own accesses never go there (they stay in the trace's slots and accessed ranges).
 
+use super::engine::requested_pages;
 use super::parse::{EventKind, Trace};
 use crate::host::{HostBuffer, SimHost};
 use crate::ram::Width;
@@ -103,13 +104,10 @@ fn reached(trace: &Trace, phys_bits: u8) -> Vec<(u64, u64)> {
                 if s.gpa % PAGE == 0 && s.size % PAGE == 0 && s.size / PAGE <= KVM_MEM_MAX_NR_PAGES
                 {
                     add(s.gpa, s.size);
-                } else if s.gpa % PAGE == 0 && s.gpa.checked_add(s.size).is_some() {
-                    // The pages `Replay::warm_pages` probes before the request.
-                    let n = s.size / PAGE;
-                    if n > 0 {
-                        for p in [0, n / 2, n - 1] {
-                            add(s.gpa + p * PAGE, PAGE);
-                        }
+                } else {
+                    // The pages the replay probes before the request all the same.
+                    for p in requested_pages(&s).into_iter().flatten() {
+                        add(p, PAGE);
                     }
                 }
             }
@@ -120,10 +118,10 @@ fn reached(trace: &Trace, phys_bits: u8) -> Vec<(u64, u64)> {
     ranges
 }
 
-/// The 1 GiB regions (by index) of the ranges `trace` reaches ([`reached`]).
-fn touched(trace: &Trace, phys_bits: u8) -> Result<BTreeSet<u64>, IdentityError> {
+/// The 1 GiB regions (by index) of the ranges a trace reaches ([`reached`]).
+fn touched(ranges: &[(u64, u64)]) -> Result<BTreeSet<u64>, IdentityError> {
     let mut set = BTreeSet::new();
-    for (start, end) in reached(trace, phys_bits) {
+    for &(start, end) in ranges {
         for r in start / GIB..=(end - 1) / GIB {
             set.insert(r);
             if set.len() > MAX_REGIONS {
@@ -135,12 +133,13 @@ fn touched(trace: &Trace, phys_bits: u8) -> Result<BTreeSet<u64>, IdentityError>
 }
 
 /// The lowest page-aligned guest-physical address below `2^phys_bits` where `size` bytes reach
-/// nothing of `trace` ([`reached`]): the tables' home when every 1 GiB region is touched (a
-/// trace with a slot or an access in each GiB of a small MAXPHYADDR). The home's region is then
-/// identity-mapped like the others; the replay's accesses never go there all the same.
-fn free_gap(trace: &Trace, phys_bits: u8, size: u64) -> Option<u64> {
+/// none of the `ranges` a trace reaches ([`reached`]): the tables' home when every 1 GiB region
+/// is touched (a trace with a slot or an access in each GiB of a small MAXPHYADDR). The home's
+/// region is then identity-mapped like the others; the replay's accesses never go there all
+/// the same.
+fn free_gap(ranges: &[(u64, u64)], phys_bits: u8, size: u64) -> Option<u64> {
     let limit = 1u64 << phys_bits.min(63);
-    let mut ranges = reached(trace, GUEST_PHYS_BITS);
+    let mut ranges = ranges.to_vec();
     ranges.sort_unstable();
     let mut start = 0u64;
     let below = ranges.into_iter().filter(|&(a, _)| a < limit);
@@ -161,7 +160,8 @@ impl IdentityTables {
         host: &SimHost,
         phys_bits: u8,
     ) -> Result<IdentityTables, IdentityError> {
-        let regions = touched(trace, GUEST_PHYS_BITS)?;
+        let ranges = reached(trace, GUEST_PHYS_BITS);
+        let regions = touched(&ranges)?;
         let limit = 1u64 << phys_bits.min(63);
         let free_region = (0..limit / GIB).find(|i| !regions.contains(i));
         let used: BTreeSet<u16> = trace
@@ -195,7 +195,9 @@ impl IdentityTables {
         // A GiB of their own, or else a gap in a touched one (mapped like the rest of it).
         let base = match free_region {
             Some(r) => r * GIB,
-            None => free_gap(trace, phys_bits, size).ok_or(IdentityError::NoRoom { phys_bits })?,
+            None => {
+                free_gap(&ranges, phys_bits, size).ok_or(IdentityError::NoRoom { phys_bits })?
+            }
         };
         let buf = host
             .add_buffer("__replay_identity_tables", size)
@@ -295,7 +297,7 @@ mod tests {
         let t = IdentityTables::build(&trace, &host, 46).expect("tables");
         assert_eq!(t.cr3, GIB);
         // 4 TiB is above MAXPHYADDR 36: nothing there either.
-        assert_eq!(touched(&trace, 36).expect("regions"), BTreeSet::from([0]));
+        assert_eq!(touched(&reached(&trace, 36)).expect("regions"), BTreeSet::from([0]));
     }
 
     #[test]
@@ -304,7 +306,7 @@ mod tests {
             .map(|i| slot(i, &format!("{:#x}", u64::from(i) << 43), "0x7fffffff000"))
             .collect();
         let trace = parse(&format!("{HEADER}{}", slots.concat())).expect("trace");
-        let e = touched(&trace, 52).expect_err("refused");
+        let e = touched(&reached(&trace, 52)).expect_err("refused");
         assert!(matches!(e, IdentityError::TooLarge(_)), "{e}");
     }
 
@@ -343,6 +345,6 @@ mod tests {
         let text =
             format!("{HEADER}{}{}", slot(0, "0x0", "0x1000"), slot(1, "0x100000000", "0x1001"));
         let trace = parse(&text).expect("trace");
-        assert_eq!(touched(&trace, 46).expect("regions"), BTreeSet::from([0, 4]));
+        assert_eq!(touched(&reached(&trace, 46)).expect("regions"), BTreeSet::from([0, 4]));
     }
 }
