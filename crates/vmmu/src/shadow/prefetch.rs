@@ -32,7 +32,7 @@ use crate::guest::pte::{self, RsvdMasks, TableFormat};
 use crate::guest::{GuestCpu, GuestPteMemory, PagingMode};
 use crate::host::{Host, HostMemory};
 use crate::invalidate::Invalidation;
-use crate::memslot::MemslotSet;
+use crate::memslot::{Memslot, MemslotSet};
 use crate::spte::SpteFormat;
 use crate::tdp::TdpMmu;
 use crate::types::{Access, Gfn, Gpa, Level};
@@ -67,34 +67,20 @@ pub(crate) fn prefetch<H: Host>(
     }
     let first = idx & !(PREFETCH_NUM - 1);
     if role.direct() {
-        let base = st.sp(sp).gfn;
-        let mut start = None;
-        for j in first..first + PREFETCH_NUM {
-            if j == idx || present(core, st, sp, j) {
-                if let Some(s) = start.take() {
-                    let gfn = Gfn(base.raw() + s as u64);
-                    if run(core, st, sp, s, j - s, gfn, role.access(), ctx, batch) == 0 {
-                        return;
-                    }
-                }
-            } else if start.is_none() {
-                start = Some(j);
-            }
-        }
-        if let Some(s) = start {
-            let end = first + PREFETCH_NUM;
-            let _ = run(
-                core,
-                st,
-                sp,
-                s,
-                end - s,
-                Gfn(base.raw() + s as u64),
-                role.access(),
-                ctx,
-                batch,
-            );
-        }
+        let base = st.sp(sp).gfn.raw();
+        let spt = st.sp(sp).spt;
+        // SAFETY: the page is live (in the slab) and we hold the shadow lock, under which alone
+        // pages are committed (freed); the reference is not kept past this function.
+        let Some(table) = (unsafe { core.table(spt) }) else {
+            unreachable!("shadow page frame {spt:?} unknown to the host")
+        };
+        let present = |j: u64| {
+            SpteFormat::is_mmu_present(table[j as usize].load(crate::sync::Ordering::Acquire))
+        };
+        direct_runs(idx as u64, present, |s, n| {
+            let gfn = Gfn(base + s);
+            run(core, st, sp, s as usize, n as usize, gfn, role.access(), ctx, batch) as u64
+        });
         return;
     }
     let format = match ctx.cpu.mode {
@@ -128,6 +114,45 @@ pub(crate) fn prefetch<H: Host>(
     }
 }
 
+/// KVM `__direct_pte_prefetch`'s walk of the 8-aligned group around entry `fault` (numbered as
+/// the caller likes: a table index, a gfn): each run of entries that are neither `fault` nor
+/// `present` goes to `run(start, len)`, in order, and a run that makes no leaf ends the walk.
+/// The shadow MMU's direct pages and the TDP MMU's legacy prefetch
+/// ([`crate::vm::VmConfig::tdp_prefetch`]) both walk this way.
+pub(crate) fn direct_runs(
+    fault: u64,
+    present: impl Fn(u64) -> bool,
+    mut run: impl FnMut(u64, u64) -> u64,
+) {
+    let group = PREFETCH_NUM as u64;
+    let first = fault & !(group - 1);
+    let mut start = None;
+    for j in first..first + group {
+        if j == fault || present(j) {
+            if let Some(s) = start.take() {
+                if run(s, j - s) == 0 {
+                    return;
+                }
+            }
+        } else if start.is_none() {
+            start = Some(j);
+        }
+    }
+    if let Some(s) = start {
+        let _ = run(s, first + group - s);
+    }
+}
+
+/// The slot a prefetch run of `n` frames from `gfn` may take them from (KVM
+/// `kvm_mmu_prefetch_sptes`' checks): visible and not being deleted, not read-only, not
+/// dirty-logged when the rights include W (`write`), and holding all `n` frames.
+pub(crate) fn run_slot(set: &MemslotSet, gfn: Gfn, n: u64, write: bool) -> Option<&Memslot> {
+    let slot = set.find(gfn).filter(|s| !s.is_invalid())?;
+    let refused = slot.is_readonly() || (write && slot.dirty_logging());
+    let usable = !refused && slot.end_gfn().raw() - gfn.raw() >= n;
+    usable.then_some(slot)
+}
+
 /// Whether SPTE `j` of `sp` is present (an MMIO SPTE is not).
 fn present<H: Host>(core: &TdpMmu<H>, st: &ShadowState, sp: SpId, j: usize) -> bool {
     SpteFormat::is_mmu_present(st.entry(core, sp, j).load(crate::sync::Ordering::Acquire))
@@ -147,14 +172,8 @@ fn run<H: Host>(
     ctx: &PrefetchCtx<'_>,
     batch: &mut ZapBatch,
 ) -> usize {
-    let Some(slot) = ctx.set.find(gfn).filter(|s| !s.is_invalid()) else { return 0 };
     let write = access.contains(Access::WRITE);
-    if (write && slot.dirty_logging()) || slot.is_readonly() {
-        return 0;
-    }
-    if slot.end_gfn().raw() - gfn.raw() < n as u64 {
-        return 0;
-    }
+    let Some(slot) = run_slot(ctx.set, gfn, n as u64, write) else { return 0 };
     let as_id = st.sp(sp).role.as_id();
     let host: &dyn HostMemory = &*core.host;
     let mut made = 0;

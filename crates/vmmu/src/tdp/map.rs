@@ -196,8 +196,8 @@ impl<H: Host> TdpMmu<H> {
         set: &crate::memslot::MemslotSet,
         who: StripeKey,
     ) {
+        use crate::shadow::prefetch::{direct_runs, run_slot};
         use crate::types::Gfn;
-        const GROUP: u64 = crate::shadow::prefetch::PREFETCH_NUM as u64;
         if !self.cfg.direct_prefetch || self.inval.in_progress() != 0 {
             return;
         }
@@ -221,19 +221,15 @@ impl<H: Host> TdpMmu<H> {
                 None => return,
             };
         };
-        let first = gfn.raw() & !(GROUP - 1);
         let present = |g: u64| {
             SpteFormat::is_mmu_present(table[Level::L4K.index(Gfn(g))].load(Ordering::Acquire))
         };
-        // One run `start..end`: how many leaves it made.
-        let run = |start: u64, end: u64| -> u64 {
-            let Some(slot) = set.find(Gfn(start)).filter(|s| !s.is_invalid()) else { return 0 };
-            if slot.dirty_logging() || slot.is_readonly() || slot.end_gfn().raw() < end {
-                return 0;
-            }
+        // One run of `n` gfns from `start` (writable leaves): how many leaves it made.
+        let run = |start: u64, n: u64| -> u64 {
+            let Some(slot) = run_slot(set, Gfn(start), n, true) else { return 0 };
             let host: &dyn crate::host::HostMemory = &*self.host;
             let mut made = 0;
-            for g in start..end {
+            for g in start..start + n {
                 let Some(frame) = host.translate_mapped_writable(slot.hva_of(Gfn(g))) else {
                     break;
                 };
@@ -250,20 +246,6 @@ impl<H: Host> TdpMmu<H> {
             }
             made
         };
-        let mut start = None;
-        for g in first..first + GROUP {
-            if g == gfn.raw() || present(g) {
-                if let Some(s) = start.take() {
-                    if run(s, g) == 0 {
-                        return;
-                    }
-                }
-            } else if start.is_none() {
-                start = Some(g);
-            }
-        }
-        if let Some(s) = start {
-            let _ = run(s, first + GROUP);
-        }
+        direct_runs(gfn.raw(), present, run);
     }
 }
