@@ -161,12 +161,7 @@ pub fn run(trace: &Trace) -> KvmReport {
                 let slot = (u32::from(as_id) << 16) | u32::from(id);
                 let result = match e.kind {
                     EventKind::ClearDirtyLog { first_page, num_pages, .. } => {
-                        match u32::try_from(num_pages) {
-                            Ok(n) => {
-                                vm.clear_dirty_log(slot, first_page, n, sizes.get(&slot).copied())
-                            }
-                            Err(_) => Err("num_pages does not fit 32 bits".to_string()),
-                        }
+                        vm.clear_dirty_log(slot, first_page, num_pages, sizes.get(&slot).copied())
                     }
                     _ => match sizes.get(&slot) {
                         Some(&size) => vm.get_dirty_log(slot, size),

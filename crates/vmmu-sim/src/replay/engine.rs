@@ -572,16 +572,13 @@ impl Replay<'_> {
 
     /// One dirty-log call, applied to the core: a GET, or (`clear = Some((first, count))`) a
     /// CLEAR with every bit of the range set (the recorded bitmap is not in the trace).
-    fn dirty_log(&mut self, line: usize, as_id: u16, id: u16, clear: Option<(u64, u64)>) {
+    fn dirty_log(&mut self, line: usize, as_id: u16, id: u16, clear: Option<(u64, u32)>) {
         let logged = self.live.get(&(as_id, id)).is_some_and(|l| l.dirty_log);
         let slot = (u32::from(as_id) << 16) | u32::from(id);
         let result = match clear {
             Some((first, count)) => {
                 self.report.dirty_log.clear += 1;
-                match u32::try_from(count) {
-                    Ok(n) => self.mmu.clear_dirty_log(slot, first, n, None).map(|r| r.map(|()| 0)),
-                    Err(_) => Some(Err("EINVAL (num_pages above 32 bits)".into())),
-                }
+                self.mmu.clear_dirty_log(slot, first, count, None).map(|r| r.map(|()| 0))
             }
             None => {
                 self.report.dirty_log.get += 1;

@@ -4,9 +4,11 @@
 //! The reader is strict, as the contract asks: keys in the order the contract shows and no others,
 //! `t` with exactly six decimals and never decreasing, lowercase hex without leading zeros, known
 //! `op`s only, MMIO accesses of 1 to [`MAX_MMIO_LEN`] bytes that do not cross a 4 KiB page (see
-//! [`MAX_MMIO_LEN`] for why not only 1, 2, 4 and 8), and a summary
-//! (when present) that is the last line and whose `events` counts match the file. Every error
-//! names the 1-based line it was found on.
+//! [`MAX_MMIO_LEN`] for why not only 1, 2, 4 and 8), a `null` MMIO value only for a read with
+//! `"exit":"user"` (the one kind the kit leaves without a value), `num_pages` within the ioctl's
+//! `u32`, and a summary (when present) that is the last line, has `op` first and otherwise only
+//! keys of the contract's table (any subset, each once, each of its type), and whose `events`
+//! counts name v1 kinds and match the file. Every error names the 1-based line it was found on.
 
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
@@ -54,6 +56,18 @@ pub enum ParseErrorKind {
         what: String,
         /// The keys the contract shows.
         expected: String,
+        /// The keys found.
+        found: String,
+    },
+    /// The summary's keys are not `op` first, then known keys once each.
+    #[error(
+        "summary: {problem} (keys: \"op\" first, then any of {allowed}, each once; found {found})"
+    )]
+    SummaryKeys {
+        /// What is wrong.
+        problem: String,
+        /// The keys a summary may have after `op`.
+        allowed: String,
         /// The keys found.
         found: String,
     },
@@ -184,8 +198,8 @@ pub enum EventKind {
         id: u16,
         /// First page, from the slot's start.
         first_page: u64,
-        /// Pages.
-        num_pages: u64,
+        /// Pages (`num_pages` of `struct kvm_clear_dirty_log`, a `u32`).
+        num_pages: u32,
     },
     /// `kvm` with `event` `zap_all_fast`: the recording KVM's `kvm_mmu_zap_all_fast`.
     KvmZapAllFast,
@@ -316,6 +330,14 @@ impl<'a> Ordered<'a> {
         u16::try_from(v).map_err(|_| field(key, format!("{v} does not fit 16 bits")))
     }
 
+    /// A `u32` field of an ioctl struct (`num_pages` of `struct kvm_clear_dirty_log`).
+    fn u32(&self, key: &'static str) -> Result<u32, ParseErrorKind> {
+        let v = self.int(key)?;
+        u32::try_from(v).map_err(|_| {
+            field(key, format!("{v} does not fit 32 bits (the ioctl's field is a u32)"))
+        })
+    }
+
     fn hex(&self, key: &'static str) -> Result<u64, ParseErrorKind> {
         parse_hex(&self.string(key)?).map_err(|p| field(key, p))
     }
@@ -412,8 +434,24 @@ fn parse_event(o: &Ordered<'_>, op: &str) -> Result<EventKind, ParseErrorKind> {
             if (gpa & 0xfff) + len > 0x1000 {
                 return Err(ParseErrorKind::CrossesPage { gpa, len });
             }
+            let exit = match o.string("exit")?.as_str() {
+                "user" => Exit::User,
+                "kernel" => Exit::Kernel,
+                e => {
+                    return Err(field("exit", format!("{e:?} is neither \"user\" nor \"kernel\"")))
+                }
+            };
             let value = match o.raw("value")? {
-                "null" if dir == Dir::Read => None,
+                // Only a read that exited to the VMM can be left without a value (the VMM
+                // stopped before completing it); the kernel completes its own reads.
+                "null" if dir == Dir::Read && exit == Exit::User => None,
+                "null" if dir == Dir::Read => {
+                    return Err(field(
+                        "value",
+                        "null is allowed only for a read with \"exit\":\"user\" (one the VMM \
+                         never completed); a read the kernel served has its value",
+                    ))
+                }
                 "null" => return Err(field("value", "null is allowed for reads only")),
                 _ => {
                     let v = o.hex("value")?;
@@ -421,13 +459,6 @@ fn parse_event(o: &Ordered<'_>, op: &str) -> Result<EventKind, ParseErrorKind> {
                         return Err(field("value", format!("{v:#x} has more than {len} bytes")));
                     }
                     Some(v)
-                }
-            };
-            let exit = match o.string("exit")?.as_str() {
-                "user" => Exit::User,
-                "kernel" => Exit::Kernel,
-                e => {
-                    return Err(field("exit", format!("{e:?} is neither \"user\" nor \"kernel\"")))
                 }
             };
             EventKind::Mmio(MmioEvent { dir, gpa, len, value, exit })
@@ -442,7 +473,7 @@ fn parse_event(o: &Ordered<'_>, op: &str) -> Result<EventKind, ParseErrorKind> {
                 as_id: o.u16("as")?,
                 id: o.u16("id")?,
                 first_page: o.int("first_page")?,
-                num_pages: o.int("num_pages")?,
+                num_pages: o.u32("num_pages")?,
             }
         }
         "kvm" => {
@@ -461,17 +492,103 @@ fn parse_event(o: &Ordered<'_>, op: &str) -> Result<EventKind, ParseErrorKind> {
     })
 }
 
+/// The keys a summary line may have (`traces.md`, "summary"), `op` first.
+const SUMMARY_KEYS: [&str; 13] = [
+    "op",
+    "span",
+    "events",
+    "kernel_mmio_dropped",
+    "lost_events",
+    "vcpu_threads",
+    "userspace_exits",
+    "pio_exits",
+    "pio_accesses",
+    "pio",
+    "kvm_counted",
+    "other_events",
+    "anomalies",
+];
+
+/// The event kinds of v1, as the summary's `events` names them.
+const EVENT_OPS: [&str; 5] = ["slot", "mmio", "get-dirty-log", "clear-dirty-log", "kvm"];
+
+/// A summary value that must be an object of non-negative integer counts.
+fn counts(o: &Ordered<'_>, key: &'static str) -> Result<BTreeMap<String, u64>, ParseErrorKind> {
+    serde_json::from_str(o.raw(key)?).map_err(|_| {
+        field(key, "must be an object of non-negative integer counts ({\"name\":N,...})")
+    })
+}
+
+/// Checks the summary line and the parts a replayer uses. Keys: `op` first, each at most once,
+/// only those the contract's table names (any subset: a hand-written trace may give only
+/// `events`); each of the type the table gives; `events` names v1 kinds only and its counts
+/// match the file.
 fn parse_summary(o: &Ordered<'_>, events: &[Event]) -> Result<Summary, ParseErrorKind> {
+    let keys = o.keys();
+    let bad_keys = |problem: String| ParseErrorKind::SummaryKeys {
+        problem,
+        allowed: SUMMARY_KEYS[1..].join(","),
+        found: keys.join(","),
+    };
+    if keys.first() != Some(&"op") {
+        return Err(bad_keys("\"op\" is not first".into()));
+    }
+    for (i, k) in keys.iter().enumerate() {
+        if !SUMMARY_KEYS.contains(k) {
+            return Err(bad_keys(format!("{k:?} is not a summary key")));
+        }
+        if keys[..i].contains(k) {
+            return Err(bad_keys(format!("{k:?} is given twice")));
+        }
+    }
+    let present = |key: &str| keys.contains(&key);
     let get = |key: &'static str| -> Result<u64, ParseErrorKind> {
-        match o.raw(key) {
-            Ok(_) => o.int(key),
-            Err(_) => Ok(0),
+        if present(key) {
+            o.int(key)
+        } else {
+            Ok(0)
         }
     };
-    if let Ok(raw) = o.raw("events") {
-        let counts: BTreeMap<String, u64> = serde_json::from_str(raw)
-            .map_err(|_| field("events", "must be an object of counts"))?;
-        for (op, want) in counts {
+    if present("span") {
+        let raw = o.raw("span")?;
+        let ok = raw.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+            && serde_json::from_str::<f64>(raw).is_ok();
+        if !ok {
+            return Err(field(
+                "span",
+                format!("must be non-negative seconds (14.371771), not {raw}"),
+            ));
+        }
+    }
+    for key in ["pio_exits", "pio_accesses"] {
+        get(key)?;
+    }
+    for key in ["userspace_exits", "kvm_counted", "other_events", "anomalies"] {
+        if present(key) {
+            counts(o, key)?;
+        }
+    }
+    if present("pio") {
+        let per_port: Result<BTreeMap<String, BTreeMap<String, u64>>, _> =
+            serde_json::from_str(o.raw("pio")?);
+        if per_port.is_err() {
+            return Err(field(
+                "pio",
+                "must be an object of ports, each an object of counts ({\"0x70\":{\"read\":N,\"write\":N},...})",
+            ));
+        }
+    }
+    if present("events") {
+        for (op, want) in counts(o, "events")? {
+            if !EVENT_OPS.contains(&op.as_str()) {
+                return Err(field(
+                    "events",
+                    format!(
+                        "counts kind {op:?}, which v1 does not have ({})",
+                        EVENT_OPS.join(", ")
+                    ),
+                ));
+            }
             let have = events.iter().filter(|e| e.kind.op() == op).count() as u64;
             if have != want {
                 return Err(ParseErrorKind::CountMismatch { op, want, have });
@@ -683,6 +800,58 @@ mod tests {
         let s1 = "{\"op\":\"summary\",\"events\":{\"kvm\":1}}";
         assert!(parse(&format!("{H}{k}\n{s1}\n")).is_ok());
         assert_eq!(parse(&format!("{H}{k}\n{s1}\n{k}\n")).expect_err("after").line, 4);
+    }
+
+    #[test]
+    fn a_null_value_is_a_read_the_vmm_never_completed() {
+        let m = |exit: &str| {
+            format!("{{\"t\":0.000000,\"op\":\"mmio\",\"dir\":\"read\",\"gpa\":\"0xfebf0000\",\"len\":1,\"value\":null,\"exit\":\"{exit}\"}}")
+        };
+        let t = one(&m("user")).expect("an uncompleted user read");
+        assert!(matches!(t.events[0].kind, EventKind::Mmio(MmioEvent { value: None, .. })));
+        // The kernel completes the reads it serves: a null value there is not what the kit writes.
+        let e = one(&m("kernel")).expect_err("kernel read without a value");
+        assert_eq!(e.line, 2);
+        assert!(e.kind.to_string().contains("\"exit\":\"user\""), "{e}");
+    }
+
+    #[test]
+    fn num_pages_is_the_ioctls_u32() {
+        let c = |n: u64| {
+            format!("{{\"t\":0.000000,\"op\":\"clear-dirty-log\",\"as\":0,\"id\":3,\"first_page\":0,\"num_pages\":{n}}}")
+        };
+        let t = one(&c(u64::from(u32::MAX))).expect("u32::MAX pages");
+        assert!(matches!(t.events[0].kind, EventKind::ClearDirtyLog { num_pages: u32::MAX, .. }));
+        let e = one(&c(1 << 32)).expect_err("2^32 pages");
+        assert_eq!(e.line, 2);
+        assert!(e.kind.to_string().contains("does not fit 32 bits"), "{e}");
+    }
+
+    #[test]
+    fn summary_keys_and_types_are_checked() {
+        let k = "{\"t\":0.000000,\"op\":\"kvm\",\"event\":\"zap_all_fast\"}";
+        let full = "{\"op\":\"summary\",\"span\":14.371771,\"events\":{\"slot\":0,\"mmio\":0,\"get-dirty-log\":0,\"clear-dirty-log\":0,\"kvm\":1},\
+            \"kernel_mmio_dropped\":0,\"lost_events\":0,\"vcpu_threads\":1,\"userspace_exits\":{\"KVM_EXIT_IO\":9079,\"restart\":2},\
+            \"pio_exits\":9079,\"pio_accesses\":9197,\"pio\":{\"0x70\":{\"read\":352,\"write\":29}},\"kvm_counted\":{},\"other_events\":{},\"anomalies\":{}}";
+        assert!(parse(&format!("{H}{k}\n{full}\n")).is_ok());
+        for (summary, want) in [
+            ("{\"events\":{\"kvm\":1},\"op\":\"summary\"}", "\"op\" is not first"),
+            ("{\"op\":\"summary\",\"op\":\"summary\"}", "given twice"),
+            ("{\"op\":\"summary\",\"lost_events\":0,\"lost_events\":3}", "given twice"),
+            ("{\"op\":\"summary\",\"t\":0.000000}", "\"t\" is not a summary key"),
+            ("{\"op\":\"summary\",\"span\":\"14\"}", "non-negative seconds"),
+            ("{\"op\":\"summary\",\"span\":-1.0}", "non-negative seconds"),
+            ("{\"op\":\"summary\",\"events\":{\"kvm\":1,\"frob\":0}}", "\"frob\""),
+            ("{\"op\":\"summary\",\"events\":[1]}", "counts"),
+            ("{\"op\":\"summary\",\"pio_exits\":1.5}", "integer"),
+            ("{\"op\":\"summary\",\"anomalies\":[]}", "counts"),
+            ("{\"op\":\"summary\",\"userspace_exits\":{\"KVM_EXIT_IO\":-1}}", "counts"),
+            ("{\"op\":\"summary\",\"pio\":{\"0x70\":3}}", "ports"),
+        ] {
+            let e = parse(&format!("{H}{k}\n{summary}\n")).expect_err(summary);
+            assert_eq!(e.line, 3, "{summary}");
+            assert!(e.kind.to_string().contains(want), "{summary}: {e}");
+        }
     }
 
     #[test]
