@@ -73,12 +73,12 @@ fn recorded(args: &DiffArgs, file: &Path) -> Option<Source> {
         return None;
     }
     let shown = path.display();
-    let outcome = match std::fs::read_to_string(&path) {
+    let outcome = match crate::input::read_text(&path) {
         Ok(text) => match parse_observations(&text) {
             Ok(obs) => Outcome::Stream(obs),
             Err(e) => Outcome::Failed(format!("{shown}: {e}")),
         },
-        Err(e) => Outcome::Failed(format!("cannot read {shown}: {e}")),
+        Err(e) => Outcome::Failed(e.to_string()),
     };
     Some(Source { name: "expected".into(), outcome })
 }
@@ -93,10 +93,10 @@ pub fn run(args: &DiffArgs) -> ExitCode {
     let mut out = stdout.lock();
     for file in &args.files {
         let shown = file.display().to_string();
-        let text = match std::fs::read_to_string(file) {
+        let text = match crate::input::read_text(file) {
             Ok(t) => t,
             Err(e) => {
-                eprintln!("vmmu diff: cannot read {shown}: {e}");
+                eprintln!("vmmu diff: {e}");
                 bad_input = true;
                 continue;
             }

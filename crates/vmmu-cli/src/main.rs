@@ -6,6 +6,7 @@ use std::process::ExitCode;
 mod bench_cmd;
 mod diff_cmd;
 mod html_report;
+mod input;
 mod progress;
 mod replay_cmd;
 mod replay_kvm;

@@ -175,10 +175,10 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
     let mut out = stdout.lock();
     for path in &args.files {
         let file = path.display().to_string();
-        let text = match std::fs::read_to_string(path) {
+        let text = match crate::input::read_text(path) {
             Ok(t) => t,
             Err(e) => {
-                eprintln!("vmmu replay: cannot read {file}: {e}");
+                eprintln!("vmmu replay: {e}");
                 bad_input = true;
                 continue;
             }

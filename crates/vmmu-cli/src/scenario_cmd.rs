@@ -69,10 +69,10 @@ fn backend(kind: BackendKind) -> Result<Box<dyn Backend>, String> {
 /// Runs the command; returns the process exit status.
 pub fn run(args: &ScenarioArgs) -> ExitCode {
     let shown = args.file.display();
-    let text = match std::fs::read_to_string(&args.file) {
+    let text = match crate::input::read_text(&args.file) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("vmmu scenario: cannot read {shown}: {e}");
+            eprintln!("vmmu scenario: {e}");
             return ExitCode::from(2);
         }
     };

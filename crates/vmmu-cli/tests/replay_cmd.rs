@@ -234,6 +234,14 @@ fn malformed_traces_exit_2_naming_file_and_line() {
         assert!(err.contains(&format!("{shown}:{line}:")), "{name}: {err}");
         assert!(err.contains(want), "{name}: {err}");
     }
+    // Not UTF-8 (a Latin-1 byte in `source`): refused naming the line and column.
+    let p = temp_file("latin1.trace.jsonl", "");
+    std::fs::write(&p, b"{\"vmmu_trace\":1,\"source\":\"caf\xe9\"}\n").unwrap();
+    let shown = p.display().to_string();
+    let out = vmmu(&["replay", "--no-kvm", &shown]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("{shown}:1:30: not UTF-8 text (byte 0xe9)")), "{err}");
     let out = vmmu(&["replay", "--no-kvm", "/nonexistent/x.trace.jsonl"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("cannot read /nonexistent/x.trace.jsonl"));

@@ -51,6 +51,19 @@ fn unreadable_file_exits_2() {
 }
 
 #[test]
+fn a_file_that_is_not_utf8_exits_2_naming_line_and_column() {
+    let p = std::env::temp_dir().join(format!("vmmu-cli-{}-latin1.scn", std::process::id()));
+    std::fs::write(&p, b"vm\nmem caf\xe9 size=4K\n").unwrap();
+    let shown = p.display().to_string();
+    for cmd in [&["scenario", &shown][..], &["diff", "--no-kvm", "--no-expected", &shown]] {
+        let out = vmmu(cmd);
+        assert_eq!(out.status.code(), Some(2), "{cmd:?}");
+        let err = text(&out.stderr);
+        assert!(err.contains(&format!("{shown}:2:8: not UTF-8 text (byte 0xe9)")), "{err}");
+    }
+}
+
+#[test]
 fn bad_flags_exit_2() {
     let f = repo("tests/scenarios/create_read_write.scn");
     for bad in [

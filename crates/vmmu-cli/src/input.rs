@@ -1,0 +1,72 @@
+//! Reading an input file (a scenario, a trace, a recorded output) as the UTF-8 text its format
+//! says it is. A file that is not UTF-8 is refused naming the line and column (from 1; a column
+//! counts characters) of the first byte that is not, as a parse error names a line, rather than
+//! with the standard library's "stream did not contain valid UTF-8", which names neither.
+
+use std::path::Path;
+
+/// Why a file could not be read as text.
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    /// The file could not be read at all.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file, as given.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not UTF-8.
+    #[error("{path}:{line}:{column}: not UTF-8 text (byte {byte:#04x}); the format is UTF-8")]
+    NotUtf8 {
+        /// The file, as given.
+        path: String,
+        /// Line of the first bad byte, from 1.
+        line: usize,
+        /// Column of the first bad byte (in characters), from 1.
+        column: usize,
+        /// The first bad byte.
+        byte: u8,
+    },
+}
+
+/// The text of `path`, or why not.
+pub fn read_text(path: &Path) -> Result<String, InputError> {
+    let shown = path.display().to_string();
+    let bytes =
+        std::fs::read(path).map_err(|source| InputError::Io { path: shown.clone(), source })?;
+    text(&shown, bytes)
+}
+
+/// `bytes` as a `String`, or where they stop being UTF-8.
+fn text(shown: &str, bytes: Vec<u8>) -> Result<String, InputError> {
+    String::from_utf8(bytes).map_err(|e| {
+        let bytes = e.as_bytes();
+        let at = e.utf8_error().valid_up_to();
+        // The prefix is valid UTF-8 by definition of `valid_up_to`.
+        let good = std::str::from_utf8(&bytes[..at]).unwrap_or_default();
+        let line_start = good.rfind('\n').map_or(0, |i| i + 1);
+        InputError::NotUtf8 {
+            path: shown.to_string(),
+            line: good.matches('\n').count() + 1,
+            column: good[line_start..].chars().count() + 1,
+            byte: bytes[at],
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_the_line_and_column_of_the_first_bad_byte() {
+        assert_eq!(text("f", b"vm\n".to_vec()).ok().as_deref(), Some("vm\n"));
+        let e = text("f.scn", b"vm\nmem \xc3\xa9\xff size=1\n".to_vec()).unwrap_err();
+        assert!(matches!(e, InputError::NotUtf8 { line: 2, column: 6, byte: 0xff, .. }), "{e:?}");
+        assert_eq!(e.to_string(), "f.scn:2:6: not UTF-8 text (byte 0xff); the format is UTF-8");
+        let e = text("t", b"\x80".to_vec()).unwrap_err();
+        assert!(matches!(e, InputError::NotUtf8 { line: 1, column: 1, byte: 0x80, .. }));
+    }
+}
