@@ -226,9 +226,27 @@ pub enum ParseErrorKind {
     /// Something reserved for the backends' own use.
     #[error("{0} is reserved for the backends' own use")]
     Reserved(String),
+    /// A character outside a comment that is neither part of a word nor a space or a tab: a
+    /// control character, a byte-order mark, or a space other than U+0020.
+    #[error("character {} is not allowed outside a comment (words are separated by spaces or tabs)", char_name(*.0))]
+    BadCharacter(char),
     /// A buffer size that is 0 or overflows when rounded up to pages.
     #[error("mem size={0} must be at least 1 and fit in 64 bits once rounded up to pages")]
     BadMemSize(String),
+}
+
+/// `U+XXXX` and, for the usual suspects, what it is.
+fn char_name(c: char) -> String {
+    let what = match c {
+        '\r' => " (carriage return)",
+        '\u{feff}' => " (byte-order mark: save the file as UTF-8 without one)",
+        '\u{a0}' => " (no-break space)",
+        '\u{b}' => " (vertical tab)",
+        '\u{c}' => " (form feed)",
+        '\0' => " (NUL)",
+        _ => "",
+    };
+    format!("U+{:04X}{what}", u32::from(c))
 }
 
 fn page_size_name(s: crate::step::PageSize) -> &'static str {
@@ -249,7 +267,7 @@ pub fn parse(text: &str) -> Result<Scenario, ParseError> {
     let mut steps = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let line = u32::try_from(i + 1).unwrap_or(u32::MAX);
-        let words = split_words(raw);
+        let words = split_words(raw).map_err(|(column, kind)| ParseError { line, column, kind })?;
         let Some(first) = words.first() else { continue };
         let number = u32::try_from(steps.len() + 1).unwrap_or(u32::MAX);
         let op = p.line(number, first, &words[1..]).map_err(|(column, kind)| ParseError {
@@ -271,15 +289,22 @@ struct Word<'a> {
 
 type LineResult<T> = Result<T, (u32, ParseErrorKind)>;
 
-/// Splits a line into words, dropping a `#` comment and a trailing `\r`.
-fn split_words(raw: &str) -> Vec<Word<'_>> {
+/// Splits a line into words, dropping a `#` comment and the `\r` of a CRLF line end. Words
+/// are separated by spaces and tabs only; any other control character or space character (a
+/// lone `\r`, a no-break space, a byte-order mark) outside the comment is an error at its column
+/// rather than a part of a word that then shows as an invisible difference in a message.
+fn split_words(raw: &str) -> LineResult<Vec<Word<'_>>> {
+    let raw = raw.strip_suffix('\r').unwrap_or(raw);
     let line = raw.split('#').next().unwrap_or("");
     let mut words = Vec::new();
     let mut start: Option<(usize, u32)> = None;
     let mut col = 0u32;
     for (i, c) in line.char_indices() {
         col += 1;
-        let blank = c == ' ' || c == '\t' || c == '\r';
+        let blank = c == ' ' || c == '\t';
+        if !blank && (c.is_control() || c.is_whitespace() || c == '\u{feff}') {
+            return Err((col, ParseErrorKind::BadCharacter(c)));
+        }
         match (blank, start) {
             (true, Some((s, sc))) => {
                 words.push(Word { text: &line[s..i], col: sc });
@@ -292,7 +317,7 @@ fn split_words(raw: &str) -> Vec<Word<'_>> {
     if let Some((s, sc)) = start {
         words.push(Word { text: &line[s..], col: sc });
     }
-    words
+    Ok(words)
 }
 
 /// Parses `0x`-hex or decimal, no sign, no `_`.
@@ -1031,6 +1056,29 @@ mod tests {
         assert_eq!(e("clear-dirty-log 1 first=0 count=0x100000000\n").1, 33);
         assert_eq!(e("clear-dirty-log 1 first=-1 count=1\n").1, 25);
         assert_eq!(e("dirty-log 1\ndirty-log 1 as=1 as=1\n").0, 2);
+    }
+
+    #[test]
+    fn words_are_separated_by_spaces_and_tabs_only() {
+        // A CRLF line end is a line end; a tab separates words.
+        let s = parse("vm\tvcpus=2\r\nmem a size=1 # caf\u{e9}\u{a0}\r\u{feff}\r\n").unwrap();
+        assert_eq!((s.vm.vcpus, s.mems.len()), (2, 1));
+        assert!(parse("mem a size=1\r").is_ok(), "a CR before the end of the file");
+        for (text, col, c) in [
+            ("vm\rvcpus=2\n", 3, '\r'),
+            ("vm\u{a0}vcpus=2\n", 3, '\u{a0}'),
+            ("\u{feff}vm\n", 1, '\u{feff}'),
+            ("mem a size=1\u{b}\n", 13, '\u{b}'),
+            ("mem a\u{2003}size=1\n", 6, '\u{2003}'),
+            ("mem a size=1\0\n", 13, '\0'),
+        ] {
+            assert_eq!(err(text), (1, col, ParseErrorKind::BadCharacter(c)), "{text:?}");
+        }
+        assert_eq!(
+            ParseErrorKind::BadCharacter('\u{feff}').to_string(),
+            "character U+FEFF (byte-order mark: save the file as UTF-8 without one) is not \
+             allowed outside a comment (words are separated by spaces or tabs)"
+        );
     }
 
     #[test]
