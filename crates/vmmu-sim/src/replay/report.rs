@@ -397,6 +397,9 @@ impl TraceReport {
                 "    dirty log: {} get, {} clear, {} on a slot live with dirty_log, {} refused, {} pages returned ({})",
                 d.get, d.clear, d.on_logged_slot, d.refused, d.pages, d.note
             );
+            for f in &d.first_refusals {
+                let _ = writeln!(s, "      refused {f}");
+            }
             let o = &r.own_accesses;
             let _ = writeln!(
                 s,
@@ -437,6 +440,24 @@ impl TraceReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_names_the_line_of_every_kept_refusal() {
+        let mut run = RunReport::default();
+        run.slots.refused = 1;
+        run.slots.first_refusals.push(Refusal {
+            line: 3,
+            slot: "0/1".into(),
+            errno: "EEXIST".into(),
+            reason: "overlap".into(),
+        });
+        run.dirty_log.refused = 1;
+        run.dirty_log.first_refusals.push("line 5: clear-dirty-log as 0 id 0: EINVAL".into());
+        let report = TraceReport { runs: vec![run], ..TraceReport::default() };
+        let text = report.text();
+        assert!(text.contains("refused line 3: slot 0/1 EEXIST: overlap"), "{text}");
+        assert!(text.contains("refused line 5: clear-dirty-log as 0 id 0: EINVAL"), "{text}");
+    }
 
     #[test]
     fn percentiles_by_nearest_rank() {
