@@ -5,6 +5,10 @@
 //! is wrong. What it rejects is the *line*, never the *request*: a `slot` line KVM would refuse
 //! (misaligned, overlapping, too big) parses, and the backend reports KVM's errno.
 //!
+//! Words are separated by spaces and tabs only. A line may end in CRLF; any other control
+//! character, a byte-order mark or a Unicode space outside a comment is an error at its column
+//! ([`ParseErrorKind::BadCharacter`]), so that it never hides inside a word. Inside a comment anything goes.
+//!
 //! Version 2 guest paging (`paging=`, `map`, `unmap`, `cr3`, `gva=`) is in [`paging`].
 
 use crate::step::{
