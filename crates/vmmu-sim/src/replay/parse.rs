@@ -283,7 +283,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Ordered<'a> {
 
 impl<'a> Ordered<'a> {
     fn parse(text: &'a str) -> Result<Ordered<'a>, ParseErrorKind> {
-        serde_json::from_str(text).map_err(|e| ParseErrorKind::Json(e.to_string()))
+        serde_json::from_str(text).map_err(|e| ParseErrorKind::Json(json_error(&e, text)))
     }
 
     fn keys(&self) -> Vec<&str> {
@@ -341,6 +341,22 @@ impl<'a> Ordered<'a> {
     fn hex(&self, key: &'static str) -> Result<u64, ParseErrorKind> {
         parse_hex(&self.string(key)?).map_err(|p| field(key, p))
     }
+}
+
+/// serde_json's message with the position as a column of the trace line (serde_json counts the
+/// line as its line 1, which next to the trace's own line number reads as a contradiction), and
+/// a hint for a byte-order mark, which JSON does not allow.
+fn json_error(e: &serde_json::Error, text: &str) -> String {
+    let full = e.to_string();
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    let what = full.strip_suffix(&suffix).unwrap_or(&full);
+    if text.starts_with('\u{feff}') {
+        return format!("{what} at column 1: the line starts with a byte-order mark (U+FEFF); save the trace as UTF-8 without one");
+    }
+    if e.line() == 0 {
+        return what.to_string();
+    }
+    format!("{what} at column {}", e.column())
 }
 
 /// Parses `0x` + lowercase hex without leading zeros.
@@ -852,6 +868,19 @@ mod tests {
             assert_eq!(e.line, 3, "{summary}");
             assert!(e.kind.to_string().contains(want), "{summary}: {e}");
         }
+    }
+
+    #[test]
+    fn json_errors_name_a_column_of_the_trace_line() {
+        let e = parse(&format!("{H}{{\"t\":0.000000,\"op\":\"kvm\",\"event\":zap}}\n"))
+            .expect_err("bad JSON");
+        assert_eq!(e.line, 2);
+        let msg = e.kind.to_string();
+        assert!(msg.ends_with("at column 34"), "{msg}");
+        assert!(!msg.contains("line 1"), "{msg}");
+        let e = parse("\u{feff}{\"vmmu_trace\":1,\"source\":\"x\"}\n").expect_err("BOM");
+        assert_eq!(e.line, 1);
+        assert!(e.kind.to_string().contains("byte-order mark"), "{}", e.kind);
     }
 
     #[test]
