@@ -231,7 +231,15 @@ pub fn parse_observations(text: &str) -> Result<Vec<Observation>, ObservationErr
             continue;
         }
         let fail = |message: String| ObservationError { line, message };
-        let v: Value = serde_json::from_str(raw).map_err(|e| fail(format!("not JSON: {e}")))?;
+        let v: Value = serde_json::from_str(raw).map_err(|e| {
+            // serde_json counts the line as its line 1: give the column of this line only.
+            let full = e.to_string();
+            let at = format!(" at line {} column {}", e.line(), e.column());
+            match full.strip_suffix(&at) {
+                Some(what) => fail(format!("not JSON: {what} at column {}", e.column())),
+                None => fail(format!("not JSON: {full}")),
+            }
+        })?;
         let obj = v.as_object().ok_or_else(|| fail("not a JSON object".into()))?;
         let obs = from_object(obj).map_err(fail)?;
         let canonical = obs.to_string();
@@ -426,6 +434,16 @@ mod tests {
             let e = parse_observations(&format!("\n{bad}\n")).unwrap_err();
             assert_eq!(e.line, 2, "{bad}");
         }
+    }
+
+    #[test]
+    fn a_line_that_is_not_json_names_its_column() {
+        let e =
+            parse_observations("{\"step\":1,\"op\":\"slot\",\"result\":\"ok\"}\n{\"step\":2,}\n")
+                .unwrap_err();
+        assert_eq!(e.line, 2);
+        assert!(e.message.ends_with("at column 11"), "{}", e.message);
+        assert!(!e.message.contains("line 1"), "{}", e.message);
     }
 
     #[test]
