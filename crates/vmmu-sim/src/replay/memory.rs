@@ -19,18 +19,8 @@ const TABLE_FRAMES: u64 = 1 << 16;
 /// Why a trace's memory could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    /// The slots need more host memory than the machine can track.
-    #[error("the trace's slots need {pages} pages of host memory; this machine tracks at most {max} (a trace larger than {max_gib} GiB of distinct backing memory)")]
-    TooLarge {
-        /// Pages needed.
-        pages: u64,
-        /// Pages possible.
-        max: u64,
-        /// The same in GiB.
-        max_gib: u64,
-    },
-    /// The host refused.
-    #[error(transparent)]
+    /// The host refused (a union of `uaddr` ranges it cannot map: past the user address space).
+    #[error("host memory for the trace's slots: {0}")]
     Host(#[from] HostError),
 }
 
@@ -89,12 +79,14 @@ impl TraceMemory {
             .iter()
             .map(|(_, end, base)| (end - base).div_ceil(PAGE_SIZE) + SIZE_2M / PAGE_SIZE)
             .sum();
-        let max = MAX_FRAME_TABLE - TABLE_FRAMES;
-        if pages > max {
-            return Err(MemoryError::TooLarge { pages, max, max_gib: (max * PAGE_SIZE) >> 30 });
-        }
+        // Past the frame space (a VM of more than 1 TiB: the recording KVM took its slots),
+        // the buffers give their pages frames on first translation, as Linux backs a VMM's
+        // anonymous memory: a replay touches a few thousand pages, whatever the slots' sizes.
+        // Host pages are all 4 KiB then.
+        let lazy = pages > MAX_FRAME_TABLE - TABLE_FRAMES;
         let host = Arc::new(SimHost::new(HostConfig {
-            max_frames: pages + TABLE_FRAMES,
+            max_frames: if lazy { MAX_FRAME_TABLE } else { pages + TABLE_FRAMES },
+            lazy_frames: lazy,
             ..HostConfig::new(phys_bits)
         })?);
         let mut unions = Vec::with_capacity(plan.len());
@@ -197,5 +189,39 @@ mod tests {
             let page = m.host().translate(Hva(hva), true).expect("backed");
             assert!(m.host().ram_page(page.pfn).is_some(), "{hva:#x} has a frame");
         }
+    }
+    #[test]
+    fn a_vm_with_more_than_1_tib_of_ram_gets_its_memory_page_by_page() {
+        // QEMU pc-i440fx `-m 1100G` on an AMD host, as recorded: 3 GiB below the PCI hole and
+        // the rest from 1 TiB up (above the HyperTransport hole), 1100 GiB of backing memory,
+        // more than the machine's frame space: the pages get frames as they are translated.
+        let ram = 0x7e55_bfe0_0000;
+        let t = trace(vec![
+            slot(0, 0xc000_0000, ram),
+            slot(0x100_0000_0000, 0x112_4000_0000, ram + 0xc000_0000),
+            slot(0xfffc_0000, 0x4_0000, 0x7e55_b980_0000),
+        ]);
+        let m = TraceMemory::new(&t, 46).expect("an 1100 GiB VM's memory");
+        assert_eq!(m.buffers(), 3);
+        let low = m.hva(ram).expect("low RAM");
+        let high = m.hva(ram + 0xc000_0000).expect("high RAM");
+        let top = m.hva(ram + 0x113_0000_0000 - PAGE_SIZE).expect("top of RAM");
+        assert_eq!(top, high + 0x112_4000_0000 - PAGE_SIZE, "offsets kept");
+        for hva in [low, top, m.hva(0x7e55_b980_0000).expect("rom")] {
+            let page = m.host().translate(Hva(hva), true).expect("backed");
+            assert!(m.host().ram_page(page.pfn).is_some(), "{hva:#x} has a frame");
+        }
+        let (a, b) = (Hva(high + 0x40_0000_0000), Hva(top - 0x1000_0000));
+        let pa = m.host().translate(a, true).expect("backed").pfn;
+        assert_eq!(m.host().translate(a, false).expect("again").pfn, pa, "a page keeps its frame");
+        assert_ne!(m.host().translate(b, true).expect("backed").pfn, pa);
+    }
+
+    #[test]
+    fn a_union_past_the_user_address_space_is_refused() {
+        // 256 TiB of `uaddr` range: no mapping of the replay's can hold it.
+        let t = trace(vec![slot(0, 1 << 48, 0x1000_0000)]);
+        let e = TraceMemory::new(&t, 52).expect_err("unmappable");
+        assert!(e.to_string().starts_with("host memory for the trace's slots: "), "{e}");
     }
 }
