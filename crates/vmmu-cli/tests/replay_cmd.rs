@@ -150,6 +150,46 @@ fn migration_replays_cleanly_and_applies_its_dirty_log_calls() {
     }
 }
 
+/// QEMU pc-i440fx with `-m 1G,slots=4,maxmem=4G` and a 256 MiB pc-dimm, recorded with the kit:
+/// after SeaBIOS, two pc-dimms hotplugged through the HMP monitor (slots created at run time at
+/// `0x110000000` and `0x130000000`, above the boot's own RAM), then a migration that logs every
+/// slot, the hotplugged ones too.
+#[test]
+fn memory_hotplug_then_migration_replays_cleanly() {
+    let file = repo("tests/traces/hotplug-kvm.small.trace.jsonl");
+    let t = assert_clean(&file);
+    assert_eq!(u(&t["events"]["slot"]), 60);
+    let text = std::fs::read_to_string(&file).unwrap();
+    for gpa in ["0x110000000", "0x130000000"] {
+        let dirty = format!("\"flags\":[\"dirty_log\"],\"gpa\":\"{gpa}\"");
+        assert!(text.contains(&dirty), "{gpa} is logged during the migration");
+    }
+    for r in t["runs"].as_array().unwrap() {
+        let d = &r["dirty_log"];
+        assert_eq!((u(&d["get"]), u(&d["clear"]), u(&d["refused"])), (24, 19, 0), "{d:#}");
+        assert_eq!(u(&r["slots"]["flags_only"]), 22, "logging on and off for 11 slots");
+    }
+}
+
+/// QEMU pc-i440fx with `max-ram-below-4g=2047M` and `-m 3G`, recorded with the kit: RAM below
+/// 4 GiB ends at `0x7ff00000` and the rest starts at 4 GiB 1 MiB into its 2 MiB block of the
+/// VMM's buffer, so no 2 MiB mapping can cover RAM at 4 GiB (guest and host offsets differ) and
+/// the last 2 MiB block of each part is partly outside its slot.
+#[test]
+fn ram_split_off_2_mib_alignment_replays_cleanly() {
+    let file = repo("tests/traces/below4g-odd-kvm.small.trace.jsonl");
+    let t = assert_clean(&file);
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("\"gpa\":\"0x0\",\"size\":\"0x7ff00000\""));
+    assert!(text
+        .contains("\"gpa\":\"0x100000000\",\"size\":\"0x40100000\",\"uaddr\":\"0x7fa02d100000\""));
+    for r in t["runs"].as_array().unwrap() {
+        if r["config"].as_str().is_some_and(|c| c.starts_with("shadow")) {
+            assert!(r["guest"].as_str().unwrap_or("").contains("long mode"), "{}", r["guest"]);
+        }
+    }
+}
+
 /// KVM traces MMIO as its emulator's fragments: a 4-byte store across a page boundary is two
 /// events (1 + 3 bytes at `0xb8fff`, 3 + 1 at `0xb9ffd`) and a 16-byte SSE store (`movdqu`) is
 /// one. Recorded with the kit (a boot sector writing VGA text memory) and cut to the MMIO exits,
@@ -358,6 +398,8 @@ fn kvm_half_agrees_with_the_recordings_where_usable() {
         "q35-kvm.small",
         "vga13-kvm.small",
         "vgasplit-kvm.cut",
+        "hotplug-kvm.small",
+        "below4g-odd-kvm.small",
     ] {
         let file = repo(&format!("tests/traces/{f}.trace.jsonl"));
         let out = vmmu(&["replay", "--json", "--format", "ept", "--mmio-caching", "on", &file]);
