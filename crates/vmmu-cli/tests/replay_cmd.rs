@@ -324,7 +324,11 @@ fn a_trace_with_more_ram_than_the_frame_space_replays_cleanly() {
         assert_eq!(u(&r["slots"]["applied"]), 1, "{r:#}");
         assert_eq!(u(&r["oracle"]["violations"]), 0, "{r:#}");
         assert!(u(&r["oracle"]["checked"]) > 0, "{r:#}");
+        assert_eq!(r["host_frames_on_demand"], true, "{r:#}");
     }
+    let out = vmmu(&["replay", "--no-kvm", "--format", "shadow", &p.display().to_string()]);
+    let s = text(&out.stdout);
+    assert!(s.contains("host: 2048 GiB in 1 buffers, past the machine's frame space"), "{s}");
 }
 
 #[test]

@@ -657,6 +657,7 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
             mmio_caching_reason: caching.reason,
             host_buffers: memory.buffers() as u64,
             host_bytes: memory.bytes(),
+            host_frames_on_demand: memory.frames_on_demand(),
             oracle: OracleReport::default(),
             ..RunReport::default()
         },

@@ -41,6 +41,7 @@ struct Union {
 pub struct TraceMemory {
     host: Arc<SimHost>,
     unions: Vec<Union>,
+    lazy: bool,
 }
 
 /// The maximal unions of overlapping `[uaddr, uaddr + size)` ranges of the trace's non-delete
@@ -94,7 +95,7 @@ impl TraceMemory {
             let buffer = host.add_buffer(&format!("uaddr{i}@{start:#x}"), end - base)?;
             unions.push(Union { start, end, base, buffer });
         }
-        Ok(TraceMemory { host, unions })
+        Ok(TraceMemory { host, unions, lazy })
     }
 
     /// The host.
@@ -105,6 +106,11 @@ impl TraceMemory {
     /// Number of buffers (unions).
     pub fn buffers(&self) -> usize {
         self.unions.len()
+    }
+
+    /// Whether the buffers' pages get frames on first translation (more than the frame space).
+    pub fn frames_on_demand(&self) -> bool {
+        self.lazy
     }
 
     /// Total bytes of the buffers.
@@ -180,6 +186,7 @@ mod tests {
             slot(0xfffc_0000, 0x4_0000, 0x7f99_6500_0000),
         ]);
         let m = TraceMemory::new(&t, 46).expect("a 70 GiB VM's memory");
+        assert!(!m.frames_on_demand(), "frames given up front, 2 MiB blocks where aligned");
         assert_eq!(m.buffers(), 3);
         let base = m.hva(ram + 0xc000_0000).expect("high RAM");
         let top = base + 0x10_c000_0000 - PAGE_SIZE;
@@ -202,6 +209,7 @@ mod tests {
             slot(0xfffc_0000, 0x4_0000, 0x7e55_b980_0000),
         ]);
         let m = TraceMemory::new(&t, 46).expect("an 1100 GiB VM's memory");
+        assert!(m.frames_on_demand());
         assert_eq!(m.buffers(), 3);
         let low = m.hva(ram).expect("low RAM");
         let high = m.hva(ram + 0xc000_0000).expect("high RAM");

@@ -220,6 +220,9 @@ pub struct RunReport {
     pub host_buffers: u64,
     /// Their total size.
     pub host_bytes: u64,
+    /// Whether their pages get (4 KiB) frames on first translation: the buffers are larger
+    /// than the machine's frame space (a VM of more than 1 TiB).
+    pub host_frames_on_demand: bool,
     /// Samples on the trace's recorded clock and latency histograms (not part of the JSON).
     #[serde(skip)]
     pub timeline: Option<crate::timeline::Timeline>,
@@ -346,6 +349,14 @@ impl TraceReport {
             );
             if let Some(g) = &r.guest {
                 let _ = writeln!(s, "    guest: {g}");
+            }
+            if r.host_frames_on_demand {
+                let _ = writeln!(
+                    s,
+                    "    host: {} GiB in {} buffers, past the machine's frame space: 4 KiB frames on first translation",
+                    r.host_bytes >> 30,
+                    r.host_buffers
+                );
             }
             let sl = &r.slots;
             let _ = writeln!(
