@@ -28,7 +28,7 @@
 use super::identity::{IdentityError, IdentityTables};
 use super::memory::{MemoryError, TraceMemory};
 use super::parse::{Dir, EventKind, Exit, MmioEvent, SlotEvent, Trace};
-use super::report::{Misclassified, Refusal, RunReport, KEEP};
+use super::report::{Misclassified, Refusal, RunReport, ZapDiff, KEEP};
 use crate::host::SimHost;
 use crate::hw_vcpu::{Attempts, Data, HwVcpu, Outcome as HwOutcome};
 use crate::machine_paging::{shadow_access, GvaTlb, RamOp, ShadowAccess};
@@ -268,6 +268,17 @@ struct Replay<'a> {
     token: u64,
     /// A delete or move was the last slot request and no annotation followed yet.
     pending_zap: bool,
+    /// Per-request zap comparison (shadow runs): the line of the last slot request (0 before
+    /// the first), our `zap_all_fast` calls during it, and the annotations recorded since.
+    zap_cmp: Option<ZapCmp>,
+}
+
+/// The slot request the recorded `zap_all_fast` annotations are being counted against.
+#[derive(Clone, Copy, Debug, Default)]
+struct ZapCmp {
+    line: usize,
+    ours: u64,
+    recorded: u64,
 }
 
 fn violation(
@@ -299,6 +310,28 @@ impl Replay<'_> {
         }
     }
 
+    /// Compares the annotations recorded after the last slot request with our `zap_all_fast`
+    /// calls during it (shadow runs), and starts counting against `next` (line, ours).
+    fn settle_zaps(&mut self, next: Option<(usize, u64)>) {
+        let Some(c) = self.zap_cmp else { return };
+        let z = &mut self.report.zaps;
+        if c.recorded == c.ours {
+            z.requests_matching += 1;
+        } else {
+            z.requests_differing += 1;
+            if z.first_differing.len() < KEEP {
+                z.first_differing.push(ZapDiff {
+                    line: c.line,
+                    recorded: c.recorded,
+                    ours: c.ours,
+                });
+            }
+        }
+        if let Some((line, ours)) = next {
+            self.zap_cmp = Some(ZapCmp { line, ours, recorded: 0 });
+        }
+    }
+
     fn slot(&mut self, line: usize, s: &SlotEvent) {
         let r = &mut self.report.slots;
         r.requests += 1;
@@ -322,6 +355,8 @@ impl Replay<'_> {
         let t0 = Instant::now();
         let result = vm.set_memory_region(&region);
         let ns = t0.elapsed().as_nanos() as u64;
+        let after = vm.stats();
+        self.settle_zaps(Some((line, after.zap_all_fast - before.zap_all_fast)));
         self.pending_zap = false;
         let change = match result {
             Ok(c) => c,
@@ -341,7 +376,6 @@ impl Replay<'_> {
         };
         self.latencies.push(ns);
         self.report.events_applied += 1;
-        let after = vm.stats();
         let r = &mut self.report.slots;
         r.applied += 1;
         let new = Live {
@@ -665,7 +699,9 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
         mmio_latencies: Vec::new(),
         token: 0,
         pending_zap: false,
+        zap_cmp: shadow.then(ZapCmp::default),
     };
+    r.report.zaps.per_request = shadow;
     // The timeline runs on the trace's recorded clock: about 500 samples over the trace.
     let last_t = trace.events.last().map_or(0, |e| e.t_us);
     let interval_us = (last_t / 500).max(1000);
@@ -694,6 +730,9 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
             }
             EventKind::KvmZapAllFast => {
                 r.report.zaps.recorded_zap_all_fast += 1;
+                if let Some(c) = &mut r.zap_cmp {
+                    c.recorded += 1;
+                }
                 if std::mem::take(&mut r.pending_zap) {
                     r.report.zaps.recorded_after_delete += 1;
                 }
@@ -706,6 +745,7 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
         }
     }
     samples.push(r.sample(last_t));
+    r.settle_zaps(None);
     // The vCPU adds its counters to the MMU's totals when it is dropped.
     r.cpu.hw = None;
     let stats = mmu.stats();

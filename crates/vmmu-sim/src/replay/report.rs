@@ -114,6 +114,28 @@ pub struct Zaps {
     pub sptes_zapped: u64,
     /// All our `zap_all_fast` calls (generation wraps included).
     pub zap_all_fast_total: u64,
+    /// Whether the per-request comparison below ran: under the shadow MMU, which zaps all on a
+    /// delete or move as the recording hosts did (the TDP configurations zap the slot's range).
+    pub per_request: bool,
+    /// Slot requests (and the stretch before the first) whose recorded `zap_all_fast`
+    /// annotations, up to the next slot request, equal our `zap_all_fast` calls during the
+    /// request: a delete's or move's zap and a generation wrap's, one for one.
+    pub requests_matching: u64,
+    /// Those that differ.
+    pub requests_differing: u64,
+    /// The first few that differ.
+    pub first_differing: Vec<ZapDiff>,
+}
+
+/// A slot request whose recorded `zap_all_fast` annotations differ from our calls.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ZapDiff {
+    /// The request's trace line (0: before the first request).
+    pub line: usize,
+    /// Annotations recorded after it, up to the next slot request.
+    pub recorded: u64,
+    /// Our `zap_all_fast` calls during it.
+    pub ours: u64,
 }
 
 /// Memslot update latency of the applied requests, nanoseconds.
@@ -392,6 +414,20 @@ impl TraceReport {
                 "    zaps: {} deletes+moves; recorded KVM zap_all_fast {} ({} right after a delete); ours during deletes+moves: zap_all_fast {}, range zaps {}, SPTEs zapped {}",
                 z.deletes_and_moves, z.recorded_zap_all_fast, z.recorded_after_delete, z.zap_all_fast, z.zap_range, z.sptes_zapped
             );
+            if z.per_request {
+                let _ = writeln!(
+                    s,
+                    "      per request: {} match the recording, {} differ",
+                    z.requests_matching, z.requests_differing
+                );
+                for d in &z.first_differing {
+                    let _ = writeln!(
+                        s,
+                        "        line {}: recorded zap_all_fast {}, ours {}",
+                        d.line, d.recorded, d.ours
+                    );
+                }
+            }
             let l = &r.memslot_update;
             let _ = writeln!(
                 s,
