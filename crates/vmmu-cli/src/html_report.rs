@@ -251,8 +251,9 @@ impl Page {
         self.body.push_str(&svg);
         let total = |f: fn(&Rates) -> f64| rates.iter().map(|r| f(r) * r.dt_s).sum::<f64>();
         self.note(&format!(
-            "{} samples, every {} ms ({}); in total {} accesses, {} memslot updates, {} MMIO \
-             SPTE hits, {} cache hits, {} slow-path MMIO exits.",
+            "{} samples, at most one every {} ms ({}; a replay samples only at events); in \
+             total {} accesses, {} memslot updates, {} MMIO SPTE hits, {} cache hits, {} \
+             slow-path MMIO exits.",
             t.samples.len(),
             human(t.interval_us as f64 / 1e3),
             t.clock,
