@@ -47,6 +47,9 @@ pub struct GuestTables {
     next: u64,
     end: u64,
     roots: [Option<u64>; SPACES as usize],
+    /// The guest's own code page, mapped in every space ([`GuestTables::with_code_page`]), and
+    /// the page table of the low 2 MiB that maps it (allocated with the first space).
+    code: Option<(u64, Option<u64>)>,
 }
 
 impl GuestTables {
@@ -64,7 +67,29 @@ impl GuestTables {
         start: u64,
         end: u64,
     ) -> Self {
-        GuestTables { paging, buf, buf_gpa, next: start, end, roots: [None; SPACES as usize] }
+        GuestTables {
+            paging,
+            buf,
+            buf_gpa,
+            next: start,
+            end,
+            roots: [None; SPACES as usize],
+            code: None,
+        }
+    }
+
+    /// Every space created from now on maps `code` (a page in the first 2 MiB, at the same
+    /// guest-virtual address) as the KVM backend's guest maps its access-code page: PML4 entry
+    /// 0 (4level) to the space's own first PDPT, its entry 0 to the space's own first page
+    /// directory (for PAE: the page directory of PDPTE 0), and that directory's entry 0 to one
+    /// page table of the low 2 MiB that all spaces share, where only `code` is present, user,
+    /// neither accessed nor dirty. The backend's guest fetches each access's code from that
+    /// page, so under shadow paging those tables are shadowed in every space a vCPU runs in,
+    /// and a fault on the code page rebuilds a zapped path to the scenario's tables below
+    /// them without touching the scenario's pages (`paging_flooded_root_code_path.scn`).
+    pub fn with_code_page(mut self, code: u64) -> Self {
+        self.code = Some((code, None));
+        self
     }
 
     fn read(&self, gpa: u64) -> Result<u64, TablesError> {
@@ -95,6 +120,19 @@ impl GuestTables {
             }
         }
         self.roots[usize::from(space)] = Some(root);
+        if let Some((code, low_pt)) = self.code {
+            let low_pt = match low_pt {
+                Some(t) => t,
+                None => {
+                    let t = self.alloc()?;
+                    writes.push((t + 8 * ((code >> 12) & 511), code | P | RW | US));
+                    self.code = Some((code, Some(t)));
+                    t
+                }
+            };
+            let pd0 = self.entry_gpa(space, 0, 2, writes)?;
+            writes.push((pd0, low_pt | P | RW | US));
+        }
         Ok(root)
     }
 
@@ -257,5 +295,41 @@ impl GuestTables {
         let at = self.entry_gpa(space, gva, level, &mut writes)?;
         writes.push((at, 0));
         Ok(writes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::{HostConfig, SimHost};
+
+    /// Every space maps the code page through its own PML4/PDPT/PD entry 0 and one page table
+    /// shared by all spaces, as the KVM backend's guest does; scenario maps in the same GiB go
+    /// into the same page directory.
+    #[test]
+    fn code_page_in_every_space_through_a_shared_page_table() {
+        let host = SimHost::new(HostConfig::new(46)).expect("host");
+        let buf = host.add_buffer("t", 0x10_0000).expect("buffer");
+        let code = TABLES_GPA;
+        let mut t =
+            GuestTables::in_area(Paging::Level4, buf, TABLES_GPA, code + 0x1000, TABLES_END)
+                .with_code_page(code);
+        let mut w0 = Vec::new();
+        t.root(0, &mut w0).expect("space 0");
+        t.apply(&w0).expect("apply");
+        let mut w3 = Vec::new();
+        t.root(3, &mut w3).expect("space 3");
+        t.apply(&w3).expect("apply");
+        // Space 0: the low page table (its code entry), PML4 0, PDPT 0, PD 0; space 3 the last
+        // three only, its PD entry 0 linking the same page table.
+        assert_eq!(w0.len(), 4, "{w0:x?}");
+        assert_eq!(w3.len(), 3, "{w3:x?}");
+        assert_eq!(w0[3].1, w3[2].1);
+        for space in [0, 3] {
+            assert_eq!(t.user_target(space, code + 8, false), Some(code + 8));
+            assert_eq!(t.user_target(space, code + 0x1000, false), None);
+        }
+        let w = t.map(3, 0x80_0000, 0x4000_0000, PageSize::Size2M, MapFlags::default());
+        assert_eq!(w.expect("map").len(), 1, "PD 0 entry 4 of space 3");
     }
 }

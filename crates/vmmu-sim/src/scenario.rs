@@ -9,7 +9,7 @@
 //! Deterministic: the driver runs one step at a time and waits for it. Between steps every vCPU
 //! is outside guest mode, so a memslot update never waits for an idle vCPU thread.
 
-use crate::guest_tables::{GuestTables, TABLES_END, TABLES_GPA};
+use crate::guest_tables::{GuestTables, TABLES_GPA};
 use crate::host::{HostBuffer, HostConfig, SimHost};
 use crate::ram::{self, Width as RamWidth};
 use crate::real::{RealMmu, RealMmuConfig};
@@ -40,6 +40,16 @@ const TABLES_SLOT: u32 = 32760;
 /// shadow paging KVM's default shadow-page limit is 2% of every slot's pages (at least 64), so
 /// the backend's own pages count towards it as a scenario's do.
 const IDENTITY_OWN_SIZE: u64 = 0x10_0000;
+
+/// Size of the backend's own memory in a version-2 scenario (guest paging): the code page and
+/// the page-table area, up to 8 MiB.
+const PAGING_OWN_SIZE: u64 = 0x70_0000;
+
+/// The code page of a version-2 guest: the first page of its own memory, mapped at the same
+/// guest-virtual address in every space through a page table of the low 2 MiB that all spaces
+/// share, as the KVM backend's guest maps its `CODE` page (`GuestTables::with_code_page`).
+/// Under shadow paging every access is preceded by a fetch from it, as on the KVM backend.
+const PAGING_CODE_GPA: u64 = TABLES_GPA;
 
 /// The page a version-1 guest under shadow paging "fetches its code" from before each access:
 /// the last page of its own memory, in the first 2 MiB of guest-physical memory as the KVM
@@ -216,7 +226,7 @@ impl SimMachine {
             code_gpa: None,
         };
         if vm.paging != Paging::Off {
-            m.setup_tables(vm.paging)?;
+            m.setup_tables(vm.paging, shadow)?;
         } else if shadow {
             m.setup_identity()?;
         }
@@ -225,12 +235,20 @@ impl SimMachine {
 
     /// Reserves the page-table area (a slot of the backends' own below 8 MiB), builds space 0
     /// and loads it on every vCPU.
-    fn setup_tables(&mut self, paging: Paging) -> Result<(), BackendError> {
-        let buf = self.reserve_tables(TABLES_END - TABLES_GPA)?;
-        let mut tables = GuestTables::new(paging, buf);
+    fn setup_tables(&mut self, paging: Paging, shadow: bool) -> Result<(), BackendError> {
+        let buf = self.reserve_tables(PAGING_OWN_SIZE)?;
+        let start = PAGING_CODE_GPA + 0x1000;
+        let mut tables =
+            GuestTables::in_area(paging, buf, TABLES_GPA, start, TABLES_GPA + PAGING_OWN_SIZE)
+                .with_code_page(PAGING_CODE_GPA);
         let mut writes = Vec::new();
         let root = tables.root(0, &mut writes).map_err(failed)?;
         self.tables = Some(tables);
+        // Under shadow paging the code fetch costs shadow pages and rebuilds zapped paths, as
+        // on the reference KVM; a TDP MMU maps the code page once, which nothing observes.
+        if shadow {
+            self.code_gpa = Some(PAGING_CODE_GPA);
+        }
         self.guest_writes(writes)?;
         for v in 0..self.vcpus.len() as u32 {
             self.job(v, |reply| Job::Cr3 { cr3: root, reply })?;
