@@ -246,15 +246,16 @@ impl SimMachine {
                 .with_code_page(PAGING_CODE_GPA);
         let mut writes = Vec::new();
         let root = tables.root(0, &mut writes).map_err(failed)?;
+        // The loader's tables, written before any vCPU runs (no vCPU has a root yet).
+        tables.apply(&writes).map_err(failed)?;
         self.tables = Some(tables);
         // Under shadow paging the code fetch costs shadow pages and rebuilds zapped paths, as
         // on the reference KVM; a TDP MMU maps the code page once, which nothing observes.
         if shadow {
             self.code_gpa = Some(PAGING_CODE_GPA);
         }
-        self.guest_writes(writes)?;
         for v in 0..self.vcpus.len() as u32 {
-            self.job(v, |reply| Job::Cr3 { cr3: root, reply })?;
+            self.job(v, |reply| Job::Cr3 { cr3: root, guest: false, reply })?;
         }
         Ok(())
     }
@@ -273,7 +274,7 @@ impl SimMachine {
         self.tables = Some(tables);
         self.code_gpa = Some(IDENTITY_CODE_GPA);
         for v in 0..self.vcpus.len() as u32 {
-            self.job(v, |reply| Job::Cr3 { cr3: root, reply })?;
+            self.job(v, |reply| Job::Cr3 { cr3: root, guest: false, reply })?;
         }
         Ok(())
     }
@@ -540,10 +541,11 @@ impl Machine for SimMachine {
     fn cr3(&mut self, op: &Cr3Op) -> Result<(), BackendError> {
         let mut writes = Vec::new();
         let root = self.tables()?.root(op.space, &mut writes).map_err(failed)?;
-        if !writes.is_empty() {
-            self.guest_writes(writes)?;
-        }
-        self.job(op.vcpu, |reply| Job::Cr3 { cr3: root, reply })?;
+        // A space no step used yet: its tables, fresh pages no MMU shadows, are written as the
+        // KVM backend's loader wrote every space before the guest ran (so no other vCPU runs
+        // here, as none does on the KVM backend).
+        self.tables()?.apply(&writes).map_err(failed)?;
+        self.job(op.vcpu, |reply| Job::Cr3 { cr3: root, guest: true, reply })?;
         if let Some(s) = self.spaces.get_mut(op.vcpu as usize) {
             *s = op.space;
         }

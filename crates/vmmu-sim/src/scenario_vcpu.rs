@@ -32,8 +32,9 @@ pub(crate) enum Job {
     TableWrites { writes: Vec<(u64, u64)>, reply: Sender<Result<(), String>> },
     /// INVLPG of a guest-virtual address.
     Invlpg { gva: u64, reply: Sender<Result<(), String>> },
-    /// MOV CR3.
-    Cr3 { cr3: u64, reply: Sender<Result<(), String>> },
+    /// MOV CR3: by the guest's own routine (`guest`: with the VM entries around it), or the
+    /// loader's initial CR3 (no entry: the vCPU's first one loads the root).
+    Cr3 { cr3: u64, guest: bool, reply: Sender<Result<(), String>> },
 }
 
 /// What one guest access did.
@@ -90,7 +91,7 @@ pub(crate) fn vcpu_thread(
                     Job::Invlpg { reply, .. } => {
                         let _ = reply.send(Ok(()));
                     }
-                    Job::Cr3 { cr3, reply } => {
+                    Job::Cr3 { cr3, reply, .. } => {
                         let r = match cpu.as_mut() {
                             Some(c) => load_cr3_tdp(&hw, c, cr3),
                             None => Err("cr3 without guest paging".into()),
@@ -205,25 +206,48 @@ fn shadow_thread(
                 };
                 let _ = reply.send(r);
             }
+            // The guest's own routines (table stores, INVLPG, MOV CR3) run in guest mode as the
+            // KVM backend's CPL0 code does: each starts with a VM entry, which loads a root
+            // if the vCPU has none (KVM `kvm_mmu_reload`: after a CR3 switch to a space no
+            // previous root holds, or after its root was zapped), and MOV CR3 is followed by
+            // another entry (the routine goes on to its sync store), which loads the new root.
+            // A root takes a shadow page, may recycle others to make room, and pins itself:
+            // when that happens decides which pages KVM recycles (paging_cr3_root_at_entry.scn).
             Job::TableWrites { writes, reply } => {
                 // The guest's stores: a store to a shadowed (write-protected) table exits and is
                 // emulated, one to any other table goes straight to RAM; either way the bytes
                 // land in guest memory and the MMU learns of it through `track_write` (a no-op
                 // where nothing is shadowed).
-                let r = writes.iter().try_for_each(|&(gpa, value)| {
-                    host_store(mmu, host, gpa, RamWidth::W8, value)?;
-                    v.track_write(Gpa(gpa), 8).map_err(|e| e.to_string())
+                let r = entry(v).and_then(|()| {
+                    writes.iter().try_for_each(|&(gpa, value)| {
+                        host_store(mmu, host, gpa, RamWidth::W8, value)?;
+                        v.track_write(Gpa(gpa), 8).map_err(|e| e.to_string())
+                    })
                 });
                 let _ = reply.send(r);
             }
             Job::Invlpg { gva, reply } => {
-                let _ = reply.send(v.invlpg(Gva(gva)).map_err(|e| e.to_string()));
+                let r = entry(v).and_then(|()| v.invlpg(Gva(gva)).map_err(|e| e.to_string()));
+                let _ = reply.send(r);
             }
-            Job::Cr3 { cr3, reply } => {
-                let _ = reply.send(v.load_cr3(cr3).map(|_| ()).map_err(|e| e.to_string()));
+            Job::Cr3 { cr3, guest, reply } => {
+                let guest_entry = |v: &mut vmmu::vcpu::Vcpu<SimHost>| match guest {
+                    true => entry(v),
+                    false => Ok(()),
+                };
+                let r = guest_entry(v)
+                    .and_then(|()| v.load_cr3(cr3).map(|_| ()).map_err(|e| e.to_string()))
+                    .and_then(|()| guest_entry(v));
+                let _ = reply.send(r);
             }
         }
     }
+}
+
+/// A VM entry of the guest's own routines: pending requests handled and a root loaded, as
+/// before any guest instruction runs.
+fn entry(v: &mut vmmu::vcpu::Vcpu<SimHost>) -> Result<(), String> {
+    v.service_requests().map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// A store by the emulator into guest RAM at `gpa` (through the current memslots).
