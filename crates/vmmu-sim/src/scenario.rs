@@ -320,7 +320,9 @@ impl SimMachine {
     /// Every vCPU invalidates `gva` (the guest's TLB shootdown).
     fn shootdown(&self, gva: u64) -> Result<(), BackendError> {
         for v in 0..self.vcpus.len() as u32 {
-            self.job(v, |reply| Job::Invlpg { gva, reply })?;
+            // vCPU 0 invalidates in the routine that made the table writes (no entry between).
+            let entry = v != 0;
+            self.job(v, |reply| Job::Invlpg { gva, entry, reply })?;
         }
         Ok(())
     }

@@ -30,8 +30,9 @@ pub(crate) enum Job {
     Access { addr: u64, width: RamWidth, write: Option<u64>, reply: Sender<Result<Access, String>> },
     /// The guest stores these page-table entries (8 bytes each, in order).
     TableWrites { writes: Vec<(u64, u64)>, reply: Sender<Result<(), String>> },
-    /// INVLPG of a guest-virtual address.
-    Invlpg { gva: u64, reply: Sender<Result<(), String>> },
+    /// INVLPG of a guest-virtual address, in a routine of its own (`entry`: it starts with a VM
+    /// entry) or at the end of the one that made the table writes.
+    Invlpg { gva: u64, entry: bool, reply: Sender<Result<(), String>> },
     /// MOV CR3: by the guest's own routine (`guest`: with the VM entries around it), or the
     /// loader's initial CR3 (no entry: the vCPU's first one loads the root).
     Cr3 { cr3: u64, guest: bool, reply: Sender<Result<(), String>> },
@@ -211,6 +212,9 @@ fn shadow_thread(
             // if the vCPU has none (KVM `kvm_mmu_reload`: after a CR3 switch to a space no
             // previous root holds, or after its root was zapped), and MOV CR3 is followed by
             // another entry (the routine goes on to its sync store), which loads the new root.
+            // Table stores and the INVLPG after them are one routine on vCPU 0: a root that
+            // the stores flood is replaced at vCPU 0's next entry, not before its INVLPG (as
+            // KVM's counters show: its new root is built in vCPU 0's next step).
             // A root takes a shadow page, may recycle others to make room, and pins itself:
             // when that happens decides which pages KVM recycles (paging_cr3_root_at_entry.scn).
             Job::TableWrites { writes, reply } => {
@@ -226,8 +230,9 @@ fn shadow_thread(
                 });
                 let _ = reply.send(r);
             }
-            Job::Invlpg { gva, reply } => {
-                let r = entry(v).and_then(|()| v.invlpg(Gva(gva)).map_err(|e| e.to_string()));
+            Job::Invlpg { gva, entry: enter, reply } => {
+                let r = if enter { entry(v) } else { Ok(()) };
+                let r = r.and_then(|()| v.invlpg(Gva(gva)).map_err(|e| e.to_string()));
                 let _ = reply.send(r);
             }
             Job::Cr3 { cr3, guest, reply } => {
