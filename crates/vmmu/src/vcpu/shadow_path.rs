@@ -310,6 +310,11 @@ impl<H: Host + GuestMemory> Vcpu<H> {
                     for (slot, p) in sv.prev.iter_mut().zip(order) {
                         *slot = Some(p);
                     }
+                    // KVM `kvm_mmu_new_pgd` after a fast switch hit: the reused root's write-
+                    // flooding count starts again (paging_flood_count_prev_root.scn).
+                    if let Some(p) = &reused {
+                        shadow.lock(core).sp_mut(p.sp).flood = 0;
+                    }
                     sv.root = reused.map(ShadowRoot::from);
                 }
             }
