@@ -283,18 +283,45 @@ impl GuestTables {
         None
     }
 
-    /// The writes of an `unmap` step.
+    /// The writes of an `unmap` step: the entry cleared, or nothing when no table holds it (the
+    /// space, a table above it or the page table under a large page is missing), as the KVM
+    /// backend's guest does; an unmap creates no table. (Creating them wrote entries of shadowed
+    /// upper-level tables, whose write-flooding counts KVM never saw move:
+    /// `paging_unmap_absent_no_writes.scn`.)
     pub fn unmap(
         &mut self,
         space: u8,
         gva: u64,
         size: PageSize,
     ) -> Result<Vec<(u64, u64)>, TablesError> {
-        let mut writes = Vec::new();
         let level = if size == PageSize::Size2M { 2 } else { 1 };
-        let at = self.entry_gpa(space, gva, level, &mut writes)?;
-        writes.push((at, 0));
-        Ok(writes)
+        Ok(self.existing_entry_gpa(space, gva, level)?.map(|at| (at, 0)).into_iter().collect())
+    }
+
+    /// The gpa of the entry for `gva` at `level` in `space` if every table above it exists
+    /// (present links, no large page above `level`).
+    fn existing_entry_gpa(
+        &self,
+        space: u8,
+        gva: u64,
+        level: u32,
+    ) -> Result<Option<u64>, TablesError> {
+        let Some(root) = *self.roots.get(usize::from(space)).ok_or(TablesError::BadSpace(space))?
+        else {
+            return Ok(None);
+        };
+        let (mut table, top) = match self.paging {
+            Paging::Pae => (self.read(root + 8 * ((gva >> 30) & 3))? & ADDR, 2),
+            _ => (root, 4),
+        };
+        for l in (level + 1..=top).rev() {
+            let e = self.read(table + 8 * ((gva >> (12 + 9 * (l - 1))) & 511))?;
+            if e & P == 0 || (l == 2 && e & PS != 0) {
+                return Ok(None);
+            }
+            table = e & ADDR;
+        }
+        Ok(Some(table + 8 * ((gva >> (12 + 9 * (level - 1))) & 511)))
     }
 }
 
@@ -331,5 +358,21 @@ mod tests {
         }
         let w = t.map(3, 0x80_0000, 0x4000_0000, PageSize::Size2M, MapFlags::default());
         assert_eq!(w.expect("map").len(), 1, "PD 0 entry 4 of space 3");
+    }
+
+    /// An unmap writes the entry only where every table above it exists; it creates none.
+    #[test]
+    fn unmap_of_an_absent_entry_writes_nothing() {
+        let host = SimHost::new(HostConfig::new(46)).expect("host");
+        let buf = host.add_buffer("t", 0x10_0000).expect("buffer");
+        let mut t = GuestTables::in_area(Paging::Level4, buf, TABLES_GPA, TABLES_GPA, TABLES_END);
+        let (gva, k4, m2) = (0x80_0000_0000, PageSize::Size4K, PageSize::Size2M);
+        assert!(t.unmap(0, gva, k4).expect("no space yet").is_empty());
+        let w = t.map(0, gva, 0x4000_0000, k4, MapFlags::default()).expect("map");
+        t.apply(&w).expect("apply");
+        assert!(t.unmap(0, gva + (1 << 39), k4).expect("no PDPT").is_empty());
+        assert!(t.unmap(0, gva + (2 << 20), k4).expect("no page table").is_empty());
+        assert_eq!(t.unmap(0, gva + (2 << 20), m2).expect("PD entry").len(), 1);
+        assert_eq!(t.unmap(0, gva, k4).expect("the leaf"), [(w[w.len() - 1].0, 0)]);
     }
 }
