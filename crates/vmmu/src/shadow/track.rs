@@ -1,20 +1,17 @@
-//! Guest writes to shadowed page tables and INVLPG (KVM `kvm_mmu_track_write` and
-//! `kvm_mmu_invalidate_addr`, shadow facts §4.3, §5.1).
+//! Guest writes to shadowed page tables (KVM `kvm_mmu_track_write`, shadow facts §4.3).
 //!
 //! A write the hypervisor emulated into a guest frame that valid shadow pages shadow drops the
 //! SPTEs the write covers, or zaps the page when the write is misaligned (crosses an entry, or
 //! is shorter than 4 bytes and not at an entry's start) or the page is flooded (three writes to
-//! an upper-level table without the page being used in between). INVLPG drops the leaf for one
-//! address under each given root. Both flush remote TLBs before they return when a present SPTE
-//! went.
+//! an upper-level table without the page being used in between). It flushes remote TLBs before
+//! it returns when a present SPTE went. (INVLPG, and the invalidation before an injected #PF,
+//! drop no leaf: `kvm_mmu_invalidate_addr` syncs only unsync pages, and this MMU has none.)
 
-use super::pages::{SpId, ZapBatch};
-use super::root::ShadowRoot;
+use super::pages::ZapBatch;
 use super::ShadowMmu;
 use crate::host::Host;
-use crate::spte::SpteFormat;
 use crate::tdp::TdpMmu;
-use crate::types::{AsId, Gfn, Gpa, Gva, Level};
+use crate::types::{AsId, Gpa, Level};
 
 impl ShadowMmu {
     /// KVM `kvm_mmu_track_write`: `bytes` bytes were written at `gpa`; `new_gpte` is the
@@ -58,47 +55,6 @@ impl ShadowMmu {
                 batch.flush |= st.drop_spte(core, id, idx);
                 if level > Level::L4K && new_gpte != 0 {
                     self.stats.mmu_pde_zapped.add(1);
-                }
-            }
-            st.commit_zap(core, &self.stats, &mut batch);
-        }
-        core.reclaim_batched();
-    }
-
-    /// Drops the shadow leaf (RAM or MMIO) for `gva` under each of `roots`.
-    pub(crate) fn zap_gva<H: Host>(
-        &self,
-        core: &TdpMmu<H>,
-        roots: impl IntoIterator<Item = ShadowRoot>,
-        gva: Gva,
-    ) {
-        let vgfn = Gfn(gva.raw() >> 12);
-        let fmt = core.cfg.format;
-        let mut batch = ZapBatch::default();
-        {
-            let mut st = self.lock(core);
-            for root in roots {
-                let start: Option<(SpId, Level)> = match root {
-                    ShadowRoot::Page { sp, .. } => Some((sp, Level::L4)),
-                    ShadowRoot::Special { sps, .. } => {
-                        sps[((gva.raw() >> 30) & 3) as usize].map(|sp| (sp, Level::L2M))
-                    }
-                };
-                let Some((mut cur, mut level)) = start else { continue };
-                loop {
-                    let idx = level.index(vgfn);
-                    if level == Level::L4K {
-                        batch.flush |= st.drop_spte(core, cur, idx);
-                        break;
-                    }
-                    let e = st.entry(core, cur, idx).load(crate::sync::Ordering::Acquire);
-                    if !SpteFormat::is_mmu_present(e) || fmt.is_leaf(e, level) {
-                        break;
-                    }
-                    let Some(child) = st.by_pfn(fmt.pfn(e)) else { break };
-                    let Some(l) = level.lower() else { break };
-                    cur = child;
-                    level = l;
                 }
             }
             st.commit_zap(core, &self.stats, &mut batch);

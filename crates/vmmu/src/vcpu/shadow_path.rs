@@ -461,10 +461,14 @@ impl<H: Host + GuestMemory> Vcpu<H> {
             Ok(w) => w,
             Err(WalkError::NonCanonical(a)) => return Err(FaultError::NonCanonical(a)),
             Err(WalkError::PageFault(pf)) => {
-                // KVM `kvm_inject_emulated_page_fault`: a protection fault must not leave a stale
-                // SPTE that would make the guest fault forever.
+                // KVM `kvm_inject_emulated_page_fault`: a protection fault invalidates the
+                // address in the current root (`kvm_mmu_invalidate_addr`), which since v6.4
+                // clears the GVA's MMIO cache entry and syncs the SPTE only in an unsync page
+                // (none here: every shadowed table is write-protected, so a leaf that let the
+                // walk fault already denies the access). The leaf stays: the next access that
+                // it allows does not fault (paging_guest_pf_keeps_leaf.scn, /dev/kvm).
                 if pf.error_code.0 & PfErr::PRESENT != 0 && !pf.error_code.rsvd() {
-                    shadow.zap_gva(core, core::iter::once(root), gva);
+                    st.mmio_cache.clear_gva_page(gva.raw());
                 }
                 stats.pf_guest += 1;
                 return Ok(FaultOutcome::GuestPageFault {
