@@ -402,6 +402,19 @@ impl SimMachine {
         }
     }
 
+    /// The fetch of the instruction after the access (the access code's sync store, in the same
+    /// page), unless the access faulted (the guest's #PF handler runs instead, at CPL0, which
+    /// the reference KVM emulates). It costs nothing unless the access's own fault recycled
+    /// the code page's shadow path (KVM flushes every TLB after zapping), which the fetch then
+    /// rebuilds within the same step, before the next step's pages (as KVM's per-step
+    /// `mmu_cache_miss` counts show).
+    fn fetch_code_after(&self, vcpu: u32, access: &Access) -> Result<(), BackendError> {
+        match access {
+            Access::PageFault { .. } => Ok(()),
+            Access::Ram(_) | Access::Mmio(_) => self.fetch_code(vcpu),
+        }
+    }
+
     /// The first write to a host page (by the host, or by the guest through a writable slot)
     /// replaces Linux's shared zero page by a new page, and the MMU notifier invalidates what
     /// mapped the old one (a guest read maps it read-only, through any alias), before the write
@@ -480,7 +493,9 @@ impl Machine for SimMachine {
             self.check_backed(gpa, op.width, false)?;
         }
         self.fetch_code(op.vcpu)?;
-        Ok(match self.on_vcpu(op.vcpu, op.gpa, op.width, None)? {
+        let access = self.on_vcpu(op.vcpu, op.gpa, op.width, None)?;
+        self.fetch_code_after(op.vcpu, &access)?;
+        Ok(match access {
             Access::Ram(value) => ReadExit::None { value },
             Access::Mmio(gpa) => {
                 ReadExit::Mmio { gpa, len: op.width.bytes(), value: mmio_reply & op.width.mask() }
@@ -504,7 +519,9 @@ impl Machine for SimMachine {
         if let Some((s, g)) = hit.filter(|(s, _)| !s.readonly) {
             self.first_write(s.uaddr.wrapping_add(g - s.gpa), u64::from(op.width.bytes()));
         }
-        Ok(match self.on_vcpu(op.vcpu, op.gpa, op.width, Some(op.value))? {
+        let access = self.on_vcpu(op.vcpu, op.gpa, op.width, Some(op.value))?;
+        self.fetch_code_after(op.vcpu, &access)?;
+        Ok(match access {
             Access::Ram(_) => WriteExit::None,
             Access::Mmio(gpa) => WriteExit::Mmio { gpa, len: op.width.bytes(), data: op.value },
             Access::PageFault { gva, error } => WriteExit::PageFault { gva, error },
