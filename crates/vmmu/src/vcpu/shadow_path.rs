@@ -281,13 +281,13 @@ impl<H: Host + GuestMemory> Vcpu<H> {
                     }
                 }
                 if sv.root.is_none() {
-                    let hit = {
-                        let s = shadow.lock(core);
-                        sv.prev
-                            .iter()
-                            .position(|p| p.is_some_and(|p| p.cr3 == cr3 && !s.is_obsolete(p.sp)))
-                    };
-                    let demoted = match current {
+                    // KVM `fast_pgd_switch`. The slots keep their places: a slot emptied when
+                    // its root was freed as obsolete stays empty until the rotation reaches it,
+                    // and a miss frees whatever the last slot holds, however recent the others
+                    // (`cached_root_find_and_keep_current`). A special current root is freed
+                    // first, and without a current root a hit takes its slot out and moves the
+                    // later ones up, a miss changes nothing (`cached_root_find_without_current`).
+                    let mut cur = match current {
                         Some(ShadowRoot::Page { sp, pfn, cr3 }) => Some(PrevRoot { cr3, sp, pfn }),
                         Some(special) => {
                             release.push(special);
@@ -295,21 +295,36 @@ impl<H: Host + GuestMemory> Vcpu<H> {
                         }
                         None => None,
                     };
-                    // Most recent first: the old current, then the others in order; the
-                    // reused root leaves the list; what falls off the end is released.
-                    let reused = hit.and_then(|i| sv.prev[i].take());
-                    let mut order: alloc::vec::Vec<PrevRoot> = demoted
-                        .into_iter()
-                        .chain(sv.prev.iter_mut().filter_map(Option::take))
-                        .collect();
-                    while order.len() > NUM_PREV_ROOTS {
-                        if let Some(p) = order.pop() {
-                            release.push(ShadowRoot::from(p));
+                    let reused = {
+                        let s = shadow.lock(core);
+                        let usable = |p: &Option<PrevRoot>| {
+                            p.is_some_and(|p| p.cr3 == cr3 && !s.is_obsolete(p.sp))
+                        };
+                        if cur.is_some() {
+                            let mut hit = false;
+                            for slot in sv.prev.iter_mut() {
+                                core::mem::swap(&mut cur, slot);
+                                if usable(&cur) {
+                                    hit = true;
+                                    break;
+                                }
+                            }
+                            if hit {
+                                cur
+                            } else {
+                                release.extend(cur.map(ShadowRoot::from));
+                                None
+                            }
+                        } else if let Some(i) = sv.prev.iter().position(usable) {
+                            let r = sv.prev[i].take();
+                            for j in i..NUM_PREV_ROOTS - 1 {
+                                sv.prev[j] = sv.prev[j + 1].take();
+                            }
+                            r
+                        } else {
+                            None
                         }
-                    }
-                    for (slot, p) in sv.prev.iter_mut().zip(order) {
-                        *slot = Some(p);
-                    }
+                    };
                     // KVM `kvm_mmu_new_pgd` after a fast switch hit: the reused root's write-
                     // flooding count starts again (paging_flood_count_prev_root.scn).
                     if let Some(p) = &reused {
