@@ -584,3 +584,44 @@ fn unusable_configurations_are_typed_errors() {
         assert!(VmConfig::shadow(bits).is_err());
     }
 }
+
+/// A gpa above what the root's levels decode (bit 48 and up with 4 levels, 57 with 5) is not
+/// translated through the entries of the gpa its low bits name: the hardware walk reports a
+/// not-present violation and the fault path emulates the gpa itself. Before, the walk dropped
+/// the high bits and returned the RAM frame of the low gpa (found by `tests/api_sequences.rs`:
+/// EPT, MAXPHYADDR 36, a slot at 0x3000, a read of 0x1_0000_0000_5000 read frame 0x40002).
+#[test]
+fn a_gpa_beyond_the_roots_reach_does_not_alias_a_mapped_one() {
+    use vmmu::tdp::HwWalk;
+    for (bits, five) in [(36u8, false), (46, false), (46, true), (52, true)] {
+        for f in FORMATS {
+            let mut cfg = VmConfig::new(f, bits).unwrap();
+            if five {
+                cfg.root_level = vmmu::Level::L5;
+            }
+            let (vm, _host) = vm_with(cfg);
+            vm.set_memory_region(&region(0, 0x3000, 0x3000, RAM_HVA, 0)).unwrap();
+            let mut v = vm.create_vcpu().unwrap();
+            let low = 0x5000u64;
+            let frame = Pfn((RAM_HVA + 0x2000) >> 12);
+            assert_eq!(access(&mut v, low, true).unwrap().0, Seen::Ram(frame));
+            let reach = if five { 57 } else { 48 };
+            for high in [(1u64 << reach) | low, (1 << 63) | low, !0xfff] {
+                v.service_requests().unwrap();
+                let walk = v.enter_guest().unwrap().walk(Gpa(high), vmmu::Access::NONE);
+                assert!(
+                    matches!(walk, HwWalk::Violation { present: false, .. }),
+                    "{f:?}/{bits}: walk of {high:#x}: {walk:?}"
+                );
+                for write in [false, true] {
+                    let (seen, _) = access(&mut v, high, write).unwrap();
+                    assert!(is_mmio(seen), "{f:?}/{bits}: {high:#x} saw {seen:?}");
+                }
+                v.enter_guest_mode().unwrap();
+                assert!(matches!(v.walk(Gpa(high), vmmu::Access::NONE), HwWalk::Violation { .. }));
+                v.exit_guest_mode();
+            }
+            assert_eq!(access(&mut v, low, false).unwrap().0, Seen::Ram(frame));
+        }
+    }
+}

@@ -212,3 +212,57 @@ fn try_access(v: &mut vmmu::vcpu::Vcpu<vmmu::testing::TestHost>, gva: u64, write
         }
     }
 }
+
+/// A #PF exit at a gva the guest cannot reach (above 4 GiB without paging or with PAE,
+/// non-canonical with 4-level paging) is #GP ([`FaultError::NonCanonical`]), even with RSVD set
+/// and an MMIO SPTE at the address its low bits name. The shadow root covers only the reachable
+/// addresses, so the MMIO fast path walked it with the high bits dropped and emulated the other
+/// address's gpa (found by `tests/api_sequences.rs`: a non-paging guest's MMIO read at
+/// 0x10_0000_2000, then an RSVD exit at 0x80_0000_2000, emulated gpa 0x10_0000_2000).
+#[test]
+fn an_unreachable_gva_is_gp_not_an_aliased_mmio_hit() {
+    use vmmu::fault::{FaultOutcome, PfErr};
+    use vmmu::guest::PagingMode;
+    use vmmu::Gva;
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let non_canonical =
+        |r: Result<FaultOutcome, FaultError>| matches!(r, Err(FaultError::NonCanonical(_)));
+    // Without paging: gva = gpa; MMIO_GPA (4 GiB) is itself out of reach, so use a low hole.
+    vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, 0, 0)).unwrap();
+    vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, 0x10_0000, RAM_HVA)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    let mmio = 0x20_0000u64;
+    assert!(matches!(access(&mut v, mmio, false), Seen::Mmio(..)));
+    for high in [(1u64 << 32) | mmio, (1 << 39) | mmio, (1 << 63) | mmio] {
+        for err in [PfErr::RSVD, 0, PfErr::WRITE | PfErr::RSVD] {
+            let r = v.handle_page_fault(Gva(high), PfErr(err));
+            assert!(non_canonical(r), "nonpaging {high:#x} err {err:#x}: {r:?}");
+        }
+    }
+    assert!(matches!(access(&mut v, mmio, false), Seen::Mmio(..)), "the low gva still emulates");
+    v.service_requests().unwrap();
+    let walk = v.enter_guest().unwrap().walk_gva(Gva((1 << 32) | mmio), vmmu::Access::NONE);
+    assert!(matches!(walk, vmmu::tdp::HwWalk::Violation { present: false, .. }), "{walk:?}");
+
+    // 4-level paging: the kernel half's first page maps MMIO; its non-canonical twin (bit 47
+    // set, bits 63:48 clear) indexes the same shadow entries.
+    vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, 0, 0)).unwrap();
+    vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, RAM_SIZE, RAM_HVA)).unwrap();
+    let s = Space::new(&host, &next);
+    let kernel = 0xffff_8000_0000_0000u64;
+    s.map4k(kernel, MMIO_GPA, P | RW);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    let seen = {
+        v.service_requests().unwrap();
+        v.handle_page_fault(Gva(kernel), PfErr(0)).unwrap()
+    };
+    assert!(matches!(seen, FaultOutcome::Emulate { .. }), "{seen:?}");
+    let twin = kernel & 0x0000_ffff_ffff_ffff;
+    // The hardware walk does not read the kernel page's entries for it either.
+    v.service_requests().unwrap();
+    let walk = v.enter_guest().unwrap().walk_gva(Gva(twin), vmmu::Access::NONE);
+    assert!(matches!(walk, vmmu::tdp::HwWalk::Violation { present: false, .. }), "{walk:?}");
+    let r = v.handle_page_fault(Gva(twin), PfErr(PfErr::RSVD));
+    assert!(non_canonical(r), "non-canonical {twin:#x}: {r:?}");
+    assert!(matches!(v.guest_cpu().map(|c| c.mode), Some(PagingMode::Long4)));
+}

@@ -92,8 +92,8 @@ pub enum FaultError {
         /// The MMU the entry point needs.
         wanted: &'static str,
     },
-    /// A guest-virtual address the guest cannot fault on (non-canonical; above 4 GiB with PAE):
-    /// the CPU raises #GP, never a page fault.
+    /// A guest-virtual address the guest cannot fault on (non-canonical; above 4 GiB with PAE or
+    /// without paging): the CPU raises #GP, never a page fault.
     #[error("guest-virtual address {0} is not canonical for the guest's paging mode (#GP)")]
     NonCanonical(crate::types::Gva),
     /// No frame for a page table (KVM: `-ENOMEM`).

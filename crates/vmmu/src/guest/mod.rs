@@ -14,5 +14,6 @@ pub mod walk;
 
 pub use mode::{load_pdptrs, GuestCpu, PagingMode, PdptrError};
 pub use walk::{
-    walk, GpteWriteError, GuestPageFault, GuestPteMemory, GuestWalk, WalkError, MAX_RESTARTS,
+    gva_reachable, walk, GpteWriteError, GuestPageFault, GuestPteMemory, GuestWalk, WalkError,
+    MAX_RESTARTS,
 };

@@ -17,7 +17,8 @@
 //!   state between calls.
 //!
 //! Where we differ from KVM, and why:
-//! - a non-canonical GVA (4-level) or a GVA above 4 GiB (PAE) is [`WalkError::NonCanonical`]:
+//! - a non-canonical GVA (4-level) or a GVA above 4 GiB (PAE, or no paging) is
+//!   [`WalkError::NonCanonical`] ([`gva_reachable`]):
 //!   on hardware that is #GP before any walk; KVM's walker never sees one (the exit or the
 //!   emulator has checked), a library caller might;
 //! - a walk that loses the A/D `cmpxchg` race [`MAX_RESTARTS`] times in a row returns its latest
@@ -109,7 +110,8 @@ pub enum WalkError {
     /// The guest gets a #PF.
     #[error(transparent)]
     PageFault(#[from] GuestPageFault),
-    /// The address is not canonical (4-level: bits 63:47 not all equal; PAE: above 4 GiB):
+    /// The address is not canonical (4-level: bits 63:47 not all equal; PAE or no paging:
+    /// above 4 GiB):
     /// architecturally #GP, never a #PF.
     #[error("non-canonical guest address {0}")]
     NonCanonical(Gva),
@@ -161,20 +163,13 @@ pub fn walk(
     gva: Gva,
     access: FaultAccess,
 ) -> Result<GuestWalk, WalkError> {
+    if !gva_reachable(cpu.mode, gva) {
+        return Err(WalkError::NonCanonical(gva));
+    }
     let root = match cpu.mode {
         PagingMode::NonPaging => return Ok(nonpaging(gva)),
-        PagingMode::Pae { pdptrs } => {
-            if gva.0 >> 32 != 0 {
-                return Err(WalkError::NonCanonical(gva));
-            }
-            Root::Pae(pdptrs)
-        }
-        PagingMode::Long4 => {
-            if ((gva.0 << 16) as i64 >> 16) as u64 != gva.0 {
-                return Err(WalkError::NonCanonical(gva));
-            }
-            Root::Long4
-        }
+        PagingMode::Pae { pdptrs } => Root::Pae(pdptrs),
+        PagingMode::Long4 => Root::Long4,
     };
     let walker = Walker { cpu, masks: root.masks(cpu), root, gva, access };
     let mut restarts = 0;
@@ -190,6 +185,18 @@ pub fn walk(
                 }
             }
         }
+    }
+}
+
+/// Whether a guest in `mode` can make an access at `gva` at all: canonical with 4-level paging,
+/// below 4 GiB with PAE paging or without paging (the linear address is 32 bits wide: CR0.PG=0
+/// implies no long mode). Anything else is #GP on hardware, never a page fault; the shadow
+/// tables do not cover it either (a PAE or non-paging shadow root spans 4 GiB, a 4-level one the
+/// canonical halves), so a walk of them would alias a reachable address.
+pub fn gva_reachable(mode: PagingMode, gva: Gva) -> bool {
+    match mode {
+        PagingMode::NonPaging | PagingMode::Pae { .. } => gva.0 >> 32 == 0,
+        PagingMode::Long4 => ((gva.0 << 16) as i64 >> 16) as u64 == gva.0,
     }
 }
 

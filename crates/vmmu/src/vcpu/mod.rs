@@ -344,6 +344,7 @@ impl<H: Host> Vcpu<H> {
     }
 
     /// The hardware walk for a TLB miss, in guest mode entered with [`Self::enter_guest_mode`].
+    /// A `gpa` the root does not reach is a not-present violation (see [`GuestMode::walk`]).
     ///
     /// # Panics
     /// Outside guest mode (a caller bug): only guest mode's read section keeps the tables the
@@ -354,6 +355,9 @@ impl<H: Host> Vcpu<H> {
         let Some(root) = self.st.root.as_ref() else {
             return HwWalk::Broken { dump: Default::default() };
         };
+        if !tdp_reaches(root.level(), gpa) {
+            return unreachable_walk();
+        }
         let mmu = &self.vm.mmu;
         // SAFETY: in guest mode (asserted above) the vCPU holds its table read section, opened in
         // `enter_guest_mode`, and `root` is its current root, which it keeps: nothing reachable
@@ -428,27 +432,65 @@ impl<H: Host> GuestMode<'_, H> {
         !self.state.pending().is_empty()
     }
 
-    /// The hardware's walk for a TLB miss on `gpa` needing `need`.
+    /// The hardware's walk for a TLB miss on `gpa` needing `need`. A `gpa` the root's levels do
+    /// not reach (bits above 48 with 4 levels, 57 with 5) is a not-present violation: the exit
+    /// goes to the fault path, which emulates it (it is above every memslot), where a walk of
+    /// the tables would read the entries of the gpa with the high bits dropped.
     #[inline]
     pub fn walk(&self, gpa: Gpa, need: Access) -> HwWalk {
+        if !tdp_reaches(self.root_level, gpa) {
+            return unreachable_walk();
+        }
+        self.walk_tables(gpa.gfn(), need)
+    }
+
+    /// The walk itself, from the root, of the index bits of `gfn` its levels decode.
+    #[inline]
+    fn walk_tables(&self, gfn: crate::types::Gfn, need: Access) -> HwWalk {
         let mmu = &self.vm.mmu;
         // SAFETY: `self` holds the vCPU's table read section (`_table`) for its whole life, and
         // borrows the vCPU, whose current root (`root_pfn`) cannot change meanwhile.
-        unsafe {
-            hw_walk(&mmu.cfg.format, &*mmu.host, self.root_pfn, self.root_level, gpa.gfn(), need)
-        }
+        unsafe { hw_walk(&mmu.cfg.format, &*mmu.host, self.root_pfn, self.root_level, gfn, need) }
     }
 
-    /// The hardware's walk for a TLB miss on guest-virtual `gva` (shadow paging).
+    /// The hardware's walk for a TLB miss on guest-virtual `gva` (shadow paging). A `gva` the
+    /// shadow root does not cover (non-canonical under a 4-level root, above 4 GiB under the
+    /// special root of a PAE or non-paging guest) is a not-present violation, whose exit
+    /// [`Vcpu::handle_page_fault`] reports as [`crate::fault::FaultError::NonCanonical`] (#GP).
     #[inline]
     pub fn walk_gva(&self, gva: crate::types::Gva, need: Access) -> HwWalk {
-        self.walk(Gpa(gva.raw()), need)
+        if !shadow_reaches(self.root_level, gva) {
+            return unreachable_walk();
+        }
+        self.walk_tables(crate::types::Gfn(gva.raw() >> crate::types::PAGE_SHIFT), need)
     }
 
     /// The root being walked.
     pub fn root(&self) -> (Pfn, Level) {
         (self.root_pfn, self.root_level)
     }
+}
+
+/// Whether a TDP root of `level` levels decodes every bit of `gpa` (48 bits with 4, 57 with 5).
+#[inline]
+fn tdp_reaches(level: Level, gpa: Gpa) -> bool {
+    gpa.raw() >> (crate::types::PAGE_SHIFT + 9 * u32::from(level.get())) == 0
+}
+
+/// Whether a shadow root of `level` covers `gva`: a 4-level one the canonical halves, the special
+/// root of a PAE or non-paging guest (walked from the PDPTE level) the low 4 GiB.
+#[inline]
+pub(crate) fn shadow_reaches(level: Level, gva: crate::types::Gva) -> bool {
+    match level {
+        Level::L4 => ((gva.raw() << 16) as i64 >> 16) as u64 == gva.raw(),
+        _ => gva.raw() >> 32 == 0,
+    }
+}
+
+/// The walk of an address the root does not reach: not present at the root.
+#[cold]
+pub(crate) fn unreachable_walk() -> HwWalk {
+    HwWalk::Violation { present: false, dump: Default::default() }
 }
 
 impl<H: Host> Drop for GuestMode<'_, H> {

@@ -195,6 +195,10 @@ impl<H: Host> Vcpu<H> {
         let Some((pfn, level)) = self.shadow_hw_root() else {
             return HwWalk::Broken { dump: Default::default() };
         };
+        if !super::shadow_reaches(level, gva) {
+            // Outside the shadow root: `handle_page_fault` reports it as #GP.
+            return super::unreachable_walk();
+        }
         let mmu = &self.vm.mmu;
         // SAFETY: in guest mode the vCPU holds its table read section and keeps its current
         // root (which pins its shadow pages): nothing reachable from it is freed meanwhile.
@@ -373,6 +377,15 @@ impl<H: Host + GuestMemory> Vcpu<H> {
             self.stats.misconfig_exits += 1;
         } else {
             self.stats.violation_exits += 1;
+        }
+        // Before any table or cache is consulted: the shadow root covers only what the guest can
+        // reach (4 GiB without paging or with PAE, the canonical halves with 4-level paging), and
+        // a walk of it for anything else reads the entry of the address with the high bits
+        // dropped (an MMIO SPTE there would emulate the wrong gpa).
+        if let Some(sv) = self.st.shadow.as_ref() {
+            if !guest::gva_reachable(sv.cpu.mode, gva) {
+                return Err(FaultError::NonCanonical(gva));
+            }
         }
         // Only the frame and level of the root, read in place: the fast path copies no
         // `ShadowRoot` (a copy of it cost a store-forwarding stall of about 5 ns per fault).
