@@ -625,3 +625,38 @@ fn a_gpa_beyond_the_roots_reach_does_not_alias_a_mapped_one() {
         }
     }
 }
+
+/// An RSVD exit (EPT misconfiguration, #NPF with RSVD) at a gpa above what the root decodes does
+/// not take the MMIO SPTE of the gpa its low bits name: before, the lockless walk dropped the
+/// high bits, found the low page's MMIO SPTE and emulated with that SPTE's rights
+/// (`MmioSpteHit`). Now the slow path emulates the gpa itself.
+#[test]
+fn an_rsvd_exit_beyond_the_roots_reach_is_not_a_hit_on_an_aliased_mmio_spte() {
+    use vmmu::fault::{FaultOutcome, PfErr};
+    for f in FORMATS {
+        let (vm, _host) = vm_with(VmConfig::new(f, 36).unwrap());
+        let mut v = vm.create_vcpu().unwrap();
+        let low = 0x10_0000u64;
+        // Twice: the MMIO SPTE is installed (and the vCPU's cache holds the low gfn).
+        assert!(is_mmio(access(&mut v, low, false).unwrap().0));
+        assert!(is_mmio(access(&mut v, low, false).unwrap().0));
+        for high in [(1u64 << 48) | low, (1 << 63) | low] {
+            v.service_requests().unwrap();
+            let r = match f {
+                FormatKind::Ept => v.handle_ept_misconfig(Gpa(high)),
+                _ => v.handle_npf(Gpa(high), PfErr(PfErr::RSVD)),
+            };
+            match r {
+                Ok(FaultOutcome::Emulate { gpa, source, .. }) => {
+                    assert_eq!(gpa, Gpa(high), "{f:?}");
+                    assert_ne!(
+                        source,
+                        EmulateSource::MmioSpteHit,
+                        "{f:?}: {high:#x} hit {low:#x}'s SPTE"
+                    );
+                }
+                other => panic!("{f:?}: RSVD exit at {high:#x}: {other:?}"),
+            }
+        }
+    }
+}

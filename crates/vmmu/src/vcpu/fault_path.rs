@@ -208,6 +208,12 @@ impl VcpuMmu {
             Some(r) => (r.pfn(), r.level()),
             None => return Ok(FastOutcome::Done(retry(stats, RetryCause::NoRoot))),
         };
+        if !super::tdp_reaches(root_level, gpa) {
+            // No SPTE maps a gpa above what the root decodes (it is above every memslot and the
+            // max gfn): the walk would read the entries of the gpa with its high bits dropped
+            // and report that page's MMIO SPTE. The slow path emulates it.
+            return Ok(FastOutcome::Invalid);
+        }
         let walk =
             vm.mmu.walk_mmio_fast(&mut self.leaf_tables, &readers.table, root_pfn, root_level, gfn);
         let leaf = match walk {

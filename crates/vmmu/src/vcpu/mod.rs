@@ -473,7 +473,7 @@ impl<H: Host> GuestMode<'_, H> {
 
 /// Whether a TDP root of `level` levels decodes every bit of `gpa` (48 bits with 4, 57 with 5).
 #[inline]
-fn tdp_reaches(level: Level, gpa: Gpa) -> bool {
+pub(crate) fn tdp_reaches(level: Level, gpa: Gpa) -> bool {
     gpa.raw() >> (crate::types::PAGE_SHIFT + 9 * u32::from(level.get())) == 0
 }
 
