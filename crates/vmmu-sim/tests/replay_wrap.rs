@@ -12,6 +12,11 @@ use vmmu_sim::replay::{parse, replay, ReplayConfig, RunReport};
 
 const SLOT: &str = r#""op":"slot","as":0,"id":0,"flags":[],"gpa":"0x100000""#;
 
+/// A trace's `t`: microseconds as seconds with six decimals.
+fn seconds(us: u64) -> String {
+    format!("{}.{:06}", us / 1_000_000, us % 1_000_000)
+}
+
 /// A trace creating and deleting one slot until the generation has wrapped, with a
 /// `zap_all_fast` annotation after every delete and one after the request that wrapped, unless
 /// `drop_wrap`. Returns the text and the line of the request that wrapped.
@@ -22,9 +27,8 @@ fn wrapping_trace(drop_wrap: bool) -> (String, usize) {
         for (size, swaps, own_zap) in [("0x1000", 1, 0), ("0x0", 2, 1)] {
             line += 1;
             s.push_str(&format!(
-                "{{\"t\":{}.{:06},{SLOT},\"size\":\"{size}\",\"uaddr\":\"0x7f0000000000\"}}\n",
-                us / 1_000_000,
-                us % 1_000_000
+                "{{\"t\":{},{SLOT},\"size\":\"{size}\",\"uaddr\":\"0x7f0000000000\"}}\n",
+                seconds(us)
             ));
             us += 1;
             let mut wraps = 0;
@@ -39,9 +43,8 @@ fn wrapping_trace(drop_wrap: bool) -> (String, usize) {
             for _ in 0..zaps {
                 line += 1;
                 s.push_str(&format!(
-                    "{{\"t\":{}.{:06},\"op\":\"kvm\",\"event\":\"zap_all_fast\"}}\n",
-                    us / 1_000_000,
-                    us % 1_000_000
+                    "{{\"t\":{},\"op\":\"kvm\",\"event\":\"zap_all_fast\"}}\n",
+                    seconds(us)
                 ));
                 us += 1;
             }
