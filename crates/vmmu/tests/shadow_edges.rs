@@ -266,3 +266,37 @@ fn an_unreachable_gva_is_gp_not_an_aliased_mmio_hit() {
     assert!(non_canonical(r), "non-canonical {twin:#x}: {r:?}");
     assert!(matches!(v.guest_cpu().map(|c| c.mode), Some(PagingMode::Long4)));
 }
+
+/// A non-paging guest's special root that runs out of table frames part way unpins the pages it
+/// had linked, so the next zap-all frees them. Before, the pages linked before the failure kept
+/// a pin from a root that never came to be: a zap made them invalid but could never free them,
+/// and their frames stayed in use for the VM's life.
+#[test]
+fn a_special_root_short_of_frames_leaves_nothing_pinned() {
+    use std::sync::Arc;
+    use vmmu::guest::PagingMode;
+    use vmmu::testing::TestHost;
+    use vmmu::vm::{Vm, VmConfig};
+    use vmmu::Level;
+    // The root's own frame, then one per direct page: 2 to 4 frames fail at the 2nd to 4th page.
+    for nr_tables in 2..=4 {
+        let host = Arc::new(TestHost::new(nr_tables));
+        host.map(RAM_HVA, RAM_SIZE, RAM_HVA >> 12, Level::L4K, true);
+        let vm = Vm::new(VmConfig::shadow(46).unwrap(), host.clone()).unwrap();
+        vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, RAM_SIZE, RAM_HVA)).unwrap();
+        let cpu = GuestCpu {
+            mode: PagingMode::NonPaging,
+            cr3: 0,
+            cr0_wp: true,
+            efer_nx: false,
+            maxphyaddr: 46,
+        };
+        let mut v = vcpu_in(&vm, cpu);
+        try_access(&mut v, 0x1000, false);
+        // A delete zaps all (KVM's quirk), and every obsolete page goes.
+        vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, 0, RAM_HVA)).unwrap();
+        drop(v);
+        let pages = vm.shadow_mmu().expect("shadow").stats.snapshot().shadow_pages;
+        assert_eq!(pages, 0, "{nr_tables} frames: shadow pages left pinned");
+    }
+}

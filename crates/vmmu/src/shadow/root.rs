@@ -148,16 +148,17 @@ impl ShadowRoot {
                 // Four direct level-2 pages cover the 4 GiB a guest without paging reaches.
                 let pfn = core.alloc_table()?;
                 let mut sps = [None; 4];
-                for (i, slot) in sps.iter_mut().enumerate() {
+                for i in 0..sps.len() {
                     let role = SpRole::new(Level::L2M, true, Access::ALL, as_id);
                     let Some((sp, _)) =
                         st.get_page(core, stats, Gfn((i as u64) << 18), role, batch)
                     else {
-                        Self::Special { pfn, sps: [None; 4] }.release(st, batch, &mut Vec::new());
+                        // Unpin the pages linked so far, as the PAE arm does.
+                        Self::Special { pfn, sps }.release(st, batch, &mut Vec::new());
                         core.free_unpublished_table(pfn);
                         return None;
                     };
-                    *slot = Some(sp);
+                    sps[i] = Some(sp);
                     Self::link_special(core, st, pfn, i, sp);
                 }
                 Some(ShadowRoot::Special { pfn, sps })
