@@ -72,6 +72,10 @@ pub(crate) struct ZapBatch {
     pub(crate) invalid: Vec<SpId>,
     /// A present SPTE was cleared: remote TLBs must be flushed before anything is freed.
     pub(crate) flush: bool,
+    /// Invalid pages whose last root user let go (`put_root`): KVM's `mmu_free_root_page` runs
+    /// `kvm_mmu_prepare_zap_page` on each again, which counts `mmu_shadow_zapped` a second
+    /// time; the commit counts them the same way.
+    pub(crate) released_invalid: u64,
 }
 
 /// The shadow MMU's bookkeeping, guarded by its lock.
@@ -481,6 +485,9 @@ impl ShadowState {
         stats: &ShadowStats,
         batch: &mut ZapBatch,
     ) {
+        let again = core::mem::take(&mut batch.released_invalid);
+        stats.mmu_shadow_zapped.add(again);
+        core.stats.mmu_shadow_zapped.add(again);
         if batch.flush || !batch.invalid.is_empty() {
             if !core.cfg.bugs.has(crate::bugs::Bug::NoTlbFlushOnZap) {
                 core.flush_remote_tlbs();
@@ -515,6 +522,7 @@ impl ShadowState {
         sp.root_count -= 1;
         if sp.root_count == 0 && sp.role.invalid() {
             batch.invalid.push(id);
+            batch.released_invalid += 1;
         }
     }
 
