@@ -10,7 +10,8 @@
 //! Output: one line per file on stdout (`equal  FILE (sources)`, `DIFFER FILE: step N: a: LINE |
 //! b: LINE`, `FAILED FILE: source: error`, `skipped FILE: reason`). Exit status: 2 when a file
 //! cannot be read or does not parse (message on stderr; the other files still run) or on bad
-//! arguments, else 1 when any file differs or a source failed, else 0.
+//! arguments, else 1 when any file differs or a source failed, else 0. `--counters` adds, under
+//! each verdict, where the shadow MMU's counters part from KVM's (not part of the verdict).
 
 use clap::Args;
 use std::io::Write;
@@ -35,6 +36,64 @@ pub struct DiffArgs {
     /// Do not run on /dev/kvm.
     #[arg(long)]
     pub no_kvm: bool,
+    /// Also run the shadow-paging configurations and /dev/kvm once more, reading the shadow MMU's
+    /// counters (`mmu_cache_miss`, `mmu_shadow_zapped`, `mmu_recycled`, `mmu_flooded`) after
+    /// every step, and print under the verdict the first step where each configuration's
+    /// counters part from KVM's. Counters are not observations: a difference says the two MMUs
+    /// built or zapped different shadow pages there, the place to look for one that shows.
+    #[arg(long, conflicts_with = "no_kvm")]
+    pub counters: bool,
+}
+
+/// Per step: (step number, line, the counters after it).
+type CounterTrail = Vec<(u32, u32, Option<vmmu_scenario::ShadowCounters>)>;
+
+/// Runs `scenario` on `backend`, keeping the counters after every step (`Err`: why it stopped).
+fn counter_trail(
+    backend: &dyn Backend,
+    scenario: &vmmu_scenario::Scenario,
+) -> Result<CounterTrail, String> {
+    let mut trail = Vec::new();
+    let mut keep = |step: &vmmu_scenario::Step, c| trail.push((step.number, step.line, c));
+    vmmu_scenario::run_counted(backend, scenario, &mut |_| {}, Some(&mut keep))
+        .map_err(|e| e.to_string())?;
+    Ok(trail)
+}
+
+/// The lines `--counters` prints under a verdict: for each shadow-paging configuration, the first
+/// step where its counters part from KVM's.
+fn counter_lines(
+    scenario: &vmmu_scenario::Scenario,
+    pinned: Option<Format>,
+    kvm: &dyn Backend,
+) -> Vec<String> {
+    let reference = match counter_trail(kvm, scenario) {
+        Ok(t) if t.iter().any(|(_, _, c)| c.is_some()) => t,
+        // A skipped scenario runs no step.
+        Ok(t) if t.is_empty() => return vec!["  counters: kvm ran no step".into()],
+        Ok(_) => return vec!["  counters: kvm gives none (no KVM_GET_STATS_FD)".into()],
+        Err(e) => return vec![format!("  counters: kvm: {e}")],
+    };
+    let mut lines = Vec::new();
+    for (name, b) in sim_backends(pinned).iter().filter(|(n, _)| n.contains("shadow")) {
+        let line = match counter_trail(b.as_ref(), scenario) {
+            Err(e) => format!("  counters: {name}: {e}"),
+            Ok(trail) => {
+                let parted = trail
+                    .iter()
+                    .zip(&reference)
+                    .find(|((_, _, a), (_, _, k))| matches!((a, k), (Some(a), Some(k)) if a != k));
+                match parted {
+                    Some(((n, l, Some(a)), (_, _, Some(k)))) => {
+                        format!("  counters: {name} parts from kvm after step {n} (line {l}): kvm {k} | {name} {a}")
+                    }
+                    _ => format!("  counters: {name} equal to kvm after every step"),
+                }
+            }
+        };
+        lines.push(line);
+    }
+    lines
 }
 
 /// HOOK for the sim backend: the simulated machine under every configuration it must agree
@@ -109,7 +168,8 @@ pub fn run(args: &DiffArgs) -> ExitCode {
                 continue;
             }
         };
-        let mut sources: Vec<Source> = sim_backends(diff::pinned_format(&text, &scenario))
+        let pinned = diff::pinned_format(&text, &scenario);
+        let mut sources: Vec<Source> = sim_backends(pinned)
             .iter()
             .map(|(name, b)| diff::run_source(name, b.as_ref(), &scenario))
             .collect();
@@ -126,7 +186,14 @@ pub fn run(args: &DiffArgs) -> ExitCode {
         sources.extend(recorded(args, file));
         let verdict = diff::compare(&sources);
         bad_verdict |= verdict.is_bad();
-        if writeln!(out, "{}", VerdictLine { path: &shown, verdict: &verdict }).is_err() {
+        let mut text = format!("{}", VerdictLine { path: &shown, verdict: &verdict });
+        if args.counters {
+            for line in counter_lines(&scenario, pinned, &kvm) {
+                text.push('\n');
+                text.push_str(&line);
+            }
+        }
+        if writeln!(out, "{text}").is_err() {
             // stdout is gone (a closed pipe): nobody reads the rest.
             return ExitCode::from(1);
         }
@@ -145,7 +212,13 @@ mod tests {
     use super::*;
 
     fn args(expected: Option<&str>, no_expected: bool) -> DiffArgs {
-        DiffArgs { files: vec![], expected: expected.map(PathBuf::from), no_expected, no_kvm: true }
+        DiffArgs {
+            files: vec![],
+            expected: expected.map(PathBuf::from),
+            no_expected,
+            no_kvm: true,
+            counters: false,
+        }
     }
 
     #[test]

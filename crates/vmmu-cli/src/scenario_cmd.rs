@@ -56,6 +56,11 @@ pub struct ScenarioArgs {
     /// Override the file's `phys_bits=` (36..=52).
     #[arg(long, value_parser = clap::value_parser!(u8).range(36..=52))]
     pub phys_bits: Option<u8>,
+    /// After each step, print the shadow MMU's counters (KVM's `mmu_cache_miss`,
+    /// `mmu_shadow_zapped`, `mmu_recycled`, `mmu_flooded`; cumulative) on stderr, as
+    /// `step N (line L): ...`; a machine without them prints `step N (line L): none`.
+    #[arg(long)]
+    pub counters: bool,
 }
 
 /// The backend for `kind`, or why it cannot be had. Adding a backend is one match arm.
@@ -102,11 +107,21 @@ pub fn run(args: &ScenarioArgs) -> ExitCode {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut write_error = None;
-    let result = vmmu_scenario::run(backend.as_ref(), &scenario, &mut |o| {
-        if write_error.is_none() {
-            write_error = writeln!(out, "{o}").err();
-        }
-    });
+    let mut counters =
+        |step: &vmmu_scenario::Step, c: Option<vmmu_scenario::ShadowCounters>| match c {
+            Some(c) => eprintln!("step {} (line {}): {c}", step.number, step.line),
+            None => eprintln!("step {} (line {}): none", step.number, step.line),
+        };
+    let result = vmmu_scenario::run_counted(
+        backend.as_ref(),
+        &scenario,
+        &mut |o| {
+            if write_error.is_none() {
+                write_error = writeln!(out, "{o}").err();
+            }
+        },
+        if args.counters { Some(&mut counters) } else { None },
+    );
     if write_error.is_none() {
         write_error = out.flush().err();
     }

@@ -148,3 +148,24 @@ fn skipped_scenario_exits_0_with_one_line() {
         "{s}"
     );
 }
+
+/// `--counters` prints the shadow MMU's counters after every step on stderr and leaves the
+/// observations on stdout as they are; a TDP machine has none.
+#[test]
+fn counters_go_to_stderr_one_line_per_step() {
+    let f = repo("tests/scenarios/dirty_log_recycled_direct_pages.scn");
+    let plain = vmmu(&["scenario", "--format", "shadow", &f]);
+    let counted = vmmu(&["scenario", "--format", "shadow", "--counters", &f]);
+    assert_eq!(counted.status.code(), Some(0), "{}", text(&counted.stderr));
+    assert_eq!(text(&plain.stdout), text(&counted.stdout));
+    let stderr = text(&counted.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(lines.len() > 5, "{stderr}");
+    for (i, l) in lines.iter().enumerate() {
+        assert!(l.starts_with(&format!("step {} (line ", i + 1)), "{l}");
+        assert!(l.contains("): mmu_cache_miss="), "{l}");
+    }
+    assert!(!lines.last().unwrap_or(&"").contains("mmu_cache_miss=0 "), "{stderr}");
+    let tdp = vmmu(&["scenario", "--format", "ept", "--counters", &f]);
+    assert!(text(&tdp.stderr).lines().all(|l| l.ends_with("): none")), "{}", text(&tdp.stderr));
+}

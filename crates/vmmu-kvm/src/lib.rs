@@ -51,6 +51,8 @@ mod paging;
 pub mod replay;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod selftest;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod stats;
 
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub use machine::{probe, KvmError, KvmInfo};

@@ -26,8 +26,8 @@ use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use std::collections::BTreeMap;
 use vmmu_scenario::{
     BackendError, ClearDirtyLogOp, Cr3Op, DirtyLogMode, DirtyLogOp, DirtyLogResult, HostReadOp,
-    HostWriteOp, Machine, MapOp, MemDecl, MemId, Paging, ReadExit, ReadOp, Scenario, SlotOp,
-    SlotResult, Start, UnmapOp, Width, WriteExit, WriteOp,
+    HostWriteOp, Machine, MapOp, MemDecl, MemId, Paging, ReadExit, ReadOp, Scenario,
+    ShadowCounters, SlotOp, SlotResult, Start, UnmapOp, Width, WriteExit, WriteOp,
 };
 
 /// What went wrong in the KVM backend.
@@ -594,6 +594,17 @@ impl KvmMachine {
 }
 
 impl Machine for KvmMachine {
+    fn shadow_counters(&self) -> Option<ShadowCounters> {
+        let stats = crate::stats::vm_stats(&self.vm).ok()?;
+        let get = |name: &str| stats.get(name).copied();
+        Some(ShadowCounters {
+            mmu_cache_miss: get("mmu_cache_miss")?,
+            mmu_shadow_zapped: get("mmu_shadow_zapped")?,
+            mmu_recycled: get("mmu_recycled")?,
+            mmu_flooded: get("mmu_flooded")?,
+        })
+    }
+
     fn mem(&mut self, id: MemId, decl: &MemDecl) -> Result<(), BackendError> {
         debug_assert_eq!(id.0, self.bufs.len());
         let size = usize::try_from(decl.size).map_err(|_| KvmError::Mmap {

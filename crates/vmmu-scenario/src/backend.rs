@@ -79,8 +79,42 @@ pub trait Backend {
     fn start(&self, scenario: &Scenario) -> Result<Start, BackendError>;
 }
 
+/// The shadow MMU's counters that KVM exports as VM statistics (`KVM_GET_STATS_FD`), cumulative
+/// since the machine started. They are not observations (scenarios.md does not define them, and
+/// a backend's own guest code and tables move them), but where two backends' counters part, the
+/// two MMUs built or zapped different shadow pages: the place to look for an observation that
+/// differs (a dirty log shows which leaves exist).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShadowCounters {
+    /// Shadow pages created (`mmu_cache_miss`).
+    pub mmu_cache_miss: u64,
+    /// Shadow pages zapped (`mmu_shadow_zapped`).
+    pub mmu_shadow_zapped: u64,
+    /// Shadow pages zapped over the page limit (`mmu_recycled`).
+    pub mmu_recycled: u64,
+    /// Shadow pages zapped for write flooding (`mmu_flooded`).
+    pub mmu_flooded: u64,
+}
+
+impl core::fmt::Display for ShadowCounters {
+    /// `mmu_cache_miss=N mmu_shadow_zapped=N mmu_recycled=N mmu_flooded=N`.
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "mmu_cache_miss={} mmu_shadow_zapped={} mmu_recycled={} mmu_flooded={}",
+            self.mmu_cache_miss, self.mmu_shadow_zapped, self.mmu_recycled, self.mmu_flooded
+        )
+    }
+}
+
 /// A machine running one scenario. The driver calls one method per step, in file order.
 pub trait Machine {
+    /// The shadow MMU's counters now, where the machine has a shadow MMU and can read them
+    /// (`None` otherwise: a TDP MMU, or a kernel without `KVM_GET_STATS_FD`).
+    fn shadow_counters(&self) -> Option<ShadowCounters> {
+        None
+    }
+
     /// `mem`: make the zero-filled buffer `id` of `decl.size` bytes (whole pages).
     fn mem(&mut self, id: MemId, decl: &MemDecl) -> Result<(), BackendError>;
 
@@ -133,6 +167,20 @@ pub fn run(
     scenario: &Scenario,
     sink: &mut dyn FnMut(&Observation),
 ) -> Result<(), RunError> {
+    run_counted(backend, scenario, sink, None)
+}
+
+/// What [`run_counted`] calls after each step: the step and the machine's [`ShadowCounters`].
+pub type CounterSink<'a> = &'a mut dyn FnMut(&Step, Option<ShadowCounters>);
+
+/// [`run`], and after each step (its observation handed to `sink` first) `counters` gets the
+/// step and the machine's [`ShadowCounters`] (`None` where it has none).
+pub fn run_counted(
+    backend: &dyn Backend,
+    scenario: &Scenario,
+    sink: &mut dyn FnMut(&Observation),
+    mut counters: Option<CounterSink<'_>>,
+) -> Result<(), RunError> {
     let name = backend.name();
     let mut machine = match backend.start(scenario) {
         Ok(Start::Run(m)) => m,
@@ -154,6 +202,9 @@ pub fn run(
             })?;
         if let Some(o) = obs {
             sink(&o);
+        }
+        if let Some(c) = counters.as_mut() {
+            c(step, machine.shadow_counters());
         }
     }
     Ok(())

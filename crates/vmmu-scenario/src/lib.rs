@@ -40,7 +40,9 @@ mod parse;
 mod print;
 mod step;
 
-pub use backend::{run, run_collect, Backend, BackendError, Machine, RunError, Start};
+pub use backend::{
+    run, run_collect, run_counted, Backend, BackendError, Machine, RunError, ShadowCounters, Start,
+};
 pub use diff::{Verdict, VerdictLine};
 pub use error::{Error, Result};
 pub use observation::{

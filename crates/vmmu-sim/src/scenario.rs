@@ -23,7 +23,8 @@ use vmmu::spte::FormatKind;
 use vmmu_scenario::{
     Backend, BackendError, ClearDirtyLogOp, Cr3Op, DirtyLogMode, DirtyLogOp, DirtyLogResult,
     Format, HostReadOp, HostWriteOp, Machine, MapOp, MemDecl, MemId, MemRef, Paging, ReadExit,
-    ReadOp, Scenario, SlotOp, SlotResult, Start, UnmapOp, Width, WriteExit, WriteOp,
+    ReadOp, Scenario, ShadowCounters, SlotOp, SlotResult, Start, UnmapOp, Width, WriteExit,
+    WriteOp,
 };
 
 /// The guest's own MAXPHYADDR (its CPUID), which decides the reserved bits of its page-table
@@ -440,6 +441,16 @@ impl SimMachine {
 }
 
 impl Machine for SimMachine {
+    fn shadow_counters(&self) -> Option<ShadowCounters> {
+        let s = self.mmu.vm().shadow_mmu()?.stats.snapshot();
+        Some(ShadowCounters {
+            mmu_cache_miss: s.mmu_cache_miss,
+            mmu_shadow_zapped: s.mmu_shadow_zapped,
+            mmu_recycled: s.mmu_recycled,
+            mmu_flooded: s.mmu_flooded,
+        })
+    }
+
     fn mem(&mut self, id: MemId, decl: &MemDecl) -> Result<(), BackendError> {
         let b = self.host.add_buffer(&decl.name, decl.size).map_err(failed)?;
         if let Some(slot) = self.buffers.get_mut(id.0) {
