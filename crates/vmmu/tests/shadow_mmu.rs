@@ -401,3 +401,25 @@ fn mmio_faults_build_no_shadow_pages_with_shadow_mmio_path_only() {
     assert!(matches!(access(&mut v, 0x4000_0000, true), Seen::Mmio(..)));
     assert_eq!(v.stats.pf_mmio_spte_created, 1);
 }
+
+#[test]
+fn a_root_zapped_while_in_use_counts_zapped_again_when_its_vcpu_frees_it() {
+    // KVM: `kvm_zap_obsolete_pages` prepares the zap of a root a vCPU still uses (counting
+    // `mmu_shadow_zapped`) and leaves it to the vCPU; its `mmu_free_root_page` prepares the zap
+    // again, counting it a second time (/dev/kvm's per-step stats: one more at the vCPU's next
+    // fault after a memslot delete).
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    s.map4k(0x4000_0000, 0x20_0000, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    let shadow = vm.shadow_mmu().unwrap();
+    let pages = shadow.pages_in_use() as u64;
+    assert_eq!(pages, 4, "root, level 3, 2 and 1");
+    vm.zap_all_fast();
+    assert_eq!(shadow.stats.snapshot().mmu_shadow_zapped, pages);
+    assert_eq!(vm.stats().mmu_shadow_zapped, pages);
+    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(shadow.stats.snapshot().mmu_shadow_zapped, pages + 1, "the root, again");
+    assert_eq!(vm.stats().mmu_shadow_zapped, pages + 1);
+}
