@@ -195,9 +195,21 @@ pub fn walk(
 /// canonical halves), so a walk of them would alias a reachable address.
 pub fn gva_reachable(mode: PagingMode, gva: Gva) -> bool {
     match mode {
-        PagingMode::NonPaging | PagingMode::Pae { .. } => gva.0 >> 32 == 0,
-        PagingMode::Long4 => ((gva.0 << 16) as i64 >> 16) as u64 == gva.0,
+        PagingMode::NonPaging | PagingMode::Pae { .. } => below_4g(gva),
+        PagingMode::Long4 => canonical(gva),
     }
+}
+
+/// Whether `gva` is canonical for 4-level paging (bits 63:47 all equal).
+#[inline]
+pub(crate) fn canonical(gva: Gva) -> bool {
+    ((gva.0 << 16) as i64 >> 16) as u64 == gva.0
+}
+
+/// Whether `gva` is a 32-bit linear address (no paging, or PAE paging).
+#[inline]
+pub(crate) fn below_4g(gva: Gva) -> bool {
+    gva.0 >> 32 == 0
 }
 
 /// Without paging: the identity, every right.

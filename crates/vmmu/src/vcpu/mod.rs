@@ -478,12 +478,13 @@ pub(crate) fn tdp_reaches(level: Level, gpa: Gpa) -> bool {
 }
 
 /// Whether a shadow root of `level` covers `gva`: a 4-level one the canonical halves, the special
-/// root of a PAE or non-paging guest (walked from the PDPTE level) the low 4 GiB.
+/// root of a PAE or non-paging guest (walked from the PDPTE level) the low 4 GiB; the same rules
+/// as [`crate::guest::gva_reachable`], by the root's level instead of the guest's mode.
 #[inline]
 pub(crate) fn shadow_reaches(level: Level, gva: crate::types::Gva) -> bool {
     match level {
-        Level::L4 => ((gva.raw() << 16) as i64 >> 16) as u64 == gva.raw(),
-        _ => gva.raw() >> 32 == 0,
+        Level::L4 => crate::guest::walk::canonical(gva),
+        _ => crate::guest::walk::below_4g(gva),
     }
 }
 
