@@ -561,11 +561,7 @@ pub fn shadow_access<M: GuestMmu>(
     // The CPU raises #GP before any walk for an address its mode cannot form: not canonical
     // (4-level), or above 4 GiB (no paging, PAE). The shadow root's walk would ignore the high
     // bits and reach another page.
-    let formable = match v.guest_cpu().map(|c| c.mode) {
-        Some(PagingMode::Long4) => ((gva << 16) as i64 >> 16) as u64 == gva,
-        Some(PagingMode::NonPaging | PagingMode::Pae { .. }) => gva >> 32 == 0,
-        None => true,
-    };
+    let formable = v.guest_cpu().is_none_or(|c| vmmu::guest::gva_reachable(c.mode, vmmu::Gva(gva)));
     if !formable {
         return ShadowAccess::Error(format!(
             "#GP: the guest's paging mode cannot form the address {gva:#x}"
