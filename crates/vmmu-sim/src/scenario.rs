@@ -390,6 +390,36 @@ impl SimMachine {
         }
     }
 
+    /// One guest access by `vcpu` at `addr` (a store of `value`, or a load), as the KVM backend's
+    /// guest makes it: refused where its slot leads outside every scenario buffer, preceded and
+    /// followed by the code fetches that cost the MMU something, and, for a store to RAM of a
+    /// writable slot, with the zero page broken first as KVM's write fault does. With guest
+    /// paging `addr` is a GVA: the GPA is where the vCPU's tables send a user access (none if
+    /// they refuse it: the access faults and touches nothing).
+    fn guest_access(
+        &self,
+        vcpu: u32,
+        addr: u64,
+        width: Width,
+        value: Option<u64>,
+    ) -> Result<Access, BackendError> {
+        let write = value.is_some();
+        let gpa = self.target(vcpu, addr, write);
+        if let Some(g) = gpa {
+            self.check_backed(g, width, write)?;
+        }
+        self.fetch_code(vcpu)?;
+        if let Some(g) = gpa.filter(|_| write) {
+            let hit = self.slots.values().find(|s| g.wrapping_sub(s.gpa) < s.size);
+            if let Some(s) = hit.filter(|s| !s.readonly) {
+                self.first_write(s.uaddr.wrapping_add(g - s.gpa), u64::from(width.bytes()));
+            }
+        }
+        let access = self.on_vcpu(vcpu, addr, width, value)?;
+        self.fetch_code_after(vcpu, &access)?;
+        Ok(access)
+    }
+
     /// The instruction fetch a guest access starts with, where it costs the MMU anything
     /// ([`SimMachine::code_gpa`]): a read of the vCPU's code page, which is RAM.
     fn fetch_code(&self, vcpu: u32) -> Result<(), BackendError> {
@@ -500,13 +530,7 @@ impl Machine for SimMachine {
     }
 
     fn read(&mut self, op: &ReadOp, mmio_reply: u64) -> Result<ReadExit, BackendError> {
-        if let Some(gpa) = self.target(op.vcpu, op.gpa, false) {
-            self.check_backed(gpa, op.width, false)?;
-        }
-        self.fetch_code(op.vcpu)?;
-        let access = self.on_vcpu(op.vcpu, op.gpa, op.width, None)?;
-        self.fetch_code_after(op.vcpu, &access)?;
-        Ok(match access {
+        Ok(match self.guest_access(op.vcpu, op.gpa, op.width, None)? {
             Access::Ram(value) => ReadExit::None { value },
             Access::Mmio(gpa) => {
                 ReadExit::Mmio { gpa, len: op.width.bytes(), value: mmio_reply & op.width.mask() }
@@ -516,23 +540,7 @@ impl Machine for SimMachine {
     }
 
     fn write(&mut self, op: &WriteOp) -> Result<WriteExit, BackendError> {
-        // A store to RAM of a writable slot: KVM's write fault breaks the zero page first. With
-        // guest paging the address is a GVA: the GPA is where the vCPU's tables send a user
-        // write (none if they refuse it: the store faults and writes nothing).
-        let gpa = self.target(op.vcpu, op.gpa, true);
-        if let Some(g) = gpa {
-            self.check_backed(g, op.width, true)?;
-        }
-        let hit = gpa.and_then(|g| {
-            self.slots.values().find(|s| g.wrapping_sub(s.gpa) < s.size).map(|s| (s, g))
-        });
-        self.fetch_code(op.vcpu)?;
-        if let Some((s, g)) = hit.filter(|(s, _)| !s.readonly) {
-            self.first_write(s.uaddr.wrapping_add(g - s.gpa), u64::from(op.width.bytes()));
-        }
-        let access = self.on_vcpu(op.vcpu, op.gpa, op.width, Some(op.value))?;
-        self.fetch_code_after(op.vcpu, &access)?;
-        Ok(match access {
+        Ok(match self.guest_access(op.vcpu, op.gpa, op.width, Some(op.value))? {
             Access::Ram(_) => WriteExit::None,
             Access::Mmio(gpa) => WriteExit::Mmio { gpa, len: op.width.bytes(), data: op.value },
             Access::PageFault { gva, error } => WriteExit::PageFault { gva, error },
