@@ -259,16 +259,7 @@ impl GuestTables {
         let root = (*self.roots.get(usize::from(space))?)?;
         let need = if write { P | RW | US } else { P | US };
         let ok = |e: u64| e & need == need && e & RSVD51 == 0;
-        let (mut table, top) = match self.paging {
-            Paging::Pae => {
-                let pdpte = self.read(root + 8 * ((gva >> 30) & 3)).ok()?;
-                if pdpte & P == 0 {
-                    return None;
-                }
-                (pdpte & ADDR, 2)
-            }
-            _ => (root, 4),
-        };
+        let (mut table, top) = self.top_table(root, gva).ok()??;
         for l in (1..=top).rev() {
             let e = self.read(table + 8 * ((gva >> (12 + 9 * (l - 1))) & 511)).ok()?;
             if !ok(e) {
@@ -298,6 +289,18 @@ impl GuestTables {
         Ok(self.existing_entry_gpa(space, gva, level)?.map(|at| (at, 0)).into_iter().collect())
     }
 
+    /// Where a walk of `gva` from `root` starts: the table and its level (the PML4, level 4; or
+    /// with PAE the page directory its PDPTE names, level 2; `None` if that PDPTE is not present).
+    fn top_table(&self, root: u64, gva: u64) -> Result<Option<(u64, u32)>, TablesError> {
+        Ok(match self.paging {
+            Paging::Pae => {
+                let pdpte = self.read(root + 8 * ((gva >> 30) & 3))?;
+                (pdpte & P != 0).then_some((pdpte & ADDR, 2))
+            }
+            _ => Some((root, 4)),
+        })
+    }
+
     /// The gpa of the entry for `gva` at `level` in `space` if every table above it exists
     /// (present links, no large page above `level`).
     fn existing_entry_gpa(
@@ -310,9 +313,8 @@ impl GuestTables {
         else {
             return Ok(None);
         };
-        let (mut table, top) = match self.paging {
-            Paging::Pae => (self.read(root + 8 * ((gva >> 30) & 3))? & ADDR, 2),
-            _ => (root, 4),
+        let Some((mut table, top)) = self.top_table(root, gva)? else {
+            return Ok(None);
         };
         for l in (level + 1..=top).rev() {
             let e = self.read(table + 8 * ((gva >> (12 + 9 * (l - 1))) & 511))?;
