@@ -300,3 +300,48 @@ fn a_special_root_short_of_frames_leaves_nothing_pinned() {
         assert_eq!(pages, 0, "{nr_tables} frames: shadow pages left pinned");
     }
 }
+
+/// Walking a gpa on a shadow-paging vCPU is a caller bug (its hardware walks gvas): it panics
+/// naming the right walk, rather than answering as if a table frame were unknown.
+#[test]
+#[should_panic(expected = "a shadow-paging vCPU walks gvas")]
+fn a_gpa_walk_on_a_shadow_vcpu_names_the_gva_walk() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    v.service_requests().unwrap();
+    v.enter_guest_mode().unwrap();
+    let _ = v.walk(Gpa(0x1000), vmmu::Access::USER);
+}
+
+/// The same through the guest-mode guard: its gpa walk would read the shadow root's entries
+/// as if the gpa were a gva, a silent wrong translation; it panics instead.
+#[test]
+#[should_panic(expected = "a shadow-paging vCPU walks gvas")]
+fn a_gpa_walk_through_the_guard_of_a_shadow_vcpu_names_the_gva_walk() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    v.service_requests().unwrap();
+    let g = v.enter_guest().unwrap();
+    let _ = g.walk(Gpa(0x1000), vmmu::Access::USER);
+}
+
+/// And the other way round: a gva walk on a TDP vCPU.
+#[test]
+#[should_panic(expected = "a TDP vCPU walks gpas")]
+fn a_gva_walk_on_a_tdp_vcpu_names_the_gpa_walk() {
+    use vmmu::spte::FormatKind;
+    let (vm, _host) = common::vm(FormatKind::Ept);
+    let mut v = vm.create_vcpu().unwrap();
+    v.service_requests().unwrap();
+    {
+        let g = v.enter_guest().unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = g.walk_gva(vmmu::Gva(0x1000), vmmu::Access::USER);
+        }));
+        assert!(r.is_err(), "the guard's gva walk on a TDP vCPU must panic");
+    }
+    v.enter_guest_mode().unwrap();
+    let _ = v.walk_gva(vmmu::Gva(0x1000), vmmu::Access::USER);
+}

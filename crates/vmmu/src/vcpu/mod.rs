@@ -44,6 +44,7 @@ use crate::sync::Arc;
 use crate::tdp::root::{Root, RootKind};
 use crate::tdp::{hw_walk, HwWalk, TdpError};
 use crate::types::{Access, AsId, FaultAccess, Gpa, Level, Pfn};
+use crate::vm::MmuKind;
 use mmio_cache::MmioInfoCache;
 
 /// What the vCPU's owner must do before entering the guest, after [`Vcpu::service_requests`].
@@ -284,7 +285,8 @@ impl<H: Host> Vcpu<H> {
         let table_guard = self.vm.mmu.table_srcu.read_lock(&self.readers.table);
         let state = &self.vm.mmu.vcpus[self.st.index];
         state.enter_guest_mode()?;
-        Ok(GuestMode { vm: &self.vm, state, root_pfn, root_level, _table: table_guard })
+        let mmu = if self.vm.shadow.is_some() { MmuKind::Shadow } else { MmuKind::Tdp };
+        Ok(GuestMode { vm: &self.vm, state, mmu, root_pfn, root_level, _table: table_guard })
     }
 
     /// Enters guest mode without a guard, for drivers whose guest-mode period spans several calls
@@ -348,12 +350,17 @@ impl<H: Host> Vcpu<H> {
     ///
     /// # Panics
     /// Outside guest mode (a caller bug): only guest mode's read section keeps the tables the
-    /// walk reads from being freed.
+    /// walk reads from being freed. On a vCPU of a shadow-paging VM, whose hardware walks
+    /// guest-virtual addresses ([`Self::walk_gva`]).
     #[inline]
     pub fn walk(&self, gpa: Gpa, need: Access) -> HwWalk {
         assert!(self.st.in_guest, "the hardware walks only in guest mode");
         let Some(root) = self.st.root.as_ref() else {
-            return HwWalk::Broken { dump: Default::default() };
+            // In guest mode a TDP vCPU always has its root (entering needs one, and whatever
+            // drops it leaves guest mode first): this is a shadow-paging vCPU.
+            panic!(
+                "Vcpu::walk is the TDP hardware walk; a shadow-paging vCPU walks gvas (walk_gva)"
+            );
         };
         if !tdp_reaches(root.level(), gpa) {
             return unreachable_walk();
@@ -420,6 +427,8 @@ impl<H: Host> Vcpu<H> {
 pub struct GuestMode<'a, H: Host> {
     vm: &'a Arc<VmShared<H>>,
     state: &'a VcpuState,
+    /// Which hardware walk the root is for: gpas (TDP) or gvas (shadow paging).
+    mmu: MmuKind,
     root_pfn: Pfn,
     root_level: Level,
     _table: ReadGuard<'a>,
@@ -436,8 +445,15 @@ impl<H: Host> GuestMode<'_, H> {
     /// not reach (bits above 48 with 4 levels, 57 with 5) is a not-present violation: the exit
     /// goes to the fault path, which emulates it (it is above every memslot), where a walk of
     /// the tables would read the entries of the gpa with the high bits dropped.
+    ///
+    /// # Panics
+    /// On a vCPU of a shadow-paging VM, whose hardware walks gvas ([`Self::walk_gva`]).
     #[inline]
     pub fn walk(&self, gpa: Gpa, need: Access) -> HwWalk {
+        assert!(
+            self.mmu == MmuKind::Tdp,
+            "GuestMode::walk is the TDP hardware walk; a shadow-paging vCPU walks gvas (walk_gva)"
+        );
         if !tdp_reaches(self.root_level, gpa) {
             return unreachable_walk();
         }
@@ -457,8 +473,15 @@ impl<H: Host> GuestMode<'_, H> {
     /// shadow root does not cover (non-canonical under a 4-level root, above 4 GiB under the
     /// special root of a PAE or non-paging guest) is a not-present violation, whose exit
     /// [`Vcpu::handle_page_fault`] reports as [`crate::fault::FaultError::NonCanonical`] (#GP).
+    ///
+    /// # Panics
+    /// On a vCPU of a TDP VM, whose hardware walks gpas ([`Self::walk`]).
     #[inline]
     pub fn walk_gva(&self, gva: crate::types::Gva, need: Access) -> HwWalk {
+        assert!(
+            self.mmu == MmuKind::Shadow,
+            "GuestMode::walk_gva is the shadow-paging hardware walk; a TDP vCPU walks gpas (walk)"
+        );
         if !shadow_reaches(self.root_level, gva) {
             return unreachable_walk();
         }

@@ -189,11 +189,16 @@ impl<H: Host> Vcpu<H> {
     /// without paging) walks its special root from the PDPTE level.
     ///
     /// # Panics
-    /// Outside guest mode, as [`Self::walk`].
+    /// Outside guest mode, as [`Self::walk`]. On a vCPU of a TDP VM, whose hardware walks gpas
+    /// ([`Self::walk`]).
     pub fn walk_gva(&self, gva: Gva, need: Access) -> HwWalk {
         assert!(self.st.in_guest, "the hardware walks only in guest mode");
         let Some((pfn, level)) = self.shadow_hw_root() else {
-            return HwWalk::Broken { dump: Default::default() };
+            // In guest mode a shadow vCPU always has its root (entering needs one, and whatever
+            // drops it leaves guest mode first): this is a TDP vCPU.
+            panic!(
+                "Vcpu::walk_gva is the shadow-paging hardware walk; a TDP vCPU walks gpas (walk)"
+            );
         };
         if !super::shadow_reaches(level, gva) {
             // Outside the shadow root: `handle_page_fault` reports it as #GP.
