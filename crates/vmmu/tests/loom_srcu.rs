@@ -36,9 +36,13 @@ impl Shared {
     /// Publish buffer 1 with value 2, wait for a grace period, then reuse buffer 0 (value 99,
     /// "freed").
     fn update(&self) {
+        // SAFETY: buffer 1 is not published yet (`active` is 0), so no reader reads it; loom's
+        // cell checks that.
         self.bufs[1].with_mut(|p| unsafe { *p = 2 });
         self.active.store(1, Ordering::Release);
         self.srcu.synchronize(&Yield);
+        // SAFETY: the grace period above waited for every reader that could read buffer 0; that
+        // is the property under test, and loom's cell reports an access not ordered before this.
         self.bufs[0].with_mut(|p| unsafe { *p = 99 });
     }
 }
@@ -80,8 +84,12 @@ fn older_reader(fences: ReaderFences) {
             thread::spawn(move || {
                 let g = s.srcu.read_lock(&id);
                 let i = s.active.load(Ordering::Acquire);
+                // SAFETY: a read inside a read section: the grace period orders it before its
+                // buffer's reuse (what the model checks; loom's cell reports an unordered access).
                 let v1 = s.bufs[i].with(|p| unsafe { *p });
                 thread::yield_now();
+                // SAFETY: a read inside a read section: the grace period orders it before its
+                // buffer's reuse (what the model checks; loom's cell reports an unordered access).
                 let v2 = s.bufs[i].with(|p| unsafe { *p });
                 drop(g);
                 assert!(v1 == v2 && (v1 == 1 || v1 == 2), "reader saw {v1} then {v2}");
@@ -110,6 +118,9 @@ fn later_reader_sees_the_publication() {
                         1,
                         "stale index after the grace period"
                     );
+                    // SAFETY: a read inside a read section: the grace period orders it before
+                    // its buffer's reuse (what the model checks; loom's cell reports an unordered
+                    // access).
                     assert_eq!(s.bufs[1].with(|p| unsafe { *p }), 2);
                 }
             })
@@ -138,6 +149,9 @@ fn two_readers_with_nesting() {
                         let inner = s.srcu.read_lock(&id);
                         drop(inner);
                     }
+                    // SAFETY: a read inside a read section: the grace period orders it before
+                    // its buffer's reuse (what the model checks; loom's cell reports an unordered
+                    // access).
                     let v = s.bufs[i].with(|p| unsafe { *p });
                     drop(outer);
                     assert!(v == 1 || v == 2, "reader {n} saw {v}");
