@@ -21,10 +21,10 @@
 //! third way, a vCPU writing through a TLB entry of a leaf the collection just write-protected
 //! (the re-injectable bug [`crate::bugs::Bug::DirtyLogNoFlush`] removes it).
 //!
-//! An MMU plugs in by implementing `WriteProtect` (the TDP MMU: `tdp/dirty.rs`; a shadow MMU
-//! would write-protect through its reverse map) and by marking pages with
-//! [`crate::memslot::MemslotSet::mark_page_dirty`] when it installs a writable leaf in a logged
-//! slot, under its lock.
+//! An MMU plugs in by implementing `WriteProtect` (the TDP MMU: `tdp/dirty.rs`; the shadow MMU:
+//! `shadow/dirty.rs`, through its reverse map, with its shadow lock as the lock above) and by
+//! marking pages with [`crate::memslot::MemslotSet::mark_page_dirty`] when it installs a writable
+//! leaf in a logged slot, under its lock.
 
 use crate::memslot::{Memslot, KVM_USER_MEM_SLOTS};
 use crate::sync::{AtomicU64, Ordering};
