@@ -10,7 +10,9 @@
 //! | [`mmio`] | the MMIO SPTE codec: generation, gfn (with the L1TF relocation), access, `is_mmio_spte` | `make_mmio_spte`, `get_mmio_spte_*`, `is_mmio_spte` |
 //! | [`policy`] | whether MMIO caching is possible, the six sanity checks, the per-VM value | `kvm_mmu_set_mmio_spte_mask`, `kvm.mmio_caching`, `svm_adjust_mmio_mask` |
 //!
-//! Invariants the whole module keeps (each has a test that can fail, see `tests/spte_props.rs`):
+//! Invariants the whole module keeps (the first three have tests that can fail in
+//! `tests/spte_props.rs`; of the last, only the configuration errors are tested, in `format.rs`,
+//! and the fault paths' allocation count, in `tests/hot_path_alloc.rs`):
 //! - [`SpteFormat::NONPRESENT`], [`SpteFormat::FROZEN`] and every MMIO SPTE are not
 //!   MMU-present (bit 11 clear), and the CPU sees the first two as not present in every format;
 //! - no MMU-present SPTE a format makes, nor the non-present or frozen value, ever matches the
