@@ -1,7 +1,8 @@
 //! The guest page tables of a replay under the shadow MMU.
 //!
 //! A trace carries guest-physical addresses only. Under shadow paging the MMU maps what the
-//! guest's own page tables map, so the replay's vCPU runs in long mode with an identity map:
+//! guest's own page tables map, so the replay's vCPU runs in long mode with an identity map when
+//! the trace reaches at or above 4 GiB (below, it runs without paging: [`super::engine`]):
 //! every 1 GiB region the trace touches (any slot of address space 0, deleted ones included,
 //! and any recorded MMIO access, up to the shadow MMU's 2^52 whatever the host's MAXPHYADDR) is
 //! mapped to itself with 2 MiB pages, user and writable, accessed and dirty (so no walk writes
