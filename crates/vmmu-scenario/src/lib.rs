@@ -5,7 +5,8 @@
 //!
 //! - [`parse`]: text to a [`Scenario`]; every error names the line and column, and a scenario
 //!   that parses is one every backend can run (reserved ranges, alignment and sizes are checked
-//!   here, never by the backends);
+//!   here, never by the backends), or decline as a whole where its host lacks a feature the
+//!   scenario needs ([`Start::Skip`], e.g. SMM or PAE paging on a kernel without them);
 //! - [`Observation`]: what one step showed, with the exact JSON Lines form (key order, hex form,
 //!   step numbering) and its reader, so streams from different backends can be compared;
 //! - [`Backend`] / [`Machine`]: what a backend implements, and [`run`], the one driver that walks
