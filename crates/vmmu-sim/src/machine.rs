@@ -41,13 +41,16 @@
 //! again. Nobody but vCPU 0 touches the DIMM. Arm: the static slots end exactly on a wrap
 //! (generation bits 0); vCPU 0 sweeps the absent DIMM, leaving an MMIO SPTE with generation bits
 //! 0 on each of its pages. The schedule then runs until the DIMM is plugged (dirty-logged, so
-//! 4 KiB leaves and one SPTE per page). Age: the device manager toggles dirty logging on a
-//! one-page dummy slot no vCPU touches (one generation swap each, no clock tick: the map the
-//! vCPUs see does not change) until one swap is left before the next wrap. Spring: vCPU 0
-//! sweeps the DIMM while the device manager makes that last swap. An MMU that lets the wrapped
+//! 4 KiB leaves and one SPTE per page). Age: with the vCPUs paused outside guest mode, the
+//! device manager toggles dirty logging on a one-page dummy slot (one generation swap each, no
+//! clock tick: the map the vCPUs see does not change) until one swap is left before the next
+//! wrap. Spring: vCPU 1 (if there is one) takes a slow host page fault on the dummy slot's page
+//! (its only access there, not judged), so the wrapping swap's grace period waits for its
+//! memslot read section, as for a vCPU swapping a page in; the device manager makes that last
+//! swap and vCPU 0 sweeps the DIMM. An MMU that lets the wrapped
 //! generation be seen before its wrap zap (`wrap-hook-after-publish`, `no-second-increment`)
 //! answers some of those reads from the 2^19-generation-old MMIO SPTEs: MMIO where the DIMM is
-//! RAM, a violation. The arm costs one sweep, the age about 2^19 swaps (about a second).
+//! RAM, a violation. The arm costs one sweep, the age about 2^19 swaps (about 0.3 s here).
 //!
 //! [`POISON`]: crate::oracle::POISON
 
@@ -350,7 +353,8 @@ const SWEEP_GO: u8 = 4;
 /// vCPU 0: sweeping.
 const SWEEP_BUSY: u8 = 5;
 
-/// The wrap trap's dummy slot: id, GPA (nothing else is there; no vCPU accesses it).
+/// The wrap trap's dummy slot: id, GPA (nothing else is there; only the spring's holder,
+/// vCPU 1, accesses it).
 const TRAP_SLOT: u16 = 12;
 const TRAP_GPA: u64 = 0x3000_0000;
 
