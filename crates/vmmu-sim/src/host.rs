@@ -16,7 +16,9 @@
 //!   host page is 4 KiB;
 //! - RAM frames and table frames come from the same frame space and never overlap;
 //! - a buffer lives as long as the [`SimHost`]: a guest may hold translations to it at any time,
-//!   so it is never unmapped while the host exists (the machine has no MMU notifier);
+//!   so it is never unmapped while the host exists (the machine's MMU-notifier invalidations,
+//!   for `--stress-paths` poison, a selftest's `MADV_DONTNEED` or a zero page's first write,
+//!   change what a page holds or whether it maps writable, never its frame or its mapping);
 //! - the frame table maps pfn -> host pointer with one atomic word per frame: lookups
 //!   ([`SimHost::ram_page`], [`FrameAllocator::table`]) are O(1), take no lock and allocate
 //!   nothing. Ordering: a frame's entry is stored with `Release` after its memory is initialised,
