@@ -1,6 +1,6 @@
 //! The run report as data: what `vmmu run` prints (the CLI renders it as text, or as JSON through
 //! its `Serialize` form: snake_case keys, nested groups `config`, `vcpus`, `exits`, `mmu`,
-//! `memslots`, `tlb`, `tables`, `oracle`).
+//! `memslots`, `tlb`, `tables`, `oracle`, and `dirty_log` when the run logged dirty pages).
 //!
 //! The machine fills everything it measures itself; the MMU's part comes from
 //! [`GuestMmu::stats`](crate::seam::GuestMmu::stats) and
