@@ -24,7 +24,8 @@
 //!   mostly on a recent slot request (so on logged slots often), with KVM's alignment rules
 //!   broken on purpose now and then (misaligned first page, odd counts, ranges past the end).
 //!
-//! [`scenario`] writes version 1 files only (no guest paging), exactly as before version 2.
+//! [`scenario`] writes files without guest paging: version 1 steps plus version 2's dirty
+//! logging (above), the only version 2 feature it uses.
 //! [`scenario_for`] with [`Flavor::Paging`] (or [`paging_scenario`]) writes version 2 files with
 //! guest paging: `paging=4level` or `pae`, `format=` any of `ept`, `npt`, `shadow`, the same slot
 //! churn, and `map`/`unmap`/`cr3` steps in up to 8 page-table spaces, 4K and 2M guest pages with
