@@ -119,7 +119,8 @@ pub struct GenVm {
 /// Which scenario files the generator writes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Flavor {
-    /// Version 1: no guest paging (what [`scenario`] writes).
+    /// No guest paging: version 1 steps and version 2's dirty logging (what [`scenario`]
+    /// writes).
     #[default]
     V1,
     /// Version 2 with guest paging: `paging=4level|pae`, `map`, `unmap`, `cr3`, GVA accesses.
@@ -1331,7 +1332,7 @@ pub fn scenario_for(flavor: Flavor, max_steps: usize) -> BoxedStrategy<GenScenar
     }
 }
 
-/// Random [`Flavor::Wide`] scenarios (version 1, large slots), of up to 40 steps.
+/// Random [`Flavor::Wide`] scenarios (no guest paging, large slots), of up to 40 steps.
 pub fn wide_scenario() -> BoxedStrategy<GenScenario> {
     scenario_for(Flavor::Wide, 40)
 }
