@@ -15,8 +15,9 @@
 //!   streams), compared into one [`Verdict`];
 //! - [`to_text`]: a parsed scenario back to canonical text;
 //! - `generate` (feature `generate`): a proptest strategy for random valid scenario files
-//!   (version 1, or version 2 with guest paging: `generate::Flavor`), and `mutate`: damaged
-//!   variants of committed files, for robustness and differential tests.
+//!   (without guest paging, or version 2 with it: `generate::Flavor`; both with dirty
+//!   logging), and `mutate`: damaged variants of committed files, for robustness and
+//!   differential tests.
 //!
 //! ```
 //! use vmmu_scenario::{parse, Op};
