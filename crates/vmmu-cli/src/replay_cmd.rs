@@ -1,13 +1,14 @@
 //! `vmmu replay TRACE...`: replay recorded VM boots (vmmu traces, `../shared/design/traces.md`)
 //! on the software machine under every MMU x MMIO caching on/off (unless pinned by flags): the
-//! TDP MMU with EPT and with NPT, and the shadow MMU (the vCPU then runs on identity-mapped
-//! guest page tables, as the recording hosts' shadow-paging KVM shadowed the guest's); and on
-//! real `/dev/kvm` where it is usable; and report per trace.
+//! TDP MMU with EPT and with NPT, and the shadow MMU (the vCPU then runs without paging when the
+//! trace stays below 4 GiB, else on identity-mapped guest page tables, as the recording hosts'
+//! shadow-paging KVM shadowed the guest's); and on real `/dev/kvm` where it is usable; and
+//! report per trace.
 //!
 //! Exit status: 2 when a file cannot be read or is malformed (the message names the file and the
 //! line; the other files still run) or on bad flags; else 1 when any replay refused a slot
 //! request, did not classify a recorded MMIO access as MMIO, had an oracle violation, or could
-//! not run; else 0.
+//! not run, or the `/dev/kvm` half diverged; else 0.
 
 use crate::html_report::ReportFile;
 use crate::replay_kvm;
