@@ -1,4 +1,4 @@
-//! loom model of the vCPU request / remote-TLB-flush protocol of `vcpu/requests.rs` (KVM
+//! loom model of the vCPU request / remote-TLB-flush protocol of `src/requests.rs` (KVM
 //! `kvm_flush_remote_tlbs` with `vcpu->mode` and `vcpu->requests`), with the real `Vm`, `Vcpu`
 //! and `TdpMmu` through the sync shim.
 //!
