@@ -1,5 +1,6 @@
-//! The scenario corpus on the software machine under every MMU configuration (EPT and NPT, MMIO
-//! caching on and off; only the pinned format's two when the `vm` line pins one), compared with
+//! The scenario corpus on the software machine under every MMU configuration (EPT, NPT and
+//! shadow paging, MMIO caching on and off; only the pinned format's two when the `vm` line pins
+//! one: `vmmu_scenario::diff::machine_configurations`), compared with
 //! what real KVM recorded in `tests/expected/` (issue 6, point 6). No `/dev/kvm` needed: the
 //! recordings are the reference. A scenario KVM skipped (e.g. `address_spaces=2` on a kernel
 //! without SMM) is compared across the machine configurations only.
