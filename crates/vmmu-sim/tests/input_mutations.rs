@@ -1,7 +1,7 @@
 //! Inputs a user or a recorder can hand us, damaged (`vmmu_scenario::mutate`): the committed
 //! scenario files and recorded traces, with values replaced by edge cases (0, all ones, 2^63,
-//! past u64, negative, empty, not a number), keys and lines dropped, duplicated or swapped, and
-//! lines cut short. Every
+//! past u64, negative, empty, not a number), keys (scenario words, trace fields) dropped, and
+//! lines dropped, duplicated, swapped or cut short. Every
 //! mutant must either be refused with an error or run to an end (observations, a report) on
 //! the software machine: a panic anywhere, in the parser, the scenario driver, the machine, the
 //! replay or the MMU below them, fails the test, and proptest prints the shrunk input.
