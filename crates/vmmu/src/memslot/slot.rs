@@ -2,7 +2,7 @@
 //! backed by a run of host-virtual pages.
 //!
 //! Invariants: `npages >= 1` (a slot with no pages does not exist), `base_gfn + npages` does not
-//! overflow, and `userspace_addr` is page aligned. The value is `Copy` and small (40 bytes), so
+//! overflow, and `userspace_addr` is page aligned. The value is `Copy` and small (32 bytes), so
 //! a per-vCPU cache holds a copy, not a reference into a set. The dirty bitmap (KVM keeps it in
 //! the slot) lives with the slot metadata in [`super::Memslots`], under the slots lock.
 
