@@ -372,7 +372,9 @@ impl<H: Host + GuestMemory> Vcpu<H> {
     }
 
     /// A #PF exit under shadow paging, with the hardware's error code (KVM `kvm_mmu_page_fault`
-    /// with TDP off). In guest mode it leaves it first (a VM exit).
+    /// with TDP off). An exit handler: call it after leaving guest mode (debug builds assert it;
+    /// called in guest mode, its fast path runs as it is and its slow path leaves guest mode
+    /// first, as [`Self::enter_guest_mode`] says).
     pub fn handle_page_fault(&mut self, gva: Gva, err: PfErr) -> Result<FaultOutcome, FaultError> {
         debug_assert!(!self.st.in_guest, "an exit handler is called after the VM exit");
         if self.vm.shadow.is_none() || self.st.shadow.is_none() {
