@@ -71,7 +71,8 @@ pub const BATCH_ZAP_PAGES: usize = 10;
 pub struct ShadowStats {
     /// Shadow page lookups that created a page.
     pub mmu_cache_miss: Counter,
-    /// Shadow pages zapped (children included).
+    /// Shadow pages zapped (children included). A root zapped while in use counts again when
+    /// its last user frees it, as KVM's `mmu_free_root_page` zaps it a second time.
     pub mmu_shadow_zapped: Counter,
     /// Emulated writes to guest memory seen while pages were shadowed.
     pub mmu_pte_write: Counter,
