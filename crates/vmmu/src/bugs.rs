@@ -141,11 +141,21 @@ pub enum Bug {
     /// Harm: a CPU whose paging-structure cache kept the link walks the freed frame, reused for
     /// another table: a gfn made RAM since keeps exiting as MMIO and never reaches its frame.
     NoFlushOnTableUnlink = 16,
+    /// Undoes the inherited role access of shadow pages (b1bd5cba3306, 2021; shadow facts §11):
+    /// the shadow page of a guest last-level table is keyed by the rights of the PDE that points
+    /// at it alone, not by what every level above grants. Two walks that reach the same table
+    /// with different rights above it share one shadow page, and with it the leaves the other
+    /// walk built.
+    ///
+    /// Harm: a page the guest maps writable through one path and read-only through another
+    /// (a PDPTE without R/W above the second path) takes a user write through the read-only
+    /// path without the guest #PF its tables demand, once the writable path built the leaf.
+    RoleAccessLastLevel = 17,
 }
 
 impl Bug {
     /// Every bug, in a stable order.
-    pub const ALL: [Bug; 17] = [
+    pub const ALL: [Bug; 18] = [
         Bug::NoSecondIncrement,
         Bug::CacheWhileInProgress,
         Bug::VcpuCacheWithoutGen,
@@ -163,6 +173,7 @@ impl Bug {
         Bug::DirtyLogNoFlush,
         Bug::LeafCacheIgnoresEpoch,
         Bug::NoFlushOnTableUnlink,
+        Bug::RoleAccessLastLevel,
     ];
 
     /// The bug's command-line name.
@@ -185,6 +196,7 @@ impl Bug {
             Bug::DirtyLogNoFlush => "dirty-log-no-flush",
             Bug::LeafCacheIgnoresEpoch => "leaf-cache-ignores-epoch",
             Bug::NoFlushOnTableUnlink => "no-flush-on-table-unlink",
+            Bug::RoleAccessLastLevel => "role-access-last-level",
         }
     }
 

@@ -60,6 +60,17 @@ fn direct_base(gfn: Gfn, level: Level) -> Gfn {
     Gfn(gfn.raw() & !(level.pages() * 512 - 1))
 }
 
+/// The rights the shadow page of the guest table at level `i + 1` of `walk` is keyed by: what
+/// every level above it grants (`walk.pt_access`), so walks that reach one table with different
+/// rights above it get different shadow pages (b1bd5cba3306).
+fn table_role_access(bugs: crate::bugs::BugSet, walk: &GuestWalk, i: usize) -> Access {
+    if i == 0 && bugs.has(Bug::RoleAccessLastLevel) {
+        // The bug: a last-level table keyed by its PDE's rights alone.
+        return crate::guest::pte::gpte_access(walk.ptes[1]);
+    }
+    walk.pt_access[i]
+}
+
 /// Builds the shadow path for `gva` as `walk` translated it and installs `want` (under the
 /// lock; `batch` collects flushes and frees for the caller's commit).
 ///
@@ -104,7 +115,8 @@ pub(crate) fn fetch<H: Host>(
         let idx = level.index(vgfn);
         let (gfn, role) = if !nonpaging && child_level >= walk.level {
             let i = usize::from(child_level.get() - 1);
-            (walk.table_gfns[i], SpRole::new(child_level, false, walk.pt_access[i], as_id))
+            let access = table_role_access(core.cfg.bugs, walk, i);
+            (walk.table_gfns[i], SpRole::new(child_level, false, access, as_id))
         } else {
             let acc = if nonpaging { Access::ALL } else { walk.pte_access };
             (direct_base(walk.gfn, child_level), SpRole::new(child_level, true, acc, as_id))

@@ -103,6 +103,7 @@ pub fn catcher(bug: Bug) -> Catcher {
         Bug::DirtyLogNoFlush => Catcher::Harm(catch_dirty_log_no_flush),
         Bug::LeafCacheIgnoresEpoch => Catcher::Harm(shadow::catch_leaf_cache_ignores_epoch),
         Bug::NoFlushOnTableUnlink => Catcher::Harm(psc::catch_no_flush_on_table_unlink),
+        Bug::RoleAccessLastLevel => Catcher::Harm(shadow::catch_role_access_last_level),
     }
 }
 

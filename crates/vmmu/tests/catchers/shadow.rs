@@ -5,7 +5,7 @@ use super::Harm;
 use crate::common::shadow::*;
 use std::sync::Arc;
 use vmmu::bugs::BugSet;
-use vmmu::fault::EmulateSource;
+use vmmu::fault::{EmulateSource, PfErr};
 use vmmu::testing::TestHost;
 use vmmu::vcpu::Vcpu;
 use vmmu::{Gpa, Gva};
@@ -126,5 +126,39 @@ pub fn catch_leaf_cache_ignores_epoch(bugs: BugSet) -> Option<Harm> {
         gpa: page5.raw(),
         expected: format!("MMIO at {page5:?}: the guest's new table T2 maps GVA {X2:#x} there"),
         seen: format!("{seen:?}, from the unlinked shadow of the old table T1"),
+    })
+}
+
+/// One guest last-level table T reached two ways in space A: GVA X through a writable PDPTE
+/// (T maps X to RAM page 1 and X + 4 KiB to page 2, both writable), GVA Y through a second
+/// PDPTE without R/W whose page directory points at the same T. The guest may read page 1 at Y
+/// but not write it. The vCPU writes X (the shadow of T gets a writable leaf for page 1), reads
+/// Y + 4 KiB (Y's path is shadowed down to a shadow page of T), then writes Y.
+///
+/// Harm: the write at Y goes to RAM page 1 without the guest #PF (P, W, U) its tables demand:
+/// Y's path shares the shadow page of T that X's write left a writable leaf in.
+pub fn catch_role_access_last_level(bugs: BugSet) -> Option<Harm> {
+    const X: u64 = 0x4000_0000; // PML4 0, PDPT 1, PD 0, PT 0
+    const Y: u64 = 0x8000_0000; // PML4 0, PDPT 2, PD 0, PT 0
+    const PAGE1: u64 = 0x20_0000;
+    const PAGE2: u64 = 0x20_1000;
+    let (vm, host, next) = shadow_vm(bugs);
+    let a = Space::new(&host, &next);
+    let t = a.map4k(X, PAGE1, P | RW | US) & !0xfff;
+    a.map4k(X + 0x1000, PAGE2, P | RW | US);
+    let pd2 = next.get();
+    next.set(pd2 + 0x1000);
+    host.write_u64(RAM_HVA + pd2, t | P | RW | US);
+    host.write_u64(RAM_HVA + a.entry_gpa(Y, 3), pd2 | P | US);
+
+    let mut v = vcpu_in(&vm, long4(a.cr3));
+    assert_eq!(access(&mut v, X, true), Seen::Ram(ram_pfn(PAGE1)), "setup: X is writable");
+    assert_eq!(access(&mut v, Y + 0x1000, false), Seen::Ram(ram_pfn(PAGE2)), "setup: Y reads");
+    let want = Seen::GuestPf(PfErr::PRESENT | PfErr::WRITE | PfErr::USER);
+    let seen = access(&mut v, Y, true);
+    (seen != want).then(|| Harm {
+        gpa: PAGE1,
+        expected: format!("{want:?}: the PDPTE above GVA {Y:#x} denies writes"),
+        seen: format!("{seen:?}: a leaf built for {X:#x}, through a shadow page both share"),
     })
 }
