@@ -7,7 +7,7 @@ mod common;
 
 use common::shadow::*;
 use vmmu::bugs::BugSet;
-use vmmu::fault::{EmulateSource, FaultError};
+use vmmu::fault::{EmulateSource, FaultError, PfErr};
 use vmmu::guest::GuestCpu;
 use vmmu::memslot::UserspaceMemoryRegion;
 use vmmu::Gpa;
@@ -344,4 +344,24 @@ fn a_gva_walk_on_a_tdp_vcpu_names_the_gpa_walk() {
     }
     v.enter_guest_mode().unwrap();
     let _ = v.walk_gva(vmmu::Gva(0x1000), vmmu::Access::USER);
+}
+
+/// A guest CR3 that no memslot covers (KVM v6.6: the dummy root): a user read is a
+/// not-present guest #PF, not a host error; once a slot covers the tables again the same
+/// access translates.
+#[test]
+fn a_cr3_outside_every_slot_faults_until_a_slot_covers_it() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    s.map4k(0x4000_0000, 0x20_0000, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, 0, 0)).unwrap();
+    for _ in 0..2 {
+        assert_eq!(access(&mut v, 0x4000_0000, false), Seen::GuestPf(PfErr::USER));
+        assert_eq!(access(&mut v, 0x4000_0000, true), Seen::GuestPf(PfErr::USER | PfErr::WRITE));
+    }
+    vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, RAM_SIZE, RAM_HVA)).unwrap();
+    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(access(&mut v, 0x4000_0000, true), Seen::Ram(ram_pfn(0x20_0000)));
 }
