@@ -6,6 +6,7 @@
 
 use clap::{Args, ValueEnum};
 use std::io::Write;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vmmu_scenario::{Backend, Format, Overrides};
@@ -112,12 +113,16 @@ pub fn run(args: &ScenarioArgs) -> ExitCode {
             Some(c) => eprintln!("step {} (line {}): {c}", step.number, step.line),
             None => eprintln!("step {} (line {}): none", step.number, step.line),
         };
-    let result = vmmu_scenario::run_counted(
+    // A write that fails stops the run: the rest would be computed for nobody (a reader such as
+    // `head -1` that left would otherwise wait for the whole scenario to run).
+    let result = vmmu_scenario::run_counted_while(
         backend.as_ref(),
         &scenario,
-        &mut |o| {
-            if write_error.is_none() {
-                write_error = writeln!(out, "{o}").err();
+        &mut |o| match writeln!(out, "{o}") {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => {
+                write_error = Some(e);
+                ControlFlow::Break(())
             }
         },
         if args.counters { Some(&mut counters) } else { None },

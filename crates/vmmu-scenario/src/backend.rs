@@ -15,6 +15,7 @@ use crate::step::{
     ClearDirtyLogOp, Cr3Op, DirtyLogOp, HostReadOp, HostWriteOp, MapOp, MemDecl, MemId, Op, ReadOp,
     Scenario, SlotOp, Step, UnmapOp, WriteOp,
 };
+use core::ops::ControlFlow;
 
 /// A backend could not do what a step needed.
 #[derive(Debug, thiserror::Error)]
@@ -179,13 +180,28 @@ pub fn run_counted(
     backend: &dyn Backend,
     scenario: &Scenario,
     sink: &mut dyn FnMut(&Observation),
+    counters: Option<CounterSink<'_>>,
+) -> Result<(), RunError> {
+    let mut keep_going = |o: &Observation| {
+        sink(o);
+        ControlFlow::Continue(())
+    };
+    run_counted_while(backend, scenario, &mut keep_going, counters)
+}
+
+/// [`run_counted`] with a `sink` that can stop the run: once it returns `ControlFlow::Break`
+/// (say, the observations' reader has gone), no further step runs and the run returns `Ok`.
+pub fn run_counted_while(
+    backend: &dyn Backend,
+    scenario: &Scenario,
+    sink: &mut dyn FnMut(&Observation) -> ControlFlow<()>,
     mut counters: Option<CounterSink<'_>>,
 ) -> Result<(), RunError> {
     let name = backend.name();
     let mut machine = match backend.start(scenario) {
         Ok(Start::Run(m)) => m,
         Ok(Start::Skip(reason)) => {
-            sink(&Observation::Skipped { reason });
+            let _ = sink(&Observation::Skipped { reason });
             return Ok(());
         }
         Err(source) => return Err(RunError::Start { backend: name.into(), source }),
@@ -200,11 +216,12 @@ pub fn run_counted(
                 keyword: step.op.keyword(),
                 source,
             })?;
-        if let Some(o) = obs {
-            sink(&o);
-        }
+        let flow = obs.map_or(ControlFlow::Continue(()), |o| sink(&o));
         if let Some(c) = counters.as_mut() {
             c(step, machine.shadow_counters());
+        }
+        if flow.is_break() {
+            break;
         }
     }
     Ok(())

@@ -1,0 +1,63 @@
+//! What a careless or hostile user can do to `vmmu`: readers that leave early, inputs that ask for
+//! huge amounts of memory, options that name nothing. Each case here once misbehaved (ran on for
+//! nobody, allocated gigabytes, or succeeded having done nothing).
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+#[allow(dead_code)]
+fn vmmu(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmmu")).args(args).output().expect("run vmmu")
+}
+
+fn temp_file(name: &str, text: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("vmmu-hostile-{}-{name}", std::process::id()));
+    std::fs::write(&p, text).expect("write a temporary file");
+    p
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `vmmu scenario FILE | head -1`: once the reader has gone, the run stops (exit 1, no panic)
+/// instead of running every remaining step for nobody.
+#[test]
+fn scenario_stops_when_the_reader_leaves() {
+    let mut s = String::from("vm\nmem b size=4K\nslot 1 gpa=0x10000000 size=4K mem=b\n");
+    // Several seconds of steps on the software machine (7 s here, unread); parsing them takes
+    // well under a second.
+    s.push_str(&"read 0 gpa=0x10000000 size=8\n".repeat(1_000_000));
+    let path = temp_file("long.scn", &s);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmmu"))
+        .args(["scenario", path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmmu");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).expect("first line");
+    assert_eq!(first, "{\"step\":3,\"op\":\"slot\",\"result\":\"ok\"}\n");
+    // The reader is gone (dropped above). The run must end soon.
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().expect("collect");
+    let _ = std::fs::remove_file(&path);
+    let status = status.expect("vmmu scenario ran on after its reader left");
+    let err = text(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(status.code(), Some(1), "{err}");
+}
