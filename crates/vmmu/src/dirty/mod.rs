@@ -141,10 +141,7 @@ impl DirtyBitmap {
     /// A clear bitmap for `npages` pages, or `None` if the memory cannot be had.
     pub(crate) fn try_new(npages: u64) -> Option<Self> {
         let n = usize::try_from(npages.div_ceil(64)).ok()?;
-        let mut v = Vec::new();
-        v.try_reserve_exact(n).ok()?;
-        v.extend((0..n).map(|_| AtomicU64::new(0)));
-        Some(DirtyBitmap { words: v.into_boxed_slice(), npages })
+        Some(DirtyBitmap { words: zeroed_words(n)?, npages })
     }
 
     /// The number of pages.
@@ -185,6 +182,38 @@ impl DirtyBitmap {
     fn clear(&self, i: usize, mask: u64) -> u64 {
         mask & self.words[i].fetch_and(!mask, Ordering::Relaxed)
     }
+}
+
+/// `n` zero words, or `None` if the memory cannot be had. The allocator is asked for zeroed
+/// memory rather than writing every word: for a big bitmap that is fresh pages the host maps on
+/// first write, so a slot's bitmap costs memory where its pages are dirtied, not 256 MiB up front
+/// for a slot of 2^31 pages (a scenario or trace of a few lines could otherwise make the process
+/// allocate gigabytes).
+#[cfg(not(loom))]
+fn zeroed_words(n: usize) -> Option<alloc::boxed::Box<[AtomicU64]>> {
+    use alloc::alloc::{alloc_zeroed, Layout};
+    if n == 0 {
+        return Some(Vec::new().into_boxed_slice());
+    }
+    let layout = Layout::array::<AtomicU64>(n).ok()?;
+    // SAFETY: `layout` has a non-zero size (`n > 0`).
+    let p = unsafe { alloc_zeroed(layout) }.cast::<AtomicU64>();
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: `p` is a fresh allocation of `layout` (`n` values of `AtomicU64`, its alignment)
+    // by the global allocator, every byte zero; an `AtomicU64` has the in-memory representation
+    // of a `u64`, so each is `AtomicU64::new(0)`. The box owns it and frees it with that layout.
+    Some(unsafe { alloc::boxed::Box::from_raw(core::ptr::slice_from_raw_parts_mut(p, n)) })
+}
+
+/// `n` zero words (loom's atomics are not plain memory: made one by one).
+#[cfg(loom)]
+fn zeroed_words(n: usize) -> Option<alloc::boxed::Box<[AtomicU64]>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).ok()?;
+    v.extend((0..n).map(|_| AtomicU64::new(0)));
+    Some(v.into_boxed_slice())
 }
 
 /// What an MMU gives dirty logging: an exclusive hold of its lock, write protection of the pages
