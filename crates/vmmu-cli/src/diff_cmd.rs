@@ -125,13 +125,28 @@ fn expected_path(args: &DiffArgs, file: &Path) -> Option<PathBuf> {
     Some(dir.join(format!("{}.jsonl", stem.to_string_lossy())))
 }
 
-/// The recorded source for `file`, if there is one.
+/// The recorded source for `file`, if there is one. A `NAME.jsonl` that is there but is not a
+/// file (a directory) is a failed source rather than no recording; with `--expected DIR` given,
+/// a missing one is said on stderr (the user asked for a comparison that does not happen).
 fn recorded(args: &DiffArgs, file: &Path) -> Option<Source> {
     let path = expected_path(args, file)?;
-    if !path.is_file() {
-        return None;
-    }
     let shown = path.display();
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => {
+            let why = format!("{shown}: not a file");
+            return Some(Source { name: "expected".into(), outcome: Outcome::Failed(why) });
+        }
+        Err(e) => {
+            if args.expected.is_some() {
+                eprintln!(
+                    "vmmu diff: {}: no recorded output {shown} ({e}): not compared with one",
+                    file.display()
+                );
+            }
+            return None;
+        }
+    }
     let outcome = match crate::input::read_text(&path) {
         Ok(text) => match parse_observations(&text) {
             Ok(obs) => Outcome::Stream(obs),
@@ -142,8 +157,28 @@ fn recorded(args: &DiffArgs, file: &Path) -> Option<Source> {
     Some(Source { name: "expected".into(), outcome })
 }
 
+/// Why `--expected DIR` cannot be used, if it cannot: it must be a directory that exists.
+fn bad_expected_dir(dir: &Path) -> Option<String> {
+    let shown = dir.display();
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => None,
+        Ok(_) => Some(format!(
+            "--expected {shown}: not a directory; it names the directory that holds the recorded \
+             outputs NAME.jsonl"
+        )),
+        Err(e) => Some(format!(
+            "--expected {shown}: {e}; it names the directory that holds the recorded outputs \
+             NAME.jsonl (or leave it out for ../expected next to each file)"
+        )),
+    }
+}
+
 /// Runs the command; returns the process exit status.
 pub fn run(args: &DiffArgs) -> ExitCode {
+    if let Some(why) = args.expected.as_deref().and_then(bad_expected_dir) {
+        eprintln!("vmmu diff: {why}");
+        return ExitCode::from(2);
+    }
     let kvm = vmmu_kvm::KvmBackend;
     let mut bad_input = false;
     let mut bad_verdict = false;

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-#[allow(dead_code)]
 fn vmmu(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vmmu")).args(args).output().expect("run vmmu")
 }
@@ -16,6 +15,10 @@ fn temp_file(name: &str, text: &str) -> PathBuf {
     let p = std::env::temp_dir().join(format!("vmmu-hostile-{}-{name}", std::process::id()));
     std::fs::write(&p, text).expect("write a temporary file");
     p
+}
+
+fn repo(rel: &str) -> String {
+    format!("{}/../../{rel}", env!("CARGO_MANIFEST_DIR"))
 }
 
 fn text(b: &[u8]) -> String {
@@ -60,4 +63,27 @@ fn scenario_stops_when_the_reader_leaves() {
     let err = text(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(status.code(), Some(1), "{err}");
+}
+
+/// `vmmu diff --expected DIR` with a DIR that does not exist, or is a file, is a bad argument
+/// (exit 2, naming it), not a run that silently compares with no recording and exits 0.
+#[test]
+fn diff_expected_must_be_a_directory() {
+    let scenario = repo("tests/scenarios/create_read_write.scn");
+    let file = temp_file("not-a-dir", "x");
+    let missing = std::env::temp_dir().join(format!("vmmu-hostile-{}-none", std::process::id()));
+    for dir in [missing.to_str().unwrap(), file.to_str().unwrap()] {
+        let out = vmmu(&["diff", "--no-kvm", "--expected", dir, &scenario]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "--expected {dir}: {err}");
+        assert!(err.contains("--expected") && err.contains(dir), "{err}");
+        assert!(out.stdout.is_empty(), "nothing runs: {}", text(&out.stdout));
+    }
+    let _ = std::fs::remove_file(&file);
+    // A directory without NAME.jsonl: the run goes on, and says it compared with no recording.
+    let out = vmmu(&["diff", "--no-kvm", "--expected", &repo("tests/traces"), &scenario]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("no recorded output"), "{err}");
+    assert!(!text(&out.stdout).contains("expected"), "{}", text(&out.stdout));
 }
