@@ -110,8 +110,10 @@ pub struct SelftestArgs {
     /// memslot_modification_stress_test -i: add/delete iterations (default 10).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     iterations: u64,
-    /// memslot_modification_stress_test -d: microseconds before each iteration (default 0).
-    #[arg(long = "delay-us", default_value_t = 0)]
+    /// memslot_modification_stress_test -d: microseconds before each iteration (0..=10000000,
+    /// default 0).
+    #[arg(long = "delay-us", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
     delay_us: u64,
     /// Re-inject a historical KVM bug into the software machine's MMU (a build with
     /// `--features historical-bugs`): shows which selftests catch it.

@@ -17,6 +17,26 @@ fn temp_file(name: &str, text: &str) -> PathBuf {
     p
 }
 
+/// `vmmu ARGS`, killed if it has not ended within `secs` seconds (`None` then).
+fn vmmu_within(args: &[&str], secs: u64) -> Option<Output> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmmu"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmmu");
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(child.wait_with_output().expect("collect"))
+}
+
 fn repo(rel: &str) -> String {
     format!("{}/../../{rel}", env!("CARGO_MANIFEST_DIR"))
 }
@@ -86,4 +106,22 @@ fn diff_expected_must_be_a_directory() {
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(err.contains("no recorded output"), "{err}");
     assert!(!text(&out.stdout).contains("expected"), "{}", text(&out.stdout));
+}
+
+/// `vmmu selftest --delay-us N` takes at most 10 s (10000000): 2^64 - 1 used to be accepted and
+/// slept for ever before the first iteration.
+#[test]
+fn selftest_delay_is_bounded() {
+    let args = [
+        "selftest",
+        "memslot-modification-stress",
+        "--quick",
+        "--no-kvm",
+        "--delay-us",
+        "18446744073709551615",
+    ];
+    let out = vmmu_within(&args, 10).expect("vmmu selftest --delay-us 2^64-1 did not end");
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--delay-us") && err.contains("0..=10000000"), "{err}");
 }
