@@ -5,6 +5,7 @@
 //! not run, 2 on bad arguments.
 
 use crate::html_report::ReportFile;
+use crate::stdout::note;
 use clap::Args;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,7 +41,7 @@ pub fn run(args: &BenchArgs) -> ExitCode {
     let report_file = match args.report.as_deref().map(ReportFile::create).transpose() {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("vmmu bench: {e}");
+            note!("vmmu bench: {e}");
             return ExitCode::from(2);
         }
     };
@@ -51,7 +52,7 @@ pub fn run(args: &BenchArgs) -> ExitCode {
         no_kvm: args.no_kvm,
     };
     if !args.json {
-        eprintln!(
+        note!(
             "vmmu bench{}: running (load average {:?})...",
             if args.quick { " --quick" } else { "" },
             vmmu_bench::timing::load_average()
@@ -87,17 +88,17 @@ pub fn run(args: &BenchArgs) -> ExitCode {
             ];
             match file.write(&crate::report_pages::bench_page(&flags, &t)) {
                 Ok(()) => {
-                    eprintln!("vmmu bench: report written to {path}");
+                    note!("vmmu bench: report written to {path}");
                     status
                 }
                 Err(e) => {
-                    eprintln!("vmmu bench: {e}");
+                    note!("vmmu bench: {e}");
                     ExitCode::from(1)
                 }
             }
         }
         Err(e) => {
-            eprintln!("vmmu bench: {e}");
+            note!("vmmu bench: {e}");
             ExitCode::from(1)
         }
     }

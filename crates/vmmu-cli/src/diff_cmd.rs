@@ -13,6 +13,7 @@
 //! arguments, else 1 when any file differs or a source failed, else 0. `--counters` adds, under
 //! each verdict, where the shadow MMU's counters part from KVM's (not part of the verdict).
 
+use crate::stdout::note;
 use clap::Args;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -139,7 +140,7 @@ fn recorded(args: &DiffArgs, file: &Path) -> Option<Source> {
         }
         Err(e) => {
             if args.expected.is_some() {
-                eprintln!(
+                note!(
                     "vmmu diff: {}: no recorded output {shown} ({e}): not compared with one",
                     file.display()
                 );
@@ -176,7 +177,7 @@ fn bad_expected_dir(dir: &Path) -> Option<String> {
 /// Runs the command; returns the process exit status.
 pub fn run(args: &DiffArgs) -> ExitCode {
     if let Some(why) = args.expected.as_deref().and_then(bad_expected_dir) {
-        eprintln!("vmmu diff: {why}");
+        note!("vmmu diff: {why}");
         return ExitCode::from(2);
     }
     let kvm = vmmu_kvm::KvmBackend;
@@ -190,7 +191,7 @@ pub fn run(args: &DiffArgs) -> ExitCode {
         let text = match crate::input::read_text(file) {
             Ok(t) => t,
             Err(e) => {
-                eprintln!("vmmu diff: {e}");
+                note!("vmmu diff: {e}");
                 bad_input = true;
                 continue;
             }
@@ -198,7 +199,7 @@ pub fn run(args: &DiffArgs) -> ExitCode {
         let scenario = match vmmu_scenario::parse(&text) {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("{shown}:{}:{}: {}", e.line, e.column, e.kind);
+                note!("{shown}:{}:{}: {}", e.line, e.column, e.kind);
                 bad_input = true;
                 continue;
             }
@@ -212,7 +213,7 @@ pub fn run(args: &DiffArgs) -> ExitCode {
             let s = diff::run_source("kvm", &kvm, &scenario);
             if let Outcome::Unavailable(why) = &s.outcome {
                 if !kvm_note_printed {
-                    eprintln!("vmmu diff: not comparing with KVM: {why}");
+                    note!("vmmu diff: not comparing with KVM: {why}");
                     kvm_note_printed = true;
                 }
             }

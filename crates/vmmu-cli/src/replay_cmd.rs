@@ -13,6 +13,7 @@
 use crate::html_report::ReportFile;
 use crate::replay_kvm;
 use crate::scenario_cmd::{FormatArg, OnOff};
+use crate::stdout::note;
 use clap::Args;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -165,7 +166,7 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
     let report_file = match args.report.as_deref().map(ReportFile::create).transpose() {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("vmmu replay: {e}");
+            note!("vmmu replay: {e}");
             return ExitCode::from(2);
         }
     };
@@ -179,7 +180,7 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
         let text = match crate::input::read_text(path) {
             Ok(t) => t,
             Err(e) => {
-                eprintln!("vmmu replay: {e}");
+                note!("vmmu replay: {e}");
                 bad_input = true;
                 continue;
             }
@@ -187,14 +188,14 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
         let trace = match replay::parse(&text) {
             Ok(t) => t,
             Err(e) => {
-                eprintln!("vmmu replay: {file}:{}: malformed trace: {}", e.line, e.kind);
+                note!("vmmu replay: {file}:{}: malformed trace: {}", e.line, e.kind);
                 bad_input = true;
                 continue;
             }
         };
         let report = replay_trace(args, &file, &trace);
         for e in &report.run_errors {
-            eprintln!("vmmu replay: {file}: {e}");
+            note!("vmmu replay: {file}: {e}");
         }
         failed |= !report.passed;
         if !args.json && write!(out, "{}", report.text()).is_err() {
@@ -211,9 +212,9 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
     if let Some(file) = report_file {
         let path = file.path().display().to_string();
         match file.write(&crate::report_pages::replay_page(&args.flags(), &reports)) {
-            Ok(()) => eprintln!("vmmu replay: report written to {path}"),
+            Ok(()) => note!("vmmu replay: report written to {path}"),
             Err(e) => {
-                eprintln!("vmmu replay: {e}");
+                note!("vmmu replay: {e}");
                 failed = true;
             }
         }

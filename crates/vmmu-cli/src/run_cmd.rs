@@ -11,6 +11,7 @@ use crate::html_report::ReportFile;
 use crate::progress::Progress;
 use crate::report_pages;
 use crate::run_report::{to_json, Text};
+use crate::stdout::note;
 use crate::stdout::{emit, say};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
@@ -253,11 +254,11 @@ fn write_report(args: &RunArgs, file: Option<ReportFile>, runs: &[(&str, &Report
     let path = file.path().display().to_string();
     match file.write(&report_pages::run_page(&args.flags(), runs)) {
         Ok(()) => {
-            eprintln!("vmmu run: report written to {path}");
+            note!("vmmu run: report written to {path}");
             true
         }
         Err(e) => {
-            eprintln!("vmmu run: {e}");
+            note!("vmmu run: {e}");
             false
         }
     }
@@ -359,7 +360,7 @@ fn compare_caching(args: &RunArgs, bugs: BugSet, report_file: Option<ReportFile>
             match one_run_with(opts, !json) {
                 Ok(r) => runs.push((caching, r)),
                 Err(e) => {
-                    eprintln!("vmmu run: {e}");
+                    note!("vmmu run: {e}");
                     return ExitCode::from(1);
                 }
             }
@@ -461,20 +462,20 @@ pub fn run(args: &RunArgs) -> ExitCode {
         return if emit("run", &names) { ExitCode::SUCCESS } else { ExitCode::from(1) };
     }
     if let Err(e) = args.options(true, BugSet::NONE).validate() {
-        eprintln!("vmmu run: {e}");
+        note!("vmmu run: {e}");
         return ExitCode::from(2);
     }
     let bugs = match bugs(args.inject.as_deref()) {
         Ok(b) => b,
         Err(e) => {
-            eprintln!("vmmu run: {e}");
+            note!("vmmu run: {e}");
             return ExitCode::from(2);
         }
     };
     let report_file = match args.report.as_deref().map(ReportFile::create).transpose() {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("vmmu run: {e}");
+            note!("vmmu run: {e}");
             return ExitCode::from(2);
         }
     };
@@ -502,7 +503,7 @@ pub fn run(args: &RunArgs) -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("vmmu run: {e}");
+            note!("vmmu run: {e}");
             ExitCode::from(1)
         }
     }

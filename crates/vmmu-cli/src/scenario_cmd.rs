@@ -4,6 +4,7 @@
 //! cannot be read or does not parse (message on stderr, nothing runs), 1 when the backend failed
 //! (the observations made so far are on stdout, the error naming the step on stderr).
 
+use crate::stdout::note;
 use clap::{Args, ValueEnum};
 use std::io::Write;
 use std::ops::ControlFlow;
@@ -78,14 +79,14 @@ pub fn run(args: &ScenarioArgs) -> ExitCode {
     let text = match crate::input::read_text(&args.file) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("vmmu scenario: {e}");
+            note!("vmmu scenario: {e}");
             return ExitCode::from(2);
         }
     };
     let mut scenario = match vmmu_scenario::parse(&text) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("{shown}:{}:{}: {}", e.line, e.column, e.kind);
+            note!("{shown}:{}:{}: {}", e.line, e.column, e.kind);
             return ExitCode::from(2);
         }
     };
@@ -101,7 +102,7 @@ pub fn run(args: &ScenarioArgs) -> ExitCode {
     let backend = match backend(args.backend) {
         Ok(b) => b,
         Err(msg) => {
-            eprintln!("vmmu scenario: {msg}");
+            note!("vmmu scenario: {msg}");
             return ExitCode::from(1);
         }
     };
@@ -110,8 +111,8 @@ pub fn run(args: &ScenarioArgs) -> ExitCode {
     let mut write_error = None;
     let mut counters =
         |step: &vmmu_scenario::Step, c: Option<vmmu_scenario::ShadowCounters>| match c {
-            Some(c) => eprintln!("step {} (line {}): {c}", step.number, step.line),
-            None => eprintln!("step {} (line {}): none", step.number, step.line),
+            Some(c) => note!("step {} (line {}): {c}", step.number, step.line),
+            None => note!("step {} (line {}): none", step.number, step.line),
         };
     // A write that fails stops the run: the rest would be computed for nobody (a reader such as
     // `head -1` that left would otherwise wait for the whole scenario to run).
@@ -133,14 +134,14 @@ pub fn run(args: &ScenarioArgs) -> ExitCode {
     // The observations are the command's output: a run that could not print them all failed.
     if let Some(e) = &write_error {
         if e.kind() != std::io::ErrorKind::BrokenPipe {
-            eprintln!("vmmu scenario: {shown}: cannot write the observations to stdout: {e}");
+            note!("vmmu scenario: {shown}: cannot write the observations to stdout: {e}");
         }
     }
     match result {
         Ok(()) if write_error.is_none() => ExitCode::SUCCESS,
         Ok(()) => ExitCode::from(1),
         Err(e) => {
-            eprintln!("vmmu scenario: {shown}: {e}");
+            note!("vmmu scenario: {shown}: {e}");
             ExitCode::from(1)
         }
     }

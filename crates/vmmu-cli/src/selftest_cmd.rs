@@ -9,6 +9,7 @@
 //! failure); 1 when a test failed (the row says what was seen); 2 on bad arguments.
 
 use crate::stdout::emit;
+use crate::stdout::note;
 use clap::{Args, ValueEnum};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -555,21 +556,21 @@ pub fn run(args: &SelftestArgs) -> ExitCode {
     let tests = match args.selected() {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("vmmu selftest: {e}");
+            note!("vmmu selftest: {e}");
             return ExitCode::from(2);
         }
     };
     let plan = match args.plan() {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("vmmu selftest: {e}");
+            note!("vmmu selftest: {e}");
             return ExitCode::from(2);
         }
     };
     let mut rows = Vec::new();
     for t in tests {
         if !args.json {
-            eprintln!("vmmu selftest: running {t}...");
+            note!("vmmu selftest: running {t}...");
         }
         rows.push(run_one(t, &plan));
     }

@@ -12,11 +12,22 @@ pub fn emit(cmd: &str, text: &str) -> bool {
         Ok(()) => true,
         Err(e) if e.kind() == ErrorKind::BrokenPipe => false,
         Err(e) => {
-            eprintln!("vmmu {cmd}: cannot write to stdout: {e}");
+            note!("vmmu {cmd}: cannot write to stdout: {e}");
             false
         }
     }
 }
+
+/// `eprintln!` without its panic: a message that stderr cannot take (`2>/dev/full`, a pipe whose
+/// reader left, as in `2>&1 | head -1`) is dropped, and the command ends with the exit status it
+/// would have had (`eprintln!` panicked there, which made every such exit status 101).
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+pub(crate) use note;
 
 /// `println!` through [`emit`]: `say!("run", "{x}")` is true when the line was written.
 macro_rules! say {
