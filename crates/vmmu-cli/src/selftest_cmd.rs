@@ -525,8 +525,11 @@ fn table(rows: &[Row]) -> String {
     for r in rows {
         let verdict = if matches!(r.sim, Cell::Fail(_)) || matches!(r.kvm, Cell::Fail(_)) {
             "FAIL"
-        } else {
+        } else if matches!(r.sim, Cell::Pass(..)) || matches!(r.kvm, Cell::Pass(..)) {
             "PASS"
+        } else {
+            // Neither side ran it (the slot cap, no /dev/kvm): nothing passed.
+            "NOT RUN"
         };
         out.push_str(&format!("{verdict} {}\n", r.test));
         out.push_str(&format!("  vmmu (sim): {}\n", r.sim.text()));

@@ -119,6 +119,17 @@ fn too_many_slots_is_not_run_as_in_the_c_test() {
     );
 }
 
+/// A test that neither side ran (here the map test at the default slot cap, without KVM) is
+/// "NOT RUN" in the text, not "PASS"; the exit status stays 0, as for the C test.
+#[test]
+fn a_test_neither_side_ran_does_not_read_as_passed() {
+    let out = vmmu(&["selftest", "memslot-perf-map", "--no-kvm"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().any(|l| l == "NOT RUN memslot-perf-map"), "{text}");
+    assert!(!text.contains("PASS"), "{text}");
+}
+
 #[test]
 fn bad_names_and_values_are_usage_errors() {
     for (args, needle) in [
