@@ -83,7 +83,7 @@ pub enum ReaderFences {
 /// The machine's options of `vmmu run`.
 #[derive(Args, Clone, Debug, PartialEq)]
 pub struct MachineArgs {
-    /// vCPUs (1..=256).
+    /// vCPUs (1..=256; at most 48 with guest paging).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub vcpus: u16,
     /// How long to run, in seconds (more than 0, at most 3600).

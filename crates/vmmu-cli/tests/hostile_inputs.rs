@@ -125,3 +125,23 @@ fn selftest_delay_is_bounded() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("--delay-us") && err.contains("0..=10000000"), "{err}");
 }
+
+/// `vmmu run` with guest paging and more vCPUs than its table area holds is refused up front
+/// (exit 2, saying the limit), not run into thousands of oracle violations ("the guest page-table
+/// area is full") as 64 vCPUs were; the limit itself runs clean.
+#[test]
+fn run_with_guest_paging_bounds_its_vcpus() {
+    for args in [
+        &["run", "--guest-paging", "--vcpus", "64", "--seconds", "0.3"][..],
+        &["run", "--format", "shadow", "--vcpus", "49", "--seconds", "0.3"][..],
+    ] {
+        let out = vmmu(args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("at most 48"), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+    let out = vmmu(&["run", "--format", "shadow", "--vcpus", "48", "--seconds", "0.3", "--json"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}{}", text(&out.stdout));
+}

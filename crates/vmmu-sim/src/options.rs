@@ -102,6 +102,13 @@ pub enum OptionsError {
     /// `--churn 0`: the run would stop before its first memslot update.
     #[error("--churn 0: a churn run stops after its N-th memslot update; give at least 1")]
     Churn,
+    /// Too many vCPUs for guest paging's table area.
+    #[error(
+        "--vcpus {0} with guest paging (--guest-paging, --format shadow): at most {max} vCPUs, \
+         whose page tables share the guest's 8 MiB table area",
+        max = crate::machine_paging::MAX_VCPUS
+    )]
+    PagingVcpus(u16),
     /// `--wrap-trap` with `--near-wrap`.
     #[error("--wrap-trap and --near-wrap exclude each other")]
     WrapTrapNearWrap,
@@ -151,6 +158,11 @@ impl RunOptions {
         }
         if self.churn == Some(0) {
             return Err(OptionsError::Churn);
+        }
+        if (self.shadow || self.guest_paging)
+            && usize::from(self.vcpus) > crate::machine_paging::MAX_VCPUS
+        {
+            return Err(OptionsError::PagingVcpus(self.vcpus));
         }
         if self.wrap_trap && (self.shadow || self.guest_paging) {
             return Err(OptionsError::WrapTrapPaging);
