@@ -24,6 +24,8 @@ use vmmu_sim::replay::{self, ReplayConfig, Trace, TraceReport};
 
 /// Arguments of `vmmu replay`.
 #[derive(Args, Debug)]
+// `--seconds -1` is a bad value (named as such), not an unknown flag `-1`.
+#[command(allow_negative_numbers = true)]
 pub struct ReplayArgs {
     /// Trace files (vmmu trace v1, JSON Lines).
     #[arg(required = true)]

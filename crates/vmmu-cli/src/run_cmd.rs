@@ -133,6 +133,8 @@ pub struct MachineArgs {
 
 /// Options of `vmmu run`.
 #[derive(Args, Debug)]
+// `--seconds -1` is a bad value (named as such), not an unknown flag `-1`.
+#[command(allow_negative_numbers = true)]
 pub struct RunArgs {
     #[command(flatten)]
     opts: MachineArgs,

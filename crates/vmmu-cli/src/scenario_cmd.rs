@@ -43,6 +43,8 @@ pub enum OnOff {
 
 /// Arguments of `vmmu scenario`.
 #[derive(Args, Debug)]
+// `--seconds -1` is a bad value (named as such), not an unknown flag `-1`.
+#[command(allow_negative_numbers = true)]
 pub struct ScenarioArgs {
     /// The scenario file (format: shared/design/scenarios.md).
     pub file: PathBuf,

@@ -70,6 +70,8 @@ pub enum FormatArg {
 
 /// Options of `vmmu selftest`.
 #[derive(Args, Debug)]
+// `--seconds -1` is a bad value (named as such), not an unknown flag `-1`.
+#[command(allow_negative_numbers = true)]
 pub struct SelftestArgs {
     /// Tests or groups to run (`--list` names them).
     #[arg(value_name = "NAME")]

@@ -145,3 +145,21 @@ fn run_with_guest_paging_bounds_its_vcpus() {
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}{}", text(&out.stdout));
 }
+
+/// A negative number is named as a bad value of its option (exit 2), not reported as an unknown
+/// argument `-1`, which left the user looking for a flag they never meant.
+#[test]
+fn negative_numbers_are_bad_values() {
+    for args in [
+        &["run", "--seconds", "-1"][..],
+        &["run", "--vcpus", "-1"][..],
+        &["scenario", "x.scn", "--phys-bits", "-1"][..],
+        &["replay", "x.trace.jsonl", "--phys-bits", "-1"][..],
+        &["selftest", "all", "--delay-us", "-1"][..],
+    ] {
+        let out = vmmu(args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("invalid value '-1'"), "{args:?}: {err}");
+    }
+}
