@@ -17,6 +17,12 @@ pub enum InputError {
         #[source]
         source: std::io::Error,
     },
+    /// A directory was named where a file goes.
+    #[error("{path} is a directory, not a file: name the files in it (e.g. `{path}/*`)")]
+    Directory {
+        /// The directory, as given.
+        path: String,
+    },
     /// The file is not UTF-8.
     #[error("{path}:{line}:{column}: not UTF-8 text (byte {byte:#04x}); the format is UTF-8")]
     NotUtf8 {
@@ -34,6 +40,9 @@ pub enum InputError {
 /// The text of `path`, or why not.
 pub fn read_text(path: &Path) -> Result<String, InputError> {
     let shown = path.display().to_string();
+    if path.is_dir() {
+        return Err(InputError::Directory { path: shown });
+    }
     let bytes =
         std::fs::read(path).map_err(|source| InputError::Io { path: shown.clone(), source })?;
     text(&shown, bytes)

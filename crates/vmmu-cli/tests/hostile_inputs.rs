@@ -163,3 +163,23 @@ fn negative_numbers_are_bad_values() {
         assert!(err.contains("invalid value '-1'"), "{args:?}: {err}");
     }
 }
+
+/// A directory named where a scenario or trace file goes (`vmmu diff tests/scenarios`) is
+/// refused saying it is a directory and what to give instead (its files), with exit 2.
+#[test]
+fn a_directory_instead_of_a_file_says_what_to_give() {
+    let dir = repo("tests/scenarios");
+    for args in [
+        &["scenario", &dir][..],
+        &["diff", "--no-kvm", &dir][..],
+        &["replay", "--no-kvm", &repo("tests/traces")][..],
+    ] {
+        let out = vmmu(args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("is a directory, not a file: name the files in it"),
+            "{args:?}: {err}"
+        );
+    }
+}
