@@ -23,6 +23,16 @@ pub enum InputError {
         /// The directory, as given.
         path: String,
     },
+    /// The file holds more than [`MAX_BYTES`] (or never ends, as `/dev/zero`).
+    #[error(
+        "{path}: more than {} MiB; inputs are read whole, and one this big is not a scenario, \
+         trace or recording (split it)",
+        MAX_BYTES >> 20
+    )]
+    TooBig {
+        /// The file, as given.
+        path: String,
+    },
     /// The file is not UTF-8.
     #[error("{path}:{line}:{column}: not UTF-8 text (byte {byte:#04x}); the format is UTF-8")]
     NotUtf8 {
@@ -37,14 +47,26 @@ pub enum InputError {
     },
 }
 
+/// The most bytes an input may hold: a file read whole is held in memory several times over
+/// once parsed, and a device that never ends (`/dev/zero`, `/dev/urandom`) would otherwise be
+/// read until memory runs out.
+pub const MAX_BYTES: u64 = 512 << 20;
+
 /// The text of `path`, or why not.
 pub fn read_text(path: &Path) -> Result<String, InputError> {
+    use std::io::Read;
     let shown = path.display().to_string();
     if path.is_dir() {
         return Err(InputError::Directory { path: shown });
     }
-    let bytes =
-        std::fs::read(path).map_err(|source| InputError::Io { path: shown.clone(), source })?;
+    let io = |source| InputError::Io { path: shown.clone(), source };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_BYTES {
+        return Err(InputError::TooBig { path: shown });
+    }
     text(&shown, bytes)
 }
 

@@ -183,3 +183,18 @@ fn a_directory_instead_of_a_file_says_what_to_give() {
         );
     }
 }
+
+/// An input that never ends (`/dev/zero`) is read up to the inputs' size limit and refused
+/// (exit 2, saying so), instead of being read until memory runs out.
+#[test]
+fn an_endless_input_is_refused_at_the_size_limit() {
+    if !std::path::Path::new("/dev/zero").exists() {
+        return;
+    }
+    for args in [&["scenario", "/dev/zero"][..], &["replay", "--no-kvm", "/dev/zero"][..]] {
+        let out = vmmu_within(args, 20).expect("vmmu read /dev/zero for more than 20 s");
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("/dev/zero: more than 512 MiB"), "{args:?}: {err}");
+    }
+}
