@@ -180,6 +180,12 @@ impl DirtyBitmap {
     /// Clears `mask` in word `i`; returns the bits of `mask` that were set.
     #[inline]
     fn clear(&self, i: usize, mask: u64) -> u64 {
+        // Cheap test first, as in `get_log`: a word with none of `mask` set needs no write (and
+        // its page of a big bitmap stays unmapped). Callers hold the MMU lock exclusive, so no
+        // fault marks the word between the load and the exchange (module doc).
+        if self.words[i].load(Ordering::Relaxed) & mask == 0 {
+            return 0;
+        }
         mask & self.words[i].fetch_and(!mask, Ordering::Relaxed)
     }
 }
