@@ -107,7 +107,8 @@ pub struct SelftestArgs {
     /// memslot_modification_stress_test -v: vCPUs (default 1).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     vcpus: u16,
-    /// memslot_modification_stress_test -b: MiB per vCPU (default 1024).
+    /// memslot_modification_stress_test -b: MiB per vCPU (default 1024; all vCPUs together at
+    /// most 32767 MiB, or 524288 with --no-kvm).
     #[arg(long = "mib-per-vcpu", value_parser = clap::value_parser!(u64).range(1..=16384))]
     mib_per_vcpu: Option<u64>,
     /// memslot_modification_stress_test -i: add/delete iterations (default 10).
@@ -237,6 +238,11 @@ fn published(test: PerfTest, slots: u32) -> String {
     )
 }
 
+/// The most stress memory (all vCPUs, MiB) the KVM half takes: 32 GiB less two pages.
+const KVM_STRESS_MIB: u64 = 32 * 1024 - 1;
+/// The most the software machine alone takes (its host has 2^28 frames, 1 TiB).
+const SIM_STRESS_MIB: u64 = 512 * 1024;
+
 /// Resolved parameters.
 struct Plan {
     mmu: MmuChoice,
@@ -247,8 +253,25 @@ struct Plan {
 }
 
 impl SelftestArgs {
-    fn plan(&self) -> Result<Plan, String> {
+    /// The parameters; `stress`: whether the stress test runs (its memory is checked then).
+    fn plan(&self, stress: bool) -> Result<Plan, String> {
         let q = self.quick;
+        let mib = self.mib_per_vcpu.unwrap_or(if q { 16 } else { 1024 });
+        let total = mib * u64::from(self.vcpus);
+        // The stress test's memory, all vCPUs together: the KVM half's guest maps 64 GiB and
+        // puts it in the top half (less two pages); the software machine's host has 2^28 frames.
+        let (limit, why) = if self.no_kvm {
+            (SIM_STRESS_MIB, "the software machine's host frames")
+        } else {
+            (KVM_STRESS_MIB, "the KVM half's guest maps 64 GiB; --no-kvm allows 512 GiB")
+        };
+        if stress && total > limit {
+            return Err(format!(
+                "--vcpus {} x --mib-per-vcpu {mib} = {total} MiB of stress memory: at most \
+                 {limit} MiB in all ({why})",
+                self.vcpus
+            ));
+        }
         Ok(Plan {
             mmu: MmuChoice {
                 format: match self.format {
@@ -267,7 +290,7 @@ impl SelftestArgs {
             },
             stress: sim_stress::Params {
                 vcpus: usize::from(self.vcpus),
-                bytes_per_vcpu: self.mib_per_vcpu.unwrap_or(if q { 16 } else { 1024 }) << 20,
+                bytes_per_vcpu: mib << 20,
                 iterations: self.iterations,
                 delay: Duration::from_micros(self.delay_us),
             },
@@ -565,7 +588,7 @@ pub fn run(args: &SelftestArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let plan = match args.plan() {
+    let plan = match args.plan(tests.contains(&"memslot-modification-stress")) {
         Ok(p) => p,
         Err(e) => {
             note!("vmmu selftest: {e}");
