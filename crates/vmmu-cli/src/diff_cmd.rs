@@ -204,6 +204,11 @@ pub fn run(args: &DiffArgs) -> ExitCode {
                 continue;
             }
         };
+        if scenario.steps.is_empty() {
+            note!(
+                "vmmu diff: {shown}: no steps (only comments or blank lines): nothing to compare"
+            );
+        }
         let pinned = diff::pinned_format(&text, &scenario);
         let mut sources: Vec<Source> = sim_backends(pinned)
             .iter()

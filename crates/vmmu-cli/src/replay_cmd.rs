@@ -107,6 +107,9 @@ fn configs(args: &ReplayArgs, trace: &Trace) -> Vec<ReplayConfig> {
 
 fn warnings(args: &ReplayArgs, trace: &Trace) -> Vec<String> {
     let mut w = Vec::new();
+    if trace.events.is_empty() {
+        w.push("the trace has no events: nothing was replayed or checked".to_string());
+    }
     let auto = replay::phys_bits_for(trace);
     if args.phys_bits.is_none() && auto > replay::DEFAULT_PHYS_BITS {
         w.push(format!(

@@ -92,6 +92,9 @@ pub fn run(args: &ScenarioArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if scenario.steps.is_empty() {
+        note!("vmmu scenario: {shown}: no steps (only comments or blank lines): nothing runs");
+    }
     scenario.apply(&Overrides {
         format: args.format.map(|f| match f {
             FormatArg::Ept => Format::Ept,

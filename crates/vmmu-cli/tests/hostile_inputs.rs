@@ -225,3 +225,23 @@ fn selftest_stress_memory_is_bounded_up_front() {
     let out = vmmu(&["selftest", "--vcpus", "64", "--no-kvm", "--quick", "set-memory-region-move"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
+
+/// A scenario with no steps (empty, only comments) or a trace with no events is valid and runs
+/// (exit 0), but says on stderr (or in the report's warnings) that nothing was run or checked.
+#[test]
+fn inputs_with_nothing_to_run_say_so() {
+    let scenario = temp_file("comments.scn", "# only a comment\n\n   # another\n");
+    let s = scenario.to_str().unwrap();
+    for args in [&["scenario", s][..], &["diff", "--no-kvm", s][..]] {
+        let out = vmmu(args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(err.contains("no steps"), "{args:?}: {err}");
+    }
+    let _ = std::fs::remove_file(&scenario);
+    let trace = temp_file("header.trace.jsonl", "{\"vmmu_trace\":1,\"source\":\"x\"}\n");
+    let out = vmmu(&["replay", "--no-kvm", "--format", "ept", trace.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&trace);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("the trace has no events"), "{}", text(&out.stdout));
+}
