@@ -453,29 +453,40 @@ fn axes(svg: &mut String, y0: f64, h: f64, max: f64, label: &str) {
     );
 }
 
-/// Where a report goes: the file is created when the command starts (so a bad path fails
-/// before the run, as a bad argument) and written when it ends.
+/// Where a report goes: the path is checked when the command starts (so a bad path fails before
+/// the run, as a bad argument) and the file written when it ends.
 #[derive(Debug)]
 pub struct ReportFile {
     path: PathBuf,
-    file: std::fs::File,
 }
 
 impl ReportFile {
-    /// Creates (truncates) `path`; the error names the flag, the path and why.
+    /// Checks, before the run, that `path` can be written: opened for appending (created if
+    /// missing, and then removed again), so that a run that fails or is interrupted (Ctrl-C)
+    /// leaves neither an empty file nor a truncated earlier report. The error names the flag,
+    /// the path and why.
     pub fn create(path: &Path) -> Result<ReportFile, String> {
-        std::fs::File::create(path)
-            .map(|file| ReportFile { path: path.to_path_buf(), file })
-            .map_err(|e| format!("--report {}: cannot create the file: {e}", path.display()))
+        let existed = std::fs::symlink_metadata(path).is_ok();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(|e| format!("--report {}: cannot create the file: {e}", path.display()))?;
+        if !existed {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(ReportFile { path: path.to_path_buf() })
     }
 
-    /// Writes the page.
-    pub fn write(mut self, html: &str) -> Result<(), String> {
+    /// Writes the page (creating or truncating the file now).
+    pub fn write(self, html: &str) -> Result<(), String> {
         use std::io::Write;
-        self.file
-            .write_all(html.as_bytes())
-            .and_then(|()| self.file.flush())
-            .map_err(|e| format!("--report {}: cannot write the report: {e}", self.path.display()))
+        let shown = self.path.display();
+        let mut file = std::fs::File::create(&self.path)
+            .map_err(|e| format!("--report {shown}: cannot create the file: {e}"))?;
+        file.write_all(html.as_bytes())
+            .and_then(|()| file.flush())
+            .map_err(|e| format!("--report {shown}: cannot write the report: {e}"))
     }
 
     /// The path.

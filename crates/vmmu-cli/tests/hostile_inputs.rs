@@ -245,3 +245,29 @@ fn inputs_with_nothing_to_run_say_so() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("the trace has no events"), "{}", text(&out.stdout));
 }
+
+/// `--report FILE` on a run that is killed (Ctrl-C, a timeout) leaves an earlier report as it
+/// was and creates no empty file: the path is checked at the start, written at the end.
+#[test]
+fn an_interrupted_run_leaves_the_report_path_alone() {
+    let old = temp_file("old-report.html", "<p>an earlier report</p>\n");
+    let new = std::env::temp_dir().join(format!("vmmu-hostile-{}-new.html", std::process::id()));
+    for path in [&old, &new] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vmmu"))
+            .args(["run", "--seconds", "30", "--vcpus", "1", "--report"])
+            .arg(path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn vmmu");
+        std::thread::sleep(Duration::from_millis(300));
+        child.kill().expect("kill vmmu");
+        let _ = child.wait();
+    }
+    let kept = std::fs::read_to_string(&old).unwrap_or_default();
+    let _ = std::fs::remove_file(&old);
+    let created = new.exists();
+    let _ = std::fs::remove_file(&new);
+    assert_eq!(kept, "<p>an earlier report</p>\n", "the earlier report was truncated");
+    assert!(!created, "an empty report file was left behind");
+}
