@@ -53,9 +53,9 @@ pub fn run(args: &BenchArgs) -> ExitCode {
     };
     if !args.json {
         note!(
-            "vmmu bench{}: running (load average {:?})...",
+            "vmmu bench{}: running (load average {})...",
             if args.quick { " --quick" } else { "" },
-            vmmu_bench::timing::load_average()
+            vmmu_bench::timing::load_average().map_or("unknown".into(), |l| format!("{l:.2}"))
         );
     }
     match vmmu_bench::run(&opts) {

@@ -100,6 +100,12 @@ fn no_kvm_rows_say_why_and_bad_group_is_a_usage_error() {
     assert_eq!(text.status.code(), Some(0));
     let s = String::from_utf8_lossy(&text.stdout);
     assert!(s.contains("| lookup") && s.contains("x at 10 slots"), "{s}");
+    // The start line gives the load average as a number (it printed `Some(0.42)`).
+    let err = String::from_utf8_lossy(&text.stderr);
+    assert!(
+        err.starts_with("vmmu bench: running (load average ") && !err.contains("Some("),
+        "{err}"
+    );
 }
 
 /// Issue 13 point 12: the shadow MMU's rows run in quick mode (real samples, not `--smoke`), and
