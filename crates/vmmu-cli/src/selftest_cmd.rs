@@ -576,10 +576,20 @@ fn list() -> String {
     out
 }
 
+/// The list of tests and groups as JSON (`--list --json`): `{"tests":[{"name","description"}],
+/// "groups":[...]}`.
+fn list_json() -> String {
+    let entry = |(n, d): &(&str, &str)| serde_json::json!({ "name": n, "description": d });
+    let tests: Vec<_> = TESTS.iter().chain(std::iter::once(&RW)).map(entry).collect();
+    let groups: Vec<_> = GROUPS.iter().map(entry).collect();
+    format!("{:#}\n", serde_json::json!({ "tests": tests, "groups": groups }))
+}
+
 /// Runs `vmmu selftest`.
 pub fn run(args: &SelftestArgs) -> ExitCode {
     if args.list {
-        return if emit("selftest", &list()) { ExitCode::SUCCESS } else { ExitCode::from(1) };
+        let text = if args.json { list_json() } else { list() };
+        return if emit("selftest", &text) { ExitCode::SUCCESS } else { ExitCode::from(1) };
     }
     let tests = match args.selected() {
         Ok(t) => t,

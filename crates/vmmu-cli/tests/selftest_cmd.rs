@@ -130,6 +130,19 @@ fn a_test_neither_side_ran_does_not_read_as_passed() {
     assert!(!text.contains("PASS"), "{text}");
 }
 
+/// `--list --json` lists as JSON (it printed the text list, which a JSON reader cannot parse).
+#[test]
+fn list_with_json_is_json() {
+    let out = vmmu(&["selftest", "--list", "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let v = json(&out);
+    let names: Vec<&str> =
+        v["tests"].as_array().unwrap().iter().filter_map(|t| t["name"].as_str()).collect();
+    assert_eq!(names.len(), 9, "{v:#}");
+    assert!(names.contains(&"memslot-perf-rw") && names.contains(&"set-memory-region-move"));
+    assert!(v["groups"].as_array().unwrap().iter().any(|g| g["name"] == "all"), "{v:#}");
+}
+
 #[test]
 fn bad_names_and_values_are_usage_errors() {
     for (args, needle) in [
