@@ -164,7 +164,9 @@ pub fn with_ratios(kvm_rows: Vec<Row>, vmmu_rows: &[Row]) -> Vec<Row> {
                 };
                 let mut row = row.ratio(ratio, "x KVM (vmmu at 10 slots / KVM)");
                 if busy && op != "flags change" {
-                    row = row.target("vmmu <= 0.25x KVM", ratio <= 0.25);
+                    // Unknown, not missed, when either side was not measured.
+                    let met = ratio.is_finite().then_some(ratio <= 0.25);
+                    row = row.target_met("vmmu <= 0.25x KVM", met);
                 }
                 return row;
             }

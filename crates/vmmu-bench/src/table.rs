@@ -95,10 +95,16 @@ impl Row {
         self
     }
 
-    /// Adds a target and whether it was met.
-    pub fn target(mut self, target: impl Into<String>, met: bool) -> Row {
+    /// Adds a target and whether it was met (unknown for a row that was not measured).
+    pub fn target(self, target: impl Into<String>, met: bool) -> Row {
+        self.target_met(target, Some(met))
+    }
+
+    /// Adds a target and whether it was met, `None` if that is not known (say, a ratio to a
+    /// side that did not run). A row without a value never met or missed its target.
+    pub fn target_met(mut self, target: impl Into<String>, met: Option<bool>) -> Row {
         self.target = Some(target.into());
-        self.met = Some(met);
+        self.met = met.filter(|_| self.value.is_some());
         self
     }
 
@@ -170,7 +176,8 @@ impl Table {
             let ratio = match r.ratio {
                 Some(x) => format!("{}{}", fmt_num(x), r.ratio_of),
                 None if r.ratio_of.is_empty() => "-".into(),
-                None => format!("n/a{}", r.ratio_of),
+                // Not `n/ax KVM`: the suffix belongs to a number.
+                None => "n/a".into(),
             };
             let met = match r.met {
                 Some(true) => "yes",
@@ -234,7 +241,7 @@ mod tests {
         let s = t.to_text();
         assert_eq!(s.lines().count(), 4);
         assert!(s.contains("12.3 ns") && s.contains("0.40x base") && s.contains("yes"));
-        assert!(s.contains("n/a (no /dev/kvm)") && s.contains("n/ax KVM"));
+        assert!(s.contains("n/a (no /dev/kvm)") && !s.contains("n/ax KVM"));
         let j: serde_json::Value = serde_json::from_str(&t.to_json()).unwrap();
         assert_eq!(j["rows"][1]["value"], serde_json::Value::Null);
         assert_eq!(j["rows"][0]["unit"], "ns");

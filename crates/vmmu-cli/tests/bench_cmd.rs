@@ -86,7 +86,12 @@ fn no_kvm_rows_say_why_and_bad_group_is_a_usage_error() {
     for r in &rows {
         assert!(r["value"].is_null(), "{r}");
         assert!(r["note"].as_str().unwrap().contains("--no-kvm"), "{r}");
+        // Not measured: the target is neither met nor missed (it read `"met": false`, `NO`).
+        assert!(r["met"].is_null(), "{r}");
     }
+    let text = vmmu(&["bench", "--smoke", "--no-kvm", "--only", "kvm"]);
+    let s = String::from_utf8_lossy(&text.stdout);
+    assert!(!s.contains("| NO ") && !s.contains("n/ax"), "{s}");
     let out = vmmu(&["bench", "--only", "nonsense"]);
     assert_eq!(out.status.code(), Some(2));
     // Without KVM the dirty-log rows of vmmu still have their values, and say why no ratio.
