@@ -23,6 +23,8 @@ pub fn esc(s: &str) -> String {
             '>' => o.push_str("&gt;"),
             '"' => o.push_str("&quot;"),
             '\'' => o.push_str("&#39;"),
+            // Control characters (a NUL from a trace's free text) are not HTML text.
+            c if c.is_control() && !matches!(c, '\n' | '\t') => o.push('\u{fffd}'),
             c => o.push(c),
         }
     }
@@ -509,6 +511,7 @@ mod tests {
         let html = p.finish("t&");
         assert!(!html.contains("<script>") && !html.contains("<img"), "{html}");
         assert!(html.contains("&lt;script&gt;") && html.contains("<title>t&amp;</title>"));
+        assert_eq!(esc("a\u{0}b\u{1b}[2J\tc"), "a\u{fffd}b\u{fffd}[2J\tc");
     }
 
     #[test]

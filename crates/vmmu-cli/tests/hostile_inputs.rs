@@ -271,3 +271,19 @@ fn an_interrupted_run_leaves_the_report_path_alone() {
     assert_eq!(kept, "<p>an earlier report</p>\n", "the earlier report was truncated");
     assert!(!created, "an empty report file was left behind");
 }
+
+/// A trace's free-text `source` with a terminal escape sequence is printed escaped, not sent to
+/// the terminal (it could clear the screen or retitle the window of whoever replays the trace).
+#[test]
+fn a_traces_source_cannot_drive_the_terminal() {
+    let trace = temp_file(
+        "escape.trace.jsonl",
+        "{\"vmmu_trace\":1,\"source\":\"QEMU\\u001b[2J\\u001b]0;owned\\u0007\"}\n",
+    );
+    let out = vmmu(&["replay", "--no-kvm", "--format", "ept", trace.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&trace);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(!stdout.contains('\u{1b}') && !stdout.contains('\u{7}'), "{stdout:?}");
+    assert!(stdout.contains("source: QEMU\\u{1b}[2J\\u{1b}]0;owned\\u{7}"), "{stdout}");
+}

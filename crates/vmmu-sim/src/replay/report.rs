@@ -342,7 +342,14 @@ impl TraceReport {
         let mut s = String::new();
         let verdict = if self.passed { "PASS" } else { "FAIL" };
         let _ = writeln!(s, "{verdict} {}", self.file);
-        let _ = writeln!(s, "  source: {}", self.source);
+        // Free text from the trace file: control characters (a terminal's escape sequences)
+        // are shown escaped, not sent to the terminal.
+        let source: String = self
+            .source
+            .chars()
+            .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
+            .collect();
+        let _ = writeln!(s, "  source: {source}");
         let ev: Vec<String> = self.events.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let _ = writeln!(
             s,
