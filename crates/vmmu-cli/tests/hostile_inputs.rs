@@ -287,3 +287,23 @@ fn a_traces_source_cannot_drive_the_terminal() {
     assert!(!stdout.contains('\u{1b}') && !stdout.contains('\u{7}'), "{stdout:?}");
     assert!(stdout.contains("source: QEMU\\u{1b}[2J\\u{1b}]0;owned\\u{7}"), "{stdout}");
 }
+
+/// A recorded output whose bad line quotes a terminal escape sequence is reported with it
+/// escaped (it reached the terminal raw), and without Rust's `None` in the message.
+#[test]
+fn a_recordings_bad_line_cannot_drive_the_terminal() {
+    let dir = std::env::temp_dir().join(format!("vmmu-hostile-{}-expected", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("make a directory");
+    std::fs::write(
+        dir.join("create_read_write.jsonl"),
+        "{\"step\":3,\"op\":\"sl\\u001b[2Jot\",\"result\":\"ok\"}\n",
+    )
+    .expect("write the recording");
+    let scenario = repo("tests/scenarios/create_read_write.scn");
+    let out = vmmu(&["diff", "--no-kvm", "--expected", dir.to_str().unwrap(), &scenario]);
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(!stdout.contains('\u{1b}') && !stdout.contains("None"), "{stdout:?}");
+    assert!(stdout.contains("unknown op `sl\\u{1b}[2Jot`"), "{stdout}");
+}

@@ -230,7 +230,22 @@ pub fn parse_observations(text: &str) -> Result<Vec<Observation>, ObservationErr
         if raw.trim().is_empty() {
             continue;
         }
-        let fail = |message: String| ObservationError { line, message };
+        // The message may quote the file (an unknown op, a bad number): its control characters
+        // (a terminal's escape sequences) are shown escaped.
+        let fail =
+            |message: String| ObservationError {
+                line,
+                message: message
+                    .chars()
+                    .map(|c| {
+                        if c.is_control() {
+                            c.escape_default().to_string()
+                        } else {
+                            c.to_string()
+                        }
+                    })
+                    .collect(),
+            };
         let v: Value = serde_json::from_str(raw).map_err(|e| {
             // serde_json counts the line as its line 1: give the column of this line only.
             let full = e.to_string();
@@ -327,7 +342,8 @@ fn from_object(o: &Map<String, Value>) -> Result<Observation, String> {
                 e => SlotResult::Err(e.into()),
             },
         },
-        (op, exit) => return Err(format!("unknown op/exit `{op}`/{exit:?}")),
+        (op, Some(exit)) => return Err(format!("unknown op/exit pair `{op}`/`{exit}`")),
+        (op, None) => return Err(format!("unknown op `{op}`, or no `exit` where it needs one")),
     })
 }
 
