@@ -147,6 +147,19 @@ pub fn run(args: &ScenarioArgs) -> ExitCode {
         Ok(()) => ExitCode::from(1),
         Err(e) => {
             note!("vmmu scenario: {shown}: {e}");
+            if matches!(
+                e,
+                vmmu_scenario::RunError::Start {
+                    source: vmmu_scenario::BackendError::Unavailable(_),
+                    ..
+                }
+            ) && args.backend == BackendKind::Kvm
+            {
+                note!(
+                    "vmmu scenario: nothing ran; `--backend sim` (the default) runs it on the \
+                     software machine, and `vmmu diff` skips KVM where it is not usable"
+                );
+            }
             ExitCode::from(1)
         }
     }

@@ -307,3 +307,38 @@ fn a_recordings_bad_line_cannot_drive_the_terminal() {
     assert!(!stdout.contains('\u{1b}') && !stdout.contains("None"), "{stdout:?}");
     assert!(stdout.contains("unknown op `sl\\u{1b}[2Jot`"), "{stdout}");
 }
+
+/// `vmmu scenario --backend kvm` where `/dev/kvm` is not usable: exit 1 with why, and what to run
+/// instead. Checked where KVM is unusable, or as root by dropping to `nobody` with `setpriv`
+/// (which cannot open the root-only `/dev/kvm`); skipped elsewhere.
+#[test]
+fn scenario_on_an_unusable_kvm_says_what_to_run_instead() {
+    let scenario = repo("tests/scenarios/create_read_write.scn");
+    let args = ["scenario", "--backend", "kvm", scenario.as_str()];
+    let out = if vmmu_kvm::probe().is_err() {
+        vmmu(&args)
+    } else {
+        let root = Command::new("id").arg("-u").output().map(|o| text(&o.stdout));
+        let setpriv = ["/usr/bin/setpriv", "/bin/setpriv"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists());
+        let (Ok("0\n"), Some(setpriv)) = (root.as_deref(), setpriv) else {
+            println!("skipped: /dev/kvm is usable here and it cannot be made unusable");
+            return;
+        };
+        Command::new(setpriv)
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_vmmu"))
+            .args(args)
+            .output()
+            .expect("run vmmu as nobody")
+    };
+    let err = text(&out.stderr);
+    if err.contains("cannot read") {
+        println!("skipped: nobody cannot read the scenario here: {err}");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
+    assert!(err.contains("/dev/kvm not usable") && err.contains("`--backend sim`"), "{err}");
+}
