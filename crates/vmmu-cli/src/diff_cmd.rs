@@ -13,6 +13,7 @@
 //! arguments, else 1 when any file differs or a source failed, else 0. `--counters` adds, under
 //! each verdict, where the shadow MMU's counters part from KVM's (not part of the verdict).
 
+use crate::input::shorten;
 use crate::stdout::note;
 use clap::Args;
 use std::io::Write;
@@ -151,7 +152,7 @@ fn recorded(args: &DiffArgs, file: &Path) -> Option<Source> {
     let outcome = match crate::input::read_text(&path) {
         Ok(text) => match parse_observations(&text) {
             Ok(obs) => Outcome::Stream(obs),
-            Err(e) => Outcome::Failed(format!("{shown}: {e}")),
+            Err(e) => Outcome::Failed(crate::input::shorten(&format!("{shown}: {e}"))),
         },
         Err(e) => Outcome::Failed(e.to_string()),
     };
@@ -199,7 +200,7 @@ pub fn run(args: &DiffArgs) -> ExitCode {
         let scenario = match vmmu_scenario::parse(&text) {
             Ok(s) => s,
             Err(e) => {
-                note!("{shown}:{}:{}: {}", e.line, e.column, e.kind);
+                note!("{shown}:{}:{}: {}", e.line, e.column, shorten(&e.kind.to_string()));
                 bad_input = true;
                 continue;
             }

@@ -70,6 +70,22 @@ pub fn read_text(path: &Path) -> Result<String, InputError> {
     text(&shown, bytes)
 }
 
+/// Most characters of an input-quoting message shown whole (a parse error may quote a word of
+/// the file, and a garbage file's "word" can be megabytes long).
+const SHOWN_CHARS: usize = 400;
+
+/// `message` as shown on a terminal: whole up to [`SHOWN_CHARS`] characters, else its start
+/// and end with how much was left out between them.
+pub fn shorten(message: &str) -> String {
+    let n = message.chars().count();
+    if n <= SHOWN_CHARS {
+        return message.to_string();
+    }
+    let head: String = message.chars().take(SHOWN_CHARS - 100).collect();
+    let tail: String = message.chars().skip(n - 80).collect();
+    format!("{head}[... {} characters left out ...]{tail}", n - (SHOWN_CHARS - 100) - 80)
+}
+
 /// `bytes` as a `String`, or where they stop being UTF-8.
 fn text(shown: &str, bytes: Vec<u8>) -> Result<String, InputError> {
     String::from_utf8(bytes).map_err(|e| {
@@ -90,6 +106,16 @@ fn text(shown: &str, bytes: Vec<u8>) -> Result<String, InputError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_messages_keep_their_ends() {
+        assert_eq!(shorten("bad number `12`"), "bad number `12`");
+        let long = format!("bad number `{}`: too big", "9".repeat(5000));
+        let s = shorten(&long);
+        assert!(s.len() < 500, "{s}");
+        assert!(s.starts_with("bad number `999") && s.ends_with("999`: too big"), "{s}");
+        assert!(s.contains("[... 4642 characters left out ...]"), "{s}");
+    }
 
     #[test]
     fn names_the_line_and_column_of_the_first_bad_byte() {

@@ -11,6 +11,7 @@
 //! not run, or the `/dev/kvm` half diverged; else 0.
 
 use crate::html_report::ReportFile;
+use crate::input::shorten;
 use crate::replay_kvm;
 use crate::scenario_cmd::{FormatArg, OnOff};
 use crate::stdout::note;
@@ -193,7 +194,11 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
         let trace = match replay::parse(&text) {
             Ok(t) => t,
             Err(e) => {
-                note!("vmmu replay: {file}:{}: malformed trace: {}", e.line, e.kind);
+                note!(
+                    "vmmu replay: {file}:{}: malformed trace: {}",
+                    e.line,
+                    shorten(&e.kind.to_string())
+                );
                 bad_input = true;
                 continue;
             }

@@ -4,6 +4,7 @@
 //! cannot be read or does not parse (message on stderr, nothing runs), 1 when the backend failed
 //! (the observations made so far are on stdout, the error naming the step on stderr).
 
+use crate::input::shorten;
 use crate::stdout::note;
 use clap::{Args, ValueEnum};
 use std::io::Write;
@@ -88,7 +89,7 @@ pub fn run(args: &ScenarioArgs) -> ExitCode {
     let mut scenario = match vmmu_scenario::parse(&text) {
         Ok(s) => s,
         Err(e) => {
-            note!("{shown}:{}:{}: {}", e.line, e.column, e.kind);
+            note!("{shown}:{}:{}: {}", e.line, e.column, shorten(&e.kind.to_string()));
             return ExitCode::from(2);
         }
     };

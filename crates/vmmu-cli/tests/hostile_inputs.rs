@@ -342,3 +342,28 @@ fn scenario_on_an_unusable_kvm_says_what_to_run_instead() {
     assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
     assert!(err.contains("/dev/kvm not usable") && err.contains("`--backend sim`"), "{err}");
 }
+
+/// A parse error quoting a megabyte-long "word" of a garbage file shows its start and end, not
+/// the whole word (it printed all of it).
+#[test]
+fn parse_errors_quote_long_words_shortened() {
+    let scenario = temp_file("long-word.scn", &format!("vm\nmem b size={}\n", "9".repeat(1 << 20)));
+    let trace = temp_file(
+        "long-word.trace.jsonl",
+        &format!(
+            "{{\"vmmu_trace\":1,\"source\":\"x\"}}\n{{\"t\":0.000000,\"op\":\"{}\"}}\n",
+            "q".repeat(1 << 20)
+        ),
+    );
+    let s = scenario.to_str().unwrap();
+    let t = trace.to_str().unwrap();
+    for args in [&["scenario", s][..], &["diff", "--no-kvm", s][..], &["replay", "--no-kvm", t][..]]
+    {
+        let out = vmmu(args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(err.len() < 1000 && err.contains("characters left out"), "{args:?}: {err}");
+    }
+    let _ = std::fs::remove_file(&scenario);
+    let _ = std::fs::remove_file(&trace);
+}
