@@ -13,7 +13,7 @@
 //! arguments, else 1 when any file differs or a source failed, else 0. `--counters` adds, under
 //! each verdict, where the shadow MMU's counters part from KVM's (not part of the verdict).
 
-use crate::input::shorten;
+use crate::input::{shorten, Looks};
 use crate::stdout::note;
 use clap::Args;
 use std::io::Write;
@@ -201,6 +201,9 @@ pub fn run(args: &DiffArgs) -> ExitCode {
             Ok(s) => s,
             Err(e) => {
                 note!("{shown}:{}:{}: {}", e.line, e.column, shorten(&e.kind.to_string()));
+                if let Some(looks @ (Looks::Trace | Looks::Recording)) = Looks::of(&text) {
+                    note!("vmmu diff: {shown}: {}", looks.hint());
+                }
                 bad_input = true;
                 continue;
             }

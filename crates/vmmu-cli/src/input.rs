@@ -70,6 +70,50 @@ pub fn read_text(path: &Path) -> Result<String, InputError> {
     text(&shown, bytes)
 }
 
+/// What an input file looks like, from its first line that is not blank: a hint for a parse
+/// error when the file was given to the wrong command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Looks {
+    /// A vmmu trace (`{"vmmu_trace":...`).
+    Trace,
+    /// A recorded output: observations (`{"step":...`, `{"skipped":...`).
+    Recording,
+    /// A scenario (a comment or a step keyword first).
+    Scenario,
+}
+
+impl Looks {
+    /// What `text` looks like, if it looks like any of them.
+    pub fn of(text: &str) -> Option<Looks> {
+        let first = text.lines().map(str::trim).find(|l| !l.is_empty())?;
+        let word = first.split([' ', '\t']).next().unwrap_or("");
+        if first.starts_with("{\"vmmu_trace\"") {
+            Some(Looks::Trace)
+        } else if first.starts_with("{\"step\"") || first.starts_with("{\"skipped\"") {
+            Some(Looks::Recording)
+        } else if first.starts_with('#') || ["vm", "mem", "slot"].contains(&word) {
+            Some(Looks::Scenario)
+        } else {
+            None
+        }
+    }
+
+    /// What to do with a file that looks like this.
+    pub fn hint(self) -> &'static str {
+        match self {
+            Looks::Trace => "this looks like a vmmu trace: `vmmu replay FILE` replays it",
+            Looks::Recording => {
+                "this looks like a recorded output (observations): `vmmu diff NAME.scn` compares \
+                 a scenario with its NAME.jsonl (in ../expected, or --expected DIR)"
+            }
+            Looks::Scenario => {
+                "this looks like a scenario: `vmmu scenario FILE` runs it, `vmmu diff FILE` \
+                 compares it"
+            }
+        }
+    }
+}
+
 /// Most characters of an input-quoting message shown whole (a parse error may quote a word of
 /// the file, and a garbage file's "word" can be megabytes long).
 const SHOWN_CHARS: usize = 400;
@@ -106,6 +150,20 @@ fn text(shown: &str, bytes: Vec<u8>) -> Result<String, InputError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tells_traces_recordings_and_scenarios_apart() {
+        assert_eq!(Looks::of("\n{\"vmmu_trace\":1,\"source\":\"x\"}\n"), Some(Looks::Trace));
+        assert_eq!(
+            Looks::of("{\"step\":3,\"op\":\"slot\",\"result\":\"ok\"}"),
+            Some(Looks::Recording)
+        );
+        assert_eq!(Looks::of("{\"skipped\":\"why\"}\n"), Some(Looks::Recording));
+        assert_eq!(Looks::of("# header\nvm\n"), Some(Looks::Scenario));
+        assert_eq!(Looks::of("mem b size=4K\n"), Some(Looks::Scenario));
+        assert_eq!(Looks::of("\u{0}garbage"), None);
+        assert_eq!(Looks::of(""), None);
+    }
 
     #[test]
     fn long_messages_keep_their_ends() {

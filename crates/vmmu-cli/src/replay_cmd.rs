@@ -11,7 +11,7 @@
 //! not run, or the `/dev/kvm` half diverged; else 0.
 
 use crate::html_report::ReportFile;
-use crate::input::shorten;
+use crate::input::{shorten, Looks};
 use crate::replay_kvm;
 use crate::scenario_cmd::{FormatArg, OnOff};
 use crate::stdout::note;
@@ -199,6 +199,9 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
                     e.line,
                     shorten(&e.kind.to_string())
                 );
+                if let Some(looks @ (Looks::Scenario | Looks::Recording)) = Looks::of(&text) {
+                    note!("vmmu replay: {file}: {}", looks.hint());
+                }
                 bad_input = true;
                 continue;
             }

@@ -4,7 +4,7 @@
 //! cannot be read or does not parse (message on stderr, nothing runs), 1 when the backend failed
 //! (the observations made so far are on stdout, the error naming the step on stderr).
 
-use crate::input::shorten;
+use crate::input::{shorten, Looks};
 use crate::stdout::note;
 use clap::{Args, ValueEnum};
 use std::io::Write;
@@ -90,6 +90,9 @@ pub fn run(args: &ScenarioArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             note!("{shown}:{}:{}: {}", e.line, e.column, shorten(&e.kind.to_string()));
+            if let Some(looks @ (Looks::Trace | Looks::Recording)) = Looks::of(&text) {
+                note!("vmmu scenario: {shown}: {}", looks.hint());
+            }
             return ExitCode::from(2);
         }
     };

@@ -367,3 +367,20 @@ fn parse_errors_quote_long_words_shortened() {
     let _ = std::fs::remove_file(&scenario);
     let _ = std::fs::remove_file(&trace);
 }
+
+/// A file given to the wrong command (a trace to `scenario`, a scenario to `replay`, a recording
+/// to `diff`) is still a parse error (exit 2), followed by what the file looks like and which
+/// command takes it.
+#[test]
+fn a_file_for_another_command_says_which() {
+    for (args, hint) in [
+        (["scenario", &repo("tests/traces/seabios-kvm.small.trace.jsonl")], "`vmmu replay FILE`"),
+        (["replay", &repo("tests/scenarios/create_read_write.scn")], "`vmmu scenario FILE`"),
+        (["diff", &repo("tests/expected/create_read_write.jsonl")], "recorded output"),
+    ] {
+        let out = vmmu(&args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(hint), "{args:?}: {err}");
+    }
+}
