@@ -120,7 +120,7 @@ pub struct SelftestArgs {
           value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
     delay_us: u64,
     /// Re-inject a historical KVM bug into the software machine's MMU (a build with
-    /// `--features historical-bugs`): shows which selftests catch it.
+    /// `--features historical-bugs`): shows which selftests catch it (`--inject list` lists them).
     #[arg(long, value_name = "BUG")]
     inject: Option<String>,
 }
@@ -587,6 +587,12 @@ fn list_json() -> String {
 
 /// Runs `vmmu selftest`.
 pub fn run(args: &SelftestArgs) -> ExitCode {
+    if args.inject.as_deref() == Some("list") {
+        // As `vmmu run --inject list`.
+        let names: String =
+            vmmu::bugs::Bug::ALL.iter().map(|b| format!("{}\n", b.name())).collect();
+        return if emit("selftest", &names) { ExitCode::SUCCESS } else { ExitCode::from(1) };
+    }
     if args.list {
         let text = if args.json { list_json() } else { list() };
         return if emit("selftest", &text) { ExitCode::SUCCESS } else { ExitCode::from(1) };

@@ -143,6 +143,16 @@ fn list_with_json_is_json() {
     assert!(v["groups"].as_array().unwrap().iter().any(|g| g["name"] == "all"), "{v:#}");
 }
 
+/// `--inject list` lists the bug names, as `vmmu run --inject list` does (it was "no such bug").
+#[test]
+fn inject_list_lists_the_bugs() {
+    let out = vmmu(&["selftest", "--inject", "list"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let run = vmmu(&["run", "--inject", "list"]);
+    assert_eq!(out.stdout, run.stdout);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no-tlb-flush-on-zap"));
+}
+
 #[test]
 fn bad_names_and_values_are_usage_errors() {
     for (args, needle) in [
