@@ -4,7 +4,8 @@
 //! (only the pinned format when the `vm` line pins `format=`; see [`sim_backends`]), real
 //! `/dev/kvm` when it is usable, and the recorded output `NAME.jsonl` when it exists (by default
 //! in `../expected/` next to the file's directory, as `tests/scenarios` and `tests/expected`
-//! sit; `--expected DIR` names another directory). The verdict logic is
+//! sit; `--expected DIR` names another directory, which must exist: a bad one is a bad
+//! argument, and a NAME.jsonl missing from it is said on stderr). The verdict logic is
 //! [`vmmu_scenario::diff`]'s.
 //!
 //! Output: one line per file on stdout (`equal  FILE (sources)`, `DIFFER FILE: step N: a: LINE |

@@ -2,7 +2,8 @@
 //!
 //! Exit status: 0 when the scenario ran (or was skipped: `{"skipped":"REASON"}`), 2 when the file
 //! cannot be read or does not parse (message on stderr, nothing runs), 1 when the backend failed
-//! (the observations made so far are on stdout, the error naming the step on stderr).
+//! (the observations made so far are on stdout, the error naming the step on stderr) or when
+//! stdout could not take an observation (the run stops there: a reader such as `head -1` left).
 
 use crate::input::{shorten, Looks};
 use crate::stdout::note;
