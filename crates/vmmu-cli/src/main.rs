@@ -45,8 +45,23 @@ enum Command {
     Selftest(selftest_cmd::SelftestArgs),
 }
 
+/// The command line, with `run` put in front of options given without a command: `run` is the
+/// default command, so `vmmu --seconds 1` is `vmmu run --seconds 1` (clap alone refused it as an
+/// unexpected argument). `-h`, `--help`, `-V` and `--version` stay `vmmu`'s own.
+fn args() -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let run_option = args
+        .get(1)
+        .and_then(|a| a.to_str())
+        .is_some_and(|a| a.starts_with('-') && !["-h", "--help", "-V", "--version"].contains(&a));
+    if run_option {
+        args.insert(1, "run".into());
+    }
+    args
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_from(args()) {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();

@@ -384,3 +384,18 @@ fn a_file_for_another_command_says_which() {
         assert!(err.contains(hint), "{args:?}: {err}");
     }
 }
+
+/// `run` is the default command: its options work without it (`vmmu --seconds 0.1` was refused as
+/// an unexpected argument), and `vmmu --help` / `--version` stay the top level's.
+#[test]
+fn run_options_work_without_the_run_command() {
+    let out = vmmu(&["--seconds", "0.1", "--vcpus", "1", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    assert_eq!(v["config"]["vcpus"], 1);
+    let out = vmmu(&["--version"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&out.stdout).starts_with("vmmu "), "{}", text(&out.stdout));
+    let help = text(&vmmu(&["--help"]).stdout);
+    assert!(help.contains("Commands:") && help.contains("selftest"), "{help}");
+}
