@@ -52,7 +52,7 @@ pub enum InputError {
 /// read until memory runs out.
 pub const MAX_BYTES: u64 = 512 << 20;
 
-/// The text of `path`, or why not.
+/// The text of `path` (`-`: standard input), or why not.
 pub fn read_text(path: &Path) -> Result<String, InputError> {
     use std::io::Read;
     let shown = path.display().to_string();
@@ -61,9 +61,13 @@ pub fn read_text(path: &Path) -> Result<String, InputError> {
     }
     let io = |source| InputError::Io { path: shown.clone(), source };
     let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_BYTES + 1).read_to_end(&mut bytes))
-        .map_err(io)?;
+    if path.as_os_str() == "-" {
+        std::io::stdin().lock().take(MAX_BYTES + 1).read_to_end(&mut bytes).map_err(io)?;
+    } else {
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_BYTES + 1).read_to_end(&mut bytes))
+            .map_err(io)?;
+    }
     if bytes.len() as u64 > MAX_BYTES {
         return Err(InputError::TooBig { path: shown });
     }

@@ -28,7 +28,7 @@ use vmmu_sim::replay::{self, ReplayConfig, Trace, TraceReport};
 // `--seconds -1` is a bad value (named as such), not an unknown flag `-1`.
 #[command(allow_negative_numbers = true)]
 pub struct ReplayArgs {
-    /// Trace files (vmmu trace v1, JSON Lines).
+    /// Trace files (vmmu trace v1, JSON Lines; `-`: standard input).
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
     /// Print the reports as one JSON object on stdout.

@@ -48,7 +48,7 @@ pub enum OnOff {
 // `--seconds -1` is a bad value (named as such), not an unknown flag `-1`.
 #[command(allow_negative_numbers = true)]
 pub struct ScenarioArgs {
-    /// The scenario file (format: shared/design/scenarios.md).
+    /// The scenario file (format: shared/design/scenarios.md; `-`: standard input).
     pub file: PathBuf,
     /// The machine to run it on.
     #[arg(long, value_enum, default_value_t = BackendKind::Sim)]

@@ -399,3 +399,22 @@ fn run_options_work_without_the_run_command() {
     let help = text(&vmmu(&["--help"]).stdout);
     assert!(help.contains("Commands:") && help.contains("selftest"), "{help}");
 }
+
+/// `-` names standard input, as for most tools (it was looked for as a file named `-`).
+#[test]
+fn a_dash_reads_standard_input() {
+    use std::io::Write;
+    let scenario = std::fs::read(repo("tests/scenarios/create_read_write.scn")).expect("read");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmmu"))
+        .args(["scenario", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmmu");
+    child.stdin.take().unwrap().write_all(&scenario).expect("feed the scenario");
+    let out = child.wait_with_output().expect("collect");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let expected = std::fs::read(repo("tests/expected/create_read_write.jsonl")).expect("read");
+    assert_eq!(text(&out.stdout), text(&expected));
+}
