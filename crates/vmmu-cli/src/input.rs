@@ -23,15 +23,13 @@ pub enum InputError {
         /// The directory, as given.
         path: String,
     },
-    /// The file holds more than [`MAX_BYTES`] (or never ends, as `/dev/zero`).
-    #[error(
-        "{path}: more than {} MiB; inputs are read whole, and one this big is not a scenario, \
-         trace or recording (split it)",
-        MAX_BYTES >> 20
-    )]
+    /// The input holds more than its [`Limit`] (or never ends, as `/dev/zero`).
+    #[error("{path}: more than {} MiB; {}", .limit.bytes >> 20, .limit.why)]
     TooBig {
         /// The file, as given.
         path: String,
+        /// The limit it passed.
+        limit: Limit,
     },
     /// The file is not UTF-8.
     #[error("{path}:{line}:{column}: not UTF-8 text (byte {byte:#04x}); the format is UTF-8")]
@@ -47,13 +45,43 @@ pub enum InputError {
     },
 }
 
-/// The most bytes an input may hold: a file read whole is held in memory several times over
-/// once parsed, and a device that never ends (`/dev/zero`, `/dev/urandom`) would otherwise be
-/// read until memory runs out.
-pub const MAX_BYTES: u64 = 512 << 20;
+/// The most bytes an input may hold, and what to say past it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limit {
+    /// The largest input read.
+    pub bytes: u64,
+    /// Why, for the message.
+    pub why: &'static str,
+}
 
-/// The text of `path` (`-`: standard input), or why not.
-pub fn read_text(path: &Path) -> Result<String, InputError> {
+/// A scenario or a recorded output: a file read whole is held in memory several times over once
+/// parsed.
+pub const MAX_BYTES: Limit = Limit {
+    bytes: 512 << 20,
+    why: "inputs are read whole, and one this big is not a scenario or recording (split it)",
+};
+
+/// Any input that is not a regular file (standard input, a pipe, a device), whose size is not
+/// known before it is read: a device that never ends (`/dev/zero`, `/dev/urandom`) would
+/// otherwise be read until memory runs out.
+pub const MAX_STREAM_BYTES: Limit = Limit {
+    bytes: 512 << 20,
+    why: "standard input, pipes and devices are read whole up to this size (give a large \
+          trace as a regular file)",
+};
+
+/// A trace in a regular file: a long recorded boot may be hundreds of MiB (a 290 MB trace
+/// replays in about 450 MB of memory), so traces get more room, still short of what would
+/// exhaust a machine's memory.
+pub const MAX_TRACE_BYTES: Limit = Limit {
+    bytes: 4 << 30,
+    why: "a trace is read whole and parsed in memory; cut the recording (the kit's small \
+          conversion) or replay it in parts",
+};
+
+/// The text of `path` (`-`: standard input) up to `limit` bytes (up to [`MAX_STREAM_BYTES`]
+/// when it is not a regular file), or why not.
+pub fn read_text_within(path: &Path, limit: Limit) -> Result<String, InputError> {
     use std::io::Read;
     let shown = path.display().to_string();
     if path.is_dir() {
@@ -61,17 +89,26 @@ pub fn read_text(path: &Path) -> Result<String, InputError> {
     }
     let io = |source| InputError::Io { path: shown.clone(), source };
     let mut bytes = Vec::new();
-    if path.as_os_str() == "-" {
-        std::io::stdin().lock().take(MAX_BYTES + 1).read_to_end(&mut bytes).map_err(io)?;
+    let limit = if path.as_os_str() == "-" {
+        let stdin = std::io::stdin().lock();
+        stdin.take(MAX_STREAM_BYTES.bytes + 1).read_to_end(&mut bytes).map_err(io)?;
+        MAX_STREAM_BYTES
     } else {
-        std::fs::File::open(path)
-            .and_then(|f| f.take(MAX_BYTES + 1).read_to_end(&mut bytes))
-            .map_err(io)?;
-    }
-    if bytes.len() as u64 > MAX_BYTES {
-        return Err(InputError::TooBig { path: shown });
+        let f = std::fs::File::open(path).map_err(io)?;
+        let regular = f.metadata().map(|m| m.is_file()).unwrap_or(false);
+        let limit = if regular { limit } else { MAX_STREAM_BYTES };
+        f.take(limit.bytes + 1).read_to_end(&mut bytes).map_err(io)?;
+        limit
+    };
+    if bytes.len() as u64 > limit.bytes {
+        return Err(InputError::TooBig { path: shown, limit });
     }
     text(&shown, bytes)
+}
+
+/// The text of a scenario or recorded output `path` (`-`: standard input), up to [`MAX_BYTES`].
+pub fn read_text(path: &Path) -> Result<String, InputError> {
+    read_text_within(path, MAX_BYTES)
 }
 
 /// What an input file looks like, from its first line that is not blank: a hint for a parse
@@ -167,6 +204,25 @@ mod tests {
         assert_eq!(Looks::of("mem b size=4K\n"), Some(Looks::Scenario));
         assert_eq!(Looks::of("\u{0}garbage"), None);
         assert_eq!(Looks::of(""), None);
+    }
+
+    #[test]
+    fn a_regular_file_is_read_up_to_its_kinds_limit() {
+        let dir = std::env::temp_dir().join(format!("vmmu-input-limit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("t.jsonl");
+        std::fs::write(&f, "0123456789").unwrap();
+        let small = Limit { bytes: 9, why: "test" };
+        match read_text_within(&f, small) {
+            Err(InputError::TooBig { limit, .. }) => assert_eq!(limit, small),
+            other => panic!("{other:?}"),
+        }
+        let exact = Limit { bytes: 10, why: "test" };
+        assert_eq!(read_text_within(&f, exact).unwrap(), "0123456789");
+        // A trace may be far larger than a scenario; a device never gets more than a stream.
+        assert!(MAX_TRACE_BYTES.bytes > MAX_BYTES.bytes);
+        assert!(MAX_STREAM_BYTES.bytes <= MAX_BYTES.bytes);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

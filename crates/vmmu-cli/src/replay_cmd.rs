@@ -183,7 +183,7 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
     let mut out = stdout.lock();
     for path in &args.files {
         let file = path.display().to_string();
-        let text = match crate::input::read_text(path) {
+        let text = match crate::input::read_text_within(path, crate::input::MAX_TRACE_BYTES) {
             Ok(t) => t,
             Err(e) => {
                 note!("vmmu replay: {e}");
