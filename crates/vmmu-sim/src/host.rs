@@ -840,7 +840,7 @@ impl vmmu::host::Sched for SimHost {
         self.handoff.wait_turn();
     }
 
-    fn process_barrier(&self) -> Option<fn()> {
+    fn process_barrier(&self) -> Option<vmmu::srcu::ProcessBarrier> {
         match self.config.reader_fences {
             ReaderFenceKind::Full => None,
             ReaderFenceKind::Membarrier => crate::membarrier::process_barrier(),

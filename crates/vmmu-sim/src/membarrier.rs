@@ -8,12 +8,17 @@
 //! systems) [`process_barrier`] is `None` and the MMU's readers use full fences.
 
 use std::sync::OnceLock;
+use vmmu::srcu::ProcessBarrier;
 
 /// The barrier, if this kernel offers it (registered on first use).
-pub fn process_barrier() -> Option<fn()> {
+pub fn process_barrier() -> Option<ProcessBarrier> {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     if *AVAILABLE.get_or_init(register) {
-        Some(barrier)
+        // SAFETY: `register` succeeded, so `barrier` runs `MEMBARRIER_CMD_PRIVATE_EXPEDITED`,
+        // which makes every running thread of this process execute a full memory barrier before
+        // it returns (a thread not running passes through the scheduler's barrier), and panics
+        // if the call ever fails.
+        Some(unsafe { ProcessBarrier::new(barrier) })
     } else {
         None
     }
@@ -62,7 +67,7 @@ mod tests {
     #[test]
     fn the_barrier_runs_when_offered() {
         if let Some(b) = super::process_barrier() {
-            b();
+            b.call();
         }
     }
 }

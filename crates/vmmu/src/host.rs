@@ -167,8 +167,9 @@ pub trait Sched: Send + Sync {
     /// returns (Linux: `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, registered once). With it,
     /// the MMU's read sections (every fault's memslot lookup, the fast MMIO path's walk) need no
     /// fence of their own; without it (the default) they use a full fence
-    /// ([`crate::srcu::ReaderFences`]).
-    fn process_barrier(&self) -> Option<fn()> {
+    /// ([`crate::srcu::ReaderFences`]). The MMU's memory safety rests on that promise, so the
+    /// barrier is a [`crate::srcu::ProcessBarrier`], which only `unsafe` code can make.
+    fn process_barrier(&self) -> Option<crate::srcu::ProcessBarrier> {
         None
     }
 

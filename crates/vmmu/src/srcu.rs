@@ -104,6 +104,43 @@ impl ReaderId {
     }
 }
 
+/// A process-wide memory barrier (Linux `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`), as
+/// [`ReaderFences::Asymmetric`] needs it. Made only through the `unsafe` [`Self::new`]: with
+/// asymmetric fences the grace period's correctness, on which the MMU's `unsafe` code rests
+/// (freeing table pages, editing an unpublished memslot set), depends on the function doing what
+/// it promises, so a safe caller cannot hand the core a barrier that does nothing.
+///
+/// ```compile_fail
+/// // A plain `fn()` is not a barrier: the field is private, and `new` is `unsafe`.
+/// fn nothing() {}
+/// let _ = vmmu::srcu::ReaderFences::Asymmetric(vmmu::srcu::ProcessBarrier(nothing));
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct ProcessBarrier(fn());
+
+impl ProcessBarrier {
+    /// Wraps `barrier` as a process-wide barrier.
+    ///
+    /// # Safety
+    /// Each call of `barrier` must, before it returns, make every thread of the process that may
+    /// be inside a read section of an [`Srcu`] that uses it (every thread that runs a vCPU or
+    /// otherwise reads memslots or tables) execute a full memory barrier (`SeqCst` fence)
+    /// ordered after the call began (Linux `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`,
+    /// registered first). It may panic, but must not return without doing so. A barrier that
+    /// does less lets a grace period end while a reader still reads what it protects
+    /// (`tests/soundness_audit.rs` shows a no-op doing it), and the MMU then frees or edits
+    /// memory under that reader.
+    pub const unsafe fn new(barrier: fn()) -> Self {
+        ProcessBarrier(barrier)
+    }
+
+    /// Runs the barrier.
+    #[inline]
+    pub fn call(self) {
+        (self.0)()
+    }
+}
+
 /// How a reader's entry is ordered against an updater (module doc, "Protocol").
 #[derive(Clone, Copy, Debug, Default)]
 pub enum ReaderFences {
@@ -111,9 +148,10 @@ pub enum ReaderFences {
     #[default]
     Full,
     /// A compiler fence in readers; the updater calls this process-wide barrier instead (Linux
-    /// `membarrier`): it must make every thread that may be reading execute a full memory barrier
-    /// before it returns. Ignored under loom, which cannot model it (there `Full` is used).
-    Asymmetric(fn()),
+    /// `membarrier`): it makes every thread that may be reading execute a full memory barrier
+    /// before it returns ([`ProcessBarrier::new`]'s contract). Ignored under loom, which cannot
+    /// model it (there `Full` is used).
+    Asymmetric(ProcessBarrier),
     /// Only for the loom model that shows the reader fence is needed: no reader fence at all.
     #[cfg(loom)]
     #[doc(hidden)]
@@ -275,7 +313,7 @@ impl Srcu {
     fn updater_fence(&self) {
         match self.fences {
             ReaderFences::Full => crate::sync::fence(Ordering::SeqCst),
-            ReaderFences::Asymmetric(process_barrier) => process_barrier(),
+            ReaderFences::Asymmetric(process_barrier) => process_barrier.call(),
             #[cfg(loom)]
             ReaderFences::NoReaderFenceForModels => crate::sync::fence(Ordering::SeqCst),
         }
@@ -416,7 +454,9 @@ mod tests {
         fn barrier() {
             CALLS.fetch_add(1, O::Relaxed);
         }
-        let s = Srcu::with_fences(1, ReaderFences::Asymmetric(barrier));
+        // SAFETY: not a real barrier, but the test has no reader in a section while it runs.
+        let s =
+            Srcu::with_fences(1, ReaderFences::Asymmetric(unsafe { ProcessBarrier::new(barrier) }));
         let id = s.register().unwrap();
         drop(s.read_lock(&id));
         s.synchronize_default();
