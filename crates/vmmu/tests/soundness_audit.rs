@@ -81,3 +81,46 @@ fn missed_grace_periods(fences: ReaderFences, rounds: u32) -> u32 {
 fn a_grace_period_never_misses_a_reader_that_saw_the_old_data() {
     assert_eq!(missed_grace_periods(ReaderFences::Full, 20_000), 0);
 }
+
+/// `Bug::LeafCacheIgnoresEpoch` makes the fast path read its cached level-1 table without the
+/// epoch check, so after a zap has freed that table (grace period over) the read is a use after
+/// free, sound only if the host keeps table memory mapped. Its doc said "never inject it with
+/// another host", but nothing checked: `Vm::new` took the bug with any host, so a build with the
+/// `historical-bugs` feature (features unify across a dependency graph) could reach the freed
+/// read from safe code. Shown here with the test host, which counts lookups of freed frames
+/// (debug builds look the frame up on every hit made inside a section) and keeps the memory, so
+/// the read is counted instead of being undefined.
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn leaf_cache_ignores_epoch_reads_a_freed_table() {
+    use vmmu::bugs::{Bug, BugSet};
+    use vmmu::fault::FaultOutcome;
+    use vmmu::spte::FormatKind;
+    use vmmu::testing::TestHost;
+    use vmmu::vm::{Vm, VmConfig};
+    use vmmu::{AsId, FaultAccess, Gfn, Gpa};
+
+    const X: u64 = 0x1234;
+    let host = Arc::new(TestHost::new(16));
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.bugs = BugSet::only(Bug::LeafCacheIgnoresEpoch);
+    let vm = Vm::new(cfg, host.clone()).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    v.service_requests().unwrap();
+    let gpa = |g: u64| Gpa(g << 12);
+    let n = vmmu::vcpu::mmio_cache::ENTRIES as u64;
+    for g in X..=X + n {
+        let o = v.handle_ept_violation(gpa(g), FaultAccess::READ).unwrap();
+        assert!(matches!(o, FaultOutcome::Emulate { .. }), "setup: {o:?}");
+    }
+    // X's fast path walks and keeps X's level-1 table in the leaf-table cache.
+    v.handle_ept_misconfig(gpa(X)).unwrap();
+    // Unlink that table and free it after a grace period.
+    let base = X & !511;
+    vm.zap_gfn_range_for_tests(AsId(0), Gfn(base), Gfn(base + 512));
+    vm.reclaim();
+    assert_eq!(host.use_after_free(), 0, "setup");
+    // X + ENTRIES missed the per-vCPU cache: the leaf-table cache answers, epoch ignored.
+    let _ = v.handle_ept_misconfig(gpa(X + n));
+    assert!(host.use_after_free() > 0, "the hit read the freed table");
+}
