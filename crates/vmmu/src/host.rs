@@ -48,6 +48,10 @@ pub type TableEntries = [AtomicU64; ENTRIES_PER_TABLE];
 ///
 /// The MMU then answers the fast MMIO path's leaf-table cache hits without a table read section
 /// (the `tdp` walk module: a sequence check of the table epoch around the read instead).
+///
+/// An implementation whose [`Self::retains_table_memory`] returns `true` guarantees the first
+/// of these two only: every pointer `table` ever returned stays valid for atomic reads of its
+/// 512 `AtomicU64`s for as long as the allocator lives, also after `free_table`.
 pub unsafe trait FrameAllocator: Send + Sync {
     /// Whether this allocator's table memory is type-stable (see the trait's `# Safety`). The
     /// default, `false`, promises nothing beyond the pointer's validity until `free_table`. Read
@@ -55,6 +59,14 @@ pub unsafe trait FrameAllocator: Send + Sync {
     #[inline(always)]
     fn type_stable_tables(&self) -> bool {
         false
+    }
+
+    /// Whether table memory stays readable after `free_table` for the allocator's life (see the
+    /// trait's `# Safety`). Asked once, when a VM is built: only a test build that re-injects
+    /// [`crate::bugs::Bug::LeafCacheIgnoresEpoch`] needs it, and such a VM is refused on a host
+    /// that answers `false`. The default is [`Self::type_stable_tables`], which promises more.
+    fn retains_table_memory(&self) -> bool {
+        self.type_stable_tables()
     }
 
     /// A new table page with every entry set to `init` (the format's non-present value), or

@@ -153,6 +153,10 @@ unsafe impl FrameAllocator for TestHost {
         self.type_stable
     }
 
+    fn retains_table_memory(&self) -> bool {
+        true
+    }
+
     fn alloc_table(&self, init: u64) -> Option<Pfn> {
         if self.fail_alloc.load(Ordering::Relaxed) {
             return None;

@@ -146,6 +146,12 @@ pub enum VmError {
         /// The host MAXPHYADDR.
         phys_bits: u8,
     },
+    /// [`crate::bugs::Bug::LeafCacheIgnoresEpoch`] on a host whose table memory may be given
+    /// back after `free_table` ([`crate::host::FrameAllocator::retains_table_memory`]): the
+    /// bug reads freed tables, which is undefined behaviour there.
+    #[cfg(feature = "historical-bugs")]
+    #[error("the leaf-cache-ignores-epoch bug reads freed table pages: it needs a host that keeps table memory (FrameAllocator::retains_table_memory)")]
+    BugNeedsRetainedTables,
 }
 
 /// A read-only view of a VM's memslots.
@@ -287,6 +293,14 @@ impl<H: Host> Vm<H> {
         }
         if cfg.max_vcpus > KVM_MAX_VCPUS {
             return Err(VmError::TooManyVcpus { max_vcpus: cfg.max_vcpus });
+        }
+        // The one re-injected bug that is not memory-safe on every host: its fast path reads a
+        // cached table without the epoch check, so possibly after the table was freed.
+        #[cfg(feature = "historical-bugs")]
+        if cfg.bugs.has(crate::bugs::Bug::LeafCacheIgnoresEpoch)
+            && !crate::host::FrameAllocator::retains_table_memory(&*host)
+        {
+            return Err(VmError::BugNeedsRetainedTables);
         }
         let format = SpteFormat::new(cfg.format, cfg.host_cpu.phys_bits())?;
         let phys_bits = cfg.host_cpu.phys_bits();
@@ -638,6 +652,57 @@ mod tests {
         let mut cfg = VmConfig::new(format, 46).unwrap();
         cfg.max_vcpus = 2;
         (Vm::new(cfg, host.clone()).unwrap(), host)
+    }
+
+    /// The test host, claiming no more than the trait's minimum about freed table memory.
+    #[cfg(feature = "historical-bugs")]
+    struct FreesTables(TestHost);
+
+    // SAFETY: every call is the test host's; `retains_table_memory` and `type_stable_tables`
+    // promise less than it keeps (`false`).
+    #[cfg(feature = "historical-bugs")]
+    unsafe impl crate::host::FrameAllocator for FreesTables {
+        fn retains_table_memory(&self) -> bool {
+            false
+        }
+        fn alloc_table(&self, init: u64) -> Option<Pfn> {
+            self.0.alloc_table(init)
+        }
+        unsafe fn free_table(&self, pfn: Pfn) {
+            // SAFETY: the caller's contract, passed on.
+            unsafe { self.0.free_table(pfn) }
+        }
+        fn table(&self, pfn: Pfn) -> Option<core::ptr::NonNull<crate::host::TableEntries>> {
+            self.0.table(pfn)
+        }
+    }
+
+    #[cfg(feature = "historical-bugs")]
+    impl crate::host::HostMemory for FreesTables {
+        fn translate(
+            &self,
+            hva: crate::types::Hva,
+            write: bool,
+        ) -> core::result::Result<crate::host::HostPage, crate::host::HostFault> {
+            self.0.translate(hva, write)
+        }
+    }
+
+    #[cfg(feature = "historical-bugs")]
+    impl crate::host::Sched for FreesTables {}
+
+    /// The bug that reads freed tables is refused on a host that may give their memory back,
+    /// and taken on one that keeps it.
+    #[cfg(feature = "historical-bugs")]
+    #[test]
+    fn leaf_cache_ignores_epoch_needs_a_host_that_keeps_table_memory() {
+        let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+        cfg.bugs = crate::bugs::BugSet::only(crate::bugs::Bug::LeafCacheIgnoresEpoch);
+        let freeing = Arc::new(FreesTables(TestHost::new(4)));
+        assert_eq!(Vm::new(cfg, freeing).err(), Some(VmError::BugNeedsRetainedTables));
+        assert!(Vm::new(cfg, Arc::new(TestHost::new(4))).is_ok());
+        cfg.bugs = crate::bugs::BugSet::only(crate::bugs::Bug::NoTlbFlushOnZap);
+        assert!(Vm::new(cfg, Arc::new(FreesTables(TestHost::new(4)))).is_ok());
     }
 
     /// A vCPU with a TLB (gfn -> frame) that it flushes when asked, as the hardware does.

@@ -87,9 +87,11 @@ fn a_grace_period_never_misses_a_reader_that_saw_the_old_data() {
 /// free, sound only if the host keeps table memory mapped. Its doc said "never inject it with
 /// another host", but nothing checked: `Vm::new` took the bug with any host, so a build with the
 /// `historical-bugs` feature (features unify across a dependency graph) could reach the freed
-/// read from safe code. Shown here with the test host, which counts lookups of freed frames
-/// (debug builds look the frame up on every hit made inside a section) and keeps the memory, so
-/// the read is counted instead of being undefined.
+/// read from safe code. Now `Vm::new` refuses it unless the host promises, in its `unsafe impl
+/// FrameAllocator`, that freed table memory stays readable (`retains_table_memory`; the unit
+/// test `vm::tests::leaf_cache_ignores_epoch_needs_a_host_that_keeps_table_memory`). The test
+/// host does, and counts lookups of freed frames (debug builds look the frame up on every hit
+/// made inside a section): the read below is still made, but counted instead of undefined.
 #[cfg(feature = "historical-bugs")]
 #[test]
 fn leaf_cache_ignores_epoch_reads_a_freed_table() {
