@@ -356,13 +356,22 @@ fn hw_walk_cached(vm: &Vm<SimHost>, v: &mut RealVcpu, gpa: Gpa, need: Access) ->
     let mmu = vm.mmu();
     let fmt = mmu.config().format;
     let host: &SimHost = mmu.host();
+    // The walks below rely on the read section of guest mode (`translate` enters it first).
+    assert!(v.vcpu.in_guest_mode(), "the hardware walks only in guest mode");
     if let Some(table) = v.psc.lookup(root, gpa.gfn()) {
-        // SAFETY: the vCPU is in guest mode (its table read section is open), and the cached
-        // table was reached from its current root after the last flush it handled: the MMU
-        // requests a flush of every vCPU for every table it unlinks, before the grace period
-        // that frees it (rule 4 of `vmmu::tdp`), and `enter` empties the cache on that flush; so
-        // the table is either still linked or was unlinked during this guest-mode period, which
-        // the grace period waits for.
+        // SAFETY: memory first: `SimHost` never gives table memory back while it lives (it is
+        // type-stable, `FrameAllocator::type_stable_tables`), and `hw_walk` asks its `table`
+        // for every frame, which answers `None` for a frame that is not a live table; so even a
+        // stale cached frame is read as valid atomics, never freed memory. Staleness itself is
+        // ruled out normally: the cached table was reached from the current root after the last
+        // flush `enter` handled, the MMU requests a flush of every vCPU for every table it
+        // unlinks before the grace period that frees it (rule 4 of `vmmu::tdp`), and `enter`
+        // empties the cache on that flush; so the table is still linked or was unlinked during
+        // this guest-mode period, whose read section the grace period waits for. It is not
+        // ruled out with `no-flush-on-table-unlink` or `no-tlb-flush-on-zap` re-injected, or
+        // when a driver services requests itself through `vcpu_mut` (the flush then does not
+        // clear this cache): the walk may then read a reused frame, which is the harm those
+        // bugs model, and stays memory-safe by the first point.
         return unsafe { hw_walk(&fmt, host, table, Level::L4K, gpa.gfn(), need) };
     }
     // SAFETY: in guest mode (the read section is open) from the vCPU's current root, which it

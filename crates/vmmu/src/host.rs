@@ -30,7 +30,9 @@ pub type TableEntries = [AtomicU64; ENTRIES_PER_TABLE];
 ///   unmapped, not reused) until `free_table(pfn)` is called for that frame;
 /// - `alloc_table` never hands out a frame that is live (allocated and not freed), and fills
 ///   every entry with `init` before returning;
-/// - `table` returns `None` (never a dangling pointer) for any other frame number.
+/// - `table` returns `None` for any other frame number, or (for a freed frame of an
+///   implementation that keeps freed table memory, as the test host does) a pointer that is
+///   still valid for atomic reads of 512 `AtomicU64`s: never a dangling pointer.
 ///
 /// The MMU in turn frees a frame only after nothing can reach it (see [`Self::free_table`]).
 ///

@@ -481,7 +481,10 @@ impl<H: Host> TdpMmu<H> {
         let mut pfn = root.pfn();
         let mut l = root.level();
         loop {
-            // SAFETY: test hook; the caller keeps the root and does not zap concurrently.
+            // SAFETY: reached from `root`, which the caller keeps, with the MMU lock held
+            // shared (`_g`), so no linked page is unlinked, let alone freed, during the walk.
+            // The reference returned outlives that hold: its later use is the caller's
+            // `# Safety` contract (no zap or root drop that could free the page meanwhile).
             let table = unsafe { self.table(pfn) }?;
             let e = &table[l.index(gfn)];
             if l == level {
