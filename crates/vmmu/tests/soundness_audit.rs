@@ -126,3 +126,28 @@ fn leaf_cache_ignores_epoch_reads_a_freed_table() {
     let _ = v.handle_ept_misconfig(gpa(X + n));
     assert!(host.use_after_free() > 0, "the hit read the freed table");
 }
+
+/// Not undefined behaviour, but the guest-mode protocol the `unsafe` walks lean on: a guarded
+/// entry on a vCPU already in raw guest mode used to set the mode bit a second time (a debug
+/// assertion) and, on the guard's drop, clear it while the raw period went on, so remote TLB
+/// flushes stopped waiting for a vCPU that was still walking. Now the guarded entry is a VM exit
+/// and re-entry.
+#[test]
+fn a_guarded_entry_ends_a_raw_guest_mode_period_first() {
+    use vmmu::spte::FormatKind;
+    use vmmu::testing::TestHost;
+    use vmmu::vm::{Vm, VmConfig};
+
+    let host = Arc::new(TestHost::new(16));
+    let vm = Vm::new(VmConfig::new(FormatKind::Ept, 46).unwrap(), host).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    v.service_requests().unwrap();
+    v.enter_guest_mode().unwrap();
+    assert!(v.in_guest_mode());
+    let g = v.enter_guest().unwrap();
+    drop(g);
+    assert!(!v.in_guest_mode(), "the raw period ended with the guarded entry");
+    // Consistent again: a raw period can begin and end.
+    v.enter_guest_mode().unwrap();
+    v.exit_guest_mode();
+}

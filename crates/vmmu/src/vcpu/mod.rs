@@ -276,8 +276,12 @@ impl<H: Host> Vcpu<H> {
     }
 
     /// Enters guest mode (KVM: `vcpu->mode = IN_GUEST_MODE` before VM entry). `Err` when
-    /// requests are pending or no root is loaded: call [`Self::service_requests`] first.
+    /// requests are pending or no root is loaded: call [`Self::service_requests`] first. A vCPU
+    /// in guest mode through [`Self::enter_guest_mode`] leaves it first (a VM exit), so the
+    /// guard's period is the only one: the guard's drop would otherwise mark the vCPU out of
+    /// guest mode while the raw period went on (remote flushes would then stop waiting for it).
     pub fn enter_guest(&mut self) -> Result<GuestMode<'_, H>, Requests> {
+        self.exit_guest_mode();
         let Some((root_pfn, root_level)) = self.hw_root() else {
             return Err(self.state().pending());
         };
