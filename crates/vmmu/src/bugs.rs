@@ -131,7 +131,7 @@ pub enum Bug {
     /// Memory safety: the unchecked read may reach a table page after its grace period, so it is
     /// sound only with a host that never gives table memory back to the system allocator while it
     /// lives (`SimHost` and `TestHost` keep every table page until they drop). `Vm::new` refuses
-    /// it on any other host ([`crate::vm::VmError::BugNeedsRetainedTables`]: the host's
+    /// it on any other host (`VmError::BugNeedsRetainedTables`: the host's
     /// `unsafe` promise [`crate::host::FrameAllocator::retains_table_memory`]).
     LeafCacheIgnoresEpoch = 15,
     /// Undoes the flush on table unlink (KVM flushes whenever it zaps a shadow-present SPTE, leaf
