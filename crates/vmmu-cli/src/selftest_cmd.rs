@@ -76,8 +76,8 @@ pub struct SelftestArgs {
     /// Tests or groups to run (`--list` names them).
     #[arg(value_name = "NAME")]
     names: Vec<String>,
-    /// List the tests and groups.
-    #[arg(long)]
+    /// List the tests and groups (it runs nothing, so it takes no names).
+    #[arg(long, conflicts_with = "names")]
     list: bool,
     /// Small sizes and short runs (for CI): 1 loop, 64 slots, 0.2 s per perf run, 1/16 of the
     /// perf memory, 16 MiB per stress vCPU; explicit flags still win.

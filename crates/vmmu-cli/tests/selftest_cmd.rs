@@ -53,6 +53,15 @@ fn list_names_every_test_and_group() {
     }
 }
 
+/// `--list` runs nothing, so names with it are a usage error rather than silently ignored.
+#[test]
+fn list_with_names_is_a_usage_error() {
+    let out = vmmu(&["selftest", "--list", "all"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--list") && err.contains("cannot be used with"), "{err}");
+}
+
 #[test]
 fn all_pass_in_quick_mode_on_both_sides() {
     let kvm = kvm_usable();
