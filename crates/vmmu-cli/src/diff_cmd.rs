@@ -14,7 +14,6 @@
 //! arguments, else 1 when any file differs or a source failed, else 0. `--counters` adds, under
 //! each verdict, where the shadow MMU's counters part from KVM's (not part of the verdict).
 
-use crate::input::{shorten, Looks};
 use crate::stdout::note;
 use clap::Args;
 use std::io::Write;
@@ -198,16 +197,9 @@ pub fn run(args: &DiffArgs) -> ExitCode {
                 continue;
             }
         };
-        let scenario = match vmmu_scenario::parse(&text) {
-            Ok(s) => s,
-            Err(e) => {
-                note!("{shown}:{}:{}: {}", e.line, e.column, shorten(&e.kind.to_string()));
-                if let Some(looks @ (Looks::Trace | Looks::Recording)) = Looks::of(&text) {
-                    note!("vmmu diff: {shown}: {}", looks.hint());
-                }
-                bad_input = true;
-                continue;
-            }
+        let Some(scenario) = crate::input::parse_scenario("diff", &shown, &text) else {
+            bad_input = true;
+            continue;
         };
         if scenario.steps.is_empty() {
             note!(

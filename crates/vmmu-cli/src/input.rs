@@ -3,6 +3,7 @@
 //! counts characters) of the first byte that is not, as a parse error names a line, rather than
 //! with the standard library's "stream did not contain valid UTF-8", which names neither.
 
+use crate::stdout::note;
 use std::path::Path;
 
 /// Why a file could not be read as text.
@@ -151,6 +152,26 @@ impl Looks {
                 "this looks like a scenario: `vmmu scenario FILE` runs it, `vmmu diff FILE` \
                  compares it"
             }
+        }
+    }
+}
+
+/// Parses the scenario `text` of the file `shown` for command `cmd`. On a parse error it prints
+/// the error (line, column, the message shortened) and, when the file looks like a trace or a
+/// recorded output, which command takes it; the caller then treats the file as bad input.
+pub fn parse_scenario(
+    cmd: &str,
+    shown: &dyn std::fmt::Display,
+    text: &str,
+) -> Option<vmmu_scenario::Scenario> {
+    match vmmu_scenario::parse(text) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            note!("{shown}:{}:{}: {}", e.line, e.column, shorten(&e.kind.to_string()));
+            if let Some(looks @ (Looks::Trace | Looks::Recording)) = Looks::of(text) {
+                note!("vmmu {cmd}: {shown}: {}", looks.hint());
+            }
+            None
         }
     }
 }

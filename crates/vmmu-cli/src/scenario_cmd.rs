@@ -5,7 +5,6 @@
 //! (the observations made so far are on stdout, the error naming the step on stderr) or when
 //! stdout could not take an observation (the run stops there: a reader such as `head -1` left).
 
-use crate::input::{shorten, Looks};
 use crate::stdout::note;
 use clap::{Args, ValueEnum};
 use std::io::Write;
@@ -87,15 +86,8 @@ pub fn run(args: &ScenarioArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut scenario = match vmmu_scenario::parse(&text) {
-        Ok(s) => s,
-        Err(e) => {
-            note!("{shown}:{}:{}: {}", e.line, e.column, shorten(&e.kind.to_string()));
-            if let Some(looks @ (Looks::Trace | Looks::Recording)) = Looks::of(&text) {
-                note!("vmmu scenario: {shown}: {}", looks.hint());
-            }
-            return ExitCode::from(2);
-        }
+    let Some(mut scenario) = crate::input::parse_scenario("scenario", &shown, &text) else {
+        return ExitCode::from(2);
     };
     if scenario.steps.is_empty() {
         note!("vmmu scenario: {shown}: no steps (only comments or blank lines): nothing runs");
