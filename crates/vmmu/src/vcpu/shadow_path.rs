@@ -427,7 +427,13 @@ impl<H: Host + GuestMemory> Vcpu<H> {
         let bugs = vm.bugs;
         let codec = vm.mmu.cfg.codec;
         let gen = vm.memslots.generation(st.as_id);
-        let need = err.access().required().intersect(Access::WRITE.union(Access::USER));
+        let fa = err.access();
+        let mut need = fa.required().intersect(Access::WRITE.union(Access::USER));
+        if fa.write && !fa.user && st.shadow.as_ref().is_some_and(|s| !s.cpu.cr0_wp) {
+            // KVM's `permission_fault` on the cached rights: with CR0.WP=0 a supervisor write
+            // needs no W.
+            need = Access::from_bits(need.bits() & !Access::WRITE.bits());
+        }
         // A nested walk caches no GVA (KVM: `mmio_gva = 0` for `mmu_is_nested`).
         let cache_gva = if st.shadow.as_ref().is_some_and(|s| s.nested) { 0 } else { gva.raw() };
         if let Some((gfn, access)) = st.mmio_cache.lookup_gva(cache_gva, gen, bugs) {
@@ -530,6 +536,20 @@ impl<H: Host + GuestMemory> Vcpu<H> {
             }
         }
         let mmio_access = walk.pte_access.intersect(Access::WRITE.union(Access::USER));
+        let mut walk = walk;
+        if matches!(fault.backing, Backing::Ram { .. })
+            && access.write
+            && !access.user
+            && !cpu.cr0_wp
+            && !walk.pte_access.contains(Access::WRITE)
+        {
+            // KVM `FNAME(page_fault)`: a supervisor write with CR0.WP=0 may write a page the
+            // guest maps read-only, but the hardware running the guest has CR0.WP=1, so the
+            // SPTE is made writable and supervisor-only (a user access then faults and gets a
+            // user SPTE back). Not for MMIO: that would cache the wrong rights in the SPTE.
+            let w_only = Access::from_bits(walk.pte_access.bits() & !Access::USER.bits());
+            walk.pte_access = w_only.union(Access::WRITE);
+        }
         let want = match fault.backing {
             Backing::Ram { base_pfn, writable, .. } => LeafWant::Ram { pfn: base_pfn, writable },
             Backing::NoSlot => {

@@ -1,0 +1,100 @@
+//! Rules of the design facts (kvm-mmu-facts.md, kvm-shadow-mmu-facts.md) pinned one by one, each
+//! through what an access or a caller sees (a translation, an emulated gpa, a guest #PF, a
+//! counter KVM also keeps), not through internal state. Each test names its section.
+#![cfg(not(loom))]
+
+mod common;
+
+use common::shadow::*;
+use vmmu::bugs::BugSet;
+use vmmu::fault::{FaultOutcome, PfErr};
+use vmmu::guest::GuestCpu;
+use vmmu::tdp::HwWalk;
+use vmmu::testing::TestHost;
+use vmmu::vcpu::Vcpu;
+use vmmu::{Access, Gva};
+
+/// One supervisor-mode access (CPL 0) by `v` to `gva`, exiting and handling #PF as the hardware
+/// and the hypervisor do. `None`: it did not complete in 20 rounds.
+fn supervisor_access(v: &mut Vcpu<TestHost>, gva: u64, write: bool) -> Option<Seen> {
+    let need = if write { Access::WRITE } else { Access::NONE };
+    for _ in 0..20 {
+        v.service_requests().unwrap();
+        if v.enter_guest_mode().is_err() {
+            continue;
+        }
+        let walk = v.walk_gva(Gva(gva), need);
+        v.exit_guest_mode();
+        let w = if write { PfErr::WRITE } else { 0 };
+        let err = match walk {
+            HwWalk::Translated { pfn, .. } => return Some(Seen::Ram(pfn)),
+            HwWalk::Violation { present, .. } => w | if present { PfErr::PRESENT } else { 0 },
+            HwWalk::Misconfig { .. } => w | PfErr::RSVD | PfErr::PRESENT,
+            HwWalk::Broken { dump } => panic!("broken walk {dump:?}"),
+        };
+        match v.handle_page_fault(Gva(gva), PfErr(err)).unwrap() {
+            FaultOutcome::Fixed | FaultOutcome::Spurious | FaultOutcome::Retry(_) => {}
+            FaultOutcome::Emulate { gpa, source, .. } => return Some(Seen::Mmio(gpa, source)),
+            FaultOutcome::GuestPageFault { error_code, .. } => {
+                return Some(Seen::GuestPf(error_code.0))
+            }
+        }
+    }
+    None
+}
+
+/// Shadow facts §3.1: with CR0.WP=0 a supervisor write to a page the guest maps read-only is
+/// allowed, and the shadow MMU makes the SPTE writable and supervisor-only (`access |= W,
+/// &= ~U`), because the hardware running the guest always has CR0.WP=1. Without that the write
+/// faults on the read-only SPTE for ever (every fault finds the same read-only leaf).
+/// The user-mode read that follows must then fault and see a user SPTE again.
+#[test]
+fn cr0_wp0_supervisor_write_to_a_read_only_page_completes() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let data = 0x80_0000;
+    s.map4k(0x4000_0000, data, P | US);
+    let mut v = vcpu_in(&vm, GuestCpu { cr0_wp: false, ..long4(s.cr3) });
+    assert_eq!(supervisor_access(&mut v, 0x4000_0000, true), Some(Seen::Ram(ram_pfn(data))));
+    // The guest's rights are unchanged for user mode: a user read works, a user write is a
+    // protection #PF (P|W|U).
+    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(data)));
+    assert_eq!(
+        access(&mut v, 0x4000_0000, true),
+        Seen::GuestPf(PfErr::PRESENT | PfErr::WRITE | PfErr::USER)
+    );
+    // With CR0.WP=1 the same supervisor write is a protection #PF (P|W).
+    let mut w = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(
+        supervisor_access(&mut w, 0x4000_0000, true),
+        Some(Seen::GuestPf(PfErr::PRESENT | PfErr::WRITE))
+    );
+}
+
+/// Shadow facts §3.1 and §9 (facts §3.7): the WP=0 rights fix is not applied to MMIO, whose
+/// SPTE and cache keep the guest's own W/U; the check of a cached hit against them is KVM's
+/// `permission_fault`, under which a CR0.WP=0 supervisor write needs no W. So the second such
+/// write to MMIO the guest maps read-only emulates from the MMIO SPTE, without the slow path
+/// (`pf_taken` does not move), at the same gpa.
+#[test]
+fn cr0_wp0_supervisor_write_to_read_only_mmio_hits_the_mmio_spte() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    assert!(vm.mmio_caching_enabled());
+    let s = Space::new(&host, &next);
+    s.map4k(0x4000_0000, MMIO_GPA, P | US);
+    let mut v = vcpu_in(&vm, GuestCpu { cr0_wp: false, ..long4(s.cr3) });
+    let first = supervisor_access(&mut v, 0x4000_0008, true).expect("completes");
+    let Seen::Mmio(gpa, _) = first else { panic!("{first:?}") };
+    assert_eq!(gpa.raw(), MMIO_GPA + 8);
+    assert_eq!(v.stats.pf_mmio_spte_created, 1);
+    let taken = v.stats.pf_taken;
+    let second = supervisor_access(&mut v, 0x4000_0008, true).expect("completes");
+    assert!(matches!(second, Seen::Mmio(g, _) if g == gpa), "{second:?}");
+    assert_eq!(v.stats.pf_taken, taken, "the RSVD fault was decided on the fast path");
+    assert_eq!(v.stats.mmio_spte_hits + v.stats.mmio_cache_hits, 1);
+    // A user write there is the guest's protection #PF, never emulated.
+    assert_eq!(
+        access(&mut v, 0x4000_0008, true),
+        Seen::GuestPf(PfErr::PRESENT | PfErr::WRITE | PfErr::USER)
+    );
+}
