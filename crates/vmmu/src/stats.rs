@@ -86,7 +86,8 @@ pub struct VcpuStats {
     pub stale_gen_misses: u64,
     /// Writes to read-only slots, emulated without caching.
     pub readonly_write_emulations: u64,
-    /// Emulations decided by the slow path because no slot covers the gfn.
+    /// Faults of the slow path that ended in emulation because no slot covers the gfn (a
+    /// no-slot fault that retries instead is not counted).
     pub slow_path_mmio: u64,
     /// Roots loaded (initial and after obsolescence).
     pub root_loads: u64,

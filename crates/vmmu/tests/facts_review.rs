@@ -9,6 +9,8 @@ use common::shadow::*;
 use vmmu::bugs::BugSet;
 use vmmu::fault::{FaultOutcome, PfErr};
 use vmmu::guest::GuestCpu;
+use vmmu::spte::FormatKind;
+use vmmu::stats::RetryCause;
 use vmmu::tdp::HwWalk;
 use vmmu::testing::TestHost;
 use vmmu::vcpu::Vcpu;
@@ -97,4 +99,38 @@ fn cr0_wp0_supervisor_write_to_read_only_mmio_hits_the_mmio_spte() {
         access(&mut v, 0x4000_0008, true),
         Seen::GuestPf(PfErr::PRESENT | PfErr::WRITE | PfErr::USER)
     );
+}
+
+/// Facts §7: `pf_emulate` counts faults whose result is RET_PF_EMULATE. A no-slot fault whose
+/// root went obsolete under it (a memslot deletion's fast zap) retries in `is_page_fault_stale`
+/// after `kvm_handle_noslot_fault` returned CONTINUE: nothing was emulated, so `pf_emulate`
+/// stays put (TDP and shadow paging alike); the retried fault then emulates and counts once.
+#[test]
+fn a_no_slot_fault_that_retries_on_a_stale_root_is_not_counted_as_emulated() {
+    // TDP.
+    let (vm, _h) = common::vm(FormatKind::Ept);
+    vm.set_memory_region(&common::region(0, 0x10_0000, 0x1000, common::RAM_HVA, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    common::access(&mut v, 0x10_0000, false).unwrap();
+    vm.zap_all_fast();
+    let o = v.handle_ept_violation(vmmu::Gpa(0x8000_0000), vmmu::FaultAccess::READ).unwrap();
+    assert_eq!(o, FaultOutcome::Retry(RetryCause::ObsoleteRoot));
+    assert_eq!(v.stats.pf_emulate, 0);
+    let (seen, _) = common::access(&mut v, 0x8000_0000, false).unwrap();
+    assert!(matches!(seen, common::Seen::Mmio(_)), "{seen:?}");
+    assert_eq!(v.stats.pf_emulate, 1);
+
+    // Shadow paging.
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    s.map4k(0x4000_0000, MMIO_GPA, P | RW | US);
+    s.map4k(0x4000_1000, 0x80_0000, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, 0x4000_1000, false), Seen::Ram(ram_pfn(0x80_0000)));
+    vm.zap_all_fast();
+    let o = v.handle_page_fault(Gva(0x4000_0000), PfErr(PfErr::USER)).unwrap();
+    assert!(matches!(o, FaultOutcome::Retry(_)), "{o:?}");
+    assert_eq!(v.stats.pf_emulate, 0);
+    assert!(matches!(access(&mut v, 0x4000_0000, false), Seen::Mmio(..)));
+    assert_eq!(v.stats.pf_emulate, 1);
 }

@@ -46,6 +46,14 @@ pub(super) fn cache_hit(stats: &mut VcpuStats, gpa: Gpa, access: Access) -> Faul
     FaultOutcome::Emulate { gpa, access, source: EmulateSource::VcpuCacheHit }
 }
 
+/// Counts a no-slot fault of the slow path that ends in emulation (KVM `pf_emulate` counts the
+/// RET_PF_EMULATE result, so a no-slot fault that retries after all is not counted).
+#[inline]
+pub(super) fn count_slow_mmio(stats: &mut VcpuStats) {
+    stats.slow_path_mmio += 1;
+    stats.pf_emulate += 1;
+}
+
 /// Counts a retry by its cause and returns it (both MMUs' fault paths).
 pub(super) fn retry(stats: &mut VcpuStats, cause: RetryCause) -> FaultOutcome {
     stats.retries[cause as usize] += 1;
@@ -315,9 +323,8 @@ impl VcpuMmu {
             Backing::NoSlot => {
                 // KVM `kvm_handle_noslot_fault`.
                 self.mmio_cache.fill(0, fault.gfn, mmio_access, gen, bugs);
-                stats.slow_path_mmio += 1;
-                stats.pf_emulate += 1;
                 if !codec.enabled() || fault.gfn > mmu.cfg.max_gfn {
+                    count_slow_mmio(stats);
                     return Ok(FaultOutcome::Emulate {
                         gpa,
                         access: mmio_access,
@@ -362,10 +369,14 @@ impl VcpuMmu {
         match outcome {
             MapOutcome::Installed { .. } if is_mmio => {
                 stats.pf_mmio_spte_created += 1;
+                count_slow_mmio(stats);
                 Ok(emulate_mmio)
             }
             // KVM returns EMULATE for an MMIO SPTE even when it was already there.
-            MapOutcome::Spurious if is_mmio => Ok(emulate_mmio),
+            MapOutcome::Spurious if is_mmio => {
+                count_slow_mmio(stats);
+                Ok(emulate_mmio)
+            }
             MapOutcome::Installed { .. } => {
                 stats.pf_fixed += 1;
                 Ok(FaultOutcome::Fixed)

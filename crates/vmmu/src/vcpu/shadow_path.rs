@@ -563,9 +563,8 @@ impl<H: Host + GuestMemory> Vcpu<H> {
                     gen,
                     bugs,
                 );
-                stats.slow_path_mmio += 1;
-                stats.pf_emulate += 1;
                 if !codec.enabled() || walk.gfn > core.cfg.max_gfn {
+                    super::fault_path::count_slow_mmio(stats);
                     return Ok(FaultOutcome::Emulate {
                         gpa: walk.gpa,
                         access: mmio_access,
@@ -627,9 +626,13 @@ impl<H: Host + GuestMemory> Vcpu<H> {
         Ok(match outcome {
             FetchOutcome::Installed { .. } if is_mmio => {
                 stats.pf_mmio_spte_created += 1;
+                super::fault_path::count_slow_mmio(stats);
                 emulate_mmio
             }
-            FetchOutcome::Spurious | FetchOutcome::NoPath if is_mmio => emulate_mmio,
+            FetchOutcome::Spurious | FetchOutcome::NoPath if is_mmio => {
+                super::fault_path::count_slow_mmio(stats);
+                emulate_mmio
+            }
             FetchOutcome::Installed { .. } => {
                 stats.pf_fixed += 1;
                 FaultOutcome::Fixed
