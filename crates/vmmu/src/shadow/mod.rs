@@ -22,7 +22,9 @@
 //!
 //! Not modelled: unsync shadow pages (every shadowed guest table stays write-protected, which
 //! the facts allow), 32-bit non-PAE guests (quadrants), huge SPTEs (guest 2 MiB pages are mapped
-//! with direct 4 KiB pages), nested (guest-mode) roots, SMEP/SMAP and CR0.WP=0.
+//! with direct 4 KiB pages), nested (guest-mode) roots and SMEP/SMAP. CR0.WP=0 is modelled as
+//! KVM does it: a supervisor write to a page the guest maps read-only gets a writable,
+//! supervisor-only SPTE (`vcpu::shadow_path`), since the hardware always runs with CR0.WP=1.
 
 mod dirty;
 pub(crate) mod fetch;
