@@ -467,6 +467,7 @@ fn stats(m: &RealMmu) -> MmuStats {
         generation_wraps: vm.mmio_gen_wraps,
         counters: Some(MmuCounters {
             mmio_translate_ns: timing.nanos,
+            mmio_fast_hits: t.mmio_fast_hits(),
             mmio_translations: timing.count,
             mmio_translations_timed: timing.timed,
             mmio_timed_outliers: timing.outliers,
@@ -476,7 +477,6 @@ fn stats(m: &RealMmu) -> MmuStats {
             pages_2m: vm.pages_2m,
             pages_4k: vm.pages_4k,
             pf_emulate: t.pf_emulate,
-            pf_fast: t.pf_fast(),
             pf_fixed: t.pf_fixed,
             pf_spurious: t.pf_spurious,
             pf_taken: t.pf_taken,

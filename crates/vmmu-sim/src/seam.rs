@@ -211,6 +211,10 @@ pub struct MmioCachingState {
 /// listed them).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct MmuCounters {
+    /// RSVD faults the MMIO fast path decided: per-vCPU MMIO cache hits plus MMIO SPTE hits.
+    /// KVM counts these nowhere (facts §7); its `pf_fast` counts `fast_page_fault`, which this
+    /// MMU does not have.
+    pub mmio_fast_hits: u64,
     /// Timed `translate` calls that ended as MMIO but were left out as outliers (longer than
     /// [`crate::mmio_timing::OUTLIER_NS`]: the thread was descheduled).
     pub mmio_timed_outliers: u64,
@@ -234,8 +238,6 @@ pub struct MmuCounters {
     pub pages_4k: u64,
     /// KVM `pf_emulate`.
     pub pf_emulate: u64,
-    /// KVM `pf_fast`.
-    pub pf_fast: u64,
     /// KVM `pf_fixed`.
     pub pf_fixed: u64,
     /// KVM `pf_spurious`.
@@ -278,6 +280,7 @@ impl MmuCounters {
     /// Every counter with its name (the JSON key), in field order.
     pub fn named(&self) -> [(&'static str, u64); 29] {
         [
+            ("mmio_fast_hits", self.mmio_fast_hits),
             ("mmio_timed_outliers", self.mmio_timed_outliers),
             ("mmio_translate_ns", self.mmio_translate_ns),
             ("mmio_translations", self.mmio_translations),
@@ -288,7 +291,6 @@ impl MmuCounters {
             ("pages_2m", self.pages_2m),
             ("pages_4k", self.pages_4k),
             ("pf_emulate", self.pf_emulate),
-            ("pf_fast", self.pf_fast),
             ("pf_fixed", self.pf_fixed),
             ("pf_spurious", self.pf_spurious),
             ("pf_taken", self.pf_taken),

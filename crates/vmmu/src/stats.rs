@@ -102,9 +102,11 @@ pub struct VcpuStats {
 }
 
 impl VcpuStats {
-    /// Faults resolved by the fast path (KVM `pf_fast`): per-vCPU MMIO cache hits plus MMIO
-    /// SPTE hits. Derived, not counted, so the fast path updates one counter less.
-    pub fn pf_fast(&self) -> u64 {
+    /// RSVD faults resolved by the MMIO fast path: per-vCPU MMIO cache hits plus MMIO SPTE hits.
+    /// Derived, not counted, so the fast path updates one counter less. Not KVM's `pf_fast`,
+    /// which counts `fast_page_fault` (lockless fixes of write-protected or access-tracked
+    /// SPTEs, not modelled); KVM counts MMIO hits nowhere (facts §7).
+    pub fn mmio_fast_hits(&self) -> u64 {
         self.mmio_cache_hits + self.mmio_spte_hits
     }
 
