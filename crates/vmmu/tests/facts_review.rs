@@ -134,3 +134,31 @@ fn a_no_slot_fault_that_retries_on_a_stale_root_is_not_counted_as_emulated() {
     assert!(matches!(access(&mut v, 0x4000_0000, false), Seen::Mmio(..)));
     assert_eq!(v.stats.pf_emulate, 1);
 }
+
+/// Facts §8.11 (527d5cd7eece and its June 2022 fix) and shadow facts §6.2: the free-obsolete-
+/// roots request frees every obsolete root, previous roots included (`prev_roots[i]` is checked,
+/// not the current root again). After a fast zap, switching back to a CR3 whose root sat in the
+/// previous-root cache builds a new root, and the access through it completes with the current
+/// translation (the guest remapped the page while the old root was obsolete).
+#[test]
+fn an_obsolete_previous_root_is_freed_not_reused() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let a = Space::new(&host, &next);
+    let b = Space::new(&host, &next);
+    let pte = a.map4k(0x4000_0000, 0x80_0000, P | RW | US);
+    b.map4k(0x4000_0000, 0x90_0000, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(a.cr3));
+    assert_eq!(access(&mut v, 0x4000_0000, true), Seen::Ram(ram_pfn(0x80_0000)));
+    v.load_cr3(b.cr3).unwrap();
+    assert_eq!(access(&mut v, 0x4000_0000, true), Seen::Ram(ram_pfn(0x90_0000)));
+    // Space a's root is now a previous root. A fast zap obsoletes both.
+    vm.zap_all_fast();
+    v.service_requests().unwrap();
+    // While a's root is not loaded, the guest repoints its PTE (a table nobody shadows any more:
+    // a plain store).
+    host.write_u64(RAM_HVA + pte, 0xa0_0000 | P | RW | US);
+    let loads = v.stats.root_loads;
+    v.load_cr3(a.cr3).unwrap();
+    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0xa0_0000)));
+    assert!(v.stats.root_loads > loads, "a new root for space a");
+}
