@@ -162,3 +162,25 @@ fn an_obsolete_previous_root_is_freed_not_reused() {
     assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0xa0_0000)));
     assert!(v.stats.root_loads > loads, "a new root for space a");
 }
+
+/// Shadow facts §1.2: `cr0_wp` is part of a shadow page's role. A page built while CR0.WP=0
+/// may hold a writable supervisor-only SPTE for a page the guest maps read-only; once the guest
+/// sets CR0.WP (a role change: every root goes), the pages built under WP=0 are not reused, so
+/// the same supervisor write is the guest's protection #PF (P|W), not a silent write.
+#[test]
+fn cr0_wp_is_part_of_the_shadow_page_role() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let data = 0x80_0000;
+    s.map4k(0x4000_0000, data, P | US);
+    let mut v = vcpu_in(&vm, GuestCpu { cr0_wp: false, ..long4(s.cr3) });
+    assert_eq!(supervisor_access(&mut v, 0x4000_0000, true), Some(Seen::Ram(ram_pfn(data))));
+    v.set_guest_cpu(long4(s.cr3)).unwrap();
+    assert_eq!(
+        supervisor_access(&mut v, 0x4000_0000, true),
+        Some(Seen::GuestPf(PfErr::PRESENT | PfErr::WRITE))
+    );
+    // And back: WP=0 again allows it.
+    v.set_guest_cpu(GuestCpu { cr0_wp: false, ..long4(s.cr3) }).unwrap();
+    assert_eq!(supervisor_access(&mut v, 0x4000_0000, true), Some(Seen::Ram(ram_pfn(data))));
+}

@@ -110,16 +110,19 @@ pub(crate) fn fetch<H: Host>(
         st.sp_mut(cur).flood = 0;
     }
     let as_id = st.sp(cur).role.as_id();
+    // Every page under a root serves the CR0.WP of the guest the root was built for.
+    let wp = st.sp(cur).role.cr0_wp();
     while level > Level::L4K {
         let Some(child_level) = level.lower() else { break };
         let idx = level.index(vgfn);
         let (gfn, role) = if !nonpaging && child_level >= walk.level {
             let i = usize::from(child_level.get() - 1);
             let access = table_role_access(core.cfg.bugs, walk, i);
-            (walk.table_gfns[i], SpRole::new(child_level, false, access, as_id))
+            (walk.table_gfns[i], SpRole::new(child_level, false, access, as_id).with_cr0_wp(wp))
         } else {
             let acc = if nonpaging { Access::ALL } else { walk.pte_access };
-            (direct_base(walk.gfn, child_level), SpRole::new(child_level, true, acc, as_id))
+            let role = SpRole::new(child_level, true, acc, as_id).with_cr0_wp(wp);
+            (direct_base(walk.gfn, child_level), role)
         };
         let old = st.entry(core, cur, idx).load(crate::sync::Ordering::Acquire);
         if SpteFormat::is_mmu_present(old) && !fmt.is_leaf(old, level) {

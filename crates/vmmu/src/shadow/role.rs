@@ -33,10 +33,27 @@ impl SpRole {
             w |= DIRECT;
         }
         w |= u32::from(access.bits()) << ACCESS_SHIFT;
-        // The non-nested shadow MMU forces efer_nx; CR0.WP=1 is the only mode modelled.
+        // The non-nested shadow MMU forces efer_nx; CR0.WP=1 unless `with_cr0_wp` says not.
         w |= EFER_NX | CR0_WP;
         w |= (u32::from(as_id.0) & 0xff) << AS_SHIFT;
         SpRole(w)
+    }
+
+    /// This role for a guest running with CR0.WP = `wp` (KVM `role.cr0_wp`). Pages built under
+    /// CR0.WP=0 may hold writable supervisor-only SPTEs for pages the guest maps read-only
+    /// (`vcpu::shadow_path`), so they must never serve a guest running with CR0.WP=1, nor the
+    /// reverse.
+    pub const fn with_cr0_wp(self, wp: bool) -> SpRole {
+        if wp {
+            SpRole(self.0 | CR0_WP)
+        } else {
+            SpRole(self.0 & !CR0_WP)
+        }
+    }
+
+    /// Whether the page serves a guest running with CR0.WP=1.
+    pub const fn cr0_wp(self) -> bool {
+        self.0 & CR0_WP != 0
     }
 
     /// The raw word.
@@ -77,7 +94,7 @@ impl SpRole {
     /// The role of a child page one level down (KVM `kvm_mmu_child_role`).
     pub fn child(self, direct: bool, access: Access) -> SpRole {
         let level = self.level().lower().unwrap_or(Level::L4K);
-        SpRole::new(level, direct, access, self.as_id())
+        SpRole::new(level, direct, access, self.as_id()).with_cr0_wp(self.cr0_wp())
     }
 }
 
@@ -85,10 +102,11 @@ impl fmt::Debug for SpRole {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "SpRole(level {}, {}, {:?}{}, as {})",
+            "SpRole(level {}, {}, {:?}{}{}, as {})",
             self.level().get(),
             if self.direct() { "direct" } else { "indirect" },
             self.access(),
+            if self.cr0_wp() { "" } else { ", cr0.wp=0" },
             if self.invalid() { ", invalid" } else { "" },
             self.as_id().0
         )
@@ -111,5 +129,9 @@ mod tests {
         assert_ne!(r, SpRole::new(Level::L2M, false, Access::USER, AsId(1)));
         let c = r.child(true, Access::USER);
         assert_eq!((c.level(), c.direct(), c.access()), (Level::L4K, true, Access::USER));
+        let no_wp = r.with_cr0_wp(false);
+        assert!(r.cr0_wp() && !no_wp.cr0_wp());
+        assert_ne!(r, no_wp);
+        assert!(!no_wp.child(false, Access::USER).cr0_wp(), "children inherit it");
     }
 }

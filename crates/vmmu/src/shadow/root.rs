@@ -118,7 +118,8 @@ impl ShadowRoot {
         match cpu.mode {
             PagingMode::Long4 => {
                 let gfn = Gfn((cpu.cr3 & crate::guest::pte::addr_mask(cpu.maxphyaddr)) >> 12);
-                let role = SpRole::new(Level::L4, false, Access::ALL, as_id);
+                let role =
+                    SpRole::new(Level::L4, false, Access::ALL, as_id).with_cr0_wp(cpu.cr0_wp);
                 let (sp, _) = st.get_page(core, stats, gfn, role, batch)?;
                 let s = st.sp_mut(sp);
                 s.root_count += 1;
@@ -133,7 +134,8 @@ impl ShadowRoot {
                         continue;
                     }
                     let gfn = Gfn((pdpte & crate::guest::pte::addr_mask(cpu.maxphyaddr)) >> 12);
-                    let role = SpRole::new(Level::L2M, false, Access::ALL, as_id);
+                    let role =
+                        SpRole::new(Level::L2M, false, Access::ALL, as_id).with_cr0_wp(cpu.cr0_wp);
                     let Some((sp, _)) = st.get_page(core, stats, gfn, role, batch) else {
                         Self::Special { pfn, sps }.release(st, batch, &mut Vec::new());
                         core.free_unpublished_table(pfn);
@@ -149,7 +151,8 @@ impl ShadowRoot {
                 let pfn = core.alloc_table()?;
                 let mut sps = [None; 4];
                 for i in 0..sps.len() {
-                    let role = SpRole::new(Level::L2M, true, Access::ALL, as_id);
+                    let role =
+                        SpRole::new(Level::L2M, true, Access::ALL, as_id).with_cr0_wp(cpu.cr0_wp);
                     let Some((sp, _)) =
                         st.get_page(core, stats, Gfn((i as u64) << 18), role, batch)
                     else {
