@@ -184,3 +184,45 @@ fn cr0_wp_is_part_of_the_shadow_page_role() {
     v.set_guest_cpu(GuestCpu { cr0_wp: false, ..long4(s.cr3) }).unwrap();
     assert_eq!(supervisor_access(&mut v, 0x4000_0000, true), Some(Seen::Ram(ram_pfn(data))));
 }
+
+/// Shadow facts §11 (0cb2af2ea66a, 2026) and §12: a child page under an SPTE is reused only if
+/// its gfn matches. A host-side change of a guest 2 MiB PDE (the host writes the guest's table;
+/// no write-protection trap) leaves the direct page of the old 2 MiB range linked; the next fault
+/// in the range wants the direct page of the new range, so the old one is unlinked with all its
+/// leaves, and a page mapped before the change translates to the new range when next accessed
+/// (reusing the old page would keep it on the old frame).
+#[test]
+fn a_direct_child_of_another_gfn_is_not_reused() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let (old, new) = (0x20_0000 * 8, 0x20_0000 * 12);
+    let pde = s.map2m(0x4000_0000, old, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(old)));
+    host.write_u64(RAM_HVA + pde, new | P | RW | US | PS);
+    v.invlpg(Gva(0x4000_0000)).unwrap();
+    assert_eq!(access(&mut v, 0x4000_1000, false), Seen::Ram(ram_pfn(new + 0x1000)));
+    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(new)));
+}
+
+/// Shadow facts §11 (81ccda30b4e8, 2026): reuse also needs the role to match. The host turns a
+/// guest 2 MiB PDE into a pointer to a page table that sits at the same gpa (same gfn, but an
+/// indirect page instead of a direct one): the next fault unlinks the direct page, and a page
+/// mapped through the old 2 MiB mapping translates through the new table when next accessed.
+#[test]
+fn a_child_of_the_same_gfn_but_another_role_is_not_reused() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let x = 0x20_0000 * 8;
+    let pde = s.map2m(0x4000_0000, x, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(x)));
+    // The frame at x becomes a page table: entry 0 maps y, entry 1 maps z.
+    let (y, z) = (0x20_0000 * 12, 0x20_0000 * 12 + 0x5000);
+    host.write_u64(RAM_HVA + x, y | P | RW | US);
+    host.write_u64(RAM_HVA + x + 8, z | P | RW | US);
+    host.write_u64(RAM_HVA + pde, x | P | RW | US);
+    v.invlpg(Gva(0x4000_0000)).unwrap();
+    assert_eq!(access(&mut v, 0x4000_1000, false), Seen::Ram(ram_pfn(z)));
+    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(y)));
+}
