@@ -226,3 +226,23 @@ fn a_child_of_the_same_gfn_but_another_role_is_not_reused() {
     assert_eq!(access(&mut v, 0x4000_1000, false), Seen::Ram(ram_pfn(z)));
     assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(y)));
 }
+
+/// Shadow facts §3.1 and §4.1 with CR0.WP=0: the rights fix gives a supervisor write W, but a
+/// gfn the MMU shadows as a guest page table stays write-protected, so the write to a read-only
+/// mapping of the guest's own top-level table is emulated (a write-protection exit), never
+/// let through a writable SPTE.
+#[test]
+fn cr0_wp0_supervisor_write_to_a_shadowed_table_is_emulated() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    s.map4k(0x4000_0000, 0x80_0000, P | RW | US);
+    // The guest maps its own PML4 read-only at another gva.
+    s.map4k(0x4000_1000, s.cr3, P | US);
+    let mut v = vcpu_in(&vm, GuestCpu { cr0_wp: false, ..long4(s.cr3) });
+    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x80_0000)));
+    let got = supervisor_access(&mut v, 0x4000_1008, true);
+    assert!(
+        matches!(got, Some(Seen::Mmio(g, vmmu::fault::EmulateSource::WriteProtected)) if g.raw() == s.cr3 + 8),
+        "{got:?}"
+    );
+}
