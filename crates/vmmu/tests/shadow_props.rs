@@ -1,7 +1,8 @@
 //! Property test of the shadow MMU (issue 13 point 9): random sequences of guest page-table
 //! edits (made as a guest makes them: stores reported with `track_write`, then INVLPG on every
 //! vCPU), CR3 switches, memslot deletes and re-creates, fast zap-alls, shrinker calls and page
-//! limit changes, with accesses by two vCPUs. Every access must see what a plain walk of the
+//! limit changes, CR0.WP toggles, with user and supervisor accesses by two vCPUs. Every access
+//! must see what a plain walk of the
 //! guest's tables over the current memslots says (RAM frame, MMIO at the translated GPA, or the
 //! guest #PF with its error code), however the shadow pages were zapped, recycled or reused.
 #![cfg(not(loom))]
@@ -31,10 +32,31 @@ const TARGETS: [u64; 4] = [0x20_0000, 0x20_1000, TOGGLE_GPA, MMIO_GPA];
 
 #[derive(Clone, Debug)]
 enum GuestOp {
-    Map { space: usize, gva: usize, target: usize, readonly: bool },
-    Unmap { space: usize, gva: usize },
-    Cr3 { vcpu: usize, space: usize },
-    Access { vcpu: usize, gva: usize, write: bool },
+    Map {
+        space: usize,
+        gva: usize,
+        target: usize,
+        readonly: bool,
+    },
+    Unmap {
+        space: usize,
+        gva: usize,
+    },
+    Cr3 {
+        vcpu: usize,
+        space: usize,
+    },
+    Access {
+        vcpu: usize,
+        gva: usize,
+        write: bool,
+        user: bool,
+    },
+    /// The vCPU sets or clears CR0.WP (a role change: its roots go).
+    Wp {
+        vcpu: usize,
+        wp: bool,
+    },
     ToggleSlot,
     ZapAll,
     Shrink(usize),
@@ -47,8 +69,9 @@ fn op() -> impl Strategy<Value = GuestOp> {
             .prop_map(|(space, gva, target, readonly)| GuestOp::Map { space, gva, target, readonly }),
         1 => (0..SPACES, 0..4usize).prop_map(|(space, gva)| GuestOp::Unmap { space, gva }),
         2 => (0..2usize, 0..SPACES).prop_map(|(vcpu, space)| GuestOp::Cr3 { vcpu, space }),
-        6 => (0..2usize, 0..4usize, any::<bool>())
-            .prop_map(|(vcpu, gva, write)| GuestOp::Access { vcpu, gva, write }),
+        6 => (0..2usize, 0..4usize, any::<bool>(), any::<bool>())
+            .prop_map(|(vcpu, gva, write, user)| GuestOp::Access { vcpu, gva, write, user }),
+        2 => (0..2usize, any::<bool>()).prop_map(|(vcpu, wp)| GuestOp::Wp { vcpu, wp }),
         1 => Just(GuestOp::ToggleSlot),
         1 => Just(GuestOp::ZapAll),
         1 => (1..20usize).prop_map(GuestOp::Shrink),
@@ -71,9 +94,9 @@ impl GuestPteMemory for Reference<'_> {
     }
 }
 
-fn expected(host: &TestHost, cr3: u64, gva: u64, write: bool, toggle_live: bool) -> Seen {
-    let cpu = long4(cr3);
-    let access = FaultAccess { write, exec: false, user: true };
+fn expected(host: &TestHost, cpu: GuestCpu, gva: u64, write: bool, user: bool, live: bool) -> Seen {
+    let toggle_live = live;
+    let access = FaultAccess { write, exec: false, user };
     match vmmu::guest::walk(&cpu, &Reference { host }, Gva(gva), access) {
         Ok(w) => {
             let gpa = w.gpa.raw();
@@ -111,6 +134,8 @@ fn run(ops: Vec<GuestOp>) -> Result<(), TestCaseError> {
         })
         .collect();
     let mut cur = [0usize; 2];
+    let mut wps = [true; 2];
+    let cpu_of = |space: usize, wp: bool| GuestCpu { cr0_wp: wp, ..long4(spaces[space].cr3) };
     for (i, op) in ops.into_iter().enumerate() {
         match op {
             GuestOp::Map { space, gva, target, readonly } => {
@@ -126,18 +151,23 @@ fn run(ops: Vec<GuestOp>) -> Result<(), TestCaseError> {
                 vcpus[vcpu].load_cr3(spaces[space].cr3).unwrap();
                 cur[vcpu] = space;
             }
-            GuestOp::Access { vcpu, gva, write } => {
-                let want =
-                    expected(&host, spaces[cur[vcpu]].cr3, GVAS[gva] + 8, write, toggle_live);
-                let seen = access(&mut vcpus[vcpu], GVAS[gva] + 8, write);
+            GuestOp::Wp { vcpu, wp } => {
+                vcpus[vcpu].set_guest_cpu(cpu_of(cur[vcpu], wp)).unwrap();
+                wps[vcpu] = wp;
+            }
+            GuestOp::Access { vcpu, gva, write, user } => {
+                let cpu = cpu_of(cur[vcpu], wps[vcpu]);
+                let want = expected(&host, cpu, GVAS[gva] + 8, write, user, toggle_live);
+                let seen = access_at(&mut vcpus[vcpu], GVAS[gva] + 8, write, user);
                 let same = match (want, seen) {
                     (Seen::Mmio(a, _), Seen::Mmio(b, _)) => a == b,
                     (a, b) => a == b,
                 };
                 prop_assert!(
                     same,
-                    "op {i}: vCPU {vcpu} gva {:#x}: want {want:?}, seen {seen:?}",
-                    GVAS[gva]
+                    "op {i}: vCPU {vcpu} gva {:#x} (user {user}, wp {}): want {want:?}, seen {seen:?}",
+                    GVAS[gva],
+                    wps[vcpu]
                 );
             }
             GuestOp::ToggleSlot => {

@@ -105,7 +105,14 @@ pub enum Seen {
 /// One user-mode access by `v` to `gva`, like the hardware and the hypervisor do it: walk the
 /// shadow, exit on a fault, handle it, repeat.
 pub fn access(v: &mut Vcpu<TestHost>, gva: u64, write: bool) -> Seen {
-    let need = if write { Access::WRITE.union(Access::USER) } else { Access::USER };
+    access_at(v, gva, write, true)
+}
+
+/// [`access`] at CPL 3 (`user`) or CPL 0.
+#[allow(dead_code)] // not every test file that includes `common` uses both privilege levels
+pub fn access_at(v: &mut Vcpu<TestHost>, gva: u64, write: bool, user: bool) -> Seen {
+    let w = if write { Access::WRITE } else { Access::NONE };
+    let need = if user { w.union(Access::USER) } else { w };
     for _ in 0..50 {
         v.service_requests().unwrap();
         if v.enter_guest_mode().is_err() {
@@ -113,7 +120,7 @@ pub fn access(v: &mut Vcpu<TestHost>, gva: u64, write: bool) -> Seen {
         }
         let walk = v.walk_gva(Gva(gva), need);
         v.exit_guest_mode();
-        let user_write = PfErr::USER | if write { PfErr::WRITE } else { 0 };
+        let user_write = if user { PfErr::USER } else { 0 } | if write { PfErr::WRITE } else { 0 };
         let err = match walk {
             HwWalk::Translated { pfn, .. } => return Seen::Ram(pfn),
             HwWalk::Violation { present, .. } => {
