@@ -216,9 +216,11 @@ impl StripedCounter {
 /// VM-wide counters.
 #[derive(Debug, Default)]
 pub struct VmStats {
-    /// Remote TLB flushes performed (`remote_tlb_flush`).
+    /// Remote TLB flushes that had to kick a vCPU in guest mode (`remote_tlb_flush`: KVM counts
+    /// one when `kvm_make_all_cpus_request` sent an IPI).
     pub remote_tlb_flush: Counter,
-    /// Remote TLB flush requests sent to vCPUs (`remote_tlb_flush_requests`).
+    /// Remote TLB flushes asked for (`remote_tlb_flush_requests`: one per
+    /// `kvm_flush_remote_tlbs`, whoever was running).
     pub remote_tlb_flush_requests: Counter,
     /// Page-table pages zapped (`mmu_shadow_zapped`).
     pub mmu_shadow_zapped: Counter,

@@ -808,13 +808,17 @@ mod tests {
         let read = PageFault::tdp(Gpa(GPA), PfErr::from_access(FaultAccess::READ, false));
         let o = mmu.map(&shared, &root, &read, ram, crate::stats::StripeKey::Vcpu(0));
         assert_eq!(o, MapOutcome::Installed { level: Level::L4K });
-        let flushes = mmu.stats.remote_tlb_flush.get();
+        let flushes = mmu.stats.remote_tlb_flush_requests.get();
         let spte = mmu.config().codec.make(gfn, old_gen, Access::ALL);
         let write = PageFault::tdp(Gpa(GPA), PfErr::from_access(FaultAccess::WRITE, false));
         let o =
             mmu.map(&shared, &root, &write, LeafSpec::Mmio(spte), crate::stats::StripeKey::Vcpu(0));
         assert_eq!(o, MapOutcome::Installed { level: Level::L4K });
-        assert_eq!(mmu.stats.remote_tlb_flush.get(), flushes + 1, "the dropped leaf was flushed");
+        assert_eq!(
+            mmu.stats.remote_tlb_flush_requests.get(),
+            flushes + 1,
+            "the dropped leaf was flushed"
+        );
         drop(shared);
         let pending = mmu.vcpus[b.index()].pending();
         assert!(pending.has(crate::requests::Request::TlbFlush), "B must flush its TLB");

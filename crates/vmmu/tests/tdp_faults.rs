@@ -171,7 +171,7 @@ fn delete_zaps_and_flushes_then_the_gfn_is_mmio() {
         assert_eq!(vm.stats().pages_4k, 1);
         vm.set_memory_region(&region(0, 0x10_0000, 0, 0, 0)).unwrap();
         assert_eq!(vm.stats().pages_4k, 0, "the slot's leaves are gone");
-        assert!(vm.stats().remote_tlb_flush >= 1);
+        assert!(vm.stats().remote_tlb_flush_requests >= 1);
         let (seen, _) = access(&mut v, 0x10_0000, false).unwrap();
         assert_eq!(seen, Seen::Mmio(EmulateSource::SlowPathMmio), "{f:?}");
     }
@@ -665,4 +665,45 @@ fn tdp_prefetch_maps_written_neighbours_of_the_group() {
         // Gfn 0x1001 (outside the prefetch of its group: the first run starts below the slot).
         assert_eq!(vm.stats().pages_4k, want + 1 + u64::from(!prefetch));
     }
+}
+
+/// KVM's `kvm_flush_remote_tlbs` counts one `remote_tlb_flush_requests` per call, however many
+/// vCPUs the VM has, and one `remote_tlb_flush` only when a vCPU in guest mode had to be kicked
+/// (the others flush at their next entry).
+#[test]
+fn a_remote_flush_counts_one_request_and_a_flush_only_when_it_kicks() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    vm.set_memory_region(&region(0, 0x10_0000, 0x2000, RAM_HVA, 0)).unwrap();
+    let mut vcpus: Vec<_> = (0..3).map(|_| vm.create_vcpu().unwrap()).collect();
+    for v in &mut vcpus {
+        v.service_requests().unwrap();
+    }
+    let s0 = vm.stats();
+    vm.flush_remote_tlbs_for_tests();
+    let s1 = vm.stats();
+    assert_eq!(s1.remote_tlb_flush_requests - s0.remote_tlb_flush_requests, 1, "one per call");
+    assert_eq!(s1.remote_tlb_flush - s0.remote_tlb_flush, 0, "nobody was in guest mode");
+    for v in &mut vcpus {
+        v.service_requests().unwrap();
+        assert!(!v.requests_pending());
+    }
+    // Two of the three in guest mode, each on its own thread leaving it when kicked.
+    let (running, _idle) = vcpus.split_at_mut(2);
+    for v in running.iter_mut() {
+        v.enter_guest_mode().unwrap();
+    }
+    std::thread::scope(|s| {
+        for v in running.iter_mut() {
+            s.spawn(move || {
+                while !v.requests_pending() {
+                    std::hint::spin_loop();
+                }
+                v.exit_guest_mode();
+            });
+        }
+        vm.flush_remote_tlbs_for_tests();
+    });
+    let s2 = vm.stats();
+    assert_eq!(s2.remote_tlb_flush_requests - s1.remote_tlb_flush_requests, 1, "one per call");
+    assert_eq!(s2.remote_tlb_flush - s1.remote_tlb_flush, 1, "it kicked two vCPUs: one flush");
 }

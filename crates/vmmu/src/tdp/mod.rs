@@ -284,7 +284,7 @@ impl<H: Host> TdpMmu<H> {
         // vCPU's word, so a vCPU between opening its section and setting IN_GUEST_MODE sees it
         // and does not enter.
         self.table_srcu.synchronize_nudging(&crate::host::HostRelax(&*self.host), || {
-            self.request_all(Request::Kick, false)
+            self.request_all(Request::Kick, false);
         });
         for pfn in pages.iter().copied() {
             // SAFETY: every queued page was unlinked before it was queued, and the grace period
@@ -309,28 +309,33 @@ impl<H: Host> TdpMmu<H> {
     }
 
     /// Flushes every vCPU's TLB (KVM `kvm_flush_remote_tlbs`): returns when each vCPU has
-    /// acknowledged or was outside guest mode (rule 4).
+    /// acknowledged or was outside guest mode (rule 4). Counts as KVM does: one
+    /// `remote_tlb_flush_requests` per call, and one `remote_tlb_flush` when some vCPU was in
+    /// guest mode and had to be kicked (the others flush at their next entry, unseen).
     pub(crate) fn flush_remote_tlbs(&self) {
-        self.stats.remote_tlb_flush.add(1);
-        self.request_all(Request::TlbFlush, true);
+        self.stats.remote_tlb_flush_requests.add(1);
+        if self.request_all(Request::TlbFlush, true) {
+            self.stats.remote_tlb_flush.add(1);
+        }
     }
 
     /// Makes `r` pending on every vCPU; with `wait`, waits for the acknowledgement of every vCPU
-    /// that was in guest mode (KVM `kvm_make_all_cpus_request`).
-    pub(crate) fn request_all(&self, r: Request, wait: bool) {
+    /// that was in guest mode (KVM `kvm_make_all_cpus_request`). Returns whether any vCPU was
+    /// in guest mode (was kicked), as KVM's does.
+    pub(crate) fn request_all(&self, r: Request, wait: bool) -> bool {
         let relax = crate::host::HostRelax(&*self.host);
+        let mut kicked = false;
         for (i, v) in self.vcpu_states().iter().enumerate() {
-            if r == Request::TlbFlush {
-                self.stats.remote_tlb_flush_requests.add(1);
-            }
             if v.request(r) {
                 // The "IPI": the vCPU was in guest mode and may not look at its requests soon.
                 self.host.kick(i);
+                kicked = true;
                 if wait {
                     v.wait_ack(r, &relax);
                 }
             }
         }
+        kicked
     }
 
     /// A valid root for address space `as_id`, made if there is none (KVM
