@@ -57,8 +57,9 @@ pub struct VmConfig {
     /// The MMU.
     pub mmu: MmuKind,
     /// Shadow paging: the most shadow pages before the oldest are recycled (KVM
-    /// `n_max_mmu_pages`; at least 64). `Some(n)`: as if `KVM_SET_NR_MMU_PAGES(n)` had been
-    /// called, fixed until [`Vm::set_nr_mmu_pages`]. `None` (the default): KVM's default limit,
+    /// `n_max_mmu_pages`). `Some(n)`: as if `KVM_SET_NR_MMU_PAGES(n)` had been called, fixed
+    /// until [`Vm::set_nr_mmu_pages`]; below 64 [`Vm::new`] refuses it as KVM's ioctl does
+    /// ([`VmError::TooFewShadowPages`]). `None` (the default): KVM's default limit,
     /// recomputed at every memslot creation and deletion as 2% of the pages of all memslots, at
     /// least 64 (`kvm_mmu_calculate_default_mmu_pages`), so a small VM recycles shadow pages
     /// as KVM does (which a guest sees in dirty logs: a read through a recycled table faults
@@ -146,12 +147,27 @@ pub enum VmError {
         /// The host MAXPHYADDR.
         phys_bits: u8,
     },
+    /// `KVM_SET_NR_MMU_PAGES` (or [`VmConfig::shadow_max_pages`]) below KVM's minimum of
+    /// [`crate::shadow::MIN_ALLOC_PAGES`]: KVM answers `EINVAL`.
+    #[error("a shadow page limit of {requested} pages is below KVM's minimum of 64 (KVM_SET_NR_MMU_PAGES answers EINVAL); ask for at least 64")]
+    TooFewShadowPages {
+        /// The limit asked for.
+        requested: usize,
+    },
     /// [`crate::bugs::Bug::LeafCacheIgnoresEpoch`] on a host whose table memory may be given
     /// back after `free_table` ([`crate::host::FrameAllocator::retains_table_memory`]): the
     /// bug reads freed tables, which is undefined behaviour there.
     #[cfg(feature = "historical-bugs")]
     #[error("the leaf-cache-ignores-epoch bug reads freed table pages: it needs a host that keeps table memory (FrameAllocator::retains_table_memory)")]
     BugNeedsRetainedTables,
+}
+
+/// KVM `kvm_vm_ioctl_set_nr_mmu_pages`: a limit below `KVM_MIN_ALLOC_MMU_PAGES` is `EINVAL`.
+fn check_nr_mmu_pages(n: usize) -> Result<(), VmError> {
+    if n < crate::shadow::MIN_ALLOC_PAGES {
+        return Err(VmError::TooFewShadowPages { requested: n });
+    }
+    Ok(())
 }
 
 /// A read-only view of a VM's memslots.
@@ -293,6 +309,9 @@ impl<H: Host> Vm<H> {
         }
         if cfg.max_vcpus > KVM_MAX_VCPUS {
             return Err(VmError::TooManyVcpus { max_vcpus: cfg.max_vcpus });
+        }
+        if let Some(n) = cfg.shadow_max_pages {
+            check_nr_mmu_pages(n)?;
         }
         // The one re-injected bug that is not memory-safe on every host: its fast path reads a
         // cached table without the epoch check, so possibly after the table was freed.
@@ -557,12 +576,16 @@ impl<H: Host> Vm<H> {
         }
     }
 
-    /// `KVM_SET_NR_MMU_PAGES`: a new shadow page limit (at least 64); the oldest pages no root
-    /// pins are zapped down to it. No-op for a TDP VM.
-    pub fn set_nr_mmu_pages(&self, n: usize) {
+    /// `KVM_SET_NR_MMU_PAGES`: a new shadow page limit; the oldest pages no root pins are
+    /// zapped down to it. Below 64 it is refused as KVM refuses it
+    /// ([`VmError::TooFewShadowPages`], KVM's `EINVAL`) and nothing changes. A TDP VM accepts
+    /// it and has no shadow pages to limit.
+    pub fn set_nr_mmu_pages(&self, n: usize) -> Result<(), VmError> {
+        check_nr_mmu_pages(n)?;
         if let Some(shadow) = self.inner.shadow.as_ref() {
             shadow.set_max_pages(&self.inner.mmu, n);
         }
+        Ok(())
     }
 
     /// The host's memory shrinker asks for `nr` shadow pages back (KVM `mmu_shrink_scan`): the

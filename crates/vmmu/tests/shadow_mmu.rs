@@ -214,7 +214,7 @@ fn pae_guests_use_a_special_root_that_retries_while_a_reload_is_pending() {
 #[test]
 fn recycling_keeps_the_page_limit_and_translations_right() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);
-    vm.set_nr_mmu_pages(64);
+    vm.set_nr_mmu_pages(64).unwrap();
     let s = Space::new(&host, &next);
     // 100 GVAs, each in its own 1 GiB region: each needs its own level-2 and level-1 pages.
     let gvas: Vec<u64> = (0..100u64).map(|i| (i + 1) << 30).collect();
@@ -250,9 +250,19 @@ fn the_default_page_limit_follows_the_memslots_until_one_is_requested() {
     vm.set_memory_region(&UserspaceMemoryRegion::new(1, 0, 0x1_0000_0000, 0, 0)).unwrap();
     vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, 0, 0)).unwrap();
     assert_eq!(vm.shadow_max_pages(), Some(64), "deletions recompute it; at least 64");
-    vm.set_nr_mmu_pages(100);
+    vm.set_nr_mmu_pages(100).unwrap();
     vm.set_memory_region(&big).unwrap();
     assert_eq!(vm.shadow_max_pages(), Some(100), "a requested limit stays");
+    // KVM refuses fewer than 64 pages (EINVAL) and keeps the limit it had.
+    let e = vm.set_nr_mmu_pages(63).unwrap_err();
+    assert_eq!(e, vmmu::vm::VmError::TooFewShadowPages { requested: 63 });
+    assert_eq!(vm.shadow_max_pages(), Some(100), "a refused limit changes nothing");
+    let mut cfg = VmConfig::shadow(46).unwrap();
+    cfg.shadow_max_pages = Some(0);
+    assert!(matches!(
+        Vm::new(cfg, host.clone()),
+        Err(vmmu::vm::VmError::TooFewShadowPages { requested: 0 })
+    ));
     let mut cfg = VmConfig::shadow(46).unwrap();
     cfg.shadow_max_pages = Some(500);
     let vm = Vm::new(cfg, host.clone()).unwrap();

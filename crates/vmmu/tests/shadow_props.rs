@@ -179,7 +179,7 @@ fn run(ops: Vec<GuestOp>) -> Result<(), TestCaseError> {
             GuestOp::Shrink(n) => {
                 vm.shrink_shadow_pages(n);
             }
-            GuestOp::Limit(n) => vm.set_nr_mmu_pages(n),
+            GuestOp::Limit(n) => vm.set_nr_mmu_pages(n).unwrap(),
         }
     }
     prop_assert_eq!(host.use_after_free(), 0);
