@@ -66,7 +66,10 @@ pub struct VcpuStats {
     pub pf_taken: u64,
     /// Faults fixed by installing an entry (`pf_fixed`).
     pub pf_fixed: u64,
-    /// Faults that ended in emulation from the slow path (`pf_emulate`).
+    /// Faults that ended in emulation from the slow path (`pf_emulate`): MMIO and writes to
+    /// read-only memslots. Not a write to a write-protected guest table
+    /// ([`Self::write_protected_emulations`]): KVM since v6.12 returns RET_PF_WRITE_PROTECTED
+    /// for it, which it does not count here.
     pub pf_emulate: u64,
     /// Faults already fixed by someone else (`pf_spurious`).
     pub pf_spurious: u64,

@@ -246,3 +246,29 @@ fn cr0_wp0_supervisor_write_to_a_shadowed_table_is_emulated() {
         "{got:?}"
     );
 }
+
+/// Facts §3.3 and shadow facts §3.1 (KVM v6.12 and later, as the host KVM): a write to a
+/// write-protected guest table returns RET_PF_WRITE_PROTECTED, which `kvm_mmu_do_page_fault`
+/// does not count in `pf_emulate` (only RET_PF_EMULATE is), while a write to a no-slot gfn is.
+#[test]
+fn a_write_to_a_shadowed_table_is_not_counted_in_pf_emulate() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    s.map4k(0x4000_0000, 0x80_0000, P | RW | US);
+    // The guest maps its own PML4 writable at another gva, and a gva with no memslot behind it.
+    s.map4k(0x4000_1000, s.cr3, P | RW | US);
+    s.map4k(0x4000_2000, 0x1_0000_0000, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x80_0000)));
+    let before = v.stats.clone();
+    let got = access(&mut v, 0x4000_1008, true);
+    assert!(
+        matches!(got, Seen::Mmio(g, vmmu::fault::EmulateSource::WriteProtected) if g.raw() == s.cr3 + 8),
+        "{got:?}"
+    );
+    assert_eq!(v.stats.write_protected_emulations, before.write_protected_emulations + 1);
+    assert_eq!(v.stats.pf_emulate, before.pf_emulate, "RET_PF_WRITE_PROTECTED is not pf_emulate");
+    let got = access(&mut v, 0x4000_2000, true);
+    assert!(matches!(got, Seen::Mmio(g, _) if g.raw() == 0x1_0000_0000), "{got:?}");
+    assert_eq!(v.stats.pf_emulate, before.pf_emulate + 1, "a no-slot write is RET_PF_EMULATE");
+}

@@ -642,8 +642,9 @@ impl<H: Host + GuestMemory> Vcpu<H> {
                 FaultOutcome::Spurious
             }
             FetchOutcome::WriteProtected => {
+                // Not `pf_emulate`: KVM since v6.12 returns RET_PF_WRITE_PROTECTED here, which
+                // `kvm_mmu_do_page_fault` does not count, and handles it after the count.
                 stats.write_protected_emulations += 1;
-                stats.pf_emulate += 1;
                 FaultOutcome::Emulate {
                     gpa: walk.gpa,
                     access: access.required(),
