@@ -695,6 +695,21 @@ impl SimHost {
 }
 
 impl SimHost {
+    /// The level of the host mapping of `hva` (backed by `pfn`) in a buffer of contiguous frames:
+    /// 2 MiB if the naturally aligned 2 MiB block around it lies in the buffer and hva and pfn
+    /// agree modulo 2 MiB (then the block's frames are the aligned, contiguous run the buffer
+    /// owns) and the host uses huge pages; else 4 KiB.
+    fn contiguous_level(&self, buf: &HostBuffer, hva: Hva, pfn: Pfn) -> Level {
+        let block = hva.0 & !(SIZE_2M - 1);
+        let in_buffer = block >= buf.hva().0 && block + SIZE_2M <= buf.hva().0 + buf.len;
+        let congruent = (hva.0 / PAGE_SIZE) % PAGES_PER_2M == pfn.0 % PAGES_PER_2M;
+        if in_buffer && congruent && self.huge_pages.load(Ordering::Relaxed) {
+            Level::L2M
+        } else {
+            Level::L4K
+        }
+    }
+
     /// The frame of page `page` of `buf` (a [`BufferFrames::Lazy`] buffer, whose page -> frame
     /// map is `given`), given now if the page has none yet; `None` when the frame space is full.
     fn lazy_frame(
@@ -765,15 +780,19 @@ impl HostMemory for SimHost {
                 return Ok(HostPage { pfn, writable, level: Level::L4K });
             }
         };
-        // A 2 MiB block maps this address if the naturally aligned 2 MiB block around it lies in
-        // the buffer and hva and pfn agree modulo 2 MiB (then the block's frames are the aligned,
-        // contiguous run the buffer owns).
-        let block = hva.0 & !(SIZE_2M - 1);
-        let in_buffer = block >= buf.hva().0 && block + SIZE_2M <= buf.hva().0 + buf.len;
-        let congruent = (hva.0 / PAGE_SIZE) % PAGES_PER_2M == pfn.0 % PAGES_PER_2M;
-        let huge = in_buffer && congruent && self.huge_pages.load(Ordering::Relaxed);
-        let level = if huge { Level::L2M } else { Level::L4K };
+        let level = self.contiguous_level(buf, hva, pfn);
         Ok(HostPage { pfn, writable, level })
+    }
+
+    fn mapping_level(&self, hva: Hva) -> Option<Level> {
+        let (buf, offset) = self.find(hva)?;
+        match &buf.frames {
+            BufferFrames::Contiguous(first) => {
+                Some(self.contiguous_level(buf, hva, Pfn(first.0 + offset / PAGE_SIZE)))
+            }
+            // Frames given one by one, when first touched: never a huge mapping.
+            BufferFrames::Lazy(_) => Some(Level::L4K),
+        }
     }
 
     fn translate_mapped_writable(&self, hva: Hva) -> Option<Pfn> {

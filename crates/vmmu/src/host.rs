@@ -130,6 +130,17 @@ pub trait HostMemory: Send + Sync {
         let _ = hva;
         None
     }
+
+    /// The level at which the host maps `hva` now ([`HostPage::level`] as [`Self::translate`]
+    /// would give it), found without faulting anything in (KVM `host_pfn_mapping_level`, a walk
+    /// of the host's page tables); `None` where nothing is mapped. When dirty logging stops, the
+    /// TDP MMU recovers huge mappings only where this says the host maps at least that size;
+    /// the default says nothing, so a host that does not implement it keeps 4 KiB mappings
+    /// after dirty logging (correct, only slower).
+    fn mapping_level(&self, hva: Hva) -> Option<Level> {
+        let _ = hva;
+        None
+    }
 }
 
 /// Guest memory as the shadow MMU reads and updates it: 8-byte words at host-virtual addresses

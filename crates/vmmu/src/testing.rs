@@ -30,6 +30,28 @@ struct Mapping {
     writable: bool,
 }
 
+impl Mapping {
+    /// The frame behind `hva` (inside the mapping) and the largest level whose naturally
+    /// aligned block around `hva` lies in the mapping with frames equally aligned.
+    fn frame_and_level(&self, hva: Hva) -> (u64, Level) {
+        let pfn = self.pfn + ((hva.raw() - self.hva) >> PAGE_SHIFT);
+        let hva_pfn = hva.raw() >> PAGE_SHIFT;
+        let mut level = self.level;
+        while level > Level::L4K {
+            let pages = level.pages();
+            let block = hva_pfn & !(pages - 1);
+            let block_ok = block << PAGE_SHIFT >= self.hva
+                && (block + pages) << PAGE_SHIFT <= self.hva + self.len
+                && (pfn & (pages - 1)) == (hva_pfn & (pages - 1));
+            if block_ok {
+                break;
+            }
+            level = level.lower().unwrap_or(Level::L4K);
+        }
+        (pfn, level)
+    }
+}
+
 /// The test host.
 pub struct TestHost {
     tables: Box<[TableEntries]>,
@@ -247,21 +269,7 @@ impl HostMemory for TestHost {
         if write && !m.writable {
             return Err(HostFault::Protected(hva));
         }
-        let page = (hva.raw() - m.hva) >> PAGE_SHIFT;
-        let pfn = m.pfn + page;
-        let mut level = m.level;
-        while level > Level::L4K {
-            let pages = level.pages();
-            let hva_pfn = hva.raw() >> PAGE_SHIFT;
-            let block = hva_pfn & !(pages - 1);
-            let block_ok = block << PAGE_SHIFT >= m.hva
-                && (block + pages) << PAGE_SHIFT <= m.hva + m.len
-                && (pfn & (pages - 1)) == (hva_pfn & (pages - 1));
-            if block_ok {
-                break;
-            }
-            level = level.lower().unwrap_or(Level::L4K);
-        }
+        let (pfn, level) = m.frame_and_level(hva);
         let page = hva.raw() >> PAGE_SHIFT;
         let writable = m.writable
             && (write
@@ -275,6 +283,12 @@ impl HostMemory for TestHost {
 
     /// Pages a write translation reached, in a writable mapping (Linux maps no others writable
     /// before a write fault).
+    fn mapping_level(&self, hva: Hva) -> Option<Level> {
+        let maps = self.mappings.lock();
+        let m = maps.iter().find(|m| hva.raw() >= m.hva && hva.raw() - m.hva < m.len)?;
+        Some(m.frame_and_level(hva).1)
+    }
+
     fn translate_mapped_writable(&self, hva: Hva) -> Option<Pfn> {
         let maps = self.mappings.lock();
         let m = maps.iter().find(|m| hva.raw() >= m.hva && hva.raw() - m.hva < m.len)?;

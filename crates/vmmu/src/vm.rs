@@ -385,7 +385,7 @@ impl<H: Host> Vm<H> {
         r: &UserspaceMemoryRegion,
     ) -> Result<MemslotChange, MemslotError> {
         let inner = &*self.inner;
-        let _serial = inner.vmm_lock.lock_with(&inner.mmu.relax());
+        let serial = inner.vmm_lock.lock_with(&inner.mmu.relax());
         // KVM's swap waits until no host invalidation is in flight; holding `vmm_lock` keeps new
         // ones from starting until the update is done.
         while inner.mn_active.load(crate::sync::Ordering::Acquire) != 0 {
@@ -413,7 +413,40 @@ impl<H: Host> Vm<H> {
                 None => inner.mmu.write_protect_gfn_range(as_id, start, end),
             }
         }
+        if change == MemslotChange::FlagsOnly
+            && r.flags
+                & (crate::memslot::KVM_MEM_LOG_DIRTY_PAGES | crate::memslot::KVM_MEM_READONLY)
+                == 0
+            && inner.shadow.is_none()
+        {
+            // Dirty logging stopped (the only flag a flags-only change can toggle): recover the
+            // huge mappings it split, as KVM's `kvm_mmu_slot_apply_flags` does for a writable
+            // slot. The shadow MMU keeps its 4 KiB leaves (KVM recovers those too, through the
+            // rmap: not modelled, only slower).
+            self.recover_huge_pages(&serial, r);
+        }
         Ok(change)
+    }
+
+    /// The TDP half of [`Self::set_memory_region`] when dirty logging stops on region `r`:
+    /// tables whose block one huge leaf could map again (the slot's alignment and the host's
+    /// current mapping allow it) are replaced by that leaf in place.
+    fn recover_huge_pages(&self, serial: &crate::srcu::ReaderId, r: &UserspaceMemoryRegion) {
+        let inner = &*self.inner;
+        let (as_id, id) = crate::types::SlotId::split(r.slot);
+        let guard = inner.memslots.read(serial);
+        let Some(slot) = guard.set(as_id).get(id).copied() else {
+            return;
+        };
+        drop(guard);
+        let host = &*inner.mmu.host;
+        let max_leaf = inner.mmu.cfg.format.max_leaf_level();
+        let huge_ok = |gfn: Gfn, level: Level| {
+            crate::host::HostMemory::mapping_level(host, slot.hva_of(gfn)).is_some_and(|hl| {
+                crate::fault::max_mapping_level(&slot, gfn, hl, max_leaf) >= level
+            })
+        };
+        inner.mmu.recover_huge_pages(as_id, slot.base_gfn(), slot.end_gfn(), &huge_ok);
     }
 
     /// A new vCPU (in address space 0).

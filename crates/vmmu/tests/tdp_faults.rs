@@ -707,3 +707,60 @@ fn a_remote_flush_counts_one_request_and_a_flush_only_when_it_kicks() {
     assert_eq!(s2.remote_tlb_flush_requests - s1.remote_tlb_flush_requests, 1, "one per call");
     assert_eq!(s2.remote_tlb_flush - s1.remote_tlb_flush, 1, "it kicked two vCPUs: one flush");
 }
+
+/// KVM `kvm_mmu_slot_apply_flags` when dirty logging stops on a writable slot
+/// (`kvm_mmu_recover_huge_pages`, v6.13 and later): the 2 MiB mappings logging split come back in
+/// place, where the slot's alignment and the host's mapping allow one (the next access does not
+/// fault); elsewhere the 4 KiB leaves stay.
+#[test]
+fn huge_pages_come_back_when_dirty_logging_stops() {
+    const LOG: u32 = KVM_MEM_LOG_DIRTY_PAGES;
+    // Host memory mapped with 4 KiB pages only, beyond the test host's 1 GiB of 2 MiB pages.
+    const SMALL_HVA: u64 = RAM_HVA + (2 << 30);
+    for f in FORMATS {
+        let (vm, h) = vm(f);
+        h.map(SMALL_HVA, 0x40_0000, SMALL_HVA >> 12, Level::L4K, true);
+        // Slot 0: 2 MiB-aligned gpa and hva. Slot 1: hva 4 KiB off the gpa's alignment.
+        // Slot 2: aligned, but the host maps it with 4 KiB pages.
+        let slots = [
+            (0, 0x20_0000, RAM_HVA),
+            (1, 0x100_0000, RAM_HVA + 0x80_1000),
+            (2, 0x200_0000, SMALL_HVA),
+        ];
+        for (slot, gpa, hva) in slots {
+            vm.set_memory_region(&region(slot, gpa, 0x40_0000, hva, 0)).unwrap();
+        }
+        let mut v = vm.create_vcpu().unwrap();
+        for (_, gpa, _) in slots {
+            access(&mut v, gpa + 0x10_5000, true).unwrap();
+        }
+        assert_eq!(vm.stats().pages_2m, 1, "{f:?}: only slot 0 maps 2 MiB");
+        for (slot, gpa, hva) in slots {
+            vm.set_memory_region(&region(slot, gpa, 0x40_0000, hva, LOG)).unwrap();
+            access(&mut v, gpa + 0x10_5000, true).unwrap();
+        }
+        assert_eq!(vm.stats().pages_2m, 0, "{f:?}: logging maps 4 KiB");
+        let logged_4k = vm.stats().pages_4k;
+        for (slot, gpa, hva) in slots {
+            vm.set_memory_region(&region(slot, gpa, 0x40_0000, hva, 0)).unwrap();
+        }
+        // Slot 0's split table became one 2 MiB leaf; slots 1 and 2 keep their 4 KiB leaves.
+        assert_eq!(vm.stats().pages_4k, logged_4k - 512, "{f:?}");
+        assert_eq!(vm.stats().pages_2m, 1, "{f:?}: recovered in place");
+        for off in [0x6000, 0x1f_f000, 0x10_5000] {
+            let (seen, faults) = access(&mut v, 0x20_0000 + off, false).unwrap();
+            assert_eq!(seen, Seen::Ram(Pfn((RAM_HVA + off) >> 12)), "{f:?} {off:#x}");
+            assert!(faults.is_empty(), "{f:?} {off:#x}: the huge leaf maps it, {faults:?}");
+        }
+        // The leaf took the rights of the first 4 KiB leaf under it (read-only since logging
+        // began): a write faults once and maps the 2 MiB writable.
+        let (seen, _) = access(&mut v, 0x20_0000 + 0x7000, true).unwrap();
+        assert_eq!(seen, Seen::Ram(Pfn((RAM_HVA + 0x7000) >> 12)), "{f:?}");
+        assert_eq!(vm.stats().pages_2m, 1, "{f:?}");
+        let (seen, _) = access(&mut v, 0x100_0000 + 0x10_6000, false).unwrap();
+        assert_eq!(seen, Seen::Ram(Pfn(((RAM_HVA + 0x80_1000) >> 12) + 0x106)), "{f:?}");
+        let (seen, _) = access(&mut v, 0x200_0000 + 0x10_6000, false).unwrap();
+        assert_eq!(seen, Seen::Ram(Pfn((SMALL_HVA >> 12) + 0x106)), "{f:?}");
+        assert_eq!(vm.stats().pages_2m, 1, "{f:?}");
+    }
+}

@@ -3,6 +3,7 @@
 //! the page-fault error code of #NPF.
 
 mod record;
+pub(crate) use record::max_mapping_level;
 
 pub use record::{Backing, FaultinStop, PageFault, RootState};
 

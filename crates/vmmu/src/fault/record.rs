@@ -187,7 +187,12 @@ impl PageFault {
 /// The largest level `gfn` may be mapped at (KVM `kvm_mmu_max_mapping_level` for TDP): the slot
 /// covers the whole aligned block, the host maps it with a page at least that large, gfn and host
 /// address are equally aligned, and the slot is not dirty-logged.
-fn max_mapping_level(slot: &Memslot, gfn: Gfn, host_level: Level, format_max: Level) -> Level {
+pub(crate) fn max_mapping_level(
+    slot: &Memslot,
+    gfn: Gfn,
+    host_level: Level,
+    format_max: Level,
+) -> Level {
     if slot.dirty_logging() {
         return Level::L4K;
     }

@@ -14,6 +14,9 @@ use crate::host::{Host, TableEntries};
 use crate::spte::SpteFormat;
 use crate::sync::Ordering;
 use crate::types::{AsId, Gfn, Level, Pfn};
+
+/// The page-size bit of a huge leaf (bit 7 in both EPT and NPT formats).
+const BIT_LARGE: u64 = 1 << 7;
 use alloc::vec::Vec;
 
 /// What a range zap removes.
@@ -77,6 +80,109 @@ impl<H: Host> TdpMmu<H> {
         drop(roots);
         self.defer_free(&mut pages);
         self.reclaim();
+    }
+
+    /// KVM `kvm_mmu_recover_huge_pages` when dirty logging stops on a slot covering
+    /// `[start, end)` of `as_id` (KVM v6.13 and later, `recover_huge_pages_range`): every table
+    /// linked below a huge-leaf level whose whole block lies in the range, and that
+    /// `huge_ok(block start, level)` says one leaf could map (the slot's alignment, the host's
+    /// mapping now), is replaced in place by one huge leaf made from the first present leaf
+    /// under it (KVM `make_huge_spte`: its rights and attributes, its frame aligned down); a
+    /// table with no present leaf stays. The mapping stays present, so an access after logging
+    /// stops does not fault. Flushes remote TLBs if a table went; frees the tables after a
+    /// grace period.
+    pub(crate) fn recover_huge_pages(
+        &self,
+        as_id: AsId,
+        start: Gfn,
+        end: Gfn,
+        huge_ok: &dyn Fn(Gfn, Level) -> bool,
+    ) {
+        let mut pages = Vec::new();
+        let roots = self.mmu_lock.write(&self.vcpus, &self.relax());
+        let mut flush = false;
+        for r in roots.iter().filter(|r| r.as_id() == as_id) {
+            let range = (start, end);
+            flush |= self.recover_in_table(r.pfn(), r.level(), Gfn(0), range, huge_ok, &mut pages);
+        }
+        if flush && !self.cfg.bugs.has(crate::bugs::Bug::NoTlbFlushOnZap) {
+            self.flush_remote_tlbs();
+        }
+        drop(roots);
+        self.defer_free(&mut pages);
+        self.reclaim();
+    }
+
+    /// [`Self::recover_huge_pages`] in table `pfn` (at `level`, covering gfns from `base`).
+    fn recover_in_table(
+        &self,
+        pfn: Pfn,
+        level: Level,
+        base: Gfn,
+        (start, end): (Gfn, Gfn),
+        huge_ok: &dyn Fn(Gfn, Level) -> bool,
+        pages: &mut Vec<Pfn>,
+    ) -> bool {
+        // SAFETY: we hold the MMU lock exclusive and reached `pfn` from a root on the list; nothing
+        // frees a linked page.
+        let Some(table) = (unsafe { self.table(pfn) }) else {
+            debug_assert!(false, "table frame {pfn:?} unknown to the host");
+            return false;
+        };
+        let Some(lower) = level.lower() else {
+            return false;
+        };
+        let fmt = self.cfg.format;
+        let span = level.pages();
+        let mut flush = false;
+        let first = if start.raw() > base.raw() { (start.raw() - base.raw()) / span } else { 0 };
+        for (i, entry) in table.iter().enumerate().skip(first as usize) {
+            let lo = base.raw() + i as u64 * span;
+            if lo >= end.raw() {
+                break;
+            }
+            let old = entry.load(Ordering::Acquire);
+            if !SpteFormat::is_mmu_present(old) || fmt.is_leaf(old, level) {
+                continue;
+            }
+            let child = fmt.pfn(old);
+            let inside = lo >= start.raw() && lo + span <= end.raw();
+            if !(inside && level <= fmt.max_leaf_level() && huge_ok(Gfn(lo), level)) {
+                flush |= self.recover_in_table(child, lower, Gfn(lo), (start, end), huge_ok, pages);
+                continue;
+            }
+            let Some(small) = self.first_present_leaf(child, lower) else {
+                continue; // nothing to make the huge leaf from (KVM: -ENOENT, skipped)
+            };
+            let frame = Pfn(fmt.pfn(small).raw() & !(span - 1));
+            let huge = (small & !fmt.addr_mask()) | BIT_LARGE | (frame.hpa() & fmt.addr_mask());
+            // The huge leaf first, then the detached table's entries (KVM `handle_removed_pt`).
+            let swap = self.set_spte_locked(entry, old, huge, level, Gfn(lo));
+            flush |= swap == FlushNeed::Remote;
+            let (from, to) = (Gfn(lo), Gfn(lo + span));
+            flush |= self.zap_table(child, lower, from, from, to, ZapScope::Tables, pages);
+            self.stats.mmu_shadow_zapped.add(1);
+            pages.push(child);
+        }
+        flush
+    }
+
+    /// The first present leaf in the table `pfn` (at `level`) or below it.
+    fn first_present_leaf(&self, pfn: Pfn, level: Level) -> Option<u64> {
+        // SAFETY: we hold the MMU lock exclusive (the caller's) and reached `pfn` through a
+        // linked entry; nothing frees a linked page.
+        let table = unsafe { self.table(pfn) }?;
+        let fmt = self.cfg.format;
+        table.iter().find_map(|e| {
+            let spte = e.load(Ordering::Acquire);
+            if !SpteFormat::is_mmu_present(spte) {
+                None
+            } else if fmt.is_leaf(spte, level) {
+                Some(spte)
+            } else {
+                self.first_present_leaf(fmt.pfn(spte), level.lower()?)
+            }
+        })
     }
 
     /// Zaps the entries of table `pfn` (at `level`, covering gfns from `base`) that meet
