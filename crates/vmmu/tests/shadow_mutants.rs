@@ -108,3 +108,170 @@ fn starting_dirty_logging_write_protects_leaves_that_were_writable() {
     assert!(matches!(v.access(LOG_GVA + 0x2008, true), Seen::Ram(_)));
     assert_eq!(dirty(&vm), vec![2], "the write after logging started is logged");
 }
+
+/// The hardware walk of a user access to `gva`, no fault handled.
+fn hw(v: &mut Vcpu<TestHost>, gva: u64, write: bool) -> HwWalk {
+    loop {
+        v.service_requests().unwrap();
+        if v.enter_guest_mode().is_ok() {
+            break;
+        }
+    }
+    let need = if write { Access::WRITE.union(Access::USER) } else { Access::USER };
+    let walk = v.walk_gva(Gva(gva), need);
+    v.exit_guest_mode();
+    walk
+}
+
+fn mapped(v: &mut Vcpu<TestHost>, gva: u64) -> bool {
+    matches!(hw(v, gva, false), HwWalk::Translated { .. })
+}
+
+/// A guest store of `value` at `gva` as the machine does it: through a writable translation
+/// straight into memory, or, when the MMU write-protects the page (a shadowed guest table),
+/// emulated by the hypervisor, which reports the write to the MMU.
+fn guest_store(v: &mut TlbVcpu, host: &TestHost, gva: u64, value: u64) {
+    match v.access(gva, true) {
+        Seen::Ram(pfn) => host.write_u64((pfn.0 << 12) | (gva & 0xfff), value),
+        Seen::Mmio(gpa, vmmu::fault::EmulateSource::WriteProtected) => {
+            host.write_u64(RAM_HVA + gpa.0, value);
+            v.v.track_write(gpa, 8).unwrap();
+        }
+        other => panic!("store to {gva:#x}: {other:?}"),
+    }
+}
+
+/// The guest's INVLPG: the hardware drops its own TLB entry, the hypervisor is told.
+fn invlpg(v: &mut TlbVcpu, gva: u64) {
+    v.tlb.remove(&(gva >> 12));
+    v.v.invlpg(Gva(gva)).unwrap();
+}
+
+const A: u64 = 0x4000_0000;
+/// Where the guest maps its own page tables (another last-level table than `A`'s).
+const X: u64 = 0x6000_0000;
+
+/// The guest wrote its last-level table through a writable mapping while nothing shadowed it,
+/// then used the table: shadowing it must take the write right from that mapping (KVM
+/// `account_shadowed` write-protects the gfn through the rmap) and flush the TLB before the
+/// leaf is built, so the guest's next edit of the table traps and the MMU sees it. Without
+/// that, the edit goes straight to memory and the shadow keeps translating the old gPTE.
+/// Kills `shadow/pages.rs`: `account_shadowed`'s `*n == 1` test negated or its
+/// `write_protect_gfn` skipped, `write_protect_gfn` returning early or never clearing W;
+/// `shadow/fetch.rs`: the flush after new shadowing skipped.
+#[test]
+fn shadowing_a_table_write_protects_a_writable_mapping_of_it() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let pte_a = s.map4k(A, 0x20_0000, P | RW | US);
+    let table = pte_a & !0xfff;
+    s.map4k(X, table, P | RW | US);
+    let mut v = TlbVcpu::new(&vm, s.cr3);
+    let at = X + (pte_a & 0xfff);
+    // A write while the table is not shadowed: a writable leaf, now in the TLB.
+    guest_store(&mut v, &host, at, 0x20_0000 | P | RW | US);
+    assert_eq!(v.access(A, false), Seen::Ram(ram_pfn(0x20_0000)));
+    // The guest remaps A and invalidates it, as an OS does.
+    guest_store(&mut v, &host, at, 0x30_0000 | P | RW | US);
+    invlpg(&mut v, A);
+    assert_eq!(v.access(A, false), Seen::Ram(ram_pfn(0x30_0000)), "the shadow saw the edit");
+}
+
+/// Once no shadow page shadows a guest table any more (all zapped), its frame is ordinary RAM:
+/// a write to it maps writable and does not exit for emulation (KVM `unaccount_shadowed`).
+/// Kills `shadow/pages.rs`: `unaccount_shadowed` replaced with `()` or its count kept above 0,
+/// `prepare_zap` skipping it.
+#[test]
+fn a_table_nothing_shadows_any_more_is_written_without_emulation() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let pte_a = s.map4k(A, 0x20_0000, P | RW | US);
+    s.map4k(X, pte_a & !0xfff, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    let at = X + (pte_a & 0xfff);
+    assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
+    let emulated = Seen::Mmio(vmmu::Gpa(pte_a), vmmu::fault::EmulateSource::WriteProtected);
+    assert_eq!(access(&mut v, at, true), emulated, "shadowed: the write is emulated");
+    vm.zap_all_fast();
+    assert_eq!(access(&mut v, at, true), Seen::Ram(ram_pfn(pte_a & !0xfff)), "not shadowed");
+}
+
+/// An emulated write into a shadowed last-level table (KVM `kvm_mmu_track_write`): a write
+/// within one gPTE drops just that SPTE, so the neighbours stay mapped; a misaligned one (it
+/// crosses a gPTE, or is shorter than 4 bytes and not a 1-byte write at a gPTE's start) zaps
+/// the whole shadow page. The written gPTE's own SPTE always goes, so the new gPTE is used.
+/// Kills `shadow/track.rs`: each comparison of `detect_write_misaligned` and the index of the
+/// dropped SPTE.
+#[test]
+fn emulated_table_writes_drop_one_spte_or_zap_the_page_when_misaligned() {
+    let cases: [(u64, u32, bool); 9] = [
+        (0, 8, false),
+        (0, 4, false),
+        (4, 4, false),
+        (0, 1, false),
+        (1, 1, true),
+        (0, 2, true),
+        (0, 3, true),
+        (4, 8, true),
+        (6, 4, true),
+    ];
+    for (off, bytes, zaps) in cases {
+        let (vm, host, next) = shadow_vm(BugSet::NONE);
+        let s = Space::new(&host, &next);
+        let pages = [(A, 0x21_0000), (A + 0x1000, 0x20_0000), (A + 0x2000, 0x22_0000)];
+        let ptes: Vec<u64> =
+            pages.iter().map(|&(gva, gpa)| s.map4k(gva, gpa, P | RW | US)).collect();
+        let pte_a = ptes[1];
+        let mut v = vcpu_in(&vm, long4(s.cr3));
+        for (gva, gpa) in pages {
+            assert_eq!(access(&mut v, gva, false), Seen::Ram(ram_pfn(gpa)));
+        }
+        host.write_u64(RAM_HVA + pte_a, 0x30_0000 | P | RW | US | 0x60);
+        v.track_write(vmmu::Gpa(pte_a + off), bytes).unwrap();
+        let what = format!("{bytes} bytes at offset {off}");
+        assert_eq!(mapped(&mut v, A), !zaps, "{what}: the neighbour below");
+        assert_eq!(mapped(&mut v, A + 0x2000), !zaps, "{what}: the neighbour above");
+        assert!(!mapped(&mut v, A + 0x1000), "{what}: the written gPTE's SPTE");
+        assert_eq!(access(&mut v, A + 0x1000, false), Seen::Ram(ram_pfn(0x30_0000)), "{what}");
+    }
+}
+
+/// Emulated writes into a shadowed upper-level table flood it after three without the table
+/// being used in between: the third zaps its shadow page (and so what it maps; for the root, the
+/// vCPU reloads an empty one), a fault through the table starts the count again (KVM's
+/// `write_flooding_count`, reset by `FNAME(fetch)` on every level it walks, the root included).
+/// Writes to a last-level table never flood.
+/// Kills `shadow/track.rs`: the flood test (`level > L4K`, the increment, `>= 3`);
+/// `shadow/fetch.rs`: the flood reset of the root and of a reused child.
+#[test]
+fn three_unused_writes_flood_an_upper_level_table() {
+    for level in [2u8, 4] {
+        let (vm, host, next) = shadow_vm(BugSet::NONE);
+        let s = Space::new(&host, &next);
+        s.map4k(A, 0x20_0000, P | RW | US);
+        s.map4k(A + 0x1000, 0x21_0000, P | RW | US);
+        // A's entry of the table is at index 0 or 1; the guest writes the unused entry 5.
+        let unused = vmmu::Gpa((s.entry_gpa(A, level) & !0xfff) + 5 * 8);
+        let mut v = vcpu_in(&vm, long4(s.cr3));
+        assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
+        for _ in 0..2 {
+            v.track_write(unused, 8).unwrap();
+        }
+        assert!(mapped(&mut v, A), "level {level}: two writes do not flood");
+        // A fault through the table (the neighbour page) uses it: the count starts again.
+        assert_eq!(access(&mut v, A + 0x1000, false), Seen::Ram(ram_pfn(0x21_0000)));
+        for _ in 0..2 {
+            v.track_write(unused, 8).unwrap();
+        }
+        assert!(mapped(&mut v, A), "level {level}: two writes since the last use do not flood");
+        v.track_write(unused, 8).unwrap();
+        assert!(!mapped(&mut v, A), "level {level}: the third zaps the table's shadow page");
+        assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
+        // A last-level table is never flooded.
+        let pte = vmmu::Gpa(s.entry_gpa(A, 1) + 5 * 8);
+        for _ in 0..4 {
+            v.track_write(pte, 8).unwrap();
+        }
+        assert!(mapped(&mut v, A), "last-level tables do not flood");
+    }
+}
