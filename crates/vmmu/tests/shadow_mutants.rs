@@ -275,3 +275,97 @@ fn three_unused_writes_flood_an_upper_level_table() {
         assert!(mapped(&mut v, A), "last-level tables do not flood");
     }
 }
+
+/// Another vCPU rewrites a gPTE of A's path (as the hypervisor emulates it: into memory, then
+/// reported to the MMU) after this vCPU's fault walked it and before the fault takes the lock.
+/// Below the root the table is not shadowed yet, so the report changes nothing; the root table
+/// is, and the report drops its SPTE, which the fault would link again from its old walk. So
+/// once the fault holds the lock and has shadowed (protected) the tables, it must re-read every
+/// gPTE it used and retry if one changed (KVM `FNAME(gpte_changed)`); else it installs the old
+/// translation, and no later write traps to correct it.
+/// Kills `shadow/fetch.rs`: `gptes_changed` returning `false` or checking too few levels.
+#[test]
+fn a_gpte_rewritten_while_the_fault_is_in_flight_is_not_installed_stale() {
+    for level in 1u8..=4 {
+        let (vm, host, next) = shadow_vm(BugSet::NONE);
+        let s = Space::new(&host, &next);
+        s.map4k(A, 0x20_0000, P | RW | US);
+        // Another space maps A to 0x30_0000 through tables of its own: the racer points A's
+        // entry at `level` at that space's table (or page) one level down.
+        let s2 = Space::new(&host, &next);
+        s2.map4k(A, 0x30_0000, P | RW | US);
+        let at = s.entry_gpa(A, level);
+        let new = s2.read(s2.entry_gpa(A, level));
+        let mut v = vcpu_in(&vm, long4(s.cr3));
+        let mut racer = Some((host.clone(), vcpu_in(&vm, long4(s.cr3))));
+        vmmu::testing::preempt::on_this_thread(Some(Box::new(move |_| {
+            if let Some((host, mut v2)) = racer.take() {
+                host.write_u64(RAM_HVA + at, new);
+                v2.track_write(vmmu::Gpa(at), 8).unwrap();
+            }
+        })));
+        let seen = access(&mut v, A, false);
+        vmmu::testing::preempt::on_this_thread(None);
+        assert_eq!(seen, Seen::Ram(ram_pfn(0x30_0000)), "level {level} gPTE rewritten");
+    }
+}
+
+/// Two GVAs map two guest 2 MiB pages; each is shadowed by a direct page of 4 KiB leaves keyed
+/// by the 2 MiB page's first frame. Keys that collide would share one direct page between the
+/// two, and the second access would rewrite the first one's leaf (a wrong translation).
+/// Kills `shadow/fetch.rs`: `direct_base`'s arithmetic.
+#[test]
+fn two_guest_2m_pages_get_their_own_direct_pages() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let (g1, g2) = (0x8000_0000, 0xc000_0000);
+    s.map2m(g1, 0x40_0000, P | RW | US);
+    s.map2m(g2, 0x60_0000, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    let off = 0x5_3000;
+    assert_eq!(access(&mut v, g1 + off, false), Seen::Ram(ram_pfn(0x40_0000 + off)));
+    assert_eq!(access(&mut v, g2 + off, false), Seen::Ram(ram_pfn(0x60_0000 + off)));
+    assert_eq!(access(&mut v, g1 + off, false), Seen::Ram(ram_pfn(0x40_0000 + off)));
+    // The same 2 MiB page seen at a second GVA shares the direct page, and a page inside it.
+    s.map2m(0x1_0000_0000, 0x40_0000, P | RW | US);
+    assert_eq!(access(&mut v, 0x1_0000_0000 + off, false), Seen::Ram(ram_pfn(0x40_0000 + off)));
+}
+
+/// One guest 2 MiB page mapped writable at one GVA and read-only at another: the direct pages
+/// that shadow it are keyed by those rights too (KVM's `role.access`), so the read-only GVA never
+/// reaches the leaf that the writable one made writable: its write is the guest's #PF.
+/// Kills `shadow/fetch.rs`: a direct page keyed without the walk's rights.
+#[test]
+fn a_read_only_alias_of_a_2m_page_does_not_share_writable_leaves() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let (rw, ro) = (0x8000_0000, 0xc000_0000);
+    s.map2m(rw, 0x40_0000, P | RW | US);
+    s.map2m(ro, 0x40_0000, P | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    let off = 0x5_3000;
+    assert_eq!(access(&mut v, ro + off, false), Seen::Ram(ram_pfn(0x40_0000 + off)));
+    assert_eq!(access(&mut v, rw + off, true), Seen::Ram(ram_pfn(0x40_0000 + off)));
+    assert_eq!(
+        access(&mut v, ro + off, true),
+        Seen::GuestPf(0x7),
+        "P|W|U: read-only for the guest"
+    );
+}
+
+/// A page of a read-only memslot that the guest maps writable and dirty: a read maps it
+/// read-only (the slot refuses W even though the guest grants it), so a later write exits to be
+/// emulated as a ROM write instead of changing the memory.
+/// Kills `shadow/fetch.rs`: `install_leaf`'s `writable && guest_w && !tracked` loosened.
+#[test]
+fn a_read_only_slot_is_never_mapped_writable() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let ro = vmmu::memslot::KVM_MEM_READONLY;
+    vm.set_memory_region(&UserspaceMemoryRegion::new(7, ro, LOG_GPA, 0x4000, LOG_HVA)).unwrap();
+    s.map4k(LOG_GVA, LOG_GPA, P | RW | US | 0x60);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert!(matches!(access(&mut v, LOG_GVA, false), Seen::Ram(_)));
+    let w = access(&mut v, LOG_GVA, true);
+    assert!(matches!(w, Seen::Mmio(_, vmmu::fault::EmulateSource::ReadOnlyWrite)), "{w:?}");
+}
