@@ -369,3 +369,205 @@ fn a_read_only_slot_is_never_mapped_writable() {
     let w = access(&mut v, LOG_GVA, true);
     assert!(matches!(w, Seen::Mmio(_, vmmu::fault::EmulateSource::ReadOnlyWrite)), "{w:?}");
 }
+
+/// What the hardware walk of a user read and a user write of `gva` find, no fault handled:
+/// `None` not mapped, `Some((pfn, user read allowed, user write allowed))` a present leaf.
+fn leaf(v: &mut Vcpu<TestHost>, gva: u64) -> Option<(Option<Pfn>, bool)> {
+    let read = match hw(v, gva, false) {
+        HwWalk::Translated { pfn, .. } => Some(Some(pfn)),
+        HwWalk::Violation { present: true, .. } => Some(None),
+        HwWalk::Violation { present: false, .. } => None,
+        other => panic!("{gva:#x}: {other:?}"),
+    };
+    read.map(|pfn| (pfn, matches!(hw(v, gva, true), HwWalk::Translated { .. })))
+}
+
+const AC: u64 = 0x20;
+const DT: u64 = 0x40;
+
+/// Makes the host map `n` pages from host address `hva` writable (as after writes by the VMM or
+/// by the guest before): only such pages are prefetched (a fast write-GUP that never faults).
+fn host_written(host: &TestHost, hva: u64, n: u64) {
+    for i in 0..n {
+        vmmu::host::HostMemory::translate(host, vmmu::Hva(hva + i * 0x1000), true).unwrap();
+    }
+}
+
+/// A fault prefetches the neighbour gPTEs of its 8-entry group in order (KVM
+/// `FNAME(pte_prefetch)`): each with the guest's rights (no W while the gPTE is clean, no U for
+/// a supervisor page) and its own frame; a gPTE that is not present, never accessed or has a
+/// reserved bit is not prefetched and ends the prefetch (the guest must see its #PF, and set A
+/// itself). Here the faulting page is entry 2 of its group, the neighbour under test entry 0,
+/// and entry 1 would be prefetched if entry 0 did not stop it.
+/// Kills `shadow/prefetch.rs`: each test of `usable`, the rights (`intersect`, the clean-gPTE
+/// rule), the group's and each neighbour's gPTE address, the stop at the first that fails.
+#[test]
+fn prefetch_takes_the_guest_rights_and_stops_at_the_first_unusable_gpte() {
+    let rsvd = 1u64 << 51; // above the guest's MAXPHYADDR of 46
+    let user = Some(ram_pfn(0x21_0000));
+    // The neighbour's gPTE flags, and what its leaf must be after the fault on entry 2.
+    let cases: [(u64, Option<(Option<Pfn>, bool)>); 7] = [
+        (P | RW | US | AC | DT, Some((user, true))),
+        (P | RW | US | AC, Some((user, false))), // clean: W once the guest's write sets D
+        (P | US | AC | DT, Some((user, false))), // read-only
+        (P | RW | AC | DT, Some((None, false))), // supervisor: present, no user access
+        (P | RW | US | AC | DT | rsvd, None),
+        (P | RW | US | DT, None),  // never accessed
+        (RW | US | AC | DT, None), // not present
+    ];
+    for (flags, want) in cases {
+        let (vm, host, next) = shadow_vm(BugSet::NONE);
+        let s = Space::new(&host, &next);
+        s.map4k(A + 0x2000, 0x20_0000, P | RW | US);
+        s.map4k(A, 0x21_0000, flags);
+        s.map4k(A + 0x1000, 0x22_0000, P | RW | US | AC | DT);
+        host_written(&host, RAM_HVA + 0x21_0000, 1);
+        host_written(&host, RAM_HVA + 0x22_0000, 1);
+        let mut v = vcpu_in(&vm, long4(s.cr3));
+        assert_eq!(access(&mut v, A + 0x2000, false), Seen::Ram(ram_pfn(0x20_0000)));
+        assert_eq!(leaf(&mut v, A), want, "gPTE flags {flags:#x}");
+        let after = want.map(|_| (Some(ram_pfn(0x22_0000)), true));
+        assert_eq!(leaf(&mut v, A + 0x1000), after, "entry 1 after gPTE flags {flags:#x}");
+    }
+}
+
+/// Prefetching never makes a leaf that would let a write escape the dirty log: in a logged slot
+/// a run with the write right is refused (KVM `kvm_mmu_prefetch_sptes` checks the slot), so
+/// each written page faults and is logged, for guest 4 KiB pages (indirect) and for a guest
+/// 2 MiB page (direct runs).
+/// Kills `shadow/prefetch.rs`: `run_slot`'s dirty-logging test.
+#[test]
+fn prefetch_leaves_no_writable_leaf_in_a_logged_slot() {
+    for huge in [false, true] {
+        let (vm, host, next) = shadow_vm(BugSet::NONE);
+        let s = Space::new(&host, &next);
+        let log = KVM_MEM_LOG_DIRTY_PAGES;
+        vm.set_memory_region(&UserspaceMemoryRegion::new(7, log, LOG_GPA, 0x20_0000, LOG_HVA))
+            .unwrap();
+        if huge {
+            s.map2m(LOG_GVA, LOG_GPA, P | RW | US | AC | DT);
+        } else {
+            for i in 0..8 {
+                s.map4k(LOG_GVA + i * 0x1000, LOG_GPA + i * 0x1000, P | RW | US | AC | DT);
+            }
+        }
+        host_written(&host, LOG_HVA, 8);
+        let mut v = vcpu_in(&vm, long4(s.cr3));
+        assert!(matches!(access(&mut v, LOG_GVA + 0x3000, true), Seen::Ram(_)));
+        assert_eq!(dirty(&vm), vec![3], "huge {huge}");
+        assert!(matches!(access(&mut v, LOG_GVA + 0x5000, true), Seen::Ram(_)));
+        assert_eq!(dirty(&vm), vec![5], "huge {huge}: the neighbour's write is logged");
+    }
+}
+
+/// A guest 2 MiB page is shadowed by a direct page; a fault there prefetches the not-present
+/// entries of its 8-entry group with the guest's rights (KVM `__direct_pte_prefetch`), and
+/// nothing outside the group.
+/// Kills `shadow/prefetch.rs`: `direct_runs`' group bounds and run lengths, the direct branch.
+#[test]
+fn a_fault_in_a_guest_2m_page_prefetches_its_group() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let g = 0x8000_0000;
+    s.map2m(g, 0x40_0000, P | RW | US | AC | DT);
+    host_written(&host, RAM_HVA + 0x40_0000, 512);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, g + 0xb000, false), Seen::Ram(ram_pfn(0x40_b000)));
+    for i in 0..24u64 {
+        let want = (8..16).contains(&i).then_some((Some(ram_pfn(0x40_0000 + i * 0x1000)), true));
+        assert_eq!(leaf(&mut v, g + i * 0x1000), want, "page {i}");
+    }
+    // Page 12 is present now: a fault on page 9 prefetches nothing new, and page 12 keeps its
+    // leaf; a fault on page 17 maps 16..24.
+    assert_eq!(access(&mut v, g + 0x11000, false), Seen::Ram(ram_pfn(0x41_1000)));
+    for i in 16..24u64 {
+        assert!(mapped(&mut v, g + i * 0x1000), "page {i}");
+    }
+    assert!(!mapped(&mut v, g + 0x18000));
+}
+
+/// While a host invalidation is in progress, a fault outside its range may complete but
+/// prefetches nothing: a neighbour inside the range would otherwise be mapped to the frame the
+/// host is taking away, and stay mapped after the invalidation ends.
+/// Kills `shadow/prefetch.rs`: the in-progress test.
+#[test]
+fn no_prefetch_while_a_host_invalidation_is_in_progress() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    for i in 0..8 {
+        s.map4k(A + i * 0x1000, 0x20_0000 + i * 0x1000, P | RW | US | AC | DT);
+    }
+    host_written(&host, RAM_HVA + 0x20_0000, 8);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    let hva = vmmu::Hva(RAM_HVA + 0x20_5000);
+    vm.invalidate_hva_range_begin(hva, vmmu::Hva(hva.0 + 0x1000));
+    assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert!(!mapped(&mut v, A + 0x5000), "page 5 is being invalidated");
+    vm.invalidate_hva_range_end();
+    assert!(!mapped(&mut v, A + 0x5000), "still not mapped after the invalidation");
+}
+
+/// A direct prefetch run takes frames only from a slot that holds all of them (KVM
+/// `kvm_mmu_prefetch_sptes` refuses the whole run otherwise): a guest 2 MiB page over a 4-page
+/// slot leaves the gfns past the slot's end to MMIO, never to whatever host memory follows the
+/// slot's.
+/// Kills `shadow/prefetch.rs`: `run_slot`'s length test.
+#[test]
+fn a_direct_prefetch_run_never_leaves_its_slot() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    vm.set_memory_region(&log_region(0)).unwrap();
+    s.map2m(LOG_GVA, LOG_GPA, P | RW | US | AC | DT);
+    host_written(&host, LOG_HVA, 8);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert!(matches!(access(&mut v, LOG_GVA + 0x1000, false), Seen::Ram(_)));
+    assert!(!mapped(&mut v, LOG_GVA + 0x2000), "the run 2..8 does not fit the slot");
+    for i in 4..8 {
+        let gva = LOG_GVA + i * 0x1000;
+        assert!(matches!(access(&mut v, gva, false), Seen::Mmio(..)), "page {i} is MMIO");
+    }
+}
+
+/// A neighbour gPTE that maps one of the guest's own shadowed page tables is prefetched
+/// read-only even when the gPTE is dirty and writable (KVM: `make_spte` refuses W for a
+/// write-tracked gfn), so the guest's next edit of that table traps.
+/// Kills `shadow/prefetch.rs`: `run` ignoring write tracking.
+#[test]
+fn a_prefetched_mapping_of_a_shadowed_table_is_read_only() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let pte = s.map4k(A + 0x2000, 0x20_0000, P | RW | US);
+    let table = pte & !0xfff;
+    s.map4k(A, table, P | RW | US | AC | DT);
+    host_written(&host, RAM_HVA + table, 1);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, A + 0x2000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(leaf(&mut v, A), Some((Some(ram_pfn(table)), false)), "prefetched read-only");
+    let emulated = Seen::Mmio(vmmu::Gpa(table), vmmu::fault::EmulateSource::WriteProtected);
+    assert_eq!(access(&mut v, A, true), emulated);
+}
+
+/// A fault that runs while a memslot is being deleted (its invalid copy published, its mappings
+/// zapped) may complete for a page of another slot, but prefetches nothing from the slot going
+/// away: a leaf made then would outlive the deletion and map a frame the guest no longer has.
+/// Kills `shadow/prefetch.rs`: `run_slot` accepting an invalid slot.
+#[test]
+fn no_prefetch_from_a_slot_being_deleted() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    vm.set_memory_region(&log_region(0)).unwrap();
+    s.map4k(A + 0x2000, 0x20_0000, P | RW | US);
+    s.map4k(A, LOG_GPA, P | RW | US | AC | DT);
+    host_written(&host, LOG_HVA, 1);
+    let v = std::cell::RefCell::new(vcpu_in(&vm, long4(s.cr3)));
+    let delete = UserspaceMemoryRegion::new(7, 0, LOG_GPA, 0, LOG_HVA);
+    vm.set_memory_region_probed(&delete, &|p| {
+        if p == vmmu::vm::UpdateProbe::Flushed {
+            let seen = access(&mut v.borrow_mut(), A + 0x2000, false);
+            assert_eq!(seen, Seen::Ram(ram_pfn(0x20_0000)));
+        }
+    })
+    .unwrap();
+    let mut v = v.into_inner();
+    assert!(matches!(access(&mut v, A, false), Seen::Mmio(..)), "the slot is gone");
+}
