@@ -571,3 +571,112 @@ fn no_prefetch_from_a_slot_being_deleted() {
     let mut v = v.into_inner();
     assert!(matches!(access(&mut v, A, false), Seen::Mmio(..)), "the slot is gone");
 }
+
+/// A PAE guest's GVAs in each quarter of the 4 GiB go through the special root's entry for that
+/// quarter (`gva[31:30]`): a fault in the third quarter builds under the third PDPTE's page, and
+/// both quarters translate to their own pages.
+/// Kills `shadow/fetch.rs`: the special root's entry index.
+#[test]
+fn a_pae_guest_faults_in_every_quarter_through_its_own_pdpte() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let alloc = || {
+        let t = next.get();
+        next.set(t + 0x1000);
+        t
+    };
+    let pdpt = alloc();
+    let mut v = vm.create_vcpu().unwrap();
+    for (quarter, page) in [(0u64, 0x20_0000u64), (2, 0x30_0000)] {
+        let (pd, pt) = (alloc(), alloc());
+        host.write_u64(RAM_HVA + pdpt + 8 * quarter, pd | P);
+        host.write_u64(RAM_HVA + pd + 8 * 2, pt | P | RW | US);
+        host.write_u64(RAM_HVA + pt + 8 * 3, page | P | RW | US);
+    }
+    let cpu =
+        vmmu::guest::GuestCpu { mode: vmmu::guest::PagingMode::Pae { pdptrs: [0; 4] }, ..long4(0) };
+    v.set_guest_cpu(cpu).unwrap();
+    v.load_cr3(pdpt).unwrap();
+    let low = 0x40_3000; // quarter 0, PD entry 2, PT entry 3
+    let high = (2 << 30) | low;
+    assert_eq!(access(&mut v, high, false), Seen::Ram(ram_pfn(0x30_0000)));
+    assert_eq!(access(&mut v, low, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(access(&mut v, high, false), Seen::Ram(ram_pfn(0x30_0000)));
+}
+
+/// The host (not the guest through an emulated write) rewrites a guest directory entry, so the
+/// MMU is not told; the next fault under that entry finds the shadow child linked for the old
+/// entry and must reuse it only if its gfn **and** role match the new walk's (KVM 0cb2af2ea66a,
+/// 81ccda30b4e8: reusing it left leaves outside the child's range, a use-after-free). Otherwise
+/// it unlinks it, so no address under the entry keeps translating through the old child:
+/// - `gfn`: a 2 MiB page moves to another 2 MiB page (same role, another gfn);
+/// - `role`: an entry that pointed to a last-level table at 2 MiB-aligned frame T becomes a
+///   2 MiB page at T (same gfn, direct instead of indirect).
+///
+/// Kills `shadow/fetch.rs`: the reuse test's `&&` replaced with `||`.
+#[test]
+fn a_changed_directory_entry_never_reuses_a_child_of_another_gfn_or_role() {
+    for case in ["gfn", "role"] {
+        let (vm, host, next) = shadow_vm(BugSet::NONE);
+        let s = Space::new(&host, &next);
+        let g = 0x8000_0000;
+        let table = 0x80_0000; // 2 MiB aligned
+        let pde = match case {
+            "gfn" => s.map2m(g, 0x40_0000, P | RW | US | AC | DT),
+            _ => {
+                let pde = s.entry_gpa(g, 2);
+                host.write_u64(RAM_HVA + pde, table | P | RW | US | AC);
+                host.write_u64(RAM_HVA + table, 0x40_0000 | P | RW | US | AC | DT);
+                pde
+            }
+        };
+        let mut v = vcpu_in(&vm, long4(s.cr3));
+        assert_eq!(access(&mut v, g, false), Seen::Ram(ram_pfn(0x40_0000)), "{case}");
+        let new_base = if case == "gfn" { 0x60_0000 } else { table };
+        host.write_u64(RAM_HVA + pde, new_base | P | RW | US | AC | DT | PS);
+        // A fault elsewhere under the entry (nothing is mapped there yet).
+        let far = g + 0x10_0000;
+        assert_eq!(access(&mut v, far, false), Seen::Ram(ram_pfn(new_base + 0x10_0000)), "{case}");
+        assert_eq!(access(&mut v, g, false), Seen::Ram(ram_pfn(new_base)), "{case}: old child");
+    }
+}
+
+/// Guest page tables read straight from the test host's RAM (guest-physical = offset).
+struct RamTables<'a>(&'a TestHost);
+
+impl vmmu::guest::GuestPteMemory for RamTables<'_> {
+    fn read_gpte(&self, gpa: vmmu::Gpa) -> Option<u64> {
+        vmmu::host::GuestMemory::read_u64(self.0, vmmu::Hva(RAM_HVA + gpa.0)).ok()
+    }
+    fn cmpxchg_gpte(
+        &self,
+        gpa: vmmu::Gpa,
+        old: u64,
+        new: u64,
+    ) -> Result<bool, vmmu::guest::GpteWriteError> {
+        vmmu::host::GuestMemory::cmpxchg_u64(self.0, vmmu::Hva(RAM_HVA + gpa.0), old, new)
+            .map_err(|_| vmmu::guest::GpteWriteError::Unreadable)
+    }
+}
+
+/// A PAE CR3 may carry PWT/PCD (bits 3 and 4); the PDPT is at `cr3 & !0x1f`, and the walk
+/// reports where each PDPTE was loaded from at that address.
+/// Kills `guest/walk.rs`: the PDPT address without the `& !0x1f`.
+#[test]
+fn a_pae_walk_reports_the_pdpte_address_without_cr3_flag_bits() {
+    use vmmu::guest::{load_pdptrs, walk, GuestCpu, PagingMode};
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let pdpt = Space::new(&host, &next).cr3;
+    let (pd, pt) = (pdpt + 0x1000, pdpt + 0x2000);
+    next.set(pdpt + 0x3000);
+    host.write_u64(RAM_HVA + pdpt + 8, pd | P);
+    host.write_u64(RAM_HVA + pd, pt | P | RW | US);
+    host.write_u64(RAM_HVA + pt, 0x20_0000 | P | RW | US | AC | DT);
+    drop(vm);
+    let mem = RamTables(&host);
+    let cr3 = pdpt | 0x18;
+    let pdptrs = load_pdptrs(&mem, cr3, 46).unwrap();
+    let cpu = GuestCpu { mode: PagingMode::Pae { pdptrs }, cr3, ..long4(0) };
+    let w = walk(&cpu, &mem, Gva(1 << 30), vmmu::FaultAccess::READ).unwrap();
+    assert_eq!(w.gpa, vmmu::Gpa(0x20_0000));
+    assert_eq!(w.pte_gpas[2], vmmu::Gpa(pdpt + 8));
+}
