@@ -680,3 +680,57 @@ fn a_pae_walk_reports_the_pdpte_address_without_cr3_flag_bits() {
     assert_eq!(w.gpa, vmmu::Gpa(0x20_0000));
     assert_eq!(w.pte_gpas[2], vmmu::Gpa(pdpt + 8));
 }
+
+/// A PAE guest: the fault re-reads the PD and PT entries it used (a racer's rewrite of the PT
+/// entry is not installed stale), but never the PDPTE, which comes from the register loaded at
+/// CR3 load: a PDPT rewritten in memory without a CR3 load neither changes the translation nor
+/// makes the fault retry forever.
+/// Kills `shadow/fetch.rs`: `gptes_changed`'s PAE rule (`pae && l == 3`) in either direction.
+#[test]
+fn a_pae_fault_rechecks_its_pd_and_pt_entries_but_not_the_pdpte() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let alloc = || {
+        let t = next.get();
+        next.set(t + 0x1000);
+        t
+    };
+    let (pdpt, pd, pt) = (alloc(), alloc(), alloc());
+    host.write_u64(RAM_HVA + pdpt, pd | P);
+    host.write_u64(RAM_HVA + pd + 8 * 2, pt | P | RW | US);
+    host.write_u64(RAM_HVA + pt + 8 * 3, 0x20_0000 | P | RW | US);
+    host.write_u64(RAM_HVA + pt + 8 * 4, 0x21_0000 | P | RW | US);
+    let mut v = vm.create_vcpu().unwrap();
+    let mode = vmmu::guest::PagingMode::Pae { pdptrs: [0; 4] };
+    v.set_guest_cpu(vmmu::guest::GuestCpu { mode, ..long4(0) }).unwrap();
+    v.load_cr3(pdpt).unwrap();
+    let racer = host.clone();
+    let mut once = true;
+    vmmu::testing::preempt::on_this_thread(Some(Box::new(move |_| {
+        if std::mem::take(&mut once) {
+            racer.write_u64(RAM_HVA + pt + 8 * 3, 0x30_0000 | P | RW | US);
+        }
+    })));
+    let seen = access(&mut v, 0x40_3000, false);
+    vmmu::testing::preempt::on_this_thread(None);
+    assert_eq!(seen, Seen::Ram(ram_pfn(0x30_0000)), "the PT entry rewritten in flight");
+    // The PDPT in memory now says "not present"; the loaded PDPTE still holds until CR3 loads.
+    host.write_u64(RAM_HVA + pdpt, 0);
+    assert_eq!(access(&mut v, 0x40_4000, false), Seen::Ram(ram_pfn(0x21_0000)));
+}
+
+/// An MMIO fault installs its MMIO SPTE but prefetches nothing around it (KVM with MMIO caching
+/// off makes no MMIO SPTE and so no prefetch, and no MMU setting may change what the guest
+/// observes): the RAM neighbour still faults on its first access.
+/// Kills `shadow/fetch.rs`: prefetching after an MMIO leaf (`ram && ..` -> `||`).
+#[test]
+fn an_mmio_fault_prefetches_nothing() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    s.map4k(A + 0x2000, MMIO_GPA, P | RW | US);
+    s.map4k(A, 0x20_0000, P | RW | US | AC | DT);
+    host_written(&host, RAM_HVA + 0x20_0000, 1);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert!(matches!(access(&mut v, A + 0x2000, false), Seen::Mmio(..)));
+    assert_eq!(v.stats.pf_mmio_spte_created, 1);
+    assert_eq!(leaf(&mut v, A), None, "no prefetch after an MMIO SPTE");
+}
