@@ -734,3 +734,27 @@ fn an_mmio_fault_prefetches_nothing() {
     assert_eq!(v.stats.pf_mmio_spte_created, 1);
     assert_eq!(leaf(&mut v, A), None, "no prefetch after an MMIO SPTE");
 }
+
+/// The host rewrites a guest PTE from RAM to an MMIO address (the MMU is not told); a vCPU's
+/// write fault then installs an MMIO SPTE over the present RAM leaf. The RAM leaf leaves the
+/// rmap, so the TLBs must be flushed right then (KVM aad885e77496): no later host invalidation
+/// of the RAM frame finds the leaf to flush, and another vCPU would go on reading the frame the
+/// host took away through its TLB.
+/// Kills `shadow/fetch.rs`: the flush of the leaf an MMIO SPTE replaced (`batch.flush |=
+/// dropped` -> `&=`, or gated the wrong way round).
+#[test]
+fn an_mmio_spte_over_a_present_leaf_flushes_the_tlbs() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let pte = s.map4k(A, 0x20_0000, P | RW | US); // clean: a read maps it read-only
+    let mut reader = TlbVcpu::new(&vm, s.cr3);
+    assert_eq!(reader.access(A, false), Seen::Ram(ram_pfn(0x20_0000)));
+    host.write_u64(RAM_HVA + pte, MMIO_GPA | P | RW | US | AC | DT);
+    let mut writer = vcpu_in(&vm, long4(s.cr3));
+    assert!(matches!(access(&mut writer, A, true), Seen::Mmio(..)));
+    let hva = RAM_HVA + 0x20_0000;
+    vm.invalidate_hva_range_begin(vmmu::Hva(hva), vmmu::Hva(hva + 0x1000));
+    vm.invalidate_hva_range_end();
+    let seen = reader.access(A, false);
+    assert!(matches!(seen, Seen::Mmio(..)), "the reader still reaches the RAM frame: {seen:?}");
+}
