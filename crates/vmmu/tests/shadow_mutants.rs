@@ -44,6 +44,14 @@ impl TlbVcpu {
         TlbVcpu { v: vcpu_in(vm, long4(cr3)), tlb: HashMap::new() }
     }
 
+    /// Whether `gva` is still in the TLB once pending requests (a flush) are serviced.
+    fn cached(&mut self, gva: u64) -> bool {
+        if self.v.service_requests().unwrap().flush_tlb {
+            self.tlb.clear();
+        }
+        self.tlb.contains_key(&(gva >> 12))
+    }
+
     /// One user access to `gva` to completion, through the TLB first.
     fn access(&mut self, gva: u64, write: bool) -> Seen {
         let need = if write { Access::WRITE.union(Access::USER) } else { Access::USER };
@@ -757,4 +765,56 @@ fn an_mmio_spte_over_a_present_leaf_flushes_the_tlbs() {
     vm.invalidate_hva_range_end();
     let seen = reader.access(A, false);
     assert!(matches!(seen, Seen::Mmio(..)), "the reader still reaches the RAM frame: {seen:?}");
+}
+
+/// Every way a shadow leaf goes away flushes the TLBs before the operation returns, so no vCPU
+/// keeps reaching the frame through a cached translation: a host invalidation (through the
+/// rmap), the shrinker and a lower page limit (recycling), a fast zap-all, a memslot delete, a
+/// misaligned emulated write to the table, an aligned one to the leaf's own gPTE, and writes
+/// that flood the root table (the root page alone is zapped: no parent link to clear).
+/// Kills `shadow/pages.rs`: `unmap_gfn_range`'s and `prepare_zap`'s flush bookkeeping,
+/// `commit_zap`'s flush test; `shadow/track.rs`: the flush after a dropped SPTE.
+#[test]
+fn every_zap_of_a_leaf_flushes_the_tlbs() {
+    type Op = fn(&Vm<TestHost>, &mut TlbVcpu, u64, u64);
+    let ops: [(&str, Op); 8] = [
+        ("host invalidation", |vm, _, _, _| {
+            let hva = RAM_HVA + 0x20_0000;
+            vm.invalidate_hva_range_begin(vmmu::Hva(hva), vmmu::Hva(hva + 0x1000));
+        }),
+        ("shrinker", |vm, _, _, _| {
+            vm.shrink_shadow_pages(1000);
+        }),
+        ("page limit", |vm, _, _, _| vm.set_nr_mmu_pages(64)),
+        ("zap-all", |vm, _, _, _| vm.zap_all_fast()),
+        ("memslot delete", |vm, _, _, _| {
+            vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, 0, RAM_HVA)).unwrap();
+        }),
+        ("misaligned table write", |_, v, pte, _| v.v.track_write(vmmu::Gpa(pte + 4), 8).unwrap()),
+        ("gPTE write", |_, v, pte, _| v.v.track_write(vmmu::Gpa(pte), 8).unwrap()),
+        ("flooded root", |_, v, _, cr3| {
+            for _ in 0..3 {
+                v.v.track_write(vmmu::Gpa(cr3 + 5 * 8), 8).unwrap();
+            }
+        }),
+    ];
+    for (what, op) in ops {
+        let (vm, host, next) = shadow_vm(BugSet::NONE);
+        let s = Space::new(&host, &next);
+        let pte = s.map4k(A, 0x20_0000, P | RW | US);
+        // Enough pages that a limit of 64 recycles the oldest, A's among them.
+        for i in 2..71u64 {
+            s.map4k(i << 30, 0x30_0000, P | RW | US);
+        }
+        let mut v = TlbVcpu::new(&vm, s.cr3);
+        assert_eq!(v.access(A, false), Seen::Ram(ram_pfn(0x20_0000)));
+        if what == "page limit" {
+            for i in 2..40u64 {
+                assert!(matches!(v.access(i << 30, false), Seen::Ram(_)));
+            }
+        }
+        assert!(v.cached(A), "{what}");
+        op(&vm, &mut v, pte, s.cr3);
+        assert!(!v.cached(A), "{what}: A's translation survived in the TLB");
+    }
 }
