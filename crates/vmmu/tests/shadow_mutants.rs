@@ -743,28 +743,46 @@ fn an_mmio_fault_prefetches_nothing() {
     assert_eq!(leaf(&mut v, A), None, "no prefetch after an MMIO SPTE");
 }
 
-/// The host rewrites a guest PTE from RAM to an MMIO address (the MMU is not told); a vCPU's
-/// write fault then installs an MMIO SPTE over the present RAM leaf. The RAM leaf leaves the
-/// rmap, so the TLBs must be flushed right then (KVM aad885e77496): no later host invalidation
-/// of the RAM frame finds the leaf to flush, and another vCPU would go on reading the frame the
-/// host took away through its TLB.
-/// Kills `shadow/fetch.rs`: the flush of the leaf an MMIO SPTE replaced (`batch.flush |=
-/// dropped` -> `&=`, or gated the wrong way round).
+/// The host rewrites a guest PTE (the MMU is not told) from a RAM page to an MMIO address or
+/// to another RAM page; a vCPU's write fault then replaces the present read-only leaf with an
+/// MMIO SPTE or a leaf for the new page. The old leaf leaves the rmap, so the TLBs must be
+/// flushed right then (KVM aad885e77496 for the MMIO SPTE, `mmu_set_spte` for another frame):
+/// no later host invalidation of the old frame finds the leaf to flush, and another vCPU would
+/// go on reaching the frame the host took away through its TLB.
+/// Kills `shadow/fetch.rs`: `install_leaf`'s flushes of a replaced leaf (`batch.flush |=` ->
+/// `&=` in both arms, the MMIO bug gate negated).
 #[test]
-fn an_mmio_spte_over_a_present_leaf_flushes_the_tlbs() {
+fn a_leaf_replaced_by_a_fault_is_flushed_from_the_tlbs() {
+    for to in [MMIO_GPA, 0x30_0000] {
+        let (vm, host, next) = shadow_vm(BugSet::NONE);
+        let s = Space::new(&host, &next);
+        let pte = s.map4k(A, 0x20_0000, P | RW | US); // clean: a read maps it read-only
+        let mut reader = TlbVcpu::new(&vm, s.cr3);
+        assert_eq!(reader.access(A, false), Seen::Ram(ram_pfn(0x20_0000)));
+        host.write_u64(RAM_HVA + pte, to | P | RW | US | AC | DT);
+        let mut writer = vcpu_in(&vm, long4(s.cr3));
+        let want = if to == MMIO_GPA { None } else { Some(Seen::Ram(ram_pfn(to))) };
+        let seen = access(&mut writer, A, true);
+        assert!(want.is_none_or(|w| w == seen), "{seen:?}");
+        let hva = RAM_HVA + 0x20_0000;
+        vm.invalidate_hva_range_begin(vmmu::Hva(hva), vmmu::Hva(hva + 0x1000));
+        vm.invalidate_hva_range_end();
+        let seen = reader.access(A, false);
+        assert_ne!(seen, Seen::Ram(ram_pfn(0x20_0000)), "the reader reaches the old frame");
+    }
+}
+
+/// A guest 2 MiB page is RAM, not a page table: its frames are not write-tracked, so a write to
+/// its first 4 KiB page (the direct page's key) goes straight through.
+/// Kills `shadow/pages.rs`: `has_gptes` true for direct pages.
+#[test]
+fn a_guest_2m_page_is_not_write_protected() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);
     let s = Space::new(&host, &next);
-    let pte = s.map4k(A, 0x20_0000, P | RW | US); // clean: a read maps it read-only
-    let mut reader = TlbVcpu::new(&vm, s.cr3);
-    assert_eq!(reader.access(A, false), Seen::Ram(ram_pfn(0x20_0000)));
-    host.write_u64(RAM_HVA + pte, MMIO_GPA | P | RW | US | AC | DT);
-    let mut writer = vcpu_in(&vm, long4(s.cr3));
-    assert!(matches!(access(&mut writer, A, true), Seen::Mmio(..)));
-    let hva = RAM_HVA + 0x20_0000;
-    vm.invalidate_hva_range_begin(vmmu::Hva(hva), vmmu::Hva(hva + 0x1000));
-    vm.invalidate_hva_range_end();
-    let seen = reader.access(A, false);
-    assert!(matches!(seen, Seen::Mmio(..)), "the reader still reaches the RAM frame: {seen:?}");
+    s.map2m(0x8000_0000, 0x40_0000, P | RW | US | AC | DT);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, 0x8000_0008, true), Seen::Ram(ram_pfn(0x40_0000)));
+    assert_eq!(access(&mut v, 0x8000_1008, true), Seen::Ram(ram_pfn(0x40_1000)));
 }
 
 /// Every way a shadow leaf goes away flushes the TLBs before the operation returns, so no vCPU
