@@ -378,9 +378,12 @@ fn a_read_only_slot_is_never_mapped_writable() {
     assert!(matches!(w, Seen::Mmio(_, vmmu::fault::EmulateSource::ReadOnlyWrite)), "{w:?}");
 }
 
-/// What the hardware walk of a user read and a user write of `gva` find, no fault handled:
-/// `None` not mapped, `Some((pfn, user read allowed, user write allowed))` a present leaf.
-fn leaf(v: &mut Vcpu<TestHost>, gva: u64) -> Option<(Option<Pfn>, bool)> {
+/// A leaf as the hardware walks of a user read and a user write find it: `None` not mapped,
+/// `Some((frame if a user read is allowed, whether a user write is))` present.
+type Leaf = Option<(Option<Pfn>, bool)>;
+
+/// The leaf of `gva` (no fault handled).
+fn leaf(v: &mut Vcpu<TestHost>, gva: u64) -> Leaf {
     let read = match hw(v, gva, false) {
         HwWalk::Translated { pfn, .. } => Some(Some(pfn)),
         HwWalk::Violation { present: true, .. } => Some(None),
@@ -414,7 +417,7 @@ fn prefetch_takes_the_guest_rights_and_stops_at_the_first_unusable_gpte() {
     let rsvd = 1u64 << 51; // above the guest's MAXPHYADDR of 46
     let user = Some(ram_pfn(0x21_0000));
     // The neighbour's gPTE flags, and what its leaf must be after the fault on entry 2.
-    let cases: [(u64, Option<(Option<Pfn>, bool)>); 7] = [
+    let cases: [(u64, Leaf); 7] = [
         (P | RW | US | AC | DT, Some((user, true))),
         (P | RW | US | AC, Some((user, false))), // clean: W once the guest's write sets D
         (P | US | AC | DT, Some((user, false))), // read-only
