@@ -839,3 +839,29 @@ fn every_zap_of_a_leaf_flushes_the_tlbs() {
         assert!(!v.cached(A), "{what}: A's translation survived in the TLB");
     }
 }
+
+/// A root page zapped while in use (here: flooded by emulated writes to the guest's top-level
+/// table) is invalid even though made in the current generation: its vCPU drops it at the
+/// reload request and builds a fresh, write-protected root, so a later edit of the top-level
+/// table is seen. Keeping the invalid root (nothing tracks its table any more) would translate
+/// through the old entry for ever.
+/// Kills `shadow/pages.rs`: `is_obsolete`'s `invalid || stale generation` with `&&`.
+#[test]
+fn a_root_zapped_in_use_is_replaced_and_later_table_edits_are_seen() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    s.map4k(A, 0x20_0000, P | RW | US);
+    let s2 = Space::new(&host, &next);
+    s2.map4k(A, 0x30_0000, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
+    for _ in 0..3 {
+        v.track_write(vmmu::Gpa(s.cr3 + 5 * 8), 8).unwrap();
+    }
+    assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
+    // The guest (emulated) points A's top-level entry at the other space's tables.
+    let at = s.entry_gpa(A, 4);
+    host.write_u64(RAM_HVA + at, s2.read(s2.entry_gpa(A, 4)));
+    v.track_write(vmmu::Gpa(at), 8).unwrap();
+    assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x30_0000)));
+}
