@@ -865,3 +865,19 @@ fn a_root_zapped_in_use_is_replaced_and_later_table_edits_are_seen() {
     v.track_write(vmmu::Gpa(at), 8).unwrap();
     assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x30_0000)));
 }
+
+/// A guest without paging: GVA = GPA, shadowed by four direct level-2 pages, one per GiB
+/// (`gfn = i << 18`). An MMIO access in the second GiB must not touch the first GiB's mapping.
+/// Kills `shadow/root.rs`: the non-paging root's page keys.
+#[test]
+fn a_non_paging_guest_maps_each_gib_through_its_own_page() {
+    let (vm, _host, _next) = shadow_vm(BugSet::NONE);
+    let mut v = vm.create_vcpu().unwrap();
+    let mode = vmmu::guest::PagingMode::NonPaging;
+    v.set_guest_cpu(vmmu::guest::GuestCpu { mode, ..long4(0) }).unwrap();
+    assert_eq!(access(&mut v, 0x1000, false), Seen::Ram(ram_pfn(0x1000)));
+    let far = (1 << 30) | 0x1000; // no slot there
+    assert!(matches!(access(&mut v, far, false), Seen::Mmio(g, _) if g.0 == far));
+    assert_eq!(access(&mut v, 0x1000, false), Seen::Ram(ram_pfn(0x1000)));
+    assert_eq!(access(&mut v, 0x2000, true), Seen::Ram(ram_pfn(0x2000)));
+}
