@@ -881,3 +881,45 @@ fn a_non_paging_guest_maps_each_gib_through_its_own_page() {
     assert_eq!(access(&mut v, 0x1000, false), Seen::Ram(ram_pfn(0x1000)));
     assert_eq!(access(&mut v, 0x2000, true), Seen::Ram(ram_pfn(0x2000)));
 }
+
+/// The shadow MMU's VM stats that KVM defines (shadow facts §10), counted exactly as KVM counts
+/// them through a short history: page creations (`mmu_cache_miss`), emulated writes to shadowed
+/// tables (`mmu_pte_write`; none for an unshadowed frame), directory entries zapped by such a
+/// write with a non-zero new entry (`mmu_pde_zapped`), pages zapped by a misaligned write
+/// (`mmu_flooded`), pages zapped by the shrinker (`mmu_recycled`).
+/// Kills `shadow/track.rs`: the early return for unshadowed frames, the `mmu_pde_zapped` test
+/// (`level > L4K && new_gpte != 0`) and the counters; `shadow/pages.rs`: the counters.
+#[test]
+fn shadow_stats_count_as_kvm_does() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let pte = s.map4k(A, 0x20_0000, P | RW | US);
+    let pde = s.entry_gpa(A, 2);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    let shadow = vm.shadow_mmu().unwrap();
+    let stats = || shadow.stats.snapshot();
+    assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
+    let st = stats();
+    assert_eq!((st.mmu_cache_miss, st.shadow_pages), (4, 4), "root, PDPT, PD and PT pages");
+    v.track_write(vmmu::Gpa(0x20_0000), 8).unwrap();
+    assert_eq!(stats().mmu_pte_write, 0, "the data page is not shadowed");
+    v.track_write(vmmu::Gpa(pte), 8).unwrap();
+    let st = stats();
+    assert_eq!((st.mmu_pte_write, st.mmu_pde_zapped, st.mmu_flooded), (1, 0, 0), "a PTE");
+    // A directory entry written with a non-zero value counts; with zero it does not.
+    host.write_u64(RAM_HVA + pde + 8, 0x30_0000 | P | RW | US);
+    v.track_write(vmmu::Gpa(pde + 8), 8).unwrap();
+    assert_eq!(stats().mmu_pde_zapped, 1, "a non-zero PDE");
+    host.write_u64(RAM_HVA + pde + 16, 0);
+    v.track_write(vmmu::Gpa(pde + 16), 8).unwrap();
+    let st = stats();
+    assert_eq!((st.mmu_pte_write, st.mmu_pde_zapped, st.mmu_flooded), (3, 1, 0), "two PDEs");
+    v.track_write(vmmu::Gpa(pte + 4), 8).unwrap();
+    let st = stats();
+    assert_eq!((st.mmu_pte_write, st.mmu_flooded, st.mmu_shadow_zapped), (4, 1, 1), "misaligned");
+    assert_eq!(st.shadow_pages, 3);
+    let n = vm.shrink_shadow_pages(1000) as u64;
+    let st = stats();
+    assert_eq!((n, st.mmu_recycled), (2, 2), "PDPT and PD: the root is pinned");
+    assert_eq!((st.mmu_shadow_zapped, st.shadow_pages), (3, 1));
+}
