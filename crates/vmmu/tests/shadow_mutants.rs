@@ -923,3 +923,20 @@ fn shadow_stats_count_as_kvm_does() {
     assert_eq!((n, st.mmu_recycled), (2, 2), "PDPT and PD: the root is pinned");
     assert_eq!((st.mmu_shadow_zapped, st.shadow_pages), (3, 1));
 }
+
+/// An emulated write to the first frame of a guest 2 MiB page (the key of the direct page that
+/// maps it) is a write to RAM, not to a shadowed table: nothing is counted or dropped (KVM walks
+/// only the valid pages *with guest PTEs* at the gfn), and the mapping stays.
+/// Kills `shadow/pages.rs`: `shadowing` admitting direct pages (`gfn == gfn && has_gptes`
+/// with `||`).
+#[test]
+fn an_emulated_write_to_a_guest_2m_page_touches_no_shadow_page() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    s.map2m(0x8000_0000, 0x40_0000, P | RW | US | AC | DT);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, 0x8000_0000, false), Seen::Ram(ram_pfn(0x40_0000)));
+    v.track_write(vmmu::Gpa(0x40_0000), 8).unwrap();
+    assert_eq!(vm.shadow_mmu().unwrap().stats.snapshot().mmu_pte_write, 0);
+    assert!(mapped(&mut v, 0x8000_0000), "the leaf stays");
+}
