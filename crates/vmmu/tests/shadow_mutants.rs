@@ -940,3 +940,26 @@ fn an_emulated_write_to_a_guest_2m_page_touches_no_shadow_page() {
     assert_eq!(vm.shadow_mmu().unwrap().stats.snapshot().mmu_pte_write, 0);
     assert!(mapped(&mut v, 0x8000_0000), "the leaf stays");
 }
+
+/// Two guest tables whose frames share a bucket of the shadow page hash (KVM's `hash_64(gfn,
+/// 12)`: frames 0x1000 and 0x1a18): an emulated write to one table drops the SPTE it covers in
+/// that table's shadow page only; the other table's shadow page, found in the same bucket,
+/// keeps its leaf at the same index.
+/// Kills `shadow/pages.rs`: `shadowing`'s key (`gfn`, `as_id`, validity) loosened with `||`.
+#[test]
+fn an_emulated_write_leaves_a_table_in_the_same_hash_bucket_alone() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let b = A + 0x20_0000; // same directory, another last-level table
+    next.set((0x1000 - 2) << 12); // A's PDPT, PD and PT: the PT at frame 0x1000
+    let pte_a = s.map4k(A, 0x20_0000, P | RW | US);
+    next.set(0x1a18 << 12);
+    let pte_b = s.map4k(b, 0x21_0000, P | RW | US);
+    assert_eq!((pte_a >> 12, pte_b >> 12), (0x1000, 0x1a18));
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(access(&mut v, b, false), Seen::Ram(ram_pfn(0x21_0000)));
+    v.track_write(vmmu::Gpa(pte_a), 8).unwrap();
+    assert!(!mapped(&mut v, A), "the written gPTE's SPTE goes");
+    assert!(mapped(&mut v, b), "the other table's leaf at the same index stays");
+}
