@@ -945,7 +945,8 @@ fn an_emulated_write_to_a_guest_2m_page_touches_no_shadow_page() {
 /// 12)`: frames 0x1000 and 0x1a18): an emulated write to one table drops the SPTE it covers in
 /// that table's shadow page only; the other table's shadow page, found in the same bucket,
 /// keeps its leaf at the same index.
-/// Kills `shadow/pages.rs`: `shadowing`'s key (`gfn`, `as_id`, validity) loosened with `||`.
+/// Kills `shadow/pages.rs`: `shadowing`'s key (`gfn`, `as_id`, validity) loosened with `||`,
+/// and `get_page`'s lookup key (`gfn`, `role`, generation) loosened the same way.
 #[test]
 fn an_emulated_write_leaves_a_table_in_the_same_hash_bucket_alone() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);
@@ -959,6 +960,10 @@ fn an_emulated_write_leaves_a_table_in_the_same_hash_bucket_alone() {
     let mut v = vcpu_in(&vm, long4(s.cr3));
     assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
     assert_eq!(access(&mut v, b, false), Seen::Ram(ram_pfn(0x21_0000)));
+    assert!(
+        matches!(hw(&mut v, A, false), HwWalk::Translated { pfn, .. } if pfn == ram_pfn(0x20_0000)),
+        "B's table has its own shadow page: A's leaf is untouched"
+    );
     v.track_write(vmmu::Gpa(pte_a), 8).unwrap();
     assert!(!mapped(&mut v, A), "the written gPTE's SPTE goes");
     assert!(mapped(&mut v, b), "the other table's leaf at the same index stays");
