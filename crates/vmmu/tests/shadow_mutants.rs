@@ -968,3 +968,47 @@ fn an_emulated_write_leaves_a_table_in_the_same_hash_bucket_alone() {
     assert!(!mapped(&mut v, A), "the written gPTE's SPTE goes");
     assert!(mapped(&mut v, b), "the other table's leaf at the same index stays");
 }
+
+/// The GVA half of a vCPU's MMIO cache is cleared by INVLPG of that page (KVM
+/// `vcpu_clear_mmio_info(gva)` in `kvm_mmu_invalidate_addr`): the guest remaps an MMIO GVA to
+/// another MMIO address and shoots it down on every vCPU; a vCPU that had cached the old
+/// translation and then takes an RSVD fault on the new MMIO SPTE must emulate the new address.
+/// Kills `vcpu/shadow_path.rs`: `invlpg` not clearing the GVA cache entry.
+#[test]
+fn invlpg_clears_the_gva_mmio_cache_entry() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let pte = s.map4k(A, MMIO_GPA, P | RW | US | AC | DT);
+    let mut v1 = vcpu_in(&vm, long4(s.cr3));
+    let mut v2 = vcpu_in(&vm, long4(s.cr3));
+    assert!(matches!(access(&mut v1, A, false), Seen::Mmio(..)));
+    let new = MMIO_GPA + 0x5000;
+    host.write_u64(RAM_HVA + pte, new | P | RW | US | AC | DT);
+    v2.track_write(vmmu::Gpa(pte), 8).unwrap();
+    v1.invlpg(Gva(A)).unwrap();
+    v2.invlpg(Gva(A)).unwrap();
+    assert!(matches!(access(&mut v2, A, false), Seen::Mmio(g, _) if g.0 == new));
+    let seen = access(&mut v1, A, false);
+    assert!(matches!(seen, Seen::Mmio(g, _) if g.0 == new), "stale GVA cache entry: {seen:?}");
+}
+
+/// A protection #PF the walk gives the guest clears the GVA's MMIO cache entry (KVM
+/// `kvm_inject_emulated_page_fault` invalidates the address first): the guest made an MMIO
+/// mapping read-only; the cached entry still has W, and once another vCPU's read installs a
+/// read-only MMIO SPTE, an RSVD write fault must not be answered from that entry: the guest gets
+/// its #PF, not an emulated write.
+/// Kills `vcpu/shadow_path.rs`: the protection fault not clearing the GVA cache entry.
+#[test]
+fn a_guest_protection_fault_clears_the_gva_mmio_cache_entry() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let pte = s.map4k(A, MMIO_GPA, P | RW | US | AC | DT);
+    let mut v1 = vcpu_in(&vm, long4(s.cr3));
+    let mut v2 = vcpu_in(&vm, long4(s.cr3));
+    assert!(matches!(access(&mut v1, A, false), Seen::Mmio(..)));
+    host.write_u64(RAM_HVA + pte, MMIO_GPA | P | US | AC | DT);
+    v2.track_write(vmmu::Gpa(pte), 8).unwrap();
+    assert_eq!(access(&mut v1, A, true), Seen::GuestPf(0x7), "P|W|U");
+    assert!(matches!(access(&mut v2, A, false), Seen::Mmio(..)));
+    assert_eq!(access(&mut v1, A, true), Seen::GuestPf(0x7), "answered from a stale entry");
+}
