@@ -1012,3 +1012,35 @@ fn a_guest_protection_fault_clears_the_gva_mmio_cache_entry() {
     assert!(matches!(access(&mut v2, A, false), Seen::Mmio(..)));
     assert_eq!(access(&mut v1, A, true), Seen::GuestPf(0x7), "answered from a stale entry");
 }
+
+/// One guest table shadowed twice (reached through a writable and a read-only directory entry:
+/// two roles). When the shrinker zaps one of the two shadow pages, the other still shadows the
+/// table, so the table stays write-protected (KVM counts shadowers per gfn): the guest's later
+/// edit of an entry traps and reaches the surviving page. Else the edit goes straight to
+/// memory, and once a fault through the read-only entry links that page again, its old leaf
+/// for the edited entry translates the old page.
+/// Kills `shadow/pages.rs`: `unaccount_shadowed` dropping the count at the first unshadowing.
+#[test]
+fn a_table_shadowed_twice_stays_protected_until_both_pages_go() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let pte = s.map4k(A, 0x20_0000, P | RW | US);
+    s.map4k(A + 0x1000, 0x21_0000, P | RW | US);
+    let table = pte & !0xfff;
+    let ro = A + 0x20_0000; // the next directory entry: the same table, read-only
+    host.write_u64(RAM_HVA + s.entry_gpa(ro, 2), table | P | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(access(&mut v, ro, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(access(&mut v, ro + 0x1000, false), Seen::Ram(ram_pfn(0x21_0000)));
+    // Oldest first: the PDPT's, the directory's and the writable path's table pages.
+    assert_eq!(vm.shrink_shadow_pages(3), 3);
+    s.map4k(X, table, P | RW | US);
+    let mut tv = TlbVcpu { v, tlb: HashMap::new() };
+    guest_store(&mut tv, &host, X + (pte & 0xfff) + 8, 0x30_0000 | P | RW | US);
+    invlpg(&mut tv, ro + 0x1000);
+    let mut v = tv.v;
+    assert_eq!(access(&mut v, ro, false), Seen::Ram(ram_pfn(0x20_0000)));
+    let seen = access(&mut v, ro + 0x1000, false);
+    assert_eq!(seen, Seen::Ram(ram_pfn(0x30_0000)), "the edit was seen");
+}
