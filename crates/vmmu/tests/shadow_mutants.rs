@@ -1044,3 +1044,36 @@ fn a_table_shadowed_twice_stays_protected_until_both_pages_go() {
     let seen = access(&mut v, ro + 0x1000, false);
     assert_eq!(seen, Seen::Ram(ram_pfn(0x30_0000)), "the edit was seen");
 }
+
+/// A PAE guest with one present PDPTE: the special root links a shadow page for that PDPTE only
+/// (a not-present PDPTE shadows nothing, so guest frame 0, which such an entry's address bits
+/// name, is ordinary RAM: a write to it goes through), and every CR3 load, which replaces the
+/// special root, gives the old root's frame back to the host after the grace period.
+/// Kills `shadow/root.rs`: a special root shadowing not-present PDPTEs; `release` keeping a
+/// special root's frame.
+#[test]
+fn a_pae_special_root_shadows_present_pdptes_only_and_frees_its_frame() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let alloc = || {
+        let t = next.get();
+        next.set(t + 0x1000);
+        t
+    };
+    let (pdpt, pd, pt) = (alloc(), alloc(), alloc());
+    host.write_u64(RAM_HVA + pdpt, pd | P);
+    host.write_u64(RAM_HVA + pd, pt | P | RW | US);
+    host.write_u64(RAM_HVA + pt + 8, P | RW | US | AC | DT); // gva 0x1000 -> gpa 0
+    let mut v = vm.create_vcpu().unwrap();
+    let mode = vmmu::guest::PagingMode::Pae { pdptrs: [0; 4] };
+    v.set_guest_cpu(vmmu::guest::GuestCpu { mode, ..long4(0) }).unwrap();
+    v.load_cr3(pdpt).unwrap();
+    assert_eq!(access(&mut v, 0x1000, true), Seen::Ram(ram_pfn(0)), "frame 0 is not a table");
+    vm.reclaim();
+    let tables = host.tables_in_use();
+    for _ in 0..8 {
+        v.load_cr3(pdpt).unwrap();
+        assert_eq!(access(&mut v, 0x1000, false), Seen::Ram(ram_pfn(0)));
+    }
+    vm.reclaim();
+    assert_eq!(host.tables_in_use(), tables, "special root frames are freed");
+}
