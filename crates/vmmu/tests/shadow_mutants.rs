@@ -1077,3 +1077,27 @@ fn a_pae_special_root_shadows_present_pdptes_only_and_frees_its_frame() {
     vm.reclaim();
     assert_eq!(host.tables_in_use(), tables, "special root frames are freed");
 }
+
+/// A leaf dropped by an emulated write of its gPTE leaves the reverse map with it (KVM
+/// `drop_spte` removes the rmap entry): after the page is zapped and freed, a host invalidation
+/// and the start of dirty logging on the frame find nothing stale to touch, and the guest's
+/// next access maps the frame again.
+/// Kills `shadow/pages.rs`: `drop_spte` treating a present leaf as a link (`present &&
+/// !is_leaf` with `||`), which leaves its rmap entry behind.
+#[test]
+fn a_dropped_leaf_leaves_the_reverse_map() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    vm.set_memory_region(&log_region(0)).unwrap();
+    let pte = s.map4k(A, LOG_GPA, P | RW | US);
+    s.map4k(A + 0x1000, 0x20_0000, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert!(matches!(access(&mut v, A, true), Seen::Ram(_)));
+    v.track_write(vmmu::Gpa(pte), 8).unwrap();
+    vm.zap_all_fast();
+    vm.invalidate_hva_range_begin(vmmu::Hva(LOG_HVA), vmmu::Hva(LOG_HVA + 0x1000));
+    vm.invalidate_hva_range_end();
+    vm.set_memory_region(&log_region(KVM_MEM_LOG_DIRTY_PAGES)).unwrap();
+    assert!(matches!(access(&mut v, A, true), Seen::Ram(_)));
+    assert_eq!(dirty(&vm), vec![0]);
+}
