@@ -1101,3 +1101,66 @@ fn a_dropped_leaf_leaves_the_reverse_map() {
     assert!(matches!(access(&mut v, A, true), Seen::Ram(_)));
     assert_eq!(dirty(&vm), vec![0]);
 }
+
+/// Two GVAs of one last-level table map the same logged frame writable; an emulated write drops
+/// the first one's leaf. The reverse map must still hold the second (only the dropped entry
+/// leaves it), so starting dirty logging write-protects it and its next write is logged.
+/// Kills `shadow/pages.rs`: `drop_spte`'s rmap removal matching by page or index alone.
+#[test]
+fn dropping_one_leaf_keeps_the_other_leaves_of_its_frame_in_the_reverse_map() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    vm.set_memory_region(&log_region(0)).unwrap();
+    let pte = s.map4k(A, LOG_GPA, P | RW | US);
+    s.map4k(A + 0x1000, LOG_GPA, P | RW | US);
+    let mut v = TlbVcpu::new(&vm, s.cr3);
+    assert!(matches!(v.access(A, true), Seen::Ram(_)));
+    assert!(matches!(v.access(A + 0x1000, true), Seen::Ram(_)));
+    v.v.track_write(vmmu::Gpa(pte), 8).unwrap();
+    vm.set_memory_region(&log_region(KVM_MEM_LOG_DIRTY_PAGES)).unwrap();
+    assert!(matches!(v.access(A + 0x1008, true), Seen::Ram(_)));
+    assert_eq!(dirty(&vm), vec![0], "the write through the second GVA is logged");
+}
+
+/// An emulated write to a directory entry unlinks the table page below it without zapping it;
+/// the unlinked page's parent list forgets that link. When the directory's page is later zapped
+/// and freed, and then the table page, nothing refers to the freed directory page.
+/// Kills `shadow/pages.rs`: `drop_spte` keeping the child's parent link (its `retain` test).
+#[test]
+fn an_unlinked_table_page_forgets_its_parent() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    s.map4k(A, 0x20_0000, P | RW | US);
+    let pde = s.entry_gpa(A, 2);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
+    v.track_write(vmmu::Gpa(pde), 8).unwrap(); // unlinks A's table page
+    v.track_write(vmmu::Gpa(pde + 4), 8).unwrap(); // misaligned: zaps the directory's page
+    assert!(vm.shrink_shadow_pages(1000) > 0); // the table page, among others
+    assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(vm.shadow_mmu().unwrap().stale_entries_for_tests(vm.mmu()), 0);
+}
+
+/// One guest table linked from two directories at the same index (one shadow page, two parent
+/// links). Unlinking it from the first directory keeps the second link in its parent list, so
+/// when the page is zapped and freed the second directory's link goes too: no walk through that
+/// directory reaches the freed page.
+/// Kills `shadow/pages.rs`: `drop_spte`'s parent-list removal matching by page or index alone.
+#[test]
+fn a_table_linked_twice_loses_only_the_unlinked_parent() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let a2 = 1 << 39; // another top-level entry, the same directory index 0
+    let pde = s.entry_gpa(A, 2);
+    s.map4k(A, 0x20_0000, P | RW | US);
+    host.write_u64(RAM_HVA + s.entry_gpa(a2, 2), s.read(pde));
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(access(&mut v, a2, false), Seen::Ram(ram_pfn(0x20_0000)));
+    v.track_write(vmmu::Gpa(pde), 8).unwrap(); // unlinks the table from A's directory
+                                               // Oldest first: A's PDPT's page, A's directory's and the table's; a2's path stays.
+    assert_eq!(vm.shrink_shadow_pages(3), 3);
+    assert_eq!(vm.shadow_mmu().unwrap().stale_entries_for_tests(vm.mmu()), 0);
+    assert_eq!(access(&mut v, a2, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(host.use_after_free(), 0);
+}
