@@ -1164,3 +1164,31 @@ fn a_table_linked_twice_loses_only_the_unlinked_parent() {
     assert_eq!(access(&mut v, a2, false), Seen::Ram(ram_pfn(0x20_0000)));
     assert_eq!(host.use_after_free(), 0);
 }
+
+/// KVM `make_mmu_pages_available`: a fault recycles only when fewer than 5 pages are free
+/// (`KVM_MIN_FREE_MMU_PAGES`), and then zaps the oldest unpinned pages up to 25 free
+/// (`KVM_REFILL_PAGES - avail`), counted in `mmu_recycled`.
+/// Kills `shadow/mod.rs`: the `avail >= MIN_FREE_PAGES` boundary and the refill count.
+#[test]
+fn a_fault_recycles_only_below_five_free_pages_and_refills_to_25() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    vm.set_nr_mmu_pages(64);
+    let s = Space::new(&host, &next);
+    // A: a directory and a table page; A + 2 MiB: one more table; then two pages per GiB.
+    let gvas: Vec<u64> =
+        [A, A + 0x20_0000].into_iter().chain((2..32u64).map(|i| i << 30)).collect();
+    for &g in &gvas {
+        s.map4k(g, 0x20_0000, P | RW | US);
+    }
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    let shadow = vm.shadow_mmu().unwrap();
+    // Root and PDPT, 2 + 1 for A's pair, 2 for each of 27 more: 59 pages, 5 free.
+    for &g in &gvas[..29] {
+        assert_eq!(access(&mut v, g, false), Seen::Ram(ram_pfn(0x20_0000)));
+    }
+    assert_eq!((shadow.pages_in_use(), shadow.stats.snapshot().mmu_recycled), (59, 0));
+    assert_eq!(access(&mut v, gvas[29], false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!((shadow.pages_in_use(), shadow.stats.snapshot().mmu_recycled), (61, 0), "5 free");
+    assert_eq!(access(&mut v, gvas[30], false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(shadow.stats.snapshot().mmu_recycled, 22, "3 free: 22 zapped to have 25");
+}
