@@ -1192,3 +1192,46 @@ fn a_fault_recycles_only_below_five_free_pages_and_refills_to_25() {
     assert_eq!(access(&mut v, gvas[30], false), Seen::Ram(ram_pfn(0x20_0000)));
     assert_eq!(shadow.stats.snapshot().mmu_recycled, 22, "3 free: 22 zapped to have 25");
 }
+
+/// Prefetching skips entries that are present already (KVM prefetches only not-present SPTEs):
+/// a present neighbour whose host page is not mapped writable (it was only read) neither gets
+/// rebuilt nor ends the prefetch, so the not-present neighbour after it is still prefetched.
+/// Kills `shadow/prefetch.rs`: the indirect prefetch's skip of present entries.
+#[test]
+fn prefetch_skips_present_neighbours() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    s.map4k(A, 0x20_0000, P | RW | US);
+    let pte1 = s.map4k(A + 0x1000, 0x21_0000, P | RW | US); // not accessed yet
+    s.map4k(A + 0x2000, 0x22_0000, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(leaf(&mut v, A + 0x1000), None, "not accessed: not prefetched");
+    // The guest's other vCPU used page 1 meanwhile (A and D set; its host page written).
+    host.write_u64(RAM_HVA + pte1, 0x21_0000 | P | RW | US | AC | DT);
+    host_written(&host, RAM_HVA + 0x21_0000, 1);
+    assert_eq!(access(&mut v, A + 0x2000, false), Seen::Ram(ram_pfn(0x22_0000)));
+    assert_eq!(leaf(&mut v, A + 0x1000), Some((Some(ram_pfn(0x21_0000)), true)));
+}
+
+/// The direct prefetch's runs stop at present entries: in a guest 2 MiB page whose first page
+/// is mapped already (only read, so its host page is not mapped writable), a fault on page 1
+/// prefetches the run 2..8 after it and does not try page 0 again (a run that fails ends the
+/// prefetch).
+/// Kills `shadow/prefetch.rs`: `direct_runs` not splitting runs at present entries.
+#[test]
+fn the_direct_prefetch_runs_stop_at_present_entries() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let g = 0x8000_0000;
+    s.map2m(g, 0x40_0000, P | RW | US | AC | DT);
+    host_written(&host, RAM_HVA + 0x40_2000, 6);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, g, false), Seen::Ram(ram_pfn(0x40_0000)));
+    assert_eq!(leaf(&mut v, g + 0x2000), None, "the run 1..8 failed at page 1");
+    assert_eq!(access(&mut v, g + 0x1000, false), Seen::Ram(ram_pfn(0x40_1000)));
+    for i in 2..8u64 {
+        let want = Some((Some(ram_pfn(0x40_0000 + i * 0x1000)), true));
+        assert_eq!(leaf(&mut v, g + i * 0x1000), want, "page {i}");
+    }
+}
