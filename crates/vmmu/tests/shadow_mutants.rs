@@ -1235,3 +1235,31 @@ fn the_direct_prefetch_runs_stop_at_present_entries() {
         assert_eq!(leaf(&mut v, g + i * 0x1000), want, "page {i}");
     }
 }
+
+/// A lookup that finds an existing shadow page resets its flood count too (KVM
+/// `kvm_mmu_find_shadow_page` clears `write_flooding_count` on a hit): a directory reached from
+/// a second top-level path is found, not created, and that use restarts the count.
+/// Kills `shadow/pages.rs`: `get_page`'s flood reset on a hit.
+#[test]
+fn finding_a_shadow_page_restarts_its_flood_count() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    s.map4k(A, 0x20_0000, P | RW | US);
+    let a2 = 2 << 30; // the next PDPT entry, pointed at A's directory
+    let pdpte = s.entry_gpa(A, 3);
+    host.write_u64(RAM_HVA + pdpte + 8, s.read(pdpte));
+    let unused = vmmu::Gpa((s.entry_gpa(A, 2) & !0xfff) + 5 * 8);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
+    for _ in 0..2 {
+        v.track_write(unused, 8).unwrap();
+    }
+    // The first fault through the second path finds the directory's page and links it.
+    assert_eq!(access(&mut v, a2, false), Seen::Ram(ram_pfn(0x20_0000)));
+    for _ in 0..2 {
+        v.track_write(unused, 8).unwrap();
+    }
+    assert!(mapped(&mut v, A), "two writes since the lookup do not flood");
+    v.track_write(unused, 8).unwrap();
+    assert!(!mapped(&mut v, A), "the third does");
+}
