@@ -1168,7 +1168,8 @@ fn a_table_linked_twice_loses_only_the_unlinked_parent() {
 /// KVM `make_mmu_pages_available`: a fault recycles only when fewer than 5 pages are free
 /// (`KVM_MIN_FREE_MMU_PAGES`), and then zaps the oldest unpinned pages up to 25 free
 /// (`KVM_REFILL_PAGES - avail`), counted in `mmu_recycled`.
-/// Kills `shadow/mod.rs`: the `avail >= MIN_FREE_PAGES` boundary and the refill count.
+/// Kills `shadow/mod.rs`: the `avail >= MIN_FREE_PAGES` boundary and the refill count;
+/// `shadow/pages.rs`: `free_page` not giving the page back to the count.
 #[test]
 fn a_fault_recycles_only_below_five_free_pages_and_refills_to_25() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);
@@ -1191,6 +1192,13 @@ fn a_fault_recycles_only_below_five_free_pages_and_refills_to_25() {
     assert_eq!((shadow.pages_in_use(), shadow.stats.snapshot().mmu_recycled), (61, 0), "5 free");
     assert_eq!(access(&mut v, gvas[30], false), Seen::Ram(ram_pfn(0x20_0000)));
     assert_eq!(shadow.stats.snapshot().mmu_recycled, 22, "3 free: 22 zapped to have 25");
+    // Freed pages are free again: after the shrinker, faults need no recycling for a while.
+    let n = vm.shrink_shadow_pages(30) as u64;
+    assert_eq!(shadow.stats.snapshot().mmu_recycled, 22 + n);
+    for &g in &gvas[..4] {
+        assert_eq!(access(&mut v, g, false), Seen::Ram(ram_pfn(0x20_0000)));
+    }
+    assert_eq!(shadow.stats.snapshot().mmu_recycled, 22 + n, "freed pages count as free");
 }
 
 /// Prefetching skips entries that are present already (KVM prefetches only not-present SPTEs):
