@@ -1271,3 +1271,31 @@ fn finding_a_shadow_page_restarts_its_flood_count() {
     v.track_write(unused, 8).unwrap();
     assert!(!mapped(&mut v, A), "the third does");
 }
+
+/// A PAE guest's page directory is shadowed under its own frame (the PDPTE's address bits), so
+/// it is write-protected and an emulated edit of a directory entry reaches its shadow page: the
+/// remapped address translates to the new page.
+/// Kills `shadow/root.rs`: the PAE root pages' gfn computed from the PDPTE wrongly.
+#[test]
+fn a_pae_directory_edit_is_seen() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let alloc = || {
+        let t = next.get();
+        next.set(t + 0x1000);
+        t
+    };
+    let (pdpt, pd, pt, pt2) = (alloc(), alloc(), alloc(), alloc());
+    host.write_u64(RAM_HVA + pdpt, pd | P);
+    host.write_u64(RAM_HVA + pd + 8 * 2, pt | P | RW | US);
+    host.write_u64(RAM_HVA + pt + 8 * 3, 0x20_0000 | P | RW | US);
+    host.write_u64(RAM_HVA + pt2 + 8 * 3, 0x30_0000 | P | RW | US);
+    let mut v = vm.create_vcpu().unwrap();
+    let mode = vmmu::guest::PagingMode::Pae { pdptrs: [0; 4] };
+    v.set_guest_cpu(vmmu::guest::GuestCpu { mode, ..long4(0) }).unwrap();
+    v.load_cr3(pdpt).unwrap();
+    assert_eq!(access(&mut v, 0x40_3000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    host.write_u64(RAM_HVA + pd + 8 * 2, pt2 | P | RW | US);
+    v.track_write(vmmu::Gpa(pd + 8 * 2), 8).unwrap();
+    v.invlpg(Gva(0x40_3000)).unwrap();
+    assert_eq!(access(&mut v, 0x40_3000, false), Seen::Ram(ram_pfn(0x30_0000)));
+}
