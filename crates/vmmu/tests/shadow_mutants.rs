@@ -806,7 +806,7 @@ fn every_zap_of_a_leaf_flushes_the_tlbs() {
         ("shrinker", |vm, _, _, _| {
             vm.shrink_shadow_pages(1000);
         }),
-        ("page limit", |vm, _, _, _| vm.set_nr_mmu_pages(64)),
+        ("page limit", |vm, _, _, _| vm.set_nr_mmu_pages(64).unwrap()),
         ("zap-all", |vm, _, _, _| vm.zap_all_fast()),
         ("memslot delete", |vm, _, _, _| {
             vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, 0, RAM_HVA)).unwrap();
@@ -1173,7 +1173,7 @@ fn a_table_linked_twice_loses_only_the_unlinked_parent() {
 #[test]
 fn a_fault_recycles_only_below_five_free_pages_and_refills_to_25() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);
-    vm.set_nr_mmu_pages(64);
+    vm.set_nr_mmu_pages(64).unwrap();
     let s = Space::new(&host, &next);
     // A: a directory and a table page; A + 2 MiB: one more table; then two pages per GiB.
     let gvas: Vec<u64> =
