@@ -1,0 +1,40 @@
+//! Behaviour that mutation testing (`cargo mutants` on the memslot, SPTE, fault-path, per-vCPU
+//! MMIO cache and TDP MMU sources) found no test pinning: each test here fails with the mutant
+//! its doc names applied, and shows what a guest or a VMM would see (an errno, a translation, an
+//! emulation decision), not an internal flag.
+#![cfg(not(loom))] // std threads and atomics: loom types only work inside a model
+
+use vmmu::memslot::{
+    MemslotChange, MemslotError, Memslots, MemslotsConfig, NoHooks, UserspaceMemoryRegion,
+};
+
+/// `access_ok(hva, size)` is `size <= limit && hva <= limit - size` (KVM `__access_ok`): a
+/// region that fills the whole user range, from address 0 up to the limit exactly, is accepted.
+/// Kills `size > user_va_limit` -> `>=` in `check_request`, which refused it (`EINVAL`).
+#[test]
+fn a_region_filling_the_whole_user_range_passes_access_ok() {
+    const LIMIT: u64 = 0x40_0000;
+    let m = Memslots::new(MemslotsConfig { user_va_limit: LIMIT, ..Default::default() });
+    let whole = UserspaceMemoryRegion::new(0, 0, 0x1000_0000, LIMIT, 0);
+    assert_eq!(m.set_memory_region(&whole, &NoHooks), Ok(MemslotChange::Create));
+    // One page more is beyond it, from either end.
+    let longer = UserspaceMemoryRegion::new(1, 0, 0x2000_0000, LIMIT + 0x1000, 0);
+    let shifted = UserspaceMemoryRegion::new(2, 0, 0x3000_0000, LIMIT, 0x1000);
+    for r in [longer, shifted] {
+        let e = m.set_memory_region(&r, &NoHooks).unwrap_err();
+        assert!(matches!(e, MemslotError::HvaRangeNotUser { .. }), "{r:?}: {e:?}");
+        assert_eq!(e.errno(), "EINVAL");
+    }
+}
+
+/// A VM with one address space has no SMM space: asking for the generation of address space 1
+/// panics, as documented, instead of answering with a generation no update ever changes (a
+/// vCPU using it would keep MMIO decisions across every memslot update). Kills
+/// `as_id.0 < nr_address_spaces` -> `<=` in `Memslots::generation`.
+#[test]
+#[should_panic(expected = "address space 1 does not exist")]
+fn the_generation_of_a_missing_address_space_panics() {
+    let m = Memslots::new(MemslotsConfig { nr_address_spaces: 1, ..Default::default() });
+    let _ = m.generation(vmmu::AsId(0));
+    let _ = m.generation(vmmu::AsId(1));
+}
