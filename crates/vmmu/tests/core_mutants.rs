@@ -4,9 +4,18 @@
 //! emulation decision), not an internal flag.
 #![cfg(not(loom))] // std threads and atomics: loom types only work inside a model
 
+mod common;
+
+use common::{access, region, vm, Seen, RAM_HVA};
+use vmmu::fault::FaultOutcome;
 use vmmu::memslot::{
     MemslotChange, MemslotError, Memslots, MemslotsConfig, NoHooks, UserspaceMemoryRegion,
 };
+use vmmu::spte::FormatKind;
+use vmmu::stats::RetryCause;
+use vmmu::testing::TestHost;
+use vmmu::vcpu::Vcpu;
+use vmmu::{FaultAccess, Gpa, Hva, Pfn};
 
 /// `access_ok(hva, size)` is `size <= limit && hva <= limit - size` (KVM `__access_ok`): a
 /// region that fills the whole user range, from address 0 up to the limit exactly, is accepted.
@@ -37,4 +46,29 @@ fn the_generation_of_a_missing_address_space_panics() {
     let m = Memslots::new(MemslotsConfig { nr_address_spaces: 1, ..Default::default() });
     let _ = m.generation(vmmu::AsId(0));
     let _ = m.generation(vmmu::AsId(1));
+}
+
+/// Faults on the pages just below and just above a host invalidation in flight map their pages
+/// at once; only gfns inside the range retry (KVM `mmu_invalidate_retry_gfn`: `start <= gfn <
+/// end`). Kills `gfn < end` -> `<=` in `Invalidation::retry` and `start < end_of_range` /
+/// `range_start < end` -> `<=` in `Invalidation::retry_range`, under which a vCPU touching a
+/// neighbour of a page the host is changing spun on Retry until the invalidation ended.
+#[test]
+fn faults_next_to_an_invalidation_in_flight_map_their_pages() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    // 16 pages: too small for a 2 MiB leaf, so every fault maps (and checks) one 4 KiB page.
+    vm.set_memory_region(&region(0, 0x10_0000, 0x1_0000, RAM_HVA, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    v.service_requests().unwrap();
+    vm.invalidate_hva_range_begin(Hva(RAM_HVA + 0x5000), Hva(RAM_HVA + 0x6000));
+    let read = |v: &mut Vcpu<TestHost>, gpa| v.handle_ept_violation(Gpa(gpa), FaultAccess::READ);
+    assert_eq!(read(&mut v, 0x10_4000).unwrap(), FaultOutcome::Fixed, "the page below");
+    assert_eq!(read(&mut v, 0x10_6000).unwrap(), FaultOutcome::Fixed, "the page above");
+    assert_eq!(
+        read(&mut v, 0x10_5000).unwrap(),
+        FaultOutcome::Retry(RetryCause::HostInvalidation),
+        "the page being invalidated"
+    );
+    vm.invalidate_hva_range_end();
+    assert_eq!(access(&mut v, 0x10_5000, false).unwrap().0, Seen::Ram(Pfn((RAM_HVA >> 12) + 5)));
 }
