@@ -7,7 +7,7 @@
 mod common;
 
 use common::{access, region, vm, Seen, RAM_HVA};
-use vmmu::fault::FaultOutcome;
+use vmmu::fault::{EmulateSource, FaultOutcome};
 use vmmu::memslot::{
     MemslotChange, MemslotError, Memslots, MemslotsConfig, NoHooks, UserspaceMemoryRegion,
 };
@@ -15,7 +15,7 @@ use vmmu::spte::FormatKind;
 use vmmu::stats::RetryCause;
 use vmmu::testing::TestHost;
 use vmmu::vcpu::Vcpu;
-use vmmu::{FaultAccess, Gpa, Hva, Pfn};
+use vmmu::{Access, FaultAccess, Gpa, Hva, Pfn};
 
 /// `access_ok(hva, size)` is `size <= limit && hva <= limit - size` (KVM `__access_ok`): a
 /// region that fills the whole user range, from address 0 up to the limit exactly, is accepted.
@@ -71,4 +71,46 @@ fn faults_next_to_an_invalidation_in_flight_map_their_pages() {
     );
     vm.invalidate_hva_range_end();
     assert_eq!(access(&mut v, 0x10_5000, false).unwrap().0, Seen::Ram(Pfn((RAM_HVA >> 12) + 5)));
+}
+
+/// The highest gfn the MMU maps (KVM `kvm_mmu_max_gfn`; 2^34 - 1 with 46 physical bits) still
+/// gets an MMIO SPTE, so a second vCPU hits it on the fast path; the gfn above it is emulated
+/// without one, every time. Kills `gfn > max_gfn` -> `>=` in the TDP slow path, under which the
+/// top page of the guest-physical space never had its MMIO decision cached.
+#[test]
+fn the_highest_mappable_gfn_gets_an_mmio_spte_and_the_next_does_not() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    let mut v0 = vm.create_vcpu().unwrap();
+    let mut v1 = vm.create_vcpu().unwrap();
+    let top = ((1u64 << 34) - 1) << 12;
+    assert_eq!(access(&mut v0, top, false).unwrap().0, Seen::Mmio(EmulateSource::SlowPathMmio));
+    assert_eq!(access(&mut v1, top, false).unwrap().0, Seen::Mmio(EmulateSource::MmioSpteHit));
+    let above = 1u64 << 46;
+    assert_eq!(access(&mut v0, above, false).unwrap().0, Seen::Mmio(EmulateSource::SlowPathMmio));
+    assert_eq!(access(&mut v1, above, false).unwrap().0, Seen::Mmio(EmulateSource::SlowPathMmio));
+}
+
+/// The access an MMIO emulation reports is what the format's MMIO SPTE can hold (KVM
+/// `shadow_mmio_access_mask`): none for EPT, W|U for NPT, and the same from the slow path that
+/// decided "no slot" as from a later MMIO SPTE hit. Kills `ACC_ALL & access_mask` -> `|` in the
+/// TDP slow path, which reported full rights for EPT.
+#[test]
+fn mmio_emulation_reports_the_formats_mmio_access_on_every_path() {
+    let wu = Access::WRITE.union(Access::USER);
+    for (f, want) in [(FormatKind::Ept, Access::NONE), (FormatKind::Npt, wu)] {
+        let (vm, _h) = vm(f);
+        let mut v0 = vm.create_vcpu().unwrap();
+        let mut v1 = vm.create_vcpu().unwrap();
+        for (v, source) in
+            [(&mut v0, EmulateSource::SlowPathMmio), (&mut v1, EmulateSource::MmioSpteHit)]
+        {
+            let (_, faults) = access(v, 0xfee0_0000, false).unwrap();
+            let got = faults.last().copied();
+            assert_eq!(
+                got,
+                Some(FaultOutcome::Emulate { gpa: Gpa(0xfee0_0000), access: want, source }),
+                "{f:?}"
+            );
+        }
+    }
 }
