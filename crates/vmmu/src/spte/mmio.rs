@@ -270,4 +270,38 @@ mod tests {
         assert!(!global.with_vm_value(0x8).enabled(), "outside the mask");
         assert!(!global.with_vm_value(1 << 63).enabled(), "would match the frozen value");
     }
+
+    /// A per-VM value with a bit where the L1TF mitigation stores relocated GFN bits turns
+    /// caching off for the VM: an MMIO SPTE made with it would decode to another gfn (the value
+    /// bit reads back as a GFN bit), so the VM would emulate at the wrong address. Kills
+    /// `nonpresent_or_rsvd_mask << 5` -> `>> 5` in `with_vm_value`, which checked bits that hold
+    /// no relocated GFN bits and accepted the value.
+    #[test]
+    fn a_per_vm_value_in_the_l1tf_relocation_bits_disables_caching() {
+        // cache_bits 46: GFN bits 41..=45 live at 46..=50; the mask covers 46..=51 and P.
+        let mask = genmask(51, 46) | 1;
+        let global = codec(1 << 51 | 1, mask, 0x6, 46, Some(46));
+        assert!(global.with_vm_value(1 << 51 | 1).enabled());
+        let bad_value = 1 << 48 | 1;
+        assert!(!global.with_vm_value(bad_value).enabled(), "bit 48 holds GFN bit 43");
+        // What accepting it would do: the gfn read back from its MMIO SPTE is not the gfn.
+        let unchecked = MmioSpteCodec { value: bad_value, ..global };
+        let spte = unchecked.make(Gfn(1), Generation::from_raw(0), Access::NONE);
+        assert_eq!(unchecked.gfn(spte), Gfn(1 | 1 << (43 - 12)));
+    }
+
+    /// A sane per-VM value is the value that VM's MMIO SPTEs carry and are recognised by (KVM
+    /// `kvm->arch.shadow_mmio_value`): an entry made with the global value is not MMIO for it.
+    /// Kills deleting `value:` from `with_vm_value`'s result, which kept the global value.
+    #[test]
+    fn a_per_vm_value_is_what_that_vms_mmio_sptes_carry() {
+        let global = codec(0x6, 0x8000_0000_0000_0007, 0, 46, None);
+        let vm = global.with_vm_value(0x2);
+        assert!(vm.enabled());
+        let g = Generation::from_raw(2);
+        let spte = vm.make(Gfn(0x42), g, Access::ALL);
+        assert_eq!(spte & vm.mask(), 0x2);
+        assert!(vm.is_mmio(spte) && !global.is_mmio(spte));
+        assert!(!vm.is_mmio(global.make(Gfn(0x42), g, Access::ALL)));
+    }
 }
