@@ -590,11 +590,7 @@ fn no_prefetch_from_a_slot_being_deleted() {
 #[test]
 fn a_pae_guest_faults_in_every_quarter_through_its_own_pdpte() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);
-    let alloc = || {
-        let t = next.get();
-        next.set(t + 0x1000);
-        t
-    };
+    let alloc = || alloc_table(&next);
     let pdpt = alloc();
     let mut v = vm.create_vcpu().unwrap();
     for (quarter, page) in [(0u64, 0x20_0000u64), (2, 0x30_0000)] {
@@ -700,11 +696,7 @@ fn a_pae_walk_reports_the_pdpte_address_without_cr3_flag_bits() {
 #[test]
 fn a_pae_fault_rechecks_its_pd_and_pt_entries_but_not_the_pdpte() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);
-    let alloc = || {
-        let t = next.get();
-        next.set(t + 0x1000);
-        t
-    };
+    let alloc = || alloc_table(&next);
     let (pdpt, pd, pt) = (alloc(), alloc(), alloc());
     host.write_u64(RAM_HVA + pdpt, pd | P);
     host.write_u64(RAM_HVA + pd + 8 * 2, pt | P | RW | US);
@@ -1054,11 +1046,7 @@ fn a_table_shadowed_twice_stays_protected_until_both_pages_go() {
 #[test]
 fn a_pae_special_root_shadows_present_pdptes_only_and_frees_its_frame() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);
-    let alloc = || {
-        let t = next.get();
-        next.set(t + 0x1000);
-        t
-    };
+    let alloc = || alloc_table(&next);
     let (pdpt, pd, pt) = (alloc(), alloc(), alloc());
     host.write_u64(RAM_HVA + pdpt, pd | P);
     host.write_u64(RAM_HVA + pd, pt | P | RW | US);
@@ -1279,11 +1267,7 @@ fn finding_a_shadow_page_restarts_its_flood_count() {
 #[test]
 fn a_pae_directory_edit_is_seen() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);
-    let alloc = || {
-        let t = next.get();
-        next.set(t + 0x1000);
-        t
-    };
+    let alloc = || alloc_table(&next);
     let (pdpt, pd, pt, pt2) = (alloc(), alloc(), alloc(), alloc());
     host.write_u64(RAM_HVA + pdpt, pd | P);
     host.write_u64(RAM_HVA + pd + 8 * 2, pt | P | RW | US);

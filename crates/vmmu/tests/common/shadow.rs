@@ -38,10 +38,16 @@ pub struct Space {
     next: Rc<Cell<u64>>,
 }
 
+/// The next free guest page for a page table (from the counter [`shadow_vm`] returns).
+pub fn alloc_table(next: &Cell<u64>) -> u64 {
+    let t = next.get();
+    next.set(t + 0x1000);
+    t
+}
+
 impl Space {
     pub fn new(host: &Arc<TestHost>, next: &Rc<Cell<u64>>) -> Space {
-        let cr3 = next.get();
-        next.set(cr3 + 0x1000);
+        let cr3 = alloc_table(next);
         Space { host: host.clone(), cr3, next: next.clone() }
     }
 
@@ -56,8 +62,7 @@ impl Space {
             let idx = (gva >> (12 + 9 * (u64::from(l) - 1))) & 511;
             let e = self.read(table + idx * 8);
             if e & P == 0 {
-                let t = self.next.get();
-                self.next.set(t + 0x1000);
+                let t = alloc_table(&self.next);
                 self.host.write_u64(RAM_HVA + table + idx * 8, t | P | RW | US);
                 table = t;
             } else {
