@@ -7,15 +7,17 @@
 mod common;
 
 use common::{access, region, vm, Seen, RAM_HVA};
+use vmmu::dirty::pages_of;
 use vmmu::fault::{EmulateSource, FaultOutcome};
 use vmmu::memslot::{
     MemslotChange, MemslotError, Memslots, MemslotsConfig, NoHooks, UserspaceMemoryRegion,
+    KVM_MEM_LOG_DIRTY_PAGES,
 };
 use vmmu::spte::FormatKind;
 use vmmu::stats::RetryCause;
 use vmmu::testing::TestHost;
 use vmmu::vcpu::Vcpu;
-use vmmu::{Access, FaultAccess, Gpa, Hva, Pfn};
+use vmmu::{Access, AsId, FaultAccess, Gpa, Hva, Pfn, SlotId};
 
 /// `access_ok(hva, size)` is `size <= limit && hva <= limit - size` (KVM `__access_ok`): a
 /// region that fills the whole user range, from address 0 up to the limit exactly, is accepted.
@@ -113,4 +115,29 @@ fn mmio_emulation_reports_the_formats_mmio_access_on_every_path() {
             );
         }
     }
+}
+
+/// A write fault that gives back the write right a dirty-log GET took (same frame, rights only
+/// gained) asks no vCPU to flush its TLB: a stale read-only translation just faults again (KVM
+/// `leaf_spte_change_needs_tlb_flush` is false, and the fault path flushes only when it is
+/// true). The GET itself, which took the right away, did flush. Kills, in the leaf-change flush
+/// decision of `handle_changed_spte`, deleting the `!` of `!is_leaf`, `pfn(old) != pfn(new)` ->
+/// `==`, and `(old & !new)` -> `old | !new`, `old ^ !new` or `old & new`: each made this fault
+/// a remote TLB flush (KVM's `remote_tlb_flush_requests` stat counted one more).
+#[test]
+fn regaining_the_write_right_after_a_dirty_log_get_flushes_no_tlb() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    vm.set_memory_region(&region(1, 0x10_0000, 0x1_0000, RAM_HVA, KVM_MEM_LOG_DIRTY_PAGES))
+        .unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    access(&mut v, 0x10_3000, true).unwrap();
+    let before_get = vm.stats().remote_tlb_flush_requests;
+    let pages: Vec<u64> = pages_of(&vm.get_dirty_log(AsId(0), SlotId(1)).unwrap()).collect();
+    assert_eq!(pages, [3]);
+    let before = vm.stats().remote_tlb_flush_requests;
+    assert_eq!(before, before_get + 1, "the GET write-protected a writable leaf: one flush");
+    let (seen, faults) = access(&mut v, 0x10_3000, true).unwrap();
+    assert_eq!(seen, Seen::Ram(Pfn((RAM_HVA >> 12) + 3)));
+    assert_eq!(faults, [FaultOutcome::Fixed], "the write faulted once, on the read-only leaf");
+    assert_eq!(vm.stats().remote_tlb_flush_requests, before, "regaining W flushed a TLB");
 }
