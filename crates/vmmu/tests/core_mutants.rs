@@ -141,3 +141,29 @@ fn regaining_the_write_right_after_a_dirty_log_get_flushes_no_tlb() {
     assert_eq!(faults, [FaultOutcome::Fixed], "the write faulted once, on the read-only leaf");
     assert_eq!(vm.stats().remote_tlb_flush_requests, before, "regaining W flushed a TLB");
 }
+
+/// Eager splitting at the start of dirty logging gives each 4 KiB child the huge leaf's
+/// attributes without the page-size bit (KVM `make_huge_page_split_spte` clears it: at 4 KiB it
+/// is NPT's PAT bit), so a write to a split page only adds the write right to its leaf: no
+/// remote TLB flush (KVM's `remote_tlb_flush_requests` stat). Kills `1 << 7` -> `1 >> 7` in
+/// `BIT_LARGE` of `tdp::dirty`, under which the children kept bit 7 (a PAT memory type on NPT),
+/// and the write, dropping it, flushed every vCPU's TLB.
+#[test]
+fn a_write_to_an_eagerly_split_page_only_adds_the_write_right() {
+    for f in [FormatKind::Ept, FormatKind::Npt] {
+        let (vm, _h) = vm(f);
+        vm.set_memory_region(&region(1, 0x20_0000, 0x20_0000, RAM_HVA, 0)).unwrap();
+        let mut v = vm.create_vcpu().unwrap();
+        access(&mut v, 0x20_0000, true).unwrap();
+        assert_eq!(vm.stats().pages_2m, 1, "{f:?}");
+        let log = region(1, 0x20_0000, 0x20_0000, RAM_HVA, KVM_MEM_LOG_DIRTY_PAGES);
+        vm.set_memory_region(&log).unwrap();
+        assert_eq!((vm.stats().pages_2m, vm.stats().pages_4k), (0, 512), "{f:?}: split");
+        let before = vm.stats().remote_tlb_flush_requests;
+        let (seen, faults) = access(&mut v, 0x20_5000, true).unwrap();
+        assert_eq!(seen, Seen::Ram(Pfn((RAM_HVA >> 12) + 5)), "{f:?}");
+        assert_eq!(faults, [FaultOutcome::Fixed], "{f:?}: one fault on the read-only child");
+        let after = vm.stats().remote_tlb_flush_requests;
+        assert_eq!(after, before, "{f:?}: the write changed more than the write right");
+    }
+}
