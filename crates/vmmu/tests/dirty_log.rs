@@ -282,3 +282,19 @@ fn starting_logging_write_protects_and_keeps_mappings() {
     assert_eq!(v.access(0x20_0000, false), 0, "the write left its neighbours mapped");
     assert_eq!(get(&vm, 1), [] as [u64; 0]);
 }
+
+/// Starting dirty logging splits a writable huge leaf and flushes the TLBs: a vCPU that cached a
+/// writable translation of a page in the block faults on its next write, and the page is in the
+/// GET. Kills `flush |= need == Remote` -> `&=` / `!=` after the split link in
+/// `write_protect_table`, under which the write went through the stale TLB entry unlogged.
+#[test]
+fn a_write_through_a_cached_huge_translation_after_logging_starts_is_logged() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    vm.set_memory_region(&region(1, 0x20_0000, 0x20_0000, RAM_HVA, 0)).unwrap();
+    let mut v = TlbVcpu::new(&vm);
+    assert_eq!(v.access(0x20_5000, true), 1);
+    assert_eq!(vm.stats().pages_2m, 1);
+    vm.set_memory_region(&region(1, 0x20_0000, 0x20_0000, RAM_HVA, LOG)).unwrap();
+    assert_eq!(v.access(0x20_5000, true), 1, "the cached writable translation was flushed");
+    assert_eq!(get(&vm, 1), [5]);
+}
