@@ -298,3 +298,29 @@ fn a_write_through_a_cached_huge_translation_after_logging_starts_is_logged() {
     assert_eq!(v.access(0x20_5000, true), 1, "the cached writable translation was flushed");
     assert_eq!(get(&vm, 1), [5]);
 }
+
+/// Starting dirty logging write-protects exactly the slot's leaves, wherever in the tables the
+/// slot begins: here two 8-page slots side by side in one leaf table, in the second 2 MiB of the
+/// first GiB (so every level's range arithmetic counts). Every page of the logged slot is in the
+/// GET after a write (none goes through a writable leaf left behind); the neighbour slot's
+/// writable leaves stay writable (no fault). Kills `write_protect_table`'s `lo = base + i * span`
+/// with `*` for `+` or `/` for `*`, under which the walk reached the wrong leaves.
+#[test]
+fn starting_logging_protects_exactly_the_slots_leaves_wherever_it_lies() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    let (a, b) = (0x30_0000u64, 0x30_8000u64);
+    vm.set_memory_region(&region(1, a, 0x8000, RAM_HVA, 0)).unwrap();
+    vm.set_memory_region(&region(2, b, 0x8000, RAM_HVA + 0x8000, 0)).unwrap();
+    let mut v = TlbVcpu::new(&vm);
+    for p in 0..8 {
+        v.access(a + p * 0x1000, true);
+        v.access(b + p * 0x1000, true);
+    }
+    assert_eq!(vm.stats().pages_4k, 16);
+    vm.set_memory_region(&region(1, a, 0x8000, RAM_HVA, LOG)).unwrap();
+    for p in 0..8 {
+        assert_eq!(v.access(b + p * 0x1000, true), 0, "slot 2 page {p} stays writable");
+        assert_eq!(v.access(a + p * 0x1000, true), 1, "slot 1 page {p} was write-protected");
+    }
+    assert_eq!(get(&vm, 1), [0, 1, 2, 3, 4, 5, 6, 7]);
+}
