@@ -11,38 +11,14 @@ use vmmu::fault::{FaultOutcome, PfErr};
 use vmmu::guest::GuestCpu;
 use vmmu::spte::FormatKind;
 use vmmu::stats::RetryCause;
-use vmmu::tdp::HwWalk;
 use vmmu::testing::TestHost;
 use vmmu::vcpu::Vcpu;
-use vmmu::{Access, Gva};
+use vmmu::Gva;
 
-/// One supervisor-mode access (CPL 0) by `v` to `gva`, exiting and handling #PF as the hardware
-/// and the hypervisor do. `None`: it did not complete in 20 rounds.
-fn supervisor_access(v: &mut Vcpu<TestHost>, gva: u64, write: bool) -> Option<Seen> {
-    let need = if write { Access::WRITE } else { Access::NONE };
-    for _ in 0..20 {
-        v.service_requests().unwrap();
-        if v.enter_guest_mode().is_err() {
-            continue;
-        }
-        let walk = v.walk_gva(Gva(gva), need);
-        v.exit_guest_mode();
-        let w = if write { PfErr::WRITE } else { 0 };
-        let err = match walk {
-            HwWalk::Translated { pfn, .. } => return Some(Seen::Ram(pfn)),
-            HwWalk::Violation { present, .. } => w | if present { PfErr::PRESENT } else { 0 },
-            HwWalk::Misconfig { .. } => w | PfErr::RSVD | PfErr::PRESENT,
-            HwWalk::Broken { dump } => panic!("broken walk {dump:?}"),
-        };
-        match v.handle_page_fault(Gva(gva), PfErr(err)).unwrap() {
-            FaultOutcome::Fixed | FaultOutcome::Spurious | FaultOutcome::Retry(_) => {}
-            FaultOutcome::Emulate { gpa, source, .. } => return Some(Seen::Mmio(gpa, source)),
-            FaultOutcome::GuestPageFault { error_code, .. } => {
-                return Some(Seen::GuestPf(error_code.0))
-            }
-        }
-    }
-    None
+/// One supervisor-mode access (CPL 0) by `v` to `gva`, as [`access`] makes a user-mode one;
+/// panics if it does not complete (a fault loop).
+fn supervisor_access(v: &mut Vcpu<TestHost>, gva: u64, write: bool) -> Seen {
+    access_at(v, gva, write, false)
 }
 
 /// Shadow facts §3.1: with CR0.WP=0 a supervisor write to a page the guest maps read-only is
@@ -57,7 +33,7 @@ fn cr0_wp0_supervisor_write_to_a_read_only_page_completes() {
     let data = 0x80_0000;
     s.map4k(0x4000_0000, data, P | US);
     let mut v = vcpu_in(&vm, GuestCpu { cr0_wp: false, ..long4(s.cr3) });
-    assert_eq!(supervisor_access(&mut v, 0x4000_0000, true), Some(Seen::Ram(ram_pfn(data))));
+    assert_eq!(supervisor_access(&mut v, 0x4000_0000, true), Seen::Ram(ram_pfn(data)));
     // The guest's rights are unchanged for user mode: a user read works, a user write is a
     // protection #PF (P|W|U).
     assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(data)));
@@ -69,7 +45,7 @@ fn cr0_wp0_supervisor_write_to_a_read_only_page_completes() {
     let mut w = vcpu_in(&vm, long4(s.cr3));
     assert_eq!(
         supervisor_access(&mut w, 0x4000_0000, true),
-        Some(Seen::GuestPf(PfErr::PRESENT | PfErr::WRITE))
+        Seen::GuestPf(PfErr::PRESENT | PfErr::WRITE)
     );
 }
 
@@ -85,12 +61,12 @@ fn cr0_wp0_supervisor_write_to_read_only_mmio_hits_the_mmio_spte() {
     let s = Space::new(&host, &next);
     s.map4k(0x4000_0000, MMIO_GPA, P | US);
     let mut v = vcpu_in(&vm, GuestCpu { cr0_wp: false, ..long4(s.cr3) });
-    let first = supervisor_access(&mut v, 0x4000_0008, true).expect("completes");
+    let first = supervisor_access(&mut v, 0x4000_0008, true);
     let Seen::Mmio(gpa, _) = first else { panic!("{first:?}") };
     assert_eq!(gpa.raw(), MMIO_GPA + 8);
     assert_eq!(v.stats.pf_mmio_spte_created, 1);
     let taken = v.stats.pf_taken;
-    let second = supervisor_access(&mut v, 0x4000_0008, true).expect("completes");
+    let second = supervisor_access(&mut v, 0x4000_0008, true);
     assert!(matches!(second, Seen::Mmio(g, _) if g == gpa), "{second:?}");
     assert_eq!(v.stats.pf_taken, taken, "the RSVD fault was decided on the fast path");
     assert_eq!(v.stats.mmio_spte_hits + v.stats.mmio_cache_hits, 1);
@@ -174,15 +150,15 @@ fn cr0_wp_is_part_of_the_shadow_page_role() {
     let data = 0x80_0000;
     s.map4k(0x4000_0000, data, P | US);
     let mut v = vcpu_in(&vm, GuestCpu { cr0_wp: false, ..long4(s.cr3) });
-    assert_eq!(supervisor_access(&mut v, 0x4000_0000, true), Some(Seen::Ram(ram_pfn(data))));
+    assert_eq!(supervisor_access(&mut v, 0x4000_0000, true), Seen::Ram(ram_pfn(data)));
     v.set_guest_cpu(long4(s.cr3)).unwrap();
     assert_eq!(
         supervisor_access(&mut v, 0x4000_0000, true),
-        Some(Seen::GuestPf(PfErr::PRESENT | PfErr::WRITE))
+        Seen::GuestPf(PfErr::PRESENT | PfErr::WRITE)
     );
     // And back: WP=0 again allows it.
     v.set_guest_cpu(GuestCpu { cr0_wp: false, ..long4(s.cr3) }).unwrap();
-    assert_eq!(supervisor_access(&mut v, 0x4000_0000, true), Some(Seen::Ram(ram_pfn(data))));
+    assert_eq!(supervisor_access(&mut v, 0x4000_0000, true), Seen::Ram(ram_pfn(data)));
 }
 
 /// Shadow facts §11 (0cb2af2ea66a, 2026) and §12: a child page under an SPTE is reused only if
@@ -242,7 +218,7 @@ fn cr0_wp0_supervisor_write_to_a_shadowed_table_is_emulated() {
     assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x80_0000)));
     let got = supervisor_access(&mut v, 0x4000_1008, true);
     assert!(
-        matches!(got, Some(Seen::Mmio(g, vmmu::fault::EmulateSource::WriteProtected)) if g.raw() == s.cr3 + 8),
+        matches!(got, Seen::Mmio(g, vmmu::fault::EmulateSource::WriteProtected) if g.raw() == s.cr3 + 8),
         "{got:?}"
     );
 }
