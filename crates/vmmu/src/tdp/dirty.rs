@@ -7,6 +7,7 @@
 //! the fault path (`vcpu/fault_path.rs`); the contract joining them is in [`crate::dirty`].
 
 use super::change::FlushNeed;
+use super::range::{entries_meeting, EntryInRange};
 use super::{MmuWrite, TdpMmu};
 use crate::dirty::WriteProtect;
 use crate::host::Host;
@@ -94,34 +95,27 @@ impl<H: Host> TdpMmu<H> {
             return false;
         };
         let fmt = self.cfg.format;
-        let span = level.pages();
-        let first = start.raw().saturating_sub(base.raw()) / span;
         let mut flush = false;
-        for (i, entry) in table.iter().enumerate().skip(first as usize) {
-            let lo = base.raw() + i as u64 * span;
-            if lo >= end.raw() {
-                break;
-            }
+        for EntryInRange { entry, lo, .. } in entries_meeting(table, level, base, start, end) {
             let old = entry.load(Ordering::Acquire);
             if !SpteFormat::is_mmu_present(old) {
                 continue;
             }
             if fmt.is_leaf(old, level) {
-                if let Some((child, lower)) = self.split_huge_leaf(old, level, Gfn(lo)) {
+                if let Some((child, lower)) = self.split_huge_leaf(old, level, lo) {
                     // The children are read-only already; the link replaces a present leaf.
-                    let need =
-                        self.set_spte_locked(entry, old, fmt.make_nonleaf(child), level, Gfn(lo));
+                    let need = self.set_spte_locked(entry, old, fmt.make_nonleaf(child), level, lo);
                     flush |= need == FlushNeed::Remote;
                     if lower > Level::L4K {
                         // A 1 GiB leaf split into 2 MiB leaves: split those too.
-                        flush |= self.write_protect_table(child, lower, Gfn(lo), start, end);
+                        flush |= self.write_protect_table(child, lower, lo, start, end);
                     }
                 } else if fmt.is_writable(old) {
-                    let need = self.set_spte_locked(entry, old, old & !BIT_W, level, Gfn(lo));
+                    let need = self.set_spte_locked(entry, old, old & !BIT_W, level, lo);
                     flush |= need == FlushNeed::Remote;
                 }
             } else if let Some(lower) = level.lower() {
-                flush |= self.write_protect_table(fmt.pfn(old), lower, Gfn(lo), start, end);
+                flush |= self.write_protect_table(fmt.pfn(old), lower, lo, start, end);
             }
         }
         flush

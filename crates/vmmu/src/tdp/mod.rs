@@ -25,6 +25,7 @@ mod change;
 mod dirty;
 mod lock;
 mod map;
+mod range;
 pub mod root;
 mod walk;
 mod zap;

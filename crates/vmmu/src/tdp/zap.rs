@@ -8,11 +8,12 @@
 //! generation, not by reachability (KVM's comment in `tdp_mmu_zap_leafs`).
 
 use super::change::FlushNeed;
+use super::range::entries_meeting;
 use super::root::Root;
 use super::{MmuWrite, TdpMmu};
-use crate::host::{Host, TableEntries};
+use crate::host::Host;
 use crate::spte::SpteFormat;
-use crate::sync::Ordering;
+use crate::sync::{AtomicU64, Ordering};
 use crate::types::{AsId, Gfn, Level, Pfn};
 
 /// The page-size bit of a huge leaf (bit 7 in both EPT and NPT formats).
@@ -135,20 +136,15 @@ impl<H: Host> TdpMmu<H> {
         let fmt = self.cfg.format;
         let span = level.pages();
         let mut flush = false;
-        let first = if start.raw() > base.raw() { (start.raw() - base.raw()) / span } else { 0 };
-        for (i, entry) in table.iter().enumerate().skip(first as usize) {
-            let lo = base.raw() + i as u64 * span;
-            if lo >= end.raw() {
-                break;
-            }
+        for e in entries_meeting(table, level, base, start, end) {
+            let (entry, lo) = (e.entry, e.lo);
             let old = entry.load(Ordering::Acquire);
             if !SpteFormat::is_mmu_present(old) || fmt.is_leaf(old, level) {
                 continue;
             }
             let child = fmt.pfn(old);
-            let inside = lo >= start.raw() && lo + span <= end.raw();
-            if !(inside && level <= fmt.max_leaf_level() && huge_ok(Gfn(lo), level)) {
-                flush |= self.recover_in_table(child, lower, Gfn(lo), (start, end), huge_ok, pages);
+            if !(e.inside(start, end) && level <= fmt.max_leaf_level() && huge_ok(lo, level)) {
+                flush |= self.recover_in_table(child, lower, lo, (start, end), huge_ok, pages);
                 continue;
             }
             let Some(small) = self.first_present_leaf(child, lower) else {
@@ -157,10 +153,9 @@ impl<H: Host> TdpMmu<H> {
             let frame = Pfn(fmt.pfn(small).raw() & !(span - 1));
             let huge = (small & !fmt.addr_mask()) | BIT_LARGE | (frame.hpa() & fmt.addr_mask());
             // The huge leaf first, then the detached table's entries (KVM `handle_removed_pt`).
-            let swap = self.set_spte_locked(entry, old, huge, level, Gfn(lo));
+            let swap = self.set_spte_locked(entry, old, huge, level, lo);
             flush |= swap == FlushNeed::Remote;
-            let (from, to) = (Gfn(lo), Gfn(lo + span));
-            flush |= self.zap_table(child, lower, from, from, to, ZapScope::Tables, pages);
+            flush |= self.zap_table(child, lower, lo, lo, e.hi, ZapScope::Tables, pages);
             self.stats.mmu_shadow_zapped.add(1);
             pages.push(child);
         }
@@ -205,26 +200,10 @@ impl<H: Host> TdpMmu<H> {
             debug_assert!(false, "table frame {pfn:?} unknown to the host");
             return false;
         };
-        let span = level.pages();
         let mut flush = false;
-        let first = if start.raw() > base.raw() { (start.raw() - base.raw()) / span } else { 0 };
-        for i in first as usize..crate::host::ENTRIES_PER_TABLE {
-            let lo = base.raw() + i as u64 * span;
-            if lo >= end.raw() {
-                break;
-            }
-            let hi = lo + span;
-            flush |= self.zap_entry(
-                table,
-                i,
-                level,
-                Gfn(lo),
-                lo >= start.raw() && hi <= end.raw() && scope == ZapScope::Tables,
-                start,
-                end,
-                scope,
-                pages,
-            );
+        for e in entries_meeting(table, level, base, start, end) {
+            let whole = e.inside(start, end) && scope == ZapScope::Tables;
+            flush |= self.zap_entry(e.entry, level, e.lo, whole, start, end, scope, pages);
         }
         flush
     }
@@ -232,8 +211,7 @@ impl<H: Host> TdpMmu<H> {
     #[allow(clippy::too_many_arguments)]
     fn zap_entry(
         &self,
-        table: &TableEntries,
-        i: usize,
+        entry: &AtomicU64,
         level: Level,
         lo: Gfn,
         whole: bool,
@@ -243,18 +221,18 @@ impl<H: Host> TdpMmu<H> {
         pages: &mut Vec<Pfn>,
     ) -> bool {
         let fmt = self.cfg.format;
-        let old = table[i].load(Ordering::Acquire);
+        let old = entry.load(Ordering::Acquire);
         if !SpteFormat::is_mmu_present(old) {
             if whole && old != SpteFormat::NONPRESENT && !SpteFormat::is_frozen(old) {
                 // An MMIO SPTE inside the range: clear it too (harmless, keeps tables tidy).
-                let none = self.set_spte_locked(&table[i], old, SpteFormat::NONPRESENT, level, lo);
+                let none = self.set_spte_locked(entry, old, SpteFormat::NONPRESENT, level, lo);
                 debug_assert_eq!(none, FlushNeed::NotNeeded, "an MMIO SPTE is never cached");
             }
             return false;
         }
         if fmt.is_leaf(old, level) {
             // A huge leaf only partly in range is zapped whole: the next fault remaps what stays.
-            let flush = self.set_spte_locked(&table[i], old, SpteFormat::NONPRESENT, level, lo);
+            let flush = self.set_spte_locked(entry, old, SpteFormat::NONPRESENT, level, lo);
             return flush == FlushNeed::Remote;
         }
         let child = fmt.pfn(old);
@@ -265,7 +243,7 @@ impl<H: Host> TdpMmu<H> {
         if whole {
             // Unlinking the table: a flush even if nothing below was present, for the
             // paging-structure caches that may hold the link (`change.rs`).
-            let unlink = self.set_spte_locked(&table[i], old, SpteFormat::NONPRESENT, level, lo);
+            let unlink = self.set_spte_locked(entry, old, SpteFormat::NONPRESENT, level, lo);
             flush |= unlink == FlushNeed::Remote;
             self.stats.mmu_shadow_zapped.add(1);
             pages.push(child);
