@@ -324,3 +324,33 @@ fn starting_logging_protects_exactly_the_slots_leaves_wherever_it_lies() {
     }
     assert_eq!(get(&vm, 1), [0, 1, 2, 3, 4, 5, 6, 7]);
 }
+
+/// Starting dirty logging splits a 1 GiB leaf all the way down to 4 KiB leaves (KVM's eager
+/// split recurses), so after a write fault in one 2 MiB block the other pages of that block stay
+/// mapped read-only: reading them neither faults nor dirties them, and the GET holds only the
+/// written page. Kills `write_protect_table`'s `lower > Level::L4K` (the recursion into a split
+/// 1 GiB leaf's 2 MiB children) as `<` or `==`: the 2 MiB children stayed huge and read-only,
+/// the write fault replaced its block by a table with only the written page, and the later read
+/// of a neighbour faulted, mapped it writable and reported it dirty although the guest never
+/// wrote it.
+#[test]
+fn starting_logging_splits_a_1g_leaf_down_to_4k() {
+    const BIG_HVA: u64 = 1 << 32;
+    const SLOT: u64 = 1 << 30;
+    let host = TestHost::new(1100);
+    host.map(BIG_HVA, 1 << 30, BIG_HVA >> 12, vmmu::Level::L1G, true);
+    let host = std::sync::Arc::new(host);
+    let vm = Vm::new(VmConfig::new(FormatKind::Ept, 46).unwrap(), host.clone()).unwrap();
+    vm.set_memory_region(&region(1, SLOT, 1 << 30, BIG_HVA, 0)).unwrap();
+    let mut v = TlbVcpu::new(&vm);
+    assert_eq!(v.access(SLOT + 0x20_5000, true), 1);
+    assert_eq!(vm.stats().pages_1g, 1, "the host and the slot allow a 1 GiB leaf");
+    vm.set_memory_region(&region(1, SLOT, 1 << 30, BIG_HVA, LOG)).unwrap();
+    assert_eq!((vm.stats().pages_1g, vm.stats().pages_2m), (0, 0), "split to 4 KiB");
+    assert_eq!(vm.stats().pages_4k, 512 * 512);
+    assert_eq!(v.access(SLOT + 0x20_5000, true), 1, "written page write-protected");
+    for off in [0x20_0000, 0x20_6000, 0x3f_f000, 0x3ff_f000] {
+        assert_eq!(v.access(SLOT + off, false), 0, "{off:#x} stays mapped for reads");
+    }
+    assert_eq!(get(&vm, 1), [0x205]);
+}
