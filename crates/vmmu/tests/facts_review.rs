@@ -248,3 +248,34 @@ fn a_write_to_a_shadowed_table_is_not_counted_in_pf_emulate() {
     assert!(matches!(got, Seen::Mmio(g, _) if g.raw() == 0x1_0000_0000), "{got:?}");
     assert_eq!(v.stats.pf_emulate, before.pf_emulate + 1, "a no-slot write is RET_PF_EMULATE");
 }
+
+/// Shadow facts §4.1: above `RMAP_RECYCLE_THRESHOLD` (1000) leaves for one gfn, adding another
+/// zaps them all (KVM `__rmap_add`; `pte_list_add` counts the leaves before the new one). With
+/// 1001 GVAs mapping one page, every leaf stays: reading them all again takes no fault. With
+/// 1002, the 1002nd leaf zapped every leaf of the page, so reading the first GVA faults again
+/// (on this host's KVM the zap also shows in the dirty log, corpus
+/// `paging_rmap_recycle_threshold.scn`).
+#[test]
+fn more_than_1000_leaves_for_one_gfn_zap_them_all() {
+    for (n, refault) in [(1001, false), (1002, true)] {
+        let (vm, host, next) = shadow_vm(BugSet::NONE);
+        let s = Space::new(&host, &next);
+        let data = 0x80_0000;
+        let gva = |i: u64| 0x4000_0000 + i * 0x1000;
+        for i in 0..n {
+            s.map4k(gva(i), data, P | RW | US);
+        }
+        let mut v = vcpu_in(&vm, long4(s.cr3));
+        for i in 0..n {
+            assert_eq!(access(&mut v, gva(i), false), Seen::Ram(ram_pfn(data)), "{n} {i}");
+        }
+        let taken = v.stats.pf_taken;
+        assert_eq!(access(&mut v, gva(0), false), Seen::Ram(ram_pfn(data)));
+        assert_eq!(v.stats.pf_taken > taken, refault, "{n} GVAs: the first faults again");
+        // The last GVA's access faulted again after its own leaf went with the others, and
+        // mapped it: it keeps its leaf either way.
+        let taken = v.stats.pf_taken;
+        assert_eq!(access(&mut v, gva(n - 1), false), Seen::Ram(ram_pfn(data)));
+        assert_eq!(v.stats.pf_taken, taken, "{n} GVAs: the last");
+    }
+}

@@ -14,7 +14,8 @@
 //!   it was zapped while a root (`role.invalid`): then it is only in the slab, until its last
 //!   root user drops it;
 //! - every present leaf SPTE is in the rmap of the gfn it maps, under the key it was added with
-//!   (the gfn is stored per SPTE, never recomputed);
+//!   (the gfn is stored per SPTE, never recomputed), and no gfn has more than
+//!   `RMAP_RECYCLE_THRESHOLD + 1` of them (KVM's rmap recycling);
 //! - while a valid indirect page shadows guest frame `g` (`tracked[g] > 0`), no leaf SPTE maps
 //!   `g` writable (write protection, shadow facts §4.1; there are no unsync pages);
 //! - `parents` of a page lists exactly the SPTEs that link it.
@@ -77,6 +78,11 @@ pub(crate) struct ZapBatch {
     /// time; the commit counts them the same way.
     pub(crate) released_invalid: u64,
 }
+
+/// KVM `RMAP_RECYCLE_THRESHOLD`: a leaf added for a gfn that more than this many leaves map
+/// already zaps every leaf of the gfn (`__rmap_add`, with `pte_list_add`'s count of the entries
+/// before the new one). Seen on this host's KVM: 1002 GVAs mapping one page zap at the 1002nd.
+pub(crate) const RMAP_RECYCLE_THRESHOLD: usize = 1000;
 
 /// The shadow MMU's bookkeeping, guarded by its lock.
 pub(crate) struct ShadowState {
@@ -350,14 +356,23 @@ impl ShadowState {
         new: u64,
         gfn: Gfn,
     ) -> bool {
-        let flush = self.drop_spte(core, id, idx);
         let as_id = self.sp(id).role.as_id();
+        let mut flush = self.drop_spte(core, id, idx);
         let e = self.entry(core, id, idx);
         let old = e.load(crate::sync::Ordering::Acquire);
         let _ = core.set_spte_locked(e, old, new, Level::L4K, gfn);
         if SpteFormat::is_mmu_present(new) {
             self.sp_mut(id).leaf_gfns[idx] = gfn.raw();
-            self.rmap.entry((as_id.0, gfn.raw())).or_default().push((id, idx as u16));
+            let list = self.rmap.entry((as_id.0, gfn.raw())).or_default();
+            let mapped = list.len();
+            list.push((id, idx as u16));
+            // KVM `__rmap_add`: every leaf of the gfn goes, the new one too (its access faults
+            // again); the caller flushes. (A leaf remade for the same frame, which KVM does
+            // not add again, left the list above, so it never counts itself.)
+            if mapped > RMAP_RECYCLE_THRESHOLD {
+                self.unmap_gfn_range(core, as_id, gfn, Gfn(gfn.raw() + 1));
+                flush = true;
+            }
         }
         flush
     }
