@@ -10,7 +10,8 @@
 //! other's old value, the vCPU sees a valid root (and leaves it for the next vCPU) while the zap
 //! sees a user (and leaves it for that user), and an obsolete root nobody uses stays on the root
 //! list, its page never freed, until the next `zap_all_fast` (KVM avoids the question: the root
-//! list holds a reference of its own until the root is invalidated).
+//! list holds a reference of its own until the root is invalidated). A `SeqCst` fence on each
+//! side (`TdpMmu::put_root`, `TdpMmu::zap_all_fast`) closes it; without either, this fails.
 //!
 //! Property: once both are done, no root is left on the list.
 #![cfg(loom)]

@@ -377,6 +377,13 @@ impl<H: Host> TdpMmu<H> {
         if root.put() != 0 {
             return;
         }
+        // SeqCst fence between the decrement and the `invalid` load, paired with the one in
+        // `zap_all_fast` between its `invalidate` stores and its `users` loads: without the pair
+        // this is store buffering, and both sides could read the other's old value (this side a
+        // valid root, the zap a user), leaving an obsolete root nobody uses on the list, its
+        // page never freed until the next `zap_all_fast` (`tests/loom_roots.rs`). With it, at
+        // least one side sees the other: the zap retires the root, or this side does below.
+        crate::sync::fence(crate::sync::Ordering::SeqCst);
         if root.kind() == RootKind::Tdp && !root.is_obsolete() {
             return; // valid roots stay for the next vCPU that loads one
         }
@@ -417,6 +424,9 @@ impl<H: Host> TdpMmu<H> {
             // the request below, and their tables are zapped with everyone else's.
             r.invalidate();
         }
+        // Pairs with the fence in `put_root` (its doc): a last user that let go of a root
+        // without seeing it invalid is seen by the `users` loads below.
+        crate::sync::fence(crate::sync::Ordering::SeqCst);
         // Same critical section as the invalidation (facts §4 step 3).
         self.request_all(Request::FreeObsoleteRoots, false);
         let mut flush = false;
