@@ -122,6 +122,14 @@ impl TestHost {
         self.mappings.lock().push(Mapping { hva, len, pfn, level, writable });
     }
 
+    /// Maps `[hva, hva + len)` to frames from `pfn` on in front of every mapping made before
+    /// (which it hides where they overlap): the host changing what backs an address range (a
+    /// page migrated, a copy-on-write broken), which it does between a host invalidation's
+    /// begin and end.
+    pub fn map_over(&self, hva: u64, len: u64, pfn: u64, level: Level, writable: bool) {
+        self.mappings.lock().insert(0, Mapping { hva, len, pfn, level, writable });
+    }
+
     /// Writes the 8-byte word at `hva` of mapped host memory (a guest or host write, e.g. of a
     /// guest page-table entry). Panics if `hva` is unmapped or unaligned (a test bug).
     pub fn write_u64(&self, hva: u64, value: u64) {

@@ -1283,3 +1283,36 @@ fn a_pae_directory_edit_is_seen() {
     v.invlpg(Gva(0x40_3000)).unwrap();
     assert_eq!(access(&mut v, 0x40_3000, false), Seen::Ram(ram_pfn(0x30_0000)));
 }
+
+/// The shadow MMU's half of `tdp_faults.rs`'
+/// `a_host_invalidation_between_translation_and_install_makes_the_fault_retry`: a host
+/// invalidation of the data page begins and ends while the fault is parked between its
+/// translation of the host address and taking the shadow lock. The invalidation's begin and end
+/// run under the TDP MMU's lock, not the shadow lock, so only the sequence count (moved) tells
+/// the fault, under the shadow lock, that what it translated is gone: it must retry, and the next
+/// access map the new frame. Kills the sequence comparison in `Invalidation::retry_range` for
+/// the shadow path.
+#[test]
+fn a_host_invalidation_between_translation_and_install_retries_the_shadow_fault() {
+    const DATA_GPA: u64 = 0x20_0000;
+    const NEW_PFN: u64 = 0x7_7000;
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    s.map4k(A, DATA_GPA, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    v.service_requests().unwrap();
+    let (racer, h) = (vm.clone(), host.clone());
+    let mut once = true;
+    vmmu::testing::preempt::on_this_thread(Some(Box::new(move |_| {
+        if std::mem::take(&mut once) {
+            let hva = RAM_HVA + DATA_GPA;
+            racer.invalidate_hva_range_begin(vmmu::Hva(hva), vmmu::Hva(hva + 0x1000));
+            h.map_over(hva, 0x1000, NEW_PFN, vmmu::Level::L4K, true);
+            racer.invalidate_hva_range_end();
+        }
+    })));
+    let o = v.handle_page_fault(Gva(A), PfErr(PfErr::USER));
+    vmmu::testing::preempt::on_this_thread(None);
+    assert_eq!(o.unwrap(), FaultOutcome::Retry(vmmu::stats::RetryCause::HostInvalidation));
+    assert_eq!(access(&mut v, A, false), Seen::Ram(Pfn(NEW_PFN)));
+}

@@ -326,6 +326,38 @@ fn host_invalidation_in_flight_retries_then_maps() {
     assert_eq!(access(&mut v, 0x10_1000, false).unwrap().0, Seen::Ram(Pfn((RAM_HVA >> 12) + 1)));
 }
 
+/// A host invalidation that begins and ends entirely after a fault translated the host address
+/// and before it installs what it found (the fault parked at its preemption point, as a vCPU
+/// preempted there) leaves nothing in flight, but the sequence count has moved: the fault must
+/// retry (KVM `mmu_invalidate_retry_gfn`: `mmu_invalidate_seq != mmu_seq`), not map the frame
+/// the host no longer has at that address. Without the sequence comparison the stale frame is
+/// installed and every later access reads it. Pins the sequence comparison under the MMU lock
+/// (`Invalidation::retry_range`) and a snapshot taken before the fault decides
+/// (`PageFault::faultin`); `tests/shadow_mutants.rs` has the shadow MMU's half.
+#[test]
+fn a_host_invalidation_between_translation_and_install_makes_the_fault_retry() {
+    const NEW_PFN: u64 = 0x7_7000;
+    let (vm, h) = vm(FormatKind::Ept);
+    // 4 pages: 4 KiB leaves only.
+    vm.set_memory_region(&region(0, 0x10_0000, 0x4000, RAM_HVA, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    v.service_requests().unwrap();
+    let (racer, host) = (vm.clone(), h.clone());
+    let mut once = true;
+    vmmu::testing::preempt::on_this_thread(Some(Box::new(move |_| {
+        if std::mem::take(&mut once) {
+            let page = (vmmu::Hva(RAM_HVA + 0x1000), vmmu::Hva(RAM_HVA + 0x2000));
+            racer.invalidate_hva_range_begin(page.0, page.1);
+            host.map_over(RAM_HVA + 0x1000, 0x1000, NEW_PFN, Level::L4K, true);
+            racer.invalidate_hva_range_end();
+        }
+    })));
+    let o = v.handle_ept_violation(Gpa(0x10_1000), vmmu::FaultAccess::READ);
+    vmmu::testing::preempt::on_this_thread(None);
+    assert_eq!(o.unwrap(), FaultOutcome::Retry(RetryCause::HostInvalidation));
+    assert_eq!(access(&mut v, 0x10_1000, false).unwrap().0, Seen::Ram(Pfn(NEW_PFN)));
+}
+
 /// An invalidation end without its begin is refused (a panic, as documented) and leaves the
 /// in-flight count at zero: before, release builds wrapped it and every later memslot update
 /// waited for it forever.
