@@ -358,6 +358,35 @@ fn a_host_invalidation_between_translation_and_install_makes_the_fault_retry() {
     assert_eq!(access(&mut v, 0x10_1000, false).unwrap().0, Seen::Ram(Pfn(NEW_PFN)));
 }
 
+/// A frozen entry (KVM `FROZEN_SPTE`: another thread is rewriting it under the shared MMU lock)
+/// may be changed only by the thread that froze it (facts §6): a fault's slow path that reaches
+/// one (over a present leaf, or over nothing for an MMIO gfn) retries and leaves it frozen;
+/// once the freezer writes its value, accesses go on. Kills the frozen check in `TdpMmu::map`, without which both faults install
+/// over the entry (the MMIO one as an emulation with a fresh MMIO SPTE).
+#[test]
+fn a_slow_path_fault_leaves_a_frozen_entry_to_its_freezer() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    // One RAM page at gfn 0x100; gfn 0x105 in the same last-level table has no slot.
+    vm.set_memory_region(&region(0, 0x10_0000, 0x1000, RAM_HVA, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    access(&mut v, 0x10_0000, false).unwrap();
+    let root = v.root().unwrap().clone();
+    for (gpa, present) in [(0x10_0000u64, true), (0x10_5000, false)] {
+        // SAFETY: single-threaded; no zap runs while `e` is used, and `v` keeps the root.
+        let e = unsafe { vm.mmu().entry_for_tests(&root, Gpa(gpa).gfn(), Level::L4K) }.unwrap();
+        let saved = e.swap(SpteFormat::FROZEN, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(SpteFormat::is_mmu_present(saved), present, "{gpa:#x}");
+        let o = v.handle_ept_violation(Gpa(gpa), vmmu::FaultAccess::READ).unwrap();
+        assert_eq!(o, FaultOutcome::Retry(RetryCause::Race), "{gpa:#x}: a frozen entry");
+        assert_eq!(e.load(std::sync::atomic::Ordering::SeqCst), SpteFormat::FROZEN, "{gpa:#x}");
+        // The freezer finishes (here: puts back what was there).
+        e.store(saved, std::sync::atomic::Ordering::SeqCst);
+    }
+    assert_eq!(access(&mut v, 0x10_0000, false).unwrap().0, Seen::Ram(Pfn(RAM_HVA >> 12)));
+    let (seen, _) = access(&mut v, 0x10_5000, false).unwrap();
+    assert_eq!(seen, Seen::Mmio(EmulateSource::SlowPathMmio));
+}
+
 /// An invalidation end without its begin is refused (a panic, as documented) and leaves the
 /// in-flight count at zero: before, release builds wrapped it and every later memslot update
 /// waited for it forever.
