@@ -9,8 +9,9 @@
 //! `users`. That is a store-buffering pair: with only Acquire/Release each side may read the
 //! other's old value, the vCPU sees a valid root (and leaves it for the next vCPU) while the zap
 //! sees a user (and leaves it for that user), and an obsolete root nobody uses stays on the root
-//! list, its page never freed, until the next `zap_all_fast` (KVM avoids the question: the root
-//! list holds a reference of its own until the root is invalidated). A `SeqCst` fence on each
+//! list, its page never freed, until the next `zap_all_fast` (recent KVM, as far as we recall its
+//! `tdp_mmu.c`, avoids the question by letting the root list hold a reference of its own until
+//! the root is invalidated; not in the design facts). A `SeqCst` fence on each
 //! side (`TdpMmu::put_root`, `TdpMmu::zap_all_fast`) closes it; without either, this fails.
 //!
 //! Property: once both are done, no root is left on the list.
