@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{access, region, vm, Seen, RAM_HVA};
+use common::{access, region, vm, vm_with, Seen, RAM_HVA};
 use vmmu::dirty::pages_of;
 use vmmu::fault::{EmulateSource, FaultOutcome};
 use vmmu::memslot::{
@@ -15,8 +15,10 @@ use vmmu::memslot::{
 };
 use vmmu::spte::FormatKind;
 use vmmu::stats::RetryCause;
+use vmmu::tdp::HwWalk;
 use vmmu::testing::TestHost;
 use vmmu::vcpu::Vcpu;
+use vmmu::vm::VmConfig;
 use vmmu::{Access, AsId, FaultAccess, Gpa, Hva, Pfn, SlotId};
 
 /// `access_ok(hva, size)` is `size <= limit && hva <= limit - size` (KVM `__access_ok`): a
@@ -165,5 +167,129 @@ fn a_write_to_an_eagerly_split_page_only_adds_the_write_right() {
         assert_eq!(faults, [FaultOutcome::Fixed], "{f:?}: one fault on the read-only child");
         let after = vm.stats().remote_tlb_flush_requests;
         assert_eq!(after, before, "{f:?}: the write changed more than the write right");
+    }
+}
+
+/// A fault that decided "MMIO" from the memslots of before a slot create, and installs only
+/// after another vCPU mapped the new slot, leaves that vCPU's leaf alone: the access walks again
+/// and reads the slot's RAM (KVM `kvm_tdp_mmu_map` on a present leaf that allows the access is
+/// `RET_PF_SPURIOUS`; aad885e77496 never writes an MMIO SPTE over a present leaf). Kills, in
+/// `TdpMmu::map`, `matches!(spec, Mmio) && bugs.has(MmioOverPresentSpte)` -> `||` (the MMIO SPTE
+/// replaced the leaf with no flush: A emulated MMIO, and after the delete B still read the
+/// deleted slot's frame from its TLB) and deleting the `!` of `&& !mmio_over_present` (the MMIO
+/// SPTE replaced the leaf: A emulated MMIO on a gfn backed by RAM).
+#[test]
+fn a_stale_mmio_decision_never_replaces_a_leaf_another_vcpu_mapped() {
+    use std::sync::mpsc;
+    use vmmu::host::PreemptPoint;
+    const X: u64 = 0x10_0000;
+    let frame = Pfn((RAM_HVA >> 12) + 5);
+    let (vm, _h) = vm(FormatKind::Ept);
+    let old_gen = vm.memslots().generation(AsId(0));
+    let mut a = vm.create_vcpu().unwrap();
+    let mut b = vm.create_vcpu().unwrap();
+    let (decided_tx, decided_rx) = mpsc::channel::<()>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let thread_a = std::thread::spawn(move || {
+        // Parks A once, at its first fault's decision ("no slot": MMIO).
+        let mut once = Some((decided_tx, go_rx));
+        vmmu::testing::preempt::on_this_thread(Some(Box::new(move |point| {
+            if point == PreemptPoint::FaultDecided {
+                if let Some((decided, go)) = once.take() {
+                    decided.send(()).unwrap();
+                    go.recv().unwrap();
+                }
+            }
+        })));
+        let seen = access(&mut a, X, false).unwrap().0;
+        vmmu::testing::preempt::on_this_thread(None);
+        seen
+    });
+    decided_rx.recv().unwrap();
+    let updater = {
+        let vm = vm.clone();
+        std::thread::spawn(move || {
+            vm.set_memory_region(&region(0, X, 0x1000, RAM_HVA + 0x5000, 0)).unwrap();
+        })
+    };
+    // The create's set is published (with its in-progress generation) before it waits for A.
+    while vm.memslots().generation(AsId(0)) == old_gen {
+        std::thread::yield_now();
+    }
+    // B maps the new slot and keeps the translation in its TLB (it stays in guest mode).
+    let mut tlb = None;
+    for _ in 0..100 {
+        b.service_requests().unwrap();
+        let Ok(g) = b.enter_guest() else { continue };
+        if let HwWalk::Translated { pfn, .. } = g.walk(Gpa(X), Access::NONE) {
+            tlb = Some(pfn);
+            break;
+        }
+        drop(g);
+        b.handle_ept_violation(Gpa(X), FaultAccess::READ).unwrap();
+    }
+    assert_eq!(tlb, Some(frame), "setup: B maps the new slot");
+    go_tx.send(()).unwrap();
+    assert_eq!(thread_a.join().unwrap(), Seen::Ram(frame), "A's stale MMIO decision won");
+    updater.join().unwrap();
+    // Deleting the slot must flush B's TLB: its next read of X is MMIO emulation.
+    vm.set_memory_region(&region(0, X, 0, 0, 0)).unwrap();
+    assert!(b.service_requests().unwrap().flush_tlb, "B kept the deleted slot's frame");
+    assert_eq!(access(&mut b, X, false).unwrap().0, Seen::Mmio(EmulateSource::SlowPathMmio));
+}
+
+/// A fault whose block could be one 2 MiB leaf, in a 2 MiB whose 4 KiB table is already linked
+/// (left by an earlier, smaller slot), maps its own 4 KiB page in that table: the frame at the
+/// gfn's offset in the block. Kills `base_pfn + offset` -> `base_pfn - offset` in `TdpMmu::map`,
+/// under which the guest read the frame as far below the block's start as the page is above it.
+#[test]
+fn a_fault_below_an_existing_4k_table_maps_the_gfns_own_frame() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    // A 16-page slot: 4 KiB leaves, so the 2 MiB at 0x20_0000 gets a 4 KiB table.
+    vm.set_memory_region(&region(0, 0x20_0000, 0x1_0000, RAM_HVA + 0x40_0000, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    assert_eq!(
+        access(&mut v, 0x20_3000, false).unwrap().0,
+        Seen::Ram(Pfn((RAM_HVA >> 12) + 0x403))
+    );
+    vm.set_memory_region(&region(0, 0x20_0000, 0, 0, 0)).unwrap();
+    // The whole 2 MiB, 2 MiB-aligned on the host.
+    vm.set_memory_region(&region(1, 0x20_0000, 0x20_0000, RAM_HVA + 0x20_0000, 0)).unwrap();
+    for page in [0x5u64, 0x1ff] {
+        let want = Pfn((RAM_HVA >> 12) + 0x200 + page);
+        assert_eq!(access(&mut v, 0x20_0000 + (page << 12), false).unwrap().0, Seen::Ram(want));
+    }
+}
+
+/// The TDP prefetch (`VmConfig::tdp_prefetch`, KVM's legacy `direct_pte_prefetch`) walks every
+/// run of its 8-aligned group: a fault on gfn 0x100e maps the run 0x1008..0x100e below it and
+/// the one-page run 0x100f above it, so the guest touches the whole group after one fault (KVM's
+/// `pages_4k` stat counts the eight leaves). Kills, in `TdpMmu::prefetch_direct`'s run,
+/// `start..start + n` -> `start..start * n` (a one-page run was empty: 0x100f faulted) and
+/// `made += 1` -> `made *= 1` (a run that made leaves reported none, which ended the prefetch
+/// before the run above the fault).
+#[test]
+fn tdp_prefetch_maps_the_runs_on_both_sides_of_the_fault() {
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.tdp_prefetch = true;
+    let (vm, h) = vm_with(cfg);
+    h.set_zero_page_reads(true);
+    // gpa and hva not 2 MiB-congruent: 4 KiB leaves only.
+    let slot = |size| region(0, 0x100_1000, size, RAM_HVA, 0);
+    vm.set_memory_region(&slot(0x10_0000)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    // Every page of the group written: its host page is mapped writable.
+    for gfn in 0x1008..0x1010u64 {
+        access(&mut v, gfn << 12, true).unwrap();
+    }
+    vm.set_memory_region(&slot(0)).unwrap();
+    vm.set_memory_region(&slot(0x10_0000)).unwrap();
+    assert_eq!(vm.stats().pages_4k, 0, "the delete zapped every leaf");
+    access(&mut v, 0x100_e000, false).unwrap();
+    assert_eq!(vm.stats().pages_4k, 8, "the fault and both runs of its group");
+    for gfn in 0x1008..0x1010u64 {
+        let (seen, faults) = access(&mut v, gfn << 12, true).unwrap();
+        assert_eq!(seen, Seen::Ram(Pfn((RAM_HVA >> 12) + gfn - 0x1001)), "gfn {gfn:#x}");
+        assert_eq!(faults, [], "gfn {gfn:#x} was not prefetched");
     }
 }
