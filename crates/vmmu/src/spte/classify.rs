@@ -515,4 +515,35 @@ mod tests {
             }
         }
     }
+
+    /// The fast accept answers as the full rule on every entry with exactly one bit set (or
+    /// none), and on the entries made of exactly the bits its mask test looks at, for every
+    /// format and level: such entries are where a slip in its guard or its mask test shows (the
+    /// page-size bit alone at level 4 or 5 is `HugeBitAtLevel`; the reserved PA bits with or
+    /// without the table-reserved bits are `PhysAddrBit`, never clean).
+    #[test]
+    fn fast_accept_agrees_with_the_full_rule_on_single_bits() {
+        let formats = [
+            fmt(FormatKind::Ept, 46),
+            fmt(FormatKind::Npt, 48),
+            fmt(FormatKind::NptSev { c_bit: 47 }, 43),
+        ];
+        for f in &formats {
+            for level in [L1, L2, L3, L4, L5] {
+                let pa = f.reserved_pa_mask();
+                let masks = [0, pa, pa | genmask(6, 3), pa | 1 << 8];
+                for spte in masks.into_iter().chain((0..64).map(|b| 1u64 << b)) {
+                    assert_eq!(
+                        f.has_reserved_bits(spte, level),
+                        f.reserved_bits_rule(spte, level),
+                        "{f:?} {spte:#x} at {level:?}"
+                    );
+                }
+            }
+            for level in [L4, L5] {
+                let want = Some(HugeBitAtLevel { level: level.get() });
+                assert_eq!(f.has_reserved_bits(BIT_LARGE, level), want, "{f:?}");
+            }
+        }
+    }
 }
