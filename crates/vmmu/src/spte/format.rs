@@ -403,4 +403,58 @@ mod tests {
         assert_eq!(npt(52).addr_mask(), genmask(51, 12));
         assert_eq!(npt(36).addr_mask(), genmask(35, 12));
     }
+
+    /// KVM `is_access_allowed` on the leaves `make_leaf` builds: a write needs W, a fetch needs
+    /// X (EPT) or no NX (NPT), a user access needs U (NPT only: EPT has no user bit); a read
+    /// needs nothing beyond presence.
+    #[test]
+    fn leaf_allows_follows_the_leafs_rights() {
+        use crate::types::FaultAccess;
+        let acc = |write, exec, user| FaultAccess { write, exec, user };
+        let (read, write, fetch) =
+            (acc(false, false, false), acc(true, false, false), acc(false, true, false));
+        let (uread, ufetch) = (acc(false, false, true), acc(false, true, true));
+        for f in [ept(46), npt(48)] {
+            let pfn = Pfn(0x1234);
+            let all = f.make_leaf(pfn, Level::L4K, Access::ALL, true);
+            let ro = f.make_leaf(pfn, Level::L4K, Access::ALL, false);
+            let nx = f.make_leaf(pfn, Level::L4K, Access::WRITE.union(Access::USER), true);
+            let sup = f.make_leaf(pfn, Level::L4K, Access::WRITE.union(Access::EXEC), true);
+            for a in [read, write, fetch, uread, ufetch] {
+                assert!(f.leaf_allows(all, a), "{f:?} {a:?}");
+            }
+            assert!(f.leaf_allows(ro, read) && f.leaf_allows(ro, fetch), "{f:?}");
+            assert!(!f.leaf_allows(ro, write), "{f:?}: a write to a read-only leaf");
+            assert!(f.leaf_allows(nx, write) && f.leaf_allows(nx, uread), "{f:?}");
+            assert!(!f.leaf_allows(nx, fetch) && !f.leaf_allows(nx, ufetch), "{f:?}: fetch, no X");
+            assert!(f.leaf_allows(sup, write) && f.leaf_allows(sup, fetch), "{f:?}");
+            // EPT has no user bit; NPT's U bit gates user accesses.
+            assert_eq!(f.leaf_allows(sup, uread), f.is_ept(), "{f:?}: user read, no U");
+            assert_eq!(f.leaf_allows(sup, ufetch), f.is_ept(), "{f:?}: user fetch, no U");
+        }
+    }
+
+    /// Write protection clears only the W bit: the frame, the other rights, A and D stay.
+    #[test]
+    fn without_write_clears_only_w() {
+        for f in [ept(46), npt(48)] {
+            let leaf = f.make_leaf(Pfn(0x1234), Level::L4K, Access::ALL, true);
+            let ro = SpteFormat::without_write(leaf);
+            assert_eq!(ro, leaf & !0b10, "{f:?}");
+            assert!(!f.is_writable(ro) && f.is_dirty(ro) && f.is_accessed(ro), "{f:?}");
+            assert_eq!(SpteFormat::without_write(ro), ro, "{f:?}");
+        }
+    }
+
+    /// The accessed bit is EPT bit 8 and NPT bit 5, read from the entry: an entry without it
+    /// (cleared by aging, or empty) is not accessed.
+    #[test]
+    fn is_accessed_reads_the_formats_a_bit() {
+        for (f, a) in [(ept(46), 1u64 << 8), (npt(48), 1 << 5)] {
+            let leaf = f.make_leaf(Pfn(0x1234), Level::L4K, Access::ALL, true);
+            assert!(f.is_accessed(leaf), "{f:?}");
+            assert!(!f.is_accessed(leaf & !a), "{f:?}: A cleared");
+            assert!(!f.is_accessed(0) && f.is_accessed(a), "{f:?}");
+        }
+    }
 }
