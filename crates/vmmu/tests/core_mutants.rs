@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{access, region, vm, vm_with, Seen, RAM_HVA};
+use common::{access, region, test_frames, vm, vm_on, vm_with, Seen, RAM_HVA};
 use vmmu::dirty::pages_of;
 use vmmu::fault::{EmulateSource, FaultOutcome};
 use vmmu::memslot::{
@@ -292,4 +292,111 @@ fn tdp_prefetch_maps_the_runs_on_both_sides_of_the_fault() {
         assert_eq!(seen, Seen::Ram(Pfn((RAM_HVA >> 12) + gfn - 0x1001)), "gfn {gfn:#x}");
         assert_eq!(faults, [], "gfn {gfn:#x} was not prefetched");
     }
+}
+
+/// On a host whose table memory is type-stable (`TestHost::new_type_stable`, as the software
+/// machine's), the fast MMIO path answers from its leaf-table cache without a read section, and
+/// the answer is the MMIO SPTE's: an NPT vCPU that did not create the SPTEs gets each page's own
+/// MMIO emulation, with the W|U access the SPTE holds, as a hit of the SPTE. Kills
+/// `TdpMmu::mmio_spte_type_stable` -> `Some(0)` and -> `Some(1)` (the fast path decoded an entry
+/// that is no MMIO SPTE: no access rights).
+#[test]
+fn a_type_stable_leaf_table_hit_answers_with_the_mmio_sptes_access() {
+    let (vm, _h) = vm_on(
+        VmConfig::new(FormatKind::Npt, 46).unwrap(),
+        TestHost::new_type_stable(test_frames()),
+    );
+    let mut v0 = vm.create_vcpu().unwrap();
+    let mut v1 = vm.create_vcpu().unwrap();
+    let pages = [0xfee0_0000u64, 0xfee0_1000, 0xfee0_2000];
+    for &gpa in &pages {
+        assert_eq!(access(&mut v0, gpa, false).unwrap().0, Seen::Mmio(EmulateSource::SlowPathMmio));
+    }
+    let wu = Access::WRITE.union(Access::USER);
+    for &gpa in &pages {
+        let (_, faults) = access(&mut v1, gpa, false).unwrap();
+        let want =
+            FaultOutcome::Emulate { gpa: Gpa(gpa), access: wu, source: EmulateSource::MmioSpteHit };
+        assert_eq!(faults, [want], "{gpa:#x}");
+    }
+}
+
+/// The per-vCPU fault counters (KVM's `pf_taken`, `pf_fixed`, `pf_emulate`,
+/// `pf_mmio_spte_created` and this MMU's path counters) count each path once: a RAM fault, a
+/// no-slot fault that creates an MMIO SPTE, a per-vCPU cache hit, another vCPU's MMIO SPTE hit,
+/// a host-invalidation retry and a write to a read-only slot. Kills `+=` -> `*=` (the counter
+/// stayed 0) in `cache_hit` (`mmio_cache_hits`), `count_slow_mmio` (`slow_path_mmio`,
+/// `pf_emulate`; and replacing it with `()`), `retry` (`retries`) and the read-only-write
+/// emulation of `tdp_page_fault` (`readonly_write_emulations`, `pf_emulate`).
+#[test]
+fn each_fault_path_counts_once_in_the_vcpus_counters() {
+    use vmmu::memslot::KVM_MEM_READONLY;
+    let (vm, _h) = vm(FormatKind::Ept);
+    vm.set_memory_region(&region(0, 0x10_0000, 0x1_0000, RAM_HVA, 0)).unwrap();
+    vm.set_memory_region(&region(1, 0x20_0000, 0x1_0000, RAM_HVA + 0x10_0000, KVM_MEM_READONLY))
+        .unwrap();
+    let mut v0 = vm.create_vcpu().unwrap();
+    let mut v1 = vm.create_vcpu().unwrap();
+    let ram = Seen::Ram(Pfn((RAM_HVA >> 12) + 3));
+    assert_eq!(access(&mut v0, 0x10_3000, false).unwrap().0, ram);
+    let slow = Seen::Mmio(EmulateSource::SlowPathMmio);
+    assert_eq!(access(&mut v0, 0xfee0_0000, false).unwrap().0, slow);
+    let hit = Seen::Mmio(EmulateSource::VcpuCacheHit);
+    assert_eq!(access(&mut v0, 0xfee0_0000, false).unwrap().0, hit);
+    let s = &v0.stats;
+    assert_eq!((s.pf_taken, s.pf_fixed, s.pf_mmio_spte_created), (2, 1, 1));
+    assert_eq!((s.slow_path_mmio, s.pf_emulate, s.mmio_cache_hits), (1, 1, 1));
+    let spte_hit = Seen::Mmio(EmulateSource::MmioSpteHit);
+    assert_eq!(access(&mut v1, 0xfee0_0000, false).unwrap().0, spte_hit);
+    assert_eq!((v1.stats.mmio_spte_hits, v1.stats.pf_emulate), (1, 0));
+    // A host invalidation of the RAM page in flight: the fault retries.
+    v1.service_requests().unwrap();
+    vm.invalidate_hva_range_begin(Hva(RAM_HVA + 0x5000), Hva(RAM_HVA + 0x6000));
+    let o = v1.handle_ept_violation(Gpa(0x10_5000), FaultAccess::READ).unwrap();
+    assert_eq!(o, FaultOutcome::Retry(RetryCause::HostInvalidation));
+    assert_eq!(v1.stats.retries[RetryCause::HostInvalidation as usize], 1);
+    vm.invalidate_hva_range_end();
+    // A write to the read-only slot is emulated, never cached as MMIO.
+    let before = v1.stats.pf_emulate;
+    let ro = Seen::Mmio(EmulateSource::ReadOnlyWrite);
+    assert_eq!(access(&mut v1, 0x20_0000, true).unwrap().0, ro);
+    assert_eq!(v1.stats.readonly_write_emulations, 1);
+    assert_eq!(v1.stats.pf_emulate, before + 1);
+}
+
+/// Two vCPUs fault on the same no-slot gpa; the second installs the MMIO SPTE while the first is
+/// between its decision and its map. The first finds exactly its SPTE there and still emulates
+/// (KVM returns `RET_PF_EMULATE` for an MMIO SPTE that was already there), without a second
+/// `pf_mmio_spte_created` and without counting a spurious fault. Kills the match guard `is_mmio`
+/// of `MapOutcome::Spurious` -> `false` in `tdp_page_fault`, under which the vCPU resumed the
+/// guest (spurious) and took another exit for the same access.
+#[test]
+fn a_fault_that_finds_its_mmio_spte_installed_meanwhile_still_emulates() {
+    use vmmu::host::PreemptPoint;
+    const MMIO: u64 = 0xfee0_0000;
+    let (vm, _h) = vm(FormatKind::Ept);
+    let v0 = vm.create_vcpu().unwrap();
+    let mut v1 = vm.create_vcpu().unwrap();
+    v1.service_requests().unwrap();
+    // At v1's decision ("no slot"), v0 runs its own fault on the gpa to completion.
+    let mut other = Some(v0);
+    vmmu::testing::preempt::on_this_thread(Some(Box::new(move |point| {
+        if point == PreemptPoint::FaultDecided {
+            if let Some(mut v0) = other.take() {
+                let seen = access(&mut v0, MMIO, false).unwrap().0;
+                assert_eq!(seen, Seen::Mmio(EmulateSource::SlowPathMmio), "setup: v0");
+                assert_eq!(v0.stats.pf_mmio_spte_created, 1, "setup: v0 made the SPTE");
+            }
+        }
+    })));
+    let o = v1.handle_ept_violation(Gpa(MMIO), FaultAccess::READ);
+    vmmu::testing::preempt::on_this_thread(None);
+    let want = FaultOutcome::Emulate {
+        gpa: Gpa(MMIO),
+        access: Access::NONE,
+        source: EmulateSource::SlowPathMmio,
+    };
+    assert_eq!(o.unwrap(), want);
+    let s = &v1.stats;
+    assert_eq!((s.pf_mmio_spte_created, s.pf_spurious, s.slow_path_mmio), (0, 0, 1));
 }
