@@ -2,6 +2,16 @@
 //! the shared MMU lock, link missing tables with compare-and-swap, and install the target entry
 //! (a present leaf, or an MMIO SPTE) with compare-and-swap. A lost race is `Retry`, never an
 //! error: another vCPU or a zap changed the entry first.
+//!
+//! Differs from KVM: where the fault could map a huge page but a lower table is already linked
+//! at that level (one that only holds MMIO SPTEs of an older generation, say, before a slot was
+//! created over them, or one that huge-page recovery left because no leaf was present under
+//! it), KVM replaces the table with the huge leaf (`kvm_tdp_mmu_map` goes to the target level
+//! whatever the entry holds; `handle_removed_pt` freezes and frees the table under the shared
+//! lock). Here the walk goes down through the table and maps 4 KiB, because tables are unlinked
+//! only under the exclusive lock ([`crate::tdp`] rule 1). The translation is the same; the
+//! block is mapped page by page (`pages_4k`, one fault per page) until a zap of its range
+//! (memslot delete or move) or huge-page recovery removes the table.
 
 use super::change::FlushNeed;
 use super::root::Root;
