@@ -825,3 +825,27 @@ fn huge_pages_come_back_when_dirty_logging_stops() {
         assert_eq!(vm.stats().pages_2m, 1, "{f:?}");
     }
 }
+
+/// KVM's `kvm_tdp_mmu_map` maps at the target level whatever the entry there holds: a 2 MiB
+/// block whose table only holds an MMIO SPTE from before a slot was created over it gets one
+/// 2 MiB leaf on the first fault after the create (the table goes, freed after a grace
+/// period), not a 4 KiB leaf per fault. The translations are the slot's frames.
+#[test]
+fn a_huge_leaf_replaces_a_table_of_old_mmio_sptes() {
+    for f in FORMATS {
+        let (vm, _h) = vm(f);
+        let mut v = vm.create_vcpu().unwrap();
+        let (seen, _) = access(&mut v, 0x20_3000, false).unwrap();
+        assert_eq!(seen, Seen::Mmio(EmulateSource::SlowPathMmio), "{f:?}");
+        vm.set_memory_region(&region(0, 0x20_0000, 0x20_0000, RAM_HVA, 0)).unwrap();
+        let (seen, faults) = access(&mut v, 0x20_5000, true).unwrap();
+        assert_eq!(seen, Seen::Ram(Pfn((RAM_HVA >> 12) + 5)), "{f:?}");
+        assert_eq!(faults, vec![FaultOutcome::Fixed], "{f:?}");
+        assert_eq!((vm.stats().pages_2m, vm.stats().pages_4k), (1, 0), "{f:?}");
+        for off in [0x3000u64, 0x0, 0x1f_f000] {
+            let (seen, faults) = access(&mut v, 0x20_0000 + off, true).unwrap();
+            assert_eq!(seen, Seen::Ram(Pfn((RAM_HVA + off) >> 12)), "{f:?} {off:#x}");
+            assert!(faults.is_empty(), "{f:?} {off:#x}: the huge leaf maps it, {faults:?}");
+        }
+    }
+}

@@ -3,15 +3,14 @@
 //! (a present leaf, or an MMIO SPTE) with compare-and-swap. A lost race is `Retry`, never an
 //! error: another vCPU or a zap changed the entry first.
 //!
-//! Differs from KVM: where the fault could map a huge page but a lower table is already linked
-//! at that level (one that only holds MMIO SPTEs of an older generation, say, before a slot was
-//! created over them, or one that huge-page recovery left because no leaf was present under
-//! it), KVM replaces the table with the huge leaf (`kvm_tdp_mmu_map` goes to the target level
-//! whatever the entry holds; `handle_removed_pt` freezes and frees the table under the shared
-//! lock). Here the walk goes down through the table and maps 4 KiB, because tables are unlinked
-//! only under the exclusive lock ([`crate::tdp`] rule 1). The translation is the same; the
-//! block is mapped page by page (`pages_4k`, one fault per page) until a zap of its range
-//! (memslot delete or move) or huge-page recovery removes the table.
+//! Where the fault could map a huge page but a lower table is already linked at that level (one
+//! that only holds MMIO SPTEs of an older generation, say, from before a slot was created over
+//! them, or one that huge-page recovery left because no leaf was present under it), KVM replaces
+//! the table with the huge leaf (`kvm_tdp_mmu_map` goes to the target level whatever the entry
+//! holds; `handle_removed_pt` freezes and frees the table under the shared lock). Here tables are
+//! unlinked only under the exclusive lock ([`crate::tdp`] rule 1), so the walk stops with
+//! [`MapOutcome::TableInTheWay`] and the fault path does the replacement under the exclusive
+//! lock ([`TdpMmu::replace_table_in_the_way`], `zap.rs`), with the same end state as KVM.
 
 use super::change::FlushNeed;
 use super::root::Root;
@@ -59,6 +58,10 @@ pub enum MapOutcome {
     PresentLeafAllows,
     /// A compare-and-swap lost a race, or a conflicting leaf was removed: fault again.
     Retry,
+    /// A lower table is linked where the fault could map its huge leaf: the caller takes the
+    /// MMU lock exclusive and replaces it ([`TdpMmu::replace_table_in_the_way`]), as KVM
+    /// replaces it under its shared lock.
+    TableInTheWay,
     /// No frame for a page table.
     OutOfMemory,
     /// A table frame could not be resolved (internal inconsistency).
@@ -102,6 +105,9 @@ impl<H: Host> TdpMmu<H> {
                 return MapOutcome::Retry;
             }
             let present = SpteFormat::is_mmu_present(old);
+            if level == target && level > Level::L4K && present && !fmt.is_leaf(old, level) {
+                return MapOutcome::TableInTheWay;
+            }
             if level <= target && (!present || fmt.is_leaf(old, level)) {
                 // Target level reached and no lower table is in the way.
                 let mmio_over_present = matches!(spec, LeafSpec::Mmio(_))

@@ -8,9 +8,11 @@
 //! generation, not by reachability (KVM's comment in `tdp_mmu_zap_leafs`).
 
 use super::change::FlushNeed;
+use super::map::{LeafSpec, MapOutcome};
 use super::range::entries_meeting;
 use super::root::Root;
 use super::{MmuWrite, TdpMmu};
+use crate::fault::PageFault;
 use crate::host::Host;
 use crate::spte::SpteFormat;
 use crate::sync::{AtomicU64, Ordering};
@@ -160,6 +162,66 @@ impl<H: Host> TdpMmu<H> {
             pages.push(child);
         }
         flush
+    }
+
+    /// A fault's huge leaf in place of the lower table linked where it goes (after
+    /// [`MapOutcome::TableInTheWay`]; KVM `kvm_tdp_mmu_map` at the target level, then
+    /// `handle_removed_pt`): walks from `root` to the entry of `fault.gfn` at `spec`'s level; if
+    /// a table is still linked there, stores the huge leaf over the link, zaps the detached
+    /// table's entries (their pages go to `pages`, to be freed after a grace period), and
+    /// flushes remote TLBs before returning. `Retry` if the entry changed meanwhile (the fault
+    /// then maps as usual). `_excl` proves the MMU lock is held exclusive; the caller checked
+    /// under that hold that the fault is not stale.
+    pub(crate) fn replace_table_in_the_way(
+        &self,
+        _excl: &MmuWrite<'_>,
+        root: &Root,
+        fault: &PageFault,
+        spec: LeafSpec,
+        pages: &mut Vec<Pfn>,
+    ) -> MapOutcome {
+        let LeafSpec::Ram { base_pfn, max_level, access, writable } = spec else {
+            return MapOutcome::Retry; // MMIO SPTEs are 4 KiB: never in this case
+        };
+        let fmt = self.cfg.format;
+        let (mut pfn, mut level) = (root.pfn(), root.level());
+        let (entry, old) = loop {
+            // SAFETY: we hold the MMU lock exclusive and walk from a root the vCPU holds; nothing
+            // frees a linked page meanwhile.
+            let Some(table) = (unsafe { self.table(pfn) }) else {
+                debug_assert!(false, "table frame {pfn:?} unknown to the host");
+                return MapOutcome::Broken;
+            };
+            let entry = &table[level.index(fault.gfn)];
+            let old = entry.load(Ordering::Acquire);
+            if !SpteFormat::is_mmu_present(old) || fmt.is_leaf(old, level) {
+                return MapOutcome::Retry;
+            }
+            if level == max_level {
+                break (entry, old);
+            }
+            pfn = fmt.pfn(old);
+            level = match level.lower() {
+                Some(l) if l >= max_level => l,
+                _ => return MapOutcome::Retry,
+            };
+        };
+        let Some(lower) = level.lower() else {
+            return MapOutcome::Broken;
+        };
+        let child = fmt.pfn(old);
+        let lo = Gfn(fault.gfn.raw() & !(level.pages() - 1));
+        let hi = Gfn(lo.raw() + level.pages());
+        let huge = fmt.make_leaf(base_pfn, level, access, writable);
+        // The huge leaf first, then the detached table's entries (KVM `handle_removed_pt`).
+        let mut flush = self.set_spte_locked(entry, old, huge, level, lo) == FlushNeed::Remote;
+        flush |= self.zap_table(child, lower, lo, lo, hi, ZapScope::Tables, pages);
+        self.stats.mmu_shadow_zapped.add(1);
+        pages.push(child);
+        if flush && !self.cfg.bugs.has(crate::bugs::Bug::NoTlbFlushOnZap) {
+            self.flush_remote_tlbs();
+        }
+        MapOutcome::Installed { level }
     }
 
     /// The first present leaf in the table `pfn` (at `level`) or below it.

@@ -349,20 +349,46 @@ impl VcpuMmu {
             drop(shared);
             return Ok(retry(stats, cause));
         }
-        let outcome = mmu.map(&shared, root, fault, spec, StripeKey::Vcpu(self.index));
-        if let (MapOutcome::Installed { .. }, Backing::Ram { slot, writable: true, .. }) =
-            (outcome, fault.backing)
-        {
-            // Dirty logging: mark the page before the shared hold ends, so no collection (which
-            // holds the lock exclusive) sits between the writable leaf and its mark (crate::dirty).
-            set.mark_page_dirty(&slot, fault.gfn);
+        let mut outcome = mmu.map(&shared, root, fault, spec, StripeKey::Vcpu(self.index));
+        if outcome == MapOutcome::TableInTheWay {
+            // The huge leaf replaces a lower table: under the exclusive lock, after checking
+            // again under that hold that the fault is not stale (tdp/map.rs).
+            drop(shared);
+            let excl = mmu.mmu_lock.write(&mmu.vcpus, &mmu.relax());
+            let pending = mmu.vcpus[self.index].pending();
+            if let Some(cause) = fault.stale(root.state(), pending, &mmu.inval, bugs) {
+                drop(excl);
+                return Ok(retry(stats, cause));
+            }
+            let mut pages = alloc::vec::Vec::new();
+            outcome = mmu.replace_table_in_the_way(&excl, root, fault, spec, &mut pages);
+            if let (MapOutcome::Installed { .. }, Backing::Ram { slot, writable: true, .. }) =
+                (outcome, fault.backing)
+            {
+                // As below: marked before the hold ends.
+                set.mark_page_dirty(&slot, fault.gfn);
+            }
+            drop(excl);
+            mmu.defer_free(&mut pages);
+            mmu.reclaim_batched();
+        } else {
+            if let (MapOutcome::Installed { .. }, Backing::Ram { slot, writable: true, .. }) =
+                (outcome, fault.backing)
+            {
+                // Dirty logging: mark the page before the shared hold ends, so no collection
+                // (which holds the lock exclusive) sits between the writable leaf and its mark
+                // (crate::dirty).
+                set.mark_page_dirty(&slot, fault.gfn);
+            }
+            if let (
+                MapOutcome::Installed { level: crate::types::Level::L4K },
+                Backing::Ram { .. },
+            ) = (outcome, fault.backing)
+            {
+                mmu.prefetch_direct(&shared, root, fault.gfn, set, StripeKey::Vcpu(self.index));
+            }
+            drop(shared);
         }
-        if let (MapOutcome::Installed { level: crate::types::Level::L4K }, Backing::Ram { .. }) =
-            (outcome, fault.backing)
-        {
-            mmu.prefetch_direct(&shared, root, fault.gfn, set, StripeKey::Vcpu(self.index));
-        }
-        drop(shared);
         let is_mmio = matches!(spec, LeafSpec::Mmio(_));
         let emulate_mmio =
             FaultOutcome::Emulate { gpa, access: mmio_access, source: EmulateSource::SlowPathMmio };
@@ -388,7 +414,8 @@ impl VcpuMmu {
                 stats.pf_spurious += 1;
                 Ok(FaultOutcome::Spurious)
             }
-            MapOutcome::Retry => Ok(retry(stats, RetryCause::Race)),
+            // TableInTheWay only if the replacement did not happen: fault again.
+            MapOutcome::Retry | MapOutcome::TableInTheWay => Ok(retry(stats, RetryCause::Race)),
             MapOutcome::OutOfMemory => Err(FaultError::OutOfMemory(gpa)),
             MapOutcome::Broken => Err(FaultError::Internal { gpa, dump: Default::default() }),
         }
