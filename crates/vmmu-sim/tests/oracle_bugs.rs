@@ -109,17 +109,26 @@ fn oracle_catches_invalid_slot_as_mmio() {
     assert!(caught(Bug::InvalidSlotAsMmio, budget), "MMIO inside an overlapping move went unseen");
 }
 
-/// A zap of MMIO SPTEs (a slot's delete or move)
-/// under another vCPU's lockless walk: the bug reports a misconfiguration. The race needs many
-/// RSVD exits across many zaps, so each try is what `vmmu run --inject zapped-spte-is-misconfig
-/// --seconds 1 --seed SEED` runs (updates back to back: 1000-odd of them, and 4-10 violations
-/// per run on the dev VM), not the access budget above (a few dozen updates).
+/// A zap of MMIO SPTEs (every delete or move zaps all roots, KVM's default
+/// `KVM_X86_QUIRK_SLOT_ZAP_ALL`) under another vCPU's lockless walk: the bug reports a
+/// misconfiguration. The race needs many RSVD exits across many zaps, so each try is what `vmmu
+/// run --inject zapped-spte-is-misconfig --slot-zap-all --seconds 1 --seed SEED` runs (updates
+/// back to back: 3000-odd of them, and 7-20 errors per run on the dev VM), not the access budget
+/// above (a few dozen updates). Without zap-all, a delete zaps only its range, and the MMIO
+/// SPTEs left in a BAR's 2 MiB blocks while it was unmapped go when a fault maps the block with
+/// one huge leaf again (under the exclusive lock), so few are left for a zap to race with.
 #[test]
 fn oracle_catches_zapped_spte_is_misconfig() {
     let _machines = shared();
     let bugs = BugSet::only(Bug::ZappedSpteIsMisconfig);
     let run = |seed| {
-        let opts = vmmu_sim::RunOptions { seconds: 1.0, seed, bugs, ..Default::default() };
+        let opts = vmmu_sim::RunOptions {
+            seconds: 1.0,
+            seed,
+            bugs,
+            slot_zap_all: true,
+            ..Default::default()
+        };
         let r = run(opts.machine_config().expect("valid options"), bugs);
         r.oracle.violations + r.vcpus.iter().map(|v| v.errors).sum::<u64>() > 0
     };
