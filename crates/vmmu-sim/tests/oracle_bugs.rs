@@ -24,6 +24,11 @@ fn violations(bug: Bug, format: FormatKind) -> u64 {
 /// Runs `cfg` on the real MMU (EPT, MAXPHYADDR 46) with `bugs`; a wrap-trap run starts at the
 /// generation the trap needs.
 fn run(cfg: MachineConfig, bugs: BugSet) -> Report {
+    run_zap(cfg, bugs, false)
+}
+
+/// [`run`] with the MMU's `slot_zap_all` (KVM's `KVM_X86_QUIRK_SLOT_ZAP_ALL`) as given.
+fn run_zap(cfg: MachineConfig, bugs: BugSet, slot_zap_all: bool) -> Report {
     let machine = Machine::new(cfg).expect("machine");
     let generation_base =
         if machine.config().wrap_trap { machine.wrap_trap_generation_base() } else { 0 };
@@ -35,7 +40,7 @@ fn run(cfg: MachineConfig, bugs: BugSet) -> Report {
             mmio_caching: true,
             vcpus: machine.config().vcpus,
             generation_base,
-            slot_zap_all: false,
+            slot_zap_all,
             bugs,
             tdp_prefetch: false,
             shadow_mmio_path_only: false,
@@ -122,14 +127,8 @@ fn oracle_catches_zapped_spte_is_misconfig() {
     let _machines = shared();
     let bugs = BugSet::only(Bug::ZappedSpteIsMisconfig);
     let run = |seed| {
-        let opts = vmmu_sim::RunOptions {
-            seconds: 1.0,
-            seed,
-            bugs,
-            slot_zap_all: true,
-            ..Default::default()
-        };
-        let r = run(opts.machine_config().expect("valid options"), bugs);
+        let opts = vmmu_sim::RunOptions { seconds: 1.0, seed, bugs, ..Default::default() };
+        let r = run_zap(opts.machine_config().expect("valid options"), bugs, true);
         r.oracle.violations + r.vcpus.iter().map(|v| v.errors).sum::<u64>() > 0
     };
     assert!((40..43).any(run), "a misconfiguration error on a zapped SPTE went unseen");
