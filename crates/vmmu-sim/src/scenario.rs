@@ -36,6 +36,19 @@ const GUEST_MAXPHYADDR: u8 = 46;
 /// The slot (a reserved id) that backs the guest page tables of a paging scenario.
 const TABLES_SLOT: u32 = 32760;
 
+/// The second slot of a version-2 guest's own memory (a reserved id): the area is two slots as
+/// the KVM backend's is (its own 1 MiB, slot 32760, and its 4 MiB page-table pool, slot 32761),
+/// so that the backend's setup makes as many memslot swaps as the KVM backend's. Each swap adds
+/// 1 to the memslot generation (one address space) and the swap whose generation has its low 19
+/// bits zero zaps every shadow page (KVM `kvm_mmu_invalidate_mmio_sptes`), so with one slot the
+/// zap came one scenario step later than on KVM (`paging_mmio_gen_wrap_own_slots` in
+/// `tests/scenario_paging.rs`).
+const TABLES_POOL_SLOT: u32 = 32761;
+
+/// Size of the first slot of a version-2 guest's own memory: 1 MiB, as the KVM backend's own
+/// slot; the second ([`TABLES_POOL_SLOT`]) has the rest, 4 MiB as the KVM backend's pool.
+const PAGING_OWN_FIRST_SIZE: u64 = 0x10_0000;
+
 /// Size of the backend's own memory in a version-1 scenario under shadow paging: 1 MiB, as the
 /// KVM backend's own slot (its guest's code, descriptor tables, stack and identity tables). Under
 /// shadow paging KVM's default shadow-page limit is 2% of every slot's pages (at least 64), so
@@ -280,17 +293,30 @@ impl SimMachine {
         Ok(())
     }
 
-    /// The buffer and slot of the page-table area: `size` bytes from [`TABLES_GPA`].
+    /// The buffer and slots of the page-table area: `size` bytes from [`TABLES_GPA`]. The
+    /// version-2 area ([`PAGING_OWN_SIZE`]) is two slots, its first MiB and the rest, as the KVM
+    /// backend's own slot and pool are ([`TABLES_POOL_SLOT`]); the version-1 area is one, as the
+    /// KVM backend's own slot.
     fn reserve_tables(&mut self, size: u64) -> Result<Arc<HostBuffer>, BackendError> {
         let buf = self.host.add_buffer("__guest_tables", size).map_err(failed)?;
-        let req = SlotRequest {
-            slot: TABLES_SLOT,
-            flags: 0,
-            guest_phys_addr: TABLES_GPA,
-            memory_size: size,
-            userspace_addr: buf.hva().raw(),
+        let pieces: &[(u32, u64, u64)] = if size == PAGING_OWN_SIZE {
+            &[
+                (TABLES_SLOT, 0, PAGING_OWN_FIRST_SIZE),
+                (TABLES_POOL_SLOT, PAGING_OWN_FIRST_SIZE, size - PAGING_OWN_FIRST_SIZE),
+            ]
+        } else {
+            &[(TABLES_SLOT, 0, size)]
         };
-        self.mmu.set_memory_region(&req).map_err(failed)?;
+        for &(slot, offset, memory_size) in pieces {
+            let req = SlotRequest {
+                slot,
+                flags: 0,
+                guest_phys_addr: TABLES_GPA + offset,
+                memory_size,
+                userspace_addr: buf.hva().raw() + offset,
+            };
+            self.mmu.set_memory_region(&req).map_err(failed)?;
+        }
         Ok(buf)
     }
 
