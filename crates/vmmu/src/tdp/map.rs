@@ -59,7 +59,7 @@ pub enum MapOutcome {
     /// A compare-and-swap lost a race, or a conflicting leaf was removed: fault again.
     Retry,
     /// A lower table is linked where the fault could map its huge leaf: the caller takes the
-    /// MMU lock exclusive and replaces it ([`TdpMmu::replace_table_in_the_way`]), as KVM
+    /// MMU lock exclusive and replaces it (`TdpMmu::replace_table_in_the_way`), as KVM
     /// replaces it under its shared lock.
     TableInTheWay,
     /// No frame for a page table.
