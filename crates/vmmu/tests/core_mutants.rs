@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{access, region, test_frames, vm, vm_on, vm_with, Seen, RAM_HVA};
+use common::{access, park_once_at, region, test_frames, vm, vm_on, vm_with, Seen, RAM_HVA};
 use vmmu::dirty::pages_of;
 use vmmu::fault::{EmulateSource, FaultOutcome};
 use vmmu::memslot::{
@@ -192,15 +192,7 @@ fn a_stale_mmio_decision_never_replaces_a_leaf_another_vcpu_mapped() {
     let (go_tx, go_rx) = mpsc::channel::<()>();
     let thread_a = std::thread::spawn(move || {
         // Parks A once, at its first fault's decision ("no slot": MMIO).
-        let mut once = Some((decided_tx, go_rx));
-        vmmu::testing::preempt::on_this_thread(Some(Box::new(move |point| {
-            if point == PreemptPoint::FaultDecided {
-                if let Some((decided, go)) = once.take() {
-                    decided.send(()).unwrap();
-                    go.recv().unwrap();
-                }
-            }
-        })));
+        park_once_at(PreemptPoint::FaultDecided, decided_tx, go_rx);
         let seen = access(&mut a, X, false).unwrap().0;
         vmmu::testing::preempt::on_this_thread(None);
         seen

@@ -21,7 +21,7 @@
 mod psc;
 mod shadow;
 
-use crate::common::{access, region, vm_with, Seen, RAM_HVA};
+use crate::common::{access, park_once_at, region, vm_with, Seen, RAM_HVA};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -574,15 +574,7 @@ pub fn catch_mmio_over_present_spte(bugs: BugSet) -> Option<Harm> {
     let (go_tx, go_rx) = mpsc::channel::<()>();
     let thread_a = std::thread::spawn(move || {
         // Parks A once, at its first fault's decision.
-        let mut once = Some((decided_tx, go_rx));
-        vmmu::testing::preempt::on_this_thread(Some(Box::new(move |point| {
-            if point == PreemptPoint::FaultDecided {
-                if let Some((decided, go)) = once.take() {
-                    decided.send(()).unwrap();
-                    go.recv().unwrap();
-                }
-            }
-        })));
+        park_once_at(PreemptPoint::FaultDecided, decided_tx, go_rx);
         let mut tlb = HashMap::new();
         enter(&mut a, &mut tlb);
         let seen = tlb_read(&mut a, &mut tlb, X);

@@ -109,3 +109,23 @@ pub fn access(
 fn is_npt(v: &Vcpu<TestHost>) -> bool {
     !v.format().is_ept()
 }
+
+/// Parks the calling thread once, the first time it reaches `point`: it sends on `reached`, then
+/// waits on `go`. Later passes do not stop. Clear the hook with
+/// `vmmu::testing::preempt::on_this_thread(None)` when done.
+#[allow(dead_code)] // not every test file that includes `common` parks a thread
+pub fn park_once_at(
+    point: vmmu::host::PreemptPoint,
+    reached: std::sync::mpsc::Sender<()>,
+    go: std::sync::mpsc::Receiver<()>,
+) {
+    let mut once = Some((reached, go));
+    vmmu::testing::preempt::on_this_thread(Some(Box::new(move |p| {
+        if p == point {
+            if let Some((reached, go)) = once.take() {
+                reached.send(()).unwrap();
+                go.recv().unwrap();
+            }
+        }
+    })));
+}
