@@ -70,6 +70,14 @@ const GVA: u64 = 0x4000_0000;
 /// The PAE guest's GVA: PDPTE 0, PDE 2, PTE 3.
 const PAE_GVA: u64 = 0x40_3000;
 
+/// Rounds an [`access`] may take. A round ends early without a fault when guest entry finds a
+/// request posted after the round serviced them; the requests come from a finite set (a zap-all's
+/// free-obsolete-roots request, the TLB flushes that its commit and the vCPU's own release of
+/// its obsolete root post), so a bounded number of rounds completes every access. With
+/// `LOOM_MAX_PREEMPTIONS=4` a model reached four rounds (three failed entries and a fixed fault)
+/// before its read, which four rounds did not allow.
+const ACCESS_ROUNDS: usize = 8;
+
 const P: u64 = 1;
 const RW: u64 = 2;
 const US: u64 = 4;
@@ -131,11 +139,14 @@ enum Seen {
 }
 
 /// One user-mode read of `gva`, as the hardware and the hypervisor do it: service requests,
-/// walk the shadow in guest mode, exit on a fault and handle it; a few rounds at most.
+/// walk the shadow in guest mode, exit on a fault and handle it; [`ACCESS_ROUNDS`] rounds at
+/// most, each one's outcome kept for the message if none completes.
 fn access(v: &mut Vcpu<TestHost>, gva: u64) -> Seen {
-    for _ in 0..4 {
+    let mut log = Vec::new();
+    for _ in 0..ACCESS_ROUNDS {
         v.service_requests().unwrap();
         if v.enter_guest_mode().is_err() {
+            log.push("enter failed".to_string());
             continue;
         }
         let walk = v.walk_gva(Gva(gva), Access::USER);
@@ -148,13 +159,15 @@ fn access(v: &mut Vcpu<TestHost>, gva: u64) -> Seen {
             HwWalk::Misconfig { .. } => PfErr::USER | PfErr::RSVD | PfErr::PRESENT,
             HwWalk::Broken { dump } => panic!("broken walk {dump:?}"),
         };
-        match v.handle_page_fault(Gva(gva), PfErr(err)) {
+        let o = v.handle_page_fault(Gva(gva), PfErr(err));
+        log.push(format!("{err:#x} {o:?}"));
+        match o {
             Ok(FaultOutcome::Fixed | FaultOutcome::Spurious | FaultOutcome::Retry(_)) => {}
             Ok(FaultOutcome::Emulate { gpa, source, .. }) => return Seen::Mmio(gpa, source),
             other => panic!("access to {gva:#x}: {other:?}"),
         }
     }
-    panic!("access to {gva:#x} did not complete");
+    panic!("access to {gva:#x} did not complete: {log:?}");
 }
 
 /// What the executions of one model saw: labels of outcomes, and how many executions ran. Std
