@@ -95,6 +95,13 @@ pub enum Bug {
     /// switch (KVM `kvm_mmu_new_pgd` after a fast switch, and 7f8a4eb426b4 "clear MMIO gva in
     /// kvm_mmu_load", 2026): a GVA-keyed entry survives a CR3 switch.
     ///
+    /// This undoes more than KVM's 2026 bug, which needed a failed fast switch followed by the
+    /// load of a direct root (CR0.PG=0), whose `kvm_mmu_sync_roots` clears nothing. Here every
+    /// path that leaves a vCPU without a root clears the GVA part already (a paging-mode change
+    /// unloads all roots, a CR3 load and a drop of obsolete roots clear it), so the clear at root
+    /// load alone is a second guard with no reachable harm; undoing it together with the CR3
+    /// load's clear (KVM's after a fast switch hit) gives the harm the fix is about.
+    ///
     /// Harm: after switching to a space that maps the GVA to RAM, an RSVD fault or an emulated
     /// access would be answered from the entry of the previous space: MMIO at the old GPA.
     GvaCacheSurvivesRootSwitch = 11,
