@@ -1316,3 +1316,203 @@ fn a_host_invalidation_between_translation_and_install_retries_the_shadow_fault(
     assert_eq!(o.unwrap(), FaultOutcome::Retry(vmmu::stats::RetryCause::HostInvalidation));
     assert_eq!(access(&mut v, A, false), Seen::Ram(Pfn(NEW_PFN)));
 }
+
+/// A paging-mode change (KVM `kvm_mmu_reset_context` -> `kvm_mmu_unload`) lets go of the
+/// vCPU's roots: no page of the old root stays pinned, so the shrinker (KVM `mmu_shrink_scan`)
+/// can take all four pages, the root's too, and the guest's next access builds them again.
+/// Kills `vcpu/shadow_path.rs`: `shadow_unload` releasing its roots only when it took none
+/// (`!roots.is_empty()` with the `!` deleted: the old root stayed pinned for good).
+#[test]
+fn a_paging_mode_change_unpins_the_old_root() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    s.map4k(A, 0x20_0000, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
+    v.set_guest_cpu(long4(s.cr3)).unwrap();
+    assert_eq!(vm.shrink_shadow_pages(1000), 4, "root, PDPT, PD and PT: nothing is pinned");
+    assert_eq!(vm.shadow_mmu().unwrap().stats.snapshot().shadow_pages, 0);
+    assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
+}
+
+/// INVLPG is counted once per instruction (KVM's `invlpg` vCPU stat).
+/// Kills `vcpu/shadow_path.rs`: `invlpg`'s `+= 1` -> `*= 1`.
+#[test]
+fn invlpg_counts_each_invalidation() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    s.map4k(A, 0x20_0000, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
+    for n in 1..=3 {
+        v.invlpg(Gva(A + (n << 12))).unwrap();
+        assert_eq!(v.stats.invlpg, n);
+    }
+}
+
+/// The previous-root cache when a CR3 load finds no current root (it was just switched away
+/// from, and no entry built a new one): KVM `cached_root_find_without_current` takes the hit
+/// out of its slot and moves the later roots up, so the three slots stay filled in recency
+/// order. The next switch (a miss) then pushes the current root in front and drops nothing,
+/// and a switch back to any of the three cached spaces reuses its root: no new root is loaded.
+/// Kills `vcpu/shadow_path.rs`: `load_cr3`'s move-up `prev[j] = prev[j + 1]` -> `prev[j * 1]`
+/// (the hit left a hole in the middle; the next miss dropped the oldest root, whose space then
+/// needed a new root).
+#[test]
+fn a_cr3_load_without_a_current_root_keeps_the_previous_roots_in_order() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let spaces: Vec<Space> = (0..5).map(|_| Space::new(&host, &next)).collect();
+    for s in &spaces {
+        s.map4k(A, 0x20_0000, P | RW | US);
+    }
+    let cr3 = |i: usize| spaces[i].cr3;
+    let mut v = vcpu_in(&vm, long4(cr3(0)));
+    // Roots for spaces 0..4 in turn: previous roots 2, 1, 0 (most recent first).
+    for i in 0..4 {
+        if i > 0 {
+            v.load_cr3(cr3(i)).unwrap();
+        }
+        assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
+    }
+    assert_eq!(v.stats.root_loads, 4);
+    // To space 4 (a miss: 3, 2, 1 cached, 0 dropped), and at once to space 2, before any entry
+    // built space 4's root: 2 is taken from the middle slot without a current root.
+    v.load_cr3(cr3(4)).unwrap();
+    v.load_cr3(cr3(2)).unwrap();
+    assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(v.stats.root_loads, 4, "space 2's root was reused");
+    // A miss (space 0) with 2 current: 2, 3, 1 cached.
+    v.load_cr3(cr3(0)).unwrap();
+    assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(v.stats.root_loads, 5);
+    for i in [1, 3, 2] {
+        v.load_cr3(cr3(i)).unwrap();
+        assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
+        assert_eq!(v.stats.root_loads, 5, "space {i}'s root was cached");
+    }
+}
+
+/// A shadow vCPU counts its #PF exits by kind (an RSVD fault as a misconfiguration, any other
+/// as a violation, as the TDP vCPU counts EPT misconfigurations and violations) and its MMIO
+/// fast-path answers by where they came from: the per-vCPU cache, an MMIO SPTE of the current
+/// generation, or an MMIO SPTE of an older generation sent to the slow path; a RAM fault the
+/// slow path fixes counts in KVM's `pf_fixed`.
+/// Kills `vcpu/shadow_path.rs`: `handle_page_fault`'s `misconfig_exits += 1` and
+/// `violation_exits += 1` -> `*= 1`, `shadow_mmio_fast`'s `stale_gen_misses += 1` and
+/// `mmio_spte_hits += 1` -> `*= 1`, `shadow_slow`'s `pf_fixed += 1` -> `*= 1`.
+#[test]
+fn a_shadow_vcpu_counts_its_exits_and_mmio_fast_path_answers() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    s.map4k(A, MMIO_GPA, P | RW | US);
+    s.map4k(X, 0x20_0000, P | RW | US);
+    let counts = |v: &Vcpu<TestHost>| {
+        let st = &v.stats;
+        (st.violation_exits, st.misconfig_exits, st.mmio_cache_hits, st.mmio_spte_hits)
+    };
+    let mmio = |seen: Seen| matches!(seen, Seen::Mmio(g, _) if g.0 == MMIO_GPA);
+    let mut v1 = vcpu_in(&vm, long4(s.cr3));
+    let mut v2 = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v1, X, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(counts(&v1), (1, 0, 0, 0), "RAM: one not-present fault");
+    assert_eq!(v1.stats.pf_fixed, 1);
+    assert!(mmio(access(&mut v1, A, false)));
+    assert_eq!(counts(&v1), (2, 0, 0, 0), "MMIO: a not-present fault, then the slow path");
+    assert!(mmio(access(&mut v1, A, false)));
+    assert_eq!(counts(&v1), (2, 1, 1, 0), "the RSVD fault answered from v1's cache");
+    assert!(mmio(access(&mut v2, A, false)));
+    assert_eq!(counts(&v2), (0, 1, 0, 1), "v2's cache is empty: the MMIO SPTE answers");
+    // A memslot update: the MMIO SPTE's generation is old now.
+    vm.set_memory_region(&log_region(0)).unwrap();
+    assert_eq!(v2.stats.stale_gen_misses, 0);
+    assert!(mmio(access(&mut v2, A, false)));
+    assert_eq!(counts(&v2), (0, 2, 0, 1), "the stale SPTE is no fast-path answer");
+    assert_eq!(v2.stats.stale_gen_misses, 1);
+    assert!(mmio(access(&mut v2, A, false)));
+    assert_eq!(counts(&v2), (0, 3, 1, 1), "the slow path filled the cache again");
+}
+
+/// A guest write to a page of a read-only memslot is emulated by the slow path and counted as
+/// KVM counts it: in `pf_emulate`, and in the read-only write count, once per fault.
+/// Kills `vcpu/shadow_path.rs`: `shadow_slow`'s `readonly_write_emulations += 1` and
+/// `pf_emulate += 1` -> `*= 1`.
+#[test]
+fn a_shadow_rom_write_counts_as_an_emulation() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let ro = vmmu::memslot::KVM_MEM_READONLY;
+    vm.set_memory_region(&UserspaceMemoryRegion::new(7, ro, LOG_GPA, 0x4000, LOG_HVA)).unwrap();
+    s.map4k(LOG_GVA, LOG_GPA, P | RW | US | AC | DT);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    for n in 1..=2 {
+        let w = access(&mut v, LOG_GVA, true);
+        assert!(matches!(w, Seen::Mmio(_, vmmu::fault::EmulateSource::ReadOnlyWrite)), "{w:?}");
+        assert_eq!((v.stats.pf_emulate, v.stats.readonly_write_emulations), (n, n));
+    }
+}
+
+/// The highest gfn the MMU maps (KVM `kvm_mmu_max_gfn`) still gets an MMIO SPTE under shadow
+/// paging too: a guest mapping of the top guest-physical page emulates from the slow path once,
+/// and a second vCPU's access is answered by the MMIO SPTE on the fast path.
+/// Kills `vcpu/shadow_path.rs`: `shadow_slow`'s `walk.gfn > max_gfn` -> `>=` (the top page was
+/// emulated without an SPTE, through the slow path on every access).
+#[test]
+fn the_highest_mappable_gfn_gets_a_shadow_mmio_spte() {
+    use vmmu::fault::EmulateSource::{MmioSpteHit, SlowPathMmio};
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let top = vm.mmu().config().max_gfn.raw() << 12;
+    assert_eq!(top, ((1 << 34) - 1) << 12, "46 physical bits");
+    let s = Space::new(&host, &next);
+    s.map4k(A, top, P | RW | US);
+    let mut v0 = vcpu_in(&vm, long4(s.cr3));
+    let mut v1 = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v0, A + 8, false), Seen::Mmio(vmmu::Gpa(top + 8), SlowPathMmio));
+    assert_eq!(access(&mut v1, A + 8, false), Seen::Mmio(vmmu::Gpa(top + 8), MmioSpteHit));
+    assert_eq!(v0.stats.pf_mmio_spte_created, 1);
+}
+
+/// An MMIO fault that builds its shadow path makes room first, as any fault that may allocate
+/// shadow pages (KVM `make_mmu_pages_available` in `FNAME(page_fault)`, before the MMIO check of
+/// `FNAME(fetch)`): with 3 of 64 pages free, it recycles the oldest pages up to 25 free.
+/// Kills `vcpu/shadow_path.rs`: `shadow_slow`'s `!(mmio && shadow_mmio_path_only)` with `&&`
+/// -> `||` (an MMIO fault never made room: it recycled nothing).
+#[test]
+fn an_mmio_fault_that_builds_its_path_recycles_below_five_free_pages() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    vm.set_nr_mmu_pages(64).unwrap();
+    let s = Space::new(&host, &next);
+    // As in `a_fault_recycles_only_below_five_free_pages_and_refills_to_25`: A's directory and
+    // table, A + 2 MiB's table, then two pages per GiB; the last GiB maps a device page.
+    let gvas: Vec<u64> =
+        [A, A + 0x20_0000].into_iter().chain((2..31u64).map(|i| i << 30)).collect();
+    for &g in &gvas[..30] {
+        s.map4k(g, 0x20_0000, P | RW | US);
+    }
+    s.map4k(gvas[30], MMIO_GPA, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    let shadow = vm.shadow_mmu().unwrap();
+    for &g in &gvas[..30] {
+        assert_eq!(access(&mut v, g, false), Seen::Ram(ram_pfn(0x20_0000)));
+    }
+    assert_eq!((shadow.pages_in_use(), shadow.stats.snapshot().mmu_recycled), (61, 0));
+    assert!(matches!(access(&mut v, gvas[30], false), Seen::Mmio(g, _) if g.0 == MMIO_GPA));
+    assert_eq!(shadow.stats.snapshot().mmu_recycled, 22, "3 free: 22 zapped to have 25");
+}
+
+/// A fault that another vCPU fixed between the exit and its handling finds the leaf there: it
+/// is spurious (KVM's `pf_spurious`), not fixed again.
+/// Kills `vcpu/shadow_path.rs`: `shadow_slow`'s `pf_spurious += 1` -> `*= 1`.
+#[test]
+fn a_fault_fixed_meanwhile_counts_as_spurious() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    s.map4k(A, 0x20_0000, P | RW | US);
+    let mut v1 = vcpu_in(&vm, long4(s.cr3));
+    let mut v2 = vcpu_in(&vm, long4(s.cr3));
+    assert!(matches!(hw(&mut v1, A, false), HwWalk::Violation { present: false, .. }));
+    assert_eq!(access(&mut v2, A, false), Seen::Ram(ram_pfn(0x20_0000)));
+    let o = v1.handle_page_fault(Gva(A), PfErr(PfErr::USER)).unwrap();
+    assert_eq!(o, FaultOutcome::Spurious);
+    assert_eq!((v1.stats.pf_spurious, v1.stats.pf_fixed), (1, 0));
+    assert_eq!(access(&mut v1, A, false), Seen::Ram(ram_pfn(0x20_0000)));
+}
