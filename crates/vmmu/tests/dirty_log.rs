@@ -354,3 +354,37 @@ fn starting_logging_splits_a_1g_leaf_down_to_4k() {
     }
     assert_eq!(get(&vm, 1), [0x205]);
 }
+
+/// Starting dirty logging on a writable 1 GiB leaf when only its own split can have a table page
+/// (its 2 MiB children stay huge and read-only: KVM's eager split is best effort) still flushes
+/// the TLBs, once: a vCPU that cached the writable 1 GiB translation is told to flush it, so its
+/// next write faults instead of going through unlogged. Each 2 MiB child maps its own part of
+/// the 1 GiB block. Kills `write_protect_table`'s `flush |=` of the recursion into the split
+/// 1 GiB leaf's children -> `&=` (the recursion, which split nothing, cleared the flush the
+/// split itself needed), and `split_huge_leaf`'s child frame `first + i * pages` -> `i / pages`
+/// (every 2 MiB child mapped the block's first 2 MiB).
+#[test]
+fn starting_logging_flushes_after_a_1g_split_whose_children_cannot_split() {
+    const BIG_HVA: u64 = 1 << 32;
+    const SLOT: u64 = 1 << 30;
+    // Three table frames: the root, the PDPT, and the table the 1 GiB leaf splits into.
+    let host = TestHost::new(3);
+    host.map(BIG_HVA, 1 << 30, BIG_HVA >> 12, vmmu::Level::L1G, true);
+    let host = std::sync::Arc::new(host);
+    let vm = Vm::new(VmConfig::new(FormatKind::Ept, 46).unwrap(), host.clone()).unwrap();
+    vm.set_memory_region(&region(1, SLOT, 1 << 30, BIG_HVA, 0)).unwrap();
+    let mut v = TlbVcpu::new(&vm);
+    assert_eq!(v.access(SLOT + 0x20_5000, true), 1);
+    assert_eq!((vm.stats().pages_1g, host.tables_in_use()), (1, 2));
+    let flushes = vm.stats().remote_tlb_flush_requests;
+    vm.set_memory_region(&region(1, SLOT, 1 << 30, BIG_HVA, LOG)).unwrap();
+    assert_eq!((vm.stats().pages_1g, vm.stats().pages_2m), (0, 512), "split to 2 MiB only");
+    assert_eq!(vm.stats().remote_tlb_flush_requests, flushes + 1);
+    assert!(v.vcpu.service_requests().unwrap().flush_tlb, "the 1 GiB translation is flushed");
+    let mut r = TlbVcpu::new(&vm);
+    for off in [0x20_5000u64, 0x3ff_f000] {
+        assert_eq!(r.access(SLOT + off, false), 0, "{off:#x}: mapped read-only, no fault");
+        let want = Pfn((BIG_HVA + off) >> 12);
+        assert_eq!(r.tlb[&((SLOT + off) >> 12)], (want, false), "{off:#x}");
+    }
+}
