@@ -392,3 +392,48 @@ fn a_fault_that_finds_its_mmio_spte_installed_meanwhile_still_emulates() {
     let s = &v1.stats;
     assert_eq!((s.pf_mmio_spte_created, s.pf_spurious, s.slow_path_mmio), (0, 0, 1));
 }
+
+/// A vCPU counts the roots it loads, the TLB flushes it performs (KVM's `tlb_flush` vCPU stat:
+/// a new root, or a flush request) on the TDP MMU and on the shadow MMU, and its EPT violation
+/// and misconfiguration exits; it reports the address space it runs in once switched to SMM's.
+/// Kills `vcpu/mod.rs`: `service_requests`' `tlb_flush += 1` (both MMUs) and `root_loads += 1`
+/// (TDP), the exit counts of `handle_ept_violation`, `handle_ept_misconfig` and `handle_npf`, `+=` -> `*=`; and
+/// `as_id` replaced with `AsId(0)`.
+#[test]
+fn a_vcpu_counts_its_exits_root_loads_and_tlb_flushes() {
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.nr_address_spaces = 2;
+    let (vm, _h) = vm_with(cfg);
+    let mut v = vm.create_vcpu().unwrap();
+    assert!(v.service_requests().unwrap().flush_tlb, "a new root");
+    assert_eq!((v.stats.root_loads, v.stats.tlb_flush), (1, 1));
+    v.set_as_id(AsId(1)).unwrap();
+    assert_eq!(v.as_id(), AsId(1));
+    assert!(v.service_requests().unwrap().flush_tlb, "SMM's root");
+    assert_eq!((v.stats.root_loads, v.stats.tlb_flush), (2, 2));
+    vm.flush_remote_tlbs_for_tests();
+    assert!(v.service_requests().unwrap().flush_tlb, "a flush request");
+    assert_eq!((v.stats.root_loads, v.stats.tlb_flush), (2, 3));
+    let mmio = Gpa(0xfee0_0000);
+    v.handle_ept_violation(mmio, FaultAccess::READ).unwrap();
+    v.handle_ept_misconfig(mmio).unwrap();
+    v.handle_ept_misconfig(mmio).unwrap();
+    assert_eq!((v.stats.violation_exits, v.stats.misconfig_exits), (1, 2));
+    // #NPF: RSVD set is the misconfiguration kind.
+    let (npt, _h) = common::vm(FormatKind::Npt);
+    let mut v = npt.create_vcpu().unwrap();
+    v.service_requests().unwrap();
+    use vmmu::fault::PfErr;
+    v.handle_npf(mmio, PfErr(0)).unwrap();
+    v.handle_npf(mmio, PfErr(PfErr::RSVD | PfErr::PRESENT)).unwrap();
+    v.handle_npf(mmio, PfErr(PfErr::RSVD | PfErr::PRESENT)).unwrap();
+    assert_eq!((v.stats.violation_exits, v.stats.misconfig_exits), (1, 2));
+
+    let (vm, _host, _next) = common::shadow::shadow_vm(vmmu::bugs::BugSet::NONE);
+    let mut v = common::shadow::vcpu_in(&vm, common::shadow::long4(0x10_0000));
+    assert!(v.service_requests().unwrap().flush_tlb, "a new shadow root");
+    assert_eq!((v.stats.root_loads, v.stats.tlb_flush), (1, 1));
+    vm.flush_remote_tlbs_for_tests();
+    assert!(v.service_requests().unwrap().flush_tlb, "a flush request");
+    assert_eq!((v.stats.root_loads, v.stats.tlb_flush), (1, 2));
+}
