@@ -769,6 +769,43 @@ fn a_remote_flush_counts_one_request_and_a_flush_only_when_it_kicks() {
     assert_eq!(s2.remote_tlb_flush - s1.remote_tlb_flush, 1, "it kicked two vCPUs: one flush");
 }
 
+/// The guest-mode guard's poll (`GuestMode::requests_pending`, the "IPI" a software vCPU checks
+/// between accesses) is clear until another thread posts a request, then set: here a remote TLB
+/// flush, which waits for the vCPU to leave guest mode, so a poll that never saw it would hold
+/// stale translations and stall the flush. The vCPU then services the flush on its next entry.
+#[test]
+fn a_vcpu_in_guest_mode_sees_a_request_through_its_guard() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let (vm, _h) = vm(FormatKind::Ept);
+    vm.set_memory_region(&region(0, 0x10_0000, 0x2000, RAM_HVA, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    v.service_requests().unwrap();
+    let entered = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let (v, entered) = (&mut v, &entered);
+        s.spawn(move || {
+            let g = v.enter_guest().expect("nothing pending: entry succeeds");
+            assert!(!g.requests_pending(), "no request was posted yet");
+            entered.store(true, Ordering::SeqCst);
+            // A bound, not a timing: the flush below posts at once; the panic drops the guard,
+            // which leaves guest mode and lets the flush return.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !g.requests_pending() {
+                assert!(Instant::now() < deadline, "the posted flush never showed in guest mode");
+                std::hint::spin_loop();
+            }
+        });
+        while !entered.load(Ordering::SeqCst) {
+            std::hint::spin_loop();
+        }
+        vm.flush_remote_tlbs_for_tests();
+    });
+    assert!(v.requests_pending(), "the flush waits for service outside guest mode");
+    assert!(v.service_requests().unwrap().flush_tlb, "the next entry flushes the TLB");
+    assert!(!v.requests_pending());
+}
+
 /// KVM `kvm_mmu_slot_apply_flags` when dirty logging stops on a writable slot
 /// (`kvm_mmu_recover_huge_pages`, v6.13 and later): the 2 MiB mappings logging split come back in
 /// place, where the slot's alignment and the host's mapping allow one (the next access does not
