@@ -325,6 +325,21 @@ fn starting_logging_protects_exactly_the_slots_leaves_wherever_it_lies() {
     assert_eq!(get(&vm, 1), [0, 1, 2, 3, 4, 5, 6, 7]);
 }
 
+/// Guest-physical base of the 1 GiB slot the 1 GiB-leaf tests map, and its host address.
+const SLOT: u64 = 1 << 30;
+const BIG_HVA: u64 = 1 << 32;
+
+/// An EPT VM whose host has `frames` table frames and maps [`BIG_HVA`] with one 1 GiB page, and
+/// slot 1 over it at [`SLOT`] without logging, so a fault there maps a 1 GiB leaf.
+fn vm_over_a_1g_host_page(frames: usize) -> (Vm<TestHost>, std::sync::Arc<TestHost>) {
+    let host = TestHost::new(frames);
+    host.map(BIG_HVA, 1 << 30, BIG_HVA >> 12, vmmu::Level::L1G, true);
+    let host = std::sync::Arc::new(host);
+    let vm = Vm::new(VmConfig::new(FormatKind::Ept, 46).unwrap(), host.clone()).unwrap();
+    vm.set_memory_region(&region(1, SLOT, 1 << 30, BIG_HVA, 0)).unwrap();
+    (vm, host)
+}
+
 /// Starting dirty logging splits a 1 GiB leaf all the way down to 4 KiB leaves (KVM's eager
 /// split recurses), so after a write fault in one 2 MiB block the other pages of that block stay
 /// mapped read-only: reading them neither faults nor dirties them, and the GET holds only the
@@ -335,13 +350,7 @@ fn starting_logging_protects_exactly_the_slots_leaves_wherever_it_lies() {
 /// wrote it.
 #[test]
 fn starting_logging_splits_a_1g_leaf_down_to_4k() {
-    const BIG_HVA: u64 = 1 << 32;
-    const SLOT: u64 = 1 << 30;
-    let host = TestHost::new(1100);
-    host.map(BIG_HVA, 1 << 30, BIG_HVA >> 12, vmmu::Level::L1G, true);
-    let host = std::sync::Arc::new(host);
-    let vm = Vm::new(VmConfig::new(FormatKind::Ept, 46).unwrap(), host.clone()).unwrap();
-    vm.set_memory_region(&region(1, SLOT, 1 << 30, BIG_HVA, 0)).unwrap();
+    let (vm, _host) = vm_over_a_1g_host_page(1100);
     let mut v = TlbVcpu::new(&vm);
     assert_eq!(v.access(SLOT + 0x20_5000, true), 1);
     assert_eq!(vm.stats().pages_1g, 1, "the host and the slot allow a 1 GiB leaf");
@@ -365,14 +374,8 @@ fn starting_logging_splits_a_1g_leaf_down_to_4k() {
 /// (every 2 MiB child mapped the block's first 2 MiB).
 #[test]
 fn starting_logging_flushes_after_a_1g_split_whose_children_cannot_split() {
-    const BIG_HVA: u64 = 1 << 32;
-    const SLOT: u64 = 1 << 30;
     // Three table frames: the root, the PDPT, and the table the 1 GiB leaf splits into.
-    let host = TestHost::new(3);
-    host.map(BIG_HVA, 1 << 30, BIG_HVA >> 12, vmmu::Level::L1G, true);
-    let host = std::sync::Arc::new(host);
-    let vm = Vm::new(VmConfig::new(FormatKind::Ept, 46).unwrap(), host.clone()).unwrap();
-    vm.set_memory_region(&region(1, SLOT, 1 << 30, BIG_HVA, 0)).unwrap();
+    let (vm, host) = vm_over_a_1g_host_page(3);
     let mut v = TlbVcpu::new(&vm);
     assert_eq!(v.access(SLOT + 0x20_5000, true), 1);
     assert_eq!((vm.stats().pages_1g, host.tables_in_use()), (1, 2));
