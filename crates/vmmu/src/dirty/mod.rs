@@ -19,7 +19,11 @@
 //! hold (its page was marked before the hold began: the collection takes the bit) or through a
 //! leaf made writable after it (marked again, for the next collection). The flush closes the
 //! third way, a vCPU writing through a TLB entry of a leaf the collection just write-protected
-//! (the re-injectable bug [`crate::bugs::Bug::DirtyLogNoFlush`] removes it).
+//! (the re-injectable bug [`crate::bugs::Bug::DirtyLogNoFlush`] removes it). KVM's
+//! `kvm_get_dirty_log_protect` and `kvm_clear_dirty_log_protect` flush whenever they took a dirty
+//! bit; a page whose leaves were already read-only or gone leaves no writable translation to
+//! flush, so vmmu flushes only when a leaf lost its write right, and its
+//! `remote_tlb_flush_requests` can be lower than KVM's for the same guest.
 //!
 //! An MMU plugs in by implementing `WriteProtect` (the TDP MMU: `tdp/dirty.rs`; the shadow MMU:
 //! `shadow/dirty.rs`, through its reverse map, with its shadow lock as the lock above) and by
