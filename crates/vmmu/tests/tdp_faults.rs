@@ -786,8 +786,10 @@ fn a_vcpu_in_guest_mode_sees_a_request_through_its_guard() {
         let (v, entered) = (&mut v, &entered);
         s.spawn(move || {
             let g = v.enter_guest().expect("nothing pending: entry succeeds");
-            assert!(!g.requests_pending(), "no request was posted yet");
+            let before = g.requests_pending();
+            // Told before the assert, so a failure cannot leave the other thread waiting.
             entered.store(true, Ordering::SeqCst);
+            assert!(!before, "no request was posted yet");
             // A bound, not a timing: the flush below posts at once; the panic drops the guard,
             // which leaves guest mode and lets the flush return.
             let deadline = Instant::now() + Duration::from_secs(30);
