@@ -6,7 +6,9 @@
 
 mod common;
 
-use common::{access, park_once_at, region, test_frames, vm, vm_on, vm_with, Seen, RAM_HVA};
+use common::{
+    access, park_once_at, region, test_frames, update_published, vm, vm_on, vm_with, Seen, RAM_HVA,
+};
 use vmmu::dirty::pages_of;
 use vmmu::fault::{EmulateSource, FaultOutcome};
 use vmmu::memslot::{
@@ -185,7 +187,6 @@ fn a_stale_mmio_decision_never_replaces_a_leaf_another_vcpu_mapped() {
     const X: u64 = 0x10_0000;
     let frame = Pfn((RAM_HVA >> 12) + 5);
     let (vm, _h) = vm(FormatKind::Ept);
-    let old_gen = vm.memslots().generation(AsId(0));
     let mut a = vm.create_vcpu().unwrap();
     let mut b = vm.create_vcpu().unwrap();
     let (decided_tx, decided_rx) = mpsc::channel::<()>();
@@ -198,16 +199,8 @@ fn a_stale_mmio_decision_never_replaces_a_leaf_another_vcpu_mapped() {
         seen
     });
     decided_rx.recv().unwrap();
-    let updater = {
-        let vm = vm.clone();
-        std::thread::spawn(move || {
-            vm.set_memory_region(&region(0, X, 0x1000, RAM_HVA + 0x5000, 0)).unwrap();
-        })
-    };
     // The create's set is published (with its in-progress generation) before it waits for A.
-    while vm.memslots().generation(AsId(0)) == old_gen {
-        std::thread::yield_now();
-    }
+    let updater = update_published(&vm, region(0, X, 0x1000, RAM_HVA + 0x5000, 0));
     // B maps the new slot and keeps the translation in its TLB (it stays in guest mode).
     let mut tlb = None;
     for _ in 0..100 {

@@ -21,7 +21,7 @@
 mod psc;
 mod shadow;
 
-use crate::common::{access, park_once_at, region, vm_with, Seen, RAM_HVA};
+use crate::common::{access, park_once_at, region, update_published, vm_with, Seen, RAM_HVA};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -567,7 +567,6 @@ pub fn catch_mmio_over_present_spte(bugs: BugSet) -> Option<Harm> {
     use vmmu::host::PreemptPoint;
     const X: u64 = 0x10_0000;
     let (vm, _h) = vm_with(ept(bugs));
-    let old_gen = vm.memslots().generation(AsId(0));
     let mut a = vm.create_vcpu().unwrap();
     let mut b = vm.create_vcpu().unwrap();
     let (decided_tx, decided_rx) = mpsc::channel::<()>();
@@ -583,16 +582,8 @@ pub fn catch_mmio_over_present_spte(bugs: BugSet) -> Option<Harm> {
         seen
     });
     decided_rx.recv().unwrap();
-    let updater = {
-        let vm = vm.clone();
-        std::thread::spawn(move || {
-            vm.set_memory_region(&region(0, X, 0x1000, RAM_HVA + 0x5000, 0)).unwrap();
-        })
-    };
     // The create's set is published (with its in-progress generation) before it waits for A.
-    while vm.memslots().generation(AsId(0)) == old_gen {
-        std::thread::yield_now();
-    }
+    let updater = update_published(&vm, region(0, X, 0x1000, RAM_HVA + 0x5000, 0));
     let mut tlb_b = HashMap::new();
     enter(&mut b, &mut tlb_b);
     let first = tlb_read(&mut b, &mut tlb_b, X);

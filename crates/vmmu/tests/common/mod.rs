@@ -129,3 +129,24 @@ pub fn park_once_at(
         }
     })));
 }
+
+/// Starts the memslot update `region` on another thread and returns once its new set is
+/// published (address space 0's generation moved on, to the in-progress one): the update then
+/// waits for the vCPUs' read sections. Join the handle once they have let it finish.
+#[allow(dead_code)] // not every test file that includes `common` races an update
+pub fn update_published(
+    vm: &Vm<TestHost>,
+    region: UserspaceMemoryRegion,
+) -> std::thread::JoinHandle<()> {
+    let old_gen = vm.memslots().generation(vmmu::AsId(0));
+    let updater = {
+        let vm = vm.clone();
+        std::thread::spawn(move || {
+            vm.set_memory_region(&region).unwrap();
+        })
+    };
+    while vm.memslots().generation(vmmu::AsId(0)) == old_gen {
+        std::thread::yield_now();
+    }
+    updater
+}
