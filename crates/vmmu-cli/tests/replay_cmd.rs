@@ -211,6 +211,22 @@ fn page_split_and_sse_mmio_accesses_replay_cleanly() {
     assert!(u(&t["kernel_mmio_dropped"]) > 0);
 }
 
+/// QEMU q35 with `-m 6G` and an `ivshmem-plain` device over a 4 GiB memory backend: SeaBIOS
+/// places its RAM BAR at 8 GiB, above the RAM at 4 GiB, and QEMU makes it a slot of its own
+/// buffer mid-boot. The KVM half's guest window must go above both.
+#[test]
+fn ivshmem_ram_bar_at_8_gib_replays_cleanly() {
+    let file = repo("tests/traces/ivshmem-bar-kvm.small.trace.jsonl");
+    let t = assert_clean(&file);
+    assert_eq!(u(&t["events"]["slot"]), 52);
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("\"gpa\":\"0x100000000\",\"size\":\"0x100000000\""), "RAM at 4 GiB");
+    assert!(text.contains("\"gpa\":\"0x200000000\",\"size\":\"0x100000000\""), "the BAR");
+    for r in t["runs"].as_array().unwrap() {
+        assert!(u(&r["own_accesses"]["reads"]) > 0, "{:#}", r["own_accesses"]);
+    }
+}
+
 /// A Linux kernel's early boot (Debian's 6.1 cloud kernel through `-kernel`, no initrd), recorded
 /// with the kit's `ftrace-capture.sh` until the recording host's instruction emulator stopped it:
 /// after SeaBIOS, the kernel clears VGA text memory, reads the screen back, programs the IOAPIC
@@ -432,6 +448,7 @@ fn kvm_half_agrees_with_the_recordings_where_usable() {
         "hotplug-kvm.small",
         "below4g-odd-kvm.small",
         "linux-kvm.cut",
+        "ivshmem-bar-kvm.small",
     ] {
         let file = repo(&format!("tests/traces/{f}.trace.jsonl"));
         let out = vmmu(&["replay", "--json", "--format", "ept", "--mmio-caching", "on", &file]);
