@@ -247,8 +247,8 @@ impl MmioCachingPolicy {
         self.set_masks(value, value, ACC_WRITE_USER, why);
     }
 
-    /// The body of `kvm_mmu_set_mmio_spte_mask`; `zero_reason` names why a value of 0 was asked
-    /// for, when the caller knows.
+    /// The body of `kvm_mmu_set_mmio_spte_mask`; `zero` names why a value of 0 was asked for,
+    /// when the caller knows.
     fn set_masks(&mut self, mut value: u64, mask: u64, access_mask: u64, zero: DisabledReason) {
         let mut reason = None;
         // Check 1 (KVM: BUG_ON): the access mask must fit in 32 bits.
