@@ -99,8 +99,8 @@ fn counter_lines(
 }
 
 /// HOOK for the sim backend: the simulated machine under every configuration it must agree
-/// under (`sim-ept-on`, `sim-ept-off`, `sim-npt-on`, `sim-npt-off`; only the pinned format's
-/// two when `pinned` is set).
+/// under (`sim-ept-on`, `sim-ept-off`, `sim-npt-on`, `sim-npt-off`, `sim-shadow-on`,
+/// `sim-shadow-off`; only the pinned format's two when `pinned` is set).
 fn sim_backends(pinned: Option<Format>) -> Vec<(String, Box<dyn Backend>)> {
     let machine: Option<fn() -> Box<dyn Backend>> = Some(|| Box::new(vmmu_sim::SimBackend));
     let Some(make) = machine else { return Vec::new() };
