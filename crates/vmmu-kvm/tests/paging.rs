@@ -560,9 +560,8 @@ fn repo_root() -> std::path::PathBuf {
 }
 
 /// The cases as version-2 corpus files (`paging=4level`), with the observations recorded from
-/// KVM (what the cases assert): `tests/scenarios-v2/NAME.scn` and `tests/expected-v2/NAME.jsonl`,
-/// laid out like the v1 corpus, kept apart until the v2 parser lands (the v1 corpus test parses
-/// every file in `tests/scenarios`). Fails if a file is missing or differs; `VMMU_BLESS=1`
+/// KVM (what the cases assert): `tests/scenarios/NAME.scn` and `tests/expected/NAME.jsonl`, in
+/// the corpus with the version-1 files. Fails if a file is missing or differs; `VMMU_BLESS=1`
 /// writes them. (Runs with or without KVM.)
 #[test]
 fn v2_corpus_files_are_current() {
