@@ -4,9 +4,9 @@
 //! whose generation has its low 19 bits zero zaps all). Recorded for real on the nested reference
 //! host: a boot sector toggling i440fx PAM5 48000 times (384031 slot requests) got one
 //! annotation more than it had deletes, right after the delete that made the 2^19-th swap; the
-//! shadow replay zapped at the same request (`/work/caps12/pamwrap.trace.jsonl`, 50 MB). A
-//! count of "annotations right after a delete" misses that one; the per-request comparison
-//! matches every request.
+//! shadow replay zapped at the same request (a 50 MB trace, not committed; this test builds a
+//! synthetic one). A count of "annotations right after a delete" misses that one; the
+//! per-request comparison matches every request.
 
 use vmmu_sim::replay::{parse, replay, ReplayConfig, RunReport};
 
