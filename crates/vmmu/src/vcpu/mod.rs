@@ -21,9 +21,11 @@
 //! unique across address spaces, using the vCPU's own is never weaker, and right for a vCPU in SMM.
 //!
 //! # Shape
-//! [`Vcpu`] holds the VM's shared state (`Arc<VmShared>`), its own MMU state (`VcpuMmu`:
-//! root, caches, reader records) and its counters, as three fields, so a fault borrows the shared
-//! state and mutates the vCPU's own at once without aliasing tricks. The fault path itself is in
+//! [`Vcpu`] holds the VM's shared state (`Arc<VmShared>`), its SRCU reader records
+//! (`VcpuReaders`: memslot and table), its own MMU state (`VcpuMmu`: root, caches, guest mode,
+//! shadow state) and its counters, as four fields, so a fault borrows the shared state and a
+//! read section borrows the reader records while the fault mutates the vCPU's own, without
+//! aliasing tricks. The fault path itself is in
 //! `fault_path.rs`: entry point -> fast path -> [`crate::fault::PageFault`] faultin -> stale
 //! check and map under the MMU lock.
 
