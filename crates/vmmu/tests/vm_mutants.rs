@@ -1,0 +1,113 @@
+//! Behaviour of the embedder API (`vmmu::vm::Vm`: memslot updates with the MMU's hooks, dirty
+//! logging's start and stop, host invalidations) that mutation testing
+//! (`cargo mutants --file crates/vmmu/src/vm.rs`) found no test pinning: each test here fails with
+//! the mutant its doc names applied, and shows what a guest, a VMM or a host would see (a fault, a
+//! translation, a KVM counter, an answer of the API), not an internal flag.
+#![cfg(not(loom))] // std threads and atomics: loom types only work inside a model
+
+mod common;
+
+use common::{access, park_once_at, region, update_published, vm, vm_with, Seen, RAM_HVA};
+use vmmu::memslot::{KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
+use vmmu::spte::FormatKind;
+use vmmu::vm::VmConfig;
+use vmmu::Pfn;
+
+const LOG: u32 = KVM_MEM_LOG_DIRTY_PAGES;
+
+/// The memslots view reports the VM's address spaces: 1 normally, 2 with SMM (an embedder sizes
+/// its per-address-space state from it). Kills `MemslotsView::nr_address_spaces` -> 0 and -> 1.
+#[test]
+fn the_memslots_view_reports_the_address_spaces() {
+    let (one, _h) = vm(FormatKind::Ept);
+    assert_eq!(one.memslots().nr_address_spaces(), 1);
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.nr_address_spaces = 2;
+    let (smm, _h) = vm_with(cfg);
+    assert_eq!(smm.memslots().nr_address_spaces(), 2);
+}
+
+/// A memslot update that waits for a vCPU's read section (a fault in progress) waits with the
+/// host's wait policy (`Sched::relax`, which the test host counts), as the MMU's flush waits do:
+/// a host whose vCPU threads only make progress when a waiter relaxes (the software machine's
+/// hand-off) would otherwise spin forever. Kills `MmuHooks::relax` -> `()`.
+#[test]
+fn a_memslot_update_waits_for_readers_with_the_hosts_policy() {
+    use std::sync::mpsc;
+    use vmmu::host::PreemptPoint;
+    let (vm, host) = vm(FormatKind::Ept);
+    let mut v = vm.create_vcpu().unwrap();
+    let (decided_tx, decided_rx) = mpsc::channel::<()>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let vcpu = std::thread::spawn(move || {
+        // Parks the vCPU inside its first fault (in the memslot read section).
+        park_once_at(PreemptPoint::FaultDecided, decided_tx, go_rx);
+        let seen = access(&mut v, 0x10_0000, false).unwrap().0;
+        vmmu::testing::preempt::on_this_thread(None);
+        seen
+    });
+    decided_rx.recv().unwrap();
+    let before = host.relaxes();
+    let updater = update_published(&vm, region(0, 0x10_0000, 0x1000, RAM_HVA, 0));
+    // The update now waits for the parked fault; with the host's policy it relaxes at once. The
+    // bound only ends the loop under a mutant that never relaxes.
+    let mut turns = 0u64;
+    while host.relaxes() == before && turns < 10_000_000 {
+        std::hint::spin_loop();
+        turns += 1;
+    }
+    let relaxed = host.relaxes() > before;
+    go_tx.send(()).unwrap();
+    let _ = vcpu.join().unwrap();
+    updater.join().unwrap();
+    assert!(relaxed, "the update waited for the reader without the host's wait policy");
+}
+
+/// Stopping dirty logging leaves the slot's writable leaves writable (KVM's
+/// `kvm_mmu_slot_apply_flags` write-protects only when logging starts): a page written while the
+/// slot logged, and not taken by a GET, is written again without a fault. Kills, in
+/// `Vm::set_memory_region`, `change == FlagsOnly && flags & LOG != 0` -> `||` and `flags & LOG`
+/// -> `flags | LOG`, under which the stop write-protected the slot and every write faulted again.
+#[test]
+fn stopping_dirty_logging_keeps_written_pages_writable() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    // 16 pages: no 2 MiB leaf to recover when logging stops.
+    vm.set_memory_region(&region(1, 0x10_0000, 0x1_0000, RAM_HVA, LOG)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    let (seen, faults) = access(&mut v, 0x10_3000, true).unwrap();
+    assert_eq!((seen, faults.len()), (Seen::Ram(Pfn((RAM_HVA >> 12) + 3)), 1));
+    vm.set_memory_region(&region(1, 0x10_0000, 0x1_0000, RAM_HVA, 0)).unwrap();
+    let flushes = vm.stats().remote_tlb_flush_requests;
+    let (_, faults) = access(&mut v, 0x10_3000, true).unwrap();
+    assert_eq!(faults.len(), 0, "the stop of logging write-protected the page: {faults:?}");
+    assert_eq!(vm.stats().remote_tlb_flush_requests, flushes);
+}
+
+/// A read-only slot keeps its 4 KiB leaves when dirty logging stops on it: KVM's
+/// `kvm_mmu_slot_apply_flags` returns early for a read-only slot and recovers huge pages only for
+/// a writable one (the `pages_4k`/`pages_2m` counters are KVM's). Kills, in
+/// `Vm::set_memory_region`, both `&&` of `change == FlagsOnly && flags & (LOG | RO) == 0 &&
+/// shadow.is_none()` -> `||`, under which the read-only slot's 512 leaves became one 2 MiB leaf.
+#[test]
+fn stopping_dirty_logging_on_a_read_only_slot_recovers_no_huge_page() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    let ro = KVM_MEM_READONLY;
+    // 2 MiB-aligned slot and host range: without logging, one 2 MiB leaf could map it.
+    vm.set_memory_region(&region(1, 0x20_0000, 0x20_0000, RAM_HVA, ro | LOG)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    for p in 0..512u64 {
+        access(&mut v, 0x20_0000 + (p << 12), false).unwrap();
+    }
+    assert_eq!((vm.stats().pages_2m, vm.stats().pages_4k), (0, 512), "logging maps 4 KiB");
+    vm.set_memory_region(&region(1, 0x20_0000, 0x20_0000, RAM_HVA, ro)).unwrap();
+    assert_eq!((vm.stats().pages_2m, vm.stats().pages_4k), (0, 512), "read-only: kept as is");
+    // The control: the same slot writable recovers its 2 MiB leaf when logging stops.
+    vm.set_memory_region(&region(1, 0, 0, 0, 0)).unwrap();
+    vm.set_memory_region(&region(1, 0x20_0000, 0x20_0000, RAM_HVA, LOG)).unwrap();
+    for p in 0..512u64 {
+        access(&mut v, 0x20_0000 + (p << 12), false).unwrap();
+    }
+    assert_eq!((vm.stats().pages_2m, vm.stats().pages_4k), (0, 512));
+    vm.set_memory_region(&region(1, 0x20_0000, 0x20_0000, RAM_HVA, 0)).unwrap();
+    assert_eq!((vm.stats().pages_2m, vm.stats().pages_4k), (1, 0), "writable: recovered");
+}
