@@ -8,10 +8,14 @@
 mod common;
 
 use common::{access, park_once_at, region, update_published, vm, vm_with, Seen, RAM_HVA};
+use vmmu::fault::FaultOutcome;
 use vmmu::memslot::{KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 use vmmu::spte::FormatKind;
+use vmmu::stats::RetryCause;
+use vmmu::testing::TestHost;
+use vmmu::vcpu::Vcpu;
 use vmmu::vm::VmConfig;
-use vmmu::Pfn;
+use vmmu::{FaultAccess, Gpa, Hva, Pfn};
 
 const LOG: u32 = KVM_MEM_LOG_DIRTY_PAGES;
 
@@ -110,4 +114,48 @@ fn stopping_dirty_logging_on_a_read_only_slot_recovers_no_huge_page() {
     assert_eq!((vm.stats().pages_2m, vm.stats().pages_4k), (0, 512));
     vm.set_memory_region(&region(1, 0x20_0000, 0x20_0000, RAM_HVA, 0)).unwrap();
     assert_eq!((vm.stats().pages_2m, vm.stats().pages_4k), (1, 0), "writable: recovered");
+}
+
+/// A read fault, as the exit handler of an EPT violation takes it.
+fn read_fault(v: &mut Vcpu<TestHost>, gpa: u64) -> FaultOutcome {
+    v.service_requests().unwrap();
+    v.handle_ept_violation(Gpa(gpa), FaultAccess::READ).unwrap()
+}
+
+/// A host invalidation covering the end of a slot's host range and beyond reaches only that
+/// slot's gfns: faults on the next slot in guest-physical space (whose host range is elsewhere)
+/// map at once while the invalidation is in flight. Kills, in `Vm::invalidate_hva_range_begin`,
+/// `s_end = s_start + (npages << 12)` -> `s_start * ...`, under which the clipped range ran past
+/// the slot's last gfn into its neighbour's, and faults there spun on Retry.
+#[test]
+fn an_invalidation_past_a_slots_end_spares_the_next_slot() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    // Slot 1: gfns 0x100..0x110 over host [RAM_HVA, +64 KiB); slot 2 right after it in
+    // guest-physical space, over host memory 1 MiB further.
+    vm.set_memory_region(&region(1, 0x10_0000, 0x1_0000, RAM_HVA, 0)).unwrap();
+    vm.set_memory_region(&region(2, 0x11_0000, 0x1_0000, RAM_HVA + 0x10_0000, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    vm.invalidate_hva_range_begin(Hva(RAM_HVA + 0x8000), Hva(RAM_HVA + 0x2_0000));
+    let retry = FaultOutcome::Retry(RetryCause::HostInvalidation);
+    assert_eq!(read_fault(&mut v, 0x10_7000), FaultOutcome::Fixed, "below the range");
+    assert_eq!(read_fault(&mut v, 0x10_8000), retry, "slot 1, invalidated");
+    assert_eq!(read_fault(&mut v, 0x10_f000), retry, "slot 1's last page, invalidated");
+    assert_eq!(read_fault(&mut v, 0x11_0000), FaultOutcome::Fixed, "slot 2 is not");
+    assert_eq!(read_fault(&mut v, 0x11_f000), FaultOutcome::Fixed, "slot 2 is not");
+    vm.invalidate_hva_range_end();
+    assert_eq!(access(&mut v, 0x10_8000, false).unwrap().0, Seen::Ram(Pfn((RAM_HVA >> 12) + 8)));
+}
+
+/// A host invalidation of no bytes, at an address inside a slot that is not page-aligned,
+/// invalidates no page: a fault on the page holding that address maps it. Kills, in
+/// `Vm::invalidate_hva_range_begin`, `lo < hi` -> `lo <= hi`, under which the empty overlap was
+/// rounded out to the whole page and its faults spun on Retry until the invalidation ended.
+#[test]
+fn an_empty_invalidation_inside_a_page_invalidates_nothing() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    vm.set_memory_region(&region(1, 0x10_0000, 0x1_0000, RAM_HVA, 0)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    vm.invalidate_hva_range_begin(Hva(RAM_HVA + 0x5008), Hva(RAM_HVA + 0x5008));
+    assert_eq!(read_fault(&mut v, 0x10_5000), FaultOutcome::Fixed);
+    vm.invalidate_hva_range_end();
 }
