@@ -159,3 +159,27 @@ fn an_empty_invalidation_inside_a_page_invalidates_nothing() {
     assert_eq!(read_fault(&mut v, 0x10_5000), FaultOutcome::Fixed);
     vm.invalidate_hva_range_end();
 }
+
+/// On an L1TF host whose L1D address width (44 bits) is above its MAXPHYADDR (36), a TDP VM
+/// emulates a gpa above MAXPHYADDR (the tables still reach it) without installing an MMIO SPTE,
+/// although the codec could hold its gfn: KVM's `kvm_mmu_max_gfn` is the host's physical-address
+/// width under TDP. Kills, in `Vm::new`, `max_gfn = min(memslots' max_gfn, codec's max_gfn)` ->
+/// the codec's alone, under which the fault cached an MMIO SPTE for it. (cargo-mutants generates
+/// no mutants inside `Vm::new`; this one was applied by hand.)
+#[test]
+fn a_gpa_above_maxphyaddr_is_not_cached_even_where_the_l1tf_codec_could_hold_it() {
+    use vmmu::fault::EmulateSource;
+    use vmmu::spte::HostCpu;
+    for format in [FormatKind::Ept, FormatKind::Npt] {
+        let mut cfg = VmConfig::new(format, 36).unwrap();
+        cfg.host_cpu = HostCpu::new(36).unwrap().with_l1tf(44).unwrap();
+        let (vm, _h) = vm_with(cfg);
+        assert!(vm.mmio_caching_enabled(), "{format:?}");
+        let mut v = vm.create_vcpu().unwrap();
+        for _ in 0..2 {
+            let (seen, _) = access(&mut v, 1 << 36, false).unwrap();
+            assert_eq!(seen, Seen::Mmio(EmulateSource::SlowPathMmio), "{format:?}");
+        }
+        assert_eq!(v.stats.pf_mmio_spte_created, 0, "{format:?}");
+    }
+}
