@@ -14,7 +14,7 @@ use vmmu::spte::FormatKind;
 use vmmu::stats::RetryCause;
 use vmmu::testing::TestHost;
 use vmmu::vcpu::Vcpu;
-use vmmu::vm::VmConfig;
+use vmmu::vm::{MmuKind, VmConfig};
 use vmmu::{FaultAccess, Gpa, Hva, Pfn};
 
 const LOG: u32 = KVM_MEM_LOG_DIRTY_PAGES;
@@ -29,6 +29,17 @@ fn the_memslots_view_reports_the_address_spaces() {
     cfg.nr_address_spaces = 2;
     let (smm, _h) = vm_with(cfg);
     assert_eq!(smm.memslots().nr_address_spaces(), 2);
+}
+
+/// A VM reports the MMU it was built with. Kills `Vm::mmu_kind` -> `Default::default()` (TDP),
+/// which only the random sequences of `api_sequences` caught, when they happened to build a
+/// shadow-paging VM.
+#[test]
+fn a_vm_reports_its_mmu() {
+    assert_eq!(vm(FormatKind::Ept).0.mmu_kind(), MmuKind::Tdp);
+    let (shadow, _h) = vm_with(VmConfig::shadow(46).unwrap());
+    assert_eq!(shadow.mmu_kind(), MmuKind::Shadow);
+    assert!(shadow.shadow_mmu().is_some());
 }
 
 /// A memslot update that waits for a vCPU's read section (a fault in progress) waits with the
