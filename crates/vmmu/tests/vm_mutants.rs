@@ -31,6 +31,24 @@ fn the_memslots_view_reports_the_address_spaces() {
     assert_eq!(smm.memslots().nr_address_spaces(), 2);
 }
 
+/// The memslots view's generation (KVM's `kvm_memslots(kvm)->generation`) moves on with every
+/// update of its address space, and not with a refused one. Kills `MemslotsView::generation` -> `Default::default()`, which the
+/// other tests caught only by hanging (`common::update_published` waits for the generation to
+/// move).
+#[test]
+fn the_memslots_view_generation_moves_with_each_update() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    let g0 = vm.memslots().generation(vmmu::AsId(0));
+    vm.set_memory_region(&region(1, 0x10_0000, 0x1000, RAM_HVA, 0)).unwrap();
+    let g1 = vm.memslots().generation(vmmu::AsId(0));
+    assert_ne!(g1, g0, "a create moves the generation on");
+    vm.set_memory_region(&region(2, 0x10_0000, 0x1000, RAM_HVA, 0)).unwrap_err();
+    assert_eq!(vm.memslots().generation(vmmu::AsId(0)), g1, "a refused update does not");
+    vm.set_memory_region(&region(1, 0, 0, 0, 0)).unwrap();
+    let g2 = vm.memslots().generation(vmmu::AsId(0));
+    assert!(g2 != g1 && g2 != g0, "a delete moves it on again");
+}
+
 /// A VM reports the MMU it was built with. Kills `Vm::mmu_kind` -> `Default::default()` (TDP),
 /// which only the random sequences of `api_sequences` caught, when they happened to build a
 /// shadow-paging VM.
