@@ -384,6 +384,16 @@ impl<H: Host> Vm<H> {
         &self,
         r: &UserspaceMemoryRegion,
     ) -> Result<MemslotChange, MemslotError> {
+        self.update_memory_region(r, MmuHooks::new(&self.inner))
+    }
+
+    /// [`Self::set_memory_region`] with the MMU's side of the protocol in `hooks` (which carry
+    /// a probe in test builds).
+    fn update_memory_region(
+        &self,
+        r: &UserspaceMemoryRegion,
+        hooks: MmuHooks<'_, H>,
+    ) -> Result<MemslotChange, MemslotError> {
         let inner = &*self.inner;
         let serial = inner.vmm_lock.lock_with(&inner.mmu.relax());
         // KVM's swap waits until no host invalidation is in flight; holding `vmm_lock` keeps new
@@ -391,7 +401,7 @@ impl<H: Host> Vm<H> {
         while inner.mn_active.load(crate::sync::Ordering::Acquire) != 0 {
             crate::host::Sched::relax(&*inner.mmu.host);
         }
-        let change = inner.memslots.set_memory_region(r, &MmuHooks::new(inner))?;
+        let change = inner.memslots.set_memory_region(r, &hooks)?;
         if let (Some(shadow), MemslotChange::Create | MemslotChange::Delete) =
             (inner.shadow.as_ref(), change)
         {
@@ -400,11 +410,15 @@ impl<H: Host> Vm<H> {
             shadow.set_default_max_pages(&inner.mmu, inner.memslots.nr_memslot_pages());
         }
         if change == MemslotChange::FlagsOnly
-            && r.flags & crate::memslot::KVM_MEM_LOG_DIRTY_PAGES != 0
+            && r.flags
+                & (crate::memslot::KVM_MEM_LOG_DIRTY_PAGES | crate::memslot::KVM_MEM_READONLY)
+                == crate::memslot::KVM_MEM_LOG_DIRTY_PAGES
         {
-            // Dirty logging starts: write-protect the slot's mappings so writes fault (and map
-            // 4 KiB) while reads still hit, as KVM's `kvm_mmu_slot_apply_flags` does (a zap
-            // would make the next read fault, and a read fault can dirty a page).
+            // Dirty logging starts on a writable slot: write-protect the slot's mappings so
+            // writes fault (and map 4 KiB) while reads still hit, as KVM's
+            // `kvm_mmu_slot_apply_flags` does (a zap would make the next read fault, and a read
+            // fault can dirty a page). A read-only slot, which no guest write can dirty, keeps
+            // its mappings as they are (KVM returns early for it).
             let (as_id, _) = crate::types::SlotId::split(r.slot);
             let start = Gfn(r.guest_phys_addr >> PAGE_SHIFT);
             let end = Gfn((r.guest_phys_addr + r.memory_size) >> PAGE_SHIFT);
@@ -522,20 +536,18 @@ impl<H: Host> Vm<H> {
         MemslotsView(&self.inner.memslots)
     }
 
-    /// [`Self::set_memory_region`] with `probe` called at the points of [`UpdateProbe`] (after
-    /// the MMU's own hook work for `Flushed`, before it for `Updated`). Test builds only: the
-    /// deterministic way to run something "in the window" of an update.
+    /// [`Self::set_memory_region`], all of it, with `probe` called at the points of
+    /// [`UpdateProbe`] (after the MMU's own hook work for `Flushed`, before it for `Updated`).
+    /// Test builds only: the deterministic way to run something "in the window" of an update.
     #[cfg(feature = "testing")]
     pub fn set_memory_region_probed(
         &self,
         r: &UserspaceMemoryRegion,
         probe: &dyn Fn(UpdateProbe),
     ) -> Result<MemslotChange, MemslotError> {
-        let inner = &*self.inner;
-        let _serial = inner.vmm_lock.lock_with(&inner.mmu.relax());
-        let mut hooks = MmuHooks::new(inner);
+        let mut hooks = MmuHooks::new(&self.inner);
         hooks.probe = Some(probe);
-        inner.memslots.set_memory_region(r, &hooks)
+        self.update_memory_region(r, hooks)
     }
 
     /// Zaps `[start, end)` of `as_id` in every root and flushes (what a delete's hook does),

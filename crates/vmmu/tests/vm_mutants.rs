@@ -83,11 +83,11 @@ fn a_memslot_update_waits_for_readers_with_the_hosts_policy() {
     let before = host.relaxes();
     let updater = update_published(&vm, region(0, 0x10_0000, 0x1000, RAM_HVA, 0));
     // The update now waits for the parked fault; with the host's policy it relaxes at once. The
-    // bound only ends the loop under a mutant that never relaxes.
-    let mut turns = 0u64;
-    while host.relaxes() == before && turns < 10_000_000 {
-        std::hint::spin_loop();
-        turns += 1;
+    // deadline only ends the loop under a mutant that never relaxes (generous: a loaded CI
+    // machine may not run the updater's thread for a while).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while host.relaxes() == before && std::time::Instant::now() < deadline {
+        std::thread::yield_now();
     }
     let relaxed = host.relaxes() > before;
     go_tx.send(()).unwrap();
@@ -143,6 +143,33 @@ fn stopping_dirty_logging_on_a_read_only_slot_recovers_no_huge_page() {
     assert_eq!((vm.stats().pages_2m, vm.stats().pages_4k), (0, 512));
     vm.set_memory_region(&region(1, 0x20_0000, 0x20_0000, RAM_HVA, 0)).unwrap();
     assert_eq!((vm.stats().pages_2m, vm.stats().pages_4k), (1, 0), "writable: recovered");
+}
+
+/// Starting dirty logging on a read-only slot changes nothing in its mappings: no guest write
+/// can dirty it, and KVM's `kvm_mmu_slot_apply_flags` returns early for a read-only slot (the
+/// mutation run found vmmu write-protecting and splitting it: one 2 MiB leaf became 512 4 KiB
+/// leaves and every vCPU's TLB was flushed). A writable slot, the control, is split.
+#[test]
+fn starting_dirty_logging_on_a_read_only_slot_keeps_its_mappings() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    let ro = KVM_MEM_READONLY;
+    vm.set_memory_region(&region(1, 0x20_0000, 0x20_0000, RAM_HVA, ro)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    access(&mut v, 0x20_0000, false).unwrap();
+    assert_eq!((vm.stats().pages_2m, vm.stats().pages_4k), (1, 0), "one 2 MiB leaf");
+    let flushes = vm.stats().remote_tlb_flush_requests;
+    vm.set_memory_region(&region(1, 0x20_0000, 0x20_0000, RAM_HVA, ro | LOG)).unwrap();
+    assert_eq!((vm.stats().pages_2m, vm.stats().pages_4k), (1, 0), "the leaf stays");
+    assert_eq!(vm.stats().remote_tlb_flush_requests, flushes, "nothing to flush");
+    let (seen, faults) = access(&mut v, 0x3f_f000, false).unwrap();
+    assert_eq!((seen, faults.len()), (Seen::Ram(Pfn((RAM_HVA >> 12) + 0x1ff)), 0));
+    // The control: the same slot writable is write-protected and split when logging starts.
+    vm.set_memory_region(&region(1, 0, 0, 0, 0)).unwrap();
+    vm.set_memory_region(&region(1, 0x20_0000, 0x20_0000, RAM_HVA, 0)).unwrap();
+    access(&mut v, 0x20_0000, false).unwrap();
+    assert_eq!((vm.stats().pages_2m, vm.stats().pages_4k), (1, 0));
+    vm.set_memory_region(&region(1, 0x20_0000, 0x20_0000, RAM_HVA, LOG)).unwrap();
+    assert_eq!(vm.stats().pages_2m, 0, "writable: split");
 }
 
 /// A read fault, as the exit handler of an EPT violation takes it.
