@@ -430,3 +430,44 @@ fn a_vcpu_counts_its_exits_root_loads_and_tlb_flushes() {
     assert!(v.service_requests().unwrap().flush_tlb, "a flush request");
     assert_eq!((v.stats.root_loads, v.stats.tlb_flush), (1, 2));
 }
+
+/// While a host invalidation is in flight the TDP prefetch maps nothing (KVM's
+/// `direct_pte_prefetch` runs only outside `mmu_invalidate_in_progress`; the prefetch checks no
+/// gfn against the range): a fault next to the page the host is changing maps its own page
+/// only, and the page being changed stays unmapped until the end. Kills
+/// `Invalidation::in_progress` -> `0`, under which the prefetch of the group mapped the page
+/// being invalidated and the vCPU translated it during the host's change.
+#[test]
+fn no_prefetch_while_a_host_invalidation_is_in_flight() {
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.tdp_prefetch = true;
+    let (vm, h) = vm_with(cfg);
+    h.set_zero_page_reads(true);
+    // gpa and hva not 2 MiB-congruent: 4 KiB leaves only; gfn g is at hva RAM_HVA + (g - 0x1001).
+    let slot = |size| region(0, 0x100_1000, size, RAM_HVA, 0);
+    vm.set_memory_region(&slot(0x10_0000)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    // Every page of the group written: its host page is mapped writable, so prefetchable.
+    for gfn in 0x1008..0x1010u64 {
+        access(&mut v, gfn << 12, true).unwrap();
+    }
+    vm.set_memory_region(&slot(0)).unwrap();
+    vm.set_memory_region(&slot(0x10_0000)).unwrap();
+    assert_eq!(vm.stats().pages_4k, 0, "setup: the delete zapped every leaf");
+    // The host changes gfn 0x100c's page.
+    let hva = RAM_HVA + ((0x100c - 0x1001) << 12);
+    v.service_requests().unwrap();
+    vm.invalidate_hva_range_begin(Hva(hva), Hva(hva + 0x1000));
+    let o = v.handle_ept_violation(Gpa(0x100_e000), FaultAccess::READ).unwrap();
+    assert_eq!(o, FaultOutcome::Fixed, "a neighbour of the page maps");
+    assert_eq!(vm.stats().pages_4k, 1, "the fault's own leaf only");
+    v.service_requests().unwrap();
+    let walk = v.enter_guest().unwrap().walk(Gpa(0x100_c000), Access::NONE);
+    assert!(
+        !matches!(walk, HwWalk::Translated { .. }),
+        "the page being invalidated is mapped: {walk:?}"
+    );
+    vm.invalidate_hva_range_end();
+    let want = Seen::Ram(Pfn((RAM_HVA >> 12) + 0x100c - 0x1001));
+    assert_eq!(access(&mut v, 0x100_c000, false).unwrap().0, want);
+}
