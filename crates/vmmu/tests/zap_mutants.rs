@@ -40,3 +40,47 @@ fn zap_all_fast_zaps_an_obsolete_root_above_the_first_gigabytes() {
     assert!(v.service_requests().unwrap().flush_tlb, "the vCPU reloads and flushes");
     assert_eq!(access(&mut v, HIGH, false).unwrap().0, Seen::Ram(Pfn(RAM_HVA >> 12)));
 }
+
+/// Stopping dirty logging on a slot (KVM `kvm_mmu_recover_huge_pages`) replaces a split 2 MiB
+/// block's table by one huge leaf whose frame is the block's first frame, taken from the first
+/// present 4 KiB leaf under the table even when that leaf is not the block's first page; the
+/// vCPUs flush their TLBs (the table they may have cached goes). A slot with nothing to recover
+/// flushes nothing. Kills, in `recover_huge_pages`, `flush |=` -> `&=`, `flush && !bug` -> `||`
+/// and deleting its `!`; in `recover_in_table`, replacing it with `true` or `false`, the
+/// recursion's `flush |=` -> `&=`, and the frame's `& !(span - 1)` -> `& !(span + 1)`,
+/// `& !(span / 1)`, `|`, `^` or deleting the `!` (the leaf mapped the block from the wrong
+/// frame).
+#[test]
+fn recovering_a_huge_page_takes_the_blocks_frame_and_flushes_only_when_a_table_went() {
+    use vmmu::memslot::KVM_MEM_LOG_DIRTY_PAGES as LOG;
+    for f in [FormatKind::Ept, FormatKind::Npt] {
+        let (vm, _h) = vm(f);
+        // Block frames from RAM_HVA + 2 MiB: bit 9 of the frame number is set.
+        let hva0 = RAM_HVA + 0x20_0000;
+        let frame0 = hva0 >> 12;
+        let slot0 = |flags| region(0, 0x20_0000, 0x20_0000, hva0, flags);
+        let slot1 = |flags| region(1, 0x40_0000, 0x20_0000, RAM_HVA + 0x40_0000, flags);
+        vm.set_memory_region(&slot0(LOG)).unwrap();
+        vm.set_memory_region(&slot1(LOG)).unwrap();
+        let mut v = vm.create_vcpu().unwrap();
+        // Logging: one 4 KiB leaf, for page 5 of the block only.
+        assert_eq!(access(&mut v, 0x20_5000, true).unwrap().0, Seen::Ram(Pfn(frame0 + 5)));
+        assert_eq!((vm.stats().pages_4k, vm.stats().pages_2m), (1, 0), "{f:?}: setup");
+        v.service_requests().unwrap();
+        let before = vm.stats().remote_tlb_flush_requests;
+        // Slot 1 has nothing mapped: nothing to recover, nothing to flush.
+        vm.set_memory_region(&slot1(0)).unwrap();
+        assert_eq!(vm.stats().remote_tlb_flush_requests, before, "{f:?}: a flush for nothing");
+        assert!(!v.service_requests().unwrap().flush_tlb, "{f:?}: a flush for nothing");
+        // Slot 0's table becomes one 2 MiB leaf.
+        vm.set_memory_region(&slot0(0)).unwrap();
+        assert_eq!((vm.stats().pages_4k, vm.stats().pages_2m), (0, 1), "{f:?}: recovered");
+        assert_eq!(vm.stats().remote_tlb_flush_requests, before + 1, "{f:?}: no flush");
+        assert!(v.service_requests().unwrap().flush_tlb, "{f:?}: the vCPU kept its TLB");
+        for page in [0u64, 5, 0x1ff] {
+            let (seen, faults) = access(&mut v, 0x20_0000 + (page << 12), false).unwrap();
+            assert_eq!(seen, Seen::Ram(Pfn(frame0 + page)), "{f:?}: page {page:#x}");
+            assert!(faults.is_empty(), "{f:?}: page {page:#x} faulted: {faults:?}");
+        }
+    }
+}
