@@ -84,3 +84,33 @@ fn recovering_a_huge_page_takes_the_blocks_frame_and_flushes_only_when_a_table_w
         }
     }
 }
+
+/// A fault that maps a 2 MiB leaf where a 4 KiB table of old MMIO SPTEs is still linked (KVM
+/// `kvm_tdp_mmu_map` at the target level, then `handle_removed_pt`) unlinks that table and
+/// flushes every vCPU's TLB before the table can be freed: another vCPU may hold the link in its
+/// paging-structure caches, with nothing below it present. Kills, in
+/// `replace_table_in_the_way`, `set_spte_locked(..) == FlushNeed::Remote` -> `!=`, the detached
+/// table's `flush |=` -> `&=`, and deleting the `!` of `flush && !bug`: each left the other
+/// vCPU with no flush request (KVM's `remote_tlb_flush_requests` stat did not move).
+#[test]
+fn a_huge_leaf_over_a_table_of_mmio_sptes_flushes_the_other_vcpus() {
+    for f in [FormatKind::Ept, FormatKind::Npt] {
+        let (vm, _h) = vm(f);
+        let mut v = vm.create_vcpu().unwrap();
+        let mut w = vm.create_vcpu().unwrap();
+        // Both vCPUs walk the 4 KiB table of the block: w through v's MMIO SPTE.
+        assert!(matches!(access(&mut v, 0x20_3000, false).unwrap().0, Seen::Mmio(_)), "{f:?}");
+        assert!(matches!(access(&mut w, 0x20_3000, false).unwrap().0, Seen::Mmio(_)), "{f:?}");
+        vm.set_memory_region(&region(0, 0x20_0000, 0x20_0000, RAM_HVA, 0)).unwrap();
+        w.service_requests().unwrap();
+        let before = vm.stats().remote_tlb_flush_requests;
+        let (seen, faults) = access(&mut v, 0x20_5000, false).unwrap();
+        assert_eq!(seen, Seen::Ram(Pfn((RAM_HVA >> 12) + 5)), "{f:?}");
+        assert_eq!(faults.len(), 1, "{f:?}: {faults:?}");
+        assert_eq!((vm.stats().pages_2m, vm.stats().pages_4k), (1, 0), "{f:?}: setup");
+        assert_eq!(vm.stats().remote_tlb_flush_requests, before + 1, "{f:?}: no flush");
+        assert!(w.service_requests().unwrap().flush_tlb, "{f:?}: w kept the unlinked table");
+        let (seen, faults) = access(&mut w, 0x20_3000, false).unwrap();
+        assert_eq!((seen, faults), (Seen::Ram(Pfn((RAM_HVA >> 12) + 3)), vec![]), "{f:?}");
+    }
+}
