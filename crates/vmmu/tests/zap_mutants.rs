@@ -114,3 +114,61 @@ fn a_huge_leaf_over_a_table_of_mmio_sptes_flushes_the_other_vcpus() {
         assert_eq!((seen, faults), (Seen::Ram(Pfn((RAM_HVA >> 12) + 3)), vec![]), "{f:?}");
     }
 }
+
+/// A host invalidation zaps leaves and keeps the tables linked (KVM `kvm_unmap_gfn_range`, the
+/// `tdp_mmu_zap_leafs` of the MMU notifier): the fault after it maps again in the same tables,
+/// allocating none. A memslot delete unlinks the tables inside its range (KVM's
+/// `mmu_shadow_zapped` stat counts them). Kills `e.inside(..) && scope == ZapScope::Tables`
+/// -> `scope != ZapScope::Tables` in `zap_table` (the host invalidation unlinked the 4 KiB
+/// table and the delete did not).
+#[test]
+fn a_host_invalidation_keeps_tables_and_a_delete_unlinks_them() {
+    use vmmu::memslot::KVM_MEM_LOG_DIRTY_PAGES as LOG;
+    use vmmu::Hva;
+    for f in [FormatKind::Ept, FormatKind::Npt] {
+        let (vm, _h) = vm(f);
+        // A dirty-logged 2 MiB slot: 4 KiB leaves in one 4 KiB table.
+        vm.set_memory_region(&region(0, 0x20_0000, 0x20_0000, RAM_HVA, LOG)).unwrap();
+        let mut v = vm.create_vcpu().unwrap();
+        for page in [3u64, 0x100] {
+            let want = Seen::Ram(Pfn((RAM_HVA >> 12) + page));
+            assert_eq!(access(&mut v, 0x20_0000 + (page << 12), false).unwrap().0, want);
+        }
+        let s = vm.stats();
+        assert_eq!((s.pages_4k, s.mmu_shadow_zapped), (2, 0), "{f:?}: setup");
+        vm.invalidate_hva_range_begin(Hva(RAM_HVA), Hva(RAM_HVA + 0x20_0000));
+        vm.invalidate_hva_range_end();
+        let s = vm.stats();
+        assert_eq!((s.pages_4k, s.mmu_shadow_zapped), (0, 0), "{f:?}: a table went");
+        let (seen, faults) = access(&mut v, 0x20_3000, false).unwrap();
+        assert_eq!(seen, Seen::Ram(Pfn((RAM_HVA >> 12) + 3)), "{f:?}");
+        assert_eq!(faults.len(), 1, "{f:?}: {faults:?}");
+        assert_eq!(vm.stats().tables_allocated, s.tables_allocated, "{f:?}: a new table");
+        vm.set_memory_region(&region(0, 0x20_0000, 0, 0, 0)).unwrap();
+        let s = vm.stats();
+        assert_eq!((s.pages_4k, s.mmu_shadow_zapped), (0, 1), "{f:?}: the table stayed");
+    }
+}
+
+/// Deleting a one-page slot zaps that page only: a neighbouring slot's leaf in the same 4 KiB
+/// table (and every table above, which the delete's range only partly covers) stays, and the
+/// guest reads the neighbour without a fault. Kills `e.inside(..) && scope == ZapScope::Tables`
+/// -> `||` in `zap_table`, under which every table the range met was unlinked whole.
+#[test]
+fn deleting_a_page_keeps_its_neighbours_leaf_in_the_same_table() {
+    for f in [FormatKind::Ept, FormatKind::Npt] {
+        let (vm, _h) = vm(f);
+        vm.set_memory_region(&region(0, 0x20_0000, 0x1000, RAM_HVA, 0)).unwrap();
+        vm.set_memory_region(&region(1, 0x20_1000, 0x1000, RAM_HVA + 0x1000, 0)).unwrap();
+        let mut v = vm.create_vcpu().unwrap();
+        for page in [0u64, 1] {
+            let want = Seen::Ram(Pfn((RAM_HVA >> 12) + page));
+            assert_eq!(access(&mut v, 0x20_0000 + (page << 12), false).unwrap().0, want);
+        }
+        vm.set_memory_region(&region(0, 0x20_0000, 0, 0, 0)).unwrap();
+        assert_eq!(vm.stats().pages_4k, 1, "{f:?}: the neighbour's leaf went");
+        let (seen, faults) = access(&mut v, 0x20_1000, false).unwrap();
+        assert_eq!((seen, faults), (Seen::Ram(Pfn((RAM_HVA >> 12) + 1)), vec![]), "{f:?}");
+        assert!(matches!(access(&mut v, 0x20_0000, false).unwrap().0, Seen::Mmio(_)), "{f:?}");
+    }
+}
