@@ -172,3 +172,67 @@ fn deleting_a_page_keeps_its_neighbours_leaf_in_the_same_table() {
         assert!(matches!(access(&mut v, 0x20_0000, false).unwrap().0, Seen::Mmio(_)), "{f:?}");
     }
 }
+
+/// The MMIO SPTEs of a zapped range: a host invalidation keeps them (KVM `tdp_mmu_zap_leafs`
+/// skips non-present entries; they are guarded by the generation), a memslot delete clears
+/// those inside its range. Here an MMIO SPTE made before a slot was created over its gfn: the
+/// slot's host invalidation leaves it, the guest still reads the slot's RAM (the generation
+/// moved), and the delete clears it. Kills, in `zap_entry`'s `whole && old != NONPRESENT &&
+/// !is_frozen(old)`, `old != NONPRESENT` -> `==` and deleting the `!` of `!is_frozen` (the
+/// delete left it), and `whole &&` -> `||` and `&& !is_frozen` -> `||` (the host invalidation
+/// cleared it).
+#[test]
+fn a_host_invalidation_keeps_mmio_sptes_and_a_delete_clears_them() {
+    use vmmu::Hva;
+    const OLD: u64 = 0x20_3000;
+    for f in [FormatKind::Ept, FormatKind::Npt] {
+        let (vm, _h) = vm(f);
+        let mut v = vm.create_vcpu().unwrap();
+        assert!(matches!(access(&mut v, OLD, false).unwrap().0, Seen::Mmio(_)), "{f:?}");
+        // 16 pages over the MMIO SPTE's gfn: 4 KiB leaves in the same table.
+        vm.set_memory_region(&region(0, 0x20_0000, 0x1_0000, RAM_HVA, 0)).unwrap();
+        let five = Seen::Ram(Pfn((RAM_HVA >> 12) + 5));
+        assert_eq!(access(&mut v, 0x20_5000, false).unwrap().0, five, "{f:?}");
+        let root = v.root().unwrap().clone();
+        assert!(entry(&vm, &root, OLD).is_some(), "{f:?}: setup: the old MMIO SPTE");
+        vm.invalidate_hva_range_begin(Hva(RAM_HVA), Hva(RAM_HVA + 0x1_0000));
+        assert!(entry(&vm, &root, OLD).is_some(), "{f:?}: the host invalidation cleared it");
+        assert_eq!(entry(&vm, &root, 0x20_5000), None, "{f:?}: the leaf stayed");
+        vm.invalidate_hva_range_end();
+        let three = Seen::Ram(Pfn((RAM_HVA >> 12) + 3));
+        assert_eq!(access(&mut v, OLD, false).unwrap().0, three, "{f:?}");
+        // The read replaced the old MMIO SPTE by a leaf; make another one, outside any slot, in
+        // the same table, and a slot over it.
+        const OTHER: u64 = 0x20_8000;
+        vm.set_memory_region(&region(0, 0x20_0000, 0, 0, 0)).unwrap();
+        assert!(matches!(access(&mut v, OTHER, false).unwrap().0, Seen::Mmio(_)), "{f:?}");
+        vm.set_memory_region(&region(1, 0x20_8000, 0x1000, RAM_HVA + 0x8000, 0)).unwrap();
+        let root = v.root().unwrap().clone();
+        assert!(entry(&vm, &root, OTHER).is_some(), "{f:?}: setup: the MMIO SPTE");
+        vm.set_memory_region(&region(1, 0x20_8000, 0, 0, 0)).unwrap();
+        assert_eq!(entry(&vm, &root, OTHER), None, "{f:?}: the delete left the MMIO SPTE");
+    }
+}
+
+/// A memslot delete that unlinks a table holding nothing present (only an old MMIO SPTE)
+/// still flushes every vCPU's TLB (KVM: the paging-structure caches may hold the link; the
+/// table is freed after the zap). Kills, in `zap_entry`, the unlink's `flush |= unlink ==
+/// FlushNeed::Remote` -> `&=` and `==` -> `!=`.
+#[test]
+fn unlinking_a_table_with_nothing_present_flushes_the_other_vcpus() {
+    for f in [FormatKind::Ept, FormatKind::Npt] {
+        let (vm, _h) = vm(f);
+        let mut v = vm.create_vcpu().unwrap();
+        let mut w = vm.create_vcpu().unwrap();
+        // Both vCPUs walk the 4 KiB table that holds v's MMIO SPTE.
+        assert!(matches!(access(&mut v, 0x20_3000, false).unwrap().0, Seen::Mmio(_)), "{f:?}");
+        assert!(matches!(access(&mut w, 0x20_3000, false).unwrap().0, Seen::Mmio(_)), "{f:?}");
+        vm.set_memory_region(&region(0, 0x20_0000, 0x20_0000, RAM_HVA, 0)).unwrap();
+        w.service_requests().unwrap();
+        let before = vm.stats().remote_tlb_flush_requests;
+        vm.set_memory_region(&region(0, 0x20_0000, 0, 0, 0)).unwrap();
+        assert_eq!(vm.stats().mmu_shadow_zapped, 1, "{f:?}: setup: the table went");
+        assert_eq!(vm.stats().remote_tlb_flush_requests, before + 1, "{f:?}: no flush");
+        assert!(w.service_requests().unwrap().flush_tlb, "{f:?}: w kept the unlinked table");
+    }
+}
