@@ -350,6 +350,53 @@ mod tests {
         assert!(!c.match_gva(0x2020_0000, G, BugSet::NONE));
     }
 
+    /// Once a fill had a gva, a gfn lookup reads every entry, and still hits only an entry that
+    /// holds that very gfn (never gfn 0) under that very generation: an uncached gfn, or the
+    /// cached one under another generation, is no MMIO decision. Kills, in `lookup_gpa`'s scan
+    /// `e.gfn == g && g != 0 && e.gen_ok(..)`, each `&&` -> `||`, `==` -> `!=` and `!=` -> `==`.
+    #[test]
+    fn a_gfn_lookup_after_gva_fills_hits_only_the_gfn_it_holds() {
+        let mut c = MmioInfoCache::new();
+        let l = Level::L4K;
+        c.fill_guest_page(0x7000_0000, l, Gfn(0x55), Access::USER, G, BugSet::NONE);
+        c.fill_guest_page(0x7000_1000, l, Gfn(0), Access::USER, G, BugSet::NONE);
+        // 0x55 lives in another entry than its gva's: found by the scan.
+        assert_ne!(slot_of(0x55), slot_of(0x7_0000));
+        assert_eq!(c.lookup_gpa(Gfn(0x55), G, BugSet::NONE), Some(Access::USER));
+        assert_eq!(c.lookup_gpa(Gfn(0x66), G, BugSet::NONE), None, "an uncached gfn");
+        let other = Generation::from_raw(42);
+        assert_eq!(c.lookup_gpa(Gfn(0x55), other, BugSet::NONE), None, "another generation");
+        assert_eq!(c.lookup_gpa(Gfn(0), G, BugSet::NONE), None, "gfn 0 is invalid");
+    }
+
+    /// Page numbers that differ only from bit 16 up (device windows 256 MiB apart) use
+    /// different entries, as the doc of `slot_of` promises: a guest driving them in turn hits
+    /// on each. Kills `key >> 16` -> `key << 16` in `slot_of`.
+    #[test]
+    fn pages_differing_only_from_bit_16_up_hit_together() {
+        let mut c = MmioInfoCache::new();
+        let gfns = [0x1_0000, 0x2_0000, 0x3_0000];
+        for g in gfns {
+            assert!(c.fill(0, Gfn(g), Access::WRITE, G, BugSet::NONE));
+        }
+        for g in gfns {
+            assert!(c.match_gpa(Gfn(g), G, BugSet::NONE), "{g:#x}");
+        }
+    }
+
+    /// `entry` and `generation` report the entry filled last (the models read them), and
+    /// nothing for an empty cache.
+    #[test]
+    fn the_last_fill_is_what_entry_and_generation_report() {
+        let mut c = MmioInfoCache::new();
+        assert_eq!((c.entry(), c.generation()), (None, None));
+        let g2 = Generation::from_raw(44);
+        c.fill(0, Gfn(0x101), Access::WRITE, G, BugSet::NONE);
+        c.fill(0, Gfn(0x102), Access::USER, g2, BugSet::NONE);
+        assert_eq!(c.entry(), Some((Gfn(0x102), Access::USER)));
+        assert_eq!(c.generation(), Some(g2));
+    }
+
     #[cfg(feature = "historical-bugs")]
     #[test]
     fn injected_bugs_change_the_answers() {
