@@ -47,9 +47,8 @@ fn zap_all_fast_zaps_an_obsolete_root_above_the_first_gigabytes() {
 /// vCPUs flush their TLBs (the table they may have cached goes). A slot with nothing to recover
 /// flushes nothing. Kills, in `recover_huge_pages`, `flush |=` -> `&=`, `flush && !bug` -> `||`
 /// and deleting its `!`; in `recover_in_table`, replacing it with `true` or `false`, the
-/// recursion's `flush |=` -> `&=`, and the frame's `& !(span - 1)` -> `& !(span + 1)`,
-/// `& !(span / 1)`, `|`, `^` or deleting the `!` (the leaf mapped the block from the wrong
-/// frame).
+/// recursion's `flush |=` -> `&=`, and the frame's `& !(span - 1)` -> `& !(span + 1)` or
+/// `& !(span / 1)` (the leaf mapped the block from the wrong frame).
 #[test]
 fn recovering_a_huge_page_takes_the_blocks_frame_and_flushes_only_when_a_table_went() {
     use vmmu::memslot::KVM_MEM_LOG_DIRTY_PAGES as LOG;
