@@ -225,6 +225,10 @@ pub enum PreemptPoint {
     /// A fault's slow path has decided what to install (RAM leaf or MMIO SPTE) from the memslot
     /// set it read, and is about to take the MMU lock, check staleness and install it.
     FaultDecided,
+    /// A TDP fault found a lower table where its huge leaf goes, has let go of the shared MMU
+    /// lock and is about to take it exclusive to replace the table (another vCPU may map or zap
+    /// the block meanwhile).
+    TableInTheWay,
 }
 
 /// [`Sched::relax`] as a [`Relax`] for the MMU's wait loops.

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{access, region, vm, Seen, RAM_HVA};
+use common::{access, park_once_at, region, vm, Seen, RAM_HVA};
 use vmmu::spte::{FormatKind, SpteFormat};
 use vmmu::tdp::root::Root;
 use vmmu::testing::TestHost;
@@ -109,6 +109,50 @@ fn a_huge_leaf_over_a_table_of_mmio_sptes_flushes_the_other_vcpus() {
         assert_eq!((vm.stats().pages_2m, vm.stats().pages_4k), (1, 0), "{f:?}: setup");
         assert_eq!(vm.stats().remote_tlb_flush_requests, before + 1, "{f:?}: no flush");
         assert!(w.service_requests().unwrap().flush_tlb, "{f:?}: w kept the unlinked table");
+        let (seen, faults) = access(&mut w, 0x20_3000, false).unwrap();
+        assert_eq!((seen, faults), (Seen::Ram(Pfn((RAM_HVA >> 12) + 3)), vec![]), "{f:?}");
+    }
+}
+
+/// Two vCPUs fault in one 2 MiB block that still holds a 4 KiB table of old MMIO SPTEs: the
+/// first finds the table in the way and lets go of the shared lock; before it holds the lock
+/// exclusive, the second replaces the table with the huge leaf. The first then finds a leaf
+/// where it expected the table and retries (its next walk hits the leaf), and the leaf stays.
+/// Kills, in `replace_table_in_the_way`, `!present || is_leaf` -> `&&`, under which the first
+/// vCPU took the huge leaf for a table: it "zapped" the guest's 2 MiB block as a table page and
+/// gave that RAM to the host to free as one (counted as a second zapped table).
+#[test]
+fn a_table_replaced_meanwhile_by_another_vcpu_is_left_to_its_huge_leaf() {
+    use std::sync::mpsc;
+    use vmmu::host::PreemptPoint;
+    for f in [FormatKind::Ept, FormatKind::Npt] {
+        let (vm, host) = vm(f);
+        let mut v = vm.create_vcpu().unwrap();
+        let mut w = vm.create_vcpu().unwrap();
+        assert!(matches!(access(&mut v, 0x20_3000, false).unwrap().0, Seen::Mmio(_)), "{f:?}");
+        vm.set_memory_region(&region(0, 0x20_0000, 0x20_0000, RAM_HVA, 0)).unwrap();
+        let (zapped, in_use) = (vm.stats().mmu_shadow_zapped, host.tables_in_use());
+        let (reached_tx, reached_rx) = mpsc::channel::<()>();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let first = std::thread::spawn(move || {
+            park_once_at(PreemptPoint::TableInTheWay, reached_tx, go_rx);
+            let r = access(&mut v, 0x20_3000, false).map(|(seen, _)| seen);
+            vmmu::testing::preempt::on_this_thread(None);
+            r
+        });
+        reached_rx.recv().unwrap();
+        let (seen, _) = access(&mut w, 0x20_5000, false).unwrap();
+        assert_eq!(seen, Seen::Ram(Pfn((RAM_HVA >> 12) + 5)), "{f:?}");
+        assert_eq!((vm.stats().pages_2m, vm.stats().pages_4k), (1, 0), "{f:?}: w's huge leaf");
+        go_tx.send(()).unwrap();
+        let seen = first.join().unwrap().unwrap();
+        assert_eq!(seen, Seen::Ram(Pfn((RAM_HVA >> 12) + 3)), "{f:?}");
+        assert_eq!((vm.stats().pages_2m, vm.stats().pages_4k), (1, 0), "{f:?}: the leaf stays");
+        // Only the one table w unlinked was zapped, and it goes back to the host after its grace
+        // period (KVM's `mmu_shadow_zapped` counts it).
+        assert_eq!(vm.stats().mmu_shadow_zapped, zapped + 1, "{f:?}: one table zapped");
+        vm.reclaim();
+        assert_eq!(host.tables_in_use(), in_use - 1, "{f:?}: one table freed");
         let (seen, faults) = access(&mut w, 0x20_3000, false).unwrap();
         assert_eq!((seen, faults), (Seen::Ram(Pfn((RAM_HVA >> 12) + 3)), vec![]), "{f:?}");
     }

@@ -354,6 +354,7 @@ impl VcpuMmu {
             // The huge leaf replaces a lower table: under the exclusive lock, after checking
             // again under that hold that the fault is not stale (tdp/map.rs).
             drop(shared);
+            mmu.host.preempt_point(crate::host::PreemptPoint::TableInTheWay);
             let excl = mmu.mmu_lock.write(&mmu.vcpus, &mmu.relax());
             let pending = mmu.vcpus[self.index].pending();
             if let Some(cause) = fault.stale(root.state(), pending, &mmu.inval, bugs) {
