@@ -20,7 +20,7 @@ use vmmu::stats::RetryCause;
 use vmmu::tdp::HwWalk;
 use vmmu::testing::TestHost;
 use vmmu::vcpu::Vcpu;
-use vmmu::vm::VmConfig;
+use vmmu::vm::{Vm, VmConfig};
 use vmmu::{Access, AsId, FaultAccess, Gpa, Hva, Pfn, SlotId};
 
 /// `access_ok(hva, size)` is `size <= limit && hva <= limit - size` (KVM `__access_ok`): a
@@ -246,6 +246,27 @@ fn a_fault_below_an_existing_4k_table_maps_the_gfns_own_frame() {
     }
 }
 
+/// A TDP VM with prefetch on and one slot at gfn 0x1001 (gfn g at hva `RAM_HVA + (g - 0x1001)`:
+/// gpa and hva not 2 MiB-congruent, so 4 KiB leaves only) whose group 0x1008..0x1010 the vCPU
+/// wrote (its host pages are mapped writable, so prefetchable), then deleted and created again:
+/// no leaf is left.
+fn prefetch_vm_after_a_written_group() -> (Vm<TestHost>, std::sync::Arc<TestHost>, Vcpu<TestHost>) {
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.tdp_prefetch = true;
+    let (vm, h) = vm_with(cfg);
+    h.set_zero_page_reads(true);
+    let slot = |size| region(0, 0x100_1000, size, RAM_HVA, 0);
+    vm.set_memory_region(&slot(0x10_0000)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    for gfn in 0x1008..0x1010u64 {
+        access(&mut v, gfn << 12, true).unwrap();
+    }
+    vm.set_memory_region(&slot(0)).unwrap();
+    vm.set_memory_region(&slot(0x10_0000)).unwrap();
+    assert_eq!(vm.stats().pages_4k, 0, "setup: the delete zapped every leaf");
+    (vm, h, v)
+}
+
 /// The TDP prefetch (`VmConfig::tdp_prefetch`, KVM's legacy `direct_pte_prefetch`) walks every
 /// run of its 8-aligned group: a fault on gfn 0x100e maps the run 0x1008..0x100e below it and
 /// the one-page run 0x100f above it, so the guest touches the whole group after one fault (KVM's
@@ -255,21 +276,7 @@ fn a_fault_below_an_existing_4k_table_maps_the_gfns_own_frame() {
 /// before the run above the fault).
 #[test]
 fn tdp_prefetch_maps_the_runs_on_both_sides_of_the_fault() {
-    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
-    cfg.tdp_prefetch = true;
-    let (vm, h) = vm_with(cfg);
-    h.set_zero_page_reads(true);
-    // gpa and hva not 2 MiB-congruent: 4 KiB leaves only.
-    let slot = |size| region(0, 0x100_1000, size, RAM_HVA, 0);
-    vm.set_memory_region(&slot(0x10_0000)).unwrap();
-    let mut v = vm.create_vcpu().unwrap();
-    // Every page of the group written: its host page is mapped writable.
-    for gfn in 0x1008..0x1010u64 {
-        access(&mut v, gfn << 12, true).unwrap();
-    }
-    vm.set_memory_region(&slot(0)).unwrap();
-    vm.set_memory_region(&slot(0x10_0000)).unwrap();
-    assert_eq!(vm.stats().pages_4k, 0, "the delete zapped every leaf");
+    let (vm, _h, mut v) = prefetch_vm_after_a_written_group();
     access(&mut v, 0x100_e000, false).unwrap();
     assert_eq!(vm.stats().pages_4k, 8, "the fault and both runs of its group");
     for gfn in 0x1008..0x1010u64 {
@@ -439,21 +446,7 @@ fn a_vcpu_counts_its_exits_root_loads_and_tlb_flushes() {
 /// being invalidated and the vCPU translated it during the host's change.
 #[test]
 fn no_prefetch_while_a_host_invalidation_is_in_flight() {
-    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
-    cfg.tdp_prefetch = true;
-    let (vm, h) = vm_with(cfg);
-    h.set_zero_page_reads(true);
-    // gpa and hva not 2 MiB-congruent: 4 KiB leaves only; gfn g is at hva RAM_HVA + (g - 0x1001).
-    let slot = |size| region(0, 0x100_1000, size, RAM_HVA, 0);
-    vm.set_memory_region(&slot(0x10_0000)).unwrap();
-    let mut v = vm.create_vcpu().unwrap();
-    // Every page of the group written: its host page is mapped writable, so prefetchable.
-    for gfn in 0x1008..0x1010u64 {
-        access(&mut v, gfn << 12, true).unwrap();
-    }
-    vm.set_memory_region(&slot(0)).unwrap();
-    vm.set_memory_region(&slot(0x10_0000)).unwrap();
-    assert_eq!(vm.stats().pages_4k, 0, "setup: the delete zapped every leaf");
+    let (vm, _h, mut v) = prefetch_vm_after_a_written_group();
     // The host changes gfn 0x100c's page.
     let hva = RAM_HVA + ((0x100c - 0x1001) << 12);
     v.service_requests().unwrap();

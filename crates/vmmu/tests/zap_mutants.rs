@@ -9,6 +9,7 @@ use common::{access, park_once_at, region, vm, Seen, RAM_HVA};
 use vmmu::spte::{FormatKind, SpteFormat};
 use vmmu::tdp::root::Root;
 use vmmu::testing::TestHost;
+use vmmu::vcpu::Vcpu;
 use vmmu::vm::Vm;
 use vmmu::{Gpa, Level, Pfn};
 
@@ -84,6 +85,18 @@ fn recovering_a_huge_page_takes_the_blocks_frame_and_flushes_only_when_a_table_w
     }
 }
 
+/// A VM in `format` with two vCPUs, v and w, where v's read of `0x20_3000` (no slot yet) left a
+/// 4 KiB table holding its MMIO SPTE in the 2 MiB block at `0x20_0000`.
+fn two_vcpus_over_a_table_of_mmio_sptes(
+    format: FormatKind,
+) -> (Vm<TestHost>, std::sync::Arc<TestHost>, Vcpu<TestHost>, Vcpu<TestHost>) {
+    let (vm, host) = vm(format);
+    let mut v = vm.create_vcpu().unwrap();
+    let w = vm.create_vcpu().unwrap();
+    assert!(matches!(access(&mut v, 0x20_3000, false).unwrap().0, Seen::Mmio(_)), "{format:?}");
+    (vm, host, v, w)
+}
+
 /// A fault that maps a 2 MiB leaf where a 4 KiB table of old MMIO SPTEs is still linked (KVM
 /// `kvm_tdp_mmu_map` at the target level, then `handle_removed_pt`) unlinks that table and
 /// flushes every vCPU's TLB before the table can be freed: another vCPU may hold the link in its
@@ -94,11 +107,8 @@ fn recovering_a_huge_page_takes_the_blocks_frame_and_flushes_only_when_a_table_w
 #[test]
 fn a_huge_leaf_over_a_table_of_mmio_sptes_flushes_the_other_vcpus() {
     for f in [FormatKind::Ept, FormatKind::Npt] {
-        let (vm, _h) = vm(f);
-        let mut v = vm.create_vcpu().unwrap();
-        let mut w = vm.create_vcpu().unwrap();
-        // Both vCPUs walk the 4 KiB table of the block: w through v's MMIO SPTE.
-        assert!(matches!(access(&mut v, 0x20_3000, false).unwrap().0, Seen::Mmio(_)), "{f:?}");
+        let (vm, _h, mut v, mut w) = two_vcpus_over_a_table_of_mmio_sptes(f);
+        // w walks the 4 KiB table of the block too, through v's MMIO SPTE.
         assert!(matches!(access(&mut w, 0x20_3000, false).unwrap().0, Seen::Mmio(_)), "{f:?}");
         vm.set_memory_region(&region(0, 0x20_0000, 0x20_0000, RAM_HVA, 0)).unwrap();
         w.service_requests().unwrap();
@@ -126,10 +136,7 @@ fn a_table_replaced_meanwhile_by_another_vcpu_is_left_to_its_huge_leaf() {
     use std::sync::mpsc;
     use vmmu::host::PreemptPoint;
     for f in [FormatKind::Ept, FormatKind::Npt] {
-        let (vm, host) = vm(f);
-        let mut v = vm.create_vcpu().unwrap();
-        let mut w = vm.create_vcpu().unwrap();
-        assert!(matches!(access(&mut v, 0x20_3000, false).unwrap().0, Seen::Mmio(_)), "{f:?}");
+        let (vm, host, mut v, mut w) = two_vcpus_over_a_table_of_mmio_sptes(f);
         vm.set_memory_region(&region(0, 0x20_0000, 0x20_0000, RAM_HVA, 0)).unwrap();
         let (zapped, in_use) = (vm.stats().mmu_shadow_zapped, host.tables_in_use());
         let (reached_tx, reached_rx) = mpsc::channel::<()>();
