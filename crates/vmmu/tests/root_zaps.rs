@@ -7,15 +7,15 @@
 
 mod common;
 
-use common::{access, region, vm, vm_with, Seen, RAM_HVA};
+use common::{access, region, spte_4k, vm, vm_with, Seen, RAM_HVA};
 use std::sync::Arc;
-use vmmu::spte::{FormatKind, SpteFormat};
+use vmmu::spte::FormatKind;
 use vmmu::tdp::root::{Root, RootKind};
 use vmmu::tdp::HwWalk;
 use vmmu::testing::TestHost;
 use vmmu::vcpu::Vcpu;
 use vmmu::vm::{Vm, VmConfig};
-use vmmu::{Access, Gpa, Hva, Level, Pfn};
+use vmmu::{Access, Gpa, Hva, Pfn};
 
 const GPA: u64 = 0x10_0000;
 const FRAME: Pfn = Pfn(RAM_HVA >> 12);
@@ -39,14 +39,6 @@ fn two_roots(vm: &Vm<TestHost>) -> [(Vcpu<TestHost>, Arc<Root>); 2] {
     out.try_into().ok().unwrap()
 }
 
-/// The 4 KiB entry for `gpa` under `root`, if the tables reach it and it is not empty.
-fn entry(vm: &Vm<TestHost>, root: &Root, gpa: u64) -> Option<u64> {
-    // SAFETY: single-threaded: the entry is read at once, before anything else runs.
-    let e = unsafe { vm.mmu().entry_for_tests(root, Gpa(gpa).gfn(), Level::L4K) }?;
-    let v = e.load(std::sync::atomic::Ordering::Acquire);
-    (v != SpteFormat::NONPRESENT).then_some(v)
-}
-
 /// What the vCPU's hardware walk of `gpa` gives, after it handled its requests, if it still runs
 /// on `root` (a vCPU that had to reload its root cannot walk the old one any more).
 fn walk_if_still_on(v: &mut Vcpu<TestHost>, root: &Arc<Root>, gpa: u64) -> Option<HwWalk> {
@@ -65,7 +57,7 @@ fn assert_nothing_stale(
 ) {
     for (v, root) in vcpus.iter_mut() {
         let kind = root.kind();
-        if let Some(e) = entry(vm, root, GPA) {
+        if let Some(e) = spte_4k(vm, root, GPA) {
             panic!("{what}: the {kind:?} root still holds {e:#x} for {GPA:#x}");
         }
         if let Some(HwWalk::Translated { pfn, .. }) = walk_if_still_on(v, root, GPA) {
@@ -113,7 +105,7 @@ fn zap_all_fast_reaches_every_root() {
     // Checked before the vCPUs reload: a vCPU that has not yet handled its request may still be
     // on its root (in KVM, until its next entry).
     for (_, root) in vcpus.iter() {
-        assert_eq!(entry(&vm, root, GPA), None, "the {:?} root kept its leaf", root.kind());
+        assert_eq!(spte_4k(&vm, root, GPA), None, "the {:?} root kept its leaf", root.kind());
     }
     assert_nothing_stale(&vm, &mut vcpus, "after zap_all_fast");
 }
@@ -133,7 +125,7 @@ fn generation_wrap_reaches_every_root() {
     }
     let roots = [pageless.root().unwrap().clone(), shared.root().unwrap().clone()];
     for r in &roots {
-        assert!(entry(&vm, r, mmio).is_some(), "an MMIO SPTE at the pre-wrap generation");
+        assert!(spte_4k(&vm, r, mmio).is_some(), "an MMIO SPTE at the pre-wrap generation");
     }
     for i in 0..4u64 {
         vm.set_memory_region(&region(1, 0x100_0000 + i * 0x1000, 0x1000, RAM_HVA, 0)).unwrap();
@@ -141,7 +133,7 @@ fn generation_wrap_reaches_every_root() {
     }
     assert_eq!(vm.stats().mmio_gen_wraps, 1);
     for r in &roots {
-        let e = entry(&vm, r, mmio);
+        let e = spte_4k(&vm, r, mmio);
         assert_eq!(e, None, "the {:?} root kept a pre-wrap MMIO SPTE", r.kind());
     }
 }

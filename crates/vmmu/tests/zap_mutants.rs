@@ -5,21 +5,12 @@
 
 mod common;
 
-use common::{access, park_once_at, region, vm, Seen, RAM_HVA};
-use vmmu::spte::{FormatKind, SpteFormat};
-use vmmu::tdp::root::Root;
+use common::{access, park_once_at, region, spte_4k, vm, Seen, RAM_HVA};
+use vmmu::spte::FormatKind;
 use vmmu::testing::TestHost;
 use vmmu::vcpu::Vcpu;
 use vmmu::vm::Vm;
-use vmmu::{Gpa, Level, Pfn};
-
-/// The 4 KiB entry for `gpa` under `root`, if the tables reach it and it is not empty.
-fn entry(vm: &Vm<TestHost>, root: &Root, gpa: u64) -> Option<u64> {
-    // SAFETY: single-threaded: the entry is read at once, before anything else runs.
-    let e = unsafe { vm.mmu().entry_for_tests(root, Gpa(gpa).gfn(), Level::L4K) }?;
-    let v = e.load(std::sync::atomic::Ordering::Acquire);
-    (v != SpteFormat::NONPRESENT).then_some(v)
-}
+use vmmu::Pfn;
 
 /// `zap_all_fast` zaps the whole of every obsolete root, up to the top of the guest-physical
 /// space it maps (2^36 gfns under a 4-level root), not only its low gigabytes: a leaf at 4 GiB
@@ -35,9 +26,9 @@ fn zap_all_fast_zaps_an_obsolete_root_above_the_first_gigabytes() {
     let mut v = vm.create_vcpu().unwrap();
     assert_eq!(access(&mut v, HIGH, false).unwrap().0, Seen::Ram(Pfn(RAM_HVA >> 12)));
     let root = v.root().unwrap().clone();
-    assert!(entry(&vm, &root, HIGH).is_some(), "setup: the leaf is in the root");
+    assert!(spte_4k(&vm, &root, HIGH).is_some(), "setup: the leaf is in the root");
     vm.zap_all_fast();
-    assert_eq!(entry(&vm, &root, HIGH), None, "the obsolete root kept its leaf at 4 GiB");
+    assert_eq!(spte_4k(&vm, &root, HIGH), None, "the obsolete root kept its leaf at 4 GiB");
     assert!(v.service_requests().unwrap().flush_tlb, "the vCPU reloads and flushes");
     assert_eq!(access(&mut v, HIGH, false).unwrap().0, Seen::Ram(Pfn(RAM_HVA >> 12)));
 }
@@ -244,10 +235,10 @@ fn a_host_invalidation_keeps_mmio_sptes_and_a_delete_clears_them() {
         let five = Seen::Ram(Pfn((RAM_HVA >> 12) + 5));
         assert_eq!(access(&mut v, 0x20_5000, false).unwrap().0, five, "{f:?}");
         let root = v.root().unwrap().clone();
-        assert!(entry(&vm, &root, OLD).is_some(), "{f:?}: setup: the old MMIO SPTE");
+        assert!(spte_4k(&vm, &root, OLD).is_some(), "{f:?}: setup: the old MMIO SPTE");
         vm.invalidate_hva_range_begin(Hva(RAM_HVA), Hva(RAM_HVA + 0x1_0000));
-        assert!(entry(&vm, &root, OLD).is_some(), "{f:?}: the host invalidation cleared it");
-        assert_eq!(entry(&vm, &root, 0x20_5000), None, "{f:?}: the leaf stayed");
+        assert!(spte_4k(&vm, &root, OLD).is_some(), "{f:?}: the host invalidation cleared it");
+        assert_eq!(spte_4k(&vm, &root, 0x20_5000), None, "{f:?}: the leaf stayed");
         vm.invalidate_hva_range_end();
         let three = Seen::Ram(Pfn((RAM_HVA >> 12) + 3));
         assert_eq!(access(&mut v, OLD, false).unwrap().0, three, "{f:?}");
@@ -258,9 +249,9 @@ fn a_host_invalidation_keeps_mmio_sptes_and_a_delete_clears_them() {
         assert!(matches!(access(&mut v, OTHER, false).unwrap().0, Seen::Mmio(_)), "{f:?}");
         vm.set_memory_region(&region(1, 0x20_8000, 0x1000, RAM_HVA + 0x8000, 0)).unwrap();
         let root = v.root().unwrap().clone();
-        assert!(entry(&vm, &root, OTHER).is_some(), "{f:?}: setup: the MMIO SPTE");
+        assert!(spte_4k(&vm, &root, OTHER).is_some(), "{f:?}: setup: the MMIO SPTE");
         vm.set_memory_region(&region(1, 0x20_8000, 0, 0, 0)).unwrap();
-        assert_eq!(entry(&vm, &root, OTHER), None, "{f:?}: the delete left the MMIO SPTE");
+        assert_eq!(spte_4k(&vm, &root, OTHER), None, "{f:?}: the delete left the MMIO SPTE");
     }
 }
 
