@@ -409,35 +409,27 @@ impl<H: Host> Vm<H> {
             // (`kvm->nr_memslot_pages`, which the memslots keep as every update commits).
             shadow.set_default_max_pages(&inner.mmu, inner.memslots.nr_memslot_pages());
         }
-        if change == MemslotChange::FlagsOnly
-            && r.flags
-                & (crate::memslot::KVM_MEM_LOG_DIRTY_PAGES | crate::memslot::KVM_MEM_READONLY)
-                == crate::memslot::KVM_MEM_LOG_DIRTY_PAGES
-        {
-            // Dirty logging starts on a writable slot: write-protect the slot's mappings so
-            // writes fault (and map 4 KiB) while reads still hit, as KVM's
-            // `kvm_mmu_slot_apply_flags` does (a zap would make the next read fault, and a read
-            // fault can dirty a page). A read-only slot, which no guest write can dirty, keeps
-            // its mappings as they are (KVM returns early for it).
-            let (as_id, _) = crate::types::SlotId::split(r.slot);
-            let start = Gfn(r.guest_phys_addr >> PAGE_SHIFT);
-            let end = Gfn((r.guest_phys_addr + r.memory_size) >> PAGE_SHIFT);
-            match inner.shadow.as_ref() {
-                Some(shadow) => shadow.write_protect_gfn_range(&inner.mmu, as_id, start, end),
-                None => inner.mmu.write_protect_gfn_range(as_id, start, end),
+        // KVM's `kvm_mmu_slot_apply_flags`: nothing more for a create, move or delete, nor for
+        // a read-only slot, which no guest write can dirty and whose mappings stay as they are.
+        // Otherwise the change toggled dirty logging (the only flag a flags-only change can).
+        if change == MemslotChange::FlagsOnly && r.flags & crate::memslot::KVM_MEM_READONLY == 0 {
+            if r.flags & crate::memslot::KVM_MEM_LOG_DIRTY_PAGES != 0 {
+                // Logging starts: write-protect the slot's mappings so writes fault (and map
+                // 4 KiB) while reads still hit (a zap would make the next read fault, and a read
+                // fault can dirty a page).
+                let (as_id, _) = crate::types::SlotId::split(r.slot);
+                let start = Gfn(r.guest_phys_addr >> PAGE_SHIFT);
+                let end = Gfn((r.guest_phys_addr + r.memory_size) >> PAGE_SHIFT);
+                match inner.shadow.as_ref() {
+                    Some(shadow) => shadow.write_protect_gfn_range(&inner.mmu, as_id, start, end),
+                    None => inner.mmu.write_protect_gfn_range(as_id, start, end),
+                }
+            } else if inner.shadow.is_none() {
+                // Logging stopped: recover the huge mappings it split. The shadow MMU keeps its
+                // 4 KiB leaves (KVM recovers those too, through the rmap: not modelled, only
+                // slower).
+                self.recover_huge_pages(&serial, r);
             }
-        }
-        if change == MemslotChange::FlagsOnly
-            && r.flags
-                & (crate::memslot::KVM_MEM_LOG_DIRTY_PAGES | crate::memslot::KVM_MEM_READONLY)
-                == 0
-            && inner.shadow.is_none()
-        {
-            // Dirty logging stopped (the only flag a flags-only change can toggle): recover the
-            // huge mappings it split, as KVM's `kvm_mmu_slot_apply_flags` does for a writable
-            // slot. The shadow MMU keeps its 4 KiB leaves (KVM recovers those too, through the
-            // rmap: not modelled, only slower).
-            self.recover_huge_pages(&serial, r);
         }
         Ok(change)
     }

@@ -99,8 +99,9 @@ fn a_memslot_update_waits_for_readers_with_the_hosts_policy() {
 /// Stopping dirty logging leaves the slot's writable leaves writable (KVM's
 /// `kvm_mmu_slot_apply_flags` write-protects only when logging starts): a page written while the
 /// slot logged, and not taken by a GET, is written again without a fault. Kills, in
-/// `Vm::set_memory_region`, `change == FlagsOnly && flags & LOG != 0` -> `||` and `flags & LOG`
-/// -> `flags | LOG`, under which the stop write-protected the slot and every write faulted again.
+/// `Vm::set_memory_region`'s flags-only handling, `flags & LOG != 0` -> `== 0` and `flags & LOG`
+/// -> `flags | LOG` (in the code's earlier form, `FlagsOnly && flags & LOG != 0` -> `||` too),
+/// under which the stop write-protected the slot and every write faulted again.
 #[test]
 fn stopping_dirty_logging_keeps_written_pages_writable() {
     let (vm, _h) = vm(FormatKind::Ept);
@@ -119,8 +120,10 @@ fn stopping_dirty_logging_keeps_written_pages_writable() {
 /// A read-only slot keeps its 4 KiB leaves when dirty logging stops on it: KVM's
 /// `kvm_mmu_slot_apply_flags` returns early for a read-only slot and recovers huge pages only for
 /// a writable one (the `pages_4k`/`pages_2m` counters are KVM's). Kills, in
-/// `Vm::set_memory_region`, both `&&` of `change == FlagsOnly && flags & (LOG | RO) == 0 &&
-/// shadow.is_none()` -> `||`, under which the read-only slot's 512 leaves became one 2 MiB leaf.
+/// `Vm::set_memory_region`'s flags-only handling, `FlagsOnly && flags & RO == 0` -> `||` and
+/// `flags & RO == 0` -> `!= 0` (in the code's earlier form, both `&&` of `FlagsOnly && flags &
+/// (LOG | RO) == 0 && shadow.is_none()` -> `||`), under which the read-only slot's 512 leaves
+/// became one 2 MiB leaf.
 #[test]
 fn stopping_dirty_logging_on_a_read_only_slot_recovers_no_huge_page() {
     let (vm, _h) = vm(FormatKind::Ept);
