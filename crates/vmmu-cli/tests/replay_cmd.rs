@@ -254,6 +254,32 @@ fn linux_early_boot_replays_cleanly() {
     }
 }
 
+/// A real VM writing to a read-only slot (`scripts/regen-traces romwrite`): a boot sector enters
+/// protected mode and writes into the BIOS ROM at `0xfffc0000`, which QEMU maps read-only; each
+/// write exits to QEMU, which drops it. The ROM writes are a byte, a word, a dword, the second
+/// halves of two dwords that cross a page (one from the ROM's own previous page, one from the
+/// unmapped page below the ROM) and four of `rep stosl`: nine in the file, all classified as
+/// emulated writes to a read-only slot, none as RAM. (KVM exits to QEMU for each fragment of a
+/// split write but traces both before the first exit; the kit's converter pairs that exit with
+/// the second fragment and files the first as an in-kernel access, which the reduction dropped.)
+#[test]
+fn writes_into_the_bios_rom_replay_as_read_only_slot_writes() {
+    let file = repo("tests/traces/romwrite-kvm.small.trace.jsonl");
+    let t = assert_clean(&file);
+    let text = std::fs::read_to_string(&file).unwrap();
+    for ev in [
+        "\"dir\":\"write\",\"gpa\":\"0xfffff000\",\"len\":1,\"value\":\"0x5a\"",
+        "\"dir\":\"write\",\"gpa\":\"0xfffc0000\",\"len\":2,",
+        "\"dir\":\"read\",\"gpa\":\"0xfffbfffc\",\"len\":4,",
+        "\"dir\":\"write\",\"gpa\":\"0xfffff10c\",\"len\":4,",
+    ] {
+        assert!(text.contains(ev), "{ev}");
+    }
+    for r in t["runs"].as_array().unwrap() {
+        assert_eq!(u(&r["mmio"]["readonly_writes"]), 9, "{}: {:#}", r["config"], r["mmio"]);
+    }
+}
+
 #[test]
 fn hand_written_trace_covers_aliases_move_delete_and_rom_writes() {
     let t = assert_clean(&repo("tests/traces/hand-aliases-move-delete-rom.trace.jsonl"));
