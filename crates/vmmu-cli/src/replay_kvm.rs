@@ -7,24 +7,72 @@
 
 use vmmu_sim::replay::{KvmReport, Trace};
 
-/// The most MMIO accesses checked on KVM per trace: each is a `KVM_RUN` round trip (tens of
-/// microseconds on a nested host), and a full recording has about 21,000. Beyond this, every
-/// k-th access is checked (k = ceil(events / MAX_MMIO)); the report says which.
+/// How many MMIO accesses are checked on KVM per trace besides the first ones (see [`Sampler`]):
+/// each is a `KVM_RUN` round trip (tens of microseconds on a nested host), and a full recording
+/// has about 21,000. Beyond this, every k-th access is checked (k = ceil(events / MAX_MMIO)).
 pub const MAX_MMIO: u64 = 3000;
 
-/// Which MMIO accesses were checked: all, or `checked` of `total`, every `stride`-th.
-fn sample_note(checked: u64, total: u64, stride: u64) -> String {
-    if stride <= 1 {
-        return format!("all {total} MMIO accesses");
+/// The most "first access" checks per trace (see [`Sampler`]); past it only the stride samples.
+pub const MAX_FIRST: u64 = 20_000;
+
+/// Which recorded MMIO accesses the KVM half performs.
+///
+/// Whether KVM exits for an access depends only on the memslots live at that point, the page
+/// (slots are page-granular and no recorded access crosses a page) and the direction (a write to
+/// a read-only slot exits, a read does not). So the first access to each page in each direction
+/// after every slot request is checked, which gives KVM's verdict for every access of the trace
+/// however rare (a handful of ROM writes among 20,000 VGA writes), and on top every k-th access,
+/// so that long runs against one page still go through KVM now and then. At most [`MAX_FIRST`]
+/// first accesses are checked; later ones fall back to the stride.
+#[derive(Debug)]
+struct Sampler {
+    stride: u64,
+    index: u64,
+    firsts: u64,
+    seen: std::collections::HashSet<(u64, bool)>,
+}
+
+impl Sampler {
+    fn new(total: u64) -> Sampler {
+        Sampler {
+            stride: total.div_ceil(MAX_MMIO).max(1),
+            index: 0,
+            firsts: 0,
+            seen: Default::default(),
+        }
     }
-    let suffix = match (stride % 10, stride % 100) {
-        (_, 11..=13) => "th",
-        (1, _) => "st",
-        (2, _) => "nd",
-        (3, _) => "rd",
-        _ => "th",
-    };
-    format!("{checked} of {total} MMIO accesses (every {stride}{suffix})")
+
+    /// A slot request was made: every page may classify differently from now on.
+    fn slots_changed(&mut self) {
+        self.seen.clear();
+    }
+
+    /// Whether to perform the next recorded access, at `gpa`, a write or not.
+    fn take(&mut self, gpa: u64, write: bool) -> bool {
+        self.index += 1;
+        let strided = (self.index - 1) % self.stride == 0;
+        let first = self.firsts < MAX_FIRST && self.seen.insert((gpa >> 12, write));
+        self.firsts += u64::from(first);
+        first || strided
+    }
+
+    /// Which MMIO accesses were checked, for the report.
+    fn note(&self, checked: u64, total: u64) -> String {
+        if self.stride <= 1 {
+            return format!("all {total} MMIO accesses");
+        }
+        let stride = self.stride;
+        let suffix = match (stride % 10, stride % 100) {
+            (_, 11..=13) => "th",
+            (1, _) => "st",
+            (2, _) => "nd",
+            (3, _) => "rd",
+            _ => "th",
+        };
+        format!(
+            "{checked} of {total} MMIO accesses (the first to each page in each direction after every slot request, and every {stride}{suffix})"
+        )
+    }
 }
 
 /// A report saying the KVM run was skipped and why.
@@ -98,8 +146,7 @@ pub fn run(trace: &Trace) -> KvmReport {
     // Slot sizes as KVM accepted them, for KVM_GET_DIRTY_LOG's bitmap.
     let mut sizes = std::collections::BTreeMap::new();
     let total = trace.count("mmio");
-    let stride = total.div_ceil(MAX_MMIO).max(1);
-    let mut index = 0u64;
+    let mut sampler = Sampler::new(total);
     let t0 = std::time::Instant::now();
     for e in &trace.events {
         match e.kind {
@@ -112,6 +159,7 @@ pub fn run(trace: &Trace) -> KvmReport {
             EventKind::Slot(s) => {
                 let slot = (u32::from(s.as_id) << 16) | u32::from(s.id);
                 let flags = u32::from(s.dirty_log) | (u32::from(s.readonly) << 1);
+                sampler.slots_changed();
                 match vm.set_region(slot, flags, s.gpa, s.size, s.uaddr) {
                     Ok(()) => {
                         r.slots_applied += 1;
@@ -129,8 +177,7 @@ pub fn run(trace: &Trace) -> KvmReport {
                 }
             }
             EventKind::Mmio(m) => {
-                index += 1;
-                if (index - 1) % stride != 0 {
+                if !sampler.take(m.gpa, m.dir == Dir::Write) {
                     continue;
                 }
                 let write = match m.dir {
@@ -183,7 +230,7 @@ pub fn run(trace: &Trace) -> KvmReport {
             EventKind::KvmZapAllFast => {}
         }
     }
-    let sample = sample_note(r.mmio_checked, total, stride);
+    let sample = sampler.note(r.mmio_checked, total);
     let smm_note = if r.smm_skipped > 0 {
         format!(
             "; {} address-space-1 (SMM) requests not made: this kernel has no SMM address space",
@@ -213,12 +260,58 @@ mod tests {
 
     #[test]
     fn the_sample_note_uses_english_ordinals() {
-        assert_eq!(sample_note(2376, 2376, 1), "all 2376 MMIO accesses");
-        let every = |stride| sample_note(1, 2, stride);
-        assert!(every(2).ends_with("(every 2nd)"), "{}", every(2));
-        assert!(every(3).ends_with("(every 3rd)"));
-        assert!(every(8).ends_with("(every 8th)"));
-        assert!(every(11).ends_with("(every 11th)") && every(12).ends_with("(every 12th)"));
-        assert!(every(21).ends_with("(every 21st)") && every(22).ends_with("(every 22nd)"));
+        assert_eq!(Sampler::new(2376).note(2376, 2376), "all 2376 MMIO accesses");
+        let every = |stride| Sampler { stride, ..Sampler::new(1) }.note(1, 2);
+        assert!(every(2).ends_with("every 2nd)"), "{}", every(2));
+        assert!(every(3).ends_with("every 3rd)"));
+        assert!(every(8).ends_with("every 8th)"));
+        assert!(every(11).ends_with("every 11th)") && every(12).ends_with("every 12th)"));
+        assert!(every(21).ends_with("every 21st)") && every(22).ends_with("every 22nd)"));
+    }
+
+    /// A few ROM writes among 30,000 VGA writes are all checked (a stride alone would check
+    /// one in ten), once per slot layout: the same page and direction after a slot request is
+    /// checked again, a read of a page already written is checked on its own.
+    #[test]
+    fn rare_accesses_are_checked_in_every_slot_layout() {
+        let mut s = Sampler::new(30_010);
+        let mut checked = Vec::new();
+        let mut take = |s: &mut Sampler, i: u64, gpa: u64, write: bool| {
+            if s.take(gpa, write) {
+                checked.push(i);
+            }
+        };
+        for i in 0..30_000 {
+            take(&mut s, i, 0xb8000 + (i % 0x1000), true);
+            if i % 5000 == 4999 {
+                take(&mut s, 100_000 + i, 0xfffff000 + 8 * (i / 5000), true);
+            }
+        }
+        s.slots_changed();
+        take(&mut s, 200_000, 0xfffff004, true);
+        take(&mut s, 200_001, 0xfffff008, true);
+        take(&mut s, 200_002, 0xfffff00c, false);
+        assert_eq!(s.stride, 11);
+        let roms: Vec<u64> = checked.iter().copied().filter(|&i| i >= 100_000).collect();
+        assert_eq!(
+            roms,
+            [104_999, 200_000, 200_002],
+            "the first ROM write of each layout, and the read"
+        );
+        // The VGA page's first write, then about every 11th access (the stride counts the ROM
+        // writes too).
+        assert_eq!(checked[0], 0);
+        let vga = checked.iter().filter(|&&i| i < 100_000).count();
+        assert!((30_000 / 11..=30_010usize.div_ceil(11)).contains(&vga), "{vga}");
+    }
+
+    /// Past MAX_FIRST first accesses, only the stride decides.
+    #[test]
+    fn first_accesses_stop_at_their_budget() {
+        let total = 2 * MAX_FIRST + 100;
+        let mut s = Sampler::new(total);
+        let n = (0..total).filter(|&i| s.take(i << 12, false)).count() as u64;
+        let stride = total.div_ceil(MAX_MMIO);
+        assert_eq!(n, MAX_FIRST + total.div_ceil(stride) - MAX_FIRST.div_ceil(stride));
     }
 }
