@@ -60,6 +60,14 @@ pub(super) fn retry(stats: &mut VcpuStats, cause: RetryCause) -> FaultOutcome {
     FaultOutcome::Retry(cause)
 }
 
+/// A write to a read-only slot (KVM's `KVM_PFN_ERR_RO_FAULT`), counted: the access is emulated,
+/// and never cached as MMIO (reads of that gfn are RAM).
+pub(super) fn readonly_write(stats: &mut VcpuStats, gpa: Gpa, access: Access) -> FaultOutcome {
+    stats.readonly_write_emulations += 1;
+    stats.pf_emulate += 1;
+    FaultOutcome::Emulate { gpa, access, source: EmulateSource::ReadOnlyWrite }
+}
+
 impl VcpuMmu {
     /// Leaves guest mode if the vCPU is in it (`Vcpu::exit_guest_mode`): clears the mode bit and
     /// closes the guest-mode table read section. A load and a branch outside guest mode.
@@ -305,14 +313,7 @@ impl VcpuMmu {
             None => {}
             Some(FaultinStop::Retry(cause)) => return Ok(retry(stats, cause)),
             Some(FaultinStop::ReadOnlyWrite) => {
-                // Emulate, and never cache it as MMIO (reads of that gfn are RAM).
-                stats.readonly_write_emulations += 1;
-                stats.pf_emulate += 1;
-                return Ok(FaultOutcome::Emulate {
-                    gpa,
-                    access: fault.access.required(),
-                    source: EmulateSource::ReadOnlyWrite,
-                });
+                return Ok(readonly_write(stats, gpa, fault.access.required()))
             }
         }
         let mmio_access = Access::from_bits(Access::ALL.bits() & codec.access_mask() as u8);

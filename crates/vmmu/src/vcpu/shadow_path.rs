@@ -20,7 +20,7 @@
 //! - The vCPU pins the pages of its current and previous roots; it releases them outside guest
 //!   mode.
 
-use super::fault_path::{retry, FastOutcome};
+use super::fault_path::{readonly_write, retry, FastOutcome};
 use super::{EntryWork, Vcpu, VcpuMmu};
 use crate::bugs::Bug;
 use crate::fault::{
@@ -526,13 +526,7 @@ impl<H: Host + GuestMemory> Vcpu<H> {
             None => {}
             Some(FaultinStop::Retry(cause)) => return Ok(retry(stats, cause)),
             Some(FaultinStop::ReadOnlyWrite) => {
-                stats.readonly_write_emulations += 1;
-                stats.pf_emulate += 1;
-                return Ok(FaultOutcome::Emulate {
-                    gpa: walk.gpa,
-                    access: access.required(),
-                    source: EmulateSource::ReadOnlyWrite,
-                });
+                return Ok(readonly_write(stats, walk.gpa, access.required()))
             }
         }
         let mmio_access = walk.pte_access.intersect(Access::WRITE.union(Access::USER));
