@@ -3,6 +3,8 @@
 
 #![cfg(not(loom))]
 
+mod common;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use vmmu::srcu::{ReaderFences, Srcu};
@@ -151,4 +153,39 @@ fn a_guarded_entry_ends_a_raw_guest_mode_period_first() {
     // Consistent again: a raw period can begin and end.
     v.enter_guest_mode().unwrap();
     v.exit_guest_mode();
+}
+
+/// `ShadowMmu::stale_entries_for_tests` (feature `testing`, a safe `pub fn`) took the `TdpMmu`
+/// whose host resolves the shadow pages' frames as a separate argument, and trusted it to be the
+/// shadow MMU's own VM's. Given another VM's (`vm_b.mmu()`), it read that VM's table frames with
+/// the frame numbers of this VM's shadow pages, under this VM's shadow lock only: no lock or
+/// read section of the other VM kept them allocated. Here the other VM's tables were freed after
+/// their grace period; its test host, which keeps freed table memory, counts the reads as uses
+/// after free, and a host that gives table memory back would have been read after the free.
+#[test]
+fn stale_entries_for_tests_reads_another_vms_freed_tables() {
+    use common::shadow::{access, long4, shadow_vm, vcpu_in, Seen, Space, P, RW, US};
+    use vmmu::bugs::BugSet;
+    use vmmu::spte::FormatKind;
+
+    // VM A: shadow paging, with shadow pages (root, PDPT, directory, table) and parent links.
+    let (vm_a, host_a, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host_a, &next);
+    s.map4k(0x40_0000, 0x20_0000, P | RW | US);
+    let mut va = vcpu_in(&vm_a, long4(s.cr3));
+    assert!(matches!(access(&mut va, 0x40_0000, false), Seen::Ram(_)), "setup");
+    // VM B: TDP, on its own host; its vCPU maps RAM, then everything is zapped and freed.
+    let (vm_b, host_b) = common::vm(FormatKind::Ept);
+    vm_b.set_memory_region(&common::region(0, 0, 1 << 20, common::RAM_HVA, 0)).unwrap();
+    {
+        let mut vb = vm_b.create_vcpu().unwrap();
+        common::access(&mut vb, 0x2000, false).unwrap();
+    }
+    vm_b.zap_all_fast();
+    assert_eq!(host_b.tables_in_use(), 0, "setup: B's tables are freed");
+    assert_eq!(host_b.use_after_free(), 0, "setup");
+
+    let _ = vm_a.shadow_mmu().unwrap().stale_entries_for_tests(vm_b.mmu());
+    assert!(host_b.use_after_free() > 0, "A's shadow pages were looked up in B's freed frames");
+    assert_eq!(host_a.use_after_free(), 0);
 }
