@@ -559,6 +559,17 @@ impl<H: Host> Vm<H> {
         self.inner.mmu.flush_remote_tlbs();
     }
 
+    /// Test-only (feature `testing`; takes the shadow lock): what zapped shadow pages still make
+    /// reachable, which must be 0 while no zap is in progress: MMU-present SPTEs in pages that
+    /// are invalid (zapped while pinned by a root) or obsolete, and parent links from a freed,
+    /// invalid or obsolete page (a table installed below a zapped page). For models and tests
+    /// of the staleness check. `None` for a TDP VM.
+    #[cfg(feature = "testing")]
+    pub fn stale_shadow_entries_for_tests(&self) -> Option<usize> {
+        let shadow = self.inner.shadow.as_ref()?;
+        Some(shadow.stale_entries_for_tests(&self.inner.mmu))
+    }
+
     /// The TDP MMU (configuration, stats, roots).
     pub fn mmu(&self) -> &TdpMmu<H> {
         &self.inner.mmu

@@ -19,7 +19,7 @@
 //!    access (servicing its requests: the reload), while `zap_all_fast` runs. Property: the
 //!    fault's outcome is Fixed, Spurious or Retry; once both are done, and again after one more
 //!    access, no zapped page keeps a present entry and no live page is linked from a zapped or
-//!    freed one (`ShadowMmu::stale_entries_for_tests`); both accesses translate to the right
+//!    freed one (`Vm::stale_shadow_entries_for_tests`); both accesses translate to the right
 //!    frame; no freed table was read. The model must see both the
 //!    fault installing before the bump and the fault retrying on the pending reload request.
 //!    `no-stale-root-check` does no harm here (the property holds; `fetch` retries on the
@@ -305,14 +305,13 @@ fn special_root_fault_vs_zap_all(bugs: BugSet) -> Coverage {
             matches!(o, Ok(FaultOutcome::Fixed | FaultOutcome::Spurious | FaultOutcome::Retry(_))),
             "VIOLATION: the fault gave {o:?}"
         );
-        let shadow = vm.shadow_mmu().unwrap();
-        let stale = shadow.stale_entries_for_tests(vm.mmu());
+        let stale = vm.stale_shadow_entries_for_tests().unwrap();
         assert_eq!(stale, 0, "VIOLATION: {stale} entries reachable through zapped pages");
         let ram = Seen::Ram(ram_pfn(DATA_GPA));
         assert_eq!(next, ram, "VIOLATION: the access during the zap-all saw {next:?}");
         let again = access(&mut v, PAE_GVA);
         assert_eq!(again, ram, "VIOLATION: the access after the zap-all saw {again:?}");
-        let stale = shadow.stale_entries_for_tests(vm.mmu());
+        let stale = vm.stale_shadow_entries_for_tests().unwrap();
         assert_eq!(stale, 0, "VIOLATION: {stale} entries reachable through zapped pages");
         assert_eq!(host.use_after_free(), 0, "VIOLATION: a walk read a freed table page");
     });

@@ -1126,7 +1126,7 @@ fn an_unlinked_table_page_forgets_its_parent() {
     v.track_write(vmmu::Gpa(pde + 4), 8).unwrap(); // misaligned: zaps the directory's page
     assert!(vm.shrink_shadow_pages(1000) > 0); // the table page, among others
     assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
-    assert_eq!(vm.shadow_mmu().unwrap().stale_entries_for_tests(vm.mmu()), 0);
+    assert_eq!(vm.stale_shadow_entries_for_tests().unwrap(), 0);
 }
 
 /// One guest table linked from two directories at the same index (one shadow page, two parent
@@ -1148,7 +1148,7 @@ fn a_table_linked_twice_loses_only_the_unlinked_parent() {
     v.track_write(vmmu::Gpa(pde), 8).unwrap(); // unlinks the table from A's directory
                                                // Oldest first: A's PDPT's page, A's directory's and the table's; a2's path stays.
     assert_eq!(vm.shrink_shadow_pages(3), 3);
-    assert_eq!(vm.shadow_mmu().unwrap().stale_entries_for_tests(vm.mmu()), 0);
+    assert_eq!(vm.stale_shadow_entries_for_tests().unwrap(), 0);
     assert_eq!(access(&mut v, a2, false), Seen::Ram(ram_pfn(0x20_0000)));
     assert_eq!(host.use_after_free(), 0);
 }

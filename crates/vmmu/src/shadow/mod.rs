@@ -150,13 +150,11 @@ impl ShadowMmu {
         self.stats.shadow_pages.get() as usize
     }
 
-    /// Test-only (feature `testing`; takes the shadow lock of the VM whose `core` is passed,
-    /// i.e. `vm.mmu()`): what zapped shadow pages still make reachable, which must be 0 while no
-    /// zap is in progress: MMU-present SPTEs in pages that are invalid (zapped while pinned by a
-    /// root) or obsolete, and parent links from a freed, invalid or obsolete page (a table
-    /// installed below a zapped page). For models and tests of the staleness check.
+    /// [`crate::vm::Vm::stale_shadow_entries_for_tests`]: `core` must be the core of this shadow
+    /// MMU's own VM, whose host resolves the frames of its pages (another VM's core would read
+    /// that VM's frames, which nothing here keeps allocated), so only the VM pairs the two.
     #[cfg(feature = "testing")]
-    pub fn stale_entries_for_tests<H: Host>(&self, core: &TdpMmu<H>) -> usize {
+    pub(crate) fn stale_entries_for_tests<H: Host>(&self, core: &TdpMmu<H>) -> usize {
         self.lock(core).stale_entries_for_tests(core)
     }
 
