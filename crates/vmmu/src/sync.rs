@@ -212,8 +212,9 @@ mod locks {
     impl<T> Deref for MutexGuard<'_, T> {
         type Target = T;
         fn deref(&self) -> &T {
-            // SAFETY: the guard exists only while `locked` is held by this thread, so no other
-            // reference to the value exists.
+            // SAFETY: a guard exists only while `locked` is held, and it is the only guard (a
+            // guard may move to another thread, and takes the hold with it), so no `&mut` to the
+            // value exists while this shared reference lives.
             unsafe { &*self.m.value.get() }
         }
     }

@@ -200,7 +200,8 @@ impl ShadowState {
     /// The entry `idx` of page `id`.
     ///
     /// The reference is used under the lock only; the page's frame stays allocated while the
-    /// page is in the slab (frames are freed by the commit, after the page left it).
+    /// page is in the slab (`commit_zap` queues a frame for freeing only after its page left
+    /// the slab, and `reclaim` frees it after a grace period).
     pub(crate) fn entry<'a, H: Host>(
         &self,
         core: &'a TdpMmu<H>,
@@ -208,8 +209,10 @@ impl ShadowState {
         idx: usize,
     ) -> &'a crate::sync::AtomicU64 {
         let pfn = self.sp(id).spt;
-        // SAFETY: the page is live (in the slab) and we hold the shadow lock, under which alone
-        // pages are committed (freed); the caller does not keep the reference past the lock.
+        // SAFETY: the page is live (in the slab) and we hold the shadow lock (`&self` is borrowed
+        // from its guard): only `commit_zap`, under that lock, queues a frame for freeing, and
+        // only once its page left the slab (`TdpMmu::table`'s second case); the caller does not
+        // keep the reference past the lock.
         match unsafe { core.table(pfn) } {
             Some(t) => &t[idx],
             None => unreachable!("shadow page frame {pfn:?} unknown to the host"),
@@ -453,8 +456,10 @@ impl ShadowState {
         // not present, and `drop_spte`'s lookups per entry cost more than this scan (a zap-all
         // of a few dozen pages spent most of its time on them).
         let spt = self.sp(id).spt;
-        // SAFETY: the page is live (in the slab) and we hold the shadow lock, under which alone
-        // pages are committed (freed); the reference is not kept past this function.
+        // SAFETY: the page is live (in the slab) and we hold the shadow lock (`&mut self`): only
+        // `commit_zap` queues a frame for freeing, once its page left the slab, and it is not
+        // called before this function returns (`TdpMmu::table`'s second case); the reference
+        // is not kept past this function.
         let Some(table) = (unsafe { core.table(spt) }) else {
             unreachable!("shadow page frame {spt:?} unknown to the host")
         };

@@ -69,8 +69,10 @@ pub(crate) fn prefetch<H: Host>(
     if role.direct() {
         let base = st.sp(sp).gfn.raw();
         let spt = st.sp(sp).spt;
-        // SAFETY: the page is live (in the slab) and we hold the shadow lock, under which alone
-        // pages are committed (freed); the reference is not kept past this function.
+        // SAFETY: the page is live (in the slab) and we hold the shadow lock (`st`): only
+        // `commit_zap` queues a frame for freeing, once its page left the slab, and only the
+        // functions that take the lock call it, after this returns (`TdpMmu::table`'s second
+        // case); the reference is not kept past this function.
         let Some(table) = (unsafe { core.table(spt) }) else {
             unreachable!("shadow page frame {spt:?} unknown to the host")
         };

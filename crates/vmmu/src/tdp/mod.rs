@@ -234,10 +234,16 @@ impl<H: Host> TdpMmu<H> {
     /// The entries of table page `pfn`.
     ///
     /// # Safety
-    /// `pfn` was reached from a root the caller holds (its current root, or one in the root list)
-    /// while the caller holds the MMU lock or a `table_srcu` read section, and the caller keeps
-    /// that protection for as long as it uses the reference: unlinked pages are freed only after a
-    /// grace period (rule 3), so the page stays allocated.
+    /// The frame must not be freed (`FrameAllocator::free_table`) while the caller uses the
+    /// reference. The MMU's callers ensure it in one of three ways, and keep it for as long as
+    /// they use the reference:
+    /// - `pfn` was reached from a root the caller holds (its current root, or one in the root
+    ///   list) while the caller holds the MMU lock or a `table_srcu` read section: unlinked pages
+    ///   are freed only after a grace period (rule 3), and only an exclusive holder unlinks;
+    /// - `pfn` is the frame of a live shadow page (in the shadow MMU's slab) and the caller holds
+    ///   the shadow lock: a shadow page's frame is queued for freeing only by `commit_zap`, after
+    ///   the page left the slab, and freed by a later `reclaim`;
+    /// - the caller allocated `pfn` and has not published it (nothing else can free it).
     #[inline]
     pub(crate) unsafe fn table(&self, pfn: Pfn) -> Option<&TableEntries> {
         // SAFETY: the allocator's pointer is valid until `free_table(pfn)`, which by the caller's
@@ -253,9 +259,11 @@ impl<H: Host> TdpMmu<H> {
         Some(pfn)
     }
 
-    /// Frees a table page that was never linked anywhere (lost a compare-and-swap).
+    /// Frees a table page that was never linked anywhere (lost a compare-and-swap, or a split
+    /// table or special root given up before it was published).
     pub(crate) fn free_unpublished_table(&self, pfn: Pfn) {
-        // SAFETY: the page was allocated by us and never published, so no other thread can reach it.
+        // SAFETY: the caller allocated the page and never published it (no entry, root or vCPU
+        // names it), so no other thread can reach it, and it frees it once.
         unsafe { self.host.free_table(pfn) };
         self.stats.tables_freed.add(1);
     }
@@ -288,8 +296,14 @@ impl<H: Host> TdpMmu<H> {
             self.request_all(Request::Kick, false);
         });
         for pfn in pages.iter().copied() {
-            // SAFETY: every queued page was unlinked before it was queued, and the grace period
-            // above has drained every walker that could still hold a pointer to it.
+            // SAFETY: every queued page came from `alloc_table` and was queued once, after
+            // nothing linked it any more (a table by the zap that unlinked it, a root by its
+            // last user or by `zap_all_fast`, a shadow page by its commit, a special root by its
+            // vCPU); the grace period above has drained every walker that could still read it.
+            // The vCPUs' leaf-table caches may still hold its pointer, but `defer_free` bumped
+            // the table epoch before queuing it, so no cache hit reads it again (`walk.rs`; the
+            // re-injected `Bug::LeafCacheIgnoresEpoch` needs a host that keeps freed table
+            // memory, `Vm::new`).
             unsafe { self.host.free_table(pfn) };
         }
         self.stats.tables_freed.add(pages.len() as u64);

@@ -151,9 +151,11 @@ struct LeafTable {
     epoch: u64,
 }
 
-// SAFETY: the pointers are dereferenced only by the owning vCPU's fast path, under the epoch
-// check of the module doc, and point to atomics (`Sync`); moving the cache to another thread
-// moves that right with the vCPU.
+// SAFETY: the pointers are dereferenced only by the owning vCPU's fast path (through `&mut` of
+// the cache or `&` of its vCPU, which is not `Sync`), under the epoch check of the module doc
+// (or, with the re-injected `Bug::LeafCacheIgnoresEpoch`, on a host that keeps freed table
+// memory: `cached_mmio_spte`), and point to atomics (`Sync`); moving the cache to another
+// thread moves that right with the vCPU.
 unsafe impl Send for LeafTableCache {}
 
 impl LeafTableCache {
@@ -313,7 +315,11 @@ impl<H: Host> TdpMmu<H> {
         // SAFETY: the caller holds a table read section, and the table's epoch equals the one
         // read inside it: the table was not unlinked or queued for freeing before the section
         // began, so the grace period before its free waits for this section and the host's
-        // pointer stays valid (`FrameAllocator::table`; module doc).
+        // pointer stays valid (`FrameAllocator::table`; module doc). With the re-injected
+        // `Bug::LeafCacheIgnoresEpoch` `lookup` skips that comparison and the table may have been
+        // freed: then the host promised that freed table memory stays readable
+        // (`FrameAllocator::retains_table_memory`), which `Vm::new` checks before it accepts
+        // the bug.
         let table = unsafe { table.as_ref() };
         let spte = table[Level::L4K.index(gfn)].load(Ordering::Acquire);
         self.cfg.codec.is_mmio(spte).then_some(spte)
