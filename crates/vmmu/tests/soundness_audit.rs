@@ -192,3 +192,113 @@ fn stale_shadow_entries_for_tests_reads_only_its_own_vms_tables() {
     assert_eq!(host_b.use_after_free(), 0, "nothing read B's freed frames");
     assert_eq!(host_a.use_after_free(), 0);
 }
+
+/// The test host whose `Sched::kick` panics while `panics` is set: a host callback that unwinds
+/// out of the MMU in the middle of a zap.
+struct KickPanics {
+    host: vmmu::testing::TestHost,
+    panics: std::sync::atomic::AtomicBool,
+}
+
+// SAFETY: every frame call is the test host's, whose `unsafe impl` makes the promises.
+unsafe impl vmmu::host::FrameAllocator for KickPanics {
+    fn type_stable_tables(&self) -> bool {
+        self.host.type_stable_tables()
+    }
+    fn alloc_table(&self, init: u64) -> Option<vmmu::Pfn> {
+        self.host.alloc_table(init)
+    }
+    unsafe fn free_table(&self, pfn: vmmu::Pfn) {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.host.free_table(pfn) }
+    }
+    fn table(&self, pfn: vmmu::Pfn) -> Option<std::ptr::NonNull<vmmu::host::TableEntries>> {
+        self.host.table(pfn)
+    }
+}
+
+impl vmmu::host::HostMemory for KickPanics {
+    fn translate(
+        &self,
+        hva: vmmu::Hva,
+        write: bool,
+    ) -> Result<vmmu::host::HostPage, vmmu::host::HostFault> {
+        self.host.translate(hva, write)
+    }
+}
+
+impl vmmu::host::Sched for KickPanics {
+    fn kick(&self, _vcpu_index: usize) {
+        assert!(!self.panics.load(Ordering::Relaxed), "the host's kick panics");
+    }
+}
+
+/// Not undefined behaviour, and kept so: a host callback (`Sched::kick`) that panics in the
+/// middle of a zap, after the zap unlinked the tables and before their remote flush, unwinds
+/// with the MMU lock and the VMM lock released and the unlinked tables leaked, never freed
+/// (they are queued for freeing only after the flush): the vCPU that was in guest mode still
+/// walks its root without reading a freed table, and the VM goes on (faults, zaps, reclaim).
+#[test]
+fn a_kick_that_panics_in_a_zap_leaks_the_unlinked_tables_and_frees_none() {
+    use vmmu::fault::FaultOutcome;
+    use vmmu::memslot::UserspaceMemoryRegion;
+    use vmmu::spte::FormatKind;
+    use vmmu::tdp::HwWalk;
+    use vmmu::vm::{Vm, VmConfig};
+    use vmmu::{Access, AsId, FaultAccess, Gfn, Gpa, Level};
+
+    const RAM_HVA: u64 = 0x4000_0000;
+    let host = Arc::new(KickPanics {
+        host: vmmu::testing::TestHost::new(64),
+        panics: std::sync::atomic::AtomicBool::new(false),
+    });
+    host.host.map(RAM_HVA, 1 << 20, RAM_HVA >> 12, Level::L4K, true);
+    let vm = Vm::new(VmConfig::new(FormatKind::Ept, 46).unwrap(), host.clone()).unwrap();
+    vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, 1 << 20, RAM_HVA)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    let gpa = Gpa(0x2000);
+    let translate = |v: &mut vmmu::vcpu::Vcpu<KickPanics>| {
+        for _ in 0..10 {
+            v.service_requests().unwrap();
+            let walk = match v.enter_guest() {
+                Ok(g) => g.walk(gpa, Access::NONE),
+                Err(_) => continue,
+            };
+            match walk {
+                HwWalk::Translated { pfn, .. } => return pfn,
+                HwWalk::Violation { .. } => {
+                    let o = v.handle_ept_violation(gpa, FaultAccess::READ).unwrap();
+                    assert!(matches!(o, FaultOutcome::Fixed | FaultOutcome::Retry(_)), "{o:?}");
+                }
+                w => panic!("{w:?}"),
+            }
+        }
+        panic!("no translation");
+    };
+    let pfn = translate(&mut v);
+    let in_use = host.host.tables_in_use();
+    assert_eq!(in_use, 4, "setup: root and three tables");
+
+    // The vCPU is in guest mode when the zap unlinks its tables: the flush kicks it, and the
+    // kick panics.
+    v.enter_guest_mode().unwrap();
+    host.panics.store(true, Ordering::Relaxed);
+    let zap = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        vm.zap_gfn_range_for_tests(AsId(0), Gfn(0), Gfn(1 << 27));
+    }));
+    host.panics.store(false, Ordering::Relaxed);
+    assert!(zap.is_err(), "the kick panicked");
+    // The vCPU's walk finds its root emptied; nothing it can reach was freed.
+    assert!(matches!(v.walk(gpa, Access::NONE), HwWalk::Violation { present: false, .. }));
+    v.exit_guest_mode();
+    assert_eq!(vm.mmu().pending_free(), 0, "the unlinked tables were never queued");
+    vm.reclaim();
+    assert_eq!(host.host.tables_in_use(), in_use, "leaked, not freed");
+    // The locks were released: the VM goes on.
+    assert_eq!(translate(&mut v), pfn);
+    vm.zap_all_fast();
+    drop(v);
+    vm.zap_all_fast();
+    assert_eq!(host.host.use_after_free(), 0);
+    assert_eq!(host.host.tables_in_use(), in_use - 1, "all but the three leaked tables freed");
+}
