@@ -238,8 +238,9 @@ impl<H: Host> TdpMmu<H> {
     /// reference. The MMU's callers ensure it in one of three ways, and keep it for as long as
     /// they use the reference:
     /// - `pfn` was reached from a root the caller holds (its current root, or one in the root
-    ///   list) while the caller holds the MMU lock or a `table_srcu` read section: unlinked pages
-    ///   are freed only after a grace period (rule 3), and only an exclusive holder unlinks;
+    ///   list) inside a `table_srcu` read section (unlinked pages are freed only after a grace
+    ///   period, rule 3), or from a TDP root while the caller holds the MMU lock (TDP tables are
+    ///   unlinked only under it, held exclusive);
     /// - `pfn` is the frame of a live shadow page (in the shadow MMU's slab) and the caller holds
     ///   the shadow lock: a shadow page's frame is queued for freeing only by `commit_zap`, after
     ///   the page left the slab, and freed by a later `reclaim`;
