@@ -498,9 +498,12 @@ impl<H: Host> TdpMmu<H> {
     /// `testing` feature.
     ///
     /// # Safety
-    /// The reference points into a table page: the caller must not use it after anything that
-    /// may free that page (a zap, a root's last user dropping it, `zap_all_fast`) has run, and
-    /// must keep `root` alive while it uses it.
+    /// - `root` is a root of this MMU in use: on its root list, or the current root of one of its
+    ///   VM's vCPUs (a `Root` kept alive by an `Arc` after its vCPU dropped it, or one of another
+    ///   VM, names a frame this MMU may have freed, or may free during the walk: pages unlinked
+    ///   earlier are freed by `reclaim`, which the MMU lock does not hold off);
+    /// - it stays in use, and nothing that may free the returned entry's page (a zap, a root's
+    ///   last user dropping it, `zap_all_fast`) runs, while the caller uses the reference.
     #[cfg(feature = "testing")]
     pub unsafe fn entry_for_tests(
         &self,
@@ -512,8 +515,9 @@ impl<H: Host> TdpMmu<H> {
         let mut pfn = root.pfn();
         let mut l = root.level();
         loop {
-            // SAFETY: reached from `root`, which the caller keeps, with the MMU lock held
-            // shared (`_g`), so no linked page is unlinked, let alone freed, during the walk.
+            // SAFETY: reached from `root`, a root of this MMU in use (the caller's contract),
+            // with the MMU lock held shared (`_g`), so no linked page is unlinked, let alone
+            // freed, during the walk.
             // The reference returned outlives that hold: its later use is the caller's
             // `# Safety` contract (no zap or root drop that could free the page meanwhile).
             let table = unsafe { self.table(pfn) }?;
