@@ -482,9 +482,11 @@ pub enum HwWalk {
 ///
 /// # Safety
 /// Every table page reachable from `root` must stay allocated for the whole call: the caller
-/// holds a read section of the MMU's table SRCU (a vCPU in guest mode) or the MMU lock, and
-/// `root` is a root the caller keeps (its vCPU's current root, or one on the root list), or the
-/// caller otherwise knows nothing frees those pages meanwhile (a test with no concurrent zap).
+/// holds a read section of the MMU's table SRCU (a vCPU in guest mode), or the MMU lock for a
+/// TDP root (shadow pages are unlinked under the shadow lock, which the MMU lock does not hold
+/// off), and `root` is a root of that MMU the caller keeps (its vCPU's current root, or one on
+/// the root list), or the caller otherwise knows nothing frees those pages meanwhile (a test
+/// with no concurrent zap). `tables` is that MMU's host.
 #[inline]
 pub unsafe fn hw_walk(
     format: &SpteFormat,
