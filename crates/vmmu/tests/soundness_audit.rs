@@ -302,3 +302,54 @@ fn a_kick_that_panics_in_a_zap_leaks_the_unlinked_tables_and_frees_none() {
     assert_eq!(host.host.use_after_free(), 0);
     assert_eq!(host.host.tables_in_use(), in_use - 1, "all but the three leaked tables freed");
 }
+
+/// `Send`/`Sync` of `T`, seen from a concrete type: the inherent methods apply when `T` has the
+/// trait, the fallback trait's otherwise (method resolution prefers inherent methods whose
+/// bounds hold), as `vmmu::sync`'s own guard test does.
+struct Probe<T: ?Sized>(std::marker::PhantomData<T>);
+trait Fallback {
+    fn is_send(&self) -> bool {
+        false
+    }
+    fn is_sync(&self) -> bool {
+        false
+    }
+}
+impl<T: ?Sized> Fallback for Probe<T> {}
+impl<T: ?Sized + Send> Probe<T> {
+    fn is_send(&self) -> bool {
+        true
+    }
+}
+impl<T: ?Sized + Sync> Probe<T> {
+    fn is_sync(&self) -> bool {
+        true
+    }
+}
+
+/// The thread-safety the `unsafe` code relies on, checked (second soundness review): an SRCU record has one
+/// writer because a `ReaderId` is not `Sync` (so neither is a `Vcpu`, which holds two, nor a
+/// read section's guard, which borrows one), and a section ends on the thread that opened it
+/// because its guard is not `Send` (nor is a `GuestMode`, which holds the vCPU's table section);
+/// a `Vcpu` with its leaf-table cache may move between threads. A new `unsafe impl` or field
+/// that changed one of these would break an argument of the `SAFETY` comments.
+#[test]
+fn the_thread_safety_the_unsafe_code_relies_on() {
+    use std::marker::PhantomData as P;
+    use vmmu::memslot::MemslotsGuard;
+    use vmmu::srcu::{ReadGuard, ReaderId};
+    use vmmu::testing::TestHost;
+    use vmmu::vcpu::{GuestMode, Vcpu};
+    use vmmu::vm::Vm;
+
+    assert!(Probe::<ReaderId>(P).is_send() && !Probe::<ReaderId>(P).is_sync());
+    assert!(!Probe::<ReadGuard<'static>>(P).is_send());
+    assert!(!Probe::<ReadGuard<'static>>(P).is_sync());
+    assert!(!Probe::<MemslotsGuard<'static>>(P).is_send());
+    assert!(!Probe::<MemslotsGuard<'static>>(P).is_sync());
+    assert!(Probe::<Vcpu<TestHost>>(P).is_send() && !Probe::<Vcpu<TestHost>>(P).is_sync());
+    assert!(!Probe::<GuestMode<'static, TestHost>>(P).is_send());
+    assert!(!Probe::<GuestMode<'static, TestHost>>(P).is_sync());
+    assert!(Probe::<Vm<TestHost>>(P).is_send() && Probe::<Vm<TestHost>>(P).is_sync());
+    assert!(Probe::<Srcu>(P).is_sync() && Probe::<vmmu::memslot::MemslotSet>(P).is_sync());
+}
