@@ -101,7 +101,8 @@ pub struct HostPage {
     pub writable: bool,
     /// The largest level at which the host maps this address contiguously: the naturally aligned
     /// block of that size around the address is backed by naturally aligned contiguous frames
-    /// (KVM: `host_pfn_mapping_level`).
+    /// (KVM: `host_pfn_mapping_level`). A page whose `pfn` is not at the address's place in
+    /// such a block breaks this; the MMU then maps that one frame with a 4 KiB leaf.
     pub level: Level,
 }
 

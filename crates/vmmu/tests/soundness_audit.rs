@@ -353,3 +353,79 @@ fn the_thread_safety_the_unsafe_code_relies_on() {
     assert!(Probe::<Vm<TestHost>>(P).is_send() && Probe::<Vm<TestHost>>(P).is_sync());
     assert!(Probe::<Srcu>(P).is_sync() && Probe::<vmmu::memslot::MemslotSet>(P).is_sync());
 }
+
+/// The test host, but every translation claims a 2 MiB host mapping level with the frame the
+/// test host gives: a host that breaks `HostPage::level`'s contract (the block around the
+/// address backed by aligned contiguous frames) where its frames are not 2 MiB-congruent.
+struct ClaimsHugePages(vmmu::testing::TestHost);
+
+// SAFETY: every frame call is the test host's, whose `unsafe impl` makes the promises.
+unsafe impl vmmu::host::FrameAllocator for ClaimsHugePages {
+    fn type_stable_tables(&self) -> bool {
+        self.0.type_stable_tables()
+    }
+    fn alloc_table(&self, init: u64) -> Option<vmmu::Pfn> {
+        self.0.alloc_table(init)
+    }
+    unsafe fn free_table(&self, pfn: vmmu::Pfn) {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.0.free_table(pfn) }
+    }
+    fn table(&self, pfn: vmmu::Pfn) -> Option<std::ptr::NonNull<vmmu::host::TableEntries>> {
+        self.0.table(pfn)
+    }
+}
+
+impl vmmu::host::HostMemory for ClaimsHugePages {
+    fn translate(
+        &self,
+        hva: vmmu::Hva,
+        write: bool,
+    ) -> Result<vmmu::host::HostPage, vmmu::host::HostFault> {
+        let page = self.0.translate(hva, write)?;
+        Ok(vmmu::host::HostPage { level: vmmu::Level::L2M, ..page })
+    }
+}
+
+impl vmmu::host::Sched for ClaimsHugePages {}
+
+/// A host that claims 2 MiB mappings for frames that are not 2 MiB-congruent (a buggy embedder)
+/// gets the frames it named, one 4 KiB leaf each: no panic (the block's first frame was the
+/// frame minus the gfn's offset in its block, which underflowed below frame 5), and no 2 MiB
+/// leaf over frames the host never promised (the translation of every other page of the block
+/// would have been made up, and a misaligned frame in a 2 MiB leaf sets its reserved bits).
+#[test]
+fn a_host_page_that_breaks_its_level_contract_is_mapped_as_the_one_frame_it_names() {
+    use vmmu::memslot::UserspaceMemoryRegion;
+    use vmmu::spte::FormatKind;
+    use vmmu::tdp::HwWalk;
+    use vmmu::vm::{Vm, VmConfig};
+    use vmmu::{Access, FaultAccess, Gpa, Level, Pfn};
+
+    const HVA: u64 = 0x4000_0000;
+    const GPA: u64 = 0x20_0000;
+    let test_host = vmmu::testing::TestHost::new(64);
+    // Frames 0.. behind hva 0x4000_5000.., then frames 0x1003.. behind the slot's second MiB.
+    test_host.map(HVA + 0x5000, 0x10_0000 - 0x5000, 0, Level::L4K, true);
+    test_host.map(HVA + 0x10_0000, 0x10_0000, 0x1003, Level::L4K, true);
+    let host = std::sync::Arc::new(ClaimsHugePages(test_host));
+    for format in [FormatKind::Ept, FormatKind::Npt] {
+        let vm = Vm::new(VmConfig::new(format, 46).unwrap(), host.clone()).unwrap();
+        vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, GPA, 0x20_0000, HVA)).unwrap();
+        let mut v = vm.create_vcpu().unwrap();
+        v.service_requests().unwrap();
+        for (gpa, pfn) in [(GPA + 0x5000, 0), (GPA + 0x7000, 2), (GPA + 0x10_0000, 0x1003)] {
+            let o = v.handle_ept_violation(Gpa(gpa), FaultAccess::READ).unwrap();
+            assert_eq!(o, vmmu::fault::FaultOutcome::Fixed, "{format:?} {gpa:#x}");
+            v.enter_guest_mode().unwrap();
+            match v.walk(Gpa(gpa), Access::NONE) {
+                HwWalk::Translated { pfn: got, level, .. } => {
+                    assert_eq!((got, level), (Pfn(pfn), Level::L4K), "{format:?} {gpa:#x}")
+                }
+                other => panic!("{format:?} {gpa:#x}: {other:?}"),
+            }
+            v.exit_guest_mode();
+        }
+        assert_eq!((vm.stats().pages_2m, vm.stats().pages_4k), (0, 3), "{format:?}");
+    }
+}

@@ -140,8 +140,15 @@ impl PageFault {
             hva,
             fault,
         })?;
-        let max_level = max_mapping_level(&s, self.gfn, hp.level, max_leaf_level);
-        let offset = self.gfn.raw() & (max_level.pages() - 1);
+        let mut max_level = max_mapping_level(&s, self.gfn, hp.level, max_leaf_level);
+        let offset = |level: Level| self.gfn.raw() & (level.pages() - 1);
+        if hp.pfn.raw() & (max_level.pages() - 1) != offset(max_level) {
+            // A host page whose frame does not sit at the gfn's place in its block breaks
+            // `HostPage::level`'s contract (the block is backed by aligned contiguous frames):
+            // map the one frame the host named, not a block of frames it never promised.
+            max_level = Level::L4K;
+        }
+        let offset = offset(max_level);
         // KVM `make_spte`: the leaf is writable when the host maps the page writable, for a read
         // too (a read never breaks copy-on-write, so the host says writable only for a page
         // already written: `HostPage::writable`); in a dirty-logged slot such a leaf marks the
