@@ -1085,6 +1085,31 @@ mod tests {
         );
     }
 
+    /// Kills the five "delete match arm" mutants of `char_name` ('\r', '\u{a0}', '\u{b}',
+    /// '\u{c}', '\0'): without its arm, the message for an invisible character gives only its
+    /// code point, and the user is not told which character of the line to remove.
+    #[test]
+    fn bad_character_messages_name_the_usual_suspects() {
+        for (text, what) in [
+            ("vm\rvcpus=2\n", "U+000D (carriage return)"),
+            ("vm\u{a0}vcpus=2\n", "U+00A0 (no-break space)"),
+            ("vm\u{b}vcpus=2\n", "U+000B (vertical tab)"),
+            ("vm\u{c}vcpus=2\n", "U+000C (form feed)"),
+            ("vm\0vcpus=2\n", "U+0000 (NUL)"),
+            ("vm\u{1}vcpus=2\n", "U+0001"),
+        ] {
+            let e = parse(text).expect_err(text);
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "line 1, column 3: character {what} is not allowed outside a comment \
+                     (words are separated by spaces or tabs)"
+                ),
+                "{text:?}"
+            );
+        }
+    }
+
     #[test]
     fn error_message_is_actionable() {
         let e = parse("mem a size=1\nslot 1 gpa=0x10000000 size=4K mem=b\n").unwrap_err();
