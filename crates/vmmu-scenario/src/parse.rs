@@ -1085,6 +1085,20 @@ mod tests {
         );
     }
 
+    /// Kills `number`'s `radix == 16` -> `!=`: the messages would swap, telling a user who
+    /// wrote `0xg` to use decimal digits and one who wrote `1_0` to use hex digits.
+    #[test]
+    fn bad_number_messages_say_which_digits_were_expected() {
+        for (bad, why) in [
+            ("0xg", "expected hex digits after 0x"),
+            ("1_0", "expected decimal digits or 0x hex (no signs, no `_`)"),
+            ("-1", "expected decimal digits or 0x hex (no signs, no `_`)"),
+        ] {
+            let e = parse(&format!("mmio-reply value={bad}\n")).expect_err(bad);
+            assert_eq!(e.to_string(), format!("line 1, column 18: bad number `{bad}`: {why}"));
+        }
+    }
+
     /// Kills the five "delete match arm" mutants of `char_name` ('\r', '\u{a0}', '\u{b}',
     /// '\u{c}', '\0'): without its arm, the message for an invisible character gives only its
     /// code point, and the user is not told which character of the line to remove.
