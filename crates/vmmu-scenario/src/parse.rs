@@ -1099,6 +1099,19 @@ mod tests {
         }
     }
 
+    /// Kills `mem_ref`'s four offset-column mutants (`w.col + ...` and `count() + 1`, each to
+    /// `-` and `*`): a bad `+OFFSET` would be reported at a column inside the buffer name (or
+    /// past the line's end) instead of at the offset the user has to fix.
+    #[test]
+    fn a_bad_offset_is_reported_at_its_column() {
+        let (l, c, k) = err(&format!("{HEAD}host-read buf+0xg size=1\n"));
+        assert_eq!((l, c), (3, 15));
+        assert!(matches!(k, ParseErrorKind::BadNumber { ref text, .. } if text == "0xg"), "{k:?}");
+        let (l, c, k) = err("mem abc size=4K\nslot 1 gpa=0x10000000 size=4K mem=abc+-1\n");
+        assert_eq!((l, c), (2, 39));
+        assert!(matches!(k, ParseErrorKind::BadNumber { ref text, .. } if text == "-1"), "{k:?}");
+    }
+
     /// Kills the five "delete match arm" mutants of `char_name` ('\r', '\u{a0}', '\u{b}',
     /// '\u{c}', '\0'): without its arm, the message for an invisible character gives only its
     /// code point, and the user is not told which character of the line to remove.
