@@ -865,6 +865,38 @@ mod tests {
         assert!(e.kind.to_string().contains("byte-order mark"), "{}", e.kind);
     }
 
+    /// Kills `parse_flags`'s `i < next` -> `>`: a slot with `readonly` alone (every ROM slot of
+    /// the reference recordings) would be refused as out of order, and a flag given twice would
+    /// be accepted against the contract's "in that order" list of distinct flags.
+    #[test]
+    fn slot_flags_one_each_in_contract_order() {
+        let slot = |flags: &str| {
+            format!("{{\"t\":0.000000,\"op\":\"slot\",\"as\":0,\"id\":1,\"flags\":[{flags}],\"gpa\":\"0xfffc0000\",\"size\":\"0x40000\",\"uaddr\":\"0x7f0000000000\"}}")
+        };
+        for (flags, dirty, ro) in [
+            ("", false, false),
+            ("\"dirty_log\"", true, false),
+            ("\"readonly\"", false, true),
+            ("\"dirty_log\",\"readonly\"", true, true),
+        ] {
+            let t = one(&slot(flags)).unwrap_or_else(|e| panic!("[{flags}]: {e}"));
+            let EventKind::Slot(s) = t.events[0].kind else { panic!("not a slot") };
+            assert_eq!((s.dirty_log, s.readonly), (dirty, ro), "[{flags}]");
+        }
+        for flags in [
+            "\"dirty_log\",\"dirty_log\"",
+            "\"readonly\",\"readonly\"",
+            "\"readonly\",\"dirty_log\"",
+        ] {
+            let e = one(&slot(flags)).expect_err(flags);
+            assert_eq!(e.line, 2, "[{flags}]");
+            assert!(
+                e.kind.to_string().contains("in the order dirty_log, readonly, once each"),
+                "[{flags}]: {e}"
+            );
+        }
+    }
+
     #[test]
     fn hex_format() {
         assert_eq!(parse_hex("0x0"), Ok(0));
