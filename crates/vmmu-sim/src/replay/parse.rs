@@ -897,6 +897,19 @@ mod tests {
         }
     }
 
+    /// Kills `Trace::count` -> 0, -> 1 and its `==` -> `!=`: the KVM replay asks it whether a
+    /// trace has `clear-dirty-log` calls (to enable manual dirty-log protection) and how many
+    /// `mmio` events it will check; a wrong count enables the wrong mode or misreports progress.
+    #[test]
+    fn count_gives_the_events_of_one_kind() {
+        let k = "{\"t\":0.000000,\"op\":\"kvm\",\"event\":\"zap_all_fast\"}";
+        let g = "{\"t\":0.000000,\"op\":\"get-dirty-log\",\"as\":0,\"id\":3}";
+        let t = parse(&format!("{H}{k}\n{g}\n{k}\n")).expect("valid");
+        assert_eq!(t.count("kvm"), 2);
+        assert_eq!(t.count("get-dirty-log"), 1);
+        assert_eq!(t.count("clear-dirty-log"), 0);
+    }
+
     #[test]
     fn hex_format() {
         assert_eq!(parse_hex("0x0"), Ok(0));
