@@ -910,6 +910,20 @@ mod tests {
         assert_eq!(t.count("clear-dirty-log"), 0);
     }
 
+    /// Kills the `expecting` -> `Ok(Default::default())` mutant of the key-order visitor: a line
+    /// that is JSON but not an object (an array, a number) would be refused with a message that
+    /// says what it found but not what a trace line must be.
+    #[test]
+    fn a_line_that_is_not_an_object_says_an_object_was_expected() {
+        for line in ["[1,2]", "7"] {
+            let e = one(line).expect_err(line);
+            assert_eq!(e.line, 2, "{line}");
+            let msg = e.kind.to_string();
+            assert!(msg.starts_with("not a JSON object: invalid type: "), "{line}: {msg}");
+            assert!(msg.contains(", expected a JSON object"), "{line}: {msg}");
+        }
+    }
+
     #[test]
     fn hex_format() {
         assert_eq!(parse_hex("0x0"), Ok(0));
