@@ -269,7 +269,9 @@ pub fn parse(text: &str) -> Result<Scenario, ParseError> {
         pt: paging::Live::default(),
     };
     let mut steps = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
+    // Lines end at `\n` only: `split_words` drops the one `\r` of a CRLF end. (`str::lines`
+    // would drop that `\r` too, and `split_words` a second one, hiding a stray CR.)
+    for (i, raw) in text.split('\n').enumerate() {
         let line = u32::try_from(i + 1).unwrap_or(u32::MAX);
         let words = split_words(raw).map_err(|(column, kind)| ParseError { line, column, kind })?;
         let Some(first) = words.first() else { continue };
@@ -1135,6 +1137,19 @@ mod tests {
                 "{text:?}"
             );
         }
+    }
+
+    /// A line ends at LF or CRLF only: a CR before a CRLF is a character of the line, an error
+    /// at its column ("words are separated by spaces or tabs"). The parser read the lines with
+    /// `str::lines`, which drops a CRLF's CR, and `split_words` dropped a second one, so
+    /// `mem a size=1\r\r\n` parsed as `mem a size=1`.
+    #[test]
+    fn a_stray_cr_before_a_crlf_is_an_error() {
+        assert_eq!(err("mem a size=1\r\r\n"), (1, 13, ParseErrorKind::BadCharacter('\r')));
+        assert_eq!(err("vm\r\nvm\r\r\n"), (2, 3, ParseErrorKind::BadCharacter('\r')));
+        let s = parse("vm\r\n\r\nmem a size=1\r\n# c\r\r\nmem b size=1").unwrap();
+        let lines: Vec<_> = s.steps.iter().map(|st| (st.number, st.line)).collect();
+        assert_eq!(lines, [(1, 1), (2, 3), (3, 5)]);
     }
 
     #[test]
