@@ -40,6 +40,10 @@ pub enum Bug {
     CacheWhileInProgress = 1,
     /// Undoes 56f17dd3fbc4 "kvm: x86: fix stale mmio cache bug" (2014): the per-vCPU MMIO info
     /// cache ignores the generation.
+    ///
+    /// Harm: after a create puts RAM over a gpa the vCPU cached as MMIO (a create zaps nothing),
+    /// the vCPU's next access there is answered from the cache entry and emulated as MMIO
+    /// instead of reaching the new slot's frame.
     VcpuCacheWithoutGen = 2,
     /// Undoes 152482580a1b "Call kvm_arch_memslots_updated() before updating memslots" (2019):
     /// the wrap hook runs after the final generation is visible.
@@ -50,9 +54,18 @@ pub enum Bug {
     WrapHookAfterPublish = 3,
     /// Undoes c3e0c8c2e8b1 "Fully re-evaluate MMIO caching when SPTE masks change" (2022): a
     /// disable from an earlier mask sticks.
+    ///
+    /// Harm, in cost only: with EPT on a host whose MAXPHYADDR is 52 (the NPT default masks
+    /// have no reserved PA bit, the EPT masks need none), MMIO caching stays off, so every access
+    /// to an MMIO gpa takes an EPT violation and the slow path (a memslot lookup) where an MMIO
+    /// SPTE would answer it; the access is still emulated at the right address. (In KVM, SEV-ES
+    /// guests need MMIO caching; vmmu does not model them.)
     StickyCachingDisable = 4,
     /// Undoes the 2011 lockless-walk rule (ce88decffd17 thread): an entry zapped under a
     /// concurrent walk is reported as a genuine misconfiguration instead of Retry.
+    ///
+    /// Harm: an exit on an ordinary MMIO gpa whose SPTE a zap removed before the handler's walk
+    /// fails the vCPU's run (KVM: -EINVAL from KVM_RUN) instead of retrying and then emulating.
     ZappedSpteIsMisconfig = 5,
     /// Undoes a955cad84cda / 18c841e1f411 "Retry page fault if root is invalidated" (2021): no
     /// stale-root check before installing an SPTE.
@@ -74,12 +87,22 @@ pub enum Bug {
     NoStaleRootCheck = 6,
     /// Undoes e0c378684b65 "Retry page faults that hit an invalid memslot" (2021): a slot being
     /// deleted or moved is treated as no slot, i.e. MMIO.
+    ///
+    /// Harm: during a move of a slot over part of its own old range, an access to a gpa that is
+    /// RAM before and after the move is emulated as MMIO, which is neither state.
     InvalidSlotAsMmio = 7,
     /// Undoes f8f559422b6c "fast invalidate all mmio sptes" (2013): an MMIO SPTE hit does not
     /// compare the generation.
+    ///
+    /// Harm: after a create puts RAM over a gpa that has an MMIO SPTE (a create zaps nothing),
+    /// an access there hits the old SPTE and is emulated as MMIO instead of reaching the new
+    /// slot's frame.
     MmioSpteIgnoresGen = 8,
     /// Undoes the remote TLB flush on zap (kvm_flush_remote_tlbs): zapping present leaves does not
     /// flush the vCPUs' TLBs.
+    ///
+    /// Harm: after the delete of a slot returned, a vCPU that cached the slot's translation reads
+    /// the deleted slot's frame from its TLB instead of exiting as MMIO.
     NoTlbFlushOnZap = 9,
     /// Undoes aad885e77496 "Drop/zap existing present SPTE even when creating an MMIO SPTE"
     /// (2026): a fault that decided "MMIO" writes its MMIO SPTE over a present leaf, with no TLB
@@ -110,7 +133,8 @@ pub enum Bug {
     ///
     /// Harm: the guest edits a table through its own mapping without an exit, the shadow (here
     /// under a previous root) keeps the old translation, and after a CR3 switch back, which
-    /// needs no INVLPG, the guest reads the frame its table no longer maps.
+    /// needs no INVLPG, the guest's access still uses what its table no longer maps (in
+    /// `tests/catchers`: a GVA remapped from a device page to RAM still exits as MMIO).
     ShadowTableLeftWritable = 12,
     /// Undoes `kvm_mmu_track_write`'s zap (shadow facts §4.3): an emulated write to a shadowed
     /// guest table is counted but drops no SPTE, so a shadow leaf (an MMIO SPTE, say) outlives
