@@ -425,6 +425,101 @@ fn type_stable_hit_vs_zap_and_reuse_catches_leaf_cache_ignores_epoch() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// (c4) The harm of a leaf-table cache hit on a table that was unlinked, freed and reused: the
+// models above catch `leaf-cache-ignores-epoch` by what the hit read (a freed frame, a cache
+// entry for another 2 MiB's gfn), which here answers right by chance (every gfn involved is
+// MMIO, and an MMIO SPTE names its own gfn). This one makes the racing gfn RAM first: the zap
+// unlinks and frees the cached table, a slot is created at the racing gfn, and a second vCPU's
+// fault in the next 2 MiB reuses the frame for a level-1 table with an MMIO SPTE of the new
+// generation at the index the hit reads. On both kinds of host (read sections, type-stable).
+//
+// Property: an exit on the racing gfn that began after the create returned is never emulated
+// as MMIO (it is RAM; an emulation is a RAM gfn answered from another 2 MiB's MMIO SPTE).
+// ---------------------------------------------------------------------------------------------
+
+fn leaf_cache_hit_vs_reuse_over_new_ram(bugs: BugSet, type_stable: bool) {
+    model(move || {
+        let host = if type_stable { TestHost::new_type_stable(8) } else { TestHost::new(8) };
+        let (vm, _host) = vm_on(bugs, host, 2, 0);
+        let mut v = vcpu(&vm);
+        let mut other = vcpu(&vm);
+        for g in X..=STABLE_TARGET {
+            // As in `misconfig_vs_zap`: MMIO SPTEs for X and its neighbours, one more than the
+            // per-vCPU cache holds.
+            let o = v.handle_ept_violation(gpa(g), FaultAccess::READ).unwrap();
+            assert!(matches!(o, FaultOutcome::Emulate { .. }), "setup: {o:?}");
+        }
+        // X's fast path keeps the level-1 table in the leaf-table cache; the target's entry of
+        // the per-vCPU cache goes back to X, so the target's fault below needs the hit.
+        let o = v.handle_ept_misconfig(gpa(X)).unwrap();
+        assert!(
+            matches!(o, FaultOutcome::Emulate { source: EmulateSource::MmioSpteHit, .. }),
+            "setup: {o:?}"
+        );
+        let created = Arc::new(AtomicBool::new(false));
+        let t = {
+            let created = created.clone();
+            thread::spawn(move || {
+                let after = created.load(Ordering::Acquire);
+                (after, v.handle_ept_misconfig(gpa(STABLE_TARGET)))
+            })
+        };
+        let base = X & !511;
+        vm.zap_gfn_range_for_tests(AsId(0), Gfn(base), Gfn(base + 512));
+        vm.reclaim();
+        vm.set_memory_region(&slot_at(STABLE_TARGET, 1)).unwrap();
+        created.store(true, Ordering::Release);
+        // The freed frame is the next one the host hands out: the reuser's level-1 table.
+        let o = other.handle_ept_violation(gpa(STABLE_REUSER), FaultAccess::READ).unwrap();
+        assert!(matches!(o, FaultOutcome::Emulate { .. }), "reuser: {o:?}");
+        let (after, o) = t.join().unwrap();
+        assert!(
+            matches!(
+                o,
+                Ok(FaultOutcome::Emulate { .. } | FaultOutcome::Retry(_) | FaultOutcome::Fixed)
+            ),
+            "VIOLATION: a leaf-table cache hit racing a zap ended as {o:?}"
+        );
+        assert!(
+            !(after && matches!(o, Ok(FaultOutcome::Emulate { .. }))),
+            "VIOLATION: an exit on gfn {STABLE_TARGET:#x} that began after the create made it \
+             RAM was emulated as MMIO ({o:?}): answered from the MMIO SPTE of gfn \
+             {STABLE_REUSER:#x} in the reused frame, another 2 MiB's table"
+        );
+    });
+}
+
+fn leaf_cache_hit_vs_reuse_over_new_ram_sections(bugs: BugSet) {
+    leaf_cache_hit_vs_reuse_over_new_ram(bugs, false);
+}
+
+fn leaf_cache_hit_vs_reuse_over_new_ram_type_stable(bugs: BugSet) {
+    leaf_cache_hit_vs_reuse_over_new_ram(bugs, true);
+}
+
+#[test]
+fn leaf_cache_hit_vs_reuse_over_new_ram_holds() {
+    let _k = KNOB.lock().unwrap_or_else(|e| e.into_inner());
+    leaf_cache_hit_vs_reuse_over_new_ram_sections(BugSet::NONE);
+    leaf_cache_hit_vs_reuse_over_new_ram_type_stable(BugSet::NONE);
+}
+
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn leaf_cache_hit_vs_reuse_over_new_ram_catches_leaf_cache_ignores_epoch() {
+    let _k = KNOB.lock().unwrap_or_else(|e| e.into_inner());
+    let b = BugSet::only(vmmu::bugs::Bug::LeafCacheIgnoresEpoch);
+    assert!(
+        violation(leaf_cache_hit_vs_reuse_over_new_ram_sections, b),
+        "missed leaf-cache-ignores-epoch (host with table read sections)"
+    );
+    assert!(
+        violation(leaf_cache_hit_vs_reuse_over_new_ram_type_stable, b),
+        "missed leaf-cache-ignores-epoch (type-stable host)"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // (d) A fault on a root that `zap_all_fast` obsoletes (2021, a955cad84cda "Retry page fault if
 // root is invalidated by memslot update"), and on a root without a page (18c841e1f411 "Retry
 // page fault if MMU reload is pending and root has no sp").
