@@ -2,15 +2,17 @@
 //! `kvm_flush_remote_tlbs` with `vcpu->mode` and `vcpu->requests`), with the real `Vm`, `Vcpu`
 //! and `TdpMmu` through the sync shim.
 //!
-//! Property: after `flush_remote_tlbs` returns (here: after a zap that removed a present leaf,
-//! which must flush), a vCPU that was in guest mode has exited or acknowledged: it never again
-//! uses a TLB entry made before the flush while still in the same guest-mode period. The updater
-//! raises a `changed` flag, then flushes (or zaps), then raises `flushed`. The vCPU fills a
-//! one-entry "TLB" from the hardware walk in guest mode, noting whether it already saw `changed`
-//! (an entry made after the change is fresh); each guest access through a pre-change entry checks
-//! (Acquire) whether the flush has returned: seeing that while still in guest mode, with no
-//! request noticed, is the violation. With `--features historical-bugs` the model must
-//! catch `no-tlb-flush-on-zap` (the zap returns without flushing).
+//! Property: after `flush_remote_tlbs` returns (here: also after a zap that removed a present
+//! leaf, or the delete of its slot, which must flush), a vCPU that was in guest mode has exited
+//! or acknowledged: it never again uses a TLB entry made before the flush while still in the same
+//! guest-mode period. The updater raises a `changed` flag, then flushes (or zaps, or deletes the
+//! slot), then raises `flushed`. The vCPU fills a one-entry "TLB" from the hardware walk in guest
+//! mode, noting whether it already saw `changed` (an entry made after the change is fresh); each
+//! guest access through a pre-change entry checks (Acquire) whether the flush has returned:
+//! seeing that while still in guest mode, with no request noticed, is the violation. With
+//! `--features historical-bugs` the model must catch `no-tlb-flush-on-zap` (the zap returns
+//! without flushing) by its harm: after a slot's delete returned, a guest access reads the
+//! deleted slot's frame through the TLB.
 #![cfg(loom)]
 
 mod loom_common;
@@ -33,9 +35,20 @@ use vmmu::{Access, AsId, FaultAccess, Gfn, Gpa, Level};
 const X: u64 = 0x1234;
 const RAM_HVA: u64 = 0x4000_0000;
 
-/// `via_zap`: the flush comes from `zap_gfn_range` removing X's leaf (the real caller);
-/// otherwise `flush_remote_tlbs` is called directly.
-fn tlb_flush(bugs: BugSet, via_zap: bool) {
+/// What the updater does between `changed` and `flushed`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// `flush_remote_tlbs`, called directly.
+    Flush,
+    /// `zap_gfn_range` removing X's leaf (a real caller of the flush); the slot stays, so a
+    /// stale TLB entry still names the right frame.
+    Zap,
+    /// The delete of X's slot (its zap flushes): a stale TLB entry names the deleted slot's
+    /// frame where the guest must find no RAM (the harm).
+    Delete,
+}
+
+fn tlb_flush(bugs: BugSet, change: Change) {
     model(move || {
         let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
         cfg.max_vcpus = 1;
@@ -44,14 +57,14 @@ fn tlb_flush(bugs: BugSet, via_zap: bool) {
         let host = Arc::new(TestHost::new(8));
         host.map(RAM_HVA, 0x1000, RAM_HVA >> 12, Level::L4K, true);
         let vm = Vm::new(cfg, host).unwrap();
-        vm.set_memory_region(&UserspaceMemoryRegion {
+        let slot = UserspaceMemoryRegion {
             slot: 0,
             flags: 0,
             guest_phys_addr: X << 12,
             memory_size: 0x1000,
             userspace_addr: RAM_HVA,
-        })
-        .unwrap();
+        };
+        vm.set_memory_region(&slot).unwrap();
         let mut v = vm.create_vcpu().unwrap();
         v.service_requests().unwrap();
         let o = v.handle_ept_violation(Gpa(X << 12), FaultAccess::READ).unwrap();
@@ -83,7 +96,13 @@ fn tlb_flush(bugs: BugSet, via_zap: bool) {
                         assert!(
                             !flushed.load(Ordering::Acquire),
                             "VIOLATION: a vCPU in guest mode used a stale TLB entry after the \
-                             remote TLB flush returned"
+                             remote TLB flush returned{}",
+                            if change == Change::Delete {
+                                ": a guest access read the frame of a slot whose delete had \
+                                 returned, where it must find no RAM (MMIO)"
+                            } else {
+                                ""
+                            }
                         );
                     }
                     drop(g);
@@ -91,10 +110,14 @@ fn tlb_flush(bugs: BugSet, via_zap: bool) {
             })
         };
         changed.store(true, Ordering::Release);
-        if via_zap {
-            vm.zap_gfn_range_for_tests(AsId(0), Gfn(X), Gfn(X + 1));
-        } else {
-            vm.flush_remote_tlbs_for_tests();
+        match change {
+            Change::Flush => vm.flush_remote_tlbs_for_tests(),
+            Change::Zap => vm.zap_gfn_range_for_tests(AsId(0), Gfn(X), Gfn(X + 1)),
+            Change::Delete => {
+                let mut delete = slot;
+                delete.memory_size = 0;
+                vm.set_memory_region(&delete).unwrap();
+            }
         }
         flushed.store(true, Ordering::Release);
         t.join().unwrap();
@@ -103,20 +126,26 @@ fn tlb_flush(bugs: BugSet, via_zap: bool) {
 
 #[test]
 fn loom_tlb_flush_direct() {
-    tlb_flush(BugSet::NONE, false);
+    tlb_flush(BugSet::NONE, Change::Flush);
 }
 
 #[test]
 fn loom_tlb_flush_by_zap() {
-    tlb_flush(BugSet::NONE, true);
+    tlb_flush(BugSet::NONE, Change::Zap);
 }
 
-/// The model has teeth: without the flush on zap, the vCPU keeps using the zapped leaf.
+#[test]
+fn loom_tlb_flush_by_delete() {
+    tlb_flush(BugSet::NONE, Change::Delete);
+}
+
+/// The model has teeth: without the flush on zap, the vCPU keeps reading a deleted slot's frame
+/// through its TLB after the delete returned.
 #[cfg(feature = "historical-bugs")]
 #[test]
 fn loom_tlb_flush_catches_no_tlb_flush_on_zap() {
     let bugs = BugSet::only(vmmu::bugs::Bug::NoTlbFlushOnZap);
-    let r = catch_unwind(AssertUnwindSafe(|| tlb_flush(bugs, true)));
+    let r = catch_unwind(AssertUnwindSafe(|| tlb_flush(bugs, Change::Delete)));
     let msg = match &r {
         Ok(()) => panic!("missed no-tlb-flush-on-zap"),
         Err(p) => p
