@@ -44,8 +44,11 @@ use loom_common::model;
 use loom::sync::atomic::AtomicBool;
 use loom::thread;
 use std::collections::BTreeSet;
+#[cfg(feature = "historical-bugs")]
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use vmmu::bugs::{Bug, BugSet};
+#[cfg(feature = "historical-bugs")]
+use vmmu::bugs::Bug;
+use vmmu::bugs::BugSet;
 use vmmu::fault::{EmulateSource, FaultOutcome, PfErr};
 use vmmu::guest::{GuestCpu, PagingMode};
 use vmmu::memslot::UserspaceMemoryRegion;

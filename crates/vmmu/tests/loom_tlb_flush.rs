@@ -21,6 +21,7 @@ use loom_common::model;
 
 use loom::sync::atomic::AtomicBool;
 use loom::thread;
+#[cfg(feature = "historical-bugs")]
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use vmmu::bugs::BugSet;
 use vmmu::fault::FaultOutcome;
