@@ -88,7 +88,7 @@ fn translate(v: &mut Vcpu<TestHost>, shadow: bool, addr: u64) -> Pfn {
 
 #[test]
 fn tdp_fault_vs_host_invalidation() {
-    const GPA: u64 = 0x1234_000;
+    const GPA: u64 = 0x0123_4000;
     model(|| {
         let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
         cfg.max_vcpus = 1;
