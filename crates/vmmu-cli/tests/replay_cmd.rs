@@ -451,6 +451,40 @@ fn a_bar_above_2_pow_46_replays_with_the_phys_bits_the_trace_needs() {
     assert_eq!(t["warnings"].as_array().map(Vec::len), Some(0));
 }
 
+#[test]
+fn a_vm_with_more_ram_than_phys_bits_addresses_replays_with_frames_on_demand() {
+    // `-m 70G` as QEMU pc-i440fx records it (3 GiB below the PCI hole, 67 GiB from 4 GiB up,
+    // one RAM block) and a read in the PCI hole. Pinned at 36 bits the machine has 64 GiB of
+    // frames: its buffers get frames on first translation, and the slot that ends above 2^36
+    // is refused as KVM would refuse it (the host could not be made before: "out of host
+    // frames"). At 37 bits everything fits.
+    let slot = |t: &str, id: u32, gpa: &str, size: &str, uaddr: &str| {
+        format!("{{\"t\":{t},\"op\":\"slot\",\"as\":0,\"id\":{id},\"flags\":[],\"gpa\":\"{gpa}\",\"size\":\"{size}\",\"uaddr\":\"{uaddr}\"}}\n")
+    };
+    let low = slot("0.000000", 0, "0x0", "0xc0000000", "0x7f87dfe00000");
+    let high = slot("0.000001", 1, "0x100000000", "0x10c0000000", "0x7f889fe00000");
+    let mmio = "{\"t\":0.000002,\"op\":\"mmio\",\"dir\":\"read\",\"gpa\":\"0xfebf0000\",\"len\":4,\"value\":\"0x0\",\"exit\":\"user\"}\n";
+    let p = temp_file("70g.trace.jsonl", &format!("{HEADER}{low}{high}{mmio}"));
+    let shown = p.display().to_string();
+    let (code, t) = replay_json(&shown, &["--format", "ept", "--phys-bits", "36"]);
+    assert_eq!(code, Some(1), "{t:#}");
+    assert_eq!(t["run_errors"].as_array().map(Vec::len), Some(0), "{t:#}");
+    let runs = t["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "ept-on and ept-off ran: {t:#}");
+    for r in runs {
+        assert_eq!(r["host_frames_on_demand"], true, "{r:#}");
+        assert_eq!(u(&r["slots"]["applied"]), 1, "{r:#}");
+        assert_eq!(u(&r["slots"]["refused"]), 1, "{r:#}");
+        assert_eq!(u(&r["mmio"]["classified_mmio"]), 1, "{r:#}");
+    }
+    let (code, t) = replay_json(&shown, &["--format", "ept", "--phys-bits", "37"]);
+    assert_eq!(code, Some(0), "{t:#}");
+    for r in t["runs"].as_array().unwrap() {
+        assert_eq!(r["host_frames_on_demand"], false, "{r:#}");
+        assert_eq!(u(&r["slots"]["refused"]), 0, "{r:#}");
+    }
+}
+
 /// Whether the KVM half can run here; says why not.
 fn kvm_usable() -> bool {
     match vmmu_kvm::probe() {

@@ -80,13 +80,15 @@ impl TraceMemory {
             .iter()
             .map(|(_, end, base)| (end - base).div_ceil(PAGE_SIZE) + SIZE_2M / PAGE_SIZE)
             .sum();
-        // Past the frame space (a VM of more than 1 TiB: the recording KVM took its slots),
-        // the buffers give their pages frames on first translation, as Linux backs a VMM's
-        // anonymous memory: a replay touches a few thousand pages, whatever the slots' sizes.
-        // Host pages are all 4 KiB then.
-        let lazy = pages > MAX_FRAME_TABLE - TABLE_FRAMES;
+        // Past the frame space (a VM of more than 1 TiB: the recording KVM took its slots; or
+        // more memory than `phys_bits` addresses: a 70 GiB VM on a 36-bit host), the buffers
+        // give their pages frames on first translation, as Linux backs a VMM's anonymous
+        // memory: a replay touches a few thousand pages, whatever the slots' sizes. Host pages
+        // are all 4 KiB then.
+        let frame_space = MAX_FRAME_TABLE.min(1u64 << (phys_bits.clamp(36, 52) - 12));
+        let lazy = pages > frame_space - TABLE_FRAMES;
         let host = Arc::new(SimHost::new(HostConfig {
-            max_frames: if lazy { MAX_FRAME_TABLE } else { pages + TABLE_FRAMES },
+            max_frames: if lazy { frame_space } else { pages + TABLE_FRAMES },
             lazy_frames: lazy,
             ..HostConfig::new(phys_bits)
         })?);
@@ -223,6 +225,29 @@ mod tests {
         let pa = m.host().translate(a, true).expect("backed").pfn;
         assert_eq!(m.host().translate(a, false).expect("again").pfn, pa, "a page keeps its frame");
         assert_ne!(m.host().translate(b, true).expect("backed").pfn, pa);
+    }
+
+    #[test]
+    fn a_vm_with_more_ram_than_a_small_maxphyaddr_addresses_gets_its_memory_page_by_page() {
+        // The `-m 70G` VM replayed with `--phys-bits 36`: 70 GiB of backing memory, more than
+        // the 64 GiB of frames a 36-bit host has (the frame table's cap is far above), so the
+        // pages get frames as they are translated. The host refused to be made before: "out of
+        // host frames: 17563648 more needed, 15985664 left".
+        let ram = 0x7f87_dfe0_0000;
+        let t = trace(vec![
+            slot(0, 0xc000_0000, ram),
+            slot(0x1_0000_0000, 0x10_c000_0000, ram + 0xc000_0000),
+            slot(0xfffc_0000, 0x4_0000, 0x7f99_6500_0000),
+        ]);
+        let m = TraceMemory::new(&t, 36).expect("a 70 GiB VM's memory on a 36-bit host");
+        assert!(m.frames_on_demand());
+        let top = m.hva(ram + 0x11_8000_0000 - PAGE_SIZE).expect("top of RAM");
+        for hva in [m.hva(ram).expect("low RAM"), top] {
+            let page = m.host().translate(Hva(hva), true).expect("backed");
+            assert!(m.host().ram_page(page.pfn).is_some(), "{hva:#x} has a frame");
+        }
+        // With a frame per page the same VM gets its frames up front.
+        assert!(!TraceMemory::new(&t, 37).expect("37 bits: 128 GiB of frames").frames_on_demand());
     }
 
     #[test]
