@@ -179,6 +179,9 @@ struct Cpu<'a> {
     /// guest (`None`: the guest runs without paging, GVA = GPA).
     shadow: Option<(GvaTlb, Option<IdentityTables>)>,
     host: &'a SimHost,
+    /// Under a TDP MMU: the guest-physical bits its tables translate, 48 with a 4-level root,
+    /// 57 with a 5-level one (the core's `VmConfig`: 5 levels above a 48-bit MAXPHYADDR).
+    tdp_gpa_bits: u32,
 }
 
 /// The replay's retry policy: [`Attempts`] with a limit of [`SEQUENTIAL_RETRY_LIMIT`].
@@ -234,6 +237,16 @@ impl Cpu<'_> {
             };
             hw.exit_guest();
             return r;
+        }
+        if gpa >> self.tdp_gpa_bits != 0 {
+            // The walk indexes bits below `tdp_gpa_bits` only: it would find the RAM at the
+            // address cut to them. No guest of this host forms such an address (its MAXPHYADDR
+            // is at most the host's): a trace replayed below the MAXPHYADDR it needs.
+            return Outcome::Error(format!(
+                "the TDP tables map nothing at guest-physical {gpa:#x} (they translate {} bits; \
+                 no guest of this host forms it)",
+                self.tdp_gpa_bits
+            ));
         }
         hw.enter_guest();
         let gpa = Gpa(gpa);
@@ -679,6 +692,7 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
             hw: Some(hw),
             shadow: guest.map(|(tables, _)| (GvaTlb::default(), tables)),
             host: memory.host(),
+            tdp_gpa_bits: if cfg.phys_bits > 48 { 57 } else { 48 },
         },
         mmu: &mmu,
         memory: &memory,
@@ -947,6 +961,25 @@ mod tests {
         assert_eq!(r.mmio.misclassified, 1);
         let seen = &r.mmio.first_misclassified[0].seen;
         assert!(seen.contains("maps nothing") && seen.contains("2^52"), "{seen}");
+    }
+
+    #[test]
+    fn a_recorded_access_above_the_tdp_tables_reach_is_no_ram_alias_of_low_memory() {
+        // A 52-bit guest's read at 2^48 + 0x100, replayed with --phys-bits 36: the 4-level walk
+        // cut it to 0x100 and the access read as the RAM of the slot at 0 ("RAM 0x0").
+        let text = format!("{HEADER}{}{}", slot("0x0", "0x100000"), mmio("0x1000000000100"));
+        let trace = parse(&text).expect("trace");
+        for format in [FormatKind::Ept, FormatKind::Npt] {
+            let cfg = ReplayConfig { phys_bits: 36, ..ReplayConfig::new(format, true) };
+            let r = replay(&trace, &cfg).expect("replay");
+            assert_eq!(r.mmio.misclassified, 1, "{}", cfg.name());
+            let seen = &r.mmio.first_misclassified[0].seen;
+            assert!(seen.contains("map nothing") && seen.contains("48 bits"), "{seen}");
+            // With the bits it needs, 5 levels: MMIO.
+            let cfg = ReplayConfig { phys_bits: 52, ..cfg };
+            let r = replay(&trace, &cfg).expect("replay");
+            assert_eq!((r.mmio.classified_mmio, r.mmio.misclassified), (1, 0), "{}", cfg.name());
+        }
     }
 
     #[test]
