@@ -280,6 +280,27 @@ fn writes_into_the_bios_rom_replay_as_read_only_slot_writes() {
     }
 }
 
+/// A real VM's BIOS flash (`scripts/regen-traces pflash`): QEMU maps a pflash device as a
+/// read-only slot while the flash is in array mode. The guest's CFI commands are writes to that
+/// read-only slot (emulated, six of them); each takes the flash out of array mode, so QEMU
+/// deletes the slot and the flash's reads that follow exit as MMIO, until the read-array command
+/// makes QEMU create the slot again: the same range read-only slot, no slot, read-only slot,
+/// six times over, with accesses checked in each state.
+#[test]
+fn a_flash_leaving_and_entering_array_mode_replays_cleanly() {
+    let file = repo("tests/traces/pflash-kvm.small.trace.jsonl");
+    let t = assert_clean(&file);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let flash = "\"gpa\":\"0xfffc0000\",\"size\":\"0x40000\"";
+    let created = text.matches(&format!("\"flags\":[\"readonly\"],{flash}")).count();
+    let deleted = text.matches("\"gpa\":\"0xfffc0000\",\"size\":\"0x0\"").count();
+    assert_eq!((created, deleted), (7, 6), "created at boot, then deleted and re-created 6 times");
+    assert!(text.contains("\"dir\":\"read\",\"gpa\":\"0xfffc0020\",\"len\":1,"), "CFI query read");
+    for r in t["runs"].as_array().unwrap() {
+        assert_eq!(u(&r["mmio"]["readonly_writes"]), 6, "{}: {:#}", r["config"], r["mmio"]);
+    }
+}
+
 #[test]
 fn hand_written_trace_covers_aliases_move_delete_and_rom_writes() {
     let t = assert_clean(&repo("tests/traces/hand-aliases-move-delete-rom.trace.jsonl"));
@@ -510,6 +531,7 @@ fn kvm_half_agrees_with_the_recordings_where_usable() {
         "linux-kvm.cut",
         "ivshmem-bar-kvm.small",
         "romwrite-kvm.small",
+        "pflash-kvm.small",
     ] {
         let file = repo(&format!("tests/traces/{f}.trace.jsonl"));
         let out = vmmu(&["replay", "--json", "--format", "ept", "--mmio-caching", "on", &file]);
