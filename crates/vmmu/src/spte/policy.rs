@@ -125,8 +125,8 @@ impl fmt::Display for DisabledReason {
             DisabledReason::UserDisabled => f.write_str("user disabled MMIO caching"),
             DisabledReason::NoReservedPaBit { phys_bits } => write!(
                 f,
-                "no reserved physical-address bit with MAXPHYADDR {phys_bits}: an NPT MMIO SPTE \
-                 could not fault with RSVD"
+                "no reserved physical-address bit with MAXPHYADDR {phys_bits}: an x86-format (NPT or shadow) MMIO \
+                 SPTE could not fault with RSVD"
             ),
             DisabledReason::NoReservedBitAboveCBit { c_bit, phys_bits } => write!(
                 f,
