@@ -384,6 +384,33 @@ mod tests {
     }
 
     #[test]
+    fn one_running_source_agrees_with_nothing_however_many_skip() {
+        // Two sources skip alike and one runs: the running one has nothing to be compared
+        // with, so the line says skipped, never equal.
+        let v = compare(&[
+            src("kvm", stream(1)),
+            src("sim-ept-on", skip("smm")),
+            src("sim-ept-off", skip("smm")),
+        ]);
+        let line = VerdictLine { path: "s", verdict: &v }.to_string();
+        assert!(line.starts_with("skipped s: fewer than two sources ran it (ran: kvm)"), "{line}");
+        // One source that skipped, the other unavailable: nothing compared.
+        let v = compare(&[
+            src("sim", skip("smm")),
+            src("kvm", Outcome::Unavailable("no /dev/kvm".into())),
+        ]);
+        let line = VerdictLine { path: "s", verdict: &v }.to_string();
+        assert!(line.starts_with("skipped s: fewer than two sources ran it (ran: )"), "{line}");
+        // No source at all: nothing compared either.
+        let v = compare(&[src("kvm", Outcome::Unavailable("no /dev/kvm".into()))]);
+        let line = VerdictLine { path: "s", verdict: &v }.to_string();
+        assert_eq!(
+            line,
+            "skipped s: fewer than two sources ran it (ran: ); unavailable: kvm: no /dev/kvm"
+        );
+    }
+
+    #[test]
     fn configurations_cover_formats_times_caching_unless_pinned() {
         let names: Vec<String> = machine_configurations(None).into_iter().map(|c| c.0).collect();
         assert_eq!(names, ["ept-on", "ept-off", "npt-on", "npt-off", "shadow-on", "shadow-off"]);
@@ -403,6 +430,9 @@ mod tests {
         assert_eq!(pinned_format(t, &parse(t).unwrap()), None);
         let t = "vm format=ept\n";
         assert_eq!(pinned_format(t, &parse(t).unwrap()), Some(Format::Ept));
+        // A scenario pinned to the shadow MMU is compared under the shadow MMU only.
+        let t = "vm format=shadow\n";
+        assert_eq!(pinned_format(t, &parse(t).unwrap()), Some(Format::Shadow));
     }
 
     /// A backend that reports a fixed `read` value, to check that [`Configured`] applies its
