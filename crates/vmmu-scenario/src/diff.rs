@@ -410,6 +410,43 @@ mod tests {
         );
     }
 
+    /// A backend that cannot start: `Unavailable` when `unavailable`, otherwise a failure.
+    struct NoStart {
+        unavailable: bool,
+    }
+    impl Backend for NoStart {
+        fn name(&self) -> &str {
+            "nostart"
+        }
+        fn start(&self, _: &Scenario) -> Result<Start, BackendError> {
+            Err(if self.unavailable {
+                BackendError::Unavailable("no /dev/kvm".into())
+            } else {
+                BackendError::Failed("cannot open the VM".into())
+            })
+        }
+    }
+
+    #[test]
+    fn a_backend_that_fails_to_start_fails_the_diff_and_an_unavailable_one_is_left_out() {
+        let s = parse("vm format=ept\n").unwrap();
+        let backends = |unavailable| -> Vec<(String, Box<dyn Backend>)> {
+            vec![
+                ("a".into(), Box::new(FormatEcho)),
+                ("b".into(), Box::new(FormatEcho)),
+                ("kvm".into(), Box::new(NoStart { unavailable })),
+            ]
+        };
+        let v = diff(&s, &backends(false), vec![]);
+        let line = VerdictLine { path: "s", verdict: &v }.to_string();
+        assert_eq!(line, "FAILED s: kvm: nostart backend could not start: cannot open the VM");
+        assert!(v.is_bad());
+        let v = diff(&s, &backends(true), vec![]);
+        let line = VerdictLine { path: "s", verdict: &v }.to_string();
+        assert_eq!(line, "equal  s (a, b; all skipped: ept-true)");
+        assert!(!v.is_bad());
+    }
+
     #[test]
     fn configurations_cover_formats_times_caching_unless_pinned() {
         let names: Vec<String> = machine_configurations(None).into_iter().map(|c| c.0).collect();
