@@ -513,6 +513,86 @@ mod tests {
         assert!(text.contains("refused line 5: clear-dirty-log as 0 id 0: EINVAL"), "{text}");
     }
 
+    /// The run's line of the text report: `sim-ept-on [ok]` or `sim-ept-on [FAIL]`.
+    fn run_line(run: RunReport) -> String {
+        let report = TraceReport { runs: vec![run], ..TraceReport::default() };
+        let text = report.text();
+        text.lines().find(|l| l.starts_with("  sim-")).expect("a run line").to_string()
+    }
+
+    #[test]
+    fn any_refusal_misclassification_or_violation_alone_fails_the_run() {
+        let run = || RunReport { config: "ept-on".into(), ..RunReport::default() };
+        assert!(run_line(run()).starts_with("  sim-ept-on [ok]"), "{}", run_line(run()));
+        let mut refused = run();
+        refused.slots.refused = 1;
+        let mut misclassified = run();
+        misclassified.mmio.misclassified = 1;
+        let mut violation = run();
+        violation.oracle.violations = 1;
+        let mut dirty = run();
+        dirty.dirty_log.refused = 1;
+        for (what, r) in [
+            ("a refused slot request", refused),
+            ("a misclassified MMIO access", misclassified),
+            ("an oracle violation", violation),
+            ("a refused dirty-log call", dirty),
+        ] {
+            assert!(!r.passed(), "{what} passed");
+            let line = run_line(r);
+            assert!(line.starts_with("  sim-ept-on [FAIL]"), "{what}: {line}");
+        }
+    }
+
+    /// The KVM line of the text report of a run on KVM.
+    fn kvm_line(kvm: KvmReport) -> String {
+        let report = TraceReport { kvm, ..TraceReport::default() };
+        let text = report.text();
+        text.lines().find(|l| l.starts_with("  kvm")).expect("a kvm line").to_string()
+    }
+
+    #[test]
+    fn any_refusal_or_non_mmio_exit_alone_fails_the_kvm_run_and_a_skipped_run_passes() {
+        let ran = || KvmReport { ran: true, method: "m".into(), ..KvmReport::default() };
+        assert!(kvm_line(ran()).starts_with("  kvm [ok]"), "{}", kvm_line(ran()));
+        let mut slot = ran();
+        slot.slots_refused = 1;
+        let mut dirty = ran();
+        dirty.dirty_log_refused = 1;
+        let mut not_mmio = ran();
+        not_mmio.mmio_not_mmio = 1;
+        for (what, k) in [
+            ("a refused slot request", slot),
+            ("a refused dirty-log call", dirty),
+            ("an access that was not MMIO", not_mmio),
+        ] {
+            assert!(!k.passed(), "{what} passed");
+            let line = kvm_line(k);
+            assert!(line.starts_with("  kvm [FAIL]"), "{what}: {line}");
+        }
+        let failed = KvmReport { error: Some("KVM_RUN: EFAULT".into()), ..ran() };
+        assert!(!failed.passed());
+        assert_eq!(kvm_line(failed), "  kvm [FAIL]: KVM_RUN: EFAULT");
+        let skipped = KvmReport { skipped: Some("no /dev/kvm".into()), ..KvmReport::default() };
+        assert!(skipped.passed());
+        assert_eq!(kvm_line(skipped), "  kvm: skipped: no /dev/kvm");
+    }
+
+    #[test]
+    fn latencies_are_shown_in_microseconds() {
+        let run = RunReport {
+            memslot_update: Latency::of(vec![1500, 2000, 250_000]),
+            ..RunReport::default()
+        };
+        let text = TraceReport { runs: vec![run], ..TraceReport::default() }.text();
+        assert!(
+            text.contains(
+                "memslot update latency: p50 2.0 us, p90 250.0 us, p99 250.0 us, max 250.0 us (3 updates)"
+            ),
+            "{text}"
+        );
+    }
+
     #[test]
     fn percentiles_by_nearest_rank() {
         let l = Latency::of((1..=100).collect());
