@@ -862,6 +862,92 @@ mod tests {
         phys_bits_for(&parse(&format!("{HEADER}{}", lines.concat())).expect("trace"))
     }
 
+    /// A `slot` line: address space `as_id`, slot `id`, `flags` (JSON strings), `gpa`, `size`,
+    /// `uaddr`.
+    fn slot_line(as_id: u16, id: u16, flags: &str, gpa: &str, size: &str, uaddr: &str) -> String {
+        format!("{{\"t\":0.000000,\"op\":\"slot\",\"as\":{as_id},\"id\":{id},\"flags\":[{flags}],\"gpa\":\"{gpa}\",\"size\":\"{size}\",\"uaddr\":\"{uaddr}\"}}\n")
+    }
+
+    /// An `mmio` line: `dir` (`read`, `write`), `gpa`, `len`, `value`, `exit` (`user`,
+    /// `kernel`).
+    fn mmio_line(dir: &str, gpa: &str, len: u32, value: &str, exit: &str) -> String {
+        format!("{{\"t\":0.000000,\"op\":\"mmio\",\"dir\":\"{dir}\",\"gpa\":\"{gpa}\",\"len\":{len},\"value\":\"{value}\",\"exit\":\"{exit}\"}}\n")
+    }
+
+    fn run(text: &str, cfg: ReplayConfig) -> RunReport {
+        replay(&parse(text).expect("trace"), &cfg).expect("replay")
+    }
+
+    /// The configurations a recorded MMIO access must be MMIO under.
+    fn every_mmu() -> [ReplayConfig; 3] {
+        [
+            ReplayConfig::new(FormatKind::Ept, true),
+            ReplayConfig::new(FormatKind::Npt, false),
+            ReplayConfig::shadow(true),
+        ]
+    }
+
+    #[test]
+    fn recorded_mmio_is_counted_by_exit_and_a_write_to_a_read_only_slot_is_an_emulated_write() {
+        let text = [
+            HEADER.to_string(),
+            slot_line(0, 0, "", "0x0", "0x100000", "0x7f0000000000"),
+            slot_line(0, 1, "\"readonly\"", "0x100000", "0x10000", "0x7f0000100000"),
+            mmio_line("read", "0xfee00030", 4, "0x14", "user"),
+            mmio_line("write", "0xfee000b0", 4, "0x0", "kernel"),
+            mmio_line("write", "0x100008", 4, "0x1", "user"),
+        ]
+        .concat();
+        for cfg in every_mmu() {
+            let r = run(&text, cfg);
+            assert!(r.passed(), "{}: {:?}", cfg.name(), r.mmio.first_misclassified);
+            let m = &r.mmio;
+            assert_eq!(
+                (m.events, m.exit_user, m.exit_kernel, m.classified_mmio, m.readonly_writes),
+                (3, 2, 1, 3, 1),
+                "{}",
+                cfg.name()
+            );
+            assert!(r.oracle.checked > 0, "{}: the replay's own accesses were checked", cfg.name());
+            // The MMIO latency histogram holds the accesses that ended as MMIO.
+            let timeline = r.timeline.as_ref().expect("timeline");
+            assert_eq!(timeline.mmio_latency.count, 3, "{}", cfg.name());
+        }
+    }
+
+    #[test]
+    fn a_recorded_access_that_reaches_ram_is_misclassified_and_fails_the_run() {
+        // 21 accesses into RAM: all counted, the first 20 kept, each with its line, direction
+        // and what the MMU did (RAM; a recorded access is never performed, so no value).
+        let mut text =
+            [HEADER.to_string(), slot_line(0, 0, "", "0x0", "0x100000", "0x7f0000000000")].concat();
+        text.push_str(&mmio_line("write", "0x1000", 4, "0x1234", "user"));
+        for i in 1..21u64 {
+            text.push_str(&mmio_line("read", &format!("{:#x}", 0x1000 + i * 8), 8, "0x0", "user"));
+        }
+        for cfg in every_mmu() {
+            let r = run(&text, cfg);
+            assert!(!r.passed(), "{}", cfg.name());
+            assert_eq!((r.mmio.misclassified, r.mmio.classified_mmio), (21, 0), "{}", cfg.name());
+            let kept = &r.mmio.first_misclassified;
+            assert_eq!(kept.len(), KEEP, "{}", cfg.name());
+            let first = Misclassified {
+                line: 3,
+                gpa: "0x1000".into(),
+                dir: "write".into(),
+                seen: "RAM 0x0".into(),
+            };
+            assert_eq!(kept[0], first, "{}", cfg.name());
+            assert_eq!((kept[1].line, kept[1].dir.as_str()), (4, "read"), "{}", cfg.name());
+            let report = super::super::report::TraceReport { runs: vec![r], ..Default::default() };
+            assert!(
+                report.text().contains("      line 3: write 0x1000: RAM 0x0"),
+                "{}",
+                report.text()
+            );
+        }
+    }
+
     #[test]
     fn phys_bits_cover_the_highest_slot_or_access() {
         assert_eq!(bits(&[]), DEFAULT_PHYS_BITS);
