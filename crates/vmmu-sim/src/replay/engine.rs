@@ -949,6 +949,23 @@ mod tests {
     }
 
     #[test]
+    fn every_refused_slot_request_is_counted_and_the_first_are_kept_with_their_line() {
+        // 21 slots above a 46-bit host's MAXPHYADDR: each refused (EINVAL), the first 20 kept.
+        let mut text = HEADER.to_string();
+        for id in 0..21u16 {
+            let gpa = format!("{:#x}", 0x7ff0_0000_0000u64 + u64::from(id) * 0x1_0000);
+            text.push_str(&slot_line(0, id, "", &gpa, "0x1000", "0x7f0000000000"));
+        }
+        let r = run(&text, ReplayConfig::new(FormatKind::Ept, true));
+        assert!(!r.passed());
+        assert_eq!((r.slots.requests, r.slots.applied, r.slots.refused), (21, 0, 21));
+        assert_eq!(r.slots.first_refusals.len(), KEEP);
+        let f = &r.slots.first_refusals[0];
+        assert_eq!((f.line, f.slot.as_str(), f.errno.as_str()), (2, "0/0", "EINVAL"));
+        assert_eq!(r.slots.first_refusals[19].slot, "0/19");
+    }
+
+    #[test]
     fn phys_bits_cover_the_highest_slot_or_access() {
         assert_eq!(bits(&[]), DEFAULT_PHYS_BITS);
         assert_eq!(bits(&[slot("0x0", "0x10000000"), mmio("0xfee00000")]), 46);
