@@ -966,6 +966,66 @@ mod tests {
     }
 
     #[test]
+    fn dirty_log_calls_are_applied_and_a_refused_one_fails_the_run() {
+        let get = |as_id: u16, id: u16| {
+            format!("{{\"t\":0.000000,\"op\":\"get-dirty-log\",\"as\":{as_id},\"id\":{id}}}\n")
+        };
+        let clear = |first: u64, n: u64| {
+            format!("{{\"t\":0.000000,\"op\":\"clear-dirty-log\",\"as\":0,\"id\":0,\"first_page\":{first},\"num_pages\":{n}}}\n")
+        };
+        let ok = [
+            HEADER.to_string(),
+            slot_line(0, 0, "\"dirty_log\"", "0x0", "0x100000", "0x7f0000000000"),
+            slot_line(0, 1, "", "0x200000", "0x10000", "0x7f0000200000"),
+            // The SMM twin of slot 0 has no dirty log: a GET there is no GET on slot 0.
+            slot_line(1, 0, "", "0x0", "0x100000", "0x7f0000000000"),
+            get(0, 0),
+            clear(0, 64),
+        ]
+        .concat();
+        for cfg in every_mmu() {
+            let r = run(&ok, cfg);
+            assert!(r.passed(), "{}: {:?}", cfg.name(), r.dirty_log.first_refusals);
+            let d = &r.dirty_log;
+            assert_eq!(
+                (d.get, d.clear, d.on_logged_slot, d.refused),
+                (1, 1, 2, 0),
+                "{}",
+                cfg.name()
+            );
+            assert!(d.pages > 0, "{}: the replay's own writes dirtied slot 0", cfg.name());
+        }
+        // A GET on a slot without dirty_log, one in SMM without it, a CLEAR of a misaligned
+        // range, then 18 GETs on a slot that does not exist: 21 refusals, the first 20 kept.
+        let mut bad = [ok.clone(), get(0, 1), get(1, 0), clear(1, 64)].concat();
+        for _ in 0..18 {
+            bad.push_str(&get(0, 9));
+        }
+        for cfg in every_mmu() {
+            let r = run(&bad, cfg);
+            assert!(!r.passed(), "{}", cfg.name());
+            let d = &r.dirty_log;
+            assert_eq!((d.get, d.clear, d.refused), (21, 2, 21), "{}", cfg.name());
+            assert_eq!(d.first_refusals.len(), KEEP, "{}", cfg.name());
+            assert!(
+                d.first_refusals[0].starts_with("line 7: get-dirty-log as 0 id 1: "),
+                "{:?}",
+                d.first_refusals
+            );
+            assert!(
+                d.first_refusals[1].starts_with("line 8: get-dirty-log as 1 id 0: "),
+                "{:?}",
+                d.first_refusals
+            );
+            assert!(
+                d.first_refusals[2].starts_with("line 9: clear-dirty-log as 0 id 0: EINVAL"),
+                "{:?}",
+                d.first_refusals
+            );
+        }
+    }
+
+    #[test]
     fn phys_bits_cover_the_highest_slot_or_access() {
         assert_eq!(bits(&[]), DEFAULT_PHYS_BITS);
         assert_eq!(bits(&[slot("0x0", "0x10000000"), mmio("0xfee00000")]), 46);
