@@ -909,6 +909,12 @@ mod tests {
                 cfg.name()
             );
             assert!(r.oracle.checked > 0, "{}: the replay's own accesses were checked", cfg.name());
+            // The run names its configuration and what it ran on.
+            assert_eq!(r.config, cfg.name());
+            assert_eq!(r.guest.is_some(), cfg.mmu == MmuKind::Shadow, "{}", cfg.name());
+            assert_eq!(r.mmio_caching_effective, cfg.mmio_caching, "{}", cfg.name());
+            assert!(!r.mmio_caching_reason.is_empty(), "{}", cfg.name());
+            assert!(r.host_buffers > 0 && r.host_bytes >= 0x110000, "{}", cfg.name());
             // The MMIO latency histogram holds the accesses that ended as MMIO.
             let timeline = r.timeline.as_ref().expect("timeline");
             assert_eq!(timeline.mmio_latency.count, 3, "{}", cfg.name());
