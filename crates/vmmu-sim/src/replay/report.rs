@@ -579,6 +579,20 @@ mod tests {
     }
 
     #[test]
+    fn the_first_line_gives_the_trace_verdict_and_a_run_error_is_a_fail_line() {
+        let failed = TraceReport {
+            file: "t.jsonl".into(),
+            run_errors: vec!["sim-npt-off: cannot replay: no memory".into()],
+            ..TraceReport::default()
+        };
+        let text = failed.text();
+        assert!(text.starts_with("FAIL t.jsonl\n"), "{text}");
+        assert!(text.contains("\n  [FAIL] sim-npt-off: cannot replay: no memory\n"), "{text}");
+        let passed = TraceReport { file: "t.jsonl".into(), passed: true, ..TraceReport::default() };
+        assert!(passed.text().starts_with("PASS t.jsonl\n"), "{}", passed.text());
+    }
+
+    #[test]
     fn latencies_are_shown_in_microseconds() {
         let run = RunReport {
             memslot_update: Latency::of(vec![1500, 2000, 250_000]),
