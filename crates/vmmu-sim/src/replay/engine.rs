@@ -909,6 +909,7 @@ mod tests {
                 cfg.name()
             );
             assert!(r.oracle.checked > 0, "{}: the replay's own accesses were checked", cfg.name());
+            assert_eq!(r.events_applied, 5, "{}: every event applied or checked", cfg.name());
             // The run names its configuration and what it ran on.
             assert_eq!(r.config, cfg.name());
             assert_eq!(r.guest.is_some(), cfg.mmu == MmuKind::Shadow, "{}", cfg.name());
