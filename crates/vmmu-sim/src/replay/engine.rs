@@ -956,6 +956,24 @@ mod tests {
     }
 
     #[test]
+    fn the_replays_own_accesses_read_every_alias_of_the_page_they_wrote() {
+        // Two slots on the same host range: every probe of one reads the word back through
+        // the other, and the report counts those reads.
+        let text = [
+            HEADER.to_string(),
+            slot_line(0, 0, "", "0x0", "0x10000", "0x7f0000000000"),
+            slot_line(0, 1, "", "0x100000", "0x10000", "0x7f0000000000"),
+        ]
+        .concat();
+        for cfg in every_mmu() {
+            let r = run(&text, cfg);
+            assert!(r.passed(), "{}: {:?}", cfg.name(), r.oracle.first_violations);
+            let o = &r.own_accesses;
+            assert!(o.alias_reads > 0 && o.alias_reads <= o.reads, "{}: {o:?}", cfg.name());
+        }
+    }
+
+    #[test]
     fn every_refused_slot_request_is_counted_and_the_first_are_kept_with_their_line() {
         // 21 slots above a 46-bit host's MAXPHYADDR: each refused (EINVAL), the first 20 kept.
         let mut text = HEADER.to_string();
