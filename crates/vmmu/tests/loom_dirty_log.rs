@@ -20,8 +20,6 @@ use loom_common::model;
 
 use loom::sync::atomic::AtomicBool;
 use loom::thread;
-#[cfg(feature = "historical-bugs")]
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use vmmu::bugs::BugSet;
 use vmmu::fault::FaultOutcome;
 use vmmu::memslot::{UserspaceMemoryRegion, KVM_MEM_LOG_DIRTY_PAGES};
@@ -113,14 +111,5 @@ fn loom_dirty_log_get_flushes_before_it_returns() {
 #[test]
 fn loom_dirty_log_catches_dirty_log_no_flush() {
     let bugs = BugSet::only(vmmu::bugs::Bug::DirtyLogNoFlush);
-    let r = catch_unwind(AssertUnwindSafe(|| dirty_log(bugs)));
-    let msg = match &r {
-        Ok(()) => panic!("missed dirty-log-no-flush"),
-        Err(p) => p
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_default(),
-    };
-    assert!(msg.contains("VIOLATION"), "failed for another reason: {msg}");
+    assert!(loom_common::violation(|| dirty_log(bugs)), "missed dirty-log-no-flush");
 }

@@ -9,6 +9,8 @@
 //! `--features historical-bugs`, the create model must catch `NoSecondIncrement` (ee3d1570b586).
 #![cfg(loom)]
 
+mod loom_common;
+
 use loom::sync::Arc;
 use loom::thread;
 use vmmu::bugs::BugSet;
@@ -116,14 +118,6 @@ fn delete_reader_never_mixes_sets() {
 #[test]
 fn create_model_catches_no_second_increment() {
     use vmmu::bugs::Bug;
-    let caught = std::panic::catch_unwind(|| create_model(BugSet::only(Bug::NoSecondIncrement)));
-    let msg = match &caught {
-        Ok(()) => panic!("the model missed Bug::NoSecondIncrement"),
-        Err(p) => p
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_default(),
-    };
-    assert!(msg.contains("VIOLATION"), "failed for another reason: {msg}");
+    let caught = loom_common::violation(|| create_model(BugSet::only(Bug::NoSecondIncrement)));
+    assert!(caught, "the model missed Bug::NoSecondIncrement");
 }

@@ -22,7 +22,7 @@ use loom_common::model;
 
 use loom::sync::atomic::AtomicBool;
 use loom::thread;
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::catch_unwind;
 use vmmu::bugs::BugSet;
 use vmmu::fault::{EmulateSource, FaultOutcome};
 use vmmu::memslot::UserspaceMemoryRegion;
@@ -92,21 +92,7 @@ fn vcpu(vm: &Vm<TestHost>) -> Vcpu<TestHost> {
 /// that cannot run, loom's own limits) are re-raised, so they cannot pass for a catch.
 #[allow(dead_code)]
 fn violation(m: fn(BugSet), bugs: BugSet) -> bool {
-    match catch_unwind(AssertUnwindSafe(|| m(bugs))) {
-        Ok(()) => false,
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            if msg.contains("VIOLATION") {
-                true
-            } else {
-                std::panic::resume_unwind(p)
-            }
-        }
-    }
+    loom_common::violation(|| m(bugs))
 }
 
 /// What one guest access ended as.
@@ -342,24 +328,30 @@ fn leaf_cache_vs_zap_catches_leaf_cache_ignores_epoch() {
 const STABLE_TARGET: u64 = X + vmmu::vcpu::mmio_cache::ENTRIES as u64;
 const STABLE_REUSER: u64 = STABLE_TARGET + 512;
 
+/// The set-up of the models that race a leaf-table cache hit: vCPU `v` gets MMIO SPTEs for X and
+/// its neighbours up to [`STABLE_TARGET`], one more than the per-vCPU cache holds (as in
+/// `misconfig_vs_zap`), then X's fast path, which keeps the level-1 table in the leaf-table cache
+/// and takes the target's per-vCPU cache entry back to X, so the target's fault needs the hit.
+/// Returns `v` and a second vCPU.
+fn leaf_cache_warm(vm: &Vm<TestHost>) -> (Vcpu<TestHost>, Vcpu<TestHost>) {
+    let mut v = vcpu(vm);
+    let other = vcpu(vm);
+    for g in X..=STABLE_TARGET {
+        let o = v.handle_ept_violation(gpa(g), FaultAccess::READ).unwrap();
+        assert!(matches!(o, FaultOutcome::Emulate { .. }), "setup: {o:?}");
+    }
+    let o = v.handle_ept_misconfig(gpa(X)).unwrap();
+    assert!(
+        matches!(o, FaultOutcome::Emulate { source: EmulateSource::MmioSpteHit, .. }),
+        "setup: {o:?}"
+    );
+    (v, other)
+}
+
 fn type_stable_hit_vs_zap_and_reuse(bugs: BugSet) {
     model(move || {
         let (vm, _host) = vm_on(bugs, TestHost::new_type_stable(8), 2, 0);
-        let mut v = vcpu(&vm);
-        let mut other = vcpu(&vm);
-        for g in X..=STABLE_TARGET {
-            // As in `misconfig_vs_zap`: MMIO SPTEs for X and its neighbours, one more than the
-            // per-vCPU cache holds.
-            let o = v.handle_ept_violation(gpa(g), FaultAccess::READ).unwrap();
-            assert!(matches!(o, FaultOutcome::Emulate { .. }), "setup: {o:?}");
-        }
-        // X's fast path keeps the level-1 table in the leaf-table cache; the target's entry of
-        // the per-vCPU cache goes back to X, so the target's fault below needs the hit.
-        let o = v.handle_ept_misconfig(gpa(X)).unwrap();
-        assert!(
-            matches!(o, FaultOutcome::Emulate { source: EmulateSource::MmioSpteHit, .. }),
-            "setup: {o:?}"
-        );
+        let (mut v, mut other) = leaf_cache_warm(&vm);
         let t = thread::spawn(move || {
             let o = v.handle_ept_misconfig(gpa(STABLE_TARGET));
             (v, o)
@@ -441,21 +433,7 @@ fn leaf_cache_hit_vs_reuse_over_new_ram(bugs: BugSet, type_stable: bool) {
     model(move || {
         let host = if type_stable { TestHost::new_type_stable(8) } else { TestHost::new(8) };
         let (vm, _host) = vm_on(bugs, host, 2, 0);
-        let mut v = vcpu(&vm);
-        let mut other = vcpu(&vm);
-        for g in X..=STABLE_TARGET {
-            // As in `misconfig_vs_zap`: MMIO SPTEs for X and its neighbours, one more than the
-            // per-vCPU cache holds.
-            let o = v.handle_ept_violation(gpa(g), FaultAccess::READ).unwrap();
-            assert!(matches!(o, FaultOutcome::Emulate { .. }), "setup: {o:?}");
-        }
-        // X's fast path keeps the level-1 table in the leaf-table cache; the target's entry of
-        // the per-vCPU cache goes back to X, so the target's fault below needs the hit.
-        let o = v.handle_ept_misconfig(gpa(X)).unwrap();
-        assert!(
-            matches!(o, FaultOutcome::Emulate { source: EmulateSource::MmioSpteHit, .. }),
-            "setup: {o:?}"
-        );
+        let (mut v, mut other) = leaf_cache_warm(&vm);
         let created = Arc::new(AtomicBool::new(false));
         let t = {
             let created = created.clone();

@@ -45,8 +45,6 @@ use loom::sync::atomic::AtomicBool;
 use loom::thread;
 use std::collections::BTreeSet;
 #[cfg(feature = "historical-bugs")]
-use std::panic::{catch_unwind, AssertUnwindSafe};
-#[cfg(feature = "historical-bugs")]
 use vmmu::bugs::Bug;
 use vmmu::bugs::BugSet;
 use vmmu::fault::{EmulateSource, FaultOutcome, PfErr};
@@ -387,16 +385,10 @@ fn gva_cache_vs_slot_create_holds() {
 /// Runs `m` with one bug and asserts that loom finds a violation (not another failure).
 #[cfg(feature = "historical-bugs")]
 fn assert_caught(bug: Bug, m: impl FnOnce(BugSet) -> Coverage) {
-    let r = catch_unwind(AssertUnwindSafe(|| m(BugSet::only(bug))));
-    let msg = match &r {
-        Ok(_) => panic!("the model missed {}", bug.name()),
-        Err(p) => p
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_default(),
-    };
-    assert!(msg.contains("VIOLATION"), "{} failed for another reason: {msg}", bug.name());
+    let caught = loom_common::violation(|| {
+        m(BugSet::only(bug));
+    });
+    assert!(caught, "the model missed {}", bug.name());
 }
 
 /// Model 1 has teeth: a zapped entry reported as a misconfiguration is an error outcome.

@@ -1,5 +1,6 @@
 //! What the loom models share: the model builder with room for the tables' 512-entry loops and
-//! a default preemption bound of 2 (`LOOM_MAX_PREEMPTIONS` overrides it).
+//! a default preemption bound of 2 (`LOOM_MAX_PREEMPTIONS` overrides it), and the check that a
+//! model caught a bug by its property (a panic whose message says `VIOLATION`).
 #![allow(dead_code)]
 
 /// Runs `f` under loom with the models' bounds.
@@ -10,4 +11,25 @@ pub fn model(f: impl Fn() + Sync + Send + 'static) {
         b.preemption_bound = Some(2);
     }
     b.check(f);
+}
+
+/// Whether `f` panicked with a model's property violation (a message containing `VIOLATION`).
+/// Any other panic (a setup assertion, a failed ioctl-like call) is passed on, so a model that
+/// fails for another reason never counts as a catch.
+pub fn violation(f: impl FnOnce()) -> bool {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(()) => false,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            if msg.contains("VIOLATION") {
+                true
+            } else {
+                std::panic::resume_unwind(p)
+            }
+        }
+    }
 }
