@@ -301,6 +301,27 @@ fn a_flash_leaving_and_entering_array_mode_replays_cleanly() {
     }
 }
 
+/// The flash of `pflash` toggled in a loop while QEMU migrates (`scripts/regen-traces
+/// pflashmig`): the flash's read-only slot is deleted and re-created over a hundred times, once
+/// with `dirty_log` and `readonly` together while logging is on for the migration (KVM accepts
+/// the pair, and no guest write can dirty such a slot), among the flags-only changes and
+/// dirty-log calls of the migration itself.
+#[test]
+fn a_flash_toggled_during_a_migration_replays_cleanly() {
+    let file = repo("tests/traces/pflashmig-kvm.small.trace.jsonl");
+    let t = assert_clean(&file);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let logged_rom = "\"flags\":[\"dirty_log\",\"readonly\"],\"gpa\":\"0xfffc0000\"";
+    assert!(text.contains(logged_rom), "the flash re-created while logging is on");
+    assert!(u(&t["events"]["slot"]) > 300, "{:#}", t["events"]);
+    for r in t["runs"].as_array().unwrap() {
+        let (s, d) = (&r["slots"], &r["dirty_log"]);
+        assert!(u(&s["deletes"]) > 100 && u(&s["flags_only"]) >= 16, "{}: {s:#}", r["config"]);
+        assert_eq!(u(&d["get"]) + u(&d["clear"]), u(&d["on_logged_slot"]), "{d:#}");
+        assert!(u(&r["mmio"]["readonly_writes"]) > 100, "{:#}", r["mmio"]);
+    }
+}
+
 #[test]
 fn hand_written_trace_covers_aliases_move_delete_and_rom_writes() {
     let t = assert_clean(&repo("tests/traces/hand-aliases-move-delete-rom.trace.jsonl"));
@@ -532,6 +553,7 @@ fn kvm_half_agrees_with_the_recordings_where_usable() {
         "ivshmem-bar-kvm.small",
         "romwrite-kvm.small",
         "pflash-kvm.small",
+        "pflashmig-kvm.small",
     ] {
         let file = repo(&format!("tests/traces/{f}.trace.jsonl"));
         let out = vmmu(&["replay", "--json", "--format", "ept", "--mmio-caching", "on", &file]);
