@@ -180,7 +180,8 @@ struct Cpu<'a> {
     shadow: Option<(GvaTlb, Option<IdentityTables>)>,
     host: &'a SimHost,
     /// Under a TDP MMU: the guest-physical bits its tables translate, 48 with a 4-level root,
-    /// 57 with a 5-level one (the core's `VmConfig`: 5 levels above a 48-bit MAXPHYADDR).
+    /// 57 with a 5-level one (read from the VM's TDP configuration, which picks 5 levels above a
+    /// 48-bit MAXPHYADDR).
     tdp_gpa_bits: u32,
 }
 
@@ -692,7 +693,8 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
             hw: Some(hw),
             shadow: guest.map(|(tables, _)| (GvaTlb::default(), tables)),
             host: memory.host(),
-            tdp_gpa_bits: if cfg.phys_bits > 48 { 57 } else { 48 },
+            // A root's 512 entries cover 9 bits above those of one of its entries.
+            tdp_gpa_bits: mmu.vm().mmu().config().root_level.shift() + 9,
         },
         mmu: &mmu,
         memory: &memory,
