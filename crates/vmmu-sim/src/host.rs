@@ -46,6 +46,13 @@ const PAGES_PER_2M: u64 = SIZE_2M / PAGE_SIZE;
 /// about 18 million entries (147 MB).
 pub const MAX_FRAME_TABLE: u64 = 1 << 28;
 
+/// The most frames a host with MAXPHYADDR `phys_bits` can hand out: every pfn is below
+/// `2^(phys_bits - 12)`, and the table holds at most [`MAX_FRAME_TABLE`]. `phys_bits` outside
+/// 36..=52 (which [`SimHost::new`] refuses) counts as the nearest valid value.
+pub fn frame_space(phys_bits: u8) -> u64 {
+    MAX_FRAME_TABLE.min(1u64 << (phys_bits.clamp(36, 52) - 12))
+}
+
 /// Kind tags in the low bits of a frame-table entry (host pointers are page aligned).
 const KIND_RAM: usize = 1;
 const KIND_TABLE: usize = 2;
@@ -439,8 +446,7 @@ impl SimHost {
         if !(36..=52).contains(&config.phys_bits) {
             return Err(HostError::PhysBits(config.phys_bits));
         }
-        let capacity =
-            config.max_frames.min(1u64 << (config.phys_bits - 12)).clamp(2, MAX_FRAME_TABLE);
+        let capacity = config.max_frames.min(frame_space(config.phys_bits)).max(2);
         let len = usize::try_from(capacity).map_err(|_| HostError::AllocFailed(capacity))?;
         // `vec![0; n]` allocates zeroed memory, which the system hands out lazily, so a large
         // table costs little until used.

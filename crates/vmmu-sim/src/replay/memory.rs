@@ -9,7 +9,7 @@
 //! recording host.
 
 use super::parse::{EventKind, Trace};
-use crate::host::{HostBuffer, HostConfig, HostError, SimHost, MAX_FRAME_TABLE, SIZE_2M};
+use crate::host::{frame_space, HostBuffer, HostConfig, HostError, SimHost, SIZE_2M};
 use std::sync::Arc;
 use vmmu::types::PAGE_SIZE;
 
@@ -85,7 +85,7 @@ impl TraceMemory {
         // give their pages frames on first translation, as Linux backs a VMM's anonymous
         // memory: a replay touches a few thousand pages, whatever the slots' sizes. Host pages
         // are all 4 KiB then.
-        let frame_space = MAX_FRAME_TABLE.min(1u64 << (phys_bits.clamp(36, 52) - 12));
+        let frame_space = frame_space(phys_bits);
         let lazy = pages > frame_space - TABLE_FRAMES;
         let host = Arc::new(SimHost::new(HostConfig {
             max_frames: if lazy { frame_space } else { pages + TABLE_FRAMES },
