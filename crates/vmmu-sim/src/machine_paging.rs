@@ -487,12 +487,17 @@ impl VcpuPaging {
         let cell = RefCell::new(hw);
         let mem = TwoDimensional { hw: &cell };
         let access = FaultAccess { write, exec: false, user: true };
-        match vmmu::guest::walk(&self.cpu, &mem, Gva(gva), access) {
-            Ok(w) => Ok((w.gpa, w.pte_access)),
-            Err(WalkError::PageFault(pf)) => {
-                Err(Observed::GuestPageFault { error: pf.error_code.0 })
-            }
-            Err(e) => Err(Observed::Error(e.to_string())),
+        loop {
+            return match vmmu::guest::walk(&self.cpu, &mem, Gva(gva), access) {
+                Ok(w) => Ok((w.gpa, w.pte_access)),
+                Err(WalkError::PageFault(pf)) => {
+                    Err(Observed::GuestPageFault { error: pf.error_code.0 })
+                }
+                // Another vCPU kept rewriting the gPTEs under the A/D update: the hardware
+                // walks again.
+                Err(WalkError::Contended(_)) => continue,
+                Err(e) => Err(Observed::Error(e.to_string())),
+            };
         }
     }
 

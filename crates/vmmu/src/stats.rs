@@ -21,7 +21,8 @@ pub enum RetryCause {
     InvalidSlot = 3,
     /// A host invalidation is in flight for the gfn, or happened since the fault began (§4 (c)).
     HostInvalidation = 4,
-    /// Another thread changed the entry first (the compare-and-swap failed).
+    /// Another thread changed the entry first (the compare-and-swap failed), or, under shadow
+    /// paging, kept changing the guest's gPTEs under the walk's accessed/dirty update.
     Race = 5,
     /// The lockless walk found a non-MMIO, non-present entry: zapped under the walk (2011 rule).
     ZappedUnderWalk = 6,

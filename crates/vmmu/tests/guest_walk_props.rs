@@ -482,6 +482,9 @@ fn check(c: &Case) -> Result<Vec<Kind>, TestCaseError> {
             prop_assert_eq!(f.addr, Gva(gva));
             Expect::Fault(f.error_code.0)
         }
+        Err(WalkError::Contended(a)) => {
+            return Err(TestCaseError::fail(format!("no racer here, yet the walk of {a} gave up")))
+        }
         Ok(w) => {
             prop_assert_eq!(w.gfn.0, w.gpa.0 >> 12);
             let top = if c.pae { 3 } else { 4 };

@@ -21,9 +21,12 @@
 //!   [`WalkError::NonCanonical`] ([`gva_reachable`]):
 //!   on hardware that is #GP before any walk; KVM's walker never sees one (the exit or the
 //!   emulator has checked), a library caller might;
-//! - a walk that loses the A/D `cmpxchg` race [`MAX_RESTARTS`] times in a row returns its latest
-//!   attempt (a valid translation, possibly without the A/D bits set) instead of looping forever
-//!   as KVM does: a guest that rewrites a gPTE in a tight loop cannot livelock the caller;
+//! - a walk that loses the A/D `cmpxchg` race [`MAX_RESTARTS`] times in a row gives up with
+//!   [`WalkError::Contended`] instead of looping forever as KVM does: a guest that rewrites a gPTE
+//!   in a tight loop cannot livelock the caller, which re-runs the access (the shadow MMU answers
+//!   `Retry`: the vCPU re-enters the guest and faults again). It never returns a translation
+//!   whose A/D bits are not in guest memory: a writable mapping of a gPTE whose D bit is clear
+//!   would let the guest write a page its OS believes clean;
 //! - PAE: KVM's walker starts at level 2 (`walker.max_level` = 2); here the PDPTE is reported at
 //!   index 2 of the per-level arrays and `max_level` is 3 (its A bit is never set: bit 5 of a
 //!   PDPTE is reserved);
@@ -59,7 +62,7 @@ pub enum GpteWriteError {
     Unreadable,
 }
 
-/// Lost A/D `cmpxchg` races after which [`walk`] returns its latest attempt.
+/// Lost A/D `cmpxchg` races after which [`walk`] gives up with [`WalkError::Contended`].
 pub const MAX_RESTARTS: u32 = 16;
 
 /// A successful walk (KVM's `struct guest_walker`). Per-level arrays are indexed `level - 1`;
@@ -115,6 +118,11 @@ pub enum WalkError {
     /// architecturally #GP, never a #PF.
     #[error("non-canonical guest address {0}")]
     NonCanonical(Gva),
+    /// The accessed/dirty update lost [`MAX_RESTARTS`] races in a row (another vCPU kept
+    /// rewriting the gPTEs): nothing was decided and guest memory lacks the A/D bits this access
+    /// needs. Re-run the access, as hardware re-walks; the shadow MMU answers `Retry`.
+    #[error("guest page tables at {0} kept changing under the walk; re-run the access")]
+    Contended(Gva),
 }
 
 /// Walks the guest's tables for an `access` to `gva` (see the module doc for the rules).
@@ -181,7 +189,7 @@ pub fn walk(
             AdOutcome::Raced => {
                 restarts += 1;
                 if restarts >= MAX_RESTARTS {
-                    return Ok(w);
+                    return Err(WalkError::Contended(gva));
                 }
             }
         }
@@ -669,16 +677,27 @@ mod tests {
     }
 
     #[test]
-    fn restarts_are_bounded_and_return_the_latest_walk() {
-        let m = tables([P | RW | US, UPPER, UPPER, UPPER]);
+    fn restarts_are_bounded_and_never_return_a_walk_without_its_accessed_dirty_bits() {
         // A racer that flips a software-available bit (9) before each of our cmpxchgs.
-        for i in 0..2 * u64::from(MAX_RESTARTS) {
+        for access in [R, W] {
+            let m = tables([P | RW | US, UPPER, UPPER, UPPER]);
+            for i in 0..2 * u64::from(MAX_RESTARTS) {
+                m.race_next_cmpxchg(slot(1), PAGE | P | RW | US | ((1 - i % 2) << 9));
+            }
+            // Returning the last attempt gave a write the rights W with D clear in guest memory:
+            // the shadow MMU mapped the page writable and the guest's OS saw it clean.
+            assert_eq!(walk(&cpu(), &m, GVA, access), Err(WalkError::Contended(GVA)));
+            assert_eq!(m.cmpxchg_calls(), u64::from(MAX_RESTARTS));
+            assert_eq!(m.read(slot(1)).map(|e| e & (A | D)), Some(0), "the racer won every time");
+        }
+        // One race fewer and the walk completes, with the bits in memory.
+        let m = tables([P | RW | US, UPPER, UPPER, UPPER]);
+        for i in 0..u64::from(MAX_RESTARTS) - 1 {
             m.race_next_cmpxchg(slot(1), PAGE | P | RW | US | ((1 - i % 2) << 9));
         }
-        let w = walk(&cpu(), &m, GVA, R).expect("walk");
-        assert_eq!(m.cmpxchg_calls(), u64::from(MAX_RESTARTS));
-        assert_eq!(w.gpa, Gpa(PAGE | 0x123));
-        assert_eq!(w.ptes[0] & A, 0, "the A bit could not be set");
+        let w = walk(&cpu(), &m, GVA, W).expect("walk");
+        assert_eq!(w.ptes[0] & (A | D), A | D);
+        assert_eq!(m.read(slot(1)).map(|e| e & (A | D)), Some(A | D));
     }
 
     #[test]

@@ -501,6 +501,9 @@ impl<H: Host + GuestMemory> Vcpu<H> {
         let walk = match guest::walk(&cpu, &mem, gva, access) {
             Ok(w) => w,
             Err(WalkError::NonCanonical(a)) => return Err(FaultError::NonCanonical(a)),
+            // Another vCPU kept rewriting the gPTEs under the A/D update: nothing decided, the
+            // vCPU re-enters the guest and faults again (KVM loops in `retry_walk` instead).
+            Err(WalkError::Contended(_)) => return Ok(retry(stats, RetryCause::Race)),
             Err(WalkError::PageFault(pf)) => {
                 // KVM `kvm_inject_emulated_page_fault`: a protection fault invalidates the
                 // address in the current root (`kvm_mmu_invalidate_addr`), which since v6.4
