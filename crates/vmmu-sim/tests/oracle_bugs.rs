@@ -16,8 +16,7 @@ use vmmu_sim::machine::{Machine, MachineConfig};
 use vmmu_sim::{RealMmu, RealMmuConfig, Report};
 
 fn violations(bug: Bug, format: FormatKind) -> u64 {
-    let report =
-        common::run_real(format, true, BugSet::only(bug), 3, Duration::from_millis(1500), 40);
+    let report = common::run_real(format, true, BugSet::only(bug), 3, 3_000_000, 40);
     report.oracle.violations + report.vcpus.iter().map(|v| v.errors).sum::<u64>()
 }
 

@@ -4,19 +4,11 @@
 
 mod common;
 
-use std::time::Duration;
 use vmmu::spte::FormatKind;
 
 fn run(format: FormatKind, caching: bool) {
     let name = if format == FormatKind::Ept { "ept" } else { "npt" };
-    let report = common::run_real(
-        format,
-        caching,
-        vmmu::bugs::BugSet::NONE,
-        7,
-        Duration::from_millis(1000),
-        30,
-    );
+    let report = common::run_real(format, caching, vmmu::bugs::BugSet::NONE, 7, 1_000_000, 30);
     let ctx = format!("{name} caching={caching}\n{report:#?}");
     eprintln!("{ctx}");
     assert_eq!(report.oracle.violations, 0, "{ctx}");
