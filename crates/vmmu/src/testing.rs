@@ -73,6 +73,9 @@ pub struct TestHost {
     written: Mutex<alloc::collections::BTreeSet<u64>>,
     /// [`FrameAllocator::type_stable_tables`]: see [`TestHost::new_type_stable`].
     type_stable: bool,
+    /// Words whose next compare-and-swaps lose to a racing writer: (hva, swaps left), see
+    /// [`TestHost::race_cmpxchgs`].
+    racers: Mutex<Vec<(u64, u32)>>,
 }
 
 impl TestHost {
@@ -96,6 +99,7 @@ impl TestHost {
             zero_page_reads: AtomicBool::new(false),
             written: Mutex::new(alloc::collections::BTreeSet::new()),
             type_stable: false,
+            racers: Mutex::new(Vec::new()),
         }
     }
 
@@ -135,6 +139,14 @@ impl TestHost {
     pub fn write_u64(&self, hva: u64, value: u64) {
         assert!(hva % 8 == 0 && self.is_mapped(hva), "write of unmapped or unaligned {hva:#x}");
         self.words.lock().insert(hva, value);
+    }
+
+    /// The next `n` compare-and-swaps of the word at `hva` ([`crate::host::GuestMemory`]) lose
+    /// to another vCPU: each finds the word changed by a write of its bit 9 (flipped; in a gPTE
+    /// a bit the hardware ignores) and fails, as a guest rewriting that gPTE in a loop makes an
+    /// accessed/dirty update fail.
+    pub fn race_cmpxchgs(&self, hva: u64, n: u32) {
+        self.racers.lock().push((hva & !7, n));
     }
 
     fn is_mapped(&self, hva: u64) -> bool {
@@ -259,6 +271,12 @@ impl crate::host::GuestMemory for TestHost {
         }
         let mut words = self.words.lock();
         let w = words.entry(hva.raw() & !7).or_insert(0);
+        let mut racers = self.racers.lock();
+        if let Some(r) = racers.iter_mut().find(|r| r.0 == hva.raw() & !7 && r.1 > 0) {
+            r.1 -= 1;
+            *w ^= 1 << 9;
+        }
+        drop(racers);
         if *w != old {
             return Ok(false);
         }

@@ -1516,3 +1516,40 @@ fn a_fault_fixed_meanwhile_counts_as_spurious() {
     assert_eq!((v1.stats.pf_spurious, v1.stats.pf_fixed), (1, 0));
     assert_eq!(access(&mut v1, A, false), Seen::Ram(ram_pfn(0x20_0000)));
 }
+
+/// Another vCPU rewrites the gPTE in a loop (toggling a bit the hardware ignores), so the
+/// walk's dirty-bit update loses every race. The fault must not map the page from a walk whose D
+/// bit never reached guest memory: a writable shadow leaf over a clean gPTE lets the guest write
+/// a page its OS believes clean (and would drop rather than write back). Returning the last
+/// attempt was not saved by the fault's re-check of the gPTEs (`gptes_changed`): one more toggle
+/// before it (the table is not shadowed yet, so the guest writes it freely) makes memory equal
+/// the attempt's read again. The fault answers Retry; once the racer stops, the write maps the
+/// page and the gPTE is dirty.
+/// Kills `guest/walk.rs`: giving up after `MAX_RESTARTS` lost races by returning the last attempt.
+#[test]
+fn a_write_whose_dirty_bit_keeps_losing_its_race_is_retried_not_mapped_writable() {
+    const D: u64 = 1 << 6;
+    const ACCESSED: u64 = 1 << 5;
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let at = s.map4k(A, 0x20_0000, P | RW | US | ACCESSED);
+    host.race_cmpxchgs(RAM_HVA + at, vmmu::guest::MAX_RESTARTS);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    v.service_requests().unwrap();
+    let racer = host.clone();
+    vmmu::testing::preempt::on_this_thread(Some(Box::new(move |_| {
+        let now = vmmu::host::GuestMemory::read_u64(&*racer, vmmu::Hva(RAM_HVA + at)).unwrap();
+        racer.write_u64(RAM_HVA + at, now ^ (1 << 9));
+    })));
+    let out = v.handle_page_fault(Gva(A), PfErr(PfErr::WRITE | PfErr::USER));
+    vmmu::testing::preempt::on_this_thread(None);
+    assert_eq!(s.read(at) & D, 0, "the racer won every time");
+    assert!(
+        !matches!(hw(&mut v, A, true), HwWalk::Translated { .. }),
+        "A is writable in the shadow while its gPTE is clean"
+    );
+    assert_eq!(out, Ok(FaultOutcome::Retry(vmmu::stats::RetryCause::Race)));
+    // The racer is done: the write completes and the gPTE is dirty.
+    assert_eq!(access(&mut v, A, true), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(s.read(at) & (ACCESSED | D), ACCESSED | D);
+}
