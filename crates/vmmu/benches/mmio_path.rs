@@ -17,11 +17,12 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::sync::{Arc, RwLock};
+use std::sync::RwLock;
 use std::time::Duration;
 use vmmu::fault::{EmulateSource, FaultOutcome};
 use vmmu::memslot::UserspaceMemoryRegion;
 use vmmu::spte::FormatKind;
+use vmmu::sync::Arc;
 use vmmu::testing::TestHost;
 use vmmu::vcpu::Vcpu;
 use vmmu::vm::{Vm, VmConfig};

@@ -11,14 +11,17 @@
 
 use std::collections::HashMap;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use vmmu::fault::{EmulateSource, FaultOutcome};
 use vmmu::host::{
     FrameAllocator, HostFault, HostMemory, HostPage, Sched, TableEntries, ENTRIES_PER_TABLE,
 };
 use vmmu::memslot::UserspaceMemoryRegion;
+// The core's own types where it takes them (table entries, the host handle): its sync shim's,
+// which are loom's when the lint run builds every target under `--cfg loom`.
 use vmmu::spte::FormatKind;
+use vmmu::sync::{Arc, AtomicU64};
 use vmmu::tdp::HwWalk;
 use vmmu::vcpu::Vcpu;
 use vmmu::vm::{Vm, VmConfig};
