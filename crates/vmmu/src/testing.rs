@@ -32,17 +32,21 @@ struct Mapping {
 
 impl Mapping {
     /// The frame behind `hva` (inside the mapping) and the largest level whose naturally
-    /// aligned block around `hva` lies in the mapping with frames equally aligned.
-    fn frame_and_level(&self, hva: Hva) -> (u64, Level) {
+    /// aligned block around `hva` lies in the mapping with frames equally aligned, and meets
+    /// none of `front` (the mappings in front of this one, which hide it where they overlap: a
+    /// block with one page mapped over is no longer one host page of contiguous frames).
+    fn frame_and_level(&self, hva: Hva, front: &[Mapping]) -> (u64, Level) {
         let pfn = self.pfn + ((hva.raw() - self.hva) >> PAGE_SHIFT);
         let hva_pfn = hva.raw() >> PAGE_SHIFT;
         let mut level = self.level;
         while level > Level::L4K {
             let pages = level.pages();
             let block = hva_pfn & !(pages - 1);
-            let block_ok = block << PAGE_SHIFT >= self.hva
-                && (block + pages) << PAGE_SHIFT <= self.hva + self.len
-                && (pfn & (pages - 1)) == (hva_pfn & (pages - 1));
+            let (lo, hi) = (block << PAGE_SHIFT, (block + pages) << PAGE_SHIFT);
+            let block_ok = lo >= self.hva
+                && hi <= self.hva + self.len
+                && (pfn & (pages - 1)) == (hva_pfn & (pages - 1))
+                && !front.iter().any(|m| m.hva < hi && lo < m.hva + m.len);
             if block_ok {
                 break;
             }
@@ -50,6 +54,16 @@ impl Mapping {
         }
         (pfn, level)
     }
+
+    fn contains(&self, hva: Hva) -> bool {
+        hva.raw() >= self.hva && hva.raw() - self.hva < self.len
+    }
+}
+
+/// The mapping of `hva` (the first in `maps` that contains it) and the mappings in front of it.
+fn find_mapping(maps: &[Mapping], hva: Hva) -> Option<(&Mapping, &[Mapping])> {
+    let i = maps.iter().position(|m| m.contains(hva))?;
+    Some((&maps[i], &maps[..i]))
 }
 
 /// The test host.
@@ -129,7 +143,9 @@ impl TestHost {
     /// Maps `[hva, hva + len)` to frames from `pfn` on in front of every mapping made before
     /// (which it hides where they overlap): the host changing what backs an address range (a
     /// page migrated, a copy-on-write broken), which it does between a host invalidation's
-    /// begin and end.
+    /// begin and end. A huge block of an older mapping that the new one meets is from then on
+    /// mapped with smaller pages (its frames are no longer contiguous), as a host splits a huge
+    /// page to remap part of it.
     pub fn map_over(&self, hva: u64, len: u64, pfn: u64, level: Level, writable: bool) {
         self.mappings.lock().insert(0, Mapping { hva, len, pfn, level, writable });
     }
@@ -288,14 +304,11 @@ impl crate::host::GuestMemory for TestHost {
 impl HostMemory for TestHost {
     fn translate(&self, hva: Hva, write: bool) -> Result<HostPage, HostFault> {
         let maps = self.mappings.lock();
-        let m = maps
-            .iter()
-            .find(|m| hva.raw() >= m.hva && hva.raw() - m.hva < m.len)
-            .ok_or(HostFault::Unmapped(hva))?;
+        let (m, front) = find_mapping(&maps, hva).ok_or(HostFault::Unmapped(hva))?;
         if write && !m.writable {
             return Err(HostFault::Protected(hva));
         }
-        let (pfn, level) = m.frame_and_level(hva);
+        let (pfn, level) = m.frame_and_level(hva, front);
         let page = hva.raw() >> PAGE_SHIFT;
         let writable = m.writable
             && (write
@@ -311,8 +324,8 @@ impl HostMemory for TestHost {
     /// before a write fault).
     fn mapping_level(&self, hva: Hva) -> Option<Level> {
         let maps = self.mappings.lock();
-        let m = maps.iter().find(|m| hva.raw() >= m.hva && hva.raw() - m.hva < m.len)?;
-        Some(m.frame_and_level(hva).1)
+        let (m, front) = find_mapping(&maps, hva)?;
+        Some(m.frame_and_level(hva, front).1)
     }
 
     fn translate_mapped_writable(&self, hva: Hva) -> Option<Pfn> {
@@ -383,5 +396,28 @@ pub mod slow {
         if !d.is_zero() {
             std::thread::sleep(d);
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    /// A page mapped over part of a 2 MiB host page splits it: every page of that block is then
+    /// a 4 KiB host page (the block's frames are no longer contiguous), the remapped one with
+    /// its new frame; the next block keeps its 2 MiB page.
+    #[test]
+    fn a_page_mapped_over_a_huge_block_splits_the_block() {
+        const HVA: u64 = 0x4000_0000;
+        let h = TestHost::new(1);
+        h.map(HVA, 0x40_0000, HVA >> 12, Level::L2M, true);
+        let page = |hva: u64| h.translate(Hva(hva), false).unwrap();
+        assert_eq!(page(HVA + 0x3000).level, Level::L2M);
+        h.map_over(HVA + 0x5000, 0x1000, 0x7_7000, Level::L4K, true);
+        assert_eq!((page(HVA + 0x5000).pfn, page(HVA + 0x5000).level), (Pfn(0x7_7000), Level::L4K));
+        assert_eq!(page(HVA + 0x3000).pfn, Pfn((HVA >> 12) + 3));
+        assert_eq!(page(HVA + 0x3000).level, Level::L4K, "the split block kept its 2 MiB page");
+        assert_eq!(h.mapping_level(Hva(HVA)), Some(Level::L4K));
+        assert_eq!(page(HVA + 0x20_3000).level, Level::L2M, "the next block is whole");
     }
 }
