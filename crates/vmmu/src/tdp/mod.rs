@@ -30,7 +30,8 @@ pub mod root;
 mod walk;
 mod zap;
 
-/// Switches for loom models that must fail when a step of a lock-free argument is removed.
+/// Switches for loom models that must fail when a step of a lock-free argument (or of a
+/// re-check after a lock is dropped) is removed.
 #[cfg(loom)]
 pub mod loom_knobs {
     /// Skips the second table-epoch load of a type-stable leaf-table cache hit (`walk.rs`): the
@@ -40,6 +41,11 @@ pub mod loom_knobs {
     /// Makes that hit's entry load `Relaxed` (it is `Acquire`): the second epoch load may then
     /// miss the bump that preceded the free of a frame whose reuse the entry load saw.
     pub static RELAXED_ENTRY_LOAD: core::sync::atomic::AtomicBool =
+        core::sync::atomic::AtomicBool::new(false);
+    /// Skips the staleness check a fault makes again under the exclusive lock before it
+    /// replaces a table in the way of its huge leaf (`vcpu/fault_path.rs`): the fault then
+    /// installs what it decided before it let go of the shared lock.
+    pub static SKIP_TABLE_IN_THE_WAY_RECHECK: core::sync::atomic::AtomicBool =
         core::sync::atomic::AtomicBool::new(false);
 }
 

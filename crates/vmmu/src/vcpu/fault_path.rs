@@ -358,7 +358,14 @@ impl VcpuMmu {
             mmu.host.preempt_point(crate::host::PreemptPoint::TableInTheWay);
             let excl = mmu.mmu_lock.write(&mmu.vcpus, &mmu.relax());
             let pending = mmu.vcpus[self.index].pending();
-            if let Some(cause) = fault.stale(root.state(), pending, &mmu.inval, bugs) {
+            #[cfg(loom)]
+            let recheck = !crate::tdp::loom_knobs::SKIP_TABLE_IN_THE_WAY_RECHECK
+                .load(core::sync::atomic::Ordering::Relaxed);
+            #[cfg(not(loom))]
+            let recheck = true;
+            if let Some(cause) =
+                fault.stale(root.state(), pending, &mmu.inval, bugs).filter(|_| recheck)
+            {
                 drop(excl);
                 return Ok(retry(stats, cause));
             }

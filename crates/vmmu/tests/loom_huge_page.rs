@@ -1,0 +1,255 @@
+//! loom models of the TDP MMU's huge (2 MiB) leaves replacing lower tables, with the real `Vm`,
+//! `Vcpu`, `TdpMmu`, `Memslots` and `TestHost` through the sync shim. Run with
+//! `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p vmmu --release
+//! --features historical-bugs --test loom_huge_page` (`scripts/test` does).
+//!
+//! (a) A fault that finds a lower table where its huge leaf goes (`MapOutcome::TableInTheWay`:
+//! here a 4 KiB table holding an MMIO SPTE from before the 2 MiB slot was created) lets go of
+//! the shared MMU lock, takes it exclusive, checks again that it is not stale and replaces the
+//! table with the huge leaf (`TdpMmu::replace_table_in_the_way`). Racing it: a host invalidation
+//! that remaps one page of the block at 4 KiB, a delete of the slot, a move of the slot, or a
+//! zap of the block.
+//!
+//! (b) Huge-page recovery when dirty logging stops (`Vm::set_memory_region` without
+//! `KVM_MEM_LOG_DIRTY_PAGES`, `TdpMmu::recover_huge_pages`) racing a write fault in the same
+//! block, which may decide 4 KiB (logging on) or find the logged table in its huge leaf's way
+//! (logging off).
+//!
+//! Property (harm): once both sides are done, an access by the vCPU to each gfn of interest
+//! gives the right outcome for the final state (RAM of the frame the host maps there now, or
+//! MMIO where no slot is), the racing fault did not fail, and no table page was read after it
+//! was freed (`TestHost::use_after_free`). Model (a) with the host invalidation fails when the
+//! fault skips its staleness re-check under the exclusive lock
+//! (`vmmu::tdp::loom_knobs::SKIP_TABLE_IN_THE_WAY_RECHECK`): the huge leaf then maps the
+//! remapped page to the frame the host no longer has there.
+#![cfg(loom)]
+
+mod loom_common;
+
+use loom::thread;
+use loom_common::model;
+use vmmu::fault::FaultOutcome;
+use vmmu::memslot::{UserspaceMemoryRegion, KVM_MEM_LOG_DIRTY_PAGES};
+use vmmu::spte::FormatKind;
+use vmmu::sync::Arc;
+use vmmu::tdp::HwWalk;
+use vmmu::testing::TestHost;
+use vmmu::vcpu::Vcpu;
+use vmmu::vm::{Vm, VmConfig};
+use vmmu::{Access, AsId, FaultAccess, Gfn, Gpa, Hva, Level, Pfn};
+
+/// The 2 MiB block (first gfn) the slot maps, and where a move puts it.
+const BLOCK: u64 = 0x200;
+const MOVED: u64 = 0x400;
+/// The gfn whose MMIO SPTE (from before the slot existed) links the 4 KiB table in the way.
+const OLD_MMIO: u64 = BLOCK + 3;
+/// The gfn the racing fault is for.
+const TARGET: u64 = BLOCK + 5;
+/// Host RAM behind the slot: 2 MiB pages, frame = hva >> 12.
+const RAM_HVA: u64 = 0x4000_0000;
+const BASE_PFN: u64 = RAM_HVA >> 12;
+/// The frame the host maps at `TARGET`'s address after the invalidation.
+const NEW_PFN: u64 = 0x7_7000;
+
+/// What one guest access ended as.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Seen {
+    Ram(Pfn),
+    Mmio,
+}
+
+/// The 2 MiB slot 0 at gfn `at` backed by `RAM_HVA` (size 0: delete).
+fn slot(at: u64, size: u64, flags: u32) -> UserspaceMemoryRegion {
+    UserspaceMemoryRegion::new(0, flags, at << 12, size, RAM_HVA)
+}
+
+fn gpa(gfn: u64) -> Gpa {
+    Gpa(gfn << 12)
+}
+
+/// An EPT VM with one vCPU (its root loaded) and one address space on a host with `RAM_HVA`'s
+/// 4 MiB mapped with 2 MiB pages.
+fn vm() -> (Vm<TestHost>, Arc<TestHost>, Vcpu<TestHost>) {
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.max_vcpus = 1;
+    cfg.nr_address_spaces = 1;
+    let host = Arc::new(TestHost::new(8));
+    host.map(RAM_HVA, 0x40_0000, BASE_PFN, Level::L2M, true);
+    let vm = Vm::new(cfg, host.clone()).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    v.service_requests().unwrap();
+    (vm, host, v)
+}
+
+/// One guest access as the machine does it (service requests, enter guest mode, walk like the
+/// hardware, exit, handle the fault), retried a few times. Used only sequentially.
+fn access(v: &mut Vcpu<TestHost>, gfn: u64, write: bool) -> Seen {
+    let (walk_access, fault_access) = match write {
+        true => (Access::WRITE, FaultAccess::WRITE),
+        false => (Access::NONE, FaultAccess::READ),
+    };
+    for _ in 0..8 {
+        v.service_requests().unwrap();
+        let walk = match v.enter_guest() {
+            Ok(g) => g.walk(gpa(gfn), walk_access),
+            Err(_) => continue,
+        };
+        let o = match walk {
+            HwWalk::Translated { pfn, .. } => return Seen::Ram(pfn),
+            HwWalk::Violation { .. } => v.handle_ept_violation(gpa(gfn), fault_access),
+            HwWalk::Misconfig { .. } => v.handle_ept_misconfig(gpa(gfn)),
+            HwWalk::Broken { dump } => panic!("VIOLATION: broken walk of {gfn:#x}: {dump:?}"),
+        };
+        if let FaultOutcome::Emulate { .. } = o.unwrap() {
+            return Seen::Mmio;
+        }
+    }
+    panic!("access to gfn {gfn:#x} did not complete");
+}
+
+fn expect(v: &mut Vcpu<TestHost>, gfn: u64, want: Seen, what: &str) {
+    let seen = access(v, gfn, false);
+    assert_eq!(seen, want, "VIOLATION: after {what}, gfn {gfn:#x} is {seen:?}, not {want:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// (a) A fault replacing the table in its huge leaf's way, against a change of the block.
+// ---------------------------------------------------------------------------------------------
+
+/// What the other thread does to the block while the vCPU faults.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Racer {
+    /// A host invalidation of `TARGET`'s page, which the host remaps to `NEW_PFN` (splitting
+    /// its 2 MiB page) before the end.
+    Invalidate,
+    /// `KVM_SET_USER_MEMORY_REGION` deleting the slot.
+    Delete,
+    /// Moving the slot to `MOVED`.
+    Move,
+    /// A zap of the block (as a host invalidation without a remap, or the shrinker).
+    Zap,
+}
+
+fn table_in_the_way(racer: Racer) {
+    model(move || {
+        let (vm, host, mut v) = vm();
+        // The MMIO SPTE links a 4 KiB table in the block; the slot created after it makes the
+        // block 2 MiB RAM, so the next fault in it finds that table where its leaf goes.
+        assert_eq!(access(&mut v, OLD_MMIO, false), Seen::Mmio, "setup");
+        vm.set_memory_region(&slot(BLOCK, 0x20_0000, 0)).unwrap();
+        let t = thread::spawn(move || {
+            let o = v.handle_ept_violation(gpa(TARGET), FaultAccess::READ);
+            (v, o)
+        });
+        match racer {
+            Racer::Invalidate => {
+                let hva = RAM_HVA + ((TARGET - BLOCK) << 12);
+                vm.invalidate_hva_range_begin(Hva(hva), Hva(hva + 0x1000));
+                host.map_over(hva, 0x1000, NEW_PFN, Level::L4K, true);
+                vm.invalidate_hva_range_end();
+            }
+            Racer::Delete => {
+                vm.set_memory_region(&slot(BLOCK, 0, 0)).unwrap();
+            }
+            Racer::Move => {
+                vm.set_memory_region(&slot(MOVED, 0x20_0000, 0)).unwrap();
+            }
+            Racer::Zap => vm.zap_gfn_range_for_tests(AsId(0), Gfn(BLOCK), Gfn(BLOCK + 512)),
+        }
+        let (mut v, o) = t.join().unwrap();
+        let gone = matches!(racer, Racer::Delete | Racer::Move);
+        assert!(
+            matches!(o, Ok(FaultOutcome::Fixed | FaultOutcome::Retry(_) | FaultOutcome::Spurious))
+                || (gone && matches!(o, Ok(FaultOutcome::Emulate { .. }))),
+            "VIOLATION: the fault racing {racer:?} ended as {o:?}"
+        );
+        let what = format!("{racer:?}");
+        let ram = |page: u64| Seen::Ram(Pfn(BASE_PFN + page));
+        match racer {
+            Racer::Invalidate => {
+                expect(&mut v, TARGET, Seen::Ram(Pfn(NEW_PFN)), &what);
+                expect(&mut v, OLD_MMIO, ram(3), &what);
+                expect(&mut v, BLOCK + 6, ram(6), &what);
+            }
+            Racer::Delete => {
+                expect(&mut v, TARGET, Seen::Mmio, &what);
+                expect(&mut v, OLD_MMIO, Seen::Mmio, &what);
+            }
+            Racer::Move => {
+                expect(&mut v, TARGET, Seen::Mmio, &what);
+                expect(&mut v, MOVED + 5, ram(5), &what);
+            }
+            Racer::Zap => {
+                expect(&mut v, TARGET, ram(5), &what);
+                expect(&mut v, OLD_MMIO, ram(3), &what);
+            }
+        }
+        drop(v);
+        vm.reclaim();
+        assert_eq!(host.use_after_free(), 0, "VIOLATION: a table page was read after its free");
+    });
+}
+
+#[test]
+fn table_in_the_way_vs_host_invalidation() {
+    table_in_the_way(Racer::Invalidate);
+}
+
+#[test]
+fn table_in_the_way_vs_delete() {
+    table_in_the_way(Racer::Delete);
+}
+
+#[test]
+fn table_in_the_way_vs_move() {
+    table_in_the_way(Racer::Move);
+}
+
+#[test]
+fn table_in_the_way_vs_zap() {
+    table_in_the_way(Racer::Zap);
+}
+
+#[test]
+fn table_in_the_way_vs_host_invalidation_fails_without_the_recheck() {
+    use std::sync::atomic::Ordering as StdOrdering;
+    let knob = &vmmu::tdp::loom_knobs::SKIP_TABLE_IN_THE_WAY_RECHECK;
+    knob.store(true, StdOrdering::Relaxed);
+    let caught =
+        std::panic::catch_unwind(|| loom_common::violation(|| table_in_the_way(Racer::Invalidate)));
+    knob.store(false, StdOrdering::Relaxed);
+    assert!(caught.unwrap_or_else(|p| std::panic::resume_unwind(p)), "the model passes without it");
+}
+
+// ---------------------------------------------------------------------------------------------
+// (b) Huge-page recovery when dirty logging stops, against a write fault in the block.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn recovery_vs_write_fault() {
+    model(|| {
+        let (vm, host, mut v) = vm();
+        vm.set_memory_region(&slot(BLOCK, 0x20_0000, KVM_MEM_LOG_DIRTY_PAGES)).unwrap();
+        // Logging: a 4 KiB leaf for OLD_MMIO's page, in a 4 KiB table of the block.
+        assert_eq!(access(&mut v, OLD_MMIO, true), Seen::Ram(Pfn(BASE_PFN + 3)), "setup");
+        let t = thread::spawn(move || {
+            let o = v.handle_ept_violation(gpa(TARGET), FaultAccess::WRITE);
+            (v, o)
+        });
+        vm.set_memory_region(&slot(BLOCK, 0x20_0000, 0)).unwrap();
+        let (mut v, o) = t.join().unwrap();
+        assert!(
+            matches!(o, Ok(FaultOutcome::Fixed | FaultOutcome::Retry(_) | FaultOutcome::Spurious)),
+            "VIOLATION: the write fault racing the recovery ended as {o:?}"
+        );
+        let what = "logging stopped";
+        for page in [3, 5, 6, 0x1ff] {
+            expect(&mut v, BLOCK + page, Seen::Ram(Pfn(BASE_PFN + page)), what);
+        }
+        let seen = access(&mut v, TARGET, true);
+        assert_eq!(seen, Seen::Ram(Pfn(BASE_PFN + 5)), "VIOLATION: a write to {TARGET:#x}");
+        drop(v);
+        vm.reclaim();
+        assert_eq!(host.use_after_free(), 0, "VIOLATION: a table page was read after its free");
+    });
+}
