@@ -7,8 +7,11 @@
 //! here a 4 KiB table holding an MMIO SPTE from before the 2 MiB slot was created) lets go of
 //! the shared MMU lock, takes it exclusive, checks again that it is not stale and replaces the
 //! table with the huge leaf (`TdpMmu::replace_table_in_the_way`). Racing it: a host invalidation
-//! that remaps one page of the block at 4 KiB, a delete of the slot, a move of the slot, or a
-//! zap of the block.
+//! that remaps one page of the block at 4 KiB, a delete of the slot, a move of the slot, a
+//! zap of the block, or dirty logging starting on the slot (there the property also asks that
+//! a write made afterwards is in the next `KVM_GET_DIRTY_LOG`: no writable huge leaf decided
+//! before logging began outlives its write protection; it fails if the start write-protects
+//! nothing).
 //!
 //! (b) Huge-page recovery when dirty logging stops (`Vm::set_memory_region` without
 //! `KVM_MEM_LOG_DIRTY_PAGES`, `TdpMmu::recover_huge_pages`) racing a write fault in the same
@@ -36,7 +39,7 @@ use vmmu::tdp::HwWalk;
 use vmmu::testing::TestHost;
 use vmmu::vcpu::Vcpu;
 use vmmu::vm::{Vm, VmConfig};
-use vmmu::{Access, AsId, FaultAccess, Gfn, Gpa, Hva, Level, Pfn};
+use vmmu::{Access, AsId, FaultAccess, Gfn, Gpa, Hva, Level, Pfn, SlotId};
 
 /// The 2 MiB block (first gfn) the slot maps, and where a move puts it.
 const BLOCK: u64 = 0x200;
@@ -128,6 +131,8 @@ enum Racer {
     Move,
     /// A zap of the block (as a host invalidation without a remap, or the shrinker).
     Zap,
+    /// Dirty logging starting on the slot (which write-protects its mappings).
+    StartLogging,
 }
 
 fn table_in_the_way(racer: Racer) {
@@ -155,6 +160,9 @@ fn table_in_the_way(racer: Racer) {
                 vm.set_memory_region(&slot(MOVED, 0x20_0000, 0)).unwrap();
             }
             Racer::Zap => vm.zap_gfn_range_for_tests(AsId(0), Gfn(BLOCK), Gfn(BLOCK + 512)),
+            Racer::StartLogging => {
+                vm.set_memory_region(&slot(BLOCK, 0x20_0000, KVM_MEM_LOG_DIRTY_PAGES)).unwrap();
+            }
         }
         let (mut v, o) = t.join().unwrap();
         let gone = matches!(racer, Racer::Delete | Racer::Move);
@@ -183,6 +191,19 @@ fn table_in_the_way(racer: Racer) {
                 expect(&mut v, TARGET, ram(5), &what);
                 expect(&mut v, OLD_MMIO, ram(3), &what);
             }
+            Racer::StartLogging => {
+                expect(&mut v, TARGET, ram(5), &what);
+                // A write made now must be in the next collection: no writable leaf the fault
+                // made from the set before logging began may let it through without a fault.
+                vm.get_dirty_log(AsId(0), SlotId(0)).unwrap();
+                assert_eq!(access(&mut v, TARGET, true), ram(5), "VIOLATION: write to {TARGET:#x}");
+                let log = vm.get_dirty_log(AsId(0), SlotId(0)).unwrap();
+                assert!(
+                    log[0] & (1 << (TARGET - BLOCK)) != 0,
+                    "VIOLATION: a write to {TARGET:#x} after logging started is in no \
+                     collection ({log:?})"
+                );
+            }
         }
         drop(v);
         vm.reclaim();
@@ -208,6 +229,11 @@ fn table_in_the_way_vs_move() {
 #[test]
 fn table_in_the_way_vs_zap() {
     table_in_the_way(Racer::Zap);
+}
+
+#[test]
+fn table_in_the_way_vs_start_of_dirty_logging() {
+    table_in_the_way(Racer::StartLogging);
 }
 
 #[test]
