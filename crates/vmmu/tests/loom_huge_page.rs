@@ -75,8 +75,13 @@ fn gpa(gfn: u64) -> Gpa {
 /// An EPT VM with one vCPU (its root loaded) and one address space on a host with `RAM_HVA`'s
 /// 4 MiB mapped with 2 MiB pages.
 fn vm() -> (Vm<TestHost>, Arc<TestHost>, Vcpu<TestHost>) {
+    vm_for(1)
+}
+
+/// [`vm`] with room for `max_vcpus` vCPUs.
+fn vm_for(max_vcpus: usize) -> (Vm<TestHost>, Arc<TestHost>, Vcpu<TestHost>) {
     let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
-    cfg.max_vcpus = 1;
+    cfg.max_vcpus = max_vcpus;
     cfg.nr_address_spaces = 1;
     let host = Arc::new(TestHost::new(8));
     host.map(RAM_HVA, 0x40_0000, BASE_PFN, Level::L2M, true);
@@ -244,6 +249,53 @@ fn table_in_the_way_vs_zap() {
 #[test]
 fn table_in_the_way_vs_start_of_dirty_logging() {
     table_in_the_way(Racer::StartLogging);
+}
+
+/// A second vCPU in guest mode walks through the table in the way (to `OLD_MMIO`'s page) while
+/// the fault replaces it and then frees it after a grace period: the walk reads no freed page
+/// and translates to no frame but the page's own. (The grace period is not all that keeps the
+/// walk off the freed page: the replacement's remote TLB flush waits for w's acknowledgement,
+/// i.e. for w to leave guest mode, before the table is queued; with the grace period removed
+/// the model still passes.)
+#[test]
+fn table_in_the_way_vs_hardware_walk() {
+    model(|| {
+        let (vm, host, mut v) = vm_for(2);
+        let mut w = vm.create_vcpu().unwrap();
+        assert_eq!(access(&mut v, OLD_MMIO, false), Seen::Mmio, "setup");
+        vm.set_memory_region(&slot(BLOCK, 0x20_0000, 0)).unwrap();
+        w.service_requests().unwrap();
+        let t = {
+            let vm = vm.clone();
+            thread::spawn(move || {
+                let o = v.handle_ept_violation(gpa(TARGET), FaultAccess::READ);
+                vm.reclaim();
+                (v, o)
+            })
+        };
+        // One guest-mode period of w (unless a request is pending: then it does not enter).
+        let walk = w.enter_guest().ok().map(|g| g.walk(gpa(OLD_MMIO), Access::NONE));
+        let (mut v, o) = t.join().unwrap();
+        assert!(
+            matches!(o, Ok(FaultOutcome::Fixed | FaultOutcome::Retry(_) | FaultOutcome::Spurious)),
+            "VIOLATION: the fault racing a hardware walk ended as {o:?}"
+        );
+        assert_eq!(host.use_after_free(), 0, "VIOLATION: the walk read a freed table page");
+        match walk {
+            None | Some(HwWalk::Violation { .. } | HwWalk::Misconfig { .. }) => {}
+            Some(HwWalk::Translated { pfn, .. }) => {
+                assert_eq!(pfn, Pfn(BASE_PFN + 3), "VIOLATION: w's walk of {OLD_MMIO:#x}")
+            }
+            Some(w) => panic!("VIOLATION: w's walk of {OLD_MMIO:#x} is {w:?}"),
+        }
+        let ram = |page: u64| Seen::Ram(Pfn(BASE_PFN + page));
+        expect(&mut v, OLD_MMIO, ram(3), "the replacement");
+        expect(&mut w, OLD_MMIO, ram(3), "the replacement");
+        expect(&mut w, TARGET, ram(5), "the replacement");
+        drop((v, w));
+        vm.reclaim();
+        assert_eq!(host.use_after_free(), 0, "VIOLATION: a table page was read after its free");
+    });
 }
 
 #[test]
