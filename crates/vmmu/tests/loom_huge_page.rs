@@ -16,7 +16,9 @@
 //! (b) Huge-page recovery when dirty logging stops (`Vm::set_memory_region` without
 //! `KVM_MEM_LOG_DIRTY_PAGES`, `TdpMmu::recover_huge_pages`) racing a write fault in the same
 //! block, which may decide 4 KiB (logging on) or find the logged table in its huge leaf's way
-//! (logging off).
+//! (logging off); and recovery racing a host invalidation that remaps a page of the block (it
+//! fails when a memslot update does not wait for invalidations in flight, checked by hand: the
+//! recovered leaf then maps that page to its old frame).
 //!
 //! Property (harm): once both sides are done, an access by the vCPU to each gfn of interest
 //! gives the right outcome for the final state (RAM of the frame the host maps there now, or
@@ -337,6 +339,38 @@ fn recovery_vs_write_fault() {
         }
         let seen = access(&mut v, TARGET, true);
         assert_eq!(seen, Seen::Ram(Pfn(BASE_PFN + 5)), "VIOLATION: a write to {TARGET:#x}");
+        drop(v);
+        vm.reclaim();
+        assert_eq!(host.use_after_free(), 0, "VIOLATION: a table page was read after its free");
+    });
+}
+
+/// Recovery against a host invalidation that remaps page 6 of the block (splitting the host's
+/// 2 MiB page): whichever goes first, no 2 MiB leaf maps page 6 to its old frame afterwards
+/// (a memslot update waits for invalidations in flight, and recovery asks the host's mapping
+/// level when it runs).
+#[test]
+fn recovery_vs_host_invalidation() {
+    model(|| {
+        let (vm, host, mut v) = vm();
+        vm.set_memory_region(&slot(BLOCK, 0x20_0000, KVM_MEM_LOG_DIRTY_PAGES)).unwrap();
+        assert_eq!(access(&mut v, OLD_MMIO, true), Seen::Ram(Pfn(BASE_PFN + 3)), "setup");
+        let t = {
+            let (vm, host) = (vm.clone(), host.clone());
+            thread::spawn(move || {
+                let hva = RAM_HVA + (6 << 12);
+                vm.invalidate_hva_range_begin(Hva(hva), Hva(hva + 0x1000));
+                host.map_over(hva, 0x1000, NEW_PFN, Level::L4K, true);
+                vm.invalidate_hva_range_end();
+            })
+        };
+        vm.set_memory_region(&slot(BLOCK, 0x20_0000, 0)).unwrap();
+        t.join().unwrap();
+        let what = "recovery and the invalidation";
+        for page in [3, 5, 6] {
+            let want = Seen::Ram(Pfn(if page == 6 { NEW_PFN } else { BASE_PFN + page }));
+            expect(&mut v, BLOCK + page, want, what);
+        }
         drop(v);
         vm.reclaim();
         assert_eq!(host.use_after_free(), 0, "VIOLATION: a table page was read after its free");
