@@ -124,6 +124,14 @@ fn expect(v: &mut Vcpu<TestHost>, gfn: u64, want: Seen, what: &str) {
     assert_eq!(seen, want, "VIOLATION: after {what}, gfn {gfn:#x} is {seen:?}, not {want:?}");
 }
 
+/// The knob `SKIP_TABLE_IN_THE_WAY_RECHECK` is process-wide: every test here holds this lock,
+/// so none runs while the test that sets the knob has it on.
+static KNOB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn knob_lock() -> std::sync::MutexGuard<'static, ()> {
+    KNOB.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 // ---------------------------------------------------------------------------------------------
 // (a) A fault replacing the table in its huge leaf's way, against a change of the block.
 // ---------------------------------------------------------------------------------------------
@@ -223,6 +231,7 @@ fn table_in_the_way(racer: Racer) {
 
 #[test]
 fn table_in_the_way_vs_host_invalidation() {
+    let _k = knob_lock();
     table_in_the_way(Racer::Invalidate { page: TARGET - BLOCK });
 }
 
@@ -230,26 +239,31 @@ fn table_in_the_way_vs_host_invalidation() {
 /// staleness check covers the whole block (`PageFault::stale`).
 #[test]
 fn table_in_the_way_vs_host_invalidation_of_a_neighbour() {
+    let _k = knob_lock();
     table_in_the_way(Racer::Invalidate { page: 6 });
 }
 
 #[test]
 fn table_in_the_way_vs_delete() {
+    let _k = knob_lock();
     table_in_the_way(Racer::Delete);
 }
 
 #[test]
 fn table_in_the_way_vs_move() {
+    let _k = knob_lock();
     table_in_the_way(Racer::Move);
 }
 
 #[test]
 fn table_in_the_way_vs_zap() {
+    let _k = knob_lock();
     table_in_the_way(Racer::Zap);
 }
 
 #[test]
 fn table_in_the_way_vs_start_of_dirty_logging() {
+    let _k = knob_lock();
     table_in_the_way(Racer::StartLogging);
 }
 
@@ -261,6 +275,7 @@ fn table_in_the_way_vs_start_of_dirty_logging() {
 /// the model still passes.)
 #[test]
 fn table_in_the_way_vs_hardware_walk() {
+    let _k = knob_lock();
     model(|| {
         let (vm, host, mut v) = vm_for(2);
         let mut w = vm.create_vcpu().unwrap();
@@ -303,6 +318,7 @@ fn table_in_the_way_vs_hardware_walk() {
 #[test]
 fn table_in_the_way_vs_host_invalidation_fails_without_the_recheck() {
     use std::sync::atomic::Ordering as StdOrdering;
+    let _k = knob_lock();
     let knob = &vmmu::tdp::loom_knobs::SKIP_TABLE_IN_THE_WAY_RECHECK;
     knob.store(true, StdOrdering::Relaxed);
     let caught = std::panic::catch_unwind(|| {
@@ -318,6 +334,7 @@ fn table_in_the_way_vs_host_invalidation_fails_without_the_recheck() {
 
 #[test]
 fn recovery_vs_write_fault() {
+    let _k = knob_lock();
     model(|| {
         let (vm, host, mut v) = vm();
         vm.set_memory_region(&slot(BLOCK, 0x20_0000, KVM_MEM_LOG_DIRTY_PAGES)).unwrap();
@@ -351,6 +368,7 @@ fn recovery_vs_write_fault() {
 /// level when it runs).
 #[test]
 fn recovery_vs_host_invalidation() {
+    let _k = knob_lock();
     model(|| {
         let (vm, host, mut v) = vm();
         vm.set_memory_region(&slot(BLOCK, 0x20_0000, KVM_MEM_LOG_DIRTY_PAGES)).unwrap();
