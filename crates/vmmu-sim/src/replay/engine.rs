@@ -23,7 +23,9 @@
 //!   every other live slot that maps the same host page (an alias) must read it too. A probe of
 //!   a page in no slot must be MMIO. A stale translation or a stale "this is MMIO" shows up as
 //!   a wrong value or a wrong kind of access (an oracle violation); `tests/replay_bugs.rs` shows
-//!   re-injected historical bugs caught this way.
+//!   re-injected historical bugs caught this way. The verdict on a probe's write
+//!   (`own_write_ok`) and which slots are aliases (`aliases`) are functions of their own, tested
+//!   without an MMU that misbehaves.
 
 use super::identity::{IdentityError, IdentityTables};
 use super::memory::{MemoryError, TraceMemory};
@@ -522,8 +524,9 @@ impl Replay<'_> {
         self.report.own_accesses.writes += 1;
         let seen = self.cpu.access(gpa, Width::W8, Some(t2), true);
         let host = buf.read(off, Width::W8).unwrap_or(0);
+        let ok = own_write_ok(slot.readonly, &seen, host, t1, t2);
         let now = if slot.readonly {
-            self.check(seen == Outcome::Mmio && host == t1, || {
+            self.check(ok, || {
                 violation(
                     gpa,
                     "write to a read-only slot",
@@ -533,7 +536,7 @@ impl Replay<'_> {
             });
             t1
         } else {
-            self.check(seen == Outcome::Ram(t2) && host == t2, || {
+            self.check(ok, || {
                 violation(
                     gpa,
                     "write, then host read of the slot's buffer",
@@ -543,14 +546,7 @@ impl Replay<'_> {
             });
             t2
         };
-        let aliases: Vec<u64> = self
-            .live
-            .iter()
-            .filter(|((a, _), l)| *a == 0 && hva >= l.hva && hva - l.hva < l.size)
-            .map(|(_, l)| l.gpa + (hva - l.hva))
-            .filter(|&g| g != gpa)
-            .collect();
-        for alias in aliases {
+        for alias in aliases(&self.live, hva, gpa) {
             self.report.own_accesses.alias_reads += 1;
             let seen = self.cpu.access(alias, Width::W8, None, true);
             self.check(seen == Outcome::Ram(now), || {
@@ -650,6 +646,30 @@ impl Replay<'_> {
             None => {}
         }
     }
+}
+
+/// Whether the replay's own store of `written` did what its slot requires, from what the access
+/// did (`seen`) and what the host then reads in the slot's buffer (`host`), which held `before`:
+/// in a read-only slot an emulated write (MMIO) that leaves the buffer at `before`; elsewhere a
+/// RAM store of `written` that lands in the buffer. Each half alone is no proof: a store through a
+/// stale translation reaches RAM but another frame, and an access reported as MMIO may still have
+/// written the buffer.
+fn own_write_ok(readonly: bool, seen: &Outcome, host: u64, before: u64, written: u64) -> bool {
+    if readonly {
+        *seen == Outcome::Mmio && host == before
+    } else {
+        *seen == Outcome::Ram(written) && host == written
+    }
+}
+
+/// The guest-physical addresses, other than `gpa` itself, at which a live slot of address space 0
+/// maps host address `hva`: the aliases through which the replay reads back what it wrote at `gpa`.
+fn aliases(live: &BTreeMap<(u16, u16), Live>, hva: u64, gpa: u64) -> Vec<u64> {
+    live.iter()
+        .filter(|((a, _), l)| *a == 0 && hva >= l.hva && hva - l.hva < l.size)
+        .map(|(_, l)| l.gpa + (hva - l.hva))
+        .filter(|&g| g != gpa)
+        .collect()
 }
 
 /// The first, middle and last page of the range slot request `s` names, which the replay
@@ -911,6 +931,9 @@ mod tests {
                 cfg.name()
             );
             assert!(r.oracle.checked > 0, "{}: the replay's own accesses were checked", cfg.name());
+            // No two slots share host memory: a probe reads through no alias (not even the
+            // page it probed, which is no alias of itself).
+            assert_eq!(r.own_accesses.alias_reads, 0, "{}", cfg.name());
             assert_eq!(r.events_applied, 5, "{}: every event applied or checked", cfg.name());
             // The run names its configuration and what it ran on.
             assert_eq!(r.config, cfg.name());
@@ -955,6 +978,67 @@ mod tests {
                 report.text()
             );
         }
+    }
+
+    #[test]
+    fn a_write_just_past_a_read_only_slot_is_no_write_to_that_slot() {
+        // A read-only slot at [0x100000, 0x110000): a recorded write to its last word is an
+        // emulated write to it, one to the first byte past its end is a write where no slot is.
+        let text = [
+            HEADER.to_string(),
+            slot_line(0, 0, "", "0x0", "0x100000", "0x7f0000000000"),
+            slot_line(0, 1, "\"readonly\"", "0x100000", "0x10000", "0x7f0000200000"),
+            mmio_line("write", "0x10fffc", 4, "0x1", "user"),
+            mmio_line("write", "0x110000", 4, "0x1", "user"),
+        ]
+        .concat();
+        for cfg in every_mmu() {
+            let r = run(&text, cfg);
+            assert!(r.passed(), "{}: {:?}", cfg.name(), r.mmio.first_misclassified);
+            let m = &r.mmio;
+            assert_eq!((m.classified_mmio, m.readonly_writes), (2, 1), "{}", cfg.name());
+        }
+    }
+
+    #[test]
+    fn an_own_write_passes_only_if_both_the_access_and_the_buffer_are_right() {
+        let (before, written) = (0x5eed_0000_0000_0001, 0x5eed_0000_0000_0002);
+        let ram = Outcome::Ram(written);
+        let err = Outcome::Error("livelock".into());
+        // A read-only slot: MMIO, and the buffer untouched.
+        assert!(own_write_ok(true, &Outcome::Mmio, before, before, written));
+        assert!(!own_write_ok(true, &Outcome::Mmio, written, before, written), "MMIO that wrote");
+        assert!(!own_write_ok(true, &ram, before, before, written), "RAM, another frame");
+        assert!(!own_write_ok(true, &ram, written, before, written), "RAM, this frame");
+        assert!(!own_write_ok(true, &err, before, before, written));
+        // A writable slot: RAM, and the value in the buffer.
+        assert!(own_write_ok(false, &ram, written, before, written));
+        assert!(!own_write_ok(false, &ram, before, before, written), "RAM, another frame");
+        assert!(!own_write_ok(false, &Outcome::Mmio, written, before, written), "MMIO that wrote");
+        assert!(!own_write_ok(false, &Outcome::Mmio, before, before, written));
+        assert!(!own_write_ok(false, &Outcome::Ram(before), written, before, written));
+        assert!(!own_write_ok(false, &err, written, before, written));
+    }
+
+    #[test]
+    fn the_aliases_of_a_host_address_are_the_other_slots_of_address_space_0_over_it() {
+        let h = 0x7f00_0001_0000;
+        let live = |gpa, size, hva| Live { gpa, size, hva, readonly: false, dirty_log: false };
+        let slots = BTreeMap::from([
+            // The probed slot, and a second one over the same buffer.
+            ((0, 1), live(0x100000, 0x10000, h)),
+            ((0, 2), live(0x200000, 0x10000, h)),
+            // Host memory ending right below `h`, and starting right above its first page.
+            ((0, 3), live(0x300000, 0x1000, h - 0x1000)),
+            ((0, 4), live(0x400000, 0x1000, h + 0x1000)),
+            // The SMM twin of the probed slot: the vCPU is not in SMM.
+            ((1, 1), live(0x100000, 0x10000, h)),
+        ]);
+        assert_eq!(aliases(&slots, h, 0x100000), [0x200000]);
+        assert_eq!(aliases(&slots, h + 0x8, 0x100008), [0x200008]);
+        assert_eq!(aliases(&slots, h + 0x1008, 0x101008), [0x201008, 0x400008]);
+        assert_eq!(aliases(&slots, h + 0x1008, 0x400008), [0x101008, 0x201008]);
+        assert_eq!(aliases(&slots, h - 0x8, 0x300ff8), Vec::<u64>::new());
     }
 
     #[test]
