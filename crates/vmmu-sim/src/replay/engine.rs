@@ -453,7 +453,7 @@ impl Replay<'_> {
         if let Some(o) = old {
             pages.extend([o.gpa, o.gpa + o.size - PAGE_SIZE]);
         }
-        pages.extend(requested_pages(s).into_iter().flatten());
+        pages.extend(first_middle_last(s.gpa, s.size).into_iter().flatten());
         pages.dedup();
         pages
     }
@@ -464,9 +464,8 @@ impl Replay<'_> {
         let slots: Vec<Live> =
             self.live.iter().filter(|((a, _), _)| *a == 0).map(|(_, l)| *l).collect();
         for l in slots {
-            let pages = l.size / PAGE_SIZE;
-            for page in [0, pages / 2, pages.saturating_sub(1)] {
-                self.probe(l.gpa + page * PAGE_SIZE);
+            for page in first_middle_last(l.gpa, l.size).into_iter().flatten() {
+                self.probe(page);
             }
         }
     }
@@ -672,13 +671,15 @@ fn aliases(live: &BTreeMap<(u16, u16), Live>, hva: u64, gpa: u64) -> Vec<u64> {
         .collect()
 }
 
-/// The first, middle and last page of the range slot request `s` names, which the replay
-/// probes around the request (`Replay::warm_pages`), whether or not the core accepts it; none
-/// for an empty range, an unaligned start or a range past 2^64.
-pub(super) fn requested_pages(s: &SlotEvent) -> Option<[u64; 3]> {
-    let n = s.size / PAGE_SIZE;
-    (n > 0 && s.gpa % PAGE_SIZE == 0 && s.gpa.checked_add(s.size).is_some())
-        .then(|| [0, n / 2, n - 1].map(|p| s.gpa + p * PAGE_SIZE))
+/// The first, middle and last page of `[gpa, gpa + size)` (the same page more than once in a
+/// range of fewer than three pages), which the replay probes around a slot request for the
+/// requested range, whether or not the core accepts it (`Replay::warm_pages`), and after it in
+/// every live slot (`Replay::probe_all`); none for a range without a whole page, an unaligned
+/// start or a range past 2^64.
+pub(super) fn first_middle_last(gpa: u64, size: u64) -> Option<[u64; 3]> {
+    let n = size / PAGE_SIZE;
+    (n > 0 && gpa % PAGE_SIZE == 0 && gpa.checked_add(size).is_some())
+        .then(|| [0, n / 2, n - 1].map(|p| gpa + p * PAGE_SIZE))
 }
 
 /// Replays `trace` under `cfg` and reports.
@@ -1039,6 +1040,125 @@ mod tests {
         assert_eq!(aliases(&slots, h + 0x1008, 0x101008), [0x201008, 0x400008]);
         assert_eq!(aliases(&slots, h + 0x1008, 0x400008), [0x101008, 0x201008]);
         assert_eq!(aliases(&slots, h - 0x8, 0x300ff8), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn the_pages_probed_in_a_range_are_its_first_middle_and_last() {
+        let pages = |gpa, size| first_middle_last(gpa, size);
+        assert_eq!(pages(0x100000, 0x3000), Some([0x100000, 0x101000, 0x102000]));
+        assert_eq!(pages(0x100000, 0x5000), Some([0x100000, 0x102000, 0x104000]));
+        assert_eq!(pages(0x7000, 0x1000), Some([0x7000; 3]));
+        assert_eq!(pages(0x7000, 0x1fff), Some([0x7000; 3]), "whole pages only");
+        assert_eq!(pages(0x7000, 0xfff), None, "no whole page");
+        assert_eq!(pages(0x7000, 0), None, "empty");
+        assert_eq!(pages(0x1800, 0x2000), None, "unaligned");
+        assert_eq!(pages(0xffff_ffff_ffff_f000, 0x2000), None, "past 2^64");
+    }
+
+    #[test]
+    fn the_replay_probes_the_old_and_the_requested_range_around_a_request_then_every_slot() {
+        // A 3-page slot created at 0x100000, moved to 0x200000, deleted; an SMM slot created.
+        let text = [
+            HEADER.to_string(),
+            slot_line(0, 1, "", "0x100000", "0x3000", "0x7f0000000000"),
+            slot_line(0, 1, "", "0x200000", "0x3000", "0x7f0000000000"),
+            slot_line(0, 1, "", "0x200000", "0x0", "0x7f0000000000"),
+            slot_line(1, 0, "", "0x0", "0x1000", "0x7f0000100000"),
+        ]
+        .concat();
+        for cfg in every_mmu() {
+            let r = run(&text, cfg);
+            assert!(r.passed(), "{}: {:?}", cfg.name(), r.oracle.first_violations);
+            // Create: before it, the three requested pages (holes); after it, those three again
+            // (RAM now) and the slot's first, middle and last page.
+            // Move: before it, the old range's first and last page (RAM) and the three requested
+            // pages (holes); after it, those five again (RAM, RAM, RAM, hole, hole) and the slot.
+            // Delete: before it, the old range's first and last page (RAM), after it, those two
+            // (holes). The SMM slot: no probe (the vCPU is not in SMM).
+            let o = &r.own_accesses;
+            assert_eq!(
+                (o.reads, o.writes, o.hole_reads, o.alias_reads),
+                (6 + 2 + 3 + 3 + 2, 6 + 2 + 3 + 3 + 2, 3 + 3 + 2 + 2, 0),
+                "{}",
+                cfg.name()
+            );
+            // Each RAM probe checks a read and a write, each hole probe a read.
+            assert_eq!(r.oracle.checked, 2 * o.reads + o.hole_reads, "{}", cfg.name());
+        }
+    }
+
+    #[test]
+    fn slot_requests_are_counted_by_kind_and_deletes_and_moves_by_their_zaps() {
+        let zap = "{\"t\":0.000000,\"op\":\"kvm\",\"event\":\"zap_all_fast\"}\n";
+        let text = [
+            HEADER.to_string(),
+            slot_line(0, 0, "", "0x0", "0x100000", "0x7f0000000000"),
+            slot_line(0, 1, "", "0x200000", "0x10000", "0x7f0000200000"),
+            // Line 4: dirty logging on (flags only), line 5: the same request again (no-op).
+            slot_line(0, 1, "\"dirty_log\"", "0x200000", "0x10000", "0x7f0000200000"),
+            slot_line(0, 1, "\"dirty_log\"", "0x200000", "0x10000", "0x7f0000200000"),
+            // Line 6: a move, its annotation; line 8: a delete, its annotation.
+            slot_line(0, 1, "\"dirty_log\"", "0x400000", "0x10000", "0x7f0000200000"),
+            zap.to_string(),
+            slot_line(0, 1, "", "0x400000", "0x0", "0x7f0000200000"),
+            zap.to_string(),
+            // Line 10: a delete the recording host did not zap for.
+            slot_line(0, 0, "", "0x0", "0x0", "0x7f0000000000"),
+        ]
+        .concat();
+        for cfg in every_mmu() {
+            let r = run(&text, cfg);
+            let name = cfg.name();
+            assert!(r.passed(), "{name}: {:?}", r.oracle.first_violations);
+            let s = &r.slots;
+            assert_eq!(
+                (s.requests, s.applied, s.refused),
+                (7, 7, 0),
+                "{name}: {:?}",
+                s.first_refusals
+            );
+            assert_eq!(
+                (s.creates, s.flags_only, s.no_ops, s.moves, s.deletes),
+                (2, 1, 1, 1, 2),
+                "{name}"
+            );
+            assert_eq!(r.events_applied, 9, "{name}");
+            let z = &r.zaps;
+            assert_eq!(
+                (z.deletes_and_moves, z.recorded_zap_all_fast, z.recorded_after_delete),
+                (3, 2, 2),
+                "{name}: {z:?}"
+            );
+            if cfg.mmu == MmuKind::Shadow {
+                // Each delete and move zaps all, as on the recording host: every request but
+                // the last matches its annotations (as does the stretch before the first).
+                assert_eq!((z.zap_all_fast, z.zap_range), (3, 0), "{name}: {z:?}");
+                assert!(z.per_request, "{name}");
+                assert_eq!((z.requests_matching, z.requests_differing), (7, 1), "{name}: {z:?}");
+                let diff = ZapDiff { line: 10, recorded: 0, ours: 1 };
+                assert_eq!(z.first_differing, [diff], "{name}");
+            } else {
+                // A TDP MMU zaps the slot's range.
+                assert_eq!((z.zap_all_fast, z.zap_range), (0, 3), "{name}: {z:?}");
+                assert!(!z.per_request, "{name}");
+                assert_eq!((z.requests_matching, z.requests_differing), (0, 0), "{name}: {z:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_shadow_pages_a_delete_zaps_are_counted_per_delete() {
+        // The same create and delete, once and twice: the second delete zaps what the first
+        // did (each starts from a slot the probes just mapped), so twice the count, not more.
+        let cycle = [
+            slot_line(0, 1, "", "0x100000", "0x10000", "0x7f0000000000"),
+            slot_line(0, 1, "", "0x100000", "0x0", "0x7f0000000000"),
+        ]
+        .concat();
+        let once = run(&format!("{HEADER}{cycle}"), ReplayConfig::shadow(true)).zaps;
+        let twice = run(&format!("{HEADER}{cycle}{cycle}"), ReplayConfig::shadow(true)).zaps;
+        assert!(once.sptes_zapped > 0, "{once:?}");
+        assert_eq!(twice.sptes_zapped, 2 * once.sptes_zapped, "{once:?} {twice:?}");
     }
 
     #[test]

@@ -17,7 +17,7 @@
 //! covers like the rest of its region); nothing the trace does reaches them, and the replay's
 //! own accesses never go there (they stay in the trace's slots and accessed ranges).
 
-use super::engine::requested_pages;
+use super::engine::first_middle_last;
 use super::parse::{EventKind, Trace};
 use crate::host::{HostBuffer, SimHost};
 use crate::ram::Width;
@@ -107,7 +107,7 @@ fn reached(trace: &Trace, phys_bits: u8) -> Vec<(u64, u64)> {
                     add(s.gpa, s.size);
                 } else {
                     // The pages the replay probes before the request all the same.
-                    for p in requested_pages(&s).into_iter().flatten() {
+                    for p in first_middle_last(s.gpa, s.size).into_iter().flatten() {
                         add(p, PAGE);
                     }
                 }
