@@ -1162,6 +1162,25 @@ mod tests {
     }
 
     #[test]
+    fn every_request_whose_zaps_differ_is_counted_and_the_first_are_kept_with_their_line() {
+        // 21 deletes that zap all under shadow, none annotated: 21 differ, the first 20 kept.
+        let mut text = HEADER.to_string();
+        for _ in 0..21 {
+            text.push_str(&slot_line(0, 1, "", "0x100000", "0x10000", "0x7f0000000000"));
+            text.push_str(&slot_line(0, 1, "", "0x100000", "0x0", "0x7f0000000000"));
+        }
+        let z = run(&text, ReplayConfig::shadow(false)).zaps;
+        // The stretch before the first request and the 21 creates match.
+        assert_eq!((z.requests_matching, z.requests_differing), (22, 21), "{z:?}");
+        assert_eq!(z.first_differing.len(), KEEP);
+        let diff = |line| ZapDiff { line, recorded: 0, ours: 1 };
+        assert_eq!(
+            (z.first_differing[0].clone(), z.first_differing[19].clone()),
+            (diff(3), diff(41))
+        );
+    }
+
+    #[test]
     fn the_replays_own_accesses_read_every_alias_of_the_page_they_wrote() {
         // Two slots on the same host range: every probe of one reads the word back through
         // the other, and the report counts those reads.
