@@ -1181,6 +1181,39 @@ mod tests {
     }
 
     #[test]
+    fn a_configuration_is_named_by_its_mmu_and_mmio_caching() {
+        let sev = FormatKind::NptSev { c_bit: 47 };
+        let names = [
+            ReplayConfig::new(FormatKind::Ept, true),
+            ReplayConfig::new(FormatKind::Npt, false),
+            ReplayConfig::new(sev, true),
+            ReplayConfig::shadow(false),
+        ]
+        .map(|c| c.name());
+        assert_eq!(names, ["ept-on", "npt-off", "npt-sev-on", "shadow-off"]);
+        let shadow = ReplayConfig::shadow(true);
+        assert_eq!(
+            (shadow.mmu, shadow.format, shadow.phys_bits),
+            (MmuKind::Shadow, FormatKind::Npt, 46)
+        );
+    }
+
+    #[test]
+    fn a_shadow_replay_reaching_the_byte_at_4_gib_runs_its_guest_in_long_mode() {
+        // The highest byte named is 2^32 itself: a guest without paging cannot form it.
+        let text = [
+            HEADER.to_string(),
+            slot_line(0, 0, "", "0x0", "0x100000", "0x7f0000000000"),
+            mmio_line("read", "0x100000000", 1, "0x0", "user"),
+        ]
+        .concat();
+        let r = run(&text, ReplayConfig::shadow(true));
+        assert!(r.passed(), "{:?} {:?}", r.oracle.first_violations, r.mmio.first_misclassified);
+        let guest = r.guest.unwrap_or_default();
+        assert!(guest.starts_with("long mode"), "{guest}");
+    }
+
+    #[test]
     fn the_replays_own_accesses_read_every_alias_of_the_page_they_wrote() {
         // Two slots on the same host range: every probe of one reads the word back through
         // the other, and the report counts those reads.
@@ -1236,6 +1269,7 @@ mod tests {
         for cfg in every_mmu() {
             let r = run(&ok, cfg);
             assert!(r.passed(), "{}: {:?}", cfg.name(), r.dirty_log.first_refusals);
+            assert_eq!(r.events_applied, 5, "{}: every event applied", cfg.name());
             let d = &r.dirty_log;
             assert_eq!(
                 (d.get, d.clear, d.on_logged_slot, d.refused),
@@ -1283,6 +1317,7 @@ mod tests {
         // A 64-bit BAR placed by firmware near the top of a 48-bit host's space.
         assert_eq!(bits(&[slot("0x7ff000000000", "0x4000")]), 47);
         assert_eq!(bits(&[mmio("0x800000000000")]), 48);
+        assert_eq!(bits(&[mmio("0x7ffffffffff8")]), 47, "8 bytes ending at 2^47 - 1");
         assert_eq!(bits(&[slot("0xfffffffff000", "0x1000")]), 48);
         assert_eq!(bits(&[slot("0xffff000000000000", "0x1000")]), 52, "capped at 52");
     }
