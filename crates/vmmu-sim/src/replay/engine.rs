@@ -597,17 +597,20 @@ impl Replay<'_> {
         }
     }
 
-    /// The timeline's sample at recorded time `t_us`: accesses are the replay's own plus the
-    /// recorded MMIO, updates the applied slot requests, exits the vCPU's own counters.
+    /// The timeline's sample at recorded time `t_us`: accesses are every access the vCPU made,
+    /// the replay's own (reads and writes of slots, reads through aliases, reads where no slot
+    /// is) and the recorded MMIO, updates the applied slot requests, exits the vCPU's own
+    /// counters.
     fn sample(&mut self, t_us: u64) -> Sample {
         let r = &self.report;
         let exits = match self.cpu.hw.as_mut() {
             Some(hw) => self.mmu.vcpu_exits(hw.state()),
             None => Default::default(),
         };
+        let o = &r.own_accesses;
         Sample {
             t_us,
-            accesses: r.own_accesses.reads + r.own_accesses.writes + r.mmio.events,
+            accesses: o.reads + o.writes + o.alias_reads + o.hole_reads + r.mmio.events,
             updates: r.slots.applied,
             exits,
         }
@@ -1211,6 +1214,38 @@ mod tests {
         assert!(r.passed(), "{:?} {:?}", r.oracle.first_violations, r.mmio.first_misclassified);
         let guest = r.guest.unwrap_or_default();
         assert!(guest.starts_with("long mode"), "{guest}");
+    }
+
+    #[test]
+    fn the_timeline_samples_the_recorded_clock_at_intervals_of_a_500th_of_the_trace() {
+        // 10 s of trace: a 20 ms interval. Samples after the events at 30 ms (the first past
+        // 20 ms; the next one due at 40 ms), 45 ms (the next at 60 ms, so none at 55 ms) and
+        // 10 s, and the last one at the end.
+        let at = |t: &str, line: String| line.replacen("0.000000", t, 1);
+        let lapic = || mmio_line("read", "0xfee00030", 4, "0x14", "kernel");
+        let text = [
+            HEADER.to_string(),
+            slot_line(0, 0, "", "0x0", "0x10000", "0x7f0000000000"),
+            at("0.030000", lapic()),
+            at("0.045000", lapic()),
+            at("0.055000", lapic()),
+            at("10.000000", lapic()),
+        ]
+        .concat();
+        let r = run(&text, ReplayConfig::new(FormatKind::Ept, true));
+        assert!(r.passed());
+        let timeline = r.timeline.as_ref().expect("timeline");
+        assert_eq!(timeline.interval_us, 20_000);
+        let t: Vec<u64> = timeline.samples.iter().map(|s| s.t_us).collect();
+        assert_eq!(t, [0, 30_000, 45_000, 10_000_000, 10_000_000]);
+        // The samples count every access the vCPU made, the replay's own and the recorded
+        // ones, and the applied slot requests.
+        let o = &r.own_accesses;
+        let all = o.reads + o.writes + o.alias_reads + o.hole_reads + r.mmio.events;
+        let last = timeline.samples.last().expect("a sample");
+        assert_eq!((last.accesses, last.updates), (all, 1));
+        let first = &timeline.samples[1];
+        assert_eq!((first.accesses, first.updates), (all - 3, 1));
     }
 
     #[test]
