@@ -34,7 +34,7 @@ use super::report::{Misclassified, Refusal, RunReport, ZapDiff, KEEP};
 use crate::host::SimHost;
 use crate::hw_vcpu::{Attempts, Data, HwVcpu, Outcome as HwOutcome};
 use crate::machine_paging::{shadow_access, GvaTlb, RamOp, ShadowAccess};
-use crate::oracle::{OracleReport, Violation};
+use crate::oracle::Violation;
 use crate::ram::Width;
 use crate::real::{RealMmu, RealMmuConfig};
 use crate::seam::{AccessKind, GuestMmu};
@@ -732,7 +732,6 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
             host_buffers: memory.buffers() as u64,
             host_bytes: memory.bytes(),
             host_frames_on_demand: memory.frames_on_demand(),
-            oracle: OracleReport::default(),
             ..RunReport::default()
         },
         latencies: Vec::new(),
