@@ -1247,6 +1247,28 @@ mod tests {
         assert_eq!((first.accesses, first.updates), (all - 3, 1));
     }
 
+    #[cfg(feature = "historical-bugs")]
+    #[test]
+    fn a_stale_translation_after_a_delete_is_a_violation_naming_the_vcpu_address_and_outcomes() {
+        // Without the TLB flush on a zap, the deleted range still reads as RAM.
+        let text = [
+            HEADER.to_string(),
+            slot_line(0, 1, "", "0x100000", "0x10000", "0x7f0000000000"),
+            slot_line(0, 1, "", "0x100000", "0x0", "0x7f0000000000"),
+        ]
+        .concat();
+        let bugs = BugSet::only(vmmu::bugs::Bug::NoTlbFlushOnZap);
+        let r = run(&text, ReplayConfig { bugs, ..ReplayConfig::new(FormatKind::Ept, true) });
+        assert!(!r.passed());
+        let v = &r.oracle.first_violations[0];
+        assert_eq!(v.vcpu, Some(0), "{v:?}");
+        let hex = v.gpa.as_deref().and_then(|g| g.strip_prefix("0x"));
+        let gpa = hex.and_then(|g| u64::from_str_radix(g, 16).ok());
+        assert!(gpa.is_some_and(|g| (0x100000..0x110000).contains(&g)), "{v:?}");
+        assert_eq!((v.what.as_str(), v.expected.as_str()), ("read where no slot is", "MMIO"));
+        assert!(v.seen.starts_with("RAM "), "{v:?}");
+    }
+
     #[test]
     fn the_replays_own_accesses_read_every_alias_of_the_page_they_wrote() {
         // Two slots on the same host range: every probe of one reads the word back through
