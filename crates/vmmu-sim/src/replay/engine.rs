@@ -281,12 +281,34 @@ struct Replay<'a> {
     latencies: Vec<u64>,
     /// MMIO handling latency of the recorded MMIO accesses that ended as MMIO.
     mmio_latencies: Vec<u64>,
-    token: u64,
+    tokens: Tokens,
     /// A delete or move was the last slot request and no annotation followed yet.
     pending_zap: bool,
     /// Per-request zap comparison (shadow runs): the line of the last slot request (0 before
     /// the first), our `zap_all_fast` calls during it, and the annotations recorded since.
     zap_cmp: Option<ZapCmp>,
+}
+
+/// The values the replay's probes write, and where in a page they write them.
+#[derive(Debug, Default)]
+struct Tokens {
+    /// How many tokens were handed out.
+    issued: u64,
+}
+
+impl Tokens {
+    /// A token never handed out before, so that a read through a stale translation cannot find
+    /// it where it looks, distinct from zero and from small values a buffer may hold.
+    fn next(&mut self) -> u64 {
+        self.issued += 1;
+        0x5eed_0000_0000_0000 | self.issued
+    }
+
+    /// The offset in its page of the word the next probe uses: it moves by a word with each
+    /// token and goes round all 512 words of the page.
+    fn word_offset(&self) -> u64 {
+        (self.issued % 512) * 8
+    }
 }
 
 /// The slot request the recorded `zap_all_fast` annotations are being counted against.
@@ -313,12 +335,6 @@ fn violation(
 }
 
 impl Replay<'_> {
-    fn next_token(&mut self) -> u64 {
-        self.token += 1;
-        // Distinct from zero and from small values a buffer may hold.
-        0x5eed_0000_0000_0000 | self.token
-    }
-
     fn check(&mut self, ok: bool, v: impl FnOnce() -> Violation) {
         self.report.oracle.checked += 1;
         if !ok {
@@ -480,7 +496,7 @@ impl Replay<'_> {
 
     /// Checks RAM or MMIO at a page: `page` is page aligned; the word in it varies.
     fn probe(&mut self, page: u64) {
-        let gpa = page + (self.token % 512) * 8;
+        let gpa = page + self.tokens.word_offset();
         let Some(slot) = self.covering(gpa) else {
             self.report.own_accesses.hole_reads += 1;
             let seen = self.cpu.access(gpa, Width::W8, None, true);
@@ -501,7 +517,7 @@ impl Replay<'_> {
             });
             return;
         };
-        let t1 = self.next_token();
+        let t1 = self.tokens.next();
         if let Err(e) = buf.write(off, Width::W8, t1) {
             // Cannot happen: the word is aligned and inside the slot's union of ranges.
             self.check(false, || {
@@ -519,7 +535,7 @@ impl Replay<'_> {
                 seen.describe(),
             )
         });
-        let t2 = self.next_token();
+        let t2 = self.tokens.next();
         self.report.own_accesses.writes += 1;
         let seen = self.cpu.access(gpa, Width::W8, Some(t2), true);
         let host = buf.read(off, Width::W8).unwrap_or(0);
@@ -736,7 +752,7 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
         },
         latencies: Vec::new(),
         mmio_latencies: Vec::new(),
-        token: 0,
+        tokens: Tokens::default(),
         pending_zap: false,
         zap_cmp: shadow.then(ZapCmp::default),
     };
@@ -1267,6 +1283,23 @@ mod tests {
         assert!(gpa.is_some_and(|g| (0x100000..0x110000).contains(&g)), "{v:?}");
         assert_eq!((v.what.as_str(), v.expected.as_str()), ("read where no slot is", "MMIO"));
         assert!(v.seen.starts_with("RAM "), "{v:?}");
+    }
+
+    #[test]
+    fn probe_tokens_are_new_and_unlike_small_values_and_their_word_goes_round_the_page() {
+        let mut tokens = Tokens::default();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut words = std::collections::BTreeSet::new();
+        for _ in 0..1024 {
+            let offset = tokens.word_offset();
+            assert!(offset % 8 == 0 && offset < PAGE_SIZE, "{offset:#x}");
+            words.insert(offset);
+            let t = tokens.next();
+            assert_eq!(t >> 48, 0x5eed, "{t:#x}");
+            assert!(seen.insert(t), "{t:#x} handed out twice");
+        }
+        assert_eq!(words.len(), 512, "every word of a page");
+        assert_eq!((tokens.word_offset(), tokens.next()), (0, 0x5eed_0000_0000_0401));
     }
 
     #[test]
