@@ -1303,6 +1303,20 @@ mod tests {
     }
 
     #[test]
+    fn a_run_says_whether_its_host_memory_got_frames_up_front_or_page_by_page() {
+        // 64 GiB of RAM on a 36-bit host (64 GiB of frames, some kept for tables): on demand.
+        let text =
+            [HEADER.to_string(), slot_line(0, 0, "", "0x0", "0x1000000000", "0x7f0000000000")]
+                .concat();
+        let cfg = ReplayConfig { phys_bits: 36, ..ReplayConfig::new(FormatKind::Ept, true) };
+        let r = run(&text, cfg);
+        assert!(r.passed(), "{:?} {:?}", r.slots.first_refusals, r.oracle.first_violations);
+        assert!(r.host_frames_on_demand);
+        let r = run(&text, ReplayConfig { phys_bits: 37, ..cfg });
+        assert!(r.passed() && !r.host_frames_on_demand);
+    }
+
+    #[test]
     fn the_replays_own_accesses_read_every_alias_of_the_page_they_wrote() {
         // Two slots on the same host range: every probe of one reads the word back through
         // the other, and the report counts those reads.
