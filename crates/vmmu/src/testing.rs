@@ -166,7 +166,7 @@ impl TestHost {
     }
 
     fn is_mapped(&self, hva: u64) -> bool {
-        self.mappings.lock().iter().any(|m| hva >= m.hva && hva - m.hva < m.len)
+        self.mappings.lock().iter().any(|m| m.contains(Hva(hva)))
     }
 
     /// Makes the next table allocations fail (or succeed again).
@@ -285,10 +285,11 @@ impl crate::host::GuestMemory for TestHost {
         if !self.is_mapped(hva.raw()) {
             return Err(HostFault::Unmapped(hva));
         }
+        let at = hva.raw() & !7;
         let mut words = self.words.lock();
-        let w = words.entry(hva.raw() & !7).or_insert(0);
+        let w = words.entry(at).or_insert(0);
         let mut racers = self.racers.lock();
-        if let Some(r) = racers.iter_mut().find(|r| r.0 == hva.raw() & !7 && r.1 > 0) {
+        if let Some(r) = racers.iter_mut().find(|r| r.0 == at && r.1 > 0) {
             r.1 -= 1;
             *w ^= 1 << 9;
         }
@@ -330,7 +331,7 @@ impl HostMemory for TestHost {
 
     fn translate_mapped_writable(&self, hva: Hva) -> Option<Pfn> {
         let maps = self.mappings.lock();
-        let m = maps.iter().find(|m| hva.raw() >= m.hva && hva.raw() - m.hva < m.len)?;
+        let (m, _) = find_mapping(&maps, hva)?;
         let written = self.written.lock().contains(&(hva.raw() >> PAGE_SHIFT));
         (m.writable && written).then(|| Pfn(m.pfn + ((hva.raw() - m.hva) >> PAGE_SHIFT)))
     }
