@@ -62,6 +62,19 @@ pub enum DirtyLog {
     Manual,
 }
 
+/// The host page size behind guest RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum HostPages {
+    /// 2 MiB transparent huge pages, but 4 KiB only with `--stress-paths`.
+    Auto,
+    /// 4 KiB pages only (THP off).
+    #[value(name = "4k")]
+    Small,
+    /// 2 MiB transparent huge pages for every aligned 2 MiB block, also with `--stress-paths`.
+    #[value(name = "2m")]
+    Huge,
+}
+
 /// How often the device manager changes the memslots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Updates {
@@ -172,6 +185,19 @@ pub struct RunArgs {
     /// collection that could see the write (no lost dirty page).
     #[arg(long = "dirty-log", value_enum, value_name = "MODE", num_args = 0..=1, default_missing_value = "auto")]
     dirty_log: Option<DirtyLog>,
+    /// With `--dirty-log`: migrate again and again instead of logging from the start: logging
+    /// off for a while, then turned on on the live RAM slots (the MMU write-protects and splits
+    /// what is mapped), N collections, a final one, and logging turned off (huge pages
+    /// recovered) (1..=1000).
+    #[arg(long = "dirty-log-rounds", value_name = "N", requires = "dirty_log",
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    dirty_log_rounds: Option<u32>,
+    /// The host page size behind guest RAM: `auto` (2 MiB transparent huge pages where a
+    /// buffer's block is aligned, 4 KiB only under `--stress-paths`, so that vCPUs race per
+    /// page), `4k` or `2m` (huge pages under `--stress-paths` too: the same races on 2 MiB
+    /// leaves).
+    #[arg(long = "host-pages", value_enum, default_value_t = HostPages::Auto)]
+    host_pages: HostPages,
 }
 
 impl RunArgs {
@@ -206,6 +232,12 @@ impl RunArgs {
                 DirtyLog::Auto => vmmu_sim::migration::DirtyLogMode::Auto,
                 DirtyLog::Manual => vmmu_sim::migration::DirtyLogMode::Manual,
             }),
+            dirty_log_rounds: self.dirty_log_rounds.and_then(std::num::NonZeroU32::new),
+            host_pages: match self.host_pages {
+                HostPages::Auto => vmmu_sim::HostPages::Auto,
+                HostPages::Small => vmmu_sim::HostPages::Small,
+                HostPages::Huge => vmmu_sim::HostPages::Huge,
+            },
         }
     }
 
@@ -244,6 +276,11 @@ impl RunArgs {
             (
                 "--dirty-log",
                 self.dirty_log.map_or("off".into(), |m| format!("{m:?}").to_lowercase()),
+            ),
+            ("--dirty-log-rounds", self.dirty_log_rounds.map_or("none".into(), |n| n.to_string())),
+            (
+                "--host-pages",
+                self.host_pages.to_possible_value().map_or("?".into(), |v| v.get_name().into()),
             ),
         ]
     }
@@ -597,6 +634,22 @@ mod tests {
         {
             assert_eq!(updates(implies).as_deref(), Some("steady (implied)"), "{implies:?}");
         }
+    }
+
+    #[test]
+    fn host_pages_default_to_auto_and_name_their_size() {
+        let pages = |args: &[&str]| {
+            let a = parse(args).expect("flags");
+            let shown = a.flags().into_iter().find(|(k, _)| *k == "--host-pages").map(|(_, v)| v);
+            (a.options(true, BugSet::NONE).machine_config().expect("config").host_pages, shown)
+        };
+        assert_eq!(pages(&[]), (vmmu_sim::HostPages::Auto, Some("auto".into())));
+        assert_eq!(pages(&["--host-pages", "4k"]), (vmmu_sim::HostPages::Small, Some("4k".into())));
+        assert_eq!(
+            pages(&["--host-pages", "2m", "--stress-paths"]),
+            (vmmu_sim::HostPages::Huge, Some("2m".into()))
+        );
+        assert!(parse(&["--host-pages", "1g"]).is_err());
     }
 
     #[test]

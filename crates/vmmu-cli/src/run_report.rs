@@ -90,8 +90,8 @@ impl fmt::Display for Text<'_> {
         let t = &r.tlb;
         writeln!(
             f,
-            "tlb: hits {}, misses {}, flushes {}, inserts {}",
-            t.hits, t.misses, t.flushes, t.inserts
+            "tlb: hits {}, misses {}, flushes {}, inserts {} ({} from leaves over 4 KiB)",
+            t.hits, t.misses, t.flushes, t.inserts, t.inserts_huge
         )?;
         let tb = &r.tables;
         writeln!(
@@ -105,6 +105,13 @@ impl fmt::Display for Text<'_> {
                 "dirty log ({}): {} collections, {} pages reported, {} write windows checked, {} unverifiable",
                 d.mode, d.collections, d.pages_reported, d.windows_checked, d.unverifiable
             )?;
+            if d.migrations > 0 {
+                writeln!(
+                    f,
+                    "  {} migrations: logging turned on and off on the live slots",
+                    d.migrations
+                )?;
+            }
         }
         let o = &r.oracle;
         if o.violations == 0 {

@@ -28,7 +28,10 @@
 //!   (`SimHost::set_table_jitter`), as a cache miss or a preemption would, so that a vCPU's
 //!   decision and its table update are far apart in time now and then;
 //! - 4 KiB host pages only (`SimHost::set_huge_pages`, Linux with THP off), so every page of a
-//!   slot is faulted, mapped and raced for on its own, as a huge leaf would hide it;
+//!   slot is faulted, mapped and raced for on its own, as a huge leaf would hide it, unless
+//!   [`MachineConfig::host_pages`] asks for [`HostPages::Huge`]: then the same races meet 2 MiB
+//!   leaves (their install over a table, their zap by a one-page invalidation, their split by
+//!   dirty logging);
 //! - with 3 or more vCPUs, the last one is a spinner: private RAM only (TLB hits once warm) and
 //!   it never leaves guest mode by itself between batches, only when the MMU makes it (a request,
 //!   a fault) or the run stops. An MMU whose memslot update waits for a grace period that only a
@@ -149,6 +152,37 @@ pub struct MachineConfig {
     /// Dirty logging on the RAM slots, collected by a migration thread and checked by its
     /// oracle ([`crate::migration`]); `None`: no logging.
     pub dirty_log: Option<DirtyLogMode>,
+    /// With `dirty_log`: `None` logs the RAM slots from their creation; `Some(n)` makes
+    /// migration after migration of `n` collections each, turning logging on and off on the live
+    /// slots ([`crate::migration`]).
+    pub dirty_log_rounds: Option<std::num::NonZeroU32>,
+    /// The host's page size for guest RAM (transparent huge pages or not).
+    pub host_pages: HostPages,
+}
+
+/// The host page size behind guest RAM, which bounds the MMU's leaf size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HostPages {
+    /// [`HostPages::Huge`], except under `stress_paths`, where [`HostPages::Small`] (module
+    /// doc).
+    #[default]
+    Auto,
+    /// 4 KiB pages only (THP off): every leaf is 4 KiB.
+    Small,
+    /// A naturally aligned 2 MiB block of a buffer is one transparent huge page, so the MMU may
+    /// map it with one 2 MiB leaf (where the slot and dirty logging allow).
+    Huge,
+}
+
+impl HostPages {
+    /// Whether the host backs aligned 2 MiB blocks with huge pages in a run with `stress_paths`.
+    pub fn huge(self, stress_paths: bool) -> bool {
+        match self {
+            HostPages::Auto => !stress_paths,
+            HostPages::Small => false,
+            HostPages::Huge => true,
+        }
+    }
 }
 
 impl Default for MachineConfig {
@@ -173,6 +207,8 @@ impl Default for MachineConfig {
             guest_paging: false,
             timeline: false,
             dirty_log: None,
+            dirty_log_rounds: None,
+            host_pages: HostPages::Auto,
         }
     }
 }
@@ -425,14 +461,14 @@ impl Machine {
         let cfg = &self.config;
         let n = cfg.vcpus;
         // Stress runs stretch the MMU's decision-to-install windows (see `SimHost::table`), and
-        // map with 4 KiB leaves only, so that vCPUs race per page.
+        // by default map with 4 KiB leaves only, so that vCPUs race per page.
         self.host().set_table_jitter(cfg.stress_paths);
-        self.host().set_huge_pages(!cfg.stress_paths);
+        self.host().set_huge_pages(cfg.host_pages.huge(cfg.stress_paths));
         let states: Vec<M::Vcpu> = (0..n).map(|i| mmu.create_vcpu(i)).collect();
         let l = self.layout();
-        let migration = cfg
-            .dirty_log
-            .map(|mode| Migration::new(mode, &[&l.shared, &l.private[0], &l.private[1]]));
+        let logged = [&l.shared, &l.private[0], &l.private[1]];
+        let migration =
+            cfg.dirty_log.map(|mode| Migration::new(mode, &logged, cfg.dirty_log_rounds));
         let mut collector = migration.as_ref().map(Migration::collector);
         if let Some(c) = &collector {
             if !c.prepare(mmu) {
@@ -440,8 +476,11 @@ impl Machine {
             }
         }
         for request in self.memory.static_requests() {
-            let request = match (&migration, &collector) {
-                (Some(m), Some(_)) => m.flag(request),
+            let request = match (&migration, &mut collector) {
+                (Some(m), Some(c)) => {
+                    c.remember(&request);
+                    m.flag(request)
+                }
                 _ => request,
             };
             mmu.set_memory_region(&request).map_err(|error| SimError::Setup { request, error })?;
@@ -528,13 +567,13 @@ impl Machine {
                 })
                 .collect();
             let dm = s.spawn(|| device_manager(&shared, &self.schedule, cfg, &updates));
-            // The migration thread: collections back to back, a short pause apart.
+            // The migration thread: collections back to back, a short pause apart (and, in
+            // migrations, logging turned on and off).
             let migrator = collector.map(|mut c| {
                 let (stop, mmu) = (&stop, mmu);
                 s.spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
-                        c.collect(mmu);
-                        std::thread::sleep(crate::migration::PAUSE);
+                        c.step(mmu);
                     }
                     c
                 })
@@ -789,7 +828,7 @@ fn vcpu_thread<'o, M: GuestMmu>(
             for _ in 0..cfg.batch.max(1) {
                 let a = gen.next_access();
                 let t0 = c.mmio_latency.is_some().then(Instant::now);
-                let ended_before = recorder.as_ref().map_or(0, Recorder::before);
+                let before = recorder.as_ref().map(Recorder::before).unwrap_or_default();
                 let (seen, start, end) = match paging.as_mut() {
                     Some(p) => match p.gva_for(&mut hw, &a) {
                         Ok(gva) => paged_access(sh, &mut hw, &mut c, &a, gva, p),
@@ -805,7 +844,7 @@ fn vcpu_thread<'o, M: GuestMmu>(
                 if let (Some(r), true, Observed::Ram { .. }) =
                     (recorder.as_mut(), a.kind.is_write(), &seen)
                 {
-                    r.wrote(a.gpa, ended_before);
+                    r.wrote(a.gpa, before);
                 }
                 checker.check(&a, &seen, start, end);
                 hw.give_way();

@@ -25,12 +25,26 @@
 //!
 //! In manual mode (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`) a collection is a GET followed by a CLEAR
 //! of exactly the bits the GET returned, as a VMM does before it copies the pages.
+//!
+//! # Migrations ([`Migration::new`] with `rounds`)
+//! By default the slots are logged from their creation to the end of the run. With `rounds`,
+//! the thread instead makes migration after migration, as a VMM that migrates a running VM
+//! does: logging off for a while (vCPUs map and write freely, with huge leaves where the host
+//! has huge pages); logging turned on by a flags-only update of every logged slot (the MMU
+//! write-protects, and splits, what is mapped); `rounds` collections; then the phase is marked
+//! ending, one final collection is made, and logging is turned off again (the MMU may map huge
+//! pages again). `phase` (`SeqCst`, stored by the collector) counts these steps: odd while
+//! logging is fully on, even otherwise. A write is an obligation only if the vCPU read the same
+//! odd phase before the access and after it: logging was on before the write began and the
+//! final collection of that migration had not begun when it ended, so the write's window ends at
+//! that final collection at the latest (the vCPU reads `started` before the phase).
 
 use crate::layout::RamRegion;
 use crate::oracle::{OracleReport, Violation};
 use crate::seam::{GuestMmu, SlotRequest};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -61,6 +75,9 @@ pub struct DirtyLogReport {
     pub windows_checked: u64,
     /// Windows whose collections fell out of the history before they were handed over.
     pub unverifiable: u64,
+    /// Times logging was turned on on live slots (migrations begun; 0 when the slots are logged
+    /// from their creation).
+    pub migrations: u64,
 }
 
 /// One logged slot.
@@ -82,15 +99,32 @@ struct Window {
 /// The state shared by the vCPUs' recorders and the collector.
 pub struct Migration {
     mode: DirtyLogMode,
+    /// Collections per migration; `None`: logged from creation to the end.
+    rounds: Option<NonZeroU32>,
     slots: Vec<Logged>,
     started: AtomicU32,
     ended: AtomicU32,
+    /// Odd while logging is fully on (module doc).
+    phase: AtomicU32,
     handed: Mutex<Vec<Window>>,
 }
 
+/// What a vCPU read before an access ([`Recorder::before`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Before {
+    ended: u32,
+    phase: u32,
+}
+
 impl Migration {
-    /// Dirty logging of the RAM `regions` (their slots get `KVM_MEM_LOG_DIRTY_PAGES`).
-    pub fn new(mode: DirtyLogMode, regions: &[&RamRegion]) -> Migration {
+    /// Dirty logging of the RAM `regions`: from their slots' creation (`rounds` `None`: the
+    /// slots get `KVM_MEM_LOG_DIRTY_PAGES` when made), or in migrations of `rounds`
+    /// collections each (module doc).
+    pub fn new(
+        mode: DirtyLogMode,
+        regions: &[&RamRegion],
+        rounds: Option<NonZeroU32>,
+    ) -> Migration {
         let slots = regions
             .iter()
             .filter(|r| !r.readonly)
@@ -98,20 +132,31 @@ impl Migration {
             .collect();
         Migration {
             mode,
+            rounds,
             slots,
             started: AtomicU32::new(0),
             ended: AtomicU32::new(0),
+            phase: AtomicU32::new(if rounds.is_none() { 1 } else { 0 }),
             handed: Mutex::new(Vec::new()),
         }
     }
 
-    /// `request` with dirty logging on if it creates a logged slot.
+    /// `request` with dirty logging on if it creates a logged slot that is logged from its
+    /// creation.
     pub fn flag(&self, request: SlotRequest) -> SlotRequest {
-        if self.slots.iter().any(|s| s.slot == request.slot) && request.memory_size != 0 {
+        if self.rounds.is_none() && self.is_logged_create(&request) {
             SlotRequest { flags: request.flags | SlotRequest::LOG_DIRTY_PAGES, ..request }
         } else {
             request
         }
+    }
+
+    fn is_logged_create(&self, request: &SlotRequest) -> bool {
+        self.slots.iter().any(|s| s.slot == request.slot) && request.memory_size != 0
+    }
+
+    fn logging_on(&self) -> bool {
+        self.phase.load(Ordering::SeqCst) % 2 == 1
     }
 
     /// Whether `gpa` lies in a logged slot.
@@ -128,6 +173,8 @@ impl Migration {
     pub fn collector(&self) -> Collector<'_> {
         Collector {
             m: self,
+            requests: Vec::new(),
+            done_rounds: 0,
             history: HashMap::new(),
             pending: Vec::new(),
             report: OracleReport::default(),
@@ -152,19 +199,23 @@ pub struct Recorder<'m> {
 }
 
 impl Recorder<'_> {
-    /// Before an access: the collections that ended before it began.
+    /// Before an access: the logging phase, then the collections that ended before it began.
     #[inline]
-    pub fn before(&self) -> u32 {
-        self.m.ended.load(Ordering::SeqCst)
+    pub fn before(&self) -> Before {
+        let phase = self.m.phase.load(Ordering::SeqCst);
+        Before { ended: self.m.ended.load(Ordering::SeqCst), phase }
     }
 
-    /// After a write to RAM at `gpa` that began when `before` returned `ended_before`.
-    pub fn wrote(&mut self, gpa: Gpa, ended_before: u32) {
+    /// After a write to RAM at `gpa` that began when `before` returned `before`.
+    pub fn wrote(&mut self, gpa: Gpa, before: Before) {
         if !self.m.logged(gpa) {
             return;
         }
-        let lo = ended_before + 1;
+        let lo = before.ended + 1;
         let hi = self.m.started.load(Ordering::SeqCst) + 1;
+        if before.phase % 2 == 0 || self.m.phase.load(Ordering::SeqCst) != before.phase {
+            return; // logging was not on for the whole write: no obligation
+        }
         if (lo, hi) != (self.lo, self.hi) {
             self.hand_over();
             (self.lo, self.hi) = (lo, hi);
@@ -186,6 +237,10 @@ impl Recorder<'_> {
 /// The migration thread's side: collections and checks.
 pub struct Collector<'m> {
     m: &'m Migration,
+    /// The logged slots' creating requests (without the logging flag), for migrations.
+    requests: Vec<SlotRequest>,
+    /// Collections made in the current migration.
+    done_rounds: u32,
     /// Per gfn, the last collections that reported it (ascending).
     history: HashMap<u64, Vec<u32>>,
     pending: Vec<Window>,
@@ -198,6 +253,65 @@ impl Collector<'_> {
     /// dirty logging.
     pub fn prepare<M: GuestMmu>(&self, mmu: &M) -> bool {
         mmu.set_dirty_log_manual(self.m.mode == DirtyLogMode::Manual)
+    }
+
+    /// Notes a setup request: a logged slot's creation is kept for the migrations' flag
+    /// updates.
+    pub fn remember(&mut self, request: &SlotRequest) {
+        if self.m.is_logged_create(request) {
+            self.requests.push(*request);
+        }
+    }
+
+    /// The migration thread's next step: a collection, or (in migrations) turning logging on
+    /// or off (module doc). Sleeps a little after it.
+    pub fn step<M: GuestMmu>(&mut self, mmu: &M) {
+        let Some(rounds) = self.m.rounds else {
+            self.collect(mmu);
+            std::thread::sleep(PAUSE);
+            return;
+        };
+        if !self.m.logging_on() {
+            // Logging off: let the vCPUs run unlogged as long as a migration's collections take.
+            std::thread::sleep(PAUSE * rounds.get());
+            self.set_logging(mmu, true);
+            self.m.phase.fetch_add(1, Ordering::SeqCst);
+            self.stats.migrations += 1;
+            self.done_rounds = 0;
+        } else if self.done_rounds < rounds.get() {
+            self.collect(mmu);
+            self.done_rounds += 1;
+            std::thread::sleep(PAUSE);
+        } else {
+            self.m.phase.fetch_add(1, Ordering::SeqCst);
+            self.collect(mmu); // the final collection: every write of this migration is in it
+            self.set_logging(mmu, false);
+        }
+    }
+
+    /// Turns dirty logging on or off on every logged slot (flags-only updates).
+    fn set_logging<M: GuestMmu>(&mut self, mmu: &M, on: bool) {
+        for r in &self.requests {
+            let flags = if on {
+                r.flags | SlotRequest::LOG_DIRTY_PAGES
+            } else {
+                r.flags & !SlotRequest::LOG_DIRTY_PAGES
+            };
+            let request = SlotRequest { flags, ..*r };
+            if let Err(e) = mmu.set_memory_region(&request) {
+                self.report.push(Violation {
+                    vcpu: None,
+                    gpa: Some(format!("{:#x}", r.guest_phys_addr)),
+                    what: format!(
+                        "turning dirty logging {} on live slot {}",
+                        if on { "on" } else { "off" },
+                        r.slot
+                    ),
+                    expected: "ok".into(),
+                    seen: e.to_string(),
+                });
+            }
+        }
     }
 
     /// One collection over every logged slot, then the checks of every closed window.
@@ -275,10 +389,15 @@ impl Collector<'_> {
         }
     }
 
-    /// After the vCPUs stopped and handed their last windows over: one last collection closes
-    /// every window; returns the verdict and the numbers.
+    /// After the vCPUs stopped and handed their last windows over: one last collection (if
+    /// logging is on) closes every window; returns the verdict and the numbers.
     pub fn finish<M: GuestMmu>(mut self, mmu: &M) -> (OracleReport, DirtyLogReport) {
-        self.collect(mmu);
+        if self.m.logging_on() {
+            self.collect(mmu);
+        } else {
+            // Every window closed at its migration's final collection at the latest.
+            self.check(self.m.started.load(Ordering::SeqCst));
+        }
         let left = self.pending.len();
         debug_assert_eq!(left, 0, "every window closes at the last collection");
         self.report.checked += self.stats.windows_checked;
@@ -300,7 +419,7 @@ mod tests {
     #[test]
     fn a_write_must_be_in_its_window() {
         let r = region(1, 0x100_0000, 64);
-        let m = Migration::new(DirtyLogMode::Auto, &[&r]);
+        let m = Migration::new(DirtyLogMode::Auto, &[&r], None);
         let mut c = m.collector();
         let mut rec = m.recorder(0);
         // A write before collection 1: window [1, 1].
@@ -327,10 +446,50 @@ mod tests {
         assert!(rec.gfns.is_empty());
     }
 
+    /// In migrations, only a write made wholly while logging was on is an obligation, and its
+    /// window ends at its migration's final collection at the latest.
+    #[test]
+    fn in_migrations_only_writes_made_while_logging_is_on_count() {
+        let r = region(1, 0x100_0000, 64);
+        let m = Migration::new(DirtyLogMode::Auto, &[&r], NonZeroU32::new(2));
+        let mut rec = m.recorder(0);
+        let page = Gpa(0x100_3000);
+        // Logging off (phase 0): no obligation.
+        rec.wrote(page, rec.before());
+        assert!(rec.gfns.is_empty());
+        // Logging turned on while the write was in flight: no obligation either.
+        let b = rec.before();
+        m.phase.store(1, Ordering::SeqCst);
+        rec.wrote(page, b);
+        assert!(rec.gfns.is_empty());
+        // Wholly inside the migration: an obligation, window [1, 1].
+        rec.wrote(page, rec.before());
+        assert_eq!((rec.lo, rec.hi, rec.gfns.len()), (1, 1, 1));
+        // The final collection was marked while the write ran: no obligation (it may have
+        // begun after that collection did).
+        let b = rec.before();
+        m.phase.store(2, Ordering::SeqCst);
+        rec.wrote(Gpa(0x100_4000), b);
+        assert_eq!(rec.gfns.len(), 1);
+        // The slots are not flagged at creation: the migrations turn logging on.
+        let req = SlotRequest {
+            slot: 1,
+            flags: 0,
+            guest_phys_addr: 0x100_0000,
+            memory_size: 0x4_0000,
+            userspace_addr: 0,
+        };
+        assert_eq!(m.flag(req).flags, 0);
+        let mut c = m.collector();
+        c.remember(&req);
+        c.remember(&SlotRequest { slot: 2, ..req });
+        assert_eq!(c.requests, [req]);
+    }
+
     #[test]
     fn logged_slots_get_the_flag() {
         let r = region(3, 0x100_0000, 4);
-        let m = Migration::new(DirtyLogMode::Manual, &[&r]);
+        let m = Migration::new(DirtyLogMode::Manual, &[&r], None);
         let req = SlotRequest {
             slot: 3,
             flags: 0,

@@ -6,7 +6,9 @@
 //! same ranges to options built in code.
 
 use crate::host::{HostConfig, ReaderFenceKind};
-use crate::machine::{Machine, MachineConfig, ProgressSnapshot, SimError, UpdateProfile};
+use crate::machine::{
+    HostPages, Machine, MachineConfig, ProgressSnapshot, SimError, UpdateProfile,
+};
 use crate::real::{RealMmu, RealMmuConfig};
 use crate::report::Report;
 use std::time::Duration;
@@ -60,6 +62,11 @@ pub struct RunOptions {
     pub timeline: bool,
     /// Dirty logging on the RAM slots with a migration thread and its oracle (`--dirty-log`).
     pub dirty_log: Option<crate::migration::DirtyLogMode>,
+    /// With `dirty_log`: collections per migration, logging turned on and off on the live
+    /// slots (`--dirty-log-rounds`); `None`: logged from creation.
+    pub dirty_log_rounds: Option<std::num::NonZeroU32>,
+    /// The host page size behind guest RAM (`--host-pages`).
+    pub host_pages: HostPages,
 }
 
 impl Default for RunOptions {
@@ -83,6 +90,8 @@ impl Default for RunOptions {
             reader_fences: ReaderFenceKind::Full,
             timeline: false,
             dirty_log: None,
+            dirty_log_rounds: None,
+            host_pages: HostPages::Auto,
         }
     }
 }
@@ -109,6 +118,15 @@ pub enum OptionsError {
         max = crate::machine_paging::MAX_VCPUS
     )]
     PagingVcpus(u16),
+    /// `--dirty-log-rounds` without `--dirty-log`.
+    #[error("--dirty-log-rounds needs --dirty-log: it says how long each migration logs")]
+    RoundsWithoutDirtyLog,
+    /// `--wrap-trap` with `--dirty-log-rounds`.
+    #[error(
+        "--wrap-trap and --dirty-log-rounds exclude each other: the trap counts the generation \
+         swaps to the wrap, and every migration adds its own"
+    )]
+    WrapTrapMigrations,
     /// `--wrap-trap` with `--near-wrap`.
     #[error("--wrap-trap and --near-wrap exclude each other")]
     WrapTrapNearWrap,
@@ -170,6 +188,12 @@ impl RunOptions {
         if self.wrap_trap && self.near_wrap {
             return Err(OptionsError::WrapTrapNearWrap);
         }
+        if self.dirty_log_rounds.is_some() && self.dirty_log.is_none() {
+            return Err(OptionsError::RoundsWithoutDirtyLog);
+        }
+        if self.wrap_trap && self.dirty_log_rounds.is_some() {
+            return Err(OptionsError::WrapTrapMigrations);
+        }
         Ok(())
     }
 
@@ -196,6 +220,8 @@ impl RunOptions {
             guest_paging: self.shadow || self.guest_paging,
             timeline: self.timeline,
             dirty_log: self.dirty_log,
+            dirty_log_rounds: self.dirty_log_rounds,
+            host_pages: self.host_pages,
             // Stress runs and bug hunts want every update they can get.
             update_profile: if self.stress_paths || self.wrap_trap || !self.bugs.is_empty() {
                 UpdateProfile::Steady

@@ -38,6 +38,9 @@ pub struct TlbStats {
     pub flushes: u64,
     /// Entries inserted.
     pub inserts: u64,
+    /// Of those, entries from a leaf larger than 4 KiB (the translation came from a 2 MiB or
+    /// 1 GiB leaf).
+    pub inserts_huge: u64,
 }
 
 impl TlbStats {
@@ -47,6 +50,7 @@ impl TlbStats {
         self.misses += o.misses;
         self.flushes += o.flushes;
         self.inserts += o.inserts;
+        self.inserts_huge += o.inserts_huge;
     }
 }
 
@@ -107,6 +111,9 @@ impl Tlb {
         self.tags[i] = gfn.0;
         self.entries[i] = Some(entry);
         self.stats.inserts += 1;
+        if entry.level != Level::L4K {
+            self.stats.inserts_huge += 1;
+        }
     }
 
     /// Drops every entry.
@@ -150,7 +157,20 @@ mod tests {
         t.flush();
         assert!(t.is_empty());
         assert!(t.lookup(Gfn(5), false).is_none());
-        assert_eq!(t.stats(), TlbStats { hits: 1, misses: 3, flushes: 1, inserts: 1 });
+        assert_eq!(
+            t.stats(),
+            TlbStats { hits: 1, misses: 3, flushes: 1, inserts: 1, inserts_huge: 0 }
+        );
+    }
+
+    #[test]
+    fn inserts_from_huge_leaves_are_counted_apart() {
+        let mut t = Tlb::new(8);
+        t.insert(Gfn(1), entry(true));
+        t.insert(Gfn(2), TlbEntry { level: Level::L2M, ..entry(true) });
+        t.insert(Gfn(3), TlbEntry { level: Level::L2M, ..entry(false) });
+        let s = t.stats();
+        assert_eq!((s.inserts, s.inserts_huge), (3, 2));
     }
 
     #[test]

@@ -130,3 +130,24 @@ fn shadow_paging_loses_no_dirty_page() {
         assert!(r.dirty_log.is_some(), "{mode:?}: no dirty-log report");
     }
 }
+
+/// The same across migrations (`--dirty-log-rounds`): logging started on live slots whose pages
+/// the shadow maps writable, stopped, started again; and two-dimensionally with a TDP format.
+#[test]
+fn guest_paging_loses_no_dirty_page_across_migrations() {
+    for (shadow, mode) in [
+        (true, vmmu_sim::migration::DirtyLogMode::Auto),
+        (false, vmmu_sim::migration::DirtyLogMode::Manual),
+    ] {
+        let o = RunOptions {
+            dirty_log: Some(mode),
+            dirty_log_rounds: std::num::NonZeroU32::new(3),
+            ..opts(shadow, FormatKind::Npt)
+        };
+        let r = run(o);
+        let d = r.dirty_log.clone().expect("dirty-log report");
+        let ctx = format!("shadow {shadow} {mode:?}: {d:?} {:#?}", r.oracle.first_violations);
+        assert_eq!(r.oracle.violations, 0, "{ctx}");
+        assert!(d.migrations >= 2 && d.pages_reported > 0, "{ctx}");
+    }
+}

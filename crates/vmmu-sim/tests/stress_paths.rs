@@ -10,7 +10,7 @@ use vmmu::bugs::BugSet;
 use vmmu::memslot::MemslotError;
 use vmmu::spte::FormatKind;
 use vmmu::types::{Gpa, Hva};
-use vmmu_sim::machine::{Machine, MachineConfig};
+use vmmu_sim::machine::{HostPages, Machine, MachineConfig};
 use vmmu_sim::reference::ReferenceMmu;
 use vmmu_sim::seam::{AccessKind, GuestMmu, SlotRequest, Translation};
 use vmmu_sim::{RealMmu, RealMmuConfig, Report};
@@ -113,6 +113,21 @@ fn real_mmu_stress_paths_are_clean() {
         let machine = Machine::new(config(2, seed)).expect("machine");
         let report = machine.run(&real(&machine, format, 2)).expect("run");
         assert_clean_and_live(&report, MIN_UPDATES);
+    }
+}
+
+/// The same races over 2 MiB leaves (`HostPages::Huge`; stress runs default to 4 KiB host
+/// pages): a fault that installs a huge leaf where a table is, a one-page host invalidation or
+/// a slot change that zaps a huge leaf, and vCPUs whose TLB entries came from one. The run must
+/// have translated through huge leaves, or it checked nothing new.
+#[test]
+fn real_mmu_stress_paths_on_huge_host_pages_are_clean() {
+    for (format, seed) in [(FormatKind::Ept, 26), (FormatKind::Npt, 27)] {
+        let cfg = MachineConfig { host_pages: HostPages::Huge, ..config(2, seed) };
+        let machine = Machine::new(cfg).expect("machine");
+        let report = machine.run(&real(&machine, format, 2)).expect("run");
+        assert_clean_and_live(&report, MIN_UPDATES);
+        assert!(report.tlb.inserts_huge > 0, "no access went through a 2 MiB leaf: {report:#?}");
     }
 }
 
