@@ -7,7 +7,9 @@
 //! lost its write right. With the real `Vm`, `Vcpu` and MMU through the sync shim.
 //!
 //! Setup: a dirty-logged one-page slot; the vCPU's write fault has made the leaf writable and
-//! marked the page. Two threads:
+//! marked the page. From [`Start::Unmapped`] the leaf is then zapped (the page stays marked), so
+//! the vCPU's first write faults and its fault races the collection's exclusive hold of the MMU
+//! lock. Two threads:
 //!
 //! - the vCPU runs up to [`ROUNDS`] guest-mode periods. Each services its requests (a TLB flush
 //!   empties its TLB) and enters guest mode; if its one-entry "TLB" is empty it fills it from
@@ -20,29 +22,30 @@
 //!   it returned) and raises `collected` (Release) when the collection returned.
 //!
 //! Invariant, as the VMM sees it: if a guest write went through the TLB after the vCPU saw
-//! `collected` (Acquire), a GET after the vCPU stopped returns the page. A write through an entry
-//! cached before the collection, in the same guest-mode period with no request noticed, would
-//! break it: the page is write-protected and not marked, and nothing faults (the flush closes
-//! this). A write through an entry refilled after a write fault re-marked the page keeps it.
-//! Each model must also see such a write after the collection returned (the check is not
-//! vacuous) and a write before it.
+//! `collected` (Acquire), a GET after the vCPU stopped returns the page. Two ways break it: a
+//! write through an entry cached before the collection, in the same guest-mode period with no
+//! request noticed (the page is write-protected and not marked, and nothing faults: the flush
+//! closes this), and a write fault that marks the page before its hold of the lock, so that the
+//! collection clears the mark and the fault then maps the page writable unmarked (marking
+//! inside the hold closes this). Each model must also see a write after the collection returned
+//! through an entry refilled after a write fault (the check is not vacuous) and a write before
+//! it.
 //!
 //! The models: auto mode and manual mode on the TDP MMU (EPT, the hardware walking gpas), and
 //! manual mode on the shadow MMU (a 4-level guest whose tables lie in an unlogged slot, the
 //! hardware walking the shadow for a gva; write protection through the reverse map under the
-//! shadow lock). Auto GET (`dirty::get_log`) and CLEAR
+//! shadow lock), each from both starts. Auto GET (`dirty::get_log`) and CLEAR
 //! (`dirty::clear_log`) each flush after their write protection under the same bug switch: with
-//! `--features historical-bugs` each model must catch
+//! `--features historical-bugs` the models from [`Start::Writable`] must catch
 //! `dirty-log-no-flush` (the collection returns without flushing) as a `VIOLATION`; in manual
 //! mode the GET protects nothing, so the catch is the CLEAR's.
 //!
 //! Checked by hand with temporary edits (not committed), each failing as a `VIOLATION`:
 //! `clear_log` without its flush, and `clear_log` without its write protection (bits cleared,
-//! leaves left writable), fail both manual models (the auto model passes).
-//!
-//! Not covered: a write fault inside the collection's exclusive hold. The leaf is writable when
-//! the run starts, so the vCPU's first fault takes the lock after the collection's write
-//! protection.
+//! leaves left writable), fail both manual models from [`Start::Writable`] (the auto model
+//! passes); the TDP fault path marking the page before it takes the MMU lock (and not after the
+//! install) fails both TDP models from [`Start::Unmapped`]; the shadow fault path marking
+//! before it takes the shadow lock fails the shadow model from [`Start::Unmapped`].
 //!
 //! Bounded: one vCPU, [`ROUNDS`] periods of at most two writes, one collection, preemption bound
 //! 2 (`LOOM_MAX_PREEMPTIONS`). Each model runs in about a second or less (release build).
@@ -66,7 +69,7 @@ use vmmu::tdp::HwWalk;
 use vmmu::testing::TestHost;
 use vmmu::vcpu::{GuestMode, Vcpu};
 use vmmu::vm::{Vm, VmConfig};
-use vmmu::{Access, AsId, FaultAccess, Gpa, Gva, Level, SlotId};
+use vmmu::{Access, AsId, FaultAccess, Gfn, Gpa, Gva, Level, SlotId};
 
 /// The logged page's gfn (its slot's only page).
 const X: u64 = 0x1234;
@@ -80,6 +83,15 @@ const GVA: u64 = 0x4000_0000;
 /// Guest-mode periods the vCPU runs: a period cut short by the collection's kick, one whose
 /// write faults, and one that writes through the refilled entry.
 const ROUNDS: usize = 3;
+
+/// The logged page's leaf when the threads start (the page is marked either way).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Start {
+    /// Writable: the vCPU's first writes need no fault.
+    Writable,
+    /// Zapped after the write fault: the vCPU's first write faults, racing the collection.
+    Unmapped,
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mmu {
@@ -144,8 +156,14 @@ const WROTE_AFTER: &str = "a write after the collection returned, through an ent
                            a write fault";
 
 /// A VM of `mmu` with the logged one-page slot (and, for shadow paging, the guest's tables), in
-/// `mode`, and its vCPU after the write fault that made the page writable and marked it.
-fn setup(mmu: Mmu, mode: DirtyLogMode, bugs: BugSet) -> (Vm<TestHost>, Vcpu<TestHost>) {
+/// `mode`, and its vCPU after the write fault that made the page writable and marked it; with
+/// [`Start::Unmapped`] the page's leaf is zapped then.
+fn setup(
+    mmu: Mmu,
+    mode: DirtyLogMode,
+    start: Start,
+    bugs: BugSet,
+) -> (Vm<TestHost>, Vcpu<TestHost>) {
     let mut cfg = match mmu {
         Mmu::Tdp => VmConfig::new(FormatKind::Ept, 46).unwrap(),
         Mmu::Shadow => VmConfig::shadow(46).unwrap(),
@@ -190,6 +208,9 @@ fn setup(mmu: Mmu, mode: DirtyLogMode, bugs: BugSet) -> (Vm<TestHost>, Vcpu<Test
     }
     v.service_requests().unwrap();
     assert_eq!(mmu.write_fault(&mut v, false), FaultOutcome::Fixed, "setup: the write fault");
+    if start == Start::Unmapped {
+        vm.zap_gfn_range_for_tests(AsId(0), Gfn(X), Gfn(X + 1));
+    }
     (vm, v)
 }
 
@@ -248,13 +269,13 @@ fn vcpu_writes(mmu: Mmu, v: &mut Vcpu<TestHost>, collected: &AtomicBool, c: &Cov
     wrote_after
 }
 
-/// One model: `mmu` in `mode`, with `bugs`.
-fn dirty_log(mmu: Mmu, mode: DirtyLogMode, bugs: BugSet) -> Coverage {
+/// One model: `mmu` in `mode` from `start`, with `bugs`.
+fn dirty_log(mmu: Mmu, mode: DirtyLogMode, start: Start, bugs: BugSet) -> Coverage {
     let cov = Coverage::default();
     let c = cov.clone();
     model(move || {
         c.execution();
-        let (vm, mut v) = setup(mmu, mode, bugs);
+        let (vm, mut v) = setup(mmu, mode, start, bugs);
         let collected = Arc::new(AtomicBool::new(false));
         let t = {
             let (collected, c) = (collected.clone(), c.clone());
@@ -272,7 +293,7 @@ fn dirty_log(mmu: Mmu, mode: DirtyLogMode, bugs: BugSet) -> Coverage {
         let next = vm.get_dirty_log(AsId(0), SlotId(LOG_SLOT)).unwrap();
         assert!(
             !wrote_after || next == [1],
-            "VIOLATION: a guest write made after the collection ({mmu:?}, {mode:?}) \
+            "VIOLATION: a guest write made after the collection ({mmu:?}, {mode:?}, {start:?}) \
              returned is in no later KVM_GET_DIRTY_LOG (next {next:?}): it went through a writable \
              translation of an unmarked page: a lost dirty page"
         );
@@ -284,17 +305,34 @@ const BOTH_WRITES: [&str; 2] = [WROTE_BEFORE, WROTE_AFTER];
 
 #[test]
 fn loom_dirty_log_get_flushes_before_it_returns() {
-    dirty_log(Mmu::Tdp, DirtyLogMode::Auto, BugSet::NONE).expect(&BOTH_WRITES);
+    dirty_log(Mmu::Tdp, DirtyLogMode::Auto, Start::Writable, BugSet::NONE).expect(&BOTH_WRITES);
+}
+
+#[test]
+fn loom_dirty_log_get_vs_write_fault() {
+    dirty_log(Mmu::Tdp, DirtyLogMode::Auto, Start::Unmapped, BugSet::NONE).expect(&BOTH_WRITES);
 }
 
 #[test]
 fn loom_dirty_log_manual_clear_flushes_before_it_returns() {
-    dirty_log(Mmu::Tdp, DirtyLogMode::Manual, BugSet::NONE).expect(&BOTH_WRITES);
+    dirty_log(Mmu::Tdp, DirtyLogMode::Manual, Start::Writable, BugSet::NONE).expect(&BOTH_WRITES);
+}
+
+#[test]
+fn loom_dirty_log_manual_clear_vs_write_fault() {
+    dirty_log(Mmu::Tdp, DirtyLogMode::Manual, Start::Unmapped, BugSet::NONE).expect(&BOTH_WRITES);
 }
 
 #[test]
 fn loom_dirty_log_shadow_manual_clear_flushes_before_it_returns() {
-    dirty_log(Mmu::Shadow, DirtyLogMode::Manual, BugSet::NONE).expect(&BOTH_WRITES);
+    dirty_log(Mmu::Shadow, DirtyLogMode::Manual, Start::Writable, BugSet::NONE)
+        .expect(&BOTH_WRITES);
+}
+
+#[test]
+fn loom_dirty_log_shadow_manual_clear_vs_write_fault() {
+    dirty_log(Mmu::Shadow, DirtyLogMode::Manual, Start::Unmapped, BugSet::NONE)
+        .expect(&BOTH_WRITES);
 }
 
 /// The models have teeth: without the flush after the re-protect, the vCPU keeps writing.
@@ -302,7 +340,7 @@ fn loom_dirty_log_shadow_manual_clear_flushes_before_it_returns() {
 fn assert_catches_dirty_log_no_flush(mmu: Mmu, mode: DirtyLogMode) {
     let bugs = BugSet::only(vmmu::bugs::Bug::DirtyLogNoFlush);
     let caught = loom_common::violation(|| {
-        dirty_log(mmu, mode, bugs);
+        dirty_log(mmu, mode, Start::Writable, bugs);
     });
     assert!(caught, "{mmu:?} {mode:?}: missed dirty-log-no-flush");
 }
