@@ -30,7 +30,7 @@ use crate::{all_took, region, set, BenchError, Options};
 use std::hint::black_box;
 use std::sync::Arc;
 use vmmu::fault::{EmulateSource, FaultOutcome, PfErr};
-use vmmu::guest::{GuestCpu, PagingMode};
+use vmmu::guest::GuestCpu;
 use vmmu::tdp::HwWalk;
 use vmmu::vcpu::mmio_cache::ENTRIES;
 use vmmu::vcpu::Vcpu;
@@ -102,8 +102,7 @@ fn shadow_vcpu(host: &Arc<SimHost>, caching: bool) -> Result<Vcpu<SimHost>, Benc
         set(&vm, &region(i as u32, 0, i << 28, 2 << 20, 0x1000_0000_0000 + (i << 21)))?;
     }
     let mut v = vm.create_vcpu()?;
-    let cpu =
-        GuestCpu { mode: PagingMode::Long4, cr3: CR3, cr0_wp: true, efer_nx: true, maxphyaddr: 46 };
+    let cpu = GuestCpu::long4(CR3, 46);
     v.set_guest_cpu(cpu).map_err(|e| harness("set_guest_cpu", e))?;
     v.service_requests().map_err(|e| harness("root", e))?;
     Ok(v)

@@ -45,7 +45,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use vmmu::fault::{EmulateSource, FaultOutcome, PfErr};
 use vmmu::guest::pte::{P, RW, US};
-use vmmu::guest::{GpteWriteError, GuestCpu, GuestPteMemory, PagingMode, WalkError};
+use vmmu::guest::{GpteWriteError, GuestCpu, GuestPteMemory, WalkError};
 use vmmu::tdp::HwWalk;
 use vmmu::{FaultAccess, Gpa, Gva, Hva};
 use vmmu_scenario::{MapFlags, PageSize, Paging};
@@ -276,13 +276,7 @@ impl VcpuPaging {
             width: crate::ram::Width::W4,
             value: 0,
         };
-        let cpu = GuestCpu {
-            mode: PagingMode::Long4,
-            cr3: roots[0],
-            cr0_wp: true,
-            efer_nx: true,
-            maxphyaddr: 46,
-        };
+        let cpu = GuestCpu::long4(roots[0], 46);
         let mut p = VcpuPaging {
             tables,
             buf,

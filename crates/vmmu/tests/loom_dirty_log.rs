@@ -61,7 +61,7 @@ use std::collections::BTreeSet;
 use vmmu::bugs::BugSet;
 use vmmu::dirty::DirtyLogMode;
 use vmmu::fault::{FaultOutcome, PfErr};
-use vmmu::guest::{GuestCpu, PagingMode};
+use vmmu::guest::GuestCpu;
 use vmmu::memslot::{UserspaceMemoryRegion, KVM_MEM_LOG_DIRTY_PAGES};
 use vmmu::spte::FormatKind;
 use vmmu::sync::{Arc, Ordering};
@@ -197,14 +197,7 @@ fn setup(
     }
     let mut v = vm.create_vcpu().unwrap();
     if mmu == Mmu::Shadow {
-        let cpu = GuestCpu {
-            mode: PagingMode::Long4,
-            cr3: 0x1000,
-            cr0_wp: true,
-            efer_nx: true,
-            maxphyaddr: 46,
-        };
-        v.set_guest_cpu(cpu).unwrap();
+        v.set_guest_cpu(GuestCpu::long4(0x1000, 46)).unwrap();
     }
     v.service_requests().unwrap();
     assert_eq!(mmu.write_fault(&mut v, false), FaultOutcome::Fixed, "setup: the write fault");

@@ -27,7 +27,7 @@ mod loom_common;
 use loom::thread;
 use loom_common::model;
 use vmmu::fault::{FaultOutcome, PfErr};
-use vmmu::guest::{GuestCpu, PagingMode};
+use vmmu::guest::GuestCpu;
 use vmmu::memslot::UserspaceMemoryRegion;
 use vmmu::spte::FormatKind;
 use vmmu::sync::Arc;
@@ -131,14 +131,7 @@ fn shadow_fault_vs_host_invalidation() {
             host.write_u64(RAM_HVA + gpa, e | 0b111);
         }
         let mut v = vm.create_vcpu().unwrap();
-        let cpu = GuestCpu {
-            mode: PagingMode::Long4,
-            cr3: 0x1000,
-            cr0_wp: true,
-            efer_nx: true,
-            maxphyaddr: 46,
-        };
-        v.set_guest_cpu(cpu).unwrap();
+        v.set_guest_cpu(GuestCpu::long4(0x1000, 46)).unwrap();
         v.service_requests().unwrap();
         let t = thread::spawn(move || {
             let o = v.handle_page_fault(Gva(GVA), PfErr(PfErr::USER));

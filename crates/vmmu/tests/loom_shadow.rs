@@ -116,8 +116,7 @@ fn long4_tables(host: &TestHost, leaf_gpa: u64) -> u64 {
 
 fn long4_vcpu(vm: &Vm<TestHost>, cr3: u64) -> Vcpu<TestHost> {
     let mut v = vm.create_vcpu().unwrap();
-    let cpu =
-        GuestCpu { mode: PagingMode::Long4, cr3, cr0_wp: true, efer_nx: true, maxphyaddr: 46 };
+    let cpu = GuestCpu::long4(cr3, 46);
     v.set_guest_cpu(cpu).unwrap();
     v
 }

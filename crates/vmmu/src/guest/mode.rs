@@ -44,6 +44,14 @@ pub struct GuestCpu {
     pub maxphyaddr: u8,
 }
 
+impl GuestCpu {
+    /// A 64-bit OS's usual CPU: x86-64 4-level paging from the PML4 at `cr3`, with CR0.WP and
+    /// EFER.NX on, and the guest MAXPHYADDR `maxphyaddr`.
+    pub const fn long4(cr3: u64, maxphyaddr: u8) -> GuestCpu {
+        GuestCpu { mode: PagingMode::Long4, cr3, cr0_wp: true, efer_nx: true, maxphyaddr }
+    }
+}
+
 /// Why a PAE CR3 load failed: architecturally #GP(0) on the MOV to CR3 (KVM's `kvm_set_cr3`
 /// returns 1 when `load_pdptrs` fails).
 #[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]

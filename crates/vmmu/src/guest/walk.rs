@@ -151,7 +151,7 @@ pub enum WalkError {
 ///
 /// // PML4 at 0x1000, PDPT at 0x2000, a 2 MiB page at 0x4000_0000 (present, writable, user).
 /// let mem = Mem(RefCell::new(vec![(0x1000, 0x2000 | 0x7), (0x2000, 0x3000 | 0x7), (0x3000, 0x4000_0000 | 0x87)]));
-/// let cpu = GuestCpu { mode: PagingMode::Long4, cr3: 0x1000, cr0_wp: true, efer_nx: true, maxphyaddr: 40 };
+/// let cpu = GuestCpu::long4(0x1000, 40);
 ///
 /// let w = walk(&cpu, &mem, Gva(0x12_3456), FaultAccess::READ).unwrap();
 /// assert_eq!((w.gpa, w.level), (Gpa(0x4012_3456), Level::L2M));
@@ -420,7 +420,7 @@ mod tests {
     const X: FaultAccess = FaultAccess { write: false, exec: true, user: false };
 
     fn cpu() -> GuestCpu {
-        GuestCpu { mode: PagingMode::Long4, cr3: PML4, cr0_wp: true, efer_nx: true, maxphyaddr: 40 }
+        GuestCpu::long4(PML4, 40)
     }
 
     /// Where the gPTE for `GVA` at `level` lives.

@@ -6,7 +6,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use vmmu::bugs::BugSet;
 use vmmu::fault::{EmulateSource, FaultOutcome, PfErr};
-use vmmu::guest::{GuestCpu, PagingMode};
+use vmmu::guest::GuestCpu;
 use vmmu::memslot::UserspaceMemoryRegion;
 use vmmu::tdp::HwWalk;
 use vmmu::testing::TestHost;
@@ -97,7 +97,7 @@ pub fn shadow_vm(bugs: BugSet) -> (Vm<TestHost>, Arc<TestHost>, Rc<Cell<u64>>) {
 }
 
 pub fn long4(cr3: u64) -> GuestCpu {
-    GuestCpu { mode: PagingMode::Long4, cr3, cr0_wp: true, efer_nx: true, maxphyaddr: 46 }
+    GuestCpu::long4(cr3, 46)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
