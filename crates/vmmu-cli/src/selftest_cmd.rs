@@ -16,11 +16,12 @@ use std::time::Duration;
 use vmmu::spte::FormatKind;
 use vmmu_sim::selftest::perf::{self as sim_perf, PerfTest, Sizes};
 use vmmu_sim::selftest::{
-    set_memory_region as sim_smr, stress as sim_stress, MmuChoice, SelftestError,
+    dirty_log_perf as sim_dlp, set_memory_region as sim_smr, stress as sim_stress, MmuChoice,
+    SelftestError,
 };
 
 /// The tests, by name.
-const TESTS: [(&str, &str); 8] = [
+const TESTS: [(&str, &str); 9] = [
     (
         "set-memory-region-move",
         "set_memory_region_test MOVE: a slot the guest spins on moves away and back; never stale",
@@ -32,6 +33,10 @@ const TESTS: [(&str, &str); 8] = [
     (
         "memslot-modification-stress",
         "memslot_modification_stress_test: vCPUs write while a 1-page slot is added and deleted",
+    ),
+    (
+        "dirty-log-perf",
+        "dirty_log_perf_test: populate, enable dirty logging, dirty/get/clear iterations, disable",
     ),
     ("memslot-perf-map", "memslot_perf_test 0 map: fault-in across many slots while unmapping"),
     ("memslot-perf-unmap", "memslot_perf_test 1 unmap: MADV_DONTNEED 4 KiB at a time"),
@@ -66,6 +71,15 @@ pub enum FormatArg {
     Ept,
     /// AMD NPT.
     Npt,
+}
+
+/// How dirty_log_perf_test collects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DirtyLogArg {
+    /// GET clears and write-protects again.
+    Auto,
+    /// Manual protect: GET, then CLEAR of what it returned.
+    Manual,
 }
 
 /// Options of `vmmu selftest`.
@@ -104,11 +118,12 @@ pub struct SelftestArgs {
     /// memslot_perf_test -r: runs per test, the best reported (default 1).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     runs: u32,
-    /// memslot_modification_stress_test -v: vCPUs (default 1).
+    /// memslot_modification_stress_test and dirty_log_perf_test -v: vCPUs (default 1).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     vcpus: u16,
-    /// memslot_modification_stress_test -b: MiB per vCPU (default 1024; all vCPUs together at
-    /// most 32767 MiB, or 524288 with --no-kvm).
+    /// memslot_modification_stress_test and dirty_log_perf_test -b: MiB per vCPU (default 1024;
+    /// all vCPUs together at most 32767 MiB for the stress test, 61440 for dirty-log-perf, or
+    /// 524288 with --no-kvm).
     #[arg(long = "mib-per-vcpu", value_parser = clap::value_parser!(u64).range(1..=16384))]
     mib_per_vcpu: Option<u64>,
     /// memslot_modification_stress_test -i: add/delete iterations (default 10).
@@ -119,6 +134,14 @@ pub struct SelftestArgs {
     #[arg(long = "delay-us", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
     delay_us: u64,
+    /// dirty_log_perf_test -i: iterations (2..=1000, default 2).
+    #[arg(long = "dirty-iterations", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(2..=1000))]
+    dirty_iterations: u32,
+    /// dirty_log_perf_test's collection: `manual` (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, GET then
+    /// CLEAR; the C test's default) or `auto` (its -g: GET clears and re-protects).
+    #[arg(long = "dirty-log", value_enum, default_value_t = DirtyLogArg::Manual)]
+    dirty_log: DirtyLogArg,
     /// Re-inject a historical KVM bug into the software machine's MMU (a build with
     /// `--features historical-bugs`): shows which selftests catch it (`--inject list` lists them).
     #[arg(long, value_name = "BUG")]
@@ -242,6 +265,8 @@ fn published(test: PerfTest, slots: u32) -> String {
 const KVM_STRESS_MIB: u64 = 32 * 1024 - 1;
 /// The most the software machine alone takes (its host has 2^28 frames, 1 TiB).
 const SIM_STRESS_MIB: u64 = 512 * 1024;
+/// The most dirty-log-perf memory the KVM half takes: from 4 GiB to the top of its 64 GiB map.
+const KVM_DIRTY_MIB: u64 = 60 * 1024;
 
 /// Resolved parameters.
 struct Plan {
@@ -249,28 +274,35 @@ struct Plan {
     loops: u32,
     perf: sim_perf::Params,
     stress: sim_stress::Params,
+    dirty: sim_dlp::Params,
     kvm: bool,
 }
 
 impl SelftestArgs {
-    /// The parameters; `stress`: whether the stress test runs (its memory is checked then).
-    fn plan(&self, stress: bool) -> Result<Plan, String> {
+    /// The parameters; `stress`, `dirty`: whether the stress test, dirty-log-perf run (their
+    /// memory is checked then).
+    fn plan(&self, stress: bool, dirty: bool) -> Result<Plan, String> {
         let q = self.quick;
         let mib = self.mib_per_vcpu.unwrap_or(if q { 16 } else { 1024 });
         let total = mib * u64::from(self.vcpus);
-        // The stress test's memory, all vCPUs together: the KVM half's guest maps 64 GiB and
-        // puts it in the top half (less two pages); the software machine's host has 2^28 frames.
-        let (limit, why) = if self.no_kvm {
-            (SIM_STRESS_MIB, "the software machine's host frames")
-        } else {
-            (KVM_STRESS_MIB, "the KVM half's guest maps 64 GiB; --no-kvm allows 512 GiB")
-        };
-        if stress && total > limit {
-            return Err(format!(
-                "--vcpus {} x --mib-per-vcpu {mib} = {total} MiB of stress memory: at most \
-                 {limit} MiB in all ({why})",
-                self.vcpus
-            ));
+        // The tests' memory, all vCPUs together: the KVM half's guest maps 64 GiB and puts the
+        // stress memory in the top half (less two pages), dirty-log-perf's from 4 GiB up; the
+        // software machine's host has 2^28 frames.
+        for (on, what, kvm_limit) in
+            [(stress, "stress", KVM_STRESS_MIB), (dirty, "dirty-log-perf", KVM_DIRTY_MIB)]
+        {
+            let (limit, why) = if self.no_kvm {
+                (SIM_STRESS_MIB, "the software machine's host frames".to_string())
+            } else {
+                (kvm_limit, "the KVM half's guest maps 64 GiB; --no-kvm allows 512 GiB".into())
+            };
+            if on && total > limit {
+                return Err(format!(
+                    "--vcpus {} x --mib-per-vcpu {mib} = {total} MiB of {what} memory: at most \
+                     {limit} MiB in all ({why})",
+                    self.vcpus
+                ));
+            }
         }
         Ok(Plan {
             mmu: MmuChoice {
@@ -293,6 +325,12 @@ impl SelftestArgs {
                 bytes_per_vcpu: mib << 20,
                 iterations: self.iterations,
                 delay: Duration::from_micros(self.delay_us),
+            },
+            dirty: sim_dlp::Params {
+                vcpus: usize::from(self.vcpus),
+                bytes_per_vcpu: mib << 20,
+                iterations: self.dirty_iterations,
+                manual: self.dirty_log == DirtyLogArg::Manual,
             },
             kvm: !self.no_kvm,
         })
@@ -410,6 +448,41 @@ fn perf_text(
     (short, long)
 }
 
+/// A dirty-log-perf outcome's phases (either side).
+struct DirtyPhases<'a> {
+    pages: u64,
+    populate: Duration,
+    enable: Duration,
+    dirty: &'a [Duration],
+    get: &'a [Duration],
+    clear: &'a [Duration],
+    disable: Duration,
+}
+
+fn dirty_text(d: &DirtyPhases<'_>) -> (String, String) {
+    let mean = sim_dlp::mean;
+    let clear =
+        if d.clear.is_empty() { String::new() } else { format!(", clear {}", secs(mean(d.clear))) };
+    (
+        format!("ok, dirty {}/it", secs(mean(d.dirty))),
+        format!(
+            "{} pages: populate {}, enable dirty logging {}, per iteration (mean of {}): dirty \
+             memory {}, get {}{clear}; disable dirty logging {}; every GET held every page",
+            d.pages,
+            secs(d.populate),
+            secs(d.enable),
+            d.dirty.len(),
+            secs(mean(d.dirty)),
+            secs(mean(d.get)),
+            secs(d.disable)
+        ),
+    )
+}
+
+/// David Matlack's eager-split figures (kvm-tests-and-figures.md §4(c) 3).
+const DIRTY_PUBLISHED: &str = "96 vCPUs x 1 GiB HugeTLB, eager split, no INITIALLY_SET: enable \
+                               1.547 s, iteration-1 dirty memory 0.146 s";
+
 fn stress_text(updates: u64, accesses: u64, passes: u64, t: Duration) -> (String, String) {
     (
         format!("ok, {updates} updates"),
@@ -445,6 +518,24 @@ fn run_one(test: &'static str, p: &Plan) -> Row {
                 stress_text(o.updates, o.accesses, o.passes, o.elapsed)
             });
         }
+        "dirty-log-perf" => {
+            row.published = DIRTY_PUBLISHED.into();
+            let r = sim_dlp::run(&p.dirty, &p.mmu);
+            if let Ok(o) = &r {
+                row.sim_iter = Some(sim_dlp::mean(&o.dirty));
+            }
+            row.sim = sim_cell(r, |o| {
+                dirty_text(&DirtyPhases {
+                    pages: o.pages,
+                    populate: o.populate,
+                    enable: o.enable,
+                    dirty: &o.dirty,
+                    get: &o.get,
+                    clear: &o.clear,
+                    disable: o.disable,
+                })
+            });
+        }
         name => {
             if let Some(t) = perf_test(name) {
                 let r = sim_perf::run(t, &p.perf, &p.mmu);
@@ -466,7 +557,9 @@ fn run_one(test: &'static str, p: &Plan) -> Row {
 
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 fn run_kvm(row: &mut Row, p: &Plan) {
-    use vmmu_kvm::selftest::{perf as kp, set_memory_region as ksmr, stress as kst};
+    use vmmu_kvm::selftest::{
+        dirty_log_perf as kdlp, perf as kp, set_memory_region as ksmr, stress as kst,
+    };
     let smr = |o: ksmr::Outcome| {
         (
             format!("ok, {} loops", o.loops),
@@ -480,6 +573,24 @@ fn run_kvm(row: &mut Row, p: &Plan) {
             let s = &p.stress;
             kvm_cell(kst::run(s.vcpus, s.bytes_per_vcpu, s.iterations, s.delay), |o| {
                 stress_text(o.updates, o.accesses, o.passes, o.elapsed)
+            })
+        }
+        "dirty-log-perf" => {
+            let d = &p.dirty;
+            let r = kdlp::run(d.vcpus, d.bytes_per_vcpu, d.iterations, d.manual);
+            if let Ok(o) = &r {
+                row.kvm_iter = Some(sim_dlp::mean(&o.dirty));
+            }
+            kvm_cell(r, |o| {
+                dirty_text(&DirtyPhases {
+                    pages: o.pages,
+                    populate: o.populate,
+                    enable: o.enable,
+                    dirty: &o.dirty,
+                    get: &o.get,
+                    clear: &o.clear,
+                    disable: o.disable,
+                })
             })
         }
         name => {
@@ -604,7 +715,9 @@ pub fn run(args: &SelftestArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let plan = match args.plan(tests.contains(&"memslot-modification-stress")) {
+    let plan = match args
+        .plan(tests.contains(&"memslot-modification-stress"), tests.contains(&"dirty-log-perf"))
+    {
         Ok(p) => p,
         Err(e) => {
             note!("vmmu selftest: {e}");
@@ -639,11 +752,15 @@ pub fn run(args: &SelftestArgs) -> ExitCode {
             .zip(PUBLISHED_SETUP)
             .map(|(n, s)| format!("{n}: {}", secs(Duration::from_secs_f64(s))))
             .collect();
-        format!(
-            "{}published slot setup (adding all slots, whole test area): {}\n",
-            table(&rows),
-            setup.join(", ")
-        )
+        if rows.iter().any(|r| perf_test(r.test).is_some()) {
+            format!(
+                "{}published slot setup (adding all slots, whole test area): {}\n",
+                table(&rows),
+                setup.join(", ")
+            )
+        } else {
+            table(&rows)
+        }
     };
     let printed = emit("selftest", &text);
     let failed =

@@ -215,9 +215,14 @@ impl TestVm {
 
     /// One `KVM_SET_USER_MEMORY_REGION`; `hva` must point into memory that outlives the VM.
     fn set_region(&self, slot: u32, gpa: u64, size: u64, hva: u64) -> Result<()> {
+        self.set_region_flags(slot, 0, gpa, size, hva)
+    }
+
+    /// [`Self::set_region`] with `KVM_MEM_*` `flags`.
+    fn set_region_flags(&self, slot: u32, flags: u32, gpa: u64, size: u64, hva: u64) -> Result<()> {
         let r = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags,
             guest_phys_addr: gpa,
             memory_size: size,
             userspace_addr: hva,
@@ -226,7 +231,8 @@ impl TestVm {
         // delete, size 0).
         unsafe { self.vm.set_user_memory_region(r) }.map_err(|e| {
             failed(format!(
-                "KVM_SET_USER_MEMORY_REGION slot {slot} gpa {gpa:#x} size {size:#x}: {}",
+                "KVM_SET_USER_MEMORY_REGION slot {slot} flags {flags:#x} gpa {gpa:#x} size \
+                 {size:#x}: {}",
                 errno::name(e.errno())
             ))
         })
@@ -979,6 +985,152 @@ pub mod stress {
     }
 }
 
+/// `dirty_log_perf_test` on KVM (`vmmu_sim::selftest::dirty_log_perf` documents the phases).
+pub mod dirty_log_perf {
+    use super::*;
+
+    /// The test slot's id.
+    pub const TEST_SLOT: u32 = 1;
+    /// The test memory's first guest-physical address (4 GiB).
+    pub const TEST_GPA: u64 = 1 << 32;
+    /// `KVM_MEM_LOG_DIRTY_PAGES`.
+    const LOG_DIRTY_PAGES: u32 = 1;
+
+    /// The timed phases (as the software machine's).
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct Outcome {
+        /// Pages in the slot.
+        pub pages: u64,
+        /// Iteration 0.
+        pub populate: Duration,
+        /// Turning dirty logging on.
+        pub enable: Duration,
+        /// Per iteration: the vCPUs dirty all their memory.
+        pub dirty: Vec<Duration>,
+        /// Per iteration: `KVM_GET_DIRTY_LOG`.
+        pub get: Vec<Duration>,
+        /// Per iteration: `KVM_CLEAR_DIRTY_LOG` (manual protect only).
+        pub clear: Vec<Duration>,
+        /// Turning dirty logging off.
+        pub disable: Duration,
+    }
+
+    /// `vcpus` vCPUs, `bytes_per_vcpu` each, `iterations` (at least 2), manual protect or not.
+    pub fn run(
+        vcpus: usize,
+        bytes_per_vcpu: u64,
+        iterations: u32,
+        manual: bool,
+    ) -> Result<Outcome> {
+        let per = bytes_per_vcpu.next_multiple_of(PAGE);
+        let size = per * vcpus as u64;
+        if vcpus == 0 || size == 0 || iterations < 2 || TEST_GPA + size > 64 << 30 {
+            return Err(failed(
+                "give 1 or more vCPUs, at most 60 GiB of memory in all and 2 or more iterations",
+            ));
+        }
+        let pages = size / PAGE;
+        let count = u32::try_from(pages).map_err(|_| failed("too many pages for one slot"))?;
+        let mem = Mapping::new(size as usize).map_err(failed)?;
+        let t = TestVm::new()?;
+        if manual {
+            crate::dirty::enable_manual(&t.vm).map_err(|e| {
+                failed(format!("manual dirty-log protect: {e}; run without it (auto mode)"))
+            })?;
+        }
+        t.set_region(TEST_SLOT, TEST_GPA, size, mem.addr())?;
+        let mut fds = (0..vcpus).map(|i| t.vcpu(i as u64)).collect::<Result<Vec<_>>>()?;
+        let go = std::sync::Barrier::new(vcpus + 1);
+        let done = std::sync::Barrier::new(vcpus + 1);
+        let pass = AtomicU64::new(0);
+        let failure: Mutex<Option<KvmSelftestError>> = Mutex::new(None);
+        let mut out = Outcome { pages, ..Outcome::default() };
+        let result = std::thread::scope(|s| {
+            for (i, v) in fds.iter_mut().enumerate() {
+                let (go, done, pass, failure) = (&go, &done, &pass, &failure);
+                s.spawn(move || loop {
+                    go.wait();
+                    let value = pass.load(Ordering::SeqCst);
+                    if value == u64::MAX {
+                        break;
+                    }
+                    let st = Start {
+                        rip: code::WRITE,
+                        rdi: TEST_GPA + i as u64 * per,
+                        rcx: per / PAGE,
+                        rbx: value,
+                        r10: 0,
+                    };
+                    let r = start(v, st)
+                        .and_then(|()| run_to_sync(v, &mut no_mmio_read, &mut no_mmio_write));
+                    let bad = match r {
+                        Ok(Stop::Sync(_)) => None,
+                        Ok(other) => Some(failed(format!("vCPU {i}: invalid exit {other:?}"))),
+                        Err(e) => Some(failed(format!("vCPU {i}: {e}"))),
+                    };
+                    if let Some(e) = bad {
+                        *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                    }
+                    done.wait();
+                });
+            }
+            let vcpu_pass = |value: u64| -> Result<Duration> {
+                pass.store(value, Ordering::SeqCst);
+                let t0 = Instant::now();
+                go.wait();
+                done.wait();
+                let d = t0.elapsed();
+                match failure.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    Some(f) => Err(failed(format!("pass {value}: {f}"))),
+                    None => Ok(d),
+                }
+            };
+            let r = (|| -> Result<()> {
+                out.populate = vcpu_pass(0)?;
+                let t0 = Instant::now();
+                t.set_region_flags(TEST_SLOT, LOG_DIRTY_PAGES, TEST_GPA, size, mem.addr())?;
+                out.enable = t0.elapsed();
+                for it in 1..=iterations {
+                    out.dirty.push(vcpu_pass(u64::from(it))?);
+                    let t0 = Instant::now();
+                    let words = crate::dirty::get(&t.vm, TEST_SLOT, size)
+                        .map_err(|e| failed(format!("iteration {it}: KVM_GET_DIRTY_LOG: {e}")))?;
+                    out.get.push(t0.elapsed());
+                    let seen: u64 = (0..pages)
+                        .filter(|&p| {
+                            let w = usize::try_from(p / 64).ok().and_then(|i| words.get(i));
+                            w.is_some_and(|w| w & (1 << (p % 64)) != 0)
+                        })
+                        .count() as u64;
+                    if seen != pages {
+                        return Err(failed(format!(
+                            "iteration {it}: KVM_GET_DIRTY_LOG returned {seen} of the {pages} \
+                             pages the vCPUs wrote (lost dirty pages)"
+                        )));
+                    }
+                    if manual {
+                        let t0 = Instant::now();
+                        crate::dirty::clear(&t.vm, TEST_SLOT, 0, count, Some(size)).map_err(
+                            |e| failed(format!("iteration {it}: KVM_CLEAR_DIRTY_LOG: {e}")),
+                        )?;
+                        out.clear.push(t0.elapsed());
+                    }
+                }
+                let t0 = Instant::now();
+                t.set_region(TEST_SLOT, TEST_GPA, size, mem.addr())?;
+                out.disable = t0.elapsed();
+                Ok(())
+            })();
+            pass.store(u64::MAX, Ordering::SeqCst);
+            go.wait();
+            r
+        });
+        drop(fds);
+        drop(t);
+        result.map(|()| out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1045,6 +1197,17 @@ mod kvm_tests {
         ] {
             if let Some(o) = on_kvm("perf", || perf::run(t, Some(16), 0.1, 1)) {
                 assert!(o.iterations > 0, "{t:?}: {o:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn dirty_log_perf_runs_in_both_modes() {
+        for manual in [true, false] {
+            if let Some(o) = on_kvm("dirty_log_perf", || dirty_log_perf::run(2, 1 << 20, 2, manual))
+            {
+                assert_eq!((o.pages, o.get.len()), (512, 2), "{o:?}");
+                assert_eq!(o.clear.len(), if manual { 2 } else { 0 }, "{o:?}");
             }
         }
     }

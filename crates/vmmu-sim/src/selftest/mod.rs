@@ -8,7 +8,8 @@
 //!   guest spins on;
 //! - [`stress`]: `memslot_modification_stress_test`, vCPUs writing their memory while the host
 //!   adds and deletes a one-page slot next to it;
-//! - [`perf`]: the six tests of `memslot_perf_test`.
+//! - [`perf`]: the six tests of `memslot_perf_test`;
+//! - [`dirty_log_perf`]: `dirty_log_perf_test`, its phases timed and every GET checked.
 //!
 //! Where the software machine differs from a KVM guest, the module of each test says how. In
 //! common: guest/host synchronisation (the C tests' ucalls and the sync page's atomics) uses
@@ -17,6 +18,7 @@
 //! returns; every RAM access also checks the host address the translation led to (a stale
 //! translation fails the test even when the bytes happen to match).
 
+pub mod dirty_log_perf;
 pub mod perf;
 pub mod set_memory_region;
 pub mod stress;
