@@ -481,7 +481,7 @@ impl<H: Host> Vm<H> {
         {
             let guard = inner.memslots.read(&vmm_reader);
             for as_id in 0..inner.memslots.nr_address_spaces() {
-                for s in guard.set(AsId(as_id)).iter() {
+                guard.set(AsId(as_id)).for_each_in_hva_range(start, end, |s| {
                     let s_start = s.userspace_addr().raw();
                     let s_end = s_start + (s.npages() << PAGE_SHIFT);
                     let lo = start.raw().max(s_start);
@@ -491,7 +491,7 @@ impl<H: Host> Vm<H> {
                         let g1 = s.base_gfn().raw() + ((hi - s_start + 0xfff) >> PAGE_SHIFT);
                         ranges.push((AsId(as_id), Gfn(g0), Gfn(g1)));
                     }
-                }
+                });
             }
         }
         inner.mmu.invalidate_begin(&ranges);

@@ -43,6 +43,7 @@
 //! as KVM's `kvm_set_memslot` does.
 
 pub mod cache;
+mod hva_index;
 mod metadata;
 pub mod region;
 pub mod set;

@@ -1,8 +1,9 @@
 //! One memslot set of one address space (KVM's `struct kvm_memslots`): the slots indexed by base
-//! gfn and by id, and the set's generation.
+//! gfn, by id and by host range, and the set's generation.
 //!
 //! Invariants:
-//! - slots in a set never overlap; `by_id` and `by_gfn` hold the same slots;
+//! - slots in a set never overlap in guest-physical space (their host ranges may: aliases);
+//!   `by_id`, `by_gfn` and `by_hva` hold the same slots;
 //! - the maps change only through `MemslotSet::replace`, whose contract is that no reader can
 //!   reach the set (it is unpublished and a grace period has passed since it last was, or it was
 //!   never published), and only the slots-lock holder calls it;
@@ -10,14 +11,16 @@
 //!   hold the published set.
 //!
 //! Lookups allocate nothing and take no lock: `find` is one B-tree descent (`O(log n)`),
-//! `iter_range` one descent plus a walk. Both include `KVM_MEMSLOT_INVALID` slots; the caller
+//! `iter_range` one descent plus a walk, `for_each_in_hva_range` an interval-tree query
+//! (`O(log n + k)`). Both include `KVM_MEMSLOT_INVALID` slots; the caller
 //! decides (a fault on an invalid slot retries).
 
 use super::cache::SlotCache;
+use super::hva_index::HvaIndex;
 use super::slot::Memslot;
 use crate::dirty::DirtyBitmap;
 use crate::sync::{Arc, AtomicU64, Ordering, UnsafeCell};
-use crate::types::{Generation, Gfn, SlotId};
+use crate::types::{Generation, Gfn, Hva, SlotId, PAGE_SHIFT};
 use alloc::collections::BTreeMap;
 use core::ops::Bound;
 
@@ -30,6 +33,14 @@ struct SlotMaps {
     by_id: BTreeMap<u16, u64>,
     /// Dirty bitmaps of the slots that log, by slot id (KVM `memslot->dirty_bitmap`).
     dirty: BTreeMap<u16, Arc<DirtyBitmap>>,
+    /// Slot ids by host range (KVM `hva_tree`).
+    by_hva: HvaIndex,
+}
+
+/// A slot's host range `[start, end)`.
+fn hva_range(s: &Memslot) -> (u64, u64) {
+    let start = s.userspace_addr().raw();
+    (start, start + (s.npages() << PAGE_SHIFT))
 }
 
 /// A memslot set: what a reader sees of one address space.
@@ -157,6 +168,17 @@ impl MemslotSet {
         self.maps().by_gfn.is_empty()
     }
 
+    /// Calls `f` with every slot whose host range meets `[start, end)`, by host start (KVM
+    /// `kvm_for_each_memslot_in_hva_range`); invalid slots included.
+    pub fn for_each_in_hva_range(&self, start: Hva, end: Hva, mut f: impl FnMut(&Memslot)) {
+        let m = self.maps();
+        m.by_hva.overlapping(start.raw(), end.raw(), &mut |id| {
+            if let Some(s) = m.by_id.get(&id.0).and_then(|base| m.by_gfn.get(base)) {
+                f(s);
+            }
+        });
+    }
+
     /// The lowest slot other than `id` meeting `[start, end)` (KVM
     /// `kvm_check_memslot_overlap`).
     pub(crate) fn overlapping(&self, id: SlotId, start: Gfn, end: Gfn) -> Option<&Memslot> {
@@ -179,6 +201,12 @@ impl MemslotSet {
         self.maps.with_mut(|p| {
             // SAFETY: the caller guarantees exclusive access (see above).
             let m = unsafe { &mut *p };
+            // A move, a flags change and a slot's invalidation keep its id and host range: the
+            // host-range index stays as it is (only creates and deletes change it).
+            let same_host_range = match (old, new.as_ref()) {
+                (Some(o), Some(n)) => o.id() == n.id() && hva_range(o) == hva_range(n),
+                _ => false,
+            };
             if let Some(o) = old {
                 let removed = m.by_gfn.remove(&o.base_gfn().0);
                 debug_assert_eq!(
@@ -188,6 +216,10 @@ impl MemslotSet {
                 );
                 m.by_id.remove(&o.id().0);
                 m.dirty.remove(&o.id().0);
+                if !same_host_range {
+                    let indexed = m.by_hva.remove(o.id(), hva_range(o).0);
+                    debug_assert!(indexed, "slot {:?} was not in the host-range index", o.id());
+                }
             }
             if let Some(n) = new {
                 debug_assert_eq!(n.dirty_logging(), bitmap.is_some(), "a logged slot has a bitmap");
@@ -195,9 +227,14 @@ impl MemslotSet {
                     m.dirty.insert(n.id().0, b.clone());
                 }
                 m.by_id.insert(n.id().0, n.base_gfn().0);
+                if !same_host_range {
+                    let (hva_start, hva_end) = hva_range(&n);
+                    m.by_hva.insert(n.id(), hva_start, hva_end);
+                }
                 let prev = m.by_gfn.insert(n.base_gfn().0, n);
                 debug_assert!(prev.is_none(), "replace would overlap a slot");
             }
+            debug_assert_eq!(m.by_hva.len(), m.by_gfn.len(), "every slot in the host-range index");
         });
     }
 }
@@ -248,6 +285,27 @@ mod tests {
         assert_eq!(s.overlapping(SlotId(2), Gfn(0x30), Gfn(0x41)).map(|x| x.id()), Some(SlotId(3)));
         assert_eq!(s.overlapping(SlotId(2), Gfn(0x1f), Gfn(0x34)).map(|x| x.id()), Some(SlotId(1)));
         assert!(s.overlapping(SlotId(2), Gfn(0x20), Gfn(0x40)).is_none());
+    }
+
+    #[test]
+    fn host_ranges_follow_replace() {
+        let at = |id: u16, base: u64, n: u64, hva: u64| {
+            Memslot::new(AsId(0), SlotId(id), Gfn(base), n, Hva(hva), 0)
+        };
+        let s = set_of(&[at(1, 0x10, 4, 0x10_0000), at(2, 0x20, 2, 0x10_2000)]);
+        let ids = |a: u64, b: u64| {
+            let mut v = alloc::vec::Vec::new();
+            s.for_each_in_hva_range(Hva(a), Hva(b), |x| v.push(x.id().0));
+            v
+        };
+        assert_eq!(ids(0x10_3000, 0x10_3001), [1, 2], "an alias over slot 1's last pages");
+        assert_eq!(ids(0x10_4000, 0x20_0000), [] as [u16; 0]);
+        let old = *s.get(SlotId(1)).unwrap();
+        // SAFETY: local set.
+        unsafe { s.replace(Some(&old), Some(at(1, 0x10, 4, 0x30_0000)), None) };
+        assert_eq!(ids(0x10_0000, 0x10_4000), [2], "slot 1 left its old host range");
+        assert_eq!(ids(0x30_3000, 0x30_4000), [1]);
+        assert_eq!(ids(0x30_4000, 0x30_5000), [] as [u16; 0], "the end is exclusive");
     }
 
     #[test]
