@@ -171,6 +171,38 @@ fn manual_mode_keeps_bits_until_cleared_and_clear_reprotects() {
     assert_eq!(get(&vm, 1), [0, 63, 64]);
 }
 
+/// A CLEAR write-protects exactly the pages of its bitmap, one walk per 64 pages: a slot whose
+/// first page is not 64-aligned, a word whose pages straddle two leaf tables (gfn 0x200), the
+/// short last word, and the next slot's first page right after it, which keeps its write right.
+/// Aimed at `write_protect_masked_table`'s range and bit arithmetic (the bits under an entry,
+/// the slot's end).
+#[test]
+fn clear_protects_exactly_its_pages_across_leaf_tables() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    vm.set_dirty_log_mode(DirtyLogMode::Manual);
+    let (g1, n1) = (0x1e5_000u64, 200u64); // gfn 0x1e5..0x2ad: page 27 is gfn 0x200
+    let g2 = g1 + (n1 << 12);
+    vm.set_memory_region(&region(1, g1, n1 << 12, RAM_HVA + g1, LOG)).unwrap();
+    vm.set_memory_region(&region(2, g2, 8 << 12, RAM_HVA + g2, 0)).unwrap();
+    let mut v = TlbVcpu::new(&vm);
+    for p in 0..n1 {
+        assert_eq!(v.access(g1 + (p << 12), true), 1, "page {p}: the first write faults");
+    }
+    assert_eq!(v.access(g2, true), 1);
+    let bits = |ps: &[u64]| ps.iter().fold(0u64, |m, p| m | 1 << p);
+    vm.clear_dirty_log(AsId(0), SlotId(1), 0, 64, &[bits(&[0, 26, 27, 63])]).unwrap();
+    vm.clear_dirty_log(AsId(0), SlotId(1), 192, 8, &[u64::MAX]).unwrap();
+    for p in [0u64, 26, 27, 63, 192, 199] {
+        assert_eq!(v.access(g1 + (p << 12), true), 1, "page {p} was cleared: write-protected");
+    }
+    for p in [1u64, 25, 28, 62, 64, 191] {
+        assert_eq!(v.access(g1 + (p << 12), true), 0, "page {p} was not cleared: still writable");
+    }
+    assert_eq!(v.access(g2, true), 0, "the next slot's first page keeps its write right");
+    let want: Vec<u64> = (0..n1).filter(|p| !(193..=198).contains(p)).collect();
+    assert_eq!(get(&vm, 1), want, "cleared and not written again: 193..=198 only");
+}
+
 #[test]
 fn errnos_in_kvms_order() {
     let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();

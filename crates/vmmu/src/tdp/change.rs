@@ -72,10 +72,11 @@ impl<H: Host> TdpMmu<H> {
         let fmt = self.cfg.format;
         let was_leaf = SpteFormat::is_mmu_present(old) && fmt.is_leaf(old, level);
         let is_leaf = SpteFormat::is_mmu_present(new) && fmt.is_leaf(new, level);
-        if was_leaf {
+        // A leaf that stays a leaf (a right taken or given, A/D bits, a new frame) leaves the
+        // count of its level as it is: no pair of atomic updates that cancel.
+        if was_leaf && !is_leaf {
             self.account_leaf(old, level, who, -1);
-        }
-        if is_leaf {
+        } else if is_leaf && !was_leaf {
             self.account_leaf(new, level, who, 1);
         }
         if SpteFormat::is_mmu_present(old) && !was_leaf {

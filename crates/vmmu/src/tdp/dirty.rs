@@ -23,41 +23,53 @@ const BIT_W: u64 = 1 << 1;
 /// MMU never sets).
 const BIT_LARGE: u64 = 1 << 7;
 
+/// The bits `[a, b)` of a 64-bit mask (`a < b <= 64`).
+fn bits(a: u64, b: u64) -> u64 {
+    let ones = if b - a == 64 { u64::MAX } else { (1u64 << (b - a)) - 1 };
+    ones << a
+}
+
 impl<H: Host> TdpMmu<H> {
-    /// Removes the write right from the leaf mapping `gfn` under every root of the slot's
-    /// address space. Returns whether a present leaf lost it.
-    fn write_protect_gfn(&self, roots: &MmuWrite<'_>, slot: &Memslot, gfn: Gfn) -> bool {
+    /// Removes the write right from the leaves under table `pfn` (at `level`, from gfn `base`)
+    /// that map a gfn `start + i` for a set bit `i` of `mask`: one walk down per 64 pages, not
+    /// one per page (KVM `kvm_tdp_mmu_clear_dirty_pt_masked` iterates the range the same way).
+    /// A huge leaf (mapped before logging began, or racing its start) is write-protected whole;
+    /// a write fault then maps the page at 4 KiB. The caller holds the MMU lock exclusive.
+    /// Returns whether a present leaf lost the right.
+    fn write_protect_masked_table(
+        &self,
+        pfn: Pfn,
+        level: Level,
+        base: Gfn,
+        start: Gfn,
+        mask: u64,
+    ) -> bool {
+        // SAFETY: the caller holds the MMU lock exclusive and reached `pfn` from a root on the
+        // list; nothing frees a linked page meanwhile.
+        let Some(table) = (unsafe { self.table(pfn) }) else {
+            debug_assert!(false, "table frame {pfn:?} unknown to the host");
+            return false;
+        };
         let fmt = self.cfg.format;
+        let end = Gfn(start.raw() + 64);
         let mut flush = false;
-        for r in roots.iter().filter(|r| r.as_id() == slot.as_id()) {
-            let (mut pfn, mut level) = (r.pfn(), r.level());
-            loop {
-                // SAFETY: we hold the MMU lock exclusive and reached `pfn` from a root on the
-                // list; nothing frees a linked page meanwhile.
-                let Some(table) = (unsafe { self.table(pfn) }) else {
-                    debug_assert!(false, "table frame {pfn:?} unknown to the host");
-                    break;
-                };
-                let entry = &table[level.index(gfn)];
-                let old = entry.load(Ordering::Acquire);
-                if !SpteFormat::is_mmu_present(old) {
-                    break;
+        for EntryInRange { entry, lo, hi } in entries_meeting(table, level, base, start, end) {
+            let a = lo.raw().max(start.raw()) - start.raw();
+            let b = hi.raw().min(end.raw()) - start.raw();
+            if mask & bits(a, b) == 0 {
+                continue; // no page of the mask under this entry
+            }
+            let old = entry.load(Ordering::Acquire);
+            if !SpteFormat::is_mmu_present(old) {
+                continue;
+            }
+            if fmt.is_leaf(old, level) {
+                if fmt.is_writable(old) {
+                    let need = self.set_spte_locked(entry, old, old & !BIT_W, level, lo);
+                    flush |= need == FlushNeed::Remote;
                 }
-                if fmt.is_leaf(old, level) {
-                    if fmt.is_writable(old) {
-                        // A huge leaf (mapped before logging began, or racing its start) is
-                        // write-protected whole; a write fault then maps the page at 4 KiB.
-                        let base = Gfn(gfn.raw() & !(level.pages() - 1));
-                        let need = self.set_spte_locked(entry, old, old & !BIT_W, level, base);
-                        flush |= need == FlushNeed::Remote;
-                    }
-                    break;
-                }
-                pfn = fmt.pfn(old);
-                level = match level.lower() {
-                    Some(l) => l,
-                    None => break,
-                };
+            } else if let Some(lower) = level.lower() {
+                flush |= self.write_protect_masked_table(fmt.pfn(old), lower, lo, start, mask);
             }
         }
         flush
@@ -172,9 +184,23 @@ impl<H: Host> WriteProtect for TdpMmu<H> {
         offset: u64,
         mask: u64,
     ) -> bool {
-        let flush = crate::dirty::any_masked_gfn(slot, offset, mask, |gfn| {
-            self.write_protect_gfn(excl, slot, gfn)
-        });
+        // Pages past the slot's end are not the slot's: drop their bits. The collections pass
+        // none (a slot's bitmap has no bits past its end), so this only keeps a caller's slip
+        // from reaching the next slot's leaves.
+        let in_slot = match slot.npages().saturating_sub(offset) {
+            0 => 0,
+            n if n >= 64 => mask,
+            n => mask & bits(0, n),
+        };
+        debug_assert_eq!(in_slot, mask, "a mask with pages past the slot's end");
+        let start = crate::dirty::gfn_of(slot, offset);
+        let mut flush = false;
+        if in_slot != 0 {
+            for r in excl.iter().filter(|r| r.as_id() == slot.as_id()) {
+                flush |=
+                    self.write_protect_masked_table(r.pfn(), r.level(), Gfn(0), start, in_slot);
+            }
+        }
         self.stats.dirty_log_protected.add(mask.count_ones() as u64);
         flush
     }
