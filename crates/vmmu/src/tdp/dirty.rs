@@ -160,8 +160,16 @@ impl<H: Host> TdpMmu<H> {
             // reused frame that a type-stable leaf-cache hit reads without a section, and every
             // store into table memory after a free must be Release (`walk.rs`).
             entry.store(spte, Ordering::Release);
-            let gfn = base.raw() + i as u64 * lower.pages();
-            self.account_leaf(spte, lower, StripeKey::Gfn(gfn), 1);
+            if lower > Level::L4K {
+                // 2 MiB children of a 1 GiB leaf: each in the stripe of its own block.
+                let gfn = base.raw() + i as u64 * lower.pages();
+                self.account_leaf(spte, lower, StripeKey::Gfn(gfn), 1);
+            }
+        }
+        if lower == Level::L4K {
+            // The 512 children of a 2 MiB leaf share its block's stripe: one update for all.
+            let spte = attrs | (Pfn(first).hpa() & fmt.addr_mask());
+            self.account_leaf(spte, lower, StripeKey::Gfn(base.raw()), table.len() as i64);
         }
         Some((child, lower))
     }
