@@ -516,11 +516,16 @@ mod tests {
         assert!(check_ids(1, KVM_USER_MEM_SLOTS - 1, 2).is_ok());
     }
 
+    /// The errno names and the numbers a VMM gets back (KVM returns `-ENOENT`, `-EFAULT`,
+    /// `-EINVAL`). The numbers kill `errno_value`'s deleted `NoLog` and `BitmapTooShort` arms,
+    /// which made both `EINVAL` (22).
     #[test]
     fn errnos() {
-        assert_eq!(DirtyLogError::NoLog { as_id: 0, id: 0 }.errno(), "ENOENT");
+        let no_log = DirtyLogError::NoLog { as_id: 0, id: 0 };
+        let short = DirtyLogError::BitmapTooShort { words: 0, needed: 1 };
+        assert_eq!((no_log.errno(), no_log.errno_value()), ("ENOENT", 2));
+        assert_eq!((short.errno(), short.errno_value()), ("EFAULT", 14));
         assert_eq!(DirtyLogError::BadSlot { as_id: 0, id: 0 }.errno(), "EINVAL");
         assert_eq!(DirtyLogError::FirstNotAligned { first: 1 }.errno_value(), 22);
-        assert_eq!(DirtyLogError::BitmapTooShort { words: 0, needed: 1 }.errno(), "EFAULT");
     }
 }
