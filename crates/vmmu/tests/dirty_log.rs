@@ -423,3 +423,54 @@ fn starting_logging_flushes_after_a_1g_split_whose_children_cannot_split() {
         assert_eq!(r.tlb[&((SLOT + off) >> 12)], (want, false), "{off:#x}");
     }
 }
+
+/// A VMM in manual mode clears exactly the bits its GET returned: the CLEAR takes them (the
+/// next GET is empty) and write-protects those pages, so the guest's next writes fault and are
+/// in the next GET; a dirty page of the same word left out of the CLEAR stays dirty and
+/// writable. Kills `DirtyBitmap::clear`'s cheap test `word & mask == 0` -> `word ^ mask == 0`,
+/// under which a CLEAR whose bits were exactly the word's cleared nothing: every page a GET
+/// returned stayed dirty for good (a migration that never converges).
+#[test]
+fn clearing_exactly_what_get_returned_takes_it_and_reprotects() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    vm.set_dirty_log_mode(DirtyLogMode::Manual);
+    vm.set_memory_region(&region(1, GPA, 0x10000, RAM_HVA, LOG)).unwrap();
+    let mut v = TlbVcpu::new(&vm);
+    v.access(GPA, true);
+    v.access(GPA + 0x5000, true);
+    let words = vm.get_dirty_log(AsId(0), SlotId(1)).unwrap();
+    assert_eq!(pages_of(&words).collect::<Vec<_>>(), [0, 5]);
+    vm.clear_dirty_log(AsId(0), SlotId(1), 0, 16, &words).unwrap();
+    assert_eq!(get(&vm, 1), [] as [u64; 0], "the CLEAR took what the GET returned");
+    assert_eq!(v.access(GPA + 0x5000, true), 1, "page 5 was write-protected");
+    assert_eq!(get(&vm, 1), [5]);
+    // Page 0 again: leave it out of the CLEAR of page 5.
+    assert_eq!(v.access(GPA, true), 1);
+    vm.clear_dirty_log(AsId(0), SlotId(1), 0, 16, &[1 << 5]).unwrap();
+    assert_eq!(get(&vm, 1), [0]);
+    assert_eq!(v.access(GPA + 0x8, true), 0, "page 0 was not cleared: still writable");
+    assert_eq!(v.access(GPA + 0x5000, true), 1);
+    assert_eq!(get(&vm, 1), [0, 5]);
+}
+
+/// A `KVM_CLEAR_DIRTY_LOG` that clears no dirty bit (the pages asked for are clean) changes no
+/// leaf and flushes no TLB (KVM flushes only when `mask` took a bit): the vCPUs stay in guest
+/// mode and keep their translations. Kills `clear_log`'s `flush && !skip_flush()` -> `||`,
+/// under which every such CLEAR kicked every vCPU out to flush its TLB.
+#[test]
+fn a_clear_that_takes_no_dirty_bit_flushes_no_tlb() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    vm.set_dirty_log_mode(DirtyLogMode::Manual);
+    vm.set_memory_region(&region(1, GPA, 200 << 12, RAM_HVA, LOG)).unwrap();
+    let mut v = TlbVcpu::new(&vm);
+    v.access(GPA + 0x3000, true);
+    assert!(!v.vcpu.service_requests().unwrap().flush_tlb);
+    let flushes = vm.stats().remote_tlb_flush_requests;
+    // A clean page of the dirty page's word, and whole clean words.
+    vm.clear_dirty_log(AsId(0), SlotId(1), 0, 64, &[1 << 4]).unwrap();
+    vm.clear_dirty_log_all(AsId(0), SlotId(1), 64, 136).unwrap();
+    assert_eq!(vm.stats().remote_tlb_flush_requests, flushes, "nothing cleared, nothing flushed");
+    assert!(!v.vcpu.service_requests().unwrap().flush_tlb, "the vCPU was asked to flush");
+    assert_eq!(v.access(GPA + 0x3000, true), 0, "page 3 stays writable");
+    assert_eq!(get(&vm, 1), [3]);
+}
