@@ -1553,3 +1553,53 @@ fn a_write_whose_dirty_bit_keeps_losing_its_race_is_retried_not_mapped_writable(
     assert_eq!(access(&mut v, A, true), Seen::Ram(ram_pfn(0x20_0000)));
     assert_eq!(s.read(at) & (ACCESSED | D), ACCESSED | D);
 }
+
+/// A vCPU with a TLB writes page 2 of the logged slot, the VMM collects (a GET, and in manual
+/// mode a CLEAR of what it returned), the vCPU writes page 2 again: the pages of the next
+/// collection.
+fn write_collect_write_collect(bugs: BugSet, mode: vmmu::dirty::DirtyLogMode) -> Vec<u64> {
+    let (vm, host, next) = shadow_vm(bugs);
+    vm.set_dirty_log_mode(mode);
+    let s = Space::new(&host, &next);
+    vm.set_memory_region(&log_region(KVM_MEM_LOG_DIRTY_PAGES)).unwrap();
+    s.map4k(LOG_GVA + 0x2000, LOG_GPA + 0x2000, P | RW | US);
+    let collect = || {
+        let words = vm.get_dirty_log(AsId(0), SlotId(7)).unwrap();
+        if mode == vmmu::dirty::DirtyLogMode::Manual {
+            vm.clear_dirty_log(AsId(0), SlotId(7), 0, 4, &words).unwrap();
+        }
+        vmmu::dirty::pages_of(&words).collect::<Vec<_>>()
+    };
+    let mut v = TlbVcpu::new(&vm, s.cr3);
+    assert!(matches!(v.access(LOG_GVA + 0x2000, true), Seen::Ram(_)));
+    assert_eq!(collect(), [2], "{mode:?}");
+    assert!(matches!(v.access(LOG_GVA + 0x2008, true), Seen::Ram(_)));
+    collect()
+}
+
+/// A collection under shadow paging write-protects the pages it takes through the reverse map
+/// and flushes the TLBs before it returns, in auto mode (the GET) and in manual mode (the
+/// CLEAR): a vCPU that cached a writable translation of the page faults on its next write,
+/// which is in the next collection. Kills `shadow/dirty.rs`: `ShadowProtect`'s
+/// `flush_remote_tlbs` -> `()` and `skip_flush -> true` (the write went through the stale TLB
+/// entry and was in no collection: a lost dirty page).
+#[test]
+fn a_write_through_a_cached_shadow_translation_after_a_collection_is_logged() {
+    use vmmu::dirty::DirtyLogMode;
+    for mode in [DirtyLogMode::Auto, DirtyLogMode::Manual] {
+        assert_eq!(write_collect_write_collect(BugSet::NONE, mode), [2], "{mode:?}");
+    }
+}
+
+/// The re-injected `Bug::DirtyLogNoFlush` removes the flush under shadow paging too: the same
+/// write is lost (the catcher of `bugs_caught` runs on EPT only). Kills `ShadowProtect`'s
+/// `skip_flush -> false`, under which the bug could not be re-injected in a shadow VM.
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn the_dirty_log_no_flush_bug_loses_the_write_under_shadow_paging_too() {
+    use vmmu::dirty::DirtyLogMode;
+    let bug = BugSet::only(vmmu::bugs::Bug::DirtyLogNoFlush);
+    for mode in [DirtyLogMode::Auto, DirtyLogMode::Manual] {
+        assert_eq!(write_collect_write_collect(bug, mode), [] as [u64; 0], "{mode:?}");
+    }
+}
