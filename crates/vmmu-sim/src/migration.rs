@@ -411,6 +411,60 @@ pub const PAUSE: Duration = Duration::from_micros(500);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::seam::{AccessKind, Translation};
+    use std::collections::VecDeque;
+    use vmmu::memslot::MemslotError;
+
+    /// A recorded `KVM_CLEAR_DIRTY_LOG`: slot, first page, count, bitmap.
+    type Clear = (u32, u64, u32, Option<Vec<u64>>);
+
+    /// An MMU whose dirty logs the test scripts: each GET of a slot returns the next bitmap
+    /// queued for it (an empty one when none is), and the mode it was put in, its CLEARs and
+    /// its memslot updates are recorded. No vCPU runs on it.
+    #[derive(Default)]
+    struct Scripted {
+        manual: Mutex<Option<bool>>,
+        gets: Mutex<HashMap<u32, VecDeque<Vec<u64>>>>,
+        clears: Mutex<Vec<Clear>>,
+        updates: Mutex<Vec<SlotRequest>>,
+    }
+
+    impl Scripted {
+        /// Queues what the next GET of `slot` not yet scripted returns.
+        fn then_get(&self, slot: u32, words: &[u64]) {
+            self.gets.lock().unwrap().entry(slot).or_default().push_back(words.to_vec());
+        }
+    }
+
+    impl GuestMmu for Scripted {
+        type Vcpu = ();
+        fn create_vcpu(&self, _index: usize) {}
+        fn set_memory_region(&self, request: &SlotRequest) -> Result<(), MemslotError> {
+            self.updates.lock().unwrap().push(*request);
+            Ok(())
+        }
+        fn translate(&self, _: &mut (), _: Gpa, _: AccessKind) -> Translation {
+            unreachable!("no vCPU runs on the scripted MMU")
+        }
+        fn set_dirty_log_manual(&self, manual: bool) -> bool {
+            *self.manual.lock().unwrap() = Some(manual);
+            true
+        }
+        fn get_dirty_log(&self, slot: u32) -> Option<Result<Vec<u64>, String>> {
+            let mut gets = self.gets.lock().unwrap();
+            Some(Ok(gets.get_mut(&slot).and_then(VecDeque::pop_front).unwrap_or_default()))
+        }
+        fn clear_dirty_log(
+            &self,
+            slot: u32,
+            first: u64,
+            count: u32,
+            bitmap: Option<&[u64]>,
+        ) -> Option<Result<(), String>> {
+            self.clears.lock().unwrap().push((slot, first, count, bitmap.map(<[u64]>::to_vec)));
+            Some(Ok(()))
+        }
+    }
 
     fn region(slot: u16, gpa: u64, pages: u64) -> RamRegion {
         RamRegion { name: "r", slot, gpa: Gpa(gpa), size: pages * PAGE_SIZE, readonly: false }
@@ -441,9 +495,13 @@ mod tests {
         c.check(2);
         assert_eq!(c.report.violations, 1, "{:?}", c.report.first_violations);
         assert!(c.report.first_violations[0].to_string().contains("lost dirty page"));
-        // Outside the logged slots: no obligation.
+        // Outside the logged slots: no obligation, from the first byte past the slot's end
+        // (a page of another, unlogged slot: `logged`'s `<` -> `<=` made it one).
         rec.wrote(Gpa(0x200_0000), rec.before());
+        rec.wrote(Gpa(0x100_0000 + 64 * PAGE_SIZE), rec.before());
         assert!(rec.gfns.is_empty());
+        rec.wrote(Gpa(0x100_0000 + 64 * PAGE_SIZE - 1), rec.before());
+        assert_eq!(rec.gfns.len(), 1, "the slot's last byte is logged");
     }
 
     /// In migrations, only a write made wholly while logging was on is an obligation, and its
@@ -499,5 +557,132 @@ mod tests {
         };
         assert_eq!(m.flag(req).flags, SlotRequest::LOG_DIRTY_PAGES);
         assert_eq!(m.flag(SlotRequest { slot: 4, ..req }).flags, 0);
+    }
+
+    /// `--dirty-log manual` collects as a VMM with manual protect does: the MMU is put in manual
+    /// mode, and each GET is followed by a CLEAR of exactly the bits it returned over the whole
+    /// slot; `--dirty-log auto` leaves the MMU in auto mode and never CLEARs (its GET
+    /// re-protects). The report names the mode. Kills `prepare -> true` (the MMU left in auto
+    /// mode), `collect`'s `mode == Manual` -> `!=` (a manual run that never exercised
+    /// `KVM_CLEAR_DIRTY_LOG`, an auto run that did), and `collector`'s deleted `mode` field.
+    #[test]
+    fn manual_collections_clear_what_they_got_and_auto_ones_clear_nothing() {
+        let r = region(1, 0x100_0000, 100);
+        for (mode, name) in [(DirtyLogMode::Manual, "manual"), (DirtyLogMode::Auto, "auto")] {
+            let m = Migration::new(mode, &[&r], None);
+            let mmu = Scripted::default();
+            let mut c = m.collector();
+            assert!(c.prepare(&mmu));
+            assert_eq!(*mmu.manual.lock().unwrap(), Some(mode == DirtyLogMode::Manual));
+            mmu.then_get(1, &[0b1000, 1 << 35]);
+            c.collect(&mmu);
+            let clears = mmu.clears.lock().unwrap().clone();
+            match mode {
+                DirtyLogMode::Manual => {
+                    assert_eq!(clears, [(1, 0, 100, Some(vec![0b1000, 1 << 35]))]);
+                }
+                DirtyLogMode::Auto => assert_eq!(clears, []),
+            }
+            let (report, stats) = c.finish(&mmu);
+            assert_eq!((report.violations, stats.pages_reported), (0, 2));
+            assert_eq!(stats.mode, name);
+        }
+    }
+
+    /// A write must be reported by a collection of its window; a report by a later collection
+    /// (the page was written again, or the MMU found it late) does not excuse it, even when the
+    /// window is handed over after that collection. The window's collections are numbered as
+    /// the vCPU saw them (the first collection is 1). Kills `check`'s `h.len() == HISTORY &&
+    /// h[0] > w.lo` with `||` or `!=` (the late report made the window unverifiable: a lost
+    /// dirty page let through).
+    #[test]
+    fn a_late_report_does_not_excuse_a_lost_page() {
+        let r = region(1, 0x100_0000, 64);
+        let m = Migration::new(DirtyLogMode::Auto, &[&r], None);
+        let mmu = Scripted::default();
+        let mut c = m.collector();
+        let mut rec = m.recorder(0);
+        c.collect(&mmu); // collection 1: nothing
+        let b = rec.before();
+        rec.wrote(Gpa(0x100_3000), b); // window [2, 2]
+        mmu.then_get(1, &[]); // collection 2 misses the page
+        mmu.then_get(1, &[0b1000]); // collection 3 reports it
+        c.collect(&mmu);
+        c.collect(&mmu);
+        rec.hand_over();
+        c.collect(&mmu);
+        let (report, stats) = c.finish(&mmu);
+        assert_eq!((report.violations, stats.unverifiable), (1, 0), "{report:?}");
+        let v = report.first_violations[0].to_string();
+        assert!(v.contains("collections 2..=2") && v.contains("[3]"), "{v}");
+        assert_eq!(report.checked, stats.windows_checked);
+    }
+
+    /// A window handed over after its page was reported by [`HISTORY`] later collections can no
+    /// longer be judged (the collection that should have reported it is forgotten): it is
+    /// counted as unverifiable, not as a violation of a correct MMU, and the oracle's `checked`
+    /// counts the windows judged. Kills `check`'s `h[0] > w.lo` -> `==` or `<` (a correct MMU
+    /// blamed), the `unverifiable += 1` mutants, and `finish`'s `checked += windows_checked`
+    /// -> `*=`.
+    #[test]
+    fn a_window_older_than_the_history_is_unverifiable() {
+        let r = region(1, 0x100_0000, 64);
+        let m = Migration::new(DirtyLogMode::Auto, &[&r], None);
+        let mmu = Scripted::default();
+        let mut c = m.collector();
+        let mut rec = m.recorder(0);
+        let b = rec.before();
+        rec.wrote(Gpa(0x100_3000), b); // window [1, 1]
+        for _ in 0..=HISTORY {
+            mmu.then_get(1, &[0b1000]); // collections 1..=17 report it: 1 is forgotten
+        }
+        for _ in 0..=HISTORY {
+            c.collect(&mmu);
+        }
+        assert_eq!(c.history[&0x1003], (2..=17).collect::<Vec<u32>>());
+        rec.hand_over();
+        let b = rec.before();
+        rec.wrote(Gpa(0x100_5000), b); // window [18, 18], reported by 18
+        rec.hand_over();
+        mmu.then_get(1, &[0b10_0000]);
+        c.collect(&mmu);
+        let (report, stats) = c.finish(&mmu);
+        assert_eq!(report.violations, 0, "{report:?}");
+        assert_eq!((stats.windows_checked, stats.unverifiable), (2, 1));
+        assert_eq!(report.checked, 2);
+    }
+
+    /// With `rounds`, a migration is: logging turned on (a flags-only update of each logged
+    /// slot), `rounds` collections, a final collection, logging turned off; then the next one.
+    /// Kills `step`'s `done_rounds < rounds` -> `<=` or `==` (a migration of one more
+    /// collection, or of the final one only, than `--dirty-log-rounds` asks).
+    #[test]
+    fn a_migration_makes_its_rounds_then_one_final_collection() {
+        let r = region(1, 0x100_0000, 64);
+        let m = Migration::new(DirtyLogMode::Auto, &[&r], NonZeroU32::new(2));
+        let mmu = Scripted::default();
+        let mut c = m.collector();
+        let req = SlotRequest {
+            slot: 1,
+            flags: 0,
+            guest_phys_addr: 0x100_0000,
+            memory_size: 0x4_0000,
+            userspace_addr: 0x7000_0000,
+        };
+        c.remember(&req);
+        let flags = |mmu: &Scripted| -> Vec<u32> {
+            mmu.updates.lock().unwrap().iter().map(|u| u.flags).collect()
+        };
+        c.step(&mmu); // logging on
+        assert_eq!(flags(&mmu), [SlotRequest::LOG_DIRTY_PAGES]);
+        c.step(&mmu);
+        c.step(&mmu);
+        assert_eq!(m.started.load(Ordering::SeqCst), 2, "two rounds");
+        assert_eq!(flags(&mmu), [SlotRequest::LOG_DIRTY_PAGES], "still logging");
+        c.step(&mmu); // the final collection, then logging off
+        assert_eq!(m.started.load(Ordering::SeqCst), 3);
+        assert_eq!(flags(&mmu), [SlotRequest::LOG_DIRTY_PAGES, 0]);
+        let (report, stats) = c.finish(&mmu);
+        assert_eq!((report.violations, stats.collections, stats.migrations), (0, 3, 1));
     }
 }
