@@ -7,7 +7,8 @@
 //! that ends at or before the range and every right subtree that starts at or after it. A node's
 //! priority is a hash of its key (no random source in `no_std`): the tree has the shape of a
 //! random binary search tree, expected depth `O(log n)`, for any keys not chosen against the
-//! hash. Recursion (insert, remove, query, drop) is as deep as the tree.
+//! hash (another hash would give the same answers, only another shape). Recursion
+//! (insert, remove, query, drop) is as deep as the tree.
 //!
 //! Invariants, kept by every operation: keys are in binary-search-tree order; priorities are in
 //! heap order (a parent's at least its children's); `max_end` is the largest `end` of the node's
@@ -153,8 +154,9 @@ pub(crate) struct HvaIndex {
 }
 
 impl HvaIndex {
-    /// Adds slot `id` mapping host addresses `[start, end)` (`start < end`). A key already
-    /// present is not added twice (a slot is removed before it is replaced).
+    /// Adds slot `id` mapping host addresses `[start, end)` (`start < end`). The key must not be
+    /// present (the set removes a slot before it adds its replacement, and checks in debug
+    /// builds that the index holds as many slots as the set).
     pub(crate) fn insert(&mut self, id: SlotId, start: u64, end: u64) {
         debug_assert!(start < end, "a slot maps at least one page");
         let node = Box::new(Node {
@@ -166,10 +168,6 @@ impl HvaIndex {
             left: None,
             right: None,
         });
-        if self.contains(id, start) {
-            debug_assert!(false, "slot {} at {start:#x} indexed twice", id.0);
-            return;
-        }
         insert(&mut self.root, node);
         self.len += 1;
     }
@@ -191,19 +189,6 @@ impl HvaIndex {
     /// The number of slots indexed.
     pub(crate) fn len(&self) -> usize {
         self.len
-    }
-
-    fn contains(&self, id: SlotId, start: u64) -> bool {
-        let k = (start, id.0);
-        let mut t = self.root.as_deref();
-        while let Some(n) = t {
-            t = match k.cmp(&n.key()) {
-                Ordering::Less => n.left.as_deref(),
-                Ordering::Greater => n.right.as_deref(),
-                Ordering::Equal => return true,
-            };
-        }
-        false
     }
 
     /// The tree's depth (tests: the shape stays logarithmic).
