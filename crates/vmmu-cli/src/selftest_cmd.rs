@@ -448,23 +448,16 @@ fn perf_text(
     (short, long)
 }
 
-/// A dirty-log-perf outcome's phases (either side).
-struct DirtyPhases<'a> {
-    pages: u64,
-    populate: Duration,
-    enable: Duration,
-    dirty: &'a [Duration],
-    get: &'a [Duration],
-    clear: &'a [Duration],
-    disable: Duration,
-}
-
-fn dirty_text(d: &DirtyPhases<'_>) -> (String, String) {
+/// A dirty-log-perf outcome's phases (either side's, in the software machine's type).
+fn dirty_text(d: &sim_dlp::Outcome) -> (String, String) {
     let mean = sim_dlp::mean;
-    let clear =
-        if d.clear.is_empty() { String::new() } else { format!(", clear {}", secs(mean(d.clear))) };
+    let clear = if d.clear.is_empty() {
+        String::new()
+    } else {
+        format!(", clear {}", secs(mean(&d.clear)))
+    };
     (
-        format!("ok, dirty {}/it", secs(mean(d.dirty))),
+        format!("ok, dirty {}/it", secs(mean(&d.dirty))),
         format!(
             "{} pages: populate {}, enable dirty logging {}, per iteration (mean of {}): dirty \
              memory {}, get {}{clear}; disable dirty logging {}; every GET held every page",
@@ -472,8 +465,8 @@ fn dirty_text(d: &DirtyPhases<'_>) -> (String, String) {
             secs(d.populate),
             secs(d.enable),
             d.dirty.len(),
-            secs(mean(d.dirty)),
-            secs(mean(d.get)),
+            secs(mean(&d.dirty)),
+            secs(mean(&d.get)),
             secs(d.disable)
         ),
     )
@@ -524,17 +517,7 @@ fn run_one(test: &'static str, p: &Plan) -> Row {
             if let Ok(o) = &r {
                 row.sim_iter = Some(sim_dlp::mean(&o.dirty));
             }
-            row.sim = sim_cell(r, |o| {
-                dirty_text(&DirtyPhases {
-                    pages: o.pages,
-                    populate: o.populate,
-                    enable: o.enable,
-                    dirty: &o.dirty,
-                    get: &o.get,
-                    clear: &o.clear,
-                    disable: o.disable,
-                })
-            });
+            row.sim = sim_cell(r, |o| dirty_text(&o));
         }
         name => {
             if let Some(t) = perf_test(name) {
@@ -582,13 +565,13 @@ fn run_kvm(row: &mut Row, p: &Plan) {
                 row.kvm_iter = Some(sim_dlp::mean(&o.dirty));
             }
             kvm_cell(r, |o| {
-                dirty_text(&DirtyPhases {
+                dirty_text(&sim_dlp::Outcome {
                     pages: o.pages,
                     populate: o.populate,
                     enable: o.enable,
-                    dirty: &o.dirty,
-                    get: &o.get,
-                    clear: &o.clear,
+                    dirty: o.dirty,
+                    get: o.get,
+                    clear: o.clear,
                     disable: o.disable,
                 })
             })
