@@ -483,7 +483,7 @@ impl<H: Host> Vm<H> {
             for as_id in 0..inner.memslots.nr_address_spaces() {
                 guard.set(AsId(as_id)).for_each_in_hva_range(start, end, |s| {
                     let s_start = s.userspace_addr().raw();
-                    let s_end = s_start + (s.npages() << PAGE_SHIFT);
+                    let s_end = s.end_hva().raw();
                     let lo = start.raw().max(s_start);
                     let hi = end.raw().min(s_end);
                     if lo < hi {

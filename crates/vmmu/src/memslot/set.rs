@@ -20,7 +20,7 @@ use super::hva_index::HvaIndex;
 use super::slot::Memslot;
 use crate::dirty::DirtyBitmap;
 use crate::sync::{Arc, AtomicU64, Ordering, UnsafeCell};
-use crate::types::{Generation, Gfn, Hva, SlotId, PAGE_SHIFT};
+use crate::types::{Generation, Gfn, Hva, SlotId};
 use alloc::collections::BTreeMap;
 use core::ops::Bound;
 
@@ -39,8 +39,7 @@ struct SlotMaps {
 
 /// A slot's host range `[start, end)`.
 fn hva_range(s: &Memslot) -> (u64, u64) {
-    let start = s.userspace_addr().raw();
-    (start, start + (s.npages() << PAGE_SHIFT))
+    (s.userspace_addr().raw(), s.end_hva().raw())
 }
 
 /// A memslot set: what a reader sees of one address space.

@@ -77,6 +77,11 @@ impl Memslot {
     pub const fn userspace_addr(&self) -> Hva {
         self.userspace_addr
     }
+    /// One past the last host-virtual byte.
+    #[inline]
+    pub const fn end_hva(&self) -> Hva {
+        Hva(self.userspace_addr.0 + (self.npages << PAGE_SHIFT))
+    }
     /// The host-virtual address of `gfn`'s first byte (KVM `__gfn_to_hva_memslot`). `gfn` must
     /// lie in the slot (checked in debug builds).
     #[inline]
