@@ -414,6 +414,11 @@ impl<H: Host> Vm<H> {
         // Otherwise the change toggled dirty logging (the only flag a flags-only change can).
         if change == MemslotChange::FlagsOnly && r.flags & crate::memslot::KVM_MEM_READONLY == 0 {
             if r.flags & crate::memslot::KVM_MEM_LOG_DIRTY_PAGES != 0 {
+                if inner.memslots.dirty_log_mode() == DirtyLogMode::InitiallySet {
+                    // Every page is dirty already: nothing to protect (the clears do it, page
+                    // by page). `vmm_lock`, held, keeps the mode as the bitmap was made.
+                    return Ok(change);
+                }
                 // Logging starts: write-protect the slot's mappings so writes fault (and map
                 // 4 KiB) while reads still hit (a zap would make the next read fault, and a read
                 // fault can dirty a page).
@@ -694,8 +699,12 @@ impl<H: Host> Vm<H> {
     }
 
     /// Enables or disables manual dirty-log protection (`KVM_ENABLE_CAP` of
-    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` without "initially set").
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`, with or without "initially set": see
+    /// [`DirtyLogMode`]). The mode applies to slots that start logging from now on (a slot
+    /// logging already keeps its bitmap) and to every later `KVM_GET_DIRTY_LOG`. Waits for a
+    /// memslot update in flight, so an update sees one mode from start to end.
     pub fn set_dirty_log_mode(&self, mode: DirtyLogMode) {
+        let _serial = self.inner.vmm_lock.lock_with(&self.inner.mmu.relax());
         self.inner.memslots.set_dirty_log_mode(mode);
     }
 }

@@ -474,3 +474,79 @@ fn a_clear_that_takes_no_dirty_bit_flushes_no_tlb() {
     assert_eq!(v.access(GPA + 0x3000, true), 0, "page 3 stays writable");
     assert_eq!(get(&vm, 1), [3]);
 }
+
+/// A slot of 1040 pages at gfn 496 (so its 64-page bitmap words start 16 pages before each
+/// 2 MiB boundary: word 0 and word 8 each span two 2 MiB blocks) over 2 MiB host pages with a
+/// congruent host address, so blocks `[512, 1024)` and `[1024, 1536)` may be 2 MiB leaves.
+const IS_GPA: u64 = 0x1f_0000;
+const IS_SIZE: u64 = 0x41_0000;
+const IS_HVA: u64 = RAM_HVA + IS_GPA;
+
+/// The page index in the [`IS_GPA`] slot of guest-physical page `gfn`.
+fn is_page(gfn: u64) -> u64 {
+    gfn - (IS_GPA >> 12)
+}
+
+/// "Initially set" (`KVM_DIRTY_LOG_INITIALLY_SET`): a slot that starts logging reports every
+/// page at once and keeps its mappings (huge leaves stay, writes go through without faulting:
+/// no write protection, no flush); a CLEAR write-protects what it clears, splitting the huge
+/// leaves its word meets, both of them when the word spans two 2 MiB blocks (KVM protects the
+/// huge pages of the first and of the last page of the mask), and flushes: a vCPU that cached
+/// a writable huge translation faults on its next write there, and both writes are in the next
+/// GET. Reads elsewhere in the split blocks keep hitting.
+#[test]
+fn initially_set_reports_every_page_and_clears_protect_huge_leaves_they_meet() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    vm.set_dirty_log_mode(DirtyLogMode::InitiallySet);
+    vm.set_memory_region(&region(1, IS_GPA, IS_SIZE, IS_HVA, 0)).unwrap();
+    let mut v = TlbVcpu::new(&vm);
+    assert_eq!(v.access(0x20_5000, true), 1);
+    assert_eq!(v.access(0x40_6000, true), 1);
+    assert_eq!(vm.stats().pages_2m, 2, "two 2 MiB leaves");
+    let flushes = vm.stats().remote_tlb_flush_requests;
+    vm.set_memory_region(&region(1, IS_GPA, IS_SIZE, IS_HVA, LOG)).unwrap();
+    assert_eq!(vm.stats().pages_2m, 2, "logging started without splitting");
+    assert_eq!(vm.stats().remote_tlb_flush_requests, flushes, "nor flushing");
+    assert_eq!(v.access(0x20_5008, true), 0, "the cached writable translation stays");
+    let mut fresh = TlbVcpu::new(&vm);
+    assert_eq!(fresh.access(0x2f_f000, true), 0, "the huge leaf stays writable");
+    assert_eq!(get(&vm, 1), (0..IS_SIZE >> 12).collect::<Vec<_>>(), "every page is dirty");
+    // Word 8 is pages 512..576 of the slot, gfns 1008..1072: it spans blocks 1 and 2. Clear
+    // one page in each block.
+    let (a, b) = (0x3fc, 0x406);
+    let word = (1 << (is_page(a) - 512)) | (1 << (is_page(b) - 512));
+    vm.clear_dirty_log(AsId(0), SlotId(1), 512, 64, &[word]).unwrap();
+    assert_eq!(vm.stats().pages_2m, 0, "both blocks split");
+    let dirty = get(&vm, 1);
+    assert!(!dirty.contains(&is_page(a)) && !dirty.contains(&is_page(b)), "cleared");
+    assert_eq!(dirty.len() as u64, (IS_SIZE >> 12) - 2);
+    assert_eq!(v.access(0x40_6000, true), 1, "the cached huge translation was flushed");
+    assert_eq!(fresh.access(a << 12, true), 1, "page {a:#x} was write-protected");
+    for off in [0x20_0000u64, 0x3f_f000, 0x40_0000, 0x5f_f000] {
+        assert_eq!(fresh.access(off, false), 0, "{off:#x} stays mapped for reads");
+    }
+    assert_eq!(get(&vm, 1), (0..IS_SIZE >> 12).collect::<Vec<_>>(), "both writes logged");
+}
+
+/// "Initially set" sets the bits of a slot that starts logging (created with logging, or
+/// turned on by a flags change), not of one that keeps logging across a move (its bitmap and
+/// bits go with it); a slot made before the mode changed keeps what it had.
+#[test]
+fn initially_set_applies_when_logging_starts() {
+    let (vm, _h) = vm(FormatKind::Npt);
+    vm.set_memory_region(&region(2, 0x100_0000, 0x4000, RAM_HVA, LOG)).unwrap();
+    vm.set_dirty_log_mode(DirtyLogMode::InitiallySet);
+    assert_eq!(get(&vm, 2), [] as [u64; 0], "logging before the mode: a clear bitmap");
+    vm.set_memory_region(&region(1, GPA, 0x3000, RAM_HVA, LOG)).unwrap();
+    assert_eq!(get(&vm, 1), [0, 1, 2], "created logging");
+    vm.clear_dirty_log_all(AsId(0), SlotId(1), 0, 3).unwrap();
+    vm.set_memory_region(&region(1, 0x80_0000, 0x3000, RAM_HVA, LOG)).unwrap();
+    assert_eq!(get(&vm, 1), [] as [u64; 0], "a move keeps the (cleared) bitmap");
+    vm.set_memory_region(&region(1, 0x80_0000, 0x3000, RAM_HVA, 0)).unwrap();
+    vm.set_memory_region(&region(1, 0x80_0000, 0x3000, RAM_HVA, LOG)).unwrap();
+    assert_eq!(get(&vm, 1), [0, 1, 2], "logging turned on again");
+    vm.set_dirty_log_mode(DirtyLogMode::Manual);
+    vm.set_memory_region(&region(3, 0x90_0000, 0x3000, RAM_HVA, LOG)).unwrap();
+    assert_eq!(get(&vm, 3), [] as [u64; 0], "plain manual mode: clear");
+    assert_eq!(get(&vm, 1), [0, 1, 2], "the GET only read");
+}

@@ -29,6 +29,11 @@
 //! `shadow/dirty.rs`, through its reverse map, with its shadow lock as the lock above) and by
 //! marking pages with [`crate::memslot::MemslotSet::mark_page_dirty`] when it installs a writable
 //! leaf in a logged slot, under its lock.
+//!
+//! With "initially set" ([`DirtyLogMode::InitiallySet`]) a slot starts logging with every bit
+//! set and nothing write-protected, so writes through the mappings it had go unmarked; the
+//! promise still holds because a bit leaves the bitmap only through `KVM_CLEAR_DIRTY_LOG`, which
+//! write-protects (and flushes) what it clears, huge leaves included.
 
 use crate::memslot::{Memslot, KVM_USER_MEM_SLOTS};
 use crate::sync::{AtomicU64, Ordering};
@@ -44,6 +49,22 @@ pub enum DirtyLogMode {
     /// Manual protect (`KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE`, without "initially set"): GET only
     /// reads; `KVM_CLEAR_DIRTY_LOG` clears and re-protects.
     Manual,
+    /// Manual protect with `KVM_DIRTY_LOG_INITIALLY_SET` (what QEMU and KVM's
+    /// `dirty_log_perf_test` ask for where the kernel offers it): as [`Self::Manual`], but a
+    /// slot that starts logging gets a bitmap with every page set and keeps its mappings as
+    /// they are (nothing is write-protected, huge leaves stay); `KVM_CLEAR_DIRTY_LOG` then
+    /// write-protects what it clears, splitting the huge leaves it meets (KVM
+    /// `kvm_arch_mmu_enable_log_dirty_pt_masked` with eager page splitting), so a write after
+    /// the clear faults and is logged at 4 KiB.
+    InitiallySet,
+}
+
+impl DirtyLogMode {
+    /// Whether `KVM_GET_DIRTY_LOG` only reads the bitmap (manual protect, with or without
+    /// "initially set").
+    pub const fn is_manual(self) -> bool {
+        matches!(self, DirtyLogMode::Manual | DirtyLogMode::InitiallySet)
+    }
 }
 
 /// Why a dirty-log request was refused, in KVM's order of checks.
@@ -170,6 +191,15 @@ impl DirtyBitmap {
         }
     }
 
+    /// Sets every page's bit ("initially set": a fresh bitmap nobody else sees yet).
+    pub(crate) fn set_all(&self) {
+        for (i, w) in self.words.iter().enumerate() {
+            let left = self.npages - i as u64 * 64;
+            let bits = if left >= 64 { u64::MAX } else { (1u64 << left) - 1 };
+            w.store(bits, Ordering::Relaxed);
+        }
+    }
+
     /// A copy of the bits (manual mode's GET).
     pub fn snapshot(&self) -> Vec<u64> {
         self.words.iter().map(|w| w.load(Ordering::Relaxed)).collect()
@@ -264,7 +294,7 @@ pub(crate) fn get_log<M: WriteProtect>(
     bitmap: &DirtyBitmap,
     mode: DirtyLogMode,
 ) -> Vec<u64> {
-    if mode == DirtyLogMode::Manual {
+    if mode.is_manual() {
         return bitmap.snapshot();
     }
     let mut out = Vec::with_capacity(bitmap.len_words());

@@ -573,7 +573,12 @@ impl Memslots {
         change: MemslotChange,
     ) -> Result<Option<Arc<DirtyBitmap>>, MemslotError> {
         let fresh = if new.dirty_logging() && !old.is_some_and(Memslot::dirty_logging) {
-            Some(st.meta.alloc_bitmap(new.npages())?)
+            let b = st.meta.alloc_bitmap(new.npages())?;
+            if st.dirty_log_mode == DirtyLogMode::InitiallySet {
+                // KVM `kvm_prepare_memory_region`: `bitmap_set` of every page.
+                b.set_all();
+            }
+            Some(b)
         } else {
             None
         };

@@ -33,9 +33,13 @@ impl<H: Host> TdpMmu<H> {
     /// Removes the write right from the leaves under table `pfn` (at `level`, from gfn `base`)
     /// that map a gfn `start + i` for a set bit `i` of `mask`: one walk down per 64 pages, not
     /// one per page (KVM `kvm_tdp_mmu_clear_dirty_pt_masked` iterates the range the same way).
-    /// A huge leaf (mapped before logging began, or racing its start) is write-protected whole;
-    /// a write fault then maps the page at 4 KiB. The caller holds the MMU lock exclusive.
-    /// Returns whether a present leaf lost the right.
+    /// A huge leaf the mask meets (one that "initially set" logging left in place, or one whose
+    /// split failed when logging started) is split into read-only leaves (KVM
+    /// `kvm_arch_mmu_enable_log_dirty_pt_masked`: eager split, then write protection of the
+    /// huge pages holding the first and last page of the mask, which may be two), so reads keep
+    /// hitting and a write faults and is logged at 4 KiB; where no table page can be had it is
+    /// write-protected whole and a write fault zaps it. The caller holds the MMU lock
+    /// exclusive. Returns whether a present leaf lost the right.
     fn write_protect_masked_table(
         &self,
         pfn: Pfn,
@@ -64,7 +68,15 @@ impl<H: Host> TdpMmu<H> {
                 continue;
             }
             if fmt.is_leaf(old, level) {
-                if fmt.is_writable(old) {
+                if let Some((child, lower)) = self.split_huge_leaf(old, level, lo) {
+                    // The children are read-only already; the link replaces a present leaf.
+                    let need = self.set_spte_locked(entry, old, fmt.make_nonleaf(child), level, lo);
+                    flush |= need == FlushNeed::Remote;
+                    if lower > Level::L4K {
+                        // A 1 GiB leaf split into 2 MiB leaves: split those the mask meets.
+                        flush |= self.write_protect_masked_table(child, lower, lo, start, mask);
+                    }
+                } else if fmt.is_writable(old) {
                     let need = self.set_spte_locked(entry, old, old & !BIT_W, level, lo);
                     flush |= need == FlushNeed::Remote;
                 }
