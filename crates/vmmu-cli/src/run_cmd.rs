@@ -60,6 +60,9 @@ pub enum DirtyLog {
     Auto,
     /// Manual protect: KVM_GET_DIRTY_LOG, then KVM_CLEAR_DIRTY_LOG of what it returned.
     Manual,
+    /// Manual protect with KVM_DIRTY_LOG_INITIALLY_SET (QEMU's mode): logging starts with every
+    /// page dirty and nothing write-protected; each CLEAR protects and splits what it clears.
+    InitiallySet,
 }
 
 /// The host page size behind guest RAM.
@@ -181,7 +184,8 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(1..=100))]
     rounds: u32,
     /// Dirty-log the RAM slots while a migration thread collects the log back to back (`auto`:
-    /// GET; `manual`: GET then CLEAR); the oracle checks that every page a vCPU wrote is in a
+    /// GET; `manual`: GET then CLEAR; `initially-set`: as manual, logging starting with every
+    /// page dirty and nothing write-protected); the oracle checks that every page a vCPU wrote is in a
     /// collection that could see the write (no lost dirty page).
     #[arg(long = "dirty-log", value_enum, value_name = "MODE", num_args = 0..=1, default_missing_value = "auto")]
     dirty_log: Option<DirtyLog>,
@@ -231,6 +235,7 @@ impl RunArgs {
             dirty_log: self.dirty_log.map(|m| match m {
                 DirtyLog::Auto => vmmu_sim::migration::DirtyLogMode::Auto,
                 DirtyLog::Manual => vmmu_sim::migration::DirtyLogMode::Manual,
+                DirtyLog::InitiallySet => vmmu_sim::migration::DirtyLogMode::InitiallySet,
             }),
             dirty_log_rounds: self.dirty_log_rounds.and_then(std::num::NonZeroU32::new),
             host_pages: match self.host_pages {

@@ -235,7 +235,7 @@ impl BenchVm {
 
     /// Enables manual dirty-log protection (without "initially set").
     pub fn enable_manual_dirty_log(&self) -> Result<(), String> {
-        crate::dirty::enable_manual(&self.vm)
+        crate::dirty::enable_manual(&self.vm, false)
     }
 
     /// Starts the vCPU on its busy loop in a new thread, pinned to `cpu` if given. `None` if

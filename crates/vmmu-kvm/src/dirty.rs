@@ -1,6 +1,6 @@
 //! The dirty-log ioctls as a scenario runs them: `KVM_GET_DIRTY_LOG`, `KVM_CLEAR_DIRTY_LOG` with
 //! every bit of the range set, and `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` without "initially set"
-//! (`vm dirty_log=manual`).
+//! (`vm dirty_log=manual`) or with it (`vmmu selftest dirty-log-perf`).
 //!
 //! Memory safety of GET rests on the bitmap being as large as KVM writes: KVM copies
 //! `ALIGN(npages, 64) / 8` bytes of the slot it finds, so the caller passes the size of the slot
@@ -11,7 +11,7 @@ use crate::errno;
 use kvm_bindings::{
     kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_dirty_log,
     kvm_dirty_log__bindgen_ty_1, kvm_enable_cap, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+    KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
 };
 use kvm_ioctls::VmFd;
 use std::os::fd::AsRawFd;
@@ -25,12 +25,18 @@ fn last_errno() -> String {
     errno::name(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
 }
 
-/// Enables manual protect without "initially set"; `Err` says why it cannot be had.
-pub(crate) fn enable_manual(vm: &VmFd) -> Result<(), String> {
+/// Enables manual protect, with `KVM_DIRTY_LOG_INITIALLY_SET` if `initially_set`; `Err` says
+/// why it cannot be had.
+pub(crate) fn enable_manual(vm: &VmFd, initially_set: bool) -> Result<(), String> {
     let offered = vm.check_extension_raw(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.into());
-    let enable = u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE);
-    if u64::try_from(offered).unwrap_or(0) & enable == 0 {
-        return Err(format!("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 not offered ({offered})"));
+    let mut enable = u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE);
+    if initially_set {
+        enable |= u64::from(KVM_DIRTY_LOG_INITIALLY_SET);
+    }
+    if u64::try_from(offered).unwrap_or(0) & enable != enable {
+        return Err(format!(
+            "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 offers {offered:#x}, this needs {enable:#x}"
+        ));
     }
     let cap = kvm_enable_cap {
         cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,

@@ -224,7 +224,7 @@ pub fn start(scenario: &Scenario) -> Result<Start, BackendError> {
         }
     }
     if scenario.vm.dirty_log == DirtyLogMode::Manual {
-        if let Err(why) = crate::dirty::enable_manual(&vm) {
+        if let Err(why) = crate::dirty::enable_manual(&vm, false) {
             return Ok(Start::Skip(format!("dirty_log=manual: {why}")));
         }
     }

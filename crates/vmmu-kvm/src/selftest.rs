@@ -1015,13 +1015,29 @@ pub mod dirty_log_perf {
         pub disable: Duration,
     }
 
-    /// `vcpus` vCPUs, `bytes_per_vcpu` each, `iterations` (at least 2), manual protect or not.
+    /// How the test collects (the C test: manual protect with "initially set" where offered;
+    /// `-g`: auto).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Protect {
+        /// GET clears and write-protects again.
+        Auto,
+        /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`: GET only reads, a CLEAR of what it returned
+        /// re-protects.
+        Manual,
+        /// As `Manual`, with `KVM_DIRTY_LOG_INITIALLY_SET`: logging starts with every page
+        /// dirty and nothing write-protected.
+        InitiallySet,
+    }
+
+    /// `vcpus` vCPUs, `bytes_per_vcpu` each, `iterations` (at least 2), collected as `protect`
+    /// says.
     pub fn run(
         vcpus: usize,
         bytes_per_vcpu: u64,
         iterations: u32,
-        manual: bool,
+        protect: Protect,
     ) -> Result<Outcome> {
+        let manual = protect != Protect::Auto;
         let per = bytes_per_vcpu.next_multiple_of(PAGE);
         let size = per * vcpus as u64;
         if vcpus == 0 || size == 0 || iterations < 2 || TEST_GPA + size > 64 << 30 {
@@ -1034,7 +1050,7 @@ pub mod dirty_log_perf {
         let mem = Mapping::new(size as usize).map_err(failed)?;
         let t = TestVm::new()?;
         if manual {
-            crate::dirty::enable_manual(&t.vm).map_err(|e| {
+            crate::dirty::enable_manual(&t.vm, protect == Protect::InitiallySet).map_err(|e| {
                 failed(format!("manual dirty-log protect: {e}; run without it (auto mode)"))
             })?;
         }
@@ -1203,11 +1219,14 @@ mod kvm_tests {
 
     #[test]
     fn dirty_log_perf_runs_in_both_modes() {
-        for manual in [true, false] {
-            if let Some(o) = on_kvm("dirty_log_perf", || dirty_log_perf::run(2, 1 << 20, 2, manual))
+        use dirty_log_perf::Protect;
+        for protect in [Protect::InitiallySet, Protect::Manual, Protect::Auto] {
+            if let Some(o) =
+                on_kvm("dirty_log_perf", || dirty_log_perf::run(2, 1 << 20, 2, protect))
             {
                 assert_eq!((o.pages, o.get.len()), (512, 2), "{o:?}");
-                assert_eq!(o.clear.len(), if manual { 2 } else { 0 }, "{o:?}");
+                let clears = if protect == Protect::Auto { 0 } else { 2 };
+                assert_eq!(o.clear.len(), clears, "{o:?}");
             }
         }
     }

@@ -24,7 +24,10 @@
 //! handed it over very late) is counted as unverifiable, never as a violation.
 //!
 //! In manual mode (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`) a collection is a GET followed by a CLEAR
-//! of exactly the bits the GET returned, as a VMM does before it copies the pages.
+//! of exactly the bits the GET returned, as a VMM does before it copies the pages; with
+//! "initially set" too (QEMU's mode), where a slot starts logging with every page dirty and
+//! nothing write-protected, so the first collection reports every page and its CLEAR is what
+//! protects (and splits) the mappings.
 //!
 //! # Migrations ([`Migration::new`] with `rounds`)
 //! By default the slots are logged from their creation to the end of the run. With `rounds`,
@@ -60,12 +63,36 @@ pub enum DirtyLogMode {
     Auto,
     /// GET, then `KVM_CLEAR_DIRTY_LOG` of the bits it returned (manual protect).
     Manual,
+    /// As [`Self::Manual`], with `KVM_DIRTY_LOG_INITIALLY_SET` (QEMU's choice): a slot starts
+    /// logging with every page dirty and its mappings left writable (huge ones too); each CLEAR
+    /// protects, and splits, what it clears.
+    InitiallySet,
+}
+
+impl DirtyLogMode {
+    /// The core's mode.
+    pub fn core(self) -> vmmu::dirty::DirtyLogMode {
+        match self {
+            DirtyLogMode::Auto => vmmu::dirty::DirtyLogMode::Auto,
+            DirtyLogMode::Manual => vmmu::dirty::DirtyLogMode::Manual,
+            DirtyLogMode::InitiallySet => vmmu::dirty::DirtyLogMode::InitiallySet,
+        }
+    }
+
+    /// The name the report gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DirtyLogMode::Auto => "auto",
+            DirtyLogMode::Manual => "manual",
+            DirtyLogMode::InitiallySet => "initially-set",
+        }
+    }
 }
 
 /// What the dirty-log oracle did, for the report (`dirty_log` in the JSON form).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DirtyLogReport {
-    /// `auto` or `manual`.
+    /// `auto`, `manual` or `initially-set`.
     pub mode: String,
     /// Collections made (GET, or GET + CLEAR, over every logged slot).
     pub collections: u64,
@@ -178,13 +205,7 @@ impl Migration {
             history: HashMap::new(),
             pending: Vec::new(),
             report: OracleReport::default(),
-            stats: DirtyLogReport {
-                mode: match self.mode {
-                    DirtyLogMode::Auto => "auto".into(),
-                    DirtyLogMode::Manual => "manual".into(),
-                },
-                ..DirtyLogReport::default()
-            },
+            stats: DirtyLogReport { mode: self.mode.name().into(), ..DirtyLogReport::default() },
         }
     }
 }
@@ -252,7 +273,7 @@ impl Collector<'_> {
     /// Switches the MMU to the mode (before the logged slots exist). `false`: the MMU has no
     /// dirty logging.
     pub fn prepare<M: GuestMmu>(&self, mmu: &M) -> bool {
-        mmu.set_dirty_log_manual(self.m.mode == DirtyLogMode::Manual)
+        mmu.set_dirty_log_mode(self.m.mode.core())
     }
 
     /// Notes a setup request: a logged slot's creation is kept for the migrations' flag
@@ -332,7 +353,7 @@ impl Collector<'_> {
                 }
                 None => continue,
             };
-            if self.m.mode == DirtyLogMode::Manual {
+            if self.m.mode != DirtyLogMode::Auto {
                 let count = u32::try_from(s.pages).unwrap_or(u32::MAX);
                 if let Some(Err(errno)) = mmu.clear_dirty_log(s.slot, 0, count, Some(&words)) {
                     self.report.push(Violation {
@@ -423,7 +444,7 @@ mod tests {
     /// its memslot updates are recorded. No vCPU runs on it.
     #[derive(Default)]
     struct Scripted {
-        manual: Mutex<Option<bool>>,
+        mode: Mutex<Option<vmmu::dirty::DirtyLogMode>>,
         gets: Mutex<HashMap<u32, VecDeque<Vec<u64>>>>,
         clears: Mutex<Vec<Clear>>,
         updates: Mutex<Vec<SlotRequest>>,
@@ -446,8 +467,8 @@ mod tests {
         fn translate(&self, _: &mut (), _: Gpa, _: AccessKind) -> Translation {
             unreachable!("no vCPU runs on the scripted MMU")
         }
-        fn set_dirty_log_manual(&self, manual: bool) -> bool {
-            *self.manual.lock().unwrap() = Some(manual);
+        fn set_dirty_log_mode(&self, mode: vmmu::dirty::DirtyLogMode) -> bool {
+            *self.mode.lock().unwrap() = Some(mode);
             true
         }
         fn get_dirty_log(&self, slot: u32) -> Option<Result<Vec<u64>, String>> {
@@ -562,23 +583,28 @@ mod tests {
     /// `--dirty-log manual` collects as a VMM with manual protect does: the MMU is put in manual
     /// mode, and each GET is followed by a CLEAR of exactly the bits it returned over the whole
     /// slot; `--dirty-log auto` leaves the MMU in auto mode and never CLEARs (its GET
-    /// re-protects). The report names the mode. Kills `prepare -> true` (the MMU left in auto
-    /// mode), `collect`'s `mode == Manual` -> `!=` (a manual run that never exercised
+    /// re-protects); `--dirty-log initially-set` collects as manual does, with the MMU in its
+    /// "initially set" mode. The report names the mode. Kills `prepare -> true` (the MMU left
+    /// in auto mode), `collect`'s `mode != Auto` -> `==` (a manual run that never exercised
     /// `KVM_CLEAR_DIRTY_LOG`, an auto run that did), and `collector`'s deleted `mode` field.
     #[test]
     fn manual_collections_clear_what_they_got_and_auto_ones_clear_nothing() {
         let r = region(1, 0x100_0000, 100);
-        for (mode, name) in [(DirtyLogMode::Manual, "manual"), (DirtyLogMode::Auto, "auto")] {
+        for (mode, name) in [
+            (DirtyLogMode::Manual, "manual"),
+            (DirtyLogMode::Auto, "auto"),
+            (DirtyLogMode::InitiallySet, "initially-set"),
+        ] {
             let m = Migration::new(mode, &[&r], None);
             let mmu = Scripted::default();
             let mut c = m.collector();
             assert!(c.prepare(&mmu));
-            assert_eq!(*mmu.manual.lock().unwrap(), Some(mode == DirtyLogMode::Manual));
+            assert_eq!(*mmu.mode.lock().unwrap(), Some(mode.core()));
             mmu.then_get(1, &[0b1000, 1 << 35]);
             c.collect(&mmu);
             let clears = mmu.clears.lock().unwrap().clone();
             match mode {
-                DirtyLogMode::Manual => {
+                DirtyLogMode::Manual | DirtyLogMode::InitiallySet => {
                     assert_eq!(clears, [(1, 0, 100, Some(vec![0b1000, 1 << 35]))]);
                 }
                 DirtyLogMode::Auto => assert_eq!(clears, []),

@@ -222,8 +222,7 @@ impl Drop for RealVcpu {
 impl GuestMmu for RealMmu {
     type Vcpu = RealVcpu;
 
-    fn set_dirty_log_manual(&self, manual: bool) -> bool {
-        let mode = if manual { DirtyLogMode::Manual } else { DirtyLogMode::Auto };
+    fn set_dirty_log_mode(&self, mode: DirtyLogMode) -> bool {
         self.vm.set_dirty_log_mode(mode);
         true
     }

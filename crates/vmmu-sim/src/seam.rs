@@ -398,9 +398,10 @@ pub trait GuestMmu: Send + Sync {
     /// Host invalidation end: pairs with one `invalidate_hva_range_begin` that returned `true`.
     fn invalidate_hva_range_end(&self) {}
 
-    /// Dirty logging: manual protect on or off (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`). Returns
-    /// `false` if this MMU has no dirty logging (the default); the machine then collects nothing.
-    fn set_dirty_log_manual(&self, _manual: bool) -> bool {
+    /// Dirty logging: auto, manual protect, or manual protect with "initially set"
+    /// (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`). Returns `false` if this MMU has no dirty logging
+    /// (the default); the machine then collects nothing.
+    fn set_dirty_log_mode(&self, _mode: vmmu::dirty::DirtyLogMode) -> bool {
         false
     }
 

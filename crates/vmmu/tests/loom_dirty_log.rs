@@ -9,7 +9,9 @@
 //! Setup: a dirty-logged one-page slot; the vCPU's write fault has made the leaf writable and
 //! marked the page. From [`Start::Unmapped`] the leaf is then zapped (the page stays marked), so
 //! the vCPU's first write faults and its fault races the collection's exclusive hold of the MMU
-//! lock. Two threads:
+//! lock. From [`Start::LoggingStartedLive`] ("initially set") the slot did not log at the write
+//! fault; logging is turned on after it, which sets the bit and protects nothing, so the CLEAR
+//! is the first and only protection of a leaf the vCPU may hold writable. Two threads:
 //!
 //! - the vCPU runs up to [`ROUNDS`] guest-mode periods. Each services its requests (a TLB flush
 //!   empties its TLB) and enters guest mode; if its one-entry "TLB" is empty it fills it from
@@ -34,7 +36,8 @@
 //! The models: auto mode and manual mode on the TDP MMU (EPT, the hardware walking gpas), and
 //! manual mode on the shadow MMU (a 4-level guest whose tables lie in an unlogged slot, the
 //! hardware walking the shadow for a gva; write protection through the reverse map under the
-//! shadow lock), each from both starts. Auto GET (`dirty::get_log`) and CLEAR
+//! shadow lock), each from both starts; and "initially set" on both MMUs from
+//! [`Start::LoggingStartedLive`]. Auto GET (`dirty::get_log`) and CLEAR
 //! (`dirty::clear_log`) each flush after their write protection under the same bug switch: with
 //! `--features historical-bugs` the models from [`Start::Writable`] must catch
 //! `dirty-log-no-flush` (the collection returns without flushing) as a `VIOLATION`; in manual
@@ -43,7 +46,8 @@
 //! Checked by hand with temporary edits (not committed), each failing as a `VIOLATION`:
 //! `clear_log` without its flush, and `clear_log` without its write protection (bits cleared,
 //! leaves left writable), fail both manual models from [`Start::Writable`] (the auto model
-//! passes); the TDP fault path marking the page before it takes the MMU lock (and not after the
+//! passes), and the "initially set" models too (`clear_log` without its write protection: both
+//! fail); the TDP fault path marking the page before it takes the MMU lock (and not after the
 //! install) fails both TDP models from [`Start::Unmapped`]; the shadow fault path marking
 //! before it takes the shadow lock fails the shadow model from [`Start::Unmapped`].
 //!
@@ -91,6 +95,11 @@ enum Start {
     Writable,
     /// Zapped after the write fault: the vCPU's first write faults, racing the collection.
     Unmapped,
+    /// "Initially set" ([`DirtyLogMode::InitiallySet`]): the slot was mapped writable by a
+    /// write fault before it logged; logging was then turned on (every bit set, nothing
+    /// write-protected), so the leaf the vCPU starts from was never protected and only the
+    /// CLEAR protects it.
+    LoggingStartedLive,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -175,14 +184,15 @@ fn setup(
     host.map(RAM_HVA, 0x1000, RAM_HVA >> 12, Level::L4K, true);
     let vm = Vm::new(cfg, host.clone()).unwrap();
     vm.set_dirty_log_mode(mode);
-    vm.set_memory_region(&UserspaceMemoryRegion {
+    let logged = |flags| UserspaceMemoryRegion {
         slot: u32::from(LOG_SLOT),
-        flags: KVM_MEM_LOG_DIRTY_PAGES,
+        flags,
         guest_phys_addr: X << 12,
         memory_size: 0x1000,
         userspace_addr: RAM_HVA,
-    })
-    .unwrap();
+    };
+    let live = start == Start::LoggingStartedLive;
+    vm.set_memory_region(&logged(if live { 0 } else { KVM_MEM_LOG_DIRTY_PAGES })).unwrap();
     if mmu == Mmu::Shadow {
         const TABLES_HVA: u64 = 0x8000_0000;
         host.map(TABLES_HVA, TABLES_SIZE, TABLES_HVA >> 12, Level::L4K, true);
@@ -201,6 +211,9 @@ fn setup(
     }
     v.service_requests().unwrap();
     assert_eq!(mmu.write_fault(&mut v, false), FaultOutcome::Fixed, "setup: the write fault");
+    if live {
+        vm.set_memory_region(&logged(KVM_MEM_LOG_DIRTY_PAGES)).unwrap();
+    }
     if start == Start::Unmapped {
         vm.zap_gfn_range_for_tests(AsId(0), Gfn(X), Gfn(X + 1));
     }
@@ -275,14 +288,14 @@ fn dirty_log(mmu: Mmu, mode: DirtyLogMode, start: Start, bugs: BugSet) -> Covera
             thread::spawn(move || vcpu_writes(mmu, &mut v, &collected, &c))
         };
         let first = vm.get_dirty_log(AsId(0), SlotId(LOG_SLOT)).unwrap();
-        if mode == DirtyLogMode::Manual {
+        if mode.is_manual() {
             // Manual mode: the GET cleared nothing; the CLEAR of what it returned is the
             // collection.
             vm.clear_dirty_log(AsId(0), SlotId(LOG_SLOT), 0, 1, &first).unwrap();
         }
         collected.store(true, Ordering::Release);
         let wrote_after = t.join().unwrap();
-        assert_eq!(first, [1], "the write fault marked the page before the GET");
+        assert_eq!(first, [1], "the write fault (or \"initially set\") marked the page");
         let next = vm.get_dirty_log(AsId(0), SlotId(LOG_SLOT)).unwrap();
         assert!(
             !wrote_after || next == [1],
@@ -328,14 +341,36 @@ fn loom_dirty_log_shadow_manual_clear_vs_write_fault() {
         .expect(&BOTH_WRITES);
 }
 
+#[test]
+fn loom_dirty_log_initially_set_clear_protects_a_leaf_never_protected() {
+    dirty_log(Mmu::Tdp, DirtyLogMode::InitiallySet, Start::LoggingStartedLive, BugSet::NONE)
+        .expect(&BOTH_WRITES);
+}
+
+#[test]
+fn loom_dirty_log_shadow_initially_set_clear_protects_a_leaf_never_protected() {
+    dirty_log(Mmu::Shadow, DirtyLogMode::InitiallySet, Start::LoggingStartedLive, BugSet::NONE)
+        .expect(&BOTH_WRITES);
+}
+
 /// The models have teeth: without the flush after the re-protect, the vCPU keeps writing.
 #[cfg(feature = "historical-bugs")]
 fn assert_catches_dirty_log_no_flush(mmu: Mmu, mode: DirtyLogMode) {
     let bugs = BugSet::only(vmmu::bugs::Bug::DirtyLogNoFlush);
+    let start = match mode {
+        DirtyLogMode::InitiallySet => Start::LoggingStartedLive,
+        _ => Start::Writable,
+    };
     let caught = loom_common::violation(|| {
-        dirty_log(mmu, mode, Start::Writable, bugs);
+        dirty_log(mmu, mode, start, bugs);
     });
     assert!(caught, "{mmu:?} {mode:?}: missed dirty-log-no-flush");
+}
+
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn loom_dirty_log_initially_set_catches_dirty_log_no_flush() {
+    assert_catches_dirty_log_no_flush(Mmu::Tdp, DirtyLogMode::InitiallySet);
 }
 
 #[cfg(feature = "historical-bugs")]

@@ -42,6 +42,7 @@ use crate::timeline::{LatencyHistogram, Sample, Timeline};
 use std::collections::BTreeMap;
 use std::time::Instant;
 use vmmu::bugs::BugSet;
+use vmmu::dirty::DirtyLogMode;
 use vmmu::guest::{GuestCpu, PagingMode};
 use vmmu::memslot::{MemslotChange, UserspaceMemoryRegion};
 use vmmu::spte::FormatKind;
@@ -762,14 +763,16 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
     let interval_us = (last_t / 500).max(1000);
     let mut samples = vec![Sample::default()];
     let mut next_sample = interval_us;
-    // As the recording VMM did (and the KVM side of the replay does): manual protect when the
-    // trace clears. "Initially set" (QEMU's choice where offered) is not modelled: GETs return
-    // what the replay's own writes dirtied, not the recording's pages.
+    // As the recording VMM did (and the KVM side of the replay does): manual protect with
+    // "initially set" (QEMU 7.2's choice where the kernel offers it) when the trace clears. GETs
+    // return what the replay's own writes dirtied (and the initial bits), not the recording's
+    // pages, which traces do not hold.
     let manual = trace.events.iter().any(|e| matches!(e.kind, EventKind::ClearDirtyLog { .. }));
-    r.report.dirty_log.applied = mmu.set_dirty_log_manual(manual);
+    let mode = if manual { DirtyLogMode::InitiallySet } else { DirtyLogMode::Auto };
+    r.report.dirty_log.applied = mmu.set_dirty_log_mode(mode);
     r.report.dirty_log.note = format!(
-        "applied to the core's dirty log, {} protect; clears with every bit of the range set",
-        if manual { "manual" } else { "auto" }
+        "applied to the core's dirty log, {}; clears with every bit of the range set",
+        if manual { "manual protect, initially set" } else { "auto protect" }
     );
     for e in &trace.events {
         match &e.kind {
