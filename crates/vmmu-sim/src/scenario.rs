@@ -210,6 +210,8 @@ impl SimMachine {
             cr0_wp: true,
             efer_nx: true,
             maxphyaddr: GUEST_MAXPHYADDR,
+            // Scenario tables map 4 KiB and 2 MiB pages only (format v2).
+            gbpages: false,
         };
         if vm.dirty_log == DirtyLogMode::Manual {
             mmu.vm().set_dirty_log_mode(vmmu::dirty::DirtyLogMode::Manual);

@@ -639,8 +639,15 @@ fn check(c: Cfg, ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             Op::GuestCpu { vcpu, mode, cr3, wp, nx, maxphyaddr } => {
                 let Some(v) = vcpus.get_mut(vcpu_at(vcpu, n_vcpus)) else { continue };
-                let cpu =
-                    GuestCpu { mode: mode_of(mode, cr3), cr3, cr0_wp: wp, efer_nx: nx, maxphyaddr };
+                let cpu = GuestCpu {
+                    mode: mode_of(mode, cr3),
+                    cr3,
+                    cr0_wp: wp,
+                    efer_nx: nx,
+                    maxphyaddr,
+                    // The tables here are random: 1 GiB leaves where the other bits allow.
+                    gbpages: maxphyaddr % 2 == 0,
+                };
                 let r = v.set_guest_cpu(cpu);
                 prop_assert_eq!(r.is_ok(), shadow);
                 if mode != 0 && shadow {

@@ -3,7 +3,8 @@
 //! `kvm-shadow-mmu-facts.md` §2, Intel SDM "4-level paging" and "PAE paging"): a recursive walk
 //! over a HashMap-backed memory whose tables are random and may alias each other (an entry may
 //! point at any table frame, itself included, or at an unbacked frame), with random present, RW,
-//! US, NX, PS, A, D and reserved bits, random CR0.WP, EFER.NX, MAXPHYADDR and access.
+//! US, NX, PS, A, D and reserved bits, random CR0.WP, EFER.NX, MAXPHYADDR, 1 GiB pages in the
+//! guest's CPUID or not, and access.
 //!
 //! For 4-level and PAE paging it compares: non-canonical or not, the #PF error code, or the
 //! translation (gpa, gfn, level), `pte_access` and `pt_access`; and guest memory afterwards
@@ -113,12 +114,19 @@ fn spec() -> impl Strategy<Value = Spec> {
 
 impl Spec {
     fn value(&self, maxphy: u8) -> u64 {
-        // Most PS entries get a 2 MiB-aligned address, so 2 MiB leaves are common.
-        let kind = if self.ps && self.addr_pick & 3 != 0 { 7 } else { self.addr_kind };
+        // Most PS entries get a 2 MiB-aligned address, so 2 MiB leaves are common; one in four
+        // a 1 GiB-aligned one, for 1 GiB leaves.
+        let kind = match self.addr_pick & 3 {
+            _ if !self.ps => self.addr_kind,
+            0 => self.addr_kind,
+            1 => 9,
+            _ => 7,
+        };
         let addr = match kind {
             0..=5 => FRAMES[usize::from(self.addr_kind)] << 12,
             6 => UNBACKED_FRAME << 12,
             7 => (self.addr_pick << 21) & ((1u64 << maxphy) - 1),
+            9 => ((self.addr_pick >> 2) << 30) & ((1u64 << maxphy) - 1),
             _ => (self.addr_pick << 12) & ((1u64 << maxphy) - 1),
         };
         let mut v = addr;
@@ -178,6 +186,8 @@ impl PdpteSpec {
 #[derive(Clone, Debug)]
 struct Case {
     pae: bool,
+    /// The guest's CPUID has 1 GiB pages.
+    gbpages: bool,
     maxphy: u8,
     wp: bool,
     nx: bool,
@@ -198,7 +208,7 @@ struct Case {
 
 fn case() -> impl Strategy<Value = Case> {
     (
-        any::<bool>(),
+        (any::<bool>(), any::<bool>()),
         prop::sample::select(vec![36u8, 39, 46, 52]),
         any::<bool>(),
         any::<bool>(),
@@ -212,8 +222,22 @@ fn case() -> impl Strategy<Value = Case> {
         prop::array::uniform4(pdpte_spec()),
     )
         .prop_map(
-            |(pae, maxphy, wp, nx, kind, user, idx, offset, nc, cr3_high, entries, pdptes)| Case {
+            |(
+                (pae, gbpages),
+                maxphy,
+                wp,
+                nx,
+                kind,
+                user,
+                idx,
+                offset,
+                nc,
+                cr3_high,
+                entries,
+                pdptes,
+            )| Case {
                 pae,
+                gbpages,
                 maxphy,
                 wp,
                 nx,
@@ -344,7 +368,8 @@ impl Model<'_> {
         }
         let ps = bit(pte, 7);
         match (c.pae, level) {
-            (false, 4) | (false, 3) => ps,
+            (false, 4) => ps,
+            (false, 3) => ps && (!c.gbpages || any_bit(pte, 13, 29)),
             (_, 2) => ps && any_bit(pte, 13, 20),
             _ => false,
         }
@@ -434,6 +459,7 @@ enum Kind {
     Permission,
     Ok4k,
     Ok2m,
+    Ok1g,
     /// A successful walk that wrote A or D bits.
     OkWrote,
 }
@@ -458,7 +484,14 @@ fn check(c: &Case) -> Result<Vec<Kind>, TestCaseError> {
     } else {
         PagingMode::Long4
     };
-    let cpu = GuestCpu { mode, cr3: c.cr3(), cr0_wp: c.wp, efer_nx: c.nx, maxphyaddr: c.maxphy };
+    let cpu = GuestCpu {
+        mode,
+        cr3: c.cr3(),
+        cr0_wp: c.wp,
+        efer_nx: c.nx,
+        maxphyaddr: c.maxphy,
+        gbpages: c.gbpages,
+    };
 
     let mut model = Model { c, mem: &mem, gva, used: Vec::new(), pt_access: Vec::new() };
     let canonical = if c.pae { gva >> 32 == 0 } else { ((gva << 16) as i64 >> 16) as u64 == gva };
@@ -515,6 +548,7 @@ fn check(c: &Case) -> Result<Vec<Kind>, TestCaseError> {
         Expect::Fault(e) if e & 1 != 0 => Kind::Permission,
         Expect::Fault(_) => Kind::NotPresent,
         Expect::Ok { level: 1, .. } => Kind::Ok4k,
+        Expect::Ok { level: 3, .. } => Kind::Ok1g,
         Expect::Ok { .. } => Kind::Ok2m,
     }];
     if wrote {
@@ -547,7 +581,7 @@ fn random_tables_cover_every_outcome() {
         TestRng::from_seed(RngAlgorithm::ChaCha, &[7; 32]),
     );
     let mut seen: HashMap<(bool, Kind), u32> = HashMap::new();
-    for _ in 0..512 {
+    for _ in 0..1024 {
         let c = case().new_tree(&mut runner).expect("generate").current();
         for k in check(&c).expect("agrees with the model") {
             *seen.entry((c.pae, k)).or_default() += 1;
@@ -569,4 +603,5 @@ fn random_tables_cover_every_outcome() {
         }
     }
     assert!(seen.get(&(true, Kind::PdptrReserved)).copied().unwrap_or(0) >= 5, "{seen:?}");
+    assert!(seen.get(&(false, Kind::Ok1g)).copied().unwrap_or(0) >= 5, "{seen:?}");
 }

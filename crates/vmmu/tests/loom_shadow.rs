@@ -285,6 +285,7 @@ fn special_root_fault_vs_zap_all(bugs: BugSet) -> Coverage {
             cr0_wp: true,
             efer_nx: true,
             maxphyaddr: 46,
+            gbpages: false,
         };
         v.set_guest_cpu(cpu).unwrap();
         v.load_cr3(0x1000).unwrap();

@@ -173,7 +173,8 @@ fn odd_guest_cpu_states_do_not_panic() {
     for mode in modes {
         for cr3 in [s.cr3, u64::MAX, (1 << 52) - 0x1000, 1 << 63] {
             for maxphyaddr in [0u8, 12, 36, 46, 52, 63, 64, 255] {
-                let cpu = GuestCpu { mode, cr3, cr0_wp: true, efer_nx: false, maxphyaddr };
+                let gbpages = maxphyaddr % 2 == 0;
+                let cpu = GuestCpu { mode, cr3, cr0_wp: true, efer_nx: false, maxphyaddr, gbpages };
                 v.set_guest_cpu(cpu).unwrap();
                 let _ = v.load_cr3(cr3);
                 for gva in [0x4000_0000u64, 0, !0xfff, 1 << 52, 0xffff_8000_0000_0000] {
@@ -290,6 +291,7 @@ fn a_special_root_short_of_frames_leaves_nothing_pinned() {
             cr0_wp: true,
             efer_nx: false,
             maxphyaddr: 46,
+            gbpages: false,
         };
         let mut v = vcpu_in(&vm, cpu);
         try_access(&mut v, 0x1000, false);

@@ -433,3 +433,57 @@ fn a_root_zapped_while_in_use_counts_zapped_again_when_its_vcpu_frees_it() {
     assert_eq!(shadow.stats.snapshot().mmu_shadow_zapped, pages + 1, "the root, again");
     assert_eq!(vm.stats().mmu_shadow_zapped, pages + 1);
 }
+
+/// A guest 1 GiB page (a guest whose CPUID has them) under shadow paging, as KVM shadows one:
+/// the PDPT is shadowed, the 1 GiB below it by direct pages (a level-2 page for the whole GiB,
+/// level-1 pages per 2 MiB touched). One guest page from gpa 0 covers the RAM slot (64 MiB,
+/// which holds the guest's own tables) and MMIO above it: RAM translates at any offset, the
+/// guest's tables stay write-protected through it, MMIO is emulated at the right gpa and cached
+/// (SPTE, GVA); INVLPG of any address in the 1 GiB page drops the cached GVA of another 2 MiB of
+/// it; the first write sets the PDPTE's D bit; bits 29:13 of it are reserved, and without 1 GiB
+/// pages in CPUID so is PS.
+#[test]
+fn a_guest_1g_page_is_shadowed_by_direct_pages() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    const G: u64 = 0x80_0000_0000; // PML4 index 1, PDPT index 0
+    let pdpte = s.entry_gpa(G, 3);
+    host.write_u64(RAM_HVA + pdpte, P | RW | US | PS);
+    let cpu = GuestCpu { gbpages: true, ..long4(s.cr3) };
+    let mut v = vcpu_in(&vm, cpu);
+    let pages = vm.shadow_mmu().unwrap().pages_in_use();
+    assert_eq!(access(&mut v, G + 0x20_5008, true), Seen::Ram(ram_pfn(0x20_5000)));
+    assert_eq!(s.read(pdpte), P | RW | US | PS | (1 << 5) | (1 << 6), "A and D set");
+    // Root, shadowed PDPT, the direct level-2 page for the GiB, one direct level-1 page.
+    assert_eq!(vm.shadow_mmu().unwrap().pages_in_use(), pages + 4);
+    assert_eq!(access(&mut v, G + 0x3ff_f008, false), Seen::Ram(ram_pfn(0x3ff_f000)));
+    assert_eq!(
+        vm.shadow_mmu().unwrap().pages_in_use(),
+        pages + 5,
+        "another 2 MiB: one more level-1 page"
+    );
+    // The guest's PML4 lies inside the GiB: its leaf is read-only, a write is emulated.
+    let cr3 = s.cr3;
+    assert_eq!(access(&mut v, G + cr3, false), Seen::Ram(ram_pfn(cr3)));
+    assert_eq!(access(&mut v, G + cr3, true), Seen::Mmio(Gpa(cr3), EmulateSource::WriteProtected));
+    // MMIO above the slot, at both ends of what the GiB maps there.
+    for gpa in [RAM_SIZE, 0x3fff_f000] {
+        let first = access(&mut v, G + gpa + 8, false);
+        assert_eq!(first, Seen::Mmio(Gpa(gpa + 8), EmulateSource::SlowPathMmio));
+        let again = access(&mut v, G + gpa + 8, false);
+        assert_eq!(again, Seen::Mmio(Gpa(gpa + 8), EmulateSource::VcpuCacheHit));
+    }
+    // INVLPG of an address of another 2 MiB of the same guest page drops the cached GVA.
+    v.invlpg(Gva(G + 0x20_0000)).unwrap();
+    let after = access(&mut v, G + 0x3fff_f008, false);
+    assert_eq!(after, Seen::Mmio(Gpa(0x3fff_f008), EmulateSource::MmioSpteHit));
+    // Reserved bits of a 1 GiB PDPTE, and PS without 1 GiB pages in CPUID.
+    let rsvd = PfErr::RSVD | PfErr::PRESENT | PfErr::USER;
+    for (value, gbpages) in [(P | RW | US | PS | (1 << 13), true), (P | RW | US | PS, false)] {
+        // The guest's store to its (write-protected) PDPT, emulated and reported.
+        host.write_u64(RAM_HVA + pdpte, value);
+        v.track_write(Gpa(pdpte), 8).unwrap();
+        let mut w = vcpu_in(&vm, GuestCpu { gbpages, ..long4(s.cr3) });
+        assert_eq!(access(&mut w, G + 0x10_0000, false), Seen::GuestPf(rsvd), "{value:#x}");
+    }
+}

@@ -852,6 +852,7 @@ fn shadow_guest(
         cr0_wp: true,
         efer_nx: true,
         maxphyaddr: cfg.phys_bits,
+        gbpages: false,
     };
     if highest_gpa(trace).is_none_or(|last| last < FOUR_GIB) {
         v.set_guest_cpu(cpu).map_err(|e| ReplayError::Guest(e.to_string()))?;

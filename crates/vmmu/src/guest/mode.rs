@@ -1,5 +1,6 @@
 //! The guest CPU state a walk depends on: the paging mode (with the PAE PDPTRs loaded at CR3
-//! load), CR3, CR0.WP, EFER.NX and the guest MAXPHYADDR (KVM's `cpu_role` plus `mmu->pdptrs`).
+//! load), CR3, CR0.WP, EFER.NX, the guest MAXPHYADDR and whether its CPUID has 1 GiB pages
+//! (KVM's `cpu_role` plus `mmu->pdptrs` and `guest_can_use(X86_FEATURE_GBPAGES)`).
 //!
 //! Invariants this module owns:
 //! - in PAE mode the PDPTEs are read from memory only by [`load_pdptrs`], at CR3 load (KVM's
@@ -42,13 +43,25 @@ pub struct GuestCpu {
     pub efer_nx: bool,
     /// The guest's MAXPHYADDR (CPUID 0x80000008 EAX bits 7:0), 36..=52 on real CPUs.
     pub maxphyaddr: u8,
+    /// The guest's CPUID has 1 GiB pages (`CPUID.80000001H:EDX.Page1GB`, QEMU's `pdpe1gb`):
+    /// with 4-level paging a PDPTE with PS maps a 1 GiB page; without, PS there is reserved
+    /// (a #PF with RSVD). PAE has no 1 GiB pages either way.
+    pub gbpages: bool,
 }
 
 impl GuestCpu {
     /// A 64-bit OS's usual CPU: x86-64 4-level paging from the PML4 at `cr3`, with CR0.WP and
-    /// EFER.NX on, and the guest MAXPHYADDR `maxphyaddr`.
+    /// EFER.NX on, and the guest MAXPHYADDR `maxphyaddr`; without 1 GiB pages (QEMU's default
+    /// CPU models lack them; set [`Self::gbpages`] for one that has them).
     pub const fn long4(cr3: u64, maxphyaddr: u8) -> GuestCpu {
-        GuestCpu { mode: PagingMode::Long4, cr3, cr0_wp: true, efer_nx: true, maxphyaddr }
+        GuestCpu {
+            mode: PagingMode::Long4,
+            cr3,
+            cr0_wp: true,
+            efer_nx: true,
+            maxphyaddr,
+            gbpages: false,
+        }
     }
 }
 

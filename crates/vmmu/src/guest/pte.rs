@@ -10,13 +10,16 @@
 //! - a leaf is recognised only after its reserved bits were checked: [`is_last_gpte`] looks at PS
 //!   at every level above 1, and [`RsvdMasks`] makes PS reserved wherever it cannot mean a page
 //!   (PML4E, 4-level PDPTE), so a walk never stops at a level it cannot map;
-//! - 1 GiB guest pages are **not supported**: PS in a 4-level PDPTE is a reserved bit (KVM's
-//!   `gbpages_bit_rsvd`, as for a guest whose CPUID lacks 1 GiB pages);
+//! - 1 GiB guest pages exist only for a guest whose CPUID has them (`GuestCpu::gbpages`,
+//!   [`RsvdMasks::with_1g_pages`]): there PS in a 4-level PDPTE maps a 1 GiB page and bits 29:13
+//!   of such a PDPTE are reserved; elsewhere PS in a PDPTE is a reserved bit (KVM's
+//!   `gbpages_bit_rsvd`);
 //! - the masks are Intel's: AMD also reserves bit 8 of non-leaf PML4Es and PDPTEs
 //!   (`nonleaf_bit8_rsvd`), which is not modelled;
 //! - PAE reserves the physical-address bits from MAXPHYADDR up to bit 62, 4-level paging only up
 //!   to bit 51 (bits 62:52 are ignored there); bit 63 (NX) is reserved in both when EFER.NX = 0.
 
+use super::mode::GuestCpu;
 use crate::types::{Access, Level};
 
 /// Present.
@@ -33,7 +36,8 @@ pub const PCD: u64 = 1 << 4;
 pub const A: u64 = 1 << 5;
 /// Dirty: set by the walker on the leaf of a write.
 pub const D: u64 = 1 << 6;
-/// Page size: the entry maps a page (at level 2 here; reserved above, see the module doc).
+/// Page size: the entry maps a page (at level 2; at level 3 with 1 GiB pages; reserved above,
+/// see the module doc).
 pub const PS: u64 = 1 << 7;
 /// Global (leaf only).
 pub const G: u64 = 1 << 8;
@@ -109,7 +113,7 @@ pub struct RsvdMasks {
 
 impl RsvdMasks {
     /// The masks for `format` with guest `maxphyaddr` and EFER.NX = `efer_nx` (Intel, no 1 GiB
-    /// pages; see the module doc).
+    /// pages: [`Self::with_1g_pages`] adds them; see the module doc).
     pub const fn new(format: TableFormat, maxphyaddr: u8, efer_nx: bool) -> Self {
         let top = match format {
             TableFormat::Long4 => 51,
@@ -124,8 +128,9 @@ impl RsvdMasks {
             TableFormat::Long4 => [
                 // bit 7 clear: PTE, PDE (table), PDPTE (table), PML4E
                 [high, high, high, high | PS],
-                // bit 7 set: PTE (PAT), 2 MiB PDE, PDPTE (PS reserved: no 1 GiB pages), PML4E
-                [high, large_2m, high | PS, high | PS],
+                // bit 7 set: PTE (PAT), 2 MiB PDE, PDPTE (PS reserved: no 1 GiB pages; with
+                // them a 1 GiB page, whose bits 29:13 are reserved), PML4E
+                [high, large_2m, high | PS | rsvd_bits(13, 29), high | PS],
             ],
             // Levels 3 and 4 are never walked through these masks in PAE (the PDPTEs come from
             // the loaded PDPTRs); they reserve everything so a misuse cannot pass.
@@ -134,6 +139,26 @@ impl RsvdMasks {
             }
         };
         RsvdMasks { masks }
+    }
+
+    /// The masks of a guest whose CPUID has 1 GiB pages (`CPUID.80000001H:EDX.Page1GB`): in
+    /// 4-level paging PS in a PDPTE maps a 1 GiB page (KVM's `gbpages_bit_rsvd` is 0); PAE has
+    /// none (its PDPTEs are not walked through these masks).
+    pub const fn with_1g_pages(self) -> Self {
+        let mut masks = self.masks;
+        if masks[1][2] != u64::MAX {
+            masks[1][2] &= !PS;
+        }
+        RsvdMasks { masks }
+    }
+
+    /// The masks of `cpu`'s paging (its MAXPHYADDR, EFER.NX and 1 GiB pages) for `format`.
+    pub const fn of(format: TableFormat, cpu: &GuestCpu) -> Self {
+        let m = RsvdMasks::new(format, cpu.maxphyaddr, cpu.efer_nx);
+        match (format, cpu.gbpages) {
+            (TableFormat::Long4, true) => m.with_1g_pages(),
+            _ => m,
+        }
     }
 
     /// The reserved bits for `pte` found at `level` (selects the large-page mask by bit 7).
@@ -196,6 +221,37 @@ mod tests {
         for l in [Level::L4K, Level::L2M, Level::L1G, Level::L4] {
             assert_eq!(no_nx.reserved_bits_set(l, P | NX), NX);
         }
+    }
+
+    /// With 1 GiB pages a PDPTE with PS is a leaf whose bits 29:13 are reserved (bit 12 is PAT);
+    /// nothing else changes, and PAE gains nothing.
+    #[test]
+    fn long4_masks_with_1g_pages() {
+        let m = RsvdMasks::new(TableFormat::Long4, 40, true).with_1g_pages();
+        assert_eq!(m.reserved_bits_set(Level::L1G, P | PS), 0, "a 1 GiB page");
+        assert_eq!(m.reserved_bits_set(Level::L1G, P | PS | (1 << 12)), 0, "PAT");
+        assert_eq!(m.reserved_bits_set(Level::L1G, P | PS | (1 << 13)), 1 << 13);
+        assert_eq!(m.reserved_bits_set(Level::L1G, P | PS | (1 << 29)), 1 << 29);
+        assert_eq!(m.reserved_bits_set(Level::L1G, P | PS | (1 << 30)), 0, "address bit 30");
+        assert_eq!(m.reserved_bits_set(Level::L1G, P | (1 << 13)), 0, "a table address");
+        assert_eq!(m.reserved_bits_set(Level::L1G, P | PS | (1 << 40)), 1 << 40);
+        assert_eq!(m.reserved_bits_set(Level::L4, P | PS), PS, "PML4E bit 7 stays reserved");
+        let plain = RsvdMasks::new(TableFormat::Long4, 40, true);
+        for l in [Level::L4K, Level::L2M] {
+            for pte in [P, P | PS, P | PS | (1 << 13)] {
+                assert_eq!(m.mask(l, pte), plain.mask(l, pte), "{l:?} {pte:#x}");
+            }
+        }
+        let pae = RsvdMasks::new(TableFormat::Pae, 36, true);
+        assert_eq!(pae.with_1g_pages(), pae);
+        let cpu = GuestCpu { gbpages: true, ..GuestCpu::long4(0, 40) };
+        assert_eq!(RsvdMasks::of(TableFormat::Long4, &cpu), m);
+        assert_eq!(
+            RsvdMasks::of(TableFormat::Pae, &cpu),
+            RsvdMasks::new(TableFormat::Pae, 40, true)
+        );
+        let no_1g = GuestCpu { gbpages: false, ..cpu };
+        assert_eq!(RsvdMasks::of(TableFormat::Long4, &no_1g), plain);
     }
 
     #[test]

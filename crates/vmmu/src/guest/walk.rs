@@ -31,7 +31,8 @@
 //!   index 2 of the per-level arrays and `max_level` is 3 (its A bit is never set: bit 5 of a
 //!   PDPTE is reserved);
 //! - no SMEP, SMAP, protection keys, 5-level or 32-bit (non-PAE) paging, no nested (L2→L1) GPA
-//!   translation; 1 GiB guest pages are refused as reserved (see [`super::pte`]).
+//!   translation. 1 GiB guest pages only where the guest's CPUID has them
+//!   ([`GuestCpu::gbpages`]; else PS in a PDPTE is reserved, see [`super::pte`]).
 
 use super::mode::{GuestCpu, PagingMode};
 use super::pte::{self, RsvdMasks, TableFormat};
@@ -248,7 +249,7 @@ impl Root {
             Root::Long4 => TableFormat::Long4,
             Root::Pae(_) => TableFormat::Pae,
         };
-        RsvdMasks::new(format, cpu.maxphyaddr, cpu.efer_nx)
+        RsvdMasks::of(format, cpu)
     }
 }
 
@@ -506,6 +507,38 @@ mod tests {
         assert_eq!(w.gpa, Gpa(0x4000_0000 + (4 << 12) + 0x123));
         assert_eq!(w.ptes[0], 0, "level 1 not walked");
         assert_eq!(w.table_gfns[0], Gfn(0));
+    }
+
+    /// A guest whose CPUID has 1 GiB pages: a PDPTE with PS is the leaf (level 3, the gpa is
+    /// its base plus the GVA's low 30 bits, PAT at bit 12), its A and D bits are set, a read of
+    /// a clean one takes W away; bits 29:13 of it are reserved; without 1 GiB pages in CPUID
+    /// the same PDPTE is a reserved-bit #PF.
+    #[test]
+    fn translates_a_1g_page_where_cpuid_has_them() {
+        let c = GuestCpu { gbpages: true, ..cpu() };
+        let base = 0x40_0000_0000u64; // 256 GiB, 1 GiB-aligned, below MAXPHYADDR 40
+        let m = std_tables();
+        m.write(slot(3), base | P | RW | US | PS | (1 << 12));
+        let w = walk(&c, &m, GVA, R).expect("walk");
+        assert_eq!(w.level, Level::L1G);
+        assert_eq!(w.gpa, Gpa(base + (3 << 21) + (4 << 12) + 0x123));
+        assert_eq!(w.gfn, Gfn((base >> 12) + 3 * 512 + 4));
+        assert_eq!((w.ptes[1], w.ptes[0]), (0, 0), "levels 2 and 1 not walked");
+        assert_eq!(w.pte_access, Access::USER.union(Access::EXEC), "clean: no W on a read");
+        assert_eq!(m.read(slot(3)), Some(base | P | RW | US | PS | (1 << 12) | A));
+        let w = walk(&c, &m, GVA, UW).expect("walk");
+        assert!(w.pte_access.contains(Access::WRITE));
+        assert_eq!(m.read(slot(3)), Some(base | P | RW | US | PS | (1 << 12) | A | D));
+        for bit in [13, 20, 29] {
+            m.write(slot(3), base | LEAF | PS | (1 << bit));
+            assert_eq!(pf(walk(&c, &m, GVA, R)), RSVD | PRES, "bit {bit}");
+        }
+        m.write(slot(3), base | LEAF | PS);
+        assert_eq!(pf(walk(&cpu(), &m, GVA, R)), RSVD | PRES, "no 1 GiB pages in CPUID");
+        assert_eq!(walk(&c, &m, GVA, R).map(|w| w.level), Ok(Level::L1G));
+        let pml4e_ps = std_tables();
+        pml4e_ps.write(slot(4), PDPT | UPPER | PS);
+        assert_eq!(pf(walk(&c, &pml4e_ps, GVA, R)), RSVD | PRES, "PML4E bit 7 stays reserved");
     }
 
     #[test]
@@ -773,6 +806,7 @@ mod tests {
             cr0_wp: true,
             efer_nx: true,
             maxphyaddr: 36,
+            gbpages: true, // PAE has no 1 GiB pages whatever CPUID says
         };
         (c, m)
     }

@@ -3,8 +3,8 @@
 //!
 //! Order: walk the shadow levels from the root by guest-virtual address; at each level find or
 //! create the child page that shadows the guest table the walk read there (indirect) or, below a
-//! guest 2 MiB page, the linear range (direct), reusing a linked child only if its gfn **and**
-//! role match (else unlink it: 0cb2af2ea66a, 81ccda30b4e8); flush if new shadowing
+//! guest 2 MiB or 1 GiB page, the linear range (direct), reusing a linked child only if its gfn
+//! **and** role match (else unlink it: 0cb2af2ea66a, 81ccda30b4e8); flush if new shadowing
 //! write-protected anything, then re-read the guest PTEs and retry if one changed (KVM
 //! `gpte_changed`: the guest may have written its table before it was protected); then the
 //! leaf. A present SPTE is dropped (and flushed) before an MMIO SPTE replaces it (aad885e77496).

@@ -1,6 +1,6 @@
 //! Prefetching neighbour SPTEs after a fault installed a 4 KiB leaf (KVM `FNAME(pte_prefetch)`
 //! for a page that shadows a guest table, `__direct_pte_prefetch` for a direct page: below a
-//! guest 2 MiB page, or without guest paging), under the shadow lock.
+//! guest 2 MiB or 1 GiB page, or without guest paging), under the shadow lock.
 //!
 //! Rules (KVM v6.18 `paging_tmpl.h` / `mmu.c`, measured on /dev/kvm):
 //! - Only a level-1 page, only the 8-aligned group of SPTEs around the faulting one
@@ -91,7 +91,7 @@ pub(crate) fn prefetch<H: Host>(
         // Without guest paging every page is direct.
         PagingMode::NonPaging => return,
     };
-    let masks = RsvdMasks::new(format, ctx.cpu.maxphyaddr, ctx.cpu.efer_nx);
+    let masks = RsvdMasks::of(format, ctx.cpu);
     let addr_mask = pte::addr_mask(ctx.cpu.maxphyaddr);
     let group = leaf_gpte_gpa.raw() & !(8 * PREFETCH_NUM as u64 - 1);
     for (i, j) in (first..first + PREFETCH_NUM).enumerate() {

@@ -102,7 +102,7 @@ impl MmioInfoCache {
     }
 
     /// [`Self::fill`] for a `gva` that the guest's tables map with a leaf at `guest_level`
-    /// (4 KiB or 2 MiB): INVLPG of any address in that guest page clears the entry.
+    /// (4 KiB, 2 MiB or 1 GiB): INVLPG of any address in that guest page clears the entry.
     #[inline]
     pub fn fill_guest_page(
         &mut self,
@@ -123,8 +123,8 @@ impl MmioInfoCache {
         } else {
             slot_of(gfn.raw())
         };
-        // At most 2 MiB (`Level::shift` is 12 or 21 for the guest leaves this cache sees).
-        let span_shift = guest_level.shift().min(Level::L2M.shift()) as u8;
+        // At most 1 GiB (`Level::shift` is 12, 21 or 30 for the guest leaves this cache sees).
+        let span_shift = guest_level.shift().min(Level::L1G.shift()) as u8;
         self.entries[slot] =
             Entry { gva: page, gfn: gfn.raw(), access, span_shift, gen: gen.raw() };
         self.last = slot as u8;

@@ -61,6 +61,7 @@ impl ShadowVcpu {
                 cr0_wp: true,
                 efer_nx: true,
                 maxphyaddr: 46,
+                gbpages: false,
             },
             root: None,
             prev: [None; NUM_PREV_ROOTS],
