@@ -2,8 +2,10 @@
 //! TDP formats; issue 14 points 1-2): every vCPU runs two guest processes (page-table spaces of
 //! its own) and makes its accesses through guest-virtual addresses.
 //!
-//! - The mix's guest-physical address `P` is reached through the GVA `base(vcpu) + P`, mapped
-//!   on first use in the current space (a guest store of the PTE).
+//! - The mix's guest-physical address `P` is reached through the GVA `base(vcpu) + P`: in space
+//!   0 mapped with a 4 KiB page on first use (a guest store of the PTE), in space 1 through 1 GiB
+//!   pages mapped from the start (the guest's CPUID has them, `GuestCpu::gbpages`), which the
+//!   shadow MMU shadows with direct pages and the two-dimensional walk ends at level 3.
 //! - A remap GVA `R` maps a page of the vCPU's private RAM in one space and the device page in
 //!   the other; now and then the vCPU remaps `R` in the current space from RAM to MMIO or back
 //!   (store, then INVLPG) and accesses it at once: the 2011 case (MMIO, then RAM, through one
@@ -44,7 +46,7 @@ use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use vmmu::fault::{EmulateSource, FaultOutcome, PfErr};
-use vmmu::guest::pte::{P, RW, US};
+use vmmu::guest::pte::{P, PS, RW, US};
 use vmmu::guest::{GpteWriteError, GuestCpu, GuestPteMemory, WalkError};
 use vmmu::tdp::HwWalk;
 use vmmu::{FaultAccess, Gpa, Gva, Hva};
@@ -132,6 +134,11 @@ pub const MAX_VCPUS: usize = 48;
 const GVA_BASE: u64 = 0x0000_4000_0000_0000;
 /// The remap GVA's offset in a vCPU's GVA range (above every linear GVA: GPAs are below 64 GiB).
 const REMAP_OFFSET: u64 = 1 << 39;
+/// The guest-physical addresses the linear GVAs cover (the machine's layout stays below).
+const LINEAR_GPAS: u64 = 64 << 30;
+/// The space whose linear GVAs are 1 GiB pages, mapped from the start (space 0 maps 4 KiB pages
+/// on first use).
+const HUGE_SPACE: usize = 1;
 
 /// The slot request of the table area.
 pub fn tables_slot(buf: &HostBuffer) -> SlotRequest {
@@ -226,7 +233,8 @@ pub struct VcpuPaging {
     buf: Arc<HostBuffer>,
     roots: [u64; 2],
     space: usize,
-    mapped: [HashSet<u64>; 2],
+    /// The linear GVA pages space 0 maps (the huge space maps them all from the start).
+    mapped: HashSet<u64>,
     target: [Target; 2],
     base: u64,
     ram_page: GuestAccess,
@@ -276,13 +284,13 @@ impl VcpuPaging {
             width: crate::ram::Width::W4,
             value: 0,
         };
-        let cpu = GuestCpu::long4(roots[0], 46);
+        let cpu = GuestCpu { gbpages: true, ..GuestCpu::long4(roots[0], 46) };
         let mut p = VcpuPaging {
             tables,
             buf,
             roots,
             space: 0,
-            mapped: [HashSet::new(), HashSet::new()],
+            mapped: HashSet::new(),
             target: [Target::Ram, Target::Device],
             base: GVA_BASE + ((index as u64) << 40),
             ram_page,
@@ -294,6 +302,12 @@ impl VcpuPaging {
             acked: 0,
             counters: PagingCounters::default(),
         };
+        // The linear GVAs of the huge space: one PDPT of 1 GiB leaves (present, writable, user).
+        for gpa in (0..LINEAR_GPAS).step_by(1 << 30) {
+            let leaf = gpa | P | RW | US | PS;
+            let w = p.tables.set_entry(HUGE_SPACE as u8, p.base + gpa, 3, leaf);
+            p.tables.apply(&w.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        }
         // R in both spaces, and S through the shared table, from the start.
         for space in 0..2 {
             let w = p.map_writes(space, p.remap_gva(), p.target_gpa(p.target[space]))?;
@@ -464,7 +478,7 @@ impl VcpuPaging {
     ) -> Result<u64, String> {
         let page = a.gpa.0 & !0xfff;
         let gva_page = self.base + page;
-        if self.mapped[self.space].insert(gva_page) {
+        if self.space != HUGE_SPACE && self.mapped.insert(gva_page) {
             let w = self.map_writes(self.space, gva_page, page)?;
             self.store(hw, &w);
         }
