@@ -550,3 +550,51 @@ fn initially_set_applies_when_logging_starts() {
     assert_eq!(get(&vm, 3), [] as [u64; 0], "plain manual mode: clear");
     assert_eq!(get(&vm, 1), [0, 1, 2], "the GET only read");
 }
+
+/// "Initially set" over a 1 GiB leaf: logging starts without touching it; a CLEAR of one word
+/// splits it into 2 MiB leaves and the one its word meets into 4 KiB leaves (the rest stay 2 MiB,
+/// read-only), so a write in the word faults and is logged while reads elsewhere in the GiB
+/// keep hitting. Kills `write_protect_masked_table`'s `lower > Level::L4K` as `==` / `<` (the
+/// 2 MiB child of the word left huge).
+#[test]
+fn initially_set_clear_splits_a_1g_leaf_down_to_the_words_4k() {
+    let (vm, _host) = vm_over_a_1g_host_page(1100);
+    vm.set_dirty_log_mode(DirtyLogMode::InitiallySet);
+    let mut v = TlbVcpu::new(&vm);
+    assert_eq!(v.access(SLOT + 0x20_5000, true), 1);
+    vm.set_memory_region(&region(1, SLOT, 1 << 30, BIG_HVA, LOG)).unwrap();
+    assert_eq!(vm.stats().pages_1g, 1, "logging started without splitting");
+    // Word 0x205 / 64 = 8 of the slot: pages 0x200..0x240.
+    vm.clear_dirty_log(AsId(0), SlotId(1), 0x200, 64, &[1 << 5]).unwrap();
+    let s = vm.stats();
+    assert_eq!((s.pages_1g, s.pages_2m, s.pages_4k), (0, 511, 512), "split down to the word");
+    assert_eq!(v.access(SLOT + 0x20_5000, true), 1, "the cleared page faults");
+    for off in [0x20_6000u64, 0x40_0000, 0x3ff_f000] {
+        assert_eq!(v.access(SLOT + off, false), 0, "{off:#x} stays mapped for reads");
+    }
+    let dirty = get(&vm, 1);
+    assert_eq!(dirty.len() as u64, (1 << 18), "every page (the cleared one written again)");
+}
+
+/// The same CLEAR when only the 1 GiB leaf's own split can have a table page (its 2 MiB
+/// children stay huge and read-only) still flushes: a vCPU that cached the writable 1 GiB
+/// translation is told to drop it, and the page's translation is read-only now. Kills the recursion's `flush |=` ->
+/// `&=` in `write_protect_masked_table` (the recursion, which split nothing, cleared the flush
+/// the split itself needed).
+#[test]
+fn initially_set_clear_flushes_after_a_1g_split_whose_children_cannot_split() {
+    let (vm, host) = vm_over_a_1g_host_page(3);
+    vm.set_dirty_log_mode(DirtyLogMode::InitiallySet);
+    let mut v = TlbVcpu::new(&vm);
+    assert_eq!(v.access(SLOT + 0x20_5000, true), 1);
+    assert_eq!((vm.stats().pages_1g, host.tables_in_use()), (1, 2));
+    vm.set_memory_region(&region(1, SLOT, 1 << 30, BIG_HVA, LOG)).unwrap();
+    assert_eq!(v.access(SLOT + 0x20_5008, true), 0, "writable, cached, not flushed");
+    vm.clear_dirty_log(AsId(0), SlotId(1), 0x200, 64, &[1 << 5]).unwrap();
+    assert_eq!((vm.stats().pages_1g, vm.stats().pages_2m), (0, 512), "split to 2 MiB only");
+    assert!(v.vcpu.service_requests().unwrap().flush_tlb, "the 1 GiB translation is flushed");
+    assert!(!get(&vm, 1).contains(&0x205), "cleared");
+    let mut r = TlbVcpu::new(&vm);
+    assert_eq!(r.access(SLOT + 0x20_5000, false), 0, "mapped, no fault");
+    assert!(!r.tlb[&((SLOT + 0x20_5000) >> 12)].1, "read-only: the next write faults");
+}
