@@ -22,9 +22,10 @@
 //!
 //! Not modelled: unsync shadow pages (every shadowed guest table stays write-protected, which
 //! the facts allow), 32-bit non-PAE guests (quadrants), huge SPTEs (guest 2 MiB and 1 GiB pages
-//! are mapped with direct pages of 4 KiB leaves), nested (guest-mode) roots and SMEP/SMAP. CR0.WP=0 is modelled as
-//! KVM does it: a supervisor write to a page the guest maps read-only gets a writable,
-//! supervisor-only SPTE (`vcpu::shadow_path`), since the hardware always runs with CR0.WP=1.
+//! are mapped with direct pages of 4 KiB leaves), nested (guest-mode) roots and SMEP/SMAP.
+//! CR0.WP=0 is modelled as KVM does it: a supervisor write to a page the guest maps read-only
+//! gets a writable, supervisor-only SPTE (`vcpu::shadow_path`), since the hardware always runs
+//! with CR0.WP=1.
 
 mod dirty;
 pub(crate) mod fetch;

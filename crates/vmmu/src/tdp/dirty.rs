@@ -68,10 +68,8 @@ impl<H: Host> TdpMmu<H> {
                 continue;
             }
             if fmt.is_leaf(old, level) {
-                if let Some((child, lower)) = self.split_huge_leaf(old, level, lo) {
-                    // The children are read-only already; the link replaces a present leaf.
-                    let need = self.set_spte_locked(entry, old, fmt.make_nonleaf(child), level, lo);
-                    flush |= need == FlushNeed::Remote;
+                if let Some((need, child, lower)) = self.split_in_place(entry, old, level, lo) {
+                    flush |= need;
                     if lower > Level::L4K {
                         // A 1 GiB leaf split into 2 MiB leaves: split those the mask meets.
                         flush |= self.write_protect_masked_table(child, lower, lo, start, mask);
@@ -126,10 +124,8 @@ impl<H: Host> TdpMmu<H> {
                 continue;
             }
             if fmt.is_leaf(old, level) {
-                if let Some((child, lower)) = self.split_huge_leaf(old, level, lo) {
-                    // The children are read-only already; the link replaces a present leaf.
-                    let need = self.set_spte_locked(entry, old, fmt.make_nonleaf(child), level, lo);
-                    flush |= need == FlushNeed::Remote;
+                if let Some((need, child, lower)) = self.split_in_place(entry, old, level, lo) {
+                    flush |= need;
                     if lower > Level::L4K {
                         // A 1 GiB leaf split into 2 MiB leaves: split those too.
                         flush |= self.write_protect_table(child, lower, lo, start, end);
@@ -147,6 +143,23 @@ impl<H: Host> TdpMmu<H> {
 }
 
 impl<H: Host> TdpMmu<H> {
+    /// Replaces the huge leaf `old` in `entry` (at `level`, mapping the block at `base`) by a
+    /// table of its read-only children ([`Self::split_huge_leaf`]). Returns whether remote TLBs
+    /// must be flushed (a present leaf was replaced), the table and its level; `None` for a
+    /// 4 KiB leaf or when no table page can be had. The caller holds the MMU lock exclusive.
+    fn split_in_place(
+        &self,
+        entry: &crate::sync::AtomicU64,
+        old: u64,
+        level: Level,
+        base: Gfn,
+    ) -> Option<(bool, Pfn, Level)> {
+        let (child, lower) = self.split_huge_leaf(old, level, base)?;
+        let link = self.cfg.format.make_nonleaf(child);
+        let need = self.set_spte_locked(entry, old, link, level, base);
+        Some((need == FlushNeed::Remote, child, lower))
+    }
+
     /// KVM `make_huge_page_split_spte` for every child: a new, unpublished table at the level
     /// below `level` whose 512 leaves map the frames of the huge leaf `old` (which maps the
     /// block at `base`) with its rights, the write right taken away. `None` for a 4 KiB leaf or
