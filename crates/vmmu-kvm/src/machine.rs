@@ -580,11 +580,19 @@ impl KvmMachine {
         }
     }
 
-    /// vCPU 0 makes the entry `writes` at CPL0 and invalidates `gva`; every other vCPU then
-    /// invalidates `gva` too (a TLB shootdown).
+    /// vCPU 0 makes the entry `writes` at CPL0 and invalidates `gva`, then enters once more
+    /// (`settle`); every other vCPU then invalidates `gva` too (a TLB shootdown).
+    ///
+    /// The settling entry pins down when vCPU 0 replaces a root its stores flooded: KVM loads
+    /// the new root at vCPU 0's next VM entry, and whether one comes before the routine's sync
+    /// exit depends on the host (its instruction emulator usually runs the rest of the routine,
+    /// but a reschedule in between makes an entry there; CI saw it). With one more entry the
+    /// root is always replaced within the step, so KVM's shadow counters after the step do not
+    /// depend on timing (the simulated machine makes the same entry).
     fn shootdown(&mut self, writes: &[(u64, u64)], gva: u64) -> Result<(), KvmError> {
         let kernel_writes = if self.pae() { code::kernel_writes32 } else { code::kernel_writes };
         self.run_kernel(0, &kernel_writes(writes, Some(gva), SYNC_GPA))?;
+        self.run_kernel(0, &kernel_writes(&[], None, SYNC_GPA))?;
         let flush = kernel_writes(&[], Some(gva), SYNC_GPA);
         for v in 1..self.vcpus.len() as u32 {
             self.run_kernel(v, &flush)?;

@@ -13,7 +13,7 @@ use crate::guest_tables::{GuestTables, TABLES_GPA};
 use crate::host::{HostBuffer, HostConfig, SimHost};
 use crate::ram::{self, Width as RamWidth};
 use crate::real::{RealMmu, RealMmuConfig};
-use crate::scenario_vcpu::{vcpu_thread, Access, Job, Mode};
+use crate::scenario_vcpu::{vcpu_thread, Access, InvlpgRoutine, Job, Mode};
 use crate::seam::{Errno, GuestMmu, SlotRequest};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
@@ -356,8 +356,8 @@ impl SimMachine {
     fn shootdown(&self, gva: u64) -> Result<(), BackendError> {
         for v in 0..self.vcpus.len() as u32 {
             // vCPU 0 invalidates in the routine that made the table writes (no entry between).
-            let entry = v != 0;
-            self.job(v, |reply| Job::Invlpg { gva, entry, reply })?;
+            let routine = if v == 0 { InvlpgRoutine::AfterTableWrites } else { InvlpgRoutine::Own };
+            self.job(v, |reply| Job::Invlpg { gva, routine, reply })?;
         }
         Ok(())
     }

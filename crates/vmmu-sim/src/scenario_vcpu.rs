@@ -30,12 +30,22 @@ pub(crate) enum Job {
     Access { addr: u64, width: RamWidth, write: Option<u64>, reply: Sender<Result<Access, String>> },
     /// The guest stores these page-table entries (8 bytes each, in order).
     TableWrites { writes: Vec<(u64, u64)>, reply: Sender<Result<(), String>> },
-    /// INVLPG of a guest-virtual address, in a routine of its own (`entry`: it starts with a VM
-    /// entry) or at the end of the one that made the table writes.
-    Invlpg { gva: u64, entry: bool, reply: Sender<Result<(), String>> },
+    /// INVLPG of a guest-virtual address, in a routine of its own or at the end of the one that
+    /// made the table writes.
+    Invlpg { gva: u64, routine: InvlpgRoutine, reply: Sender<Result<(), String>> },
     /// MOV CR3: by the guest's own routine (`guest`: with the VM entries around it), or the
     /// loader's initial CR3 (no entry: the vCPU's first one loads the root).
     Cr3 { cr3: u64, guest: bool, reply: Sender<Result<(), String>> },
+}
+
+/// Where a vCPU's INVLPG of a shootdown runs (the KVM backend's CPL0 routines).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum InvlpgRoutine {
+    /// A routine of its own (the other vCPUs): a VM entry, then the INVLPG.
+    Own,
+    /// The end of the routine that made the table writes (vCPU 0), then one more VM entry that
+    /// settles the requests the writes made (a flooded root is replaced within the step).
+    AfterTableWrites,
 }
 
 /// What one guest access did.
@@ -212,9 +222,11 @@ fn shadow_thread(
             // if the vCPU has none (KVM `kvm_mmu_reload`: after a CR3 switch to a space no
             // previous root holds, or after its root was zapped), and MOV CR3 is followed by
             // another entry (the routine goes on to its sync store), which loads the new root.
-            // Table stores and the INVLPG after them are one routine on vCPU 0: a root that
-            // the stores flood is replaced at vCPU 0's next entry, not before its INVLPG (as
-            // KVM's counters show: its new root is built in vCPU 0's next step).
+            // Table stores and the INVLPG after them are one routine on vCPU 0, followed by one
+            // more entry (the KVM backend's settling run): a root the stores flooded is replaced
+            // there, after the INVLPG and within the step. (Without that entry KVM's host
+            // decides: its emulator usually runs the routine to its end, and the new root came
+            // with vCPU 0's next step, but a reschedule in between makes an entry earlier.)
             // A root takes a shadow page, may recycle others to make room, and pins itself:
             // when that happens decides which pages KVM recycles (paging_cr3_root_at_entry.scn).
             Job::TableWrites { writes, reply } => {
@@ -230,9 +242,16 @@ fn shadow_thread(
                 });
                 let _ = reply.send(r);
             }
-            Job::Invlpg { gva, entry: enter, reply } => {
-                let r = if enter { entry(v) } else { Ok(()) };
+            Job::Invlpg { gva, routine, reply } => {
+                let r = match routine {
+                    InvlpgRoutine::Own => entry(v),
+                    InvlpgRoutine::AfterTableWrites => Ok(()),
+                };
                 let r = r.and_then(|()| v.invlpg(Gva(gva)).map_err(|e| e.to_string()));
+                let r = match routine {
+                    InvlpgRoutine::AfterTableWrites => r.and_then(|()| entry(v)),
+                    InvlpgRoutine::Own => r,
+                };
                 let _ = reply.send(r);
             }
             Job::Cr3 { cr3, guest, reply } => {
