@@ -171,6 +171,53 @@ fn manual_mode_keeps_bits_until_cleared_and_clear_reprotects() {
     assert_eq!(get(&vm, 1), [0, 63, 64]);
 }
 
+/// KVM's order (`make_spte`): a fault that maps a page writable marks it before it installs the
+/// leaf. A GET takes no MMU lock, so it can run while a fault sits between its install and the
+/// end of its lock hold; another vCPU can meanwhile write through the new leaf and finish. That
+/// write completed before the GET, so the GET must report the page. vCPU 0's write fault stops
+/// right after its install (`PreemptPoint::FaultInstalled`); there vCPU 1 writes the page (its
+/// hardware walk translates writable) and the GET runs. (With the mark after the install, as
+/// this MMU had it, that GET misses the page: the copy the VMM makes for it is stale, a lost
+/// dirty page that the soak of `vmmu run --dirty-log initially-set --guest-paging` found.)
+#[test]
+fn a_write_through_a_leaf_a_fault_just_installed_is_in_the_get_after_it() {
+    use vmmu::host::PreemptPoint;
+    let (vm, _h) = vm(FormatKind::Ept);
+    vm.set_dirty_log_mode(DirtyLogMode::Manual);
+    vm.set_memory_region(&region(1, GPA, 4 << 12, RAM_HVA, LOG)).unwrap();
+    let mut v0 = TlbVcpu::new(&vm);
+    let mut v1 = TlbVcpu::new(&vm);
+    // Page 0 mapped writable and logged, then collected: its leaf is read-only, its bit clear.
+    v0.access(GPA, true);
+    v1.access(GPA, false);
+    assert_eq!(get(&vm, 1), [0]);
+    vm.clear_dirty_log_all(AsId(0), SlotId(1), 0, 4).unwrap();
+    assert_eq!(get(&vm, 1), [] as [u64; 0]);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let (racer, out) = (vm.clone(), seen.clone());
+    let mut v1 = Some(v1.vcpu);
+    vmmu::testing::preempt::on_this_thread(Some(Box::new(move |p| {
+        if p != PreemptPoint::FaultInstalled {
+            return;
+        }
+        let Some(mut v) = v1.take() else { return };
+        // vCPU 1 in guest mode: its hardware walk finds the leaf vCPU 0's fault just installed.
+        v.service_requests().unwrap();
+        let walk = v.enter_guest().unwrap().walk(Gpa(GPA), Access::WRITE);
+        let wrote =
+            matches!(walk, HwWalk::Translated { perms, .. } if perms.contains(Access::WRITE));
+        v.exit_guest_mode();
+        // Its write is done; now the VMM collects.
+        *out.lock().unwrap() = Some((wrote, get(&racer, 1)));
+    })));
+    let faults = v0.access(GPA + 8, true);
+    vmmu::testing::preempt::on_this_thread(None);
+    assert_eq!(faults, 1, "the write faults on the read-only leaf");
+    let (wrote, got) = seen.lock().unwrap().take().expect("the fault reached its install");
+    assert!(wrote, "vCPU 1 writes through the new leaf");
+    assert_eq!(got, [0], "the GET after vCPU 1's write reports the page");
+}
+
 /// A CLEAR write-protects exactly the pages of its bitmap, one walk per 64 pages: a slot whose
 /// first page is not 64-aligned, a word whose pages straddle two leaf tables (gfn 0x200), the
 /// short last word, and the next slot's first page right after it, which keeps its write right.

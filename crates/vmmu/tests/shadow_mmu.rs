@@ -381,6 +381,68 @@ fn shadow_paging_tracks_dirty_pages_through_the_rmap() {
     assert_eq!(get(&vm), Vec::<u64>::new(), "collected and cleared");
 }
 
+/// The shadow MMU marks before it installs, as the TDP MMU does (`tests/dirty_log.rs`,
+/// `a_write_through_a_leaf_a_fault_just_installed_is_in_the_get_after_it`): vCPU 0's write fault
+/// stops right after it installs the writable shadow leaf (`PreemptPoint::FaultInstalled`, the
+/// shadow lock held); there vCPU 1, in the same space, writes through that leaf (its hardware
+/// walk of the shadow tables translates writable) and the VMM GETs in manual mode: the page
+/// must be in that GET. (With the mark after the install, it was not.)
+#[test]
+fn a_write_through_a_shadow_leaf_a_fault_just_installed_is_in_the_get_after_it() {
+    use vmmu::host::PreemptPoint;
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    vm.set_dirty_log_mode(vmmu::dirty::DirtyLogMode::Manual);
+    let s = Space::new(&host, &next);
+    const LOG_GPA: u64 = 0x1_0020_0000;
+    let log = vmmu::memslot::KVM_MEM_LOG_DIRTY_PAGES;
+    vm.set_memory_region(&UserspaceMemoryRegion::new(
+        7,
+        log,
+        LOG_GPA,
+        0x4000,
+        RAM_HVA + 0x100_0000,
+    ))
+    .unwrap();
+    s.map4k(0x5000_0000, LOG_GPA, P | RW | US);
+    let mut v0 = vcpu_in(&vm, long4(s.cr3));
+    let mut v1 = vcpu_in(&vm, long4(s.cr3));
+    let get = |vm: &Vm<TestHost>| {
+        let w = vm.get_dirty_log(vmmu::AsId(0), vmmu::SlotId(7)).unwrap();
+        vmmu::dirty::pages_of(&w).collect::<Vec<_>>()
+    };
+    // Written, collected and cleared: the leaf is read-only, the bit clear. vCPU 1 has its
+    // path to the leaf (a read) so its walk below needs no fault.
+    assert!(matches!(access(&mut v0, 0x5000_0000, true), Seen::Ram(_)));
+    assert!(matches!(access(&mut v1, 0x5000_0000, false), Seen::Ram(_)));
+    assert_eq!(get(&vm), [0]);
+    vm.clear_dirty_log_all(vmmu::AsId(0), vmmu::SlotId(7), 0, 4).unwrap();
+    assert_eq!(get(&vm), [] as [u64; 0]);
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let (racer, out) = (vm.clone(), seen.clone());
+    // vCPU 1's pending requests (the CLEAR's flush) are handled now: in the hook vCPU 0's
+    // fault holds the shadow lock, which handling them may need.
+    v1.service_requests().unwrap();
+    let mut v1 = Some(v1);
+    vmmu::testing::preempt::on_this_thread(Some(Box::new(move |p| {
+        if p != PreemptPoint::FaultInstalled {
+            return;
+        }
+        let Some(mut v) = v1.take() else { return };
+        let need = vmmu::Access::WRITE.union(vmmu::Access::USER);
+        let wrote = v.enter_guest_mode().is_ok()
+            && matches!(v.walk_gva(Gva(0x5000_0000), need), vmmu::tdp::HwWalk::Translated { .. });
+        v.exit_guest_mode();
+        // Handed back, not dropped here: dropping a vCPU frees its roots under the shadow lock.
+        *out.lock().unwrap() = Some((wrote, get(&racer), v));
+    })));
+    let r = access(&mut v0, 0x5000_0008, true);
+    vmmu::testing::preempt::on_this_thread(None);
+    assert!(matches!(r, Seen::Ram(_)), "{r:?}");
+    let (wrote, got, _v1) = seen.lock().unwrap().take().expect("the fault reached its install");
+    assert!(wrote, "vCPU 1 writes through the new shadow leaf");
+    assert_eq!(got, [0], "the GET after vCPU 1's write reports the page");
+}
+
 /// `VmConfig::shadow_mmio_path_only` (what KVM with MMIO caching off accounts): an MMIO fault
 /// builds no shadow page, so a GVA whose path does not exist is emulated every time without an
 /// MMIO SPTE; once a RAM access built the path, the MMIO SPTE goes into the existing table.

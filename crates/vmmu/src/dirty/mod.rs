@@ -8,8 +8,13 @@
 //! [`crate::memslot::MemslotSet::mark_page_dirty`]); the MMU makes writes to a logged slot fault
 //! until the page is marked. Two sides, one lock:
 //!
-//! - a fault that installs a writable leaf in a logged slot marks the page while it still holds
-//!   the MMU lock *shared* (the leaf may already be visible; no collector can run meanwhile);
+//! - a fault that installs a writable leaf in a logged slot marks the page *before* it installs
+//!   the leaf (KVM `make_spte`), under the MMU lock it installs under (shared for the TDP MMU):
+//!   the bit is set before any vCPU can write through the leaf, so a manual-mode GET, which
+//!   reads the bitmap without the MMU lock, cannot run after such a write and miss the page (it
+//!   could when the mark came after the install: `vcpu/fault_path.rs`); and no collection's
+//!   exclusive hold sits between the mark and the install. A mark whose install does not happen
+//!   (another vCPU's leaf serves) is a spurious dirty page, as in KVM;
 //! - a collection takes the MMU lock *exclusive*, and for each bitmap word exchanges it with 0
 //!   (or clears the requested bits) and write-protects the pages it took (the crate-internal
 //!   trait `WriteProtect`), then flushes remote TLBs before it returns if a writable leaf lost
@@ -27,8 +32,8 @@
 //!
 //! An MMU plugs in by implementing `WriteProtect` (the TDP MMU: `tdp/dirty.rs`; the shadow MMU:
 //! `shadow/dirty.rs`, through its reverse map, with its shadow lock as the lock above) and by
-//! marking pages with [`crate::memslot::MemslotSet::mark_page_dirty`] when it installs a writable
-//! leaf in a logged slot, under its lock.
+//! marking pages with [`crate::memslot::MemslotSet::mark_page_dirty`] before it installs a
+//! writable leaf in a logged slot, under its lock.
 //!
 //! With "initially set" ([`DirtyLogMode::InitiallySet`]) a slot starts logging with every bit
 //! set and nothing write-protected, so writes through the mappings it had go unmarked; the
@@ -182,7 +187,9 @@ impl DirtyBitmap {
     }
 
     /// Marks page `index` (KVM `set_bit_le` in `mark_page_dirty_in_slot`). Relaxed: the MMU
-    /// lock orders it against collections (module doc). No lock, no allocation.
+    /// lock orders it against CLEAR and auto-mode GET; against a manual-mode GET, which takes no
+    /// MMU lock, the mark comes before the install of the leaf it is for (module doc), as in
+    /// KVM, whose `set_bit_le` is the same relaxed atomic. No lock, no allocation.
     #[inline]
     pub fn mark(&self, index: u64) {
         debug_assert!(index < self.npages, "page {index} beyond {} pages", self.npages);

@@ -1,8 +1,9 @@
 //! Dirty logging under shadow paging (issue 16 point 2; KVM `kvm_mmu_slot_gfn_write_protect`
 //! through the rmap): write protection of a logged slot's pages when logging starts and after
 //! each collection, through the reverse map, under the shadow lock. A fault that installs a
-//! writable leaf in a logged slot marks the page while it holds the lock (`vcpu/shadow_path.rs`),
-//! so no collection sits between the writable leaf and its mark.
+//! writable leaf in a logged slot marks the page just before it stores the leaf, under the lock
+//! (`shadow/fetch.rs`): no collection sits between the mark and the leaf, and no vCPU writes
+//! through the leaf while the bit is clear (`crate::dirty`).
 
 use super::pages::{ShadowState, ZapBatch};
 use super::ShadowMmu;

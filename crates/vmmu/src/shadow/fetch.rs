@@ -18,6 +18,7 @@ use super::ShadowStats;
 use crate::bugs::Bug;
 use crate::guest::{GuestPteMemory, GuestWalk};
 use crate::host::Host;
+use crate::memslot::{Memslot, MemslotSet};
 use crate::spte::SpteFormat;
 use crate::stats::RetryCause;
 use crate::tdp::TdpMmu;
@@ -26,8 +27,9 @@ use crate::types::{Access, FaultAccess, Gfn, Gva, Level, Pfn};
 /// What the fault wants at the leaf.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum LeafWant {
-    /// RAM: the host frame of the 4 KiB page, and whether the slot and host allow writes.
-    Ram { pfn: Pfn, writable: bool },
+    /// RAM: the host frame of the 4 KiB page, whether the slot and host allow writes, and the
+    /// slot (a writable leaf marks its page in the slot's dirty bitmap, if it logs).
+    Ram { pfn: Pfn, writable: bool, slot: Memslot },
     /// An MMIO SPTE (already encoded with the gfn, the guest's W/U and the generation).
     Mmio(u64),
 }
@@ -161,7 +163,7 @@ pub(crate) fn fetch<H: Host>(
     if !nonpaging && gptes_changed(walk, mem) {
         return FetchOutcome::Retry(RetryCause::Race);
     }
-    let outcome = install_leaf(core, st, cur, vgfn, walk, access, want, batch);
+    let outcome = install_leaf(core, st, cur, vgfn, walk, access, want, pf.set, batch);
     // KVM prefetches after every `mmu_set_spte` but a spurious one; after an MMIO SPTE only
     // with MMIO caching on, which this MMU leaves out (see `prefetch`).
     let ram = matches!(want, LeafWant::Ram { .. });
@@ -195,6 +197,7 @@ fn install_leaf<H: Host>(
     walk: &GuestWalk,
     access: FaultAccess,
     want: LeafWant,
+    set: &MemslotSet,
     batch: &mut ZapBatch,
 ) -> FetchOutcome {
     let idx = Level::L4K.index(vgfn);
@@ -212,12 +215,19 @@ fn install_leaf<H: Host>(
             }
             FetchOutcome::Installed { writable: false }
         }
-        LeafWant::Ram { pfn, writable } => {
+        LeafWant::Ram { pfn, writable, slot } => {
             let tracked = st.is_write_tracked(as_id, walk.gfn)
                 && !core.cfg.bugs.has(Bug::ShadowTableLeftWritable);
             let guest_w = walk.pte_access.contains(Access::WRITE);
             let w = writable && guest_w && !tracked;
             let new = core.cfg.format.make_leaf(pfn, Level::L4K, walk.pte_access, w);
+            if w {
+                // Dirty logging (KVM `make_spte`): marked before the leaf is stored, so no
+                // vCPU writes through it while the bit is clear; a collection's GET reads the
+                // bitmap without the shadow lock (`vcpu::fault_path`'s `mark_before_map` says
+                // why the order matters). Spurious if nothing changes below, as in KVM.
+                set.mark_page_dirty(&slot, walk.gfn);
+            }
             let outcome = if access.write && guest_w && tracked {
                 FetchOutcome::WriteProtected
             } else if old == new {

@@ -68,6 +68,22 @@ pub(super) fn readonly_write(stats: &mut VcpuStats, gpa: Gpa, access: Access) ->
     FaultOutcome::Emulate { gpa, access, source: EmulateSource::ReadOnlyWrite }
 }
 
+/// Dirty logging (KVM `make_spte`, which marks before the SPTE is installed): a fault that
+/// will map its page writable marks the page first, under the same MMU lock hold as the map
+/// (the caller holds it), so the bit is set before any vCPU can write through the leaf. A
+/// collection's GET reads the bitmap without the MMU lock: had the mark come after the install,
+/// another vCPU could write through the new leaf and finish, the GET run, and only then the mark
+/// land, so the GET that had to report that write would not (a lost dirty page; the soak of
+/// `vmmu run --dirty-log initially-set --guest-paging` found it). A map that then installs
+/// nothing (another vCPU's leaf serves, a lost race) leaves a spurious mark, as in KVM: an extra
+/// page copied, never a lost one. The CLEAR that protects pages holds the lock exclusive, so it
+/// cannot run between the mark and the install.
+fn mark_before_map(set: &MemslotSet, fault: &PageFault) {
+    if let Backing::Ram { slot, writable: true, .. } = fault.backing {
+        set.mark_page_dirty(&slot, fault.gfn);
+    }
+}
+
 impl VcpuMmu {
     /// Leaves guest mode if the vCPU is in it (`Vcpu::exit_guest_mode`): clears the mode bit and
     /// closes the guest-mode table read section. A load and a branch outside guest mode.
@@ -350,7 +366,9 @@ impl VcpuMmu {
             drop(shared);
             return Ok(retry(stats, cause));
         }
+        mark_before_map(set, fault);
         let mut outcome = mmu.map(&shared, root, fault, spec, StripeKey::Vcpu(self.index));
+        mmu.host.preempt_point(crate::host::PreemptPoint::FaultInstalled);
         if outcome == MapOutcome::TableInTheWay {
             // The huge leaf replaces a lower table: under the exclusive lock, after checking
             // again under that hold that the fault is not stale (tdp/map.rs).
@@ -370,25 +388,14 @@ impl VcpuMmu {
                 return Ok(retry(stats, cause));
             }
             let mut pages = alloc::vec::Vec::new();
+            // Marked again: the collection that may have run since the first mark (it holds
+            // the lock exclusive, so not while `shared` was held) may have cleared the bit.
+            mark_before_map(set, fault);
             outcome = mmu.replace_table_in_the_way(&excl, root, fault, spec, &mut pages);
-            if let (MapOutcome::Installed { .. }, Backing::Ram { slot, writable: true, .. }) =
-                (outcome, fault.backing)
-            {
-                // As below: marked before the hold ends.
-                set.mark_page_dirty(&slot, fault.gfn);
-            }
             drop(excl);
             mmu.defer_free(&mut pages);
             mmu.reclaim_batched();
         } else {
-            if let (MapOutcome::Installed { .. }, Backing::Ram { slot, writable: true, .. }) =
-                (outcome, fault.backing)
-            {
-                // Dirty logging: mark the page before the shared hold ends, so no collection
-                // (which holds the lock exclusive) sits between the writable leaf and its mark
-                // (crate::dirty).
-                set.mark_page_dirty(&slot, fault.gfn);
-            }
             if let (
                 MapOutcome::Installed { level: crate::types::Level::L4K },
                 Backing::Ram { .. },

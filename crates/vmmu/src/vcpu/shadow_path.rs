@@ -549,7 +549,9 @@ impl<H: Host + GuestMemory> Vcpu<H> {
             walk.pte_access = w_only.union(Access::WRITE);
         }
         let want = match fault.backing {
-            Backing::Ram { base_pfn, writable, .. } => LeafWant::Ram { pfn: base_pfn, writable },
+            Backing::Ram { base_pfn, writable, slot, .. } => {
+                LeafWant::Ram { pfn: base_pfn, writable, slot }
+            }
             Backing::NoSlot => {
                 // KVM `kvm_handle_noslot_fault` with the GVA (indirect MMU).
                 let cache_gva = if sv.nested { 0 } else { gva.raw() };
@@ -603,13 +605,7 @@ impl<H: Host + GuestMemory> Vcpu<H> {
                     &mut batch,
                 ),
             };
-            if let (FetchOutcome::Installed { writable: true }, Backing::Ram { slot, .. }) =
-                (o, fault.backing)
-            {
-                // Dirty logging: marked while the lock is held, so no collection (which takes
-                // it) sits between the writable leaf and its mark.
-                set.mark_page_dirty(&slot, walk.gfn);
-            }
+            core.host.preempt_point(crate::host::PreemptPoint::FaultInstalled);
             s.commit_zap(core, &shadow.stats, &mut batch);
             o
         };
