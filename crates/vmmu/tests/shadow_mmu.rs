@@ -345,32 +345,36 @@ fn a_nested_walk_keeps_no_gva_in_the_mmio_cache() {
     }
 }
 
+/// A shadow VM in dirty-log `mode` with logged slot 7: 4 pages at 4 GiB + 2 MiB, mapped
+/// writable at GVAs 0x5000_0000... of the returned space.
+fn logged_space(mode: vmmu::dirty::DirtyLogMode) -> (Vm<TestHost>, Space) {
+    const LOG_GPA: u64 = 0x1_0020_0000;
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    vm.set_dirty_log_mode(mode);
+    let s = Space::new(&host, &next);
+    let log = vmmu::memslot::KVM_MEM_LOG_DIRTY_PAGES;
+    let r = UserspaceMemoryRegion::new(7, log, LOG_GPA, 0x4000, RAM_HVA + 0x100_0000);
+    vm.set_memory_region(&r).unwrap();
+    for i in 0..4 {
+        s.map4k(0x5000_0000 + i * 0x1000, LOG_GPA + i * 0x1000, P | RW | US);
+    }
+    (vm, s)
+}
+
+/// What a GET of slot 7 returns.
+fn logged_pages(vm: &Vm<TestHost>) -> Vec<u64> {
+    let w = vm.get_dirty_log(vmmu::AsId(0), vmmu::SlotId(7)).unwrap();
+    vmmu::dirty::pages_of(&w).collect()
+}
+
 /// Dirty logging under shadow paging (issue 16 point 2): a guest write through a GVA marks the
 /// page; the collection write-protects it through the reverse map, so the next write faults and
 /// marks it again; a read marks nothing.
 #[test]
 fn shadow_paging_tracks_dirty_pages_through_the_rmap() {
-    let (vm, host, next) = shadow_vm(BugSet::NONE);
-    let s = Space::new(&host, &next);
-    // A logged slot of 4 pages at 4 GiB + 2 MiB, mapped at GVAs 0x5000_0000...
-    const LOG_GPA: u64 = 0x1_0020_0000;
-    let log = vmmu::memslot::KVM_MEM_LOG_DIRTY_PAGES;
-    vm.set_memory_region(&UserspaceMemoryRegion::new(
-        7,
-        log,
-        LOG_GPA,
-        0x4000,
-        RAM_HVA + 0x100_0000,
-    ))
-    .unwrap();
-    for i in 0..4 {
-        s.map4k(0x5000_0000 + i * 0x1000, LOG_GPA + i * 0x1000, P | RW | US);
-    }
+    let (vm, s) = logged_space(vmmu::dirty::DirtyLogMode::Auto);
     let mut v = vcpu_in(&vm, long4(s.cr3));
-    let get = |vm: &Vm<TestHost>| {
-        let w = vm.get_dirty_log(vmmu::AsId(0), vmmu::SlotId(7)).unwrap();
-        vmmu::dirty::pages_of(&w).collect::<Vec<_>>()
-    };
+    let get = logged_pages;
     assert!(matches!(access(&mut v, 0x5000_1000, false), Seen::Ram(_)));
     assert!(matches!(access(&mut v, 0x5000_2000, true), Seen::Ram(_)));
     assert_eq!(get(&vm), vec![2], "only the written page");
@@ -390,26 +394,10 @@ fn shadow_paging_tracks_dirty_pages_through_the_rmap() {
 #[test]
 fn a_write_through_a_shadow_leaf_a_fault_just_installed_is_in_the_get_after_it() {
     use vmmu::host::PreemptPoint;
-    let (vm, host, next) = shadow_vm(BugSet::NONE);
-    vm.set_dirty_log_mode(vmmu::dirty::DirtyLogMode::Manual);
-    let s = Space::new(&host, &next);
-    const LOG_GPA: u64 = 0x1_0020_0000;
-    let log = vmmu::memslot::KVM_MEM_LOG_DIRTY_PAGES;
-    vm.set_memory_region(&UserspaceMemoryRegion::new(
-        7,
-        log,
-        LOG_GPA,
-        0x4000,
-        RAM_HVA + 0x100_0000,
-    ))
-    .unwrap();
-    s.map4k(0x5000_0000, LOG_GPA, P | RW | US);
+    let (vm, s) = logged_space(vmmu::dirty::DirtyLogMode::Manual);
     let mut v0 = vcpu_in(&vm, long4(s.cr3));
     let mut v1 = vcpu_in(&vm, long4(s.cr3));
-    let get = |vm: &Vm<TestHost>| {
-        let w = vm.get_dirty_log(vmmu::AsId(0), vmmu::SlotId(7)).unwrap();
-        vmmu::dirty::pages_of(&w).collect::<Vec<_>>()
-    };
+    let get = logged_pages;
     // Written, collected and cleared: the leaf is read-only, the bit clear. vCPU 1 has its
     // path to the leaf (a read) so its walk below needs no fault.
     assert!(matches!(access(&mut v0, 0x5000_0000, true), Seen::Ram(_)));
