@@ -47,19 +47,12 @@ pub struct DiffArgs {
     pub counters: bool,
 }
 
-/// Per step: (step number, line, the counters after it).
-type CounterTrail = Vec<(u32, u32, Option<vmmu_scenario::ShadowCounters>)>;
-
 /// Runs `scenario` on `backend`, keeping the counters after every step (`Err`: why it stopped).
 fn counter_trail(
     backend: &dyn Backend,
     scenario: &vmmu_scenario::Scenario,
-) -> Result<CounterTrail, String> {
-    let mut trail = Vec::new();
-    let mut keep = |step: &vmmu_scenario::Step, c| trail.push((step.number, step.line, c));
-    vmmu_scenario::run_counted(backend, scenario, &mut |_| {}, Some(&mut keep))
-        .map_err(|e| e.to_string())?;
-    Ok(trail)
+) -> Result<vmmu_scenario::CounterTrail, String> {
+    vmmu_scenario::counter_trail(backend, scenario).map_err(|e| e.to_string())
 }
 
 /// The lines `--counters` prints under a verdict: for each shadow-paging configuration, the first

@@ -439,11 +439,7 @@ fn counters_agree(strategy: proptest::strategy::BoxedStrategy<GenScenario>) {
             return;
         }
     };
-    let trail = |b: &dyn Backend, s: &vmmu_scenario::Scenario| {
-        let mut t = Vec::new();
-        let mut keep = |step: &vmmu_scenario::Step, c| t.push((step.line, c));
-        vmmu_scenario::run_counted(b, s, &mut |_| {}, Some(&mut keep)).map(|()| t)
-    };
+    let trail = vmmu_scenario::counter_trail;
     let (compared, steps) = (std::cell::Cell::new(0usize), std::cell::Cell::new(0usize));
     let started = std::time::Instant::now();
     let n = cases().div_ceil(2);
@@ -454,18 +450,18 @@ fn counters_agree(strategy: proptest::strategy::BoxedStrategy<GenScenario>) {
         let mut s = parse_checked(&g)?;
         s.vm.format = vmmu_scenario::Format::Shadow;
         let kvm = match trail(&KvmBackend, &s) {
-            Ok(t) if t.iter().all(|(_, c)| c.is_some()) && !t.is_empty() => t,
+            Ok(t) if t.iter().all(|(_, _, c)| c.is_some()) && !t.is_empty() => t,
             // Skipped (PAE here), stopped by a failure the observation tests judge, or no stats.
             _ => return Ok(()),
         };
-        if kvm.last().and_then(|(_, c)| *c).is_some_and(|c| c.mmu_cache_miss == 0) {
+        if kvm.last().and_then(|(_, _, c)| *c).is_some_and(|c| c.mmu_cache_miss == 0) {
             return Ok(()); // a TDP KVM: no shadow pages
         }
         let sim = trail(&vmmu_sim::SimBackend, &s)
             .map_err(|e| TestCaseError::fail(format!("machine: {e}")))?;
         compared.set(compared.get() + 1);
         steps.set(steps.get() + kvm.len());
-        for ((line, k), (_, m)) in kvm.iter().zip(&sim) {
+        for ((_, line, k), (_, _, m)) in kvm.iter().zip(&sim) {
             if k != m {
                 return Err(TestCaseError::fail(format!(
                     "counters part after line {line}: kvm {k:?} | machine {m:?}"

@@ -189,6 +189,18 @@ pub fn run_counted(
     run_counted_while(backend, scenario, &mut keep_going, counters)
 }
 
+/// Per step of a run: (step number, line, the machine's counters after it).
+pub type CounterTrail = Vec<(u32, u32, Option<ShadowCounters>)>;
+
+/// Runs `scenario` on `backend` and keeps the counters after every step ([`run_counted`]), for
+/// comparing two machines step by step (`vmmu diff --counters`, the differential tests).
+pub fn counter_trail(backend: &dyn Backend, scenario: &Scenario) -> Result<CounterTrail, RunError> {
+    let mut trail = Vec::new();
+    let mut keep = |step: &Step, c| trail.push((step.number, step.line, c));
+    run_counted(backend, scenario, &mut |_| {}, Some(&mut keep))?;
+    Ok(trail)
+}
+
 /// [`run_counted`] with a `sink` that can stop the run: once it returns `ControlFlow::Break`
 /// (say, the observations' reader has gone), no further step runs and the run returns `Ok`.
 pub fn run_counted_while(

@@ -43,8 +43,8 @@ mod print;
 mod step;
 
 pub use backend::{
-    run, run_collect, run_counted, run_counted_while, Backend, BackendError, Machine, RunError,
-    ShadowCounters, Start,
+    counter_trail, run, run_collect, run_counted, run_counted_while, Backend, BackendError,
+    CounterTrail, Machine, RunError, ShadowCounters, Start,
 };
 pub use diff::{Verdict, VerdictLine};
 pub use error::{Error, Result};
