@@ -404,6 +404,9 @@ pub struct SimHost {
     alloc: Mutex<AllocState>,
     allocated: AtomicU64,
     freed: AtomicU64,
+    /// Table pages allocated and not freed. Its own counter: `allocated - freed` read as two
+    /// loads while other threads allocate and free can run below the truth, or wrap.
+    live: AtomicU64,
     high_water: AtomicU64,
     /// A host-address range whose translations are slow (a page being faulted in by the host,
     /// e.g. swapped in): `[slow_start, slow_end)`, `slow_ns` long; 0 ns = none.
@@ -469,6 +472,7 @@ impl SimHost {
             }),
             allocated: AtomicU64::new(0),
             freed: AtomicU64::new(0),
+            live: AtomicU64::new(0),
             high_water: AtomicU64::new(0),
             slow_start: AtomicU64::new(0),
             slow_end: AtomicU64::new(0),
@@ -694,7 +698,7 @@ impl SimHost {
         TableStats {
             allocated,
             freed,
-            live: allocated.saturating_sub(freed),
+            live: self.live.load(Ordering::Relaxed),
             high_water: self.high_water.load(Ordering::Relaxed),
         }
     }
@@ -917,8 +921,10 @@ unsafe impl FrameAllocator for SimHost {
         // Release: the stores of `init` above are visible to whoever finds this entry with the
         // Acquire load in `table`.
         self.frames[pfn.0 as usize].store(page.0.as_ptr() as usize | KIND_TABLE, Ordering::Release);
-        let live =
-            self.allocated.fetch_add(1, Ordering::Relaxed) + 1 - self.freed.load(Ordering::Relaxed);
+        self.allocated.fetch_add(1, Ordering::Relaxed);
+        // The free of this page comes after this add in the counter's order (it happens after
+        // this allocation returned), so `live` never goes below 0.
+        let live = self.live.fetch_add(1, Ordering::Relaxed) + 1;
         self.high_water.fetch_max(live, Ordering::Relaxed);
         Some(pfn)
     }
@@ -937,6 +943,7 @@ unsafe impl FrameAllocator for SimHost {
             return;
         }
         self.freed.fetch_add(1, Ordering::Relaxed);
+        self.live.fetch_sub(1, Ordering::Relaxed);
         self.lock_alloc().free_tables.push((pfn, TablePage(p)));
     }
 
