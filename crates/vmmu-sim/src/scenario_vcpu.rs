@@ -243,14 +243,12 @@ fn shadow_thread(
                 let _ = reply.send(r);
             }
             Job::Invlpg { gva, routine, reply } => {
-                let r = match routine {
-                    InvlpgRoutine::Own => entry(v),
-                    InvlpgRoutine::AfterTableWrites => Ok(()),
+                let invlpg = |v: &mut vmmu::vcpu::Vcpu<SimHost>| {
+                    v.invlpg(Gva(gva)).map_err(|e| e.to_string())
                 };
-                let r = r.and_then(|()| v.invlpg(Gva(gva)).map_err(|e| e.to_string()));
                 let r = match routine {
-                    InvlpgRoutine::AfterTableWrites => r.and_then(|()| entry(v)),
-                    InvlpgRoutine::Own => r,
+                    InvlpgRoutine::Own => entry(v).and_then(|()| invlpg(v)),
+                    InvlpgRoutine::AfterTableWrites => invlpg(v).and_then(|()| entry(v)),
                 };
                 let _ = reply.send(r);
             }

@@ -230,9 +230,10 @@ pub enum PreemptPoint {
     /// lock and is about to take it exclusive to replace the table (another vCPU may map or zap
     /// the block meanwhile).
     TableInTheWay,
-    /// A fault has installed its leaf and still holds the MMU lock it installed under (TDP:
-    /// shared; shadow: the shadow lock): other vCPUs' hardware walks already see the leaf, and
-    /// a collection's GET, which takes no MMU lock, can run.
+    /// A fault's install has run (it may have found nothing to do, or a table in the way) and
+    /// the fault still holds the MMU lock it installed under (TDP: shared; shadow: the shadow
+    /// lock): other vCPUs' hardware walks already see a leaf it installed, and a collection's
+    /// GET, which takes no MMU lock, can run.
     FaultInstalled,
 }
 
