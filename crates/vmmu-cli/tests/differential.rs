@@ -649,3 +649,63 @@ fn kvm_stopping_in_a_slot_the_machine_refused_is_the_largest_gfn_difference() {
     assert!(both_stopped(&sources).is_some(), "both stop at the same step: {sources:?}");
     assert!(!max_gfn_differs_only(&narrow, &sources));
 }
+
+/// A file whose maps hold [`vmmu_scenario::MAP_TABLES`] guest page tables (the parser's limit)
+/// and one that toggles a region between 4K and 2M pages far more often than the backends have
+/// tables (each toggle unlinks a page table, which they reuse) run to the end on every side, at
+/// `format=shadow` and `ept`, and agree.
+#[test]
+fn guest_page_tables_to_the_limit_and_page_size_churn_agree_across_sides() {
+    let mut full = String::from("vm vcpus=2 paging=4level format=shadow\n");
+    full.push_str("mem ram size=4M\nslot 1 gpa=0x40000000 size=4M mem=ram\n");
+    // Region k (from 4) gets a page table; a page directory more per GiB past the first.
+    let tables = |n: u64| n + (n + 4).div_ceil(512) - 1;
+    let n = (1..).take_while(|&n| tables(n) <= vmmu_scenario::MAP_TABLES as u64).last();
+    let n = n.expect("some maps fit");
+    for k in 0..n {
+        let gva = (4 + k) << 21;
+        full.push_str(&format!("map gva={gva:#x} gpa={:#x}\n", 0x4000_0000 + (k % 1024) * 0x1000));
+    }
+    for k in [0, n / 2, n - 1] {
+        let gva = (4 + k) << 21;
+        full.push_str(&format!(
+            "write 0 gva={gva:#x} size=8 value={k:#x}\nread 1 gva={gva:#x} size=8\n"
+        ));
+    }
+    let mut churn = String::from("vm vcpus=2 paging=4level format=shadow\n");
+    churn.push_str("mem ram size=4M\nslot 1 gpa=0x40000000 size=4M mem=ram\n");
+    for i in 0..1500u64 {
+        churn.push_str(&format!(
+            "map gva=0x80000000 gpa=0x40000000\nunmap gva=0x80000000\n\
+             map gva=0x80000000 gpa=0x40200000 size=2M\nunmap gva=0x80000000 size=2M\n\
+             map gva={:#x} gpa=0x40000000\nunmap gva={0:#x}\n",
+            0x80000000 + ((i % 8) << 21)
+        ));
+    }
+    churn.push_str("map gva=0x80000000 gpa=0x40001000\nwrite 0 gva=0x80000000 size=8 value=0x77\n");
+    churn.push_str("read 1 gva=0x80000000 size=8\nread 1 gva=0x80001000 size=8\n");
+    let kvm = vmmu_kvm::probe();
+    for (name, text) in [("full", &full), ("churn", &churn)] {
+        for format in ["shadow", "ept"] {
+            let mut s = parse(&text.replacen("format=shadow", &format!("format={format}"), 1))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let sim = run_source("sim", &vmmu_sim::SimBackend, &s);
+            let Outcome::Stream(obs) = &sim.outcome else {
+                panic!("{name} {format}: the machine did not run to the end: {:?}", sim.outcome)
+            };
+            assert!(
+                matches!(obs.last(), Some(Observation::Read { .. })),
+                "{name} {format}: {obs:?}"
+            );
+            if kvm.is_ok() {
+                match compare(&run_sides(&mut s)) {
+                    Verdict::Equal { .. } => {}
+                    v => panic!("{}", VerdictLine { path: name, verdict: &v }),
+                }
+            }
+        }
+    }
+    if let Err(why) = kvm {
+        println!("KVM part skipped: {why}");
+    }
+}

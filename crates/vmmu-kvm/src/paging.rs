@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `LOW_PT` | the page table of the low 2 MiB, shared by every space (identity, supervisor; the code page user) |
 //! | `root(s)` .. `+0x5000` | space `s` (0..8): 4level: PML4, PDPT 0, PD 0 (two pages unused); pae: PDPT, PD 0..3 |
-//! | `FIRST_FREE..` | intermediate tables the backend allocates for `map` steps, never freed |
+//! | `FIRST_FREE..` | intermediate tables the backend allocates for `map` steps |
 //!
 //! Every space identity-maps the low 8 MiB: `LOW_PT` for 0..2 MiB, 2 MiB supervisor pages for
 //! 2..6 MiB (the pool) and a 2 MiB user page for 6..8 MiB, where no memory is: the sync and
@@ -22,7 +22,11 @@
 //! the guest changes the tables: [`Tables::map`] and [`Tables::unmap`] return the entry writes
 //! (in the order a guest OS makes them: tables top-down, the leaf last) that the guest then
 //! performs with its own stores at CPL0, and update the host's model to match. Tables come
-//! from the pool zero-filled and are never reused, so a new table needs no clearing.
+//! from the pool zero-filled; a page table that a 2M `map` or `unmap` unlinks (its region's
+//! 4K pages were all unmapped, so it is clear: the parser's rule) is reused, last freed first,
+//! as the software machine's backend does, so a new table needs no clearing either way. The
+//! pool holds at least [`vmmu_scenario::MAP_TABLES`] tables beside the fixed ones, the most a
+//! scenario's maps may hold.
 
 use crate::code::SYNC_GPA;
 use std::collections::HashMap;
@@ -56,6 +60,10 @@ const LINK: u64 = P | RW | US;
 
 // The sync and report addresses lie in the user 2 MiB page of 6..8 MiB, above the pool.
 const _: () = assert!(POOL_GPA + POOL_SIZE as u64 <= 0x60_0000);
+// Every scenario the parser accepts fits.
+const _: () = assert!(
+    (POOL_GPA + POOL_SIZE as u64 - FIRST_FREE) / 0x1000 >= vmmu_scenario::MAP_TABLES as u64
+);
 const _: () = assert!(REPORT_GPA >= 0x60_0000 && SYNC_GPA >= 0x60_0000 && SYNC_GPA < 0x80_0000);
 
 /// The root table of page-table space `space` (what CR3 holds): a PML4, or a PAE PDPT.
@@ -113,7 +121,8 @@ pub fn pool_image(mode: Paging) -> Vec<(u64, Vec<u8>)> {
     pieces
 }
 
-/// The pool is full: the scenario maps more distinct regions than the backend has tables for.
+/// The pool is full: the scenario maps more distinct regions than the backend has tables for
+/// (the parser refuses such a file, so this is a defect of the backend's model).
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("the page-table pool ({POOL_SIZE:#x} bytes) is exhausted")]
 pub struct PoolExhausted;
@@ -124,6 +133,8 @@ pub struct Tables {
     mode: Paging,
     entries: HashMap<u64, u64>,
     next: u64,
+    /// Page tables unlinked by a 2M `map` or `unmap`, clear, to reuse (last freed first).
+    free: Vec<u64>,
 }
 
 /// Index of `gva` in the table of `level` (4 = PML4 .. 1 = PT).
@@ -134,7 +145,7 @@ fn index(gva: u64, level: u32) -> u64 {
 impl Tables {
     /// The model of [`pool_image`]`(mode)`.
     pub fn new(mode: Paging) -> Tables {
-        let mut t = Tables { mode, entries: HashMap::new(), next: FIRST_FREE };
+        let mut t = Tables { mode, entries: HashMap::new(), next: FIRST_FREE, free: Vec::new() };
         for (off, bytes) in pool_image(mode) {
             for (i, e) in bytes.chunks(8).enumerate() {
                 let v = u64::from_le_bytes(e.try_into().unwrap_or([0; 8]));
@@ -144,6 +155,33 @@ impl Tables {
             }
         }
         t
+    }
+
+    /// A new table: the last one freed, else the pool's next.
+    fn alloc(&mut self) -> Result<u64, PoolExhausted> {
+        if let Some(t) = self.free.pop() {
+            return Ok(t);
+        }
+        if self.next + 0x1000 > POOL_GPA + POOL_SIZE as u64 {
+            return Err(PoolExhausted);
+        }
+        let t = self.next;
+        self.next += 0x1000;
+        Ok(t)
+    }
+
+    /// A page-directory entry that held `old` is being overwritten: a page table it linked is
+    /// free if it is clear (the parser lets a 2M page replace only a region whose 4K pages are
+    /// all unmapped; a table that still held entries stays out of use rather than be reused
+    /// dirty).
+    fn unlinked(&mut self, old: u64) {
+        if old & P == 0 || old & PS != 0 {
+            return;
+        }
+        let t = old & ADDR;
+        if (0..512).all(|i| self.entry(t + 8 * i) == 0) {
+            self.free.push(t);
+        }
     }
 
     fn entry(&self, at: u64) -> u64 {
@@ -179,11 +217,7 @@ impl Tables {
             table = if e & P != 0 && !(l == 2 && e & PS != 0) {
                 e & ADDR
             } else {
-                if self.next + 0x1000 > POOL_GPA + POOL_SIZE as u64 {
-                    return Err(PoolExhausted);
-                }
-                let t = self.next;
-                self.next += 0x1000;
+                let t = self.alloc()?;
                 writes.push((at, t | LINK));
                 t
             };
@@ -201,10 +235,12 @@ impl Tables {
         if op.flags.reserved {
             leaf |= RSVD51;
         }
+        let at = table + 8 * index(op.gva, leaf_level);
         if leaf_level == 2 {
             leaf |= PS;
+            self.unlinked(self.entry(at));
         }
-        writes.push((table + 8 * index(op.gva, leaf_level), leaf));
+        writes.push((at, leaf));
         for &(at, v) in &writes {
             self.entries.insert(at, v);
         }
@@ -220,6 +256,9 @@ impl Tables {
         };
         match self.slot(op.space, op.gva, level) {
             Some(at) => {
+                if level == 2 {
+                    self.unlinked(self.entry(at));
+                }
                 self.entries.remove(&at);
                 vec![(at, 0)]
             }
@@ -305,6 +344,43 @@ mod tests {
             .is_empty());
         // Remapping reuses the tables.
         assert_eq!(t.map(&op).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_page_table_a_2m_page_unlinks_is_reused_when_clear() {
+        let mut t = Tables::new(Paging::Level4);
+        let k4 = |gva, gpa| map(0, gva, gpa, PageSize::Size4K, MapFlags::default());
+        let m2 = |gva, gpa| map(0, gva, gpa, PageSize::Size2M, MapFlags::default());
+        let unmap = |gva, size| UnmapOp { space: 0, gva, size };
+        // GiB 1: a page directory, then the region's page table.
+        let w = t.map(&k4(0x4000_0000, 0x9000_0000)).unwrap();
+        let pt = w[1].1 & ADDR;
+        assert_eq!(w.len(), 3, "{w:x?}");
+        t.unmap(&unmap(0x4000_0000, PageSize::Size4K));
+        // A 2M page over the cleared region unlinks the table; the next region reuses it.
+        t.map(&m2(0x4000_0000, 0x4020_0000)).unwrap();
+        let w = t.map(&k4(0x4040_0000, 0x9000_0000)).unwrap();
+        assert_eq!(w[0].1, pt | LINK, "{w:x?}");
+        assert_eq!(t.translate(0, 0x4040_0008, false), Some(0x9000_0008));
+        assert_eq!(t.translate(0, 0x4000_1008, false), Some(0x4020_1008));
+        // A 2M unmap unlinks it too.
+        t.unmap(&unmap(0x4040_0000, PageSize::Size4K));
+        assert_eq!(t.unmap(&unmap(0x4040_0000, PageSize::Size2M)).len(), 1);
+        let w = t.map(&k4(0x4060_0000, 0x9000_0000)).unwrap();
+        assert_eq!(w[0].1, pt | LINK);
+        // A table that still maps a page is not reused (the parser refuses the 2M map anyway).
+        t.map(&m2(0x4060_0000, 0x4020_0000)).unwrap();
+        let w = t.map(&k4(0x4080_0000, 0x9000_0000)).unwrap();
+        assert_ne!(w[0].1, pt | LINK);
+        // Toggling a region between sizes forever needs no new table.
+        let next = t.next;
+        for _ in 0..3000 {
+            t.unmap(&unmap(0x4080_0000, PageSize::Size4K));
+            t.map(&m2(0x4080_0000, 0x4020_0000)).unwrap();
+            t.unmap(&unmap(0x4080_0000, PageSize::Size2M));
+            t.map(&k4(0x4080_0000, 0x9000_0000)).unwrap();
+        }
+        assert_eq!(t.next, next);
     }
 
     #[test]

@@ -198,8 +198,9 @@ pub enum ParseErrorKind {
     /// Page sizes mixed in one 2 MiB region of one page-table space.
     #[error(
         "{} of a {} page at gva {gva:#x} in space {space}: the 2 MiB region holds live {} mapping(s); \
-         page sizes may not mix in a region (unmap what is there first)",
-        if *unmap { "unmap" } else { "map" }, page_size_name(*size), page_size_name(*live)
+         page sizes may not mix in a region ({})",
+        if *unmap { "unmap" } else { "map" }, page_size_name(*size), page_size_name(*live),
+        mixed_sizes_hint(*unmap, *live, *gva)
     )]
     MixedPageSizes {
         /// The page-table space.
@@ -212,6 +213,15 @@ pub enum ParseErrorKind {
         live: crate::step::PageSize,
         /// Whether the line is an `unmap` (else a `map`).
         unmap: bool,
+    },
+    /// A `map` that needs a guest page table when the file's maps hold the most there are.
+    #[error(
+        "this map needs a new guest page table, but the file's maps already hold {limit}, the most \
+         the backends keep below 8 MiB (a 2M map or unmap frees the page table of its 2 MiB region)"
+    )]
+    TooManyTables {
+        /// [`crate::MAP_TABLES`].
+        limit: usize,
     },
     /// A host access that is not inside its buffer.
     #[error(
@@ -257,6 +267,21 @@ fn page_size_name(s: crate::step::PageSize) -> &'static str {
     match s {
         crate::step::PageSize::Size4K => "4K",
         crate::step::PageSize::Size2M => "2M",
+    }
+}
+
+/// What to do instead of mixing page sizes in a 2 MiB region (`live`: the size mapped there).
+fn mixed_sizes_hint(unmap: bool, live: crate::step::PageSize, gva: u64) -> String {
+    let region = gva & !(crate::step::PageSize::Size2M.bytes() - 1);
+    match (unmap, live) {
+        (true, crate::step::PageSize::Size2M) => {
+            format!("to clear the 2M mapping, unmap gva={region:#x} size=2M")
+        }
+        (true, crate::step::PageSize::Size4K) => "unmap its 4K pages one by one".into(),
+        (false, crate::step::PageSize::Size2M) => {
+            format!("unmap gva={region:#x} size=2M first")
+        }
+        (false, crate::step::PageSize::Size4K) => "unmap its 4K pages first".into(),
     }
 }
 

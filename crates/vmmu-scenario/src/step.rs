@@ -160,6 +160,15 @@ pub struct Cr3Op {
 /// The number of page-table spaces a scenario may use.
 pub const SPACES: u8 = 8;
 
+/// The most guest page tables a file's `map` steps may hold at once, over all spaces: the
+/// backends keep the guest's tables in their own memory below 8 MiB, so a `map` that needs one
+/// more is a parse error. A `map` creates the tables its entry needs (with `paging=4level` a
+/// page-directory-pointer table per new PML4 entry and a page directory per new PDPT entry,
+/// except for the first GiB, whose tables every space has; a page table per 2 MiB region that
+/// gets its first 4K mapping); a 2M `map` or `unmap` frees the page table of its region, which
+/// the backends then reuse (its 4K pages were all unmapped, so it is clear).
+pub const MAP_TABLES: usize = 960;
+
 /// The `vm` line, with defaults filled in (and, in [`Scenario::vm`], command-line overrides).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VmConfig {

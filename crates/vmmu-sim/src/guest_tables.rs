@@ -2,8 +2,12 @@
 //! guest memory that the backend reserves below 8 MiB, and the PTE writes a `map` or `unmap`
 //! step makes the guest perform.
 //!
-//! Invariants: tables are allocated from `[TABLES_GPA, TABLES_END)` and never freed; an
-//! intermediate entry is always present, writable and user; every value written is returned to
+//! Invariants: tables are allocated from `[TABLES_GPA, TABLES_END)`; a page table that a 2M
+//! `map` or `unmap` unlinks is reused by a later `map` when it is clear (its region's 4K pages
+//! were all unmapped: the parser's rule), last freed first, as the KVM backend does (a new
+//! space's own tables are always new ones: the KVM backend's exist from the start), and no
+//! other table is freed;
+//! an intermediate entry is always present, writable and user; every value written is returned to
 //! the caller as `(gpa, value)` in the order the guest would write it (the caller performs the
 //! writes as guest stores, so a shadow MMU sees them); a PAE space gets its four page directories
 //! when it is created, so its PDPTEs never change after a CR3 load.
@@ -38,6 +42,15 @@ pub enum TablesError {
     Memory(String),
 }
 
+/// Where a table [`GuestTables::entry_gpa`] creates comes from.
+#[derive(Clone, Copy)]
+enum Alloc {
+    /// A new table (a space's own structure).
+    Space,
+    /// A freed page table first (a `map`'s).
+    Map,
+}
+
 /// The guest's page-table spaces.
 pub struct GuestTables {
     paging: Paging,
@@ -46,6 +59,8 @@ pub struct GuestTables {
     buf_gpa: u64,
     next: u64,
     end: u64,
+    /// Page tables a 2M `map` or `unmap` unlinked, clear, to reuse (last freed first).
+    free: Vec<u64>,
     roots: [Option<u64>; SPACES as usize],
     /// The guest's own code page, mapped in every space ([`GuestTables::with_code_page`]), and
     /// the page table of the low 2 MiB that maps it (allocated with the first space).
@@ -73,6 +88,7 @@ impl GuestTables {
             buf_gpa,
             next: start,
             end,
+            free: Vec::new(),
             roots: [None; SPACES as usize],
             code: None,
         }
@@ -92,10 +108,21 @@ impl GuestTables {
         self
     }
 
+    /// A table a `map` needs: the last one freed, else a new one (as the KVM backend).
+    fn alloc_for_map(&mut self) -> Result<u64, TablesError> {
+        match self.free.pop() {
+            Some(t) => Ok(t),
+            None => self.alloc(),
+        }
+    }
+
     fn read(&self, gpa: u64) -> Result<u64, TablesError> {
         self.buf.read(gpa - self.buf_gpa, Width::W8).map_err(|e| TablesError::Memory(e.to_string()))
     }
 
+    /// A table for a space's own structure (its root, the tables of its first GiB): always a
+    /// new one, as the KVM backend, whose spaces exist from the start, never builds them from
+    /// freed tables.
     fn alloc(&mut self) -> Result<u64, TablesError> {
         if self.next >= self.end {
             return Err(TablesError::Full);
@@ -130,20 +157,21 @@ impl GuestTables {
                     t
                 }
             };
-            let pd0 = self.entry_gpa(space, 0, 2, writes)?;
+            let pd0 = self.entry_gpa(space, 0, 2, Alloc::Space, writes)?;
             writes.push((pd0, low_pt | P | RW | US));
         }
         Ok(root)
     }
 
     /// The gpa of the entry for `gva` at `level` (1: PTE, 2: PDE) in `space`, creating the
-    /// tables above it (their entries go to `writes`; entries already written earlier in
-    /// `writes` count as present).
+    /// tables above it as `alloc` says (their entries go to `writes`; entries already written
+    /// earlier in `writes` count as present).
     fn entry_gpa(
         &mut self,
         space: u8,
         gva: u64,
         level: u32,
+        alloc: Alloc,
         writes: &mut Vec<(u64, u64)>,
     ) -> Result<u64, TablesError> {
         let root = self.root(space, writes)?;
@@ -160,7 +188,10 @@ impl GuestTables {
             table = if e & P != 0 {
                 e & ADDR
             } else {
-                let t = self.alloc()?;
+                let t = match alloc {
+                    Alloc::Space => self.alloc()?,
+                    Alloc::Map => self.alloc_for_map()?,
+                };
                 writes.push((at, t | P | RW | US));
                 t
             };
@@ -190,7 +221,10 @@ impl GuestTables {
             PageSize::Size4K => (1, 0),
             PageSize::Size2M => (2, PS),
         };
-        let at = self.entry_gpa(space, gva, level, &mut writes)?;
+        let at = self.entry_gpa(space, gva, level, Alloc::Map, &mut writes)?;
+        if level == 2 {
+            self.unlinked(self.value(at, &writes)?)?;
+        }
         // Accessed and dirty from the start, as the KVM backend's guest writes its leaves: a
         // read through a clean leaf would map read-only under shadow paging only, and whether a
         // read dirties a logged page would depend on the MMU.
@@ -246,7 +280,7 @@ impl GuestTables {
         value: u64,
     ) -> Result<Vec<(u64, u64)>, TablesError> {
         let mut writes = Vec::new();
-        let at = self.entry_gpa(space, gva, level, &mut writes)?;
+        let at = self.entry_gpa(space, gva, level, Alloc::Map, &mut writes)?;
         writes.push((at, value));
         Ok(writes)
     }
@@ -286,7 +320,31 @@ impl GuestTables {
         size: PageSize,
     ) -> Result<Vec<(u64, u64)>, TablesError> {
         let level = if size == PageSize::Size2M { 2 } else { 1 };
-        Ok(self.existing_entry_gpa(space, gva, level)?.map(|at| (at, 0)).into_iter().collect())
+        let Some(at) = self.existing_entry_gpa(space, gva, level)? else {
+            return Ok(Vec::new());
+        };
+        if level == 2 {
+            self.unlinked(self.read(at)?)?;
+        }
+        Ok(vec![(at, 0)])
+    }
+
+    /// A page-directory entry that held `old` is being overwritten: a page table it linked is
+    /// free if it is clear (a table that still held entries stays out of use rather than be
+    /// reused dirty; the parser lets a 2M page replace only a region whose 4K pages are all
+    /// unmapped).
+    fn unlinked(&mut self, old: u64) -> Result<(), TablesError> {
+        if old & P == 0 || old & PS != 0 {
+            return Ok(());
+        }
+        let t = old & ADDR;
+        for i in 0..512 {
+            if self.read(t + 8 * i)? != 0 {
+                return Ok(());
+            }
+        }
+        self.free.push(t);
+        Ok(())
     }
 
     /// Where a walk of `gva` from `root` starts: the table and its level (the PML4, level 4; or
@@ -360,6 +418,48 @@ mod tests {
         }
         let w = t.map(3, 0x80_0000, 0x4000_0000, PageSize::Size2M, MapFlags::default());
         assert_eq!(w.expect("map").len(), 1, "PD 0 entry 4 of space 3");
+    }
+
+    /// A page table that a 2M map or unmap unlinks, clear, serves the next region that needs
+    /// one, as in the KVM backend; toggling a region's page size needs no new table.
+    #[test]
+    fn a_page_table_a_2m_page_unlinks_is_reused_when_clear() {
+        let host = SimHost::new(HostConfig::new(46)).expect("host");
+        let buf = host.add_buffer("t", 0x10_0000).expect("buffer");
+        let end = TABLES_GPA + 0x10_0000;
+        let mut t = GuestTables::in_area(Paging::Level4, buf, TABLES_GPA, TABLES_GPA, end);
+        let (k4, m2, no) = (PageSize::Size4K, PageSize::Size2M, MapFlags::default());
+        let run = |w: Result<Vec<(u64, u64)>, TablesError>, t: &GuestTables| {
+            let w = w.expect("tables");
+            t.apply(&w).expect("apply");
+            w
+        };
+        let w = run(t.map(0, 0x4000_0000, 0x9000_0000, k4, no), &t);
+        let (pd_entry, pt) = w[w.len() - 2];
+        let pt = pt & ADDR;
+        assert_eq!(w[w.len() - 1].0 & !0xfff, pt, "{w:x?}");
+        run(t.unmap(0, 0x4000_0000, k4), &t);
+        let w = run(t.map(0, 0x4000_0000, 0x4020_0000, m2, no), &t);
+        assert_eq!(w, [(pd_entry, 0x4020_0000 | P | RW | US | PS | 0x60)]);
+        let w = run(t.map(0, 0x4040_0000, 0x9000_0000, k4, no), &t);
+        assert_eq!(w[0].1 & ADDR, pt, "{w:x?}");
+        assert_eq!(t.user_target(0, 0x4040_0008, false), Some(0x9000_0008));
+        run(t.unmap(0, 0x4040_0000, k4), &t);
+        run(t.unmap(0, 0x4040_0000, m2), &t);
+        let w = run(t.map(0, 0x4060_0000, 0x9000_0000, k4, no), &t);
+        assert_eq!(w[0].1 & ADDR, pt);
+        // Not reused while it still maps a page.
+        run(t.map(0, 0x4060_0000, 0x4020_0000, m2, no), &t);
+        let w = run(t.map(0, 0x4080_0000, 0x9000_0000, k4, no), &t);
+        assert_ne!(w[0].1 & ADDR, pt);
+        let next = t.next;
+        for _ in 0..3000 {
+            run(t.unmap(0, 0x4080_0000, k4), &t);
+            run(t.map(0, 0x4080_0000, 0x4020_0000, m2, no), &t);
+            run(t.unmap(0, 0x4080_0000, m2), &t);
+            run(t.map(0, 0x4080_0000, 0x9000_0000, k4, no), &t);
+        }
+        assert_eq!(t.next, next);
     }
 
     /// An unmap writes the entry only where every table above it exists; it creates none.

@@ -62,6 +62,14 @@ const IDENTITY_OWN_SIZE: u64 = 0x10_0000;
 /// (`paging_recycle_limit_large_slot.scn`).
 const PAGING_OWN_SIZE: u64 = 0x50_0000;
 
+// Every file the parser accepts fits: beside the code page and the shared page table of the low
+// 2 MiB, each of the spaces takes at most five tables of its own (PAE: its root and four page
+// directories), and the maps hold at most `MAP_TABLES`.
+const _: () = assert!(
+    PAGING_OWN_SIZE / 0x1000 - 2 - 5 * vmmu_scenario::SPACES as u64
+        >= vmmu_scenario::MAP_TABLES as u64
+);
+
 /// The code page of a version-2 guest: the first page of its own memory, mapped at the same
 /// guest-virtual address in every space through a page table of the low 2 MiB that all spaces
 /// share, as the KVM backend's guest maps its `CODE` page (`GuestTables::with_code_page`).

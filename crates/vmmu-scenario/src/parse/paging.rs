@@ -16,7 +16,9 @@
 //!   mappings is an error (an `unmap` names the size of what is mapped there, if anything is: it
 //!   clears that entry). Mapping a mapped page again with the same size replaces it; unmapping
 //!   a page that is not mapped is allowed (the guest clears an entry that is already clear);
-//! - `cr3 VCPU space=S`: `VCPU` below `vcpus`, `space` required, 0..=7.
+//! - `cr3 VCPU space=S`: `VCPU` below `vcpus`, `space` required, 0..=7;
+//! - the file's maps hold at most [`crate::MAP_TABLES`] guest page tables at once ([`MapTables`]
+//!   counts them as the backends allocate them).
 //!
 //! `format=shadow` is accepted with `paging=off` too: KVM with TDP off runs a non-paging guest
 //! on its identity-mapped "nonpaging" shadow MMU.
@@ -43,10 +45,68 @@ enum Region {
     Small(BTreeSet<u64>),
 }
 
-/// The live guest mappings, per space and 2 MiB region, as the file has made them so far.
+/// The live guest mappings, per space and 2 MiB region, as the file has made them so far, and
+/// the page tables they hold.
 #[derive(Debug, Default)]
 pub(super) struct Live {
     regions: HashMap<(u8, u64), Region>,
+    tables: MapTables,
+}
+
+/// One guest page table a `map` creates, as the backends allocate them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Table {
+    /// 4level: the page-directory-pointer table of a PML4 entry other than 0 (`space`, gva
+    /// bits 47..39).
+    Pdpt(u8, u64),
+    /// 4level: the page directory of a PDPT entry outside the first GiB (`space`, gva bits
+    /// 47..30).
+    Pd(u8, u64),
+    /// The page table of a 2 MiB region (`space`, gva bits 47..21).
+    Pt(u8, u64),
+}
+
+/// The guest page tables the file's `map` steps hold ([`crate::MAP_TABLES`]). Every space has
+/// its root and the tables of its first GiB (4level: PDPT 0 and PD 0; pae: the four page
+/// directories) from the start; a `map` creates what its entry needs below them, a 2M `map` or
+/// `unmap` frees its region's page table (the backends write the region's page-directory entry,
+/// so the table is unlinked, and reuse it), and nothing else frees a table.
+#[derive(Debug, Default)]
+struct MapTables {
+    live: std::collections::HashSet<Table>,
+}
+
+impl MapTables {
+    /// The tables the entry of a `size` page at `gva` in `space` lies under (those not the
+    /// space's own from the start).
+    fn path(paging: Paging, space: u8, gva: u64, size: PageSize) -> impl Iterator<Item = Table> {
+        let va = gva & ((1 << 48) - 1);
+        let four = paging == Paging::Level4;
+        let pdpt = (four && va >> 39 != 0).then_some(Table::Pdpt(space, va >> 39));
+        let pd = (four && va >> 30 != 0).then_some(Table::Pd(space, va >> 30));
+        let pt = (size == PageSize::Size4K).then_some(Table::Pt(space, va >> 21));
+        pdpt.into_iter().chain(pd).chain(pt)
+    }
+
+    /// Records a `map`, or says it needs a table past [`crate::MAP_TABLES`].
+    fn map(&mut self, paging: Paging, space: u8, gva: u64, size: PageSize) -> Result<(), usize> {
+        let new: Vec<Table> =
+            Self::path(paging, space, gva, size).filter(|t| !self.live.contains(t)).collect();
+        if self.live.len() + new.len() > crate::step::MAP_TABLES {
+            return Err(crate::step::MAP_TABLES);
+        }
+        self.live.extend(new);
+        if size == PageSize::Size2M {
+            self.unlink_pt(space, gva);
+        }
+        Ok(())
+    }
+
+    /// A 2M `map` or `unmap` writes the region's page-directory entry: its page table, if it
+    /// had one, is free.
+    fn unlink_pt(&mut self, space: u8, gva: u64) {
+        self.live.remove(&Table::Pt(space, (gva & ((1 << 48) - 1)) >> 21));
+    }
 }
 
 /// `paging=` on the `vm` line.
@@ -229,6 +289,10 @@ impl Parser {
             }
         }
         self.track(gw, space, gva, size, false)?;
+        self.pt
+            .tables
+            .map(self.vm.paging, space, gva, size)
+            .map_err(|limit| (kw.col, ParseErrorKind::TooManyTables { limit }))?;
         Ok(Op::Map(MapOp { space, gva, gpa, size, flags }))
     }
 
@@ -238,6 +302,9 @@ impl Parser {
         let f = Fields::new("unmap", kw.col, rest, &["space", "gva", "size"], "space, gva, size")?;
         let (space, gw, gva, size) = self.page(&f)?;
         self.track(gw, space, gva, size, true)?;
+        if size == PageSize::Size2M {
+            self.pt.tables.unlink_pt(space, gva);
+        }
         Ok(Op::Unmap(UnmapOp { space, gva, size }))
     }
 
@@ -629,6 +696,80 @@ mod tests {
     }
 
     #[test]
+    fn mixing_errors_say_what_to_write_instead() {
+        let msg = |text: &str| parse(&format!("{L4}{text}")).unwrap_err().to_string();
+        let m = msg("map gva=0x40000000 gpa=0x10000000 size=2M\nunmap gva=0x40001000\n");
+        assert!(m.contains("unmap gva=0x40000000 size=2M"), "{m}");
+        let m =
+            msg("map gva=0x40000000 gpa=0x10000000 size=2M\nmap gva=0x40003000 gpa=0x10000000\n");
+        assert!(m.contains("unmap gva=0x40000000 size=2M first"), "{m}");
+        let m = msg("map gva=0x40001000 gpa=0x10000000\nunmap gva=0x40000000 size=2M\n");
+        assert!(m.contains("unmap its 4K pages one by one"), "{m}");
+    }
+
+    /// `n` 4K maps, each in a 2 MiB region of its own from 8 MiB up (one page table each; a page
+    /// directory more for every GiB past the first, a PDPT more for every 512 GiB past the first).
+    fn spread_maps(head: &str, n: u64) -> String {
+        let mut text = String::from(head);
+        for k in 0..n {
+            let gva = (4 + k) << 21;
+            text.push_str(&format!("map gva={gva:#x} gpa=0x10000000\n"));
+        }
+        text
+    }
+
+    #[test]
+    fn maps_hold_at_most_map_tables_guest_page_tables() {
+        let limit = crate::MAP_TABLES as u64;
+        // 4level: region k (from 4) needs its page table, and a page directory when it is the
+        // first of a GiB other than the first: tables(n) = n + ceil((n + 4) / 512) - 1.
+        let tables = |n: u64| n + (n + 4).div_ceil(512) - 1;
+        let n = (1..).take_while(|&n| tables(n) <= limit).last().unwrap();
+        assert_eq!(tables(n), limit, "the last map fits exactly");
+        assert!(parse(&spread_maps(L4, n)).is_ok());
+        let (line, col, kind) = err(&spread_maps(L4, n + 1));
+        assert_eq!((line, col), (u32::try_from(n + 2).unwrap(), 1));
+        assert_eq!(kind, ParseErrorKind::TooManyTables { limit: crate::MAP_TABLES });
+        assert!(kind.to_string().contains("960"), "{kind}");
+        // PAE: its four page directories exist from the start; only page tables count.
+        assert!(parse(&spread_maps(PAE, limit)).is_ok());
+        assert_eq!(err(&spread_maps(PAE, limit + 1)).2, kind);
+        // A new PML4 entry costs a PDPT, a page directory and a page table; a 2M page the
+        // first two only.
+        let high = "map gva=0x10000000000 gpa=0x10000000\n";
+        assert!(parse(&format!("{}{high}", spread_maps(L4, n - 3))).is_ok());
+        assert!(parse(&format!("{}{high}", spread_maps(L4, n - 2))).is_err());
+        let huge = "map gva=0x10000000000 gpa=0x10000000 size=2M\n";
+        assert!(parse(&format!("{}{huge}", spread_maps(L4, n - 2))).is_ok());
+        // Maps into tables that exist cost nothing.
+        let again = format!("{}map gva=0x801000 gpa=0x10000000\n", spread_maps(L4, n));
+        assert!(parse(&again).is_ok());
+    }
+
+    #[test]
+    fn a_2m_map_or_unmap_frees_the_page_table_of_its_region() {
+        let n = crate::MAP_TABLES as u64;
+        let full = spread_maps(PAE, n);
+        let next = format!("map gva={:#x} gpa=0x10000000\n", (4 + n) << 21);
+        // Region 4's only page unmapped: its page table is still linked and counted.
+        let cleared = format!("{full}unmap gva=0x800000\n");
+        assert!(parse(&format!("{cleared}{next}")).is_err());
+        for replace in ["map gva=0x800000 gpa=0x10000000 size=2M\n", "unmap gva=0x800000 size=2M\n"]
+        {
+            assert!(parse(&format!("{cleared}{replace}{next}")).is_ok(), "{replace}");
+        }
+        // Toggling one region between sizes forever needs one table at a time.
+        let mut text = String::from(L4);
+        for _ in 0..2000 {
+            text.push_str(
+                "map gva=0x40000000 gpa=0x40000000\nunmap gva=0x40000000\n\
+                 map gva=0x40000000 gpa=0x40200000 size=2M\nunmap gva=0x40000000 size=2M\n",
+            );
+        }
+        assert!(parse(&text).is_ok());
+    }
+
+    #[test]
     fn remapping_replaces_and_unmapping_nothing_is_allowed() {
         let s = parse(&format!(
             "{PAE}map gva=0x40000000 gpa=0x10000000 size=2M\n\
@@ -703,7 +844,8 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "line 3, column 9: map of a 4K page at gva 0x40001000 in space 0: the 2 MiB region \
-             holds live 2M mapping(s); page sizes may not mix in a region (unmap what is there first)"
+             holds live 2M mapping(s); page sizes may not mix in a region (unmap gva=0x40000000 size=2M \
+             first)"
         );
         let e = parse("map gva=0x40000000 gpa=0x10000000\n").unwrap_err();
         assert_eq!(
