@@ -75,6 +75,33 @@ fn assert_clean(file: &str) -> Value {
     t
 }
 
+/// Every committed trace, whether a test below names it or not (a recording added to
+/// `tests/traces` is checked the moment it lands).
+#[test]
+fn every_committed_trace_replays_cleanly() {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo("tests/traces"))
+        .expect("tests/traces")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.to_string_lossy().ends_with(".trace.jsonl"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 15, "{files:?}");
+    for f in &files {
+        assert_clean(&f.to_string_lossy());
+    }
+}
+
+/// OVMF on q35, as far as the recording host ran it: its code flash a read-only slot just
+/// below 4 GiB, its variable store beside it, and q35's low RAM split around the legacy holes.
+#[test]
+fn ovmf_firmware_map_replays_cleanly() {
+    let file = repo("tests/traces/ovmf-kvm.small.trace.jsonl");
+    let t = assert_clean(&file);
+    assert_eq!(u(&t["events"]["slot"]), 12);
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains(r#""flags":["readonly"],"gpa":"0xffc84000""#), "the code flash");
+}
+
 #[test]
 fn seabios_boot_replays_cleanly() {
     let t = assert_clean(&repo("tests/traces/seabios-kvm.small.trace.jsonl"));
