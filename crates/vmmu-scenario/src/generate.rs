@@ -1599,11 +1599,19 @@ mod tests {
         let mut modes: BTreeMap<String, usize> = BTreeMap::new();
         let (mut huge, mut ro, mut sup, mut rsvd, mut other_space, mut high) = (0, 0, 0, 0, 0, 0);
         let (mut hits, mut accesses, mut unmap_huge) = (0usize, 0usize, 0usize);
+        // Page tables the backends reuse: unlinked by a 2M map or unmap, taken by a later 4K map.
+        let mut reused = 0usize;
         for g in paging_samples(300) {
             let s = parse(&g.text()).unwrap();
             *modes.entry(format!("{} {}", s.vm.paging, s.vm.format)).or_default() += 1;
             // (space, 4K page) -> mapped; a 2M map marks its 512 pages.
             let mut mapped: BTreeMap<(u8, u64), bool> = BTreeMap::new();
+            // (space, 2 MiB region) with a page table, and how many freed tables wait.
+            let mut pts = std::collections::BTreeSet::new();
+            let mut free = 0usize;
+            let unlink = |space: u8, gva: u64, pts: &mut std::collections::BTreeSet<_>| {
+                usize::from(pts.remove(&(space, gva >> 21)))
+            };
             let mut cr3 = vec![0u8; s.vm.vcpus as usize];
             for step in &s.steps {
                 *kinds.entry(step.op.keyword()).or_default() += 1;
@@ -1621,9 +1629,18 @@ mod tests {
                         for p in pages(m.gva, m.size) {
                             mapped.insert((m.space, p), true);
                         }
+                        if m.size == PageSize::Size2M {
+                            free += unlink(m.space, m.gva, &mut pts);
+                        } else if pts.insert((m.space, m.gva >> 21)) && free > 0 {
+                            free -= 1;
+                            reused += 1;
+                        }
                     }
                     Op::Unmap(u) => {
                         unmap_huge += usize::from(u.size == PageSize::Size2M);
+                        if u.size == PageSize::Size2M {
+                            free += unlink(u.space, u.gva, &mut pts);
+                        }
                         for p in pages(u.gva, u.size) {
                             mapped.remove(&(u.space, p));
                         }
@@ -1652,6 +1669,7 @@ mod tests {
             ("reserved", rsvd),
             ("spaces above 1", other_space),
             ("GVAs above 4 GiB", high),
+            ("page tables reused", reused),
         ] {
             assert!(n >= 20, "{n} {what}");
         }
