@@ -29,25 +29,51 @@ fn bits(a: u64, b: u64) -> u64 {
     ones << a
 }
 
+/// The pages a write-protect walk takes the write right from: a gfn range (logging starts on a
+/// slot), or the set bits of a 64-page mask (a collection).
+#[derive(Clone, Copy)]
+enum Pages {
+    /// Every gfn in `[start, end)`.
+    Range { start: Gfn, end: Gfn },
+    /// The gfn `start + i` for every set bit `i` of `mask`.
+    Masked { start: Gfn, mask: u64 },
+}
+
+impl Pages {
+    /// The gfns the set lies within, `[start, end)`.
+    fn bounds(self) -> (Gfn, Gfn) {
+        match self {
+            Pages::Range { start, end } => (start, end),
+            Pages::Masked { start, .. } => (start, Gfn(start.raw() + 64)),
+        }
+    }
+
+    /// Whether a page of the set lies in `[lo, hi)`, a range that meets [`Self::bounds`].
+    fn meets(self, lo: Gfn, hi: Gfn) -> bool {
+        match self {
+            Pages::Range { .. } => true,
+            Pages::Masked { start, mask } => {
+                let a = lo.raw().max(start.raw()) - start.raw();
+                let b = hi.raw().min(start.raw() + 64) - start.raw();
+                mask & bits(a, b) != 0
+            }
+        }
+    }
+}
+
 impl<H: Host> TdpMmu<H> {
     /// Removes the write right from the leaves under table `pfn` (at `level`, from gfn `base`)
-    /// that map a gfn `start + i` for a set bit `i` of `mask`: one walk down per 64 pages, not
-    /// one per page (KVM `kvm_tdp_mmu_clear_dirty_pt_masked` iterates the range the same way).
-    /// A huge leaf the mask meets (one that "initially set" logging left in place, or one whose
-    /// split failed when logging started) is split into read-only leaves (KVM
-    /// `kvm_arch_mmu_enable_log_dirty_pt_masked`: eager split, then write protection of the
-    /// huge pages holding the first and last page of the mask, which may be two), so reads keep
-    /// hitting and a write faults and is logged at 4 KiB; where no table page can be had it is
-    /// write-protected whole and a write fault zaps it. The caller holds the MMU lock
-    /// exclusive. Returns whether a present leaf lost the right.
-    fn write_protect_masked_table(
-        &self,
-        pfn: Pfn,
-        level: Level,
-        base: Gfn,
-        start: Gfn,
-        mask: u64,
-    ) -> bool {
+    /// that map a page of `pages`: one walk down per call, not one per page (KVM
+    /// `kvm_tdp_mmu_clear_dirty_pt_masked` iterates a collection's 64 pages the same way). A
+    /// huge leaf the set meets is split into read-only leaves: for a collection, one that
+    /// "initially set" logging left in place or whose split failed when logging started (KVM
+    /// `kvm_arch_mmu_enable_log_dirty_pt_masked`: eager split, then write protection of the huge
+    /// pages holding the first and last page of the mask, which may be two); for a logging
+    /// start, KVM's eager split. Reads keep hitting and a write faults and is logged at 4 KiB;
+    /// where no table page can be had the huge leaf is write-protected whole and a write fault
+    /// zaps it. The caller holds the MMU lock exclusive. Returns whether a present leaf lost the
+    /// right.
+    fn write_protect_table(&self, pfn: Pfn, level: Level, base: Gfn, pages: Pages) -> bool {
         // SAFETY: the caller holds the MMU lock exclusive and reached `pfn` from a root on the
         // list; nothing frees a linked page meanwhile.
         let Some(table) = (unsafe { self.table(pfn) }) else {
@@ -55,13 +81,11 @@ impl<H: Host> TdpMmu<H> {
             return false;
         };
         let fmt = self.cfg.format;
-        let end = Gfn(start.raw() + 64);
+        let (start, end) = pages.bounds();
         let mut flush = false;
         for EntryInRange { entry, lo, hi } in entries_meeting(table, level, base, start, end) {
-            let a = lo.raw().max(start.raw()) - start.raw();
-            let b = hi.raw().min(end.raw()) - start.raw();
-            if mask & bits(a, b) == 0 {
-                continue; // no page of the mask under this entry
+            if !pages.meets(lo, hi) {
+                continue; // no page of the set under this entry
             }
             let old = entry.load(Ordering::Acquire);
             if !SpteFormat::is_mmu_present(old) {
@@ -71,15 +95,15 @@ impl<H: Host> TdpMmu<H> {
                 if let Some((need, child, lower)) = self.split_in_place(entry, old, level, lo) {
                     flush |= need;
                     if lower > Level::L4K {
-                        // A 1 GiB leaf split into 2 MiB leaves: split those the mask meets.
-                        flush |= self.write_protect_masked_table(child, lower, lo, start, mask);
+                        // A 1 GiB leaf split into 2 MiB leaves: split those the set meets.
+                        flush |= self.write_protect_table(child, lower, lo, pages);
                     }
                 } else if fmt.is_writable(old) {
                     let need = self.set_spte_locked(entry, old, old & !BIT_W, level, lo);
                     flush |= need == FlushNeed::Remote;
                 }
             } else if let Some(lower) = level.lower() {
-                flush |= self.write_protect_masked_table(fmt.pfn(old), lower, lo, start, mask);
+                flush |= self.write_protect_table(fmt.pfn(old), lower, lo, pages);
             }
         }
         flush
@@ -100,45 +124,12 @@ impl<H: Host> TdpMmu<H> {
         let roots = self.mmu_lock.write(&self.vcpus, &self.relax());
         let mut flush = false;
         for r in roots.iter().filter(|r| r.as_id() == as_id) {
-            flush |= self.write_protect_table(r.pfn(), r.level(), Gfn(0), start, end);
+            flush |=
+                self.write_protect_table(r.pfn(), r.level(), Gfn(0), Pages::Range { start, end });
         }
         if flush {
             self.flush_remote_tlbs();
         }
-    }
-
-    /// Write-protects the leaves of table `pfn` (at `level`, from gfn `base`) that meet
-    /// `[start, end)`. The caller holds the MMU lock exclusive.
-    fn write_protect_table(&self, pfn: Pfn, level: Level, base: Gfn, start: Gfn, end: Gfn) -> bool {
-        // SAFETY: the caller holds the MMU lock exclusive and reached `pfn` from a root on the
-        // list; nothing frees a linked page meanwhile.
-        let Some(table) = (unsafe { self.table(pfn) }) else {
-            debug_assert!(false, "table frame {pfn:?} unknown to the host");
-            return false;
-        };
-        let fmt = self.cfg.format;
-        let mut flush = false;
-        for EntryInRange { entry, lo, .. } in entries_meeting(table, level, base, start, end) {
-            let old = entry.load(Ordering::Acquire);
-            if !SpteFormat::is_mmu_present(old) {
-                continue;
-            }
-            if fmt.is_leaf(old, level) {
-                if let Some((need, child, lower)) = self.split_in_place(entry, old, level, lo) {
-                    flush |= need;
-                    if lower > Level::L4K {
-                        // A 1 GiB leaf split into 2 MiB leaves: split those too.
-                        flush |= self.write_protect_table(child, lower, lo, start, end);
-                    }
-                } else if fmt.is_writable(old) {
-                    let need = self.set_spte_locked(entry, old, old & !BIT_W, level, lo);
-                    flush |= need == FlushNeed::Remote;
-                }
-            } else if let Some(lower) = level.lower() {
-                flush |= self.write_protect_table(fmt.pfn(old), lower, lo, start, end);
-            }
-        }
-        flush
     }
 }
 
@@ -230,8 +221,8 @@ impl<H: Host> WriteProtect for TdpMmu<H> {
         let mut flush = false;
         if in_slot != 0 {
             for r in excl.iter().filter(|r| r.as_id() == slot.as_id()) {
-                flush |=
-                    self.write_protect_masked_table(r.pfn(), r.level(), Gfn(0), start, in_slot);
+                let pages = Pages::Masked { start, mask: in_slot };
+                flush |= self.write_protect_table(r.pfn(), r.level(), Gfn(0), pages);
             }
         }
         self.stats.dirty_log_protected.add(mask.count_ones() as u64);
