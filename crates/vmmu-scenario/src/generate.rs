@@ -1296,12 +1296,19 @@ pub fn scenario() -> impl Strategy<Value = GenScenario> {
 pub fn scenario_for(flavor: Flavor, max_steps: usize) -> BoxedStrategy<GenScenario> {
     match flavor {
         Flavor::V1 => scenario_with(max_steps).boxed(),
+        // The paging flavor opens with a slot request, so that maps made before any other slot
+        // step have RAM to aim at (and reads through them reach RAM, not only MMIO).
         Flavor::Paging => (
             gen_vm_paging(),
             proptest::collection::vec(gen_mem_size(), 1..=3),
+            gen_slot(),
             proptest::collection::vec(gen_step_paging(), 0..=max_steps),
         )
-            .prop_map(|(vm, mems, steps)| GenScenario { vm, mems, steps })
+            .prop_map(|(vm, mems, first, steps)| GenScenario {
+                vm,
+                mems,
+                steps: core::iter::once(GenStep::Slot(first)).chain(steps).collect(),
+            })
             .boxed(),
         // The wide flavors open with one or two large slot requests, so that most later steps
         // have one to aim at.
