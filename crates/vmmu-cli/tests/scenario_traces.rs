@@ -14,7 +14,7 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use vmmu_scenario::diff::{run_source, Outcome};
 use vmmu_scenario::generate::{paging_scenario, scenario, wide_scenario, GenScenario};
 use vmmu_scenario::{
@@ -211,18 +211,23 @@ fn traces_replay(strategy: proptest::strategy::BoxedStrategy<GenScenario>) {
     assert!(m > 0, "the generated traces hold no MMIO event");
 }
 
-/// `vmmu replay --json --format ept --mmio-caching on FILE`: the KVM side must accept every
-/// request and see every MMIO event as MMIO.
+/// `vmmu replay --json --format ept --mmio-caching on -` with the trace on standard input (the
+/// tests run in parallel, and share no file): the KVM side must accept every request and see
+/// every MMIO event as MMIO.
 fn kvm_replay(trace: &str) -> Result<(), TestCaseError> {
-    let dir = std::env::temp_dir().join(format!("vmmu-scenario-traces-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| TestCaseError::fail(e.to_string()))?;
-    let file = dir.join("case.trace.jsonl");
-    std::fs::write(&file, trace).map_err(|e| TestCaseError::fail(e.to_string()))?;
-    let out = Command::new(env!("CARGO_BIN_EXE_vmmu"))
-        .args(["replay", "--json", "--format", "ept", "--mmio-caching", "on"])
-        .arg(&file)
-        .output()
-        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    use std::io::Write as _;
+    let fail = |e: std::io::Error| TestCaseError::fail(format!("vmmu replay: {e}"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmmu"))
+        .args(["replay", "--json", "--format", "ept", "--mmio-caching", "on", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(fail)?;
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin.write_all(trace.as_bytes()).map_err(fail)?;
+    drop(stdin);
+    let out = child.wait_with_output().map_err(fail)?;
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
         TestCaseError::fail(format!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
     })?;
@@ -235,8 +240,9 @@ fn kvm_replay(trace: &str) -> Result<(), TestCaseError> {
         && zero("mmio_not_mmio");
     if out.status.code() != Some(0) || !clean {
         return Err(TestCaseError::fail(format!(
-            "/dev/kvm: exit {:?}, {k:#}\n{trace}",
-            out.status.code()
+            "/dev/kvm: exit {:?}, {k:#}, stderr: {}\n{trace}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
         )));
     }
     Ok(())
