@@ -68,11 +68,7 @@ fn trace_of(s: &Scenario, obs: &[Observation]) -> (String, usize) {
                 Some(Observation::Read { exit: ReadExit::Mmio { gpa, len, value }, .. }),
             ) => {
                 stamp(&mut t);
-                let _ = writeln!(
-                    t,
-                    "\"op\":\"mmio\",\"dir\":\"read\",\"gpa\":\"{gpa:#x}\",\"len\":{len},\
-                     \"value\":\"{value:#x}\",\"exit\":\"user\"}}"
-                );
+                mmio_line(&mut t, "read", *gpa, *len, *value);
                 mmio += 1;
             }
             (
@@ -80,11 +76,7 @@ fn trace_of(s: &Scenario, obs: &[Observation]) -> (String, usize) {
                 Some(Observation::Write { exit: WriteExit::Mmio { gpa, len, data }, .. }),
             ) => {
                 stamp(&mut t);
-                let _ = writeln!(
-                    t,
-                    "\"op\":\"mmio\",\"dir\":\"write\",\"gpa\":\"{gpa:#x}\",\"len\":{len},\
-                     \"value\":\"{data:#x}\",\"exit\":\"user\"}}"
-                );
+                mmio_line(&mut t, "write", *gpa, *len, *data);
                 mmio += 1;
             }
             (
@@ -111,6 +103,15 @@ fn trace_of(s: &Scenario, obs: &[Observation]) -> (String, usize) {
         }
     }
     (t, mmio)
+}
+
+/// The rest of an `mmio` event line (after `t`): an access that exited to the VMM.
+fn mmio_line(t: &mut String, dir: &str, gpa: u64, len: u32, value: u64) {
+    let _ = writeln!(
+        t,
+        "\"op\":\"mmio\",\"dir\":\"{dir}\",\"gpa\":\"{gpa:#x}\",\"len\":{len},\
+         \"value\":\"{value:#x}\",\"exit\":\"user\"}}"
+    );
 }
 
 fn cases() -> u32 {
