@@ -21,6 +21,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vmmu::spte::FormatKind;
+use vmmu::vm::MmuKind;
 use vmmu_sim::replay::{self, ReplayConfig, Trace, TraceReport};
 
 /// Arguments of `vmmu replay`.
@@ -77,32 +78,18 @@ impl ReplayArgs {
     }
 }
 
-/// The machine configurations to replay `trace` under.
+/// The machine configurations to replay `trace` under: every one, or those the flags pick.
 fn configs(args: &ReplayArgs, trace: &Trace) -> Vec<ReplayConfig> {
     let phys_bits = args.phys_bits.unwrap_or_else(|| replay::phys_bits_for(trace));
-    let formats = match args.format {
-        Some(FormatArg::Ept) => vec![FormatArg::Ept],
-        Some(FormatArg::Npt) => vec![FormatArg::Npt],
-        Some(FormatArg::Shadow) => vec![FormatArg::Shadow],
-        None => vec![FormatArg::Ept, FormatArg::Npt, FormatArg::Shadow],
-    };
-    let caching = match args.mmio_caching {
-        Some(OnOff::On) => vec![true],
-        Some(OnOff::Off) => vec![false],
-        None => vec![true, false],
-    };
-    formats
-        .iter()
-        .flat_map(|&format| {
-            caching.iter().map(move |&mmio_caching| {
-                let cfg = match format {
-                    FormatArg::Ept => ReplayConfig::new(FormatKind::Ept, mmio_caching),
-                    FormatArg::Npt => ReplayConfig::new(FormatKind::Npt, mmio_caching),
-                    FormatArg::Shadow => ReplayConfig::shadow(mmio_caching),
-                };
-                ReplayConfig { phys_bits, ..cfg }
-            })
+    ReplayConfig::every(phys_bits)
+        .into_iter()
+        .filter(|c| match args.format {
+            None => true,
+            Some(FormatArg::Ept) => c.mmu == MmuKind::Tdp && c.format == FormatKind::Ept,
+            Some(FormatArg::Npt) => c.mmu == MmuKind::Tdp && c.format == FormatKind::Npt,
+            Some(FormatArg::Shadow) => c.mmu == MmuKind::Shadow,
         })
+        .filter(|c| args.mmio_caching.is_none_or(|m| (m == OnOff::On) == c.mmio_caching))
         .collect()
 }
 

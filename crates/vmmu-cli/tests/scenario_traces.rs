@@ -143,17 +143,7 @@ fn trace_from(g: &GenScenario) -> Result<Option<(String, usize)>, TestCaseError>
 fn replay_everywhere(trace: &str, mmio: usize) -> Result<(), TestCaseError> {
     let parsed = replay::parse(trace)
         .map_err(|e| TestCaseError::fail(format!("the trace does not parse: {e}\n{trace}")))?;
-    let phys_bits = replay::phys_bits_for(&parsed);
-    for format in [vmmu::spte::FormatKind::Ept, vmmu::spte::FormatKind::Npt] {
-        for caching in [true, false] {
-            let mut cfg = ReplayConfig::new(format, caching);
-            cfg.phys_bits = phys_bits;
-            check_run(&parsed, &cfg, mmio, trace)?;
-        }
-    }
-    for caching in [true, false] {
-        let mut cfg = ReplayConfig::shadow(caching);
-        cfg.phys_bits = phys_bits;
+    for cfg in ReplayConfig::every(replay::phys_bits_for(&parsed)) {
         check_run(&parsed, &cfg, mmio, trace)?;
     }
     Ok(())
@@ -181,10 +171,13 @@ fn check_run(
 /// with `/dev/kvm` (where usable).
 fn traces_replay(strategy: proptest::strategy::BoxedStrategy<GenScenario>) {
     let on_kvm = cases().div_ceil(4);
-    let kvm = vmmu_kvm::probe().is_ok();
-    if !kvm {
-        println!("skipped on /dev/kvm: {}", vmmu_kvm::probe().err().unwrap_or_default());
-    }
+    let kvm = match vmmu_kvm::probe() {
+        Ok(_) => true,
+        Err(why) => {
+            println!("skipped on /dev/kvm: {why}");
+            false
+        }
+    };
     let mut runner =
         TestRunner::new(Config { cases: cases(), failure_persistence: None, ..Config::default() });
     let kvm_runs = Cell::new(0u32);
@@ -213,8 +206,8 @@ fn traces_replay(strategy: proptest::strategy::BoxedStrategy<GenScenario>) {
 }
 
 /// `vmmu replay --json --format ept --mmio-caching on -` with the trace on standard input (the
-/// tests run in parallel, and share no file): the KVM side must accept every request and see
-/// every MMIO event as MMIO.
+/// tests run in parallel, and share no file): the KVM side must run, accept every request and
+/// see every MMIO event as MMIO.
 fn kvm_replay(trace: &str) -> Result<(), TestCaseError> {
     use std::io::Write as _;
     let fail = |e: std::io::Error| TestCaseError::fail(format!("vmmu replay: {e}"));
@@ -232,14 +225,10 @@ fn kvm_replay(trace: &str) -> Result<(), TestCaseError> {
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
         TestCaseError::fail(format!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
     })?;
+    // Exit 0 says every run passed, KVM's included (nothing refused, every MMIO event MMIO,
+    // no failure); a skipped KVM run passes too, so `ran` must be said.
     let k = &doc["traces"][0]["kvm"];
-    let zero = |key: &str| k[key].as_u64() == Some(0);
-    let clean = k["ran"] == true
-        && k["error"].is_null()
-        && zero("slots_refused")
-        && zero("dirty_log_refused")
-        && zero("mmio_not_mmio");
-    if out.status.code() != Some(0) || !clean {
+    if out.status.code() != Some(0) || k["ran"] != true {
         return Err(TestCaseError::fail(format!(
             "/dev/kvm: exit {:?}, {k:#}, stderr: {}\n{trace}",
             out.status.code(),

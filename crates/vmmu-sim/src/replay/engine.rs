@@ -112,6 +112,18 @@ impl ReplayConfig {
         ReplayConfig { mmu: MmuKind::Shadow, ..ReplayConfig::new(FormatKind::Npt, mmio_caching) }
     }
 
+    /// Every machine configuration a trace replays under unless the user picks some, in report
+    /// order (`ept-on`, `ept-off`, `npt-on`, `npt-off`, `shadow-on`, `shadow-off`), with host
+    /// MAXPHYADDR `phys_bits` (usually [`phys_bits_for`] the trace).
+    pub fn every(phys_bits: u8) -> Vec<ReplayConfig> {
+        let tdp = [FormatKind::Ept, FormatKind::Npt]
+            .into_iter()
+            .flat_map(|format| [true, false].map(|caching| ReplayConfig::new(format, caching)));
+        tdp.chain([true, false].map(ReplayConfig::shadow))
+            .map(|cfg| ReplayConfig { phys_bits, ..cfg })
+            .collect()
+    }
+
     /// `ept-on`, `npt-off`, `shadow-on`, ...
     pub fn name(&self) -> String {
         let f = match (self.mmu, self.format) {
