@@ -85,7 +85,7 @@ fn every_committed_trace_replays_cleanly() {
         .filter(|p| p.to_string_lossy().ends_with(".trace.jsonl"))
         .collect();
     files.sort();
-    assert!(files.len() >= 16, "{files:?}");
+    assert!(files.len() >= 18, "{files:?}");
     for f in &files {
         assert_clean(&f.to_string_lossy());
     }
@@ -158,6 +158,54 @@ fn vga_mode_13h_maps_vram_at_0xa0000_and_replays_cleanly() {
         assert!(u(&d["get"]) > 0);
         assert_eq!(u(&d["refused"]), 0, "{d:#}");
         assert!(u(&r["own_accesses"]["hole_reads"]) > 0, "0xa0000 probed while unmapped");
+    }
+}
+
+/// A boot sector on a Cirrus VGA (recorded with `scripts/regen-traces cirrus`) turns on extended
+/// mode, so QEMU maps a 64 KiB window into VRAM at `0xa0000`: a dirty-logged slot over the same
+/// buffer as the linear framebuffer BAR at `0xfc000000`. Moving the window's offset 64 times
+/// deletes it and re-creates it 4 KiB further into that buffer, so the same gpa is backed by a
+/// different host page after each create, and the display's dirty-log reads go in between.
+#[test]
+fn cirrus_vram_window_moving_through_its_buffer_replays_cleanly() {
+    let file = repo("tests/traces/cirrus-kvm.small.trace.jsonl");
+    let t = assert_clean(&file);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let lfb = r#""flags":["dirty_log"],"gpa":"0xfc000000","size":"0x400000","uaddr":"0x"#;
+    let lfb_at = text.find(lfb).expect("the linear framebuffer slot") + lfb.len() - 2;
+    let lfb_uaddr = &text[lfb_at..lfb_at + text[lfb_at..].find('"').unwrap()];
+    let lfb_uaddr = u64::from_str_radix(&lfb_uaddr[2..], 16).unwrap();
+    let window = r#""flags":["dirty_log"],"gpa":"0xa0000","size":"0x10000","uaddr":"0x"#;
+    let offsets: std::collections::BTreeSet<u64> = text
+        .match_indices(window)
+        .map(|(i, _)| {
+            let at = i + window.len();
+            let hex = &text[at..at + text[at..].find('"').unwrap()];
+            u64::from_str_radix(hex, 16).unwrap() - lfb_uaddr
+        })
+        .collect();
+    assert_eq!(offsets.len(), 64, "64 windows, each at its own offset into VRAM: {offsets:?}");
+    assert!(offsets.iter().all(|o| o % 0x1000 == 0 && o + 0x10000 <= 0x400000), "{offsets:?}");
+    for r in t["runs"].as_array().unwrap() {
+        let d = &r["dirty_log"];
+        assert_eq!((u(&d["get"]), u(&d["refused"])), (63, 0), "{d:#}");
+        assert!(u(&r["own_accesses"]["alias_reads"]) > 0, "the window and the BAR are aliases");
+    }
+}
+
+/// SeaBIOS runs iPXE's e1000 option ROM (`scripts/regen-traces ipxe`): the 256 KiB ROM BAR at
+/// `0xfeb80000` mapped read-only while SeaBIOS copies it, and iPXE reading VGA text memory back
+/// (thousands of reads that exit to QEMU, where the firmware boots only write).
+#[test]
+fn ipxe_option_rom_and_vga_text_reads_replay_cleanly() {
+    let file = repo("tests/traces/ipxe-kvm.small.trace.jsonl");
+    let t = assert_clean(&file);
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains(r#""flags":["readonly"],"gpa":"0xfeb80000","size":"0x40000""#));
+    let reads = text.matches(r#""op":"mmio","dir":"read","gpa":"0xb8"#).count();
+    assert!(reads > 1000, "VGA text reads: {reads}");
+    for r in t["runs"].as_array().unwrap() {
+        assert_eq!(r["zaps"]["recorded_after_delete"], r["zaps"]["deletes_and_moves"]);
     }
 }
 
@@ -630,6 +678,8 @@ fn kvm_half_agrees_with_the_recordings_where_usable() {
         "pflashmig-kvm.small",
         "mmio64-kvm.small",
         "q35mig-smp2-kvm.small",
+        "cirrus-kvm.small",
+        "ipxe-kvm.small",
     ] {
         let file = repo(&format!("tests/traces/{f}.trace.jsonl"));
         let out = vmmu(&["replay", "--json", "--format", "ept", "--mmio-caching", "on", &file]);
