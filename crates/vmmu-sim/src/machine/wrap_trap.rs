@@ -10,10 +10,13 @@
 //! 1 (if there is one) takes a slow host page fault on the dummy slot's page (its only access
 //! there, not judged), so the wrapping swap's grace period waits for its memslot read section, as
 //! for a vCPU swapping a page in; the device manager makes that last swap and vCPU 0 sweeps the
-//! DIMM. An MMU that lets the wrapped generation be seen before its wrap zap
-//! (`wrap-hook-after-publish`, `no-second-increment`) answers some of those reads from the
-//! 2^19-generation-old MMIO SPTEs: MMIO where the DIMM is RAM, a violation. The arm costs one
-//! sweep, the age about 2^19 swaps (about 0.3 s here).
+//! DIMM. An MMU that lets the wrapped generation be seen during the grace period
+//! (`no-second-increment`) answers some of those reads from the 2^19-generation-old MMIO SPTEs:
+//! MMIO where the DIMM is RAM, a violation. One that shows it only between the final generation's
+//! store and the wrap zap (`wrap-hook-after-publish`) is armed and sprung too, but no read has
+//! landed in that window in our runs (a window no longer than taking the MMU lock); a core test
+//! and a loom model catch it. The arm costs one sweep, the age about 2^19 swaps (about 0.3 s
+//! here).
 
 use super::vcpu::access;
 use super::{Shared, VcpuCounters};
