@@ -31,8 +31,9 @@
 //! churn, and `map`/`unmap`/`cr3` steps in up to 8 page-table spaces, 4K and 2M guest pages with
 //! `readonly`/`supervisor`/`reserved` flags, mapping slot pages, grid addresses, likely MMIO
 //! holes, 8 MiB and the top of the 64 GiB range; accesses go by GVA, mostly near a page mapped
-//! earlier in the vCPU's current space (its edges and just outside them), else into a small
-//! window where most pages are unmapped (page faults). GVAs cover the canonical edges (top of
+//! earlier in the vCPU's current space and still mapped there (its edges and just outside them),
+//! else into a small window where most pages are unmapped (page faults). A paging file opens
+//! with a slot request and a map of one of its pages in space 0, where every vCPU starts. GVAs cover the canonical edges (top of
 //! the lower half, top of the address space, just above PML4 entry 256, the 4 GiB top for PAE).
 //! The printer never mixes page sizes in a 2 MiB region: before a `map` whose size differs from
 //! what is live there it prints the `unmap`s that clear the region, and an `unmap` takes the
@@ -50,8 +51,8 @@
 //! up to 31 words; host writes anywhere in the large buffers; with paging, 4K and 2M guest pages
 //! over any page of a large slot, GVAs anywhere in a 2 MiB region, all 8 spaces and more `cr3`
 //! switches between memslot and dirty-log steps. Each wide file opens with one or two large
-//! slot requests. The existing generators' strategies are unchanged (the same seed gives the
-//! same files); the new recipe variants are written by the wide flavors only.
+//! slot requests (with paging, then a map of a page of the first in space 0). The recipe
+//! variants of large buffers and slots are written by the wide flavors only.
 //!
 //! Its parts: `strategy` draws recipes, `printer` turns one into a file ([`GenScenario::text`]).
 //!

@@ -498,12 +498,31 @@ impl Guest {
         }
     }
 
-    /// A GVA for an access of `w` bytes by `vcpu`: near a page mapped earlier (in the vCPU's
-    /// space if it has any), else in the window at `GVA_BASE`.
+    /// Whether `(space, gva, size)` of [`Guest::maps`] is still mapped (no unmap or a map of the
+    /// other page size took it away since).
+    fn is_live(&self, (space, gva, size): (u8, u64, u64)) -> bool {
+        match self.live.get(&(space, gva & !(HUGE_PAGE - 1))) {
+            Some(Live::Huge) => size == HUGE_PAGE,
+            Some(Live::Small(pages)) => size == PAGE_SIZE && pages.contains(&gva),
+            None => false,
+        }
+    }
+
+    /// A GVA for an access of `w` bytes by `vcpu`: near a page mapped earlier (one still mapped
+    /// in the vCPU's space if there is one, else one it mapped, else any), else in the window at
+    /// `GVA_BASE`.
     fn target(&self, vcpu: u32, at: GenTarget, w: u64) -> u64 {
         let space = self.cr3[vcpu as usize];
-        let mine: Vec<_> = self.maps.iter().filter(|m| m.0 == space).collect();
-        let maps: Vec<_> = if mine.is_empty() { self.maps.iter().collect() } else { mine };
+        // Pages still mapped in the vCPU's space first (most accesses then translate, to RAM or
+        // MMIO), else any page it mapped, else any page of any space.
+        let mut maps: Vec<_> =
+            self.maps.iter().filter(|m| m.0 == space && self.is_live(**m)).collect();
+        if maps.is_empty() {
+            maps = self.maps.iter().filter(|m| m.0 == space).collect();
+        }
+        if maps.is_empty() {
+            maps = self.maps.iter().collect();
+        }
         let window = |k: u64, off: u64| GVA_BASE + (k % 32) * GRID_STEP + off % (2 * GRID_STEP);
         let (raw, base) = match at {
             GenTarget::Grid(k, off) => (window(k, off), GVA_BASE),

@@ -287,17 +287,25 @@ pub fn scenario_for(flavor: Flavor, max_steps: usize) -> BoxedStrategy<GenScenar
     match flavor {
         Flavor::V1 => scenario_with(max_steps).boxed(),
         // The paging flavor opens with a slot request, so that maps made before any other slot
-        // step have RAM to aim at (and reads through them reach RAM, not only MMIO).
+        // step have RAM to aim at (and reads through them reach RAM, not only MMIO), and a map
+        // of one of its pages in space 0, where every vCPU starts, so that accesses made before
+        // any other map step have a mapped page to aim at (not only page faults).
         Flavor::Paging => (
             gen_vm_paging(),
             proptest::collection::vec(gen_mem_size(), 1..=3),
             gen_slot(),
+            map_from(
+                Just(0),
+                gen_gva(),
+                (0u64..16).prop_map(|p| GenMapGpa::Slot(0, p)),
+                [0.25, 0.1, 0.05, 0.03],
+            ),
             proptest::collection::vec(gen_step_paging(), 0..=max_steps),
         )
-            .prop_map(|(vm, mems, first, steps)| GenScenario {
+            .prop_map(|(vm, mems, first, map, steps)| GenScenario {
                 vm,
                 mems,
-                steps: core::iter::once(GenStep::Slot(first)).chain(steps).collect(),
+                steps: [GenStep::Slot(first), GenStep::Map(map)].into_iter().chain(steps).collect(),
             })
             .boxed(),
         // The wide flavors open with one or two large slot requests, so that most later steps
@@ -314,16 +322,28 @@ pub fn scenario_for(flavor: Flavor, max_steps: usize) -> BoxedStrategy<GenScenar
                 steps: first.into_iter().map(GenStep::Slot).chain(steps).collect(),
             })
             .boxed(),
+        // Wide paging also maps a page of its first large slot in space 0 (as `Paging` does).
         Flavor::WidePaging => (
             gen_vm_paging(),
             proptest::collection::vec(gen_mem_size_wide(), 1..=3),
             proptest::collection::vec(gen_slot_wide(), 1..=2),
+            map_from(
+                Just(0),
+                gen_gva_wide(),
+                (0u64..BIG_PAGES).prop_map(|p| GenMapGpa::SlotPage(0, p)),
+                [0.4, 0.1, 0.05, 0.03],
+            ),
             proptest::collection::vec(gen_step_paging_wide(), 0..=max_steps),
         )
-            .prop_map(|(vm, mems, first, steps)| GenScenario {
+            .prop_map(|(vm, mems, first, map, steps)| GenScenario {
                 vm,
                 mems,
-                steps: first.into_iter().map(GenStep::Slot).chain(steps).collect(),
+                steps: first
+                    .into_iter()
+                    .map(GenStep::Slot)
+                    .chain([GenStep::Map(map)])
+                    .chain(steps)
+                    .collect(),
             })
             .boxed(),
     }
