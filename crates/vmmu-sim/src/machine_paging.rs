@@ -42,8 +42,8 @@ use crate::oracle::Observed;
 use crate::ram::{self, Width};
 use crate::seam::{GuestMmu, SlotRequest};
 use crate::tlb::TlbStats;
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use vmmu::fault::{EmulateSource, FaultOutcome, PfErr};
 use vmmu::guest::pte::{P, PS, RW, US};
@@ -157,8 +157,11 @@ pub fn tables_slot(buf: &HostBuffer) -> SlotRequest {
 /// ([`GvaTlb::follow`]). Under shadow paging it is the vCPU's only TLB, and its counters
 /// ([`GvaTlb::stats`], kept by [`shadow_access`] and [`GvaTlb::flush`]) are what the run
 /// reports for the vCPU's TLB.
+///
+/// Keyed with FxHash (`rustc_hash`), not the standard SipHash: every access of a paging run looks
+/// its page up here, and page numbers need no protection against chosen collisions.
 #[derive(Default, Debug)]
-pub struct GvaTlb(HashMap<u64, (vmmu::Pfn, vmmu::Access)>, u64, TlbStats);
+pub struct GvaTlb(FxHashMap<u64, (vmmu::Pfn, vmmu::Access)>, u64, TlbStats);
 
 impl GvaTlb {
     /// Empties the TLB if the vCPU's second-level TLB was flushed since the last call
@@ -234,7 +237,7 @@ pub struct VcpuPaging {
     roots: [u64; 2],
     space: usize,
     /// The linear GVA pages space 0 maps (the huge space maps them all from the start).
-    mapped: HashSet<u64>,
+    mapped: FxHashSet<u64>,
     target: [Target; 2],
     base: u64,
     ram_page: GuestAccess,
@@ -290,7 +293,7 @@ impl VcpuPaging {
             buf,
             roots,
             space: 0,
-            mapped: HashSet::new(),
+            mapped: FxHashSet::default(),
             target: [Target::Ram, Target::Device],
             base: GVA_BASE + ((index as u64) << 40),
             ram_page,
