@@ -166,9 +166,35 @@ fn paging_scenarios_cover_modes_sizes_flags_spaces_and_hit_mappings() {
     ] {
         assert!(n >= 20, "{n} {what}");
     }
-    // Accesses hit mapped pages often, and miss them often (page faults).
-    assert!(hits * 10 >= accesses * 3, "{hits} of {accesses} accesses hit a mapping");
+    // Accesses hit mapped pages mostly (62% with this seed; 41% before files opened with a map
+    // and accesses aimed at pages still mapped), and miss them often (page faults).
+    assert!(hits * 2 >= accesses, "{hits} of {accesses} accesses hit a mapping");
     assert!(hits * 10 <= accesses * 9, "{hits} of {accesses} accesses hit a mapping");
+}
+
+/// Both paging flavors open with their slot requests and then a map in space 0, where every vCPU
+/// starts, of a page of the first slot.
+#[test]
+fn paging_files_open_with_a_slot_and_a_map_in_space_0() {
+    let wide = wide_samples(Flavor::WidePaging, 50);
+    for (g, slots) in paging_samples(50)
+        .into_iter()
+        .map(|g| (g, 1..=1))
+        .chain(wide.into_iter().map(|g| (g, 1..=2)))
+    {
+        let s = parse(&g.text()).unwrap();
+        let ops: Vec<_> = s
+            .steps
+            .iter()
+            .map(|st| &st.op)
+            .filter(|op| !matches!(op, Op::Vm(_) | Op::Mem(..)))
+            .collect();
+        let first_map = ops.iter().position(|op| matches!(op, Op::Map(_))).unwrap();
+        assert!(slots.contains(&first_map), "{g:?}");
+        assert!(ops[..first_map].iter().all(|op| matches!(op, Op::Slot(_))), "{g:?}");
+        let Op::Map(m) = ops[first_map] else { unreachable!() };
+        assert_eq!(m.space, 0, "{g:?}");
+    }
 }
 
 #[test]
