@@ -24,7 +24,7 @@ use vmmu::{Gfn, Gpa};
 use vmmu_sim::host::SimHost;
 use vmmu_sim::hw_vcpu::{HwVcpu, Outcome};
 use vmmu_sim::ram::{self, Width};
-use vmmu_sim::seam::MmuExits;
+use vmmu_sim::seam::LiveExits;
 use vmmu_sim::timeline::{new_histogram, LatencyHistogram, Sample, Timeline};
 use vmmu_sim::{AccessKind, GuestMmu, RealMmu, RealMmuConfig, SlotRequest};
 
@@ -117,30 +117,6 @@ fn phases(
         updates_per_s: updates as f64 / (t2 - t1).as_secs_f64(),
         spinning: (c3 - c2) as f64 / (t3 - t2).as_secs_f64(),
     })
-}
-
-/// The vCPU's exits by kind, published after each batch for the timeline's sampler.
-#[derive(Default)]
-struct LiveExits([AtomicU64; 5]);
-
-impl LiveExits {
-    fn store(&self, e: &MmuExits) {
-        let v = [e.violation, e.misconfig, e.mmio_spte_hit, e.mmio_cache_hit, e.mmio_slow_path];
-        for (a, v) in self.0.iter().zip(v) {
-            a.store(v, Ordering::Relaxed);
-        }
-    }
-
-    fn load(&self) -> MmuExits {
-        let l = |i: usize| self.0[i].load(Ordering::Relaxed);
-        MmuExits {
-            violation: l(0),
-            misconfig: l(1),
-            mmio_spte_hit: l(2),
-            mmio_cache_hit: l(3),
-            mmio_slow_path: l(4),
-        }
-    }
 }
 
 /// How often the churn timeline samples.

@@ -21,6 +21,7 @@
 //! pages are re-faulted as usual.
 
 use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 use vmmu::memslot::{MemslotError, UserspaceMemoryRegion};
 use vmmu::types::{Gpa, Hva, Level, Pfn};
@@ -193,6 +194,45 @@ pub struct MmuExits {
     pub mmio_cache_hit: u64,
     /// MMIO resolved by the slow path (memslot lookup; may create an MMIO SPTE).
     pub mmio_slow_path: u64,
+}
+
+/// A vCPU's [`MmuExits`] as its thread last published them (after each batch of accesses), for
+/// a sampler on another thread. Relaxed: a sampler wants recent counts, not a consistent cut.
+/// On a cache line of its own, so vCPUs publishing side by side do not share one.
+#[repr(align(128))]
+#[derive(Debug, Default)]
+pub struct LiveExits([AtomicU64; 5]);
+
+impl LiveExits {
+    /// Publishes `e` (the vCPU's counts so far).
+    pub fn store(&self, e: &MmuExits) {
+        let v = [e.violation, e.misconfig, e.mmio_spte_hit, e.mmio_cache_hit, e.mmio_slow_path];
+        for (a, v) in self.0.iter().zip(v) {
+            a.store(v, Ordering::Relaxed);
+        }
+    }
+
+    /// The counts last published.
+    pub fn load(&self) -> MmuExits {
+        let l = |i: usize| self.0[i].load(Ordering::Relaxed);
+        MmuExits {
+            violation: l(0),
+            misconfig: l(1),
+            mmio_spte_hit: l(2),
+            mmio_cache_hit: l(3),
+            mmio_slow_path: l(4),
+        }
+    }
+
+    /// Adds the counts last published to `e` (a sum over vCPUs).
+    pub fn add_to(&self, e: &mut MmuExits) {
+        let l = self.load();
+        e.violation += l.violation;
+        e.misconfig += l.misconfig;
+        e.mmio_spte_hit += l.mmio_spte_hit;
+        e.mmio_cache_hit += l.mmio_cache_hit;
+        e.mmio_slow_path += l.mmio_slow_path;
+    }
 }
 
 /// Whether MMIO SPTEs are in use, and why (KVM: `enable_mmio_caching` after

@@ -68,7 +68,7 @@ use crate::report::{
     ConfigReport, MemslotReport, MmioCachingReport, Percentiles, Report, VcpuReport,
 };
 use crate::schedule::{Schedule, ScheduleError};
-use crate::seam::{Errno, GuestMmu, MmuExits, SlotRequest};
+use crate::seam::{Errno, GuestMmu, LiveExits, MmuExits, SlotRequest};
 use crate::timeline::{new_histogram, LatencyHistogram, Sample, Timeline};
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use hdrhistogram::Histogram;
@@ -269,30 +269,6 @@ struct VcpuCounters {
     mmio_latency: Option<Histogram<u64>>,
     /// Which shadow-paging accesses to time (the MMU times its own translations).
     sampler: Sampler,
-}
-
-/// A vCPU's exit counts, published after each batch for the timeline's sampler (relaxed: the
-/// sampler wants recent counts, not a consistent cut).
-#[repr(align(128))]
-#[derive(Default)]
-struct LiveExits([AtomicU64; 5]);
-
-impl LiveExits {
-    fn store(&self, e: &MmuExits) {
-        let v = [e.violation, e.misconfig, e.mmio_spte_hit, e.mmio_cache_hit, e.mmio_slow_path];
-        for (a, v) in self.0.iter().zip(v) {
-            a.store(v, Ordering::Relaxed);
-        }
-    }
-
-    fn add_to(&self, e: &mut MmuExits) {
-        let l = |i: usize| self.0[i].load(Ordering::Relaxed);
-        e.violation += l(0);
-        e.misconfig += l(1);
-        e.mmio_spte_hit += l(2);
-        e.mmio_cache_hit += l(3);
-        e.mmio_slow_path += l(4);
-    }
 }
 
 impl VcpuCounters {
