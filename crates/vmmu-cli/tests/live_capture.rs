@@ -8,8 +8,8 @@
 //!
 //! Needs the kit beside the repository, root, tracefs with uprobes, `/dev/kvm`, QEMU and
 //! SeaBIOS (the kit's README has the apt line): without any of them the test prints
-//! `skipped: <why>` (the kit's own reason, exit status 77) and passes. `VMMU_LIVE_CAPTURE=0`
-//! skips it too.
+//! `skipped: <why>` (the kit's own reason: its exit status 77, or 4 when the capture cannot be
+//! set up here) and passes. `VMMU_LIVE_CAPTURE=0` skips it too.
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,9 +31,10 @@ fn cannot_record() -> Option<String> {
     None
 }
 
-/// Records `variant` into `dir`; `Err(why)` when the kit says a prerequisite is missing, or when
-/// the capture lost events twice in a row (the host's ftrace ring buffer filled up under load:
-/// a condition of the host, not of the trace or the replay).
+/// Records `variant` into `dir`; `Err(why)` when the kit says a prerequisite is missing or the
+/// capture cannot be set up on this host, or when the capture lost events twice in a row (the
+/// host's ftrace ring buffer filled up under load): conditions of the host, not of the trace or
+/// the replay.
 fn record(variant: &str, dir: &Path) -> Result<PathBuf, String> {
     for attempt in 1..=2 {
         let out = Command::new("bash")
@@ -44,8 +45,14 @@ fn record(variant: &str, dir: &Path) -> Result<PathBuf, String> {
             .expect("run the trace kit");
         let stderr = String::from_utf8_lossy(&out.stderr);
         match out.status.code() {
-            Some(77) => {
-                let why = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+            // 77: a prerequisite is missing; 4: the capture could not be set up on this host
+            // (no uprobes, no KVM tracepoints, tracefs not writable); the kit says which.
+            Some(77) | Some(4) => {
+                // The capture's own reason when it gave one, else the kit's last word.
+                let said = |p: &str| stderr.lines().rev().find(|l| l.starts_with(p));
+                let why = said("ftrace-capture:")
+                    .or_else(|| stderr.lines().rev().find(|l| !l.trim().is_empty()))
+                    .unwrap_or("");
                 return Err(why.trim().to_string());
             }
             // 0: QEMU exited by itself; 124: stopped by the timeout, the capture converted anyway.
