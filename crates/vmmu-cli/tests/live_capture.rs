@@ -59,7 +59,10 @@ fn record(variant: &str, dir: &Path) -> Result<PathBuf, String> {
             Some(0) | Some(124) => return Ok(dir.join(format!("{variant}-kvm.trace.jsonl"))),
             // The kit's status for a capture that lost events: it converts nothing.
             Some(3) if attempt == 1 => println!("{variant}: the capture lost events; once more"),
-            Some(3) => return Err(format!("{variant}: the capture lost events twice (ftrace's ring buffer filled up; a loaded host)")),
+            Some(3) => {
+                let why = "the capture lost events twice (ftrace's ring buffer filled up)";
+                return Err(format!("{variant}: {why}"));
+            }
             other => panic!("the trace kit failed ({other:?}) recording {variant}:\n{stderr}"),
         }
     }

@@ -33,8 +33,9 @@
 //! holes, 8 MiB and the top of the 64 GiB range; accesses go by GVA, mostly near a page mapped
 //! earlier in the vCPU's current space and still mapped there (its edges and just outside them),
 //! else into a small window where most pages are unmapped (page faults). A paging file opens
-//! with a slot request and a map of one of its pages in space 0, where every vCPU starts. GVAs cover the canonical edges (top of
-//! the lower half, top of the address space, just above PML4 entry 256, the 4 GiB top for PAE).
+//! with a slot request and a map of one of its pages in space 0, where every vCPU starts. GVAs
+//! cover the canonical edges (top of the lower half, top of the address space, just above PML4
+//! entry 256, the 4 GiB top for PAE).
 //! The printer never mixes page sizes in a 2 MiB region: before a `map` whose size differs from
 //! what is live there it prints the `unmap`s that clear the region, and an `unmap` takes the
 //! size of what is mapped (a 2M `unmap` of a region of 4K pages unmaps each of them).

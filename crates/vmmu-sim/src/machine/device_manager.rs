@@ -169,7 +169,8 @@ pub(super) fn device_manager<M: GuestMmu>(
 /// One host invalidation (`stress_paths`) of 1 to 4 pages of a slot live in `slots` (the map in
 /// force: only the device manager changes it; slot `prefer` if it is live, else a random one):
 /// MMU-notifier begin, poison, restore, end. Half the time the range starts at the slot's first
-/// page, where the vCPUs' private areas, the used shared words and the hot spots are. Returns `false` if the MMU takes no host invalidations.
+/// page, where the vCPUs' private areas, the used shared words and the hot spots are. Returns
+/// `false` if the MMU takes no host invalidations.
 fn host_invalidation<M: GuestMmu>(
     sh: &Shared<'_, M>,
     slots: &SlotTable,

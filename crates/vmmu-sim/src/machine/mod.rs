@@ -131,8 +131,8 @@ pub struct MachineConfig {
     pub max_updates: Option<u64>,
     /// Stress the racy paths (module doc): host invalidations, hot spots, a spinner vCPU.
     pub stress_paths: bool,
-    /// Set the MMIO-generation wrap trap (the doc of the private `wrap_trap` module). The MMU must start at
-    /// [`Machine::wrap_trap_generation_base`].
+    /// Set the MMIO-generation wrap trap (the doc of the private `wrap_trap` module). The MMU
+    /// must start at [`Machine::wrap_trap_generation_base`].
     pub wrap_trap: bool,
     /// Guest paging (`crate::machine_paging`): every access through a guest-virtual address of
     /// the vCPU's own page tables, with remaps, unmaps and CR3 switches. Under a shadow-paging
