@@ -171,19 +171,21 @@ fn cirrus_vram_window_moving_through_its_buffer_replays_cleanly() {
     let file = repo("tests/traces/cirrus-kvm.small.trace.jsonl");
     let t = assert_clean(&file);
     let text = std::fs::read_to_string(&file).unwrap();
-    let lfb = r#""flags":["dirty_log"],"gpa":"0xfc000000","size":"0x400000","uaddr":"0x"#;
-    let lfb_at = text.find(lfb).expect("the linear framebuffer slot") + lfb.len() - 2;
-    let lfb_uaddr = &text[lfb_at..lfb_at + text[lfb_at..].find('"').unwrap()];
-    let lfb_uaddr = u64::from_str_radix(&lfb_uaddr[2..], 16).unwrap();
-    let window = r#""flags":["dirty_log"],"gpa":"0xa0000","size":"0x10000","uaddr":"0x"#;
-    let offsets: std::collections::BTreeSet<u64> = text
-        .match_indices(window)
-        .map(|(i, _)| {
-            let at = i + window.len();
-            let hex = &text[at..at + text[at..].find('"').unwrap()];
-            u64::from_str_radix(hex, 16).unwrap() - lfb_uaddr
-        })
-        .collect();
+    let events: Vec<Value> =
+        text.lines().skip(1).map(|l| serde_json::from_str(l).unwrap()).collect();
+    // The `uaddr` of every dirty-logged slot request at `gpa` of `size`.
+    let logged = |gpa: &str, size: &str| -> Vec<u64> {
+        let logged = serde_json::json!(["dirty_log"]);
+        let at = |e: &&Value| e["op"] == "slot" && e["gpa"] == gpa && e["size"] == size;
+        let hex = |e: &Value| {
+            let uaddr = e["uaddr"].as_str().unwrap();
+            u64::from_str_radix(uaddr.trim_start_matches("0x"), 16).unwrap()
+        };
+        events.iter().filter(at).filter(|e| e["flags"] == logged).map(hex).collect()
+    };
+    let lfb_uaddr = *logged("0xfc000000", "0x400000").first().expect("the linear framebuffer slot");
+    let offsets: std::collections::BTreeSet<u64> =
+        logged("0xa0000", "0x10000").into_iter().map(|u| u - lfb_uaddr).collect();
     assert_eq!(offsets.len(), 64, "64 windows, each at its own offset into VRAM: {offsets:?}");
     assert!(offsets.iter().all(|o| o % 0x1000 == 0 && o + 0x10000 <= 0x400000), "{offsets:?}");
     for r in t["runs"].as_array().unwrap() {
