@@ -25,6 +25,13 @@ struct Req {
     dirty_log: bool,
 }
 
+impl Req {
+    /// A delete of slot `id` in address space `as_id`, written without `mem=`.
+    fn delete(id: u16, as_id: u16) -> Req {
+        Req { id, as_id, gpa: GRID_BASE, size: 0, mem: None, readonly: false, dirty_log: false }
+    }
+}
+
 fn pages(bytes: u64) -> u64 {
     bytes.div_ceil(PAGE_SIZE)
 }
@@ -213,15 +220,7 @@ impl GenScenario {
                     let back = reqs.len().checked_sub(1 + i % reqs.len().max(1));
                     let r = match back.and_then(|b| reqs.get(b)) {
                         Some(old) => self.derive(old, *change),
-                        None => Req {
-                            id: 1,
-                            as_id: 0,
-                            gpa: GRID_BASE,
-                            size: 0,
-                            mem: None,
-                            readonly: false,
-                            dirty_log: false,
-                        },
+                        None => Req::delete(1, 0),
                     };
                     slot_line(&mut t, &r);
                     reqs.push(r);
@@ -230,16 +229,7 @@ impl GenScenario {
                     }
                 }
                 GenStep::Delete(id, a) => {
-                    let r = Req {
-                        id: Self::resolve_id(*id),
-                        as_id: Self::resolve_as(*a),
-                        gpa: GRID_BASE,
-                        size: 0,
-                        mem: None,
-                        readonly: false,
-                        dirty_log: false,
-                    };
-                    slot_line(&mut t, &r);
+                    slot_line(&mut t, &Req::delete(Self::resolve_id(*id), Self::resolve_as(*a)));
                 }
                 GenStep::Read { vcpu, at, width } => {
                     let w = width_bytes(*width);
