@@ -454,16 +454,10 @@ impl Guest {
             "4K"
         };
         let _ = write!(t, "map space={space} gva={gva:#x} gpa={gpa:#x} size={size}");
-        let flags: Vec<&str> =
-            [(m.readonly, "readonly"), (m.supervisor, "supervisor"), (m.reserved, "reserved")]
-                .iter()
-                .filter(|(on, _)| *on)
-                .map(|(_, n)| *n)
-                .collect();
-        if !flags.is_empty() {
-            let _ = write!(t, " flags={}", flags.join(","));
-        }
-        t.push('\n');
+        flags_end(
+            t,
+            &[(m.readonly, "readonly"), (m.supervisor, "supervisor"), (m.reserved, "reserved")],
+        );
         self.maps.push((space, gva, if m.huge { HUGE_PAGE } else { PAGE_SIZE }));
     }
 
@@ -585,13 +579,15 @@ fn slot_line(t: &mut String, r: &Req) {
             let _ = write!(t, "+{off:#x}");
         }
     }
-    let flags: Vec<&str> = [(r.readonly, "readonly"), (r.dirty_log, "dirty_log")]
-        .iter()
-        .filter(|(on, _)| *on)
-        .map(|(_, n)| *n)
-        .collect();
-    if !flags.is_empty() {
-        let _ = write!(t, " flags={}", flags.join(","));
+    flags_end(t, &[(r.readonly, "readonly"), (r.dirty_log, "dirty_log")]);
+}
+
+/// Ends a `slot` or `map` line: ` flags=` with the names whose flag is on, in order (nothing
+/// when none is), then the newline.
+fn flags_end(t: &mut String, flags: &[(bool, &str)]) {
+    let on: Vec<&str> = flags.iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect();
+    if !on.is_empty() {
+        let _ = write!(t, " flags={}", on.join(","));
     }
     t.push('\n');
 }
