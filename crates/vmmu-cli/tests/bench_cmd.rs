@@ -1,13 +1,11 @@
 //! `vmmu bench` structure (never timings): the JSON table has every row of every group, each
 //! measured row has a value and a ratio, each unmeasured row says why; `--no-kvm` turns the KVM
 //! rows into `n/a`; a bad group is a usage error. Runs with `--smoke` (token samples).
+mod common;
+use common::vmmu;
 
 use serde_json::Value;
-use std::process::{Command, Output};
-
-fn vmmu(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmmu")).args(args).output().expect("run vmmu")
-}
+use std::process::Output;
 
 fn rows(out: &Output) -> Vec<Value> {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));

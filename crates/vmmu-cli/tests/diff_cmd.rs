@@ -1,38 +1,8 @@
 //! `vmmu diff`: verdict lines, exit codes, recorded outputs. The software machine always runs
 //! (every format x caching configuration, or the pinned format's two); real `/dev/kvm` joins
 //! where it is usable, and the tests print why they check less without it.
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn vmmu(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmmu")).args(args).output().expect("run vmmu")
-}
-
-fn repo(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel)
-}
-
-/// A fresh directory for this test.
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vmmu-diff-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn kvm_usable() -> bool {
-    match vmmu_kvm::probe() {
-        Ok(_) => true,
-        Err(why) => {
-            println!("checking less: {why}");
-            false
-        }
-    }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+mod common;
+use common::{kvm_usable, repo, temp_dir, text, vmmu};
 
 fn corpus() -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(repo("tests/scenarios"))
@@ -55,7 +25,7 @@ fn corpus_is_all_equal() {
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", text(&out.stderr));
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), files.len(), "{stdout}");
-    let kvm = kvm_usable();
+    let kvm = kvm_usable("checking less");
     for (line, f) in lines.iter().zip(&files) {
         assert!(line.starts_with(&format!("equal  {f} (sim-")), "{line}");
         assert!(line.contains("expected"), "compared with the recording too: {line}");
@@ -79,11 +49,10 @@ fn a_changed_recording_differs_at_its_step() {
     std::fs::write(dir.join("create_read_write.jsonl"), src.replacen(seen, changed, 1)).unwrap();
     let f = repo("tests/scenarios/create_read_write.scn");
     let d = dir.to_string_lossy().into_owned();
-    let out = vmmu(&["diff", "--expected", &d, f.to_str().unwrap()]);
+    let out = vmmu(&["diff", "--expected", &d, &f]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
-    let want =
-        format!("DIFFER {}: step 4: sim-ept-on: {seen} | expected: {changed}\n", f.display());
+    let want = format!("DIFFER {}: step 4: sim-ept-on: {seen} | expected: {changed}\n", f);
     assert_eq!(stdout, want);
 }
 
@@ -107,7 +76,7 @@ fn parse_errors_exit_2_and_the_other_files_still_run() {
     let bad = dir.join("bad.scn");
     std::fs::write(&bad, "vm\nread 0 gpa=0x1000 size=4\n").unwrap();
     let good = repo("tests/scenarios/create_read_write.scn");
-    let out = vmmu(&["diff", "--no-kvm", bad.to_str().unwrap(), good.to_str().unwrap()]);
+    let out = vmmu(&["diff", "--no-kvm", bad.to_str().unwrap(), &good]);
     assert_eq!(out.status.code(), Some(2));
     let err = text(&out.stderr);
     assert!(err.starts_with(&format!("{}:2:", bad.display())), "{err}");
@@ -122,7 +91,7 @@ fn parse_errors_exit_2_and_the_other_files_still_run() {
 #[test]
 fn bad_arguments_exit_2() {
     let f = repo("tests/scenarios/create_read_write.scn");
-    let f = f.to_str().unwrap();
+    let f = f.as_str();
     for args in
         [&["diff"][..], &["diff", "--expected", "/tmp", "--no-expected", f], &["diff", "--x", f]]
     {
@@ -135,13 +104,13 @@ fn bad_arguments_exit_2() {
 #[test]
 fn the_machine_configurations_alone_are_compared() {
     let f = repo("tests/scenarios/create_read_write.scn");
-    let out = vmmu(&["diff", "--no-kvm", "--no-expected", f.to_str().unwrap()]);
+    let out = vmmu(&["diff", "--no-kvm", "--no-expected", &f]);
     assert_eq!(out.status.code(), Some(0));
     let stdout = text(&out.stdout);
     let want = format!(
         "equal  {} (sim-ept-on, sim-ept-off, sim-npt-on, sim-npt-off, sim-shadow-on, \
          sim-shadow-off)\n",
-        f.display()
+        f
     );
     assert_eq!(stdout, want);
 }
@@ -150,9 +119,9 @@ fn the_machine_configurations_alone_are_compared() {
 fn a_pinned_format_runs_only_that_format() {
     let f = repo("tests/scenarios/bad_gpa_wrap.scn");
     assert!(std::fs::read_to_string(&f).unwrap().contains("format=npt"), "adapt this test");
-    let out = vmmu(&["diff", "--no-kvm", "--no-expected", f.to_str().unwrap()]);
+    let out = vmmu(&["diff", "--no-kvm", "--no-expected", &f]);
     assert_eq!(out.status.code(), Some(0));
-    let want = format!("equal  {} (sim-npt-on, sim-npt-off)\n", f.display());
+    let want = format!("equal  {} (sim-npt-on, sim-npt-off)\n", f);
     assert_eq!(text(&out.stdout), want);
 }
 
@@ -162,7 +131,7 @@ fn a_pinned_format_runs_only_that_format() {
 /// makes no shadow pages, and then this checks only that the option runs.
 #[test]
 fn shadow_counters_equal_kvms_after_every_step() {
-    if !kvm_usable() {
+    if !kvm_usable("checking less") {
         return;
     }
     let probe = vmmu(&[
@@ -170,7 +139,7 @@ fn shadow_counters_equal_kvms_after_every_step() {
         "--backend",
         "kvm",
         "--counters",
-        &repo("tests/scenarios/dirty_log_recycled_direct_pages.scn").to_string_lossy(),
+        &repo("tests/scenarios/dirty_log_recycled_direct_pages.scn"),
     ]);
     let stderr = text(&probe.stderr);
     let last = stderr.lines().last().unwrap_or_default();

@@ -1,21 +1,12 @@
 //! What a careless or hostile user can do to `vmmu`: readers that leave early, inputs that ask for
 //! huge amounts of memory, options that name nothing. Each case here once misbehaved (ran on for
 //! nobody, allocated gigabytes, or succeeded having done nothing).
+mod common;
+use common::{repo, temp_file, text, vmmu};
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn vmmu(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmmu")).args(args).output().expect("run vmmu")
-}
-
-fn temp_file(name: &str, text: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("vmmu-hostile-{}-{name}", std::process::id()));
-    std::fs::write(&p, text).expect("write a temporary file");
-    p
-}
 
 /// `vmmu ARGS`, killed if it has not ended within `secs` seconds (`None` then).
 fn vmmu_within(args: &[&str], secs: u64) -> Option<Output> {
@@ -35,14 +26,6 @@ fn vmmu_within(args: &[&str], secs: u64) -> Option<Output> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Some(child.wait_with_output().expect("collect"))
-}
-
-fn repo(rel: &str) -> String {
-    format!("{}/../../{rel}", env!("CARGO_MANIFEST_DIR"))
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 /// `vmmu scenario FILE | head -1`: once the reader has gone, the run stops (exit 1, no panic)

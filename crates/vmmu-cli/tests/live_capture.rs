@@ -10,6 +10,8 @@
 //! SeaBIOS (the kit's README has the apt line): without any of them the test prints
 //! `skipped: <why>` (the kit's own reason: its exit status 77, or 4 when the capture cannot be
 //! set up here) and passes. `VMMU_LIVE_CAPTURE=0` skips it too.
+mod common;
+use common::u;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -86,10 +88,6 @@ fn replay(trace: &Path) -> Value {
     let t = doc["traces"][0].clone();
     assert_eq!(out.status.code(), Some(0), "{} did not replay cleanly: {t:#}", trace.display());
     t
-}
-
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
 }
 
 #[test]

@@ -4,21 +4,10 @@
 //!
 //! Alone in its test binary: the peak resident size is read with `getrusage(RUSAGE_CHILDREN)`,
 //! the largest of every child this process waited for.
-
 #![cfg(target_os = "linux")]
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
-
-fn vmmu(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmmu")).args(args).output().expect("run vmmu")
-}
-
-fn temp_file(name: &str, text: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("vmmu-membound-{}-{name}", std::process::id()));
-    std::fs::write(&p, text).expect("write a temporary file");
-    p
-}
+mod common;
+use common::{temp_file, vmmu};
 
 /// The peak resident size, in MiB, of the largest child waited for so far.
 fn children_peak_mib() -> i64 {

@@ -1,30 +1,10 @@
 //! `vmmu replay`: the committed recordings of real VM boots replay cleanly on every machine
 //! configuration; malformed traces exit 2 naming file and line; refusals and misclassifications
 //! exit 1. The software machine always runs; `/dev/kvm` joins only in the test that asks for it.
+mod common;
+use common::{kvm_usable, repo, temp_file, text, u, vmmu};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn vmmu(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmmu")).args(args).output().expect("run vmmu")
-}
-
-fn repo(rel: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel).to_string_lossy().into_owned()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// A fresh file for this test.
-fn temp_file(name: &str, contents: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vmmu-replay-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    let p = d.join(name);
-    std::fs::write(&p, contents).unwrap();
-    p
-}
+use std::path::PathBuf;
 
 /// Runs `vmmu replay --json --no-kvm` on `file`; returns the exit code and the trace's report.
 fn replay_json(file: &str, extra: &[&str]) -> (Option<i32>, Value) {
@@ -35,10 +15,6 @@ fn replay_json(file: &str, extra: &[&str]) -> (Option<i32>, Value) {
     let doc: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}\n{}", text(&out.stdout), text(&out.stderr)));
     (out.status.code(), doc["traces"][0].clone())
-}
-
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
 }
 
 fn assert_clean(file: &str) -> Value {
@@ -674,20 +650,9 @@ fn a_vm_with_more_ram_than_phys_bits_addresses_replays_with_frames_on_demand() {
     }
 }
 
-/// Whether the KVM half can run here; says why not.
-fn kvm_usable() -> bool {
-    match vmmu_kvm::probe() {
-        Ok(_) => true,
-        Err(why) => {
-            println!("checking less: {why}");
-            false
-        }
-    }
-}
-
 #[test]
 fn kvm_half_agrees_with_the_recordings_where_usable() {
-    let kvm = kvm_usable();
+    let kvm = kvm_usable("checking less");
     for f in [
         "hand-aliases-move-delete-rom",
         "seabios-kvm.small",
@@ -818,7 +783,7 @@ fn kvm_half_runs_a_trace_with_ram_at_4_gib() {
     let doc: Value = serde_json::from_slice(&out.stdout).expect("json");
     let k = &doc["traces"][0]["kvm"];
     assert_eq!(out.status.code(), Some(0), "{k:#}");
-    if !kvm_usable() {
+    if !kvm_usable("checking less") {
         assert!(k["skipped"].as_str().is_some(), "{k:#}");
         return;
     }
@@ -855,7 +820,7 @@ fn kvm_half_reaches_accesses_above_64_gib() {
     // The machine, too, finds the RAM read.
     assert_eq!(u(&t["runs"][0]["mmio"]["misclassified"]), 1, "{t:#}");
     assert_eq!(out.status.code(), Some(1), "{k:#}");
-    if !kvm_usable() {
+    if !kvm_usable("checking less") {
         assert!(k["skipped"].as_str().is_some(), "{k:#}");
         return;
     }

@@ -2,17 +2,10 @@
 //! is a well-formed, self-contained page (balanced tags, no script, no URL, no external
 //! resource) with a timeline of every series, latency histograms and the configuration table.
 //! A path that cannot be created is a usage error (exit 2) before anything runs.
+mod common;
+use common::{repo, vmmu};
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
-
-fn vmmu(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmmu")).args(args).output().expect("run vmmu")
-}
-
-fn repo(rel: &str) -> String {
-    format!("{}/../../{rel}", env!("CARGO_MANIFEST_DIR"))
-}
 
 fn out_path(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("vmmu-report-{}", std::process::id()));

@@ -1,18 +1,7 @@
 //! `vmmu run` end to end: exit status, the JSON report's stable keys, a churn run across the MMIO
 //! generation wrap, `--compare-caching`, and (with the feature) an injected bug making it fail.
-
-use serde_json::Value;
-use std::process::{Command, Output};
-
-fn vmmu(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmmu")).args(args).output().expect("run vmmu")
-}
-
-fn json(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("stdout is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
-    })
-}
+mod common;
+use common::{json, vmmu};
 
 #[test]
 fn short_run_is_clean_and_reports_stable_keys() {

@@ -1,33 +1,12 @@
 //! `vmmu scenario`: exit codes, stdout/stderr contract, flag overrides.
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn vmmu(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmmu")).args(args).output().expect("run vmmu")
-}
+mod common;
+use common::{kvm_usable, repo, text, vmmu};
+use std::path::PathBuf;
 
 fn temp_scenario(name: &str, text: &str) -> PathBuf {
     let p = std::env::temp_dir().join(format!("vmmu-cli-{}-{name}.scn", std::process::id()));
     std::fs::write(&p, text).unwrap();
     p
-}
-
-fn repo(rel: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel).to_string_lossy().into_owned()
-}
-
-fn kvm_usable() -> bool {
-    match vmmu_kvm::probe() {
-        Ok(_) => true,
-        Err(why) => {
-            println!("skipped: {why}");
-            false
-        }
-    }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 #[test]
@@ -96,7 +75,7 @@ fn default_backend_is_the_machine_and_prints_what_kvm_recorded() {
 
 #[test]
 fn kvm_run_prints_expected_observations_whatever_the_overrides() {
-    if !kvm_usable() {
+    if !kvm_usable("skipped") {
         return;
     }
     let f = repo("tests/scenarios/readonly_slot.scn");
@@ -112,7 +91,7 @@ fn kvm_run_prints_expected_observations_whatever_the_overrides() {
 
 #[test]
 fn backend_failure_exits_1_after_printing_what_ran() {
-    if !kvm_usable() {
+    if !kvm_usable("skipped") {
         return;
     }
     let p = temp_scenario(

@@ -2,13 +2,11 @@
 //! exits 1: no panic (`println!` used to panic in `run`, `bench`, `selftest` and `bugs`), and no
 //! success without output (`scenario` used to exit 0 having printed nothing).
 //! With stderr unwritable, the messages are lost and the exit status is kept.
+mod common;
+use common::repo;
 
 use std::fs::OpenOptions;
 use std::process::{Command, Output};
-
-fn repo(rel: &str) -> String {
-    format!("{}/../../{rel}", env!("CARGO_MANIFEST_DIR"))
-}
 
 /// `vmmu ARGS` with stdout on `/dev/full` (every write fails with ENOSPC).
 fn vmmu_to_full(args: &[&str]) -> Output {
