@@ -232,8 +232,10 @@ fn shadow_thread(
             Job::TableWrites { writes, reply } => {
                 // The guest's stores: a store to a shadowed (write-protected) table exits and is
                 // emulated, one to any other table goes straight to RAM; either way the bytes
-                // land in guest memory and the MMU learns of it through `track_write` (a no-op
-                // where nothing is shadowed).
+                // land in guest memory and the MMU learns of it through `track_write` (which
+                // changes nothing where nothing is shadowed; it counts `mmu_pte_write` for every
+                // store while the VM has indirect pages, as KVM counts the emulator's writes, and
+                // on the reference host the emulator runs this CPL0 routine).
                 let r = entry(v).and_then(|()| {
                     writes.iter().try_for_each(|&(gpa, value)| {
                         host_store(mmu, host, gpa, RamWidth::W8, value)?;

@@ -198,12 +198,16 @@ impl ShadowMmu {
             } else if st.n_requested {
                 return;
             }
-            st.n_max = n.max(MIN_ALLOC_PAGES);
-            let over = st.n_used.saturating_sub(st.n_max);
+            // KVM `kvm_mmu_change_mmu_pages`: zap the oldest pages down to the goal; what is
+            // still in use then (pages roots pin) becomes the limit. (`n_used` counts a zapped
+            // page until the commit frees it; KVM unaccounts it when it prepares the zap.)
+            let goal = n.max(MIN_ALLOC_PAGES);
+            let over = st.n_used.saturating_sub(goal);
             if over > 0 {
                 st.zap_oldest(core, &self.stats, over, &mut batch);
             }
             st.commit_zap(core, &self.stats, &mut batch);
+            st.n_max = if over > 0 { st.n_used } else { goal };
         }
         core.reclaim();
     }

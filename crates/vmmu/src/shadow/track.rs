@@ -27,11 +27,16 @@ impl ShadowMmu {
         let mut batch = ZapBatch::default();
         {
             let mut st = self.lock(core);
+            // KVM counts every emulated write while any indirect page exists, whichever frame
+            // it wrote, then looks for the pages that shadow that frame.
+            if st.indirect_pages == 0 {
+                return;
+            }
+            self.stats.mmu_pte_write.add(1);
             let pages = st.shadowing(as_id, gpa.gfn());
             if pages.is_empty() {
                 return;
             }
-            self.stats.mmu_pte_write.add(1);
             let offset = gpa.page_offset();
             // KVM `detect_write_misaligned`: a 1-byte write at an entry's start is allowed.
             let misaligned = (offset & 7) + u64::from(bytes) > 8
