@@ -875,11 +875,12 @@ fn a_non_paging_guest_maps_each_gib_through_its_own_page() {
 }
 
 /// The shadow MMU's VM stats that KVM defines (shadow facts §10), counted exactly as KVM counts
-/// them through a short history: page creations (`mmu_cache_miss`), emulated writes to shadowed
-/// tables (`mmu_pte_write`; none for an unshadowed frame), directory entries zapped by such a
+/// them through a short history: page creations (`mmu_cache_miss`), emulated writes while the VM
+/// has indirect pages (`mmu_pte_write`, whichever frame they wrote; none before the first
+/// indirect page), directory entries zapped by such a
 /// write with a non-zero new entry (`mmu_pde_zapped`), pages zapped by a misaligned write
 /// (`mmu_flooded`), pages zapped by the shrinker (`mmu_recycled`).
-/// Kills `shadow/track.rs`: the early return for unshadowed frames, the `mmu_pde_zapped` test
+/// Kills `shadow/track.rs`: the early return without indirect pages, the `mmu_pde_zapped` test
 /// (`level > L4K && new_gpte != 0`) and the counters; `shadow/pages.rs`: the counters.
 #[test]
 fn shadow_stats_count_as_kvm_does() {
@@ -890,14 +891,17 @@ fn shadow_stats_count_as_kvm_does() {
     let mut v = vcpu_in(&vm, long4(s.cr3));
     let shadow = vm.shadow_mmu().unwrap();
     let stats = || shadow.stats.snapshot();
+    v.track_write(vmmu::Gpa(pte), 8).unwrap();
+    assert_eq!(stats().mmu_pte_write, 0, "no indirect page yet (KVM returns first)");
     assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
     let st = stats();
     assert_eq!((st.mmu_cache_miss, st.shadow_pages), (4, 4), "root, PDPT, PD and PT pages");
     v.track_write(vmmu::Gpa(0x20_0000), 8).unwrap();
-    assert_eq!(stats().mmu_pte_write, 0, "the data page is not shadowed");
+    let st = stats();
+    assert_eq!((st.mmu_pte_write, st.mmu_shadow_zapped), (1, 0), "a data page: counted only");
     v.track_write(vmmu::Gpa(pte), 8).unwrap();
     let st = stats();
-    assert_eq!((st.mmu_pte_write, st.mmu_pde_zapped, st.mmu_flooded), (1, 0, 0), "a PTE");
+    assert_eq!((st.mmu_pte_write, st.mmu_pde_zapped, st.mmu_flooded), (2, 0, 0), "a PTE");
     // A directory entry written with a non-zero value counts; with zero it does not.
     host.write_u64(RAM_HVA + pde + 8, 0x30_0000 | P | RW | US);
     v.track_write(vmmu::Gpa(pde + 8), 8).unwrap();
@@ -905,10 +909,10 @@ fn shadow_stats_count_as_kvm_does() {
     host.write_u64(RAM_HVA + pde + 16, 0);
     v.track_write(vmmu::Gpa(pde + 16), 8).unwrap();
     let st = stats();
-    assert_eq!((st.mmu_pte_write, st.mmu_pde_zapped, st.mmu_flooded), (3, 1, 0), "two PDEs");
+    assert_eq!((st.mmu_pte_write, st.mmu_pde_zapped, st.mmu_flooded), (4, 1, 0), "two PDEs");
     v.track_write(vmmu::Gpa(pte + 4), 8).unwrap();
     let st = stats();
-    assert_eq!((st.mmu_pte_write, st.mmu_flooded, st.mmu_shadow_zapped), (4, 1, 1), "misaligned");
+    assert_eq!((st.mmu_pte_write, st.mmu_flooded, st.mmu_shadow_zapped), (5, 1, 1), "misaligned");
     assert_eq!(st.shadow_pages, 3);
     let n = vm.shrink_shadow_pages(1000) as u64;
     let st = stats();
@@ -917,8 +921,9 @@ fn shadow_stats_count_as_kvm_does() {
 }
 
 /// An emulated write to the first frame of a guest 2 MiB page (the key of the direct page that
-/// maps it) is a write to RAM, not to a shadowed table: nothing is counted or dropped (KVM walks
-/// only the valid pages *with guest PTEs* at the gfn), and the mapping stays.
+/// maps it) is a write to RAM, not to a shadowed table: it is counted (`mmu_pte_write`, as every
+/// emulated write while indirect pages exist) but nothing is dropped (KVM walks only the valid
+/// pages *with guest PTEs* at the gfn), and the mapping stays.
 /// Kills `shadow/pages.rs`: `shadowing` admitting direct pages (`gfn == gfn && has_gptes`
 /// with `||`).
 #[test]
@@ -929,7 +934,8 @@ fn an_emulated_write_to_a_guest_2m_page_touches_no_shadow_page() {
     let mut v = vcpu_in(&vm, long4(s.cr3));
     assert_eq!(access(&mut v, 0x8000_0000, false), Seen::Ram(ram_pfn(0x40_0000)));
     v.track_write(vmmu::Gpa(0x40_0000), 8).unwrap();
-    assert_eq!(vm.shadow_mmu().unwrap().stats.snapshot().mmu_pte_write, 0);
+    let st = vm.shadow_mmu().unwrap().stats.snapshot();
+    assert_eq!((st.mmu_pte_write, st.mmu_shadow_zapped), (1, 0));
     assert!(mapped(&mut v, 0x8000_0000), "the leaf stays");
 }
 
@@ -1602,4 +1608,92 @@ fn the_dirty_log_no_flush_bug_loses_the_write_under_shadow_paging_too() {
     for mode in [DirtyLogMode::Auto, DirtyLogMode::Manual] {
         assert_eq!(write_collect_write_collect(bug, mode), [] as [u64; 0], "{mode:?}");
     }
+}
+
+/// A fault that finds the MMIO SPTE it would install already there (another vCPU sharing the
+/// root installed it between this vCPU's #PF and its handling) still emulates, and counts the
+/// SPTE as created: KVM's `mmu_set_spte` handles a no-slot pfn before it compares anything.
+/// Kills `vcpu/shadow_path.rs`: `FetchOutcome::Spurious` left out of the `pf_mmio_spte_created`
+/// arm (the second vCPU counted nothing).
+#[test]
+fn a_shadow_fault_that_finds_its_mmio_spte_there_counts_and_emulates() {
+    use vmmu::fault::EmulateSource::SlowPathMmio;
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    s.map4k(A, MMIO_GPA, P | RW | US);
+    let mut v0 = vcpu_in(&vm, long4(s.cr3));
+    let mut v1 = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v0, A, false), Seen::Mmio(vmmu::Gpa(MMIO_GPA), SlowPathMmio));
+    assert_eq!(v0.stats.pf_mmio_spte_created, 1);
+    // v1 shares the root, so the hardware would now take the RSVD exit; this one is the
+    // not-present #PF it took before v0's SPTE was there.
+    v1.service_requests().unwrap();
+    let o = v1.handle_page_fault(Gva(A), PfErr(PfErr::USER)).unwrap();
+    assert!(
+        matches!(o, FaultOutcome::Emulate { source: SlowPathMmio, gpa, .. } if gpa.raw() == MMIO_GPA),
+        "{o:?}"
+    );
+    assert_eq!((v1.stats.pf_mmio_spte_created, v1.stats.pf_spurious), (1, 0));
+    let cached = Seen::Mmio(vmmu::Gpa(MMIO_GPA), vmmu::fault::EmulateSource::VcpuCacheHit);
+    assert_eq!(access(&mut v1, A, false), cached, "v1's own fault filled its GVA cache");
+}
+
+/// A page limit below the pages that roots pin (`KVM_SET_NR_MMU_PAGES` while many roots are
+/// loaded) zaps what it can and keeps as limit what is still in use, as KVM's
+/// `kvm_mmu_change_mmu_pages` does, so the next fault does not find the MMU over its limit.
+/// Kills `shadow/mod.rs`: `change_max_pages` keeping the goal as the limit.
+#[test]
+fn a_page_limit_below_the_pinned_pages_becomes_what_is_pinned() {
+    let host = std::sync::Arc::new(TestHost::new(4096));
+    host.map(RAM_HVA, RAM_SIZE, RAM_HVA >> 12, vmmu::Level::L4K, true);
+    let mut cfg = vmmu::vm::VmConfig::shadow(46).unwrap();
+    cfg.max_vcpus = 17;
+    let vm = Vm::new(cfg, host.clone()).unwrap();
+    vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, RAM_SIZE, RAM_HVA)).unwrap();
+    let next = std::rc::Rc::new(std::cell::Cell::new(TABLES_GPA));
+    // 17 vCPUs, each in 4 spaces of its own: 68 roots, each pinned (the current root and the 3
+    // previous ones).
+    let mut vcpus = Vec::new();
+    for _ in 0..17 {
+        let spaces: Vec<Space> = (0..4).map(|_| Space::new(&host, &next)).collect();
+        for s in &spaces {
+            s.map4k(A, 0x20_0000, P | RW | US);
+        }
+        let mut v = vcpu_in(&vm, long4(spaces[0].cr3));
+        for s in &spaces {
+            v.load_cr3(s.cr3).unwrap();
+            assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
+        }
+        vcpus.push(v);
+    }
+    let shadow = vm.shadow_mmu().unwrap();
+    assert!(shadow.pages_in_use() > 68, "{}", shadow.pages_in_use());
+    vm.set_nr_mmu_pages(64).unwrap();
+    assert_eq!(shadow.pages_in_use(), 68, "every unpinned page zapped");
+    assert_eq!(vm.shadow_max_pages(), Some(68), "the limit is what is still in use");
+}
+
+/// MOV CR3 with a bit at or above MAXPHYADDR is #GP and changes nothing (KVM `kvm_set_cr3`,
+/// `kvm_vcpu_is_legal_cr3`): the vCPU keeps its root and its translations; the highest legal
+/// CR3 loads.
+/// Kills `vcpu/shadow_path.rs`: the legality check of `load_cr3` (the bits were dropped and a
+/// root built for another table).
+#[test]
+fn a_cr3_beyond_maxphyaddr_is_refused() {
+    use vmmu::vcpu::ShadowError;
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    s.map4k(A, 0x20_0000, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
+    for bad in [s.cr3 | 1 << 46, s.cr3 | 1 << 63] {
+        let e = v.load_cr3(bad).unwrap_err();
+        assert_eq!(e, ShadowError::IllegalCr3 { cr3: bad, maxphyaddr: 46 });
+        assert!(e.to_string().contains("#GP"), "{e}");
+        assert_eq!(v.guest_cpu().unwrap().cr3, s.cr3);
+        assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
+    }
+    let top = ((1u64 << 46) - 1) & !0xfff;
+    v.load_cr3(top).unwrap();
+    assert_eq!(v.guest_cpu().unwrap().cr3, top);
 }

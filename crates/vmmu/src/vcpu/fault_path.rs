@@ -409,13 +409,11 @@ impl VcpuMmu {
         let emulate_mmio =
             FaultOutcome::Emulate { gpa, access: mmio_access, source: EmulateSource::SlowPathMmio };
         match outcome {
-            MapOutcome::Installed { .. } if is_mmio => {
+            // KVM returns EMULATE for an MMIO SPTE, and counts it as created, even when it was
+            // already there (`tdp_mmu_map_handle_target_level` tests the new SPTE after its
+            // SPURIOUS check).
+            MapOutcome::Installed { .. } | MapOutcome::Spurious if is_mmio => {
                 stats.pf_mmio_spte_created += 1;
-                count_slow_mmio(stats);
-                Ok(emulate_mmio)
-            }
-            // KVM returns EMULATE for an MMIO SPTE even when it was already there.
-            MapOutcome::Spurious if is_mmio => {
                 count_slow_mmio(stats);
                 Ok(emulate_mmio)
             }

@@ -79,6 +79,15 @@ pub enum ShadowError {
     /// MOV CR3 in PAE mode found a bad PDPTE: the guest gets #GP.
     #[error("loading the PAE PDPTEs failed (#GP for the guest): {0}")]
     Pdptrs(#[from] PdptrError),
+    /// MOV CR3 with a bit set at or above the guest's MAXPHYADDR (KVM `kvm_set_cr3` refuses it
+    /// with `kvm_vcpu_is_legal_cr3`): the guest gets #GP and keeps its CR3.
+    #[error("CR3 {cr3:#x} sets bits at or above MAXPHYADDR {maxphyaddr} (#GP for the guest)")]
+    IllegalCr3 {
+        /// The value the guest tried to load.
+        cr3: u64,
+        /// The guest's MAXPHYADDR.
+        maxphyaddr: u8,
+    },
     /// The host had no frame for a shadow page.
     #[error("the host has no free frame for a shadow page (KVM: -ENOMEM)")]
     OutOfMemory,
@@ -262,7 +271,8 @@ impl<H: Host + GuestMemory> Vcpu<H> {
     /// MOV CR3 (KVM `kvm_set_cr3` -> `kvm_mmu_new_pgd`): a 4-level guest switches to a cached
     /// previous root for `cr3` if one is usable (KVM keeps 3), else its current root becomes the
     /// most recent previous one and a new root is built on the next entry; a PAE guest reloads
-    /// its PDPTEs (a bad one is #GP) and its special root. Either way the GVA part of the MMIO
+    /// its PDPTEs (a bad one is #GP) and its special root. A `cr3` with bits at or above the
+    /// guest's MAXPHYADDR is #GP ([`ShadowError::IllegalCr3`]); nothing changes then. Either way the GVA part of the MMIO
     /// cache is cleared and the hypervisor flushes its TLB (`flush_tlb`). In guest mode it leaves it first (a VM exit).
     pub fn load_cr3(&mut self, cr3: u64) -> Result<EntryWork, ShadowError> {
         self.exit_guest_mode();
@@ -271,6 +281,12 @@ impl<H: Host + GuestMemory> Vcpu<H> {
         let (Some(shadow), Some(sv)) = (vm.shadow.as_ref(), st.shadow.as_mut()) else {
             return Err(ShadowError::NotShadow);
         };
+        // KVM `kvm_vcpu_is_legal_cr3`, checked in every mode (the guest has no PCIDE or LAM
+        // here, so bit 63 and the LAM bits are reserved too).
+        let maxphyaddr = sv.cpu.maxphyaddr;
+        if cr3.checked_shr(u32::from(maxphyaddr)).unwrap_or(0) != 0 {
+            return Err(ShadowError::IllegalCr3 { cr3, maxphyaddr });
+        }
         let core = &vm.mmu;
         let mut release = alloc::vec::Vec::new();
         match sv.cpu.mode {
@@ -618,12 +634,14 @@ impl<H: Host + GuestMemory> Vcpu<H> {
             source: EmulateSource::SlowPathMmio,
         };
         Ok(match outcome {
-            FetchOutcome::Installed { .. } if is_mmio => {
+            // KVM `mmu_set_spte` counts every no-slot install first, also one that rewrites
+            // the value already there.
+            FetchOutcome::Installed { .. } | FetchOutcome::Spurious if is_mmio => {
                 stats.pf_mmio_spte_created += 1;
                 super::fault_path::count_slow_mmio(stats);
                 emulate_mmio
             }
-            FetchOutcome::Spurious | FetchOutcome::NoPath if is_mmio => {
+            FetchOutcome::NoPath if is_mmio => {
                 super::fault_path::count_slow_mmio(stats);
                 emulate_mmio
             }
