@@ -39,6 +39,9 @@ fn assert_clean(file: &str) -> Value {
         }
         assert_eq!(u(&r["slots"]["refused"]), 0, "{c}: {:#}", r["slots"]);
         assert_eq!(u(&r["slots"]["applied"]), u(&t["events"]["slot"]), "{c}");
+        let d = &r["dirty_log"];
+        let calls = u(&t["events"]["get-dirty-log"]) + u(&t["events"]["clear-dirty-log"]);
+        assert_eq!((u(&d["accepted"]), u(&d["refused"])), (calls, 0), "{c}: {d:#}");
         assert_eq!(u(&r["mmio"]["misclassified"]), 0, "{c}: {:#}", r["mmio"]);
         assert_eq!(u(&r["mmio"]["classified_mmio"]), u(&t["events"]["mmio"]), "{c}");
         assert_eq!(u(&r["oracle"]["violations"]), 0, "{c}: {:#}", r["oracle"]);
@@ -567,10 +570,21 @@ fn a_trace_with_more_ram_than_the_frame_space_replays_cleanly() {
 
 #[test]
 fn a_trace_the_machine_cannot_set_up_fails_and_says_why_in_every_output() {
-    // 256 TiB of `uaddr` range in one request: past any user address space, so no host
-    // mapping can stand for it (KVM would refuse the request too).
-    let big = RAM.replace("0x100000", "0x1000000000000").replace("0x7f0000000000", "0x10000000");
-    let p = temp_file("too-large.trace.jsonl", &format!("{HEADER}{big}"));
+    // 20 slots of 2^31 - 1 pages (the most KVM accepts in one slot), at disjoint `uaddr`s:
+    // 160 TiB of host memory, more than a 4-level host's user address space, so the machine's
+    // host cannot stand for them all. (A request KVM refuses by its shape gets no memory: it is
+    // refused, naming its line, `requests_kvm_refuses_by_their_shape_...`.)
+    let size = ((1u64 << 31) - 1) << 12;
+    let slots: String = (0..20u64)
+        .map(|i| {
+            format!(
+                "{{\"t\":0.{i:06},\"op\":\"slot\",\"as\":0,\"id\":{i},\"flags\":[],\"gpa\":\"{:#x}\",\"size\":\"{size:#x}\",\"uaddr\":\"{:#x}\"}}\n",
+                i << 43,
+                0x1000_0000 + (i << 43)
+            )
+        })
+        .collect();
+    let p = temp_file("too-large.trace.jsonl", &format!("{HEADER}{slots}"));
     let shown = p.display().to_string();
     let (code, t) = replay_json(&shown, &["--format", "npt"]);
     assert_eq!(code, Some(1), "{t:#}");
@@ -832,4 +846,74 @@ fn kvm_half_reaches_accesses_above_64_gib() {
         k["method"].as_str().unwrap().contains("high alias window for 3 2 MiB frames"),
         "{k:#}"
     );
+}
+
+/// A dirty-log call on address space 1 in a trace that never made an address-space-1 slot is
+/// invalid on any kernel (`traces.md`: both calls must succeed): the machine refuses it, and the
+/// KVM half asks KVM, which refuses it too, instead of counting it as an SMM request this host
+/// cannot make.
+#[test]
+fn a_dirty_log_call_on_an_address_space_without_slots_is_refused_by_both_halves() {
+    let trace = concat!(
+        "{\"vmmu_trace\":1,\"source\":\"hand: GET on address space 1, which has no slot\"}\n",
+        "{\"t\":0.000000,\"op\":\"slot\",\"as\":0,\"id\":3,\"flags\":[\"dirty_log\"],\"gpa\":\"0x0\",\"size\":\"0x100000\",\"uaddr\":\"0x7f0000000000\"}\n",
+        "{\"t\":0.000100,\"op\":\"get-dirty-log\",\"as\":1,\"id\":3}\n",
+        "{\"t\":0.000200,\"op\":\"mmio\",\"dir\":\"write\",\"gpa\":\"0xfee000b0\",\"len\":4,\"value\":\"0x0\",\"exit\":\"kernel\"}\n",
+    );
+    let p = temp_file("as1-get-no-slots.trace.jsonl", trace);
+    let file = p.display().to_string();
+    let out = vmmu(&["replay", "--json", "--format", "ept", "--mmio-caching", "on", &file]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let t = &doc["traces"][0];
+    let d = &t["runs"][0]["dirty_log"];
+    assert_eq!((u(&d["accepted"]), u(&d["refused"])), (0, 1), "{d:#}");
+    assert!(d["first_refusals"][0].as_str().unwrap().starts_with("line 3:"), "{d:#}");
+    let k = &t["kvm"];
+    if !kvm_usable("checking less") {
+        assert!(k["skipped"].as_str().is_some(), "{k:#}");
+        return;
+    }
+    assert_eq!(k["ran"], true, "{k:#}");
+    assert_eq!((u(&k["dirty_log_applied"]), u(&k["dirty_log_refused"])), (0, 1), "{k:#}");
+    assert_eq!(u(&k["smm_skipped"]), 0, "{k:#}");
+}
+
+/// Slot requests KVM refuses on every host by their shape: one of 2^51 pages (more than
+/// `KVM_MEM_MAX_NR_PAGES`) and one whose `uaddr` is a kernel address. Both are refused, each
+/// naming its line, and the rest of the trace is replayed; the replay does not try to give the
+/// huge one host memory (it once failed whole, allocating 8 EiB, naming no line).
+#[test]
+fn requests_kvm_refuses_by_their_shape_are_refused_naming_their_lines() {
+    let trace = concat!(
+        "{\"vmmu_trace\":1,\"source\":\"hand: two requests no KVM accepts\"}\n",
+        "{\"t\":0.000000,\"op\":\"slot\",\"as\":0,\"id\":0,\"flags\":[],\"gpa\":\"0x0\",\"size\":\"0x100000\",\"uaddr\":\"0x7f0000000000\"}\n",
+        "{\"t\":0.000100,\"op\":\"slot\",\"as\":0,\"id\":1,\"flags\":[],\"gpa\":\"0x100000000\",\"size\":\"0x7ffffffffffff000\",\"uaddr\":\"0x1000\"}\n",
+        "{\"t\":0.000200,\"op\":\"slot\",\"as\":0,\"id\":2,\"flags\":[],\"gpa\":\"0x200000\",\"size\":\"0x1000\",\"uaddr\":\"0xffff800000000000\"}\n",
+        "{\"t\":0.000300,\"op\":\"mmio\",\"dir\":\"read\",\"gpa\":\"0x200000\",\"len\":4,\"value\":\"0x0\",\"exit\":\"user\"}\n",
+    );
+    let p = temp_file("refused-shapes.trace.jsonl", trace);
+    let file = p.display().to_string();
+    let out = vmmu(&["replay", "--json", "--format", "ept", "--mmio-caching", "on", &file]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let t = &doc["traces"][0];
+    assert_eq!(t["run_errors"], Value::Array(vec![]), "{t:#}");
+    let r = &t["runs"][0];
+    let sl = &r["slots"];
+    assert_eq!((u(&sl["applied"]), u(&sl["refused"])), (1, 2), "{sl:#}");
+    let first = sl["first_refusals"].as_array().expect("refusals");
+    let lines: Vec<u64> = first.iter().map(|f| u(&f["line"])).collect();
+    assert_eq!(lines, [3, 4], "{sl:#}");
+    assert!(first.iter().all(|f| f["errno"] == "EINVAL"), "{sl:#}");
+    let m = &r["mmio"];
+    assert_eq!((u(&m["classified_mmio"]), u(&m["misclassified"])), (1, 0), "{m:#}");
+    let k = &t["kvm"];
+    if !kvm_usable("checking less") {
+        assert!(k["skipped"].as_str().is_some(), "{k:#}");
+        return;
+    }
+    assert_eq!((k["ran"].clone(), k["error"].clone()), (Value::Bool(true), Value::Null), "{k:#}");
+    assert_eq!((u(&k["slots_applied"]), u(&k["slots_refused"])), (1, 2), "{k:#}");
+    assert_eq!(u(&k["mmio_exits"]), 1, "{k:#}");
 }

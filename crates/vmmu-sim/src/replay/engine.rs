@@ -665,7 +665,10 @@ impl Replay<'_> {
         let d = &mut self.report.dirty_log;
         d.on_logged_slot += u64::from(logged);
         match result {
-            Some(Ok(pages)) => d.pages += pages,
+            Some(Ok(pages)) => {
+                d.accepted += 1;
+                d.pages += pages;
+            }
             Some(Err(errno)) => {
                 d.refused += 1;
                 if d.first_refusals.len() < KEEP {

@@ -11,6 +11,7 @@
 use super::parse::{EventKind, Trace};
 use crate::host::{frame_space, HostBuffer, HostConfig, HostError, SimHost, SIZE_2M};
 use std::sync::Arc;
+use vmmu::memslot::KVM_MEM_MAX_NR_PAGES;
 use vmmu::types::PAGE_SIZE;
 
 /// Frames kept for the MMU's page tables on top of the buffers.
@@ -44,14 +45,30 @@ pub struct TraceMemory {
     lazy: bool,
 }
 
+/// The highest user address limit of any x86-64 host (`TASK_SIZE_MAX` with 5-level paging): a
+/// recorded `uaddr` range that ends past it was refused by `access_ok` on every host.
+pub const ANY_HOST_USER_LIMIT: u64 = (1 << 56) - 4096;
+
+/// Whether KVM could accept a slot request with this `uaddr` and `size` on some host (page
+/// aligned, at most `KVM_MEM_MAX_NR_PAGES` pages, inside [`ANY_HOST_USER_LIMIT`]); the end of
+/// its range if so.
+fn acceptable_range(uaddr: u64, size: u64) -> Option<u64> {
+    let aligned = (uaddr | size) % PAGE_SIZE == 0;
+    let end = uaddr.checked_add(size).filter(|&e| e <= ANY_HOST_USER_LIMIT)?;
+    (aligned && size / PAGE_SIZE <= KVM_MEM_MAX_NR_PAGES).then_some(end)
+}
+
 /// The maximal unions of overlapping `[uaddr, uaddr + size)` ranges of the trace's non-delete
-/// slot requests, sorted. Ranges that wrap around are left out (KVM refuses them).
+/// slot requests, sorted. Requests KVM refuses whatever the host ([`acceptable_range`]: 2^31
+/// pages or more, misaligned, a range that wraps or leaves every user address space) get no
+/// memory: their recorded `uaddr` goes to the MMU as it is, which refuses them, naming the line,
+/// instead of the whole replay failing to allocate their size.
 pub fn uaddr_unions(trace: &Trace) -> Vec<(u64, u64)> {
     let mut ranges: Vec<(u64, u64)> = trace
         .events
         .iter()
         .filter_map(|e| match e.kind {
-            EventKind::Slot(s) if s.size > 0 => Some((s.uaddr, s.uaddr.checked_add(s.size)?)),
+            EventKind::Slot(s) if s.size > 0 => Some((s.uaddr, acceptable_range(s.uaddr, s.size)?)),
             _ => None,
         })
         .collect();
@@ -178,6 +195,23 @@ mod tests {
     }
 
     #[test]
+    fn requests_no_kvm_accepts_get_no_memory() {
+        let max = KVM_MEM_MAX_NR_PAGES * PAGE_SIZE;
+        let t = trace(vec![
+            slot(0, 0x1000, 0x7f00_0000_0000),
+            slot(0, max + PAGE_SIZE, 0x1000), // more pages than one slot may have
+            slot(0, 0x1000, 0xffff_8000_0000_0000), // a kernel address
+            slot(0, 0x1000, 0x7f00_1000_0800), // misaligned
+            slot(0, 0x1800, 0x7f00_2000_0000), // a size of one and a half pages
+            slot(0, 0x2000, ANY_HOST_USER_LIMIT - 0x1000), // past every user address space
+        ]);
+        assert_eq!(uaddr_unions(&t), vec![(0x7f00_0000_0000, 0x7f00_0000_1000)]);
+        // The largest KVM accepts, ending at the highest user limit (5-level paging), does.
+        let t = trace(vec![slot(0, max, ANY_HOST_USER_LIMIT - max)]);
+        assert_eq!(uaddr_unions(&t), vec![(ANY_HOST_USER_LIMIT - max, ANY_HOST_USER_LIMIT)]);
+    }
+
+    #[test]
     fn a_vm_with_more_than_64_gib_of_ram_gets_its_memory() {
         // QEMU pc-i440fx `-m 70G`, as recorded: one RAM block, 3 GiB below the PCI hole and
         // 67 GiB from 4 GiB up (adjacent `uaddr` ranges, two unions), 70 GiB of backing memory.
@@ -252,8 +286,11 @@ mod tests {
 
     #[test]
     fn a_union_past_the_user_address_space_is_refused() {
-        // 256 TiB of `uaddr` range: no mapping of the replay's can hold it.
-        let t = trace(vec![slot(0, 1 << 48, 0x1000_0000)]);
+        // 33 requests of the most pages one slot may have, each overlapping the next: one union
+        // of about 264 TiB of `uaddr` range, which no mapping of the replay's can hold.
+        let size = KVM_MEM_MAX_NR_PAGES * PAGE_SIZE;
+        let t =
+            trace((0..33).map(|i| slot(0, size, 0x1000_0000 + i * (size - PAGE_SIZE))).collect());
         let e = TraceMemory::new(&t, 52).expect_err("unmappable");
         assert!(e.to_string().starts_with("host memory for the trace's slots: "), "{e}");
     }

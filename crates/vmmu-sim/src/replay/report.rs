@@ -181,6 +181,8 @@ pub struct DirtyLog {
     pub on_logged_slot: u64,
     /// Whether the calls were applied to the core (true since issue 16).
     pub applied: bool,
+    /// Calls the core accepted (every call, in a clean replay).
+    pub accepted: u64,
     /// Calls the core refused (the recording KVM accepted every recorded call: must be 0).
     pub refused: u64,
     /// The first refusals: the trace line, the call and the errno.
@@ -448,8 +450,8 @@ impl TraceReport {
             let d = &r.dirty_log;
             let _ = writeln!(
                 s,
-                "    dirty log: {} get, {} clear, {} on a slot live with dirty_log, {} refused, {} pages returned ({})",
-                d.get, d.clear, d.on_logged_slot, d.refused, d.pages, d.note
+                "    dirty log: {} get, {} clear, {} accepted, {} refused, {} on a slot live with dirty_log, {} pages returned ({})",
+                d.get, d.clear, d.accepted, d.refused, d.on_logged_slot, d.pages, d.note
             );
             for f in &d.first_refusals {
                 let _ = writeln!(s, "      refused {f}");
