@@ -19,7 +19,7 @@
 //! off" is one value in the list of backends.
 
 use crate::backend::{run_collect, Backend, BackendError, RunError, Start};
-use crate::observation::{first_difference, Observation};
+use crate::observation::{first_difference, DirtyLogResult, Observation};
 use crate::step::{Format, Overrides, Scenario};
 use std::fmt;
 use std::fmt::Write as _;
@@ -132,6 +132,19 @@ pub enum Verdict {
         /// `config_b`'s line there (`None`: its stream ended).
         b_line: Option<String>,
     },
+    /// Every source agrees except that the TDP configurations of the machine report other pages
+    /// in `dirty-log` results, the one difference [`compare_allowing_tdp_dirty_pages`] allows:
+    /// whether a guest *read* dirties a logged page depends on when the MMU makes a writable
+    /// mapping, and a TDP MMU makes them per gfn where a shadow MMU (KVM on a nested host)
+    /// makes them per guest mapping and per root (README, "Dirty logging").
+    EqualButTdpDirtyPages {
+        /// The sources that agree exactly, reference first (a shadow configuration among them).
+        compared: Vec<String>,
+        /// The TDP configurations, equal among themselves.
+        tdp: Vec<String>,
+        /// The first `dirty-log` step where their pages differ.
+        step: u32,
+    },
     /// Nothing could be compared (fewer than two sources ran, or all skipped).
     Skipped(String),
     /// A source failed.
@@ -214,6 +227,80 @@ pub fn compare(sources: &[Source]) -> Verdict {
     }
 }
 
+/// The running stream of the first source of `group`, if every source there ran the scenario.
+fn running_stream(group: &[&Source]) -> Option<Vec<Observation>> {
+    match &group.first()?.outcome {
+        Outcome::Stream(o) if skip_reason(o).is_none() => Some(o.clone()),
+        _ => None,
+    }
+}
+
+/// The first step where `a` and `b` differ, if they differ only in the pages of `dirty-log`
+/// results (same steps, both `ok`); `None` if they are equal or differ otherwise.
+fn dirty_pages_only_difference(a: &[Observation], b: &[Observation]) -> Option<u32> {
+    if a.len() != b.len() {
+        return None;
+    }
+    let mut first = None;
+    for (x, y) in a.iter().zip(b) {
+        match (x, y) {
+            (
+                Observation::DirtyLog { step: sx, result: DirtyLogResult::Ok(px) },
+                Observation::DirtyLog { step: sy, result: DirtyLogResult::Ok(py) },
+            ) if sx == sy => {
+                if px != py && first.is_none() {
+                    first = Some(*sx);
+                }
+            }
+            _ if x == y => {}
+            _ => return None,
+        }
+    }
+    first
+}
+
+/// [`compare`], allowing the machine's TDP configurations (`is_tdp` names them) to differ from
+/// the other sources in one way only: the pages `dirty-log` results report, when everything else
+/// agrees. Guest reads dirty a logged page when the MMU maps it writable on a read fault (KVM's
+/// `make_spte`, measured on `/dev/kvm`); a TDP MMU maps a gfn once, whatever the guest's tables
+/// say, a shadow MMU per guest mapping and per root, and recycles pages at its limit. The
+/// allowance holds only when the other sources (KVM, a recording) agree exactly with a shadow
+/// configuration of the machine (`is_shadow`), so that MMU is checked exactly, and the TDP
+/// configurations agree among themselves; then the verdict is
+/// [`Verdict::EqualButTdpDirtyPages`]. Otherwise, the verdict of [`compare`].
+pub fn compare_allowing_tdp_dirty_pages(
+    sources: &[Source],
+    is_tdp: impl Fn(&str) -> bool,
+    is_shadow: impl Fn(&str) -> bool,
+) -> Verdict {
+    let verdict = compare(sources);
+    if !matches!(verdict, Verdict::Differ { .. }) {
+        return verdict;
+    }
+    let (tdp, rest): (Vec<&Source>, Vec<&Source>) = sources
+        .iter()
+        .filter(|s| !matches!(s.outcome, Outcome::Unavailable(_)))
+        .partition(|s| is_tdp(&s.name));
+    if !rest.iter().any(|s| is_shadow(&s.name)) {
+        return verdict;
+    }
+    let owned = |g: &[&Source]| g.iter().map(|s| (*s).clone()).collect::<Vec<Source>>();
+    let (Verdict::Equal { compared, skipped, .. }, Verdict::Equal { compared: tdp_names, .. }) =
+        (compare(&owned(&rest)), compare(&owned(&tdp)))
+    else {
+        return verdict;
+    };
+    let (Some(a), Some(b)) = (running_stream(&rest), running_stream(&tdp)) else {
+        return verdict;
+    };
+    match dirty_pages_only_difference(&a, &b) {
+        Some(step) if skipped.is_empty() => {
+            Verdict::EqualButTdpDirtyPages { compared, tdp: tdp_names, step }
+        }
+        _ => verdict,
+    }
+}
+
 /// Runs `scenario` on one backend.
 pub fn run_source(name: &str, backend: &dyn Backend, scenario: &Scenario) -> Source {
     let outcome = match run_collect(backend, scenario) {
@@ -273,6 +360,14 @@ impl fmt::Display for VerdictLine<'_> {
                     b_line.as_deref().unwrap_or(end)
                 )
             }
+            Verdict::EqualButTdpDirtyPages { compared, tdp, step } => write!(
+                f,
+                "equal  {path} ({}); dirty-log pages differ from step {step} under TDP only ({}): \
+                 a TDP MMU maps a gfn once where a shadow MMU maps per guest mapping and root, \
+                 and a read fault that maps a logged page writable dirties it",
+                compared.join(", "),
+                tdp.join(", ")
+            ),
             Verdict::Skipped(why) => write!(f, "skipped {path}: {why}"),
             Verdict::Failed { config, error } => write!(f, "FAILED {path}: {config}: {error}"),
         }
@@ -298,6 +393,53 @@ mod tests {
 
     fn skip(why: &str) -> Outcome {
         Outcome::Stream(vec![Observation::Skipped { reason: why.into() }])
+    }
+
+    /// A slot, a read of `v`, a `dirty-log` returning `pages`.
+    fn logged(v: u64, pages: &[u64]) -> Outcome {
+        Outcome::Stream(vec![
+            Observation::Slot { step: 3, result: SlotResult::Ok },
+            Observation::Read { step: 4, exit: ReadExit::None { value: v } },
+            Observation::DirtyLog { step: 5, result: DirtyLogResult::Ok(pages.to_vec()) },
+        ])
+    }
+
+    fn allowing(sources: &[Source]) -> Verdict {
+        let tdp = |n: &str| n.starts_with("sim-ept") || n.starts_with("sim-npt");
+        compare_allowing_tdp_dirty_pages(sources, tdp, |n| n.starts_with("sim-shadow"))
+    }
+
+    #[test]
+    fn tdp_configurations_may_differ_in_dirty_log_pages_alone() {
+        let kvm = src("kvm", logged(1, &[2]));
+        let shadow = src("sim-shadow-on", logged(1, &[2]));
+        let ept = src("sim-ept-on", logged(1, &[2, 3]));
+        let npt = src("sim-npt-off", logged(1, &[2, 3]));
+        let v = allowing(&[ept.clone(), npt.clone(), shadow.clone(), kvm.clone()]);
+        let want = Verdict::EqualButTdpDirtyPages {
+            compared: vec!["sim-shadow-on".into(), "kvm".into()],
+            tdp: vec!["sim-ept-on".into(), "sim-npt-off".into()],
+            step: 5,
+        };
+        assert_eq!(v, want);
+        assert!(!v.is_bad());
+        let line = VerdictLine { path: "p.scn", verdict: &v }.to_string();
+        assert!(line.starts_with("equal  p.scn (sim-shadow-on, kvm); dirty-log pages differ from step 5 under TDP only (sim-ept-on, sim-npt-off)"), "{line}");
+        // Plain compare still calls it a difference.
+        assert!(compare(&[ept.clone(), shadow.clone(), kvm.clone()]).is_bad());
+        // Not allowed: no shadow configuration to check against; the TDP configurations
+        // disagreeing among themselves; a difference in anything else; the shadow MMU
+        // differing from KVM.
+        assert!(allowing(&[ept.clone(), kvm.clone()]).is_bad());
+        let npt_other = src("sim-npt-off", logged(1, &[3]));
+        assert!(allowing(&[ept.clone(), npt_other, shadow.clone(), kvm.clone()]).is_bad());
+        let ept_value = src("sim-ept-on", logged(9, &[2, 3]));
+        assert!(allowing(&[ept_value, shadow.clone(), kvm.clone()]).is_bad());
+        let shadow_other = src("sim-shadow-on", logged(1, &[2, 3]));
+        assert!(allowing(&[ept.clone(), shadow_other, kvm.clone()]).is_bad());
+        // Equal streams stay plainly equal.
+        let ept_same = src("sim-ept-on", logged(1, &[2]));
+        assert!(matches!(allowing(&[ept_same, shadow, kvm]), Verdict::Equal { .. }));
     }
 
     #[test]

@@ -1,14 +1,15 @@
 //! The scenario corpus on the software machine under every MMU configuration (EPT, NPT and
 //! shadow paging, MMIO caching on and off; only the pinned format's two when the `vm` line pins
 //! one: `vmmu_scenario::diff::machine_configurations`), compared with
-//! what real KVM recorded in `tests/expected/` (issue 6, point 6). No `/dev/kvm` needed: the
+//! what real KVM recorded in `tests/expected/` (issue 6, point 6), allowing only what `vmmu diff`
+//! allows (the TDP configurations' `dirty-log` pages after guest reads). No `/dev/kvm` needed: the
 //! recordings are the reference. A scenario KVM skipped (e.g. `address_spaces=2` on a kernel
 //! without SMM) is compared across the machine configurations only.
 
 use std::path::{Path, PathBuf};
 use vmmu_scenario::diff::{
-    compare, machine_configurations, pinned_format, run_source, Configured, Outcome, Source,
-    Verdict, VerdictLine,
+    compare_allowing_tdp_dirty_pages, machine_configurations, pinned_format, run_source,
+    Configured, Outcome, Source, Verdict, VerdictLine,
 };
 use vmmu_scenario::{parse, parse_observations, Observation};
 use vmmu_sim::SimBackend;
@@ -28,6 +29,7 @@ fn corpus_matches_kvm_under_every_configuration() {
     assert!(files.len() >= 25, "the corpus has {} files", files.len());
     let mut compared_with_kvm = 0;
     let mut bad = Vec::new();
+    let mut allowed = Vec::new();
     for f in &files {
         let text = std::fs::read_to_string(f).unwrap();
         let sc = parse(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
@@ -49,11 +51,19 @@ fn corpus_matches_kvm_under_every_configuration() {
             compared_with_kvm += 1;
             sources.push(Source { name: "expected".into(), outcome: Outcome::Stream(recorded) });
         }
-        let v = compare(&sources);
-        if !matches!(v, Verdict::Equal { .. }) {
+        // The one allowed difference, as `vmmu diff` allows it: TDP configurations may report
+        // other pages in `dirty-log` results when a shadow configuration agrees with KVM
+        // exactly (`paging_dirty_log_read_through_readonly_map.scn`).
+        let is_tdp = |n: &str| n.starts_with("sim-ept-") || n.starts_with("sim-npt-");
+        let v = compare_allowing_tdp_dirty_pages(&sources, is_tdp, |n| n.starts_with("sim-shadow"));
+        if matches!(v, Verdict::EqualButTdpDirtyPages { .. }) {
+            allowed.push(name.clone());
+        } else if v.is_bad() || matches!(v, Verdict::Skipped(_)) {
             bad.push(VerdictLine { path: &name, verdict: &v }.to_string());
         }
     }
     assert!(bad.is_empty(), "{}", bad.join(""));
+    // Every file that needs the allowance is about it: a new one is a look at KVM first.
+    assert_eq!(allowed, ["paging_dirty_log_read_through_readonly_map"]);
     assert!(compared_with_kvm >= 25, "only {compared_with_kvm} files have a KVM reference");
 }
