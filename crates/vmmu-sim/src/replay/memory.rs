@@ -59,7 +59,7 @@ fn acceptable_range(uaddr: u64, size: u64) -> Option<u64> {
 }
 
 /// The maximal unions of overlapping `[uaddr, uaddr + size)` ranges of the trace's non-delete
-/// slot requests, sorted. Requests KVM refuses whatever the host ([`acceptable_range`]: 2^31
+/// slot requests, sorted. Requests KVM refuses whatever the host (`acceptable_range`: 2^31
 /// pages or more, misaligned, a range that wraps or leaves every user address space) get no
 /// memory: their recorded `uaddr` goes to the MMU as it is, which refuses them, naming the line,
 /// instead of the whole replay failing to allocate their size.
