@@ -472,6 +472,7 @@ fn stats(m: &RealMmu) -> MmuStats {
             mmio_timed_outliers: timing.outliers,
             mmu_recycled: m.vm.shadow_mmu().map_or(0, |s| s.stats.snapshot().mmu_recycled),
             mmu_shadow_zapped: vm.mmu_shadow_zapped,
+            tdp_tables_zapped: vm.tdp_tables_zapped,
             pages_1g: vm.pages_1g,
             pages_2m: vm.pages_2m,
             pages_4k: vm.pages_4k,

@@ -268,7 +268,7 @@ pub struct MmuCounters {
     /// Shadow pages recycled because the VM was over its page limit (KVM `mmu_recycled`; 0
     /// under TDP).
     pub mmu_recycled: u64,
-    /// SPTEs zapped (KVM `mmu_shadow_zapped`).
+    /// Shadow pages zapped (KVM `mmu_shadow_zapped`; 0 under TDP, as in KVM).
     pub mmu_shadow_zapped: u64,
     /// 1 GiB leaves present (KVM `pages_1g`).
     pub pages_1g: u64,
@@ -312,13 +312,15 @@ pub struct MmuCounters {
     pub tables_allocated: u64,
     /// Page-table pages freed.
     pub tables_freed: u64,
+    /// TDP table pages zaps unlinked (not a KVM stat).
+    pub tdp_tables_zapped: u64,
     /// TLB flushes the vCPUs performed (KVM `tlb_flush`).
     pub vcpu_tlb_flushes: u64,
 }
 
 impl MmuCounters {
     /// Every counter with its name (the JSON key), in field order.
-    pub fn named(&self) -> [(&'static str, u64); 29] {
+    pub fn named(&self) -> [(&'static str, u64); 30] {
         [
             ("mmio_fast_hits", self.mmio_fast_hits),
             ("mmio_timed_outliers", self.mmio_timed_outliers),
@@ -348,6 +350,7 @@ impl MmuCounters {
             ("stale_gen_misses", self.stale_gen_misses),
             ("tables_allocated", self.tables_allocated),
             ("tables_freed", self.tables_freed),
+            ("tdp_tables_zapped", self.tdp_tables_zapped),
             ("vcpu_tlb_flushes", self.vcpu_tlb_flushes),
         ]
     }

@@ -226,8 +226,11 @@ pub struct VmStats {
     /// Remote TLB flushes asked for (`remote_tlb_flush_requests`: one per
     /// `kvm_flush_remote_tlbs`, whoever was running).
     pub remote_tlb_flush_requests: Counter,
-    /// Page-table pages zapped (`mmu_shadow_zapped`).
+    /// Shadow pages zapped (`mmu_shadow_zapped`; the shadow MMU's pages only, as KVM's TDP MMU
+    /// counts none of its tables here).
     pub mmu_shadow_zapped: Counter,
+    /// TDP MMU table pages zaps unlinked (not a KVM stat: KVM's TDP MMU only traces them).
+    pub tdp_tables_zapped: Counter,
     /// Present 4 KiB leaves (`pages_4k`).
     pub pages_4k: StripedCounter,
     /// Present 2 MiB leaves (`pages_2m`).
@@ -258,6 +261,8 @@ pub struct VmStatsSnapshot {
     pub remote_tlb_flush_requests: u64,
     /// See [`VmStats::mmu_shadow_zapped`].
     pub mmu_shadow_zapped: u64,
+    /// See [`VmStats::tdp_tables_zapped`].
+    pub tdp_tables_zapped: u64,
     /// See [`VmStats::pages_4k`].
     pub pages_4k: u64,
     /// See [`VmStats::pages_2m`].
@@ -285,6 +290,7 @@ impl VmStats {
             remote_tlb_flush: self.remote_tlb_flush.get(),
             remote_tlb_flush_requests: self.remote_tlb_flush_requests.get(),
             mmu_shadow_zapped: self.mmu_shadow_zapped.get(),
+            tdp_tables_zapped: self.tdp_tables_zapped.get(),
             pages_4k: self.pages_4k.get(),
             pages_2m: self.pages_2m.get(),
             pages_1g: self.pages_1g.get(),

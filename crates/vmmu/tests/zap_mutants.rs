@@ -129,7 +129,7 @@ fn a_table_replaced_meanwhile_by_another_vcpu_is_left_to_its_huge_leaf() {
     for f in [FormatKind::Ept, FormatKind::Npt] {
         let (vm, host, mut v, mut w) = two_vcpus_over_a_table_of_mmio_sptes(f);
         vm.set_memory_region(&region(0, 0x20_0000, 0x20_0000, RAM_HVA, 0)).unwrap();
-        let (zapped, in_use) = (vm.stats().mmu_shadow_zapped, host.tables_in_use());
+        let (zapped, in_use) = (vm.stats().tdp_tables_zapped, host.tables_in_use());
         let (reached_tx, reached_rx) = mpsc::channel::<()>();
         let (go_tx, go_rx) = mpsc::channel::<()>();
         let first = std::thread::spawn(move || {
@@ -147,8 +147,8 @@ fn a_table_replaced_meanwhile_by_another_vcpu_is_left_to_its_huge_leaf() {
         assert_eq!(seen, Seen::Ram(Pfn((RAM_HVA >> 12) + 3)), "{f:?}");
         assert_eq!((vm.stats().pages_2m, vm.stats().pages_4k), (1, 0), "{f:?}: the leaf stays");
         // Only the one table w unlinked was zapped, and it goes back to the host after its grace
-        // period (KVM's `mmu_shadow_zapped` counts it).
-        assert_eq!(vm.stats().mmu_shadow_zapped, zapped + 1, "{f:?}: one table zapped");
+        // period.
+        assert_eq!(vm.stats().tdp_tables_zapped, zapped + 1, "{f:?}: one table zapped");
         vm.reclaim();
         assert_eq!(host.tables_in_use(), in_use - 1, "{f:?}: one table freed");
         let (seen, faults) = access(&mut w, 0x20_3000, false).unwrap();
@@ -158,8 +158,9 @@ fn a_table_replaced_meanwhile_by_another_vcpu_is_left_to_its_huge_leaf() {
 
 /// A host invalidation zaps leaves and keeps the tables linked (KVM `kvm_unmap_gfn_range`, the
 /// `tdp_mmu_zap_leafs` of the MMU notifier): the fault after it maps again in the same tables,
-/// allocating none. A memslot delete unlinks the tables inside its range (KVM's
-/// `mmu_shadow_zapped` stat counts them). Kills `e.inside(..) && scope == ZapScope::Tables`
+/// allocating none. A memslot delete unlinks the tables inside its range (`tdp_tables_zapped`
+/// counts them; KVM's `mmu_shadow_zapped` counts only shadow pages and stays 0). Kills
+/// `e.inside(..) && scope == ZapScope::Tables`
 /// -> `scope != ZapScope::Tables` in `zap_table` (the host invalidation unlinked the 4 KiB
 /// table and the delete did not).
 #[test]
@@ -176,18 +177,19 @@ fn a_host_invalidation_keeps_tables_and_a_delete_unlinks_them() {
             assert_eq!(access(&mut v, 0x20_0000 + (page << 12), false).unwrap().0, want);
         }
         let s = vm.stats();
-        assert_eq!((s.pages_4k, s.mmu_shadow_zapped), (2, 0), "{f:?}: setup");
+        assert_eq!((s.pages_4k, s.tdp_tables_zapped), (2, 0), "{f:?}: setup");
         vm.invalidate_hva_range_begin(Hva(RAM_HVA), Hva(RAM_HVA + 0x20_0000));
         vm.invalidate_hva_range_end();
         let s = vm.stats();
-        assert_eq!((s.pages_4k, s.mmu_shadow_zapped), (0, 0), "{f:?}: a table went");
+        assert_eq!((s.pages_4k, s.tdp_tables_zapped), (0, 0), "{f:?}: a table went");
         let (seen, faults) = access(&mut v, 0x20_3000, false).unwrap();
         assert_eq!(seen, Seen::Ram(Pfn((RAM_HVA >> 12) + 3)), "{f:?}");
         assert_eq!(faults.len(), 1, "{f:?}: {faults:?}");
         assert_eq!(vm.stats().tables_allocated, s.tables_allocated, "{f:?}: a new table");
         vm.set_memory_region(&region(0, 0x20_0000, 0, 0, 0)).unwrap();
         let s = vm.stats();
-        assert_eq!((s.pages_4k, s.mmu_shadow_zapped), (0, 1), "{f:?}: the table stayed");
+        assert_eq!((s.pages_4k, s.tdp_tables_zapped), (0, 1), "{f:?}: the table stayed");
+        assert_eq!(s.mmu_shadow_zapped, 0, "{f:?}: KVM's TDP MMU counts no shadow page");
     }
 }
 
@@ -272,7 +274,7 @@ fn unlinking_a_table_with_nothing_present_flushes_the_other_vcpus() {
         w.service_requests().unwrap();
         let before = vm.stats().remote_tlb_flush_requests;
         vm.set_memory_region(&region(0, 0x20_0000, 0, 0, 0)).unwrap();
-        assert_eq!(vm.stats().mmu_shadow_zapped, 1, "{f:?}: setup: the table went");
+        assert_eq!(vm.stats().tdp_tables_zapped, 1, "{f:?}: setup: the table went");
         assert_eq!(vm.stats().remote_tlb_flush_requests, before + 1, "{f:?}: no flush");
         assert!(w.service_requests().unwrap().flush_tlb, "{f:?}: w kept the unlinked table");
     }

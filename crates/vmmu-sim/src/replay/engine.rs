@@ -459,7 +459,8 @@ impl Replay<'_> {
             z.deletes_and_moves += 1;
             z.zap_all_fast += after.zap_all_fast - before.zap_all_fast;
             z.zap_range += after.zap_range - before.zap_range;
-            z.sptes_zapped += after.mmu_shadow_zapped - before.mmu_shadow_zapped;
+            z.sptes_zapped += (after.mmu_shadow_zapped + after.tdp_tables_zapped)
+                - (before.mmu_shadow_zapped + before.tdp_tables_zapped);
             self.pending_zap = true;
         }
         // The pages warmed before the request first, most recent first (the per-vCPU MMIO

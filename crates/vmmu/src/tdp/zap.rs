@@ -158,7 +158,7 @@ impl<H: Host> TdpMmu<H> {
             let swap = self.set_spte_locked(entry, old, huge, level, lo);
             flush |= swap == FlushNeed::Remote;
             flush |= self.zap_table(child, lower, lo, lo, e.hi, ZapScope::Tables, pages);
-            self.stats.mmu_shadow_zapped.add(1);
+            self.stats.tdp_tables_zapped.add(1);
             pages.push(child);
         }
         flush
@@ -216,7 +216,7 @@ impl<H: Host> TdpMmu<H> {
         // The huge leaf first, then the detached table's entries (KVM `handle_removed_pt`).
         let mut flush = self.set_spte_locked(entry, old, huge, level, lo) == FlushNeed::Remote;
         flush |= self.zap_table(child, lower, lo, lo, hi, ZapScope::Tables, pages);
-        self.stats.mmu_shadow_zapped.add(1);
+        self.stats.tdp_tables_zapped.add(1);
         pages.push(child);
         if flush && !self.cfg.bugs.has(crate::bugs::Bug::NoTlbFlushOnZap) {
             self.flush_remote_tlbs();
@@ -307,7 +307,7 @@ impl<H: Host> TdpMmu<H> {
             // paging-structure caches that may hold the link (`change.rs`).
             let unlink = self.set_spte_locked(entry, old, SpteFormat::NONPRESENT, level, lo);
             flush |= unlink == FlushNeed::Remote;
-            self.stats.mmu_shadow_zapped.add(1);
+            self.stats.tdp_tables_zapped.add(1);
             pages.push(child);
         }
         flush
