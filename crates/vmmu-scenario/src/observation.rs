@@ -271,7 +271,12 @@ fn from_object(o: &Map<String, Value>) -> Result<Observation, String> {
         o.get(k).and_then(Value::as_str).ok_or_else(|| format!("missing string field `{k}`"))
     };
     let n = |k: &str| -> Result<u64, String> {
-        o.get(k).and_then(Value::as_u64).ok_or_else(|| format!("missing number field `{k}`"))
+        match o.get(k) {
+            None => Err(format!("missing number field `{k}`")),
+            Some(v) => v.as_u64().ok_or_else(|| {
+                format!("field `{k}` must be a whole number from 0 to 2^64 - 1, not `{v}`")
+            }),
+        }
     };
     let hex = |k: &str| -> Result<u64, String> {
         let t = s(k)?;
@@ -450,6 +455,18 @@ mod tests {
             let e = parse_observations(&format!("\n{bad}\n")).unwrap_err();
             assert_eq!(e.line, 2, "{bad}");
         }
+    }
+
+    #[test]
+    fn a_number_field_out_of_range_says_what_it_holds() {
+        for bad in ["18446744073709551616", "-1", "1.5"] {
+            let text = format!("{{\"step\":{bad},\"op\":\"slot\",\"result\":\"ok\"}}\n");
+            let e = parse_observations(&text).unwrap_err().to_string();
+            assert!(e.contains("field `step` must be a whole number"), "{e}");
+            assert!(!e.contains("missing"), "{e}");
+        }
+        let e = parse_observations("{\"op\":\"slot\",\"result\":\"ok\"}\n").unwrap_err();
+        assert!(e.to_string().contains("missing number field `step`"), "{e}");
     }
 
     #[test]

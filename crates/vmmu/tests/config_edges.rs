@@ -660,3 +660,46 @@ fn an_rsvd_exit_beyond_the_roots_reach_is_not_a_hit_on_an_aliased_mmio_spte() {
         }
     }
 }
+
+/// A host frame beyond the VM's MAXPHYADDR (the embedder gave the VM fewer physical address bits
+/// than its host has, or its `translate` returns a bad frame) is refused with an error that says
+/// so, under TDP and shadow paging: masked into the SPTE's pfn field it would have named
+/// another frame (a release build once mapped the guest onto host frame 0). The frame just below
+/// the limit maps.
+#[test]
+fn a_host_frame_beyond_phys_bits_is_refused_not_masked() {
+    use vmmu::FaultAccess;
+    const SLOT: u64 = 0x20_0000;
+    let beyond = 1u64 << (46 - 12);
+    for shadow in [false, true] {
+        for (pfn, fits) in [(beyond, false), (!0x1ff_u64, false), (beyond - 0x200, true)] {
+            let cfg = if shadow {
+                VmConfig::shadow(46).unwrap()
+            } else {
+                VmConfig::new(FormatKind::Ept, 46).unwrap()
+            };
+            let (vm, host) = vm_with(cfg);
+            host.map_over(RAM_HVA, 0x20_0000, pfn, vmmu::Level::L2M, true);
+            vm.set_memory_region(&region(0, SLOT, 0x20_0000, RAM_HVA, 0)).unwrap();
+            let mut v = vm.create_vcpu().unwrap();
+            v.service_requests().unwrap();
+            let gpa = Gpa(SLOT + 0x3000);
+            let r = if shadow {
+                // Non-paging guest: the GVA is the gpa.
+                v.handle_page_fault(vmmu::Gva(gpa.raw()), vmmu::fault::PfErr(0))
+            } else {
+                v.handle_ept_violation(gpa, FaultAccess::READ)
+            };
+            if fits {
+                assert_eq!(r, Ok(FaultOutcome::Fixed), "shadow {shadow}");
+                continue;
+            }
+            let e = r.expect_err(&format!("shadow {shadow}, pfn {pfn:#x}"));
+            assert!(
+                matches!(e, vmmu::fault::FaultError::HostFrameBeyondPhysBits { phys_bits: 46, .. }),
+                "shadow {shadow}: {e:?}"
+            );
+            assert!(e.to_string().contains("MAXPHYADDR"), "{e}");
+        }
+    }
+}

@@ -3,7 +3,7 @@
 //! the page-fault error code of #NPF.
 
 mod record;
-pub(crate) use record::max_mapping_level;
+pub(crate) use record::{max_mapping_level, Mappable};
 
 pub use record::{Backing, FaultinStop, PageFault, RootState};
 
@@ -86,6 +86,23 @@ pub enum FaultError {
         hva: Hva,
         /// What the host said.
         fault: HostFault,
+    },
+    /// The host translated the memslot's address to a frame the SPTE format cannot hold (at or
+    /// above 2^`phys_bits`): the VM's `phys_bits` must cover the host's physical memory. Nothing
+    /// is mapped (masked into the pfn field the frame would name another one).
+    #[error(
+        "gpa {gpa}: the host translated {hva} to frame {pfn:?}, beyond the {phys_bits} physical \
+         address bits the VM's SPTE format was made for (give the VM the host's MAXPHYADDR)"
+    )]
+    HostFrameBeyondPhysBits {
+        /// The faulting address.
+        gpa: Gpa,
+        /// The host address the memslot maps it to.
+        hva: Hva,
+        /// The frame the host named.
+        pfn: crate::types::Pfn,
+        /// The format's MAXPHYADDR.
+        phys_bits: u8,
     },
     /// A shadow-paging entry point was called on a VM whose MMU is TDP (or the reverse).
     #[error("this entry point needs a {wanted} VM")]

@@ -13,8 +13,18 @@ use crate::host::HostMemory;
 use crate::invalidate::Invalidation;
 use crate::memslot::{Memslot, MemslotSet, SlotCache};
 use crate::requests::{Request, Requests};
+use crate::spte::SpteFormat;
 use crate::stats::RetryCause;
 use crate::types::{FaultAccess, Gfn, Gpa, Level, Pfn};
+
+/// What the MMU can map for a fault: its SPTE format (which host frames fit a leaf) and the
+/// largest leaf it makes.
+pub(crate) struct Mappable<'a> {
+    /// The VM's SPTE format.
+    pub format: &'a SpteFormat,
+    /// The largest leaf level.
+    pub max_level: Level,
+}
 
 /// What faultin found backs the faulting gfn (KVM: `fault->slot`, `fault->pfn`,
 /// `fault->map_writable`, `fault->max_level`).
@@ -111,7 +121,7 @@ impl PageFault {
         slot_cache: &mut SlotCache,
         host: &dyn HostMemory,
         inval: &Invalidation,
-        max_leaf_level: Level,
+        mappable: Mappable<'_>,
         bugs: BugSet,
     ) -> Result<Option<FaultinStop>, FaultError> {
         // Snapshot before translating the host address (see tdp::invalidate).
@@ -140,7 +150,16 @@ impl PageFault {
             hva,
             fault,
         })?;
-        let mut max_level = max_mapping_level(&s, self.gfn, hp.level, max_leaf_level);
+        if !mappable.format.holds_pfn(hp.pfn) {
+            let phys_bits = mappable.format.phys_bits();
+            return Err(FaultError::HostFrameBeyondPhysBits {
+                gpa: self.addr,
+                hva,
+                pfn: hp.pfn,
+                phys_bits,
+            });
+        }
+        let mut max_level = max_mapping_level(&s, self.gfn, hp.level, mappable.max_level);
         let offset = |level: Level| self.gfn.raw() & (level.pages() - 1);
         if hp.pfn.raw() & (max_level.pages() - 1) != offset(max_level) {
             // A host page whose frame does not sit at the gfn's place in its block breaks

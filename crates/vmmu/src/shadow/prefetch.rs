@@ -181,7 +181,8 @@ fn run<H: Host>(
     let mut made = 0;
     for k in 0..n {
         let g = Gfn(gfn.raw() + k as u64);
-        let Some(pfn) = host.translate_mapped_writable(slot.hva_of(g)) else { break };
+        let pfn = host.translate_mapped_writable(slot.hva_of(g));
+        let Some(pfn) = pfn.filter(|&p| core.cfg.format.holds_pfn(p)) else { break };
         let w = write && !st.is_write_tracked(as_id, g);
         let leaf = core.cfg.format.make_leaf(pfn, Level::L4K, access, w);
         batch.flush |= st.set_leaf(core, sp, j + k, leaf, g);

@@ -162,6 +162,13 @@ impl SpteFormat {
         Level::L1G
     }
 
+    /// Whether frame `pfn` fits the pfn field (`12..phys_bits`). A host frame that does not
+    /// cannot be mapped: masked into the field, it would name another frame.
+    #[inline]
+    pub const fn holds_pfn(&self, pfn: Pfn) -> bool {
+        pfn.raw() >> (self.phys_bits - 12) == 0
+    }
+
     /// The pfn field: bits `12..phys_bits`.
     #[inline]
     pub const fn addr_mask(&self) -> u64 {
@@ -219,7 +226,7 @@ impl SpteFormat {
     #[inline]
     pub fn make_leaf(&self, pfn: Pfn, level: Level, access: Access, writable: bool) -> u64 {
         debug_assert!(level <= self.max_leaf_level(), "{level:?} cannot map a page");
-        debug_assert!(pfn.hpa() & !self.addr_mask() == 0, "{pfn:?} beyond phys_bits");
+        debug_assert!(self.holds_pfn(pfn), "{pfn:?} beyond phys_bits");
         debug_assert!(pfn.raw() % level.pages() == 0, "{pfn:?} not aligned to {level:?}");
         let w = writable && access.contains(Access::WRITE);
         let x = access.contains(Access::EXEC);

@@ -246,7 +246,8 @@ impl<H: Host> TdpMmu<H> {
             let host: &dyn crate::host::HostMemory = &*self.host;
             let mut made = 0;
             for g in start..start + n {
-                let Some(frame) = host.translate_mapped_writable(slot.hva_of(Gfn(g))) else {
+                let frame = host.translate_mapped_writable(slot.hva_of(Gfn(g)));
+                let Some(frame) = frame.filter(|&f| fmt.holds_pfn(f)) else {
                     break;
                 };
                 let entry = &table[Level::L4K.index(Gfn(g))];

@@ -14,7 +14,9 @@
 
 use super::{VcpuMmu, VcpuReaders};
 use crate::bugs::Bug;
-use crate::fault::{Backing, EmulateSource, FaultError, FaultOutcome, FaultinStop, PageFault};
+use crate::fault::{
+    Backing, EmulateSource, FaultError, FaultOutcome, FaultinStop, Mappable, PageFault,
+};
 use crate::host::Host;
 use crate::memslot::MemslotSet;
 use crate::shared::VmShared;
@@ -322,7 +324,7 @@ impl VcpuMmu {
             &mut self.slot_cache,
             &*mmu.host,
             &mmu.inval,
-            mmu.cfg.format.max_leaf_level(),
+            Mappable { format: &mmu.cfg.format, max_level: mmu.cfg.format.max_leaf_level() },
             bugs,
         )?;
         match stop {

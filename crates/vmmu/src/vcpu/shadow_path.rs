@@ -24,7 +24,7 @@ use super::fault_path::{readonly_write, retry, FastOutcome};
 use super::{EntryWork, Vcpu, VcpuMmu};
 use crate::bugs::Bug;
 use crate::fault::{
-    Backing, EmulateSource, FaultError, FaultOutcome, FaultinStop, PageFault, PfErr,
+    Backing, EmulateSource, FaultError, FaultOutcome, FaultinStop, Mappable, PageFault, PfErr,
 };
 use crate::guest::{self, GuestCpu, PagingMode, PdptrError, WalkError};
 use crate::host::{GuestMemory, Host};
@@ -540,8 +540,9 @@ impl<H: Host + GuestMemory> Vcpu<H> {
         };
         let mut fault = PageFault::tdp(walk.gpa, PfErr(err.0 & !PfErr::RSVD));
         fault.is_tdp = false;
+        let mappable = Mappable { format: &core.cfg.format, max_level: Level::L4K };
         let stop =
-            fault.faultin(set, &mut st.slot_cache, &*core.host, &core.inval, Level::L4K, bugs)?;
+            fault.faultin(set, &mut st.slot_cache, &*core.host, &core.inval, mappable, bugs)?;
         match stop {
             None => {}
             Some(FaultinStop::Retry(cause)) => return Ok(retry(stats, cause)),
