@@ -13,7 +13,10 @@
 //! Invariants:
 //! - an entry is tagged with the full 64-bit memslot generation it was made under, and only ever
 //!   hits while the generation is exactly that value (so any memslot update, and any moment of an
-//!   update in progress, misses);
+//!   update in progress, misses). The generation is that of the vCPU's current address space.
+//!   KVM's cache helpers read address space 0's (facts §2.5), so in KVM a vCPU in SMM keeps a
+//!   cached MMIO gfn across an SMM slot created over it; here that entry misses, and an entry
+//!   made in one address space never hits in the other (their generations never meet);
 //! - nothing is filled while an update is in progress (bit 63 set): 2019 fix ddfd1730fd82;
 //! - gva 0 and gfn 0 mean "invalid", so they never hit (as in KVM);
 //! - [`MmioInfoCache::clear_gva`] clears only the gva parts (KVM `vcpu_clear_mmio_info`): the gfn
