@@ -848,6 +848,16 @@ fn kvm_half_reaches_accesses_above_64_gib() {
     );
 }
 
+/// `trace` (saved as `name`) replayed under EPT with caching and on KVM where usable, which must
+/// fail (exit 1: something refused); the trace's JSON report.
+fn replay_refusing(name: &str, trace: &str) -> Value {
+    let file = temp_file(name, trace).display().to_string();
+    let out = vmmu(&["replay", "--json", "--format", "ept", "--mmio-caching", "on", &file]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let mut doc: Value = serde_json::from_slice(&out.stdout).expect("json");
+    doc["traces"][0].take()
+}
+
 /// A dirty-log call on address space 1 in a trace that never made an address-space-1 slot is
 /// invalid on any kernel (`traces.md`: both calls must succeed): the machine refuses it, and the
 /// KVM half asks KVM, which refuses it too, instead of counting it as an SMM request this host
@@ -860,12 +870,7 @@ fn a_dirty_log_call_on_an_address_space_without_slots_is_refused_by_both_halves(
         "{\"t\":0.000100,\"op\":\"get-dirty-log\",\"as\":1,\"id\":3}\n",
         "{\"t\":0.000200,\"op\":\"mmio\",\"dir\":\"write\",\"gpa\":\"0xfee000b0\",\"len\":4,\"value\":\"0x0\",\"exit\":\"kernel\"}\n",
     );
-    let p = temp_file("as1-get-no-slots.trace.jsonl", trace);
-    let file = p.display().to_string();
-    let out = vmmu(&["replay", "--json", "--format", "ept", "--mmio-caching", "on", &file]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    let doc: Value = serde_json::from_slice(&out.stdout).expect("json");
-    let t = &doc["traces"][0];
+    let t = &replay_refusing("as1-get-no-slots.trace.jsonl", trace);
     let d = &t["runs"][0]["dirty_log"];
     assert_eq!((u(&d["accepted"]), u(&d["refused"])), (0, 1), "{d:#}");
     assert!(d["first_refusals"][0].as_str().unwrap().starts_with("line 3:"), "{d:#}");
@@ -892,12 +897,7 @@ fn requests_kvm_refuses_by_their_shape_are_refused_naming_their_lines() {
         "{\"t\":0.000200,\"op\":\"slot\",\"as\":0,\"id\":2,\"flags\":[],\"gpa\":\"0x200000\",\"size\":\"0x1000\",\"uaddr\":\"0xffff800000000000\"}\n",
         "{\"t\":0.000300,\"op\":\"mmio\",\"dir\":\"read\",\"gpa\":\"0x200000\",\"len\":4,\"value\":\"0x0\",\"exit\":\"user\"}\n",
     );
-    let p = temp_file("refused-shapes.trace.jsonl", trace);
-    let file = p.display().to_string();
-    let out = vmmu(&["replay", "--json", "--format", "ept", "--mmio-caching", "on", &file]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    let doc: Value = serde_json::from_slice(&out.stdout).expect("json");
-    let t = &doc["traces"][0];
+    let t = &replay_refusing("refused-shapes.trace.jsonl", trace);
     assert_eq!(t["run_errors"], Value::Array(vec![]), "{t:#}");
     let r = &t["runs"][0];
     let sl = &r["slots"];
