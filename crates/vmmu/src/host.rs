@@ -90,7 +90,11 @@ pub unsafe trait FrameAllocator: Send + Sync {
 /// The host's view of a guest page's backing: the frame and how large a page maps it.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct HostPage {
-    /// The frame backing the translated address.
+    /// The frame backing the translated address. It must fit the VM's `phys_bits` (a fault that
+    /// gets one that does not fails with [`crate::fault::FaultError::HostFrameBeyondPhysBits`])
+    /// and must not be one of the MMU's own table frames ([`FrameAllocator::alloc_table`]): the
+    /// MMU would map the guest onto its own SPTEs. Guest memory and table frames are disjoint,
+    /// as a VMM's RAM and the kernel's page-table pages are.
     pub pfn: Pfn,
     /// Whether the leaf may be writable (KVM `map_writable`): for a write, the host mapping
     /// allows writes; for a read, the host maps the page writable *already* (KVM's
