@@ -46,7 +46,9 @@ impl ShadowMmu {
             }
             for id in pages {
                 let level = st.sp(id).role.level();
-                let flooded = level > Level::L4K && {
+                // KVM `detect_write_misaligned(..) || detect_write_flooding(..)`: a misaligned
+                // write does not count towards flooding.
+                let flooded = !misaligned && level > Level::L4K && {
                     let sp = st.sp_mut(id);
                     sp.flood = sp.flood.saturating_add(1);
                     sp.flood >= 3
