@@ -95,6 +95,9 @@ pub(super) fn device_manager<M: GuestMmu>(
         .trap_slot
         .and_then(|_| schedule.steps().iter().find(|s| s.label.starts_with("dimm: hot")));
     while !sh.stop.load(Ordering::Relaxed) {
+        if cfg.max_updates.is_some_and(|max| r.updates >= max) {
+            break; // `--churn N`: exactly N updates (the run then stops)
+        }
         if let (Some(trap), Some(d)) = (sh.trap_slot, dimm) {
             let plugged = schedule
                 .version(r.updates)
