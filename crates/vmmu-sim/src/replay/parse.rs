@@ -27,6 +27,10 @@ pub const TRACE_VERSION: u64 = 1;
 /// (the tracepoint keeps the first 8).
 pub const MAX_MMIO_LEN: u64 = 32;
 
+/// The widest guest-physical address x86 has (MAXPHYADDR 52): a recorded access reaches below
+/// 2^52 (a slot request may name more, and KVM refuses it).
+pub const GUEST_PHYS_BITS: u32 = 52;
+
 /// Why a trace is malformed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("line {line}: {kind}")]
@@ -446,6 +450,15 @@ fn parse_event(o: &Ordered<'_>, op: &str) -> Result<EventKind, ParseErrorKind> {
             if (gpa & 0xfff) + len > 0x1000 {
                 return Err(ParseErrorKind::CrossesPage { gpa, len });
             }
+            if gpa >> GUEST_PHYS_BITS != 0 {
+                return Err(field(
+                    "gpa",
+                    format!(
+                        "{gpa:#x} is at or above 2^{GUEST_PHYS_BITS}: no x86 guest can access \
+                         it (MAXPHYADDR is at most {GUEST_PHYS_BITS})"
+                    ),
+                ));
+            }
             let exit = match o.string("exit")?.as_str() {
                 "user" => Exit::User,
                 "kernel" => Exit::Kernel,
@@ -739,6 +752,7 @@ mod tests {
     fn mmio_rules() {
         let m = "{\"t\":0.000000,\"op\":\"mmio\",\"dir\":\"write\",\"gpa\":\"0xb8000\",\"len\":2,\"value\":\"0x741\",\"exit\":\"kernel\"}";
         assert!(one(m).is_ok());
+        assert!(one(&m.replace("0xb8000", "0xffffffffff000")).is_ok(), "the last page below 2^52");
         for (line, want) in [
             (m.replace("\"len\":2", "\"len\":0"), "1 to 32 bytes"),
             (m.replace("\"len\":2", "\"len\":33"), "1 to 32 bytes"),
@@ -746,6 +760,7 @@ mod tests {
             (m.replace("\"0x741\"", "null"), "reads only"),
             (m.replace("0x741", "0x10000"), "more than 2 bytes"),
             (m.replace("kernel", "hypervisor"), "exit"),
+            (m.replace("0xb8000", "0x10000000000000"), "no x86 guest can access"),
         ] {
             let e = one(&line).expect_err(&line);
             assert!(e.kind.to_string().contains(want), "{line}: {e}");
