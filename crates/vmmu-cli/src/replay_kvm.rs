@@ -122,7 +122,15 @@ pub fn run(trace: &Trace) -> KvmReport {
     // space), so the rest of the trace is still checked, and the report counts what was left out.
     let smm_here = smm && info.address_spaces >= 2;
     let unions = vmmu_sim::replay::memory::uaddr_unions(trace);
-    let mut vm = match TraceVm::new(&unions, if smm_here { 2 } else { 1 }, base, high) {
+    let ids = trace.events.iter().filter_map(|e| match e.kind {
+        EventKind::Slot(s) => Some((s.as_id, s.id)),
+        _ => None,
+    });
+    let own_slot = match TraceVm::own_slot(ids) {
+        Ok(own) => own,
+        Err(why) => return skipped(&why),
+    };
+    let mut vm = match TraceVm::new(&unions, if smm_here { 2 } else { 1 }, base, own_slot, high) {
         Ok(vm) => vm,
         Err(e) => {
             return KvmReport {

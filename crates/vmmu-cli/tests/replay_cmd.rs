@@ -917,3 +917,26 @@ fn requests_kvm_refuses_by_their_shape_are_refused_naming_their_lines() {
     assert_eq!((u(&k["slots_applied"]), u(&k["slots_refused"])), (1, 2), "{k:#}");
     assert_eq!(u(&k["mmio_exits"]), 1, "{k:#}");
 }
+
+/// A trace that names slot 32760 (the KVM replay guest's usual slot) still replays on KVM: the
+/// guest takes an id the trace never names.
+#[test]
+fn a_trace_naming_the_replay_guests_slot_id_still_runs_on_kvm() {
+    let trace = concat!(
+        "{\"vmmu_trace\":1,\"source\":\"hand: slot id 32760\"}\n",
+        "{\"t\":0.000000,\"op\":\"slot\",\"as\":0,\"id\":32760,\"flags\":[],\"gpa\":\"0x0\",\"size\":\"0x100000\",\"uaddr\":\"0x7f0000000000\"}\n",
+        "{\"t\":0.000100,\"op\":\"mmio\",\"dir\":\"read\",\"gpa\":\"0x100000\",\"len\":4,\"value\":\"0x0\",\"exit\":\"user\"}\n",
+    );
+    let file = temp_file("slot-32760.trace.jsonl", trace).display().to_string();
+    assert_clean(&file);
+    let out = vmmu(&["replay", "--json", "--format", "ept", "--mmio-caching", "on", &file]);
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let k = &doc["traces"][0]["kvm"];
+    assert_eq!(out.status.code(), Some(0), "{k:#}");
+    if !kvm_usable("checking less") {
+        assert!(k["skipped"].as_str().is_some(), "{k:#}");
+        return;
+    }
+    assert_eq!((k["ran"].clone(), k["skipped"].clone()), (Value::Bool(true), Value::Null), "{k:#}");
+    assert_eq!((u(&k["slots_applied"]), u(&k["mmio_exits"])), (1, 1), "{k:#}");
+}

@@ -5,12 +5,12 @@
 //! The trace may use any GPA, the first megabyte included (`traces.md`: "a replayer that needs
 //! guest memory of its own puts it where the trace places no slot and no access"), so the guest
 //! of [`crate::guest`] is relocated: its code, tables and stacks sit in a window of [`WINDOW`]
-//! bytes in slot [`guest::OWN_SLOT`] of address space 0, and the access code's closing store goes
+//! bytes in a slot of address space 0 the trace never names ([`TraceVm::own_slot`]:
+//! [`guest::OWN_SLOT`] unless the trace names it), and the access code's closing store goes
 //! [`SYNC_OFFSET`] above the window's start, where no slot is. [`TraceVm::place`] picks the
 //! window: [`BASE`] (4 GiB, above everything the reference recordings use) when the trace leaves
 //! it free, else the first free window above it, else below it (a VM with RAM above 4 GiB maps
-//! it right there). It says why when there is none, or when the trace uses the replayer's slot
-//! id (then the caller skips KVM). The guest identity-maps the low [`ACCESS_LIMIT`] (64 GiB);
+//! it right there). It says why when there is none (then the caller skips KVM). The guest identity-maps the low [`ACCESS_LIMIT`] (64 GiB);
 //! an access above it (a 64-bit BAR that firmware put high) goes through a high alias window at
 //! [`HIGH_VA`] that maps each 2 MiB frame the trace accesses up there
 //! ([`TraceVm::high_frames`]; the caller skips KVM when those lie above the guest's MAXPHYADDR).
@@ -89,12 +89,27 @@ pub enum Access {
     Memory,
 }
 
+/// The slot id of the replay guest's own window: one the trace never names in address space 0
+/// ([`TraceVm::own_slot`] makes it), so no recorded request can change or delete the guest's
+/// code and tables.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct OwnSlot(u32);
+
+impl OwnSlot {
+    /// The id.
+    pub fn id(self) -> u32 {
+        self.0
+    }
+}
+
 /// A VM for one trace.
 pub struct TraceVm {
     // Field order is drop order: vCPU and VM before the memory they use.
     vcpu: VcpuFd,
     vm: VmFd,
     own: Mapping,
+    /// The slot that maps `own`.
+    own_slot: OwnSlot,
     bufs: Vec<Buffer>,
     /// Guest-physical start of the replay guest's window.
     base: u64,
@@ -104,6 +119,21 @@ pub struct TraceVm {
 }
 
 impl TraceVm {
+    /// The slot id the replay guest's window takes for a trace whose requests name `ids`
+    /// (`(as_id, id)`): [`OWN_SLOT`] if the trace never names it in address space 0, else the
+    /// highest user slot id (below `KVM_USER_MEM_SLOTS`, 32764) it never names there; `Err` if it
+    /// names them all.
+    pub fn own_slot(ids: impl IntoIterator<Item = (u16, u16)>) -> Result<OwnSlot, String> {
+        let used: std::collections::BTreeSet<u16> =
+            ids.into_iter().filter(|&(a, _)| a == 0).map(|(_, id)| id).collect();
+        let preferred = u16::try_from(OWN_SLOT).unwrap_or(u16::MAX);
+        std::iter::once(preferred)
+            .chain((0..32764u16).rev())
+            .find(|id| !used.contains(id))
+            .map(|id| OwnSlot(u32::from(id)))
+            .ok_or_else(|| "the trace names every slot id of address space 0".to_string())
+    }
+
     /// Where the replay guest's window goes for a trace (its guest-physical start), or why
     /// the trace cannot run on this VM: `slots` are `(as_id, id, gpa, size)` of its non-delete
     /// requests, `mmio` the addresses it accesses. The window is [`BASE`] if the trace leaves it
@@ -118,11 +148,7 @@ impl TraceVm {
             if as_id != 0 {
                 continue;
             }
-            if u32::from(id) == OWN_SLOT {
-                return Err(format!(
-                    "the trace uses slot id {OWN_SLOT}, which the KVM replayer keeps for its guest"
-                ));
-            }
+            let _ = id;
             used.push((gpa, gpa.saturating_add(size)));
         }
         for gpa in mmio {
@@ -201,6 +227,7 @@ impl TraceVm {
         unions: &[(u64, u64)],
         address_spaces: u16,
         base: u64,
+        own_slot: OwnSlot,
         high: Vec<u64>,
     ) -> Result<TraceVm, KvmError> {
         let kvm = Kvm::new().map_err(|e| KvmError::Ioctl {
@@ -240,7 +267,7 @@ impl TraceVm {
             own.write_bytes(HIGH_PD as usize, &pd);
         }
         let region = kvm_userspace_memory_region {
-            slot: OWN_SLOT,
+            slot: own_slot.id(),
             flags: 0,
             guest_phys_addr: base,
             memory_size: OWN_SIZE as u64,
@@ -268,7 +295,7 @@ impl TraceVm {
         vcpu.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
         let s = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
         vcpu.set_sregs(&guest::sregs_at(s, base)).map_err(ioctl("KVM_SET_SREGS"))?;
-        Ok(TraceVm { vcpu, vm, own, bufs, base, high, _kvm: kvm })
+        Ok(TraceVm { vcpu, vm, own, own_slot, bufs, base, high, _kvm: kvm })
     }
 
     /// Guest-physical start of the replay guest's window.
@@ -289,7 +316,8 @@ impl TraceVm {
             .map_or(uaddr, |b| b.map.addr() + (uaddr - b.base))
     }
 
-    /// One `KVM_SET_USER_MEMORY_REGION` as recorded; the error is KVM's errno name.
+    /// One `KVM_SET_USER_MEMORY_REGION` as recorded; the error is KVM's errno name (`EPERM` for
+    /// the guest's own slot, which [`Self::own_slot`] keeps out of every trace).
     pub fn set_region(
         &mut self,
         slot: u32,
@@ -298,6 +326,10 @@ impl TraceVm {
         size: u64,
         uaddr: u64,
     ) -> Result<(), String> {
+        if slot == self.own_slot.id() {
+            // Never the trace's (`own_slot`): a caller's request there would move the guest.
+            return Err("EPERM".to_string());
+        }
         let region = kvm_userspace_memory_region {
             slot,
             flags,
@@ -445,6 +477,16 @@ mod tests {
     }
 
     #[test]
+    fn the_own_slot_is_one_the_trace_never_names() {
+        let own = OWN_SLOT as u16;
+        assert_eq!(TraceVm::own_slot([(0, 0), (1, own)]).map(OwnSlot::id), Ok(OWN_SLOT));
+        assert_eq!(TraceVm::own_slot([(0, own)]).map(OwnSlot::id), Ok(32763));
+        assert_eq!(TraceVm::own_slot([(0, own), (0, 32763)]).map(OwnSlot::id), Ok(32762));
+        let all = (0..32764u16).map(|id| (0, id));
+        assert!(TraceVm::own_slot(all).unwrap_err().contains("every slot id"));
+    }
+
+    #[test]
     fn the_window_goes_where_the_trace_places_nothing() {
         // The reference recordings use nothing at or above 4 GiB: the preferred window.
         assert_eq!(TraceVm::place([(0, 0, 0, 0x1000_0000)], [0xfee0_0000]), Ok(BASE));
@@ -461,8 +503,6 @@ mod tests {
         let high = (0, 1, BASE, ACCESS_LIMIT - BASE);
         assert_eq!(TraceVm::place([high, (0, 0, 0, 0xa0000)], []), Ok(WINDOW));
         assert!(TraceVm::place([(0, 0, 0, u64::MAX)], []).unwrap_err().contains("no free"));
-        // The replayer's slot id, and addresses its guest cannot reach.
-        assert!(TraceVm::place([(0, OWN_SLOT as u16, 0, 0x1000)], []).is_err());
         // An access beyond the identity map does not take the window (high alias window).
         assert_eq!(TraceVm::place([], [ACCESS_LIMIT, u64::MAX]), Ok(BASE));
     }
