@@ -144,6 +144,8 @@ pub enum Verdict {
         tdp: Vec<String>,
         /// The first `dirty-log` step where their pages differ.
         step: u32,
+        /// Sources that skipped the scenario (compared among themselves).
+        skipped: Vec<String>,
     },
     /// Nothing could be compared (fewer than two sources ran, or all skipped).
     Skipped(String),
@@ -277,10 +279,17 @@ pub fn compare_allowing_tdp_dirty_pages(
     if !matches!(verdict, Verdict::Differ { .. }) {
         return verdict;
     }
-    let (tdp, rest): (Vec<&Source>, Vec<&Source>) = sources
+    // Sources that skipped the scenario are compared among themselves, as `compare` does.
+    let (running, skipping): (Vec<&Source>, Vec<&Source>) = sources
         .iter()
-        .filter(|s| !matches!(s.outcome, Outcome::Unavailable(_)))
-        .partition(|s| is_tdp(&s.name));
+        .filter(|s| matches!(s.outcome, Outcome::Stream(_)))
+        .partition(|s| matches!(&s.outcome, Outcome::Stream(o) if skip_reason(o).is_none()));
+    let skipping: Vec<Source> = skipping.into_iter().cloned().collect();
+    if matches!(compare(&skipping), Verdict::Differ { .. }) {
+        return verdict;
+    }
+    let (tdp, rest): (Vec<&Source>, Vec<&Source>) =
+        running.into_iter().partition(|s| is_tdp(&s.name));
     if !rest.iter().any(|s| is_shadow(&s.name)) {
         return verdict;
     }
@@ -291,7 +300,12 @@ pub fn compare_allowing_tdp_dirty_pages(
         return verdict;
     };
     match dirty_pages_only_difference(&a, &b) {
-        Some(step) => Verdict::EqualButTdpDirtyPages { compared, tdp: tdp_names, step },
+        Some(step) => Verdict::EqualButTdpDirtyPages {
+            compared,
+            tdp: tdp_names,
+            step,
+            skipped: skipping.into_iter().map(|s| s.name).collect(),
+        },
         None => verdict,
     }
 }
@@ -373,14 +387,19 @@ impl fmt::Display for VerdictLine<'_> {
                     b_line.as_deref().unwrap_or(end)
                 )
             }
-            Verdict::EqualButTdpDirtyPages { compared, tdp, step } => write!(
-                f,
-                "equal  {path} ({}); dirty-log pages differ from step {step} under TDP only ({}): \
-                 a TDP MMU maps a gfn once where a shadow MMU maps per guest mapping and root, \
-                 and a read fault that maps a logged page writable dirties it",
-                compared.join(", "),
-                tdp.join(", ")
-            ),
+            Verdict::EqualButTdpDirtyPages { compared, tdp, step, skipped } => {
+                write!(f, "equal  {path} ({}", compared.join(", "))?;
+                if !skipped.is_empty() {
+                    write!(f, "; skipped by {}", skipped.join(", "))?;
+                }
+                write!(
+                    f,
+                    "); dirty-log pages differ from step {step} under TDP only ({}): a TDP MMU \
+                     maps a gfn once where a shadow MMU maps per guest mapping and root, and a \
+                     read fault that maps a logged page writable dirties it",
+                    tdp.join(", ")
+                )
+            }
             Verdict::Skipped(why) => write!(f, "skipped {path}: {why}"),
             Verdict::Failed { config, error } => write!(f, "FAILED {path}: {config}: {error}"),
         }
@@ -433,11 +452,23 @@ mod tests {
             compared: vec!["sim-shadow-on".into(), "kvm".into()],
             tdp: vec!["sim-ept-on".into(), "sim-npt-off".into()],
             step: 5,
+            skipped: vec![],
         };
         assert_eq!(v, want);
         assert!(!v.is_bad());
         let line = VerdictLine { path: "p.scn", verdict: &v }.to_string();
         assert!(line.starts_with("equal  p.scn (sim-shadow-on, kvm); dirty-log pages differ from step 5 under TDP only (sim-ept-on, sim-npt-off)"), "{line}");
+        // A source that skipped the file (KVM without PAE) is set aside, as `compare` does.
+        let skipping = allowing(&[ept.clone(), shadow.clone(), src("kvm", skip("no PAE"))]);
+        assert!(
+            matches!(&skipping, Verdict::EqualButTdpDirtyPages { skipped, .. } if skipped == &["kvm"]),
+            "{skipping:?}"
+        );
+        let line = VerdictLine { path: "p.scn", verdict: &skipping }.to_string();
+        assert!(
+            line.starts_with("equal  p.scn (sim-shadow-on; skipped by kvm); dirty-log"),
+            "{line}"
+        );
         // One TDP source and one shadow source are groups of their own.
         let one = allowing(&[kvm.clone(), ept.clone(), shadow.clone()]);
         assert!(
