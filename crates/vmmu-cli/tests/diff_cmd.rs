@@ -197,7 +197,11 @@ fn tdp_dirty_log_pages_after_reads_are_the_one_allowed_difference() {
     let out = vmmu(&["diff", "--no-kvm", "--expected", &d, &p]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
-    assert!(stdout.starts_with(&format!("equal  {p} (expected, sim-shadow-on); dirty-log pages differ from step 7 under TDP only (sim-ept-on, sim-ept-off)")), "{stdout}");
+    let want = format!(
+        "equal  {p} (expected, sim-shadow-on); dirty-log pages differ from step 7 under TDP only \
+         (sim-ept-on, sim-ept-off)"
+    );
+    assert!(stdout.starts_with(&want), "{stdout}");
     // A recording that differs in a value as well is a difference, witness or not.
     std::fs::write(dir.join("pinned.jsonl"), rec.replace("0x55", "0x56")).unwrap();
     let out = vmmu(&["diff", "--no-kvm", "--expected", &d, &p]);

@@ -10,10 +10,11 @@
 //! [`SYNC_OFFSET`] above the window's start, where no slot is. [`TraceVm::place`] picks the
 //! window: [`BASE`] (4 GiB, above everything the reference recordings use) when the trace leaves
 //! it free, else the first free window above it, else below it (a VM with RAM above 4 GiB maps
-//! it right there). It says why when there is none (then the caller skips KVM). The guest identity-maps the low [`ACCESS_LIMIT`] (64 GiB);
-//! an access above it (a 64-bit BAR that firmware put high) goes through a high alias window at
-//! [`HIGH_VA`] that maps each 2 MiB frame the trace accesses up there
-//! ([`TraceVm::high_frames`]; the caller skips KVM when those lie above the guest's MAXPHYADDR).
+//! it right there). It says why when there is none (then the caller skips KVM). The guest
+//! identity-maps the low [`ACCESS_LIMIT`] (64 GiB); an access above it (a 64-bit BAR that
+//! firmware put high) goes through a high alias window at [`HIGH_VA`] that maps each 2 MiB frame
+//! the trace accesses up there ([`TraceVm::high_frames`]; the caller skips KVM when those lie
+//! above the guest's MAXPHYADDR).
 //!
 //! Invariants:
 //! - the VM and its vCPU are dropped before the buffers its memslots point into (field order);

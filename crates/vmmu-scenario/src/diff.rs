@@ -457,11 +457,14 @@ mod tests {
         assert_eq!(v, want);
         assert!(!v.is_bad());
         let line = VerdictLine { path: "p.scn", verdict: &v }.to_string();
-        assert!(line.starts_with("equal  p.scn (sim-shadow-on, kvm); dirty-log pages differ from step 5 under TDP only (sim-ept-on, sim-npt-off)"), "{line}");
+        let want = "equal  p.scn (sim-shadow-on, kvm); dirty-log pages differ from step 5 under \
+                    TDP only (sim-ept-on, sim-npt-off)";
+        assert!(line.starts_with(want), "{line}");
         // A source that skipped the file (KVM without PAE) is set aside, as `compare` does.
         let skipping = allowing(&[ept.clone(), shadow.clone(), src("kvm", skip("no PAE"))]);
         assert!(
-            matches!(&skipping, Verdict::EqualButTdpDirtyPages { skipped, .. } if skipped == &["kvm"]),
+            matches!(&skipping, Verdict::EqualButTdpDirtyPages { skipped, .. }
+                if skipped == &["kvm"]),
             "{skipping:?}"
         );
         let line = VerdictLine { path: "p.scn", verdict: &skipping }.to_string();

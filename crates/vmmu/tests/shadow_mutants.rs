@@ -1630,7 +1630,8 @@ fn a_shadow_fault_that_finds_its_mmio_spte_there_counts_and_emulates() {
     v1.service_requests().unwrap();
     let o = v1.handle_page_fault(Gva(A), PfErr(PfErr::USER)).unwrap();
     assert!(
-        matches!(o, FaultOutcome::Emulate { source: SlowPathMmio, gpa, .. } if gpa.raw() == MMIO_GPA),
+        matches!(o, FaultOutcome::Emulate { source: SlowPathMmio, gpa, .. }
+            if gpa.raw() == MMIO_GPA),
         "{o:?}"
     );
     assert_eq!((v1.stats.pf_mmio_spte_created, v1.stats.pf_spurious), (1, 0));

@@ -272,8 +272,9 @@ impl<H: Host + GuestMemory> Vcpu<H> {
     /// previous root for `cr3` if one is usable (KVM keeps 3), else its current root becomes the
     /// most recent previous one and a new root is built on the next entry; a PAE guest reloads
     /// its PDPTEs (a bad one is #GP) and its special root. A `cr3` with bits at or above the
-    /// guest's MAXPHYADDR is #GP ([`ShadowError::IllegalCr3`]); nothing changes then. Either way the GVA part of the MMIO
-    /// cache is cleared and the hypervisor flushes its TLB (`flush_tlb`). In guest mode it leaves it first (a VM exit).
+    /// guest's MAXPHYADDR is #GP ([`ShadowError::IllegalCr3`]); nothing changes then. Either
+    /// way the GVA part of the MMIO cache is cleared and the hypervisor flushes its TLB
+    /// (`flush_tlb`). In guest mode it leaves it first (a VM exit).
     pub fn load_cr3(&mut self, cr3: u64) -> Result<EntryWork, ShadowError> {
         self.exit_guest_mode();
         self.shadow_parts()?;
