@@ -84,13 +84,33 @@ pub fn highest_gpa(trace: &Trace) -> Option<u64> {
         .max()
 }
 
+/// The last byte of the trace's highest MMIO access or slot request that some host could have
+/// accepted ([`phys_bits_for`] reads the recording host's width from it). A request no host
+/// accepts by its shape was refused on the recording host too, whatever its MAXPHYADDR: it says
+/// nothing about that host's width (and must not turn MMIO caching off for the whole run, as 52
+/// bits would under NPT).
+pub fn highest_telling_gpa(trace: &Trace) -> Option<u64> {
+    trace
+        .events
+        .iter()
+        .filter_map(|e| match e.kind {
+            EventKind::Slot(s) if s.size > 0 && super::memory::acceptable_somewhere(&s) => {
+                Some(s.gpa + (s.size - 1))
+            }
+            EventKind::Mmio(m) => Some(m.gpa.saturating_add(m.len.max(1) - 1)),
+            _ => None,
+        })
+        .max()
+}
+
 /// The host MAXPHYADDR to replay `trace` with when the user names none: [`DEFAULT_PHYS_BITS`],
 /// or as many bits as the trace's highest guest-physical address needs, at most 52. Every
-/// recorded slot request succeeded, and a TDP host accepts a slot only below its own MAXPHYADDR
+/// recorded slot request succeeded (one that no host accepts by its shape is left out), and a
+/// TDP host accepts a slot only below its own MAXPHYADDR
 /// (KVM's `kvm_mmu_max_gfn`), so a trace with a 64-bit BAR mapped at 2^47 comes from a host with
 /// at least 48 bits; replaying it with 46 would refuse a request the recording host accepted.
 pub fn phys_bits_for(trace: &Trace) -> u8 {
-    let needed = highest_gpa(trace).map_or(0, |last| 64 - last.leading_zeros());
+    let needed = highest_telling_gpa(trace).map_or(0, |last| 64 - last.leading_zeros());
     u8::try_from(needed).unwrap_or(52).clamp(DEFAULT_PHYS_BITS, 52)
 }
 
@@ -1442,7 +1462,11 @@ mod tests {
         assert_eq!(bits(&[mmio("0x800000000000")]), 48);
         assert_eq!(bits(&[mmio("0x7ffffffffff8")]), 47, "8 bytes ending at 2^47 - 1");
         assert_eq!(bits(&[slot("0xfffffffff000", "0x1000")]), 48);
-        assert_eq!(bits(&[slot("0xffff000000000000", "0x1000")]), 52, "capped at 52");
+        assert_eq!(bits(&[slot("0xffffffffff000", "0x1000")]), 52, "the last page below 2^52");
+        // Requests no host accepts say nothing about the recording host's width: past 2^52, or
+        // of more pages than a slot may have.
+        assert_eq!(bits(&[slot("0xffff000000000000", "0x1000")]), 46);
+        assert_eq!(bits(&[slot("0x800000000000", "0x100000000000")]), 46, "2^32 pages");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! boundary below the union's start), so huge pages map exactly where they would have on the
 //! recording host.
 
-use super::parse::{EventKind, Trace};
+use super::parse::{EventKind, SlotEvent, Trace};
 use crate::host::{frame_space, HostBuffer, HostConfig, HostError, SimHost, SIZE_2M};
 use std::sync::Arc;
 use vmmu::memslot::KVM_MEM_MAX_NR_PAGES;
@@ -56,6 +56,15 @@ fn acceptable_range(uaddr: u64, size: u64) -> Option<u64> {
     let aligned = (uaddr | size) % PAGE_SIZE == 0;
     let end = uaddr.checked_add(size).filter(|&e| e <= ANY_HOST_USER_LIMIT)?;
     (aligned && size / PAGE_SIZE <= KVM_MEM_MAX_NR_PAGES).then_some(end)
+}
+
+/// Whether some x86-64 host's KVM could accept slot request `s` by its shape: its `uaddr`
+/// range ([`ANY_HOST_USER_LIMIT`], alignment, `KVM_MEM_MAX_NR_PAGES`) and a guest-physical
+/// range below 2^52 (no host has more). Deletes qualify.
+pub fn acceptable_somewhere(s: &SlotEvent) -> bool {
+    s.size == 0
+        || (acceptable_range(s.uaddr, s.size).is_some()
+            && s.gpa.checked_add(s.size).is_some_and(|end| end <= 1 << 52))
 }
 
 /// The maximal unions of overlapping `[uaddr, uaddr + size)` ranges of the trace's non-delete

@@ -29,7 +29,8 @@ pub mod parse;
 pub mod report;
 
 pub use engine::{
-    highest_gpa, phys_bits_for, replay, ReplayConfig, ReplayError, DEFAULT_PHYS_BITS,
+    highest_gpa, highest_telling_gpa, phys_bits_for, replay, ReplayConfig, ReplayError,
+    DEFAULT_PHYS_BITS,
 };
 pub use parse::{parse, ParseError, Trace};
 pub use report::{KvmReport, RunReport, TraceReport};
