@@ -848,6 +848,19 @@ fn kvm_half_reaches_accesses_above_64_gib() {
     );
 }
 
+/// The KVM half of trace report `t` where `/dev/kvm` is usable, having checked that it ran
+/// (no skip, no error); elsewhere `None`, having checked that it says why it skipped.
+fn kvm_half_that_ran(t: &Value) -> Option<&Value> {
+    let k = &t["kvm"];
+    if !kvm_usable("checking less") {
+        assert!(k["skipped"].as_str().is_some(), "{k:#}");
+        return None;
+    }
+    let ran = (k["ran"].clone(), k["skipped"].clone(), k["error"].clone());
+    assert_eq!(ran, (Value::Bool(true), Value::Null, Value::Null), "{k:#}");
+    Some(k)
+}
+
 /// `trace` (saved as `name`) replayed under EPT with caching and on KVM where usable, which must
 /// fail (exit 1: something refused); the trace's JSON report.
 fn replay_refusing(name: &str, trace: &str) -> Value {
@@ -874,12 +887,7 @@ fn a_dirty_log_call_on_an_address_space_without_slots_is_refused_by_both_halves(
     let d = &t["runs"][0]["dirty_log"];
     assert_eq!((u(&d["accepted"]), u(&d["refused"])), (0, 1), "{d:#}");
     assert!(d["first_refusals"][0].as_str().unwrap().starts_with("line 3:"), "{d:#}");
-    let k = &t["kvm"];
-    if !kvm_usable("checking less") {
-        assert!(k["skipped"].as_str().is_some(), "{k:#}");
-        return;
-    }
-    assert_eq!(k["ran"], true, "{k:#}");
+    let Some(k) = kvm_half_that_ran(t) else { return };
     assert_eq!((u(&k["dirty_log_applied"]), u(&k["dirty_log_refused"])), (0, 1), "{k:#}");
     assert_eq!(u(&k["smm_skipped"]), 0, "{k:#}");
 }
@@ -908,12 +916,7 @@ fn requests_kvm_refuses_by_their_shape_are_refused_naming_their_lines() {
     assert!(first.iter().all(|f| f["errno"] == "EINVAL"), "{sl:#}");
     let m = &r["mmio"];
     assert_eq!((u(&m["classified_mmio"]), u(&m["misclassified"])), (1, 0), "{m:#}");
-    let k = &t["kvm"];
-    if !kvm_usable("checking less") {
-        assert!(k["skipped"].as_str().is_some(), "{k:#}");
-        return;
-    }
-    assert_eq!((k["ran"].clone(), k["error"].clone()), (Value::Bool(true), Value::Null), "{k:#}");
+    let Some(k) = kvm_half_that_ran(t) else { return };
     assert_eq!((u(&k["slots_applied"]), u(&k["slots_refused"])), (1, 2), "{k:#}");
     assert_eq!(u(&k["mmio_exits"]), 1, "{k:#}");
 }
@@ -931,12 +934,7 @@ fn a_trace_naming_the_replay_guests_slot_id_still_runs_on_kvm() {
     assert_clean(&file);
     let out = vmmu(&["replay", "--json", "--format", "ept", "--mmio-caching", "on", &file]);
     let doc: Value = serde_json::from_slice(&out.stdout).expect("json");
-    let k = &doc["traces"][0]["kvm"];
-    assert_eq!(out.status.code(), Some(0), "{k:#}");
-    if !kvm_usable("checking less") {
-        assert!(k["skipped"].as_str().is_some(), "{k:#}");
-        return;
-    }
-    assert_eq!((k["ran"].clone(), k["skipped"].clone()), (Value::Bool(true), Value::Null), "{k:#}");
+    assert_eq!(out.status.code(), Some(0), "{doc:#}");
+    let Some(k) = kvm_half_that_ran(&doc["traces"][0]) else { return };
     assert_eq!((u(&k["slots_applied"]), u(&k["mmio_exits"])), (1, 1), "{k:#}");
 }
