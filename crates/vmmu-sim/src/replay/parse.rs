@@ -616,10 +616,16 @@ pub fn parse(text: &str) -> Result<Trace, ParseError> {
         return Err(at(1)(ParseErrorKind::Empty));
     }
     let h = Ordered::parse(header).map_err(at(1))?;
-    h.expect_keys("header", &["vmmu_trace", "source"]).map_err(at(1))?;
+    // The version first: a later version's header may carry other keys. The key-order rule is
+    // the event lines' (traces.md), so the header's two keys may come in either order.
     let version = h.raw("vmmu_trace").map_err(at(1))?;
     if version != "1" {
         return Err(at(1)(ParseErrorKind::Version(version.to_string())));
+    }
+    let mut keys = h.keys();
+    keys.sort_unstable();
+    if keys != ["source", "vmmu_trace"] {
+        h.expect_keys("header", &["vmmu_trace", "source"]).map_err(at(1))?;
     }
     let source = h.string("source").map_err(at(1))?;
     let mut events: Vec<Event> = Vec::new();
@@ -718,7 +724,13 @@ mod tests {
     fn header_rules() {
         assert_eq!(kind_at("").0, 1);
         assert!(kind_at("{\"vmmu_trace\":2,\"source\":\"x\"}\n").1.contains("version 1"));
-        assert!(kind_at("{\"source\":\"x\",\"vmmu_trace\":1}\n").1.contains("keys"));
+        let v2 = "{\"vmmu_trace\":2,\"source\":\"x\",\"host\":\"y\"}\n";
+        assert!(kind_at(v2).1.contains("version 1"), "a version error, not a key error");
+        assert!(kind_at("{\"vmmu_trace\":1,\"source\":\"x\",\"host\":1}\n").1.contains("keys"));
+        assert!(kind_at("{\"vmmu_trace\":1}\n").1.contains("keys"));
+        let reversed =
+            parse("{\"source\":\"x\",\"vmmu_trace\":1}\n").expect("header keys in any order");
+        assert_eq!(reversed.source, "x");
     }
 
     #[test]
