@@ -24,8 +24,7 @@ use clap::Args;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use vmmu_scenario::diff::Verdict;
-use vmmu_scenario::diff::{self, Outcome, Source};
+use vmmu_scenario::diff::{self, Outcome, Source, Verdict};
 use vmmu_scenario::{parse_observations, Backend, Format, VerdictLine};
 
 /// Arguments of `vmmu diff`.

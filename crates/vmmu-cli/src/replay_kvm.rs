@@ -92,7 +92,7 @@ pub fn run(trace: &Trace) -> KvmReport {
         Err(why) => return skipped(&why),
     };
     let slots = trace.events.iter().filter_map(|e| match e.kind {
-        EventKind::Slot(s) if s.size > 0 => Some((s.as_id, s.id, s.gpa, s.size)),
+        EventKind::Slot(s) if s.size > 0 => Some((s.as_id, s.gpa, s.size)),
         _ => None,
     });
     let mmio = trace.events.iter().filter_map(|e| match e.kind {

@@ -136,20 +136,19 @@ impl TraceVm {
     }
 
     /// Where the replay guest's window goes for a trace (its guest-physical start), or why
-    /// the trace cannot run on this VM: `slots` are `(as_id, id, gpa, size)` of its non-delete
+    /// the trace cannot run on this VM: `slots` are `(as_id, gpa, size)` of its non-delete
     /// requests, `mmio` the addresses it accesses. The window is [`BASE`] if the trace leaves it
     /// free, else the first free [`WINDOW`]-aligned window above it, else below it, inside the
     /// guest's identity map (below [`ACCESS_LIMIT`]).
     pub fn place(
-        slots: impl IntoIterator<Item = (u16, u16, u64, u64)>,
+        slots: impl IntoIterator<Item = (u16, u64, u64)>,
         mmio: impl IntoIterator<Item = u64>,
     ) -> Result<u64, String> {
         let mut used: Vec<(u64, u64)> = Vec::new();
-        for (as_id, id, gpa, size) in slots {
+        for (as_id, gpa, size) in slots {
             if as_id != 0 {
                 continue;
             }
-            let _ = id;
             used.push((gpa, gpa.saturating_add(size)));
         }
         for gpa in mmio {
@@ -490,20 +489,20 @@ mod tests {
     #[test]
     fn the_window_goes_where_the_trace_places_nothing() {
         // The reference recordings use nothing at or above 4 GiB: the preferred window.
-        assert_eq!(TraceVm::place([(0, 0, 0, 0x1000_0000)], [0xfee0_0000]), Ok(BASE));
+        assert_eq!(TraceVm::place([(0, 0, 0x1000_0000)], [0xfee0_0000]), Ok(BASE));
         // Address space 1 does not count; an access or a slot in the window moves it up.
-        assert_eq!(TraceVm::place([(1, OWN_SLOT as u16, BASE, 0x1000)], []), Ok(BASE));
+        assert_eq!(TraceVm::place([(1, BASE, 0x1000)], []), Ok(BASE));
         assert_eq!(TraceVm::place([], [BASE + SYNC_OFFSET]), Ok(BASE + WINDOW));
-        assert_eq!(TraceVm::place([(0, 1, BASE, 0x1000)], []), Ok(BASE + WINDOW));
+        assert_eq!(TraceVm::place([(0, BASE, 0x1000)], []), Ok(BASE + WINDOW));
         // RAM above 4 GiB (QEMU -m 4G and more): the first free window after it.
         assert_eq!(
-            TraceVm::place([(0, 0, 0, 0xc000_0000), (0, 1, BASE, 0x4000_0000)], [BASE + (1 << 30)]),
+            TraceVm::place([(0, 0, 0xc000_0000), (0, BASE, 0x4000_0000)], [BASE + (1 << 30)]),
             Ok(BASE + (1 << 30) + WINDOW)
         );
         // Everything from 4 GiB up taken: below it, where the trace left room.
-        let high = (0, 1, BASE, ACCESS_LIMIT - BASE);
-        assert_eq!(TraceVm::place([high, (0, 0, 0, 0xa0000)], []), Ok(WINDOW));
-        assert!(TraceVm::place([(0, 0, 0, u64::MAX)], []).unwrap_err().contains("no free"));
+        let high = (0, BASE, ACCESS_LIMIT - BASE);
+        assert_eq!(TraceVm::place([high, (0, 0, 0xa0000)], []), Ok(WINDOW));
+        assert!(TraceVm::place([(0, 0, u64::MAX)], []).unwrap_err().contains("no free"));
         // An access beyond the identity map does not take the window (high alias window).
         assert_eq!(TraceVm::place([], [ACCESS_LIMIT, u64::MAX]), Ok(BASE));
     }

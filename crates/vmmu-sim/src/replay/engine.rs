@@ -73,11 +73,18 @@ pub const DEFAULT_PHYS_BITS: u8 = 46;
 /// The highest guest-physical byte `trace` names: the last byte of a slot request (deletes
 /// included, they name the old range) or of an MMIO access; `None` for a trace without either.
 pub fn highest_gpa(trace: &Trace) -> Option<u64> {
+    highest_reached(trace, |_| true)
+}
+
+/// The last byte of the trace's highest MMIO access or non-delete slot request that `counts`.
+fn highest_reached(trace: &Trace, counts: impl Fn(&SlotEvent) -> bool) -> Option<u64> {
     trace
         .events
         .iter()
         .filter_map(|e| match e.kind {
-            EventKind::Slot(s) if s.size > 0 => Some(s.gpa.saturating_add(s.size - 1)),
+            EventKind::Slot(s) if s.size > 0 && counts(&s) => {
+                Some(s.gpa.saturating_add(s.size - 1))
+            }
             EventKind::Mmio(m) => Some(m.gpa.saturating_add(m.len.max(1) - 1)),
             _ => None,
         })
@@ -90,17 +97,7 @@ pub fn highest_gpa(trace: &Trace) -> Option<u64> {
 /// nothing about that host's width (and must not turn MMIO caching off for the whole run, as 52
 /// bits would under NPT).
 pub fn highest_telling_gpa(trace: &Trace) -> Option<u64> {
-    trace
-        .events
-        .iter()
-        .filter_map(|e| match e.kind {
-            EventKind::Slot(s) if s.size > 0 && super::memory::acceptable_somewhere(&s) => {
-                Some(s.gpa + (s.size - 1))
-            }
-            EventKind::Mmio(m) => Some(m.gpa.saturating_add(m.len.max(1) - 1)),
-            _ => None,
-        })
-        .max()
+    highest_reached(trace, super::memory::acceptable_somewhere)
 }
 
 /// The host MAXPHYADDR to replay `trace` with when the user names none: [`DEFAULT_PHYS_BITS`],

@@ -8,7 +8,7 @@
 //! boundary below the union's start), so huge pages map exactly where they would have on the
 //! recording host.
 
-use super::parse::{EventKind, SlotEvent, Trace};
+use super::parse::{EventKind, SlotEvent, Trace, GUEST_PHYS_BITS};
 use crate::host::{frame_space, HostBuffer, HostConfig, HostError, SimHost, SIZE_2M};
 use std::sync::Arc;
 use vmmu::memslot::KVM_MEM_MAX_NR_PAGES;
@@ -64,7 +64,7 @@ fn acceptable_range(uaddr: u64, size: u64) -> Option<u64> {
 pub fn acceptable_somewhere(s: &SlotEvent) -> bool {
     s.size == 0
         || (acceptable_range(s.uaddr, s.size).is_some()
-            && s.gpa.checked_add(s.size).is_some_and(|end| end <= 1 << 52))
+            && s.gpa.checked_add(s.size).is_some_and(|end| end <= 1 << GUEST_PHYS_BITS))
 }
 
 /// The maximal unions of overlapping `[uaddr, uaddr + size)` ranges of the trace's non-delete
