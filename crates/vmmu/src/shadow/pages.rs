@@ -97,8 +97,6 @@ pub(crate) struct ShadowState {
     rmap: BTreeMap<(u16, u64), Vec<(SpId, u16)>>,
     /// (address space, gfn) -> valid indirect pages shadowing that guest frame.
     tracked: BTreeMap<(u16, u64), u32>,
-    /// KVM `indirect_shadow_pages`: valid indirect pages (the sum of `tracked`).
-    pub(crate) indirect_pages: usize,
     /// KVM `kvm->arch.mmu_valid_gen`.
     pub(crate) valid_gen: u8,
     /// KVM `n_used_mmu_pages`.
@@ -121,7 +119,6 @@ impl ShadowState {
             by_pfn: BTreeMap::new(),
             rmap: BTreeMap::new(),
             tracked: BTreeMap::new(),
-            indirect_pages: 0,
             valid_gen: 0,
             n_used: 0,
             n_max,
@@ -162,6 +159,12 @@ impl ShadowState {
     /// Whether a valid page shadows guest frame `gfn` (its SPTEs must stay read-only).
     pub(crate) fn is_write_tracked(&self, as_id: AsId, gfn: Gfn) -> bool {
         self.tracked.get(&(as_id.0, gfn.raw())).is_some_and(|&n| n > 0)
+    }
+
+    /// Whether any valid indirect page exists (KVM `indirect_shadow_pages != 0`): `tracked`
+    /// holds a frame exactly while such a page shadows it.
+    pub(crate) fn has_indirect_pages(&self) -> bool {
+        !self.tracked.is_empty()
     }
 
     /// Valid pages that shadow guest frame `gfn` (indirect ones).
@@ -288,7 +291,6 @@ impl ShadowState {
         gfn: Gfn,
         batch: &mut ZapBatch,
     ) {
-        self.indirect_pages += 1;
         let n = self.tracked.entry((as_id.0, gfn.raw())).or_insert(0);
         *n += 1;
         if *n == 1 && !core.cfg.bugs.has(crate::bugs::Bug::ShadowTableLeftWritable) {
@@ -299,7 +301,6 @@ impl ShadowState {
     fn unaccount_shadowed(&mut self, as_id: AsId, gfn: Gfn) {
         let key = (as_id.0, gfn.raw());
         if let Some(n) = self.tracked.get_mut(&key) {
-            self.indirect_pages -= 1;
             *n -= 1;
             if *n == 0 {
                 self.tracked.remove(&key);

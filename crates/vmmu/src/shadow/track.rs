@@ -29,7 +29,7 @@ impl ShadowMmu {
             let mut st = self.lock(core);
             // KVM counts every emulated write while any indirect page exists, whichever frame
             // it wrote, then looks for the pages that shadow that frame.
-            if st.indirect_pages == 0 {
+            if !st.has_indirect_pages() {
                 return;
             }
             self.stats.mmu_pte_write.add(1);
