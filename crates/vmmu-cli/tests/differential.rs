@@ -274,12 +274,7 @@ fn paging_verdict(
     let named = [sources[0].clone(), tdp, witness];
     match compare_allowing_tdp_dirty_pages(&named, |n| n == "sim-tdp", |n| n == "sim-shadow") {
         Verdict::EqualButTdpDirtyPages { .. } => Ok(true),
-        w => Err(format!(
-            "{}
-with a format=shadow witness: {}",
-            line(&v),
-            line(&w)
-        )),
+        w => Err(format!("{}\nwith a format=shadow witness: {}", line(&v), line(&w))),
     }
 }
 
