@@ -8,7 +8,9 @@
 //! Exit status: 2 when a file cannot be read or is malformed (the message names the file and the
 //! line; the other files still run) or on bad flags; else 1 when any replay refused a slot
 //! request, did not classify a recorded MMIO access as MMIO, had an oracle violation, or could
-//! not run, or the `/dev/kvm` half diverged; else 0.
+//! not run, or the `/dev/kvm` half diverged; else 3 when a trace's capture lost events and its
+//! checks against the recording are therefore not judged (the trace kit's status for such a
+//! capture; an oracle violation in the replay's own accesses still gives 1); else 0.
 
 use crate::html_report::ReportFile;
 use crate::input::{shorten, Looks};
@@ -22,7 +24,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use vmmu::spte::FormatKind;
 use vmmu::vm::MmuKind;
-use vmmu_sim::replay::{self, ReplayConfig, Trace, TraceReport};
+use vmmu_sim::replay::{self, ReplayConfig, Trace, TraceReport, Verdict};
 
 /// Arguments of `vmmu replay`.
 #[derive(Args, Debug)]
@@ -110,7 +112,8 @@ fn warnings(args: &ReplayArgs, trace: &Trace) -> Vec<String> {
     if let Some(s) = &trace.summary {
         if s.lost_events > 0 {
             w.push(format!(
-                "the capture lost {} events: the trace is incomplete and its MMIO/RAM verdicts are not to be trusted",
+                "the capture lost {} events: the trace is incomplete, so refusals and misclassifications \
+                 against it are counted but not judged (UNTRUSTED); the oracle's checks of the replay's own accesses still are",
                 s.lost_events
             ));
         }
@@ -148,9 +151,7 @@ fn replay_trace(args: &ReplayArgs, file: &str, trace: &Trace) -> TraceReport {
         }
     }
     report.kvm = if args.no_kvm { replay_kvm::skipped("--no-kvm") } else { replay_kvm::run(trace) };
-    report.passed = report.run_errors.is_empty()
-        && report.runs.iter().all(|r| r.passed())
-        && report.kvm.passed();
+    report.judge();
     report
 }
 
@@ -165,6 +166,7 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
     };
     let mut bad_input = false;
     let mut failed = false;
+    let mut untrusted = false;
     let mut reports = Vec::new();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -197,14 +199,18 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
         for e in &report.run_errors {
             note!("vmmu replay: {file}: {e}");
         }
-        failed |= !report.passed;
+        failed |= report.verdict == Verdict::Fail;
+        untrusted |= report.verdict == Verdict::Untrusted;
         if !args.json && write!(out, "{}", report.text()).is_err() {
             return ExitCode::from(1);
         }
         reports.push(report);
     }
     if args.json {
-        let doc = serde_json::json!({ "traces": reports, "passed": !failed && !bad_input });
+        let doc = serde_json::json!({
+            "traces": reports,
+            "passed": !failed && !untrusted && !bad_input,
+        });
         if writeln!(out, "{doc:#}").is_err() {
             return ExitCode::from(1);
         }
@@ -223,6 +229,9 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
         ExitCode::from(2)
     } else if failed {
         ExitCode::from(1)
+    } else if untrusted {
+        // The trace kit's own status for a capture that lost events.
+        ExitCode::from(3)
     } else {
         ExitCode::SUCCESS
     }

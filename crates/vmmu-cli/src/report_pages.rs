@@ -129,7 +129,7 @@ pub fn replay_page(flags: &[(&str, String)], traces: &[TraceReport]) -> String {
     p.config(flags);
     for t in traces {
         p.h2(&format!("Trace {}", t.file));
-        p.verdict(t.passed, if t.passed { "PASS" } else { "FAIL" });
+        p.verdict(t.passed, t.verdict.word());
         let events: Vec<String> = t.events.iter().map(|(k, v)| format!("{k} {v}")).collect();
         p.config(&[
             ("file", t.file.clone()),
@@ -160,7 +160,7 @@ pub fn replay_page(flags: &[(&str, String)], traces: &[TraceReport]) -> String {
             .map(|r| {
                 vec![
                     format!("sim-{}", r.config),
-                    if r.passed() { "ok" } else { "FAIL" }.into(),
+                    r.verdict(t.lost_events).label().into(),
                     r.slots.applied.to_string(),
                     r.slots.refused.to_string(),
                     r.mmio.classified_mmio.to_string(),

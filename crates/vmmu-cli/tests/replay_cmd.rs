@@ -548,6 +548,44 @@ fn a_refused_request_or_a_recorded_mmio_access_that_hits_ram_exits_1() {
     assert_eq!(t["passed"], false);
 }
 
+/// A capture that lost events (converted with `--allow-lost`): traces.md says a replayer must not
+/// trust its MMIO/RAM verdicts, so a misclassification against it is shown but not judged, and a
+/// clean replay is not a pass either: `UNTRUSTED`, exit 3 (the kit's status for such a capture).
+#[test]
+fn a_capture_that_lost_events_is_untrusted_not_passed_or_failed() {
+    let summary = |mmio: u64| {
+        format!(
+            "{{\"op\":\"summary\",\"span\":0.1,\"events\":{{\"slot\":1,\"mmio\":{mmio}}},\
+             \"kernel_mmio_dropped\":0,\"lost_events\":5,\"vcpu_threads\":1}}\n"
+        )
+    };
+    let mmio = "{\"t\":0.000001,\"op\":\"mmio\",\"dir\":\"read\",\"gpa\":\"0x1000\",\"len\":4,\"value\":\"0x0\",\"exit\":\"user\"}\n";
+    let hole = mmio.replace("0x1000", "0xfee00000");
+    for (name, body, misclassified) in [
+        ("lost-clean", format!("{RAM}{hole}"), 0),
+        ("lost-misclassified", format!("{RAM}{mmio}"), 1),
+    ] {
+        let p = temp_file(&format!("{name}.trace.jsonl"), &format!("{HEADER}{body}{}", summary(1)));
+        let f = p.display().to_string();
+        let (code, t) = replay_json(&f, &["--format", "ept"]);
+        assert_eq!(code, Some(3), "{name}: {t:#}");
+        assert_eq!((t["verdict"].as_str(), &t["passed"]), (Some("untrusted"), &Value::Bool(false)));
+        for r in t["runs"].as_array().unwrap() {
+            assert_eq!(u(&r["mmio"]["misclassified"]), misclassified, "{name}");
+        }
+        let out = vmmu(&["replay", "--no-kvm", "--format", "ept", &f]);
+        assert_eq!(out.status.code(), Some(3));
+        let report = text(&out.stdout);
+        assert!(report.starts_with("UNTRUSTED "), "{report}");
+        assert!(report.contains("sim-ept-on [untrusted]"), "{report}");
+        assert!(report.contains("lost 5 events"), "{report}");
+    }
+    // The same misclassification in a capture that lost nothing fails.
+    let p = temp_file("complete.trace.jsonl", &format!("{HEADER}{RAM}{mmio}"));
+    let (code, t) = replay_json(&p.display().to_string(), &["--format", "ept"]);
+    assert_eq!((code, t["verdict"].as_str()), (Some(1), Some("fail")), "{t:#}");
+}
+
 #[test]
 fn a_trace_with_more_ram_than_the_frame_space_replays_cleanly() {
     // 2 TiB of RAM, more than the software machine's 1 TiB of frames (QEMU's `-m 1100G` was

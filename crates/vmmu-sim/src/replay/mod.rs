@@ -33,4 +33,4 @@ pub use engine::{
     DEFAULT_PHYS_BITS,
 };
 pub use parse::{parse, ParseError, Trace};
-pub use report::{KvmReport, RunReport, TraceReport};
+pub use report::{KvmReport, RunReport, TraceReport, Verdict};

@@ -5,6 +5,69 @@ use crate::oracle::OracleReport;
 use serde::Serialize;
 use std::fmt::Write as _;
 
+/// A trace's verdict, and a run's.
+///
+/// A capture that lost events (`lost_events` in the summary, a trace converted with
+/// `--allow-lost`) is incomplete: a slot request the recording made may be missing, so a
+/// refusal or a misclassified MMIO access may be the trace's fault and a clean run may have
+/// missed one (traces.md: a replayer must not trust its MMIO/RAM verdicts). Its checks against
+/// the recording are then [`Verdict::Untrusted`]; the oracle's checks of the replay's own
+/// accesses judge the MMU against the memslots it applied, and still fail a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Every check passed on a complete trace.
+    #[default]
+    Pass,
+    /// A check failed that the trace's completeness does not excuse.
+    Fail,
+    /// Nothing failed but the checks against an incomplete recording, which are not judged.
+    Untrusted,
+}
+
+impl Verdict {
+    /// The word the text report gives it.
+    pub fn word(self) -> &'static str {
+        match self {
+            Verdict::Pass => "PASS",
+            Verdict::Fail => "FAIL",
+            Verdict::Untrusted => "UNTRUSTED",
+        }
+    }
+
+    /// The label of one run's line: `ok`, `FAIL` or `untrusted`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Verdict::Pass => "ok",
+            Verdict::Fail => "FAIL",
+            Verdict::Untrusted => "untrusted",
+        }
+    }
+
+    /// The worse of two: a failure, else an untrusted verdict, else a pass.
+    pub fn and(self, other: Verdict) -> Verdict {
+        match (self, other) {
+            (Verdict::Fail, _) | (_, Verdict::Fail) => Verdict::Fail,
+            (Verdict::Untrusted, _) | (_, Verdict::Untrusted) => Verdict::Untrusted,
+            _ => Verdict::Pass,
+        }
+    }
+
+    /// The verdict of checks against the recording (`recording_ok`) and of checks that do not
+    /// depend on it (`own_ok`), for a capture that lost `lost_events` events.
+    fn of(own_ok: bool, recording_ok: bool, lost_events: u64) -> Verdict {
+        if !own_ok {
+            Verdict::Fail
+        } else if lost_events > 0 {
+            Verdict::Untrusted
+        } else if recording_ok {
+            Verdict::Pass
+        } else {
+            Verdict::Fail
+        }
+    }
+}
+
 /// How many refusals and misclassifications are kept in full (all are counted).
 pub const KEEP: usize = 20;
 
@@ -255,10 +318,18 @@ pub struct RunReport {
 impl RunReport {
     /// No refusal, no misclassification, no violation.
     pub fn passed(&self) -> bool {
-        self.slots.refused == 0
-            && self.mmio.misclassified == 0
-            && self.oracle.violations == 0
-            && self.dirty_log.refused == 0
+        self.recording_checks_passed() && self.oracle.violations == 0
+    }
+
+    /// What the recording says held here too: every slot request and dirty-log call accepted
+    /// (the recording host accepted them all), every recorded MMIO access classified MMIO.
+    pub fn recording_checks_passed(&self) -> bool {
+        self.slots.refused == 0 && self.mmio.misclassified == 0 && self.dirty_log.refused == 0
+    }
+
+    /// The run's verdict for a capture that lost `lost_events` events.
+    pub fn verdict(&self, lost_events: u64) -> Verdict {
+        Verdict::of(self.oracle.violations == 0, self.recording_checks_passed(), lost_events)
     }
 }
 
@@ -299,10 +370,23 @@ pub struct KvmReport {
 impl KvmReport {
     /// Nothing refused or misclassified, no failure (a skipped run passes).
     pub fn passed(&self) -> bool {
-        self.slots_refused == 0
-            && self.dirty_log_refused == 0
-            && self.mmio_not_mmio == 0
-            && self.error.is_none()
+        self.recording_checks_passed() && self.error.is_none()
+    }
+
+    /// KVM accepted every request and exited as MMIO on every access the recording says did.
+    pub fn recording_checks_passed(&self) -> bool {
+        self.slots_refused == 0 && self.dirty_log_refused == 0 && self.mmio_not_mmio == 0
+    }
+
+    /// The run's verdict for a capture that lost `lost_events` events (a skipped run passes).
+    pub fn verdict(&self, lost_events: u64) -> Verdict {
+        if self.error.is_some() {
+            Verdict::Fail
+        } else if !self.ran || self.skipped.is_some() {
+            Verdict::Pass
+        } else {
+            Verdict::of(true, self.recording_checks_passed(), lost_events)
+        }
     }
 }
 
@@ -330,7 +414,9 @@ pub struct TraceReport {
     pub run_errors: Vec<String>,
     /// The run on `/dev/kvm`.
     pub kvm: KvmReport,
-    /// Every run passed.
+    /// The trace's verdict: the worst of its runs' (a run error fails it).
+    pub verdict: Verdict,
+    /// The verdict is a pass.
     pub passed: bool,
 }
 
@@ -339,11 +425,22 @@ fn us(ns: u64) -> String {
 }
 
 impl TraceReport {
+    /// Sets [`Self::verdict`] and [`Self::passed`] from the runs, the run errors and the KVM
+    /// half, for a capture that lost [`Self::lost_events`] events.
+    pub fn judge(&mut self) {
+        let lost = self.lost_events;
+        let mut v = if self.run_errors.is_empty() { Verdict::Pass } else { Verdict::Fail };
+        for r in &self.runs {
+            v = v.and(r.verdict(lost));
+        }
+        self.verdict = v.and(self.kvm.verdict(lost));
+        self.passed = self.verdict == Verdict::Pass;
+    }
+
     /// The human-readable report.
     pub fn text(&self) -> String {
         let mut s = String::new();
-        let verdict = if self.passed { "PASS" } else { "FAIL" };
-        let _ = writeln!(s, "{verdict} {}", self.file);
+        let _ = writeln!(s, "{} {}", self.verdict.word(), self.file);
         // Free text from the trace file: control characters (a terminal's escape sequences)
         // are shown escaped, not sent to the terminal.
         let source: String = self
@@ -368,7 +465,7 @@ impl TraceReport {
             let _ = writeln!(s, "  [FAIL] {e}");
         }
         for r in &self.runs {
-            let v = if r.passed() { "ok" } else { "FAIL" };
+            let v = r.verdict(self.lost_events).label();
             let _ = writeln!(
                 s,
                 "  sim-{} [{v}] (MMIO caching {}: {}; MAXPHYADDR {}): {} events applied",
@@ -472,7 +569,7 @@ impl TraceReport {
         } else if let Some(e) = &k.error {
             let _ = writeln!(s, "  kvm [FAIL]: {e}");
         } else if k.ran {
-            let v = if k.passed() { "ok" } else { "FAIL" };
+            let v = k.verdict(self.lost_events).label();
             let _ = writeln!(
                 s,
                 "  kvm [{v}]: slots {} applied, {} refused; dirty-log calls {} applied, {} refused; mmio {} checked, {} exited as MMIO, {} not MMIO ({})",
@@ -582,16 +679,66 @@ mod tests {
 
     #[test]
     fn the_first_line_gives_the_trace_verdict_and_a_run_error_is_a_fail_line() {
-        let failed = TraceReport {
+        let mut failed = TraceReport {
             file: "t.jsonl".into(),
             run_errors: vec!["sim-npt-off: cannot replay: no memory".into()],
             ..TraceReport::default()
         };
+        failed.judge();
+        assert!(!failed.passed);
         let text = failed.text();
         assert!(text.starts_with("FAIL t.jsonl\n"), "{text}");
         assert!(text.contains("\n  [FAIL] sim-npt-off: cannot replay: no memory\n"), "{text}");
-        let passed = TraceReport { file: "t.jsonl".into(), passed: true, ..TraceReport::default() };
+        let mut passed = TraceReport { file: "t.jsonl".into(), ..TraceReport::default() };
+        passed.judge();
+        assert!(passed.passed);
         assert!(passed.text().starts_with("PASS t.jsonl\n"), "{}", passed.text());
+    }
+
+    /// A trace whose capture lost events: what it disagrees with is not judged (neither a pass
+    /// nor a fail), what the oracle finds in the replay's own accesses still fails it.
+    #[test]
+    fn a_capture_that_lost_events_is_untrusted_but_an_oracle_violation_still_fails() {
+        let trace = |run: RunReport, kvm: KvmReport| {
+            let mut t = TraceReport {
+                file: "t.jsonl".into(),
+                lost_events: 3,
+                runs: vec![run],
+                kvm,
+                ..TraceReport::default()
+            };
+            t.judge();
+            t
+        };
+        let run = || RunReport { config: "ept-on".into(), ..RunReport::default() };
+        let kvm = || KvmReport { ran: true, method: "m".into(), ..KvmReport::default() };
+        let clean = trace(run(), kvm());
+        assert_eq!(clean.verdict, Verdict::Untrusted);
+        assert!(!clean.passed);
+        let text = clean.text();
+        assert!(text.starts_with("UNTRUSTED t.jsonl\n"), "{text}");
+        assert!(text.contains("\n  sim-ept-on [untrusted]"), "{text}");
+        assert!(text.contains("\n  kvm [untrusted]"), "{text}");
+        let mut misclassified = run();
+        misclassified.mmio.misclassified = 2;
+        let mut refused = kvm();
+        refused.slots_refused = 1;
+        assert_eq!(trace(misclassified, refused).verdict, Verdict::Untrusted);
+        let mut violation = run();
+        violation.oracle.violations = 1;
+        let failed = trace(violation, kvm());
+        assert_eq!(failed.verdict, Verdict::Fail);
+        assert!(failed.text().contains("\n  sim-ept-on [FAIL]"), "{}", failed.text());
+        let broken = KvmReport { error: Some("KVM_RUN: EFAULT".into()), ..kvm() };
+        assert_eq!(trace(run(), broken).verdict, Verdict::Fail);
+        let skipped = KvmReport { skipped: Some("--no-kvm".into()), ..KvmReport::default() };
+        assert_eq!(trace(run(), skipped).verdict, Verdict::Untrusted);
+        // The same disagreements on a complete capture fail.
+        let mut complete = trace(run(), kvm());
+        complete.lost_events = 0;
+        complete.runs[0].mmio.misclassified = 1;
+        complete.judge();
+        assert_eq!(complete.verdict, Verdict::Fail);
     }
 
     #[test]
