@@ -99,6 +99,15 @@ pub fn run(trace: &Trace) -> KvmReport {
         EventKind::Mmio(m) => Some(m.gpa),
         _ => None,
     });
+    if let Some((rmaps, available)) = TraceVm::host_memory() {
+        let requests = trace.events.iter().filter_map(|e| match e.kind {
+            EventKind::Slot(s) => Some((s.as_id, s.id, s.size, s.dirty_log)),
+            _ => None,
+        });
+        if let Err(why) = TraceVm::metadata_fits(requests, rmaps, available) {
+            return skipped(&why);
+        }
+    }
     let base = match TraceVm::place(slots, mmio.clone()) {
         Ok(base) => base,
         Err(why) => return skipped(&why),

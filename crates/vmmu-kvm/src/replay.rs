@@ -180,6 +180,81 @@ impl TraceVm {
             })
     }
 
+    /// Whether this host has the memory KVM allocates for the trace's slots, or why not.
+    ///
+    /// KVM allocates per-slot metadata when a slot is created, in kernel memory charged to the
+    /// process: with shadow paging (or a TDP MMU that keeps reverse maps) an 8-byte reverse-map
+    /// head per 4 KiB page, plus per 2 MiB and 1 GiB page a head and a large-page count, and two
+    /// dirty bitmaps for a dirty-logged slot; 4 TiB of slots take about 8 GiB. A trace whose
+    /// live slots at some point need more than three quarters of `available` (bytes, the host's
+    /// `MemAvailable`) would have the kernel's OOM killer end this process with no report (seen:
+    /// a recording whose VMM was itself OOM-killed inside its last request, which the trace
+    /// still holds). `slots` are `(as_id, id, size, dirty_log)` of every request in order (a
+    /// size of 0 deletes); `rmaps`: whether KVM allocates reverse maps up front (shadow paging;
+    /// KVM's TDP MMU allocates them only once a shadow root exists).
+    pub fn metadata_fits(
+        slots: impl IntoIterator<Item = (u16, u16, u64, bool)>,
+        rmaps: bool,
+        available: u64,
+    ) -> Result<(), String> {
+        let per_slot = |size: u64, dirty_log: bool| {
+            let pages = size / 4096;
+            let huge = |shift: u32| (pages >> shift) + 2;
+            let rmap = if rmaps { 8 * (pages + huge(9) + huge(18)) } else { 0 };
+            let lpage_info = 4 * (huge(9) + huge(18));
+            let bitmaps = if dirty_log { 2 * pages.div_ceil(64) * 8 } else { 0 };
+            rmap + lpage_info + bitmaps
+        };
+        let mut live = std::collections::BTreeMap::new();
+        let mut total = 0u64;
+        let mut peak = 0u64;
+        for (as_id, id, size, dirty_log) in slots {
+            if let Some(old) = live.remove(&(as_id, id)) {
+                total -= old;
+            }
+            if size > 0 {
+                let need = per_slot(size, dirty_log);
+                live.insert((as_id, id), need);
+                total += need;
+            }
+            peak = peak.max(total);
+        }
+        if peak > available / 4 * 3 {
+            return Err(format!(
+                "the trace's slots need about {} MiB of KVM's per-slot metadata at once ({}), \
+                 more than three quarters of this host's available memory ({} MiB): KVM would run the \
+                 host out of memory",
+                peak >> 20,
+                if rmaps {
+                    "reverse maps of 8 bytes per 4 KiB page, as shadow paging allocates them"
+                } else {
+                    "large-page counts and dirty bitmaps"
+                },
+                available >> 20
+            ));
+        }
+        Ok(())
+    }
+
+    /// What [`TraceVm::metadata_fits`] needs to know of this host: whether its KVM allocates
+    /// reverse maps with every slot (all but a TDP MMU on EPT or NPT: `kvm.tdp_mmu` and
+    /// `kvm_intel.ept` / `kvm_amd.npt` all on; a parameter that cannot be read counts as "yes")
+    /// and `MemAvailable` in bytes; `None` when `/proc/meminfo` does not say.
+    pub fn host_memory() -> Option<(bool, u64)> {
+        let on = |path: &str| {
+            std::fs::read_to_string(path).is_ok_and(|v| matches!(v.trim(), "Y" | "y" | "1"))
+        };
+        let tdp = on("/sys/module/kvm/parameters/tdp_mmu")
+            && (on("/sys/module/kvm_intel/parameters/ept")
+                || on("/sys/module/kvm_amd/parameters/npt"));
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let kib = meminfo.lines().find_map(|l| {
+            let rest = l.strip_prefix("MemAvailable:")?;
+            rest.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()
+        })?;
+        Some((!tdp, kib.saturating_mul(1024)))
+    }
+
     /// The distinct 2 MiB frames at or above [`ACCESS_LIMIT`] (beyond the guest's identity map)
     /// that the accesses `mmio` touch, sorted, for [`TraceVm::new`]; or why the guest cannot
     /// reach them: more than [`MAX_HIGH_FRAMES`], or an address at or above `2^guest_phys_bits`
@@ -519,5 +594,29 @@ mod tests {
         assert!(e.contains("2^46"), "{e}");
         let many = (0..=MAX_HIGH_FRAMES as u64).map(|i| ACCESS_LIMIT + i * SIZE_2M);
         assert!(TraceVm::high_frames(many, 52).unwrap_err().contains("at most 512"));
+    }
+
+    #[test]
+    fn slots_whose_kvm_metadata_would_exhaust_the_host_are_said_before_any_is_made() {
+        const TIB: u64 = 1 << 40;
+        const GIB: u64 = 1 << 30;
+        // Shadow paging: 8 bytes of reverse map per 4 KiB page, about 8 GiB for 4 TiB.
+        let four_tib = [(0, 1, 4 * TIB, false)];
+        // (An 8 TiB VM of this kind ran on a host with 23 GiB available; a third 4 TiB slot got
+        // its VMM OOM-killed.)
+        assert!(TraceVm::metadata_fits(four_tib, true, 11 * GIB).is_ok());
+        let e = TraceVm::metadata_fits(four_tib, true, 10 * GIB).unwrap_err();
+        assert!(e.contains("8216 MiB") && e.contains("(10240 MiB)"), "{e}");
+        // What counts is what is live at once: a slot deleted (size 0) or replaced gives its
+        // metadata back; address spaces are separate.
+        let churn = [(0, 1, 4 * TIB, false), (0, 1, 0, false), (0, 2, 4 * TIB, false)];
+        assert!(TraceVm::metadata_fits(churn, true, 11 * GIB).is_ok());
+        let both = [(0, 1, 4 * TIB, false), (1, 1, 4 * TIB, false)];
+        assert!(TraceVm::metadata_fits(both, true, 20 * GIB).is_err());
+        // A TDP MMU allocates no reverse maps with the slot; dirty bitmaps count.
+        assert!(TraceVm::metadata_fits(four_tib, false, GIB).is_ok());
+        let logged = [(0, 1, 64 * TIB, true)];
+        let e = TraceVm::metadata_fits(logged, false, 4 * GIB).unwrap_err();
+        assert!(e.contains("dirty bitmaps"), "{e}");
     }
 }
