@@ -723,6 +723,11 @@ fn kvm_half_agrees_with_the_recordings_where_usable() {
         "cirrus-kvm.small",
         "ipxe-kvm.small",
         "barmove-kvm.small",
+        "savevm-reset-kvm.small",
+        "oddimm-kvm.small",
+        "dimms120-kvm.small",
+        "hotunplug-kvm.small",
+        "q35-62g-mig-kvm.small",
     ] {
         let file = repo(&format!("tests/traces/{f}.trace.jsonl"));
         let out = vmmu(&["replay", "--json", "--format", "ept", "--mmio-caching", "on", &file]);
