@@ -101,7 +101,10 @@ pub fn run(trace: &Trace) -> KvmReport {
     });
     if let Some((rmaps, available)) = TraceVm::host_memory() {
         let requests = trace.events.iter().filter_map(|e| match e.kind {
-            EventKind::Slot(s) => Some((s.as_id, s.id, s.size, s.dirty_log)),
+            // KVM refuses a request of the wrong shape before it allocates anything.
+            EventKind::Slot(s) if vmmu_sim::replay::memory::acceptable_somewhere(&s) => {
+                Some((s.as_id, s.id, s.size, s.dirty_log))
+            }
             _ => None,
         });
         if let Err(why) = TraceVm::metadata_fits(requests, rmaps, available) {
