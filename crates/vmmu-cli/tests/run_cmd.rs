@@ -98,6 +98,26 @@ fn compare_caching_prints_both_runs_and_ratios() {
     assert!(text.contains("MMIO handling"), "{text}");
 }
 
+/// Where the MMU turns caching off whatever was asked (NPT with MAXPHYADDR 52: no reserved bit
+/// for an MMIO SPTE), both settings run the uncached path: the comparison says so instead of
+/// printing a ratio of noise as if caching had been measured.
+#[test]
+fn compare_caching_says_when_caching_was_not_in_effect() {
+    let args =
+        ["run", "--seconds", "0.2", "--format", "npt", "--phys-bits", "52", "--compare-caching"];
+    let out = vmmu(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("compare: nothing to compare: MMIO caching was asked for but not in effect (no reserved"), "{text}");
+    assert!(!text.contains("ns/exit with caching"), "{text}");
+    let out = vmmu(&[&args[..], &["--json"]].concat());
+    let r = json(&out);
+    assert_eq!(r["caching_in_effect"], false);
+    assert_eq!(r["caching_on"]["config"]["mmio_caching"]["effective"], false);
+    let out = vmmu(&["run", "--seconds", "0.2", "--compare-caching", "--json"]);
+    assert_eq!(json(&out)["caching_in_effect"], true);
+}
+
 /// `--rounds`: every round's ratios, two halves per round, and their medians.
 #[test]
 fn compare_caching_rounds_give_each_rounds_ratios() {
