@@ -165,8 +165,10 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
         }
     };
     let mut bad_input = false;
-    let mut failed = false;
-    let mut untrusted = false;
+    // The HTML report could not be written.
+    let mut report_failed = false;
+    // The worst verdict of the traces that ran.
+    let mut verdict = Verdict::Pass;
     let mut reports = Vec::new();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -199,8 +201,7 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
         for e in &report.run_errors {
             note!("vmmu replay: {file}: {e}");
         }
-        failed |= report.verdict == Verdict::Fail;
-        untrusted |= report.verdict == Verdict::Untrusted;
+        verdict = verdict.and(report.verdict);
         if !args.json && write!(out, "{}", report.text()).is_err() {
             return ExitCode::from(1);
         }
@@ -209,7 +210,7 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
     if args.json {
         let doc = serde_json::json!({
             "traces": reports,
-            "passed": !failed && !untrusted && !bad_input,
+            "passed": verdict == Verdict::Pass && !bad_input,
         });
         if writeln!(out, "{doc:#}").is_err() {
             return ExitCode::from(1);
@@ -221,15 +222,15 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
             Ok(()) => note!("vmmu replay: report written to {path}"),
             Err(e) => {
                 note!("vmmu replay: {e}");
-                failed = true;
+                report_failed = true;
             }
         }
     }
     if bad_input {
         ExitCode::from(2)
-    } else if failed {
+    } else if report_failed || verdict == Verdict::Fail {
         ExitCode::from(1)
-    } else if untrusted {
+    } else if verdict == Verdict::Untrusted {
         // The trace kit's own status for a capture that lost events.
         ExitCode::from(3)
     } else {
