@@ -14,11 +14,9 @@ use clap::{Args, ValueEnum};
 use std::process::ExitCode;
 use std::time::Duration;
 use vmmu::spte::FormatKind;
-use vmmu_sim::selftest::perf::{self as sim_perf, PerfTest, Sizes};
-use vmmu_sim::selftest::{
-    dirty_log_perf as sim_dlp, set_memory_region as sim_smr, stress as sim_stress, MmuChoice,
-    SelftestError,
-};
+use vmmu_selftest::perf::{self as perf, PerfTest, Sizes};
+use vmmu_selftest::{dirty_log_perf as dlp, set_memory_region as smr, stress, SelftestError};
+use vmmu_sim::selftest::MmuChoice;
 
 /// The tests, by name.
 const TESTS: [(&str, &str); 9] = [
@@ -86,23 +84,12 @@ pub enum DirtyLogArg {
 }
 
 impl DirtyLogArg {
-    /// The software machine's mode.
-    fn sim(self) -> vmmu::dirty::DirtyLogMode {
+    /// The test's collection (both sides).
+    fn protect(self) -> dlp::Protect {
         match self {
-            DirtyLogArg::Auto => vmmu::dirty::DirtyLogMode::Auto,
-            DirtyLogArg::Manual => vmmu::dirty::DirtyLogMode::Manual,
-            DirtyLogArg::InitiallySet => vmmu::dirty::DirtyLogMode::InitiallySet,
-        }
-    }
-
-    /// The KVM half's.
-    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-    fn kvm(self) -> vmmu_kvm::selftest::dirty_log_perf::Protect {
-        use vmmu_kvm::selftest::dirty_log_perf as kdlp;
-        match self {
-            DirtyLogArg::Auto => kdlp::Protect::Auto,
-            DirtyLogArg::Manual => kdlp::Protect::Manual,
-            DirtyLogArg::InitiallySet => kdlp::Protect::InitiallySet,
+            DirtyLogArg::Auto => dlp::Protect::Auto,
+            DirtyLogArg::Manual => dlp::Protect::Manual,
+            DirtyLogArg::InitiallySet => dlp::Protect::InitiallySet,
         }
     }
 }
@@ -299,10 +286,10 @@ const KVM_DIRTY_MIB: u64 = 60 * 1024;
 struct Plan {
     mmu: MmuChoice,
     loops: u32,
-    perf: sim_perf::Params,
-    stress: sim_stress::Params,
-    dirty: sim_dlp::Params,
-    /// dirty-log-perf's collection (the software machine's mode is in `dirty` too).
+    perf: perf::Params,
+    stress: stress::Params,
+    dirty: dlp::Params,
+    /// dirty-log-perf's collection (as `dirty.protect`), for the published figures.
     dirty_log: DirtyLogArg,
     kvm: bool,
 }
@@ -342,24 +329,24 @@ impl SelftestArgs {
                 mmio_caching: true,
                 bugs: bugs(self.inject.as_deref())?,
             },
-            loops: self.loops.unwrap_or(if q { 1 } else { sim_smr::DEFAULT_LOOPS }),
-            perf: sim_perf::Params {
+            loops: self.loops.unwrap_or(if q { 1 } else { smr::DEFAULT_LOOPS }),
+            perf: perf::Params {
                 slots: self.slots.or(q.then_some(64)),
-                seconds: self.seconds.unwrap_or(if q { 0.2 } else { sim_perf::DEFAULT_SECONDS }),
+                seconds: self.seconds.unwrap_or(if q { 0.2 } else { perf::DEFAULT_SECONDS }),
                 runs: self.runs,
                 sizes: if q { Sizes::scaled(4) } else { Sizes::FULL },
             },
-            stress: sim_stress::Params {
+            stress: stress::Params {
                 vcpus: usize::from(self.vcpus),
                 bytes_per_vcpu: mib << 20,
                 iterations: self.iterations,
                 delay: Duration::from_micros(self.delay_us),
             },
-            dirty: sim_dlp::Params {
+            dirty: dlp::Params {
                 vcpus: usize::from(self.vcpus),
                 bytes_per_vcpu: mib << 20,
                 iterations: self.dirty_iterations,
-                mode: self.dirty_log.sim(),
+                protect: self.dirty_log.protect(),
             },
             dirty_log: self.dirty_log,
             kvm: !self.no_kvm,
@@ -426,45 +413,31 @@ fn perf_test(name: &str) -> Option<PerfTest> {
     })
 }
 
-fn sim_cell<T>(r: Result<T, SelftestError>, ok: impl FnOnce(T) -> (String, String)) -> Cell {
+/// One side's cell: the figures of a pass; a test the slot cap leaves no room for is not run;
+/// `/dev/kvm` not usable is skipped (not a failure); anything else failed.
+fn cell<T>(r: Result<T, SelftestError>, ok: impl FnOnce(T) -> (String, String)) -> Cell {
     match r {
         Ok(t) => {
             let (short, long) = ok(t);
             Cell::Pass(short, long)
         }
-        Err(e @ (SelftestError::TooManySlots { .. } | SelftestError::MoveSlotTooSmall { .. })) => {
-            Cell::NotRun(e.to_string())
+        Err(SelftestError::Unavailable(why)) => {
+            Cell::Skipped(format!("/dev/kvm not usable: {why}"))
         }
+        Err(e) if e.is_not_run() => Cell::NotRun(e.to_string()),
         Err(e) => Cell::Fail(e.to_string()),
     }
 }
 
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-fn kvm_cell<T>(
-    r: Result<T, vmmu_kvm::selftest::KvmSelftestError>,
-    ok: impl FnOnce(T) -> (String, String),
-) -> Cell {
-    use vmmu_kvm::selftest::KvmSelftestError as E;
-    match r {
-        Ok(t) => {
-            let (short, long) = ok(t);
-            Cell::Pass(short, long)
-        }
-        Err(E::Unavailable(why)) => Cell::Skipped(format!("/dev/kvm not usable: {why}")),
-        Err(e @ (E::TooManySlots { .. } | E::MoveSlotTooSmall { .. })) => {
-            Cell::NotRun(e.to_string())
-        }
-        Err(e) => Cell::Fail(e.to_string()),
-    }
-}
-
-fn perf_text(
-    slots: u32,
-    setup: Duration,
-    iterations: u64,
-    per: Option<Duration>,
-    mmio: u64,
-) -> (String, String) {
+fn perf_text(o: perf::Outcome) -> (String, String) {
+    let perf::Outcome {
+        slots,
+        slot_setup: setup,
+        iterations,
+        per_iteration: per,
+        mmio_exits: mmio,
+        ..
+    } = o;
     let short = match per {
         Some(d) => format!("ok, {}/it", secs(d)),
         None => "ok, 0 it".into(),
@@ -478,9 +451,9 @@ fn perf_text(
     (short, long)
 }
 
-/// A dirty-log-perf outcome's phases (either side's, in the software machine's type).
-fn dirty_text(d: &sim_dlp::Outcome) -> (String, String) {
-    let mean = sim_dlp::mean;
+/// A dirty-log-perf outcome's phases (either side's).
+fn dirty_text(d: &dlp::Outcome) -> (String, String) {
+    let mean = dlp::mean;
     let clear = if d.clear.is_empty() {
         String::new()
     } else {
@@ -517,10 +490,21 @@ fn dirty_published(mode: DirtyLogArg) -> &'static str {
     }
 }
 
-fn stress_text(updates: u64, accesses: u64, passes: u64, t: Duration) -> (String, String) {
+fn stress_text(o: stress::Outcome) -> (String, String) {
+    let stress::Outcome { updates, accesses, passes, elapsed } = o;
     (
         format!("ok, {updates} updates"),
-        format!("{updates} updates, {accesses} guest writes ({passes} full passes), {}", secs(t)),
+        format!(
+            "{updates} updates, {accesses} guest writes ({passes} full passes), {}",
+            secs(elapsed)
+        ),
+    )
+}
+
+fn smr_text(o: smr::Outcome) -> (String, String) {
+    (
+        format!("ok, {} loops", o.loops),
+        format!("{} loops, {} MMIO exits, {}", o.loops, o.mmio_exits, secs(o.elapsed)),
     )
 }
 
@@ -534,42 +518,34 @@ fn run_one(test: &'static str, p: &Plan) -> Row {
         kvm_iter: None,
         published: "pass/fail only".into(),
     };
-    let smr = |o: sim_smr::Outcome| {
-        (
-            format!("ok, {} loops", o.loops),
-            format!("{} loops, {} MMIO exits, {}", o.loops, o.mmio_exits, secs(o.elapsed)),
-        )
-    };
     match test {
         "set-memory-region-move" => {
-            row.sim = sim_cell(sim_smr::test_move(p.loops, &p.mmu), smr);
+            row.sim =
+                cell(vmmu_sim::selftest::set_memory_region::test_move(p.loops, &p.mmu), smr_text);
         }
         "set-memory-region-delete" => {
-            row.sim = sim_cell(sim_smr::test_delete(p.loops, &p.mmu), smr);
+            row.sim =
+                cell(vmmu_sim::selftest::set_memory_region::test_delete(p.loops, &p.mmu), smr_text);
         }
         "memslot-modification-stress" => {
-            row.sim = sim_cell(sim_stress::run(&p.stress, &p.mmu), |o| {
-                stress_text(o.updates, o.accesses, o.passes, o.elapsed)
-            });
+            row.sim = cell(vmmu_sim::selftest::stress::run(&p.stress, &p.mmu), stress_text);
         }
         "dirty-log-perf" => {
             row.published = dirty_published(p.dirty_log).into();
-            let r = sim_dlp::run(&p.dirty, &p.mmu);
+            let r = vmmu_sim::selftest::dirty_log_perf::run(&p.dirty, &p.mmu);
             if let Ok(o) = &r {
-                row.sim_iter = Some(sim_dlp::mean(&o.dirty));
+                row.sim_iter = Some(dlp::mean(&o.dirty));
             }
-            row.sim = sim_cell(r, |o| dirty_text(&o));
+            row.sim = cell(r, |o| dirty_text(&o));
         }
         name => {
             if let Some(t) = perf_test(name) {
-                let r = sim_perf::run(t, &p.perf, &p.mmu);
+                let r = vmmu_sim::selftest::perf::run(t, &p.perf, &p.mmu);
                 if let Ok(o) = &r {
                     row.sim_iter = o.per_iteration;
                     row.published = published(t, o.slots);
                 }
-                row.sim = sim_cell(r, |o| {
-                    perf_text(o.slots, o.slot_setup, o.iterations, o.per_iteration, o.mmio_exits)
-                });
+                row.sim = cell(r, perf_text);
             }
         }
     }
@@ -581,63 +557,30 @@ fn run_one(test: &'static str, p: &Plan) -> Row {
 
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 fn run_kvm(row: &mut Row, p: &Plan) {
-    use vmmu_kvm::selftest::{
-        dirty_log_perf as kdlp, perf as kp, set_memory_region as ksmr, stress as kst,
-    };
-    let smr = |o: ksmr::Outcome| {
-        (
-            format!("ok, {} loops", o.loops),
-            format!("{} loops, {} MMIO exits, {}", o.loops, o.mmio_exits, secs(o.elapsed)),
-        )
-    };
+    use vmmu_kvm::selftest::{dirty_log_perf as kdlp, perf as kp, set_memory_region as ksmr};
     row.kvm = match row.test {
-        "set-memory-region-move" => kvm_cell(ksmr::test_move(p.loops), smr),
-        "set-memory-region-delete" => kvm_cell(ksmr::test_delete(p.loops), smr),
+        "set-memory-region-move" => cell(ksmr::test_move(p.loops), smr_text),
+        "set-memory-region-delete" => cell(ksmr::test_delete(p.loops), smr_text),
         "memslot-modification-stress" => {
-            let s = &p.stress;
-            kvm_cell(kst::run(s.vcpus, s.bytes_per_vcpu, s.iterations, s.delay), |o| {
-                stress_text(o.updates, o.accesses, o.passes, o.elapsed)
-            })
+            cell(vmmu_kvm::selftest::stress::run(&p.stress), stress_text)
         }
         "dirty-log-perf" => {
-            let d = &p.dirty;
-            let r = kdlp::run(d.vcpus, d.bytes_per_vcpu, d.iterations, p.dirty_log.kvm());
+            let r = kdlp::run(&p.dirty);
             if let Ok(o) = &r {
-                row.kvm_iter = Some(sim_dlp::mean(&o.dirty));
+                row.kvm_iter = Some(dlp::mean(&o.dirty));
             }
-            kvm_cell(r, |o| {
-                dirty_text(&sim_dlp::Outcome {
-                    pages: o.pages,
-                    populate: o.populate,
-                    enable: o.enable,
-                    dirty: o.dirty,
-                    get: o.get,
-                    clear: o.clear,
-                    disable: o.disable,
-                })
-            })
+            cell(r, |o| dirty_text(&o))
         }
         name => {
             let Some(t) = perf_test(name) else { return };
-            let pages = p.perf.sizes.pages(t);
-            let kt = match t {
-                PerfTest::Map => kp::Test::Map(pages),
-                PerfTest::Unmap => kp::Test::Unmap(pages),
-                PerfTest::UnmapChunked => kp::Test::UnmapChunked(pages),
-                PerfTest::MoveActive => kp::Test::MoveActive(pages),
-                PerfTest::MoveInactive => kp::Test::MoveInactive(pages),
-                PerfTest::Rw => kp::Test::Rw(pages),
-            };
-            let r = kp::run(kt, p.perf.slots, p.perf.seconds, p.perf.runs);
+            let r = kp::run(t, &p.perf);
             if let Ok(o) = &r {
                 row.kvm_iter = o.per_iteration;
                 if row.sim_iter.is_none() {
                     row.published = published(t, o.slots);
                 }
             }
-            kvm_cell(r, |o| {
-                perf_text(o.slots, o.slot_setup, o.iterations, o.per_iteration, o.mmio_exits)
-            })
+            cell(r, perf_text)
         }
     };
 }

@@ -15,7 +15,8 @@
 //! - `memslot_modification_stress_test`'s memory goes at the top of the identity-mapped 64 GiB,
 //!   not at the top of the guest-physical space.
 //!
-//! Without a usable `/dev/kvm`, every test fails with [`KvmSelftestError::Unavailable`].
+//! Without a usable `/dev/kvm`, every test fails with [`SelftestError::Unavailable`]. The
+//! parameters, outcomes and errors are `vmmu_selftest`'s, shared with the software machine.
 
 use crate::code::SYNC_GPA;
 use crate::errno;
@@ -27,37 +28,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Why a selftest on KVM did not pass.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum KvmSelftestError {
-    /// `/dev/kvm` cannot be used here (not a failure of the test).
-    #[error("/dev/kvm not usable: {0}")]
-    Unavailable(String),
-    /// The slot cap leaves slots without pages.
-    #[error("memslot count too high for this test, decrease the cap (max is {max})")]
-    TooManySlots {
-        /// The largest slot count the test's memory allows.
-        max: u64,
-    },
-    /// The moved slot is smaller than half the move window.
-    #[error(
-        "memslot count may be too high for this test: the moved slot has {pages} pages, the \
-         move window needs 25; try a lower cap"
-    )]
-    MoveSlotTooSmall {
-        /// Pages in the last slot.
-        pages: u64,
-    },
-    /// The test's condition was violated, or KVM failed a request the test relies on.
-    #[error("{0}")]
-    Failed(String),
-}
+pub use vmmu_selftest::{Result, SelftestError};
 
-/// `Result` of this module.
-pub type Result<T, E = KvmSelftestError> = std::result::Result<T, E>;
-
-fn failed(e: impl std::fmt::Display) -> KvmSelftestError {
-    KvmSelftestError::Failed(e.to_string())
+fn failed(e: impl std::fmt::Display) -> SelftestError {
+    SelftestError::Failed(e.to_string())
 }
 
 /// The guest reports a failed check by storing the value it saw here (MMIO: no slot).
@@ -188,10 +162,10 @@ struct TestVm {
 
 impl TestVm {
     fn new() -> Result<TestVm> {
-        let kvm = Kvm::new().map_err(|e| KvmSelftestError::Unavailable(format!("open: {e}")))?;
+        let kvm = Kvm::new().map_err(|e| SelftestError::Unavailable(format!("open: {e}")))?;
         let vm = kvm
             .create_vm()
-            .map_err(|e| KvmSelftestError::Unavailable(format!("KVM_CREATE_VM: {e}")))?;
+            .map_err(|e| SelftestError::Unavailable(format!("KVM_CREATE_VM: {e}")))?;
         let own = Mapping::new(OWN_SIZE).map_err(failed)?;
         for (gpa, bytes) in guest::image() {
             own.write_bytes(gpa as usize, &bytes);
@@ -315,25 +289,9 @@ fn no_mmio_write(addr: u64, _: usize) -> std::result::Result<(), String> {
 pub mod set_memory_region {
     use super::*;
 
-    /// The region's GPA.
-    pub const MEM_REGION_GPA: u64 = 0xc000_0000;
-    /// The region's size.
-    pub const MEM_REGION_SIZE: u64 = 0x20_0000;
-    /// The region's slot.
-    pub const MEM_REGION_SLOT: u32 = 10;
-    /// What MMIO reads return.
-    pub const MMIO_VAL: u64 = 0xbeef;
-
-    /// What all loops did.
-    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-    pub struct Outcome {
-        /// Loops run.
-        pub loops: u32,
-        /// MMIO exits on the region.
-        pub mmio_exits: u64,
-        /// Wall time.
-        pub elapsed: Duration,
-    }
+    pub use vmmu_selftest::set_memory_region::{
+        Outcome, MEM_REGION_GPA, MEM_REGION_SIZE, MEM_REGION_SLOT, MMIO_VAL,
+    };
 
     /// The guest's spins, in order: (value spun on, allowed results), as the C guest's.
     type Phase = (u64, &'static [u64]);
@@ -522,19 +480,14 @@ impl SyncArea {
 pub mod perf {
     use super::*;
 
-    /// The test memory's GPA.
-    pub const MEM_GPA: u64 = 0x1000_0000;
-    /// The value the guest writes.
-    pub const VAL_1: u64 = 0x1122_3344_5566_7788;
-    /// The value the host writes (RW).
-    pub const VAL_2: u64 = 0x99AA_BBCC_DDEE_FF00;
-    const MOVE_PAGES: u64 = 50;
-    const CHUNK_PAGES: u64 = 512;
-    const MEM_TEST_GPA: u64 = MEM_GPA + PAGE;
+    pub use vmmu_selftest::perf::{
+        Outcome, Params, PerfTest, MEM_GPA, MEM_TEST_GPA, MEM_TEST_MOVE_SIZE_PAGES,
+        MEM_TEST_UNMAP_CHUNK_PAGES, MEM_TEST_VAL_1, MEM_TEST_VAL_2,
+    };
 
     /// Which test, and its memory in pages (sync page included).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub enum Test {
+    enum Test {
         /// Map; memory pages.
         Map(u64),
         /// Unmap page by page; memory pages (test area + 1).
@@ -560,23 +513,6 @@ pub mod perf {
                 | Test::Rw(p) => p,
             }
         }
-    }
-
-    /// The best of the runs (as `vmmu_sim::selftest::perf::Outcome`).
-    #[derive(Clone, Copy, Debug, Default, PartialEq)]
-    pub struct Outcome {
-        /// Slots in use, the guest's own included.
-        pub slots: u32,
-        /// Pages per test slot.
-        pub pages_per_slot: u64,
-        /// Best slot setup time.
-        pub slot_setup: Duration,
-        /// Iterations of the best run.
-        pub iterations: u64,
-        /// Best time per iteration.
-        pub per_iteration: Option<Duration>,
-        /// MMIO exits the guest took.
-        pub mmio_exits: u64,
     }
 
     struct Vm {
@@ -650,7 +586,7 @@ pub mod perf {
         let nslots = max - 1;
         let pps = mempages / nslots;
         if pps == 0 {
-            return Err(KvmSelftestError::TooManySlots { max: mempages + 1 });
+            return Err(SelftestError::TooManySlots { max: mempages + 1 });
         }
         let mem = Mapping::new((mempages * PAGE) as usize).map_err(failed)?;
         let vm = Vm { t, mem, nslots, npages: mempages, pps };
@@ -661,25 +597,19 @@ pub mod perf {
         Ok((vm, t0.elapsed()))
     }
 
-    /// Runs `test`: slot cap `cap` (`None`: KVM's maximum), `seconds` per run, best of `runs`.
-    pub fn run(test: Test, cap: Option<u32>, seconds: f64, runs: u32) -> Result<Outcome> {
-        let mut best: Option<Outcome> = None;
-        let mut best_setup: Option<Duration> = None;
-        for _ in 0..runs.max(1) {
-            let o = run_once(test, cap, seconds)?;
-            best_setup = Some(best_setup.map_or(o.slot_setup, |b| b.min(o.slot_setup)));
-            let better = match (&best, o.per_iteration) {
-                (None, _) => true,
-                (Some(b), Some(t)) => b.per_iteration.is_none_or(|bt| t < bt),
-                (Some(_), None) => false,
-            };
-            if better {
-                best = Some(o);
-            }
-        }
-        let mut o = best.unwrap_or_default();
-        o.slot_setup = best_setup.unwrap_or_default();
-        Ok(o)
+    /// Runs `test` with `p`'s parameters (slot cap `None`: KVM's maximum): the best of
+    /// `p.runs` runs.
+    pub fn run(test: PerfTest, p: &Params) -> Result<Outcome> {
+        let pages = p.sizes.pages(test);
+        let t = match test {
+            PerfTest::Map => Test::Map(pages),
+            PerfTest::Unmap => Test::Unmap(pages),
+            PerfTest::UnmapChunked => Test::UnmapChunked(pages),
+            PerfTest::MoveActive => Test::MoveActive(pages),
+            PerfTest::MoveInactive => Test::MoveInactive(pages),
+            PerfTest::Rw => Test::Rw(pages),
+        };
+        vmmu_selftest::perf::best_of(p.runs, || run_once(t, p.slots, p.seconds))
     }
 
     fn run_once(test: Test, cap: Option<u32>, seconds: f64) -> Result<Outcome> {
@@ -688,7 +618,7 @@ pub mod perf {
         let mut vcpu = vm.t.vcpu(0)?;
         let sync = SyncArea::default();
         let mmio = AtomicU64::new(0);
-        let failure: Mutex<Option<KvmSelftestError>> = Mutex::new(None);
+        let failure: Mutex<Option<SelftestError>> = Mutex::new(None);
         let mut nloops = 0u64;
         let mut runtime = Duration::ZERO;
         let last = vm.nslots;
@@ -697,12 +627,12 @@ pub mod perf {
         let mut mmio_range = None;
         if let Test::MoveActive(_) | Test::MoveInactive(_) = test {
             let active = matches!(test, Test::MoveActive(_));
-            if active && vm.slot_pages(last) < MOVE_PAGES / 2 {
-                return Err(KvmSelftestError::MoveSlotTooSmall { pages: vm.slot_pages(last) });
+            if active && vm.slot_pages(last) < MEM_TEST_MOVE_SIZE_PAGES / 2 {
+                return Err(SelftestError::MoveSlotTooSmall { pages: vm.slot_pages(last) });
             }
-            move_base = src - MOVE_PAGES * PAGE / if active { 2 } else { 1 };
+            move_base = src - MEM_TEST_MOVE_SIZE_PAGES * PAGE / if active { 2 } else { 1 };
             if active {
-                mmio_range = Some(src..=src + MOVE_PAGES * PAGE / 2 - 1);
+                mmio_range = Some(src..=src + MEM_TEST_MOVE_SIZE_PAGES * PAGE / 2 - 1);
             }
         }
         vm.t.own.store_u64(EXIT_FLAG_GPA as usize, 0);
@@ -750,23 +680,24 @@ pub mod perf {
                 let half = (p - 1) / 2;
                 vm.unmap(half, half)?;
                 sync.host_perform_sync()?;
-                vm.check(0, VAL_1)?;
-                vm.check(half - 1, VAL_1)?;
+                vm.check(0, MEM_TEST_VAL_1)?;
+                vm.check(half - 1, MEM_TEST_VAL_1)?;
                 vm.unmap(0, half)?;
                 sync.host_perform_sync()?;
-                vm.check(half, VAL_2)?;
-                vm.check(2 * half - 1, VAL_2)
+                vm.check(half, MEM_TEST_VAL_2)?;
+                vm.check(2 * half - 1, MEM_TEST_VAL_2)
             }
             Test::Unmap(p) | Test::UnmapChunked(p) => {
-                let chunk = if matches!(test, Test::Unmap(_)) { 1 } else { CHUNK_PAGES };
+                let chunk =
+                    if matches!(test, Test::Unmap(_)) { 1 } else { MEM_TEST_UNMAP_CHUNK_PAGES };
                 let half = (p - 1) / 2;
                 sync.host_perform_sync()?;
-                vm.check(0, VAL_1)?;
+                vm.check(0, MEM_TEST_VAL_1)?;
                 for c in (0..half).step_by(chunk as usize) {
                     vm.unmap(c, chunk)?;
                 }
                 sync.host_perform_sync()?;
-                vm.check(half, VAL_2)?;
+                vm.check(half, MEM_TEST_VAL_2)?;
                 for c in (half..2 * half).step_by(chunk as usize) {
                     vm.unmap(c, chunk)?;
                 }
@@ -779,13 +710,13 @@ pub mod perf {
             }
             Test::Rw(p) => {
                 for page in 0..p - 1 {
-                    vm.mem.store_u64(((page + 1) * PAGE + PAGE / 2) as usize, VAL_2);
+                    vm.mem.store_u64(((page + 1) * PAGE + PAGE / 2) as usize, MEM_TEST_VAL_2);
                 }
                 sync.host_perform_sync()?;
                 for page in 0..p - 1 {
                     let off = ((page + 1) * PAGE) as usize;
                     let v = vm.mem.load_u64(off);
-                    if v != VAL_1 {
+                    if v != MEM_TEST_VAL_1 {
                         return Err(failed(format!(
                             "guest written values should read back correctly (is {v:#x} @ gpa \
                              {:#x})",
@@ -825,17 +756,18 @@ pub mod perf {
         };
         let w = |rdi, rcx, rbx| Start { rip: code::WRITE, rdi, rcx, rbx, r10: 0 };
         match test {
-            Test::MoveActive(_) | Test::MoveInactive(_) => {
-                pass(v, Start { rip: code::MOVE, rdi: move_base, rbx: VAL_1, ..Start::default() })
-            }
+            Test::MoveActive(_) | Test::MoveInactive(_) => pass(
+                v,
+                Start { rip: code::MOVE, rdi: move_base, rbx: MEM_TEST_VAL_1, ..Start::default() },
+            ),
             Test::Map(p) => {
                 let half = (p - 1) / 2;
                 loop {
-                    pass(v, w(MEM_TEST_GPA, half, VAL_1))?;
+                    pass(v, w(MEM_TEST_GPA, half, MEM_TEST_VAL_1))?;
                     if !sync.guest_perform_sync() {
                         return Ok(());
                     }
-                    pass(v, w(MEM_TEST_GPA + half * PAGE, half, VAL_2))?;
+                    pass(v, w(MEM_TEST_GPA + half * PAGE, half, MEM_TEST_VAL_2))?;
                     if !sync.guest_perform_sync() {
                         return Ok(());
                     }
@@ -844,18 +776,18 @@ pub mod perf {
             Test::Unmap(p) | Test::UnmapChunked(p) => {
                 let half = (p - 1) / 2;
                 loop {
-                    pass(v, w(MEM_TEST_GPA, 1, VAL_1))?;
+                    pass(v, w(MEM_TEST_GPA, 1, MEM_TEST_VAL_1))?;
                     if !sync.guest_perform_sync() {
                         return Ok(());
                     }
-                    pass(v, w(MEM_TEST_GPA + half * PAGE, 1, VAL_2))?;
+                    pass(v, w(MEM_TEST_GPA + half * PAGE, 1, MEM_TEST_VAL_2))?;
                     if !sync.guest_perform_sync() {
                         return Ok(());
                     }
                 }
             }
             Test::Rw(p) => loop {
-                pass(v, w(MEM_TEST_GPA, p - 1, VAL_1))?;
+                pass(v, w(MEM_TEST_GPA, p - 1, MEM_TEST_VAL_1))?;
                 if !sync.guest_perform_sync() {
                     return Ok(());
                 }
@@ -863,7 +795,7 @@ pub mod perf {
                     rip: code::VERIFY,
                     rdi: MEM_TEST_GPA + PAGE / 2,
                     rcx: p - 1,
-                    rbx: VAL_2,
+                    rbx: MEM_TEST_VAL_2,
                     r10: 0,
                 };
                 pass(v, verify)?;
@@ -879,31 +811,14 @@ pub mod perf {
 pub mod stress {
     use super::*;
 
-    /// The dummy slot's id.
-    pub const DUMMY_MEMSLOT_INDEX: u32 = 7;
+    pub use vmmu_selftest::stress::{Outcome, Params, DUMMY_MEMSLOT_INDEX, TEST_SLOT};
     /// Top of the memory the guest's identity map covers (64 GiB).
     const TOP: u64 = 64 << 30;
 
-    /// What the run did.
-    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-    pub struct Outcome {
-        /// Memslot updates made.
-        pub updates: u64,
-        /// Guest writes, all vCPUs (whole passes).
-        pub accesses: u64,
-        /// Passes over a vCPU's memory, all vCPUs.
-        pub passes: u64,
-        /// Wall time.
-        pub elapsed: Duration,
-    }
-
-    /// `vcpus` vCPUs, `bytes_per_vcpu` each, `iterations` add/delete pairs `delay` apart.
-    pub fn run(
-        vcpus: usize,
-        bytes_per_vcpu: u64,
-        iterations: u64,
-        delay: Duration,
-    ) -> Result<Outcome> {
+    /// `p.vcpus` vCPUs, `p.bytes_per_vcpu` each, `p.iterations` add/delete pairs `p.delay`
+    /// apart.
+    pub fn run(p: &Params) -> Result<Outcome> {
+        let Params { vcpus, bytes_per_vcpu, iterations, delay } = *p;
         let per = bytes_per_vcpu.next_multiple_of(PAGE);
         let size = per * vcpus as u64;
         if vcpus == 0 || size == 0 || size + 2 * PAGE > TOP / 2 {
@@ -913,12 +828,12 @@ pub mod stress {
         let dummy = Mapping::new(PAGE as usize).map_err(failed)?;
         let t = TestVm::new()?;
         let test_gpa = TOP - PAGE - size;
-        t.set_region(1, test_gpa, size, mem.addr())?;
+        t.set_region(TEST_SLOT, test_gpa, size, mem.addr())?;
         let mut fds = (0..vcpus).map(|i| t.vcpu(i as u64)).collect::<Result<Vec<_>>>()?;
         let stop = AtomicBool::new(false);
         let passes = AtomicU64::new(0);
         let running = std::sync::atomic::AtomicUsize::new(0);
-        let failure: Mutex<Option<KvmSelftestError>> = Mutex::new(None);
+        let failure: Mutex<Option<SelftestError>> = Mutex::new(None);
         let t0 = Instant::now();
         let updates = std::thread::scope(|s| {
             for (i, v) in fds.iter_mut().enumerate() {
@@ -989,60 +904,23 @@ pub mod stress {
 pub mod dirty_log_perf {
     use super::*;
 
-    /// The test slot's id.
-    pub const TEST_SLOT: u32 = 1;
-    /// The test memory's first guest-physical address (4 GiB).
-    pub const TEST_GPA: u64 = 1 << 32;
+    pub use vmmu_selftest::dirty_log_perf::{Outcome, Params, Protect, TEST_GPA, TEST_SLOT};
     /// `KVM_MEM_LOG_DIRTY_PAGES`.
     const LOG_DIRTY_PAGES: u32 = 1;
 
-    /// The timed phases (as the software machine's).
-    #[derive(Clone, Debug, Default, PartialEq, Eq)]
-    pub struct Outcome {
-        /// Pages in the slot.
-        pub pages: u64,
-        /// Iteration 0.
-        pub populate: Duration,
-        /// Turning dirty logging on.
-        pub enable: Duration,
-        /// Per iteration: the vCPUs dirty all their memory.
-        pub dirty: Vec<Duration>,
-        /// Per iteration: `KVM_GET_DIRTY_LOG`.
-        pub get: Vec<Duration>,
-        /// Per iteration: `KVM_CLEAR_DIRTY_LOG` (manual protect only).
-        pub clear: Vec<Duration>,
-        /// Turning dirty logging off.
-        pub disable: Duration,
-    }
-
-    /// How the test collects (the C test: manual protect with "initially set" where offered;
-    /// `-g`: auto).
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub enum Protect {
-        /// GET clears and write-protects again.
-        Auto,
-        /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`: GET only reads, a CLEAR of what it returned
-        /// re-protects.
-        Manual,
-        /// As `Manual`, with `KVM_DIRTY_LOG_INITIALLY_SET`: logging starts with every page
-        /// dirty and nothing write-protected.
-        InitiallySet,
-    }
-
-    /// `vcpus` vCPUs, `bytes_per_vcpu` each, `iterations` (at least 2), collected as `protect`
-    /// says.
-    pub fn run(
-        vcpus: usize,
-        bytes_per_vcpu: u64,
-        iterations: u32,
-        protect: Protect,
-    ) -> Result<Outcome> {
+    /// `p.vcpus` vCPUs, `p.bytes_per_vcpu` each, `p.iterations` (at least 2), collected as
+    /// `p.protect` says.
+    pub fn run(p: &Params) -> Result<Outcome> {
+        p.check()?;
+        let Params { vcpus, bytes_per_vcpu, iterations, protect } = *p;
         let manual = protect != Protect::Auto;
         let per = bytes_per_vcpu.next_multiple_of(PAGE);
         let size = per * vcpus as u64;
-        if vcpus == 0 || size == 0 || iterations < 2 || TEST_GPA + size > 64 << 30 {
-            return Err(failed(
-                "give 1 or more vCPUs, at most 60 GiB of memory in all and 2 or more iterations",
+        if TEST_GPA + size > 64 << 30 {
+            return Err(SelftestError::Setup(
+                "at most 60 GiB of memory in all (the guest maps 64 GiB, the test memory starts \
+                 at 4 GiB)"
+                    .into(),
             ));
         }
         let pages = size / PAGE;
@@ -1059,7 +937,7 @@ pub mod dirty_log_perf {
         let go = std::sync::Barrier::new(vcpus + 1);
         let done = std::sync::Barrier::new(vcpus + 1);
         let pass = AtomicU64::new(0);
-        let failure: Mutex<Option<KvmSelftestError>> = Mutex::new(None);
+        let failure: Mutex<Option<SelftestError>> = Mutex::new(None);
         let mut out = Outcome { pages, ..Outcome::default() };
         let result = std::thread::scope(|s| {
             for (i, v) in fds.iter_mut().enumerate() {
@@ -1112,18 +990,7 @@ pub mod dirty_log_perf {
                     let words = crate::dirty::get(&t.vm, TEST_SLOT, size)
                         .map_err(|e| failed(format!("iteration {it}: KVM_GET_DIRTY_LOG: {e}")))?;
                     out.get.push(t0.elapsed());
-                    let seen: u64 = (0..pages)
-                        .filter(|&p| {
-                            let w = usize::try_from(p / 64).ok().and_then(|i| words.get(i));
-                            w.is_some_and(|w| w & (1 << (p % 64)) != 0)
-                        })
-                        .count() as u64;
-                    if seen != pages {
-                        return Err(failed(format!(
-                            "iteration {it}: KVM_GET_DIRTY_LOG returned {seen} of the {pages} \
-                             pages the vCPUs wrote (lost dirty pages)"
-                        )));
-                    }
+                    vmmu_selftest::dirty_log_perf::check_all_dirty(&words, pages, it)?;
                     if manual {
                         let t0 = Instant::now();
                         crate::dirty::clear(&t.vm, TEST_SLOT, 0, count, Some(size)).map_err(
@@ -1184,7 +1051,7 @@ mod kvm_tests {
     /// Runs `f` where `/dev/kvm` is usable; prints why not elsewhere.
     fn on_kvm<T: std::fmt::Debug>(what: &str, f: impl FnOnce() -> Result<T>) -> Option<T> {
         match f() {
-            Err(KvmSelftestError::Unavailable(why)) => {
+            Err(SelftestError::Unavailable(why)) => {
                 eprintln!("skipped {what}: /dev/kvm not usable: {why}");
                 None
             }
@@ -1202,16 +1069,11 @@ mod kvm_tests {
 
     #[test]
     fn perf_tests_run_quickly() {
-        let p = 1 + (4 << 20) / PAGE;
-        for t in [
-            perf::Test::Map(p),
-            perf::Test::Unmap(p),
-            perf::Test::UnmapChunked(p),
-            perf::Test::MoveActive(p),
-            perf::Test::MoveInactive(p),
-            perf::Test::Rw(p),
-        ] {
-            if let Some(o) = on_kvm("perf", || perf::run(t, Some(16), 0.1, 1)) {
+        let mib4 = (4 << 20) + PAGE;
+        let sizes = vmmu_selftest::perf::Sizes { mem: mib4, map: mib4, unmap_test: 4 << 20 };
+        let p = perf::Params { slots: Some(16), seconds: 0.1, runs: 1, sizes };
+        for t in perf::PerfTest::ALL {
+            if let Some(o) = on_kvm("perf", || perf::run(t, &p)) {
                 assert!(o.iterations > 0, "{t:?}: {o:?}");
             }
         }
@@ -1221,9 +1083,13 @@ mod kvm_tests {
     fn dirty_log_perf_runs_in_both_modes() {
         use dirty_log_perf::Protect;
         for protect in [Protect::InitiallySet, Protect::Manual, Protect::Auto] {
-            if let Some(o) =
-                on_kvm("dirty_log_perf", || dirty_log_perf::run(2, 1 << 20, 2, protect))
-            {
+            let p = dirty_log_perf::Params {
+                vcpus: 2,
+                bytes_per_vcpu: 1 << 20,
+                iterations: 2,
+                protect,
+            };
+            if let Some(o) = on_kvm("dirty_log_perf", || dirty_log_perf::run(&p)) {
                 assert_eq!((o.pages, o.get.len()), (512, 2), "{o:?}");
                 let clears = if protect == Protect::Auto { 0 } else { 2 };
                 assert_eq!(o.clear.len(), clears, "{o:?}");
@@ -1233,6 +1099,12 @@ mod kvm_tests {
 
     #[test]
     fn stress_runs() {
-        on_kvm("stress", || stress::run(2, 1 << 20, 10, Duration::ZERO));
+        let p = stress::Params {
+            vcpus: 2,
+            bytes_per_vcpu: 1 << 20,
+            iterations: 10,
+            delay: Duration::ZERO,
+        };
+        on_kvm("stress", || stress::run(&p));
     }
 }

@@ -5,7 +5,7 @@
 //! (default 2, at least 2) of: the vCPUs dirty their memory (one pass), `KVM_GET_DIRTY_LOG`, and
 //! with manual protect `KVM_CLEAR_DIRTY_LOG` of what the GET returned; then disable dirty
 //! logging (the MMU recovers huge mappings). The C test's default, and this one's, is manual
-//! protect with "initially set" ([`DirtyLogMode::InitiallySet`]): enabling logging then protects
+//! protect with "initially set" ([`Protect::InitiallySet`]): enabling logging then protects
 //! nothing and the first GET reports every page whatever was written; the first CLEAR splits
 //! and protects.
 //!
@@ -30,99 +30,21 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 use vmmu::dirty::DirtyLogMode;
 
-/// The test memory's slot id (memstress's `TEST_MEM_SLOT_INDEX`).
-pub const TEST_SLOT: u32 = 1;
-/// The test memory's first guest-physical address (4 GiB, as memstress's default offset).
-pub const TEST_GPA: u64 = 1 << 32;
+pub use vmmu_selftest::dirty_log_perf::{
+    check_all_dirty, mean, Outcome, Params, Protect, TEST_GPA, TEST_SLOT,
+};
 
-/// The test's parameters (the C test's flags).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Params {
-    /// `-v`: vCPUs.
-    pub vcpus: usize,
-    /// `-b`: bytes per vCPU.
-    pub bytes_per_vcpu: u64,
-    /// `-i`: iterations (at least 2).
-    pub iterations: u32,
-    /// How the test collects: the C test's default is manual protect
-    /// (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`: the GET clears nothing, a CLEAR of what it
-    /// returned re-protects) with "initially set" where the kernel offers it; `-g` is auto.
-    pub mode: DirtyLogMode,
-}
-
-impl Default for Params {
-    /// The C test's defaults: 1 vCPU, 1 GiB, 2 iterations, manual protect, initially set.
-    fn default() -> Self {
-        Params {
-            vcpus: 1,
-            bytes_per_vcpu: 1 << 30,
-            iterations: 2,
-            mode: DirtyLogMode::InitiallySet,
-        }
-    }
-}
-
-impl Params {
-    /// Checks the parameters (shared with the KVM half).
-    pub fn check(&self) -> Result<()> {
-        if self.vcpus == 0 || self.bytes_per_vcpu < 4096 {
-            return Err(setup("give at least 1 vCPU and 4096 bytes per vCPU"));
-        }
-        if self.iterations < 2 {
-            return Err(setup("dirty_log_perf_test makes at least 2 iterations"));
-        }
-        Ok(())
-    }
-}
-
-/// The timed phases.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Outcome {
-    /// Pages in the slot (every vCPU's part).
-    pub pages: u64,
-    /// Iteration 0: every vCPU writes all its memory.
-    pub populate: Duration,
-    /// Turning dirty logging on for the slot.
-    pub enable: Duration,
-    /// Per iteration: the vCPUs dirty all their memory.
-    pub dirty: Vec<Duration>,
-    /// Per iteration: `KVM_GET_DIRTY_LOG`.
-    pub get: Vec<Duration>,
-    /// Per iteration: `KVM_CLEAR_DIRTY_LOG` (empty without manual protect).
-    pub clear: Vec<Duration>,
-    /// Turning dirty logging off.
-    pub disable: Duration,
-}
-
-/// The mean of `d` (zero for none).
-pub fn mean(d: &[Duration]) -> Duration {
-    match u32::try_from(d.len()) {
-        Ok(n) if n > 0 => d.iter().sum::<Duration>() / n,
-        _ => Duration::ZERO,
+/// The MMU's dirty-log mode for the test's collection.
+fn mode(p: Protect) -> DirtyLogMode {
+    match p {
+        Protect::Auto => DirtyLogMode::Auto,
+        Protect::Manual => DirtyLogMode::Manual,
+        Protect::InitiallySet => DirtyLogMode::InitiallySet,
     }
 }
 
 /// What the host asks the vCPU threads to do next.
 const STOP: u64 = u64::MAX;
-
-/// Checks that `words` (a GET's bitmap) holds every one of `pages` pages: all of them were
-/// written since the previous collection.
-pub fn check_all_dirty(words: &[u64], pages: u64, iteration: u32) -> Result<()> {
-    let seen = vmmu::dirty::pages_of(words).filter(|&p| p < pages).count() as u64;
-    if seen == pages {
-        return Ok(());
-    }
-    let missing = (0..pages)
-        .find(|&p| {
-            let w = usize::try_from(p / 64).ok().and_then(|i| words.get(i)).copied().unwrap_or(0);
-            w & (1 << (p % 64)) == 0
-        })
-        .unwrap_or(0);
-    Err(SelftestError::Failed(format!(
-        "iteration {iteration}: KVM_GET_DIRTY_LOG returned {seen} of the {pages} pages the vCPUs \
-         wrote (lost dirty pages; first missing: page {missing:#x})"
-    )))
-}
 
 /// Runs the test on the real MMU `m`.
 pub fn run(p: &Params, m: &MmuChoice) -> Result<Outcome> {
@@ -136,7 +58,7 @@ pub fn run(p: &Params, m: &MmuChoice) -> Result<Outcome> {
     );
     let mem = host.add_buffer("test", size).map_err(setup)?;
     let mmu = m.mmu(&host, p.vcpus)?;
-    if !mmu.set_dirty_log_mode(p.mode) {
+    if !mmu.set_dirty_log_mode(mode(p.protect)) {
         return Err(setup("this MMU has no dirty logging"));
     }
     let slot = SlotRequest {
@@ -223,7 +145,7 @@ pub fn run(p: &Params, m: &MmuChoice) -> Result<Outcome> {
                 };
                 out.get.push(t.elapsed());
                 check_all_dirty(&words, pages, it)?;
-                if p.mode.is_manual() {
+                if p.protect != Protect::Auto {
                     let t = Instant::now();
                     match mmu.clear_dirty_log(TEST_SLOT, 0, count, Some(&words)) {
                         Some(Ok(())) => {}
@@ -257,22 +179,12 @@ mod tests {
 
     #[test]
     fn small_run_passes_in_every_mode() {
-        for mode in [DirtyLogMode::InitiallySet, DirtyLogMode::Manual, DirtyLogMode::Auto] {
-            let p = Params { vcpus: 2, bytes_per_vcpu: 4 << 20, iterations: 3, mode };
+        for protect in [Protect::InitiallySet, Protect::Manual, Protect::Auto] {
+            let p = Params { vcpus: 2, bytes_per_vcpu: 4 << 20, iterations: 3, protect };
             let o = run(&p, &MmuChoice::default()).expect("dirty_log_perf");
             assert_eq!((o.pages, o.dirty.len(), o.get.len()), (2048, 3, 3));
-            assert_eq!(o.clear.len(), if mode.is_manual() { 3 } else { 0 });
+            assert_eq!(o.clear.len(), if protect == Protect::Auto { 0 } else { 3 });
         }
-    }
-
-    #[test]
-    fn a_get_missing_a_page_fails() {
-        let mut words = vec![u64::MAX; 2];
-        assert!(check_all_dirty(&words, 128, 1).is_ok());
-        assert!(check_all_dirty(&words, 100, 1).is_ok(), "bits past the slot are ignored");
-        words[1] &= !(1 << 3);
-        let e = check_all_dirty(&words, 128, 2).expect_err("page 67 missing");
-        assert!(e.to_string().contains("127 of the 128") && e.to_string().contains("0x43"), "{e}");
     }
 
     /// A CLEAR that returns without flushing lets the vCPUs write the next iteration through
@@ -285,16 +197,10 @@ mod tests {
             bugs: vmmu::bugs::BugSet::only(vmmu::bugs::Bug::DirtyLogNoFlush),
             ..MmuChoice::default()
         };
-        for mode in [DirtyLogMode::Manual, DirtyLogMode::InitiallySet] {
-            let p = Params { vcpus: 1, bytes_per_vcpu: 1 << 20, iterations: 2, mode };
+        for protect in [Protect::Manual, Protect::InitiallySet] {
+            let p = Params { vcpus: 1, bytes_per_vcpu: 1 << 20, iterations: 2, protect };
             let e = run(&p, &m).expect_err("lost dirty pages");
-            assert!(e.to_string().contains("lost dirty pages"), "{mode:?}: {e}");
+            assert!(e.to_string().contains("lost dirty pages"), "{protect:?}: {e}");
         }
-    }
-
-    #[test]
-    fn fewer_than_two_iterations_are_refused() {
-        let p = Params { iterations: 1, ..Params::default() };
-        assert!(p.check().is_err());
     }
 }

@@ -11,6 +11,9 @@
 //! - [`perf`]: the six tests of `memslot_perf_test`;
 //! - [`dirty_log_perf`]: `dirty_log_perf_test`, its phases timed and every GET checked.
 //!
+//! Their parameters, outcomes and errors are `vmmu_selftest`'s, shared with the `/dev/kvm` side
+//! and re-exported here.
+//!
 //! Where the software machine differs from a KVM guest, the module of each test says how. In
 //! common: guest/host synchronisation (the C tests' ucalls and the sync page's atomics) uses
 //! Rust atomics and channels between the two threads; an MMIO exit is the vCPU leaving guest
@@ -28,7 +31,6 @@ use crate::hw_vcpu::{Data, HwVcpu};
 use crate::ram::Width;
 use crate::real::{RealMmu, RealMmuConfig};
 use std::sync::Arc;
-use std::time::Duration;
 use vmmu::bugs::BugSet;
 use vmmu::spte::FormatKind;
 use vmmu::Gpa;
@@ -73,41 +75,11 @@ impl MmuChoice {
     }
 }
 
-/// Why a selftest did not pass.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum SelftestError {
-    /// The slot cap leaves slots without pages (`memslot_perf_test` prints the same and skips).
-    #[error("memslot count too high for this test, decrease the cap (max is {max})")]
-    TooManySlots {
-        /// The largest slot count the test's memory allows.
-        max: u64,
-    },
-    /// The moved slot is smaller than half the move test's window.
-    #[error(
-        "memslot count may be too high for this test: the moved slot has {pages} pages, the \
-         move window needs 25; try a lower cap"
-    )]
-    MoveSlotTooSmall {
-        /// Pages in the last slot.
-        pages: u64,
-    },
-    /// The test's correctness condition was violated (what, where, expected, seen).
-    #[error("{0}")]
-    Failed(String),
-    /// The machine could not be set up.
-    #[error("setup failed: {0}")]
-    Setup(String),
-}
-
-/// The selftests' `Result`.
-pub type Result<T, E = SelftestError> = std::result::Result<T, E>;
+pub use vmmu_selftest::{Result, SelftestError, SYNC_TIMEOUT};
 
 fn setup(e: impl std::fmt::Display) -> SelftestError {
     SelftestError::Setup(e.to_string())
 }
-
-/// The C tests' timeout for one host/guest synchronisation.
-pub const SYNC_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One guest store or load of 8 bytes at `gpa` on `hw`: RAM must be at one of `want_hva`; an
 /// MMIO exit
@@ -142,17 +114,5 @@ fn access8(
             v
         }
         Data::Error(e) => Err(format!("guest access at gpa {gpa:#x} failed: {e}")),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn errors_say_what_to_do() {
-        let e = SelftestError::TooManySlots { max: 8194 };
-        assert!(e.to_string().contains("decrease the cap (max is 8194)"));
-        assert!(SelftestError::MoveSlotTooSmall { pages: 4 }.to_string().contains("lower cap"));
     }
 }

@@ -24,141 +24,13 @@ use std::time::{Duration, Instant};
 use vmmu::memslot::KVM_USER_MEM_SLOTS;
 use vmmu::types::Hva;
 
-/// The test memory's GPA.
-pub const MEM_GPA: u64 = 0x1000_0000;
-/// The full test memory (512 MiB + the sync page).
-pub const MEM_SIZE: u64 = (512 << 20) + 4096;
-/// The map test's memory (32 MiB + the sync page).
-pub const MEM_SIZE_MAP: u64 = (32 << 20) + 4096;
-/// The unmap tests' test area (128 MiB; the memory is one page more).
-pub const MEM_TEST_UNMAP_SIZE: u64 = 128 << 20;
-/// The unmap chunked test's chunk (2 MiB, in pages).
-pub const MEM_TEST_UNMAP_CHUNK_PAGES: u64 = 512;
-/// The move tests' window, in pages.
-pub const MEM_TEST_MOVE_SIZE_PAGES: u64 = 50;
-/// The value the guest writes.
-pub const MEM_TEST_VAL_1: u64 = 0x1122_3344_5566_7788;
-/// The value the host writes (RW test).
-pub const MEM_TEST_VAL_2: u64 = 0x99AA_BBCC_DDEE_FF00;
-/// The C test's default time per run.
-pub const DEFAULT_SECONDS: f64 = 5.0;
+pub use vmmu_selftest::perf::{
+    Outcome, Params, PerfTest, Sizes, DEFAULT_SECONDS, MEM_GPA, MEM_SIZE, MEM_SIZE_MAP,
+    MEM_TEST_GPA, MEM_TEST_MOVE_SIZE_PAGES, MEM_TEST_UNMAP_CHUNK_PAGES, MEM_TEST_UNMAP_SIZE,
+    MEM_TEST_VAL_1, MEM_TEST_VAL_2,
+};
 
 const PAGE: u64 = 4096;
-const MEM_TEST_GPA: u64 = MEM_GPA + PAGE;
-
-/// One of the six tests (`-f`/`-e` 0..5).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum PerfTest {
-    /// 0: map.
-    Map,
-    /// 1: unmap, 4 KiB at a time.
-    Unmap,
-    /// 2: unmap, 2 MiB at a time.
-    UnmapChunked,
-    /// 3: move the slot the guest is writing to.
-    MoveActive,
-    /// 4: move a slot the guest is not writing to.
-    MoveInactive,
-    /// 5: read/write every page from both sides.
-    Rw,
-}
-
-impl PerfTest {
-    /// In the C test's order.
-    pub const ALL: [PerfTest; 6] = [
-        PerfTest::Map,
-        PerfTest::Unmap,
-        PerfTest::UnmapChunked,
-        PerfTest::MoveActive,
-        PerfTest::MoveInactive,
-        PerfTest::Rw,
-    ];
-
-    /// The C test's name.
-    pub const fn name(self) -> &'static str {
-        match self {
-            PerfTest::Map => "map",
-            PerfTest::Unmap => "unmap",
-            PerfTest::UnmapChunked => "unmap chunked",
-            PerfTest::MoveActive => "move active area",
-            PerfTest::MoveInactive => "move inactive area",
-            PerfTest::Rw => "RW",
-        }
-    }
-}
-
-/// Memory sizes: the C test's, or scaled down by `2^shift` for quick runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Sizes {
-    /// The full memory (sync page included).
-    pub mem: u64,
-    /// The map test's memory (sync page included).
-    pub map: u64,
-    /// The unmap tests' test area.
-    pub unmap_test: u64,
-}
-
-impl Sizes {
-    /// The C test's sizes.
-    pub const FULL: Sizes =
-        Sizes { mem: MEM_SIZE, map: MEM_SIZE_MAP, unmap_test: MEM_TEST_UNMAP_SIZE };
-
-    /// Sizes divided by `2^shift` (at most 5: the unmap area stays a multiple of two chunks).
-    pub fn scaled(shift: u32) -> Sizes {
-        let s = shift.min(5);
-        Sizes {
-            mem: ((512 << 20) >> s) + PAGE,
-            map: ((32 << 20) >> s) + PAGE,
-            unmap_test: MEM_TEST_UNMAP_SIZE >> s,
-        }
-    }
-
-    /// The memory of `t`, in pages.
-    pub fn pages(&self, t: PerfTest) -> u64 {
-        match t {
-            PerfTest::Map => self.map / PAGE,
-            PerfTest::Unmap | PerfTest::UnmapChunked => self.unmap_test / PAGE + 1,
-            _ => self.mem / PAGE,
-        }
-    }
-}
-
-/// The test's parameters (the C test's flags).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Params {
-    /// `-s`: slot cap (`None`: the maximum, 32764).
-    pub slots: Option<u32>,
-    /// `-l`: seconds per run.
-    pub seconds: f64,
-    /// `-r`: runs (the best is reported).
-    pub runs: u32,
-    /// Memory sizes.
-    pub sizes: Sizes,
-}
-
-impl Default for Params {
-    /// The C test's defaults: no cap, 5 s, 1 run, full sizes.
-    fn default() -> Self {
-        Params { slots: None, seconds: DEFAULT_SECONDS, runs: 1, sizes: Sizes::FULL }
-    }
-}
-
-/// The best of the runs.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Outcome {
-    /// Slots in use (code slot included), as the C test counts them.
-    pub slots: u32,
-    /// Pages per test slot.
-    pub pages_per_slot: u64,
-    /// Best slot setup time (adding all slots).
-    pub slot_setup: Duration,
-    /// Iterations of the best run.
-    pub iterations: u64,
-    /// Best time per iteration (`None`: no full iteration; the C test only warns).
-    pub per_iteration: Option<Duration>,
-    /// MMIO exits the guest took (move active: expected ones).
-    pub mmio_exits: u64,
-}
 
 /// The host/guest sync area (the C test's `struct sync_area`).
 #[derive(Default)]
@@ -328,23 +200,7 @@ struct MmioOk {
 
 /// Runs `test` with `p`'s parameters on `format`; the best of `p.runs` runs.
 pub fn run(test: PerfTest, p: &Params, m: &MmuChoice) -> Result<Outcome> {
-    let mut best: Option<Outcome> = None;
-    let mut best_setup: Option<Duration> = None;
-    for _ in 0..p.runs.max(1) {
-        let o = run_once(test, p, m)?;
-        best_setup = Some(best_setup.map_or(o.slot_setup, |b| b.min(o.slot_setup)));
-        let better = match (&best, o.per_iteration) {
-            (None, _) => true,
-            (Some(b), Some(t)) => b.per_iteration.is_none_or(|bt| t < bt),
-            (Some(_), None) => false,
-        };
-        if better {
-            best = Some(o);
-        }
-    }
-    let mut o = best.unwrap_or_default();
-    o.slot_setup = best_setup.unwrap_or_default();
-    Ok(o)
+    vmmu_selftest::perf::best_of(p.runs, || run_once(test, p, m))
 }
 
 fn run_once(test: PerfTest, p: &Params, m: &MmuChoice) -> Result<Outcome> {

@@ -28,29 +28,11 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The region's GPA.
-pub const MEM_REGION_GPA: u64 = 0xc000_0000;
-/// The region's size (one 2 MiB page).
-pub const MEM_REGION_SIZE: u64 = 0x20_0000;
-/// The region's slot.
-pub const MEM_REGION_SLOT: u32 = 10;
-/// What MMIO reads return.
-pub const MMIO_VAL: u64 = 0xbeef;
-/// The C test's default loop count (`argv[1]` overrides it).
-pub const DEFAULT_LOOPS: u32 = 10;
+pub use vmmu_selftest::set_memory_region::{
+    Outcome, DEFAULT_LOOPS, MEM_REGION_GPA, MEM_REGION_SIZE, MEM_REGION_SLOT, MMIO_VAL,
+};
 /// The guest's code page (slot 0).
 const CODE_GPA: u64 = 0;
-
-/// What one test (all its loops) did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Outcome {
-    /// Loops run.
-    pub loops: u32,
-    /// MMIO exits the guest took on the region.
-    pub mmio_exits: u64,
-    /// Wall time of all loops.
-    pub elapsed: Duration,
-}
 
 /// How the guest's run ended early: its code page became MMIO (an internal error), in its
 /// final spin loop or before.
