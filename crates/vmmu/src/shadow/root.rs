@@ -179,7 +179,7 @@ impl ShadowRoot {
     ) {
         let s = st.sp_mut(sp);
         s.root_count += 1;
-        let link = core.cfg.format.make_nonleaf(s.spt);
+        let link = core.cfg.format.make_pae_root_entry(s.spt);
         // SAFETY: `root` is the vCPU's own special root frame, allocated above and not yet
         // reachable by anyone else.
         if let Some(t) = unsafe { core.table(root) } {

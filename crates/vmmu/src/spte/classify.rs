@@ -49,6 +49,25 @@ pub enum HwEntry {
     Misconfig(RsvdReason),
 }
 
+/// The CPU's verdict on a PAE page-directory-pointer entry (one of the four a PAE CR3 names,
+/// loaded with CR3 rather than walked per access).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum PdpteEntry {
+    /// Not present: an access under it is a not-present #PF.
+    NotPresent,
+    /// Present with reserved bits set (`bits`): the CPU refuses the CR3 load (#GP) or the VM
+    /// entry, so no access can run under it at all.
+    Reserved {
+        /// The reserved bits that are set.
+        bits: u64,
+    },
+    /// Present: the page directory in frame `table`. A PDPTE grants no rights of its own.
+    Present {
+        /// The page directory's frame.
+        table: Pfn,
+    },
+}
+
 /// Which rule made an entry misconfigured (the first one found).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum RsvdReason {
@@ -174,6 +193,21 @@ impl SpteFormat {
             return Some(RsvdReason::ReservedBit { bit: low_bit(hit), level: lv });
         }
         None
+    }
+
+    /// How the CPU reads `e` as a PAE PDPTE (Intel SDM "PAE paging", the PDPTE registers; AMD
+    /// APM "legacy PAE mode"): bit 0 present; bits 2:1, 8:5 and 63:MAXPHYADDR reserved (the SEV
+    /// C-bit is an address bit, not reserved); bits 11:9 ignored. The shadow MMU's x86 formats
+    /// only (EPT has no PAE roots).
+    pub fn classify_pdpte(&self, e: u64) -> PdpteEntry {
+        if e & NPT_P == 0 {
+            return PdpteEntry::NotPresent;
+        }
+        let reserved = genmask(2, 1) | genmask(8, 5) | genmask(63, 52) | self.reserved_pa_mask();
+        match e & reserved {
+            0 => PdpteEntry::Present { table: self.pfn(e) },
+            bits => PdpteEntry::Reserved { bits },
+        }
     }
 
     /// What the CPU decides for `spte` found at `level` during a walk.
@@ -471,6 +505,36 @@ mod tests {
                 let nl = f.make_nonleaf(Pfn(9));
                 assert_eq!(f.classify(nl, level), present(false, 9, Access::ALL, true), "{kind:?}");
             }
+        }
+    }
+
+    /// PAE root entries (the shadow MMU's special roots) are PDPTEs: the ones the MMU makes
+    /// load; what a page-table entry carries above them (W, U, A, NX) is reserved there.
+    #[test]
+    fn pae_root_entries_are_pdptes_the_cpu_loads() {
+        for kind in [FormatKind::Npt, FormatKind::NptSev { c_bit: 47 }] {
+            let f = fmt(kind, 46);
+            let e = f.make_pae_root_entry(Pfn(0x1234));
+            assert_eq!(f.classify_pdpte(e), PdpteEntry::Present { table: Pfn(0x1234) }, "{kind:?}");
+            assert!(SpteFormat::is_mmu_present(e));
+            // A table entry's full rights are reserved bits in a PDPTE.
+            let nl = f.make_nonleaf(Pfn(0x1234));
+            assert!(matches!(f.classify_pdpte(nl), PdpteEntry::Reserved { .. }), "{kind:?}");
+        }
+        let f = fmt(FormatKind::Npt, 46);
+        let table = NPT_P | 0x5000;
+        for (name, e, want) in [
+            ("not present, whatever else", SpteFormat::NONPRESENT | 0x1e6, PdpteEntry::NotPresent),
+            ("W", table | 1 << 1, PdpteEntry::Reserved { bits: 1 << 1 }),
+            ("U", table | 1 << 2, PdpteEntry::Reserved { bits: 1 << 2 }),
+            ("A", table | 1 << 5, PdpteEntry::Reserved { bits: 1 << 5 }),
+            ("PS", table | 1 << 7, PdpteEntry::Reserved { bits: 1 << 7 }),
+            ("NX", table | 1 << 63, PdpteEntry::Reserved { bits: 1 << 63 }),
+            ("past MAXPHYADDR", table | 1 << 46, PdpteEntry::Reserved { bits: 1 << 46 }),
+            ("bits 52..62", table | 1 << 60, PdpteEntry::Reserved { bits: 1 << 60 }),
+            ("PWT, PCD, ignored 11:9", table | 0x18 | 0xe00, PdpteEntry::Present { table: Pfn(5) }),
+        ] {
+            assert_eq!(f.classify_pdpte(e), want, "{name}");
         }
     }
 

@@ -216,6 +216,19 @@ impl SpteFormat {
         }
     }
 
+    /// The entry of a special (PAE) root that links the level-2 table in frame `table` (KVM
+    /// `mmu_alloc_shadow_roots`: `pae_root[i] = root | PT_PRESENT_MASK | shadow_me_value`). It is
+    /// a PDPTE, which the CPU loads with CR3: no rights and no accessed bit (a PDPTE's bits 2:1,
+    /// 8:5 and 63 are reserved, and the CPU refuses a CR3 whose PDPTEs set them), only present,
+    /// the address and the SEV C-bit, plus the MMU-present bit (bit 11, which a PDPTE ignores) so
+    /// the MMU's own walks see a present entry. The shadow MMU's x86 formats only (not EPT).
+    #[inline]
+    pub fn make_pae_root_entry(&self, table: Pfn) -> u64 {
+        debug_assert!(!self.is_ept(), "a PAE root is the shadow MMU's, whose format is x86's");
+        debug_assert!(table.hpa() & !self.addr_mask() == 0, "{table:?} beyond phys_bits");
+        NPT_P | Self::MMU_PRESENT | (table.hpa() & self.addr_mask()) | self.c_bit_mask()
+    }
+
     /// An MMU-present leaf mapping `pfn` at `level` (KVM's `make_spte` for TDP).
     ///
     /// Always readable; writable iff `writable` and `access` has WRITE; executable iff `access`

@@ -28,7 +28,7 @@ pub mod format;
 pub mod mmio;
 pub mod policy;
 
-pub use classify::{HwEntry, RsvdReason};
+pub use classify::{HwEntry, PdpteEntry, RsvdReason};
 pub use dump::SpteDump;
 pub use format::{FormatKind, SpteFormat};
 pub use mmio::MmioSpteCodec;

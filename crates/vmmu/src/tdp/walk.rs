@@ -61,7 +61,7 @@
 use super::TdpMmu;
 use crate::bugs::{Bug, BugSet};
 use crate::host::{FrameAllocator, Host, TableEntries};
-use crate::spte::{HwEntry, RsvdReason, SpteDump, SpteFormat};
+use crate::spte::{HwEntry, PdpteEntry, RsvdReason, SpteDump, SpteFormat};
 use crate::srcu::ReaderId;
 use crate::sync::Ordering;
 use crate::types::{Access, Gfn, Level, Pfn};
@@ -466,7 +466,8 @@ pub enum HwWalk {
         /// Everything read.
         dump: SpteDump,
     },
-    /// A table frame the host does not know: an internal inconsistency, never a guest-visible
+    /// A table frame the host does not know, or a PAE root entry with reserved bits set (which
+    /// the CPU would refuse to load with CR3): an internal inconsistency, never a guest-visible
     /// outcome.
     Broken {
         /// Everything read.
@@ -520,6 +521,25 @@ pub unsafe fn hw_walk_leaf_table(
     let mut perms = Access::ALL;
     let mut readable = true;
     let mut leaf_table = None;
+    if root_level == Level::L1G && !format.is_ept() {
+        // A PAE root (the shadow MMU's special root): its four entries are PDPTEs, which the
+        // CPU loads with CR3 and which grant no rights. One with reserved bits set could never
+        // have been loaded: no access runs under it, an internal inconsistency of the MMU.
+        let Some(ptr) = tables.table(root) else {
+            return (HwWalk::Broken { dump }, None);
+        };
+        // SAFETY: as below: the caller keeps the root alive; entries are atomics.
+        let e = unsafe { ptr.as_ref() }[Level::L1G.index(gfn)].load(Ordering::Acquire);
+        dump.push(Level::L1G, e);
+        match format.classify_pdpte(e) {
+            PdpteEntry::NotPresent => return (HwWalk::Violation { present: false, dump }, None),
+            PdpteEntry::Reserved { .. } => return (HwWalk::Broken { dump }, None),
+            PdpteEntry::Present { table } => {
+                pfn = table;
+                level = Level::L2M;
+            }
+        }
+    }
     loop {
         let Some(ptr) = tables.table(pfn) else {
             // The hardware would read whatever is at that physical address; our frames are all
