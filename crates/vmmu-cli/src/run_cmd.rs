@@ -167,7 +167,9 @@ pub struct RunArgs {
     /// the next wrap is published (2^19 swaps, well under a second here; see the README).
     #[arg(long = "wrap-trap", conflicts_with = "near_wrap")]
     wrap_trap: bool,
-    /// Delete and move zap every root (KVM's KVM_X86_QUIRK_SLOT_ZAP_ALL) instead of the slot.
+    /// Delete and move zap everything (KVM's default KVM_X86_QUIRK_SLOT_ZAP_ALL) instead of only
+    /// what the slot backs (TDP: its range; shadow paging: its leaves and the shadow pages whose
+    /// gfn it holds).
     #[arg(long = "slot-zap-all")]
     slot_zap_all: bool,
     /// Re-inject a historical KVM bug (`--inject list` lists them). Needs a build with

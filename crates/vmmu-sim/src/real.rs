@@ -156,6 +156,7 @@ impl RealMmu {
         vc.mmio_caching = cfg.mmio_caching;
         vc.max_vcpus = cfg.vcpus.max(1);
         vc.generation_base = cfg.generation_base;
+        vc.slot_zap_all = cfg.slot_zap_all;
         vc.bugs = cfg.bugs;
         vc.shadow_mmio_path_only = cfg.shadow_mmio_path_only;
         Ok(RealMmu {

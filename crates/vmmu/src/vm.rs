@@ -48,7 +48,9 @@ pub struct VmConfig {
     /// 4- or 5-level tables ([`VmConfig::new`]: 5 when `phys_bits` is above 48). A TDP VM
     /// refuses 4 levels with `phys_bits` above 48 ([`VmError::RootTooShallow`]).
     pub root_level: Level,
-    /// Delete/move zaps everything (KVM_X86_QUIRK_SLOT_ZAP_ALL) instead of only the slot.
+    /// Delete/move zaps everything (KVM_X86_QUIRK_SLOT_ZAP_ALL, KVM's default) instead of only
+    /// what the slot backs (TDP: its range; shadow paging: the leaves mapping its frames and the
+    /// shadow pages whose gfn it holds).
     pub slot_zap_all: bool,
     /// First memslot generation counter (see [`MemslotsConfig::generation_base`]); 0 as in KVM.
     pub generation_base: u64,
@@ -259,14 +261,16 @@ impl<'a, H: Host> MmuHooks<'a, H> {
 
 impl<H: Host> MemslotHooks for MmuHooks<'_, H> {
     fn flush_slot(&self, old: &Memslot) {
-        if let Some(shadow) = self.shadow {
-            // KVM's default (KVM_X86_QUIRK_SLOT_ZAP_ALL) for the shadow MMU: shadow pages of
-            // guest tables in the slot and leaves of its frames are spread over every root.
-            shadow.zap_all_fast(self.mmu);
-        } else if self.mmu.config().slot_zap_all {
-            self.mmu.zap_all_fast();
-        } else {
-            self.mmu.zap_gfn_range(old.as_id(), old.base_gfn(), old.end_gfn());
+        // KVM `kvm_arch_flush_shadow_memslot`: everything with KVM_X86_QUIRK_SLOT_ZAP_ALL (KVM's
+        // default, `VmConfig::slot_zap_all`), else only what the slot backs.
+        let zap_all = self.mmu.config().slot_zap_all;
+        match self.shadow {
+            Some(shadow) if zap_all => shadow.zap_all_fast(self.mmu),
+            Some(shadow) => {
+                shadow.zap_memslot(self.mmu, old.as_id(), old.base_gfn(), old.end_gfn())
+            }
+            None if zap_all => self.mmu.zap_all_fast(),
+            None => self.mmu.zap_gfn_range(old.as_id(), old.base_gfn(), old.end_gfn()),
         }
         #[cfg(feature = "testing")]
         if let Some(probe) = self.probe {

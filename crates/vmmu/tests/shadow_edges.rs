@@ -283,7 +283,9 @@ fn a_special_root_short_of_frames_leaves_nothing_pinned() {
     for nr_tables in 2..=4 {
         let host = Arc::new(TestHost::new(nr_tables));
         host.map(RAM_HVA, RAM_SIZE, RAM_HVA >> 12, Level::L4K, true);
-        let vm = Vm::new(VmConfig::shadow(46).unwrap(), host.clone()).unwrap();
+        let mut cfg = VmConfig::shadow(46).unwrap();
+        cfg.slot_zap_all = true;
+        let vm = Vm::new(cfg, host.clone()).unwrap();
         vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, RAM_SIZE, RAM_HVA)).unwrap();
         let cpu = GuestCpu {
             mode: PagingMode::NonPaging,

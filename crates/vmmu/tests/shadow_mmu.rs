@@ -537,3 +537,85 @@ fn a_guest_1g_page_is_shadowed_by_direct_pages() {
         assert_eq!(access(&mut w, G + 0x10_0000, false), Seen::GuestPf(rsvd), "{value:#x}");
     }
 }
+
+/// A data slot beside the RAM of [`shadow_vm`]: 2 MiB at gpa `DATA_GPA`.
+const DATA_GPA: u64 = 0x2000_0000;
+const DATA_HVA: u64 = 0x8000_0000;
+
+fn add_data_slot(vm: &Vm<TestHost>, host: &TestHost) {
+    host.map(DATA_HVA, 2 << 20, DATA_HVA >> 12, Level::L4K, true);
+    vm.set_memory_region(&UserspaceMemoryRegion::new(1, 0, DATA_GPA, 2 << 20, DATA_HVA)).unwrap();
+}
+
+/// With `KVM_X86_QUIRK_SLOT_ZAP_ALL` off (`slot_zap_all: false`, the default here), deleting a
+/// slot drops only the leaves mapping its frames: the shadow pages of guest tables elsewhere stay
+/// and keep translating, the deleted slot's gfns become MMIO, and an MMIO gfn stays MMIO (its
+/// SPTE is stale by generation). With the quirk, every page goes.
+#[test]
+fn a_delete_without_zap_all_zaps_only_what_the_slot_backs() {
+    for zap_all in [false, true] {
+        let host = Arc::new(TestHost::new(2048));
+        host.map(RAM_HVA, RAM_SIZE, RAM_HVA >> 12, Level::L4K, true);
+        let mut cfg = VmConfig::shadow(46).unwrap();
+        cfg.slot_zap_all = zap_all;
+        let vm = Vm::new(cfg, host.clone()).unwrap();
+        vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, RAM_SIZE, RAM_HVA)).unwrap();
+        add_data_slot(&vm, &host);
+        let next = std::rc::Rc::new(std::cell::Cell::new(TABLES_GPA));
+        let s = Space::new(&host, &next);
+        s.map4k(0x4000_0000, 0x20_0000, P | RW | US);
+        s.map4k(0x4000_1000, DATA_GPA, P | RW | US);
+        s.map4k(0x4000_2000, MMIO_GPA, P | RW | US);
+        let mut v = vcpu_in(&vm, long4(s.cr3));
+        assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
+        assert_eq!(access(&mut v, 0x4000_1000, false), Seen::Ram(vmmu::Pfn(DATA_HVA >> 12)));
+        assert!(matches!(access(&mut v, 0x4000_2000, false), Seen::Mmio(..)));
+        let shadow = vm.shadow_mmu().unwrap();
+        let before = shadow.stats.snapshot();
+        vm.set_memory_region(&UserspaceMemoryRegion::new(1, 0, DATA_GPA, 0, 0)).unwrap();
+        let zapped = shadow.stats.snapshot().mmu_shadow_zapped - before.mmu_shadow_zapped;
+        assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
+        assert!(matches!(access(&mut v, 0x4000_1000, false), Seen::Mmio(Gpa(DATA_GPA), _)));
+        assert!(matches!(access(&mut v, 0x4000_2000, false), Seen::Mmio(Gpa(MMIO_GPA), _)));
+        let after = shadow.stats.snapshot();
+        if zap_all {
+            assert!(zapped >= 4, "zap-all: every page of the root goes ({zapped})");
+            assert!(after.mmu_cache_miss > before.mmu_cache_miss, "pages built again");
+        } else {
+            assert_eq!(zapped, 0, "no guest table lies in the deleted slot");
+            assert_eq!(after.mmu_cache_miss, before.mmu_cache_miss, "no page built again");
+        }
+    }
+}
+
+/// Deleting the slot that holds the guest's page tables without the quirk zaps the shadow pages
+/// of those tables: a translation through a table no slot backs any more must not go on
+/// (leaving them, the data page, in a slot still there, stayed mapped through them).
+#[test]
+fn a_delete_of_the_slot_holding_guest_tables_zaps_their_shadow_pages() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    add_data_slot(&vm, &host);
+    let s = Space::new(&host, &next);
+    s.map4k(0x4000_1000, DATA_GPA, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, 0x4000_1000, false), Seen::Ram(vmmu::Pfn(DATA_HVA >> 12)));
+    let shadow = vm.shadow_mmu().unwrap();
+    let before = shadow.stats.snapshot().mmu_shadow_zapped;
+    vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, 0, RAM_HVA)).unwrap();
+    let walk = (0..5)
+        .find_map(|_| {
+            v.service_requests().unwrap();
+            v.enter_guest().ok().map(|g| g.walk_gva(Gva(0x4000_1000), vmmu::Access::USER))
+        })
+        .expect("the vCPU enters once its requests are served");
+    assert!(
+        matches!(walk, vmmu::tdp::HwWalk::Violation { present: false, .. }),
+        "translated through deleted tables: {walk:?}"
+    );
+    // The guest's walk reads a table no slot backs: a not-present #PF for the guest (KVM's
+    // walker: an error hva is a fault with no P bit).
+    let o = v.handle_page_fault(Gva(0x4000_1000), PfErr(PfErr::USER)).unwrap();
+    let want = FaultOutcome::GuestPageFault { addr: Gva(0x4000_1000), error_code: PfErr(4) };
+    assert_eq!(o, want);
+    assert!(shadow.stats.snapshot().mmu_shadow_zapped >= before + 4, "the four table pages");
+}

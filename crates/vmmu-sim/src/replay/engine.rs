@@ -747,7 +747,10 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
         mmio_caching: cfg.mmio_caching,
         vcpus: 1,
         generation_base: 0,
-        slot_zap_all: false,
+        // The recording host's shadow MMU zaps everything on a delete or move (KVM's default
+        // KVM_X86_QUIRK_SLOT_ZAP_ALL), which the trace's zap annotations record; the shadow
+        // replay does the same so that its zaps compare. A TDP MMU zaps the slot's range.
+        slot_zap_all: shadow,
         bugs: cfg.bugs,
         tdp_prefetch: false,
         shadow_mmio_path_only: false,
@@ -1587,7 +1590,7 @@ mod tests {
             mmio_caching: true,
             vcpus: 1,
             generation_base: 0,
-            slot_zap_all: false,
+            slot_zap_all: true,
             bugs: BugSet::NONE,
             tdp_prefetch: false,
             shadow_mmio_path_only: false,

@@ -265,6 +265,27 @@ impl ShadowMmu {
         core.reclaim();
     }
 
+    /// A memslot delete or move with `KVM_X86_QUIRK_SLOT_ZAP_ALL` off (KVM
+    /// `kvm_mmu_zap_memslot`): drops every leaf that maps a gfn of the slot `[start, end)` of
+    /// `as_id` (through the rmap), and zaps every valid page whose gfn lies in the slot: the
+    /// pages of guest tables there (a table the slot no longer backs must not keep translating,
+    /// and its write tracking belongs to the slot) and direct pages that start there. Other
+    /// pages, and the MMIO SPTEs anywhere, stay: the update's new generation stales those. The
+    /// slot is invalid already (a fault on it retries), so nothing maps it again meanwhile.
+    /// One critical section; one flush and one commit.
+    pub(crate) fn zap_memslot<H: Host>(&self, core: &TdpMmu<H>, as_id: AsId, start: Gfn, end: Gfn) {
+        let mut batch = ZapBatch::default();
+        {
+            let mut st = self.lock(core);
+            batch.flush |= st.unmap_gfn_range(core, as_id, start, end);
+            for id in st.valid_pages_in(as_id, start, end) {
+                st.prepare_zap(core, &self.stats, id, &mut batch);
+            }
+            st.commit_zap(core, &self.stats, &mut batch);
+        }
+        core.reclaim();
+    }
+
     /// Host invalidation (KVM `kvm_unmap_gfn_range` through the rmap): drops every leaf for
     /// the ranges and flushes. The caller has begun the invalidation (faults on the ranges
     /// retry) before this runs.

@@ -183,6 +183,23 @@ impl ShadowState {
             .collect()
     }
 
+    /// Valid pages of `as_id` whose gfn lies in `[start, end)`, direct or not (KVM
+    /// `for_each_gfn_valid_sp` over a memslot's gfns), oldest first. Scans the active list,
+    /// which the page limit bounds, rather than the range, which a slot can make huge.
+    pub(crate) fn valid_pages_in(&self, as_id: AsId, start: Gfn, end: Gfn) -> Vec<SpId> {
+        self.active
+            .values()
+            .copied()
+            .filter(|&id| {
+                let sp = self.sp(id);
+                (start.raw()..end.raw()).contains(&sp.gfn.raw())
+                    && sp.role.as_id() == as_id
+                    && !sp.role.invalid()
+                    && sp.valid_gen == self.valid_gen
+            })
+            .collect()
+    }
+
     /// Up to `n` pages, oldest first, from the oldest end of the active list while `keep_going`
     /// holds for each page (`take_while`), skipping those `eligible` refuses. Reads only the
     /// pages it returns or stops at, not the whole list: a zap-all walks it in batches of
