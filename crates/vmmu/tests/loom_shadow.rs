@@ -13,7 +13,9 @@
 //!    the MMIO SPTE or a cleared entry, and reads no freed page either (the zap's grace period
 //!    kicks it out). The model must see both sides of the race (the lockless walk hits the MMIO
 //!    SPTE; it finds the entry zapped) and a hardware walk. Catches `zapped-spte-is-misconfig`
-//!    (with the shrinker and with `zap_all_fast`).
+//!    (with the shrinker and with `zap_all_fast`). A third variant deletes the slot that holds the
+//!    guest's tables without the zap-all quirk (`zap_memslot`): the fault may also end in a
+//!    guest #PF (the tables are gone), and afterwards nothing translates through them.
 //! 2. **The special-root staleness check against zap-all** (`special_root_fault_vs_zap_all`): a
 //!    PAE guest (special root: no shadow page of its own) faults on a RAM GVA, then retries the
 //!    access (servicing its requests: the reload), while `zap_all_fast` runs. Property: the
@@ -196,8 +198,20 @@ impl Coverage {
     }
 }
 
-/// Model 1. `zap_all`: the other thread runs `zap_all_fast`; otherwise the shrinker.
-fn lockless_walk_vs_zap(bugs: BugSet, zap_all: bool) -> Coverage {
+/// What zaps the pages under the walk in model 1.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Zapper {
+    /// `shrink_shadow_pages`: the three pages below the pinned root.
+    Shrinker,
+    /// `zap_all_fast`: every page.
+    ZapAllFast,
+    /// The delete of the slot holding the guest's tables (and the data page), without the
+    /// zap-all quirk: the pages whose gfn the slot holds, the pinned root among them.
+    DeleteTablesSlot,
+}
+
+/// Model 1.
+fn lockless_walk_vs_zap(bugs: BugSet, zapper: Zapper) -> Coverage {
     let cov = Coverage::default();
     let c = cov.clone();
     model(move || {
@@ -220,11 +234,13 @@ fn lockless_walk_vs_zap(bugs: BugSet, zap_all: bool) -> Coverage {
             });
             (v, o, hw)
         });
-        if zap_all {
-            vm.zap_all_fast();
-        } else {
+        match zapper {
+            Zapper::ZapAllFast => vm.zap_all_fast(),
             // The 3 pages below the pinned root.
-            assert_eq!(vm.shrink_shadow_pages(8), 3);
+            Zapper::Shrinker => assert_eq!(vm.shrink_shadow_pages(8), 3),
+            Zapper::DeleteTablesSlot => {
+                vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, 0, RAM_HVA)).unwrap();
+            }
         }
         let (mut v, o, hw) = t.join().unwrap();
         if hw.is_some() {
@@ -232,6 +248,7 @@ fn lockless_walk_vs_zap(bugs: BugSet, zap_all: bool) -> Coverage {
         }
         c.saw(match &o {
             Ok(FaultOutcome::Emulate { source, .. }) => format!("Emulate({source:?})"),
+            Ok(FaultOutcome::GuestPageFault { .. }) => "GuestPageFault".into(),
             Ok(o) => format!("{o:?}"),
             Err(_) => "Err".into(),
         });
@@ -239,6 +256,8 @@ fn lockless_walk_vs_zap(bugs: BugSet, zap_all: bool) -> Coverage {
             Ok(FaultOutcome::Emulate { gpa, source: EmulateSource::MmioSpteHit, .. })
                 if gpa == mmio => {}
             Ok(FaultOutcome::Retry(_)) => {}
+            // Once the slot is going, the guest's tables are not readable: a #PF for the guest.
+            Ok(FaultOutcome::GuestPageFault { .. }) if zapper == Zapper::DeleteTablesSlot => {}
             other => panic!("VIOLATION: the lockless walk under a zap gave {other:?}"),
         }
         assert!(
@@ -246,8 +265,24 @@ fn lockless_walk_vs_zap(bugs: BugSet, zap_all: bool) -> Coverage {
             "the hardware walk during the zap: {hw:?}"
         );
         assert_eq!(host.use_after_free(), 0, "VIOLATION: a walk read a freed table page");
-        let again = access(&mut v, GVA);
-        assert!(matches!(again, Seen::Mmio(g, _) if g == mmio), "after the zap: {again:?}");
+        if zapper == Zapper::DeleteTablesSlot {
+            // No slot backs the tables any more: nothing may translate through their shadow
+            // pages, and the guest's own walk faults.
+            v.service_requests().unwrap();
+            if v.enter_guest_mode().is_ok() {
+                let w = v.walk_gva(Gva(GVA), Access::USER);
+                v.exit_guest_mode();
+                assert!(
+                    matches!(w, HwWalk::Violation { present: false, .. }),
+                    "VIOLATION: a walk through the deleted slot's tables: {w:?}"
+                );
+            }
+            let o = v.handle_page_fault(Gva(GVA), PfErr(PfErr::USER));
+            assert!(matches!(o, Ok(FaultOutcome::GuestPageFault { .. })), "after: {o:?}");
+        } else {
+            let again = access(&mut v, GVA);
+            assert!(matches!(again, Seen::Mmio(g, _) if g == mmio), "after the zap: {again:?}");
+        }
         assert_eq!(host.use_after_free(), 0, "VIOLATION: a walk read a freed table page");
     });
     cov
@@ -259,12 +294,26 @@ const MODEL1_RACE: [&str; 3] = ["Emulate(MmioSpteHit)", "Retry(ZappedUnderWalk)"
 
 #[test]
 fn lockless_walk_vs_shrinker() {
-    lockless_walk_vs_zap(BugSet::NONE, false).expect(&MODEL1_RACE);
+    lockless_walk_vs_zap(BugSet::NONE, Zapper::Shrinker).expect(&MODEL1_RACE);
 }
 
 #[test]
 fn lockless_walk_vs_zap_all_fast() {
-    lockless_walk_vs_zap(BugSet::NONE, true).expect(&MODEL1_RACE);
+    lockless_walk_vs_zap(BugSet::NONE, Zapper::ZapAllFast).expect(&MODEL1_RACE);
+}
+
+/// The delete of the slot holding the guest's tables, without the zap-all quirk
+/// (`ShadowMmu::zap_memslot`): the walk hits the MMIO SPTE before it, finds its page zapped
+/// under it (a retry), or after it the guest's walk faults (its tables are gone); a hardware
+/// walk runs meanwhile.
+#[test]
+fn lockless_walk_vs_zap_memslot() {
+    lockless_walk_vs_zap(BugSet::NONE, Zapper::DeleteTablesSlot).expect(&[
+        "Emulate(MmioSpteHit)",
+        "Retry(ZappedUnderWalk)",
+        "GuestPageFault",
+        "hardware walk",
+    ]);
 }
 
 /// Model 2.
@@ -395,14 +444,14 @@ fn assert_caught(bug: Bug, m: impl FnOnce(BugSet) -> Coverage) {
 #[cfg(feature = "historical-bugs")]
 #[test]
 fn lockless_walk_vs_shrinker_catches_zapped_spte_is_misconfig() {
-    assert_caught(Bug::ZappedSpteIsMisconfig, |b| lockless_walk_vs_zap(b, false));
+    assert_caught(Bug::ZappedSpteIsMisconfig, |b| lockless_walk_vs_zap(b, Zapper::Shrinker));
 }
 
 /// The same with `zap_all_fast` zapping the pages.
 #[cfg(feature = "historical-bugs")]
 #[test]
 fn lockless_walk_vs_zap_all_fast_catches_zapped_spte_is_misconfig() {
-    assert_caught(Bug::ZappedSpteIsMisconfig, |b| lockless_walk_vs_zap(b, true));
+    assert_caught(Bug::ZappedSpteIsMisconfig, |b| lockless_walk_vs_zap(b, Zapper::ZapAllFast));
 }
 
 /// Without the special-root staleness check (`no-stale-root-check`) the property still holds:
