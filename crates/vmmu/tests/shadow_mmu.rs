@@ -619,3 +619,69 @@ fn a_delete_of_the_slot_holding_guest_tables_zaps_their_shadow_pages() {
     assert_eq!(o, want);
     assert!(shadow.stats.snapshot().mmu_shadow_zapped >= before + 4, "the four table pages");
 }
+
+/// The walker's A/D updates dirty the guest tables they change (KVM
+/// `FNAME(update_accessed_dirty_bits)`: `kvm_vcpu_mark_page_dirty` of the table's gfn; shadow
+/// facts §2.2). Without it a migration copies a table before the update and never sends it again:
+/// the destination's guest sees a page it wrote as clean.
+#[test]
+fn the_walkers_a_d_updates_dirty_the_guest_tables() {
+    let host = Arc::new(TestHost::new(2048));
+    host.map(RAM_HVA, RAM_SIZE, RAM_HVA >> 12, Level::L4K, true);
+    let vm = Vm::new(VmConfig::shadow(46).unwrap(), host.clone()).unwrap();
+    let log = vmmu::memslot::KVM_MEM_LOG_DIRTY_PAGES;
+    vm.set_memory_region(&UserspaceMemoryRegion::new(0, log, 0, RAM_SIZE, RAM_HVA)).unwrap();
+    let next = std::rc::Rc::new(std::cell::Cell::new(TABLES_GPA));
+    let s = Space::new(&host, &next);
+    s.map4k(0x4000_0000, 0x20_0000, P | RW | US);
+    let tables: Vec<u64> = (1..=4u8).map(|l| s.entry_gpa(0x4000_0000, l) >> 12).collect();
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    vm.get_dirty_log(vmmu::AsId(0), vmmu::SlotId(0)).unwrap();
+    // A write: A set at four levels and D in the leaf, by the walker's compare-exchange.
+    assert_eq!(access(&mut v, 0x4000_0000, true), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(s.read(s.entry_gpa(0x4000_0000, 1)) & 0x60, 0x60, "A and D in the leaf");
+    let words = vm.get_dirty_log(vmmu::AsId(0), vmmu::SlotId(0)).unwrap();
+    let dirty: Vec<u64> = vmmu::dirty::pages_of(&words).collect();
+    assert!(dirty.contains(&(0x20_0000 >> 12)), "the data page: {dirty:x?}");
+    for t in tables {
+        assert!(dirty.contains(&t), "table gfn {t:#x} updated but not dirty: {dirty:x?}");
+    }
+    // Nothing left to update: a second write sets no bit and dirties no table.
+    vm.get_dirty_log(vmmu::AsId(0), vmmu::SlotId(0)).unwrap();
+    assert_eq!(access(&mut v, 0x4000_0000, true), Seen::Ram(ram_pfn(0x20_0000)));
+    let words = vm.get_dirty_log(vmmu::AsId(0), vmmu::SlotId(0)).unwrap();
+    assert!(vmmu::dirty::pages_of(&words).all(|g| g == 0x20_0000 >> 12));
+}
+
+/// With 8-byte gPTEs a 4-byte write is half of one entry, widened to the aligned entry before the
+/// misaligned check (KVM `mmu_pte_write_fetch_gpte`): only that entry's SPTE goes, the page
+/// stays (no `mmu_flooded`), and the next access faults it back in.
+#[test]
+fn a_four_byte_gpte_write_is_one_entry_not_a_misaligned_write() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let pte = s.map4k(0x4000_0000, 0x20_0000, P | RW | US);
+    s.map4k(0x4000_1000, 0x20_1000, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(access(&mut v, 0x4000_1000, false), Seen::Ram(ram_pfn(0x20_1000)));
+    let shadow = vm.shadow_mmu().unwrap();
+    let before = shadow.stats.snapshot();
+    // A 4-byte store at byte 6 of the first gPTE: KVM takes it as that (aligned) entry, where
+    // the 8-byte rule alone would call it misaligned (it crosses into the next entry) and zap.
+    v.track_write(Gpa(pte + 6), 4).unwrap();
+    let after = shadow.stats.snapshot();
+    assert_eq!(after.mmu_flooded, before.mmu_flooded, "not misaligned");
+    assert_eq!(after.mmu_shadow_zapped, before.mmu_shadow_zapped, "the page stays");
+    let w = |v: &mut Vcpu<TestHost>, gva| {
+        (0..5)
+            .find_map(|_| {
+                v.service_requests().unwrap();
+                v.enter_guest().ok().map(|g| g.walk_gva(Gva(gva), vmmu::Access::USER))
+            })
+            .unwrap()
+    };
+    assert!(matches!(w(&mut v, 0x4000_0000), vmmu::tdp::HwWalk::Violation { present: false, .. }));
+    assert!(matches!(w(&mut v, 0x4000_1000), vmmu::tdp::HwWalk::Translated { .. }), "neighbour");
+    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
+}

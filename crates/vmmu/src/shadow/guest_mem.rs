@@ -4,11 +4,14 @@
 //!
 //! Invariant: a table in no visible slot (none, or one being deleted or moved) is unreadable,
 //! so the walk reports a not-present fault (KVM: `kvm_vcpu_gfn_to_hva` gives an error); a table
-//! in a read-only slot is readable but its A/D bits are not written (shadow facts §2.2).
+//! in a read-only slot is readable but its A/D bits are not written (shadow facts §2.2); a table
+//! whose A/D bits the walker did set is marked dirty in its slot's dirty log (KVM
+//! `FNAME(update_accessed_dirty_bits)`: `kvm_vcpu_mark_page_dirty` of the table's gfn), so a
+//! migration sends the table again.
 
 use crate::guest::{GpteWriteError, GuestPteMemory};
 use crate::host::GuestMemory;
-use crate::memslot::MemslotSet;
+use crate::memslot::{Memslot, MemslotSet};
 use crate::types::{Gpa, Hva};
 
 /// Guest memory through one memslot set and a host.
@@ -23,11 +26,11 @@ impl<'a, M: GuestMemory + ?Sized> SlotGuestMemory<'a, M> {
         SlotGuestMemory { set, host }
     }
 
-    /// The host address of `gpa` and whether its slot is writable, if a visible slot maps it.
-    fn resolve(&self, gpa: Gpa) -> Option<(Hva, bool)> {
+    /// The host address of `gpa` and the visible slot that maps it, if any.
+    fn resolve(&self, gpa: Gpa) -> Option<(Hva, &'a Memslot)> {
         let slot = self.set.find(gpa.gfn()).filter(|s| !s.is_invalid())?;
         let hva = slot.hva_of(gpa.gfn()).raw() + gpa.page_offset();
-        Some((Hva(hva), !slot.is_readonly()))
+        Some((Hva(hva), slot))
     }
 }
 
@@ -38,10 +41,15 @@ impl<M: GuestMemory + ?Sized> GuestPteMemory for SlotGuestMemory<'_, M> {
     }
 
     fn cmpxchg_gpte(&self, gpa: Gpa, old: u64, new: u64) -> Result<bool, GpteWriteError> {
-        let (hva, writable) = self.resolve(gpa).ok_or(GpteWriteError::Unreadable)?;
-        if !writable {
+        let (hva, slot) = self.resolve(gpa).ok_or(GpteWriteError::Unreadable)?;
+        if slot.is_readonly() {
             return Err(GpteWriteError::NotWritable);
         }
-        self.host.cmpxchg_u64(hva, old, new).map_err(|_| GpteWriteError::Unreadable)
+        let swapped =
+            self.host.cmpxchg_u64(hva, old, new).map_err(|_| GpteWriteError::Unreadable)?;
+        if swapped {
+            self.set.mark_page_dirty(slot, gpa.gfn());
+        }
+        Ok(swapped)
     }
 }

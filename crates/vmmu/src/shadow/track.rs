@@ -37,7 +37,13 @@ impl ShadowMmu {
             if pages.is_empty() {
                 return;
             }
-            let offset = gpa.page_offset();
+            // KVM `mmu_pte_write_fetch_gpte`: with 8-byte gPTEs (PAE and 4-level paging, the
+            // only modes whose tables are shadowed here) a 4-byte write is one half of a gPTE,
+            // taken as the whole aligned entry before the misaligned check.
+            let (offset, bytes) = match bytes {
+                4 => (gpa.page_offset() & !7, 8),
+                b => (gpa.page_offset(), b),
+            };
             // KVM `detect_write_misaligned`: a 1-byte write at an entry's start is allowed.
             let misaligned = (offset & 7) + u64::from(bytes) > 8
                 || (bytes < 4 && !(bytes == 1 && offset & 7 == 0));
