@@ -685,3 +685,76 @@ fn a_four_byte_gpte_write_is_one_entry_not_a_misaligned_write() {
     assert!(matches!(w(&mut v, 0x4000_1000), vmmu::tdp::HwWalk::Translated { .. }), "neighbour");
     assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
 }
+
+/// The hardware walk of `gva` in guest mode, once the vCPU's requests are served.
+fn hw_walk(v: &mut Vcpu<TestHost>, gva: u64) -> vmmu::tdp::HwWalk {
+    (0..5)
+        .find_map(|_| {
+            v.service_requests().unwrap();
+            v.enter_guest().ok().map(|g| g.walk_gva(Gva(gva), vmmu::Access::USER))
+        })
+        .expect("the vCPU enters once its requests are served")
+}
+
+/// A present write to a frame an upper-level shadow page tracks is emulated right after the
+/// guest walk (KVM `page_fault_handle_page_track`): no fetch, so no prefetch of a neighbour that
+/// became present meanwhile, and no page-limit refill (the next test).
+#[test]
+fn a_present_write_to_a_tracked_table_is_emulated_before_fetch() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    s.map4k(0x4000_0000, 0x20_0000, P | RW | US);
+    let pd = s.entry_gpa(0x4000_0000, 2) & !0xfff;
+    // GVA 0x5000_0000 maps the page directory as data; its neighbour is not present yet.
+    s.map4k(0x5000_0000, pd, P | RW | US);
+    let neighbour = s.entry_gpa(0x5000_1000, 1);
+    s.map4k(0x4000_2000, 0x20_1000, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    // The neighbour's page is one the host maps writable (written once), so a prefetch could map it.
+    assert_eq!(access(&mut v, 0x4000_2000, true), Seen::Ram(ram_pfn(0x20_1000)));
+    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(access(&mut v, 0x5000_0000, false), Seen::Ram(ram_pfn(pd)));
+    // The neighbour gPTE becomes present (accessed), written by the guest through the MMU.
+    host.write_u64(RAM_HVA + neighbour, 0x20_1000 | P | RW | US | (1 << 5));
+    v.track_write(Gpa(neighbour), 8).unwrap();
+    assert!(matches!(hw_walk(&mut v, 0x5000_1000), vmmu::tdp::HwWalk::Violation { .. }));
+    let emulated = Seen::Mmio(Gpa(pd), EmulateSource::WriteProtected);
+    assert_eq!(access(&mut v, 0x5000_0000, true), emulated);
+    let after = hw_walk(&mut v, 0x5000_1000);
+    assert!(
+        matches!(after, vmmu::tdp::HwWalk::Violation { present: false, .. }),
+        "the emulated write prefetched a neighbour: {after:?}"
+    );
+}
+
+/// The same early emulation recycles nothing, even with the page limit nearly reached.
+#[test]
+fn a_present_write_to_a_tracked_table_recycles_no_page() {
+    let host = Arc::new(TestHost::new(2048));
+    host.map(RAM_HVA, RAM_SIZE, RAM_HVA >> 12, Level::L4K, true);
+    let mut cfg = VmConfig::shadow(46).unwrap();
+    cfg.shadow_max_pages = Some(64);
+    let vm = Vm::new(cfg, host.clone()).unwrap();
+    vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, RAM_SIZE, RAM_HVA)).unwrap();
+    let next = std::rc::Rc::new(std::cell::Cell::new(TABLES_GPA));
+    let s = Space::new(&host, &next);
+    s.map4k(0x4000_0000, 0x20_0000, P | RW | US);
+    let pd = s.entry_gpa(0x4000_0000, 2) & !0xfff;
+    s.map4k(0x4000_1000, pd, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, 0x4000_1000, false), Seen::Ram(ram_pfn(pd)));
+    let shadow = vm.shadow_mmu().unwrap();
+    // 60 of 64 pages in use: fewer free than KVM_MIN_FREE_MMU_PAGES, not yet recycled.
+    let mut i = 1u64;
+    while shadow.pages_in_use() < 60 {
+        let gva = 0x4000_0000 + i * (2 << 20);
+        s.map4k(gva, 0x20_0000, P | RW | US);
+        assert_eq!(access(&mut v, gva, false), Seen::Ram(ram_pfn(0x20_0000)));
+        i += 1;
+    }
+    assert_eq!(shadow.stats.snapshot().mmu_recycled, 0, "setup");
+    let emulated = Seen::Mmio(Gpa(pd), EmulateSource::WriteProtected);
+    assert_eq!(access(&mut v, 0x4000_1000, true), emulated);
+    assert_eq!(shadow.stats.snapshot().mmu_recycled, 0, "KVM emulates before the refill");
+    assert_eq!(shadow.pages_in_use(), 60);
+}

@@ -97,6 +97,10 @@ pub(crate) struct ShadowState {
     rmap: BTreeMap<(u16, u64), Vec<(SpId, u16)>>,
     /// (address space, gfn) -> valid indirect pages shadowing that guest frame.
     tracked: BTreeMap<(u16, u64), u32>,
+    /// The same for pages above level 1 only (KVM `gfn_write_track`: `account_shadowed` adds a
+    /// write-track reference for a non-leaf table; a last-level one is only write-protected,
+    /// since in KVM it may go unsync).
+    tracked_upper: BTreeMap<(u16, u64), u32>,
     /// KVM `kvm->arch.mmu_valid_gen`.
     pub(crate) valid_gen: u8,
     /// KVM `n_used_mmu_pages`.
@@ -119,6 +123,7 @@ impl ShadowState {
             by_pfn: BTreeMap::new(),
             rmap: BTreeMap::new(),
             tracked: BTreeMap::new(),
+            tracked_upper: BTreeMap::new(),
             valid_gen: 0,
             n_used: 0,
             n_max,
@@ -159,6 +164,11 @@ impl ShadowState {
     /// Whether a valid page shadows guest frame `gfn` (its SPTEs must stay read-only).
     pub(crate) fn is_write_tracked(&self, as_id: AsId, gfn: Gfn) -> bool {
         self.tracked.get(&(as_id.0, gfn.raw())).is_some_and(|&n| n > 0)
+    }
+
+    /// KVM `kvm_gfn_is_write_tracked`: a valid page above level 1 shadows guest frame `gfn`.
+    pub(crate) fn is_gfn_write_tracked(&self, as_id: AsId, gfn: Gfn) -> bool {
+        self.tracked_upper.get(&(as_id.0, gfn.raw())).is_some_and(|&n| n > 0)
     }
 
     /// Whether any valid indirect page exists (KVM `indirect_shadow_pages != 0`): `tracked`
@@ -294,7 +304,7 @@ impl ShadowState {
         self.n_used += 1;
         stats.shadow_pages.add(1);
         if has_gptes {
-            self.account_shadowed(core, role.as_id(), gfn, batch);
+            self.account_shadowed(core, role.as_id(), gfn, role.level(), batch);
         }
         Some((id, true))
     }
@@ -306,8 +316,12 @@ impl ShadowState {
         core: &TdpMmu<H>,
         as_id: AsId,
         gfn: Gfn,
+        level: Level,
         batch: &mut ZapBatch,
     ) {
+        if level > Level::L4K {
+            *self.tracked_upper.entry((as_id.0, gfn.raw())).or_insert(0) += 1;
+        }
         let n = self.tracked.entry((as_id.0, gfn.raw())).or_insert(0);
         *n += 1;
         if *n == 1 && !core.cfg.bugs.has(crate::bugs::Bug::ShadowTableLeftWritable) {
@@ -315,13 +329,51 @@ impl ShadowState {
         }
     }
 
-    fn unaccount_shadowed(&mut self, as_id: AsId, gfn: Gfn) {
-        let key = (as_id.0, gfn.raw());
-        if let Some(n) = self.tracked.get_mut(&key) {
-            *n -= 1;
-            if *n == 0 {
-                self.tracked.remove(&key);
+    fn unaccount_shadowed(&mut self, as_id: AsId, gfn: Gfn, level: Level) {
+        fn put(map: &mut BTreeMap<(u16, u64), u32>, key: (u16, u64)) {
+            if let Some(n) = map.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&key);
+                }
             }
+        }
+        let key = (as_id.0, gfn.raw());
+        put(&mut self.tracked, key);
+        if level > Level::L4K {
+            put(&mut self.tracked_upper, key);
+        }
+    }
+
+    /// KVM `shadow_page_table_clear_flood`: resets the write-flooding count of every page on
+    /// the shadow path of `gva` under `root`, down to the first entry that is not present.
+    pub(crate) fn clear_flood_along<H: Host>(
+        &mut self,
+        core: &TdpMmu<H>,
+        root: &super::root::ShadowRoot,
+        gva: crate::types::Gva,
+    ) {
+        use super::root::ShadowRoot;
+        let vgfn = Gfn(gva.raw() >> 12);
+        let fmt = core.cfg.format;
+        let (mut cur, mut level) = match *root {
+            ShadowRoot::Page { sp, .. } => (sp, Level::L4),
+            ShadowRoot::Special { sps, .. } => match sps[((gva.raw() >> 30) & 3) as usize] {
+                Some(sp) => (sp, Level::L2M),
+                None => return,
+            },
+        };
+        loop {
+            self.sp_mut(cur).flood = 0;
+            let e = self.entry(core, cur, level.index(vgfn)).load(crate::sync::Ordering::Acquire);
+            if !SpteFormat::is_mmu_present(e) || fmt.is_leaf(e, level) {
+                return;
+            }
+            let (Some(next), Some(lower)) = (self.by_pfn(fmt.pfn(e)), level.lower()) else {
+                return;
+            };
+            cur = next;
+            level = lower;
         }
     }
 
@@ -507,7 +559,7 @@ impl ShadowState {
             return;
         }
         if !role.direct() {
-            self.unaccount_shadowed(role.as_id(), gfn);
+            self.unaccount_shadowed(role.as_id(), gfn, role.level());
         }
         self.active.remove(&seq);
         self.buckets[Self::bucket(gfn)].retain(|&x| x != id);

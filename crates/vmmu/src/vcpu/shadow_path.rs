@@ -539,6 +539,23 @@ impl<H: Host + GuestMemory> Vcpu<H> {
                 });
             }
         };
+        // KVM `page_fault_handle_page_track`: a present write to a frame that a table above the
+        // last level shadows cannot be fixed by mapping anything; emulate it straight away,
+        // with the flood counts on the path reset (`shadow_page_table_clear_flood`), before
+        // faultin, the page-limit refill, fetch or prefetch.
+        if access.write && !err.rsvd() && err.0 & PfErr::PRESENT != 0 {
+            let mut s = shadow.lock(core);
+            if s.is_gfn_write_tracked(st.as_id, walk.gfn) {
+                s.clear_flood_along(core, &root, gva);
+                drop(s);
+                stats.write_protected_emulations += 1;
+                return Ok(FaultOutcome::Emulate {
+                    gpa: walk.gpa,
+                    access: access.required(),
+                    source: EmulateSource::WriteProtected,
+                });
+            }
+        }
         let mut fault = PageFault::tdp(walk.gpa, PfErr(err.0 & !PfErr::RSVD));
         fault.is_tdp = false;
         let mappable = Mappable { format: &core.cfg.format, max_level: Level::L4K };
