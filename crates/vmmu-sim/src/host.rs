@@ -877,25 +877,15 @@ impl vmmu::host::Sched for SimHost {
     }
 }
 
-// SAFETY: table pages are 4 KiB zeroed allocations kept in `all_tables` for the host's whole
-// life (freed pages go to `free_tables` for reuse, never back to the allocator), so a pointer
-// from `table` stays valid until the frame is freed and handed out again; `alloc_table` takes a
-// frame from the free list or a fresh one, initialises every entry before publishing it, and
-// `table` answers `None` for any frame not published as a table. Type-stable: a freed page's
-// memory stays allocated until the host drops and is reused only as a table page, and the only
-// stores this host makes into a table page, `alloc_table`'s initialisation, are `Release`.
-unsafe impl FrameAllocator for SimHost {
-    #[inline(always)]
-    fn type_stable_tables(&self) -> bool {
-        true
-    }
-
-    fn alloc_table(&self, init: u64) -> Option<Pfn> {
+impl SimHost {
+    /// `FrameAllocator::alloc_table` with a frame number below `limit`.
+    fn alloc_table_under(&self, init: u64, limit: u64) -> Option<Pfn> {
         let mut st = self.lock_alloc();
-        let (pfn, page) = match st.free_tables.pop() {
-            Some(p) => p,
+        let reused = st.free_tables.iter().rposition(|(pfn, _)| pfn.0 < limit);
+        let (pfn, page) = match reused {
+            Some(i) => st.free_tables.swap_remove(i),
             None => {
-                if st.next_pfn >= self.frames.len() as u64 {
+                if st.next_pfn >= (self.frames.len() as u64).min(limit) {
                     return None;
                 }
                 // SAFETY: the layout has a non-zero size.
@@ -927,6 +917,31 @@ unsafe impl FrameAllocator for SimHost {
         let live = self.live.fetch_add(1, Ordering::Relaxed) + 1;
         self.high_water.fetch_max(live, Ordering::Relaxed);
         Some(pfn)
+    }
+}
+
+// SAFETY: table pages are 4 KiB zeroed allocations kept in `all_tables` for the host's whole
+// life (freed pages go to `free_tables` for reuse, never back to the allocator), so a pointer
+// from `table` stays valid until the frame is freed and handed out again; `alloc_table_under` takes a
+// frame from the free list or a fresh one, initialises every entry before publishing it, and
+// `table` answers `None` for any frame not published as a table. Type-stable: a freed page's
+// memory stays allocated until the host drops and is reused only as a table page, and the only
+// stores this host makes into a table page, `alloc_table`'s initialisation, are `Release`.
+unsafe impl FrameAllocator for SimHost {
+    #[inline(always)]
+    fn type_stable_tables(&self) -> bool {
+        true
+    }
+
+    fn alloc_table(&self, init: u64) -> Option<Pfn> {
+        self.alloc_table_under(init, u64::MAX)
+    }
+
+    /// A PAE special root: a freed table frame below 4 GiB, or a new one while the frame
+    /// counter is still below 4 GiB (guest buffers take frames from the same counter, so a host
+    /// whose buffers went past it first has none to give).
+    fn alloc_table_below_4g(&self, init: u64) -> Option<Pfn> {
+        self.alloc_table_under(init, 1 << 20)
     }
 
     unsafe fn free_table(&self, pfn: Pfn) {

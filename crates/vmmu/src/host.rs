@@ -75,6 +75,23 @@ pub unsafe trait FrameAllocator: Send + Sync {
     /// `None` when the host is out of frames (the fault then fails with an out-of-memory error).
     fn alloc_table(&self, init: u64) -> Option<Pfn>;
 
+    /// A new table page below 4 GiB (pfn below 2^20), as [`Self::alloc_table`] otherwise. The
+    /// shadow MMU's special root for a PAE guest or a guest without paging needs one: in PAE
+    /// paging CR3 holds a 32-bit address (KVM allocates `pae_root` with `__GFP_DMA32`). The
+    /// default takes a page from `alloc_table` and gives it back if it lies higher, so a host
+    /// whose table frames can lie above 4 GiB should override it, or such guests fail to load
+    /// their root (an out-of-memory fault).
+    fn alloc_table_below_4g(&self, init: u64) -> Option<Pfn> {
+        let pfn = self.alloc_table(init)?;
+        if pfn.raw() < 1 << 20 {
+            return Some(pfn);
+        }
+        // SAFETY: `pfn` came from `alloc_table` just now and was never published: no other
+        // thread can reach it.
+        unsafe { self.free_table(pfn) };
+        None
+    }
+
     /// Returns a table page to the host.
     ///
     /// # Safety

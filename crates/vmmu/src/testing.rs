@@ -16,6 +16,11 @@ use core::ptr::NonNull;
 
 /// The first pfn of table frames (RAM frames in tests are below it).
 pub const TABLE_PFN_BASE: u64 = 0x10_0000;
+/// The first of [`LOW_TABLES`] table frames below 4 GiB, for PAE special roots
+/// ([`FrameAllocator::alloc_table_below_4g`]): the last 64 KiB under 4 GiB.
+pub const LOW_TABLE_PFN_BASE: u64 = 0x10_0000 - LOW_TABLES as u64;
+/// Table frames below 4 GiB, besides the `nr_tables` of [`TestHost::new`].
+pub const LOW_TABLES: usize = 16;
 
 /// A poisoned entry: reserved bits in every format, so a walker reading a freed page would stop.
 const POISON: u64 = 0x000f_0000_0000_0ff7;
@@ -70,7 +75,11 @@ fn find_mapping(maps: &[Mapping], hva: Hva) -> Option<(&Mapping, &[Mapping])> {
 pub struct TestHost {
     tables: Box<[TableEntries]>,
     live: Box<[AtomicBool]>,
+    /// Free slots of the `nr_tables` frames from [`TABLE_PFN_BASE`].
     free: Mutex<Vec<u32>>,
+    /// Free slots of the [`LOW_TABLES`] frames from [`LOW_TABLE_PFN_BASE`] (slots `nr_tables..`).
+    free_low: Mutex<Vec<u32>>,
+    nr_tables: usize,
     mappings: Mutex<Vec<Mapping>>,
     fail_alloc: AtomicBool,
     allocated: AtomicU64,
@@ -93,15 +102,19 @@ pub struct TestHost {
 }
 
 impl TestHost {
-    /// A host with `nr_tables` table frames and no host memory mapped.
+    /// A host with `nr_tables` table frames from 4 GiB up (and [`LOW_TABLES`] more below 4 GiB
+    /// for PAE special roots) and no host memory mapped.
     pub fn new(nr_tables: usize) -> Self {
+        let all = nr_tables + LOW_TABLES;
         let tables: Vec<TableEntries> =
-            (0..nr_tables).map(|_| core::array::from_fn(|_| AtomicU64::new(POISON))).collect();
-        let live: Vec<AtomicBool> = (0..nr_tables).map(|_| AtomicBool::new(false)).collect();
+            (0..all).map(|_| core::array::from_fn(|_| AtomicU64::new(POISON))).collect();
+        let live: Vec<AtomicBool> = (0..all).map(|_| AtomicBool::new(false)).collect();
         TestHost {
             tables: tables.into_boxed_slice(),
             live: live.into_boxed_slice(),
             free: Mutex::new((0..nr_tables as u32).rev().collect()),
+            free_low: Mutex::new((nr_tables as u32..all as u32).rev().collect()),
+            nr_tables,
             mappings: Mutex::new(Vec::new()),
             fail_alloc: AtomicBool::new(false),
             allocated: AtomicU64::new(0),
@@ -195,8 +208,32 @@ impl TestHost {
     }
 
     fn index(&self, pfn: Pfn) -> Option<usize> {
-        let i = pfn.raw().checked_sub(TABLE_PFN_BASE)? as usize;
-        (i < self.tables.len()).then_some(i)
+        if let Some(i) = pfn.raw().checked_sub(TABLE_PFN_BASE) {
+            return (i < self.nr_tables as u64).then_some(i as usize);
+        }
+        let low = pfn.raw().checked_sub(LOW_TABLE_PFN_BASE)?;
+        (low < LOW_TABLES as u64).then_some(self.nr_tables + low as usize)
+    }
+
+    fn pfn_of(&self, i: usize) -> Pfn {
+        match i.checked_sub(self.nr_tables) {
+            Some(low) => Pfn(LOW_TABLE_PFN_BASE + low as u64),
+            None => Pfn(TABLE_PFN_BASE + i as u64),
+        }
+    }
+
+    fn take(&self, free: &Mutex<Vec<u32>>, init: u64) -> Option<Pfn> {
+        if self.fail_alloc.load(Ordering::Relaxed) {
+            return None;
+        }
+        let i = free.lock().pop()? as usize;
+        for e in self.tables[i].iter() {
+            // Release: type-stable table memory (`FrameAllocator`'s `# Safety`).
+            e.store(init, Ordering::Release);
+        }
+        self.live[i].store(true, Ordering::Release);
+        self.allocated.fetch_add(1, Ordering::Relaxed);
+        Some(self.pfn_of(i))
     }
 }
 
@@ -216,17 +253,11 @@ unsafe impl FrameAllocator for TestHost {
     }
 
     fn alloc_table(&self, init: u64) -> Option<Pfn> {
-        if self.fail_alloc.load(Ordering::Relaxed) {
-            return None;
-        }
-        let i = self.free.lock().pop()? as usize;
-        for e in self.tables[i].iter() {
-            // Release: type-stable table memory (`FrameAllocator`'s `# Safety`).
-            e.store(init, Ordering::Release);
-        }
-        self.live[i].store(true, Ordering::Release);
-        self.allocated.fetch_add(1, Ordering::Relaxed);
-        Some(Pfn(TABLE_PFN_BASE + i as u64))
+        self.take(&self.free, init)
+    }
+
+    fn alloc_table_below_4g(&self, init: u64) -> Option<Pfn> {
+        self.take(&self.free_low, init)
     }
 
     unsafe fn free_table(&self, pfn: Pfn) {
@@ -241,7 +272,8 @@ unsafe impl FrameAllocator for TestHost {
             e.store(POISON, Ordering::Release);
         }
         self.freed.fetch_add(1, Ordering::Relaxed);
-        self.free.lock().push(i as u32);
+        let free = if i < self.nr_tables { &self.free } else { &self.free_low };
+        free.lock().push(i as u32);
     }
 
     fn table(&self, pfn: Pfn) -> Option<NonNull<TableEntries>> {

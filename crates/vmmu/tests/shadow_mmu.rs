@@ -758,3 +758,56 @@ fn a_present_write_to_a_tracked_table_recycles_no_page() {
     assert_eq!(shadow.stats.snapshot().mmu_recycled, 0, "KVM emulates before the refill");
     assert_eq!(shadow.pages_in_use(), 60);
 }
+
+/// A PAE guest's special root, and a non-paging guest's, lie below 4 GiB: in PAE paging CR3
+/// holds a 32-bit address (KVM allocates `pae_root` with `__GFP_DMA32`), so a root above it
+/// could not be loaded; the simulated hardware walk calls such a root `Broken`.
+#[test]
+fn special_roots_lie_below_4_gib() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let pdpt = alloc_table(&next);
+    let pd = alloc_table(&next);
+    let pt = alloc_table(&next);
+    host.write_u64(RAM_HVA + pdpt, pd | P);
+    host.write_u64(RAM_HVA + pd + 8 * 2, pt | P | RW | US);
+    host.write_u64(RAM_HVA + pt + 8 * 3, 0x20_0000 | P | RW | US);
+    let mut pae = vm.create_vcpu().unwrap();
+    pae.set_guest_cpu(GuestCpu { mode: PagingMode::Pae { pdptrs: [0; 4] }, ..long4(0) }).unwrap();
+    pae.load_cr3(pdpt).unwrap();
+    assert_eq!(access(&mut pae, 0x40_3000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    let mut flat = vm.create_vcpu().unwrap();
+    flat.set_guest_cpu(GuestCpu { mode: PagingMode::NonPaging, ..long4(0) }).unwrap();
+    assert_eq!(access(&mut flat, 0x20_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    for v in [&mut pae, &mut flat] {
+        v.service_requests().unwrap();
+        let (root, level) = v.enter_guest().unwrap().root();
+        assert_eq!(level, Level::L1G);
+        assert!(root.raw() < 1 << 20, "a special root at {root:?} is above 4 GiB");
+    }
+}
+
+/// The default `alloc_table_below_4g`, on a host whose table frames all lie at 4 GiB and up,
+/// gives the frame it got back and answers `None` (a PAE root then fails as out of memory).
+#[test]
+fn the_default_low_table_allocation_refuses_a_high_frame_and_returns_it() {
+    use vmmu::host::{FrameAllocator, TableEntries};
+    struct HighOnly(TestHost);
+    // SAFETY: every required method forwards to the test host, whose contract holds; the
+    // provided `alloc_table_below_4g` is the trait's default, the code under test.
+    unsafe impl FrameAllocator for HighOnly {
+        fn alloc_table(&self, init: u64) -> Option<vmmu::Pfn> {
+            self.0.alloc_table(init)
+        }
+        unsafe fn free_table(&self, pfn: vmmu::Pfn) {
+            // SAFETY: the caller's contract, passed on.
+            unsafe { self.0.free_table(pfn) }
+        }
+        fn table(&self, pfn: vmmu::Pfn) -> Option<std::ptr::NonNull<TableEntries>> {
+            self.0.table(pfn)
+        }
+    }
+    let h = HighOnly(TestHost::new(1));
+    assert_eq!(h.alloc_table_below_4g(0), None);
+    assert_eq!(h.0.tables_in_use(), 0, "the high frame went back");
+    assert!(h.alloc_table(0).is_some(), "and can be had again");
+}

@@ -127,7 +127,8 @@ impl ShadowRoot {
                 Some(ShadowRoot::Page { sp, pfn: s.spt, cr3: cpu.cr3 })
             }
             PagingMode::Pae { pdptrs } => {
-                let pfn = core.alloc_table()?;
+                // CR3 holds 32 bits in PAE paging: the root lies below 4 GiB.
+                let pfn = core.alloc_table_below_4g()?;
                 let mut sps = [None; 4];
                 for (i, pdpte) in pdptrs.iter().enumerate() {
                     if pdpte & crate::guest::pte::P == 0 {
@@ -147,8 +148,9 @@ impl ShadowRoot {
                 Some(ShadowRoot::Special { pfn, sps })
             }
             PagingMode::NonPaging => {
-                // Four direct level-2 pages cover the 4 GiB a guest without paging reaches.
-                let pfn = core.alloc_table()?;
+                // Four direct level-2 pages cover the 4 GiB a guest without paging reaches; the
+                // guest runs in PAE paging on them, so the root lies below 4 GiB too.
+                let pfn = core.alloc_table_below_4g()?;
                 let mut sps = [None; 4];
                 for i in 0..sps.len() {
                     let role =

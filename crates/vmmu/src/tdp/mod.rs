@@ -266,6 +266,15 @@ impl<H: Host> TdpMmu<H> {
         Some(pfn)
     }
 
+    /// [`Self::alloc_table`] below 4 GiB (a PAE special root,
+    /// [`crate::host::FrameAllocator::alloc_table_below_4g`]).
+    pub(crate) fn alloc_table_below_4g(&self) -> Option<Pfn> {
+        let pfn = self.host.alloc_table_below_4g(SpteFormat::NONPRESENT)?;
+        debug_assert!(pfn.raw() < 1 << 20, "{pfn:?} from alloc_table_below_4g is above 4 GiB");
+        self.stats.tables_allocated.add(1);
+        Some(pfn)
+    }
+
     /// Frees a table page that was never linked anywhere (lost a compare-and-swap, or a split
     /// table or special root given up before it was published).
     pub(crate) fn free_unpublished_table(&self, pfn: Pfn) {

@@ -466,9 +466,9 @@ pub enum HwWalk {
         /// Everything read.
         dump: SpteDump,
     },
-    /// A table frame the host does not know, or a PAE root entry with reserved bits set (which
-    /// the CPU would refuse to load with CR3): an internal inconsistency, never a guest-visible
-    /// outcome.
+    /// A table frame the host does not know, or a PAE root above 4 GiB or with an entry with
+    /// reserved bits set (which the CPU would refuse to load with CR3): an internal
+    /// inconsistency, never a guest-visible outcome.
     Broken {
         /// Everything read.
         dump: SpteDump,
@@ -523,8 +523,12 @@ pub unsafe fn hw_walk_leaf_table(
     let mut leaf_table = None;
     if root_level == Level::L1G && !format.is_ept() {
         // A PAE root (the shadow MMU's special root): its four entries are PDPTEs, which the
-        // CPU loads with CR3 and which grant no rights. One with reserved bits set could never
-        // have been loaded: no access runs under it, an internal inconsistency of the MMU.
+        // CPU loads with CR3 and which grant no rights. A root above 4 GiB (CR3 holds 32 bits
+        // in PAE paging) or an entry with reserved bits set could never have been loaded: no
+        // access runs under it, an internal inconsistency of the MMU.
+        if root.raw() >= 1 << 20 {
+            return (HwWalk::Broken { dump }, None);
+        }
         let Some(ptr) = tables.table(root) else {
             return (HwWalk::Broken { dump }, None);
         };
