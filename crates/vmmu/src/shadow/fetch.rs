@@ -97,12 +97,8 @@ pub(crate) fn fetch<H: Host>(
 ) -> FetchOutcome {
     let vgfn = Gfn(gva.raw() >> 12);
     let fmt = core.cfg.format;
-    let (mut cur, mut level) = match *root {
-        ShadowRoot::Page { sp, .. } => (sp, Level::L4),
-        ShadowRoot::Special { sps, .. } => match sps[((gva.raw() >> 30) & 3) as usize] {
-            Some(sp) => (sp, Level::L2M),
-            None => return FetchOutcome::Retry(RetryCause::Race),
-        },
+    let Some((mut cur, mut level)) = root.start(gva) else {
+        return FetchOutcome::Retry(RetryCause::Race);
     };
     if st.is_obsolete(cur) {
         return FetchOutcome::Retry(RetryCause::ObsoleteRoot);

@@ -353,16 +353,9 @@ impl ShadowState {
         root: &super::root::ShadowRoot,
         gva: crate::types::Gva,
     ) {
-        use super::root::ShadowRoot;
         let vgfn = Gfn(gva.raw() >> 12);
         let fmt = core.cfg.format;
-        let (mut cur, mut level) = match *root {
-            ShadowRoot::Page { sp, .. } => (sp, Level::L4),
-            ShadowRoot::Special { sps, .. } => match sps[((gva.raw() >> 30) & 3) as usize] {
-                Some(sp) => (sp, Level::L2M),
-                None => return,
-            },
-        };
+        let Some((mut cur, mut level)) = root.start(gva) else { return };
         loop {
             self.sp_mut(cur).flood = 0;
             let e = self.entry(core, cur, level.index(vgfn)).load(crate::sync::Ordering::Acquire);

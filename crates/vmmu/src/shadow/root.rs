@@ -64,6 +64,18 @@ impl ShadowRoot {
         }
     }
 
+    /// The page a software walk for `gva` starts from, and its level: the root page, or the
+    /// level-2 page a special root links for the gva's quarter of 4 GiB (`None` when it links
+    /// none).
+    pub(crate) fn start(&self, gva: crate::types::Gva) -> Option<(SpId, Level)> {
+        match *self {
+            ShadowRoot::Page { sp, .. } => Some((sp, Level::L4)),
+            ShadowRoot::Special { sps, .. } => {
+                sps[((gva.raw() >> 30) & 3) as usize].map(|sp| (sp, Level::L2M))
+            }
+        }
+    }
+
     /// The kind.
     pub(crate) fn kind(&self) -> ShadowRootKind {
         match self {
