@@ -12,7 +12,7 @@
 //! |---|---|---|
 //! | 0, 1, 2 | R, W, X. `RWX = 000` is not present; `W` without `R` (`010`, `110`) is a misconfiguration | R, W, X (same rules) |
 //! | 5:3 | memory type; 2, 3 and 7 are a misconfiguration. KVM makes WB (6) | reserved |
-//! | 6 | ignore PAT | reserved |
+//! | 6 | ignore PAT; KVM sets it with WB (no non-coherent DMA: `vmx_get_mt_mask`) | reserved |
 //! | 7 | page size at levels 2, 3; ignored at level 1 | 0 (reserved at levels 4, 5) |
 //! | 8, 9 | accessed, dirty | accessed (8); 9 ignored |
 //! | 10 | user-execute (MBEC; unused here) | ignored |
@@ -95,6 +95,8 @@ pub(crate) const EPT_X: u64 = 1 << 2;
 pub(crate) const EPT_RWX: u64 = 0x7;
 pub(crate) const EPT_MT_SHIFT: u32 = 3;
 pub(crate) const EPT_MT_WB: u64 = 6;
+/// EPT leaf: ignore the guest's PAT (the EPT memory type alone decides).
+pub(crate) const EPT_IPAT: u64 = 1 << 6;
 const EPT_A: u64 = 1 << 8;
 const EPT_D: u64 = 1 << 9;
 
@@ -232,7 +234,7 @@ impl SpteFormat {
     /// An MMU-present leaf mapping `pfn` at `level` (KVM's `make_spte` for TDP).
     ///
     /// Always readable; writable iff `writable` and `access` has WRITE; executable iff `access`
-    /// has EXEC; NPT's U bit iff `access` has USER. EPT leaves get memory type WB and SVE. Huge
+    /// has EXEC; NPT's U bit iff `access` has USER. EPT leaves get memory type WB with ignore-PAT, and SVE. Huge
     /// pages (level > 1) get bit 7. Accessed is set, and dirty when writable. SEV: C-bit set.
     /// `pfn` must fit `phys_bits` and be aligned to the level; `level` must be at most
     /// [`Self::max_leaf_level`] (internal invariants, debug-asserted).
@@ -248,7 +250,9 @@ impl SpteFormat {
             spte |= BIT_LARGE;
         }
         if self.is_ept() {
-            spte |= EPT_R | (EPT_MT_WB << EPT_MT_SHIFT) | EPT_A | BIT_63;
+            // WB and ignore-PAT (KVM `vmx_get_mt_mask` without non-coherent DMA): the guest's
+            // PAT cannot make its RAM uncached.
+            spte |= EPT_R | (EPT_MT_WB << EPT_MT_SHIFT) | EPT_IPAT | EPT_A | BIT_63;
             if w {
                 spte |= BIT_W | EPT_D;
             }
@@ -375,12 +379,12 @@ mod tests {
         assert_eq!(f.addr_mask(), 0x0000_3FFF_FFFF_F000);
         assert_eq!(f.reserved_pa_mask(), 0x000F_C000_0000_0000);
         let leaf = f.make_leaf(Pfn(0x1234), Level::L4K, Access::ALL, true);
-        // SVE | pfn | MMU-present | D | A | WB<<3 | X W R
-        assert_eq!(leaf, 0x8000_0000_0123_4B37);
+        // SVE | pfn | MMU-present | D | A | IPAT | WB<<3 | X W R
+        assert_eq!(leaf, 0x8000_0000_0123_4B77);
         let ro = f.make_leaf(Pfn(0x1234), Level::L4K, Access::USER, true);
-        assert_eq!(ro, 0x8000_0000_0123_4931, "no W (access lacks WRITE), no D, no X");
+        assert_eq!(ro, 0x8000_0000_0123_4971, "no W (access lacks WRITE), no D, no X");
         let huge = f.make_leaf(Pfn(0x200), Level::L2M, Access::ALL, false);
-        assert_eq!(huge, 0x8000_0000_0020_09B5, "bit 7, no W, no D");
+        assert_eq!(huge, 0x8000_0000_0020_09F5, "bit 7, no W, no D");
         let nl = f.make_nonleaf(Pfn(0x55));
         assert_eq!(nl, 0x8000_0000_0005_5907);
         assert!(SpteFormat::is_mmu_present(leaf) && SpteFormat::is_mmu_present(nl));
