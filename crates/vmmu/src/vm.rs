@@ -263,14 +263,13 @@ impl<H: Host> MemslotHooks for MmuHooks<'_, H> {
     fn flush_slot(&self, old: &Memslot) {
         // KVM `kvm_arch_flush_shadow_memslot`: everything with KVM_X86_QUIRK_SLOT_ZAP_ALL (KVM's
         // default, `VmConfig::slot_zap_all`), else only what the slot backs.
-        let zap_all = self.mmu.config().slot_zap_all;
-        match self.shadow {
-            Some(shadow) if zap_all => shadow.zap_all_fast(self.mmu),
-            Some(shadow) => {
-                shadow.zap_memslot(self.mmu, old.as_id(), old.base_gfn(), old.end_gfn())
-            }
-            None if zap_all => self.mmu.zap_all_fast(),
-            None => self.mmu.zap_gfn_range(old.as_id(), old.base_gfn(), old.end_gfn()),
+        let (as_id, start, end) = (old.as_id(), old.base_gfn(), old.end_gfn());
+        if self.mmu.config().slot_zap_all {
+            zap_all_fast(self.mmu, self.shadow);
+        } else if let Some(shadow) = self.shadow {
+            shadow.zap_memslot(self.mmu, as_id, start, end);
+        } else {
+            self.mmu.zap_gfn_range(as_id, start, end);
         }
         #[cfg(feature = "testing")]
         if let Some(probe) = self.probe {
@@ -297,11 +296,17 @@ impl<H: Host> MmuHooks<'_, H> {
         // space modifier stripped), no MMIO SPTE may survive, or an old one could match again.
         if new_gen.is_mmio_wrap(self.nr_as) {
             self.mmu.stats.mmio_gen_wraps.add(1);
-            match self.shadow {
-                Some(shadow) => shadow.zap_all_fast(self.mmu),
-                None => self.mmu.zap_all_fast(),
-            }
+            zap_all_fast(self.mmu, self.shadow);
         }
+    }
+}
+
+/// KVM `kvm_mmu_zap_all_fast` on the MMU that maps the VM: the shadow MMU's pages under shadow
+/// paging (`mmu` then has no roots), else the TDP roots.
+fn zap_all_fast<H: Host>(mmu: &TdpMmu<H>, shadow: Option<&crate::shadow::ShadowMmu>) {
+    match shadow {
+        Some(shadow) => shadow.zap_all_fast(mmu),
+        None => mmu.zap_all_fast(),
     }
 }
 
@@ -473,10 +478,7 @@ impl<H: Host> Vm<H> {
     /// slots lock).
     pub fn zap_all_fast(&self) {
         let _g = self.inner.vmm_lock.lock_with(&self.inner.mmu.relax());
-        match self.inner.shadow.as_ref() {
-            Some(shadow) => shadow.zap_all_fast(&self.inner.mmu),
-            None => self.inner.mmu.zap_all_fast(),
-        }
+        zap_all_fast(&self.inner.mmu, self.inner.shadow.as_ref());
     }
 
     /// Host invalidation start for host addresses `[start, end)` (KVM's MMU notifier

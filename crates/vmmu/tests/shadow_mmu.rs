@@ -436,13 +436,7 @@ fn a_write_through_a_shadow_leaf_a_fault_just_installed_is_in_the_get_after_it()
 /// MMIO SPTE; once a RAM access built the path, the MMIO SPTE goes into the existing table.
 #[test]
 fn mmio_faults_build_no_shadow_pages_with_shadow_mmio_path_only() {
-    let host = Arc::new(TestHost::new(2048));
-    host.map(RAM_HVA, RAM_SIZE, RAM_HVA >> 12, Level::L4K, true);
-    let mut cfg = VmConfig::shadow(46).unwrap();
-    cfg.shadow_mmio_path_only = true;
-    let vm = Vm::new(cfg, host.clone()).unwrap();
-    vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, RAM_SIZE, RAM_HVA)).unwrap();
-    let next = std::rc::Rc::new(std::cell::Cell::new(TABLES_GPA));
+    let (vm, host, next) = shadow_vm_with(|cfg| cfg.shadow_mmio_path_only = true);
     let s = Space::new(&host, &next);
     s.map4k(0x4000_0000, MMIO_GPA, P | RW | US);
     s.map4k(0x4000_1000, 0x20_0000, P | RW | US);
@@ -554,14 +548,8 @@ fn add_data_slot(vm: &Vm<TestHost>, host: &TestHost) {
 #[test]
 fn a_delete_without_zap_all_zaps_only_what_the_slot_backs() {
     for zap_all in [false, true] {
-        let host = Arc::new(TestHost::new(2048));
-        host.map(RAM_HVA, RAM_SIZE, RAM_HVA >> 12, Level::L4K, true);
-        let mut cfg = VmConfig::shadow(46).unwrap();
-        cfg.slot_zap_all = zap_all;
-        let vm = Vm::new(cfg, host.clone()).unwrap();
-        vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, RAM_SIZE, RAM_HVA)).unwrap();
+        let (vm, host, next) = shadow_vm_with(|cfg| cfg.slot_zap_all = zap_all);
         add_data_slot(&vm, &host);
-        let next = std::rc::Rc::new(std::cell::Cell::new(TABLES_GPA));
         let s = Space::new(&host, &next);
         s.map4k(0x4000_0000, 0x20_0000, P | RW | US);
         s.map4k(0x4000_1000, DATA_GPA, P | RW | US);
@@ -730,13 +718,7 @@ fn a_present_write_to_a_tracked_table_is_emulated_before_fetch() {
 /// The same early emulation recycles nothing, even with the page limit nearly reached.
 #[test]
 fn a_present_write_to_a_tracked_table_recycles_no_page() {
-    let host = Arc::new(TestHost::new(2048));
-    host.map(RAM_HVA, RAM_SIZE, RAM_HVA >> 12, Level::L4K, true);
-    let mut cfg = VmConfig::shadow(46).unwrap();
-    cfg.shadow_max_pages = Some(64);
-    let vm = Vm::new(cfg, host.clone()).unwrap();
-    vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, RAM_SIZE, RAM_HVA)).unwrap();
-    let next = std::rc::Rc::new(std::cell::Cell::new(TABLES_GPA));
+    let (vm, host, next) = shadow_vm_with(|cfg| cfg.shadow_max_pages = Some(64));
     let s = Space::new(&host, &next);
     s.map4k(0x4000_0000, 0x20_0000, P | RW | US);
     let pd = s.entry_gpa(0x4000_0000, 2) & !0xfff;

@@ -86,11 +86,18 @@ impl Space {
 }
 
 pub fn shadow_vm(bugs: BugSet) -> (Vm<TestHost>, Arc<TestHost>, Rc<Cell<u64>>) {
+    shadow_vm_with(|cfg| cfg.bugs = bugs)
+}
+
+/// [`shadow_vm`] (no bugs) with `tweak` applied to the VM's configuration first.
+pub fn shadow_vm_with(
+    tweak: impl FnOnce(&mut VmConfig),
+) -> (Vm<TestHost>, Arc<TestHost>, Rc<Cell<u64>>) {
     let host = Arc::new(TestHost::new(2048));
     host.map(RAM_HVA, RAM_SIZE, RAM_HVA >> 12, Level::L4K, true);
     let mut cfg = VmConfig::shadow(46).unwrap();
     cfg.max_vcpus = 2;
-    cfg.bugs = bugs;
+    tweak(&mut cfg);
     let vm = Vm::new(cfg, host.clone()).unwrap();
     vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, RAM_SIZE, RAM_HVA)).unwrap();
     (vm, host, std::rc::Rc::new(std::cell::Cell::new(TABLES_GPA)))
