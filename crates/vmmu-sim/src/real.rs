@@ -21,7 +21,7 @@ use vmmu::fault::{FaultOutcome, PfErr};
 use vmmu::memslot::MemslotError;
 use vmmu::spte::FormatKind;
 use vmmu::stats::{RetryCause, VcpuStats};
-use vmmu::tdp::{hw_walk, hw_walk_leaf_table, HwWalk};
+use vmmu::tdp::{hw_walk, hw_walk_leaf_table, tdp_need, HwWalk};
 use vmmu::types::Hva;
 use vmmu::vcpu::Vcpu;
 use vmmu::vm::{Vm, VmConfig, VmError};
@@ -350,6 +350,8 @@ impl GuestMmu for RealMmu {
 
 /// The hardware's walk for a TLB miss, through the vCPU's paging-structure cache. In guest mode.
 fn hw_walk_cached(vm: &Vm<SimHost>, v: &mut RealVcpu, gpa: Gpa, need: Access) -> HwWalk {
+    // Nested walks: on NPT every guest access is a user access (`vmmu::tdp::tdp_need`).
+    let need = tdp_need(need);
     let Some((root, root_level)) = v.vcpu.root().map(|r| (r.pfn(), r.level())) else {
         return v.vcpu.walk(gpa, need);
     };

@@ -888,3 +888,38 @@ fn a_huge_leaf_replaces_a_table_of_old_mmio_sptes() {
         }
     }
 }
+
+#[test]
+fn an_npt_leaf_without_the_user_bit_faults_every_guest_access() {
+    // AMD: nested walks treat every guest access as a user access, so an NPT leaf the MMU built
+    // without U (a regression: KVM's NPT leaves always carry it) must fault, even for a read
+    // the caller asked for with no rights; EPT has no user bit and is unaffected.
+    for f in FORMATS {
+        let (vm, _h) = vm(f);
+        vm.set_memory_region(&region(0, 0x10_0000, 0x10_0000, RAM_HVA, 0)).unwrap();
+        let mut v = vm.create_vcpu().unwrap();
+        access(&mut v, 0x10_3008, false).unwrap();
+        let root = v.root().expect("a TDP vCPU has its root").clone();
+        // SAFETY: single-threaded, nothing zaps while the reference is used.
+        let e = unsafe { vm.mmu().entry_for_tests(&root, Gfn(0x103), Level::L4K) }.unwrap();
+        let leaf = e.load(std::sync::atomic::Ordering::Acquire);
+        let walk = |v: &mut vmmu::vcpu::Vcpu<_>| {
+            v.service_requests().unwrap();
+            v.enter_guest().unwrap().walk(Gpa(0x10_3008), vmmu::Access::NONE)
+        };
+        assert!(matches!(walk(&mut v), vmmu::tdp::HwWalk::Translated { .. }), "{f:?}");
+        // Bit 2: NPT's U (which the MMU sets), EPT's X.
+        assert_ne!(leaf & 1 << 2, 0, "{f:?}: {leaf:#x}");
+        e.store(leaf & !(1 << 2), std::sync::atomic::Ordering::Release);
+        let w = walk(&mut v);
+        if f == FormatKind::Ept {
+            // Bit 2 is EPT's X: a data read still translates.
+            assert!(matches!(w, vmmu::tdp::HwWalk::Translated { .. }), "{f:?}: {w:?}");
+        } else {
+            assert!(
+                matches!(w, vmmu::tdp::HwWalk::Violation { present: true, .. }),
+                "{f:?}: {w:?}"
+            );
+        }
+    }
+}

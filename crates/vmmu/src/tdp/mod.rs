@@ -52,7 +52,7 @@ pub mod loom_knobs {
 pub use crate::invalidate::Invalidation;
 pub use crate::spte::SpteDump;
 pub use map::{LeafSpec, MapOutcome};
-pub use walk::{hw_walk, hw_walk_leaf_table, HwWalk, LocklessWalk};
+pub use walk::{hw_walk, hw_walk_leaf_table, tdp_need, HwWalk, LocklessWalk};
 pub(crate) use walk::{CachedWalk, LeafTableCache};
 
 use crate::bugs::BugSet;

@@ -475,6 +475,16 @@ pub enum HwWalk {
     },
 }
 
+/// The rights a second-level (TDP) walk checks for a guest access that needs `need`: on NPT
+/// every guest access, the guest's own page-table reads included, is a user access (AMD APM
+/// vol. 2, "Nested Paging": nested table walks treat all accesses as user), so a nested entry
+/// without U faults; EPT has no user bit (its entries grant USER, so adding it changes nothing).
+/// Shadow-paging walks take the guest's own need (its CPL decides USER) and do not use this.
+#[inline]
+pub const fn tdp_need(need: Access) -> Access {
+    need.union(Access::USER)
+}
+
 /// The walk the CPU performs on a TLB miss, classifying each entry exactly as
 /// [`SpteFormat::classify`] says. `tables` resolves table frames (the host's frame table).
 ///

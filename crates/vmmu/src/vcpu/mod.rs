@@ -44,7 +44,7 @@ use crate::srcu::{ReadGuard, ReaderId};
 use crate::stats::VcpuStats;
 use crate::sync::Arc;
 use crate::tdp::root::{Root, RootKind};
-use crate::tdp::{hw_walk, HwWalk, TdpError};
+use crate::tdp::{hw_walk, tdp_need, HwWalk, TdpError};
 use crate::types::{Access, AsId, FaultAccess, Gpa, Level, Pfn};
 use crate::vm::MmuKind;
 use mmio_cache::MmioInfoCache;
@@ -372,10 +372,12 @@ impl<H: Host> Vcpu<H> {
             return unreachable_walk();
         }
         let mmu = &self.vm.mmu;
+        let (format, gfn) = (&mmu.cfg.format, gpa.gfn());
+        // Nested walks: on NPT every guest access is a user access (`tdp_need`).
         // SAFETY: in guest mode (asserted above) the vCPU holds its table read section, opened in
         // `enter_guest_mode`, and `root` is its current root, which it keeps: nothing reachable
         // from it is freed before the section ends (rule 3 of `crate::tdp`).
-        unsafe { hw_walk(&mmu.cfg.format, &*mmu.host, root.pfn(), root.level(), gpa.gfn(), need) }
+        unsafe { hw_walk(format, &*mmu.host, root.pfn(), root.level(), gfn, tdp_need(need)) }
     }
 
     /// EPT violation exit (not present, or present without the right): KVM
@@ -463,7 +465,8 @@ impl<H: Host> GuestMode<'_, H> {
         if !tdp_reaches(self.root_level, gpa) {
             return unreachable_walk();
         }
-        self.walk_tables(gpa.gfn(), need)
+        // Nested walks: on NPT every guest access is a user access (`tdp_need`).
+        self.walk_tables(gpa.gfn(), tdp_need(need))
     }
 
     /// The walk itself, from the root, of the index bits of `gfn` its levels decode.
