@@ -195,6 +195,21 @@ impl SpteFormat {
         None
     }
 
+    /// The reserved-bit rule a present PAE PDE or PTE `spte` at `level` breaks beyond
+    /// [`Self::has_reserved_bits`], for the tables under a PAE root (the shadow MMU's tables for
+    /// a PAE guest, which the CPU walks in PAE paging): there bits 62:MAXPHYADDR are reserved
+    /// (Intel SDM tables 4-8 to 4-11, AMD APM legacy-mode PAE), where 4-level paging ignores
+    /// 62:52; bits 51:MAXPHYADDR are the format's own rule. KVM keeps its software bits of
+    /// non-EPT SPTEs below bit 12 for this reason. A not-present entry breaks no rule here.
+    #[inline]
+    pub fn pae_reserved_bits(&self, spte: u64, level: Level) -> Option<RsvdReason> {
+        const PAE_HIGH: u64 = genmask(62, 52);
+        if self.is_ept() || spte & NPT_P == 0 || spte & PAE_HIGH == 0 {
+            return None;
+        }
+        Some(RsvdReason::ReservedBit { bit: low_bit(spte & PAE_HIGH), level: level.get() })
+    }
+
     /// How the CPU reads `e` as a PAE PDPTE (Intel SDM "PAE paging", the PDPTE registers; AMD
     /// APM "legacy PAE mode"): bit 0 present; bits 2:1, 8:5 and 63:MAXPHYADDR reserved (the SEV
     /// C-bit is an address bit, not reserved); bits 11:9 ignored. The shadow MMU's x86 formats

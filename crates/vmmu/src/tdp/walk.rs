@@ -486,7 +486,10 @@ pub const fn tdp_need(need: Access) -> Access {
 }
 
 /// The walk the CPU performs on a TLB miss, classifying each entry exactly as
-/// [`SpteFormat::classify`] says. `tables` resolves table frames (the host's frame table).
+/// [`SpteFormat::classify`] says; under a PAE root (three levels, not EPT) the root's entries are
+/// PDPTEs ([`SpteFormat::classify_pdpte`]) and the entries below follow PAE paging's stricter
+/// reserved bits ([`SpteFormat::pae_reserved_bits`]). `tables` resolves table frames (the host's
+/// frame table).
 ///
 /// Safe callers use [`crate::vcpu::GuestMode::walk`] or [`crate::vcpu::Vcpu::walk`], which hold
 /// the vCPU's table read section.
@@ -531,7 +534,8 @@ pub unsafe fn hw_walk_leaf_table(
     let mut perms = Access::ALL;
     let mut readable = true;
     let mut leaf_table = None;
-    if root_level == Level::L1G && !format.is_ept() {
+    let pae = root_level == Level::L1G && !format.is_ept();
+    if pae {
         // A PAE root (the shadow MMU's special root): its four entries are PDPTEs, which the
         // CPU loads with CR3 and which grant no rights. A root above 4 GiB (CR3 holds 32 bits
         // in PAE paging) or an entry with reserved bits set could never have been loaded: no
@@ -571,6 +575,11 @@ pub unsafe fn hw_walk_leaf_table(
             HwEntry::NotPresent => return (HwWalk::Violation { present: false, dump }, leaf_table),
             HwEntry::Misconfig(reason) => return (HwWalk::Misconfig { reason, dump }, leaf_table),
             HwEntry::Present { leaf, pfn: next, perms: p, readable: r } => {
+                // PAE paging's reserved bits beyond the format's (an MMIO SPTE breaks the
+                // format's first, and keeps that reason).
+                if let Some(reason) = pae.then(|| format.pae_reserved_bits(spte, level)).flatten() {
+                    return (HwWalk::Misconfig { reason, dump }, leaf_table);
+                }
                 perms = perms.intersect(p);
                 readable &= r;
                 if leaf {
@@ -636,6 +645,53 @@ mod tests {
         for (&r, &(_, t)) in regions.iter().zip(&tables) {
             let hit = cache.lookup::<true>(root, gfn_in(r), 7, BugSet::NONE, &host);
             assert_eq!(hit, Some(t), "region {r:#x} of {regions:x?}");
+        }
+    }
+
+    /// Under a PAE root (the shadow MMU's tables for a PAE guest) the CPU walks in PAE paging,
+    /// where bits 62:52 of a PDE or PTE are reserved; under a 4-level root it ignores them.
+    #[test]
+    fn under_a_pae_root_bits_62_52_of_a_pde_or_pte_are_reserved() {
+        use crate::spte::FormatKind;
+        let host = TestHost::new(8);
+        let f = SpteFormat::new(FormatKind::Npt, 46).unwrap();
+        let entries = |pfn: Pfn| {
+            let ptr = host.table(pfn).expect("a live table");
+            // SAFETY: the test host keeps its tables for its own life; entries are atomics.
+            unsafe { ptr.as_ref() }
+        };
+        let pae_root = host.alloc_table_below_4g(SpteFormat::NONPRESENT).unwrap();
+        let pml4 = host.alloc_table(SpteFormat::NONPRESENT).unwrap();
+        let pd = host.alloc_table(SpteFormat::NONPRESENT).unwrap();
+        let pt = host.alloc_table(SpteFormat::NONPRESENT).unwrap();
+        let pdpt = host.alloc_table(SpteFormat::NONPRESENT).unwrap();
+        entries(pae_root)[0].store(f.make_pae_root_entry(pd), Ordering::Release);
+        entries(pml4)[0].store(f.make_nonleaf(pdpt), Ordering::Release);
+        entries(pdpt)[0].store(f.make_nonleaf(pd), Ordering::Release);
+        entries(pd)[0].store(f.make_nonleaf(pt), Ordering::Release);
+        let leaf = f.make_leaf(Pfn(0x100), Level::L4K, Access::ALL, true);
+        entries(pt)[0].store(leaf, Ordering::Release);
+        let walk = |root, level| {
+            // SAFETY: nothing frees the test host's tables during the walk.
+            unsafe { hw_walk(&f, &host, root, level, Gfn(0), Access::USER) }
+        };
+        let translated =
+            HwWalk::Translated { pfn: Pfn(0x100), level: Level::L4K, perms: Access::ALL };
+        assert_eq!(walk(pae_root, Level::L1G), translated);
+        for (table, level) in [(pt, 1u8), (pd, 2)] {
+            for bit in [52u8, 58, 62] {
+                let e = &entries(table)[0];
+                let clean = e.load(Ordering::Acquire);
+                e.store(clean | 1 << bit, Ordering::Release);
+                let w = walk(pae_root, Level::L1G);
+                let want = RsvdReason::ReservedBit { bit, level };
+                assert!(
+                    matches!(w, HwWalk::Misconfig { reason, .. } if reason == want),
+                    "bit {bit} at level {level}: {w:?}"
+                );
+                assert_eq!(walk(pml4, Level::L4), translated, "4-level: bit {bit} ignored");
+                e.store(clean, Ordering::Release);
+            }
         }
     }
 
