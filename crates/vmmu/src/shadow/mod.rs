@@ -35,6 +35,7 @@ pub(crate) mod prefetch;
 pub mod role;
 pub(crate) mod root;
 mod track;
+mod write_track;
 
 pub use guest_mem::SlotGuestMemory;
 pub use root::ShadowRootKind;
@@ -46,7 +47,7 @@ pub(crate) use root::{PrevRoot, ShadowRoot};
 use crate::host::Host;
 use crate::requests::Request;
 use crate::stats::Counter;
-use crate::sync::{Mutex, MutexGuard};
+use crate::sync::{Arc, Mutex, MutexGuard};
 use crate::tdp::TdpMmu;
 use crate::types::{AsId, Gfn};
 
@@ -126,6 +127,9 @@ impl ShadowStats {
 /// One VM's shadow MMU.
 pub struct ShadowMmu {
     state: Mutex<ShadowState>,
+    /// The lock-free summary of the upper-level write tracking, shared with the state, which
+    /// changes it under the lock (`write_track`).
+    upper_tracked: Arc<write_track::UpperTrackSummary>,
     /// Counters.
     pub stats: ShadowStats,
 }
@@ -136,9 +140,19 @@ impl ShadowMmu {
     /// limit, [`MIN_ALLOC_PAGES`] until memslot creations and deletions recompute it
     /// ([`Self::set_default_max_pages`]).
     pub(crate) fn new(max_pages: Option<usize>) -> Self {
-        let mut st = ShadowState::new(max_pages.unwrap_or(MIN_ALLOC_PAGES).max(MIN_ALLOC_PAGES));
+        let upper_tracked = Arc::new(write_track::UpperTrackSummary::new());
+        let n_max = max_pages.unwrap_or(MIN_ALLOC_PAGES).max(MIN_ALLOC_PAGES);
+        let mut st = ShadowState::new(n_max, upper_tracked.clone());
         st.n_requested = max_pages.is_some();
-        ShadowMmu { state: Mutex::new(st), stats: ShadowStats::default() }
+        ShadowMmu { state: Mutex::new(st), upper_tracked, stats: ShadowStats::default() }
+    }
+
+    /// KVM `kvm_gfn_is_write_tracked` without the lock: whether a page above the last level may
+    /// shadow `gfn`. `false` lets a present write skip the early page-track check; `true` is
+    /// confirmed under the lock ([`ShadowState::is_gfn_write_tracked`]). See `write_track`.
+    #[inline]
+    pub(crate) fn may_be_gfn_write_tracked(&self, as_id: AsId, gfn: Gfn) -> bool {
+        self.upper_tracked.may_be_tracked(as_id, gfn)
     }
 
     /// Takes the shadow lock (rule 1), waiting with the host's policy.

@@ -21,9 +21,11 @@
 //! - `parents` of a page lists exactly the SPTEs that link it.
 
 use super::role::SpRole;
+use super::write_track::UpperTrackSummary;
 use super::ShadowStats;
 use crate::host::Host;
 use crate::spte::SpteFormat;
+use crate::sync::Arc;
 use crate::tdp::TdpMmu;
 use crate::types::{AsId, Gfn, Level, Pfn};
 use alloc::collections::BTreeMap;
@@ -101,6 +103,8 @@ pub(crate) struct ShadowState {
     /// write-track reference for a non-leaf table; a last-level one is only write-protected,
     /// since in KVM it may go unsync).
     tracked_upper: BTreeMap<(u16, u64), u32>,
+    /// The lock-free summary of `tracked_upper` (changed with it, in the same sections).
+    upper_summary: Arc<UpperTrackSummary>,
     /// KVM `kvm->arch.mmu_valid_gen`.
     pub(crate) valid_gen: u8,
     /// KVM `n_used_mmu_pages`.
@@ -113,7 +117,7 @@ pub(crate) struct ShadowState {
 }
 
 impl ShadowState {
-    pub(crate) fn new(n_max: usize) -> Self {
+    pub(crate) fn new(n_max: usize, upper_summary: Arc<UpperTrackSummary>) -> Self {
         ShadowState {
             slab: Vec::new(),
             free_ids: Vec::new(),
@@ -124,6 +128,7 @@ impl ShadowState {
             rmap: BTreeMap::new(),
             tracked: BTreeMap::new(),
             tracked_upper: BTreeMap::new(),
+            upper_summary,
             valid_gen: 0,
             n_used: 0,
             n_max,
@@ -168,7 +173,9 @@ impl ShadowState {
 
     /// KVM `kvm_gfn_is_write_tracked`: a valid page above level 1 shadows guest frame `gfn`.
     pub(crate) fn is_gfn_write_tracked(&self, as_id: AsId, gfn: Gfn) -> bool {
-        self.tracked_upper.get(&(as_id.0, gfn.raw())).is_some_and(|&n| n > 0)
+        let tracked = self.tracked_upper.get(&(as_id.0, gfn.raw())).is_some_and(|&n| n > 0);
+        debug_assert!(!tracked || self.upper_summary.may_be_tracked(as_id, gfn));
+        tracked
     }
 
     /// Whether any valid indirect page exists (KVM `indirect_shadow_pages != 0`): `tracked`
@@ -321,6 +328,7 @@ impl ShadowState {
     ) {
         if level > Level::L4K {
             *self.tracked_upper.entry((as_id.0, gfn.raw())).or_insert(0) += 1;
+            self.upper_summary.add(as_id, gfn);
         }
         let n = self.tracked.entry((as_id.0, gfn.raw())).or_insert(0);
         *n += 1;
@@ -340,8 +348,9 @@ impl ShadowState {
         }
         let key = (as_id.0, gfn.raw());
         put(&mut self.tracked, key);
-        if level > Level::L4K {
+        if level > Level::L4K && self.tracked_upper.contains_key(&key) {
             put(&mut self.tracked_upper, key);
+            self.upper_summary.remove(as_id, gfn);
         }
     }
 

@@ -543,7 +543,13 @@ impl<H: Host + GuestMemory> Vcpu<H> {
         // last level shadows cannot be fixed by mapping anything; emulate it straight away,
         // with the flood counts on the path reset (`shadow_page_table_clear_flood`), before
         // faultin, the page-limit refill, fetch or prefetch.
-        if access.write && !err.rsvd() && err.0 & PfErr::PRESENT != 0 {
+        // The lock-free summary answers for most untracked frames (KVM reads its counts without
+        // mmu_lock too); a frame it may track is confirmed under the lock.
+        if access.write
+            && !err.rsvd()
+            && err.0 & PfErr::PRESENT != 0
+            && shadow.may_be_gfn_write_tracked(st.as_id, walk.gfn)
+        {
             let mut s = shadow.lock(core);
             if s.is_gfn_write_tracked(st.as_id, walk.gfn) {
                 s.clear_flood_along(core, &root, gva);
