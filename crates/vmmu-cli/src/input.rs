@@ -32,6 +32,13 @@ pub enum InputError {
         /// The limit it passed.
         limit: Limit,
     },
+    /// Standard input was named a second time (`vmmu diff - -`): it was read whole the first
+    /// time, so the second would see an empty input.
+    #[error("{path}: standard input was read already for an earlier `-`; name it once")]
+    StdinTwice {
+        /// The name as given (`-`).
+        path: String,
+    },
     /// The file is not UTF-8.
     #[error("{path}:{line}:{column}: not UTF-8 text (byte {byte:#04x}); the format is UTF-8")]
     NotUtf8 {
@@ -91,6 +98,12 @@ pub fn read_text_within(path: &Path, limit: Limit) -> Result<String, InputError>
     let io = |source| InputError::Io { path: shown.clone(), source };
     let mut bytes = Vec::new();
     let limit = if path.as_os_str() == "-" {
+        // Once per process: the first `-` reads standard input to its end.
+        static STDIN_READ: std::sync::atomic::AtomicBool =
+            std::sync::atomic::AtomicBool::new(false);
+        if STDIN_READ.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            return Err(InputError::StdinTwice { path: shown });
+        }
         let stdin = std::io::stdin().lock();
         stdin.take(MAX_STREAM_BYTES.bytes + 1).read_to_end(&mut bytes).map_err(io)?;
         MAX_STREAM_BYTES

@@ -101,6 +101,18 @@ fn warnings(args: &ReplayArgs, trace: &Trace) -> Vec<String> {
         w.push("the trace has no events: nothing was replayed or checked".to_string());
     }
     let auto = replay::phys_bits_for(trace);
+    let highest = replay::highest_telling_gpa(trace);
+    let needed = highest.map_or(0, |last| 64 - last.leading_zeros());
+    if let Some(pinned) = args.phys_bits.filter(|&b| u32::from(b) < needed) {
+        // The user's experiment ("what would a narrower host do"), but its failures must not
+        // read as the MMU's.
+        w.push(format!(
+            "--phys-bits {pinned} is below the {needed} bits the trace's guest-physical {:#x} needs \
+             (the recording host accepted it): slots refused and accesses misclassified above \
+             2^{pinned} come from the option, not from the MMU (without it: MAXPHYADDR {auto})",
+            highest.unwrap_or(0)
+        ));
+    }
     if args.phys_bits.is_none() && auto > replay::DEFAULT_PHYS_BITS {
         w.push(format!(
             "the trace reaches guest-physical {:#x}: the software machine runs with MAXPHYADDR {auto} \

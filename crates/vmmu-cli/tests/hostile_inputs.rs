@@ -401,3 +401,30 @@ fn a_dash_reads_standard_input() {
     let expected = std::fs::read(repo("tests/expected/create_read_write.jsonl")).expect("read");
     assert_eq!(text(&out.stdout), text(&expected));
 }
+
+/// `-` named twice: standard input was read whole for the first, so the second is refused as a
+/// bad input (exit 2) saying so, not compared as an empty scenario.
+#[test]
+fn standard_input_named_twice_is_refused() {
+    use std::io::Write;
+    let scenario = std::fs::read(repo("tests/scenarios/create_read_write.scn")).expect("read");
+    let trace = std::fs::read(repo("tests/traces/hand-aliases-move-delete-rom.trace.jsonl"));
+    let trace = trace.expect("read");
+    for (args, input) in [
+        (&["diff", "--no-kvm", "--no-expected", "-", "-"][..], &scenario),
+        (&["replay", "--no-kvm", "--format", "ept", "-", "-"][..], &trace),
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vmmu"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vmmu");
+        child.stdin.take().unwrap().write_all(input).expect("feed the input");
+        let out = child.wait_with_output().expect("collect");
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("standard input was read already"), "{args:?}: {err}");
+    }
+}

@@ -661,11 +661,18 @@ fn a_bar_above_2_pow_46_replays_with_the_phys_bits_the_trace_needs() {
         assert_eq!(u(&r["mmio"]["classified_mmio"]), 1);
     }
     assert!(t["warnings"][0].as_str().unwrap().contains("MAXPHYADDR 47"), "{t:#}");
-    // Pinned below what the trace needs, the machine refuses the BAR as KVM would.
+    // Pinned below what the trace needs, the machine refuses the BAR as KVM would, and the
+    // report says the refusal comes from the option.
     let (code, t) = replay_json(&shown, &["--format", "ept", "--phys-bits", "46"]);
     assert_eq!(code, Some(1), "{t:#}");
     assert_eq!(u(&t["runs"][0]["slots"]["refused"]), 1);
-    assert_eq!(t["warnings"].as_array().map(Vec::len), Some(0));
+    assert_eq!(t["warnings"].as_array().map(Vec::len), Some(1), "{t:#}");
+    let w = t["warnings"][0].as_str().unwrap();
+    assert!(w.starts_with("--phys-bits 46 is below the 47 bits"), "{w}");
+    assert!(w.contains("0x7ff000100003"), "{w}");
+    // Pinned at or above it: no warning.
+    let (code, t) = replay_json(&shown, &["--format", "ept", "--phys-bits", "47"]);
+    assert_eq!((code, t["warnings"].as_array().map(Vec::len)), (Some(0), Some(0)), "{t:#}");
 }
 
 #[test]
