@@ -645,3 +645,20 @@ fn initially_set_clear_flushes_after_a_1g_split_whose_children_cannot_split() {
     assert_eq!(r.access(SLOT + 0x20_5000, false), 0, "mapped, no fault");
     assert!(!r.tlb[&((SLOT + 0x20_5000) >> 12)].1, "read-only: the next write faults");
 }
+
+/// `Vcpu::mark_page_dirty` (KVM `kvm_vcpu_mark_page_dirty`): a page the hypervisor wrote for the
+/// guest is in the next GET of its slot's log; outside any slot, or in a slot that does not
+/// log, nothing is marked.
+#[test]
+fn a_page_the_hypervisor_wrote_for_the_guest_is_logged() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    vm.set_memory_region(&region(0, 0x10_0000, 0x10_0000, RAM_HVA, KVM_MEM_LOG_DIRTY_PAGES))
+        .unwrap();
+    vm.set_memory_region(&region(1, 0x40_0000, 0x1000, RAM_HVA + 0x10_0000, 0)).unwrap();
+    let v = vm.create_vcpu().unwrap();
+    v.mark_page_dirty(Gpa(0x10_5123));
+    v.mark_page_dirty(Gpa(0x40_0000));
+    v.mark_page_dirty(Gpa(0x90_0000));
+    let dirty: Vec<u64> = pages_of(&vm.get_dirty_log(AsId(0), SlotId(0)).unwrap()).collect();
+    assert_eq!(dirty, vec![5]);
+}

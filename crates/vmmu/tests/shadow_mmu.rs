@@ -793,3 +793,41 @@ fn the_default_low_table_allocation_refuses_a_high_frame_and_returns_it() {
     assert_eq!(h.0.tables_in_use(), 0, "the high frame went back");
     assert!(h.alloc_table(0).is_some(), "and can be had again");
 }
+
+/// A guest write to its own page table in a logged slot is emulated (the table is
+/// write-protected); reporting it with `track_write` marks the table page dirty, as KVM's
+/// `emulator_write_phys` does through `kvm_vcpu_write_guest`. Without it a migration's next pass
+/// would not resend the table, and the destination would translate through the old entry.
+#[test]
+fn an_emulated_write_to_a_shadowed_table_is_in_the_dirty_log() {
+    use vmmu::dirty::pages_of;
+    use vmmu::memslot::KVM_MEM_LOG_DIRTY_PAGES;
+    use vmmu::{AsId, SlotId};
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let pte_gpa = s.map4k(0x4000_0000, 0x20_0000, P | RW | US);
+    let table_gpa = pte_gpa & !0xfff;
+    s.map4k(0x5000_0000, table_gpa, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    let logged = UserspaceMemoryRegion::new(0, KVM_MEM_LOG_DIRTY_PAGES, 0, RAM_SIZE, RAM_HVA);
+    vm.set_memory_region(&logged).unwrap();
+    // Collect once: what the guest walker's A/D updates marked so far goes.
+    let _ = vm.get_dirty_log(AsId(0), SlotId(0)).unwrap();
+    let at = 0x5000_0000 + (pte_gpa & 0xfff);
+    let emulated = Seen::Mmio(Gpa(pte_gpa), EmulateSource::WriteProtected);
+    assert_eq!(access(&mut v, at, true), emulated);
+    host.write_u64(RAM_HVA + pte_gpa, 0x30_0000 | P | RW | US);
+    v.track_write(Gpa(pte_gpa), 8).unwrap();
+    let dirty: Vec<u64> = pages_of(&vm.get_dirty_log(AsId(0), SlotId(0)).unwrap()).collect();
+    assert!(
+        dirty.contains(&(table_gpa >> 12)),
+        "table gfn {:#x} not in {dirty:x?}",
+        table_gpa >> 12
+    );
+    // A write of no bytes wrote nothing; one across a page boundary wrote both pages.
+    v.track_write(Gpa(0x70_0000), 0).unwrap();
+    v.track_write(Gpa(0x71_0ffc), 8).unwrap();
+    let dirty: Vec<u64> = pages_of(&vm.get_dirty_log(AsId(0), SlotId(0)).unwrap()).collect();
+    assert_eq!(dirty, vec![0x710, 0x711]);
+}

@@ -923,3 +923,64 @@ fn an_npt_leaf_without_the_user_bit_faults_every_guest_access() {
         }
     }
 }
+
+/// A vCPU whose TLB only a flush (`service_requests`' `flush_tlb`) empties: one read of `gpa`;
+/// returns whether the TLB answered it.
+fn read_through_tlb(
+    v: &mut vmmu::vcpu::Vcpu<vmmu::testing::TestHost>,
+    tlb: &mut std::collections::HashMap<u64, Pfn>,
+    gpa: u64,
+) -> bool {
+    for _ in 0..100 {
+        if v.service_requests().unwrap().flush_tlb {
+            tlb.clear();
+        }
+        if tlb.contains_key(&(gpa >> 12)) {
+            return true;
+        }
+        let walk = match v.enter_guest() {
+            Ok(g) => g.walk(Gpa(gpa), vmmu::Access::NONE),
+            Err(_) => continue,
+        };
+        match walk {
+            vmmu::tdp::HwWalk::Translated { pfn, .. } => {
+                tlb.insert(gpa >> 12, pfn);
+                return false;
+            }
+            vmmu::tdp::HwWalk::Violation { .. } => {
+                let o = v.handle_ept_violation(Gpa(gpa), vmmu::FaultAccess::READ).unwrap();
+                assert!(!matches!(o, FaultOutcome::Emulate { .. }), "{o:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    panic!("the read of {gpa:#x} made no progress");
+}
+
+/// Loading a root flushes the vCPU's TLB (KVM `kvm_mmu_load`), which is what lets the drop of a
+/// pageless root skip the flush: after a swap of pageless roots, a host invalidation finds no
+/// root mapping the page (so it flushes nobody) and the host may reuse the frame; the vCPU must
+/// not translate through its old TLB entry. (Found by a TDP audit: the swap asked for no flush.)
+#[test]
+fn a_pageless_root_swap_flushes_so_no_tlb_entry_outlives_a_host_invalidation() {
+    for swap in [false, true] {
+        let (vm, _h) = vm(FormatKind::Ept);
+        vm.set_memory_region(&region(1, 0x10_0000, 0x10000, RAM_HVA, 0)).unwrap();
+        let mut v = vm.create_vcpu().unwrap();
+        let mut tlb = std::collections::HashMap::new();
+        v.service_requests().unwrap();
+        v.load_pageless_root().unwrap();
+        assert!(!read_through_tlb(&mut v, &mut tlb, 0x10_3000));
+        assert!(read_through_tlb(&mut v, &mut tlb, 0x10_3000), "the TLB holds it");
+        if swap {
+            v.load_pageless_root().unwrap();
+        }
+        vm.invalidate_hva_range_begin(vmmu::Hva(RAM_HVA + 0x3000), vmmu::Hva(RAM_HVA + 0x4000));
+        vm.invalidate_hva_range_end();
+        vm.reclaim();
+        assert!(
+            !read_through_tlb(&mut v, &mut tlb, 0x10_3000),
+            "swap {swap}: a TLB entry from a freed root outlived the host invalidation"
+        );
+    }
+}

@@ -274,7 +274,26 @@ impl<H: Host> Vcpu<H> {
         self.exit_guest_mode();
         self.drop_root();
         self.st.root = Some(self.vm.mmu.make_pageless_root(self.st.as_id)?);
+        // KVM `kvm_mmu_load` flushes the current TLB after every root load ("flushing on alloc
+        // also allows KVM to skip the TLB flush when freeing a root"): `put_root` relies on it
+        // for the pageless root just dropped, whose translations this vCPU's TLB may still hold
+        // (a later host invalidation finds no root mapping the page and flushes nobody).
+        self.state().request(Request::TlbFlush);
         Ok(())
+    }
+
+    /// KVM `kvm_vcpu_mark_page_dirty`: the hypervisor wrote guest page `gpa` on this vCPU's
+    /// behalf (an emulated instruction's store, a paravirtual structure it updates): marks it in
+    /// the dirty log of its slot in the vCPU's address space, if that slot logs. The MMU logs the
+    /// writes it makes or lets through itself (faults, the guest walker's A/D bits), and
+    /// [`Self::track_write`] the emulated writes it reports; a store the VMM makes through its own
+    /// mapping for its own purposes is not the guest's and is not logged (as in KVM).
+    pub fn mark_page_dirty(&self, gpa: Gpa) {
+        let guard = self.vm.memslots.read(&self.readers.memslot);
+        let set = guard.set(self.st.as_id);
+        if let Some(slot) = set.find(gpa.gfn()) {
+            set.mark_page_dirty(slot, gpa.gfn());
+        }
     }
 
     /// Enters guest mode (KVM: `vcpu->mode = IN_GUEST_MODE` before VM entry). `Err` when

@@ -373,16 +373,27 @@ impl<H: Host + GuestMemory> Vcpu<H> {
     }
 
     /// Reports a write the hypervisor emulated to guest RAM at `gpa` of `bytes` bytes (after an
-    /// [`EmulateSource::WriteProtected`] exit, or any emulated write): shadow pages of the guest
-    /// table there drop the SPTEs the write changed, or are zapped when the write is misaligned
-    /// or the table is flooded (KVM `kvm_mmu_track_write`). In guest mode it leaves it first (a VM exit).
+    /// [`EmulateSource::WriteProtected`] exit, or any emulated write), once the bytes are in
+    /// guest memory (KVM `emulator_write_phys`, less the copy): the pages written are marked in
+    /// their slot's dirty log (`kvm_vcpu_write_guest`; a guest table written in a logged slot
+    /// must reach a migration's next pass), and shadow pages of the guest table there drop the
+    /// SPTEs the write changed, or are zapped when the write is misaligned or the table is
+    /// flooded (KVM `kvm_mmu_track_write`). In guest mode it leaves it first (a VM exit).
     pub fn track_write(&mut self, gpa: Gpa, bytes: u32) -> Result<(), ShadowError> {
         self.exit_guest_mode();
         self.shadow_parts()?;
         let shadow = self.vm.shadow.as_ref().ok_or(ShadowError::NotShadow)?;
         let new_gpte = {
             let guard = self.vm.memslots.read(&self.readers.memslot);
-            let mem = SlotGuestMemory::new(guard.set(self.st.as_id), &*self.vm.mmu.host);
+            let set = guard.set(self.st.as_id);
+            let end = gpa.raw().saturating_add(u64::from(bytes));
+            let pages = (end > gpa.raw()).then(|| gpa.gfn().raw()..=Gpa(end - 1).gfn().raw());
+            for gfn in pages.into_iter().flatten() {
+                if let Some(slot) = set.find(Gfn(gfn)) {
+                    set.mark_page_dirty(slot, Gfn(gfn));
+                }
+            }
+            let mem = SlotGuestMemory::new(set, &*self.vm.mmu.host);
             guest::GuestPteMemory::read_gpte(&mem, Gpa(gpa.raw() & !7)).unwrap_or(0)
         };
         shadow.track_write(&self.vm.mmu, self.st.as_id, gpa, bytes, new_gpte);
