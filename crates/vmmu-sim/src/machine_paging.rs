@@ -35,12 +35,12 @@
 
 use crate::guest_tables::GuestTables;
 use crate::host::{HostBuffer, SimHost};
-use crate::hw_vcpu::{Data, HwVcpu};
+use crate::hw_vcpu::{AccessError, Data, HwVcpu, Outcome};
 use crate::layout::MachineLayout;
 use crate::mix::{GuestAccess, MixKind};
 use crate::oracle::Observed;
 use crate::ram::{self, Width};
-use crate::seam::{GuestMmu, SlotRequest};
+use crate::seam::{AccessKind, GuestMmu, SlotRequest};
 use crate::tlb::TlbStats;
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::cell::RefCell;
@@ -532,16 +532,25 @@ impl<M: GuestMmu> GuestPteMemory for TwoDimensional<'_, '_, '_, M> {
     }
 
     fn cmpxchg_gpte(&self, gpa: Gpa, old: u64, new: u64) -> Result<bool, GpteWriteError> {
-        // The A/D update of the hardware walk: an atomic compare-exchange on the host word the
-        // second-level translation leads to (the shared table `T` is written by vCPU 0 while
-        // the others walk it).
+        // The A/D update of the hardware walk: a locked read-modify-write, so the second-level
+        // translation is a write (a write-protected leaf, in a dirty-logged slot say, faults
+        // and the fault logs the table page, as on hardware), then an atomic compare-exchange
+        // on the host word it leads to (the shared table `T` is written by vCPU 0 while the
+        // others walk it).
         let mut hw = self.hw.borrow_mut();
-        match hw.load_store(gpa, Width::W8, None) {
-            Data::Ram { value, .. } if value != old => Ok(false),
-            Data::Ram { hva, .. } => vmmu::host::GuestMemory::cmpxchg_u64(hw.host(), hva, old, new)
-                .map_err(|_| GpteWriteError::NotWritable),
-            _ => Err(GpteWriteError::Unreadable),
+        if gpa.raw() % 8 != 0 {
+            return Err(GpteWriteError::Unreadable);
         }
+        let entry = match hw.access(gpa, AccessKind::Write) {
+            Outcome::Ram(e) => e,
+            Outcome::Error(AccessError::ReadOnlyForWrite { .. }) => {
+                return Err(GpteWriteError::NotWritable)
+            }
+            Outcome::Mmio | Outcome::Error(_) => return Err(GpteWriteError::Unreadable),
+        };
+        let hva = Hva(entry.page.as_ptr() as u64 + gpa.page_offset());
+        vmmu::host::GuestMemory::cmpxchg_u64(hw.host(), hva, old, new)
+            .map_err(|_| GpteWriteError::NotWritable)
     }
 }
 
