@@ -13,11 +13,11 @@
 //!
 //! Concurrency contract: readers load with `Relaxed` and hold no lock (updates use `Release`
 //! only because every store in `shadow/` does, which `tests/sync_shim_audit.rs` checks for table
-//! memory; nothing here needs it). A reader may see a counter
-//! a moment old and call a gfn untracked that a concurrent fault is shadowing right now; that is
-//! KVM's race too and harmless: the fault re-checks under the shadow lock before it installs a
-//! writable leaf (`fetch`, which write-protects the leaf and emulates the write), so the check
-//! only decides whether the early exit is taken, never whether a tracked table becomes writable.
+//! memory; nothing here needs it). A reader may see a counter a moment old and call a gfn
+//! untracked that a concurrent fault is shadowing right now; that is KVM's race too and harmless:
+//! the fault re-checks under the shadow lock before it installs a writable leaf (`fetch`, which
+//! write-protects the leaf and emulates the write), so the check only decides whether the early
+//! exit is taken, never whether a tracked table becomes writable.
 
 use crate::sync::{AtomicU32, Ordering};
 use crate::types::{AsId, Gfn};
