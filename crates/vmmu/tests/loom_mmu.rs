@@ -181,6 +181,42 @@ fn create_over_mmio_catches_vcpu_cache_without_gen() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// (a2) One vCPU's accesses stay in order across a create: once it reached the new slot's RAM at
+// X, its next access to Y in the same new slot must not be answered as MMIO from the old slots
+// (the MMIO SPTE or the per-vCPU cache entry Y got before the create). In KVM the generation
+// the fast paths compare lives in the set the vCPU reaches; vmmu's fast paths read a mirror of
+// it, which must say "in progress" before the new set is reachable (found by an audit: it was
+// stored just after, so the vCPU could read the old final generation in between).
+// ---------------------------------------------------------------------------------------------
+
+fn new_then_old(bugs: BugSet) {
+    model(move || {
+        let (vm, host) = vm(bugs);
+        host.map(RAM_HVA + 0x1000, 0x1000, (RAM_HVA >> 12) + 1, Level::L4K, true);
+        let mut v = vcpu(&vm);
+        assert_eq!(access(&mut v, Y), Seen::Mmio(EmulateSource::SlowPathMmio), "setup");
+        let t = thread::spawn(move || {
+            let x = access(&mut v, X);
+            let y = (x == Seen::Ram).then(|| access(&mut v, Y));
+            (v, x, y)
+        });
+        let two_pages = UserspaceMemoryRegion { memory_size: 0x2000, ..slot_at(X, 1) };
+        vm.set_memory_region(&two_pages).unwrap();
+        let (_v, x, y) = t.join().unwrap();
+        assert!(
+            !matches!((x, y), (Seen::Ram, Some(Seen::Mmio(_)))),
+            "VIOLATION: gfn {X:#x} reached the new slot's RAM, then gfn {Y:#x} of the same slot \
+             was emulated as MMIO ({y:?})"
+        );
+    });
+}
+
+#[test]
+fn new_then_old_holds() {
+    new_then_old(BugSet::NONE);
+}
+
+// ---------------------------------------------------------------------------------------------
 // (b) The per-vCPU MMIO cache fills while an update is in progress (2019, ddfd1730fd82 "Do not
 // cache MMIO accesses while memslots are in flux").
 //

@@ -25,8 +25,9 @@
 //! # One swap (facts §2.2, `kvm_swap_active_memslots`)
 //! ```text
 //! G = active.gen;  inactive.gen = G | IN_PROGRESS      (Relaxed: not yet reachable)
+//! published_gen[as] = G | IN_PROGRESS                  (the mirror `generation()` reads;
+//!                                                       before the set is reachable)
 //! active := inactive                                   (Release: publishes maps + gen)
-//! published_gen[as] = G | IN_PROGRESS                  (the mirror `generation()` reads)
 //! srcu.synchronize()                                   (drains readers of the old set)
 //! hooks.memslots_updated(as, G + nr_as)                (MMIO-generation wrap check)
 //! inactive.gen = G + nr_as                             (Release; pairs with readers' Acquire)
@@ -230,11 +231,13 @@ pub struct Memslots {
     cfg: MemslotsConfig,
     /// The generation of each address space's published set, mirrored in one word per space
     /// for [`Self::generation`] (the MMIO fast path): two dependent loads from the VM instead of
-    /// four. `swap` stores it right after each store that changes the published set's
-    /// generation (the publication of the in-progress set, then the final generation), so the
-    /// mirror takes the same values in the same order and at most lags the set for the length
-    /// of one store: a reader that sees the older value linearises just before the newer one.
-    /// Release/Acquire as the set's own word; it is read without a read section, like it.
+    /// four. It takes the set's values in the same order, but never runs behind the set towards
+    /// a final generation: `swap` stores the in-progress value *before* it publishes the new set
+    /// (so a vCPU that reached the new set, say in its own slow path a moment ago, cannot then
+    /// read the old final generation here and hit an MMIO SPTE or cache entry of the old slots;
+    /// in KVM the generation lives in the set the vCPU reaches), and the final value *after*
+    /// the set's own final store (a reader that sees it in progress a moment too long only
+    /// misses a hit). Release/Acquire as the set's own word; read without a read section.
     published_gen: [AtomicU64; 2],
     srcu: Srcu,
     spaces: Box<[AddressSpace]>,
@@ -648,11 +651,13 @@ impl Memslots {
         } else {
             next.store_generation(g.mark_in_progress(), Ordering::Relaxed);
         }
-        // Release: a reader that loads `active` (Acquire) sees the maps and generation above.
-        sp.active.store(cur ^ 1, Ordering::Release);
-        // The mirror follows the published set (field doc).
+        // The mirror says "in progress" before the new set is reachable (field doc): a vCPU
+        // that has used the new set must never read the old final generation afterwards.
         let mirror = &self.published_gen[usize::from(as_id.0)];
         mirror.store(next.generation().raw(), Ordering::Release);
+        // Release: a reader that loads `active` (Acquire) sees the maps and generation above,
+        // and the mirror's in-progress value.
+        sp.active.store(cur ^ 1, Ordering::Release);
 
         // Every reader that could hold `was_active` has left its section after this.
         self.srcu.synchronize(&HooksRelax(hooks));
