@@ -100,6 +100,11 @@ pub enum KvmError {
         /// The error code.
         error: u64,
     },
+    /// A slot request built in code (the parser refuses it) would take what the backend's own
+    /// guest code uses: its slots, or the guest-physical range below 8 MiB where its code,
+    /// stack, tables and MMIO sync addresses live.
+    #[error("the slot request uses {0}, which the KVM backend keeps for its own guest code")]
+    Reserved(vmmu_scenario::ReservedUse),
     /// The page-table pool is full.
     #[error(transparent)]
     Pool(#[from] paging::PoolExhausted),
@@ -626,6 +631,12 @@ impl Machine for KvmMachine {
     }
 
     fn slot(&mut self, op: &SlotOp) -> Result<SlotResult, BackendError> {
+        // Not only the parser's rule: the backend's own guest code (the closing sync store, the
+        // #PF handler's report, its stack, code and tables) stores where no scenario slot may
+        // be, and `check_backed` guards only the scenario's own accesses.
+        if let Some(r) = op.reserved_use() {
+            return Err(KvmError::Reserved(r).into());
+        }
         let uaddr = match &op.mem {
             Some(r) => self.buffer(r.mem).addr().wrapping_add(r.offset),
             None => 0,
@@ -638,10 +649,13 @@ impl Machine for KvmMachine {
             userspace_addr: uaddr,
         };
         // SAFETY: the request goes to KVM exactly as the scenario wrote it; KVM validates it.
-        // Memory safety of this process does not depend on it: a slot can only make the guest
-        // write to host memory behind it, and `check_backed` refuses every guest access whose
-        // host address is not inside one of the buffers (which live as long as the VM), with a
-        // PROT_NONE guard after each buffer as a second line of defence.
+        // Memory safety of this process does not depend on where it points: a slot can only
+        // make the guest access host memory behind it, and the guest accesses slot memory only
+        // (1) in a scenario access, which `check_backed` refuses unless its host address lies
+        // inside one of the buffers (which live as long as the VM), with a PROT_NONE guard after
+        // each buffer as a second line of defence, or (2) in the backend's own code, whose
+        // stores all go below 8 MiB in address space 0 (its own slots, the MMIO sync and report
+        // addresses), which no request here may cover or take over (`reserved_use`, above).
         match unsafe { self.vm.set_user_memory_region(region) } {
             Ok(()) => {
                 if op.size == 0 {

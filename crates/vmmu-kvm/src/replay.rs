@@ -103,6 +103,18 @@ impl OwnSlot {
     }
 }
 
+/// Whether every x86-64 KVM refuses a non-delete slot request with host range `[uaddr, uaddr +
+/// size)` by its shape alone, whatever else it asks (`kvm_set_memory_region`: a `uaddr` or size
+/// not page-aligned, more than `KVM_MEM_MAX_NR_PAGES` pages, or a range that `access_ok` refuses
+/// on every host, past the 5-level user limit `(1 << 56) - 4096`): such a request maps nothing.
+fn refused_by_shape(uaddr: u64, size: u64) -> bool {
+    const KVM_MEM_MAX_NR_PAGES: u64 = (1 << 31) - 1;
+    const ANY_HOST_USER_LIMIT: u64 = (1 << 56) - 4096;
+    (uaddr | size) % 4096 != 0
+        || size / 4096 > KVM_MEM_MAX_NR_PAGES
+        || uaddr.checked_add(size).is_none_or(|end| end > ANY_HOST_USER_LIMIT)
+}
+
 /// A VM for one trace.
 pub struct TraceVm {
     // Field order is drop order: vCPU and VM before the memory they use.
@@ -383,16 +395,21 @@ impl TraceVm {
         self.base + SYNC_OFFSET
     }
 
-    /// This process's address for a recorded `uaddr` (the recorded value if no union holds it).
-    fn hva(&self, uaddr: u64) -> u64 {
+    /// This process's address for the recorded range `[uaddr, uaddr + size)`, if one union holds
+    /// all of it.
+    fn hva(&self, uaddr: u64, size: u64) -> Option<u64> {
+        let end = uaddr.checked_add(size)?;
         self.bufs
             .iter()
-            .find(|b| (b.start..b.end).contains(&uaddr))
-            .map_or(uaddr, |b| b.map.addr() + (uaddr - b.base))
+            .find(|b| b.start <= uaddr && end <= b.end)
+            .map(|b| b.map.addr() + (uaddr - b.base))
     }
 
     /// One `KVM_SET_USER_MEMORY_REGION` as recorded; the error is KVM's errno name (`EPERM` for
-    /// the guest's own slot, which [`Self::own_slot`] keeps out of every trace).
+    /// the guest's own slot, which [`Self::own_slot`] keeps out of every trace). A create or
+    /// change whose host range lies in no union of [`Self::new`]'s, and which KVM could accept
+    /// by its shape, is refused with `EFAULT` before KVM sees it (not KVM's answer: the replay
+    /// makes a union of every such range of its trace, so only a caller outside it asks this).
     pub fn set_region(
         &mut self,
         slot: u32,
@@ -405,18 +422,23 @@ impl TraceVm {
             // Never the trace's (`own_slot`): a caller's request there would move the guest.
             return Err("EPERM".to_string());
         }
+        let userspace_addr = match self.hva(uaddr, size) {
+            Some(hva) => hva,
+            None if size == 0 || refused_by_shape(uaddr, size) => uaddr,
+            None => return Err("EFAULT".to_string()),
+        };
         let region = kvm_userspace_memory_region {
             slot,
             flags,
             guest_phys_addr: gpa,
             memory_size: size,
-            userspace_addr: self.hva(uaddr),
+            userspace_addr,
         };
-        // SAFETY: a non-delete request's `uaddr` is remapped into one of this VM's buffers
-        // (`hva`: the union holds the whole recorded range), which live as long as the VM; the
-        // guest can reach host memory only through slots KVM accepted. A recorded `uaddr` in no
-        // union is passed on unchanged only for requests KVM refuses or deletes, which map
-        // nothing.
+        // SAFETY: a non-delete request whose whole host range one union holds is remapped into
+        // that union's buffer (`hva`), which lives as long as the VM; the guest can reach host
+        // memory only through slots KVM accepted. Any other request passes its `uaddr` on
+        // unchanged only when it maps nothing: a delete, or a shape every KVM refuses
+        // (`refused_by_shape`); the rest were refused above.
         unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| errno::name(e.errno()))
     }
 

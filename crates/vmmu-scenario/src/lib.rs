@@ -56,7 +56,7 @@ pub use parse::{parse, ParseError, ParseErrorKind};
 pub use print::to_text;
 pub use step::{
     ClearDirtyLogOp, Cr3Op, DirtyLogMode, DirtyLogOp, Format, HostReadOp, HostWriteOp, MapFlags,
-    MapOp, MemDecl, MemId, MemRef, Op, Overrides, PageSize, Paging, ReadOp, Scenario, SlotFlags,
-    SlotOp, Step, UnmapOp, VmConfig, Width, WriteOp, ACCESS_LIMIT, MAP_TABLES, PAGE_SIZE,
-    RESERVED_BELOW, RESERVED_SLOT_IDS, SPACES,
+    MapOp, MemDecl, MemId, MemRef, Op, Overrides, PageSize, Paging, ReadOp, ReservedUse, Scenario,
+    SlotFlags, SlotOp, Step, UnmapOp, VmConfig, Width, WriteOp, ACCESS_LIMIT, MAP_TABLES,
+    PAGE_SIZE, RESERVED_BELOW, RESERVED_SLOT_IDS, SPACES,
 };

@@ -13,8 +13,8 @@
 
 use crate::step::{
     ClearDirtyLogOp, DirtyLogMode, DirtyLogOp, Format, HostReadOp, HostWriteOp, MemDecl, MemId,
-    MemRef, Op, ReadOp, Scenario, SlotFlags, SlotOp, Step, VmConfig, Width, WriteOp, ACCESS_LIMIT,
-    PAGE_SIZE, RESERVED_BELOW, RESERVED_SLOT_IDS,
+    MemRef, Op, ReadOp, ReservedUse, Scenario, SlotFlags, SlotOp, Step, VmConfig, Width, WriteOp,
+    ACCESS_LIMIT, PAGE_SIZE, RESERVED_BELOW, RESERVED_SLOT_IDS,
 };
 use std::collections::HashMap;
 
@@ -664,26 +664,16 @@ impl Parser {
                 col += u32::try_from(flag.chars().count() + 1).unwrap_or(0);
             }
         }
-        if as_id == 0 && RESERVED_SLOT_IDS.contains(&id) {
-            return Err((
-                idw.col,
-                ParseErrorKind::Reserved(format!(
-                    "slot id {id} in address space 0 (ids {}..={})",
-                    RESERVED_SLOT_IDS.start(),
-                    RESERVED_SLOT_IDS.end()
-                )),
-            ));
+        let op = SlotOp { id, as_id, gpa, size, mem, flags };
+        match op.reserved_use() {
+            Some(r @ ReservedUse::SlotId(_)) => {
+                Err((idw.col, ParseErrorKind::Reserved(r.to_string())))
+            }
+            Some(r @ ReservedUse::Below(_)) => {
+                Err((gw.col, ParseErrorKind::Reserved(r.to_string())))
+            }
+            None => Ok(Op::Slot(op)),
         }
-        // A range that wraps past 2^64 is not reserved: KVM rejects it before it could map.
-        if as_id == 0 && size != 0 && gpa < RESERVED_BELOW && gpa.checked_add(size).is_some() {
-            return Err((
-                gw.col,
-                ParseErrorKind::Reserved(format!(
-                    "a slot starting at {gpa:#x} in address space 0 (below 8 MiB, {RESERVED_BELOW:#x})"
-                )),
-            ));
-        }
-        Ok(Op::Slot(SlotOp { id, as_id, gpa, size, mem, flags }))
     }
 
     fn access(&self, kw: Word<'_>, rest: &[Word<'_>], write: bool) -> LineResult<Op> {
@@ -790,14 +780,7 @@ fn log_slot(idw: Word<'_>, f: &Fields<'_>) -> LineResult<(u16, u16)> {
         None => 0,
     };
     if as_id == 0 && RESERVED_SLOT_IDS.contains(&id) {
-        return Err((
-            idw.col,
-            ParseErrorKind::Reserved(format!(
-                "slot id {id} in address space 0 (ids {}..={})",
-                RESERVED_SLOT_IDS.start(),
-                RESERVED_SLOT_IDS.end()
-            )),
-        ));
+        return Err((idw.col, ParseErrorKind::Reserved(ReservedUse::SlotId(id).to_string())));
     }
     Ok((id, as_id))
 }

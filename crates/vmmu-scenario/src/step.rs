@@ -331,6 +331,48 @@ impl SlotOp {
     pub fn kvm_slot(&self) -> u32 {
         (u32::from(self.as_id) << 16) | u32::from(self.id)
     }
+
+    /// What of the backends' own this request would use, if anything: a slot id of
+    /// [`RESERVED_SLOT_IDS`] or, for a create or change, a guest-physical range starting below
+    /// [`RESERVED_BELOW`], in address space 0 (a range that wraps past 2^64 is not reserved: KVM
+    /// refuses it before it could map). The parser refuses such a step; a backend given a
+    /// [`SlotOp`] built in code must refuse it too, since its own guest code lives there.
+    pub fn reserved_use(&self) -> Option<ReservedUse> {
+        if self.as_id != 0 {
+            return None;
+        }
+        if RESERVED_SLOT_IDS.contains(&self.id) {
+            return Some(ReservedUse::SlotId(self.id));
+        }
+        let below = self.size != 0 && self.gpa < RESERVED_BELOW;
+        (below && self.gpa.checked_add(self.size).is_some()).then_some(ReservedUse::Below(self.gpa))
+    }
+}
+
+/// What a slot request would take from the backends ([`SlotOp::reserved_use`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReservedUse {
+    /// A slot id of [`RESERVED_SLOT_IDS`] in address space 0.
+    SlotId(u16),
+    /// A slot starting at this address, below [`RESERVED_BELOW`] in address space 0.
+    Below(u64),
+}
+
+impl std::fmt::Display for ReservedUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReservedUse::SlotId(id) => write!(
+                f,
+                "slot id {id} in address space 0 (ids {}..={})",
+                RESERVED_SLOT_IDS.start(),
+                RESERVED_SLOT_IDS.end()
+            ),
+            ReservedUse::Below(gpa) => write!(
+                f,
+                "a slot starting at {gpa:#x} in address space 0 (below 8 MiB, {RESERVED_BELOW:#x})"
+            ),
+        }
+    }
 }
 
 /// A `read` step: one guest load.
