@@ -377,7 +377,10 @@ fn hw_walk_cached(vm: &Vm<SimHost>, v: &mut RealVcpu, gpa: Gpa, need: Access) ->
         return unsafe { hw_walk(&fmt, host, table, Level::L4K, gpa.gfn(), need) };
     }
     // SAFETY: in guest mode (the read section is open) from the vCPU's current root, which it
-    // keeps while in guest mode (what `Vcpu::walk` does).
+    // keeps while in guest mode (what `Vcpu::walk` does). A `RealVcpu` made by another VM's
+    // `RealMmu` (`HwVcpu::with_state` takes any) breaks the pairing of root and host; memory
+    // safety then rests on the first point above: `SimHost` is type-stable and its `table`
+    // answers `None` for a frame that is not one of its live tables.
     let (walk, leaf_table) =
         unsafe { hw_walk_leaf_table(&fmt, host, root, root_level, gpa.gfn(), need) };
     if let Some(table) = leaf_table {

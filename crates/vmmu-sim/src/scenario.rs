@@ -508,6 +508,16 @@ impl SimMachine {
         if at.offset.checked_add(width.bytes() as u64).is_none_or(|end| end > b.len()) {
             return Err(failed(format!("{}+{:#x} is outside the buffer", at.name, at.offset)));
         }
+        // `ram::load`/`store` need a naturally aligned address (the parser's rule; an op built
+        // in code must keep it too).
+        if at.offset % width.bytes() as u64 != 0 {
+            return Err(failed(format!(
+                "{}+{:#x} is not aligned to the access width ({} bytes)",
+                at.name,
+                at.offset,
+                width.bytes()
+            )));
+        }
         Ok((b.hva().raw() + at.offset) as *mut u8)
     }
 }
@@ -702,6 +712,23 @@ mod tests {
         assert!(matches!(read(&mut m, inside), Ok(ReadExit::None { value: 0 })));
         let err = read(&mut m, outside).expect_err("the machine's tables are no scenario buffer");
         assert!(err.to_string().contains("beyond its buffer"), "{err}");
+    }
+
+    /// A `host-write` or `host-read` built in code at an offset the access width does not divide
+    /// (the parser refuses it) is a backend failure, not a misaligned atomic access.
+    #[test]
+    fn a_misaligned_host_access_built_in_code_is_refused() {
+        use vmmu_scenario::{HostReadOp, HostWriteOp};
+        let sc = parse("mem a size=4K\n").expect("scenario");
+        let mut m = SimMachine::new(&sc).expect("machine");
+        m.mem(MemId(0), &sc.mems[0]).expect("mem a");
+        let at = |offset: u64| MemRef { mem: MemId(0), name: "a".into(), offset };
+        let w = HostWriteOp { at: at(0x7), width: Width::W4, value: 1 };
+        let err = m.host_write(&w).expect_err("misaligned").to_string();
+        assert!(err.contains("not aligned to the access width (4 bytes)"), "{err}");
+        let r = HostReadOp { at: at(0x2), width: Width::W8 };
+        assert!(m.host_read(&r).is_err());
+        m.host_write(&HostWriteOp { at: at(0x8), width: Width::W8, value: 1 }).expect("aligned");
     }
 
     /// A version-1 guest under shadow paging costs the shadow MMU what the KVM backend's guest
