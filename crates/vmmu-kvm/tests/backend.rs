@@ -1,18 +1,11 @@
 //! Behaviour of the KVM backend that the corpus does not show: failures name the step and never
 //! become observations; requests reach KVM exactly as written. Each test passes (printing why)
 //! when `/dev/kvm` is not usable.
+mod common;
+
+use common::kvm;
 use vmmu_kvm::KvmBackend;
 use vmmu_scenario::{parse, run_collect, Backend, BackendError, Observation, SlotResult, Start};
-
-fn kvm() -> bool {
-    match vmmu_kvm::probe() {
-        Ok(_) => true,
-        Err(why) => {
-            println!("skipped: {why}");
-            false
-        }
-    }
-}
 
 #[test]
 fn access_beyond_the_buffer_is_a_failure_naming_the_step() {

@@ -3,22 +3,15 @@
 //! #PF handler reports CR2 and the error code. The scenarios are built in code (they restate
 //! the v2 corpus scenarios of the same names); each test passes (printing why) when `/dev/kvm`
 //! is not usable.
+mod common;
+
+use common::kvm;
 use vmmu_kvm::KvmBackend;
 use vmmu_scenario::{
     run_collect, Cr3Op, HostReadOp, HostWriteOp, MapFlags, MapOp, MemDecl, MemId, MemRef,
     Observation, Op, PageSize, Paging, ReadExit, ReadOp, Scenario, SlotFlags, SlotOp, Step,
     UnmapOp, VmConfig, Width, WriteExit, WriteOp,
 };
-
-fn kvm() -> bool {
-    match vmmu_kvm::probe() {
-        Ok(_) => true,
-        Err(why) => {
-            println!("skipped: {why}");
-            false
-        }
-    }
-}
 
 /// A scenario under construction: one step per call, numbered like lines of a file.
 struct S(Scenario);

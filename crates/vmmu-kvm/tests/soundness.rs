@@ -1,22 +1,15 @@
 //! Memory safety of the KVM backends' safe public API (a soundness audit's findings): a slot
 //! request built in code, which the scenario parser would refuse, cannot make the guest store
 //! into this process's memory. Each test passes (printing why) when `/dev/kvm` is not usable.
+mod common;
+
+use common::kvm;
 use vmmu_kvm::replay::TraceVm;
 use vmmu_kvm::KvmBackend;
 use vmmu_scenario::{
     Backend, MemDecl, MemId, MemRef, ReservedUse, Scenario, SlotFlags, SlotOp, Start, VmConfig,
     Width, WriteOp,
 };
-
-fn kvm() -> bool {
-    match vmmu_kvm::probe() {
-        Ok(_) => true,
-        Err(why) => {
-            println!("skipped: {why}");
-            false
-        }
-    }
-}
 
 /// A slot over the backend's MMIO sync address (where its code stores one byte after every
 /// access) or under one of its own slot ids is refused before KVM sees it: otherwise the sync
