@@ -118,7 +118,7 @@ fn warnings(args: &ReplayArgs, trace: &Trace) -> Vec<String> {
             "the trace reaches guest-physical {:#x}: the software machine runs with MAXPHYADDR {auto} \
              (the recording host, which ran it, had at least that many bits; \
              --phys-bits overrides)",
-            replay::highest_telling_gpa(trace).unwrap_or(0)
+            highest.unwrap_or(0)
         ));
     }
     if let Some(s) = &trace.summary {

@@ -134,6 +134,14 @@ impl MemslotSet {
         }
     }
 
+    /// KVM `mark_page_dirty`: marks `gfn` in the log of the slot of this set that holds it, if
+    /// any and if it logs (a lookup, then [`Self::mark_page_dirty`]).
+    pub fn mark_gfn_dirty(&self, gfn: Gfn) {
+        if let Some(slot) = self.find(gfn) {
+            self.mark_page_dirty(slot, gfn);
+        }
+    }
+
     /// The slots meeting `[start, end)`, by base gfn (KVM `kvm_for_each_memslot_in_gfn_range`).
     pub fn iter_range(&self, start: Gfn, end: Gfn) -> impl Iterator<Item = &Memslot> + '_ {
         let m = self.maps();

@@ -290,10 +290,7 @@ impl<H: Host> Vcpu<H> {
     /// mapping for its own purposes is not the guest's and is not logged (as in KVM).
     pub fn mark_page_dirty(&self, gpa: Gpa) {
         let guard = self.vm.memslots.read(&self.readers.memslot);
-        let set = guard.set(self.st.as_id);
-        if let Some(slot) = set.find(gpa.gfn()) {
-            set.mark_page_dirty(slot, gpa.gfn());
-        }
+        guard.set(self.st.as_id).mark_gfn_dirty(gpa.gfn());
     }
 
     /// Enters guest mode (KVM: `vcpu->mode = IN_GUEST_MODE` before VM entry). `Err` when

@@ -389,9 +389,7 @@ impl<H: Host + GuestMemory> Vcpu<H> {
             let end = gpa.raw().saturating_add(u64::from(bytes));
             let pages = (end > gpa.raw()).then(|| gpa.gfn().raw()..=Gpa(end - 1).gfn().raw());
             for gfn in pages.into_iter().flatten() {
-                if let Some(slot) = set.find(Gfn(gfn)) {
-                    set.mark_page_dirty(slot, Gfn(gfn));
-                }
+                set.mark_gfn_dirty(Gfn(gfn));
             }
             let mem = SlotGuestMemory::new(set, &*self.vm.mmu.host);
             guest::GuestPteMemory::read_gpte(&mem, Gpa(gpa.raw() & !7)).unwrap_or(0)
