@@ -131,18 +131,8 @@ impl RealMmu {
         nr_address_spaces: u16,
     ) -> Result<Self, VmError> {
         let mut vc = VmConfig::new(cfg.format, cfg.phys_bits)?;
-        vc.nr_address_spaces = nr_address_spaces;
-        vc.mmio_caching = cfg.mmio_caching;
-        vc.max_vcpus = cfg.vcpus.max(1);
-        vc.generation_base = cfg.generation_base;
-        vc.slot_zap_all = cfg.slot_zap_all;
-        vc.bugs = cfg.bugs;
         vc.tdp_prefetch = cfg.tdp_prefetch;
-        Ok(RealMmu {
-            vm: Vm::new(vc, host)?,
-            totals: Arc::new(Mutex::new(VcpuStats::default())),
-            timing: Arc::new(Mutex::new(MmioTiming::default())),
-        })
+        Self::build(vc, host, &cfg, nr_address_spaces)
     }
 
     /// A shadow-paging VM on `host` (x86 page-table SPTEs; `cfg.format` is ignored).
@@ -152,13 +142,23 @@ impl RealMmu {
         nr_address_spaces: u16,
     ) -> Result<Self, VmError> {
         let mut vc = VmConfig::shadow(cfg.phys_bits)?;
+        vc.shadow_mmio_path_only = cfg.shadow_mmio_path_only;
+        Self::build(vc, host, &cfg, nr_address_spaces)
+    }
+
+    /// The settings both MMUs share, then the VM.
+    fn build(
+        mut vc: VmConfig,
+        host: Arc<SimHost>,
+        cfg: &RealMmuConfig,
+        nr_address_spaces: u16,
+    ) -> Result<Self, VmError> {
         vc.nr_address_spaces = nr_address_spaces;
         vc.mmio_caching = cfg.mmio_caching;
         vc.max_vcpus = cfg.vcpus.max(1);
         vc.generation_base = cfg.generation_base;
         vc.slot_zap_all = cfg.slot_zap_all;
         vc.bugs = cfg.bugs;
-        vc.shadow_mmio_path_only = cfg.shadow_mmio_path_only;
         Ok(RealMmu {
             vm: Vm::new(vc, host)?,
             totals: Arc::new(Mutex::new(VcpuStats::default())),
