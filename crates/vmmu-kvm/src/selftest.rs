@@ -480,6 +480,7 @@ impl SyncArea {
 pub mod perf {
     use super::*;
 
+    use vmmu_selftest::perf::{host_loop, PerfHost};
     pub use vmmu_selftest::perf::{
         Outcome, Params, PerfTest, MEM_GPA, MEM_TEST_GPA, MEM_TEST_MOVE_SIZE_PAGES,
         MEM_TEST_UNMAP_CHUNK_PAGES, MEM_TEST_VAL_1, MEM_TEST_VAL_2,
@@ -487,32 +488,9 @@ pub mod perf {
 
     /// Which test, and its memory in pages (sync page included).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    enum Test {
-        /// Map; memory pages.
-        Map(u64),
-        /// Unmap page by page; memory pages (test area + 1).
-        Unmap(u64),
-        /// Unmap in 2 MiB chunks; memory pages.
-        UnmapChunked(u64),
-        /// Move the slot the guest writes to; memory pages.
-        MoveActive(u64),
-        /// Move a slot the guest does not write to; memory pages.
-        MoveInactive(u64),
-        /// Read/write every page; memory pages.
-        Rw(u64),
-    }
-
-    impl Test {
-        fn pages(self) -> u64 {
-            match self {
-                Test::Map(p)
-                | Test::Unmap(p)
-                | Test::UnmapChunked(p)
-                | Test::MoveActive(p)
-                | Test::MoveInactive(p)
-                | Test::Rw(p) => p,
-            }
-        }
+    struct Test {
+        kind: PerfTest,
+        pages: u64,
     }
 
     struct Vm {
@@ -562,19 +540,6 @@ pub mod perf {
             }
             Ok(())
         }
-        fn check(&self, page: u64, want: u64) -> Result<()> {
-            let off = (MEM_TEST_GPA + page * PAGE - MEM_GPA) as usize;
-            let v = self.mem.load_u64(off);
-            if v != want {
-                return Err(failed(format!(
-                    "guest written values should read back correctly before unmap ({v:#x} vs \
-                     {want:#x} @ gpa {:#x})",
-                    MEM_TEST_GPA + page * PAGE
-                )));
-            }
-            self.mem.store_u64(off, 0);
-            Ok(())
-        }
     }
 
     fn prepare(cap: Option<u32>, mempages: u64) -> Result<(Vm, Duration)> {
@@ -600,20 +565,12 @@ pub mod perf {
     /// Runs `test` with `p`'s parameters (slot cap `None`: KVM's maximum): the best of
     /// `p.runs` runs.
     pub fn run(test: PerfTest, p: &Params) -> Result<Outcome> {
-        let pages = p.sizes.pages(test);
-        let t = match test {
-            PerfTest::Map => Test::Map(pages),
-            PerfTest::Unmap => Test::Unmap(pages),
-            PerfTest::UnmapChunked => Test::UnmapChunked(pages),
-            PerfTest::MoveActive => Test::MoveActive(pages),
-            PerfTest::MoveInactive => Test::MoveInactive(pages),
-            PerfTest::Rw => Test::Rw(pages),
-        };
+        let t = Test { kind: test, pages: p.sizes.pages(test) };
         vmmu_selftest::perf::best_of(p.runs, || run_once(t, p.slots, p.seconds))
     }
 
     fn run_once(test: Test, cap: Option<u32>, seconds: f64) -> Result<Outcome> {
-        let mempages = test.pages();
+        let mempages = test.pages;
         let (vm, slot_setup) = prepare(cap, mempages)?;
         let mut vcpu = vm.t.vcpu(0)?;
         let sync = SyncArea::default();
@@ -625,8 +582,8 @@ pub mod perf {
         let src = vm.slot_gpa(last);
         let mut move_base = 0;
         let mut mmio_range = None;
-        if let Test::MoveActive(_) | Test::MoveInactive(_) = test {
-            let active = matches!(test, Test::MoveActive(_));
+        if let PerfTest::MoveActive | PerfTest::MoveInactive = test.kind {
+            let active = test.kind == PerfTest::MoveActive;
             if active && vm.slot_pages(last) < MEM_TEST_MOVE_SIZE_PAGES / 2 {
                 return Err(SelftestError::MoveSlotTooSmall { pages: vm.slot_pages(last) });
             }
@@ -651,7 +608,7 @@ pub mod perf {
                     if runtime.as_secs_f64() >= seconds {
                         return Ok(());
                     }
-                    host_loop(test, &vm, &sync)?;
+                    host_loop(test.kind, test.pages, &Host { vm: &vm, sync: &sync })?;
                     nloops += 1;
                 }
             })();
@@ -674,59 +631,33 @@ pub mod perf {
         })
     }
 
-    fn host_loop(test: Test, vm: &Vm, sync: &SyncArea) -> Result<()> {
-        match test {
-            Test::Map(p) => {
-                let half = (p - 1) / 2;
-                vm.unmap(half, half)?;
-                sync.host_perform_sync()?;
-                vm.check(0, MEM_TEST_VAL_1)?;
-                vm.check(half - 1, MEM_TEST_VAL_1)?;
-                vm.unmap(0, half)?;
-                sync.host_perform_sync()?;
-                vm.check(half, MEM_TEST_VAL_2)?;
-                vm.check(2 * half - 1, MEM_TEST_VAL_2)
-            }
-            Test::Unmap(p) | Test::UnmapChunked(p) => {
-                let chunk =
-                    if matches!(test, Test::Unmap(_)) { 1 } else { MEM_TEST_UNMAP_CHUNK_PAGES };
-                let half = (p - 1) / 2;
-                sync.host_perform_sync()?;
-                vm.check(0, MEM_TEST_VAL_1)?;
-                for c in (0..half).step_by(chunk as usize) {
-                    vm.unmap(c, chunk)?;
-                }
-                sync.host_perform_sync()?;
-                vm.check(half, MEM_TEST_VAL_2)?;
-                for c in (half..2 * half).step_by(chunk as usize) {
-                    vm.unmap(c, chunk)?;
-                }
-                Ok(())
-            }
-            Test::MoveActive(p) | Test::MoveInactive(p) => {
-                let last = vm.nslots;
-                vm.set(last, MEM_GPA + p * PAGE)?;
-                vm.set(last, vm.slot_gpa(last))
-            }
-            Test::Rw(p) => {
-                for page in 0..p - 1 {
-                    vm.mem.store_u64(((page + 1) * PAGE + PAGE / 2) as usize, MEM_TEST_VAL_2);
-                }
-                sync.host_perform_sync()?;
-                for page in 0..p - 1 {
-                    let off = ((page + 1) * PAGE) as usize;
-                    let v = vm.mem.load_u64(off);
-                    if v != MEM_TEST_VAL_1 {
-                        return Err(failed(format!(
-                            "guest written values should read back correctly (is {v:#x} @ gpa \
-                             {:#x})",
-                            MEM_GPA + off as u64
-                        )));
-                    }
-                    vm.mem.store_u64(off, 0);
-                }
-                sync.host_perform_sync()
-            }
+    /// The test VM as the shared host loop sees it (`vmmu_selftest::perf::host_loop`).
+    struct Host<'a> {
+        vm: &'a Vm,
+        sync: &'a SyncArea,
+    }
+
+    impl PerfHost for Host<'_> {
+        fn unmap(&self, first: u64, count: u64) -> Result<()> {
+            self.vm.unmap(first, count)
+        }
+
+        fn load(&self, off: u64) -> Result<u64> {
+            Ok(self.vm.mem.load_u64(off as usize))
+        }
+
+        fn store(&self, off: u64, v: u64) -> Result<()> {
+            self.vm.mem.store_u64(off as usize, v);
+            Ok(())
+        }
+
+        fn perform_sync(&self) -> Result<()> {
+            self.sync.host_perform_sync()
+        }
+
+        fn place_last_slot(&self, gpa: Option<u64>) -> Result<()> {
+            let last = self.vm.nslots;
+            self.vm.set(last, gpa.unwrap_or_else(|| self.vm.slot_gpa(last)))
         }
     }
 
@@ -755,12 +686,13 @@ pub mod perf {
             }
         };
         let w = |rdi, rcx, rbx| Start { rip: code::WRITE, rdi, rcx, rbx, r10: 0 };
-        match test {
-            Test::MoveActive(_) | Test::MoveInactive(_) => pass(
+        let p = test.pages;
+        match test.kind {
+            PerfTest::MoveActive | PerfTest::MoveInactive => pass(
                 v,
                 Start { rip: code::MOVE, rdi: move_base, rbx: MEM_TEST_VAL_1, ..Start::default() },
             ),
-            Test::Map(p) => {
+            PerfTest::Map => {
                 let half = (p - 1) / 2;
                 loop {
                     pass(v, w(MEM_TEST_GPA, half, MEM_TEST_VAL_1))?;
@@ -773,7 +705,7 @@ pub mod perf {
                     }
                 }
             }
-            Test::Unmap(p) | Test::UnmapChunked(p) => {
+            PerfTest::Unmap | PerfTest::UnmapChunked => {
                 let half = (p - 1) / 2;
                 loop {
                     pass(v, w(MEM_TEST_GPA, 1, MEM_TEST_VAL_1))?;
@@ -786,7 +718,7 @@ pub mod perf {
                     }
                 }
             }
-            Test::Rw(p) => loop {
+            PerfTest::Rw => loop {
                 pass(v, w(MEM_TEST_GPA, p - 1, MEM_TEST_VAL_1))?;
                 if !sync.guest_perform_sync() {
                     return Ok(());

@@ -139,6 +139,91 @@ pub struct Outcome {
     pub mmio_exits: u64,
 }
 
+/// What the host loop needs of a backend: the test memory as the host sees it, the last test
+/// slot, and the sync page. Offsets are bytes from [`MEM_GPA`].
+pub trait PerfHost {
+    /// `MADV_DONTNEED` of `count` test pages from test page `first` (pages from
+    /// [`MEM_TEST_GPA`]), one call per slot piece as the C test makes.
+    fn unmap(&self, first: u64, count: u64) -> crate::Result<()>;
+    /// The host's 8-byte load at `off`.
+    fn load(&self, off: u64) -> crate::Result<u64>;
+    /// The host's 8-byte store of `v` at `off`.
+    fn store(&self, off: u64, v: u64) -> crate::Result<()>;
+    /// `host_perform_sync`: lets the guest's next pass start and waits for it to end.
+    fn perform_sync(&self) -> crate::Result<()>;
+    /// Sets the last test slot (its own memory) at `gpa`; `None`: at its own place again.
+    fn place_last_slot(&self, gpa: Option<u64>) -> crate::Result<()>;
+}
+
+/// The `-d` check: the host reads `want` at test page `page`, then zeroes it.
+fn check(h: &impl PerfHost, page: u64, want: u64) -> crate::Result<()> {
+    let off = MEM_TEST_GPA + page * PAGE - MEM_GPA;
+    let v = h.load(off)?;
+    if v != want {
+        return Err(crate::SelftestError::Failed(format!(
+            "guest written values should read back correctly before unmap ({v:#x} vs {want:#x} \
+             @ gpa {:#x})",
+            MEM_TEST_GPA + page * PAGE
+        )));
+    }
+    h.store(off, 0)
+}
+
+/// One iteration of the C test's host loop for `test` over `pages` of memory
+/// ([`Sizes::pages`], the sync page included).
+pub fn host_loop(test: PerfTest, pages: u64, h: &impl PerfHost) -> crate::Result<()> {
+    match test {
+        PerfTest::Map => {
+            let half = (pages - 1) / 2;
+            h.unmap(half, half)?;
+            h.perform_sync()?;
+            check(h, 0, MEM_TEST_VAL_1)?;
+            check(h, half - 1, MEM_TEST_VAL_1)?;
+            h.unmap(0, half)?;
+            h.perform_sync()?;
+            check(h, half, MEM_TEST_VAL_2)?;
+            check(h, 2 * half - 1, MEM_TEST_VAL_2)
+        }
+        PerfTest::Unmap | PerfTest::UnmapChunked => {
+            let chunk = if test == PerfTest::Unmap { 1 } else { MEM_TEST_UNMAP_CHUNK_PAGES };
+            let half = (pages - 1) / 2;
+            h.perform_sync()?;
+            check(h, 0, MEM_TEST_VAL_1)?;
+            for c in (0..half).step_by(chunk as usize) {
+                h.unmap(c, chunk)?;
+            }
+            h.perform_sync()?;
+            check(h, half, MEM_TEST_VAL_2)?;
+            for c in (half..2 * half).step_by(chunk as usize) {
+                h.unmap(c, chunk)?;
+            }
+            Ok(())
+        }
+        PerfTest::MoveActive | PerfTest::MoveInactive => {
+            h.place_last_slot(Some(MEM_GPA + pages * PAGE))?;
+            h.place_last_slot(None)
+        }
+        PerfTest::Rw => {
+            for page in 1..pages {
+                h.store(page * PAGE + PAGE / 2, MEM_TEST_VAL_2)?;
+            }
+            h.perform_sync()?;
+            for page in 1..pages {
+                let off = page * PAGE;
+                let v = h.load(off)?;
+                if v != MEM_TEST_VAL_1 {
+                    return Err(crate::SelftestError::Failed(format!(
+                        "guest written values should read back correctly (is {v:#x} @ gpa {:#x})",
+                        MEM_GPA + off
+                    )));
+                }
+                h.store(off, 0)?;
+            }
+            h.perform_sync()
+        }
+    }
+}
+
 /// The C test's best of `runs` runs (at least one) of `once`: the run with the shortest time
 /// per iteration (a run with a full iteration beats one without; the first run stands until a
 /// better one comes), with the shortest slot setup of all runs. The first error ends it.

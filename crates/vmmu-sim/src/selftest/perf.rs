@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmmu::memslot::KVM_USER_MEM_SLOTS;
 use vmmu::types::Hva;
+use vmmu_selftest::perf::{host_loop, PerfHost};
 
 pub use vmmu_selftest::perf::{
     Outcome, Params, PerfTest, Sizes, DEFAULT_SECONDS, MEM_GPA, MEM_SIZE, MEM_SIZE_MAP,
@@ -140,20 +141,6 @@ impl Vm {
         }
         Ok(())
     }
-
-    /// The `-d` check: the host reads `want` at test page `page` (then zeroes it).
-    fn check(&self, page: u64, want: u64) -> Result<()> {
-        let off = MEM_TEST_GPA + page * PAGE - MEM_GPA;
-        let v = self.mem.read(off, Width::W8).map_err(setup)?;
-        if v != want {
-            return Err(SelftestError::Failed(format!(
-                "guest written values should read back correctly before unmap ({v:#x} vs \
-                 {want:#x} @ gpa {:#x})",
-                MEM_TEST_GPA + page * PAGE
-            )));
-        }
-        self.mem.write(off, Width::W8, 0).map_err(setup)
-    }
 }
 
 fn prepare(cap: Option<u32>, mempages: u64, m: &MmuChoice) -> Result<(Vm, Duration)> {
@@ -242,7 +229,7 @@ fn run_once(test: PerfTest, p: &Params, m: &MmuChoice) -> Result<Outcome> {
                 if guest_runtime.as_secs_f64() >= p.seconds {
                     return Ok(());
                 }
-                host_loop(test, &vm, &sync, sizes)?;
+                host_loop(test, sizes.pages(test), &Host { vm: &vm, sync: &sync })?;
                 nloops += 1;
             }
         })();
@@ -264,61 +251,33 @@ fn run_once(test: PerfTest, p: &Params, m: &MmuChoice) -> Result<Outcome> {
     })
 }
 
-/// One iteration of the host's loop.
-fn host_loop(test: PerfTest, vm: &Vm, sync: &SyncArea, sizes: Sizes) -> Result<()> {
-    match test {
-        PerfTest::Map => {
-            let half = (sizes.map / PAGE - 1) / 2;
-            vm.unmap(half, half)?;
-            sync.host_perform_sync()?;
-            vm.check(0, MEM_TEST_VAL_1)?;
-            vm.check(half - 1, MEM_TEST_VAL_1)?;
-            vm.unmap(0, half)?;
-            sync.host_perform_sync()?;
-            vm.check(half, MEM_TEST_VAL_2)?;
-            vm.check(2 * half - 1, MEM_TEST_VAL_2)
-        }
-        PerfTest::Unmap | PerfTest::UnmapChunked => {
-            let chunk = if test == PerfTest::Unmap { 1 } else { MEM_TEST_UNMAP_CHUNK_PAGES };
-            let half = sizes.unmap_test / PAGE / 2;
-            sync.host_perform_sync()?;
-            vm.check(0, MEM_TEST_VAL_1)?;
-            for c in (0..half).step_by(chunk as usize) {
-                vm.unmap(c, chunk)?;
-            }
-            sync.host_perform_sync()?;
-            vm.check(half, MEM_TEST_VAL_2)?;
-            for c in (half..2 * half).step_by(chunk as usize) {
-                vm.unmap(c, chunk)?;
-            }
-            Ok(())
-        }
-        PerfTest::MoveActive | PerfTest::MoveInactive => {
-            let last = vm.nslots;
-            let src = vm.slot_gpa(last);
-            vm.mmu.set_memory_region(&vm.slot_request(last, MEM_GPA + sizes.mem)).map_err(setup)?;
-            vm.mmu.set_memory_region(&vm.slot_request(last, src)).map_err(setup)
-        }
-        PerfTest::Rw => {
-            let test_pages = sizes.mem / PAGE - 1;
-            for page in 0..test_pages {
-                let off = PAGE + page * PAGE + PAGE / 2;
-                vm.mem.write(off, Width::W8, MEM_TEST_VAL_2).map_err(setup)?;
-            }
-            sync.host_perform_sync()?;
-            for page in 0..test_pages {
-                let off = PAGE + page * PAGE;
-                let v = vm.mem.read(off, Width::W8).map_err(setup)?;
-                if v != MEM_TEST_VAL_1 {
-                    return Err(SelftestError::Failed(format!(
-                        "guest written values should read back correctly (is {v:#x} @ gpa {:#x})",
-                        MEM_GPA + off
-                    )));
-                }
-                vm.mem.write(off, Width::W8, 0).map_err(setup)?;
-            }
-            sync.host_perform_sync()
-        }
+/// The test VM as the shared host loop sees it (`vmmu_selftest::perf::host_loop`).
+struct Host<'a> {
+    vm: &'a Vm,
+    sync: &'a SyncArea,
+}
+
+impl PerfHost for Host<'_> {
+    fn unmap(&self, first: u64, count: u64) -> Result<()> {
+        self.vm.unmap(first, count)
+    }
+
+    fn load(&self, off: u64) -> Result<u64> {
+        self.vm.mem.read(off, Width::W8).map_err(setup)
+    }
+
+    fn store(&self, off: u64, v: u64) -> Result<()> {
+        self.vm.mem.write(off, Width::W8, v).map_err(setup)
+    }
+
+    fn perform_sync(&self) -> Result<()> {
+        self.sync.host_perform_sync()
+    }
+
+    fn place_last_slot(&self, gpa: Option<u64>) -> Result<()> {
+        let last = self.vm.nslots;
+        let gpa = gpa.unwrap_or_else(|| self.vm.slot_gpa(last));
+        self.vm.mmu.set_memory_region(&self.vm.slot_request(last, gpa)).map_err(setup)
     }
 }
 
