@@ -121,6 +121,13 @@ fn warnings(args: &ReplayArgs, trace: &Trace) -> Vec<String> {
             highest.unwrap_or(0)
         ));
     }
+    if trace.summary.is_none() {
+        w.push(
+            "no summary line (optional in v1): the event counts cannot be checked against one, \
+             and a capture that lost events or ran several vCPU threads cannot be told apart"
+                .to_string(),
+        );
+    }
     if let Some(s) = &trace.summary {
         if s.lost_events > 0 {
             w.push(format!(
@@ -150,6 +157,7 @@ fn replay_trace(args: &ReplayArgs, file: &str, trace: &Trace) -> TraceReport {
         file: file.to_string(),
         source: trace.source.clone(),
         events,
+        has_summary: trace.summary.is_some(),
         kernel_mmio_dropped: s.kernel_mmio_dropped,
         lost_events: s.lost_events,
         vcpu_threads: s.vcpu_threads,

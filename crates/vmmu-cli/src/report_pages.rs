@@ -135,8 +135,8 @@ pub fn replay_page(flags: &[(&str, String)], traces: &[TraceReport]) -> String {
             ("file", t.file.clone()),
             ("source", t.source.clone()),
             ("events", events.join(", ")),
-            ("vCPU threads recorded", t.vcpu_threads.to_string()),
-            ("lost events", t.lost_events.to_string()),
+            ("vCPU threads recorded", t.summary_count(t.vcpu_threads)),
+            ("lost events", t.summary_count(t.lost_events)),
         ]);
         for w in &t.warnings {
             p.note(&format!("warning: {w}"));

@@ -988,3 +988,48 @@ fn a_trace_naming_the_replay_guests_slot_id_still_runs_on_kvm() {
     let Some(k) = kvm_half_that_ran(&doc["traces"][0]) else { return };
     assert_eq!((u(&k["slots_applied"]), u(&k["mmio_exits"])), (1, 1), "{k:#}");
 }
+
+/// A trace cut before its summary line (optional in v1) still replays, and the report says the
+/// summary's counts are unknown rather than printing them as 0 (a cut of a two-vCPU recording
+/// would otherwise claim "vCPU threads 0").
+#[test]
+fn a_trace_without_its_summary_says_its_counts_are_unknown() {
+    let full = std::fs::read_to_string(repo("tests/traces/q35mig-smp2-kvm.small.trace.jsonl"))
+        .expect("the recording");
+    let cut: String = full.lines().filter(|l| !l.contains(r#""op":"summary""#)).fold(
+        String::new(),
+        |mut s, l| {
+            s.push_str(l);
+            s.push('\n');
+            s
+        },
+    );
+    assert!(cut.len() < full.len(), "the recording has a summary to cut");
+    let p = temp_file("no-summary.trace.jsonl", &cut);
+    let (code, t) = replay_json(&p.to_string_lossy(), &[]);
+    assert_eq!(code, Some(0), "{t:#}");
+    assert_eq!(t["has_summary"], false);
+    assert!(t["warnings"].to_string().contains("no summary line"), "{t:#}");
+    let out = vmmu(&["replay", "--no-kvm", "--format", "ept", &p.to_string_lossy()]);
+    let shown = text(&out.stdout);
+    assert!(shown.contains("(no summary line)"), "{shown}");
+    assert!(!shown.contains("vCPU threads 0"), "{shown}");
+}
+
+/// A DIMM hot-plugged at `0xfee2bfe00000` (QEMU `host-phys-bits=on` on a 48-bit host, recorded
+/// with the kit, `tests/traces/RECORDED-BY-HAND.md`): the replay picks MAXPHYADDR 48, says so,
+/// and every MMU accepts the slot as the recording KVM did; pinned below that, the TDP MMUs
+/// refuse it (the option's doing, as the warning says) while the shadow MMU still takes it.
+#[test]
+fn a_dimm_near_the_top_of_a_48_bit_space_replays_with_48_bits() {
+    let file = repo("tests/traces/highdimm-kvm.small.trace.jsonl");
+    let t = assert_clean(&file);
+    let warnings = t["warnings"].to_string();
+    assert!(warnings.contains("MAXPHYADDR 48"), "{warnings}");
+    let (code, t) = replay_json(&file, &["--phys-bits", "46", "--format", "ept"]);
+    assert_eq!(code, Some(1), "{t:#}");
+    assert!(t["warnings"].to_string().contains("--phys-bits 46 is below the 48 bits"), "{t:#}");
+    assert!(u(&t["runs"][0]["slots"]["refused"]) > 0, "{t:#}");
+    let (code, t) = replay_json(&file, &["--phys-bits", "46", "--format", "shadow"]);
+    assert_eq!(code, Some(0), "{t:#}");
+}

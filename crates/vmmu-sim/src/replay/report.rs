@@ -399,6 +399,9 @@ pub struct TraceReport {
     pub source: String,
     /// Events by kind.
     pub events: std::collections::BTreeMap<String, u64>,
+    /// The trace ends with a summary line (optional in v1); without one the three counts below
+    /// are 0, unknown rather than recorded.
+    pub has_summary: bool,
     /// From the summary: kernel MMIO events left out of a reduced trace.
     pub kernel_mmio_dropped: u64,
     /// From the summary: events the capture lost.
@@ -425,6 +428,15 @@ fn us(ns: u64) -> String {
 }
 
 impl TraceReport {
+    /// A count from the summary line, or `unknown (no summary line)`.
+    pub fn summary_count(&self, n: u64) -> String {
+        if self.has_summary {
+            n.to_string()
+        } else {
+            "unknown (no summary line)".to_string()
+        }
+    }
+
     /// Sets [`Self::verdict`] and [`Self::passed`] from the runs, the run errors and the KVM
     /// half, for a capture that lost [`Self::lost_events`] events.
     pub fn judge(&mut self) {
@@ -450,14 +462,18 @@ impl TraceReport {
             .collect();
         let _ = writeln!(s, "  source: {source}");
         let ev: Vec<String> = self.events.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        let _ = writeln!(
-            s,
-            "  events: {} (kernel MMIO dropped {}, lost {}, vCPU threads {})",
-            ev.join(", "),
-            self.kernel_mmio_dropped,
-            self.lost_events,
-            self.vcpu_threads
-        );
+        if self.has_summary {
+            let _ = writeln!(
+                s,
+                "  events: {} (kernel MMIO dropped {}, lost {}, vCPU threads {})",
+                ev.join(", "),
+                self.kernel_mmio_dropped,
+                self.lost_events,
+                self.vcpu_threads
+            );
+        } else {
+            let _ = writeln!(s, "  events: {} (no summary line)", ev.join(", "));
+        }
         for w in &self.warnings {
             let _ = writeln!(s, "  warning: {w}");
         }
