@@ -121,13 +121,6 @@ fn warnings(args: &ReplayArgs, trace: &Trace) -> Vec<String> {
             highest.unwrap_or(0)
         ));
     }
-    if trace.summary.is_none() {
-        w.push(
-            "no summary line (optional in v1): the event counts cannot be checked against one, \
-             and a capture that lost events or ran several vCPU threads cannot be told apart"
-                .to_string(),
-        );
-    }
     if let Some(s) = &trace.summary {
         if s.lost_events > 0 {
             w.push(format!(
