@@ -395,8 +395,9 @@ impl fmt::Display for VerdictLine<'_> {
                 write!(
                     f,
                     "); dirty-log pages differ from step {step} under TDP only ({}): a TDP MMU \
-                     maps a gfn once where a shadow MMU maps per guest mapping and root, and a \
-                     read fault that maps a logged page writable dirties it",
+                     maps a gfn once where a shadow MMU maps per guest mapping and root and \
+                     recycles pages over its limit (a read faults again), and a read fault that \
+                     maps a logged page writable dirties it",
                     tdp.join(", ")
                 )
             }
