@@ -549,8 +549,10 @@ impl<M: GuestMmu> GuestPteMemory for TwoDimensional<'_, '_, '_, M> {
             Outcome::Mmio | Outcome::Error(_) => return Err(GpteWriteError::Unreadable),
         };
         let hva = Hva(entry.page.as_ptr() as u64 + gpa.page_offset());
+        // A host word the host cannot update is not a read-only table: KVM's
+        // `__try_cmpxchg_user` fails with -EFAULT there and the walk faults.
         vmmu::host::GuestMemory::cmpxchg_u64(hw.host(), hva, old, new)
-            .map_err(|_| GpteWriteError::NotWritable)
+            .map_err(|_| GpteWriteError::Unreadable)
     }
 }
 

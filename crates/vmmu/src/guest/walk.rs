@@ -75,8 +75,9 @@ pub struct GuestWalk {
     pub gfn: Gfn,
     /// The full translated address, page offset included.
     pub gpa: Gpa,
-    /// The guest leaf level: [`Level::L4K`] or [`Level::L2M`]. Without paging: [`Level::L2M`],
-    /// the largest page KVM's non-paging (direct) MMU maps for such a guest.
+    /// The guest leaf level: [`Level::L4K`], [`Level::L2M`], or [`Level::L1G`] for a 4-level
+    /// guest with 1 GiB pages. Without paging: [`Level::L2M`], the largest page KVM's non-paging
+    /// (direct) MMU maps for such a guest.
     pub level: Level,
     /// The effective `ACC_*` rights of the leaf: W and U ANDed along the walk, X unless some
     /// level has NX; W removed for a non-write access when the leaf is not dirty.
