@@ -996,14 +996,8 @@ fn a_trace_naming_the_replay_guests_slot_id_still_runs_on_kvm() {
 fn a_trace_without_its_summary_says_its_counts_are_unknown() {
     let full = std::fs::read_to_string(repo("tests/traces/q35mig-smp2-kvm.small.trace.jsonl"))
         .expect("the recording");
-    let cut: String = full.lines().filter(|l| !l.contains(r#""op":"summary""#)).fold(
-        String::new(),
-        |mut s, l| {
-            s.push_str(l);
-            s.push('\n');
-            s
-        },
-    );
+    let cut: String =
+        full.lines().filter(|l| !l.contains(r#""op":"summary""#)).flat_map(|l| [l, "\n"]).collect();
     assert!(cut.len() < full.len(), "the recording has a summary to cut");
     let p = temp_file("no-summary.trace.jsonl", &cut);
     let (code, t) = replay_json(&p.to_string_lossy(), &[]);

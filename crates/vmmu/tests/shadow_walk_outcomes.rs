@@ -8,53 +8,12 @@ mod common;
 
 use common::shadow::*;
 use vmmu::bugs::BugSet;
-use vmmu::fault::{FaultOutcome, PfErr};
 use vmmu::guest::{GuestCpu, PagingMode};
-use vmmu::tdp::HwWalk;
 use vmmu::testing::TestHost;
-use vmmu::vcpu::Vcpu;
-use vmmu::{Access, Gva};
 
 const A: u64 = 1 << 5;
 const D: u64 = 1 << 6;
 const NX: u64 = 1 << 63;
-
-/// One access (read, write or fetch) at CPL 3 or 0, as `common::shadow::access_at`.
-fn acc(v: &mut Vcpu<TestHost>, gva: u64, write: bool, exec: bool, user: bool) -> Seen {
-    let mut need = Access::NONE;
-    if write {
-        need = need.union(Access::WRITE);
-    }
-    if exec {
-        need = need.union(Access::EXEC);
-    }
-    if user {
-        need = need.union(Access::USER);
-    }
-    for _ in 0..50 {
-        v.service_requests().unwrap();
-        if v.enter_guest_mode().is_err() {
-            continue;
-        }
-        let walk = v.walk_gva(Gva(gva), need);
-        v.exit_guest_mode();
-        let base = if user { PfErr::USER } else { 0 }
-            | if write { PfErr::WRITE } else { 0 }
-            | if exec { PfErr::FETCH } else { 0 };
-        let err = match walk {
-            HwWalk::Translated { pfn, .. } => return Seen::Ram(pfn),
-            HwWalk::Violation { present, .. } => base | if present { PfErr::PRESENT } else { 0 },
-            HwWalk::Misconfig { .. } => base | PfErr::RSVD | PfErr::PRESENT,
-            HwWalk::Broken { dump } => panic!("broken walk {dump:?}"),
-        };
-        match v.handle_page_fault(Gva(gva), PfErr(err)).unwrap() {
-            FaultOutcome::Fixed | FaultOutcome::Spurious | FaultOutcome::Retry(_) => {}
-            FaultOutcome::Emulate { gpa, source, .. } => return Seen::Mmio(gpa, source),
-            FaultOutcome::GuestPageFault { error_code, .. } => return Seen::GuestPf(error_code.0),
-        }
-    }
-    panic!("access to {gva:#x} did not complete");
-}
 
 /// NX in the PDPTE: a read maps the page, a fetch is a #PF P|U|FETCH (the leaf SPTE is NX).
 #[test]
@@ -65,11 +24,11 @@ fn shadow_nx_in_an_upper_level_reaches_the_leaf() {
     let pdpte = s.entry_gpa(0x4000_0000, 3);
     host.write_u64(RAM_HVA + pdpte, s.read(pdpte) | NX);
     let mut v = vcpu_in(&vm, long4(s.cr3));
-    assert_eq!(acc(&mut v, 0x4000_0000, false, false, true), Seen::Ram(ram_pfn(0x20_0000)));
-    assert_eq!(acc(&mut v, 0x4000_0000, false, true, true), Seen::GuestPf(0x15));
+    assert_eq!(access_with(&mut v, 0x4000_0000, false, false, true), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(access_with(&mut v, 0x4000_0000, false, true, true), Seen::GuestPf(0x15));
     // Without EFER.NX the same PDPTE is a reserved-bit fault, and a fetch reports no FETCH.
     let mut v = vcpu_in(&vm, GuestCpu { efer_nx: false, ..long4(s.cr3) });
-    assert_eq!(acc(&mut v, 0x4000_0000, false, true, true), Seen::GuestPf(0xd));
+    assert_eq!(access_with(&mut v, 0x4000_0000, false, true, true), Seen::GuestPf(0xd));
 }
 
 /// A 2 MiB guest page: a read leaves D clear and maps read-only; a write sets D on the PDE
@@ -81,11 +40,14 @@ fn shadow_2m_guest_page_a_d_and_rights() {
     let pde = s.map2m(0x4000_0000, 0x20_0000, P | RW | US);
     let mut v = vcpu_in(&vm, long4(s.cr3));
     let page = 0x4000_0000 + 0x5000;
-    assert_eq!(acc(&mut v, page, false, false, true), Seen::Ram(ram_pfn(0x20_5000)));
+    assert_eq!(access_with(&mut v, page, false, false, true), Seen::Ram(ram_pfn(0x20_5000)));
     assert_eq!(s.read(pde) & (A | D), A);
-    assert_eq!(acc(&mut v, page, true, false, true), Seen::Ram(ram_pfn(0x20_5000)));
+    assert_eq!(access_with(&mut v, page, true, false, true), Seen::Ram(ram_pfn(0x20_5000)));
     assert_eq!(s.read(pde) & (A | D), A | D);
-    assert_eq!(acc(&mut v, page + 0x1000, false, true, true), Seen::Ram(ram_pfn(0x20_6000)));
+    assert_eq!(
+        access_with(&mut v, page + 0x1000, false, true, true),
+        Seen::Ram(ram_pfn(0x20_6000))
+    );
 }
 
 /// PAE through the shadow MMU: rights AND over PDE and PTE; D on the leaf only; PDPTE
@@ -113,14 +75,14 @@ fn shadow_pae_walk() {
     };
     v.set_guest_cpu(cpu).unwrap();
     v.load_cr3(pdpt).unwrap();
-    assert_eq!(acc(&mut v, 0x4000_3000, true, false, true), Seen::GuestPf(0x7));
+    assert_eq!(access_with(&mut v, 0x4000_3000, true, false, true), Seen::GuestPf(0x7));
     assert_eq!(s_read(&host, pt + 24) & (A | D), 0, "a faulting walk writes nothing");
-    assert_eq!(acc(&mut v, 0x4000_3000, false, false, true), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(access_with(&mut v, 0x4000_3000, false, false, true), Seen::Ram(ram_pfn(0x20_0000)));
     assert_eq!(s_read(&host, pt + 24) & (A | D), A);
     assert_eq!(s_read(&host, pd) & (A | D), A);
     assert_eq!(s_read(&host, pdpt + 8), pd | P);
     // Supervisor write with CR0.WP=1: denied by the PDE.
-    assert_eq!(acc(&mut v, 0x4000_3000, true, false, false), Seen::GuestPf(0x3));
+    assert_eq!(access_with(&mut v, 0x4000_3000, true, false, false), Seen::GuestPf(0x3));
 }
 
 fn s_read(host: &TestHost, gpa: u64) -> u64 {
@@ -139,10 +101,10 @@ fn shadow_recursive_pml4_slot() {
     host.write_u64(RAM_HVA + slot, s.cr3 | P | RW | US);
     let gva = (255u64 << 39) | (255 << 30) | (255 << 21) | (255 << 12) | 0x10;
     let mut v = vcpu_in(&vm, long4(s.cr3));
-    assert_eq!(acc(&mut v, 0x4000_0000, false, false, true), Seen::Ram(ram_pfn(0x20_0000)));
-    assert_eq!(acc(&mut v, gva, false, false, true), Seen::Ram(ram_pfn(s.cr3)));
+    assert_eq!(access_with(&mut v, 0x4000_0000, false, false, true), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(access_with(&mut v, gva, false, false, true), Seen::Ram(ram_pfn(s.cr3)));
     assert_eq!(s_read(&host, slot) & (A | D), A);
-    match acc(&mut v, gva, true, false, true) {
+    match access_with(&mut v, gva, true, false, true) {
         Seen::Mmio(gpa, _) => assert_eq!(gpa.0, s.cr3 + 0x10),
         o => panic!("{o:?}"),
     }
@@ -159,11 +121,11 @@ fn shadow_1g_guest_page() {
     let pdpte = s.entry_gpa(0x8000_0000, 3);
     host.write_u64(RAM_HVA + pdpte, P | RW | US | PS); // 1 GiB page at gpa 0
     let mut v = vcpu_in(&vm, GuestCpu { gbpages: true, ..long4(s.cr3) });
-    assert_eq!(acc(&mut v, 0x8030_0000, false, false, true), Seen::Ram(ram_pfn(0x30_0000)));
+    assert_eq!(access_with(&mut v, 0x8030_0000, false, false, true), Seen::Ram(ram_pfn(0x30_0000)));
     assert_eq!(s_read(&host, pdpte) & (A | D), A);
-    assert_eq!(acc(&mut v, 0x8030_0000, true, false, true), Seen::Ram(ram_pfn(0x30_0000)));
+    assert_eq!(access_with(&mut v, 0x8030_0000, true, false, true), Seen::Ram(ram_pfn(0x30_0000)));
     assert_eq!(s_read(&host, pdpte) & (A | D), A | D);
     host.write_u64(RAM_HVA + pdpte, P | RW | US | PS | (1 << 13));
     let mut v = vcpu_in(&vm, GuestCpu { gbpages: true, ..long4(s.cr3) });
-    assert_eq!(acc(&mut v, 0x8030_1000, false, false, true), Seen::GuestPf(0xd));
+    assert_eq!(access_with(&mut v, 0x8030_1000, false, false, true), Seen::GuestPf(0xd));
 }

@@ -123,8 +123,15 @@ pub fn access(v: &mut Vcpu<TestHost>, gva: u64, write: bool) -> Seen {
 /// [`access`] at CPL 3 (`user`) or CPL 0.
 #[allow(dead_code)] // not every test file that includes `common` uses both privilege levels
 pub fn access_at(v: &mut Vcpu<TestHost>, gva: u64, write: bool, user: bool) -> Seen {
+    access_with(v, gva, write, false, user)
+}
+
+/// [`access_at`] that may also be an instruction fetch (`exec`: FETCH in the error code).
+#[allow(dead_code)] // not every test file that includes `common` fetches
+pub fn access_with(v: &mut Vcpu<TestHost>, gva: u64, write: bool, exec: bool, user: bool) -> Seen {
     let w = if write { Access::WRITE } else { Access::NONE };
-    let need = if user { w.union(Access::USER) } else { w };
+    let x = if exec { w.union(Access::EXEC) } else { w };
+    let need = if user { x.union(Access::USER) } else { x };
     for _ in 0..50 {
         v.service_requests().unwrap();
         if v.enter_guest_mode().is_err() {
@@ -132,7 +139,9 @@ pub fn access_at(v: &mut Vcpu<TestHost>, gva: u64, write: bool, user: bool) -> S
         }
         let walk = v.walk_gva(Gva(gva), need);
         v.exit_guest_mode();
-        let user_write = if user { PfErr::USER } else { 0 } | if write { PfErr::WRITE } else { 0 };
+        let user_write = if user { PfErr::USER } else { 0 }
+            | if write { PfErr::WRITE } else { 0 }
+            | if exec { PfErr::FETCH } else { 0 };
         let err = match walk {
             HwWalk::Translated { pfn, .. } => return Seen::Ram(pfn),
             HwWalk::Violation { present, .. } => {
