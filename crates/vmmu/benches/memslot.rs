@@ -1,11 +1,12 @@
 //! Memslot update and lookup cost at 10, 1000 and 32764 slots (one address space, one reader).
 //!
-//! - `lookup/find`: gfn -> slot in a read section (B-tree descent), hits spread over the set;
+//! - `lookup/find`: gfn -> slot in a read section (the gfn index's two searches), hits spread
+//!   over the set;
 //! - `lookup/find_cached`: the same through the per-vCPU last-used-slot cache, repeated gfns;
 //! - `update/flags_only`: one swap (toggle LOG_DIRTY_PAGES on one slot: bitmap + grace period);
 //! - `update/move`: two swaps plus the flush hook (move one slot and back is two of these).
 //!
-//! Updates change one B-tree entry per set; their cost must stay flat as the set grows (no
+//! Updates change one index entry per set; their cost must stay flat as the set grows (no
 //! copy of the set). `cargo bench -p vmmu --bench memslot`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};

@@ -12,8 +12,8 @@
 //! # Double buffering (KVM `kvm->__memslots[as][2]`)
 //! Each address space has two sets; `active` names the published one. An update changes only the
 //! inactive set, publishes it, waits for a grace period, and then applies the same change to the
-//! set it replaced, so both hold the same slots again. Each change is one `O(log n)` B-tree
-//! edit per set; nothing copies a whole set.
+//! set it replaced, so both hold the same slots again. Each change is one edit of each set's
+//! indexes (`O(log n)`, plus a bounded block move in the gfn index); nothing copies a whole set.
 //!
 //! Safety invariant (what `MemslotSet::replace` relies on): when a swap begins, the inactive
 //! set has not been published since the `synchronize` of the previous swap of its address space
@@ -44,6 +44,7 @@
 //! as KVM's `kvm_set_memslot` does.
 
 pub mod cache;
+mod gfn_index;
 mod hva_index;
 mod metadata;
 pub mod region;

@@ -10,25 +10,25 @@
 //! - the generation is an atomic because its final store (facts §2.2) races readers that already
 //!   hold the published set.
 //!
-//! Lookups allocate nothing and take no lock: `find` is one B-tree descent (`O(log n)`),
-//! `iter_range` one descent plus a walk, `for_each_in_hva_range` an interval-tree query
-//! (`O(log n + k)`). Both include `KVM_MEMSLOT_INVALID` slots; the caller
-//! decides (a fault on an invalid slot retries).
+//! Lookups allocate nothing and take no lock: `find` is two binary searches and a read in the
+//! gfn index (`gfn_index`: a B+tree of height two), `iter_range` the same plus a walk,
+//! `for_each_in_hva_range` an interval-tree query (`O(log n + k)`). Both include
+//! `KVM_MEMSLOT_INVALID` slots; the caller decides (a fault on an invalid slot retries).
 
 use super::cache::SlotCache;
+use super::gfn_index::GfnIndex;
 use super::hva_index::HvaIndex;
 use super::slot::Memslot;
 use crate::dirty::DirtyBitmap;
 use crate::sync::{Arc, AtomicU64, Ordering, UnsafeCell};
 use crate::types::{Generation, Gfn, Hva, SlotId};
 use alloc::collections::BTreeMap;
-use core::ops::Bound;
 
 /// The slot maps of a set.
 #[derive(Default, Debug)]
 struct SlotMaps {
     /// Slots by base gfn.
-    by_gfn: BTreeMap<u64, Memslot>,
+    by_gfn: GfnIndex,
     /// Base gfn by slot id.
     by_id: BTreeMap<u16, u64>,
     /// Dirty bitmaps of the slots that log, by slot id (KVM `memslot->dirty_bitmap`).
@@ -94,7 +94,7 @@ impl MemslotSet {
     /// The slot holding `gfn`, if any (KVM `search_memslots`); invalid slots included.
     #[inline]
     pub fn find(&self, gfn: Gfn) -> Option<&Memslot> {
-        self.maps().by_gfn.range(..=gfn.0).next_back().map(|(_, s)| s).filter(|s| s.contains(gfn))
+        self.maps().by_gfn.last_at_or_below(gfn.0).filter(|s| s.contains(gfn))
     }
 
     /// [`Self::find`] through a per-reader last-used-slot cache validated by the full generation
@@ -105,6 +105,12 @@ impl MemslotSet {
         if let Some(s) = cache.lookup(gen, gfn) {
             return Some(s);
         }
+        self.find_and_fill(gen, gfn, cache)
+    }
+
+    /// The miss path of [`Self::find_cached`], out of line so that the hit path inlines small.
+    #[inline(never)]
+    fn find_and_fill(&self, gen: Generation, gfn: Gfn, cache: &mut SlotCache) -> Option<Memslot> {
         let s = self.find(gfn).copied();
         cache.fill(gen, s);
         s
@@ -113,7 +119,7 @@ impl MemslotSet {
     /// The slot with id `id`, if any (KVM `id_to_memslot`).
     pub fn get(&self, id: SlotId) -> Option<&Memslot> {
         let m = self.maps();
-        m.by_id.get(&id.0).and_then(|base| m.by_gfn.get(base))
+        m.by_id.get(&id.0).and_then(|base| m.by_gfn.get(*base))
     }
 
     /// The dirty bitmap of slot `id` of this set, if it logs.
@@ -146,23 +152,15 @@ impl MemslotSet {
     pub fn iter_range(&self, start: Gfn, end: Gfn) -> impl Iterator<Item = &Memslot> + '_ {
         let m = self.maps();
         let nonempty = start.0 < end.0;
-        let first = m
-            .by_gfn
-            .range(..=start.0)
-            .next_back()
-            .map(|(_, s)| s)
-            .filter(move |s| nonempty && s.end_gfn().0 > start.0);
-        let rest = if nonempty {
-            m.by_gfn.range((Bound::Excluded(start.0), Bound::Excluded(end.0)))
-        } else {
-            m.by_gfn.range(0..0)
-        };
-        first.into_iter().chain(rest.map(|(_, s)| s))
+        let first =
+            m.by_gfn.last_at_or_below(start.0).filter(move |s| nonempty && s.end_gfn().0 > start.0);
+        let rest = m.by_gfn.between(start.0, if nonempty { end.0 } else { 0 });
+        first.into_iter().chain(rest)
     }
 
     /// All slots, by base gfn.
     pub fn iter(&self) -> impl Iterator<Item = &Memslot> + '_ {
-        self.maps().by_gfn.values()
+        self.maps().by_gfn.iter()
     }
 
     /// The number of slots.
@@ -172,7 +170,7 @@ impl MemslotSet {
 
     /// Whether the set has no slot.
     pub fn is_empty(&self) -> bool {
-        self.maps().by_gfn.is_empty()
+        self.maps().by_gfn.len() == 0
     }
 
     /// Calls `f` with every slot whose host range meets `[start, end)`, by host start (KVM
@@ -180,7 +178,7 @@ impl MemslotSet {
     pub fn for_each_in_hva_range(&self, start: Hva, end: Hva, mut f: impl FnMut(&Memslot)) {
         let m = self.maps();
         m.by_hva.overlapping(start.raw(), end.raw(), &mut |id| {
-            if let Some(s) = m.by_id.get(&id.0).and_then(|base| m.by_gfn.get(base)) {
+            if let Some(s) = m.by_id.get(&id.0).and_then(|base| m.by_gfn.get(*base)) {
                 f(s);
             }
         });
@@ -215,7 +213,7 @@ impl MemslotSet {
                 _ => false,
             };
             if let Some(o) = old {
-                let removed = m.by_gfn.remove(&o.base_gfn().0);
+                let removed = m.by_gfn.remove(o.base_gfn().0);
                 debug_assert_eq!(
                     removed.map(|s| s.id()),
                     Some(o.id()),
@@ -238,7 +236,7 @@ impl MemslotSet {
                     let (hva_start, hva_end) = hva_range(&n);
                     m.by_hva.insert(n.id(), hva_start, hva_end);
                 }
-                let prev = m.by_gfn.insert(n.base_gfn().0, n);
+                let prev = m.by_gfn.insert(n);
                 debug_assert!(prev.is_none(), "replace would overlap a slot");
             }
             debug_assert_eq!(m.by_hva.len(), m.by_gfn.len(), "every slot in the host-range index");
