@@ -216,7 +216,10 @@ impl SimMachine {
             },
             cr3: 0,
             cr0_wp: true,
-            efer_nx: true,
+            // The KVM backend's guest runs with EFER = LMA | LME (no NXE), so bit 63 of a guest
+            // entry is reserved there; the same CPU here, so that both backends judge any entry
+            // alike (format v2's `map` never sets bit 63).
+            efer_nx: false,
             maxphyaddr: GUEST_MAXPHYADDR,
             // Scenario tables map 4 KiB and 2 MiB pages only (format v2).
             gbpages: false,

@@ -168,7 +168,7 @@ fn load_cr3_tdp(
 ) -> Result<(), String> {
     if let PagingMode::Pae { .. } = cpu.mode {
         let pdptrs = vmmu::guest::load_pdptrs(&TwoDimensional { hw }, cr3, cpu.maxphyaddr)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("loading the PAE PDPTEs failed (#GP for the guest): {e}"))?;
         cpu.mode = PagingMode::Pae { pdptrs };
     }
     cpu.cr3 = cr3;
