@@ -30,7 +30,7 @@ use vmmu_scenario::{parse_observations, Backend, Format, VerdictLine};
 /// Arguments of `vmmu diff`.
 #[derive(Args, Debug)]
 pub struct DiffArgs {
-    /// Scenario files (format: shared/design/scenarios.md).
+    /// Scenario files (format: shared/design/scenarios.md); `-` reads one from standard input.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
     /// Directory of recorded outputs NAME.jsonl [default: ../expected next to each file's

@@ -106,7 +106,7 @@ pub struct SelftestArgs {
     #[arg(long, conflicts_with = "names")]
     list: bool,
     /// Small sizes and short runs (for CI): 1 loop, 64 slots, 0.2 s per perf run, 1/16 of the
-    /// perf memory, 16 MiB per stress vCPU; explicit flags still win.
+    /// perf memory, 16 MiB per stress or dirty-log vCPU; explicit flags still win.
     #[arg(long)]
     quick: bool,
     /// Do not run on /dev/kvm.
@@ -133,9 +133,9 @@ pub struct SelftestArgs {
     /// memslot_modification_stress_test and dirty_log_perf_test -v: vCPUs (default 1).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     vcpus: u16,
-    /// memslot_modification_stress_test and dirty_log_perf_test -b: MiB per vCPU (default 1024;
-    /// all vCPUs together at most 32767 MiB for the stress test, 61440 for dirty-log-perf, or
-    /// 524288 with --no-kvm).
+    /// memslot_modification_stress_test and dirty_log_perf_test -b: MiB per vCPU, 1..=16384
+    /// (default 1024; all vCPUs together at most 32767 MiB for the stress test, 61440 for
+    /// dirty-log-perf, or 524288 with --no-kvm).
     #[arg(long = "mib-per-vcpu", value_parser = clap::value_parser!(u64).range(1..=16384))]
     mib_per_vcpu: Option<u64>,
     /// memslot_modification_stress_test -i: add/delete iterations (default 10).
