@@ -212,13 +212,21 @@ impl MemslotSet {
                 (Some(o), Some(n)) => o.id() == n.id() && hva_range(o) == hva_range(n),
                 _ => false,
             };
+            // A flags change and a slot's invalidation keep its base gfn: the gfn index
+            // overwrites the entry in place rather than removing and inserting it.
+            let same_base = match (old, new.as_ref()) {
+                (Some(o), Some(n)) => o.base_gfn() == n.base_gfn(),
+                _ => false,
+            };
             if let Some(o) = old {
-                let removed = m.by_gfn.remove(o.base_gfn().0);
-                debug_assert_eq!(
-                    removed.map(|s| s.id()),
-                    Some(o.id()),
-                    "replace of a missing slot"
-                );
+                if !same_base {
+                    let removed = m.by_gfn.remove(o.base_gfn().0);
+                    debug_assert_eq!(
+                        removed.map(|s| s.id()),
+                        Some(o.id()),
+                        "replace of a missing slot"
+                    );
+                }
                 m.by_id.remove(&o.id().0);
                 m.dirty.remove(&o.id().0);
                 if !same_host_range {
@@ -237,7 +245,11 @@ impl MemslotSet {
                     m.by_hva.insert(n.id(), hva_start, hva_end);
                 }
                 let prev = m.by_gfn.insert(n);
-                debug_assert!(prev.is_none(), "replace would overlap a slot");
+                debug_assert_eq!(
+                    prev.map(|p| p.id()),
+                    old.filter(|_| same_base).map(|o| o.id()),
+                    "replace would overlap a slot, or its old slot was missing"
+                );
             }
             debug_assert_eq!(m.by_hva.len(), m.by_gfn.len(), "every slot in the host-range index");
         });
