@@ -4,7 +4,9 @@
 //!   over the set;
 //! - `lookup/find_cached`: the same through the per-vCPU last-used-slot cache, repeated gfns;
 //! - `update/flags_only`: one swap (toggle LOG_DIRTY_PAGES on one slot: bitmap + grace period);
-//! - `update/move`: two swaps plus the flush hook (move one slot and back is two of these).
+//! - `update/move`: two swaps plus the flush hook (move one slot and back is two of these);
+//! - `update/create_delete`: create a slot in a hole, then delete it (three swaps: the delete
+//!   invalidates first).
 //!
 //! Updates change one index entry per set; their cost must stay flat as the set grows (no
 //! copy of the set). `cargo bench -p vmmu --bench memslot`.
@@ -109,6 +111,19 @@ fn update(c: &mut Criterion) {
                 // The hole after the slot.
                 let gfn = 2 * mid as u64 + away as u64;
                 m.set_memory_region(&region(mid, gfn, 0), &NoHooks).expect("move")
+            })
+        });
+        // Slot `n - 1` (the last id at 32764 slots), deleted, then created again in the hole after
+        // the middle slot and deleted, so that the set holds `n` slots with it.
+        let mut r = region(n - 1, 2 * mid as u64 + 1, 0);
+        r.memory_size = 0;
+        m.set_memory_region(&r, &NoHooks).expect("delete the last slot");
+        g.bench_with_input(BenchmarkId::new("create_delete", n), &n, |b, _| {
+            b.iter(|| {
+                r.memory_size = 4096;
+                m.set_memory_region(&r, &NoHooks).expect("create");
+                r.memory_size = 0;
+                m.set_memory_region(&r, &NoHooks).expect("delete")
             })
         });
     }

@@ -3,7 +3,8 @@
 //!
 //! - [`region`]: the userspace request, KVM's limits, the request-only checks, [`MemslotError`];
 //! - [`slot`]: one [`Memslot`];
-//! - [`set`]: a [`MemslotSet`] (lookup by gfn, by id, by gfn range);
+//! - [`set`]: a [`MemslotSet`] (lookup by gfn, by id, by gfn range), over its indexes
+//!   `gfn_index`, `id_table` and `hva_index`;
 //! - [`cache`]: the per-vCPU [`SlotCache`];
 //! - `metadata`: dirty bitmaps, the allocation that can fail with `ENOMEM`;
 //! - this module: [`Memslots`], the VM-level object: both address spaces, the SRCU domain, the
@@ -46,6 +47,7 @@
 pub mod cache;
 mod gfn_index;
 mod hva_index;
+mod id_table;
 mod metadata;
 pub mod region;
 pub mod set;

@@ -3,7 +3,7 @@
 //!
 //! Invariants:
 //! - slots in a set never overlap in guest-physical space (their host ranges may: aliases);
-//!   `by_id`, `by_gfn` and `by_hva` hold the same slots;
+//!   `by_id`, `by_gfn` and `by_hva` hold the same slots (`by_id` and `by_gfn` equal copies);
 //! - the maps change only through `MemslotSet::replace`, whose contract is that no reader can
 //!   reach the set (it is unpublished and a grace period has passed since it last was, or it was
 //!   never published), and only the slots-lock holder calls it;
@@ -11,28 +11,27 @@
 //!   hold the published set.
 //!
 //! Lookups allocate nothing and take no lock: `find` is two binary searches and a read in the
-//! gfn index (`gfn_index`: a B+tree of height two), `iter_range` the same plus a walk,
-//! `for_each_in_hva_range` an interval-tree query (`O(log n + k)`). Both include
+//! gfn index (`gfn_index`: a B+tree of height two), `iter_range` the same plus a walk, `get`
+//! (by id) one read of the id table (`id_table`), `for_each_in_hva_range` an interval-tree query
+//! (`O(log n + k)`). Both include
 //! `KVM_MEMSLOT_INVALID` slots; the caller decides (a fault on an invalid slot retries).
 
 use super::cache::SlotCache;
 use super::gfn_index::GfnIndex;
 use super::hva_index::HvaIndex;
+use super::id_table::{IdEntry, IdTable};
 use super::slot::Memslot;
 use crate::dirty::DirtyBitmap;
 use crate::sync::{Arc, AtomicU64, Ordering, UnsafeCell};
 use crate::types::{Generation, Gfn, Hva, SlotId};
-use alloc::collections::BTreeMap;
 
 /// The slot maps of a set.
 #[derive(Default, Debug)]
 struct SlotMaps {
     /// Slots by base gfn.
     by_gfn: GfnIndex,
-    /// Base gfn by slot id.
-    by_id: BTreeMap<u16, u64>,
-    /// Dirty bitmaps of the slots that log, by slot id (KVM `memslot->dirty_bitmap`).
-    dirty: BTreeMap<u16, Arc<DirtyBitmap>>,
+    /// Slots and the dirty bitmaps of those that log, by slot id.
+    by_id: IdTable,
     /// Slot ids by host range (KVM `hva_tree`).
     by_hva: HvaIndex,
 }
@@ -118,13 +117,12 @@ impl MemslotSet {
 
     /// The slot with id `id`, if any (KVM `id_to_memslot`).
     pub fn get(&self, id: SlotId) -> Option<&Memslot> {
-        let m = self.maps();
-        m.by_id.get(&id.0).and_then(|base| m.by_gfn.get(*base))
+        self.maps().by_id.get(id.0).map(|e| &e.slot)
     }
 
     /// The dirty bitmap of slot `id` of this set, if it logs.
     pub fn dirty_bitmap(&self, id: SlotId) -> Option<&DirtyBitmap> {
-        self.maps().dirty.get(&id.0).map(|b| &**b)
+        self.maps().by_id.get(id.0)?.dirty.as_deref()
     }
 
     /// KVM `mark_page_dirty_in_slot`: marks `gfn` in `slot`'s bitmap if the slot logs. `slot`
@@ -150,12 +148,13 @@ impl MemslotSet {
 
     /// The slots meeting `[start, end)`, by base gfn (KVM `kvm_for_each_memslot_in_gfn_range`).
     pub fn iter_range(&self, start: Gfn, end: Gfn) -> impl Iterator<Item = &Memslot> + '_ {
-        let m = self.maps();
-        let nonempty = start.0 < end.0;
-        let first =
-            m.by_gfn.last_at_or_below(start.0).filter(move |s| nonempty && s.end_gfn().0 > start.0);
-        let rest = m.by_gfn.between(start.0, if nonempty { end.0 } else { 0 });
-        first.into_iter().chain(rest)
+        let (start, end) = (start.0, end.0);
+        // Only the first slot can begin at or below `start`; it counts if it reaches past it.
+        self.maps()
+            .by_gfn
+            .iter_from(start)
+            .skip_while(move |s| s.base_gfn().0 <= start && s.end_gfn().0 <= start)
+            .take_while(move |s| start < end && s.base_gfn().0 < end)
     }
 
     /// All slots, by base gfn.
@@ -178,8 +177,8 @@ impl MemslotSet {
     pub fn for_each_in_hva_range(&self, start: Hva, end: Hva, mut f: impl FnMut(&Memslot)) {
         let m = self.maps();
         m.by_hva.overlapping(start.raw(), end.raw(), &mut |id| {
-            if let Some(s) = m.by_id.get(&id.0).and_then(|base| m.by_gfn.get(*base)) {
-                f(s);
+            if let Some(e) = m.by_id.get(id.0) {
+                f(&e.slot);
             }
         });
     }
@@ -191,8 +190,8 @@ impl MemslotSet {
     }
 
     /// Removes `old` (if any), then inserts `new` (if any) with its dirty bitmap `bitmap` (KVM
-    /// `kvm_replace_memslot`). `O(log n)` plus a block shift of at most 64 entries; no copy of
-    /// the set.
+    /// `kvm_replace_memslot`). `O(log n)` plus a block shift of at most 64 entries (none for a
+    /// flags change, an invalidation or a move past no other slot); no copy of the set.
     ///
     /// # Safety
     /// No other thread may hold a reference into this set's maps: the set is not the published
@@ -213,23 +212,35 @@ impl MemslotSet {
                 (Some(o), Some(n)) => o.id() == n.id() && hva_range(o) == hva_range(n),
                 _ => false,
             };
-            // A flags change and a slot's invalidation keep its base gfn: the gfn index
-            // overwrites the entry in place rather than removing and inserting it.
-            let same_base = match (old, new.as_ref()) {
-                (Some(o), Some(n)) => o.base_gfn() == n.base_gfn(),
-                _ => false,
-            };
-            if let Some(o) = old {
-                if !same_base {
-                    let removed = m.by_gfn.remove(o.base_gfn().0);
+            match (old, new) {
+                (Some(o), Some(n)) => {
+                    // A flags change or an invalidation overwrites the entry in place, and so
+                    // does a move that passes no other slot.
+                    let prev = m.by_gfn.rebase(o.base_gfn().0, n);
                     debug_assert_eq!(
-                        removed.map(|s| s.id()),
+                        prev.map(|p| p.id()),
                         Some(o.id()),
                         "replace of a missing slot"
                     );
                 }
-                m.by_id.remove(&o.id().0);
-                m.dirty.remove(&o.id().0);
+                (Some(o), None) => {
+                    let prev = m.by_gfn.remove(o.base_gfn().0);
+                    debug_assert_eq!(
+                        prev.map(|p| p.id()),
+                        Some(o.id()),
+                        "replace of a missing slot"
+                    );
+                }
+                (None, Some(n)) => {
+                    let prev = m.by_gfn.insert(n);
+                    debug_assert!(prev.is_none(), "replace would overlap a slot");
+                }
+                (None, None) => {}
+            }
+            if let Some(o) = old {
+                if new.is_none_or(|n| n.id() != o.id()) {
+                    m.by_id.remove(o.id().0);
+                }
                 if !same_host_range {
                     let indexed = m.by_hva.remove(o.id(), hva_range(o).0);
                     debug_assert!(indexed, "slot {:?} was not in the host-range index", o.id());
@@ -237,20 +248,11 @@ impl MemslotSet {
             }
             if let Some(n) = new {
                 debug_assert_eq!(n.dirty_logging(), bitmap.is_some(), "a logged slot has a bitmap");
-                if let Some(b) = bitmap {
-                    m.dirty.insert(n.id().0, b.clone());
-                }
-                m.by_id.insert(n.id().0, n.base_gfn().0);
+                m.by_id.insert(IdEntry { slot: n, dirty: bitmap.cloned() });
                 if !same_host_range {
                     let (hva_start, hva_end) = hva_range(&n);
                     m.by_hva.insert(n.id(), hva_start, hva_end);
                 }
-                let prev = m.by_gfn.insert(n);
-                debug_assert_eq!(
-                    prev.map(|p| p.id()),
-                    old.filter(|_| same_base).map(|o| o.id()),
-                    "replace would overlap a slot, or its old slot was missing"
-                );
             }
             debug_assert_eq!(m.by_hva.len(), m.by_gfn.len(), "every slot in the host-range index");
         });
