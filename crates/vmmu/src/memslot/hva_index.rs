@@ -12,7 +12,8 @@
 //!
 //! Invariants, kept by every operation: keys are in binary-search-tree order; priorities are in
 //! heap order (a parent's at least its children's); `max_end` is the largest `end` of the node's
-//! subtree. Only the memslot set's `replace` (the slots-lock holder, on a set no reader can reach)
+//! subtree; the spare node (the last one removed, kept for the next insert) is in no tree. Only
+//! the memslot set's `replace` (the slots-lock holder, on a set no reader can reach)
 //! changes it.
 
 use crate::types::SlotId;
@@ -113,22 +114,22 @@ fn insert(t: &mut Link, mut node: Box<Node>) {
     *t = Some(node);
 }
 
-fn remove(t: &mut Link, k: (u64, u16)) -> bool {
-    let Some(n) = t.as_mut() else { return false };
-    let ord = k.cmp(&n.key());
-    let found = match ord {
+/// Removes the node with key `k`; returns it, unlinked, if it was there.
+fn remove(t: &mut Link, k: (u64, u16)) -> Link {
+    let n = t.as_mut()?;
+    let gone = match k.cmp(&n.key()) {
         Ordering::Less => remove(&mut n.left, k),
         Ordering::Greater => remove(&mut n.right, k),
-        Ordering::Equal => true,
-    };
-    if ord == Ordering::Equal {
-        if let Some(mut gone) = t.take() {
+        Ordering::Equal => {
+            let mut gone = t.take()?;
             *t = merge(gone.left.take(), gone.right.take());
+            return Some(gone);
         }
-    } else if found {
+    };
+    if gone.is_some() {
         n.update();
     }
-    found
+    gone
 }
 
 fn overlapping(t: &Link, start: u64, end: u64, f: &mut dyn FnMut(SlotId)) {
@@ -151,6 +152,9 @@ fn overlapping(t: &Link, start: u64, end: u64, f: &mut dyn FnMut(SlotId)) {
 pub(crate) struct HvaIndex {
     root: Link,
     len: usize,
+    /// The last node removed, reused by the next insert: a slot deleted and created again (a
+    /// VMM's remap) allocates nothing.
+    spare: Link,
 }
 
 impl HvaIndex {
@@ -159,7 +163,7 @@ impl HvaIndex {
     /// builds that the index holds as many slots as the set).
     pub(crate) fn insert(&mut self, id: SlotId, start: u64, end: u64) {
         debug_assert!(start < end, "a slot maps at least one page");
-        let node = Box::new(Node {
+        let fresh = Node {
             start,
             id: id.0,
             end,
@@ -167,16 +171,24 @@ impl HvaIndex {
             prio: priority(start, id.0),
             left: None,
             right: None,
-        });
+        };
+        let node = match self.spare.take() {
+            Some(mut n) => {
+                *n = fresh;
+                n
+            }
+            None => Box::new(fresh),
+        };
         insert(&mut self.root, node);
         self.len += 1;
     }
 
     /// Removes slot `id` that starts at host address `start`; whether it was there.
     pub(crate) fn remove(&mut self, id: SlotId, start: u64) -> bool {
-        let found = remove(&mut self.root, (start, id.0));
-        self.len -= usize::from(found);
-        found
+        let Some(gone) = remove(&mut self.root, (start, id.0)) else { return false };
+        self.len -= 1;
+        self.spare = Some(gone);
+        true
     }
 
     /// Calls `f` with every slot whose host range meets `[start, end)`, by host start.
