@@ -255,6 +255,10 @@ impl MemslotSet {
                 }
             }
             debug_assert_eq!(m.by_hva.len(), m.by_gfn.len(), "every slot in the host-range index");
+            debug_assert!(
+                new.is_none_or(|n| m.by_gfn.last_at_or_below(n.base_gfn().0) == Some(&n)),
+                "the id table and the gfn index hold equal copies"
+            );
         });
     }
 }
