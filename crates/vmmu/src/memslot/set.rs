@@ -10,11 +10,11 @@
 //! - the generation is an atomic because its final store (facts §2.2) races readers that already
 //!   hold the published set.
 //!
-//! Lookups allocate nothing and take no lock: `find` is two binary searches and a read in the
-//! gfn index (`gfn_index`: a B+tree of height two), `iter_range` the same plus a walk, `get`
-//! (by id) one read of the id table (`id_table`), `for_each_in_hva_range` an interval-tree query
-//! (`O(log n + k)`). Both include
-//! `KVM_MEMSLOT_INVALID` slots; the caller decides (a fault on an invalid slot retries).
+//! Lookups allocate nothing and take no lock: `find` is two searches and a read in the gfn index
+//! (`gfn_index`: a B+tree of height two), `iter_range` the same plus a walk, `get` (by id) one
+//! read of the id table (`id_table`), `for_each_in_hva_range` an interval-tree query
+//! (`O(log n + k)`). All include `KVM_MEMSLOT_INVALID` slots; the caller decides (a fault on an
+//! invalid slot retries).
 
 use super::cache::SlotCache;
 use super::gfn_index::GfnIndex;
