@@ -73,6 +73,12 @@ pub unsafe trait FrameAllocator: Send + Sync {
 
     /// A new table page with every entry set to `init` (the format's non-present value), or
     /// `None` when the host is out of frames (the fault then fails with an out-of-memory error).
+    ///
+    /// The frame should lie below 2^`phys_bits` of every VM this allocator serves: an SPTE holds
+    /// bits `12..phys_bits` of a table's address. The MMU checks each frame it gets, and gives
+    /// one beyond them back at once (a plain `free_table`) and fails that allocation as
+    /// out-of-memory, counted in the VM's `tables_refused` stat; it never links it. So a
+    /// frame out of range costs an allocation, never soundness.
     fn alloc_table(&self, init: u64) -> Option<Pfn>;
 
     /// A new table page below 4 GiB (pfn below 2^20), as [`Self::alloc_table`] otherwise. The
@@ -80,7 +86,8 @@ pub unsafe trait FrameAllocator: Send + Sync {
     /// paging CR3 holds a 32-bit address (KVM allocates `pae_root` with `__GFP_DMA32`). The
     /// default takes a page from `alloc_table` and gives it back if it lies higher, so a host
     /// whose table frames can lie above 4 GiB should override it, or such guests fail to load
-    /// their root (an out-of-memory fault).
+    /// their root (an out-of-memory fault). The MMU checks this frame too, as it checks
+    /// `alloc_table`'s, and refuses one at or above 4 GiB.
     fn alloc_table_below_4g(&self, init: u64) -> Option<Pfn> {
         let pfn = self.alloc_table(init)?;
         if pfn.raw() < 1 << 20 {

@@ -247,6 +247,11 @@ pub struct VmStats {
     pub tables_allocated: Counter,
     /// Table pages freed after a grace period.
     pub tables_freed: Counter,
+    /// Table frames the host handed out that the VM's SPTEs cannot name (beyond its
+    /// `phys_bits`, or at or above 4 GiB for a PAE root), given back unused: each failed its
+    /// allocation as out-of-memory. Non-zero means the host's allocator and the VM's
+    /// `phys_bits` do not match.
+    pub tables_refused: Counter,
     /// Pages a dirty-log collection took and write-protected again (KVM counts them down in
     /// `dirty_pages`).
     pub dirty_log_protected: Counter,
@@ -279,6 +284,8 @@ pub struct VmStatsSnapshot {
     pub tables_allocated: u64,
     /// See [`VmStats::tables_freed`].
     pub tables_freed: u64,
+    /// See [`VmStats::tables_refused`].
+    pub tables_refused: u64,
     /// See [`VmStats::dirty_log_protected`].
     pub dirty_log_protected: u64,
 }
@@ -299,6 +306,7 @@ impl VmStats {
             mmio_gen_wraps: self.mmio_gen_wraps.get(),
             tables_allocated: self.tables_allocated.get(),
             tables_freed: self.tables_freed.get(),
+            tables_refused: self.tables_refused.get(),
             dirty_log_protected: self.dirty_log_protected.get(),
         }
     }

@@ -114,8 +114,12 @@ pub enum FaultError {
     /// without paging): the CPU raises #GP, never a page fault.
     #[error("guest-virtual address {0} is not canonical for the guest's paging mode (#GP)")]
     NonCanonical(crate::types::Gva),
-    /// No frame for a page table (KVM: `-ENOMEM`).
-    #[error("no host frame for a page table while handling gpa {0}")]
+    /// No frame for a page table (KVM: `-ENOMEM`), or only one the VM's SPTEs cannot name
+    /// (counted in `VmStats::tables_refused`).
+    #[error(
+        "no usable host frame for a page table while handling gpa {0}; if the VM's \
+         `tables_refused` stat is not zero, the host's frames lie beyond the VM's phys_bits"
+    )]
     OutOfMemory(Gpa),
     /// The tables reference a frame the host does not know: a bug in the MMU or its host.
     #[error("internal error: a table frame is unknown to the host at gpa {gpa}; entries: {dump}")]

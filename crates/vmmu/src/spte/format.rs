@@ -209,7 +209,7 @@ impl SpteFormat {
     /// (KVM's `make_nonleaf_spte`): EPT `RWX | A | SVE`, NPT `P | W | U | A` (+ C-bit).
     #[inline]
     pub fn make_nonleaf(&self, table: Pfn) -> u64 {
-        debug_assert!(table.hpa() & !self.addr_mask() == 0, "{table:?} beyond phys_bits");
+        debug_assert!(self.holds_pfn(table), "{table:?} beyond phys_bits");
         let base = Self::MMU_PRESENT | (table.hpa() & self.addr_mask());
         if self.is_ept() {
             base | EPT_RWX | EPT_A | BIT_63
@@ -227,7 +227,7 @@ impl SpteFormat {
     #[inline]
     pub fn make_pae_root_entry(&self, table: Pfn) -> u64 {
         debug_assert!(!self.is_ept(), "a PAE root is the shadow MMU's, whose format is x86's");
-        debug_assert!(table.hpa() & !self.addr_mask() == 0, "{table:?} beyond phys_bits");
+        debug_assert!(self.holds_pfn(table), "{table:?} beyond phys_bits");
         NPT_P | Self::MMU_PRESENT | (table.hpa() & self.addr_mask()) | self.c_bit_mask()
     }
 

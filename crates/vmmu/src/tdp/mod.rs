@@ -110,8 +110,12 @@ pub enum TdpError {
     /// All vCPU slots are taken.
     #[error("the VM already has its maximum of {0} vCPUs")]
     TooManyVcpus(usize),
-    /// The host had no frame for a page table.
-    #[error("the host has no free frame for a page table (KVM: -ENOMEM)")]
+    /// The host had no frame for a page table (or only one the VM's SPTEs cannot name: see
+    /// `VmStats::tables_refused`).
+    #[error(
+        "the host has no usable frame for a page table (KVM: -ENOMEM); if the VM's \
+         `tables_refused` stat is not zero, the host's frames lie beyond the VM's phys_bits"
+    )]
     OutOfMemory,
     /// A TDP-only operation on a shadow-paging VM.
     #[error("this operation needs a TDP VM; the VM uses shadow paging")]
@@ -260,17 +264,32 @@ impl<H: Host> TdpMmu<H> {
     }
 
     /// Allocates a table page with every entry non-present.
+    ///
+    /// `None` when the host has no frame, or handed out one the VM's SPTEs cannot name (beyond
+    /// its `phys_bits`): such a frame is given back unused and counted in `tables_refused`, as a
+    /// link to it would name another frame (the pfn field keeps bits `12..phys_bits` only).
     pub(crate) fn alloc_table(&self) -> Option<Pfn> {
         let pfn = self.host.alloc_table(SpteFormat::NONPRESENT)?;
-        self.stats.tables_allocated.add(1);
-        Some(pfn)
+        self.accept_table(pfn, self.cfg.format.holds_pfn(pfn))
     }
 
-    /// [`Self::alloc_table`] below 4 GiB (a PAE special root,
-    /// [`crate::host::FrameAllocator::alloc_table_below_4g`]).
+    /// [`Self::alloc_table`] below 4 GiB (a PAE special root, whose address a 32-bit CR3 holds:
+    /// [`crate::host::FrameAllocator::alloc_table_below_4g`]). A frame at or above 4 GiB is
+    /// refused as one beyond `phys_bits` is.
     pub(crate) fn alloc_table_below_4g(&self) -> Option<Pfn> {
         let pfn = self.host.alloc_table_below_4g(SpteFormat::NONPRESENT)?;
-        debug_assert!(pfn.raw() < 1 << 20, "{pfn:?} from alloc_table_below_4g is above 4 GiB");
+        self.accept_table(pfn, pfn.raw() < 1 << 20 && self.cfg.format.holds_pfn(pfn))
+    }
+
+    /// Counts a newly allocated table frame, or gives it back when it is not `usable`.
+    fn accept_table(&self, pfn: Pfn, usable: bool) -> Option<Pfn> {
+        if !usable {
+            // SAFETY: the host handed `pfn` out just now and nothing names it: no other thread
+            // can reach it, and it is freed once.
+            unsafe { self.host.free_table(pfn) };
+            self.stats.tables_refused.add(1);
+            return None;
+        }
         self.stats.tables_allocated.add(1);
         Some(pfn)
     }
