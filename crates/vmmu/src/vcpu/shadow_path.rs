@@ -88,9 +88,6 @@ pub enum ShadowError {
         /// The guest's MAXPHYADDR.
         maxphyaddr: u8,
     },
-    /// The host had no frame for a shadow page.
-    #[error("the host has no free frame for a shadow page (KVM: -ENOMEM)")]
-    OutOfMemory,
 }
 
 impl<H: Host> Vcpu<H> {
