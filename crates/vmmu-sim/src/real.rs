@@ -500,6 +500,7 @@ fn stats(m: &RealMmu) -> MmuStats {
             stale_gen_misses: t.stale_gen_misses,
             tables_allocated: vm.tables_allocated,
             tables_freed: vm.tables_freed,
+            tables_refused: vm.tables_refused,
             vcpu_tlb_flushes: t.tlb_flush,
         }),
     }

@@ -312,6 +312,9 @@ pub struct MmuCounters {
     pub tables_allocated: u64,
     /// Page-table pages freed.
     pub tables_freed: u64,
+    /// Page-table frames the host handed out beyond the VM's phys_bits, refused (non-zero: the
+    /// host's allocator does not fit the VM).
+    pub tables_refused: u64,
     /// TDP table pages zaps unlinked (not a KVM stat).
     pub tdp_tables_zapped: u64,
     /// TLB flushes the vCPUs performed (KVM `tlb_flush`).
@@ -320,7 +323,7 @@ pub struct MmuCounters {
 
 impl MmuCounters {
     /// Every counter with its name (the JSON key), in field order.
-    pub fn named(&self) -> [(&'static str, u64); 30] {
+    pub fn named(&self) -> [(&'static str, u64); 31] {
         [
             ("mmio_fast_hits", self.mmio_fast_hits),
             ("mmio_timed_outliers", self.mmio_timed_outliers),
@@ -350,6 +353,7 @@ impl MmuCounters {
             ("stale_gen_misses", self.stale_gen_misses),
             ("tables_allocated", self.tables_allocated),
             ("tables_freed", self.tables_freed),
+            ("tables_refused", self.tables_refused),
             ("tdp_tables_zapped", self.tdp_tables_zapped),
             ("vcpu_tlb_flushes", self.vcpu_tlb_flushes),
         ]
