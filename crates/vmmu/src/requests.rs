@@ -82,8 +82,15 @@ impl VcpuState {
     }
 
     /// A new owner of the vCPU index: outside guest mode, nothing pending.
+    ///
+    /// A read-modify-write, not a store: a kick that a grace period's nudge made on the index
+    /// just before (`Srcu::synchronize_nudging`) is read by the swap, which so synchronises with
+    /// the nudge's counter bump, and the new vCPU's first read section sees that bump (its
+    /// snapshot is not older than the grace period, which then does not wait for it). A plain
+    /// store could erase the kick with nothing ordering the new vCPU after the bump (found with
+    /// loom: `tests/loom_new_vcpu.rs`).
     pub(crate) fn reset(&self) {
-        self.word.store(0, Ordering::Release);
+        self.word.swap(0, Ordering::AcqRel);
     }
 
     /// vCPU side: try to enter guest mode. `Err(pending)` if requests are pending: the vCPU stays

@@ -235,9 +235,16 @@ impl<H: Host> TdpMmu<H> {
         self.vcpu_taken[idx].store(false, crate::sync::Ordering::Release);
     }
 
-    /// The vCPUs created so far.
+    /// The vCPUs created so far (updaters only: `request_all`).
+    ///
+    /// `nr_vcpus` is read with a read-modify-write (as `wait_ack` reads its word): against
+    /// `add_vcpu`'s `fetch_max`, either this read sees the new index (and its vCPU is
+    /// requested), or the `fetch_max` comes later in the counter's order and the new vCPU
+    /// happens-after whatever the requester did before (a grace period's counter bump), so its
+    /// read section does not count as older than the grace period. A plain load allows neither
+    /// (`tests/loom_new_vcpu.rs`).
     pub(crate) fn vcpu_states(&self) -> &[VcpuState] {
-        let n = self.nr_vcpus.load(crate::sync::Ordering::Acquire).min(self.vcpus.len());
+        let n = self.nr_vcpus.fetch_add(0, crate::sync::Ordering::AcqRel).min(self.vcpus.len());
         &self.vcpus[..n]
     }
 
