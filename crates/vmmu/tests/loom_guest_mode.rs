@@ -22,7 +22,7 @@ mod loom_common;
 
 use loom::sync::atomic::AtomicBool;
 use loom::thread;
-use loom_common::model;
+use loom_common::{model, run_in_guest_until};
 use vmmu::fault::{EmulateSource, FaultOutcome};
 use vmmu::spte::FormatKind;
 use vmmu::sync::{Arc, Ordering};
@@ -54,36 +54,7 @@ fn a_vcpu_reentering_guest_mode_does_not_stall_a_grace_period() {
         let done = Arc::new(AtomicBool::new(false));
         let t = {
             let done = done.clone();
-            thread::spawn(move || {
-                let mut spins = 0;
-                'run: loop {
-                    // Enter guest mode, handling what is pending first.
-                    loop {
-                        if done.load(Ordering::Acquire) {
-                            break 'run;
-                        }
-                        v.service_requests().unwrap();
-                        if v.enter_guest_mode().is_ok() {
-                            break;
-                        }
-                    }
-                    // TLB hits: no exit of its own.
-                    while !v.requests_pending() {
-                        if done.load(Ordering::Acquire) {
-                            v.exit_guest_mode();
-                            break 'run;
-                        }
-                        spins += 1;
-                        if spins == SPINS {
-                            v.exit_guest_mode();
-                            return false;
-                        }
-                        thread::yield_now();
-                    }
-                    v.exit_guest_mode();
-                }
-                true
-            })
+            thread::spawn(move || run_in_guest_until(&mut v, &done, SPINS))
         };
         // Unlinks the 1 GiB table and the 2 MiB table under it (a flush, then a grace period).
         vm.zap_gfn_range_for_tests(AsId(0), Gfn(0), Gfn(1 << 18));

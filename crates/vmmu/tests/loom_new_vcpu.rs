@@ -16,7 +16,7 @@ mod loom_common;
 
 use loom::sync::atomic::AtomicBool;
 use loom::thread;
-use loom_common::model;
+use loom_common::{model, run_in_guest_until};
 use vmmu::spte::FormatKind;
 use vmmu::sync::{Arc, Ordering};
 use vmmu::testing::TestHost;
@@ -59,32 +59,7 @@ fn run(fresh_index: bool) {
             let (vm, done) = (vm.clone(), done.clone());
             thread::spawn(move || {
                 let mut v = vm.create_vcpu().unwrap();
-                let mut spins = 0;
-                'run: loop {
-                    loop {
-                        if done.load(Ordering::Acquire) {
-                            break 'run;
-                        }
-                        v.service_requests().unwrap();
-                        if v.enter_guest_mode().is_ok() {
-                            break;
-                        }
-                    }
-                    while !v.requests_pending() {
-                        if done.load(Ordering::Acquire) {
-                            v.exit_guest_mode();
-                            break 'run;
-                        }
-                        spins += 1;
-                        if spins == SPINS {
-                            v.exit_guest_mode();
-                            return false;
-                        }
-                        thread::yield_now();
-                    }
-                    v.exit_guest_mode();
-                }
-                true
+                run_in_guest_until(&mut v, &done, SPINS)
             })
         };
         vm.zap_gfn_range_for_tests(AsId(0), Gfn(0), Gfn(1 << 18));

@@ -275,7 +275,6 @@ fn an_unreachable_gva_is_gp_not_an_aliased_mmio_hit() {
 #[test]
 fn a_special_root_short_of_frames_leaves_nothing_pinned() {
     use std::sync::Arc;
-    use vmmu::guest::PagingMode;
     use vmmu::testing::TestHost;
     use vmmu::vm::{Vm, VmConfig};
     use vmmu::Level;
@@ -288,14 +287,7 @@ fn a_special_root_short_of_frames_leaves_nothing_pinned() {
         cfg.slot_zap_all = true;
         let vm = Vm::new(cfg, host.clone()).unwrap();
         vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, RAM_SIZE, RAM_HVA)).unwrap();
-        let cpu = GuestCpu {
-            mode: PagingMode::NonPaging,
-            cr3: 0,
-            cr0_wp: true,
-            efer_nx: false,
-            maxphyaddr: 46,
-            gbpages: false,
-        };
+        let cpu = GuestCpu::non_paging(46);
         let mut v = vcpu_in(&vm, cpu);
         try_access(&mut v, 0x1000, false);
         // A delete zaps all (KVM's quirk), and every obsolete page goes.

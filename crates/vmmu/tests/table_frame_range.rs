@@ -13,7 +13,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use vmmu::fault::{FaultError, FaultOutcome};
-use vmmu::guest::{GuestCpu, PagingMode};
+use vmmu::guest::GuestCpu;
 use vmmu::host::{FrameAllocator, HostFault, HostMemory, HostPage, Sched, TableEntries};
 use vmmu::memslot::UserspaceMemoryRegion;
 use vmmu::shadow::ShadowRootKind;
@@ -150,14 +150,7 @@ fn a_special_root_at_or_above_4g_is_refused() {
     let vm = Vm::new(VmConfig::shadow(46).unwrap(), host.clone()).unwrap();
     vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, 1 << 21, RAM_HVA)).unwrap();
     let mut v = vm.create_vcpu().unwrap();
-    let cpu = GuestCpu {
-        mode: PagingMode::NonPaging,
-        cr3: 0,
-        cr0_wp: true,
-        efer_nx: false,
-        maxphyaddr: 46,
-        gbpages: false,
-    };
+    let cpu = GuestCpu::non_paging(46);
     v.set_guest_cpu(cpu).unwrap();
     // Within phys_bits but above 4 GiB: a 32-bit CR3 cannot hold it.
     host.high_below_4g.store(true, Ordering::Relaxed);

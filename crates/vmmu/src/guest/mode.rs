@@ -63,6 +63,20 @@ impl GuestCpu {
             gbpages: false,
         }
     }
+
+    /// A guest with paging off (CR0.PG = 0: real mode, or protected mode without paging, as
+    /// firmware runs), guest MAXPHYADDR `maxphyaddr`: its addresses are guest-physical, below
+    /// 4 GiB.
+    pub const fn non_paging(maxphyaddr: u8) -> GuestCpu {
+        GuestCpu {
+            mode: PagingMode::NonPaging,
+            cr3: 0,
+            cr0_wp: true,
+            efer_nx: false,
+            maxphyaddr,
+            gbpages: false,
+        }
+    }
 }
 
 /// Why a PAE CR3 load failed: architecturally #GP(0) on the MOV to CR3 (KVM's `kvm_set_cr3`

@@ -33,3 +33,41 @@ pub fn violation(f: impl FnOnce()) -> bool {
         }
     }
 }
+
+/// A vCPU thread's life in these models: enter guest mode (handling what is pending first), then
+/// spin on TLB hits, leaving only for a pending request, until `done`. `false` when it spun
+/// `max_spins` times without being asked to leave: a grace period waited for a vCPU nobody
+/// kicked.
+pub fn run_in_guest_until(
+    v: &mut vmmu::vcpu::Vcpu<vmmu::testing::TestHost>,
+    done: &loom::sync::atomic::AtomicBool,
+    max_spins: usize,
+) -> bool {
+    use vmmu::sync::Ordering;
+    let mut spins = 0;
+    loop {
+        loop {
+            if done.load(Ordering::Acquire) {
+                return true;
+            }
+            v.service_requests().unwrap();
+            if v.enter_guest_mode().is_ok() {
+                break;
+            }
+        }
+        // TLB hits: no exit of its own.
+        while !v.requests_pending() {
+            if done.load(Ordering::Acquire) {
+                v.exit_guest_mode();
+                return true;
+            }
+            spins += 1;
+            if spins == max_spins {
+                v.exit_guest_mode();
+                return false;
+            }
+            loom::thread::yield_now();
+        }
+        v.exit_guest_mode();
+    }
+}
