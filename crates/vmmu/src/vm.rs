@@ -235,6 +235,9 @@ pub enum UpdateProbe {
         /// The generation about to be stored.
         new_gen: Generation,
     },
+    /// The update wraps the MMIO generation and the MMU's wrap zap (KVM
+    /// `kvm_mmu_invalidate_mmio_sptes`) has returned; the final generation is not stored yet.
+    MmioWrapZapped,
 }
 
 /// The MMU's side of the memslot protocol (KVM `kvm_arch_flush_shadow_memslot` and
@@ -297,6 +300,10 @@ impl<H: Host> MmuHooks<'_, H> {
         if new_gen.is_mmio_wrap(self.nr_as) {
             self.mmu.stats.mmio_gen_wraps.add(1);
             zap_all_fast(self.mmu, self.shadow);
+            #[cfg(feature = "testing")]
+            if let Some(probe) = self.probe {
+                probe(UpdateProbe::MmioWrapZapped);
+            }
         }
     }
 }
@@ -540,7 +547,8 @@ impl<H: Host> Vm<H> {
     }
 
     /// [`Self::set_memory_region`], all of it, with `probe` called at the points of
-    /// [`UpdateProbe`] (after the MMU's own hook work for `Flushed`, before it for `Updated`).
+    /// [`UpdateProbe`] (after the MMU's own hook work for `Flushed` and `MmioWrapZapped`, before
+    /// it for `Updated`).
     /// Test builds only: the deterministic way to run something "in the window" of an update.
     #[cfg(feature = "testing")]
     pub fn set_memory_region_probed(

@@ -610,7 +610,8 @@ impl<H: Host + GuestMemory> Vcpu<H> {
                     gen,
                     bugs,
                 );
-                // No MMIO SPTE while the set is in progress: see the TDP fault path.
+                // No MMIO SPTE while the set is in progress: see the TDP fault path
+                // (`tests/shadow_gen_wrap_window.rs`).
                 if !codec.enabled() || gen.in_progress() || walk.gfn > core.cfg.max_gfn {
                     super::fault_path::count_slow_mmio(stats);
                     return Ok(FaultOutcome::Emulate {

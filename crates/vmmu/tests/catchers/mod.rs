@@ -175,6 +175,7 @@ pub fn update_with_window(
         let point = match p {
             UpdateProbe::Flushed => Point::Flushed,
             UpdateProbe::Updated { new_gen } => Point::Updated { new_gen },
+            UpdateProbe::MmioWrapZapped => return,
         };
         (at.borrow_mut())(point)
     })
