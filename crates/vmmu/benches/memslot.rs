@@ -3,6 +3,7 @@
 //! - `lookup/find`: gfn -> slot in a read section (the gfn index's two searches), hits spread
 //!   over the set;
 //! - `lookup/find_cached`: the same through the per-vCPU last-used-slot cache, repeated gfns;
+//! - `lookup/hva_range`: the slots meeting one host page (a host invalidation's lookup), spread;
 //! - `update/flags_only`: one swap (toggle LOG_DIRTY_PAGES on one slot: bitmap + grace period);
 //! - `update/move`: two swaps plus the flush hook (move one slot and back is two of these);
 //! - `update/create_delete`: create a slot in a hole, then delete it (three swaps: the delete
@@ -78,6 +79,22 @@ fn lookup(c: &mut Criterion) {
             let mut cache = SlotCache::new();
             let gfn = probes[0];
             b.iter(|| black_box(set.find_cached(black_box(gfn), &mut cache).map(|s| s.id())))
+        });
+        // A host invalidation of one page (KVM `kvm_for_each_memslot_in_hva_range`): the slot
+        // that maps it, through the host-range index.
+        g.bench_with_input(BenchmarkId::new("hva_range", n), &n, |b, _| {
+            let guard = m.read(&r);
+            let set = guard.set(AsId(0));
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + 1) & 4095;
+                let hva = vmmu::Hva((probes[i].0 / 2) << 12);
+                let mut found = 0u32;
+                set.for_each_in_hva_range(hva, vmmu::Hva(hva.0 + 4096), |s| {
+                    found += s.id().0 as u32
+                });
+                black_box(found)
+            })
         });
         g.bench_with_input(BenchmarkId::new("read_section_and_find", n), &n, |b, _| {
             let mut i = 0;
