@@ -7,7 +7,8 @@
 //! - `update/flags_only`: one swap (toggle LOG_DIRTY_PAGES on one slot: bitmap + grace period);
 //! - `update/move`: two swaps plus the flush hook (move one slot and back is two of these);
 //! - `update/create_delete`: create a slot in a hole, then delete it (three swaps: the delete
-//!   invalidates first).
+//!   invalidates first);
+//! - `update/create_delete_spread`: the same in a different hole each time.
 //!
 //! Updates change one index entry per set; their cost must stay flat as the set grows (no
 //! copy of the set). `cargo bench -p vmmu --bench memslot`.
@@ -137,6 +138,22 @@ fn update(c: &mut Criterion) {
         m.set_memory_region(&r, &NoHooks).expect("delete the last slot");
         g.bench_with_input(BenchmarkId::new("create_delete", n), &n, |b, _| {
             b.iter(|| {
+                r.memory_size = 4096;
+                m.set_memory_region(&r, &NoHooks).expect("create");
+                r.memory_size = 0;
+                m.set_memory_region(&r, &NoHooks).expect("delete")
+            })
+        });
+        // The same in a different hole each time (spread over the set): no edit lands where
+        // the previous one did, so the indexes' fingers do not help and every edit searches.
+        let holes = gfns(n, 4096);
+        g.bench_with_input(BenchmarkId::new("create_delete_spread", n), &n, |b, _| {
+            let mut i = 0;
+            b.iter(|| {
+                i = (i + 1) & 4095;
+                r.guest_phys_addr = (holes[i].0 + 1) << 12;
+                // An alias of the host page of the slot before the hole.
+                r.userspace_addr = (holes[i].0 / 2) << 12;
                 r.memory_size = 4096;
                 m.set_memory_region(&r, &NoHooks).expect("create");
                 r.memory_size = 0;

@@ -151,6 +151,11 @@ pub(crate) struct GfnIndex {
     #[expect(clippy::vec_box, reason = "a split or merge moves pointers, not 2.5 KiB blocks")]
     blocks: Vec<Box<Block>>,
     len: usize,
+    /// Where the last edit put or took a slot: `(block, position)`. A hint for the next edit,
+    /// which a VMM often makes at the same place (a slot deleted and created again, moved and
+    /// moved back, invalidated then deleted); every use checks it against the keys around it
+    /// ([`Self::locate_edit`]), so a stale finger costs a search, never a wrong answer.
+    finger: Option<(usize, usize)>,
 }
 
 impl core::fmt::Debug for GfnIndex {
@@ -172,6 +177,45 @@ impl GfnIndex {
         let b = self.firsts.partition_point(|&k| k <= gfn).checked_sub(1)?;
         // `keys[0] == firsts[b] <= gfn`.
         Some((b, self.blocks[b].position(gfn)))
+    }
+
+    /// [`Self::locate`] for an edit, or for the slots lock holder's checks: through the finger
+    /// when the keys around it show it is the answer (a few reads in one block), else a search.
+    /// The answer is the same either way, so edits shape the index as without a finger.
+    #[inline]
+    fn locate_edit(&self, gfn: u64) -> Option<(usize, usize)> {
+        if let Some(found) = self.at_finger(gfn) {
+            return found;
+        }
+        self.locate(gfn)
+    }
+
+    /// `Some(locate(gfn))` when the finger proves it: the finger's key is `gfn`, or `gfn` lies
+    /// strictly between the keys before the finger and at it. `None` when it cannot tell.
+    fn at_finger(&self, gfn: u64) -> Option<Option<(usize, usize)>> {
+        let (b, i) = self.finger?;
+        let block = self.blocks.get(b)?;
+        if i > block.len {
+            return None;
+        }
+        if i < block.len && block.keys[i] == gfn {
+            return Some(Some((b, i)));
+        }
+        let prev = match (i, b) {
+            (0, 0) => None,
+            (0, _) => {
+                let p = &self.blocks[b - 1];
+                Some(((b - 1, p.len - 1), p.keys[p.len - 1]))
+            }
+            _ => Some(((b, i - 1), block.keys[i - 1])),
+        };
+        let next = match i < block.len {
+            true => Some(block.keys[i]),
+            false => self.firsts.get(b + 1).copied(),
+        };
+        let below = prev.is_none_or(|(_, k)| k < gfn);
+        let above = next.is_none_or(|k| gfn < k);
+        (below && above).then_some(prev.map(|(at, _)| at))
     }
 
     /// The slot with the greatest base gfn `<= gfn`, if any (whether it holds `gfn` is the
@@ -206,19 +250,33 @@ impl GfnIndex {
             .flat_map(move |(j, blk)| blk.slots()[if j == 0 { i } else { 0 }..].iter())
     }
 
+    /// [`Self::iter_from`] for the slots lock holder (overlap checks): the first search through
+    /// the finger.
+    pub(crate) fn iter_from_edit(&self, gfn: u64) -> impl Iterator<Item = &Memslot> + '_ {
+        let (b, i) = self.locate_edit(gfn).unwrap_or((0, 0));
+        self.blocks
+            .get(b..)
+            .unwrap_or(&[])
+            .iter()
+            .enumerate()
+            .flat_map(move |(j, blk)| blk.slots()[if j == 0 { i } else { 0 }..].iter())
+    }
+
     /// Inserts `s` under its base gfn; returns the slot it replaced there, if any.
     pub(crate) fn insert(&mut self, s: Memslot) -> Option<Memslot> {
         let key = s.base_gfn().raw();
-        let (b, i) = match self.locate(key) {
+        let (b, i) = match self.locate_edit(key) {
             None if self.blocks.is_empty() => {
                 self.blocks.push(Block::with(s));
                 self.firsts.push(key);
                 self.len = 1;
+                self.finger = Some((0, 0));
                 return None;
             }
             // Below every slot: the front of the first block.
             None => (0, 0),
             Some((b, i)) if self.blocks[b].keys[i] == key => {
+                self.finger = Some((b, i));
                 return Some(core::mem::replace(&mut self.blocks[b].slots[i], s));
             }
             Some((b, i)) => (b, i + 1),
@@ -245,6 +303,7 @@ impl GfnIndex {
         self.blocks[b].insert_at(i, s);
         self.firsts[b] = self.blocks[b].keys[0];
         self.len += 1;
+        self.finger = Some((b, i));
         None
     }
 
@@ -254,7 +313,7 @@ impl GfnIndex {
     /// moves) is overwritten in place; any other is removed and inserted.
     pub(crate) fn rebase(&mut self, old_base: u64, s: Memslot) -> Option<Memslot> {
         let key = s.base_gfn().raw();
-        let (b, i) = self.locate(old_base)?;
+        let (b, i) = self.locate_edit(old_base)?;
         if self.blocks[b].keys[i] != old_base {
             return None;
         }
@@ -274,6 +333,7 @@ impl GfnIndex {
             if i == 0 {
                 self.firsts[b] = key;
             }
+            self.finger = Some((b, i));
             return Some(core::mem::replace(&mut block.slots[i], s));
         }
         let old = self.remove(old_base);
@@ -284,20 +344,24 @@ impl GfnIndex {
 
     /// Removes the slot whose base gfn is `base`, if any.
     pub(crate) fn remove(&mut self, base: u64) -> Option<Memslot> {
-        let (b, i) = self.locate(base)?;
+        let (b, i) = self.locate_edit(base)?;
         if self.blocks[b].keys[i] != base {
             return None;
         }
         let s = self.blocks[b].remove_at(i);
         self.len -= 1;
+        // Where the slot was (its key would go back there), unless blocks change below.
+        self.finger = Some((b, i));
         if self.blocks[b].len == 0 {
             // Only the last block can empty (others hold MIN > 1 entries before a removal).
             self.blocks.remove(b);
             self.firsts.remove(b);
+            self.finger = None;
         } else {
             self.firsts[b] = self.blocks[b].keys[0];
             if self.blocks[b].len < MIN && self.blocks.len() > 1 {
                 self.rebalance(if b > 0 { b - 1 } else { b });
+                self.finger = None;
             }
         }
         Some(s)
@@ -386,7 +450,8 @@ mod tests {
             assert_eq!(ix.get(g), model.get(&g));
             let from = model.range(..=g).next_back().map_or(0, |(k, _)| *k);
             let want: Vec<_> = model.range(from..).map(|(_, s)| s).collect();
-            assert!(ix.iter_from(g).eq(want), "iter_from({g})");
+            assert!(ix.iter_from(g).eq(want.iter().copied()), "iter_from({g})");
+            assert!(ix.iter_from_edit(g).eq(want), "iter_from_edit({g})");
         }
     }
 
@@ -455,11 +520,21 @@ mod tests {
         #[test]
         fn agrees_with_a_btreemap(ops in proptest::collection::vec(op(), 1..600)) {
             let mut ix = GfnIndex::default();
+            // The same edits with the finger dropped before each: the finger must not change
+            // the index's shape (both sets of a memslot pair must stay alike).
+            let mut plain = GfnIndex::default();
             let mut model = BTreeMap::new();
             for (n, o) in ops.iter().enumerate() {
+                plain.finger = None;
                 match *o {
-                    Op::Insert(k) => prop_assert_eq!(ix.insert(slot(k)), model.insert(k, slot(k))),
-                    Op::Remove(k) => prop_assert_eq!(ix.remove(k), model.remove(&k)),
+                    Op::Insert(k) => {
+                        prop_assert_eq!(plain.insert(slot(k)), model.get(&k).copied());
+                        prop_assert_eq!(ix.insert(slot(k)), model.insert(k, slot(k)));
+                    }
+                    Op::Remove(k) => {
+                        prop_assert_eq!(plain.remove(k), model.get(&k).copied());
+                        prop_assert_eq!(ix.remove(k), model.remove(&k));
+                    }
                     // Onto another slot's base is outside the contract (an overlap).
                     Op::Rebase(k, to) if to != k && model.contains_key(&to) => {}
                     Op::Rebase(k, to) => {
@@ -467,10 +542,15 @@ mod tests {
                         if expected.is_some() {
                             model.insert(to, slot(to));
                         }
+                        prop_assert_eq!(plain.rebase(k, slot(to)), expected);
                         prop_assert_eq!(ix.rebase(k, slot(to)), expected);
                     }
                 }
                 ix.check();
+                let shape = |x: &GfnIndex| -> Vec<Vec<u64>> {
+                    x.blocks.iter().map(|b| b.keys().to_vec()).collect()
+                };
+                prop_assert_eq!(shape(&ix), shape(&plain));
                 if n % 50 == 0 {
                     agrees(&ix, &model, &[0, 1, 199, 200, 399, 400]);
                 }

@@ -76,6 +76,10 @@ pub(crate) struct HvaIndex {
     group_max: Vec<u64>,
     blocks: Vec<Block>,
     len: usize,
+    /// Where the last edit put or took an entry: `(block, position)`. A hint for the next edit
+    /// (a slot deleted and created again goes back to the same place); every use checks it
+    /// against the keys around it ([`Self::position`]), so a stale finger costs a search.
+    finger: Option<(usize, usize)>,
 }
 
 impl HvaIndex {
@@ -94,16 +98,17 @@ impl HvaIndex {
             self.firsts.push(key);
             self.max_ends.push(end);
             self.rebuild_groups();
+            self.finger = Some((0, 0));
             return;
         }
-        let mut b = self.locate(key);
-        let mut i = self.blocks[b].entries.partition_point(|x| x.key() < key);
+        let (mut b, mut i) = self.position(key);
         debug_assert!(
             self.blocks[b].entries.get(i).is_none_or(|x| x.key() != key),
             "slot {id:?} at {start:#x} is indexed already"
         );
         if self.blocks[b].entries.len() < CAP {
             self.blocks[b].entries.insert(i, e);
+            self.finger = Some((b, i));
             if i == 0 {
                 self.firsts[b] = key;
             }
@@ -133,6 +138,7 @@ impl HvaIndex {
             i -= at;
         }
         self.blocks[b].entries.insert(i, e);
+        self.finger = Some((b, i));
         self.refresh(left);
         self.refresh(left + 1);
         self.rebuild_groups();
@@ -144,18 +150,20 @@ impl HvaIndex {
             return false;
         }
         let key = (start, id.0);
-        let b = self.locate(key);
-        let Ok(i) = self.blocks[b].entries.binary_search_by(|x| x.key().cmp(&key)) else {
+        let (b, i) = self.position(key);
+        if self.blocks[b].entries.get(i).is_none_or(|x| x.key() != key) {
             return false;
-        };
+        }
         let gone = self.blocks[b].entries.remove(i);
         self.len -= 1;
+        self.finger = Some((b, i));
         if self.blocks[b].entries.is_empty() {
             // Only a lone block empties (others hold MIN > 1 entries before a removal).
             self.blocks.remove(b);
             self.firsts.remove(b);
             self.max_ends.remove(b);
             self.rebuild_groups();
+            self.finger = None;
             return true;
         }
         if i == 0 {
@@ -167,6 +175,7 @@ impl HvaIndex {
         }
         if self.blocks[b].entries.len() < MIN && self.blocks.len() > 1 {
             self.rebalance(b.saturating_sub(1));
+            self.finger = None;
         }
         true
     }
@@ -207,9 +216,48 @@ impl HvaIndex {
         self.len
     }
 
-    /// The block whose key range holds `key` (the first block when `key` is below every key).
-    fn locate(&self, key: (u64, u16)) -> usize {
-        self.firsts.partition_point(|k| *k <= key).saturating_sub(1)
+    /// Where `key` is, or where it goes: the block whose key range holds it (the first block
+    /// when it is below every key) and the position of the first entry not below it there.
+    /// Through the finger when the keys around it prove the same answer, else two searches; the
+    /// answer is the same either way, so the finger does not change the index's shape. The index
+    /// is not empty.
+    fn position(&self, key: (u64, u16)) -> (usize, usize) {
+        if let Some(at) = self.at_finger(key) {
+            return at;
+        }
+        let b = self.firsts.partition_point(|k| *k <= key).saturating_sub(1);
+        (b, self.blocks[b].entries.partition_point(|x| x.key() < key))
+    }
+
+    /// [`Self::position`] from the finger, if the keys around it show it.
+    fn at_finger(&self, key: (u64, u16)) -> Option<(usize, usize)> {
+        let (b, i) = self.finger?;
+        let entries = &self.blocks.get(b)?.entries;
+        if i > entries.len() {
+            return None;
+        }
+        let at = entries.get(i).map(Entry::key);
+        if at == Some(key) {
+            return Some((b, i));
+        }
+        let prev = match (i, b) {
+            (0, 0) => None,
+            (0, _) => Some(self.blocks[b - 1].entries.last()?.key()),
+            _ => Some(entries[i - 1].key()),
+        };
+        let next = match i < entries.len() {
+            true => at,
+            false => self.firsts.get(b + 1).copied(),
+        };
+        if prev.is_some_and(|p| p >= key) || next.is_some_and(|n| key >= n) {
+            return None;
+        }
+        // Between the entries before and at the finger: a gap at the front of a block is the
+        // end of the block before it (the search picks the last block starting at or below).
+        Some(match (i, b) {
+            (0, 1..) => (b - 1, self.blocks[b - 1].entries.len()),
+            _ => (b, i),
+        })
     }
 
     /// Recomputes block `b`'s first key and largest end.
@@ -402,21 +450,35 @@ mod tests {
         #[test]
         fn agrees_with_a_scan(ops in proptest::collection::vec(op(), 1..1500)) {
             let mut ix = HvaIndex::default();
+            // The same edits with the finger dropped before each: the same shape.
+            let mut plain = HvaIndex::default();
             let mut model: Vec<(u16, u64, u64)> = Vec::new();
             for o in ops {
+                plain.finger = None;
                 match o {
                     Op::Insert(id, s, e) => {
                         if !model.iter().any(|m| (m.0, m.1) == (id, s)) {
                             ix.insert(SlotId(id), s, e);
+                            plain.insert(SlotId(id), s, e);
                             model.push((id, s, e));
                         }
                     }
                     Op::Remove(i) => {
-                        if let Some(&(id, s, _)) = model.get(i) {
+                        if let Some(&(id, s, e)) = model.get(i) {
                             prop_assert!(ix.remove(SlotId(id), s));
+                            prop_assert!(plain.remove(SlotId(id), s));
                             model.remove(i);
+                            // Put back at once, half the time (a VMM's remap), longer.
+                            if i % 2 == 0 {
+                                let e = e + 1;
+                                ix.insert(SlotId(id), s, e);
+                                plain.finger = None;
+                                plain.insert(SlotId(id), s, e);
+                                model.push((id, s, e));
+                            }
                         } else {
                             prop_assert!(!ix.remove(SlotId(999), i as u64));
+                            prop_assert!(!plain.remove(SlotId(999), i as u64));
                         }
                     }
                     Op::Query(s, e) => {
@@ -432,6 +494,10 @@ mod tests {
                 }
                 ix.check();
                 prop_assert_eq!(ix.len(), model.len());
+                let shape = |x: &HvaIndex| -> Vec<Vec<(u64, u16, u64)>> {
+                    x.blocks.iter().map(|b| b.entries.iter().map(|e| (e.start, e.id, e.end)).collect()).collect()
+                };
+                prop_assert_eq!(shape(&ix), shape(&plain));
             }
         }
     }

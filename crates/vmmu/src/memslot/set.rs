@@ -36,6 +36,19 @@ struct SlotMaps {
     by_hva: HvaIndex,
 }
 
+/// The slots of `from` (slots by base gfn from the last one at or below `start`) that meet
+/// `[start, end)`.
+fn in_range<'a>(
+    from: impl Iterator<Item = &'a Memslot> + 'a,
+    start: Gfn,
+    end: Gfn,
+) -> impl Iterator<Item = &'a Memslot> + 'a {
+    let (start, end) = (start.0, end.0);
+    // Only the first slot can begin at or below `start`; it counts if it reaches past it.
+    from.skip_while(move |s| s.base_gfn().0 <= start && s.end_gfn().0 <= start)
+        .take_while(move |s| start < end && s.base_gfn().0 < end)
+}
+
 /// A slot's host range `[start, end)`.
 fn hva_range(s: &Memslot) -> (u64, u64) {
     (s.userspace_addr().raw(), s.end_hva().raw())
@@ -148,13 +161,7 @@ impl MemslotSet {
 
     /// The slots meeting `[start, end)`, by base gfn (KVM `kvm_for_each_memslot_in_gfn_range`).
     pub fn iter_range(&self, start: Gfn, end: Gfn) -> impl Iterator<Item = &Memslot> + '_ {
-        let (start, end) = (start.0, end.0);
-        // Only the first slot can begin at or below `start`; it counts if it reaches past it.
-        self.maps()
-            .by_gfn
-            .iter_from(start)
-            .skip_while(move |s| s.base_gfn().0 <= start && s.end_gfn().0 <= start)
-            .take_while(move |s| start < end && s.base_gfn().0 < end)
+        in_range(self.maps().by_gfn.iter_from(start.0), start, end)
     }
 
     /// All slots, by base gfn.
@@ -185,8 +192,9 @@ impl MemslotSet {
 
     /// The lowest slot other than `id` meeting `[start, end)` (KVM
     /// `kvm_check_memslot_overlap`).
+    /// Its search goes through the gfn index's finger (the place of the set's last edit).
     pub(crate) fn overlapping(&self, id: SlotId, start: Gfn, end: Gfn) -> Option<&Memslot> {
-        self.iter_range(start, end).find(|s| s.id() != id)
+        in_range(self.maps().by_gfn.iter_from_edit(start.0), start, end).find(|s| s.id() != id)
     }
 
     /// Removes `old` (if any), then inserts `new` (if any) with its dirty bitmap `bitmap` (KVM
