@@ -241,19 +241,18 @@ impl GfnIndex {
     /// The slots from the last one whose base gfn is `<= gfn` (from the first slot if there is
     /// none) to the end, by base gfn: one search, then a walk.
     pub(crate) fn iter_from(&self, gfn: u64) -> impl Iterator<Item = &Memslot> + '_ {
-        let (b, i) = self.locate(gfn).unwrap_or((0, 0));
-        self.blocks
-            .get(b..)
-            .unwrap_or(&[])
-            .iter()
-            .enumerate()
-            .flat_map(move |(j, blk)| blk.slots()[if j == 0 { i } else { 0 }..].iter())
+        self.iter_at(self.locate(gfn))
     }
 
     /// [`Self::iter_from`] for the slots lock holder (overlap checks): the first search through
     /// the finger.
     pub(crate) fn iter_from_edit(&self, gfn: u64) -> impl Iterator<Item = &Memslot> + '_ {
-        let (b, i) = self.locate_edit(gfn).unwrap_or((0, 0));
+        self.iter_at(self.locate_edit(gfn))
+    }
+
+    /// The slots from `at` (a [`Self::locate`] answer; the first slot when `None`) to the end.
+    fn iter_at(&self, at: Option<(usize, usize)>) -> impl Iterator<Item = &Memslot> + '_ {
+        let (b, i) = at.unwrap_or((0, 0));
         self.blocks
             .get(b..)
             .unwrap_or(&[])
