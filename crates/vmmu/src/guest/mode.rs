@@ -64,6 +64,17 @@ impl GuestCpu {
         }
     }
 
+    /// The largest page this guest's tables can map: 1 GiB with 4-level paging and
+    /// [`Self::gbpages`], else 2 MiB (PAE, 4-level without 1 GiB pages; without paging the
+    /// 4 KiB "page" of an address is the answer, but 2 MiB is a safe bound). A cache that only
+    /// knows a gva's leaf lies somewhere in its guest page uses this size for INVLPG.
+    pub const fn largest_page_level(&self) -> crate::types::Level {
+        match (self.mode, self.gbpages) {
+            (PagingMode::Long4, true) => crate::types::Level::L1G,
+            _ => crate::types::Level::L2M,
+        }
+    }
+
     /// A guest with paging off (CR0.PG = 0: real mode, or protected mode without paging, as
     /// firmware runs), guest MAXPHYADDR `maxphyaddr`: its addresses are guest-physical, below
     /// 4 GiB.

@@ -22,7 +22,8 @@
 //! - [`MmioInfoCache::clear_gva`] clears only the gva parts (KVM `vcpu_clear_mmio_info`): the gfn
 //!   parts are guarded by the generation, the gva parts by guest page-table changes;
 //! - an entry filled with a gva records the size of the guest page it was translated through
-//!   (4 KiB, or 2 MiB when unknown or large), and INVLPG of any address in that guest page clears
+//!   (4 KiB, 2 MiB or 1 GiB; when the size is unknown, the largest page the guest's paging mode
+//!   allows, `GuestCpu::largest_page_level`), and INVLPG of any address in that guest page clears
 //!   its gva part, as INVLPG drops the TLB entry of the whole page. KVM compares the 4 KiB page
 //!   only, so after a guest remaps a 2 MiB page and invalidates it by its base address (as Linux
 //!   does), KVM's entry for another 4 KiB page inside it outlives the mapping: with MMIO SPTEs
@@ -55,7 +56,7 @@ struct Entry {
     gva: u64,
     gfn: u64,
     access: Access,
-    /// log2 of the size of the guest page `gva` was translated through (12 or 21).
+    /// log2 of the size of the guest page `gva` was translated through (12, 21 or 30).
     span_shift: u8,
     gen: u64,
 }
@@ -90,8 +91,9 @@ impl MmioInfoCache {
     /// generation `gen` (KVM `vcpu_cache_mmio_info`), in the entry the gva's page (or, without
     /// a gva, the gfn) selects, replacing what it held. Does nothing while an update is in
     /// progress. Returns whether it cached. The size of the guest page behind `gva` is taken to
-    /// be 2 MiB (the largest a guest leaf is here), so INVLPG anywhere in that 2 MiB region
-    /// clears it; [`Self::fill_guest_page`] names the size when the caller knows it.
+    /// be 1 GiB (the largest a guest leaf can be), so INVLPG anywhere in that 1 GiB region
+    /// clears it; [`Self::fill_guest_page`] names the size (or a tighter bound) when the caller
+    /// knows it.
     #[inline]
     pub fn fill(
         &mut self,
@@ -101,7 +103,7 @@ impl MmioInfoCache {
         gen: Generation,
         bugs: BugSet,
     ) -> bool {
-        self.fill_guest_page(gva, Level::L2M, gfn, access, gen, bugs)
+        self.fill_guest_page(gva, Level::L1G, gfn, access, gen, bugs)
     }
 
     /// [`Self::fill`] for a `gva` that the guest's tables map with a leaf at `guest_level`
@@ -178,8 +180,8 @@ impl MmioInfoCache {
 
     /// INVLPG of `gva` (KVM `vcpu_clear_mmio_info(vcpu, gva)`): clears the gva part of every
     /// entry whose guest page contains `gva` (the entry of `gva`'s own 4 KiB page, and any entry
-    /// filled through the 2 MiB guest page `gva` lies in; KVM clears only the former, see the
-    /// module doc).
+    /// filled through the 2 MiB or 1 GiB guest page `gva` lies in; KVM clears only the former,
+    /// see the module doc).
     #[inline]
     pub fn clear_gva_page(&mut self, gva: u64) {
         for e in self.entries.iter_mut() {

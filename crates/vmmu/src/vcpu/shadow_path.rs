@@ -375,23 +375,29 @@ impl<H: Host + GuestMemory> Vcpu<H> {
     /// their slot's dirty log (`kvm_vcpu_write_guest`; a guest table written in a logged slot
     /// must reach a migration's next pass), and shadow pages of the guest table there drop the
     /// SPTEs the write changed, or are zapped when the write is misaligned or the table is
-    /// flooded (KVM `kvm_mmu_track_write`). In guest mode it leaves it first (a VM exit).
+    /// flooded (KVM `kvm_mmu_track_write`). A write that crosses a page boundary is tracked as
+    /// one write per page, as KVM's emulator splits it (`emulator_read_write_onepage`). In
+    /// guest mode it leaves it first (a VM exit).
     pub fn track_write(&mut self, gpa: Gpa, bytes: u32) -> Result<(), ShadowError> {
         self.exit_guest_mode();
         self.shadow_parts()?;
         let shadow = self.vm.shadow.as_ref().ok_or(ShadowError::NotShadow)?;
-        let new_gpte = {
-            let guard = self.vm.memslots.read(&self.readers.memslot);
-            let set = guard.set(self.st.as_id);
-            let end = gpa.raw().saturating_add(u64::from(bytes));
-            let pages = (end > gpa.raw()).then(|| gpa.gfn().raw()..=Gpa(end - 1).gfn().raw());
-            for gfn in pages.into_iter().flatten() {
-                set.mark_gfn_dirty(Gfn(gfn));
-            }
-            let mem = SlotGuestMemory::new(set, &*self.vm.mmu.host);
-            guest::GuestPteMemory::read_gpte(&mem, Gpa(gpa.raw() & !7)).unwrap_or(0)
-        };
-        shadow.track_write(&self.vm.mmu, self.st.as_id, gpa, bytes, new_gpte);
+        let end = gpa.raw().saturating_add(u64::from(bytes));
+        let mut at = gpa.raw();
+        while at < end {
+            let page_end = (at | crate::types::PAGE_OFFSET_MASK).saturating_add(1);
+            let piece_end = end.min(page_end);
+            // At most a page, so it fits.
+            let piece = (piece_end - at) as u32;
+            let new_gpte = {
+                let guard = self.vm.memslots.read(&self.readers.memslot);
+                let set = guard.set(self.st.as_id);
+                set.mark_gfn_dirty(Gpa(at).gfn());
+                written_gpte(&SlotGuestMemory::new(set, &*self.vm.mmu.host), Gpa(at), piece)
+            };
+            shadow.track_write(&self.vm.mmu, self.st.as_id, Gpa(at), piece, new_gpte);
+            at = piece_end;
+        }
         Ok(())
     }
 
@@ -452,6 +458,12 @@ impl<H: Host + GuestMemory> Vcpu<H> {
         let codec = vm.mmu.cfg.codec;
         let gen = vm.memslots.generation(st.as_id);
         let fa = err.access();
+        if fa.exec {
+            // Neither the cache nor an MMIO SPTE records X (KVM's MMIO access mask is W|U), so
+            // neither can answer a fetch: the guest walk decides it (a #PF with FETCH from an
+            // NX page), as KVM's emulator fetches the instruction through a full guest walk.
+            return Ok(None);
+        }
         let mut need = fa.required().intersect(Access::WRITE.union(Access::USER));
         if fa.write && !fa.user && st.shadow.as_ref().is_some_and(|s| !s.cpu.cr0_wp) {
             // KVM's `permission_fault` on the cached rights: with CR0.WP=0 a supervisor write
@@ -491,7 +503,10 @@ impl<H: Host + GuestMemory> Vcpu<H> {
             // with `permission_fault` on the cached access.
             return Ok(None);
         }
-        st.mmio_cache.fill(cache_gva, gfn, access, gen, bugs);
+        // The walk of the shadow tables does not say how large the guest's page is: record the
+        // largest the guest can map, so INVLPG anywhere in it clears the entry.
+        let guest_page = st.shadow.as_ref().map_or(Level::L2M, |s| s.cpu.largest_page_level());
+        st.mmio_cache.fill_guest_page(cache_gva, guest_page, gfn, access, gen, bugs);
         stats.mmio_spte_hits += 1;
         let gpa = Gpa(gfn.gpa().raw() | gva.page_offset());
         Ok(Some(FaultOutcome::Emulate { gpa, access, source: EmulateSource::MmioSpteHit }))
@@ -702,5 +717,17 @@ impl<H: Host + GuestMemory> Vcpu<H> {
             }
             FetchOutcome::OutOfMemory => return Err(FaultError::OutOfMemory(walk.gpa)),
         })
+    }
+}
+
+/// The gPTE a tracked write of `bytes` bytes at `gpa` (within one page) left, as KVM's
+/// `mmu_pte_write_fetch_gpte` reads it: for a 4- or 8-byte write the whole aligned 8-byte entry
+/// (gPTEs are 8 bytes in every mode shadowed here, so a 4-byte write is half of one), for any
+/// other size 0 (KVM reads nothing then; the value only decides whether `mmu_pde_zapped`
+/// counts). Unreadable memory reads as 0.
+fn written_gpte(mem: &impl guest::GuestPteMemory, gpa: Gpa, bytes: u32) -> u64 {
+    match bytes {
+        4 | 8 => guest::GuestPteMemory::read_gpte(mem, Gpa(gpa.raw() & !7)).unwrap_or(0),
+        _ => 0,
     }
 }
