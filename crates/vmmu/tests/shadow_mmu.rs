@@ -211,6 +211,56 @@ fn pae_guests_use_a_special_root_that_retries_while_a_reload_is_pending() {
     assert_eq!(access(&mut v, 0x40_3000, false), Seen::Ram(ram_pfn(0x20_0000)));
 }
 
+/// KVM `kvm_set_cr3` under PAE: a MOV CR3 of the same value whose PDPTEs did not change (a
+/// 32-bit OS's TLB flush) keeps the special root; a changed PDPTE, or another CR3, builds it
+/// again. Every load clears the GVA part of the MMIO cache (the TLB flush).
+#[test]
+fn pae_cr3_reload_keeps_the_special_root_only_when_nothing_changed() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let pdpt = next.get();
+    next.set(pdpt + 0x1000);
+    let pd = next.get();
+    next.set(pd + 0x1000);
+    let pt = next.get();
+    next.set(pt + 0x1000);
+    host.write_u64(RAM_HVA + pdpt, pd | P);
+    host.write_u64(RAM_HVA + pd + 8 * 2, pt | P | RW | US);
+    host.write_u64(RAM_HVA + pt + 8 * 3, 0x20_0000 | P | RW | US); // gva 0x40_3000
+    host.write_u64(RAM_HVA + pt + 8 * 4, MMIO_GPA | P | RW | US); // gva 0x40_4000
+    let mut v = vm.create_vcpu().unwrap();
+    v.set_guest_cpu(GuestCpu { mode: PagingMode::Pae { pdptrs: [0; 4] }, ..long4(0) }).unwrap();
+    v.load_cr3(pdpt).unwrap();
+    assert_eq!(access(&mut v, 0x40_3000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(
+        access(&mut v, 0x40_4000, false),
+        Seen::Mmio(Gpa(MMIO_GPA), EmulateSource::SlowPathMmio)
+    );
+    let loads = v.stats.root_loads;
+    // The same CR3, the same PDPTEs: the root stays, the GVA cache goes (an MMIO SPTE hit).
+    v.load_cr3(pdpt).unwrap();
+    assert_eq!(access(&mut v, 0x40_3000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(v.stats.root_loads, loads, "nothing changed: the special root is kept");
+    assert_eq!(
+        access(&mut v, 0x40_4000, false),
+        Seen::Mmio(Gpa(MMIO_GPA), EmulateSource::MmioSpteHit)
+    );
+    // A PDPTE changed (the guest adds a second PD; PDPTEs are not write-tracked, the reload
+    // reads them): the root is built again and sees the new PDPTE.
+    let pd2 = next.get();
+    next.set(pd2 + 0x1000);
+    host.write_u64(RAM_HVA + pdpt + 8, pd2 | P);
+    host.write_u64(RAM_HVA + pd2, 0x40_0000 | P | RW | US | PS); // gva 0x4000_0000, 2 MiB
+    v.load_cr3(pdpt).unwrap();
+    assert_eq!(access(&mut v, 0x4000_1000, false), Seen::Ram(ram_pfn(0x40_1000)));
+    assert_eq!(v.stats.root_loads, loads + 1, "changed PDPTEs: a new special root");
+    // Another CR3 (the same PDPT 32 bytes on, a copy): a new root too.
+    host.write_u64(RAM_HVA + pdpt + 32, pd | P);
+    host.write_u64(RAM_HVA + pdpt + 40, pd2 | P);
+    v.load_cr3(pdpt + 32).unwrap();
+    assert_eq!(access(&mut v, 0x40_3000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(v.stats.root_loads, loads + 2, "another CR3: a new special root");
+}
+
 #[test]
 fn recycling_keeps_the_page_limit_and_translations_right() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);

@@ -268,7 +268,8 @@ impl<H: Host + GuestMemory> Vcpu<H> {
     /// MOV CR3 (KVM `kvm_set_cr3` -> `kvm_mmu_new_pgd`): a 4-level guest switches to a cached
     /// previous root for `cr3` if one is usable (KVM keeps 3), else its current root becomes the
     /// most recent previous one and a new root is built on the next entry; a PAE guest reloads
-    /// its PDPTEs (a bad one is #GP) and its special root. A `cr3` with bits at or above the
+    /// its PDPTEs (a bad one is #GP) and builds its special root again unless CR3 and the
+    /// PDPTEs are what they were. A `cr3` with bits at or above the
     /// guest's MAXPHYADDR is #GP ([`ShadowError::IllegalCr3`]); nothing changes then. Either
     /// way the GVA part of the MMIO cache is cleared and the hypervisor flushes its TLB
     /// (`flush_tlb`). In guest mode it leaves it first (a VM exit).
@@ -294,8 +295,16 @@ impl<H: Host + GuestMemory> Vcpu<H> {
                     let mem = SlotGuestMemory::new(guard.set(st.as_id), &*core.host);
                     guest::load_pdptrs(&mem, cr3, sv.cpu.maxphyaddr)?
                 };
+                // KVM `kvm_set_cr3`: the special root goes when the PDPTEs changed
+                // (`load_pdptrs` frees the current root) or CR3 did (`kvm_mmu_new_pgd`, whose
+                // fast switch frees a special root); a reload of the same CR3 with the same
+                // PDPTEs (a 32-bit OS's TLB flush) keeps it.
+                let same = cr3 == sv.cpu.cr3
+                    && matches!(sv.cpu.mode, PagingMode::Pae { pdptrs: old } if old == pdptrs);
                 sv.cpu.mode = PagingMode::Pae { pdptrs };
-                release.extend(sv.root.take());
+                if !same {
+                    release.extend(sv.root.take());
+                }
             }
             PagingMode::Long4 => {
                 let current = sv.root.take();
