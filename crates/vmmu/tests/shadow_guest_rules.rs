@@ -176,3 +176,31 @@ fn a_page_crossing_emulated_write_drops_the_spte_it_changed_in_the_second_page()
         "the guest table maps 0x30_0000 now, but the stale shadow leaf still maps 0x20_0000"
     );
 }
+
+/// A prefetch that stops at a neighbour gPTE that no longer qualifies drops that neighbour's
+/// SPTE too (KVM `FNAME(prefetch_invalid_gpte)`). The MMIO SPTE there was made for what the gPTE
+/// said before the host cleared it behind the write tracking's back (a VMM or device write to
+/// guest memory does not exit); once the prefetch has seen the gPTE clear, an access there is
+/// the guest's not-present #PF, not an emulated access at the old device address.
+#[test]
+fn prefetch_at_an_invalid_gpte_drops_its_mmio_spte() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    const V: u64 = 0x4000_0000;
+    s.map4k(V, 0x20_0000, P | RW | US);
+    let dev_pte = s.map4k(V + 0x1000, MMIO_GPA, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(
+        access(&mut v, V + 0x1000, false),
+        Seen::Mmio(Gpa(MMIO_GPA), EmulateSource::SlowPathMmio)
+    );
+    // The host clears the device PTE (no exit, no emulated write).
+    host.write_u64(RAM_HVA + dev_pte, 0);
+    // A fault on the neighbour maps it and prefetches the group: the cleared gPTE ends that.
+    assert_eq!(access(&mut v, V, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(
+        access(&mut v, V + 0x1000, false),
+        Seen::GuestPf(0x4),
+        "an access through the cleared gPTE was answered from its old MMIO SPTE"
+    );
+}

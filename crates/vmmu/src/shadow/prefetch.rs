@@ -7,7 +7,9 @@
 //!   (`PTE_PREFETCH_NUM`), only entries that are not present (an MMIO SPTE counts as not
 //!   present), and not while a host invalidation is in progress.
 //! - Indirect: the group's guest PTEs, in order; the first one that cannot be prefetched ends
-//!   the prefetch. A guest PTE qualifies when present, **accessed** and free of reserved bits; its
+//!   the prefetch, and the first one that does not qualify also loses its SPTE (an MMIO SPTE
+//!   there goes, `prefetch_invalid_gpte`). A guest PTE qualifies when present, **accessed** and
+//!   free of reserved bits; its
 //!   rights are the page's role access ANDed with the gPTE's, without W unless the gPTE is dirty
 //!   (`protect_clean_gpte`).
 //! - Direct: the runs of not-present entries between the faulting and present ones, each from the
@@ -103,6 +105,10 @@ pub(crate) fn prefetch<H: Host>(
             && gpte & pte::A != 0
             && masks.reserved_bits_set(Level::L4K, gpte) == 0;
         if !usable {
+            // KVM `FNAME(prefetch_invalid_gpte)`: the entry's SPTE goes too. It is not present,
+            // but it may be an MMIO SPTE made for what the gPTE said before a change the write
+            // tracking never saw (the host or a device wrote the table, not the guest).
+            let _ = st.drop_spte(core, sp, j);
             return;
         }
         let mut access = role.access().intersect(pte::gpte_access(gpte));
