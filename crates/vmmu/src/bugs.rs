@@ -68,7 +68,8 @@ pub enum Bug {
     /// fails the vCPU's run (KVM: -EINVAL from KVM_RUN) instead of retrying and then emulating.
     ZappedSpteIsMisconfig = 5,
     /// Undoes a955cad84cda / 18c841e1f411 "Retry page fault if root is invalidated" (2021): no
-    /// stale-root check before installing an SPTE.
+    /// stale-root check before installing an SPTE (neither the fault path's nor the shadow
+    /// `fetch`'s check of the page its walk starts from, which KVM does not have).
     ///
     /// No harm in this design: the SPTE a fault installs into an obsolete root maps what the
     /// memslots and the host map at that moment, and nothing can make it stale while anyone can
@@ -76,14 +77,20 @@ pub enum Bug {
     /// so the delete or move of that slot cannot publish its second swap, nor even complete the
     /// grace period of its invalidating swap, while the fault is in flight; a fault that sees
     /// the slot invalid retries before the root check. (2) Host invalidations are caught by the
-    /// notifier-sequence check, which does not depend on the root. (3) An obsolete root stays on
-    /// the root list while a vCPU uses it, every later zap (of a range or of everything) walks it,
-    /// and the last user's `put_root` zaps it before it is freed, so the SPTE goes when a valid
-    /// root's would (no leak either, which was KVM's TDP harm). A vCPU still in guest mode on
-    /// the obsolete root may translate through the new SPTE, but to the current frame. For a
-    /// root without a page (18c841e1f411) KVM's harm was a NULL dereference, which has no
-    /// equivalent here. `tests/catchers` keeps an invariant test (the obsoleted root maps
-    /// nothing after `zap_all_fast`; a fault with a reload pending retries).
+    /// notifier-sequence check, which does not depend on the root. (3) TDP: an obsolete root
+    /// stays on the root list while a vCPU uses it, every later zap (of a range or of
+    /// everything) walks it, and the last user's `put_root` zaps it before it is freed, so the
+    /// SPTE goes when a valid root's would (no leak either, which was KVM's TDP harm). A vCPU
+    /// still in guest mode on the obsolete root may translate through the new SPTE, but to the
+    /// current frame. (4) Shadow: a fault builds below a root page (or a special root's
+    /// level-2 page) that the zap-all emptied and made invalid while the root pinned it; the
+    /// vCPU drops the root before it enters the guest again, and the release zaps the page
+    /// again (KVM `mmu_free_root_page`), so what was built below it is unlinked before the page
+    /// is freed. For a root without a page (18c841e1f411) KVM's harm was a NULL dereference,
+    /// which has no equivalent here. Tests keep what defends against it: `tests/catchers`'
+    /// invariant (the obsoleted TDP root maps nothing after `zap_all_fast`; a fault with a
+    /// reload pending retries), and the shadow release's unlinking (`tests/shadow_mmu.rs`,
+    /// `tests/loom_shadow.rs`: nothing stays linked from a freed page).
     NoStaleRootCheck = 6,
     /// Undoes e0c378684b65 "Retry page faults that hit an invalid memslot" (2021): a slot being
     /// deleted or moved is treated as no slot, i.e. MMIO.

@@ -211,6 +211,44 @@ fn pae_guests_use_a_special_root_that_retries_while_a_reload_is_pending() {
     assert_eq!(access(&mut v, 0x40_3000, false), Seen::Ram(ram_pfn(0x20_0000)));
 }
 
+/// With both staleness checks gone (`no-stale-root-check`, KVM before a955cad84cda and
+/// 18c841e1f411), a fault after a fast zap-all builds below the level-2 page the special root
+/// pins, which the zap emptied and made invalid. The vCPU drops the root before it next enters
+/// the guest, and that release zaps the page again, as KVM's `mmu_free_root_page` does: the
+/// page built below it is no longer linked from a freed page, and later zaps and accesses work.
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn a_fault_below_a_zapped_special_root_page_is_unlinked_when_the_root_is_dropped() {
+    let (vm, host, next) = shadow_vm(BugSet::only(vmmu::bugs::Bug::NoStaleRootCheck));
+    let pdpt = next.get();
+    next.set(pdpt + 0x1000);
+    let pd = next.get();
+    next.set(pd + 0x1000);
+    let pt = next.get();
+    next.set(pt + 0x1000);
+    host.write_u64(RAM_HVA + pdpt, pd | P);
+    host.write_u64(RAM_HVA + pd + 8 * 2, pt | P | RW | US);
+    host.write_u64(RAM_HVA + pt + 8 * 3, 0x20_0000 | P | RW | US); // gva 0x40_3000
+    let mut v = vm.create_vcpu().unwrap();
+    v.set_guest_cpu(GuestCpu { mode: PagingMode::Pae { pdptrs: [0; 4] }, ..long4(0) }).unwrap();
+    v.load_cr3(pdpt).unwrap();
+    assert_eq!(access(&mut v, 0x40_3000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    vm.zap_all_fast();
+    // The bug: no retry, a shadow path is built below the zapped level-2 page.
+    let o = v.handle_page_fault(Gva(0x40_3000), PfErr(PfErr::USER)).unwrap();
+    assert_eq!(o, FaultOutcome::Fixed);
+    // The next access drops the root (the reload request) and builds a new one.
+    assert_eq!(access(&mut v, 0x40_3000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(
+        vm.stale_shadow_entries_for_tests().unwrap(),
+        0,
+        "a shadow page is still linked from a page the vCPU's release freed"
+    );
+    vm.zap_all_fast();
+    assert_eq!(access(&mut v, 0x40_3000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(vm.stale_shadow_entries_for_tests().unwrap(), 0);
+}
+
 /// KVM `kvm_set_cr3` under PAE: a MOV CR3 of the same value whose PDPTEs did not change (a
 /// 32-bit OS's TLB flush) keeps the special root; a changed PDPTE, or another CR3, builds it
 /// again. Every load clears the GVA part of the MMIO cache (the TLB flush).

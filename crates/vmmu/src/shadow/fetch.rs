@@ -100,7 +100,10 @@ pub(crate) fn fetch<H: Host>(
     let Some((mut cur, mut level)) = root.start(gva) else {
         return FetchOutcome::Retry(RetryCause::Race);
     };
-    if st.is_obsolete(cur) {
+    // The staleness check again, on the page the walk starts from (for a special root, the
+    // level-2 page its entry links, which a zap-all obsoletes like any page). KVM's `fetch`
+    // has no such check; `Bug::NoStaleRootCheck` drops it with the fault path's.
+    if st.is_obsolete(cur) && !core.cfg.bugs.has(Bug::NoStaleRootCheck) {
         return FetchOutcome::Retry(RetryCause::ObsoleteRoot);
     }
     let mmio = matches!(want, LeafWant::Mmio(_)) && core.cfg.shadow_mmio_path_only;

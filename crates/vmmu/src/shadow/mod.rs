@@ -19,6 +19,8 @@
 //! 4. A vCPU root pins its shadow page (`root_count`); a pinned page that is zapped becomes
 //!    invalid and its vCPUs are asked to reload (`FreeObsoleteRoots`) in the same critical
 //!    section, so a fault that holds the lock either sees the request or completes before it.
+//!    The last root to let go of an invalid page zaps it again before it is freed (KVM
+//!    `mmu_free_root_page`), so nothing stays linked from a freed page.
 //!
 //! Not modelled: unsync shadow pages (every shadowed guest table stays write-protected, which
 //! the facts allow), 32-bit non-PAE guests (quadrants), huge SPTEs (guest 2 MiB and 1 GiB pages
@@ -328,7 +330,7 @@ impl ShadowMmu {
         {
             let mut st = self.lock(core);
             for r in roots {
-                r.release(&mut st, &mut batch, &mut frames);
+                r.release(core, &mut st, &mut batch, &mut frames);
             }
             st.commit_zap(core, &self.stats, &mut batch);
         }

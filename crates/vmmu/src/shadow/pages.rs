@@ -529,22 +529,7 @@ impl ShadowState {
     ) {
         stats.mmu_shadow_zapped.add(1);
         core.stats.mmu_shadow_zapped.add(1);
-        // Only the entries that hold something go through `drop_spte`: most of a shadow page is
-        // not present, and `drop_spte`'s lookups per entry cost more than this scan (a zap-all
-        // of a few dozen pages spent most of its time on them).
-        let spt = self.sp(id).spt;
-        // SAFETY: the page is live (in the slab) and we hold the shadow lock (`&mut self`): only
-        // `commit_zap` queues a frame for freeing, once its page left the slab, and it is not
-        // called before this function returns (`TdpMmu::table`'s second case); the reference
-        // is not kept past this function.
-        let Some(table) = (unsafe { core.table(spt) }) else {
-            unreachable!("shadow page frame {spt:?} unknown to the host")
-        };
-        for (idx, e) in table.iter().enumerate() {
-            if e.load(crate::sync::Ordering::Acquire) != SpteFormat::NONPRESENT {
-                batch.flush |= self.drop_spte(core, id, idx);
-            }
-        }
+        self.unlink_children(core, id, batch);
         let parents = core::mem::take(&mut self.sp_mut(id).parents);
         for (p, i) in parents {
             let level = self.sp(p).role.level();
@@ -570,6 +555,27 @@ impl ShadowState {
             batch.invalid.push(id);
         } else if valid_gen == self.valid_gen {
             core.request_all(crate::requests::Request::FreeObsoleteRoots, false);
+        }
+    }
+
+    /// Clears every SPTE of page `id` (KVM `kvm_mmu_page_unlink_children`): leaves leave the
+    /// rmap, links leave their child's parent list; `batch.flush` is set if one was present.
+    fn unlink_children<H: Host>(&mut self, core: &TdpMmu<H>, id: SpId, batch: &mut ZapBatch) {
+        // Only the entries that hold something go through `drop_spte`: most of a shadow page is
+        // not present, and `drop_spte`'s lookups per entry cost more than this scan (a zap-all
+        // of a few dozen pages spent most of its time on them).
+        let spt = self.sp(id).spt;
+        // SAFETY: the page is live (in the slab) and we hold the shadow lock (`&mut self`): only
+        // `commit_zap` queues a frame for freeing, once its page left the slab, and it is not
+        // called before this function returns (`TdpMmu::table`'s second case); the reference
+        // is not kept past this function.
+        let Some(table) = (unsafe { core.table(spt) }) else {
+            unreachable!("shadow page frame {spt:?} unknown to the host")
+        };
+        for (idx, e) in table.iter().enumerate() {
+            if e.load(crate::sync::Ordering::Acquire) != SpteFormat::NONPRESENT {
+                batch.flush |= self.drop_spte(core, id, idx);
+            }
         }
     }
 
@@ -612,12 +618,16 @@ impl ShadowState {
         sp.spt
     }
 
-    /// A vCPU root stops pinning `id`. An invalid page nobody pins any more is queued for the
-    /// commit.
-    pub(crate) fn put_root(&mut self, id: SpId, batch: &mut ZapBatch) {
+    /// A vCPU root stops pinning `id`. An invalid page nobody pins any more is zapped again and
+    /// queued for the commit (KVM `mmu_free_root_page` runs `kvm_mmu_prepare_zap_page` on it):
+    /// its zap cleared it, and the staleness check keeps faults from building below it since,
+    /// but should anything have been linked there, it is unlinked here rather than left
+    /// pointing at a freed page.
+    pub(crate) fn put_root<H: Host>(&mut self, core: &TdpMmu<H>, id: SpId, batch: &mut ZapBatch) {
         let sp = self.sp_mut(id);
         sp.root_count -= 1;
         if sp.root_count == 0 && sp.role.invalid() {
+            self.unlink_children(core, id, batch);
             batch.invalid.push(id);
             batch.released_invalid += 1;
         }
@@ -628,8 +638,9 @@ impl ShadowState {
     /// a root pinned them) or obsolete (made before the last fast zap-all), and (2) parent
     /// links of live pages that come from a freed, invalid or obsolete page, that are listed
     /// twice, or whose SPTE no longer links the page. Both are 0 whenever no zap is in
-    /// progress: a zap clears every SPTE of the page and every SPTE linking it, and no fault may
-    /// install below an invalid page (the staleness check).
+    /// progress: a zap clears every SPTE of the page and every SPTE linking it, no fault may
+    /// install below an invalid page (the staleness check), and the release of an invalid page
+    /// clears it again.
     #[cfg(feature = "testing")]
     pub(crate) fn stale_entries_for_tests<H: Host>(&self, core: &TdpMmu<H>) -> usize {
         let fmt = core.cfg.format;

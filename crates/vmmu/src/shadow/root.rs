@@ -105,12 +105,18 @@ impl ShadowRoot {
 
     /// Unpins what the root pins; a special root's frame goes to `frames` (freed after a grace
     /// period by the caller).
-    pub(crate) fn release(self, st: &mut ShadowState, batch: &mut ZapBatch, frames: &mut Vec<Pfn>) {
+    pub(crate) fn release<H: Host>(
+        self,
+        core: &TdpMmu<H>,
+        st: &mut ShadowState,
+        batch: &mut ZapBatch,
+        frames: &mut Vec<Pfn>,
+    ) {
         match self {
-            ShadowRoot::Page { sp, .. } => st.put_root(sp, batch),
+            ShadowRoot::Page { sp, .. } => st.put_root(core, sp, batch),
             ShadowRoot::Special { pfn, sps } => {
                 for sp in sps.into_iter().flatten() {
-                    st.put_root(sp, batch);
+                    st.put_root(core, sp, batch);
                 }
                 frames.push(pfn);
             }
@@ -150,7 +156,7 @@ impl ShadowRoot {
                     let role =
                         SpRole::new(Level::L2M, false, Access::ALL, as_id).with_cr0_wp(cpu.cr0_wp);
                     let Some((sp, _)) = st.get_page(core, stats, gfn, role, batch) else {
-                        Self::Special { pfn, sps }.release(st, batch, &mut Vec::new());
+                        Self::Special { pfn, sps }.release(core, st, batch, &mut Vec::new());
                         core.free_unpublished_table(pfn);
                         return None;
                     };
@@ -171,7 +177,7 @@ impl ShadowRoot {
                         st.get_page(core, stats, Gfn((i as u64) << 18), role, batch)
                     else {
                         // Unpin the pages linked so far, as the PAE arm does.
-                        Self::Special { pfn, sps }.release(st, batch, &mut Vec::new());
+                        Self::Special { pfn, sps }.release(core, st, batch, &mut Vec::new());
                         core.free_unpublished_table(pfn);
                         return None;
                     };
