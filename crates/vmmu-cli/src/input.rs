@@ -39,6 +39,16 @@ pub enum InputError {
         /// The name as given (`-`).
         path: String,
     },
+    /// The file is compressed (its first bytes are a compressor's signature).
+    #[error("{path}: {format}-compressed, not text; decompress it first (e.g. `{tool} -d`)")]
+    Compressed {
+        /// The file, as given.
+        path: String,
+        /// The compression format.
+        format: &'static str,
+        /// The usual command that undoes it.
+        tool: &'static str,
+    },
     /// The file is not UTF-8.
     #[error("{path}:{line}:{column}: not UTF-8 text (byte {byte:#04x}); the format is UTF-8")]
     NotUtf8 {
@@ -209,6 +219,9 @@ pub fn shorten(message: &str) -> String {
 fn text(shown: &str, bytes: Vec<u8>) -> Result<String, InputError> {
     String::from_utf8(bytes).map_err(|e| {
         let bytes = e.as_bytes();
+        if let Some((format, tool)) = compression(bytes) {
+            return InputError::Compressed { path: shown.to_string(), format, tool };
+        }
         let at = e.utf8_error().valid_up_to();
         // The prefix is valid UTF-8 by definition of `valid_up_to`.
         let good = std::str::from_utf8(&bytes[..at]).unwrap_or_default();
@@ -222,9 +235,35 @@ fn text(shown: &str, bytes: Vec<u8>) -> Result<String, InputError> {
     })
 }
 
+/// The compression format whose signature `bytes` start with, and the command that undoes it
+/// (asked only of a file that is not UTF-8, so text that happens to start like one is text).
+fn compression(bytes: &[u8]) -> Option<(&'static str, &'static str)> {
+    const SIGNATURES: [(&[u8], &str, &str); 4] = [
+        (&[0x1f, 0x8b], "gzip", "gzip"),
+        (&[0xfd, b'7', b'z', b'X', b'Z', 0], "xz", "xz"),
+        (&[0x28, 0xb5, 0x2f, 0xfd], "zstd", "zstd"),
+        (b"BZh", "bzip2", "bzip2"),
+    ];
+    SIGNATURES.iter().find(|(magic, ..)| bytes.starts_with(magic)).map(|&(_, f, t)| (f, t))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_compressed_file_is_named_as_such() {
+        let gz = vec![0x1f, 0x8b, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x03];
+        let e = text("t.jsonl.gz", gz).expect_err("not text");
+        assert_eq!(
+            e.to_string(),
+            "t.jsonl.gz: gzip-compressed, not text; decompress it first (e.g. `gzip -d`)"
+        );
+        let zst = vec![0x28, 0xb5, 0x2f, 0xfd, 0x04, 0x58];
+        assert!(matches!(text("t.zst", zst), Err(InputError::Compressed { format: "zstd", .. })));
+        // Text that starts like a bzip2 file is text.
+        assert_eq!(text("t", b"BZh9 is a word".to_vec()).expect("text"), "BZh9 is a word");
+    }
 
     #[test]
     fn tells_traces_recordings_and_scenarios_apart() {

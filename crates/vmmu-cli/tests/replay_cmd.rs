@@ -942,6 +942,38 @@ fn a_dirty_log_call_on_an_address_space_without_slots_is_refused_by_both_halves(
     assert_eq!(u(&k["smm_skipped"]), 0, "{k:#}");
 }
 
+/// Dirty-log calls on slots the trace never created: the KVM half asks KVM rather than saying
+/// ENOENT itself, so the errno is KVM's: EINVAL for an id at or above `KVM_USER_MEM_SLOTS`,
+/// ENOENT for a user slot id that has no slot; the machine answers the same.
+#[test]
+fn dirty_log_calls_on_slots_never_created_get_kvms_errno() {
+    let trace = concat!(
+        "{\"vmmu_trace\":1,\"source\":\"hand: GET on ids never created\"}\n",
+        "{\"t\":0.000000,\"op\":\"slot\",\"as\":0,\"id\":3,\"flags\":[\"dirty_log\"],\"gpa\":\"0x0\",\"size\":\"0x100000\",\"uaddr\":\"0x7f0000000000\"}\n",
+        "{\"t\":0.000100,\"op\":\"get-dirty-log\",\"as\":0,\"id\":32764}\n",
+        "{\"t\":0.000200,\"op\":\"get-dirty-log\",\"as\":0,\"id\":5}\n",
+        "{\"t\":0.000300,\"op\":\"mmio\",\"dir\":\"write\",\"gpa\":\"0xfee000b0\",\"len\":4,\"value\":\"0x0\",\"exit\":\"kernel\"}\n",
+    );
+    let t = &replay_refusing("get-never-created.trace.jsonl", trace);
+    let d = &t["runs"][0]["dirty_log"];
+    let seen: Vec<&str> = d["first_refusals"]
+        .as_array()
+        .expect("refusals")
+        .iter()
+        .filter_map(|f| f.as_str())
+        .collect();
+    assert!(seen[0].starts_with("line 3:") && seen[0].ends_with("EINVAL"), "{d:#}");
+    assert!(seen[1].starts_with("line 4:") && seen[1].ends_with("ENOENT"), "{d:#}");
+    let Some(k) = kvm_half_that_ran(t) else { return };
+    let errnos: Vec<(u64, &str)> = k["first_refusals"]
+        .as_array()
+        .expect("refusals")
+        .iter()
+        .map(|f| (u(&f["line"]), f["errno"].as_str().expect("errno")))
+        .collect();
+    assert_eq!(errnos, [(3, "EINVAL"), (4, "ENOENT")], "{k:#}");
+}
+
 /// Slot requests KVM refuses on every host by their shape: one of 2^51 pages (more than
 /// `KVM_MEM_MAX_NR_PAGES`) and one whose `uaddr` is a kernel address. Both are refused, each
 /// naming its line, and the rest of the trace is replayed; the replay does not try to give the

@@ -392,6 +392,9 @@ pub struct TableStats {
     pub live: u64,
     /// The largest `live` seen.
     pub high_water: u64,
+    /// `alloc_table` calls that found no frame left (the MMU failed the access with its
+    /// out-of-memory error, KVM's `-ENOMEM`).
+    pub exhausted: u64,
 }
 
 /// The software machine's host: buffers, table pages, and the frame table between them.
@@ -417,6 +420,8 @@ pub struct SimHost {
     /// loads while other threads allocate and free can run below the truth, or wrap.
     live: AtomicU64,
     high_water: AtomicU64,
+    /// `alloc_table` calls that found no frame left.
+    exhausted: AtomicU64,
     /// A host-address range whose translations are slow (a page being faulted in by the host,
     /// e.g. swapped in): `[slow_start, slow_end)`, `slow_ns` long; 0 ns = none.
     slow_start: AtomicU64,
@@ -483,6 +488,7 @@ impl SimHost {
             freed: AtomicU64::new(0),
             live: AtomicU64::new(0),
             high_water: AtomicU64::new(0),
+            exhausted: AtomicU64::new(0),
             slow_start: AtomicU64::new(0),
             slow_end: AtomicU64::new(0),
             slow_ns: AtomicU64::new(0),
@@ -702,6 +708,7 @@ impl SimHost {
             freed,
             live: self.live.load(Ordering::Relaxed),
             high_water: self.high_water.load(Ordering::Relaxed),
+            exhausted: self.exhausted.load(Ordering::Relaxed),
         }
     }
 }
@@ -888,6 +895,7 @@ impl SimHost {
             Some(i) => st.free_tables.swap_remove(i),
             None => {
                 if st.next_pfn >= (self.frames.len() as u64).min(limit) {
+                    self.exhausted.fetch_add(1, Ordering::Relaxed);
                     return None;
                 }
                 // SAFETY: the layout has a non-zero size.

@@ -168,6 +168,19 @@ pub enum ReplayError {
     /// The shadow replay's guest could not be set up (its page-table slot or its CR3).
     #[error("cannot set up the shadow replay's guest: {0}")]
     Guest(String),
+    /// The replay's host had no frame left for a page table, so the MMU failed accesses with
+    /// its out-of-memory error: a limit of the replay, not something the trace did.
+    #[error(
+        "the replay's host ran out of frames for page tables ({live} in use, {exhausted} \
+         requests refused): the MMU failed accesses for want of memory, which the recording \
+         host did not"
+    )]
+    OutOfTableFrames {
+        /// Table pages in use at the end.
+        live: u64,
+        /// Table allocations refused.
+        exhausted: u64,
+    },
 }
 
 /// What one vCPU access did.
@@ -854,6 +867,13 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
     });
     report.memslot_update = super::report::Latency::of(r.latencies);
     report.zaps.zap_all_fast_total = stats.zap_all_fast;
+    let tables = memory.host().table_stats();
+    if tables.exhausted > 0 {
+        return Err(ReplayError::OutOfTableFrames {
+            live: tables.live,
+            exhausted: tables.exhausted,
+        });
+    }
     report.mmio_paths = super::report::MmioPaths {
         mmio_spte_hit: stats.exits.mmio_spte_hit,
         vcpu_cache_hit: stats.exits.mmio_cache_hit,
@@ -911,10 +931,11 @@ fn shadow_guest(
         maxphyaddr: super::identity::GUEST_PHYS_BITS,
         ..cpu
     };
+    let cpu = GuestCpu { gbpages: true, ..cpu };
     v.set_guest_cpu(cpu).map_err(|e| ReplayError::Guest(e.to_string()))?;
     v.load_cr3(tables.cr3).map_err(|e| ReplayError::Guest(e.to_string()))?;
     let note = format!(
-        "long mode, identity-mapped with 2 MiB pages (the trace reaches above 4 GiB); tables at \
+        "long mode, identity-mapped with 1 GiB pages (the trace reaches above 4 GiB); tables at \
          {:#x} in slot {}",
         tables.cr3, tables.region.slot
     );
@@ -1004,6 +1025,27 @@ mod tests {
             let timeline = r.timeline.as_ref().expect("timeline");
             assert_eq!(timeline.mmio_latency.count, 3, "{}", cfg.name());
         }
+    }
+
+    /// Recorded MMIO all over the address space: each access in a GiB of its own takes two
+    /// new TDP tables that its MMIO SPTE keeps (34000 accesses: 68000 tables, more than a fixed
+    /// budget of 65536 gave, after which every access failed for want of memory and counted as
+    /// misclassified). The table budget follows the trace's length; a host that still runs out
+    /// fails the run with that reason, never as a misclassified access.
+    #[test]
+    fn mmio_in_many_regions_gets_its_page_tables() {
+        let mut text =
+            [HEADER.to_string(), slot_line(0, 0, "", "0x0", "0x100000", "0x7f0000000000")].concat();
+        const N: u64 = 34_000;
+        for i in 1..=N {
+            text.push_str(&mmio_line("read", &format!("{:#x}", i << 30), 4, "0x0", "user"));
+        }
+        let trace = parse(&text).expect("trace");
+        let cfg = ReplayConfig::new(FormatKind::Ept, true);
+        let r = replay(&trace, &cfg).expect("replay");
+        assert!(r.passed(), "{:?}", r.mmio.first_misclassified);
+        assert_eq!(r.mmio.classified_mmio, N);
+        assert!(r.mmio_paths.mmio_sptes_created >= N, "each access left an MMIO SPTE");
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! the trace reaches at or above 4 GiB (below, it runs without paging: [`super::engine`]):
 //! every 1 GiB region the trace touches (any slot of address space 0, deleted ones included,
 //! and any recorded MMIO access, up to the shadow MMU's 2^52 whatever the host's MAXPHYADDR) is
-//! mapped to itself with 2 MiB pages, user and writable, accessed and dirty (so no walk writes
-//! the tables). This is what the KVM half's guest and
+//! mapped to itself with a 1 GiB page, user and writable, accessed and dirty (so no walk writes
+//! the tables; the guest's CPUID has 1 GiB pages). A PML4 and one PDPT per 512 GiB are all the
+//! tables, so any trace a 4-level guest can address fits (at most 2^17 regions). This is what the KVM half's guest and
 //! version-1 scenarios on `format=shadow` do. A region at or above 2^47 has no canonical
 //! user address of the same value under 4-level paging: it is mapped at a free region below
 //! 2^47 instead ([`IdentityTables::gva`] says where).
@@ -30,9 +31,6 @@ use vmmu::memslot::UserspaceMemoryRegion;
 const GIB: u64 = 1 << 30;
 const MIB2: u64 = 2 << 20;
 const PAGE: u64 = 4096;
-/// At most this much memory for the tables (16383 page directories: 16 TiB mapped), so they
-/// fit in the replay host's frames for MMU tables with room to spare.
-pub const MAX_TABLE_BYTES: u64 = 64 << 20;
 /// The guest's MAXPHYADDR: the shadow MMU accepts slots up to 2^52 whatever the host's
 /// MAXPHYADDR (KVM's `kvm_mmu_max_gfn` without TDP, facts §5.3), so the guest must reach that
 /// far (a TDP replay of the same trace refuses a slot above the host's MAXPHYADDR instead).
@@ -56,10 +54,11 @@ pub enum IdentityError {
     /// The trace uses every slot id of address space 0.
     #[error("the trace uses every slot id of address space 0; the shadow replay needs one")]
     NoSlotId,
-    /// The tables would take more than [`MAX_TABLE_BYTES`] (the trace touches about 16 TiB).
+    /// The trace touches more 1 GiB regions than a 4-level guest has user addresses for
+    /// (2^17, less one for the tables).
     #[error(
-        "the trace touches more than {0} GiB of guest-physical space: its identity map would \
-         take more than 64 MiB of page tables"
+        "the trace touches more than {0} distinct GiB of guest-physical space, more than the \
+         128 TiB a 4-level guest addresses; the shadow replay cannot map it"
     )]
     TooLarge(usize),
     /// Host memory for the tables.
@@ -80,9 +79,9 @@ pub struct IdentityTables {
     _buf: Arc<HostBuffer>,
 }
 
-/// Most regions the tables map (so they fit in [`MAX_TABLE_BYTES`]: a PML4, the PDPTs, a page
-/// directory per region).
-const MAX_REGIONS: usize = (MAX_TABLE_BYTES / PAGE) as usize - 1 - 512;
+/// Most regions the tables map: the 1 GiB regions of a 4-level guest's user half, one of
+/// which holds the tables when the trace leaves one free.
+const MAX_REGIONS: usize = ((1u64 << 47) / GIB) as usize - 1;
 
 /// The guest-physical byte ranges `[start, end)` below `2^phys_bits` that `trace` reaches in
 /// address space 0: those of every recorded MMIO access and of every slot request KVM could
@@ -191,7 +190,7 @@ impl IdentityTables {
             gva_region.insert(r, v);
         }
         let pdpts: BTreeSet<u64> = gva_region.values().map(|v| v / 512).collect();
-        let pages = 1 + pdpts.len() + regions.len();
+        let pages = 1 + pdpts.len();
         let size = (pages as u64 * PAGE).next_multiple_of(MIB2);
         // A GiB of their own, or else a gap in a touched one (mapped like the rest of it).
         let base = match free_region {
@@ -206,7 +205,7 @@ impl IdentityTables {
         let write = |gpa: u64, value: u64| {
             buf.write(gpa - base, Width::W8, value).map_err(|e| IdentityError::Host(e.to_string()))
         };
-        // Page 0: the PML4; then one page per PDPT, then one per page directory.
+        // Page 0: the PML4; then one page per PDPT, whose entries are the 1 GiB pages.
         let mut next = base + PAGE;
         let mut pdpt_at = BTreeMap::new();
         for &p in &pdpts {
@@ -215,13 +214,7 @@ impl IdentityTables {
             next += PAGE;
         }
         for (&r, &v) in &gva_region {
-            let pd = next;
-            next += PAGE;
-            write(pdpt_at[&(v / 512)] + 8 * (v % 512), pd | TABLE)?;
-            for i in 0..512u64 {
-                let gpa = r * GIB + i * MIB2;
-                write(pd + 8 * i, gpa | P | RW | US | A | D | PS)?;
-            }
+            write(pdpt_at[&(v / 512)] + 8 * (v % 512), (r * GIB) | P | RW | US | A | D | PS)?;
         }
         let region = UserspaceMemoryRegion {
             slot: u32::from(id),
@@ -302,13 +295,36 @@ mod tests {
     }
 
     #[test]
-    fn more_than_16_tib_is_refused_with_a_reason() {
-        let slots: Vec<String> = (0..3u16)
-            .map(|i| slot(i, &format!("{:#x}", u64::from(i) << 43), "0x7fffffff000"))
+    fn more_than_128_tib_is_refused_with_a_reason() {
+        // 17 slots of the most pages one slot may have (8 TiB each), 16 TiB apart.
+        let slots: Vec<String> = (0..17u16)
+            .map(|i| slot(i, &format!("{:#x}", u64::from(i) << 44), "0x7fffffff000"))
             .collect();
         let trace = parse(&format!("{HEADER}{}", slots.concat())).expect("trace");
         let e = touched(&reached(&trace, 52)).expect_err("refused");
         assert!(matches!(e, IdentityError::TooLarge(_)), "{e}");
+    }
+
+    #[test]
+    fn slots_of_the_most_pages_are_mapped_with_1_gib_pages() {
+        // Two slots of 2^31 - 1 pages (KVM accepts each): about 16 TiB, which the tables with 2
+        // MiB pages refused (16384 page directories).
+        let text = format!(
+            "{HEADER}{}{}",
+            slot(0, "0x0", "0x7fffffff000"),
+            slot(1, "0x100000000000", "0x7fffffff000")
+        );
+        let trace = parse(&text).expect("trace");
+        let host = SimHost::new(HostConfig::new(46)).expect("host");
+        let t = IdentityTables::build(&trace, &host, 46).expect("tables");
+        assert_eq!(t.region.memory_size, MIB2, "a PML4 and two PDPTs");
+        assert_eq!(t.gva(0x1000_0000_1234), Some(0x1000_0000_1234));
+        assert_eq!(t.gva(0x7ff_ffff_e000), Some(0x7ff_ffff_e000));
+        // The PDPT entry of GiB 5 is a 1 GiB page of itself.
+        let read = |off: u64| t._buf.read(off, Width::W8).expect("in the buffer");
+        let pdpt = read(0) & !0xfff & ((1 << 52) - 1);
+        let e = read(pdpt - t.cr3 + 8 * 5);
+        assert_eq!(e, (5 * GIB) | P | RW | US | A | D | PS);
     }
 
     #[test]

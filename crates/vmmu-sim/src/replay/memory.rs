@@ -14,8 +14,24 @@ use std::sync::Arc;
 use vmmu::memslot::KVM_MEM_MAX_NR_PAGES;
 use vmmu::types::PAGE_SIZE;
 
-/// Frames kept for the MMU's page tables on top of the buffers.
-const TABLE_FRAMES: u64 = 1 << 16;
+/// Frames kept for the MMU's page tables on top of the buffers: at least this many, and
+/// [`TABLE_FRAMES_PER_EVENT`] more per event of the trace ([`table_frames`]).
+const TABLE_FRAMES_MIN: u64 = 1 << 16;
+/// Page tables one event may make the MMU keep: a recorded access, or one of the replay's own
+/// probes around a slot request, in a region no table covers yet takes up to one table per
+/// level below the root (4 with a 5-level root), and TDP tables holding MMIO SPTEs stay (KVM
+/// keeps them too; the recording host just had the memory). A slot request is probed at its
+/// first, middle and last page, read through its aliases and around it: 16 pages' worth.
+const TABLE_FRAMES_PER_EVENT: u64 = 16;
+
+/// Frames the replay's host keeps for MMU page tables for `trace` (see [`TABLE_FRAMES_MIN`]).
+/// Frames cost nothing until used (the frame table is zeroed memory the system hands out on
+/// first touch), so the budget follows the trace's length rather than a fixed number that a
+/// long recording with MMIO all over the address space outgrows.
+pub fn table_frames(trace: &Trace) -> u64 {
+    let events = trace.events.len() as u64;
+    TABLE_FRAMES_MIN.saturating_add(events.saturating_mul(TABLE_FRAMES_PER_EVENT))
+}
 
 /// Why a trace's memory could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -112,9 +128,10 @@ impl TraceMemory {
         // memory: a replay touches a few thousand pages, whatever the slots' sizes. Host pages
         // are all 4 KiB then.
         let frame_space = frame_space(phys_bits);
-        let lazy = pages > frame_space - TABLE_FRAMES;
+        let tables = table_frames(trace);
+        let lazy = pages > frame_space.saturating_sub(tables);
         let host = Arc::new(SimHost::new(HostConfig {
-            max_frames: if lazy { frame_space } else { pages + TABLE_FRAMES },
+            max_frames: if lazy { frame_space } else { pages + tables },
             lazy_frames: lazy,
             ..HostConfig::new(phys_bits)
         })?);

@@ -72,7 +72,7 @@ pub enum ParseErrorKind {
         found: String,
     },
     /// The header's version is not 1.
-    #[error("vmmu_trace is {0}; this reader knows version 1 only")]
+    #[error("vmmu_trace is {0}; this reader knows version 1 only (the JSON integer `1`)")]
     Version(String),
     /// An unknown `op`.
     #[error("unknown op {0:?} (v1 has slot, mmio, get-dirty-log, clear-dirty-log, kvm, summary)")]
