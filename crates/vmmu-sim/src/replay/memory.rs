@@ -24,7 +24,8 @@ const TABLE_FRAMES_MIN: u64 = 1 << 16;
 /// first, middle and last page, read through its aliases and around it: 16 pages' worth.
 const TABLE_FRAMES_PER_EVENT: u64 = 16;
 
-/// Frames the replay's host keeps for MMU page tables for `trace` (see [`TABLE_FRAMES_MIN`]).
+/// Frames the replay's host keeps for MMU page tables for `trace`: 64 Ki, and 16 more per
+/// event (one table per level below the root for each page an event makes the replay touch).
 /// Frames cost nothing until used (the frame table is zeroed memory the system hands out on
 /// first touch), so the budget follows the trace's length rather than a fixed number that a
 /// long recording with MMIO all over the address space outgrows.
