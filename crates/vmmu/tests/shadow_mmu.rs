@@ -183,19 +183,26 @@ fn cr3_switches_reuse_previous_roots_and_clear_the_gva_cache() {
     assert_eq!(v.stats.root_loads, loads, "a previous root, not a new one");
 }
 
+/// A PAE guest's tables: a PDPT (32-byte aligned) whose first PDPTE links a PD, whose entry 2
+/// links a PT, whose entry 3 maps GVA 0x40_3000 to RAM at 0x20_0000. Returns (pdpt, pd, pt).
+fn pae_tables(host: &TestHost, next: &std::cell::Cell<u64>) -> (u64, u64, u64) {
+    let table = || {
+        let t = next.get();
+        next.set(t + 0x1000);
+        t
+    };
+    let (pdpt, pd, pt) = (table(), table(), table());
+    host.write_u64(RAM_HVA + pdpt, pd | P);
+    host.write_u64(RAM_HVA + pd + 8 * 2, pt | P | RW | US); // gva 0x40_0000..
+    host.write_u64(RAM_HVA + pt + 8 * 3, 0x20_0000 | P | RW | US); // gva 0x40_3000
+    (pdpt, pd, pt)
+}
+
 #[test]
 fn pae_guests_use_a_special_root_that_retries_while_a_reload_is_pending() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);
     // PDPT at a 32-byte aligned address; one PD for the first GiB, one PT.
-    let pdpt = next.get();
-    next.set(pdpt + 0x1000);
-    let pd = next.get();
-    next.set(pd + 0x1000);
-    let pt = next.get();
-    next.set(pt + 0x1000);
-    host.write_u64(RAM_HVA + pdpt, pd | P);
-    host.write_u64(RAM_HVA + pd + 8 * 2, pt | P | RW | US); // gva 0x40_0000..
-    host.write_u64(RAM_HVA + pt + 8 * 3, 0x20_0000 | P | RW | US); // gva 0x40_3000
+    let (pdpt, ..) = pae_tables(&host, &next);
     let mut v = vm.create_vcpu().unwrap();
     let cpu = GuestCpu { mode: PagingMode::Pae { pdptrs: [0; 4] }, ..long4(0) };
     v.set_guest_cpu(cpu).unwrap();
@@ -220,15 +227,7 @@ fn pae_guests_use_a_special_root_that_retries_while_a_reload_is_pending() {
 #[test]
 fn a_fault_below_a_zapped_special_root_page_is_unlinked_when_the_root_is_dropped() {
     let (vm, host, next) = shadow_vm(BugSet::only(vmmu::bugs::Bug::NoStaleRootCheck));
-    let pdpt = next.get();
-    next.set(pdpt + 0x1000);
-    let pd = next.get();
-    next.set(pd + 0x1000);
-    let pt = next.get();
-    next.set(pt + 0x1000);
-    host.write_u64(RAM_HVA + pdpt, pd | P);
-    host.write_u64(RAM_HVA + pd + 8 * 2, pt | P | RW | US);
-    host.write_u64(RAM_HVA + pt + 8 * 3, 0x20_0000 | P | RW | US); // gva 0x40_3000
+    let (pdpt, ..) = pae_tables(&host, &next);
     let mut v = vm.create_vcpu().unwrap();
     v.set_guest_cpu(GuestCpu { mode: PagingMode::Pae { pdptrs: [0; 4] }, ..long4(0) }).unwrap();
     v.load_cr3(pdpt).unwrap();
@@ -255,15 +254,7 @@ fn a_fault_below_a_zapped_special_root_page_is_unlinked_when_the_root_is_dropped
 #[test]
 fn pae_cr3_reload_keeps_the_special_root_only_when_nothing_changed() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);
-    let pdpt = next.get();
-    next.set(pdpt + 0x1000);
-    let pd = next.get();
-    next.set(pd + 0x1000);
-    let pt = next.get();
-    next.set(pt + 0x1000);
-    host.write_u64(RAM_HVA + pdpt, pd | P);
-    host.write_u64(RAM_HVA + pd + 8 * 2, pt | P | RW | US);
-    host.write_u64(RAM_HVA + pt + 8 * 3, 0x20_0000 | P | RW | US); // gva 0x40_3000
+    let (pdpt, pd, pt) = pae_tables(&host, &next);
     host.write_u64(RAM_HVA + pt + 8 * 4, MMIO_GPA | P | RW | US); // gva 0x40_4000
     let mut v = vm.create_vcpu().unwrap();
     v.set_guest_cpu(GuestCpu { mode: PagingMode::Pae { pdptrs: [0; 4] }, ..long4(0) }).unwrap();
