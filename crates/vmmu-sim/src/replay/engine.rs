@@ -929,9 +929,10 @@ fn shadow_guest(
         mode: PagingMode::Long4,
         cr3: tables.cr3,
         maxphyaddr: super::identity::GUEST_PHYS_BITS,
+        // The identity map's pages are 1 GiB.
+        gbpages: true,
         ..cpu
     };
-    let cpu = GuestCpu { gbpages: true, ..cpu };
     v.set_guest_cpu(cpu).map_err(|e| ReplayError::Guest(e.to_string()))?;
     v.load_cr3(tables.cr3).map_err(|e| ReplayError::Guest(e.to_string()))?;
     let note = format!(

@@ -7,8 +7,9 @@
 //! and any recorded MMIO access, up to the shadow MMU's 2^52 whatever the host's MAXPHYADDR) is
 //! mapped to itself with a 1 GiB page, user and writable, accessed and dirty (so no walk writes
 //! the tables; the guest's CPUID has 1 GiB pages). A PML4 and one PDPT per 512 GiB are all the
-//! tables, so any trace a 4-level guest can address fits (at most 2^17 regions). This is what the KVM half's guest and
-//! version-1 scenarios on `format=shadow` do. A region at or above 2^47 has no canonical
+//! tables, so any trace a 4-level guest can address fits (at most 2^17 regions). The KVM half's
+//! guest and version-1 scenarios on `format=shadow` run on identity maps too (of 2 MiB pages,
+//! over less space). A region at or above 2^47 has no canonical
 //! user address of the same value under 4-level paging: it is mapped at a free region below
 //! 2^47 instead ([`IdentityTables::gva`] says where).
 //!

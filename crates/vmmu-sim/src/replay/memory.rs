@@ -24,12 +24,12 @@ const TABLE_FRAMES_MIN: u64 = 1 << 16;
 /// first, middle and last page, read through its aliases and around it: 16 pages' worth.
 const TABLE_FRAMES_PER_EVENT: u64 = 16;
 
-/// Frames the replay's host keeps for MMU page tables for `trace`: 64 Ki, and 16 more per
-/// event (one table per level below the root for each page an event makes the replay touch).
-/// Frames cost nothing until used (the frame table is zeroed memory the system hands out on
-/// first touch), so the budget follows the trace's length rather than a fixed number that a
-/// long recording with MMIO all over the address space outgrows.
-pub fn table_frames(trace: &Trace) -> u64 {
+/// Frames the replay's host keeps for MMU page tables for `trace`: [`TABLE_FRAMES_MIN`], and
+/// [`TABLE_FRAMES_PER_EVENT`] more per event. Frames cost nothing until used (the frame table
+/// is zeroed memory the system hands out on first touch), so the budget follows the trace's
+/// length rather than a fixed number that a long recording with MMIO all over the address
+/// space outgrows.
+fn table_frames(trace: &Trace) -> u64 {
     let events = trace.events.len() as u64;
     TABLE_FRAMES_MIN.saturating_add(events.saturating_mul(TABLE_FRAMES_PER_EVENT))
 }

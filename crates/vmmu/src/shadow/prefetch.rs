@@ -9,9 +9,8 @@
 //! - Indirect: the group's guest PTEs, in order; the first one that cannot be prefetched ends
 //!   the prefetch, and the first one that does not qualify also loses its SPTE (an MMIO SPTE
 //!   there goes, `prefetch_invalid_gpte`). A guest PTE qualifies when present, **accessed** and
-//!   free of reserved bits; its
-//!   rights are the page's role access ANDed with the gPTE's, without W unless the gPTE is dirty
-//!   (`protect_clean_gpte`).
+//!   free of reserved bits; its rights are the page's role access ANDed with the gPTE's,
+//!   without W unless the gPTE is dirty (`protect_clean_gpte`).
 //! - Direct: the runs of not-present entries between the faulting and present ones, each from the
 //!   page's linear range with the role's access; a run that cannot be prefetched at all ends the
 //!   prefetch, a partly prefetched one does not.
