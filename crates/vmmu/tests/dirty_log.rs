@@ -423,10 +423,8 @@ fn vm_over_a_1g_host_page(frames: usize) -> (Vm<TestHost>, std::sync::Arc<TestHo
 /// split recurses), so after a write fault in one 2 MiB block the other pages of that block stay
 /// mapped read-only: reading them neither faults nor dirties them, and the GET holds only the
 /// written page. Kills `write_protect_table`'s `lower > Level::L4K` (the recursion into a split
-/// 1 GiB leaf's 2 MiB children) as `<` or `==`: the 2 MiB children stayed huge and read-only,
-/// the write fault replaced its block by a table with only the written page, and the later read
-/// of a neighbour faulted, mapped it writable and reported it dirty although the guest never
-/// wrote it.
+/// 1 GiB leaf's 2 MiB children) as `<` or `==`: the 2 MiB children stayed huge and read-only
+/// (the leaf counts; a write fault then splits its block, keeping the neighbours mapped).
 #[test]
 fn starting_logging_splits_a_1g_leaf_down_to_4k() {
     let (vm, _host) = vm_over_a_1g_host_page(1100);
@@ -621,6 +619,35 @@ fn initially_set_clear_splits_a_1g_leaf_down_to_the_words_4k() {
     }
     let dirty = get(&vm, 1);
     assert_eq!(dirty.len() as u64, (1 << 18), "every page (the cleared one written again)");
+}
+
+/// A write fault under a read-only 2 MiB leaf (here one of the 511 a CLEAR left of a split 1 GiB
+/// leaf under "initially set") splits that leaf into read-only 4 KiB leaves and makes only the
+/// written one writable (KVM `kvm_tdp_mmu_map`: a huge SPTE above the goal level is split,
+/// `tdp_mmu_split_huge_page`, children with the parent's rights). The block's other pages stay
+/// mapped read-only: after the VMM clears the block, a read of one of them neither faults nor
+/// makes it dirty. (This MMU used to zap the leaf: the read faulted, mapped the page writable,
+/// since its host page is, and the next GET reported a page the guest never wrote.)
+#[test]
+fn a_write_under_a_read_only_2m_leaf_in_a_logged_slot_keeps_its_neighbours_mapped() {
+    let (vm, _host) = vm_over_a_1g_host_page(1100);
+    vm.set_dirty_log_mode(DirtyLogMode::InitiallySet);
+    let mut v = TlbVcpu::new(&vm);
+    assert_eq!(v.access(SLOT + 0x20_5000, true), 1);
+    vm.set_memory_region(&region(1, SLOT, 1 << 30, BIG_HVA, LOG)).unwrap();
+    vm.clear_dirty_log(AsId(0), SlotId(1), 0x200, 64, &[1 << 5]).unwrap();
+    assert_eq!(vm.stats().pages_2m, 511, "the 1 GiB leaf was split into read-only 2 MiB leaves");
+    // A write in the block of pages 0x400..0x600, whose bits are still set (initially set).
+    assert_eq!(v.access(SLOT + 0x40_0000, true), 1, "the 2 MiB leaf is read-only");
+    let s = vm.stats();
+    assert_eq!((s.pages_2m, s.pages_4k), (510, 1024), "that 2 MiB leaf was split, not zapped");
+    // The VMM collects the block and clears it; the guest only reads page 0x401 afterwards.
+    vm.clear_dirty_log_all(AsId(0), SlotId(1), 0x400, 0x200).unwrap();
+    let faults = v.access(SLOT + 0x40_1000, false);
+    let dirty: Vec<u64> = get(&vm, 1).into_iter().filter(|p| (0x400..0x600).contains(p)).collect();
+    assert_eq!((faults, dirty), (0, vec![]), "a read after the CLEAR neither faults nor dirties");
+    assert_eq!(v.access(SLOT + 0x40_1000, true), 1, "a write does, once");
+    assert_eq!(get(&vm, 1).into_iter().filter(|p| (0x400..0x600).contains(p)).count(), 1);
 }
 
 /// The same CLEAR when only the 1 GiB leaf's own split can have a table page (its 2 MiB

@@ -20,7 +20,11 @@
 //! fails when a memslot update does not wait for invalidations in flight, checked by hand: the
 //! recovered leaf then maps that page to its old frame).
 //!
-//! Property (harm): once both sides are done, an access by the vCPU to each gfn of interest
+//! (c) Two write faults splitting the same read-only 2 MiB leaf of a logged slot under the
+//! shared MMU lock (`TdpMmu::split_for_fault`): the loser of the exchange gives its table back.
+//! Its property is in its doc.
+//!
+//! Property (harm) of (a) and (b): once both sides are done, an access by the vCPU to each gfn of interest
 //! gives the right outcome for the final state (RAM of the frame the host maps there now, or
 //! MMIO where no slot is), the racing fault did not fail, and no table page was read after it
 //! was freed (`TestHost::use_after_free`). Model (a) with the host invalidation fails when the
@@ -393,4 +397,64 @@ fn recovery_vs_host_invalidation() {
         vm.reclaim();
         assert_eq!(host.use_after_free(), 0, "VIOLATION: a table page was read after its free");
     });
+}
+
+// ---------------------------------------------------------------------------------------------
+// (c) Two write faults splitting the same read-only 2 MiB leaf under the shared MMU lock.
+// ---------------------------------------------------------------------------------------------
+
+/// A read-only 2 MiB leaf in a logged slot (logging started when no table page could be had, so
+/// the leaf was write-protected whole) takes write faults from two vCPUs at once, at `TARGET`
+/// and its neighbour page 6. Each splits the leaf into children with its rights and exchanges
+/// its table for the leaf; the one whose exchange loses gives its table back and faults again
+/// (`map.rs`, `TdpMmu::split_for_fault`). Property (harm): both writes then complete and are
+/// the only pages in the collection (a read of another page of the block does not fault: had a
+/// fault zapped the leaf, the read would map the page writable and report it dirty); the leaf
+/// counters and the table pages in use match one split, whichever won (a lost table that was
+/// leaked or counted would show there); and no table page was read after its free.
+#[test]
+fn two_write_faults_split_one_read_only_2m_leaf() {
+    let _k = knob_lock();
+    let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = lost.clone();
+    model(move || {
+        let (vm, host, mut a) = vm_for(2);
+        let mut b = vm.create_vcpu().unwrap();
+        b.service_requests().unwrap();
+        vm.set_memory_region(&slot(BLOCK, 0x20_0000, 0)).unwrap();
+        assert_eq!(access(&mut a, OLD_MMIO, true), Seen::Ram(Pfn(BASE_PFN + 3)), "setup");
+        host.set_fail_alloc(true);
+        vm.set_memory_region(&slot(BLOCK, 0x20_0000, KVM_MEM_LOG_DIRTY_PAGES)).unwrap();
+        host.set_fail_alloc(false);
+        let s = vm.stats();
+        assert_eq!((s.pages_2m, s.pages_4k), (1, 0), "setup: the leaf stayed 2 MiB, read-only");
+        let (tables, freed) = (host.tables_in_use(), s.tables_freed);
+        let t = thread::spawn(move || {
+            let o = b.handle_ept_violation(gpa(BLOCK + 6), FaultAccess::WRITE);
+            (b, o)
+        });
+        let oa = a.handle_ept_violation(gpa(TARGET), FaultAccess::WRITE);
+        let (mut b, ob) = t.join().unwrap();
+        for o in [oa, ob] {
+            assert!(
+                matches!(o, Ok(FaultOutcome::Fixed | FaultOutcome::Retry(_))),
+                "VIOLATION: a write fault splitting the leaf ended as {o:?}"
+            );
+        }
+        if vm.stats().tables_freed > freed {
+            lost.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        assert_eq!(access(&mut a, TARGET, true), Seen::Ram(Pfn(BASE_PFN + 5)), "VIOLATION");
+        assert_eq!(access(&mut b, BLOCK + 6, true), Seen::Ram(Pfn(BASE_PFN + 6)), "VIOLATION");
+        expect(&mut a, BLOCK + 0x1ff, Seen::Ram(Pfn(BASE_PFN + 0x1ff)), "the splits");
+        let log = vm.get_dirty_log(AsId(0), SlotId(0)).unwrap();
+        assert_eq!(log[..8], [0b110_0000, 0, 0, 0, 0, 0, 0, 0], "VIOLATION: pages dirty");
+        let s = vm.stats();
+        assert_eq!((s.pages_2m, s.pages_4k), (0, 512), "VIOLATION: the leaf counts");
+        assert_eq!(host.tables_in_use(), tables + 1, "VIOLATION: table pages in use");
+        drop((a, b));
+        vm.reclaim();
+        assert_eq!(host.use_after_free(), 0, "VIOLATION: a table page was read after its free");
+    });
+    assert!(seen.load(std::sync::atomic::Ordering::Relaxed), "no execution lost the exchange");
 }

@@ -71,7 +71,7 @@ impl<H: Host> TdpMmu<H> {
     /// pages holding the first and last page of the mask, which may be two); for a logging
     /// start, KVM's eager split. Reads keep hitting and a write faults and is logged at 4 KiB;
     /// where no table page can be had the huge leaf is write-protected whole and a write fault
-    /// zaps it. The caller holds the MMU lock exclusive. Returns whether a present leaf lost the
+    /// splits it later (`map.rs`). The caller holds the MMU lock exclusive. Returns whether a present leaf lost the
     /// right.
     fn write_protect_table(&self, pfn: Pfn, level: Level, base: Gfn, pages: Pages) -> bool {
         // SAFETY: the caller holds the MMU lock exclusive and reached `pfn` from a root on the
@@ -116,10 +116,9 @@ impl<H: Host> TdpMmu<H> {
     /// leaves (`kvm_mmu_slot_try_split_huge_pages`), and every leaf mapping a gfn in the range
     /// loses its write right (`kvm_mmu_slot_remove_write_access`); remote TLBs are flushed
     /// before this returns if a leaf changed. Mappings stay present, so reads do not fault (and
-    /// do not dirty pages, as in KVM), also after a write fault in the same 2 MiB block (which
-    /// would zap a huge leaf, and make later reads there fault and map writable pages: dirty).
-    /// Where no table page can be had, the huge leaf is write-protected whole (KVM's split is
-    /// best effort too) and a write fault zaps it.
+    /// do not dirty pages, as in KVM). Where no table page can be had, the huge leaf is
+    /// write-protected whole (KVM's split is best effort too); a write fault under it splits it
+    /// then into children with its rights (`map.rs`), so its other pages stay mapped read-only.
     pub(crate) fn write_protect_gfn_range(&self, as_id: AsId, start: Gfn, end: Gfn) {
         let roots = self.mmu_lock.write(&self.vcpus, &self.relax());
         let mut flush = false;
@@ -145,7 +144,7 @@ impl<H: Host> TdpMmu<H> {
         level: Level,
         base: Gfn,
     ) -> Option<(bool, Pfn, Level)> {
-        let (child, lower) = self.split_huge_leaf(old, level, base)?;
+        let (child, lower) = self.split_huge_leaf(old, level, base, SplitRights::WriteProtected)?;
         let link = self.cfg.format.make_nonleaf(child);
         let need = self.set_spte_locked(entry, old, link, level, base);
         Some((need == FlushNeed::Remote, child, lower))
@@ -153,10 +152,16 @@ impl<H: Host> TdpMmu<H> {
 
     /// KVM `make_huge_page_split_spte` for every child: a new, unpublished table at the level
     /// below `level` whose 512 leaves map the frames of the huge leaf `old` (which maps the
-    /// block at `base`) with its rights, the write right taken away. `None` for a 4 KiB leaf or
-    /// when no table page can be had. The caller holds the MMU lock exclusive and links the
-    /// table in place of `old`.
-    fn split_huge_leaf(&self, old: u64, level: Level, base: Gfn) -> Option<(Pfn, Level)> {
+    /// block at `base`) with the rights `rights` says, counted in the leaf counters. `None` for
+    /// a 4 KiB leaf or when no table page can be had. The caller links the table in place of
+    /// `old`, or gives it back with [`Self::discard_split`] if it cannot.
+    pub(crate) fn split_huge_leaf(
+        &self,
+        old: u64,
+        level: Level,
+        base: Gfn,
+        rights: SplitRights,
+    ) -> Option<(Pfn, Level)> {
         let lower = level.lower().filter(|_| level > Level::L4K)?;
         let fmt = self.cfg.format;
         let child = self.alloc_table()?;
@@ -166,7 +171,10 @@ impl<H: Host> TdpMmu<H> {
             self.free_unpublished_table(child);
             return None;
         };
-        let attrs = old & !fmt.addr_mask() & !BIT_W;
+        let attrs = match rights {
+            SplitRights::WriteProtected => old & !fmt.addr_mask() & !BIT_W,
+            SplitRights::Parent => old & !fmt.addr_mask(),
+        };
         let attrs = if lower == Level::L4K { attrs & !BIT_LARGE } else { attrs };
         let first = fmt.pfn(old).raw();
         for (i, entry) in table.iter().enumerate() {
@@ -176,19 +184,53 @@ impl<H: Host> TdpMmu<H> {
             // reused frame that a type-stable leaf-cache hit reads without a section, and every
             // store into table memory after a free must be Release (`walk.rs`).
             entry.store(spte, Ordering::Release);
-            if lower > Level::L4K {
-                // 2 MiB children of a 1 GiB leaf: each in the stripe of its own block.
-                let gfn = base.raw() + i as u64 * lower.pages();
-                self.account_leaf(spte, lower, StripeKey::Gfn(gfn), 1);
-            }
         }
-        if lower == Level::L4K {
-            // The 512 children of a 2 MiB leaf share its block's stripe: one update for all.
-            let spte = attrs | (Pfn(first).hpa() & fmt.addr_mask());
-            self.account_leaf(spte, lower, StripeKey::Gfn(base.raw()), table.len() as i64);
-        }
+        self.account_split(table, lower, base, 1);
         Some((child, lower))
     }
+
+    /// Gives back a table [`Self::split_huge_leaf`] made and nobody linked (a compare-and-swap
+    /// lost): its leaves leave the counters and the page is freed.
+    pub(crate) fn discard_split(&self, child: Pfn, lower: Level, base: Gfn) {
+        // SAFETY: the caller made `child` and never published it: no other thread can reach it.
+        if let Some(table) = unsafe { self.table(child) } {
+            self.account_split(table, lower, base, -1);
+        }
+        self.free_unpublished_table(child);
+    }
+
+    /// Adds `delta` per leaf of a split table (at `lower`, mapping the block at `base`) to the
+    /// leaf counters: 2 MiB children of a 1 GiB leaf each in the stripe of its own block, the
+    /// 512 children of a 2 MiB leaf in their block's stripe, one update for all.
+    fn account_split(
+        &self,
+        table: &crate::host::TableEntries,
+        lower: Level,
+        base: Gfn,
+        delta: i64,
+    ) {
+        if lower > Level::L4K {
+            for (i, entry) in table.iter().enumerate() {
+                let gfn = base.raw() + i as u64 * lower.pages();
+                self.account_leaf(entry.load(Ordering::Acquire), lower, StripeKey::Gfn(gfn), delta);
+            }
+        } else {
+            let spte = table[0].load(Ordering::Acquire);
+            let n = table.len() as i64 * delta;
+            self.account_leaf(spte, lower, StripeKey::Gfn(base.raw()), n);
+        }
+    }
+}
+
+/// The rights the children of a split huge leaf get.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum SplitRights {
+    /// The parent's without the write right (dirty logging: a write faults and is logged at
+    /// 4 KiB).
+    WriteProtected,
+    /// Exactly the parent's (KVM `make_huge_page_split_spte`): every child translates as the
+    /// parent did, so the split itself changes no translation.
+    Parent,
 }
 
 impl<H: Host> WriteProtect for TdpMmu<H> {

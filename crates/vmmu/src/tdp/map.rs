@@ -13,6 +13,7 @@
 //! lock ([`TdpMmu::replace_table_in_the_way`], `zap.rs`), with the same end state as KVM.
 
 use super::change::FlushNeed;
+use super::dirty::SplitRights;
 use super::root::Root;
 use super::{MmuRead, TdpMmu};
 use crate::fault::PageFault;
@@ -140,17 +141,18 @@ impl<H: Host> TdpMmu<H> {
                         // older than it (see `PresentLeafAllows`).
                         return MapOutcome::PresentLeafAllows;
                     }
-                    // A huge leaf above the target that did not satisfy the fault (e.g. it was made
-                    // read-only for dirty logging): remove it, flush, and fault again.
-                    if let Ok(flush) =
-                        self.set_spte_atomic(entry, old, SpteFormat::NONPRESENT, level, who)
-                    {
-                        debug_assert_eq!(flush, FlushNeed::Remote, "a present leaf was dropped");
-                        self.flush_remote_tlbs();
+                    // A huge leaf above the target that does not serve the fault (one made
+                    // read-only for dirty logging, say): split it and go on down (KVM
+                    // `kvm_tdp_mmu_map`: `tdp_mmu_split_huge_page` under the shared lock).
+                    // Zapping it instead would unmap its other pages: their next reads would
+                    // fault and, in a logged slot, map them writable and report them dirty.
+                    match self.split_for_fault(entry, old, level, gfn, who) {
+                        Ok(child) => pfn = child,
+                        Err(outcome) => return outcome,
                     }
-                    return MapOutcome::Retry;
+                } else {
+                    pfn = fmt.pfn(old);
                 }
-                pfn = fmt.pfn(old);
                 level = match level.lower() {
                     Some(l) => l,
                     None => return MapOutcome::Broken,
@@ -173,6 +175,40 @@ impl<H: Host> TdpMmu<H> {
                 Some(l) => l,
                 None => return MapOutcome::Broken,
             };
+        }
+    }
+
+    /// Replaces the huge leaf `old` in `entry` (at `level`, over `gfn`) by a table of children
+    /// with its rights (KVM `tdp_mmu_split_huge_page` from the fault path) with compare-and-swap,
+    /// under the shared MMU lock; returns the table. `Retry` if the entry changed meanwhile,
+    /// `OutOfMemory` if no table page can be had. The children translate as the parent did, but
+    /// the exchange of a present leaf is flushed as any is (`change.rs`; KVM leaves the mix of
+    /// old and new translations in TLBs here, which is only correct because the two agree).
+    fn split_for_fault(
+        &self,
+        entry: &crate::sync::AtomicU64,
+        old: u64,
+        level: Level,
+        gfn: crate::types::Gfn,
+        who: StripeKey,
+    ) -> Result<Pfn, MapOutcome> {
+        let base = crate::types::Gfn(gfn.raw() & !(level.pages() - 1));
+        let Some((child, lower)) = self.split_huge_leaf(old, level, base, SplitRights::Parent)
+        else {
+            return Err(MapOutcome::OutOfMemory);
+        };
+        let link = self.cfg.format.make_nonleaf(child);
+        // Release (in the exchange): the children are visible to whoever sees the link.
+        match self.set_spte_atomic(entry, old, link, level, who) {
+            Ok(flush) => {
+                debug_assert_eq!(flush, FlushNeed::Remote, "a present leaf was replaced");
+                self.flush_remote_tlbs();
+                Ok(child)
+            }
+            Err(()) => {
+                self.discard_split(child, lower, base);
+                Err(MapOutcome::Retry)
+            }
         }
     }
 
