@@ -1,7 +1,9 @@
 //! Installing an entry for a fault (KVM `kvm_tdp_mmu_map`, facts §3.6): walk from the root under
-//! the shared MMU lock, link missing tables with compare-and-swap, and install the target entry
-//! (a present leaf, or an MMIO SPTE) with compare-and-swap. A lost race is `Retry`, never an
-//! error: another vCPU or a zap changed the entry first.
+//! the shared MMU lock, link missing tables with compare-and-swap, split a huge leaf above the
+//! target that does not serve the access into a table of children with its rights (KVM
+//! `tdp_mmu_split_huge_page`; a logged slot's read-only huge leaf keeps its other pages mapped),
+//! and install the target entry (a present leaf, or an MMIO SPTE) with compare-and-swap. A lost
+//! race is `Retry`, never an error: another vCPU or a zap changed the entry first.
 //!
 //! Where the fault could map a huge page but a lower table is already linked at that level (one
 //! that only holds MMIO SPTEs of an older generation, say, from before a slot was created over
