@@ -621,33 +621,55 @@ fn initially_set_clear_splits_a_1g_leaf_down_to_the_words_4k() {
     assert_eq!(dirty.len() as u64, (1 << 18), "every page (the cleared one written again)");
 }
 
-/// A write fault under a read-only 2 MiB leaf (here one of the 511 a CLEAR left of a split 1 GiB
-/// leaf under "initially set") splits that leaf into read-only 4 KiB leaves and makes only the
-/// written one writable (KVM `kvm_tdp_mmu_map`: a huge SPTE above the goal level is split,
-/// `tdp_mmu_split_huge_page`, children with the parent's rights). The block's other pages stay
-/// mapped read-only: after the VMM clears the block, a read of one of them neither faults nor
-/// makes it dirty. (This MMU used to zap the leaf: the read faulted, mapped the page writable,
-/// since its host page is, and the next GET reported a page the guest never wrote.)
+/// A write fault under a read-only 2 MiB leaf of a logged slot (here one that logging started
+/// on when no table page could be had, so it was write-protected whole) splits that leaf into
+/// read-only 4 KiB leaves and makes only the written one writable (KVM `kvm_tdp_mmu_map`: a huge
+/// SPTE above the goal level is split, `tdp_mmu_split_huge_page`, children with the parent's
+/// rights). The block's other pages stay mapped read-only: a read of one of them neither faults
+/// nor makes it dirty. (This MMU used to zap the leaf: the read faulted, mapped the page
+/// writable, since its host page is, and the next GET reported a page the guest never wrote.)
 #[test]
 fn a_write_under_a_read_only_2m_leaf_in_a_logged_slot_keeps_its_neighbours_mapped() {
-    let (vm, _host) = vm_over_a_1g_host_page(1100);
-    vm.set_dirty_log_mode(DirtyLogMode::InitiallySet);
+    let (vm, h) = vm(FormatKind::Ept);
+    h.set_zero_page_reads(false); // a read that faulted would map the page writable
+    vm.set_memory_region(&region(1, 0x20_0000, 0x20_0000, RAM_HVA, 0)).unwrap();
     let mut v = TlbVcpu::new(&vm);
-    assert_eq!(v.access(SLOT + 0x20_5000, true), 1);
-    vm.set_memory_region(&region(1, SLOT, 1 << 30, BIG_HVA, LOG)).unwrap();
-    vm.clear_dirty_log(AsId(0), SlotId(1), 0x200, 64, &[1 << 5]).unwrap();
-    assert_eq!(vm.stats().pages_2m, 511, "the 1 GiB leaf was split into read-only 2 MiB leaves");
-    // A write in the block of pages 0x400..0x600, whose bits are still set (initially set).
-    assert_eq!(v.access(SLOT + 0x40_0000, true), 1, "the 2 MiB leaf is read-only");
+    assert_eq!(v.access(0x20_0000, true), 1);
+    h.set_fail_alloc(true);
+    vm.set_memory_region(&region(1, 0x20_0000, 0x20_0000, RAM_HVA, LOG)).unwrap();
+    h.set_fail_alloc(false);
+    assert_eq!(vm.stats().pages_2m, 1, "no table page for the split: protected whole");
+    assert!(v.access(0x20_5000, true) >= 1, "the 2 MiB leaf is read-only");
+    assert_eq!(get(&vm, 1), [5]);
+    assert_eq!(v.access(0x20_1000, false), 0, "a neighbour stays mapped for reads");
+    assert_eq!(get(&vm, 1), [] as [u64; 0], "and is not dirty");
     let s = vm.stats();
-    assert_eq!((s.pages_2m, s.pages_4k), (510, 1024), "that 2 MiB leaf was split, not zapped");
-    // The VMM collects the block and clears it; the guest only reads page 0x401 afterwards.
-    vm.clear_dirty_log_all(AsId(0), SlotId(1), 0x400, 0x200).unwrap();
-    let faults = v.access(SLOT + 0x40_1000, false);
-    let dirty: Vec<u64> = get(&vm, 1).into_iter().filter(|p| (0x400..0x600).contains(p)).collect();
-    assert_eq!((faults, dirty), (0, vec![]), "a read after the CLEAR neither faults nor dirties");
-    assert_eq!(v.access(SLOT + 0x40_1000, true), 1, "a write does, once");
-    assert_eq!(get(&vm, 1).into_iter().filter(|p| (0x400..0x600).contains(p)).count(), 1);
+    assert_eq!((s.pages_2m, s.pages_4k), (0, 512), "the 2 MiB leaf was split, not zapped");
+    assert_eq!(v.access(0x20_1000, true), 1, "a write to it faults, once");
+    assert_eq!(get(&vm, 1), [1]);
+}
+
+/// An "initially set" CLEAR of some pages of a writable 2 MiB leaf splits it and write-protects
+/// those pages only: the other children keep the parent's rights (KVM
+/// `kvm_arch_mmu_enable_log_dirty_pt_masked` splits with `make_huge_page_split_spte`, then
+/// protects the mask), so a write to a page whose bit is still set takes no fault, and when
+/// logging stops the 2 MiB leaf put back from the first child is writable again, as in KVM.
+#[test]
+fn an_initially_set_clear_protects_only_its_pages_of_a_split_leaf() {
+    let (vm, _h) = vm(FormatKind::Ept);
+    vm.set_dirty_log_mode(DirtyLogMode::InitiallySet);
+    vm.set_memory_region(&region(1, 0x20_0000, 0x20_0000, RAM_HVA, 0)).unwrap();
+    let mut v = TlbVcpu::new(&vm);
+    assert_eq!(v.access(0x20_0000, true), 1);
+    vm.set_memory_region(&region(1, 0x20_0000, 0x20_0000, RAM_HVA, LOG)).unwrap();
+    vm.clear_dirty_log(AsId(0), SlotId(1), 0, 64, &[1 << 5]).unwrap();
+    assert_eq!((vm.stats().pages_2m, vm.stats().pages_4k), (0, 512), "split");
+    assert_eq!(v.access(0x20_6000, true), 0, "page 6's bit is set: its leaf stayed writable");
+    assert_eq!(v.access(0x20_5000, true), 1, "page 5 was cleared and protected");
+    assert_eq!(get(&vm, 1).len(), 512, "every bit set again");
+    vm.set_memory_region(&region(1, 0x20_0000, 0x20_0000, RAM_HVA, 0)).unwrap();
+    assert_eq!(vm.stats().pages_2m, 1, "logging stopped: the 2 MiB leaf is back");
+    assert_eq!(v.access(0x20_7000, true), 0, "writable, from the first child");
 }
 
 /// The same CLEAR when only the 1 GiB leaf's own split can have a table page (its 2 MiB

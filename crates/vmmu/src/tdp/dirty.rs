@@ -48,6 +48,19 @@ impl Pages {
         }
     }
 
+    /// The rights the children of a huge leaf the set meets get. A logging start takes the
+    /// write right from every page of the range, so the children lose it as they are made (KVM
+    /// splits with the parent's rights and then protects the range: the same end). A
+    /// collection protects only its mask's pages: the other children keep the parent's rights,
+    /// as KVM's split (`kvm_arch_mmu_enable_log_dirty_pt_masked`) leaves them, so a write to a
+    /// page whose bit is still set does not fault.
+    fn split_rights(self) -> SplitRights {
+        match self {
+            Pages::Range { .. } => SplitRights::WriteProtected,
+            Pages::Masked { .. } => SplitRights::Parent,
+        }
+    }
+
     /// Whether a page of the set lies in `[lo, hi)`, a range that meets [`Self::bounds`].
     fn meets(self, lo: Gfn, hi: Gfn) -> bool {
         match self {
@@ -65,14 +78,15 @@ impl<H: Host> TdpMmu<H> {
     /// Removes the write right from the leaves under table `pfn` (at `level`, from gfn `base`)
     /// that map a page of `pages`: one walk down per call, not one per page (KVM
     /// `kvm_tdp_mmu_clear_dirty_pt_masked` iterates a collection's 64 pages the same way). A
-    /// huge leaf the set meets is split into read-only leaves: for a collection, one that
+    /// huge leaf the set meets is split, and the leaves of the set's pages lose the write right
+    /// (the others keep the parent's rights, [`Pages::split_rights`]): for a collection, one that
     /// "initially set" logging left in place or whose split failed when logging started (KVM
     /// `kvm_arch_mmu_enable_log_dirty_pt_masked`: eager split, then write protection of the huge
     /// pages holding the first and last page of the mask, which may be two); for a logging
-    /// start, KVM's eager split. Reads keep hitting and a write faults and is logged at 4 KiB;
-    /// where no table page can be had the huge leaf is write-protected whole and a write fault
-    /// splits it later (`map.rs`). The caller holds the MMU lock exclusive. Returns whether a present leaf lost the
-    /// right.
+    /// start, KVM's eager split. Reads keep hitting and a write to a protected page faults and
+    /// is logged at 4 KiB; where no table page can be had the huge leaf is write-protected whole
+    /// and a write fault splits it later (`map.rs`). The caller holds the MMU lock exclusive.
+    /// Returns whether remote TLBs must be flushed.
     fn write_protect_table(&self, pfn: Pfn, level: Level, base: Gfn, pages: Pages) -> bool {
         // SAFETY: the caller holds the MMU lock exclusive and reached `pfn` from a root on the
         // list; nothing frees a linked page meanwhile.
@@ -92,10 +106,14 @@ impl<H: Host> TdpMmu<H> {
                 continue;
             }
             if fmt.is_leaf(old, level) {
-                if let Some((need, child, lower)) = self.split_in_place(entry, old, level, lo) {
+                let rights = pages.split_rights();
+                if let Some((need, child, lower)) =
+                    self.split_in_place(entry, old, level, lo, rights)
+                {
                     flush |= need;
-                    if lower > Level::L4K {
-                        // A 1 GiB leaf split into 2 MiB leaves: split those the set meets.
+                    if lower > Level::L4K || rights == SplitRights::Parent {
+                        // A 1 GiB leaf split into 2 MiB leaves: split those the set meets; a
+                        // collection's split kept the rights: protect the set's pages in it.
                         flush |= self.write_protect_table(child, lower, lo, pages);
                     }
                 } else if fmt.is_writable(old) {
@@ -134,7 +152,7 @@ impl<H: Host> TdpMmu<H> {
 
 impl<H: Host> TdpMmu<H> {
     /// Replaces the huge leaf `old` in `entry` (at `level`, mapping the block at `base`) by a
-    /// table of its read-only children ([`Self::split_huge_leaf`]). Returns whether remote TLBs
+    /// table of its children with `rights` ([`Self::split_huge_leaf`]). Returns whether remote TLBs
     /// must be flushed (a present leaf was replaced), the table and its level; `None` for a
     /// 4 KiB leaf or when no table page can be had. The caller holds the MMU lock exclusive.
     fn split_in_place(
@@ -143,8 +161,9 @@ impl<H: Host> TdpMmu<H> {
         old: u64,
         level: Level,
         base: Gfn,
+        rights: SplitRights,
     ) -> Option<(bool, Pfn, Level)> {
-        let (child, lower) = self.split_huge_leaf(old, level, base, SplitRights::WriteProtected)?;
+        let (child, lower) = self.split_huge_leaf(old, level, base, rights)?;
         let link = self.cfg.format.make_nonleaf(child);
         let need = self.set_spte_locked(entry, old, link, level, base);
         Some((need == FlushNeed::Remote, child, lower))
