@@ -649,6 +649,28 @@ fn a_write_under_a_read_only_2m_leaf_in_a_logged_slot_keeps_its_neighbours_mappe
     assert_eq!(get(&vm, 1), [1]);
 }
 
+/// The same through a read-only 1 GiB leaf: one write fault splits it into read-only 2 MiB
+/// leaves and the one it falls in into read-only 4 KiB leaves, on its way down, and only the
+/// written page becomes writable; reads anywhere else in the GiB neither fault nor dirty.
+#[test]
+fn a_write_under_a_read_only_1g_leaf_splits_it_on_the_way_down() {
+    let (vm, h) = vm_over_a_1g_host_page(1100);
+    h.set_zero_page_reads(false);
+    let mut v = TlbVcpu::new(&vm);
+    assert_eq!(v.access(SLOT, true), 1);
+    h.set_fail_alloc(true);
+    vm.set_memory_region(&region(1, SLOT, 1 << 30, BIG_HVA, LOG)).unwrap();
+    h.set_fail_alloc(false);
+    assert_eq!(vm.stats().pages_1g, 1, "no table page for the split: protected whole");
+    assert!(v.access(SLOT + 0x20_5000, true) >= 1, "the 1 GiB leaf is read-only");
+    for off in [0x20_6000u64, 0x40_0000, 0x3ff_f000, 0] {
+        assert_eq!(v.access(SLOT + off, false), 0, "{off:#x} stays mapped for reads");
+    }
+    assert_eq!(get(&vm, 1), [0x205]);
+    let s = vm.stats();
+    assert_eq!((s.pages_1g, s.pages_2m, s.pages_4k), (0, 511, 512), "split on the way down");
+}
+
 /// An "initially set" CLEAR of some pages of a writable 2 MiB leaf splits it and write-protects
 /// those pages only: the other children keep the parent's rights (KVM
 /// `kvm_arch_mmu_enable_log_dirty_pt_masked` splits with `make_huge_page_split_spte`, then
