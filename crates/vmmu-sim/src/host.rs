@@ -937,6 +937,8 @@ impl SimHost {
 // `table` answers `None` for any frame not published as a table. Type-stable: a freed page's
 // memory stays allocated until the host drops and is reused only as a table page, and the only
 // stores this host makes into a table page, `alloc_table`'s initialisation, are `Release`.
+// Table memory is never guest memory: guest RAM lives in the host's own buffers, which no table
+// page is carved from, and guest accesses reach only those buffers.
 unsafe impl FrameAllocator for SimHost {
     #[inline(always)]
     fn type_stable_tables(&self) -> bool {

@@ -66,7 +66,8 @@ impl Host {
 // page is handed out only from the free list (so never twice while live) and initialised before
 // `alloc_table` returns; `table` answers `None` for numbers outside the pool or not live.
 // Type-stable: a freed page stays in the pool, is reused only as a table page, and the only
-// stores this host makes into pages (the initialisation) are `Release`.
+// stores this host makes into pages (the initialisation) are `Release`. Table memory is never
+// guest memory: guest RAM is a separate buffer, not carved from the pool.
 unsafe impl FrameAllocator for Host {
     fn type_stable_tables(&self) -> bool {
         // A fixed pool of table pages, as a bare-metal hypervisor keeps: the fast MMIO path's

@@ -2,11 +2,14 @@
 //! rust-vmm crates), so an embedder can use `vmmu::Result` throughout and still match on the
 //! module error inside when it needs the detail (a memslot request's errno, a fault's report).
 
+use crate::dirty::DirtyLogError;
 use crate::fault::FaultError;
+use crate::guest::PdptrError;
 use crate::memslot::{ConfigError, MemslotError};
 use crate::spte::SpteConfigError;
 use crate::srcu::SrcuError;
 use crate::tdp::TdpError;
+use crate::vcpu::ShadowError;
 use crate::vm::VmError;
 
 /// Any error of the core.
@@ -33,6 +36,16 @@ pub enum Error {
     /// No reader record was free.
     #[error(transparent)]
     Srcu(#[from] SrcuError),
+    /// A dirty-log request was refused (`KVM_GET_DIRTY_LOG` / `KVM_CLEAR_DIRTY_LOG`'s errno).
+    #[error(transparent)]
+    DirtyLog(#[from] DirtyLogError),
+    /// A shadow-paging request of the hypervisor (a CR3 load, INVLPG, an emulated write to a
+    /// guest table, the guest CPU state) failed.
+    #[error(transparent)]
+    Shadow(#[from] ShadowError),
+    /// A PAE CR3 load found a PDPTE the guest must get #GP(0) for.
+    #[error(transparent)]
+    Pdptr(#[from] PdptrError),
 }
 
 /// `Result` with the crate's [`Error`] by default.
@@ -48,5 +61,21 @@ mod tests {
         assert_eq!(alloc::format!("{e}"), alloc::format!("{}", TdpError::TooManyVcpus(2)));
         let r: Result<()> = Err(SrcuError::TooManyReaders { max: 1 }.into());
         assert!(matches!(r, Err(Error::Srcu(_))));
+    }
+
+    /// Every public error of the crate converts, so `?` works in a `vmmu::Result` function.
+    #[test]
+    fn every_public_error_converts() {
+        fn via<E: Into<Error>>(_: Option<E>) {}
+        via::<MemslotError>(None);
+        via::<FaultError>(None);
+        via::<VmError>(None);
+        via::<TdpError>(None);
+        via::<SpteConfigError>(None);
+        via::<ConfigError>(None);
+        via::<SrcuError>(None);
+        via::<DirtyLogError>(None);
+        via::<ShadowError>(None);
+        via::<PdptrError>(None);
     }
 }

@@ -32,7 +32,14 @@ pub type TableEntries = [AtomicU64; ENTRIES_PER_TABLE];
 ///   every entry with `init` before returning;
 /// - `table` returns `None` for any other frame number, or (for a freed frame of an
 ///   implementation that keeps freed table memory, as the test host does) a pointer that is
-///   still valid for atomic reads of 512 `AtomicU64`s: never a dangling pointer.
+///   still valid for atomic reads of 512 `AtomicU64`s: never a dangling pointer;
+/// - table memory is never guest memory: for a type that is also the VM's [`HostMemory`] (a
+///   [`Host`]), no guest access through a frame its translations name (a [`HostPage`]'s frame,
+///   or any frame of the block its `level` promises, or a frame of
+///   [`HostMemory::translate_mapped_writable`]) reads or writes the memory of a live table page.
+///   The MMU maps the frames the host names into the guest and never checks them against its
+///   tables; a guest that could write its own SPTEs could make the MMU follow links to frames
+///   it never allocated and hand them to `free_table`.
 ///
 /// The MMU in turn frees a frame only after nothing can reach it (see [`Self::free_table`]).
 ///
@@ -116,9 +123,10 @@ pub unsafe trait FrameAllocator: Send + Sync {
 pub struct HostPage {
     /// The frame backing the translated address. It must fit the VM's `phys_bits` (a fault that
     /// gets one that does not fails with [`crate::fault::FaultError::HostFrameBeyondPhysBits`])
-    /// and must not be one of the MMU's own table frames ([`FrameAllocator::alloc_table`]): the
-    /// MMU would map the guest onto its own SPTEs. Guest memory and table frames are disjoint,
-    /// as a VMM's RAM and the kernel's page-table pages are.
+    /// and its memory must not be one of the MMU's own table pages: the MMU would map the guest
+    /// onto its own SPTEs. Guest memory and table memory are disjoint, as a VMM's RAM and the
+    /// kernel's page-table pages are; [`FrameAllocator`]'s `# Safety` makes this the host's
+    /// promise, since soundness depends on it.
     pub pfn: Pfn,
     /// Whether the leaf may be writable (KVM `map_writable`): for a write, the host mapping
     /// allows writes; for a read, the host maps the page writable *already* (KVM's

@@ -138,8 +138,17 @@ impl VcpuState {
         self.word.fetch_or(r as u32, Ordering::AcqRel) & IN_GUEST_MODE != 0
     }
 
-    /// Requester side: wait until the vCPU is outside guest mode or has handled `r`. Call only
-    /// after [`Self::request`] returned `true`.
+    /// Requester side: whether the vCPU is in guest mode with `r` still pending, so that it must
+    /// be kicked to see it. A vCPU outside guest mode cannot enter while `r` is pending, and one
+    /// that handled `r` needs nothing; a kick of one that left and entered again since is only
+    /// spurious.
+    pub fn needs_kick(&self, r: Request) -> bool {
+        let w = self.word.load(Ordering::Acquire);
+        w & IN_GUEST_MODE != 0 && w & r as u32 != 0
+    }
+
+    /// Requester side: wait until the vCPU is outside guest mode or has handled `r`. Call after
+    /// [`Self::request`] (it returns at once if either holds already).
     pub fn wait_ack(&self, r: Request, relax: &impl Relax) {
         loop {
             // RMW read (see the module doc): ordered after the vCPU's exit or clear.

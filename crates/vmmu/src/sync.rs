@@ -160,12 +160,13 @@ mod locks {
                 return g;
             }
             self.waiters.fetch_add(1, Ordering::Relaxed);
+            // Counted out when this waiter leaves, with the lock or by an unwind of `relax`.
+            let _waiting = Waiting(&self.waiters);
             loop {
                 while self.locked.load(Ordering::Relaxed) != 0 {
                     relax.relax();
                 }
                 if let Some(g) = self.try_lock() {
-                    self.waiters.fetch_sub(1, Ordering::Relaxed);
                     return g;
                 }
             }
@@ -293,11 +294,33 @@ mod locks {
                 }
                 relax.relax();
             }
+            // Until the readers have drained the flag is a claim, not the lock: if `relax` (the
+            // host's) unwinds meanwhile, the claim goes, the readers' counts stay, and the lock
+            // is free again rather than held by nobody forever.
+            let claim = WriterClaim(&self.state);
             // Acquire pairs with the readers' Release in their guard's drop.
             while self.state.load(Ordering::Acquire) != WRITER {
                 relax.relax();
             }
+            core::mem::forget(claim);
             RwLockWriteGuard { l: self }
+        }
+    }
+
+    /// A waiter counted in a `Mutex`'s `waiters`: counted out when it goes, also by an unwind.
+    struct Waiting<'a>(&'a AtomicU32);
+    impl Drop for Waiting<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A writer's claim on a `RwLock` while readers drain: dropped only on an unwind, when it
+    /// takes the writer flag back and leaves the readers' counts.
+    struct WriterClaim<'a>(&'a AtomicU32);
+    impl Drop for WriterClaim<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_and(!WRITER, Ordering::Release);
         }
     }
 

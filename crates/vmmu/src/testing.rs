@@ -242,7 +242,10 @@ impl TestHost {
 // `table` returns `None` for numbers outside the slice; a freed slot stays mapped (poisoned), so
 // even a use after free reads valid atomics, and is counted. Type-stable whatever
 // `type_stable` says: the slice is never given back while the host lives, and the
-// initialisation and the poison are `Release` stores.
+// initialisation and the poison are `Release` stores. Table memory is never guest memory: this
+// host's guest memory is the word map keyed by host address, apart from the table slice, so a
+// mapping that names frame numbers of the table pool (tests do) gives the guest no access to a
+// table page.
 unsafe impl FrameAllocator for TestHost {
     fn type_stable_tables(&self) -> bool {
         self.type_stable

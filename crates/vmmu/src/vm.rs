@@ -317,6 +317,22 @@ fn zap_all_fast<H: Host>(mmu: &TdpMmu<H>, shadow: Option<&crate::shadow::ShadowM
     }
 }
 
+/// Undoes [`Vm::invalidate_hva_range_begin`] if it unwinds: the MMU's count (once its begin
+/// returned) and then the count memslot updates wait on, in `invalidate_hva_range_end`'s order.
+struct BeginUnwound<'a, H: Host> {
+    vm: &'a Vm<H>,
+    mmu_begun: bool,
+}
+
+impl<H: Host> Drop for BeginUnwound<'_, H> {
+    fn drop(&mut self) {
+        if self.mmu_begun {
+            self.vm.inner.mmu.invalidate_end();
+        }
+        self.vm.inner.mn_active.fetch_sub(1, crate::sync::Ordering::AcqRel);
+    }
+}
+
 impl<H: Host> Vm<H> {
     /// Builds a VM on `host`.
     pub fn new(cfg: VmConfig, host: Arc<H>) -> Result<Self, VmError> {
@@ -496,6 +512,10 @@ impl<H: Host> Vm<H> {
         let mut ranges = Vec::new();
         let vmm_reader = inner.vmm_lock.lock_with(&inner.mmu.relax());
         inner.mn_active.fetch_add(1, crate::sync::Ordering::AcqRel);
+        // If this unwinds (a host callback that panics), the begin is undone: the caller cannot
+        // call the end for a begin it cannot tell counted, and a count left raised would make
+        // every later memslot update wait forever.
+        let mut undo = BeginUnwound { vm: self, mmu_begun: false };
         {
             let guard = inner.memslots.read(&vmm_reader);
             for as_id in 0..inner.memslots.nr_address_spaces() {
@@ -513,11 +533,13 @@ impl<H: Host> Vm<H> {
             }
         }
         inner.mmu.invalidate_begin(&ranges);
+        undo.mmu_begun = true;
         if let Some(shadow) = inner.shadow.as_ref() {
             // After the begin: faults on the ranges retry from now on, and what faults
             // installed before is dropped here.
             shadow.unmap_gfn_ranges(&inner.mmu, &ranges);
         }
+        core::mem::forget(undo);
     }
 
     /// Host invalidation end: pairs with one [`Self::invalidate_hva_range_begin`].

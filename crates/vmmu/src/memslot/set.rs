@@ -139,15 +139,17 @@ impl MemslotSet {
     }
 
     /// KVM `mark_page_dirty_in_slot`: marks `gfn` in `slot`'s bitmap if the slot logs. `slot`
-    /// must be this set's slot (a copy from a lookup in this set). No lock, no allocation.
+    /// is a copy from a lookup in this set; a copy that is not (one from an older set, of a slot
+    /// that moved since) marks nothing, rather than the page at the same offset of where the
+    /// slot is now. No lock, no allocation.
     #[inline]
     pub fn mark_page_dirty(&self, slot: &Memslot, gfn: Gfn) {
-        if !slot.dirty_logging() || !slot.contains(gfn) {
+        let Some(own) = self.get(slot.id()) else { return };
+        if own.base_gfn() != slot.base_gfn() || !own.dirty_logging() || !own.contains(gfn) {
             return;
         }
-        debug_assert_eq!(self.get(slot.id()).map(|s| s.base_gfn()), Some(slot.base_gfn()));
-        if let Some(b) = self.dirty_bitmap(slot.id()) {
-            b.mark(gfn.raw() - slot.base_gfn().raw());
+        if let Some(b) = self.dirty_bitmap(own.id()) {
+            b.mark(gfn.raw() - own.base_gfn().raw());
         }
     }
 

@@ -380,19 +380,27 @@ impl<H: Host> TdpMmu<H> {
     /// that was in guest mode (KVM `kvm_make_all_cpus_request`). Returns whether any vCPU was
     /// in guest mode (was kicked), as KVM's does.
     pub(crate) fn request_all(&self, r: Request, wait: bool) -> bool {
+        // As KVM: every vCPU's request is set before any is kicked, so a kick that fails (a host
+        // callback that panics) never leaves a later vCPU without its request, e.g. with a root
+        // made obsolete and no request to drop it (its faults would retry forever).
+        let mut in_guest = false;
+        for v in self.vcpu_states().iter() {
+            in_guest |= v.request(r);
+        }
+        if !in_guest {
+            return false;
+        }
         let relax = crate::host::HostRelax(&*self.host);
-        let mut kicked = false;
         for (i, v) in self.vcpu_states().iter().enumerate() {
-            if v.request(r) {
-                // The "IPI": the vCPU was in guest mode and may not look at its requests soon.
+            if v.needs_kick(r) {
+                // The "IPI": the vCPU is in guest mode and may not look at its requests soon.
                 self.host.kick(i);
-                kicked = true;
                 if wait {
                     v.wait_ack(r, &relax);
                 }
             }
         }
-        kicked
+        true
     }
 
     /// A valid root for address space `as_id`, made if there is none (KVM
@@ -512,8 +520,12 @@ impl<H: Host> TdpMmu<H> {
     /// returns. Tables stay linked ([`ZapScope::Leaves`], as KVM's `kvm_unmap_gfn_range`).
     pub(crate) fn invalidate_begin(&self, ranges: &[(AsId, Gfn, Gfn)]) {
         let mut pages = Vec::new();
+        // Declared before the lock guard, so an unwind drops the guard first and the undo can
+        // take the lock.
+        let mut undo = EndIfUnwound { mmu: self, begun: false };
         let roots = self.mmu_lock.write(&self.vcpus, &self.relax());
         self.inval.begin();
+        undo.begun = true;
         let mut flush = false;
         for &(as_id, start, end) in ranges {
             self.inval.add_range(start, end);
@@ -526,6 +538,7 @@ impl<H: Host> TdpMmu<H> {
         drop(roots);
         self.defer_free(&mut pages);
         self.reclaim();
+        core::mem::forget(undo);
     }
 
     /// Host invalidation end (KVM `invalidate_range_end`).
@@ -578,5 +591,21 @@ impl<H: Host> TdpMmu<H> {
     /// Number of roots on the list (valid and obsolete).
     pub fn nr_roots(&self) -> usize {
         self.mmu_lock.read(&self.relax()).len()
+    }
+}
+
+/// Ends the invalidation [`TdpMmu::invalidate_begin`] counted if the begin unwinds (a host
+/// callback that panics in its zap, flush or reclaim): a count left raised would make every
+/// fault in the range retry and every memslot update wait, forever.
+struct EndIfUnwound<'a, H: Host> {
+    mmu: &'a TdpMmu<H>,
+    begun: bool,
+}
+
+impl<H: Host> Drop for EndIfUnwound<'_, H> {
+    fn drop(&mut self) {
+        if self.begun {
+            self.mmu.invalidate_end();
+        }
     }
 }

@@ -149,10 +149,20 @@ impl<H: Host> TdpMmu<H> {
                 flush |= self.recover_in_table(child, lower, lo, (start, end), huge_ok, pages);
                 continue;
             }
-            let Some(small) = self.first_present_leaf(child, lower) else {
+            let Some((small, offset)) = self.first_present_leaf(child, lower) else {
                 continue; // nothing to make the huge leaf from (KVM: -ENOENT, skipped)
             };
-            let frame = Pfn(fmt.pfn(small).raw() & !(span - 1));
+            // KVM builds the huge leaf from the first leaf's frame rounded down to the block,
+            // trusting the host's page tables. The host's `mapping_level` is its promise that
+            // the block is backed by aligned contiguous frames; a host that breaks it must not
+            // get the guest mapped onto frames it never named, so every present leaf below must
+            // map its page's place in one aligned block (else the lower levels are tried).
+            let first = fmt.pfn(small).raw().wrapping_sub(offset);
+            if first & (span - 1) != 0 || !self.leaves_at_place(child, lower, first) {
+                flush |= self.recover_in_table(child, lower, lo, (start, end), huge_ok, pages);
+                continue;
+            }
+            let frame = Pfn(first);
             let huge = (small & !fmt.addr_mask()) | BIT_LARGE | (frame.hpa() & fmt.addr_mask());
             // The huge leaf first, then the detached table's entries (KVM `handle_removed_pt`).
             let swap = self.set_spte_locked(entry, old, huge, level, lo);
@@ -224,20 +234,43 @@ impl<H: Host> TdpMmu<H> {
         MapOutcome::Installed { level }
     }
 
-    /// The first present leaf in the table `pfn` (at `level`) or below it.
-    fn first_present_leaf(&self, pfn: Pfn, level: Level) -> Option<u64> {
+    /// The first present leaf in the table `pfn` (at `level`) or below it, and how many pages
+    /// into the table's range it maps.
+    fn first_present_leaf(&self, pfn: Pfn, level: Level) -> Option<(u64, u64)> {
         // SAFETY: we hold the MMU lock exclusive (the caller's) and reached `pfn` through a
         // linked entry; nothing frees a linked page.
         let table = unsafe { self.table(pfn) }?;
         let fmt = self.cfg.format;
-        table.iter().find_map(|e| {
+        table.iter().enumerate().find_map(|(i, e)| {
             let spte = e.load(Ordering::Acquire);
+            let at = i as u64 * level.pages();
             if !SpteFormat::is_mmu_present(spte) {
                 None
             } else if fmt.is_leaf(spte, level) {
-                Some(spte)
+                Some((spte, at))
             } else {
-                self.first_present_leaf(fmt.pfn(spte), level.lower()?)
+                let (leaf, below) = self.first_present_leaf(fmt.pfn(spte), level.lower()?)?;
+                Some((leaf, at + below))
+            }
+        })
+    }
+
+    /// Whether every present leaf under table `pfn` (at `level`) maps the frame at its page's
+    /// place in the run of frames from `first`: the leaf `i` pages into the table's range maps
+    /// `first + i`. The caller holds the MMU lock exclusive.
+    fn leaves_at_place(&self, pfn: Pfn, level: Level, first: u64) -> bool {
+        // SAFETY: as in `first_present_leaf`.
+        let Some(table) = (unsafe { self.table(pfn) }) else { return false };
+        let fmt = self.cfg.format;
+        table.iter().enumerate().all(|(i, e)| {
+            let spte = e.load(Ordering::Acquire);
+            let at = first + i as u64 * level.pages();
+            if !SpteFormat::is_mmu_present(spte) {
+                true
+            } else if fmt.is_leaf(spte, level) {
+                fmt.pfn(spte).raw() == at
+            } else {
+                level.lower().is_some_and(|l| self.leaves_at_place(fmt.pfn(spte), l, at))
             }
         })
     }
