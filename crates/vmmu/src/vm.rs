@@ -507,6 +507,11 @@ impl<H: Host> Vm<H> {
     /// Host invalidation start for host addresses `[start, end)` (KVM's MMU notifier
     /// `invalidate_range_start`): every memslot mapping them, in every address space, is zapped
     /// for the overlap, and faults there retry until [`Self::invalidate_hva_range_end`].
+    ///
+    /// A memslot update waits for every invalidation in flight: a thread must not update the
+    /// memslots between its own begin and end (it would wait for itself). If a host callback
+    /// panics inside the begin, the begin is undone before the panic leaves it, and no end is
+    /// due.
     pub fn invalidate_hva_range_begin(&self, start: Hva, end: Hva) {
         let inner = &*self.inner;
         let mut ranges = Vec::new();
