@@ -318,7 +318,8 @@ impl GuestMmu for RealMmu {
     }
 
     fn generation(&self) -> u64 {
-        self.vm.memslots().generation(AsId(0)).raw()
+        // Address space 0 exists in every VM: never the 0.
+        self.vm.memslots().generation(AsId(0)).map_or(0, |g| g.raw())
     }
 
     fn stats(&self) -> MmuStats {
@@ -468,7 +469,7 @@ fn stats(m: &RealMmu) -> MmuStats {
         zap_all_fast: vm.zap_all_fast,
         retries: t.retries_total(),
         tlb_flush_requests: vm.remote_tlb_flush_requests,
-        generation: m.vm.memslots().generation(AsId(0)).raw(),
+        generation: m.vm.memslots().generation(AsId(0)).map_or(0, |g| g.raw()),
         generation_wraps: vm.mmio_gen_wraps,
         counters: Some(MmuCounters {
             mmio_translate_ns: timing.nanos,

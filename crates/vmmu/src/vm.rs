@@ -177,12 +177,11 @@ fn check_nr_mmu_pages(n: usize) -> Result<(), VmError> {
 pub struct MemslotsView<'a>(&'a Memslots);
 
 impl MemslotsView<'_> {
-    /// The current generation of `as_id` (see [`Memslots::generation`]).
-    ///
-    /// # Panics
-    /// If `as_id` is not below [`Self::nr_address_spaces`] (a caller bug).
-    pub fn generation(&self, as_id: AsId) -> Generation {
-        self.0.generation(as_id)
+    /// The current generation of `as_id` (see [`Memslots::generation`]); `None` for an address
+    /// space the VM does not have (not below [`Self::nr_address_spaces`]), as every entry point
+    /// of the VM that takes an `as_id` answers such a one without a panic.
+    pub fn generation(&self, as_id: AsId) -> Option<Generation> {
+        (as_id.0 < self.0.nr_address_spaces()).then(|| self.0.generation(as_id))
     }
 
     /// The number of address spaces (1, or 2 with SMM).
@@ -881,7 +880,7 @@ mod tests {
         let mut a = vm.create_vcpu().unwrap();
         let mut b = TlbVcpu { vcpu: vm.create_vcpu().unwrap(), tlb: BTreeMap::new() };
         a.service_requests().unwrap();
-        let old_gen = vm.memslots().generation(AsId(0));
+        let old_gen = vm.memslots().generation(AsId(0)).unwrap();
         let frame = Pfn(RAM_HVA >> 12);
         vm.set_memory_region(&UserspaceMemoryRegion::new(1, 0, GPA, 0x1000, RAM_HVA)).unwrap();
         assert_eq!(b.read(GPA), Seen::Ram(frame), "B maps the new slot and caches it");
@@ -913,7 +912,7 @@ mod tests {
         a.service_requests().unwrap();
         let mut b = vm.create_vcpu().unwrap();
         b.service_requests().unwrap();
-        let old_gen = vm.memslots().generation(AsId(0));
+        let old_gen = vm.memslots().generation(AsId(0)).unwrap();
         let ro = crate::memslot::KVM_MEM_READONLY;
         vm.set_memory_region(&UserspaceMemoryRegion::new(1, ro, GPA, 0x1000, RAM_HVA)).unwrap();
         let mmu = &vm.inner.mmu;

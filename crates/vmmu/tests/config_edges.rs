@@ -377,11 +377,11 @@ fn a_full_mmio_generation_cycle_does_not_revive_an_mmio_spte() {
             w.set_as_id(AsId(as_id)).unwrap();
             // MMIO at gpa 0x10_0000 in the SPTE, as of generation g.
             assert!(is_mmio(access(&mut v, 0x10_0000, false).unwrap().0));
-            let g = vm.memslots().generation(AsId(as_id));
+            let g = vm.memslots().generation(AsId(as_id)).unwrap();
             // A slot there, then flags-only updates until the low bits are g's again.
             vm.set_memory_region(&region(slot, 0x10_0000, 0x1000, RAM_HVA, 0)).unwrap();
             let mut flags = 0;
-            while vm.memslots().generation(AsId(as_id)).mmio_bits() != g.mmio_bits() {
+            while vm.memslots().generation(AsId(as_id)).unwrap().mmio_bits() != g.mmio_bits() {
                 flags ^= KVM_MEM_LOG_DIRTY_PAGES;
                 vm.set_memory_region(&region(slot, 0x10_0000, 0x1000, RAM_HVA, flags)).unwrap();
             }

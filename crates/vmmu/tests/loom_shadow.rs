@@ -398,7 +398,7 @@ fn gva_cache_vs_slot_create(bugs: BugSet, check_after_join: bool) -> Coverage {
     model(move || {
         c.execution();
         let (vm, host, mut v, _cr3) = vcpu_after_an_mmio_read(bugs);
-        let gen = vm.memslots().generation(vmmu::AsId(0));
+        let gen = vm.memslots().generation(vmmu::AsId(0)).unwrap();
         assert!(v.mmio_cache().match_gva(GVA, gen, BugSet::NONE), "setup: the GVA is cached");
         let ram = Seen::Ram(Pfn(NEW_HVA >> 12));
 

@@ -85,7 +85,7 @@ fn wrap_window(nr_as: u16) {
     while host.kicks() < 2 {
         std::thread::yield_now();
     }
-    let gen = vm.memslots().generation(AsId(0));
+    let gen = vm.memslots().generation(AsId(0)).unwrap();
     assert!(gen.in_progress(), "setup: the wrap update is still in progress: {gen:?}");
     assert_eq!(vm.mmu().nr_roots(), 2, "setup: the wrap zap retired the unused root");
     // A drops its pageless root (a free-obsolete-roots request is pending) and loads a new,
@@ -100,7 +100,7 @@ fn wrap_window(nr_as: u16) {
     release_b.store(true, Ordering::Release);
     tu.join().unwrap();
     let _b = tb.join().unwrap();
-    let after = vm.memslots().generation(AsId(0));
+    let after = vm.memslots().generation(AsId(0)).unwrap();
     println!("wrap update done: generation {after:?}, wraps {}", vm.stats().mmio_gen_wraps);
 
     // X becomes RAM. Nothing accesses X from now on; other updates go on (dirty logging of the
@@ -109,13 +109,13 @@ fn wrap_window(nr_as: u16) {
     vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, X, 0x1000, RAM_HVA)).unwrap();
     let target = (1u64 << 20) - u64::from(nr_as);
     let mut on = false;
-    while vm.memslots().generation(AsId(0)).raw() < target {
+    while vm.memslots().generation(AsId(0)).unwrap().raw() < target {
         on = !on;
         let flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
         vm.set_memory_region(&UserspaceMemoryRegion::new(1, flags, DUMMY_GPA, 0x1000, DUMMY_HVA))
             .unwrap();
     }
-    let now = vm.memslots().generation(AsId(0));
+    let now = vm.memslots().generation(AsId(0)).unwrap();
     println!(
         "generation now {now:?}; X has been RAM (slot 0) for {} updates of its address space",
         (now.raw() - after.raw()) / u64::from(nr_as)

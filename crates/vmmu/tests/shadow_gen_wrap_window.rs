@@ -57,7 +57,7 @@ fn wrap_window(nr_as: u16) {
     let installed = std::cell::Cell::new(None);
     vm.set_memory_region_probed(&dummy(0), &|p| {
         if p == UpdateProbe::MmioWrapZapped {
-            let gen = vm.memslots().generation(AsId(0));
+            let gen = vm.memslots().generation(AsId(0)).unwrap();
             assert!(gen.in_progress(), "setup: the wrap update is in progress: {gen:?}");
             // The vCPU drops its obsolete root, loads a new one and faults on the GVA, whose
             // guest PTE names X, which has no slot.
@@ -67,19 +67,19 @@ fn wrap_window(nr_as: u16) {
     .unwrap();
     assert_eq!(installed.get(), Some(mmio_seen()), "setup: the vCPU faulted in the window");
     assert_eq!(vm.stats().mmio_gen_wraps, 1, "setup: the update wrapped");
-    let after = vm.memslots().generation(AsId(0));
+    let after = vm.memslots().generation(AsId(0)).unwrap();
 
     // X becomes RAM (a create zaps nothing: it relies on the generation); nothing touches the
     // GVA while the generation goes round, with no second wrap.
     vm.set_memory_region(&UserspaceMemoryRegion::new(2, 0, X, 0x1000, X_HVA)).unwrap();
     let target = (1u64 << 20) - u64::from(nr_as);
     let mut on = false;
-    while vm.memslots().generation(AsId(0)).raw() < target {
+    while vm.memslots().generation(AsId(0)).unwrap().raw() < target {
         on = !on;
         vm.set_memory_region(&dummy(if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 })).unwrap();
     }
     assert_eq!(vm.stats().mmio_gen_wraps, 1, "no second wrap yet");
-    let now = vm.memslots().generation(AsId(0));
+    let now = vm.memslots().generation(AsId(0)).unwrap();
 
     // The guest reads the GVA, whose page has been RAM for `2^19 / nr_as` updates.
     let seen = access(&mut v.borrow_mut(), GVA, false);

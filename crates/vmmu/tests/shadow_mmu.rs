@@ -418,7 +418,7 @@ fn a_nested_walk_keeps_no_gva_in_the_mmio_cache() {
         let second = access(&mut v, 0x4000_0000, false);
         let want = if nested { EmulateSource::MmioSpteHit } else { EmulateSource::VcpuCacheHit };
         assert_eq!(second, Seen::Mmio(Gpa(MMIO_GPA), want), "nested {nested}");
-        let gen = vm.memslots().generation(vmmu::AsId(0));
+        let gen = vm.memslots().generation(vmmu::AsId(0)).unwrap();
         let cached = v.mmio_cache().lookup_gva(0x4000_0000, gen, BugSet::NONE).is_some();
         assert_eq!(cached, !nested, "nested {nested}");
     }

@@ -479,7 +479,12 @@ fn mmio_generation_wrap_zaps_everything() {
         vm.set_memory_region(&region(1, 0x100_0000 + i * 0x1000, 0x1000, RAM_HVA, 0)).unwrap();
         vm.set_memory_region(&region(1, 0, 0, 0, 0)).unwrap();
     }
-    assert_eq!(vm.stats().mmio_gen_wraps, 1, "{:?}", vm.memslots().generation(vmmu::AsId(0)));
+    assert_eq!(
+        vm.stats().mmio_gen_wraps,
+        1,
+        "{:?}",
+        vm.memslots().generation(vmmu::AsId(0)).unwrap()
+    );
     assert!(vm.stats().zap_all_fast >= 1);
     // The old MMIO SPTE is gone with the obsolete root: the vCPU reloads and faults afresh.
     let (seen, _) = access(&mut v, 0x90_0000, false).unwrap();

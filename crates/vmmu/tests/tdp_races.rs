@@ -223,7 +223,7 @@ fn create_window_race(format: FormatKind, rounds: u64) -> Vec<String> {
                 matches!(walk, Ok(HwWalk::Violation { .. })),
                 "GPA starts unmapped: {walk:?} root {:?} gen {:?} round {round}",
                 va.root(),
-                vm_a.memslots().generation(vmmu::AsId(0))
+                vm_a.memslots().generation(vmmu::AsId(0)).unwrap()
             );
             // Slow from here: the fault decides, then installs 4 table lookups later.
             vmmu::testing::slow::table_lookups_on_this_thread(Duration::from_micros(200));

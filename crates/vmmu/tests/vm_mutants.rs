@@ -29,6 +29,10 @@ fn the_memslots_view_reports_the_address_spaces() {
     cfg.nr_address_spaces = 2;
     let (smm, _h) = vm_with(cfg);
     assert_eq!(smm.memslots().nr_address_spaces(), 2);
+    // An address space the VM does not have has no generation, and asking is no panic.
+    assert!(one.memslots().generation(vmmu::AsId(1)).is_none());
+    assert!(smm.memslots().generation(vmmu::AsId(1)).is_some());
+    assert!(smm.memslots().generation(vmmu::AsId(u16::MAX)).is_none());
 }
 
 /// The memslots view's generation (KVM's `kvm_memslots(kvm)->generation`) moves on with every
@@ -38,14 +42,14 @@ fn the_memslots_view_reports_the_address_spaces() {
 #[test]
 fn the_memslots_view_generation_moves_with_each_update() {
     let (vm, _h) = vm(FormatKind::Ept);
-    let g0 = vm.memslots().generation(vmmu::AsId(0));
+    let g0 = vm.memslots().generation(vmmu::AsId(0)).unwrap();
     vm.set_memory_region(&region(1, 0x10_0000, 0x1000, RAM_HVA, 0)).unwrap();
-    let g1 = vm.memslots().generation(vmmu::AsId(0));
+    let g1 = vm.memslots().generation(vmmu::AsId(0)).unwrap();
     assert_ne!(g1, g0, "a create moves the generation on");
     vm.set_memory_region(&region(2, 0x10_0000, 0x1000, RAM_HVA, 0)).unwrap_err();
-    assert_eq!(vm.memslots().generation(vmmu::AsId(0)), g1, "a refused update does not");
+    assert_eq!(vm.memslots().generation(vmmu::AsId(0)).unwrap(), g1, "a refused update does not");
     vm.set_memory_region(&region(1, 0, 0, 0, 0)).unwrap();
-    let g2 = vm.memslots().generation(vmmu::AsId(0));
+    let g2 = vm.memslots().generation(vmmu::AsId(0)).unwrap();
     assert!(g2 != g1 && g2 != g0, "a delete moves it on again");
 }
 

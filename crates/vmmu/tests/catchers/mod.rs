@@ -217,7 +217,7 @@ pub fn catch_wrap_hook_vs_prewrap_spte(bugs: BugSet) -> Option<Harm> {
     let mut in_window = None;
     update_with_window(&vm, &region(0, X, 0x1000, RAM_HVA, 0), |p| {
         if let Point::Updated { .. } = p {
-            let gen = vm.memslots().generation(AsId(0));
+            let gen = vm.memslots().generation(AsId(0)).unwrap();
             in_window = Some((gen, step(&mut v, X)));
         }
     });

@@ -138,14 +138,14 @@ pub fn update_published(
     vm: &Vm<TestHost>,
     region: UserspaceMemoryRegion,
 ) -> std::thread::JoinHandle<()> {
-    let old_gen = vm.memslots().generation(vmmu::AsId(0));
+    let old_gen = vm.memslots().generation(vmmu::AsId(0)).unwrap();
     let updater = {
         let vm = vm.clone();
         std::thread::spawn(move || {
             vm.set_memory_region(&region).unwrap();
         })
     };
-    while vm.memslots().generation(vmmu::AsId(0)) == old_gen {
+    while vm.memslots().generation(vmmu::AsId(0)).unwrap() == old_gen {
         std::thread::yield_now();
     }
     updater
