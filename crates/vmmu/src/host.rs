@@ -220,6 +220,11 @@ pub trait Sched: Send + Sync {
     /// should have them leave guest mode and yield once between accesses, as a KVM vCPU thread
     /// that is scheduled out leaves guest mode (the software machine does: `vmmu-sim`'s
     /// `handoff` module).
+    ///
+    /// It runs with the MMU's locks held (the memslot and VMM locks, the MMU lock, the shadow
+    /// lock): it must not call back into the VM or its vCPUs, whose locks are not reentrant. A
+    /// `relax` (or a `kick`) that panics unwinds out of the MMU without leaving a lock claimed,
+    /// a host invalidation in flight or a vCPU without a request it was sent.
     fn relax(&self) {
         crate::sync::DefaultRelax::default().relax();
     }
