@@ -144,11 +144,13 @@ impl MemslotSet {
     /// slot is now. No lock, no allocation.
     #[inline]
     pub fn mark_page_dirty(&self, slot: &Memslot, gfn: Gfn) {
-        let Some(own) = self.get(slot.id()) else { return };
+        // One lookup by id gives the set's own slot and its bitmap.
+        let Some(e) = self.maps().by_id.get(slot.id().0) else { return };
+        let own = &e.slot;
         if own.base_gfn() != slot.base_gfn() || !own.dirty_logging() || !own.contains(gfn) {
             return;
         }
-        if let Some(b) = self.dirty_bitmap(own.id()) {
+        if let Some(b) = e.dirty.as_deref() {
             b.mark(gfn.raw() - own.base_gfn().raw());
         }
     }

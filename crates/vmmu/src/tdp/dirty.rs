@@ -5,6 +5,10 @@
 //!
 //! The other half, a write fault marking its page before the shared MMU lock is released, is in
 //! the fault path (`vcpu/fault_path.rs`); the contract joining them is in [`crate::dirty`].
+//!
+//! The split of a huge leaf into a table of its children (`split_huge_leaf`, with the rights
+//! [`SplitRights`] says) lives here and also serves the fault path's split of a huge leaf that
+//! does not serve its access (`map.rs`), under the shared lock.
 
 use super::change::FlushNeed;
 use super::range::{entries_meeting, EntryInRange};
