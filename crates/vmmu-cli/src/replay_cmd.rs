@@ -24,6 +24,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use vmmu::spte::FormatKind;
 use vmmu::vm::MmuKind;
+use vmmu_sim::replay::parse::EventOp;
 use vmmu_sim::replay::{self, ReplayConfig, Trace, TraceReport, Verdict};
 
 /// Arguments of `vmmu replay`.
@@ -142,7 +143,7 @@ fn warnings(args: &ReplayArgs, trace: &Trace) -> Vec<String> {
 /// Replays one parsed trace everywhere.
 fn replay_trace(args: &ReplayArgs, file: &str, trace: &Trace) -> TraceReport {
     let mut events = BTreeMap::new();
-    for op in ["slot", "mmio", "get-dirty-log", "clear-dirty-log", "kvm"] {
+    for op in EventOp::ALL {
         events.insert(op.to_string(), trace.count(op));
     }
     let s = trace.summary.clone().unwrap_or_default();

@@ -5,6 +5,7 @@
 //! dirty-log call as that ioctl on the slot (manual protection enabled when the trace clears),
 //! which KVM must accept.
 
+use vmmu_sim::replay::parse::EventOp;
 use vmmu_sim::replay::{KvmReport, Trace};
 
 /// How many MMIO accesses are checked on KVM per trace besides the first ones (see [`Sampler`]):
@@ -152,7 +153,7 @@ pub fn run(trace: &Trace) -> KvmReport {
         }
     };
     let mut r = KvmReport { ran: true, ..KvmReport::default() };
-    if trace.count("clear-dirty-log") > 0 {
+    if trace.count(EventOp::ClearDirtyLog) > 0 {
         if let Err(why) = vm.enable_manual_dirty_log() {
             r.error = Some(format!("cannot enable manual dirty-log protection: {why}"));
             return r;
@@ -165,7 +166,7 @@ pub fn run(trace: &Trace) -> KvmReport {
     };
     // Slot sizes as KVM accepted them, for KVM_GET_DIRTY_LOG's bitmap.
     let mut sizes = std::collections::BTreeMap::new();
-    let total = trace.count("mmio");
+    let total = trace.count(EventOp::Mmio);
     let mut sampler = Sampler::new(total);
     let t0 = std::time::Instant::now();
     for e in &trace.events {

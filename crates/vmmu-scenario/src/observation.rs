@@ -284,6 +284,21 @@ fn from_object(o: &Map<String, Value>) -> Result<Observation, String> {
             .and_then(|h| u64::from_str_radix(h, 16).ok())
             .ok_or_else(|| format!("field `{k}` is not a 0x hex number: `{t}`"))
     };
+    // An errno as the spec prints it: its symbolic name (`EINVAL`), or `errno N` for one
+    // without a name.
+    let errno = |t: &str| -> Result<String, String> {
+        let named = t.len() > 1
+            && t.starts_with('E')
+            && t.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
+        let numbered = t
+            .strip_prefix("errno ")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if named || numbered {
+            Ok(t.into())
+        } else {
+            Err(format!("field `result` is neither `ok` nor an errno name such as `EINVAL`: `{t}`"))
+        }
+    };
     if o.contains_key("skipped") {
         return Ok(Observation::Skipped { reason: s("skipped")?.into() });
     }
@@ -294,7 +309,7 @@ fn from_object(o: &Map<String, Value>) -> Result<Observation, String> {
             step,
             result: match s("result")? {
                 "ok" => SlotResult::Ok,
-                e => SlotResult::Err(e.into()),
+                e => SlotResult::Err(errno(e)?),
             },
         },
         ("read", Some("none")) => {
@@ -337,14 +352,14 @@ fn from_object(o: &Map<String, Value>) -> Result<Observation, String> {
                     }
                     DirtyLogResult::Ok(pages)
                 }
-                e => DirtyLogResult::Err(e.into()),
+                e => DirtyLogResult::Err(errno(e)?),
             },
         },
         ("clear-dirty-log", _) => Observation::ClearDirtyLog {
             step,
             result: match s("result")? {
                 "ok" => SlotResult::Ok,
-                e => SlotResult::Err(e.into()),
+                e => SlotResult::Err(errno(e)?),
             },
         },
         (op, Some(exit)) => return Err(format!("unknown op/exit pair `{op}`/`{exit}`")),
@@ -454,6 +469,25 @@ mod tests {
         ] {
             let e = parse_observations(&format!("\n{bad}\n")).unwrap_err();
             assert_eq!(e.line, 2, "{bad}");
+        }
+    }
+
+    /// A result is `ok` or an errno as the backends print it; anything else (an empty string,
+    /// lower case, a number) is a malformed file, not an errno that differs (found by a
+    /// code-quality audit: `"result":""` was read as an errno named "").
+    #[test]
+    fn a_result_that_is_no_errno_is_refused() {
+        for good in ["EINVAL", "ENOENT", "E2BIG", "errno 4095"] {
+            let text = format!("{{\"step\":1,\"op\":\"slot\",\"result\":\"{good}\"}}\n");
+            let got = parse_observations(&text).unwrap();
+            assert_eq!(got, [Observation::Slot { step: 1, result: SlotResult::Err(good.into()) }]);
+        }
+        for op in ["slot", "dirty-log", "clear-dirty-log"] {
+            for bad in ["", "einval", "E", "errno ", "errno x", "OK", "22"] {
+                let text = format!("{{\"step\":1,\"op\":\"{op}\",\"result\":\"{bad}\"}}\n");
+                let e = parse_observations(&text).unwrap_err().to_string();
+                assert!(e.contains("neither `ok` nor an errno name"), "{op} {bad:?}: {e}");
+            }
         }
     }
 

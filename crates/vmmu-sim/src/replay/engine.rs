@@ -247,6 +247,18 @@ impl Attempts for Sequential {
 }
 
 impl Cpu<'_> {
+    /// Whether this vCPU can form guest-physical address `gpa` at all: below what the TDP
+    /// tables translate, or where the shadow replay's guest maps it (below 4 GiB without
+    /// paging). A slot request beyond that (refused by its shape, or by this run's MAXPHYADDR)
+    /// has nothing there for a guest to reach, so nothing to check.
+    fn forms(&self, gpa: u64) -> bool {
+        match &self.shadow {
+            Some((_, Some(tables))) => tables.gva(gpa).is_some(),
+            Some((_, None)) => gpa < FOUR_GIB,
+            None => gpa >> self.tdp_gpa_bits == 0,
+        }
+    }
+
     /// One guest access. `perform`: touch RAM (own accesses, naturally aligned); recorded MMIO
     /// accesses are only classified.
     fn access(&mut self, gpa: u64, width: Width, write: Option<u64>, perform: bool) -> Outcome {
@@ -504,7 +516,8 @@ impl Replay<'_> {
     /// Pages to access right before a slot request, so that the TLB, the SPTEs (RAM or MMIO)
     /// and the per-vCPU MMIO cache hold what the request must invalidate: the first and last
     /// page of the slot's old range, then the first, middle and last page of the requested
-    /// range (address space 0 only: the vCPU is not in SMM).
+    /// range (address space 0 only: the vCPU is not in SMM), less pages the vCPU cannot form
+    /// ([`Cpu::forms`]: a request that no host, or not this run's, accepts may name them).
     fn warm_pages(&self, old: Option<Live>, s: &SlotEvent) -> Vec<u64> {
         let mut pages = Vec::new();
         if s.as_id != 0 {
@@ -514,6 +527,7 @@ impl Replay<'_> {
             pages.extend([o.gpa, o.gpa + o.size - PAGE_SIZE]);
         }
         pages.extend(first_middle_last(s.gpa, s.size).into_iter().flatten());
+        pages.retain(|&p| self.cpu.forms(p));
         pages.dedup();
         pages
     }
@@ -1684,5 +1698,28 @@ mod tests {
         assert_eq!(r.phys_bits, 47);
         let r = replay(&trace, &cfg(DEFAULT_PHYS_BITS)).expect("replay");
         assert_eq!(r.slots.refused, 1, "KVM with MAXPHYADDR 46 refuses the slot (EINVAL)");
+    }
+
+    /// A slot request no host accepts by its shape (it reaches past 2^63), and one this run's
+    /// MAXPHYADDR refuses (at 2^50 under EPT with 46 bits): both are refused, and the replay's
+    /// own accesses before them skip the pages no guest can form, instead of reporting the
+    /// MMU's "maps nothing there" as a violation (found by a code-quality audit).
+    #[test]
+    fn a_refused_request_beyond_what_a_guest_forms_is_no_violation() {
+        let huge =
+            format!("{HEADER}{}", slot_line(0, 1, "", "0x0", "0xfffffffffffff000", "0x1000"));
+        for cfg in every_mmu() {
+            let r = run(&huge, cfg);
+            assert_eq!(r.slots.refused, 1, "{}", cfg.name());
+            assert_eq!(r.oracle.violations, 0, "{}: {:?}", cfg.name(), r.oracle);
+        }
+        let high = format!(
+            "{HEADER}{}",
+            slot_line(0, 1, "", "0x4000000000000", "0x1000", "0x7f0000000000")
+        );
+        let cfg = ReplayConfig { phys_bits: 46, ..ReplayConfig::new(FormatKind::Ept, true) };
+        let r = run(&high, cfg);
+        assert_eq!(r.slots.refused, 1);
+        assert_eq!(r.oracle.violations, 0, "{:?}", r.oracle);
     }
 }

@@ -111,7 +111,7 @@ pub enum ParseErrorKind {
     #[error("summary says {want} {op} event(s), the file has {have} (truncated or edited trace?)")]
     CountMismatch {
         /// The kind.
-        op: String,
+        op: EventOp,
         /// Summary's count.
         want: u64,
         /// Lines found.
@@ -206,15 +206,58 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    /// The `op` name.
-    pub const fn op(&self) -> &'static str {
+    /// The kind of line it came from.
+    pub const fn op(&self) -> EventOp {
         match self {
-            EventKind::Slot(_) => "slot",
-            EventKind::Mmio(_) => "mmio",
-            EventKind::GetDirtyLog { .. } => "get-dirty-log",
-            EventKind::ClearDirtyLog { .. } => "clear-dirty-log",
-            EventKind::KvmZapAllFast => "kvm",
+            EventKind::Slot(_) => EventOp::Slot,
+            EventKind::Mmio(_) => EventOp::Mmio,
+            EventKind::GetDirtyLog { .. } => EventOp::GetDirtyLog,
+            EventKind::ClearDirtyLog { .. } => EventOp::ClearDirtyLog,
+            EventKind::KvmZapAllFast => EventOp::Kvm,
         }
+    }
+}
+
+/// The kinds of event line of v1, as their `op` (and the summary's `events`) name them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum EventOp {
+    /// `slot`.
+    Slot,
+    /// `mmio`.
+    Mmio,
+    /// `get-dirty-log`.
+    GetDirtyLog,
+    /// `clear-dirty-log`.
+    ClearDirtyLog,
+    /// `kvm`.
+    Kvm,
+}
+
+impl EventOp {
+    /// Every kind, in the order traces.md lists them.
+    pub const ALL: [EventOp; 5] =
+        [EventOp::Slot, EventOp::Mmio, EventOp::GetDirtyLog, EventOp::ClearDirtyLog, EventOp::Kvm];
+
+    /// The `op` name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EventOp::Slot => "slot",
+            EventOp::Mmio => "mmio",
+            EventOp::GetDirtyLog => "get-dirty-log",
+            EventOp::ClearDirtyLog => "clear-dirty-log",
+            EventOp::Kvm => "kvm",
+        }
+    }
+
+    /// The kind an `op` name names, if v1 has it.
+    pub fn from_name(name: &str) -> Option<EventOp> {
+        EventOp::ALL.into_iter().find(|o| o.as_str() == name)
+    }
+}
+
+impl core::fmt::Display for EventOp {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -253,7 +296,7 @@ pub struct Trace {
 
 impl Trace {
     /// Number of events of kind `op`.
-    pub fn count(&self, op: &str) -> u64 {
+    pub fn count(&self, op: EventOp) -> u64 {
         self.events.iter().filter(|e| e.kind.op() == op).count() as u64
     }
 }
@@ -517,9 +560,6 @@ fn parse_event(o: &Ordered<'_>, op: &str) -> Result<EventKind, ParseErrorKind> {
     })
 }
 
-/// The event kinds of v1, as the summary's `events` names them.
-const EVENT_OPS: [&str; 5] = ["slot", "mmio", "get-dirty-log", "clear-dirty-log", "kvm"];
-
 /// A summary value that must be an object of non-negative integer counts.
 fn counts(o: &Ordered<'_>, key: &'static str) -> Result<BTreeMap<String, u64>, ParseErrorKind> {
     serde_json::from_str(o.raw(key)?).map_err(|_| {
@@ -583,16 +623,17 @@ fn parse_summary(o: &Ordered<'_>, events: &[Event]) -> Result<Summary, ParseErro
         }
     }
     if present("events") {
-        for (op, want) in counts(o, "events")? {
-            if !EVENT_OPS.contains(&op.as_str()) && want != 0 {
+        for (name, want) in counts(o, "events")? {
+            let Some(op) = EventOp::from_name(&name) else {
+                if want == 0 {
+                    continue;
+                }
+                let kinds: Vec<&str> = EventOp::ALL.iter().map(|o| o.as_str()).collect();
                 return Err(field(
                     "events",
-                    format!(
-                        "counts kind {op:?}, which v1 does not have ({})",
-                        EVENT_OPS.join(", ")
-                    ),
+                    format!("counts kind {name:?}, which v1 does not have ({})", kinds.join(", ")),
                 ));
-            }
+            };
             let have = events.iter().filter(|e| e.kind.op() == op).count() as u64;
             if have != want {
                 return Err(ParseErrorKind::CountMismatch { op, want, have });
@@ -932,9 +973,9 @@ mod tests {
         let k = "{\"t\":0.000000,\"op\":\"kvm\",\"event\":\"zap_all_fast\"}";
         let g = "{\"t\":0.000000,\"op\":\"get-dirty-log\",\"as\":0,\"id\":3}";
         let t = parse(&format!("{H}{k}\n{g}\n{k}\n")).expect("valid");
-        assert_eq!(t.count("kvm"), 2);
-        assert_eq!(t.count("get-dirty-log"), 1);
-        assert_eq!(t.count("clear-dirty-log"), 0);
+        assert_eq!(t.count(EventOp::Kvm), 2);
+        assert_eq!(t.count(EventOp::GetDirtyLog), 1);
+        assert_eq!(t.count(EventOp::ClearDirtyLog), 0);
     }
 
     /// Kills the `expecting` -> `Ok(Default::default())` mutant of the key-order visitor: a line

@@ -539,7 +539,7 @@ impl TraceReport {
             if z.per_request {
                 let _ = writeln!(
                     s,
-                    "      per request: {} match the recording, {} differ",
+                    "      per slot request (and the stretch before the first): {} match the recording, {} differ",
                     z.requests_matching, z.requests_differing
                 );
                 for d in &z.first_differing {
