@@ -277,8 +277,8 @@ impl Srcu {
     /// thread at a time. Sections nest (up to 65535 deep).
     ///
     /// # Panics
-    /// If `id` was not registered with this `Srcu` (its index is out of range), or on nesting
-    /// overflow.
+    /// If `id` was not registered with this `Srcu` (another `Srcu` made it, whatever its index),
+    /// or on nesting overflow.
     #[inline]
     pub fn read_lock<'a>(&'a self, id: &'a ReaderId) -> ReadGuard<'a> {
         let rec = &self.record(id).state;

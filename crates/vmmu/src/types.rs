@@ -366,6 +366,16 @@ impl Level {
     pub const fn pages(self) -> u64 {
         1 << (9 * (self.0 as u32 - 1))
     }
+    /// The first gfn of the block of this level that holds `gfn` (KVM `gfn_round_for_level`).
+    #[inline]
+    pub const fn block_base(self, gfn: Gfn) -> Gfn {
+        Gfn(gfn.0 & !(self.pages() - 1))
+    }
+    /// How many base pages `gfn` lies into the block of this level that holds it.
+    #[inline]
+    pub const fn offset_in_block(self, gfn: Gfn) -> u64 {
+        gfn.0 & (self.pages() - 1)
+    }
     /// The index of `gfn` in a table of this level.
     #[inline]
     pub const fn index(self, gfn: Gfn) -> usize {
@@ -385,6 +395,19 @@ impl Level {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_block_is_the_aligned_run_of_base_pages_one_entry_covers() {
+        let gfn = Gfn(0x4_0203);
+        assert_eq!(Level::L4K.block_base(gfn), gfn);
+        assert_eq!(Level::L4K.offset_in_block(gfn), 0);
+        assert_eq!(Level::L2M.block_base(gfn), Gfn(0x4_0200));
+        assert_eq!(Level::L2M.offset_in_block(gfn), 3);
+        assert_eq!(Level::L1G.block_base(gfn), Gfn(0x4_0000));
+        assert_eq!(Level::L1G.offset_in_block(gfn), 0x203);
+        let top = Gfn(u64::MAX);
+        assert_eq!(Level::L2M.block_base(top).raw() + Level::L2M.offset_in_block(top), u64::MAX);
+    }
 
     #[test]
     fn slot_field_round_trips() {

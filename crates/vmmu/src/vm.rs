@@ -32,6 +32,15 @@ pub enum MmuKind {
     Shadow,
 }
 
+impl core::fmt::Display for MmuKind {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            MmuKind::Tdp => "TDP",
+            MmuKind::Shadow => "shadow-paging",
+        })
+    }
+}
+
 /// How to build a [`Vm`].
 #[derive(Clone, Copy, Debug)]
 pub struct VmConfig {

@@ -998,7 +998,7 @@ fn invlpg_clears_the_gva_mmio_cache_entry() {
 /// mapping read-only; the cached entry still has W, and once another vCPU's read installs a
 /// read-only MMIO SPTE, an RSVD write fault must not be answered from that entry: the guest gets
 /// its #PF, not an emulated write.
-/// Kills `vcpu/shadow_path.rs`: the protection fault not clearing the GVA cache entry.
+/// Kills `vcpu/shadow_fault.rs`: the protection fault not clearing the GVA cache entry.
 #[test]
 fn a_guest_protection_fault_clears_the_gva_mmio_cache_entry() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);

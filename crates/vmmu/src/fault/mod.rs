@@ -108,7 +108,7 @@ pub enum FaultError {
     #[error("this entry point needs a {wanted} VM")]
     WrongMmu {
         /// The MMU the entry point needs.
-        wanted: &'static str,
+        wanted: crate::vm::MmuKind,
     },
     /// A guest-virtual address the guest cannot fault on (non-canonical; above 4 GiB with PAE or
     /// without paging): the CPU raises #GP, never a page fault.

@@ -3,9 +3,9 @@
 //! the staleness check. Shared by the TDP MMU and the shadow MMU.
 //!
 //! Flow: an entry point builds a [`PageFault`] once -> [`PageFault::faultin`] resolves it against
-//! the vCPU's memslot set (inside the caller's memslot read section) -> under the MMU lock,
-//! [`PageFault::stale`] (KVM `is_page_fault_stale`) -> the MMU's map -> the one SPTE-change
-//! function (`tdp/change.rs`).
+//! the vCPU's memslot set (inside the caller's memslot read section) into its [`Backing`] or a
+//! stop -> under the MMU lock, [`PageFault::stale`] (KVM `is_page_fault_stale`) -> the MMU's
+//! map -> the one SPTE-change function (`tdp/change.rs`).
 
 use super::{FaultError, PfErr};
 use crate::bugs::{Bug, BugSet};
@@ -30,8 +30,6 @@ pub(crate) struct Mappable<'a> {
 /// `fault->map_writable`, `fault->max_level`).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Backing {
-    /// Not resolved yet.
-    Unresolved,
     /// RAM of `slot`: the host frame of the first page of the naturally aligned block at
     /// `max_level` around the gfn is `base_pfn`.
     Ram {
@@ -72,13 +70,9 @@ pub struct PageFault {
     pub gfn: Gfn,
     /// What the access needs (from the error code).
     pub access: FaultAccess,
-    /// Whether the fault came from a two-dimensional (TDP) walk.
-    pub is_tdp: bool,
     /// The host-invalidation sequence sampled before the host frame was looked up (KVM
     /// `fault->mmu_seq`); 0 until faultin.
     pub mmu_seq: u64,
-    /// What faultin found.
-    pub backing: Backing,
 }
 
 /// Why faultin ended the fault early.
@@ -92,17 +86,16 @@ pub enum FaultinStop {
 }
 
 impl PageFault {
+    /// A shadow-paging fault on `addr`, the guest-physical address the guest walk of the
+    /// faulting GVA gave, with the exit's `error_code` less RSVD (the slow path decides the
+    /// mapping afresh, whatever the hardware's reason to exit was).
+    pub fn shadow(addr: Gpa, error_code: PfErr) -> Self {
+        PageFault::tdp(addr, PfErr(error_code.0 & !PfErr::RSVD))
+    }
+
     /// A TDP fault on `addr` with `error_code`.
     pub fn tdp(addr: Gpa, error_code: PfErr) -> Self {
-        PageFault {
-            addr,
-            error_code,
-            gfn: addr.gfn(),
-            access: error_code.access(),
-            is_tdp: true,
-            mmu_seq: 0,
-            backing: Backing::Unresolved,
-        }
+        PageFault { addr, error_code, gfn: addr.gfn(), access: error_code.access(), mmu_seq: 0 }
     }
 
     /// Whether the exit reported reserved bits (an MMIO SPTE, or a misconfiguration).
@@ -113,8 +106,8 @@ impl PageFault {
     /// KVM `kvm_mmu_faultin_pfn` / `__kvm_faultin_pfn`: resolves the gfn against `set` (read
     /// inside the caller's memslot read section): a memslot being deleted or moved -> retry; no
     /// memslot -> [`Backing::NoSlot`]; a write to a read-only slot -> stop, emulate; RAM ->
-    /// the host frame, translated after sampling the invalidation sequence. `Ok(None)`: go on
-    /// to the stale check and the map; `Ok(Some(stop))`: the fault ends here.
+    /// the host frame, translated after sampling the invalidation sequence. `Ok(Ok(backing))`:
+    /// go on to the stale check and the map; `Ok(Err(stop))`: the fault ends here.
     pub(crate) fn faultin(
         &mut self,
         set: &MemslotSet,
@@ -123,26 +116,25 @@ impl PageFault {
         inval: &Invalidation,
         mappable: Mappable<'_>,
         bugs: BugSet,
-    ) -> Result<Option<FaultinStop>, FaultError> {
+    ) -> Result<Result<Backing, FaultinStop>, FaultError> {
         // Snapshot before translating the host address (see tdp::invalidate).
         self.mmu_seq = inval.seq();
         let mut slot = set.find_cached(self.gfn, slot_cache);
         if slot.as_ref().is_some_and(|s| s.is_invalid()) {
             if !bugs.has(Bug::InvalidSlotAsMmio) {
-                return Ok(Some(FaultinStop::Retry(RetryCause::InvalidSlot)));
+                return Ok(Err(FaultinStop::Retry(RetryCause::InvalidSlot)));
             }
             slot = None; // the bug: a slot being deleted is treated as no slot, i.e. MMIO
         }
         let Some(s) = slot else {
-            self.backing = Backing::NoSlot;
-            return Ok(None);
+            return Ok(Ok(Backing::NoSlot));
         };
         if inval.retry_unsafe(self.mmu_seq, self.gfn) {
-            return Ok(Some(FaultinStop::Retry(RetryCause::HostInvalidation)));
+            return Ok(Err(FaultinStop::Retry(RetryCause::HostInvalidation)));
         }
         if self.access.write && s.is_readonly() {
             // KVM_PFN_ERR_RO_FAULT.
-            return Ok(Some(FaultinStop::ReadOnlyWrite));
+            return Ok(Err(FaultinStop::ReadOnlyWrite));
         }
         let hva = s.hva_of(self.gfn);
         let hp = host.translate(hva, self.access.write).map_err(|fault| FaultError::HostFault {
@@ -160,30 +152,28 @@ impl PageFault {
             });
         }
         let mut max_level = max_mapping_level(&s, self.gfn, hp.level, mappable.max_level);
-        let offset = |level: Level| self.gfn.raw() & (level.pages() - 1);
-        if hp.pfn.raw() & (max_level.pages() - 1) != offset(max_level) {
+        if hp.pfn.raw() & (max_level.pages() - 1) != max_level.offset_in_block(self.gfn) {
             // A host page whose frame does not sit at the gfn's place in its block breaks
             // `HostPage::level`'s contract (the block is backed by aligned contiguous frames):
             // map the one frame the host named, not a block of frames it never promised.
             max_level = Level::L4K;
         }
-        let offset = offset(max_level);
+        let offset = max_level.offset_in_block(self.gfn);
         // KVM `make_spte`: the leaf is writable when the host maps the page writable, for a read
         // too (a read never breaks copy-on-write, so the host says writable only for a page
         // already written: `HostPage::writable`); in a dirty-logged slot such a leaf marks the
         // page dirty (the fault path), read or not, as KVM does.
         let writable = !s.is_readonly() && hp.writable;
-        self.backing =
-            Backing::Ram { slot: s, base_pfn: Pfn(hp.pfn.raw() - offset), max_level, writable };
-        Ok(None)
+        Ok(Ok(Backing::Ram { slot: s, base_pfn: Pfn(hp.pfn.raw() - offset), max_level, writable }))
     }
 
     /// KVM `is_page_fault_stale`, under the MMU lock (the caller holds it): the root was
     /// obsoleted by `zap_all_fast`, or it has no page and a free-obsolete-roots request is pending
-    /// for the vCPU (18c841e1f411), or a host invalidation touched the gfn since faultin sampled
-    /// the sequence.
+    /// for the vCPU (18c841e1f411), or a host invalidation touched the gfn (the block RAM
+    /// `backing` may map) since faultin sampled the sequence.
     pub(crate) fn stale(
         &self,
+        backing: &Backing,
         root: RootState,
         pending: Requests,
         inval: &Invalidation,
@@ -198,9 +188,9 @@ impl PageFault {
                 _ => {}
             }
         }
-        if let Backing::Ram { max_level, .. } = self.backing {
+        if let Backing::Ram { max_level, .. } = *backing {
             // The whole block the leaf may map, not only the faulting gfn.
-            let start = Gfn(self.gfn.raw() & !(max_level.pages() - 1));
+            let start = max_level.block_base(self.gfn);
             let end = Gfn(start.raw() + max_level.pages());
             if inval.retry_range(self.mmu_seq, start, end) {
                 return Some(RetryCause::HostInvalidation);
@@ -225,7 +215,7 @@ pub(crate) fn max_mapping_level(
     let mut level = host_level.min(format_max);
     while level > Level::L4K {
         let pages = level.pages();
-        let block = gfn.raw() & !(pages - 1);
+        let block = level.block_base(gfn).raw();
         let inside = block >= slot.base_gfn().raw()
             && block.checked_add(pages).is_some_and(|e| e <= slot.end_gfn().raw());
         let hva_pfn = slot.userspace_addr().raw() >> crate::types::PAGE_SHIFT;

@@ -473,37 +473,13 @@ impl Memslots {
             return Ok(MemslotChange::Delete);
         }
 
-        let change = match &old {
-            None => {
-                let total = st.nr_memslot_pages;
-                if total.checked_add(req.npages).is_none_or(|t| t > self.cfg.max_total_pages) {
-                    return Err(MemslotError::TotalPagesOverflow { total, npages: req.npages });
-                }
-                MemslotChange::Create
-            }
-            Some(o) => {
-                let fixed = |field| MemslotError::FixedFieldChanged { id: req.id.0, field };
-                if req.hva != o.userspace_addr() {
-                    return Err(fixed(FixedField::UserspaceAddr));
-                }
-                if req.npages != o.npages() {
-                    return Err(fixed(FixedField::Size));
-                }
-                if (req.flags ^ o.user_flags()) & KVM_MEM_READONLY != 0 {
-                    return Err(fixed(FixedField::Readonly));
-                }
-                if req.base_gfn != o.base_gfn() {
-                    MemslotChange::Move
-                } else if req.flags != o.user_flags() {
-                    MemslotChange::FlagsOnly
-                } else {
-                    return Ok(MemslotChange::NoOp);
-                }
-            }
+        let total = st.nr_memslot_pages;
+        let Some(update) = classify(&req, old.as_ref(), total, self.cfg.max_total_pages)? else {
+            return Ok(MemslotChange::NoOp);
         };
 
         let end = Gfn(req.base_gfn.0 + req.npages);
-        if matches!(change, MemslotChange::Create | MemslotChange::Move) {
+        if matches!(update, Update::Create | Update::Move) {
             if let Some(other) = cur.overlapping(req.id, req.base_gfn, end) {
                 return Err(MemslotError::Overlap {
                     as_id: req.as_id.0,
@@ -519,14 +495,14 @@ impl Memslots {
         // KVM `kvm_prepare_memory_region`: a slot that keeps logging keeps its bitmap (and its
         // bits, across a move); one that starts logging gets a fresh one (below).
         let old_bitmap = st.meta.get(key).cloned();
-        let invalid = match (&old, change) {
-            (Some(o), MemslotChange::Move) => {
+        let invalid = match (&old, update) {
+            (Some(o), Update::Move) => {
                 Some(self.invalidate(req.as_id, o, old_bitmap.as_ref(), hooks))
             }
             _ => None,
         };
 
-        let fresh_bitmap = match self.prepare(&mut st, old.as_ref(), &new, change) {
+        let fresh_bitmap = match self.prepare(&mut st, old.as_ref(), &new, update) {
             Ok(b) => b,
             Err(e) => {
                 if let Some(inv) = invalid {
@@ -542,20 +518,13 @@ impl Memslots {
             Some(b) => Some(b),
             None => old_bitmap.as_ref(),
         };
-        match change {
-            MemslotChange::Create => {
+        match update {
+            Update::Create => {
                 self.swap(req.as_id, None, Some(new), new_bitmap, hooks);
                 st.nr_memslot_pages += new.npages();
             }
-            MemslotChange::Move => {
-                self.swap(req.as_id, invalid.as_ref(), Some(new), new_bitmap, hooks)
-            }
-            MemslotChange::FlagsOnly => {
-                self.swap(req.as_id, old.as_ref(), Some(new), new_bitmap, hooks)
-            }
-            MemslotChange::Delete | MemslotChange::NoOp => {
-                unreachable!("delete and no-op returned above")
-            }
+            Update::Move => self.swap(req.as_id, invalid.as_ref(), Some(new), new_bitmap, hooks),
+            Update::FlagsOnly => self.swap(req.as_id, old.as_ref(), Some(new), new_bitmap, hooks),
         }
         // KVM `kvm_commit_memory_region`: a move or flags change that stops dirty logging
         // frees the old bitmap; one that starts it installs the bitmap prepared above.
@@ -565,7 +534,7 @@ impl Memslots {
         if let Some(b) = fresh_bitmap {
             st.meta.install(key, b);
         }
-        Ok(change)
+        Ok(update.into())
     }
 
     /// KVM `kvm_prepare_memory_region` + x86 `kvm_arch_prepare_memory_region`: the dirty
@@ -576,7 +545,7 @@ impl Memslots {
         st: &mut SlotsState,
         old: Option<&Memslot>,
         new: &Memslot,
-        change: MemslotChange,
+        change: Update,
     ) -> Result<Option<Arc<DirtyBitmap>>, MemslotError> {
         let fresh = if new.dirty_logging() && !old.is_some_and(Memslot::dirty_logging) {
             let b = st.meta.alloc_bitmap(new.npages())?;
@@ -588,7 +557,7 @@ impl Memslots {
         } else {
             None
         };
-        if matches!(change, MemslotChange::Create | MemslotChange::Move) {
+        if matches!(change, Update::Create | Update::Move) {
             let last_gfn = new.end_gfn().0 - 1;
             let max_gfn = self.cfg.max_gfn();
             if last_gfn > max_gfn {
@@ -685,6 +654,64 @@ impl Memslots {
         unsafe { was_active.replace(old, new, bitmap) };
         self.torn.store(false, Ordering::Relaxed);
     }
+}
+
+/// A change that is neither a delete nor a no-op: what [`classify`] finds a request to be, and
+/// what the rest of an update is about.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Update {
+    Create,
+    Move,
+    FlagsOnly,
+}
+
+impl From<Update> for MemslotChange {
+    fn from(u: Update) -> Self {
+        match u {
+            Update::Create => MemslotChange::Create,
+            Update::Move => MemslotChange::Move,
+            Update::FlagsOnly => MemslotChange::FlagsOnly,
+        }
+    }
+}
+
+/// Which change a request that is not a delete makes to the slot it names (`old`: that slot
+/// now), with KVM's checks of `kvm_set_memory_region` in its order: a create must keep the
+/// pages of all slots within `max_total_pages` (`total_pages` now); a change of an existing slot
+/// may not touch its host address, its size or its READONLY flag; then it is a move, a change
+/// of flags only, or nothing (`None`).
+fn classify(
+    req: &region::Request,
+    old: Option<&Memslot>,
+    total_pages: u64,
+    max_total_pages: u64,
+) -> Result<Option<Update>, MemslotError> {
+    let Some(o) = old else {
+        if total_pages.checked_add(req.npages).is_none_or(|t| t > max_total_pages) {
+            return Err(MemslotError::TotalPagesOverflow {
+                total: total_pages,
+                npages: req.npages,
+            });
+        }
+        return Ok(Some(Update::Create));
+    };
+    let fixed = |field| MemslotError::FixedFieldChanged { id: req.id.0, field };
+    if req.hva != o.userspace_addr() {
+        return Err(fixed(FixedField::UserspaceAddr));
+    }
+    if req.npages != o.npages() {
+        return Err(fixed(FixedField::Size));
+    }
+    if (req.flags ^ o.user_flags()) & KVM_MEM_READONLY != 0 {
+        return Err(fixed(FixedField::Readonly));
+    }
+    Ok(if req.base_gfn != o.base_gfn() {
+        Some(Update::Move)
+    } else if req.flags != o.user_flags() {
+        Some(Update::FlagsOnly)
+    } else {
+        None
+    })
 }
 
 /// The panic of [`Memslots::set_memory_region`] after a torn swap, out of line.

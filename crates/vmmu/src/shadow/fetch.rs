@@ -12,7 +12,7 @@
 
 use super::pages::{ShadowState, SpId, ZapBatch};
 use super::prefetch::{prefetch, PrefetchCtx};
-use super::role::SpRole;
+use super::role::{SpKind, SpRole};
 use super::root::ShadowRoot;
 use super::ShadowStats;
 use crate::bugs::Bug;
@@ -32,6 +32,27 @@ pub(crate) enum LeafWant {
     Ram { pfn: Pfn, writable: bool, slot: Memslot },
     /// An MMIO SPTE (already encoded with the gfn, the guest's W/U and the generation).
     Mmio(u64),
+}
+
+/// One shadow-paging fault as [`fetch`] builds it (KVM's `struct kvm_page_fault` with its
+/// `guest_walker`): where the guest accessed, what its walk found, and what the fault decided
+/// the leaf is. `mem` and `prefetch` read the guest's memory through the memslots the decision
+/// was made under.
+pub(crate) struct ShadowFault<'a, M> {
+    /// The faulting guest-virtual address.
+    pub(crate) gva: Gva,
+    /// The access that faulted.
+    pub(crate) access: FaultAccess,
+    /// The guest walk of `gva`.
+    pub(crate) walk: &'a GuestWalk,
+    /// The guest runs without paging: every shadow page is direct.
+    pub(crate) nonpaging: bool,
+    /// What goes in the leaf.
+    pub(crate) want: LeafWant,
+    /// The guest's tables, for the re-check of the gPTEs the walk read.
+    pub(crate) mem: &'a M,
+    /// What the prefetch of the leaf's neighbours needs.
+    pub(crate) prefetch: PrefetchCtx<'a>,
 }
 
 /// How the installation ended.
@@ -80,21 +101,16 @@ fn table_role_access(bugs: crate::bugs::BugSet, walk: &GuestWalk, i: usize) -> A
 /// the whole shadow path to it exists already (linked pages of the right gfn and role);
 /// otherwise nothing is built or touched (no flood count is reset either) and the outcome is
 /// [`FetchOutcome::NoPath`].
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn fetch<H: Host>(
+pub(crate) fn fetch<H: Host, M: GuestPteMemory>(
     core: &TdpMmu<H>,
     stats: &ShadowStats,
     st: &mut ShadowState,
     root: &ShadowRoot,
-    walk: &GuestWalk,
-    nonpaging: bool,
-    gva: Gva,
-    access: FaultAccess,
-    want: LeafWant,
-    mem: &impl GuestPteMemory,
-    pf: &PrefetchCtx<'_>,
+    fault: &ShadowFault<'_, M>,
     batch: &mut ZapBatch,
 ) -> FetchOutcome {
+    let ShadowFault { gva, access, walk, nonpaging, want, mem, .. } = *fault;
+    let pf = &fault.prefetch;
     let vgfn = Gfn(gva.raw() >> 12);
     let fmt = core.cfg.format;
     let Some((mut cur, mut level)) = root.start(gva) else {
@@ -119,10 +135,13 @@ pub(crate) fn fetch<H: Host>(
         let (gfn, role) = if !nonpaging && child_level >= walk.level {
             let i = usize::from(child_level.get() - 1);
             let access = table_role_access(core.cfg.bugs, walk, i);
-            (walk.table_gfns[i], SpRole::new(child_level, false, access, as_id).with_cr0_wp(wp))
+            (
+                walk.table_gfns[i],
+                SpRole::new(child_level, SpKind::Indirect, access, as_id).with_cr0_wp(wp),
+            )
         } else {
             let acc = if nonpaging { Access::ALL } else { walk.pte_access };
-            let role = SpRole::new(child_level, true, acc, as_id).with_cr0_wp(wp);
+            let role = SpRole::new(child_level, SpKind::Direct, acc, as_id).with_cr0_wp(wp);
             (direct_base(walk.gfn, child_level), role)
         };
         let old = st.entry(core, cur, idx).load(crate::sync::Ordering::Acquire);

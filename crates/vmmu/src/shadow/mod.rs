@@ -26,7 +26,7 @@
 //! the facts allow), 32-bit non-PAE guests (quadrants), huge SPTEs (guest 2 MiB and 1 GiB pages
 //! are mapped with direct pages of 4 KiB leaves), nested (guest-mode) roots and SMEP/SMAP.
 //! CR0.WP=0 is modelled as KVM does it: a supervisor write to a page the guest maps read-only
-//! gets a writable, supervisor-only SPTE (`vcpu::shadow_path`), since the hardware always runs
+//! gets a writable, supervisor-only SPTE (`vcpu::shadow_fault`), since the hardware always runs
 //! with CR0.WP=1.
 
 mod dirty;
@@ -46,6 +46,8 @@ pub(crate) use dirty::ShadowProtect;
 pub(crate) use pages::{ShadowState, ZapBatch};
 pub(crate) use root::{PrevRoot, ShadowRoot};
 
+use crate::fault::{Backing, PageFault};
+use crate::guest::GuestPteMemory;
 use crate::host::Host;
 use crate::requests::Request;
 use crate::stats::Counter;
@@ -190,6 +192,40 @@ impl ShadowMmu {
         st.zap_oldest(core, &self.stats, REFILL_PAGES - avail, batch);
     }
 
+    /// Installs what a fault decided (KVM `FNAME(page_fault)` from `make_mmu_pages_available` to
+    /// `fetch`), under the shadow lock: pages are made available first (2abd5287f083), unless an
+    /// MMIO leaf builds no page ([`crate::tdp::TdpConfig::shadow_mmio_path_only`]); then the
+    /// fault's staleness check ([`PageFault::stale`], of `pf` as faultin resolved it to
+    /// `backing`) with vCPU `vcpu`'s pending requests read
+    /// under the lock (`zap_all_fast` posts its reload inside its critical section, so the fault
+    /// sees it or completes first); then [`fetch::fetch`]; then the zaps it collected are
+    /// committed. The caller reclaims the freed frames once it has left its memslot read
+    /// section.
+    pub(crate) fn install_fault<H: Host, M: GuestPteMemory>(
+        &self,
+        core: &TdpMmu<H>,
+        vcpu: usize,
+        root: &ShadowRoot,
+        pf: &PageFault,
+        backing: &Backing,
+        fault: &fetch::ShadowFault<'_, M>,
+    ) -> fetch::FetchOutcome {
+        let mut batch = ZapBatch::default();
+        let mut st = self.lock(core);
+        if !(matches!(fault.want, fetch::LeafWant::Mmio(_)) && core.cfg.shadow_mmio_path_only) {
+            self.make_pages_available(core, &mut st, &mut batch);
+        }
+        let pending = core.vcpus[vcpu].pending();
+        let outcome = match pf.stale(backing, root.state(&st), pending, &core.inval, core.cfg.bugs)
+        {
+            Some(cause) => fetch::FetchOutcome::Retry(cause),
+            None => fetch::fetch(core, &self.stats, &mut st, root, fault, &mut batch),
+        };
+        core.host.preempt_point(crate::host::PreemptPoint::FaultInstalled);
+        st.commit_zap(core, &self.stats, &mut batch);
+        outcome
+    }
+
     /// KVM `KVM_SET_NR_MMU_PAGES`: a new page limit (at least [`MIN_ALLOC_PAGES`]); zaps the
     /// oldest unpinned pages down to it.
     pub(crate) fn set_max_pages<H: Host>(&self, core: &TdpMmu<H>, n: usize) {
@@ -254,7 +290,7 @@ impl ShadowMmu {
             let mut st = self.lock(core);
             st.valid_gen = st.valid_gen.wrapping_add(1);
             // Same critical section as the bump (shadow facts §6.3).
-            core.request_all(Request::FreeObsoleteRoots, false);
+            core.request_all(Request::FreeObsoleteRoots, crate::tdp::AckWait::NoWait);
         }
         loop {
             let mut st = self.lock(core);

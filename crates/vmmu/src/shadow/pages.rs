@@ -554,7 +554,10 @@ impl ShadowState {
         if root_count == 0 {
             batch.invalid.push(id);
         } else if valid_gen == self.valid_gen {
-            core.request_all(crate::requests::Request::FreeObsoleteRoots, false);
+            core.request_all(
+                crate::requests::Request::FreeObsoleteRoots,
+                crate::tdp::AckWait::NoWait,
+            );
         }
     }
 
@@ -592,9 +595,7 @@ impl ShadowState {
         stats.mmu_shadow_zapped.add(again);
         core.stats.mmu_shadow_zapped.add(again);
         if batch.flush || !batch.invalid.is_empty() {
-            if !core.cfg.bugs.has(crate::bugs::Bug::NoTlbFlushOnZap) {
-                core.flush_remote_tlbs();
-            }
+            core.flush_after_zap(true);
             batch.flush = false;
         }
         let mut frames = Vec::with_capacity(batch.invalid.len());

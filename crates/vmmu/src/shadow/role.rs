@@ -22,14 +22,23 @@ const EFER_NX: u32 = 1 << 12;
 const CR0_WP: u32 = 1 << 13;
 const AS_SHIFT: u32 = 24;
 
+/// What a shadow page's SPTEs stand for (KVM `role.direct`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum SpKind {
+    /// The page shadows a guest page table at its gfn.
+    Indirect,
+    /// The page maps a linear range of guest-physical memory: a guest huge page mapped with
+    /// 4 KiB SPTEs, or a guest without paging.
+    Direct,
+}
+
 impl SpRole {
-    /// A role for a page at `level` that shadows a guest table (`direct == false`) or maps a
-    /// linear range (`direct == true`: a guest huge page mapped with 4 KiB SPTEs, or a guest
-    /// without paging), with the rights `access` granted by the guest entries above it, in
-    /// address space `as_id` (KVM keeps the SMM address space in `role.smm`).
-    pub fn new(level: Level, direct: bool, access: Access, as_id: AsId) -> SpRole {
+    /// A role for a page at `level` of `kind`, with the rights `access` granted by the guest
+    /// entries above it, in address space `as_id` (KVM keeps the SMM address space in
+    /// `role.smm`).
+    pub fn new(level: Level, kind: SpKind, access: Access, as_id: AsId) -> SpRole {
         let mut w = u32::from(level.get()) & LEVEL_MASK;
-        if direct {
+        if kind == SpKind::Direct {
             w |= DIRECT;
         }
         w |= u32::from(access.bits()) << ACCESS_SHIFT;
@@ -41,7 +50,7 @@ impl SpRole {
 
     /// This role for a guest running with CR0.WP = `wp` (KVM `role.cr0_wp`). Pages built under
     /// CR0.WP=0 may hold writable supervisor-only SPTEs for pages the guest maps read-only
-    /// (`vcpu::shadow_path`), so they must never serve a guest running with CR0.WP=1, nor the
+    /// (`vcpu::shadow_fault`), so they must never serve a guest running with CR0.WP=1, nor the
     /// reverse.
     pub const fn with_cr0_wp(self, wp: bool) -> SpRole {
         if wp {
@@ -92,9 +101,9 @@ impl SpRole {
     }
 
     /// The role of a child page one level down (KVM `kvm_mmu_child_role`).
-    pub fn child(self, direct: bool, access: Access) -> SpRole {
+    pub fn child(self, kind: SpKind, access: Access) -> SpRole {
         let level = self.level().lower().unwrap_or(Level::L4K);
-        SpRole::new(level, direct, access, self.as_id()).with_cr0_wp(self.cr0_wp())
+        SpRole::new(level, kind, access, self.as_id()).with_cr0_wp(self.cr0_wp())
     }
 }
 
@@ -119,19 +128,20 @@ mod tests {
 
     #[test]
     fn fields_round_trip_and_differ_by_key() {
-        let r = SpRole::new(Level::L2M, false, Access::WRITE.union(Access::USER), AsId(1));
+        let r =
+            SpRole::new(Level::L2M, SpKind::Indirect, Access::WRITE.union(Access::USER), AsId(1));
         assert_eq!(r.level(), Level::L2M);
         assert!(!r.direct());
         assert_eq!(r.access(), Access::from_bits(6));
         assert_eq!(r.as_id(), AsId(1));
         assert!(!r.invalid() && r.with_invalid().invalid());
-        assert_ne!(r, SpRole::new(Level::L2M, true, r.access(), AsId(1)));
-        assert_ne!(r, SpRole::new(Level::L2M, false, Access::USER, AsId(1)));
-        let c = r.child(true, Access::USER);
+        assert_ne!(r, SpRole::new(Level::L2M, SpKind::Direct, r.access(), AsId(1)));
+        assert_ne!(r, SpRole::new(Level::L2M, SpKind::Indirect, Access::USER, AsId(1)));
+        let c = r.child(SpKind::Direct, Access::USER);
         assert_eq!((c.level(), c.direct(), c.access()), (Level::L4K, true, Access::USER));
         let no_wp = r.with_cr0_wp(false);
         assert!(r.cr0_wp() && !no_wp.cr0_wp());
         assert_ne!(r, no_wp);
-        assert!(!no_wp.child(false, Access::USER).cr0_wp(), "children inherit it");
+        assert!(!no_wp.child(SpKind::Indirect, Access::USER).cr0_wp(), "children inherit it");
     }
 }

@@ -10,7 +10,7 @@
 //! free-obsolete-roots request is pending for its vCPU (it has no page to mark obsolete).
 
 use super::pages::{ShadowState, SpId, ZapBatch};
-use super::role::SpRole;
+use super::role::{SpKind, SpRole};
 use crate::fault::RootState;
 use crate::guest::{GuestCpu, PagingMode};
 use crate::host::Host;
@@ -46,6 +46,62 @@ pub(crate) struct PrevRoot {
     pub(crate) cr3: u64,
     pub(crate) sp: SpId,
     pub(crate) pfn: Pfn,
+}
+
+/// The previous-root cache of one shadow vCPU (KVM `mmu->prev_roots`, [`NUM_PREV_ROOTS`]
+/// entries), most recently used first, for a CR3 switch back without a rebuild. Each entry pins
+/// its page as a current root does; special roots never enter it (they have no page).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub(crate) struct PrevRoots([Option<PrevRoot>; NUM_PREV_ROOTS]);
+
+impl PrevRoots {
+    /// KVM `cached_root_find_and_keep_current`, the fast switch from current root `cur`: `cur`
+    /// takes the first slot and each entry moves one slot down, until the entry taken out is
+    /// one `usable` accepts: `Ok` with it, the new current root. A miss is `Err` with what fell
+    /// off the end (to release). Slots keep their places otherwise: one emptied when its root
+    /// was freed stays empty until the rotation reaches it, and a miss evicts whatever the last
+    /// slot holds, however recent the others.
+    pub(crate) fn find_and_keep_current(
+        &mut self,
+        cur: PrevRoot,
+        usable: impl Fn(&PrevRoot) -> bool,
+    ) -> Result<PrevRoot, Option<PrevRoot>> {
+        let mut out = Some(cur);
+        for slot in self.0.iter_mut() {
+            core::mem::swap(&mut out, slot);
+            if let Some(p) = out.filter(&usable) {
+                return Ok(p);
+            }
+        }
+        Err(out)
+    }
+
+    /// KVM `cached_root_find_without_current`, the fast switch with no current root to keep:
+    /// the first entry `usable` accepts comes out and the later ones move up a slot; a miss
+    /// changes nothing.
+    pub(crate) fn find_without_current(
+        &mut self,
+        usable: impl Fn(&PrevRoot) -> bool,
+    ) -> Option<PrevRoot> {
+        let i = self.0.iter().position(|p| p.is_some_and(|p| usable(&p)))?;
+        let found = self.0[i].take();
+        self.0[i..].rotate_left(1);
+        found
+    }
+
+    /// Takes out every entry `pred` accepts (KVM `kvm_mmu_free_obsolete_roots` for the
+    /// previous roots), leaving its slot empty, and appends it to `out` to release.
+    pub(crate) fn take_where(
+        &mut self,
+        mut pred: impl FnMut(&PrevRoot) -> bool,
+        out: &mut Vec<ShadowRoot>,
+    ) {
+        for slot in self.0.iter_mut() {
+            if let Some(p) = slot.take_if(|p| pred(p)) {
+                out.push(ShadowRoot::from(p));
+            }
+        }
+    }
 }
 
 impl From<PrevRoot> for ShadowRoot {
@@ -136,8 +192,8 @@ impl ShadowRoot {
         match cpu.mode {
             PagingMode::Long4 => {
                 let gfn = Gfn((cpu.cr3 & crate::guest::pte::addr_mask(cpu.maxphyaddr)) >> 12);
-                let role =
-                    SpRole::new(Level::L4, false, Access::ALL, as_id).with_cr0_wp(cpu.cr0_wp);
+                let role = SpRole::new(Level::L4, SpKind::Indirect, Access::ALL, as_id)
+                    .with_cr0_wp(cpu.cr0_wp);
                 let (sp, _) = st.get_page(core, stats, gfn, role, batch)?;
                 let s = st.sp_mut(sp);
                 s.root_count += 1;
@@ -145,48 +201,50 @@ impl ShadowRoot {
                 Some(ShadowRoot::Page { sp, pfn: s.spt, cr3: cpu.cr3 })
             }
             PagingMode::Pae { pdptrs } => {
-                // CR3 holds 32 bits in PAE paging: the root lies below 4 GiB.
-                let pfn = core.alloc_table_below_4g()?;
-                let mut sps = [None; 4];
-                for (i, pdpte) in pdptrs.iter().enumerate() {
-                    if pdpte & crate::guest::pte::P == 0 {
-                        continue;
-                    }
-                    let gfn = Gfn((pdpte & crate::guest::pte::addr_mask(cpu.maxphyaddr)) >> 12);
-                    let role =
-                        SpRole::new(Level::L2M, false, Access::ALL, as_id).with_cr0_wp(cpu.cr0_wp);
-                    let Some((sp, _)) = st.get_page(core, stats, gfn, role, batch) else {
-                        Self::Special { pfn, sps }.release(core, st, batch, &mut Vec::new());
-                        core.free_unpublished_table(pfn);
-                        return None;
-                    };
-                    sps[i] = Some(sp);
-                    Self::link_special(core, st, pfn, i, sp);
-                }
-                Some(ShadowRoot::Special { pfn, sps })
+                // Entry i shadows the guest's PDPTE i; a PDPTE that is not present leaves it 0.
+                let role = SpRole::new(Level::L2M, SpKind::Indirect, Access::ALL, as_id)
+                    .with_cr0_wp(cpu.cr0_wp);
+                let mask = crate::guest::pte::addr_mask(cpu.maxphyaddr);
+                let pages = pdptrs.map(|pdpte| {
+                    (pdpte & crate::guest::pte::P != 0).then_some((Gfn((pdpte & mask) >> 12), role))
+                });
+                Self::alloc_special(core, stats, st, pages, batch)
             }
             PagingMode::NonPaging => {
-                // Four direct level-2 pages cover the 4 GiB a guest without paging reaches; the
-                // guest runs in PAE paging on them, so the root lies below 4 GiB too.
-                let pfn = core.alloc_table_below_4g()?;
-                let mut sps = [None; 4];
-                for i in 0..sps.len() {
-                    let role =
-                        SpRole::new(Level::L2M, true, Access::ALL, as_id).with_cr0_wp(cpu.cr0_wp);
-                    let Some((sp, _)) =
-                        st.get_page(core, stats, Gfn((i as u64) << 18), role, batch)
-                    else {
-                        // Unpin the pages linked so far, as the PAE arm does.
-                        Self::Special { pfn, sps }.release(core, st, batch, &mut Vec::new());
-                        core.free_unpublished_table(pfn);
-                        return None;
-                    };
-                    sps[i] = Some(sp);
-                    Self::link_special(core, st, pfn, i, sp);
-                }
-                Some(ShadowRoot::Special { pfn, sps })
+                // Four direct level-2 pages cover the 4 GiB a guest without paging reaches.
+                let role = SpRole::new(Level::L2M, SpKind::Direct, Access::ALL, as_id)
+                    .with_cr0_wp(cpu.cr0_wp);
+                let pages = core::array::from_fn(|i| Some((Gfn((i as u64) << 18), role)));
+                Self::alloc_special(core, stats, st, pages, batch)
             }
         }
+    }
+
+    /// A special root (KVM `pae_root`, which has no shadow page of its own): a table frame below
+    /// 4 GiB (the guest runs in PAE paging on it, and a PAE CR3 names only such frames; KVM
+    /// allocates it with `__GFP_DMA32`) whose entry `i` links the level-2 page that `pages[i]`
+    /// keys, pinned by the root (`None`: the entry stays 0). `None`: the host had no frame; what
+    /// was linked so far is unpinned and the root's frame given back.
+    fn alloc_special<H: Host>(
+        core: &TdpMmu<H>,
+        stats: &super::ShadowStats,
+        st: &mut ShadowState,
+        pages: [Option<(Gfn, SpRole)>; 4],
+        batch: &mut ZapBatch,
+    ) -> Option<ShadowRoot> {
+        let pfn = core.alloc_table_below_4g()?;
+        let mut sps = [None; 4];
+        for (i, page) in pages.into_iter().enumerate() {
+            let Some((gfn, role)) = page else { continue };
+            let Some((sp, _)) = st.get_page(core, stats, gfn, role, batch) else {
+                Self::Special { pfn, sps }.release(core, st, batch, &mut Vec::new());
+                core.free_unpublished_table(pfn);
+                return None;
+            };
+            sps[i] = Some(sp);
+            Self::link_special(core, st, pfn, i, sp);
+        }
+        Some(ShadowRoot::Special { pfn, sps })
     }
 
     /// Entry `i` of special root `root` links `sp`, which the root pins.
@@ -206,5 +264,59 @@ impl ShadowRoot {
             t[i].store(link, crate::sync::Ordering::Release);
         }
         debug_assert!(SpteFormat::is_mmu_present(link));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root(cr3: u64) -> PrevRoot {
+        PrevRoot { cr3, sp: SpId(cr3 as u32), pfn: Pfn(cr3) }
+    }
+
+    fn cr3s(p: &PrevRoots) -> [Option<u64>; NUM_PREV_ROOTS] {
+        p.0.map(|r| r.map(|r| r.cr3))
+    }
+
+    #[test]
+    fn a_switch_keeps_the_current_root_first_and_evicts_the_last_on_a_miss() {
+        let mut p = PrevRoots([Some(root(1)), Some(root(2)), Some(root(3))]);
+        // Hit on the second entry: 9 goes first, 1 moves down, 2 comes out.
+        assert_eq!(p.find_and_keep_current(root(9), |r| r.cr3 == 2), Ok(root(2)));
+        assert_eq!(cr3s(&p), [Some(9), Some(1), Some(3)]);
+        // Miss: everything moves down a slot, the last falls off.
+        assert_eq!(p.find_and_keep_current(root(8), |r| r.cr3 == 7), Err(Some(root(3))));
+        assert_eq!(cr3s(&p), [Some(8), Some(9), Some(1)]);
+    }
+
+    #[test]
+    fn an_empty_slot_keeps_its_place_until_the_rotation_reaches_it() {
+        let mut p = PrevRoots([Some(root(1)), None, Some(root(3))]);
+        // The empty slot moves down with the rest; on a miss the last root falls off.
+        assert_eq!(p.find_and_keep_current(root(9), |_| false), Err(Some(root(3))));
+        assert_eq!(cr3s(&p), [Some(9), Some(1), None]);
+        // A hit past the empty slot moves it down too.
+        let mut p = PrevRoots([Some(root(1)), None, Some(root(3))]);
+        assert_eq!(p.find_and_keep_current(root(9), |r| r.cr3 == 3), Ok(root(3)));
+        assert_eq!(cr3s(&p), [Some(9), Some(1), None]);
+    }
+
+    #[test]
+    fn without_a_current_root_a_hit_moves_the_later_entries_up_and_a_miss_changes_nothing() {
+        let mut p = PrevRoots([Some(root(1)), Some(root(2)), Some(root(3))]);
+        assert_eq!(p.find_without_current(|r| r.cr3 == 7), None);
+        assert_eq!(cr3s(&p), [Some(1), Some(2), Some(3)]);
+        assert_eq!(p.find_without_current(|r| r.cr3 == 2), Some(root(2)));
+        assert_eq!(cr3s(&p), [Some(1), Some(3), None]);
+    }
+
+    #[test]
+    fn take_where_empties_the_slots_it_takes() {
+        let mut p = PrevRoots([Some(root(1)), Some(root(2)), Some(root(3))]);
+        let mut out = Vec::new();
+        p.take_where(|r| r.cr3 != 2, &mut out);
+        assert_eq!(cr3s(&p), [None, Some(2), None]);
+        assert_eq!(out, [ShadowRoot::from(root(1)), ShadowRoot::from(root(3))]);
     }
 }

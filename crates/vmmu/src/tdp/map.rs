@@ -23,7 +23,7 @@ use crate::host::Host;
 use crate::spte::SpteFormat;
 use crate::stats::StripeKey;
 use crate::sync::Ordering;
-use crate::types::{Access, Level, Pfn};
+use crate::types::{Access, Gfn, Level, Pfn};
 
 /// What to install at the end of the walk.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -113,71 +113,98 @@ impl<H: Host> TdpMmu<H> {
             }
             if level <= target && (!present || fmt.is_leaf(old, level)) {
                 // Target level reached and no lower table is in the way.
-                let mmio_over_present = matches!(spec, LeafSpec::Mmio(_))
-                    && self.cfg.bugs.has(crate::bugs::Bug::MmioOverPresentSpte);
-                if present && fmt.leaf_allows(old, access) && !mmio_over_present {
-                    return MapOutcome::PresentLeafAllows;
-                }
-                let new = match spec {
-                    LeafSpec::Ram { base_pfn, max_level, access, writable } => {
-                        let offset = (gfn.raw() & (max_level.pages() - 1)) & !(level.pages() - 1);
-                        fmt.make_leaf(Pfn(base_pfn.raw() + offset), level, access, writable)
-                    }
-                    LeafSpec::Mmio(spte) => spte,
-                };
-                if old == new {
-                    return MapOutcome::Spurious;
-                }
-                match self.set_spte_atomic(entry, old, new, level, who) {
-                    Err(()) => return MapOutcome::Retry,
-                    Ok(FlushNeed::Remote) if !mmio_over_present => self.flush_remote_tlbs(),
-                    Ok(FlushNeed::Remote) => {}
-                    Ok(FlushNeed::NotNeeded) => {}
-                }
-                return MapOutcome::Installed { level };
+                return self.install_at_target(entry, old, level, fault, spec, who);
             }
-            if present {
-                if fmt.is_leaf(old, level) {
-                    if fmt.leaf_allows(old, access) {
-                        // A huge leaf that serves the access: whatever this fault decided is
-                        // older than it (see `PresentLeafAllows`).
-                        return MapOutcome::PresentLeafAllows;
-                    }
-                    // A huge leaf above the target that does not serve the fault (one made
-                    // read-only for dirty logging, say): split it and go on down (KVM
-                    // `kvm_tdp_mmu_map`: `tdp_mmu_split_huge_page` under the shared lock).
-                    // Zapping it instead would unmap its other pages: their next reads would
-                    // fault and, in a logged slot, map them writable and report them dirty.
-                    match self.split_for_fault(entry, old, level, gfn, who) {
-                        Ok(child) => pfn = child,
-                        Err(outcome) => return outcome,
-                    }
-                } else {
-                    pfn = fmt.pfn(old);
-                }
-                level = match level.lower() {
-                    Some(l) => l,
-                    None => return MapOutcome::Broken,
-                };
-                continue;
-            }
-            // Not present (or an MMIO SPTE, which only exists at 4 KiB): link a new table.
-            let Some(child) = self.alloc_table() else {
-                return MapOutcome::OutOfMemory;
+            pfn = match self.step_down(entry, old, level, gfn, access, who) {
+                Ok(child) => child,
+                Err(outcome) => return outcome,
             };
-            let link = fmt.make_nonleaf(child);
-            // Release (in the exchange): the child's initialised entries are visible to whoever
-            // sees the link. Replacing a non-present entry or an MMIO SPTE needs no flush.
-            if self.set_spte_atomic(entry, old, link, level, who).is_err() {
-                self.free_unpublished_table(child);
-                return MapOutcome::Retry;
-            }
-            pfn = child;
             level = match level.lower() {
                 Some(l) => l,
                 None => return MapOutcome::Broken,
             };
         }
+    }
+
+    /// The leaf of `spec` for `fault` at `level` in `entry`, which holds `old`: nothing, a leaf,
+    /// or an MMIO SPTE (the walk reached the target level with no lower table in the way).
+    fn install_at_target(
+        &self,
+        entry: &crate::sync::AtomicU64,
+        old: u64,
+        level: Level,
+        fault: &PageFault,
+        spec: LeafSpec,
+        who: StripeKey,
+    ) -> MapOutcome {
+        let (gfn, access) = (fault.gfn, fault.access);
+        let fmt = self.cfg.format;
+        let mmio_over_present = matches!(spec, LeafSpec::Mmio(_))
+            && self.cfg.bugs.has(crate::bugs::Bug::MmioOverPresentSpte);
+        if SpteFormat::is_mmu_present(old) && fmt.leaf_allows(old, access) && !mmio_over_present {
+            return MapOutcome::PresentLeafAllows;
+        }
+        let new = match spec {
+            LeafSpec::Ram { base_pfn, max_level, access, writable } => {
+                // From the start of the host block to this leaf's block.
+                let offset = level.block_base(gfn).raw() - max_level.block_base(gfn).raw();
+                fmt.make_leaf(Pfn(base_pfn.raw() + offset), level, access, writable)
+            }
+            LeafSpec::Mmio(spte) => spte,
+        };
+        if old == new {
+            return MapOutcome::Spurious;
+        }
+        match self.set_spte_atomic(entry, old, new, level, who) {
+            Err(()) => return MapOutcome::Retry,
+            Ok(FlushNeed::Remote) if !mmio_over_present => self.flush_remote_tlbs(),
+            Ok(FlushNeed::Remote) => {}
+            Ok(FlushNeed::NotNeeded) => {}
+        }
+        MapOutcome::Installed { level }
+    }
+
+    /// One level down from `entry` (at `level`, holding `old`) above the target level: the
+    /// frame of the table to walk next. A linked table is followed; a huge leaf that does not
+    /// serve the access is split; nothing (or an MMIO SPTE, which only exists at 4 KiB) gets a
+    /// new table linked.
+    fn step_down(
+        &self,
+        entry: &crate::sync::AtomicU64,
+        old: u64,
+        level: Level,
+        gfn: Gfn,
+        access: crate::types::FaultAccess,
+        who: StripeKey,
+    ) -> Result<Pfn, MapOutcome> {
+        let fmt = self.cfg.format;
+        if SpteFormat::is_mmu_present(old) {
+            if !fmt.is_leaf(old, level) {
+                return Ok(fmt.pfn(old));
+            }
+            if fmt.leaf_allows(old, access) {
+                // A huge leaf that serves the access: whatever this fault decided is older than
+                // it (see `PresentLeafAllows`).
+                return Err(MapOutcome::PresentLeafAllows);
+            }
+            // A huge leaf above the target that does not serve the fault (one made read-only
+            // for dirty logging, say): split it and go on down (KVM `kvm_tdp_mmu_map`:
+            // `tdp_mmu_split_huge_page` under the shared lock). Zapping it instead would unmap
+            // its other pages: their next reads would fault and, in a logged slot, map them
+            // writable and report them dirty.
+            return self.split_for_fault(entry, old, level, gfn, who);
+        }
+        let Some(child) = self.alloc_table() else {
+            return Err(MapOutcome::OutOfMemory);
+        };
+        let link = fmt.make_nonleaf(child);
+        // Release (in the exchange): the child's initialised entries are visible to whoever sees
+        // the link. Replacing a non-present entry or an MMIO SPTE needs no flush.
+        if self.set_spte_atomic(entry, old, link, level, who).is_err() {
+            self.free_unpublished_table(child);
+            return Err(MapOutcome::Retry);
+        }
+        Ok(child)
     }
 
     /// Replaces the huge leaf `old` in `entry` (at `level`, over `gfn`) by a table of children
@@ -191,10 +218,10 @@ impl<H: Host> TdpMmu<H> {
         entry: &crate::sync::AtomicU64,
         old: u64,
         level: Level,
-        gfn: crate::types::Gfn,
+        gfn: Gfn,
         who: StripeKey,
     ) -> Result<Pfn, MapOutcome> {
-        let base = crate::types::Gfn(gfn.raw() & !(level.pages() - 1));
+        let base = level.block_base(gfn);
         let Some((child, lower)) = self.split_huge_leaf(old, level, base, SplitRights::Parent)
         else {
             return Err(MapOutcome::OutOfMemory);

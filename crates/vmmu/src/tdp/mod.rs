@@ -160,6 +160,17 @@ pub struct TdpMmu<H: Host> {
     pub stats: VmStats,
 }
 
+/// Whether [`TdpMmu::request_all`] waits for the vCPUs it kicked to acknowledge the request
+/// (KVM `KVM_REQUEST_WAIT`): a TLB flush must be done before the caller goes on, a reload
+/// request need only be seen before the next entry.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum AckWait {
+    /// Return once every vCPU in guest mode has acknowledged.
+    Wait,
+    /// Return after the kicks.
+    NoWait,
+}
+
 impl<H: Host> TdpMmu<H> {
     /// A TDP MMU with no roots yet.
     pub(crate) fn new(host: Arc<H>, cfg: TdpConfig) -> Result<Self, TdpError> {
@@ -335,7 +346,7 @@ impl<H: Host> TdpMmu<H> {
         // vCPU's word, so a vCPU between opening its section and setting IN_GUEST_MODE sees it
         // and does not enter.
         self.table_srcu.synchronize_nudging(&crate::host::HostRelax(&*self.host), || {
-            self.request_all(Request::Kick, false);
+            self.request_all(Request::Kick, AckWait::NoWait);
         });
         for pfn in pages.iter().copied() {
             // SAFETY: every queued page came from `alloc_table` and was queued once, after
@@ -365,21 +376,32 @@ impl<H: Host> TdpMmu<H> {
         self.pending_free.lock().len()
     }
 
+    /// The remote TLB flush that ends a zap (KVM `kvm_flush_remote_tlbs` after the zap, or in
+    /// `kvm_mmu_commit_zap_page`): `needed` when the zap removed a present entry some vCPU may
+    /// hold a translation through. Every zap of either MMU flushes here, so
+    /// [`crate::bugs::Bug::NoTlbFlushOnZap`] undoes them all in this one place.
+    pub(crate) fn flush_after_zap(&self, needed: bool) {
+        if needed && !self.cfg.bugs.has(crate::bugs::Bug::NoTlbFlushOnZap) {
+            self.flush_remote_tlbs();
+        }
+    }
+
     /// Flushes every vCPU's TLB (KVM `kvm_flush_remote_tlbs`): returns when each vCPU has
     /// acknowledged or was outside guest mode (rule 4). Counts as KVM does: one
     /// `remote_tlb_flush_requests` per call, and one `remote_tlb_flush` when some vCPU was in
     /// guest mode and had to be kicked (the others flush at their next entry, unseen).
     pub(crate) fn flush_remote_tlbs(&self) {
         self.stats.remote_tlb_flush_requests.add(1);
-        if self.request_all(Request::TlbFlush, true) {
+        if self.request_all(Request::TlbFlush, AckWait::Wait) {
             self.stats.remote_tlb_flush.add(1);
         }
     }
 
-    /// Makes `r` pending on every vCPU; with `wait`, waits for the acknowledgement of every vCPU
-    /// that was in guest mode (KVM `kvm_make_all_cpus_request`). Returns whether any vCPU was
-    /// in guest mode (was kicked), as KVM's does.
-    pub(crate) fn request_all(&self, r: Request, wait: bool) -> bool {
+    /// Makes `r` pending on every vCPU and kicks those in guest mode; with [`AckWait::Wait`],
+    /// waits for the acknowledgement of each of them (KVM `kvm_make_all_cpus_request`, with or
+    /// without `KVM_REQUEST_WAIT`). Returns whether any vCPU was in guest mode (was kicked), as
+    /// KVM's does.
+    pub(crate) fn request_all(&self, r: Request, wait: AckWait) -> bool {
         // As KVM: every vCPU's request is set before any is kicked, so a kick that fails (a host
         // callback that panics) never leaves a later vCPU without its request, e.g. with a root
         // made obsolete and no request to drop it (its faults would retry forever).
@@ -395,7 +417,7 @@ impl<H: Host> TdpMmu<H> {
             if v.needs_kick(r) {
                 // The "IPI": the vCPU is in guest mode and may not look at its requests soon.
                 self.host.kick(i);
-                if wait {
+                if wait == AckWait::Wait {
                     v.wait_ack(r, &relax);
                 }
             }
@@ -465,12 +487,7 @@ impl<H: Host> TdpMmu<H> {
         let flush = self.zap_root_locked(&roots, &root, &mut pages);
         // A pageless root is private to the vCPU dropping it: no other vCPU can hold its
         // translations, and that vCPU flushes its own TLB when it loads its next root.
-        if flush
-            && root.kind() == RootKind::Tdp
-            && !self.cfg.bugs.has(crate::bugs::Bug::NoTlbFlushOnZap)
-        {
-            self.flush_remote_tlbs();
-        }
+        self.flush_after_zap(flush && root.kind() == RootKind::Tdp);
         drop(roots);
         pages.push(root.pfn());
         self.defer_free(&mut pages);
@@ -492,7 +509,7 @@ impl<H: Host> TdpMmu<H> {
         // without seeing it invalid is seen by the `users` loads below.
         crate::sync::fence(crate::sync::Ordering::SeqCst);
         // Same critical section as the invalidation (facts §4 step 3).
-        self.request_all(Request::FreeObsoleteRoots, false);
+        self.request_all(Request::FreeObsoleteRoots, AckWait::NoWait);
         let mut flush = false;
         for r in roots.iter() {
             flush |= self.zap_root_locked(&roots, r, &mut pages);
@@ -506,9 +523,7 @@ impl<H: Host> TdpMmu<H> {
                 true
             }
         });
-        if flush && !self.cfg.bugs.has(crate::bugs::Bug::NoTlbFlushOnZap) {
-            self.flush_remote_tlbs();
-        }
+        self.flush_after_zap(flush);
         drop(roots);
         self.defer_free(&mut pages);
         self.reclaim();
@@ -532,9 +547,7 @@ impl<H: Host> TdpMmu<H> {
             flush |=
                 self.zap_gfn_range_locked(&roots, as_id, start, end, ZapScope::Leaves, &mut pages);
         }
-        if flush && !self.cfg.bugs.has(crate::bugs::Bug::NoTlbFlushOnZap) {
-            self.flush_remote_tlbs();
-        }
+        self.flush_after_zap(flush);
         drop(roots);
         self.defer_free(&mut pages);
         self.reclaim();

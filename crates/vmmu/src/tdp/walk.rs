@@ -588,7 +588,7 @@ pub unsafe fn hw_walk_leaf_table(
                     if !perms.contains(need) || !read_ok {
                         return (HwWalk::Violation { present: true, dump }, leaf_table);
                     }
-                    let offset = gfn.raw() & (level.pages() - 1);
+                    let offset = level.offset_in_block(gfn);
                     return (
                         HwWalk::Translated { pfn: Pfn(next.raw() + offset), level, perms },
                         leaf_table,

@@ -77,9 +77,7 @@ impl<H: Host> TdpMmu<H> {
         let roots = self.mmu_lock.write(&self.vcpus, &self.relax());
         let flush =
             self.zap_gfn_range_locked(&roots, as_id, start, end, ZapScope::Tables, &mut pages);
-        if flush && !self.cfg.bugs.has(crate::bugs::Bug::NoTlbFlushOnZap) {
-            self.flush_remote_tlbs();
-        }
+        self.flush_after_zap(flush);
         drop(roots);
         self.defer_free(&mut pages);
         self.reclaim();
@@ -108,9 +106,7 @@ impl<H: Host> TdpMmu<H> {
             let range = (start, end);
             flush |= self.recover_in_table(r.pfn(), r.level(), Gfn(0), range, huge_ok, &mut pages);
         }
-        if flush && !self.cfg.bugs.has(crate::bugs::Bug::NoTlbFlushOnZap) {
-            self.flush_remote_tlbs();
-        }
+        self.flush_after_zap(flush);
         drop(roots);
         self.defer_free(&mut pages);
         self.reclaim();
@@ -220,7 +216,7 @@ impl<H: Host> TdpMmu<H> {
             return MapOutcome::Broken;
         };
         let child = fmt.pfn(old);
-        let lo = Gfn(fault.gfn.raw() & !(level.pages() - 1));
+        let lo = level.block_base(fault.gfn);
         let hi = Gfn(lo.raw() + level.pages());
         let huge = fmt.make_leaf(base_pfn, level, access, writable);
         // The huge leaf first, then the detached table's entries (KVM `handle_removed_pt`).
@@ -228,9 +224,7 @@ impl<H: Host> TdpMmu<H> {
         flush |= self.zap_table(child, lower, lo, lo, hi, ZapScope::Tables, pages);
         self.stats.tdp_tables_zapped.add(1);
         pages.push(child);
-        if flush && !self.cfg.bugs.has(crate::bugs::Bug::NoTlbFlushOnZap) {
-            self.flush_remote_tlbs();
-        }
+        self.flush_after_zap(flush);
         MapOutcome::Installed { level }
     }
 

@@ -22,8 +22,9 @@ use crate::memslot::MemslotSet;
 use crate::shared::VmShared;
 use crate::spte::SpteFormat;
 use crate::stats::{RetryCause, StripeKey, VcpuStats};
+use crate::tdp::root::Root;
 use crate::tdp::{CachedWalk, LeafSpec, LocklessWalk, MapOutcome};
-use crate::types::{Access, Generation, Gpa};
+use crate::types::{Access, Generation, Gpa, Level};
 
 /// What [`VcpuMmu::mmio_cache_probe`] found.
 pub(super) enum CacheProbe {
@@ -80,8 +81,8 @@ pub(super) fn readonly_write(stats: &mut VcpuStats, gpa: Gpa, access: Access) ->
 /// nothing (another vCPU's leaf serves, a lost race) leaves a spurious mark, as in KVM: an extra
 /// page copied, never a lost one. The CLEAR that protects pages holds the lock exclusive, so it
 /// cannot run between the mark and the install.
-fn mark_before_map(set: &MemslotSet, fault: &PageFault) {
-    if let Backing::Ram { slot, writable: true, .. } = fault.backing {
+fn mark_before_map(set: &MemslotSet, fault: &PageFault, backing: &Backing) {
+    if let Backing::Ram { slot, writable: true, .. } = *backing {
         set.mark_page_dirty(&slot, fault.gfn);
     }
 }
@@ -136,7 +137,7 @@ impl VcpuMmu {
             if vm.shadow.is_some() {
                 // A TDP exit on a shadow-paging vCPU: it never has a TDP root, so retrying
                 // would loop forever (the reverse of `handle_page_fault` on a TDP vCPU).
-                return Err(FaultError::WrongMmu { wanted: "TDP" });
+                return Err(FaultError::WrongMmu { wanted: crate::vm::MmuKind::Tdp });
             }
             return Ok(retry(stats, RetryCause::NoRoot));
         }
@@ -319,7 +320,7 @@ impl VcpuMmu {
         let codec = mmu.cfg.codec;
         let gen = set.generation();
         let gpa = fault.addr;
-        let stop = fault.faultin(
+        let faultin = fault.faultin(
             set,
             &mut self.slot_cache,
             &*mmu.host,
@@ -327,15 +328,15 @@ impl VcpuMmu {
             Mappable { format: &mmu.cfg.format, max_level: mmu.cfg.format.max_leaf_level() },
             bugs,
         )?;
-        match stop {
-            None => {}
-            Some(FaultinStop::Retry(cause)) => return Ok(retry(stats, cause)),
-            Some(FaultinStop::ReadOnlyWrite) => {
+        let backing = match faultin {
+            Ok(backing) => backing,
+            Err(FaultinStop::Retry(cause)) => return Ok(retry(stats, cause)),
+            Err(FaultinStop::ReadOnlyWrite) => {
                 return Ok(readonly_write(stats, gpa, fault.access.required()))
             }
-        }
+        };
         let mmio_access = Access::from_bits(Access::ALL.bits() & codec.access_mask() as u8);
-        let spec = match fault.backing {
+        let spec = match backing {
             Backing::Ram { base_pfn, max_level, writable, .. } => {
                 LeafSpec::Ram { base_pfn, max_level, access: Access::ALL, writable }
             }
@@ -358,10 +359,6 @@ impl VcpuMmu {
                 }
                 LeafSpec::Mmio(codec.make(fault.gfn, gen, Access::ALL))
             }
-            Backing::Unresolved => {
-                debug_assert!(false, "faultin left the fault unresolved");
-                return Err(FaultError::Internal { gpa, dump: Default::default() });
-            }
         };
 
         mmu.host.preempt_point(crate::host::PreemptPoint::FaultDecided);
@@ -370,76 +367,101 @@ impl VcpuMmu {
             return Ok(retry(stats, RetryCause::NoRoot));
         };
         let pending = mmu.vcpus[self.index].pending();
-        if let Some(cause) = fault.stale(root.state(), pending, &mmu.inval, bugs) {
+        if let Some(cause) = fault.stale(&backing, root.state(), pending, &mmu.inval, bugs) {
             drop(shared);
             return Ok(retry(stats, cause));
         }
-        mark_before_map(set, fault);
+        mark_before_map(set, fault, &backing);
         let mut outcome = mmu.map(&shared, root, fault, spec, StripeKey::Vcpu(self.index));
         mmu.host.preempt_point(crate::host::PreemptPoint::FaultInstalled);
         if outcome == MapOutcome::TableInTheWay {
-            // The huge leaf replaces a lower table: under the exclusive lock, after checking
-            // again under that hold that the fault is not stale (tdp/map.rs).
             drop(shared);
-            mmu.host.preempt_point(crate::host::PreemptPoint::TableInTheWay);
-            let excl = mmu.mmu_lock.write(&mmu.vcpus, &mmu.relax());
-            let pending = mmu.vcpus[self.index].pending();
-            #[cfg(loom)]
-            let recheck = !crate::tdp::loom_knobs::SKIP_TABLE_IN_THE_WAY_RECHECK
-                .load(core::sync::atomic::Ordering::Relaxed);
-            #[cfg(not(loom))]
-            let recheck = true;
-            if let Some(cause) =
-                fault.stale(root.state(), pending, &mmu.inval, bugs).filter(|_| recheck)
-            {
-                drop(excl);
-                return Ok(retry(stats, cause));
-            }
-            let mut pages = alloc::vec::Vec::new();
-            // Marked again: the collection that may have run since the first mark (it holds
-            // the lock exclusive, so not while `shared` was held) may have cleared the bit.
-            mark_before_map(set, fault);
-            outcome = mmu.replace_table_in_the_way(&excl, root, fault, spec, &mut pages);
-            drop(excl);
-            mmu.defer_free(&mut pages);
-            mmu.reclaim_batched();
+            outcome = match self.map_over_table_in_the_way(vm, set, fault, &backing, spec, root) {
+                Ok(o) => o,
+                Err(cause) => return Ok(retry(stats, cause)),
+            };
         } else {
-            if let (
-                MapOutcome::Installed { level: crate::types::Level::L4K },
-                Backing::Ram { .. },
-            ) = (outcome, fault.backing)
+            if let (MapOutcome::Installed { level: Level::L4K }, Backing::Ram { .. }) =
+                (outcome, backing)
             {
                 mmu.prefetch_direct(&shared, root, fault.gfn, set, StripeKey::Vcpu(self.index));
             }
             drop(shared);
         }
-        let is_mmio = matches!(spec, LeafSpec::Mmio(_));
-        let emulate_mmio =
-            FaultOutcome::Emulate { gpa, access: mmio_access, source: EmulateSource::SlowPathMmio };
-        match outcome {
-            // KVM returns EMULATE for an MMIO SPTE, and counts it as created, even when it was
-            // already there (`tdp_mmu_map_handle_target_level` tests the new SPTE after its
-            // SPURIOUS check).
-            MapOutcome::Installed { .. } | MapOutcome::Spurious if is_mmio => {
-                stats.pf_mmio_spte_created += 1;
-                count_slow_mmio(stats);
-                Ok(emulate_mmio)
-            }
-            MapOutcome::Installed { .. } => {
-                stats.pf_fixed += 1;
-                Ok(FaultOutcome::Fixed)
-            }
-            // Another vCPU mapped the gfn with rights enough for this access (a RAM leaf from a
-            // newer memslot set, while this fault decided from an older one): let the access
-            // walk again and use it. Not Emulate, even if this fault thought "MMIO".
-            MapOutcome::Spurious | MapOutcome::PresentLeafAllows => {
-                stats.pf_spurious += 1;
-                Ok(FaultOutcome::Spurious)
-            }
-            // TableInTheWay only if the replacement did not happen: fault again.
-            MapOutcome::Retry | MapOutcome::TableInTheWay => Ok(retry(stats, RetryCause::Race)),
-            MapOutcome::OutOfMemory => Err(FaultError::OutOfMemory(gpa)),
-            MapOutcome::Broken => Err(FaultError::Internal { gpa, dump: Default::default() }),
+        count_map_outcome(stats, outcome, matches!(spec, LeafSpec::Mmio(_)), gpa, mmio_access)
+    }
+
+    /// The huge leaf of `fault` replaces a lower table (`MapOutcome::TableInTheWay`): under the
+    /// exclusive MMU lock, after checking again under that hold that the fault is not stale
+    /// (tdp/map.rs). `Err`: the fault is stale, retry it.
+    fn map_over_table_in_the_way<H: Host>(
+        &self,
+        vm: &VmShared<H>,
+        set: &MemslotSet,
+        fault: &PageFault,
+        backing: &Backing,
+        spec: LeafSpec,
+        root: &Root,
+    ) -> Result<MapOutcome, RetryCause> {
+        let mmu = &vm.mmu;
+        mmu.host.preempt_point(crate::host::PreemptPoint::TableInTheWay);
+        let excl = mmu.mmu_lock.write(&mmu.vcpus, &mmu.relax());
+        let pending = mmu.vcpus[self.index].pending();
+        #[cfg(loom)]
+        let recheck = !crate::tdp::loom_knobs::SKIP_TABLE_IN_THE_WAY_RECHECK
+            .load(core::sync::atomic::Ordering::Relaxed);
+        #[cfg(not(loom))]
+        let recheck = true;
+        if let Some(cause) =
+            fault.stale(backing, root.state(), pending, &mmu.inval, vm.bugs).filter(|_| recheck)
+        {
+            return Err(cause);
         }
+        let mut pages = alloc::vec::Vec::new();
+        // Marked again: the collection that may have run since the first mark (it holds the
+        // lock exclusive, so not while the shared hold was) may have cleared the bit.
+        mark_before_map(set, fault, backing);
+        let outcome = mmu.replace_table_in_the_way(&excl, root, fault, spec, &mut pages);
+        drop(excl);
+        mmu.defer_free(&mut pages);
+        mmu.reclaim_batched();
+        Ok(outcome)
+    }
+}
+
+/// What the hypervisor does after a TDP map, counted as KVM counts it.
+fn count_map_outcome(
+    stats: &mut VcpuStats,
+    outcome: MapOutcome,
+    is_mmio: bool,
+    gpa: Gpa,
+    mmio_access: Access,
+) -> Result<FaultOutcome, FaultError> {
+    let emulate_mmio =
+        FaultOutcome::Emulate { gpa, access: mmio_access, source: EmulateSource::SlowPathMmio };
+    match outcome {
+        // KVM returns EMULATE for an MMIO SPTE, and counts it as created, even when it was
+        // already there (`tdp_mmu_map_handle_target_level` tests the new SPTE after its
+        // SPURIOUS check).
+        MapOutcome::Installed { .. } | MapOutcome::Spurious if is_mmio => {
+            stats.pf_mmio_spte_created += 1;
+            count_slow_mmio(stats);
+            Ok(emulate_mmio)
+        }
+        MapOutcome::Installed { .. } => {
+            stats.pf_fixed += 1;
+            Ok(FaultOutcome::Fixed)
+        }
+        // Another vCPU mapped the gfn with rights enough for this access (a RAM leaf from a
+        // newer memslot set, while this fault decided from an older one): let the access
+        // walk again and use it. Not Emulate, even if this fault thought "MMIO".
+        MapOutcome::Spurious | MapOutcome::PresentLeafAllows => {
+            stats.pf_spurious += 1;
+            Ok(FaultOutcome::Spurious)
+        }
+        // TableInTheWay only if the replacement did not happen: fault again.
+        MapOutcome::Retry | MapOutcome::TableInTheWay => Ok(retry(stats, RetryCause::Race)),
+        MapOutcome::OutOfMemory => Err(FaultError::OutOfMemory(gpa)),
+        MapOutcome::Broken => Err(FaultError::Internal { gpa, dump: Default::default() }),
     }
 }

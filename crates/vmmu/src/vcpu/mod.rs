@@ -31,6 +31,7 @@
 
 mod fault_path;
 pub mod mmio_cache;
+mod shadow_fault;
 mod shadow_path;
 
 pub use shadow_path::{ShadowError, NUM_PREV_ROOTS};
