@@ -164,8 +164,6 @@ pub fn run(trace: &Trace) -> KvmReport {
             r.first_refusals.push(Refusal { line, slot, errno, reason: what.to_string() });
         }
     };
-    // Slot sizes as KVM accepted them, for KVM_GET_DIRTY_LOG's bitmap.
-    let mut sizes = std::collections::BTreeMap::new();
     let total = trace.count(EventOp::Mmio);
     let mut sampler = Sampler::new(total);
     let t0 = std::time::Instant::now();
@@ -184,14 +182,7 @@ pub fn run(trace: &Trace) -> KvmReport {
                 let flags = u32::from(s.dirty_log) | (u32::from(s.readonly) << 1);
                 sampler.slots_changed();
                 match vm.set_region(slot, flags, s.gpa, s.size, s.uaddr) {
-                    Ok(()) => {
-                        r.slots_applied += 1;
-                        if s.size == 0 {
-                            sizes.remove(&slot);
-                        } else {
-                            sizes.insert(slot, s.size);
-                        }
-                    }
+                    Ok(()) => r.slots_applied += 1,
                     Err(errno) => {
                         r.slots_refused += 1;
                         let name = format!("{}/{}", s.as_id, s.id);
@@ -231,13 +222,11 @@ pub fn run(trace: &Trace) -> KvmReport {
                 let slot = (u32::from(as_id) << 16) | u32::from(id);
                 let result = match e.kind {
                     EventKind::ClearDirtyLog { first_page, num_pages, .. } => {
-                        vm.clear_dirty_log(slot, first_page, num_pages, sizes.get(&slot).copied())
+                        vm.clear_dirty_log(slot, first_page, num_pages)
                     }
                     // A slot the trace never created (or deleted): KVM is asked all the same, so
                     // its errno is KVM's (EINVAL for a bad id or address space, else ENOENT).
-                    // It has no such slot with a dirty bitmap (the replay guest's own slot has
-                    // none), so it answers before copying any bitmap: one word is enough.
-                    _ => vm.get_dirty_log(slot, sizes.get(&slot).copied().unwrap_or(4096)),
+                    _ => vm.get_dirty_log(slot),
                 };
                 match result {
                     Ok(()) => r.dirty_log_applied += 1,

@@ -12,9 +12,13 @@
 //! exit; `out` raises #GP at CPL3 on this kind of host), so the host thread sees progress and
 //! can stop it. Its throughput is the number of adds per second.
 //!
-//! Invariants: the VM and its vCPU fd are dropped before the buffers (field order, and the busy
-//! thread is joined before [`BusyVcpu`] hands the fd back); guest code only touches the working
-//! set and the sync address.
+//! Invariants: no vCPU runs over unmapped memory. The busy thread is owned by the [`BenchVm`]
+//! (not by the [`BusyVcpu`] handle the caller holds, which may be dropped or leaked): the VM's
+//! `Drop` stops and joins it before any field goes, and then the VM and vCPU fds are dropped
+//! before the buffers (field order). A leaked `BenchVm` leaks its buffers too. Guest code only
+//! touches the working set and the sync address; slots the caller makes point into the churn
+//! buffer (checked), and the dirty-logged slots' sizes are this VM's own record, which no other
+//! request can change (their ids are refused by [`BenchVm::set_region`]).
 
 use crate::code::SYNC_GPA;
 use crate::errno;
@@ -70,8 +74,25 @@ pub fn busy_code() -> Vec<u8> {
     c
 }
 
+/// The busy vCPU's thread: what stops it, and what gives the vCPU back.
+struct BusyThread {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Result<VcpuFd, String>>,
+}
+
+impl BusyThread {
+    /// Stops the loop and waits for the thread: the vCPU, or why the loop ended early.
+    fn join(self) -> Result<VcpuFd, String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_else(|_| Err("the busy vCPU thread panicked".into()))
+    }
+}
+
 /// A VM with the backend's guest, a working set and a churn buffer; one vCPU.
 pub struct BenchVm {
+    /// The vCPU while it runs its busy loop ([`BenchVm::start_busy`]); stopped and joined by
+    /// `Drop` before anything else goes.
+    busy: Option<BusyThread>,
     // Field order is drop order: vCPU and VM before the memory they use.
     vcpu: Option<VcpuFd>,
     vm: VmFd,
@@ -137,6 +158,7 @@ impl BenchVm {
         v.set_sregs(&guest::sregs(s)).map_err(ioctl("KVM_SET_SREGS"))?;
         v.set_regs(&guest::regs()).map_err(ioctl("KVM_SET_REGS"))?;
         Ok(BenchVm {
+            busy: None,
             vcpu: Some(v),
             vm,
             logged: Vec::new(),
@@ -154,7 +176,9 @@ impl BenchVm {
 
     /// One raw `KVM_SET_USER_MEMORY_REGION` whose host memory starts `offset` bytes into the
     /// churn buffer (a delete passes size 0). `Err` is KVM's errno name. Slot ids
-    /// [`OWN_SLOT`] and [`WORK_SLOT`] are refused (EPERM), and so is a range outside the buffer.
+    /// [`OWN_SLOT`], [`WORK_SLOT`] and those of [`BenchVm::add_logged_slot`] are refused (EPERM:
+    /// the VM's record of their sizes sizes `KVM_GET_DIRTY_LOG`'s bitmap), and so is a range
+    /// outside the buffer.
     pub fn set_region(
         &self,
         slot: u32,
@@ -163,7 +187,7 @@ impl BenchVm {
         size: u64,
         offset: u64,
     ) -> Result<(), String> {
-        if slot == OWN_SLOT || slot == WORK_SLOT {
+        if slot == OWN_SLOT || slot == WORK_SLOT || self.logged.iter().any(|l| l.0 == slot) {
             return Err("EPERM".into());
         }
         if size != 0 && !self.churn.contains(self.churn.addr().wrapping_add(offset), size) {
@@ -239,30 +263,45 @@ impl BenchVm {
     }
 
     /// Starts the vCPU on its busy loop in a new thread, pinned to `cpu` if given. `None` if
-    /// it is already running.
+    /// it is already running (or its loop ended in an error: the vCPU is gone). The thread is
+    /// the VM's: [`BenchVm::stop_busy`] or the VM's drop stops it; the [`BusyVcpu`] only watches.
     pub fn start_busy(&mut self, cpu: Option<usize>) -> Option<BusyVcpu> {
+        if let Some(t) = self.busy.take() {
+            if !t.stop.load(Ordering::Relaxed) {
+                self.busy = Some(t);
+                return None;
+            }
+            // Its watch was dropped: the loop is stopping; take the vCPU back.
+            self.vcpu = t.join().ok();
+        }
         let vcpu = self.vcpu.take()?;
         let stop = Arc::new(AtomicBool::new(false));
         let exits = Arc::new(AtomicU64::new(0));
-        let (s, e) = (stop.clone(), exits.clone());
-        let thread = std::thread::spawn(move || busy_thread(vcpu, cpu, &s, &e));
-        Some(BusyVcpu { stop, exits, thread: Some(thread) })
+        let done = Arc::new(AtomicBool::new(false));
+        let (s, e, d) = (stop.clone(), exits.clone(), done.clone());
+        let thread = std::thread::spawn(move || {
+            let r = busy_thread(vcpu, cpu, &s, &e);
+            d.store(true, Ordering::Release);
+            r
+        });
+        self.busy = Some(BusyThread { stop: stop.clone(), thread });
+        Some(BusyVcpu { stop, exits, done })
     }
 
-    /// Takes the vCPU back from a stopped [`BusyVcpu`]; the error says why the loop ended early.
-    pub fn stop_busy(&mut self, mut busy: BusyVcpu) -> Result<(), String> {
-        busy.stop.store(true, Ordering::Relaxed);
-        let res = match busy.thread.take().map(|t| t.join()) {
-            Some(Ok(r)) => r,
-            Some(Err(_)) => Err("the busy vCPU thread panicked".into()),
-            None => Err("no thread".into()),
-        };
-        match res {
-            Ok(v) => {
-                self.vcpu = Some(v);
-                Ok(())
-            }
-            Err(e) => Err(e),
+    /// Stops the busy loop and takes the vCPU back; the error says why the loop ended early.
+    pub fn stop_busy(&mut self, busy: BusyVcpu) -> Result<(), String> {
+        drop(busy);
+        let t = self.busy.take().ok_or("the vCPU is not running its busy loop")?;
+        self.vcpu = Some(t.join()?);
+        Ok(())
+    }
+}
+
+impl Drop for BenchVm {
+    fn drop(&mut self) {
+        // Before any field goes: no vCPU may run once the buffers are unmapped.
+        if let Some(t) = self.busy.take() {
+            let _ = t.join();
         }
     }
 }
@@ -304,12 +343,13 @@ fn busy_thread(
     Ok(vcpu)
 }
 
-/// A vCPU running the busy loop in its own thread. Stop it with [`BenchVm::stop_busy`]
-/// (dropping it also stops and joins the thread, discarding the vCPU).
+/// A watch on the vCPU running the busy loop in the [`BenchVm`]'s thread. Stop it with
+/// [`BenchVm::stop_busy`], which gives the vCPU back; dropping it asks the loop to stop (the VM
+/// joins the thread at `stop_busy` or when it is dropped).
 pub struct BusyVcpu {
     stop: Arc<AtomicBool>,
     exits: Arc<AtomicU64>,
-    thread: Option<JoinHandle<Result<VcpuFd, String>>>,
+    done: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for BusyVcpu {
@@ -326,16 +366,13 @@ impl BusyVcpu {
 
     /// Whether the busy thread ended (an error; it only stops when asked).
     pub fn finished(&self) -> bool {
-        self.thread.as_ref().is_none_or(|t| t.is_finished())
+        self.done.load(Ordering::Acquire)
     }
 }
 
 impl Drop for BusyVcpu {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

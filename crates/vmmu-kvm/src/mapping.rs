@@ -62,33 +62,28 @@ impl Mapping {
         hva >= a && hva.checked_add(n).is_some_and(|e| e <= a + self.len as u64)
     }
 
-    /// Copies `bytes` to `offset`. Panics if the range is outside the buffer (a caller bug: the
-    /// parser only admits in-buffer host accesses).
+    /// Copies `bytes` to `offset`, one volatile byte store at a time: a guest may run on this
+    /// memory on another thread (the selftests' and the benchmark's vCPUs do), so the copy makes
+    /// no assumption about what else reads or writes it. Panics if the range is outside the
+    /// buffer (a caller bug: the parser only admits in-buffer host accesses).
     pub fn write_bytes(&self, offset: usize, bytes: &[u8]) {
         assert!(offset.checked_add(bytes.len()).is_some_and(|e| e <= self.len));
-        // SAFETY: the range is inside the writable part of the mapping (asserted above); the
-        // guest may access it concurrently only while a vCPU runs, and vCPUs run only inside
-        // this thread's KVM_RUN calls, never during this copy.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                self.base.as_ptr().add(offset),
-                bytes.len(),
-            )
-        };
+        for (i, &b) in bytes.iter().enumerate() {
+            // SAFETY: `offset + i` is inside the writable part of the mapping (asserted above),
+            // which lives as long as `self`; a volatile store is defined whatever a guest does to
+            // the byte meanwhile (the guest is outside Rust's memory model).
+            unsafe { std::ptr::write_volatile(self.base.as_ptr().add(offset + i), b) };
+        }
     }
 
-    /// Reads `out.len()` bytes at `offset`. Panics if the range is outside the buffer.
+    /// Reads `out.len()` bytes at `offset`, one volatile byte load at a time (as
+    /// [`Mapping::write_bytes`]). Panics if the range is outside the buffer.
     pub fn read_bytes(&self, offset: usize, out: &mut [u8]) {
         assert!(offset.checked_add(out.len()).is_some_and(|e| e <= self.len));
-        // SAFETY: as in `write_bytes`: inside the mapping, and no vCPU runs during the copy.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.base.as_ptr().add(offset),
-                out.as_mut_ptr(),
-                out.len(),
-            )
-        };
+        for (i, o) in out.iter_mut().enumerate() {
+            // SAFETY: as in `write_bytes`: inside the mapping, a volatile load.
+            *o = unsafe { std::ptr::read_volatile(self.base.as_ptr().add(offset + i)) };
+        }
     }
 }
 

@@ -128,6 +128,9 @@ pub struct TraceVm {
     base: u64,
     /// The 2 MiB frames mapped in the high alias window, sorted (index = page of the window).
     high: Vec<u64>,
+    /// The size of every slot KVM holds from [`TraceVm::set_region`], by KVM slot number: what
+    /// sizes `KVM_GET_DIRTY_LOG`'s bitmap (KVM writes as many bits as the slot has pages).
+    sizes: std::collections::BTreeMap<u32, u64>,
     _kvm: Kvm,
 }
 
@@ -382,7 +385,8 @@ impl TraceVm {
         vcpu.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
         let s = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
         vcpu.set_sregs(&guest::sregs_at(s, base)).map_err(ioctl("KVM_SET_SREGS"))?;
-        Ok(TraceVm { vcpu, vm, own, own_slot, bufs, base, high, _kvm: kvm })
+        let sizes = std::collections::BTreeMap::new();
+        Ok(TraceVm { vcpu, vm, own, own_slot, bufs, base, high, sizes, _kvm: kvm })
     }
 
     /// Guest-physical start of the replay guest's window.
@@ -439,7 +443,15 @@ impl TraceVm {
         // memory only through slots KVM accepted. Any other request passes its `uaddr` on
         // unchanged only when it maps nothing: a delete, or a shape every KVM refuses
         // (`refused_by_shape`); the rest were refused above.
-        unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| errno::name(e.errno()))
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| errno::name(e.errno()))?;
+        // Accepted: a create, move or flags change keeps `size` (KVM refuses a size change of
+        // an existing slot), a delete removes the slot.
+        if size == 0 {
+            self.sizes.remove(&slot);
+        } else {
+            self.sizes.insert(slot, size);
+        }
+        Ok(())
     }
 
     /// Enables manual dirty-log protection (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`), as the
@@ -460,22 +472,26 @@ impl TraceVm {
         self.vm.enable_cap(&cap).map_err(|e| errno::name(e.errno()))
     }
 
-    /// `KVM_GET_DIRTY_LOG` of `slot`, whose size is `size` bytes; the bitmap is dropped.
-    pub fn get_dirty_log(&mut self, slot: u32, size: u64) -> Result<(), String> {
-        let size = usize::try_from(size).map_err(|_| "slot size too large".to_string())?;
-        self.vm.get_dirty_log(slot, size).map(|_| ()).map_err(|e| errno::name(e.errno()))
+    /// `KVM_GET_DIRTY_LOG` of `slot`; the bitmap is dropped. It is sized from this VM's record
+    /// of the slot ([`TraceVm::set_region`] is the only way slots are made), never from the
+    /// caller: a bitmap smaller than the slot would let KVM write past it. For a slot KVM does not
+    /// hold (or holds without a dirty bitmap, as the replay guest's own), KVM answers before it
+    /// copies anything.
+    pub fn get_dirty_log(&mut self, slot: u32) -> Result<(), String> {
+        let size = self.sizes.get(&slot).copied().unwrap_or(0);
+        crate::dirty::get(&self.vm, slot, size).map(|_| ())
     }
 
     /// `KVM_CLEAR_DIRTY_LOG` of pages `[first_page, first_page + num_pages)` of `slot`, with every
-    /// bit of the range set (the recorded bitmap is not in the trace); `size`: the slot's size in
-    /// bytes when the trace created it (the scenario backend's `dirty::clear`).
+    /// bit of the range set (the recorded bitmap is not in the trace), sized as the scenario
+    /// backend's `dirty::clear` from this VM's record of the slot.
     pub fn clear_dirty_log(
         &mut self,
         slot: u32,
         first_page: u64,
         num_pages: u32,
-        size: Option<u64>,
     ) -> Result<(), String> {
+        let size = self.sizes.get(&slot).copied();
         crate::dirty::clear(&self.vm, slot, first_page, num_pages, size)
     }
 
