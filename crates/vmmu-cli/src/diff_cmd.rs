@@ -105,7 +105,7 @@ fn sim_backends(pinned: Option<Format>) -> Vec<(String, Box<dyn Backend>)> {
     diff::machine_configurations(pinned)
         .into_iter()
         .map(|(suffix, overrides)| {
-            let name = format!("sim-{suffix}");
+            let name = diff::machine_source_name(&suffix);
             let b: Box<dyn Backend> = Box::new(diff::Configured::new(&name, make(), overrides));
             (name, b)
         })
@@ -177,8 +177,7 @@ fn bad_expected_dir(dir: &Path) -> Option<String> {
 /// to differ in `dirty-log` pages alone when a shadow configuration agrees exactly
 /// ([`diff::compare_allowing_tdp_dirty_pages`]).
 fn compare(sources: &[Source]) -> Verdict {
-    let is_tdp = |n: &str| n.starts_with("sim-ept-") || n.starts_with("sim-npt-");
-    diff::compare_allowing_tdp_dirty_pages(sources, is_tdp, |n| n.starts_with("sim-shadow-"))
+    diff::compare_machine_sources(sources)
 }
 
 /// Runs the command; returns the process exit status.
@@ -231,7 +230,7 @@ pub fn run(args: &DiffArgs) -> ExitCode {
         let mut verdict = compare(&sources);
         if matches!(verdict, Verdict::Differ { .. })
             && matches!(pinned, Some(Format::Ept | Format::Npt))
-            && sources.iter().any(|s| !s.name.starts_with("sim-"))
+            && sources.iter().any(|s| diff::machine_source_format(&s.name).is_none())
         {
             // A file pinned to a TDP format has no shadow configuration to check the allowance
             // against: run one as the witness (KVM ignores `format`).

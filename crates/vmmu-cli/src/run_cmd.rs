@@ -248,31 +248,30 @@ impl RunArgs {
         }
     }
 
-    /// The options as given, for the HTML report.
+    /// The options as given, for the HTML report: enum values as the flag spells them.
     fn flags(&self) -> Vec<(&'static str, String)> {
         let o = &self.opts;
         let implied = self.churn.is_some() || o.stress_paths || self.wrap_trap;
         let updates = if implied || self.inject.is_some() {
             "steady (implied)".to_string()
         } else {
-            format!("{:?}", o.updates).to_lowercase()
+            flag_value(o.updates)
         };
         vec![
             ("--seconds", o.seconds.to_string()),
             ("--vcpus", o.vcpus.to_string()),
-            ("--format", format!("{:?}", o.format).to_lowercase()),
+            ("--format", flag_value(o.format)),
             ("--phys-bits", o.phys_bits.to_string()),
             (
                 "--mmio-caching",
                 if o.compare_caching {
                     "compare (on and off)".into()
                 } else {
-                    format!("{:?}", o.mmio_caching).to_lowercase()
+                    flag_value(o.mmio_caching)
                 },
             ),
-            ("--rounds", self.rounds.to_string()),
             ("--seed", o.seed.to_string()),
-            ("--reader-fences", format!("{:?}", o.reader_fences).to_lowercase()),
+            ("--reader-fences", flag_value(o.reader_fences)),
             ("--updates", updates),
             ("--churn", self.churn.map_or("none".into(), |n| n.to_string())),
             ("--stress-paths", o.stress_paths.to_string()),
@@ -280,17 +279,19 @@ impl RunArgs {
             ("--wrap-trap", self.wrap_trap.to_string()),
             ("--slot-zap-all", self.slot_zap_all.to_string()),
             ("--inject", self.inject.clone().unwrap_or_else(|| "none".into())),
-            (
-                "--dirty-log",
-                self.dirty_log.map_or("off".into(), |m| format!("{m:?}").to_lowercase()),
-            ),
+            ("--dirty-log", self.dirty_log.map_or("off".into(), flag_value)),
             ("--dirty-log-rounds", self.dirty_log_rounds.map_or("none".into(), |n| n.to_string())),
-            (
-                "--host-pages",
-                self.host_pages.to_possible_value().map_or("?".into(), |v| v.get_name().into()),
-            ),
+            ("--host-pages", flag_value(self.host_pages)),
         ]
+        .into_iter()
+        .chain(o.compare_caching.then(|| ("--rounds", self.rounds.to_string())))
+        .collect()
     }
+}
+
+/// An enum flag's value as the flag spells it (`initially-set`, not the variant's name).
+fn flag_value<T: ValueEnum>(v: T) -> String {
+    v.to_possible_value().map_or_else(|| "?".into(), |p| p.get_name().to_string())
 }
 
 /// Writes the HTML report of `runs` if `--report` was given; false (after saying why) if it
@@ -490,6 +491,10 @@ fn compare_caching(args: &RunArgs, bugs: BugSet, report_file: Option<ReportFile>
         }
     }
     let bad: u64 = runs.iter().map(|(_, r)| r.oracle.violations).sum();
+    let missed = runs.iter().filter(|(_, r)| r.memslots.wrap_trap.missed()).count();
+    if missed > 0 {
+        note!("vmmu run: --wrap-trap: the trap did not spring in {missed} of the runs, so they did not test it; give --seconds 2 or more");
+    }
     let names: Vec<String> = runs
         .iter()
         .enumerate()
@@ -507,7 +512,7 @@ fn compare_caching(args: &RunArgs, bugs: BugSet, report_file: Option<ReportFile>
     let named: Vec<(&str, &Report)> =
         runs.iter().zip(&names).map(|((_, r), name)| (name.as_str(), r)).collect();
     let written = write_report(args, report_file, &named);
-    if bad == 0 && written && printed {
+    if bad == 0 && missed == 0 && written && printed {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -552,8 +557,13 @@ pub fn run(args: &RunArgs) -> ExitCode {
                 say!("run", "{}", Text(&report))
             };
             let written = write_report(args, report_file, &[("run", &report)]);
+            let missed = report.memslots.wrap_trap.missed();
+            if missed {
+                note!("vmmu run: --wrap-trap: the trap did not spring before the run ended, so the run did not test it; give --seconds 1 or more");
+            }
             if printed
                 && written
+                && !missed
                 && report.oracle.violations == 0
                 && report.vcpus.iter().all(|v| v.errors == 0)
             {

@@ -80,11 +80,23 @@ impl fmt::Display for Text<'_> {
             writeln!(f, "host invalidations: {}", s.host_invalidations)?;
         }
         let t = &s.wrap_trap;
-        if t.armed || t.armed_at > 0 {
+        if t.sprung {
             writeln!(
                 f,
-                "wrap trap: armed {} (generation {}), sprung {} (generation {}) after {} dummy swaps, {} ms into the run",
-                t.armed, t.armed_at, t.sprung, t.sprung_at, t.swaps, t.sprung_after_ms
+                "wrap trap: armed at generation {}, sprung (generation {}) after {} dummy swaps, {} ms into the run",
+                t.armed_at, t.sprung_at, t.swaps, t.sprung_after_ms
+            )?;
+        } else if t.requested {
+            let armed = if t.armed {
+                format!("armed at generation {}", t.armed_at)
+            } else {
+                "never armed".to_string()
+            };
+            writeln!(
+                f,
+                "wrap trap: {armed}, NOT sprung: the run ended after {} dummy swaps, before the \
+                 wrapping swap (give --seconds 1 or more)",
+                t.swaps
             )?;
         }
         let t = &r.tlb;

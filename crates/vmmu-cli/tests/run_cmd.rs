@@ -182,11 +182,25 @@ fn stress_paths_and_wrap_trap_runs_are_clean() {
     let r = json(&out);
     assert!(r["memslots"]["host_invalidations"].as_u64().unwrap() > 0, "{}", r["memslots"]);
     assert_eq!(r["oracle"]["violations"], 0);
-    let out = vmmu(&["run", "--seconds", "2", "--json", "--wrap-trap"]);
+    // The trap springs after about 0.3 s of swaps here; 4 s leaves room on a loaded machine.
+    let out = vmmu(&["run", "--seconds", "4", "--json", "--wrap-trap"]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
     let r = json(&out);
     assert_eq!(r["memslots"]["wrap_trap"]["armed"], true, "{}", r["memslots"]);
+    assert_eq!(r["memslots"]["wrap_trap"]["sprung"], true, "{}", r["memslots"]);
     assert_eq!(r["oracle"]["violations"], 0);
+}
+
+/// A `--wrap-trap` run that ends before its trap springs did not test what it was asked to: it
+/// says so and fails (it used to print "oracle: OK" and exit 0; found by a code-quality audit).
+#[test]
+fn a_wrap_trap_run_too_short_to_spring_fails_and_says_why() {
+    let out = vmmu(&["run", "--seconds", "0.05", "--wrap-trap"]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("NOT sprung"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("the trap did not spring"), "{stderr}");
 }
 
 #[cfg(feature = "historical-bugs")]

@@ -584,6 +584,9 @@ pub mod perf {
         let mut mmio_range = None;
         if let PerfTest::MoveActive | PerfTest::MoveInactive = test.kind {
             let active = test.kind == PerfTest::MoveActive;
+            if last < 2 {
+                return Err(SelftestError::MoveNeedsTwoSlots);
+            }
             if active && vm.slot_pages(last) < MEM_TEST_MOVE_SIZE_PAGES / 2 {
                 return Err(SelftestError::MoveSlotTooSmall { pages: vm.slot_pages(last) });
             }

@@ -71,6 +71,34 @@ pub fn machine_configurations(pinned_format: Option<Format>) -> Vec<(String, Ove
     out
 }
 
+/// The name of the source that runs the machine under configuration `suffix` of
+/// [`machine_configurations`] (`sim-ept-on`).
+pub fn machine_source_name(suffix: &str) -> String {
+    format!("sim-{suffix}")
+}
+
+/// The format a source named by [`machine_source_name`] runs the machine with; `None` for any
+/// other source (`kvm`, `expected`).
+pub fn machine_source_format(name: &str) -> Option<Format> {
+    let (format, caching) = name.strip_prefix("sim-")?.rsplit_once('-')?;
+    if !matches!(caching, "on" | "off") {
+        return None;
+    }
+    [Format::Ept, Format::Npt, Format::Shadow].into_iter().find(|f| f.to_string() == format)
+}
+
+/// [`compare_allowing_tdp_dirty_pages`] over sources whose machine configurations are named by
+/// [`machine_source_name`]: the EPT and NPT ones are the TDP configurations, the shadow ones the
+/// witnesses (`vmmu diff` and the corpus test judge alike).
+pub fn compare_machine_sources(sources: &[Source]) -> Verdict {
+    let format = machine_source_format;
+    compare_allowing_tdp_dirty_pages(
+        sources,
+        |n| matches!(format(n), Some(Format::Ept | Format::Npt)),
+        |n| format(n) == Some(Format::Shadow),
+    )
+}
+
 /// The format the scenario's `vm` line writes out (`format=...`), if any. `text` must be the
 /// text `scenario` was parsed from; the parsed [`crate::VmConfig`] cannot tell a written
 /// default from an omitted one.
@@ -410,6 +438,17 @@ impl fmt::Display for VerdictLine<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn machine_source_names_round_trip_to_their_format() {
+        for (suffix, o) in machine_configurations(None) {
+            let name = machine_source_name(&suffix);
+            assert_eq!(machine_source_format(&name), o.format, "{name}");
+        }
+        for other in ["kvm", "expected", "sim", "sim-tdp", "sim-ept", "sim-ept-maybe", "ept-on"] {
+            assert_eq!(machine_source_format(other), None, "{other}");
+        }
+    }
     use crate::observation::{ReadExit, SlotResult};
     use crate::parse::parse;
 

@@ -44,6 +44,10 @@ pub enum SelftestError {
         /// Pages in the last slot.
         pages: u64,
     },
+    /// The move tests' window lies below the moved (last) slot, inside the slot before it: with
+    /// one data slot there is none, and the guest's writes there would exit as MMIO.
+    #[error("the move tests need at least two data slots (a memslot cap of 3 or more)")]
+    MoveNeedsTwoSlots,
     /// The test's correctness condition was violated (what, where, expected, seen), or the
     /// VMM refused a request the test relies on.
     #[error("{0}")]
@@ -57,7 +61,12 @@ impl SelftestError {
     /// Whether the C test would not run at all with these parameters (it prints why and goes
     /// on): the slot cap leaves no room. Not a failure.
     pub fn is_not_run(&self) -> bool {
-        matches!(self, SelftestError::TooManySlots { .. } | SelftestError::MoveSlotTooSmall { .. })
+        matches!(
+            self,
+            SelftestError::TooManySlots { .. }
+                | SelftestError::MoveSlotTooSmall { .. }
+                | SelftestError::MoveNeedsTwoSlots
+        )
     }
 }
 
@@ -81,6 +90,8 @@ mod tests {
         assert!(e.is_not_run());
         let e = SelftestError::MoveSlotTooSmall { pages: 4 };
         assert!(e.to_string().contains("lower cap") && e.is_not_run());
+        let e = SelftestError::MoveNeedsTwoSlots;
+        assert!(e.to_string().contains("cap of 3 or more") && e.is_not_run());
         assert!(!SelftestError::Failed("x".into()).is_not_run());
         let e = SelftestError::Unavailable("open: ENOENT".into());
         assert_eq!(e.to_string(), "/dev/kvm not usable: open: ENOENT");

@@ -152,10 +152,19 @@ pub enum RunError {
     Run(SimError),
 }
 
-/// Parses a run time in seconds: a number above 0 and at most 3600.
+/// The shortest run: the machine looks at its clock every 10 ms, so a shorter run lasts that
+/// long anyway.
+pub const MIN_SECONDS: f64 = 0.01;
+
+/// Parses a run time in seconds: a number from [`MIN_SECONDS`] to 3600.
 pub fn parse_seconds(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
     if v.is_finite() && v > 0.0 && v <= 3600.0 {
+        if v < MIN_SECONDS {
+            return Err(format!(
+                "{s} is below {MIN_SECONDS} s, the shortest run (the machine checks its clock every 10 ms)"
+            ));
+        }
         Ok(v)
     } else {
         Err(format!("{s} is not above 0 and at most 3600"))
@@ -303,5 +312,7 @@ mod tests {
         assert!(parse_seconds("x").is_err_and(|e| e.contains("not a number")));
         assert!(parse_seconds("0").is_err_and(|e| e.contains("above 0")));
         assert_eq!(parse_seconds("0.5"), Ok(0.5));
+        assert_eq!(parse_seconds("0.01"), Ok(0.01));
+        assert!(parse_seconds("1e-300").is_err_and(|e| e.contains("shortest run")));
     }
 }

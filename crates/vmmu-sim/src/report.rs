@@ -227,6 +227,8 @@ pub struct MemslotReport {
 /// What the wrap trap did (see `machine`'s module doc).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct WrapTrapReport {
+    /// The run was asked to set the trap (`--wrap-trap`).
+    pub requested: bool,
     /// The DIMM was swept while its generation bits were 0.
     pub armed: bool,
     /// The generation when it was armed.
@@ -241,6 +243,14 @@ pub struct WrapTrapReport {
     pub dummy_slot_gpa: u64,
     /// Milliseconds from the start of the run to the end of the spring.
     pub sprung_after_ms: u64,
+}
+
+impl WrapTrapReport {
+    /// The trap was asked for and did not spring (the run ended first, or it never armed): the
+    /// run did not test what it was asked to.
+    pub fn missed(&self) -> bool {
+        self.requested && !self.sprung
+    }
 }
 
 /// Latency percentiles.

@@ -8,8 +8,8 @@
 
 use std::path::{Path, PathBuf};
 use vmmu_scenario::diff::{
-    compare_allowing_tdp_dirty_pages, machine_configurations, pinned_format, run_source,
-    Configured, Outcome, Source, Verdict, VerdictLine,
+    compare_machine_sources, machine_configurations, machine_source_name, pinned_format,
+    run_source, Configured, Outcome, Source, Verdict, VerdictLine,
 };
 use vmmu_scenario::{parse, parse_observations, Observation};
 use vmmu_sim::SimBackend;
@@ -41,7 +41,7 @@ fn corpus_matches_kvm_under_every_configuration() {
         let mut sources: Vec<Source> = machine_configurations(pinned_format(&text, &sc))
             .into_iter()
             .map(|(suffix, ov)| {
-                let name = format!("sim-{suffix}");
+                let name = machine_source_name(&suffix);
                 let b = Configured::new(&name, Box::new(SimBackend), ov);
                 run_source(&name, &b, &sc)
             })
@@ -55,8 +55,7 @@ fn corpus_matches_kvm_under_every_configuration() {
         // other pages in `dirty-log` results when a shadow configuration agrees with KVM
         // exactly (`paging_dirty_log_read_through_readonly_map.scn`: a read through a read-only
         // guest mapping; `dirty_log_read_after_recycling.scn`: a read that recycling made fault).
-        let is_tdp = |n: &str| n.starts_with("sim-ept-") || n.starts_with("sim-npt-");
-        let v = compare_allowing_tdp_dirty_pages(&sources, is_tdp, |n| n.starts_with("sim-shadow"));
+        let v = compare_machine_sources(&sources);
         if matches!(v, Verdict::EqualButTdpDirtyPages { .. }) {
             allowed.push(name.clone());
         } else if v.is_bad() || matches!(v, Verdict::Skipped(_)) {

@@ -83,6 +83,7 @@ pub(super) fn device_manager<M: GuestMmu>(
         oracle: OracleReport::default(),
     };
     if let Some(trap) = sh.trap_slot {
+        r.trap.requested = true;
         arm_wrap_trap(sh, &mut r.trap);
         r.trap.dummy_slot_gpa = trap.guest_phys_addr;
         if !r.trap.armed {

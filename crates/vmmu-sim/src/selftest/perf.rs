@@ -197,6 +197,9 @@ fn run_once(test: PerfTest, p: &Params, m: &MmuChoice) -> Result<Outcome> {
     let mut mmio = MmioOk { ok: false, min: 0, max: 0 };
     let mut move_base = 0;
     if matches!(test, PerfTest::MoveActive | PerfTest::MoveInactive) {
+        if vm.nslots < 2 {
+            return Err(SelftestError::MoveNeedsTwoSlots);
+        }
         let src = vm.slot_gpa(vm.nslots);
         let active = test == PerfTest::MoveActive;
         if active && vm.slot_pages(vm.nslots) < MEM_TEST_MOVE_SIZE_PAGES / 2 {
