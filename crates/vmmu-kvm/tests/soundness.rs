@@ -63,3 +63,30 @@ fn trace_vm_refuses_a_host_range_outside_its_unions() {
     // A delete maps nothing and goes to KVM as recorded (slot 1 does not exist: KVM's EINVAL).
     assert_eq!(vm.set_region(1, 0, GPA, 0, page), Err("EINVAL".to_string()));
 }
+
+/// `BenchVm` (a code-quality audit's findings): a dirty-logged slot's id cannot be deleted or
+/// made again through `set_region`, since the size the VM recorded for it sizes the bitmap
+/// `KVM_GET_DIRTY_LOG` writes (re-made larger, the GET overflowed the heap); and dropping the VM
+/// while the caller still holds its busy vCPU's watch stops and joins that vCPU before the
+/// buffers go (the vCPU used to go on running, over memory the process had unmapped).
+#[test]
+fn bench_vm_keeps_its_logged_slots_and_joins_its_busy_vcpu_when_dropped() {
+    if !kvm() {
+        return;
+    }
+    use vmmu_kvm::bench::BenchVm;
+    let mut vm = BenchVm::new().unwrap();
+    const GPA: u64 = 4 << 30;
+    vm.add_logged_slot(5, GPA, 4096).unwrap();
+    assert_eq!(vm.set_region(5, 0, GPA, 0, 0), Err("EPERM".to_string()));
+    assert_eq!(vm.set_region(5, 1, GPA, 2 << 20, 0), Err("EPERM".to_string()));
+    assert_eq!(vm.get_dirty_log(5).map(|w| w.len()), Ok(1));
+    let busy = vm.start_busy(None).expect("the vCPU is free");
+    let t = std::time::Instant::now();
+    while busy.adds() == 0 && !busy.finished() && t.elapsed().as_secs() < 20 {
+        std::thread::yield_now();
+    }
+    assert!(busy.adds() > 0 && !busy.finished(), "the busy vCPU runs");
+    drop(vm);
+    assert!(busy.finished(), "the VM's drop stopped and joined its busy vCPU");
+}
