@@ -108,6 +108,7 @@ impl PageFault {
     /// memslot -> [`Backing::NoSlot`]; a write to a read-only slot -> stop, emulate; RAM ->
     /// the host frame, translated after sampling the invalidation sequence. `Ok(Ok(backing))`:
     /// go on to the stale check and the map; `Ok(Err(stop))`: the fault ends here.
+    #[inline(always)]
     pub(crate) fn faultin(
         &mut self,
         set: &MemslotSet,
@@ -203,6 +204,7 @@ impl PageFault {
 /// The largest level `gfn` may be mapped at (KVM `kvm_mmu_max_mapping_level` for TDP): the slot
 /// covers the whole aligned block, the host maps it with a page at least that large, gfn and host
 /// address are equally aligned, and the slot is not dirty-logged.
+#[inline]
 pub(crate) fn max_mapping_level(
     slot: &Memslot,
     gfn: Gfn,

@@ -113,9 +113,9 @@ impl<H: Host> TdpMmu<H> {
             }
             if level <= target && (!present || fmt.is_leaf(old, level)) {
                 // Target level reached and no lower table is in the way.
-                return self.install_at_target(entry, old, level, fault, spec, who);
+                return self.install_at_target(entry, old, present, level, fault, spec, who);
             }
-            pfn = match self.step_down(entry, old, level, gfn, access, who) {
+            pfn = match self.step_down(entry, old, present, level, gfn, access, who) {
                 Ok(child) => child,
                 Err(outcome) => return outcome,
             };
@@ -126,12 +126,16 @@ impl<H: Host> TdpMmu<H> {
         }
     }
 
-    /// The leaf of `spec` for `fault` at `level` in `entry`, which holds `old`: nothing, a leaf,
-    /// or an MMIO SPTE (the walk reached the target level with no lower table in the way).
+    /// The leaf of `spec` for `fault` at `level` in `entry`, which holds `old` (`present` or
+    /// not): nothing, a leaf, or an MMIO SPTE (the walk reached the target level with no lower
+    /// table in the way).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     fn install_at_target(
         &self,
         entry: &crate::sync::AtomicU64,
         old: u64,
+        present: bool,
         level: Level,
         fault: &PageFault,
         spec: LeafSpec,
@@ -141,13 +145,13 @@ impl<H: Host> TdpMmu<H> {
         let fmt = self.cfg.format;
         let mmio_over_present = matches!(spec, LeafSpec::Mmio(_))
             && self.cfg.bugs.has(crate::bugs::Bug::MmioOverPresentSpte);
-        if SpteFormat::is_mmu_present(old) && fmt.leaf_allows(old, access) && !mmio_over_present {
+        if present && fmt.leaf_allows(old, access) && !mmio_over_present {
             return MapOutcome::PresentLeafAllows;
         }
         let new = match spec {
             LeafSpec::Ram { base_pfn, max_level, access, writable } => {
                 // From the start of the host block to this leaf's block.
-                let offset = level.block_base(gfn).raw() - max_level.block_base(gfn).raw();
+                let offset = max_level.offset_in_block(gfn) & !(level.pages() - 1);
                 fmt.make_leaf(Pfn(base_pfn.raw() + offset), level, access, writable)
             }
             LeafSpec::Mmio(spte) => spte,
@@ -164,21 +168,24 @@ impl<H: Host> TdpMmu<H> {
         MapOutcome::Installed { level }
     }
 
-    /// One level down from `entry` (at `level`, holding `old`) above the target level: the
-    /// frame of the table to walk next. A linked table is followed; a huge leaf that does not
-    /// serve the access is split; nothing (or an MMIO SPTE, which only exists at 4 KiB) gets a
-    /// new table linked.
+    /// One level down from `entry` (at `level`, holding `old`, `present` or not) above the
+    /// target level: the frame of the table to walk next. A linked table is followed; a huge
+    /// leaf that does not serve the access is split; nothing (or an MMIO SPTE, which only exists
+    /// at 4 KiB) gets a new table linked.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     fn step_down(
         &self,
         entry: &crate::sync::AtomicU64,
         old: u64,
+        present: bool,
         level: Level,
         gfn: Gfn,
         access: crate::types::FaultAccess,
         who: StripeKey,
     ) -> Result<Pfn, MapOutcome> {
         let fmt = self.cfg.format;
-        if SpteFormat::is_mmu_present(old) {
+        if present {
             if !fmt.is_leaf(old, level) {
                 return Ok(fmt.pfn(old));
             }

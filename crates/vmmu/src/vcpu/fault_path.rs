@@ -393,7 +393,8 @@ impl VcpuMmu {
 
     /// The huge leaf of `fault` replaces a lower table (`MapOutcome::TableInTheWay`): under the
     /// exclusive MMU lock, after checking again under that hold that the fault is not stale
-    /// (tdp/map.rs). `Err`: the fault is stale, retry it.
+    /// (tdp/map.rs). `Err`: the fault is stale, retry it. Rare: kept out of line.
+    #[inline(never)]
     fn map_over_table_in_the_way<H: Host>(
         &self,
         vm: &VmShared<H>,
@@ -430,6 +431,7 @@ impl VcpuMmu {
 }
 
 /// What the hypervisor does after a TDP map, counted as KVM counts it.
+#[inline]
 fn count_map_outcome(
     stats: &mut VcpuStats,
     outcome: MapOutcome,
