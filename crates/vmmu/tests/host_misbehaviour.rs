@@ -37,32 +37,7 @@ struct PanickyHost {
     host: TestHost,
 }
 
-/// `FrameAllocator` for a wrapper of the test host (its field `host`): every call is the test
-/// host's.
-macro_rules! test_host_frames {
-    ($t:ty) => {
-        // SAFETY: every frame call is the test host's, whose `unsafe impl` makes the promises;
-        // the guest memory the wrapper's `translate` names is the test host's word map, apart
-        // from its table pages, as the test host's own is.
-        unsafe impl FrameAllocator for $t {
-            fn type_stable_tables(&self) -> bool {
-                self.host.type_stable_tables()
-            }
-            fn alloc_table(&self, init: u64) -> Option<Pfn> {
-                self.host.alloc_table(init)
-            }
-            unsafe fn free_table(&self, pfn: Pfn) {
-                // SAFETY: the caller's contract, passed on.
-                unsafe { self.host.free_table(pfn) }
-            }
-            fn table(&self, pfn: Pfn) -> Option<std::ptr::NonNull<TableEntries>> {
-                self.host.table(pfn)
-            }
-        }
-    };
-}
-
-test_host_frames!(PanickyHost);
+common::test_host_frames!(PanickyHost);
 
 impl HostMemory for PanickyHost {
     fn translate(&self, hva: Hva, write: bool) -> Result<HostPage, HostFault> {
@@ -216,7 +191,7 @@ struct ScatteredHost {
     host: TestHost,
 }
 
-test_host_frames!(ScatteredHost);
+common::test_host_frames!(ScatteredHost);
 
 impl ScatteredHost {
     fn frame_of(hva: Hva) -> Option<Pfn> {

@@ -158,3 +158,32 @@ pub fn spte_4k(vm: &Vm<TestHost>, root: &vmmu::tdp::root::Root, gpa: u64) -> Opt
     let v = e.load(std::sync::atomic::Ordering::Acquire);
     (v != vmmu::spte::SpteFormat::NONPRESENT).then_some(v)
 }
+
+/// `FrameAllocator` for a wrapper of the test host (its field `host`): every call is the test
+/// host's. The wrapper's `translate` must name no table frame of the test host (each wrapper
+/// says which frames it names).
+#[allow(unused_macros)] // not every test file wraps the test host
+macro_rules! test_host_frames {
+    ($t:ty) => {
+        // SAFETY: every frame call is the test host's, whose `unsafe impl` makes the promises;
+        // the guest memory the wrapper's `translate` names is the test host's word map, apart
+        // from its table pages, as the test host's own is.
+        unsafe impl FrameAllocator for $t {
+            fn type_stable_tables(&self) -> bool {
+                self.host.type_stable_tables()
+            }
+            fn alloc_table(&self, init: u64) -> Option<Pfn> {
+                self.host.alloc_table(init)
+            }
+            unsafe fn free_table(&self, pfn: Pfn) {
+                // SAFETY: the caller's contract, passed on.
+                unsafe { self.host.free_table(pfn) }
+            }
+            fn table(&self, pfn: Pfn) -> Option<std::ptr::NonNull<TableEntries>> {
+                self.host.table(pfn)
+            }
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use test_host_frames;
