@@ -179,7 +179,8 @@ impl TestVm {
             own.write_bytes((CODE + at) as usize, &bytes);
         }
         let t = TestVm { vm, own, kvm };
-        t.set_region(OWN_SLOT, 0, OWN_SIZE as u64, t.own.addr())?;
+        // SAFETY: `own` is a field of the VM after `vm`, so it is dropped after it.
+        unsafe { t.set_region(OWN_SLOT, 0, OWN_SIZE as u64, t.own.addr()) }?;
         Ok(t)
     }
 
@@ -187,13 +188,28 @@ impl TestVm {
         u64::try_from(self.vm.check_extension_int(Cap::NrMemslots)).unwrap_or(0)
     }
 
-    /// One `KVM_SET_USER_MEMORY_REGION`; `hva` must point into memory that outlives the VM.
-    fn set_region(&self, slot: u32, gpa: u64, size: u64, hva: u64) -> Result<()> {
-        self.set_region_flags(slot, 0, gpa, size, hva)
+    /// One `KVM_SET_USER_MEMORY_REGION`.
+    ///
+    /// # Safety
+    /// Unless `size` is 0 (a delete), `[hva, hva + size)` lies in a [`Mapping`] that is dropped
+    /// after this VM: the guest may store anywhere in it as long as the VM runs.
+    unsafe fn set_region(&self, slot: u32, gpa: u64, size: u64, hva: u64) -> Result<()> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.set_region_flags(slot, 0, gpa, size, hva) }
     }
 
     /// [`Self::set_region`] with `KVM_MEM_*` `flags`.
-    fn set_region_flags(&self, slot: u32, flags: u32, gpa: u64, size: u64, hva: u64) -> Result<()> {
+    ///
+    /// # Safety
+    /// As [`Self::set_region`].
+    unsafe fn set_region_flags(
+        &self,
+        slot: u32,
+        flags: u32,
+        gpa: u64,
+        size: u64,
+        hva: u64,
+    ) -> Result<()> {
         let r = kvm_userspace_memory_region {
             slot,
             flags,
@@ -201,8 +217,8 @@ impl TestVm {
             memory_size: size,
             userspace_addr: hva,
         };
-        // SAFETY: every caller passes a range of a `Mapping` that it drops after this VM (or a
-        // delete, size 0).
+        // SAFETY: this function's contract: a range of a `Mapping` dropped after this VM, or a
+        // delete (size 0), which maps nothing.
         unsafe { self.vm.set_user_memory_region(r) }.map_err(|e| {
             failed(format!(
                 "KVM_SET_USER_MEMORY_REGION slot {slot} flags {flags:#x} gpa {gpa:#x} size \
@@ -371,7 +387,8 @@ pub mod set_memory_region {
         let mut regions = vec![Mapping::new(MEM_REGION_SIZE as usize).map_err(failed)?];
         let vm = TestVm::new()?;
         let hva0 = regions[0].addr();
-        vm.set_region(MEM_REGION_SLOT, MEM_REGION_GPA, MEM_REGION_SIZE, hva0)?;
+        // SAFETY: the range is a mapping of `regions`, declared before the VM (dropped after it).
+        unsafe { vm.set_region(MEM_REGION_SLOT, MEM_REGION_GPA, MEM_REGION_SIZE, hva0) }?;
         let mut vcpu = vm.vcpu(0)?;
         let mmio = AtomicU64::new(0);
         let (tx, rx) = mpsc::channel();
@@ -388,21 +405,36 @@ pub mod set_memory_region {
             let host = || -> Result<()> {
                 wait(&rx, "the guest started")?;
                 if is_move {
-                    vm.set_region(MEM_REGION_SLOT, MEM_REGION_GPA - 4096, MEM_REGION_SIZE, hva0)?;
+                    // SAFETY: the range is a mapping of `regions`, declared before the VM
+                    // (dropped after it).
+                    unsafe {
+                        vm.set_region(MEM_REGION_SLOT, MEM_REGION_GPA - 4096, MEM_REGION_SIZE, hva0)
+                    }?;
                     regions[0].store_u64(0, 2);
                     std::thread::sleep(Duration::from_millis(100));
                     regions[0].store_u64(0, 1);
-                    vm.set_region(MEM_REGION_SLOT, MEM_REGION_GPA, MEM_REGION_SIZE, hva0)?;
+                    // SAFETY: the range is a mapping of `regions`, declared before the VM
+                    // (dropped after it).
+                    unsafe {
+                        vm.set_region(MEM_REGION_SLOT, MEM_REGION_GPA, MEM_REGION_SIZE, hva0)
+                    }?;
                     wait(&rx, "the move back")?;
                     wait(&rx, "the move back (deferred sync)")
                 } else {
-                    vm.set_region(MEM_REGION_SLOT, MEM_REGION_GPA, 0, 0)?;
+                    // SAFETY: a delete (size 0) maps nothing.
+                    unsafe { vm.set_region(MEM_REGION_SLOT, MEM_REGION_GPA, 0, 0) }?;
                     wait(&rx, "the delete")?;
-                    vm.set_region(MEM_REGION_SLOT, MEM_REGION_GPA, MEM_REGION_SIZE, fresh_hva)?;
+                    // SAFETY: the range is a mapping of `regions`, declared before the VM
+                    // (dropped after it).
+                    unsafe {
+                        vm.set_region(MEM_REGION_SLOT, MEM_REGION_GPA, MEM_REGION_SIZE, fresh_hva)
+                    }?;
                     wait(&rx, "the re-create")?;
-                    vm.set_region(MEM_REGION_SLOT, MEM_REGION_GPA, 0, 0)?;
+                    // SAFETY: a delete (size 0) maps nothing.
+                    unsafe { vm.set_region(MEM_REGION_SLOT, MEM_REGION_GPA, 0, 0) }?;
                     wait(&rx, "the second delete")?;
-                    vm.set_region(OWN_SLOT, 0, 0, 0)
+                    // SAFETY: a delete (size 0) maps nothing.
+                    unsafe { vm.set_region(OWN_SLOT, 0, 0, 0) }
                 }
             };
             let host = host();
@@ -524,7 +556,11 @@ pub mod perf {
         }
         fn set(&self, k: u64, gpa: u64) -> Result<()> {
             let off = self.slot_gpa(k) - MEM_GPA;
-            self.t.set_region(Vm::id(k), gpa, self.slot_pages(k) * PAGE, self.mem.addr() + off)
+            // SAFETY: the slots tile `mem` (`slot_gpa`, `slot_pages`), a field of `Vm` after `t`
+            // (field order: dropped after the VM).
+            unsafe {
+                self.t.set_region(Vm::id(k), gpa, self.slot_pages(k) * PAGE, self.mem.addr() + off)
+            }
         }
         /// `MADV_DONTNEED` of `count` test pages from `first`, one call per slot piece.
         fn unmap(&self, first: u64, count: u64) -> Result<()> {
@@ -763,7 +799,8 @@ pub mod stress {
         let dummy = Mapping::new(PAGE as usize).map_err(failed)?;
         let t = TestVm::new()?;
         let test_gpa = TOP - PAGE - size;
-        t.set_region(TEST_SLOT, test_gpa, size, mem.addr())?;
+        // SAFETY: `mem` is declared before the VM, so it is dropped after it.
+        unsafe { t.set_region(TEST_SLOT, test_gpa, size, mem.addr()) }?;
         let mut fds = (0..vcpus).map(|i| t.vcpu(i as u64)).collect::<Result<Vec<_>>>()?;
         let stop = AtomicBool::new(false);
         let passes = AtomicU64::new(0);
@@ -814,8 +851,12 @@ pub mod stress {
                         break;
                     }
                     std::thread::sleep(delay);
-                    t.set_region(DUMMY_MEMSLOT_INDEX, test_gpa - PAGE, PAGE, dummy.addr())?;
-                    t.set_region(DUMMY_MEMSLOT_INDEX, test_gpa - PAGE, 0, 0)?;
+                    // SAFETY: `dummy` is declared before the VM, so it is dropped after it.
+                    unsafe {
+                        t.set_region(DUMMY_MEMSLOT_INDEX, test_gpa - PAGE, PAGE, dummy.addr())
+                    }?;
+                    // SAFETY: a delete (size 0) maps nothing.
+                    unsafe { t.set_region(DUMMY_MEMSLOT_INDEX, test_gpa - PAGE, 0, 0) }?;
                     updates += 2;
                 }
                 Ok(())
@@ -867,7 +908,8 @@ pub mod dirty_log_perf {
                 failed(format!("manual dirty-log protect: {e}; run without it (auto mode)"))
             })?;
         }
-        t.set_region(TEST_SLOT, TEST_GPA, size, mem.addr())?;
+        // SAFETY: `mem` is declared before the VM, so it is dropped after it.
+        unsafe { t.set_region(TEST_SLOT, TEST_GPA, size, mem.addr()) }?;
         let mut fds = (0..vcpus).map(|i| t.vcpu(i as u64)).collect::<Result<Vec<_>>>()?;
         let go = std::sync::Barrier::new(vcpus + 1);
         let done = std::sync::Barrier::new(vcpus + 1);
@@ -917,7 +959,10 @@ pub mod dirty_log_perf {
             let r = (|| -> Result<()> {
                 out.populate = vcpu_pass(0)?;
                 let t0 = Instant::now();
-                t.set_region_flags(TEST_SLOT, LOG_DIRTY_PAGES, TEST_GPA, size, mem.addr())?;
+                // SAFETY: `mem` is declared before the VM, so it is dropped after it.
+                unsafe {
+                    t.set_region_flags(TEST_SLOT, LOG_DIRTY_PAGES, TEST_GPA, size, mem.addr())
+                }?;
                 out.enable = t0.elapsed();
                 for it in 1..=iterations {
                     out.dirty.push(vcpu_pass(u64::from(it))?);
@@ -935,7 +980,8 @@ pub mod dirty_log_perf {
                     }
                 }
                 let t0 = Instant::now();
-                t.set_region(TEST_SLOT, TEST_GPA, size, mem.addr())?;
+                // SAFETY: `mem` is declared before the VM, so it is dropped after it.
+                unsafe { t.set_region(TEST_SLOT, TEST_GPA, size, mem.addr()) }?;
                 out.disable = t0.elapsed();
                 Ok(())
             })();
