@@ -380,6 +380,8 @@ impl KvmMachine {
     /// Refuses an access that would reach host memory outside every buffer through a slot. A
     /// store through a read-only slot reaches no host memory (it exits as MMIO), so it passes.
     fn check_backed(&self, gpa: u64, n: u64, write: bool) -> Result<(), KvmError> {
+        // One slot holds the whole access only if it does not cross a page (`slot`'s SAFETY).
+        debug_assert!(n.is_power_of_two() && n <= 8 && gpa % n == 0, "{gpa:#x}+{n}");
         let hit = self.slots.iter().find(|(_, s)| gpa >= s.gpa && gpa - s.gpa < s.size);
         if let Some((&id, s)) = hit.filter(|(_, s)| !(write && s.readonly)) {
             let hva = s.uaddr.wrapping_add(gpa - s.gpa);
@@ -653,7 +655,12 @@ impl Machine for KvmMachine {
         // make the guest access host memory behind it, and the guest accesses slot memory only
         // (1) in a scenario access, which `check_backed` refuses unless its host address lies
         // inside one of the buffers (which live as long as the VM), with a PROT_NONE guard after
-        // each buffer as a second line of defence, or (2) in the backend's own code, whose
+        // each buffer as a second line of defence (`check_backed` looks at the slot of the
+        // access's first byte only: that is all of it because the parser makes every access
+        // naturally aligned, so none crosses a page, and under guest paging it checks the gpa
+        // the backend's model of the guest tables gives, which `paging::Tables` keeps equal to
+        // what KVM walks: the tables are the backend's own, written only by it), or (2) in the
+        // backend's own code, whose
         // stores all go below 8 MiB in address space 0 (its own slots, the MMIO sync and report
         // addresses), which no request here may cover or take over (`reserved_use`, above).
         match unsafe { self.vm.set_user_memory_region(region) } {
