@@ -6,6 +6,7 @@ use std::process::ExitCode;
 mod bench_cmd;
 mod diff_cmd;
 mod html_report;
+mod inject;
 mod input;
 mod progress;
 mod replay_cmd;
@@ -80,9 +81,7 @@ fn main() -> ExitCode {
             _ => ExitCode::from(2),
         },
         Some(Command::Bugs) => {
-            let names: String =
-                vmmu::bugs::Bug::ALL.iter().map(|b| format!("{}\n", b.name())).collect();
-            if stdout::emit("bugs", &names) {
+            if stdout::emit("bugs", &inject::list()) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)

@@ -311,25 +311,6 @@ fn write_report(args: &RunArgs, file: Option<ReportFile>, runs: &[(&str, &Report
     }
 }
 
-fn bugs(inject: Option<&str>) -> Result<BugSet, String> {
-    let Some(name) = inject else { return Ok(BugSet::NONE) };
-    let bug = vmmu::bugs::Bug::from_name(name).ok_or_else(|| {
-        let names: Vec<_> = vmmu::bugs::Bug::ALL.iter().map(|b| b.name()).collect();
-        format!("--inject {name}: no such bug; known: {}", names.join(", "))
-    })?;
-    #[cfg(feature = "historical-bugs")]
-    {
-        Ok(BugSet::only(bug))
-    }
-    #[cfg(not(feature = "historical-bugs"))]
-    {
-        Err(format!(
-            "--inject {bug}: this build cannot re-inject bugs; run it as \
-             `cargo run --release --features historical-bugs -- run --inject {bug}`"
-        ))
-    }
-}
-
 fn one_run(
     args: &RunArgs,
     caching: bool,
@@ -522,15 +503,17 @@ fn compare_caching(args: &RunArgs, bugs: BugSet, report_file: Option<ReportFile>
 /// Runs `vmmu run`.
 pub fn run(args: &RunArgs) -> ExitCode {
     if args.inject.as_deref() == Some("list") {
-        let names: String =
-            vmmu::bugs::Bug::ALL.iter().map(|b| format!("{}\n", b.name())).collect();
-        return if emit("run", &names) { ExitCode::SUCCESS } else { ExitCode::from(1) };
+        return if emit("run", &crate::inject::list()) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        };
     }
     if let Err(e) = args.options(true, BugSet::NONE).validate() {
         note!("vmmu run: {e}");
         return ExitCode::from(2);
     }
-    let bugs = match bugs(args.inject.as_deref()) {
+    let bugs = match crate::inject::bug_set(args.inject.as_deref(), "run") {
         Ok(b) => b,
         Err(e) => {
             note!("vmmu run: {e}");

@@ -327,7 +327,7 @@ impl SelftestArgs {
                     FormatArg::Npt => FormatKind::Npt,
                 },
                 mmio_caching: true,
-                bugs: bugs(self.inject.as_deref())?,
+                bugs: crate::inject::bug_set(self.inject.as_deref(), "selftest")?,
             },
             loops: self.loops.unwrap_or(if q { 1 } else { smr::DEFAULT_LOOPS }),
             perf: perf::Params {
@@ -379,25 +379,6 @@ impl SelftestArgs {
             );
         }
         Ok(all.into_iter().filter(|t| want.contains(t)).collect())
-    }
-}
-
-fn bugs(inject: Option<&str>) -> Result<vmmu::bugs::BugSet, String> {
-    let Some(name) = inject else { return Ok(vmmu::bugs::BugSet::NONE) };
-    let bug = vmmu::bugs::Bug::from_name(name).ok_or_else(|| {
-        let names: Vec<_> = vmmu::bugs::Bug::ALL.iter().map(|b| b.name()).collect();
-        format!("--inject {name}: no such bug; known: {}", names.join(", "))
-    })?;
-    #[cfg(feature = "historical-bugs")]
-    {
-        Ok(vmmu::bugs::BugSet::only(bug))
-    }
-    #[cfg(not(feature = "historical-bugs"))]
-    {
-        Err(format!(
-            "--inject {bug}: this build cannot re-inject bugs; build it with `--features \
-             historical-bugs`"
-        ))
     }
 }
 
@@ -667,9 +648,11 @@ fn list_json() -> String {
 pub fn run(args: &SelftestArgs) -> ExitCode {
     if args.inject.as_deref() == Some("list") {
         // As `vmmu run --inject list`.
-        let names: String =
-            vmmu::bugs::Bug::ALL.iter().map(|b| format!("{}\n", b.name())).collect();
-        return if emit("selftest", &names) { ExitCode::SUCCESS } else { ExitCode::from(1) };
+        return if emit("selftest", &crate::inject::list()) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        };
     }
     if args.list {
         let text = if args.json { list_json() } else { list() };
