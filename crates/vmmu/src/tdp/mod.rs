@@ -62,7 +62,7 @@ use crate::spte::{MmioSpteCodec, SpteFormat};
 use crate::srcu::{ReaderId, Srcu};
 use crate::stats::VmStats;
 use crate::sync::{Arc, Mutex};
-use crate::types::{AsId, Gfn, Level, Pfn};
+use crate::types::{Access, AsId, Generation, Gfn, Level, Pfn};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use root::{Root, RootKind};
@@ -99,6 +99,29 @@ pub struct TdpConfig {
     /// exists already, and builds no shadow page and recycles none for it
     /// ([`crate::vm::VmConfig::shadow_mmio_path_only`]).
     pub shadow_mmio_path_only: bool,
+}
+
+impl TdpConfig {
+    /// The MMIO SPTE a fault that found no memslot for `gfn` under generation `gen` installs
+    /// (KVM `kvm_handle_noslot_fault` -> `mark_mmio_spte`), with the guest's `access`; `None`
+    /// when it makes none and the access is emulated from the slow path: caching is off, the
+    /// gfn is above [`TdpConfig::max_gfn`], or a memslot update is in progress. (KVM makes one
+    /// then, a miss until the generation comes round again; one made in the window of the
+    /// update that wraps the generation, after its zap-all and before its final store, carries
+    /// the old generation's bits, survives the wrap's zap and would match 2^19 updates later,
+    /// when the gfn may long be RAM: `tests/mmio_gen_wrap_window.rs`,
+    /// `tests/shadow_gen_wrap_window.rs`. It costs a slow path only during an update's grace
+    /// period.) Both MMUs' fault paths decide here.
+    #[inline]
+    pub(crate) fn noslot_mmio_spte(
+        &self,
+        gfn: Gfn,
+        gen: Generation,
+        access: Access,
+    ) -> Option<u64> {
+        (self.codec.enabled() && !gen.in_progress() && gfn <= self.max_gfn)
+            .then(|| self.codec.make(gfn, gen, access))
+    }
 }
 
 /// Why the TDP MMU could not be set up or a vCPU added.

@@ -343,21 +343,15 @@ impl VcpuMmu {
             Backing::NoSlot => {
                 // KVM `kvm_handle_noslot_fault`.
                 self.mmio_cache.fill(0, fault.gfn, mmio_access, gen, bugs);
-                // No MMIO SPTE while the set is in progress (KVM makes one, a miss until the
-                // generation comes round again): one made in the window of the update that
-                // wraps the generation, after its zap-all and before its final store, carries the
-                // old generation's bits, survives the wrap's zap and would match 2^19 updates
-                // later, when the gfn may long be RAM (`tests/mmio_gen_wrap_window.rs`). It
-                // costs a slow path only during an update's grace period.
-                if !codec.enabled() || gen.in_progress() || fault.gfn > mmu.cfg.max_gfn {
+                let Some(spte) = mmu.cfg.noslot_mmio_spte(fault.gfn, gen, Access::ALL) else {
                     count_slow_mmio(stats);
                     return Ok(FaultOutcome::Emulate {
                         gpa,
                         access: mmio_access,
                         source: EmulateSource::SlowPathMmio,
                     });
-                }
-                LeafSpec::Mmio(codec.make(fault.gfn, gen, Access::ALL))
+                };
+                LeafSpec::Mmio(spte)
             }
         };
 

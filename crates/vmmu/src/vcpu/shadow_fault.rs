@@ -226,14 +226,11 @@ impl<H: Host + GuestMemory> Vcpu<H> {
                     gen,
                     bugs,
                 );
-                // No MMIO SPTE while the set is in progress: see the TDP fault path
-                // (`tests/shadow_gen_wrap_window.rs`).
-                let codec = core.cfg.codec;
-                if !codec.enabled() || gen.in_progress() || walk.gfn > core.cfg.max_gfn {
+                let Some(spte) = core.cfg.noslot_mmio_spte(walk.gfn, gen, mmio_access) else {
                     count_slow_mmio(stats);
                     return Ok(slow_path_mmio(walk.gpa, mmio_access));
-                }
-                LeafWant::Mmio(codec.make(walk.gfn, gen, mmio_access))
+                };
+                LeafWant::Mmio(spte)
             }
         };
         core.host.preempt_point(PreemptPoint::FaultDecided);
