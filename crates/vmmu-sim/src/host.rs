@@ -591,7 +591,7 @@ impl SimHost {
     /// those pages are no longer the zero page ([`HostConfig::track_writes`]). Returns whether a
     /// page was written for the first time: on Linux that write replaced the zero page by a new
     /// page, and the MMU notifier invalidated whatever mapped the old one (the caller tells the
-    /// MMU: `GuestMmu::invalidate_hva_range_begin`).
+    /// MMU: `GuestMmu::invalidate_hva_range`).
     pub fn host_wrote(&self, hva: Hva, len: u64) -> bool {
         if len == 0 {
             return false;

@@ -308,13 +308,11 @@ impl GuestMmu for RealMmu {
         t
     }
 
-    fn invalidate_hva_range_begin(&self, start: Hva, end: Hva) -> bool {
-        self.vm.invalidate_hva_range_begin(start, end);
+    fn invalidate_hva_range(&self, start: Hva, end: Hva, during: &mut dyn FnMut()) -> bool {
+        let inv = self.vm.invalidate_hva_range_begin(start, end);
+        during();
+        inv.end();
         true
-    }
-
-    fn invalidate_hva_range_end(&self) {
-        self.vm.invalidate_hva_range_end();
     }
 
     fn generation(&self) -> u64 {

@@ -128,17 +128,21 @@ impl GuestMmu for ReferenceMmu {
         }
     }
 
-    fn invalidate_hva_range_begin(&self, start: Hva, end: Hva) -> bool {
-        let _serial = self.updates.lock().unwrap_or_else(|e| e.into_inner());
-        self.invalidating.write().unwrap_or_else(|e| e.into_inner()).push((start.0, end.0));
-        // A translation that checked the ranges before the push is used by an access that ends
-        // before its vCPU acknowledges this flush.
-        self.flush_all_and_wait();
+    fn invalidate_hva_range(&self, start: Hva, end: Hva, during: &mut dyn FnMut()) -> bool {
+        {
+            let _serial = self.updates.lock().unwrap_or_else(|e| e.into_inner());
+            self.invalidating.write().unwrap_or_else(|e| e.into_inner()).push((start.0, end.0));
+            // A translation that checked the ranges before the push is used by an access that
+            // ends before its vCPU acknowledges this flush.
+            self.flush_all_and_wait();
+        }
+        during();
+        let mut ranges = self.invalidating.write().unwrap_or_else(|e| e.into_inner());
+        // This call's own range: another thread's may have been pushed after it.
+        if let Some(i) = ranges.iter().rposition(|&r| r == (start.0, end.0)) {
+            ranges.remove(i);
+        }
         true
-    }
-
-    fn invalidate_hva_range_end(&self) {
-        self.invalidating.write().unwrap_or_else(|e| e.into_inner()).pop();
     }
 
     fn enter_guest(&self, vcpu: &mut RefVcpu) {

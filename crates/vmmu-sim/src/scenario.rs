@@ -500,9 +500,8 @@ impl SimMachine {
         if self.host.host_wrote(vmmu::Hva(hva), len) {
             let page = hva & !(vmmu::types::PAGE_SIZE - 1);
             let (start, end) = (vmmu::Hva(page), vmmu::Hva(page + vmmu::types::PAGE_SIZE));
-            if self.mmu.invalidate_hva_range_begin(start, end) {
-                self.mmu.invalidate_hva_range_end();
-            }
+            // The host's change (the page replaced) is done: nothing to do between start and end.
+            self.mmu.invalidate_hva_range(start, end, &mut || {});
         }
     }
 

@@ -15,10 +15,10 @@
 //! poll its requests after entering guest mode.
 //!
 //! Host invalidations (`--stress-paths`): the device manager may also call
-//! `invalidate_hva_range_begin`/`_end` (KVM's MMU notifier) between memslot updates. Contract:
-//! when `begin` returns, no vCPU uses a translation to a page in the range (the same flush and
-//! wait as above), and until `end` is called every fault on such a page retries; after `end` the
-//! pages are re-faulted as usual.
+//! `invalidate_hva_range` (KVM's MMU notifier start and end around the host's change) between
+//! memslot updates. Contract: when the change starts, no vCPU uses a translation to a page in
+//! the range (the same flush and wait as above), and until the call returns every fault on such
+//! a page retries; after it the pages are re-faulted as usual.
 
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -435,15 +435,13 @@ pub trait GuestMmu: Send + Sync {
         false
     }
 
-    /// Host invalidation start (KVM `mmu_notifier invalidate_range_start`) for host addresses
-    /// `[start, end)`; see the module doc for the contract. Returns `false` if this MMU does not
-    /// take host invalidations (the default), and then the machine makes none.
-    fn invalidate_hva_range_begin(&self, _start: Hva, _end: Hva) -> bool {
+    /// A host invalidation (KVM `mmu_notifier invalidate_range_start`, then `_end`) of host
+    /// addresses `[start, end)` around `during`, the host's change; see the module doc for the
+    /// contract. Returns `false` if this MMU does not take host invalidations (the default):
+    /// then `during` is not run, and the machine makes none.
+    fn invalidate_hva_range(&self, _start: Hva, _end: Hva, _during: &mut dyn FnMut()) -> bool {
         false
     }
-
-    /// Host invalidation end: pairs with one `invalidate_hva_range_begin` that returned `true`.
-    fn invalidate_hva_range_end(&self) {}
 
     /// Dirty logging: auto, manual protect, or manual protect with "initially set"
     /// (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`). Returns `false` if this MMU has no dirty logging

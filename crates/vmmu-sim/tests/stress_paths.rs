@@ -90,7 +90,8 @@ impl GuestMmu for IgnoresInvalidations {
     fn poll_tlb_flush(&self, v: &mut Self::Vcpu) -> bool {
         self.0.poll_tlb_flush(v)
     }
-    fn invalidate_hva_range_begin(&self, _start: Hva, _end: Hva) -> bool {
+    fn invalidate_hva_range(&self, _start: Hva, _end: Hva, during: &mut dyn FnMut()) -> bool {
+        during();
         true
     }
 }

@@ -26,6 +26,7 @@ pub mod hash;
 pub mod host;
 pub mod invalidate;
 pub mod memslot;
+mod notifier;
 pub mod requests;
 pub mod shadow;
 mod shared;

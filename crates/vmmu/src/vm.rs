@@ -12,6 +12,7 @@ use crate::memslot::{
     Memslot, MemslotChange, MemslotError, MemslotHooks, Memslots, MemslotsConfig,
     UserspaceMemoryRegion,
 };
+pub use crate::notifier::HvaInvalidation;
 use crate::shared::VmShared;
 use crate::spte::{FormatKind, HostCpu, MmioCachingPolicy, SpteConfigError, SpteFormat};
 use crate::stats::VmStatsSnapshot;
@@ -325,22 +326,6 @@ fn zap_all_fast<H: Host>(mmu: &TdpMmu<H>, shadow: Option<&crate::shadow::ShadowM
     }
 }
 
-/// Undoes [`Vm::invalidate_hva_range_begin`] if it unwinds: the MMU's count (once its begin
-/// returned) and then the count memslot updates wait on, in `invalidate_hva_range_end`'s order.
-struct BeginUnwound<'a, H: Host> {
-    vm: &'a Vm<H>,
-    mmu_begun: bool,
-}
-
-impl<H: Host> Drop for BeginUnwound<'_, H> {
-    fn drop(&mut self) {
-        if self.mmu_begun {
-            self.vm.inner.mmu.invalidate_end();
-        }
-        self.vm.inner.mn_active.fetch_sub(1, crate::sync::Ordering::AcqRel);
-    }
-}
-
 impl<H: Host> Vm<H> {
     /// Builds a VM on `host`.
     pub fn new(cfg: VmConfig, host: Arc<H>) -> Result<Self, VmError> {
@@ -514,65 +499,14 @@ impl<H: Host> Vm<H> {
 
     /// Host invalidation start for host addresses `[start, end)` (KVM's MMU notifier
     /// `invalidate_range_start`): every memslot mapping them, in every address space, is zapped
-    /// for the overlap, and faults there retry until [`Self::invalidate_hva_range_end`].
+    /// for the overlap, and faults there retry until the returned [`HvaInvalidation`] is ended
+    /// or dropped (`invalidate_range_end`).
     ///
     /// A memslot update waits for every invalidation in flight: a thread must not update the
-    /// memslots between its own begin and end (it would wait for itself). If a host callback
-    /// panics inside the begin, the begin is undone before the panic leaves it, and no end is
-    /// due.
-    pub fn invalidate_hva_range_begin(&self, start: Hva, end: Hva) {
-        let inner = &*self.inner;
-        let mut ranges = Vec::new();
-        let vmm_reader = inner.vmm_lock.lock_with(&inner.mmu.relax());
-        inner.mn_active.fetch_add(1, crate::sync::Ordering::AcqRel);
-        // If this unwinds (a host callback that panics), the begin is undone: the caller cannot
-        // call the end for a begin it cannot tell counted, and a count left raised would make
-        // every later memslot update wait forever.
-        let mut undo = BeginUnwound { vm: self, mmu_begun: false };
-        {
-            let guard = inner.memslots.read(&vmm_reader);
-            for as_id in 0..inner.memslots.nr_address_spaces() {
-                guard.set(AsId(as_id)).for_each_in_hva_range(start, end, |s| {
-                    let s_start = s.userspace_addr().raw();
-                    let s_end = s.end_hva().raw();
-                    let lo = start.raw().max(s_start);
-                    let hi = end.raw().min(s_end);
-                    if lo < hi {
-                        let g0 = s.base_gfn().raw() + ((lo - s_start) >> PAGE_SHIFT);
-                        let g1 = s.base_gfn().raw() + ((hi - s_start + 0xfff) >> PAGE_SHIFT);
-                        ranges.push((AsId(as_id), Gfn(g0), Gfn(g1)));
-                    }
-                });
-            }
-        }
-        inner.mmu.invalidate_begin(&ranges);
-        undo.mmu_begun = true;
-        if let Some(shadow) = inner.shadow.as_ref() {
-            // After the begin: faults on the ranges retry from now on, and what faults
-            // installed before is dropped here.
-            shadow.unmap_gfn_ranges(&inner.mmu, &ranges);
-        }
-        core::mem::forget(undo);
-    }
-
-    /// Host invalidation end: pairs with one [`Self::invalidate_hva_range_begin`].
-    ///
-    /// # Panics
-    /// If no invalidation is in flight (an end without its begin). The count of invalidations in
-    /// flight is left at zero: wrapped below it, it would make every later memslot update wait
-    /// forever.
-    pub fn invalidate_hva_range_end(&self) {
-        // KVM's order: the MMU's sequence and in-progress count first (its decrement saturates),
-        // then the count memslot updates wait on.
-        self.inner.mmu.invalidate_end();
-        let paired = self
-            .inner
-            .mn_active
-            .fetch_update(crate::sync::Ordering::AcqRel, crate::sync::Ordering::Acquire, |n| {
-                n.checked_sub(1)
-            })
-            .is_ok();
-        assert!(paired, "invalidate_hva_range_end without a matching invalidate_hva_range_begin");
+    /// memslots while it holds one (it would wait for itself). If a host callback panics inside
+    /// the begin, the begin is undone before the panic leaves it.
+    pub fn invalidate_hva_range_begin(&self, start: Hva, end: Hva) -> HvaInvalidation<H> {
+        crate::notifier::begin(&self.inner, start, end)
     }
 
     /// A read-only view of the memslots (generation, address spaces). Updates go through

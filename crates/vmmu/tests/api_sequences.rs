@@ -800,7 +800,7 @@ fn check(c: Cfg, ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             Op::Invalidate { start, end, access_in_between } => {
                 let Some(vm) = vm.as_ref() else { continue };
-                vm.invalidate_hva_range_begin(Hva(start), Hva(end));
+                let inv = vm.invalidate_hva_range_begin(Hva(start), Hva(end));
                 if let Some((i, k, page)) = access_in_between {
                     if let Some(v) = vcpus.get_mut(vcpu_at(i, n_vcpus)) {
                         let a = v.as_id().0;
@@ -828,7 +828,7 @@ fn check(c: Cfg, ops: Vec<Op>) -> Result<(), TestCaseError> {
                         }
                     }
                 }
-                vm.invalidate_hva_range_end();
+                inv.end();
             }
             Op::ZapAll => {
                 if let Some(vm) = vm.as_ref() {

@@ -448,8 +448,8 @@ fn userspace_addr_at_the_limit() {
         assert_eq!(vm.gfn_to_hva(AsId(0), Gfn(1)), Some(vmmu::Hva(hva)));
         assert_eq!(vm.gfn_to_hva(AsId(7), Gfn(1)), None);
         for (s, e) in [(0, u64::MAX), (u64::MAX, 0), (hva, hva), (hva + 0xfff, u64::MAX)] {
-            vm.invalidate_hva_range_begin(vmmu::Hva(s), vmmu::Hva(e));
-            vm.invalidate_hva_range_end();
+            let inv = vm.invalidate_hva_range_begin(vmmu::Hva(s), vmmu::Hva(e));
+            inv.end();
         }
         vm.set_memory_region(&region(0, 0x1000, 0, 0, 0)).unwrap();
     }

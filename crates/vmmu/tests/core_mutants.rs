@@ -66,7 +66,7 @@ fn faults_next_to_an_invalidation_in_flight_map_their_pages() {
     vm.set_memory_region(&region(0, 0x10_0000, 0x1_0000, RAM_HVA, 0)).unwrap();
     let mut v = vm.create_vcpu().unwrap();
     v.service_requests().unwrap();
-    vm.invalidate_hva_range_begin(Hva(RAM_HVA + 0x5000), Hva(RAM_HVA + 0x6000));
+    let inv = vm.invalidate_hva_range_begin(Hva(RAM_HVA + 0x5000), Hva(RAM_HVA + 0x6000));
     let read = |v: &mut Vcpu<TestHost>, gpa| v.handle_ept_violation(Gpa(gpa), FaultAccess::READ);
     assert_eq!(read(&mut v, 0x10_4000).unwrap(), FaultOutcome::Fixed, "the page below");
     assert_eq!(read(&mut v, 0x10_6000).unwrap(), FaultOutcome::Fixed, "the page above");
@@ -75,7 +75,7 @@ fn faults_next_to_an_invalidation_in_flight_map_their_pages() {
         FaultOutcome::Retry(RetryCause::HostInvalidation),
         "the page being invalidated"
     );
-    vm.invalidate_hva_range_end();
+    inv.end();
     assert_eq!(access(&mut v, 0x10_5000, false).unwrap().0, Seen::Ram(Pfn((RAM_HVA >> 12) + 5)));
 }
 
@@ -343,11 +343,11 @@ fn each_fault_path_counts_once_in_the_vcpus_counters() {
     assert_eq!((v1.stats.mmio_spte_hits, v1.stats.pf_emulate), (1, 0));
     // A host invalidation of the RAM page in flight: the fault retries.
     v1.service_requests().unwrap();
-    vm.invalidate_hva_range_begin(Hva(RAM_HVA + 0x5000), Hva(RAM_HVA + 0x6000));
+    let inv = vm.invalidate_hva_range_begin(Hva(RAM_HVA + 0x5000), Hva(RAM_HVA + 0x6000));
     let o = v1.handle_ept_violation(Gpa(0x10_5000), FaultAccess::READ).unwrap();
     assert_eq!(o, FaultOutcome::Retry(RetryCause::HostInvalidation));
     assert_eq!(v1.stats.retries[RetryCause::HostInvalidation as usize], 1);
-    vm.invalidate_hva_range_end();
+    inv.end();
     // A write to the read-only slot is emulated, never cached as MMIO.
     let before = v1.stats.pf_emulate;
     let ro = Seen::Mmio(EmulateSource::ReadOnlyWrite);
@@ -451,7 +451,7 @@ fn no_prefetch_while_a_host_invalidation_is_in_flight() {
     // The host changes gfn 0x100c's page.
     let hva = RAM_HVA + ((0x100c - 0x1001) << 12);
     v.service_requests().unwrap();
-    vm.invalidate_hva_range_begin(Hva(hva), Hva(hva + 0x1000));
+    let inv = vm.invalidate_hva_range_begin(Hva(hva), Hva(hva + 0x1000));
     let o = v.handle_ept_violation(Gpa(0x100_e000), FaultAccess::READ).unwrap();
     assert_eq!(o, FaultOutcome::Fixed, "a neighbour of the page maps");
     assert_eq!(vm.stats().pages_4k, 1, "the fault's own leaf only");
@@ -461,7 +461,7 @@ fn no_prefetch_while_a_host_invalidation_is_in_flight() {
         !matches!(walk, HwWalk::Translated { .. }),
         "the page being invalidated is mapped: {walk:?}"
     );
-    vm.invalidate_hva_range_end();
+    inv.end();
     let want = Seen::Ram(Pfn((RAM_HVA >> 12) + 0x100c - 0x1001));
     assert_eq!(access(&mut v, 0x100_c000, false).unwrap().0, want);
 }

@@ -170,9 +170,9 @@ fn table_in_the_way(racer: Racer) {
         match racer {
             Racer::Invalidate { page } => {
                 let hva = RAM_HVA + (page << 12);
-                vm.invalidate_hva_range_begin(Hva(hva), Hva(hva + 0x1000));
+                let inv = vm.invalidate_hva_range_begin(Hva(hva), Hva(hva + 0x1000));
                 host.map_over(hva, 0x1000, NEW_PFN, Level::L4K, true);
-                vm.invalidate_hva_range_end();
+                inv.end();
             }
             Racer::Delete => {
                 vm.set_memory_region(&slot(BLOCK, 0, 0)).unwrap();
@@ -381,9 +381,9 @@ fn recovery_vs_host_invalidation() {
             let (vm, host) = (vm.clone(), host.clone());
             thread::spawn(move || {
                 let hva = RAM_HVA + (6 << 12);
-                vm.invalidate_hva_range_begin(Hva(hva), Hva(hva + 0x1000));
+                let inv = vm.invalidate_hva_range_begin(Hva(hva), Hva(hva + 0x1000));
                 host.map_over(hva, 0x1000, NEW_PFN, Level::L4K, true);
-                vm.invalidate_hva_range_end();
+                inv.end();
             })
         };
         vm.set_memory_region(&slot(BLOCK, 0x20_0000, 0)).unwrap();

@@ -43,9 +43,9 @@ const NEW_PFN: u64 = 0x7_7000;
 
 /// The VM side: invalidate one host page, map `NEW_PFN` there, end the invalidation.
 fn remap(vm: &Vm<TestHost>, host: &TestHost, hva: u64) {
-    vm.invalidate_hva_range_begin(Hva(hva), Hva(hva + 0x1000));
+    let inv = vm.invalidate_hva_range_begin(Hva(hva), Hva(hva + 0x1000));
     host.map_over(hva, 0x1000, NEW_PFN, Level::L4K, true);
-    vm.invalidate_hva_range_end();
+    inv.end();
 }
 
 fn check_outcome(o: Result<FaultOutcome, vmmu::fault::FaultError>) {

@@ -90,10 +90,10 @@ fn host_invalidation_reaches_every_root() {
     let (vm, _host) = vm(FormatKind::Ept);
     vm.set_memory_region(&region(0, GPA, 0x1000, RAM_HVA, 0)).unwrap();
     let mut vcpus = two_roots(&vm);
-    vm.invalidate_hva_range_begin(Hva(RAM_HVA), Hva(RAM_HVA + 0x1000));
+    let inv = vm.invalidate_hva_range_begin(Hva(RAM_HVA), Hva(RAM_HVA + 0x1000));
     // While the host changes what backs the page, nothing may translate to the old frame.
     assert_nothing_stale(&vm, &mut vcpus, "during a host invalidation");
-    vm.invalidate_hva_range_end();
+    inv.end();
 }
 
 #[test]

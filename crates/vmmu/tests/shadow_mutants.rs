@@ -514,10 +514,10 @@ fn no_prefetch_while_a_host_invalidation_is_in_progress() {
     host_written(&host, RAM_HVA + 0x20_0000, 8);
     let mut v = vcpu_in(&vm, long4(s.cr3));
     let hva = vmmu::Hva(RAM_HVA + 0x20_5000);
-    vm.invalidate_hva_range_begin(hva, vmmu::Hva(hva.0 + 0x1000));
+    let inv = vm.invalidate_hva_range_begin(hva, vmmu::Hva(hva.0 + 0x1000));
     assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(0x20_0000)));
     assert!(!mapped(&mut v, A + 0x5000), "page 5 is being invalidated");
-    vm.invalidate_hva_range_end();
+    inv.end();
     assert!(!mapped(&mut v, A + 0x5000), "still not mapped after the invalidation");
 }
 
@@ -763,8 +763,8 @@ fn a_leaf_replaced_by_a_fault_is_flushed_from_the_tlbs() {
         let seen = access(&mut writer, A, true);
         assert!(want.is_none_or(|w| w == seen), "{seen:?}");
         let hva = RAM_HVA + 0x20_0000;
-        vm.invalidate_hva_range_begin(vmmu::Hva(hva), vmmu::Hva(hva + 0x1000));
-        vm.invalidate_hva_range_end();
+        let inv = vm.invalidate_hva_range_begin(vmmu::Hva(hva), vmmu::Hva(hva + 0x1000));
+        inv.end();
         let seen = reader.access(A, false);
         assert_ne!(seen, Seen::Ram(ram_pfn(0x20_0000)), "the reader reaches the old frame");
     }
@@ -796,7 +796,7 @@ fn every_zap_of_a_leaf_flushes_the_tlbs() {
     let ops: [(&str, Op); 8] = [
         ("host invalidation", |vm, _, _, _| {
             let hva = RAM_HVA + 0x20_0000;
-            vm.invalidate_hva_range_begin(vmmu::Hva(hva), vmmu::Hva(hva + 0x1000));
+            vm.invalidate_hva_range_begin(vmmu::Hva(hva), vmmu::Hva(hva + 0x1000)).end();
         }),
         ("shrinker", |vm, _, _, _| {
             vm.shrink_shadow_pages(1000);
@@ -1092,8 +1092,8 @@ fn a_dropped_leaf_leaves_the_reverse_map() {
     assert!(matches!(access(&mut v, A, true), Seen::Ram(_)));
     v.track_write(vmmu::Gpa(pte), 8).unwrap();
     vm.zap_all_fast();
-    vm.invalidate_hva_range_begin(vmmu::Hva(LOG_HVA), vmmu::Hva(LOG_HVA + 0x1000));
-    vm.invalidate_hva_range_end();
+    let inv = vm.invalidate_hva_range_begin(vmmu::Hva(LOG_HVA), vmmu::Hva(LOG_HVA + 0x1000));
+    inv.end();
     vm.set_memory_region(&log_region(KVM_MEM_LOG_DIRTY_PAGES)).unwrap();
     assert!(matches!(access(&mut v, A, true), Seen::Ram(_)));
     assert_eq!(dirty(&vm), vec![0]);
@@ -1315,9 +1315,9 @@ fn a_host_invalidation_between_translation_and_install_retries_the_shadow_fault(
     vmmu::testing::preempt::on_this_thread(Some(Box::new(move |_| {
         if std::mem::take(&mut once) {
             let hva = RAM_HVA + DATA_GPA;
-            racer.invalidate_hva_range_begin(vmmu::Hva(hva), vmmu::Hva(hva + 0x1000));
+            let inv = racer.invalidate_hva_range_begin(vmmu::Hva(hva), vmmu::Hva(hva + 0x1000));
             h.map_over(hva, 0x1000, NEW_PFN, vmmu::Level::L4K, true);
-            racer.invalidate_hva_range_end();
+            inv.end();
         }
     })));
     let o = v.handle_page_fault(Gva(A), PfErr(PfErr::USER));

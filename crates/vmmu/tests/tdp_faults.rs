@@ -317,12 +317,13 @@ fn host_invalidation_in_flight_retries_then_maps() {
     vm.set_memory_region(&region(0, 0x10_0000, 0x4000, RAM_HVA, 0)).unwrap();
     let mut v = vm.create_vcpu().unwrap();
     access(&mut v, 0x10_1000, false).unwrap();
-    vm.invalidate_hva_range_begin(vmmu::Hva(RAM_HVA + 0x1000), vmmu::Hva(RAM_HVA + 0x2000));
+    let inv =
+        vm.invalidate_hva_range_begin(vmmu::Hva(RAM_HVA + 0x1000), vmmu::Hva(RAM_HVA + 0x2000));
     assert_eq!(vm.stats().pages_4k, 0, "the mapping of the invalidated range is zapped");
     v.service_requests().unwrap();
     let o = v.handle_ept_violation(Gpa(0x10_1000), vmmu::FaultAccess::READ).unwrap();
     assert_eq!(o, FaultOutcome::Retry(RetryCause::HostInvalidation));
-    vm.invalidate_hva_range_end();
+    inv.end();
     assert_eq!(access(&mut v, 0x10_1000, false).unwrap().0, Seen::Ram(Pfn((RAM_HVA >> 12) + 1)));
 }
 
@@ -347,9 +348,9 @@ fn a_host_invalidation_between_translation_and_install_makes_the_fault_retry() {
     vmmu::testing::preempt::on_this_thread(Some(Box::new(move |_| {
         if std::mem::take(&mut once) {
             let page = (vmmu::Hva(RAM_HVA + 0x1000), vmmu::Hva(RAM_HVA + 0x2000));
-            racer.invalidate_hva_range_begin(page.0, page.1);
+            let inv = racer.invalidate_hva_range_begin(page.0, page.1);
             host.map_over(RAM_HVA + 0x1000, 0x1000, NEW_PFN, Level::L4K, true);
-            racer.invalidate_hva_range_end();
+            inv.end();
         }
     })));
     let o = v.handle_ept_violation(Gpa(0x10_1000), vmmu::FaultAccess::READ);
@@ -387,19 +388,24 @@ fn a_slow_path_fault_leaves_a_frozen_entry_to_its_freezer() {
     assert_eq!(seen, Seen::Mmio(EmulateSource::SlowPathMmio));
 }
 
-/// An invalidation end without its begin is refused (a panic, as documented) and leaves the
-/// in-flight count at zero: before, release builds wrapped it and every later memslot update
-/// waited for it forever.
+/// An invalidation ends when its token is dropped, also when the code between begin and end
+/// panics: the end cannot be forgotten, nor called without a begin (the token is the only way
+/// to end, and is not `Clone`), so the count memslot updates wait on cannot stay raised or
+/// wrap (before, an unpaired end wrapped it in release builds and every later update waited
+/// forever; a panic before the end left it raised).
 #[test]
-fn an_unpaired_invalidation_end_is_refused_and_updates_still_run() {
+fn an_invalidation_ends_when_its_token_goes_even_on_a_panic() {
     let (vm, _h) = vm(FormatKind::Ept);
     vm.set_memory_region(&region(0, 0x10_0000, 0x4000, RAM_HVA, 0)).unwrap();
-    vm.invalidate_hva_range_begin(vmmu::Hva(RAM_HVA), vmmu::Hva(RAM_HVA + 0x1000));
-    vm.invalidate_hva_range_end();
-    let unpaired = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        vm.invalidate_hva_range_end();
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _inv = vm.invalidate_hva_range_begin(vmmu::Hva(RAM_HVA), vmmu::Hva(RAM_HVA + 0x1000));
+        panic!("the host's change failed");
     }));
-    assert!(unpaired.is_err(), "an end without a begin must be refused");
+    assert!(panicked.is_err());
+    // A fault in the range completes: the invalidation is over.
+    let mut v = vm.create_vcpu().unwrap();
+    let (seen, _) = access(&mut v, 0x10_0000, false).unwrap();
+    assert_eq!(seen, Seen::Ram(Pfn(RAM_HVA >> 12)));
     // A memslot update waits for invalidations in flight: there is none, so it returns.
     vm.set_memory_region(&region(1, 0x20_0000, 0x1000, RAM_HVA + 0x10_0000, 0)).unwrap();
 }
@@ -642,7 +648,7 @@ fn memslot_update_waits_for_host_invalidation_in_flight() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let (vm, _h) = vm(FormatKind::Ept);
     vm.set_memory_region(&region(0, 0x10_0000, 0x1000, RAM_HVA, 0)).unwrap();
-    vm.invalidate_hva_range_begin(vmmu::Hva(RAM_HVA), vmmu::Hva(RAM_HVA + 0x1000));
+    let inv = vm.invalidate_hva_range_begin(vmmu::Hva(RAM_HVA), vmmu::Hva(RAM_HVA + 0x1000));
     let done = std::sync::Arc::new(AtomicBool::new(false));
     let t = {
         let (vm, done) = (vm.clone(), done.clone());
@@ -653,7 +659,7 @@ fn memslot_update_waits_for_host_invalidation_in_flight() {
     };
     std::thread::sleep(std::time::Duration::from_millis(50));
     assert!(!done.load(Ordering::SeqCst), "the move went ahead during an invalidation");
-    vm.invalidate_hva_range_end();
+    inv.end();
     t.join().unwrap();
     assert!(done.load(Ordering::SeqCst));
 }
@@ -690,11 +696,12 @@ fn a_huge_leaf_is_not_installed_over_a_page_being_invalidated() {
     vm.set_memory_region(&region(0, 0x20_0000, 0x20_0000, RAM_HVA, 0)).unwrap();
     let mut v = vm.create_vcpu().unwrap();
     v.service_requests().unwrap();
-    vm.invalidate_hva_range_begin(vmmu::Hva(RAM_HVA + 0x5000), vmmu::Hva(RAM_HVA + 0x6000));
+    let inv =
+        vm.invalidate_hva_range_begin(vmmu::Hva(RAM_HVA + 0x5000), vmmu::Hva(RAM_HVA + 0x6000));
     let o = v.handle_ept_violation(Gpa(0x20_0000), vmmu::FaultAccess::READ).unwrap();
     assert_eq!(o, FaultOutcome::Retry(RetryCause::HostInvalidation));
     assert_eq!(vm.stats().pages_2m, 0, "no 2 MiB leaf over the page being invalidated");
-    vm.invalidate_hva_range_end();
+    inv.end();
     assert_eq!(access(&mut v, 0x20_0000, false).unwrap().0, Seen::Ram(Pfn(RAM_HVA >> 12)));
     assert_eq!(vm.stats().pages_2m, 1);
 }
@@ -980,8 +987,9 @@ fn a_pageless_root_swap_flushes_so_no_tlb_entry_outlives_a_host_invalidation() {
         if swap {
             v.load_pageless_root().unwrap();
         }
-        vm.invalidate_hva_range_begin(vmmu::Hva(RAM_HVA + 0x3000), vmmu::Hva(RAM_HVA + 0x4000));
-        vm.invalidate_hva_range_end();
+        let inv =
+            vm.invalidate_hva_range_begin(vmmu::Hva(RAM_HVA + 0x3000), vmmu::Hva(RAM_HVA + 0x4000));
+        inv.end();
         vm.reclaim();
         assert!(
             !read_through_tlb(&mut v, &mut tlb, 0x10_3000),

@@ -198,14 +198,14 @@ fn an_invalidation_past_a_slots_end_spares_the_next_slot() {
     vm.set_memory_region(&region(1, 0x10_0000, 0x1_0000, RAM_HVA, 0)).unwrap();
     vm.set_memory_region(&region(2, 0x11_0000, 0x1_0000, RAM_HVA + 0x10_0000, 0)).unwrap();
     let mut v = vm.create_vcpu().unwrap();
-    vm.invalidate_hva_range_begin(Hva(RAM_HVA + 0x8000), Hva(RAM_HVA + 0x2_0000));
+    let inv = vm.invalidate_hva_range_begin(Hva(RAM_HVA + 0x8000), Hva(RAM_HVA + 0x2_0000));
     let retry = FaultOutcome::Retry(RetryCause::HostInvalidation);
     assert_eq!(read_fault(&mut v, 0x10_7000), FaultOutcome::Fixed, "below the range");
     assert_eq!(read_fault(&mut v, 0x10_8000), retry, "slot 1, invalidated");
     assert_eq!(read_fault(&mut v, 0x10_f000), retry, "slot 1's last page, invalidated");
     assert_eq!(read_fault(&mut v, 0x11_0000), FaultOutcome::Fixed, "slot 2 is not");
     assert_eq!(read_fault(&mut v, 0x11_f000), FaultOutcome::Fixed, "slot 2 is not");
-    vm.invalidate_hva_range_end();
+    inv.end();
     assert_eq!(access(&mut v, 0x10_8000, false).unwrap().0, Seen::Ram(Pfn((RAM_HVA >> 12) + 8)));
 }
 
@@ -218,9 +218,9 @@ fn an_empty_invalidation_inside_a_page_invalidates_nothing() {
     let (vm, _h) = vm(FormatKind::Ept);
     vm.set_memory_region(&region(1, 0x10_0000, 0x1_0000, RAM_HVA, 0)).unwrap();
     let mut v = vm.create_vcpu().unwrap();
-    vm.invalidate_hva_range_begin(Hva(RAM_HVA + 0x5008), Hva(RAM_HVA + 0x5008));
+    let inv = vm.invalidate_hva_range_begin(Hva(RAM_HVA + 0x5008), Hva(RAM_HVA + 0x5008));
     assert_eq!(read_fault(&mut v, 0x10_5000), FaultOutcome::Fixed);
-    vm.invalidate_hva_range_end();
+    inv.end();
 }
 
 /// On an L1TF host whose L1D address width (44 bits) is above its MAXPHYADDR (36), a TDP VM

@@ -178,8 +178,8 @@ fn a_host_invalidation_keeps_tables_and_a_delete_unlinks_them() {
         }
         let s = vm.stats();
         assert_eq!((s.pages_4k, s.tdp_tables_zapped), (2, 0), "{f:?}: setup");
-        vm.invalidate_hva_range_begin(Hva(RAM_HVA), Hva(RAM_HVA + 0x20_0000));
-        vm.invalidate_hva_range_end();
+        let inv = vm.invalidate_hva_range_begin(Hva(RAM_HVA), Hva(RAM_HVA + 0x20_0000));
+        inv.end();
         let s = vm.stats();
         assert_eq!((s.pages_4k, s.tdp_tables_zapped), (0, 0), "{f:?}: a table went");
         let (seen, faults) = access(&mut v, 0x20_3000, false).unwrap();
@@ -238,10 +238,10 @@ fn a_host_invalidation_keeps_mmio_sptes_and_a_delete_clears_them() {
         assert_eq!(access(&mut v, 0x20_5000, false).unwrap().0, five, "{f:?}");
         let root = v.root().unwrap().clone();
         assert!(spte_4k(&vm, &root, OLD).is_some(), "{f:?}: setup: the old MMIO SPTE");
-        vm.invalidate_hva_range_begin(Hva(RAM_HVA), Hva(RAM_HVA + 0x1_0000));
+        let inv = vm.invalidate_hva_range_begin(Hva(RAM_HVA), Hva(RAM_HVA + 0x1_0000));
         assert!(spte_4k(&vm, &root, OLD).is_some(), "{f:?}: the host invalidation cleared it");
         assert_eq!(spte_4k(&vm, &root, 0x20_5000), None, "{f:?}: the leaf stayed");
-        vm.invalidate_hva_range_end();
+        inv.end();
         let three = Seen::Ram(Pfn((RAM_HVA >> 12) + 3));
         assert_eq!(access(&mut v, OLD, false).unwrap().0, three, "{f:?}");
         // The read replaced the old MMIO SPTE by a leaf; make another one, outside any slot, in

@@ -202,28 +202,26 @@ fn host_invalidation<M: GuestMmu>(
     let lo = (start.0 & !(SIZE_2M - 1)).max(b0);
     let hi = (start.0 + len).next_multiple_of(SIZE_2M).min(b0 + buf.len());
     sh.invalidating.fetch_add(1, Ordering::Relaxed);
-    if !sh.mmu.invalidate_hva_range_begin(Hva(lo), Hva(hi)) {
-        sh.invalidating.fetch_sub(1, Ordering::Relaxed);
-        return false;
-    }
-    // No vCPU may touch the pages now: whatever they read before the end is poison.
-    let words = (off..off + len).step_by(8);
-    let saved: Vec<u64> = words.clone().map(|o| buf.read(o, Width::W8).unwrap_or(0)).collect();
-    for o in words.clone() {
-        // In bounds: the range lies in the slot, and the slot in its buffer.
-        let _ = buf.write(o, Width::W8, POISON);
-    }
-    // Keep the pages poisoned while the vCPUs run a little: an MMU that let them keep a
-    // translation would show it now (a correct one makes their faults there retry meanwhile).
-    for _ in 0..POISON_HOLD_YIELDS {
-        std::thread::yield_now();
-    }
-    for (o, v) in words.zip(saved) {
-        let _ = buf.write(o, Width::W8, v);
-    }
-    sh.mmu.invalidate_hva_range_end();
+    let taken = sh.mmu.invalidate_hva_range(Hva(lo), Hva(hi), &mut || {
+        // No vCPU may touch the pages now: whatever they read before the end is poison.
+        let words = (off..off + len).step_by(8);
+        let saved: Vec<u64> = words.clone().map(|o| buf.read(o, Width::W8).unwrap_or(0)).collect();
+        for o in words.clone() {
+            // In bounds: the range lies in the slot, and the slot in its buffer.
+            let _ = buf.write(o, Width::W8, POISON);
+        }
+        // Keep the pages poisoned while the vCPUs run a little: an MMU that let them keep a
+        // translation would show it now (a correct one makes their faults there retry
+        // meanwhile).
+        for _ in 0..POISON_HOLD_YIELDS {
+            std::thread::yield_now();
+        }
+        for (o, v) in words.zip(saved) {
+            let _ = buf.write(o, Width::W8, v);
+        }
+    });
     sh.invalidating.fetch_sub(1, Ordering::Relaxed);
-    true
+    taken
 }
 
 fn stall(what: &str, took: Duration) -> Violation {

@@ -6,8 +6,8 @@
 //! test does.
 //!
 //! The host's `MADV_DONTNEED` of guest memory is restated as what it does to the MMU: an
-//! MMU-notifier invalidation of the range (`invalidate_hva_range_begin/end`), with the words the
-//! test uses zeroed in between (the pages are gone; a later guest touch faults them back in).
+//! MMU-notifier invalidation of the range (`Vm::invalidate_hva_range_begin`, then the end of
+//! the invalidation it returns), with the words the test uses zeroed in between (the pages are gone; a later guest touch faults them back in).
 //! The sync page's atomics are Rust atomics shared by the two threads; a vCPU waiting for the
 //! host leaves guest mode (a C guest spins in guest mode instead). The C test's `-d` checks
 //! (values read back on the host before unmapping) always run here.
@@ -128,16 +128,28 @@ impl Vm {
             let slot_end = self.slot_gpa(slot) + self.slot_pages(slot) * PAGE;
             let piece_end = slot_end.min(end);
             let (hs, he) = (self.hva(gpa), self.hva(piece_end));
-            self.mmu.invalidate_hva_range_begin(Hva(hs), Hva(he));
-            let mut p = gpa;
-            while p < piece_end {
-                for off in [0, PAGE / 2] {
-                    self.mem.write(p - MEM_GPA + off, Width::W8, 0).map_err(setup)?;
-                }
-                p += PAGE;
+            let mut zeroed = Ok(());
+            let piece = gpa;
+            let taken = self.mmu.invalidate_hva_range(Hva(hs), Hva(he), &mut || {
+                zeroed = self.zero(piece, piece_end);
+            });
+            if !taken {
+                zeroed = self.zero(piece, piece_end);
             }
-            self.mmu.invalidate_hva_range_end();
+            zeroed?;
             gpa = piece_end;
+        }
+        Ok(())
+    }
+
+    /// Zeroes the words the test uses in the pages `[start, end)` (guest-physical).
+    fn zero(&self, start: u64, end: u64) -> Result<()> {
+        let mut p = start;
+        while p < end {
+            for off in [0, PAGE / 2] {
+                self.mem.write(p - MEM_GPA + off, Width::W8, 0).map_err(setup)?;
+            }
+            p += PAGE;
         }
         Ok(())
     }
