@@ -23,7 +23,7 @@ use vmmu::spte::FormatKind;
 use vmmu::{Gfn, Gpa};
 use vmmu_sim::host::SimHost;
 use vmmu_sim::hw_vcpu::{HwVcpu, Outcome};
-use vmmu_sim::ram::{self, Width};
+use vmmu_sim::ram::Width;
 use vmmu_sim::seam::LiveExits;
 use vmmu_sim::timeline::{new_histogram, LatencyHistogram, Sample, Timeline};
 use vmmu_sim::{AccessKind, GuestMmu, RealMmu, RealMmuConfig, SlotRequest};
@@ -145,11 +145,12 @@ fn vcpu_loop(
                 Outcome::Ram(e) => e,
                 other => return Err(format!("working set access at {gfn:?}: {other:?}")),
             };
-            let p = e.page.as_ptr();
-            // SAFETY: `p` is the start of a RAM page of `host` (from `ram_page`, through the
-            // vCPU's TLB), 8-aligned; the host and its buffers outlive this loop; accesses are
-            // atomic (`ram`).
-            unsafe { ram::store(p, Width::W8, ram::load(p, Width::W8).wrapping_add(1)) };
+            let bump = host
+                .ram_access(e.pfn, 0, Width::W8, None)
+                .and_then(|(_, v)| host.ram_access(e.pfn, 0, Width::W8, Some(v.wrapping_add(1))));
+            if let Err(err) = bump {
+                return Err(format!("working set access at {gfn:?}: {err}"));
+            }
         }
         v.exit_guest();
         count.fetch_add(BATCH, Ordering::Relaxed);

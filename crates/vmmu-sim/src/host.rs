@@ -36,6 +36,22 @@ use vmmu::host::{
 };
 use vmmu::types::{Hva, Level, Pfn, PAGE_SIZE};
 
+/// Why [`SimHost::ram_access`] refused an access.
+#[derive(Clone, Copy, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RamAccessError {
+    /// The frame is not guest RAM of this host (a table frame, or none).
+    #[error("{0:?} is not a RAM frame of this host")]
+    NotRam(Pfn),
+    /// The access does not lie naturally aligned inside the page.
+    #[error("a {width:?} access at byte {offset:#x} of a page is not naturally aligned inside it")]
+    Misplaced {
+        /// The byte offset asked for.
+        offset: u64,
+        /// The access width.
+        width: Width,
+    },
+}
+
 /// Bytes in a 2 MiB block.
 pub const SIZE_2M: u64 = 2 << 20;
 const PAGES_PER_2M: u64 = SIZE_2M / PAGE_SIZE;
@@ -645,6 +661,38 @@ impl SimHost {
         } else {
             None
         }
+    }
+
+    /// One guest access of `width` bytes at byte `offset` of RAM frame `pfn`: a store of
+    /// `store`, or a load. Returns the host address accessed and the value stored or loaded.
+    /// The one place the machine touches guest RAM through a frame.
+    #[inline]
+    pub fn ram_access(
+        &self,
+        pfn: Pfn,
+        offset: u64,
+        width: Width,
+        store: Option<u64>,
+    ) -> Result<(Hva, u64), RamAccessError> {
+        if offset >= PAGE_SIZE || !width.is_aligned(offset) {
+            return Err(RamAccessError::Misplaced { offset, width });
+        }
+        let page = self.ram_page(pfn).ok_or(RamAccessError::NotRam(pfn))?;
+        let p = page.as_ptr().wrapping_add(offset as usize);
+        let value = match store {
+            Some(v) => {
+                // SAFETY: `page` is a RAM frame of this host, and a buffer's memory lives as
+                // long as the host (module invariant), which `&self` borrows; the access is
+                // naturally aligned and starts inside the page (checked above), so it and the
+                // aligned 8-byte word holding it lie in the page; buffer memory is accessed
+                // only atomically (`ram`).
+                unsafe { ram::store(p, width, v) };
+                v
+            }
+            // SAFETY: as for the store.
+            None => unsafe { ram::load(p, width) },
+        };
+        Ok((Hva(p as u64), value))
     }
 
     /// Makes translations of host addresses in `[start, end)` take `delay` (a host page fault

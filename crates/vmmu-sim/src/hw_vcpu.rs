@@ -25,8 +25,8 @@
 //!
 //! [`RealMmu`]: crate::real::RealMmu
 
-use crate::host::SimHost;
-use crate::ram::{self, Width};
+use crate::host::{RamAccessError, SimHost};
+use crate::ram::Width;
 use crate::seam::{AccessKind, GuestMmu, Translation};
 use crate::tlb::{Tlb, TlbEntry, TlbStats};
 use vmmu::types::{Gpa, Hva, Pfn};
@@ -244,10 +244,10 @@ impl<'a, M: GuestMmu> HwVcpu<'a, M> {
                     if write && !writable {
                         return Outcome::Error(AccessError::ReadOnlyForWrite { gpa });
                     }
-                    let Some(page) = self.host.ram_page(pfn) else {
+                    if self.host.ram_page(pfn).is_none() {
                         return Outcome::Error(AccessError::NotRam { gpa, pfn });
-                    };
-                    let e = TlbEntry { page, pfn, writable, level };
+                    }
+                    let e = TlbEntry { pfn, writable, level };
                     self.tlb.insert(gfn, e);
                     return Outcome::Ram(e);
                 }
@@ -287,21 +287,14 @@ impl<'a, M: GuestMmu> HwVcpu<'a, M> {
             Outcome::Mmio => return Data::Mmio,
             Outcome::Error(e) => return Data::Error(e),
         };
-        let p = e.page.as_ptr().wrapping_add(gpa.page_offset() as usize);
-        let value = match store {
-            Some(v) => {
-                // SAFETY: `e.page` is a RAM frame of `self.host` (from `ram_page`, directly or
-                // through the TLB, which holds only such entries and is flushed whenever the MMU
-                // asks); `ram_page` pointers stay valid as long as the host, which `self`
-                // borrows. The access is naturally aligned (checked above), so it stays inside
-                // the 4 KiB page; buffer memory is only accessed atomically.
-                unsafe { ram::store(p, width, v) };
-                v
+        match self.host.ram_access(e.pfn, gpa.page_offset(), width, store) {
+            Ok((hva, value)) => Data::Ram { hva, value },
+            // The TLB holds RAM frames only, and the access is aligned (checked above).
+            Err(RamAccessError::NotRam(pfn)) => Data::Error(AccessError::NotRam { gpa, pfn }),
+            Err(RamAccessError::Misplaced { .. }) => {
+                Data::Error(AccessError::Unaligned { gpa, width })
             }
-            // SAFETY: as for the store.
-            None => unsafe { ram::load(p, width) },
-        };
-        Data::Ram { hva: Hva(p as u64), value }
+        }
     }
 
     /// One TLB miss resolved by the MMU, with no TLB lookup, insert or retry (a fault the

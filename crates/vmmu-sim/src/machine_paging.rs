@@ -39,7 +39,7 @@ use crate::hw_vcpu::{AccessError, Data, HwVcpu, Outcome};
 use crate::layout::MachineLayout;
 use crate::mix::{GuestAccess, MixKind};
 use crate::oracle::Observed;
-use crate::ram::{self, Width};
+use crate::ram::Width;
 use crate::seam::{AccessKind, GuestMmu, SlotRequest};
 use crate::tlb::TlbStats;
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -548,7 +548,8 @@ impl<M: GuestMmu> GuestPteMemory for TwoDimensional<'_, '_, '_, M> {
             }
             Outcome::Mmio | Outcome::Error(_) => return Err(GpteWriteError::Unreadable),
         };
-        let hva = Hva(entry.page.as_ptr() as u64 + gpa.page_offset());
+        let page = hw.host().ram_page(entry.pfn).ok_or(GpteWriteError::Unreadable)?;
+        let hva = Hva(page.as_ptr() as u64 + gpa.page_offset());
         // A host word the host cannot update is not a read-only table: KVM's
         // `__try_cmpxchg_user` fails with -EFAULT there and the walk faults.
         vmmu::host::GuestMemory::cmpxchg_u64(hw.host(), hva, old, new)
@@ -736,20 +737,9 @@ pub(crate) fn finish_shadow_walk(
             if gva % width.bytes() != 0 {
                 return Err(format!("{gva:#x} is not aligned for a {width:?} access"));
             }
-            let page = host.ram_page(pfn).ok_or_else(|| format!("{pfn:?} is not RAM"))?;
-            let p = page.as_ptr().wrapping_add((gva & 0xfff) as usize);
-            let value = match store {
-                // SAFETY: `page` is a RAM frame of the host (from `ram_page`), valid while the
-                // host lives; the access is naturally aligned (checked above), so it stays in
-                // the page; buffer memory is only accessed atomically.
-                Some(val) => unsafe {
-                    ram::store(p, width, val);
-                    val
-                },
-                // SAFETY: as for the store.
-                None => unsafe { ram::load(p, width) },
-            };
-            return Ok(ShadowWalkStep::Ram { hva: Hva(p as u64), value });
+            let (hva, value) =
+                host.ram_access(pfn, gva & 0xfff, width, store).map_err(|e| e.to_string())?;
+            return Ok(ShadowWalkStep::Ram { hva, value });
         }
         HwWalk::Violation { present, .. } => {
             if present {

@@ -11,7 +11,7 @@
 
 use crate::guest_tables::{GuestTables, TABLES_GPA};
 use crate::host::{HostBuffer, HostConfig, SimHost};
-use crate::ram::{self, Width as RamWidth};
+use crate::ram::Width as RamWidth;
 use crate::real::{RealMmu, RealMmuConfig};
 use crate::scenario_vcpu::{vcpu_thread, Access, InvlpgRoutine, Job, Mode};
 use crate::seam::{Errno, GuestMmu, SlotRequest};
@@ -505,13 +505,15 @@ impl SimMachine {
         }
     }
 
-    fn host_ptr(&self, at: &MemRef, width: Width) -> Result<*mut u8, BackendError> {
+    /// The buffer `at` names, once the access of `width` there is checked to lie inside it and
+    /// be naturally aligned (with a message that names the scenario's reference).
+    fn host_at(&self, at: &MemRef, width: Width) -> Result<&Arc<HostBuffer>, BackendError> {
         let b = self.buffer(at.mem)?;
         if at.offset.checked_add(width.bytes() as u64).is_none_or(|end| end > b.len()) {
             return Err(failed(format!("{}+{:#x} is outside the buffer", at.name, at.offset)));
         }
-        // `ram::load`/`store` need a naturally aligned address (the parser's rule; an op built
-        // in code must keep it too).
+        // Host accesses are naturally aligned (the parser's rule; an op built in code must keep
+        // it too).
         if at.offset % width.bytes() as u64 != 0 {
             return Err(failed(format!(
                 "{}+{:#x} is not aligned to the access width ({} bytes)",
@@ -520,7 +522,7 @@ impl SimMachine {
                 width.bytes()
             )));
         }
-        Ok((b.hva().raw() + at.offset) as *mut u8)
+        Ok(b)
     }
 }
 
@@ -602,19 +604,16 @@ impl Machine for SimMachine {
     }
 
     fn host_write(&mut self, op: &HostWriteOp) -> Result<(), BackendError> {
-        let p = self.host_ptr(&op.at, op.width)?;
-        // SAFETY: `p` is inside a live buffer (checked above) that the host keeps until the
-        // machine is dropped; the parser only accepts naturally aligned offsets, and buffers are
-        // page aligned; buffer memory is only accessed atomically.
-        unsafe { ram::store(p, ram_width(op.width), op.value) };
-        self.first_write(p as u64, u64::from(op.width.bytes()));
+        let b = self.host_at(&op.at, op.width)?;
+        b.write(op.at.offset, ram_width(op.width), op.value).map_err(failed)?;
+        let hva = b.hva().raw() + op.at.offset;
+        self.first_write(hva, u64::from(op.width.bytes()));
         Ok(())
     }
 
     fn host_read(&mut self, op: &HostReadOp) -> Result<u64, BackendError> {
-        let p = self.host_ptr(&op.at, op.width)?;
-        // SAFETY: as in `host_write`.
-        Ok(unsafe { ram::load(p, ram_width(op.width)) })
+        let b = self.host_at(&op.at, op.width)?;
+        b.read(op.at.offset, ram_width(op.width)).map_err(failed)
     }
 
     fn map(&mut self, op: &MapOp) -> Result<(), BackendError> {

@@ -10,15 +10,12 @@
 //! the vCPU walks again and the MMU sees the write fault. Owned by one vCPU thread: no atomics;
 //! lookups take no lock and allocate nothing.
 
-use core::ptr::NonNull;
 use serde::Serialize;
 use vmmu::types::{Gfn, Level, Pfn};
 
 /// One cached translation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TlbEntry {
-    /// The host page backing the guest page (its first byte).
-    pub page: NonNull<u8>,
     /// The frame backing the guest page.
     pub pfn: Pfn,
     /// Whether writes may use the entry.
@@ -144,7 +141,7 @@ mod tests {
     use super::*;
 
     fn entry(writable: bool) -> TlbEntry {
-        TlbEntry { page: NonNull::dangling(), pfn: Pfn(42), writable, level: Level::L4K }
+        TlbEntry { pfn: Pfn(42), writable, level: Level::L4K }
     }
 
     #[test]

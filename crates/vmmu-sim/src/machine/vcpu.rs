@@ -5,6 +5,7 @@
 use super::wrap_trap::{sweep_dimm, HOLD_ASK, HOLD_IDLE, TRAP_GPA};
 use super::{MachineConfig, Shared, VcpuCounters, SHARED_RAM_OFFSET};
 use crate::bus::BusOutcome;
+use crate::host::SimHost;
 use crate::hw_vcpu::{Attempts, Data, HwVcpu};
 use crate::layout::MachineLayout;
 use crate::machine_paging::{
@@ -23,7 +24,7 @@ use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmmu::fault::PfErr;
-use vmmu::types::{Access, Gpa, Hva};
+use vmmu::types::{Access, Gpa, Pfn};
 
 pub(super) type VcpuResult<'o> = (VcpuCounters, TlbStats, VcpuChecker<'o>);
 
@@ -245,21 +246,12 @@ pub(super) fn access<M: GuestMmu>(
     (seen, at.start, end)
 }
 
-/// The data access of a translated guest access: `width` bytes at `gva`'s offset in `page`.
-fn ram_at(page: std::ptr::NonNull<u8>, gva: u64, width: Width, store: Option<u64>) -> Observed {
-    let p = page.as_ptr().wrapping_add((gva & 0xfff) as usize);
-    let value = match store {
-        // SAFETY: `page` is a RAM frame of the machine's host (from `ram_page` or a TLB entry
-        // made from one), valid while the host lives; the access is naturally aligned (the mix
-        // makes it so), so it stays in the page; buffer memory is only accessed atomically.
-        Some(v) => unsafe {
-            crate::ram::store(p, width, v);
-            v
-        },
-        // SAFETY: as for the store.
-        None => unsafe { crate::ram::load(p, width) },
-    };
-    Observed::Ram { hva: Hva(p as u64), value }
+/// The data access of a translated guest access: `width` bytes at `gva`'s offset in frame `pfn`.
+fn ram_at(host: &SimHost, pfn: Pfn, gva: u64, width: Width, store: Option<u64>) -> Observed {
+    match host.ram_access(pfn, gva & 0xfff, width, store) {
+        Ok((hva, value)) => Observed::Ram { hva, value },
+        Err(e) => Observed::Error(e.to_string()),
+    }
 }
 
 /// One guest access through guest-virtual address `gva` (guest paging); `a` says what the
@@ -306,8 +298,8 @@ fn paged_access<M: GuestMmu>(
         hw.poll();
         p.tlb.follow(hw.tlb_stats().flushes);
         let need = if write { Access::WRITE.union(Access::USER) } else { Access::USER };
-        match p.tlb.lookup(gva, need).and_then(|pfn| sh.host.ram_page(pfn)) {
-            Some(page) => ram_at(page, gva, a.width, store),
+        match p.tlb.lookup(gva, need) {
+            Some(pfn) => ram_at(sh.host, pfn, gva, a.width, store),
             None => match p.walk_tdp(hw, gva, write) {
                 Err(o) => o,
                 Ok((gpa, guest_rights)) => {
@@ -323,7 +315,7 @@ fn paged_access<M: GuestMmu>(
                                 guest_rights.intersect(Access::USER.union(Access::EXEC))
                             };
                             p.tlb.insert(gva, e.pfn, rights);
-                            ram_at(e.page, gva, a.width, store)
+                            ram_at(sh.host, e.pfn, gva, a.width, store)
                         }
                         crate::hw_vcpu::Outcome::Mmio => mmio(sh, hw, &GuestAccess { gpa, ..*a }),
                         crate::hw_vcpu::Outcome::Error(e) => Observed::Error(e.to_string()),
