@@ -471,10 +471,10 @@ fn compare_caching(args: &RunArgs, bugs: BugSet, report_file: Option<ReportFile>
             }
         }
     }
-    let bad: u64 = runs.iter().map(|(_, r)| r.oracle.violations).sum();
+    let failed = runs.iter().filter(|(_, r)| !passed(r)).count();
     let missed = runs.iter().filter(|(_, r)| r.memslots.wrap_trap.missed()).count();
     if missed > 0 {
-        note!("vmmu run: --wrap-trap: the trap did not spring in {missed} of the runs, so they did not test it; give --seconds 2 or more");
+        note_trap_missed(&format!("in {missed} of the runs, so they did not test it"), 2);
     }
     let names: Vec<String> = runs
         .iter()
@@ -493,11 +493,27 @@ fn compare_caching(args: &RunArgs, bugs: BugSet, report_file: Option<ReportFile>
     let named: Vec<(&str, &Report)> =
         runs.iter().zip(&names).map(|((_, r), name)| (name.as_str(), r)).collect();
     let written = write_report(args, report_file, &named);
-    if bad == 0 && missed == 0 && written && printed {
+    if failed == 0 && written && printed {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     }
+}
+
+/// Whether a run passed: no oracle violation, no vCPU access that ended in an error, and a
+/// `--wrap-trap` that sprang (a run that did not test what it was asked to fails).
+fn passed(report: &Report) -> bool {
+    report.oracle.violations == 0
+        && report.vcpus.iter().all(|v| v.errors == 0)
+        && !report.memslots.wrap_trap.missed()
+}
+
+/// Says on stderr that a `--wrap-trap` did not spring (`when`), with the `--seconds` that
+/// lets it.
+fn note_trap_missed(when: &str, seconds: u32) {
+    note!(
+        "vmmu run: --wrap-trap: the trap did not spring {when}; give --seconds {seconds} or more"
+    );
 }
 
 /// Runs `vmmu run`.
@@ -540,16 +556,10 @@ pub fn run(args: &RunArgs) -> ExitCode {
                 say!("run", "{}", Text(&report))
             };
             let written = write_report(args, report_file, &[("run", &report)]);
-            let missed = report.memslots.wrap_trap.missed();
-            if missed {
-                note!("vmmu run: --wrap-trap: the trap did not spring before the run ended, so the run did not test it; give --seconds 1 or more");
+            if report.memslots.wrap_trap.missed() {
+                note_trap_missed("before the run ended, so the run did not test it", 1);
             }
-            if printed
-                && written
-                && !missed
-                && report.oracle.violations == 0
-                && report.vcpus.iter().all(|v| v.errors == 0)
-            {
+            if printed && written && passed(&report) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
