@@ -5,6 +5,8 @@
 //! dirty-log call as that ioctl on the slot (manual protection enabled when the trace clears),
 //! which KVM must accept.
 
+use vmmu::memslot::{KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
+use vmmu::types::{AsId, SlotId};
 use vmmu_sim::replay::parse::EventOp;
 use vmmu_sim::replay::{KvmReport, Trace};
 
@@ -178,8 +180,14 @@ pub fn run(trace: &Trace) -> KvmReport {
                 r.smm_skipped += 1
             }
             EventKind::Slot(s) => {
-                let slot = (u32::from(s.as_id) << 16) | u32::from(s.id);
-                let flags = u32::from(s.dirty_log) | (u32::from(s.readonly) << 1);
+                let slot = SlotId::join(AsId(s.as_id), SlotId(s.id));
+                let mut flags = 0;
+                if s.dirty_log {
+                    flags |= KVM_MEM_LOG_DIRTY_PAGES;
+                }
+                if s.readonly {
+                    flags |= KVM_MEM_READONLY;
+                }
                 sampler.slots_changed();
                 match vm.set_region(slot, flags, s.gpa, s.size, s.uaddr) {
                     Ok(()) => r.slots_applied += 1,
@@ -219,7 +227,7 @@ pub fn run(trace: &Trace) -> KvmReport {
                 }
             }
             EventKind::GetDirtyLog { as_id, id } | EventKind::ClearDirtyLog { as_id, id, .. } => {
-                let slot = (u32::from(as_id) << 16) | u32::from(id);
+                let slot = SlotId::join(AsId(as_id), SlotId(id));
                 let result = match e.kind {
                     EventKind::ClearDirtyLog { first_page, num_pages, .. } => {
                         vm.clear_dirty_log(slot, first_page, num_pages)

@@ -25,7 +25,7 @@ use crate::errno;
 use crate::guest::{self, CODE, OWN_SIZE, OWN_SLOT};
 use crate::machine::KvmError;
 use crate::mapping::Mapping;
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -215,7 +215,7 @@ impl BenchVm {
         let m = Mapping::new(len).map_err(|e| format!("mmap of {size:#x} bytes: {e}"))?;
         let r = kvm_userspace_memory_region {
             slot,
-            flags: 1, // KVM_MEM_LOG_DIRTY_PAGES
+            flags: KVM_MEM_LOG_DIRTY_PAGES,
             guest_phys_addr: gpa,
             memory_size: size,
             userspace_addr: m.addr(),

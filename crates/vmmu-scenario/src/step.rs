@@ -18,6 +18,11 @@
 
 use std::fmt;
 
+/// KVM's 32-bit `slot` field of memslot and dirty-log requests: `(as_id << 16) | id`.
+pub fn kvm_slot(as_id: u16, id: u16) -> u32 {
+    (u32::from(as_id) << 16) | u32::from(id)
+}
+
 /// The page size of every buffer and slot (x86 4 KiB pages).
 pub const PAGE_SIZE: u64 = 4096;
 /// Guest-physical addresses below this (8 MiB) belong to the backends, in address space 0.
@@ -329,7 +334,7 @@ pub struct SlotOp {
 impl SlotOp {
     /// KVM's `slot` field: `(as << 16) | id`.
     pub fn kvm_slot(&self) -> u32 {
-        (u32::from(self.as_id) << 16) | u32::from(self.id)
+        kvm_slot(self.as_id, self.id)
     }
 
     /// What of the backends' own this request would use, if anything: a slot id of
@@ -446,14 +451,14 @@ pub struct ClearDirtyLogOp {
 impl DirtyLogOp {
     /// KVM's `slot` field: `(as << 16) | id`.
     pub fn kvm_slot(&self) -> u32 {
-        (u32::from(self.as_id) << 16) | u32::from(self.id)
+        kvm_slot(self.as_id, self.id)
     }
 }
 
 impl ClearDirtyLogOp {
     /// KVM's `slot` field: `(as << 16) | id`.
     pub fn kvm_slot(&self) -> u32 {
-        (u32::from(self.as_id) << 16) | u32::from(self.id)
+        kvm_slot(self.as_id, self.id)
     }
 }
 

@@ -229,7 +229,7 @@ impl GuestMmu for RealMmu {
     }
 
     fn get_dirty_log(&self, slot: u32) -> Option<Result<Vec<u64>, String>> {
-        let (as_id, id) = (AsId((slot >> 16) as u16), SlotId(slot as u16));
+        let (as_id, id) = SlotId::split(slot);
         Some(self.vm.get_dirty_log(as_id, id).map_err(|e| e.errno().to_string()))
     }
 
@@ -240,7 +240,7 @@ impl GuestMmu for RealMmu {
         count: u32,
         bitmap: Option<&[u64]>,
     ) -> Option<Result<(), String>> {
-        let (as_id, id) = (AsId((slot >> 16) as u16), SlotId(slot as u16));
+        let (as_id, id) = SlotId::split(slot);
         let r = match bitmap {
             Some(bitmap) => self.vm.clear_dirty_log(as_id, id, first, count, bitmap),
             None => self.vm.clear_dirty_log_all(as_id, id, first, count),

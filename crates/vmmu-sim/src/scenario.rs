@@ -558,7 +558,7 @@ impl Machine for SimMachine {
             flags |= SlotRequest::READONLY;
         }
         let req = SlotRequest {
-            slot: (u32::from(op.as_id) << 16) | u32::from(op.id),
+            slot: op.kvm_slot(),
             flags,
             guest_phys_addr: op.gpa,
             memory_size: op.size,
