@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod args;
 mod bench_cmd;
 mod diff_cmd;
 mod html_report;

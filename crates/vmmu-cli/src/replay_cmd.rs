@@ -12,10 +12,10 @@
 //! checks against the recording are therefore not judged (the trace kit's status for such a
 //! capture; an oracle violation in the replay's own accesses still gives 1); else 0.
 
+use crate::args::{Format, OnOff};
 use crate::html_report::ReportFile;
 use crate::input::{shorten, Looks};
 use crate::replay_kvm;
-use crate::scenario_cmd::{FormatArg, OnOff};
 use crate::stdout::note;
 use clap::Args;
 use std::collections::BTreeMap;
@@ -43,7 +43,7 @@ pub struct ReplayArgs {
     pub no_kvm: bool,
     /// Only this MMU: the TDP MMU with EPT or NPT, or shadow paging [default: all three].
     #[arg(long, value_enum)]
-    pub format: Option<FormatArg>,
+    pub format: Option<Format>,
     /// Only this MMIO caching setting [default: both].
     #[arg(long = "mmio-caching", value_enum)]
     pub mmio_caching: Option<OnOff>,
@@ -88,11 +88,11 @@ fn configs(args: &ReplayArgs, trace: &Trace) -> Vec<ReplayConfig> {
         .into_iter()
         .filter(|c| match args.format {
             None => true,
-            Some(FormatArg::Ept) => c.mmu == MmuKind::Tdp && c.format == FormatKind::Ept,
-            Some(FormatArg::Npt) => c.mmu == MmuKind::Tdp && c.format == FormatKind::Npt,
-            Some(FormatArg::Shadow) => c.mmu == MmuKind::Shadow,
+            Some(Format::Ept) => c.mmu == MmuKind::Tdp && c.format == FormatKind::Ept,
+            Some(Format::Npt) => c.mmu == MmuKind::Tdp && c.format == FormatKind::Npt,
+            Some(Format::Shadow) => c.mmu == MmuKind::Shadow,
         })
-        .filter(|c| args.mmio_caching.is_none_or(|m| (m == OnOff::On) == c.mmio_caching))
+        .filter(|c| args.mmio_caching.is_none_or(|m| m.on() == c.mmio_caching))
         .collect()
 }
 

@@ -7,6 +7,7 @@
 //! Bad values are refused at parse time with a message naming the flag, the value and the allowed
 //! range (clap exits with status 2 for them, which is `vmmu`'s "bad arguments" status).
 
+use crate::args::{DirtyLog, Format, OnOff};
 use crate::html_report::ReportFile;
 use crate::progress::Progress;
 use crate::report_pages;
@@ -17,53 +18,9 @@ use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vmmu::bugs::BugSet;
-use vmmu::spte::FormatKind;
 use vmmu_sim::host::ReaderFenceKind;
 use vmmu_sim::options::parse_seconds;
 use vmmu_sim::{Report, RunOptions};
-
-/// The SPTE format the MMU uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Format {
-    /// Intel EPT.
-    Ept,
-    /// AMD NPT (x86 page-table entries).
-    Npt,
-    /// Shadow paging (KVM with TDP off): the MMU shadows the guest's own page tables, so the
-    /// machine's guest runs with paging (implies `--guest-paging`).
-    Shadow,
-}
-
-impl Format {
-    /// The core's format.
-    pub const fn kind(self) -> FormatKind {
-        match self {
-            Format::Ept => FormatKind::Ept,
-            Format::Npt | Format::Shadow => FormatKind::Npt,
-        }
-    }
-}
-
-/// An on/off switch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum OnOff {
-    /// On.
-    On,
-    /// Off.
-    Off,
-}
-
-/// How the migration thread of `--dirty-log` collects.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum DirtyLog {
-    /// KVM_GET_DIRTY_LOG clears and re-protects.
-    Auto,
-    /// Manual protect: KVM_GET_DIRTY_LOG, then KVM_CLEAR_DIRTY_LOG of what it returned.
-    Manual,
-    /// Manual protect with KVM_DIRTY_LOG_INITIALLY_SET (QEMU's mode): logging starts with every
-    /// page dirty and nothing write-protected; each CLEAR protects and splits what it clears.
-    InitiallySet,
-}
 
 /// The host page size behind guest RAM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -105,7 +62,8 @@ pub struct MachineArgs {
     /// How long to run, in seconds (more than 0, at most 3600).
     #[arg(long, default_value_t = 5.0, value_parser = parse_seconds)]
     pub seconds: f64,
-    /// SPTE format.
+    /// The MMU and its SPTE format (`shadow` makes the machine's guest run with paging: it implies
+    /// `--guest-paging`).
     #[arg(long, value_enum, default_value_t = Format::Ept)]
     pub format: Format,
     /// Host MAXPHYADDR in bits (36..=52).
@@ -234,11 +192,7 @@ impl RunArgs {
                 ReaderFences::Membarrier => ReaderFenceKind::Membarrier,
             },
             timeline: self.report.is_some(),
-            dirty_log: self.dirty_log.map(|m| match m {
-                DirtyLog::Auto => vmmu_sim::migration::DirtyLogMode::Auto,
-                DirtyLog::Manual => vmmu_sim::migration::DirtyLogMode::Manual,
-                DirtyLog::InitiallySet => vmmu_sim::migration::DirtyLogMode::InitiallySet,
-            }),
+            dirty_log: self.dirty_log.map(DirtyLog::machine),
             dirty_log_rounds: self.dirty_log_rounds.and_then(std::num::NonZeroU32::new),
             host_pages: match self.host_pages {
                 HostPages::Auto => vmmu_sim::HostPages::Auto,
@@ -633,7 +587,7 @@ mod tests {
         assert_eq!((o.mmio_caching, o.json, o.seed), (OnOff::Off, true, 9));
         let r = a.options(false, BugSet::NONE);
         assert!(r.stress_paths && r.slot_zap_all && !r.mmio_caching);
-        assert_eq!((r.format, r.churn), (FormatKind::Npt, Some(10)));
+        assert_eq!((r.format, r.churn), (vmmu::spte::FormatKind::Npt, Some(10)));
         assert!(r.machine_config().expect("config").stress_paths);
         assert!(parse(&["--compare-caching"]).expect("compare").opts.compare_caching);
         let fences = |args: &[&str]| {

@@ -5,13 +5,14 @@
 //! (the observations made so far are on stdout, the error naming the step on stderr) or when
 //! stdout could not take an observation (the run stops there: a reader such as `head -1` left).
 
+use crate::args::{Format, OnOff};
 use crate::stdout::note;
 use clap::{Args, ValueEnum};
 use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use vmmu_scenario::{Backend, Format, Overrides};
+use vmmu_scenario::{Backend, Overrides};
 
 /// Which machine runs the scenario.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -20,26 +21,6 @@ pub enum BackendKind {
     Sim,
     /// Real /dev/kvm.
     Kvm,
-}
-
-/// SPTE format override.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum FormatArg {
-    /// Intel EPT.
-    Ept,
-    /// AMD NPT.
-    Npt,
-    /// Shadow paging (x86 page-table SPTEs shadowing the guest's tables).
-    Shadow,
-}
-
-/// On/off switch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum OnOff {
-    /// On.
-    On,
-    /// Off.
-    Off,
 }
 
 /// Arguments of `vmmu scenario`.
@@ -54,7 +35,7 @@ pub struct ScenarioArgs {
     pub backend: BackendKind,
     /// Override the file's `format=`.
     #[arg(long, value_enum)]
-    pub format: Option<FormatArg>,
+    pub format: Option<Format>,
     /// Override the file's `mmio_caching=`.
     #[arg(long, value_enum)]
     pub mmio_caching: Option<OnOff>,
@@ -93,12 +74,8 @@ pub fn run(args: &ScenarioArgs) -> ExitCode {
         note!("vmmu scenario: {shown}: no steps (only comments or blank lines): nothing runs");
     }
     scenario.apply(&Overrides {
-        format: args.format.map(|f| match f {
-            FormatArg::Ept => Format::Ept,
-            FormatArg::Npt => Format::Npt,
-            FormatArg::Shadow => Format::Shadow,
-        }),
-        mmio_caching: args.mmio_caching.map(|m| m == OnOff::On),
+        format: args.format.map(Format::scenario),
+        mmio_caching: args.mmio_caching.map(OnOff::on),
         phys_bits: args.phys_bits,
     });
     let backend = match backend(args.backend) {

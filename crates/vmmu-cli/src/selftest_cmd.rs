@@ -8,6 +8,7 @@
 //! usable, or a test the slot cap leaves no room for, as the C test reports it, is not a
 //! failure); 1 when a test failed (the row says what was seen); 2 on bad arguments.
 
+use crate::args::DirtyLog;
 use crate::stdout::emit;
 use crate::stdout::note;
 use clap::{Args, ValueEnum};
@@ -71,29 +72,6 @@ pub enum FormatArg {
     Npt,
 }
 
-/// How dirty_log_perf_test collects.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum DirtyLogArg {
-    /// GET clears and write-protects again.
-    Auto,
-    /// Manual protect: GET, then CLEAR of what it returned.
-    Manual,
-    /// Manual protect with KVM_DIRTY_LOG_INITIALLY_SET (the C test's default where offered):
-    /// logging starts with every page dirty and nothing write-protected.
-    InitiallySet,
-}
-
-impl DirtyLogArg {
-    /// The test's collection (both sides).
-    fn protect(self) -> dlp::Protect {
-        match self {
-            DirtyLogArg::Auto => dlp::Protect::Auto,
-            DirtyLogArg::Manual => dlp::Protect::Manual,
-            DirtyLogArg::InitiallySet => dlp::Protect::InitiallySet,
-        }
-    }
-}
-
 /// Options of `vmmu selftest`.
 #[derive(Args, Debug)]
 // `--seconds -1` is a bad value (named as such), not an unknown flag `-1`.
@@ -154,8 +132,8 @@ pub struct SelftestArgs {
     /// KVM_DIRTY_LOG_INITIALLY_SET, GET then CLEAR; the C test's default), `manual` (without
     /// "initially set": enabling logging write-protects) or `auto` (its -g: GET clears and
     /// re-protects).
-    #[arg(long = "dirty-log", value_enum, default_value_t = DirtyLogArg::InitiallySet)]
-    dirty_log: DirtyLogArg,
+    #[arg(long = "dirty-log", value_enum, default_value_t = DirtyLog::InitiallySet)]
+    dirty_log: DirtyLog,
     /// Re-inject a historical KVM bug into the software machine's MMU (a build with
     /// `--features historical-bugs`): shows which selftests catch it (`--inject list` lists them).
     #[arg(long, value_name = "BUG")]
@@ -290,7 +268,7 @@ struct Plan {
     stress: stress::Params,
     dirty: dlp::Params,
     /// dirty-log-perf's collection (as `dirty.protect`), for the published figures.
-    dirty_log: DirtyLogArg,
+    dirty_log: DirtyLog,
     kvm: bool,
 }
 
@@ -458,9 +436,9 @@ fn dirty_text(d: &dlp::Outcome) -> (String, String) {
 
 /// David Matlack's eager-split figures (kvm-tests-and-figures.md §4(c) 3), for the mode run:
 /// with "initially set" the split happens in the first CLEAR, without it when logging starts.
-fn dirty_published(mode: DirtyLogArg) -> &'static str {
+fn dirty_published(mode: DirtyLog) -> &'static str {
     match mode {
-        DirtyLogArg::InitiallySet => {
+        DirtyLog::InitiallySet => {
             "96 vCPUs x 1 GiB HugeTLB, eager split, INITIALLY_SET: iteration-1 clear 1.668 s, \
              iteration-2 dirty memory 0.127 s"
         }
