@@ -19,48 +19,145 @@ use vmmu_selftest::perf::{self as perf, PerfTest, Sizes};
 use vmmu_selftest::{dirty_log_perf as dlp, set_memory_region as smr, stress, SelftestError};
 use vmmu_sim::selftest::MmuChoice;
 
-/// The tests, by name.
-const TESTS: [(&str, &str); 9] = [
-    (
-        "set-memory-region-move",
-        "set_memory_region_test MOVE: a slot the guest spins on moves away and back; never stale",
-    ),
-    (
-        "set-memory-region-delete",
-        "set_memory_region_test DELETE: delete/re-create/delete an in-use slot, then the code slot",
-    ),
-    (
-        "memslot-modification-stress",
-        "memslot_modification_stress_test: vCPUs write while a 1-page slot is added and deleted",
-    ),
-    (
-        "dirty-log-perf",
-        "dirty_log_perf_test: populate, enable dirty logging, dirty/get/clear iterations, disable",
-    ),
-    ("memslot-perf-map", "memslot_perf_test 0 map: fault-in across many slots while unmapping"),
-    ("memslot-perf-unmap", "memslot_perf_test 1 unmap: MADV_DONTNEED 4 KiB at a time"),
-    ("memslot-perf-unmap-chunked", "memslot_perf_test 2 unmap chunked: in 2 MiB chunks"),
-    (
-        "memslot-perf-move-active",
-        "memslot_perf_test 3 move active area: move the slot the guest writes (MMIO allowed)",
-    ),
-    (
-        "memslot-perf-move-inactive",
-        "memslot_perf_test 4 move inactive area: move a slot the guest does not touch",
-    ),
-];
-/// The sixth perf test (kept apart so `TESTS` reads in the C tests' order with it last).
-const RW: (&str, &str) =
-    ("memslot-perf-rw", "memslot_perf_test 5 RW: guest and host write and verify every page");
-/// Group names.
-const GROUPS: [(&str, &str); 3] = [
-    ("all", "every test"),
-    ("set-memory-region", "set-memory-region-move and -delete"),
-    ("memslot-perf", "the six memslot_perf_test tests"),
-];
+/// One test (`vmmu selftest --list` names them), in the C tests' order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Test {
+    /// set_memory_region_test MOVE.
+    SetMemoryRegionMove,
+    /// set_memory_region_test DELETE.
+    SetMemoryRegionDelete,
+    /// memslot_modification_stress_test.
+    MemslotModificationStress,
+    /// dirty_log_perf_test.
+    DirtyLogPerf,
+    /// One of memslot_perf_test's six tests.
+    MemslotPerf(PerfTest),
+}
 
-fn all_tests() -> Vec<&'static str> {
-    TESTS.iter().chain(std::iter::once(&RW)).map(|t| t.0).collect()
+impl Test {
+    /// Every test, in the C tests' order (the sixth perf test, RW, last).
+    const ALL: [Test; 10] = [
+        Test::SetMemoryRegionMove,
+        Test::SetMemoryRegionDelete,
+        Test::MemslotModificationStress,
+        Test::DirtyLogPerf,
+        Test::MemslotPerf(PerfTest::Map),
+        Test::MemslotPerf(PerfTest::Unmap),
+        Test::MemslotPerf(PerfTest::UnmapChunked),
+        Test::MemslotPerf(PerfTest::MoveActive),
+        Test::MemslotPerf(PerfTest::MoveInactive),
+        Test::MemslotPerf(PerfTest::Rw),
+    ];
+
+    /// Its name on the command line and in reports.
+    const fn name(self) -> &'static str {
+        match self {
+            Test::SetMemoryRegionMove => "set-memory-region-move",
+            Test::SetMemoryRegionDelete => "set-memory-region-delete",
+            Test::MemslotModificationStress => "memslot-modification-stress",
+            Test::DirtyLogPerf => "dirty-log-perf",
+            Test::MemslotPerf(PerfTest::Map) => "memslot-perf-map",
+            Test::MemslotPerf(PerfTest::Unmap) => "memslot-perf-unmap",
+            Test::MemslotPerf(PerfTest::UnmapChunked) => "memslot-perf-unmap-chunked",
+            Test::MemslotPerf(PerfTest::MoveActive) => "memslot-perf-move-active",
+            Test::MemslotPerf(PerfTest::MoveInactive) => "memslot-perf-move-inactive",
+            Test::MemslotPerf(PerfTest::Rw) => "memslot-perf-rw",
+        }
+    }
+
+    /// What it does (`--list`).
+    const fn description(self) -> &'static str {
+        match self {
+            Test::SetMemoryRegionMove => {
+                "set_memory_region_test MOVE: a slot the guest spins on moves away and back; \
+                 never stale"
+            }
+            Test::SetMemoryRegionDelete => {
+                "set_memory_region_test DELETE: delete/re-create/delete an in-use slot, then the \
+                 code slot"
+            }
+            Test::MemslotModificationStress => {
+                "memslot_modification_stress_test: vCPUs write while a 1-page slot is added and \
+                 deleted"
+            }
+            Test::DirtyLogPerf => {
+                "dirty_log_perf_test: populate, enable dirty logging, dirty/get/clear iterations, \
+                 disable"
+            }
+            Test::MemslotPerf(PerfTest::Map) => {
+                "memslot_perf_test 0 map: fault-in across many slots while unmapping"
+            }
+            Test::MemslotPerf(PerfTest::Unmap) => {
+                "memslot_perf_test 1 unmap: MADV_DONTNEED 4 KiB at a time"
+            }
+            Test::MemslotPerf(PerfTest::UnmapChunked) => {
+                "memslot_perf_test 2 unmap chunked: in 2 MiB chunks"
+            }
+            Test::MemslotPerf(PerfTest::MoveActive) => {
+                "memslot_perf_test 3 move active area: move the slot the guest writes (MMIO \
+                 allowed)"
+            }
+            Test::MemslotPerf(PerfTest::MoveInactive) => {
+                "memslot_perf_test 4 move inactive area: move a slot the guest does not touch"
+            }
+            Test::MemslotPerf(PerfTest::Rw) => {
+                "memslot_perf_test 5 RW: guest and host write and verify every page"
+            }
+        }
+    }
+
+    /// The memslot_perf_test test it is, if it is one.
+    const fn perf(self) -> Option<PerfTest> {
+        match self {
+            Test::MemslotPerf(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+/// A group of tests (`--list` names them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Group {
+    /// Every test.
+    All,
+    /// set-memory-region-move and -delete.
+    SetMemoryRegion,
+    /// The six memslot_perf_test tests.
+    MemslotPerf,
+}
+
+impl Group {
+    /// Every group.
+    const ALL: [Group; 3] = [Group::All, Group::SetMemoryRegion, Group::MemslotPerf];
+
+    /// Its name on the command line.
+    const fn name(self) -> &'static str {
+        match self {
+            Group::All => "all",
+            Group::SetMemoryRegion => "set-memory-region",
+            Group::MemslotPerf => "memslot-perf",
+        }
+    }
+
+    /// What it holds (`--list`).
+    const fn description(self) -> &'static str {
+        match self {
+            Group::All => "every test",
+            Group::SetMemoryRegion => "set-memory-region-move and -delete",
+            Group::MemslotPerf => "the six memslot_perf_test tests",
+        }
+    }
+
+    /// Whether `t` belongs to it.
+    const fn holds(self, t: Test) -> bool {
+        match self {
+            Group::All => true,
+            Group::SetMemoryRegion => {
+                matches!(t, Test::SetMemoryRegionMove | Test::SetMemoryRegionDelete)
+            }
+            Group::MemslotPerf => matches!(t, Test::MemslotPerf(_)),
+        }
+    }
 }
 
 /// SPTE format of the software machine.
@@ -184,7 +281,7 @@ impl Cell {
 /// One row of the table.
 #[derive(Clone, Debug)]
 struct Row {
-    test: &'static str,
+    test: Test,
     sim: Cell,
     kvm: Cell,
     /// Per-iteration time (perf tests), for the ratio.
@@ -332,23 +429,19 @@ impl SelftestArgs {
     }
 
     /// The tests named, in the C tests' order; `Err` names the unknown name.
-    fn selected(&self) -> Result<Vec<&'static str>, String> {
-        let all = all_tests();
+    fn selected(&self) -> Result<Vec<Test>, String> {
         let mut want = Vec::new();
         for n in &self.names {
-            match n.as_str() {
-                "all" => want.extend(all.iter().copied()),
-                "set-memory-region" => want.extend(all.iter().filter(|t| t.starts_with("set-"))),
-                "memslot-perf" => want.extend(all.iter().filter(|t| t.starts_with("memslot-perf"))),
-                other => match all.iter().find(|t| **t == other) {
-                    Some(t) => want.push(*t),
-                    None => {
-                        return Err(format!(
-                            "no test named {other:?}; `vmmu selftest --list` lists them: {}",
-                            all.join(", ")
-                        ))
-                    }
-                },
+            if let Some(g) = Group::ALL.into_iter().find(|g| g.name() == n) {
+                want.extend(Test::ALL.into_iter().filter(|&t| g.holds(t)));
+            } else if let Some(t) = Test::ALL.into_iter().find(|t| t.name() == n) {
+                want.push(t);
+            } else {
+                let names: Vec<&str> = Test::ALL.iter().map(|t| t.name()).collect();
+                return Err(format!(
+                    "no test named {n:?}; `vmmu selftest --list` lists them: {}",
+                    names.join(", ")
+                ));
             }
         }
         if want.is_empty() {
@@ -356,20 +449,8 @@ impl SelftestArgs {
                 "name a test or group (`vmmu selftest --list`), e.g. `vmmu selftest all`".into()
             );
         }
-        Ok(all.into_iter().filter(|t| want.contains(t)).collect())
+        Ok(Test::ALL.into_iter().filter(|t| want.contains(t)).collect())
     }
-}
-
-fn perf_test(name: &str) -> Option<PerfTest> {
-    Some(match name {
-        "memslot-perf-map" => PerfTest::Map,
-        "memslot-perf-unmap" => PerfTest::Unmap,
-        "memslot-perf-unmap-chunked" => PerfTest::UnmapChunked,
-        "memslot-perf-move-active" => PerfTest::MoveActive,
-        "memslot-perf-move-inactive" => PerfTest::MoveInactive,
-        "memslot-perf-rw" => PerfTest::Rw,
-        _ => return None,
-    })
 }
 
 /// One side's cell: the figures of a pass; a test the slot cap leaves no room for is not run;
@@ -468,7 +549,7 @@ fn smr_text(o: smr::Outcome) -> (String, String) {
 }
 
 /// Runs one test on both sides.
-fn run_one(test: &'static str, p: &Plan) -> Row {
+fn run_one(test: Test, p: &Plan) -> Row {
     let mut row = Row {
         test,
         sim: Cell::Skipped(String::new()),
@@ -478,18 +559,18 @@ fn run_one(test: &'static str, p: &Plan) -> Row {
         published: "pass/fail only".into(),
     };
     match test {
-        "set-memory-region-move" => {
+        Test::SetMemoryRegionMove => {
             row.sim =
                 cell(vmmu_sim::selftest::set_memory_region::test_move(p.loops, &p.mmu), smr_text);
         }
-        "set-memory-region-delete" => {
+        Test::SetMemoryRegionDelete => {
             row.sim =
                 cell(vmmu_sim::selftest::set_memory_region::test_delete(p.loops, &p.mmu), smr_text);
         }
-        "memslot-modification-stress" => {
+        Test::MemslotModificationStress => {
             row.sim = cell(vmmu_sim::selftest::stress::run(&p.stress, &p.mmu), stress_text);
         }
-        "dirty-log-perf" => {
+        Test::DirtyLogPerf => {
             row.published = dirty_published(p.dirty_log).into();
             let r = vmmu_sim::selftest::dirty_log_perf::run(&p.dirty, &p.mmu);
             if let Ok(o) = &r {
@@ -497,15 +578,13 @@ fn run_one(test: &'static str, p: &Plan) -> Row {
             }
             row.sim = cell(r, |o| dirty_text(&o));
         }
-        name => {
-            if let Some(t) = perf_test(name) {
-                let r = vmmu_sim::selftest::perf::run(t, &p.perf, &p.mmu);
-                if let Ok(o) = &r {
-                    row.sim_iter = o.per_iteration;
-                    row.published = published(t, o.slots);
-                }
-                row.sim = cell(r, perf_text);
+        Test::MemslotPerf(t) => {
+            let r = vmmu_sim::selftest::perf::run(t, &p.perf, &p.mmu);
+            if let Ok(o) = &r {
+                row.sim_iter = o.per_iteration;
+                row.published = published(t, o.slots);
             }
+            row.sim = cell(r, perf_text);
         }
     }
     if p.kvm {
@@ -518,20 +597,19 @@ fn run_one(test: &'static str, p: &Plan) -> Row {
 fn run_kvm(row: &mut Row, p: &Plan) {
     use vmmu_kvm::selftest::{dirty_log_perf as kdlp, perf as kp, set_memory_region as ksmr};
     row.kvm = match row.test {
-        "set-memory-region-move" => cell(ksmr::test_move(p.loops), smr_text),
-        "set-memory-region-delete" => cell(ksmr::test_delete(p.loops), smr_text),
-        "memslot-modification-stress" => {
+        Test::SetMemoryRegionMove => cell(ksmr::test_move(p.loops), smr_text),
+        Test::SetMemoryRegionDelete => cell(ksmr::test_delete(p.loops), smr_text),
+        Test::MemslotModificationStress => {
             cell(vmmu_kvm::selftest::stress::run(&p.stress), stress_text)
         }
-        "dirty-log-perf" => {
+        Test::DirtyLogPerf => {
             let r = kdlp::run(&p.dirty);
             if let Ok(o) = &r {
                 row.kvm_iter = Some(dlp::mean(&o.dirty));
             }
             cell(r, |o| dirty_text(&o))
         }
-        name => {
-            let Some(t) = perf_test(name) else { return };
+        Test::MemslotPerf(t) => {
             let r = kp::run(t, &p.perf);
             if let Ok(o) = &r {
                 row.kvm_iter = o.per_iteration;
@@ -561,7 +639,7 @@ fn table(rows: &[Row]) -> String {
                 }
                 _ => "-".into(),
             };
-            [r.test.to_string(), r.sim.short(), r.kvm.short(), ratio, r.published.clone()]
+            [r.test.name().to_string(), r.sim.short(), r.kvm.short(), ratio, r.published.clone()]
         })
         .collect();
     let mut w = head.map(str::len);
@@ -593,7 +671,7 @@ fn table(rows: &[Row]) -> String {
             // Neither side ran it (the slot cap, no /dev/kvm): nothing passed.
             "NOT RUN"
         };
-        out.push_str(&format!("{verdict} {}\n", r.test));
+        out.push_str(&format!("{verdict} {}\n", r.test.name()));
         out.push_str(&format!("  vmmu (sim): {}\n", r.sim.text()));
         out.push_str(&format!("  KVM:        {}\n", r.kvm.text()));
     }
@@ -603,12 +681,12 @@ fn table(rows: &[Row]) -> String {
 /// The list of tests and groups.
 fn list() -> String {
     let mut out = String::from("tests:\n");
-    for (n, d) in TESTS.iter().chain(std::iter::once(&RW)) {
-        out.push_str(&format!("  {n:<30} {d}\n"));
+    for t in Test::ALL {
+        out.push_str(&format!("  {:<30} {}\n", t.name(), t.description()));
     }
     out.push_str("groups:\n");
-    for (n, d) in GROUPS {
-        out.push_str(&format!("  {n:<30} {d}\n"));
+    for g in Group::ALL {
+        out.push_str(&format!("  {:<30} {}\n", g.name(), g.description()));
     }
     out
 }
@@ -616,9 +694,9 @@ fn list() -> String {
 /// The list of tests and groups as JSON (`--list --json`): `{"tests":[{"name","description"}],
 /// "groups":[...]}`.
 fn list_json() -> String {
-    let entry = |(n, d): &(&str, &str)| serde_json::json!({ "name": n, "description": d });
-    let tests: Vec<_> = TESTS.iter().chain(std::iter::once(&RW)).map(entry).collect();
-    let groups: Vec<_> = GROUPS.iter().map(entry).collect();
+    let entry = |n: &str, d: &str| serde_json::json!({ "name": n, "description": d });
+    let tests: Vec<_> = Test::ALL.iter().map(|t| entry(t.name(), t.description())).collect();
+    let groups: Vec<_> = Group::ALL.iter().map(|g| entry(g.name(), g.description())).collect();
     format!("{:#}\n", serde_json::json!({ "tests": tests, "groups": groups }))
 }
 
@@ -644,7 +722,7 @@ pub fn run(args: &SelftestArgs) -> ExitCode {
         }
     };
     let plan = match args
-        .plan(tests.contains(&"memslot-modification-stress"), tests.contains(&"dirty-log-perf"))
+        .plan(tests.contains(&Test::MemslotModificationStress), tests.contains(&Test::DirtyLogPerf))
     {
         Ok(p) => p,
         Err(e) => {
@@ -655,7 +733,7 @@ pub fn run(args: &SelftestArgs) -> ExitCode {
     let mut rows = Vec::new();
     for t in tests {
         if !args.json {
-            note!("vmmu selftest: running {t}...");
+            note!("vmmu selftest: running {}...", t.name());
         }
         rows.push(run_one(t, &plan));
     }
@@ -664,7 +742,7 @@ pub fn run(args: &SelftestArgs) -> ExitCode {
             .iter()
             .map(|r| {
                 serde_json::json!({
-                    "test": r.test,
+                    "test": r.test.name(),
                     "sim": { "status": r.sim.status(), "detail": r.sim.text() },
                     "kvm": { "status": r.kvm.status(), "detail": r.kvm.text() },
                     "sim_ns_per_iteration": r.sim_iter.map(|d| d.as_nanos() as u64),
@@ -680,7 +758,7 @@ pub fn run(args: &SelftestArgs) -> ExitCode {
             .zip(PUBLISHED_SETUP)
             .map(|(n, s)| format!("{n}: {}", secs(Duration::from_secs_f64(s))))
             .collect();
-        if rows.iter().any(|r| perf_test(r.test).is_some()) {
+        if rows.iter().any(|r| r.test.perf().is_some()) {
             format!(
                 "{}published slot setup (adding all slots, whole test area): {}\n",
                 table(&rows),
