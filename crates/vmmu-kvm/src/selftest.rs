@@ -512,7 +512,7 @@ impl SyncArea {
 pub mod perf {
     use super::*;
 
-    use vmmu_selftest::perf::{host_loop, PerfHost};
+    use vmmu_selftest::perf::{host_loop, PerfHost, SlotLayout};
     pub use vmmu_selftest::perf::{
         Outcome, Params, PerfTest, MEM_GPA, MEM_TEST_GPA, MEM_TEST_MOVE_SIZE_PAGES,
         MEM_TEST_UNMAP_CHUNK_PAGES, MEM_TEST_VAL_1, MEM_TEST_VAL_2,
@@ -529,9 +529,8 @@ pub mod perf {
         // Drop order: the VM before the test memory.
         t: TestVm,
         mem: Mapping,
-        nslots: u64,
-        npages: u64,
-        pps: u64,
+        /// The test slots (`1..=nslots`).
+        layout: SlotLayout,
     }
 
     impl Vm {
@@ -544,35 +543,21 @@ pub mod perf {
                 id
             }
         }
-        fn slot_gpa(&self, k: u64) -> u64 {
-            MEM_GPA + (k - 1) * self.pps * PAGE
-        }
-        fn slot_pages(&self, k: u64) -> u64 {
-            if k == self.nslots {
-                self.npages - (k - 1) * self.pps
-            } else {
-                self.pps
-            }
-        }
         fn set(&self, k: u64, gpa: u64) -> Result<()> {
-            let off = self.slot_gpa(k) - MEM_GPA;
-            // SAFETY: the slots tile `mem` (`slot_gpa`, `slot_pages`), a field of `Vm` after `t`
+            let off = self.layout.slot_gpa(k) - MEM_GPA;
+            // SAFETY: the slots tile `mem` (`SlotLayout`), a field of `Vm` after `t`
             // (field order: dropped after the VM).
             unsafe {
-                self.t.set_region(Vm::id(k), gpa, self.slot_pages(k) * PAGE, self.mem.addr() + off)
+                let size = self.layout.slot_pages(k) * PAGE;
+                self.t.set_region(Vm::id(k), gpa, size, self.mem.addr() + off)
             }
         }
         /// `MADV_DONTNEED` of `count` test pages from `first`, one call per slot piece.
         fn unmap(&self, first: u64, count: u64) -> Result<()> {
-            let (start, end) = (MEM_TEST_GPA + first * PAGE, MEM_TEST_GPA + (first + count) * PAGE);
-            let mut gpa = start;
-            while gpa < end {
-                let k = ((gpa - MEM_GPA) / PAGE / self.pps + 1).min(self.nslots);
-                let piece_end = (self.slot_gpa(k) + self.slot_pages(k) * PAGE).min(end);
+            for (gpa, end) in self.layout.pieces(first, count) {
                 self.mem
-                    .dontneed((gpa - MEM_GPA) as usize, (piece_end - gpa) as usize)
+                    .dontneed((gpa - MEM_GPA) as usize, (end - gpa) as usize)
                     .map_err(|e| failed(format!("madvise(MADV_DONTNEED) at gpa {gpa:#x}: {e}")))?;
-                gpa = piece_end;
             }
             Ok(())
         }
@@ -581,19 +566,12 @@ pub mod perf {
     fn prepare(cap: Option<u32>, mempages: u64) -> Result<(Vm, Duration)> {
         let t = TestVm::new()?;
         let max = t.nr_memslots().min(cap.map_or(u64::MAX, u64::from));
-        if max <= 1 {
-            return Err(failed("the slot cap must be above 1"));
-        }
-        let nslots = max - 1;
-        let pps = mempages / nslots;
-        if pps == 0 {
-            return Err(SelftestError::TooManySlots { max: mempages + 1 });
-        }
+        let layout = SlotLayout::new(max, mempages)?;
         let mem = Mapping::new((mempages * PAGE) as usize).map_err(failed)?;
-        let vm = Vm { t, mem, nslots, npages: mempages, pps };
+        let vm = Vm { t, mem, layout };
         let t0 = Instant::now();
-        for k in 1..=nslots {
-            vm.set(k, vm.slot_gpa(k))?;
+        for k in 1..=layout.nslots {
+            vm.set(k, layout.slot_gpa(k))?;
         }
         Ok((vm, t0.elapsed()))
     }
@@ -614,23 +592,10 @@ pub mod perf {
         let failure: Mutex<Option<SelftestError>> = Mutex::new(None);
         let mut nloops = 0u64;
         let mut runtime = Duration::ZERO;
-        let last = vm.nslots;
-        let src = vm.slot_gpa(last);
-        let mut move_base = 0;
-        let mut mmio_range = None;
-        if let PerfTest::MoveActive | PerfTest::MoveInactive = test.kind {
-            let active = test.kind == PerfTest::MoveActive;
-            if last < 2 {
-                return Err(SelftestError::MoveNeedsTwoSlots);
-            }
-            if active && vm.slot_pages(last) < MEM_TEST_MOVE_SIZE_PAGES / 2 {
-                return Err(SelftestError::MoveSlotTooSmall { pages: vm.slot_pages(last) });
-            }
-            move_base = src - MEM_TEST_MOVE_SIZE_PAGES * PAGE / if active { 2 } else { 1 };
-            if active {
-                mmio_range = Some(src..=src + MEM_TEST_MOVE_SIZE_PAGES * PAGE / 2 - 1);
-            }
-        }
+        let (move_base, mmio_range) = match vm.layout.move_window(test.kind)? {
+            Some(w) => (w.base, w.mmio),
+            None => (0, None),
+        };
         vm.t.own.store_u64(EXIT_FLAG_GPA as usize, 0);
         let host_res = std::thread::scope(|s| {
             let guest = s.spawn(|| {
@@ -661,8 +626,8 @@ pub mod perf {
         }
         host_res?;
         Ok(Outcome {
-            slots: (vm.nslots + 1) as u32,
-            pages_per_slot: vm.pps,
+            slots: (vm.layout.nslots + 1) as u32,
+            pages_per_slot: vm.layout.pages_per_slot,
             slot_setup,
             iterations: nloops,
             per_iteration: (nloops > 0).then(|| runtime / nloops as u32),
@@ -695,8 +660,8 @@ pub mod perf {
         }
 
         fn place_last_slot(&self, gpa: Option<u64>) -> Result<()> {
-            let last = self.vm.nslots;
-            self.vm.set(last, gpa.unwrap_or_else(|| self.vm.slot_gpa(last)))
+            let last = self.vm.layout.nslots;
+            self.vm.set(last, gpa.unwrap_or_else(|| self.vm.layout.slot_gpa(last)))
         }
     }
 

@@ -66,6 +66,102 @@ impl PerfTest {
     }
 }
 
+/// How both sides cut the test memory into slots, as the C test does: one slot of the cap is
+/// the guest's own, the other `nslots` tile the memory from [`MEM_GPA`], `pages_per_slot` pages
+/// each and the rest in the last one. Test slots are numbered `1..=nslots`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotLayout {
+    /// Test slots.
+    pub nslots: u64,
+    /// Pages of test memory (the sync page included).
+    pub npages: u64,
+    /// Pages of every slot but the last.
+    pub pages_per_slot: u64,
+}
+
+/// Where the move tests move the last slot to, and what the guest may see meanwhile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MoveWindow {
+    /// The GPA the last slot moves to and back from.
+    pub base: u64,
+    /// Move active area: the GPAs whose writes may exit as MMIO while the slot is away (the C
+    /// test's `mmio_ok`); `None` for move inactive area.
+    pub mmio: Option<core::ops::RangeInclusive<u64>>,
+}
+
+impl SlotLayout {
+    /// The layout of `mempages` pages under a cap of `max` slots (the guest's own included).
+    /// `Err` when no slot is left for the memory, or when the memory leaves slots without a
+    /// page (the C test skips: [`crate::SelftestError::TooManySlots`]).
+    pub fn new(max: u64, mempages: u64) -> crate::Result<SlotLayout> {
+        if max <= 1 {
+            return Err(crate::SelftestError::Setup("the slot cap must be above 1".into()));
+        }
+        let nslots = max - 1;
+        let pages_per_slot = mempages / nslots;
+        if pages_per_slot == 0 {
+            return Err(crate::SelftestError::TooManySlots { max: mempages + 1 });
+        }
+        Ok(SlotLayout { nslots, npages: mempages, pages_per_slot })
+    }
+
+    /// The GPA test slot `k` (1-based) starts at in the layout.
+    pub fn slot_gpa(&self, k: u64) -> u64 {
+        MEM_GPA + (k - 1) * self.pages_per_slot * PAGE
+    }
+
+    /// The pages of test slot `k` (the last takes what the others leave).
+    pub fn slot_pages(&self, k: u64) -> u64 {
+        if k == self.nslots {
+            self.npages - (k - 1) * self.pages_per_slot
+        } else {
+            self.pages_per_slot
+        }
+    }
+
+    /// The GPA ranges `[start, end)` of the test pages `first..first + count`, cut at slot
+    /// boundaries (the C test's unmap makes one `MADV_DONTNEED` per piece).
+    pub fn pieces(&self, first: u64, count: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let end = MEM_TEST_GPA + (first + count) * PAGE;
+        let mut gpa = MEM_TEST_GPA + first * PAGE;
+        core::iter::from_fn(move || {
+            if gpa >= end {
+                return None;
+            }
+            let k = ((gpa - MEM_GPA) / PAGE / self.pages_per_slot + 1).min(self.nslots);
+            let piece = (gpa, (self.slot_gpa(k) + self.slot_pages(k) * PAGE).min(end));
+            gpa = piece.1;
+            Some(piece)
+        })
+    }
+
+    /// The move tests' window for `test` (`None` for the other tests): the last slot moves
+    /// below itself by the window (move inactive area) or by half of it, so that the guest's
+    /// writes to the slot's first half exit as MMIO meanwhile (move active area). `Err` when
+    /// the layout has no room for it (the C test skips).
+    pub fn move_window(&self, test: PerfTest) -> crate::Result<Option<MoveWindow>> {
+        let active = match test {
+            PerfTest::MoveActive => true,
+            PerfTest::MoveInactive => false,
+            _ => return Ok(None),
+        };
+        if self.nslots < 2 {
+            return Err(crate::SelftestError::MoveNeedsTwoSlots);
+        }
+        let last = self.nslots;
+        if active && self.slot_pages(last) < MEM_TEST_MOVE_SIZE_PAGES / 2 {
+            return Err(crate::SelftestError::MoveSlotTooSmall { pages: self.slot_pages(last) });
+        }
+        let src = self.slot_gpa(last);
+        let half = MEM_TEST_MOVE_SIZE_PAGES * PAGE / 2;
+        Ok(Some(if active {
+            MoveWindow { base: src - half, mmio: Some(src..=src + half - 1) }
+        } else {
+            MoveWindow { base: src - 2 * half, mmio: None }
+        }))
+    }
+}
+
 /// Memory sizes: the C test's, or scaled down by `2^shift` for quick runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sizes {
@@ -253,6 +349,49 @@ pub fn best_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slot_layout_tiles_the_memory_and_cuts_pieces_at_slot_edges() {
+        // 3 test slots over 10 pages: 3, 3 and the last 4.
+        let l = SlotLayout::new(4, 10).expect("room");
+        assert_eq!((l.nslots, l.pages_per_slot), (3, 3));
+        assert_eq!((l.slot_gpa(1), l.slot_gpa(3)), (MEM_GPA, MEM_GPA + 6 * PAGE));
+        assert_eq!((l.slot_pages(2), l.slot_pages(3)), (3, 4));
+        let total: u64 = (1..=l.nslots).map(|k| l.slot_pages(k)).sum();
+        assert_eq!(total, 10, "the slots tile the memory");
+        // Test pages 1..6 (gpa pages 2..7: the sync page is gpa page 0) span slots 1, 2 and 3.
+        let pieces: Vec<_> = l.pieces(1, 5).collect();
+        let at = |p: u64| MEM_GPA + p * PAGE;
+        assert_eq!(pieces, vec![(at(2), at(3)), (at(3), at(6)), (at(6), at(7))]);
+        assert_eq!(l.pieces(0, 0).count(), 0);
+        assert!(matches!(SlotLayout::new(1, 10), Err(crate::SelftestError::Setup(_))));
+        assert!(matches!(
+            SlotLayout::new(12, 10),
+            Err(crate::SelftestError::TooManySlots { max: 11 })
+        ));
+    }
+
+    #[test]
+    fn move_window_lies_below_the_last_slot() {
+        let l = SlotLayout::new(3, 200).expect("room");
+        let src = l.slot_gpa(2);
+        let half = MEM_TEST_MOVE_SIZE_PAGES * PAGE / 2;
+        let active = l.move_window(PerfTest::MoveActive).expect("room").expect("a move test");
+        assert_eq!(active, MoveWindow { base: src - half, mmio: Some(src..=src + half - 1) });
+        let inactive = l.move_window(PerfTest::MoveInactive).expect("room").expect("a move test");
+        assert_eq!(inactive, MoveWindow { base: src - 2 * half, mmio: None });
+        assert_eq!(l.move_window(PerfTest::Map).expect("not a move test"), None);
+        let one = SlotLayout::new(2, 200).expect("room");
+        assert!(matches!(
+            one.move_window(PerfTest::MoveInactive),
+            Err(crate::SelftestError::MoveNeedsTwoSlots)
+        ));
+        let small = SlotLayout::new(11, 200).expect("room"); // 10 slots of 20 pages
+        assert!(matches!(
+            small.move_window(PerfTest::MoveActive),
+            Err(crate::SelftestError::MoveSlotTooSmall { pages: 20 })
+        ));
+    }
 
     #[test]
     fn sizes_scale_and_count_pages_as_the_c_test() {

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vmmu::memslot::KVM_USER_MEM_SLOTS;
 use vmmu::types::Hva;
-use vmmu_selftest::perf::{host_loop, PerfHost};
+use vmmu_selftest::perf::{host_loop, PerfHost, SlotLayout};
 
 pub use vmmu_selftest::perf::{
     Outcome, Params, PerfTest, Sizes, DEFAULT_SECONDS, MEM_GPA, MEM_SIZE, MEM_SIZE_MAP,
@@ -84,10 +84,8 @@ struct Vm {
     host: Arc<SimHost>,
     mmu: RealMmu,
     mem: Arc<HostBuffer>,
-    /// Test slots (ids 1..=nslots).
-    nslots: u64,
-    npages: u64,
-    pages_per_slot: u64,
+    /// The test slots (ids `1..=nslots`).
+    layout: SlotLayout,
 }
 
 impl Vm {
@@ -95,49 +93,29 @@ impl Vm {
         self.mem.hva().raw() + (gpa - MEM_GPA)
     }
 
-    fn slot_gpa(&self, slot: u64) -> u64 {
-        MEM_GPA + (slot - 1) * self.pages_per_slot * PAGE
-    }
-
-    fn slot_pages(&self, slot: u64) -> u64 {
-        if slot == self.nslots {
-            self.npages - (slot - 1) * self.pages_per_slot
-        } else {
-            self.pages_per_slot
-        }
-    }
-
     fn slot_request(&self, slot: u64, gpa: u64) -> SlotRequest {
         SlotRequest {
             slot: slot as u32,
             flags: 0,
             guest_phys_addr: gpa,
-            memory_size: self.slot_pages(slot) * PAGE,
-            userspace_addr: self.hva(self.slot_gpa(slot)),
+            memory_size: self.layout.slot_pages(slot) * PAGE,
+            userspace_addr: self.hva(self.layout.slot_gpa(slot)),
         }
     }
 
     /// `MADV_DONTNEED` of `count` pages from test page `first`, cut at slot boundaries as the C
     /// test does (one call per slot piece): an invalidation each, the used words zeroed.
     fn unmap(&self, first: u64, count: u64) -> Result<()> {
-        let start = MEM_TEST_GPA + first * PAGE;
-        let end = start + count * PAGE;
-        let mut gpa = start;
-        while gpa < end {
-            let slot = ((gpa - MEM_GPA) / PAGE / self.pages_per_slot + 1).min(self.nslots);
-            let slot_end = self.slot_gpa(slot) + self.slot_pages(slot) * PAGE;
-            let piece_end = slot_end.min(end);
-            let (hs, he) = (self.hva(gpa), self.hva(piece_end));
+        for (start, end) in self.layout.pieces(first, count) {
+            let (hs, he) = (self.hva(start), self.hva(end));
             let mut zeroed = Ok(());
-            let piece = gpa;
             let taken = self.mmu.invalidate_hva_range(Hva(hs), Hva(he), &mut || {
-                zeroed = self.zero(piece, piece_end);
+                zeroed = self.zero(start, end);
             });
             if !taken {
-                zeroed = self.zero(piece, piece_end);
+                zeroed = self.zero(start, end);
             }
             zeroed?;
-            gpa = piece_end;
         }
         Ok(())
     }
@@ -158,14 +136,7 @@ impl Vm {
 fn prepare(cap: Option<u32>, mempages: u64, m: &MmuChoice) -> Result<(Vm, Duration)> {
     let max =
         u64::from(cap.unwrap_or(u32::from(KVM_USER_MEM_SLOTS)).min(u32::from(KVM_USER_MEM_SLOTS)));
-    if max <= 1 {
-        return Err(setup("the slot cap must be above 1"));
-    }
-    let nslots = max - 1;
-    let pages_per_slot = mempages / nslots;
-    if pages_per_slot == 0 {
-        return Err(SelftestError::TooManySlots { max: mempages + 1 });
-    }
+    let layout = SlotLayout::new(max, mempages)?;
     let host = Arc::new(
         SimHost::new(HostConfig { max_frames: mempages + (1 << 18), ..HostConfig::new(46) })
             .map_err(setup)?,
@@ -181,10 +152,10 @@ fn prepare(cap: Option<u32>, mempages: u64, m: &MmuChoice) -> Result<(Vm, Durati
         userspace_addr: code.hva().raw(),
     };
     mmu.set_memory_region(&code_slot).map_err(setup)?;
-    let vm = Vm { host, mmu, mem, nslots, npages: mempages, pages_per_slot };
+    let vm = Vm { host, mmu, mem, layout };
     let t = Instant::now();
-    for slot in 1..=nslots {
-        vm.mmu.set_memory_region(&vm.slot_request(slot, vm.slot_gpa(slot))).map_err(setup)?;
+    for slot in 1..=layout.nslots {
+        vm.mmu.set_memory_region(&vm.slot_request(slot, layout.slot_gpa(slot))).map_err(setup)?;
     }
     Ok((vm, t.elapsed()))
 }
@@ -208,19 +179,10 @@ fn run_once(test: PerfTest, p: &Params, m: &MmuChoice) -> Result<Outcome> {
     let sync = SyncArea::default();
     let mut mmio = MmioOk { ok: false, min: 0, max: 0 };
     let mut move_base = 0;
-    if matches!(test, PerfTest::MoveActive | PerfTest::MoveInactive) {
-        if vm.nslots < 2 {
-            return Err(SelftestError::MoveNeedsTwoSlots);
-        }
-        let src = vm.slot_gpa(vm.nslots);
-        let active = test == PerfTest::MoveActive;
-        if active && vm.slot_pages(vm.nslots) < MEM_TEST_MOVE_SIZE_PAGES / 2 {
-            return Err(SelftestError::MoveSlotTooSmall { pages: vm.slot_pages(vm.nslots) });
-        }
-        move_base = src - MEM_TEST_MOVE_SIZE_PAGES * PAGE / if active { 2 } else { 1 };
-        if active {
-            mmio =
-                MmioOk { ok: true, min: src, max: src + MEM_TEST_MOVE_SIZE_PAGES * PAGE / 2 - 1 };
+    if let Some(w) = vm.layout.move_window(test)? {
+        move_base = w.base;
+        if let Some(r) = w.mmio {
+            mmio = MmioOk { ok: true, min: *r.start(), max: *r.end() };
         }
     }
     let sizes = p.sizes;
@@ -257,8 +219,8 @@ fn run_once(test: PerfTest, p: &Params, m: &MmuChoice) -> Result<Outcome> {
     }
     host_result?;
     Ok(Outcome {
-        slots: (vm.nslots + 1) as u32,
-        pages_per_slot: vm.pages_per_slot,
+        slots: (vm.layout.nslots + 1) as u32,
+        pages_per_slot: vm.layout.pages_per_slot,
         slot_setup,
         iterations: nloops,
         per_iteration: (nloops > 0).then(|| guest_runtime / nloops as u32),
@@ -290,8 +252,8 @@ impl PerfHost for Host<'_> {
     }
 
     fn place_last_slot(&self, gpa: Option<u64>) -> Result<()> {
-        let last = self.vm.nslots;
-        let gpa = gpa.unwrap_or_else(|| self.vm.slot_gpa(last));
+        let last = self.vm.layout.nslots;
+        let gpa = gpa.unwrap_or_else(|| self.vm.layout.slot_gpa(last));
         self.vm.mmu.set_memory_region(&self.vm.slot_request(last, gpa)).map_err(setup)
     }
 }
