@@ -32,7 +32,8 @@ use serde::Serialize;
 use std::alloc::{self, Layout};
 use std::sync::{Arc, Mutex, RwLock};
 use vmmu::host::{
-    FrameAllocator, GuestMemory, HostFault, HostMemory, HostPage, TableEntries, ENTRIES_PER_TABLE,
+    FrameAllocator, GuestMemory, HostAccess, HostFault, HostMemory, HostPage, TableEntries,
+    ENTRIES_PER_TABLE,
 };
 use vmmu::types::{Hva, Level, Pfn, PAGE_SIZE};
 
@@ -815,7 +816,8 @@ fn zeroed_atomics(n: usize) -> Box<[AtomicU64]> {
 }
 
 impl HostMemory for SimHost {
-    fn translate(&self, hva: Hva, write: bool) -> Result<HostPage, HostFault> {
+    fn translate(&self, hva: Hva, access: HostAccess) -> Result<HostPage, HostFault> {
+        let write = access == HostAccess::Write;
         let slow = self.slow_ns.load(Ordering::Relaxed);
         if slow != 0
             && (self.slow_start.load(Ordering::Relaxed)..self.slow_end.load(Ordering::Relaxed))
@@ -1098,18 +1100,18 @@ mod tests {
         assert_eq!(big.first_pfn().expect("contiguous").0 % PAGES_PER_2M, 0);
         assert_eq!(big.read(0x1234 & !7, Width::W8), Ok(0));
         for (off, want_level) in [(0, Level::L2M), (SIZE_2M + 0x5123, Level::L2M)] {
-            let p = h.translate(Hva(big.hva().0 + off), false).expect("mapped");
+            let p = h.translate(Hva(big.hva().0 + off), HostAccess::Read).expect("mapped");
             assert_eq!(p.pfn, Pfn(big.first_pfn().expect("contiguous").0 + off / PAGE_SIZE));
             assert_eq!(p.level, want_level);
             let page = h.ram_page(p.pfn).expect("ram frame");
             assert_eq!(page.as_ptr() as u64, (big.hva().0 + off) & !(PAGE_SIZE - 1));
         }
-        assert_eq!(h.translate(small.hva(), true).map(|p| p.level), Ok(Level::L4K));
+        assert_eq!(h.translate(small.hva(), HostAccess::Write).map(|p| p.level), Ok(Level::L4K));
         let outside = Hva(small.hva().0 + small.len());
         if !big.contains(outside) {
-            assert_eq!(h.translate(outside, false), Err(HostFault::Unmapped(outside)));
+            assert_eq!(h.translate(outside, HostAccess::Read), Err(HostFault::Unmapped(outside)));
         }
-        assert_eq!(h.translate(Hva(8), false), Err(HostFault::Unmapped(Hva(8))));
+        assert_eq!(h.translate(Hva(8), HostAccess::Read), Err(HostFault::Unmapped(Hva(8))));
     }
 
     #[test]
@@ -1122,9 +1124,9 @@ mod tests {
         .expect("host");
         let b = h.add_buffer("b", 4 * PAGE_SIZE).expect("b");
         let at = |page: u64| Hva(b.hva().0 + page * PAGE_SIZE + 8);
-        let writable = |page| h.translate(at(page), false).map(|p| p.writable);
+        let writable = |page| h.translate(at(page), HostAccess::Read).map(|p| p.writable);
         assert_eq!(writable(0), Ok(false), "a page nobody wrote is the zero page");
-        assert_eq!(h.translate(at(0), true).map(|p| p.writable), Ok(true));
+        assert_eq!(h.translate(at(0), HostAccess::Write).map(|p| p.writable), Ok(true));
         assert_eq!(writable(0), Ok(true), "written through a write translation");
         assert!(h.host_wrote(at(2), 8), "the first write replaces the zero page");
         assert!(!h.host_wrote(at(2), 8), "later writes do not");
@@ -1132,7 +1134,7 @@ mod tests {
         // Untracked hosts: every read of a writable buffer is writable.
         let u = host(40);
         let d = u.add_buffer("d", PAGE_SIZE).expect("d");
-        assert_eq!(u.translate(d.hva(), false).map(|p| p.writable), Ok(true));
+        assert_eq!(u.translate(d.hva(), HostAccess::Read).map(|p| p.writable), Ok(true));
     }
 
     #[test]
@@ -1166,22 +1168,28 @@ mod tests {
         assert_eq!(big.first_pfn(), None);
         let at = |b: &HostBuffer, page: u64| Hva(b.hva().0 + page * PAGE_SIZE + 8);
         let last = (1 << 34) / PAGE_SIZE - 1;
-        let p = h.translate(at(&big, last), true).expect("mapped");
+        let p = h.translate(at(&big, last), HostAccess::Write).expect("mapped");
         assert_eq!(p.level, Level::L4K, "lazy frames are never a 2 MiB block");
-        assert_eq!(h.translate(at(&big, last), false).map(|q| q.pfn), Ok(p.pfn), "kept");
+        assert_eq!(h.translate(at(&big, last), HostAccess::Read).map(|q| q.pfn), Ok(p.pfn), "kept");
         let page = h.ram_page(p.pfn).expect("ram frame");
         assert_eq!(page.as_ptr() as u64, big.hva().0 + last * PAGE_SIZE);
-        let q = h.translate(at(&alias, 512), false).expect("mapped");
+        let q = h.translate(at(&alias, 512), HostAccess::Read).expect("mapped");
         assert_ne!(q.pfn, p.pfn);
         assert_eq!(q.level, Level::L4K);
         let t = h.alloc_table(0).expect("table");
         assert!(t != p.pfn && t != q.pfn, "tables and RAM share the frame space");
         // Frames 1..8: three taken, four left; then translations of new pages fail.
         for i in 0..4 {
-            assert!(h.translate(at(&big, i), false).is_ok());
+            assert!(h.translate(at(&big, i), HostAccess::Read).is_ok());
         }
-        assert_eq!(h.translate(at(&big, 9), false), Err(HostFault::Unmapped(at(&big, 9))));
-        assert!(h.translate(at(&big, last), false).is_ok(), "a page with a frame keeps it");
+        assert_eq!(
+            h.translate(at(&big, 9), HostAccess::Read),
+            Err(HostFault::Unmapped(at(&big, 9)))
+        );
+        assert!(
+            h.translate(at(&big, last), HostAccess::Read).is_ok(),
+            "a page with a frame keeps it"
+        );
     }
 
     #[test]
@@ -1193,7 +1201,7 @@ mod tests {
         for (i, b) in bufs.iter().enumerate() {
             let (found, off) = h.locate(Hva(b.hva().0 + 8)).expect("found");
             assert_eq!((found.index(), off), (i, 8));
-            assert!(h.translate(Hva(b.hva().0 + 0xff8), false).is_ok());
+            assert!(h.translate(Hva(b.hva().0 + 0xff8), HostAccess::Read).is_ok());
         }
         // By name and in creation order, and a name taken stays taken.
         assert!(bufs.iter().all(|b| h.buffer(&b.name).is_some_and(|f| Arc::ptr_eq(&f, b))));
@@ -1223,8 +1231,8 @@ mod tests {
         let h = host(40);
         let b = h.add_buffer("ro", 4096).expect("ro");
         b.set_host_writable(false);
-        assert_eq!(h.translate(b.hva(), true), Err(HostFault::Protected(b.hva())));
-        assert!(!h.translate(b.hva(), false).expect("read").writable);
+        assert_eq!(h.translate(b.hva(), HostAccess::Write), Err(HostFault::Protected(b.hva())));
+        assert!(!h.translate(b.hva(), HostAccess::Read).expect("read").writable);
     }
 
     #[test]

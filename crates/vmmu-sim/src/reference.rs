@@ -21,7 +21,7 @@ use crate::slots::SlotTable;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
-use vmmu::host::HostMemory;
+use vmmu::host::{HostAccess, HostMemory};
 use vmmu::memslot::MemslotError;
 use vmmu::types::{Gpa, Hva, Level};
 
@@ -118,7 +118,8 @@ impl GuestMmu for ReferenceMmu {
             return Translation::Retry;
         }
         drop(invalidating);
-        match self.host.translate(Hva(hva), write) {
+        let want = if write { HostAccess::Write } else { HostAccess::Read };
+        match self.host.translate(Hva(hva), want) {
             Ok(p) => Translation::Ram {
                 pfn: p.pfn,
                 writable: p.writable && !slot.readonly(),

@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use vmmu::fault::{EmulateSource, FaultOutcome};
 use vmmu::host::{
-    FrameAllocator, HostFault, HostMemory, HostPage, Sched, TableEntries, ENTRIES_PER_TABLE,
+    FrameAllocator, HostAccess, HostFault, HostMemory, HostPage, Sched, TableEntries,
+    ENTRIES_PER_TABLE,
 };
 use vmmu::memslot::UserspaceMemoryRegion;
 // The core's own types where it takes them (table entries, the host handle): its sync shim's,
@@ -106,8 +107,8 @@ unsafe impl FrameAllocator for Host {
 }
 
 impl HostMemory for Host {
-    fn translate(&self, hva: Hva, write: bool) -> Result<HostPage, HostFault> {
-        let _ = write;
+    fn translate(&self, hva: Hva, access: HostAccess) -> Result<HostPage, HostFault> {
+        let _ = access; // RAM here is always writable: a read and a write map alike.
         let base = self.ram_hva();
         if hva.raw() < base || hva.raw() >= base + self.ram.len() as u64 - 4096 {
             return Err(HostFault::Unmapped(hva));

@@ -153,10 +153,21 @@ pub enum HostFault {
     Protected(Hva),
 }
 
+/// What a host translation is for (KVM `hva_to_pfn`'s `write_fault`, get_user_pages'
+/// `FOLL_WRITE`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum HostAccess {
+    /// A read (or an instruction fetch): a page never written may be given as the zero page or
+    /// read-only.
+    Read,
+    /// A write: the host breaks copy-on-write and gives a writable page, or refuses.
+    Write,
+}
+
 /// Host-virtual to host-frame translation (KVM: `hva_to_pfn` / get_user_pages).
 pub trait HostMemory: Send + Sync {
-    /// Translates `hva` for a read (`write == false`) or a write.
-    fn translate(&self, hva: Hva, write: bool) -> Result<HostPage, HostFault>;
+    /// Translates `hva` for `access`.
+    fn translate(&self, hva: Hva, access: HostAccess) -> Result<HostPage, HostFault>;
 
     /// The frame of `hva` if the host maps it writable *already*, found without faulting
     /// anything in (KVM's prefetch: `get_user_pages_fast_only` with `FOLL_WRITE`): `None` for a

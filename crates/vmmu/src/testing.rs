@@ -6,7 +6,7 @@
 //! ([`TestHost::use_after_free`]), which tests assert to be zero.
 
 use crate::host::{
-    FrameAllocator, HostFault, HostMemory, HostPage, TableEntries, ENTRIES_PER_TABLE,
+    FrameAllocator, HostAccess, HostFault, HostMemory, HostPage, TableEntries, ENTRIES_PER_TABLE,
 };
 use crate::sync::{AtomicBool, AtomicU64, Mutex, Ordering};
 use crate::types::{Hva, Level, Pfn, PAGE_SHIFT};
@@ -338,9 +338,10 @@ impl crate::host::GuestMemory for TestHost {
 }
 
 impl HostMemory for TestHost {
-    fn translate(&self, hva: Hva, write: bool) -> Result<HostPage, HostFault> {
+    fn translate(&self, hva: Hva, access: HostAccess) -> Result<HostPage, HostFault> {
         let maps = self.mappings.lock();
         let (m, front) = find_mapping(&maps, hva).ok_or(HostFault::Unmapped(hva))?;
+        let write = access == HostAccess::Write;
         if write && !m.writable {
             return Err(HostFault::Protected(hva));
         }
@@ -447,7 +448,7 @@ mod tests {
         const HVA: u64 = 0x4000_0000;
         let h = TestHost::new(1);
         h.map(HVA, 0x40_0000, HVA >> 12, Level::L2M, true);
-        let page = |hva: u64| h.translate(Hva(hva), false).unwrap();
+        let page = |hva: u64| h.translate(Hva(hva), HostAccess::Read).unwrap();
         assert_eq!(page(HVA + 0x3000).level, Level::L2M);
         h.map_over(HVA + 0x5000, 0x1000, 0x7_7000, Level::L4K, true);
         assert_eq!((page(HVA + 0x5000).pfn, page(HVA + 0x5000).level), (Pfn(0x7_7000), Level::L4K));

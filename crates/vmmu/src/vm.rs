@@ -745,9 +745,9 @@ mod tests {
         fn translate(
             &self,
             hva: crate::types::Hva,
-            write: bool,
+            access: crate::host::HostAccess,
         ) -> core::result::Result<crate::host::HostPage, crate::host::HostFault> {
-            self.0.translate(hva, write)
+            self.0.translate(hva, access)
         }
     }
 

@@ -18,7 +18,7 @@ use vmmu::memslot::{UserspaceMemoryRegion, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READ
 use vmmu::spte::FormatKind;
 use vmmu::tdp::HwWalk;
 use vmmu::testing::TestHost;
-use vmmu::vcpu::Vcpu;
+use vmmu::vcpu::{FaultAddr, Vcpu};
 use vmmu::vm::{MmuKind, Vm, VmConfig};
 use vmmu::{Access, AsId, Gfn, Gpa, Gva, Hva, Level, Pfn, SlotId};
 
@@ -709,7 +709,8 @@ fn check(c: Cfg, ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             Op::Nested(i, n) => {
                 if let Some(v) = vcpus.get_mut(vcpu_at(i, n_vcpus)) {
-                    prop_assert_eq!(v.set_nested_walk(n).is_ok(), shadow);
+                    let addr = if n { FaultAddr::NestedGpa } else { FaultAddr::Gva };
+                    prop_assert_eq!(v.set_fault_addr(addr).is_ok(), shadow);
                     if n {
                         paging = true;
                         model.inexact();

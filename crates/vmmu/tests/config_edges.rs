@@ -231,7 +231,7 @@ fn odd_call_orders_do_not_panic() {
         }
         // Shadow entry points on a TDP vCPU: typed errors.
         assert!(v.invlpg(vmmu::Gva(0)).is_err());
-        assert!(v.set_nested_walk(true).is_err());
+        assert!(v.set_fault_addr(vmmu::vcpu::FaultAddr::NestedGpa).is_err());
         // A pageless root, then faults.
         v.load_pageless_root().unwrap();
         let _ = v.handle_ept_violation(Gpa(0x1000), vmmu::FaultAccess::READ);

@@ -12,6 +12,7 @@ use std::cell::RefCell;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use vmmu::fault::FaultOutcome;
+use vmmu::host::HostAccess;
 use vmmu::host::{FrameAllocator, HostFault, HostMemory, HostPage, Sched, TableEntries};
 use vmmu::memslot::KVM_MEM_LOG_DIRTY_PAGES as LOG;
 use vmmu::spte::FormatKind;
@@ -63,8 +64,8 @@ unsafe impl FrameAllocator for ParkingHost {
 }
 
 impl HostMemory for ParkingHost {
-    fn translate(&self, hva: Hva, write: bool) -> Result<HostPage, HostFault> {
-        self.host.translate(hva, write)
+    fn translate(&self, hva: Hva, access: HostAccess) -> Result<HostPage, HostFault> {
+        self.host.translate(hva, access)
     }
     fn translate_mapped_writable(&self, hva: Hva) -> Option<Pfn> {
         self.host.translate_mapped_writable(hva)
@@ -237,7 +238,7 @@ impl PatchworkHost {
 common::test_host_frames!(PatchworkHost);
 
 impl HostMemory for PatchworkHost {
-    fn translate(&self, hva: Hva, _write: bool) -> Result<HostPage, HostFault> {
+    fn translate(&self, hva: Hva, _access: HostAccess) -> Result<HostPage, HostFault> {
         let off = hva.raw().checked_sub(HVA_1G).filter(|&o| o < 1 << 30);
         let page = off.ok_or(HostFault::Unmapped(hva))? >> 12;
         Ok(HostPage { pfn: Self::frame_of(page), writable: true, level: Level::L4K })

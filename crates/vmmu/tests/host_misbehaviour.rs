@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 use vmmu::fault::FaultOutcome;
+use vmmu::host::HostAccess;
 use vmmu::host::{FrameAllocator, HostFault, HostMemory, HostPage, Sched, TableEntries};
 use vmmu::memslot::UserspaceMemoryRegion;
 use vmmu::spte::FormatKind;
@@ -40,8 +41,8 @@ struct PanickyHost {
 common::test_host_frames!(PanickyHost);
 
 impl HostMemory for PanickyHost {
-    fn translate(&self, hva: Hva, write: bool) -> Result<HostPage, HostFault> {
-        self.host.translate(hva, write)
+    fn translate(&self, hva: Hva, access: HostAccess) -> Result<HostPage, HostFault> {
+        self.host.translate(hva, access)
     }
 }
 
@@ -202,7 +203,7 @@ impl ScatteredHost {
 }
 
 impl HostMemory for ScatteredHost {
-    fn translate(&self, hva: Hva, _write: bool) -> Result<HostPage, HostFault> {
+    fn translate(&self, hva: Hva, _access: HostAccess) -> Result<HostPage, HostFault> {
         let pfn = Self::frame_of(hva).ok_or(HostFault::Unmapped(hva))?;
         Ok(HostPage { pfn, writable: true, level: Level::L4K })
     }

@@ -15,7 +15,7 @@ use vmmu::memslot::UserspaceMemoryRegion;
 use vmmu::shadow::ShadowRootKind;
 use vmmu::stats::RetryCause;
 use vmmu::testing::TestHost;
-use vmmu::vcpu::Vcpu;
+use vmmu::vcpu::{FaultAddr, Vcpu};
 use vmmu::vm::{Vm, VmConfig};
 use vmmu::{Gpa, Gva, Level};
 
@@ -408,12 +408,13 @@ fn the_zapped_page_as_misconfig_bug_stops_the_vcpu_under_shadow_paging() {
 /// 2019 rule); the same access without nesting is a cache hit.
 #[test]
 fn a_nested_walk_keeps_no_gva_in_the_mmio_cache() {
-    for nested in [false, true] {
+    for addr in [FaultAddr::Gva, FaultAddr::NestedGpa] {
+        let nested = addr == FaultAddr::NestedGpa;
         let (vm, host, next) = shadow_vm(BugSet::NONE);
         let s = Space::new(&host, &next);
         s.map4k(0x4000_0000, MMIO_GPA, P | RW | US);
         let mut v = vcpu_in(&vm, long4(s.cr3));
-        v.set_nested_walk(nested).unwrap();
+        v.set_fault_addr(addr).unwrap();
         assert!(matches!(access(&mut v, 0x4000_0000, false), Seen::Mmio(..)));
         let second = access(&mut v, 0x4000_0000, false);
         let want = if nested { EmulateSource::MmioSpteHit } else { EmulateSource::VcpuCacheHit };

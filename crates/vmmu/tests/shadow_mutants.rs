@@ -10,6 +10,7 @@ use common::shadow::*;
 use std::collections::HashMap;
 use vmmu::bugs::BugSet;
 use vmmu::fault::{FaultOutcome, PfErr};
+use vmmu::host::HostAccess;
 use vmmu::memslot::{UserspaceMemoryRegion, KVM_MEM_LOG_DIRTY_PAGES};
 use vmmu::tdp::HwWalk;
 use vmmu::testing::TestHost;
@@ -403,7 +404,8 @@ const DT: u64 = 0x40;
 /// by the guest before): only such pages are prefetched (a fast write-GUP that never faults).
 fn host_written(host: &TestHost, hva: u64, n: u64) {
     for i in 0..n {
-        vmmu::host::HostMemory::translate(host, vmmu::Hva(hva + i * 0x1000), true).unwrap();
+        vmmu::host::HostMemory::translate(host, vmmu::Hva(hva + i * 0x1000), HostAccess::Write)
+            .unwrap();
     }
 }
 

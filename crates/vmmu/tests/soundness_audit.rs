@@ -221,9 +221,9 @@ impl vmmu::host::HostMemory for KickPanics {
     fn translate(
         &self,
         hva: vmmu::Hva,
-        write: bool,
+        access: vmmu::host::HostAccess,
     ) -> Result<vmmu::host::HostPage, vmmu::host::HostFault> {
-        self.host.translate(hva, write)
+        self.host.translate(hva, access)
     }
 }
 
@@ -380,9 +380,9 @@ impl vmmu::host::HostMemory for ClaimsHugePages {
     fn translate(
         &self,
         hva: vmmu::Hva,
-        write: bool,
+        access: vmmu::host::HostAccess,
     ) -> Result<vmmu::host::HostPage, vmmu::host::HostFault> {
-        let page = self.0.translate(hva, write)?;
+        let page = self.0.translate(hva, access)?;
         Ok(vmmu::host::HostPage { level: vmmu::Level::L2M, ..page })
     }
 }

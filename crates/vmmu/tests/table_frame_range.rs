@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use vmmu::fault::{FaultError, FaultOutcome};
 use vmmu::guest::GuestCpu;
+use vmmu::host::HostAccess;
 use vmmu::host::{FrameAllocator, HostFault, HostMemory, HostPage, Sched, TableEntries};
 use vmmu::memslot::UserspaceMemoryRegion;
 use vmmu::shadow::ShadowRootKind;
@@ -90,8 +91,8 @@ unsafe impl FrameAllocator for TwoPools {
 }
 
 impl HostMemory for TwoPools {
-    fn translate(&self, hva: Hva, write: bool) -> Result<HostPage, HostFault> {
-        self.low.translate(hva, write)
+    fn translate(&self, hva: Hva, access: HostAccess) -> Result<HostPage, HostFault> {
+        self.low.translate(hva, access)
     }
 }
 

@@ -175,7 +175,7 @@ impl TraceMemory {
 mod tests {
     use super::*;
     use crate::replay::parse::{Event, SlotEvent};
-    use vmmu::host::HostMemory;
+    use vmmu::host::{HostAccess, HostMemory};
     use vmmu::types::Hva;
 
     fn slot(gpa: u64, size: u64, uaddr: u64) -> Event {
@@ -256,7 +256,7 @@ mod tests {
         assert_eq!(m.hva(ram + 0x11_8000_0000 - PAGE_SIZE), Some(top));
         let low = m.hva(ram).expect("low RAM");
         for hva in [low, base, top, m.hva(0x7f99_6500_0000).expect("rom")] {
-            let page = m.host().translate(Hva(hva), true).expect("backed");
+            let page = m.host().translate(Hva(hva), HostAccess::Write).expect("backed");
             assert!(m.host().ram_page(page.pfn).is_some(), "{hva:#x} has a frame");
         }
     }
@@ -279,13 +279,17 @@ mod tests {
         let top = m.hva(ram + 0x113_0000_0000 - PAGE_SIZE).expect("top of RAM");
         assert_eq!(top, high + 0x112_4000_0000 - PAGE_SIZE, "offsets kept");
         for hva in [low, top, m.hva(0x7e55_b980_0000).expect("rom")] {
-            let page = m.host().translate(Hva(hva), true).expect("backed");
+            let page = m.host().translate(Hva(hva), HostAccess::Write).expect("backed");
             assert!(m.host().ram_page(page.pfn).is_some(), "{hva:#x} has a frame");
         }
         let (a, b) = (Hva(high + 0x40_0000_0000), Hva(top - 0x1000_0000));
-        let pa = m.host().translate(a, true).expect("backed").pfn;
-        assert_eq!(m.host().translate(a, false).expect("again").pfn, pa, "a page keeps its frame");
-        assert_ne!(m.host().translate(b, true).expect("backed").pfn, pa);
+        let pa = m.host().translate(a, HostAccess::Write).expect("backed").pfn;
+        assert_eq!(
+            m.host().translate(a, HostAccess::Read).expect("again").pfn,
+            pa,
+            "a page keeps its frame"
+        );
+        assert_ne!(m.host().translate(b, HostAccess::Write).expect("backed").pfn, pa);
     }
 
     #[test]
@@ -304,7 +308,7 @@ mod tests {
         assert!(m.frames_on_demand());
         let top = m.hva(ram + 0x11_8000_0000 - PAGE_SIZE).expect("top of RAM");
         for hva in [m.hva(ram).expect("low RAM"), top] {
-            let page = m.host().translate(Hva(hva), true).expect("backed");
+            let page = m.host().translate(Hva(hva), HostAccess::Write).expect("backed");
             assert!(m.host().ram_page(page.pfn).is_some(), "{hva:#x} has a frame");
         }
         // With a frame per page the same VM gets its frames up front.

@@ -9,7 +9,7 @@
 
 use super::{FaultError, PfErr};
 use crate::bugs::{Bug, BugSet};
-use crate::host::HostMemory;
+use crate::host::{HostAccess, HostMemory};
 use crate::invalidate::Invalidation;
 use crate::memslot::{Memslot, MemslotSet, SlotCache};
 use crate::requests::{Request, Requests};
@@ -138,7 +138,8 @@ impl PageFault {
             return Ok(Err(FaultinStop::ReadOnlyWrite));
         }
         let hva = s.hva_of(self.gfn);
-        let hp = host.translate(hva, self.access.write).map_err(|fault| FaultError::HostFault {
+        let want = if self.access.write { HostAccess::Write } else { HostAccess::Read };
+        let hp = host.translate(hva, want).map_err(|fault| FaultError::HostFault {
             gpa: self.addr,
             hva,
             fault,

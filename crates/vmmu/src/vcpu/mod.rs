@@ -34,7 +34,7 @@ pub mod mmio_cache;
 mod shadow_fault;
 mod shadow_path;
 
-pub use shadow_path::{ShadowError, NUM_PREV_ROOTS};
+pub use shadow_path::{FaultAddr, ShadowError, NUM_PREV_ROOTS};
 
 use crate::fault::{FaultError, FaultOutcome, PageFault, PfErr};
 use crate::host::Host;

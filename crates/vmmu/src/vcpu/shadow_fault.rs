@@ -21,7 +21,7 @@
 //!   nested walk, KVM `mmu_is_nested`), and a protection #PF clears the faulting GVA's entry.
 
 use super::fault_path::{count_slow_mmio, readonly_write, retry, FastOutcome};
-use super::{Vcpu, VcpuMmu};
+use super::{FaultAddr, Vcpu, VcpuMmu};
 use crate::fault::{
     Backing, EmulateSource, FaultError, FaultOutcome, FaultinStop, Mappable, PageFault, PfErr,
 };
@@ -111,7 +111,8 @@ impl<H: Host + GuestMemory> Vcpu<H> {
             need = Access::from_bits(need.bits() & !Access::WRITE.bits());
         }
         // A nested walk caches no GVA (KVM: `mmio_gva = 0` for `mmu_is_nested`).
-        let cache_gva = if st.shadow.as_ref().is_some_and(|s| s.nested) { 0 } else { gva.raw() };
+        let nested = st.shadow.as_ref().is_some_and(|s| s.fault_addr == FaultAddr::NestedGpa);
+        let cache_gva = if nested { 0 } else { gva.raw() };
         if let Some((gfn, access)) = st.mmio_cache.lookup_gva(cache_gva, gen, bugs) {
             if access.contains(need) {
                 let gpa = Gpa(gfn.gpa().raw() | gva.page_offset());
@@ -169,7 +170,7 @@ impl<H: Host + GuestMemory> Vcpu<H> {
         let core = &vm.mmu;
         let cpu = sv.cpu;
         // A nested walk caches no GVA (KVM `kvm_handle_noslot_fault`: `mmio_gva = 0`).
-        let cache_gva = if sv.nested { 0 } else { gva.raw() };
+        let cache_gva = if sv.fault_addr == FaultAddr::NestedGpa { 0 } else { gva.raw() };
         let guard = vm.memslots.read(&readers.memslot);
         let set = guard.set(st.as_id);
         let gen = set.generation();

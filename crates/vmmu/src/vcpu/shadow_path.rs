@@ -29,9 +29,21 @@ pub(crate) struct ShadowVcpu {
     pub(crate) root: Option<ShadowRoot>,
     /// Most recently used first.
     pub(crate) prev: PrevRoots,
-    /// The addresses this MMU translates are an L2 guest's physical addresses, not virtual
-    /// ones (KVM `mmu_is_nested`): the GVA part of the MMIO cache is never filled or used.
-    pub(crate) nested: bool,
+    /// What the addresses of this vCPU's faults are: with [`FaultAddr::NestedGpa`] the GVA
+    /// part of the MMIO cache is never filled or used.
+    pub(crate) fault_addr: FaultAddr,
+}
+
+/// What the addresses a shadow vCPU's faults carry are.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub enum FaultAddr {
+    /// Guest-virtual addresses of the guest whose tables the MMU shadows (the default).
+    #[default]
+    Gva,
+    /// An L2 guest's physical addresses, which L1's tables translate (KVM `mmu_is_nested`):
+    /// not an address the per-vCPU MMIO cache may key an entry by (the Feb 2019 patch:
+    /// `mmio_gva = 0` refuses every GVA hit).
+    NestedGpa,
 }
 
 impl ShadowVcpu {
@@ -47,7 +59,7 @@ impl ShadowVcpu {
             },
             root: None,
             prev: PrevRoots::default(),
-            nested: false,
+            fault_addr: FaultAddr::Gva,
         }
     }
 }
@@ -196,15 +208,15 @@ impl<H: Host> Vcpu<H> {
         Ok(())
     }
 
-    /// Marks the addresses this vCPU's faults carry as nested guest-physical addresses (an L2
-    /// guest's, KVM `mmu_is_nested`) or as guest-virtual ones (the default). Nested: the MMIO
-    /// info cache keeps no GVA (the Feb 2019 patch: `mmio_gva = 0` refuses every GVA hit), so an
-    /// RSVD fault goes to the MMIO SPTE; the GVA part is cleared now.
-    pub fn set_nested_walk(&mut self, nested: bool) -> Result<(), ShadowError> {
+    /// Says what the addresses this vCPU's faults carry are: guest-virtual (the default) or an
+    /// L2 guest's physical addresses ([`FaultAddr::NestedGpa`], KVM `mmu_is_nested`). Nested:
+    /// the MMIO info cache keeps no GVA, so an RSVD fault goes to the MMIO SPTE; the GVA part is
+    /// cleared now.
+    pub fn set_fault_addr(&mut self, addr: FaultAddr) -> Result<(), ShadowError> {
         self.exit_guest_mode();
         self.shadow_parts()?;
         if let Some(sv) = self.st.shadow.as_mut() {
-            sv.nested = nested;
+            sv.fault_addr = addr;
         }
         self.st.mmio_cache.clear_gva();
         Ok(())
