@@ -145,9 +145,10 @@ pub enum ParseErrorKind {
         /// The VM's vCPU count.
         vcpus: u32,
     },
-    /// A guest access that ends above 64 GiB.
+    /// A guest access whose last byte lies at or above 64 GiB.
     #[error(
-        "guest access at {gpa:#x} ends above 64 GiB (0x1000000000), which the backends do not map"
+        "guest access at {gpa:#x} reaches 64 GiB (0x1000000000) or beyond: the backends map guest \
+         memory below it only"
     )]
     AccessTooHigh {
         /// The address.
@@ -187,8 +188,11 @@ pub enum ParseErrorKind {
         /// The page size.
         size: crate::step::PageSize,
     },
-    /// A `map` whose guest-physical page ends above 64 GiB.
-    #[error("a {} page at gpa {gpa:#x} ends above 64 GiB (0x1000000000)", page_size_name(*size))]
+    /// A `map` whose guest-physical page's last byte lies at or above 64 GiB.
+    #[error(
+        "a {} page at gpa {gpa:#x} reaches 64 GiB (0x1000000000) or beyond",
+        page_size_name(*size)
+    )]
     PageTooHigh {
         /// The page's gpa.
         gpa: u64,
