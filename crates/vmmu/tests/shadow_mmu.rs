@@ -290,6 +290,31 @@ fn pae_cr3_reload_keeps_the_special_root_only_when_nothing_changed() {
     assert_eq!(v.stats.root_loads, loads + 2, "another CR3: a new special root");
 }
 
+/// A PAE guest switches CR3 as often as it likes: every special root lives in the vCPU's one
+/// PAE root frame, allocated with the vCPU (KVM `mmu->pae_root`), so a CR3 load allocates
+/// nothing below 4 GiB. Before, each load took a fresh frame below 4 GiB and gave the old one
+/// back only after a grace period, in batches: a guest switching between two page-table trees
+/// ran the host out of such frames (here 16) and its next access failed.
+#[test]
+fn pae_cr3_switches_reuse_the_vcpus_one_pae_root_frame() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let (pdpt, pd, _) = pae_tables(&host, &next);
+    // A second PDPT (32 bytes on) over the same PD: another CR3, so another special root.
+    host.write_u64(RAM_HVA + pdpt + 32, pd | P);
+    let mut v = vm.create_vcpu().unwrap();
+    v.set_guest_cpu(GuestCpu { mode: PagingMode::Pae { pdptrs: [0; 4] }, ..long4(0) }).unwrap();
+    let switches = 4 * vmmu::testing::LOW_TABLES as u64 + 64;
+    for i in 0..switches {
+        v.load_cr3(pdpt + 32 * (i % 2)).unwrap();
+        assert_eq!(
+            access(&mut v, 0x40_3000, false),
+            Seen::Ram(ram_pfn(0x20_0000)),
+            "access after CR3 switch {i}"
+        );
+    }
+    assert_eq!(v.stats.root_loads, switches, "every switch built a special root");
+}
+
 #[test]
 fn recycling_keeps_the_page_limit_and_translations_right() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);

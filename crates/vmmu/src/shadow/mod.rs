@@ -44,7 +44,7 @@ pub use root::ShadowRootKind;
 
 pub(crate) use dirty::ShadowProtect;
 pub(crate) use pages::{ShadowState, ZapBatch};
-pub(crate) use root::{PrevRoot, ShadowRoot};
+pub(crate) use root::{alloc_pae_root, PrevRoot, ShadowRoot};
 
 use crate::fault::{Backing, PageFault};
 use crate::guest::GuestPteMemory;
@@ -354,7 +354,7 @@ impl ShadowMmu {
     }
 
     /// A vCPU drops its roots (`current` and previous ones); obsolete pages nobody pins any more
-    /// are freed. Special-root frames are queued for the grace period too. Called by the vCPU
+    /// are freed (a special root's frame is the vCPU's and stays, emptied). Called by the vCPU
     /// outside guest mode; it reclaims only in batches.
     pub(crate) fn free_roots<H: Host>(
         &self,
@@ -362,15 +362,13 @@ impl ShadowMmu {
         roots: impl IntoIterator<Item = ShadowRoot>,
     ) {
         let mut batch = ZapBatch::default();
-        let mut frames = alloc::vec::Vec::new();
         {
             let mut st = self.lock(core);
             for r in roots {
-                r.release(core, &mut st, &mut batch, &mut frames);
+                r.release(core, &mut st, &mut batch);
             }
             st.commit_zap(core, &self.stats, &mut batch);
         }
-        core.defer_free(&mut frames);
         core.reclaim_batched();
     }
 }

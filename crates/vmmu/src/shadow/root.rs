@@ -5,8 +5,10 @@
 //! `prev_roots`, 3 entries; special roots are never kept).
 //!
 //! Invariants: a root pins every shadow page it links (`root_count`), so none of them is freed
-//! while the vCPU may walk it; a special root's frame is private to its vCPU and freed after a
-//! grace period when the vCPU drops it; a special root is stale exactly while a
+//! while the vCPU may walk it; a special root lives in its vCPU's one PAE root frame (KVM
+//! `mmu->pae_root`, allocated with the vCPU's first special root and freed with the vCPU: later
+//! special roots allocate nothing), whose entries are all 0 whenever no special root is loaded; only the vCPU's own
+//! thread writes or walks that frame; a special root is stale exactly while a
 //! free-obsolete-roots request is pending for its vCPU (it has no page to mark obsolete).
 
 use super::pages::{ShadowState, SpId, ZapBatch};
@@ -36,7 +38,7 @@ pub enum ShadowRootKind {
 pub(crate) enum ShadowRoot {
     /// A root shadow page for guest CR3 `cr3`.
     Page { sp: SpId, pfn: Pfn, cr3: u64 },
-    /// A special root: its own frame, and the level-2 pages its four entries link.
+    /// A special root: the vCPU's PAE root frame, and the level-2 pages its four entries link.
     Special { pfn: Pfn, sps: [Option<SpId>; 4] },
 }
 
@@ -159,34 +161,45 @@ impl ShadowRoot {
         }
     }
 
-    /// Unpins what the root pins; a special root's frame goes to `frames` (freed after a grace
-    /// period by the caller).
+    /// Unpins what the root pins; a special root's entries are cleared, so its frame (the
+    /// vCPU's, kept for the next special root) links nothing. Called by the vCPU's own thread
+    /// outside guest mode.
     pub(crate) fn release<H: Host>(
         self,
         core: &TdpMmu<H>,
         st: &mut ShadowState,
         batch: &mut ZapBatch,
-        frames: &mut Vec<Pfn>,
     ) {
         match self {
             ShadowRoot::Page { sp, .. } => st.put_root(core, sp, batch),
             ShadowRoot::Special { pfn, sps } => {
+                // SAFETY: `pfn` is the vCPU's PAE root frame, freed only when the vCPU drops,
+                // after its last release (module invariant).
+                if let Some(t) = unsafe { core.table(pfn) } {
+                    for (i, sp) in sps.iter().enumerate() {
+                        if sp.is_some() {
+                            t[i].store(SpteFormat::NONPRESENT, crate::sync::Ordering::Release);
+                        }
+                    }
+                }
                 for sp in sps.into_iter().flatten() {
                     st.put_root(core, sp, batch);
                 }
-                frames.push(pfn);
             }
         }
     }
 
     /// Builds the root for `cpu` in address space `as_id` (KVM `mmu_alloc_shadow_roots`), under
-    /// the shadow lock. `None`: the host had no frame.
+    /// the shadow lock; a special root fills `pae_root`, the vCPU's PAE root frame, which no
+    /// loaded root uses. `None`: the host had no frame for a shadow page, or the guest's mode
+    /// needs a special root and `pae_root` is `None`.
     pub(crate) fn alloc<H: Host>(
         core: &TdpMmu<H>,
         stats: &super::ShadowStats,
         st: &mut ShadowState,
         cpu: &GuestCpu,
         as_id: AsId,
+        pae_root: Option<Pfn>,
         batch: &mut ZapBatch,
     ) -> Option<ShadowRoot> {
         match cpu.mode {
@@ -208,37 +221,35 @@ impl ShadowRoot {
                 let pages = pdptrs.map(|pdpte| {
                     (pdpte & crate::guest::pte::P != 0).then_some((Gfn((pdpte & mask) >> 12), role))
                 });
-                Self::alloc_special(core, stats, st, pages, batch)
+                Self::alloc_special(core, stats, st, pae_root?, pages, batch)
             }
             PagingMode::NonPaging => {
                 // Four direct level-2 pages cover the 4 GiB a guest without paging reaches.
                 let role = SpRole::new(Level::L2M, SpKind::Direct, Access::ALL, as_id)
                     .with_cr0_wp(cpu.cr0_wp);
                 let pages = core::array::from_fn(|i| Some((Gfn((i as u64) << 18), role)));
-                Self::alloc_special(core, stats, st, pages, batch)
+                Self::alloc_special(core, stats, st, pae_root?, pages, batch)
             }
         }
     }
 
-    /// A special root (KVM `pae_root`, which has no shadow page of its own): a table frame below
-    /// 4 GiB (the guest runs in PAE paging on it, and a PAE CR3 names only such frames; KVM
-    /// allocates it with `__GFP_DMA32`) whose entry `i` links the level-2 page that `pages[i]`
-    /// keys, pinned by the root (`None`: the entry stays 0). `None`: the host had no frame; what
-    /// was linked so far is unpinned and the root's frame given back.
+    /// A special root (KVM `pae_root`, which has no shadow page of its own) in `pfn`, the
+    /// vCPU's PAE root frame (below 4 GiB: [`alloc_pae_root`]): entry `i` links the level-2 page
+    /// that `pages[i]` keys, pinned by the root (`None`: the entry stays 0). `None`: the host had
+    /// no frame for a shadow page; what was linked so far is unlinked and unpinned.
     fn alloc_special<H: Host>(
         core: &TdpMmu<H>,
         stats: &super::ShadowStats,
         st: &mut ShadowState,
+        pfn: Pfn,
         pages: [Option<(Gfn, SpRole)>; 4],
         batch: &mut ZapBatch,
     ) -> Option<ShadowRoot> {
-        let pfn = core.alloc_table_below_4g()?;
         let mut sps = [None; 4];
         for (i, page) in pages.into_iter().enumerate() {
             let Some((gfn, role)) = page else { continue };
             let Some((sp, _)) = st.get_page(core, stats, gfn, role, batch) else {
-                Self::Special { pfn, sps }.release(core, st, batch, &mut Vec::new());
-                core.free_unpublished_table(pfn);
+                Self::Special { pfn, sps }.release(core, st, batch);
                 return None;
             };
             sps[i] = Some(sp);
@@ -258,13 +269,21 @@ impl ShadowRoot {
         let s = st.sp_mut(sp);
         s.root_count += 1;
         let link = core.cfg.format.make_pae_root_entry(s.spt);
-        // SAFETY: `root` is the vCPU's own special root frame, allocated above and not yet
-        // reachable by anyone else.
+        // SAFETY: `root` is the vCPU's PAE root frame, freed only when the vCPU drops (module
+        // invariant); the vCPU is outside guest mode, so nothing walks it meanwhile.
         if let Some(t) = unsafe { core.table(root) } {
             t[i].store(link, crate::sync::Ordering::Release);
         }
         debug_assert!(SpteFormat::is_mmu_present(link));
     }
+}
+
+/// A vCPU's PAE root frame (KVM allocates `mmu->pae_root` when it creates a vCPU without TDP,
+/// with `__GFP_DMA32`): a table frame below 4 GiB, since the guest runs in PAE paging on it and a
+/// PAE CR3 names only such frames. Every special root of the vCPU lives in it. `None`: the host
+/// had no such frame.
+pub(crate) fn alloc_pae_root<H: Host>(core: &TdpMmu<H>) -> Option<Pfn> {
+    core.alloc_table_below_4g()
 }
 
 #[cfg(test)]

@@ -141,6 +141,7 @@ impl<H: Host> Vcpu<H> {
                 return Err(TdpError::TooManyVcpus(vm.mmu.cfg.max_vcpus));
             }
         };
+        let shadow = vm.shadow.is_some().then(shadow_path::ShadowVcpu::new);
         let st = VcpuMmu {
             index,
             as_id: AsId(0),
@@ -149,7 +150,7 @@ impl<H: Host> Vcpu<H> {
             leaf_tables: Default::default(),
             slot_cache: SlotCache::default(),
             in_guest: false,
-            shadow: vm.shadow.is_some().then(shadow_path::ShadowVcpu::new),
+            shadow,
         };
         Ok(Vcpu { vm, readers: VcpuReaders { memslot, table }, st, stats: VcpuStats::default() })
     }
@@ -556,6 +557,11 @@ impl<H: Host> Drop for Vcpu<H> {
             self.vm.mmu.put_root(r);
         }
         self.shadow_unload();
+        if let Some(pae_root) = self.st.shadow.as_ref().and_then(|sv| sv.pae_root) {
+            // Emptied by the unload; nothing else links or walks it (the vCPU is going).
+            self.vm.mmu.defer_free(&mut alloc::vec![pae_root]);
+            self.vm.mmu.reclaim_batched();
+        }
         // KVM `kvm_vcpu_destroy`: the index and the reader records go back for the next vCPU.
         self.vm.memslots.unregister_reader(&mut self.readers.memslot);
         self.vm.mmu.remove_vcpu(self.st.index, &mut self.readers.table);

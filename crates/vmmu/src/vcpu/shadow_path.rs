@@ -32,6 +32,9 @@ pub(crate) struct ShadowVcpu {
     /// What the addresses of this vCPU's faults are: with [`FaultAddr::NestedGpa`] the GVA
     /// part of the MMIO cache is never filled or used.
     pub(crate) fault_addr: FaultAddr,
+    /// The frame every special root of this vCPU lives in (KVM `mmu->pae_root`): allocated
+    /// when the vCPU first needs a special root, freed when it drops (`shadow/root.rs`).
+    pub(crate) pae_root: Option<Pfn>,
 }
 
 /// What the addresses a shadow vCPU's faults carry are.
@@ -47,6 +50,7 @@ pub enum FaultAddr {
 }
 
 impl ShadowVcpu {
+    /// A vCPU without paging yet and without a root.
     pub(crate) fn new() -> Self {
         ShadowVcpu {
             cpu: GuestCpu {
@@ -60,6 +64,7 @@ impl ShadowVcpu {
             root: None,
             prev: PrevRoots::default(),
             fault_addr: FaultAddr::Gva,
+            pae_root: None,
         }
     }
 }
@@ -143,12 +148,27 @@ impl<H: Host> Vcpu<H> {
             }
         }
         if sv.root.is_none() {
+            // KVM allocates `pae_root` with the vCPU; here it comes with the first special root
+            // (a host without frames below 4 GiB still runs 4-level guests), and stays.
+            if sv.pae_root.is_none() && sv.cpu.mode != PagingMode::Long4 {
+                let pfn = crate::shadow::alloc_pae_root(core);
+                sv.pae_root = Some(pfn.ok_or(crate::tdp::TdpError::OutOfMemory)?);
+            }
             let as_id = st.as_id;
             let mut batch = ZapBatch::default();
             let root = {
                 let mut st = shadow.lock(core);
                 shadow.make_pages_available(core, &mut st, &mut batch);
-                let r = ShadowRoot::alloc(core, &shadow.stats, &mut st, &sv.cpu, as_id, &mut batch);
+                let pae_root = sv.pae_root;
+                let r = ShadowRoot::alloc(
+                    core,
+                    &shadow.stats,
+                    &mut st,
+                    &sv.cpu,
+                    as_id,
+                    pae_root,
+                    &mut batch,
+                );
                 st.commit_zap(core, &shadow.stats, &mut batch);
                 r
             };
