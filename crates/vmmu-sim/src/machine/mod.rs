@@ -52,7 +52,7 @@ mod wrap_trap;
 
 use device_manager::device_manager;
 pub use device_manager::UpdateProfile;
-use vcpu::vcpu_thread;
+use vcpu::{vcpu_thread, VcpuThread};
 use wrap_trap::{HOLD_IDLE, SWEEP_IDLE, TRAP_GPA, TRAP_SLOT};
 
 use crate::bus::{BusError, MmioBus, RegisterDevice};
@@ -503,8 +503,17 @@ impl Machine {
                     let tables = tables.clone();
                     let recorder = migration.as_ref().filter(|_| logging).map(|m| m.recorder(i));
                     s.spawn(move || {
-                        let out = (shared, cfg, self.layout(), i, state, checker, counter);
-                        vcpu_thread(out, recorder, tables)
+                        vcpu_thread(VcpuThread {
+                            sh: shared,
+                            cfg,
+                            layout: self.layout(),
+                            index: i,
+                            state,
+                            checker,
+                            progress: counter,
+                            recorder,
+                            tables,
+                        })
                     })
                 })
                 .collect();
