@@ -50,16 +50,16 @@ mod device_manager;
 mod vcpu;
 mod wrap_trap;
 
-use device_manager::device_manager;
 pub use device_manager::UpdateProfile;
-use vcpu::{vcpu_thread, VcpuThread};
+use device_manager::{device_manager, DmResult};
+use vcpu::{vcpu_thread, VcpuResult, VcpuThread};
 use wrap_trap::{HOLD_IDLE, SWEEP_IDLE, TRAP_GPA, TRAP_SLOT};
 
 use crate::bus::{BusError, MmioBus, RegisterDevice};
-use crate::host::{HostConfig, HostError, SimHost};
+use crate::host::{HostBuffer, HostConfig, HostError, SimHost};
 use crate::layout::{MachineLayout, MachineMemory};
 use crate::machine_paging::Shootdown;
-use crate::migration::{DirtyLogMode, Migration};
+use crate::migration::{Collector, DirtyLogMode, Migration};
 use crate::mix::{GuestAccess, MixKind, MixWeights};
 use crate::mmio_timing::Sampler;
 use crate::oracle::{Clock, Observed, Oracle, OracleReport, VcpuChecker};
@@ -70,6 +70,7 @@ use crate::report::{
 use crate::schedule::{Schedule, ScheduleError};
 use crate::seam::{Errno, GuestMmu, LiveExits, MmuExits, SlotRequest};
 use crate::timeline::{new_histogram, LatencyHistogram, Sample, Timeline};
+use crate::tlb::TlbStats;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use hdrhistogram::Histogram;
 use std::panic::resume_unwind;
@@ -407,16 +408,36 @@ impl Machine {
         self.host().set_table_jitter(cfg.stress_paths);
         self.host().set_huge_pages(cfg.host_pages.huge(cfg.stress_paths));
         let states: Vec<M::Vcpu> = (0..n).map(|i| mmu.create_vcpu(i)).collect();
+        let migration = self.migration();
+        let mut collector = dirty_log_collector(migration.as_ref(), mmu);
+        self.make_static_slots(mmu, migration.as_ref(), collector.as_mut())?;
+        let tables = self.guest_tables(mmu)?;
+        let logging = collector.is_some();
+        let oracle = Oracle::new(self.memory.clone(), self.schedule.clone());
+        let checkers: Vec<VcpuChecker<'_>> = (0..n).map(|i| oracle.checker(i)).collect();
+        let run = RunState::new(n);
+        let recorders = migration.as_ref().filter(|_| logging);
+        let threads = Threads { states, checkers, recorders, tables, collector };
+        let finished = self.supervise(mmu, &run, threads, progress);
+        Ok(self.report(mmu, &oracle, finished))
+    }
+
+    /// With dirty logging, the migration of the RAM slots (shared and private RAM).
+    fn migration(&self) -> Option<Migration> {
+        let cfg = &self.config;
         let l = self.layout();
         let logged = [&l.shared, &l.private[0], &l.private[1]];
-        let migration =
-            cfg.dirty_log.map(|mode| Migration::new(mode, &logged, cfg.dirty_log_rounds));
-        let mut collector = migration.as_ref().map(Migration::collector);
-        if let Some(c) = &collector {
-            if !c.prepare(mmu) {
-                collector = None; // this MMU has no dirty logging: nothing to collect
-            }
-        }
+        cfg.dirty_log.map(|mode| Migration::new(mode, &logged, cfg.dirty_log_rounds))
+    }
+
+    /// Makes the static memslots on `mmu`; with a `collector`, each is remembered by it and
+    /// flagged for dirty logging as `migration` says.
+    fn make_static_slots<M: GuestMmu>(
+        &self,
+        mmu: &M,
+        migration: Option<&Migration>,
+        mut collector: Option<&mut Collector<'_>>,
+    ) -> Result<(), SimError> {
         for request in self.memory.static_requests() {
             let request = match (&migration, &mut collector) {
                 (Some(m), Some(c)) => {
@@ -427,32 +448,29 @@ impl Machine {
             };
             mmu.set_memory_region(&request).map_err(|error| SimError::Setup { request, error })?;
         }
-        let tables = if cfg.guest_paging {
-            let buf = self.host().add_buffer("guest_tables", crate::machine_paging::TABLES_SIZE)?;
-            let request = crate::machine_paging::tables_slot(&buf);
-            mmu.set_memory_region(&request).map_err(|error| SimError::Setup { request, error })?;
-            // The shared GVA starts mapping an unused page of shared RAM (module doc of
-            // `machine_paging`), through the shared table.
-            let first = self.layout().shared.gpa.0 + SHARED_RAM_OFFSET;
-            let at = Shootdown::pte_gpa() - crate::machine_paging::TABLES_GPA;
-            buf.write(at, Width::W8, Shootdown::pte(first))?;
-            Some((buf, Arc::new(Shootdown::new(first))))
-        } else {
-            None
-        };
-        let logging = collector.is_some();
-        let oracle = Oracle::new(self.memory.clone(), self.schedule.clone());
-        let checkers: Vec<VcpuChecker<'_>> = (0..n).map(|i| oracle.checker(i)).collect();
-        let clock = Clock::new();
-        let stop = AtomicBool::new(false);
-        let counters: Vec<Padded> = (0..n).map(|_| Padded::default()).collect();
-        let updates = AtomicU64::new(0);
-        let sweep = AtomicU8::new(SWEEP_IDLE);
-        let hold = AtomicU8::new(HOLD_IDLE);
-        let paused = AtomicBool::new(false);
-        let trap_done = AtomicBool::new(false);
-        let invalidating = AtomicU32::new(0);
-        let live: Vec<LiveExits> = (0..n).map(|_| LiveExits::default()).collect();
+        Ok(())
+    }
+
+    /// With guest paging, the guest tables' buffer (its memslot made on `mmu`) and the
+    /// shootdowns' state, the shared GVA's first mapping written into the shared table.
+    fn guest_tables<M: GuestMmu>(&self, mmu: &M) -> Result<Option<GuestTables>, SimError> {
+        if !self.config.guest_paging {
+            return Ok(None);
+        }
+        let buf = self.host().add_buffer("guest_tables", crate::machine_paging::TABLES_SIZE)?;
+        let request = crate::machine_paging::tables_slot(&buf);
+        mmu.set_memory_region(&request).map_err(|error| SimError::Setup { request, error })?;
+        // The shared GVA starts mapping an unused page of shared RAM (module doc of
+        // `machine_paging`), through the shared table.
+        let first = self.layout().shared.gpa.0 + SHARED_RAM_OFFSET;
+        let at = Shootdown::pte_gpa() - crate::machine_paging::TABLES_GPA;
+        buf.write(at, Width::W8, Shootdown::pte(first))?;
+        Ok(Some(GuestTables { buf, shootdown: Arc::new(Shootdown::new(first)) }))
+    }
+
+    /// What the run's threads share, borrowing `run`'s atomics; its start time is now.
+    fn shared<'a, M: GuestMmu>(&'a self, mmu: &'a M, run: &'a RunState) -> Shared<'a, M> {
+        let cfg = &self.config;
         let l = self.layout();
         // The dummy slot aliases the shared buffer's last page, which vCPUs never use.
         let trap_slot = cfg
@@ -463,45 +481,52 @@ impl Machine {
                 userspace_addr: r.userspace_addr + l.shared.size - PAGE_SIZE,
                 ..r
             });
-        let shared = Shared {
+        Shared {
             mmu,
             host: self.host(),
             bus: &self.bus,
-            clock: &clock,
-            stop: &stop,
-            sweep: &sweep,
+            clock: &run.clock,
+            stop: &run.stop,
+            sweep: &run.sweep,
             trap_slot,
-            hold: &hold,
+            hold: &run.hold,
             has_holder: cfg.vcpus >= 2,
-            paused: &paused,
-            trap_done: &trap_done,
+            paused: &run.paused,
+            trap_done: &run.trap_done,
             started: Instant::now(),
-            live: &live,
-            invalidating: &invalidating,
-        };
-        let started = Instant::now();
-        let interval = Timeline::interval_for(cfg.duration);
-        let mut samples: Vec<Sample> = Vec::new();
-        let mut sample = |elapsed: Duration, accesses: u64, updates: u64| {
-            let mut exits = MmuExits::default();
-            live.iter().for_each(|l| l.add_to(&mut exits));
-            let t_us = elapsed.as_micros().min(u128::from(u64::MAX)) as u64;
-            samples.push(Sample { t_us, accesses, updates, exits });
-        };
-        if cfg.timeline {
-            sample(Duration::ZERO, 0, 0);
+            live: &run.live,
+            invalidating: &run.invalidating,
         }
-        let mut next_sample = interval;
+    }
 
-        let (vcpu_results, dm, elapsed, collector) = std::thread::scope(|s| {
+    /// The supervised run: starts the vCPU threads, the device manager and the migration thread,
+    /// watches them from the calling thread until the run is over ([`Machine::watch`]), joins
+    /// them, and takes the timeline's first and last samples.
+    fn supervise<'o, 'm, M: GuestMmu>(
+        &self,
+        mmu: &M,
+        run: &RunState,
+        threads: Threads<'o, 'm, M::Vcpu>,
+        progress: &mut dyn FnMut(&ProgressSnapshot),
+    ) -> Finished<'o, 'm> {
+        let cfg = &self.config;
+        let shared = self.shared(mmu, run);
+        let started = Instant::now();
+        let mut timeline = Samples::new(cfg.duration);
+        if cfg.timeline {
+            timeline.take(&run.live, Duration::ZERO, 0, 0);
+        }
+        let Threads { states, checkers, recorders, tables, collector } = threads;
+
+        let (vcpus, dm, elapsed, collector) = std::thread::scope(|s| {
             let handles: Vec<_> = states
                 .into_iter()
                 .zip(checkers)
                 .enumerate()
                 .map(|(i, (state, checker))| {
-                    let (shared, counter) = (&shared, &counters[i].0);
+                    let (shared, counter) = (&shared, &run.counters[i].0);
                     let tables = tables.clone();
-                    let recorder = migration.as_ref().filter(|_| logging).map(|m| m.recorder(i));
+                    let recorder = recorders.map(|m| m.recorder(i));
                     s.spawn(move || {
                         vcpu_thread(VcpuThread {
                             sh: shared,
@@ -517,11 +542,11 @@ impl Machine {
                     })
                 })
                 .collect();
-            let dm = s.spawn(|| device_manager(&shared, &self.schedule, cfg, &updates));
+            let dm = s.spawn(|| device_manager(&shared, &self.schedule, cfg, &run.updates));
             // The migration thread: collections back to back, a short pause apart (and, in
             // migrations, logging turned on and off).
             let migrator = collector.map(|mut c| {
-                let (stop, mmu) = (&stop, mmu);
+                let (stop, mmu) = (&run.stop, mmu);
                 s.spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
                         c.step(mmu);
@@ -529,43 +554,68 @@ impl Machine {
                     c
                 })
             });
-            loop {
-                std::thread::sleep(Duration::from_millis(10));
-                let elapsed = started.elapsed();
-                let snap = ProgressSnapshot {
-                    elapsed,
-                    duration: cfg.duration,
-                    accesses: counters.iter().map(|c| c.0.load(Ordering::Relaxed)).sum(),
-                    updates: updates.load(Ordering::Relaxed),
-                };
-                progress(&snap);
-                if cfg.timeline && elapsed >= next_sample {
-                    sample(elapsed, snap.accesses, snap.updates);
-                    next_sample += interval;
-                }
-                let budget_done = cfg.accesses_per_vcpu.is_some_and(|max| {
-                    counters.iter().all(|c| c.0.load(Ordering::Relaxed) >= max)
-                        && snap.updates >= cfg.min_updates
-                        && (!cfg.wrap_trap || trap_done.load(Ordering::SeqCst))
-                });
-                let churn_done = cfg.max_updates.is_some_and(|m| snap.updates >= m);
-                let crashed = handles.iter().any(|h| h.is_finished())
+            self.watch(run, started, progress, &mut timeline, || {
+                handles.iter().any(|h| h.is_finished())
                     || dm.is_finished()
-                    || migrator.as_ref().is_some_and(|m| m.is_finished());
-                if elapsed >= cfg.duration || budget_done || churn_done || crashed {
-                    stop.store(true, Ordering::Relaxed);
-                    break;
-                }
-            }
+                    || migrator.as_ref().is_some_and(|m| m.is_finished())
+            });
             let results: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
             let elapsed = started.elapsed();
             let collector = migrator.map(|m| m.join().unwrap_or_else(|panic| resume_unwind(panic)));
             (results, dm.join(), elapsed, collector)
         });
         if cfg.timeline {
-            let accesses = counters.iter().map(|c| c.0.load(Ordering::Relaxed)).sum();
-            sample(elapsed, accesses, updates.load(Ordering::Relaxed));
+            timeline.take(&run.live, elapsed, run.accesses(), run.updates.load(Ordering::Relaxed));
         }
+        Finished { vcpus, dm, elapsed, collector, timeline }
+    }
+
+    /// The supervisor's loop: every 10 ms, `progress` and, with a timeline, a sample when one is
+    /// due; stops the run once its time, its access budget or its update count is reached, or
+    /// once a thread has ended (`crashed`).
+    fn watch(
+        &self,
+        run: &RunState,
+        started: Instant,
+        progress: &mut dyn FnMut(&ProgressSnapshot),
+        timeline: &mut Samples,
+        crashed: impl Fn() -> bool,
+    ) {
+        let cfg = &self.config;
+        loop {
+            std::thread::sleep(Duration::from_millis(10));
+            let elapsed = started.elapsed();
+            let snap = ProgressSnapshot {
+                elapsed,
+                duration: cfg.duration,
+                accesses: run.accesses(),
+                updates: run.updates.load(Ordering::Relaxed),
+            };
+            progress(&snap);
+            if cfg.timeline && elapsed >= timeline.next {
+                timeline.take(&run.live, elapsed, snap.accesses, snap.updates);
+                timeline.next += timeline.interval;
+            }
+            let budget_done = cfg.accesses_per_vcpu.is_some_and(|max| {
+                run.counters.iter().all(|c| c.0.load(Ordering::Relaxed) >= max)
+                    && snap.updates >= cfg.min_updates
+                    && (!cfg.wrap_trap || run.trap_done.load(Ordering::SeqCst))
+            });
+            let churn_done = cfg.max_updates.is_some_and(|m| snap.updates >= m);
+            let crashed = crashed();
+            if elapsed >= cfg.duration || budget_done || churn_done || crashed {
+                run.stop.store(true, Ordering::Relaxed);
+                break;
+            }
+        }
+    }
+
+    /// The run's report from how its threads ended (a vCPU's or the device manager's panic goes
+    /// on unwinding here): the vCPUs' counters and verdicts, the oracle's final checks, the
+    /// dirty-log verdict, the MMU's statistics and the timeline.
+    fn report<M: GuestMmu>(&self, mmu: &M, oracle: &Oracle, finished: Finished<'_, '_>) -> Report {
+        let cfg = &self.config;
+        let Finished { vcpus: vcpu_results, dm, elapsed, collector, timeline } = finished;
         let mut vcpus = Vec::new();
         let mut checkers = Vec::new();
         for r in vcpu_results {
@@ -577,19 +627,7 @@ impl Machine {
         let dm = dm.unwrap_or_else(|panic| resume_unwind(panic));
 
         let mut report = Report {
-            config: ConfigReport {
-                mmu: mmu.mmu_kind(),
-                guest_paging: cfg.guest_paging,
-                format: cfg.format,
-                phys_bits: self.host().config().phys_bits,
-                vcpus: n,
-                seed: cfg.seed,
-                mmio_caching: MmioCachingReport {
-                    requested: cfg.mmio_caching_requested,
-                    ..MmioCachingReport::default()
-                },
-                reader_fences: self.host().reader_fences(),
-            },
+            config: self.config_report(mmu),
             elapsed_seconds: elapsed.as_secs_f64(),
             ..Report::default()
         };
@@ -609,21 +647,7 @@ impl Machine {
             report.exits.mmio_device += c.mmio_device;
             report.exits.mmio_userspace += c.mmio_userspace;
             report.tlb.add(&tlb);
-            report.vcpus.push(VcpuReport {
-                index,
-                accesses: c.accesses,
-                accesses_per_sec: c.accesses as f64 / elapsed.as_secs_f64().max(1e-9),
-                reads: c.reads,
-                writes: c.writes,
-                ram: c.ram,
-                mmio_device: c.mmio_device,
-                mmio_userspace: c.mmio_userspace,
-                readonly_write: c.readonly_write,
-                retries: c.retries,
-                gave_way: c.gave_way,
-                errors: c.errors,
-                tlb,
-            });
+            report.vcpus.push(vcpu_report(index, &c, tlb, elapsed));
             checkers.push(checker);
         }
         oracle_report.merge(dm.oracle);
@@ -649,12 +673,159 @@ impl Machine {
         if cfg.timeline {
             report.timeline = Some(Timeline {
                 clock: "wall time".into(),
-                interval_us: interval.as_micros() as u64,
-                samples,
+                interval_us: timeline.interval.as_micros() as u64,
+                samples: timeline.samples,
                 update_latency: LatencyHistogram::of(&dm.latency),
                 mmio_latency: mmio_latency.as_ref().map(LatencyHistogram::of).unwrap_or_default(),
             });
         }
-        Ok(report)
+        report
+    }
+
+    /// The report's configuration part (MMIO caching as requested; the caller adds what the MMU
+    /// made of it).
+    fn config_report<M: GuestMmu>(&self, mmu: &M) -> ConfigReport {
+        let cfg = &self.config;
+        ConfigReport {
+            mmu: mmu.mmu_kind(),
+            guest_paging: cfg.guest_paging,
+            format: cfg.format,
+            phys_bits: self.host().config().phys_bits,
+            vcpus: cfg.vcpus,
+            seed: cfg.seed,
+            mmio_caching: MmioCachingReport {
+                requested: cfg.mmio_caching_requested,
+                ..MmioCachingReport::default()
+            },
+            reader_fences: self.host().reader_fences(),
+        }
+    }
+}
+
+/// The dirty-log collector of `migration`, `None` without one or if the MMU has no dirty
+/// logging.
+fn dirty_log_collector<'m, M: GuestMmu>(
+    migration: Option<&'m Migration>,
+    mmu: &M,
+) -> Option<Collector<'m>> {
+    let mut collector = migration.map(Migration::collector);
+    if let Some(c) = &collector {
+        if !c.prepare(mmu) {
+            collector = None; // this MMU has no dirty logging: nothing to collect
+        }
+    }
+    collector
+}
+
+/// Vcpu `index`'s part of the report, from its counters and TLB statistics after `elapsed`.
+fn vcpu_report(index: usize, c: &VcpuCounters, tlb: TlbStats, elapsed: Duration) -> VcpuReport {
+    VcpuReport {
+        index,
+        accesses: c.accesses,
+        accesses_per_sec: c.accesses as f64 / elapsed.as_secs_f64().max(1e-9),
+        reads: c.reads,
+        writes: c.writes,
+        ram: c.ram,
+        mmio_device: c.mmio_device,
+        mmio_userspace: c.mmio_userspace,
+        readonly_write: c.readonly_write,
+        retries: c.retries,
+        gave_way: c.gave_way,
+        errors: c.errors,
+        tlb,
+    }
+}
+
+/// The guest tables (guest paging), which every vCPU's paging shares.
+#[derive(Clone)]
+struct GuestTables {
+    /// Their buffer, behind its own memslot.
+    buf: Arc<HostBuffer>,
+    /// The shootdowns' state.
+    shootdown: Arc<Shootdown>,
+}
+
+/// The atomics a run's threads share and the supervisor watches ([`Shared`] borrows them).
+struct RunState {
+    clock: Clock,
+    stop: AtomicBool,
+    /// Per vCPU, its accesses so far (stored after every batch).
+    counters: Vec<Padded>,
+    /// The device manager's memslot requests so far.
+    updates: AtomicU64,
+    sweep: AtomicU8,
+    hold: AtomicU8,
+    paused: AtomicBool,
+    trap_done: AtomicBool,
+    invalidating: AtomicU32,
+    live: Vec<LiveExits>,
+}
+
+impl RunState {
+    /// A run's start for `n` vCPUs: the clock at 0, nothing stopped, paused or counted.
+    fn new(n: usize) -> Self {
+        RunState {
+            clock: Clock::new(),
+            stop: AtomicBool::new(false),
+            counters: (0..n).map(|_| Padded::default()).collect(),
+            updates: AtomicU64::new(0),
+            sweep: AtomicU8::new(SWEEP_IDLE),
+            hold: AtomicU8::new(HOLD_IDLE),
+            paused: AtomicBool::new(false),
+            trap_done: AtomicBool::new(false),
+            invalidating: AtomicU32::new(0),
+            live: (0..n).map(|_| LiveExits::default()).collect(),
+        }
+    }
+
+    /// Accesses of all vCPUs so far.
+    fn accesses(&self) -> u64 {
+        self.counters.iter().map(|c| c.0.load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// What a run's threads start with besides the shared state: per vCPU its MMU state and checker,
+/// the migration the vCPUs record for (when its collector runs), the guest tables (guest paging)
+/// and the migration thread's collector.
+struct Threads<'o, 'm, V> {
+    states: Vec<V>,
+    checkers: Vec<VcpuChecker<'o>>,
+    recorders: Option<&'m Migration>,
+    tables: Option<GuestTables>,
+    collector: Option<Collector<'m>>,
+}
+
+/// How a run's threads ended: each vCPU's result, the device manager's, how long the vCPUs ran,
+/// the migration thread's collector and the timeline's samples.
+struct Finished<'o, 'm> {
+    vcpus: Vec<std::thread::Result<VcpuResult<'o>>>,
+    dm: std::thread::Result<DmResult>,
+    elapsed: Duration,
+    collector: Option<Collector<'m>>,
+    timeline: Samples,
+}
+
+/// The timeline's samples (with `MachineConfig::timeline`): at the start, about every `interval`
+/// and at the end, each with the exits of all vCPUs.
+struct Samples {
+    interval: Duration,
+    /// When the next periodic sample is due.
+    next: Duration,
+    samples: Vec<Sample>,
+}
+
+impl Samples {
+    /// No samples yet, for a run of `duration`.
+    fn new(duration: Duration) -> Self {
+        let interval = Timeline::interval_for(duration);
+        Samples { interval, next: interval, samples: Vec::new() }
+    }
+
+    /// A sample at `elapsed`, with the exits in `live` so far.
+    fn take(&mut self, live: &[LiveExits], elapsed: Duration, accesses: u64, updates: u64) {
+        let mut exits = MmuExits::default();
+        live.iter().for_each(|l| l.add_to(&mut exits));
+        let t_us = elapsed.as_micros().min(u128::from(u64::MAX)) as u64;
+        self.samples.push(Sample { t_us, accesses, updates, exits });
     }
 }

@@ -3,9 +3,8 @@
 //! MMIO bus, and judged by the vCPU's checker (the steps in the parent module's doc).
 
 use super::wrap_trap::{sweep_dimm, HOLD_ASK, HOLD_IDLE, TRAP_GPA};
-use super::{MachineConfig, Shared, VcpuCounters, SHARED_RAM_OFFSET};
+use super::{GuestTables, MachineConfig, Shared, VcpuCounters, SHARED_RAM_OFFSET};
 use crate::bus::BusOutcome;
-use crate::host::HostBuffer;
 use crate::host::SimHost;
 use crate::hw_vcpu::{Attempts, Data, HwVcpu};
 use crate::layout::MachineLayout;
@@ -49,8 +48,8 @@ pub(super) struct VcpuThread<'a, 's, 'o, M: GuestMmu> {
     pub(super) progress: &'a AtomicU64,
     /// This vCPU's side of dirty-log collection.
     pub(super) recorder: Option<Recorder<'a>>,
-    /// The guest tables' buffer and the shootdowns' state (guest paging).
-    pub(super) tables: Option<(Arc<HostBuffer>, Arc<Shootdown>)>,
+    /// The guest tables (guest paging).
+    pub(super) tables: Option<GuestTables>,
 }
 
 /// Runs a vCPU thread: batches until the run stops; then its counters, TLB statistics and
@@ -103,12 +102,12 @@ impl<'a, 's, 'o, M: GuestMmu> Running<'a, 's, 'o, M> {
             t;
         let mut hw = HwVcpu::with_state(sh.mmu, sh.host, state, cfg.tlb_entries);
         let shadow = sh.mmu.shadow_vcpu(hw.state()).is_some();
-        let shootdown = tables.as_ref().map(|(_, sd)| sd.clone());
+        let shootdown = tables.as_ref().map(|t| t.shootdown.clone());
         let shared_ram = layout.shared.gpa.0 + SHARED_RAM_OFFSET;
         let shared_ram_hva =
             sh.host.buffer(layout.shared.name).map(|b| b.hva().0 + SHARED_RAM_OFFSET);
-        let paging = tables.and_then(|(buf, _)| {
-            let p = VcpuPaging::new(buf, layout, index, cfg.vcpus, cfg.seed, shadow);
+        let paging = tables.and_then(|t| {
+            let p = VcpuPaging::new(t.buf, layout, index, cfg.vcpus, cfg.seed, shadow);
             guest_paging(sh.mmu, &mut hw, p, &mut checker)
         });
         let spinner = cfg.stress_paths && cfg.vcpus >= 3 && index == cfg.vcpus - 1;
