@@ -9,6 +9,13 @@ use vmmu::memslot::{KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 use vmmu::types::{AsId, SlotId};
 use vmmu_sim::replay::parse::EventOp;
 use vmmu_sim::replay::{KvmReport, Trace};
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+use {
+    std::ops::ControlFlow,
+    vmmu_kvm::replay::{Access, TraceVm},
+    vmmu_sim::replay::parse::{Dir, Event, EventKind, MmioEvent, SlotEvent},
+    vmmu_sim::replay::report::{Misclassified, Refusal, KEEP},
+};
 
 /// How many MMIO accesses are checked on KVM per trace besides the first ones (see [`Sampler`]):
 /// each is a `KVM_RUN` round trip (tens of microseconds on a nested host), and a full recording
@@ -86,14 +93,37 @@ pub fn skipped(why: &str) -> KvmReport {
 /// Replays `trace` on `/dev/kvm`, or says why it was skipped.
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub fn run(trace: &Trace) -> KvmReport {
-    use vmmu_kvm::replay::{Access, TraceVm};
-    use vmmu_sim::replay::parse::{Dir, EventKind};
-    use vmmu_sim::replay::report::{Misclassified, Refusal, KEEP};
-
-    let info = match vmmu_kvm::probe() {
-        Ok(info) => info,
-        Err(why) => return skipped(&why),
+    let mut replay = match Replay::new(trace) {
+        Ok(replay) => replay,
+        Err(report) => return *report,
     };
+    let t0 = std::time::Instant::now();
+    for e in &trace.events {
+        if replay.event(e).is_break() {
+            break;
+        }
+    }
+    replay.finish(t0)
+}
+
+/// The VM a trace replays on, with what the report's method note says about its setup.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+struct Setup {
+    vm: TraceVm,
+    /// Whether the trace makes address-space-1 (SMM) slots.
+    smm: bool,
+    /// Whether they are made here (this kernel has an SMM address space).
+    smm_here: bool,
+    /// The note on the high alias window, empty without one.
+    high_note: String,
+}
+
+/// Probes KVM, checks that the trace's slots fit this host, places the guest among them and
+/// makes the VM; else the report that says why the KVM run was skipped or could not start.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+fn set_up(trace: &Trace) -> Result<Setup, Box<KvmReport>> {
+    let skip = |why: String| Box::new(skipped(&why));
+    let info = vmmu_kvm::probe().map_err(skip)?;
     let slots = trace.events.iter().filter_map(|e| match e.kind {
         EventKind::Slot(s) if s.size > 0 => Some((s.as_id, s.gpa, s.size)),
         _ => None,
@@ -102,26 +132,9 @@ pub fn run(trace: &Trace) -> KvmReport {
         EventKind::Mmio(m) => Some(m.gpa),
         _ => None,
     });
-    if let Some((rmaps, available)) = TraceVm::host_memory() {
-        let requests = trace.events.iter().filter_map(|e| match e.kind {
-            // KVM refuses a request of the wrong shape before it allocates anything.
-            EventKind::Slot(s) if vmmu_sim::replay::memory::acceptable_somewhere(&s) => {
-                Some((s.as_id, s.id, s.size, s.dirty_log))
-            }
-            _ => None,
-        });
-        if let Err(why) = TraceVm::metadata_fits(requests, rmaps, available) {
-            return skipped(&why);
-        }
-    }
-    let base = match TraceVm::place(slots, mmio.clone()) {
-        Ok(base) => base,
-        Err(why) => return skipped(&why),
-    };
-    let high = match TraceVm::high_frames(mmio, info.guest_phys_bits) {
-        Ok(high) => high,
-        Err(why) => return skipped(&why),
-    };
+    metadata_fits(trace).map_err(skip)?;
+    let base = TraceVm::place(slots, mmio.clone()).map_err(skip)?;
+    let high = TraceVm::high_frames(mmio, info.guest_phys_bits).map_err(skip)?;
     let high_note = if high.is_empty() {
         String::new()
     } else {
@@ -141,132 +154,191 @@ pub fn run(trace: &Trace) -> KvmReport {
         EventKind::Slot(s) => Some((s.as_id, s.id)),
         _ => None,
     });
-    let own_slot = match TraceVm::own_slot(ids) {
-        Ok(own) => own,
-        Err(why) => return skipped(&why),
+    let own_slot = TraceVm::own_slot(ids).map_err(skip)?;
+    let vm =
+        TraceVm::new(&unions, if smm_here { 2 } else { 1 }, base, own_slot, high).map_err(|e| {
+            let error = Some(format!("cannot set up the VM: {e}"));
+            Box::new(KvmReport { error, ..KvmReport::default() })
+        })?;
+    Ok(Setup { vm, smm, smm_here, high_note })
+}
+
+/// Whether KVM's per-slot metadata for the trace's slot requests fits this host's memory (when
+/// the host says how much it has).
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+fn metadata_fits(trace: &Trace) -> Result<(), String> {
+    let Some((rmaps, available)) = TraceVm::host_memory() else {
+        return Ok(());
     };
-    let mut vm = match TraceVm::new(&unions, if smm_here { 2 } else { 1 }, base, own_slot, high) {
-        Ok(vm) => vm,
-        Err(e) => {
-            return KvmReport {
-                error: Some(format!("cannot set up the VM: {e}")),
-                ..KvmReport::default()
+    let requests = trace.events.iter().filter_map(|e| match e.kind {
+        // KVM refuses a request of the wrong shape before it allocates anything.
+        EventKind::Slot(s) if vmmu_sim::replay::memory::acceptable_somewhere(&s) => {
+            Some((s.as_id, s.id, s.size, s.dirty_log))
+        }
+        _ => None,
+    });
+    TraceVm::metadata_fits(requests, rmaps, available)
+}
+
+/// A trace's replay on its VM: the report so far and which recorded MMIO accesses to perform.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+struct Replay {
+    setup: Setup,
+    r: KvmReport,
+    /// The trace's MMIO accesses.
+    total: u64,
+    sampler: Sampler,
+}
+
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+impl Replay {
+    /// The replay of `trace` on a new VM, with manual dirty-log protection if the trace clears
+    /// dirty logs; else the report that says why it cannot run.
+    fn new(trace: &Trace) -> Result<Replay, Box<KvmReport>> {
+        let mut setup = set_up(trace)?;
+        let mut r = KvmReport { ran: true, ..KvmReport::default() };
+        if trace.count(EventOp::ClearDirtyLog) > 0 {
+            if let Err(why) = setup.vm.enable_manual_dirty_log() {
+                r.error = Some(format!("cannot enable manual dirty-log protection: {why}"));
+                return Err(Box::new(r));
             }
         }
-    };
-    let mut r = KvmReport { ran: true, ..KvmReport::default() };
-    if trace.count(EventOp::ClearDirtyLog) > 0 {
-        if let Err(why) = vm.enable_manual_dirty_log() {
-            r.error = Some(format!("cannot enable manual dirty-log protection: {why}"));
-            return r;
-        }
+        let total = trace.count(EventOp::Mmio);
+        Ok(Replay { setup, r, total, sampler: Sampler::new(total) })
     }
-    let refuse = |r: &mut KvmReport, line: usize, slot: String, errno: String, what: &str| {
-        if r.first_refusals.len() < KEEP {
-            r.first_refusals.push(Refusal { line, slot, errno, reason: what.to_string() });
-        }
-    };
-    let total = trace.count(EventOp::Mmio);
-    let mut sampler = Sampler::new(total);
-    let t0 = std::time::Instant::now();
-    for e in &trace.events {
+
+    /// Replays event `e`; `Break` once an access could not be made (the report's error says
+    /// why).
+    fn event(&mut self, e: &Event) -> ControlFlow<()> {
+        let (smm, smm_here) = (self.setup.smm, self.setup.smm_here);
         match e.kind {
-            EventKind::Slot(s) if s.as_id == 1 && !smm_here => r.smm_skipped += 1,
+            EventKind::Slot(s) if s.as_id == 1 && !smm_here => self.r.smm_skipped += 1,
             // Only where the trace made SMM slots: a call on address space 1 of a trace that
             // never made one is KVM's to refuse, on any kernel.
             EventKind::GetDirtyLog { as_id: 1, .. } | EventKind::ClearDirtyLog { as_id: 1, .. }
                 if smm && !smm_here =>
             {
-                r.smm_skipped += 1
+                self.r.smm_skipped += 1
             }
-            EventKind::Slot(s) => {
-                let slot = SlotId::join(AsId(s.as_id), SlotId(s.id));
-                let mut flags = 0;
-                if s.dirty_log {
-                    flags |= KVM_MEM_LOG_DIRTY_PAGES;
-                }
-                if s.readonly {
-                    flags |= KVM_MEM_READONLY;
-                }
-                sampler.slots_changed();
-                match vm.set_region(slot, flags, s.gpa, s.size, s.uaddr) {
-                    Ok(()) => r.slots_applied += 1,
-                    Err(errno) => {
-                        r.slots_refused += 1;
-                        let name = format!("{}/{}", s.as_id, s.id);
-                        refuse(&mut r, e.line, name, errno, "KVM_SET_USER_MEMORY_REGION");
-                    }
-                }
-            }
-            EventKind::Mmio(m) => {
-                if !sampler.take(m.gpa, m.dir == Dir::Write) {
-                    continue;
-                }
-                let write = match m.dir {
-                    Dir::Read => None,
-                    Dir::Write => Some(m.value.unwrap_or(0)),
-                };
-                r.mmio_checked += 1;
-                match vm.access(m.gpa, m.len, write, m.value.unwrap_or(0)) {
-                    Ok(Access::Mmio) => r.mmio_exits += 1,
-                    Ok(Access::Memory) => {
-                        r.mmio_not_mmio += 1;
-                        if r.first_not_mmio.len() < KEEP {
-                            r.first_not_mmio.push(Misclassified {
-                                line: e.line,
-                                gpa: format!("{:#x}", m.gpa),
-                                dir: if write.is_some() { "write" } else { "read" }.into(),
-                                seen: "no exit: KVM let the guest reach memory".into(),
-                            });
-                        }
-                    }
-                    Err(err) => {
-                        r.error = Some(format!("line {}: {err}", e.line));
-                        break;
-                    }
-                }
-            }
+            EventKind::Slot(s) => self.slot(e.line, &s),
+            EventKind::Mmio(m) => return self.mmio(e.line, &m),
             EventKind::GetDirtyLog { as_id, id } | EventKind::ClearDirtyLog { as_id, id, .. } => {
-                let slot = SlotId::join(AsId(as_id), SlotId(id));
-                let result = match e.kind {
-                    EventKind::ClearDirtyLog { first_page, num_pages, .. } => {
-                        vm.clear_dirty_log(slot, first_page, num_pages)
-                    }
-                    // A slot the trace never created (or deleted): KVM is asked all the same, so
-                    // its errno is KVM's (EINVAL for a bad id or address space, else ENOENT).
-                    _ => vm.get_dirty_log(slot),
-                };
-                match result {
-                    Ok(()) => r.dirty_log_applied += 1,
-                    Err(errno) => {
-                        r.dirty_log_refused += 1;
-                        let what = match e.kind {
-                            EventKind::GetDirtyLog { .. } => "KVM_GET_DIRTY_LOG",
-                            _ => "KVM_CLEAR_DIRTY_LOG",
-                        };
-                        refuse(&mut r, e.line, format!("{as_id}/{id}"), errno, what);
-                    }
-                }
+                self.dirty_log(e, as_id, id)
             }
             EventKind::KvmZapAllFast => {}
         }
+        ControlFlow::Continue(())
     }
-    let sample = sampler.note(r.mmio_checked, total);
-    let smm_note = if r.smm_skipped > 0 {
-        format!(
-            "; {} address-space-1 (SMM) requests not made: this kernel has no SMM address space",
-            r.smm_skipped
-        )
-    } else {
-        String::new()
-    };
-    r.method = format!(
-        "slot requests as recorded, uaddr remapped; {sample} as CPL3 loads/stores that must exit as MMIO; dirty-log calls as recorded (clears with every bit of the range set); guest at {:#x}, sync store at {:#x}{high_note}{smm_note}; {:.2} s",
-        vm.base(),
-        vm.sync(),
-        t0.elapsed().as_secs_f64()
-    );
-    r
+
+    /// Slot request `s` (trace line `line`) as `KVM_SET_USER_MEMORY_REGION`.
+    fn slot(&mut self, line: usize, s: &SlotEvent) {
+        let slot = SlotId::join(AsId(s.as_id), SlotId(s.id));
+        let mut flags = 0;
+        if s.dirty_log {
+            flags |= KVM_MEM_LOG_DIRTY_PAGES;
+        }
+        if s.readonly {
+            flags |= KVM_MEM_READONLY;
+        }
+        self.sampler.slots_changed();
+        match self.setup.vm.set_region(slot, flags, s.gpa, s.size, s.uaddr) {
+            Ok(()) => self.r.slots_applied += 1,
+            Err(errno) => {
+                self.r.slots_refused += 1;
+                let name = format!("{}/{}", s.as_id, s.id);
+                self.refuse(line, name, errno, "KVM_SET_USER_MEMORY_REGION");
+            }
+        }
+    }
+
+    /// MMIO access `m` (trace line `line`), if the sampler takes it, as a guest load or store
+    /// that must exit as MMIO; `Break` if KVM could not run it.
+    fn mmio(&mut self, line: usize, m: &MmioEvent) -> ControlFlow<()> {
+        if !self.sampler.take(m.gpa, m.dir == Dir::Write) {
+            return ControlFlow::Continue(());
+        }
+        let r = &mut self.r;
+        let write = match m.dir {
+            Dir::Read => None,
+            Dir::Write => Some(m.value.unwrap_or(0)),
+        };
+        r.mmio_checked += 1;
+        match self.setup.vm.access(m.gpa, m.len, write, m.value.unwrap_or(0)) {
+            Ok(Access::Mmio) => r.mmio_exits += 1,
+            Ok(Access::Memory) => {
+                r.mmio_not_mmio += 1;
+                if r.first_not_mmio.len() < KEEP {
+                    r.first_not_mmio.push(Misclassified {
+                        line,
+                        gpa: format!("{:#x}", m.gpa),
+                        dir: if write.is_some() { "write" } else { "read" }.into(),
+                        seen: "no exit: KVM let the guest reach memory".into(),
+                    });
+                }
+            }
+            Err(err) => {
+                r.error = Some(format!("line {line}: {err}"));
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// Dirty-log call `e` (a `get-dirty-log` or `clear-dirty-log` event) on slot `id` of
+    /// address space `as_id`, as its ioctl.
+    fn dirty_log(&mut self, e: &Event, as_id: u16, id: u16) {
+        let slot = SlotId::join(AsId(as_id), SlotId(id));
+        let result = match e.kind {
+            EventKind::ClearDirtyLog { first_page, num_pages, .. } => {
+                self.setup.vm.clear_dirty_log(slot, first_page, num_pages)
+            }
+            // A slot the trace never created (or deleted): KVM is asked all the same, so
+            // its errno is KVM's (EINVAL for a bad id or address space, else ENOENT).
+            _ => self.setup.vm.get_dirty_log(slot),
+        };
+        match result {
+            Ok(()) => self.r.dirty_log_applied += 1,
+            Err(errno) => {
+                self.r.dirty_log_refused += 1;
+                let what = match e.kind {
+                    EventKind::GetDirtyLog { .. } => "KVM_GET_DIRTY_LOG",
+                    _ => "KVM_CLEAR_DIRTY_LOG",
+                };
+                self.refuse(e.line, format!("{as_id}/{id}"), errno, what);
+            }
+        }
+    }
+
+    /// Keeps KVM's refusal of the request on trace line `line` (one of the first [`KEEP`]).
+    fn refuse(&mut self, line: usize, slot: String, errno: String, what: &str) {
+        let r = &mut self.r;
+        if r.first_refusals.len() < KEEP {
+            r.first_refusals.push(Refusal { line, slot, errno, reason: what.to_string() });
+        }
+    }
+
+    /// The report, with its method note: what was replayed and how, where the guest sat, the
+    /// high window's and skipped SMM requests' notes, and the time since `t0`.
+    fn finish(self, t0: std::time::Instant) -> KvmReport {
+        let Replay { setup, mut r, total, sampler } = self;
+        let sample = sampler.note(r.mmio_checked, total);
+        let smm_note = if r.smm_skipped > 0 {
+            format!(
+                "; {} address-space-1 (SMM) requests not made: this kernel has no SMM address space",
+                r.smm_skipped
+            )
+        } else {
+            String::new()
+        };
+        let Setup { vm, high_note, .. } = setup;
+        r.method = format!(
+            "slot requests as recorded, uaddr remapped; {sample} as CPL3 loads/stores that must exit as MMIO; dirty-log calls as recorded (clears with every bit of the range set); guest at {:#x}, sync store at {:#x}{high_note}{smm_note}; {:.2} s",
+            vm.base(),
+            vm.sync(),
+            t0.elapsed().as_secs_f64()
+        );
+        r
+    }
 }
 
 /// Replays `trace` on `/dev/kvm`: not on this platform.
