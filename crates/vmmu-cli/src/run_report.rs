@@ -51,7 +51,7 @@ impl fmt::Display for Text<'_> {
         writeln!(
             f,
             "exits: violation {}, misconfig {}, mmio spte hit {}, mmio cache hit {}, slow-path mmio {}, read-only write {}, device {}, userspace {}",
-            e.violation, e.misconfig, e.mmio_spte_hit, e.mmio_cache_hit, e.mmio_slow_path, e.readonly_write, e.mmio_device, e.mmio_userspace
+            e.mmu.violation, e.mmu.misconfig, e.mmu.mmio_spte_hit, e.mmu.mmio_cache_hit, e.mmu.mmio_slow_path, e.readonly_write, e.mmio_device, e.mmio_userspace
         )?;
         let mm = &r.mmu;
         write!(

@@ -9,7 +9,7 @@
 
 use crate::host::{ReaderFenceKind, TableStats};
 use crate::oracle::OracleReport;
-use crate::seam::{MmuCounters, MmuStats};
+use crate::seam::{MmuCounters, MmuExits, MmuStats};
 use crate::timeline::Timeline;
 use crate::tlb::TlbStats;
 use hdrhistogram::Histogram;
@@ -168,16 +168,9 @@ pub struct VcpuReport {
 /// Exits by kind: the MMU's fault-path view plus the machine's MMIO destinations.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct ExitsReport {
-    /// EPT violations / NPT not-present or permission faults (from the MMU).
-    pub violation: u64,
-    /// EPT misconfigurations / RSVD faults (from the MMU).
-    pub misconfig: u64,
-    /// MMIO SPTE hits with a current generation (from the MMU).
-    pub mmio_spte_hit: u64,
-    /// Per-vCPU MMIO cache hits (from the MMU).
-    pub mmio_cache_hit: u64,
-    /// Slow-path MMIO (from the MMU).
-    pub mmio_slow_path: u64,
+    /// The MMU's exits by kind (its keys sit beside the machine's in the JSON).
+    #[serde(flatten)]
+    pub mmu: MmuExits,
     /// Writes to the read-only ROM slot that exited (machine).
     pub readonly_write: u64,
     /// MMIO handled by an in-process device (machine).
@@ -284,11 +277,7 @@ impl Percentiles {
 impl Report {
     /// Copies the MMU's counters into the report's `exits`, `mmu` and `memslots` groups.
     pub fn fill_mmu(&mut self, s: &MmuStats) {
-        self.exits.violation = s.exits.violation;
-        self.exits.misconfig = s.exits.misconfig;
-        self.exits.mmio_spte_hit = s.exits.mmio_spte_hit;
-        self.exits.mmio_cache_hit = s.exits.mmio_cache_hit;
-        self.exits.mmio_slow_path = s.exits.mmio_slow_path;
+        self.exits.mmu = s.exits;
         self.mmu = MmuReport {
             mmio_sptes_created: s.mmio_sptes_created,
             zaps: s.zaps,
@@ -365,7 +354,7 @@ mod tests {
         let mut r = Report::default();
         r.fill_mmu(&s);
         assert_eq!(
-            (r.exits.mmio_cache_hit, r.mmu.mmio_sptes_created, r.memslots.generation),
+            (r.exits.mmu.mmio_cache_hit, r.mmu.mmio_sptes_created, r.memslots.generation),
             (3, 4, 12)
         );
         assert_eq!(r.mmu.extra.as_ref().map(|c| c.stale_gen_misses), Some(2));

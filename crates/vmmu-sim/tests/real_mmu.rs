@@ -14,7 +14,7 @@ fn run(format: FormatKind, caching: bool) {
     assert_eq!(report.oracle.violations, 0, "{ctx}");
     assert!(report.vcpus.iter().all(|v| v.errors == 0), "{ctx}");
     assert!(report.memslots.updates >= 30, "{ctx}");
-    let x = &report.exits;
+    let x = &report.exits.mmu;
     assert!(x.violation > 0, "{ctx}");
     assert!(x.mmio_slow_path > 0, "{ctx}");
     assert!(report.exits.readonly_write > 0, "{ctx}");
