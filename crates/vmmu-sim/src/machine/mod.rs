@@ -53,7 +53,7 @@ mod wrap_trap;
 pub use device_manager::UpdateProfile;
 use device_manager::{device_manager, DmResult};
 use vcpu::{vcpu_thread, VcpuResult, VcpuThread};
-use wrap_trap::{HOLD_IDLE, SWEEP_IDLE, TRAP_GPA, TRAP_SLOT};
+use wrap_trap::{Handshake, Hold, Sweep, TRAP_GPA, TRAP_SLOT};
 
 use crate::bus::{BusError, MmioBus, RegisterDevice};
 use crate::host::{HostBuffer, HostConfig, HostError, SimHost};
@@ -71,7 +71,7 @@ use crate::schedule::{Schedule, ScheduleError};
 use crate::seam::{Errno, GuestMmu, LiveExits, MmuExits, SlotRequest};
 use crate::timeline::{new_histogram, LatencyHistogram, Sample, Timeline};
 use crate::tlb::TlbStats;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use hdrhistogram::Histogram;
 use std::panic::resume_unwind;
 use std::sync::Arc;
@@ -313,12 +313,12 @@ struct Shared<'a, M> {
     bus: &'a MmioBus,
     clock: &'a Clock,
     stop: &'a AtomicBool,
-    /// The wrap trap's sweep handshake between the device manager and vCPU 0 (`SWEEP_*`).
-    sweep: &'a AtomicU8,
+    /// The wrap trap's sweep handshake between the device manager and vCPU 0.
+    sweep: &'a Handshake<Sweep>,
     /// The wrap trap's dummy slot (`wrap_trap`).
     trap_slot: Option<SlotRequest>,
-    /// The wrap trap's hold handshake between the device manager and vCPU 1 (`HOLD_*`).
-    hold: &'a AtomicU8,
+    /// The wrap trap's hold handshake between the device manager and vCPU 1.
+    hold: &'a Handshake<Hold>,
     /// Whether there is a vCPU 1 to hold.
     has_holder: bool,
     /// The wrap trap's age: the vCPUs wait outside guest mode (paused by the VMM), so that the
@@ -753,8 +753,8 @@ struct RunState {
     counters: Vec<Padded>,
     /// The device manager's memslot requests so far.
     updates: AtomicU64,
-    sweep: AtomicU8,
-    hold: AtomicU8,
+    sweep: Handshake<Sweep>,
+    hold: Handshake<Hold>,
     paused: AtomicBool,
     trap_done: AtomicBool,
     invalidating: AtomicU32,
@@ -769,8 +769,8 @@ impl RunState {
             stop: AtomicBool::new(false),
             counters: (0..n).map(|_| Padded::default()).collect(),
             updates: AtomicU64::new(0),
-            sweep: AtomicU8::new(SWEEP_IDLE),
-            hold: AtomicU8::new(HOLD_IDLE),
+            sweep: Handshake::new(Sweep::Idle),
+            hold: Handshake::new(Hold::Idle),
             paused: AtomicBool::new(false),
             trap_done: AtomicBool::new(false),
             invalidating: AtomicU32::new(0),

@@ -2,7 +2,7 @@
 //! translated by the MMU (or through the vCPU's guest page tables), performed on RAM or on the
 //! MMIO bus, and judged by the vCPU's checker (the steps in the parent module's doc).
 
-use super::wrap_trap::{sweep_dimm, HOLD_ASK, HOLD_IDLE, TRAP_GPA};
+use super::wrap_trap::{sweep_dimm, Hold, TRAP_GPA};
 use super::{GuestTables, MachineConfig, Shared, VcpuCounters, SHARED_RAM_OFFSET};
 use crate::bus::BusOutcome;
 use crate::host::SimHost;
@@ -165,12 +165,12 @@ impl<'a, 's, 'o, M: GuestMmu> Running<'a, 's, 'o, M> {
         if self.sweeper {
             sweep_dimm(sh, self.layout, &mut self.hw, &mut self.c, &mut self.checker);
         }
-        if cfg.wrap_trap && index == 1 && sh.hold.load(Ordering::SeqCst) == HOLD_ASK {
+        if cfg.wrap_trap && index == 1 && sh.hold.is(Hold::Ask) {
             // The holder: one fault on the dummy slot's page, whose host translation is
             // slow; the outcome is the machine's business, not the guest's, so it is not
             // judged (no vCPU accesses that GPA otherwise).
             let _ = self.hw.translate_once(Gpa(TRAP_GPA), AccessKind::Read);
-            sh.hold.store(HOLD_IDLE, Ordering::SeqCst);
+            sh.hold.set(Hold::Idle);
         }
         self.paging_step();
         self.generated_accesses();

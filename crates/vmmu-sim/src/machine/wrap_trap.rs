@@ -26,30 +26,88 @@ use crate::mix::{GuestAccess, MixKind};
 use crate::oracle::VcpuChecker;
 use crate::ram::Width;
 use crate::seam::{GuestMmu, SlotRequest};
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 use vmmu::types::{Generation, Gpa, Hva, PAGE_SIZE};
 
-/// Wrap-trap hold handshake: idle.
-pub(super) const HOLD_IDLE: u8 = 0;
-/// Device manager: fault on the dummy slot's page now (its host translation is slow).
-pub(super) const HOLD_ASK: u8 = 1;
+/// The hold handshake between the device manager and vCPU 1.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub(super) enum Hold {
+    /// Nothing asked (vCPU 1 sets it back after its fault).
+    Idle = 0,
+    /// Device manager: fault on the dummy slot's page now (its host translation is slow).
+    Ask = 1,
+}
 
 /// How long the holder's host page fault lasts during the spring.
 pub(super) const HOLD_TIME: Duration = Duration::from_millis(20);
 
-/// Wrap-trap sweep handshake states.
-pub(super) const SWEEP_IDLE: u8 = 0;
-/// Device manager: sweep the DIMM now (arm).
-pub(super) const SWEEP_ARM: u8 = 1;
-/// Device manager: get ready to sweep on `SWEEP_GO` (spring).
-pub(super) const SWEEP_SPRING: u8 = 2;
-/// vCPU 0: ready, waiting for `SWEEP_GO`.
-pub(super) const SWEEP_READY: u8 = 3;
-/// Device manager: go (it starts the wrapping swap right after).
-pub(super) const SWEEP_GO: u8 = 4;
-/// vCPU 0: sweeping.
-pub(super) const SWEEP_BUSY: u8 = 5;
+/// The sweep handshake between the device manager and vCPU 0.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub(super) enum Sweep {
+    /// Nothing asked, or the sweep is done (vCPU 0 sets it back).
+    Idle = 0,
+    /// Device manager: sweep the DIMM now (arm).
+    Arm = 1,
+    /// Device manager: get ready to sweep on [`Sweep::Go`] (spring).
+    Spring = 2,
+    /// vCPU 0: ready, waiting for [`Sweep::Go`].
+    Ready = 3,
+    /// Device manager: go (it starts the wrapping swap right after).
+    Go = 4,
+    /// vCPU 0: sweeping.
+    Busy = 5,
+}
+
+/// A two-party handshake word holding a `T` ([`Sweep`], [`Hold`]).
+///
+/// Ordering: every access is `SeqCst`. Each store hands the other party a step, and what a
+/// step relies on is published by other atomics with their own orderings (the memslot
+/// generation the sweep waits for, the host's slow-translation flag, `paused`), so the handshake
+/// needs no more than a single total order of its own steps; `SeqCst` gives it without an
+/// argument per site.
+pub(super) struct Handshake<T> {
+    word: AtomicU8,
+    _state: core::marker::PhantomData<T>,
+}
+
+impl<T: Copy + PartialEq + Into<u8>> Handshake<T> {
+    /// A handshake in state `s`.
+    pub(super) fn new(s: T) -> Self {
+        Handshake { word: AtomicU8::new(s.into()), _state: core::marker::PhantomData }
+    }
+
+    /// Whether it is in state `s`.
+    pub(super) fn is(&self, s: T) -> bool {
+        self.word.load(Ordering::SeqCst) == s.into()
+    }
+
+    /// Moves it to state `s`.
+    pub(super) fn set(&self, s: T) {
+        self.word.store(s.into(), Ordering::SeqCst);
+    }
+
+    /// Moves it from `from` to `to` if it is in `from`; whether it did.
+    pub(super) fn advance(&self, from: T, to: T) -> bool {
+        self.word
+            .compare_exchange(from.into(), to.into(), Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+}
+
+impl From<Sweep> for u8 {
+    fn from(s: Sweep) -> u8 {
+        s as u8
+    }
+}
+
+impl From<Hold> for u8 {
+    fn from(h: Hold) -> u8 {
+        h as u8
+    }
+}
 
 /// The wrap trap's dummy slot: id, GPA (nothing else is there; only the spring's holder,
 /// vCPU 1, accesses it).
@@ -65,14 +123,12 @@ pub(super) fn sweep_dimm<'o, M: GuestMmu>(
     c: &mut VcpuCounters,
     checker: &mut VcpuChecker<'o>,
 ) {
-    let cas =
-        |from, to| sh.sweep.compare_exchange(from, to, Ordering::SeqCst, Ordering::SeqCst).is_ok();
-    if cas(SWEEP_SPRING, SWEEP_READY) {
+    if sh.sweep.advance(Sweep::Spring, Sweep::Ready) {
         // Spring: wait for the go, then for the wrapping swap to publish a final (not in
         // progress) generation; sweeping earlier would only replace traps (their generation
         // does not match yet). A correct MMU zaps them before it publishes that generation.
         let before = sh.mmu.generation();
-        while sh.sweep.load(Ordering::SeqCst) != SWEEP_GO
+        while !sh.sweep.is(Sweep::Go)
             || sh.mmu.generation() & Generation::UPDATE_IN_PROGRESS != 0
             || sh.mmu.generation() == before
         {
@@ -82,8 +138,8 @@ pub(super) fn sweep_dimm<'o, M: GuestMmu>(
             // Still a vCPU: it answers requests (flushes, kicks) while it waits.
             hw.poll();
         }
-        sh.sweep.store(SWEEP_BUSY, Ordering::SeqCst);
-    } else if !cas(SWEEP_ARM, SWEEP_BUSY) {
+        sh.sweep.set(Sweep::Busy);
+    } else if !sh.sweep.advance(Sweep::Arm, Sweep::Busy) {
         return;
     }
     let d = &layout.dimm;
@@ -97,13 +153,13 @@ pub(super) fn sweep_dimm<'o, M: GuestMmu>(
         let (seen, start, end) = access(sh, hw, c, &a);
         checker.check(&a, &seen, start, end);
     }
-    sh.sweep.store(SWEEP_IDLE, Ordering::SeqCst);
+    sh.sweep.set(Sweep::Idle);
 }
 
-/// Stores `ask` into the sweep handshake and waits until it reads `until` (or the run stops).
-fn sweep_handshake<M: GuestMmu>(sh: &Shared<'_, M>, ask: u8, until: u8) -> bool {
-    sh.sweep.store(ask, Ordering::SeqCst);
-    while sh.sweep.load(Ordering::SeqCst) != until {
+/// Moves the sweep handshake to `ask` and waits until it reads `until` (or the run stops).
+fn sweep_handshake<M: GuestMmu>(sh: &Shared<'_, M>, ask: Sweep, until: Sweep) -> bool {
+    sh.sweep.set(ask);
+    while !sh.sweep.is(until) {
         if sh.stop.load(Ordering::Relaxed) {
             return false;
         }
@@ -122,7 +178,7 @@ pub(super) fn arm_wrap_trap<M: GuestMmu>(
     if gen == 0 || gen & Generation::MMIO_GEN_MASK != 0 {
         return;
     }
-    t.armed = sweep_handshake(sh, SWEEP_ARM, SWEEP_IDLE);
+    t.armed = sweep_handshake(sh, Sweep::Arm, Sweep::Idle);
 }
 
 /// The wrap trap's age and spring (module doc).
@@ -155,7 +211,7 @@ pub(super) fn spring_wrap_trap<M: GuestMmu>(
         }
     }
     sh.paused.store(false, Ordering::SeqCst);
-    if !sweep_handshake(sh, SWEEP_SPRING, SWEEP_READY) {
+    if !sweep_handshake(sh, Sweep::Spring, Sweep::Ready) {
         return;
     }
     // vCPU 1 (if any) holds the memslot read lock in a slow host page fault across the
@@ -166,7 +222,7 @@ pub(super) fn spring_wrap_trap<M: GuestMmu>(
         HOLD_TIME,
     )));
     if sh.has_holder {
-        sh.hold.store(HOLD_ASK, Ordering::SeqCst);
+        sh.hold.set(Hold::Ask);
         // Bounded: without the holder the trap still springs, only with a shorter window.
         let asked = Instant::now();
         while !sh.host.slow_translation_entered() && asked.elapsed() < HOLD_TIME {
@@ -177,14 +233,12 @@ pub(super) fn spring_wrap_trap<M: GuestMmu>(
             std::thread::yield_now();
         }
     }
-    sh.sweep.store(SWEEP_GO, Ordering::SeqCst);
+    sh.sweep.set(Sweep::Go);
     flags ^= SlotRequest::LOG_DIRTY_PAGES;
     t.sprung = swap(t, flags);
     sh.host.set_slow_translations(None);
     t.sprung_at = sh.mmu.generation();
-    while (sh.sweep.load(Ordering::SeqCst) != SWEEP_IDLE
-        || sh.hold.load(Ordering::SeqCst) != HOLD_IDLE)
-        && !sh.stop.load(Ordering::Relaxed)
+    while (!sh.sweep.is(Sweep::Idle) || !sh.hold.is(Hold::Idle)) && !sh.stop.load(Ordering::Relaxed)
     {
         std::thread::yield_now();
     }
