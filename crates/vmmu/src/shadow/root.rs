@@ -7,9 +7,11 @@
 //! Invariants: a root pins every shadow page it links (`root_count`), so none of them is freed
 //! while the vCPU may walk it; a special root lives in its vCPU's one PAE root frame (KVM
 //! `mmu->pae_root`, allocated with the vCPU's first special root and freed with the vCPU: later
-//! special roots allocate nothing), whose entries are all 0 whenever no special root is loaded; only the vCPU's own
-//! thread writes or walks that frame; a special root is stale exactly while a
-//! free-obsolete-roots request is pending for its vCPU (it has no page to mark obsolete).
+//! special roots allocate nothing), whose entries are all 0 whenever no special root is loaded;
+//! only the vCPU's own thread writes or walks that frame (a special root's entries are not
+//! parent links of the pages they point to, so no zap writes them); a special root is stale
+//! exactly while a free-obsolete-roots request is pending for its vCPU (it has no page to mark
+//! obsolete).
 
 use super::pages::{ShadowState, SpId, ZapBatch};
 use super::role::{SpKind, SpRole};
