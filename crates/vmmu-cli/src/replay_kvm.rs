@@ -268,12 +268,8 @@ impl Replay {
             Ok(Access::Memory) => {
                 r.mmio_not_mmio += 1;
                 if r.first_not_mmio.len() < KEEP {
-                    r.first_not_mmio.push(Misclassified {
-                        line,
-                        gpa: format!("{:#x}", m.gpa),
-                        dir: if write.is_some() { "write" } else { "read" }.into(),
-                        seen: "no exit: KVM let the guest reach memory".into(),
-                    });
+                    let seen = "no exit: KVM let the guest reach memory".into();
+                    r.first_not_mmio.push(Misclassified::new(line, m.gpa, write.is_some(), seen));
                 }
             }
             Err(err) => {

@@ -661,12 +661,8 @@ impl Replay<'_> {
         } else {
             r.misclassified += 1;
             if r.first_misclassified.len() < KEEP {
-                r.first_misclassified.push(Misclassified {
-                    line,
-                    gpa: format!("{:#x}", m.gpa),
-                    dir: if write.is_some() { "write" } else { "read" }.into(),
-                    seen: seen.describe(),
-                });
+                let seen = seen.describe();
+                r.first_misclassified.push(Misclassified::new(line, m.gpa, write.is_some(), seen));
             }
         }
     }

@@ -97,6 +97,14 @@ pub struct Misclassified {
     pub seen: String,
 }
 
+impl Misclassified {
+    /// The `mmio` event on trace line `line`, at `gpa`, a write or a read, that reached `seen`.
+    pub fn new(line: usize, gpa: u64, write: bool, seen: String) -> Self {
+        let dir = if write { "write" } else { "read" };
+        Misclassified { line, gpa: format!("{gpa:#x}"), dir: dir.into(), seen }
+    }
+}
+
 /// Memslot requests.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct SlotCounts {
