@@ -65,12 +65,18 @@ impl<H: Host> HvaInvalidation<H> {
 
 impl<H: Host> Drop for HvaInvalidation<H> {
     fn drop(&mut self) {
-        // KVM's order: the MMU's sequence and in-progress count first, then the count memslot
-        // updates wait on.
-        self.vm.mmu.invalidate_end();
-        let before = self.vm.mn_active.fetch_sub(1, Ordering::AcqRel);
-        debug_assert!(before > 0, "a token exists for each count");
+        end_counts(&self.vm, true);
     }
+}
+
+/// Lowers what a begin raised, in KVM's order: the MMU's sequence and in-progress count first
+/// (when `mmu_begun`: the begin got that far), then the count memslot updates wait on.
+fn end_counts<H: Host>(vm: &VmShared<H>, mmu_begun: bool) {
+    if mmu_begun {
+        vm.mmu.invalidate_end();
+    }
+    let before = vm.mn_active.fetch_sub(1, Ordering::AcqRel);
+    debug_assert!(before > 0, "every count lowered here was raised by a begin");
 }
 
 impl<H: Host> core::fmt::Debug for HvaInvalidation<H> {
@@ -116,8 +122,7 @@ pub(crate) fn begin<H: Host>(vm: &Arc<VmShared<H>>, start: Hva, end: Hva) -> Hva
     HvaInvalidation { vm: vm.clone() }
 }
 
-/// Undoes [`begin`] if it unwinds: the MMU's count (once its begin returned) and then the count
-/// memslot updates wait on, in [`HvaInvalidation`]'s drop order.
+/// Undoes [`begin`] if it unwinds ([`end_counts`]: the MMU's count once its begin returned).
 struct BeginUnwound<'a, H: Host> {
     vm: &'a VmShared<H>,
     mmu_begun: bool,
@@ -125,9 +130,6 @@ struct BeginUnwound<'a, H: Host> {
 
 impl<H: Host> Drop for BeginUnwound<'_, H> {
     fn drop(&mut self) {
-        if self.mmu_begun {
-            self.vm.mmu.invalidate_end();
-        }
-        self.vm.mn_active.fetch_sub(1, Ordering::AcqRel);
+        end_counts(self.vm, self.mmu_begun);
     }
 }

@@ -44,7 +44,7 @@ pub use root::ShadowRootKind;
 
 pub(crate) use dirty::ShadowProtect;
 pub(crate) use pages::{ShadowState, ZapBatch};
-pub(crate) use root::{alloc_pae_root, PrevRoot, ShadowRoot};
+pub(crate) use root::{PrevRoot, ShadowRoot};
 
 use crate::fault::{Backing, PageFault};
 use crate::guest::GuestPteMemory;

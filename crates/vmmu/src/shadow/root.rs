@@ -236,7 +236,8 @@ impl ShadowRoot {
     }
 
     /// A special root (KVM `pae_root`, which has no shadow page of its own) in `pfn`, the
-    /// vCPU's PAE root frame (below 4 GiB: [`alloc_pae_root`]): entry `i` links the level-2 page
+    /// vCPU's PAE root frame (below 4 GiB: the guest runs in PAE paging on it, and a PAE CR3
+    /// names only such frames; KVM allocates it with `__GFP_DMA32`): entry `i` links the level-2 page
     /// that `pages[i]` keys, pinned by the root (`None`: the entry stays 0). `None`: the host had
     /// no frame for a shadow page; what was linked so far is unlinked and unpinned.
     fn alloc_special<H: Host>(
@@ -278,14 +279,6 @@ impl ShadowRoot {
         }
         debug_assert!(SpteFormat::is_mmu_present(link));
     }
-}
-
-/// A vCPU's PAE root frame (KVM allocates `mmu->pae_root` when it creates a vCPU without TDP,
-/// with `__GFP_DMA32`): a table frame below 4 GiB, since the guest runs in PAE paging on it and a
-/// PAE CR3 names only such frames. Every special root of the vCPU lives in it. `None`: the host
-/// had no such frame.
-pub(crate) fn alloc_pae_root<H: Host>(core: &TdpMmu<H>) -> Option<Pfn> {
-    core.alloc_table_below_4g()
 }
 
 #[cfg(test)]

@@ -151,8 +151,8 @@ impl<H: Host> Vcpu<H> {
             // KVM allocates `pae_root` with the vCPU; here it comes with the first special root
             // (a host without frames below 4 GiB still runs 4-level guests), and stays.
             if sv.pae_root.is_none() && sv.cpu.mode != PagingMode::Long4 {
-                let pfn = crate::shadow::alloc_pae_root(core);
-                sv.pae_root = Some(pfn.ok_or(crate::tdp::TdpError::OutOfMemory)?);
+                let pfn = core.alloc_table_below_4g().ok_or(crate::tdp::TdpError::OutOfMemory)?;
+                sv.pae_root = Some(pfn);
             }
             let as_id = st.as_id;
             let mut batch = ZapBatch::default();
