@@ -20,7 +20,7 @@ use std::process::ExitCode;
 use vmmu::bugs::BugSet;
 use vmmu_sim::host::ReaderFenceKind;
 use vmmu_sim::options::parse_seconds;
-use vmmu_sim::{Report, RunOptions};
+use vmmu_sim::{GenerationStart, Report, RunMmu, RunOptions};
 
 /// The host page size behind guest RAM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -171,7 +171,11 @@ impl RunArgs {
         RunOptions {
             vcpus: o.vcpus,
             seconds: o.seconds,
-            format: o.format.kind(),
+            mmu: match (o.format, o.guest_paging) {
+                (Format::Shadow, _) => RunMmu::Shadow,
+                (f, false) => RunMmu::Tdp(f.kind()),
+                (f, true) => RunMmu::TdpGuestPaging(f.kind()),
+            },
             phys_bits: o.phys_bits,
             mmio_caching: caching,
             seed: o.seed,
@@ -181,12 +185,15 @@ impl RunArgs {
                 Updates::Steady => vmmu_sim::UpdateProfile::Steady,
             },
             churn: self.churn,
-            near_wrap: self.near_wrap,
-            wrap_trap: self.wrap_trap,
+            generation: if self.wrap_trap {
+                GenerationStart::WrapTrap
+            } else if self.near_wrap {
+                GenerationStart::NearWrap
+            } else {
+                GenerationStart::Zero
+            },
             slot_zap_all: self.slot_zap_all,
             bugs,
-            shadow: o.format == Format::Shadow,
-            guest_paging: o.guest_paging,
             reader_fences: match o.reader_fences {
                 ReaderFences::Full => ReaderFenceKind::Full,
                 ReaderFences::Membarrier => ReaderFenceKind::Membarrier,
@@ -587,7 +594,18 @@ mod tests {
         assert_eq!((o.mmio_caching, o.json, o.seed), (OnOff::Off, true, 9));
         let r = a.options(false, BugSet::NONE);
         assert!(r.stress_paths && r.slot_zap_all && !r.mmio_caching);
-        assert_eq!((r.format, r.churn), (vmmu::spte::FormatKind::Npt, Some(10)));
+        assert_eq!((r.mmu, r.churn), (RunMmu::Tdp(vmmu::spte::FormatKind::Npt), Some(10)));
+        let mmu = |args: &[&str]| parse(args).expect("flags").options(true, BugSet::NONE).mmu;
+        assert_eq!(mmu(&["--format", "shadow"]), RunMmu::Shadow);
+        assert_eq!(mmu(&["--format", "shadow", "--guest-paging"]), RunMmu::Shadow);
+        let ept = vmmu::spte::FormatKind::Ept;
+        assert_eq!(mmu(&["--guest-paging"]), RunMmu::TdpGuestPaging(ept));
+        let generation =
+            |args: &[&str]| parse(args).expect("flags").options(true, BugSet::NONE).generation;
+        assert_eq!(generation(&[]), GenerationStart::Zero);
+        assert_eq!(generation(&["--near-wrap"]), GenerationStart::NearWrap);
+        assert_eq!(generation(&["--wrap-trap"]), GenerationStart::WrapTrap);
+        assert!(parse(&["--wrap-trap", "--near-wrap"]).is_err());
         assert!(r.machine_config().expect("config").stress_paths);
         assert!(parse(&["--compare-caching"]).expect("compare").opts.compare_caching);
         let fences = |args: &[&str]| {

@@ -19,6 +19,47 @@ use vmmu::vm::VmError;
 /// How far below the MMIO-generation wrap [`RunOptions::near_wrap`] starts.
 pub const NEAR_WRAP_MARGIN: u64 = 2048;
 
+/// The MMU a run uses, and whether the machine's guest pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunMmu {
+    /// A TDP MMU with this SPTE format; the vCPUs access guest-physical addresses.
+    Tdp(FormatKind),
+    /// A TDP MMU with this SPTE format, the guest running with paging (`--guest-paging`): the
+    /// hardware walks the guest's tables two-dimensionally.
+    TdpGuestPaging(FormatKind),
+    /// Shadow paging (`--format shadow`): the MMU shadows the guest's page tables, so the guest
+    /// pages; its SPTEs have the x86 page-table format (NPT's).
+    Shadow,
+}
+
+impl RunMmu {
+    /// The SPTE format.
+    pub const fn format(self) -> FormatKind {
+        match self {
+            RunMmu::Tdp(f) | RunMmu::TdpGuestPaging(f) => f,
+            RunMmu::Shadow => FormatKind::Npt,
+        }
+    }
+
+    /// Whether the vCPUs access memory through their own page tables.
+    pub const fn guest_paging(self) -> bool {
+        !matches!(self, RunMmu::Tdp(_))
+    }
+}
+
+/// Where a run's memslot generation starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GenerationStart {
+    /// At 0, as KVM.
+    #[default]
+    Zero,
+    /// [`NEAR_WRAP_MARGIN`] swaps below the MMIO-generation wrap (`--near-wrap`).
+    NearWrap,
+    /// Where the MMIO-generation wrap trap needs it, with the trap set (`--wrap-trap`; see
+    /// [`crate::machine`]).
+    WrapTrap,
+}
+
 /// Options of one run of the default machine on the real MMU.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RunOptions {
@@ -26,8 +67,8 @@ pub struct RunOptions {
     pub vcpus: u16,
     /// How long to run, in seconds (more than 0, at most 3600).
     pub seconds: f64,
-    /// SPTE format.
-    pub format: FormatKind,
+    /// The MMU, its SPTE format, and whether the guest pages.
+    pub mmu: RunMmu,
     /// Host MAXPHYADDR in bits (36..=52).
     pub phys_bits: u8,
     /// Whether MMIO caching is requested (the MMU may still turn it off, and says why).
@@ -42,20 +83,12 @@ pub struct RunOptions {
     pub updates: UpdateProfile,
     /// Stop after this many memslot updates, made back to back (`seconds` still bounds the run).
     pub churn: Option<u64>,
-    /// Start the memslot generation [`NEAR_WRAP_MARGIN`] swaps below the MMIO-generation wrap.
-    pub near_wrap: bool,
-    /// Set the MMIO-generation wrap trap (see [`crate::machine`]); excludes `near_wrap`.
-    pub wrap_trap: bool,
+    /// Where the memslot generation starts, and whether the wrap trap is set.
+    pub generation: GenerationStart,
     /// Delete and move zap every root (KVM_X86_QUIRK_SLOT_ZAP_ALL).
     pub slot_zap_all: bool,
     /// Historical bugs to re-inject.
     pub bugs: BugSet,
-    /// Shadow paging (`--format shadow`): the MMU shadows the guest's page tables; implies
-    /// guest paging. `format` is then the x86 page-table format (NPT-like).
-    pub shadow: bool,
-    /// Guest paging with a TDP format (`--guest-paging`): the hardware walks the guest's tables
-    /// two-dimensionally.
-    pub guest_paging: bool,
     /// How the MMU's SRCU readers are ordered against grace periods (the host's choice).
     pub reader_fences: ReaderFenceKind,
     /// Record the report's [`Timeline`](crate::timeline::Timeline) (for `--report`).
@@ -74,19 +107,16 @@ impl Default for RunOptions {
         RunOptions {
             vcpus: 2,
             seconds: 5.0,
-            format: FormatKind::Ept,
+            mmu: RunMmu::Tdp(FormatKind::Ept),
             phys_bits: 46,
             mmio_caching: true,
             seed: 1,
             stress_paths: false,
             updates: UpdateProfile::BOOT,
             churn: None,
-            near_wrap: false,
-            wrap_trap: false,
+            generation: GenerationStart::Zero,
             slot_zap_all: false,
             bugs: BugSet::NONE,
-            shadow: false,
-            guest_paging: false,
             reader_fences: ReaderFenceKind::Full,
             timeline: false,
             dirty_log: None,
@@ -127,9 +157,6 @@ pub enum OptionsError {
          swaps to the wrap, and every migration adds its own"
     )]
     WrapTrapMigrations,
-    /// `--wrap-trap` with `--near-wrap`.
-    #[error("--wrap-trap and --near-wrap exclude each other")]
-    WrapTrapNearWrap,
     /// The wrap trap's sweeps and slow-fault holder access guest-physical addresses directly.
     #[error("--wrap-trap runs without guest paging: drop --format shadow / --guest-paging")]
     WrapTrapPaging,
@@ -186,21 +213,17 @@ impl RunOptions {
         if self.churn == Some(0) {
             return Err(OptionsError::Churn);
         }
-        if (self.shadow || self.guest_paging)
-            && usize::from(self.vcpus) > crate::machine_paging::MAX_VCPUS
-        {
+        let wrap_trap = self.generation == GenerationStart::WrapTrap;
+        if self.mmu.guest_paging() && usize::from(self.vcpus) > crate::machine_paging::MAX_VCPUS {
             return Err(OptionsError::PagingVcpus(self.vcpus));
         }
-        if self.wrap_trap && (self.shadow || self.guest_paging) {
+        if wrap_trap && self.mmu.guest_paging() {
             return Err(OptionsError::WrapTrapPaging);
-        }
-        if self.wrap_trap && self.near_wrap {
-            return Err(OptionsError::WrapTrapNearWrap);
         }
         if self.dirty_log_rounds.is_some() && self.dirty_log.is_none() {
             return Err(OptionsError::RoundsWithoutDirtyLog);
         }
-        if self.wrap_trap && self.dirty_log_rounds.is_some() {
+        if wrap_trap && self.dirty_log_rounds.is_some() {
             return Err(OptionsError::WrapTrapMigrations);
         }
         Ok(())
@@ -214,6 +237,7 @@ impl RunOptions {
     /// The machine configuration for these options (validated first).
     pub fn machine_config(&self) -> Result<MachineConfig, OptionsError> {
         self.validate()?;
+        let wrap_trap = self.generation == GenerationStart::WrapTrap;
         let mut mc = MachineConfig {
             vcpus: usize::from(self.vcpus),
             seed: self.seed,
@@ -222,17 +246,17 @@ impl RunOptions {
                 reader_fences: self.reader_fences,
                 ..HostConfig::new(self.phys_bits)
             },
-            format: self.format,
+            format: self.mmu.format(),
             mmio_caching_requested: self.mmio_caching,
             stress_paths: self.stress_paths,
-            wrap_trap: self.wrap_trap,
-            guest_paging: self.shadow || self.guest_paging,
+            wrap_trap,
+            guest_paging: self.mmu.guest_paging(),
             timeline: self.timeline,
             dirty_log: self.dirty_log,
             dirty_log_rounds: self.dirty_log_rounds,
             host_pages: self.host_pages,
             // Stress runs and bug hunts want every update they can get.
-            update_profile: if self.stress_paths || self.wrap_trap || !self.bugs.is_empty() {
+            update_profile: if self.stress_paths || wrap_trap || !self.bugs.is_empty() {
                 UpdateProfile::Steady
             } else {
                 self.updates
@@ -250,15 +274,15 @@ impl RunOptions {
     /// Runs the default machine on a fresh real MMU, calling `progress` about every 10 ms.
     pub fn run(&self, progress: &mut dyn FnMut(&ProgressSnapshot)) -> Result<Report, RunError> {
         let machine = Machine::new(self.machine_config()?).map_err(RunError::Machine)?;
-        let generation_base = if self.wrap_trap {
-            machine.wrap_trap_generation_base()
-        } else if self.near_wrap {
-            (1 << vmmu::types::Generation::MMIO_GEN_BITS) - NEAR_WRAP_MARGIN
-        } else {
-            0
+        let generation_base = match self.generation {
+            GenerationStart::Zero => 0,
+            GenerationStart::NearWrap => {
+                (1 << vmmu::types::Generation::MMIO_GEN_BITS) - NEAR_WRAP_MARGIN
+            }
+            GenerationStart::WrapTrap => machine.wrap_trap_generation_base(),
         };
         let cfg = RealMmuConfig {
-            format: self.format,
+            format: self.mmu.format(),
             phys_bits: self.phys_bits,
             mmio_caching: self.mmio_caching,
             vcpus: usize::from(self.vcpus),
@@ -268,10 +292,9 @@ impl RunOptions {
             tdp_prefetch: false,
             shadow_mmio_path_only: false,
         };
-        let mmu = if self.shadow {
-            RealMmu::shadow(machine.host().clone(), cfg, 1)
-        } else {
-            RealMmu::new(machine.host().clone(), cfg)
+        let mmu = match self.mmu {
+            RunMmu::Shadow => RealMmu::shadow(machine.host().clone(), cfg, 1),
+            RunMmu::Tdp(_) | RunMmu::TdpGuestPaging(_) => RealMmu::new(machine.host().clone(), cfg),
         }
         .map_err(RunError::Mmu)?;
         machine.run_with_progress(&mmu, progress).map_err(RunError::Run)
@@ -305,8 +328,12 @@ mod tests {
         assert!(o.machine_config().is_err());
         let o = RunOptions { seconds: 0.0, ..RunOptions::default() };
         assert_eq!(o.validate(), Err(OptionsError::Seconds(0.0)));
-        let o = RunOptions { wrap_trap: true, near_wrap: true, ..RunOptions::default() };
-        assert_eq!(o.validate(), Err(OptionsError::WrapTrapNearWrap));
+        let o = RunOptions {
+            generation: GenerationStart::WrapTrap,
+            mmu: RunMmu::Shadow,
+            ..RunOptions::default()
+        };
+        assert_eq!(o.validate(), Err(OptionsError::WrapTrapPaging));
         let o = RunOptions { churn: Some(0), ..RunOptions::default() };
         assert_eq!(o.validate(), Err(OptionsError::Churn));
         assert!(parse_seconds("x").is_err_and(|e| e.contains("not a number")));

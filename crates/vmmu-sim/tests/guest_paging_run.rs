@@ -3,18 +3,16 @@
 //! through guest-virtual accesses.
 
 use vmmu::spte::FormatKind;
-use vmmu_sim::RunOptions;
+use vmmu_sim::{RunMmu, RunOptions};
 
 fn run(o: RunOptions) -> vmmu_sim::Report {
     o.run(&mut |_| {}).expect("run")
 }
 
-fn opts(shadow: bool, format: FormatKind) -> RunOptions {
+fn opts(mmu: RunMmu) -> RunOptions {
     RunOptions {
         seconds: 1.5,
-        shadow,
-        guest_paging: !shadow,
-        format,
+        mmu,
         updates: vmmu_sim::UpdateProfile::Steady,
         ..RunOptions::default()
     }
@@ -22,7 +20,7 @@ fn opts(shadow: bool, format: FormatKind) -> RunOptions {
 
 #[test]
 fn shadow_paging_runs_clean() {
-    let r = run(opts(true, FormatKind::Npt));
+    let r = run(opts(RunMmu::Shadow));
     assert_eq!(r.oracle.violations, 0, "{:#?}", r.oracle.first_violations);
     assert!(r.oracle.checked > 10_000, "{}", r.oracle.checked);
     assert!(r.memslots.updates > 10, "{:?}", r.memslots.updates);
@@ -31,7 +29,7 @@ fn shadow_paging_runs_clean() {
 #[test]
 fn tdp_guest_paging_runs_clean_under_both_formats() {
     for format in [FormatKind::Ept, FormatKind::Npt] {
-        let r = run(opts(false, format));
+        let r = run(opts(RunMmu::TdpGuestPaging(format)));
         assert_eq!(r.oracle.violations, 0, "{format:?}: {:#?}", r.oracle.first_violations);
         assert!(r.oracle.checked > 10_000);
     }
@@ -39,7 +37,7 @@ fn tdp_guest_paging_runs_clean_under_both_formats() {
 
 #[test]
 fn shadow_paging_with_stress_and_four_vcpus_runs_clean() {
-    let o = RunOptions { vcpus: 4, stress_paths: true, ..opts(true, FormatKind::Npt) };
+    let o = RunOptions { vcpus: 4, stress_paths: true, ..opts(RunMmu::Shadow) };
     let r = run(o);
     assert_eq!(r.oracle.violations, 0, "{:#?}", r.oracle.first_violations);
 }
@@ -49,8 +47,7 @@ fn shadow_paging_with_stress_and_four_vcpus_runs_clean() {
 /// counted thousands (host invalidations, slot updates).
 #[test]
 fn shadow_paging_counts_the_vcpus_retries() {
-    let o =
-        RunOptions { vcpus: 3, seconds: 1.0, stress_paths: true, ..opts(true, FormatKind::Npt) };
+    let o = RunOptions { vcpus: 3, seconds: 1.0, stress_paths: true, ..opts(RunMmu::Shadow) };
     let r = run(o);
     assert_eq!(r.oracle.violations, 0, "{:#?}", r.oracle.first_violations);
     assert!(r.mmu.retries > 0, "no fault retried under stress: the test proves nothing");
@@ -64,7 +61,7 @@ fn shadow_paging_counts_the_vcpus_retries() {
 /// vCPU made hundreds of thousands of accesses, most of them TLB hits.
 #[test]
 fn shadow_paging_reports_the_gva_tlb() {
-    let r = run(RunOptions { seconds: 1.0, ..opts(true, FormatKind::Npt) });
+    let r = run(RunOptions { seconds: 1.0, ..opts(RunMmu::Shadow) });
     assert_eq!(r.oracle.violations, 0, "{:#?}", r.oracle.first_violations);
     let t = r.tlb;
     assert!(t.hits > 0 && t.misses > 0 && t.inserts > 0 && t.flushes > 0, "{t:?}");
@@ -85,7 +82,7 @@ fn the_oracle_sees_a_stale_mmio_spte_through_guest_virtual_accesses() {
             seed,
             bugs: BugSet::only(Bug::MmioSpteIgnoresGen),
             seconds: 2.0,
-            ..opts(true, FormatKind::Npt)
+            ..opts(RunMmu::Shadow)
         };
         let r = run(o);
         eprintln!("seed {seed}: {} violations", r.oracle.violations);
@@ -109,7 +106,7 @@ fn the_oracle_sees_a_missing_tlb_flush_through_the_gva_tlbs() {
             bugs: BugSet::only(Bug::NoTlbFlushOnZap),
             seconds: 2.0,
             stress_paths: true,
-            ..opts(true, FormatKind::Npt)
+            ..opts(RunMmu::Shadow)
         };
         let r = run(o);
         eprintln!("seed {seed}: {} violations", r.oracle.violations);
@@ -124,7 +121,7 @@ fn the_oracle_sees_a_missing_tlb_flush_through_the_gva_tlbs() {
 fn shadow_paging_loses_no_dirty_page() {
     for mode in [vmmu_sim::migration::DirtyLogMode::Auto, vmmu_sim::migration::DirtyLogMode::Manual]
     {
-        let o = RunOptions { dirty_log: Some(mode), ..opts(true, FormatKind::Npt) };
+        let o = RunOptions { dirty_log: Some(mode), ..opts(RunMmu::Shadow) };
         let r = run(o);
         assert_eq!(r.oracle.violations, 0, "{mode:?}: {:#?}", r.oracle.first_violations);
         assert!(r.dirty_log.is_some(), "{mode:?}: no dirty-log report");
@@ -135,18 +132,18 @@ fn shadow_paging_loses_no_dirty_page() {
 /// the shadow maps writable, stopped, started again; and two-dimensionally with a TDP format.
 #[test]
 fn guest_paging_loses_no_dirty_page_across_migrations() {
-    for (shadow, mode) in [
-        (true, vmmu_sim::migration::DirtyLogMode::Auto),
-        (false, vmmu_sim::migration::DirtyLogMode::Manual),
+    for (mmu, mode) in [
+        (RunMmu::Shadow, vmmu_sim::migration::DirtyLogMode::Auto),
+        (RunMmu::TdpGuestPaging(FormatKind::Npt), vmmu_sim::migration::DirtyLogMode::Manual),
     ] {
         let o = RunOptions {
             dirty_log: Some(mode),
             dirty_log_rounds: std::num::NonZeroU32::new(3),
-            ..opts(shadow, FormatKind::Npt)
+            ..opts(mmu)
         };
         let r = run(o);
         let d = r.dirty_log.clone().expect("dirty-log report");
-        let ctx = format!("shadow {shadow} {mode:?}: {d:?} {:#?}", r.oracle.first_violations);
+        let ctx = format!("{mmu:?} {mode:?}: {d:?} {:#?}", r.oracle.first_violations);
         assert_eq!(r.oracle.violations, 0, "{ctx}");
         assert!(d.migrations >= 2 && d.pages_reported > 0, "{ctx}");
     }
