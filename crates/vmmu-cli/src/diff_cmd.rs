@@ -75,7 +75,8 @@ fn counter_lines(
         Err(e) => return vec![format!("  counters: kvm: {e}")],
     };
     let mut lines = Vec::new();
-    for (name, b) in sim_backends(pinned).iter().filter(|(n, _)| n.contains("shadow")) {
+    let shadow = |n: &str| diff::machine_source_format(n) == Some(Format::Shadow);
+    for (name, b) in sim_backends(pinned).iter().filter(|(n, _)| shadow(n)) {
         let line = match counter_trail(b.as_ref(), scenario) {
             Err(e) => format!("  counters: {name}: {e}"),
             Ok(trail) => {
