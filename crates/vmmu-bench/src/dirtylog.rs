@@ -152,7 +152,7 @@ fn kvm_numbers(opts: &Options) -> KvmResult {
     let t0 = Instant::now();
     std::thread::sleep(phase);
     let plain = (busy.adds() - a0) as f64 / t0.elapsed().as_secs_f64();
-    vm.log_working_set(true)?;
+    vm.start_logging_working_set()?;
     let (mut get, mut reported) = (Latencies::new(), 0u64);
     let _ = vm.get_dirty_log(WORK_SLOT)?; // start from a clean log
     let a1 = busy.adds();
@@ -163,7 +163,7 @@ fn kvm_numbers(opts: &Options) -> KvmResult {
         std::thread::sleep(Duration::from_millis(2));
     }
     let (adds, secs) = (busy.adds() - a1, t1.elapsed().as_secs_f64());
-    vm.log_working_set(false)?;
+    vm.stop_logging_working_set()?;
     vm.stop_busy(busy)?;
     let gets = get.len().max(1);
     let (m, p) = summary(&get);

@@ -227,12 +227,21 @@ impl BenchVm {
         Ok(())
     }
 
-    /// Turns dirty logging of the working set (slot [`WORK_SLOT`]) on or off (a flags-only
+    /// Turns dirty logging of the working set (slot [`WORK_SLOT`]) on (a flags-only
     /// `KVM_SET_USER_MEMORY_REGION`).
-    pub fn log_working_set(&self, on: bool) -> Result<(), String> {
+    pub fn start_logging_working_set(&self) -> Result<(), String> {
+        self.set_working_set_flags(KVM_MEM_LOG_DIRTY_PAGES)
+    }
+
+    /// Turns dirty logging of the working set off again.
+    pub fn stop_logging_working_set(&self) -> Result<(), String> {
+        self.set_working_set_flags(0)
+    }
+
+    fn set_working_set_flags(&self, flags: u32) -> Result<(), String> {
         let r = kvm_userspace_memory_region {
             slot: WORK_SLOT,
-            flags: u32::from(on),
+            flags,
             guest_phys_addr: WORK_GPA,
             memory_size: WORK_SIZE as u64,
             userspace_addr: self._work.addr(),
@@ -259,7 +268,7 @@ impl BenchVm {
 
     /// Enables manual dirty-log protection (without "initially set").
     pub fn enable_manual_dirty_log(&self) -> Result<(), String> {
-        crate::dirty::enable_manual(&self.vm, false)
+        crate::dirty::enable_manual(&self.vm, crate::dirty::Initially::Clean)
     }
 
     /// Starts the vCPU on its busy loop in a new thread, pinned to `cpu` if given. `None` if

@@ -25,12 +25,21 @@ fn last_errno() -> String {
     errno::name(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
 }
 
-/// Enables manual protect, with `KVM_DIRTY_LOG_INITIALLY_SET` if `initially_set`; `Err` says
-/// why it cannot be had.
-pub(crate) fn enable_manual(vm: &VmFd, initially_set: bool) -> Result<(), String> {
+/// How a slot's log starts when logging is turned on under manual protect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Initially {
+    /// Clean, with every page write-protected.
+    Clean,
+    /// Every page dirty and nothing write-protected (`KVM_DIRTY_LOG_INITIALLY_SET`).
+    AllDirty,
+}
+
+/// Enables manual protect (with `KVM_DIRTY_LOG_INITIALLY_SET` for [`Initially::AllDirty`]);
+/// `Err` says why it cannot be had.
+pub(crate) fn enable_manual(vm: &VmFd, initially: Initially) -> Result<(), String> {
     let offered = vm.check_extension_raw(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.into());
     let mut enable = u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE);
-    if initially_set {
+    if initially == Initially::AllDirty {
         enable |= u64::from(KVM_DIRTY_LOG_INITIALLY_SET);
     }
     if u64::try_from(offered).unwrap_or(0) & enable != enable {

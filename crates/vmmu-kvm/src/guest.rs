@@ -169,12 +169,32 @@ fn seg(selector: u16, type_: u8, dpl: u8, code64: bool) -> kvm_segment {
     }
 }
 
-/// The code and data segments of CPL3 (`kernel` false) or CPL0 (`kernel` true), 64-bit code
-/// (`long`) or 32-bit (the PAE guest of [`image32`]); everything else in `s` (control
+/// The privilege level guest code runs at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cpl {
+    /// CPL0: page-table writes, INVLPG, MOV CR3, the #PF handler.
+    Kernel,
+    /// CPL3: the scenario's accesses.
+    User,
+}
+
+/// The mode of the guest's code segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CodeMode {
+    /// 64-bit code in long mode.
+    Long64,
+    /// 32-bit protected-mode code (the PAE guest of [`image32`]).
+    Protected32,
+}
+
+/// The code and data segments of `cpl` with code in `mode`; everything else in `s` (control
 /// registers, CR3 included, descriptor tables) is kept.
-pub fn with_cpl(mut s: kvm_sregs, kernel: bool, long: bool) -> kvm_sregs {
-    let (cs, ds, dpl) = if kernel { (KERNEL_CS, KERNEL_DS, 0) } else { (USER_CS, USER_DS, 3) };
-    s.cs = seg(cs, 0xb, dpl, long);
+pub fn with_cpl(mut s: kvm_sregs, cpl: Cpl, mode: CodeMode) -> kvm_sregs {
+    let (cs, ds, dpl) = match cpl {
+        Cpl::Kernel => (KERNEL_CS, KERNEL_DS, 0),
+        Cpl::User => (USER_CS, USER_DS, 3),
+    };
+    s.cs = seg(cs, 0xb, dpl, mode == CodeMode::Long64);
     let data = seg(ds, 0x3, dpl, false);
     s.ds = data;
     s.es = data;
@@ -186,7 +206,7 @@ pub fn with_cpl(mut s: kvm_sregs, kernel: bool, long: bool) -> kvm_sregs {
 
 /// Long mode, paging on, segments at CPL3; starts from the vCPU's current special registers.
 pub fn sregs(s: kvm_sregs) -> kvm_sregs {
-    let mut s = with_cpl(s, false, true);
+    let mut s = with_cpl(s, Cpl::User, CodeMode::Long64);
     s.tr = kvm_segment {
         base: TSS,
         limit: 0x67,
@@ -276,7 +296,7 @@ pub fn image32(pf_handler: u64) -> Vec<(u64, Vec<u8>)> {
 
 /// 32-bit protected mode with PAE paging at CPL3 (the guest of [`image32`]), CR3 = `cr3`.
 pub fn sregs32(s: kvm_sregs, cr3: u64) -> kvm_sregs {
-    let mut s = with_cpl(sregs(s), false, false);
+    let mut s = with_cpl(sregs(s), Cpl::User, CodeMode::Protected32);
     s.tr.type_ = 0xb; // busy 32-bit TSS
     s.idt.limit = 256 * 8 - 1;
     s.cr3 = cr3;

@@ -16,7 +16,7 @@
 
 use crate::code::{self, EXCEPTION_PORT, SYNC_GPA};
 use crate::errno;
-use crate::guest::{self, CODE, KSTACK_TOP, OWN_SIZE, OWN_SLOT};
+use crate::guest::{self, CodeMode, Cpl, CODE, KSTACK_TOP, OWN_SIZE, OWN_SLOT};
 use crate::mapping::Mapping;
 use crate::paging::{self, Tables, POOL_GPA, POOL_SIZE, POOL_SLOT, REPORT_GPA};
 use kvm_bindings::{
@@ -209,12 +209,12 @@ struct GuestPaging {
     pool: Mapping,
     /// The host's model of the guest's tables (the guest makes every change itself).
     tables: Tables,
-    /// `paging=pae`: a 32-bit protected-mode guest (else 64-bit long mode).
-    pae: bool,
+    /// The guest's code: 32-bit protected mode under `paging=pae`, else 64-bit long mode.
+    code: CodeMode,
     /// The space each vCPU has loaded.
     space: Vec<u8>,
-    /// Whether each vCPU is at CPL0 now (after a CPL0 routine or a page fault).
-    kernel: Vec<bool>,
+    /// The privilege level each vCPU is at now (CPL0 after a CPL0 routine or a page fault).
+    cpl: Vec<Cpl>,
 }
 
 /// Creates the VM for `scenario`, or skips it when the kernel cannot honour its `vm` line.
@@ -229,7 +229,7 @@ pub fn start(scenario: &Scenario) -> Result<Start, BackendError> {
         }
     }
     if scenario.vm.dirty_log == DirtyLogMode::Manual {
-        if let Err(why) = crate::dirty::enable_manual(&vm, false) {
+        if let Err(why) = crate::dirty::enable_manual(&vm, crate::dirty::Initially::Clean) {
             return Ok(Start::Skip(format!("dirty_log=manual: {why}")));
         }
     }
@@ -332,7 +332,8 @@ pub fn start(scenario: &Scenario) -> Result<Start, BackendError> {
         );
         let n = vcpus.len();
         let tables = Tables::new(mode);
-        GuestPaging { pool, tables, pae, space: vec![0; n], kernel: vec![false; n] }
+        let code = if pae { CodeMode::Protected32 } else { CodeMode::Long64 };
+        GuestPaging { pool, tables, code, space: vec![0; n], cpl: vec![Cpl::User; n] }
     });
     let bufs = Vec::new();
     let sizes = BTreeMap::from([(OWN_SLOT, OWN_SIZE as u64)]);
@@ -401,19 +402,19 @@ impl KvmMachine {
         Ok(())
     }
 
-    /// Puts vCPU `vcpu` at CPL0 (`kernel`) or CPL3 through `KVM_SET_SREGS` (segments only: CR3
-    /// and the control registers stay as the guest left them). Only paging guests enter CPL0.
-    fn set_cpl(&mut self, vcpu: u32, kernel: bool) -> Result<(), KvmError> {
+    /// Puts vCPU `vcpu` at `cpl` through `KVM_SET_SREGS` (segments only: CR3 and the control
+    /// registers stay as the guest left them). Only paging guests enter CPL0.
+    fn set_cpl(&mut self, vcpu: u32, cpl: Cpl) -> Result<(), KvmError> {
         let Some(p) = &mut self.paging else { return Ok(()) };
         let i = vcpu as usize;
-        if p.kernel[i] == kernel {
+        if p.cpl[i] == cpl {
             return Ok(());
         }
         let v = &self.vcpus[i];
         let s = v.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
-        let s = guest::with_cpl(s, kernel, !p.pae);
+        let s = guest::with_cpl(s, cpl, p.code);
         v.set_sregs(&s).map_err(ioctl("KVM_SET_SREGS"))?;
-        p.kernel[i] = kernel;
+        p.cpl[i] = cpl;
         Ok(())
     }
 
@@ -434,7 +435,7 @@ impl KvmMachine {
         if let Some(gpa) = gpa {
             self.check_backed(gpa, u64::from(width.bytes()), write)?;
         }
-        self.set_cpl(vcpu, false)?;
+        self.set_cpl(vcpu, Cpl::User)?;
         self.own.write_bytes(CODE as usize, code);
         self.vcpus[vcpu as usize].set_regs(&guest::regs()).map_err(ioctl("KVM_SET_REGS"))?;
         let want = if self.paging.is_some() { None } else { gpa };
@@ -446,7 +447,7 @@ impl KvmMachine {
     /// Runs `code` at CPL0 on vCPU `vcpu` (paging guests: page-table writes, INVLPG, MOV CR3)
     /// until its sync store; it may make no other exit.
     fn run_kernel(&mut self, vcpu: u32, code: &[u8]) -> Result<(), KvmError> {
-        self.set_cpl(vcpu, true)?;
+        self.set_cpl(vcpu, Cpl::Kernel)?;
         self.own.write_bytes(CODE as usize, code);
         let v = &self.vcpus[vcpu as usize];
         v.set_regs(&guest::kernel_regs()).map_err(ioctl("KVM_SET_REGS"))?;
@@ -541,7 +542,7 @@ impl KvmMachine {
         if let Some(p) = &mut self.paging {
             // An exception leaves the vCPU in its CPL0 handler.
             if exception.is_some() || matches!(end, End::PageFault { .. }) {
-                p.kernel[vcpu as usize] = true;
+                p.cpl[vcpu as usize] = Cpl::Kernel;
             }
         }
         if let Some(vector) = exception {
@@ -570,7 +571,7 @@ impl KvmMachine {
 impl KvmMachine {
     /// Whether the guest is the 32-bit PAE one.
     fn pae(&self) -> bool {
-        self.paging.as_ref().is_some_and(|p| p.pae)
+        self.paging.as_ref().is_some_and(|p| p.code == CodeMode::Protected32)
     }
 
     fn guest_paging(&mut self) -> Result<&mut GuestPaging, BackendError> {
@@ -743,7 +744,7 @@ impl Machine for KvmMachine {
 
     fn cr3(&mut self, op: &Cr3Op) -> Result<(), BackendError> {
         let root = paging::root(op.space);
-        let code = if self.guest_paging()?.pae {
+        let code = if self.guest_paging()?.code == CodeMode::Protected32 {
             code::kernel_cr3_32(root, SYNC_GPA)
         } else {
             code::kernel_cr3(root, SYNC_GPA)

@@ -364,7 +364,7 @@ pub mod set_memory_region {
         let t0 = Instant::now();
         let mut out = Outcome::default();
         for _ in 0..loops {
-            out.mmio_exits += once(true)?;
+            out.mmio_exits += once(SlotChange::Move)?;
             out.loops += 1;
         }
         out.elapsed = t0.elapsed();
@@ -376,14 +376,23 @@ pub mod set_memory_region {
         let t0 = Instant::now();
         let mut out = Outcome::default();
         for _ in 0..loops {
-            out.mmio_exits += once(false)?;
+            out.mmio_exits += once(SlotChange::Delete)?;
             out.loops += 1;
         }
         out.elapsed = t0.elapsed();
         Ok(out)
     }
 
-    fn once(is_move: bool) -> Result<u64> {
+    /// What the host does to the test's memory slot while the guest spins on it.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum SlotChange {
+        /// MOVE: the slot moves down a page and back.
+        Move,
+        /// DELETE: the slot is deleted, re-created, deleted, then the code slot too.
+        Delete,
+    }
+
+    fn once(change: SlotChange) -> Result<u64> {
         let mut regions = vec![Mapping::new(MEM_REGION_SIZE as usize).map_err(failed)?];
         let vm = TestVm::new()?;
         let hva0 = regions[0].addr();
@@ -399,12 +408,15 @@ pub mod set_memory_region {
         regions.push(fresh);
         let result = std::thread::scope(|s| {
             let guest = s.spawn(|| {
-                let phases: &[Phase] = if is_move { &MOVE } else { &DELETE };
+                let phases: &[Phase] = match change {
+                    SlotChange::Move => &MOVE,
+                    SlotChange::Delete => &DELETE,
+                };
                 guest(&mut vcpu, phases, &tx, &mmio)
             });
             let host = || -> Result<()> {
                 wait(&rx, "the guest started")?;
-                if is_move {
+                if change == SlotChange::Move {
                     // SAFETY: the range is a mapping of `regions`, declared before the VM
                     // (dropped after it).
                     unsafe {
@@ -445,14 +457,14 @@ pub mod set_memory_region {
         let end = end?;
         host?;
         let spin = CODE + code::SPIN..CODE + code::SPIN + code::SPIN_LOOP_END;
-        match (is_move, end) {
-            (true, Stop::Sync(1)) => {}
-            (true, other) => {
+        match (change, end) {
+            (SlotChange::Move, Stop::Sync(1)) => {}
+            (SlotChange::Move, other) => {
                 return Err(failed(format!("after the move back the guest must see 1: {other:?}")))
             }
-            (false, Stop::Shutdown) => {}
-            (false, Stop::InternalError(rip)) if spin.contains(&rip) => {}
-            (false, other) => {
+            (SlotChange::Delete, Stop::Shutdown) => {}
+            (SlotChange::Delete, Stop::InternalError(rip)) if spin.contains(&rip) => {}
+            (SlotChange::Delete, other) => {
                 return Err(failed(format!(
                     "after slot 0 is deleted the run must end in a shutdown, or an internal \
                      error with RIP in the final spin loop {spin:#x?}: {other:?}"
@@ -845,9 +857,8 @@ pub mod stress {
 pub mod dirty_log_perf {
     use super::*;
 
+    use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
     pub use vmmu_selftest::dirty_log_perf::{Outcome, Params, Protect, TEST_GPA, TEST_SLOT};
-    /// `KVM_MEM_LOG_DIRTY_PAGES`.
-    const LOG_DIRTY_PAGES: u32 = 1;
 
     /// `p.vcpus` vCPUs, `p.bytes_per_vcpu` each, `p.iterations` (at least 2), collected as
     /// `p.protect` says.
@@ -869,7 +880,11 @@ pub mod dirty_log_perf {
         let mem = Mapping::new(size as usize).map_err(failed)?;
         let t = TestVm::new()?;
         if manual {
-            crate::dirty::enable_manual(&t.vm, protect == Protect::InitiallySet).map_err(|e| {
+            let initially = match protect {
+                Protect::InitiallySet => crate::dirty::Initially::AllDirty,
+                Protect::Auto | Protect::Manual => crate::dirty::Initially::Clean,
+            };
+            crate::dirty::enable_manual(&t.vm, initially).map_err(|e| {
                 failed(format!("manual dirty-log protect: {e}; run without it (auto mode)"))
             })?;
         }
@@ -926,7 +941,13 @@ pub mod dirty_log_perf {
                 let t0 = Instant::now();
                 // SAFETY: `mem` is declared before the VM, so it is dropped after it.
                 unsafe {
-                    t.set_region_flags(TEST_SLOT, LOG_DIRTY_PAGES, TEST_GPA, size, mem.addr())
+                    t.set_region_flags(
+                        TEST_SLOT,
+                        KVM_MEM_LOG_DIRTY_PAGES,
+                        TEST_GPA,
+                        size,
+                        mem.addr(),
+                    )
                 }?;
                 out.enable = t0.elapsed();
                 for it in 1..=iterations {
