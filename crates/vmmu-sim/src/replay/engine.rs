@@ -17,10 +17,13 @@
 //!   page) and the requested range (first, middle, last page), so the TLB, the SPTEs and the
 //!   per-vCPU MMIO cache hold what the request must invalidate; right after it, the same pages
 //!   (most recent first) and then each live slot of address space 0 (first, middle and last
-//!   page). A probe of a page in a slot: the host writes a fresh token into the slot's buffer
-//!   and the guest must read it back; the guest writes another token and the host must find it
-//!   in the buffer (or, in a read-only slot, the write must be MMIO and the buffer unchanged);
-//!   every other live slot that maps the same host page (an alias) must read it too. A probe of
+//!   page; with more than `PROBE_ALL_MAX_SLOTS` live, that many in turn). A probe of a page in
+//!   a slot: the host writes a fresh token into the slot's buffer and the guest must read it
+//!   back; the guest writes another token and the host must find it in the buffer (or, in a
+//!   read-only slot, the write must be MMIO and the buffer unchanged); every other live slot
+//!   that maps the same host page (an alias) must read it too (up to `ALIAS_READS_MAX` of them
+//!   per probe, in turn). Slots are looked up through an index (`super::live`), so a replay's
+//!   cost grows with its length, not with the cube of its slots. A probe of
 //!   a page in no slot must be MMIO. A stale translation or a stale "this is MMIO" shows up as
 //!   a wrong value or a wrong kind of access (an oracle violation); `tests/replay_bugs.rs` shows
 //!   re-injected historical bugs caught this way. The verdict on a probe's write
@@ -28,6 +31,7 @@
 //!   without an MMU that misbehaves.
 
 use super::identity::{IdentityError, IdentityTables};
+use super::live::{Live, LiveSlots};
 use super::memory::{MemoryError, TraceMemory};
 use super::parse::{Dir, EventKind, Exit, MmioEvent, SlotEvent, Trace};
 use super::report::{Misclassified, Refusal, RunReport, ZapDiff, KEEP};
@@ -39,7 +43,6 @@ use crate::ram::Width;
 use crate::real::{RealMmu, RealMmuConfig};
 use crate::seam::{AccessKind, GuestMmu};
 use crate::timeline::{LatencyHistogram, Sample, Timeline};
-use std::collections::BTreeMap;
 use std::time::Instant;
 use vmmu::bugs::BugSet;
 use vmmu::dirty::DirtyLogMode;
@@ -204,16 +207,6 @@ impl Outcome {
     }
 }
 
-/// A slot the core accepted, as far as the replay's own accesses need it.
-#[derive(Clone, Copy, Debug)]
-struct Live {
-    gpa: u64,
-    size: u64,
-    hva: u64,
-    readonly: bool,
-    dirty_log: bool,
-}
-
 /// The replay's single vCPU: the machine's simulated hardware vCPU ([`HwVcpu`]: requests and
 /// kicks, TLB, the MMU's walk and exits, one retry policy), dropped at the end so its counters
 /// reach the MMU's totals. Under the shadow MMU its accesses go by guest-virtual address
@@ -326,12 +319,26 @@ impl Cpu<'_> {
     }
 }
 
+/// The most live slots `Replay::probe_all` probes after one slot request. A trace with more
+/// (KVM allows 32764 per address space; QEMU's virtio-mem can use over a thousand) has them
+/// probed in turn, this many after each request, so a replay stays linear in the trace's length
+/// rather than quadratic in its slots. Above the most any recorded boot has live (about 130).
+const PROBE_ALL_MAX_SLOTS: usize = 256;
+
+/// The most aliases one probe reads back through. A page with more (a trace that maps one host
+/// buffer at hundreds of gpas) has them read in turn, this many per probe.
+const ALIAS_READS_MAX: usize = 16;
+
 /// The replay of one trace under one configuration.
 struct Replay<'a> {
     cpu: Cpu<'a>,
     mmu: &'a RealMmu,
     memory: &'a TraceMemory,
-    live: BTreeMap<(u16, u16), Live>,
+    live: LiveSlots,
+    /// The slot id the next capped round of `probe_all` starts at.
+    probe_cursor: u16,
+    /// Where in a page's list of aliases the next capped read-back starts.
+    alias_turn: usize,
     report: RunReport,
     latencies: Vec<u64>,
     /// MMIO handling latency of the recorded MMIO accesses that ended as MMIO.
@@ -432,7 +439,7 @@ impl Replay<'_> {
             userspace_addr,
         };
         let key = (s.as_id, s.id);
-        let old = self.live.get(&key).copied();
+        let old = self.live.get(key);
         let warm = self.warm_pages(old, s);
         for &page in &warm {
             self.probe(page);
@@ -475,24 +482,26 @@ impl Replay<'_> {
         match change {
             MemslotChange::Create => {
                 r.creates += 1;
-                self.live.insert(key, new);
+                // The host buffer behind the slot (its first address): only slots of one
+                // buffer can alias each other.
+                let buffer = self
+                    .memory
+                    .host()
+                    .locate(Hva(userspace_addr))
+                    .map_or(userspace_addr, |(_, off)| userspace_addr - off);
+                self.live.create(key, new, buffer);
             }
             MemslotChange::Delete => {
                 r.deletes += 1;
-                self.live.remove(&key);
+                self.live.delete(key);
             }
             MemslotChange::Move => {
                 r.moves += 1;
-                if let Some(l) = self.live.get_mut(&key) {
-                    l.gpa = s.gpa;
-                    l.dirty_log = s.dirty_log;
-                }
+                self.live.move_to(key, s.gpa, s.dirty_log);
             }
             MemslotChange::FlagsOnly => {
                 r.flags_only += 1;
-                if let Some(l) = self.live.get_mut(&key) {
-                    l.dirty_log = s.dirty_log;
-                }
+                self.live.set_dirty_log(key, s.dirty_log);
             }
             MemslotChange::NoOp => r.no_ops += 1,
         }
@@ -535,27 +544,17 @@ impl Replay<'_> {
     /// The replay's own accesses to every live slot of address space 0 after an applied slot
     /// request.
     fn probe_all(&mut self) {
-        let slots: Vec<Live> =
-            self.live.iter().filter(|((a, _), _)| *a == 0).map(|(_, l)| *l).collect();
-        for l in slots {
+        for l in self.live.round(&mut self.probe_cursor, PROBE_ALL_MAX_SLOTS) {
             for page in first_middle_last(l.gpa, l.size).into_iter().flatten() {
                 self.probe(page);
             }
         }
     }
 
-    /// The live slot of address space 0 that covers `gpa`.
-    fn covering(&self, gpa: u64) -> Option<Live> {
-        self.live
-            .iter()
-            .find(|((a, _), l)| *a == 0 && gpa >= l.gpa && gpa - l.gpa < l.size)
-            .map(|(_, l)| *l)
-    }
-
     /// Checks RAM or MMIO at a page: `page` is page aligned; the word in it varies.
     fn probe(&mut self, page: u64) {
         let gpa = page + self.tokens.word_offset();
-        let Some(slot) = self.covering(gpa) else {
+        let Some((id, slot)) = self.live.covering(gpa) else {
             self.report.own_accesses.hole_reads += 1;
             let seen = self.cpu.access(gpa, Width::W8, None, true);
             self.check(seen == Outcome::Mmio, || {
@@ -619,7 +618,11 @@ impl Replay<'_> {
             });
             t2
         };
-        for alias in aliases(&self.live, hva, gpa) {
+        let aliases = self.live.aliases(id, hva, gpa);
+        let n = aliases.len();
+        let start = if n > ALIAS_READS_MAX { self.alias_turn % n } else { 0 };
+        self.alias_turn = self.alias_turn.wrapping_add(ALIAS_READS_MAX);
+        for alias in aliases.into_iter().cycle().skip(start).take(n.min(ALIAS_READS_MAX)) {
             self.report.own_accesses.alias_reads += 1;
             let seen = self.cpu.access(alias, Width::W8, None, true);
             self.check(seen == Outcome::Ram(now), || {
@@ -645,7 +648,8 @@ impl Replay<'_> {
             Dir::Read => None,
             Dir::Write => Some(m.value.unwrap_or(0)),
         };
-        let readonly_write = write.is_some() && self.covering(m.gpa).is_some_and(|l| l.readonly);
+        let readonly_write =
+            write.is_some() && self.live.covering(m.gpa).is_some_and(|(_, l)| l.readonly);
         // Recorded accesses are classified, never performed on RAM: a misclassified one must not
         // corrupt the buffers the oracle reads.
         let t0 = Instant::now();
@@ -689,7 +693,7 @@ impl Replay<'_> {
     /// One dirty-log call, applied to the core: a GET, or (`clear = Some((first, count))`) a
     /// CLEAR with every bit of the range set (the recorded bitmap is not in the trace).
     fn dirty_log(&mut self, line: usize, as_id: u16, id: u16, clear: Option<(u64, u32)>) {
-        let logged = self.live.get(&(as_id, id)).is_some_and(|l| l.dirty_log);
+        let logged = self.live.get((as_id, id)).is_some_and(|l| l.dirty_log);
         let slot = (u32::from(as_id) << 16) | u32::from(id);
         let result = match clear {
             Some((first, count)) => {
@@ -735,16 +739,6 @@ fn own_write_ok(readonly: bool, seen: &Outcome, host: u64, before: u64, written:
     } else {
         *seen == Outcome::Ram(written) && host == written
     }
-}
-
-/// The guest-physical addresses, other than `gpa` itself, at which a live slot of address space 0
-/// maps host address `hva`: the aliases through which the replay reads back what it wrote at `gpa`.
-fn aliases(live: &BTreeMap<(u16, u16), Live>, hva: u64, gpa: u64) -> Vec<u64> {
-    live.iter()
-        .filter(|((a, _), l)| *a == 0 && hva >= l.hva && hva - l.hva < l.size)
-        .map(|(_, l)| l.gpa + (hva - l.hva))
-        .filter(|&g| g != gpa)
-        .collect()
 }
 
 /// The first, middle and last page of `[gpa, gpa + size)` (the same page more than once in a
@@ -798,7 +792,9 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
         },
         mmu: &mmu,
         memory: &memory,
-        live: BTreeMap::new(),
+        live: LiveSlots::default(),
+        probe_cursor: 0,
+        alias_turn: 0,
         report: RunReport {
             config: cfg.name(),
             guest: guest_note,
@@ -1133,27 +1129,6 @@ mod tests {
     }
 
     #[test]
-    fn the_aliases_of_a_host_address_are_the_other_slots_of_address_space_0_over_it() {
-        let h = 0x7f00_0001_0000;
-        let live = |gpa, size, hva| Live { gpa, size, hva, readonly: false, dirty_log: false };
-        let slots = BTreeMap::from([
-            // The probed slot, and a second one over the same buffer.
-            ((0, 1), live(0x100000, 0x10000, h)),
-            ((0, 2), live(0x200000, 0x10000, h)),
-            // Host memory ending right below `h`, and starting right above its first page.
-            ((0, 3), live(0x300000, 0x1000, h - 0x1000)),
-            ((0, 4), live(0x400000, 0x1000, h + 0x1000)),
-            // The SMM twin of the probed slot: the vCPU is not in SMM.
-            ((1, 1), live(0x100000, 0x10000, h)),
-        ]);
-        assert_eq!(aliases(&slots, h, 0x100000), [0x200000]);
-        assert_eq!(aliases(&slots, h + 0x8, 0x100008), [0x200008]);
-        assert_eq!(aliases(&slots, h + 0x1008, 0x101008), [0x201008, 0x400008]);
-        assert_eq!(aliases(&slots, h + 0x1008, 0x400008), [0x101008, 0x201008]);
-        assert_eq!(aliases(&slots, h - 0x8, 0x300ff8), Vec::<u64>::new());
-    }
-
-    #[test]
     fn the_pages_probed_in_a_range_are_its_first_middle_and_last() {
         let pages = |gpa, size| first_middle_last(gpa, size);
         assert_eq!(pages(0x100000, 0x3000), Some([0x100000, 0x101000, 0x102000]));
@@ -1425,6 +1400,47 @@ mod tests {
             let o = &r.own_accesses;
             assert!(o.alias_reads > 0 && o.alias_reads <= o.reads, "{}: {o:?}", cfg.name());
         }
+    }
+
+    #[test]
+    fn a_trace_with_a_thousand_slots_is_probed_in_rounds_not_all_after_every_request() {
+        // 1000 one-page slots, then a delete and a re-create of the first. Probing every live
+        // slot after every request made 3 * (1 + 2 + ... + 1000) = 1.5 M probes (and each
+        // scanned every slot to find its own: cubic); in rounds of PROBE_ALL_MAX_SLOTS, at most
+        // that many slots' 3 pages per request, and still each slot in turn.
+        let n = 1000u16;
+        let mut text = HEADER.to_string();
+        let line = |id: u16, size: &str| {
+            let gpa = format!("{:#x}", 0x100000 + u64::from(id) * 0x2000);
+            let uaddr = format!("{:#x}", 0x7f00_0000_0000u64 + u64::from(id) * 0x1000);
+            slot_line(0, id, "", &gpa, size, &uaddr)
+        };
+        for id in 0..n {
+            text.push_str(&line(id, "0x1000"));
+        }
+        text.push_str(&line(0, "0x0"));
+        text.push_str(&line(0, "0x1000"));
+        let r = run(&text, ReplayConfig::new(FormatKind::Ept, true));
+        assert!(r.passed(), "{:?}", r.oracle.first_violations);
+        let requests = u64::from(n) + 2;
+        let per_request = 3 * PROBE_ALL_MAX_SLOTS as u64 + 5; // a round and the warm pages
+        let o = &r.own_accesses;
+        assert!(o.reads <= requests * per_request, "{o:?}");
+        assert!(o.reads >= 3 * u64::from(n), "every slot probed at least once: {o:?}");
+    }
+
+    #[test]
+    fn a_page_with_hundreds_of_aliases_is_read_back_through_some_of_them_per_probe() {
+        // 300 slots over one host page: each probe reads back through ALIAS_READS_MAX of them.
+        let mut text = HEADER.to_string();
+        for id in 0..300u16 {
+            let gpa = format!("{:#x}", 0x100000 + u64::from(id) * 0x2000);
+            text.push_str(&slot_line(0, id, "", &gpa, "0x1000", "0x7f0000000000"));
+        }
+        let r = run(&text, ReplayConfig::new(FormatKind::Ept, true));
+        assert!(r.passed(), "{:?}", r.oracle.first_violations);
+        let o = &r.own_accesses;
+        assert!(o.alias_reads > 0 && o.alias_reads <= o.reads * ALIAS_READS_MAX as u64, "{o:?}");
     }
 
     #[test]

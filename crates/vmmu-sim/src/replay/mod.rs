@@ -24,6 +24,7 @@
 
 pub mod engine;
 pub mod identity;
+mod live;
 pub mod memory;
 pub mod parse;
 pub mod report;
