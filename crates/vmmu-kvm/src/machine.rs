@@ -83,7 +83,7 @@ pub enum KvmError {
         want_len: u32,
     },
     /// The access would go through a slot to host memory that is not one of its buffers.
-    #[error("guest access at {gpa:#x} goes through slot {slot} to host address {hva:#x}, beyond its buffer; scenarios must not access that part of a slot")]
+    #[error("guest access at {gpa:#x} goes through slot {slot} to host address {hva:#x}, outside its buffer; scenarios must not access that part of a slot")]
     Unbacked {
         /// The address.
         gpa: u64,

@@ -21,7 +21,7 @@ fn access_beyond_the_buffer_is_a_failure_naming_the_step() {
     assert_eq!(partial.len(), 2, "the observations before the failure are kept: {partial:?}");
     let msg = err.to_string();
     assert!(msg.contains("step 4 (line 4, `read`)"), "{msg}");
-    assert!(msg.contains("beyond its buffer"), "{msg}");
+    assert!(msg.contains("outside its buffer"), "{msg}");
 }
 
 #[test]

@@ -661,5 +661,5 @@ fn paging_access_beyond_the_buffer_is_a_failure() {
     let (partial, err) = run_collect(&KvmBackend, &s.0).unwrap_err();
     assert_eq!(partial.len(), 2, "{partial:?}");
     let msg = err.to_string();
-    assert!(msg.contains("step 6") && msg.contains("beyond its buffer"), "{msg}");
+    assert!(msg.contains("step 6") && msg.contains("outside its buffer"), "{msg}");
 }

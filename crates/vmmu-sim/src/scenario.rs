@@ -430,7 +430,7 @@ impl SimMachine {
         } else {
             Err(failed(format!(
                 "guest access at {gpa:#x} goes through slot {id} to host address {hva:#x}, \
-                 beyond its buffer; scenarios must not access that part of a slot"
+                 outside its buffer; scenarios must not access that part of a slot"
             )))
         }
     }
@@ -712,7 +712,7 @@ mod tests {
             |m: &mut SimMachine, gpa: u64| m.read(&ReadOp { vcpu: 0, gpa, width: Width::W8 }, 0);
         assert!(matches!(read(&mut m, inside), Ok(ReadExit::None { value: 0 })));
         let err = read(&mut m, outside).expect_err("the machine's tables are no scenario buffer");
-        assert!(err.to_string().contains("beyond its buffer"), "{err}");
+        assert!(err.to_string().contains("outside its buffer"), "{err}");
     }
 
     /// A `host-write` or `host-read` built in code at an offset the access width does not divide

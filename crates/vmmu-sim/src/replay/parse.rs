@@ -63,6 +63,9 @@ pub enum ParseErrorKind {
         /// The keys found.
         found: String,
     },
+    /// The header's keys are not `vmmu_trace` and `source`, each once.
+    #[error("header: keys must be vmmu_trace and source, each once (in either order), found {0}")]
+    HeaderKeys(String),
     /// The summary's keys are not `op` first, then each key once.
     #[error("summary: {problem} (keys: \"op\" first, then each key once; found {found})")]
     SummaryKeys {
@@ -419,13 +422,19 @@ pub fn parse_hex(s: &str) -> Result<u64, String> {
 /// Parses `t`: digits, a dot, exactly six digits; returns microseconds.
 fn parse_t(raw: &str) -> Result<u64, ParseErrorKind> {
     let bad = || field("t", format!("{raw} must be seconds with exactly six decimals (0.000000)"));
+    if raw.starts_with('-') {
+        return Err(field("t", format!("{raw} is negative: seconds since the first event")));
+    }
     let (int, frac) = raw.split_once('.').ok_or_else(bad)?;
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     if !digits(int) || frac.len() != 6 || !digits(frac) {
         return Err(bad());
     }
-    let (i, f): (u64, u64) = (int.parse().map_err(|_| bad())?, frac.parse().map_err(|_| bad())?);
-    i.checked_mul(1_000_000).and_then(|us| us.checked_add(f)).ok_or_else(bad)
+    let too_big =
+        || field("t", format!("{raw} is too large: at most {} seconds", u64::MAX / 1_000_000));
+    let (i, f): (u64, u64) =
+        (int.parse().map_err(|_| too_big())?, frac.parse().map_err(|_| bad())?);
+    i.checked_mul(1_000_000).and_then(|us| us.checked_add(f)).ok_or_else(too_big)
 }
 
 const SLOT_KEYS: [&str; 8] = ["t", "op", "as", "id", "flags", "gpa", "size", "uaddr"];
@@ -666,7 +675,7 @@ pub fn parse(text: &str) -> Result<Trace, ParseError> {
     let mut keys = h.keys();
     keys.sort_unstable();
     if keys != ["source", "vmmu_trace"] {
-        h.expect_keys("header", &["vmmu_trace", "source"]).map_err(at(1))?;
+        return Err(at(1)(ParseErrorKind::HeaderKeys(h.keys().join(","))));
     }
     let source = h.string("source").map_err(at(1))?;
     let mut events: Vec<Event> = Vec::new();
@@ -768,7 +777,9 @@ mod tests {
         let v2 = "{\"vmmu_trace\":2,\"source\":\"x\",\"host\":\"y\"}\n";
         assert!(kind_at(v2).1.contains("version 1"), "a version error, not a key error");
         assert!(kind_at("{\"vmmu_trace\":1,\"source\":\"x\",\"host\":1}\n").1.contains("keys"));
-        assert!(kind_at("{\"vmmu_trace\":1}\n").1.contains("keys"));
+        let missing = kind_at("{\"vmmu_trace\":1}\n").1;
+        assert!(missing.contains("vmmu_trace and source") && missing.contains("either order"));
+        assert!(!missing.contains("in that order"), "{missing}");
         let reversed =
             parse("{\"source\":\"x\",\"vmmu_trace\":1}\n").expect("header keys in any order");
         assert_eq!(reversed.source, "x");
@@ -783,6 +794,8 @@ mod tests {
             (slot.replace("\"0x1000\",\"uaddr", "\"0x01000\",\"uaddr"), "leading zeros"),
             (slot.replace("\"0x1000\",\"uaddr", "\"0x1A00\",\"uaddr"), "lowercase"),
             (slot.replace("0.000000", "0.0"), "six decimals"),
+            (slot.replace("0.000000", "-1.000000"), "negative"),
+            (slot.replace("0.000000", "99999999999999999999.000000"), "too large"),
             (slot.replace("0.000000", "0.000001"), "first event"),
             (slot.replace("\"slot\"", "\"teleport\""), "unknown op"),
             (slot.replace("[]", "[\"readonly\",\"dirty_log\"]"), "order"),
