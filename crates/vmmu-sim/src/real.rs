@@ -354,7 +354,7 @@ fn hw_walk_cached(vm: &Vm<SimHost>, v: &mut RealVcpu, gpa: Gpa, need: Access) ->
     let Some((root, root_level)) = v.vcpu.root().map(|r| (r.pfn(), r.level())) else {
         return v.vcpu.walk(gpa, need);
     };
-    let mmu = vm.mmu();
+    let mmu = vm.core();
     let fmt = mmu.config().format;
     let host: &SimHost = mmu.host();
     // The walks below rely on the read section of guest mode (`translate` enters it first).

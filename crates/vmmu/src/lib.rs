@@ -1,7 +1,7 @@
 //! # vmmu: a virtual MMU with generation-checked MMIO caching
 //!
 //! The core library: memslots and their generation protocol, SPTE formats and the MMIO SPTE
-//! codec, the TDP MMU and the shadow MMU with their fault paths, per-vCPU MMIO info cache and
+//! codec, the VM-wide MMU core ([`mmu_core`]), the TDP MMU and the shadow MMU with their fault paths, per-vCPU MMIO info cache and
 //! zapping, and dirty logging. It mirrors Linux KVM's x86 MMU (see
 //! `shared/design/kvm-mmu-facts.md`); where a type mirrors a KVM concept its doc says which.
 //!
@@ -26,6 +26,7 @@ pub mod hash;
 pub mod host;
 pub mod invalidate;
 pub mod memslot;
+pub mod mmu_core;
 mod notifier;
 pub mod requests;
 pub mod shadow;

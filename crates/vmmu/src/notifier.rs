@@ -11,7 +11,7 @@
 //! panics) undoes its own counts and returns no token.
 
 use crate::host::Host;
-use crate::shared::VmShared;
+use crate::shared::{VmMmu, VmShared};
 use crate::sync::{Arc, Ordering};
 use crate::types::{AsId, Gfn, Hva, PAGE_SHIFT};
 use alloc::vec::Vec;
@@ -73,7 +73,7 @@ impl<H: Host> Drop for HvaInvalidation<H> {
 /// (when `mmu_begun`: the begin got that far), then the count memslot updates wait on.
 fn end_counts<H: Host>(vm: &VmShared<H>, mmu_begun: bool) {
     if mmu_begun {
-        vm.mmu.invalidate_end();
+        vm.mmu.invalidate_end(&vm.core);
     }
     let before = vm.mn_active.fetch_sub(1, Ordering::AcqRel);
     debug_assert!(before > 0, "every count lowered here was raised by a begin");
@@ -90,7 +90,7 @@ impl<H: Host> core::fmt::Debug for HvaInvalidation<H> {
 pub(crate) fn begin<H: Host>(vm: &Arc<VmShared<H>>, start: Hva, end: Hva) -> HvaInvalidation<H> {
     let inner = &**vm;
     let mut ranges = Vec::new();
-    let vmm_reader = inner.vmm_lock.lock_with(&inner.mmu.relax());
+    let vmm_reader = inner.vmm_lock.lock_with(&inner.core.relax());
     inner.mn_active.fetch_add(1, Ordering::AcqRel);
     // If this unwinds (a host callback that panics), the begin is undone: no token is returned
     // to end it, and a count left raised would make every later memslot update wait forever.
@@ -111,12 +111,12 @@ pub(crate) fn begin<H: Host>(vm: &Arc<VmShared<H>>, start: Hva, end: Hva) -> Hva
             });
         }
     }
-    inner.mmu.invalidate_begin(&ranges);
+    inner.mmu.invalidate_begin(&inner.core, &ranges);
     undo.mmu_begun = true;
-    if let Some(shadow) = inner.shadow.as_ref() {
+    if let VmMmu::Shadow(shadow) = &inner.mmu {
         // After the begin: faults on the ranges retry from now on, and what faults installed
         // before is dropped here.
-        shadow.unmap_gfn_ranges(&inner.mmu, &ranges);
+        shadow.unmap_gfn_ranges(&inner.core, &ranges);
     }
     core::mem::forget(undo);
     HvaInvalidation { vm: vm.clone() }

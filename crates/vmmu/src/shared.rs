@@ -1,22 +1,25 @@
 //! The state a VM and its vCPUs share (KVM's `struct kvm` for the parts this crate covers): the
-//! memslots with their generation protocol, the MMU, the MMIO caching policy and the VMM's
+//! memslots with their generation protocol, the MMU core and the MMU of the VM's kind, the MMIO caching policy and the VMM's
 //! serialisation. [`crate::vm::Vm`] is the handle embedders hold; each [`crate::vcpu::Vcpu`]
 //! keeps an `Arc` of this. Below both in the module graph, so neither imports the other.
 
 use crate::bugs::BugSet;
 use crate::host::Host;
 use crate::memslot::Memslots;
+use crate::mmu_core::MmuCore;
+use crate::shadow::ShadowMmu;
 use crate::spte::MmioCachingPolicy;
 use crate::srcu::ReaderId;
-use crate::tdp::TdpMmu;
+use crate::tdp::{Tdp, TdpMmu};
+use crate::types::{AsId, Gfn};
 
 /// The state shared by a VM and its vCPUs.
 pub(crate) struct VmShared<H: Host> {
     pub(crate) memslots: Memslots,
-    pub(crate) mmu: TdpMmu<H>,
-    /// The shadow MMU, for a VM with shadow paging ([`crate::vm::MmuKind::Shadow`]); then
-    /// `mmu` has no roots and serves as the VM-wide machinery (see [`crate::shadow`]).
-    pub(crate) shadow: Option<crate::shadow::ShadowMmu>,
+    /// What both MMUs use: host, configuration, vCPU words, flushes, table pages.
+    pub(crate) core: MmuCore<H>,
+    /// The MMU that maps the VM, chosen when it is built ([`crate::vm::VmConfig::mmu`]).
+    pub(crate) mmu: VmMmu,
     pub(crate) policy: MmioCachingPolicy,
     pub(crate) bugs: BugSet,
     /// Serialises memslot updates, `zap_all_fast` and the start of host invalidations (KVM's
@@ -27,4 +30,64 @@ pub(crate) struct VmShared<H: Host> {
     /// waits for it to reach 0 under `vmm_lock`, so an invalidation's gfn ranges, computed from
     /// the memslots when it began, stay right until it ends (a slot cannot move meanwhile).
     pub(crate) mn_active: crate::sync::AtomicU32,
+}
+
+/// The MMU of a VM: the kind is fixed when the VM is built, so every "which MMU" question is a
+/// match on this.
+// One per VM, inside the VM's `Arc`: the size difference costs nothing, and a boxed shadow MMU
+// would cost a pointer chase on every shadow fault.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum VmMmu {
+    /// Two-dimensional paging ([`crate::vm::MmuKind::Tdp`]).
+    Tdp(TdpMmu),
+    /// Shadow paging ([`crate::vm::MmuKind::Shadow`]).
+    Shadow(ShadowMmu),
+}
+
+impl VmMmu {
+    /// KVM `kvm_mmu_zap_all_fast` on the MMU that maps the VM. Callers hold `vmm_lock`.
+    pub(crate) fn zap_all_fast<H: Host>(&self, core: &MmuCore<H>) {
+        match self {
+            VmMmu::Tdp(tdp) => Tdp { core, tdp }.zap_all_fast(),
+            VmMmu::Shadow(shadow) => shadow.zap_all_fast(core),
+        }
+    }
+
+    /// Host invalidation start for `ranges` (faults there retry from now on), with the TDP
+    /// MMU's zap of them in the same critical section; the shadow MMU drops its leaves after
+    /// this returns ([`crate::notifier`]).
+    pub(crate) fn invalidate_begin<H: Host>(&self, core: &MmuCore<H>, ranges: &[(AsId, Gfn, Gfn)]) {
+        match self {
+            VmMmu::Tdp(tdp) => Tdp { core, tdp }.invalidate_begin(ranges),
+            VmMmu::Shadow(shadow) => shadow.invalidate_begin(core, ranges),
+        }
+    }
+
+    /// Host invalidation end (KVM `invalidate_range_end`).
+    pub(crate) fn invalidate_end<H: Host>(&self, core: &MmuCore<H>) {
+        match self {
+            VmMmu::Tdp(tdp) => Tdp { core, tdp }.invalidate_end(),
+            VmMmu::Shadow(shadow) => shadow.invalidate_end(core),
+        }
+    }
+}
+
+impl<H: Host> VmShared<H> {
+    /// The TDP MMU at work, for a TDP VM.
+    #[inline]
+    pub(crate) fn tdp(&self) -> Option<Tdp<'_, H>> {
+        match &self.mmu {
+            VmMmu::Tdp(tdp) => Some(Tdp { core: &self.core, tdp }),
+            VmMmu::Shadow(_) => None,
+        }
+    }
+
+    /// The shadow MMU, for a shadow-paging VM.
+    #[inline]
+    pub(crate) fn shadow(&self) -> Option<&ShadowMmu> {
+        match &self.mmu {
+            VmMmu::Shadow(shadow) => Some(shadow),
+            VmMmu::Tdp(_) => None,
+        }
+    }
 }

@@ -12,12 +12,13 @@ use crate::memslot::{
     Memslot, MemslotChange, MemslotError, MemslotHooks, Memslots, MemslotsConfig,
     UserspaceMemoryRegion,
 };
+use crate::mmu_core::MmuCore;
 pub use crate::notifier::HvaInvalidation;
-use crate::shared::VmShared;
+use crate::shared::{VmMmu, VmShared};
 use crate::spte::{FormatKind, HostCpu, MmioCachingPolicy, SpteConfigError, SpteFormat};
 use crate::stats::VmStatsSnapshot;
 use crate::sync::Arc;
-use crate::tdp::{TdpConfig, TdpError, TdpMmu};
+use crate::tdp::{Tdp, TdpConfig, TdpError, TdpMmu};
 use crate::types::{AsId, Generation, Gfn, Hva, Level, SlotId, PAGE_SHIFT};
 use crate::vcpu::Vcpu;
 use alloc::vec::Vec;
@@ -252,8 +253,8 @@ pub enum UpdateProbe {
 /// The MMU's side of the memslot protocol (KVM `kvm_arch_flush_shadow_memslot` and
 /// `kvm_arch_memslots_updated`).
 struct MmuHooks<'a, H: Host> {
-    mmu: &'a TdpMmu<H>,
-    shadow: Option<&'a crate::shadow::ShadowMmu>,
+    core: &'a MmuCore<H>,
+    mmu: &'a VmMmu,
     nr_as: u16,
     #[cfg(feature = "testing")]
     probe: Option<&'a dyn Fn(UpdateProbe)>,
@@ -262,8 +263,8 @@ struct MmuHooks<'a, H: Host> {
 impl<'a, H: Host> MmuHooks<'a, H> {
     fn new(inner: &'a VmShared<H>) -> Self {
         MmuHooks {
+            core: &inner.core,
             mmu: &inner.mmu,
-            shadow: inner.shadow.as_ref(),
             nr_as: inner.memslots.nr_address_spaces(),
             #[cfg(feature = "testing")]
             probe: None,
@@ -276,12 +277,14 @@ impl<H: Host> MemslotHooks for MmuHooks<'_, H> {
         // KVM `kvm_arch_flush_shadow_memslot`: everything with KVM_X86_QUIRK_SLOT_ZAP_ALL (KVM's
         // default, `VmConfig::slot_zap_all`), else only what the slot backs.
         let (as_id, start, end) = (old.as_id(), old.base_gfn(), old.end_gfn());
-        if self.mmu.config().slot_zap_all {
-            zap_all_fast(self.mmu, self.shadow);
-        } else if let Some(shadow) = self.shadow {
-            shadow.zap_memslot(self.mmu, as_id, start, end);
+        let core = self.core;
+        if core.config().slot_zap_all {
+            self.mmu.zap_all_fast(core);
         } else {
-            self.mmu.zap_gfn_range(as_id, start, end);
+            match self.mmu {
+                VmMmu::Shadow(shadow) => shadow.zap_memslot(core, as_id, start, end),
+                VmMmu::Tdp(tdp) => Tdp { core, tdp }.zap_gfn_range(as_id, start, end),
+            }
         }
         #[cfg(feature = "testing")]
         if let Some(probe) = self.probe {
@@ -298,7 +301,7 @@ impl<H: Host> MemslotHooks for MmuHooks<'_, H> {
     }
 
     fn relax(&self) {
-        crate::host::Sched::relax(&*self.mmu.host);
+        crate::host::Sched::relax(&*self.core.host);
     }
 }
 
@@ -307,8 +310,8 @@ impl<H: Host> MmuHooks<'_, H> {
         // KVM `kvm_mmu_invalidate_mmio_sptes`: on a wrap of the MMIO generation bits (address
         // space modifier stripped), no MMIO SPTE may survive, or an old one could match again.
         if new_gen.is_mmio_wrap(self.nr_as) {
-            self.mmu.stats.mmio_gen_wraps.add(1);
-            zap_all_fast(self.mmu, self.shadow);
+            self.core.stats.mmio_gen_wraps.add(1);
+            self.mmu.zap_all_fast(self.core);
             #[cfg(feature = "testing")]
             if let Some(probe) = self.probe {
                 probe(UpdateProbe::MmioWrapZapped);
@@ -317,13 +320,28 @@ impl<H: Host> MmuHooks<'_, H> {
     }
 }
 
-/// KVM `kvm_mmu_zap_all_fast` on the MMU that maps the VM: the shadow MMU's pages under shadow
-/// paging (`mmu` then has no roots), else the TDP roots.
-fn zap_all_fast<H: Host>(mmu: &TdpMmu<H>, shadow: Option<&crate::shadow::ShadowMmu>) {
-    match shadow {
-        Some(shadow) => shadow.zap_all_fast(mmu),
-        None => mmu.zap_all_fast(),
-    }
+/// The TDP half of [`Vm::set_memory_region`] when dirty logging stops on region `r`: tables
+/// whose block one huge leaf could map again (the slot's alignment and the host's current
+/// mapping allow it) are replaced by that leaf in place.
+fn recover_huge_pages<H: Host>(
+    tdp: Tdp<'_, H>,
+    memslots: &Memslots,
+    serial: &crate::srcu::ReaderId,
+    r: &UserspaceMemoryRegion,
+) {
+    let (as_id, id) = crate::types::SlotId::split(r.slot);
+    let guard = memslots.read(serial);
+    let Some(slot) = guard.set(as_id).get(id).copied() else {
+        return;
+    };
+    drop(guard);
+    let host = &*tdp.host;
+    let max_leaf = tdp.cfg.format.max_leaf_level();
+    let huge_ok = |gfn: Gfn, level: Level| {
+        crate::host::HostMemory::mapping_level(host, slot.hva_of(gfn))
+            .is_some_and(|hl| crate::fault::max_mapping_level(&slot, gfn, hl, max_leaf) >= level)
+    };
+    tdp.recover_huge_pages(as_id, slot.base_gfn(), slot.end_gfn(), &huge_ok);
 }
 
 impl<H: Host> Vm<H> {
@@ -375,7 +393,7 @@ impl<H: Host> Vm<H> {
         let max_gfn = Gfn(mcfg.max_gfn().min(codec.max_gfn().raw()));
         let memslots = Memslots::try_with_fences(mcfg, host.reader_fences())?;
         let vmm_reader = memslots.register_reader().map_err(|_| TdpError::TooManyVcpus(0))?;
-        let mmu = TdpMmu::new(
+        let core = MmuCore::new(
             host,
             TdpConfig {
                 format,
@@ -392,9 +410,13 @@ impl<H: Host> Vm<H> {
         Ok(Vm {
             inner: Arc::new(VmShared {
                 memslots,
-                mmu,
-                shadow: (cfg.mmu == MmuKind::Shadow)
-                    .then(|| crate::shadow::ShadowMmu::new(cfg.shadow_max_pages)),
+                core,
+                mmu: match cfg.mmu {
+                    MmuKind::Tdp => VmMmu::Tdp(TdpMmu::new()),
+                    MmuKind::Shadow => {
+                        VmMmu::Shadow(crate::shadow::ShadowMmu::new(cfg.shadow_max_pages))
+                    }
+                },
                 policy,
                 bugs: cfg.bugs,
                 vmm_lock: crate::sync::Mutex::new(vmm_reader),
@@ -420,19 +442,19 @@ impl<H: Host> Vm<H> {
         hooks: MmuHooks<'_, H>,
     ) -> Result<MemslotChange, MemslotError> {
         let inner = &*self.inner;
-        let serial = inner.vmm_lock.lock_with(&inner.mmu.relax());
+        let serial = inner.vmm_lock.lock_with(&inner.core.relax());
         // KVM's swap waits until no host invalidation is in flight; holding `vmm_lock` keeps new
         // ones from starting until the update is done.
         while inner.mn_active.load(crate::sync::Ordering::Acquire) != 0 {
-            crate::host::Sched::relax(&*inner.mmu.host);
+            crate::host::Sched::relax(&*inner.core.host);
         }
         let change = inner.memslots.set_memory_region(r, &hooks)?;
-        if let (Some(shadow), MemslotChange::Create | MemslotChange::Delete) =
-            (inner.shadow.as_ref(), change)
+        if let (VmMmu::Shadow(shadow), MemslotChange::Create | MemslotChange::Delete) =
+            (&inner.mmu, change)
         {
             // KVM `kvm_arch_commit_memory_region`: the default page limit follows the memslots
             // (`kvm->nr_memslot_pages`, which the memslots keep as every update commits).
-            shadow.set_default_max_pages(&inner.mmu, inner.memslots.nr_memslot_pages());
+            shadow.set_default_max_pages(&inner.core, inner.memslots.nr_memslot_pages());
         }
         // KVM's `kvm_mmu_slot_apply_flags`: nothing more for a create, move or delete, nor for
         // a read-only slot, which no guest write can dirty and whose mappings stay as they are.
@@ -450,39 +472,21 @@ impl<H: Host> Vm<H> {
                 let (as_id, _) = crate::types::SlotId::split(r.slot);
                 let start = Gfn(r.guest_phys_addr >> PAGE_SHIFT);
                 let end = Gfn((r.guest_phys_addr + r.memory_size) >> PAGE_SHIFT);
-                match inner.shadow.as_ref() {
-                    Some(shadow) => shadow.write_protect_gfn_range(&inner.mmu, as_id, start, end),
-                    None => inner.mmu.write_protect_gfn_range(as_id, start, end),
+                let core = &inner.core;
+                match &inner.mmu {
+                    VmMmu::Shadow(shadow) => {
+                        shadow.write_protect_gfn_range(core, as_id, start, end)
+                    }
+                    VmMmu::Tdp(tdp) => Tdp { core, tdp }.write_protect_gfn_range(as_id, start, end),
                 }
-            } else if inner.shadow.is_none() {
+            } else if let Some(tdp) = inner.tdp() {
                 // Logging stopped: recover the huge mappings it split. The shadow MMU keeps its
                 // 4 KiB leaves (KVM recovers those too, through the rmap: not modelled, only
                 // slower).
-                self.recover_huge_pages(&serial, r);
+                recover_huge_pages(tdp, &inner.memslots, &serial, r);
             }
         }
         Ok(change)
-    }
-
-    /// The TDP half of [`Self::set_memory_region`] when dirty logging stops on region `r`:
-    /// tables whose block one huge leaf could map again (the slot's alignment and the host's
-    /// current mapping allow it) are replaced by that leaf in place.
-    fn recover_huge_pages(&self, serial: &crate::srcu::ReaderId, r: &UserspaceMemoryRegion) {
-        let inner = &*self.inner;
-        let (as_id, id) = crate::types::SlotId::split(r.slot);
-        let guard = inner.memslots.read(serial);
-        let Some(slot) = guard.set(as_id).get(id).copied() else {
-            return;
-        };
-        drop(guard);
-        let host = &*inner.mmu.host;
-        let max_leaf = inner.mmu.cfg.format.max_leaf_level();
-        let huge_ok = |gfn: Gfn, level: Level| {
-            crate::host::HostMemory::mapping_level(host, slot.hva_of(gfn)).is_some_and(|hl| {
-                crate::fault::max_mapping_level(&slot, gfn, hl, max_leaf) >= level
-            })
-        };
-        inner.mmu.recover_huge_pages(as_id, slot.base_gfn(), slot.end_gfn(), &huge_ok);
     }
 
     /// A new vCPU (in address space 0).
@@ -493,8 +497,8 @@ impl<H: Host> Vm<H> {
     /// KVM `kvm_mmu_zap_all_fast`, serialised with other callers of this method (KVM holds the
     /// slots lock).
     pub fn zap_all_fast(&self) {
-        let _g = self.inner.vmm_lock.lock_with(&self.inner.mmu.relax());
-        zap_all_fast(&self.inner.mmu, self.inner.shadow.as_ref());
+        let _g = self.inner.vmm_lock.lock_with(&self.inner.core.relax());
+        self.inner.mmu.zap_all_fast(&self.inner.core);
     }
 
     /// Host invalidation start for host addresses `[start, end)` (KVM's MMU notifier
@@ -534,17 +538,19 @@ impl<H: Host> Vm<H> {
     /// outside any memslot update. Test builds only.
     #[cfg(feature = "testing")]
     pub fn zap_gfn_range_for_tests(&self, as_id: AsId, start: Gfn, end: Gfn) {
-        let _g = self.inner.vmm_lock.lock_with(&self.inner.mmu.relax());
-        match self.inner.shadow.as_ref() {
-            Some(shadow) => shadow.unmap_gfn_ranges(&self.inner.mmu, &[(as_id, start, end)]),
-            None => self.inner.mmu.zap_gfn_range(as_id, start, end),
+        let inner = &*self.inner;
+        let _g = inner.vmm_lock.lock_with(&inner.core.relax());
+        let core = &inner.core;
+        match &inner.mmu {
+            VmMmu::Shadow(shadow) => shadow.unmap_gfn_ranges(core, &[(as_id, start, end)]),
+            VmMmu::Tdp(tdp) => Tdp { core, tdp }.zap_gfn_range(as_id, start, end),
         }
     }
 
     /// A remote TLB flush of every vCPU (KVM `kvm_flush_remote_tlbs`). Test builds only.
     #[cfg(feature = "testing")]
     pub fn flush_remote_tlbs_for_tests(&self) {
-        self.inner.mmu.flush_remote_tlbs();
+        self.inner.core.flush_remote_tlbs();
     }
 
     /// Test-only (feature `testing`; takes the shadow lock): what zapped shadow pages still make
@@ -554,13 +560,20 @@ impl<H: Host> Vm<H> {
     /// of the staleness check. `None` for a TDP VM.
     #[cfg(feature = "testing")]
     pub fn stale_shadow_entries_for_tests(&self) -> Option<usize> {
-        let shadow = self.inner.shadow.as_ref()?;
-        Some(shadow.stale_entries_for_tests(&self.inner.mmu))
+        let shadow = self.inner.shadow()?;
+        Some(shadow.stale_entries_for_tests(&self.inner.core))
     }
 
-    /// The TDP MMU (configuration, stats, roots).
-    pub fn mmu(&self) -> &TdpMmu<H> {
-        &self.inner.mmu
+    /// What both MMUs share: the configuration, the host, the VM-wide counters, the table
+    /// pages waiting for a grace period.
+    pub fn core(&self) -> &MmuCore<H> {
+        &self.inner.core
+    }
+
+    /// The TDP MMU (its roots), for a TDP VM; `None` under shadow paging
+    /// ([`Self::shadow_mmu`]).
+    pub fn tdp(&self) -> Option<Tdp<'_, H>> {
+        self.inner.tdp()
     }
 
     /// The effective MMIO caching state and, when off, why (like reading `kvm.mmio_caching`).
@@ -570,12 +583,12 @@ impl<H: Host> Vm<H> {
 
     /// Whether this VM installs MMIO SPTEs (the per-VM value, facts §1.4).
     pub fn mmio_caching_enabled(&self) -> bool {
-        self.inner.mmu.config().codec.enabled()
+        self.inner.core.config().codec.enabled()
     }
 
     /// A snapshot of the VM-wide counters.
     pub fn stats(&self) -> VmStatsSnapshot {
-        self.inner.mmu.stats.snapshot()
+        self.inner.core.stats.snapshot()
     }
 
     /// The host address of guest frame `gfn` in address space `as_id` under the current
@@ -586,7 +599,7 @@ impl<H: Host> Vm<H> {
         if as_id.0 >= inner.memslots.nr_address_spaces() {
             return None;
         }
-        let reader = inner.vmm_lock.lock_with(&inner.mmu.relax());
+        let reader = inner.vmm_lock.lock_with(&inner.core.relax());
         let guard = inner.memslots.read(&reader);
         let slot = guard.set(as_id).find(gfn).filter(|s| !s.is_invalid())?;
         Some(slot.hva_of(gfn))
@@ -594,21 +607,20 @@ impl<H: Host> Vm<H> {
 
     /// The shadow MMU (stats, page count), for a shadow-paging VM.
     pub fn shadow_mmu(&self) -> Option<&crate::shadow::ShadowMmu> {
-        self.inner.shadow.as_ref()
+        self.inner.shadow()
     }
 
     /// The shadow page limit (KVM `n_max_mmu_pages`); `None` for a TDP VM.
     pub fn shadow_max_pages(&self) -> Option<usize> {
-        let shadow = self.inner.shadow.as_ref()?;
-        Some(shadow.lock(&self.inner.mmu).n_max)
+        let shadow = self.inner.shadow()?;
+        Some(shadow.lock(&self.inner.core).n_max)
     }
 
     /// Which MMU the VM uses.
     pub fn mmu_kind(&self) -> MmuKind {
-        if self.inner.shadow.is_some() {
-            MmuKind::Shadow
-        } else {
-            MmuKind::Tdp
+        match self.inner.mmu {
+            VmMmu::Tdp(_) => MmuKind::Tdp,
+            VmMmu::Shadow(_) => MmuKind::Shadow,
         }
     }
 
@@ -618,8 +630,9 @@ impl<H: Host> Vm<H> {
     /// it and has no shadow pages to limit.
     pub fn set_nr_mmu_pages(&self, n: usize) -> Result<(), VmError> {
         check_nr_mmu_pages(n)?;
-        if let Some(shadow) = self.inner.shadow.as_ref() {
-            shadow.set_max_pages(&self.inner.mmu, n);
+        match &self.inner.mmu {
+            VmMmu::Shadow(shadow) => shadow.set_max_pages(&self.inner.core, n),
+            VmMmu::Tdp(_) => {}
         }
         Ok(())
     }
@@ -628,15 +641,15 @@ impl<H: Host> Vm<H> {
     /// oldest pages no root pins are zapped while vCPUs keep running. Returns how many. 0 for a
     /// TDP VM.
     pub fn shrink_shadow_pages(&self, nr: usize) -> usize {
-        match self.inner.shadow.as_ref() {
-            Some(shadow) => shadow.shrink(&self.inner.mmu, nr),
-            None => 0,
+        match &self.inner.mmu {
+            VmMmu::Shadow(shadow) => shadow.shrink(&self.inner.core, nr),
+            VmMmu::Tdp(_) => 0,
         }
     }
 
     /// Frees table pages whose grace period has passed.
     pub fn reclaim(&self) {
-        self.inner.mmu.reclaim();
+        self.inner.core.reclaim();
     }
 }
 
@@ -687,7 +700,7 @@ impl<H: Host> Vm<H> {
     /// logging already keeps its bitmap) and to every later `KVM_GET_DIRTY_LOG`. Waits for a
     /// memslot update in flight, so an update sees one mode from start to end.
     pub fn set_dirty_log_mode(&self, mode: DirtyLogMode) {
-        let _serial = self.inner.vmm_lock.lock_with(&self.inner.mmu.relax());
+        let _serial = self.inner.vmm_lock.lock_with(&self.inner.core.relax());
         self.inner.memslots.set_dirty_log_mode(mode);
     }
 }
@@ -828,12 +841,12 @@ mod tests {
         vm.set_memory_region(&UserspaceMemoryRegion::new(1, 0, GPA, 0x1000, RAM_HVA)).unwrap();
         assert_eq!(b.read(GPA), Seen::Ram(frame), "B maps the new slot and caches it");
 
-        let mmu = &vm.inner.mmu;
+        let mmu = vm.inner.tdp().unwrap();
         let codec = mmu.config().codec;
         let spte = codec.make(Gpa(GPA).gfn(), old_gen, Access::ALL);
         let root = a.root().unwrap().clone();
         let outcome = {
-            let shared = crate::tdp::MmuRead::Lock(mmu.mmu_lock.read(&mmu.relax()));
+            let shared = crate::tdp::MmuRead::Lock(mmu.tdp.mmu_lock.read(&mmu.relax()));
             let fault = PageFault::tdp(Gpa(GPA), PfErr::from_access(FaultAccess::READ, false));
             mmu.map(&shared, &root, &fault, LeafSpec::Mmio(spte), crate::stats::StripeKey::Vcpu(0))
         };
@@ -858,7 +871,7 @@ mod tests {
         let old_gen = vm.memslots().generation(AsId(0)).unwrap();
         let ro = crate::memslot::KVM_MEM_READONLY;
         vm.set_memory_region(&UserspaceMemoryRegion::new(1, ro, GPA, 0x1000, RAM_HVA)).unwrap();
-        let mmu = &vm.inner.mmu;
+        let mmu = vm.inner.tdp().unwrap();
         let root = a.root().unwrap().clone();
         let gfn = Gpa(GPA).gfn();
         let ram = LeafSpec::Ram {
@@ -867,7 +880,7 @@ mod tests {
             access: Access::ALL,
             writable: false,
         };
-        let shared = crate::tdp::MmuRead::Lock(mmu.mmu_lock.read(&mmu.relax()));
+        let shared = crate::tdp::MmuRead::Lock(mmu.tdp.mmu_lock.read(&mmu.relax()));
         let read = PageFault::tdp(Gpa(GPA), PfErr::from_access(FaultAccess::READ, false));
         let o = mmu.map(&shared, &root, &read, ram, crate::stats::StripeKey::Vcpu(0));
         assert_eq!(o, MapOutcome::Installed { level: Level::L4K });

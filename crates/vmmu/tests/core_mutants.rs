@@ -176,7 +176,7 @@ fn a_write_to_an_eagerly_split_page_only_adds_the_write_right() {
 /// after another vCPU mapped the new slot, leaves that vCPU's leaf alone: the access walks again
 /// and reads the slot's RAM (KVM `kvm_tdp_mmu_map` on a present leaf that allows the access is
 /// `RET_PF_SPURIOUS`; aad885e77496 never writes an MMIO SPTE over a present leaf). Kills, in
-/// `TdpMmu::map`, `matches!(spec, Mmio) && bugs.has(MmioOverPresentSpte)` -> `||` (the MMIO SPTE
+/// `Tdp::map`, `matches!(spec, Mmio) && bugs.has(MmioOverPresentSpte)` -> `||` (the MMIO SPTE
 /// replaced the leaf with no flush: A emulated MMIO, and after the delete B still read the
 /// deleted slot's frame from its TLB) and deleting the `!` of `&& !mmio_over_present` (the MMIO
 /// SPTE replaced the leaf: A emulated MMIO on a gfn backed by RAM).
@@ -225,7 +225,7 @@ fn a_stale_mmio_decision_never_replaces_a_leaf_another_vcpu_mapped() {
 
 /// A fault whose block could be one 2 MiB leaf, in a 2 MiB whose 4 KiB table is already linked
 /// (left by an earlier, smaller slot), maps its own 4 KiB page in that table: the frame at the
-/// gfn's offset in the block. Kills `base_pfn + offset` -> `base_pfn - offset` in `TdpMmu::map`,
+/// gfn's offset in the block. Kills `base_pfn + offset` -> `base_pfn - offset` in `Tdp::map`,
 /// under which the guest read the frame as far below the block's start as the page is above it.
 #[test]
 fn a_fault_below_an_existing_4k_table_maps_the_gfns_own_frame() {
@@ -270,7 +270,7 @@ fn prefetch_vm_after_a_written_group() -> (Vm<TestHost>, std::sync::Arc<TestHost
 /// The TDP prefetch (`VmConfig::tdp_prefetch`, KVM's legacy `direct_pte_prefetch`) walks every
 /// run of its 8-aligned group: a fault on gfn 0x100e maps the run 0x1008..0x100e below it and
 /// the one-page run 0x100f above it, so the guest touches the whole group after one fault (KVM's
-/// `pages_4k` stat counts the eight leaves). Kills, in `TdpMmu::prefetch_direct`'s run,
+/// `pages_4k` stat counts the eight leaves). Kills, in `Tdp::prefetch_direct`'s run,
 /// `start..start + n` -> `start..start * n` (a one-page run was empty: 0x100f faulted) and
 /// `made += 1` -> `made *= 1` (a run that made leaves reported none, which ended the prefetch
 /// before the run above the fault).
@@ -290,7 +290,7 @@ fn tdp_prefetch_maps_the_runs_on_both_sides_of_the_fault() {
 /// machine's), the fast MMIO path answers from its leaf-table cache without a read section, and
 /// the answer is the MMIO SPTE's: an NPT vCPU that did not create the SPTEs gets each page's own
 /// MMIO emulation, with the W|U access the SPTE holds, as a hit of the SPTE. Kills
-/// `TdpMmu::mmio_spte_type_stable` -> `Some(0)` and -> `Some(1)` (the fast path decoded an entry
+/// `MmuCore::mmio_spte_type_stable` -> `Some(0)` and -> `Some(1)` (the fast path decoded an entry
 /// that is no MMIO SPTE: no access rights).
 #[test]
 fn a_type_stable_leaf_table_hit_answers_with_the_mmio_sptes_access() {

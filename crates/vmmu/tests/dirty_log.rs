@@ -319,7 +319,7 @@ fn bitmap_follows_flag_changes_and_moves() {
     vm.set_memory_region(&region(1, GPA, 0x8000, RAM_HVA, LOG)).unwrap();
     assert_eq!(get(&vm, 1), [] as [u64; 0], "writes before logging do not count");
     assert_eq!(v.access(GPA + 0x1000, true), 1, "the start of logging dropped the writable leaf");
-    assert_eq!(vm.mmu().stats.pages_2m.get(), 0);
+    assert_eq!(vm.core().stats.pages_2m.get(), 0);
     // A move keeps the bitmap and its bits (KVM keeps `dirty_bitmap` across a move).
     v.access(GPA + 0x2000, true);
     vm.set_memory_region(&region(1, 0x80_0000, 0x8000, RAM_HVA, LOG)).unwrap();

@@ -148,7 +148,7 @@ fn a_panic_in_relax_while_a_writer_drains_readers_frees_the_mmu_lock() {
         let (vm, stop) = (vm.clone(), stop.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                std::hint::black_box(vm.mmu().nr_roots());
+                std::hint::black_box(vm.tdp().expect("a TDP VM").nr_roots());
             }
         })
     };
@@ -168,7 +168,7 @@ fn a_panic_in_relax_while_a_writer_drains_readers_frees_the_mmu_lock() {
     assert!(panicked, "setup: the writer never had to wait for the reader");
     // The reader thread is stuck in the lock's shared side, and so is anyone else.
     let vm2 = vm.clone();
-    let roots = within(5, move || vm2.mmu().nr_roots());
+    let roots = within(5, move || vm2.tdp().expect("a TDP VM").nr_roots());
     let vm3 = vm.clone();
     let root_load = within(5, move || {
         let mut v = vm3.create_vcpu().unwrap();

@@ -1,5 +1,5 @@
 //! loom model of the create-window race of issue 11, defect 1, with two vCPUs and the real `Vm`,
-//! `Vcpu` and `TdpMmu` through the sync shim.
+//! `Vcpu`, `MmuCore` and `TdpMmu` through the sync shim.
 //!
 //! A slot is created over gfn X while vCPU A takes one violation exit for X (it may decide
 //! "MMIO" from the old memslot set) and vCPU B accesses X until it reaches RAM from the new set

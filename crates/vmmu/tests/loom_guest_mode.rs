@@ -1,11 +1,11 @@
 //! loom model of a table grace period against a vCPU that stays in guest mode, with the real
-//! code (`Vm`, `Vcpu`, `TdpMmu`, `Srcu`, `TestHost`) through the sync shim. Run with
+//! code (`Vm`, `Vcpu`, `MmuCore`, `TdpMmu`, `Srcu`, `TestHost`) through the sync shim. Run with
 //! `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p vmmu --release
 //! --features historical-bugs --test loom_guest_mode` (`scripts/test` does).
 //!
 //! A vCPU in guest mode holds a table read section until it exits, and one that never faults
 //! exits only when a request is pending. A zap that unlinks tables frees them after a grace
-//! period (`TdpMmu::reclaim`), which therefore kicks every vCPU (`Srcu::synchronize_nudging`).
+//! period (`MmuCore::reclaim`), which therefore kicks every vCPU (`Srcu::synchronize_nudging`).
 //! The kick must come *after* the grace period's counter bump: a vCPU kicked before it can exit,
 //! handle the kick and enter guest mode again with a section that still counts as older than
 //! the grace period, and nothing kicks it again (issue 11, defect 3; the `srcu` module doc).
@@ -60,6 +60,6 @@ fn a_vcpu_reentering_guest_mode_does_not_stall_a_grace_period() {
         vm.zap_gfn_range_for_tests(AsId(0), Gfn(0), Gfn(1 << 18));
         done.store(true, Ordering::Release);
         assert!(t.join().unwrap(), "VIOLATION: the grace period waited for a vCPU nobody kicked");
-        assert_eq!(vm.mmu().pending_free(), 0);
+        assert_eq!(vm.core().pending_free(), 0);
     });
 }

@@ -1,12 +1,12 @@
 //! loom models of the TDP MMU's huge (2 MiB) leaves replacing lower tables, with the real `Vm`,
-//! `Vcpu`, `TdpMmu`, `Memslots` and `TestHost` through the sync shim. Run with
+//! `Vcpu`, `MmuCore`, `TdpMmu`, `Memslots` and `TestHost` through the sync shim. Run with
 //! `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p vmmu --release
 //! --features historical-bugs --test loom_huge_page` (`scripts/test` does).
 //!
 //! (a) A fault that finds a lower table where its huge leaf goes (`MapOutcome::TableInTheWay`:
 //! here a 4 KiB table holding an MMIO SPTE from before the 2 MiB slot was created) lets go of
 //! the shared MMU lock, takes it exclusive, checks again that it is not stale and replaces the
-//! table with the huge leaf (`TdpMmu::replace_table_in_the_way`). Racing it: a host invalidation
+//! table with the huge leaf (`Tdp::replace_table_in_the_way`). Racing it: a host invalidation
 //! that remaps one page of the block at 4 KiB, a delete of the slot, a move of the slot, a
 //! zap of the block, or dirty logging starting on the slot (there the property also asks that
 //! a write made afterwards is in the next `KVM_GET_DIRTY_LOG`: no writable huge leaf decided
@@ -14,14 +14,14 @@
 //! nothing).
 //!
 //! (b) Huge-page recovery when dirty logging stops (`Vm::set_memory_region` without
-//! `KVM_MEM_LOG_DIRTY_PAGES`, `TdpMmu::recover_huge_pages`) racing a write fault in the same
+//! `KVM_MEM_LOG_DIRTY_PAGES`, `Tdp::recover_huge_pages`) racing a write fault in the same
 //! block, which may decide 4 KiB (logging on) or find the logged table in its huge leaf's way
 //! (logging off); and recovery racing a host invalidation that remaps a page of the block (it
 //! fails when a memslot update does not wait for invalidations in flight, checked by hand: the
 //! recovered leaf then maps that page to its old frame).
 //!
 //! (c) Two write faults splitting the same read-only 2 MiB leaf of a logged slot under the
-//! shared MMU lock (`TdpMmu::split_for_fault`): the loser of the exchange gives its table back.
+//! shared MMU lock (`Tdp::split_for_fault`): the loser of the exchange gives its table back.
 //! Its property is in its doc.
 //!
 //! Property (harm) of (a) and (b): once both sides are done, an access by the vCPU to each gfn of interest
@@ -407,7 +407,7 @@ fn recovery_vs_host_invalidation() {
 /// the leaf was write-protected whole) takes write faults from two vCPUs at once, at `TARGET`
 /// and its neighbour page 6. Each splits the leaf into children with its rights and exchanges
 /// its table for the leaf; the one whose exchange loses gives its table back and faults again
-/// (`map.rs`, `TdpMmu::split_for_fault`). Property (harm): both writes then complete and are
+/// (`map.rs`, `Tdp::split_for_fault`). Property (harm): both writes then complete and are
 /// the only pages in the collection (a read of another page of the block does not fault: had a
 /// fault zapped the leaf, the read would map the page writable and report it dirty); the leaf
 /// counters and the table pages in use match one split, whichever won (a lost table that was

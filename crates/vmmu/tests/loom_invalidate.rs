@@ -1,6 +1,6 @@
 //! loom models of a fault racing a host invalidation (KVM's MMU notifier:
 //! `invalidate_range_start`, the host changing what backs the range, `invalidate_range_end`;
-//! facts §4 `mmu_invalidate_retry_gfn`), with the real `Vm`, `Vcpu`, `TdpMmu`, `ShadowMmu` and
+//! facts §4 `mmu_invalidate_retry_gfn`), with the real `Vm`, `Vcpu`, `MmuCore`, `TdpMmu`, `ShadowMmu` and
 //! `TestHost` through the sync shim. Run with `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom
 //! cargo test -p vmmu --release --features historical-bugs --test loom_invalidate`
 //! (`scripts/test` does).

@@ -1,5 +1,5 @@
 //! loom models of the MMU's fault paths racing memslot updates and zaps, with the real code
-//! (`Vm`, `Vcpu`, `TdpMmu`, `Memslots`, `TestHost`) through the sync shim. Run with
+//! (`Vm`, `Vcpu`, `MmuCore`, `TdpMmu`, `Memslots`, `TestHost`) through the sync shim. Run with
 //! `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p vmmu --release
 //! --features historical-bugs --test loom_mmu` (`scripts/test` does).
 //!
@@ -576,7 +576,7 @@ fn fault_vs_zap_all_fast(bugs: BugSet, pageless: bool) {
             );
         }
         // Pageless roots too: every zap reaches every root (issue 11, defect 2).
-        let fmt = vm.mmu().config().format;
+        let fmt = vm.core().config().format;
         // SAFETY: both threads have joined; `v` keeps `root` (and its pages) until dropped below.
         let w = unsafe { hw_walk(&fmt, &*host, root.pfn(), root.level(), Gfn(X), Access::NONE) };
         assert!(
@@ -641,9 +641,11 @@ fn wrap_hook_vs_prewrap_spte(bugs: BugSet) {
         assert!(matches!(o, FaultOutcome::Emulate { .. }), "setup: {o:?}");
         {
             let root = v.root().unwrap();
-            let codec = vm.mmu().config().codec;
+            let codec = vm.core().config().codec;
             // SAFETY: the entry is used only before the zap this model starts below frees anything.
-            let e = unsafe { vm.mmu().entry_for_tests(root, Gfn(X), Level::L4K) }.unwrap();
+            let e =
+                unsafe { vm.tdp().expect("a TDP VM").entry_for_tests(root, Gfn(X), Level::L4K) }
+                    .unwrap();
             e.store(codec.make(Gfn(X), Generation::from_raw(0), Access::ALL), Ordering::Release);
         }
         // Fill the per-vCPU cache with the next gfns (as many as it holds): X + ENTRIES takes

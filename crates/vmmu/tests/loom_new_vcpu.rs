@@ -3,7 +3,7 @@
 //! spins in guest mode and leaves only for a pending request; it gives up after a bounded number
 //! of spins.
 //!
-//! `TdpMmu::reclaim` kicks every vCPU after its counter bump (`synchronize_nudging`). A vCPU
+//! `MmuCore::reclaim` kicks every vCPU after its counter bump (`synchronize_nudging`). A vCPU
 //! whose index is reused resets its request word in `add_vcpu` (`VcpuState::reset`), and a new
 //! index is published with `fetch_max` on `nr_vcpus`. With a plain store for the reset (which
 //! could erase the kick) or a plain load of `nr_vcpus` in the nudge (which could miss the new

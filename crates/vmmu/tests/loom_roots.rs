@@ -1,5 +1,5 @@
 //! loom model of a TDP root's last user letting go while `zap_all_fast` obsoletes it, with the
-//! real code (`Vm`, `Vcpu`, `TdpMmu`, `TestHost`) through the sync shim. Run with
+//! real code (`Vm`, `Vcpu`, `MmuCore`, `TdpMmu`, `TestHost`) through the sync shim. Run with
 //! `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p vmmu --release
 //! --features historical-bugs --test loom_roots` (`scripts/test` does).
 //!
@@ -12,7 +12,7 @@
 //! list, its page never freed, until the next `zap_all_fast` (recent KVM, as far as we recall its
 //! `tdp_mmu.c`, avoids the question by letting the root list hold a reference of its own until
 //! the root is invalidated; not in the design facts). A `SeqCst` fence on each
-//! side (`TdpMmu::put_root`, `TdpMmu::zap_all_fast`) closes it; without either, this fails.
+//! side (`Tdp::put_root`, `Tdp::zap_all_fast`) closes it; without either, this fails.
 //!
 //! Property: once both are done, no root is left on the list.
 #![cfg(loom)]
@@ -39,12 +39,12 @@ fn last_root_user_vs_zap_all_fast_leaves_no_root() {
         let vm = vm();
         let mut v = vm.create_vcpu().unwrap();
         v.service_requests().unwrap();
-        assert_eq!(vm.mmu().nr_roots(), 1);
+        assert_eq!(vm.tdp().expect("a TDP VM").nr_roots(), 1);
         let t = thread::spawn(move || drop(v));
         vm.zap_all_fast();
         t.join().unwrap();
         assert_eq!(
-            vm.mmu().nr_roots(),
+            vm.tdp().expect("a TDP VM").nr_roots(),
             0,
             "VIOLATION: an obsolete root with no user stays on the root list"
         );

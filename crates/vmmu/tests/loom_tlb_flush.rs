@@ -1,6 +1,6 @@
 //! loom model of the vCPU request / remote-TLB-flush protocol of `src/requests.rs` (KVM
-//! `kvm_flush_remote_tlbs` with `vcpu->mode` and `vcpu->requests`), with the real `Vm`, `Vcpu`
-//! and `TdpMmu` through the sync shim.
+//! `kvm_flush_remote_tlbs` with `vcpu->mode` and `vcpu->requests`), with the real `Vm`, `Vcpu`,
+//! `MmuCore` and `TdpMmu` through the sync shim.
 //!
 //! Property: after `flush_remote_tlbs` returns (here: also after a zap that removed a present
 //! leaf, or the delete of its slot, which must flush), a vCPU that was in guest mode has exited

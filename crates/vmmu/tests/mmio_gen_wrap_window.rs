@@ -59,7 +59,7 @@ fn wrap_window(nr_as: u16) {
     b.load_pageless_root().unwrap();
     b.service_requests().unwrap();
     b.enter_guest_mode().expect("B enters guest mode");
-    assert_eq!(vm.mmu().nr_roots(), 3);
+    assert_eq!(vm.tdp().expect("a TDP VM").nr_roots(), 3);
 
     let release_b = Arc::new(AtomicBool::new(false));
     let tb = {
@@ -87,7 +87,11 @@ fn wrap_window(nr_as: u16) {
     }
     let gen = vm.memslots().generation(AsId(0)).unwrap();
     assert!(gen.in_progress(), "setup: the wrap update is still in progress: {gen:?}");
-    assert_eq!(vm.mmu().nr_roots(), 2, "setup: the wrap zap retired the unused root");
+    assert_eq!(
+        vm.tdp().expect("a TDP VM").nr_roots(),
+        2,
+        "setup: the wrap zap retired the unused root"
+    );
     // A drops its pageless root (a free-obsolete-roots request is pending) and loads a new,
     // valid root; then an access to X, which has no slot: an MMIO SPTE is installed.
     a.service_requests().unwrap();

@@ -1471,7 +1471,7 @@ fn a_shadow_rom_write_counts_as_an_emulation() {
 fn the_highest_mappable_gfn_gets_a_shadow_mmio_spte() {
     use vmmu::fault::EmulateSource::{MmioSpteHit, SlowPathMmio};
     let (vm, host, next) = shadow_vm(BugSet::NONE);
-    let top = vm.mmu().config().max_gfn.raw() << 12;
+    let top = vm.core().config().max_gfn.raw() << 12;
     assert_eq!(top, ((1 << 34) - 1) << 12, "46 physical bits");
     let s = Space::new(&host, &next);
     s.map4k(A, top, P | RW | US);

@@ -155,11 +155,11 @@ fn a_guarded_entry_ends_a_raw_guest_mode_period_first() {
     v.exit_guest_mode();
 }
 
-/// `ShadowMmu::stale_entries_for_tests` (feature `testing`, a safe `pub fn`) took the `TdpMmu`
-/// whose host resolves the shadow pages' frames as a separate argument, and trusted it to be the
-/// shadow MMU's own VM's. Given another VM's (`vm_b.mmu()`), it read that VM's table frames with
-/// the frame numbers of this VM's shadow pages, under this VM's shadow lock only: no lock or
-/// read section of the other VM kept them allocated. With the other VM's tables freed after
+/// `ShadowMmu::stale_entries_for_tests` (feature `testing`, a safe `pub fn`) took the MMU core
+/// whose host resolves the shadow pages' frames (then a `TdpMmu`) as a separate argument, and
+/// trusted it to be the shadow MMU's own VM's. Given another VM's (`vm_b.mmu()` then), it read
+/// that VM's table frames with the frame numbers of this VM's shadow pages, under this VM's
+/// shadow lock only: no lock or read section of the other VM kept them allocated. With the other VM's tables freed after
 /// their grace period, its test host (which keeps freed table memory) counted the reads as uses
 /// after free (commit aea8879); a host that gives table memory back would have been read after
 /// the free. Now the check is `Vm::stale_shadow_entries_for_tests`, which pairs the VM's shadow
@@ -291,7 +291,7 @@ fn a_kick_that_panics_in_a_zap_leaks_the_unlinked_tables_and_frees_none() {
     // The vCPU's walk finds its root emptied; nothing it can reach was freed.
     assert!(matches!(v.walk(gpa, Access::NONE), HwWalk::Violation { present: false, .. }));
     v.exit_guest_mode();
-    assert_eq!(vm.mmu().pending_free(), 0, "the unlinked tables were never queued");
+    assert_eq!(vm.core().pending_free(), 0, "the unlinked tables were never queued");
     vm.reclaim();
     assert_eq!(host.host.tables_in_use(), in_use, "leaked, not freed");
     // The locks were released: the VM goes on.

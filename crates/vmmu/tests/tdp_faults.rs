@@ -226,7 +226,7 @@ fn zap_all_fast_obsoletes_the_root_faults_retry_until_reload() {
     assert_eq!(access(&mut v, 0x10_0000, false).unwrap().0, Seen::Ram(Pfn(RAM_HVA >> 12)));
     // The old root and its tables are freed after a grace period; nothing leaks.
     vm.reclaim();
-    assert_eq!(vm.mmu().nr_roots(), 1);
+    assert_eq!(vm.tdp().expect("a TDP VM").nr_roots(), 1);
     assert_eq!(host.use_after_free(), 0);
     let s = vm.stats();
     assert_eq!(host.tables_in_use(), s.tables_allocated - s.tables_freed);
@@ -277,7 +277,7 @@ fn no_stale_root_check_stray_spte_goes_with_its_slot() {
     vm.zap_all_fast();
     let o = v.handle_ept_violation(Gpa(0x10_0000), vmmu::FaultAccess::READ).unwrap();
     assert_eq!(o, FaultOutcome::Fixed, "the bug installs into the obsoleted root");
-    let fmt = vm.mmu().config().format;
+    let fmt = vm.core().config().format;
     // SAFETY: single-threaded; the test keeps `root`, and nothing frees its pages between walks.
     let walk = || unsafe {
         hw_walk(&fmt, &*host, root.pfn(), root.level(), Gfn(0x100), vmmu::Access::NONE)
@@ -362,7 +362,7 @@ fn a_host_invalidation_between_translation_and_install_makes_the_fault_retry() {
 /// A frozen entry (KVM `FROZEN_SPTE`: another thread is rewriting it under the shared MMU lock)
 /// may be changed only by the thread that froze it (facts §6): a fault's slow path that reaches
 /// one (over a present leaf, or over nothing for an MMIO gfn) retries and leaves it frozen;
-/// once the freezer writes its value, accesses go on. Kills the frozen check in `TdpMmu::map`, without which both faults install
+/// once the freezer writes its value, accesses go on. Kills the frozen check in `Tdp::map`, without which both faults install
 /// over the entry (the MMIO one as an emulation with a fresh MMIO SPTE).
 #[test]
 fn a_slow_path_fault_leaves_a_frozen_entry_to_its_freezer() {
@@ -374,7 +374,10 @@ fn a_slow_path_fault_leaves_a_frozen_entry_to_its_freezer() {
     let root = v.root().unwrap().clone();
     for (gpa, present) in [(0x10_0000u64, true), (0x10_5000, false)] {
         // SAFETY: single-threaded; no zap runs while `e` is used, and `v` keeps the root.
-        let e = unsafe { vm.mmu().entry_for_tests(&root, Gpa(gpa).gfn(), Level::L4K) }.unwrap();
+        let e = unsafe {
+            vm.tdp().expect("a TDP VM").entry_for_tests(&root, Gpa(gpa).gfn(), Level::L4K)
+        }
+        .unwrap();
         let saved = e.swap(SpteFormat::FROZEN, std::sync::atomic::Ordering::SeqCst);
         assert_eq!(SpteFormat::is_mmu_present(saved), present, "{gpa:#x}");
         let o = v.handle_ept_violation(Gpa(gpa), vmmu::FaultAccess::READ).unwrap();
@@ -421,7 +424,8 @@ fn zapped_under_walk_and_frozen_entries_retry_on_the_fast_path() {
     assert_eq!(o, FaultOutcome::Retry(RetryCause::ZappedUnderWalk));
     let root = v.root().unwrap().clone();
     // SAFETY: single-threaded; no zap runs while `e` is used.
-    let e = unsafe { vm.mmu().entry_for_tests(&root, Gfn(0x100), Level::L4K) }.unwrap();
+    let e = unsafe { vm.tdp().expect("a TDP VM").entry_for_tests(&root, Gfn(0x100), Level::L4K) }
+        .unwrap();
     let saved = e.swap(SpteFormat::FROZEN, std::sync::atomic::Ordering::SeqCst);
     let o = v.handle_ept_misconfig(Gpa(0x10_0000)).unwrap();
     assert_eq!(o, FaultOutcome::Retry(RetryCause::Frozen));
@@ -436,7 +440,8 @@ fn reserved_bits_above_the_leaf_are_a_genuine_misconfiguration() {
     access(&mut v, 0x10_0000, false).unwrap();
     let root = v.root().unwrap().clone();
     // SAFETY: single-threaded; no zap runs while `e` is used.
-    let e = unsafe { vm.mmu().entry_for_tests(&root, Gfn(0x100), Level::L2M) }.unwrap();
+    let e = unsafe { vm.tdp().expect("a TDP VM").entry_for_tests(&root, Gfn(0x100), Level::L2M) }
+        .unwrap();
     let saved = e.fetch_or(1 << 50, std::sync::atomic::Ordering::SeqCst); // PA bit >= 46
     match v.handle_ept_misconfig(Gpa(0x10_0000)) {
         Err(FaultError::Misconfig { level, dump, .. }) => {
@@ -913,7 +918,9 @@ fn an_npt_leaf_without_the_user_bit_faults_every_guest_access() {
         access(&mut v, 0x10_3008, false).unwrap();
         let root = v.root().expect("a TDP vCPU has its root").clone();
         // SAFETY: single-threaded, nothing zaps while the reference is used.
-        let e = unsafe { vm.mmu().entry_for_tests(&root, Gfn(0x103), Level::L4K) }.unwrap();
+        let e =
+            unsafe { vm.tdp().expect("a TDP VM").entry_for_tests(&root, Gfn(0x103), Level::L4K) }
+                .unwrap();
         let leaf = e.load(std::sync::atomic::Ordering::Acquire);
         let walk = |v: &mut vmmu::vcpu::Vcpu<_>| {
             v.service_requests().unwrap();

@@ -376,7 +376,7 @@ fn a_vcpu_spinning_in_guest_mode_does_not_stall_a_delete() {
     assert!(exits >= 1, "the vCPU was made to exit");
     assert!(host.kicks() >= 1, "the host was asked to kick the vCPU");
     vm.reclaim();
-    assert_eq!(vm.mmu().pending_free(), 0);
+    assert_eq!(vm.core().pending_free(), 0);
     assert_eq!(host.use_after_free(), 0);
 }
 

@@ -788,7 +788,7 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
             shadow: guest.map(|(tables, _)| (GvaTlb::default(), tables)),
             host: memory.host(),
             // A root's 512 entries cover 9 bits above those of one of its entries.
-            tdp_gpa_bits: mmu.vm().mmu().config().root_level.shift() + 9,
+            tdp_gpa_bits: mmu.vm().core().config().root_level.shift() + 9,
         },
         mmu: &mmu,
         memory: &memory,

@@ -41,7 +41,10 @@
 //! write-protects (and flushes) what it clears, huge leaves included.
 
 use crate::memslot::{Memslot, KVM_USER_MEM_SLOTS};
+use crate::shadow::ShadowProtect;
+use crate::shared::{VmMmu, VmShared};
 use crate::sync::{AtomicU64, Ordering};
+use crate::tdp::Tdp;
 use crate::types::Gfn;
 use alloc::vec::Vec;
 
@@ -402,24 +405,22 @@ pub(crate) fn gfn_of(slot: &Memslot, index: u64) -> Gfn {
     Gfn(slot.base_gfn().raw() + index)
 }
 
-impl<H: crate::host::Host> crate::shared::VmShared<H> {
+impl<H: crate::host::Host> VmShared<H> {
     /// `KVM_GET_DIRTY_LOG` (see [`crate::vm::Vm::get_dirty_log`]).
     pub(crate) fn get_dirty_log(&self, as_id: u16, id: u16) -> Result<Vec<u64>, DirtyLogError> {
         // KVM holds `slots_lock` for the whole ioctl: no memslot update meanwhile.
-        let _serial = self.vmm_lock.lock_with(&self.mmu.relax());
+        let _serial = self.vmm_lock.lock_with(&self.core.relax());
         self.memslots.with_dirty_log(
             as_id,
             id,
             || Ok(()),
             |slot, bitmap, mode| {
-                Ok(match self.shadow.as_ref() {
-                    Some(shadow) => get_log(
-                        &crate::shadow::ShadowProtect { core: &self.mmu, shadow },
-                        slot,
-                        bitmap,
-                        mode,
-                    ),
-                    None => get_log(&self.mmu, slot, bitmap, mode),
+                let core = &self.core;
+                Ok(match &self.mmu {
+                    VmMmu::Shadow(shadow) => {
+                        get_log(&ShadowProtect { core, shadow }, slot, bitmap, mode)
+                    }
+                    VmMmu::Tdp(tdp) => get_log(&Tdp { core, tdp }, slot, bitmap, mode),
                 })
             },
         )
@@ -434,7 +435,7 @@ impl<H: crate::host::Host> crate::shared::VmShared<H> {
         count: u32,
         bitmap: Option<&[u64]>,
     ) -> Result<(), DirtyLogError> {
-        let _serial = self.vmm_lock.lock_with(&self.mmu.relax());
+        let _serial = self.vmm_lock.lock_with(&self.core.relax());
         let count = u64::from(count);
         self.memslots.with_dirty_log(
             as_id,
@@ -451,16 +452,14 @@ impl<H: crate::host::Host> crate::shared::VmShared<H> {
                 if let Some(bitmap) = bitmap.filter(|b| b.len() < needed) {
                     return Err(DirtyLogError::BitmapTooShort { words: bitmap.len(), needed });
                 }
-                match self.shadow.as_ref() {
-                    Some(shadow) => clear_log(
-                        &crate::shadow::ShadowProtect { core: &self.mmu, shadow },
-                        slot,
-                        log,
-                        first,
-                        count,
-                        bitmap,
-                    ),
-                    None => clear_log(&self.mmu, slot, log, first, count, bitmap),
+                let core = &self.core;
+                match &self.mmu {
+                    VmMmu::Shadow(shadow) => {
+                        clear_log(&ShadowProtect { core, shadow }, slot, log, first, count, bitmap)
+                    }
+                    VmMmu::Tdp(tdp) => {
+                        clear_log(&Tdp { core, tdp }, slot, log, first, count, bitmap)
+                    }
                 }
                 Ok(())
             },

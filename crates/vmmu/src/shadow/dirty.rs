@@ -10,8 +10,8 @@ use super::ShadowMmu;
 use crate::dirty::WriteProtect;
 use crate::host::Host;
 use crate::memslot::Memslot;
+use crate::mmu_core::MmuCore;
 use crate::sync::MutexGuard;
-use crate::tdp::TdpMmu;
 use crate::types::{AsId, Gfn};
 
 impl ShadowMmu {
@@ -19,7 +19,7 @@ impl ShadowMmu {
     /// flushes (logging starts on a slot).
     pub(crate) fn write_protect_gfn_range<H: Host>(
         &self,
-        core: &TdpMmu<H>,
+        core: &MmuCore<H>,
         as_id: AsId,
         start: Gfn,
         end: Gfn,
@@ -38,7 +38,7 @@ impl ShadowMmu {
 
 /// The shadow MMU as the dirty log's write protector.
 pub(crate) struct ShadowProtect<'a, H: Host> {
-    pub(crate) core: &'a TdpMmu<H>,
+    pub(crate) core: &'a MmuCore<H>,
     pub(crate) shadow: &'a ShadowMmu,
 }
 

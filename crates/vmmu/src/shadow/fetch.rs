@@ -19,9 +19,9 @@ use crate::bugs::Bug;
 use crate::guest::{GuestPteMemory, GuestWalk};
 use crate::host::Host;
 use crate::memslot::{Memslot, MemslotSet};
+use crate::mmu_core::MmuCore;
 use crate::spte::SpteFormat;
 use crate::stats::RetryCause;
-use crate::tdp::TdpMmu;
 use crate::types::{Access, FaultAccess, Gfn, Gva, Level, Pfn};
 
 /// What the fault wants at the leaf.
@@ -102,7 +102,7 @@ fn table_role_access(bugs: crate::bugs::BugSet, walk: &GuestWalk, i: usize) -> A
 /// otherwise nothing is built or touched (no flood count is reset either) and the outcome is
 /// [`FetchOutcome::NoPath`].
 pub(crate) fn fetch<H: Host, M: GuestPteMemory>(
-    core: &TdpMmu<H>,
+    core: &MmuCore<H>,
     stats: &ShadowStats,
     st: &mut ShadowState,
     root: &ShadowRoot,
@@ -208,7 +208,7 @@ fn gptes_changed(walk: &GuestWalk, mem: &impl GuestPteMemory) -> bool {
 
 #[allow(clippy::too_many_arguments)]
 fn install_leaf<H: Host>(
-    core: &TdpMmu<H>,
+    core: &MmuCore<H>,
     st: &mut ShadowState,
     sp: SpId,
     vgfn: Gfn,

@@ -1,10 +1,10 @@
 //! The shadow-paging MMU (KVM with TDP off: `mmu.c` legacy paths and `paging_tmpl.h`; shadow
 //! facts): the MMU shadows the guest's own page tables, so the hardware walks SPTEs keyed by
 //! guest-virtual address. It shares with the TDP MMU everything that is not about the shape of
-//! the tables ([`TdpMmu`] is the VM-wide machinery here: vCPU request words, remote TLB flushes,
-//! the table SRCU and deferred frees, the host-invalidation sequence, the SPTE format and the MMIO
-//! SPTE codec), and the memslot generation protocol, the caching policy and the per-vCPU MMIO
-//! info cache with the rest of the VM.
+//! the tables (the [`MmuCore`], which every function here takes as `core`: vCPU request words,
+//! remote TLB flushes, the table SRCU and deferred frees, the host-invalidation sequence, the SPTE
+//! format and the MMIO SPTE codec), and the memslot generation protocol, the caching policy and
+//! the per-vCPU MMIO info cache with the rest of the VM.
 //!
 //! # Locking and lifetime rules
 //! 1. All shadow bookkeeping and every SPTE change happen under the shadow lock (KVM takes
@@ -13,8 +13,8 @@
 //!    table-SRCU read section; a zapped page's SPTEs are cleared before its frame is queued, the
 //!    frame is freed only after remote TLBs were flushed and a grace period passed (the
 //!    [`crate::tdp`] rules 3-4). A lockless walk that meets a cleared entry returns Retry.
-//! 3. Lock order: the shadow lock is taken after `vmm_lock` and after the TDP `mmu_lock` is
-//!    released, never while holding a memslot update's write side; `reclaim` (the grace period)
+//! 3. Lock order: the shadow lock is taken after `vmm_lock` and after this MMU's `mmu_lock` (the
+//!    invalidations' lock) is released, never while holding a memslot update's write side; `reclaim` (the grace period)
 //!    runs after the shadow lock is released.
 //! 4. A vCPU root pins its shadow page (`root_count`); a pinned page that is zapped becomes
 //!    invalid and its vCPUs are asked to reload (`FreeObsoleteRoots`) in the same critical
@@ -49,10 +49,10 @@ pub(crate) use root::{PrevRoot, ShadowRoot};
 use crate::fault::{Backing, PageFault};
 use crate::guest::GuestPteMemory;
 use crate::host::Host;
+use crate::mmu_core::{MmuCore, MmuLock};
 use crate::requests::Request;
 use crate::stats::Counter;
 use crate::sync::{Arc, Mutex, MutexGuard};
-use crate::tdp::TdpMmu;
 use crate::types::{AsId, Gfn};
 
 /// KVM `KVM_MIN_FREE_MMU_PAGES`.
@@ -130,6 +130,10 @@ impl ShadowStats {
 
 /// One VM's shadow MMU.
 pub struct ShadowMmu {
+    /// KVM's `mmu_lock` as the host invalidations take it: held exclusive, it serialises the
+    /// begin and end of the core's invalidation state ([`crate::invalidate`]). It guards
+    /// nothing else: shadow pages and SPTEs are under the shadow lock (`state`, rule 1).
+    mmu_lock: MmuLock<()>,
     state: Mutex<ShadowState>,
     /// The lock-free summary of the upper-level write tracking, shared with the state, which
     /// changes it under the lock (`write_track`).
@@ -148,7 +152,12 @@ impl ShadowMmu {
         let n_max = max_pages.unwrap_or(MIN_ALLOC_PAGES).max(MIN_ALLOC_PAGES);
         let mut st = ShadowState::new(n_max, upper_tracked.clone());
         st.n_requested = max_pages.is_some();
-        ShadowMmu { state: Mutex::new(st), upper_tracked, stats: ShadowStats::default() }
+        ShadowMmu {
+            mmu_lock: MmuLock::new(()),
+            state: Mutex::new(st),
+            upper_tracked,
+            stats: ShadowStats::default(),
+        }
     }
 
     /// KVM `kvm_gfn_is_write_tracked` without the lock: whether a page above the last level may
@@ -160,7 +169,7 @@ impl ShadowMmu {
     }
 
     /// Takes the shadow lock (rule 1), waiting with the host's policy.
-    pub(crate) fn lock<'a, H: Host>(&'a self, core: &TdpMmu<H>) -> MutexGuard<'a, ShadowState> {
+    pub(crate) fn lock<'a, H: Host>(&'a self, core: &MmuCore<H>) -> MutexGuard<'a, ShadowState> {
         self.state.lock_with(&core.relax())
     }
 
@@ -173,7 +182,7 @@ impl ShadowMmu {
     /// MMU's own VM, whose host resolves the frames of its pages (another VM's core would read
     /// that VM's frames, which nothing here keeps allocated), so only the VM pairs the two.
     #[cfg(feature = "testing")]
-    pub(crate) fn stale_entries_for_tests<H: Host>(&self, core: &TdpMmu<H>) -> usize {
+    pub(crate) fn stale_entries_for_tests<H: Host>(&self, core: &MmuCore<H>) -> usize {
         self.lock(core).stale_entries_for_tests(core)
     }
 
@@ -181,7 +190,7 @@ impl ShadowMmu {
     /// unpinned ones up to [`REFILL_PAGES`] free.
     pub(crate) fn make_pages_available<H: Host>(
         &self,
-        core: &TdpMmu<H>,
+        core: &MmuCore<H>,
         st: &mut ShadowState,
         batch: &mut ZapBatch,
     ) {
@@ -203,7 +212,7 @@ impl ShadowMmu {
     /// section.
     pub(crate) fn install_fault<H: Host, M: GuestPteMemory>(
         &self,
-        core: &TdpMmu<H>,
+        core: &MmuCore<H>,
         vcpu: usize,
         root: &ShadowRoot,
         pf: &PageFault,
@@ -228,20 +237,20 @@ impl ShadowMmu {
 
     /// KVM `KVM_SET_NR_MMU_PAGES`: a new page limit (at least [`MIN_ALLOC_PAGES`]); zaps the
     /// oldest unpinned pages down to it.
-    pub(crate) fn set_max_pages<H: Host>(&self, core: &TdpMmu<H>, n: usize) {
+    pub(crate) fn set_max_pages<H: Host>(&self, core: &MmuCore<H>, n: usize) {
         self.change_max_pages(core, n, true);
     }
 
     /// KVM `kvm_arch_commit_memory_region` after a memslot creation or deletion: unless a limit
     /// was requested ([`Self::set_max_pages`]), the limit becomes [`default_max_pages`] of the
     /// memslots' pages (`nr_pages`), zapping the oldest unpinned pages down to it.
-    pub(crate) fn set_default_max_pages<H: Host>(&self, core: &TdpMmu<H>, nr_pages: u64) {
+    pub(crate) fn set_default_max_pages<H: Host>(&self, core: &MmuCore<H>, nr_pages: u64) {
         self.change_max_pages(core, default_max_pages(nr_pages), false);
     }
 
     /// KVM `kvm_mmu_change_mmu_pages`; `requested`: from `KVM_SET_NR_MMU_PAGES` (a default
     /// limit is ignored once a limit was requested).
-    fn change_max_pages<H: Host>(&self, core: &TdpMmu<H>, n: usize, requested: bool) {
+    fn change_max_pages<H: Host>(&self, core: &MmuCore<H>, n: usize, requested: bool) {
         let mut batch = ZapBatch::default();
         {
             let mut st = self.lock(core);
@@ -266,7 +275,7 @@ impl ShadowMmu {
 
     /// The shrinker's entry point (KVM `mmu_shrink_scan` before v6.13): zaps up to `nr` of the
     /// oldest pages no root pins, while vCPUs may be running lockless walks. Returns how many.
-    pub(crate) fn shrink<H: Host>(&self, core: &TdpMmu<H>, nr: usize) -> usize {
+    pub(crate) fn shrink<H: Host>(&self, core: &MmuCore<H>, nr: usize) -> usize {
         let mut batch = ZapBatch::default();
         let n = {
             let mut st = self.lock(core);
@@ -283,14 +292,14 @@ impl ShadowMmu {
     /// obsolete pages are zapped oldest first, [`BATCH_ZAP_PAGES`] at a time with the lock
     /// dropped in between and handed to a waiting vCPU if there is one (other vCPUs' faults and
     /// lockless walks go on meanwhile); one flush and one commit at the end.
-    pub(crate) fn zap_all_fast<H: Host>(&self, core: &TdpMmu<H>) {
+    pub(crate) fn zap_all_fast<H: Host>(&self, core: &MmuCore<H>) {
         core.stats.zap_all_fast.add(1);
         let mut batch = ZapBatch::default();
         {
             let mut st = self.lock(core);
             st.valid_gen = st.valid_gen.wrapping_add(1);
             // Same critical section as the bump (shadow facts §6.3).
-            core.request_all(Request::FreeObsoleteRoots, crate::tdp::AckWait::NoWait);
+            core.request_all(Request::FreeObsoleteRoots, crate::mmu_core::AckWait::NoWait);
         }
         loop {
             let mut st = self.lock(core);
@@ -325,7 +334,13 @@ impl ShadowMmu {
     /// pages, and the MMIO SPTEs anywhere, stay: the update's new generation stales those. The
     /// slot is invalid already (a fault on it retries), so nothing maps it again meanwhile.
     /// One critical section; one flush and one commit.
-    pub(crate) fn zap_memslot<H: Host>(&self, core: &TdpMmu<H>, as_id: AsId, start: Gfn, end: Gfn) {
+    pub(crate) fn zap_memslot<H: Host>(
+        &self,
+        core: &MmuCore<H>,
+        as_id: AsId,
+        start: Gfn,
+        end: Gfn,
+    ) {
         let mut batch = ZapBatch::default();
         {
             let mut st = self.lock(core);
@@ -338,10 +353,22 @@ impl ShadowMmu {
         core.reclaim();
     }
 
+    /// Host invalidation start (KVM `kvm_mmu_notifier_invalidate_range_start`): faults on
+    /// `ranges` retry from now on. The leaves are dropped by [`Self::unmap_gfn_ranges`], which
+    /// the caller runs next.
+    pub(crate) fn invalidate_begin<H: Host>(&self, core: &MmuCore<H>, ranges: &[(AsId, Gfn, Gfn)]) {
+        core.begin_invalidation(&self.mmu_lock, ranges, |_, _, _, _, _| false);
+    }
+
+    /// Host invalidation end (KVM `invalidate_range_end`).
+    pub(crate) fn invalidate_end<H: Host>(&self, core: &MmuCore<H>) {
+        core.end_invalidation(&self.mmu_lock);
+    }
+
     /// Host invalidation (KVM `kvm_unmap_gfn_range` through the rmap): drops every leaf for
     /// the ranges and flushes. The caller has begun the invalidation (faults on the ranges
     /// retry) before this runs.
-    pub(crate) fn unmap_gfn_ranges<H: Host>(&self, core: &TdpMmu<H>, ranges: &[(AsId, Gfn, Gfn)]) {
+    pub(crate) fn unmap_gfn_ranges<H: Host>(&self, core: &MmuCore<H>, ranges: &[(AsId, Gfn, Gfn)]) {
         let mut batch = ZapBatch::default();
         {
             let mut st = self.lock(core);
@@ -358,7 +385,7 @@ impl ShadowMmu {
     /// outside guest mode; it reclaims only in batches.
     pub(crate) fn free_roots<H: Host>(
         &self,
-        core: &TdpMmu<H>,
+        core: &MmuCore<H>,
         roots: impl IntoIterator<Item = ShadowRoot>,
     ) {
         let mut batch = ZapBatch::default();

@@ -24,9 +24,9 @@ use super::role::SpRole;
 use super::write_track::UpperTrackSummary;
 use super::ShadowStats;
 use crate::host::Host;
+use crate::mmu_core::MmuCore;
 use crate::spte::SpteFormat;
 use crate::sync::Arc;
-use crate::tdp::TdpMmu;
 use crate::types::{AsId, Gfn, Level, Pfn};
 use alloc::collections::BTreeMap;
 use alloc::vec;
@@ -244,14 +244,14 @@ impl ShadowState {
     /// the slab, and `reclaim` frees it after a grace period).
     pub(crate) fn entry<'a, H: Host>(
         &self,
-        core: &'a TdpMmu<H>,
+        core: &'a MmuCore<H>,
         id: SpId,
         idx: usize,
     ) -> &'a crate::sync::AtomicU64 {
         let pfn = self.sp(id).spt;
         // SAFETY: the page is live (in the slab) and we hold the shadow lock (`&self` is borrowed
         // from its guard): only `commit_zap`, under that lock, queues a frame for freeing, and
-        // only once its page left the slab (`TdpMmu::table`'s second case); the caller does not
+        // only once its page left the slab (`MmuCore::table`'s second case); the caller does not
         // keep the reference past the lock.
         match unsafe { core.table(pfn) } {
             Some(t) => &t[idx],
@@ -263,7 +263,7 @@ impl ShadowState {
     /// Returns it and whether it is new; `None` if the host has no frame.
     pub(crate) fn get_page<H: Host>(
         &mut self,
-        core: &TdpMmu<H>,
+        core: &MmuCore<H>,
         stats: &ShadowStats,
         gfn: Gfn,
         role: SpRole,
@@ -320,7 +320,7 @@ impl ShadowState {
     /// maps it.
     fn account_shadowed<H: Host>(
         &mut self,
-        core: &TdpMmu<H>,
+        core: &MmuCore<H>,
         as_id: AsId,
         gfn: Gfn,
         level: Level,
@@ -358,7 +358,7 @@ impl ShadowState {
     /// the shadow path of `gva` under `root`, down to the first entry that is not present.
     pub(crate) fn clear_flood_along<H: Host>(
         &mut self,
-        core: &TdpMmu<H>,
+        core: &MmuCore<H>,
         root: &super::root::ShadowRoot,
         gva: crate::types::Gva,
     ) {
@@ -390,7 +390,7 @@ impl ShadowState {
     /// Clears the writable bit of every leaf mapping `gfn`. Returns whether one was writable.
     pub(crate) fn write_protect_gfn<H: Host>(
         &self,
-        core: &TdpMmu<H>,
+        core: &MmuCore<H>,
         as_id: AsId,
         gfn: Gfn,
     ) -> bool {
@@ -411,7 +411,7 @@ impl ShadowState {
     /// Makes SPTE `idx` of page `parent` link `child` (KVM `link_shadow_page`).
     pub(crate) fn link<H: Host>(
         &mut self,
-        core: &TdpMmu<H>,
+        core: &MmuCore<H>,
         parent: SpId,
         idx: usize,
         child: SpId,
@@ -430,7 +430,7 @@ impl ShadowState {
     /// the rmap in step. Returns whether a present leaf was changed or dropped (flush needed).
     pub(crate) fn set_leaf<H: Host>(
         &mut self,
-        core: &TdpMmu<H>,
+        core: &MmuCore<H>,
         id: SpId,
         idx: usize,
         new: u64,
@@ -460,7 +460,7 @@ impl ShadowState {
     /// Clears SPTE `idx` of page `id` (KVM `mmu_page_zap_pte`): a leaf leaves the rmap, a link
     /// leaves its child's parent list, an MMIO SPTE just goes. Returns whether the entry was
     /// present (the caller must flush).
-    pub(crate) fn drop_spte<H: Host>(&mut self, core: &TdpMmu<H>, id: SpId, idx: usize) -> bool {
+    pub(crate) fn drop_spte<H: Host>(&mut self, core: &MmuCore<H>, id: SpId, idx: usize) -> bool {
         let level = self.sp(id).role.level();
         let as_id = self.sp(id).role.as_id();
         let e = self.entry(core, id, idx);
@@ -496,7 +496,7 @@ impl ShadowState {
     /// `kvm_unmap_gfn_range` through the rmap). Returns whether one was present.
     pub(crate) fn unmap_gfn_range<H: Host>(
         &mut self,
-        core: &TdpMmu<H>,
+        core: &MmuCore<H>,
         as_id: AsId,
         start: Gfn,
         end: Gfn,
@@ -522,7 +522,7 @@ impl ShadowState {
     /// that holds the lock later sees the request), and its last root user frees it.
     pub(crate) fn prepare_zap<H: Host>(
         &mut self,
-        core: &TdpMmu<H>,
+        core: &MmuCore<H>,
         stats: &ShadowStats,
         id: SpId,
         batch: &mut ZapBatch,
@@ -563,14 +563,14 @@ impl ShadowState {
 
     /// Clears every SPTE of page `id` (KVM `kvm_mmu_page_unlink_children`): leaves leave the
     /// rmap, links leave their child's parent list; `batch.flush` is set if one was present.
-    fn unlink_children<H: Host>(&mut self, core: &TdpMmu<H>, id: SpId, batch: &mut ZapBatch) {
+    fn unlink_children<H: Host>(&mut self, core: &MmuCore<H>, id: SpId, batch: &mut ZapBatch) {
         // Only the entries that hold something go through `drop_spte`: most of a shadow page is
         // not present, and `drop_spte`'s lookups per entry cost more than this scan (a zap-all
         // of a few dozen pages spent most of its time on them).
         let spt = self.sp(id).spt;
         // SAFETY: the page is live (in the slab) and we hold the shadow lock (`&mut self`): only
         // `commit_zap` queues a frame for freeing, once its page left the slab, and it is not
-        // called before this function returns (`TdpMmu::table`'s second case); the reference
+        // called before this function returns (`MmuCore::table`'s second case); the reference
         // is not kept past this function.
         let Some(table) = (unsafe { core.table(spt) }) else {
             unreachable!("shadow page frame {spt:?} unknown to the host")
@@ -587,7 +587,7 @@ impl ShadowState {
     /// grace period (the caller calls `reclaim` after unlocking).
     pub(crate) fn commit_zap<H: Host>(
         &mut self,
-        core: &TdpMmu<H>,
+        core: &MmuCore<H>,
         stats: &ShadowStats,
         batch: &mut ZapBatch,
     ) {
@@ -624,7 +624,7 @@ impl ShadowState {
     /// its zap cleared it, and the staleness check keeps faults from building below it since,
     /// but should anything have been linked there, it is unlinked here rather than left
     /// pointing at a freed page.
-    pub(crate) fn put_root<H: Host>(&mut self, core: &TdpMmu<H>, id: SpId, batch: &mut ZapBatch) {
+    pub(crate) fn put_root<H: Host>(&mut self, core: &MmuCore<H>, id: SpId, batch: &mut ZapBatch) {
         let sp = self.sp_mut(id);
         sp.root_count -= 1;
         if sp.root_count == 0 && sp.role.invalid() {
@@ -643,7 +643,7 @@ impl ShadowState {
     /// install below an invalid page (the staleness check), and the release of an invalid page
     /// clears it again.
     #[cfg(feature = "testing")]
-    pub(crate) fn stale_entries_for_tests<H: Host>(&self, core: &TdpMmu<H>) -> usize {
+    pub(crate) fn stale_entries_for_tests<H: Host>(&self, core: &MmuCore<H>) -> usize {
         let fmt = core.cfg.format;
         let bad_page = |id: SpId| match self.slab.get(id.0 as usize) {
             Some(Some(sp)) => sp.role.invalid() || sp.valid_gen != self.valid_gen,
@@ -681,7 +681,7 @@ impl ShadowState {
     /// first. Returns how many were zapped (children's parent links are cleared too).
     pub(crate) fn zap_oldest<H: Host>(
         &mut self,
-        core: &TdpMmu<H>,
+        core: &MmuCore<H>,
         stats: &ShadowStats,
         nr: usize,
         batch: &mut ZapBatch,

@@ -34,8 +34,8 @@ use crate::guest::{GuestCpu, GuestPteMemory, PagingMode};
 use crate::host::{Host, HostMemory};
 use crate::invalidate::Invalidation;
 use crate::memslot::{Memslot, MemslotSet};
+use crate::mmu_core::MmuCore;
 use crate::spte::SpteFormat;
-use crate::tdp::TdpMmu;
 use crate::types::{Access, Gfn, Gpa, Level};
 
 /// KVM `PTE_PREFETCH_NUM`.
@@ -53,7 +53,7 @@ pub(crate) struct PrefetchCtx<'a> {
 /// `leaf_gpte_gpa` is where the walk read the guest PTE of that leaf (indirect pages only).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn prefetch<H: Host>(
-    core: &TdpMmu<H>,
+    core: &MmuCore<H>,
     st: &mut ShadowState,
     sp: SpId,
     idx: usize,
@@ -72,7 +72,7 @@ pub(crate) fn prefetch<H: Host>(
         let spt = st.sp(sp).spt;
         // SAFETY: the page is live (in the slab) and we hold the shadow lock (`st`): only
         // `commit_zap` queues a frame for freeing, once its page left the slab, and only the
-        // functions that take the lock call it, after this returns (`TdpMmu::table`'s second
+        // functions that take the lock call it, after this returns (`MmuCore::table`'s second
         // case); the reference is not kept past this function.
         let Some(table) = (unsafe { core.table(spt) }) else {
             unreachable!("shadow page frame {spt:?} unknown to the host")
@@ -161,7 +161,7 @@ pub(crate) fn run_slot(set: &MemslotSet, gfn: Gfn, n: u64, write: bool) -> Optio
 }
 
 /// Whether SPTE `j` of `sp` is present (an MMIO SPTE is not).
-fn present<H: Host>(core: &TdpMmu<H>, st: &ShadowState, sp: SpId, j: usize) -> bool {
+fn present<H: Host>(core: &MmuCore<H>, st: &ShadowState, sp: SpId, j: usize) -> bool {
     SpteFormat::is_mmu_present(st.entry(core, sp, j).load(crate::sync::Ordering::Acquire))
 }
 
@@ -169,7 +169,7 @@ fn present<H: Host>(core: &TdpMmu<H>, st: &ShadowState, sp: SpId, j: usize) -> b
 /// `sp` with rights `access`; returns how many it made (0: the run failed).
 #[allow(clippy::too_many_arguments)]
 fn run<H: Host>(
-    core: &TdpMmu<H>,
+    core: &MmuCore<H>,
     st: &mut ShadowState,
     sp: SpId,
     j: usize,

@@ -18,8 +18,8 @@ use super::role::{SpKind, SpRole};
 use crate::fault::RootState;
 use crate::guest::{GuestCpu, PagingMode};
 use crate::host::Host;
+use crate::mmu_core::MmuCore;
 use crate::spte::SpteFormat;
-use crate::tdp::TdpMmu;
 use crate::types::{Access, AsId, Gfn, Level, Pfn};
 use alloc::vec::Vec;
 
@@ -168,7 +168,7 @@ impl ShadowRoot {
     /// outside guest mode.
     pub(crate) fn release<H: Host>(
         self,
-        core: &TdpMmu<H>,
+        core: &MmuCore<H>,
         st: &mut ShadowState,
         batch: &mut ZapBatch,
     ) {
@@ -196,7 +196,7 @@ impl ShadowRoot {
     /// loaded root uses. `None`: the host had no frame for a shadow page, or the guest's mode
     /// needs a special root and `pae_root` is `None`.
     pub(crate) fn alloc<H: Host>(
-        core: &TdpMmu<H>,
+        core: &MmuCore<H>,
         stats: &super::ShadowStats,
         st: &mut ShadowState,
         cpu: &GuestCpu,
@@ -241,7 +241,7 @@ impl ShadowRoot {
     /// that `pages[i]` keys, pinned by the root (`None`: the entry stays 0). `None`: the host had
     /// no frame for a shadow page; what was linked so far is unlinked and unpinned.
     fn alloc_special<H: Host>(
-        core: &TdpMmu<H>,
+        core: &MmuCore<H>,
         stats: &super::ShadowStats,
         st: &mut ShadowState,
         pfn: Pfn,
@@ -263,7 +263,7 @@ impl ShadowRoot {
 
     /// Entry `i` of special root `root` links `sp`, which the root pins.
     fn link_special<H: Host>(
-        core: &TdpMmu<H>,
+        core: &MmuCore<H>,
         st: &mut ShadowState,
         root: Pfn,
         i: usize,

@@ -10,7 +10,7 @@
 use super::pages::ZapBatch;
 use super::ShadowMmu;
 use crate::host::Host;
-use crate::tdp::TdpMmu;
+use crate::mmu_core::MmuCore;
 use crate::types::{AsId, Gpa, Level};
 
 impl ShadowMmu {
@@ -18,7 +18,7 @@ impl ShadowMmu {
     /// (8-byte) entry there now.
     pub(crate) fn track_write<H: Host>(
         &self,
-        core: &TdpMmu<H>,
+        core: &MmuCore<H>,
         as_id: AsId,
         gpa: Gpa,
         bytes: u32,

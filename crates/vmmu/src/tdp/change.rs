@@ -12,8 +12,8 @@
 //! mapped it was overwritten (issue 11, defect 1: a stale "MMIO" decision used to overwrite a RAM
 //! leaf another vCPU had in its TLB, and the later delete of the slot found nothing to flush).
 
-use super::TdpMmu;
 use crate::host::Host;
+use crate::mmu_core::MmuCore;
 use crate::spte::SpteFormat;
 use crate::stats::StripeKey;
 use crate::sync::{AtomicU64, Ordering};
@@ -29,7 +29,7 @@ pub(crate) enum FlushNeed {
     Remote,
 }
 
-impl<H: Host> TdpMmu<H> {
+impl<H: Host> MmuCore<H> {
     /// Replaces `old` by `new` in `entry` with compare-and-swap, under the shared MMU lock (a
     /// fault of the vCPU `who` names). `Err(())` if the entry no longer holds `old` (another vCPU
     /// or a zap won: retry).
@@ -101,6 +101,23 @@ impl<H: Host> TdpMmu<H> {
             FlushNeed::Remote
         } else {
             FlushNeed::NotNeeded
+        }
+    }
+
+    /// Keeps `pages_4k/2m/1g` in step with present leaves.
+    pub(crate) fn account_leaf(&self, spte: u64, level: Level, who: StripeKey, delta: i64) {
+        if !SpteFormat::is_mmu_present(spte) || !self.cfg.format.is_leaf(spte, level) {
+            return;
+        }
+        let c = match level.get() {
+            1 => &self.stats.pages_4k,
+            2 => &self.stats.pages_2m,
+            _ => &self.stats.pages_1g,
+        };
+        if delta > 0 {
+            c.add_at(who, delta as u64);
+        } else {
+            c.sub_at(who, (-delta) as u64);
         }
     }
 }

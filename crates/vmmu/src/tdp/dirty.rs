@@ -12,10 +12,11 @@
 
 use super::change::FlushNeed;
 use super::range::{entries_meeting, EntryInRange};
-use super::{MmuWrite, TdpMmu};
+use super::{MmuWrite, RootList, Tdp};
 use crate::dirty::WriteProtect;
 use crate::host::Host;
 use crate::memslot::Memslot;
+use crate::mmu_core::MmuCore;
 use crate::spte::SpteFormat;
 use crate::stats::StripeKey;
 use crate::sync::Ordering;
@@ -78,7 +79,7 @@ impl Pages {
     }
 }
 
-impl<H: Host> TdpMmu<H> {
+impl<H: Host> Tdp<'_, H> {
     /// Removes the write right from the leaves under table `pfn` (at `level`, from gfn `base`)
     /// that map a page of `pages`: one walk down per call, not one per page (KVM
     /// `kvm_tdp_mmu_clear_dirty_pt_masked` iterates a collection's 64 pages the same way). A
@@ -132,7 +133,7 @@ impl<H: Host> TdpMmu<H> {
     }
 }
 
-impl<H: Host> TdpMmu<H> {
+impl<H: Host> Tdp<'_, H> {
     /// KVM `kvm_mmu_slot_apply_flags` when dirty logging starts on a slot, with KVM's default
     /// `eager_page_split`: every huge leaf meeting `[start, end)` of `as_id` is split into 4 KiB
     /// leaves (`kvm_mmu_slot_try_split_huge_pages`), and every leaf mapping a gfn in the range
@@ -142,7 +143,7 @@ impl<H: Host> TdpMmu<H> {
     /// write-protected whole (KVM's split is best effort too); a write fault under it splits it
     /// then into children with its rights (`map.rs`), so its other pages stay mapped read-only.
     pub(crate) fn write_protect_gfn_range(&self, as_id: AsId, start: Gfn, end: Gfn) {
-        let roots = self.mmu_lock.write(&self.vcpus, &self.relax());
+        let roots = self.tdp.mmu_lock.write(&self.vcpus, &self.relax());
         let mut flush = false;
         for r in roots.iter().filter(|r| r.as_id() == as_id) {
             flush |=
@@ -154,7 +155,7 @@ impl<H: Host> TdpMmu<H> {
     }
 }
 
-impl<H: Host> TdpMmu<H> {
+impl<H: Host> Tdp<'_, H> {
     /// Replaces the huge leaf `old` in `entry` (at `level`, mapping the block at `base`) by a
     /// table of its children with `rights` ([`Self::split_huge_leaf`]). Returns whether remote TLBs
     /// must be flushed (a present leaf was replaced), the table and its level; `None` for a
@@ -256,19 +257,19 @@ pub(crate) enum SplitRights {
     Parent,
 }
 
-impl<H: Host> WriteProtect for TdpMmu<H> {
+impl<H: Host> WriteProtect for Tdp<'_, H> {
     type Exclusive<'a>
-        = MmuWrite<'a>
+        = MmuWrite<'a, RootList>
     where
-        H: 'a;
+        Self: 'a;
 
-    fn lock_exclusive(&self) -> MmuWrite<'_> {
-        self.mmu_lock.write(&self.vcpus, &self.relax())
+    fn lock_exclusive(&self) -> MmuWrite<'_, RootList> {
+        self.tdp.mmu_lock.write(&self.vcpus, &self.relax())
     }
 
     fn write_protect_masked(
         &self,
-        excl: &MmuWrite<'_>,
+        excl: &MmuWrite<'_, RootList>,
         slot: &Memslot,
         offset: u64,
         mask: u64,
@@ -295,7 +296,7 @@ impl<H: Host> WriteProtect for TdpMmu<H> {
     }
 
     fn flush_remote_tlbs(&self) {
-        TdpMmu::flush_remote_tlbs(self);
+        MmuCore::flush_remote_tlbs(self);
     }
 
     fn skip_flush(&self) -> bool {

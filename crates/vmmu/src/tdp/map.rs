@@ -12,12 +12,12 @@
 //! holds; `handle_removed_pt` freezes and frees the table under the shared lock). Here tables are
 //! unlinked only under the exclusive lock ([`crate::tdp`] rule 1), so the walk stops with
 //! [`MapOutcome::TableInTheWay`] and the fault path does the replacement under the exclusive
-//! lock ([`TdpMmu::replace_table_in_the_way`], `zap.rs`), with the same end state as KVM.
+//! lock ([`Tdp::replace_table_in_the_way`], `zap.rs`), with the same end state as KVM.
 
 use super::change::FlushNeed;
 use super::dirty::SplitRights;
 use super::root::Root;
-use super::{MmuRead, TdpMmu};
+use super::{MmuRead, RootList, Tdp};
 use crate::fault::PageFault;
 use crate::host::Host;
 use crate::spte::SpteFormat;
@@ -62,7 +62,7 @@ pub enum MapOutcome {
     /// A compare-and-swap lost a race, or a conflicting leaf was removed: fault again.
     Retry,
     /// A lower table is linked where the fault could map its huge leaf: the caller takes the
-    /// MMU lock exclusive and replaces it (`TdpMmu::replace_table_in_the_way`), as KVM
+    /// MMU lock exclusive and replaces it (`Tdp::replace_table_in_the_way`), as KVM
     /// replaces it under its shared lock.
     TableInTheWay,
     /// No frame for a page table.
@@ -71,7 +71,7 @@ pub enum MapOutcome {
     Broken,
 }
 
-impl<H: Host> TdpMmu<H> {
+impl<H: Host> Tdp<'_, H> {
     /// Installs `spec` for `fault` under `root` (KVM `kvm_tdp_mmu_map`). `_shared` proves the
     /// MMU lock is held shared; the caller has checked the fault is not stale
     /// ([`crate::fault::PageFault::stale`]) under that same hold. Replacing a present leaf
@@ -79,7 +79,7 @@ impl<H: Host> TdpMmu<H> {
     /// (the faulting vCPU's own).
     pub(crate) fn map(
         &self,
-        _shared: &MmuRead<'_>,
+        _shared: &MmuRead<'_, RootList>,
         root: &Root,
         fault: &PageFault,
         spec: LeafSpec,
@@ -247,26 +247,9 @@ impl<H: Host> TdpMmu<H> {
             }
         }
     }
-
-    /// Keeps `pages_4k/2m/1g` in step with present leaves.
-    pub(crate) fn account_leaf(&self, spte: u64, level: Level, who: StripeKey, delta: i64) {
-        if !SpteFormat::is_mmu_present(spte) || !self.cfg.format.is_leaf(spte, level) {
-            return;
-        }
-        let c = match level.get() {
-            1 => &self.stats.pages_4k,
-            2 => &self.stats.pages_2m,
-            _ => &self.stats.pages_1g,
-        };
-        if delta > 0 {
-            c.add_at(who, delta as u64);
-        } else {
-            c.sub_at(who, (-delta) as u64);
-        }
-    }
 }
 
-impl<H: Host> TdpMmu<H> {
+impl<H: Host> Tdp<'_, H> {
     /// KVM's legacy direct-MMU prefetch (`direct_pte_prefetch`, with `tdp_mmu=N`; the TDP MMU
     /// proper does not prefetch), when [`super::TdpConfig::direct_prefetch`] asks for it: after a
     /// fault installed a 4 KiB RAM leaf for `gfn` under `root`, the runs of not-present entries
@@ -278,7 +261,7 @@ impl<H: Host> TdpMmu<H> {
     /// lock is held shared, the same hold as the fault's map.
     pub(crate) fn prefetch_direct(
         &self,
-        _shared: &MmuRead<'_>,
+        _shared: &MmuRead<'_, RootList>,
         root: &Root,
         gfn: crate::types::Gfn,
         set: &crate::memslot::MemslotSet,

@@ -1,11 +1,18 @@
 //! The TDP MMU: second-level page tables of atomic SPTEs (EPT or NPT format), their roots, the
-//! lockless walk, installation by compare-and-swap, zapping, remote TLB flushes and deferred
-//! freeing. Mirrors KVM's `mmu/tdp_mmu.c` with the locking of facts §6.
+//! lockless walk, installation by compare-and-swap, zapping and dirty-log protection. Mirrors
+//! KVM's `mmu/tdp_mmu.c` with the locking of facts §6.
+//!
+//! # Shape
+//! [`TdpMmu`] is what a TDP VM owns beyond the VM-wide [`MmuCore`] (remote TLB flushes, deferred
+//! freeing, the vCPU words, the table SRCU: `crate::mmu_core`): the MMU lock with the root list it
+//! guards. [`Tdp`] pairs the two, and the operations here (root management, map, zap, dirty, the
+//! walk of [`Tdp::entry_for_tests`]) are its methods. The SPTE change (`change.rs`) and the
+//! lockless walks (`walk.rs`) are the core's: the shadow MMU's tables use them too.
 //!
 //! # Locking and lifetime rules (the contract every function here keeps)
-//! 1. Every SPTE *change* happens under the MMU lock (`mmu_lock`, `lock.rs`: a reader-writer
-//!    lock whose shared side a vCPU's fault takes as a mark on its own cache line): faults hold
-//!    it shared and change entries only with compare-and-swap (a lost race is `Retry`); zaps,
+//! 1. Every SPTE *change* happens under the MMU lock (`mmu_lock`, `mmu_core/lock.rs`: a
+//!    reader-writer lock whose shared side a vCPU's fault takes as a mark on its own cache line):
+//!    faults hold it shared and change entries only with compare-and-swap (a lost race is `Retry`); zaps,
 //!    `zap_all_fast` and host invalidations hold it exclusive.
 //! 2. Lockless *readers* (the fast MMIO path, and the hardware walker of a vCPU in guest mode)
 //!    hold a read section of `table_srcu`, one reader record per vCPU.
@@ -23,7 +30,6 @@
 
 mod change;
 mod dirty;
-mod lock;
 mod map;
 mod range;
 pub mod root;
@@ -56,23 +62,19 @@ pub use walk::{hw_walk, hw_walk_leaf_table, tdp_need, HwWalk, LocklessWalk};
 pub(crate) use walk::{CachedWalk, LeafTableCache};
 
 use crate::bugs::BugSet;
-use crate::host::{Host, TableEntries};
-use crate::requests::{Request, VcpuState};
+use crate::host::Host;
+pub(crate) use crate::mmu_core::AckWait;
+use crate::mmu_core::MmuCore;
+pub(crate) use crate::mmu_core::{MmuLock, MmuRead, MmuWrite};
+use crate::requests::Request;
 use crate::spte::{MmioSpteCodec, SpteFormat};
-use crate::srcu::{ReaderId, Srcu};
-use crate::stats::VmStats;
-use crate::sync::{Arc, Mutex};
-use crate::types::{Access, AsId, Generation, Gfn, Level, Pfn};
-use alloc::boxed::Box;
+use crate::sync::Arc;
+use crate::types::{Access, AsId, Generation, Gfn, Level};
 use alloc::vec::Vec;
 use root::{Root, RootKind};
 
 pub(crate) use change::FlushNeed;
-pub(crate) use lock::{MmuLock, MmuRead, MmuWrite};
 pub(crate) use zap::ZapScope;
-
-/// Pages the vCPU-side paths let wait before they pay for a grace period.
-const RECLAIM_BATCH: usize = 64;
 
 /// Static configuration of one VM's TDP MMU.
 #[derive(Clone, Copy, Debug)]
@@ -93,7 +95,7 @@ pub struct TdpConfig {
     /// The most vCPUs the VM may create.
     pub max_vcpus: usize,
     /// Prefetch neighbour leaves after a 4 KiB RAM fault as KVM's legacy direct MMU does
-    /// (`direct_pte_prefetch`, `TdpMmu::prefetch_direct`); KVM's TDP MMU does not.
+    /// (`direct_pte_prefetch`, `Tdp::prefetch_direct`); KVM's TDP MMU does not.
     pub direct_prefetch: bool,
     /// Shadow paging: an MMIO fault installs its MMIO SPTE only where the shadow path to it
     /// exists already, and builds no shadow page and recycles none for it
@@ -153,312 +155,61 @@ pub enum TdpError {
     },
 }
 
-/// One VM's TDP MMU.
-pub struct TdpMmu<H: Host> {
-    pub(crate) host: Arc<H>,
-    pub(crate) cfg: TdpConfig,
+/// The TDP root list (KVM `tdp_mmu_roots`).
+pub(crate) type RootList = Vec<Arc<Root>>;
+
+/// What one VM's TDP MMU owns beyond the VM-wide [`MmuCore`]: KVM's `mmu_lock` with the root
+/// list it guards. Its operations are on [`Tdp`], which pairs it with its VM's core.
+pub struct TdpMmu {
     /// KVM's `mmu_lock`; guards the root list (KVM `tdp_mmu_roots`) and rule 1 above. The list
     /// holds every root a vCPU may walk, pageless ones included, so that every zap (delete/move,
     /// `zap_all_fast`, host invalidations, the wrap zap) reaches every root (issue 11, defect 2).
-    pub(crate) mmu_lock: MmuLock,
-    /// Read sections of lockless walkers (rule 2).
-    pub(crate) table_srcu: Srcu,
-    /// The table epoch of the vCPUs' leaf-table caches (`walk.rs`): bumped (Release) after every
-    /// change of an entry that linked a table and whenever table pages are queued for freeing,
-    /// so before the grace period that frees them. Read (Acquire) by the fast path inside its
-    /// table read section. Written only by zaps and faults that replace a table link, so vCPUs
-    /// that only read it share its cache line without traffic.
-    pub(crate) table_epoch: crate::sync::AtomicU64,
-    /// Unlinked table pages waiting for a grace period (rule 3).
-    pending_free: Mutex<Vec<Pfn>>,
-    /// Host invalidations in flight (KVM's MMU-notifier sequence and range).
-    pub(crate) inval: Invalidation,
-    /// Mode and request words of the vCPUs, indexed by vCPU index.
-    pub(crate) vcpus: Box<[VcpuState]>,
-    /// Which vCPU indices are taken (a dropped vCPU gives its index back).
-    vcpu_taken: Box<[crate::sync::AtomicBool]>,
-    /// One above the highest vCPU index ever taken: requests go to indices below it.
-    pub(crate) nr_vcpus: crate::sync::AtomicUsize,
-    /// VM-wide counters.
-    pub stats: VmStats,
+    pub(crate) mmu_lock: MmuLock<RootList>,
 }
 
-/// Whether [`TdpMmu::request_all`] waits for the vCPUs it kicked to acknowledge the request
-/// (KVM `KVM_REQUEST_WAIT`): a TLB flush must be done before the caller goes on, a reload
-/// request need only be seen before the next entry.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum AckWait {
-    /// Return once every vCPU in guest mode has acknowledged.
-    Wait,
-    /// Return after the kicks.
-    NoWait,
-}
-
-impl<H: Host> TdpMmu<H> {
+impl TdpMmu {
     /// A TDP MMU with no roots yet.
-    pub(crate) fn new(host: Arc<H>, cfg: TdpConfig) -> Result<Self, TdpError> {
-        if !(cfg.root_level == Level::L4 || cfg.root_level == Level::L5) {
-            return Err(TdpError::BadRootLevel(cfg.root_level.get()));
-        }
-        let fences = crate::host::Sched::reader_fences(&*host);
-        let vcpus = (0..cfg.max_vcpus).map(|_| VcpuState::new()).collect::<Vec<_>>();
-        let taken =
-            (0..cfg.max_vcpus).map(|_| crate::sync::AtomicBool::new(false)).collect::<Vec<_>>();
-        Ok(TdpMmu {
-            host,
-            cfg,
-            mmu_lock: MmuLock::new(),
-            // One reader record per vCPU, plus one for the VMM's own lockless reads (tests).
-            table_srcu: Srcu::with_fences(cfg.max_vcpus + 1, fences),
-            pending_free: Mutex::new(Vec::new()),
-            table_epoch: crate::sync::AtomicU64::new(0),
-            inval: Invalidation::new(),
-            vcpus: vcpus.into_boxed_slice(),
-            vcpu_taken: taken.into_boxed_slice(),
-            nr_vcpus: crate::sync::AtomicUsize::new(0),
-            stats: VmStats::default(),
-        })
+    pub(crate) fn new() -> Self {
+        TdpMmu { mmu_lock: MmuLock::new(Vec::new()) }
     }
+}
 
-    /// The host's wait policy, for the MMU's lock and grace-period waits.
+/// A VM's TDP MMU at work: the VM's [`MmuCore`] and its [`TdpMmu`] (from
+/// [`crate::vm::Vm::tdp`]). Cheap to copy; it derefs to the core, so the core's configuration,
+/// host and counters read through it.
+pub struct Tdp<'a, H: Host> {
+    pub(crate) core: &'a MmuCore<H>,
+    pub(crate) tdp: &'a TdpMmu,
+}
+
+impl<H: Host> Clone for Tdp<'_, H> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<H: Host> Copy for Tdp<'_, H> {}
+
+impl<H: Host> core::ops::Deref for Tdp<'_, H> {
+    type Target = MmuCore<H>;
     #[inline]
-    pub(crate) fn relax(&self) -> crate::host::HostRelax<'_, H> {
-        crate::host::HostRelax(&*self.host)
+    fn deref(&self) -> &MmuCore<H> {
+        self.core
     }
+}
 
-    /// The configuration.
-    pub fn config(&self) -> &TdpConfig {
-        &self.cfg
-    }
-
-    /// The host.
-    pub fn host(&self) -> &Arc<H> {
-        &self.host
-    }
-
-    /// Claims a free vCPU index and a table-SRCU reader record; [`Self::remove_vcpu`] gives
-    /// both back.
-    pub(crate) fn add_vcpu(&self) -> Result<(usize, ReaderId), TdpError> {
-        use crate::sync::Ordering;
-        let full = TdpError::TooManyVcpus(self.cfg.max_vcpus);
-        let idx = self
-            .vcpu_taken
-            .iter()
-            .position(|t| {
-                t.compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed).is_ok()
-            })
-            .ok_or(full)?;
-        let reader = match self.table_srcu.register() {
-            Ok(r) => r,
-            Err(_) => {
-                self.vcpu_taken[idx].store(false, Ordering::Release);
-                return Err(full);
-            }
-        };
-        // A fresh vCPU: nothing pending from the index's previous owner (it has no TLB and no
-        // root yet, so nothing a lost request was about applies to it).
-        self.vcpus[idx].reset();
-        self.nr_vcpus.fetch_max(idx + 1, Ordering::AcqRel);
-        Ok((idx, reader))
-    }
-
-    /// Gives back vCPU index `idx` and its table reader record (the vCPU was dropped: it is out
-    /// of guest mode and has no section open).
-    pub(crate) fn remove_vcpu(&self, idx: usize, reader: &mut ReaderId) {
-        self.table_srcu.unregister(reader);
-        self.vcpu_taken[idx].store(false, crate::sync::Ordering::Release);
-    }
-
-    /// The vCPUs created so far (updaters only: `request_all`).
-    ///
-    /// `nr_vcpus` is read with a read-modify-write (as `wait_ack` reads its word): against
-    /// `add_vcpu`'s `fetch_max`, either this read sees the new index (and its vCPU is
-    /// requested), or the `fetch_max` comes later in the counter's order and the new vCPU
-    /// happens-after whatever the requester did before (a grace period's counter bump), so its
-    /// read section does not count as older than the grace period. A plain load allows neither
-    /// (`tests/loom_new_vcpu.rs`).
-    pub(crate) fn vcpu_states(&self) -> &[VcpuState] {
-        let n = self.nr_vcpus.fetch_add(0, crate::sync::Ordering::AcqRel).min(self.vcpus.len());
-        &self.vcpus[..n]
-    }
-
-    /// The entries of table page `pfn`.
-    ///
-    /// # Safety
-    /// The frame must not be freed (`FrameAllocator::free_table`) while the caller uses the
-    /// reference. The MMU's callers ensure it in one of three ways, and keep it for as long as
-    /// they use the reference:
-    /// - `pfn` was reached from a root the caller holds (its current root, or one in the root
-    ///   list) inside a `table_srcu` read section (unlinked pages are freed only after a grace
-    ///   period, rule 3), or from a TDP root while the caller holds the MMU lock (TDP tables are
-    ///   unlinked only under it, held exclusive);
-    /// - `pfn` is the frame of a live shadow page (in the shadow MMU's slab) and the caller holds
-    ///   the shadow lock: a shadow page's frame is queued for freeing only by `commit_zap`, after
-    ///   the page left the slab, and freed by a later `reclaim`;
-    /// - the caller allocated `pfn` and has not published it (nothing else can free it).
-    #[inline]
-    pub(crate) unsafe fn table(&self, pfn: Pfn) -> Option<&TableEntries> {
-        // SAFETY: the allocator's pointer is valid until `free_table(pfn)`, which by the caller's
-        // contract cannot happen while the reference is used; entries are atomics, so shared
-        // references are sound.
-        self.host.table(pfn).map(|p| unsafe { p.as_ref() })
-    }
-
-    /// Allocates a table page with every entry non-present.
-    ///
-    /// `None` when the host has no frame, or handed out one the VM's SPTEs cannot name (beyond
-    /// its `phys_bits`): such a frame is given back unused and counted in `tables_refused`, as a
-    /// link to it would name another frame (the pfn field keeps bits `12..phys_bits` only).
-    pub(crate) fn alloc_table(&self) -> Option<Pfn> {
-        let pfn = self.host.alloc_table(SpteFormat::NONPRESENT)?;
-        self.accept_table(pfn, self.cfg.format.holds_pfn(pfn))
-    }
-
-    /// [`Self::alloc_table`] below 4 GiB (a PAE special root, whose address a 32-bit CR3 holds:
-    /// [`crate::host::FrameAllocator::alloc_table_below_4g`]). A frame at or above 4 GiB is
-    /// refused as one beyond `phys_bits` is.
-    pub(crate) fn alloc_table_below_4g(&self) -> Option<Pfn> {
-        let pfn = self.host.alloc_table_below_4g(SpteFormat::NONPRESENT)?;
-        self.accept_table(pfn, pfn.raw() < 1 << 20 && self.cfg.format.holds_pfn(pfn))
-    }
-
-    /// Counts a newly allocated table frame, or gives it back when it is not `usable`.
-    fn accept_table(&self, pfn: Pfn, usable: bool) -> Option<Pfn> {
-        if !usable {
-            // SAFETY: the host handed `pfn` out just now and nothing names it: no other thread
-            // can reach it, and it is freed once.
-            unsafe { self.host.free_table(pfn) };
-            self.stats.tables_refused.add(1);
-            return None;
-        }
-        self.stats.tables_allocated.add(1);
-        Some(pfn)
-    }
-
-    /// Frees a table page that was never linked anywhere (lost a compare-and-swap, or a split
-    /// table or special root given up before it was published).
-    pub(crate) fn free_unpublished_table(&self, pfn: Pfn) {
-        // SAFETY: the caller allocated the page and never published it (no entry, root or vCPU
-        // names it), so no other thread can reach it, and it frees it once.
-        unsafe { self.host.free_table(pfn) };
-        self.stats.tables_freed.add(1);
-    }
-
-    /// Queues unlinked table pages for freeing after a grace period (rule 3).
-    pub(crate) fn defer_free(&self, pages: &mut Vec<Pfn>) {
-        if !pages.is_empty() {
-            // Before the grace period that frees them: no leaf-table cache hit reads these pages
-            // from a section the grace period does not wait for (`walk.rs`).
-            self.table_epoch.fetch_add(1, crate::sync::Ordering::Release);
-            self.pending_free.lock().append(pages);
-        }
-    }
-
-    /// Frees every queued page after a `table_srcu` grace period. Must not be called with the MMU
-    /// lock held or from inside a table read section (rule 3).
-    pub(crate) fn reclaim(&self) {
-        let pages = core::mem::take(&mut *self.pending_free.lock());
-        if pages.is_empty() {
-            return;
-        }
-        // A vCPU in guest mode holds a table read section for its whole guest-mode period and
-        // leaves it only on an exit: kick every vCPU, or one spinning on TLB hits would stall
-        // this grace period, and the memslot update or zap waiting on it, forever (issue 11,
-        // defect 3). The kick comes after the grace period began, so the section a kicked vCPU
-        // opens when it re-enters is not waited for. The request is a read-modify-write of the
-        // vCPU's word, so a vCPU between opening its section and setting IN_GUEST_MODE sees it
-        // and does not enter.
-        self.table_srcu.synchronize_nudging(&crate::host::HostRelax(&*self.host), || {
-            self.request_all(Request::Kick, AckWait::NoWait);
-        });
-        for pfn in pages.iter().copied() {
-            // SAFETY: every queued page came from `alloc_table` and was queued once, after
-            // nothing linked it any more (a table by the zap that unlinked it, a root by its
-            // last user or by `zap_all_fast`, a shadow page by its commit, a special root by its
-            // vCPU); the grace period above has drained every walker that could still read it.
-            // The vCPUs' leaf-table caches may still hold its pointer, but `defer_free` bumped
-            // the table epoch before queuing it, so no cache hit reads it again (`walk.rs`; the
-            // re-injected `Bug::LeafCacheIgnoresEpoch` needs a host that keeps freed table
-            // memory, `Vm::new`).
-            unsafe { self.host.free_table(pfn) };
-        }
-        self.stats.tables_freed.add(pages.len() as u64);
-    }
-
-    /// [`Self::reclaim`] once enough pages wait (the vCPU-side paths of the shadow MMU: a
-    /// grace period per fault would cost more than the pages; they free in batches, and every
-    /// zap of the VMM reclaims anyway). Same contract as `reclaim`.
-    pub(crate) fn reclaim_batched(&self) {
-        if self.pending_free.lock().len() >= RECLAIM_BATCH {
-            self.reclaim();
-        }
-    }
-
-    /// Table pages waiting for a grace period.
-    pub fn pending_free(&self) -> usize {
-        self.pending_free.lock().len()
-    }
-
-    /// The remote TLB flush that ends a zap (KVM `kvm_flush_remote_tlbs` after the zap, or in
-    /// `kvm_mmu_commit_zap_page`): `needed` when the zap removed a present entry some vCPU may
-    /// hold a translation through. Every zap of either MMU flushes here, so
-    /// [`crate::bugs::Bug::NoTlbFlushOnZap`] undoes them all in this one place.
-    pub(crate) fn flush_after_zap(&self, needed: bool) {
-        if needed && !self.cfg.bugs.has(crate::bugs::Bug::NoTlbFlushOnZap) {
-            self.flush_remote_tlbs();
-        }
-    }
-
-    /// Flushes every vCPU's TLB (KVM `kvm_flush_remote_tlbs`): returns when each vCPU has
-    /// acknowledged or was outside guest mode (rule 4). Counts as KVM does: one
-    /// `remote_tlb_flush_requests` per call, and one `remote_tlb_flush` when some vCPU was in
-    /// guest mode and had to be kicked (the others flush at their next entry, unseen).
-    pub(crate) fn flush_remote_tlbs(&self) {
-        self.stats.remote_tlb_flush_requests.add(1);
-        if self.request_all(Request::TlbFlush, AckWait::Wait) {
-            self.stats.remote_tlb_flush.add(1);
-        }
-    }
-
-    /// Makes `r` pending on every vCPU and kicks those in guest mode; with [`AckWait::Wait`],
-    /// waits for the acknowledgement of each of them (KVM `kvm_make_all_cpus_request`, with or
-    /// without `KVM_REQUEST_WAIT`). Returns whether any vCPU was in guest mode (was kicked), as
-    /// KVM's does.
-    pub(crate) fn request_all(&self, r: Request, wait: AckWait) -> bool {
-        // As KVM: every vCPU's request is set before any is kicked, so a kick that fails (a host
-        // callback that panics) never leaves a later vCPU without its request, e.g. with a root
-        // made obsolete and no request to drop it (its faults would retry forever).
-        let mut in_guest = false;
-        for v in self.vcpu_states().iter() {
-            in_guest |= v.request(r);
-        }
-        if !in_guest {
-            return false;
-        }
-        let relax = crate::host::HostRelax(&*self.host);
-        for (i, v) in self.vcpu_states().iter().enumerate() {
-            if v.needs_kick(r) {
-                // The "IPI": the vCPU is in guest mode and may not look at its requests soon.
-                self.host.kick(i);
-                if wait == AckWait::Wait {
-                    v.wait_ack(r, &relax);
-                }
-            }
-        }
-        true
-    }
-
+impl<'a, H: Host> Tdp<'a, H> {
     /// A valid root for address space `as_id`, made if there is none (KVM
     /// `kvm_tdp_mmu_get_vcpu_root_hpa`). The caller becomes one of its users.
     pub(crate) fn get_root(&self, as_id: AsId) -> Result<Arc<Root>, TdpError> {
         {
-            let roots = self.mmu_lock.read(&self.relax());
+            let roots = self.tdp.mmu_lock.read(&self.relax());
             if let Some(r) = roots.iter().find(|r| r.is_shared_valid(as_id)) {
                 r.get();
                 return Ok(r.clone());
             }
         }
-        let mut roots = self.mmu_lock.write(&self.vcpus, &self.relax());
+        let mut roots = self.tdp.mmu_lock.write(&self.vcpus, &self.relax());
         if let Some(r) = roots.iter().find(|r| r.is_shared_valid(as_id)) {
             r.get();
             return Ok(r.clone());
@@ -476,7 +227,7 @@ impl<H: Host> TdpMmu<H> {
         let pfn = self.alloc_table().ok_or(TdpError::OutOfMemory)?;
         let root = Arc::new(Root::new(pfn, self.cfg.root_level, as_id, RootKind::Pageless));
         root.get();
-        self.mmu_lock.write(&self.vcpus, &self.relax()).push(root.clone());
+        self.tdp.mmu_lock.write(&self.vcpus, &self.relax()).push(root.clone());
         Ok(root)
     }
 
@@ -496,7 +247,7 @@ impl<H: Host> TdpMmu<H> {
         if root.kind() == RootKind::Tdp && !root.is_obsolete() {
             return; // valid roots stay for the next vCPU that loads one
         }
-        let mut roots = self.mmu_lock.write(&self.vcpus, &self.relax());
+        let mut roots = self.tdp.mmu_lock.write(&self.vcpus, &self.relax());
         // Obsolete roots gain no users (get_root takes valid ones only, under the lock); a
         // pageless root belongs to the vCPU dropping it.
         debug_assert_eq!(root.users(), 0);
@@ -522,7 +273,7 @@ impl<H: Host> TdpMmu<H> {
     pub(crate) fn zap_all_fast(&self) {
         self.stats.zap_all_fast.add(1);
         let mut pages = Vec::new();
-        let mut roots = self.mmu_lock.write(&self.vcpus, &self.relax());
+        let mut roots = self.tdp.mmu_lock.write(&self.vcpus, &self.relax());
         for r in roots.iter().filter(|r| r.kind() == RootKind::Tdp) {
             // Pageless roots have no page to mark (KVM's special roots): their vCPUs drop them on
             // the request below, and their tables are zapped with everyone else's.
@@ -557,30 +308,18 @@ impl<H: Host> TdpMmu<H> {
     /// [`Self::invalidate_end`], and every leaf that maps them is zapped and flushed before this
     /// returns. Tables stay linked ([`ZapScope::Leaves`], as KVM's `kvm_unmap_gfn_range`).
     pub(crate) fn invalidate_begin(&self, ranges: &[(AsId, Gfn, Gfn)]) {
-        let mut pages = Vec::new();
-        // Declared before the lock guard, so an unwind drops the guard first and the undo can
-        // take the lock.
-        let mut undo = EndIfUnwound { mmu: self, begun: false };
-        let roots = self.mmu_lock.write(&self.vcpus, &self.relax());
-        self.inval.begin();
-        undo.begun = true;
-        let mut flush = false;
-        for &(as_id, start, end) in ranges {
-            self.inval.add_range(start, end);
-            flush |=
-                self.zap_gfn_range_locked(&roots, as_id, start, end, ZapScope::Leaves, &mut pages);
-        }
-        self.flush_after_zap(flush);
-        drop(roots);
-        self.defer_free(&mut pages);
-        self.reclaim();
-        core::mem::forget(undo);
+        self.core.begin_invalidation(
+            &self.tdp.mmu_lock,
+            ranges,
+            |roots, as_id, start, end, pages| {
+                self.zap_gfn_range_locked(roots, as_id, start, end, ZapScope::Leaves, pages)
+            },
+        );
     }
 
     /// Host invalidation end (KVM `invalidate_range_end`).
     pub(crate) fn invalidate_end(&self) {
-        let _roots = self.mmu_lock.write(&self.vcpus, &self.relax());
-        self.inval.end();
+        self.core.end_invalidation(&self.tdp.mmu_lock);
     }
 
     /// The entry for `gfn` at `level` under `root`, if the tables reach that level: a test hook
@@ -600,8 +339,8 @@ impl<H: Host> TdpMmu<H> {
         root: &Root,
         gfn: Gfn,
         level: Level,
-    ) -> Option<&crate::sync::AtomicU64> {
-        let _g = self.mmu_lock.read(&self.relax());
+    ) -> Option<&'a crate::sync::AtomicU64> {
+        let _g = self.tdp.mmu_lock.read(&self.relax());
         let mut pfn = root.pfn();
         let mut l = root.level();
         loop {
@@ -610,7 +349,7 @@ impl<H: Host> TdpMmu<H> {
             // freed, during the walk.
             // The reference returned outlives that hold: its later use is the caller's
             // `# Safety` contract (no zap or root drop that could free the page meanwhile).
-            let table = unsafe { self.table(pfn) }?;
+            let table = unsafe { self.core.table(pfn) }?;
             let e = &table[l.index(gfn)];
             if l == level {
                 return Some(e);
@@ -626,22 +365,6 @@ impl<H: Host> TdpMmu<H> {
 
     /// Number of roots on the list (valid and obsolete).
     pub fn nr_roots(&self) -> usize {
-        self.mmu_lock.read(&self.relax()).len()
-    }
-}
-
-/// Ends the invalidation [`TdpMmu::invalidate_begin`] counted if the begin unwinds (a host
-/// callback that panics in its zap, flush or reclaim): a count left raised would make every
-/// fault in the range retry and every memslot update wait, forever.
-struct EndIfUnwound<'a, H: Host> {
-    mmu: &'a TdpMmu<H>,
-    begun: bool,
-}
-
-impl<H: Host> Drop for EndIfUnwound<'_, H> {
-    fn drop(&mut self) {
-        if self.begun {
-            self.mmu.invalidate_end();
-        }
+        self.tdp.mmu_lock.read(&self.relax()).len()
     }
 }

@@ -92,7 +92,7 @@ impl Root {
         self.users.fetch_add(1, Ordering::AcqRel);
     }
     /// Drops one user; returns the users left. The last user's check of [`Self::is_obsolete`]
-    /// is ordered against `zap_all_fast`'s `users` loads by a fence pair (`TdpMmu::put_root`).
+    /// is ordered against `zap_all_fast`'s `users` loads by a fence pair (`Tdp::put_root`).
     pub(crate) fn put(&self) -> u32 {
         let old = self.users.fetch_sub(1, Ordering::AcqRel);
         debug_assert!(old > 0, "root put without get");

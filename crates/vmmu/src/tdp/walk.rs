@@ -14,7 +14,7 @@
 //! entry of that table instead of walking from the root, if the epoch is unchanged. The cache
 //! holds sixteen tables, two per set, the set chosen by a hash of the 2 MiB: a guest's devices
 //! often sit in different 2 MiB, and each must hit without a walk. The epoch
-//! ([`TdpMmu::table_epoch`]) is bumped after every change of an entry that linked a table
+//! ([`MmuCore::table_epoch`]) is bumped after every change of an entry that linked a table
 //! (unlink, or replacement: `change.rs`) and when table pages are queued for freeing
 //! (`defer_free`), before any grace period that frees them. Why a hit is right:
 //! - *the page is live*: a hit reads the epoch inside the vCPU's table read section and finds
@@ -32,7 +32,7 @@
 //! A host whose table memory is type-stable ([`FrameAllocator::type_stable_tables`]: a freed
 //! frame stays readable as a table page for the host's life, and the host's own stores into
 //! table pages are `Release`) lets the fast path answer a hit with no table read section
-//! ([`TdpMmu::walk_mmio_fast`]), as a seqlock reader: load the epoch (Acquire), find the cache
+//! ([`MmuCore::walk_mmio_fast`]), as a seqlock reader: load the epoch (Acquire), find the cache
 //! entry filled at that epoch, load the entry (Acquire), load the epoch again, and answer only if
 //! it is unchanged. Why that is right although no grace period waits for it:
 //! - *the memory is there*: the pointer came from `table` at the fill, and type-stable memory
@@ -58,9 +58,9 @@
 //! There is nothing to clear on a root change: the root is part of the key, and a freed root's
 //! frame can come back only after the bump of its `defer_free`.
 
-use super::TdpMmu;
 use crate::bugs::{Bug, BugSet};
 use crate::host::{FrameAllocator, Host, TableEntries};
+use crate::mmu_core::MmuCore;
 use crate::spte::{HwEntry, PdpteEntry, RsvdReason, SpteDump, SpteFormat};
 use crate::srcu::ReaderId;
 use crate::sync::Ordering;
@@ -96,7 +96,7 @@ pub enum LocklessWalk {
     },
 }
 
-/// What [`TdpMmu::walk_lockless_cached`] found.
+/// What [`MmuCore::walk_lockless_cached`] found.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum CachedWalk {
     /// An MMIO SPTE (of any generation: the caller checks it).
@@ -217,7 +217,7 @@ impl LeafTableCache {
     }
 }
 
-impl<H: Host> TdpMmu<H> {
+impl<H: Host> MmuCore<H> {
     /// The fast MMIO path's walk for `gfn` under the vCPU's root (both MMUs; under shadow paging
     /// `gfn` is the GVA's page number): with a type-stable host
     /// ([`FrameAllocator::type_stable_tables`]), first a leaf-table cache hit with no read

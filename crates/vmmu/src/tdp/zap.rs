@@ -11,7 +11,7 @@ use super::change::FlushNeed;
 use super::map::{LeafSpec, MapOutcome};
 use super::range::entries_meeting;
 use super::root::Root;
-use super::{MmuWrite, TdpMmu};
+use super::{MmuWrite, RootList, Tdp};
 use crate::fault::PageFault;
 use crate::host::Host;
 use crate::spte::SpteFormat;
@@ -35,13 +35,13 @@ pub(crate) enum ZapScope {
     Tables,
 }
 
-impl<H: Host> TdpMmu<H> {
+impl<H: Host> Tdp<'_, H> {
     /// Zaps everything under `root`. Returns whether a flush is needed (a present leaf removed, a
     /// table unlinked). `_excl` proves the MMU lock is held exclusive; unlinked pages (not the
     /// root page itself) go to `pages`.
     pub(crate) fn zap_root_locked(
         &self,
-        _excl: &MmuWrite<'_>,
+        _excl: &MmuWrite<'_, RootList>,
         root: &Root,
         pages: &mut Vec<Pfn>,
     ) -> bool {
@@ -55,7 +55,7 @@ impl<H: Host> TdpMmu<H> {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn zap_gfn_range_locked(
         &self,
-        roots: &MmuWrite<'_>,
+        roots: &MmuWrite<'_, RootList>,
         as_id: AsId,
         start: Gfn,
         end: Gfn,
@@ -74,7 +74,7 @@ impl<H: Host> TdpMmu<H> {
     pub(crate) fn zap_gfn_range(&self, as_id: AsId, start: Gfn, end: Gfn) {
         self.stats.zap_range.add(1);
         let mut pages = Vec::new();
-        let roots = self.mmu_lock.write(&self.vcpus, &self.relax());
+        let roots = self.tdp.mmu_lock.write(&self.vcpus, &self.relax());
         let flush =
             self.zap_gfn_range_locked(&roots, as_id, start, end, ZapScope::Tables, &mut pages);
         self.flush_after_zap(flush);
@@ -100,7 +100,7 @@ impl<H: Host> TdpMmu<H> {
         huge_ok: &dyn Fn(Gfn, Level) -> bool,
     ) {
         let mut pages = Vec::new();
-        let roots = self.mmu_lock.write(&self.vcpus, &self.relax());
+        let roots = self.tdp.mmu_lock.write(&self.vcpus, &self.relax());
         let mut flush = false;
         for r in roots.iter().filter(|r| r.as_id() == as_id) {
             let range = (start, end);
@@ -180,7 +180,7 @@ impl<H: Host> TdpMmu<H> {
     /// under that hold that the fault is not stale.
     pub(crate) fn replace_table_in_the_way(
         &self,
-        _excl: &MmuWrite<'_>,
+        _excl: &MmuWrite<'_, RootList>,
         root: &Root,
         fault: &PageFault,
         spec: LeafSpec,

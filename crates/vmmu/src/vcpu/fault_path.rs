@@ -96,7 +96,7 @@ impl VcpuMmu {
             return;
         }
         self.in_guest = false;
-        let mmu = &vm.mmu;
+        let mmu = &vm.core;
         mmu.vcpus[self.index].exit_guest_mode();
         // SAFETY: `in_guest` was set by `Vcpu::enter_guest_mode`, which opened the section on
         // this reader, and nothing else closes it.
@@ -134,7 +134,7 @@ impl VcpuMmu {
         fault: PageFault,
     ) -> Result<FaultOutcome, FaultError> {
         if self.root.is_none() {
-            if vm.shadow.is_some() {
+            if vm.shadow().is_some() {
                 // A TDP exit on a shadow-paging vCPU: it never has a TDP root, so retrying
                 // would loop forever (the reverse of `handle_page_fault` on a TDP vCPU).
                 return Err(FaultError::WrongMmu { wanted: crate::vm::MmuKind::Tdp });
@@ -220,7 +220,7 @@ impl VcpuMmu {
         if gen.in_progress() {
             return false;
         }
-        vm.mmu.cfg.codec.generation_bits(spte) == gen.mmio_bits()
+        vm.core.cfg.codec.generation_bits(spte) == gen.mmio_bits()
     }
 
     /// The fast path for RSVD faults (KVM `handle_mmio_page_fault`). No lock, no allocation.
@@ -249,13 +249,18 @@ impl VcpuMmu {
             // and report that page's MMIO SPTE. The slow path emulates it.
             return Ok(FastOutcome::Invalid);
         }
-        let walk =
-            vm.mmu.walk_mmio_fast(&mut self.leaf_tables, &readers.table, root_pfn, root_level, gfn);
+        let walk = vm.core.walk_mmio_fast(
+            &mut self.leaf_tables,
+            &readers.table,
+            root_pfn,
+            root_level,
+            gfn,
+        );
         let leaf = match walk {
             CachedWalk::Mmio(leaf) => leaf,
             CachedWalk::Walked(w) => return Self::not_mmio(stats, bugs, gpa, w),
         };
-        let codec = vm.mmu.cfg.codec;
+        let codec = vm.core.cfg.codec;
         if !Self::check_mmio_spte(vm, leaf, gen) {
             stats.stale_gen_misses += 1;
             return Ok(FastOutcome::Invalid);
@@ -315,7 +320,7 @@ impl VcpuMmu {
         set: &MemslotSet,
         fault: &mut PageFault,
     ) -> Result<FaultOutcome, FaultError> {
-        let mmu = &vm.mmu;
+        let Some(mmu) = vm.tdp() else { return Ok(retry(stats, RetryCause::NoRoot)) };
         let bugs = vm.bugs;
         let codec = mmu.cfg.codec;
         let gen = set.generation();
@@ -356,7 +361,7 @@ impl VcpuMmu {
         };
 
         mmu.host.preempt_point(crate::host::PreemptPoint::FaultDecided);
-        let shared = mmu.mmu_lock.read_vcpu(&mmu.vcpus[self.index], &mmu.relax());
+        let shared = mmu.tdp.mmu_lock.read_vcpu(&mmu.vcpus[self.index], &mmu.relax());
         let Some(root) = self.root.as_ref() else {
             return Ok(retry(stats, RetryCause::NoRoot));
         };
@@ -398,9 +403,9 @@ impl VcpuMmu {
         spec: LeafSpec,
         root: &Root,
     ) -> Result<MapOutcome, RetryCause> {
-        let mmu = &vm.mmu;
+        let Some(mmu) = vm.tdp() else { return Err(RetryCause::NoRoot) };
         mmu.host.preempt_point(crate::host::PreemptPoint::TableInTheWay);
-        let excl = mmu.mmu_lock.write(&mmu.vcpus, &mmu.relax());
+        let excl = mmu.tdp.mmu_lock.write(&mmu.vcpus, &mmu.relax());
         let pending = mmu.vcpus[self.index].pending();
         #[cfg(loom)]
         let recheck = !crate::tdp::loom_knobs::SKIP_TABLE_IN_THE_WAY_RECHECK

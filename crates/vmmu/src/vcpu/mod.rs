@@ -133,15 +133,15 @@ pub(crate) struct VcpuMmu {
 
 impl<H: Host> Vcpu<H> {
     pub(crate) fn new(vm: Arc<VmShared<H>>) -> Result<Self, TdpError> {
-        let (index, mut table) = vm.mmu.add_vcpu()?;
+        let (index, mut table) = vm.core.add_vcpu()?;
         let memslot = match vm.memslots.register_reader() {
             Ok(r) => r,
             Err(_) => {
-                vm.mmu.remove_vcpu(index, &mut table);
-                return Err(TdpError::TooManyVcpus(vm.mmu.cfg.max_vcpus));
+                vm.core.remove_vcpu(index, &mut table);
+                return Err(TdpError::TooManyVcpus(vm.core.cfg.max_vcpus));
             }
         };
-        let shadow = vm.shadow.is_some().then(shadow_path::ShadowVcpu::new);
+        let shadow = vm.shadow().is_some().then(shadow_path::ShadowVcpu::new);
         let st = VcpuMmu {
             index,
             as_id: AsId(0),
@@ -184,7 +184,7 @@ impl<H: Host> Vcpu<H> {
 
     /// The VM's SPTE format (which exits the hardware raises).
     pub fn format(&self) -> crate::spte::SpteFormat {
-        self.vm.mmu.cfg.format
+        self.vm.core.cfg.format
     }
 
     /// The per-vCPU MMIO info cache (read-only view, for tests and reports).
@@ -198,12 +198,12 @@ impl<H: Host> Vcpu<H> {
     }
 
     fn state(&self) -> &VcpuState {
-        &self.vm.mmu.vcpus[self.st.index]
+        &self.vm.core.vcpus[self.st.index]
     }
 
     fn drop_root(&mut self) {
-        if let Some(r) = self.st.root.take() {
-            self.vm.mmu.put_root(r);
+        if let (Some(r), Some(tdp)) = (self.st.root.take(), self.vm.tdp()) {
+            tdp.put_root(r);
         }
         self.shadow_unload();
         // A new root: nothing cached under the old one may be trusted (issue 4, point 5).
@@ -216,7 +216,7 @@ impl<H: Host> Vcpu<H> {
         self.exit_guest_mode();
         let mut work = EntryWork::default();
         let pending = self.state().pending();
-        if self.vm.shadow.is_some() {
+        if self.vm.shadow().is_some() {
             let free_obsolete = self.take_request(pending, Request::FreeObsoleteRoots);
             self.take_flush_and_kick(pending, &mut work);
             self.shadow_service(free_obsolete, &mut work)?;
@@ -238,7 +238,8 @@ impl<H: Host> Vcpu<H> {
         }
         self.take_flush_and_kick(pending, &mut work);
         if self.st.root.is_none() {
-            self.st.root = Some(self.vm.mmu.get_root(self.st.as_id)?);
+            let tdp = self.vm.tdp().ok_or(TdpError::NotTdp)?;
+            self.st.root = Some(tdp.get_root(self.st.as_id)?);
             self.stats.root_loads += 1;
             work.flush_tlb = true;
         }
@@ -270,12 +271,13 @@ impl<H: Host> Vcpu<H> {
     /// refused ([`TdpError::NotTdp`]), since the hardware walk would take the TDP root over the
     /// shadow root and fault forever.
     pub fn load_pageless_root(&mut self) -> Result<(), TdpError> {
-        if self.vm.shadow.is_some() {
+        if self.vm.shadow().is_some() {
             return Err(TdpError::NotTdp);
         }
         self.exit_guest_mode();
         self.drop_root();
-        self.st.root = Some(self.vm.mmu.make_pageless_root(self.st.as_id)?);
+        let tdp = self.vm.tdp().ok_or(TdpError::NotTdp)?;
+        self.st.root = Some(tdp.make_pageless_root(self.st.as_id)?);
         // KVM `kvm_mmu_load` flushes the current TLB after every root load ("flushing on alloc
         // also allows KVM to skip the TLB flush when freeing a root"): `put_root` relies on it
         // for the pageless root just dropped, whose translations this vCPU's TLB may still hold
@@ -306,10 +308,10 @@ impl<H: Host> Vcpu<H> {
             return Err(self.state().pending());
         };
         // The read section first: the hardware walker may reach any table from the root.
-        let table_guard = self.vm.mmu.table_srcu.read_lock(&self.readers.table);
-        let state = &self.vm.mmu.vcpus[self.st.index];
+        let table_guard = self.vm.core.table_srcu.read_lock(&self.readers.table);
+        let state = &self.vm.core.vcpus[self.st.index];
         state.enter_guest_mode()?;
-        let mmu = if self.vm.shadow.is_some() { MmuKind::Shadow } else { MmuKind::Tdp };
+        let mmu = if self.vm.shadow().is_some() { MmuKind::Shadow } else { MmuKind::Tdp };
         Ok(GuestMode { vm: &self.vm, state, mmu, root_pfn, root_level, _table: table_guard })
     }
 
@@ -333,7 +335,7 @@ impl<H: Host> Vcpu<H> {
         if self.hw_root().is_none() {
             return Err(self.state().pending());
         }
-        let mmu = &self.vm.mmu;
+        let mmu = &self.vm.core;
         mmu.table_srcu.read_lock_raw(&self.readers.table);
         if let Err(r) = mmu.vcpus[self.st.index].enter_guest_mode() {
             // SAFETY: opened just above by this thread, no guard exists.
@@ -389,7 +391,7 @@ impl<H: Host> Vcpu<H> {
         if !tdp_reaches(root.level(), gpa) {
             return unreachable_walk();
         }
-        let mmu = &self.vm.mmu;
+        let mmu = &self.vm.core;
         let (format, gfn) = (&mmu.cfg.format, gpa.gfn());
         // Nested walks: on NPT every guest access is a user access (`tdp_need`).
         // SAFETY: in guest mode (asserted above) the vCPU holds its table read section, opened in
@@ -490,7 +492,7 @@ impl<H: Host> GuestMode<'_, H> {
     /// The walk itself, from the root, of the index bits of `gfn` its levels decode.
     #[inline]
     fn walk_tables(&self, gfn: crate::types::Gfn, need: Access) -> HwWalk {
-        let mmu = &self.vm.mmu;
+        let mmu = &self.vm.core;
         // SAFETY: `self` holds the vCPU's table read section (`_table`) for its whole life, and
         // borrows the vCPU, whose current root (`root_pfn`) cannot change meanwhile.
         unsafe { hw_walk(&mmu.cfg.format, &*mmu.host, self.root_pfn, self.root_level, gfn, need) }
@@ -553,17 +555,17 @@ impl<H: Host> Drop for GuestMode<'_, H> {
 impl<H: Host> Drop for Vcpu<H> {
     fn drop(&mut self) {
         self.exit_guest_mode();
-        if let Some(r) = self.st.root.take() {
-            self.vm.mmu.put_root(r);
+        if let (Some(r), Some(tdp)) = (self.st.root.take(), self.vm.tdp()) {
+            tdp.put_root(r);
         }
         self.shadow_unload();
         if let Some(pae_root) = self.st.shadow.as_ref().and_then(|sv| sv.pae_root) {
             // Emptied by the unload; nothing else links or walks it (the vCPU is going).
-            self.vm.mmu.defer_free(&mut alloc::vec![pae_root]);
-            self.vm.mmu.reclaim_batched();
+            self.vm.core.defer_free(&mut alloc::vec![pae_root]);
+            self.vm.core.reclaim_batched();
         }
         // KVM `kvm_vcpu_destroy`: the index and the reader records go back for the next vCPU.
         self.vm.memslots.unregister_reader(&mut self.readers.memslot);
-        self.vm.mmu.remove_vcpu(self.st.index, &mut self.readers.table);
+        self.vm.core.remove_vcpu(self.st.index, &mut self.readers.table);
     }
 }

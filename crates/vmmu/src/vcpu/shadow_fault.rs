@@ -45,7 +45,7 @@ impl<H: Host + GuestMemory> Vcpu<H> {
     /// first, as [`Self::enter_guest_mode`] says).
     pub fn handle_page_fault(&mut self, gva: Gva, err: PfErr) -> Result<FaultOutcome, FaultError> {
         debug_assert!(!self.st.in_guest, "an exit handler is called after the VM exit");
-        if self.vm.shadow.is_none() || self.st.shadow.is_none() {
+        if self.vm.shadow().is_none() || self.st.shadow.is_none() {
             return Err(FaultError::WrongMmu { wanted: MmuKind::Shadow });
         }
         if err.rsvd() {
@@ -95,7 +95,7 @@ impl<H: Host + GuestMemory> Vcpu<H> {
     ) -> Result<Option<FaultOutcome>, FaultError> {
         let Vcpu { vm, readers, st, stats } = self;
         let bugs = vm.bugs;
-        let codec = vm.mmu.cfg.codec;
+        let codec = vm.core.cfg.codec;
         let gen = vm.memslots.generation(st.as_id);
         let fa = err.access();
         if fa.exec {
@@ -120,7 +120,7 @@ impl<H: Host + GuestMemory> Vcpu<H> {
             }
         }
         let page = Gfn(gva.raw() >> 12);
-        let walk = vm.mmu.walk_mmio_fast(&mut st.leaf_tables, &readers.table, pfn, level, page);
+        let walk = vm.core.walk_mmio_fast(&mut st.leaf_tables, &readers.table, pfn, level, page);
         let leaf = match walk {
             CachedWalk::Mmio(leaf) => leaf,
             CachedWalk::Walked(w) => {
@@ -164,10 +164,10 @@ impl<H: Host + GuestMemory> Vcpu<H> {
         let Vcpu { vm, readers, st, stats } = self;
         // As the TDP slow path (`memslot_slow_path`): never wait for this vCPU's own guest mode.
         st.leave_guest_mode(vm, readers);
-        let (Some(shadow), Some(sv)) = (vm.shadow.as_ref(), st.shadow.as_ref()) else {
+        let (Some(shadow), Some(sv)) = (vm.shadow(), st.shadow.as_ref()) else {
             return Err(FaultError::WrongMmu { wanted: MmuKind::Shadow });
         };
-        let core = &vm.mmu;
+        let core = &vm.core;
         let cpu = sv.cpu;
         // A nested walk caches no GVA (KVM `kvm_handle_noslot_fault`: `mmio_gva = 0`).
         let cache_gva = if sv.fault_addr == FaultAddr::NestedGpa { 0 } else { gva.raw() };

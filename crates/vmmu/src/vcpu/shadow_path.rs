@@ -91,7 +91,7 @@ pub enum ShadowError {
 
 impl<H: Host> Vcpu<H> {
     fn shadow_parts(&mut self) -> Result<(), ShadowError> {
-        if self.vm.shadow.is_none() || self.st.shadow.is_none() {
+        if self.vm.shadow().is_none() || self.st.shadow.is_none() {
             return Err(ShadowError::NotShadow);
         }
         Ok(())
@@ -110,14 +110,14 @@ impl<H: Host> Vcpu<H> {
     /// Drops the current root and every previous root (KVM `kvm_mmu_unload`) and clears the GVA
     /// part of the MMIO cache. The caller is outside guest mode.
     pub(crate) fn shadow_unload(&mut self) {
-        let (Some(shadow), Some(sv)) = (self.vm.shadow.as_ref(), self.st.shadow.as_mut()) else {
+        let (Some(shadow), Some(sv)) = (self.vm.shadow(), self.st.shadow.as_mut()) else {
             return;
         };
         let mut roots: alloc::vec::Vec<ShadowRoot> = sv.root.take().into_iter().collect();
         sv.prev.take_where(|_| true, &mut roots);
         self.st.mmio_cache.clear_gva();
         if !roots.is_empty() {
-            shadow.free_roots(&self.vm.mmu, roots);
+            shadow.free_roots(&self.vm.core, roots);
         }
     }
 
@@ -129,10 +129,10 @@ impl<H: Host> Vcpu<H> {
         work: &mut EntryWork,
     ) -> Result<(), crate::tdp::TdpError> {
         let Vcpu { vm, st, stats, .. } = self;
-        let (Some(shadow), Some(sv)) = (vm.shadow.as_ref(), st.shadow.as_mut()) else {
+        let (Some(shadow), Some(sv)) = (vm.shadow(), st.shadow.as_mut()) else {
             return Ok(());
         };
-        let core = &vm.mmu;
+        let core = &vm.core;
         if free_obsolete {
             let mut drop = alloc::vec::Vec::new();
             {
@@ -209,7 +209,7 @@ impl<H: Host> Vcpu<H> {
             // Outside the shadow root: `handle_page_fault` reports it as #GP.
             return super::unreachable_walk();
         }
-        let mmu = &self.vm.mmu;
+        let mmu = &self.vm.core;
         // SAFETY: in guest mode the vCPU holds its table read section and keeps its current
         // root (which pins its shadow pages): nothing reachable from it is freed meanwhile.
         unsafe { hw_walk(&mmu.cfg.format, &*mmu.host, pfn, level, Gfn(gva.raw() >> 12), need) }
@@ -272,7 +272,7 @@ impl<H: Host + GuestMemory> Vcpu<H> {
         self.exit_guest_mode();
         self.shadow_parts()?;
         let Vcpu { vm, readers, st, .. } = self;
-        let (Some(shadow), Some(sv)) = (vm.shadow.as_ref(), st.shadow.as_mut()) else {
+        let (Some(shadow), Some(sv)) = (vm.shadow(), st.shadow.as_mut()) else {
             return Err(ShadowError::NotShadow);
         };
         // KVM `kvm_vcpu_is_legal_cr3`, checked in every mode (the guest has no PCIDE or LAM
@@ -281,7 +281,7 @@ impl<H: Host + GuestMemory> Vcpu<H> {
         if cr3.checked_shr(u32::from(maxphyaddr)).unwrap_or(0) != 0 {
             return Err(ShadowError::IllegalCr3 { cr3, maxphyaddr });
         }
-        let core = &vm.mmu;
+        let core = &vm.core;
         let mut release = alloc::vec::Vec::new();
         match sv.cpu.mode {
             PagingMode::Pae { .. } => {
@@ -365,7 +365,7 @@ impl<H: Host + GuestMemory> Vcpu<H> {
     pub fn track_write(&mut self, gpa: Gpa, bytes: u32) -> Result<(), ShadowError> {
         self.exit_guest_mode();
         self.shadow_parts()?;
-        let shadow = self.vm.shadow.as_ref().ok_or(ShadowError::NotShadow)?;
+        let shadow = self.vm.shadow().ok_or(ShadowError::NotShadow)?;
         let end = gpa.raw().saturating_add(u64::from(bytes));
         let mut at = gpa.raw();
         while at < end {
@@ -377,9 +377,9 @@ impl<H: Host + GuestMemory> Vcpu<H> {
                 let guard = self.vm.memslots.read(&self.readers.memslot);
                 let set = guard.set(self.st.as_id);
                 set.mark_gfn_dirty(Gpa(at).gfn());
-                written_gpte(&SlotGuestMemory::new(set, &*self.vm.mmu.host), Gpa(at), piece)
+                written_gpte(&SlotGuestMemory::new(set, &*self.vm.core.host), Gpa(at), piece)
             };
-            shadow.track_write(&self.vm.mmu, self.st.as_id, Gpa(at), piece, new_gpte);
+            shadow.track_write(&self.vm.core, self.st.as_id, Gpa(at), piece, new_gpte);
             at = piece_end;
         }
         Ok(())

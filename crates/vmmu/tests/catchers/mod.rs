@@ -208,10 +208,11 @@ pub fn catch_wrap_hook_vs_prewrap_spte(bugs: BugSet) -> Option<Harm> {
     assert_eq!(seen, Seen::Mmio(EmulateSource::SlowPathMmio), "setup: X is MMIO");
     {
         let root = v.root().unwrap().clone();
-        let codec = vm.mmu().config().codec;
+        let codec = vm.core().config().codec;
         // SAFETY: written at once, before any zap can free the page.
-        let e = unsafe { vm.mmu().entry_for_tests(&root, Gfn(X >> 12), Level::L4K) }
-            .expect("setup: table");
+        let e =
+            unsafe { vm.tdp().expect("a TDP VM").entry_for_tests(&root, Gfn(X >> 12), Level::L4K) }
+                .expect("setup: table");
         e.store(codec.make(Gfn(X >> 12), Generation::from_raw(0), Access::ALL), Ordering::SeqCst);
     }
     let mut in_window = None;
@@ -388,10 +389,10 @@ pub fn invariant_obsolete_root_gains_no_mapping(bugs: BugSet) -> Option<Broken> 
     vm.zap_all_fast();
     assert!(root.is_obsolete());
     let o = v.handle_ept_violation(Gpa(S), FaultAccess::READ).unwrap();
-    let fmt = vm.mmu().config().format;
+    let fmt = vm.core().config().format;
     // SAFETY: single-threaded; the vCPU keeps `root`, and nothing frees its pages during the walk.
     let w = unsafe {
-        hw_walk(&fmt, &**vm.mmu().host(), root.pfn(), root.level(), Gfn(S >> 12), Access::NONE)
+        hw_walk(&fmt, &**vm.core().host(), root.pfn(), root.level(), Gfn(S >> 12), Access::NONE)
     };
     if let HwWalk::Translated { pfn, .. } = w {
         return Some(Broken {

@@ -43,7 +43,7 @@ impl PdeCachingVcpu {
     }
 
     fn read(&mut self, vm: &Vm<TestHost>, gfn: u64) -> Read {
-        let mmu = vm.mmu();
+        let mmu = vm.core();
         let fmt = mmu.config().format;
         let host: &TestHost = mmu.host();
         for _ in 0..20 {

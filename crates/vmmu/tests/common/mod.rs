@@ -154,7 +154,8 @@ pub fn update_published(
 /// The 4 KiB SPTE for `gpa` under `root`, if the tables reach it and it is not empty.
 pub fn spte_4k(vm: &Vm<TestHost>, root: &vmmu::tdp::root::Root, gpa: u64) -> Option<u64> {
     // SAFETY: single-threaded: the entry is read at once, before anything else runs.
-    let e = unsafe { vm.mmu().entry_for_tests(root, Gpa(gpa).gfn(), Level::L4K) }?;
+    let e =
+        unsafe { vm.tdp().expect("a TDP VM").entry_for_tests(root, Gpa(gpa).gfn(), Level::L4K) }?;
     let v = e.load(std::sync::atomic::Ordering::Acquire);
     (v != vmmu::spte::SpteFormat::NONPRESENT).then_some(v)
 }

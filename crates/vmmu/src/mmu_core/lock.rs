@@ -1,5 +1,7 @@
-//! The MMU lock (KVM `mmu_lock`): a reader-writer lock over the root list, whose shared side a
-//! vCPU's fault takes without writing any line another CPU uses.
+//! The MMU lock (KVM `mmu_lock`): a reader-writer lock over what the MMU that owns it guards
+//! with it (the TDP MMU: its root list; the shadow MMU: nothing but the host-invalidation state
+//! of the core, its pages being under the shadow lock), whose shared side a vCPU's fault takes
+//! without writing any line another CPU uses.
 //!
 //! KVM's `mmu_lock` is an rwlock: every fault's read lock and unlock are two atomic
 //! read-modify-writes on one word that every vCPU shares, which bounces that line between the
@@ -23,28 +25,27 @@
 //! the writer, it does not hold the fast side at all. Code that is not a vCPU's fault (root
 //! loading, reports, tests) takes the reader-writer lock's shared side, as before.
 
-use super::root::Root;
 use crate::requests::VcpuState;
-use crate::sync::{Arc, AtomicU32, Ordering, Relax, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use alloc::vec::Vec;
+use crate::sync::{AtomicU32, Ordering, Relax, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use core::ops::{Deref, DerefMut};
 
-/// The MMU lock: the root list behind a reader-writer lock, and the writer's announcement.
-pub(crate) struct MmuLock {
-    rw: RwLock<Vec<Arc<Root>>>,
+/// The MMU lock: what it guards (`T`) behind a reader-writer lock, and the writer's
+/// announcement.
+pub(crate) struct MmuLock<T> {
+    rw: RwLock<T>,
     /// A writer holds or is taking the lock (vCPUs then use the reader-writer lock's shared side).
     writer: AtomicU32,
 }
 
 /// Proof that the MMU lock is held shared (a fault), passed to what needs it.
-pub(crate) enum MmuRead<'a> {
+pub(crate) enum MmuRead<'a, T> {
     /// A vCPU's mark in its own state (the fast side).
     Vcpu(&'a VcpuState),
     /// The reader-writer lock's shared side (held for its release on drop).
-    Lock(#[allow(dead_code)] RwLockReadGuard<'a, Vec<Arc<Root>>>),
+    Lock(#[allow(dead_code)] RwLockReadGuard<'a, T>),
 }
 
-impl Drop for MmuRead<'_> {
+impl<T> Drop for MmuRead<'_, T> {
     fn drop(&mut self) {
         if let MmuRead::Vcpu(state) = self {
             // Release: the hold's reads and SPTE changes happen before a writer that reads 0.
@@ -53,46 +54,51 @@ impl Drop for MmuRead<'_> {
     }
 }
 
-/// Proof that the MMU lock is held exclusive (a zap, root management); it also gives the root
-/// list.
-pub(crate) struct MmuWrite<'a> {
+/// Proof that the MMU lock is held exclusive (a zap, root management); it also gives what the
+/// lock guards.
+pub(crate) struct MmuWrite<'a, T> {
     // Field order: the announcement is withdrawn (Drop below) before the guard is released.
     writer: &'a AtomicU32,
-    guard: RwLockWriteGuard<'a, Vec<Arc<Root>>>,
+    guard: RwLockWriteGuard<'a, T>,
 }
 
-impl Deref for MmuWrite<'_> {
-    type Target = Vec<Arc<Root>>;
-    fn deref(&self) -> &Vec<Arc<Root>> {
+impl<T> Deref for MmuWrite<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
         &self.guard
     }
 }
 
-impl DerefMut for MmuWrite<'_> {
-    fn deref_mut(&mut self) -> &mut Vec<Arc<Root>> {
+impl<T> DerefMut for MmuWrite<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
         &mut self.guard
     }
 }
 
-impl Drop for MmuWrite<'_> {
+impl<T> Drop for MmuWrite<'_, T> {
     fn drop(&mut self) {
         // Release: what the writer did happens before a vCPU that reads 0 and holds the fast side.
         self.writer.store(0, Ordering::Release);
     }
 }
 
-impl MmuLock {
-    pub(crate) fn new() -> Self {
-        MmuLock { rw: RwLock::new(Vec::new()), writer: AtomicU32::new(0) }
+impl<T> MmuLock<T> {
+    /// The lock, guarding `value`.
+    pub(crate) fn new(value: T) -> Self {
+        MmuLock { rw: RwLock::new(value), writer: AtomicU32::new(0) }
     }
 
     /// The shared side for code that is not a vCPU's fault.
-    pub(crate) fn read(&self, relax: &impl Relax) -> RwLockReadGuard<'_, Vec<Arc<Root>>> {
+    pub(crate) fn read(&self, relax: &impl Relax) -> RwLockReadGuard<'_, T> {
         self.rw.read_with(relax)
     }
 
     /// The shared side for vCPU `state`'s fault (module doc).
-    pub(crate) fn read_vcpu<'a>(&'a self, state: &'a VcpuState, relax: &impl Relax) -> MmuRead<'a> {
+    pub(crate) fn read_vcpu<'a>(
+        &'a self,
+        state: &'a VcpuState,
+        relax: &impl Relax,
+    ) -> MmuRead<'a, T> {
         let mark = state.mmu_mark();
         mark.store(1, Ordering::Relaxed);
         crate::sync::fence(Ordering::SeqCst);
@@ -106,7 +112,7 @@ impl MmuLock {
 
     /// The exclusive side (module doc). `vcpus`: every vCPU state of the VM, claimed or not (a
     /// vCPU claimed while the writer scans still sees the announcement or is seen).
-    pub(crate) fn write<'a>(&'a self, vcpus: &[VcpuState], relax: &impl Relax) -> MmuWrite<'a> {
+    pub(crate) fn write<'a>(&'a self, vcpus: &[VcpuState], relax: &impl Relax) -> MmuWrite<'a, T> {
         let guard = self.rw.write_with(relax);
         self.writer.store(1, Ordering::Relaxed);
         crate::sync::fence(Ordering::SeqCst);

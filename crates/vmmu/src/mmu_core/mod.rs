@@ -1,0 +1,381 @@
+//! The VM-wide machinery both MMUs share (KVM's `struct kvm_arch` MMU fields that do not depend
+//! on the shape of the tables): the host, the configuration, the vCPUs' mode and request words
+//! with their indices, remote TLB flushes and requests, the table SRCU and the table epoch, table
+//! pages (allocation, deferred freeing after a grace period), the host-invalidation state and the
+//! VM-wide counters. [`crate::tdp`] (tables keyed by guest-physical address) and
+//! [`crate::shadow`] (tables that shadow the guest's) build on it; each takes its [`MmuCore`]
+//! as an argument, or through [`crate::tdp::Tdp`], and never holds one of its own.
+//!
+//! # Invariants (the rules of [`crate::tdp`] that are about table pages, kept here)
+//! - A table page is freed only after a `table_srcu` grace period that began after nothing
+//!   linked it any more (`MmuCore::defer_free` then `MmuCore::reclaim`); the table epoch is
+//!   bumped before such pages are queued, so no vCPU's leaf-table cache reads them again.
+//! - `MmuCore::reclaim` runs with no MMU lock held and outside any table read section.
+//! - The invalidation state ([`crate::invalidate`]) begins and ends under the VM's MMU lock held
+//!   exclusive (`MmuCore::begin_invalidation`, `MmuCore::end_invalidation`), whichever MMU owns
+//!   that lock (`lock.rs`).
+
+mod lock;
+
+pub(crate) use lock::{MmuLock, MmuRead, MmuWrite};
+
+use crate::host::{Host, TableEntries};
+use crate::invalidate::Invalidation;
+use crate::requests::{Request, VcpuState};
+use crate::spte::SpteFormat;
+use crate::srcu::{ReaderId, Srcu};
+use crate::stats::VmStats;
+use crate::sync::{Arc, Mutex};
+use crate::tdp::{TdpConfig, TdpError};
+use crate::types::{AsId, Gfn, Level, Pfn};
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+
+/// Pages the vCPU-side paths let wait before they pay for a grace period.
+const RECLAIM_BATCH: usize = 64;
+
+/// One VM's MMU core: what both MMUs use (module doc).
+pub struct MmuCore<H: Host> {
+    pub(crate) host: Arc<H>,
+    pub(crate) cfg: TdpConfig,
+    /// Read sections of lockless walkers (rule 2).
+    pub(crate) table_srcu: Srcu,
+    /// The table epoch of the vCPUs' leaf-table caches (`walk.rs`): bumped (Release) after every
+    /// change of an entry that linked a table and whenever table pages are queued for freeing,
+    /// so before the grace period that frees them. Read (Acquire) by the fast path inside its
+    /// table read section. Written only by zaps and faults that replace a table link, so vCPUs
+    /// that only read it share its cache line without traffic.
+    pub(crate) table_epoch: crate::sync::AtomicU64,
+    /// Unlinked table pages waiting for a grace period (rule 3).
+    pending_free: Mutex<Vec<Pfn>>,
+    /// Host invalidations in flight (KVM's MMU-notifier sequence and range).
+    pub(crate) inval: Invalidation,
+    /// Mode and request words of the vCPUs, indexed by vCPU index.
+    pub(crate) vcpus: Box<[VcpuState]>,
+    /// Which vCPU indices are taken (a dropped vCPU gives its index back).
+    vcpu_taken: Box<[crate::sync::AtomicBool]>,
+    /// One above the highest vCPU index ever taken: requests go to indices below it.
+    pub(crate) nr_vcpus: crate::sync::AtomicUsize,
+    /// VM-wide counters.
+    pub stats: VmStats,
+}
+
+/// Whether [`MmuCore::request_all`] waits for the vCPUs it kicked to acknowledge the request
+/// (KVM `KVM_REQUEST_WAIT`): a TLB flush must be done before the caller goes on, a reload
+/// request need only be seen before the next entry.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum AckWait {
+    /// Return once every vCPU in guest mode has acknowledged.
+    Wait,
+    /// Return after the kicks.
+    NoWait,
+}
+
+impl<H: Host> MmuCore<H> {
+    /// The core of a VM with configuration `cfg` on `host`, with no vCPU yet.
+    pub(crate) fn new(host: Arc<H>, cfg: TdpConfig) -> Result<Self, TdpError> {
+        if !(cfg.root_level == Level::L4 || cfg.root_level == Level::L5) {
+            return Err(TdpError::BadRootLevel(cfg.root_level.get()));
+        }
+        let fences = crate::host::Sched::reader_fences(&*host);
+        let vcpus = (0..cfg.max_vcpus).map(|_| VcpuState::new()).collect::<Vec<_>>();
+        let taken =
+            (0..cfg.max_vcpus).map(|_| crate::sync::AtomicBool::new(false)).collect::<Vec<_>>();
+        Ok(MmuCore {
+            host,
+            cfg,
+            // One reader record per vCPU, plus one for the VMM's own lockless reads (tests).
+            table_srcu: Srcu::with_fences(cfg.max_vcpus + 1, fences),
+            pending_free: Mutex::new(Vec::new()),
+            table_epoch: crate::sync::AtomicU64::new(0),
+            inval: Invalidation::new(),
+            vcpus: vcpus.into_boxed_slice(),
+            vcpu_taken: taken.into_boxed_slice(),
+            nr_vcpus: crate::sync::AtomicUsize::new(0),
+            stats: VmStats::default(),
+        })
+    }
+
+    /// The host's wait policy, for the MMU's lock and grace-period waits.
+    #[inline]
+    pub(crate) fn relax(&self) -> crate::host::HostRelax<'_, H> {
+        crate::host::HostRelax(&*self.host)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TdpConfig {
+        &self.cfg
+    }
+
+    /// The host.
+    pub fn host(&self) -> &Arc<H> {
+        &self.host
+    }
+
+    /// Claims a free vCPU index and a table-SRCU reader record; [`Self::remove_vcpu`] gives
+    /// both back.
+    pub(crate) fn add_vcpu(&self) -> Result<(usize, ReaderId), TdpError> {
+        use crate::sync::Ordering;
+        let full = TdpError::TooManyVcpus(self.cfg.max_vcpus);
+        let idx = self
+            .vcpu_taken
+            .iter()
+            .position(|t| {
+                t.compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+            })
+            .ok_or(full)?;
+        let reader = match self.table_srcu.register() {
+            Ok(r) => r,
+            Err(_) => {
+                self.vcpu_taken[idx].store(false, Ordering::Release);
+                return Err(full);
+            }
+        };
+        // A fresh vCPU: nothing pending from the index's previous owner (it has no TLB and no
+        // root yet, so nothing a lost request was about applies to it).
+        self.vcpus[idx].reset();
+        self.nr_vcpus.fetch_max(idx + 1, Ordering::AcqRel);
+        Ok((idx, reader))
+    }
+
+    /// Gives back vCPU index `idx` and its table reader record (the vCPU was dropped: it is out
+    /// of guest mode and has no section open).
+    pub(crate) fn remove_vcpu(&self, idx: usize, reader: &mut ReaderId) {
+        self.table_srcu.unregister(reader);
+        self.vcpu_taken[idx].store(false, crate::sync::Ordering::Release);
+    }
+
+    /// The vCPUs created so far (updaters only: `request_all`).
+    ///
+    /// `nr_vcpus` is read with a read-modify-write (as `wait_ack` reads its word): against
+    /// `add_vcpu`'s `fetch_max`, either this read sees the new index (and its vCPU is
+    /// requested), or the `fetch_max` comes later in the counter's order and the new vCPU
+    /// happens-after whatever the requester did before (a grace period's counter bump), so its
+    /// read section does not count as older than the grace period. A plain load allows neither
+    /// (`tests/loom_new_vcpu.rs`).
+    pub(crate) fn vcpu_states(&self) -> &[VcpuState] {
+        let n = self.nr_vcpus.fetch_add(0, crate::sync::Ordering::AcqRel).min(self.vcpus.len());
+        &self.vcpus[..n]
+    }
+
+    /// The entries of table page `pfn`.
+    ///
+    /// # Safety
+    /// The frame must not be freed (`FrameAllocator::free_table`) while the caller uses the
+    /// reference. The MMU's callers ensure it in one of three ways, and keep it for as long as
+    /// they use the reference:
+    /// - `pfn` was reached from a root the caller holds (its current root, or one in the root
+    ///   list) inside a `table_srcu` read section (unlinked pages are freed only after a grace
+    ///   period, rule 3), or from a TDP root while the caller holds the MMU lock (TDP tables are
+    ///   unlinked only under it, held exclusive);
+    /// - `pfn` is the frame of a live shadow page (in the shadow MMU's slab) and the caller holds
+    ///   the shadow lock: a shadow page's frame is queued for freeing only by `commit_zap`, after
+    ///   the page left the slab, and freed by a later `reclaim`;
+    /// - the caller allocated `pfn` and has not published it (nothing else can free it).
+    #[inline]
+    pub(crate) unsafe fn table(&self, pfn: Pfn) -> Option<&TableEntries> {
+        // SAFETY: the allocator's pointer is valid until `free_table(pfn)`, which by the caller's
+        // contract cannot happen while the reference is used; entries are atomics, so shared
+        // references are sound.
+        self.host.table(pfn).map(|p| unsafe { p.as_ref() })
+    }
+
+    /// Allocates a table page with every entry non-present.
+    ///
+    /// `None` when the host has no frame, or handed out one the VM's SPTEs cannot name (beyond
+    /// its `phys_bits`): such a frame is given back unused and counted in `tables_refused`, as a
+    /// link to it would name another frame (the pfn field keeps bits `12..phys_bits` only).
+    pub(crate) fn alloc_table(&self) -> Option<Pfn> {
+        let pfn = self.host.alloc_table(SpteFormat::NONPRESENT)?;
+        self.accept_table(pfn, self.cfg.format.holds_pfn(pfn))
+    }
+
+    /// [`Self::alloc_table`] below 4 GiB (a PAE special root, whose address a 32-bit CR3 holds:
+    /// [`crate::host::FrameAllocator::alloc_table_below_4g`]). A frame at or above 4 GiB is
+    /// refused as one beyond `phys_bits` is.
+    pub(crate) fn alloc_table_below_4g(&self) -> Option<Pfn> {
+        let pfn = self.host.alloc_table_below_4g(SpteFormat::NONPRESENT)?;
+        self.accept_table(pfn, pfn.raw() < 1 << 20 && self.cfg.format.holds_pfn(pfn))
+    }
+
+    /// Counts a newly allocated table frame, or gives it back when it is not `usable`.
+    fn accept_table(&self, pfn: Pfn, usable: bool) -> Option<Pfn> {
+        if !usable {
+            // SAFETY: the host handed `pfn` out just now and nothing names it: no other thread
+            // can reach it, and it is freed once.
+            unsafe { self.host.free_table(pfn) };
+            self.stats.tables_refused.add(1);
+            return None;
+        }
+        self.stats.tables_allocated.add(1);
+        Some(pfn)
+    }
+
+    /// Frees a table page that was never linked anywhere (lost a compare-and-swap, or a split
+    /// table or special root given up before it was published).
+    pub(crate) fn free_unpublished_table(&self, pfn: Pfn) {
+        // SAFETY: the caller allocated the page and never published it (no entry, root or vCPU
+        // names it), so no other thread can reach it, and it frees it once.
+        unsafe { self.host.free_table(pfn) };
+        self.stats.tables_freed.add(1);
+    }
+
+    /// Queues unlinked table pages for freeing after a grace period (rule 3).
+    pub(crate) fn defer_free(&self, pages: &mut Vec<Pfn>) {
+        if !pages.is_empty() {
+            // Before the grace period that frees them: no leaf-table cache hit reads these pages
+            // from a section the grace period does not wait for (`walk.rs`).
+            self.table_epoch.fetch_add(1, crate::sync::Ordering::Release);
+            self.pending_free.lock().append(pages);
+        }
+    }
+
+    /// Frees every queued page after a `table_srcu` grace period. Must not be called with the MMU
+    /// lock held or from inside a table read section (rule 3).
+    pub(crate) fn reclaim(&self) {
+        let pages = core::mem::take(&mut *self.pending_free.lock());
+        if pages.is_empty() {
+            return;
+        }
+        // A vCPU in guest mode holds a table read section for its whole guest-mode period and
+        // leaves it only on an exit: kick every vCPU, or one spinning on TLB hits would stall
+        // this grace period, and the memslot update or zap waiting on it, forever (issue 11,
+        // defect 3). The kick comes after the grace period began, so the section a kicked vCPU
+        // opens when it re-enters is not waited for. The request is a read-modify-write of the
+        // vCPU's word, so a vCPU between opening its section and setting IN_GUEST_MODE sees it
+        // and does not enter.
+        self.table_srcu.synchronize_nudging(&crate::host::HostRelax(&*self.host), || {
+            self.request_all(Request::Kick, AckWait::NoWait);
+        });
+        for pfn in pages.iter().copied() {
+            // SAFETY: every queued page came from `alloc_table` and was queued once, after
+            // nothing linked it any more (a table by the zap that unlinked it, a root by its
+            // last user or by `zap_all_fast`, a shadow page by its commit, a special root by its
+            // vCPU); the grace period above has drained every walker that could still read it.
+            // The vCPUs' leaf-table caches may still hold its pointer, but `defer_free` bumped
+            // the table epoch before queuing it, so no cache hit reads it again (`walk.rs`; the
+            // re-injected `Bug::LeafCacheIgnoresEpoch` needs a host that keeps freed table
+            // memory, `Vm::new`).
+            unsafe { self.host.free_table(pfn) };
+        }
+        self.stats.tables_freed.add(pages.len() as u64);
+    }
+
+    /// [`Self::reclaim`] once enough pages wait (the vCPU-side paths of the shadow MMU: a
+    /// grace period per fault would cost more than the pages; they free in batches, and every
+    /// zap of the VMM reclaims anyway). Same contract as `reclaim`.
+    pub(crate) fn reclaim_batched(&self) {
+        if self.pending_free.lock().len() >= RECLAIM_BATCH {
+            self.reclaim();
+        }
+    }
+
+    /// Table pages waiting for a grace period.
+    pub fn pending_free(&self) -> usize {
+        self.pending_free.lock().len()
+    }
+
+    /// The remote TLB flush that ends a zap (KVM `kvm_flush_remote_tlbs` after the zap, or in
+    /// `kvm_mmu_commit_zap_page`): `needed` when the zap removed a present entry some vCPU may
+    /// hold a translation through. Every zap of either MMU flushes here, so
+    /// [`crate::bugs::Bug::NoTlbFlushOnZap`] undoes them all in this one place.
+    pub(crate) fn flush_after_zap(&self, needed: bool) {
+        if needed && !self.cfg.bugs.has(crate::bugs::Bug::NoTlbFlushOnZap) {
+            self.flush_remote_tlbs();
+        }
+    }
+
+    /// Flushes every vCPU's TLB (KVM `kvm_flush_remote_tlbs`): returns when each vCPU has
+    /// acknowledged or was outside guest mode (rule 4). Counts as KVM does: one
+    /// `remote_tlb_flush_requests` per call, and one `remote_tlb_flush` when some vCPU was in
+    /// guest mode and had to be kicked (the others flush at their next entry, unseen).
+    pub(crate) fn flush_remote_tlbs(&self) {
+        self.stats.remote_tlb_flush_requests.add(1);
+        if self.request_all(Request::TlbFlush, AckWait::Wait) {
+            self.stats.remote_tlb_flush.add(1);
+        }
+    }
+
+    /// Makes `r` pending on every vCPU and kicks those in guest mode; with [`AckWait::Wait`],
+    /// waits for the acknowledgement of each of them (KVM `kvm_make_all_cpus_request`, with or
+    /// without `KVM_REQUEST_WAIT`). Returns whether any vCPU was in guest mode (was kicked), as
+    /// KVM's does.
+    pub(crate) fn request_all(&self, r: Request, wait: AckWait) -> bool {
+        // As KVM: every vCPU's request is set before any is kicked, so a kick that fails (a host
+        // callback that panics) never leaves a later vCPU without its request, e.g. with a root
+        // made obsolete and no request to drop it (its faults would retry forever).
+        let mut in_guest = false;
+        for v in self.vcpu_states().iter() {
+            in_guest |= v.request(r);
+        }
+        if !in_guest {
+            return false;
+        }
+        let relax = crate::host::HostRelax(&*self.host);
+        for (i, v) in self.vcpu_states().iter().enumerate() {
+            if v.needs_kick(r) {
+                // The "IPI": the vCPU is in guest mode and may not look at its requests soon.
+                self.host.kick(i);
+                if wait == AckWait::Wait {
+                    v.wait_ack(r, &relax);
+                }
+            }
+        }
+        true
+    }
+
+    /// Host invalidation start (KVM `kvm_mmu_notifier_invalidate_range_start`, for the gfn
+    /// ranges a host-address range maps to), under `lock`, the VM's MMU lock, held exclusive:
+    /// faults on the ranges retry until [`Self::end_invalidation`]; `zap` drops, in the same
+    /// critical section, what the MMU that owns the lock maps for one range (it returns whether
+    /// a remote TLB flush is needed and queues the pages it unlinked), and the flush is done
+    /// before this returns. If anything here unwinds, the begin is undone.
+    pub(crate) fn begin_invalidation<T>(
+        &self,
+        lock: &MmuLock<T>,
+        ranges: &[(AsId, Gfn, Gfn)],
+        mut zap: impl FnMut(&MmuWrite<'_, T>, AsId, Gfn, Gfn, &mut Vec<Pfn>) -> bool,
+    ) {
+        let mut pages = Vec::new();
+        // Declared before the lock guard, so an unwind drops the guard first and the undo can
+        // take the lock.
+        let mut undo = EndIfUnwound { core: self, lock, begun: false };
+        let guard = lock.write(&self.vcpus, &self.relax());
+        self.inval.begin();
+        undo.begun = true;
+        let mut flush = false;
+        for &(as_id, start, end) in ranges {
+            self.inval.add_range(start, end);
+            flush |= zap(&guard, as_id, start, end, &mut pages);
+        }
+        self.flush_after_zap(flush);
+        drop(guard);
+        self.defer_free(&mut pages);
+        self.reclaim();
+        core::mem::forget(undo);
+    }
+
+    /// Host invalidation end (KVM `invalidate_range_end`), under `lock`, the VM's MMU lock,
+    /// held exclusive.
+    pub(crate) fn end_invalidation<T>(&self, lock: &MmuLock<T>) {
+        let _guard = lock.write(&self.vcpus, &self.relax());
+        self.inval.end();
+    }
+}
+
+/// Ends the invalidation [`MmuCore::begin_invalidation`] counted if the begin unwinds (a host
+/// callback that panics in its zap, flush or reclaim): a count left raised would make every
+/// fault in the range retry and every memslot update wait, forever.
+struct EndIfUnwound<'a, H: Host, T> {
+    core: &'a MmuCore<H>,
+    lock: &'a MmuLock<T>,
+    begun: bool,
+}
+
+impl<H: Host, T> Drop for EndIfUnwound<'_, H, T> {
+    fn drop(&mut self) {
+        if self.begun {
+            self.core.end_invalidation(self.lock);
+        }
+    }
+}
