@@ -12,6 +12,7 @@
 //! only to install an SPTE) and allocate nothing (`tests/hot_path_alloc.rs` counts allocations
 //! over 10,000 calls of each; `vmmu bench --only mmio` measures what they cost).
 
+use super::TdpVcpu;
 use super::{VcpuMmu, VcpuReaders};
 use crate::bugs::Bug;
 use crate::fault::{
@@ -22,6 +23,7 @@ use crate::memslot::MemslotSet;
 use crate::shared::VmShared;
 use crate::spte::SpteFormat;
 use crate::stats::{RetryCause, StripeKey, VcpuStats};
+use crate::sync::Arc;
 use crate::tdp::root::Root;
 use crate::tdp::{CachedWalk, LeafSpec, LocklessWalk, MapOutcome};
 use crate::types::{Access, Generation, Gpa, Level};
@@ -32,8 +34,6 @@ pub(super) enum CacheProbe {
     Hit(FaultOutcome),
     /// A miss, at this generation.
     Miss(Generation),
-    /// No root is loaded (the fault path retries).
-    NoRoot,
 }
 
 /// The fast path's own result (KVM adds `RET_PF_INVALID`: "take the slow path").
@@ -114,9 +114,6 @@ impl VcpuMmu {
         stats: &mut VcpuStats,
         gpa: Gpa,
     ) -> CacheProbe {
-        if self.root.is_none() {
-            return CacheProbe::NoRoot;
-        }
         // Read without a memslot read section, as `page_fault` explains.
         let gen = vm.memslots.generation(self.as_id);
         match self.mmio_cache.lookup_gpa(gpa.gfn(), gen, vm.bugs) {
@@ -125,22 +122,15 @@ impl VcpuMmu {
         }
     }
 
-    /// KVM `kvm_mmu_page_fault`.
+    /// KVM `kvm_mmu_page_fault` on a TDP vCPU (`tv`) whose root `root` is loaded.
     pub(super) fn page_fault<H: Host>(
         &mut self,
         vm: &VmShared<H>,
         readers: &VcpuReaders,
         stats: &mut VcpuStats,
+        (tv, root): (&TdpVcpu, &Arc<Root>),
         fault: PageFault,
     ) -> Result<FaultOutcome, FaultError> {
-        if self.root.is_none() {
-            if vm.shadow().is_some() {
-                // A TDP exit on a shadow-paging vCPU: it never has a TDP root, so retrying
-                // would loop forever (the reverse of `handle_page_fault` on a TDP vCPU).
-                return Err(FaultError::WrongMmu { wanted: crate::vm::MmuKind::Tdp });
-            }
-            return Ok(retry(stats, RetryCause::NoRoot));
-        }
         if fault.rsvd() {
             // The fast path compares generations and reads no memslot map, so it reads the
             // published generation without a memslot read section: a generation is one atomic
@@ -149,12 +139,14 @@ impl VcpuMmu {
             // either side of it, as with a section; one that returned before the access began
             // is visible through the Acquire loads of `generation`.
             let gen = vm.memslots.generation(self.as_id);
-            match self.handle_mmio_page_fault::<H, true>(vm, readers, stats, gen, fault.addr)? {
+            match self
+                .handle_mmio_page_fault::<H, true>(vm, readers, stats, root, gen, fault.addr)?
+            {
                 FastOutcome::Done(o) => return Ok(o),
                 FastOutcome::Invalid => {}
             }
         }
-        self.memslot_slow_path(vm, readers, stats, fault)
+        self.memslot_slow_path(vm, readers, stats, (tv, root), fault)
     }
 
     /// An EPT misconfiguration at `gpa` whose per-vCPU cache lookup ([`Self::mmio_cache_probe`],
@@ -166,12 +158,15 @@ impl VcpuMmu {
         vm: &VmShared<H>,
         readers: &VcpuReaders,
         stats: &mut VcpuStats,
+        (tv, root): (&TdpVcpu, &Arc<Root>),
         gen: Generation,
         gpa: Gpa,
     ) -> Result<FaultOutcome, FaultError> {
-        match self.handle_mmio_page_fault::<H, false>(vm, readers, stats, gen, gpa)? {
+        match self.handle_mmio_page_fault::<H, false>(vm, readers, stats, root, gen, gpa)? {
             FastOutcome::Done(o) => Ok(o),
-            FastOutcome::Invalid => self.ept_misconfig_slow_path(vm, readers, stats, gpa),
+            FastOutcome::Invalid => {
+                self.ept_misconfig_slow_path(vm, readers, stats, (tv, root), gpa)
+            }
         }
     }
 
@@ -185,10 +180,11 @@ impl VcpuMmu {
         vm: &VmShared<H>,
         readers: &VcpuReaders,
         stats: &mut VcpuStats,
+        tdp_root: (&TdpVcpu, &Arc<Root>),
         gpa: Gpa,
     ) -> Result<FaultOutcome, FaultError> {
         let fault = PageFault::tdp(gpa, crate::fault::PfErr(crate::fault::PfErr::RSVD));
-        self.memslot_slow_path(vm, readers, stats, fault)
+        self.memslot_slow_path(vm, readers, stats, tdp_root, fault)
     }
 
     /// The slow path inside one memslot read section.
@@ -198,6 +194,7 @@ impl VcpuMmu {
         vm: &VmShared<H>,
         readers: &VcpuReaders,
         stats: &mut VcpuStats,
+        tdp_root: (&TdpVcpu, &Arc<Root>),
         mut fault: PageFault,
     ) -> Result<FaultOutcome, FaultError> {
         // The slow path may wait for every vCPU in guest mode (a remote flush) or for a grace
@@ -207,7 +204,7 @@ impl VcpuMmu {
         let guard = vm.memslots.read(&readers.memslot);
         let set = guard.set(self.as_id);
         stats.pf_taken += 1;
-        self.tdp_page_fault(vm, stats, set, &mut fault)
+        self.tdp_page_fault(vm, stats, tdp_root, set, &mut fault)
     }
 
     /// KVM `check_mmio_spte`: no hit while an update is in progress; else the SPTE's generation
@@ -229,6 +226,7 @@ impl VcpuMmu {
         vm: &VmShared<H>,
         readers: &VcpuReaders,
         stats: &mut VcpuStats,
+        root: &Root,
         gen: Generation,
         gpa: Gpa,
     ) -> Result<FastOutcome, FaultError> {
@@ -239,10 +237,7 @@ impl VcpuMmu {
                 return Ok(FastOutcome::Done(cache_hit(stats, gpa, access)));
             }
         }
-        let (root_pfn, root_level) = match self.root.as_ref() {
-            Some(r) => (r.pfn(), r.level()),
-            None => return Ok(FastOutcome::Done(retry(stats, RetryCause::NoRoot))),
-        };
+        let (root_pfn, root_level) = (root.pfn(), root.level());
         if !super::tdp_reaches(root_level, gpa) {
             // No SPTE maps a gpa above what the root decodes (it is above every memslot and the
             // max gfn): the walk would read the entries of the gpa with its high bits dropped
@@ -317,10 +312,11 @@ impl VcpuMmu {
         &mut self,
         vm: &VmShared<H>,
         stats: &mut VcpuStats,
+        (tv, root): (&TdpVcpu, &Arc<Root>),
         set: &MemslotSet,
         fault: &mut PageFault,
     ) -> Result<FaultOutcome, FaultError> {
-        let Some(mmu) = vm.tdp() else { return Ok(retry(stats, RetryCause::NoRoot)) };
+        let mmu = vm.tdp_for(tv);
         let bugs = vm.bugs;
         let codec = mmu.cfg.codec;
         let gen = set.generation();
@@ -362,9 +358,6 @@ impl VcpuMmu {
 
         mmu.host.preempt_point(crate::host::PreemptPoint::FaultDecided);
         let shared = mmu.tdp.mmu_lock.read_vcpu(&mmu.vcpus[self.index], &mmu.relax());
-        let Some(root) = self.root.as_ref() else {
-            return Ok(retry(stats, RetryCause::NoRoot));
-        };
         let pending = mmu.vcpus[self.index].pending();
         if let Some(cause) = fault.stale(&backing, root.state(), pending, &mmu.inval, bugs) {
             drop(shared);
@@ -375,10 +368,11 @@ impl VcpuMmu {
         mmu.host.preempt_point(crate::host::PreemptPoint::FaultInstalled);
         if outcome == MapOutcome::TableInTheWay {
             drop(shared);
-            outcome = match self.map_over_table_in_the_way(vm, set, fault, &backing, spec, root) {
-                Ok(o) => o,
-                Err(cause) => return Ok(retry(stats, cause)),
-            };
+            outcome =
+                match self.map_over_table_in_the_way(vm, set, fault, &backing, spec, (tv, root)) {
+                    Ok(o) => o,
+                    Err(cause) => return Ok(retry(stats, cause)),
+                };
         } else {
             if let (MapOutcome::Installed { level: Level::L4K }, Backing::Ram { .. }) =
                 (outcome, backing)
@@ -401,9 +395,9 @@ impl VcpuMmu {
         fault: &PageFault,
         backing: &Backing,
         spec: LeafSpec,
-        root: &Root,
+        (tv, root): (&TdpVcpu, &Root),
     ) -> Result<MapOutcome, RetryCause> {
-        let Some(mmu) = vm.tdp() else { return Err(RetryCause::NoRoot) };
+        let mmu = vm.tdp_for(tv);
         mmu.host.preempt_point(crate::host::PreemptPoint::TableInTheWay);
         let excl = mmu.tdp.mmu_lock.write(&mmu.vcpus, &mmu.relax());
         let pending = mmu.vcpus[self.index].pending();

@@ -22,12 +22,21 @@
 //!
 //! # Shape
 //! [`Vcpu`] holds the VM's shared state (`Arc<VmShared>`), its SRCU reader records
-//! (`VcpuReaders`: memslot and table), its own MMU state (`VcpuMmu`: root, caches, guest mode,
-//! shadow state) and its counters, as four fields, so a fault borrows the shared state and a
-//! read section borrows the reader records while the fault mutates the vCPU's own, without
-//! aliasing tricks. The fault path itself is in
+//! (`VcpuReaders`: memslot and table), its own MMU state (`VcpuMmu`: caches, guest mode), the
+//! state of its VM's kind of MMU (`VcpuMmuState`: a TDP vCPU's root, or a shadow vCPU's guest
+//! paging state and shadow roots) and its counters, as five fields, so a fault borrows the
+//! shared state, a read section borrows the reader records and a path holds its kind's state
+//! while the fault mutates the vCPU's own, without aliasing tricks. The fault path itself is in
 //! `fault_path.rs`: entry point -> fast path -> [`crate::fault::PageFault`] faultin -> stale
 //! check and map under the MMU lock.
+//!
+//! # Invariant
+//! A vCPU's `VcpuMmuState` is of its VM's kind of MMU ([`crate::vm::MmuKind`]): `Vcpu::new`
+//! chooses it from the VM's, and nothing changes it. A path matches the state once; its VM's
+//! MMU of the same kind comes from `VmShared::tdp_for` or `VmShared::shadow_for`, the only
+//! places that name the impossible mixed case. An embedder calling an entry point of the other
+//! kind gets its error ([`FaultError::WrongMmu`], [`TdpError::NotTdp`],
+//! [`ShadowError::NotShadow`]).
 
 mod fault_path;
 pub mod mmio_cache;
@@ -40,12 +49,13 @@ use crate::fault::{FaultError, FaultOutcome, PageFault, PfErr};
 use crate::host::Host;
 use crate::memslot::SlotCache;
 use crate::requests::{Request, Requests, VcpuState};
-use crate::shared::VmShared;
+use crate::shadow::ShadowMmu;
+use crate::shared::{VmMmu, VmShared};
 use crate::srcu::{ReadGuard, ReaderId};
 use crate::stats::VcpuStats;
 use crate::sync::Arc;
 use crate::tdp::root::{Root, RootKind};
-use crate::tdp::{hw_walk, tdp_need, HwWalk, TdpError};
+use crate::tdp::{hw_walk, tdp_need, HwWalk, Tdp, TdpError};
 use crate::types::{Access, AsId, FaultAccess, Gpa, Level, Pfn};
 use crate::vm::MmuKind;
 use mmio_cache::MmioInfoCache;
@@ -104,6 +114,9 @@ pub struct Vcpu<H: Host> {
     vm: Arc<VmShared<H>>,
     readers: VcpuReaders,
     st: VcpuMmu,
+    /// The state of the VM's kind of MMU, fixed at creation. Apart from [`VcpuMmu`] so a path
+    /// can hold its kind's state (its root, or its shadow state) while it mutates the rest.
+    mmu: VcpuMmuState,
     /// This vCPU's counters.
     pub stats: VcpuStats,
 }
@@ -116,19 +129,114 @@ pub(crate) struct VcpuReaders {
     table: ReaderId,
 }
 
-/// A vCPU's own MMU state (KVM: the `kvm_vcpu_arch` MMU fields).
+/// A vCPU's own MMU state that does not depend on the kind of MMU (KVM: the `kvm_vcpu_arch`
+/// MMU fields).
 pub(crate) struct VcpuMmu {
     index: usize,
     as_id: AsId,
-    root: Option<Arc<Root>>,
     mmio_cache: MmioInfoCache,
     /// The last level-1 table of the fast path's lockless walks (`tdp/walk.rs`).
     leaf_tables: crate::tdp::LeafTableCache,
     slot_cache: SlotCache,
     /// In guest mode through [`Vcpu::enter_guest_mode`] (holding a raw table read section).
     in_guest: bool,
-    /// Shadow paging: the guest's paging state and the shadow roots (`None` under TDP).
-    shadow: Option<shadow_path::ShadowVcpu>,
+}
+
+/// The part of a vCPU's MMU state that depends on its VM's kind of MMU. Chosen by
+/// [`Vcpu::new`] from the VM's [`VmMmu`] and never changed, so a vCPU's state is always of its
+/// VM's kind ([`VmShared::tdp_for`], [`VmShared::shadow_for`]).
+// One per vCPU, next to its caches: boxing the shadow state would cost a pointer chase on every
+// shadow fault's fast path.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum VcpuMmuState {
+    /// A vCPU of a TDP VM.
+    Tdp(TdpVcpu),
+    /// A vCPU of a shadow-paging VM: the guest's paging state and the shadow roots.
+    Shadow(shadow_path::ShadowVcpu),
+}
+
+/// A TDP vCPU's own state: its current root, loaded by [`Vcpu::service_requests`].
+pub(crate) struct TdpVcpu {
+    root: Option<Arc<Root>>,
+}
+
+impl TdpVcpu {
+    /// The TDP part of [`Vcpu::service_requests`] for the vCPU whose state is `self` and `st`,
+    /// of VM `vm`, with request word `state` and its snapshot `pending`: drop the root if it is
+    /// obsolete (or pageless) on request, take the flush and kick requests, and load a root if
+    /// none is loaded.
+    #[allow(clippy::too_many_arguments)]
+    fn service<H: Host>(
+        &mut self,
+        vm: &VmShared<H>,
+        st: &mut VcpuMmu,
+        stats: &mut VcpuStats,
+        state: &VcpuState,
+        pending: Requests,
+        free_obsolete: bool,
+        work: &mut EntryWork,
+    ) -> Result<(), TdpError> {
+        if free_obsolete {
+            // KVM `kvm_mmu_free_obsolete_roots`: pageless roots count as obsolete.
+            let stale = self
+                .root
+                .as_ref()
+                .is_some_and(|r| r.kind() == RootKind::Pageless || r.is_obsolete());
+            if stale {
+                // `Vcpu::drop_root` for a TDP vCPU.
+                if let Some(r) = self.root.take() {
+                    vm.tdp_for(self).put_root(r);
+                }
+                st.mmio_cache.clear();
+            }
+        }
+        take_flush_and_kick(state, pending, work);
+        if self.root.is_none() {
+            self.root = Some(vm.tdp_for(self).get_root(st.as_id)?);
+            stats.root_loads += 1;
+            work.flush_tlb = true;
+        }
+        Ok(())
+    }
+}
+
+/// Clears `r` from request word `state` when the snapshot `pending` holds it; says whether it
+/// did.
+fn take_request(state: &VcpuState, pending: Requests, r: Request) -> bool {
+    let held = pending.has(r);
+    if held {
+        state.clear(r);
+    }
+    held
+}
+
+/// Clears the TLB-flush and kick requests of the snapshot `pending` from `state`: a flush
+/// becomes `work.flush_tlb`; a kick needs nothing more (leaving guest mode was the whole point:
+/// the read section it held has ended).
+fn take_flush_and_kick(state: &VcpuState, pending: Requests, work: &mut EntryWork) {
+    work.flush_tlb |= take_request(state, pending, Request::TlbFlush);
+    take_request(state, pending, Request::Kick);
+}
+
+impl<H: Host> VmShared<H> {
+    /// The TDP MMU of the VM of a vCPU whose state is `_vcpu`: a vCPU's state is of its VM's
+    /// kind ([`VcpuMmuState`]), so the VM is a TDP VM.
+    #[inline]
+    fn tdp_for(&self, _vcpu: &TdpVcpu) -> Tdp<'_, H> {
+        match &self.mmu {
+            VmMmu::Tdp(tdp) => Tdp { core: &self.core, tdp },
+            VmMmu::Shadow(_) => unreachable!("a TDP vCPU of a shadow-paging VM (Vcpu::new)"),
+        }
+    }
+
+    /// The shadow MMU of the VM of a vCPU whose state is `_vcpu` (as [`Self::tdp_for`]).
+    #[inline]
+    pub(crate) fn shadow_for(&self, _vcpu: &shadow_path::ShadowVcpu) -> &ShadowMmu {
+        match &self.mmu {
+            VmMmu::Shadow(shadow) => shadow,
+            VmMmu::Tdp(_) => unreachable!("a shadow vCPU of a TDP VM (Vcpu::new)"),
+        }
+    }
 }
 
 impl<H: Host> Vcpu<H> {
@@ -141,18 +249,20 @@ impl<H: Host> Vcpu<H> {
                 return Err(TdpError::TooManyVcpus(vm.core.cfg.max_vcpus));
             }
         };
-        let shadow = vm.shadow().is_some().then(shadow_path::ShadowVcpu::new);
+        let mmu = match vm.mmu {
+            VmMmu::Tdp(_) => VcpuMmuState::Tdp(TdpVcpu { root: None }),
+            VmMmu::Shadow(_) => VcpuMmuState::Shadow(shadow_path::ShadowVcpu::new()),
+        };
         let st = VcpuMmu {
             index,
             as_id: AsId(0),
-            root: None,
             mmio_cache: MmioInfoCache::new(),
             leaf_tables: Default::default(),
             slot_cache: SlotCache::default(),
             in_guest: false,
-            shadow,
         };
-        Ok(Vcpu { vm, readers: VcpuReaders { memslot, table }, st, stats: VcpuStats::default() })
+        let readers = VcpuReaders { memslot, table };
+        Ok(Vcpu { vm, readers, st, mmu, stats: VcpuStats::default() })
     }
 
     /// The vCPU's index in its VM.
@@ -192,9 +302,13 @@ impl<H: Host> Vcpu<H> {
         &self.st.mmio_cache
     }
 
-    /// The current root, if loaded.
+    /// The current TDP root, if loaded (`None` on a vCPU of a shadow-paging VM, whose roots are
+    /// shadow pages: [`Self::shadow_root_kind`]).
     pub fn root(&self) -> Option<&Arc<Root>> {
-        self.st.root.as_ref()
+        match &self.mmu {
+            VcpuMmuState::Tdp(tv) => tv.root.as_ref(),
+            VcpuMmuState::Shadow(_) => None,
+        }
     }
 
     fn state(&self) -> &VcpuState {
@@ -202,12 +316,23 @@ impl<H: Host> Vcpu<H> {
     }
 
     fn drop_root(&mut self) {
-        if let (Some(r), Some(tdp)) = (self.st.root.take(), self.vm.tdp()) {
-            tdp.put_root(r);
-        }
-        self.shadow_unload();
+        self.unload();
         // A new root: nothing cached under the old one may be trusted (issue 4, point 5).
         self.st.mmio_cache.clear();
+    }
+
+    /// Drops the current root, and under shadow paging every previous root too (KVM
+    /// `kvm_mmu_unload`). The caller is outside guest mode.
+    fn unload(&mut self) {
+        let Vcpu { vm, st, mmu, .. } = self;
+        match mmu {
+            VcpuMmuState::Tdp(tv) => {
+                if let Some(r) = tv.root.take() {
+                    vm.tdp_for(tv).put_root(r);
+                }
+            }
+            VcpuMmuState::Shadow(sv) => sv.unload(&vm.core, vm.shadow_for(sv), &mut st.mmio_cache),
+        }
     }
 
     /// Handles pending requests and loads a root if none is loaded (KVM: the request checks of
@@ -215,55 +340,23 @@ impl<H: Host> Vcpu<H> {
     pub fn service_requests(&mut self) -> Result<EntryWork, TdpError> {
         self.exit_guest_mode();
         let mut work = EntryWork::default();
-        let pending = self.state().pending();
-        if self.vm.shadow().is_some() {
-            let free_obsolete = self.take_request(pending, Request::FreeObsoleteRoots);
-            self.take_flush_and_kick(pending, &mut work);
-            self.shadow_service(free_obsolete, &mut work)?;
-            if work.flush_tlb {
-                self.stats.tlb_flush += 1;
+        let Vcpu { vm, st, mmu, stats, .. } = self;
+        let state = &vm.core.vcpus[st.index];
+        let pending = state.pending();
+        let free_obsolete = take_request(state, pending, Request::FreeObsoleteRoots);
+        match mmu {
+            VcpuMmuState::Tdp(tv) => {
+                tv.service(vm, st, stats, state, pending, free_obsolete, &mut work)?;
             }
-            return Ok(work);
-        }
-        if self.take_request(pending, Request::FreeObsoleteRoots) {
-            // KVM `kvm_mmu_free_obsolete_roots`: pageless roots count as obsolete.
-            let stale = self
-                .st
-                .root
-                .as_ref()
-                .is_some_and(|r| r.kind() == RootKind::Pageless || r.is_obsolete());
-            if stale {
-                self.drop_root();
+            VcpuMmuState::Shadow(sv) => {
+                take_flush_and_kick(state, pending, &mut work);
+                sv.service(vm, st, stats, free_obsolete, &mut work)?;
             }
-        }
-        self.take_flush_and_kick(pending, &mut work);
-        if self.st.root.is_none() {
-            let tdp = self.vm.tdp().ok_or(TdpError::NotTdp)?;
-            self.st.root = Some(tdp.get_root(self.st.as_id)?);
-            self.stats.root_loads += 1;
-            work.flush_tlb = true;
         }
         if work.flush_tlb {
-            self.stats.tlb_flush += 1;
+            stats.tlb_flush += 1;
         }
         Ok(work)
-    }
-
-    /// Clears `r` when the snapshot `pending` holds it; says whether it did.
-    fn take_request(&self, pending: Requests, r: Request) -> bool {
-        let held = pending.has(r);
-        if held {
-            self.state().clear(r);
-        }
-        held
-    }
-
-    /// Clears the TLB-flush and kick requests of the snapshot `pending`: a flush becomes
-    /// `work.flush_tlb`; a kick needs nothing more (leaving guest mode was the whole point: the
-    /// read section it held has ended).
-    fn take_flush_and_kick(&self, pending: Requests, work: &mut EntryWork) {
-        work.flush_tlb |= self.take_request(pending, Request::TlbFlush);
-        self.take_request(pending, Request::Kick);
     }
 
     /// Loads a root without a page-tracking state (KVM's special roots), for tests and models of
@@ -271,13 +364,17 @@ impl<H: Host> Vcpu<H> {
     /// refused ([`TdpError::NotTdp`]), since the hardware walk would take the TDP root over the
     /// shadow root and fault forever.
     pub fn load_pageless_root(&mut self) -> Result<(), TdpError> {
-        if self.vm.shadow().is_some() {
+        let Vcpu { vm, readers, st, mmu, .. } = self;
+        let VcpuMmuState::Tdp(tv) = mmu else {
             return Err(TdpError::NotTdp);
+        };
+        st.leave_guest_mode(vm, readers);
+        // `Self::drop_root` for a TDP vCPU.
+        if let Some(r) = tv.root.take() {
+            vm.tdp_for(tv).put_root(r);
         }
-        self.exit_guest_mode();
-        self.drop_root();
-        let tdp = self.vm.tdp().ok_or(TdpError::NotTdp)?;
-        self.st.root = Some(tdp.make_pageless_root(self.st.as_id)?);
+        st.mmio_cache.clear();
+        tv.root = Some(vm.tdp_for(tv).make_pageless_root(st.as_id)?);
         // KVM `kvm_mmu_load` flushes the current TLB after every root load ("flushing on alloc
         // also allows KVM to skip the TLB flush when freeing a root"): `put_root` relies on it
         // for the pageless root just dropped, whose translations this vCPU's TLB may still hold
@@ -311,7 +408,10 @@ impl<H: Host> Vcpu<H> {
         let table_guard = self.vm.core.table_srcu.read_lock(&self.readers.table);
         let state = &self.vm.core.vcpus[self.st.index];
         state.enter_guest_mode()?;
-        let mmu = if self.vm.shadow().is_some() { MmuKind::Shadow } else { MmuKind::Tdp };
+        let mmu = match self.mmu {
+            VcpuMmuState::Tdp(_) => MmuKind::Tdp,
+            VcpuMmuState::Shadow(_) => MmuKind::Shadow,
+        };
         Ok(GuestMode { vm: &self.vm, state, mmu, root_pfn, root_level, _table: table_guard })
     }
 
@@ -348,9 +448,9 @@ impl<H: Host> Vcpu<H> {
 
     /// The frame and level the hardware walks from: the TDP root, or the shadow root.
     fn hw_root(&self) -> Option<(Pfn, Level)> {
-        match self.st.root.as_ref() {
-            Some(r) => Some((r.pfn(), r.level())),
-            None => self.shadow_hw_root(),
+        match &self.mmu {
+            VcpuMmuState::Tdp(tv) => tv.root.as_ref().map(|r| (r.pfn(), r.level())),
+            VcpuMmuState::Shadow(sv) => sv.root.as_ref().map(|r| r.hw_root()),
         }
     }
 
@@ -381,7 +481,7 @@ impl<H: Host> Vcpu<H> {
     #[inline]
     pub fn walk(&self, gpa: Gpa, need: Access) -> HwWalk {
         assert!(self.st.in_guest, "the hardware walks only in guest mode");
-        let Some(root) = self.st.root.as_ref() else {
+        let VcpuMmuState::Tdp(TdpVcpu { root: Some(root) }) = &self.mmu else {
             // In guest mode a TDP vCPU always has its root (entering needs one, and whatever
             // drops it leaves guest mode first): this is a shadow-paging vCPU.
             panic!(
@@ -419,14 +519,14 @@ impl<H: Host> Vcpu<H> {
     pub fn handle_ept_misconfig(&mut self, gpa: Gpa) -> Result<FaultOutcome, FaultError> {
         debug_assert!(!self.st.in_guest, "an exit handler is called after the VM exit");
         self.stats.misconfig_exits += 1;
-        let Vcpu { vm, readers, st, stats } = self;
+        let Vcpu { vm, readers, st, mmu, stats } = self;
+        let VcpuMmuState::Tdp(tv @ TdpVcpu { root: Some(root) }) = &*mmu else {
+            return no_tdp_root(mmu, stats);
+        };
         match st.mmio_cache_probe(vm, stats, gpa) {
             fault_path::CacheProbe::Hit(hit) => Ok(hit),
             fault_path::CacheProbe::Miss(gen) => {
-                st.ept_misconfig_after_cache_miss(vm, readers, stats, gen, gpa)
-            }
-            fault_path::CacheProbe::NoRoot => {
-                st.page_fault(vm, readers, stats, PageFault::tdp(gpa, PfErr(PfErr::RSVD)))
+                st.ept_misconfig_after_cache_miss(vm, readers, stats, (tv, root), gen, gpa)
             }
         }
     }
@@ -444,9 +544,25 @@ impl<H: Host> Vcpu<H> {
 
     /// KVM `kvm_mmu_page_fault`.
     fn page_fault(&mut self, fault: PageFault) -> Result<FaultOutcome, FaultError> {
-        // Three disjoint borrows: the shared VM state, the vCPU's own MMU state, its counters.
-        let Vcpu { vm, readers, st, stats } = self;
-        st.page_fault(vm, readers, stats, fault)
+        // Disjoint borrows: the shared VM state, the reader records, the vCPU's own MMU state,
+        // its kind's state (held: the root) and its counters.
+        let Vcpu { vm, readers, st, mmu, stats } = self;
+        let VcpuMmuState::Tdp(tv @ TdpVcpu { root: Some(root) }) = &*mmu else {
+            return no_tdp_root(mmu, stats);
+        };
+        st.page_fault(vm, readers, stats, (tv, root), fault)
+    }
+}
+
+/// A TDP exit on a vCPU without a TDP root: on a TDP vCPU whose root is not loaded yet, Retry
+/// (it loads one before it enters again); on a shadow-paging vCPU, which never has a TDP root,
+/// [`FaultError::WrongMmu`], as retrying would loop forever (the reverse of
+/// `handle_page_fault` on a TDP vCPU).
+#[cold]
+fn no_tdp_root(mmu: &VcpuMmuState, stats: &mut VcpuStats) -> Result<FaultOutcome, FaultError> {
+    match mmu {
+        VcpuMmuState::Tdp(_) => Ok(fault_path::retry(stats, crate::stats::RetryCause::NoRoot)),
+        VcpuMmuState::Shadow(_) => Err(FaultError::WrongMmu { wanted: MmuKind::Tdp }),
     }
 }
 
@@ -555,11 +671,10 @@ impl<H: Host> Drop for GuestMode<'_, H> {
 impl<H: Host> Drop for Vcpu<H> {
     fn drop(&mut self) {
         self.exit_guest_mode();
-        if let (Some(r), Some(tdp)) = (self.st.root.take(), self.vm.tdp()) {
-            tdp.put_root(r);
-        }
-        self.shadow_unload();
-        if let Some(pae_root) = self.st.shadow.as_ref().and_then(|sv| sv.pae_root) {
+        self.unload();
+        if let VcpuMmuState::Shadow(shadow_path::ShadowVcpu { pae_root: Some(pae_root), .. }) =
+            self.mmu
+        {
             // Emptied by the unload; nothing else links or walks it (the vCPU is going).
             self.vm.core.defer_free(&mut alloc::vec![pae_root]);
             self.vm.core.reclaim_batched();

@@ -21,7 +21,8 @@
 //!   nested walk, KVM `mmu_is_nested`), and a protection #PF clears the faulting GVA's entry.
 
 use super::fault_path::{count_slow_mmio, readonly_write, retry, FastOutcome};
-use super::{FaultAddr, Vcpu, VcpuMmu};
+use super::shadow_path::ShadowVcpu;
+use super::{FaultAddr, Vcpu, VcpuMmu, VcpuMmuState, VcpuReaders};
 use crate::fault::{
     Backing, EmulateSource, FaultError, FaultOutcome, FaultinStop, Mappable, PageFault, PfErr,
 };
@@ -32,6 +33,7 @@ use crate::shadow::{
     prefetch::PrefetchCtx,
     ShadowRoot, SlotGuestMemory,
 };
+use crate::shared::VmShared;
 use crate::stats::{RetryCause, VcpuStats};
 use crate::tdp::CachedWalk;
 use crate::types::{Access, FaultAccess, Gfn, Gpa, Gva, Level, Pfn};
@@ -45,55 +47,58 @@ impl<H: Host + GuestMemory> Vcpu<H> {
     /// first, as [`Self::enter_guest_mode`] says).
     pub fn handle_page_fault(&mut self, gva: Gva, err: PfErr) -> Result<FaultOutcome, FaultError> {
         debug_assert!(!self.st.in_guest, "an exit handler is called after the VM exit");
-        if self.vm.shadow().is_none() || self.st.shadow.is_none() {
+        let Vcpu { vm, readers, st, mmu, stats } = self;
+        let VcpuMmuState::Shadow(sv) = &*mmu else {
             return Err(FaultError::WrongMmu { wanted: MmuKind::Shadow });
-        }
+        };
         if err.rsvd() {
-            self.stats.misconfig_exits += 1;
+            stats.misconfig_exits += 1;
         } else {
-            self.stats.violation_exits += 1;
+            stats.violation_exits += 1;
         }
         // Before any table or cache is consulted: the shadow root covers only what the guest can
         // reach (4 GiB without paging or with PAE, the canonical halves with 4-level paging), and
         // a walk of it for anything else reads the entry of the address with the high bits
         // dropped (an MMIO SPTE there would emulate the wrong gpa).
-        if let Some(sv) = self.st.shadow.as_ref() {
-            if !guest::gva_reachable(sv.cpu.mode, gva) {
-                return Err(FaultError::NonCanonical(gva));
-            }
+        if !guest::gva_reachable(sv.cpu.mode, gva) {
+            return Err(FaultError::NonCanonical(gva));
         }
-        // Only the frame and level of the root, read in place: the fast path copies no
-        // `ShadowRoot` (a copy of it cost a store-forwarding stall of about 5 ns per fault).
-        let Some((root_pfn, root_level)) =
-            self.st.shadow.as_ref().and_then(|s| s.root.as_ref()).map(ShadowRoot::hw_root)
-        else {
-            return Ok(retry(&mut self.stats, RetryCause::NoRoot));
+        let Some(root) = sv.root.as_ref() else {
+            return Ok(retry(stats, RetryCause::NoRoot));
         };
         let mut err = err;
         if err.rsvd() {
-            if let Some(o) = self.shadow_mmio_fast(root_pfn, root_level, gva, err)? {
+            // Only the frame and level of the root, read in place: the fast path copies no
+            // `ShadowRoot` (a copy of it cost a store-forwarding stall of about 5 ns per fault).
+            let (root_pfn, root_level) = root.hw_root();
+            if let Some(o) =
+                st.shadow_mmio_fast(vm, readers, stats, sv, (root_pfn, root_level), gva, err)?
+            {
                 return Ok(o);
             }
             err = PfErr(err.0 & !PfErr::RSVD);
         }
-        let Some(root) = self.st.shadow.as_ref().and_then(|s| s.root) else {
-            return Ok(retry(&mut self.stats, RetryCause::NoRoot));
-        };
-        self.shadow_slow(root, gva, err)
+        st.shadow_slow(vm, readers, stats, sv, *root, gva, err)
     }
+}
 
+impl VcpuMmu {
     /// KVM `handle_mmio_page_fault` under shadow paging. `None`: take the slow path. No lock,
     /// no allocation: the GVA-cache lookup, then a lockless walk of the shadow tables inside a
     /// table read section (`tests/hot_path_alloc.rs`; cost: `vmmu bench --only shadow`).
     #[inline]
-    fn shadow_mmio_fast(
+    #[allow(clippy::too_many_arguments)]
+    fn shadow_mmio_fast<H: Host>(
         &mut self,
-        pfn: Pfn,
-        level: Level,
+        vm: &VmShared<H>,
+        readers: &VcpuReaders,
+        stats: &mut VcpuStats,
+        sv: &ShadowVcpu,
+        (pfn, level): (Pfn, Level),
         gva: Gva,
         err: PfErr,
     ) -> Result<Option<FaultOutcome>, FaultError> {
-        let Vcpu { vm, readers, st, stats } = self;
+        let st = self;
         let bugs = vm.bugs;
         let codec = vm.core.cfg.codec;
         let gen = vm.memslots.generation(st.as_id);
@@ -105,13 +110,13 @@ impl<H: Host + GuestMemory> Vcpu<H> {
             return Ok(None);
         }
         let mut need = fa.required().intersect(Access::WRITE.union(Access::USER));
-        if fa.write && !fa.user && st.shadow.as_ref().is_some_and(|s| !s.cpu.cr0_wp) {
+        if fa.write && !fa.user && !sv.cpu.cr0_wp {
             // KVM's `permission_fault` on the cached rights: with CR0.WP=0 a supervisor write
             // needs no W.
             need = Access::from_bits(need.bits() & !Access::WRITE.bits());
         }
         // A nested walk caches no GVA (KVM: `mmio_gva = 0` for `mmu_is_nested`).
-        let nested = st.shadow.as_ref().is_some_and(|s| s.fault_addr == FaultAddr::NestedGpa);
+        let nested = sv.fault_addr == FaultAddr::NestedGpa;
         let cache_gva = if nested { 0 } else { gva.raw() };
         if let Some((gfn, access)) = st.mmio_cache.lookup_gva(cache_gva, gen, bugs) {
             if access.contains(need) {
@@ -146,7 +151,7 @@ impl<H: Host + GuestMemory> Vcpu<H> {
         }
         // The walk of the shadow tables does not say how large the guest's page is: record the
         // largest the guest can map, so INVLPG anywhere in it clears the entry.
-        let guest_page = st.shadow.as_ref().map_or(Level::L2M, |s| s.cpu.largest_page_level());
+        let guest_page = sv.cpu.largest_page_level();
         st.mmio_cache.fill_guest_page(cache_gva, guest_page, gfn, access, gen, bugs);
         stats.mmio_spte_hits += 1;
         let gpa = Gpa(gfn.gpa().raw() | gva.page_offset());
@@ -155,18 +160,21 @@ impl<H: Host + GuestMemory> Vcpu<H> {
 
     /// KVM `FNAME(page_fault)`.
     #[inline(never)]
-    fn shadow_slow(
+    #[allow(clippy::too_many_arguments)]
+    fn shadow_slow<H: Host + GuestMemory>(
         &mut self,
+        vm: &VmShared<H>,
+        readers: &VcpuReaders,
+        stats: &mut VcpuStats,
+        sv: &ShadowVcpu,
         root: ShadowRoot,
         gva: Gva,
         err: PfErr,
     ) -> Result<FaultOutcome, FaultError> {
-        let Vcpu { vm, readers, st, stats } = self;
+        let st = self;
         // As the TDP slow path (`memslot_slow_path`): never wait for this vCPU's own guest mode.
         st.leave_guest_mode(vm, readers);
-        let (Some(shadow), Some(sv)) = (vm.shadow(), st.shadow.as_ref()) else {
-            return Err(FaultError::WrongMmu { wanted: MmuKind::Shadow });
-        };
+        let shadow = vm.shadow_for(sv);
         let core = &vm.core;
         let cpu = sv.cpu;
         // A nested walk caches no GVA (KVM `kvm_handle_noslot_fault`: `mmio_gva = 0`).

@@ -10,14 +10,18 @@
 //! - The vCPU pins the pages of its current and previous roots; it releases them outside guest
 //!   mode.
 
-use super::{EntryWork, Vcpu};
+use super::mmio_cache::MmioInfoCache;
+use super::{EntryWork, Vcpu, VcpuMmu, VcpuMmuState};
 use crate::bugs::Bug;
 use crate::guest::{self, GuestCpu, PagingMode, PdptrError};
 use crate::host::{GuestMemory, Host};
+use crate::mmu_core::MmuCore;
 use crate::shadow::root::PrevRoots;
-use crate::shadow::{PrevRoot, ShadowRoot, ShadowRootKind, SlotGuestMemory, ZapBatch};
+use crate::shadow::{PrevRoot, ShadowMmu, ShadowRoot, ShadowRootKind, SlotGuestMemory, ZapBatch};
+use crate::shared::VmShared;
+use crate::stats::VcpuStats;
 use crate::tdp::{hw_walk, HwWalk};
-use crate::types::{Access, Gfn, Gpa, Gva, Level, Pfn};
+use crate::types::{Access, Gfn, Gpa, Gva, Pfn};
 
 /// The number of previous roots kept (KVM `KVM_MMU_NUM_PREV_ROOTS`).
 pub use crate::shadow::root::NUM_PREV_ROOTS;
@@ -50,6 +54,23 @@ pub enum FaultAddr {
 }
 
 impl ShadowVcpu {
+    /// Drops the current root and every previous root (KVM `kvm_mmu_unload`) and clears the GVA
+    /// part of the MMIO cache `cache`. `shadow` is the shadow MMU of this vCPU's VM, `core` its
+    /// core. The caller is outside guest mode.
+    pub(crate) fn unload<H: Host>(
+        &mut self,
+        core: &MmuCore<H>,
+        shadow: &ShadowMmu,
+        cache: &mut MmioInfoCache,
+    ) {
+        let mut roots: alloc::vec::Vec<ShadowRoot> = self.root.take().into_iter().collect();
+        self.prev.take_where(|_| true, &mut roots);
+        cache.clear_gva();
+        if !roots.is_empty() {
+            shadow.free_roots(core, roots);
+        }
+    }
+
     /// A vCPU without paging yet and without a root.
     pub(crate) fn new() -> Self {
         ShadowVcpu {
@@ -90,48 +111,46 @@ pub enum ShadowError {
 }
 
 impl<H: Host> Vcpu<H> {
-    fn shadow_parts(&mut self) -> Result<(), ShadowError> {
-        if self.vm.shadow().is_none() || self.st.shadow.is_none() {
-            return Err(ShadowError::NotShadow);
+    /// This vCPU's shadow state; [`ShadowError::NotShadow`] on a vCPU of a TDP VM (an embedder
+    /// calling a shadow-paging entry point there).
+    fn shadow_vcpu(&mut self) -> Result<&mut ShadowVcpu, ShadowError> {
+        match &mut self.mmu {
+            VcpuMmuState::Shadow(sv) => Ok(sv),
+            VcpuMmuState::Tdp(_) => Err(ShadowError::NotShadow),
         }
-        Ok(())
     }
 
     /// The guest paging state (shadow VMs).
     pub fn guest_cpu(&self) -> Option<&GuestCpu> {
-        self.st.shadow.as_ref().map(|s| &s.cpu)
+        match &self.mmu {
+            VcpuMmuState::Shadow(sv) => Some(&sv.cpu),
+            VcpuMmuState::Tdp(_) => None,
+        }
     }
 
     /// The kind of the current shadow root, if one is loaded.
     pub fn shadow_root_kind(&self) -> Option<ShadowRootKind> {
-        self.st.shadow.as_ref()?.root.as_ref().map(|r| r.kind())
-    }
-
-    /// Drops the current root and every previous root (KVM `kvm_mmu_unload`) and clears the GVA
-    /// part of the MMIO cache. The caller is outside guest mode.
-    pub(crate) fn shadow_unload(&mut self) {
-        let (Some(shadow), Some(sv)) = (self.vm.shadow(), self.st.shadow.as_mut()) else {
-            return;
-        };
-        let mut roots: alloc::vec::Vec<ShadowRoot> = sv.root.take().into_iter().collect();
-        sv.prev.take_where(|_| true, &mut roots);
-        self.st.mmio_cache.clear_gva();
-        if !roots.is_empty() {
-            shadow.free_roots(&self.vm.core, roots);
+        match &self.mmu {
+            VcpuMmuState::Shadow(sv) => sv.root.as_ref().map(|r| r.kind()),
+            VcpuMmuState::Tdp(_) => None,
         }
     }
+}
 
-    /// The shadow part of [`Self::service_requests`]: drop obsolete roots on request (a special
-    /// root always counts as obsolete), and load a root if none is loaded.
-    pub(crate) fn shadow_service(
+impl ShadowVcpu {
+    /// The shadow part of [`Vcpu::service_requests`] for the vCPU whose state is `self` and
+    /// `st`, of VM `vm`: drop obsolete roots on request (a special root always counts as
+    /// obsolete), and load a root if none is loaded.
+    pub(crate) fn service<H: Host>(
         &mut self,
+        vm: &VmShared<H>,
+        st: &mut VcpuMmu,
+        stats: &mut VcpuStats,
         free_obsolete: bool,
         work: &mut EntryWork,
     ) -> Result<(), crate::tdp::TdpError> {
-        let Vcpu { vm, st, stats, .. } = self;
-        let (Some(shadow), Some(sv)) = (vm.shadow(), st.shadow.as_mut()) else {
-            return Ok(());
-        };
+        let sv = self;
+        let shadow = vm.shadow_for(sv);
         let core = &vm.core;
         if free_obsolete {
             let mut drop = alloc::vec::Vec::new();
@@ -183,12 +202,9 @@ impl<H: Host> Vcpu<H> {
         }
         Ok(())
     }
+}
 
-    /// The frame and level the hardware walks from under shadow paging.
-    pub(crate) fn shadow_hw_root(&self) -> Option<(Pfn, Level)> {
-        self.st.shadow.as_ref()?.root.as_ref().map(|r| r.hw_root())
-    }
-
+impl<H: Host> Vcpu<H> {
     /// The hardware walk for a TLB miss on `gva` (shadow paging), in guest mode entered with
     /// [`Self::enter_guest_mode`]. A 4-level guest walks a 4-level shadow; a PAE guest (or one
     /// without paging) walks its special root from the PDPTE level.
@@ -198,13 +214,14 @@ impl<H: Host> Vcpu<H> {
     /// ([`Self::walk`]).
     pub fn walk_gva(&self, gva: Gva, need: Access) -> HwWalk {
         assert!(self.st.in_guest, "the hardware walks only in guest mode");
-        let Some((pfn, level)) = self.shadow_hw_root() else {
+        let VcpuMmuState::Shadow(ShadowVcpu { root: Some(root), .. }) = &self.mmu else {
             // In guest mode a shadow vCPU always has its root (entering needs one, and whatever
             // drops it leaves guest mode first): this is a TDP vCPU.
             panic!(
                 "Vcpu::walk_gva is the shadow-paging hardware walk; a TDP vCPU walks gpas (walk)"
             );
         };
+        let (pfn, level) = root.hw_root();
         if !super::shadow_reaches(level, gva) {
             // Outside the shadow root: `handle_page_fault` reports it as #GP.
             return super::unreachable_walk();
@@ -220,11 +237,13 @@ impl<H: Host> Vcpu<H> {
     /// carries PDPTEs already loaded ([`crate::guest::load_pdptrs`]). In guest mode it leaves it first (a VM exit).
     pub fn set_guest_cpu(&mut self, cpu: GuestCpu) -> Result<(), ShadowError> {
         self.exit_guest_mode();
-        self.shadow_parts()?;
-        self.shadow_unload();
-        if let Some(sv) = self.st.shadow.as_mut() {
-            sv.cpu = cpu;
-        }
+        let Vcpu { vm, st, mmu, .. } = self;
+        let VcpuMmuState::Shadow(sv) = mmu else {
+            return Err(ShadowError::NotShadow);
+        };
+        let shadow = vm.shadow_for(sv);
+        sv.unload(&vm.core, shadow, &mut st.mmio_cache);
+        sv.cpu = cpu;
         Ok(())
     }
 
@@ -234,10 +253,7 @@ impl<H: Host> Vcpu<H> {
     /// cleared now.
     pub fn set_fault_addr(&mut self, addr: FaultAddr) -> Result<(), ShadowError> {
         self.exit_guest_mode();
-        self.shadow_parts()?;
-        if let Some(sv) = self.st.shadow.as_mut() {
-            sv.fault_addr = addr;
-        }
+        self.shadow_vcpu()?.fault_addr = addr;
         self.st.mmio_cache.clear_gva();
         Ok(())
     }
@@ -252,7 +268,7 @@ impl<H: Host> Vcpu<H> {
     /// drops its own TLB entry for `gva`. In guest mode it leaves it first (a VM exit).
     pub fn invlpg(&mut self, gva: Gva) -> Result<(), ShadowError> {
         self.exit_guest_mode();
-        self.shadow_parts()?;
+        self.shadow_vcpu()?;
         self.stats.invlpg += 1;
         self.st.mmio_cache.clear_gva_page(gva.raw());
         Ok(())
@@ -270,11 +286,11 @@ impl<H: Host + GuestMemory> Vcpu<H> {
     /// (`flush_tlb`). In guest mode it leaves it first (a VM exit).
     pub fn load_cr3(&mut self, cr3: u64) -> Result<EntryWork, ShadowError> {
         self.exit_guest_mode();
-        self.shadow_parts()?;
-        let Vcpu { vm, readers, st, .. } = self;
-        let (Some(shadow), Some(sv)) = (vm.shadow(), st.shadow.as_mut()) else {
+        let Vcpu { vm, readers, st, mmu, .. } = self;
+        let VcpuMmuState::Shadow(sv) = mmu else {
             return Err(ShadowError::NotShadow);
         };
+        let shadow = vm.shadow_for(sv);
         // KVM `kvm_vcpu_is_legal_cr3`, checked in every mode (the guest has no PCIDE or LAM
         // here, so bit 63 and the LAM bits are reserved too).
         let maxphyaddr = sv.cpu.maxphyaddr;
@@ -364,8 +380,10 @@ impl<H: Host + GuestMemory> Vcpu<H> {
     /// guest mode it leaves it first (a VM exit).
     pub fn track_write(&mut self, gpa: Gpa, bytes: u32) -> Result<(), ShadowError> {
         self.exit_guest_mode();
-        self.shadow_parts()?;
-        let shadow = self.vm.shadow().ok_or(ShadowError::NotShadow)?;
+        let VcpuMmuState::Shadow(sv) = &self.mmu else {
+            return Err(ShadowError::NotShadow);
+        };
+        let shadow = self.vm.shadow_for(sv);
         let end = gpa.raw().saturating_add(u64::from(bytes));
         let mut at = gpa.raw();
         while at < end {
