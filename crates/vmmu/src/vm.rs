@@ -12,13 +12,14 @@ use crate::memslot::{
     Memslot, MemslotChange, MemslotError, MemslotHooks, Memslots, MemslotsConfig,
     UserspaceMemoryRegion,
 };
+use crate::mmu_core::MmuConfig;
 use crate::mmu_core::MmuCore;
 pub use crate::notifier::HvaInvalidation;
 use crate::shared::{VmMmu, VmShared};
 use crate::spte::{FormatKind, HostCpu, MmioCachingPolicy, SpteConfigError, SpteFormat};
 use crate::stats::VmStatsSnapshot;
 use crate::sync::Arc;
-use crate::tdp::{Tdp, TdpConfig, TdpError, TdpMmu};
+use crate::tdp::{Tdp, TdpError, TdpMmu};
 use crate::types::{AsId, Generation, Gfn, Hva, Level, SlotId, PAGE_SHIFT};
 use crate::vcpu::Vcpu;
 use alloc::vec::Vec;
@@ -395,7 +396,7 @@ impl<H: Host> Vm<H> {
         let vmm_reader = memslots.register_reader().map_err(|_| TdpError::TooManyVcpus(0))?;
         let core = MmuCore::new(
             host,
-            TdpConfig {
+            MmuConfig {
                 format,
                 codec,
                 root_level: cfg.root_level,

@@ -19,17 +19,69 @@ mod lock;
 
 pub(crate) use lock::{MmuLock, MmuRead, MmuWrite};
 
+use crate::bugs::BugSet;
 use crate::host::{Host, TableEntries};
 use crate::invalidate::Invalidation;
 use crate::requests::{Request, VcpuState};
-use crate::spte::SpteFormat;
+use crate::spte::{MmioSpteCodec, SpteFormat};
 use crate::srcu::{ReaderId, Srcu};
 use crate::stats::VmStats;
 use crate::sync::{Arc, Mutex};
-use crate::tdp::{TdpConfig, TdpError};
-use crate::types::{AsId, Gfn, Level, Pfn};
+use crate::tdp::TdpError;
+use crate::types::{Access, AsId, Generation, Gfn, Level, Pfn};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
+
+/// Static configuration of one VM's MMU, of either kind; the fields for one kind only say so.
+#[derive(Clone, Copy, Debug)]
+pub struct MmuConfig {
+    /// The SPTE format.
+    pub format: SpteFormat,
+    /// The VM's MMIO SPTE codec (per-VM value, facts §1.4).
+    pub codec: MmioSpteCodec,
+    /// TDP only: the level of the TDP roots, 4, or 5 for 5-level paging (a shadow root's level
+    /// follows the guest's paging mode). Checked for both kinds when the VM is built.
+    pub root_level: Level,
+    /// The highest gfn an MMIO SPTE may be installed for (KVM `kvm_mmu_max_gfn`); at most
+    /// [`MmioSpteCodec::max_gfn`], the highest the codec can hold.
+    pub max_gfn: Gfn,
+    /// Delete/move zap everything (KVM's `KVM_X86_QUIRK_SLOT_ZAP_ALL`) instead of only the slot.
+    pub slot_zap_all: bool,
+    /// Re-injected historical bugs (empty normally).
+    pub bugs: BugSet,
+    /// The most vCPUs the VM may create.
+    pub max_vcpus: usize,
+    /// TDP only: prefetch neighbour leaves after a 4 KiB RAM fault as KVM's legacy direct MMU
+    /// does (`direct_pte_prefetch`, `Tdp::prefetch_direct`); KVM's TDP MMU does not.
+    pub direct_prefetch: bool,
+    /// Shadow paging only: an MMIO fault installs its MMIO SPTE only where the shadow path to it
+    /// exists already, and builds no shadow page and recycles none for it
+    /// ([`crate::vm::VmConfig::shadow_mmio_path_only`]).
+    pub shadow_mmio_path_only: bool,
+}
+
+impl MmuConfig {
+    /// The MMIO SPTE a fault that found no memslot for `gfn` under generation `gen` installs
+    /// (KVM `kvm_handle_noslot_fault` -> `mark_mmio_spte`), with the guest's `access`; `None`
+    /// when it makes none and the access is emulated from the slow path: caching is off, the
+    /// gfn is above [`MmuConfig::max_gfn`], or a memslot update is in progress. (KVM makes one
+    /// then, a miss until the generation comes round again; one made in the window of the
+    /// update that wraps the generation, after its zap-all and before its final store, carries
+    /// the old generation's bits, survives the wrap's zap and would match 2^19 updates later,
+    /// when the gfn may long be RAM: `tests/mmio_gen_wrap_window.rs`,
+    /// `tests/shadow_gen_wrap_window.rs`. It costs a slow path only during an update's grace
+    /// period.) Both MMUs' fault paths decide here.
+    #[inline]
+    pub(crate) fn noslot_mmio_spte(
+        &self,
+        gfn: Gfn,
+        gen: Generation,
+        access: Access,
+    ) -> Option<u64> {
+        (self.codec.enabled() && !gen.in_progress() && gfn <= self.max_gfn)
+            .then(|| self.codec.make(gfn, gen, access))
+    }
+}
 
 /// Pages the vCPU-side paths let wait before they pay for a grace period.
 const RECLAIM_BATCH: usize = 64;
@@ -37,7 +89,7 @@ const RECLAIM_BATCH: usize = 64;
 /// One VM's MMU core: what both MMUs use (module doc).
 pub struct MmuCore<H: Host> {
     pub(crate) host: Arc<H>,
-    pub(crate) cfg: TdpConfig,
+    pub(crate) cfg: MmuConfig,
     /// Read sections of lockless walkers (rule 2).
     pub(crate) table_srcu: Srcu,
     /// The table epoch of the vCPUs' leaf-table caches (`walk.rs`): bumped (Release) after every
@@ -73,7 +125,7 @@ pub(crate) enum AckWait {
 
 impl<H: Host> MmuCore<H> {
     /// The core of a VM with configuration `cfg` on `host`, with no vCPU yet.
-    pub(crate) fn new(host: Arc<H>, cfg: TdpConfig) -> Result<Self, TdpError> {
+    pub(crate) fn new(host: Arc<H>, cfg: MmuConfig) -> Result<Self, TdpError> {
         if !(cfg.root_level == Level::L4 || cfg.root_level == Level::L5) {
             return Err(TdpError::BadRootLevel(cfg.root_level.get()));
         }
@@ -103,7 +155,7 @@ impl<H: Host> MmuCore<H> {
     }
 
     /// The configuration.
-    pub fn config(&self) -> &TdpConfig {
+    pub fn config(&self) -> &MmuConfig {
         &self.cfg
     }
 

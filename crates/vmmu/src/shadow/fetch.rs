@@ -97,7 +97,7 @@ fn table_role_access(bugs: crate::bugs::BugSet, walk: &GuestWalk, i: usize) -> A
 /// Builds the shadow path for `gva` as `walk` translated it and installs `want` (under the
 /// lock; `batch` collects flushes and frees for the caller's commit).
 ///
-/// With [`crate::tdp::TdpConfig::shadow_mmio_path_only`] an MMIO leaf is installed only where
+/// With [`crate::mmu_core::MmuConfig::shadow_mmio_path_only`] an MMIO leaf is installed only where
 /// the whole shadow path to it exists already (linked pages of the right gfn and role);
 /// otherwise nothing is built or touched (no flood count is reset either) and the outcome is
 /// [`FetchOutcome::NoPath`].

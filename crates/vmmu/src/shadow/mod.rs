@@ -203,7 +203,7 @@ impl ShadowMmu {
 
     /// Installs what a fault decided (KVM `FNAME(page_fault)` from `make_mmu_pages_available` to
     /// `fetch`), under the shadow lock: pages are made available first (2abd5287f083), unless an
-    /// MMIO leaf builds no page ([`crate::tdp::TdpConfig::shadow_mmio_path_only`]); then the
+    /// MMIO leaf builds no page ([`crate::mmu_core::MmuConfig::shadow_mmio_path_only`]); then the
     /// fault's staleness check ([`PageFault::stale`], of `pf` as faultin resolved it to
     /// `backing`) with vCPU `vcpu`'s pending requests read
     /// under the lock (`zap_all_fast` posts its reload inside its critical section, so the fault

@@ -251,7 +251,7 @@ impl<H: Host> Tdp<'_, H> {
 
 impl<H: Host> Tdp<'_, H> {
     /// KVM's legacy direct-MMU prefetch (`direct_pte_prefetch`, with `tdp_mmu=N`; the TDP MMU
-    /// proper does not prefetch), when [`super::TdpConfig::direct_prefetch`] asks for it: after a
+    /// proper does not prefetch), when [`crate::mmu_core::MmuConfig::direct_prefetch`] asks for it: after a
     /// fault installed a 4 KiB RAM leaf for `gfn` under `root`, the runs of not-present entries
     /// (an MMIO SPTE counts as not present) in the 8-aligned group of its table around it become
     /// writable leaves, by the rules of [`crate::shadow::prefetch`] (a run needs its whole range

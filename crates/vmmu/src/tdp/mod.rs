@@ -61,70 +61,18 @@ pub use map::{LeafSpec, MapOutcome};
 pub use walk::{hw_walk, hw_walk_leaf_table, tdp_need, HwWalk, LocklessWalk};
 pub(crate) use walk::{CachedWalk, LeafTableCache};
 
-use crate::bugs::BugSet;
 use crate::host::Host;
 pub(crate) use crate::mmu_core::AckWait;
 use crate::mmu_core::MmuCore;
 pub(crate) use crate::mmu_core::{MmuLock, MmuRead, MmuWrite};
 use crate::requests::Request;
-use crate::spte::{MmioSpteCodec, SpteFormat};
 use crate::sync::Arc;
-use crate::types::{Access, AsId, Generation, Gfn, Level};
+use crate::types::{AsId, Gfn};
 use alloc::vec::Vec;
 use root::{Root, RootKind};
 
 pub(crate) use change::FlushNeed;
 pub(crate) use zap::ZapScope;
-
-/// Static configuration of one VM's TDP MMU.
-#[derive(Clone, Copy, Debug)]
-pub struct TdpConfig {
-    /// The SPTE format.
-    pub format: SpteFormat,
-    /// The VM's MMIO SPTE codec (per-VM value, facts §1.4).
-    pub codec: MmioSpteCodec,
-    /// Root level: 4, or 5 for 5-level paging.
-    pub root_level: Level,
-    /// The highest gfn an MMIO SPTE may be installed for (KVM `kvm_mmu_max_gfn`); at most
-    /// [`MmioSpteCodec::max_gfn`], the highest the codec can hold.
-    pub max_gfn: Gfn,
-    /// Delete/move zap everything (KVM's `KVM_X86_QUIRK_SLOT_ZAP_ALL`) instead of only the slot.
-    pub slot_zap_all: bool,
-    /// Re-injected historical bugs (empty normally).
-    pub bugs: BugSet,
-    /// The most vCPUs the VM may create.
-    pub max_vcpus: usize,
-    /// Prefetch neighbour leaves after a 4 KiB RAM fault as KVM's legacy direct MMU does
-    /// (`direct_pte_prefetch`, `Tdp::prefetch_direct`); KVM's TDP MMU does not.
-    pub direct_prefetch: bool,
-    /// Shadow paging: an MMIO fault installs its MMIO SPTE only where the shadow path to it
-    /// exists already, and builds no shadow page and recycles none for it
-    /// ([`crate::vm::VmConfig::shadow_mmio_path_only`]).
-    pub shadow_mmio_path_only: bool,
-}
-
-impl TdpConfig {
-    /// The MMIO SPTE a fault that found no memslot for `gfn` under generation `gen` installs
-    /// (KVM `kvm_handle_noslot_fault` -> `mark_mmio_spte`), with the guest's `access`; `None`
-    /// when it makes none and the access is emulated from the slow path: caching is off, the
-    /// gfn is above [`TdpConfig::max_gfn`], or a memslot update is in progress. (KVM makes one
-    /// then, a miss until the generation comes round again; one made in the window of the
-    /// update that wraps the generation, after its zap-all and before its final store, carries
-    /// the old generation's bits, survives the wrap's zap and would match 2^19 updates later,
-    /// when the gfn may long be RAM: `tests/mmio_gen_wrap_window.rs`,
-    /// `tests/shadow_gen_wrap_window.rs`. It costs a slow path only during an update's grace
-    /// period.) Both MMUs' fault paths decide here.
-    #[inline]
-    pub(crate) fn noslot_mmio_spte(
-        &self,
-        gfn: Gfn,
-        gen: Generation,
-        access: Access,
-    ) -> Option<u64> {
-        (self.codec.enabled() && !gen.in_progress() && gfn <= self.max_gfn)
-            .then(|| self.codec.make(gfn, gen, access))
-    }
-}
 
 /// Why the TDP MMU could not be set up or a vCPU added.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
@@ -338,7 +286,7 @@ impl<'a, H: Host> Tdp<'a, H> {
         &self,
         root: &Root,
         gfn: Gfn,
-        level: Level,
+        level: crate::types::Level,
     ) -> Option<&'a crate::sync::AtomicU64> {
         let _g = self.tdp.mmu_lock.read(&self.relax());
         let mut pfn = root.pfn();
@@ -355,7 +303,7 @@ impl<'a, H: Host> Tdp<'a, H> {
                 return Some(e);
             }
             let v = e.load(crate::sync::Ordering::Acquire);
-            if !SpteFormat::is_mmu_present(v) || self.cfg.format.is_leaf(v, l) {
+            if !crate::spte::SpteFormat::is_mmu_present(v) || self.cfg.format.is_leaf(v, l) {
                 return None;
             }
             pfn = self.cfg.format.pfn(v);
