@@ -316,17 +316,18 @@ impl VcpuMmu {
         set: &MemslotSet,
         fault: &mut PageFault,
     ) -> Result<FaultOutcome, FaultError> {
-        let mmu = vm.tdp_for(tv);
+        // The core until the MMU lock: the TDP MMU is needed only from there on.
+        let core = &vm.core;
         let bugs = vm.bugs;
-        let codec = mmu.cfg.codec;
+        let codec = core.cfg.codec;
         let gen = set.generation();
         let gpa = fault.addr;
         let faultin = fault.faultin(
             set,
             &mut self.slot_cache,
-            &*mmu.host,
-            &mmu.inval,
-            Mappable { format: &mmu.cfg.format, max_level: mmu.cfg.format.max_leaf_level() },
+            &*core.host,
+            &core.inval,
+            Mappable { format: &core.cfg.format, max_level: core.cfg.format.max_leaf_level() },
             bugs,
         )?;
         let backing = match faultin {
@@ -344,7 +345,7 @@ impl VcpuMmu {
             Backing::NoSlot => {
                 // KVM `kvm_handle_noslot_fault`.
                 self.mmio_cache.fill(0, fault.gfn, mmio_access, gen, bugs);
-                let Some(spte) = mmu.cfg.noslot_mmio_spte(fault.gfn, gen, Access::ALL) else {
+                let Some(spte) = core.cfg.noslot_mmio_spte(fault.gfn, gen, Access::ALL) else {
                     count_slow_mmio(stats);
                     return Ok(FaultOutcome::Emulate {
                         gpa,
@@ -356,7 +357,8 @@ impl VcpuMmu {
             }
         };
 
-        mmu.host.preempt_point(crate::host::PreemptPoint::FaultDecided);
+        core.host.preempt_point(crate::host::PreemptPoint::FaultDecided);
+        let mmu = vm.tdp_for(tv);
         let shared = mmu.tdp.mmu_lock.read_vcpu(&mmu.vcpus[self.index], &mmu.relax());
         let pending = mmu.vcpus[self.index].pending();
         if let Some(cause) = fault.stale(&backing, root.state(), pending, &mmu.inval, bugs) {
