@@ -1,14 +1,14 @@
 //! Replays one trace on the software machine with the real MMU ([`RealMmu`]).
 //!
-//! One vCPU (v1 traces do not say which vCPU made an access, and the reference recordings have
-//! one) runs on the calling thread: every access enters guest mode, polls its requests, looks up
-//! its TLB, on a miss walks the MMU's tables and exits to the MMU's entry points, then leaves
-//! guest mode. Under the shadow MMU the vCPU is a guest of its own (`shadow_guest`: no paging
-//! below 4 GiB, identity-mapped long mode above) and each access goes by guest-virtual address
-//! through the shadow tables, with the same exits and retries. Memslot requests go to [`vmmu::vm::Vm::set_memory_region`], which applies KVM's
-//! rules; the replay only mirrors what the core accepted (by the [`MemslotChange`] it returns)
-//! to know where its own accesses go. Between events the vCPU is outside guest mode, so an
-//! update never waits for it.
+//! One vCPU (v1 traces do not say which vCPU made an access, and the reference recordings have one)
+//! runs on the calling thread: every access enters guest mode, polls its requests, looks up its
+//! TLB, on a miss walks the MMU's tables and exits to the MMU's entry points, then leaves guest
+//! mode. Under the shadow MMU the vCPU is a guest of its own (`shadow_guest`: no paging below 4
+//! GiB, identity-mapped long mode above) and each access goes by guest-virtual address through the
+//! shadow tables, with the same exits and retries. Memslot requests go to
+//! [`vmmu::vm::Vm::set_memory_region`], which applies KVM's rules; the replay only mirrors what the
+//! core accepted (by the [`MemslotChange`] it returns) to know where its own accesses go. Between
+//! events the vCPU is outside guest mode, so an update never waits for it.
 //!
 //! Checks:
 //! - every `slot` request must be accepted (it was on the recording host);

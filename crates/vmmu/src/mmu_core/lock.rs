@@ -16,14 +16,14 @@
 //!   readers), `writer.store(1)`, the writer fence, then waits until every vCPU's mark reads 0
 //!   (`Acquire`). Release: `writer.store(0, Release)`, then the lock.
 //!
-//! Why it excludes: the two `SeqCst` fences are a store-buffering pair. (Full fences on both
-//! sides: a vCPU's fence stays on its own CPU, which is all the fast side is for, while an
-//! asymmetric pair would make every zap pay a process-wide barrier; measured, no gain on faults
-//! and a worse memslot-update tail.) If the vCPU's load of `writer` missed the writer's store, then the
+//! Why it excludes: the two `SeqCst` fences are a store-buffering pair. (Full fences on both sides:
+//! a vCPU's fence stays on its own CPU, which is all the fast side is for, while an asymmetric pair
+//! would make every zap pay a process-wide barrier; measured, no gain on faults and a worse
+//! memslot-update tail.) If the vCPU's load of `writer` missed the writer's store, then the
 //! writer's load of the mark (after its fence) sees the vCPU's mark, and it waits for the vCPU's
-//! Release store of 0, which orders the vCPU's whole hold before the writer's. If the vCPU saw
-//! the writer, it does not hold the fast side at all. Code that is not a vCPU's fault (root
-//! loading, reports, tests) takes the reader-writer lock's shared side, as before.
+//! Release store of 0, which orders the vCPU's whole hold before the writer's. If the vCPU saw the
+//! writer, it does not hold the fast side at all. Code that is not a vCPU's fault (root loading,
+//! reports, tests) takes the reader-writer lock's shared side, as before.
 
 use crate::requests::VcpuState;
 use crate::sync::{AtomicU32, Ordering, Relax, RwLock, RwLockReadGuard, RwLockWriteGuard};

@@ -14,8 +14,8 @@
 //!    frame is freed only after remote TLBs were flushed and a grace period passed (the
 //!    [`crate::tdp`] rules 3-4). A lockless walk that meets a cleared entry returns Retry.
 //! 3. Lock order: the shadow lock is taken after `vmm_lock` and after this MMU's `mmu_lock` (the
-//!    invalidations' lock) is released, never while holding a memslot update's write side; `reclaim` (the grace period)
-//!    runs after the shadow lock is released.
+//!    invalidations' lock) is released, never while holding a memslot update's write side;
+//!    `reclaim` (the grace period) runs after the shadow lock is released.
 //! 4. A vCPU root pins its shadow page (`root_count`); a pinned page that is zapped becomes
 //!    invalid and its vCPUs are asked to reload (`FreeObsoleteRoots`) in the same critical
 //!    section, so a fault that holds the lock either sees the request or completes before it.

@@ -235,11 +235,11 @@ impl ShadowRoot {
         }
     }
 
-    /// A special root (KVM `pae_root`, which has no shadow page of its own) in `pfn`, the
-    /// vCPU's PAE root frame (below 4 GiB: the guest runs in PAE paging on it, and a PAE CR3
-    /// names only such frames; KVM allocates it with `__GFP_DMA32`): entry `i` links the level-2 page
-    /// that `pages[i]` keys, pinned by the root (`None`: the entry stays 0). `None`: the host had
-    /// no frame for a shadow page; what was linked so far is unlinked and unpinned.
+    /// A special root (KVM `pae_root`, which has no shadow page of its own) in `pfn`, the vCPU's
+    /// PAE root frame (below 4 GiB: the guest runs in PAE paging on it, and a PAE CR3 names only
+    /// such frames; KVM allocates it with `__GFP_DMA32`): entry `i` links the level-2 page that
+    /// `pages[i]` keys, pinned by the root (`None`: the entry stays 0). `None`: the host had no
+    /// frame for a shadow page; what was linked so far is unlinked and unpinned.
     fn alloc_special<H: Host>(
         core: &MmuCore<H>,
         stats: &super::ShadowStats,

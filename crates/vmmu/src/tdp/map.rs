@@ -251,14 +251,14 @@ impl<H: Host> Tdp<'_, H> {
 
 impl<H: Host> Tdp<'_, H> {
     /// KVM's legacy direct-MMU prefetch (`direct_pte_prefetch`, with `tdp_mmu=N`; the TDP MMU
-    /// proper does not prefetch), when [`crate::mmu_core::MmuConfig::direct_prefetch`] asks for it: after a
-    /// fault installed a 4 KiB RAM leaf for `gfn` under `root`, the runs of not-present entries
-    /// (an MMIO SPTE counts as not present) in the 8-aligned group of its table around it become
-    /// writable leaves, by the rules of [`crate::shadow::prefetch`] (a run needs its whole range
-    /// in one slot that is neither dirty-logged nor read-only, and gets the leading frames the
-    /// host maps writable already; a run that gets none ends the prefetch). Nothing while a host
-    /// invalidation is in progress; a lost compare-and-swap ends it too. `_shared` proves the MMU
-    /// lock is held shared, the same hold as the fault's map.
+    /// proper does not prefetch), when [`crate::mmu_core::MmuConfig::direct_prefetch`] asks for it:
+    /// after a fault installed a 4 KiB RAM leaf for `gfn` under `root`, the runs of not-present
+    /// entries (an MMIO SPTE counts as not present) in the 8-aligned group of its table around it
+    /// become writable leaves, by the rules of [`crate::shadow::prefetch`] (a run needs its whole
+    /// range in one slot that is neither dirty-logged nor read-only, and gets the leading frames
+    /// the host maps writable already; a run that gets none ends the prefetch). Nothing while a
+    /// host invalidation is in progress; a lost compare-and-swap ends it too. `_shared` proves the
+    /// MMU lock is held shared, the same hold as the fault's map.
     pub(crate) fn prefetch_direct(
         &self,
         _shared: &MmuRead<'_, RootList>,

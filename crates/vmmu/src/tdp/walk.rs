@@ -37,14 +37,15 @@
 //! it is unchanged. Why that is right although no grace period waits for it:
 //! - *the memory is there*: the pointer came from `table` at the fill, and type-stable memory
 //!   stays valid for atomic reads while the host lives (the MMU holds the host);
-//! - *what it read is the table's*: a frame is freed only after the bump of its `defer_free`,
-//!   and every store into a table page after its free (the host's initialisation or poison, the
-//!   MMU's SPTE stores and compare-and-swaps into the reused page, including the leaves a huge
-//!   page split writes into a table before linking it) is `Release` and happens after that
-//!   bump. `tests/sync_shim_audit.rs` fails on a `Relaxed` store in the table modules. If the entry load reads such a store, its Acquire makes the bump happen before
-//!   the second epoch load, which therefore differs, and the hit is dropped. If it reads an older
-//!   store, it read the table as it was while linked (or unlinked but before the bump), which
-//!   is the race with a concurrent zap that the section-based hit has too;
+//! - *what it read is the table's*: a frame is freed only after the bump of its `defer_free`, and
+//!   every store into a table page after its free (the host's initialisation or poison, the MMU's
+//!   SPTE stores and compare-and-swaps into the reused page, including the leaves a huge page split
+//!   writes into a table before linking it) is `Release` and happens after that bump.
+//!   `tests/sync_shim_audit.rs` fails on a `Relaxed` store in the table modules. If the entry load
+//!   reads such a store, its Acquire makes the bump happen before the second epoch load, which
+//!   therefore differs, and the hit is dropped. If it reads an older store, it read the table as it
+//!   was while linked (or unlinked but before the bump), which is the race with a concurrent zap
+//!   that the section-based hit has too;
 //! - everything else is as above: a match of the first load with the fill's epoch means no
 //!   unlink since the fill.
 //!

@@ -336,7 +336,8 @@ impl<H: Host> Vcpu<H> {
     }
 
     /// Handles pending requests and loads a root if none is loaded (KVM: the request checks of
-    /// `vcpu_enter_guest` and `kvm_mmu_reload`). Between accesses; in guest mode it leaves it first.
+    /// `vcpu_enter_guest` and `kvm_mmu_reload`). Between accesses; in guest mode it leaves it
+    /// first.
     pub fn service_requests(&mut self) -> Result<EntryWork, TdpError> {
         self.exit_guest_mode();
         let mut work = EntryWork::default();

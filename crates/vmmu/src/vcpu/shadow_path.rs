@@ -234,7 +234,8 @@ impl<H: Host> Vcpu<H> {
 
     /// Switches the guest's paging mode (KVM `kvm_mmu_reset_context`): every root goes, the GVA
     /// cache is cleared; the next [`Self::service_requests`] builds the new root. A PAE `cpu`
-    /// carries PDPTEs already loaded ([`crate::guest::load_pdptrs`]). In guest mode it leaves it first (a VM exit).
+    /// carries PDPTEs already loaded ([`crate::guest::load_pdptrs`]). In guest mode it leaves it
+    /// first (a VM exit).
     pub fn set_guest_cpu(&mut self, cpu: GuestCpu) -> Result<(), ShadowError> {
         self.exit_guest_mode();
         let Vcpu { vm, st, mmu, .. } = self;
@@ -370,14 +371,14 @@ impl<H: Host + GuestMemory> Vcpu<H> {
     }
 
     /// Reports a write the hypervisor emulated to guest RAM at `gpa` of `bytes` bytes (after an
-    /// [`crate::fault::EmulateSource::WriteProtected`] exit, or any emulated write), once the bytes are in
-    /// guest memory (KVM `emulator_write_phys`, less the copy): the pages written are marked in
-    /// their slot's dirty log (`kvm_vcpu_write_guest`; a guest table written in a logged slot
+    /// [`crate::fault::EmulateSource::WriteProtected`] exit, or any emulated write), once the bytes
+    /// are in guest memory (KVM `emulator_write_phys`, less the copy): the pages written are marked
+    /// in their slot's dirty log (`kvm_vcpu_write_guest`; a guest table written in a logged slot
     /// must reach a migration's next pass), and shadow pages of the guest table there drop the
-    /// SPTEs the write changed, or are zapped when the write is misaligned or the table is
-    /// flooded (KVM `kvm_mmu_track_write`). A write that crosses a page boundary is tracked as
-    /// one write per page, as KVM's emulator splits it (`emulator_read_write_onepage`). In
-    /// guest mode it leaves it first (a VM exit).
+    /// SPTEs the write changed, or are zapped when the write is misaligned or the table is flooded
+    /// (KVM `kvm_mmu_track_write`). A write that crosses a page boundary is tracked as one write
+    /// per page, as KVM's emulator splits it (`emulator_read_write_onepage`). In guest mode it
+    /// leaves it first (a VM exit).
     pub fn track_write(&mut self, gpa: Gpa, bytes: u32) -> Result<(), ShadowError> {
         self.exit_guest_mode();
         let VcpuMmuState::Shadow(sv) = &self.mmu else {
