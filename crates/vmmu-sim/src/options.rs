@@ -16,7 +16,7 @@ use vmmu::bugs::BugSet;
 use vmmu::spte::FormatKind;
 use vmmu::vm::VmError;
 
-/// How far below the MMIO-generation wrap [`RunOptions::near_wrap`] starts.
+/// How far below the MMIO-generation wrap [`GenerationStart::NearWrap`] starts.
 pub const NEAR_WRAP_MARGIN: u64 = 2048;
 
 /// The MMU a run uses, and whether the machine's guest pages.
