@@ -6,9 +6,9 @@ use crate::dirty::DirtyLogError;
 use crate::fault::FaultError;
 use crate::guest::PdptrError;
 use crate::memslot::{ConfigError, MemslotError};
+use crate::mmu_core::MmuError;
 use crate::spte::SpteConfigError;
 use crate::srcu::SrcuError;
-use crate::tdp::TdpError;
 use crate::vcpu::ShadowError;
 use crate::vm::VmError;
 
@@ -26,7 +26,7 @@ pub enum Error {
     Vm(#[from] VmError),
     /// The MMU could not be set up, or a vCPU added.
     #[error(transparent)]
-    Tdp(#[from] TdpError),
+    Mmu(#[from] MmuError),
     /// The SPTE format or host CPU is unusable.
     #[error(transparent)]
     Spte(#[from] SpteConfigError),
@@ -57,8 +57,8 @@ mod tests {
 
     #[test]
     fn module_errors_convert_and_keep_their_message() {
-        let e: Error = TdpError::TooManyVcpus(2).into();
-        assert_eq!(alloc::format!("{e}"), alloc::format!("{}", TdpError::TooManyVcpus(2)));
+        let e: Error = MmuError::TooManyVcpus(2).into();
+        assert_eq!(alloc::format!("{e}"), alloc::format!("{}", MmuError::TooManyVcpus(2)));
         let r: Result<()> = Err(SrcuError::TooManyReaders { max: 1 }.into());
         assert!(matches!(r, Err(Error::Srcu(_))));
     }
@@ -70,7 +70,7 @@ mod tests {
         via::<MemslotError>(None);
         via::<FaultError>(None);
         via::<VmError>(None);
-        via::<TdpError>(None);
+        via::<MmuError>(None);
         via::<SpteConfigError>(None);
         via::<ConfigError>(None);
         via::<SrcuError>(None);

@@ -14,12 +14,13 @@ use crate::memslot::{
 };
 use crate::mmu_core::MmuConfig;
 use crate::mmu_core::MmuCore;
+use crate::mmu_core::MmuError;
 pub use crate::notifier::HvaInvalidation;
 use crate::shared::{VmMmu, VmShared};
 use crate::spte::{FormatKind, HostCpu, MmioCachingPolicy, SpteConfigError, SpteFormat};
 use crate::stats::VmStatsSnapshot;
 use crate::sync::Arc;
-use crate::tdp::{Tdp, TdpError, TdpMmu};
+use crate::tdp::{Tdp, TdpMmu};
 use crate::types::{AsId, Generation, Gfn, Hva, Level, SlotId, PAGE_SHIFT};
 use crate::vcpu::Vcpu;
 use alloc::vec::Vec;
@@ -140,9 +141,9 @@ pub enum VmError {
     /// The memslot configuration is unusable.
     #[error(transparent)]
     Memslots(#[from] crate::memslot::ConfigError),
-    /// The TDP MMU configuration is unusable, or a vCPU could not be added.
+    /// The MMU configuration is unusable, or a vCPU could not be added.
     #[error(transparent)]
-    Tdp(#[from] TdpError),
+    Mmu(#[from] MmuError),
     /// Shadow paging needs x86 page-table SPTEs.
     #[error("shadow paging needs the x86 page-table SPTE format (FormatKind::Npt), not {0:?}")]
     ShadowNeedsX86Format(FormatKind),
@@ -393,7 +394,7 @@ impl<H: Host> Vm<H> {
         // the limit the slow path emulates without an SPTE.
         let max_gfn = Gfn(mcfg.max_gfn().min(codec.max_gfn().raw()));
         let memslots = Memslots::try_with_fences(mcfg, host.reader_fences())?;
-        let vmm_reader = memslots.register_reader().map_err(|_| TdpError::TooManyVcpus(0))?;
+        let vmm_reader = memslots.register_reader().map_err(|_| MmuError::TooManyVcpus(0))?;
         let core = MmuCore::new(
             host,
             MmuConfig {

@@ -27,7 +27,6 @@ use crate::spte::{MmioSpteCodec, SpteFormat};
 use crate::srcu::{ReaderId, Srcu};
 use crate::stats::VmStats;
 use crate::sync::{Arc, Mutex};
-use crate::tdp::TdpError;
 use crate::types::{Access, AsId, Generation, Gfn, Level, Pfn};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -86,6 +85,36 @@ impl MmuConfig {
 /// Pages the vCPU-side paths let wait before they pay for a grace period.
 const RECLAIM_BATCH: usize = 64;
 
+/// Why a VM's MMU could not be set up, a vCPU added or moved, or an operation done (either
+/// kind of MMU; [`Self::NotTdp`] is the one that only a shadow-paging VM gives).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
+pub enum MmuError {
+    /// The root level must be 4 or 5.
+    #[error("root level {0} is not supported: use 4 or 5")]
+    BadRootLevel(u8),
+    /// All vCPU slots are taken.
+    #[error("the VM already has its maximum of {0} vCPUs")]
+    TooManyVcpus(usize),
+    /// The host had no frame for a page table (or only one the VM's SPTEs cannot name: see
+    /// `VmStats::tables_refused`).
+    #[error(
+        "the host has no usable frame for a page table (KVM: -ENOMEM); if the VM's \
+         `tables_refused` stat is not zero, the host's frames lie beyond the VM's phys_bits"
+    )]
+    OutOfMemory,
+    /// A TDP-only operation on a shadow-paging VM.
+    #[error("this operation needs a TDP VM; the VM uses shadow paging")]
+    NotTdp,
+    /// A vCPU was asked to run in an address space the VM does not have.
+    #[error("address space {as_id} does not exist: this VM has {nr} address space(s)")]
+    NoSuchAddressSpace {
+        /// The address space asked for.
+        as_id: u16,
+        /// The VM's number of address spaces.
+        nr: u16,
+    },
+}
+
 /// One VM's MMU core: what both MMUs use (module doc).
 pub struct MmuCore<H: Host> {
     pub(crate) host: Arc<H>,
@@ -125,9 +154,9 @@ pub(crate) enum AckWait {
 
 impl<H: Host> MmuCore<H> {
     /// The core of a VM with configuration `cfg` on `host`, with no vCPU yet.
-    pub(crate) fn new(host: Arc<H>, cfg: MmuConfig) -> Result<Self, TdpError> {
+    pub(crate) fn new(host: Arc<H>, cfg: MmuConfig) -> Result<Self, MmuError> {
         if !(cfg.root_level == Level::L4 || cfg.root_level == Level::L5) {
-            return Err(TdpError::BadRootLevel(cfg.root_level.get()));
+            return Err(MmuError::BadRootLevel(cfg.root_level.get()));
         }
         let fences = crate::host::Sched::reader_fences(&*host);
         let vcpus = (0..cfg.max_vcpus).map(|_| VcpuState::new()).collect::<Vec<_>>();
@@ -166,9 +195,9 @@ impl<H: Host> MmuCore<H> {
 
     /// Claims a free vCPU index and a table-SRCU reader record; [`Self::remove_vcpu`] gives
     /// both back.
-    pub(crate) fn add_vcpu(&self) -> Result<(usize, ReaderId), TdpError> {
+    pub(crate) fn add_vcpu(&self) -> Result<(usize, ReaderId), MmuError> {
         use crate::sync::Ordering;
-        let full = TdpError::TooManyVcpus(self.cfg.max_vcpus);
+        let full = MmuError::TooManyVcpus(self.cfg.max_vcpus);
         let idx = self
             .vcpu_taken
             .iter()

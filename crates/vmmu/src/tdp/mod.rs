@@ -56,6 +56,7 @@ pub mod loom_knobs {
 }
 
 pub use crate::invalidate::Invalidation;
+use crate::mmu_core::MmuError;
 pub use crate::spte::SpteDump;
 pub use map::{LeafSpec, MapOutcome};
 pub use walk::{hw_walk, hw_walk_leaf_table, tdp_need, HwWalk, LocklessWalk};
@@ -73,35 +74,6 @@ use root::{Root, RootKind};
 
 pub(crate) use change::FlushNeed;
 pub(crate) use zap::ZapScope;
-
-/// Why the TDP MMU could not be set up or a vCPU added.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
-pub enum TdpError {
-    /// The root level must be 4 or 5.
-    #[error("root level {0} is not supported: use 4 or 5")]
-    BadRootLevel(u8),
-    /// All vCPU slots are taken.
-    #[error("the VM already has its maximum of {0} vCPUs")]
-    TooManyVcpus(usize),
-    /// The host had no frame for a page table (or only one the VM's SPTEs cannot name: see
-    /// `VmStats::tables_refused`).
-    #[error(
-        "the host has no usable frame for a page table (KVM: -ENOMEM); if the VM's \
-         `tables_refused` stat is not zero, the host's frames lie beyond the VM's phys_bits"
-    )]
-    OutOfMemory,
-    /// A TDP-only operation on a shadow-paging VM.
-    #[error("this operation needs a TDP VM; the VM uses shadow paging")]
-    NotTdp,
-    /// A vCPU was asked to run in an address space the VM does not have.
-    #[error("address space {as_id} does not exist: this VM has {nr} address space(s)")]
-    NoSuchAddressSpace {
-        /// The address space asked for.
-        as_id: u16,
-        /// The VM's number of address spaces.
-        nr: u16,
-    },
-}
 
 /// The TDP root list (KVM `tdp_mmu_roots`).
 pub(crate) type RootList = Vec<Arc<Root>>;
@@ -149,7 +121,7 @@ impl<H: Host> core::ops::Deref for Tdp<'_, H> {
 impl<'a, H: Host> Tdp<'a, H> {
     /// A valid root for address space `as_id`, made if there is none (KVM
     /// `kvm_tdp_mmu_get_vcpu_root_hpa`). The caller becomes one of its users.
-    pub(crate) fn get_root(&self, as_id: AsId) -> Result<Arc<Root>, TdpError> {
+    pub(crate) fn get_root(&self, as_id: AsId) -> Result<Arc<Root>, MmuError> {
         {
             let roots = self.tdp.mmu_lock.read(&self.relax());
             if let Some(r) = roots.iter().find(|r| r.is_shared_valid(as_id)) {
@@ -162,7 +134,7 @@ impl<'a, H: Host> Tdp<'a, H> {
             r.get();
             return Ok(r.clone());
         }
-        let pfn = self.alloc_table().ok_or(TdpError::OutOfMemory)?;
+        let pfn = self.alloc_table().ok_or(MmuError::OutOfMemory)?;
         let root = Arc::new(Root::new(pfn, self.cfg.root_level, as_id, RootKind::Tdp));
         root.get();
         roots.push(root.clone());
@@ -171,8 +143,8 @@ impl<'a, H: Host> Tdp<'a, H> {
 
     /// A root without a page-tracking state, private to one vCPU (models KVM's special roots).
     /// It joins the root list, so zaps reach what it maps like any other root.
-    pub(crate) fn make_pageless_root(&self, as_id: AsId) -> Result<Arc<Root>, TdpError> {
-        let pfn = self.alloc_table().ok_or(TdpError::OutOfMemory)?;
+    pub(crate) fn make_pageless_root(&self, as_id: AsId) -> Result<Arc<Root>, MmuError> {
+        let pfn = self.alloc_table().ok_or(MmuError::OutOfMemory)?;
         let root = Arc::new(Root::new(pfn, self.cfg.root_level, as_id, RootKind::Pageless));
         root.get();
         self.tdp.mmu_lock.write(&self.vcpus, &self.relax()).push(root.clone());

@@ -35,7 +35,7 @@
 //! chooses it from the VM's, and nothing changes it. A path matches the state once; its VM's
 //! MMU of the same kind comes from `VmShared::tdp_for` or `VmShared::shadow_for`, the only
 //! places that name the impossible mixed case. An embedder calling an entry point of the other
-//! kind gets its error ([`FaultError::WrongMmu`], [`TdpError::NotTdp`],
+//! kind gets its error ([`FaultError::WrongMmu`], [`MmuError::NotTdp`],
 //! [`ShadowError::NotShadow`]).
 
 mod fault_path;
@@ -48,6 +48,7 @@ pub use shadow_path::{FaultAddr, ShadowError, NUM_PREV_ROOTS};
 use crate::fault::{FaultError, FaultOutcome, PageFault, PfErr};
 use crate::host::Host;
 use crate::memslot::SlotCache;
+use crate::mmu_core::MmuError;
 use crate::requests::{Request, Requests, VcpuState};
 use crate::shadow::ShadowMmu;
 use crate::shared::{VmMmu, VmShared};
@@ -55,7 +56,7 @@ use crate::srcu::{ReadGuard, ReaderId};
 use crate::stats::VcpuStats;
 use crate::sync::Arc;
 use crate::tdp::root::{Root, RootKind};
-use crate::tdp::{hw_walk, tdp_need, HwWalk, Tdp, TdpError};
+use crate::tdp::{hw_walk, tdp_need, HwWalk, Tdp};
 use crate::types::{Access, AsId, FaultAccess, Gpa, Level, Pfn};
 use crate::vm::MmuKind;
 use mmio_cache::MmioInfoCache;
@@ -175,7 +176,7 @@ impl TdpVcpu {
         pending: Requests,
         free_obsolete: bool,
         work: &mut EntryWork,
-    ) -> Result<(), TdpError> {
+    ) -> Result<(), MmuError> {
         if free_obsolete {
             // KVM `kvm_mmu_free_obsolete_roots`: pageless roots count as obsolete.
             let stale = self
@@ -240,13 +241,13 @@ impl<H: Host> VmShared<H> {
 }
 
 impl<H: Host> Vcpu<H> {
-    pub(crate) fn new(vm: Arc<VmShared<H>>) -> Result<Self, TdpError> {
+    pub(crate) fn new(vm: Arc<VmShared<H>>) -> Result<Self, MmuError> {
         let (index, mut table) = vm.core.add_vcpu()?;
         let memslot = match vm.memslots.register_reader() {
             Ok(r) => r,
             Err(_) => {
                 vm.core.remove_vcpu(index, &mut table);
-                return Err(TdpError::TooManyVcpus(vm.core.cfg.max_vcpus));
+                return Err(MmuError::TooManyVcpus(vm.core.cfg.max_vcpus));
             }
         };
         let mmu = match vm.mmu {
@@ -277,12 +278,12 @@ impl<H: Host> Vcpu<H> {
 
     /// Switches the vCPU's address space (KVM: entering or leaving SMM): the root changes.
     /// An address space the VM does not have ([`crate::vm::VmConfig::nr_address_spaces`]) is
-    /// refused ([`TdpError::NoSuchAddressSpace`]; KVM has no SMM address space without SMM) and
+    /// refused ([`MmuError::NoSuchAddressSpace`]; KVM has no SMM address space without SMM) and
     /// the vCPU stays where it was.
-    pub fn set_as_id(&mut self, as_id: AsId) -> Result<(), TdpError> {
+    pub fn set_as_id(&mut self, as_id: AsId) -> Result<(), MmuError> {
         let nr = self.vm.memslots.nr_address_spaces();
         if as_id.0 >= nr {
-            return Err(TdpError::NoSuchAddressSpace { as_id: as_id.0, nr });
+            return Err(MmuError::NoSuchAddressSpace { as_id: as_id.0, nr });
         }
         self.exit_guest_mode();
         if self.st.as_id != as_id {
@@ -338,7 +339,7 @@ impl<H: Host> Vcpu<H> {
     /// Handles pending requests and loads a root if none is loaded (KVM: the request checks of
     /// `vcpu_enter_guest` and `kvm_mmu_reload`). Between accesses; in guest mode it leaves it
     /// first.
-    pub fn service_requests(&mut self) -> Result<EntryWork, TdpError> {
+    pub fn service_requests(&mut self) -> Result<EntryWork, MmuError> {
         self.exit_guest_mode();
         let mut work = EntryWork::default();
         let Vcpu { vm, st, mmu, stats, .. } = self;
@@ -362,12 +363,12 @@ impl<H: Host> Vcpu<H> {
 
     /// Loads a root without a page-tracking state (KVM's special roots), for tests and models of
     /// 18c841e1f411. Replaces the current root. A TDP VM's only: a shadow-paging vCPU is
-    /// refused ([`TdpError::NotTdp`]), since the hardware walk would take the TDP root over the
+    /// refused ([`MmuError::NotTdp`]), since the hardware walk would take the TDP root over the
     /// shadow root and fault forever.
-    pub fn load_pageless_root(&mut self) -> Result<(), TdpError> {
+    pub fn load_pageless_root(&mut self) -> Result<(), MmuError> {
         let Vcpu { vm, readers, st, mmu, .. } = self;
         let VcpuMmuState::Tdp(tv) = mmu else {
-            return Err(TdpError::NotTdp);
+            return Err(MmuError::NotTdp);
         };
         st.leave_guest_mode(vm, readers);
         // `Self::drop_root` for a TDP vCPU.

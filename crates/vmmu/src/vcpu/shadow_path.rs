@@ -148,7 +148,7 @@ impl ShadowVcpu {
         stats: &mut VcpuStats,
         free_obsolete: bool,
         work: &mut EntryWork,
-    ) -> Result<(), crate::tdp::TdpError> {
+    ) -> Result<(), crate::mmu_core::MmuError> {
         let sv = self;
         let shadow = vm.shadow_for(sv);
         let core = &vm.core;
@@ -170,7 +170,8 @@ impl ShadowVcpu {
             // KVM allocates `pae_root` with the vCPU; here it comes with the first special root
             // (a host without frames below 4 GiB still runs 4-level guests), and stays.
             if sv.pae_root.is_none() && sv.cpu.mode != PagingMode::Long4 {
-                let pfn = core.alloc_table_below_4g().ok_or(crate::tdp::TdpError::OutOfMemory)?;
+                let pfn =
+                    core.alloc_table_below_4g().ok_or(crate::mmu_core::MmuError::OutOfMemory)?;
                 sv.pae_root = Some(pfn);
             }
             let as_id = st.as_id;
@@ -192,7 +193,7 @@ impl ShadowVcpu {
                 r
             };
             core.reclaim_batched();
-            sv.root = Some(root.ok_or(crate::tdp::TdpError::OutOfMemory)?);
+            sv.root = Some(root.ok_or(crate::mmu_core::MmuError::OutOfMemory)?);
             // KVM `kvm_mmu_load` clears the GVA cache (7f8a4eb426b4).
             if !vm.bugs.has(Bug::GvaCacheSurvivesRootSwitch) {
                 st.mmio_cache.clear_gva();
