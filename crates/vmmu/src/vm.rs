@@ -12,9 +12,7 @@ use crate::memslot::{
     Memslot, MemslotChange, MemslotError, MemslotHooks, Memslots, MemslotsConfig,
     UserspaceMemoryRegion,
 };
-use crate::mmu_core::MmuConfig;
-use crate::mmu_core::MmuCore;
-use crate::mmu_core::MmuError;
+use crate::mmu_core::{MmuConfig, MmuCore, MmuError};
 pub use crate::notifier::HvaInvalidation;
 use crate::shared::{VmMmu, VmShared};
 use crate::spte::{FormatKind, HostCpu, MmioCachingPolicy, SpteConfigError, SpteFormat};
