@@ -224,18 +224,18 @@ impl<H: Host> VmShared<H> {
     /// kind ([`VcpuMmuState`]), so the VM is a TDP VM.
     #[inline]
     fn tdp_for(&self, _vcpu: &TdpVcpu) -> Tdp<'_, H> {
-        match &self.mmu {
-            VmMmu::Tdp(tdp) => Tdp { core: &self.core, tdp },
-            VmMmu::Shadow(_) => unreachable!("a TDP vCPU of a shadow-paging VM (Vcpu::new)"),
+        match self.tdp() {
+            Some(tdp) => tdp,
+            None => unreachable!("a TDP vCPU of a shadow-paging VM (Vcpu::new)"),
         }
     }
 
     /// The shadow MMU of the VM of a vCPU whose state is `_vcpu` (as [`Self::tdp_for`]).
     #[inline]
     pub(crate) fn shadow_for(&self, _vcpu: &shadow_path::ShadowVcpu) -> &ShadowMmu {
-        match &self.mmu {
-            VmMmu::Shadow(shadow) => shadow,
-            VmMmu::Tdp(_) => unreachable!("a shadow vCPU of a TDP VM (Vcpu::new)"),
+        match self.shadow() {
+            Some(shadow) => shadow,
+            None => unreachable!("a shadow vCPU of a TDP VM (Vcpu::new)"),
         }
     }
 }
