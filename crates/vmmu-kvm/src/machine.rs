@@ -25,8 +25,8 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use std::collections::BTreeMap;
 use vmmu_scenario::{
-    BackendError, ClearDirtyLogOp, Cr3Op, DirtyLogMode, DirtyLogOp, DirtyLogResult, HostReadOp,
-    HostWriteOp, Machine, MapOp, MemDecl, MemId, Paging, ReadExit, ReadOp, Scenario,
+    AccessKind, BackendError, ClearDirtyLogOp, Cr3Op, DirtyLogMode, DirtyLogOp, DirtyLogResult,
+    HostReadOp, HostWriteOp, Machine, MapOp, MemDecl, MemId, Paging, ReadExit, ReadOp, Scenario,
     ShadowCounters, SlotOp, SlotResult, Start, UnmapOp, Width, WriteExit, WriteOp,
 };
 
@@ -380,11 +380,11 @@ impl KvmMachine {
 
     /// Refuses an access that would reach host memory outside every buffer through a slot. A
     /// store through a read-only slot reaches no host memory (it exits as MMIO), so it passes.
-    fn check_backed(&self, gpa: u64, n: u64, write: bool) -> Result<(), KvmError> {
+    fn check_backed(&self, gpa: u64, n: u64, kind: AccessKind) -> Result<(), KvmError> {
         // One slot holds the whole access only if it does not cross a page (`slot`'s SAFETY).
         debug_assert!(n.is_power_of_two() && n <= 8 && gpa % n == 0, "{gpa:#x}+{n}");
         let hit = self.slots.iter().find(|(_, s)| gpa >= s.gpa && gpa - s.gpa < s.size);
-        if let Some((&id, s)) = hit.filter(|(_, s)| !(write && s.readonly)) {
+        if let Some((&id, s)) = hit.filter(|(_, s)| !(kind.is_write() && s.readonly)) {
             let hva = s.uaddr.wrapping_add(gpa - s.gpa);
             // A scenario's slot must lead into a scenario buffer (never into the backend's own
             // tables and code), the backend's slot into its own memory.
@@ -428,12 +428,12 @@ impl KvmMachine {
         vcpu: u32,
         code: &[u8],
         gpa: Option<u64>,
-        write: bool,
+        kind: AccessKind,
         width: Width,
         reply: u64,
     ) -> Result<(End, u64, Option<Mmio>), KvmError> {
         if let Some(gpa) = gpa {
-            self.check_backed(gpa, u64::from(width.bytes()), write)?;
+            self.check_backed(gpa, u64::from(width.bytes()), kind)?;
         }
         self.set_cpl(vcpu, Cpl::User)?;
         self.own.write_bytes(CODE as usize, code);
@@ -581,10 +581,10 @@ impl KvmMachine {
     }
 
     /// The guest-physical address an access by `vcpu` to `addr` reaches (`None`: it faults).
-    fn target(&self, vcpu: u32, addr: u64, write: bool) -> Option<u64> {
+    fn target(&self, vcpu: u32, addr: u64, kind: AccessKind) -> Option<u64> {
         match &self.paging {
             None => Some(addr),
-            Some(p) => p.tables.translate(p.space[vcpu as usize], addr, write),
+            Some(p) => p.tables.translate(p.space[vcpu as usize], addr, kind),
         }
     }
 
@@ -697,8 +697,9 @@ impl Machine for KvmMachine {
         } else {
             code::read(op.gpa, op.width)
         };
-        let gpa = self.target(op.vcpu, op.gpa, false);
-        let (end, rax, mmio) = self.run_access(op.vcpu, &code, gpa, false, op.width, mmio_reply)?;
+        let gpa = self.target(op.vcpu, op.gpa, AccessKind::Read);
+        let (end, rax, mmio) =
+            self.run_access(op.vcpu, &code, gpa, AccessKind::Read, op.width, mmio_reply)?;
         let value = if pae && op.width == Width::W8 {
             // 32-bit code loads 8 bytes into MMX and stores them to DATA.
             let mut b = [0u8; 8];
@@ -721,8 +722,9 @@ impl Machine for KvmMachine {
         } else {
             code::write(op.gpa, op.width, op.value)
         };
-        let gpa = self.target(op.vcpu, op.gpa, true);
-        let (end, _, mmio) = self.run_access(op.vcpu, &code, gpa, true, op.width, 0)?;
+        let gpa = self.target(op.vcpu, op.gpa, AccessKind::Write);
+        let (end, _, mmio) =
+            self.run_access(op.vcpu, &code, gpa, AccessKind::Write, op.width, 0)?;
         Ok(match (end, mmio) {
             (End::PageFault { gva, error }, _) => WriteExit::PageFault { gva, error },
             (End::Sync, None) => WriteExit::None,

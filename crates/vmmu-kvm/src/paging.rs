@@ -30,7 +30,7 @@
 
 use crate::code::SYNC_GPA;
 use std::collections::HashMap;
-use vmmu_scenario::{MapOp, PageSize, Paging, UnmapOp, SPACES};
+use vmmu_scenario::{AccessKind, MapOp, PageSize, Paging, UnmapOp, SPACES};
 
 /// The slot id of the page-table pool (one of the ids scenarios may not use).
 pub const POOL_SLOT: u32 = 32761;
@@ -266,16 +266,16 @@ impl Tables {
         }
     }
 
-    /// The guest-physical address a CPL3 access to `gva` in `space` reaches, or `None` if the
-    /// access faults.
-    pub fn translate(&self, space: u8, gva: u64, write: bool) -> Option<u64> {
+    /// The guest-physical address a CPL3 access of `kind` to `gva` in `space` reaches, or `None`
+    /// if the access faults.
+    pub fn translate(&self, space: u8, gva: u64, kind: AccessKind) -> Option<u64> {
         let mut table = root(space);
         for l in (1..=top(self.mode)).rev() {
             let e = self.entry(table + 8 * index(gva, l));
             let leaf = l == 1 || (l == 2 && e & PS != 0);
             // PAE PDPTEs have no RW and US bits (they do not restrict).
             let (us, rw) = if l == 3 && is_pae(self.mode) { (US, RW) } else { (e & US, e & RW) };
-            if e & P == 0 || us == 0 || e & RSVD51 != 0 || (write && rw == 0) {
+            if e & P == 0 || us == 0 || e & RSVD51 != 0 || (kind.is_write() && rw == 0) {
                 return None;
             }
             if leaf {
@@ -291,6 +291,7 @@ impl Tables {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmmu_scenario::AccessKind::{Read, Write};
     use vmmu_scenario::MapFlags;
 
     fn map(space: u8, gva: u64, gpa: u64, size: PageSize, flags: MapFlags) -> MapOp {
@@ -306,8 +307,8 @@ mod tests {
         assert_eq!(w[0], (root(2) + 8 * index(gva, 4), FIRST_FREE | 7));
         assert_eq!(w[1].1, (FIRST_FREE + 0x1000) | 7);
         assert_eq!(w[3].1, 0x4000_0000 | 7 | 0x60, "the leaf is accessed and dirty");
-        assert_eq!(t.translate(2, gva + 8, false), Some(0x4000_0008));
-        assert_eq!(t.translate(0, gva, false), None);
+        assert_eq!(t.translate(2, gva + 8, Read), Some(0x4000_0008));
+        assert_eq!(t.translate(0, gva, Read), None);
         // A second page in the same 2 MiB region writes only its leaf.
         let w = t.map(&map(2, gva + 0x1000, 0x5000, PageSize::Size4K, MapFlags::default()));
         assert_eq!(w.unwrap().len(), 1);
@@ -320,15 +321,15 @@ mod tests {
         let w = t.map(&map(0, 0x80_0000, 0x1_0000_0000, PageSize::Size2M, ro)).unwrap();
         // PD 0 exists already: just the leaf, in PD 0 entry 4.
         assert_eq!(w, [(root(0) + 0x2000 + 32, 0x1_0000_0000 | P | US | PS | 0x60)]);
-        assert_eq!(t.translate(0, 0x80_1234, false), Some(0x1_0000_1234));
-        assert_eq!(t.translate(0, 0x80_1234, true), None);
+        assert_eq!(t.translate(0, 0x80_1234, Read), Some(0x1_0000_1234));
+        assert_eq!(t.translate(0, 0x80_1234, Write), None);
         let sup = MapFlags { supervisor: true, ..MapFlags::default() };
         t.map(&map(0, 0x4000_0000, 0x4000_0000, PageSize::Size4K, sup)).unwrap();
-        assert_eq!(t.translate(0, 0x4000_0000, false), None);
+        assert_eq!(t.translate(0, 0x4000_0000, Read), None);
         let rsv = MapFlags { reserved: true, ..MapFlags::default() };
         let w = t.map(&map(1, 0x4000_0000, 0x4000_0000, PageSize::Size4K, rsv)).unwrap();
         assert_eq!(w.last().unwrap().1, 0x4000_0000 | RSVD51 | 7 | 0x60);
-        assert_eq!(t.translate(1, 0x4000_0000, false), None);
+        assert_eq!(t.translate(1, 0x4000_0000, Read), None);
     }
 
     #[test]
@@ -338,7 +339,7 @@ mod tests {
         let w = t.map(&op).unwrap();
         let u = t.unmap(&UnmapOp { space: 0, gva: 0x4000_0000, size: PageSize::Size4K });
         assert_eq!(u, [(w.last().unwrap().0, 0)]);
-        assert_eq!(t.translate(0, 0x4000_0000, false), None);
+        assert_eq!(t.translate(0, 0x4000_0000, Read), None);
         assert!(t
             .unmap(&UnmapOp { space: 3, gva: 0x4000_0000, size: PageSize::Size4K })
             .is_empty());
@@ -361,8 +362,8 @@ mod tests {
         t.map(&m2(0x4000_0000, 0x4020_0000)).unwrap();
         let w = t.map(&k4(0x4040_0000, 0x9000_0000)).unwrap();
         assert_eq!(w[0].1, pt | LINK, "{w:x?}");
-        assert_eq!(t.translate(0, 0x4040_0008, false), Some(0x9000_0008));
-        assert_eq!(t.translate(0, 0x4000_1008, false), Some(0x4020_1008));
+        assert_eq!(t.translate(0, 0x4040_0008, Read), Some(0x9000_0008));
+        assert_eq!(t.translate(0, 0x4000_1008, Read), Some(0x4020_1008));
         // A 2M unmap unlinks it too.
         t.unmap(&unmap(0x4040_0000, PageSize::Size4K));
         assert_eq!(t.unmap(&unmap(0x4040_0000, PageSize::Size2M)).len(), 1);
@@ -389,9 +390,9 @@ mod tests {
             let t = Tables::new(mode);
             for s in 0..SPACES {
                 // Supervisor: CPL3 cannot reach the tables; the code page and 6..8 MiB are user.
-                assert_eq!(t.translate(s, root(s), false), None);
-                assert_eq!(t.translate(s, crate::guest::CODE, false), Some(crate::guest::CODE));
-                assert_eq!(t.translate(s, SYNC_GPA, true), Some(SYNC_GPA));
+                assert_eq!(t.translate(s, root(s), Read), None);
+                assert_eq!(t.translate(s, crate::guest::CODE, Read), Some(crate::guest::CODE));
+                assert_eq!(t.translate(s, SYNC_GPA, Write), Some(SYNC_GPA));
             }
         }
         assert!(FIRST_FREE < POOL_GPA + POOL_SIZE as u64);
@@ -408,7 +409,7 @@ mod tests {
         let w = t.map(&map(5, gva, 0x2_0000_0000, PageSize::Size4K, MapFlags::default())).unwrap();
         // PD 3 entry 0 links a new page table; then the leaf.
         assert_eq!(w, [(root(5) + 0x4000, FIRST_FREE | 7), (FIRST_FREE, 0x2_0000_0000 | 7 | 0x60)]);
-        assert_eq!(t.translate(5, gva + 4, true), Some(0x2_0000_0004));
+        assert_eq!(t.translate(5, gva + 4, Write), Some(0x2_0000_0004));
         let w = t.map(&map(
             5,
             0x80_0000,

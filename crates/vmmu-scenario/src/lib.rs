@@ -30,6 +30,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod access;
 mod backend;
 pub mod diff;
 mod error;
@@ -42,6 +43,7 @@ mod parse;
 mod print;
 mod step;
 
+pub use access::AccessKind;
 pub use backend::{
     counter_trail, run, run_collect, run_counted, run_counted_while, Backend, BackendError,
     CounterTrail, Machine, RunError, ShadowCounters, Start,

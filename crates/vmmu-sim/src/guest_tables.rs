@@ -15,7 +15,7 @@
 use crate::host::HostBuffer;
 use crate::ram::Width;
 use std::sync::Arc;
-use vmmu_scenario::{MapFlags, PageSize, Paging, SPACES};
+use vmmu_scenario::{AccessKind, MapFlags, PageSize, Paging, SPACES};
 
 /// First guest-physical address of the table area (after the first MiB).
 pub const TABLES_GPA: u64 = 0x10_0000;
@@ -285,13 +285,16 @@ impl GuestTables {
         Ok(writes)
     }
 
-    /// The guest-physical address a user-mode access (a write if `write`) to `gva` in `space`
+    /// The guest-physical address a user-mode access of `kind` to `gva` in `space`
     /// would reach, if the guest's tables let it through (present and user at every level,
     /// writable too for a write, no reserved bit 51): what the backend needs to model the host
     /// side of a guest access.
-    pub fn user_target(&self, space: u8, gva: u64, write: bool) -> Option<u64> {
+    pub fn user_target(&self, space: u8, gva: u64, kind: AccessKind) -> Option<u64> {
         let root = (*self.roots.get(usize::from(space))?)?;
-        let need = if write { P | RW | US } else { P | US };
+        let need = match kind {
+            AccessKind::Write => P | RW | US,
+            AccessKind::Read => P | US,
+        };
         let ok = |e: u64| e & need == need && e & RSVD51 == 0;
         let (mut table, top) = self.top_table(root, gva).ok()??;
         for l in (1..=top).rev() {
@@ -413,8 +416,8 @@ mod tests {
         assert_eq!(w3.len(), 3, "{w3:x?}");
         assert_eq!(w0[3].1, w3[2].1);
         for space in [0, 3] {
-            assert_eq!(t.user_target(space, code + 8, false), Some(code + 8));
-            assert_eq!(t.user_target(space, code + 0x1000, false), None);
+            assert_eq!(t.user_target(space, code + 8, AccessKind::Read), Some(code + 8));
+            assert_eq!(t.user_target(space, code + 0x1000, AccessKind::Read), None);
         }
         let w = t.map(3, 0x80_0000, 0x4000_0000, PageSize::Size2M, MapFlags::default());
         assert_eq!(w.expect("map").len(), 1, "PD 0 entry 4 of space 3");
@@ -443,7 +446,7 @@ mod tests {
         assert_eq!(w, [(pd_entry, 0x4020_0000 | P | RW | US | PS | 0x60)]);
         let w = run(t.map(0, 0x4040_0000, 0x9000_0000, k4, no), &t);
         assert_eq!(w[0].1 & ADDR, pt, "{w:x?}");
-        assert_eq!(t.user_target(0, 0x4040_0008, false), Some(0x9000_0008));
+        assert_eq!(t.user_target(0, 0x4040_0008, AccessKind::Read), Some(0x9000_0008));
         run(t.unmap(0, 0x4040_0000, k4), &t);
         run(t.unmap(0, 0x4040_0000, m2), &t);
         let w = run(t.map(0, 0x4060_0000, 0x9000_0000, k4, no), &t);

@@ -236,7 +236,7 @@ impl<'a, M: GuestMmu> HwVcpu<'a, M> {
         loop {
             self.poll();
             at.begin();
-            if let Some(e) = self.tlb.lookup(gfn, write) {
+            if let Some(e) = self.tlb.lookup(gfn, kind) {
                 return Outcome::Ram(e);
             }
             match self.mmu.translate(&mut self.state, gpa, kind) {

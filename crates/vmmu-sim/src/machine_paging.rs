@@ -493,11 +493,11 @@ impl VcpuPaging {
         &self,
         hw: &mut HwVcpu<'_, M>,
         gva: u64,
-        write: bool,
+        kind: AccessKind,
     ) -> Result<(Gpa, vmmu::Access), Observed> {
         let cell = RefCell::new(hw);
         let mem = TwoDimensional { hw: &cell };
-        let access = FaultAccess { write, exec: false, user: true };
+        let access = FaultAccess { write: kind.is_write(), exec: false, user: true };
         loop {
             return match vmmu::guest::walk(&self.cpu, &mem, Gva(gva), access) {
                 Ok(w) => Ok((w.gpa, w.pte_access)),
@@ -687,12 +687,10 @@ pub enum RamOp {
     Load,
     /// Store this value.
     Store(u64),
-    /// Translate as a read or a write (`write`) and touch no RAM: how a replay classifies a
-    /// recorded access, which must never be performed on RAM it was not meant for.
-    Classify {
-        /// A write (needs write permission; a write fault's error code).
-        write: bool,
-    },
+    /// Translate as an access of this kind and touch no RAM: how a replay classifies a
+    /// recorded access, which must never be performed on RAM it was not meant for (a write needs
+    /// write permission and faults with a write fault's error code).
+    Classify(AccessKind),
 }
 
 impl RamOp {
@@ -706,7 +704,7 @@ impl RamOp {
 
     /// Whether the access writes.
     pub const fn is_write(self) -> bool {
-        matches!(self, RamOp::Store(_) | RamOp::Classify { write: true })
+        matches!(self, RamOp::Store(_) | RamOp::Classify(AccessKind::Write))
     }
 }
 
@@ -726,7 +724,7 @@ pub(crate) fn finish_shadow_walk(
     match walk {
         HwWalk::Translated { pfn, .. } => {
             let store = match op {
-                RamOp::Classify { .. } => {
+                RamOp::Classify(_) => {
                     let page = host.ram_page(pfn).ok_or_else(|| format!("{pfn:?} is not RAM"))?;
                     let hva = Hva(page.as_ptr() as u64 + (gva & 0xfff));
                     return Ok(ShadowWalkStep::Ram { hva, value: 0 });

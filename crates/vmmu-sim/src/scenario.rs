@@ -14,7 +14,7 @@ use crate::host::{HostBuffer, HostConfig, SimHost};
 use crate::ram::Width as RamWidth;
 use crate::real::{RealMmu, RealMmuConfig};
 use crate::scenario_vcpu::{vcpu_thread, Access, InvlpgRoutine, Job, Mode};
-use crate::seam::{Errno, GuestMmu, SlotRequest};
+use crate::seam::{AccessKind, Errno, GuestMmu, SlotRequest};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -395,12 +395,12 @@ impl SimMachine {
     }
 
     /// The guest-physical address an access by `vcpu` to `addr` reaches (`None`: it faults).
-    fn target(&self, vcpu: u32, addr: u64, write: bool) -> Option<u64> {
+    fn target(&self, vcpu: u32, addr: u64, kind: AccessKind) -> Option<u64> {
         match (self.paging, self.tables.as_ref()) {
             (Paging::Off, _) => Some(addr),
             (_, Some(t)) => {
                 let space = self.spaces.get(vcpu as usize).copied().unwrap_or(0);
-                t.user_target(space, addr, write)
+                t.user_target(space, addr, kind)
             }
             (_, None) => None,
         }
@@ -413,9 +413,9 @@ impl SimMachine {
     /// which the access would then read or overwrite. An address inside another scenario buffer
     /// passes, as with the KVM backend (KVM accesses whatever the process maps there). A store
     /// through a read-only slot reaches no host memory (it exits as MMIO), so it passes.
-    fn check_backed(&self, gpa: u64, width: Width, write: bool) -> Result<(), BackendError> {
+    fn check_backed(&self, gpa: u64, width: Width, kind: AccessKind) -> Result<(), BackendError> {
         let hit = self.slots.iter().find(|(_, s)| gpa.wrapping_sub(s.gpa) < s.size);
-        let Some((id, s)) = hit.filter(|(_, s)| !(write && s.readonly)) else {
+        let Some((id, s)) = hit.filter(|(_, s)| !(kind.is_write() && s.readonly)) else {
             return Ok(());
         };
         let hva = s.uaddr.wrapping_add(gpa - s.gpa);
@@ -448,13 +448,13 @@ impl SimMachine {
         width: Width,
         value: Option<u64>,
     ) -> Result<Access, BackendError> {
-        let write = value.is_some();
-        let gpa = self.target(vcpu, addr, write);
+        let kind = AccessKind::from_write(value.is_some());
+        let gpa = self.target(vcpu, addr, kind);
         if let Some(g) = gpa {
-            self.check_backed(g, width, write)?;
+            self.check_backed(g, width, kind)?;
         }
         self.fetch_code(vcpu)?;
-        if let Some(g) = gpa.filter(|_| write) {
+        if let Some(g) = gpa.filter(|_| kind.is_write()) {
             let hit = self.slots.values().find(|s| g.wrapping_sub(s.gpa) < s.size);
             if let Some(s) = hit.filter(|s| !s.readonly) {
                 self.first_write(s.uaddr.wrapping_add(g - s.gpa), u64::from(width.bytes()));

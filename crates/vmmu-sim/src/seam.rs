@@ -131,33 +131,10 @@ impl fmt::Display for Errno {
     }
 }
 
-/// What a guest access does to memory, as the hardware walk checks it. (No `Fetch`: the
+/// What a guest access does to memory, as the hardware walk checks it: the scenario format's
+/// access kind, so the machine, its TLB and the scenario backends pass one type. (No `Fetch`: the
 /// machine's TLB caches no execute permission and no workload fetches instructions.)
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-pub enum AccessKind {
-    /// A load.
-    Read,
-    /// A store.
-    Write,
-}
-
-impl AccessKind {
-    /// Whether the access stores.
-    #[inline]
-    pub const fn is_write(self) -> bool {
-        matches!(self, AccessKind::Write)
-    }
-
-    /// `Write` if `write`, else `Read`.
-    #[inline]
-    pub const fn from_write(write: bool) -> AccessKind {
-        if write {
-            AccessKind::Write
-        } else {
-            AccessKind::Read
-        }
-    }
-}
+pub use vmmu_scenario::AccessKind;
 
 /// What the MMU resolves a vCPU's TLB miss to (after the walk and any fault handling).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -10,6 +10,7 @@
 //! the vCPU walks again and the MMU sees the write fault. Owned by one vCPU thread: no atomics;
 //! lookups take no lock and allocate nothing.
 
+use crate::seam::AccessKind;
 use serde::Serialize;
 use vmmu::types::{Gfn, Level, Pfn};
 
@@ -85,12 +86,12 @@ impl Tlb {
         ((gfn.0 ^ (gfn.0 >> 9) ^ (gfn.0 >> 18)) & self.mask) as usize
     }
 
-    /// The entry for `gfn` usable for a read (`write == false`) or a write.
+    /// The entry for `gfn` usable for an access of `kind`.
     #[inline]
-    pub fn lookup(&mut self, gfn: Gfn, write: bool) -> Option<TlbEntry> {
+    pub fn lookup(&mut self, gfn: Gfn, kind: AccessKind) -> Option<TlbEntry> {
         let i = self.index(gfn);
         match self.entries[i] {
-            Some(e) if self.tags[i] == gfn.0 && (e.writable || !write) => {
+            Some(e) if self.tags[i] == gfn.0 && (e.writable || !kind.is_write()) => {
                 self.stats.hits += 1;
                 Some(e)
             }
@@ -139,6 +140,7 @@ impl Tlb {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use AccessKind::{Read, Write};
 
     fn entry(writable: bool) -> TlbEntry {
         TlbEntry { pfn: Pfn(42), writable, level: Level::L4K }
@@ -147,13 +149,13 @@ mod tests {
     #[test]
     fn hit_after_insert_miss_after_flush() {
         let mut t = Tlb::new(64);
-        assert!(t.lookup(Gfn(5), false).is_none());
+        assert!(t.lookup(Gfn(5), Read).is_none());
         t.insert(Gfn(5), entry(true));
-        assert_eq!(t.lookup(Gfn(5), true).map(|e| e.pfn), Some(Pfn(42)));
-        assert!(t.lookup(Gfn(6), false).is_none());
+        assert_eq!(t.lookup(Gfn(5), Write).map(|e| e.pfn), Some(Pfn(42)));
+        assert!(t.lookup(Gfn(6), Read).is_none());
         t.flush();
         assert!(t.is_empty());
-        assert!(t.lookup(Gfn(5), false).is_none());
+        assert!(t.lookup(Gfn(5), Read).is_none());
         assert_eq!(
             t.stats(),
             TlbStats { hits: 1, misses: 3, flushes: 1, inserts: 1, inserts_huge: 0 }
@@ -174,8 +176,8 @@ mod tests {
     fn write_to_read_only_entry_misses() {
         let mut t = Tlb::new(8);
         t.insert(Gfn(1), entry(false));
-        assert!(t.lookup(Gfn(1), false).is_some());
-        assert!(t.lookup(Gfn(1), true).is_none());
+        assert!(t.lookup(Gfn(1), Read).is_some());
+        assert!(t.lookup(Gfn(1), Write).is_none());
     }
 
     #[test]
@@ -183,8 +185,8 @@ mod tests {
         let mut t = Tlb::new(1);
         t.insert(Gfn(1), entry(true));
         t.insert(Gfn(2), entry(true));
-        assert!(t.lookup(Gfn(1), false).is_none(), "a tag mismatch is a miss, never a wrong hit");
-        assert!(t.lookup(Gfn(2), false).is_some());
+        assert!(t.lookup(Gfn(1), Read).is_none(), "a tag mismatch is a miss, never a wrong hit");
+        assert!(t.lookup(Gfn(2), Read).is_some());
         assert_eq!(t.len(), 1);
     }
 }

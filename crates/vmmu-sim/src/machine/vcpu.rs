@@ -420,15 +420,18 @@ fn paged_access<M: GuestMmu>(
         // empties the second-level TLB); then the combined TLB, which empties with it.
         hw.poll();
         p.tlb.follow(hw.tlb_stats().flushes);
-        let need = if write { Access::WRITE.union(Access::USER) } else { Access::USER };
+        let kind = a.kind.access();
+        let need = match kind {
+            AccessKind::Write => Access::WRITE.union(Access::USER),
+            AccessKind::Read => Access::USER,
+        };
         match p.tlb.lookup(gva, need) {
             Some(pfn) => ram_at(sh.host, pfn, gva, a.width, store),
-            None => match p.walk_tdp(hw, gva, write) {
+            None => match p.walk_tdp(hw, gva, kind) {
                 Err(o) => o,
                 Ok((gpa, guest_rights)) => {
                     let mut at =
                         Stamps { clock: sh.clock, invalidating: sh.invalidating, start: 0 };
-                    let kind = if write { AccessKind::Write } else { AccessKind::Read };
                     let seen = match hw.access_with(gpa, kind, &mut at) {
                         crate::hw_vcpu::Outcome::Ram(e) => {
                             p.tlb.follow(hw.tlb_stats().flushes);

@@ -262,7 +262,7 @@ impl Cpu<'_> {
             let op = match (perform && width.is_aligned(gpa), write) {
                 (true, None) => RamOp::Load,
                 (true, Some(v)) => RamOp::Store(v),
-                (false, w) => RamOp::Classify { write: w.is_some() },
+                (false, w) => RamOp::Classify(AccessKind::from_write(w.is_some())),
             };
             let width = if width.is_aligned(gpa) { width } else { Width::W1 };
             // Every retry counts towards the livelock limit: no update can be in flight while

@@ -97,7 +97,7 @@ pub fn run(p: &Params, m: &MmuChoice) -> Result<Outcome> {
                     hw.enter_guest();
                     while off < per && !failed.load(Ordering::Relaxed) {
                         let gpa = base_gpa + off;
-                        let mut mmio = |gpa: u64, _w: bool| {
+                        let mut mmio = |gpa: u64, _kind: crate::seam::AccessKind| {
                             Err(format!("vCPU {i}: unexpected MMIO exit at gpa {gpa:#x}"))
                         };
                         let r = access8(&mut hw, gpa, Some(value), &[base_hva + off], &mut mmio);

@@ -30,6 +30,7 @@ use crate::host::SimHost;
 use crate::hw_vcpu::{Data, HwVcpu};
 use crate::ram::Width;
 use crate::real::{RealMmu, RealMmuConfig};
+use crate::seam::AccessKind;
 use std::sync::Arc;
 use vmmu::bugs::BugSet;
 use vmmu::spte::FormatKind;
@@ -82,15 +83,14 @@ fn setup(e: impl std::fmt::Display) -> SelftestError {
 }
 
 /// One guest store or load of 8 bytes at `gpa` on `hw`: RAM must be at one of `want_hva`; an
-/// MMIO exit
-/// is handled by `mmio` (which may refuse it with a message) after leaving guest mode, as
-/// `KVM_RUN` returning does.
+/// MMIO exit is handled by `mmio` (which may refuse it with a message) after leaving guest mode,
+/// as `KVM_RUN` returning does.
 fn access8(
     hw: &mut HwVcpu<'_, RealMmu>,
     gpa: u64,
     store: Option<u64>,
     want_hva: &[u64],
-    mmio: &mut dyn FnMut(u64, bool) -> std::result::Result<u64, String>,
+    mmio: &mut dyn FnMut(u64, AccessKind) -> std::result::Result<u64, String>,
 ) -> std::result::Result<u64, String> {
     match hw.load_store(Gpa(gpa), Width::W8, store) {
         Data::Ram { hva, value } => {
@@ -109,7 +109,7 @@ fn access8(
         }
         Data::Mmio => {
             hw.exit_guest();
-            let v = mmio(gpa, store.is_some());
+            let v = mmio(gpa, AccessKind::from_write(store.is_some()));
             hw.enter_guest();
             v
         }

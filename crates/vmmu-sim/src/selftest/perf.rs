@@ -17,7 +17,7 @@ use crate::host::{HostBuffer, HostConfig, SimHost};
 use crate::hw_vcpu::HwVcpu;
 use crate::ram::Width;
 use crate::real::RealMmu;
-use crate::seam::{GuestMmu, SlotRequest};
+use crate::seam::{AccessKind, GuestMmu, SlotRequest};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -269,11 +269,11 @@ fn guest(
     mmio_exits: &AtomicU64,
 ) -> std::result::Result<(), String> {
     let mut hw = HwVcpu::new(&vm.mmu, &vm.host, 0, 8192);
-    let mut mmio = |gpa: u64, write: bool| {
+    let mut mmio = |gpa: u64, kind: AccessKind| {
         if !mmio_ok.ok {
             return Err(format!("unexpected MMIO exit at gpa {gpa:#x}"));
         }
-        if !write {
+        if kind == AccessKind::Read {
             return Err(format!("unexpected MMIO read at gpa {gpa:#x}"));
         }
         if gpa < mmio_ok.min || gpa > mmio_ok.max {

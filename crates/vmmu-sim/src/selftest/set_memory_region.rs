@@ -135,9 +135,9 @@ fn spin_on_val(
         // no slot, never a host address); the value checks are the test's own condition.
         let now = map.now.load(Ordering::SeqCst);
         let before = map.before.load(Ordering::SeqCst);
-        let mut mmio = |gpa: u64, write: bool| {
-            if write || gpa != MEM_REGION_GPA {
-                return Err(format!("unexpected MMIO exit: write {write}, gpa {gpa:#x}"));
+        let mut mmio = |gpa: u64, kind: AccessKind| {
+            if kind == AccessKind::Write || gpa != MEM_REGION_GPA {
+                return Err(format!("unexpected MMIO exit: {kind:?}, gpa {gpa:#x}"));
             }
             mmio_exits.fetch_add(1, Ordering::Relaxed);
             Ok(MMIO_VAL)

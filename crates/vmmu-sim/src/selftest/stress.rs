@@ -79,7 +79,7 @@ pub fn run(p: &Params, m: &MmuChoice) -> Result<Outcome> {
                                 break;
                             }
                             let gpa = base_gpa + off;
-                            let mut mmio = |gpa: u64, _w: bool| {
+                            let mut mmio = |gpa: u64, _kind: crate::seam::AccessKind| {
                                 Err(format!("vCPU {i}: unexpected MMIO exit at gpa {gpa:#x}"))
                             };
                             if let Err(e) =
