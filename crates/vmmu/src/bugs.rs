@@ -158,7 +158,7 @@ pub enum Bug {
     /// later collection (a lost dirty page).
     DirtyLogNoFlush = 14,
     /// Not a KVM fix: undoes vmmu's own check of the fast path's leaf-table cache (issue 17,
-    /// `tdp/walk.rs`): a vCPU reads its cached level-1 table without comparing the table epoch,
+    /// `mmu_core/walk.rs`): a vCPU reads its cached level-1 table without comparing the table epoch,
     /// so a table that was unlinked since (a guest remapped the 2 MiB above it, a zap) still
     /// answers.
     ///

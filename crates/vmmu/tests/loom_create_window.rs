@@ -8,7 +8,7 @@
 //! Property: after the delete returned, B does not use the deleted slot's frame: either its TLB
 //! entry was flushed (a flush request reached it), or it never cached one. The fix this checks:
 //! a fault never replaces a present leaf that allows its access, and any change of a present leaf
-//! asks for a remote flush (`tdp/change.rs`), so A's stale "MMIO" cannot hide B's leaf from the
+//! asks for a remote flush (`mmu_core/change.rs`), so A's stale "MMIO" cannot hide B's leaf from the
 //! delete's zap. Before that fix loom finds the interleaving: A reads the old set, B installs
 //! and caches RAM, A overwrites the leaf with an MMIO SPTE, the delete's zap sees no present
 //! leaf and flushes nothing.

@@ -357,7 +357,7 @@ fn leaf_cache_vs_zap_catches_leaf_cache_ignores_epoch() {
 // its own gfn only. Afterwards the vCPU's first access of the other 2 MiB's gfn must not be a
 // per-vCPU cache hit: that vCPU never faulted there, so such a hit is a decision read from the
 // reused frame, a table of another 2 MiB (a wrong translation). Caught: the hit without its
-// second epoch load (`vmmu::tdp::loom_knobs::SKIP_EPOCH_RECHECK`), and `leaf-cache-ignores-epoch`.
+// second epoch load (`vmmu::mmu_core::loom_knobs::SKIP_EPOCH_RECHECK`), and `leaf-cache-ignores-epoch`.
 // ---------------------------------------------------------------------------------------------
 
 /// The gfn the type-stable hit races for, and the gfn at the same index of the next 2 MiB.
@@ -434,13 +434,13 @@ fn type_stable_violation_with(knob: &std::sync::atomic::AtomicBool) -> bool {
 
 #[test]
 fn type_stable_hit_vs_zap_and_reuse_fails_without_the_epoch_recheck() {
-    let caught = type_stable_violation_with(&vmmu::tdp::loom_knobs::SKIP_EPOCH_RECHECK);
+    let caught = type_stable_violation_with(&vmmu::mmu_core::loom_knobs::SKIP_EPOCH_RECHECK);
     assert!(caught, "the model passes without the second epoch load");
 }
 
 #[test]
 fn type_stable_hit_vs_zap_and_reuse_fails_with_a_relaxed_entry_load() {
-    let caught = type_stable_violation_with(&vmmu::tdp::loom_knobs::RELAXED_ENTRY_LOAD);
+    let caught = type_stable_violation_with(&vmmu::mmu_core::loom_knobs::RELAXED_ENTRY_LOAD);
     assert!(caught, "the model passes with a Relaxed entry load");
 }
 

@@ -5,7 +5,7 @@
 //! Flow: an entry point builds a [`PageFault`] once -> [`PageFault::faultin`] resolves it against
 //! the vCPU's memslot set (inside the caller's memslot read section) into its [`Backing`] or a
 //! stop -> under the MMU lock, [`PageFault::stale`] (KVM `is_page_fault_stale`) -> the MMU's
-//! map -> the one SPTE-change function (`tdp/change.rs`).
+//! map -> the one SPTE-change function (`mmu_core/change.rs`).
 
 use super::{FaultError, PfErr};
 use crate::bugs::{Bug, BugSet};

@@ -15,9 +15,28 @@
 //!   exclusive (`MmuCore::begin_invalidation`, `MmuCore::end_invalidation`), whichever MMU owns
 //!   that lock (`lock.rs`).
 
+mod change;
 mod lock;
+mod walk;
 
+pub(crate) use change::FlushNeed;
 pub(crate) use lock::{MmuLock, MmuRead, MmuWrite};
+pub use walk::{hw_walk, hw_walk_leaf_table, tdp_need, HwWalk, LocklessWalk};
+pub(crate) use walk::{CachedWalk, LeafTableCache};
+
+/// Switches for loom models that must fail when a step of the lock-free leaf-table cache hit
+/// (`walk.rs`) is removed.
+#[cfg(loom)]
+pub mod loom_knobs {
+    /// Skips the second table-epoch load of a type-stable leaf-table cache hit: the hit then
+    /// answers from a table that may have been freed and reused since the first load.
+    pub static SKIP_EPOCH_RECHECK: core::sync::atomic::AtomicBool =
+        core::sync::atomic::AtomicBool::new(false);
+    /// Makes that hit's entry load `Relaxed` (it is `Acquire`): the second epoch load may then
+    /// miss the bump that preceded the free of a frame whose reuse the entry load saw.
+    pub static RELAXED_ENTRY_LOAD: core::sync::atomic::AtomicBool =
+        core::sync::atomic::AtomicBool::new(false);
+}
 
 use crate::bugs::BugSet;
 use crate::host::{Host, TableEntries};

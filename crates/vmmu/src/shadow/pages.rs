@@ -402,7 +402,7 @@ impl ShadowState {
             if SpteFormat::is_mmu_present(old) && core.cfg.format.is_writable(old) {
                 let new = SpteFormat::without_write(old);
                 let need = core.set_spte_locked(e, old, new, Level::L4K, gfn);
-                flush |= need == crate::tdp::FlushNeed::Remote;
+                flush |= need == crate::mmu_core::FlushNeed::Remote;
             }
         }
         flush
@@ -556,7 +556,7 @@ impl ShadowState {
         } else if valid_gen == self.valid_gen {
             core.request_all(
                 crate::requests::Request::FreeObsoleteRoots,
-                crate::tdp::AckWait::NoWait,
+                crate::mmu_core::AckWait::NoWait,
             );
         }
     }

@@ -1,7 +1,7 @@
 //! Dirty logging in the TDP MMU (KVM `kvm_tdp_mmu_clear_dirty_pt_masked` in its write-protect
 //! form, `kvm_mmu_write_protect_pt_masked`): taking the write right away from the leaves that
 //! map the pages a collection took, under the exclusive MMU lock, through the one SPTE-change
-//! function (`change.rs`), so the flush decision is the usual one.
+//! function (`mmu_core/change.rs`), so the flush decision is the usual one.
 //!
 //! The other half, a write fault marking its page before the shared MMU lock is released, is in
 //! the fault path (`vcpu/fault_path.rs`); the contract joining them is in [`crate::dirty`].
@@ -10,12 +10,12 @@
 //! [`SplitRights`] says) lives here and also serves the fault path's split of a huge leaf that
 //! does not serve its access (`map.rs`), under the shared lock.
 
-use super::change::FlushNeed;
 use super::range::{entries_meeting, EntryInRange};
 use super::{MmuWrite, RootList, Tdp};
 use crate::dirty::WriteProtect;
 use crate::host::Host;
 use crate::memslot::Memslot;
+use crate::mmu_core::FlushNeed;
 use crate::mmu_core::MmuCore;
 use crate::spte::SpteFormat;
 use crate::stats::StripeKey;
@@ -206,7 +206,7 @@ impl<H: Host> Tdp<'_, H> {
             let spte = attrs | (frame.hpa() & fmt.addr_mask());
             // The link's Release store publishes these. Release here too: the page may be a
             // reused frame that a type-stable leaf-cache hit reads without a section, and every
-            // store into table memory after a free must be Release (`walk.rs`).
+            // store into table memory after a free must be Release (`mmu_core/walk.rs`).
             entry.store(spte, Ordering::Release);
         }
         self.account_split(table, lower, base, 1);

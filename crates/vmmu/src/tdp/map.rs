@@ -14,12 +14,12 @@
 //! [`MapOutcome::TableInTheWay`] and the fault path does the replacement under the exclusive
 //! lock ([`Tdp::replace_table_in_the_way`], `zap.rs`), with the same end state as KVM.
 
-use super::change::FlushNeed;
 use super::dirty::SplitRights;
 use super::root::Root;
 use super::{MmuRead, RootList, Tdp};
 use crate::fault::PageFault;
 use crate::host::Host;
+use crate::mmu_core::FlushNeed;
 use crate::spte::SpteFormat;
 use crate::stats::StripeKey;
 use crate::sync::Ordering;
@@ -218,7 +218,7 @@ impl<H: Host> Tdp<'_, H> {
     /// with its rights (KVM `tdp_mmu_split_huge_page` from the fault path) with compare-and-swap,
     /// under the shared MMU lock; returns the table. `Retry` if the entry changed meanwhile,
     /// `OutOfMemory` if no table page can be had. The children translate as the parent did, but
-    /// the exchange of a present leaf is flushed as any is (`change.rs`; KVM leaves the mix of
+    /// the exchange of a present leaf is flushed as any is (`mmu_core/change.rs`; KVM leaves the mix of
     /// old and new translations in TLBs here, which is only correct because the two agree).
     fn split_for_fault(
         &self,

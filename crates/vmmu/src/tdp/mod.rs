@@ -6,8 +6,9 @@
 //! [`TdpMmu`] is what a TDP VM owns beyond the VM-wide [`MmuCore`] (remote TLB flushes, deferred
 //! freeing, the vCPU words, the table SRCU: `crate::mmu_core`): the MMU lock with the root list it
 //! guards. [`Tdp`] pairs the two, and the operations here (root management, map, zap, dirty, the
-//! walk of [`Tdp::entry_for_tests`]) are its methods. The SPTE change (`change.rs`) and the
-//! lockless walks (`walk.rs`) are the core's: the shadow MMU's tables use them too.
+//! walk of [`Tdp::entry_for_tests`]) are its methods. The SPTE change (`mmu_core/change.rs`) and
+//! the lockless walks (`mmu_core/walk.rs`) are the core's: the shadow MMU's tables use them too;
+//! the walks' public types are re-exported here, where TDP embedders have always found them.
 //!
 //! # Locking and lifetime rules (the contract every function here keeps)
 //! 1. Every SPTE *change* happens under the MMU lock (`mmu_lock`, `mmu_core/lock.rs`: a
@@ -23,31 +24,21 @@
 //!    returns (and before the pages it unlinked are freed): every vCPU has acknowledged the flush
 //!    or was outside guest mode and handles the request before it enters again
 //!    ([`crate::requests`]). A vCPU's TLB and paging-structure caches therefore never hold a
-//!    freed table (`change.rs`).
+//!    freed table (`mmu_core/change.rs`).
 //! 5. A table page's entries are initialised (to the non-present value) before the page is linked;
 //!    linking is a compare-and-swap with Release semantics and walkers load entries with Acquire,
 //!    so a walker that sees the link sees initialised entries.
 
-mod change;
 mod dirty;
 mod map;
 mod range;
 pub mod root;
-mod walk;
 mod zap;
 
 /// Switches for loom models that must fail when a step of a lock-free argument (or of a
 /// re-check after a lock is dropped) is removed.
 #[cfg(loom)]
 pub mod loom_knobs {
-    /// Skips the second table-epoch load of a type-stable leaf-table cache hit (`walk.rs`): the
-    /// hit then answers from a table that may have been freed and reused since the first load.
-    pub static SKIP_EPOCH_RECHECK: core::sync::atomic::AtomicBool =
-        core::sync::atomic::AtomicBool::new(false);
-    /// Makes that hit's entry load `Relaxed` (it is `Acquire`): the second epoch load may then
-    /// miss the bump that preceded the free of a frame whose reuse the entry load saw.
-    pub static RELAXED_ENTRY_LOAD: core::sync::atomic::AtomicBool =
-        core::sync::atomic::AtomicBool::new(false);
     /// Skips the staleness check a fault makes again under the exclusive lock before it
     /// replaces a table in the way of its huge leaf (`vcpu/fault_path.rs`): the fault then
     /// installs what it decided before it let go of the shared lock.
@@ -57,10 +48,9 @@ pub mod loom_knobs {
 
 pub use crate::invalidate::Invalidation;
 use crate::mmu_core::MmuError;
+pub use crate::mmu_core::{hw_walk, hw_walk_leaf_table, tdp_need, HwWalk, LocklessWalk};
 pub use crate::spte::SpteDump;
 pub use map::{LeafSpec, MapOutcome};
-pub use walk::{hw_walk, hw_walk_leaf_table, tdp_need, HwWalk, LocklessWalk};
-pub(crate) use walk::{CachedWalk, LeafTableCache};
 
 use crate::host::Host;
 pub(crate) use crate::mmu_core::AckWait;
@@ -72,7 +62,6 @@ use crate::types::{AsId, Gfn};
 use alloc::vec::Vec;
 use root::{Root, RootKind};
 
-pub(crate) use change::FlushNeed;
 pub(crate) use zap::ZapScope;
 
 /// The TDP root list (KVM `tdp_mmu_roots`).

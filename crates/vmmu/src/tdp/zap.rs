@@ -7,13 +7,13 @@
 //! a partial range leaves MMIO SPTEs of other gfns alone: they are guarded by the memslot
 //! generation, not by reachability (KVM's comment in `tdp_mmu_zap_leafs`).
 
-use super::change::FlushNeed;
 use super::map::{LeafSpec, MapOutcome};
 use super::range::entries_meeting;
 use super::root::Root;
 use super::{MmuWrite, RootList, Tdp};
 use crate::fault::PageFault;
 use crate::host::Host;
+use crate::mmu_core::FlushNeed;
 use crate::spte::SpteFormat;
 use crate::sync::{AtomicU64, Ordering};
 use crate::types::{AsId, Gfn, Level, Pfn};
@@ -331,7 +331,7 @@ impl<H: Host> Tdp<'_, H> {
         let mut flush = self.zap_table(child, lower, lo, start, end, scope, pages);
         if whole {
             // Unlinking the table: a flush even if nothing below was present, for the
-            // paging-structure caches that may hold the link (`change.rs`).
+            // paging-structure caches that may hold the link (`mmu_core/change.rs`).
             let unlink = self.set_spte_locked(entry, old, SpteFormat::NONPRESENT, level, lo);
             flush |= unlink == FlushNeed::Remote;
             self.stats.tdp_tables_zapped.add(1);

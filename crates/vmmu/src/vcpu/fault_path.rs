@@ -20,12 +20,13 @@ use crate::fault::{
 };
 use crate::host::Host;
 use crate::memslot::MemslotSet;
+use crate::mmu_core::{CachedWalk, LocklessWalk};
 use crate::shared::VmShared;
 use crate::spte::SpteFormat;
 use crate::stats::{RetryCause, StripeKey, VcpuStats};
 use crate::sync::Arc;
 use crate::tdp::root::Root;
-use crate::tdp::{CachedWalk, LeafSpec, LocklessWalk, MapOutcome};
+use crate::tdp::{LeafSpec, MapOutcome};
 use crate::types::{Access, Generation, Gpa, Level};
 
 /// What [`VcpuMmu::mmio_cache_probe`] found.

@@ -49,6 +49,7 @@ use crate::fault::{FaultError, FaultOutcome, PageFault, PfErr};
 use crate::host::Host;
 use crate::memslot::SlotCache;
 use crate::mmu_core::MmuError;
+use crate::mmu_core::{hw_walk, tdp_need, HwWalk};
 use crate::requests::{Request, Requests, VcpuState};
 use crate::shadow::ShadowMmu;
 use crate::shared::{VmMmu, VmShared};
@@ -56,7 +57,7 @@ use crate::srcu::{ReadGuard, ReaderId};
 use crate::stats::VcpuStats;
 use crate::sync::Arc;
 use crate::tdp::root::{Root, RootKind};
-use crate::tdp::{hw_walk, tdp_need, HwWalk, Tdp};
+use crate::tdp::Tdp;
 use crate::types::{Access, AsId, FaultAccess, Gpa, Level, Pfn};
 use crate::vm::MmuKind;
 use mmio_cache::MmioInfoCache;
@@ -136,8 +137,8 @@ pub(crate) struct VcpuMmu {
     index: usize,
     as_id: AsId,
     mmio_cache: MmioInfoCache,
-    /// The last level-1 table of the fast path's lockless walks (`tdp/walk.rs`).
-    leaf_tables: crate::tdp::LeafTableCache,
+    /// The last level-1 table of the fast path's lockless walks (`mmu_core/walk.rs`).
+    leaf_tables: crate::mmu_core::LeafTableCache,
     slot_cache: SlotCache,
     /// In guest mode through [`Vcpu::enter_guest_mode`] (holding a raw table read section).
     in_guest: bool,

@@ -28,6 +28,7 @@ use crate::fault::{
 };
 use crate::guest::{self, GuestCpu, GuestWalk, PagingMode, WalkError};
 use crate::host::{GuestMemory, Host, PreemptPoint};
+use crate::mmu_core::CachedWalk;
 use crate::shadow::{
     fetch::{FetchOutcome, LeafWant, ShadowFault},
     prefetch::PrefetchCtx,
@@ -35,7 +36,6 @@ use crate::shadow::{
 };
 use crate::shared::VmShared;
 use crate::stats::{RetryCause, VcpuStats};
-use crate::tdp::CachedWalk;
 use crate::types::{Access, FaultAccess, Gfn, Gpa, Gva, Level, Pfn};
 use crate::vcpu::mmio_cache::MmioInfoCache;
 use crate::vm::MmuKind;

@@ -16,11 +16,11 @@ use crate::bugs::Bug;
 use crate::guest::{self, GuestCpu, PagingMode, PdptrError};
 use crate::host::{GuestMemory, Host};
 use crate::mmu_core::MmuCore;
+use crate::mmu_core::{hw_walk, HwWalk};
 use crate::shadow::root::PrevRoots;
 use crate::shadow::{PrevRoot, ShadowMmu, ShadowRoot, ShadowRootKind, SlotGuestMemory, ZapBatch};
 use crate::shared::VmShared;
 use crate::stats::VcpuStats;
-use crate::tdp::{hw_walk, HwWalk};
 use crate::types::{Access, Gfn, Gpa, Gva, Pfn};
 
 /// The number of previous roots kept (KVM `KVM_MMU_NUM_PREV_ROOTS`).
