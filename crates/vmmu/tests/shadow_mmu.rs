@@ -490,6 +490,33 @@ fn shadow_paging_tracks_dirty_pages_through_the_rmap() {
     assert_eq!(get(&vm), Vec::<u64>::new(), "collected and cleared");
 }
 
+/// A write fault that only gives a shadow leaf its write right back (after a dirty-log GET took
+/// it) asks no vCPU to flush its TLB, as on the TDP MMU (`core_mutants.rs`,
+/// `regaining_the_write_right_after_a_dirty_log_get_flushes_no_tlb`): KVM's `mmu_set_spte`
+/// updates a present leaf of the same frame in place and flushes only when `mmu_spte_update`
+/// took a right away. The MMU used to drop the leaf and flush every vCPU's TLB on each such
+/// fault: a remote flush per page written in every dirty-log pass (KVM's
+/// `remote_tlb_flush_requests` counted one more per fault), which also emptied the TLBs whose
+/// stale writable entries a collection that forgets its flush (`Bug::DirtyLogNoFlush`) leaves,
+/// so `vmmu selftest dirty-log-perf --format shadow` could not catch that bug.
+#[test]
+fn regaining_the_write_right_after_a_collection_flushes_no_tlb() {
+    let (vm, s) = logged_space(vmmu::dirty::DirtyLogMode::Auto);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    for i in 0..4 {
+        assert!(matches!(access(&mut v, 0x5000_0000 + i * 0x1000, true), Seen::Ram(_)));
+    }
+    let before_get = vm.stats().remote_tlb_flush_requests;
+    assert_eq!(logged_pages(&vm), vec![0, 1, 2, 3]);
+    let before = vm.stats().remote_tlb_flush_requests;
+    assert_eq!(before, before_get + 1, "the GET write-protected four leaves: one flush");
+    for i in 0..4 {
+        assert!(matches!(access(&mut v, 0x5000_0008 + i * 0x1000, true), Seen::Ram(_)));
+    }
+    assert_eq!(vm.stats().remote_tlb_flush_requests, before, "regaining W flushed TLBs");
+    assert_eq!(logged_pages(&vm), vec![0, 1, 2, 3], "every write faulted and was logged");
+}
+
 /// The shadow MMU marks before it installs, as the TDP MMU does (`tests/dirty_log.rs`,
 /// `a_write_through_a_leaf_a_fault_just_installed_is_in_the_get_after_it`): vCPU 0's write fault
 /// stops right after it installs the writable shadow leaf (`PreemptPoint::FaultInstalled`, the

@@ -24,7 +24,7 @@ use super::role::SpRole;
 use super::write_track::UpperTrackSummary;
 use super::ShadowStats;
 use crate::host::Host;
-use crate::mmu_core::MmuCore;
+use crate::mmu_core::{FlushNeed, MmuCore};
 use crate::spte::SpteFormat;
 use crate::sync::Arc;
 use crate::types::{AsId, Gfn, Level, Pfn};
@@ -402,7 +402,7 @@ impl ShadowState {
             if SpteFormat::is_mmu_present(old) && core.cfg.format.is_writable(old) {
                 let new = SpteFormat::without_write(old);
                 let need = core.set_spte_locked(e, old, new, Level::L4K, gfn);
-                flush |= need == crate::mmu_core::FlushNeed::Remote;
+                flush |= need == FlushNeed::Remote;
             }
         }
         flush
@@ -437,8 +437,23 @@ impl ShadowState {
         gfn: Gfn,
     ) -> bool {
         let as_id = self.sp(id).role.as_id();
-        let mut flush = self.drop_spte(core, id, idx);
+        let fmt = core.cfg.format;
         let e = self.entry(core, id, idx);
+        let old = e.load(crate::sync::Ordering::Acquire);
+        // KVM `mmu_set_spte`: a present leaf remade for the same frame and gfn (a right given or
+        // taken, e.g. write access back after dirty-log protection) is updated in place: it
+        // stays in the rmap, and needs a flush only if it lost a right or its accessed/dirty
+        // bits (`mmu_spte_update`; `handle_changed_spte`). A leaf that only gained rights maps
+        // the same frame: a TLB entry of the old value just faults again. Anything else (a leaf
+        // of another frame or gfn, an MMIO SPTE) is dropped first, flushed if it was present.
+        let same_leaf = SpteFormat::is_mmu_present(old)
+            && SpteFormat::is_mmu_present(new)
+            && fmt.pfn(old) == fmt.pfn(new)
+            && self.sp(id).leaf_gfns[idx] == gfn.raw();
+        if same_leaf {
+            return core.set_spte_locked(e, old, new, Level::L4K, gfn) == FlushNeed::Remote;
+        }
+        let mut flush = self.drop_spte(core, id, idx);
         let old = e.load(crate::sync::Ordering::Acquire);
         let _ = core.set_spte_locked(e, old, new, Level::L4K, gfn);
         if SpteFormat::is_mmu_present(new) {
