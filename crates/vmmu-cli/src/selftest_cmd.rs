@@ -8,16 +8,15 @@
 //! usable, or a test the slot cap leaves no room for, as the C test reports it, is not a
 //! failure); 1 when a test failed (the row says what was seen); 2 on bad arguments.
 
-use crate::args::DirtyLog;
+use crate::args::{DirtyLog, Format};
 use crate::stdout::emit;
 use crate::stdout::note;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use std::process::ExitCode;
 use std::time::Duration;
-use vmmu::spte::FormatKind;
 use vmmu_selftest::perf::{self as perf, PerfTest, Sizes};
 use vmmu_selftest::{dirty_log_perf as dlp, set_memory_region as smr, stress, SelftestError};
-use vmmu_sim::selftest::MmuChoice;
+use vmmu_sim::selftest::{MmuChoice, SelftestMmu};
 
 /// One test (`vmmu selftest --list` names them), in the C tests' order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,15 +159,6 @@ impl Group {
     }
 }
 
-/// SPTE format of the software machine.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum FormatArg {
-    /// Intel EPT.
-    Ept,
-    /// AMD NPT.
-    Npt,
-}
-
 /// Options of `vmmu selftest`.
 #[derive(Args, Debug)]
 // `--seconds -1` is a bad value (named as such), not an unknown flag `-1`.
@@ -190,9 +180,10 @@ pub struct SelftestArgs {
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
-    /// SPTE format of the software machine.
-    #[arg(long, value_enum, default_value_t = FormatArg::Ept)]
-    format: FormatArg,
+    /// The software machine's MMU: the TDP MMU with EPT or NPT SPTEs, or the shadow MMU (as
+    /// `/dev/kvm` on a nested host), whose guests reach their memory through identity maps.
+    #[arg(long, value_enum, default_value_t = Format::Ept)]
+    format: Format,
     /// set_memory_region_test loops (its argv[1]; default 10).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10000))]
     loops: Option<u32>,
@@ -397,9 +388,9 @@ impl SelftestArgs {
         }
         Ok(Plan {
             mmu: MmuChoice {
-                format: match self.format {
-                    FormatArg::Ept => FormatKind::Ept,
-                    FormatArg::Npt => FormatKind::Npt,
+                mmu: match self.format {
+                    Format::Shadow => SelftestMmu::Shadow,
+                    tdp => SelftestMmu::Tdp(tdp.kind()),
                 },
                 mmio_caching: true,
                 bugs: crate::inject::bug_set(self.inject.as_deref(), "selftest")?,

@@ -161,10 +161,6 @@ impl IdentityTables {
         host: &SimHost,
         phys_bits: u8,
     ) -> Result<IdentityTables, IdentityError> {
-        let ranges = reached(trace, GUEST_PHYS_BITS);
-        let regions = touched(&ranges)?;
-        let limit = 1u64 << phys_bits.min(63);
-        let free_region = (0..limit / GIB).find(|i| !regions.contains(i));
         let used: BTreeSet<u16> = trace
             .events
             .iter()
@@ -173,6 +169,23 @@ impl IdentityTables {
                 _ => None,
             })
             .collect();
+        Self::for_ranges(&reached(trace, GUEST_PHYS_BITS), &used, host, phys_bits)
+    }
+
+    /// Builds tables that map the guest-physical byte ranges `[start, end)` of `ranges` (below
+    /// 2^[`GUEST_PHYS_BITS`]), in a new buffer of `host`, to live below 2^`phys_bits` in a slot
+    /// whose id is none of `used` and at an address none of `ranges` reaches (module
+    /// invariants): how the selftests under the shadow MMU reach their memory above 4 GiB, as
+    /// KVM's selftest library maps its guest's.
+    pub fn for_ranges(
+        ranges: &[(u64, u64)],
+        used: &BTreeSet<u16>,
+        host: &SimHost,
+        phys_bits: u8,
+    ) -> Result<IdentityTables, IdentityError> {
+        let regions = touched(ranges)?;
+        let limit = 1u64 << phys_bits.min(63);
+        let free_region = (0..limit / GIB).find(|i| !regions.contains(i));
         let id = (0..KVM_USER_MEM_SLOTS)
             .rev()
             .find(|i| !used.contains(i))
@@ -196,9 +209,7 @@ impl IdentityTables {
         // A GiB of their own, or else a gap in a touched one (mapped like the rest of it).
         let base = match free_region {
             Some(r) => r * GIB,
-            None => {
-                free_gap(&ranges, phys_bits, size).ok_or(IdentityError::NoRoom { phys_bits })?
-            }
+            None => free_gap(ranges, phys_bits, size).ok_or(IdentityError::NoRoom { phys_bits })?,
         };
         let buf = host
             .add_buffer("__replay_identity_tables", size)

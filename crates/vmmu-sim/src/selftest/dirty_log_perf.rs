@@ -21,7 +21,8 @@
 //! page's entry before the next iteration comes round to it, so every write faults anyway (as on
 //! hardware, whose TLBs hold a few thousand entries).
 
-use super::{access8, setup, MmuChoice, Result, SelftestError};
+use super::vcpu::{guest_tables, SelftestVcpu, PHYS_BITS};
+use super::{setup, MmuChoice, Result, SelftestError};
 use crate::host::{HostConfig, SimHost};
 use crate::hw_vcpu::HwVcpu;
 use crate::seam::{GuestMmu, SlotRequest};
@@ -53,7 +54,7 @@ pub fn run(p: &Params, m: &MmuChoice) -> Result<Outcome> {
     let size = per * p.vcpus as u64;
     let pages = size / 4096;
     let host = Arc::new(
-        SimHost::new(HostConfig { max_frames: pages + (1 << 16), ..HostConfig::new(46) })
+        SimHost::new(HostConfig { max_frames: pages + (1 << 16), ..HostConfig::new(PHYS_BITS) })
             .map_err(setup)?,
     );
     let mem = host.add_buffer("test", size).map_err(setup)?;
@@ -77,39 +78,41 @@ pub fn run(p: &Params, m: &MmuChoice) -> Result<Outcome> {
     let pass = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
     let failure: Mutex<Option<String>> = Mutex::new(None);
-    let states: Vec<_> = (0..p.vcpus).map(|i| mmu.create_vcpu(i)).collect();
+    let tables = guest_tables(m, &mmu, &host, &[(TEST_GPA, TEST_GPA + size)], &[TEST_SLOT])?;
+    let vcpus = (0..p.vcpus)
+        .map(|i| {
+            let hw = HwVcpu::with_state(&mmu, &host, mmu.create_vcpu(i), 256);
+            SelftestVcpu::new(hw, &host, tables.as_ref())
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut out = Outcome { pages, ..Outcome::default() };
     std::thread::scope(|s| {
-        for (i, state) in states.into_iter().enumerate() {
-            let (mmu, host, go, done, pass, failed, failure) =
-                (&mmu, &host, &go, &done, &pass, &failed, &failure);
+        for (i, mut hw) in vcpus.into_iter().enumerate() {
+            let (go, done, pass, failed, failure) = (&go, &done, &pass, &failed, &failure);
             let base_gpa = TEST_GPA + i as u64 * per;
             let base_hva = mem.hva().raw() + i as u64 * per;
-            s.spawn(move || {
-                let mut hw = HwVcpu::with_state(mmu, host, state, 256);
-                loop {
-                    go.wait();
-                    let value = pass.load(Ordering::SeqCst);
-                    if value == STOP {
-                        break;
-                    }
-                    let mut off = 0;
-                    hw.enter_guest();
-                    while off < per && !failed.load(Ordering::Relaxed) {
-                        let gpa = base_gpa + off;
-                        let mut mmio = |gpa: u64, _kind: crate::seam::AccessKind| {
-                            Err(format!("vCPU {i}: unexpected MMIO exit at gpa {gpa:#x}"))
-                        };
-                        let r = access8(&mut hw, gpa, Some(value), &[base_hva + off], &mut mmio);
-                        if let Err(e) = r {
-                            *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
-                            failed.store(true, Ordering::Relaxed);
-                        }
-                        off += 4096;
-                    }
-                    hw.exit_guest();
-                    done.wait();
+            s.spawn(move || loop {
+                go.wait();
+                let value = pass.load(Ordering::SeqCst);
+                if value == STOP {
+                    break;
                 }
+                let mut off = 0;
+                hw.enter_guest();
+                while off < per && !failed.load(Ordering::Relaxed) {
+                    let gpa = base_gpa + off;
+                    let mut mmio = |gpa: u64, _kind: crate::seam::AccessKind| {
+                        Err(format!("vCPU {i}: unexpected MMIO exit at gpa {gpa:#x}"))
+                    };
+                    let r = hw.access8(gpa, Some(value), &[base_hva + off], &mut mmio);
+                    if let Err(e) = r {
+                        *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                        failed.store(true, Ordering::Relaxed);
+                    }
+                    off += 4096;
+                }
+                hw.exit_guest();
+                done.wait();
             });
         }
         let vcpu_pass = |value: u64| -> Result<Duration> {
@@ -179,28 +182,33 @@ mod tests {
 
     #[test]
     fn small_run_passes_in_every_mode() {
-        for protect in [Protect::InitiallySet, Protect::Manual, Protect::Auto] {
-            let p = Params { vcpus: 2, bytes_per_vcpu: 4 << 20, iterations: 3, protect };
-            let o = run(&p, &MmuChoice::default()).expect("dirty_log_perf");
-            assert_eq!((o.pages, o.dirty.len(), o.get.len()), (2048, 3, 3));
-            assert_eq!(o.clear.len(), if protect == Protect::Auto { 0 } else { 3 });
+        for m in [MmuChoice::default(), MmuChoice::shadow()] {
+            for protect in [Protect::InitiallySet, Protect::Manual, Protect::Auto] {
+                let p = Params { vcpus: 2, bytes_per_vcpu: 4 << 20, iterations: 3, protect };
+                let o = run(&p, &m).unwrap_or_else(|e| panic!("{:?} {protect:?}: {e}", m.mmu));
+                assert_eq!((o.pages, o.dirty.len(), o.get.len()), (2048, 3, 3));
+                assert_eq!(o.clear.len(), if protect == Protect::Auto { 0 } else { 3 });
+            }
         }
     }
 
     /// A CLEAR that returns without flushing lets the vCPUs write the next iteration through
     /// their cached writable translations: those pages are missing from the next GET (with
     /// "initially set", from the second GET: the first reports every page anyway).
+    /// On the shadow MMU too: its guest-virtual TLB keeps the writable translations the CLEAR
+    /// should have flushed.
     #[cfg(feature = "historical-bugs")]
     #[test]
     fn catches_a_clear_that_does_not_flush() {
-        let m = MmuChoice {
-            bugs: vmmu::bugs::BugSet::only(vmmu::bugs::Bug::DirtyLogNoFlush),
-            ..MmuChoice::default()
-        };
-        for protect in [Protect::Manual, Protect::InitiallySet] {
-            let p = Params { vcpus: 1, bytes_per_vcpu: 1 << 20, iterations: 2, protect };
-            let e = run(&p, &m).expect_err("lost dirty pages");
-            assert!(e.to_string().contains("lost dirty pages"), "{protect:?}: {e}");
+        let bugs = vmmu::bugs::BugSet::only(vmmu::bugs::Bug::DirtyLogNoFlush);
+        for m in
+            [MmuChoice { bugs, ..MmuChoice::default() }, MmuChoice { bugs, ..MmuChoice::shadow() }]
+        {
+            for protect in [Protect::Manual, Protect::InitiallySet] {
+                let p = Params { vcpus: 1, bytes_per_vcpu: 1 << 20, iterations: 2, protect };
+                let e = run(&p, &m).expect_err("lost dirty pages");
+                assert!(e.to_string().contains("lost dirty pages"), "{:?} {protect:?}: {e}", m.mmu);
+            }
         }
     }
 }

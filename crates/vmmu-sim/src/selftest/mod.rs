@@ -1,7 +1,8 @@
 //! KVM's memslot selftests (`tools/testing/selftests/kvm/`) restated on the software machine:
-//! the real MMU ([`RealMmu`]) on a [`SimHost`], one [`HwVcpu`] per guest vCPU on its own thread
-//! (its "guest code" is Rust making the same accesses the C guest makes), the host side on the
-//! calling thread. `vmmu selftest` runs the same tests on `/dev/kvm` (`vmmu_kvm::selftest`) and
+//! the real MMU ([`RealMmu`], TDP or shadow: [`SelftestMmu`]) on a [`SimHost`], one simulated
+//! hardware vCPU per guest vCPU on its own thread (its "guest code" is Rust making the same
+//! accesses the C guest makes, through identity maps on the shadow MMU: `vcpu.rs`), the host
+//! side on the calling thread. `vmmu selftest` runs the same tests on `/dev/kvm` (`vmmu_kvm::selftest`) and
 //! prints both side by side.
 //!
 //! - [`set_memory_region`]: `set_memory_region_test`'s MOVE and DELETE of a slot a running
@@ -25,22 +26,29 @@ pub mod dirty_log_perf;
 pub mod perf;
 pub mod set_memory_region;
 pub mod stress;
+mod vcpu;
 
 use crate::host::SimHost;
-use crate::hw_vcpu::{Data, HwVcpu};
-use crate::ram::Width;
 use crate::real::{RealMmu, RealMmuConfig};
-use crate::seam::AccessKind;
 use std::sync::Arc;
 use vmmu::bugs::BugSet;
 use vmmu::spte::FormatKind;
-use vmmu::Gpa;
+
+/// Which MMU the tests run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SelftestMmu {
+    /// The TDP MMU with this SPTE format.
+    Tdp(FormatKind),
+    /// The shadow MMU (KVM with TDP off, as `/dev/kvm` on a nested host): the guests reach their
+    /// memory through identity maps ([`vcpu`](self::vcpu) module doc).
+    Shadow,
+}
 
 /// The MMU the tests run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MmuChoice {
-    /// SPTE format.
-    pub format: FormatKind,
+    /// The MMU, and its SPTE format.
+    pub mmu: SelftestMmu,
     /// MMIO caching requested.
     pub mmio_caching: bool,
     /// Historical KVM bugs to re-inject (to show the tests catch them; needs the
@@ -51,27 +59,37 @@ pub struct MmuChoice {
 impl Default for MmuChoice {
     /// EPT, MMIO caching on, no bugs.
     fn default() -> Self {
-        MmuChoice { format: FormatKind::Ept, mmio_caching: true, bugs: BugSet::NONE }
+        MmuChoice { mmu: SelftestMmu::Tdp(FormatKind::Ept), mmio_caching: true, bugs: BugSet::NONE }
     }
 }
 
 impl MmuChoice {
-    /// A fresh real MMU on `host` for `vcpus` vCPUs (MAXPHYADDR 46).
+    /// The shadow MMU, MMIO caching on, no bugs.
+    pub const fn shadow() -> Self {
+        MmuChoice { mmu: SelftestMmu::Shadow, mmio_caching: true, bugs: BugSet::NONE }
+    }
+
+    /// A fresh real MMU on `host` for `vcpus` vCPUs (MAXPHYADDR [`vcpu::PHYS_BITS`]).
     fn mmu(&self, host: &Arc<SimHost>, vcpus: usize) -> Result<RealMmu> {
-        RealMmu::new(
-            host.clone(),
-            RealMmuConfig {
-                format: self.format,
-                phys_bits: 46,
-                mmio_caching: self.mmio_caching,
-                vcpus,
-                generation_base: 0,
-                slot_zap_all: false,
-                bugs: self.bugs,
-                tdp_prefetch: false,
-                shadow_mmio_path_only: false,
+        let cfg = RealMmuConfig {
+            // Shadow paging uses the x86 page-table format.
+            format: match self.mmu {
+                SelftestMmu::Tdp(f) => f,
+                SelftestMmu::Shadow => FormatKind::Npt,
             },
-        )
+            phys_bits: vcpu::PHYS_BITS,
+            mmio_caching: self.mmio_caching,
+            vcpus,
+            generation_base: 0,
+            slot_zap_all: false,
+            bugs: self.bugs,
+            tdp_prefetch: false,
+            shadow_mmio_path_only: false,
+        };
+        match self.mmu {
+            SelftestMmu::Tdp(_) => RealMmu::new(host.clone(), cfg),
+            SelftestMmu::Shadow => RealMmu::shadow(host.clone(), cfg, 1),
+        }
         .map_err(setup)
     }
 }
@@ -80,39 +98,4 @@ pub use vmmu_selftest::{Result, SelftestError, SYNC_TIMEOUT};
 
 fn setup(e: impl std::fmt::Display) -> SelftestError {
     SelftestError::Setup(e.to_string())
-}
-
-/// One guest store or load of 8 bytes at `gpa` on `hw`: RAM must be at one of `want_hva`; an
-/// MMIO exit is handled by `mmio` (which may refuse it with a message) after leaving guest mode,
-/// as `KVM_RUN` returning does.
-fn access8(
-    hw: &mut HwVcpu<'_, RealMmu>,
-    gpa: u64,
-    store: Option<u64>,
-    want_hva: &[u64],
-    mmio: &mut dyn FnMut(u64, AccessKind) -> std::result::Result<u64, String>,
-) -> std::result::Result<u64, String> {
-    match hw.load_store(Gpa(gpa), Width::W8, store) {
-        Data::Ram { hva, value } => {
-            if !want_hva.contains(&hva.raw()) {
-                let want: Vec<String> =
-                    want_hva.iter().filter(|&&h| h != 0).map(|h| format!("{h:#x}")).collect();
-                return Err(format!(
-                    "guest {} of gpa {gpa:#x} reached host address {:#x}, the memslots map it to \
-                     {} (a stale translation)",
-                    if store.is_some() { "write" } else { "read" },
-                    hva.raw(),
-                    if want.is_empty() { "nothing".to_string() } else { want.join(" or ") }
-                ));
-            }
-            Ok(value)
-        }
-        Data::Mmio => {
-            hw.exit_guest();
-            let v = mmio(gpa, AccessKind::from_write(store.is_some()));
-            hw.enter_guest();
-            v
-        }
-        Data::Error(e) => Err(format!("guest access at gpa {gpa:#x} failed: {e}")),
-    }
 }
