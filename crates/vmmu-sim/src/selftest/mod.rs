@@ -40,7 +40,7 @@ pub enum SelftestMmu {
     /// The TDP MMU with this SPTE format.
     Tdp(FormatKind),
     /// The shadow MMU (KVM with TDP off, as `/dev/kvm` on a nested host): the guests reach their
-    /// memory through identity maps ([`vcpu`](self::vcpu) module doc).
+    /// memory through identity maps (`selftest/vcpu.rs`).
     Shadow,
 }
 
