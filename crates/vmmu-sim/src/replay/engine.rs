@@ -30,7 +30,7 @@
 //!   (`own_write_ok`) and which slots are aliases (`aliases`) are functions of their own, tested
 //!   without an MMU that misbehaves.
 
-use super::identity::{IdentityError, IdentityTables};
+use super::identity::{nonpaging_cpu, IdentityError, IdentityTables};
 use super::live::{Live, LiveSlots};
 use super::memory::{MemoryError, TraceMemory};
 use super::parse::{Dir, EventKind, Exit, MmioEvent, SlotEvent, Trace};
@@ -46,7 +46,6 @@ use crate::timeline::{LatencyHistogram, Sample, Timeline};
 use std::time::Instant;
 use vmmu::bugs::BugSet;
 use vmmu::dirty::DirtyLogMode;
-use vmmu::guest::{GuestCpu, PagingMode};
 use vmmu::memslot::{MemslotChange, UserspaceMemoryRegion};
 use vmmu::spte::FormatKind;
 use vmmu::types::{Gpa, Hva, PAGE_SIZE};
@@ -908,16 +907,9 @@ fn shadow_guest(
     let v = mmu
         .shadow_vcpu(hw.state())
         .ok_or_else(|| ReplayError::Guest("the VM does not use the shadow MMU".into()))?;
-    let cpu = GuestCpu {
-        mode: PagingMode::NonPaging,
-        cr3: 0,
-        cr0_wp: true,
-        efer_nx: true,
-        maxphyaddr: cfg.phys_bits,
-        gbpages: false,
-    };
     if highest_gpa(trace).is_none_or(|last| last < FOUR_GIB) {
-        v.set_guest_cpu(cpu).map_err(|e| ReplayError::Guest(e.to_string()))?;
+        v.set_guest_cpu(nonpaging_cpu(cfg.phys_bits))
+            .map_err(|e| ReplayError::Guest(e.to_string()))?;
         return Ok((
             None,
             "no paging (GVA = GPA) on a special root, as firmware below 4 GiB".into(),
@@ -930,16 +922,7 @@ fn shadow_guest(
     let v = mmu
         .shadow_vcpu(hw.state())
         .ok_or_else(|| ReplayError::Guest("the VM does not use the shadow MMU".into()))?;
-    // The guest reaches every slot the shadow MMU accepts, above the host's MAXPHYADDR too.
-    let cpu = GuestCpu {
-        mode: PagingMode::Long4,
-        cr3: tables.cr3,
-        maxphyaddr: super::identity::GUEST_PHYS_BITS,
-        // The identity map's pages are 1 GiB.
-        gbpages: true,
-        ..cpu
-    };
-    v.set_guest_cpu(cpu).map_err(|e| ReplayError::Guest(e.to_string()))?;
+    v.set_guest_cpu(tables.guest_cpu()).map_err(|e| ReplayError::Guest(e.to_string()))?;
     v.load_cr3(tables.cr3).map_err(|e| ReplayError::Guest(e.to_string()))?;
     let note = format!(
         "long mode, identity-mapped with 1 GiB pages (the trace reaches above 4 GiB); tables at \

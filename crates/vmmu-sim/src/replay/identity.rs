@@ -1,4 +1,4 @@
-//! The guest page tables of a replay under the shadow MMU.
+//! The guest page tables of a replay under the shadow MMU, and of the selftests there.
 //!
 //! A trace carries guest-physical addresses only. Under shadow paging the MMU maps what the
 //! guest's own page tables map, so the replay's vCPU runs in long mode with an identity map when
@@ -26,6 +26,7 @@ use crate::ram::Width;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use vmmu::guest::pte::{A, D, P, PS, RW, US};
+use vmmu::guest::{GuestCpu, PagingMode};
 use vmmu::memslot::region::{KVM_MEM_MAX_NR_PAGES, KVM_USER_MEM_SLOTS};
 use vmmu::memslot::UserspaceMemoryRegion;
 
@@ -244,6 +245,32 @@ impl IdentityTables {
     /// not canonical, and a 4-level walk would drop its high bits and read low memory).
     pub fn gva(&self, gpa: u64) -> Option<u64> {
         self.mapped.get(&(gpa / GIB)).map(|v| v * GIB + gpa % GIB)
+    }
+
+    /// The CPU state of a guest on these tables: long mode, CR3 at the PML4, 1 GiB pages (the
+    /// identity map's), and MAXPHYADDR [`GUEST_PHYS_BITS`], so the guest reaches every slot the
+    /// shadow MMU accepts, above the host's MAXPHYADDR too. The caller loads CR3.
+    pub fn guest_cpu(&self) -> GuestCpu {
+        GuestCpu {
+            mode: PagingMode::Long4,
+            cr3: self.cr3,
+            maxphyaddr: GUEST_PHYS_BITS,
+            gbpages: true,
+            ..nonpaging_cpu(GUEST_PHYS_BITS)
+        }
+    }
+}
+
+/// The CPU state of a guest without paging (GVA = GPA, below 4 GiB) on a host of MAXPHYADDR
+/// `phys_bits`: how a guest below 4 GiB runs where no identity tables are needed.
+pub fn nonpaging_cpu(phys_bits: u8) -> GuestCpu {
+    GuestCpu {
+        mode: PagingMode::NonPaging,
+        cr3: 0,
+        cr0_wp: true,
+        efer_nx: true,
+        maxphyaddr: phys_bits,
+        gbpages: false,
     }
 }
 

@@ -20,10 +20,9 @@ use crate::hw_vcpu::{Data, HwVcpu};
 use crate::machine_paging::{shadow_access, GvaTlb, RamOp, ShadowAccess};
 use crate::ram::Width;
 use crate::real::RealMmu;
-use crate::replay::identity::{IdentityTables, GUEST_PHYS_BITS};
+use crate::replay::identity::{nonpaging_cpu, IdentityTables};
 use crate::seam::{AccessKind, GuestMmu, Translation};
 use std::collections::BTreeSet;
-use vmmu::guest::{GuestCpu, PagingMode};
 use vmmu::Gpa;
 
 /// A guest without paging reaches guest-physical addresses below this.
@@ -92,26 +91,10 @@ impl<'a> SelftestVcpu<'a> {
             }
             return Ok(SelftestVcpu { hw, host, shadow: None });
         };
-        let cpu = GuestCpu {
-            mode: PagingMode::NonPaging,
-            cr3: 0,
-            cr0_wp: true,
-            efer_nx: true,
-            maxphyaddr: PHYS_BITS,
-            gbpages: false,
-        };
         match tables {
-            None => v.set_guest_cpu(cpu).map_err(setup)?,
+            None => v.set_guest_cpu(nonpaging_cpu(PHYS_BITS)).map_err(setup)?,
             Some(t) => {
-                let cpu = GuestCpu {
-                    mode: PagingMode::Long4,
-                    cr3: t.cr3,
-                    maxphyaddr: GUEST_PHYS_BITS,
-                    // The identity map's pages are 1 GiB.
-                    gbpages: true,
-                    ..cpu
-                };
-                v.set_guest_cpu(cpu).map_err(setup)?;
+                v.set_guest_cpu(t.guest_cpu()).map_err(setup)?;
                 v.load_cr3(t.cr3).map_err(setup)?;
             }
         }
