@@ -184,6 +184,23 @@ struct SlotState {
     /// `KVM_MEM_READONLY`: a guest store through the slot exits as MMIO without touching the
     /// host address (KVM refuses the write fault before it looks the address up).
     readonly: bool,
+    /// The memory a guest access through the slot must stay inside.
+    backing: Backing,
+}
+
+/// What host memory a slot is meant to map: a guest access through it must land inside it.
+#[derive(Clone, Copy, Debug)]
+enum Backing {
+    /// The backend's own memory (code, sync page, stacks).
+    Own,
+    /// The page-table pool of a paging scenario.
+    Pool,
+    /// The scenario buffer its `mem=` names (`scenarios.md`: an access through the part of a
+    /// slot past the end of its buffer is a backend failure, even where another buffer or
+    /// nothing lies there).
+    Buffer(MemId),
+    /// No buffer named (the parser allows that for a delete only).
+    Unnamed,
 }
 
 /// A running scenario.
@@ -317,7 +334,13 @@ pub fn start(scenario: &Scenario) -> Result<Start, BackendError> {
     let own_id = u16::try_from(OWN_SLOT).unwrap_or(u16::MAX);
     slots.insert(
         own_id,
-        SlotState { gpa: 0, size: OWN_SIZE as u64, uaddr: own.addr(), readonly: false },
+        SlotState {
+            gpa: 0,
+            size: OWN_SIZE as u64,
+            uaddr: own.addr(),
+            readonly: false,
+            backing: Backing::Own,
+        },
     );
     let paging = pool.map(|pool| {
         let pool_id = u16::try_from(POOL_SLOT).unwrap_or(u16::MAX);
@@ -328,6 +351,7 @@ pub fn start(scenario: &Scenario) -> Result<Start, BackendError> {
                 size: POOL_SIZE as u64,
                 uaddr: pool.addr(),
                 readonly: false,
+                backing: Backing::Pool,
             },
         );
         let n = vcpus.len();
@@ -378,22 +402,22 @@ impl KvmMachine {
         &self.bufs[id.0]
     }
 
-    /// Refuses an access that would reach host memory outside every buffer through a slot. A
-    /// store through a read-only slot reaches no host memory (it exits as MMIO), so it passes.
+    /// Refuses an access that would reach host memory outside the memory its slot is meant to
+    /// map (a scenario slot's own buffer, [`Backing`]). A store through a read-only slot reaches
+    /// no host memory (it exits as MMIO), so it passes.
     fn check_backed(&self, gpa: u64, n: u64, kind: AccessKind) -> Result<(), KvmError> {
         // One slot holds the whole access only if it does not cross a page (`slot`'s SAFETY).
         debug_assert!(n.is_power_of_two() && n <= 8 && gpa % n == 0, "{gpa:#x}+{n}");
         let hit = self.slots.iter().find(|(_, s)| gpa >= s.gpa && gpa - s.gpa < s.size);
         if let Some((&id, s)) = hit.filter(|(_, s)| !(kind.is_write() && s.readonly)) {
             let hva = s.uaddr.wrapping_add(gpa - s.gpa);
-            // A scenario's slot must lead into a scenario buffer (never into the backend's own
-            // tables and code), the backend's slot into its own memory.
-            let backed = if u32::from(id) == OWN_SLOT {
-                self.own.contains(hva, n)
-            } else if u32::from(id) == POOL_SLOT {
-                self.paging.as_ref().is_some_and(|p| p.pool.contains(hva, n))
-            } else {
-                self.bufs.iter().any(|b| b.contains(hva, n))
+            // A scenario's slot must lead into its own buffer (never into another buffer, nor the
+            // backend's own tables and code), the backend's slots into its own memory.
+            let backed = match s.backing {
+                Backing::Own => self.own.contains(hva, n),
+                Backing::Pool => self.paging.as_ref().is_some_and(|p| p.pool.contains(hva, n)),
+                Backing::Buffer(m) => self.bufs.get(m.0).is_some_and(|b| b.contains(hva, n)),
+                Backing::Unnamed => false,
             };
             if !backed {
                 return Err(KvmError::Unbacked { gpa, slot: u32::from(id), hva });
@@ -652,18 +676,17 @@ impl Machine for KvmMachine {
             userspace_addr: uaddr,
         };
         // SAFETY: the request goes to KVM exactly as the scenario wrote it; KVM validates it.
-        // Memory safety of this process does not depend on where it points: a slot can only
-        // make the guest access host memory behind it, and the guest accesses slot memory only
-        // (1) in a scenario access, which `check_backed` refuses unless its host address lies
-        // inside one of the buffers (which live as long as the VM), with a PROT_NONE guard after
-        // each buffer as a second line of defence (`check_backed` looks at the slot of the
-        // access's first byte only: that is all of it because the parser makes every access
-        // naturally aligned, so none crosses a page, and under guest paging it checks the gpa
-        // the backend's model of the guest tables gives, which `paging::Tables` keeps equal to
-        // what KVM walks: the tables are the backend's own, written only by it), or (2) in the
-        // backend's own code, whose
-        // stores all go below 8 MiB in address space 0 (its own slots, the MMIO sync and report
-        // addresses), which no request here may cover or take over (`reserved_use`, above).
+        // Memory safety of this process does not depend on where it points: a slot can only make
+        // the guest access host memory behind it, and the guest accesses slot memory only (1) in a
+        // scenario access, which `check_backed` refuses unless its host address lies inside the
+        // slot's own buffer (buffers live as long as the VM), with a PROT_NONE guard after each
+        // buffer as a second line of defence (`check_backed` looks at the slot of the access's
+        // first byte only: that is all of it because the parser makes every access naturally
+        // aligned, so none crosses a page, and under guest paging it checks the gpa the backend's
+        // model of the guest tables gives, which `paging::Tables` keeps equal to what KVM walks:
+        // the tables are the backend's own, written only by it), or (2) in the backend's own code,
+        // whose stores all go below 8 MiB in address space 0 (its own slots, the MMIO sync and
+        // report addresses), which no request here may cover or take over (`reserved_use`, above).
         match unsafe { self.vm.set_user_memory_region(region) } {
             Ok(()) => {
                 if op.size == 0 {
@@ -680,6 +703,10 @@ impl Machine for KvmMachine {
                             size: op.size,
                             uaddr,
                             readonly: op.flags.readonly,
+                            backing: op
+                                .mem
+                                .as_ref()
+                                .map_or(Backing::Unnamed, |m| Backing::Buffer(m.mem)),
                         };
                         self.slots.insert(op.id, s);
                     }

@@ -24,6 +24,27 @@ fn access_beyond_the_buffer_is_a_failure_naming_the_step() {
     assert!(msg.contains("outside its buffer"), "{msg}");
 }
 
+/// An access through the part of a slot past its buffer fails even where another buffer lies
+/// there (this one lands 1 GiB + 4 KiB past `a`, just beyond the backend's 1 GiB guard, where
+/// the buffer made before it may start): it used to read that buffer (hunt 42h F1), where the
+/// software machine, whose buffers lie elsewhere, failed or read another one.
+#[test]
+fn access_past_the_buffer_into_another_buffer_is_a_failure() {
+    if !kvm() {
+        return;
+    }
+    let s = parse(
+        "mem b size=4K\nmem a size=4K\nslot 1 gpa=0x100000000 size=0x80000000 mem=a\n\
+         host-write b size=8 value=0xbbbb\nread 0 gpa=0x100000000 size=8\n\
+         read 0 gpa=0x140001000 size=8\n",
+    )
+    .unwrap();
+    let (partial, err) = run_collect(&KvmBackend, &s).unwrap_err();
+    assert_eq!(partial.len(), 2, "the slot and the read inside `a` are kept: {partial:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("step 6") && msg.contains("outside its buffer"), "{msg}");
+}
+
 #[test]
 fn slot_requests_reach_kvm_unchanged() {
     if !kvm() {

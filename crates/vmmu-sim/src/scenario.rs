@@ -118,6 +118,8 @@ struct AcceptedSlot {
     size: u64,
     uaddr: u64,
     readonly: bool,
+    /// The buffer its `mem=` names: a guest access through the slot must stay inside it.
+    mem: Option<MemId>,
 }
 
 /// One running scenario.
@@ -406,13 +408,13 @@ impl SimMachine {
         }
     }
 
-    /// Refuses a guest access whose slot leads to host memory outside every scenario buffer
-    /// (`scenarios.md`: a slot may reach past the end of its buffer, but an access through that
-    /// part is a backend failure), as the KVM backend does before it runs the access: past its
-    /// buffer the host address may lie in the machine's own memory (its guest page tables),
-    /// which the access would then read or overwrite. An address inside another scenario buffer
-    /// passes, as with the KVM backend (KVM accesses whatever the process maps there). A store
-    /// through a read-only slot reaches no host memory (it exits as MMIO), so it passes.
+    /// Refuses a guest access whose slot leads to host memory outside the buffer its `mem=`
+    /// names (`scenarios.md`: a slot may reach past the end of its buffer, but an access through
+    /// that part is a backend failure), as the KVM backend does before it runs the access: past
+    /// its buffer the host address may lie in another buffer (this machine's buffers sit side by
+    /// side, the KVM backend's behind guard gaps, so what such an access reached would differ
+    /// between them) or in the machine's own memory (its guest page tables). A store through a
+    /// read-only slot reaches no host memory (it exits as MMIO), so it passes.
     fn check_backed(&self, gpa: u64, width: Width, kind: AccessKind) -> Result<(), BackendError> {
         let hit = self.slots.iter().find(|(_, s)| gpa.wrapping_sub(s.gpa) < s.size);
         let Some((id, s)) = hit.filter(|(_, s)| !(kind.is_write() && s.readonly)) else {
@@ -420,11 +422,8 @@ impl SimMachine {
         };
         let hva = s.uaddr.wrapping_add(gpa - s.gpa);
         let last = hva.wrapping_add(u64::from(width.bytes()) - 1);
-        let backed = self
-            .buffers
-            .iter()
-            .flatten()
-            .any(|b| b.contains(vmmu::Hva(hva)) && b.contains(vmmu::Hva(last)));
+        let own = s.mem.and_then(|m| self.buffers.get(m.0)).and_then(Option::as_ref);
+        let backed = own.is_some_and(|b| b.contains(vmmu::Hva(hva)) && b.contains(vmmu::Hva(last)));
         if backed {
             Ok(())
         } else {
@@ -575,6 +574,7 @@ impl Machine for SimMachine {
                             size: op.size,
                             uaddr: userspace_addr,
                             readonly: op.flags.readonly,
+                            mem: op.mem.as_ref().map(|m| m.mem),
                         };
                         self.slots.insert(op.id, s);
                     }
@@ -712,6 +712,37 @@ mod tests {
             |m: &mut SimMachine, gpa: u64| m.read(&ReadOp { vcpu: 0, gpa, width: Width::W8 }, 0);
         assert!(matches!(read(&mut m, inside), Ok(ReadExit::None { value: 0 })));
         let err = read(&mut m, outside).expect_err("the machine's tables are no scenario buffer");
+        assert!(err.to_string().contains("outside its buffer"), "{err}");
+    }
+
+    /// A slot whose `mem=` names buffer `a` but whose host range runs into buffer `b` (an offset
+    /// past `a`'s end, as a slot longer than its buffer reaches): an access through that part is
+    /// a backend failure (`scenarios.md`), not a read of `b`. This machine's buffers lie side by
+    /// side and the KVM backend's behind guard gaps, so such a read made up a value the other
+    /// backend never saw (hunt 42h F1); the same slot's access inside `a` passes.
+    #[test]
+    fn an_access_through_a_slot_into_another_buffer_fails() {
+        let sc = parse("mem a size=4K\nmem b size=4K\n").expect("scenario");
+        let mut m = SimMachine::new(&sc).expect("machine");
+        m.mem(MemId(0), &sc.mems[0]).expect("mem a");
+        m.mem(MemId(1), &sc.mems[1]).expect("mem b");
+        let a = m.buffer(MemId(0)).expect("a").hva().raw();
+        let b = m.buffer(MemId(1)).expect("b").hva().raw();
+        let slot = |id: u16, gpa: u64, offset: u64| SlotOp {
+            id,
+            as_id: 0,
+            gpa,
+            size: 0x1000,
+            mem: Some(MemRef { mem: MemId(0), name: "a".into(), offset }),
+            flags: SlotFlags::default(),
+        };
+        let (inside, into_b) = (0x1_0000_0000, 0x1_0000_1000);
+        assert_eq!(m.slot(&slot(1, inside, 0)).expect("slot"), SlotResult::Ok);
+        assert_eq!(m.slot(&slot(2, into_b, b.wrapping_sub(a))).expect("slot"), SlotResult::Ok);
+        let read =
+            |m: &mut SimMachine, gpa: u64| m.read(&ReadOp { vcpu: 0, gpa, width: Width::W8 }, 0);
+        assert!(matches!(read(&mut m, inside), Ok(ReadExit::None { value: 0 })));
+        let err = read(&mut m, into_b).expect_err("b is not the slot's buffer");
         assert!(err.to_string().contains("outside its buffer"), "{err}");
     }
 
