@@ -1,0 +1,105 @@
+//! Shadow fault-path behaviours that mutation testing (`cargo mutants` on `src/vcpu/shadow_fault.rs`,
+//! `src/vcpu/shadow_path.rs` and `src/mmu_core`, audit 42m) found unpinned: each test names the
+//! mutant it kills and shows the harm as a guest, the VMM or the host would see it (a wrong
+//! translation, a stale MMIO decision, a wrong KVM counter, a wrong outcome of the public API),
+//! never an internal flag.
+#![cfg(not(loom))]
+
+mod common;
+
+use common::shadow::*;
+use vmmu::bugs::BugSet;
+use vmmu::fault::{EmulateSource, PfErr};
+use vmmu::guest::GuestCpu;
+
+/// Gva `A` maps frame `pd` (with `a_flags`), which is also the page directory through which the
+/// guest maps `B` (its PDE names a page table that maps `B` to `DATA`). All written before the
+/// guest runs. Returns the VM, the host, the CR3 and `pd`.
+fn pd_aliased_at_a(a_flags: u64) -> (vmmu::vm::Vm<vmmu::testing::TestHost>, u64, u64) {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let pd = alloc_table(&next);
+    let pt = alloc_table(&next);
+    s.map4k(A, pd, a_flags);
+    let pdpte = s.entry_gpa(B, 3);
+    host.write_u64(RAM_HVA + pdpte, pd | P | RW | US);
+    host.write_u64(RAM_HVA + pd + ((B >> 21) & 511) * 8, pt | P | RW | US);
+    host.write_u64(RAM_HVA + pt + ((B >> 12) & 511) * 8, DATA | P | RW | US);
+    (vm, s.cr3, pd)
+}
+
+const A: u64 = 0x4000_0000;
+const B: u64 = 0x8000_0000;
+const DATA: u64 = 0x80_0000;
+
+/// Shadow facts §3.1 (KVM `page_fault_handle_page_track`: `if (!fault->present ||
+/// !fault->write) return false`): only a present WRITE to a guest page directory the MMU shadows
+/// is emulated at once; a present READ fault on such a frame is fixed by mapping it. Here the
+/// present read fault comes from a CR0.WP=0 supervisor write that made the leaf supervisor-only,
+/// on a page that later became a page directory of the guest: a user read must map the page (the
+/// guest reads its RAM), not exit to the emulator as a write-protected table write.
+/// Kills `vcpu/shadow_fault.rs:199:13` and `:200:13` (`&&` -> `||` in the page-track check of
+/// `shadow_slow`: the read was emulated, `EmulateSource::WriteProtected`).
+#[test]
+fn a_present_read_fault_on_a_shadowed_page_directory_maps_it() {
+    let (a, b, data) = (A, B, DATA);
+    let (vm, cr3, pd) = pd_aliased_at_a(P | US);
+    let mut v = vcpu_in(&vm, GuestCpu { cr0_wp: false, ..long4(cr3) });
+    // CR0.WP=0: the supervisor write makes `A`'s leaf writable and supervisor-only.
+    assert_eq!(access_at(&mut v, a, true, false), Seen::Ram(ram_pfn(pd)));
+    // `B` is reached through `pd`: the MMU shadows it (write-tracked, `A`'s leaf made read-only).
+    assert_eq!(access(&mut v, b, false), Seen::Ram(ram_pfn(data)));
+    // A user read of `A`: a present fault (the leaf is supervisor-only), fixed by a user leaf.
+    let wp = v.stats.write_protected_emulations;
+    assert_eq!(access(&mut v, a, false), Seen::Ram(ram_pfn(pd)));
+    assert_eq!(v.stats.write_protected_emulations, wp, "a read is never a table-write emulation");
+    // A user write there is the guest's protection #PF; a supervisor write to the table is
+    // emulated (the MMU must see it).
+    assert_eq!(access(&mut v, a, true), Seen::GuestPf(PfErr::PRESENT | PfErr::WRITE | PfErr::USER));
+    assert_eq!(
+        access_at(&mut v, a + 8, true, false),
+        Seen::Mmio(vmmu::Gpa(pd + 8), EmulateSource::WriteProtected)
+    );
+}
+
+/// Shadow facts §3.1 and §3.3 (KVM `page_fault_handle_page_track` returns false for a
+/// non-present fault; `make_spte` then installs the leaf read-only because the gfn is
+/// write-tracked, and the write is emulated, RET_PF_WRITE_PROTECTED): a NOT-present write to a
+/// page directory the MMU shadows is emulated after a read-only leaf was installed, so the
+/// guest's next read of that page does not fault again.
+/// Kills `vcpu/shadow_fault.rs:200:22` (`err.0 & PfErr::PRESENT` -> `|` and `^`: the present
+/// check of the early page-track exit is lost, the write is emulated with no leaf installed,
+/// and the read after it takes one more fault: `pf_taken` and `pf_fixed` higher than KVM's).
+#[test]
+fn a_not_present_write_to_a_shadowed_page_directory_leaves_a_read_only_leaf() {
+    let (vm, cr3, pd) = pd_aliased_at_a(P | RW | US);
+    let mut v = vcpu_in(&vm, long4(cr3));
+    // `B` is reached through `pd`: the MMU shadows it. `A` has no leaf yet.
+    assert_eq!(access(&mut v, B, false), Seen::Ram(ram_pfn(DATA)));
+    assert_eq!(
+        access(&mut v, A + 0x10, true),
+        Seen::Mmio(vmmu::Gpa(pd + 0x10), EmulateSource::WriteProtected)
+    );
+    let (taken, fixed) = (v.stats.pf_taken, v.stats.pf_fixed);
+    assert_eq!(access(&mut v, A + 0x10, false), Seen::Ram(ram_pfn(pd)));
+    assert_eq!(
+        (v.stats.pf_taken, v.stats.pf_fixed),
+        (taken, fixed),
+        "the read goes through the leaf the write installed"
+    );
+}
+
+/// KVM `kvm_inject_emulated_page_fault` -> `pf_guest++` once per #PF given back to the guest
+/// (shadow facts §3.1). Kills `vcpu/shadow_fault.rs:283:28` (`stats.pf_guest += 1` -> `-=`:
+/// the counter wrapped to `u64::MAX` and its only check, `pf_guest >= 3`, held).
+#[test]
+fn each_guest_page_fault_counts_once_in_pf_guest() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    s.map4k(A, DATA, P | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, B, false), Seen::GuestPf(PfErr::USER));
+    assert_eq!(v.stats.pf_guest, 1);
+    assert_eq!(access(&mut v, A, true), Seen::GuestPf(PfErr::PRESENT | PfErr::WRITE | PfErr::USER));
+    assert_eq!(v.stats.pf_guest, 2);
+}
