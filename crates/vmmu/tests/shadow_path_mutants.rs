@@ -103,3 +103,33 @@ fn each_guest_page_fault_counts_once_in_pf_guest() {
     assert_eq!(access(&mut v, A, true), Seen::GuestPf(PfErr::PRESENT | PfErr::WRITE | PfErr::USER));
     assert_eq!(v.stats.pf_guest, 2);
 }
+
+/// KVM `kvm_mmu_new_pgd` -> `fast_pgd_switch`: a root evicted from the previous-root cache
+/// (`KVM_MMU_NUM_PREV_ROOTS` = 3) is freed (`kvm_mmu_free_roots`), which unpins its shadow page:
+/// the next zap frees it. Here a 4-level guest cycles through six address spaces and then
+/// leaves; after a zap of everything, every table frame the MMU took is back with the host.
+/// Kills `vcpu/shadow_path.rs:368:12` (delete `!` in `load_cr3`'s `if !release.is_empty()`:
+/// the evicted roots were never freed, their pages stayed pinned through every zap, and the
+/// host lost their frames for the VM's life).
+#[test]
+fn roots_evicted_by_cr3_switches_give_their_frames_back() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let spaces: Vec<Space> = (0..6)
+        .map(|i| {
+            let s = Space::new(&host, &next);
+            s.map4k(A, DATA + i * 0x1000, P | RW | US);
+            s
+        })
+        .collect();
+    let mut v = vcpu_in(&vm, long4(spaces[0].cr3));
+    for _ in 0..2 {
+        for (i, s) in spaces.iter().enumerate() {
+            v.load_cr3(s.cr3).unwrap();
+            assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(DATA + i as u64 * 0x1000)));
+        }
+    }
+    drop(v);
+    vm.zap_all_fast();
+    vm.reclaim();
+    assert_eq!(host.tables_in_use(), 0, "every shadow page was freed");
+}
