@@ -8,9 +8,15 @@
 mod common;
 
 use common::shadow::*;
+use std::sync::Arc;
 use vmmu::bugs::BugSet;
 use vmmu::fault::{EmulateSource, PfErr};
-use vmmu::guest::GuestCpu;
+use vmmu::guest::{GuestCpu, PagingMode};
+use vmmu::host::TableEntries;
+use vmmu::host::{FrameAllocator, HostAccess, HostFault, HostMemory, HostPage, Sched};
+use vmmu::testing::TestHost;
+use vmmu::vm::{Vm, VmConfig};
+use vmmu::{Hva, Pfn};
 
 /// Gva `A` maps frame `pd` (with `a_flags`), which is also the page directory through which the
 /// guest maps `B` (its PDE names a page table that maps `B` to `DATA`). All written before the
@@ -132,4 +138,56 @@ fn roots_evicted_by_cr3_switches_give_their_frames_back() {
     vm.zap_all_fast();
     vm.reclaim();
     assert_eq!(host.tables_in_use(), 0, "every shadow page was freed");
+}
+
+/// A host whose `alloc_table_below_4g` (a safe method) ignores its contract and hands out its
+/// ordinary table frames, which the test host puts at 4 GiB and up (the first one exactly at
+/// 4 GiB, pfn 0x10_0000).
+struct LowTablesAreHigh {
+    host: TestHost,
+}
+
+// SAFETY: every method forwards to the test host, whose `unsafe impl` makes the promises
+// (`alloc_table_below_4g` returns one of its table frames, as its `alloc_table` does).
+unsafe impl FrameAllocator for LowTablesAreHigh {
+    fn alloc_table(&self, init: u64) -> Option<Pfn> {
+        self.host.alloc_table(init)
+    }
+    fn alloc_table_below_4g(&self, init: u64) -> Option<Pfn> {
+        self.host.alloc_table(init)
+    }
+    unsafe fn free_table(&self, pfn: Pfn) {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.host.free_table(pfn) }
+    }
+    fn table(&self, pfn: Pfn) -> Option<std::ptr::NonNull<TableEntries>> {
+        self.host.table(pfn)
+    }
+}
+
+impl HostMemory for LowTablesAreHigh {
+    fn translate(&self, hva: Hva, access: HostAccess) -> Result<HostPage, HostFault> {
+        self.host.translate(hva, access)
+    }
+}
+
+impl Sched for LowTablesAreHigh {}
+
+/// `FrameAllocator::alloc_table_below_4g`'s contract: "The MMU checks this frame too ... and
+/// refuses one at or above 4 GiB" (in PAE paging CR3 holds a 32-bit address; KVM allocates
+/// `pae_root` with `__GFP_DMA32`). A PAE guest's special root on a host that hands out a frame
+/// at exactly 4 GiB must fail as out of memory, with the frame given back and counted in
+/// `tables_refused`, never loaded as the root the hardware would walk from a truncated CR3.
+/// Kills `mmu_core/mod.rs:279:42` (`pfn.raw() < 1 << 20` -> `<=`) and `279:52` (`&&` -> `||`:
+/// any frame the SPTE format can hold was accepted).
+#[test]
+fn a_special_root_frame_at_4_gib_is_refused() {
+    let host = Arc::new(LowTablesAreHigh { host: TestHost::new(8) });
+    let vm = Vm::new(VmConfig::shadow(46).unwrap(), host.clone()).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    v.set_guest_cpu(GuestCpu { mode: PagingMode::Pae { pdptrs: [0; 4] }, ..long4(0) }).unwrap();
+    assert_eq!(v.service_requests().map(|_| ()), Err(vmmu::mmu_core::MmuError::OutOfMemory));
+    assert_eq!(vm.stats().tables_refused, 1);
+    assert_eq!(host.host.tables_in_use(), 0, "the refused frame went back to the host");
+    assert_eq!(v.shadow_root_kind(), None);
 }
