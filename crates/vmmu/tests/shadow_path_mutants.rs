@@ -191,3 +191,43 @@ fn a_special_root_frame_at_4_gib_is_refused() {
     assert_eq!(host.host.tables_in_use(), 0, "the refused frame went back to the host");
     assert_eq!(v.shadow_root_kind(), None);
 }
+
+/// The vCPU-side paths of the shadow MMU free zapped table pages in batches
+/// (`MmuCore::reclaim_batched`: a grace period once 64 pages wait, not one per fault), and
+/// `MmuCore::pending_free` tells the VMM how many wait. A guest that keeps recycling shadow
+/// pages under the minimum page limit (64, `KVM_SET_NR_MMU_PAGES`) must not pile up the frames
+/// of its zapped pages: the host gets them back in batches while the guest only faults, and the
+/// frames the MMU holds are exactly its live shadow pages plus the waiting ones.
+/// Kills `mmu_core/mod.rs:349:9` (`reclaim_batched` -> `()`: every recycled frame stayed with
+/// the MMU until the VMM next zapped, ~240 here, four times the page limit), `349:43` (`>=` ->
+/// `<`: a grace period after every fault that freed anything, nothing ever waiting), and
+/// `356:9` (`pending_free` -> 0 and -> 1: a wrong figure for the VMM).
+#[test]
+fn recycled_shadow_pages_go_back_to_the_host_in_batches() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    vm.set_nr_mmu_pages(64).unwrap();
+    let s = Space::new(&host, &next);
+    // One guest page in each of 150 GiB-sized regions: two new shadow pages (a PD and a PT) each.
+    for i in 1..=150u64 {
+        s.map4k(i << 30, DATA, P | RW | US);
+    }
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    let shadow = vm.shadow_mmu().unwrap();
+    let mut waited = Vec::new();
+    for i in 1..=150u64 {
+        assert_eq!(access(&mut v, i << 30, false), Seen::Ram(ram_pfn(DATA)));
+        let pending = vm.core().pending_free();
+        assert_eq!(
+            host.tables_in_use() as usize,
+            shadow.pages_in_use() + pending,
+            "the MMU's frames: its live shadow pages and those waiting for a grace period"
+        );
+        assert!(pending < 64 + 8, "{pending} frames wait after access {i}");
+        waited.push(pending);
+    }
+    assert!(vm.stats().tables_freed > 150, "the recycled pages went back to the host");
+    assert!(waited.iter().any(|&p| p > 1), "pages wait for a batch: {waited:?}");
+    vm.reclaim();
+    assert_eq!(vm.core().pending_free(), 0);
+    assert_eq!(host.tables_in_use() as usize, shadow.pages_in_use());
+}
