@@ -231,3 +231,38 @@ fn recycled_shadow_pages_go_back_to_the_host_in_batches() {
     assert_eq!(vm.core().pending_free(), 0);
     assert_eq!(host.tables_in_use() as usize, shadow.pages_in_use());
 }
+
+/// KVM `kvm_flush_remote_tlbs` (`KVM_REQUEST_WAIT`, facts rule 4): a remote TLB flush returns
+/// only once every vCPU that was in guest mode has left it or handled the flush, since its
+/// caller (a zap, a host invalidation) goes on to free or reuse what the old translations
+/// named. Here a vCPU in guest mode, on its own thread, takes a while to react to its kick (it
+/// is "running the guest" through its TLB meanwhile): the flush must not return before it did.
+/// Kills `mmu_core/mod.rs:400:25` (`wait == AckWait::Wait` -> `!=`: the flush returned right
+/// after the kick, while the vCPU could still translate through its stale TLB).
+#[test]
+fn a_remote_tlb_flush_returns_after_the_vcpu_in_guest_mode_flushed() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    s.map4k(A, DATA, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, A, false), Seen::Ram(ram_pfn(DATA)));
+    v.service_requests().unwrap();
+    v.enter_guest_mode().unwrap();
+    let flushed = AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        let (v, flushed) = (&mut v, &flushed);
+        sc.spawn(move || {
+            while !v.requests_pending() {
+                std::hint::spin_loop();
+            }
+            // The "IPI" arrived; the vCPU finishes what it was doing, then exits and flushes.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            flushed.store(true, Ordering::SeqCst);
+            v.exit_guest_mode();
+        });
+        vm.flush_remote_tlbs_for_tests();
+        assert!(flushed.load(Ordering::SeqCst), "the flush returned before the vCPU flushed");
+    });
+    assert_eq!(vm.stats().remote_tlb_flush, 1, "one vCPU had to be kicked");
+}
