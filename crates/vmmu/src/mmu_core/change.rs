@@ -94,9 +94,12 @@ impl<H: Host> MmuCore<H> {
             // hole or linking a table invalidates nothing a TLB or paging-structure cache holds.
             return FlushNeed::NotNeeded;
         }
-        // KVM `leaf_spte_change_needs_tlb_flush`: the leaf went, its frame changed, or a bit it
-        // had (a right: write, exec, user; or accessed/dirty) was taken away. A leaf that only
-        // gained bits maps the same frame with more rights: a stale TLB entry just faults again.
+        // The leaf went, its frame changed, or a bit it had was cleared (write, user, EPT's
+        // exec, accessed/dirty): a superset of KVM's `leaf_spte_change_needs_tlb_flush`, which
+        // looks at the write right only. x86's NX takes exec away by being set, which this does
+        // not look at, as KVM does not: a guest that takes a right away from its own PTE
+        // invalidates its TLB itself (INVLPG, a CR3 load). A leaf that only gained rights maps
+        // the same frame: a stale TLB entry just faults again.
         if !is_leaf || fmt.pfn(old) != fmt.pfn(new) || (old & !new) != 0 {
             FlushNeed::Remote
         } else {
