@@ -21,10 +21,9 @@
 //! page's entry before the next iteration comes round to it, so every write faults anyway (as on
 //! hardware, whose TLBs hold a few thousand entries).
 
-use super::vcpu::{guest_tables, SelftestVcpu, PHYS_BITS};
+use super::vcpu::{guest_tables, selftest_vcpus, PHYS_BITS};
 use super::{setup, MmuChoice, Result, SelftestError};
 use crate::host::{HostConfig, SimHost};
-use crate::hw_vcpu::HwVcpu;
 use crate::seam::{GuestMmu, SlotRequest};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
@@ -79,12 +78,7 @@ pub fn run(p: &Params, m: &MmuChoice) -> Result<Outcome> {
     let failed = AtomicBool::new(false);
     let failure: Mutex<Option<String>> = Mutex::new(None);
     let tables = guest_tables(m, &mmu, &host, &[(TEST_GPA, TEST_GPA + size)], &[TEST_SLOT])?;
-    let vcpus = (0..p.vcpus)
-        .map(|i| {
-            let hw = HwVcpu::with_state(&mmu, &host, mmu.create_vcpu(i), 256);
-            SelftestVcpu::new(hw, &host, tables.as_ref())
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let vcpus = selftest_vcpus(&mmu, &host, p.vcpus, 256, tables.as_ref())?;
     let mut out = Outcome { pages, ..Outcome::default() };
     std::thread::scope(|s| {
         for (i, mut hw) in vcpus.into_iter().enumerate() {

@@ -2,8 +2,8 @@
 //! the real MMU ([`RealMmu`], TDP or shadow: [`SelftestMmu`]) on a [`SimHost`], one simulated
 //! hardware vCPU per guest vCPU on its own thread (its "guest code" is Rust making the same
 //! accesses the C guest makes, through identity maps on the shadow MMU: `vcpu.rs`), the host
-//! side on the calling thread. `vmmu selftest` runs the same tests on `/dev/kvm` (`vmmu_kvm::selftest`) and
-//! prints both side by side.
+//! side on the calling thread. `vmmu selftest` runs the same tests on `/dev/kvm`
+//! (`vmmu_kvm::selftest`) and prints both side by side.
 //!
 //! - [`set_memory_region`]: `set_memory_region_test`'s MOVE and DELETE of a slot a running
 //!   guest spins on;

@@ -10,10 +10,9 @@
 //! is its `SYNC`. On the shadow MMU the vCPUs reach the test memory, far above 4 GiB, through
 //! identity tables in a slot of their own (`vcpu.rs`), as memstress's guests do through theirs.
 
-use super::vcpu::{guest_tables, SelftestVcpu, PHYS_BITS};
+use super::vcpu::{guest_tables, selftest_vcpus, PHYS_BITS};
 use super::{setup, MmuChoice, Result, SelftestError};
 use crate::host::{HostConfig, SimHost};
-use crate::hw_vcpu::HwVcpu;
 use crate::seam::{GuestMmu, SlotRequest};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -62,25 +61,15 @@ pub fn run(p: &Params, m: &MmuChoice) -> Result<Outcome> {
     let failure: Mutex<Option<String>> = Mutex::new(None);
     let reached = [(test_gpa - 4096, test_gpa + size)];
     let tables = guest_tables(m, &mmu, &host, &reached, &[TEST_SLOT, DUMMY_MEMSLOT_INDEX])?;
-    let states: Vec<_> = (0..p.vcpus).map(|i| mmu.create_vcpu(i)).collect();
+    let vcpus = selftest_vcpus(&mmu, &host, p.vcpus, 256, tables.as_ref())?;
     let t0 = Instant::now();
     let updates = std::thread::scope(|s| {
-        for (i, state) in states.into_iter().enumerate() {
-            let (mmu, host, stop, accesses, passes, failure, running, tables) =
-                (&mmu, &host, &stop, &accesses, &passes, &failure, &running, tables.as_ref());
+        for (i, mut hw) in vcpus.into_iter().enumerate() {
+            let (stop, accesses, passes, failure, running) =
+                (&stop, &accesses, &passes, &failure, &running);
             let base_gpa = test_gpa + i as u64 * per;
             let base_hva = mem.hva().raw() + i as u64 * per;
             s.spawn(move || {
-                let hw = HwVcpu::with_state(mmu, host, state, 256);
-                let mut hw = match SelftestVcpu::new(hw, host, tables) {
-                    Ok(hw) => hw,
-                    Err(e) => {
-                        *failure.lock().unwrap_or_else(|e| e.into_inner()) =
-                            Some(format!("vCPU {i}: {e}"));
-                        stop.store(true, Ordering::Relaxed);
-                        return;
-                    }
-                };
                 let mut pass = 0u64;
                 'run: while !stop.load(Ordering::Relaxed) {
                     pass += 1;

@@ -52,6 +52,23 @@ pub(crate) fn guest_tables(
     Ok(Some(tables))
 }
 
+/// vCPUs `0..n` of `mmu`, each with a TLB of `tlb_entries` and its guest set up on `tables`
+/// ([`SelftestVcpu::new`]), made here in vCPU order to be moved to their threads.
+pub(crate) fn selftest_vcpus<'a>(
+    mmu: &'a RealMmu,
+    host: &'a SimHost,
+    n: usize,
+    tlb_entries: usize,
+    tables: Option<&'a IdentityTables>,
+) -> Result<Vec<SelftestVcpu<'a>>> {
+    (0..n)
+        .map(|i| {
+            let hw = HwVcpu::with_state(mmu, host, mmu.create_vcpu(i), tlb_entries);
+            SelftestVcpu::new(hw, host, tables)
+        })
+        .collect()
+}
+
 /// What one 8-byte guest access did.
 pub(crate) enum Reached {
     /// RAM at this host address: the value loaded, or the value stored.
@@ -167,7 +184,7 @@ impl<'a> SelftestVcpu<'a> {
                 self.enter_guest();
                 v
             }
-            Reached::Failed(e) => Err(e),
+            Reached::Failed(e) => Err(format!("guest access at gpa {gpa:#x} failed: {e}")),
         }
     }
 
