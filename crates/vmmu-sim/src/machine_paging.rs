@@ -574,6 +574,14 @@ pub enum ShadowAccess {
     Error(String),
 }
 
+/// The rights a user-mode access of `kind` needs of a translation (a store: write too).
+pub(crate) const fn user_need(kind: AccessKind) -> vmmu::Access {
+    match kind {
+        AccessKind::Write => vmmu::Access::WRITE.union(vmmu::Access::USER),
+        AccessKind::Read => vmmu::Access::USER,
+    }
+}
+
 /// One access through the shadow tables, as the hardware and the hypervisor do it: walk by
 /// GVA, exit on a fault, handle it, until RAM, MMIO or a guest page fault. A write that the MMU
 /// write-protects (a guest table) is emulated here and reported.
@@ -599,11 +607,7 @@ pub fn shadow_access<M: GuestMmu>(
             "#GP: the guest's paging mode cannot form the address {gva:#x}"
         ));
     }
-    let need = if op.is_write() {
-        vmmu::Access::WRITE.union(vmmu::Access::USER)
-    } else {
-        vmmu::Access::USER
-    };
+    let need = user_need(AccessKind::from_write(op.is_write()));
     let mut budget = crate::hw_vcpu::RetryBudget::default();
     let mut first = true;
     loop {

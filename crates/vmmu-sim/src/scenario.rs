@@ -396,6 +396,11 @@ impl SimMachine {
         self.job(vcpu, |reply| Job::Access { addr, width: ram_width(width), write, reply })
     }
 
+    /// The accepted slot (of address space 0) that maps `gpa`, with its id.
+    fn slot_at(&self, gpa: u64) -> Option<(u16, &AcceptedSlot)> {
+        self.slots.iter().find(|(_, s)| gpa.wrapping_sub(s.gpa) < s.size).map(|(&id, s)| (id, s))
+    }
+
     /// The guest-physical address an access by `vcpu` to `addr` reaches (`None`: it faults).
     fn target(&self, vcpu: u32, addr: u64, kind: AccessKind) -> Option<u64> {
         match (self.paging, self.tables.as_ref()) {
@@ -416,7 +421,7 @@ impl SimMachine {
     /// between them) or in the machine's own memory (its guest page tables). A store through a
     /// read-only slot reaches no host memory (it exits as MMIO), so it passes.
     fn check_backed(&self, gpa: u64, width: Width, kind: AccessKind) -> Result<(), BackendError> {
-        let hit = self.slots.iter().find(|(_, s)| gpa.wrapping_sub(s.gpa) < s.size);
+        let hit = self.slot_at(gpa);
         let Some((id, s)) = hit.filter(|(_, s)| !(kind.is_write() && s.readonly)) else {
             return Ok(());
         };
@@ -454,8 +459,7 @@ impl SimMachine {
         }
         self.fetch_code(vcpu)?;
         if let Some(g) = gpa.filter(|_| kind.is_write()) {
-            let hit = self.slots.values().find(|s| g.wrapping_sub(s.gpa) < s.size);
-            if let Some(s) = hit.filter(|s| !s.readonly) {
+            if let Some((_, s)) = self.slot_at(g).filter(|(_, s)| !s.readonly) {
                 self.first_write(s.uaddr.wrapping_add(g - s.gpa), u64::from(width.bytes()));
             }
         }

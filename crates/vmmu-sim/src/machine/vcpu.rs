@@ -9,7 +9,7 @@ use crate::host::SimHost;
 use crate::hw_vcpu::{Attempts, Data, HwVcpu};
 use crate::layout::MachineLayout;
 use crate::machine_paging::{
-    shadow_access, PagingEvent, RamOp, ShadowAccess, Shootdown, VcpuPaging,
+    shadow_access, user_need, PagingEvent, RamOp, ShadowAccess, Shootdown, VcpuPaging,
 };
 use crate::migration::Recorder;
 use crate::mix::{AccessGen, GuestAccess, MixKind, MixWeights};
@@ -421,11 +421,7 @@ fn paged_access<M: GuestMmu>(
         hw.poll();
         p.tlb.follow(hw.tlb_stats().flushes);
         let kind = a.kind.access();
-        let need = match kind {
-            AccessKind::Write => Access::WRITE.union(Access::USER),
-            AccessKind::Read => Access::USER,
-        };
-        match p.tlb.lookup(gva, need) {
+        match p.tlb.lookup(gva, user_need(kind)) {
             Some(pfn) => ram_at(sh.host, pfn, gva, a.width, store),
             None => match p.walk_tdp(hw, gva, kind) {
                 Err(o) => o,

@@ -254,7 +254,6 @@ impl IdentityTables {
         GuestCpu {
             mode: PagingMode::Long4,
             cr3: self.cr3,
-            maxphyaddr: GUEST_PHYS_BITS,
             gbpages: true,
             ..nonpaging_cpu(GUEST_PHYS_BITS)
         }
