@@ -8,9 +8,10 @@
 use crate::bugs::BugSet;
 use crate::dirty::{DirtyLogError, DirtyLogMode};
 use crate::host::Host;
+use crate::memslot::region::Requester;
 use crate::memslot::{
-    Memslot, MemslotChange, MemslotError, MemslotHooks, Memslots, MemslotsConfig,
-    UserspaceMemoryRegion,
+    InternalMemoryRegion, Memslot, MemslotChange, MemslotError, MemslotHooks, Memslots,
+    MemslotsConfig, UserspaceMemoryRegion,
 };
 use crate::mmu_core::{MmuConfig, MmuCore, MmuError};
 pub use crate::notifier::HvaInvalidation;
@@ -431,7 +432,19 @@ impl<H: Host> Vm<H> {
         &self,
         r: &UserspaceMemoryRegion,
     ) -> Result<MemslotChange, MemslotError> {
-        self.update_memory_region(r, MmuHooks::new(&self.inner))
+        self.update_memory_region(r, Requester::User, MmuHooks::new(&self.inner))
+    }
+
+    /// KVM's `__x86_set_memory_region` in one address space: creates, moves or deletes one of
+    /// KVM's [`InternalSlot`]s, the ids above the user ones, with the checks, protocol and
+    /// zaps of [`Self::set_memory_region`] (but the user-id rule). An embedder that needs guest
+    /// memory of its own (KVM's real-mode TSS or identity page table) gets a slot no VMM
+    /// request can name or collide with by id.
+    pub fn set_internal_memory_region(
+        &self,
+        r: &InternalMemoryRegion,
+    ) -> Result<MemslotChange, MemslotError> {
+        self.update_memory_region(&r.as_request(), Requester::Internal, MmuHooks::new(&self.inner))
     }
 
     /// [`Self::set_memory_region`] with the MMU's side of the protocol in `hooks` (which carry
@@ -439,6 +452,7 @@ impl<H: Host> Vm<H> {
     fn update_memory_region(
         &self,
         r: &UserspaceMemoryRegion,
+        from: Requester,
         hooks: MmuHooks<'_, H>,
     ) -> Result<MemslotChange, MemslotError> {
         let inner = &*self.inner;
@@ -448,7 +462,7 @@ impl<H: Host> Vm<H> {
         while inner.mn_active.load(crate::sync::Ordering::Acquire) != 0 {
             crate::host::Sched::relax(&*inner.core.host);
         }
-        let change = inner.memslots.set_memory_region(r, &hooks)?;
+        let change = inner.memslots.set_region(r, from, &hooks)?;
         if let (VmMmu::Shadow(shadow), MemslotChange::Create | MemslotChange::Delete) =
             (&inner.mmu, change)
         {
@@ -531,7 +545,7 @@ impl<H: Host> Vm<H> {
     ) -> Result<MemslotChange, MemslotError> {
         let mut hooks = MmuHooks::new(&self.inner);
         hooks.probe = Some(probe);
-        self.update_memory_region(r, hooks)
+        self.update_memory_region(r, Requester::User, hooks)
     }
 
     /// Zaps `[start, end)` of `as_id` in every root and flushes (what a delete's hook does),
@@ -823,6 +837,32 @@ mod tests {
             }
             panic!("read of {gpa:#x} did not complete");
         }
+    }
+
+    /// An internal slot maps guest memory as a user slot does, is out of the VMM's reach by id
+    /// (a user request naming it breaks rule 0), still counts for overlaps, and its delete
+    /// takes its memory away from the guest.
+    #[test]
+    fn an_internal_slot_maps_guest_memory_that_no_vmm_request_can_name() {
+        use crate::memslot::{InternalMemoryRegion, InternalSlot};
+        let (vm, _host) = vm(FormatKind::Ept);
+        let mut v = TlbVcpu { vcpu: vm.create_vcpu().unwrap(), tlb: BTreeMap::new() };
+        let mut r = InternalMemoryRegion {
+            as_id: AsId(0),
+            slot: InternalSlot::IdentityPageTable,
+            guest_phys_addr: GPA,
+            memory_size: 0x2000,
+            userspace_addr: RAM_HVA,
+        };
+        assert_eq!(vm.set_internal_memory_region(&r), Ok(MemslotChange::Create));
+        assert_eq!(v.read(GPA + 0x1000), Seen::Ram(Pfn((RAM_HVA >> 12) + 1)));
+        let by_user = vm.set_memory_region(&UserspaceMemoryRegion::new(32766, 0, GPA, 0, 0));
+        assert_eq!(by_user.unwrap_err().rule(), "slot-id-not-user");
+        let over = vm.set_memory_region(&UserspaceMemoryRegion::new(3, 0, GPA, 0x1000, RAM_HVA));
+        assert!(matches!(over, Err(MemslotError::Overlap { other: 32766, .. })), "{over:?}");
+        r.memory_size = 0;
+        assert_eq!(vm.set_internal_memory_region(&r), Ok(MemslotChange::Delete));
+        assert_eq!(v.read(GPA + 0x1000), Seen::Mmio, "the deleted internal slot still maps");
     }
 
     /// Defect 1, deterministically: during a slot create, vCPU A decided "MMIO" from the old

@@ -54,10 +54,11 @@ pub mod set;
 pub mod slot;
 
 pub use cache::SlotCache;
+use region::Requester;
 pub use region::{
-    FixedField, MemslotError, UserspaceMemoryRegion, KVM_MEMSLOT_INVALID, KVM_MEM_GUEST_MEMFD,
-    KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_MAX_NR_PAGES, KVM_MEM_READONLY, KVM_MEM_SLOTS_NUM,
-    KVM_USER_MEM_SLOTS, TASK_SIZE_MAX,
+    FixedField, InternalMemoryRegion, InternalSlot, MemslotError, UserspaceMemoryRegion,
+    KVM_MEMSLOT_INVALID, KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_MAX_NR_PAGES,
+    KVM_MEM_READONLY, KVM_MEM_SLOTS_NUM, KVM_USER_MEM_SLOTS, TASK_SIZE_MAX,
 };
 pub use set::MemslotSet;
 pub use slot::Memslot;
@@ -447,7 +448,32 @@ impl Memslots {
         r: &UserspaceMemoryRegion,
         hooks: &dyn MemslotHooks,
     ) -> Result<MemslotChange, MemslotError> {
-        let req = region::check_request(r, self.cfg.nr_address_spaces, self.cfg.user_va_limit)?;
+        self.set_region(r, Requester::User, hooks)
+    }
+
+    /// KVM's `__x86_set_memory_region` for one address space: creates, moves or deletes an
+    /// [`InternalSlot`] as [`Self::set_memory_region`] does a user slot (every rule but the
+    /// user-id rule, the same protocol and hooks; its flags are always 0).
+    ///
+    /// # Panics
+    /// As [`Self::set_memory_region`].
+    pub fn set_internal_memory_region(
+        &self,
+        r: &InternalMemoryRegion,
+        hooks: &dyn MemslotHooks,
+    ) -> Result<MemslotChange, MemslotError> {
+        self.set_region(&r.as_request(), Requester::Internal, hooks)
+    }
+
+    /// [`Self::set_memory_region`] for a request `from` a VMM or KVM itself.
+    pub(crate) fn set_region(
+        &self,
+        r: &UserspaceMemoryRegion,
+        from: Requester,
+        hooks: &dyn MemslotHooks,
+    ) -> Result<MemslotChange, MemslotError> {
+        let req =
+            region::check_request(r, from, self.cfg.nr_address_spaces, self.cfg.user_va_limit)?;
         let mut st = self.slots_lock.lock();
         if self.torn.load(Ordering::Relaxed) {
             torn_update();

@@ -74,6 +74,76 @@ impl UserspaceMemoryRegion {
     }
 }
 
+/// KVM x86's internal memslots, the ids just above the user ones (`__x86_set_memory_region`'s
+/// `TSS_PRIVATE_MEMSLOT`, `APIC_ACCESS_PAGE_PRIVATE_MEMSLOT`,
+/// `IDENTITY_PAGETABLE_PRIVATE_MEMSLOT`). KVM sets them up for its own use; a VMM's requests
+/// cannot name them (rule 0), so they never collide with the VMM's slots, while the rest of the
+/// memslot rules, the generation protocol and the MMU treat them as any slot.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum InternalSlot {
+    /// `TSS_PRIVATE_MEMSLOT` (VMX's real-mode TSS).
+    Tss,
+    /// `APIC_ACCESS_PAGE_PRIVATE_MEMSLOT` (VMX's APIC-access page).
+    ApicAccessPage,
+    /// `IDENTITY_PAGETABLE_PRIVATE_MEMSLOT` (VMX's identity-mapped page table for a guest in
+    /// real mode without unrestricted guest support).
+    IdentityPageTable,
+}
+
+impl InternalSlot {
+    /// The slot id: `KVM_USER_MEM_SLOTS` + 0, 1 or 2.
+    pub const fn id(self) -> SlotId {
+        SlotId(
+            KVM_USER_MEM_SLOTS
+                + match self {
+                    InternalSlot::Tss => 0,
+                    InternalSlot::ApicAccessPage => 1,
+                    InternalSlot::IdentityPageTable => 2,
+                },
+        )
+    }
+}
+
+/// A request for an internal slot ([`InternalSlot`]), as KVM's `__x86_set_memory_region` makes
+/// one: no flags, the host range given by the caller (KVM maps anonymous memory for it), size 0
+/// to delete. Checked with every rule of a user request but rule 0.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct InternalMemoryRegion {
+    /// The address space (x86: 0, or 1 for SMM; KVM sets an internal slot in each).
+    pub as_id: AsId,
+    /// Which internal slot.
+    pub slot: InternalSlot,
+    /// First guest-physical byte.
+    pub guest_phys_addr: u64,
+    /// Size in bytes; 0 deletes the slot.
+    pub memory_size: u64,
+    /// First host-virtual byte.
+    pub userspace_addr: u64,
+}
+
+impl InternalMemoryRegion {
+    /// The request in the ioctl's shape (the slot word names the internal id; no flags).
+    pub const fn as_request(&self) -> UserspaceMemoryRegion {
+        UserspaceMemoryRegion {
+            slot: ((self.as_id.0 as u32) << 16) | self.slot.id().0 as u32,
+            flags: 0,
+            guest_phys_addr: self.guest_phys_addr,
+            memory_size: self.memory_size,
+            userspace_addr: self.userspace_addr,
+        }
+    }
+}
+
+/// Whose request a check runs on: a VMM's, which may name user slot ids only (rule 0), or
+/// KVM's own for an [`InternalSlot`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Requester {
+    /// `KVM_SET_USER_MEMORY_REGION`.
+    User,
+    /// `__x86_set_memory_region`.
+    Internal,
+}
+
 /// Which fixed field a modification of an existing slot tried to change.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum FixedField {
@@ -149,8 +219,8 @@ pub enum MemslotError {
         /// The VM's number of address spaces.
         nr: u16,
     },
-    /// The slot id is at or above `KVM_MEM_SLOTS_NUM` (rule 5; unreachable through the ioctl,
-    /// whose rule 0 is stricter, kept for KVM's order).
+    /// The slot id is at or above `KVM_MEM_SLOTS_NUM` (rule 5; unreachable, since rule 0 is
+    /// stricter for a user request and an [`InternalSlot`] is below it; kept for KVM's order).
     #[error("slot id {id} is not below KVM_MEM_SLOTS_NUM ({KVM_MEM_SLOTS_NUM})")]
     SlotIdTooLarge {
         /// The id given.
@@ -279,10 +349,11 @@ pub(crate) struct Request {
     pub hva: Hva,
 }
 
-/// Rules 1, 0, 2..=7, in KVM's order. `nr_as` is the VM's number of address spaces and
-/// `user_va_limit` the `access_ok` limit.
+/// Rules 1, 0, 2..=7, in KVM's order (rule 0 for a [`Requester::User`] only). `nr_as` is the
+/// VM's number of address spaces and `user_va_limit` the `access_ok` limit.
 pub(crate) fn check_request(
     r: &UserspaceMemoryRegion,
+    from: Requester,
     nr_as: u16,
     user_va_limit: u64,
 ) -> Result<Request, MemslotError> {
@@ -292,7 +363,7 @@ pub(crate) fn check_request(
         return Err(MemslotError::InvalidFlags { flags: r.flags });
     }
     // kvm_vm_ioctl_set_memory_region: (u16)slot.
-    if id.0 >= KVM_USER_MEM_SLOTS {
+    if from == Requester::User && id.0 >= KVM_USER_MEM_SLOTS {
         return Err(MemslotError::SlotIdNotUser { id: id.0 });
     }
     // check_memory_region_flags: for an x86 VM without private memory or protected state it
@@ -340,34 +411,68 @@ pub(crate) fn check_request(
 mod tests {
     use super::*;
 
+    fn user(r: &UserspaceMemoryRegion, nr_as: u16, lim: u64) -> Result<Request, MemslotError> {
+        check_request(r, Requester::User, nr_as, lim)
+    }
+
     #[test]
     fn flags_are_checked_before_the_slot_id() {
-        let e = check_request(&UserspaceMemoryRegion::new(40000, 4, 0, 4096, 0), 2, TASK_SIZE_MAX)
-            .unwrap_err();
+        let e =
+            user(&UserspaceMemoryRegion::new(40000, 4, 0, 4096, 0), 2, TASK_SIZE_MAX).unwrap_err();
         assert_eq!(e.rule(), "invalid-flags");
-        let e = check_request(&UserspaceMemoryRegion::new(40000, 3, 0, 4096, 0), 2, TASK_SIZE_MAX)
-            .unwrap_err();
+        let e =
+            user(&UserspaceMemoryRegion::new(40000, 3, 0, 4096, 0), 2, TASK_SIZE_MAX).unwrap_err();
         assert_eq!(e.rule(), "slot-id-not-user");
+    }
+
+    #[test]
+    fn an_internal_request_may_name_the_ids_above_the_user_ones_and_no_others() {
+        for (slot, id) in [
+            (InternalSlot::Tss, 32764),
+            (InternalSlot::ApicAccessPage, 32765),
+            (InternalSlot::IdentityPageTable, 32766),
+        ] {
+            let r = InternalMemoryRegion {
+                as_id: AsId(1),
+                slot,
+                guest_phys_addr: 0xfeff_c000,
+                memory_size: 0x3000,
+                userspace_addr: 0x7000_0000,
+            };
+            let req = r.as_request();
+            assert_eq!(req.slot, (1 << 16) | id);
+            assert_eq!(req.flags, 0);
+            let ok = check_request(&req, Requester::Internal, 2, TASK_SIZE_MAX).unwrap();
+            assert_eq!((ok.as_id, ok.id, ok.npages), (AsId(1), SlotId(id as u16), 3));
+            // The same request from a VMM breaks rule 0.
+            assert_eq!(user(&req, 2, TASK_SIZE_MAX).unwrap_err().rule(), "slot-id-not-user");
+        }
+        // Every other rule still holds for an internal request.
+        let r = InternalMemoryRegion {
+            as_id: AsId(0),
+            slot: InternalSlot::Tss,
+            guest_phys_addr: 0x1000,
+            memory_size: 0x3000,
+            userspace_addr: 0x7000_0800,
+        };
+        let e = check_request(&r.as_request(), Requester::Internal, 1, TASK_SIZE_MAX).unwrap_err();
+        assert_eq!(e.rule(), "hva-not-aligned");
     }
 
     #[test]
     fn access_ok_boundary() {
         let lim = TASK_SIZE_MAX;
-        assert!(
-            check_request(&UserspaceMemoryRegion::new(0, 0, 0, 4096, lim - 4096), 1, lim).is_ok()
-        );
-        let e = check_request(&UserspaceMemoryRegion::new(0, 0, 0, 8192, lim - 4096), 1, lim)
-            .unwrap_err();
+        assert!(user(&UserspaceMemoryRegion::new(0, 0, 0, 4096, lim - 4096), 1, lim).is_ok());
+        let e = user(&UserspaceMemoryRegion::new(0, 0, 0, 8192, lim - 4096), 1, lim).unwrap_err();
         assert_eq!(e.rule(), "hva-range-not-user");
         // A delete is checked too.
-        let e =
-            check_request(&UserspaceMemoryRegion::new(0, 0, 0, 0, lim + 4096), 1, lim).unwrap_err();
+        let e = user(&UserspaceMemoryRegion::new(0, 0, 0, 0, lim + 4096), 1, lim).unwrap_err();
         assert_eq!(e.rule(), "hva-range-not-user");
     }
 
     #[test]
     fn fields_are_parsed() {
-        let r = check_request(
+        let r = user(
             &UserspaceMemoryRegion::new(0x1_0005, 3, 0x20_0000, 0x40_0000, 0x7000_0000),
             2,
             TASK_SIZE_MAX,
