@@ -30,7 +30,7 @@
 //!   (`own_write_ok`) and which slots are aliases (`aliases`) are functions of their own, tested
 //!   without an MMU that misbehaves.
 
-use super::identity::{nonpaging_cpu, IdentityError, IdentityTables};
+use super::identity::{nonpaging_cpu, IdentityError, IdentityTables, NONPAGING_LIMIT};
 use super::live::{Live, LiveSlots};
 use super::memory::{MemoryError, TraceMemory};
 use super::parse::{Dir, EventKind, Exit, MmioEvent, SlotEvent, Trace};
@@ -246,7 +246,7 @@ impl Cpu<'_> {
     fn forms(&self, gpa: u64) -> bool {
         match &self.shadow {
             Some((_, Some(tables))) => tables.gva(gpa).is_some(),
-            Some((_, None)) => gpa < FOUR_GIB,
+            Some((_, None)) => gpa < NONPAGING_LIMIT,
             None => gpa >> self.tdp_gpa_bits == 0,
         }
     }
@@ -896,7 +896,8 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
 /// stays below 4 GiB runs without guest paging (GVA = GPA), as firmware such as SeaBIOS does:
 /// KVM then walks a special root of four direct shadow pages (shadow facts §6.1), and so does
 /// this MMU. Above, a guest without paging cannot reach, so the guest runs in long mode on
-/// identity-mapped tables ([`IdentityTables`]) in a slot of their own, CR3 pointing at them.
+/// identity-mapped tables ([`IdentityTables`]) in KVM's internal identity-page-table slot, CR3
+/// pointing at them.
 fn shadow_guest(
     trace: &Trace,
     memory: &TraceMemory,
@@ -907,7 +908,7 @@ fn shadow_guest(
     let v = mmu
         .shadow_vcpu(hw.state())
         .ok_or_else(|| ReplayError::Guest("the VM does not use the shadow MMU".into()))?;
-    if highest_gpa(trace).is_none_or(|last| last < FOUR_GIB) {
+    if highest_gpa(trace).is_none_or(|last| last < NONPAGING_LIMIT) {
         v.set_guest_cpu(nonpaging_cpu(cfg.phys_bits))
             .map_err(|e| ReplayError::Guest(e.to_string()))?;
         return Ok((
@@ -916,7 +917,7 @@ fn shadow_guest(
         ));
     }
     let tables = IdentityTables::build(trace, memory.host(), cfg.phys_bits)?;
-    mmu.vm().set_memory_region(&tables.region).map_err(|e| {
+    mmu.vm().set_internal_memory_region(&tables.region).map_err(|e| {
         ReplayError::Guest(format!("the page-table slot {:?} was refused: {e}", tables.region))
     })?;
     let v = mmu
@@ -926,14 +927,12 @@ fn shadow_guest(
     v.load_cr3(tables.cr3).map_err(|e| ReplayError::Guest(e.to_string()))?;
     let note = format!(
         "long mode, identity-mapped with 1 GiB pages (the trace reaches above 4 GiB); tables at \
-         {:#x} in slot {}",
-        tables.cr3, tables.region.slot
+         {:#x} in KVM's internal identity-page-table slot ({})",
+        tables.cr3,
+        tables.region.slot.id().0
     );
     Ok((Some(tables), note))
 }
-
-/// A guest without paging reaches guest-physical addresses below this.
-const FOUR_GIB: u64 = 1 << 32;
 
 #[cfg(test)]
 mod tests {
@@ -1660,7 +1659,7 @@ mod tests {
         };
         mmu.vm().set_memory_region(&region).expect("slot");
         let mut tlb = GvaTlb::default();
-        for (gva, ram) in [(0x10, true), (FOUR_GIB + 0x10, false)] {
+        for (gva, ram) in [(0x10, true), (NONPAGING_LIMIT + 0x10, false)] {
             hw.enter_guest();
             let r = shadow_access(
                 &mut hw,

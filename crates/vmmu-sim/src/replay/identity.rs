@@ -13,8 +13,8 @@
 //! user address of the same value under 4-level paging: it is mapped at a free region below
 //! 2^47 instead ([`IdentityTables::gva`] says where).
 //!
-//! Invariants: the tables live in a slot of the replay's own, with a slot id the trace never
-//! uses, in a 1 GiB region the trace never touches (or, when every region below MAXPHYADDR is
+//! Invariants: the tables live in KVM's internal identity-page-table slot
+//! ([`InternalSlot::IdentityPageTable`], an id above every id a trace can name), in a 1 GiB region the trace never touches (or, when every region below MAXPHYADDR is
 //! touched, in a gap between the trace's slot requests and accesses, which the identity map then
 //! covers like the rest of its region); nothing the trace does reaches them, and the replay's
 //! own accesses never go there (they stay in the trace's slots and accessed ranges).
@@ -27,8 +27,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use vmmu::guest::pte::{A, D, P, PS, RW, US};
 use vmmu::guest::{GuestCpu, PagingMode};
-use vmmu::memslot::region::{KVM_MEM_MAX_NR_PAGES, KVM_USER_MEM_SLOTS};
-use vmmu::memslot::UserspaceMemoryRegion;
+use vmmu::memslot::region::KVM_MEM_MAX_NR_PAGES;
+use vmmu::memslot::{InternalMemoryRegion, InternalSlot};
+use vmmu::AsId;
 
 const GIB: u64 = 1 << 30;
 const MIB2: u64 = 2 << 20;
@@ -37,6 +38,9 @@ const PAGE: u64 = 4096;
 /// MAXPHYADDR (KVM's `kvm_mmu_max_gfn` without TDP, facts §5.3), so the guest must reach that
 /// far (a TDP replay of the same trace refuses a slot above the host's MAXPHYADDR instead).
 pub const GUEST_PHYS_BITS: u8 = 52;
+/// A guest without paging reaches guest-physical addresses below this; above, it needs the
+/// identity tables.
+pub const NONPAGING_LIMIT: u64 = 1 << 32;
 /// An intermediate entry: present, writable, user, accessed.
 const TABLE: u64 = P | RW | US | A;
 
@@ -53,9 +57,6 @@ pub enum IdentityError {
         /// The host MAXPHYADDR.
         phys_bits: u8,
     },
-    /// The trace uses every slot id of address space 0.
-    #[error("the trace uses every slot id of address space 0; the shadow replay needs one")]
-    NoSlotId,
     /// The trace touches more 1 GiB regions than a 4-level guest has user addresses for
     /// (2^17, less one for the tables).
     #[error(
@@ -70,8 +71,8 @@ pub enum IdentityError {
 
 /// The replay's identity map, built in host memory, and the slot that must hold it.
 pub struct IdentityTables {
-    /// The slot request that puts the tables where CR3 points.
-    pub region: UserspaceMemoryRegion,
+    /// The internal slot request that puts the tables where CR3 points.
+    pub region: InternalMemoryRegion,
     /// CR3: the PML4's guest-physical address.
     pub cr3: u64,
     /// Every mapped region (1 GiB indices): guest-physical region -> guest-virtual region
@@ -162,35 +163,22 @@ impl IdentityTables {
         host: &SimHost,
         phys_bits: u8,
     ) -> Result<IdentityTables, IdentityError> {
-        let used: BTreeSet<u16> = trace
-            .events
-            .iter()
-            .filter_map(|e| match e.kind {
-                EventKind::Slot(s) if s.as_id == 0 => Some(s.id),
-                _ => None,
-            })
-            .collect();
-        Self::for_ranges(&reached(trace, GUEST_PHYS_BITS), &used, host, phys_bits)
+        Self::for_ranges(&reached(trace, GUEST_PHYS_BITS), host, phys_bits)
     }
 
     /// Builds tables that map the guest-physical byte ranges `[start, end)` of `ranges` (below
-    /// 2^[`GUEST_PHYS_BITS`]), in a new buffer of `host`, to live below 2^`phys_bits` in a slot
-    /// whose id is none of `used` and at an address none of `ranges` reaches (module
+    /// 2^[`GUEST_PHYS_BITS`]), in a new buffer of `host`, to live below 2^`phys_bits` in the
+    /// internal identity-page-table slot at an address none of `ranges` reaches (module
     /// invariants): how the selftests under the shadow MMU reach their memory above 4 GiB, as
     /// KVM's selftest library maps its guest's.
     pub fn for_ranges(
         ranges: &[(u64, u64)],
-        used: &BTreeSet<u16>,
         host: &SimHost,
         phys_bits: u8,
     ) -> Result<IdentityTables, IdentityError> {
         let regions = touched(ranges)?;
         let limit = 1u64 << phys_bits.min(63);
         let free_region = (0..limit / GIB).find(|i| !regions.contains(i));
-        let id = (0..KVM_USER_MEM_SLOTS)
-            .rev()
-            .find(|i| !used.contains(i))
-            .ok_or(IdentityError::NoSlotId)?;
         // Guest-virtual region of each touched region: itself when canonical, else a free one.
         let canonical = (1u64 << 47) / GIB;
         let home_region = free_region.unwrap_or(u64::MAX);
@@ -229,9 +217,9 @@ impl IdentityTables {
         for (&r, &v) in &gva_region {
             write(pdpt_at[&(v / 512)] + 8 * (v % 512), (r * GIB) | P | RW | US | A | D | PS)?;
         }
-        let region = UserspaceMemoryRegion {
-            slot: u32::from(id),
-            flags: 0,
+        let region = InternalMemoryRegion {
+            as_id: AsId(0),
+            slot: InternalSlot::IdentityPageTable,
             guest_phys_addr: base,
             memory_size: size,
             userspace_addr: buf.hva().raw(),
@@ -286,7 +274,7 @@ mod tests {
     }
 
     #[test]
-    fn tables_go_to_the_first_untouched_gib_with_an_unused_slot_id() {
+    fn tables_go_to_the_first_untouched_gib_in_the_internal_slot() {
         let text = format!(
             "{HEADER}{}{}",
             slot(0, "0x0", "0x40000000"),
@@ -296,7 +284,8 @@ mod tests {
         let host = SimHost::new(HostConfig::new(46)).expect("host");
         let t = IdentityTables::build(&trace, &host, 46).expect("tables");
         assert_eq!(t.cr3, 2 * GIB, "GiB 0 and 1 are the trace's");
-        assert_eq!(t.region.slot, 32762);
+        assert_eq!(t.region.slot, InternalSlot::IdentityPageTable);
+        assert_eq!(t.region.as_request().slot, 32766);
         assert_eq!(t.region.guest_phys_addr, t.cr3);
         assert_eq!(t.region.memory_size, MIB2);
     }
@@ -388,7 +377,7 @@ mod tests {
         let host = SimHost::new(HostConfig::new(36)).expect("host");
         let t = IdentityTables::build(&trace, &host, 36).expect("tables");
         assert_eq!(t.cr3, 0x201000, "the first page after the slot and the access");
-        assert_eq!(t.region.slot, 32763);
+        assert_eq!(t.region.slot, InternalSlot::IdentityPageTable);
         let end = t.cr3 + t.region.memory_size;
         assert!(end <= GIB, "{end:#x}");
     }

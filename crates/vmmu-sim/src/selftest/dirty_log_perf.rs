@@ -77,7 +77,7 @@ pub fn run(p: &Params, m: &MmuChoice) -> Result<Outcome> {
     let pass = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
     let failure: Mutex<Option<String>> = Mutex::new(None);
-    let tables = guest_tables(m, &mmu, &host, &[(TEST_GPA, TEST_GPA + size)], &[TEST_SLOT])?;
+    let tables = guest_tables(m, &mmu, &host, &[(TEST_GPA, TEST_GPA + size)])?;
     let vcpus = selftest_vcpus(&mmu, &host, p.vcpus, 256, tables.as_ref())?;
     let mut out = Outcome { pages, ..Outcome::default() };
     std::thread::scope(|s| {

@@ -8,7 +8,7 @@
 //! error fails it); here every access must be RAM at the host address the test slot maps (an
 //! MMIO outcome, an error or a stale translation fails the test). A pass over a vCPU's memory
 //! is its `SYNC`. On the shadow MMU the vCPUs reach the test memory, far above 4 GiB, through
-//! identity tables in a slot of their own (`vcpu.rs`), as memstress's guests do through theirs.
+//! identity tables in an internal slot (`vcpu.rs`), as memstress's guests do through theirs.
 
 use super::vcpu::{guest_tables, selftest_vcpus, PHYS_BITS};
 use super::{setup, MmuChoice, Result, SelftestError};
@@ -60,7 +60,7 @@ pub fn run(p: &Params, m: &MmuChoice) -> Result<Outcome> {
     let running = AtomicUsize::new(0);
     let failure: Mutex<Option<String>> = Mutex::new(None);
     let reached = [(test_gpa - 4096, test_gpa + size)];
-    let tables = guest_tables(m, &mmu, &host, &reached, &[TEST_SLOT, DUMMY_MEMSLOT_INDEX])?;
+    let tables = guest_tables(m, &mmu, &host, &reached)?;
     let vcpus = selftest_vcpus(&mmu, &host, p.vcpus, 256, tables.as_ref())?;
     let t0 = Instant::now();
     let updates = std::thread::scope(|s| {

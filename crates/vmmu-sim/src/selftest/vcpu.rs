@@ -20,33 +20,27 @@ use crate::hw_vcpu::{Data, HwVcpu};
 use crate::machine_paging::{shadow_access, GvaTlb, RamOp, ShadowAccess};
 use crate::ram::Width;
 use crate::real::RealMmu;
-use crate::replay::identity::{nonpaging_cpu, IdentityTables};
+use crate::replay::identity::{nonpaging_cpu, IdentityTables, NONPAGING_LIMIT};
 use crate::seam::{AccessKind, GuestMmu, Translation};
-use std::collections::BTreeSet;
 use vmmu::Gpa;
-
-/// A guest without paging reaches guest-physical addresses below this.
-const FOUR_GIB: u64 = 1 << 32;
 
 /// The host MAXPHYADDR of every selftest VM (the C tests' x86-64 default).
 pub(crate) const PHYS_BITS: u8 = 46;
 
 /// The identity tables a test's shadow-MMU guest needs to reach `ranges` (guest-physical
 /// `[start, end)`), with their slot installed; `None` on the TDP MMU and when every range lies
-/// below 4 GiB (the guest runs without paging). `used`: the slot ids the test itself uses.
+/// below 4 GiB (the guest runs without paging).
 pub(crate) fn guest_tables(
     m: &MmuChoice,
     mmu: &RealMmu,
     host: &SimHost,
     ranges: &[(u64, u64)],
-    used: &[u32],
 ) -> Result<Option<IdentityTables>> {
-    if m.mmu != SelftestMmu::Shadow || ranges.iter().all(|&(_, end)| end <= FOUR_GIB) {
+    if m.mmu != SelftestMmu::Shadow || ranges.iter().all(|&(_, end)| end <= NONPAGING_LIMIT) {
         return Ok(None);
     }
-    let used: BTreeSet<u16> = used.iter().filter_map(|&id| u16::try_from(id).ok()).collect();
-    let tables = IdentityTables::for_ranges(ranges, &used, host, PHYS_BITS).map_err(setup)?;
-    mmu.vm().set_memory_region(&tables.region).map_err(|e| {
+    let tables = IdentityTables::for_ranges(ranges, host, PHYS_BITS).map_err(setup)?;
+    mmu.vm().set_internal_memory_region(&tables.region).map_err(|e| {
         setup(format!("the guest page-table slot {:?} was refused: {e}", tables.region))
     })?;
     Ok(Some(tables))
