@@ -436,10 +436,10 @@ impl<H: Host> Vm<H> {
     }
 
     /// KVM's `__x86_set_memory_region` in one address space: creates, moves or deletes one of
-    /// KVM's [`InternalSlot`]s, the ids above the user ones, with the checks, protocol and
-    /// zaps of [`Self::set_memory_region`] (but the user-id rule). An embedder that needs guest
-    /// memory of its own (KVM's real-mode TSS or identity page table) gets a slot no VMM
-    /// request can name or collide with by id.
+    /// KVM's [`InternalSlot`](crate::memslot::InternalSlot)s, the ids above the user ones, with
+    /// the checks, protocol and zaps of [`Self::set_memory_region`] (but the user-id rule). An
+    /// embedder that needs guest memory of its own (KVM's real-mode TSS or identity page table)
+    /// gets a slot no VMM request can name or collide with by id.
     pub fn set_internal_memory_region(
         &self,
         r: &InternalMemoryRegion,
