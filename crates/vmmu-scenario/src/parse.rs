@@ -366,8 +366,11 @@ fn number(w: Word<'_>) -> LineResult<u64> {
         return Err(bad("no digits"));
     }
     if !digits.chars().all(|c| c.is_digit(radix)) {
-        return Err(bad(if radix == 16 {
-            "expected hex digits after 0x"
+        let body = digits.strip_suffix(['K', 'M', 'G']).unwrap_or("");
+        return Err(bad(if !body.is_empty() && body.chars().all(|c| c.is_digit(radix)) {
+            "a K, M or G suffix is allowed in `size=` only"
+        } else if radix == 16 {
+            "expected only hex digits (0-9, a-f) after 0x"
         } else {
             "expected decimal digits or 0x hex (no signs, no `_`)"
         }));
@@ -1104,7 +1107,10 @@ mod tests {
     #[test]
     fn bad_number_messages_say_which_digits_were_expected() {
         for (bad, why) in [
-            ("0xg", "expected hex digits after 0x"),
+            ("0xg", "expected only hex digits (0-9, a-f) after 0x"),
+            ("0x12g", "expected only hex digits (0-9, a-f) after 0x"),
+            ("0x1000K", "a K, M or G suffix is allowed in `size=` only"),
+            ("4096M", "a K, M or G suffix is allowed in `size=` only"),
             ("1_0", "expected decimal digits or 0x hex (no signs, no `_`)"),
             ("-1", "expected decimal digits or 0x hex (no signs, no `_`)"),
         ] {
