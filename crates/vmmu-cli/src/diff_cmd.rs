@@ -211,6 +211,11 @@ pub fn run(args: &DiffArgs) -> ExitCode {
             note!(
                 "vmmu diff: {shown}: no steps (only comments or blank lines): nothing to compare"
             );
+            let verdict = Verdict::Skipped("no steps (only comments or blank lines)".into());
+            if writeln!(out, "{}", VerdictLine { path: &shown, verdict: &verdict }).is_err() {
+                return ExitCode::from(1);
+            }
+            continue;
         }
         let pinned = diff::pinned_format(&text, &scenario);
         let mut sources: Vec<Source> = sim_backends(pinned)
