@@ -13,6 +13,7 @@ use crate::guest_tables::{GuestTables, TABLES_GPA};
 use crate::host::{HostBuffer, HostConfig, SimHost};
 use crate::ram::Width as RamWidth;
 use crate::real::{RealMmu, RealMmuConfig};
+use crate::scenario_dirty::WrittenPages;
 use crate::scenario_vcpu::{vcpu_thread, Access, InvlpgRoutine, Job, Mode};
 use crate::seam::{AccessKind, Errno, GuestMmu, SlotRequest};
 use std::sync::mpsc::{channel, Sender};
@@ -96,13 +97,32 @@ const MAX_FRAMES: u64 = 1 << 24;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SimBackend;
 
+/// The software machine with historical KVM bugs re-injected into its MMU (effective with the
+/// core's `historical-bugs` feature), to show which scenario observations or backend checks
+/// catch them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SimBackendInjected {
+    /// The bugs.
+    pub bugs: vmmu::bugs::BugSet,
+}
+
+impl Backend for SimBackendInjected {
+    fn name(&self) -> &str {
+        "sim"
+    }
+
+    fn start(&self, scenario: &Scenario) -> Result<Start, BackendError> {
+        Ok(Start::Run(Box::new(SimMachine::new(scenario, self.bugs)?)))
+    }
+}
+
 impl Backend for SimBackend {
     fn name(&self) -> &str {
         "sim"
     }
 
     fn start(&self, scenario: &Scenario) -> Result<Start, BackendError> {
-        Ok(Start::Run(Box::new(SimMachine::new(scenario)?)))
+        Ok(Start::Run(Box::new(SimMachine::new(scenario, vmmu::bugs::BugSet::NONE)?)))
     }
 }
 
@@ -118,6 +138,8 @@ struct AcceptedSlot {
     size: u64,
     uaddr: u64,
     readonly: bool,
+    /// Dirty logging on.
+    dirty_log: bool,
     /// The buffer its `mem=` names: a guest access through the slot must stay inside it.
     mem: Option<MemId>,
 }
@@ -139,6 +161,10 @@ pub struct SimMachine {
     /// Where each vCPU fetches its access code from before a guest access, when that costs the
     /// MMU something a scenario can observe (a version-1 guest under shadow paging).
     code_gpa: Option<u64>,
+    /// Whether a `dirty-log` clears what it returns (automatic mode) or not (manual).
+    dirty_log_mode: DirtyLogMode,
+    /// The pages every `dirty-log` must report.
+    written: WrittenPages,
 }
 
 fn ram_width(w: Width) -> RamWidth {
@@ -155,7 +181,7 @@ fn failed(e: impl std::fmt::Display) -> BackendError {
 }
 
 impl SimMachine {
-    fn new(sc: &Scenario) -> Result<SimMachine, BackendError> {
+    fn new(sc: &Scenario, bugs: vmmu::bugs::BugSet) -> Result<SimMachine, BackendError> {
         let vm = &sc.vm;
         let host = Arc::new(
             SimHost::new(HostConfig {
@@ -191,7 +217,7 @@ impl SimMachine {
             // mapping went faults on its next read, and a read fault of a written page maps it
             // writable, which dirties it (measured on /dev/kvm).
             slot_zap_all: true,
-            bugs: vmmu::bugs::BugSet::NONE,
+            bugs,
             // Version 1: the reference KVM (shadow paging) runs the backend's guest on 2 MiB
             // identity pages, accessed and dirty, and so prefetches around every RAM fault as
             // its direct MMU does; the TDP formats do the same to agree with it. (With guest
@@ -256,6 +282,8 @@ impl SimMachine {
             paging: vm.paging,
             spaces: vec![0; vm.vcpus as usize],
             code_gpa: None,
+            dirty_log_mode: vm.dirty_log,
+            written: WrittenPages::default(),
         };
         if vm.paging != Paging::Off {
             m.setup_tables(vm.paging, shadow)?;
@@ -399,6 +427,16 @@ impl SimMachine {
     /// The accepted slot (of address space 0) that maps `gpa`, with its id.
     fn slot_at(&self, gpa: u64) -> Option<(u16, &AcceptedSlot)> {
         self.slots.iter().find(|(_, s)| gpa.wrapping_sub(s.gpa) < s.size).map(|(&id, s)| (id, s))
+    }
+
+    /// A guest store by `vcpu` to `addr` reached RAM: the page it wrote, in a logged slot, must
+    /// be in the slot's next collection ([`WrittenPages`]).
+    fn wrote(&mut self, vcpu: u32, addr: u64) {
+        let Some(gpa) = self.target(vcpu, addr, AccessKind::Write) else { return };
+        if let Some((id, s)) = self.slot_at(gpa).filter(|(_, s)| s.dirty_log && !s.readonly) {
+            let page = (gpa - s.gpa) >> vmmu::types::PAGE_SHIFT;
+            self.written.wrote(id, page);
+        }
     }
 
     /// The guest-physical address an access by `vcpu` to `addr` reaches (`None`: it faults).
@@ -570,6 +608,7 @@ impl Machine for SimMachine {
         Ok(match self.mmu.set_memory_region(&req) {
             Ok(()) => {
                 if op.as_id == 0 {
+                    self.written.slot_changed(op.id);
                     if op.size == 0 {
                         self.slots.remove(&op.id);
                     } else {
@@ -578,6 +617,7 @@ impl Machine for SimMachine {
                             size: op.size,
                             uaddr: userspace_addr,
                             readonly: op.flags.readonly,
+                            dirty_log: op.flags.dirty_log,
                             mem: op.mem.as_ref().map(|m| m.mem),
                         };
                         self.slots.insert(op.id, s);
@@ -601,7 +641,10 @@ impl Machine for SimMachine {
 
     fn write(&mut self, op: &WriteOp) -> Result<WriteExit, BackendError> {
         Ok(match self.guest_access(op.vcpu, op.gpa, op.width, Some(op.value))? {
-            Access::Ram(_) => WriteExit::None,
+            Access::Ram(_) => {
+                self.wrote(op.vcpu, op.gpa);
+                WriteExit::None
+            }
             Access::Mmio(gpa) => WriteExit::Mmio { gpa, len: op.width.bytes(), data: op.value },
             Access::PageFault { gva, error } => WriteExit::PageFault { gva, error },
         })
@@ -649,10 +692,24 @@ impl Machine for SimMachine {
 
     fn dirty_log(&mut self, op: &DirtyLogOp) -> Result<DirtyLogResult, BackendError> {
         let vm = self.mmu.vm();
-        Ok(match vm.get_dirty_log(vmmu::AsId(op.as_id), vmmu::SlotId(op.id)) {
-            Ok(words) => DirtyLogResult::Ok(vmmu::dirty::pages_of(&words).collect()),
-            Err(e) => DirtyLogResult::Err(e.errno().to_string()),
-        })
+        let pages: Vec<u64> = match vm.get_dirty_log(vmmu::AsId(op.as_id), vmmu::SlotId(op.id)) {
+            Ok(words) => vmmu::dirty::pages_of(&words).collect(),
+            Err(e) => return Ok(DirtyLogResult::Err(e.errno().to_string())),
+        };
+        if op.as_id == 0 {
+            let clears = self.dirty_log_mode == DirtyLogMode::Auto;
+            let missing = self.written.collected(op.id, &pages, clears);
+            if !missing.is_empty() {
+                let hex: Vec<String> = missing.iter().map(|p| format!("{p:#x}")).collect();
+                return Err(failed(format!(
+                    "lost dirty pages: the guest wrote page(s) {} of slot {} since they were \
+                     last collected, but the MMU's dirty log does not report them",
+                    hex.join(", "),
+                    op.id
+                )));
+            }
+        }
+        Ok(DirtyLogResult::Ok(pages))
     }
 
     fn clear_dirty_log(&mut self, op: &ClearDirtyLogOp) -> Result<SlotResult, BackendError> {
@@ -661,7 +718,12 @@ impl Machine for SimMachine {
         let vm = self.mmu.vm();
         let (as_id, id) = (vmmu::AsId(op.as_id), vmmu::SlotId(op.id));
         Ok(match vm.clear_dirty_log_all(as_id, id, op.first, op.count) {
-            Ok(()) => SlotResult::Ok,
+            Ok(()) => {
+                if op.as_id == 0 {
+                    self.written.cleared(op.id, op.first, u64::from(op.count));
+                }
+                SlotResult::Ok
+            }
             Err(e) => SlotResult::Err(e.errno().to_string()),
         })
     }
@@ -722,7 +784,7 @@ mod tests {
     #[test]
     fn an_access_through_a_slot_into_the_machines_own_memory_fails() {
         let sc = parse("vm format=shadow\nmem a size=4K\n").expect("scenario");
-        let mut m = SimMachine::new(&sc).expect("machine");
+        let mut m = SimMachine::new(&sc, vmmu::bugs::BugSet::NONE).expect("machine");
         m.mem(MemId(0), &sc.mems[0]).expect("mem a");
         let own = m.host.buffer("__guest_tables").expect("the machine's own memory").hva().raw();
         let err = read_through_a_slot_of_a_at(&mut m, own);
@@ -737,12 +799,50 @@ mod tests {
     #[test]
     fn an_access_through_a_slot_into_another_buffer_fails() {
         let sc = parse("mem a size=4K\nmem b size=4K\n").expect("scenario");
-        let mut m = SimMachine::new(&sc).expect("machine");
+        let mut m = SimMachine::new(&sc, vmmu::bugs::BugSet::NONE).expect("machine");
         m.mem(MemId(0), &sc.mems[0]).expect("mem a");
         m.mem(MemId(1), &sc.mems[1]).expect("mem b");
         let b = m.buffer(MemId(1)).expect("b").hva().raw();
         let err = read_through_a_slot_of_a_at(&mut m, b);
         assert!(err.contains("outside its buffer"), "{err}");
+    }
+
+    /// Every `dirty-log` must report the pages the guest wrote since their last collection: a
+    /// dirty log that loses one is a failure of the configuration, not an observation that
+    /// `vmmu diff` may excuse as TDP-only (hunt 43s N3). Shown with `dirty-log-no-flush`: the
+    /// collection write-protects page 0 without flushing the vCPU's TLB, whose writable entry
+    /// takes the second store without a fault, so the MMU reports nothing. (On `format=shadow`
+    /// this backend's vCPUs keep no TLB, so the missing flush has nothing to leave behind.)
+    #[cfg(feature = "historical-bugs")]
+    #[test]
+    fn a_dirty_log_that_loses_a_written_page_fails_the_run() {
+        use super::SimBackendInjected;
+        use vmmu::bugs::{Bug, BugSet};
+        for format in ["ept", "npt"] {
+            let text = format!(
+                "vm format={format}\nmem buf size=8K\n\
+                 slot 1 gpa=0x10000000 size=8K mem=buf flags=dirty_log\n\
+                 write 0 gpa=0x10000000 size=8 value=0x1\ndirty-log 1\n\
+                 write 0 gpa=0x10000000 size=8 value=0x2\ndirty-log 1\n"
+            );
+            let sc = parse(&text).expect("scenario");
+            let clean = SimBackendInjected { bugs: BugSet::NONE };
+            let logs: Vec<_> = run_collect(&clean, &sc)
+                .expect("runs")
+                .into_iter()
+                .filter_map(|o| match o {
+                    Observation::DirtyLog { result: DirtyLogResult::Ok(p), .. } => Some(p),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(logs, vec![vec![0], vec![0]], "format={format}");
+            let buggy = SimBackendInjected { bugs: BugSet::only(Bug::DirtyLogNoFlush) };
+            let (seen, err) = run_collect(&buggy, &sc).expect_err("the lost page fails the run");
+            let dirty_logs = seen.iter().filter(|o| matches!(o, Observation::DirtyLog { .. }));
+            assert_eq!(dirty_logs.count(), 1, "format={format}: fails at the second collection");
+            let msg = err.to_string();
+            assert!(msg.contains("lost dirty pages") && msg.contains("0x0"), "{format}: {msg}");
+        }
     }
 
     /// A `host-write` or `host-read` built in code at an offset the access width does not divide
@@ -751,7 +851,7 @@ mod tests {
     fn a_misaligned_host_access_built_in_code_is_refused() {
         use vmmu_scenario::{HostReadOp, HostWriteOp};
         let sc = parse("mem a size=4K\n").expect("scenario");
-        let mut m = SimMachine::new(&sc).expect("machine");
+        let mut m = SimMachine::new(&sc, vmmu::bugs::BugSet::NONE).expect("machine");
         m.mem(MemId(0), &sc.mems[0]).expect("mem a");
         let at = |offset: u64| MemRef { mem: MemId(0), name: "a".into(), offset };
         let w = HostWriteOp { at: at(0x7), width: Width::W4, value: 1 };
