@@ -13,6 +13,7 @@ use vmmu_sim::replay::{KvmReport, Trace};
 use {
     std::ops::ControlFlow,
     vmmu_kvm::replay::{Access, TraceVm},
+    vmmu_sim::replay::inflight::InFlight,
     vmmu_sim::replay::parse::{Dir, Event, EventKind, MmioEvent, SlotEvent},
     vmmu_sim::replay::report::{Misclassified, Refusal, KEEP},
 };
@@ -188,6 +189,8 @@ struct Replay {
     /// The trace's MMIO accesses.
     total: u64,
     sampler: Sampler,
+    /// The latest slot request's window (another vCPU's access may have raced it).
+    in_flight: InFlight,
 }
 
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
@@ -204,7 +207,8 @@ impl Replay {
             }
         }
         let total = trace.count(EventOp::Mmio);
-        Ok(Replay { setup, r, total, sampler: Sampler::new(total) })
+        let in_flight = InFlight::new(trace.summary.as_ref().map(|s| s.vcpu_threads));
+        Ok(Replay { setup, r, total, sampler: Sampler::new(total), in_flight })
     }
 
     /// Replays event `e`; `Break` once an access could not be made (the report's error says
@@ -220,7 +224,10 @@ impl Replay {
             {
                 self.r.smm_skipped += 1
             }
-            EventKind::Slot(s) => self.slot(e.line, &s),
+            EventKind::Slot(s) => {
+                self.in_flight.slot(&s);
+                self.slot(e.line, &s)
+            }
             EventKind::Mmio(m) => return self.mmio(e.line, &m),
             EventKind::GetDirtyLog { as_id, id } | EventKind::ClearDirtyLog { as_id, id, .. } => {
                 self.dirty_log(e, as_id, id)
@@ -265,6 +272,9 @@ impl Replay {
         r.mmio_checked += 1;
         match self.setup.vm.access(m.gpa, m.len, write, m.value.unwrap_or(0)) {
             Ok(Access::Mmio) => r.mmio_exits += 1,
+            Ok(Access::Memory) if self.in_flight.may_have_raced(m.gpa, write.is_some()) => {
+                r.mmio_raced += 1;
+            }
             Ok(Access::Memory) => {
                 r.mmio_not_mmio += 1;
                 if r.first_not_mmio.len() < KEEP {
@@ -316,7 +326,7 @@ impl Replay {
     /// The report, with its method note: what was replayed and how, where the guest sat, the
     /// high window's and skipped SMM requests' notes, and the time since `t0`.
     fn finish(self, t0: std::time::Instant) -> KvmReport {
-        let Replay { setup, mut r, total, sampler } = self;
+        let Replay { setup, mut r, total, sampler, .. } = self;
         let sample = sampler.note(r.mmio_checked, total);
         let smm_note = if r.smm_skipped > 0 {
             format!(

@@ -6,6 +6,7 @@
 //! - [`engine`]: one replay under one machine configuration (the TDP MMU with EPT or NPT, or the
 //!   shadow MMU), with the replay's own RAM probes and their oracle;
 //! - [`identity`]: the identity-mapped guest page tables a replay under the shadow MMU runs on;
+//! - [`inflight`]: which recorded accesses may have raced another thread's slot request;
 //! - [`report`]: what a replay reports (text, and JSON with stable keys).
 //!
 //! ```
@@ -24,6 +25,7 @@
 
 pub mod engine;
 pub mod identity;
+pub mod inflight;
 mod live;
 pub mod memory;
 pub mod parse;

@@ -145,6 +145,12 @@ pub struct MmioCounts {
     pub misclassified: u64,
     /// The first misclassifications.
     pub first_misclassified: Vec<Misclassified>,
+    /// Reached RAM, but recorded inside the range of the slot request just before them in a
+    /// trace of several vCPU threads: another vCPU's access while that request was in flight
+    /// (it saw the old map), not counted as misclassified.
+    pub raced_slot_request: u64,
+    /// The first of those.
+    pub first_raced: Vec<Misclassified>,
 }
 
 /// How the MMU handled MMIO (the core's per-vCPU counters, the replay's own accesses included).
@@ -364,6 +370,10 @@ pub struct KvmReport {
     pub mmio_not_mmio: u64,
     /// The first of those.
     pub first_not_mmio: Vec<Misclassified>,
+    /// Of those checked, not MMIO on KVM but recorded inside the range of the slot request
+    /// just before them in a trace of several vCPU threads (see
+    /// [`super::inflight`]): not counted as `mmio_not_mmio`.
+    pub mmio_raced: u64,
     /// Dirty-log calls KVM accepted.
     pub dirty_log_applied: u64,
     /// Dirty-log calls KVM refused (must be 0; listed with the slot refusals).
@@ -532,6 +542,16 @@ impl TraceReport {
             for f in &m.first_misclassified {
                 let _ = writeln!(s, "      line {}: {} {}: {}", f.line, f.dir, f.gpa, f.seen);
             }
+            if m.raced_slot_request > 0 {
+                let _ = writeln!(
+                    s,
+                    "    mmio: {} more reached RAM inside the range of the slot request just before them: another vCPU's accesses while that request was in flight (the recording stamps a request when it starts), not misclassified",
+                    m.raced_slot_request
+                );
+                for f in &m.first_raced {
+                    let _ = writeln!(s, "      line {}: {} {}: {}", f.line, f.dir, f.gpa, f.seen);
+                }
+            }
             let p = &r.mmio_paths;
             let _ = writeln!(
                 s,
@@ -608,6 +628,13 @@ impl TraceReport {
             }
             for f in &k.first_not_mmio {
                 let _ = writeln!(s, "      line {}: {} {}: {}", f.line, f.dir, f.gpa, f.seen);
+            }
+            if k.mmio_raced > 0 {
+                let _ = writeln!(
+                    s,
+                    "    kvm: {} more reached memory inside the range of the slot request just before them (another vCPU's accesses while it was in flight), not counted as not MMIO",
+                    k.mmio_raced
+                );
             }
         }
         s

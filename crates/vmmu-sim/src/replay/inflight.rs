@@ -1,0 +1,84 @@
+//! Which recorded MMIO accesses may have raced a slot request of another thread.
+//!
+//! The kit stamps a `slot` event when the VMM enters `ioctl()`, and KVM installs the new slot
+//! some time before the ioctl returns. With more than one vCPU thread, another vCPU's access
+//! in that window still sees the old memory map: an access KVM emulated as MMIO (there was no
+//! slot yet) is recorded after the request that made its address RAM. Replayed in file order,
+//! the request comes first, so the access reaches RAM, on the software machine and on
+//! `/dev/kvm` alike; that is the recording's order, not a misclassification (hunt 43r: a
+//! 2-vCPU flash-toggle loop hit it in 903 of 1500 re-creations).
+//!
+//! The window of a request ends when the next slot request is made: QEMU makes its memslot
+//! requests one at a time under its big lock, and KVM serialises them on its slots lock, so a
+//! request is complete once the next one is stamped. So an access may have raced only the
+//! latest slot request, only if that request made its address RAM for it (a create or move
+//! covering it, not read-only for a store), and only in a trace of more than one vCPU thread
+//! (with one, the replay is exact: traces.md).
+//!
+//! Invariant: [`InFlight::may_have_raced`] is true only inside the range the latest slot
+//! request of address space 0 gave, before any later slot request.
+
+use super::parse::SlotEvent;
+
+/// The latest slot request's window (see the module doc).
+#[derive(Debug, Default)]
+pub struct InFlight {
+    /// Whether the trace had more than one vCPU thread.
+    multi_vcpu: bool,
+    /// The latest request's range `[start, end)` and whether it is read-only, if it made RAM.
+    latest: Option<(u64, u64, bool)>,
+}
+
+impl InFlight {
+    /// The window tracker for a trace with `vcpu_threads` threads (from its summary; `None`
+    /// when it has none: then the replay stays exact).
+    pub fn new(vcpu_threads: Option<u64>) -> Self {
+        InFlight { multi_vcpu: vcpu_threads.is_some_and(|n| n > 1), latest: None }
+    }
+
+    /// A slot request was made (whatever its outcome): it opens its window and closes the last.
+    pub fn slot(&mut self, s: &SlotEvent) {
+        self.latest =
+            (s.as_id == 0 && s.size > 0).then(|| (s.gpa, s.gpa.saturating_add(s.size), s.readonly));
+    }
+
+    /// Whether a recorded MMIO access at `gpa` (a store if `write`) that the replay's MMU
+    /// found RAM may have raced the latest request.
+    pub fn may_have_raced(&self, gpa: u64, write: bool) -> bool {
+        self.multi_vcpu
+            && self.latest.is_some_and(|(start, end, readonly)| {
+                (start..end).contains(&gpa) && !(write && readonly)
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(id: u16, gpa: u64, size: u64, readonly: bool) -> SlotEvent {
+        SlotEvent { as_id: 0, id, dirty_log: false, readonly, gpa, size, uaddr: 0x7f00_0000_0000 }
+    }
+
+    #[test]
+    fn only_the_latest_request_of_a_multi_vcpu_trace_opens_a_window() {
+        let mut w = InFlight::new(Some(2));
+        assert!(!w.may_have_raced(0x1000, false), "no request yet");
+        w.slot(&slot(1, 0x1000, 0x2000, false));
+        assert!(w.may_have_raced(0x1000, false) && w.may_have_raced(0x2fff, true));
+        assert!(!w.may_have_raced(0x3000, false), "outside the request");
+        w.slot(&slot(2, 0x8000, 0x1000, true));
+        assert!(!w.may_have_raced(0x1000, false), "the next request closed the first's window");
+        assert!(w.may_have_raced(0x8000, false));
+        assert!(!w.may_have_raced(0x8000, true), "a store to a read-only slot exits anyway");
+        w.slot(&slot(2, 0x8000, 0, false));
+        assert!(!w.may_have_raced(0x8000, false), "a delete makes nothing RAM");
+        w.slot(&SlotEvent { as_id: 1, ..slot(3, 0x1000, 0x1000, false) });
+        assert!(!w.may_have_raced(0x1000, false), "address space 1 is not what accesses use");
+        for threads in [Some(1), None] {
+            let mut one = InFlight::new(threads);
+            one.slot(&slot(1, 0x1000, 0x2000, false));
+            assert!(!one.may_have_raced(0x1000, false), "{threads:?}: exact for one vCPU");
+        }
+    }
+}
