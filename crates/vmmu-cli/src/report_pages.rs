@@ -149,11 +149,25 @@ pub fn replay_page(flags: &[(&str, String)], traces: &[TraceReport]) -> String {
             (Some(why), _) => format!("skipped: {why}"),
             (None, Some(e)) => format!("failed: {e}"),
             (None, None) => format!(
-                "slots {} applied, {} refused; MMIO {} checked, {} MMIO exits, {} not MMIO",
-                k.slots_applied, k.slots_refused, k.mmio_checked, k.mmio_exits, k.mmio_not_mmio
+                "slots {} applied, {} refused; MMIO {} checked, {} MMIO exits, {} not MMIO, {} \
+                 raced the slot request before them",
+                k.slots_applied,
+                k.slots_refused,
+                k.mmio_checked,
+                k.mmio_exits,
+                k.mmio_not_mmio,
+                k.mmio_raced
             ),
         };
         p.note(&format!("/dev/kvm: {kvm}"));
+        let raced = t.runs.iter().map(|r| r.mmio.raced_slot_request).max().unwrap_or(0);
+        if raced > 0 {
+            p.note(&format!(
+                "{raced} recorded MMIO accesses reached RAM inside the range of the slot request \
+                 just before them: another vCPU's, while that request was in flight (counted as \
+                 raced, not misclassified)"
+            ));
+        }
         let rows: Vec<Vec<String>> = t
             .runs
             .iter()
