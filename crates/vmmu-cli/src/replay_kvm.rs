@@ -215,6 +215,14 @@ impl Replay {
     /// why).
     fn event(&mut self, e: &Event) -> ControlFlow<()> {
         let (smm, smm_here) = (self.setup.smm, self.setup.smm_here);
+        // Every memslot ioctl the VMM made, whether made here or not, ends the last one's window.
+        match e.kind {
+            EventKind::Slot(s) => self.in_flight.slot(&s),
+            EventKind::GetDirtyLog { .. } | EventKind::ClearDirtyLog { .. } => {
+                self.in_flight.dirty_log_call()
+            }
+            EventKind::Mmio(_) | EventKind::KvmZapAllFast => {}
+        }
         match e.kind {
             EventKind::Slot(s) if s.as_id == 1 && !smm_here => self.r.smm_skipped += 1,
             // Only where the trace made SMM slots: a call on address space 1 of a trace that
@@ -224,10 +232,7 @@ impl Replay {
             {
                 self.r.smm_skipped += 1
             }
-            EventKind::Slot(s) => {
-                self.in_flight.slot(&s);
-                self.slot(e.line, &s)
-            }
+            EventKind::Slot(s) => self.slot(e.line, &s),
             EventKind::Mmio(m) => return self.mmio(e.line, &m),
             EventKind::GetDirtyLog { as_id, id } | EventKind::ClearDirtyLog { as_id, id, .. } => {
                 self.dirty_log(e, as_id, id)

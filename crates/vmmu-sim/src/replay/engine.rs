@@ -845,10 +845,12 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
             EventKind::Slot(s) => r.slot(e.line, s),
             EventKind::Mmio(m) => r.mmio(e.line, m),
             EventKind::GetDirtyLog { as_id, id } => {
+                r.in_flight.dirty_log_call();
                 r.dirty_log(e.line, *as_id, *id, None);
                 r.report.events_applied += 1;
             }
             EventKind::ClearDirtyLog { as_id, id, first_page, num_pages } => {
+                r.in_flight.dirty_log_call();
                 r.dirty_log(e.line, *as_id, *id, Some((*first_page, *num_pages)));
                 r.report.events_applied += 1;
             }

@@ -8,15 +8,15 @@
 //! `/dev/kvm` alike; that is the recording's order, not a misclassification (hunt 43r: a
 //! 2-vCPU flash-toggle loop hit it in 903 of 1500 re-creations).
 //!
-//! The window of a request ends when the next slot request is made: QEMU makes its memslot
-//! requests one at a time under its big lock, and KVM serialises them on its slots lock, so a
-//! request is complete once the next one is stamped. So an access may have raced only the
+//! The window of a request ends when the VMM's next memslot ioctl (a slot request or a
+//! dirty-log call) is made: QEMU makes those one at a time under its big lock, so a request is
+//! complete once the next one is stamped. So an access may have raced only the
 //! latest slot request, only if that request made its address RAM for it (a create or move
 //! covering it, not read-only for a store), and only in a trace of more than one vCPU thread
 //! (with one, the replay is exact: traces.md).
 //!
 //! Invariant: [`InFlight::may_have_raced`] is true only inside the range the latest slot
-//! request of address space 0 gave, before any later slot request.
+//! request of address space 0 gave, before any later slot request or dirty-log call.
 
 use super::parse::SlotEvent;
 
@@ -40,6 +40,11 @@ impl InFlight {
     pub fn slot(&mut self, s: &SlotEvent) {
         self.latest =
             (s.as_id == 0 && s.size > 0).then(|| (s.gpa, s.gpa.saturating_add(s.size), s.readonly));
+    }
+
+    /// A dirty-log call was made: the latest slot request is complete.
+    pub fn dirty_log_call(&mut self) {
+        self.latest = None;
     }
 
     /// Whether a recorded MMIO access at `gpa` (a store if `write`) that the replay's MMU
@@ -71,6 +76,9 @@ mod tests {
         assert!(!w.may_have_raced(0x1000, false), "the next request closed the first's window");
         assert!(w.may_have_raced(0x8000, false));
         assert!(!w.may_have_raced(0x8000, true), "a store to a read-only slot exits anyway");
+        w.dirty_log_call();
+        assert!(!w.may_have_raced(0x8000, false), "a dirty-log call closed the window");
+        w.slot(&slot(2, 0x8000, 0x1000, false));
         w.slot(&slot(2, 0x8000, 0, false));
         assert!(!w.may_have_raced(0x8000, false), "a delete makes nothing RAM");
         w.slot(&SlotEvent { as_id: 1, ..slot(3, 0x1000, 0x1000, false) });
