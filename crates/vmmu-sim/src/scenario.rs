@@ -122,7 +122,7 @@ impl Backend for SimBackend {
     }
 
     fn start(&self, scenario: &Scenario) -> Result<Start, BackendError> {
-        Ok(Start::Run(Box::new(SimMachine::new(scenario, vmmu::bugs::BugSet::NONE)?)))
+        SimBackendInjected::default().start(scenario)
     }
 }
 
