@@ -47,18 +47,35 @@ pub struct ScenarioArgs {
     /// `step N (line L): ...`; a machine without them prints `step N (line L): none`.
     #[arg(long)]
     pub counters: bool,
+    /// Re-inject a historical KVM bug into the software machine's MMU (`--backend sim`; a build
+    /// with `--features historical-bugs`): shows whether the scenario's observations or the
+    /// machine's own checks catch it (`--inject list` lists them).
+    #[arg(long, value_name = "BUG")]
+    pub inject: Option<String>,
 }
 
-/// The backend for `kind`, or why it cannot be had. Adding a backend is one match arm.
-fn backend(kind: BackendKind) -> Result<Box<dyn Backend>, String> {
+/// The backend for `kind` with the bugs `--inject` names (the software machine's only), or why
+/// it cannot be had. Adding a backend is one match arm.
+fn backend(kind: BackendKind, inject: Option<&str>) -> Result<Box<dyn Backend>, String> {
+    let bugs = crate::inject::bug_set(inject, "scenario")?;
     match kind {
-        BackendKind::Sim => Ok(Box::new(vmmu_sim::SimBackend)),
+        BackendKind::Sim => Ok(Box::new(vmmu_sim::SimBackendInjected { bugs })),
+        BackendKind::Kvm if inject.is_some() => Err(format!(
+            "--inject re-injects a bug into the software machine's MMU; --backend kvm runs the \
+             kernel's (drop --inject {}, or run --backend sim)",
+            inject.unwrap_or_default()
+        )),
         BackendKind::Kvm => Ok(Box::new(vmmu_kvm::KvmBackend)),
     }
 }
 
 /// Runs the command; returns the process exit status.
 pub fn run(args: &ScenarioArgs) -> ExitCode {
+    if args.inject.as_deref() == Some("list") {
+        // As `vmmu run --inject list`.
+        let listed = crate::stdout::emit("scenario", &crate::inject::list());
+        return if listed { ExitCode::SUCCESS } else { ExitCode::from(1) };
+    }
     let shown = args.file.display();
     let text = match crate::input::read_text(&args.file) {
         Ok(t) => t,
@@ -78,11 +95,13 @@ pub fn run(args: &ScenarioArgs) -> ExitCode {
         mmio_caching: args.mmio_caching.map(OnOff::on),
         phys_bits: args.phys_bits,
     });
-    let backend = match backend(args.backend) {
+    let backend = match backend(args.backend, args.inject.as_deref()) {
         Ok(b) => b,
         Err(msg) => {
             note!("vmmu scenario: {msg}");
-            return ExitCode::from(1);
+            // A bad `--inject` is a bad argument, as for `vmmu run`; a backend that cannot be
+            // had is a failure.
+            return ExitCode::from(if args.inject.is_some() { 2 } else { 1 });
         }
     };
     let stdout = std::io::stdout();

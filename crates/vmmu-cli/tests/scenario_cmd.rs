@@ -148,3 +148,42 @@ fn counters_go_to_stderr_one_line_per_step() {
     let tdp = vmmu(&["scenario", "--format", "ept", "--counters", &f]);
     assert!(text(&tdp.stderr).lines().all(|l| l.ends_with("): none")), "{}", text(&tdp.stderr));
 }
+
+/// `--inject BUG` re-injects a historical bug into the software machine: `dirty-log-no-flush`
+/// leaves the vCPU's writable TLB entry after a collection, the next store is never logged, and
+/// the machine's own dirty-log check fails the run (exit 1, naming the lost page) where the
+/// same file without the bug prints both collections. On `--backend kvm` it is a bad argument.
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn an_injected_bug_that_loses_a_dirty_page_fails_the_run() {
+    let p = temp_scenario(
+        "inject",
+        "vm format=ept\nmem buf size=8K\nslot 1 gpa=0x10000000 size=8K mem=buf flags=dirty_log\n\
+         write 0 gpa=0x10000000 size=8 value=0x1\ndirty-log 1\n\
+         write 0 gpa=0x10000000 size=8 value=0x2\ndirty-log 1\n",
+    );
+    let file = p.to_str().unwrap();
+    let clean = vmmu(&["scenario", file]);
+    assert_eq!(clean.status.code(), Some(0), "{}", text(&clean.stderr));
+    assert_eq!(text(&clean.stdout).matches("\"pages\":[\"0x0\"]").count(), 2);
+    let out = vmmu(&["scenario", file, "--inject", "dirty-log-no-flush"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("lost dirty pages"), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).matches("dirty-log").count(), 1, "fails at the second");
+    let kvm = vmmu(&["scenario", file, "--backend", "kvm", "--inject", "dirty-log-no-flush"]);
+    assert_eq!(kvm.status.code(), Some(2), "{}", text(&kvm.stderr));
+    let _ = std::fs::remove_file(&p);
+}
+
+/// `--inject list` lists the bugs; an unknown name is a bad argument naming the known ones.
+#[test]
+fn inject_list_and_unknown_names() {
+    let out = vmmu(&["scenario", "-", "--inject", "list"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&out.stdout).lines().any(|l| l == "dirty-log-no-flush"), "{}", text(&out.stdout));
+    let p = temp_scenario("inject-unknown", "vm\n");
+    let out = vmmu(&["scenario", p.to_str().unwrap(), "--inject", "no-such-bug"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("no such bug; known:"), "{}", text(&out.stderr));
+    let _ = std::fs::remove_file(&p);
+}
