@@ -1093,6 +1093,41 @@ mod tests {
         }
     }
 
+    /// Raced accesses are reported as misclassified ones are: all counted, the first 20 kept
+    /// with their lines, and the text report lists them under the count. 21 reads recorded
+    /// right after the request that made their page RAM, in a trace of two vCPU threads.
+    #[test]
+    fn raced_accesses_are_counted_and_the_first_20_kept() {
+        let mut text =
+            [HEADER.to_string(), slot_line(0, 0, "", "0x0", "0x100000", "0x7f0000000000")].concat();
+        for i in 0..21u64 {
+            text.push_str(&mmio_line("read", &format!("{:#x}", 0x1000 + i * 8), 8, "0x0", "user"));
+        }
+        text.push_str(
+            "{\"op\":\"summary\",\"span\":0.0,\"events\":{\"slot\":1,\"mmio\":21,\
+             \"get-dirty-log\":0,\"clear-dirty-log\":0,\"kvm\":0},\
+             \"kernel_mmio_dropped\":0,\"lost_events\":0,\"vcpu_threads\":2}\n",
+        );
+        for cfg in every_mmu() {
+            let r = run(&text, cfg);
+            assert!(r.passed(), "{}: {:?}", cfg.name(), r.mmio.first_misclassified);
+            assert_eq!(
+                (r.mmio.raced_slot_request, r.mmio.misclassified),
+                (21, 0),
+                "{}",
+                cfg.name()
+            );
+            let kept = &r.mmio.first_raced;
+            assert_eq!(kept.len(), KEEP, "{}", cfg.name());
+            assert_eq!((kept[0].line, kept[KEEP - 1].line), (3, 22), "{}", cfg.name());
+            let report = super::super::report::TraceReport { runs: vec![r], ..Default::default() };
+            let text = report.text();
+            assert!(text.contains("    mmio: 21 more reached RAM inside the range"), "{text}");
+            assert!(text.contains("      line 22: read 0x1098: RAM"), "{text}");
+            assert!(!text.contains("      line 23: read"), "{text}");
+        }
+    }
+
     #[test]
     fn a_recorded_access_that_reaches_ram_is_misclassified_and_fails_the_run() {
         // 21 accesses into RAM: all counted, the first 20 kept, each with its line, direction
