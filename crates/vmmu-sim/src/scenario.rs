@@ -845,6 +845,57 @@ mod tests {
         }
     }
 
+    /// With `dirty_log=manual`, a `clear-dirty-log` forgets only the pages of its range: a page
+    /// written again after an earlier clear of its own range stays owed through a clear of
+    /// another range, and a collection that then loses it fails the run (hunt 43s N3's check,
+    /// in manual mode). Shown with `dirty-log-no-flush`: the clear of pages 64..128 takes page
+    /// 64's write access without flushing the vCPU's TLB, whose writable entry (page 64 is
+    /// written last, so no other page's entry has taken its place in the direct-mapped TLB)
+    /// takes the next store to page 64 without a fault; the clear of pages 0..64 must not
+    /// excuse that page. It does excuse pages 0 and 1 (its first page and one inside it): a
+    /// correct MMU, which no longer reports them, passes.
+    #[cfg(feature = "historical-bugs")]
+    #[test]
+    fn a_manual_clear_excuses_only_its_own_pages() {
+        use super::SimBackendInjected;
+        use vmmu::bugs::{Bug, BugSet};
+        for format in ["ept", "npt"] {
+            let text = format!(
+                "vm format={format} dirty_log=manual\nmem buf size=512K\n\
+                 slot 1 gpa=0x10000000 size=512K mem=buf flags=dirty_log\n\
+                 write 0 gpa=0x10000000 size=8 value=0x1\n\
+                 write 0 gpa=0x10001000 size=8 value=0x1\n\
+                 write 0 gpa=0x10040000 size=8 value=0x1\ndirty-log 1\n\
+                 clear-dirty-log 1 first=64 count=64\n\
+                 write 0 gpa=0x10040000 size=8 value=0x2\n\
+                 clear-dirty-log 1 first=0 count=64\ndirty-log 1\n"
+            );
+            assert_eq!(dirty_logs(&text), vec![vec![0, 1, 0x40], vec![0x40]], "format={format}");
+            let sc = parse(&text).expect("scenario");
+            let buggy = SimBackendInjected { bugs: BugSet::only(Bug::DirtyLogNoFlush) };
+            let (seen, err) = run_collect(&buggy, &sc).expect_err("the lost page fails the run");
+            let dirty_logs = seen.iter().filter(|o| matches!(o, Observation::DirtyLog { .. }));
+            assert_eq!(dirty_logs.count(), 1, "format={format}: fails at the second collection");
+            let msg = err.to_string();
+            assert!(msg.starts_with("sim backend failed at step"), "{format}: {msg}");
+            assert!(
+                msg.contains("lost dirty pages: the guest wrote page(s) 0x40 of slot 1"),
+                "{msg}"
+            );
+        }
+    }
+
+    /// With `dirty_log=auto` a collection clears what it returns, so the next one owes only
+    /// what the guest wrote after it: a correct MMU that reports the written page (page 1 of
+    /// the slot) once, and nothing the second time, passes.
+    #[test]
+    fn an_automatic_collection_owes_only_the_pages_written_since_the_last() {
+        let text = "vm format=ept\nmem buf size=8K\n\
+                    slot 1 gpa=0x10000000 size=8K mem=buf flags=dirty_log\n\
+                    write 0 gpa=0x10001000 size=8 value=0x1\ndirty-log 1\ndirty-log 1\n";
+        assert_eq!(dirty_logs(text), vec![vec![1], vec![]]);
+    }
+
     /// A `host-write` or `host-read` built in code at an offset the access width does not divide
     /// (the parser refuses it) is a backend failure, not a misaligned atomic access.
     #[test]
