@@ -885,6 +885,17 @@ mod tests {
         }
     }
 
+    /// With `dirty_log=manual`, a `clear-dirty-log` forgets the pages of its range from the
+    /// first on: a correct MMU that reports page 0 until it is cleared, and not after, passes.
+    #[test]
+    fn a_manual_clear_forgets_the_pages_it_cleared() {
+        let text = "vm format=ept dirty_log=manual\nmem buf size=8K\n\
+                    slot 1 gpa=0x10000000 size=8K mem=buf flags=dirty_log\n\
+                    write 0 gpa=0x10000000 size=8 value=0x1\ndirty-log 1\ndirty-log 1\n\
+                    clear-dirty-log 1 first=0 count=2\ndirty-log 1\n";
+        assert_eq!(dirty_logs(text), vec![vec![0], vec![0], vec![]]);
+    }
+
     /// With `dirty_log=auto` a collection clears what it returns, so the next one owes only
     /// what the guest wrote after it: a correct MMU that reports the written page (page 1 of
     /// the slot) once, and nothing the second time, passes.
