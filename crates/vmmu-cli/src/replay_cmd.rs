@@ -132,7 +132,7 @@ fn warnings(args: &ReplayArgs, trace: &Trace) -> Vec<String> {
         }
         if s.vcpu_threads > 1 {
             w.push(format!(
-                "{} vCPU threads recorded; v1 does not say which vCPU made an access, so this replay (one vCPU) is exact only for 1",
+                "{} vCPU threads recorded; v1 does not say which vCPU made an access, so this replay (one vCPU) is exact only for 1 (an access that reaches RAM just after the slot request that made its address RAM is counted as raced with it, not misclassified)",
                 s.vcpu_threads
             ));
         }
