@@ -816,8 +816,6 @@ mod tests {
     #[cfg(feature = "historical-bugs")]
     #[test]
     fn a_dirty_log_that_loses_a_written_page_fails_the_run() {
-        use super::SimBackendInjected;
-        use vmmu::bugs::{Bug, BugSet};
         for format in ["ept", "npt"] {
             let text = format!(
                 "vm format={format}\nmem buf size=8K\n\
@@ -825,22 +823,9 @@ mod tests {
                  write 0 gpa=0x10000000 size=8 value=0x1\ndirty-log 1\n\
                  write 0 gpa=0x10000000 size=8 value=0x2\ndirty-log 1\n"
             );
-            let sc = parse(&text).expect("scenario");
-            let clean = SimBackendInjected { bugs: BugSet::NONE };
-            let logs: Vec<_> = run_collect(&clean, &sc)
-                .expect("runs")
-                .into_iter()
-                .filter_map(|o| match o {
-                    Observation::DirtyLog { result: DirtyLogResult::Ok(p), .. } => Some(p),
-                    _ => None,
-                })
-                .collect();
-            assert_eq!(logs, vec![vec![0], vec![0]], "format={format}");
-            let buggy = SimBackendInjected { bugs: BugSet::only(Bug::DirtyLogNoFlush) };
-            let (seen, err) = run_collect(&buggy, &sc).expect_err("the lost page fails the run");
-            let dirty_logs = seen.iter().filter(|o| matches!(o, Observation::DirtyLog { .. }));
-            assert_eq!(dirty_logs.count(), 1, "format={format}: fails at the second collection");
-            let msg = err.to_string();
+            assert_eq!(dirty_logs(&text), vec![vec![0], vec![0]], "format={format}");
+            let (collections, msg) = run_without_dirty_log_flush(&text);
+            assert_eq!(collections, 1, "format={format}: fails at the second collection");
             assert!(msg.contains("lost dirty pages") && msg.contains("0x0"), "{format}: {msg}");
         }
     }
@@ -857,8 +842,6 @@ mod tests {
     #[cfg(feature = "historical-bugs")]
     #[test]
     fn a_manual_clear_excuses_only_its_own_pages() {
-        use super::SimBackendInjected;
-        use vmmu::bugs::{Bug, BugSet};
         for format in ["ept", "npt"] {
             let text = format!(
                 "vm format={format} dirty_log=manual\nmem buf size=512K\n\
@@ -871,12 +854,8 @@ mod tests {
                  clear-dirty-log 1 first=0 count=64\ndirty-log 1\n"
             );
             assert_eq!(dirty_logs(&text), vec![vec![0, 1, 0x40], vec![0x40]], "format={format}");
-            let sc = parse(&text).expect("scenario");
-            let buggy = SimBackendInjected { bugs: BugSet::only(Bug::DirtyLogNoFlush) };
-            let (seen, err) = run_collect(&buggy, &sc).expect_err("the lost page fails the run");
-            let dirty_logs = seen.iter().filter(|o| matches!(o, Observation::DirtyLog { .. }));
-            assert_eq!(dirty_logs.count(), 1, "format={format}: fails at the second collection");
-            let msg = err.to_string();
+            let (collections, msg) = run_without_dirty_log_flush(&text);
+            assert_eq!(collections, 1, "format={format}: fails at the second collection");
             assert!(msg.starts_with("sim backend failed at step"), "{format}: {msg}");
             assert!(
                 msg.contains("lost dirty pages: the guest wrote page(s) 0x40 of slot 1"),
@@ -969,6 +948,18 @@ mod tests {
     }
 
     /// The pages each `dirty-log` step reported, in order.
+    /// Runs `text` with `dirty-log-no-flush` re-injected, which must fail the run: the number
+    /// of `dirty-log` observations made before it failed, and the failure's message.
+    #[cfg(feature = "historical-bugs")]
+    fn run_without_dirty_log_flush(text: &str) -> (usize, String) {
+        use vmmu::bugs::{Bug, BugSet};
+        let sc = parse(text).expect("scenario");
+        let buggy = super::SimBackendInjected { bugs: BugSet::only(Bug::DirtyLogNoFlush) };
+        let (seen, err) = run_collect(&buggy, &sc).expect_err("the lost page fails the run");
+        let collections = seen.iter().filter(|o| matches!(o, Observation::DirtyLog { .. }));
+        (collections.count(), err.to_string())
+    }
+
     fn dirty_logs(text: &str) -> Vec<Vec<u64>> {
         let sc = parse(text).expect("scenario");
         let obs = run_collect(&SimBackend, &sc).expect("run");

@@ -703,6 +703,7 @@ impl Replay<'_> {
     /// One dirty-log call, applied to the core: a GET, or (`clear = Some((first, count))`) a
     /// CLEAR with every bit of the range set (the recorded bitmap is not in the trace).
     fn dirty_log(&mut self, line: usize, as_id: u16, id: u16, clear: Option<(u64, u32)>) {
+        self.in_flight.dirty_log_call();
         let logged = self.live.get((as_id, id)).is_some_and(|l| l.dirty_log);
         let slot = (u32::from(as_id) << 16) | u32::from(id);
         let result = match clear {
@@ -845,12 +846,10 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
             EventKind::Slot(s) => r.slot(e.line, s),
             EventKind::Mmio(m) => r.mmio(e.line, m),
             EventKind::GetDirtyLog { as_id, id } => {
-                r.in_flight.dirty_log_call();
                 r.dirty_log(e.line, *as_id, *id, None);
                 r.report.events_applied += 1;
             }
             EventKind::ClearDirtyLog { as_id, id, first_page, num_pages } => {
-                r.in_flight.dirty_log_call();
                 r.dirty_log(e.line, *as_id, *id, Some((*first_page, *num_pages)));
                 r.report.events_applied += 1;
             }
