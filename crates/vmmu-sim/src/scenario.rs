@@ -429,16 +429,6 @@ impl SimMachine {
         self.slots.iter().find(|(_, s)| gpa.wrapping_sub(s.gpa) < s.size).map(|(&id, s)| (id, s))
     }
 
-    /// A guest store by `vcpu` to `addr` reached RAM: the page it wrote, in a logged slot, must
-    /// be in the slot's next collection ([`WrittenPages`]).
-    fn wrote(&mut self, vcpu: u32, addr: u64) {
-        let Some(gpa) = self.target(vcpu, addr, AccessKind::Write) else { return };
-        if let Some((id, s)) = self.slot_at(gpa).filter(|(_, s)| s.dirty_log && !s.readonly) {
-            let page = (gpa - s.gpa) >> vmmu::types::PAGE_SHIFT;
-            self.written.wrote(id, page);
-        }
-    }
-
     /// The guest-physical address an access by `vcpu` to `addr` reaches (`None`: it faults).
     fn target(&self, vcpu: u32, addr: u64, kind: AccessKind) -> Option<u64> {
         match (self.paging, self.tables.as_ref()) {
@@ -482,9 +472,10 @@ impl SimMachine {
     /// followed by the code fetches that cost the MMU something, and, for a store to RAM of a
     /// writable slot, with the zero page broken first as KVM's write fault does. With guest
     /// paging `addr` is a GVA: the GPA is where the vCPU's tables send a user access (none if
-    /// they refuse it: the access faults and touches nothing).
+    /// they refuse it: the access faults and touches nothing). A store that reaches RAM through
+    /// a logged slot owes its page to the slot's next collection ([`WrittenPages`]).
     fn guest_access(
-        &self,
+        &mut self,
         vcpu: u32,
         addr: u64,
         width: Width,
@@ -496,13 +487,20 @@ impl SimMachine {
             self.check_backed(g, width, kind)?;
         }
         self.fetch_code(vcpu)?;
-        if let Some(g) = gpa.filter(|_| kind.is_write()) {
-            if let Some((_, s)) = self.slot_at(g).filter(|(_, s)| !s.readonly) {
-                self.first_write(s.uaddr.wrapping_add(g - s.gpa), u64::from(width.bytes()));
-            }
+        // The writable slot a store goes through, with the gpa it reaches there.
+        let store = gpa
+            .filter(|_| kind.is_write())
+            .and_then(|g| self.slot_at(g).filter(|(_, s)| !s.readonly).map(|(id, s)| (g, id, *s)));
+        if let Some((g, _, s)) = store {
+            self.first_write(s.uaddr.wrapping_add(g - s.gpa), u64::from(width.bytes()));
         }
         let access = self.on_vcpu(vcpu, addr, width, value)?;
         self.fetch_code_after(vcpu, &access)?;
+        if let (Access::Ram(_), Some((g, id, s))) = (&access, store) {
+            if s.dirty_log {
+                self.written.wrote(id, (g - s.gpa) >> vmmu::types::PAGE_SHIFT);
+            }
+        }
         Ok(access)
     }
 
@@ -641,10 +639,7 @@ impl Machine for SimMachine {
 
     fn write(&mut self, op: &WriteOp) -> Result<WriteExit, BackendError> {
         Ok(match self.guest_access(op.vcpu, op.gpa, op.width, Some(op.value))? {
-            Access::Ram(_) => {
-                self.wrote(op.vcpu, op.gpa);
-                WriteExit::None
-            }
+            Access::Ram(_) => WriteExit::None,
             Access::Mmio(gpa) => WriteExit::Mmio { gpa, len: op.width.bytes(), data: op.value },
             Access::PageFault { gva, error } => WriteExit::PageFault { gva, error },
         })
