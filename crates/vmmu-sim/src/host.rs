@@ -21,8 +21,14 @@
 //!   change what a page holds or whether it maps writable, never its frame or its mapping);
 //! - the frame table maps pfn -> host pointer with one atomic word per frame: lookups
 //!   ([`SimHost::ram_page`], [`FrameAllocator::table`]) are O(1), take no lock and allocate
-//!   nothing. Ordering: a frame's entry is stored with `Release` after its memory is initialised,
-//!   and loaded with `Acquire`, so a reader that finds the entry also sees the initialised memory.
+//!   nothing once the entry is there. Ordering: a frame's entry is stored with `Release` after
+//!   its memory is initialised, and loaded with `Acquire`, so a reader that finds the entry also
+//!   sees the initialised memory;
+//! - a contiguous buffer reserves its frames when made but writes their entries when one of
+//!   them is first looked up, a 2 MiB chunk (the span of one huge host page) at a time, under
+//!   the `buffers` read lock: a buffer costs frame-table memory for the chunks the guest uses,
+//!   not for its size (a 900 GiB VM's replay wrote 235 million entries, 1.9 GB, up front).
+//!   A RAM entry, once written, never changes.
 
 use crate::handoff::Handoff;
 use crate::ram::{self, Width};
@@ -59,8 +65,8 @@ const PAGES_PER_2M: u64 = SIZE_2M / PAGE_SIZE;
 
 /// The most frames a host tracks: 2^28 frames, 1 TiB of RAM and tables (a 2 GiB table at that
 /// size). A host's table is as large as its configured capacity, and only the entries of frames
-/// handed out are written, so a host costs what it uses: a replay of a 70 GiB VM's boot fills
-/// about 18 million entries (147 MB).
+/// looked up (a 2 MiB chunk of RAM frames at a time) or handed out as tables are written, so a
+/// host costs what it uses, not what its buffers could hold.
 pub const MAX_FRAME_TABLE: u64 = 1 << 28;
 
 /// The most frames a host with MAXPHYADDR `phys_bits` can hand out: every pfn is below
@@ -561,13 +567,10 @@ impl SimHost {
             drop(st);
             BufferFrames::Lazy(Mutex::new(std::collections::HashMap::new()))
         } else {
+            // The frames are reserved here; their entries are written when first looked up
+            // (`ram_page_cold`).
             st.next_pfn = first + npages;
             drop(st);
-            for i in 0..npages {
-                let page = ptr.as_ptr() as usize + (i * PAGE_SIZE) as usize;
-                // Release: publishes the zeroed page to `ram_page` readers (see the module doc).
-                self.frames[(first + i) as usize].store(page | KIND_RAM, Ordering::Release);
-            }
             BufferFrames::Contiguous(Pfn(first))
         };
         let written = if self.config.track_writes {
@@ -659,9 +662,38 @@ impl SimHost {
         let e = self.frames.get(usize::try_from(pfn.0).ok()?)?.load(Ordering::Acquire);
         if e & KIND_MASK == KIND_RAM {
             NonNull::new((e & !KIND_MASK) as *mut u8)
+        } else if e == 0 {
+            self.ram_page_cold(pfn)
         } else {
             None
         }
+    }
+
+    /// [`SimHost::ram_page`] for a frame whose entry is not written: if a contiguous buffer
+    /// reserved `pfn`, writes the entries of its 2 MiB chunk (all frames a huge host page there
+    /// could name) and returns its page; otherwise (a free or freed frame) `None`.
+    #[cold]
+    fn ram_page_cold(&self, pfn: Pfn) -> Option<NonNull<u8>> {
+        let buffers = self.buffers.read().unwrap_or_else(|e| e.into_inner());
+        // Contiguous buffers take their frames from a counter that only grows, so in creation
+        // order their first frames increase (lazy buffers write their own entries, and a host
+        // has buffers of one kind only: `HostConfig::lazy_frames`).
+        let i = buffers.by_index.partition_point(|b| b.first_pfn().is_some_and(|f| f <= pfn));
+        let buf = buffers.by_index.get(i.checked_sub(1)?)?;
+        let first = buf.first_pfn()?;
+        let page = pfn.0 - first.0;
+        let npages = buf.len / PAGE_SIZE;
+        if page >= npages {
+            return None;
+        }
+        let chunk = page - page % PAGES_PER_2M;
+        for p in chunk..(chunk + PAGES_PER_2M).min(npages) {
+            let at = buf.ptr.as_ptr() as usize + (p * PAGE_SIZE) as usize;
+            // Release: publishes the page (zeroed when the buffer was made) to `ram_page`
+            // readers; racing writers store the same value.
+            self.frames[(first.0 + p) as usize].store(at | KIND_RAM, Ordering::Release);
+        }
+        NonNull::new((buf.ptr.as_ptr() as usize + (page * PAGE_SIZE) as usize) as *mut u8)
     }
 
     /// One guest access of `width` bytes at byte `offset` of RAM frame `pfn`: a store of
@@ -1087,6 +1119,39 @@ mod tests {
         assert_eq!(SimHost::new(HostConfig::new(35)).err(), Some(HostError::PhysBits(35)));
         assert_eq!(SimHost::new(HostConfig::new(53)).err(), Some(HostError::PhysBits(53)));
         assert!(SimHost::new(HostConfig::new(36)).is_ok());
+    }
+
+    #[test]
+    fn a_buffers_frame_entries_are_written_a_2m_chunk_at_a_time_when_first_looked_up() {
+        let h = host(40);
+        let small = h.add_buffer("small", 3 * PAGE_SIZE).expect("small");
+        let big = h.add_buffer("big", 4 * SIZE_2M + 5 * PAGE_SIZE).expect("big");
+        let table = h.alloc_table(0).expect("a table frame");
+        let first = big.first_pfn().expect("contiguous").0;
+        let written = |pfns: core::ops::Range<u64>| {
+            pfns.filter(|&p| h.frames[p as usize].load(Ordering::Relaxed) != 0).count() as u64
+        };
+        let end = first + big.len() / PAGE_SIZE;
+        assert_eq!(written(first..end), 0, "nothing written when made");
+        // A page of the third chunk: that chunk's 512 entries, no other.
+        let pfn = first + 2 * PAGES_PER_2M + 7;
+        let page = h.ram_page(Pfn(pfn)).expect("a reserved frame is RAM");
+        assert_eq!(page.as_ptr() as u64, big.hva().0 + (pfn - first) * PAGE_SIZE);
+        assert_eq!(written(first..end), PAGES_PER_2M);
+        assert_eq!(written(first + 2 * PAGES_PER_2M..first + 3 * PAGES_PER_2M), PAGES_PER_2M);
+        // Every frame of the chunk now reads its own page, the way a 2 MiB leaf names them.
+        for i in [0, 1, PAGES_PER_2M - 1] {
+            let p = h.ram_page(Pfn(first + 2 * PAGES_PER_2M + i)).expect("ram");
+            assert_eq!(p.as_ptr() as u64, big.hva().0 + (2 * PAGES_PER_2M + i) * PAGE_SIZE);
+        }
+        // The short last chunk stops at the buffer's end; past it, and table frames, are not RAM.
+        assert!(h.ram_page(Pfn(end - 1)).is_some());
+        assert_eq!(written(first + 4 * PAGES_PER_2M..end), 5);
+        assert_eq!((h.ram_page(Pfn(end)), h.ram_page(table)), (None, None));
+        let s = small.first_pfn().expect("contiguous").0;
+        assert_eq!(h.ram_page(Pfn(s + 2)).map(|p| p.as_ptr() as u64), Some(small.hva().0 + 0x2000));
+        assert!(s + 3 < first, "the big buffer starts at a 2 MiB frame");
+        assert_eq!((h.ram_page(Pfn(s + 3)), h.ram_page(Pfn(0))), (None, None), "between, before");
     }
 
     #[test]
