@@ -14,6 +14,7 @@ use crate::seam::{
     AccessKind, GuestMmu, MmioCachingState, MmuCounters, MmuExits, MmuStats, SlotRequest,
     Translation,
 };
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use vmmu::bugs::BugSet;
 use vmmu::dirty::DirtyLogMode;
@@ -56,6 +57,28 @@ pub struct RealMmu {
     /// Counters of vCPUs that have finished (each adds its own when dropped).
     totals: Arc<Mutex<VcpuStats>>,
     timing: Arc<Mutex<MmioTiming>>,
+    /// Memslot requests in flight through [`GuestMmu::set_memory_region`]: a fault meanwhile
+    /// may retry until the request is done (an invalid slot), however long a loaded host makes
+    /// it, as KVM's faults wait. Relaxed: a hint for a vCPU's retry policy
+    /// ([`RealMmu::slot_update_in_flight`]), nothing a verdict reads.
+    slot_updates: AtomicU32,
+}
+
+/// Counts a memslot request in [`RealMmu::slot_updates`] until dropped (also when the request
+/// panics, so that no vCPU waits for it for ever).
+struct SlotUpdate<'a>(&'a AtomicU32);
+
+impl<'a> SlotUpdate<'a> {
+    fn begin(count: &'a AtomicU32) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        SlotUpdate(count)
+    }
+}
+
+impl Drop for SlotUpdate<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The hardware's paging-structure cache of one vCPU (Intel SDM vol. 3 §4.10.3, "PDE cache"):
@@ -163,7 +186,14 @@ impl RealMmu {
             vm: Vm::new(vc, host)?,
             totals: Arc::new(Mutex::new(VcpuStats::default())),
             timing: Arc::new(Mutex::new(MmioTiming::default())),
+            slot_updates: AtomicU32::new(0),
         })
+    }
+
+    /// Whether a memslot request made through [`GuestMmu::set_memory_region`] is in flight: a
+    /// vCPU's retries now wait for it and are no livelock (`hw_vcpu::Attempts`).
+    pub fn slot_update_in_flight(&self) -> bool {
+        self.slot_updates.load(Ordering::Relaxed) != 0
     }
 
     /// The VM.
@@ -265,6 +295,7 @@ impl GuestMmu for RealMmu {
     }
 
     fn set_memory_region(&self, r: &SlotRequest) -> Result<(), MemslotError> {
+        let _update = SlotUpdate::begin(&self.slot_updates);
         self.vm.set_memory_region(&r.region()).map(|_| ())
     }
 

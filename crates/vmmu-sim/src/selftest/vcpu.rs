@@ -13,10 +13,15 @@
 //! Invariant: on the shadow MMU every address a test accesses is below 4 GiB, or inside the
 //! ranges its tables were built for; an access elsewhere fails with a message (the CPU's #GP, or
 //! "the tables map nothing there"), never reaches other memory.
+//!
+//! Retries: an access retries for as long as a memslot request of the test's host thread is in
+//! flight (a MOVE or DELETE makes the slot invalid first, and KVM's faults wait for it), however
+//! long a loaded host keeps that thread off the CPU; only retries outside requests count towards
+//! the machine's livelock limit (`hw_vcpu::RETRY_LIMIT`), as in the machine's own runs.
 
 use super::{setup, MmuChoice, Result, SelftestMmu};
 use crate::host::SimHost;
-use crate::hw_vcpu::{Data, HwVcpu};
+use crate::hw_vcpu::{Attempts, Data, HwVcpu};
 use crate::machine_paging::{shadow_access, GvaTlb, RamOp, ShadowAccess};
 use crate::ram::Width;
 use crate::real::RealMmu;
@@ -124,8 +129,10 @@ impl<'a> SelftestVcpu<'a> {
 
     /// One 8-byte load (`store == None`) or store at guest-physical `gpa` (8-aligned).
     pub(crate) fn load_store8(&mut self, gpa: u64, store: Option<u64>) -> Reached {
+        let mmu = self.hw.mmu();
         let Some((tlb, tables)) = self.shadow.as_mut() else {
-            return match self.hw.load_store(Gpa(gpa), Width::W8, store) {
+            let mut waits = SlotUpdateWaits(mmu);
+            return match self.hw.load_store_with(Gpa(gpa), Width::W8, store, &mut waits) {
                 Data::Ram { hva, value } => Reached::Ram { hva: hva.raw(), value },
                 Data::Mmio => Reached::Mmio,
                 Data::Error(e) => Reached::Failed(e.to_string()),
@@ -136,9 +143,9 @@ impl<'a> SelftestVcpu<'a> {
                 "the guest's identity tables map nothing at guest-physical {gpa:#x}"
             ));
         };
-        // Every retry counts towards the livelock limit, as the TDP path's own accesses do.
         let op = RamOp::from_store(store);
-        match shadow_access(&mut self.hw, self.host, tlb, gva, Width::W8, op, || true) {
+        let counts = || !mmu.slot_update_in_flight();
+        match shadow_access(&mut self.hw, self.host, tlb, gva, Width::W8, op, counts) {
             ShadowAccess::Ram { hva, value } => Reached::Ram { hva: hva.raw(), value },
             ShadowAccess::Mmio(_) => Reached::Mmio,
             ShadowAccess::PageFault(e) => {
@@ -206,5 +213,117 @@ impl<'a> SelftestVcpu<'a> {
             Some(_) => "unknown (the vCPU is outside guest mode)".into(),
             None => "no shadow vCPU".into(),
         }
+    }
+}
+
+/// A selftest vCPU's retry policy on the TDP MMU (module doc): a retry while a memslot request
+/// is in flight waits for it and does not count.
+struct SlotUpdateWaits<'a>(&'a RealMmu);
+
+impl Attempts for SlotUpdateWaits<'_> {
+    #[inline]
+    fn counts(&mut self) -> bool {
+        !self.0.slot_update_in_flight()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::HostConfig;
+    use crate::hw_vcpu::AccessError;
+    use crate::real::RealMmuConfig;
+    use crate::seam::{GuestMmu, SlotRequest};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use vmmu::spte::FormatKind;
+    use vmmu::types::Hva;
+
+    /// [`SlotUpdateWaits`], or every retry counting, with a livelock limit of 10.
+    struct Ten<'a>(SlotUpdateWaits<'a>, bool);
+
+    impl Attempts for Ten<'_> {
+        fn counts(&mut self) -> bool {
+            !self.1 || self.0.counts()
+        }
+        fn limit(&self) -> u32 {
+            10
+        }
+    }
+
+    fn wait_for(what: &str, cond: impl Fn() -> bool) {
+        let t0 = Instant::now();
+        while !cond() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "{what} never happened");
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn retries_while_a_slot_request_is_in_flight_wait_for_it_and_count_for_no_livelock() {
+        // Slot 1 moves while a vCPU's slow host fault in slot 0 holds the memslot read lock, so
+        // the move stays in flight (its slot invalid) for the fault's 300 ms: a vCPU's access
+        // to the old place retries all along. Counted, ten retries make a livelock; excused,
+        // the access waits and then exits as MMIO (nothing is there after the move).
+        let host = Arc::new(SimHost::new(HostConfig::new(40)).expect("host"));
+        let a = host.add_buffer("a", 2 << 20).expect("a");
+        let b = host.add_buffer("b", 2 << 20).expect("b");
+        let cfg = RealMmuConfig {
+            format: FormatKind::Ept,
+            phys_bits: 40,
+            mmio_caching: true,
+            vcpus: 3,
+            generation_base: 0,
+            slot_zap_all: false,
+            bugs: vmmu::bugs::BugSet::NONE,
+            tdp_prefetch: false,
+            shadow_mmio_path_only: false,
+        };
+        let mmu = &RealMmu::new(host.clone(), cfg).expect("mmu");
+        let slot = |id: u32, gpa: u64, hva: Hva| SlotRequest {
+            slot: id,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: 2 << 20,
+            userspace_addr: hva.raw(),
+        };
+        mmu.set_memory_region(&slot(0, 0, a.hva())).expect("slot 0");
+        mmu.set_memory_region(&slot(1, 0x20_0000, b.hva())).expect("slot 1");
+        let hold = Duration::from_millis(300);
+        host.set_slow_translations(Some((a.hva(), Hva(a.hva().raw() + 0x1000), hold)));
+        assert!(!mmu.slot_update_in_flight());
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut hw = HwVcpu::new(mmu, &host, 0, 8);
+                hw.enter_guest();
+                hw.load_store(Gpa(0), Width::W8, None)
+            });
+            wait_for("the slow fault", || host.slow_translation_entered());
+            let mover = s.spawn(|| mmu.set_memory_region(&slot(1, 0x40_0000, b.hva())));
+            wait_for("the move's start", || mmu.slot_update_in_flight());
+            let mut hw = HwVcpu::new(mmu, &host, 2, 8);
+            hw.enter_guest();
+            let counted = hw.load_store_with(
+                Gpa(0x20_0000),
+                Width::W8,
+                None,
+                &mut Ten(SlotUpdateWaits(mmu), false),
+            );
+            assert_eq!(
+                counted,
+                Data::Error(AccessError::Livelock { gpa: Gpa(0x20_0000), retries: 10 }),
+                "the move was still in flight"
+            );
+            assert!(mmu.slot_update_in_flight(), "the fault holds the move for {hold:?}");
+            let excused = hw.load_store_with(
+                Gpa(0x20_0000),
+                Width::W8,
+                None,
+                &mut Ten(SlotUpdateWaits(mmu), true),
+            );
+            assert_eq!(excused, Data::Mmio);
+            assert_eq!(mover.join().expect("mover"), Ok(()));
+        });
+        assert!(!mmu.slot_update_in_flight());
     }
 }
