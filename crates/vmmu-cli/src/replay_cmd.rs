@@ -130,6 +130,25 @@ fn warnings(args: &ReplayArgs, trace: &Trace) -> Vec<String> {
                 s.lost_events
             ));
         }
+        // QEMU stops the VM on these (an emulation failure, a failed VM entry): the guest
+        // died there, which no event of the trace shows and no verdict of the MMU can (hunt 44r:
+        // an AP fetching its next instruction from a RAM slot QEMU was deleting to re-create
+        // it, around an SMRAM change; the trace replays cleanly and ends where the VM stopped).
+        let fatal: Vec<String> = ["KVM_EXIT_INTERNAL_ERROR", "KVM_EXIT_FAIL_ENTRY"]
+            .iter()
+            .filter_map(|r| {
+                s.userspace_exits.get(*r).filter(|&&n| n > 0).map(|n| format!("{r} ({n})"))
+            })
+            .collect();
+        if !fatal.is_empty() {
+            w.push(format!(
+                "the recorded VM stopped on {}: KVM could not go on running a vCPU there (an \
+                 emulation failure, e.g. an instruction fetched while the VMM deleted and re-created \
+                 its slot) and QEMU pauses the guest, so the recording is of a guest that failed; \
+                 the verdict judges the MMU on the events recorded, not the guest",
+                fatal.join(", ")
+            ));
+        }
         if s.vcpu_threads > 1 {
             w.push(format!(
                 "{} vCPU threads recorded; v1 does not say which vCPU made an access, so this replay (one vCPU) is exact only for 1 (an access that reaches RAM just after the slot request that made its address RAM is counted as raced with it, not misclassified)",

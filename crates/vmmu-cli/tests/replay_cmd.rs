@@ -615,6 +615,42 @@ fn a_capture_that_lost_events_is_untrusted_not_passed_or_failed() {
 }
 
 #[test]
+fn a_recording_whose_vm_stopped_on_an_internal_error_says_so_and_still_judges_the_mmu() {
+    // Hunt 44r: four vCPUs, one toggling SMRAM; QEMU deleted and re-created the RAM slot the
+    // other vCPUs ran from, one fetched an instruction in between, KVM failed to emulate it and
+    // QEMU paused the VM. The trace (its slot and MMIO events) is right and replays cleanly;
+    // only its summary says the guest died, and the report must say it too.
+    let summary = |exits: &str| {
+        format!(
+            "{{\"op\":\"summary\",\"span\":0.1,\"events\":{{\"slot\":3}},\"kernel_mmio_dropped\":0,\
+             \"lost_events\":0,\"vcpu_threads\":4,\"userspace_exits\":{{{exits}}}}}\n"
+        )
+    };
+    let body = format!(
+        "{RAM}{}{}",
+        RAM.replace("0.000000", "0.000010").replace("0x100000\"", "0x0\""),
+        RAM.replace("0.000000", "0.000020").replace("0x100000\"", "0xa0000\"")
+    );
+    let stopped = "the recorded VM stopped on KVM_EXIT_INTERNAL_ERROR (1)";
+    for (name, exits, warned) in [
+        ("died", "\"KVM_EXIT_INTERNAL_ERROR\":1,\"KVM_EXIT_IO\":9,\"error\":3", true),
+        // `error` alone is KVM_RUN's -EAGAIN for an AP waiting for its SIPI: nothing died.
+        ("alive", "\"KVM_EXIT_IO\":9,\"error\":3,\"restart\":2", false),
+    ] {
+        let p =
+            temp_file(&format!("{name}.trace.jsonl"), &format!("{HEADER}{body}{}", summary(exits)));
+        let f = p.display().to_string();
+        let (code, t) = replay_json(&f, &["--format", "ept"]);
+        assert_eq!((code, t["verdict"].as_str()), (Some(0), Some("pass")), "{name}: {t:#}");
+        let warnings: Vec<&str> =
+            t["warnings"].as_array().unwrap().iter().map(|w| w.as_str().unwrap()).collect();
+        assert_eq!(warnings.iter().any(|w| w.starts_with(stopped)), warned, "{name}: {warnings:?}");
+        let out = vmmu(&["replay", "--no-kvm", "--format", "ept", &f]);
+        assert_eq!(text(&out.stdout).contains(stopped), warned, "{name}");
+    }
+}
+
+#[test]
 fn a_trace_with_more_ram_than_the_frame_space_replays_cleanly() {
     // 2 TiB of RAM, more than the software machine's 1 TiB of frames (QEMU's `-m 1100G` was
     // recorded and replayed, `reserve=off`): its pages get frames as the MMU translates them.

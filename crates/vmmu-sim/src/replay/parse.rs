@@ -284,6 +284,8 @@ pub struct Summary {
     pub lost_events: u64,
     /// Threads that ran `KVM_RUN`.
     pub vcpu_threads: u64,
+    /// `KVM_RUN` returns by reason (`userspace_exits`; empty when the summary has none).
+    pub userspace_exits: BTreeMap<String, u64>,
 }
 
 /// A parsed trace.
@@ -616,9 +618,13 @@ fn parse_summary(o: &Ordered<'_>, events: &[Event]) -> Result<Summary, ParseErro
     for key in ["pio_exits", "pio_accesses"] {
         get(key)?;
     }
+    let mut userspace_exits = BTreeMap::new();
     for key in ["userspace_exits", "kvm_counted", "other_events", "anomalies"] {
         if present(key) {
-            counts(o, key)?;
+            let c = counts(o, key)?;
+            if key == "userspace_exits" {
+                userspace_exits = c;
+            }
         }
     }
     if present("pio") {
@@ -653,6 +659,7 @@ fn parse_summary(o: &Ordered<'_>, events: &[Event]) -> Result<Summary, ParseErro
         kernel_mmio_dropped: get("kernel_mmio_dropped")?,
         lost_events: get("lost_events")?,
         vcpu_threads: get("vcpu_threads")?,
+        userspace_exits,
     })
 }
 
