@@ -198,6 +198,9 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
         }
     };
     let mut bad_input = false;
+    // Each file that could not be read or parsed, with why (also in `--json`, which would
+    // otherwise hold only the traces that ran, and `"passed": false` with no reason).
+    let mut input_errors = Vec::new();
     // The HTML report could not be written.
     let mut report_failed = false;
     // The worst verdict of the traces that ran.
@@ -211,6 +214,7 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
             Ok(t) => t,
             Err(e) => {
                 note!("vmmu replay: {e}");
+                input_errors.push(serde_json::json!({ "file": file, "error": e.to_string() }));
                 bad_input = true;
                 continue;
             }
@@ -218,11 +222,10 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
         let trace = match replay::parse(&text) {
             Ok(t) => t,
             Err(e) => {
-                note!(
-                    "vmmu replay: {file}:{}: malformed trace: {}",
-                    e.line,
-                    shorten(&e.kind.to_string())
-                );
+                let why =
+                    format!("{file}:{}: malformed trace: {}", e.line, shorten(&e.kind.to_string()));
+                note!("vmmu replay: {why}");
+                input_errors.push(serde_json::json!({ "file": file, "error": why }));
                 if let Some(looks @ (Looks::Scenario | Looks::Recording)) = Looks::of(&text) {
                     note!("vmmu replay: {file}: {}", looks.hint());
                 }
@@ -243,6 +246,7 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
     if args.json {
         let doc = serde_json::json!({
             "traces": reports,
+            "input_errors": input_errors,
             "passed": verdict == Verdict::Pass && !bad_input,
         });
         if writeln!(out, "{doc:#}").is_err() {

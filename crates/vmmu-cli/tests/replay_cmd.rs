@@ -615,6 +615,34 @@ fn a_capture_that_lost_events_is_untrusted_not_passed_or_failed() {
 }
 
 #[test]
+fn json_names_each_file_it_could_not_replay() {
+    // Hunt 44r: a capture broken by another capture unmounting tracefs under it converts to an
+    // empty trace file (the converter exits 1, the shell's redirection has made the file). With
+    // `--json` the report must say which file was not replayed and why, not only
+    // `"passed": false` next to the traces that did run.
+    let good = temp_file("good.trace.jsonl", &format!("{HEADER}{RAM}"));
+    let empty = temp_file("empty.trace.jsonl", "");
+    let (good, empty) = (good.display().to_string(), empty.display().to_string());
+    let out = vmmu(&["replay", "--json", "--no-kvm", "--format", "ept", &good, &empty]);
+    assert_eq!(out.status.code(), Some(2));
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(doc["passed"], false);
+    assert_eq!(doc["traces"].as_array().map(Vec::len), Some(1));
+    let errors = doc["input_errors"].as_array().expect("input_errors");
+    assert_eq!(errors.len(), 1, "{doc:#}");
+    assert_eq!(errors[0]["file"], empty.as_str());
+    let why = errors[0]["error"].as_str().unwrap();
+    assert!(why.starts_with(&format!("{empty}:1: malformed trace: empty file")), "{why}");
+    let missing = format!("{empty}.missing");
+    let out = vmmu(&["replay", "--json", "--no-kvm", &missing]);
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        (out.status.code(), &doc["input_errors"][0]["file"]),
+        (Some(2), &Value::from(missing))
+    );
+}
+
+#[test]
 fn a_recording_whose_vm_stopped_on_an_internal_error_says_so_and_still_judges_the_mmu() {
     // Hunt 44r: four vCPUs, one toggling SMRAM; QEMU deleted and re-created the RAM slot the
     // other vCPUs ran from, one fetched an instruction in between, KVM failed to emulate it and
