@@ -145,6 +145,9 @@ pub enum Looks {
     Recording,
     /// A scenario (a comment or a step keyword first).
     Scenario,
+    /// A raw capture of the trace kit (`ftrace-capture.sh`'s `# vmmu-capture:` lines, or an
+    /// ftrace buffer's `# tracer:` header), not yet converted into a trace.
+    Capture,
 }
 
 impl Looks {
@@ -156,6 +159,10 @@ impl Looks {
             Some(Looks::Trace)
         } else if first.starts_with("{\"step\"") || first.starts_with("{\"skipped\"") {
             Some(Looks::Recording)
+        } else if first.starts_with("# vmmu-capture:") || first.starts_with("# tracer:") {
+            // Before the scenario test: a capture's comment lines start with `#` too (hunt
+            // 44r: `vmmu replay X.ftrace` was told the capture looked like a scenario).
+            Some(Looks::Capture)
         } else if first.starts_with('#') || ["vm", "mem", "slot"].contains(&word) {
             Some(Looks::Scenario)
         } else {
@@ -175,6 +182,11 @@ impl Looks {
                 "this looks like a scenario: `vmmu scenario FILE` runs it, `vmmu diff FILE` \
                  compares it"
             }
+            Looks::Capture => {
+                "this looks like a raw capture of the trace kit (ftrace-capture.sh): convert it \
+                 with `ftrace-to-trace.py FILE > NAME.trace.jsonl` (../shared/tools/trace), then \
+                 `vmmu replay NAME.trace.jsonl`"
+            }
         }
     }
 }
@@ -191,7 +203,9 @@ pub fn parse_scenario(
         Ok(s) => Some(s),
         Err(e) => {
             note!("{shown}:{}:{}: {}", e.line, e.column, shorten(&e.kind.to_string()));
-            if let Some(looks @ (Looks::Trace | Looks::Recording)) = Looks::of(text) {
+            if let Some(looks @ (Looks::Trace | Looks::Recording | Looks::Capture)) =
+                Looks::of(text)
+            {
                 note!("vmmu {cmd}: {shown}: {}", looks.hint());
             }
             None
@@ -274,6 +288,10 @@ mod tests {
         );
         assert_eq!(Looks::of("{\"skipped\":\"why\"}\n"), Some(Looks::Recording));
         assert_eq!(Looks::of("# header\nvm\n"), Some(Looks::Scenario));
+        let capture = "# vmmu-capture: host: Linux 6.1 x86_64; kvm vendor module: kvm_intel\n\
+                       # vmmu-capture: command: qemu-system-x86_64 -accel kvm\n# tracer: nop\n";
+        assert_eq!(Looks::of(capture), Some(Looks::Capture));
+        assert_eq!(Looks::of("# tracer: nop\n#\n"), Some(Looks::Capture));
         assert_eq!(Looks::of("mem b size=4K\n"), Some(Looks::Scenario));
         assert_eq!(Looks::of("\u{0}garbage"), None);
         assert_eq!(Looks::of(""), None);

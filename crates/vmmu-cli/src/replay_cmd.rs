@@ -226,7 +226,9 @@ pub fn run(args: &ReplayArgs) -> ExitCode {
                     format!("{file}:{}: malformed trace: {}", e.line, shorten(&e.kind.to_string()));
                 note!("vmmu replay: {why}");
                 input_errors.push(serde_json::json!({ "file": file, "error": why }));
-                if let Some(looks @ (Looks::Scenario | Looks::Recording)) = Looks::of(&text) {
+                if let Some(looks @ (Looks::Scenario | Looks::Recording | Looks::Capture)) =
+                    Looks::of(&text)
+                {
                     note!("vmmu replay: {file}: {}", looks.hint());
                 }
                 bad_input = true;

@@ -615,6 +615,25 @@ fn a_capture_that_lost_events_is_untrusted_not_passed_or_failed() {
 }
 
 #[test]
+fn a_raw_capture_is_named_as_one_not_as_a_scenario() {
+    // Hunt 44r: `vmmu replay X.ftrace` (the kit's capture, before ftrace-to-trace.py) said
+    // "this looks like a scenario", since the capture's comment lines start with `#`.
+    let raw = "# vmmu-capture: host: Linux 6.1 x86_64; kvm vendor module: kvm_intel; kvm.mmio_caching=Y kvm.tdp_mmu=Y\n\
+               # vmmu-capture: command: qemu-system-x86_64 -accel kvm -M pc\n\
+               # tracer: nop\n";
+    let p = temp_file("raw.ftrace", raw);
+    let out = vmmu(&["replay", "--no-kvm", &p.display().to_string()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("malformed trace"), "{err}");
+    assert!(
+        err.contains("raw capture of the trace kit") && err.contains("ftrace-to-trace.py"),
+        "{err}"
+    );
+    assert!(!err.contains("looks like a scenario"), "{err}");
+}
+
+#[test]
 fn json_names_each_file_it_could_not_replay() {
     // Hunt 44r: a capture broken by another capture unmounting tracefs under it converts to an
     // empty trace file (the converter exits 1, the shell's redirection has made the file). With
