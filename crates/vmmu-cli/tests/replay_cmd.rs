@@ -98,6 +98,24 @@ fn a_two_vcpu_recording_racing_slot_re_creations_replays_cleanly() {
     }
 }
 
+/// A real recording of a guest that died (hunt 44r): four vCPUs, an AP fetched its next
+/// instruction from the RAM slot QEMU was re-creating, KVM failed to emulate it and QEMU paused
+/// the VM. The MMU's verdict is clean; the warning says that the recorded guest stopped there.
+#[test]
+fn a_recorded_vm_that_died_is_named_in_the_warnings() {
+    let t = assert_clean(&repo("tests/traces/apfetch-smp4-kvm.cut.trace.jsonl"));
+    assert_eq!(u(&t["vcpu_threads"]), 4);
+    let warnings: Vec<&str> =
+        t["warnings"].as_array().unwrap().iter().map(|w| w.as_str().unwrap()).collect();
+    let stopped = "the recorded VM stopped on KVM_EXIT_INTERNAL_ERROR (1)";
+    assert!(warnings.iter().any(|w| w.starts_with(stopped)), "{warnings:?}");
+    // A recording of eight vCPUs whose guest ran to its end: no such warning.
+    let t = assert_clean(&repo("tests/traces/pamsmp8-kvm.small.trace.jsonl"));
+    assert_eq!(u(&t["vcpu_threads"]), 8);
+    let warnings = t["warnings"].as_array().unwrap();
+    assert!(!warnings.iter().any(|w| w.as_str().unwrap().contains("stopped on")), "{warnings:?}");
+}
+
 /// OVMF on q35, as far as the recording host ran it: its code flash a read-only slot just
 /// below 4 GiB, its variable store beside it, and q35's low RAM split around the legacy holes.
 #[test]
