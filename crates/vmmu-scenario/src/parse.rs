@@ -370,13 +370,18 @@ fn number(w: Word<'_>) -> LineResult<u64> {
         return Err(bad(if !body.is_empty() && body.chars().all(|c| c.is_digit(radix)) {
             "a K, M or G suffix is allowed in `size=` only"
         } else if radix == 16 {
-            "expected only hex digits (0-9, a-f) after 0x"
+            BAD_HEX_DIGITS
         } else {
             "expected decimal digits or 0x hex (no signs, no `_`)"
         }));
     }
-    u64::from_str_radix(digits, radix).map_err(|_| bad("does not fit in 64 bits"))
+    u64::from_str_radix(digits, radix).map_err(|_| bad(TOO_BIG))
 }
+
+/// Why a number of valid digits was refused: it is past `u64`.
+const TOO_BIG: &str = "does not fit in 64 bits";
+/// Why a `0x` number was refused: a character after `0x` is not a hex digit.
+const BAD_HEX_DIGITS: &str = "expected only hex digits (0-9, a-f) after 0x";
 
 /// Parses a `size=` value: a number with an optional `K`, `M` or `G` suffix.
 fn size(w: Word<'_>) -> LineResult<u64> {
@@ -386,19 +391,22 @@ fn size(w: Word<'_>) -> LineResult<u64> {
         Some(b'G') => (&w.text[..w.text.len() - 1], 30),
         _ => (w.text, 0),
     };
-    let n = number(Word { text: body, col: w.col }).map_err(|(c, _)| {
-        (
-            c,
-            ParseErrorKind::BadNumber {
-                text: w.text.into(),
-                why: "expected a number, optionally followed by K, M or G",
-            },
-        )
+    // Keep `number`'s reason when it is about the digits themselves (a value past `u64`, a bad
+    // hex digit): "expected a number" would call `18446744073709551616` not a number.
+    let n = number(Word { text: body, col: w.col }).map_err(|(c, e)| {
+        let why = match e {
+            ParseErrorKind::BadNumber { why, .. }
+                if why == TOO_BIG
+                    || (why == BAD_HEX_DIGITS && !body.ends_with(['K', 'M', 'G'])) =>
+            {
+                why
+            }
+            _ => "expected a number, optionally followed by K, M or G",
+        };
+        (c, ParseErrorKind::BadNumber { text: w.text.into(), why })
     })?;
-    n.checked_mul(1u64 << shift).ok_or((
-        w.col,
-        ParseErrorKind::BadNumber { text: w.text.into(), why: "does not fit in 64 bits" },
-    ))
+    n.checked_mul(1u64 << shift)
+        .ok_or((w.col, ParseErrorKind::BadNumber { text: w.text.into(), why: TOO_BIG }))
 }
 
 fn width(w: Word<'_>) -> LineResult<Width> {
@@ -1116,6 +1124,27 @@ mod tests {
         ] {
             let e = parse(&format!("mmio-reply value={bad}\n")).expect_err(bad);
             assert_eq!(e.to_string(), format!("line 1, column 18: bad number `{bad}`: {why}"));
+        }
+    }
+
+    /// A `size=` value whose digits are fine but too many for 64 bits says so, in decimal as in
+    /// hex, with or without a suffix; a bad hex digit is named as such. (The decimal form used
+    /// to read "expected a number, optionally followed by K, M or G", as if it were no number.)
+    #[test]
+    fn a_size_past_u64_says_it_does_not_fit() {
+        for (bad, why) in [
+            ("18446744073709551616", "does not fit in 64 bits"),
+            ("18446744073709551616K", "does not fit in 64 bits"),
+            ("0x10000000000000000", "does not fit in 64 bits"),
+            ("0xffffffffffffffffG", "does not fit in 64 bits"),
+            ("0x1g", "expected only hex digits (0-9, a-f) after 0x"),
+            ("4k", "expected a number, optionally followed by K, M or G"),
+            ("4KK", "expected a number, optionally followed by K, M or G"),
+            ("0x4KK", "expected a number, optionally followed by K, M or G"),
+            ("0X1000", "expected a number, optionally followed by K, M or G"),
+        ] {
+            let e = parse(&format!("mem a size={bad}\n")).expect_err(bad);
+            assert_eq!(e.to_string(), format!("line 1, column 12: bad number `{bad}`: {why}"));
         }
     }
 
