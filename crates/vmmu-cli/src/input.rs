@@ -114,13 +114,14 @@ pub fn read_text_within(path: &Path, limit: Limit) -> Result<String, InputError>
         if STDIN_READ.swap(true, std::sync::atomic::Ordering::Relaxed) {
             return Err(InputError::StdinTwice { path: shown });
         }
+        let limit = stream_limit(limit);
         let stdin = std::io::stdin().lock();
-        stdin.take(MAX_STREAM_BYTES.bytes + 1).read_to_end(&mut bytes).map_err(io)?;
-        MAX_STREAM_BYTES
+        stdin.take(limit.bytes + 1).read_to_end(&mut bytes).map_err(io)?;
+        limit
     } else {
         let f = std::fs::File::open(path).map_err(io)?;
         let regular = f.metadata().map(|m| m.is_file()).unwrap_or(false);
-        let limit = if regular { limit } else { MAX_STREAM_BYTES };
+        let limit = if regular { limit } else { stream_limit(limit) };
         f.take(limit.bytes + 1).read_to_end(&mut bytes).map_err(io)?;
         limit
     };
@@ -128,6 +129,17 @@ pub fn read_text_within(path: &Path, limit: Limit) -> Result<String, InputError>
         return Err(InputError::TooBig { path: shown, limit });
     }
     text(&shown, bytes)
+}
+
+/// The limit of an input of kind `limit` that is not a regular file: the kind's own when it is
+/// no larger than [`MAX_STREAM_BYTES`] (a scenario from `/dev/zero` is told what a scenario
+/// may hold, not to give "a large trace as a regular file"), else the stream's.
+fn stream_limit(limit: Limit) -> Limit {
+    if limit.bytes <= MAX_STREAM_BYTES.bytes {
+        limit
+    } else {
+        MAX_STREAM_BYTES
+    }
 }
 
 /// The text of a scenario or recorded output `path` (`-`: standard input), up to [`MAX_BYTES`].
@@ -314,6 +326,20 @@ mod tests {
         const { assert!(MAX_TRACE_BYTES.bytes > MAX_BYTES.bytes) };
         const { assert!(MAX_STREAM_BYTES.bytes <= MAX_BYTES.bytes) };
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A scenario or recording read from a stream (`vmmu scenario /dev/zero`, `-`) is refused
+    /// with the scenario's reason; only a trace, which may be larger as a regular file, is told
+    /// to come as one.
+    #[test]
+    fn a_stream_past_its_limit_is_told_what_its_kind_allows() {
+        assert_eq!(stream_limit(MAX_BYTES), MAX_BYTES);
+        assert_eq!(stream_limit(MAX_TRACE_BYTES), MAX_STREAM_BYTES);
+        let e = InputError::TooBig { path: "/dev/zero".into(), limit: stream_limit(MAX_BYTES) };
+        assert!(!e.to_string().contains("trace"), "{e}");
+        assert!(e.to_string().contains("not a scenario or recording"), "{e}");
+        let e = InputError::TooBig { path: "-".into(), limit: stream_limit(MAX_TRACE_BYTES) };
+        assert!(e.to_string().contains("give a large trace as a regular file"), "{e}");
     }
 
     #[test]

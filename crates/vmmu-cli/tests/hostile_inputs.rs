@@ -179,6 +179,8 @@ fn an_endless_input_is_refused_at_the_size_limit() {
         let err = text(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains("/dev/zero: more than 512 MiB"), "{args:?}: {err}");
+        // Only a trace may be larger as a regular file; a scenario is not told to be one.
+        assert_eq!(err.contains("trace"), args[0] == "replay", "{args:?}: {err}");
     }
 }
 
