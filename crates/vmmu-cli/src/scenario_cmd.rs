@@ -57,9 +57,13 @@ pub struct ScenarioArgs {
 /// The backend for `kind` with the bugs `--inject` names (the software machine's only), or why
 /// it cannot be had. Adding a backend is one match arm.
 fn backend(kind: BackendKind, inject: Option<&str>) -> Result<Box<dyn Backend>, String> {
-    let bugs = crate::inject::bug_set(inject, "scenario")?;
+    // The backend first: a build without the feature would otherwise suggest re-running
+    // `--backend kvm --inject BUG` with it, which that build refuses.
     match kind {
-        BackendKind::Sim => Ok(Box::new(vmmu_sim::SimBackendInjected { bugs })),
+        BackendKind::Sim => {
+            let bugs = crate::inject::bug_set(inject, "scenario")?;
+            Ok(Box::new(vmmu_sim::SimBackendInjected { bugs }))
+        }
         BackendKind::Kvm if inject.is_some() => Err(format!(
             "--inject re-injects a bug into the software machine's MMU; --backend kvm runs the \
              kernel's (drop --inject {}, or run --backend sim)",
