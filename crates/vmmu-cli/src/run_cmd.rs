@@ -59,7 +59,8 @@ pub struct MachineArgs {
     /// vCPUs (1..=256; at most 48 with guest paging).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub vcpus: u16,
-    /// How long to run, in seconds (more than 0, at most 3600).
+    /// How long to run, in seconds (0.01..=3600; with `--compare-caching` each of its runs takes
+    /// half, so at least 0.02).
     #[arg(long, default_value_t = 5.0, value_parser = parse_seconds)]
     pub seconds: f64,
     /// The MMU and its SPTE format (`shadow` makes the machine's guest run with paging: it implies
@@ -477,6 +478,21 @@ fn note_trap_missed(when: &str, seconds: u32) {
     );
 }
 
+/// Why `--compare-caching` cannot run with these `--seconds`: each of its runs takes half, and
+/// a run shorter than the machine's shortest (`MIN_SECONDS`) gives ratios of noise (`--seconds
+/// 0.01` printed a throughput half of "0.00x").
+fn compare_too_short(args: &RunArgs) -> Option<String> {
+    let min = vmmu_sim::options::MIN_SECONDS;
+    (args.opts.compare_caching && args.opts.seconds / 2.0 < min).then(|| {
+        format!(
+            "--compare-caching --seconds {}: each of its runs takes half of --seconds, and the \
+             shortest run is {min} s; give --seconds {} or more",
+            args.opts.seconds,
+            2.0 * min
+        )
+    })
+}
+
 /// Runs `vmmu run`.
 pub fn run(args: &RunArgs) -> ExitCode {
     if args.inject.as_deref() == Some("list") {
@@ -487,6 +503,10 @@ pub fn run(args: &RunArgs) -> ExitCode {
         };
     }
     if let Err(e) = args.options(true, BugSet::NONE).validate() {
+        note!("vmmu run: {e}");
+        return ExitCode::from(2);
+    }
+    if let Some(e) = compare_too_short(args) {
         note!("vmmu run: {e}");
         return ExitCode::from(2);
     }
@@ -615,6 +635,17 @@ mod tests {
         assert_eq!(fences(&[]), ReaderFenceKind::Full);
         assert_eq!(fences(&["--reader-fences", "membarrier"]), ReaderFenceKind::Membarrier);
         assert!(parse(&["--reader-fences", "none"]).is_err());
+    }
+
+    /// `--compare-caching` halves `--seconds` per run: below twice the shortest run it is a
+    /// bad argument, not four runs too short to time (`--seconds 0.01` printed "0.00x").
+    #[test]
+    fn compare_caching_needs_two_shortest_runs() {
+        let too_short = |args: &[&str]| compare_too_short(&parse(args).expect("parses"));
+        let e = too_short(&["--compare-caching", "--seconds", "0.01"]).expect("refused");
+        assert!(e.contains("give --seconds 0.02 or more"), "{e}");
+        assert_eq!(too_short(&["--compare-caching", "--seconds", "0.02"]), None);
+        assert_eq!(too_short(&["--seconds", "0.01"]), None);
     }
 
     #[test]

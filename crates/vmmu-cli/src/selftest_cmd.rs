@@ -184,19 +184,19 @@ pub struct SelftestArgs {
     /// `/dev/kvm` on a nested host), whose guests reach their memory through identity maps.
     #[arg(long, value_enum, default_value_t = Format::Ept)]
     format: Format,
-    /// set_memory_region_test loops (its argv[1]; default 10).
+    /// set_memory_region_test loops (its argv[1]; 1..=10000, default 10).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10000))]
     loops: Option<u32>,
     /// memslot_perf_test -s: slot cap, 2..=32764 (default: the maximum).
     #[arg(long, value_parser = clap::value_parser!(u32).range(2..=32764))]
     slots: Option<u32>,
-    /// memslot_perf_test -l: seconds per run (default 5).
+    /// memslot_perf_test -l: seconds per run (0.01..=3600, default 5).
     #[arg(long, value_parser = vmmu_sim::options::parse_seconds)]
     seconds: Option<f64>,
-    /// memslot_perf_test -r: runs per test, the best reported (default 1).
+    /// memslot_perf_test -r: runs per test, the best reported (1..=100, default 1).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     runs: u32,
-    /// memslot_modification_stress_test and dirty_log_perf_test -v: vCPUs (default 1).
+    /// memslot_modification_stress_test and dirty_log_perf_test -v: vCPUs (1..=64, default 1).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     vcpus: u16,
     /// memslot_modification_stress_test and dirty_log_perf_test -b: MiB per vCPU, 1..=16384
@@ -204,7 +204,7 @@ pub struct SelftestArgs {
     /// dirty-log-perf, or 524288 with --no-kvm).
     #[arg(long = "mib-per-vcpu", value_parser = clap::value_parser!(u64).range(1..=16384))]
     mib_per_vcpu: Option<u64>,
-    /// memslot_modification_stress_test -i: add/delete iterations (default 10).
+    /// memslot_modification_stress_test -i: add/delete iterations (1..=100000000, default 10).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     iterations: u64,
     /// memslot_modification_stress_test -d: microseconds before each iteration (0..=10000000,

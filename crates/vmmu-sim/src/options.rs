@@ -65,7 +65,7 @@ pub enum GenerationStart {
 pub struct RunOptions {
     /// vCPUs (1..=256).
     pub vcpus: u16,
-    /// How long to run, in seconds (more than 0, at most 3600).
+    /// How long to run, in seconds ([`MIN_SECONDS`]..=3600).
     pub seconds: f64,
     /// The MMU, its SPTE format, and whether the guest pages.
     pub mmu: RunMmu,
