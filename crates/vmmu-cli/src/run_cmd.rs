@@ -88,11 +88,11 @@ pub struct MachineArgs {
     /// vCPUs, the last vCPU staying in guest mode on TLB hits until the MMU asks it to leave.
     #[arg(long = "stress-paths")]
     pub stress_paths: bool,
-    /// The memslot update profile: `boot` (bursts like a recorded boot, then quiet) or `steady`
-    /// (back to back, stress). `--churn`, `--stress-paths`, `--wrap-trap` and `--inject` imply
-    /// `steady`.
-    #[arg(long, value_enum, default_value_t = Updates::Boot)]
-    pub updates: Updates,
+    /// The memslot update profile: `boot` (bursts like a recorded boot, then quiet; the default)
+    /// or `steady` (back to back, stress). `--churn`, `--stress-paths`, `--wrap-trap` and
+    /// `--inject` imply `steady` (an explicit `--updates boot` with them is refused).
+    #[arg(long, value_enum)]
+    pub updates: Option<Updates>,
     /// Run the guest with paging: two processes (page-table spaces) per vCPU, accesses through
     /// guest-virtual addresses, a GVA remapped between RAM and MMIO, unmapped GVAs that must
     /// fault, CR3 switches (implied by `--format shadow`; with ept/npt the hardware walks the
@@ -181,7 +181,7 @@ impl RunArgs {
             mmio_caching: caching,
             seed: o.seed,
             stress_paths: o.stress_paths,
-            updates: match o.updates {
+            updates: match o.updates.unwrap_or(Updates::Boot) {
                 Updates::Boot => vmmu_sim::UpdateProfile::BOOT,
                 Updates::Steady => vmmu_sim::UpdateProfile::Steady,
             },
@@ -217,7 +217,7 @@ impl RunArgs {
         let updates = if implied || self.inject.is_some() {
             "steady (implied)".to_string()
         } else {
-            flag_value(o.updates)
+            flag_value(o.updates.unwrap_or(Updates::Boot))
         };
         vec![
             ("--seconds", o.seconds.to_string()),
@@ -478,6 +478,29 @@ fn note_trap_missed(when: &str, seconds: u32) {
     );
 }
 
+/// Why an explicit `--updates boot` cannot be had: an option given with it runs the updates back
+/// to back (`steady`), which used to override it without a word.
+fn boot_updates_overridden(args: &RunArgs) -> Option<String> {
+    if args.opts.updates != Some(Updates::Boot) {
+        return None;
+    }
+    let by = if args.churn.is_some() {
+        "--churn"
+    } else if args.opts.stress_paths {
+        "--stress-paths"
+    } else if args.wrap_trap {
+        "--wrap-trap"
+    } else if args.inject.is_some() {
+        "--inject"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "--updates boot and {by} exclude each other: {by} runs the memslot updates back to back \
+         (--updates steady); drop --updates boot"
+    ))
+}
+
 /// Why `--compare-caching` cannot run with these `--seconds`: each of its runs takes half, and
 /// a run shorter than the machine's shortest (`MIN_SECONDS`) gives ratios of noise (`--seconds
 /// 0.01` printed a throughput half of "0.00x").
@@ -503,6 +526,10 @@ pub fn run(args: &RunArgs) -> ExitCode {
         };
     }
     if let Err(e) = args.options(true, BugSet::NONE).validate() {
+        note!("vmmu run: {e}");
+        return ExitCode::from(2);
+    }
+    if let Some(e) = boot_updates_overridden(args) {
         note!("vmmu run: {e}");
         return ExitCode::from(2);
     }
@@ -635,6 +662,26 @@ mod tests {
         assert_eq!(fences(&[]), ReaderFenceKind::Full);
         assert_eq!(fences(&["--reader-fences", "membarrier"]), ReaderFenceKind::Membarrier);
         assert!(parse(&["--reader-fences", "none"]).is_err());
+    }
+
+    /// An explicit `--updates boot` with an option that implies `steady` is refused, naming the
+    /// option; without `--updates`, or with `steady`, those options run as before.
+    #[test]
+    fn explicit_boot_updates_are_not_overridden_silently() {
+        let refused = |args: &[&str]| boot_updates_overridden(&parse(args).expect("parses"));
+        for (flag, args) in [
+            ("--churn", &["--updates", "boot", "--churn", "10"][..]),
+            ("--stress-paths", &["--stress-paths", "--updates", "boot"][..]),
+            ("--wrap-trap", &["--updates", "boot", "--wrap-trap"][..]),
+            ("--inject", &["--updates", "boot", "--inject", "no-tlb-flush-on-zap"][..]),
+        ] {
+            let e = refused(args).expect("refused");
+            assert!(e.contains(flag) && e.contains("drop --updates boot"), "{args:?}: {e}");
+        }
+        assert_eq!(refused(&["--churn", "10"]), None);
+        assert_eq!(refused(&["--updates", "steady", "--stress-paths"]), None);
+        assert_eq!(refused(&["--updates", "boot"]), None);
+        assert_eq!(parse(&[]).expect("defaults").opts.updates, None);
     }
 
     /// `--compare-caching` halves `--seconds` per run: below twice the shortest run it is a
