@@ -50,7 +50,7 @@ impl fmt::Display for Text<'_> {
         let e = &r.exits;
         writeln!(
             f,
-            "exits: violation {}, misconfig {}, mmio spte hit {}, mmio cache hit {}, slow-path mmio {}, read-only write {}, device {}, userspace {}",
+            "exits: violation {}, misconfig/RSVD {}, mmio spte hit {}, mmio cache hit {}, slow-path mmio {}, read-only write {}, device {}, userspace {}",
             e.mmu.violation, e.mmu.misconfig, e.mmu.mmio_spte_hit, e.mmu.mmio_cache_hit, e.mmu.mmio_slow_path, e.readonly_write, e.mmio_device, e.mmio_userspace
         )?;
         let mm = &r.mmu;
@@ -165,6 +165,15 @@ mod tests {
         let s = Text(&r).to_string();
         assert!(s.contains("oracle: FAILED, 1 violations"), "{s}");
         assert!(s.contains("vCPU 0 gpa 0x1000 read: expected MMIO exit, saw RAM"), "{s}");
+    }
+
+    /// The MMIO SPTE exit is an EPT misconfiguration only under EPT; under NPT it is a #NPF and
+    /// under shadow paging a #PF, both with RSVD set: the text names both, as the README and
+    /// the replay's `mmio paths` line do (it read `misconfig` under every format).
+    #[test]
+    fn the_mmio_spte_exit_is_named_for_every_format() {
+        let text = Text(&Report::default()).to_string();
+        assert!(text.contains("exits: violation 0, misconfig/RSVD 0,"), "{text}");
     }
 
     #[test]
