@@ -555,7 +555,7 @@ impl TraceReport {
             let p = &r.mmio_paths;
             let _ = writeln!(
                 s,
-                "    mmio paths: MMIO SPTE hit {}, vCPU cache hit {}, slow path {}, read-only write {} (MMIO SPTEs created {}, stale generation {}; exits: violation {}, misconfig/RSVD {})",
+                "    mmio paths (recorded and own accesses): MMIO SPTE hit {}, vCPU cache hit {}, slow path {}, read-only write {} (MMIO SPTEs created {}, stale generation {}; exits: violation {}, misconfig/RSVD {})",
                 p.mmio_spte_hit, p.vcpu_cache_hit, p.slow_path, p.readonly_write, p.mmio_sptes_created, p.stale_generation, p.violation_exits, p.misconfig_exits
             );
             let z = &r.zaps;
@@ -668,6 +668,20 @@ mod tests {
         let report = TraceReport { runs: vec![run], ..TraceReport::default() };
         let text = report.text();
         text.lines().find(|l| l.starts_with("  sim-")).expect("a run line").to_string()
+    }
+
+    /// The MMIO path counts come from the core's vCPU counters, so they include the replay's
+    /// own probes (a read-only slot's own writes): the line says so, or "read-only write 226"
+    /// beside "0 read-only-slot writes" on the `mmio:` line reads as a contradiction.
+    #[test]
+    fn the_mmio_paths_line_says_it_counts_the_own_accesses_too() {
+        let mut run = RunReport { config: "ept-on".into(), ..RunReport::default() };
+        run.mmio_paths.readonly_write = 226;
+        let text = TraceReport { runs: vec![run], ..TraceReport::default() }.text();
+        let line = text.lines().find(|l| l.contains("mmio paths")).expect("mmio paths line");
+        assert!(
+            line.contains("(recorded and own accesses)") && line.contains("read-only write 226")
+        );
     }
 
     #[test]
