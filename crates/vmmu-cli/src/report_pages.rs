@@ -108,7 +108,7 @@ pub fn run_page(flags: &[(&str, String)], runs: &[(&str, &Report)]) -> String {
                 vec!["slow-path MMIO".into(), e.mmu.mmio_slow_path.to_string()],
                 vec!["read-only writes".into(), e.readonly_write.to_string()],
                 vec!["MMIO SPTEs created".into(), r.mmu.mmio_sptes_created.to_string()],
-                vec!["zaps".into(), r.mmu.zaps.to_string()],
+                vec!["range zaps".into(), r.mmu.zaps.to_string()],
                 vec!["zap_all_fast".into(), r.mmu.zap_all_fast.to_string()],
                 vec!["memslot updates".into(), m.updates.to_string()],
                 vec!["of those refused as expected".into(), m.refused.to_string()],

@@ -56,7 +56,7 @@ impl fmt::Display for Text<'_> {
         let mm = &r.mmu;
         write!(
             f,
-            "mmu: mmio sptes created {}, zaps {}, zap_all_fast {}, retries {}, tlb flush requests {}",
+            "mmu: mmio sptes created {}, range zaps {}, zap_all_fast {}, retries {}, tlb flush requests {}",
             mm.mmio_sptes_created, mm.zaps, mm.zap_all_fast, mm.retries, mm.tlb_flush_requests
         )?;
         for (k, v) in mm.extra.iter().flat_map(MmuCounters::named) {
@@ -174,6 +174,8 @@ mod tests {
     fn the_mmio_spte_exit_is_named_for_every_format() {
         let text = Text(&Report::default()).to_string();
         assert!(text.contains("exits: violation 0, misconfig/RSVD 0,"), "{text}");
+        // And `zaps` counts TDP range zap calls (0 under shadow paging), not SPTEs.
+        assert!(text.contains("mmu: mmio sptes created 0, range zaps 0,"), "{text}");
     }
 
     #[test]

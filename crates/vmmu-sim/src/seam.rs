@@ -354,7 +354,8 @@ pub struct MmuStats {
     pub exits: MmuExits,
     /// MMIO SPTEs installed.
     pub mmio_sptes_created: u64,
-    /// SPTE zaps (any reason).
+    /// TDP range zaps (a memslot delete or move, a host invalidation): calls, not SPTEs; the
+    /// shadow MMU zaps through its reverse map and counts in `mmu_shadow_zapped` instead.
     pub zaps: u64,
     /// `zap_all_fast` calls (root invalidations).
     pub zap_all_fast: u64,
