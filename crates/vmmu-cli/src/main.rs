@@ -21,7 +21,13 @@ mod stdout;
 
 /// A virtual MMU with generation-checked MMIO caching: run it, check it, measure it.
 #[derive(Parser, Debug)]
-#[command(name = "vmmu", version, about)]
+#[command(
+    name = "vmmu",
+    version,
+    about,
+    after_help = "Without a command, vmmu runs `vmmu run`, and options given without a command \
+                  are run's (`vmmu --seconds 1`): see `vmmu run --help`."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -88,5 +94,19 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// `vmmu --help` lists no options, since they are `run`'s: it says where they are (it
+    /// showed only `Usage: vmmu [COMMAND]`, though `vmmu --seconds 1` works).
+    #[test]
+    fn top_level_help_says_options_go_to_run() {
+        let help = Cli::command().render_help().to_string();
+        assert!(help.contains("see `vmmu run --help`"), "{help}");
     }
 }
