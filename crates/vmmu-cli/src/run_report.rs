@@ -20,6 +20,15 @@ fn us(ns: u64) -> f64 {
     ns as f64 / 1000.0
 }
 
+/// The SPTE format as the config line names it: shadow SPTEs are x86 page-table entries, the
+/// layout NPT uses too, and plain "npt" read as AMD NPT being in use under `--format shadow`.
+fn spte_format(mmu: vmmu::vm::MmuKind, format: vmmu::spte::FormatKind) -> String {
+    match mmu {
+        vmmu::vm::MmuKind::Shadow => format!("x86 page-table entries (as {})", format_name(format)),
+        vmmu::vm::MmuKind::Tdp => format_name(format).to_string(),
+    }
+}
+
 impl fmt::Display for Text<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let r = self.0;
@@ -30,7 +39,7 @@ impl fmt::Display for Text<'_> {
             "config: mmu {}{} format {} phys_bits {} vcpus {} seed {}; mmio caching requested {} effective {} ({}); reader fences {}",
             mmu_name(c.mmu),
             if c.guest_paging { " (guest paging)" } else { "" },
-            format_name(c.format),
+            spte_format(c.mmu, c.format),
             c.phys_bits,
             c.vcpus,
             c.seed,
@@ -174,6 +183,12 @@ mod tests {
     fn the_mmio_spte_exit_is_named_for_every_format() {
         let text = Text(&Report::default()).to_string();
         assert!(text.contains("exits: violation 0, misconfig/RSVD 0,"), "{text}");
+        // Shadow SPTEs are x86 page-table entries: not "format npt" alone.
+        let mut shadow = Report::default();
+        shadow.config.mmu = vmmu::vm::MmuKind::Shadow;
+        shadow.config.format = vmmu::spte::FormatKind::Npt;
+        let s = Text(&shadow).to_string();
+        assert!(s.contains("mmu shadow format x86 page-table entries (as npt) phys_bits"), "{s}");
         // And `zaps` counts TDP range zap calls (0 under shadow paging), not SPTEs.
         assert!(text.contains("mmu: mmio sptes created 0, range zaps 0,"), "{text}");
     }
