@@ -253,8 +253,12 @@ impl<'a, M: GuestMmu> HwVcpu<'a, M> {
                 }
                 Translation::Mmio => return Outcome::Mmio,
                 Translation::Error(e) => return Outcome::Error(AccessError::Mmu(e)),
-                Translation::Retry => {
-                    self.retries += 1;
+                t @ (Translation::Retry | Translation::Fixed) => {
+                    // Both walk again and count towards the livelock budget; only a retry is
+                    // one (a fixed fault is the normal path of a TLB miss that faulted).
+                    if t == Translation::Retry {
+                        self.retries += 1;
+                    }
                     if let Err(retries) = budget.retried(at.counts(), at.limit()) {
                         return Outcome::Error(AccessError::Livelock { gpa, retries });
                     }

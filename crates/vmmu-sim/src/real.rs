@@ -467,9 +467,8 @@ fn translate(vm: &Vm<SimHost>, v: &mut RealVcpu, gpa: Gpa, access: AccessKind) -
     };
     match result {
         Ok(FaultOutcome::Emulate { .. }) => Translation::Mmio,
-        Ok(FaultOutcome::Fixed | FaultOutcome::Spurious | FaultOutcome::Retry(_)) => {
-            Translation::Retry
-        }
+        Ok(FaultOutcome::Fixed | FaultOutcome::Spurious) => Translation::Fixed,
+        Ok(FaultOutcome::Retry(_)) => Translation::Retry,
         // The machine's VMs are TDP VMs: a guest page fault cannot come out of their entry
         // points.
         Ok(FaultOutcome::GuestPageFault { addr, .. }) => Translation::Error(format!(

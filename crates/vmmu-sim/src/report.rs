@@ -154,7 +154,8 @@ pub struct VcpuReport {
     pub mmio_userspace: u64,
     /// ROM writes that exited (read-only slot).
     pub readonly_write: u64,
-    /// Translations retried.
+    /// Faults the MMU asked this vCPU to retry (`RET_PF_RETRY`), under every MMU; a fixed fault,
+    /// after which the vCPU walks again too, is not one.
     pub retries: u64,
     /// Times the vCPU left guest mode and yielded its CPU to a thread waiting for vCPUs
     /// ([`crate::handoff`]).

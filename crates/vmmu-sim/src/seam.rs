@@ -154,6 +154,11 @@ pub enum Translation {
     Mmio,
     /// Try again (KVM: `RET_PF_RETRY`): the vCPU goes back through its request poll first.
     Retry,
+    /// The fault was handled (KVM: `RET_PF_FIXED`, or a spurious fault): the vCPU re-enters and
+    /// walks again, as after [`Translation::Retry`], but nothing was retried, so the vCPU's
+    /// retry count leaves it out (under TDP it counted every fixed fault, under shadow paging
+    /// only retries).
+    Fixed,
     /// The VM cannot go on with this access (KVM: `KVM_RUN` fails, e.g. `-EFAULT`).
     Error(String),
 }
