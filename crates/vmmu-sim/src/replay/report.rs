@@ -408,6 +408,24 @@ impl KvmReport {
     }
 }
 
+/// The most characters of a trace's `source` the text report shows: the recordings' run to about
+/// 600; a longer one keeps its start and end (the JSON keeps all of it). A 3 MB `source` made
+/// the text report 3 MB.
+const SOURCE_SHOWN: usize = 2000;
+
+/// `text` with at most [`SOURCE_SHOWN`] characters: its start and its last 200, and how many were
+/// left out between them.
+fn shortened(text: &str) -> std::borrow::Cow<'_, str> {
+    let n = text.chars().count();
+    if n <= SOURCE_SHOWN {
+        return text.into();
+    }
+    let (head, tail) = (SOURCE_SHOWN - 200, 200);
+    let start: String = text.chars().take(head).collect();
+    let end: String = text.chars().skip(n - tail).collect();
+    format!("{start}[... {} characters left out ...]{end}", n - head - tail).into()
+}
+
 /// Everything about one trace.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct TraceReport {
@@ -478,7 +496,7 @@ impl TraceReport {
             .chars()
             .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
             .collect();
-        let _ = writeln!(s, "  source: {source}");
+        let _ = writeln!(s, "  source: {}", shortened(&source));
         let ev: Vec<String> = self.events.iter().map(|(k, v)| format!("{k} {v}")).collect();
         if self.has_summary {
             let _ = writeln!(
@@ -668,6 +686,21 @@ mod tests {
         let report = TraceReport { runs: vec![run], ..TraceReport::default() };
         let text = report.text();
         text.lines().find(|l| l.starts_with("  sim-")).expect("a run line").to_string()
+    }
+
+    /// A very long `source` is shortened in the text (start, end, and how much was left out);
+    /// the recordings' (up to about 600 characters) are shown whole.
+    #[test]
+    fn a_very_long_source_is_shortened_in_the_text() {
+        let whole = "q".repeat(SOURCE_SHOWN);
+        assert_eq!(shortened(&whole), whole);
+        let long = format!("start{}end", "x".repeat(3_000_000));
+        let t = TraceReport { source: long.clone(), ..TraceReport::default() }.text();
+        let line = t.lines().find(|l| l.starts_with("  source: ")).expect("source line");
+        assert!(line.len() < 2100, "{}", line.len());
+        assert!(line.starts_with("  source: startxxx") && line.ends_with("xxxend"), "{line}");
+        let left_out = long.len() - SOURCE_SHOWN;
+        assert!(line.contains(&format!("[... {left_out} characters left out ...]")), "{line}");
     }
 
     /// The MMIO path counts come from the core's vCPU counters, so they include the replay's
