@@ -191,6 +191,12 @@ impl Migration {
         self.slots.iter().any(|s| gpa.0.wrapping_sub(s.gpa.0) < s.pages * PAGE_SIZE)
     }
 
+    /// Collections started so far (the machine's access budget may wait for some:
+    /// `MachineConfig::min_collections`).
+    pub fn collections_started(&self) -> u32 {
+        self.started.load(Ordering::SeqCst)
+    }
+
     /// A recorder for vCPU `vcpu`.
     pub fn recorder(&self, vcpu: usize) -> Recorder<'_> {
         Recorder { m: self, vcpu, lo: 0, hi: 0, gfns: HashSet::new() }

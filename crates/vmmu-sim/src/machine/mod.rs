@@ -110,6 +110,10 @@ pub struct MachineConfig {
     pub accesses_per_vcpu: Option<u64>,
     /// See `accesses_per_vcpu`.
     pub min_updates: u64,
+    /// With `dirty_log` and `accesses_per_vcpu`: the budget is met only once the migration
+    /// thread has started this many collections (a loaded host may keep that thread off the CPU
+    /// until the vCPUs have spent their accesses); `duration` still bounds the run.
+    pub min_collections: u32,
     /// Pause of the device manager between two requests (inside a burst, with
     /// [`UpdateProfile::Boot`]).
     pub update_pause: Duration,
@@ -186,6 +190,7 @@ impl Default for MachineConfig {
             duration: Duration::from_secs(5),
             accesses_per_vcpu: None,
             min_updates: 0,
+            min_collections: 0,
             update_pause: Duration::from_micros(200),
             update_profile: UpdateProfile::Steady,
             batch: 64,
@@ -554,7 +559,8 @@ impl Machine {
                     c
                 })
             });
-            self.watch(run, started, progress, &mut timeline, || {
+            let collections = || recorders.map_or(0, Migration::collections_started);
+            self.watch(run, started, progress, &mut timeline, collections, || {
                 handles.iter().any(|h| h.is_finished())
                     || dm.is_finished()
                     || migrator.as_ref().is_some_and(|m| m.is_finished())
@@ -571,14 +577,16 @@ impl Machine {
     }
 
     /// The supervisor's loop: every 10 ms, `progress` and, with a timeline, a sample when one is
-    /// due; stops the run once its time, its access budget or its update count is reached, or
-    /// once a thread has ended (`crashed`).
+    /// due; stops the run once its time, its access budget (with `collections` the migration
+    /// thread's collections so far) or its update count is reached, or once a thread has ended
+    /// (`crashed`).
     fn watch(
         &self,
         run: &RunState,
         started: Instant,
         progress: &mut dyn FnMut(&ProgressSnapshot),
         timeline: &mut Samples,
+        collections: impl Fn() -> u32,
         crashed: impl Fn() -> bool,
     ) {
         let cfg = &self.config;
@@ -599,6 +607,7 @@ impl Machine {
             let budget_done = cfg.accesses_per_vcpu.is_some_and(|max| {
                 run.counters.iter().all(|c| c.0.load(Ordering::Relaxed) >= max)
                     && snap.updates >= cfg.min_updates
+                    && collections() >= cfg.min_collections
                     && (!cfg.wrap_trap || run.trap_done.load(Ordering::SeqCst))
             });
             let churn_done = cfg.max_updates.is_some_and(|m| snap.updates >= m);
