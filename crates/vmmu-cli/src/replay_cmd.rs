@@ -130,6 +130,20 @@ fn warnings(args: &ReplayArgs, trace: &Trace) -> Vec<String> {
                 s.lost_events
             ));
         }
+        // Only a vCPU thread's KVM_RUN makes an MMIO access: a summary of none beside recorded
+        // accesses contradicts its own trace (newcomer audit 44).
+        let accesses = trace
+            .events
+            .iter()
+            .filter(|e| matches!(e.kind, replay::parse::EventKind::Mmio(_)))
+            .count();
+        if s.vcpu_threads == 0 && accesses > 0 {
+            w.push(format!(
+                "the summary counts no vCPU thread (vcpu_threads 0) but the trace has {accesses} \
+                 MMIO accesses, which only a vCPU's KVM_RUN makes: the summary does not belong to \
+                 these events, or the capture missed the KVM_RUN calls"
+            ));
+        }
         // QEMU stops the VM on these (an emulation failure, a failed VM entry): the guest
         // died there, which no event of the trace shows and no verdict of the MMU can (hunt 44r:
         // an AP fetching its next instruction from a RAM slot QEMU was deleting to re-create

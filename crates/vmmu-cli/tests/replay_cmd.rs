@@ -679,6 +679,33 @@ fn json_names_each_file_it_could_not_replay() {
     );
 }
 
+/// A summary that counts no vCPU thread beside recorded MMIO accesses (which only a vCPU's
+/// KVM_RUN makes) contradicts its trace: the replay says so (newcomer audit 44: it was silent).
+#[test]
+fn a_summary_without_vcpu_threads_beside_mmio_accesses_is_named() {
+    let mmio = "{\"t\":0.000010,\"op\":\"mmio\",\"dir\":\"read\",\"gpa\":\"0xfee000f0\",\
+                \"len\":4,\"value\":\"0xff\",\"exit\":\"kernel\"}\n";
+    let summary = |threads: u32| {
+        format!(
+            "{{\"op\":\"summary\",\"span\":0.1,\"events\":{{\"slot\":1,\"mmio\":1}},\
+             \"kernel_mmio_dropped\":0,\"lost_events\":0,\"vcpu_threads\":{threads}}}\n"
+        )
+    };
+    let said = "the summary counts no vCPU thread (vcpu_threads 0) but the trace has 1 MMIO";
+    for threads in [0, 1] {
+        let body = format!("{HEADER}{RAM}{mmio}{}", summary(threads));
+        let p = temp_file(&format!("threads{threads}.trace.jsonl"), &body);
+        let (code, t) = replay_json(&p.display().to_string(), &["--format", "ept"]);
+        assert_eq!((code, t["verdict"].as_str()), (Some(0), Some("pass")), "{t:#}");
+        let warned = t["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().is_some_and(|w| w.starts_with(said)));
+        assert_eq!(warned, threads == 0, "{threads}: {t:#}");
+    }
+}
+
 #[test]
 fn a_recording_whose_vm_stopped_on_an_internal_error_says_so_and_still_judges_the_mmu() {
     // Hunt 44r: four vCPUs, one toggling SMRAM; QEMU deleted and re-created the RAM slot the
