@@ -210,11 +210,26 @@ impl RunArgs {
         }
     }
 
+    /// The first option given that runs the memslot updates back to back (implies
+    /// `--updates steady`), if any.
+    fn implies_steady(&self) -> Option<&'static str> {
+        if self.churn.is_some() {
+            Some("--churn")
+        } else if self.opts.stress_paths {
+            Some("--stress-paths")
+        } else if self.wrap_trap {
+            Some("--wrap-trap")
+        } else if self.inject.is_some() {
+            Some("--inject")
+        } else {
+            None
+        }
+    }
+
     /// The options as given, for the HTML report: enum values as the flag spells them.
     fn flags(&self) -> Vec<(&'static str, String)> {
         let o = &self.opts;
-        let implied = self.churn.is_some() || o.stress_paths || self.wrap_trap;
-        let updates = if implied || self.inject.is_some() {
+        let updates = if self.implies_steady().is_some() {
             "steady (implied)".to_string()
         } else {
             flag_value(o.updates.unwrap_or(Updates::Boot))
@@ -484,17 +499,7 @@ fn boot_updates_overridden(args: &RunArgs) -> Option<String> {
     if args.opts.updates != Some(Updates::Boot) {
         return None;
     }
-    let by = if args.churn.is_some() {
-        "--churn"
-    } else if args.opts.stress_paths {
-        "--stress-paths"
-    } else if args.wrap_trap {
-        "--wrap-trap"
-    } else if args.inject.is_some() {
-        "--inject"
-    } else {
-        return None;
-    };
+    let by = args.implies_steady()?;
     Some(format!(
         "--updates boot and {by} exclude each other: {by} runs the memslot updates back to back \
          (--updates steady); drop --updates boot"
