@@ -573,10 +573,10 @@ fn run_one(test: Test, p: &Plan) -> Row {
             let r = vmmu_sim::selftest::perf::run(t, &p.perf, &p.mmu);
             // The figure at the slots the run used, or (not run) at the cap it was given: the
             // published column says what KVM did, whether or not this side ran.
-            row.published = published(t, p.perf.slots.unwrap_or(32764));
+            let slots = r.as_ref().map_or(p.perf.slots.unwrap_or(32764), |o| o.slots);
+            row.published = published(t, slots);
             if let Ok(o) = &r {
                 row.sim_iter = o.per_iteration;
-                row.published = published(t, o.slots);
             }
             row.sim = cell(r, perf_text);
         }
