@@ -232,13 +232,7 @@ const SHOWN_CHARS: usize = 400;
 /// `message` as shown on a terminal: whole up to [`SHOWN_CHARS`] characters, else its start
 /// and end with how much was left out between them.
 pub fn shorten(message: &str) -> String {
-    let n = message.chars().count();
-    if n <= SHOWN_CHARS {
-        return message.to_string();
-    }
-    let head: String = message.chars().take(SHOWN_CHARS - 100).collect();
-    let tail: String = message.chars().skip(n - 80).collect();
-    format!("{head}[... {} characters left out ...]{tail}", n - (SHOWN_CHARS - 100) - 80)
+    vmmu_sim::report::elide(message, SHOWN_CHARS, SHOWN_CHARS - 100, 80).into_owned()
 }
 
 /// `bytes` as a `String`, or where they stop being UTF-8.

@@ -17,6 +17,19 @@ use serde::{Serialize, Serializer};
 use vmmu::spte::FormatKind;
 use vmmu::vm::MmuKind;
 
+/// `text` as a report shows it: whole up to `max` characters, else its first `head` and last
+/// `tail` characters with how many were left out between them (an input may quote a word or a
+/// `source` of megabytes). The CLI's messages and the replay's text report both shorten this way.
+pub fn elide(text: &str, max: usize, head: usize, tail: usize) -> std::borrow::Cow<'_, str> {
+    let n = text.chars().count();
+    if n <= max {
+        return text.into();
+    }
+    let start: String = text.chars().take(head).collect();
+    let end: String = text.chars().skip(n - tail).collect();
+    format!("{start}[... {} characters left out ...]{end}", n - head - tail).into()
+}
+
 /// The complete report of one run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Report {

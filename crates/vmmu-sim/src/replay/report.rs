@@ -416,14 +416,7 @@ const SOURCE_SHOWN: usize = 2000;
 /// `text` with at most [`SOURCE_SHOWN`] characters: its start and its last 200, and how many were
 /// left out between them.
 fn shortened(text: &str) -> std::borrow::Cow<'_, str> {
-    let n = text.chars().count();
-    if n <= SOURCE_SHOWN {
-        return text.into();
-    }
-    let (head, tail) = (SOURCE_SHOWN - 200, 200);
-    let start: String = text.chars().take(head).collect();
-    let end: String = text.chars().skip(n - tail).collect();
-    format!("{start}[... {} characters left out ...]{end}", n - head - tail).into()
+    crate::report::elide(text, SOURCE_SHOWN, SOURCE_SHOWN - 200, 200)
 }
 
 /// Everything about one trace.
