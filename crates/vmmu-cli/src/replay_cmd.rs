@@ -132,11 +132,7 @@ fn warnings(args: &ReplayArgs, trace: &Trace) -> Vec<String> {
         }
         // Only a vCPU thread's KVM_RUN makes an MMIO access: a summary of none beside recorded
         // accesses contradicts its own trace (newcomer audit 44).
-        let accesses = trace
-            .events
-            .iter()
-            .filter(|e| matches!(e.kind, replay::parse::EventKind::Mmio(_)))
-            .count();
+        let accesses = trace.count(EventOp::Mmio);
         if s.vcpu_threads == 0 && accesses > 0 {
             w.push(format!(
                 "the summary counts no vCPU thread (vcpu_threads 0) but the trace has {accesses} \
