@@ -54,7 +54,7 @@ pub use observation::{
     first_difference, parse_observations, DirtyLogResult, Observation, ObservationError, ReadExit,
     SlotResult, WriteExit,
 };
-pub use parse::{parse, ParseError, ParseErrorKind};
+pub use parse::{parse, NumberProblem, ParseError, ParseErrorKind};
 pub use print::to_text;
 pub use step::{
     ClearDirtyLogOp, Cr3Op, DirtyLogMode, DirtyLogOp, Format, HostReadOp, HostWriteOp, MapFlags,

@@ -76,7 +76,7 @@ pub enum ParseErrorKind {
         /// The text.
         text: String,
         /// Why.
-        why: &'static str,
+        why: NumberProblem,
     },
     /// A number outside the range its field allows.
     #[error("{field}={value} is out of range (allowed: {allowed})")]
@@ -253,6 +253,29 @@ pub enum ParseErrorKind {
     BadMemSize(String),
 }
 
+/// Why a word is not a number of the scenario syntax ([`ParseErrorKind::BadNumber`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NumberProblem {
+    /// `0x` and nothing after it (or an empty `size=` body).
+    #[error("no digits")]
+    NoDigits,
+    /// Digits with a `K`, `M` or `G` suffix in a field other than `size=`.
+    #[error("a K, M or G suffix is allowed in `size=` only")]
+    SuffixOutsideSize,
+    /// A character after `0x` that is not a hex digit.
+    #[error("expected only hex digits (0-9, a-f) after 0x")]
+    BadHexDigits,
+    /// A decimal number with a character that is not a digit (a sign, `_`, a letter).
+    #[error("expected decimal digits or 0x hex (no signs, no `_`)")]
+    BadDecimalDigits,
+    /// Valid digits whose value (with its suffix, in `size=`) is past `u64`.
+    #[error("does not fit in 64 bits")]
+    TooBig,
+    /// A `size=` value that is not a number with an optional `K`, `M` or `G` suffix.
+    #[error("expected a number, optionally followed by K, M or G")]
+    NotASize,
+}
+
 /// `U+XXXX` and, for the usual suspects, what it is.
 fn char_name(c: char) -> String {
     let what = match c {
@@ -363,25 +386,20 @@ fn number(w: Word<'_>) -> LineResult<u64> {
         None => (w.text, 10),
     };
     if digits.is_empty() {
-        return Err(bad("no digits"));
+        return Err(bad(NumberProblem::NoDigits));
     }
     if !digits.chars().all(|c| c.is_digit(radix)) {
         let body = digits.strip_suffix(['K', 'M', 'G']).unwrap_or("");
         return Err(bad(if !body.is_empty() && body.chars().all(|c| c.is_digit(radix)) {
-            "a K, M or G suffix is allowed in `size=` only"
+            NumberProblem::SuffixOutsideSize
         } else if radix == 16 {
-            BAD_HEX_DIGITS
+            NumberProblem::BadHexDigits
         } else {
-            "expected decimal digits or 0x hex (no signs, no `_`)"
+            NumberProblem::BadDecimalDigits
         }));
     }
-    u64::from_str_radix(digits, radix).map_err(|_| bad(TOO_BIG))
+    u64::from_str_radix(digits, radix).map_err(|_| bad(NumberProblem::TooBig))
 }
-
-/// Why a number of valid digits was refused: it is past `u64`.
-const TOO_BIG: &str = "does not fit in 64 bits";
-/// Why a `0x` number was refused: a character after `0x` is not a hex digit.
-const BAD_HEX_DIGITS: &str = "expected only hex digits (0-9, a-f) after 0x";
 
 /// Parses a `size=` value: a number with an optional `K`, `M` or `G` suffix.
 fn size(w: Word<'_>) -> LineResult<u64> {
@@ -395,18 +413,20 @@ fn size(w: Word<'_>) -> LineResult<u64> {
     // hex digit): "expected a number" would call `18446744073709551616` not a number.
     let n = number(Word { text: body, col: w.col }).map_err(|(c, e)| {
         let why = match e {
-            ParseErrorKind::BadNumber { why, .. }
-                if why == TOO_BIG
-                    || (why == BAD_HEX_DIGITS && !body.ends_with(['K', 'M', 'G'])) =>
+            ParseErrorKind::BadNumber { why: NumberProblem::TooBig, .. } => NumberProblem::TooBig,
+            ParseErrorKind::BadNumber { why: NumberProblem::BadHexDigits, .. }
+                if !body.ends_with(['K', 'M', 'G']) =>
             {
-                why
+                NumberProblem::BadHexDigits
             }
-            _ => "expected a number, optionally followed by K, M or G",
+            _ => NumberProblem::NotASize,
         };
         (c, ParseErrorKind::BadNumber { text: w.text.into(), why })
     })?;
-    n.checked_mul(1u64 << shift)
-        .ok_or((w.col, ParseErrorKind::BadNumber { text: w.text.into(), why: TOO_BIG }))
+    n.checked_mul(1u64 << shift).ok_or((
+        w.col,
+        ParseErrorKind::BadNumber { text: w.text.into(), why: NumberProblem::TooBig },
+    ))
 }
 
 fn width(w: Word<'_>) -> LineResult<Width> {
@@ -1114,16 +1134,33 @@ mod tests {
     /// wrote `0xg` to use decimal digits and one who wrote `1_0` to use hex digits.
     #[test]
     fn bad_number_messages_say_which_digits_were_expected() {
-        for (bad, why) in [
-            ("0xg", "expected only hex digits (0-9, a-f) after 0x"),
-            ("0x12g", "expected only hex digits (0-9, a-f) after 0x"),
-            ("0x1000K", "a K, M or G suffix is allowed in `size=` only"),
-            ("4096M", "a K, M or G suffix is allowed in `size=` only"),
-            ("1_0", "expected decimal digits or 0x hex (no signs, no `_`)"),
-            ("-1", "expected decimal digits or 0x hex (no signs, no `_`)"),
+        for (bad, why, problem) in [
+            ("0xg", "expected only hex digits (0-9, a-f) after 0x", NumberProblem::BadHexDigits),
+            ("0x12g", "expected only hex digits (0-9, a-f) after 0x", NumberProblem::BadHexDigits),
+            (
+                "0x1000K",
+                "a K, M or G suffix is allowed in `size=` only",
+                NumberProblem::SuffixOutsideSize,
+            ),
+            (
+                "4096M",
+                "a K, M or G suffix is allowed in `size=` only",
+                NumberProblem::SuffixOutsideSize,
+            ),
+            (
+                "1_0",
+                "expected decimal digits or 0x hex (no signs, no `_`)",
+                NumberProblem::BadDecimalDigits,
+            ),
+            (
+                "-1",
+                "expected decimal digits or 0x hex (no signs, no `_`)",
+                NumberProblem::BadDecimalDigits,
+            ),
         ] {
             let e = parse(&format!("mmio-reply value={bad}\n")).expect_err(bad);
             assert_eq!(e.to_string(), format!("line 1, column 18: bad number `{bad}`: {why}"));
+            assert_eq!(e.kind, ParseErrorKind::BadNumber { text: bad.into(), why: problem });
         }
     }
 
@@ -1132,19 +1169,28 @@ mod tests {
     /// to read "expected a number, optionally followed by K, M or G", as if it were no number.)
     #[test]
     fn a_size_past_u64_says_it_does_not_fit() {
-        for (bad, why) in [
-            ("18446744073709551616", "does not fit in 64 bits"),
-            ("18446744073709551616K", "does not fit in 64 bits"),
-            ("0x10000000000000000", "does not fit in 64 bits"),
-            ("0xffffffffffffffffG", "does not fit in 64 bits"),
-            ("0x1g", "expected only hex digits (0-9, a-f) after 0x"),
-            ("4k", "expected a number, optionally followed by K, M or G"),
-            ("4KK", "expected a number, optionally followed by K, M or G"),
-            ("0x4KK", "expected a number, optionally followed by K, M or G"),
-            ("0X1000", "expected a number, optionally followed by K, M or G"),
+        for (bad, why, problem) in [
+            ("18446744073709551616", "does not fit in 64 bits", NumberProblem::TooBig),
+            ("18446744073709551616K", "does not fit in 64 bits", NumberProblem::TooBig),
+            ("0x10000000000000000", "does not fit in 64 bits", NumberProblem::TooBig),
+            ("0xffffffffffffffffG", "does not fit in 64 bits", NumberProblem::TooBig),
+            ("0x1g", "expected only hex digits (0-9, a-f) after 0x", NumberProblem::BadHexDigits),
+            ("4k", "expected a number, optionally followed by K, M or G", NumberProblem::NotASize),
+            ("4KK", "expected a number, optionally followed by K, M or G", NumberProblem::NotASize),
+            (
+                "0x4KK",
+                "expected a number, optionally followed by K, M or G",
+                NumberProblem::NotASize,
+            ),
+            (
+                "0X1000",
+                "expected a number, optionally followed by K, M or G",
+                NumberProblem::NotASize,
+            ),
         ] {
             let e = parse(&format!("mem a size={bad}\n")).expect_err(bad);
             assert_eq!(e.to_string(), format!("line 1, column 12: bad number `{bad}`: {why}"));
+            assert_eq!(e.kind, ParseErrorKind::BadNumber { text: bad.into(), why: problem });
         }
     }
 
