@@ -272,6 +272,9 @@ pub struct Percentiles {
     pub p99: u64,
     /// Largest.
     pub max: u64,
+    /// How many values the percentiles are of (below 100, `p99` is the largest; below 10,
+    /// `p90` is).
+    pub samples: u64,
 }
 
 impl Percentiles {
@@ -285,6 +288,7 @@ impl Percentiles {
             p90: h.value_at_quantile(0.90),
             p99: h.value_at_quantile(0.99),
             max: h.max(),
+            samples: h.len(),
         }
     }
 }
