@@ -208,9 +208,7 @@ pub fn run(args: &DiffArgs) -> ExitCode {
             continue;
         };
         if scenario.steps.is_empty() {
-            note!(
-                "vmmu diff: {shown}: no steps (only comments or blank lines): nothing to compare"
-            );
+            // Said once, in the verdict line (a note on stderr as well said it twice).
             let verdict = Verdict::Skipped("no steps (only comments or blank lines)".into());
             if writeln!(out, "{}", VerdictLine { path: &shown, verdict: &verdict }).is_err() {
                 return ExitCode::from(1);

@@ -60,6 +60,19 @@ pub enum RunError {
     },
 }
 
+impl RunError {
+    /// The message without the backend's name, for a report that names the backend already
+    /// (`vmmu diff`'s `FAILED FILE: CONFIG: ...`).
+    pub fn unnamed(&self) -> String {
+        match self {
+            RunError::Start { source, .. } => format!("could not start: {source}"),
+            RunError::Step { step, line, keyword, source, .. } => {
+                format!("failed at step {step} (line {line}, `{keyword}`): {source}")
+            }
+        }
+    }
+}
+
 /// What [`Backend::start`] gives back.
 pub enum Start {
     /// Run the scenario on this machine.

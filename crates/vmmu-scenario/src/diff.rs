@@ -363,7 +363,7 @@ pub fn run_source(name: &str, backend: &dyn Backend, scenario: &Scenario) -> Sou
         Err((_, RunError::Start { source: BackendError::Unavailable(why), .. })) => {
             Outcome::Unavailable(why)
         }
-        Err((_, e)) => Outcome::Failed(e.to_string()),
+        Err((_, e)) => Outcome::Failed(e.unnamed()),
     };
     Source { name: name.to_string(), outcome }
 }
@@ -673,7 +673,7 @@ mod tests {
         };
         let v = diff(&s, &backends(false), vec![]);
         let line = VerdictLine { path: "s", verdict: &v }.to_string();
-        assert_eq!(line, "FAILED s: kvm: nostart backend could not start: cannot open the VM");
+        assert_eq!(line, "FAILED s: kvm: could not start: cannot open the VM");
         assert!(v.is_bad());
         let v = diff(&s, &backends(true), vec![]);
         let line = VerdictLine { path: "s", verdict: &v }.to_string();
