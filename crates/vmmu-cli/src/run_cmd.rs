@@ -56,7 +56,8 @@ pub enum ReaderFences {
 /// The machine's options of `vmmu run`.
 #[derive(Args, Clone, Debug, PartialEq)]
 pub struct MachineArgs {
-    /// vCPUs (1..=256; at most 48 with guest paging).
+    /// vCPUs (1..=256; at most 48 with guest paging). Starting and joining their threads is
+    /// not counted in `--seconds` (with hundreds of vCPUs it adds about a second).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub vcpus: u16,
     /// How long to run, in seconds (0.01..=3600; with `--compare-caching` each of its runs takes

@@ -702,6 +702,10 @@ fn list_json() -> String {
     format!("{:#}\n", serde_json::json!({ "tests": tests, "groups": groups }))
 }
 
+/// Said under a `--quick` table of perf rows: one short run per test is a sample, not a figure.
+const QUICK_PERF_NOTE: &str = "--quick: one short run per perf test; on a shared host its figures \
+swing several-fold from run to run (compare without --quick, or with --runs N for the best of N)\n";
+
 /// Runs `vmmu selftest`.
 pub fn run(args: &SelftestArgs) -> ExitCode {
     if args.inject.as_deref() == Some("list") {
@@ -762,9 +766,10 @@ pub fn run(args: &SelftestArgs) -> ExitCode {
             .collect();
         if rows.iter().any(|r| r.test.perf().is_some()) {
             format!(
-                "{}published slot setup (adding all slots, whole test area): {}\n",
+                "{}published slot setup (adding all slots, whole test area): {}\n{}",
                 table(&rows),
-                setup.join(", ")
+                setup.join(", "),
+                if args.quick && args.runs == 1 { QUICK_PERF_NOTE } else { "" }
             )
         } else {
             table(&rows)
