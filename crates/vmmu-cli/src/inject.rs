@@ -34,6 +34,120 @@ pub fn bug_set(inject: Option<&str>, command: &str) -> Result<BugSet, String> {
     }
 }
 
+/// A `vmmu run` flag that sets up the sequence a bug needs ([`RunCatch::With`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum RunFlag {
+    /// `--stress-paths`: faults preempted between decision and installation, hot spots.
+    StressPaths,
+    /// `--slot-zap-all`: every delete or move zaps every SPTE.
+    SlotZapAll,
+    /// `--wrap-trap`: MMIO SPTEs a generation wrap would make stale.
+    WrapTrap,
+    /// `--dirty-log`: a migration thread collecting the dirty log.
+    DirtyLog,
+}
+
+impl RunFlag {
+    /// The flag as typed.
+    pub const fn name(self) -> &'static str {
+        match self {
+            RunFlag::StressPaths => "--stress-paths",
+            RunFlag::SlotZapAll => "--slot-zap-all",
+            RunFlag::WrapTrap => "--wrap-trap",
+            RunFlag::DirtyLog => "--dirty-log",
+        }
+    }
+}
+
+/// How `vmmu run` shows a re-injected bug: the README's `--inject` table, what
+/// `crates/vmmu-sim/tests/oracle_bugs.rs` checks end to end, and for the others why the machine
+/// cannot (their catchers are `crates/vmmu/tests/bugs_caught.rs`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum RunCatch {
+    /// The default machine shows it within a few seconds.
+    Default,
+    /// The machine shows it with this flag.
+    With(RunFlag),
+    /// Its harm needs what the machine's guests never do (the text says what); a unit catcher
+    /// shows it.
+    Unreached(&'static str),
+    /// It cannot change an access's outcome in this design (`crates/vmmu/src/bugs.rs`).
+    NoHarm,
+    /// It costs time only (MMIO caching stays off under EPT at MAXPHYADDR 52).
+    CostOnly,
+}
+
+/// How `vmmu run` shows `bug` ([`RunCatch`]).
+pub const fn run_catch(bug: Bug) -> RunCatch {
+    use RunCatch::*;
+    match bug {
+        Bug::MmioSpteIgnoresGen | Bug::NoTlbFlushOnZap | Bug::InvalidSlotAsMmio => Default,
+        Bug::VcpuCacheWithoutGen | Bug::MmioOverPresentSpte => With(RunFlag::StressPaths),
+        Bug::ZappedSpteIsMisconfig => With(RunFlag::SlotZapAll),
+        Bug::NoSecondIncrement => With(RunFlag::WrapTrap),
+        Bug::DirtyLogNoFlush => With(RunFlag::DirtyLog),
+        Bug::CacheWhileInProgress | Bug::NoStaleRootCheck => NoHarm,
+        Bug::StickyCachingDisable => CostOnly,
+        Bug::WrapHookAfterPublish => Unreached(
+            "shows only in the window between the final generation's store and the wrap zap, \
+             no longer than taking the MMU lock (the wrap trap arms and springs it, but no \
+             access has landed in it in our runs)",
+        ),
+        Bug::GvaCacheSurvivesRootSwitch => Unreached(
+            "needs one GVA mapped to two different MMIO pages in two page-table spaces (the \
+             machine's remapped GVA is RAM in one space and the device page in the other)",
+        ),
+        Bug::ShadowTableLeftWritable | Bug::TrackWriteKeepsSpte => Unreached(
+            "needs a guest table changed under a previous root and a CR3 switch back with no \
+             INVLPG (the machine's guests always INVLPG)",
+        ),
+        Bug::RoleAccessLastLevel => Unreached(
+            "needs one guest table reached through a writable and a read-only upper-level \
+             entry (the machine's guests make every upper-level entry writable)",
+        ),
+        Bug::LeafCacheIgnoresEpoch => Unreached(
+            "needs a guest to repoint a page-directory entry at a new table while another \
+             vCPU's fast path holds the old one (a unit catcher and the loom model `loom_mmu` \
+             show it)",
+        ),
+        Bug::NoFlushOnTableUnlink => Unreached(
+            "needs a table with no present leaf below it unlinked, freed and reused for another \
+             2 MiB while a vCPU's paging-structure cache keeps the link (a unit catcher shows \
+             it; the machine's runs have not)",
+        ),
+    }
+}
+
+/// What to say after a `vmmu run --inject BUG` whose oracle saw nothing: why, and what shows
+/// the bug. `given` says whether the run had a flag.
+pub fn unseen_note(bug: Bug, given: impl Fn(RunFlag) -> bool) -> String {
+    const CATCHERS: &str = "cargo test -p vmmu --features historical-bugs --test bugs_caught";
+    match run_catch(bug) {
+        RunCatch::With(flag) if !given(flag) => format!(
+            "--inject {bug} went unseen: the machine shows it with {flag} (run it with \
+             `--inject {bug} {flag}`)",
+            flag = flag.name()
+        ),
+        RunCatch::Default | RunCatch::With(_) => format!(
+            "--inject {bug} went unseen in this run: its harm needs a race, which this run did \
+             not win (try another --seed or a longer --seconds)"
+        ),
+        RunCatch::Unreached(why) => format!(
+            "--inject {bug} went unseen, as expected: its harm {why}; its catcher runs with \
+             `{CATCHERS}`"
+        ),
+        RunCatch::NoHarm => format!(
+            "--inject {bug} cannot change an access's outcome in this design \
+             (crates/vmmu/src/bugs.rs says why); `{CATCHERS}` checks the invariant its fix keeps"
+        ),
+        RunCatch::CostOnly => format!(
+            "--inject {bug} costs time only: with EPT and --phys-bits 52 MMIO caching stays off \
+             (the config line says `effective off`) and every MMIO access takes the slow path, \
+             still to the right address; elsewhere it changes nothing"
+        ),
+    }
+}
+
 /// The arguments that re-run this command in a build with the feature: the command line as
 /// given (`argv` without the program), so that its file and other flags are kept (`vmmu
 /// scenario FILE --inject BUG` needs its FILE), or `COMMAND --inject BUG` where that line does
@@ -100,5 +214,20 @@ mod tests {
             rerun("selftest", bug, &v(&["--nocapture"])),
             format!("selftest --inject {bug}")
         );
+    }
+
+    /// Every bug gets a note, and one that needs a flag names it when the run lacked it and
+    /// says "a race" when the run had it.
+    #[test]
+    fn an_unseen_bug_is_explained() {
+        for bug in Bug::ALL {
+            let note = unseen_note(bug, |_| false);
+            assert!(note.starts_with(&format!("--inject {bug} ")), "{note}");
+        }
+        let bug = Bug::MmioOverPresentSpte;
+        assert!(unseen_note(bug, |_| false).contains("with --stress-paths"));
+        assert!(unseen_note(bug, |f| f == RunFlag::StressPaths).contains("a race"));
+        assert!(unseen_note(Bug::GvaCacheSurvivesRootSwitch, |_| true).contains("as expected"));
+        assert!(unseen_note(Bug::NoStaleRootCheck, |_| true).contains("bugs.rs"));
     }
 }

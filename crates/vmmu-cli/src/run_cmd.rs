@@ -168,6 +168,17 @@ pub struct RunArgs {
 
 impl RunArgs {
     /// The engine's options for one run with MMIO caching `caching`.
+    /// Whether the run was given `flag` (for the note on an injected bug that went unseen).
+    fn has(&self, flag: crate::inject::RunFlag) -> bool {
+        use crate::inject::RunFlag;
+        match flag {
+            RunFlag::StressPaths => self.opts.stress_paths,
+            RunFlag::SlotZapAll => self.slot_zap_all,
+            RunFlag::WrapTrap => self.wrap_trap,
+            RunFlag::DirtyLog => self.dirty_log.is_some(),
+        }
+    }
+
     fn options(&self, caching: bool, bugs: BugSet) -> RunOptions {
         let o = &self.opts;
         RunOptions {
@@ -573,6 +584,10 @@ pub fn run(args: &RunArgs) -> ExitCode {
             if report.memslots.wrap_trap.missed() {
                 note_trap_missed("before the run ended, so the run did not test it", 1);
             }
+            let injected = vmmu::bugs::Bug::ALL.into_iter().find(|&b| bugs.has(b));
+            if let Some(bug) = injected.filter(|_| passed(&report)) {
+                note!("vmmu run: {}", crate::inject::unseen_note(bug, |f| args.has(f)));
+            }
             if printed && written && passed(&report) {
                 ExitCode::SUCCESS
             } else {
@@ -590,6 +605,20 @@ pub fn run(args: &RunArgs) -> ExitCode {
 mod tests {
     use super::*;
     use clap::Parser;
+
+    /// The flag the unseen-bug note suggests is one `vmmu run` takes, and a run given it is
+    /// told "a race" rather than to add it.
+    #[test]
+    fn the_flags_an_unseen_bug_note_suggests_are_run_flags() {
+        use crate::inject::{run_catch, RunCatch};
+        for bug in vmmu::bugs::Bug::ALL {
+            if let RunCatch::With(flag) = run_catch(bug) {
+                let a = parse(&["--inject", bug.name(), flag.name()]).expect("flags");
+                assert!(a.has(flag), "{bug}: {}", flag.name());
+                assert!(!parse(&[]).expect("flags").has(flag), "{}", flag.name());
+            }
+        }
+    }
 
     #[test]
     fn median_of_odd_even_and_empty_lists() {

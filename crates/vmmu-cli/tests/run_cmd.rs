@@ -223,6 +223,22 @@ fn injected_bug_makes_the_oracle_fail() {
     assert!(first["vcpu"].is_number() && first["gpa"].is_string(), "{first}");
 }
 
+/// A run whose injected bug went unseen says why instead of a bare `oracle: OK`: a bug the
+/// machine shows only with a flag names the flag; one whose harm the machine's guests never
+/// reach says so and names its catcher.
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn an_injected_bug_that_went_unseen_is_explained() {
+    let out = vmmu(&["run", "--seconds", "0.1", "--inject", "mmio-over-present-spte"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("the machine shows it with --stress-paths"), "{stderr}");
+    let out = vmmu(&["run", "--seconds", "0.1", "--inject", "gva-cache-survives-root-switch"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("as expected") && stderr.contains("--test bugs_caught"), "{stderr}");
+}
+
 #[cfg(not(feature = "historical-bugs"))]
 #[test]
 fn inject_without_the_feature_explains_how() {
