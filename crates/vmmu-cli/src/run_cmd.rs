@@ -176,6 +176,7 @@ impl RunArgs {
             RunFlag::SlotZapAll => self.slot_zap_all,
             RunFlag::WrapTrap => self.wrap_trap,
             RunFlag::DirtyLog => self.dirty_log.is_some(),
+            RunFlag::FormatShadow => self.opts.format == Format::Shadow,
         }
     }
 
@@ -613,7 +614,8 @@ mod tests {
         use crate::inject::{run_catch, RunCatch};
         for bug in vmmu::bugs::Bug::ALL {
             if let RunCatch::With(flag) = run_catch(bug) {
-                let a = parse(&["--inject", bug.name(), flag.name()]).expect("flags");
+                let words: Vec<&str> = flag.name().split(' ').collect();
+                let a = parse(&[&["--inject", bug.name()][..], &words].concat()).expect("flags");
                 assert!(a.has(flag), "{bug}: {}", flag.name());
                 assert!(!parse(&[]).expect("flags").has(flag), "{}", flag.name());
             }

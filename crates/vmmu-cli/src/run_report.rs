@@ -130,6 +130,13 @@ impl fmt::Display for Text<'_> {
             "table pages: allocated {}, freed {}, live {}, high water {}",
             tb.allocated, tb.freed, tb.live, tb.high_water
         )?;
+        if let Some(g) = &r.guest_paging {
+            writeln!(
+                f,
+                "guest paging: {} PTE stores, {} remaps, {} unmapped reads, {} CR3 loads, {} edits of the other space (then a switch to it), {} table stores emulated as write-protected",
+                g.pte_stores, g.remaps, g.unmapped_reads, g.cr3_loads, g.other_space_edits, g.emulated_table_stores
+            )?;
+        }
         if let Some(d) = &r.dirty_log {
             writeln!(
                 f,

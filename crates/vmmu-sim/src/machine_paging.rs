@@ -13,6 +13,13 @@
 //! - Now and then it unmaps the GVA `U`, which it maps nowhere else, and reads it: the access
 //!   must be a guest page fault with error code 0x4 (not present, user).
 //! - Now and then it switches spaces with MOV CR3.
+//! - Now and then, as an OS prepares a process before running it, it remaps `R` in the space it
+//!   is not running, with user-mode stores through its own linear map (the tables lie in
+//!   guest-physical memory like the rest), no INVLPG, then switches to that space and accesses
+//!   `R`. Under shadow paging those tables are shadowed under a previous root, so the stores
+//!   must exit as writes to write-protected pages; they are emulated and reported, and the
+//!   shadow must drop the old entry (KVM keeps write-protected shadow pages in sync, and a CR3
+//!   switch to a cached root re-reads nothing).
 //! - INVLPG shootdowns: every space of every vCPU maps the shared GVA `S` through one shared
 //!   last-level table (its page-directory entry links the same page `T`). vCPU 0 now and then
 //!   remaps `S` between a page of shared RAM and the device page (a store into `T`, INVLPG on
@@ -218,7 +225,7 @@ pub enum PagingEvent {
 }
 
 /// Counters of the paging layer.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PagingCounters {
     /// PTE stores (maps, remaps, unmaps).
     pub pte_stores: u64,
@@ -228,6 +235,24 @@ pub struct PagingCounters {
     pub cr3_loads: u64,
     /// Accesses to `U` while unmapped (expected guest page faults).
     pub unmapped_reads: u64,
+    /// Remaps of `R` in the space the vCPU was not running, followed by a switch to it.
+    pub other_space_edits: u64,
+    /// Of the guest's stores into its tables through its own mappings (those edits), how many
+    /// exited as writes to a write-protected table and were emulated (the others found the
+    /// table not shadowed, and stored).
+    pub emulated_table_stores: u64,
+}
+
+impl PagingCounters {
+    /// Adds `o`'s counts to these.
+    pub fn add(&mut self, o: &PagingCounters) {
+        self.pte_stores += o.pte_stores;
+        self.remaps += o.remaps;
+        self.cr3_loads += o.cr3_loads;
+        self.unmapped_reads += o.unmapped_reads;
+        self.other_space_edits += o.other_space_edits;
+        self.emulated_table_stores += o.emulated_table_stores;
+    }
 }
 
 /// One vCPU's guest paging.
@@ -370,24 +395,102 @@ impl VcpuPaging {
         }
     }
 
+    /// The guest's stores of `writes` into its own tables as an OS makes them: user-mode
+    /// stores through its linear map of guest-physical memory in the current space. Under
+    /// shadow paging each goes through the shadow walk; one into a table the MMU shadows must
+    /// exit as a write to a write-protected page, and is then emulated here and reported
+    /// (`track_write`), as KVM's emulator does; one into a table nothing shadows stores. With
+    /// EPT/NPT the store is the guest's own ([`Self::store`]): the second level does not
+    /// protect guest tables.
+    fn store_through_linear_map<M: GuestMmu>(
+        &mut self,
+        hw: &mut HwVcpu<'_, M>,
+        writes: &[(u64, u64)],
+        attempt: &mut dyn FnMut() -> bool,
+    ) -> Result<(), String> {
+        if !self.shadow {
+            self.store(hw, writes);
+            return Ok(());
+        }
+        let host = hw.host();
+        for &(gpa, v) in writes {
+            self.counters.pte_stores += 1;
+            let gva = self.linear_gva(hw, gpa)?;
+            let store = RamOp::Store(v);
+            match shadow_access_or_wp(hw, host, &mut self.tlb, gva, Width::W8, store, &mut *attempt)
+            {
+                Ok(ShadowAccess::Ram { .. }) => {}
+                Err(at) if at.raw() == gpa => {
+                    self.counters.emulated_table_stores += 1;
+                    // In bounds: the tables allocate from the area the buffer backs.
+                    let _ = self.buf.write(gpa - TABLES_GPA, Width::W8, v);
+                    if let Some(vcpu) = hw.mmu().shadow_vcpu(hw.state()) {
+                        vcpu.track_write(Gpa(gpa), 8).map_err(|e| e.to_string())?;
+                    }
+                }
+                Err(at) => {
+                    return Err(format!("store to {gpa:#x} exited as write-protected at {at}"))
+                }
+                Ok(ShadowAccess::Mmio(at)) => {
+                    return Err(format!(
+                        "store into the guest table at {gpa:#x} exited as MMIO at {at}"
+                    ))
+                }
+                Ok(ShadowAccess::PageFault(e)) => {
+                    return Err(format!(
+                        "store into the guest table at {gpa:#x}: guest page fault {e:#x}"
+                    ))
+                }
+                Ok(ShadowAccess::Error(e)) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// MOV CR3 to the other space.
+    fn switch_space<M: GuestMmu>(&mut self, hw: &mut HwVcpu<'_, M>) -> Result<(), String> {
+        self.space ^= 1;
+        self.counters.cr3_loads += 1;
+        self.cpu.cr3 = self.roots[self.space];
+        // MOV CR3 flushes the (non-global) TLB.
+        self.tlb.flush();
+        if let Some(vcpu) = hw.mmu().shadow_vcpu(hw.state()) {
+            vcpu.exit_guest_mode();
+            vcpu.load_cr3(self.roots[self.space]).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
     /// What the vCPU does between batches: at most one paging event, a CR3 switch (then an
-    /// access to `R`), a remap of `R` (then an access to it) or an unmap of `U` (then a read of
-    /// it, which must fault). Returns the access to judge with its GVA, or the GVA of `U`.
+    /// access to `R`), a remap of `R` (then an access to it), an unmap of `U` (then a read of
+    /// it, which must fault), or, as an OS prepares a process before it runs it, a remap of `R`
+    /// in the space it is not running, made with stores through its own mappings and no INVLPG,
+    /// then a switch to that space and an access to `R` (MOV CR3 flushes the TLB; under shadow
+    /// paging the shadow of that space, kept as a previous root, must have dropped the old
+    /// entry when the guest stored into the table). `attempt` is the retry policy of those
+    /// stores' accesses ([`shadow_access`]). Returns the access to judge with its GVA, or the
+    /// GVA of `U`.
     pub fn between_batches<M: GuestMmu>(
         &mut self,
         hw: &mut HwVcpu<'_, M>,
+        attempt: &mut dyn FnMut() -> bool,
     ) -> Result<PagingEvent, String> {
         match self.rng.u32(0..16) {
             0..=1 => {
-                self.space ^= 1;
-                self.counters.cr3_loads += 1;
-                self.cpu.cr3 = self.roots[self.space];
-                // MOV CR3 flushes the (non-global) TLB.
-                self.tlb.flush();
-                if let Some(vcpu) = hw.mmu().shadow_vcpu(hw.state()) {
-                    vcpu.exit_guest_mode();
-                    vcpu.load_cr3(self.roots[self.space]).map_err(|e| e.to_string())?;
-                }
+                self.switch_space(hw)?;
+                Ok(PagingEvent::Access(self.r_access(), self.r_gva()))
+            }
+            8 => {
+                let other = self.space ^ 1;
+                self.target[other] = match self.target[other] {
+                    Target::Ram => Target::Device,
+                    Target::Device => Target::Ram,
+                };
+                let w =
+                    self.map_writes(other, self.remap_gva(), self.target_gpa(self.target[other]))?;
+                self.store_through_linear_map(hw, &w, attempt)?;
+                self.counters.other_space_edits += 1;
+                self.switch_space(hw)?;
                 Ok(PagingEvent::Access(self.r_access(), self.r_gva()))
             }
             2..=5 => {
@@ -479,13 +582,19 @@ impl VcpuPaging {
         hw: &mut HwVcpu<'_, M>,
         a: &GuestAccess,
     ) -> Result<u64, String> {
-        let page = a.gpa.0 & !0xfff;
+        self.linear_gva(hw, a.gpa.0)
+    }
+
+    /// The GVA of guest-physical `gpa` in the current space's linear map (mapping its page
+    /// first if the space lacks it).
+    fn linear_gva<M: GuestMmu>(&mut self, hw: &mut HwVcpu<'_, M>, gpa: u64) -> Result<u64, String> {
+        let page = gpa & !0xfff;
         let gva_page = self.base + page;
         if self.space != HUGE_SPACE && self.mapped.insert(gva_page) {
             let w = self.map_writes(self.space, gva_page, page)?;
             self.store(hw, &w);
         }
-        Ok(gva_page + (a.gpa.0 & 0xfff))
+        Ok(gva_page + (gpa & 0xfff))
     }
 
     /// Resolves `gva` for `a` (not under shadow paging: the two-dimensional walk): the GPA.
@@ -583,8 +692,9 @@ pub(crate) const fn user_need(kind: AccessKind) -> vmmu::Access {
 }
 
 /// One access through the shadow tables, as the hardware and the hypervisor do it: walk by
-/// GVA, exit on a fault, handle it, until RAM, MMIO or a guest page fault. A write that the MMU
-/// write-protects (a guest table) is emulated here and reported.
+/// GVA, exit on a fault, handle it, until RAM, MMIO or a guest page fault. A store into a guest
+/// table the MMU write-protects is an error here: only the guest's own edits of its tables
+/// make one ([`VcpuPaging`], which emulates it).
 pub fn shadow_access<M: GuestMmu>(
     hw: &mut HwVcpu<'_, M>,
     host: &SimHost,
@@ -592,20 +702,36 @@ pub fn shadow_access<M: GuestMmu>(
     gva: u64,
     width: Width,
     op: RamOp,
-    mut attempt: impl FnMut() -> bool,
+    attempt: impl FnMut() -> bool,
 ) -> ShadowAccess {
+    shadow_access_or_wp(hw, host, tlb, gva, width, op, attempt).unwrap_or_else(|gpa| {
+        ShadowAccess::Error(format!("unexpected write-protection exit at {gpa}"))
+    })
+}
+
+/// [`shadow_access`], with a store into a write-protected guest table as `Err` with its GPA
+/// (for the caller to emulate and report, as KVM's emulator does).
+fn shadow_access_or_wp<M: GuestMmu>(
+    hw: &mut HwVcpu<'_, M>,
+    host: &SimHost,
+    tlb: &mut GvaTlb,
+    gva: u64,
+    width: Width,
+    op: RamOp,
+    mut attempt: impl FnMut() -> bool,
+) -> Result<ShadowAccess, Gpa> {
     let mmu = hw.mmu();
     let Some(v) = mmu.shadow_vcpu(hw.state()) else {
-        return ShadowAccess::Error("not a shadow-paging MMU".into());
+        return Ok(ShadowAccess::Error("not a shadow-paging MMU".into()));
     };
     // The CPU raises #GP before any walk for an address its mode cannot form: not canonical
     // (4-level), or above 4 GiB (no paging, PAE). The shadow root's walk would ignore the high
     // bits and reach another page.
     let formable = v.guest_cpu().is_none_or(|c| vmmu::guest::gva_reachable(c.mode, vmmu::Gva(gva)));
     if !formable {
-        return ShadowAccess::Error(format!(
+        return Ok(ShadowAccess::Error(format!(
             "#GP: the guest's paging mode cannot form the address {gva:#x}"
-        ));
+        )));
     }
     let need = user_need(AccessKind::from_write(op.is_write()));
     let mut budget = crate::hw_vcpu::RetryBudget::default();
@@ -617,7 +743,7 @@ pub fn shadow_access<M: GuestMmu>(
         if !core::mem::take(&mut first)
             && budget.retried(counts, crate::hw_vcpu::RETRY_LIMIT).is_err()
         {
-            return ShadowAccess::Error(format!("access to {gva:#x} did not complete"));
+            return Ok(ShadowAccess::Error(format!("access to {gva:#x} did not complete")));
         }
         // The "IPI": pending requests make the vCPU leave guest mode and service them, and a
         // flush (asked for now or during any earlier entry, e.g. after an MMIO exit) empties
@@ -626,7 +752,7 @@ pub fn shadow_access<M: GuestMmu>(
             tlb.flush();
         }
         let Some(v) = mmu.shadow_vcpu(hw.state()) else {
-            return ShadowAccess::Error("not a shadow-paging MMU".into());
+            return Ok(ShadowAccess::Error("not a shadow-paging MMU".into()));
         };
         if !v.in_guest_mode() {
             continue;
@@ -648,24 +774,22 @@ pub fn shadow_access<M: GuestMmu>(
             }
         };
         let err = match finish_shadow_walk(host, walk, gva, width, op) {
-            Ok(ShadowWalkStep::Ram { hva, value }) => return ShadowAccess::Ram { hva, value },
+            Ok(ShadowWalkStep::Ram { hva, value }) => return Ok(ShadowAccess::Ram { hva, value }),
             Ok(ShadowWalkStep::Fault(err)) => err,
-            Err(e) => return ShadowAccess::Error(e),
+            Err(e) => return Ok(ShadowAccess::Error(e)),
         };
         v.exit_guest_mode();
         match v.handle_page_fault(Gva(gva), err) {
-            Err(e) => return ShadowAccess::Error(e.to_string()),
+            Err(e) => return Ok(ShadowAccess::Error(e.to_string())),
             Ok(FaultOutcome::Fixed | FaultOutcome::Spurious) => {}
             Ok(FaultOutcome::Retry(_)) => hw.count_retry(),
             Ok(FaultOutcome::GuestPageFault { error_code, .. }) => {
-                return ShadowAccess::PageFault(error_code.0)
+                return Ok(ShadowAccess::PageFault(error_code.0))
             }
             Ok(FaultOutcome::Emulate { gpa, source: EmulateSource::WriteProtected, .. }) => {
-                // The machine's tables lie outside every GVA it maps, so no access of the mix
-                // stores into a shadowed table.
-                return ShadowAccess::Error(format!("unexpected write-protection exit at {gpa}"));
+                return Err(gpa)
             }
-            Ok(FaultOutcome::Emulate { gpa, .. }) => return ShadowAccess::Mmio(gpa),
+            Ok(FaultOutcome::Emulate { gpa, .. }) => return Ok(ShadowAccess::Mmio(gpa)),
         }
     }
 }

@@ -58,6 +58,10 @@ pub struct Report {
     /// The dirty-log oracle's numbers (`--dirty-log` runs only; absent from the JSON otherwise).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dirty_log: Option<crate::migration::DirtyLogReport>,
+    /// What the guests did with their page tables, summed over the vCPUs (guest paging only:
+    /// `--format shadow` or `--guest-paging`; absent from the JSON otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_paging: Option<crate::machine_paging::PagingCounters>,
 }
 
 /// The name the CLI and the report use for a format: `ept`, `npt` (`npt-sev` with a C-bit).

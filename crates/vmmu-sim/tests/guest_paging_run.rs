@@ -88,6 +88,50 @@ fn shadow_paging_reports_the_gva_tlb() {
     assert_eq!(sum, t);
 }
 
+/// A guest that edits the tables of the space it is not running (stores through its own linear
+/// map, no INVLPG) and then switches to it: under shadow paging those stores find the tables
+/// shadowed (under the previous root) and write-protected, exit, and are emulated; the access
+/// after the switch sees the new mapping. With EPT/NPT the stores are the guest's own.
+#[test]
+fn guests_edit_the_space_they_do_not_run_and_switch_to_it() {
+    for mmu in [RunMmu::Shadow, RunMmu::TdpGuestPaging(FormatKind::Ept)] {
+        let r = run(RunOptions { seconds: 1.0, ..opts(mmu) });
+        assert_eq!(r.oracle.violations, 0, "{mmu:?}: {:#?}", r.oracle.first_violations);
+        let g = r.guest_paging.unwrap_or_else(|| panic!("{mmu:?}: no guest paging counters"));
+        assert!(g.other_space_edits > 10, "{mmu:?}: {g:?}");
+        if mmu == RunMmu::Shadow {
+            // Nearly all: the other space's table of `R` is shadowed once its root has been
+            // loaded and `R` walked.
+            assert!(g.emulated_table_stores * 2 > g.other_space_edits, "{g:?}");
+        } else {
+            assert_eq!(g.emulated_table_stores, 0, "{g:?}");
+        }
+    }
+    assert!(run(RunOptions { seconds: 0.2, ..opts(RunMmu::Tdp(FormatKind::Ept)) })
+        .guest_paging
+        .is_none());
+}
+
+/// The two bugs of shadowed guest tables, end to end: a table left writable takes the guest's
+/// store without an exit, and a reported store that drops no SPTE leaves the old one; either
+/// way the shadow of the space the guest edited, kept as a previous root, still maps `R` to
+/// its old target after the switch, and the oracle sees the access go there.
+#[cfg(feature = "historical-bugs")]
+#[test]
+fn the_oracle_sees_a_stale_shadow_of_an_edited_space() {
+    use vmmu::bugs::{Bug, BugSet};
+    for bug in [Bug::ShadowTableLeftWritable, Bug::TrackWriteKeepsSpte] {
+        let caught = (0..3).any(|seed| {
+            let o =
+                RunOptions { seed, bugs: BugSet::only(bug), seconds: 1.0, ..opts(RunMmu::Shadow) };
+            let r = run(o);
+            eprintln!("{bug} seed {seed}: {} violations", r.oracle.violations);
+            r.oracle.first_violations.iter().any(|v| v.vcpu.is_some())
+        });
+        assert!(caught, "{bug}: a stale shadow of an edited space went unseen");
+    }
+}
+
 /// An MMIO SPTE trusted without its generation: under shadow paging the BAR's and DIMM's GVAs
 /// keep exiting as MMIO after their slots are mapped.
 #[cfg(feature = "historical-bugs")]

@@ -645,7 +645,10 @@ impl Machine {
         report.config.mmio_caching.reason = caching.reason;
         let mut oracle_report = OracleReport::default();
         let mut mmio_latency = cfg.timeline.then(new_histogram);
-        for (index, (c, tlb, mut checker)) in vcpus.into_iter().enumerate() {
+        for (index, (c, tlb, mut checker, paging)) in vcpus.into_iter().enumerate() {
+            if let Some(p) = paging {
+                report.guest_paging.get_or_insert_with(Default::default).add(&p);
+            }
             if let (Some(all), Some(mine)) = (mmio_latency.as_mut(), c.mmio_latency.as_ref()) {
                 // Same bounds on both sides, so this cannot fail; a failure would only lose
                 // this vCPU's part of the histogram.

@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 use vmmu::fault::PfErr;
 use vmmu::types::{Access, Gpa, Pfn};
 
-pub(super) type VcpuResult<'o> = (VcpuCounters, TlbStats, VcpuChecker<'o>);
+pub(super) type VcpuResult<'o> =
+    (VcpuCounters, TlbStats, VcpuChecker<'o>, Option<crate::machine_paging::PagingCounters>);
 
 /// What a vCPU thread gets: the shared state, the configuration, the layout, its index, its MMU
 /// state, its checker, its progress counter, its dirty-log recorder (when the run collects dirty
@@ -194,7 +195,8 @@ impl<'a, 's, 'o, M: GuestMmu> Running<'a, 's, 'o, M> {
         let Some(p) = paging.as_mut() else {
             return;
         };
-        match p.between_batches(hw) {
+        let (clock, invalidating) = (sh.clock, sh.invalidating);
+        match p.between_batches(hw, &mut || counts(clock.now(), invalidating)) {
             Ok(PagingEvent::Access(a, gva)) => {
                 let (seen, start, end) = paged_access(sh, hw, c, &a, gva, p);
                 checker.check(&a, &seen, start, end);
@@ -266,7 +268,7 @@ impl<'a, 's, 'o, M: GuestMmu> Running<'a, 's, 'o, M> {
     }
 
     /// The thread's result: its counters (with the hardware vCPU's retries), its TLB's
-    /// statistics and its checker.
+    /// statistics, its checker and its guest paging's counters.
     fn finish(mut self) -> VcpuResult<'o> {
         self.c.retries = self.hw.retries();
         self.c.gave_way = self.hw.gave_way();
@@ -276,7 +278,8 @@ impl<'a, 's, 'o, M: GuestMmu> Running<'a, 's, 'o, M> {
             Some(p) if p.is_shadow() => p.tlb.stats(),
             _ => self.hw.tlb_stats(),
         };
-        (self.c, tlb, self.checker)
+        let paging = self.paging.as_ref().map(|p| p.counters);
+        (self.c, tlb, self.checker, paging)
     }
 }
 
