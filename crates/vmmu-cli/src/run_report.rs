@@ -133,8 +133,8 @@ impl fmt::Display for Text<'_> {
         if let Some(g) = &r.guest_paging {
             writeln!(
                 f,
-                "guest paging: {} PTE stores, {} remaps, {} unmapped reads, {} CR3 loads, {} edits of the other space (then a switch to it), {} table stores emulated as write-protected",
-                g.pte_stores, g.remaps, g.unmapped_reads, g.cr3_loads, g.other_space_edits, g.emulated_table_stores
+                "guest paging: {} PTE stores, {} remaps, {} unmapped reads, {} CR3 loads, {} edits of the other space (then a switch to it), {} table stores emulated as write-protected, {} writes through a read-only alias",
+                g.pte_stores, g.remaps, g.unmapped_reads, g.cr3_loads, g.other_space_edits, g.emulated_table_stores, g.read_only_alias_writes
             )?;
         }
         if let Some(d) = &r.dirty_log {

@@ -139,9 +139,10 @@ impl MmioBus {
 }
 
 /// A small register device for the machine's device window: an identification register at offset
-/// 0 (reads [`RegisterDevice::ID`], ignores writes) and one 8-byte scratch register per vCPU at
-/// offset `8 * (1 + vcpu)`, which keeps the last value written. Every other offset reads
-/// [`RegisterDevice::UNASSIGNED`]. Register accesses narrower than 8 bytes see the low bytes.
+/// 0 (reads [`RegisterDevice::ID`], ignores writes), one 8-byte scratch register per vCPU at
+/// offset `8 * (1 + vcpu)`, which keeps the last value written, and a second identification
+/// register at [`RegisterDevice::SECOND_ID_OFFSET`] (reads [`RegisterDevice::SECOND_ID`]). Every
+/// other offset reads [`RegisterDevice::UNASSIGNED`]. Register accesses narrower than 8 bytes see the low bytes.
 #[derive(Debug)]
 pub struct RegisterDevice {
     base: Gpa,
@@ -153,6 +154,12 @@ impl RegisterDevice {
     pub const ID: u64 = 0x554d_4d56;
     /// What unassigned offsets read.
     pub const UNASSIGNED: u64 = u64::MAX;
+    /// Where the second identification register lies (the start of the window's second page).
+    pub const SECOND_ID_OFFSET: u64 = 0x1000;
+    /// What the second identification register reads: "VMM2" in ASCII. A second page with a
+    /// value of its own: an access that reaches the wrong page of the window reads the wrong
+    /// identification.
+    pub const SECOND_ID: u64 = 0x324d_4d56;
 
     /// A device at `base` with `vcpus` scratch registers.
     pub fn new(base: Gpa, vcpus: usize) -> RegisterDevice {
@@ -177,6 +184,9 @@ impl MmioDevice for RegisterDevice {
     fn read(&self, gpa: Gpa, _width: Width) -> u64 {
         if gpa == self.base {
             return Self::ID;
+        }
+        if gpa.0.wrapping_sub(self.base.0) == Self::SECOND_ID_OFFSET {
+            return Self::SECOND_ID;
         }
         // Relaxed: each scratch register is one vCPU's; nothing else is ordered by it.
         self.scratch(gpa).map_or(Self::UNASSIGNED, |r| r.load(Ordering::Relaxed))

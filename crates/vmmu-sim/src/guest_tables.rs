@@ -285,6 +285,15 @@ impl GuestTables {
         Ok(writes)
     }
 
+    /// The entry for `gva` at `level` in `space` as it is in guest memory now, or `None` when
+    /// no table holds it (the space, a table above it, or a large page above it).
+    pub fn entry(&self, space: u8, gva: u64, level: u32) -> Result<Option<u64>, TablesError> {
+        match self.existing_entry_gpa(space, gva, level)? {
+            Some(at) => self.read(at).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// The guest-physical address a user-mode access of `kind` to `gva` in `space`
     /// would reach, if the guest's tables let it through (present and user at every level,
     /// writable too for a write, no reserved bit 51): what the backend needs to model the host

@@ -6,7 +6,7 @@
 //! | private_a | 2    | 32 MiB, sized to fit | buffer `private_a`      | even vCPUs' private areas  |
 //! | private_b | 3    | after private_a      | buffer `private_b`      | odd vCPUs' private areas   |
 //! | rom       | 4    | after private_b      | buffer `rom`, read-only | reads; writes exit         |
-//! | device    | none | 0xd000_0000, 4 KiB   | [`RegisterDevice`]      | register reads/writes      |
+//! | device    | none | 0xd000_0000, 8 KiB   | [`RegisterDevice`]      | register reads/writes; the second page's ID register is a second MMIO page for guest paging |
 //! | bar       | 10   | 0xc000_0000 or 0xc080_0000, 2 MiB | `bar0` or `bar1` | mapped, moved, unmapped  |
 //! |           |      | (or slid to 0xbff0_0000, half over its first position) |  | overlapping moves |
 //! | dimm      | 11   | 4 GiB, 4 MiB         | buffer `dimm`           | hot-plugged and removed    |
@@ -138,7 +138,7 @@ impl MachineLayout {
             ],
             rom: RamRegion { name: "rom", slot: 4, gpa: rom, size: 256 << 10, readonly: true },
             device: Gpa(0xd000_0000),
-            device_size: PAGE_SIZE,
+            device_size: 2 * PAGE_SIZE,
             bar: BarLayout {
                 slot: 10,
                 size: SIZE_2M,

@@ -10,9 +10,17 @@
 //!   the other; now and then the vCPU remaps `R` in the current space from RAM to MMIO or back
 //!   (store, then INVLPG) and accesses it at once: the 2011 case (MMIO, then RAM, through one
 //!   GVA), and, across CR3 switches, a GVA-keyed MMIO cache entry that must not survive.
+//! - Every space maps one private page at the alias `A`, writable at every level, and reaches
+//!   the same last-level table from `A + 1 GiB` through a PDPT entry that denies writes. Now and
+//!   then the vCPU writes the page through `A`, reads it back through the read-only path, and
+//!   writes it there, which must be a guest page fault with error code 0x7: the two paths'
+//!   shadow pages of that table must differ in their role's access (KVM b1bd5cba3306).
 //! - Now and then it unmaps the GVA `U`, which it maps nowhere else, and reads it: the access
 //!   must be a guest page fault with error code 0x4 (not present, user).
-//! - Now and then it switches spaces with MOV CR3.
+//! - Now and then it switches spaces with MOV CR3, accessing `R` just before and just after.
+//!   `R`'s device page differs between the spaces (the window's register page in space 0, its
+//!   second ID page in space 1), so that a GVA-keyed MMIO cache entry surviving the switch
+//!   (KVM's 2026 fix) would emulate the access at the other space's page.
 //! - Now and then, as an OS prepares a process before running it, it remaps `R` in the space it
 //!   is not running, with user-mode stores through its own linear map (the tables lie in
 //!   guest-physical memory like the rest), no INVLPG, then switches to that space and accesses
@@ -143,6 +151,9 @@ const GVA_BASE: u64 = 0x0000_4000_0000_0000;
 const REMAP_OFFSET: u64 = 1 << 39;
 /// The guest-physical addresses the linear GVAs cover (the machine's layout stays below).
 const LINEAR_GPAS: u64 = 64 << 30;
+/// The offset of the alias GVAs `A` (writable path) and `A + 1 GiB` (read-only path) in a
+/// vCPU's GVA range: two GiB above `R`.
+const ALIAS_OFFSET: u64 = REMAP_OFFSET + (2 << 30);
 /// The space whose linear GVAs are 1 GiB pages, mapped from the start (space 0 maps 4 KiB pages
 /// on first use).
 const HUGE_SPACE: usize = 1;
@@ -220,8 +231,17 @@ pub enum PagingEvent {
     None,
     /// Access `R` (this access, judged as usual, at this GVA).
     Access(GuestAccess, u64),
+    /// Access `R` (judged as usual), then call [`VcpuPaging::switch_then_access`]: a process
+    /// that touches `R` just before the switch to the other, which touches it at once.
+    AccessThenSwitch(GuestAccess, u64),
     /// Read this GVA, which is unmapped: it must fault.
     Unmapped(u64),
+    /// Write through the alias `A` at this GVA (this access, judged as usual), read the word
+    /// back through its read-only alias at the second GVA (judged as usual: the value just
+    /// written), then write it there: a guest page fault with error code 0x7 (present, write,
+    /// user). The read links the read-only path's shadow to the last-level table's shadow page,
+    /// which must not be the writable path's.
+    Alias(GuestAccess, u64, u64),
 }
 
 /// Counters of the paging layer.
@@ -237,6 +257,8 @@ pub struct PagingCounters {
     pub unmapped_reads: u64,
     /// Remaps of `R` in the space the vCPU was not running, followed by a switch to it.
     pub other_space_edits: u64,
+    /// Writes through the read-only alias (each must be a guest page fault, error code 0x7).
+    pub read_only_alias_writes: u64,
     /// Of the guest's stores into its tables through its own mappings (those edits), how many
     /// exited as writes to a write-protected table and were emulated (the others found the
     /// table not shadowed, and stored).
@@ -251,6 +273,7 @@ impl PagingCounters {
         self.cr3_loads += o.cr3_loads;
         self.unmapped_reads += o.unmapped_reads;
         self.other_space_edits += o.other_space_edits;
+        self.read_only_alias_writes += o.read_only_alias_writes;
         self.emulated_table_stores += o.emulated_table_stores;
     }
 }
@@ -266,7 +289,10 @@ pub struct VcpuPaging {
     target: [Target; 2],
     base: u64,
     ram_page: GuestAccess,
-    device_page: GuestAccess,
+    /// The device page `R` maps in space 0 (the register page) and in space 1 (the second ID
+    /// page): two different MMIO pages behind one GVA, so a GVA-keyed MMIO cache entry that
+    /// survived a CR3 switch would answer for the wrong one.
+    device_pages: [GuestAccess; 2],
     rng: fastrand::Rng,
     shadow: bool,
     cpu: GuestCpu,
@@ -322,7 +348,13 @@ impl VcpuPaging {
             target: [Target::Ram, Target::Device],
             base: GVA_BASE + ((index as u64) << 40),
             ram_page,
-            device_page,
+            device_pages: [
+                device_page,
+                GuestAccess {
+                    gpa: Gpa(layout.device.0 + crate::bus::RegisterDevice::SECOND_ID_OFFSET),
+                    ..device_page
+                },
+            ],
             rng: fastrand::Rng::with_seed(seed ^ 0x9a61_0000 ^ index as u64),
             shadow,
             cpu,
@@ -336,9 +368,36 @@ impl VcpuPaging {
             let w = p.tables.set_entry(HUGE_SPACE as u8, p.base + gpa, 3, leaf);
             p.tables.apply(&w.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
         }
+        // The alias: A maps the private page, writable at every level; A + 1 GiB reaches the
+        // same last-level table through a page directory of its own whose PDPT entry is
+        // read-only (the other levels grant writes), so a write there must fault. Shadow pages
+        // of that table reached through the two paths must differ in their role's access
+        // (KVM b1bd5cba3306).
+        for space in 0..2u8 {
+            let (a, ro) = (p.base + ALIAS_OFFSET, p.base + ALIAS_OFFSET + (1 << 30));
+            let w = p.tables.map(
+                space,
+                a,
+                p.target_gpa_of(Target::Ram),
+                PageSize::Size4K,
+                MapFlags::default(),
+            );
+            p.tables.apply(&w.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+            let entry = |p: &VcpuPaging, gva, level| match p.tables.entry(space, gva, level) {
+                Ok(Some(e)) => Ok(e & vmmu::guest::pte::addr_mask(52)),
+                Ok(None) => Err(format!("the alias has no level-{level} entry at {gva:#x}")),
+                Err(e) => Err(e.to_string()),
+            };
+            let pt = entry(&p, a, 2)?;
+            let w = p.tables.set_entry(space, ro, 2, pt | P | RW | US);
+            p.tables.apply(&w.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+            let pd = entry(&p, ro, 3)?;
+            let w = p.tables.set_entry(space, ro, 3, pd | P | US);
+            p.tables.apply(&w.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        }
         // R in both spaces, and S through the shared table, from the start.
         for space in 0..2 {
-            let w = p.map_writes(space, p.remap_gva(), p.target_gpa(p.target[space]))?;
+            let w = p.map_writes(space, p.remap_gva(), p.target_gpa(space))?;
             p.tables.apply(&w).map_err(|e| e.to_string())?;
             let link = SHARED_TABLE | P | RW | US;
             let w =
@@ -361,10 +420,24 @@ impl VcpuPaging {
         self.base + REMAP_OFFSET + 0x1000
     }
 
-    fn target_gpa(&self, t: Target) -> u64 {
+    /// The page `R` maps in `space` now.
+    fn target_gpa(&self, space: usize) -> u64 {
+        self.target_access(space).gpa.0 & !0xfff
+    }
+
+    /// The page of target `t` in space 0 (the RAM page is the same in both).
+    fn target_gpa_of(&self, t: Target) -> u64 {
         match t {
             Target::Ram => self.ram_page.gpa.0 & !0xfff,
-            Target::Device => self.device_page.gpa.0 & !0xfff,
+            Target::Device => self.device_pages[0].gpa.0 & !0xfff,
+        }
+    }
+
+    /// The access to `R` in `space` as the oracle judges it (its target there now).
+    fn target_access(&self, space: usize) -> GuestAccess {
+        match self.target[space] {
+            Target::Ram => self.ram_page,
+            Target::Device => self.device_pages[space],
         }
     }
 
@@ -461,8 +534,20 @@ impl VcpuPaging {
         Ok(())
     }
 
-    /// What the vCPU does between batches: at most one paging event, a CR3 switch (then an
-    /// access to `R`), a remap of `R` (then an access to it), an unmap of `U` (then a read of
+    /// The second half of [`PagingEvent::AccessThenSwitch`]: MOV CR3 to the other space, and
+    /// the access to `R` there to judge, with its GVA. `R` maps different pages in the two
+    /// spaces (RAM, or a device page of each space's own), so a translation or a GVA-keyed MMIO
+    /// cache entry that survived the switch would answer for the wrong one.
+    pub fn switch_then_access<M: GuestMmu>(
+        &mut self,
+        hw: &mut HwVcpu<'_, M>,
+    ) -> Result<(GuestAccess, u64), String> {
+        self.switch_space(hw)?;
+        Ok((self.r_access(), self.r_gva()))
+    }
+
+    /// What the vCPU does between batches: at most one paging event, a CR3 switch (an access
+    /// to `R` before and after), a remap of `R` (then an access to it), an unmap of `U` (then a read of
     /// it, which must fault), or, as an OS prepares a process before it runs it, a remap of `R`
     /// in the space it is not running, made with stores through its own mappings and no INVLPG,
     /// then a switch to that space and an access to `R` (MOV CR3 flushes the TLB; under shadow
@@ -476,18 +561,14 @@ impl VcpuPaging {
         attempt: &mut dyn FnMut() -> bool,
     ) -> Result<PagingEvent, String> {
         match self.rng.u32(0..16) {
-            0..=1 => {
-                self.switch_space(hw)?;
-                Ok(PagingEvent::Access(self.r_access(), self.r_gva()))
-            }
+            0..=1 => Ok(PagingEvent::AccessThenSwitch(self.r_access(), self.r_gva())),
             8 => {
                 let other = self.space ^ 1;
                 self.target[other] = match self.target[other] {
                     Target::Ram => Target::Device,
                     Target::Device => Target::Ram,
                 };
-                let w =
-                    self.map_writes(other, self.remap_gva(), self.target_gpa(self.target[other]))?;
+                let w = self.map_writes(other, self.remap_gva(), self.target_gpa(other))?;
                 self.store_through_linear_map(hw, &w, attempt)?;
                 self.counters.other_space_edits += 1;
                 self.switch_space(hw)?;
@@ -499,11 +580,19 @@ impl VcpuPaging {
                     Target::Ram => Target::Device,
                     Target::Device => Target::Ram,
                 };
-                let w = self.map_writes(s, self.remap_gva(), self.target_gpa(self.target[s]))?;
+                let w = self.map_writes(s, self.remap_gva(), self.target_gpa(s))?;
                 self.store(hw, &w);
                 self.invlpg(hw, self.remap_gva());
                 self.counters.remaps += 1;
                 Ok(PagingEvent::Access(self.r_access(), self.r_gva()))
+            }
+            9 => {
+                let value = self.rng.u64(..);
+                let a = GuestAccess { kind: MixKind::PrivateWrite, value, ..self.ram_page };
+                let off = a.gpa.0 & 0xfff;
+                let gva = self.base + ALIAS_OFFSET + off;
+                self.counters.read_only_alias_writes += 1;
+                Ok(PagingEvent::Alias(a, gva, gva + (1 << 30)))
             }
             6..=7 => {
                 let s = self.space;
@@ -530,7 +619,8 @@ impl VcpuPaging {
             return false;
         }
         let now = sd.targets(sd.now(), sd.now()).first().copied().unwrap_or(shared_ram);
-        let next = if now == shared_ram { self.device_page.gpa.0 & !0xfff } else { shared_ram };
+        let device = self.device_pages[0].gpa.0 & !0xfff;
+        let next = if now == shared_ram { device } else { shared_ram };
         // Published before the store: any value a walker reads from `T` is then in the history
         // up to the latest change it loads after its access.
         sd.publish(next);
@@ -564,10 +654,7 @@ impl VcpuPaging {
 
     /// The access to `R` as the oracle judges it (its target in the current space).
     fn r_access(&self) -> GuestAccess {
-        match self.target[self.space] {
-            Target::Ram => self.ram_page,
-            Target::Device => self.device_page,
-        }
+        self.target_access(self.space)
     }
 
     /// The GVA of `R`'s access (the target's offset within the page).

@@ -465,7 +465,7 @@ impl VcpuChecker<'_> {
             self.report.push(Violation {
                 vcpu: Some(self.vcpu),
                 gpa: None,
-                what: format!("access to unmapped gva {gva:#x}"),
+                what: format!("access to gva {gva:#x}, which the guest's tables forbid"),
                 expected: format!("a guest page fault with error code {error:#x}"),
                 seen: format!("{seen:?}"),
             });
@@ -554,7 +554,13 @@ impl VcpuChecker<'_> {
             MixKind::DeviceRead => {
                 // The scratch register's value is known once this vCPU wrote it in this run
                 // (before that it holds whatever an earlier run left: any device value will do).
-                let want = if a.gpa == l.device { Some(RegisterDevice::ID) } else { self.scratch };
+                let want = if a.gpa == l.device {
+                    Some(RegisterDevice::ID)
+                } else if a.gpa.0 == l.device.0 + RegisterDevice::SECOND_ID_OFFSET {
+                    Some(RegisterDevice::SECOND_ID)
+                } else {
+                    self.scratch
+                };
                 let ok = match (seen, want) {
                     (Observed::Mmio { device: true, value }, Some(w)) => {
                         *value == w & a.width.mask()
@@ -729,6 +735,11 @@ mod tests {
         c.check(&id, &Observed::Mmio { device: true, value: RegisterDevice::ID }, 0, 0);
         c.check(&id, &Observed::Mmio { device: false, value: 0 }, 0, 0);
         assert_eq!(c.report().violations, 2);
+        // The second ID page reads its own value: the first page's is a violation there.
+        let id2 = GuestAccess { gpa: Gpa(l.device.0 + RegisterDevice::SECOND_ID_OFFSET), ..id };
+        c.check(&id2, &Observed::Mmio { device: true, value: RegisterDevice::SECOND_ID }, 0, 0);
+        c.check(&id2, &Observed::Mmio { device: true, value: RegisterDevice::ID }, 0, 0);
+        assert_eq!(c.report().violations, 3);
         assert_eq!(o.final_checks(&[]).violations, 0, "untouched memory keeps its patterns");
     }
 }

@@ -201,6 +201,17 @@ impl<'a, 's, 'o, M: GuestMmu> Running<'a, 's, 'o, M> {
                 let (seen, start, end) = paged_access(sh, hw, c, &a, gva, p);
                 checker.check(&a, &seen, start, end);
             }
+            Ok(PagingEvent::AccessThenSwitch(a, gva)) => {
+                let (seen, start, end) = paged_access(sh, hw, c, &a, gva, p);
+                checker.check(&a, &seen, start, end);
+                match p.switch_then_access(hw) {
+                    Ok((a, gva)) => {
+                        let (seen, start, end) = paged_access(sh, hw, c, &a, gva, p);
+                        checker.check(&a, &seen, start, end);
+                    }
+                    Err(e) => checker.note_error(&format!("guest paging: {e}")),
+                }
+            }
             Ok(PagingEvent::Unmapped(gva)) => {
                 let a = GuestAccess {
                     kind: MixKind::PrivateRead,
@@ -210,6 +221,21 @@ impl<'a, 's, 'o, M: GuestMmu> Running<'a, 's, 'o, M> {
                 };
                 let (seen, _, _) = paged_access(sh, hw, c, &a, gva, p);
                 checker.check_page_fault(gva, PfErr::USER, &seen);
+            }
+            Ok(PagingEvent::Alias(a, gva, read_only)) => {
+                let (seen, start, end) = paged_access(sh, hw, c, &a, gva, p);
+                checker.check(&a, &seen, start, end);
+                let read = GuestAccess { kind: MixKind::PrivateRead, ..a };
+                let (seen, start, end) = paged_access(sh, hw, c, &read, read_only, p);
+                checker.check(&read, &seen, start, end);
+                // The same write through the read-only path: judged as a guest page fault, so
+                // the oracle's record of the page keeps the first write's value.
+                let (seen, _, _) = paged_access(sh, hw, c, &a, read_only, p);
+                checker.check_page_fault(
+                    read_only,
+                    PfErr::PRESENT | PfErr::WRITE | PfErr::USER,
+                    &seen,
+                );
             }
             Ok(PagingEvent::None) => {}
             Err(e) => checker.note_error(&format!("guest paging: {e}")),
