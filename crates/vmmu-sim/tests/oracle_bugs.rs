@@ -159,6 +159,30 @@ fn oracle_catches_mmio_over_present_spte_under_stress_paths() {
     assert!(caught(Bug::MmioOverPresentSpte, stress), "a stale TLB entry went unseen");
 }
 
+/// A zap that unlinks a table with only MMIO SPTEs below it and does not flush: the machine's
+/// hardware keeps the link in its PDE cache (`crates/vmmu-sim/src/real.rs`) and walks the table
+/// after it was freed, so an access reaches an unknown frame or the stale MMIO of a reused one.
+/// What `vmmu run --inject no-flush-on-table-unlink --seconds 2 --seed SEED` runs (hundreds to
+/// thousands of violations per seed on the dev VM).
+#[test]
+fn oracle_catches_no_flush_on_table_unlink() {
+    let _machines = shared();
+    let bugs = BugSet::only(Bug::NoFlushOnTableUnlink);
+    let run = |seed| {
+        let opts = vmmu_sim::RunOptions {
+            seconds: 2.0,
+            seed,
+            bugs,
+            updates: vmmu_sim::UpdateProfile::Steady,
+            ..Default::default()
+        };
+        let r = opts.run(&mut |_| {}).expect("run");
+        eprintln!("no-flush-on-table-unlink seed {seed}: {} violations", r.oracle.violations);
+        r.oracle.first_violations.iter().any(|v| v.vcpu.is_some())
+    };
+    assert!((40..43).any(run), "a walk through an unlinked, unflushed table went unseen");
+}
+
 fn trap(seed: u64) -> MachineConfig {
     MachineConfig {
         wrap_trap: true,
