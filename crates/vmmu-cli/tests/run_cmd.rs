@@ -233,7 +233,7 @@ fn an_injected_bug_that_went_unseen_is_explained() {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("the machine shows it with --stress-paths"), "{stderr}");
-    let out = vmmu(&["run", "--seconds", "0.1", "--inject", "leaf-cache-ignores-epoch"]);
+    let out = vmmu(&["run", "--seconds", "0.1", "--inject", "wrap-hook-after-publish"]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("as expected") && stderr.contains("--test bugs_caught"), "{stderr}");
