@@ -193,6 +193,23 @@ mod tests {
         assert!(s.contains("vCPU 0 gpa 0x1000 read: expected MMIO exit, saw RAM"), "{s}");
     }
 
+    /// The guest paging line appears with guest paging only, and counts the events the oracle
+    /// judged (remaps, faults through a read-only alias, stores emulated as write-protected).
+    #[test]
+    fn the_guest_paging_line_counts_the_guests_table_events() {
+        let mut r = Report::default();
+        assert!(!Text(&r).to_string().contains("guest paging:"));
+        r.guest_paging = Some(vmmu_sim::machine_paging::PagingCounters {
+            other_space_edits: 7,
+            emulated_table_stores: 6,
+            read_only_alias_writes: 5,
+            ..Default::default()
+        });
+        let text = Text(&r).to_string();
+        assert!(text.contains("7 edits of the other space (then a switch to it), 6 table stores emulated as write-protected, 5 writes through a read-only alias"), "{text}");
+        assert!(to_json(&r).contains("\"read_only_alias_writes\": 5"), "{}", to_json(&r));
+    }
+
     /// A latency line names only the percentiles its samples tell apart from the largest: a
     /// dozen updates (the default run) give p50 and p90, not a "p99" that is one slow update.
     #[test]
