@@ -63,17 +63,14 @@ impl RunFlag {
 }
 
 /// How `vmmu run` shows a re-injected bug: the README's `--inject` table, what
-/// `crates/vmmu-sim/tests/oracle_bugs.rs` checks end to end, and for the others why the machine
-/// cannot (their catchers are `crates/vmmu/tests/bugs_caught.rs`).
+/// `crates/vmmu-sim/tests/oracle_bugs.rs` and `guest_paging_run.rs` check end to end, and for
+/// the others why it cannot (their checks are in `crates/vmmu/tests/bugs_caught.rs`).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum RunCatch {
     /// The default machine shows it within a few seconds.
     Default,
     /// The machine shows it with this flag.
     With(RunFlag),
-    /// Its harm needs what the machine's guests never do (the text says what); a unit catcher
-    /// shows it.
-    Unreached(&'static str),
     /// It cannot change an access's outcome in this design (`crates/vmmu/src/bugs.rs`).
     NoHarm,
     /// It costs time only (MMIO caching stays off under EPT at MAXPHYADDR 52).
@@ -84,18 +81,16 @@ pub enum RunCatch {
 pub const fn run_catch(bug: Bug) -> RunCatch {
     use RunCatch::*;
     match bug {
-        Bug::MmioSpteIgnoresGen | Bug::NoTlbFlushOnZap | Bug::InvalidSlotAsMmio => Default,
-        Bug::VcpuCacheWithoutGen | Bug::MmioOverPresentSpte => With(RunFlag::StressPaths),
+        Bug::MmioSpteIgnoresGen
+        | Bug::NoTlbFlushOnZap
+        | Bug::InvalidSlotAsMmio
+        | Bug::NoFlushOnTableUnlink => Default,
+        Bug::VcpuCacheWithoutGen | Bug::MmioOverPresentSpte | Bug::LeafCacheIgnoresEpoch => {
+            With(RunFlag::StressPaths)
+        }
         Bug::ZappedSpteIsMisconfig => With(RunFlag::SlotZapAll),
-        Bug::NoSecondIncrement => With(RunFlag::WrapTrap),
+        Bug::NoSecondIncrement | Bug::WrapHookAfterPublish => With(RunFlag::WrapTrap),
         Bug::DirtyLogNoFlush => With(RunFlag::DirtyLog),
-        Bug::CacheWhileInProgress | Bug::NoStaleRootCheck => NoHarm,
-        Bug::StickyCachingDisable => CostOnly,
-        Bug::WrapHookAfterPublish => Unreached(
-            "shows only in the window between the final generation's store and the wrap zap, \
-             no longer than taking the MMU lock (the wrap trap arms and springs it, but no \
-             access has landed in it in our runs)",
-        ),
         // A guest that edits the tables of the space it is not running, then switches to it; an
         // access to a GVA just before and after a switch, two device pages behind it; a table
         // reached through a writable and a read-only path.
@@ -103,8 +98,8 @@ pub const fn run_catch(bug: Bug) -> RunCatch {
         | Bug::TrackWriteKeepsSpte
         | Bug::GvaCacheSurvivesRootSwitch
         | Bug::RoleAccessLastLevel => With(RunFlag::FormatShadow),
-        Bug::NoFlushOnTableUnlink => Default,
-        Bug::LeafCacheIgnoresEpoch => With(RunFlag::StressPaths),
+        Bug::CacheWhileInProgress | Bug::NoStaleRootCheck => NoHarm,
+        Bug::StickyCachingDisable => CostOnly,
     }
 }
 
@@ -121,10 +116,6 @@ pub fn unseen_note(bug: Bug, given: impl Fn(RunFlag) -> bool) -> String {
         RunCatch::Default | RunCatch::With(_) => format!(
             "--inject {bug} went unseen in this run: its harm needs a sequence or a race this \
              run did not make (try another --seed or a longer --seconds)"
-        ),
-        RunCatch::Unreached(why) => format!(
-            "--inject {bug} went unseen, as expected: its harm {why}; its catcher runs with \
-             `{CATCHERS}`"
         ),
         RunCatch::NoHarm => format!(
             "--inject {bug} cannot change an access's outcome in this design \
@@ -217,7 +208,7 @@ mod tests {
         let bug = Bug::MmioOverPresentSpte;
         assert!(unseen_note(bug, |_| false).contains("with --stress-paths"));
         assert!(unseen_note(bug, |f| f == RunFlag::StressPaths).contains("a race"));
-        assert!(unseen_note(Bug::WrapHookAfterPublish, |_| true).contains("as expected"));
+        assert!(unseen_note(Bug::WrapHookAfterPublish, |_| false).contains("with --wrap-trap"));
         assert!(unseen_note(Bug::NoStaleRootCheck, |_| true).contains("bugs.rs"));
     }
 }

@@ -466,6 +466,9 @@ pub struct SimHost {
 const JITTER_EVERY: u32 = 512;
 /// Slow-path fault decisions of one thread between two preemptions (`preempt_jitter`).
 const PREEMPT_EVERY: u32 = 4;
+/// How long a memslot update sleeps at an MMIO generation wrap before its zap
+/// ([`vmmu::host::PreemptPoint::MmioGenerationWrap`]).
+const WRAP_PREEMPT_FOR: std::time::Duration = std::time::Duration::from_millis(5);
 /// How long a preempted fault sleeps between its decision and its installation.
 const PREEMPT_FOR: std::time::Duration = std::time::Duration::from_micros(300);
 
@@ -946,11 +949,18 @@ impl vmmu::host::Sched for SimHost {
     /// Stress runs (`table_jitter`): now and then a vCPU is "preempted" for a while between its
     /// fault's decision and its installation, so that memslot updates and other vCPUs' faults
     /// land inside that window (issue 11 defect 1 needs a create and another vCPU's fault there).
+    ///
+    /// At an MMIO generation wrap the updater is "preempted" for [`WRAP_PREEMPT_FOR`] before
+    /// it zaps, as a loaded host may preempt it (once per 2^19 generations): a correct MMU has
+    /// not made the wrapped generation visible yet, and one that has (`wrap-hook-after-publish`)
+    /// shows it to the wrap trap's sweep for that long.
     fn preempt_point(&self, point: vmmu::host::PreemptPoint) {
-        if point == vmmu::host::PreemptPoint::FaultDecided
-            && self.table_jitter.load(Ordering::Relaxed)
-        {
-            preempt_jitter();
+        match point {
+            vmmu::host::PreemptPoint::FaultDecided if self.table_jitter.load(Ordering::Relaxed) => {
+                preempt_jitter();
+            }
+            vmmu::host::PreemptPoint::MmioGenerationWrap => std::thread::sleep(WRAP_PREEMPT_FOR),
+            _ => {}
         }
     }
 

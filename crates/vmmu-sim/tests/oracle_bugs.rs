@@ -218,6 +218,17 @@ fn oracle_catches_no_second_increment() {
     assert!(caught(Bug::NoSecondIncrement, trap), "a pre-wrap MMIO SPTE hit went unseen");
 }
 
+/// The wrap trap with the wrap hook run after the final generation is stored: the machine's
+/// host preempts the updater at the wrap for 5 ms before its zap
+/// (`PreemptPoint::MmioGenerationWrap`), and vCPU 0's sweep, which starts once that
+/// generation is visible, reads the DIMM through the 2^19-generation-old MMIO SPTEs: MMIO where
+/// the DIMM is RAM.
+#[test]
+fn oracle_catches_wrap_hook_after_publish() {
+    let _machines = alone();
+    assert!(caught(Bug::WrapHookAfterPublish, trap), "a pre-wrap MMIO SPTE hit went unseen");
+}
+
 #[test]
 fn wrap_trap_runs_clean() {
     let _machines = alone();

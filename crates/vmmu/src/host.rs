@@ -256,7 +256,8 @@ pub trait Sched: Send + Sync {
     /// software machine use it to widen race windows on purpose (a vCPU's decision made from
     /// one memslot set and installed much later), so that tests and `vmmu run --stress-paths`
     /// reach interleavings that are otherwise rare. It must not take MMU locks or update
-    /// memslots on the calling thread (the caller is inside a memslot read section).
+    /// memslots on the calling thread (a fault's points are inside a memslot read section; the
+    /// wrap point is inside a memslot update).
     #[inline(always)]
     fn preempt_point(&self, point: PreemptPoint) {
         let _ = point;
@@ -287,6 +288,13 @@ pub enum PreemptPoint {
     /// lock): other vCPUs' hardware walks already see a leaf it installed, and a collection's
     /// GET, which takes no MMU lock, can run.
     FaultInstalled,
+    /// A memslot update's hook found that the MMIO generation wraps with this update and is
+    /// about to zap every MMIO SPTE (KVM `kvm_mmu_invalidate_mmio_sptes`). Called on the
+    /// updating thread, which holds the VM's update lock and no memslot read section. The new
+    /// generation is not visible yet (the hook runs before it is stored; the
+    /// `wrap-hook-after-publish` bug runs it after, and a host that delays here widens that
+    /// window).
+    MmioGenerationWrap,
 }
 
 /// [`Sched::relax`] as a [`Relax`] for the MMU's wait loops.

@@ -312,6 +312,10 @@ impl<H: Host> MmuHooks<'_, H> {
         // space modifier stripped), no MMIO SPTE may survive, or an old one could match again.
         if new_gen.is_mmio_wrap(self.nr_as) {
             self.core.stats.mmio_gen_wraps.add(1);
+            crate::host::Sched::preempt_point(
+                &*self.core.host,
+                crate::host::PreemptPoint::MmioGenerationWrap,
+            );
             self.mmu.zap_all_fast(self.core);
             #[cfg(feature = "testing")]
             if let Some(probe) = self.probe {

@@ -13,10 +13,11 @@
 //! DIMM. An MMU that lets the wrapped generation be seen during the grace period
 //! (`no-second-increment`) answers some of those reads from the 2^19-generation-old MMIO SPTEs:
 //! MMIO where the DIMM is RAM, a violation. One that shows it only between the final generation's
-//! store and the wrap zap (`wrap-hook-after-publish`) is armed and sprung too, but no read has
-//! landed in that window in our runs (a window no longer than taking the MMU lock); a core test
-//! and a loom model catch it. The arm costs one sweep, the age about 2^19 swaps (about 0.3 s
-//! here).
+//! store and the wrap zap (`wrap-hook-after-publish`) shows it to the same sweep, which starts
+//! once the final generation is visible: the machine's host preempts the updater for a few
+//! milliseconds at the wrap, before its zap (`PreemptPoint::MmioGenerationWrap`; a correct MMU
+//! is there before it makes the generation visible). The arm costs one sweep, the age about
+//! 2^19 swaps (about 0.3 s here).
 
 use super::vcpu::access;
 use super::{Shared, VcpuCounters};
