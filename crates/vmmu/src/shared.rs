@@ -92,3 +92,17 @@ impl<H: Host> VmShared<H> {
         }
     }
 }
+
+impl<H: Host> Drop for VmShared<H> {
+    /// The last handle is gone (KVM `kvm_destroy_vm` -> `kvm_mmu_uninit_vm`): every table page
+    /// the MMU still holds goes back to the host. Valid TDP roots stay on the root list when their
+    /// last vCPU drops them (for the next vCPU to load), shadow pages stay until recycled or
+    /// zapped, and pages wait in the deferred-free queue until the next reclaim: without this, a
+    /// host that creates and destroys VMs would lose those frames for good. No vCPU, guest-mode
+    /// period or host invalidation is left (each holds this `Arc`), so the zap waits for nobody
+    /// and the grace period ends at once.
+    fn drop(&mut self) {
+        self.mmu.zap_all_fast(&self.core);
+        self.core.reclaim();
+    }
+}

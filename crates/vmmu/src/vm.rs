@@ -204,6 +204,11 @@ impl MemslotsView<'_> {
 
 /// A VM. Cheap to clone (shared).
 ///
+/// Its state lives until the last of its handles goes: the `Vm` clones, its [`Vcpu`]s and its
+/// [`HvaInvalidation`]s. Then (KVM `kvm_destroy_vm`) every page-table page the MMU still holds
+/// goes back to the host through [`crate::host::FrameAllocator::free_table`], on the thread that
+/// dropped that handle.
+///
 /// ```
 /// use std::sync::Arc;
 /// use vmmu::memslot::UserspaceMemoryRegion;
