@@ -27,6 +27,10 @@ pub(crate) struct VmShared<H: Host> {
     /// `slots_lock` and `mn_invalidate_lock` roles for what this VM object does).
     /// It holds the VMM's own memslot reader (host invalidations map host addresses to gfns).
     pub(crate) vmm_lock: crate::sync::Mutex<ReaderId>,
+    /// The memslot reader of [`crate::vm::Vm::gfn_to_hva`]: held only for one lookup's read
+    /// section, never while waiting for anything, so a lookup never waits for a memslot update
+    /// (which holds `vmm_lock` while it waits for host invalidations and faults to end).
+    pub(crate) lookup_reader: crate::sync::Mutex<ReaderId>,
     /// Host invalidations begun and not ended (KVM `mn_active_invalidate_count`). A memslot update
     /// waits for it to reach 0 under `vmm_lock`, so an invalidation's gfn ranges, computed from
     /// the memslots when it began, stay right until it ends (a slot cannot move meanwhile).

@@ -390,7 +390,8 @@ impl<H: Host> Vm<H> {
                 MmuKind::Tdp => cfg.host_cpu.phys_bits(),
                 MmuKind::Shadow => 52,
             },
-            max_readers: cfg.max_vcpus + 1,
+            // One record per vCPU, the VMM's (`vmm_lock`) and the lookups' (`lookup_reader`).
+            max_readers: cfg.max_vcpus + 2,
             bugs: cfg.bugs,
             generation_base: cfg.generation_base,
             ..MemslotsConfig::default()
@@ -403,6 +404,7 @@ impl<H: Host> Vm<H> {
         let max_gfn = Gfn(mcfg.max_gfn().min(codec.max_gfn().raw()));
         let memslots = Memslots::try_with_fences(mcfg, host.reader_fences())?;
         let vmm_reader = memslots.register_reader().map_err(|_| MmuError::TooManyVcpus(0))?;
+        let lookup_reader = memslots.register_reader().map_err(|_| MmuError::TooManyVcpus(0))?;
         let core = MmuCore::new(
             host,
             MmuConfig {
@@ -430,6 +432,7 @@ impl<H: Host> Vm<H> {
                 policy,
                 bugs: cfg.bugs,
                 vmm_lock: crate::sync::Mutex::new(vmm_reader),
+                lookup_reader: crate::sync::Mutex::new(lookup_reader),
                 mn_active: crate::sync::AtomicU32::new(0),
             }),
         })
@@ -616,13 +619,20 @@ impl<H: Host> Vm<H> {
 
     /// The host address of guest frame `gfn` in address space `as_id` under the current
     /// memslots (KVM `gfn_to_hva`), for an emulator that writes guest RAM (e.g. after a
-    /// write-protection exit); `None` where no usable slot maps it.
+    /// write-protection exit); `None` where no usable slot maps it (a slot being deleted or
+    /// moved included).
+    ///
+    /// A memslot read section, as KVM's (`srcu_read_lock(&kvm->srcu)`): it never waits for a
+    /// memslot update, so a host may call it while it holds an [`HvaInvalidation`] or from its
+    /// own callbacks (a [`crate::host::HostMemory::translate`] that asks which gfn it serves).
     pub fn gfn_to_hva(&self, as_id: AsId, gfn: Gfn) -> Option<Hva> {
         let inner = &*self.inner;
         if as_id.0 >= inner.memslots.nr_address_spaces() {
             return None;
         }
-        let reader = inner.vmm_lock.lock_with(&inner.core.relax());
+        // Not `vmm_lock`: a memslot update holds that while it waits for host invalidations and
+        // for the read sections of faults, whose host callbacks may be the caller.
+        let reader = inner.lookup_reader.lock_with(&inner.core.relax());
         let guard = inner.memslots.read(&reader);
         let slot = guard.set(as_id).find(gfn).filter(|s| !s.is_invalid())?;
         Some(slot.hva_of(gfn))
