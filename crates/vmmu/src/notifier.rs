@@ -22,7 +22,9 @@ use alloc::vec::Vec;
 /// callback to its end callback (it is `Send`).
 ///
 /// The VM's memslot updates wait for every invalidation in flight, so a thread must not update
-/// the memslots while it holds one (it would wait for itself).
+/// the memslots while it holds one (it would wait for itself), nor call the VM's other methods
+/// that wait for an update in flight, another begin included (the list is in
+/// [`crate::vm::Vm::invalidate_hva_range_begin`]'s `# Deadlock`).
 ///
 /// ```
 /// use std::sync::Arc;

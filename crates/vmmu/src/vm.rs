@@ -535,6 +535,19 @@ impl<H: Host> Vm<H> {
     /// A memslot update waits for every invalidation in flight: a thread must not update the
     /// memslots while it holds one (it would wait for itself). If a host callback panics inside
     /// the begin, the begin is undone before the panic leaves it.
+    ///
+    /// # Deadlock
+    /// Unlike KVM's `invalidate_range_start`, which never waits for a memslot update, the begin
+    /// is serialised with updates: it waits for an update in flight, and that update waits for
+    /// every invalidation already begun. So while a thread holds an [`HvaInvalidation`] of this
+    /// VM, it must not call this VM's methods that wait for an update in flight: not
+    /// [`Self::set_memory_region`] and [`Self::set_internal_memory_region`], and also not
+    /// another `invalidate_hva_range_begin`, [`Self::zap_all_fast`], [`Self::get_dirty_log`],
+    /// [`Self::clear_dirty_log`], [`Self::clear_dirty_log_all`] or
+    /// [`Self::set_dirty_log_mode`]. They may work, but if another thread's update begins
+    /// meanwhile, the two threads wait for each other. A host whose notifier can have
+    /// two invalidations of one VM in flight on one thread must end the first before it begins
+    /// the second. [`Self::gfn_to_hva`] never waits and may be called.
     pub fn invalidate_hva_range_begin(&self, start: Hva, end: Hva) -> HvaInvalidation<H> {
         crate::notifier::begin(&self.inner, start, end)
     }
@@ -680,7 +693,13 @@ impl<H: Host> Vm<H> {
         }
     }
 
-    /// Frees table pages whose grace period has passed.
+    /// Frees the table pages zaps have unlinked and queued (vCPUs that drop roots queue some,
+    /// freed in batches): it waits for a grace period first, kicking every vCPU in guest mode
+    /// ([`crate::host::Sched::kick`]), so it returns once each of them has left guest mode
+    /// (or had left it). Like a memslot update it must not be called on a thread whose vCPU is in
+    /// guest mode ([`Vcpu::enter_guest_mode`]), nor from a host callback: it would wait for
+    /// that thread itself. Every zap and memslot update of the VM reclaims already; a host
+    /// calls this when it wants the frames back sooner ([`MmuCore::pending_free`] counts them).
     pub fn reclaim(&self) {
         self.inner.core.reclaim();
     }
