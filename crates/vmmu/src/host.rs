@@ -9,6 +9,33 @@
 //!   no walker (the MMU's own lockless walk, or the hardware walker) can still read it;
 //! - [`HostMemory::translate`] may fail: KVM reports that at fault time (`-EFAULT` from
 //!   `KVM_RUN`), never by turning the access into MMIO.
+//!
+//! # Calling context (every trait here)
+//! - **Threads.** The MMU calls a host's methods from any thread that drives it: vCPU threads
+//!   (faults, [`crate::vcpu::Vcpu::service_requests`], a vCPU's drop), threads calling
+//!   [`crate::vm::Vm`] methods, and the thread that drops a VM's last handle (which gives the
+//!   VM's table pages back). Several at once, for one VM or for every VM sharing the host.
+//! - **Inside the MMU's critical sections.** [`HostMemory::translate`] runs inside the
+//!   faulting vCPU's memslot read section; [`HostMemory::translate_mapped_writable`],
+//!   [`HostMemory::mapping_level`], [`FrameAllocator::alloc_table`] and [`Sched::kick`] run with
+//!   the MMU lock or the shadow lock held; [`GuestMemory::read_u64`] and
+//!   [`GuestMemory::cmpxchg_u64`] run inside a memslot read section, some of them with the
+//!   shadow lock held; [`FrameAllocator::free_table`] may run with the VMM's lock held.
+//! - **No calls back into the VM.** None of these methods may call a method of the VM (or of
+//!   its vCPUs, or end an [`crate::vm::HvaInvalidation`]) that takes a lock or waits for other
+//!   threads: those locks are not reentrant, and a memslot update or zap waits for the very
+//!   read section the callback runs in. Either way the call never returns. The one exception is
+//!   [`crate::vm::Vm::gfn_to_hva`], a read section that never waits; reading a VM's
+//!   counters ([`crate::vm::Vm::stats`]) takes no lock either.
+//! - **Keep them short.** Every memslot update, zap and host invalidation of the VM waits for
+//!   the read sections and locks these run in: a `read_u64` that sleeps holds up every
+//!   shadow fault of the VM, and a `translate` that sleeps (a host paging memory in, as
+//!   get_user_pages may) holds up the VM's memslot updates for that long, as in KVM.
+//! - **Panics** unwind out of the VM or vCPU call that made them, releasing the MMU's locks and
+//!   read sections (the embedder's tests show a panicking `translate`, `read_u64` and
+//!   `alloc_table` leave the VM usable). A panic in `free_table` while the thread is already
+//!   unwinding (a VM dropped by a panicking thread) aborts the process, as any panic in `Drop`
+//!   during unwinding does.
 
 use crate::sync::{AtomicU64, Relax};
 use crate::types::{Hva, Level, Pfn};
@@ -39,7 +66,12 @@ pub type TableEntries = [AtomicU64; ENTRIES_PER_TABLE];
 ///   [`HostMemory::translate_mapped_writable`]) reads or writes the memory of a live table page.
 ///   The MMU maps the frames the host names into the guest and never checks them against its
 ///   tables; a guest that could write its own SPTEs could make the MMU follow links to frames
-///   it never allocated and hand them to `free_table`.
+///   it never allocated and hand them to `free_table`;
+/// - for the same reason, nothing but the MMU stores into a live table page's entries (a
+///   type-stable implementation's `Release` initialisation and poisoning, below, are stores
+///   into pages that are not live). The entries are safe atomics, so the host's own safe code
+///   could write them; a stray store could link one table under two parents, or another VM's
+///   table under this one, and the MMU would then free a page another walker still reads.
 ///
 /// The MMU in turn frees a frame only after nothing can reach it (see [`Self::free_table`]).
 ///
