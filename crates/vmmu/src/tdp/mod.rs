@@ -6,9 +6,10 @@
 //! [`TdpMmu`] is what a TDP VM owns beyond the VM-wide [`MmuCore`] (remote TLB flushes, deferred
 //! freeing, the vCPU words, the table SRCU: `crate::mmu_core`): the MMU lock with the root list it
 //! guards. [`Tdp`] pairs the two, and the operations here (root management, map, zap, dirty, the
-//! walk of [`Tdp::entry_for_tests`]) are its methods. The SPTE change (`mmu_core/change.rs`) and
-//! the lockless walks (`mmu_core/walk.rs`) are the core's: the shadow MMU's tables use them too;
-//! the walks' public types are re-exported here, where TDP embedders have always found them.
+//! walk of `Tdp::entry_for_tests` with feature `testing`) are its methods. The SPTE change
+//! (`mmu_core/change.rs`) and the lockless walks (`mmu_core/walk.rs`) are the core's: the shadow
+//! MMU's tables use them too; the walks' public types are re-exported here, where TDP embedders
+//! have always found them.
 //!
 //! # Locking and lifetime rules (the contract every function here keeps)
 //! 1. Every SPTE *change* happens under the MMU lock (`mmu_lock`, `mmu_core/lock.rs`: a
