@@ -22,9 +22,8 @@ use alloc::vec::Vec;
 /// callback to its end callback (it is `Send`).
 ///
 /// The VM's memslot updates wait for every invalidation in flight, so a thread must not update
-/// the memslots while it holds one (it would wait for itself), nor call the VM's other methods
-/// that wait for an update in flight, another begin included (the list is in
-/// [`crate::vm::Vm::invalidate_hva_range_begin`]'s `# Deadlock`).
+/// the memslots while it holds one (it would wait for itself). Other calls, another begin
+/// included, do not wait for an update that waits for invalidations.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -92,13 +91,15 @@ impl<H: Host> core::fmt::Debug for HvaInvalidation<H> {
 pub(crate) fn begin<H: Host>(vm: &Arc<VmShared<H>>, start: Hva, end: Hva) -> HvaInvalidation<H> {
     let inner = &**vm;
     let mut ranges = Vec::new();
-    let vmm_reader = inner.vmm_lock.lock_with(&inner.core.relax());
+    // KVM's `mn_invalidate_lock`: no memslot update is past its wait for invalidations while
+    // this is held, and none gets past it once the count is raised.
+    let mn_reader = inner.mn_lock.lock_with(&inner.core.relax());
     inner.mn_active.fetch_add(1, Ordering::AcqRel);
     // If this unwinds (a host callback that panics), the begin is undone: no token is returned
     // to end it, and a count left raised would make every later memslot update wait forever.
     let mut undo = BeginUnwound { vm: inner, mmu_begun: false };
     {
-        let guard = inner.memslots.read(&vmm_reader);
+        let guard = inner.memslots.read(&mn_reader);
         for as_id in 0..inner.memslots.nr_address_spaces() {
             guard.set(AsId(as_id)).for_each_in_hva_range(start, end, |s| {
                 let s_start = s.userspace_addr().raw();

@@ -390,8 +390,9 @@ impl<H: Host> Vm<H> {
                 MmuKind::Tdp => cfg.host_cpu.phys_bits(),
                 MmuKind::Shadow => 52,
             },
-            // One record per vCPU, the VMM's (`vmm_lock`) and the lookups' (`lookup_reader`).
-            max_readers: cfg.max_vcpus + 2,
+            // One record per vCPU, the VMM's (`vmm_lock`), the notifier's (`mn_lock`) and the
+            // lookups' (`lookup_reader`).
+            max_readers: cfg.max_vcpus + 3,
             bugs: cfg.bugs,
             generation_base: cfg.generation_base,
             ..MemslotsConfig::default()
@@ -405,6 +406,7 @@ impl<H: Host> Vm<H> {
         let memslots = Memslots::try_with_fences(mcfg, host.reader_fences())?;
         let vmm_reader = memslots.register_reader().map_err(|_| MmuError::TooManyVcpus(0))?;
         let lookup_reader = memslots.register_reader().map_err(|_| MmuError::TooManyVcpus(0))?;
+        let mn_reader = memslots.register_reader().map_err(|_| MmuError::TooManyVcpus(0))?;
         let core = MmuCore::new(
             host,
             MmuConfig {
@@ -433,6 +435,7 @@ impl<H: Host> Vm<H> {
                 bugs: cfg.bugs,
                 vmm_lock: crate::sync::Mutex::new(vmm_reader),
                 lookup_reader: crate::sync::Mutex::new(lookup_reader),
+                mn_lock: crate::sync::Mutex::new(mn_reader),
                 mn_active: crate::sync::AtomicU32::new(0),
             }),
         })
@@ -468,12 +471,21 @@ impl<H: Host> Vm<H> {
         hooks: MmuHooks<'_, H>,
     ) -> Result<MemslotChange, MemslotError> {
         let inner = &*self.inner;
-        let serial = inner.vmm_lock.lock_with(&inner.core.relax());
-        // KVM's swap waits until no host invalidation is in flight; holding `vmm_lock` keeps new
-        // ones from starting until the update is done.
-        while inner.mn_active.load(crate::sync::Ordering::Acquire) != 0 {
+        // KVM's swap waits until no host invalidation is in flight. The wait holds no lock: a
+        // thread that holds an invalidation may begin another, or call the VM's other
+        // `vmm_lock` methods, meanwhile (KVM's `invalidate_range_start` never waits for a memslot
+        // update either). Once it reads 0 under `mn_lock`, holding `mn_lock` to the end keeps
+        // new invalidations from starting until the update is done. As in KVM, a stream of
+        // invalidations that never leaves the count at 0 starves the update.
+        let (serial, _mn) = loop {
+            let serial = inner.vmm_lock.lock_with(&inner.core.relax());
+            let mn = inner.mn_lock.lock_with(&inner.core.relax());
+            if inner.mn_active.load(crate::sync::Ordering::Acquire) == 0 {
+                break (serial, mn);
+            }
+            drop((mn, serial));
             crate::host::Sched::relax(&*inner.core.host);
-        }
+        };
         let change = inner.memslots.set_region(r, from, &hooks)?;
         if let (VmMmu::Shadow(shadow), MemslotChange::Create | MemslotChange::Delete) =
             (&inner.mmu, change)
@@ -536,18 +548,10 @@ impl<H: Host> Vm<H> {
     /// memslots while it holds one (it would wait for itself). If a host callback panics inside
     /// the begin, the begin is undone before the panic leaves it.
     ///
-    /// # Deadlock
-    /// Unlike KVM's `invalidate_range_start`, which never waits for a memslot update, the begin
-    /// is serialised with updates: it waits for an update in flight, and that update waits for
-    /// every invalidation already begun. So while a thread holds an [`HvaInvalidation`] of this
-    /// VM, it must not call this VM's methods that wait for an update in flight: not
-    /// [`Self::set_memory_region`] and [`Self::set_internal_memory_region`], and also not
-    /// another `invalidate_hva_range_begin`, [`Self::zap_all_fast`], [`Self::get_dirty_log`],
-    /// [`Self::clear_dirty_log`], [`Self::clear_dirty_log_all`] or
-    /// [`Self::set_dirty_log_mode`]. They may work, but if another thread's update begins
-    /// meanwhile, the two threads wait for each other. A host whose notifier can have
-    /// two invalidations of one VM in flight on one thread must end the first before it begins
-    /// the second. [`Self::gfn_to_hva`] never waits and may be called.
+    /// As KVM's `invalidate_range_start`, a begin never waits for a memslot update that waits
+    /// for invalidations: an update waiting for the invalidations in flight to end holds no lock
+    /// meanwhile, so a thread holding an invalidation may begin another, or call the VM's other
+    /// methods. (As in KVM, invalidations that keep the count from reaching 0 starve updates.)
     pub fn invalidate_hva_range_begin(&self, start: Hva, end: Hva) -> HvaInvalidation<H> {
         crate::notifier::begin(&self.inner, start, end)
     }
