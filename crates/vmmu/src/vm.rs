@@ -207,7 +207,9 @@ impl MemslotsView<'_> {
 /// Its state lives until the last of its handles goes: the `Vm` clones, its [`Vcpu`]s and its
 /// [`HvaInvalidation`]s. Then (KVM `kvm_destroy_vm`) every page-table page the MMU still holds
 /// goes back to the host through [`crate::host::FrameAllocator::free_table`], on the thread that
-/// dropped that handle.
+/// dropped that handle. The VM holds its host (`Arc<H>`): a host that keeps a `Vm` of its own
+/// (to call [`Self::gfn_to_hva`] from a callback, say) makes a cycle that keeps both alive, and
+/// there is no weak handle yet; keep such a handle outside the host, and drop it with the VM.
 ///
 /// ```
 /// use std::sync::Arc;
