@@ -1074,3 +1074,54 @@ fn dropping_a_vcpu_that_ignores_kicks_releases_a_waiting_zap() {
         assert_eq!(v2.index(), 0);
     }
 }
+
+/// A host out of table frames: faults fail with a typed error (never a panic or a hang), the
+/// vCPU keeps working for what is mapped, and once frames come back (a zap) faults work again.
+#[test]
+fn an_exhausted_frame_pool_gives_errors_and_recovers() {
+    for shadow in [false, true] {
+        let host = AuditHost::new(5);
+        let cr3 = build_long4(&host);
+        let vm = if shadow { shadow_vm(&host, 2) } else { tdp_vm(&host, 2) };
+        vm.set_memory_region(&ram_slot(0, 0, 0, RAM_BYTES)).unwrap();
+        let mut v = vm.create_vcpu().unwrap();
+        if shadow {
+            v.set_guest_cpu(GuestCpu::long4(0, 46)).unwrap();
+            v.load_cr3(cr3).unwrap();
+        }
+        let mut errors = Vec::new();
+        for page in 0..64u64 {
+            // Far apart: each needs tables of its own.
+            let r = if shadow {
+                shadow_access(&mut v, 0x40_0000 + page * 0x1000, false)
+            } else {
+                let gpa = (page << 30) % (1 << 45);
+                match v.service_requests() {
+                    Err(e) => Err(e.to_string()),
+                    Ok(_) => v
+                        .handle_ept_violation(Gpa(gpa), FaultAccess::READ)
+                        .map(|_| None)
+                        .map_err(|e| e.to_string()),
+                }
+            };
+            if let Err(e) = r {
+                errors.push(e);
+            }
+        }
+        // A second vCPU cannot get a root either, or shares one.
+        let mut v2 = vm.create_vcpu().unwrap();
+        let _ = v2.service_requests();
+        println!("shadow {shadow}: {} errors, e.g. {:?}", errors.len(), errors.first());
+        drop(v2);
+        vm.zap_all_fast();
+        vm.reclaim();
+        if shadow {
+            assert!(shadow_access(&mut v, 0x40_0000, true).unwrap().is_some());
+        } else {
+            assert!(tdp_access(&mut v, 0x1000, true).is_some());
+        }
+        drop(v);
+        drop(vm);
+        assert_eq!(live_tables(&host), 0);
+    }
+}
