@@ -49,11 +49,19 @@ struct AuditHost {
     /// Each `translate` names another frame for the same page (an inconsistent host).
     inconsistent: AtomicBool,
     calls: AtomicUsize,
+    /// Declared type-stable (`FrameAllocator::type_stable_tables`): the pool keeps freed pages
+    /// and reuses them only as table pages, and every store this host makes into one is Release.
+    type_stable: bool,
 }
 
 impl AuditHost {
     fn new(pages: usize) -> Arc<Self> {
+        Self::with(pages, false)
+    }
+
+    fn with(pages: usize, type_stable: bool) -> Arc<Self> {
         Arc::new(AuditHost {
+            type_stable,
             pool: (0..pages).map(|_| std::array::from_fn(|_| AtomicU64::new(0))).collect(),
             live: (0..pages).map(|_| AtomicBool::new(false)).collect(),
             free: Mutex::new((0..pages).rev().collect()),
@@ -83,6 +91,10 @@ impl AuditHost {
 // is a separate buffer: no translation names a pool frame. Nothing but the MMU stores into a
 // live table page.
 unsafe impl FrameAllocator for AuditHost {
+    fn type_stable_tables(&self) -> bool {
+        self.type_stable
+    }
+
     fn alloc_table(&self, init: u64) -> Option<Pfn> {
         if let Some(hook) = self.alloc_hook.get() {
             hook(Hva(0));
@@ -1124,4 +1136,68 @@ fn an_exhausted_frame_pool_gives_errors_and_recovers() {
         drop(vm);
         assert_eq!(live_tables(&host), 0);
     }
+}
+
+/// A type-stable host shared by two VMs (the fast MMIO path's sectionless leaf-table hits):
+/// vCPU threads of both take EPT misconfigurations on MMIO pages while the other thread deletes
+/// and recreates slots around them (zaps that free tables, reused at once by the other VM).
+/// Every MMIO exit is emulated for the gpa it came for.
+#[test]
+fn type_stable_tables_shared_by_two_vms_under_zaps() {
+    let host = AuditHost::with(256, true);
+    let vms: Vec<Vm<AuditHost>> = (0..2).map(|_| tdp_vm(&host, 2)).collect();
+    for vm in &vms {
+        vm.set_memory_region(&ram_slot(0, 0, 0, 1 << 20)).unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for vm in &vms {
+        for t in 0..2u64 {
+            let mut v = vm.create_vcpu().unwrap();
+            let stop = stop.clone();
+            threads.push(std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    // MMIO pages right above the RAM slots, in the same 2 MiB tables.
+                    let gpa = (3 << 20) + ((i * 3 + t) % 256) * 0x1000;
+                    v.service_requests().unwrap();
+                    let walk = match v.enter_guest() {
+                        Ok(g) => g.walk(Gpa(gpa), Access::NONE),
+                        Err(_) => continue,
+                    };
+                    let o = match walk {
+                        HwWalk::Misconfig { .. } => v.handle_ept_misconfig(Gpa(gpa)),
+                        HwWalk::Violation { .. } => {
+                            v.handle_ept_violation(Gpa(gpa), FaultAccess::READ)
+                        }
+                        HwWalk::Translated { pfn, .. } => {
+                            // A RAM slot at [2 MiB, 4 MiB) comes and goes.
+                            assert_eq!(pfn.raw(), RAM_BASE_PFN + (gpa >> 12));
+                            i += 1;
+                            continue;
+                        }
+                        HwWalk::Broken { dump } => panic!("broken: {dump}"),
+                    };
+                    if let FaultOutcome::Emulate { gpa: got, .. } = o.unwrap() {
+                        assert_eq!(got.raw() & !0xfff, gpa, "an MMIO exit emulated another gpa");
+                    }
+                    i += 1;
+                }
+            }));
+        }
+    }
+    for round in 0..300u32 {
+        let vm = &vms[(round % 2) as usize];
+        vm.set_memory_region(&ram_slot(1, 0, 2 << 20, 2 << 20)).unwrap();
+        vm.set_memory_region(&UserspaceMemoryRegion::new(1, 0, 0, 0, 0)).unwrap();
+        if round % 16 == 0 {
+            vm.zap_all_fast();
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().expect("a vCPU thread panicked");
+    }
+    drop(vms);
+    assert_eq!(live_tables(&host), 0);
 }
