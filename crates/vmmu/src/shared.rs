@@ -35,7 +35,7 @@ pub(crate) struct VmShared<H: Host> {
     pub(crate) mn_lock: crate::sync::Mutex<ReaderId>,
     /// The memslot reader of [`crate::vm::Vm::gfn_to_hva`]: held only for one lookup's read
     /// section, never while waiting for anything, so a lookup never waits for a memslot update
-    /// (which holds `vmm_lock` while it waits for host invalidations and faults to end).
+    /// (which holds `vmm_lock` while it waits for the read sections of faults to end).
     pub(crate) lookup_reader: crate::sync::Mutex<ReaderId>,
     /// Host invalidations begun and not ended (KVM `mn_active_invalidate_count`). A memslot update
     /// proceeds only once it reads 0 under `mn_lock`, so an invalidation's gfn ranges, computed

@@ -649,8 +649,8 @@ impl<H: Host> Vm<H> {
         if as_id.0 >= inner.memslots.nr_address_spaces() {
             return None;
         }
-        // Not `vmm_lock`: a memslot update holds that while it waits for host invalidations and
-        // for the read sections of faults, whose host callbacks may be the caller.
+        // Not `vmm_lock`: a memslot update holds that while it waits for the read sections of
+        // faults, whose host callbacks may be the caller.
         let reader = inner.lookup_reader.lock_with(&inner.core.relax());
         let guard = inner.memslots.read(&reader);
         let slot = guard.set(as_id).find(gfn).filter(|s| !s.is_invalid())?;
