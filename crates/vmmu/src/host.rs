@@ -17,8 +17,8 @@
 //!   VM's table pages back). Several at once, for one VM or for every VM sharing the host.
 //! - **Inside the MMU's critical sections.** [`HostMemory::translate`] runs inside the
 //!   faulting vCPU's memslot read section; [`HostMemory::translate_mapped_writable`],
-//!   [`HostMemory::mapping_level`], [`FrameAllocator::alloc_table`] and [`Sched::kick`] run with
-//!   the MMU lock or the shadow lock held; [`GuestMemory::read_u64`] and
+//!   [`HostMemory::mapping_level`] and [`FrameAllocator::alloc_table`] run with the MMU lock or
+//!   the shadow lock held, and [`Sched::kick`] often does; [`GuestMemory::read_u64`] and
 //!   [`GuestMemory::cmpxchg_u64`] run inside a memslot read section, some of them with the
 //!   shadow lock held; [`FrameAllocator::free_table`] may run with the VMM's lock held.
 //! - **No calls back into the VM.** None of these methods may call a method of the VM (or of
@@ -28,11 +28,11 @@
 //!   [`crate::vm::Vm::gfn_to_hva`], a read section that never waits; reading a VM's
 //!   counters ([`crate::vm::Vm::stats`]) takes no lock either.
 //! - **Keep them short.** Every memslot update, zap and host invalidation of the VM waits for
-//!   the read sections and locks these run in: a `read_u64` that sleeps holds up every
+//!   the read sections and locks these run in: a `read_u64` that sleeps can hold up every
 //!   shadow fault of the VM, and a `translate` that sleeps (a host paging memory in, as
 //!   get_user_pages may) holds up the VM's memslot updates for that long, as in KVM.
 //! - **Panics** unwind out of the VM or vCPU call that made them, releasing the MMU's locks and
-//!   read sections (the embedder's tests show a panicking `translate`, `read_u64` and
+//!   read sections (`tests/embedder_audit.rs` shows a panicking `translate`, `read_u64` and
 //!   `alloc_table` leave the VM usable). A panic in `free_table` while the thread is already
 //!   unwinding (a VM dropped by a panicking thread) aborts the process, as any panic in `Drop`
 //!   during unwinding does.
