@@ -14,6 +14,9 @@
 //! take (only the unmap between them does), so there only the orderings of `Invalidation` and
 //! the unmap's shadow-lock hold keep the check right.
 //!
+//! A third model races a memslot move with two host invalidations of the slot's range
+//! (`memslot_move_vs_host_invalidations`).
+//!
 //! Property: the fault ends as Fixed or Retry, and once both sides are done an access reaches
 //! the new frame: no leaf of the frame the host no longer maps there survives. Removing the
 //! sequence comparison of `Invalidation::retry_range` fails both models; the shadow model also
@@ -86,17 +89,23 @@ fn translate(v: &mut Vcpu<TestHost>, shadow: bool, addr: u64) -> Pfn {
     panic!("{addr:#x} did not translate");
 }
 
+/// A TDP VM (EPT, one vCPU, one address space) whose slot 0 maps one RAM page at `gpa`.
+fn tdp_vm(gpa: u64) -> (Arc<TestHost>, Vm<TestHost>) {
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.max_vcpus = 1;
+    cfg.nr_address_spaces = 1;
+    let host = Arc::new(TestHost::new(8));
+    host.map(RAM_HVA, 0x1000, RAM_HVA >> 12, Level::L4K, true);
+    let vm = Vm::new(cfg, host.clone()).unwrap();
+    vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, gpa, 0x1000, RAM_HVA)).unwrap();
+    (host, vm)
+}
+
 #[test]
 fn tdp_fault_vs_host_invalidation() {
     const GPA: u64 = 0x0123_4000;
     model(|| {
-        let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
-        cfg.max_vcpus = 1;
-        cfg.nr_address_spaces = 1;
-        let host = Arc::new(TestHost::new(8));
-        host.map(RAM_HVA, 0x1000, RAM_HVA >> 12, Level::L4K, true);
-        let vm = Vm::new(cfg, host.clone()).unwrap();
-        vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, GPA, 0x1000, RAM_HVA)).unwrap();
+        let (host, vm) = tdp_vm(GPA);
         let mut v = vm.create_vcpu().unwrap();
         v.service_requests().unwrap();
         let t = thread::spawn(move || {
@@ -143,5 +152,39 @@ fn shadow_fault_vs_host_invalidation() {
         let pfn = translate(&mut v, true, GVA);
         assert_eq!(pfn, Pfn(NEW_PFN), "VIOLATION: a leaf of the old frame survived");
         assert_eq!(host.use_after_free(), 0);
+    });
+}
+
+/// A memslot move racing host invalidations of the slot's host range (KVM: the swap waits for
+/// `mn_active_invalidate_count` to reach 0, and `invalidate_range_start` never waits for the
+/// swap). Properties: no update publishes while an invalidation is in flight, so what the
+/// invalidation mapped its range to stays the memslots' until it ends (the gfn's host address
+/// reads the same before and after a second begin); a second begin while the update waits for
+/// the first does not wait for the update (it deadlocked when the waiting update held the lock
+/// a begin takes: embed45 finding 1); and the move lands once both end.
+#[test]
+fn memslot_move_vs_host_invalidations() {
+    use vmmu::{AsId, Gfn};
+    const OLD: u64 = 0x0123_4000;
+    const NEW: u64 = 0x0567_8000;
+    model(|| {
+        let (_host, vm) = tdp_vm(OLD);
+        let mover = vm.clone();
+        let t = thread::spawn(move || {
+            mover
+                .set_memory_region(&UserspaceMemoryRegion::new(0, 0, NEW, 0x1000, RAM_HVA))
+                .unwrap();
+        });
+        let old = Gfn(OLD >> 12);
+        let first = vm.invalidate_hva_range_begin(Hva(RAM_HVA), Hva(RAM_HVA + 0x1000));
+        let before = vm.gfn_to_hva(AsId(0), old);
+        let second = vm.invalidate_hva_range_begin(Hva(RAM_HVA), Hva(RAM_HVA + 0x1000));
+        let after = vm.gfn_to_hva(AsId(0), old);
+        assert_eq!(before, after, "VIOLATION: the memslots changed under an invalidation");
+        second.end();
+        first.end();
+        t.join().unwrap();
+        assert_eq!(vm.gfn_to_hva(AsId(0), Gfn(NEW >> 12)), Some(Hva(RAM_HVA)));
+        assert_eq!(vm.gfn_to_hva(AsId(0), old), None);
     });
 }
