@@ -950,7 +950,7 @@ impl vmmu::host::Sched for SimHost {
     /// fault's decision and its installation, so that memslot updates and other vCPUs' faults
     /// land inside that window (issue 11 defect 1 needs a create and another vCPU's fault there).
     ///
-    /// At an MMIO generation wrap the updater is "preempted" for [`WRAP_PREEMPT_FOR`] before
+    /// At an MMIO generation wrap the updater is "preempted" for `WRAP_PREEMPT_FOR` (5 ms) before
     /// it zaps, as a loaded host may preempt it (once per 2^19 generations): a correct MMU has
     /// not made the wrapped generation visible yet, and one that has (`wrap-hook-after-publish`)
     /// shows it to the wrap trap's sweep for that long.
