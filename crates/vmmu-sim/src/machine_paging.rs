@@ -225,6 +225,16 @@ enum Target {
     Device,
 }
 
+impl Target {
+    /// The other target: a remap of `R` goes from one to the other.
+    const fn other(self) -> Target {
+        match self {
+            Target::Ram => Target::Device,
+            Target::Device => Target::Ram,
+        }
+    }
+}
+
 /// What a vCPU does after a paging event (`VcpuPaging::between_batches`).
 pub enum PagingEvent {
     /// Nothing happened.
@@ -378,7 +388,7 @@ impl VcpuPaging {
             let w = p.tables.map(
                 space,
                 a,
-                p.target_gpa_of(Target::Ram),
+                p.ram_page.gpa.0 & !0xfff,
                 PageSize::Size4K,
                 MapFlags::default(),
             );
@@ -425,14 +435,6 @@ impl VcpuPaging {
         self.target_access(space).gpa.0 & !0xfff
     }
 
-    /// The page of target `t` in space 0 (the RAM page is the same in both).
-    fn target_gpa_of(&self, t: Target) -> u64 {
-        match t {
-            Target::Ram => self.ram_page.gpa.0 & !0xfff,
-            Target::Device => self.device_pages[0].gpa.0 & !0xfff,
-        }
-    }
-
     /// The access to `R` in `space` as the oracle judges it (its target there now).
     fn target_access(&self, space: usize) -> GuestAccess {
         match self.target[space] {
@@ -451,12 +453,24 @@ impl VcpuPaging {
     fn store<M: GuestMmu>(&mut self, hw: &mut HwVcpu<'_, M>, writes: &[(u64, u64)]) {
         for &(gpa, v) in writes {
             self.counters.pte_stores += 1;
-            // In bounds: the tables allocate from the area the buffer backs.
-            let _ = self.buf.write(gpa - TABLES_GPA, Width::W8, v);
-            if let Some(vcpu) = hw.mmu().shadow_vcpu(hw.state()) {
-                vcpu.exit_guest_mode();
-                let _ = vcpu.track_write(Gpa(gpa), 8);
-            }
+            let _ = self.write_and_report(hw, gpa, v);
+        }
+    }
+
+    /// One store of `v` into the guest's tables at `gpa` as the hypervisor's emulator makes it:
+    /// written to guest memory, then (under shadow paging) reported to the MMU, which leaves
+    /// guest mode for it (KVM `kvm_mmu_track_write`).
+    fn write_and_report<M: GuestMmu>(
+        &self,
+        hw: &mut HwVcpu<'_, M>,
+        gpa: u64,
+        v: u64,
+    ) -> Result<(), String> {
+        // In bounds: the tables allocate from the area the buffer backs.
+        let _ = self.buf.write(gpa - TABLES_GPA, Width::W8, v);
+        match hw.mmu().shadow_vcpu(hw.state()) {
+            Some(vcpu) => vcpu.track_write(Gpa(gpa), 8).map_err(|e| e.to_string()),
+            None => Ok(()),
         }
     }
 
@@ -495,11 +509,7 @@ impl VcpuPaging {
                 Ok(ShadowAccess::Ram { .. }) => {}
                 Err(at) if at.raw() == gpa => {
                     self.counters.emulated_table_stores += 1;
-                    // In bounds: the tables allocate from the area the buffer backs.
-                    let _ = self.buf.write(gpa - TABLES_GPA, Width::W8, v);
-                    if let Some(vcpu) = hw.mmu().shadow_vcpu(hw.state()) {
-                        vcpu.track_write(Gpa(gpa), 8).map_err(|e| e.to_string())?;
-                    }
+                    self.write_and_report(hw, gpa, v)?;
                 }
                 Err(at) => {
                     return Err(format!("store to {gpa:#x} exited as write-protected at {at}"))
@@ -564,10 +574,7 @@ impl VcpuPaging {
             0..=1 => Ok(PagingEvent::AccessThenSwitch(self.r_access(), self.r_gva())),
             8 => {
                 let other = self.space ^ 1;
-                self.target[other] = match self.target[other] {
-                    Target::Ram => Target::Device,
-                    Target::Device => Target::Ram,
-                };
+                self.target[other] = self.target[other].other();
                 let w = self.map_writes(other, self.remap_gva(), self.target_gpa(other))?;
                 self.store_through_linear_map(hw, &w, attempt)?;
                 self.counters.other_space_edits += 1;
@@ -576,10 +583,7 @@ impl VcpuPaging {
             }
             2..=5 => {
                 let s = self.space;
-                self.target[s] = match self.target[s] {
-                    Target::Ram => Target::Device,
-                    Target::Device => Target::Ram,
-                };
+                self.target[s] = self.target[s].other();
                 let w = self.map_writes(s, self.remap_gva(), self.target_gpa(s))?;
                 self.store(hw, &w);
                 self.invlpg(hw, self.remap_gva());

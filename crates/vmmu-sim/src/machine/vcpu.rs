@@ -197,18 +197,11 @@ impl<'a, 's, 'o, M: GuestMmu> Running<'a, 's, 'o, M> {
         };
         let (clock, invalidating) = (sh.clock, sh.invalidating);
         match p.between_batches(hw, &mut || counts(clock.now(), invalidating)) {
-            Ok(PagingEvent::Access(a, gva)) => {
-                let (seen, start, end) = paged_access(sh, hw, c, &a, gva, p);
-                checker.check(&a, &seen, start, end);
-            }
+            Ok(PagingEvent::Access(a, gva)) => judged_access(sh, hw, c, checker, &a, gva, p),
             Ok(PagingEvent::AccessThenSwitch(a, gva)) => {
-                let (seen, start, end) = paged_access(sh, hw, c, &a, gva, p);
-                checker.check(&a, &seen, start, end);
+                judged_access(sh, hw, c, checker, &a, gva, p);
                 match p.switch_then_access(hw) {
-                    Ok((a, gva)) => {
-                        let (seen, start, end) = paged_access(sh, hw, c, &a, gva, p);
-                        checker.check(&a, &seen, start, end);
-                    }
+                    Ok((a, gva)) => judged_access(sh, hw, c, checker, &a, gva, p),
                     Err(e) => checker.note_error(&format!("guest paging: {e}")),
                 }
             }
@@ -223,11 +216,9 @@ impl<'a, 's, 'o, M: GuestMmu> Running<'a, 's, 'o, M> {
                 checker.check_page_fault(gva, PfErr::USER, &seen);
             }
             Ok(PagingEvent::Alias(a, gva, read_only)) => {
-                let (seen, start, end) = paged_access(sh, hw, c, &a, gva, p);
-                checker.check(&a, &seen, start, end);
+                judged_access(sh, hw, c, checker, &a, gva, p);
                 let read = GuestAccess { kind: MixKind::PrivateRead, ..a };
-                let (seen, start, end) = paged_access(sh, hw, c, &read, read_only, p);
-                checker.check(&read, &seen, start, end);
+                judged_access(sh, hw, c, checker, &read, read_only, p);
                 // The same write through the read-only path: judged as a guest page fault, so
                 // the oracle's record of the page keeps the first write's value.
                 let (seen, _, _) = paged_access(sh, hw, c, &a, read_only, p);
@@ -404,6 +395,20 @@ fn ram_at(host: &SimHost, pfn: Pfn, gva: u64, width: Width, store: Option<u64>) 
         Ok((hva, value)) => Observed::Ram { hva, value },
         Err(e) => Observed::Error(e.to_string()),
     }
+}
+
+/// [`paged_access`], judged by `checker` as any access of the mix.
+fn judged_access<M: GuestMmu>(
+    sh: &Shared<'_, M>,
+    hw: &mut HwVcpu<'_, M>,
+    c: &mut VcpuCounters,
+    checker: &mut VcpuChecker<'_>,
+    a: &GuestAccess,
+    gva: u64,
+    p: &mut VcpuPaging,
+) {
+    let (seen, start, end) = paged_access(sh, hw, c, a, gva, p);
+    checker.check(a, &seen, start, end);
 }
 
 /// One guest access through guest-virtual address `gva` (guest paging); `a` says what the
