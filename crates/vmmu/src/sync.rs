@@ -132,6 +132,10 @@ mod locks {
         /// Threads in `lock_with`'s wait loop: a holder that wants to break its hold for them
         /// (KVM `cond_resched_rwlock_write`) asks [`Self::contended`]. Advisory: Relaxed.
         waiters: AtomicU32,
+        /// 1 while a waiter of [`Self::lock_fair_with`] that starved has reserved the lock: from
+        /// then on only it takes the lock when it is free (Linux's mutex hand-off to a starving
+        /// waiter). Fairness only: mutual exclusion rests on `locked`. Relaxed.
+        reserved: AtomicU32,
         value: UnsafeCell<T>,
     }
 
@@ -147,6 +151,7 @@ mod locks {
             Mutex {
                 locked: AtomicU32::new(0),
                 waiters: AtomicU32::new(0),
+                reserved: AtomicU32::new(0),
                 value: UnsafeCell::new(v),
             }
         }
@@ -171,6 +176,45 @@ mod locks {
                 }
             }
         }
+        /// [`Self::lock_with`] that cannot be starved: a waiter that has waited
+        /// `STARVE_TURNS` turns of `relax` reserves the lock, and from then on no other thread
+        /// takes it when it is free ([`Self::try_lock`] fails) until this waiter has. Without it
+        /// a thread that drops the lock and takes it again at once (a VMM collecting dirty logs
+        /// back to back) can keep a waiter out for hundreds of milliseconds; KVM's `slots_lock`,
+        /// a sleeping mutex, hands itself to a waiter that starves.
+        pub fn lock_fair_with(&self, relax: &impl Relax) -> MutexGuard<'_, T> {
+            if let Some(g) = self.try_lock() {
+                return g;
+            }
+            self.waiters.fetch_add(1, Ordering::Relaxed);
+            // Counted out when this waiter leaves, with the lock or by an unwind of `relax`.
+            let _waiting = Waiting(&self.waiters);
+            // Given back when this waiter leaves, with the lock or by an unwind of `relax`.
+            let mut reservation: Option<Waiting<'_>> = None;
+            let mut turns = 0u32;
+            loop {
+                if reservation.is_none() && turns >= STARVE_TURNS {
+                    reservation = self
+                        .reserved
+                        .compare_exchange(0, 1, Ordering::Relaxed, Ordering::Relaxed)
+                        .ok()
+                        .map(|_| Waiting(&self.reserved));
+                }
+                if self.locked.load(Ordering::Relaxed) == 0 {
+                    let g = if reservation.is_some() { self.take() } else { self.try_lock() };
+                    if let Some(g) = g {
+                        return g;
+                    }
+                }
+                relax.relax();
+                turns = turns.saturating_add(1);
+            }
+        }
+        /// Whether a starving waiter has reserved the lock (for tests).
+        #[cfg(test)]
+        pub(super) fn reserved(&self) -> bool {
+            self.reserved.load(Ordering::Relaxed) != 0
+        }
         /// Whether another thread waits for the lock (a hint: it may change at once).
         pub fn contended(&self) -> bool {
             self.waiters.load(Ordering::Relaxed) != 0
@@ -187,8 +231,16 @@ mod locks {
                 core::hint::spin_loop();
             }
         }
-        /// Takes the lock if it is free.
+        /// Takes the lock if it is free and no starving waiter of [`Self::lock_fair_with`] has
+        /// reserved it.
         pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+            if self.reserved.load(Ordering::Relaxed) != 0 {
+                return None;
+            }
+            self.take()
+        }
+        /// Takes the lock if it is free, reserved or not.
+        fn take(&self) -> Option<MutexGuard<'_, T>> {
             // Acquire pairs with the Release in `MutexGuard::drop`: the previous holder's writes
             // to the value are visible to the new holder.
             self.locked
@@ -236,6 +288,10 @@ mod locks {
     /// How long [`Mutex::hand_off`] waits for a waiter to take the lock: about the time a
     /// waiter's relax takes to come back (a `sched_yield` with nothing else to run, 1-2 us).
     const HAND_OFF_SPINS: u32 = 64;
+
+    /// Turns of `relax` after which a waiter of [`Mutex::lock_fair_with`] reserves the lock. An
+    /// uncontended wait ends in a turn or two; one that takes this many is being barged.
+    pub(super) const STARVE_TURNS: u32 = 32;
 
     /// A reader-writer spin lock (KVM's `mmu_lock` is an rwlock on x86). Writers set a flag that
     /// stops new readers, then wait for the readers in flight, so writers are not starved.
@@ -390,6 +446,10 @@ mod locks {
         pub fn lock_with(&self, _relax: &impl super::Relax) -> MutexGuard<'_, T> {
             self.lock()
         }
+        /// As `lock_with` (loom explores every order of the waiters anyway).
+        pub fn lock_fair_with(&self, _relax: &impl super::Relax) -> MutexGuard<'_, T> {
+            self.lock()
+        }
         /// Under loom: always, so models explore the lock break.
         pub fn contended(&self) -> bool {
             true
@@ -503,6 +563,90 @@ mod tests {
         assert!(!m.contended(), "the waiter left the count when it took the lock");
         m.lock().push("holder again");
         assert_eq!(*m.lock(), ["holder", "waiter", "holder again"]);
+    }
+
+    /// Another thread, played inside the waiter's `relax`: each turn it drops the lock and takes
+    /// it straight back (a VMM collecting dirty logs back to back), so the waiter never finds
+    /// it free. After `give_up` turns it lets go for good, so a starved waiter still ends.
+    struct Barger<'a> {
+        m: &'a Mutex<u32>,
+        held: core::cell::RefCell<Option<MutexGuard<'a, u32>>>,
+        turns: core::cell::Cell<u32>,
+        retaken: core::cell::Cell<u32>,
+        give_up: u32,
+    }
+    impl Relax for Barger<'_> {
+        fn relax(&self) {
+            self.turns.set(self.turns.get() + 1);
+            let mut held = self.held.borrow_mut();
+            drop(held.take());
+            if self.turns.get() < self.give_up {
+                if let Some(mut g) = self.m.try_lock() {
+                    *g += 1;
+                    *held = Some(g);
+                    self.retaken.set(self.retaken.get() + 1);
+                }
+            }
+        }
+    }
+
+    /// soak45 finding 5: a memslot update waited up to 0.76 s for `vmm_lock` behind a thread
+    /// looping `get_dirty_log` (p50 2-3 us). The fair lock is reserved by a waiter that starves,
+    /// and the barger's next try fails; the plain one lets the barger retake it every turn.
+    #[test]
+    fn a_starving_fair_waiter_gets_the_lock_before_a_barger_retakes_it() {
+        let m = Mutex::new(0u32);
+        let barger = |m| Barger {
+            m,
+            held: core::cell::RefCell::new(m.try_lock()),
+            turns: core::cell::Cell::new(0),
+            retaken: core::cell::Cell::new(0),
+            give_up: 10_000,
+        };
+        let b = barger(&m);
+        let g = m.lock_fair_with(&b);
+        assert_eq!(*g, locks::STARVE_TURNS, "the barger retook the lock until the waiter starved");
+        assert_eq!(b.retaken.get(), locks::STARVE_TURNS);
+        drop(g);
+        assert!(m.try_lock().is_some(), "the reservation ends with the waiter's hold");
+
+        let b = barger(&m);
+        let g = m.lock_with(&b);
+        assert_eq!(b.retaken.get(), 9_999, "the plain lock is barged until the barger gives up");
+        drop(g);
+    }
+
+    /// A starving waiter whose `relax` unwinds (a host callback that panics) gives its
+    /// reservation back with its place among the waiters.
+    #[cfg(feature = "std")]
+    #[test]
+    fn a_fair_waiter_that_unwinds_gives_the_reservation_back() {
+        struct PanicsOnceReserved<'a>(Barger<'a>);
+        impl Relax for PanicsOnceReserved<'_> {
+            fn relax(&self) {
+                if self.0.turns.get() >= locks::STARVE_TURNS {
+                    assert!(self.0.m.reserved());
+                    panic!("host callback");
+                }
+                self.0.relax();
+            }
+        }
+        let m = Mutex::new(0u32);
+        let b = PanicsOnceReserved(Barger {
+            m: &m,
+            held: core::cell::RefCell::new(m.try_lock()),
+            turns: core::cell::Cell::new(0),
+            retaken: core::cell::Cell::new(0),
+            give_up: 10_000,
+        });
+        let r = std::panic::catch_unwind(core::panic::AssertUnwindSafe(|| {
+            drop(m.lock_fair_with(&b));
+        }));
+        assert!(r.is_err(), "the waiter unwound while reserved");
+        drop(b.0.held.borrow_mut().take());
+        assert!(!m.reserved(), "no reservation outlives its waiter");
+        assert!(!m.contended(), "nor its place among the waiters");
+        assert!(m.try_lock().is_some());
     }
 
     /// `Sync` of `T`, seen from a concrete type: the inherent method applies when `T: Sync`,

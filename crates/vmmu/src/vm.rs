@@ -480,8 +480,10 @@ impl<H: Host> Vm<H> {
         // new invalidations from starting until the update is done. As in KVM, a stream of
         // invalidations that never leaves the count at 0 starves the update.
         let (serial, _mn) = loop {
-            let serial = inner.vmm_lock.lock_with(&inner.core.relax());
-            let mn = inner.mn_lock.lock_with(&inner.core.relax());
+            // Fair: a thread that takes `vmm_lock` back to back (dirty-log collection) or
+            // begins invalidations one after another cannot keep the update out for long.
+            let serial = inner.vmm_lock.lock_fair_with(&inner.core.relax());
+            let mn = inner.mn_lock.lock_fair_with(&inner.core.relax());
             if inner.mn_active.load(crate::sync::Ordering::Acquire) == 0 {
                 break (serial, mn);
             }
@@ -537,7 +539,7 @@ impl<H: Host> Vm<H> {
     /// KVM `kvm_mmu_zap_all_fast`, serialised with other callers of this method (KVM holds the
     /// slots lock).
     pub fn zap_all_fast(&self) {
-        let _g = self.inner.vmm_lock.lock_with(&self.inner.core.relax());
+        let _g = self.inner.vmm_lock.lock_fair_with(&self.inner.core.relax());
         self.inner.mmu.zap_all_fast(&self.inner.core);
     }
 
@@ -584,7 +586,7 @@ impl<H: Host> Vm<H> {
     #[cfg(feature = "testing")]
     pub fn zap_gfn_range_for_tests(&self, as_id: AsId, start: Gfn, end: Gfn) {
         let inner = &*self.inner;
-        let _g = inner.vmm_lock.lock_with(&inner.core.relax());
+        let _g = inner.vmm_lock.lock_fair_with(&inner.core.relax());
         let core = &inner.core;
         match &inner.mmu {
             VmMmu::Shadow(shadow) => shadow.unmap_gfn_ranges(core, &[(as_id, start, end)]),
@@ -758,7 +760,7 @@ impl<H: Host> Vm<H> {
     /// logging already keeps its bitmap) and to every later `KVM_GET_DIRTY_LOG`. Waits for a
     /// memslot update in flight, so an update sees one mode from start to end.
     pub fn set_dirty_log_mode(&self, mode: DirtyLogMode) {
-        let _serial = self.inner.vmm_lock.lock_with(&self.inner.core.relax());
+        let _serial = self.inner.vmm_lock.lock_fair_with(&self.inner.core.relax());
         self.inner.memslots.set_dirty_log_mode(mode);
     }
 }

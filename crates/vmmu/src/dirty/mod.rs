@@ -409,7 +409,7 @@ impl<H: crate::host::Host> VmShared<H> {
     /// `KVM_GET_DIRTY_LOG` (see [`crate::vm::Vm::get_dirty_log`]).
     pub(crate) fn get_dirty_log(&self, as_id: u16, id: u16) -> Result<Vec<u64>, DirtyLogError> {
         // KVM holds `slots_lock` for the whole ioctl: no memslot update meanwhile.
-        let _serial = self.vmm_lock.lock_with(&self.core.relax());
+        let _serial = self.vmm_lock.lock_fair_with(&self.core.relax());
         self.memslots.with_dirty_log(
             as_id,
             id,
@@ -435,7 +435,7 @@ impl<H: crate::host::Host> VmShared<H> {
         count: u32,
         bitmap: Option<&[u64]>,
     ) -> Result<(), DirtyLogError> {
-        let _serial = self.vmm_lock.lock_with(&self.core.relax());
+        let _serial = self.vmm_lock.lock_fair_with(&self.core.relax());
         let count = u64::from(count);
         self.memslots.with_dirty_log(
             as_id,
