@@ -514,7 +514,7 @@ impl Replay<'_> {
             z.deletes_and_moves += 1;
             z.zap_all_fast += after.zap_all_fast - before.zap_all_fast;
             z.zap_range += after.zap_range - before.zap_range;
-            z.sptes_zapped += (after.mmu_shadow_zapped + after.tdp_tables_zapped)
+            z.table_pages_zapped += (after.mmu_shadow_zapped + after.tdp_tables_zapped)
                 - (before.mmu_shadow_zapped + before.tdp_tables_zapped);
             self.pending_zap = true;
         }
@@ -1315,8 +1315,8 @@ mod tests {
         .concat();
         let once = run(&format!("{HEADER}{cycle}"), ReplayConfig::shadow(true)).zaps;
         let twice = run(&format!("{HEADER}{cycle}{cycle}"), ReplayConfig::shadow(true)).zaps;
-        assert!(once.sptes_zapped > 0, "{once:?}");
-        assert_eq!(twice.sptes_zapped, 2 * once.sptes_zapped, "{once:?} {twice:?}");
+        assert!(once.table_pages_zapped > 0, "{once:?}");
+        assert_eq!(twice.table_pages_zapped, 2 * once.table_pages_zapped, "{once:?} {twice:?}");
     }
 
     #[test]

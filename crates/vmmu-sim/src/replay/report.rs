@@ -188,7 +188,7 @@ pub struct Zaps {
     /// Our range zaps during deletes and moves.
     pub zap_range: u64,
     /// Page-table pages our deletes and moves zapped (shadow pages, or TDP tables).
-    pub sptes_zapped: u64,
+    pub table_pages_zapped: u64,
     /// All our `zap_all_fast` calls (generation wraps included).
     pub zap_all_fast_total: u64,
     /// Whether the per-request comparison below ran: under the shadow MMU, which zaps all on a
@@ -573,7 +573,7 @@ impl TraceReport {
             let _ = writeln!(
                 s,
                 "    zaps: {} deletes+moves; recorded KVM zap_all_fast {} ({} right after a delete); ours during deletes+moves: zap_all_fast {}, range zaps {}, table pages zapped {}",
-                z.deletes_and_moves, z.recorded_zap_all_fast, z.recorded_after_delete, z.zap_all_fast, z.zap_range, z.sptes_zapped
+                z.deletes_and_moves, z.recorded_zap_all_fast, z.recorded_after_delete, z.zap_all_fast, z.zap_range, z.table_pages_zapped
             );
             if z.per_request {
                 let _ = writeln!(
