@@ -26,7 +26,8 @@
 //!   threads: those locks are not reentrant, and a memslot update or zap waits for the very
 //!   read section the callback runs in. Either way the call never returns. The one exception is
 //!   [`crate::vm::Vm::gfn_to_hva`], a read section that never waits; reading a VM's
-//!   counters ([`crate::vm::Vm::stats`]) takes no lock either.
+//!   counters ([`crate::vm::Vm::stats`]) takes no lock either. A host reaches its VM through
+//!   a [`crate::vm::WeakVm`]: a `Vm` held by the host would keep the VM and the host alive.
 //! - **Keep them short.** Every memslot update, zap and host invalidation of the VM waits for
 //!   the read sections and locks these run in: a `read_u64` that sleeps can hold up every
 //!   shadow fault of the VM, and a `translate` that sleeps (a host paging memory in, as

@@ -34,6 +34,9 @@ pub(crate) fn next_domain_id() -> u64 {
 
 #[cfg(not(loom))]
 pub use alloc::sync::Arc;
+/// `Weak` of alloc's `Arc` (loom's `Arc` has none: what uses it is not built under loom).
+#[cfg(not(loom))]
+pub use alloc::sync::Weak;
 #[cfg(loom)]
 pub use loom::sync::Arc;
 

@@ -208,8 +208,8 @@ impl MemslotsView<'_> {
 /// [`HvaInvalidation`]s. Then (KVM `kvm_destroy_vm`) every page-table page the MMU still holds
 /// goes back to the host through [`crate::host::FrameAllocator::free_table`], on the thread that
 /// dropped that handle. The VM holds its host (`Arc<H>`): a host that keeps a `Vm` of its own
-/// (to call [`Self::gfn_to_hva`] from a callback, say) makes a cycle that keeps both alive, and
-/// there is no weak handle yet; keep such a handle outside the host, and drop it with the VM.
+/// (to call [`Self::gfn_to_hva`] from a callback, say) makes a cycle that keeps both alive; keep
+/// a [`WeakVm`] ([`Self::downgrade`]) in the host instead.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -236,6 +236,42 @@ pub struct Vm<H: Host> {
 impl<H: Host> Clone for Vm<H> {
     fn clone(&self) -> Self {
         Vm { inner: self.inner.clone() }
+    }
+}
+
+/// A handle to a VM that does not keep it alive (`Weak` to [`Vm`]'s `Arc`), for a host that
+/// needs its VM from a callback: the VM holds its host, so a host holding a [`Vm`] would keep
+/// both alive for ever. [`Self::upgrade`] gives a [`Vm`] while any other handle lives.
+///
+/// An upgraded handle dropped inside a host callback is never the VM's last: the callback runs
+/// under a call on a [`Vm`], [`Vcpu`] or invalidation the caller still holds, so the VM's
+/// teardown cannot run inside a callback; in the teardown's own callbacks
+/// ([`crate::host::FrameAllocator::free_table`]) `upgrade` gives `None`.
+#[cfg(not(loom))]
+pub struct WeakVm<H: Host> {
+    inner: crate::sync::Weak<VmShared<H>>,
+}
+
+#[cfg(not(loom))]
+impl<H: Host> Clone for WeakVm<H> {
+    fn clone(&self) -> Self {
+        WeakVm { inner: self.inner.clone() }
+    }
+}
+
+#[cfg(not(loom))]
+impl<H: Host> core::fmt::Debug for WeakVm<H> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("WeakVm").field("alive", &(self.inner.strong_count() > 0)).finish()
+    }
+}
+
+#[cfg(not(loom))]
+impl<H: Host> WeakVm<H> {
+    /// The VM, while any of its handles ([`Vm`] clones, [`Vcpu`]s, invalidations in flight)
+    /// lives; `None` once the last has gone (its teardown has run or is running).
+    pub fn upgrade(&self) -> Option<Vm<H>> {
+        self.inner.upgrade().map(|inner| Vm { inner })
     }
 }
 
@@ -357,6 +393,12 @@ fn recover_huge_pages<H: Host>(
 }
 
 impl<H: Host> Vm<H> {
+    /// A handle that does not keep the VM alive (see [`WeakVm`]).
+    #[cfg(not(loom))]
+    pub fn downgrade(&self) -> WeakVm<H> {
+        WeakVm { inner: Arc::downgrade(&self.inner) }
+    }
+
     /// Builds a VM on `host`.
     pub fn new(cfg: VmConfig, host: Arc<H>) -> Result<Self, VmError> {
         if cfg.mmu == MmuKind::Shadow && cfg.format != FormatKind::Npt {

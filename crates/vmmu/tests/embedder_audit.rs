@@ -291,6 +291,41 @@ fn translate_calling_gfn_to_hva_during_an_update_does_not_deadlock() {
     update.join().unwrap().unwrap();
 }
 
+/// A host that needs its VM in a callback keeps a `WeakVm`: the callback reaches the VM while
+/// it lives, and the VM's last handle still tears it down (every table page back, the host
+/// released). The same host holding a `Vm` keeps both alive: the cycle the weak handle breaks.
+#[test]
+fn a_host_holding_a_weak_vm_reaches_it_from_a_callback_and_lets_it_go() {
+    let host = AuditHost::new(64);
+    let vm = tdp_vm(&host, 1);
+    vm.set_memory_region(&ram_slot(0, 0, 0, 1 << 20)).unwrap();
+    let weak = vm.downgrade();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let _ = host.translate_hook.set(Box::new(move |_hva| {
+        let hva = weak.upgrade().and_then(|vm| vm.gfn_to_hva(AsId(0), vmmu::Gfn(1)));
+        seen2.lock().unwrap().push(hva);
+    }));
+    let mut v = vm.create_vcpu().unwrap();
+    assert!(tdp_access(&mut v, 0x1000, true).is_some());
+    assert_eq!(*seen.lock().unwrap(), [Some(Hva(RAM_HVA + 0x1000))], "the callback saw its VM");
+    let weak = vm.downgrade();
+    drop(v);
+    drop(vm);
+    assert!(weak.upgrade().is_none(), "no handle lives");
+    assert_eq!(live_tables(&host), 0, "the VM was torn down");
+    assert_eq!(Arc::strong_count(&host), 1, "the VM let its host go");
+
+    let host = AuditHost::new(64);
+    let vm = tdp_vm(&host, 1);
+    let strong = Mutex::new(vm.clone());
+    let _ = host.translate_hook.set(Box::new(move |_hva| {
+        let _ = strong.lock().unwrap().gfn_to_hva(AsId(0), vmmu::Gfn(1));
+    }));
+    drop(vm);
+    assert_eq!(Arc::strong_count(&host), 2, "a host holding its Vm keeps itself alive (leaked)");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Several VMs and vCPU threads, memslot churn, invalidations, dirty logging, odd drop orders.
 
