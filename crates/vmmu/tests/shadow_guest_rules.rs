@@ -204,3 +204,56 @@ fn prefetch_at_an_invalid_gpte_drops_its_mmio_spte() {
         "an access through the cleared gPTE was answered from its old MMIO SPTE"
     );
 }
+
+/// KVM `FNAME(fetch)` re-reads each guest PTE after the table holding it is shadowed (so
+/// write-protected) and **before** it links the child shadow page that PTE leads to: a gPTE
+/// changed since the walk read it (the guest wrote the table before it was protected, or the
+/// write was trapped and its `kvm_mmu_track_write` ran before this fault took the lock) ends the
+/// fault with RET_PF_RETRY and nothing linked for the old value (shadow facts §3.2, §12). Here
+/// the guest repoints a PDE from one page table to another between the walk of a fault under it
+/// and that fault's install; the old table is shadowed already (another PDE shares it) and holds
+/// a leaf. A fetch that links first and re-checks only at the end leaves the new directory's
+/// shadow linking the old table's shadow page, and a later access elsewhere under the PDE
+/// translates through the old table, INVLPG or not (this MMU's INVLPG drops no synced leaf).
+#[test]
+fn a_gpte_changed_under_a_fault_links_no_child_for_its_old_value() {
+    use vmmu::fault::{FaultOutcome, PfErr};
+    use vmmu::host::PreemptPoint;
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    // PT_A, reached through PD2 (gva 2 GiB up): entry 5 maps Q.
+    let (q, q_new) = (0x30_5000, 0x31_5000);
+    let pt_a_entry = s.map4k(0x8000_5000, q, P | RW | US);
+    let pt_a = pt_a_entry & !0xfff;
+    s.map4k(0x8000_0000, 0x30_0000, P | RW | US);
+    // PD1 (gva 1 GiB up) shares PT_A through its entry 0.
+    let pd1_entry = s.entry_gpa(0x4000_0000, 2);
+    host.write_u64(RAM_HVA + pd1_entry, pt_a | P | RW | US);
+    // PT_B, which the guest is about to put in PD1's entry 0 instead: entry 5 maps Q'.
+    let pt_b = alloc_table(&next);
+    host.write_u64(RAM_HVA + pt_b + 5 * 8, q_new | P | RW | US);
+    host.write_u64(RAM_HVA + pt_b, 0x31_0000 | P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    // PT_A is shadowed, with its leaf for entry 5.
+    assert_eq!(access(&mut v, 0x8000_5000, false), Seen::Ram(ram_pfn(q)));
+    // A fault under PD1 (never shadowed): another vCPU stores the new PDE (straight to RAM:
+    // nothing write-protects PD1 yet) between this fault's walk and its install.
+    let racer = host.clone();
+    vmmu::testing::preempt::on_this_thread(Some(Box::new(move |p| {
+        if p == PreemptPoint::FaultDecided {
+            racer.write_u64(RAM_HVA + pd1_entry, pt_b | P | RW | US);
+        }
+    })));
+    v.service_requests().unwrap();
+    let r = v.handle_page_fault(Gva(0x4000_0000), PfErr(PfErr::USER));
+    vmmu::testing::preempt::on_this_thread(None);
+    assert!(matches!(r, Ok(FaultOutcome::Retry(_))), "the changed PDE retries the fault: {r:?}");
+    // The guest invalidates what it changed, as an OS does after repointing a PDE.
+    v.invlpg(Gva(0x4000_0000)).unwrap();
+    v.invlpg(Gva(0x4000_5000)).unwrap();
+    assert_eq!(
+        access(&mut v, 0x4000_5000, false),
+        Seen::Ram(ram_pfn(q_new)),
+        "entry 5 under PD1 is PT_B's now, not the old table's"
+    );
+}

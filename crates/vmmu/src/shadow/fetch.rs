@@ -4,11 +4,15 @@
 //! Order: walk the shadow levels from the root by guest-virtual address; at each level find or
 //! create the child page that shadows the guest table the walk read there (indirect) or, below a
 //! guest 2 MiB or 1 GiB page, the linear range (direct), reusing a linked child only if its gfn
-//! **and** role match (else unlink it: 0cb2af2ea66a, 81ccda30b4e8); flush if new shadowing
-//! write-protected anything, then re-read the guest PTEs and retry if one changed (KVM
-//! `gpte_changed`: the guest may have written its table before it was protected); then the
-//! leaf. A present SPTE is dropped (and flushed) before an MMIO SPTE replaces it (aad885e77496).
-//! After a RAM leaf, neighbour SPTEs are prefetched (`super::prefetch`).
+//! **and** role match (else unlink it: 0cb2af2ea66a, 81ccda30b4e8). Before anything is linked
+//! under an entry of a shadowed guest table (and before the leaf), the gPTE the walk read in that
+//! table is read again, after the table's write protection is flushed, and the fault retries if it
+//! changed (KVM `gpte_changed`, which runs before `link_shadow_page`: the guest may have written
+//! the table before it was protected, or its trapped write was handled before this fault took the
+//! lock; a child linked for the old value would outlive the retry, and INVLPG, which drops no
+//! synced leaf, would not remove it); then the leaf. A present SPTE is dropped (and flushed)
+//! before an MMIO SPTE replaces it (aad885e77496). After a RAM leaf, neighbour SPTEs are
+//! prefetched (`super::prefetch`).
 
 use super::pages::{ShadowState, SpId, ZapBatch};
 use super::prefetch::{prefetch, PrefetchCtx};
@@ -132,6 +136,12 @@ pub(crate) fn fetch<H: Host, M: GuestPteMemory>(
     while level > Level::L4K {
         let Some(child_level) = level.lower() else { break };
         let idx = level.index(vgfn);
+        // KVM `FNAME(gpte_changed)` before `link_shadow_page`: the gPTE this entry shadows is
+        // re-read now that its table is write-protected, before anything is linked for it. (An
+        // MMIO leaf that builds no page links nothing: the check before its leaf is enough.)
+        if !mmio && gpte_changed_at(core, walk, mem, nonpaging, level, batch) {
+            return FetchOutcome::Retry(RetryCause::Race);
+        }
         let (gfn, role) = if !nonpaging && child_level >= walk.level {
             let i = usize::from(child_level.get() - 1);
             let access = table_role_access(core.cfg.bugs, walk, i);
@@ -172,13 +182,18 @@ pub(crate) fn fetch<H: Host, M: GuestPteMemory>(
         cur = child;
         level = child_level;
     }
-    // New shadowing write-protected guest tables: no vCPU may keep writing them through a stale
-    // writable translation once we re-read them below.
+    // Whatever was dropped or write-protected on the way is flushed before the leaf goes in.
     if batch.flush {
         core.flush_remote_tlbs();
         batch.flush = false;
     }
-    if !nonpaging && gptes_changed(walk, mem) {
+    // The leaf's own gPTE (a guest 4 KiB page: the entry of the last-level table); below a
+    // guest huge page the loop re-read the huge entry before it linked the direct page. An MMIO
+    // leaf that builds no page skipped the loop's checks: every level the walk read, now.
+    let recheck =
+        if mmio { walk.level.get()..=walk.max_level.get() } else { level.get()..=level.get() };
+    if recheck.filter_map(Level::new).any(|l| gpte_changed_at(core, walk, mem, nonpaging, l, batch))
+    {
         return FetchOutcome::Retry(RetryCause::Race);
     }
     let outcome = install_leaf(core, st, cur, vgfn, walk, access, want, pf.set, batch);
@@ -192,18 +207,31 @@ pub(crate) fn fetch<H: Host, M: GuestPteMemory>(
     outcome
 }
 
-/// KVM `FNAME(gpte_changed)` for every level the walk read from memory.
-fn gptes_changed(walk: &GuestWalk, mem: &impl GuestPteMemory) -> bool {
-    let top = walk.max_level.get();
-    let pae = top == 3;
-    (walk.level.get()..=top).any(|l| {
-        let i = usize::from(l - 1);
-        // A PAE PDPTE comes from the register loaded at CR3 load, not from memory.
-        if pae && l == 3 {
-            return false;
-        }
-        mem.read_gpte(walk.pte_gpas[i]) != Some(walk.ptes[i])
-    })
+/// KVM `FNAME(gpte_changed)` for the guest table the shadow walk is in at `level`: whether the
+/// gPTE the guest walk read there differs from what guest memory holds now. Only a level whose
+/// shadow page shadows a guest table the walk read from memory has one: not without paging, not
+/// below a guest huge page (direct pages), not the PAE PDPTE (a register loaded with CR3). The
+/// table is write-protected (it has a shadow page); if that protection is not flushed yet, it is
+/// flushed first, so no vCPU writes the table through a stale writable translation after the
+/// re-read (KVM's `account_shadowed` flushes at once).
+fn gpte_changed_at<H: Host, M: GuestPteMemory>(
+    core: &MmuCore<H>,
+    walk: &GuestWalk,
+    mem: &M,
+    nonpaging: bool,
+    level: Level,
+    batch: &mut ZapBatch,
+) -> bool {
+    let pae_pdpte = walk.max_level == Level::L1G && level == Level::L1G;
+    if nonpaging || level < walk.level || level > walk.max_level || pae_pdpte {
+        return false;
+    }
+    if batch.flush {
+        core.flush_remote_tlbs();
+        batch.flush = false;
+    }
+    let i = usize::from(level.get() - 1);
+    mem.read_gpte(walk.pte_gpas[i]) != Some(walk.ptes[i])
 }
 
 #[allow(clippy::too_many_arguments)]
