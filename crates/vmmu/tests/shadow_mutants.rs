@@ -295,7 +295,7 @@ fn three_unused_writes_flood_an_upper_level_table() {
 /// once the fault holds the lock and has shadowed (protected) the tables, it must re-read every
 /// gPTE it used and retry if one changed (KVM `FNAME(gpte_changed)`); else it installs the old
 /// translation, and no later write traps to correct it.
-/// Kills `shadow/fetch.rs`: `gptes_changed` returning `false` or checking too few levels.
+/// Kills `shadow/fetch.rs`: `gpte_changed_at` returning `false`, or a level left unchecked.
 #[test]
 fn a_gpte_rewritten_while_the_fault_is_in_flight_is_not_installed_stale() {
     for level in 1u8..=4 {
@@ -1532,7 +1532,7 @@ fn a_fault_fixed_meanwhile_counts_as_spurious() {
 /// walk's dirty-bit update loses every race. The fault must not map the page from a walk whose D
 /// bit never reached guest memory: a writable shadow leaf over a clean gPTE lets the guest write
 /// a page its OS believes clean (and would drop rather than write back). Returning the last
-/// attempt was not saved by the fault's re-check of the gPTEs (`gptes_changed`): one more toggle
+/// attempt was not saved by the fault's re-check of the gPTEs (`gpte_changed_at`): one more toggle
 /// before it (the table is not shadowed yet, so the guest writes it freely) makes memory equal
 /// the attempt's read again. The fault answers Retry; once the racer stops, the write maps the
 /// page and the gPTE is dirty.
