@@ -31,7 +31,11 @@
 //! - **Keep them short.** Every memslot update, zap and host invalidation of the VM waits for
 //!   the read sections and locks these run in: a `read_u64` that sleeps can hold up every
 //!   shadow fault of the VM, and a `translate` that sleeps (a host paging memory in, as
-//!   get_user_pages may) holds up the VM's memslot updates for that long, as in KVM.
+//!   get_user_pages may) holds up the VM's memslot updates for that long, as in KVM. A
+//!   `translate` may wait for a thread inside [`crate::vm::Vm::invalidate_hva_range_begin`] (a
+//!   host that holds its address-space lock across the begin, as Linux's `mmap_lock`): a begin
+//!   waits for the MMU lock, never for a vCPU's memslot read section, even while a memslot
+//!   update waits for that section (`tests/notifier_vs_update.rs`).
 //! - **Panics** unwind out of the VM or vCPU call that made them, releasing the MMU's locks and
 //!   read sections (`tests/embedder_audit.rs` shows a panicking `translate`, `read_u64` and
 //!   `alloc_table` leave the VM usable). A panic in `free_table` while the thread is already

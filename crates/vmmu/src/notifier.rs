@@ -22,8 +22,9 @@ use alloc::vec::Vec;
 /// callback to its end callback (it is `Send`).
 ///
 /// The VM's memslot updates wait for every invalidation in flight, so a thread must not update
-/// the memslots while it holds one (it would wait for itself). Other calls, another begin
-/// included, do not wait for an update that waits for invalidations.
+/// the memslots while it holds one (it would wait for itself). A begin never waits for an
+/// update's grace period; see [`crate::vm::Vm::invalidate_hva_range_begin`] for what else a
+/// thread holding one may call.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -91,8 +92,9 @@ impl<H: Host> core::fmt::Debug for HvaInvalidation<H> {
 pub(crate) fn begin<H: Host>(vm: &Arc<VmShared<H>>, start: Hva, end: Hva) -> HvaInvalidation<H> {
     let inner = &**vm;
     let mut ranges = Vec::new();
-    // KVM's `mn_invalidate_lock`: no memslot update is past its wait for invalidations while
-    // this is held, and none gets past it once the count is raised.
+    // KVM's `mn_invalidate_lock`: no memslot update publishes while this is held, and none
+    // publishes once the count is raised (an update holds it only to publish, never across a
+    // grace period, so this never waits for vCPUs).
     let mn_reader = inner.mn_lock.lock_with(&inner.core.relax());
     inner.mn_active.fetch_add(1, Ordering::AcqRel);
     // If this unwinds (a host callback that panics), the begin is undone: no token is returned

@@ -27,18 +27,18 @@ pub(crate) struct VmShared<H: Host> {
     /// role for what this VM object does). It holds the VMM's own memslot reader.
     pub(crate) vmm_lock: crate::sync::Mutex<ReaderId>,
     /// KVM's `mn_invalidate_lock`: a host invalidation's begin counts itself in `mn_active` and
-    /// maps its host range to gfns under it; a memslot update takes it (after `vmm_lock`) only
-    /// once `mn_active` is 0 and holds it to the end, so no update publishes while an
-    /// invalidation is in flight, and an update waiting for invalidations to end holds neither
-    /// lock (a begin never waits for an update that waits for invalidations). It holds the
-    /// notifier's memslot reader.
+    /// maps its host range to gfns under it; a memslot update holds it (after `vmm_lock`) from
+    /// reading `mn_active` as 0 to the end of a publication, never across a grace period, so no
+    /// update publishes while an invalidation is in flight and a begin never waits for vCPUs'
+    /// read sections. Before its first publication an update waits for invalidations to end
+    /// holding neither lock. It holds the notifier's memslot reader.
     pub(crate) mn_lock: crate::sync::Mutex<ReaderId>,
     /// The memslot reader of [`crate::vm::Vm::gfn_to_hva`]: held only for one lookup's read
     /// section, never while waiting for anything, so a lookup never waits for a memslot update
     /// (which holds `vmm_lock` while it waits for the read sections of faults to end).
     pub(crate) lookup_reader: crate::sync::Mutex<ReaderId>,
     /// Host invalidations begun and not ended (KVM `mn_active_invalidate_count`). A memslot update
-    /// proceeds only once it reads 0 under `mn_lock`, so an invalidation's gfn ranges, computed
+    /// publishes only once it reads 0 under `mn_lock`, so an invalidation's gfn ranges, computed
     /// from the memslots when it began, stay right until it ends (a slot cannot move meanwhile).
     /// Raised under `mn_lock`; lowered without it (an end).
     pub(crate) mn_active: crate::sync::AtomicU32,

@@ -300,6 +300,11 @@ struct MmuHooks<'a, H: Host> {
     core: &'a MmuCore<H>,
     mmu: &'a VmMmu,
     nr_as: u16,
+    mn_lock: &'a crate::sync::Mutex<crate::srcu::ReaderId>,
+    mn_active: &'a crate::sync::AtomicU32,
+    /// `mn_lock`, taken by the update's wait for invalidations and held until its first
+    /// publication ([`MemslotHooks::publish`]), so no invalidation begins in between.
+    mn_held: core::cell::Cell<Option<crate::sync::MutexGuard<'a, crate::srcu::ReaderId>>>,
     #[cfg(feature = "testing")]
     probe: Option<&'a dyn Fn(UpdateProbe)>,
 }
@@ -310,8 +315,25 @@ impl<'a, H: Host> MmuHooks<'a, H> {
             core: &inner.core,
             mmu: &inner.mmu,
             nr_as: inner.memslots.nr_address_spaces(),
+            mn_lock: &inner.mn_lock,
+            mn_active: &inner.mn_active,
+            mn_held: core::cell::Cell::new(None),
             #[cfg(feature = "testing")]
             probe: None,
+        }
+    }
+
+    /// `mn_lock` once no host invalidation is in flight (KVM `kvm_swap_active_memslots`'s
+    /// wait under `mn_invalidate_lock`): the lock is let go while waiting, so the
+    /// invalidations can end; the caller holds `vmm_lock`.
+    fn mn_lock_quiet(&self) -> crate::sync::MutexGuard<'a, crate::srcu::ReaderId> {
+        loop {
+            let mn = self.mn_lock.lock_fair_with(&self.core.relax());
+            if self.mn_active.load(crate::sync::Ordering::Acquire) == 0 {
+                return mn;
+            }
+            drop(mn);
+            crate::host::Sched::relax(&*self.core.host);
         }
     }
 }
@@ -346,6 +368,20 @@ impl<H: Host> MemslotHooks for MmuHooks<'_, H> {
 
     fn relax(&self) {
         crate::host::Sched::relax(&*self.core.host);
+    }
+
+    fn publish(&self, publish: &mut dyn FnMut()) {
+        // The first publication keeps the lock the update's wait took; a later one (the
+        // second swap of a delete or move) waits again: invalidations may have begun during
+        // the first swap's grace period and the flush, as in KVM.
+        let mn = self.mn_held.take().unwrap_or_else(|| self.mn_lock_quiet());
+        publish();
+        // Invalidations that begin from now on map their host ranges through the new set.
+        // The grace period that follows waits for vCPUs' read sections, and a vCPU may be
+        // inside `HostMemory::translate` waiting for the very thread that begins one (a host
+        // holding its address-space lock across the begin, as Linux's `mmap_lock`): a begin
+        // must not wait for that, so `mn_lock` goes now.
+        drop(mn);
     }
 }
 
@@ -515,24 +551,31 @@ impl<H: Host> Vm<H> {
         hooks: MmuHooks<'_, H>,
     ) -> Result<MemslotChange, MemslotError> {
         let inner = &*self.inner;
-        // KVM's swap waits until no host invalidation is in flight. The wait holds no lock: a
-        // thread that holds an invalidation may begin another, or call the VM's other
+        // KVM's swap waits until no host invalidation is in flight. This first wait holds no
+        // lock: a thread that holds an invalidation may begin another, or call the VM's other
         // `vmm_lock` methods, meanwhile (KVM's `invalidate_range_start` never waits for a memslot
-        // update either). Once it reads 0 under `mn_lock`, holding `mn_lock` to the end keeps
-        // new invalidations from starting until the update is done. As in KVM, a stream of
-        // invalidations that never leaves the count at 0 starves the update.
-        let (serial, _mn) = loop {
+        // update either). Once it reads 0 under `mn_lock`, `mn_lock` is held until the first
+        // publication (`MemslotHooks::publish`), so no invalidation begins in between; after a
+        // publication invalidations may begin again, and a later publication (a delete's or
+        // move's second swap) waits for them under `vmm_lock`, as KVM's does under
+        // `slots_lock`. As in KVM, a stream of invalidations that never leaves the count at 0
+        // starves the update.
+        let serial = loop {
             // Fair: a thread that takes `vmm_lock` back to back (dirty-log collection) or
             // begins invalidations one after another cannot keep the update out for long.
             let serial = inner.vmm_lock.lock_fair_with(&inner.core.relax());
-            let mn = inner.mn_lock.lock_fair_with(&inner.core.relax());
+            let mn = hooks.mn_lock.lock_fair_with(&inner.core.relax());
             if inner.mn_active.load(crate::sync::Ordering::Acquire) == 0 {
-                break (serial, mn);
+                hooks.mn_held.set(Some(mn));
+                break serial;
             }
             drop((mn, serial));
             crate::host::Sched::relax(&*inner.core.host);
         };
-        let change = inner.memslots.set_region(r, from, &hooks)?;
+        let change = inner.memslots.set_region(r, from, &hooks);
+        // A request refused before it published anything lets `mn_lock` go here.
+        drop(hooks.mn_held.take());
+        let change = change?;
         if let (VmMmu::Shadow(shadow), MemslotChange::Create | MemslotChange::Delete) =
             (&inner.mmu, change)
         {
@@ -594,10 +637,16 @@ impl<H: Host> Vm<H> {
     /// memslots while it holds one (it would wait for itself). If a host callback panics inside
     /// the begin, the begin is undone before the panic leaves it.
     ///
-    /// As KVM's `invalidate_range_start`, a begin never waits for a memslot update that waits
-    /// for invalidations: an update waiting for the invalidations in flight to end holds no lock
-    /// meanwhile, so a thread holding an invalidation may begin another, or call the VM's other
-    /// methods. (As in KVM, invalidations that keep the count from reaching 0 starve updates.)
+    /// As KVM's `invalidate_range_start`, a begin never waits for a memslot update's grace
+    /// period (so never for a vCPU's fault, which may be inside [`crate::host::HostMemory::translate`]
+    /// waiting for the thread that begins): an update holds the lock a begin takes only while
+    /// it publishes a set, and only with no invalidation in flight. An update that has not yet
+    /// published waits for the invalidations in flight holding no lock, so a thread holding an
+    /// invalidation may begin another, or call the VM's other methods. The second publication
+    /// of a delete or move waits for invalidations begun after the first holding the VMM lock,
+    /// as KVM's holds `slots_lock`: a thread that began one then must end it before it calls
+    /// the VM's dirty-log, `zap_all_fast` or memslot methods. (As in KVM, invalidations that
+    /// keep the count from reaching 0 starve updates.)
     pub fn invalidate_hva_range_begin(&self, start: Hva, end: Hva) -> HvaInvalidation<H> {
         crate::notifier::begin(&self.inner, start, end)
     }

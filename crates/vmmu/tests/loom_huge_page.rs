@@ -368,8 +368,9 @@ fn recovery_vs_write_fault() {
 
 /// Recovery against a host invalidation that remaps page 6 of the block (splitting the host's
 /// 2 MiB page): whichever goes first, no 2 MiB leaf maps page 6 to its old frame afterwards
-/// (a memslot update waits for invalidations in flight, and recovery asks the host's mapping
-/// level when it runs).
+/// (a memslot update publishes only with no invalidation in flight, an invalidation may begin
+/// once the flags change is published, recovery skips a block that meets one in flight, and it
+/// asks the host's mapping level when it runs).
 #[test]
 fn recovery_vs_host_invalidation() {
     let _k = knob_lock();

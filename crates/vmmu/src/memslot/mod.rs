@@ -26,9 +26,11 @@
 //! # One swap (facts §2.2, `kvm_swap_active_memslots`)
 //! ```text
 //! G = active.gen;  inactive.gen = G | IN_PROGRESS      (Relaxed: not yet reachable)
-//! published_gen[as] = G | IN_PROGRESS                  (the mirror `generation()` reads;
+//! hooks.publish(|| {                                   (the VM: no host invalidation in flight)
+//!   published_gen[as] = G | IN_PROGRESS                (the mirror `generation()` reads;
 //!                                                       before the set is reachable)
-//! active := inactive                                   (Release: publishes maps + gen)
+//!   active := inactive                                 (Release: publishes maps + gen)
+//! })
 //! srcu.synchronize()                                   (drains readers of the old set)
 //! hooks.memslots_updated(as, G + nr_as)                (MMIO-generation wrap check)
 //! inactive.gen = G + nr_as                             (Release; pairs with readers' Acquire)
@@ -102,6 +104,13 @@ pub trait MemslotHooks {
     /// [`crate::host::Sched::relax`]).
     fn relax(&self) {
         DefaultRelax::default().relax();
+    }
+    /// Runs `publish`, the stores that make a swap's new set reachable (KVM
+    /// `rcu_assign_pointer` in `kvm_swap_active_memslots`). The VM runs it where no host
+    /// invalidation is in flight, under its `mn_invalidate_lock`, and lets invalidations begin
+    /// again right after, before the grace period.
+    fn publish(&self, publish: &mut dyn FnMut()) {
+        publish();
     }
 }
 
@@ -652,10 +661,12 @@ impl Memslots {
         // The mirror says "in progress" before the new set is reachable (field doc): a vCPU
         // that has used the new set must never read the old final generation afterwards.
         let mirror = &self.published_gen[usize::from(as_id.0)];
-        mirror.store(next.generation().raw(), Ordering::Release);
-        // Release: a reader that loads `active` (Acquire) sees the maps and generation above,
-        // and the mirror's in-progress value.
-        sp.active.store(cur ^ 1, Ordering::Release);
+        hooks.publish(&mut || {
+            mirror.store(next.generation().raw(), Ordering::Release);
+            // Release: a reader that loads `active` (Acquire) sees the maps and generation
+            // above, and the mirror's in-progress value.
+            sp.active.store(cur ^ 1, Ordering::Release);
+        });
 
         // Every reader that could hold `was_active` has left its section after this.
         self.srcu.synchronize(&HooksRelax(hooks));

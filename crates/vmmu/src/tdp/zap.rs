@@ -145,6 +145,15 @@ impl<H: Host> Tdp<'_, H> {
                 flush |= self.recover_in_table(child, lower, lo, (start, end), huge_ok, pages);
                 continue;
             }
+            // A host invalidation in flight over the block zapped what it maps there, and
+            // faults there retry until it ends: a huge leaf made now from the leaves around
+            // that range would map it again. Begins and ends take this lock exclusive, so the
+            // in-flight range cannot change under this hold. (A memslot update does not keep
+            // invalidations out past its first publication, as KVM's does not.)
+            if self.inval.retry_range(self.inval.seq(), lo, Gfn(lo.raw() + span)) {
+                flush |= self.recover_in_table(child, lower, lo, (start, end), huge_ok, pages);
+                continue;
+            }
             let Some((small, offset)) = self.first_present_leaf(child, lower) else {
                 continue; // nothing to make the huge leaf from (KVM: -ENOENT, skipped)
             };
