@@ -733,3 +733,84 @@ fn a_page_the_hypervisor_wrote_for_the_guest_is_logged() {
     let dirty: Vec<u64> = pages_of(&vm.get_dirty_log(AsId(0), SlotId(0)).unwrap()).collect();
     assert_eq!(dirty, vec![5]);
 }
+
+/// Runs `access` on `v` on another thread, parked once at `point` (a preemption point,
+/// `vmmu::testing::preempt`); returns when it is parked, with the sender that lets it go on and
+/// the handle that gives the vCPU back with what the access returned.
+#[allow(clippy::type_complexity)]
+fn park_access_at(
+    mut v: TlbVcpu,
+    point: vmmu::host::PreemptPoint,
+    gpa: u64,
+    write: bool,
+) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<(TlbVcpu, usize)>) {
+    let (reached_tx, reached_rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let t = std::thread::spawn(move || {
+        common::park_once_at(point, reached_tx, go_rx);
+        let faults = v.access(gpa, write);
+        vmmu::testing::preempt::on_this_thread(None);
+        (v, faults)
+    });
+    reached_rx.recv().unwrap();
+    (go_tx, t)
+}
+
+/// Concurrency audit (KVM `kvm_mmu_slot_apply_flags` runs after `kvm_swap_active_memslots`,
+/// whose grace period waits for every fault that read the old memslots): a write fault that
+/// decided from the set of before dirty logging starts (the slot not logged: a writable 2 MiB
+/// leaf, no mark) and installs after the start has published its set
+/// (`PreemptPoint::FaultDecided`) lands before the start write-protects, so once the start has
+/// returned the next write to any page of the block faults and is logged. A start that
+/// protected before its grace period (or no later than its publication) would leave that
+/// writable huge leaf behind, and the write would go unlogged.
+#[test]
+fn a_write_fault_decided_before_logging_starts_and_installed_after_its_publication_is_protected() {
+    use vmmu::host::PreemptPoint;
+    let (vm, _h) = vm(FormatKind::Ept);
+    vm.set_memory_region(&region(1, 0x20_0000, 0x20_0000, RAM_HVA, 0)).unwrap();
+    let v = TlbVcpu::new(&vm);
+    let (go, t) = park_access_at(v, PreemptPoint::FaultDecided, 0x20_5000, true);
+    // The start publishes its set (logging on), then waits for the parked fault's read section.
+    let start = common::update_published(&vm, region(1, 0x20_0000, 0x20_0000, RAM_HVA, LOG));
+    go.send(()).unwrap();
+    let (mut v, faults) = t.join().unwrap();
+    assert_eq!(faults, 1, "the parked write faulted once");
+    assert_eq!(v.tlb[&0x205], (Pfn((RAM_HVA >> 12) + 5), true), "it installed a writable leaf");
+    assert_eq!(v.vcpu.stats.pf_fixed, 1, "from the old set: the fault's decision was installed");
+    start.join().unwrap();
+    assert_eq!((vm.stats().pages_2m, vm.stats().pages_4k), (0, 512), "split by the start");
+    assert_eq!(get(&vm, 1), [] as [u64; 0], "the old set's fault marked nothing");
+    assert_eq!(v.access(0x20_5008, true), 1, "the cached writable translation was flushed");
+    assert_eq!(v.access(0x20_7000, true), 1, "its neighbour is write-protected too");
+    assert_eq!(get(&vm, 1), [5, 7]);
+}
+
+/// The same, where the fault's huge leaf replaces a table in its way (KVM `kvm_tdp_mmu_map`
+/// over a lower table; here under the exclusive lock after the shared one was let go,
+/// `PreemptPoint::TableInTheWay`): the start of dirty logging publishes its set in that
+/// window and waits for the fault; the fault re-checks and installs the writable 2 MiB leaf it
+/// decided from the old set, and the start then splits and protects it.
+#[test]
+fn a_huge_leaf_that_replaces_a_table_while_logging_starts_is_protected_by_the_start() {
+    use vmmu::host::PreemptPoint;
+    let (vm, _h) = vm(FormatKind::Ept);
+    let mut v = TlbVcpu::new(&vm);
+    // No slot yet: the read leaves a 4 KiB table holding its MMIO SPTE in the block.
+    let (seen, _) = common::access(&mut v.vcpu, 0x20_3000, false).unwrap();
+    assert!(matches!(seen, common::Seen::Mmio(_)));
+    vm.set_memory_region(&region(1, 0x20_0000, 0x20_0000, RAM_HVA, 0)).unwrap();
+    let (go, t) = park_access_at(v, PreemptPoint::TableInTheWay, 0x20_5000, true);
+    let start = common::update_published(&vm, region(1, 0x20_0000, 0x20_0000, RAM_HVA, LOG));
+    go.send(()).unwrap();
+    let (mut v, faults) = t.join().unwrap();
+    assert_eq!(faults, 1, "the parked write faulted once");
+    assert_eq!(v.tlb[&0x205], (Pfn((RAM_HVA >> 12) + 5), true), "it installed a writable leaf");
+    start.join().unwrap();
+    assert_eq!((vm.stats().pages_2m, vm.stats().pages_4k), (0, 512), "split by the start");
+    assert_eq!(vm.stats().tdp_tables_zapped, 1, "the table in the way went");
+    assert_eq!(get(&vm, 1), [] as [u64; 0]);
+    assert_eq!(v.access(0x20_5008, true), 1, "the cached writable translation was flushed");
+    assert_eq!(v.access(0x20_3000, true), 1, "the page of the old table is protected too");
+    assert_eq!(get(&vm, 1), [3, 5]);
+}
