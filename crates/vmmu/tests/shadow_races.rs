@@ -12,6 +12,9 @@
 //!   (`FNAME(pte_prefetch)`), so a neighbour rewritten in the window is taken at its new value.
 //! - Recycling and the fast zap-all in the window (§3.1, §6.3, §7): the fault rebuilds below a
 //!   zapped path or retries on its obsolete root, and nothing stays linked below a zapped page.
+//! - A memslot create in the window of an MMIO decision (companion §2, shadow facts §9): the
+//!   MMIO SPTE and the GVA cache entry carry the generation the fault read, which the create's
+//!   final generation stales.
 #![cfg(not(loom))]
 
 mod common;
@@ -265,4 +268,53 @@ fn recycling_or_a_zap_all_while_a_fault_is_in_flight_leaves_nothing_linked_below
         assert_eq!(access(&mut v0, A + 0x20_0000, false), Seen::Ram(ram_pfn(0x20_1000)));
         assert_eq!(vm.stale_shadow_entries_for_tests(), Some(0), "zap-all: {zap_all}");
     }
+}
+
+/// The memslot generation check of an MMIO decision (KVM: the MMIO SPTE and the GVA cache carry
+/// the generation the fault read; a memslot update publishes its new set with the generation
+/// marked in progress, waits for every reader of the old set, then stores the final one, so an
+/// MMIO SPTE or cache entry made from the old set never matches afterwards). vCPU 0's fault on
+/// A, which the guest maps to a gpa no slot covers, has decided MMIO (and cached it by GVA)
+/// when another thread creates a slot over that gpa: the create publishes its set and waits for
+/// vCPU 0's memslot read section, in which vCPU 0 installs its MMIO SPTE. Once the create has
+/// returned, the next access to A must reach the new slot's RAM, neither the MMIO SPTE nor the
+/// GVA cache answering it as MMIO.
+#[test]
+fn an_mmio_decision_made_before_a_slot_create_does_not_outlive_it() {
+    use vmmu::memslot::UserspaceMemoryRegion;
+    const BACKING: u64 = 0x30_0000;
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    s.map4k(A, MMIO_GPA, P | RW | US | AC | DT);
+    let mut v0 = vcpu_in(&vm, long4(s.cr3));
+    v0.service_requests().unwrap();
+    let updater: Rc<RefCell<Option<std::thread::JoinHandle<()>>>> = Rc::default();
+    let (vm2, slot) = (vm.clone(), updater.clone());
+    let o = with_racer_at_decision(
+        move || {
+            let racer = vm2.clone();
+            *slot.borrow_mut() = Some(std::thread::spawn(move || {
+                let r = UserspaceMemoryRegion::new(1, 0, MMIO_GPA, 0x1000, RAM_HVA + BACKING);
+                racer.set_memory_region(&r).unwrap();
+            }));
+            // Until the create has published its set (it then waits for this vCPU).
+            while !vm2.memslots().generation(vmmu::AsId(0)).unwrap().in_progress() {
+                std::thread::yield_now();
+            }
+        },
+        || v0.handle_page_fault(Gva(A), PfErr(PfErr::USER)),
+    );
+    match o {
+        Ok(FaultOutcome::Emulate { gpa, source: EmulateSource::SlowPathMmio, .. }) => {
+            assert_eq!(gpa, Gpa(MMIO_GPA));
+        }
+        other => panic!("decided MMIO from the set before the create: {other:?}"),
+    }
+    let handle = updater.borrow_mut().take().expect("the create ran");
+    handle.join().unwrap();
+    assert_eq!(
+        access(&mut v0, A, false),
+        Seen::Ram(ram_pfn(BACKING)),
+        "harm: an MMIO decision from before the create answered an access after it"
+    );
 }
