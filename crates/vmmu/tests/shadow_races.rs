@@ -318,3 +318,49 @@ fn an_mmio_decision_made_before_a_slot_create_does_not_outlive_it() {
         "harm: an MMIO decision from before the create answered an access after it"
     );
 }
+
+/// The same window with a second vCPU (KVM aad885e77496 under concurrency): once the create has
+/// published its set (generation in progress), vCPU 1 faults on A and maps it to the new slot's
+/// RAM; then vCPU 0, whose MMIO decision came from the set before the create, installs its MMIO
+/// SPTE over that leaf (the present leaf is dropped and flushed first, as KVM's `mmu_set_spte`
+/// does since 2026) and emulates its own access, which began before the create. Once the create
+/// has returned, neither vCPU may see A as MMIO: the MMIO SPTE carries the old generation.
+#[test]
+fn a_stale_mmio_decision_over_a_leaf_mapped_from_the_new_slot_does_not_hide_it() {
+    use vmmu::memslot::UserspaceMemoryRegion;
+    const BACKING: u64 = 0x30_0000;
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    s.map4k(A, MMIO_GPA, P | RW | US | AC | DT);
+    let mut v0 = vcpu_in(&vm, long4(s.cr3));
+    let v1 = Rc::new(RefCell::new(vcpu_in(&vm, long4(s.cr3))));
+    v0.service_requests().unwrap();
+    let updater: Rc<RefCell<Option<std::thread::JoinHandle<()>>>> = Rc::default();
+    let (vm2, slot, v1r) = (vm.clone(), updater.clone(), v1.clone());
+    let o = with_racer_at_decision(
+        move || {
+            let racer = vm2.clone();
+            *slot.borrow_mut() = Some(std::thread::spawn(move || {
+                let r = UserspaceMemoryRegion::new(1, 0, MMIO_GPA, 0x1000, RAM_HVA + BACKING);
+                racer.set_memory_region(&r).unwrap();
+            }));
+            while !vm2.memslots().generation(vmmu::AsId(0)).unwrap().in_progress() {
+                std::thread::yield_now();
+            }
+            let seen = access(&mut v1r.borrow_mut(), A, false);
+            assert_eq!(seen, Seen::Ram(ram_pfn(BACKING)), "vCPU 1 reads the published set");
+        },
+        || v0.handle_page_fault(Gva(A), PfErr(PfErr::USER)),
+    );
+    match o {
+        Ok(FaultOutcome::Emulate { gpa, source: EmulateSource::SlowPathMmio, .. }) => {
+            assert_eq!(gpa, Gpa(MMIO_GPA));
+        }
+        other => panic!("decided MMIO from the set before the create: {other:?}"),
+    }
+    let handle = updater.borrow_mut().take().expect("the create ran");
+    handle.join().unwrap();
+    let harm = "harm: an MMIO decision from before the create answered an access after it";
+    assert_eq!(access(&mut v1.borrow_mut(), A, false), Seen::Ram(ram_pfn(BACKING)), "{harm}");
+    assert_eq!(access(&mut v0, A, false), Seen::Ram(ram_pfn(BACKING)), "{harm}");
+}
