@@ -47,26 +47,40 @@ impl HostMemory for GateHost {
 
 impl Sched for GateHost {}
 
-/// A vCPU's fault parks inside `translate`; an unrelated create publishes and waits for it; a
-/// begin on another thread must return at once.
-#[test]
-fn a_begin_does_not_wait_for_a_vcpu_read_section_through_a_memslot_update() {
+/// A vCPU whose EPT violation at `gpa` is parked inside `translate` (in its memslot read
+/// section), on its own thread; `go` lets it continue. Slot 1 is RAM at 1 MiB.
+struct Parked {
+    vm: Vm<GateHost>,
+    go: mpsc::Sender<()>,
+    vcpu: std::thread::JoinHandle<Result<vmmu::fault::FaultOutcome, vmmu::Error>>,
+}
+
+fn parked_vcpu(extra: &[vmmu::memslot::UserspaceMemoryRegion]) -> Parked {
     let host = Arc::new(GateHost { host: TestHost::new(64), gate: Mutex::new(None) });
     host.host.map(RAM_HVA, 16 << 20, RAM_HVA >> 12, Level::L4K, true);
     let vm = Vm::new(VmConfig::new(FormatKind::Ept, 46).unwrap(), host.clone()).unwrap();
     vm.set_memory_region(&region(1, 0x10_0000, 0x10_0000, RAM_HVA, 0)).unwrap();
+    for r in extra {
+        vm.set_memory_region(r).unwrap();
+    }
     let (reached_tx, reached_rx) = mpsc::channel();
-    let (go_tx, go_rx) = mpsc::channel();
+    let (go, go_rx) = mpsc::channel();
     *host.gate.lock().unwrap() = Some((reached_tx, go_rx));
     let mut v = vm.create_vcpu().unwrap();
     v.service_requests().unwrap();
-    // The vCPU's fault stops inside `translate`, in its memslot read section.
     let vcpu = std::thread::spawn(move || {
         PARK.with(|p| p.set(true));
-        let o = v.handle_ept_violation(Gpa(0x10_5000), FaultAccess::READ);
-        (v, o)
+        v.handle_ept_violation(Gpa(0x10_5000), FaultAccess::READ).map_err(Into::into)
     });
     reached_rx.recv().unwrap();
+    Parked { vm, go, vcpu }
+}
+
+/// A vCPU's fault parks inside `translate`; an unrelated create publishes and waits for it; a
+/// begin on another thread must return at once.
+#[test]
+fn a_begin_does_not_wait_for_a_vcpu_read_section_through_a_memslot_update() {
+    let Parked { vm, go, vcpu } = parked_vcpu(&[]);
     // A memslot update elsewhere publishes its set, then waits for that section.
     let old = vm.memslots().generation(vmmu::AsId(0)).unwrap();
     let updater = {
@@ -92,8 +106,8 @@ fn a_begin_does_not_wait_for_a_vcpu_read_section_through_a_memslot_update() {
         })
     };
     let returned = done_rx.recv_timeout(Duration::from_secs(3)).is_ok();
-    go_tx.send(()).unwrap();
-    let (_v, o) = vcpu.join().unwrap();
+    go.send(()).unwrap();
+    let o = vcpu.join().unwrap();
     updater.join().unwrap();
     inv_thread.join().unwrap();
     assert!(o.is_ok(), "{o:?}");
@@ -106,22 +120,8 @@ fn a_begin_does_not_wait_for_a_vcpu_read_section_through_a_memslot_update() {
 /// the delete, and one under the invalidation, both retry or finish, and the delete lands.
 #[test]
 fn an_invalidation_between_a_deletes_two_publications_holds_up_the_second() {
-    let host = Arc::new(GateHost { host: TestHost::new(64), gate: Mutex::new(None) });
-    host.host.map(RAM_HVA, 16 << 20, RAM_HVA >> 12, Level::L4K, true);
-    let vm = Vm::new(VmConfig::new(FormatKind::Ept, 46).unwrap(), host.clone()).unwrap();
-    vm.set_memory_region(&region(1, 0x10_0000, 0x10_0000, RAM_HVA, 0)).unwrap();
-    vm.set_memory_region(&region(2, 0x80_0000, 0x10_0000, RAM_HVA + (8 << 20), 0)).unwrap();
-    let (reached_tx, reached_rx) = mpsc::channel();
-    let (go_tx, go_rx) = mpsc::channel();
-    *host.gate.lock().unwrap() = Some((reached_tx, go_rx));
-    let mut v = vm.create_vcpu().unwrap();
-    v.service_requests().unwrap();
-    let vcpu = std::thread::spawn(move || {
-        PARK.with(|p| p.set(true));
-        let o = v.handle_ept_violation(Gpa(0x10_5000), FaultAccess::READ);
-        (v, o)
-    });
-    reached_rx.recv().unwrap();
+    let slot2 = region(2, 0x80_0000, 0x10_0000, RAM_HVA + (8 << 20), 0);
+    let Parked { vm, go, vcpu } = parked_vcpu(&[slot2]);
     let old = vm.memslots().generation(vmmu::AsId(0)).unwrap();
     let (deleted_tx, deleted_rx) = mpsc::channel();
     let updater = {
@@ -140,8 +140,8 @@ fn an_invalidation_between_a_deletes_two_publications_holds_up_the_second() {
         move || vm.invalidate_hva_range_begin(Hva(RAM_HVA + (8 << 20)), Hva(RAM_HVA + (9 << 20)))
     })
     .expect("the begin waited for the delete's grace period");
-    go_tx.send(()).unwrap();
-    let (_v, o) = vcpu.join().unwrap();
+    go.send(()).unwrap();
+    let o = vcpu.join().unwrap();
     assert!(o.is_ok(), "{o:?}");
     // The second publication waits for the invalidation begun between the two.
     assert!(
