@@ -39,15 +39,23 @@
 //! 1. `F_u` before `F_r`: `P` is sequenced before `F_u` and R's loads after `F_r`, so (C++
 //!    [atomics.order], fences) **R sees the new data** (or newer).
 //! 2. `F_r` before `F_u`: then `L` (after `F_u`) reads `E` or a later store of the record. A later
-//!    store of the same reader is `Release` (a leave, or a newer section's entry), so `L`
-//!    (`Acquire`) synchronizes with it and R's section happens before everything S does next.
+//!    store of the same reader (or of the record's next owner, which claimed it after this one
+//!    gave it back) is `Release` (a leave, or a newer section's entry), or a nested entry, which
+//!    is `Relaxed` but follows its outermost entry's `SeqCst` reader fence (a release fence too);
+//!    so `L` (`Acquire`) synchronizes with it and R's section happens before everything S does
+//!    next.
 //!    If `L` reads `E` itself: if the snapshot is before `t`, S waits until it reads a later store
 //!    (same as before: **S waited for R**); if the snapshot is `t` or later, R's counter load read
 //!    `B` (an `AcqRel` RMW sequenced after `P`) or a later bump, so **R sees the new data**.
+//!    (The fences alone give this too: `B` is coherence-ordered before that counter load, so
+//!    C++20 [atomics.order]/4 puts `F_u` before `F_r`, case 1. The counter's `Acquire`/`AcqRel`
+//!    are belt and braces; the loom models also pass with them `Relaxed`.)
 //!
 //! So every reader either sees what the updater published before `synchronize`, or is waited
-//! for. The loom models in `tests/loom_srcu.rs` check both directions with the real code, and
-//! `loom_srcu.rs` also shows that without the reader fence a section can be missed.
+//! for. The loom models in `tests/loom_srcu.rs` check both directions with the real code (also
+//! with two `synchronize` at once, a record given back and claimed again during a grace period,
+//! and a reader's next section nesting during one), and `loom_srcu.rs` also shows that without
+//! the reader fence a section can be missed.
 //!
 //! # Progress
 //! Readers never wait (no loop, no RMW). `synchronize` must not be called
@@ -480,6 +488,7 @@ mod tests {
     fn began_before_is_modular() {
         let active = |snap: u64| (snap << NEST_BITS) | 1;
         assert!(began_before(active(4), 5));
+        assert!(began_before(active(3), 5), "two behind: another synchronize bumped meanwhile");
         assert!(!began_before(active(5), 5));
         assert!(!began_before(active(6), 5), "a later snapshot began after");
         assert!(!began_before(4 << NEST_BITS, 5), "an idle record never blocks");

@@ -164,3 +164,128 @@ fn two_readers_with_nesting() {
         }
     });
 }
+
+/// Two grace periods at once (as two threads reclaiming table pages at once: `reclaim` is not
+/// serialised): each updater swaps its own cell in, waits, and reuses the cell its swap took out.
+/// The reader's section may begin before both bumps, so the later updater sees it with a
+/// snapshot two behind its target; it must wait for it all the same. Kills the mutation of
+/// `began_before` to "exactly one behind" (`behind == 1`), which the single-updater models and
+/// the unit tests (all one behind) let through.
+#[test]
+fn two_synchronizers_at_once() {
+    loom::model(|| {
+        let s = Arc::new(Triple {
+            srcu: Srcu::new(1),
+            cells: [UnsafeCell::new(1), UnsafeCell::new(0), UnsafeCell::new(0)],
+            active: AtomicUsize::new(0),
+        });
+        let id = s.srcu.register().unwrap();
+        let r = {
+            let s = s.clone();
+            thread::spawn(move || {
+                let g = s.srcu.read_lock(&id);
+                let i = s.active.load(Ordering::Acquire);
+                // SAFETY: a read inside a read section: the grace period of the updater that
+                // takes cell `i` out orders it before the cell's reuse (what the model checks).
+                let v = s.cells[i].with(|p| unsafe { *p });
+                drop(g);
+                assert!(v == i as u64 + 1, "reader saw {v} in cell {i}");
+            })
+        };
+        let u = {
+            let s = s.clone();
+            thread::spawn(move || s.update(2))
+        };
+        s.update(1);
+        u.join().unwrap();
+        r.join().unwrap();
+    });
+}
+
+/// Three cells for two updaters: cell 0 is published first, updater `k` publishes cell `k`.
+struct Triple {
+    srcu: Srcu,
+    cells: [UnsafeCell<u64>; 3],
+    active: AtomicUsize,
+}
+
+impl Triple {
+    /// Fill cell `k` (value `k + 1`), swap it in, wait for a grace period, reuse what the swap
+    /// took out (value 99).
+    fn update(&self, k: usize) {
+        // SAFETY: cell `k` is not published yet (only this updater publishes it); loom's cell
+        // checks that.
+        self.cells[k].with_mut(|p| unsafe { *p = k as u64 + 1 });
+        let old = self.active.swap(k, Ordering::AcqRel);
+        self.srcu.synchronize(&Yield);
+        // SAFETY: `old` was unpublished by this swap alone, and the grace period above waited
+        // for every reader that could have loaded it: the property under test.
+        self.cells[old].with_mut(|p| unsafe { *p = 99 });
+    }
+}
+
+/// A reader record given back and claimed again while a grace period scans it (a vCPU destroyed
+/// and another created during a memslot update). The section before the give-back must be waited
+/// for or have seen the publication, whoever holds the record when the updater reads it. Kills
+/// the mutation that makes `synchronize` skip records whose `owned` flag reads false with a
+/// Relaxed load (the give-back's Release is then not paired, so the old owner's reads are not
+/// ordered before the reuse).
+#[test]
+fn reader_given_back_during_a_grace_period() {
+    loom::model(|| {
+        let s = Shared::new(1);
+        let r = {
+            let s = s.clone();
+            thread::spawn(move || {
+                let mut id = s.srcu.register().unwrap();
+                let g = s.srcu.read_lock(&id);
+                let i = s.active.load(Ordering::Acquire);
+                // SAFETY: a read inside a read section: the grace period orders it before its
+                // buffer's reuse (what the model checks; loom's cell reports an unordered access).
+                let v = s.bufs[i].with(|p| unsafe { *p });
+                drop(g);
+                s.srcu.unregister(&mut id);
+                assert!(v == 1 || v == 2, "reader saw {v}");
+                // The record's next owner starts from an idle record.
+                let id2 = s.srcu.register().unwrap();
+                drop(s.srcu.read_lock(&id2));
+            })
+        };
+        s.update();
+        r.join().unwrap();
+    });
+}
+
+/// A reader's section, then its next section nesting another inside it, all while one grace
+/// period runs: the updater may stop waiting on the record when it reads the next section's
+/// entry or its nested entry (an open section that began after the bump), and the earlier
+/// section's reads must still be ordered before the reuse. The entry store's `Release` orders
+/// them (the nested entry is `Relaxed`, but follows the entry's `SeqCst` reader fence, which
+/// releases as well). Kills the mutation of the outermost entry store to `Relaxed` (which the
+/// models above, one section per reader, let through).
+#[test]
+fn next_section_nests_during_a_grace_period() {
+    loom::model(|| {
+        let s = Shared::new(1);
+        let id = s.srcu.register().unwrap();
+        let r = {
+            let s = s.clone();
+            thread::spawn(move || {
+                let g = s.srcu.read_lock(&id);
+                let i = s.active.load(Ordering::Acquire);
+                // SAFETY: a read inside a read section: the grace period orders it before its
+                // buffer's reuse (what the model checks; loom's cell reports an unordered access).
+                let v = s.bufs[i].with(|p| unsafe { *p });
+                drop(g);
+                assert!(v == 1 || v == 2, "reader saw {v}");
+                let outer = s.srcu.read_lock(&id);
+                let inner = s.srcu.read_lock(&id);
+                thread::yield_now();
+                drop(inner);
+                drop(outer);
+            })
+        };
+        s.update();
+        r.join().unwrap();
+    });
+}
