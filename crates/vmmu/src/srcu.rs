@@ -134,7 +134,11 @@ impl ProcessBarrier {
     /// be inside a read section of an [`Srcu`] that uses it (every thread that runs a vCPU or
     /// otherwise reads memslots or tables) execute a full memory barrier (`SeqCst` fence)
     /// ordered after the call began (Linux `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`,
-    /// registered first). It may panic, but must not return without doing so. A barrier that
+    /// registered first), and must order the calling thread's own accesses as a full barrier
+    /// would: its loads and stores before the call happen before each of those threads' barrier,
+    /// and each of those barriers before its loads and stores after the call (membarrier's
+    /// guarantee; an implementation that waits for those threads' acknowledgements with Relaxed
+    /// loads does not give it). It may panic, but must not return without doing so. A barrier that
     /// does less lets a grace period end while a reader still reads what it protects
     /// (`tests/soundness_audit.rs` shows a no-op doing it), and the MMU then frees or edits
     /// memory under that reader.
