@@ -183,10 +183,7 @@ pub(crate) fn fetch<H: Host, M: GuestPteMemory>(
         level = child_level;
     }
     // Whatever was dropped or write-protected on the way is flushed before the leaf goes in.
-    if batch.flush {
-        core.flush_remote_tlbs();
-        batch.flush = false;
-    }
+    batch.flush_now(core);
     // The leaf's own gPTE (a guest 4 KiB page: the entry of the last-level table); below a
     // guest huge page the loop re-read the huge entry before it linked the direct page. An MMIO
     // leaf that builds no page skipped the loop's checks: every level the walk read, now.
@@ -226,10 +223,7 @@ fn gpte_changed_at<H: Host, M: GuestPteMemory>(
     if nonpaging || level < walk.level || level > walk.max_level || pae_pdpte {
         return false;
     }
-    if batch.flush {
-        core.flush_remote_tlbs();
-        batch.flush = false;
-    }
+    batch.flush_now(core);
     let i = usize::from(level.get() - 1);
     mem.read_gpte(walk.pte_gpas[i]) != Some(walk.ptes[i])
 }

@@ -81,6 +81,17 @@ pub(crate) struct ZapBatch {
     pub(crate) released_invalid: u64,
 }
 
+impl ZapBatch {
+    /// Flushes remote TLBs now if a present SPTE was cleared or a guest table write-protected
+    /// since the last flush (a fault's path, before it re-reads a gPTE or installs its leaf).
+    pub(crate) fn flush_now<H: Host>(&mut self, core: &MmuCore<H>) {
+        if self.flush {
+            core.flush_remote_tlbs();
+            self.flush = false;
+        }
+    }
+}
+
 /// KVM `RMAP_RECYCLE_THRESHOLD`: a leaf added for a gfn that more than this many leaves map
 /// already zaps every leaf of the gfn (`__rmap_add`, with `pte_list_add`'s count of the entries
 /// before the new one). Seen on this host's KVM: 1002 GVAs mapping one page zap at the 1002nd.
