@@ -164,20 +164,7 @@ mod locks {
         }
         /// Takes the lock, waiting with `relax` (the host's policy).
         pub fn lock_with(&self, relax: &impl Relax) -> MutexGuard<'_, T> {
-            if let Some(g) = self.try_lock() {
-                return g;
-            }
-            self.waiters.fetch_add(1, Ordering::Relaxed);
-            // Counted out when this waiter leaves, with the lock or by an unwind of `relax`.
-            let _waiting = Waiting(&self.waiters);
-            loop {
-                while self.locked.load(Ordering::Relaxed) != 0 {
-                    relax.relax();
-                }
-                if let Some(g) = self.try_lock() {
-                    return g;
-                }
-            }
+            self.wait(relax, Fairness::Barging)
         }
         /// [`Self::lock_with`] that cannot be starved: a waiter that has waited
         /// `STARVE_TURNS` turns of `relax` reserves the lock, and from then on no other thread
@@ -186,6 +173,10 @@ mod locks {
         /// back to back) can keep a waiter out for hundreds of milliseconds; KVM's `slots_lock`,
         /// a sleeping mutex, hands itself to a waiter that starves.
         pub fn lock_fair_with(&self, relax: &impl Relax) -> MutexGuard<'_, T> {
+            self.wait(relax, Fairness::HandOffWhenStarved)
+        }
+        /// The wait of [`Self::lock_with`] and [`Self::lock_fair_with`].
+        fn wait(&self, relax: &impl Relax, fairness: Fairness) -> MutexGuard<'_, T> {
             if let Some(g) = self.try_lock() {
                 return g;
             }
@@ -196,7 +187,10 @@ mod locks {
             let mut reservation: Option<Waiting<'_>> = None;
             let mut turns = 0u32;
             loop {
-                if reservation.is_none() && turns >= STARVE_TURNS {
+                if fairness == Fairness::HandOffWhenStarved
+                    && reservation.is_none()
+                    && turns >= STARVE_TURNS
+                {
                     reservation = self
                         .reserved
                         .compare_exchange(0, 1, Ordering::Relaxed, Ordering::Relaxed)
@@ -291,6 +285,15 @@ mod locks {
     /// How long [`Mutex::hand_off`] waits for a waiter to take the lock: about the time a
     /// waiter's relax takes to come back (a `sched_yield` with nothing else to run, 1-2 us).
     const HAND_OFF_SPINS: u32 = 64;
+
+    /// Whether a waiter of [`Mutex`] may reserve the lock once it starves.
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    enum Fairness {
+        /// [`Mutex::lock_with`]: whoever finds the lock free takes it.
+        Barging,
+        /// [`Mutex::lock_fair_with`]: after `STARVE_TURNS` turns the waiter reserves the lock.
+        HandOffWhenStarved,
+    }
 
     /// Turns of `relax` after which a waiter of [`Mutex::lock_fair_with`] reserves the lock. An
     /// uncontended wait ends in a turn or two; one that takes this many is being barged.
