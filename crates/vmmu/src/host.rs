@@ -24,9 +24,14 @@
 //! - **No calls back into the VM.** None of these methods may call a method of the VM (or of
 //!   its vCPUs, or end an [`crate::vm::HvaInvalidation`]) that takes a lock or waits for other
 //!   threads: those locks are not reentrant, and a memslot update or zap waits for the very
-//!   read section the callback runs in. Either way the call never returns. The one exception is
+//!   read section the callback runs in. Either way the call never returns. The exceptions:
 //!   [`crate::vm::Vm::gfn_to_hva`], a read section that never waits; reading a VM's
-//!   counters ([`crate::vm::Vm::stats`]) takes no lock either. A host reaches its VM through
+//!   counters ([`crate::vm::Vm::stats`]), which takes no lock; and, from
+//!   [`HostMemory::translate`] only, a host invalidation
+//!   ([`crate::vm::Vm::invalidate_hva_range_begin`], then its end), as Linux's
+//!   get_user_pages breaks copy-on-write inside KVM's `hva_to_pfn` (the fault retries, and
+//!   its next `translate` names the copy; `tests/embedder_audit.rs` shows it alone and while a
+//!   create, delete or move waits for the fault's read section). A host reaches its VM through
 //!   a [`crate::vm::WeakVm`]: a `Vm` held by the host would keep the VM and the host alive.
 //! - **Keep them short.** Every memslot update, zap and host invalidation of the VM waits for
 //!   the read sections and locks these run in: a `read_u64` that sleeps can hold up every

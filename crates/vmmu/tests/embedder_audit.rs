@@ -27,12 +27,15 @@ use vmmu::{Access, AsId, FaultAccess, Gpa, Gva, Hva, Level, Pfn, SlotId};
 /// special roots can be allocated).
 const RAM_BASE_PFN: u64 = 0x1000;
 const POOL_BASE_PFN: u64 = 0x8_0000;
+/// Host frames of guest RAM pages whose copy-on-write was broken (`AuditHost::copied`).
+const COPY_BASE_PFN: u64 = 0x4_0000;
 /// The host-virtual address of guest RAM (fake: translation is the host's own business).
 const RAM_HVA: u64 = 0x7f00_0000_0000;
 /// Guest RAM: 4 MiB.
 const RAM_BYTES: u64 = 4 << 20;
 
 type Hook = Box<dyn Fn(Hva) + Send + Sync>;
+type TranslateHook = Box<dyn Fn(Hva, HostAccess) + Send + Sync>;
 
 struct AuditHost {
     pool: Box<[TableEntries]>,
@@ -41,13 +44,19 @@ struct AuditHost {
     /// Guest RAM as 8-byte words (the shadow MMU reads guest tables through `GuestMemory`).
     ram: Box<[StdAtomicU64]>,
     /// Called at the start of every `translate` (re-entrancy experiments).
-    translate_hook: OnceLock<Hook>,
+    translate_hook: OnceLock<TranslateHook>,
     /// Called at the start of every `read_u64`.
     read_hook: OnceLock<Hook>,
     /// Called at the start of every `alloc_table` (with the frame about to be handed out).
     alloc_hook: OnceLock<Hook>,
     /// Each `translate` names another frame for the same page (an inconsistent host).
     inconsistent: AtomicBool,
+    /// Guest RAM pages (by offset from `RAM_HVA`, in pages) shared copy-on-write: `translate`
+    /// names their first frame read-only until they are in `copied`.
+    cow: Mutex<Vec<u64>>,
+    /// Pages whose copy-on-write was broken: `translate` names their copy, `COPY_BASE_PFN` +
+    /// page, writable.
+    copied: Mutex<Vec<u64>>,
     calls: AtomicUsize,
     /// Declared type-stable (`FrameAllocator::type_stable_tables`): the pool keeps freed pages
     /// and reuses them only as table pages, and every store this host makes into one is Release.
@@ -70,6 +79,8 @@ impl AuditHost {
             read_hook: OnceLock::new(),
             alloc_hook: OnceLock::new(),
             inconsistent: AtomicBool::new(false),
+            cow: Mutex::new(Vec::new()),
+            copied: Mutex::new(Vec::new()),
             calls: AtomicUsize::new(0),
         })
     }
@@ -121,20 +132,26 @@ unsafe impl FrameAllocator for AuditHost {
 }
 
 impl HostMemory for AuditHost {
-    fn translate(&self, hva: Hva, _access: HostAccess) -> Result<HostPage, HostFault> {
+    fn translate(&self, hva: Hva, access: HostAccess) -> Result<HostPage, HostFault> {
         if let Some(hook) = self.translate_hook.get() {
-            hook(hva);
+            hook(hva, access);
         }
         let n = self.calls.fetch_add(1, Ordering::Relaxed) as u64;
         let off = hva.raw().checked_sub(RAM_HVA).filter(|&o| o < RAM_BYTES);
         let Some(off) = off else { return Err(HostFault::Unmapped(hva)) };
         let mut pfn = RAM_BASE_PFN + (off >> 12);
+        let mut writable = true;
+        if self.copied.lock().unwrap().contains(&(off >> 12)) {
+            pfn = COPY_BASE_PFN + (off >> 12);
+        } else if self.cow.lock().unwrap().contains(&(off >> 12)) {
+            writable = false;
+        }
         if self.inconsistent.load(Ordering::Relaxed) {
             // Another frame each time, and a level the frame cannot honour.
             pfn = RAM_BASE_PFN + (n % 1024);
             return Ok(HostPage { pfn: Pfn(pfn), writable: n % 2 == 0, level: Level::L1G });
         }
-        Ok(HostPage { pfn: Pfn(pfn), writable: true, level: Level::L4K })
+        Ok(HostPage { pfn: Pfn(pfn), writable, level: Level::L4K })
     }
 }
 
@@ -266,7 +283,7 @@ fn translate_calling_gfn_to_hva_during_an_update_does_not_deadlock() {
     let vm_for_hook = std::sync::Mutex::new(Some(vm.clone()));
     let started = Arc::new(AtomicBool::new(false));
     let started2 = started.clone();
-    let _ = host.translate_hook.set(Box::new(move |_hva| {
+    let _ = host.translate_hook.set(Box::new(move |_hva, _| {
         started2.store(true, Ordering::SeqCst);
         // Give the updater time to take the VMM lock and wait for this read section.
         std::thread::sleep(Duration::from_millis(300));
@@ -303,7 +320,7 @@ fn a_host_holding_a_weak_vm_reaches_it_from_a_callback_and_lets_it_go() {
     let weak = vm.downgrade();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let seen2 = seen.clone();
-    let _ = host.translate_hook.set(Box::new(move |_hva| {
+    let _ = host.translate_hook.set(Box::new(move |_hva, _| {
         let hva = weak.upgrade().and_then(|vm| vm.gfn_to_hva(AsId(0), vmmu::Gfn(1)));
         seen2.lock().unwrap().push(hva);
     }));
@@ -320,11 +337,135 @@ fn a_host_holding_a_weak_vm_reaches_it_from_a_callback_and_lets_it_go() {
     let host = AuditHost::new(64);
     let vm = tdp_vm(&host, 1);
     let strong = Mutex::new(vm.clone());
-    let _ = host.translate_hook.set(Box::new(move |_hva| {
+    let _ = host.translate_hook.set(Box::new(move |_hva, _| {
         let _ = strong.lock().unwrap().gfn_to_hva(AsId(0), vmmu::Gfn(1));
     }));
     drop(vm);
     assert_eq!(Arc::strong_count(&host), 2, "a host holding its Vm keeps itself alive (leaked)");
+}
+
+/// Shares guest RAM page `page` (pages from `RAM_HVA`) copy-on-write, and has `host` break it
+/// inside the first `translate` of it for a write, as Linux's get_user_pages does for a write
+/// to a shared page (`wp_page_copy`: `invalidate_range_start`, a new page,
+/// `invalidate_range_end`, all inside KVM's `hva_to_pfn`, in the fault's memslot read section).
+/// With `update`, the callback first starts that memslot update on another thread and lets it
+/// publish, so the update waits for the very read section the begin runs in. The update's
+/// thread, if any, is returned once the callback has run.
+#[cfg(not(loom))] // loom's `Arc` has no `Weak`
+fn break_cow_in_translate(
+    host: &Arc<AuditHost>,
+    vm: &Vm<AuditHost>,
+    page: u64,
+    update: Option<UserspaceMemoryRegion>,
+) -> Arc<Mutex<Option<std::thread::JoinHandle<()>>>> {
+    let weak = vm.downgrade();
+    let host_weak = Arc::downgrade(host);
+    let armed = AtomicBool::new(true);
+    let updater = Arc::new(Mutex::new(None));
+    let updater2 = updater.clone();
+    host.cow.lock().unwrap().push(page);
+    let _ = host.translate_hook.set(Box::new(move |hva, access| {
+        let start = Hva(RAM_HVA + (page << 12));
+        if hva.raw() >> 12 != start.raw() >> 12
+            || access != HostAccess::Write
+            || !armed.swap(false, Ordering::SeqCst)
+        {
+            return;
+        }
+        let (Some(vm), Some(host)) = (weak.upgrade(), host_weak.upgrade()) else { return };
+        if let Some(r) = update {
+            let before = vm.memslots().generation(AsId(0)).unwrap();
+            let vm2 = vm.clone();
+            *updater2.lock().unwrap() = Some(std::thread::spawn(move || {
+                vm2.set_memory_region(&r).unwrap();
+            }));
+            while vm.memslots().generation(AsId(0)).unwrap() == before {
+                std::thread::yield_now();
+            }
+        }
+        let inv = vm.invalidate_hva_range_begin(start, Hva(start.raw() + 0x1000));
+        host.copied.lock().unwrap().push(page);
+        inv.end();
+    }));
+    updater
+}
+
+/// The memslot updates a copy-on-write break in `translate` races with: none, a create (one
+/// publication), a delete and a move (two publications, the first of an invalid slot, then a
+/// zap) of slot 2, one page at `slot2_gpa`.
+#[cfg(not(loom))]
+fn cow_races(slot2_gpa: u64) -> [(&'static str, Option<UserspaceMemoryRegion>); 4] {
+    let hva = RAM_HVA + slot2_gpa;
+    [
+        ("alone", None),
+        ("create", Some(UserspaceMemoryRegion::new(3, 0, 0x100_0000, 0x1000, hva + 0x1000))),
+        ("delete", Some(UserspaceMemoryRegion::new(2, 0, slot2_gpa, 0, hva))),
+        ("move", Some(UserspaceMemoryRegion::new(2, 0, 0x100_0000, 0x1000, hva))),
+    ]
+}
+
+/// A host that breaks copy-on-write inside `translate` (a begin and an end from the callback,
+/// inside the faulting vCPU's memslot read section), alone and while a memslot update waits
+/// for that read section: the write fault finishes and maps the copy, and no access reaches
+/// the page's first frame afterwards (TDP). On the protocol before ca90737 the begin waited
+/// for the update, which waited for the begin's own read section.
+#[cfg(not(loom))]
+#[test]
+fn translate_may_break_copy_on_write_with_an_invalidation_tdp() {
+    for (what, update) in cow_races(2 << 20) {
+        let host = AuditHost::new(64);
+        let vm = tdp_vm(&host, 1);
+        vm.set_memory_region(&ram_slot(0, 0, 0, 1 << 20)).unwrap();
+        vm.set_memory_region(&ram_slot(2, 0, 2 << 20, 0x1000)).unwrap();
+        let updater = break_cow_in_translate(&host, &vm, 5, update);
+        let mut v = vm.create_vcpu().unwrap();
+        assert_eq!(tdp_access(&mut v, 0x5000, false), Some(Pfn(RAM_BASE_PFN + 5)));
+        assert_eq!(tdp_access(&mut v, 2 << 20, false), Some(Pfn(RAM_BASE_PFN + 0x200)));
+        let (mut v, got) = within(10, move || {
+            let got = tdp_access(&mut v, 0x5000, true);
+            (v, got)
+        })
+        .unwrap_or_else(|| panic!("{what}: the write whose translate broke COW hung"));
+        assert_eq!(got, Some(Pfn(COPY_BASE_PFN + 5)), "{what}: the write maps the copy");
+        assert_eq!(tdp_access(&mut v, 0x5000, false), Some(Pfn(COPY_BASE_PFN + 5)), "{what}");
+        let updater = updater.lock().unwrap().take();
+        if let Some(t) = updater {
+            within(10, move || t.join().unwrap()).expect("the update hung");
+        }
+        let slot2 = tdp_access(&mut v, 2 << 20, false);
+        assert_eq!(slot2.is_some(), matches!(what, "alone" | "create"), "{what}: slot 2");
+    }
+}
+
+/// The same under shadow paging: the write through the guest's mapping maps the copy.
+#[cfg(not(loom))]
+#[test]
+fn translate_may_break_copy_on_write_with_an_invalidation_shadow() {
+    for (what, update) in cow_races(3 << 20) {
+        let host = AuditHost::new(256);
+        let vm = shadow_vm(&host, 1);
+        vm.set_memory_region(&ram_slot(0, 0, 0, 3 << 20)).unwrap();
+        vm.set_memory_region(&ram_slot(2, 0, 3 << 20, 0x1000)).unwrap();
+        let cr3 = build_long4(&host);
+        let mut v = vm.create_vcpu().unwrap();
+        v.set_guest_cpu(GuestCpu::long4(0, 46)).unwrap();
+        v.load_cr3(cr3).unwrap();
+        // gva 0x40_5000 maps gpa 0x10_5000: guest RAM page 0x105.
+        let updater = break_cow_in_translate(&host, &vm, 0x105, update);
+        assert_eq!(shadow_access(&mut v, 0x40_5000, false), Ok(Some(Pfn(RAM_BASE_PFN + 0x105))));
+        let (mut v, got) = within(10, move || {
+            let got = shadow_access(&mut v, 0x40_5000, true);
+            (v, got)
+        })
+        .unwrap_or_else(|| panic!("{what}: the write whose translate broke COW hung"));
+        let copy = Ok(Some(Pfn(COPY_BASE_PFN + 0x105)));
+        assert_eq!(got, copy, "{what}: the write maps the copy");
+        assert_eq!(shadow_access(&mut v, 0x40_5000, false), copy, "{what}");
+        let updater = updater.lock().unwrap().take();
+        if let Some(t) = updater {
+            within(10, move || t.join().unwrap()).expect("the update hung");
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -613,7 +754,7 @@ fn a_panicking_translate_leaves_the_vm_usable() {
     let host = AuditHost::new(256);
     let armed = Arc::new(AtomicBool::new(true));
     let armed2 = armed.clone();
-    let _ = host.translate_hook.set(Box::new(move |_| {
+    let _ = host.translate_hook.set(Box::new(move |_, _| {
         if armed2.swap(false, Ordering::SeqCst) {
             panic!("host bug in translate");
         }
