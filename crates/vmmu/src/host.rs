@@ -18,20 +18,23 @@
 //! - **Inside the MMU's critical sections.** [`HostMemory::translate`] runs inside the
 //!   faulting vCPU's memslot read section; [`HostMemory::translate_mapped_writable`],
 //!   [`HostMemory::mapping_level`] and [`FrameAllocator::alloc_table`] run with the MMU lock or
-//!   the shadow lock held, and [`Sched::kick`] often does; [`GuestMemory::read_u64`] and
-//!   [`GuestMemory::cmpxchg_u64`] run inside a memslot read section, some of them with the
-//!   shadow lock held; [`FrameAllocator::free_table`] may run with the VMM's lock held.
+//!   the shadow lock held, and [`Sched::kick`] often does; [`GuestMemory::read_u64`] runs
+//!   inside a memslot read section, some calls with the shadow lock held (KVM reads gPTEs
+//!   atomically under `mmu_lock` there); [`GuestMemory::cmpxchg_u64`] runs inside a memslot
+//!   read section with no lock held (the guest walk's A/D update); [`FrameAllocator::free_table`]
+//!   may run with the VMM's lock held.
 //! - **No calls back into the VM.** None of these methods may call a method of the VM (or of
 //!   its vCPUs, or end an [`crate::vm::HvaInvalidation`]) that takes a lock or waits for other
 //!   threads: those locks are not reentrant, and a memslot update or zap waits for the very
 //!   read section the callback runs in. Either way the call never returns. The exceptions:
 //!   [`crate::vm::Vm::gfn_to_hva`], a read section that never waits; reading a VM's
 //!   counters ([`crate::vm::Vm::stats`]), which takes no lock; and, from
-//!   [`HostMemory::translate`] only, a host invalidation
-//!   ([`crate::vm::Vm::invalidate_hva_range_begin`], then its end), as Linux's
-//!   get_user_pages breaks copy-on-write inside KVM's `hva_to_pfn` (the fault retries, and
-//!   its next `translate` names the copy; `tests/embedder_audit.rs` shows it alone and while a
-//!   create, delete or move waits for the fault's read section). A host reaches its VM through
+//!   [`HostMemory::translate`] and [`GuestMemory::cmpxchg_u64`] only (neither runs under an
+//!   MMU lock), a host invalidation ([`crate::vm::Vm::invalidate_hva_range_begin`], then its
+//!   end), as Linux breaks copy-on-write inside KVM's `hva_to_pfn` and inside the guest walk's
+//!   A/D-bit cmpxchg on user memory: the fault retries, and its next `translate` names the
+//!   copy (`tests/embedder_audit.rs` shows both, alone and while a create, delete or move
+//!   waits for the fault's read section). A host reaches its VM through
 //!   a [`crate::vm::WeakVm`]: a `Vm` held by the host would keep the VM and the host alive.
 //! - **Keep them short.** Every memslot update, zap and host invalidation of the VM waits for
 //!   the read sections and locks these run in: a `read_u64` that sleeps can hold up every

@@ -648,9 +648,9 @@ impl<H: Host> Vm<H> {
     /// the VM's dirty-log, `zap_all_fast` or memslot methods. (As in KVM, invalidations that
     /// keep the count from reaching 0 starve updates.)
     ///
-    /// A host's [`crate::host::HostMemory::translate`] may begin and end one itself, as Linux's
-    /// get_user_pages breaks copy-on-write inside KVM's `hva_to_pfn`: the fault that called it
-    /// retries and translates again (`tests/embedder_audit.rs`, `translate_may_break_copy_on_write_*`).
+    /// A host's [`crate::host::HostMemory::translate`] or [`crate::host::GuestMemory::cmpxchg_u64`]
+    /// may begin and end one itself, as Linux breaks copy-on-write inside KVM's `hva_to_pfn`:
+    /// the fault that called it retries and translates again (`tests/embedder_audit.rs`).
     pub fn invalidate_hva_range_begin(&self, start: Hva, end: Hva) -> HvaInvalidation<H> {
         crate::notifier::begin(&self.inner, start, end)
     }

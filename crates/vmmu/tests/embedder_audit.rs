@@ -47,6 +47,8 @@ struct AuditHost {
     translate_hook: OnceLock<TranslateHook>,
     /// Called at the start of every `read_u64`.
     read_hook: OnceLock<Hook>,
+    /// Called at the start of every `cmpxchg_u64` (with `HostAccess::Write`).
+    cmpxchg_hook: OnceLock<TranslateHook>,
     /// Called at the start of every `alloc_table` (with the frame about to be handed out).
     alloc_hook: OnceLock<Hook>,
     /// Each `translate` names another frame for the same page (an inconsistent host).
@@ -77,6 +79,7 @@ impl AuditHost {
             ram: (0..RAM_BYTES / 8).map(|_| StdAtomicU64::new(0)).collect(),
             translate_hook: OnceLock::new(),
             read_hook: OnceLock::new(),
+            cmpxchg_hook: OnceLock::new(),
             alloc_hook: OnceLock::new(),
             inconsistent: AtomicBool::new(false),
             cow: Mutex::new(Vec::new()),
@@ -164,6 +167,9 @@ impl GuestMemory for AuditHost {
     }
 
     fn cmpxchg_u64(&self, hva: Hva, old: u64, new: u64) -> Result<bool, HostFault> {
+        if let Some(hook) = self.cmpxchg_hook.get() {
+            hook(hva, HostAccess::Write);
+        }
         Ok(self.word(hva)?.compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst).is_ok())
     }
 }
@@ -344,15 +350,25 @@ fn a_host_holding_a_weak_vm_reaches_it_from_a_callback_and_lets_it_go() {
     assert_eq!(Arc::strong_count(&host), 2, "a host holding its Vm keeps itself alive (leaked)");
 }
 
+/// The host callbacks a copy-on-write break can happen in, inside a fault's memslot read
+/// section: `translate` (KVM `hva_to_pfn`), and `cmpxchg_u64` setting a guest PTE's A/D bits
+/// (KVM `FNAME(update_accessed_dirty_bits)`, a user-memory cmpxchg that may fault).
+#[cfg(not(loom))]
+#[derive(Clone, Copy, Debug)]
+enum CowIn {
+    Translate,
+    GuestPteWrite,
+}
+
 /// Shares guest RAM page `page` (pages from `RAM_HVA`) copy-on-write, and has `host` break it
-/// inside the first `translate` of it for a write, as Linux's get_user_pages does for a write
-/// to a shared page (`wp_page_copy`: `invalidate_range_start`, a new page,
-/// `invalidate_range_end`, all inside KVM's `hva_to_pfn`, in the fault's memslot read section).
-/// With `update`, the callback first starts that memslot update on another thread and lets it
+/// inside the first write to it through callback `cb`, as Linux does for a write to a shared
+/// page (`wp_page_copy`: `invalidate_range_start`, a new page, `invalidate_range_end`, all
+/// inside the fault that wrote, in the fault's memslot read section). With `update`, the callback first starts that memslot update on another thread and lets it
 /// publish, so the update waits for the very read section the begin runs in. The update's
 /// thread, if any, is returned once the callback has run.
 #[cfg(not(loom))] // loom's `Arc` has no `Weak`
-fn break_cow_in_translate(
+fn break_cow_in(
+    cb: CowIn,
     host: &Arc<AuditHost>,
     vm: &Vm<AuditHost>,
     page: u64,
@@ -364,7 +380,11 @@ fn break_cow_in_translate(
     let updater = Arc::new(Mutex::new(None));
     let updater2 = updater.clone();
     host.cow.lock().unwrap().push(page);
-    let _ = host.translate_hook.set(Box::new(move |hva, access| {
+    let hook = match cb {
+        CowIn::Translate => &host.translate_hook,
+        CowIn::GuestPteWrite => &host.cmpxchg_hook,
+    };
+    let _ = hook.set(Box::new(move |hva, access| {
         let start = Hva(RAM_HVA + (page << 12));
         if hva.raw() >> 12 != start.raw() >> 12
             || access != HostAccess::Write
@@ -417,7 +437,7 @@ fn translate_may_break_copy_on_write_with_an_invalidation_tdp() {
         let vm = tdp_vm(&host, 1);
         vm.set_memory_region(&ram_slot(0, 0, 0, 1 << 20)).unwrap();
         vm.set_memory_region(&ram_slot(2, 0, 2 << 20, 0x1000)).unwrap();
-        let updater = break_cow_in_translate(&host, &vm, 5, update);
+        let updater = break_cow_in(CowIn::Translate, &host, &vm, 5, update);
         let mut v = vm.create_vcpu().unwrap();
         assert_eq!(tdp_access(&mut v, 0x5000, false), Some(Pfn(RAM_BASE_PFN + 5)));
         assert_eq!(tdp_access(&mut v, 2 << 20, false), Some(Pfn(RAM_BASE_PFN + 0x200)));
@@ -426,6 +446,7 @@ fn translate_may_break_copy_on_write_with_an_invalidation_tdp() {
             (v, got)
         })
         .unwrap_or_else(|| panic!("{what}: the write whose translate broke COW hung"));
+        assert!(host.copied.lock().unwrap().contains(&5), "{what}: no COW break");
         assert_eq!(got, Some(Pfn(COPY_BASE_PFN + 5)), "{what}: the write maps the copy");
         assert_eq!(tdp_access(&mut v, 0x5000, false), Some(Pfn(COPY_BASE_PFN + 5)), "{what}");
         let updater = updater.lock().unwrap().take();
@@ -437,33 +458,45 @@ fn translate_may_break_copy_on_write_with_an_invalidation_tdp() {
     }
 }
 
-/// The same under shadow paging: the write through the guest's mapping maps the copy.
+/// The same under shadow paging, and for the guest walk's A/D update too: the first read
+/// through gva 0x40_5000 sets the A bit of its guest PTE, in guest table page 4, whose
+/// copy-on-write the host breaks there. Either way the write through the guest's mapping maps
+/// the page's frame (the copy, when the data page was the one copied).
 #[cfg(not(loom))]
 #[test]
-fn translate_may_break_copy_on_write_with_an_invalidation_shadow() {
+fn a_shadow_faults_callbacks_may_break_copy_on_write_with_an_invalidation() {
     for (what, update) in cow_races(3 << 20) {
-        let host = AuditHost::new(256);
-        let vm = shadow_vm(&host, 1);
-        vm.set_memory_region(&ram_slot(0, 0, 0, 3 << 20)).unwrap();
-        vm.set_memory_region(&ram_slot(2, 0, 3 << 20, 0x1000)).unwrap();
-        let cr3 = build_long4(&host);
-        let mut v = vm.create_vcpu().unwrap();
-        v.set_guest_cpu(GuestCpu::long4(0, 46)).unwrap();
-        v.load_cr3(cr3).unwrap();
-        // gva 0x40_5000 maps gpa 0x10_5000: guest RAM page 0x105.
-        let updater = break_cow_in_translate(&host, &vm, 0x105, update);
-        assert_eq!(shadow_access(&mut v, 0x40_5000, false), Ok(Some(Pfn(RAM_BASE_PFN + 0x105))));
-        let (mut v, got) = within(10, move || {
-            let got = shadow_access(&mut v, 0x40_5000, true);
-            (v, got)
-        })
-        .unwrap_or_else(|| panic!("{what}: the write whose translate broke COW hung"));
-        let copy = Ok(Some(Pfn(COPY_BASE_PFN + 0x105)));
-        assert_eq!(got, copy, "{what}: the write maps the copy");
-        assert_eq!(shadow_access(&mut v, 0x40_5000, false), copy, "{what}");
-        let updater = updater.lock().unwrap().take();
-        if let Some(t) = updater {
-            within(10, move || t.join().unwrap()).expect("the update hung");
+        for cb in [CowIn::Translate, CowIn::GuestPteWrite] {
+            let host = AuditHost::new(256);
+            let vm = shadow_vm(&host, 1);
+            vm.set_memory_region(&ram_slot(0, 0, 0, 3 << 20)).unwrap();
+            vm.set_memory_region(&ram_slot(2, 0, 3 << 20, 0x1000)).unwrap();
+            let cr3 = build_long4(&host);
+            let mut v = vm.create_vcpu().unwrap();
+            v.set_guest_cpu(GuestCpu::long4(0, 46)).unwrap();
+            v.load_cr3(cr3).unwrap();
+            // gva 0x40_5000 maps gpa 0x10_5000 (guest RAM page 0x105) through PT page 4.
+            let (page, data) = match cb {
+                CowIn::Translate => (0x105, COPY_BASE_PFN + 0x105),
+                CowIn::GuestPteWrite => (4, RAM_BASE_PFN + 0x105),
+            };
+            let updater = break_cow_in(cb, &host, &vm, page, update);
+            let (mut v, read, write) = within(10, move || {
+                let read = shadow_access(&mut v, 0x40_5000, false);
+                let write = shadow_access(&mut v, 0x40_5000, true);
+                (v, read, write)
+            })
+            .unwrap_or_else(|| panic!("{what} {cb:?}: the access that broke COW hung"));
+            assert!(host.copied.lock().unwrap().contains(&page), "{what} {cb:?}: no COW break");
+            assert_eq!(read, Ok(Some(Pfn(RAM_BASE_PFN + 0x105))), "{what} {cb:?}: the read");
+            assert_eq!(write, Ok(Some(Pfn(data))), "{what} {cb:?}: the write");
+            assert_eq!(shadow_access(&mut v, 0x40_5000, false), Ok(Some(Pfn(data))));
+            let pte = host.ram[(0x4000 + 5 * 8) / 8].load(Ordering::SeqCst);
+            assert_eq!(pte & 0x60, 0x60, "{what} {cb:?}: the walks set the A and D bits");
+            let updater = updater.lock().unwrap().take();
+            if let Some(t) = updater {
+                within(10, move || t.join().unwrap()).expect("the update hung");
+            }
         }
     }
 }
