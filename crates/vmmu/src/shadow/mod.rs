@@ -13,9 +13,11 @@
 //!    table-SRCU read section; a zapped page's SPTEs are cleared before its frame is queued, the
 //!    frame is freed only after remote TLBs were flushed and a grace period passed (the
 //!    [`crate::tdp`] rules 3-4). A lockless walk that meets a cleared entry returns Retry.
-//! 3. Lock order: the shadow lock is taken after `vmm_lock` and after this MMU's `mmu_lock` (the
-//!    invalidations' lock) is released, never while holding a memslot update's write side;
-//!    `reclaim` (the grace period) runs after the shadow lock is released.
+//! 3. Lock order: the shadow lock is taken after `vmm_lock`, after the memslots' slots lock (a
+//!    memslot update's hooks zap under it) and after `mn_lock` (a host invalidation's begin
+//!    unmaps under it), and only once this MMU's `mmu_lock` (the invalidations' lock) is
+//!    released; no grace period is waited for while it is held (`reclaim` runs after it is
+//!    released).
 //! 4. A vCPU root pins its shadow page (`root_count`); a pinned page that is zapped becomes
 //!    invalid and its vCPUs are asked to reload (`FreeObsoleteRoots`) in the same critical
 //!    section, so a fault that holds the lock either sees the request or completes before it.
