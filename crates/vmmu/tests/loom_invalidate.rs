@@ -19,7 +19,7 @@
 //!
 //! Property: the fault ends as Fixed or Retry, and once both sides are done an access reaches
 //! the new frame: no leaf of the frame the host no longer maps there survives. Removing the
-//! sequence comparison of `Invalidation::retry_range` fails both models; the shadow model also
+//! sequence comparison of `Invalidation::retry_range` fails the first two models; the shadow model also
 //! fails when `Invalidation::end` lowers the in-flight count before it bumps the sequence, and
 //! when `Vm::invalidate_hva_range_begin` unmaps the shadow leaves before it begins the
 //! invalidation.
