@@ -11,7 +11,8 @@
 //!   lock and allocates nothing.
 //! - The **slow path** (KVM `kvm_tdp_mmu_page_fault`, §3.6) runs inside a memslot read section:
 //!   invalid slot -> Retry; no slot -> fill the cache (not while an update is in progress), then
-//!   install an MMIO SPTE if caching is on and the gfn is in range, Emulate; a write to a
+//!   install an MMIO SPTE if caching is on, the gfn is in range and no update is in progress
+//!   (`MmuConfig::noslot_mmio_spte`), Emulate; a write to a
 //!   read-only slot -> Emulate, never cached; RAM -> translate the host address and install the
 //!   leaf under the shared MMU lock after the staleness checks of §4.
 //!
