@@ -697,7 +697,7 @@ fn a_pae_walk_reports_the_pdpte_address_without_cr3_flag_bits() {
 /// entry is not installed stale), but never the PDPTE, which comes from the register loaded at
 /// CR3 load: a PDPT rewritten in memory without a CR3 load neither changes the translation nor
 /// makes the fault retry forever.
-/// Kills `shadow/fetch.rs`: `gptes_changed`'s PAE rule (`pae && l == 3`) in either direction.
+/// Kills `shadow/fetch.rs`: `gpte_changed_at`'s PAE rule (`pae_pdpte`) in either direction.
 #[test]
 fn a_pae_fault_rechecks_its_pd_and_pt_entries_but_not_the_pdpte() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);
