@@ -1331,7 +1331,7 @@ fn a_host_invalidation_between_translation_and_install_retries_the_shadow_fault(
 /// A paging-mode change (KVM `kvm_mmu_reset_context` -> `kvm_mmu_unload`) lets go of the
 /// vCPU's roots: no page of the old root stays pinned, so the shrinker (KVM `mmu_shrink_scan`)
 /// can take all four pages, the root's too, and the guest's next access builds them again.
-/// Kills `vcpu/shadow_path.rs`: `shadow_unload` releasing its roots only when it took none
+/// Kills `vcpu/shadow_path.rs`: `ShadowVcpu::unload` releasing its roots only when it took none
 /// (`!roots.is_empty()` with the `!` deleted: the old root stayed pinned for good).
 #[test]
 fn a_paging_mode_change_unpins_the_old_root() {
@@ -1366,7 +1366,7 @@ fn invlpg_counts_each_invalidation() {
 /// out of its slot and moves the later roots up, so the three slots stay filled in recency
 /// order. The next switch (a miss) then pushes the current root in front and drops nothing,
 /// and a switch back to any of the three cached spaces reuses its root: no new root is loaded.
-/// Kills `vcpu/shadow_path.rs`: `load_cr3`'s move-up `prev[j] = prev[j + 1]` -> `prev[j * 1]`
+/// Kills `shadow/root.rs`: `PrevRoots::find_without_current` without its move-up (`rotate_left`)
 /// (the hit left a hole in the middle; the next miss dropped the oldest root, whose space then
 /// needed a new root).
 #[test]
@@ -1408,9 +1408,9 @@ fn a_cr3_load_without_a_current_root_keeps_the_previous_roots_in_order() {
 /// fast-path answers by where they came from: the per-vCPU cache, an MMIO SPTE of the current
 /// generation, or an MMIO SPTE of an older generation sent to the slow path; a RAM fault the
 /// slow path fixes counts in KVM's `pf_fixed`.
-/// Kills `vcpu/shadow_path.rs`: `handle_page_fault`'s `misconfig_exits += 1` and
+/// Kills `vcpu/shadow_fault.rs`: `handle_page_fault`'s `misconfig_exits += 1` and
 /// `violation_exits += 1` -> `*= 1`, `shadow_mmio_fast`'s `stale_gen_misses += 1` and
-/// `mmio_spte_hits += 1` -> `*= 1`, `shadow_slow`'s `pf_fixed += 1` -> `*= 1`.
+/// `mmio_spte_hits += 1` -> `*= 1`, `count_outcome`'s `pf_fixed += 1` -> `*= 1`.
 #[test]
 fn a_shadow_vcpu_counts_its_exits_and_mmio_fast_path_answers() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);
@@ -1445,8 +1445,8 @@ fn a_shadow_vcpu_counts_its_exits_and_mmio_fast_path_answers() {
 
 /// A guest write to a page of a read-only memslot is emulated by the slow path and counted as
 /// KVM counts it: in `pf_emulate`, and in the read-only write count, once per fault.
-/// Kills `vcpu/shadow_path.rs`: `shadow_slow`'s `readonly_write_emulations += 1` and
-/// `pf_emulate += 1` -> `*= 1`.
+/// Kills `vcpu/fault_path.rs`: `readonly_write`'s (which `shadow_slow` calls)
+/// `readonly_write_emulations += 1` and `pf_emulate += 1` -> `*= 1`.
 #[test]
 fn a_shadow_rom_write_counts_as_an_emulation() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);
@@ -1465,8 +1465,8 @@ fn a_shadow_rom_write_counts_as_an_emulation() {
 /// The highest gfn the MMU maps (KVM `kvm_mmu_max_gfn`) still gets an MMIO SPTE under shadow
 /// paging too: a guest mapping of the top guest-physical page emulates from the slow path once,
 /// and a second vCPU's access is answered by the MMIO SPTE on the fast path.
-/// Kills `vcpu/shadow_path.rs`: `shadow_slow`'s `walk.gfn > max_gfn` -> `>=` (the top page was
-/// emulated without an SPTE, through the slow path on every access).
+/// Kills `mmu_core/mod.rs`: `MmuConfig::noslot_mmio_spte`'s `gfn <= self.max_gfn` -> `<` (the
+/// top page was emulated without an SPTE, through the slow path on every access).
 #[test]
 fn the_highest_mappable_gfn_gets_a_shadow_mmio_spte() {
     use vmmu::fault::EmulateSource::{MmioSpteHit, SlowPathMmio};
@@ -1485,8 +1485,8 @@ fn the_highest_mappable_gfn_gets_a_shadow_mmio_spte() {
 /// An MMIO fault that builds its shadow path makes room first, as any fault that may allocate
 /// shadow pages (KVM `make_mmu_pages_available` in `FNAME(page_fault)`, before the MMIO check of
 /// `FNAME(fetch)`): with 3 of 64 pages free, it recycles the oldest pages up to 25 free.
-/// Kills `vcpu/shadow_path.rs`: `shadow_slow`'s `!(mmio && shadow_mmio_path_only)` with `&&`
-/// -> `||` (an MMIO fault never made room: it recycled nothing).
+/// Kills `shadow/mod.rs`: `ShadowMmu::install_fault`'s `!(Mmio && shadow_mmio_path_only)` with
+/// `&&` -> `||` (an MMIO fault never made room: it recycled nothing).
 #[test]
 fn an_mmio_fault_that_builds_its_path_recycles_below_five_free_pages() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);
@@ -1512,7 +1512,7 @@ fn an_mmio_fault_that_builds_its_path_recycles_below_five_free_pages() {
 
 /// A fault that another vCPU fixed between the exit and its handling finds the leaf there: it
 /// is spurious (KVM's `pf_spurious`), not fixed again.
-/// Kills `vcpu/shadow_path.rs`: `shadow_slow`'s `pf_spurious += 1` -> `*= 1`.
+/// Kills `vcpu/shadow_fault.rs`: `count_outcome`'s `pf_spurious += 1` -> `*= 1`.
 #[test]
 fn a_fault_fixed_meanwhile_counts_as_spurious() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);
@@ -1618,7 +1618,7 @@ fn the_dirty_log_no_flush_bug_loses_the_write_under_shadow_paging_too() {
 /// A fault that finds the MMIO SPTE it would install already there (another vCPU sharing the
 /// root installed it between this vCPU's #PF and its handling) still emulates, and counts the
 /// SPTE as created: KVM's `mmu_set_spte` handles a no-slot pfn before it compares anything.
-/// Kills `vcpu/shadow_path.rs`: `FetchOutcome::Spurious` left out of the `pf_mmio_spte_created`
+/// Kills `vcpu/shadow_fault.rs`: `FetchOutcome::Spurious` left out of the `pf_mmio_spte_created`
 /// arm (the second vCPU counted nothing).
 #[test]
 fn a_shadow_fault_that_finds_its_mmio_spte_there_counts_and_emulates() {
