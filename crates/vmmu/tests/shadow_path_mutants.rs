@@ -178,7 +178,7 @@ impl Sched for LowTablesAreHigh {}
 /// `pae_root` with `__GFP_DMA32`). A PAE guest's special root on a host that hands out a frame
 /// at exactly 4 GiB must fail as out of memory, with the frame given back and counted in
 /// `tables_refused`, never loaded as the root the hardware would walk from a truncated CR3.
-/// Kills `mmu_core/mod.rs:279:42` (`pfn.raw() < 1 << 20` -> `<=`) and `279:52` (`&&` -> `||`:
+/// Kills `mmu_core/mod.rs:298:42` (`pfn.raw() < 1 << 20` -> `<=`) and `298:52` (`&&` -> `||`:
 /// any frame the SPTE format can hold was accepted).
 #[test]
 fn a_special_root_frame_at_4_gib_is_refused() {
@@ -198,10 +198,10 @@ fn a_special_root_frame_at_4_gib_is_refused() {
 /// pages under the minimum page limit (64, `KVM_SET_NR_MMU_PAGES`) must not pile up the frames
 /// of its zapped pages: the host gets them back in batches while the guest only faults, and the
 /// frames the MMU holds are exactly its live shadow pages plus the waiting ones.
-/// Kills `mmu_core/mod.rs:349:9` (`reclaim_batched` -> `()`: every recycled frame stayed with
-/// the MMU until the VMM next zapped, ~240 here, four times the page limit), `349:43` (`>=` ->
+/// Kills `mmu_core/mod.rs:368:9` (`reclaim_batched` -> `()`: every recycled frame stayed with
+/// the MMU until the VMM next zapped, ~240 here, four times the page limit), `368:43` (`>=` ->
 /// `<`: a grace period after every fault that freed anything, nothing ever waiting), and
-/// `356:9` (`pending_free` -> 0 and -> 1: a wrong figure for the VMM).
+/// `375:9` (`pending_free` -> 0 and -> 1: a wrong figure for the VMM).
 #[test]
 fn recycled_shadow_pages_go_back_to_the_host_in_batches() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);
@@ -237,7 +237,7 @@ fn recycled_shadow_pages_go_back_to_the_host_in_batches() {
 /// caller (a zap, a host invalidation) goes on to free or reuse what the old translations
 /// named. Here a vCPU in guest mode, on its own thread, takes a while to react to its kick (it
 /// is "running the guest" through its TLB meanwhile): the flush must not return before it did.
-/// Kills `mmu_core/mod.rs:400:25` (`wait == AckWait::Wait` -> `!=`: the flush returned right
+/// Kills `mmu_core/mod.rs:419:25` (`wait == AckWait::Wait` -> `!=`: the flush returned right
 /// after the kick, while the vCPU could still translate through its stale TLB).
 #[test]
 fn a_remote_tlb_flush_returns_after_the_vcpu_in_guest_mode_flushed() {
