@@ -221,7 +221,7 @@ fn a_write_through_a_leaf_a_fault_just_installed_is_in_the_get_after_it() {
 /// A CLEAR write-protects exactly the pages of its bitmap, one walk per 64 pages: a slot whose
 /// first page is not 64-aligned, a word whose pages straddle two leaf tables (gfn 0x200), the
 /// short last word, and the next slot's first page right after it, which keeps its write right.
-/// Aimed at `write_protect_masked_table`'s range and bit arithmetic (the bits under an entry,
+/// Aimed at `write_protect_table`'s range and bit arithmetic (the bits under an entry,
 /// the slot's end).
 #[test]
 fn clear_protects_exactly_its_pages_across_leaf_tables() {
@@ -599,7 +599,7 @@ fn initially_set_applies_when_logging_starts() {
 /// "Initially set" over a 1 GiB leaf: logging starts without touching it; a CLEAR of one word
 /// splits it into 2 MiB leaves and the one its word meets into 4 KiB leaves (the rest stay 2 MiB,
 /// read-only), so a write in the word faults and is logged while reads elsewhere in the GiB
-/// keep hitting. Kills `write_protect_masked_table`'s `lower > Level::L4K` as `==` / `<` (the
+/// keep hitting. Kills `write_protect_table`'s `lower > Level::L4K` as `==` / `<` (the
 /// 2 MiB child of the word left huge).
 #[test]
 fn initially_set_clear_splits_a_1g_leaf_down_to_the_words_4k() {
@@ -697,7 +697,7 @@ fn an_initially_set_clear_protects_only_its_pages_of_a_split_leaf() {
 /// The same CLEAR when only the 1 GiB leaf's own split can have a table page (its 2 MiB
 /// children stay huge and read-only) still flushes: a vCPU that cached the writable 1 GiB
 /// translation is told to drop it, and the page's translation is read-only now. Kills the recursion's `flush |=` ->
-/// `&=` in `write_protect_masked_table` (the recursion, which split nothing, cleared the flush
+/// `&=` in `write_protect_table` (the recursion, which split nothing, cleared the flush
 /// the split itself needed).
 #[test]
 fn initially_set_clear_flushes_after_a_1g_split_whose_children_cannot_split() {
