@@ -3,10 +3,13 @@
 //!
 //! What lives here:
 //! - re-exports of the atomic types, `fence` and `Ordering` (core's, or loom's under loom);
-//! - `Arc` (alloc's, or loom's);
+//! - `Arc` (alloc's, or loom's) and, outside loom, alloc's `Weak`;
 //! - `UnsafeCell` with loom's closure API (`with`, `with_mut`) in both builds;
 //! - `Mutex` and `RwLock`: spin locks on the shim atomics in normal builds (no_std, no OS),
-//!   loom's own locks under loom. They are for short critical sections (slots lock, MMU lock);
+//!   whose waiters wait with a [`Relax`], loom's own locks under loom. Most holds are short (the
+//!   MMU lock, the shadow lock); a memslot update holds the VM's `vmm_lock` across its grace
+//!   periods, and `vmm_lock` (and `mn_lock` in an update) is taken with `Mutex::lock_fair_with`,
+//!   which a thread that retakes the lock at once cannot starve;
 //! - [`Relax`]: how a waiter waits (grace periods, TLB-flush acknowledgements, lock spins). The
 //!   host picks it: spin on bare metal, yield to the scheduler with std, loom's yield under loom.
 //!
