@@ -104,10 +104,11 @@ impl VmConfig {
     }
 
     /// A configuration for `format` on a host with `phys_bits` of physical address, caching as
-    /// the user allows, one address space, `max_vcpus` vCPUs, and 4-level tables, or 5-level ones
-    /// when `phys_bits` is above 48: a 4-level table reaches 48 bits of guest-physical address,
-    /// a host with a larger MAXPHYADDR has 5-level EPT/NPT, and KVM uses it when the guest's
-    /// MAXPHYADDR is above 48 (`kvm_mmu_get_tdp_level`), as a guest given the host's is.
+    /// the user allows, one address space, at most 8 vCPUs (`max_vcpus`), and 4-level tables, or
+    /// 5-level ones when `phys_bits` is above 48: a 4-level table reaches 48 bits of
+    /// guest-physical address, a host with a larger MAXPHYADDR has 5-level EPT/NPT, and KVM uses
+    /// it when the guest's MAXPHYADDR is above 48 (`kvm_mmu_get_tdp_level`), as a guest given
+    /// the host's is.
     pub fn new(format: FormatKind, phys_bits: u8) -> Result<Self, VmError> {
         Ok(VmConfig {
             format,
