@@ -318,8 +318,8 @@ fn a_type_stable_leaf_table_hit_answers_with_the_mmio_sptes_access() {
 /// no-slot fault that creates an MMIO SPTE, a per-vCPU cache hit, another vCPU's MMIO SPTE hit,
 /// a host-invalidation retry and a write to a read-only slot. Kills `+=` -> `*=` (the counter
 /// stayed 0) in `cache_hit` (`mmio_cache_hits`), `count_slow_mmio` (`slow_path_mmio`,
-/// `pf_emulate`; and replacing it with `()`), `retry` (`retries`) and the read-only-write
-/// emulation of `tdp_page_fault` (`readonly_write_emulations`, `pf_emulate`).
+/// `pf_emulate`; and replacing it with `()`), `retry` (`retries`) and `readonly_write`, the
+/// read-only-write emulation `tdp_page_fault` calls (`readonly_write_emulations`, `pf_emulate`).
 #[test]
 fn each_fault_path_counts_once_in_the_vcpus_counters() {
     use vmmu::memslot::KVM_MEM_READONLY;
@@ -361,7 +361,7 @@ fn each_fault_path_counts_once_in_the_vcpus_counters() {
 /// (KVM returns `RET_PF_EMULATE` for an MMIO SPTE that was already there, and counts it in
 /// `pf_mmio_spte_created`: `tdp_mmu_map_handle_target_level` tests the new SPTE after its
 /// SPURIOUS check), without counting a spurious fault. Kills the match guard `is_mmio`
-/// of `MapOutcome::Spurious` -> `false` in `tdp_page_fault`, under which the vCPU resumed the
+/// of `MapOutcome::Spurious` -> `false` in `count_map_outcome`, under which the vCPU resumed the
 /// guest (spurious) and took another exit for the same access.
 #[test]
 fn a_fault_that_finds_its_mmio_spte_installed_meanwhile_still_emulates() {
