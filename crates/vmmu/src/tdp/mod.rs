@@ -14,8 +14,10 @@
 //! # Locking and lifetime rules (the contract every function here keeps)
 //! 1. Every SPTE *change* happens under the MMU lock (`mmu_lock`, `mmu_core/lock.rs`: a
 //!    reader-writer lock whose shared side a vCPU's fault takes as a mark on its own cache line):
-//!    faults hold it shared and change entries only with compare-and-swap (a lost race is `Retry`);
-//!    zaps, `zap_all_fast` and host invalidations hold it exclusive.
+//!    faults hold it shared and change entries only with compare-and-swap (a lost race is `Retry`),
+//!    except the rare fault whose huge leaf replaces a lower table, which takes it exclusive;
+//!    zaps, `zap_all_fast`, host invalidations, dirty-log protection, huge-page recovery and root
+//!    creation hold it exclusive.
 //! 2. Lockless *readers* (the fast MMIO path, and the hardware walker of a vCPU in guest mode)
 //!    hold a read section of `table_srcu`, one reader record per vCPU.
 //! 3. A table page unlinked by a zap is freed only after a `table_srcu` grace period, and the
