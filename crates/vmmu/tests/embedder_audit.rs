@@ -279,8 +279,9 @@ fn gfn_to_hva_while_holding_an_invalidation_and_an_update_waits_does_not_deadloc
 
 /// A host whose `translate` asks the VM something (`gfn_to_hva`) while another thread updates
 /// the memslots: the fault is inside a memslot read section, the update holds the VMM lock and
-/// waits for that section, and `gfn_to_hva` waits for the VMM lock. The trait says nothing
-/// about calling back into the VM from `translate`.
+/// waits for that section; `gfn_to_hva` waited for the VMM lock (embed45 finding 2b) and now
+/// opens a read section of its own, the one call back into the VM the host traits' "Calling
+/// context" allows.
 #[test]
 fn translate_calling_gfn_to_hva_during_an_update_does_not_deadlock() {
     let host = AuditHost::new(64);
