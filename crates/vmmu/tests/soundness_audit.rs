@@ -76,7 +76,7 @@ fn missed_grace_periods(fences: ReaderFences, rounds: u32) -> u32 {
 
 /// The SRCU guarantee the litmus checks, with full fences. The same litmus with
 /// `ReaderFences::Asymmetric` around a function that does nothing, which safe code could build
-/// until `ProcessBarrier` (commit 33bbcc9 of the review), missed 16 to 144 readers in 20,000
+/// until `ProcessBarrier` (commit df9292e), missed 16 to 144 readers in 20,000
 /// rounds on a 2-core x86 machine; now only `unsafe` code can make such a barrier (the
 /// `compile_fail` example on `vmmu::srcu::ProcessBarrier`).
 #[test]
@@ -161,7 +161,7 @@ fn a_guarded_entry_ends_a_raw_guest_mode_period_first() {
 /// that VM's table frames with the frame numbers of this VM's shadow pages, under this VM's
 /// shadow lock only: no lock or read section of the other VM kept them allocated. With the other VM's tables freed after
 /// their grace period, its test host (which keeps freed table memory) counted the reads as uses
-/// after free (commit aea8879); a host that gives table memory back would have been read after
+/// after free (test 3cda201, fixed in 05691a5); a host that gives table memory back would have been read after
 /// the free. Now the check is `Vm::stale_shadow_entries_for_tests`, which pairs the VM's shadow
 /// MMU with its own core, and the `ShadowMmu` method is crate-private.
 #[test]
