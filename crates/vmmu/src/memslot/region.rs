@@ -3,8 +3,10 @@
 //! `kvm_vm_ioctl_set_memory_region` + the first half of `kvm_set_memory_region`, ~v6.13).
 //!
 //! The checks that need the current memslot set (delete of a missing slot, total pages, modify
-//! rules, overlap, max gfn, allocation) are in [`super`], in the order KVM runs them; every rule
-//! has one [`MemslotError`] variant.
+//! rules, overlap, the dirty bitmap's allocation, max gfn) are in [`super`], in the order KVM
+//! runs them (`kvm_prepare_memory_region` allocates the bitmap before the arch hook checks the
+//! max gfn: `tests/memslot_errno.rs`, "bitmap before max gfn"); every rule has one
+//! [`MemslotError`] variant.
 //!
 //! Order note: in KVM the v1 ioctl rejects flags outside `LOG_DIRTY_PAGES | READONLY` in
 //! `kvm_vm_ioctl` *before* `kvm_vm_ioctl_set_memory_region` checks the slot id, so a request that
