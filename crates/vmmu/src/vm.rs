@@ -93,6 +93,13 @@ pub struct VmConfig {
     /// A host that must observe the same with caching on and off (the scenario backend, whose
     /// reference KVM runs with caching off) sets it.
     pub shadow_mmio_path_only: bool,
+    /// The highest host address (exclusive) a memslot's `userspace_addr + memory_size` may
+    /// reach (KVM's `access_ok`, which checks it against the user address limit). The default
+    /// is x86-64's [`TASK_SIZE_MAX`](crate::memslot::TASK_SIZE_MAX), as for a VMM process; a
+    /// hypervisor that names guest RAM by its own (kernel, higher-half) addresses raises it,
+    /// up to `u64::MAX`. Only the range check uses it: the addresses go to
+    /// [`HostMemory::translate`](crate::host::HostMemory::translate) as they are.
+    pub user_va_limit: u64,
 }
 
 impl VmConfig {
@@ -124,6 +131,7 @@ impl VmConfig {
             shadow_max_pages: None,
             tdp_prefetch: false,
             shadow_mmio_path_only: false,
+            user_va_limit: crate::memslot::TASK_SIZE_MAX,
         })
     }
 }
@@ -476,6 +484,7 @@ impl<H: Host> Vm<H> {
             max_readers: cfg.max_vcpus + 3,
             bugs: cfg.bugs,
             generation_base: cfg.generation_base,
+            user_va_limit: cfg.user_va_limit,
             ..MemslotsConfig::default()
         };
         // KVM `kvm_mmu_max_gfn`, and never above what an MMIO SPTE can hold: the codec stores
@@ -884,6 +893,37 @@ mod tests {
         let mut cfg = VmConfig::new(format, 46).unwrap();
         cfg.max_vcpus = 2;
         (Vm::new(cfg, host.clone()).unwrap(), host)
+    }
+
+    /// A hypervisor that names guest RAM by its own higher-half address: refused with the
+    /// default limit (KVM's `access_ok` for a VMM process), accepted and mapped once
+    /// `VmConfig::user_va_limit` allows it.
+    #[test]
+    fn user_va_limit_lets_a_hypervisor_name_higher_half_ram() {
+        const HIGH: u64 = 0xffff_8880_0000_0000;
+        let host = Arc::new(TestHost::new(64));
+        host.map(HIGH, 1 << 20, 0x5000, Level::L4K, true);
+        let region = UserspaceMemoryRegion::new(0, 0, 0, 1 << 20, HIGH);
+        let cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+        let vm = Vm::new(cfg, host.clone()).unwrap();
+        assert!(matches!(
+            vm.set_memory_region(&region),
+            Err(crate::memslot::MemslotError::HvaRangeNotUser { .. })
+        ));
+        let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+        cfg.user_va_limit = u64::MAX;
+        let vm = Vm::new(cfg, host).unwrap();
+        vm.set_memory_region(&region).unwrap();
+        // The last page below the limit is still refused past it.
+        let mut low = VmConfig::new(FormatKind::Ept, 46).unwrap();
+        low.user_va_limit = HIGH + (1 << 20) - 4096;
+        let vm2 = Vm::new(low, Arc::new(TestHost::new(4))).unwrap();
+        assert!(vm2.set_memory_region(&region).is_err());
+        let mut v = vm.create_vcpu().unwrap();
+        v.service_requests().unwrap();
+        assert_eq!(v.handle_ept_violation(Gpa(0x1000), FaultAccess::READ), Ok(FaultOutcome::Fixed));
+        let walk = v.enter_guest().unwrap().walk(Gpa(0x1000), Access::NONE);
+        assert!(matches!(walk, HwWalk::Translated { pfn: Pfn(0x5001), .. }), "{walk:?}");
     }
 
     /// The test host, claiming no more than the trait's minimum about freed table memory.
