@@ -829,6 +829,24 @@ impl<H: Host> Vm<H> {
         self.inner.get_dirty_log(as_id.0, id.0)
     }
 
+    /// [`Self::get_dirty_log`] into `out`, the caller's buffer (KVM copies into the VMM's
+    /// `dirty_bitmap`), without allocating: for a hypervisor that collects dirty logs from a
+    /// fixed buffer (a bare-metal one with a bounded heap, or one that collects with interrupts
+    /// off). Fills the first `n` words of `out` and returns `n`, the slot's bitmap length
+    /// (`npages` rounded up to 64 pages, in words); the words after them are left as they were.
+    /// The same checks in the same order, then `EFAULT`
+    /// ([`DirtyLogError::BitmapTooShort`]) if `out` has fewer than `n` words: checked before
+    /// any bit is taken, so a short buffer loses nothing (KVM's `copy_to_user` fails after the
+    /// collection).
+    pub fn get_dirty_log_into(
+        &self,
+        as_id: AsId,
+        id: SlotId,
+        out: &mut [u64],
+    ) -> Result<usize, DirtyLogError> {
+        self.inner.get_dirty_log_into(as_id.0, id.0, out)
+    }
+
     /// `KVM_CLEAR_DIRTY_LOG`: clears the bits of `bitmap` (bit `j` of word `k` = page
     /// `first + 64k + j`) over pages `[first, first + count)` of the slot and write-protects the
     /// pages that were dirty, flushing before it returns if a leaf lost its write right. KVM's
@@ -893,6 +911,51 @@ mod tests {
         let mut cfg = VmConfig::new(format, 46).unwrap();
         cfg.max_vcpus = 2;
         (Vm::new(cfg, host.clone()).unwrap(), host)
+    }
+
+    /// `get_dirty_log_into` answers as `get_dirty_log` does, in both modes, into the caller's
+    /// buffer; a buffer one word short is EFAULT and takes no bit (the next GET still has them).
+    #[test]
+    fn get_dirty_log_into_fills_the_callers_buffer_and_a_short_one_loses_nothing() {
+        use crate::memslot::KVM_MEM_LOG_DIRTY_PAGES;
+        for manual in [false, true] {
+            let (vm, _host) = vm(FormatKind::Ept);
+            if manual {
+                vm.set_dirty_log_mode(DirtyLogMode::Manual);
+            }
+            // 130 pages: three words, the last partial.
+            let logged =
+                UserspaceMemoryRegion::new(0, KVM_MEM_LOG_DIRTY_PAGES, GPA, 130 << 12, RAM_HVA);
+            vm.set_memory_region(&logged).unwrap();
+            let mut v = vm.create_vcpu().unwrap();
+            v.service_requests().unwrap();
+            for page in [1u64, 64, 129] {
+                let gpa = Gpa(GPA + (page << 12));
+                assert_eq!(
+                    v.handle_ept_violation(gpa, FaultAccess::WRITE),
+                    Ok(FaultOutcome::Fixed)
+                );
+            }
+            let want = [1u64 << 1, 1, 1 << 1];
+            let mut short = [7u64; 2];
+            assert!(matches!(
+                vm.get_dirty_log_into(AsId(0), SlotId(0), &mut short),
+                Err(DirtyLogError::BitmapTooShort { words: 2, needed: 3 })
+            ));
+            assert_eq!(short, [7, 7], "nothing written into a short buffer");
+            let mut out = [u64::MAX; 4];
+            assert_eq!(vm.get_dirty_log_into(AsId(0), SlotId(0), &mut out), Ok(3));
+            assert_eq!(out[..3], want, "manual: {manual}");
+            assert_eq!(out[3], u64::MAX, "the word after the bitmap is left alone");
+            // Auto mode took the bits (as get_dirty_log does); manual mode keeps them.
+            let again = vm.get_dirty_log(AsId(0), SlotId(0)).unwrap();
+            assert_eq!(again, if manual { want.to_vec() } else { alloc::vec![0; 3] });
+            // KVM's checks first: no slot is ENOENT, whatever the buffer.
+            assert!(matches!(
+                vm.get_dirty_log_into(AsId(0), SlotId(9), &mut []),
+                Err(DirtyLogError::NoLog { .. })
+            ));
+        }
     }
 
     /// A hypervisor that names guest RAM by its own higher-half address: refused with the

@@ -111,7 +111,9 @@ pub enum DirtyLogError {
         /// The slot's pages.
         npages: u64,
     },
-    /// The caller's bitmap is shorter than the range (KVM's `copy_from_user` fails: `EFAULT`).
+    /// The caller's bitmap is shorter than the range (`KVM_CLEAR_DIRTY_LOG`: KVM's
+    /// `copy_from_user` fails), or a buffer for [`crate::vm::Vm::get_dirty_log_into`] is shorter
+    /// than the slot's bitmap (where KVM's `copy_to_user` would fail): `EFAULT`.
     #[error("the bitmap has {words} words, the range needs {needed}")]
     BitmapTooShort {
         /// Words given.
@@ -215,6 +217,14 @@ impl DirtyBitmap {
         self.words.iter().map(|w| w.load(Ordering::Relaxed)).collect()
     }
 
+    /// [`Self::snapshot`] into the first [`Self::len_words`] words of `out` (fewer if `out` is
+    /// shorter). No allocation.
+    pub fn snapshot_into(&self, out: &mut [u64]) {
+        for (o, w) in out.iter_mut().zip(self.words.iter()) {
+            *o = w.load(Ordering::Relaxed);
+        }
+    }
+
     /// Takes word `i` and leaves 0 (auto mode's GET).
     #[inline]
     fn take(&self, i: usize) -> u64 {
@@ -304,18 +314,33 @@ pub(crate) fn get_log<M: WriteProtect>(
     bitmap: &DirtyBitmap,
     mode: DirtyLogMode,
 ) -> Vec<u64> {
+    let mut out = alloc::vec![0; bitmap.len_words()];
+    get_log_into(mmu, slot, bitmap, mode, &mut out);
+    out
+}
+
+/// [`get_log`] into `out`, whose first [`DirtyBitmap::len_words`] words it fills (the caller
+/// checked the length). Allocates nothing.
+pub(crate) fn get_log_into<M: WriteProtect>(
+    mmu: &M,
+    slot: &Memslot,
+    bitmap: &DirtyBitmap,
+    mode: DirtyLogMode,
+    out: &mut [u64],
+) {
+    debug_assert!(out.len() >= bitmap.len_words());
     if mode.is_manual() {
-        return bitmap.snapshot();
+        bitmap.snapshot_into(out);
+        return;
     }
-    let mut out = Vec::with_capacity(bitmap.len_words());
     let mut flush = false;
     {
         let excl = mmu.lock_exclusive();
-        for i in 0..bitmap.len_words() {
+        for (i, o) in out.iter_mut().enumerate().take(bitmap.len_words()) {
             // Cheap test first: most words of a big slot are 0 and need no exchange.
             let mask =
                 if bitmap.words[i].load(Ordering::Relaxed) == 0 { 0 } else { bitmap.take(i) };
-            out.push(mask);
+            *o = mask;
             if mask != 0 {
                 flush |= mmu.write_protect_masked(&excl, slot, i as u64 * 64, mask);
             }
@@ -324,7 +349,6 @@ pub(crate) fn get_log<M: WriteProtect>(
     if flush && !mmu.skip_flush() {
         mmu.flush_remote_tlbs();
     }
-    out
 }
 
 /// KVM `kvm_clear_dirty_log_protect` after the checks, with the slots lock held by the caller:
@@ -422,6 +446,37 @@ impl<H: crate::host::Host> VmShared<H> {
                     }
                     VmMmu::Tdp(tdp) => get_log(&Tdp { core, tdp }, slot, bitmap, mode),
                 })
+            },
+        )
+    }
+
+    /// `KVM_GET_DIRTY_LOG` into the caller's buffer (see
+    /// [`crate::vm::Vm::get_dirty_log_into`]): the words written.
+    pub(crate) fn get_dirty_log_into(
+        &self,
+        as_id: u16,
+        id: u16,
+        out: &mut [u64],
+    ) -> Result<usize, DirtyLogError> {
+        let _serial = self.vmm_lock.lock_fair_with(&self.core.relax());
+        self.memslots.with_dirty_log(
+            as_id,
+            id,
+            || Ok(()),
+            |slot, bitmap, mode| {
+                // Checked before anything is taken: a short buffer loses no dirty bit.
+                let needed = bitmap.len_words();
+                if out.len() < needed {
+                    return Err(DirtyLogError::BitmapTooShort { words: out.len(), needed });
+                }
+                let core = &self.core;
+                match &self.mmu {
+                    VmMmu::Shadow(shadow) => {
+                        get_log_into(&ShadowProtect { core, shadow }, slot, bitmap, mode, out)
+                    }
+                    VmMmu::Tdp(tdp) => get_log_into(&Tdp { core, tdp }, slot, bitmap, mode, out),
+                }
+                Ok(needed)
             },
         )
     }
