@@ -264,12 +264,14 @@ pub fn tdp_scenario(format: FormatKind) -> Result<Summary, BareError> {
         for page in [3u64, 7] {
             s.count(tdp_access(&mut cpu, &mut vcpu, (1 << 30) + page * 4096, true)?);
         }
-        let bitmap = vm.get_dirty_log(AsId(0), SlotId(0))?;
-        s.dirty_pages = vmmu::dirty::pages_of(&bitmap).collect();
+        // Into a fixed buffer (no allocation): 2 MiB is 512 pages, 8 words.
+        let mut bitmap = [0u64; 8];
+        let n = vm.get_dirty_log_into(AsId(0), SlotId(0), &mut bitmap)?;
+        s.dirty_pages = vmmu::dirty::pages_of(&bitmap[..n]).collect();
         // The GET write-protected them again: the next write faults and logs again.
         s.count(tdp_access(&mut cpu, &mut vcpu, (1 << 30) + 7 * 4096, true)?);
-        let bitmap = vm.get_dirty_log(AsId(0), SlotId(0))?;
-        check(vmmu::dirty::pages_of(&bitmap).eq([7]), "the second GET: page 7 only")?;
+        let n = vm.get_dirty_log_into(AsId(0), SlotId(0), &mut bitmap)?;
+        check(vmmu::dirty::pages_of(&bitmap[..n]).eq([7]), "the second GET: page 7 only")?;
 
         // Delete (size 0), with the vCPU out of guest mode on this CPU.
         vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, 0, 0))?;

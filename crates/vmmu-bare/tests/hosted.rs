@@ -34,10 +34,26 @@ fn shadow_scenario() {
     assert_eq!(s.leaked_tables, 0);
 }
 
-/// Errors the embedder reports through `core::error::Error`, its own and the core's.
+/// Every public error of the core is a `core::error::Error` (so `Display` too) without `std`:
+/// a bare-metal hypervisor logs them and wraps them in its own errors, as this embedder does.
 #[test]
 fn errors_are_core_errors_with_a_source() {
     fn is_error<E: core::error::Error + Send + Sync + 'static>(_: &E) {}
+    fn error_type<E: core::error::Error + Send + Sync + 'static>() {}
+    error_type::<vmmu::Error>();
+    error_type::<vmmu::memslot::MemslotError>();
+    error_type::<vmmu::memslot::ConfigError>();
+    error_type::<vmmu::fault::FaultError>();
+    error_type::<vmmu::vm::VmError>();
+    error_type::<vmmu::mmu_core::MmuError>();
+    error_type::<vmmu::spte::SpteConfigError>();
+    error_type::<vmmu::srcu::SrcuError>();
+    error_type::<vmmu::dirty::DirtyLogError>();
+    error_type::<vmmu::vcpu::ShadowError>();
+    error_type::<vmmu::guest::PdptrError>();
+    error_type::<vmmu::guest::walk::WalkError>();
+    error_type::<vmmu::guest::walk::GpteWriteError>();
+    error_type::<vmmu::host::HostFault>();
     let e = BareError::from(vmmu::memslot::MemslotError::SizeNotAligned { size: 1 });
     is_error(&e);
     assert!(core::error::Error::source(&e).is_some());
