@@ -7,7 +7,8 @@
 //! non-zero if anything is not what KVM would do (CI runs it).
 //!
 //! Nothing here uses the crate's test host: a bare-metal hypervisor would replace `std::sync`
-//! with its own spin locks and the thread with a physical CPU, and keep the rest.
+//! with its own spin locks and the thread with a physical CPU, and keep the rest
+//! (`crates/vmmu-bare` does, without std, and builds for `x86_64-unknown-none`).
 
 use std::collections::HashMap;
 use std::ptr::NonNull;

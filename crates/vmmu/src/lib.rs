@@ -6,8 +6,49 @@
 //! `../shared/design/kvm-mmu-facts.md`, beside the repository); where a type mirrors a KVM concept its doc says which.
 //!
 //! `#![no_std]` + `alloc`: the host provides page-table frames and address translation through
-//! the traits in [`host`], and chooses how waiters wait ([`sync::Relax`]). The `std` feature (on
-//! by default) adds `std::error::Error` impls and the yielding wait policy.
+//! the traits in [`host`], and chooses how waiters wait ([`host::Sched::relax`]). The `std`
+//! feature (on by default) adds only the yielding wait policy (`Yield`, a [`Relax`]), which then
+//! becomes the default of [`host::Sched::relax`]; nothing else of the API depends on it.
+//!
+//! # Using the core without std (a bare-metal hypervisor)
+//! Take it with `default-features = false`; it needs a global allocator and nothing else from
+//! its environment. `crates/vmmu-bare` is such an embedder, built for `x86_64-unknown-none`.
+//! - **Errors**: every error type implements `core::error::Error` and `Display` in both builds.
+//! - **The host** ([`host::Host`]): [`host::FrameAllocator`] (a fixed pool of table pages is
+//!   enough; its `table` must be O(1) and lock-free), [`host::HostMemory`], [`host::Sched`],
+//!   and [`host::GuestMemory`] for shadow paging. None needs an OS.
+//! - **Waits**: every wait of a VM (grace periods, flush acknowledgements, the VM's locks) turns
+//!   [`host::Sched::relax`]. Without `std` its default spins with the pause hint; with `std` it
+//!   yields to the OS. Override it to get the same policy in both builds. No wait parks, sleeps
+//!   or uses a thread-local.
+//! - **Memslot addresses**: a memslot's `userspace_addr` is checked against
+//!   [`vm::VmConfig::user_va_limit`], Linux's user-space limit unless raised: a hypervisor that
+//!   names guest RAM by its own higher-half addresses raises it.
+//! - **VM entry and kicks** (KVM's order): [`vcpu::Vcpu::service_requests`] (flush the TLB if it
+//!   says so), then disable interrupts, then [`vcpu::Vcpu::enter_guest`] (an `Err` means a
+//!   request arrived: enable interrupts and service again), load the root it gives
+//!   ([`vcpu::GuestMode::root`]) and enter the guest; after the VM exit drop the guard, enable
+//!   interrupts and call the exit's handler. [`host::Sched::kick`] must make the CPU running
+//!   the vCPU exit (an IPI): with interrupts off between `enter_guest` and VM entry, a kick sent
+//!   in that window stays pending and exits the guest at once, so no request is missed.
+//! - **Allocation** from the global allocator (which a hypervisor may not be able to use with
+//!   interrupts off): on a TDP VM the exit handlers ([`vcpu::Vcpu::handle_ept_violation`],
+//!   [`vcpu::Vcpu::handle_ept_misconfig`], [`vcpu::Vcpu::handle_npf`]), guest entry and exit,
+//!   [`vcpu::Vcpu::service_requests`] when it loads no new root, and
+//!   [`vm::Vm::get_dirty_log_into`] allocate nothing (table frames come from the host's
+//!   [`host::FrameAllocator`]; `crates/vmmu-bare/tests/exit_path_alloc.rs` checks it). Loading a
+//!   root (the first `service_requests`, and after a zap of all roots) allocates, and so does a
+//!   shadow-paging #PF ([`vcpu::Vcpu::handle_page_fault`]: the shadow pages' bookkeeping, under
+//!   the shadow lock), as do memslot updates, VM and vCPU creation and [`vm::Vm::get_dirty_log`].
+//!   These allocations are infallible: out of heap, they end in the allocator's error handler
+//!   (on a bare-metal target a panic), not in an `ENOMEM`; only table frames
+//!   ([`fault::FaultError::OutOfMemory`]) and dirty bitmaps (`ENOMEM` from a memslot update)
+//!   report exhaustion.
+//! - **Panics** (a caller bug, such as [`vcpu::Vcpu::walk`] outside guest mode) abort on a
+//!   target whose panic strategy is `abort`, as `x86_64-unknown-none`'s is; what [`host`]
+//!   says about panics unwinding out of the MMU applies to unwinding builds only.
+//! - **Features** unify across a Cargo build: a workspace build in which any crate enables
+//!   `vmmu/std` builds it with std for every crate (`cargo tree -e features -i vmmu` shows it).
 #![no_std]
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
