@@ -261,6 +261,12 @@ pub trait GuestMemory: Send + Sync {
 /// machine) needs to do nothing here: the default does nothing.
 pub trait Sched: Send + Sync {
     /// Interrupts the guest-mode period of vCPU `vcpu_index`. Must not block.
+    ///
+    /// On hardware: an IPI to the CPU that runs the vCPU (a VM exit by external-interrupt
+    /// exiting); the handler itself need do nothing. For no request to be missed, the vCPU's CPU
+    /// keeps interrupts off from [`crate::vcpu::Vcpu::enter_guest`] to VM entry, so a kick sent
+    /// in between stays pending and exits the guest at once (the crate doc, "Using the core
+    /// without std", gives the whole entry order).
     fn kick(&self, vcpu_index: usize) {
         let _ = vcpu_index;
     }
