@@ -4,6 +4,7 @@
 //! test run the same code.
 
 use crate::host::{BareHost, RAM_HVA};
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +12,6 @@ use vmmu::fault::{EmulateSource, FaultOutcome, PfErr};
 use vmmu::guest::GuestCpu;
 use vmmu::memslot::{UserspaceMemoryRegion, KVM_MEM_LOG_DIRTY_PAGES};
 use vmmu::spte::FormatKind;
-use vmmu::sync::Arc;
 use vmmu::tdp::HwWalk;
 use vmmu::vcpu::Vcpu;
 use vmmu::vm::{Vm, VmConfig};
