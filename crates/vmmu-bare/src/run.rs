@@ -327,7 +327,9 @@ pub fn shadow_scenario() -> Result<Summary, BareError> {
 }
 
 /// The vCPU side of a kick: the CPU sits in guest mode (as a vCPU that never faults does) until
-/// `stop`, taking its IPI when one comes: the VM exit, the MMU's requests, and entry again. Run
+/// `stop`, taking its IPI when one comes: the VM exit, the MMU's requests, and entry again. As
+/// on hardware it does not poll [`Vcpu::requests_pending`]: without the MMU's kick it would
+/// never leave guest mode, and a memslot delete would wait forever. Run
 /// it on the CPU that runs the vCPU while another CPU updates the memslots; it sets `entered`
 /// once it is in guest mode. Returns the IPIs taken.
 pub fn sit_in_guest(
@@ -344,7 +346,8 @@ pub fn sit_in_guest(
     }
     entered.store(true, Ordering::Release);
     while !stop.load(Ordering::Acquire) {
-        if host.take_ipi(cpu.index) || vcpu.requests_pending() || !vcpu.in_guest_mode() {
+        // Only the IPI gets a CPU out of guest mode: the guest runs, nobody polls requests.
+        if host.take_ipi(cpu.index) || !vcpu.in_guest_mode() {
             ipis += 1;
             vcpu.exit_guest_mode();
             cpu.service(vcpu)?;
