@@ -209,6 +209,22 @@ pub enum HostAccess {
     Write,
 }
 
+/// What a host frame is, for the memory type of the EPT leaves that map it (KVM
+/// `kvm_is_mmio_pfn`, which `make_spte` passes to `vmx_get_mt_mask`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub enum FrameKind {
+    /// Host RAM: EPT leaves map it write-back with ignore-PAT (the guest's PAT cannot make its
+    /// RAM uncached; KVM without non-coherent DMA).
+    #[default]
+    Ram,
+    /// Device memory (a device's BAR passed through to the guest, a frame that is not host
+    /// RAM): EPT leaves map it uncacheable without ignore-PAT, so registers are never cached
+    /// and the guest's PAT may still ask for write-combining (a framebuffer). NPT and the
+    /// shadow MMU's x86 formats carry no memory type: the guest's PAT and the host's MTRRs
+    /// decide there.
+    Device,
+}
+
 /// Host-virtual to host-frame translation (KVM: `hva_to_pfn` / get_user_pages).
 pub trait HostMemory: Send + Sync {
     /// Translates `hva` for `access`.
@@ -233,6 +249,16 @@ pub trait HostMemory: Send + Sync {
     fn mapping_level(&self, hva: Hva) -> Option<Level> {
         let _ = hva;
         None
+    }
+
+    /// What `pfn`, a frame [`Self::translate`] or [`Self::translate_mapped_writable`] named,
+    /// is (KVM `kvm_is_mmio_pfn`): asked for every leaf the TDP MMU makes from a host frame, so
+    /// keep it cheap. The default says RAM for every frame: a host that passes device memory
+    /// through a memslot must answer [`FrameKind::Device`] for it, or EPT maps the device's
+    /// registers write-back.
+    fn frame_kind(&self, pfn: Pfn) -> FrameKind {
+        let _ = pfn;
+        FrameKind::Ram
     }
 }
 

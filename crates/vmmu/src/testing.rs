@@ -6,7 +6,8 @@
 //! ([`TestHost::use_after_free`]), which tests assert to be zero.
 
 use crate::host::{
-    FrameAllocator, HostAccess, HostFault, HostMemory, HostPage, TableEntries, ENTRIES_PER_TABLE,
+    FrameAllocator, FrameKind, HostAccess, HostFault, HostMemory, HostPage, TableEntries,
+    ENTRIES_PER_TABLE,
 };
 use crate::sync::{AtomicBool, AtomicU64, Mutex, Ordering};
 use crate::types::{Hva, Level, Pfn, PAGE_SHIFT};
@@ -99,6 +100,9 @@ pub struct TestHost {
     /// Words whose next compare-and-swaps lose to a racing writer: (hva, swaps left), see
     /// [`TestHost::race_cmpxchgs`].
     racers: Mutex<Vec<(u64, u32)>>,
+    /// Frame ranges `[first, end)` of device memory ([`HostMemory::frame_kind`]), see
+    /// [`TestHost::set_device_frames`].
+    device: Mutex<Vec<(u64, u64)>>,
 }
 
 impl TestHost {
@@ -127,6 +131,7 @@ impl TestHost {
             written: Mutex::new(alloc::collections::BTreeSet::new()),
             type_stable: false,
             racers: Mutex::new(Vec::new()),
+            device: Mutex::new(Vec::new()),
         }
     }
 
@@ -138,6 +143,12 @@ impl TestHost {
     /// read one, and discard what they read). The default host keeps the section and the check.
     pub fn new_type_stable(nr_tables: usize) -> Self {
         TestHost { type_stable: true, ..Self::new(nr_tables) }
+    }
+
+    /// Frames `[first, first + count)` are device memory ([`HostMemory::frame_kind`] says
+    /// [`FrameKind::Device`]; every other frame is RAM).
+    pub fn set_device_frames(&self, first: u64, count: u64) {
+        self.device.lock().push((first, first + count));
     }
 
     /// With `on`, a read translation of a page no write translation reached yet is not
@@ -370,6 +381,15 @@ impl HostMemory for TestHost {
         let (m, _) = find_mapping(&maps, hva)?;
         let written = self.written.lock().contains(&(hva.raw() >> PAGE_SHIFT));
         (m.writable && written).then(|| Pfn(m.pfn + ((hva.raw() - m.hva) >> PAGE_SHIFT)))
+    }
+
+    fn frame_kind(&self, pfn: Pfn) -> FrameKind {
+        let device = self.device.lock().iter().any(|&(lo, hi)| (lo..hi).contains(&pfn.raw()));
+        if device {
+            FrameKind::Device
+        } else {
+            FrameKind::Ram
+        }
     }
 }
 

@@ -1164,6 +1164,7 @@ mod tests {
             max_level: Level::L4K,
             access: Access::ALL,
             writable: false,
+            kind: crate::host::FrameKind::Ram,
         };
         let shared = crate::tdp::MmuRead::Lock(mmu.tdp.mmu_lock.read(&mmu.relax()));
         let read = PageFault::tdp(Gpa(GPA), PfErr::from_access(FaultAccess::READ, false));

@@ -9,7 +9,7 @@
 
 use super::{FaultError, PfErr};
 use crate::bugs::{Bug, BugSet};
-use crate::host::{HostAccess, HostMemory};
+use crate::host::{FrameKind, HostAccess, HostMemory};
 use crate::invalidate::Invalidation;
 use crate::memslot::{Memslot, MemslotSet, SlotCache};
 use crate::requests::{Request, Requests};
@@ -42,6 +42,8 @@ pub enum Backing {
         max_level: Level,
         /// Whether the mapping may allow writes (KVM `fault->map_writable`).
         writable: bool,
+        /// What the host says the frame is (KVM `kvm_is_mmio_pfn(fault->pfn)`).
+        kind: FrameKind,
     },
     /// No memslot: emulated MMIO (KVM `kvm_handle_noslot_fault`).
     NoSlot,
@@ -166,7 +168,9 @@ impl PageFault {
         // already written: `HostPage::writable`); in a dirty-logged slot such a leaf marks the
         // page dirty (the fault path), read or not, as KVM does.
         let writable = !s.is_readonly() && hp.writable;
-        Ok(Ok(Backing::Ram { slot: s, base_pfn: Pfn(hp.pfn.raw() - offset), max_level, writable }))
+        let kind = host.frame_kind(hp.pfn);
+        let base_pfn = Pfn(hp.pfn.raw() - offset);
+        Ok(Ok(Backing::Ram { slot: s, base_pfn, max_level, writable, kind }))
     }
 
     /// KVM `is_page_fault_stale`, under the MMU lock (the caller holds it): the root was

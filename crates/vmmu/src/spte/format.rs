@@ -56,6 +56,7 @@
 //! Present entries always have bit 11 set; the non-present, frozen and MMIO values never do.
 
 use super::{genmask, SpteConfigError};
+use crate::host::FrameKind;
 use crate::types::{Access, Level, Pfn, PAGE_SHIFT};
 
 /// The kind of entry format the MMU builds.
@@ -94,7 +95,10 @@ pub(crate) const EPT_R: u64 = 1 << 0;
 pub(crate) const EPT_X: u64 = 1 << 2;
 pub(crate) const EPT_RWX: u64 = 0x7;
 pub(crate) const EPT_MT_SHIFT: u32 = 3;
+/// EPT memory type write-back.
 pub(crate) const EPT_MT_WB: u64 = 6;
+/// EPT memory type uncacheable.
+pub(crate) const EPT_MT_UC: u64 = 0;
 /// EPT leaf: ignore the guest's PAT (the EPT memory type alone decides).
 pub(crate) const EPT_IPAT: u64 = 1 << 6;
 const EPT_A: u64 = 1 << 8;
@@ -231,15 +235,31 @@ impl SpteFormat {
         NPT_P | Self::MMU_PRESENT | (table.hpa() & self.addr_mask()) | self.c_bit_mask()
     }
 
-    /// An MMU-present leaf mapping `pfn` at `level` (KVM's `make_spte` for TDP).
-    ///
-    /// Always readable; writable iff `writable` and `access` has WRITE; executable iff `access`
-    /// has EXEC; NPT's U bit iff `access` has USER. EPT leaves get memory type WB with ignore-PAT, and SVE. Huge
-    /// pages (level > 1) get bit 7. Accessed is set, and dirty when writable. SEV: C-bit set.
-    /// `pfn` must fit `phys_bits` and be aligned to the level; `level` must be at most
-    /// [`Self::max_leaf_level`] (internal invariants, debug-asserted).
+    /// An MMU-present leaf mapping `pfn`, host RAM, at `level`: [`Self::make_frame_leaf`] for
+    /// [`FrameKind::Ram`].
     #[inline]
     pub fn make_leaf(&self, pfn: Pfn, level: Level, access: Access, writable: bool) -> u64 {
+        self.make_frame_leaf(pfn, FrameKind::Ram, level, access, writable)
+    }
+
+    /// An MMU-present leaf mapping `pfn`, a host frame of `kind`, at `level` (KVM's `make_spte`
+    /// for TDP).
+    ///
+    /// Always readable; writable iff `writable` and `access` has WRITE; executable iff `access`
+    /// has EXEC; NPT's U bit iff `access` has USER. EPT leaves get a memory type (KVM
+    /// `vmx_get_mt_mask`): RAM write-back with ignore-PAT, device memory uncacheable without it;
+    /// and SVE. Huge pages (level > 1) get bit 7. Accessed is set, and dirty when writable.
+    /// SEV: C-bit set. `pfn` must fit `phys_bits` and be aligned to the level; `level` must be
+    /// at most [`Self::max_leaf_level`] (internal invariants, debug-asserted).
+    #[inline]
+    pub fn make_frame_leaf(
+        &self,
+        pfn: Pfn,
+        kind: FrameKind,
+        level: Level,
+        access: Access,
+        writable: bool,
+    ) -> u64 {
         debug_assert!(level <= self.max_leaf_level(), "{level:?} cannot map a page");
         debug_assert!(self.holds_pfn(pfn), "{pfn:?} beyond phys_bits");
         debug_assert!(pfn.raw() % level.pages() == 0, "{pfn:?} not aligned to {level:?}");
@@ -250,9 +270,14 @@ impl SpteFormat {
             spte |= BIT_LARGE;
         }
         if self.is_ept() {
-            // WB and ignore-PAT (KVM `vmx_get_mt_mask` without non-coherent DMA): the guest's
-            // PAT cannot make its RAM uncached.
-            spte |= EPT_R | (EPT_MT_WB << EPT_MT_SHIFT) | EPT_IPAT | EPT_A | BIT_63;
+            spte |= EPT_R | EPT_A | BIT_63;
+            spte |= match kind {
+                // KVM `vmx_get_mt_mask` without non-coherent DMA: the guest's PAT cannot make
+                // its RAM uncached.
+                FrameKind::Ram => (EPT_MT_WB << EPT_MT_SHIFT) | EPT_IPAT,
+                // `is_mmio`: UC, the guest's PAT combines (WC stays WC).
+                FrameKind::Device => EPT_MT_UC << EPT_MT_SHIFT,
+            };
             if w {
                 spte |= BIT_W | EPT_D;
             }

@@ -18,6 +18,7 @@ use super::dirty::SplitRights;
 use super::root::Root;
 use super::{MmuRead, RootList, Tdp};
 use crate::fault::PageFault;
+use crate::host::FrameKind;
 use crate::host::Host;
 use crate::mmu_core::FlushNeed;
 use crate::spte::SpteFormat;
@@ -39,6 +40,8 @@ pub enum LeafSpec {
         access: Access,
         /// Whether the leaf may be writable.
         writable: bool,
+        /// What the host frame is (its EPT memory type).
+        kind: FrameKind,
     },
     /// An MMIO SPTE (4 KiB level, like KVM).
     Mmio(u64),
@@ -149,10 +152,10 @@ impl<H: Host> Tdp<'_, H> {
             return MapOutcome::PresentLeafAllows;
         }
         let new = match spec {
-            LeafSpec::Ram { base_pfn, max_level, access, writable } => {
+            LeafSpec::Ram { base_pfn, max_level, access, writable, kind } => {
                 // From the start of the host block to this leaf's block.
                 let offset = max_level.offset_in_block(gfn) & !(level.pages() - 1);
-                fmt.make_leaf(Pfn(base_pfn.raw() + offset), level, access, writable)
+                fmt.make_frame_leaf(Pfn(base_pfn.raw() + offset), kind, level, access, writable)
             }
             LeafSpec::Mmio(spte) => spte,
         };
@@ -306,7 +309,13 @@ impl<H: Host> Tdp<'_, H> {
                     break;
                 };
                 let entry = &table[Level::L4K.index(Gfn(g))];
-                let leaf = fmt.make_leaf(frame, Level::L4K, Access::ALL, true);
+                let leaf = fmt.make_frame_leaf(
+                    frame,
+                    host.frame_kind(frame),
+                    Level::L4K,
+                    Access::ALL,
+                    true,
+                );
                 let old = entry.load(Ordering::Acquire);
                 if SpteFormat::is_mmu_present(old)
                     || SpteFormat::is_frozen(old)

@@ -195,7 +195,7 @@ impl<H: Host> Tdp<'_, H> {
         spec: LeafSpec,
         pages: &mut Vec<Pfn>,
     ) -> MapOutcome {
-        let LeafSpec::Ram { base_pfn, max_level, access, writable } = spec else {
+        let LeafSpec::Ram { base_pfn, max_level, access, writable, kind } = spec else {
             return MapOutcome::Retry; // MMIO SPTEs are 4 KiB: never in this case
         };
         let fmt = self.cfg.format;
@@ -227,7 +227,7 @@ impl<H: Host> Tdp<'_, H> {
         let child = fmt.pfn(old);
         let lo = level.block_base(fault.gfn);
         let hi = Gfn(lo.raw() + level.pages());
-        let huge = fmt.make_leaf(base_pfn, level, access, writable);
+        let huge = fmt.make_frame_leaf(base_pfn, kind, level, access, writable);
         // The huge leaf first, then the detached table's entries (KVM `handle_removed_pt`).
         let mut flush = self.set_spte_locked(entry, old, huge, level, lo) == FlushNeed::Remote;
         flush |= self.zap_table(child, lower, lo, lo, hi, ZapScope::Tables, pages);

@@ -340,8 +340,8 @@ impl VcpuMmu {
         };
         let mmio_access = Access::from_bits(Access::ALL.bits() & codec.access_mask() as u8);
         let spec = match backing {
-            Backing::Ram { base_pfn, max_level, writable, .. } => {
-                LeafSpec::Ram { base_pfn, max_level, access: Access::ALL, writable }
+            Backing::Ram { base_pfn, max_level, writable, kind, .. } => {
+                LeafSpec::Ram { base_pfn, max_level, access: Access::ALL, writable, kind }
             }
             Backing::NoSlot => {
                 // KVM `kvm_handle_noslot_fault`.
