@@ -24,6 +24,9 @@
 //! - **Memslot addresses**: a memslot's `userspace_addr` is checked against
 //!   [`vm::VmConfig::user_va_limit`], Linux's user-space limit unless raised: a hypervisor that
 //!   names guest RAM by its own higher-half addresses raises it.
+//! - **Device memory** passed through a memslot (a BAR): [`host::HostMemory::frame_kind`] must
+//!   say [`host::FrameKind::Device`] for its frames, so EPT maps them uncacheable (the default
+//!   says RAM: write-back).
 //! - **VM entry and kicks** (KVM's order): [`vcpu::Vcpu::service_requests`] (flush the TLB if it
 //!   says so), then disable interrupts, then [`vcpu::Vcpu::enter_guest`] (an `Err` means a
 //!   request arrived: enable interrupts and service again), load the root it gives
