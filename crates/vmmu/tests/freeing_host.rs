@@ -161,43 +161,38 @@ fn access(v: &mut Vcpu<FreeingHost>, gpa: u64, write: bool, until: Instant) {
     }
 }
 
-#[test]
-fn tables_freed_under_walks_and_zaps_are_never_read_after_their_grace_period() {
-    let host = FreeingHost::new();
-    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
-    cfg.max_vcpus = 2;
-    let vm = Vm::new(cfg, host.clone()).unwrap();
-    vm.set_memory_region(&ram_slot(0, 0, 2 << 20)).unwrap();
-    vm.set_memory_region(&ram_slot(1, 2 << 20, 2 << 20)).unwrap();
+/// Runs `vcpu(index, its vCPU, stop, deadline)` on two vCPU threads of `vm` while this thread
+/// churns for 2 s (slot 1 deleted and created again, a host invalidation, `zap_all_fast`, and
+/// with `shrink` the shadow shrinker), then checks that table pages were freed meanwhile and that
+/// every one comes back with the VM.
+fn churn_under_vcpus(
+    vm: Vm<FreeingHost>,
+    host: &FreeingHost,
+    shrink: bool,
+    vcpu: fn(u64, Vcpu<FreeingHost>, &AtomicBool, Instant),
+) {
     let stop = Arc::new(AtomicBool::new(false));
     let until = Instant::now() + Duration::from_secs(20);
     let vcpus: Vec<_> = (0..2u64)
         .map(|t| {
-            let mut v = vm.create_vcpu().unwrap();
+            let v = vm.create_vcpu().unwrap();
             let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut i = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    // RAM in both slots (slot 1 comes and goes: MMIO while it is away), and
-                    // device MMIO with no slot.
-                    let gpa = ((i * 7 + t) % 1024) << 12;
-                    access(&mut v, gpa, i % 3 == 0, until);
-                    access(&mut v, 0xfee0_0000 + (i % 4) * 0x1000, false, until);
-                    i += 1;
-                }
-            })
+            std::thread::spawn(move || vcpu(t, v, &stop, until))
         })
         .collect();
     let t0 = Instant::now();
     let mut round = 0u64;
     while t0.elapsed() < Duration::from_secs(2) {
-        match round % 4 {
+        match round % 5 {
             0 => {
                 vm.set_memory_region(&ram_slot(1, 2 << 20, 0)).unwrap();
                 vm.set_memory_region(&ram_slot(1, 2 << 20, 2 << 20)).unwrap();
             }
             1 => drop(vm.invalidate_hva_range_begin(Hva(RAM_HVA), Hva(RAM_HVA + (1 << 20)))),
             2 => vm.zap_all_fast(),
+            3 if shrink => {
+                vm.shrink_shadow_pages(usize::MAX);
+            }
             _ => std::thread::sleep(Duration::from_millis(1)),
         }
         round += 1;
@@ -209,6 +204,27 @@ fn tables_freed_under_walks_and_zaps_are_never_read_after_their_grace_period() {
     assert!(host.freed.load(Ordering::Relaxed) > 0, "no table page was freed: nothing tested");
     drop(vm);
     assert_eq!(host.live(), 0, "every table page came back when the VM went");
+}
+
+#[test]
+fn tables_freed_under_walks_and_zaps_are_never_read_after_their_grace_period() {
+    let host = FreeingHost::new();
+    let mut cfg = VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.max_vcpus = 2;
+    let vm = Vm::new(cfg, host.clone()).unwrap();
+    vm.set_memory_region(&ram_slot(0, 0, 2 << 20)).unwrap();
+    vm.set_memory_region(&ram_slot(1, 2 << 20, 2 << 20)).unwrap();
+    churn_under_vcpus(vm, &host, false, |t, mut v, stop, until| {
+        let mut i = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            // RAM in both slots (slot 1 comes and goes: MMIO while it is away), and device MMIO
+            // with no slot.
+            let gpa = ((i * 7 + t) % 1024) << 12;
+            access(&mut v, gpa, i % 3 == 0, until);
+            access(&mut v, 0xfee0_0000 + (i % 4) * 0x1000, false, until);
+            i += 1;
+        }
+    });
 }
 
 /// One guest access under shadow paging, until it translates, is emulated (MMIO) or the
@@ -262,50 +278,18 @@ fn shadow_pages_freed_under_walks_and_zaps_are_never_read_after_their_grace_peri
     let vm = Vm::new(cfg, host.clone()).unwrap();
     vm.set_memory_region(&ram_slot(0, 0, 2 << 20)).unwrap();
     vm.set_memory_region(&ram_slot(1, 2 << 20, 2 << 20)).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let until = Instant::now() + Duration::from_secs(20);
-    let vcpus: Vec<_> = (0..2u64)
-        .map(|t| {
-            let mut v = vm.create_vcpu().unwrap();
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                v.set_guest_cpu(GuestCpu::long4(0, 46)).unwrap();
+    churn_under_vcpus(vm, &host, true, |t, mut v, stop, until| {
+        v.set_guest_cpu(GuestCpu::long4(0, 46)).unwrap();
+        v.load_cr3(0x1000).unwrap();
+        let mut i = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let gva = 0x40_0000 + ((i * 5 + t) % 512) * 0x1000;
+            shadow_access(&mut v, gva, i % 4 == 0, until);
+            shadow_access(&mut v, 0x60_0000 + (i % 8) * 0x1000, false, until);
+            if i % 64 == 0 {
                 v.load_cr3(0x1000).unwrap();
-                let mut i = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let gva = 0x40_0000 + ((i * 5 + t) % 512) * 0x1000;
-                    shadow_access(&mut v, gva, i % 4 == 0, until);
-                    shadow_access(&mut v, 0x60_0000 + (i % 8) * 0x1000, false, until);
-                    if i % 64 == 0 {
-                        v.load_cr3(0x1000).unwrap();
-                    }
-                    i += 1;
-                }
-            })
-        })
-        .collect();
-    let t0 = Instant::now();
-    let mut round = 0u64;
-    while t0.elapsed() < Duration::from_secs(2) {
-        match round % 5 {
-            0 => {
-                vm.set_memory_region(&ram_slot(1, 2 << 20, 0)).unwrap();
-                vm.set_memory_region(&ram_slot(1, 2 << 20, 2 << 20)).unwrap();
             }
-            1 => drop(vm.invalidate_hva_range_begin(Hva(RAM_HVA), Hva(RAM_HVA + (1 << 20)))),
-            2 => vm.zap_all_fast(),
-            3 => {
-                vm.shrink_shadow_pages(usize::MAX);
-            }
-            _ => std::thread::sleep(Duration::from_millis(1)),
+            i += 1;
         }
-        round += 1;
-    }
-    stop.store(true, Ordering::Relaxed);
-    for v in vcpus {
-        v.join().unwrap();
-    }
-    assert!(host.freed.load(Ordering::Relaxed) > 0, "no page was freed: nothing tested");
-    drop(vm);
-    assert_eq!(host.live(), 0, "every page came back when the VM went");
+    });
 }

@@ -234,7 +234,7 @@ impl DirtyBitmap {
     /// Clears `mask` in word `i`; returns the bits of `mask` that were set.
     #[inline]
     fn clear(&self, i: usize, mask: u64) -> u64 {
-        // Cheap test first, as in `get_log`: a word with none of `mask` set needs no write (and
+        // Cheap test first, as in `get_log_into`: a word with none of `mask` set needs no write (and
         // its page of a big bitmap stays unmapped). Callers hold the MMU lock exclusive, so no
         // fault marks the word between the load and the exchange (module doc).
         if self.words[i].load(Ordering::Relaxed) & mask == 0 {
@@ -306,21 +306,9 @@ pub(crate) trait WriteProtect {
 }
 
 /// KVM `kvm_get_dirty_log_protect` on a slot that logs, with the slots lock held by the caller:
-/// the bitmap's words (bit `i` = page `i` of the slot). Auto mode also clears them and
-/// write-protects those pages, flushing before it returns.
-pub(crate) fn get_log<M: WriteProtect>(
-    mmu: &M,
-    slot: &Memslot,
-    bitmap: &DirtyBitmap,
-    mode: DirtyLogMode,
-) -> Vec<u64> {
-    let mut out = alloc::vec![0; bitmap.len_words()];
-    get_log_into(mmu, slot, bitmap, mode, &mut out);
-    out
-}
-
-/// [`get_log`] into `out`, whose first [`DirtyBitmap::len_words`] words it fills (the caller
-/// checked the length). Allocates nothing.
+/// the bitmap's words (bit `i` = page `i` of the slot) into `out`, whose first
+/// [`DirtyBitmap::len_words`] words it fills (the caller checked the length). Auto mode also
+/// clears them and write-protects those pages, flushing before it returns. Allocates nothing.
 pub(crate) fn get_log_into<M: WriteProtect>(
     mmu: &M,
     slot: &Memslot,
@@ -432,22 +420,13 @@ pub(crate) fn gfn_of(slot: &Memslot, index: u64) -> Gfn {
 impl<H: crate::host::Host> VmShared<H> {
     /// `KVM_GET_DIRTY_LOG` (see [`crate::vm::Vm::get_dirty_log`]).
     pub(crate) fn get_dirty_log(&self, as_id: u16, id: u16) -> Result<Vec<u64>, DirtyLogError> {
-        // KVM holds `slots_lock` for the whole ioctl: no memslot update meanwhile.
-        let _serial = self.vmm_lock.lock_fair_with(&self.core.relax());
-        self.memslots.with_dirty_log(
-            as_id,
-            id,
-            || Ok(()),
-            |slot, bitmap, mode| {
-                let core = &self.core;
-                Ok(match &self.mmu {
-                    VmMmu::Shadow(shadow) => {
-                        get_log(&ShadowProtect { core, shadow }, slot, bitmap, mode)
-                    }
-                    VmMmu::Tdp(tdp) => get_log(&Tdp { core, tdp }, slot, bitmap, mode),
-                })
-            },
-        )
+        let mut log = Vec::new();
+        let buf = &mut log;
+        self.get_dirty_log_to(as_id, id, move |needed| {
+            buf.resize(needed, 0);
+            Ok(buf.as_mut_slice())
+        })?;
+        Ok(log)
     }
 
     /// `KVM_GET_DIRTY_LOG` into the caller's buffer (see
@@ -458,17 +437,30 @@ impl<H: crate::host::Host> VmShared<H> {
         id: u16,
         out: &mut [u64],
     ) -> Result<usize, DirtyLogError> {
+        self.get_dirty_log_to(as_id, id, |needed| {
+            let words = out.len();
+            out.get_mut(..needed).ok_or(DirtyLogError::BitmapTooShort { words, needed })
+        })
+    }
+
+    /// `KVM_GET_DIRTY_LOG` into the buffer `buf` gives for the slot's bitmap (asked with its
+    /// length in words, after the checks and before any bit is taken, so a buffer it refuses
+    /// loses no dirty bit): the words written.
+    fn get_dirty_log_to<'b>(
+        &self,
+        as_id: u16,
+        id: u16,
+        buf: impl FnOnce(usize) -> Result<&'b mut [u64], DirtyLogError>,
+    ) -> Result<usize, DirtyLogError> {
+        // KVM holds `slots_lock` for the whole ioctl: no memslot update meanwhile.
         let _serial = self.vmm_lock.lock_fair_with(&self.core.relax());
         self.memslots.with_dirty_log(
             as_id,
             id,
             || Ok(()),
             |slot, bitmap, mode| {
-                // Checked before anything is taken: a short buffer loses no dirty bit.
                 let needed = bitmap.len_words();
-                if out.len() < needed {
-                    return Err(DirtyLogError::BitmapTooShort { words: out.len(), needed });
-                }
+                let out = buf(needed)?;
                 let core = &self.core;
                 match &self.mmu {
                     VmMmu::Shadow(shadow) => {
@@ -527,6 +519,18 @@ mod tests {
     use super::*;
     use crate::types::{AsId, Hva, SlotId};
     use core::cell::RefCell;
+
+    /// [`get_log_into`] into a buffer of the bitmap's length.
+    fn get_log<M: WriteProtect>(
+        mmu: &M,
+        slot: &Memslot,
+        bitmap: &DirtyBitmap,
+        mode: DirtyLogMode,
+    ) -> Vec<u64> {
+        let mut out = alloc::vec![0; bitmap.len_words()];
+        get_log_into(mmu, slot, bitmap, mode, &mut out);
+        out
+    }
 
     /// An MMU that records what it was asked to protect and flush.
     #[derive(Default)]
