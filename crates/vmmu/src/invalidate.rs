@@ -3,11 +3,12 @@
 //! frames, faults on that range retry, and a fault that translated a host address before an
 //! invalidation finished must not install what it found.
 //!
-//! State: a sequence count (bumped at every `end`), the number of invalidations in flight, and
-//! the union of their gfn ranges (KVM keeps one range too). `begin`/`end` run under the MMU lock
-//! exclusive; the fault path reads the state once without the lock as a pre-check
-//! (`retry_unsafe`, KVM `mmu_invalidate_retry_gfn_unsafe`) and again under the lock, for the
-//! whole block the leaf may map (`retry_range`). All values are `u64`: the v6.1 stable bug came from comparing a sign-extended `int`.
+//! State: a sequence count (bumped at every `end`), the number of invalidations in flight, and the
+//! union of their gfn ranges (KVM keeps one range too). `begin`/`end` run under the MMU lock
+//! exclusive; the fault path reads the state once without the lock as a pre-check (`retry_unsafe`,
+//! KVM `mmu_invalidate_retry_gfn_unsafe`) and again under the lock, for the whole block the leaf
+//! may map (`retry_range`). All values are `u64`: the v6.1 stable bug came from comparing a
+//! sign-extended `int`.
 //!
 //! Ordering: the fault snapshots `seq` (Acquire) *before* translating the host address; `end`
 //! bumps `seq` (Release) after the host change is complete. If the fault's translation could have

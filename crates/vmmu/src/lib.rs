@@ -3,7 +3,8 @@
 //! The core library: memslots and their generation protocol, SPTE formats and the MMIO SPTE codec,
 //! the VM-wide MMU core ([`mmu_core`]), the TDP MMU and the shadow MMU with their fault paths,
 //! per-vCPU MMIO info cache and zapping, and dirty logging. It mirrors Linux KVM's x86 MMU (see
-//! `../shared/design/kvm-mmu-facts.md`, beside the repository); where a type mirrors a KVM concept its doc says which.
+//! `../shared/design/kvm-mmu-facts.md`, beside the repository); where a type mirrors a KVM concept
+//! its doc says which.
 //!
 //! `#![no_std]` + `alloc`: the host provides page-table frames and address translation through
 //! the traits in [`host`], and chooses how waiters wait ([`host::Sched::relax`]). The `std`

@@ -823,8 +823,9 @@ impl<H: Host> Vm<H> {
     /// `KVM_GET_DIRTY_LOG` on slot `id` of address space `as_id`: the slot's dirty bitmap (bit
     /// `i` of word `w` = page `64w + i` of the slot; [`crate::dirty::pages_of`] lists them).
     /// In [`DirtyLogMode::Auto`] the returned pages are cleared and write-protected again, and
-    /// if a leaf lost its write right every vCPU's TLB is flushed before this returns. Errors in KVM's order: `EINVAL` for an
-    /// address space or id out of range, `ENOENT` for no slot or no dirty logging.
+    /// if a leaf lost its write right every vCPU's TLB is flushed before this returns. Errors
+    /// in KVM's order: `EINVAL` for an address space or id out of range, `ENOENT` for no slot
+    /// or no dirty logging.
     pub fn get_dirty_log(&self, as_id: AsId, id: SlotId) -> Result<Vec<u64>, DirtyLogError> {
         self.inner.get_dirty_log(as_id.0, id.0)
     }
@@ -851,8 +852,9 @@ impl<H: Host> Vm<H> {
     /// `first + 64k + j`) over pages `[first, first + count)` of the slot and write-protects the
     /// pages that were dirty, flushing before it returns if a leaf lost its write right. KVM's
     /// checks in KVM's order: ids (`EINVAL`), `first` a multiple of 64 (`EINVAL`), the slot logs
-    /// (`ENOENT`), the range fits and `count` is a multiple of 64 unless it ends at the slot's
-    /// end (`EINVAL`); then `bitmap` must cover the range (`EFAULT`). As in KVM it works without manual protect too.
+    /// (`ENOENT`), the range fits and `count` is a multiple of 64 unless it ends at the slot's end
+    /// (`EINVAL`); then `bitmap` must cover the range (`EFAULT`). As in KVM it works without manual
+    /// protect too.
     pub fn clear_dirty_log(
         &self,
         as_id: AsId,

@@ -17,9 +17,9 @@
 //! A third model races a memslot move with two host invalidations of the slot's range
 //! (`memslot_move_vs_host_invalidations`).
 //!
-//! Property: the fault ends as Fixed or Retry, and once both sides are done an access reaches
-//! the new frame: no leaf of the frame the host no longer maps there survives. Removing the
-//! sequence comparison of `Invalidation::retry_range` fails the first two models; the shadow model also
+//! Property: the fault ends as Fixed or Retry, and once both sides are done an access reaches the
+//! new frame: no leaf of the frame the host no longer maps there survives. Removing the sequence
+//! comparison of `Invalidation::retry_range` fails the first two models; the shadow model also
 //! fails when `Invalidation::end` lowers the in-flight count before it bumps the sequence, and
 //! when `Vm::invalidate_hva_range_begin` unmaps the shadow leaves before it begins the
 //! invalidation.

@@ -157,13 +157,13 @@ fn a_guarded_entry_ends_a_raw_guest_mode_period_first() {
 
 /// `ShadowMmu::stale_entries_for_tests` (feature `testing`, a safe `pub fn`) took the MMU core
 /// whose host resolves the shadow pages' frames (then a `TdpMmu`) as a separate argument, and
-/// trusted it to be the shadow MMU's own VM's. Given another VM's (`vm_b.mmu()` then), it read
-/// that VM's table frames with the frame numbers of this VM's shadow pages, under this VM's
-/// shadow lock only: no lock or read section of the other VM kept them allocated. With the other VM's tables freed after
-/// their grace period, its test host (which keeps freed table memory) counted the reads as uses
-/// after free (test 3cda201, fixed in 05691a5); a host that gives table memory back would have been read after
-/// the free. Now the check is `Vm::stale_shadow_entries_for_tests`, which pairs the VM's shadow
-/// MMU with its own core, and the `ShadowMmu` method is crate-private.
+/// trusted it to be the shadow MMU's own VM's. Given another VM's (`vm_b.mmu()` then), it read that
+/// VM's table frames with the frame numbers of this VM's shadow pages, under this VM's shadow lock
+/// only: no lock or read section of the other VM kept them allocated. With the other VM's tables
+/// freed after their grace period, its test host (which keeps freed table memory) counted the reads
+/// as uses after free (test 3cda201, fixed in 05691a5); a host that gives table memory back would
+/// have been read after the free. Now the check is `Vm::stale_shadow_entries_for_tests`, which
+/// pairs the VM's shadow MMU with its own core, and the `ShadowMmu` method is crate-private.
 #[test]
 fn stale_shadow_entries_for_tests_reads_only_its_own_vms_tables() {
     use common::shadow::{access, long4, shadow_vm, vcpu_in, Seen, Space, P, RW, US};

@@ -234,8 +234,8 @@ impl DirtyBitmap {
     /// Clears `mask` in word `i`; returns the bits of `mask` that were set.
     #[inline]
     fn clear(&self, i: usize, mask: u64) -> u64 {
-        // Cheap test first, as in `get_log_into`: a word with none of `mask` set needs no write (and
-        // its page of a big bitmap stays unmapped). Callers hold the MMU lock exclusive, so no
+        // Cheap test first, as in `get_log_into`: a word with none of `mask` set needs no write
+        // (and its page of a big bitmap stays unmapped). Callers hold the MMU lock exclusive, so no
         // fault marks the word between the load and the exchange (module doc).
         if self.words[i].load(Ordering::Relaxed) & mask == 0 {
             return 0;
