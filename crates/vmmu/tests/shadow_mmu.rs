@@ -114,19 +114,6 @@ fn invlpg_keeps_a_synced_shadow_leaf() {
     );
 }
 
-/// The hardware walk of `gva` (user access, `write` or not) without handling any fault.
-fn hw(v: &mut Vcpu<TestHost>, gva: u64, write: bool) -> vmmu::tdp::HwWalk {
-    // A request may arrive meanwhile (e.g. the flush of a reload itself): service it again.
-    while {
-        v.service_requests().unwrap();
-        v.enter_guest_mode().is_err()
-    } {}
-    let need = if write { vmmu::Access::WRITE } else { vmmu::Access::NONE };
-    let walk = v.walk_gva(Gva(gva), need.union(vmmu::Access::USER));
-    v.exit_guest_mode();
-    walk
-}
-
 /// KVM `FNAME(pte_prefetch)`: a fault also maps the not-present neighbours in the 8-aligned
 /// group of its guest PTEs, in order, while they are present and accessed and their host pages
 /// are mapped writable already (a dirty gPTE: writable); the first that is not ends it.

@@ -118,20 +118,6 @@ fn starting_dirty_logging_write_protects_leaves_that_were_writable() {
     assert_eq!(dirty(&vm), vec![2], "the write after logging started is logged");
 }
 
-/// The hardware walk of a user access to `gva`, no fault handled.
-fn hw(v: &mut Vcpu<TestHost>, gva: u64, write: bool) -> HwWalk {
-    loop {
-        v.service_requests().unwrap();
-        if v.enter_guest_mode().is_ok() {
-            break;
-        }
-    }
-    let need = if write { Access::WRITE.union(Access::USER) } else { Access::USER };
-    let walk = v.walk_gva(Gva(gva), need);
-    v.exit_guest_mode();
-    walk
-}
-
 fn mapped(v: &mut Vcpu<TestHost>, gva: u64) -> bool {
     matches!(hw(v, gva, false), HwWalk::Translated { .. })
 }

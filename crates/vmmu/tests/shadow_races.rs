@@ -29,25 +29,29 @@ use vmmu::stats::RetryCause;
 use vmmu::tdp::HwWalk;
 use vmmu::testing::TestHost;
 use vmmu::vcpu::Vcpu;
-use vmmu::{Access, Gpa, Gva};
+use vmmu::{Gpa, Gva};
 
 const A: u64 = 0x4000_0000;
 const B: u64 = 0x6000_0000;
 const AC: u64 = 0x20;
 const DT: u64 = 0x40;
 
-/// The hardware walk of `gva` by `v` (user mode; a write if `write`).
-fn hw(v: &mut Vcpu<TestHost>, gva: u64, write: bool) -> HwWalk {
-    loop {
-        v.service_requests().unwrap();
-        if v.enter_guest_mode().is_ok() {
-            break;
-        }
+/// vCPU 0 (root loaded) and vCPU 1 of `vm` in `s`, vCPU 1 shared with a racer. With
+/// `table_shadowed`, vCPU 1 first reads `A + 64 KiB` (which the test maps to 0x20_8000, outside
+/// A's prefetch group), so the guest table holding A's gPTE is shadowed before the race.
+fn two_vcpus(
+    vm: &vmmu::vm::Vm<TestHost>,
+    s: &Space,
+    table_shadowed: bool,
+) -> (Vcpu<TestHost>, Rc<RefCell<Vcpu<TestHost>>>) {
+    let mut v0 = vcpu_in(vm, long4(s.cr3));
+    let v1 = Rc::new(RefCell::new(vcpu_in(vm, long4(s.cr3))));
+    if table_shadowed {
+        let seen = access(&mut v1.borrow_mut(), A + 0x1_0000, false);
+        assert_eq!(seen, Seen::Ram(ram_pfn(0x20_8000)));
     }
-    let need = if write { Access::WRITE.union(Access::USER) } else { Access::USER };
-    let walk = v.walk_gva(Gva(gva), need);
-    v.exit_guest_mode();
-    walk
+    v0.service_requests().unwrap();
+    (v0, v1)
 }
 
 /// The frame the hardware reads `gva` from right now, without a fault (`None`: it faults).
@@ -103,9 +107,7 @@ fn a_write_fault_never_maps_writable_a_page_another_vcpu_started_shadowing_meanw
     let pde = s.entry_gpa(B, 2);
     host.write_u64(RAM_HVA + pde, D | P | RW | US);
     host.write_u64(RAM_HVA + D, TARGET | P | RW | US);
-    let mut v0 = vcpu_in(&vm, long4(s.cr3));
-    let v1 = Rc::new(RefCell::new(vcpu_in(&vm, long4(s.cr3))));
-    v0.service_requests().unwrap();
+    let (mut v0, v1) = two_vcpus(&vm, &s, false);
     let v1r = v1.clone();
     let o = with_racer_at_decision(
         move || {
@@ -145,13 +147,7 @@ fn a_write_fault_whose_dirty_bit_is_cleared_meanwhile_installs_no_writable_leaf(
         let pte = s.map4k(A, DATA, P | RW | US | AC);
         // Entry 16 of the same table, outside A's prefetch group.
         s.map4k(A + 0x1_0000, 0x20_8000, P | RW | US | AC | DT);
-        let mut v0 = vcpu_in(&vm, long4(s.cr3));
-        let v1 = Rc::new(RefCell::new(vcpu_in(&vm, long4(s.cr3))));
-        if table_shadowed {
-            let seen = access(&mut v1.borrow_mut(), A + 0x1_0000, false);
-            assert_eq!(seen, Seen::Ram(ram_pfn(0x20_8000)));
-        }
-        v0.service_requests().unwrap();
+        let (mut v0, v1) = two_vcpus(&vm, &s, table_shadowed);
         let (h, v1r) = (host.clone(), v1.clone());
         let o = with_racer_at_decision(
             move || {
@@ -195,13 +191,7 @@ fn a_neighbour_gpte_rewritten_while_a_fault_is_in_flight_is_never_prefetched_sta
         s.map4k(A + 0x1_0000, 0x20_8000, P | RW | US | AC | DT);
         host_written(&host, RAM_HVA + 0x20_0000, 2);
         host_written(&host, RAM_HVA + NEW, 1);
-        let mut v0 = vcpu_in(&vm, long4(s.cr3));
-        let v1 = Rc::new(RefCell::new(vcpu_in(&vm, long4(s.cr3))));
-        if shadowed {
-            let seen = access(&mut v1.borrow_mut(), A + 0x1_0000, false);
-            assert_eq!(seen, Seen::Ram(ram_pfn(0x20_8000)));
-        }
-        v0.service_requests().unwrap();
+        let (mut v0, v1) = two_vcpus(&vm, &s, shadowed);
         let (h, v1r) = (host.clone(), v1.clone());
         let o = with_racer_at_decision(
             move || {
@@ -332,9 +322,7 @@ fn a_stale_mmio_decision_over_a_leaf_mapped_from_the_new_slot_does_not_hide_it()
     let (vm, host, next) = shadow_vm(BugSet::NONE);
     let s = Space::new(&host, &next);
     s.map4k(A, MMIO_GPA, P | RW | US | AC | DT);
-    let mut v0 = vcpu_in(&vm, long4(s.cr3));
-    let v1 = Rc::new(RefCell::new(vcpu_in(&vm, long4(s.cr3))));
-    v0.service_requests().unwrap();
+    let (mut v0, v1) = two_vcpus(&vm, &s, false);
     let updater: Rc<RefCell<Option<std::thread::JoinHandle<()>>>> = Rc::default();
     let (vm2, slot, v1r) = (vm.clone(), updater.clone(), v1.clone());
     let o = with_racer_at_decision(

@@ -167,3 +167,18 @@ pub fn vcpu_in(vm: &Vm<TestHost>, cpu: GuestCpu) -> Vcpu<TestHost> {
     v.set_guest_cpu(cpu).unwrap();
     v
 }
+
+/// The hardware walk of a user access to `gva` by `v` (a write if `write`), no fault handled. A
+/// request may arrive between servicing and entry (e.g. the flush of a reload): service again.
+pub fn hw(v: &mut Vcpu<TestHost>, gva: u64, write: bool) -> HwWalk {
+    loop {
+        v.service_requests().unwrap();
+        if v.enter_guest_mode().is_ok() {
+            break;
+        }
+    }
+    let need = if write { Access::WRITE.union(Access::USER) } else { Access::USER };
+    let walk = v.walk_gva(Gva(gva), need);
+    v.exit_guest_mode();
+    walk
+}
