@@ -252,8 +252,8 @@ pub trait HostMemory: Send + Sync {
     }
 
     /// What `pfn`, a frame [`Self::translate`] or [`Self::translate_mapped_writable`] named,
-    /// is (KVM `kvm_is_mmio_pfn`): asked for every leaf the TDP MMU makes from a host frame, so
-    /// keep it cheap. The default says RAM for every frame: a host that passes device memory
+    /// is (KVM `kvm_is_mmio_pfn`): asked for every leaf an EPT VM makes from a host frame (other
+    /// formats carry no memory type and never ask), so keep it cheap. The default says RAM for every frame: a host that passes device memory
     /// through a memslot must answer [`FrameKind::Device`] for it, or EPT maps the device's
     /// registers write-back.
     fn frame_kind(&self, pfn: Pfn) -> FrameKind {

@@ -168,7 +168,7 @@ impl PageFault {
         // already written: `HostPage::writable`); in a dirty-logged slot such a leaf marks the
         // page dirty (the fault path), read or not, as KVM does.
         let writable = !s.is_readonly() && hp.writable;
-        let kind = host.frame_kind(hp.pfn);
+        let kind = mappable.format.frame_kind_of(host, hp.pfn);
         let base_pfn = Pfn(hp.pfn.raw() - offset);
         Ok(Ok(Backing::Ram { slot: s, base_pfn, max_level, writable, kind }))
     }

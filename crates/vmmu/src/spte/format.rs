@@ -235,6 +235,22 @@ impl SpteFormat {
         NPT_P | Self::MMU_PRESENT | (table.hpa() & self.addr_mask()) | self.c_bit_mask()
     }
 
+    /// What a leaf of this format needs to know of host frame `pfn`: the host's answer
+    /// ([`crate::host::HostMemory::frame_kind`]) under EPT, whose leaves carry a memory type;
+    /// RAM for the other formats, which carry none (the host is not asked).
+    #[inline]
+    pub(crate) fn frame_kind_of<M: crate::host::HostMemory + ?Sized>(
+        &self,
+        host: &M,
+        pfn: Pfn,
+    ) -> FrameKind {
+        if self.is_ept() {
+            host.frame_kind(pfn)
+        } else {
+            FrameKind::Ram
+        }
+    }
+
     /// An MMU-present leaf mapping `pfn`, host RAM, at `level`: [`Self::make_frame_leaf`] for
     /// [`FrameKind::Ram`].
     #[inline]

@@ -309,13 +309,8 @@ impl<H: Host> Tdp<'_, H> {
                     break;
                 };
                 let entry = &table[Level::L4K.index(Gfn(g))];
-                let leaf = fmt.make_frame_leaf(
-                    frame,
-                    host.frame_kind(frame),
-                    Level::L4K,
-                    Access::ALL,
-                    true,
-                );
+                let kind = fmt.frame_kind_of(host, frame);
+                let leaf = fmt.make_frame_leaf(frame, kind, Level::L4K, Access::ALL, true);
                 let old = entry.load(Ordering::Acquire);
                 if SpteFormat::is_mmu_present(old)
                     || SpteFormat::is_frozen(old)
