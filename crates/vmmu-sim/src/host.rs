@@ -747,6 +747,11 @@ impl SimHost {
         self.huge_pages.store(on, Ordering::Relaxed);
     }
 
+    /// Whether 2 MiB blocks of a buffer are huge host pages ([`SimHost::set_huge_pages`]).
+    pub fn huge_pages(&self) -> bool {
+        self.huge_pages.load(Ordering::Relaxed)
+    }
+
     /// The reader fences in effect: [`HostConfig::reader_fences`], or `Full` where the kernel
     /// has no `membarrier` to offer.
     pub fn reader_fences(&self) -> ReaderFenceKind {

@@ -173,8 +173,9 @@ pub(super) fn device_manager<M: GuestMmu>(
 /// One host invalidation (`stress_paths`) of 1 to 4 pages of a slot live in `slots` (the map in
 /// force: only the device manager changes it; slot `prefer` if it is live, else a random one):
 /// MMU-notifier begin, poison, restore, end. Half the time the range starts at the slot's first
-/// page, where the vCPUs' private areas, the used shared words and the hot spots are. Returns
-/// `false` if the MMU takes no host invalidations.
+/// page, where the vCPUs' private areas, the used shared words and the hot spots are. The
+/// notifier range is the pages alone (a `prefer` slot on 4 KiB host pages) or the 2 MiB blocks
+/// around them (see below). Returns `false` if the MMU takes no host invalidations.
 fn host_invalidation<M: GuestMmu>(
     sh: &Shared<'_, M>,
     slots: &SlotTable,
@@ -185,22 +186,33 @@ fn host_invalidation<M: GuestMmu>(
     if live.is_empty() {
         return true;
     }
-    let s = match prefer.and_then(|id| live.iter().find(|s| s.id == id)) {
-        Some(s) => *s,
-        None => live[rng.usize(..live.len())],
+    let (s, just_mapped) = match prefer.and_then(|id| live.iter().find(|s| s.id == id)) {
+        Some(s) => (*s, true),
+        None => (live[rng.usize(..live.len())], false),
     };
     let pages = rng.u64(1..=4).min(s.npages);
     let first = if rng.bool() { 0 } else { rng.u64(0..=s.npages - pages) };
     let start = Hva(s.userspace_addr + first * PAGE_SIZE);
     let len = pages * PAGE_SIZE;
     let Some((buf, off)) = sh.host.locate(start) else { return true };
-    // The notifier range covers the whole 2 MiB blocks around the pages, clipped to the buffer:
-    // a host changes part of a transparent huge page only after splitting it, and the split
-    // invalidates the whole block (Linux `split_huge_pmd`). Invalidating less would let a fault
-    // on another page of the block map the block with one huge leaf while its pages are changed.
-    let b0 = buf.hva().0;
-    let lo = (start.0 & !(SIZE_2M - 1)).max(b0);
-    let hi = (start.0 + len).next_multiple_of(SIZE_2M).min(b0 + buf.len());
+    // With huge host pages the notifier range covers the whole 2 MiB blocks around the pages,
+    // clipped to the buffer: a host changes part of a transparent huge page only after
+    // splitting it, and the split invalidates the whole block (Linux `split_huge_pmd`).
+    // Invalidating less would let a fault on another page of the block map the block with one
+    // huge leaf while its pages are changed. With 4 KiB host pages, a slot a request just mapped
+    // gets the pages alone, as Linux's notifier for a page it migrates or swaps out: a
+    // translation left on one of the first pages the vCPUs fault in is then not flushed by the
+    // zap of a neighbour's leaf. Other slots still get whole blocks, as for a range unmapped at
+    // once, whose zap unlinks and frees tables under the vCPUs' walks.
+    let (lo, hi) = if sh.host.huge_pages() || !just_mapped {
+        let b0 = buf.hva().0;
+        (
+            (start.0 & !(SIZE_2M - 1)).max(b0),
+            (start.0 + len).next_multiple_of(SIZE_2M).min(b0 + buf.len()),
+        )
+    } else {
+        (start.0, start.0 + len)
+    };
     sh.invalidating.fetch_add(1, Ordering::Relaxed);
     let taken = sh.mmu.invalidate_hva_range(Hva(lo), Hva(hi), &mut || {
         // No vCPU may touch the pages now: whatever they read before the end is poison.

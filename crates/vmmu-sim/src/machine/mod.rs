@@ -20,8 +20,9 @@
 //!
 //! `stress_paths` (`vmmu run --stress-paths`) adds, to reach the MMU's racy paths end to end:
 //! - after each memslot request, a host invalidation (the MMU notifier) of 1 to 4 pages of a
-//!   live slot's buffer: begin, overwrite the pages with [`POISON`], restore them, end. No vCPU
-//!   may touch them in between (see the oracle), and they are re-faulted after the end;
+//!   live slot's buffer (the pages alone, or the 2 MiB blocks around them: `device_manager`):
+//!   begin, overwrite the pages with [`POISON`], restore them, end. No vCPU may touch them in
+//!   between (see the oracle), and they are re-faulted after the end;
 //! - hot spots in the mix ([`AccessGen::with_hot_spots`]) and more BAR and DIMM accesses, so all
 //!   vCPUs fault on the same not-yet-mapped GPA inside a slot's create, move or delete;
 //! - table lookups that now and then yield the CPU in the middle of a walk or an installation
