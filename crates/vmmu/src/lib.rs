@@ -47,7 +47,11 @@
 //!   These allocations are infallible: out of heap, they end in the allocator's error handler
 //!   (on a bare-metal target a panic), not in an `ENOMEM`; only table frames
 //!   ([`fault::FaultError::OutOfMemory`]) and dirty bitmaps (`ENOMEM` from a memslot update)
-//!   report exhaustion.
+//!   report exhaustion. What the guest can make the shadow MMU take is bounded by its page limit
+//!   ([`vm::Vm::set_nr_mmu_pages`], KVM's `n_max_mmu_pages`), not by how much memory the guest
+//!   touches: at most 64 KiB of heap per allowed page plus a fixed part per VM (about 41 KiB
+//!   per page measured when every leaf maps a frame of its own, the worst case;
+//!   `tests/shadow_heap_bound.rs`), so a hypervisor can size its heap for the limit it sets.
 //! - **Panics** (a caller bug, such as [`vcpu::Vcpu::walk`] outside guest mode) abort on a
 //!   target whose panic strategy is `abort`, as `x86_64-unknown-none`'s is; what [`host`]
 //!   says about panics unwinding out of the MMU applies to unwinding builds only.

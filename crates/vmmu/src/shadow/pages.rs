@@ -97,6 +97,66 @@ impl ZapBatch {
 /// before the new one). Seen on this host's KVM: 1002 GVAs mapping one page zap at the 1002nd.
 pub(crate) const RMAP_RECYCLE_THRESHOLD: usize = 1000;
 
+/// The leaf SPTEs that map one gfn, as (page, index) (KVM's rmap head: one SPTE held in place,
+/// a list only for a gfn mapped more than once). Most gfns are mapped by one leaf, which then
+/// costs no allocation of its own. Never empty: the last removal drops the head from the map.
+#[derive(Clone, Debug)]
+enum RmapHead {
+    One(SpId, u16),
+    /// Two or more entries (boxed: the head stays 16 bytes, half of what an inline `Vec` would
+    /// make every entry of the map take, for one more allocation on the rare gfn mapped twice).
+    #[allow(clippy::box_collection)]
+    Many(alloc::boxed::Box<Vec<(SpId, u16)>>),
+}
+
+// The map's entries stay small: a key and a 16-byte head.
+const _: () = assert!(core::mem::size_of::<RmapHead>() == 16);
+
+impl RmapHead {
+    fn len(&self) -> usize {
+        match self {
+            RmapHead::One(..) => 1,
+            RmapHead::Many(list) => list.len(),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (SpId, u16)> + '_ {
+        let (one, many) = match self {
+            RmapHead::One(id, idx) => (Some((*id, *idx)), &[][..]),
+            RmapHead::Many(list) => (None, &list[..]),
+        };
+        one.into_iter().chain(many.iter().copied())
+    }
+
+    fn push(&mut self, id: SpId, idx: u16) {
+        match self {
+            RmapHead::One(first, first_idx) => {
+                *self =
+                    RmapHead::Many(alloc::boxed::Box::new(vec![(*first, *first_idx), (id, idx)]));
+            }
+            RmapHead::Many(list) => list.push((id, idx)),
+        }
+    }
+
+    /// Removes entry (`id`, `idx`); returns whether none is left (the caller drops the head).
+    fn remove(&mut self, id: SpId, idx: u16) -> bool {
+        match self {
+            RmapHead::One(p, i) => *p == id && *i == idx,
+            RmapHead::Many(list) => {
+                list.retain(|&(p, i)| !(p == id && i == idx));
+                match list[..] {
+                    [] => true,
+                    [(p, i)] => {
+                        *self = RmapHead::One(p, i);
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+}
+
 /// The shadow MMU's bookkeeping, guarded by its lock.
 pub(crate) struct ShadowState {
     slab: Vec<Option<ShadowPage>>,
@@ -107,7 +167,7 @@ pub(crate) struct ShadowState {
     next_seq: u64,
     by_pfn: BTreeMap<Pfn, SpId>,
     /// (address space, gfn) -> the leaf SPTEs mapping it: (page, index).
-    rmap: BTreeMap<(u16, u64), Vec<(SpId, u16)>>,
+    rmap: BTreeMap<(u16, u64), RmapHead>,
     /// (address space, gfn) -> valid indirect pages shadowing that guest frame.
     tracked: BTreeMap<(u16, u64), u32>,
     /// The same for pages above level 1 only (KVM `gfn_write_track`: `account_shadowed` adds a
@@ -407,7 +467,7 @@ impl ShadowState {
     ) -> bool {
         let Some(list) = self.rmap.get(&(as_id.0, gfn.raw())) else { return false };
         let mut flush = false;
-        for &(id, idx) in list.iter() {
+        for (id, idx) in list.iter() {
             let e = self.entry(core, id, usize::from(idx));
             let old = e.load(crate::sync::Ordering::Acquire);
             if SpteFormat::is_mmu_present(old) && core.cfg.format.is_writable(old) {
@@ -469,9 +529,18 @@ impl ShadowState {
         let _ = core.set_spte_locked(e, old, new, Level::L4K, gfn);
         if SpteFormat::is_mmu_present(new) {
             self.sp_mut(id).leaf_gfns[idx] = gfn.raw();
-            let list = self.rmap.entry((as_id.0, gfn.raw())).or_default();
-            let mapped = list.len();
-            list.push((id, idx as u16));
+            let mapped = match self.rmap.entry((as_id.0, gfn.raw())) {
+                alloc::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(RmapHead::One(id, idx as u16));
+                    0
+                }
+                alloc::collections::btree_map::Entry::Occupied(mut o) => {
+                    let list = o.get_mut();
+                    let mapped = list.len();
+                    list.push(id, idx as u16);
+                    mapped
+                }
+            };
             // KVM `__rmap_add`: every leaf of the gfn goes, the new one too (its access faults
             // again); the caller flushes. (A leaf remade for the same frame, which KVM does
             // not add again, left the list above, so it never counts itself.)
@@ -508,11 +577,8 @@ impl ShadowState {
         let _ = core.set_spte_locked(e, old, SpteFormat::NONPRESENT, level, gfn);
         if present {
             let key = (as_id.0, gfn.raw());
-            if let Some(list) = self.rmap.get_mut(&key) {
-                list.retain(|&(p, i)| !(p == id && usize::from(i) == idx));
-                if list.is_empty() {
-                    self.rmap.remove(&key);
-                }
+            if self.rmap.get_mut(&key).is_some_and(|list| list.remove(id, idx as u16)) {
+                self.rmap.remove(&key);
             }
         }
         present
@@ -534,8 +600,8 @@ impl ShadowState {
             .collect();
         let mut flush = false;
         for k in keys {
-            let list = self.rmap.get(&k).cloned().unwrap_or_default();
-            for (id, idx) in list {
+            let list = self.rmap.get(&k).cloned();
+            for (id, idx) in list.iter().flat_map(RmapHead::iter) {
                 flush |= self.drop_spte(core, id, usize::from(idx));
             }
         }
