@@ -11,17 +11,19 @@
 //! What it shows: past the limit the heap stops growing (touching four times as much leaves it
 //! where touching once left it, within slack), and its high-water mark stays under
 //! [`PER_PAGE_BOUND`] per allowed page, the figure the crate doc gives. Without recycling (the
-//! limit ignored) the heap grows with every guest table touched and both checks fail.
+//! limit ignored) the heap grows with every guest table touched and both checks fail. And what
+//! the guest unmaps is given back: a frame's reverse-map list that was long once shrinks with
+//! it (without that, the second test holds 1.3 MB against a 0.6 MB bound).
 #![cfg(not(loom))]
 
 mod common;
 
-use common::shadow::{access, long4, shadow_vm_with, vcpu_in, Seen, Space, P, RW, US};
+use common::shadow::{access, long4, shadow_vm_with, vcpu_in, Seen, Space, P, RAM_HVA, RW, US};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Mutex;
 use vmmu::memslot::UserspaceMemoryRegion;
-use vmmu::Level;
+use vmmu::{Gpa, Level};
 
 struct Counting;
 
@@ -72,6 +74,12 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 /// them, without the allocator's own overhead; 62-66 KiB before the reverse map held a gfn's
 /// one leaf in place).
 const PER_PAGE_BOUND: i64 = 64 << 10;
+
+/// A shadow page's own record (its 512 leaf gfns, its parents), its leaves apart.
+const EMPTY_PAGE_BOUND: i64 = 6 << 10;
+
+/// One leaf's reverse-map entry.
+const LEAF_BOUND: i64 = 128;
 
 /// Heap the MMU may take beyond [`PER_PAGE_BOUND`] per page: the page hash's buckets and
 /// per-VM records that do not grow with the guest.
@@ -186,4 +194,67 @@ fn a_guest_cannot_grow_the_shadow_heap_past_the_page_limit() {
             4 * regions
         );
     }
+}
+
+/// What the guest mapped once does not stay on the heap after it unmapped it: 256 last-level
+/// tables map 512 frames, each frame from 256 GVAs (its reverse-map list 256 long); the guest
+/// then clears the PTEs of all tables but the last two (emulated writes, reported with
+/// `track_write`) and the host lowers the page limit to 64 (`KVM_SET_NR_MMU_PAGES`), which
+/// zaps the oldest pages, the emptied tables' among them. Each frame is still mapped twice, and
+/// the heap the MMU holds must fall to what its pages and leaves need now, not keep each list's
+/// old length (2 KiB per frame, 1 MiB in all, over the bound below).
+#[test]
+fn the_shadow_heap_shrinks_with_what_the_guest_unmaps() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    const TABLES: u64 = 256;
+    const KEPT: u64 = 2;
+    const FRAMES: u64 = 512;
+    let (vm, host, next) = shadow_vm_with(|cfg| cfg.shadow_max_pages = Some(1024));
+    host.map(DATA_HVA, DATA_FRAMES << 12, DATA_HVA >> 12, Level::L4K, true);
+    let data = UserspaceMemoryRegion::new(1, 0, DATA_GPA, DATA_FRAMES << 12, DATA_HVA);
+    vm.set_memory_region(&data).expect("the data slot");
+    let space = Space::new(&host, &next);
+    let mut v = vcpu_in(&vm, long4(space.cr3));
+    let gpa = |i: u64| DATA_GPA + ((i % FRAMES) << 12);
+    space.map4k(region_gva(0), gpa(0), P | RW | US);
+    assert!(matches!(access(&mut v, region_gva(0), false), Seen::Ram(_)));
+    let ptes: Vec<Vec<u64>> = (0..TABLES)
+        .map(|r| {
+            (0..512).map(|i| space.map4k(region_gva(r) + (i << 12), gpa(i), P | RW | US)).collect()
+        })
+        .collect();
+    let before = reset_peak();
+    let touch = |v: &mut vmmu::vcpu::Vcpu<vmmu::testing::TestHost>,
+                 tables: core::ops::Range<u64>| {
+        for r in tables {
+            for i in 0..512 {
+                let gva = region_gva(r) + (i << 12);
+                assert!(matches!(access(v, gva, false), Seen::Ram(_)), "{gva:#x}");
+            }
+        }
+    };
+    touch(&mut v, 0..TABLES);
+    let full = LIVE.load(Ordering::Relaxed) - before;
+    for table in &ptes[..(TABLES - KEPT) as usize] {
+        for &pte in table {
+            host.write_u64(RAM_HVA + pte, 0);
+            v.track_write(Gpa(pte), 8).expect("an emulated guest write");
+        }
+    }
+    vm.set_nr_mmu_pages(64).expect("a valid limit");
+    // Touch what is left, so the kept tables' shadow pages and leaves are live.
+    touch(&mut v, TABLES - KEPT..TABLES);
+    let left = LIVE.load(Ordering::Relaxed) - before;
+    let pages = vm.shadow_mmu().expect("a shadow VM").pages_in_use() as i64;
+    let leaves = (KEPT * 512) as i64;
+    let bound = EMPTY_PAGE_BOUND * pages + LEAF_BOUND * leaves + FIXED_BOUND;
+    eprintln!(
+        "heap {full} B with {TABLES} tables mapped, {left} B with {KEPT} left ({pages} pages, \
+         {leaves} leaves; bound {bound} B)"
+    );
+    assert!(
+        left <= bound,
+        "the guest unmapped all but {KEPT} of {TABLES} tables and the shadow MMU still holds \
+         {left} B ({full} B before), over {bound} B for its {pages} pages and {leaves} leaves"
+    );
 }

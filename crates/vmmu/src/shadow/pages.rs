@@ -109,6 +109,22 @@ enum RmapHead {
     Many(alloc::boxed::Box<Vec<(SpId, u16)>>),
 }
 
+/// `Vec::retain`, then gives memory back once at most a quarter of the capacity is used (lists
+/// of up to [`KEPT_CAPACITY`] slots keep them), so a list that was long once does not keep its
+/// peak while short: what the shadow MMU holds stays proportional to what it maps now (the heap
+/// bound of `tests/shadow_heap_bound.rs`), whatever the guest mapped before. Halving at a
+/// quarter keeps pushes and removals amortised O(1).
+fn retain_shrinking<T>(list: &mut Vec<T>, keep: impl FnMut(&T) -> bool) {
+    list.retain(keep);
+    if list.capacity() > KEPT_CAPACITY.max(4 * list.len()) {
+        list.shrink_to(KEPT_CAPACITY.max(2 * list.len()));
+    }
+}
+
+/// The capacity [`retain_shrinking`] leaves to a short list, so a hash bucket or a page's
+/// parent list that empties and fills again does not free and allocate each time.
+const KEPT_CAPACITY: usize = 8;
+
 // The map's entries stay small: a key and a 16-byte head.
 const _: () = assert!(core::mem::size_of::<RmapHead>() == 16);
 
@@ -143,7 +159,7 @@ impl RmapHead {
         match self {
             RmapHead::One(p, i) => *p == id && *i == idx,
             RmapHead::Many(list) => {
-                list.retain(|&(p, i)| !(p == id && i == idx));
+                retain_shrinking(list, |&(p, i)| !(p == id && i == idx));
                 match list[..] {
                     [] => true,
                     [(p, i)] => {
@@ -568,7 +584,8 @@ impl ShadowState {
         if present && !fmt.is_leaf(old, level) {
             let child = self.by_pfn(fmt.pfn(old));
             if let Some(c) = child {
-                self.sp_mut(c).parents.retain(|&(p, i)| !(p == id && usize::from(i) == idx));
+                let parents = &mut self.sp_mut(c).parents;
+                retain_shrinking(parents, |&(p, i)| !(p == id && usize::from(i) == idx));
             }
             let _ = core.set_spte_locked(e, old, SpteFormat::NONPRESENT, level, Gfn(0));
             return true;
@@ -641,7 +658,7 @@ impl ShadowState {
             self.unaccount_shadowed(role.as_id(), gfn, role.level());
         }
         self.active.remove(&seq);
-        self.buckets[Self::bucket(gfn)].retain(|&x| x != id);
+        retain_shrinking(&mut self.buckets[Self::bucket(gfn)], |&x| x != id);
         self.sp_mut(id).role = role.with_invalid();
         if root_count == 0 {
             batch.invalid.push(id);
@@ -785,5 +802,46 @@ impl ShadowState {
         }
         stats.mmu_recycled.add(zapped as u64);
         zapped
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The head holds what a list would, in the same order, and says "empty" exactly when
+        /// the list would be (its owner then drops it; it never lives empty).
+        #[test]
+        fn rmap_head_agrees_with_a_list(ops in proptest::collection::vec(
+            (any::<bool>(), 0u32..4, 0u16..3), 1..200)) {
+            let mut head: Option<RmapHead> = None;
+            let mut model: Vec<(SpId, u16)> = Vec::new();
+            for (add, id, idx) in ops {
+                let e = (SpId(id), idx);
+                if add {
+                    match head.as_mut() {
+                        Some(h) => h.push(e.0, e.1),
+                        None => head = Some(RmapHead::One(e.0, e.1)),
+                    }
+                    model.push(e);
+                } else if let Some(h) = head.as_mut() {
+                    let empty = h.remove(e.0, e.1);
+                    model.retain(|&x| x != e);
+                    prop_assert_eq!(empty, model.is_empty());
+                    if empty {
+                        head = None;
+                    }
+                }
+                let seen: Vec<_> = head.iter().flat_map(RmapHead::iter).collect();
+                prop_assert_eq!(&seen, &model);
+                prop_assert_eq!(head.as_ref().map_or(0, RmapHead::len), model.len());
+                prop_assert!(!matches!(&head, Some(RmapHead::Many(l)) if l.len() < 2));
+                // A list that shrank gave its memory back (at most 4 slots per entry).
+                prop_assert!(!matches!(&head, Some(RmapHead::Many(l))
+                    if l.capacity() > KEPT_CAPACITY.max(4 * l.len())));
+            }
+        }
     }
 }
