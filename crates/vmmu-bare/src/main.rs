@@ -1,9 +1,14 @@
 //! The bare-metal image: `#![no_std]`, `#![no_main]`, a bump allocator over a static heap, a
-//! panic handler that writes to the serial port and halts. Built by CI for
-//! `x86_64-unknown-none` (`cargo build -p vmmu-bare --target x86_64-unknown-none`); a loader
-//! that enters `_start` in 64-bit mode with a stack runs it (not run by CI: no emulator here).
-//! On a hosted target the same binary is an ordinary program running the same scenarios.
+//! panic handler that writes to the serial port, and an exit through QEMU's debug-exit port.
+//! Built for `x86_64-unknown-none` (`cargo build -p vmmu-bare --target x86_64-unknown-none`,
+//! linked by `build.rs` with `link.ld` at 1 MiB); a PVH loader enters `boot.rs`, which turns on
+//! long mode and calls `_start`. `scripts/boot-bare` boots it under QEMU and compares its
+//! serial log with the hosted run. On a hosted target the same binary is an ordinary program
+//! running the same scenarios.
 #![cfg_attr(target_os = "none", no_std, no_main)]
+
+#[cfg(target_os = "none")]
+mod boot;
 
 #[cfg(target_os = "none")]
 mod bare {
@@ -72,6 +77,17 @@ mod bare {
         }
     }
 
+    /// Ends the run: the status on QEMU's `isa-debug-exit` port (0xf4; QEMU exits with
+    /// `status * 2 + 1`), then halts (a machine without that device stays halted).
+    fn finish(status: u8) -> ! {
+        // SAFETY: an `out` to I/O port 0xf4 (unused on a PC; QEMU's debug-exit device when
+        // configured): no memory is touched.
+        unsafe {
+            core::arch::asm!("out dx, al", in("dx") 0xf4u16, in("al") status, options(nomem, nostack))
+        };
+        halt()
+    }
+
     fn halt() -> ! {
         loop {
             // SAFETY: `hlt` waits for an interrupt; nothing else.
@@ -82,7 +98,7 @@ mod bare {
     #[panic_handler]
     fn panic(info: &core::panic::PanicInfo) -> ! {
         let _ = writeln!(Serial, "panic: {info}");
-        halt()
+        finish(2)
     }
 
     /// The entry point a loader jumps to.
@@ -94,12 +110,13 @@ mod bare {
                     let _ = writeln!(Serial, "{s:?}");
                 }
                 let _ = writeln!(Serial, "ok");
+                finish(0)
             }
             Err(e) => {
                 let _ = writeln!(Serial, "failed: {e}");
+                finish(1)
             }
         }
-        halt()
     }
 }
 
