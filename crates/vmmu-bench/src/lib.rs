@@ -30,6 +30,7 @@ pub mod lookup;
 pub mod memslot;
 pub mod mmio;
 pub mod shadow;
+pub mod shadow_faults;
 pub mod table;
 pub mod timing;
 
@@ -199,6 +200,7 @@ pub fn run(opts: &Options) -> Result<Table, BenchError> {
     }
     if opts.wants("shadow") {
         rows.extend(shadow::run(opts)?);
+        rows.extend(shadow_faults::run(opts)?);
     }
     if opts.wants("lookup") {
         rows.extend(lookup::run(opts)?);
