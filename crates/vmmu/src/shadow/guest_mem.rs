@@ -13,23 +13,36 @@ use crate::guest::{GpteWriteError, GuestPteMemory};
 use crate::host::GuestMemory;
 use crate::memslot::{Memslot, MemslotSet};
 use crate::types::{Gpa, Hva};
+use core::cell::Cell;
 
 /// Guest memory through one memslot set and a host.
 pub struct SlotGuestMemory<'a, M: GuestMemory + ?Sized> {
     set: &'a MemslotSet,
     host: &'a M,
+    /// The visible slot the last lookup found (of `set`, so valid as long as `self`): a fault
+    /// reads a dozen or more gPTEs (the walk, the re-check before install, the prefetch group),
+    /// nearly always from one slot.
+    last: Cell<Option<&'a Memslot>>,
 }
 
 impl<'a, M: GuestMemory + ?Sized> SlotGuestMemory<'a, M> {
     /// Guest memory as `set` maps it onto `host`.
     pub fn new(set: &'a MemslotSet, host: &'a M) -> Self {
-        SlotGuestMemory { set, host }
+        SlotGuestMemory { set, host, last: Cell::new(None) }
     }
 
     /// The host address of `gpa` and the visible slot that maps it, if any.
     fn resolve(&self, gpa: Gpa) -> Option<(Hva, &'a Memslot)> {
-        let slot = self.set.find(gpa.gfn()).filter(|s| !s.is_invalid())?;
-        let hva = slot.hva_of(gpa.gfn()).raw() + gpa.page_offset();
+        let gfn = gpa.gfn();
+        let slot = match self.last.get() {
+            Some(s) if s.contains(gfn) => s,
+            _ => {
+                let s = self.set.find(gfn).filter(|s| !s.is_invalid())?;
+                self.last.set(Some(s));
+                s
+            }
+        };
+        let hva = slot.hva_of(gfn).raw() + gpa.page_offset();
         Some((Hva(hva), slot))
     }
 }

@@ -36,6 +36,7 @@ pub(crate) mod fetch;
 mod guest_mem;
 mod pages;
 pub(crate) mod prefetch;
+mod rmap;
 pub mod role;
 pub(crate) mod root;
 mod track;

@@ -20,6 +20,7 @@
 //!   `g` writable (write protection, shadow facts §4.1; there are no unsync pages);
 //! - `parents` of a page lists exactly the SPTEs that link it.
 
+use super::rmap::{retain_shrinking, Rmap};
 use super::role::SpRole;
 use super::write_track::UpperTrackSummary;
 use super::ShadowStats;
@@ -97,82 +98,6 @@ impl ZapBatch {
 /// before the new one). Seen on this host's KVM: 1002 GVAs mapping one page zap at the 1002nd.
 pub(crate) const RMAP_RECYCLE_THRESHOLD: usize = 1000;
 
-/// The leaf SPTEs that map one gfn, as (page, index) (KVM's rmap head: one SPTE held in place,
-/// a list only for a gfn mapped more than once). Most gfns are mapped by one leaf, which then
-/// costs no allocation of its own. Never empty: the last removal drops the head from the map.
-#[derive(Clone, Debug)]
-enum RmapHead {
-    One(SpId, u16),
-    /// Two or more entries (boxed: the head stays 16 bytes, half of what an inline `Vec` would
-    /// make every entry of the map take, for one more allocation on the rare gfn mapped twice).
-    #[allow(clippy::box_collection)]
-    Many(alloc::boxed::Box<Vec<(SpId, u16)>>),
-}
-
-/// `Vec::retain`, then gives memory back once at most a quarter of the capacity is used (lists
-/// of up to [`KEPT_CAPACITY`] slots keep them), so a list that was long once does not keep its
-/// peak while short: what the shadow MMU holds stays proportional to what it maps now (the heap
-/// bound of `tests/shadow_heap_bound.rs`), whatever the guest mapped before. Halving at a
-/// quarter keeps pushes and removals amortised O(1).
-fn retain_shrinking<T>(list: &mut Vec<T>, keep: impl FnMut(&T) -> bool) {
-    list.retain(keep);
-    if list.capacity() > KEPT_CAPACITY.max(4 * list.len()) {
-        list.shrink_to(KEPT_CAPACITY.max(2 * list.len()));
-    }
-}
-
-/// The capacity [`retain_shrinking`] leaves to a short list, so a hash bucket or a page's
-/// parent list that empties and fills again does not free and allocate each time.
-const KEPT_CAPACITY: usize = 8;
-
-// The map's entries stay small: a key and a 16-byte head.
-const _: () = assert!(core::mem::size_of::<RmapHead>() == 16);
-
-impl RmapHead {
-    fn len(&self) -> usize {
-        match self {
-            RmapHead::One(..) => 1,
-            RmapHead::Many(list) => list.len(),
-        }
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (SpId, u16)> + '_ {
-        let (one, many) = match self {
-            RmapHead::One(id, idx) => (Some((*id, *idx)), &[][..]),
-            RmapHead::Many(list) => (None, &list[..]),
-        };
-        one.into_iter().chain(many.iter().copied())
-    }
-
-    fn push(&mut self, id: SpId, idx: u16) {
-        match self {
-            RmapHead::One(first, first_idx) => {
-                *self =
-                    RmapHead::Many(alloc::boxed::Box::new(vec![(*first, *first_idx), (id, idx)]));
-            }
-            RmapHead::Many(list) => list.push((id, idx)),
-        }
-    }
-
-    /// Removes entry (`id`, `idx`); returns whether none is left (the caller drops the head).
-    fn remove(&mut self, id: SpId, idx: u16) -> bool {
-        match self {
-            RmapHead::One(p, i) => *p == id && *i == idx,
-            RmapHead::Many(list) => {
-                retain_shrinking(list, |&(p, i)| !(p == id && i == idx));
-                match list[..] {
-                    [] => true,
-                    [(p, i)] => {
-                        *self = RmapHead::One(p, i);
-                        false
-                    }
-                    _ => false,
-                }
-            }
-        }
-    }
-}
-
 /// The shadow MMU's bookkeeping, guarded by its lock.
 pub(crate) struct ShadowState {
     slab: Vec<Option<ShadowPage>>,
@@ -183,7 +108,7 @@ pub(crate) struct ShadowState {
     next_seq: u64,
     by_pfn: BTreeMap<Pfn, SpId>,
     /// (address space, gfn) -> the leaf SPTEs mapping it: (page, index).
-    rmap: BTreeMap<(u16, u64), RmapHead>,
+    rmap: Rmap,
     /// (address space, gfn) -> valid indirect pages shadowing that guest frame.
     tracked: BTreeMap<(u16, u64), u32>,
     /// The same for pages above level 1 only (KVM `gfn_write_track`: `account_shadowed` adds a
@@ -212,7 +137,7 @@ impl ShadowState {
             active: BTreeMap::new(),
             next_seq: 0,
             by_pfn: BTreeMap::new(),
-            rmap: BTreeMap::new(),
+            rmap: Rmap::new(),
             tracked: BTreeMap::new(),
             tracked_upper: BTreeMap::new(),
             upper_summary,
@@ -468,10 +393,7 @@ impl ShadowState {
 
     /// The gfns in `[start, end)` of `as_id` that some leaf maps.
     pub(crate) fn rmap_gfns(&self, as_id: AsId, start: Gfn, end: Gfn) -> Vec<Gfn> {
-        self.rmap
-            .range((as_id.0, start.raw())..(as_id.0, end.raw()))
-            .map(|(k, _)| Gfn(k.1))
-            .collect()
+        self.rmap.gfns_in(as_id, start, end)
     }
 
     /// Clears the writable bit of every leaf mapping `gfn`. Returns whether one was writable.
@@ -481,7 +403,7 @@ impl ShadowState {
         as_id: AsId,
         gfn: Gfn,
     ) -> bool {
-        let Some(list) = self.rmap.get(&(as_id.0, gfn.raw())) else { return false };
+        let Some(list) = self.rmap.get(as_id, gfn) else { return false };
         let mut flush = false;
         for (id, idx) in list.iter() {
             let e = self.entry(core, id, usize::from(idx));
@@ -545,18 +467,7 @@ impl ShadowState {
         let _ = core.set_spte_locked(e, old, new, Level::L4K, gfn);
         if SpteFormat::is_mmu_present(new) {
             self.sp_mut(id).leaf_gfns[idx] = gfn.raw();
-            let mapped = match self.rmap.entry((as_id.0, gfn.raw())) {
-                alloc::collections::btree_map::Entry::Vacant(v) => {
-                    v.insert(RmapHead::One(id, idx as u16));
-                    0
-                }
-                alloc::collections::btree_map::Entry::Occupied(mut o) => {
-                    let list = o.get_mut();
-                    let mapped = list.len();
-                    list.push(id, idx as u16);
-                    mapped
-                }
-            };
+            let mapped = self.rmap.add(as_id, gfn, id, idx as u16);
             // KVM `__rmap_add`: every leaf of the gfn goes, the new one too (its access faults
             // again); the caller flushes. (A leaf remade for the same frame, which KVM does
             // not add again, left the list above, so it never counts itself.)
@@ -593,10 +504,7 @@ impl ShadowState {
         let gfn = if present { Gfn(self.sp(id).leaf_gfns[idx]) } else { Gfn(0) };
         let _ = core.set_spte_locked(e, old, SpteFormat::NONPRESENT, level, gfn);
         if present {
-            let key = (as_id.0, gfn.raw());
-            if self.rmap.get_mut(&key).is_some_and(|list| list.remove(id, idx as u16)) {
-                self.rmap.remove(&key);
-            }
+            self.rmap.remove(as_id, gfn, id, idx as u16);
         }
         present
     }
@@ -610,15 +518,10 @@ impl ShadowState {
         start: Gfn,
         end: Gfn,
     ) -> bool {
-        let keys: Vec<(u16, u64)> = self
-            .rmap
-            .range((as_id.0, start.raw())..(as_id.0, end.raw()))
-            .map(|(k, _)| *k)
-            .collect();
         let mut flush = false;
-        for k in keys {
-            let list = self.rmap.get(&k).cloned();
-            for (id, idx) in list.iter().flat_map(RmapHead::iter) {
+        for gfn in self.rmap.gfns_in(as_id, start, end) {
+            let list = self.rmap.get(as_id, gfn).cloned();
+            for (id, idx) in list.iter().flat_map(|head| head.iter()) {
                 flush |= self.drop_spte(core, id, usize::from(idx));
             }
         }
@@ -802,46 +705,5 @@ impl ShadowState {
         }
         stats.mmu_recycled.add(zapped as u64);
         zapped
-    }
-}
-
-#[cfg(all(test, not(loom)))]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    proptest! {
-        /// The head holds what a list would, in the same order, and says "empty" exactly when
-        /// the list would be (its owner then drops it; it never lives empty).
-        #[test]
-        fn rmap_head_agrees_with_a_list(ops in proptest::collection::vec(
-            (any::<bool>(), 0u32..4, 0u16..3), 1..200)) {
-            let mut head: Option<RmapHead> = None;
-            let mut model: Vec<(SpId, u16)> = Vec::new();
-            for (add, id, idx) in ops {
-                let e = (SpId(id), idx);
-                if add {
-                    match head.as_mut() {
-                        Some(h) => h.push(e.0, e.1),
-                        None => head = Some(RmapHead::One(e.0, e.1)),
-                    }
-                    model.push(e);
-                } else if let Some(h) = head.as_mut() {
-                    let empty = h.remove(e.0, e.1);
-                    model.retain(|&x| x != e);
-                    prop_assert_eq!(empty, model.is_empty());
-                    if empty {
-                        head = None;
-                    }
-                }
-                let seen: Vec<_> = head.iter().flat_map(RmapHead::iter).collect();
-                prop_assert_eq!(&seen, &model);
-                prop_assert_eq!(head.as_ref().map_or(0, RmapHead::len), model.len());
-                prop_assert!(!matches!(&head, Some(RmapHead::Many(l)) if l.len() < 2));
-                // A list that shrank gave its memory back (at most 4 slots per entry).
-                prop_assert!(!matches!(&head, Some(RmapHead::Many(l))
-                    if l.capacity() > KEPT_CAPACITY.max(4 * l.len())));
-            }
-        }
     }
 }
