@@ -49,7 +49,7 @@
 //!   ([`fault::FaultError::OutOfMemory`]) and dirty bitmaps (`ENOMEM` from a memslot update)
 //!   report exhaustion. What the guest can make the shadow MMU take is bounded by its page limit
 //!   ([`vm::Vm::set_nr_mmu_pages`], KVM's `n_max_mmu_pages`), not by how much memory the guest
-//!   touches: at most 64 KiB of heap per allowed page plus a fixed part per VM (about 41 KiB
+//!   touches: at most 64 KiB of heap per allowed page plus a fixed part per VM (about 43 KiB
 //!   per page measured when every leaf maps a frame of its own, the worst case;
 //!   `tests/shadow_heap_bound.rs`), so a hypervisor can size its heap for the limit it sets.
 //! - **Panics** (a caller bug, such as [`vcpu::Vcpu::walk`] outside guest mode) abort on a

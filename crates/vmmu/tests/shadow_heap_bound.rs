@@ -70,9 +70,9 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// Heap per allowed shadow page that the shadow MMU may take, as the crate doc states it: a
 /// last-level page's record and its 512 leaves' reverse-map entries, each leaf mapping a frame
-/// of its own (measured: 40-42 KiB per page at both limits below, sizes as `Layout` counts
-/// them, without the allocator's own overhead; 62-66 KiB before the reverse map held a gfn's
-/// one leaf in place).
+/// of its own (measured: 43 KiB per page at both limits below, sizes as `Layout` counts them,
+/// without the allocator's own overhead; 40-42 KiB with the reverse map a B-tree, 62-66 KiB
+/// before it held a gfn's one leaf in place).
 const PER_PAGE_BOUND: i64 = 64 << 10;
 
 /// A shadow page's own record (its 512 leaf gfns, its parents), its leaves apart.
