@@ -52,13 +52,13 @@ pub(crate) struct PrefetchCtx<'a> {
 /// Prefetches around SPTE `idx` of level-1 page `sp`, whose leaf the fault just installed;
 /// `leaf_gpte_gpa` is where the walk read the guest PTE of that leaf (indirect pages only).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn prefetch<H: Host>(
+pub(crate) fn prefetch<'a, H: Host>(
     core: &MmuCore<H>,
     st: &mut ShadowState,
     sp: SpId,
     idx: usize,
     leaf_gpte_gpa: Gpa,
-    ctx: &PrefetchCtx<'_>,
+    ctx: &PrefetchCtx<'a>,
     mem: &impl GuestPteMemory,
     batch: &mut ZapBatch,
 ) {
@@ -67,6 +67,7 @@ pub(crate) fn prefetch<H: Host>(
         return;
     }
     let first = idx & !(PREFETCH_NUM - 1);
+    let mut last = None;
     if role.direct() {
         let base = st.sp(sp).gfn.raw();
         let spt = st.sp(sp).spt;
@@ -82,7 +83,8 @@ pub(crate) fn prefetch<H: Host>(
         };
         direct_runs(idx as u64, present, |s, n| {
             let gfn = Gfn(base + s);
-            run(core, st, sp, s as usize, n as usize, gfn, role.access(), ctx, batch) as u64
+            let access = role.access();
+            run(core, st, sp, s as usize, n as usize, gfn, access, ctx, &mut last, batch) as u64
         });
         return;
     }
@@ -115,7 +117,7 @@ pub(crate) fn prefetch<H: Host>(
             access = Access::from_bits(access.bits() & !Access::WRITE.bits());
         }
         let gfn = Gfn((gpte & addr_mask) >> crate::types::PAGE_SHIFT);
-        if run(core, st, sp, j, 1, gfn, access, ctx, batch) == 0 {
+        if run(core, st, sp, j, 1, gfn, access, ctx, &mut last, batch) == 0 {
             return;
         }
     }
@@ -154,7 +156,27 @@ pub(crate) fn direct_runs(
 /// `kvm_mmu_prefetch_sptes`' checks): visible and not being deleted, not read-only, not
 /// dirty-logged when the rights include W (`write`), and holding all `n` frames.
 pub(crate) fn run_slot(set: &MemslotSet, gfn: Gfn, n: u64, write: bool) -> Option<&Memslot> {
-    let slot = set.find(gfn).filter(|s| !s.is_invalid())?;
+    run_slot_near(set, gfn, n, write, &mut None)
+}
+
+/// [`run_slot`], trying `last` (the visible slot an earlier run of the same prefetch found in
+/// `set`) before searching `set`, and leaving there the slot it found: a prefetch group's
+/// frames nearly always come from one slot.
+fn run_slot_near<'a>(
+    set: &'a MemslotSet,
+    gfn: Gfn,
+    n: u64,
+    write: bool,
+    last: &mut Option<&'a Memslot>,
+) -> Option<&'a Memslot> {
+    let slot = match *last {
+        Some(s) if s.contains(gfn) => s,
+        _ => {
+            let s = set.find(gfn).filter(|s| !s.is_invalid())?;
+            *last = Some(s);
+            s
+        }
+    };
     let refused = slot.is_readonly() || (write && slot.dirty_logging());
     let usable = !refused && slot.end_gfn().raw() - gfn.raw() >= n;
     usable.then_some(slot)
@@ -168,7 +190,7 @@ fn present<H: Host>(core: &MmuCore<H>, st: &ShadowState, sp: SpId, j: usize) -> 
 /// KVM `kvm_mmu_prefetch_sptes`: leaves for up to `n` frames from `gfn` at SPTEs `j..j + n` of
 /// `sp` with rights `access`; returns how many it made (0: the run failed).
 #[allow(clippy::too_many_arguments)]
-fn run<H: Host>(
+fn run<'a, H: Host>(
     core: &MmuCore<H>,
     st: &mut ShadowState,
     sp: SpId,
@@ -176,11 +198,12 @@ fn run<H: Host>(
     n: usize,
     gfn: Gfn,
     access: Access,
-    ctx: &PrefetchCtx<'_>,
+    ctx: &PrefetchCtx<'a>,
+    last: &mut Option<&'a Memslot>,
     batch: &mut ZapBatch,
 ) -> usize {
     let write = access.contains(Access::WRITE);
-    let Some(slot) = run_slot(ctx.set, gfn, n as u64, write) else { return 0 };
+    let Some(slot) = run_slot_near(ctx.set, gfn, n as u64, write, last) else { return 0 };
     let as_id = st.sp(sp).role.as_id();
     let host: &dyn HostMemory = &*core.host;
     let mut made = 0;
