@@ -184,6 +184,7 @@ fn vmmu_share(
             bugs: BugSet::NONE,
             tdp_prefetch: false,
             shadow_mmio_path_only: false,
+            shadow_pages: None,
         },
     )?;
     let ws = SlotRequest {

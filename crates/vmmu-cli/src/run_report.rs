@@ -61,6 +61,10 @@ impl fmt::Display for Text<'_> {
             m.reason,
             c.reader_fences.name()
         )?;
+        if let Some(p) = c.shadow_pages {
+            let why = if p.set { "set, --shadow-pages" } else { "KVM's default for the memslots" };
+            writeln!(f, "shadow page limit: {} ({why})", p.limit)?;
+        }
         writeln!(f, "ran {:.2} s, {} accesses", r.elapsed_seconds, r.total_accesses())?;
         for v in &r.vcpus {
             writeln!(

@@ -72,7 +72,9 @@ pub mod tlb;
 pub use error::{Error, Result};
 pub use hw_vcpu::HwVcpu;
 pub use machine::{HostPages, Machine, MachineConfig, SimError, UpdateProfile};
-pub use options::{GenerationStart, RunError, RunMmu, RunOptions};
+pub use options::{
+    GenerationStart, RunError, RunMmu, RunOptions, ShadowPages, DEFAULT_SHADOW_PAGES,
+};
 pub use real::{RealMmu, RealMmuConfig};
 pub use report::Report;
 pub use scenario::{SimBackend, SimBackendInjected};

@@ -47,6 +47,26 @@ impl RunMmu {
     }
 }
 
+/// The shadow MMU's page limit in a run (`--shadow-pages`; TDP runs ignore it, as KVM does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShadowPages {
+    /// KVM's default (`--shadow-pages auto`): 2% of the memslots' pages, 64 at least,
+    /// recomputed as slots change. The machine's RAM is a few MiB, so this is KVM's limit for a
+    /// VM that small: about 80 pages, below what the guest's shadow tables need once MMIO
+    /// caching builds shadow pages for its MMIO paths (see the README).
+    KvmDefault,
+    /// A limit set as a VMM sets it (`KVM_SET_NR_MMU_PAGES`, QEMU's `kvm-shadow-mem`); at
+    /// least [`vmmu::shadow::MIN_ALLOC_PAGES`].
+    Set(usize),
+}
+
+/// The machine's default page limit: [`vmmu::shadow::default_max_pages`] for 200 MiB of
+/// memslots, KVM's own default for a small real guest. The machine's RAM is miniaturised (a
+/// few MiB, of which the vCPUs use well under one); its guest's shadow working set (about 100
+/// pages with MMIO caching on) is what a real guest's would be, and a real guest's RAM gives
+/// KVM room for it.
+pub const DEFAULT_SHADOW_PAGES: usize = 1024;
+
 /// Where a run's memslot generation starts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum GenerationStart {
@@ -100,6 +120,8 @@ pub struct RunOptions {
     pub dirty_log_rounds: Option<std::num::NonZeroU32>,
     /// The host page size behind guest RAM (`--host-pages`).
     pub host_pages: HostPages,
+    /// The shadow MMU's page limit (`--shadow-pages`).
+    pub shadow_pages: ShadowPages,
 }
 
 impl Default for RunOptions {
@@ -122,6 +144,7 @@ impl Default for RunOptions {
             dirty_log: None,
             dirty_log_rounds: None,
             host_pages: HostPages::Auto,
+            shadow_pages: ShadowPages::Set(DEFAULT_SHADOW_PAGES),
         }
     }
 }
@@ -157,6 +180,13 @@ pub enum OptionsError {
          swaps to the wrap, and every migration adds its own"
     )]
     WrapTrapMigrations,
+    /// `--shadow-pages` below KVM's smallest limit.
+    #[error(
+        "--shadow-pages {0}: KVM refuses a shadow page limit below {min} (EINVAL from \
+         KVM_SET_NR_MMU_PAGES); give at least {min}, or `auto` for KVM's default",
+        min = vmmu::shadow::MIN_ALLOC_PAGES
+    )]
+    ShadowPages(usize),
     /// The wrap trap's sweeps and slow-fault holder access guest-physical addresses directly.
     #[error("--wrap-trap runs without guest paging: drop --format shadow / --guest-paging")]
     WrapTrapPaging,
@@ -212,6 +242,11 @@ impl RunOptions {
         }
         if self.churn == Some(0) {
             return Err(OptionsError::Churn);
+        }
+        if let ShadowPages::Set(n) = self.shadow_pages {
+            if n < vmmu::shadow::MIN_ALLOC_PAGES {
+                return Err(OptionsError::ShadowPages(n));
+            }
         }
         let wrap_trap = self.generation == GenerationStart::WrapTrap;
         if self.mmu.guest_paging() && usize::from(self.vcpus) > crate::machine_paging::MAX_VCPUS {
@@ -291,6 +326,10 @@ impl RunOptions {
             bugs: self.bugs,
             tdp_prefetch: false,
             shadow_mmio_path_only: false,
+            shadow_pages: match self.shadow_pages {
+                ShadowPages::KvmDefault => None,
+                ShadowPages::Set(n) => Some(n),
+            },
         };
         let mmu = match self.mmu {
             RunMmu::Shadow => RealMmu::shadow(machine.host().clone(), cfg, 1),
@@ -310,6 +349,16 @@ mod tests {
         let c = RunOptions::default().machine_config().expect("config");
         assert_eq!((c.vcpus, c.duration, c.host.phys_bits), (2, Duration::from_secs(5), 46));
         assert!(c.mmio_caching_requested && c.max_updates.is_none());
+    }
+
+    #[test]
+    fn a_shadow_page_limit_below_kvms_smallest_is_refused() {
+        let o = RunOptions { shadow_pages: ShadowPages::Set(63), ..RunOptions::default() };
+        assert_eq!(o.validate(), Err(OptionsError::ShadowPages(63)));
+        assert!(o.validate().unwrap_err().to_string().contains("at least 64"));
+        for ok in [ShadowPages::Set(64), ShadowPages::KvmDefault] {
+            assert_eq!(RunOptions { shadow_pages: ok, ..RunOptions::default() }.validate(), Ok(()));
+        }
     }
 
     #[test]

@@ -49,6 +49,10 @@ pub struct RealMmuConfig {
     pub tdp_prefetch: bool,
     /// Shadow paging: MMIO faults build no shadow page ([`VmConfig::shadow_mmio_path_only`]).
     pub shadow_mmio_path_only: bool,
+    /// Shadow paging: the page limit as `KVM_SET_NR_MMU_PAGES` sets it
+    /// ([`VmConfig::shadow_max_pages`]); `None`: KVM's default, 2% of the memslots' pages (64 at
+    /// least), recomputed as they change.
+    pub shadow_pages: Option<usize>,
 }
 
 /// The real MMU behind the seam.
@@ -62,6 +66,8 @@ pub struct RealMmu {
     /// it, as KVM's faults wait. Relaxed: a hint for a vCPU's retry policy
     /// ([`RealMmu::slot_update_in_flight`]), nothing a verdict reads.
     slot_updates: AtomicU32,
+    /// Whether the shadow page limit was set (`KVM_SET_NR_MMU_PAGES`), not KVM's default.
+    shadow_pages_set: bool,
 }
 
 /// Counts a memslot request in [`RealMmu::slot_updates`] until dropped (also when the request
@@ -166,6 +172,7 @@ impl RealMmu {
     ) -> Result<Self, VmError> {
         let mut vc = VmConfig::shadow(cfg.phys_bits)?;
         vc.shadow_mmio_path_only = cfg.shadow_mmio_path_only;
+        vc.shadow_max_pages = cfg.shadow_pages;
         Self::build(vc, host, &cfg, nr_address_spaces)
     }
 
@@ -187,6 +194,7 @@ impl RealMmu {
             totals: Arc::new(Mutex::new(VcpuStats::default())),
             timing: Arc::new(Mutex::new(MmioTiming::default())),
             slot_updates: AtomicU32::new(0),
+            shadow_pages_set: cfg.shadow_pages.is_some(),
         })
     }
 
@@ -319,6 +327,11 @@ impl GuestMmu for RealMmu {
 
     fn mmu_kind(&self) -> vmmu::vm::MmuKind {
         self.vm.mmu_kind()
+    }
+
+    fn shadow_pages(&self) -> Option<crate::report::ShadowPagesReport> {
+        let limit = self.vm.shadow_max_pages()?;
+        Some(crate::report::ShadowPagesReport { limit, set: self.shadow_pages_set })
     }
 
     fn poll_tlb_flush(&self, v: &mut RealVcpu) -> bool {

@@ -122,6 +122,18 @@ pub struct ConfigReport {
     pub mmio_caching: MmioCachingReport,
     /// The SRCU reader fences in effect (JSON and text: `full` or `membarrier`).
     pub reader_fences: ReaderFenceKind,
+    /// A shadow MMU's page limit at the end of the run (JSON `null` under TDP).
+    pub shadow_pages: Option<ShadowPagesReport>,
+}
+
+/// A shadow MMU's page limit (KVM `n_max_mmu_pages`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ShadowPagesReport {
+    /// The limit.
+    pub limit: usize,
+    /// Set by the VMM (`KVM_SET_NR_MMU_PAGES`, `--shadow-pages N`); `false`: KVM's default, 2%
+    /// of the memslots' pages (64 at least), recomputed as they change.
+    pub set: bool,
 }
 
 impl Default for ConfigReport {
@@ -135,6 +147,7 @@ impl Default for ConfigReport {
             seed: 0,
             mmio_caching: MmioCachingReport::default(),
             reader_fences: ReaderFenceKind::Full,
+            shadow_pages: None,
         }
     }
 }

@@ -227,6 +227,7 @@ impl SimMachine {
             // MMIO fault; with caching on it would, and recycle earlier (a dirty log shows it).
             // Every configuration here observes what the reference does.
             shadow_mmio_path_only: true,
+            shadow_pages: None,
         };
         cfg.vcpus = cfg.vcpus.max(1);
         let nr_as = u16::from(vm.address_spaces);

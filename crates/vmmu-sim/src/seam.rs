@@ -470,6 +470,12 @@ pub trait GuestMmu: Send + Sync {
         vmmu::vm::MmuKind::Tdp
     }
 
+    /// A shadow MMU's page limit (KVM `n_max_mmu_pages`) and whether it was set rather than
+    /// KVM's default; `None` for any other MMU.
+    fn shadow_pages(&self) -> Option<crate::report::ShadowPagesReport> {
+        None
+    }
+
     /// Whether MMIO caching is in effect and why.
     fn mmio_caching(&self) -> MmioCachingState {
         MmioCachingState { effective: false, reason: "this MMU does not cache MMIO".into() }

@@ -47,6 +47,7 @@ fn run_with(
             bugs,
             tdp_prefetch: false,
             shadow_mmio_path_only: false,
+            shadow_pages: None,
         },
     )
     .expect("mmu");
@@ -113,6 +114,7 @@ fn without_dirty_logging_there_is_no_report() {
             slot_zap_all: false,
             tdp_prefetch: false,
             shadow_mmio_path_only: false,
+            shadow_pages: None,
             bugs: BugSet::NONE,
         },
     )

@@ -43,6 +43,7 @@ fn run_zap(cfg: MachineConfig, bugs: BugSet, slot_zap_all: bool) -> Report {
             bugs,
             tdp_prefetch: false,
             shadow_mmio_path_only: false,
+            shadow_pages: None,
         },
     )
     .expect("mmu");

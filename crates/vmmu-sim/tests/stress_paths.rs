@@ -45,6 +45,7 @@ fn real(machine: &Machine, format: FormatKind, vcpus: usize) -> RealMmu {
             bugs: BugSet::NONE,
             tdp_prefetch: false,
             shadow_mmio_path_only: false,
+            shadow_pages: None,
         },
     )
     .expect("mmu")

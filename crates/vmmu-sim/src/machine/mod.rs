@@ -711,6 +711,7 @@ impl Machine {
                 ..MmioCachingReport::default()
             },
             reader_fences: self.host().reader_fences(),
+            shadow_pages: mmu.shadow_pages(),
         }
     }
 }

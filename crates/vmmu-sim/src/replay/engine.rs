@@ -782,6 +782,7 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
         bugs: cfg.bugs,
         tdp_prefetch: false,
         shadow_mmio_path_only: false,
+        shadow_pages: None,
     };
     let nr_as = if uses_smm { 2 } else { 1 };
     let mmu = if shadow {
@@ -1735,6 +1736,7 @@ mod tests {
             bugs: BugSet::NONE,
             tdp_prefetch: false,
             shadow_mmio_path_only: false,
+            shadow_pages: None,
         };
         let mmu = RealMmu::shadow(memory.host().clone(), mmu_cfg, 1).expect("mmu");
         let mut hw = HwVcpu::with_state(&mmu, memory.host(), mmu.create_vcpu(0), 64);

@@ -85,6 +85,7 @@ impl MmuChoice {
             bugs: self.bugs,
             tdp_prefetch: false,
             shadow_mmio_path_only: false,
+            shadow_pages: None,
         };
         match self.mmu {
             SelftestMmu::Tdp(_) => RealMmu::new(host.clone(), cfg),

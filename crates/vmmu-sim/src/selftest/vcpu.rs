@@ -278,6 +278,7 @@ mod tests {
             bugs: vmmu::bugs::BugSet::NONE,
             tdp_prefetch: false,
             shadow_mmio_path_only: false,
+            shadow_pages: None,
         };
         let mmu = &RealMmu::new(host.clone(), cfg).expect("mmu");
         let slot = |id: u32, gpa: u64, hva: Hva| SlotRequest {

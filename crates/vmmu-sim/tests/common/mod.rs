@@ -48,6 +48,7 @@ pub fn run_real(
             bugs,
             tdp_prefetch: false,
             shadow_mmio_path_only: false,
+            shadow_pages: None,
         },
     )
     .expect("mmu");
