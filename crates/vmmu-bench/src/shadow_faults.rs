@@ -23,6 +23,7 @@ use crate::timing::{quantile, Summary};
 use crate::{region, set, BenchError, Options};
 use std::time::Instant;
 use vmmu::fault::{FaultError, FaultOutcome, PfErr};
+use vmmu::guest::pte::{A, D, P, RW, US};
 use vmmu::guest::GuestCpu;
 use vmmu::host::{HostAccess, HostMemory};
 use vmmu::tdp::HwWalk;
@@ -49,11 +50,8 @@ const DATA: u64 = 2 << 20;
 /// Where the TDP VM's slot starts in the buffer.
 const TDP_SKEW: u64 = 4096;
 
-const P: u64 = 1;
-const RW: u64 = 2;
-const US: u64 = 4;
 /// Accessed and dirty.
-const AD: u64 = 0x60;
+const AD: u64 = A | D;
 
 fn gva(i: u64) -> Gva {
     Gva(GVA_BASE + (i << 12))
