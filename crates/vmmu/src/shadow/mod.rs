@@ -34,6 +34,7 @@
 mod dirty;
 pub(crate) mod fetch;
 mod guest_mem;
+mod keymap;
 mod pages;
 pub(crate) mod prefetch;
 mod rmap;

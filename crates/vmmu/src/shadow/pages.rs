@@ -20,6 +20,7 @@
 //!   `g` writable (write protection, shadow facts §4.1; there are no unsync pages);
 //! - `parents` of a page lists exactly the SPTEs that link it.
 
+use super::keymap::{gfn_key, shrink_sparse, KeyMap};
 use super::rmap::{retain_shrinking, Rmap};
 use super::role::SpRole;
 use super::write_track::UpperTrackSummary;
@@ -106,15 +107,16 @@ pub(crate) struct ShadowState {
     /// `active_mmu_pages`: age key -> page, oldest first.
     active: BTreeMap<u64, SpId>,
     next_seq: u64,
-    by_pfn: BTreeMap<Pfn, SpId>,
+    /// Frame number -> the page whose SPTEs it holds.
+    by_pfn: KeyMap<SpId>,
     /// (address space, gfn) -> the leaf SPTEs mapping it: (page, index).
     rmap: Rmap,
     /// (address space, gfn) -> valid indirect pages shadowing that guest frame.
-    tracked: BTreeMap<(u16, u64), u32>,
+    tracked: KeyMap<u32>,
     /// The same for pages above level 1 only (KVM `gfn_write_track`: `account_shadowed` adds a
     /// write-track reference for a non-leaf table; a last-level one is only write-protected,
     /// since in KVM it may go unsync).
-    tracked_upper: BTreeMap<(u16, u64), u32>,
+    tracked_upper: KeyMap<u32>,
     /// The lock-free summary of `tracked_upper` (changed with it, in the same sections).
     upper_summary: Arc<UpperTrackSummary>,
     /// KVM `kvm->arch.mmu_valid_gen`.
@@ -136,10 +138,10 @@ impl ShadowState {
             buckets: (0..HASH_BUCKETS).map(|_| Vec::new()).collect(),
             active: BTreeMap::new(),
             next_seq: 0,
-            by_pfn: BTreeMap::new(),
+            by_pfn: KeyMap::default(),
             rmap: Rmap::new(),
-            tracked: BTreeMap::new(),
-            tracked_upper: BTreeMap::new(),
+            tracked: KeyMap::default(),
+            tracked_upper: KeyMap::default(),
             upper_summary,
             valid_gen: 0,
             n_used: 0,
@@ -169,7 +171,7 @@ impl ShadowState {
 
     /// The page whose SPTEs live in frame `pfn`, if it is a shadow page (KVM `sptep_to_sp`).
     pub(crate) fn by_pfn(&self, pfn: Pfn) -> Option<SpId> {
-        self.by_pfn.get(&pfn).copied()
+        self.by_pfn.get(&pfn.raw()).copied()
     }
 
     /// Whether `id` is obsolete (made before the last fast zap-all) or was zapped as a root.
@@ -180,12 +182,12 @@ impl ShadowState {
 
     /// Whether a valid page shadows guest frame `gfn` (its SPTEs must stay read-only).
     pub(crate) fn is_write_tracked(&self, as_id: AsId, gfn: Gfn) -> bool {
-        self.tracked.get(&(as_id.0, gfn.raw())).is_some_and(|&n| n > 0)
+        self.tracked.get(&gfn_key(as_id, gfn)).is_some_and(|&n| n > 0)
     }
 
     /// KVM `kvm_gfn_is_write_tracked`: a valid page above level 1 shadows guest frame `gfn`.
     pub(crate) fn is_gfn_write_tracked(&self, as_id: AsId, gfn: Gfn) -> bool {
-        let tracked = self.tracked_upper.get(&(as_id.0, gfn.raw())).is_some_and(|&n| n > 0);
+        let tracked = self.tracked_upper.get(&gfn_key(as_id, gfn)).is_some_and(|&n| n > 0);
         debug_assert!(!tracked || self.upper_summary.may_be_tracked(as_id, gfn));
         tracked
     }
@@ -319,7 +321,7 @@ impl ShadowState {
         };
         self.buckets[b].push(id);
         self.active.insert(seq, id);
-        self.by_pfn.insert(spt, id);
+        self.by_pfn.insert(spt.raw(), id);
         self.n_used += 1;
         stats.shadow_pages.add(1);
         if has_gptes {
@@ -339,10 +341,10 @@ impl ShadowState {
         batch: &mut ZapBatch,
     ) {
         if level > Level::L4K {
-            *self.tracked_upper.entry((as_id.0, gfn.raw())).or_insert(0) += 1;
+            *self.tracked_upper.entry(gfn_key(as_id, gfn)).or_insert(0) += 1;
             self.upper_summary.add(as_id, gfn);
         }
-        let n = self.tracked.entry((as_id.0, gfn.raw())).or_insert(0);
+        let n = self.tracked.entry(gfn_key(as_id, gfn)).or_insert(0);
         *n += 1;
         if *n == 1 && !core.cfg.bugs.has(crate::bugs::Bug::ShadowTableLeftWritable) {
             batch.flush |= self.write_protect_gfn(core, as_id, gfn);
@@ -350,15 +352,16 @@ impl ShadowState {
     }
 
     fn unaccount_shadowed(&mut self, as_id: AsId, gfn: Gfn, level: Level) {
-        fn put(map: &mut BTreeMap<(u16, u64), u32>, key: (u16, u64)) {
+        fn put(map: &mut KeyMap<u32>, key: u64) {
             if let Some(n) = map.get_mut(&key) {
                 *n -= 1;
                 if *n == 0 {
                     map.remove(&key);
+                    shrink_sparse(map);
                 }
             }
         }
-        let key = (as_id.0, gfn.raw());
+        let key = gfn_key(as_id, gfn);
         put(&mut self.tracked, key);
         if level > Level::L4K && self.tracked_upper.contains_key(&key) {
             put(&mut self.tracked_upper, key);
@@ -624,7 +627,8 @@ impl ShadowState {
             unreachable!("freeing shadow page {id:?} twice");
         };
         debug_assert!(sp.role.invalid() && sp.root_count == 0, "{sp:?}");
-        self.by_pfn.remove(&sp.spt);
+        self.by_pfn.remove(&sp.spt.raw());
+        shrink_sparse(&mut self.by_pfn);
         self.free_ids.push(id);
         self.n_used -= 1;
         stats.shadow_pages.sub(1);

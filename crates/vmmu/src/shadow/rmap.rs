@@ -16,11 +16,11 @@
 //!
 //! Everything here runs under the shadow MMU's lock: [`super::pages::ShadowState`] owns the map.
 
+use super::keymap::{gfn_key, shrink_sparse, KeyMap, AS_SHIFT, GFN_MASK};
 use super::pages::SpId;
 use crate::types::{AsId, Gfn};
 use alloc::vec;
 use alloc::vec::Vec;
-use core::hash::{BuildHasherDefault, Hasher};
 
 /// The leaf SPTEs that map one gfn, as (page, index) (KVM's rmap head: one SPTE held in place,
 /// a list only for a gfn mapped more than once). Most gfns are mapped by one leaf, which then
@@ -98,55 +98,18 @@ impl RmapHead {
     }
 }
 
-/// Hashes a key (one `u64`) with MurmurHash3's 64-bit finaliser: every bit of the key moves the
-/// low bits (the table's index) and the top bits (its control bytes), so consecutive gfns, gfns
-/// a table or a huge page apart, and both address spaces all spread.
-#[derive(Default, Clone, Copy)]
-pub(super) struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 ^= n;
-    }
-
-    fn finish(&self) -> u64 {
-        let mut k = self.0;
-        k ^= k >> 33;
-        k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        k ^= k >> 33;
-        k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-        k ^ (k >> 33)
-    }
-}
-
-/// Entries a table that shrank keeps room for.
-const KEPT_ENTRIES: usize = 64;
-
 /// The reverse map: (address space, gfn) -> [`RmapHead`].
 pub(super) struct Rmap {
-    map: hashbrown::HashMap<u64, RmapHead, BuildHasherDefault<KeyHasher>>,
+    map: KeyMap<RmapHead>,
 }
 
-/// Bits of a key below the address space: a gfn has at most 40 (52-bit guest-physical
-/// addresses, the memslots' limit).
-const AS_SHIFT: u32 = 48;
-/// A key's gfn bits.
-const GFN_MASK: u64 = (1 << AS_SHIFT) - 1;
-
 fn key(as_id: AsId, gfn: Gfn) -> u64 {
-    debug_assert!(gfn.raw() >> AS_SHIFT == 0, "gfn {gfn:?} above the memslots' limit");
-    (u64::from(as_id.0) << AS_SHIFT) | gfn.raw()
+    gfn_key(as_id, gfn)
 }
 
 impl Rmap {
     pub(super) fn new() -> Self {
-        Rmap { map: hashbrown::HashMap::default() }
+        Rmap { map: KeyMap::default() }
     }
 
     /// The leaves mapping `gfn` of `as_id`, if any.
@@ -177,10 +140,7 @@ impl Rmap {
         let k = key(as_id, gfn);
         if self.map.get_mut(&k).is_some_and(|head| head.remove(id, idx)) {
             self.map.remove(&k);
-            let len = self.map.len();
-            if self.map.capacity() > KEPT_ENTRIES.max(4 * len) {
-                self.map.shrink_to(KEPT_ENTRIES.max(2 * len));
-            }
+            shrink_sparse(&mut self.map);
         }
     }
 
@@ -285,7 +245,7 @@ mod tests {
                 let want = model.get(&(as_id, g.raw())).cloned().unwrap_or_default();
                 prop_assert_eq!(seen, want);
                 prop_assert_eq!(rmap.map.len(), model.len());
-                prop_assert!(rmap.map.capacity() <= KEPT_ENTRIES.max(4 * rmap.map.len()) * 2);
+                prop_assert!(rmap.map.capacity() <= 64usize.max(4 * rmap.map.len()) * 2);
             }
         }
     }
