@@ -103,10 +103,6 @@ pub(super) struct Rmap {
     map: KeyMap<RmapHead>,
 }
 
-fn key(as_id: AsId, gfn: Gfn) -> u64 {
-    gfn_key(as_id, gfn)
-}
-
 impl Rmap {
     pub(super) fn new() -> Self {
         Rmap { map: KeyMap::default() }
@@ -114,13 +110,13 @@ impl Rmap {
 
     /// The leaves mapping `gfn` of `as_id`, if any.
     pub(super) fn get(&self, as_id: AsId, gfn: Gfn) -> Option<&RmapHead> {
-        self.map.get(&key(as_id, gfn))
+        self.map.get(&gfn_key(as_id, gfn))
     }
 
     /// Adds leaf (`id`, `idx`) to `gfn`'s head; returns how many leaves mapped it before (KVM
     /// `pte_list_add`'s count).
     pub(super) fn add(&mut self, as_id: AsId, gfn: Gfn, id: SpId, idx: u16) -> usize {
-        match self.map.entry(key(as_id, gfn)) {
+        match self.map.entry(gfn_key(as_id, gfn)) {
             hashbrown::hash_map::Entry::Vacant(v) => {
                 v.insert(RmapHead::One(id, idx));
                 0
@@ -137,7 +133,7 @@ impl Rmap {
     /// Removes leaf (`id`, `idx`) from `gfn`'s head, dropping the head if it empties, and gives
     /// the table's memory back once at most a quarter of it is used. Nothing if it is not there.
     pub(super) fn remove(&mut self, as_id: AsId, gfn: Gfn, id: SpId, idx: u16) {
-        let k = key(as_id, gfn);
+        let k = gfn_key(as_id, gfn);
         if self.map.get_mut(&k).is_some_and(|head| head.remove(id, idx)) {
             self.map.remove(&k);
             shrink_sparse(&mut self.map);
@@ -149,7 +145,7 @@ impl Rmap {
         let (start, end) = (start.raw(), end.raw().max(start.raw()));
         if end - start <= self.map.len() as u64 {
             // A short range: one probe per gfn, already in order.
-            (start..end).map(Gfn).filter(|&g| self.map.contains_key(&key(as_id, g))).collect()
+            (start..end).map(Gfn).filter(|&g| self.map.contains_key(&gfn_key(as_id, g))).collect()
         } else {
             let mut v: Vec<Gfn> = self
                 .map
