@@ -165,10 +165,11 @@ pub struct RunArgs {
     #[arg(long = "host-pages", value_enum, default_value_t = HostPages::Auto)]
     host_pages: HostPages,
     /// Shadow paging: the shadow MMU's page limit, as a VMM sets it with KVM_SET_NR_MMU_PAGES
-    /// (QEMU's `kvm-shadow-mem`): N pages (at least 64), or `auto` for KVM's default, 2% of the
-    /// memslots' pages, which for this machine's few MiB of RAM is about 80, below what its
-    /// guest's shadow tables need with MMIO caching on (pages are recycled all the time: see the
-    /// README). The default, 1024, is KVM's default for 200 MiB of guest RAM.
+    /// (QEMU's `kvm-shadow-mem`, which counts bytes: 4 KiB per page): N pages (at least 64), or
+    /// `auto` for KVM's default, 2% of the memslots' pages, which for this machine's few MiB of
+    /// RAM is about 80, below what its guest's shadow tables need with MMIO caching on (pages
+    /// are recycled all the time: see the README). The default, 1024, is KVM's default for 200
+    /// MiB of guest RAM.
     #[arg(long = "shadow-pages", value_name = "N|auto", default_value = "1024",
           value_parser = parse_shadow_pages)]
     shadow_pages: ShadowPages,

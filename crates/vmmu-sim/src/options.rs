@@ -55,8 +55,8 @@ pub enum ShadowPages {
     /// VM that small: about 80 pages, below what the guest's shadow tables need once MMIO
     /// caching builds shadow pages for its MMIO paths (see the README).
     KvmDefault,
-    /// A limit set as a VMM sets it (`KVM_SET_NR_MMU_PAGES`, QEMU's `kvm-shadow-mem`); at
-    /// least [`vmmu::shadow::MIN_ALLOC_PAGES`].
+    /// A limit set as a VMM sets it (`KVM_SET_NR_MMU_PAGES`; QEMU's `kvm-shadow-mem` gives it
+    /// in bytes); at least [`vmmu::shadow::MIN_ALLOC_PAGES`].
     Set(usize),
 }
 
