@@ -146,6 +146,69 @@ fn a_fault_prefetches_accessed_neighbours_up_to_the_first_it_cannot() {
     }
 }
 
+/// Guest tables and pages spread over two memslots, alternating level by level and page by
+/// page: every gPTE read and every prefetch run must find its own slot (a fault's view of guest
+/// memory and a prefetch keep the last slot they found, and must not use it for a gpa outside
+/// it). Slot 1 aliases the upper half of slot 0's host memory at a gpa above 4 GiB, so a gpa
+/// resolved through the wrong slot lands on another host page (or none) and the translation
+/// shows it.
+#[test]
+fn guest_tables_and_pages_alternating_between_slots_translate_through_each_own_slot() {
+    const A_D: u64 = 0x60;
+    const SLOT1_GPA: u64 = 0x1_8000_0000;
+    const SLOT1_OFF: u64 = 32 << 20;
+    let (vm, host, _next) = shadow_vm(BugSet::NONE);
+    let alias = UserspaceMemoryRegion::new(1, 0, SLOT1_GPA, 32 << 20, RAM_HVA + SLOT1_OFF);
+    vm.set_memory_region(&alias).unwrap();
+    // The host address and frame behind a gpa of either slot.
+    let hva = |gpa: u64| {
+        if gpa >= SLOT1_GPA {
+            RAM_HVA + SLOT1_OFF + (gpa - SLOT1_GPA)
+        } else {
+            RAM_HVA + gpa
+        }
+    };
+    let pfn = |gpa: u64| vmmu::Pfn(hva(gpa) >> 12);
+    let entry = |table: u64, idx: u64, target: u64| {
+        host.write_u64(hva(table + idx * 8), target | P | RW | US | A_D);
+    };
+    // PML4 in slot 0 -> PDPT in slot 1 -> PD in slot 0 -> PT in slot 1.
+    let (pml4, pdpt, pd, pt) = (0x80_0000, SLOT1_GPA + 0x80_0000, 0x80_1000, SLOT1_GPA + 0x80_1000);
+    let gva = 0x4000_0000u64;
+    entry(pml4, 0, pdpt);
+    entry(pdpt, 1, pd);
+    entry(pd, 0, pt);
+    // Eight pages, even ones in slot 0, odd ones in slot 1: a prefetch group of runs of one.
+    let page = |i: u64| {
+        if i % 2 == 0 {
+            0x20_0000 + i * 0x1000
+        } else {
+            SLOT1_GPA + 0x20_0000 + i * 0x1000
+        }
+    };
+    for i in 0..8 {
+        entry(pt, i, page(i));
+    }
+    let mut v = vcpu_in(&vm, long4(pml4));
+    // A write to each page, a fault each (the host maps a page for prefetching only once
+    // written, as `get_user_pages_fast_only` finds only pages already mapped).
+    for i in (0..8).rev() {
+        assert_eq!(access(&mut v, gva + i * 0x1000, true), Seen::Ram(pfn(page(i))), "page {i}");
+    }
+    // With every leaf gone, one read faults and prefetches the other seven, each from its own
+    // slot.
+    vm.zap_all_fast();
+    assert_eq!(access(&mut v, gva, false), Seen::Ram(pfn(page(0))));
+    for i in 1..8 {
+        let w = hw(&mut v, gva + i * 0x1000, true);
+        assert!(
+            matches!(w, vmmu::tdp::HwWalk::Translated { pfn: p, .. } if p == pfn(page(i))),
+            "page {i} (gpa {:#x}) not prefetched from its slot: {w:?}",
+            page(i)
+        );
+    }
+}
+
 #[test]
 fn cr3_switches_reuse_previous_roots_and_clear_the_gva_cache() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);
