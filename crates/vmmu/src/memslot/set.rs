@@ -109,6 +109,22 @@ impl MemslotSet {
         self.maps().by_gfn.last_at_or_below(gfn.0).filter(|s| s.contains(gfn))
     }
 
+    /// The visible slot holding `gfn` (not being deleted or moved), trying `near` first: a slot
+    /// an earlier call on this same set returned, for a caller whose lookups nearly always stay
+    /// in one slot (a fault's gPTE reads, a prefetch group's runs). Unlike
+    /// [`Self::find_cached`], no generation check: the hint comes from this set.
+    #[inline]
+    pub(crate) fn find_visible_near<'a>(
+        &'a self,
+        gfn: Gfn,
+        near: Option<&'a Memslot>,
+    ) -> Option<&'a Memslot> {
+        match near {
+            Some(s) if s.contains(gfn) => Some(s),
+            _ => self.find(gfn).filter(|s| !s.is_invalid()),
+        }
+    }
+
     /// [`Self::find`] through a per-reader last-used-slot cache validated by the full generation
     /// (KVM `kvm_vcpu_gfn_to_memslot`). Returns a copy of the slot.
     #[inline]

@@ -34,14 +34,8 @@ impl<'a, M: GuestMemory + ?Sized> SlotGuestMemory<'a, M> {
     /// The host address of `gpa` and the visible slot that maps it, if any.
     fn resolve(&self, gpa: Gpa) -> Option<(Hva, &'a Memslot)> {
         let gfn = gpa.gfn();
-        let slot = match self.last.get() {
-            Some(s) if s.contains(gfn) => s,
-            _ => {
-                let s = self.set.find(gfn).filter(|s| !s.is_invalid())?;
-                self.last.set(Some(s));
-                s
-            }
-        };
+        let slot = self.set.find_visible_near(gfn, self.last.get())?;
+        self.last.set(Some(slot));
         let hva = slot.hva_of(gfn).raw() + gpa.page_offset();
         Some((Hva(hva), slot))
     }

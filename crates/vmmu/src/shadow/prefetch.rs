@@ -169,14 +169,8 @@ fn run_slot_near<'a>(
     write: bool,
     last: &mut Option<&'a Memslot>,
 ) -> Option<&'a Memslot> {
-    let slot = match *last {
-        Some(s) if s.contains(gfn) => s,
-        _ => {
-            let s = set.find(gfn).filter(|s| !s.is_invalid())?;
-            *last = Some(s);
-            s
-        }
-    };
+    let slot = set.find_visible_near(gfn, *last)?;
+    *last = Some(slot);
     let refused = slot.is_readonly() || (write && slot.dirty_logging());
     let usable = !refused && slot.end_gfn().raw() - gfn.raw() >= n;
     usable.then_some(slot)
