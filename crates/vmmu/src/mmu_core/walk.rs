@@ -56,8 +56,12 @@
 //!
 //! Only MMIO SPTEs are answered from a hit; anything else found there walks again from the root,
 //! so errors (with their full dumps), retries and re-injected bugs behave as without the cache.
-//! There is nothing to clear on a root change: the root is part of the key, and a freed root's
-//! frame can come back only after the bump of its `defer_free`.
+//! A root change needs nothing cleared when the root is a page of its own: the root is part of
+//! the key, and a freed root's frame can come back only after the bump of its `defer_free`. A
+//! special root (shadow paging: a PAE guest or one without paging) is not such a page: every
+//! special root of a vCPU lives in the vCPU's one `pae_root` frame, rewritten in place with no
+//! bump, so the vCPU clears its cache whenever it loads a special root
+//! (`vcpu::shadow_path`); only that vCPU's cache can name the frame.
 
 use crate::bugs::{Bug, BugSet};
 use crate::host::{FrameAllocator, Host, TableEntries};
@@ -203,6 +207,12 @@ impl LeafTableCache {
             }
             _ => None,
         }
+    }
+
+    /// Forgets every table (a special root was loaded: its frame, the key's root, now names other
+    /// tables; module doc).
+    pub(crate) fn clear(&mut self) {
+        *self = Self::default();
     }
 
     /// Remembers `t` first in its set. A stale entry for the same 2 MiB and root is replaced

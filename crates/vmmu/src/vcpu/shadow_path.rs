@@ -7,6 +7,8 @@
 //! - Every root change (CR3 load, mode change, reload after a zap) clears the GVA part of the
 //!   MMIO cache (the 2026 fix 7f8a4eb426b4: a GVA-keyed entry must not survive a root switch);
 //!   INVLPG clears the entry of its page.
+//! - Loading a special root clears the vCPU's leaf-table cache (the fast MMIO path's, keyed by
+//!   root frame): every special root of the vCPU is built in its one `pae_root` frame.
 //! - The vCPU pins the pages of its current and previous roots; it releases them outside guest
 //!   mode.
 
@@ -193,7 +195,13 @@ impl ShadowVcpu {
                 r
             };
             core.reclaim_batched();
-            sv.root = Some(root.ok_or(crate::mmu_core::MmuError::OutOfMemory)?);
+            let root = root.ok_or(crate::mmu_core::MmuError::OutOfMemory)?;
+            if root.kind() == ShadowRootKind::Special {
+                // The vCPU's `pae_root` frame now links other level-2 pages than it did when
+                // the fast path's leaf-table cache, keyed by that frame, was filled.
+                st.leaf_tables.clear();
+            }
+            sv.root = Some(root);
             // KVM `kvm_mmu_load` clears the GVA cache (7f8a4eb426b4).
             if !vm.bugs.has(Bug::GvaCacheSurvivesRootSwitch) {
                 st.mmio_cache.clear_gva();
