@@ -392,6 +392,42 @@ fn paging_agree(strategy: proptest::strategy::BoxedStrategy<GenScenario>) {
     }
 }
 
+/// Random PAE paging scenarios on the software machine under every MMU configuration (EPT, NPT
+/// and shadow paging, MMIO caching on and off), equal streams. KVM on these hosts runs guest
+/// paging only in long mode, so the KVM comparisons above run PAE scenarios as 4-level; this
+/// keeps PAE itself compared (special roots, PDPTEs loaded at CR3 load), with no `/dev/kvm`.
+/// `VMMU_DIFF_CASES` sets the count (default 200) for each of the two paging generators.
+#[test]
+fn generated_pae_scenarios_agree_across_machine_configurations() {
+    let configs = vmmu_scenario::diff::machine_configurations(None);
+    for strategy in [paging_scenario(), wide_paging_scenario()] {
+        let pae =
+            strategy.prop_filter("PAE only", |g| g.vm.paging == Some(vmmu_scenario::Paging::Pae));
+        check_with(TestRunner::new(config(cases())), pae.boxed(), |g| {
+            let s = parse_checked(&g)?;
+            let sources: Vec<Source> = configs
+                .iter()
+                .map(|(suffix, ov)| {
+                    let name = vmmu_scenario::diff::machine_source_name(suffix);
+                    let b = vmmu_scenario::diff::Configured::new(
+                        &name,
+                        Box::new(vmmu_sim::SimBackend),
+                        *ov,
+                    );
+                    run_source(&name, &b, &s)
+                })
+                .collect();
+            let v = vmmu_scenario::diff::compare_machine_sources(&sources);
+            if v.is_bad() || matches!(v, Verdict::Skipped(_)) {
+                return Err(TestCaseError::fail(
+                    VerdictLine { path: "generated", verdict: &v }.to_string(),
+                ));
+            }
+            Ok(())
+        });
+    }
+}
+
 /// The shadow MMU's counters (`mmu_cache_miss`, `mmu_shadow_zapped`, `mmu_recycled`,
 /// `mmu_flooded`) equal KVM's (`KVM_GET_STATS_FD`) after every step of random guest-paging
 /// scenarios run as `format=shadow` (KVM on this project's hosts is a shadow-paging KVM): the
