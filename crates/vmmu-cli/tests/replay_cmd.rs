@@ -1215,3 +1215,41 @@ fn a_dimm_near_the_top_of_a_48_bit_space_replays_with_48_bits() {
     let (code, t) = replay_json(&file, &["--phys-bits", "46", "--format", "shadow"]);
     assert_eq!(code, Some(0), "{t:#}");
 }
+
+/// Buffers that take every frame below 4 GiB before the first page table (one RAM slot of
+/// 4 GiB - 2 MiB at 0; or 2 GiB of RAM and a 512 MiB RAM BAR plugged four times, each time
+/// with a new backend, as a VMM does): the shadow configurations' guest stays below 4 GiB, so it
+/// runs without paging on a special root, whose frame must lie below 4 GiB (KVM's DMA32
+/// `pae_root`). The host keeps frames for that; the replay ran out of them before (a panic,
+/// with no report for any configuration).
+#[test]
+fn buffers_filling_the_first_4_gib_of_frames_leave_the_special_root_its_frame() {
+    let one_slot = "{\"vmmu_trace\":1,\"source\":\"one RAM slot of 4 GiB - 2 MiB at 0\"}\n\
+        {\"t\":0.000000,\"op\":\"slot\",\"as\":0,\"id\":0,\"flags\":[],\"gpa\":\"0x0\",\"size\":\"0xffe00000\",\"uaddr\":\"0x7f0000000000\"}\n\
+        {\"t\":0.000001,\"op\":\"mmio\",\"dir\":\"read\",\"gpa\":\"0xfffff000\",\"len\":4,\"value\":\"0x0\",\"exit\":\"user\"}\n";
+    let mut replugged = String::from(
+        "{\"vmmu_trace\":1,\"source\":\"2 GiB RAM, a 512 MiB RAM BAR plugged four times\"}\n\
+         {\"t\":0.000000,\"op\":\"slot\",\"as\":0,\"id\":0,\"flags\":[],\"gpa\":\"0x0\",\"size\":\"0x80000000\",\"uaddr\":\"0x7f0000000000\"}\n",
+    );
+    for i in 0..4u64 {
+        let uaddr = 0x7e00_0000_0000u64 - (i << 40);
+        for size in ["0x20000000", "0x0"].iter().take(if i == 3 { 1 } else { 2 }) {
+            replugged += &format!(
+                "{{\"t\":0.{:06},\"op\":\"slot\",\"as\":0,\"id\":5,\"flags\":[],\"gpa\":\"0xc0000000\",\"size\":\"{size}\",\"uaddr\":\"{uaddr:#x}\"}}\n",
+                i * 2 + 1 + u64::from(*size == "0x0")
+            );
+        }
+    }
+    replugged += "{\"t\":0.900000,\"op\":\"mmio\",\"dir\":\"read\",\"gpa\":\"0xfee00030\",\"len\":4,\"value\":\"0x50014\",\"exit\":\"kernel\"}\n";
+    for (name, trace) in [("low-one-slot", one_slot), ("low-replugged", replugged.as_str())] {
+        let p = temp_file(&format!("{name}.trace.jsonl"), trace);
+        let t = assert_clean(&p.display().to_string());
+        let shadow = &t["runs"][4];
+        assert_eq!(shadow["config"], "shadow-on");
+        assert!(
+            shadow["guest"].as_str().is_some_and(|g| g.contains("special root")),
+            "{name}: {:#}",
+            shadow["guest"]
+        );
+    }
+}

@@ -69,6 +69,11 @@ const PAGES_PER_2M: u64 = SIZE_2M / PAGE_SIZE;
 /// host costs what it uses, not what its buffers could hold.
 pub const MAX_FRAME_TABLE: u64 = 1 << 28;
 
+/// Frames kept at the bottom of the frame space (from pfn 1) for page tables that must lie below
+/// 4 GiB (a shadow vCPU's PAE root, KVM's `__GFP_DMA32` `pae_root`), one per vCPU a host may
+/// need, on top of [`HostConfig::max_frames`]: buffers never take them.
+pub const LOW_TABLE_FRAMES: u64 = 64;
+
 /// The most frames a host with MAXPHYADDR `phys_bits` can hand out: every pfn is below
 /// `2^(phys_bits - 12)`, and the table holds at most [`MAX_FRAME_TABLE`]. `phys_bits` outside
 /// 36..=52 (which [`SimHost::new`] refuses) counts as the nearest valid value.
@@ -86,9 +91,10 @@ const KIND_MASK: usize = 3;
 pub struct HostConfig {
     /// The host MAXPHYADDR, 36..=52: every pfn is below `2^(phys_bits - 12)`.
     pub phys_bits: u8,
-    /// How many frames (RAM and table pages together) the host may hand out at most. Also the
-    /// size of the frame table (one word per frame). Capped at `2^(phys_bits - 12)` and at
-    /// [`MAX_FRAME_TABLE`].
+    /// How many frames (RAM and table pages together) the host may hand out at most, besides
+    /// the [`LOW_TABLE_FRAMES`] it keeps for tables below 4 GiB. Their sum is the size of the
+    /// frame table (one word per frame), capped at `2^(phys_bits - 12)` and at
+    /// [`MAX_FRAME_TABLE`]; [`SimHost::config`] reports that size.
     pub max_frames: u64,
     /// How the MMU's SRCU readers order their entry against an updater: a full fence each
     /// (the default), or nothing but a compiler fence, the updater paying a process-wide
@@ -398,6 +404,9 @@ const TABLE_LAYOUT: Layout = match Layout::from_size_align(4096, 4096) {
 struct AllocState {
     /// The next never-used pfn.
     next_pfn: u64,
+    /// The next never-used pfn of the frames kept for tables below 4 GiB
+    /// ([`LOW_TABLE_FRAMES`], from pfn 1).
+    low_next: u64,
     /// Freed table pages (pfn and memory), reused before new frames.
     free_tables: Vec<(Pfn, TablePage)>,
     /// Every table page ever allocated, for `Drop`.
@@ -489,7 +498,12 @@ impl SimHost {
         if !(36..=52).contains(&config.phys_bits) {
             return Err(HostError::PhysBits(config.phys_bits));
         }
-        let capacity = config.max_frames.min(frame_space(config.phys_bits)).max(2);
+        // The frames kept for tables below 4 GiB come on top of `max_frames`.
+        let capacity = config
+            .max_frames
+            .saturating_add(LOW_TABLE_FRAMES)
+            .min(frame_space(config.phys_bits))
+            .max(2 + LOW_TABLE_FRAMES);
         let len = usize::try_from(capacity).map_err(|_| HostError::AllocFailed(capacity))?;
         // `vec![0; n]` allocates zeroed memory, which the system hands out lazily, so a large
         // table costs little until used.
@@ -506,7 +520,8 @@ impl SimHost {
             snapshot: AtomicPtr::new(std::ptr::null_mut()),
             retired: Mutex::new(Vec::new()),
             alloc: Mutex::new(AllocState {
-                next_pfn: 1,
+                next_pfn: 1 + LOW_TABLE_FRAMES,
+                low_next: 1,
                 free_tables: Vec::new(),
                 all_tables: Vec::new(),
             }),
@@ -985,13 +1000,19 @@ impl vmmu::host::Sched for SimHost {
 
 impl SimHost {
     /// `FrameAllocator::alloc_table` with a frame number below `limit`.
+    /// The kept low frames ([`LOW_TABLE_FRAMES`]) serve only a `limit` below the top (a table
+    /// below 4 GiB), first.
     fn alloc_table_under(&self, init: u64, limit: u64) -> Option<Pfn> {
         let mut st = self.lock_alloc();
-        let reused = st.free_tables.iter().rposition(|(pfn, _)| pfn.0 < limit);
+        let low = limit != u64::MAX;
+        let low_end = 1 + LOW_TABLE_FRAMES;
+        let reused =
+            st.free_tables.iter().rposition(|(pfn, _)| (pfn.0 < low_end) == low && pfn.0 < limit);
         let (pfn, page) = match reused {
             Some(i) => st.free_tables.swap_remove(i),
             None => {
-                if st.next_pfn >= (self.frames.len() as u64).min(limit) {
+                let from_low = low && st.low_next < low_end;
+                if !from_low && st.next_pfn >= (self.frames.len() as u64).min(limit) {
                     self.exhausted.fetch_add(1, Ordering::Relaxed);
                     return None;
                 }
@@ -999,8 +1020,9 @@ impl SimHost {
                 let raw = unsafe { alloc::alloc_zeroed(TABLE_LAYOUT) } as *mut TableEntries;
                 let page = TablePage(NonNull::new(raw)?);
                 st.all_tables.push(page);
-                let pfn = Pfn(st.next_pfn);
-                st.next_pfn += 1;
+                let counter = if from_low { &mut st.low_next } else { &mut st.next_pfn };
+                let pfn = Pfn(*counter);
+                *counter += 1;
                 (pfn, page)
             }
         };
@@ -1046,9 +1068,11 @@ unsafe impl FrameAllocator for SimHost {
         self.alloc_table_under(init, u64::MAX)
     }
 
-    /// A PAE special root: a freed table frame below 4 GiB, or a new one while the frame
-    /// counter is still below 4 GiB (guest buffers take frames from the same counter, so a host
-    /// whose buffers went past it first has none to give).
+    /// A PAE special root: a freed table frame below 4 GiB, one of the [`LOW_TABLE_FRAMES`]
+    /// kept for this at the bottom of the frame space, or a new one while the frame counter is
+    /// still below 4 GiB. (Buffers take frames from the counter: without the kept frames, a
+    /// host whose buffers filled the first 4 GiB of frames had none to give, and a replay of a
+    /// trace with that much RAM below 4 GiB could not run a guest without paging.)
     fn alloc_table_below_4g(&self, init: u64) -> Option<Pfn> {
         self.alloc_table_under(init, 1 << 20)
     }

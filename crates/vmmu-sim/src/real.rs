@@ -145,6 +145,9 @@ pub struct RealVcpu {
     timing: Arc<Mutex<MmioTiming>>,
     mine: MmioTiming,
     sampler: Sampler,
+    /// Why the last entry failed (no root could be loaded: the host had no frame), reported by
+    /// the next translation as its error.
+    entry_failed: Option<String>,
 }
 
 impl RealMmu {
@@ -226,8 +229,9 @@ impl RealVcpu {
         &mut self.vcpu
     }
 
-    /// Services requests until the vCPU is in guest mode.
-    fn enter(&mut self) {
+    /// Services requests until the vCPU is in guest mode. `Err`: no root could be loaded; the
+    /// vCPU stays outside guest mode.
+    fn enter(&mut self) -> Result<(), String> {
         loop {
             match self.vcpu.service_requests() {
                 Ok(w) => {
@@ -237,10 +241,12 @@ impl RealVcpu {
                     }
                     self.flush_tlb |= w.flush_tlb;
                 }
-                Err(e) => panic!("vCPU {} cannot load a root: {e}", self.vcpu.index()),
+                Err(e) => {
+                    return Err(format!("vCPU {} cannot load a root: {e}", self.vcpu.index()))
+                }
             }
             if self.vcpu.enter_guest_mode().is_ok() {
-                return;
+                return Ok(());
             }
         }
     }
@@ -299,6 +305,7 @@ impl GuestMmu for RealMmu {
             timing: self.timing.clone(),
             mine: MmioTiming::default(),
             sampler: Sampler::default(),
+            entry_failed: None,
         }
     }
 
@@ -309,7 +316,7 @@ impl GuestMmu for RealMmu {
 
     fn enter_guest(&self, v: &mut RealVcpu) {
         if !v.vcpu.in_guest_mode() {
-            v.enter();
+            v.entry_failed = v.enter().err();
         }
     }
 
@@ -338,7 +345,7 @@ impl GuestMmu for RealMmu {
         if !v.vcpu.in_guest_mode() || v.vcpu.requests_pending() {
             // The "IPI": leave guest mode, handle the requests, come back.
             v.vcpu.exit_guest_mode();
-            v.enter();
+            v.entry_failed = v.enter().err();
         }
         std::mem::take(&mut v.flush_tlb)
     }
@@ -436,8 +443,13 @@ fn hw_walk_cached(vm: &Vm<SimHost>, v: &mut RealVcpu, gpa: Gpa, need: Access) ->
 /// for that exit kind.
 fn translate(vm: &Vm<SimHost>, v: &mut RealVcpu, gpa: Gpa, access: AccessKind) -> Translation {
     let write = access.is_write();
+    if let Some(why) = v.entry_failed.take() {
+        return Translation::Error(why);
+    }
     if !v.vcpu.in_guest_mode() {
-        v.enter();
+        if let Err(why) = v.enter() {
+            return Translation::Error(why);
+        }
     }
     let need = if write { Access::WRITE } else { Access::NONE };
     let walk = hw_walk_cached(vm, v, gpa, need);

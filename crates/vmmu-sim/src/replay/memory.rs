@@ -130,7 +130,7 @@ impl TraceMemory {
         // are all 4 KiB then.
         let frame_space = frame_space(phys_bits);
         let tables = table_frames(trace);
-        let lazy = pages > frame_space.saturating_sub(tables);
+        let lazy = pages > frame_space.saturating_sub(tables + crate::host::LOW_TABLE_FRAMES);
         let host = Arc::new(SimHost::new(HostConfig {
             max_frames: if lazy { frame_space } else { pages + tables },
             lazy_frames: lazy,
