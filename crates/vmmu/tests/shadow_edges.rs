@@ -362,3 +362,41 @@ fn a_cr3_outside_every_slot_faults_until_a_slot_covers_it() {
     assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
     assert_eq!(access(&mut v, 0x4000_0000, true), Seen::Ram(ram_pfn(0x20_0000)));
 }
+
+/// A guest page directory in a read-only memslot, also mapped as data: a store to it through
+/// that mapping is a write to read-only memory. KVM emulates it (the directory is shadowed, so
+/// write-tracked), the emulator's write fails on the read-only slot and exits to userspace as
+/// MMIO: a read-only write, as for any page of the slot, never "emulate into RAM" (which would
+/// write the slot's backing memory).
+#[test]
+fn a_store_to_a_shadowed_directory_in_a_read_only_slot_is_a_read_only_write() {
+    const RO_GPA: u64 = 0x1_8000_0000;
+    const RO_OFF: u64 = 32 << 20;
+    const A: u64 = 0x20;
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let ro = UserspaceMemoryRegion::new(
+        1,
+        vmmu::memslot::KVM_MEM_READONLY,
+        RO_GPA,
+        2 << 20,
+        RAM_HVA + RO_OFF,
+    );
+    vm.set_memory_region(&ro).unwrap();
+    let (pml4, pdpt, pt, pt2) =
+        (alloc_table(&next), alloc_table(&next), alloc_table(&next), alloc_table(&next));
+    let pd = RO_GPA;
+    let w = |gpa: u64, v: u64| host.write_u64(RAM_HVA + gpa, v);
+    w(pml4, pdpt | P | RW | US | A);
+    w(pdpt + 8, pd | P | RW | US | A);
+    host.write_u64(RAM_HVA + RO_OFF, pt | P | RW | US | A); // pd[0]: gva 0x4000_0000..
+    host.write_u64(RAM_HVA + RO_OFF + 8, pt2 | P | RW | US | A); // pd[1]: gva 0x4020_0000..
+    w(pt, 0x20_0000 | P | RW | US | A);
+    w(pt2, pd | P | RW | US | A | 0x40); // gva 0x4020_0000 -> the directory itself, dirty
+    let mut v = vcpu_in(&vm, long4(pml4));
+    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    assert_eq!(access(&mut v, 0x4020_0010, false), Seen::Ram(ram_pfn(RO_OFF)));
+    assert_eq!(
+        access(&mut v, 0x4020_0010, true),
+        Seen::Mmio(Gpa(pd + 0x10), EmulateSource::ReadOnlyWrite)
+    );
+}

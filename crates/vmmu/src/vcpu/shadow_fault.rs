@@ -204,7 +204,19 @@ impl VcpuMmu {
             if s.is_gfn_write_tracked(st.as_id, walk.gfn) {
                 s.clear_flood_along(core, &root, gva);
                 drop(s);
-                return Ok(write_protected(stats, walk.gpa, access));
+                // What faultin would decide for the slot first: a slot being deleted or moved
+                // retries, and a table in a read-only slot is a read-only write (KVM's emulator
+                // cannot write it either and exits to userspace as MMIO), never "emulate into
+                // RAM".
+                match set.find(walk.gfn) {
+                    Some(slot) if slot.is_invalid() => {
+                        return Ok(retry(stats, RetryCause::InvalidSlot))
+                    }
+                    Some(slot) if slot.is_readonly() => {
+                        return Ok(readonly_write(stats, walk.gpa, access.required()))
+                    }
+                    _ => return Ok(write_protected(stats, walk.gpa, access)),
+                }
             }
         }
         let mut fault = PageFault::shadow(walk.gpa, err);
