@@ -232,6 +232,14 @@ impl ShadowMmu {
         let outcome = match pf.stale(backing, root.state(&st), pending, &core.inval, core.cfg.bugs)
         {
             Some(cause) => fetch::FetchOutcome::Retry(cause),
+            None if root.start(fault.gva).is_none() => {
+                // A special root whose entry for this gva is 0 although the guest's walk went
+                // through it: the table its PDPTE (or a 4-level CR3) names was outside guest
+                // memory when the root was built and is in a memslot now. Rebuild the root
+                // (KVM's fetch with the dummy root: request FREE_OBSOLETE_ROOTS and retry).
+                core.vcpus[vcpu].request(Request::FreeObsoleteRoots);
+                fetch::FetchOutcome::Retry(crate::stats::RetryCause::NoRoot)
+            }
             None => fetch::fetch(core, &self.stats, &mut st, root, fault, &mut batch),
         };
         core.host.preempt_point(crate::host::PreemptPoint::FaultInstalled);

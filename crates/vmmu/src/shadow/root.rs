@@ -191,10 +191,30 @@ impl ShadowRoot {
         }
     }
 
+    /// Whether the root for `cpu` is a special root (in `pae_root`): a PAE guest's, one without
+    /// paging, or a 4-level guest's whose CR3 names a frame `visible` says no memslot holds
+    /// (KVM v6.6's dummy root: no shadow page shadows, and so write-tracks, a frame that is not
+    /// guest memory).
+    pub(crate) fn is_special_for(cpu: &GuestCpu, visible: &dyn Fn(Gfn) -> bool) -> bool {
+        match cpu.mode {
+            PagingMode::Long4 => !visible(Self::cr3_gfn(cpu)),
+            PagingMode::Pae { .. } | PagingMode::NonPaging => true,
+        }
+    }
+
+    fn cr3_gfn(cpu: &GuestCpu) -> Gfn {
+        Gfn((cpu.cr3 & crate::guest::pte::addr_mask(cpu.maxphyaddr)) >> 12)
+    }
+
     /// Builds the root for `cpu` in address space `as_id` (KVM `mmu_alloc_shadow_roots`), under
     /// the shadow lock; a special root fills `pae_root`, the vCPU's PAE root frame, which no
-    /// loaded root uses. `None`: the host had no frame for a shadow page, or the guest's mode
-    /// needs a special root and `pae_root` is `None`.
+    /// loaded root uses. `visible` says whether a memslot (not being deleted or moved) holds a
+    /// gfn: a guest table outside guest memory gets no shadow page (a PAE PDPTE naming one
+    /// leaves its entry 0; a 4-level CR3 naming one gets a special root with every entry 0, KVM's
+    /// dummy root), so no device frame is write-tracked; a fault that later finds the table
+    /// visible reloads the root ([`Self::start`] gives `None`). `None`: the host had no frame
+    /// for a shadow page, or the root is special and `pae_root` is `None`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn alloc<H: Host>(
         core: &MmuCore<H>,
         stats: &super::ShadowStats,
@@ -202,11 +222,15 @@ impl ShadowRoot {
         cpu: &GuestCpu,
         as_id: AsId,
         pae_root: Option<Pfn>,
+        visible: &dyn Fn(Gfn) -> bool,
         batch: &mut ZapBatch,
     ) -> Option<ShadowRoot> {
         match cpu.mode {
+            PagingMode::Long4 if !visible(Self::cr3_gfn(cpu)) => {
+                Self::alloc_special(core, stats, st, pae_root?, [None; 4], batch)
+            }
             PagingMode::Long4 => {
-                let gfn = Gfn((cpu.cr3 & crate::guest::pte::addr_mask(cpu.maxphyaddr)) >> 12);
+                let gfn = Self::cr3_gfn(cpu);
                 let role = SpRole::new(Level::L4, SpKind::Indirect, Access::ALL, as_id)
                     .with_cr0_wp(cpu.cr0_wp);
                 let (sp, _) = st.get_page(core, stats, gfn, role, batch)?;
@@ -216,12 +240,14 @@ impl ShadowRoot {
                 Some(ShadowRoot::Page { sp, pfn: s.spt, cr3: cpu.cr3 })
             }
             PagingMode::Pae { pdptrs } => {
-                // Entry i shadows the guest's PDPTE i; a PDPTE that is not present leaves it 0.
+                // Entry i shadows the guest's PDPTE i; a PDPTE that is not present, or names a
+                // table outside guest memory, leaves it 0.
                 let role = SpRole::new(Level::L2M, SpKind::Indirect, Access::ALL, as_id)
                     .with_cr0_wp(cpu.cr0_wp);
                 let mask = crate::guest::pte::addr_mask(cpu.maxphyaddr);
                 let pages = pdptrs.map(|pdpte| {
-                    (pdpte & crate::guest::pte::P != 0).then_some((Gfn((pdpte & mask) >> 12), role))
+                    let gfn = Gfn((pdpte & mask) >> 12);
+                    (pdpte & crate::guest::pte::P != 0 && visible(gfn)).then_some((gfn, role))
                 });
                 Self::alloc_special(core, stats, st, pae_root?, pages, batch)
             }

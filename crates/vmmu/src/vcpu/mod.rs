@@ -344,7 +344,7 @@ impl<H: Host> Vcpu<H> {
     pub fn service_requests(&mut self) -> Result<EntryWork, MmuError> {
         self.exit_guest_mode();
         let mut work = EntryWork::default();
-        let Vcpu { vm, st, mmu, stats, .. } = self;
+        let Vcpu { vm, readers, st, mmu, stats } = self;
         let state = &vm.core.vcpus[st.index];
         let pending = state.pending();
         let free_obsolete = take_request(state, pending, Request::FreeObsoleteRoots);
@@ -354,7 +354,7 @@ impl<H: Host> Vcpu<H> {
             }
             VcpuMmuState::Shadow(sv) => {
                 take_flush_and_kick(state, pending, &mut work);
-                sv.service(vm, st, stats, free_obsolete, &mut work)?;
+                sv.service(vm, readers, st, stats, free_obsolete, &mut work)?;
             }
         }
         if work.flush_tlb {

@@ -13,7 +13,7 @@
 //!   mode.
 
 use super::mmio_cache::MmioInfoCache;
-use super::{EntryWork, Vcpu, VcpuMmu, VcpuMmuState};
+use super::{EntryWork, Vcpu, VcpuMmu, VcpuMmuState, VcpuReaders};
 use crate::bugs::Bug;
 use crate::guest::{self, GuestCpu, PagingMode, PdptrError};
 use crate::host::{GuestMemory, Host};
@@ -143,9 +143,11 @@ impl ShadowVcpu {
     /// The shadow part of [`Vcpu::service_requests`] for the vCPU whose state is `self` and
     /// `st`, of VM `vm`: drop obsolete roots on request (a special root always counts as
     /// obsolete), and load a root if none is loaded.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn service<H: Host>(
         &mut self,
         vm: &VmShared<H>,
+        readers: &VcpuReaders,
         st: &mut VcpuMmu,
         stats: &mut VcpuStats,
         free_obsolete: bool,
@@ -169,14 +171,20 @@ impl ShadowVcpu {
             }
         }
         if sv.root.is_none() {
+            let as_id = st.as_id;
+            // The guest tables the root shadows are looked up in the memslots as they are
+            // while the root is built: a delete or move of their slot waits for this section,
+            // then zaps what was built (KVM reads them under SRCU too).
+            let guard = vm.memslots.read(&readers.memslot);
+            let set = guard.set(as_id);
+            let visible = |gfn: Gfn| set.find(gfn).is_some_and(|s| !s.is_invalid());
             // KVM allocates `pae_root` with the vCPU; here it comes with the first special root
             // (a host without frames below 4 GiB still runs 4-level guests), and stays.
-            if sv.pae_root.is_none() && sv.cpu.mode != PagingMode::Long4 {
+            if sv.pae_root.is_none() && ShadowRoot::is_special_for(&sv.cpu, &visible) {
                 let pfn =
                     core.alloc_table_below_4g().ok_or(crate::mmu_core::MmuError::OutOfMemory)?;
                 sv.pae_root = Some(pfn);
             }
-            let as_id = st.as_id;
             let mut batch = ZapBatch::default();
             let root = {
                 let mut st = shadow.lock(core);
@@ -189,11 +197,13 @@ impl ShadowVcpu {
                     &sv.cpu,
                     as_id,
                     pae_root,
+                    &visible,
                     &mut batch,
                 );
                 st.commit_zap(core, &shadow.stats, &mut batch);
                 r
             };
+            drop(guard);
             core.reclaim_batched();
             let root = root.ok_or(crate::mmu_core::MmuError::OutOfMemory)?;
             if root.kind() == ShadowRootKind::Special {
