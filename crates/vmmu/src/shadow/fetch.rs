@@ -241,7 +241,6 @@ fn install_leaf<H: Host>(
     batch: &mut ZapBatch,
 ) -> FetchOutcome {
     let idx = Level::L4K.index(vgfn);
-    let as_id = st.sp(sp).role.as_id();
     let old = st.entry(core, sp, idx).load(crate::sync::Ordering::Acquire);
     match want {
         LeafWant::Mmio(spte) => {
@@ -256,8 +255,8 @@ fn install_leaf<H: Host>(
             FetchOutcome::Installed { writable: false }
         }
         LeafWant::Ram { pfn, writable, slot } => {
-            let tracked = st.is_write_tracked(as_id, walk.gfn)
-                && !core.cfg.bugs.has(Bug::ShadowTableLeftWritable);
+            let tracked =
+                st.is_write_tracked(walk.gfn) && !core.cfg.bugs.has(Bug::ShadowTableLeftWritable);
             let guest_w = walk.pte_access.contains(Access::WRITE);
             let w = writable && guest_w && !tracked;
             let new = core.cfg.format.make_leaf(pfn, Level::L4K, walk.pte_access, w);

@@ -51,6 +51,13 @@ pub(super) fn gfn_key(as_id: AsId, gfn: Gfn) -> u64 {
     (u64::from(as_id.0) << AS_SHIFT) | gfn.raw()
 }
 
+/// The key of `gfn` for write tracking, which is by gfn across address spaces
+/// (`ShadowState::tracked`).
+pub(super) fn track_key(gfn: Gfn) -> u64 {
+    debug_assert!(gfn.raw() >> AS_SHIFT == 0, "gfn {gfn:?} above the memslots' limit");
+    gfn.raw()
+}
+
 /// Entries a map that shrank keeps room for.
 const KEPT_ENTRIES: usize = 64;
 

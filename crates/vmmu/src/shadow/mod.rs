@@ -168,8 +168,8 @@ impl ShadowMmu {
     /// shadow `gfn`. `false` lets a present write skip the early page-track check; `true` is
     /// confirmed under the lock ([`ShadowState::is_gfn_write_tracked`]). See `write_track`.
     #[inline]
-    pub(crate) fn may_be_gfn_write_tracked(&self, as_id: AsId, gfn: Gfn) -> bool {
-        self.upper_tracked.may_be_tracked(as_id, gfn)
+    pub(crate) fn may_be_gfn_write_tracked(&self, gfn: Gfn) -> bool {
+        self.upper_tracked.may_be_tracked(gfn)
     }
 
     /// Takes the shadow lock (rule 1), waiting with the host's policy.

@@ -20,7 +20,7 @@
 //!   `g` writable (write protection, shadow facts §4.1; there are no unsync pages);
 //! - `parents` of a page lists exactly the SPTEs that link it.
 
-use super::keymap::{gfn_key, shrink_sparse, KeyMap};
+use super::keymap::{shrink_sparse, track_key, KeyMap};
 use super::rmap::{retain_shrinking, Rmap};
 use super::role::SpRole;
 use super::write_track::UpperTrackSummary;
@@ -111,7 +111,13 @@ pub(crate) struct ShadowState {
     by_pfn: KeyMap<SpId>,
     /// (address space, gfn) -> the leaf SPTEs mapping it: (page, index).
     rmap: Rmap,
-    /// (address space, gfn) -> valid indirect pages shadowing that guest frame.
+    /// gfn -> valid indirect pages shadowing that guest frame, in either address space: write
+    /// tracking is by gfn across address spaces, as KVM's `for_each_gfn_valid_sp_with_gptes`
+    /// loops (which track writes and unsync pages) ignore `role.smm`. Both spaces usually map
+    /// the same RAM at a gfn (SMRAM aside), so a table that one space shadows must trap writes
+    /// made through the other's mappings too, and a trapped write must reach both spaces'
+    /// shadows; where the spaces map different memory at a gfn, that costs a spurious trap or
+    /// zap, never a stale translation.
     tracked: KeyMap<u32>,
     /// The same for pages above level 1 only (KVM `gfn_write_track`: `account_shadowed` adds a
     /// write-track reference for a non-leaf table; a last-level one is only write-protected,
@@ -180,15 +186,17 @@ impl ShadowState {
         sp.role.invalid() || sp.valid_gen != self.valid_gen
     }
 
-    /// Whether a valid page shadows guest frame `gfn` (its SPTEs must stay read-only).
-    pub(crate) fn is_write_tracked(&self, as_id: AsId, gfn: Gfn) -> bool {
-        self.tracked.get(&gfn_key(as_id, gfn)).is_some_and(|&n| n > 0)
+    /// Whether a valid page, of either address space, shadows guest frame `gfn` (the SPTEs
+    /// mapping it in both must stay read-only: see `tracked`).
+    pub(crate) fn is_write_tracked(&self, gfn: Gfn) -> bool {
+        self.tracked.get(&track_key(gfn)).is_some_and(|&n| n > 0)
     }
 
-    /// KVM `kvm_gfn_is_write_tracked`: a valid page above level 1 shadows guest frame `gfn`.
-    pub(crate) fn is_gfn_write_tracked(&self, as_id: AsId, gfn: Gfn) -> bool {
-        let tracked = self.tracked_upper.get(&gfn_key(as_id, gfn)).is_some_and(|&n| n > 0);
-        debug_assert!(!tracked || self.upper_summary.may_be_tracked(as_id, gfn));
+    /// KVM `kvm_gfn_is_write_tracked`: a valid page above level 1, of either address space,
+    /// shadows guest frame `gfn`.
+    pub(crate) fn is_gfn_write_tracked(&self, gfn: Gfn) -> bool {
+        let tracked = self.tracked_upper.get(&track_key(gfn)).is_some_and(|&n| n > 0);
+        debug_assert!(!tracked || self.upper_summary.may_be_tracked(gfn));
         tracked
     }
 
@@ -198,8 +206,9 @@ impl ShadowState {
         !self.tracked.is_empty()
     }
 
-    /// Valid pages that shadow guest frame `gfn` (indirect ones).
-    pub(crate) fn shadowing(&self, as_id: AsId, gfn: Gfn) -> Vec<SpId> {
+    /// Valid pages, of either address space, that shadow guest frame `gfn` (indirect ones; KVM
+    /// `for_each_gfn_valid_sp_with_gptes`, which ignores `role.smm`).
+    pub(crate) fn shadowing(&self, gfn: Gfn) -> Vec<SpId> {
         self.buckets[Self::bucket(gfn)]
             .iter()
             .copied()
@@ -207,7 +216,6 @@ impl ShadowState {
                 let sp = self.sp(id);
                 sp.gfn == gfn
                     && sp.has_gptes()
-                    && sp.role.as_id() == as_id
                     && !sp.role.invalid()
                     && sp.valid_gen == self.valid_gen
             })
@@ -325,33 +333,34 @@ impl ShadowState {
         self.n_used += 1;
         stats.shadow_pages.add(1);
         if has_gptes {
-            self.account_shadowed(core, role.as_id(), gfn, role.level(), batch);
+            self.account_shadowed(core, gfn, role.level(), batch);
         }
         Some((id, true))
     }
 
     /// KVM `account_shadowed`: the guest frame is now shadowed; write-protect every leaf that
-    /// maps it.
+    /// maps it, in either address space (see `tracked`).
     fn account_shadowed<H: Host>(
         &mut self,
         core: &MmuCore<H>,
-        as_id: AsId,
         gfn: Gfn,
         level: Level,
         batch: &mut ZapBatch,
     ) {
         if level > Level::L4K {
-            *self.tracked_upper.entry(gfn_key(as_id, gfn)).or_insert(0) += 1;
-            self.upper_summary.add(as_id, gfn);
+            *self.tracked_upper.entry(track_key(gfn)).or_insert(0) += 1;
+            self.upper_summary.add(gfn);
         }
-        let n = self.tracked.entry(gfn_key(as_id, gfn)).or_insert(0);
+        let n = self.tracked.entry(track_key(gfn)).or_insert(0);
         *n += 1;
         if *n == 1 && !core.cfg.bugs.has(crate::bugs::Bug::ShadowTableLeftWritable) {
-            batch.flush |= self.write_protect_gfn(core, as_id, gfn);
+            for as_id in [AsId(0), AsId(1)] {
+                batch.flush |= self.write_protect_gfn(core, as_id, gfn);
+            }
         }
     }
 
-    fn unaccount_shadowed(&mut self, as_id: AsId, gfn: Gfn, level: Level) {
+    fn unaccount_shadowed(&mut self, gfn: Gfn, level: Level) {
         fn put(map: &mut KeyMap<u32>, key: u64) {
             if let Some(n) = map.get_mut(&key) {
                 *n -= 1;
@@ -361,11 +370,11 @@ impl ShadowState {
                 }
             }
         }
-        let key = gfn_key(as_id, gfn);
+        let key = track_key(gfn);
         put(&mut self.tracked, key);
         if level > Level::L4K && self.tracked_upper.contains_key(&key) {
             put(&mut self.tracked_upper, key);
-            self.upper_summary.remove(as_id, gfn);
+            self.upper_summary.remove(gfn);
         }
     }
 
@@ -561,7 +570,7 @@ impl ShadowState {
             return;
         }
         if !role.direct() {
-            self.unaccount_shadowed(role.as_id(), gfn, role.level());
+            self.unaccount_shadowed(gfn, role.level());
         }
         self.active.remove(&seq);
         retain_shrinking(&mut self.buckets[Self::bucket(gfn)], |&x| x != id);

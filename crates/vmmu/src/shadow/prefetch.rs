@@ -198,14 +198,13 @@ fn run<'a, H: Host>(
 ) -> usize {
     let write = access.contains(Access::WRITE);
     let Some(slot) = run_slot_near(ctx.set, gfn, n as u64, write, last) else { return 0 };
-    let as_id = st.sp(sp).role.as_id();
     let host: &dyn HostMemory = &*core.host;
     let mut made = 0;
     for k in 0..n {
         let g = Gfn(gfn.raw() + k as u64);
         let pfn = host.translate_mapped_writable(slot.hva_of(g));
         let Some(pfn) = pfn.filter(|&p| core.cfg.format.holds_pfn(p)) else { break };
-        let w = write && !st.is_write_tracked(as_id, g);
+        let w = write && !st.is_write_tracked(g);
         let leaf = core.cfg.format.make_leaf(pfn, Level::L4K, access, w);
         batch.flush |= st.set_leaf(core, sp, j + k, leaf, g);
         made += 1;

@@ -11,15 +11,15 @@ use super::pages::ZapBatch;
 use super::ShadowMmu;
 use crate::host::Host;
 use crate::mmu_core::MmuCore;
-use crate::types::{AsId, Gpa, Level};
+use crate::types::{Gpa, Level};
 
 impl ShadowMmu {
-    /// KVM `kvm_mmu_track_write`: `bytes` bytes were written at `gpa`; `new_gpte` is the
-    /// (8-byte) entry there now.
+    /// KVM `kvm_mmu_track_write`: `bytes` bytes were written at `gpa` (by a vCPU of either
+    /// address space: the pages of both that shadow the frame are updated, as KVM's loop over
+    /// the frame's pages ignores `role.smm`); `new_gpte` is the (8-byte) entry there now.
     pub(crate) fn track_write<H: Host>(
         &self,
         core: &MmuCore<H>,
-        as_id: AsId,
         gpa: Gpa,
         bytes: u32,
         new_gpte: u64,
@@ -33,7 +33,7 @@ impl ShadowMmu {
                 return;
             }
             self.stats.mmu_pte_write.add(1);
-            let pages = st.shadowing(as_id, gpa.gfn());
+            let pages = st.shadowing(gpa.gfn());
             if pages.is_empty() {
                 return;
             }

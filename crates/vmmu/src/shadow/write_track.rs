@@ -1,7 +1,8 @@
 //! A lock-free summary of the shadow MMU's write tracking above the last level, for the fault
 //! path's early check (KVM `kvm_gfn_is_write_tracked`, which reads the memslot's
 //! `gfn_write_track` counts with `READ_ONCE` and no lock): a fixed array of counters, each the
-//! number of upper-level shadow pages whose (address space, gfn) key hashes to it.
+//! number of upper-level shadow pages whose gfn hashes to it, in either address space (tracking
+//! is by gfn across address spaces: `ShadowState::is_write_tracked`).
 //!
 //! Invariants:
 //! - a counter changes only under the shadow lock, in the critical section that changes the
@@ -20,7 +21,7 @@
 //! exit is taken, never whether a tracked table becomes writable.
 
 use crate::sync::{AtomicU32, Ordering};
-use crate::types::{AsId, Gfn};
+use crate::types::Gfn;
 use alloc::boxed::Box;
 
 /// log2 of the number of counters: 4096 (16 KiB per shadow-paging VM) keeps collisions rare for
@@ -41,8 +42,8 @@ impl UpperTrackSummary {
         UpperTrackSummary { counts: (0..1usize << BITS).map(|_| AtomicU32::new(0)).collect() }
     }
 
-    fn counter(&self, as_id: AsId, gfn: Gfn) -> &AtomicU32 {
-        let key = gfn.raw() ^ (u64::from(as_id.0) << 52);
+    fn counter(&self, gfn: Gfn) -> &AtomicU32 {
+        let key = gfn.raw();
         // Fibonacci hashing: the top bits of the product mix every bit of the key.
         let i = (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - BITS)) as usize;
         &self.counts[i]
@@ -51,21 +52,21 @@ impl UpperTrackSummary {
     /// One more upper-level page shadows `gfn`. Only `ShadowState` calls this, from a `&mut self`
     /// method next to its exact count: the exclusive borrow of the state is the proof that the
     /// shadow lock is held (rule 1 of `crate::shadow`).
-    pub(crate) fn add(&self, as_id: AsId, gfn: Gfn) {
-        self.counter(as_id, gfn).fetch_add(1, Ordering::Release);
+    pub(crate) fn add(&self, gfn: Gfn) {
+        self.counter(gfn).fetch_add(1, Ordering::Release);
     }
 
     /// One fewer (after an [`Self::add`] of the same key), called as [`Self::add`] is.
-    pub(crate) fn remove(&self, as_id: AsId, gfn: Gfn) {
-        let prev = self.counter(as_id, gfn).fetch_sub(1, Ordering::Release);
+    pub(crate) fn remove(&self, gfn: Gfn) {
+        let prev = self.counter(gfn).fetch_sub(1, Ordering::Release);
         debug_assert!(prev > 0, "write-track summary underflow for {gfn:?}");
     }
 
     /// Whether an upper-level page may shadow `gfn`: `false` is exact as of the last shadow
     /// lock section (see the concurrency contract); `true` may be a collision.
     #[inline]
-    pub(crate) fn may_be_tracked(&self, as_id: AsId, gfn: Gfn) -> bool {
-        self.counter(as_id, gfn).load(Ordering::Relaxed) != 0
+    pub(crate) fn may_be_tracked(&self, gfn: Gfn) -> bool {
+        self.counter(gfn).load(Ordering::Relaxed) != 0
     }
 }
 
@@ -77,18 +78,17 @@ mod tests {
     fn a_key_is_tracked_exactly_while_its_adds_outnumber_its_removes() {
         let s = UpperTrackSummary::new();
         let (a, b) = (Gfn(0x1234), Gfn(0x1235));
-        assert!(!s.may_be_tracked(AsId(0), a));
-        s.add(AsId(0), a);
-        s.add(AsId(0), a);
-        assert!(s.may_be_tracked(AsId(0), a));
-        s.remove(AsId(0), a);
-        assert!(s.may_be_tracked(AsId(0), a), "one page still shadows it");
-        s.remove(AsId(0), a);
-        assert!(!s.may_be_tracked(AsId(0), a));
-        // Neighbours and the other address space land on other counters (no collision here).
-        s.add(AsId(0), a);
-        assert!(!s.may_be_tracked(AsId(0), b));
-        assert!(!s.may_be_tracked(AsId(1), a));
+        assert!(!s.may_be_tracked(a));
+        s.add(a);
+        s.add(a);
+        assert!(s.may_be_tracked(a));
+        s.remove(a);
+        assert!(s.may_be_tracked(a), "one page still shadows it");
+        s.remove(a);
+        assert!(!s.may_be_tracked(a));
+        // A neighbour lands on another counter (no collision here).
+        s.add(a);
+        assert!(!s.may_be_tracked(b));
     }
 
     #[test]
@@ -97,10 +97,9 @@ mod tests {
         // hash spreads them, so an untracked neighbour frame mostly finds a zero counter.
         let s = UpperTrackSummary::new();
         for g in 0x8000..0x8200 {
-            s.add(AsId(0), Gfn(g));
+            s.add(Gfn(g));
         }
-        let false_positives =
-            (0x9000..0xa000).filter(|&g| s.may_be_tracked(AsId(0), Gfn(g))).count();
+        let false_positives = (0x9000..0xa000).filter(|&g| s.may_be_tracked(Gfn(g))).count();
         assert!(false_positives < 4096 / 4, "{false_positives} of 4096 untracked frames collide");
     }
 }

@@ -198,10 +198,10 @@ impl VcpuMmu {
         if access.write
             && !err.rsvd()
             && err.0 & PfErr::PRESENT != 0
-            && shadow.may_be_gfn_write_tracked(st.as_id, walk.gfn)
+            && shadow.may_be_gfn_write_tracked(walk.gfn)
         {
             let mut s = shadow.lock(core);
-            if s.is_gfn_write_tracked(st.as_id, walk.gfn) {
+            if s.is_gfn_write_tracked(walk.gfn) {
                 s.clear_flood_along(core, &root, gva);
                 drop(s);
                 // What faultin would decide for the slot first: a slot being deleted or moved

@@ -417,7 +417,7 @@ impl<H: Host + GuestMemory> Vcpu<H> {
                 set.mark_gfn_dirty(Gpa(at).gfn());
                 written_gpte(&SlotGuestMemory::new(set, &*self.vm.core.host), Gpa(at), piece)
             };
-            shadow.track_write(&self.vm.core, self.st.as_id, Gpa(at), piece, new_gpte);
+            shadow.track_write(&self.vm.core, Gpa(at), piece, new_gpte);
             at = piece_end;
         }
         Ok(())
