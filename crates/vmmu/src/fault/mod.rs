@@ -121,6 +121,13 @@ pub enum FaultError {
          `tables_refused` stat is not zero, the host's frames lie beyond the VM's phys_bits"
     )]
     OutOfMemory(Gpa),
+    /// Shadow paging: the shadow page limit is reached and every shadow page is pinned by a
+    /// vCPU root, current or previous, so none can be recycled (KVM: `-ENOSPC` from `KVM_RUN`).
+    #[error(
+        "no shadow page can be made while handling gpa {0}: the shadow page limit is reached \
+         and vCPU roots pin every page (KVM: -ENOSPC); raise it with Vm::set_nr_mmu_pages"
+    )]
+    ShadowPageLimit(Gpa),
     /// The tables reference a frame the host does not know: a bug in the MMU or its host.
     #[error("internal error: a table frame is unknown to the host at gpa {gpa}; entries: {dump}")]
     Internal {

@@ -121,6 +121,13 @@ pub enum MmuError {
          `tables_refused` stat is not zero, the host's frames lie beyond the VM's phys_bits"
     )]
     OutOfMemory,
+    /// Shadow paging: no root could be built, the shadow page limit being reached with every
+    /// page pinned by a vCPU root (KVM: `-ENOSPC` from `KVM_RUN`).
+    #[error(
+        "no shadow root can be built: the shadow page limit of {0} pages is reached and vCPU \
+         roots pin every page (KVM: -ENOSPC); raise it with Vm::set_nr_mmu_pages"
+    )]
+    ShadowPageLimit(usize),
     /// A TDP-only operation on a shadow-paging VM.
     #[error("this operation needs a TDP VM; the VM uses shadow paging")]
     NotTdp,

@@ -80,6 +80,8 @@ pub(crate) enum FetchOutcome {
     NoPath,
     /// No frame for a shadow page.
     OutOfMemory,
+    /// The page limit is reached and every page is pinned by a root (KVM `-ENOSPC`).
+    PageLimit,
 }
 
 /// The guest-physical frame a direct page at `level` starting around `gfn` covers from.

@@ -50,6 +50,14 @@ pub(crate) use dirty::ShadowProtect;
 pub(crate) use pages::{ShadowState, ZapBatch};
 pub(crate) use root::{PrevRoot, ShadowRoot};
 
+/// Not one shadow page is free under the page limit, even after recycling: every page is
+/// pinned by a root (KVM `make_mmu_pages_available`'s `-ENOSPC`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct PageLimitReached {
+    /// The limit in force.
+    pub(crate) limit: usize,
+}
+
 use crate::fault::{Backing, PageFault};
 use crate::guest::GuestPteMemory;
 use crate::host::Host;
@@ -191,18 +199,24 @@ impl ShadowMmu {
     }
 
     /// KVM `make_mmu_pages_available`: below [`MIN_FREE_PAGES`] free pages, recycle the oldest
-    /// unpinned ones up to [`REFILL_PAGES`] free.
+    /// unpinned ones up to [`REFILL_PAGES`] free. `Err` when not one page is free even then
+    /// (every page is pinned by a root: KVM `-ENOSPC`). Soft, as KVM's: one free page lets a
+    /// fault or root load go on, though it may take up to four.
     pub(crate) fn make_pages_available<H: Host>(
         &self,
         core: &MmuCore<H>,
         st: &mut ShadowState,
         batch: &mut ZapBatch,
-    ) {
+    ) -> Result<(), PageLimitReached> {
         let avail = st.n_max.saturating_sub(st.n_used);
         if avail >= MIN_FREE_PAGES {
-            return;
+            return Ok(());
         }
         st.zap_oldest(core, &self.stats, REFILL_PAGES - avail, batch);
+        if st.n_used >= st.n_max {
+            return Err(PageLimitReached { limit: st.n_max });
+        }
+        Ok(())
     }
 
     /// Installs what a fault decided (KVM `FNAME(page_fault)` from `make_mmu_pages_available` to
@@ -225,13 +239,17 @@ impl ShadowMmu {
     ) -> fetch::FetchOutcome {
         let mut batch = ZapBatch::default();
         let mut st = self.lock(core);
-        if !(matches!(fault.want, fetch::LeafWant::Mmio(_)) && core.cfg.shadow_mmio_path_only) {
-            self.make_pages_available(core, &mut st, &mut batch);
-        }
+        let available =
+            if matches!(fault.want, fetch::LeafWant::Mmio(_)) && core.cfg.shadow_mmio_path_only {
+                Ok(())
+            } else {
+                self.make_pages_available(core, &mut st, &mut batch)
+            };
         let pending = core.vcpus[vcpu].pending();
         let outcome = match pf.stale(backing, root.state(&st), pending, &core.inval, core.cfg.bugs)
         {
             Some(cause) => fetch::FetchOutcome::Retry(cause),
+            None if available.is_err() => fetch::FetchOutcome::PageLimit,
             None if root.start(fault.gva).is_none() => {
                 // A special root whose entry for this gva is 0 although the guest's walk went
                 // through it: the table its PDPTE (or a 4-level CR3) names was outside guest
@@ -272,8 +290,8 @@ impl ShadowMmu {
                 return;
             }
             // KVM `kvm_mmu_change_mmu_pages`: zap the oldest pages down to the goal; what is
-            // still in use then (pages roots pin) becomes the limit. (`n_used` counts a zapped
-            // page until the commit frees it; KVM unaccounts it when it prepares the zap.)
+            // still in use then (pages roots pin) becomes the limit. (`n_used` drops a zapped
+            // page when its zap is prepared, as KVM unaccounts it, not at the commit.)
             let goal = n.max(MIN_ALLOC_PAGES);
             let over = st.n_used.saturating_sub(goal);
             if over > 0 {

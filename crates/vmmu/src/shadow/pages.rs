@@ -127,7 +127,8 @@ pub(crate) struct ShadowState {
     upper_summary: Arc<UpperTrackSummary>,
     /// KVM `kvm->arch.mmu_valid_gen`.
     pub(crate) valid_gen: u8,
-    /// KVM `n_used_mmu_pages`.
+    /// KVM `n_used_mmu_pages`: pages made and not yet prepared for freeing (a zapped page still
+    /// pinned by a root counts until its last root lets go).
     pub(crate) n_used: usize,
     /// KVM `n_max_mmu_pages`.
     pub(crate) n_max: usize,
@@ -576,6 +577,10 @@ impl ShadowState {
         retain_shrinking(&mut self.buckets[Self::bucket(gfn)], |&x| x != id);
         self.sp_mut(id).role = role.with_invalid();
         if root_count == 0 {
+            // KVM `kvm_unaccount_mmu_page` at prepare: the page no longer counts against the
+            // limit, though it is freed only at the commit (a zap-all commits once, after lock
+            // breaks in which faults check the limit).
+            self.n_used -= 1;
             batch.invalid.push(id);
         } else if valid_gen == self.valid_gen {
             core.request_all(
@@ -639,7 +644,6 @@ impl ShadowState {
         self.by_pfn.remove(&sp.spt.raw());
         shrink_sparse(&mut self.by_pfn);
         self.free_ids.push(id);
-        self.n_used -= 1;
         stats.shadow_pages.sub(1);
         sp.spt
     }
@@ -654,6 +658,7 @@ impl ShadowState {
         sp.root_count -= 1;
         if sp.root_count == 0 && sp.role.invalid() {
             self.unlink_children(core, id, batch);
+            self.n_used -= 1;
             batch.invalid.push(id);
             batch.released_invalid += 1;
         }

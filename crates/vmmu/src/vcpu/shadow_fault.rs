@@ -359,5 +359,6 @@ fn count_outcome(
             return Err(FaultError::Internal { gpa: walk.gpa, dump: Default::default() })
         }
         FetchOutcome::OutOfMemory => return Err(FaultError::OutOfMemory(walk.gpa)),
+        FetchOutcome::PageLimit => return Err(FaultError::ShadowPageLimit(walk.gpa)),
     })
 }

@@ -188,24 +188,26 @@ impl ShadowVcpu {
             let mut batch = ZapBatch::default();
             let root = {
                 let mut st = shadow.lock(core);
-                shadow.make_pages_available(core, &mut st, &mut batch);
-                let pae_root = sv.pae_root;
-                let r = ShadowRoot::alloc(
-                    core,
-                    &shadow.stats,
-                    &mut st,
-                    &sv.cpu,
-                    as_id,
-                    pae_root,
-                    &visible,
-                    &mut batch,
-                );
+                let r = match shadow.make_pages_available(core, &mut st, &mut batch) {
+                    Err(full) => Err(crate::mmu_core::MmuError::ShadowPageLimit(full.limit)),
+                    Ok(()) => ShadowRoot::alloc(
+                        core,
+                        &shadow.stats,
+                        &mut st,
+                        &sv.cpu,
+                        as_id,
+                        sv.pae_root,
+                        &visible,
+                        &mut batch,
+                    )
+                    .ok_or(crate::mmu_core::MmuError::OutOfMemory),
+                };
                 st.commit_zap(core, &shadow.stats, &mut batch);
                 r
             };
             drop(guard);
             core.reclaim_batched();
-            let root = root.ok_or(crate::mmu_core::MmuError::OutOfMemory)?;
+            let root = root?;
             if root.kind() == ShadowRootKind::Special {
                 // The vCPU's `pae_root` frame now links other level-2 pages than it did when
                 // the fast path's leaf-table cache, keyed by that frame, was filled.
