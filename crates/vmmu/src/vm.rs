@@ -60,9 +60,10 @@ pub struct VmConfig {
     /// 4- or 5-level tables ([`VmConfig::new`]: 5 when `phys_bits` is above 48). A TDP VM
     /// refuses 4 levels with `phys_bits` above 48 ([`VmError::RootTooShallow`]).
     pub root_level: Level,
-    /// Delete/move zaps everything (KVM_X86_QUIRK_SLOT_ZAP_ALL, KVM's default) instead of only
-    /// what the slot backs (TDP: its range; shadow paging: the leaves mapping its frames and the
-    /// shadow pages whose gfn it holds).
+    /// Delete/move zaps everything (KVM_X86_QUIRK_SLOT_ZAP_ALL, which KVM has on unless the VMM
+    /// disables it) instead of only what the slot backs (TDP: its range; shadow paging: the
+    /// leaves mapping its frames and the shadow pages whose gfn it holds). Off in
+    /// [`VmConfig::new`] (the quirk disabled: the narrower zap); set it for KVM's default.
     pub slot_zap_all: bool,
     /// First memslot generation counter (see [`MemslotsConfig::generation_base`]); 0 as in KVM.
     pub generation_base: u64,
