@@ -743,10 +743,14 @@ impl<M: GuestMmu> GuestPteMemory for TwoDimensional<'_, '_, '_, M> {
         }
         let entry = match hw.access(gpa, AccessKind::Write) {
             Outcome::Ram(e) => e,
-            Outcome::Error(AccessError::ReadOnlyForWrite { .. }) => {
+            // The walker read the gPTE from RAM just before: a write that exits as MMIO is a
+            // write to a read-only slot (the MMU emulates it as `ReadOnlyWrite`), and the walk
+            // goes on without the A/D update, as KVM's (`pte_writable` false); a slot gone
+            // meanwhile skips it too.
+            Outcome::Error(AccessError::ReadOnlyForWrite { .. }) | Outcome::Mmio => {
                 return Err(GpteWriteError::NotWritable)
             }
-            Outcome::Mmio | Outcome::Error(_) => return Err(GpteWriteError::Unreadable),
+            Outcome::Error(_) => return Err(GpteWriteError::Unreadable),
         };
         let page = hw.host().ram_page(entry.pfn).ok_or(GpteWriteError::Unreadable)?;
         let hva = Hva(page.as_ptr() as u64 + gpa.page_offset());
@@ -967,4 +971,79 @@ pub(crate) fn finish_shadow_walk(
         HwWalk::Broken { dump } => return Err(format!("broken shadow walk {dump:?}")),
     }
     Ok(ShadowWalkStep::Fault(PfErr(err)))
+}
+
+#[cfg(test)]
+mod tables_in_a_read_only_slot {
+    use super::*;
+    use crate::host::HostConfig;
+    use crate::real::{RealMmu, RealMmuConfig};
+    use vmmu::spte::FormatKind;
+
+    /// A guest whose page tables lie in a read-only memslot, with their accessed bits clear: the
+    /// hardware's A/D update cannot be written there. KVM's walker skips the update
+    /// (`pte_writable` false, `FNAME(update_accessed_dirty_bits)`) and the access completes; the
+    /// scenario backend's two-dimensional walk does the same (its `cmpxchg_gpte` maps the
+    /// read-only write's MMIO exit to `GpteWriteError::NotWritable`).
+    #[test]
+    fn a_read_through_tables_in_a_read_only_slot_is_not_a_page_fault() {
+        for format in [FormatKind::Ept, FormatKind::Npt] {
+            let host = Arc::new(SimHost::new(HostConfig::new(46)).expect("host"));
+            let tables = host.add_buffer("tables", 0x4000).expect("tables");
+            let data = host.add_buffer("data", 0x1000).expect("data");
+            let cfg = RealMmuConfig {
+                format,
+                phys_bits: 46,
+                mmio_caching: true,
+                vcpus: 1,
+                generation_base: 0,
+                slot_zap_all: true,
+                bugs: vmmu::bugs::BugSet::NONE,
+                tdp_prefetch: false,
+                shadow_mmio_path_only: false,
+                shadow_pages: None,
+            };
+            let mmu = RealMmu::new(host.clone(), cfg).expect("mmu");
+            // PML4 at T, PDPT at T+0x1000, PD at T+0x2000, PT at T+0x3000; gva 0 -> D.
+            const T: u64 = 0x100_0000;
+            const D: u64 = 0x200_0000;
+            for (off, v) in [
+                (0x0, (T + 0x1000) | P | RW | US),
+                (0x1000, (T + 0x2000) | P | RW | US),
+                (0x2000, (T + 0x3000) | P | RW | US),
+                (0x3000, D | P | RW | US),
+            ] {
+                tables.write(off, Width::W8, v).expect("table");
+            }
+            data.write(0, Width::W8, 0x1234).expect("data");
+            let ro = SlotRequest {
+                slot: 1,
+                flags: SlotRequest::READONLY,
+                guest_phys_addr: T,
+                memory_size: 0x4000,
+                userspace_addr: tables.hva().raw(),
+            };
+            let rw = SlotRequest {
+                slot: 2,
+                flags: 0,
+                guest_phys_addr: D,
+                memory_size: 0x1000,
+                userspace_addr: data.hva().raw(),
+            };
+            mmu.set_memory_region(&ro).expect("ro slot");
+            mmu.set_memory_region(&rw).expect("rw slot");
+            let mut hw = HwVcpu::new(&mmu, &host, 0, 8);
+            hw.enter_guest();
+            let cell = RefCell::new(&mut hw);
+            let mem = TwoDimensional { hw: &cell };
+            let cpu = GuestCpu::long4(T, 46);
+            let access = FaultAccess { write: false, exec: false, user: true };
+            let r = vmmu::guest::walk(&cpu, &mem, Gva(0x10), access);
+            assert!(
+                matches!(r, Ok(ref w) if w.gpa == Gpa(D + 0x10)),
+                "{format:?}: the walk must translate (KVM skips the A/D update in read-only \
+                 memory), got {r:?}"
+            );
+        }
+    }
 }
