@@ -173,3 +173,23 @@ fn a_4level_cr3_outside_guest_memory_does_not_write_protect_the_frame() {
     vm.set_memory_region(&late).unwrap();
     assert_eq!(access(&mut odd, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
 }
+
+/// A 4-level guest whose CR3 lies outside guest memory on a host with no frame left below
+/// 4 GiB for the empty special root: it still gets a root (a page, as before special roots had
+/// this use), so its accesses are guest page faults, not a failed root load.
+#[test]
+fn a_4level_cr3_outside_guest_memory_without_low_frames_still_runs() {
+    let (vm, host, next) = shadow_vm_with(|c| c.max_vcpus = vmmu::testing::LOW_TABLES + 1);
+    let pdpt = pae_space(&host, &next, 0x40_3000, 0x20_0000);
+    // Every low frame of the test host goes to a PAE vCPU's special root.
+    let mut pae_vcpus = Vec::new();
+    for _ in 0..vmmu::testing::LOW_TABLES {
+        let mut v = vm.create_vcpu().unwrap();
+        v.set_guest_cpu(pae()).unwrap();
+        v.load_cr3(pdpt).unwrap();
+        assert_eq!(access(&mut v, 0x40_3000, false), Seen::Ram(ram_pfn(0x20_0000)));
+        pae_vcpus.push(v);
+    }
+    let mut odd = vcpu_in(&vm, long4(0x2_0000_0000));
+    assert_eq!(access(&mut odd, 0x4000_0000, false), Seen::GuestPf(vmmu::fault::PfErr::USER));
+}

@@ -212,8 +212,10 @@ impl ShadowRoot {
     /// gfn: a guest table outside guest memory gets no shadow page (a PAE PDPTE naming one
     /// leaves its entry 0; a 4-level CR3 naming one gets a special root with every entry 0, KVM's
     /// dummy root), so no device frame is write-tracked; a fault that later finds the table
-    /// visible reloads the root ([`Self::start`] gives `None`). `None`: the host had no frame
-    /// for a shadow page, or the root is special and `pae_root` is `None`.
+    /// visible reloads the root ([`Self::start`] gives `None`). Without a `pae_root` (a host with
+    /// no frame below 4 GiB) such a 4-level CR3 gets a root page as any other. `None`: the host
+    /// had no frame for a shadow page, or a PAE or non-paging root needs `pae_root` and it is
+    /// `None`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn alloc<H: Host>(
         core: &MmuCore<H>,
@@ -226,7 +228,7 @@ impl ShadowRoot {
         batch: &mut ZapBatch,
     ) -> Option<ShadowRoot> {
         match cpu.mode {
-            PagingMode::Long4 if !visible(Self::cr3_gfn(cpu)) => {
+            PagingMode::Long4 if pae_root.is_some() && !visible(Self::cr3_gfn(cpu)) => {
                 Self::alloc_special(core, stats, st, pae_root?, [None; 4], batch)
             }
             PagingMode::Long4 => {

@@ -179,11 +179,14 @@ impl ShadowVcpu {
             let set = guard.set(as_id);
             let visible = |gfn: Gfn| set.find(gfn).is_some_and(|s| !s.is_invalid());
             // KVM allocates `pae_root` with the vCPU; here it comes with the first special root
-            // (a host without frames below 4 GiB still runs 4-level guests), and stays.
+            // (a host without frames below 4 GiB still runs 4-level guests, whose CR3 outside
+            // guest memory then gets a root page instead of the empty special root), and stays.
             if sv.pae_root.is_none() && ShadowRoot::is_special_for(&sv.cpu, &visible) {
-                let pfn =
-                    core.alloc_table_below_4g().ok_or(crate::mmu_core::MmuError::OutOfMemory)?;
-                sv.pae_root = Some(pfn);
+                match core.alloc_table_below_4g() {
+                    Some(pfn) => sv.pae_root = Some(pfn),
+                    None if sv.cpu.mode == PagingMode::Long4 => {}
+                    None => return Err(crate::mmu_core::MmuError::OutOfMemory),
+                }
             }
             let mut batch = ZapBatch::default();
             let root = {
