@@ -1,6 +1,7 @@
-//! Hash maps keyed by one `u64` for the shadow MMU's bookkeeping: the reverse map and the
-//! write-tracking counts keyed by (address space, gfn) packed into one word ([`gfn_key`]), and
-//! the page-by-frame index keyed by the frame number. A lookup, an insert and a removal cost
+//! Hash maps keyed by one `u64` for the shadow MMU's bookkeeping: the reverse map keyed by
+//! (address space, gfn) packed into one word ([`gfn_key`]), the write-tracking counts keyed by
+//! gfn alone ([`track_key`]: tracking spans both address spaces), and the page-by-frame index
+//! keyed by the frame number. A lookup, an insert and a removal cost
 //! O(1); [`shrink_sparse`] gives memory back once a map is at most a quarter full, so what the
 //! maps hold follows what the MMU holds now (the heap bound of `tests/shadow_heap_bound.rs`).
 //!

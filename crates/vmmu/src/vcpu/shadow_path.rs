@@ -177,7 +177,9 @@ impl ShadowVcpu {
             // then zaps what was built (KVM reads them under SRCU too).
             let guard = vm.memslots.read(&readers.memslot);
             let set = guard.set(as_id);
-            let visible = |gfn: Gfn| set.find(gfn).is_some_and(|s| !s.is_invalid());
+            // The guest walk's own test (`SlotGuestMemory`), so a fault finds an entry 0 only
+            // for a table that became visible since the build.
+            let visible = |gfn: Gfn| set.find_visible_near(gfn, None).is_some();
             // KVM allocates `pae_root` with the vCPU; here it comes with the first special root
             // (a host without frames below 4 GiB still runs 4-level guests, whose CR3 outside
             // guest memory then gets a root page instead of the empty special root), and stays.
