@@ -322,17 +322,23 @@ impl ShadowMmu {
     /// obsolete pages are zapped oldest first, [`BATCH_ZAP_PAGES`] at a time with the lock
     /// dropped in between and handed to a waiting vCPU if there is one (other vCPUs' faults and
     /// lockless walks go on meanwhile); one flush and one commit at the end.
+    ///
+    /// The first batch is prepared in the bump's critical section, as KVM's
+    /// `kvm_zap_obsolete_pages` breaks the lock only after a batch: a fault at a break then
+    /// finds at least a batch of obsolete pages no longer counted against the limit. With a
+    /// break between the bump and the first batch, a vCPU's new root and tables came on top of
+    /// every obsolete page still counted, and a VM near its limit recycled (zapped current
+    /// pages) in the middle of a zap-all (seen as `mmu_recycled` 23 at a limit of 64 with 58
+    /// pages in use: `shadow_page_limit.rs`).
     pub(crate) fn zap_all_fast<H: Host>(&self, core: &MmuCore<H>) {
         core.stats.zap_all_fast.add(1);
         let mut batch = ZapBatch::default();
-        {
-            let mut st = self.lock(core);
-            st.valid_gen = st.valid_gen.wrapping_add(1);
-            // Same critical section as the bump (shadow facts §6.3).
-            core.request_all(Request::FreeObsoleteRoots, crate::mmu_core::AckWait::NoWait);
-        }
+        let mut st = self.lock(core);
+        st.valid_gen = st.valid_gen.wrapping_add(1);
+        // Same critical section as the bump (shadow facts §6.3).
+        core.request_all(Request::FreeObsoleteRoots, crate::mmu_core::AckWait::NoWait);
         loop {
-            let mut st = self.lock(core);
+            // Read at each batch: a zap-all that ran at a lock break made a newer generation.
             let gen = st.valid_gen;
             let victims = st.oldest(BATCH_ZAP_PAGES, |sp| sp.valid_gen != gen, |_| true);
             if victims.is_empty() {
@@ -347,12 +353,13 @@ impl ShadowMmu {
             // runnable threads than CPUs, a yield gave the CPU away for a whole time slice at
             // every break, and a slot delete under shadow paging took 2-10 ms (measured,
             // `vmmu run --format shadow`).
-            let contended = self.state.contended();
-            drop(st);
-            if contended {
+            if self.state.contended() {
+                drop(st);
                 self.state.hand_off();
+                st = self.lock(core);
             }
         }
+        drop(st);
         core.reclaim();
     }
 
