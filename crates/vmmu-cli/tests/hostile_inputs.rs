@@ -438,3 +438,32 @@ fn standard_input_named_twice_is_refused() {
         assert!(err.contains("standard input was read already"), "{args:?}: {err}");
     }
 }
+
+/// A dirty-log step whose bitmap (256 MiB for a slot of 2^31 - 1 pages) cannot be allocated is
+/// a backend failure naming the step and the size (exit 1), not an abort of the whole process
+/// ("memory allocation of 268435456 bytes failed", SIGABRT). The saved input's slots fill a
+/// 2 GiB address-space limit (the later ones get ENOMEM, as from KVM), leaving no room for it.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_dirty_bitmap_that_cannot_be_allocated_is_a_backend_failure() {
+    use std::os::unix::process::CommandExt;
+    let input = repo("tests/hostile/sim-dirty-log-bitmap-abort.scn");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmmu"));
+    cmd.args(["scenario", &input]);
+    // SAFETY: `setrlimit` is async-signal-safe and touches only the child's own limits.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit { rlim_cur: 2 << 30, rlim_max: 2 << 30 };
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().expect("run vmmu");
+    let err = text(&out.stderr);
+    assert!(!err.contains("memory allocation of"), "{err}");
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("line 51, `dirty-log`"), "{err}");
+    assert!(err.contains("cannot allocate the 256 MiB dirty bitmap of slot 1"), "{err}");
+}

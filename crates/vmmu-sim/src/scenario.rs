@@ -181,6 +181,43 @@ fn failed(e: impl std::fmt::Display) -> BackendError {
 }
 
 impl SimMachine {
+    /// `KVM_GET_DIRTY_LOG` into a bitmap this backend allocates as a VMM allocates its own: the
+    /// slot's bitmap words, or KVM's error. A slot of up to 2^31 pages has a 256 MiB bitmap, so
+    /// the allocation may fail; that is a backend failure naming the size, not an abort of the
+    /// whole process ("memory allocation failed"). KVM's own bitmaps were allocated when the
+    /// slot was made (where the MMU answers `ENOMEM`); this one is the VMM's.
+    fn dirty_bitmap(
+        &self,
+        op: &DirtyLogOp,
+    ) -> Result<Result<Vec<u64>, vmmu::dirty::DirtyLogError>, BackendError> {
+        use vmmu::dirty::DirtyLogError;
+        let vm = self.mmu.vm();
+        let (as_id, id) = (vmmu::AsId(op.as_id), vmmu::SlotId(op.id));
+        // An empty buffer: KVM's checks, then the length the slot's bitmap needs, before any
+        // bit is taken (a buffer that is refused loses nothing).
+        let needed = match vm.get_dirty_log_into(as_id, id, &mut []) {
+            Ok(_) => return Ok(Ok(Vec::new())),
+            Err(DirtyLogError::BitmapTooShort { needed, .. }) => needed,
+            Err(e) => return Ok(Err(e)),
+        };
+        let mut words = Vec::new();
+        words.try_reserve_exact(needed).map_err(|_| {
+            failed(format!(
+                "cannot allocate the {} MiB dirty bitmap of slot {} (address space {}): this \
+                 process is out of memory",
+                (needed as u64 * 8) >> 20,
+                op.id,
+                op.as_id
+            ))
+        })?;
+        words.resize(needed, 0);
+        let n = vm.get_dirty_log_into(as_id, id, &mut words);
+        Ok(n.map(|n| {
+            words.truncate(n);
+            words
+        }))
+    }
+
     fn new(sc: &Scenario, bugs: vmmu::bugs::BugSet) -> Result<SimMachine, BackendError> {
         let vm = &sc.vm;
         let host = Arc::new(
@@ -687,11 +724,11 @@ impl Machine for SimMachine {
     }
 
     fn dirty_log(&mut self, op: &DirtyLogOp) -> Result<DirtyLogResult, BackendError> {
-        let vm = self.mmu.vm();
-        let pages: Vec<u64> = match vm.get_dirty_log(vmmu::AsId(op.as_id), vmmu::SlotId(op.id)) {
-            Ok(words) => vmmu::dirty::pages_of(&words).collect(),
+        let words = match self.dirty_bitmap(op)? {
+            Ok(words) => words,
             Err(e) => return Ok(DirtyLogResult::Err(e.errno().to_string())),
         };
+        let pages: Vec<u64> = vmmu::dirty::pages_of(&words).collect();
         if op.as_id == 0 {
             let clears = self.dirty_log_mode == DirtyLogMode::Auto;
             let missing = self.written.collected(op.id, &pages, clears);
