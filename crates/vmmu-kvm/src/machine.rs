@@ -49,6 +49,20 @@ pub enum KvmError {
         /// Why.
         source: std::io::Error,
     },
+    /// A slot request KVM could accept would make it allocate more kernel memory than this
+    /// host can give (not sent: the kernel's OOM killer would end processes of the host).
+    #[error(
+        "not sent to KVM: with this slot KVM's per-slot metadata (reverse maps of 8 bytes per \
+         4 KiB page under shadow paging, large-page counts, dirty bitmaps) would take about \
+         {need_mib} MiB of kernel memory, more than three quarters of this host's available \
+         memory ({available_mib} MiB); KVM would run the host out of memory"
+    )]
+    KernelMemory {
+        /// What the live slots and this one would take, in MiB.
+        need_mib: u64,
+        /// `MemAvailable` at the start, in MiB.
+        available_mib: u64,
+    },
     /// `KVM_RUN` failed.
     #[error("KVM_RUN failed with {errno} (a guest access through memory the host cannot map?)")]
     Run {
@@ -218,6 +232,95 @@ pub struct KvmMachine {
     /// Sizes of the accepted slots of every address space, by KVM's `slot` number (the size of
     /// the bitmap `KVM_GET_DIRTY_LOG` writes).
     sizes: BTreeMap<u32, u64>,
+    /// The kernel memory KVM took for each accepted slot, by KVM's `slot` number, and what the
+    /// host has ([`crate::replay::TraceVm::host_memory`]): see [`KernelMemory`].
+    kernel_memory: KernelMemory,
+}
+
+/// KVM's kernel memory for the slots of a run: a scenario may legally make a slot of up to
+/// 2^31 - 1 pages over a 4 KiB buffer (a slot may reach past its buffer), for which a
+/// shadow-paging KVM allocates about 16 GiB of reverse maps at once, in kernel memory no
+/// `ulimit` bounds (such a run had the kernel's OOM killer end other processes of the host). A
+/// request KVM would accept by its shape is not sent when the live slots and it would take more
+/// than three quarters of the host's available memory.
+struct KernelMemory {
+    /// `(reverse maps allocated up front, MemAvailable in bytes)`; `None`: unknown, no check.
+    host: Option<(bool, u64)>,
+    /// [`task_size_max`].
+    user_limit: u64,
+    /// Bytes per accepted slot, by KVM's `slot` number.
+    live: BTreeMap<u32, u64>,
+}
+
+/// KVM's `KVM_MEM_MAX_NR_PAGES`: the most pages a slot may have.
+const KVM_MEM_MAX_NR_PAGES: u64 = (1 << 31) - 1;
+
+/// x86 KVM's `KVM_USER_MEM_SLOTS`: slot ids at or above it are refused.
+const KVM_USER_MEM_SLOTS: u32 = 32764;
+
+/// The end of the user address range x86-64 `access_ok` allows (`TASK_SIZE_MAX`): 47 bits with
+/// 4-level paging, 56 with 5-level paging (where the CPU has `la57`; counted then even if the
+/// kernel runs 4-level, which only makes the check stricter).
+fn task_size_max() -> u64 {
+    let la57 = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| {
+        c.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "la57"))
+    });
+    if la57 {
+        (1 << 56) - 4096
+    } else {
+        (1 << 47) - 4096
+    }
+}
+
+impl KernelMemory {
+    /// What KVM would allocate if it accepted `op` with host address `uaddr`; 0 for a delete
+    /// and for a request KVM refuses by its shape before allocating anything (address space 2
+    /// and up, a reserved id, misaligned, more than [`KVM_MEM_MAX_NR_PAGES`] pages, a host range
+    /// past [`task_size_max`], a guest range past 2^52). Other refusals (an overlap) are not
+    /// foreseen: such a request counts.
+    fn need(&self, op: &SlotOp, uaddr: u64) -> u64 {
+        let Some((rmaps, _)) = self.host else { return 0 };
+        let shape_ok = op.size > 0
+            && op.as_id < 2
+            && u32::from(op.id) < KVM_USER_MEM_SLOTS
+            && (uaddr | op.size) % 4096 == 0
+            && op.size / 4096 <= KVM_MEM_MAX_NR_PAGES
+            && uaddr.checked_add(op.size).is_some_and(|end| end <= self.user_limit)
+            && op.gpa.checked_add(op.size).is_some_and(|end| end <= 1 << 52);
+        if shape_ok {
+            crate::replay::TraceVm::slot_metadata(op.size, op.flags.dirty_log, rmaps)
+        } else {
+            0
+        }
+    }
+
+    /// Whether a request that needs `need` may go to KVM: KVM allocates a changed slot's new
+    /// metadata before it frees the old, so every live slot counts.
+    fn admit(&self, need: u64) -> Result<(), KvmError> {
+        let Some((_, available)) = self.host else { return Ok(()) };
+        let total = self.live.values().sum::<u64>().saturating_add(need);
+        if need > 0 && total > available / 4 * 3 {
+            return Err(KvmError::KernelMemory {
+                need_mib: total >> 20,
+                available_mib: available >> 20,
+            });
+        }
+        Ok(())
+    }
+
+    /// KVM accepted `op`: what it took for the slot replaces what it held.
+    fn accepted(&mut self, op: &SlotOp) {
+        match self.host {
+            Some((rmaps, _)) if op.size > 0 => {
+                let need =
+                    crate::replay::TraceVm::slot_metadata(op.size, op.flags.dirty_log, rmaps);
+                self.live.insert(op.kvm_slot(), need);
+            }
+            _ => {
+                self.live.remove(&op.kvm_slot());
+            }
+        }
+    }
 }
 
 /// The state of a paging guest that the host keeps.
@@ -361,7 +464,12 @@ pub fn start(scenario: &Scenario) -> Result<Start, BackendError> {
     });
     let bufs = Vec::new();
     let sizes = BTreeMap::from([(OWN_SLOT, OWN_SIZE as u64)]);
-    let m = KvmMachine { vcpus, vm, own, bufs, _kvm: kvm, slots, paging, sizes };
+    let kernel_memory = KernelMemory {
+        host: crate::replay::TraceVm::host_memory(),
+        user_limit: task_size_max(),
+        live: BTreeMap::new(),
+    };
+    let m = KvmMachine { vcpus, vm, own, bufs, _kvm: kvm, slots, paging, sizes, kernel_memory };
     Ok(Start::Run(Box::new(m)))
 }
 
@@ -668,6 +776,8 @@ impl Machine for KvmMachine {
             Some(r) => self.buffer(r.mem).addr().wrapping_add(r.offset),
             None => 0,
         };
+        let need = self.kernel_memory.need(op, uaddr);
+        self.kernel_memory.admit(need)?;
         let region = kvm_userspace_memory_region {
             slot: op.kvm_slot(),
             flags: op.flags.bits(),
@@ -689,6 +799,7 @@ impl Machine for KvmMachine {
         // report addresses), which no request here may cover or take over (`reserved_use`, above).
         match unsafe { self.vm.set_user_memory_region(region) } {
             Ok(()) => {
+                self.kernel_memory.accepted(op);
                 if op.size == 0 {
                     self.sizes.remove(&op.kvm_slot());
                 } else {
@@ -835,5 +946,80 @@ impl Machine for KvmMachine {
                 Err(e) => SlotResult::Err(e),
             },
         )
+    }
+}
+
+#[cfg(test)]
+mod kernel_memory_tests {
+    use super::{KernelMemory, KvmError};
+    use std::collections::BTreeMap;
+    use vmmu_scenario::{SlotFlags, SlotOp};
+
+    const GIB: u64 = 1 << 30;
+    /// A host address of the low half of the user range, where a slot of 2^31 - 1 pages fits.
+    const LOW: u64 = 0x1000_0000_0000;
+
+    fn host(rmaps: bool, available: u64) -> KernelMemory {
+        KernelMemory {
+            host: Some((rmaps, available)),
+            user_limit: (1 << 47) - 4096,
+            live: BTreeMap::new(),
+        }
+    }
+
+    fn slot(id: u16, gpa: u64, size: u64) -> SlotOp {
+        SlotOp { id, as_id: 0, gpa, size, mem: None, flags: SlotFlags::default() }
+    }
+
+    /// A slot of 2^31 - 1 pages over a 4 KiB buffer is legal, and a shadow-paging KVM allocates
+    /// about 16 GiB of reverse maps for it: not sent where that is more than three quarters of
+    /// what is available (a run of it had the OOM killer end other processes of a 24 GiB host).
+    #[test]
+    fn a_slot_whose_kernel_metadata_does_not_fit_is_not_sent() {
+        let huge = slot(1, 0x80_0000, 0x7ff_ffff_f000);
+        let m = host(true, 20 * GIB);
+        let need = m.need(&huge, LOW);
+        assert!(need > 16 * GIB && need < 17 * GIB, "{need}");
+        let e = m.admit(need).unwrap_err();
+        assert!(matches!(e, KvmError::KernelMemory { .. }), "{e}");
+        assert!(e.to_string().contains("out of memory"), "{e}");
+        assert!(host(true, 64 * GIB).admit(need).is_ok());
+        // A TDP MMU allocates no reverse maps up front: some MiB of large-page counts.
+        let tdp = host(false, GIB);
+        assert!(tdp.admit(tdp.need(&huge, LOW)).is_ok());
+        // Nothing known of the host: no check.
+        let unknown = KernelMemory { host: None, ..host(true, 0) };
+        assert!(unknown.admit(unknown.need(&huge, LOW)).is_ok());
+    }
+
+    /// Accepted slots add up; a delete gives its share back.
+    #[test]
+    fn live_slots_add_up_and_deletes_give_back() {
+        let mut m = host(true, 11 * GIB);
+        let half = slot(1, 0x80_0000, 0x3ff_0000_0000);
+        assert!(m.admit(m.need(&half, LOW)).is_ok());
+        m.accepted(&half);
+        let other = slot(2, 0x400_0000_0000, 0x3ff_0000_0000);
+        assert!(m.admit(m.need(&other, LOW)).is_err(), "two 4 TiB slots take about 16 GiB");
+        m.accepted(&slot(1, 0x80_0000, 0));
+        assert!(m.admit(m.need(&other, LOW)).is_ok());
+    }
+
+    /// Requests KVM refuses by their shape before allocating anything count for nothing: a
+    /// host range past the user address limit (the corpus's 8 TiB slots over a buffer mapped
+    /// near the top of user space), 2^31 pages, misaligned, past 2^52, address space 2, a
+    /// reserved id.
+    #[test]
+    fn requests_kvm_refuses_by_shape_count_for_nothing() {
+        let m = host(true, GIB);
+        let huge = slot(1, 0x80_0000, 0x7ff_ffff_f000);
+        assert_eq!(m.need(&huge, 0x7f00_0000_0000), 0);
+        assert_eq!(m.need(&slot(1, 0x80_0000, 0x800_0000_0000), LOW), 0);
+        assert_eq!(m.need(&slot(1, 0x80_0000, 0x7ff_ffff_f001), LOW), 0);
+        assert_eq!(m.need(&huge, LOW + 0x10), 0);
+        assert_eq!(m.need(&slot(1, 0xf_ffff_f000_0000, 0x7ff_ffff_f000), LOW), 0);
+        assert_eq!(m.need(&SlotOp { as_id: 2, ..huge.clone() }, LOW), 0);
+        assert_eq!(m.need(&SlotOp { id: 32764, ..huge.clone() }, LOW), 0);
+        assert!(m.need(&huge, LOW) > 0);
     }
 }

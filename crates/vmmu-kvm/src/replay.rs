@@ -212,14 +212,6 @@ impl TraceVm {
         rmaps: bool,
         available: u64,
     ) -> Result<(), String> {
-        let per_slot = |size: u64, dirty_log: bool| {
-            let pages = size / 4096;
-            let huge = |shift: u32| (pages >> shift) + 2;
-            let rmap = if rmaps { 8 * (pages + huge(9) + huge(18)) } else { 0 };
-            let lpage_info = 4 * (huge(9) + huge(18));
-            let bitmaps = if dirty_log { 2 * pages.div_ceil(64) * 8 } else { 0 };
-            rmap + lpage_info + bitmaps
-        };
         let mut live = std::collections::BTreeMap::new();
         let mut total = 0u64;
         let mut peak = 0u64;
@@ -228,7 +220,7 @@ impl TraceVm {
                 total -= old;
             }
             if size > 0 {
-                let need = per_slot(size, dirty_log);
+                let need = Self::slot_metadata(size, dirty_log, rmaps);
                 live.insert((as_id, id), need);
                 total += need;
             }
@@ -236,7 +228,7 @@ impl TraceVm {
         }
         if peak > available / 4 * 3 {
             return Err(format!(
-                "the trace's slots need about {} MiB of KVM's per-slot metadata at once ({}), \
+                "the slots need about {} MiB of KVM's per-slot metadata at once ({}), \
                  more than three quarters of this host's available memory ({} MiB): KVM would run the \
                  host out of memory",
                 peak >> 20,
@@ -249,6 +241,19 @@ impl TraceVm {
             ));
         }
         Ok(())
+    }
+
+    /// The kernel memory KVM allocates for a slot of `size` bytes when it accepts it: with
+    /// `rmaps` (shadow paging, or a TDP MMU that keeps reverse maps) an 8-byte reverse-map head
+    /// per 4 KiB page, plus per 2 MiB and 1 GiB page a head and a large-page count, and two dirty
+    /// bitmaps when `dirty_log`.
+    pub fn slot_metadata(size: u64, dirty_log: bool, rmaps: bool) -> u64 {
+        let pages = size / 4096;
+        let huge = |shift: u32| (pages >> shift) + 2;
+        let rmap = if rmaps { 8 * (pages + huge(9) + huge(18)) } else { 0 };
+        let lpage_info = 4 * (huge(9) + huge(18));
+        let bitmaps = if dirty_log { 2 * pages.div_ceil(64) * 8 } else { 0 };
+        rmap + lpage_info + bitmaps
     }
 
     /// What [`TraceVm::metadata_fits`] needs to know of this host: whether its KVM allocates
