@@ -41,13 +41,19 @@
 //!   [`vcpu::Vcpu::service_requests`] when it loads no new root, and
 //!   [`vm::Vm::get_dirty_log_into`] allocate nothing (table frames come from the host's
 //!   [`host::FrameAllocator`]; `crates/vmmu-bare/tests/exit_path_alloc.rs` checks it). Loading a
-//!   root (the first `service_requests`, and after a zap of all roots) allocates, and so does a
-//!   shadow-paging #PF ([`vcpu::Vcpu::handle_page_fault`]: the shadow pages' bookkeeping, under
-//!   the shadow lock), as do memslot updates, VM and vCPU creation and [`vm::Vm::get_dirty_log`].
-//!   These allocations are infallible: out of heap, they end in the allocator's error handler
-//!   (on a bare-metal target a panic), not in an `ENOMEM`; only table frames
-//!   ([`fault::FaultError::OutOfMemory`]) and dirty bitmaps (`ENOMEM` from a memslot update)
-//!   report exhaustion. What the guest can make the shadow MMU take is bounded by its page limit
+//!   root (the first `service_requests`, and after a zap of all roots) allocates, as do memslot
+//!   updates, VM and vCPU creation and [`vm::Vm::get_dirty_log`]; these allocations are
+//!   infallible (out of heap, they end in the allocator's error handler: on a bare-metal target a
+//!   panic). A shadow-paging #PF ([`vcpu::Vcpu::handle_page_fault`]) allocates its bookkeeping
+//!   under the shadow lock (new shadow pages, parent links, reverse-map entries) fallibly, each
+//!   reservation made before anything changes (KVM tops up its caches before the MMU lock):
+//!   out of heap, the fault reports [`fault::FaultError::OutOfHeap`] with nothing half made,
+//!   and the guest may retry once the hypervisor has memory again
+//!   (`tests/shadow_heap_exhaustion.rs` fails every allocation during faults); a fault that must
+//!   first recycle pages at the page limit, and a root load, still allocate infallibly. Table
+//!   frames ([`fault::FaultError::OutOfMemory`]) and dirty bitmaps (`ENOMEM` from a memslot
+//!   update) report exhaustion too.
+//!   What the guest can make the shadow MMU take is bounded by its page limit
 //!   ([`vm::Vm::set_nr_mmu_pages`], KVM's `n_max_mmu_pages`), not by how much memory the guest
 //!   touches: at most 64 KiB of heap per allowed page plus a fixed part per VM (about 43 KiB
 //!   per page measured when every leaf maps a frame of its own, the worst case;

@@ -121,6 +121,15 @@ pub enum FaultError {
          `tables_refused` stat is not zero, the host's frames lie beyond the VM's phys_bits"
     )]
     OutOfMemory(Gpa),
+    /// Shadow paging: the global allocator had no memory for the shadow MMU's bookkeeping (a
+    /// new shadow page, a parent link, a reverse-map entry; KVM: `-ENOMEM` from
+    /// `mmu_topup_memory_caches`). Nothing was changed: the fault can be retried once memory is
+    /// available.
+    #[error(
+        "the global allocator has no memory for the shadow MMU's bookkeeping while handling gpa \
+         {0} (KVM: -ENOMEM); nothing was changed: free memory and let the guest retry the access"
+    )]
+    OutOfHeap(Gpa),
     /// Shadow paging: the shadow page limit is reached and every shadow page is pinned by a
     /// vCPU root, current or previous, so none can be recycled (KVM: `-ENOSPC` from `KVM_RUN`).
     #[error(

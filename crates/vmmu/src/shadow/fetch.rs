@@ -14,7 +14,7 @@
 //! before an MMIO SPTE replaces it (aad885e77496). After a RAM leaf, neighbour SPTEs are
 //! prefetched (`super::prefetch`).
 
-use super::pages::{ShadowState, SpId, ZapBatch};
+use super::pages::{HeapExhausted, NewPageError, ShadowState, SpId, ZapBatch};
 use super::prefetch::{prefetch, PrefetchCtx};
 use super::role::{SpKind, SpRole};
 use super::root::ShadowRoot;
@@ -80,6 +80,9 @@ pub(crate) enum FetchOutcome {
     NoPath,
     /// No frame for a shadow page.
     OutOfMemory,
+    /// No heap for the bookkeeping of a page, a link or a leaf (nothing half made: see
+    /// [`super::pages::HeapExhausted`]).
+    OutOfHeap,
     /// The page limit is reached and every page is pinned by a root (KVM `-ENOSPC`).
     PageLimit,
 }
@@ -177,10 +180,14 @@ pub(crate) fn fetch<H: Host, M: GuestPteMemory>(
             // A child of another gfn or role, a leaf, or an MMIO SPTE: unlink it first.
             batch.flush |= st.drop_spte(core, cur, idx);
         }
-        let Some((child, _new)) = st.get_page(core, stats, gfn, role, batch) else {
-            return FetchOutcome::OutOfMemory;
+        let child = match st.get_page(core, stats, gfn, role, batch) {
+            Ok((child, _new)) => child,
+            Err(NewPageError::NoFrame) => return FetchOutcome::OutOfMemory,
+            Err(NewPageError::NoHeap) => return FetchOutcome::OutOfHeap,
         };
-        st.link(core, cur, idx, child);
+        if st.link(core, cur, idx, child).is_err() {
+            return FetchOutcome::OutOfHeap;
+        }
         cur = child;
         level = child_level;
     }
@@ -249,7 +256,10 @@ fn install_leaf<H: Host>(
             if old == spte {
                 return FetchOutcome::Spurious;
             }
-            let dropped = st.set_leaf(core, sp, idx, spte, walk.gfn);
+            // An MMIO SPTE is not present: it takes no rmap entry, and nothing can fail.
+            let Ok(dropped) = st.set_leaf(core, sp, idx, spte, walk.gfn) else {
+                return FetchOutcome::OutOfHeap;
+            };
             // aad885e77496: the present SPTE the MMIO SPTE replaced is flushed.
             if !core.cfg.bugs.has(Bug::MmioOverPresentSpte) {
                 batch.flush |= dropped;
@@ -277,7 +287,10 @@ fn install_leaf<H: Host>(
                 FetchOutcome::Installed { writable: w }
             };
             if old != new {
-                batch.flush |= st.set_leaf(core, sp, idx, new, walk.gfn);
+                match st.set_leaf(core, sp, idx, new, walk.gfn) {
+                    Ok(flush) => batch.flush |= flush,
+                    Err(HeapExhausted) => return FetchOutcome::OutOfHeap,
+                }
             }
             outcome
         }

@@ -67,7 +67,12 @@ const KEPT_ENTRIES: usize = 64;
 pub(super) fn shrink_sparse<V>(map: &mut KeyMap<V>) {
     let len = map.len();
     if map.capacity() > KEPT_ENTRIES.max(4 * len) {
-        map.shrink_to(KEPT_ENTRIES.max(2 * len));
+        // Fallibly (a smaller table is a new allocation): out of heap, the map stays as it is.
+        let mut smaller = KeyMap::default();
+        if smaller.try_reserve(KEPT_ENTRIES.max(2 * len)).is_ok() {
+            smaller.extend(map.drain());
+            *map = smaller;
+        }
     }
 }
 

@@ -30,9 +30,41 @@ use crate::mmu_core::{FlushNeed, MmuCore};
 use crate::spte::SpteFormat;
 use crate::sync::Arc;
 use crate::types::{AsId, Gfn, Level, Pfn};
-use alloc::collections::BTreeMap;
-use alloc::vec;
 use alloc::vec::Vec;
+
+/// The global allocator had nothing for the shadow MMU's bookkeeping: a fault reports it
+/// ([`crate::fault::FaultError::OutOfHeap`]) with nothing half made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct HeapExhausted;
+
+impl From<alloc::collections::TryReserveError> for HeapExhausted {
+    fn from(_: alloc::collections::TryReserveError) -> Self {
+        HeapExhausted
+    }
+}
+
+impl From<hashbrown::TryReserveError> for HeapExhausted {
+    fn from(_: hashbrown::TryReserveError) -> Self {
+        HeapExhausted
+    }
+}
+
+/// Why [`ShadowState::get_page`] made no page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NewPageError {
+    /// The host had no frame for its SPTEs.
+    NoFrame,
+    /// The global allocator had nothing for its bookkeeping.
+    NoHeap,
+}
+
+/// The lists a new page starts with, allocated by `ShadowState::reserve_new_page`.
+struct NewPageLists {
+    /// Room for one parent link.
+    parents: Vec<(SpId, u16)>,
+    /// At level 1, the 512 leaf gfns; else empty.
+    leaf_gfns: Vec<u64>,
+}
 
 /// Index of a shadow page in the slab. Stable while the page lives (a root pins it).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
@@ -57,8 +89,10 @@ pub(crate) struct ShadowPage {
     pub(crate) valid_gen: u8,
     /// Emulated writes to the shadowed table since the page was last used.
     pub(crate) flood: u8,
-    /// Age key in the active list.
-    seq: u64,
+    /// The next older and the next newer page in the active list (KVM's `link` in
+    /// `active_mmu_pages`, intrusive so that making a page allocates nothing there).
+    older: Option<SpId>,
+    newer: Option<SpId>,
     /// Level-1 pages: the gfn each leaf SPTE maps (KVM `shadowed_translation`).
     leaf_gfns: Vec<u64>,
 }
@@ -104,9 +138,10 @@ pub(crate) struct ShadowState {
     slab: Vec<Option<ShadowPage>>,
     free_ids: Vec<SpId>,
     buckets: Vec<Vec<SpId>>,
-    /// `active_mmu_pages`: age key -> page, oldest first.
-    active: BTreeMap<u64, SpId>,
-    next_seq: u64,
+    /// `active_mmu_pages`: its oldest and newest page (the list runs through the pages'
+    /// `older` and `newer`).
+    oldest_active: Option<SpId>,
+    newest_active: Option<SpId>,
     /// Frame number -> the page whose SPTEs it holds.
     by_pfn: KeyMap<SpId>,
     /// (address space, gfn) -> the leaf SPTEs mapping it: (page, index).
@@ -143,8 +178,8 @@ impl ShadowState {
             slab: Vec::new(),
             free_ids: Vec::new(),
             buckets: (0..HASH_BUCKETS).map(|_| Vec::new()).collect(),
-            active: BTreeMap::new(),
-            next_seq: 0,
+            oldest_active: None,
+            newest_active: None,
             by_pfn: KeyMap::default(),
             rmap: Rmap::new(),
             tracked: KeyMap::default(),
@@ -227,9 +262,7 @@ impl ShadowState {
     /// `for_each_gfn_valid_sp` over a memslot's gfns), oldest first. Scans the active list,
     /// which the page limit bounds, rather than the range, which a slot can make huge.
     pub(crate) fn valid_pages_in(&self, as_id: AsId, start: Gfn, end: Gfn) -> Vec<SpId> {
-        self.active
-            .values()
-            .copied()
+        self.active()
             .filter(|&id| {
                 let sp = self.sp(id);
                 (start.raw()..end.raw()).contains(&sp.gfn.raw())
@@ -238,6 +271,42 @@ impl ShadowState {
                     && sp.valid_gen == self.valid_gen
             })
             .collect()
+    }
+
+    /// The active list, oldest first.
+    fn active(&self) -> impl Iterator<Item = SpId> + '_ {
+        core::iter::successors(self.oldest_active, |&id| self.sp(id).newer)
+    }
+
+    /// Adds `id` at the newest end of the active list.
+    fn activate(&mut self, id: SpId) {
+        let newest = self.newest_active;
+        {
+            let sp = self.sp_mut(id);
+            sp.older = newest;
+            sp.newer = None;
+        }
+        match newest {
+            Some(n) => self.sp_mut(n).newer = Some(id),
+            None => self.oldest_active = Some(id),
+        }
+        self.newest_active = Some(id);
+    }
+
+    /// Takes `id` out of the active list.
+    fn deactivate(&mut self, id: SpId) {
+        let (older, newer) = {
+            let sp = self.sp_mut(id);
+            (sp.older.take(), sp.newer.take())
+        };
+        match older {
+            Some(o) => self.sp_mut(o).newer = newer,
+            None => self.oldest_active = newer,
+        }
+        match newer {
+            Some(n) => self.sp_mut(n).older = older,
+            None => self.newest_active = older,
+        }
     }
 
     /// Up to `n` pages, oldest first, from the oldest end of the active list while `keep_going`
@@ -251,9 +320,7 @@ impl ShadowState {
         keep_going: impl Fn(&ShadowPage) -> bool,
         eligible: impl Fn(&ShadowPage) -> bool,
     ) -> Vec<SpId> {
-        self.active
-            .values()
-            .copied()
+        self.active()
             .take_while(|&id| keep_going(self.sp(id)))
             .filter(|&id| eligible(self.sp(id)))
             .take(n)
@@ -283,7 +350,7 @@ impl ShadowState {
     }
 
     /// KVM `kvm_mmu_get_shadow_page`: the valid page for `(gfn, role)`, created if there is none.
-    /// Returns it and whether it is new; `None` if the host has no frame.
+    /// Returns it and whether it is new, or why no page could be made (nothing changed then).
     pub(crate) fn get_page<H: Host>(
         &mut self,
         core: &MmuCore<H>,
@@ -291,7 +358,7 @@ impl ShadowState {
         gfn: Gfn,
         role: SpRole,
         batch: &mut ZapBatch,
-    ) -> Option<(SpId, bool)> {
+    ) -> Result<(SpId, bool), NewPageError> {
         let b = Self::bucket(gfn);
         let hit = self.buckets[b].iter().copied().find(|&id| {
             let sp = self.sp(id);
@@ -299,23 +366,23 @@ impl ShadowState {
         });
         if let Some(id) = hit {
             self.sp_mut(id).flood = 0;
-            return Some((id, false));
+            return Ok((id, false));
         }
         stats.mmu_cache_miss.add(1);
-        let spt = core.alloc_table()?;
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        let level1 = role.level() == Level::L4K;
+        let NewPageLists { parents, leaf_gfns } =
+            self.reserve_new_page(b, gfn, role).map_err(|HeapExhausted| NewPageError::NoHeap)?;
+        let spt = core.alloc_table().ok_or(NewPageError::NoFrame)?;
         let sp = ShadowPage {
             gfn,
             role,
             spt,
-            parents: Vec::new(),
+            parents,
             root_count: 0,
             valid_gen: self.valid_gen,
             flood: 0,
-            seq,
-            leaf_gfns: if level1 { vec![0; 512] } else { Vec::new() },
+            older: None,
+            newer: None,
+            leaf_gfns,
         };
         let has_gptes = sp.has_gptes();
         let id = match self.free_ids.pop() {
@@ -329,14 +396,52 @@ impl ShadowState {
             }
         };
         self.buckets[b].push(id);
-        self.active.insert(seq, id);
+        self.activate(id);
         self.by_pfn.insert(spt.raw(), id);
         self.n_used += 1;
         stats.shadow_pages.add(1);
         if has_gptes {
             self.account_shadowed(core, gfn, role.level(), batch);
         }
-        Some((id, true))
+        Ok((id, true))
+    }
+
+    /// Reserves, fallibly, all the heap a new page for `(gfn, role)` in bucket `b` takes (KVM
+    /// tops up its caches before it takes the MMU lock, `mmu_topup_memory_caches`, and fails the
+    /// fault with `-ENOMEM`), so that making it, linking it once and accounting it allocate
+    /// nothing: a slab slot (and room in `free_ids` for its freeing), room in its bucket, in the
+    /// frame index and the write-tracking counts; returns its parent list (room for one link)
+    /// and, at level 1, its leaf gfns.
+    fn reserve_new_page(
+        &mut self,
+        b: usize,
+        gfn: Gfn,
+        role: SpRole,
+    ) -> Result<NewPageLists, HeapExhausted> {
+        if self.free_ids.is_empty() {
+            self.slab.try_reserve(1)?;
+            let room = self.slab.len() + 1;
+            self.free_ids.try_reserve(room.saturating_sub(self.free_ids.len()))?;
+        }
+        self.buckets[b].try_reserve(1)?;
+        self.by_pfn.try_reserve(1)?;
+        if !role.direct() {
+            let key = track_key(gfn);
+            if !self.tracked.contains_key(&key) {
+                self.tracked.try_reserve(1)?;
+            }
+            if role.level() > Level::L4K && !self.tracked_upper.contains_key(&key) {
+                self.tracked_upper.try_reserve(1)?;
+            }
+        }
+        let mut parents = Vec::new();
+        parents.try_reserve(1)?;
+        let mut leaf_gfns = Vec::new();
+        if role.level() == Level::L4K {
+            leaf_gfns.try_reserve_exact(512)?;
+            leaf_gfns.resize(512, 0);
+        }
+        Ok(NewPageLists { parents, leaf_gfns })
     }
 
     /// KVM `account_shadowed`: the guest frame is now shadowed; write-protect every leaf that
@@ -430,14 +535,17 @@ impl ShadowState {
         flush
     }
 
-    /// Makes SPTE `idx` of page `parent` link `child` (KVM `link_shadow_page`).
+    /// Makes SPTE `idx` of page `parent` link `child` (KVM `link_shadow_page`). Fails, with
+    /// nothing changed, only if the child's parent list needs room and the heap has none (never
+    /// for a new page: [`Self::get_page`] made room for its first link).
     pub(crate) fn link<H: Host>(
         &mut self,
         core: &MmuCore<H>,
         parent: SpId,
         idx: usize,
         child: SpId,
-    ) {
+    ) -> Result<(), HeapExhausted> {
+        self.sp_mut(child).parents.try_reserve(1)?;
         let child_spt = self.sp(child).spt;
         let level = self.sp(parent).role.level();
         let e = self.entry(core, parent, idx);
@@ -446,10 +554,12 @@ impl ShadowState {
         let link = core.cfg.format.make_nonleaf(child_spt);
         let _ = core.set_spte_locked(e, old, link, level, Gfn(0));
         self.sp_mut(child).parents.push((parent, idx as u16));
+        Ok(())
     }
 
     /// Stores leaf (or MMIO) value `new` for `gfn` at SPTE `idx` of level-1 page `id`, keeping
-    /// the rmap in step. Returns whether a present leaf was changed or dropped (flush needed).
+    /// the rmap in step. Returns whether a present leaf was changed or dropped (flush needed);
+    /// fails, with nothing changed, if the rmap needs room for a new leaf and the heap has none.
     pub(crate) fn set_leaf<H: Host>(
         &mut self,
         core: &MmuCore<H>,
@@ -457,7 +567,7 @@ impl ShadowState {
         idx: usize,
         new: u64,
         gfn: Gfn,
-    ) -> bool {
+    ) -> Result<bool, HeapExhausted> {
         let as_id = self.sp(id).role.as_id();
         let fmt = core.cfg.format;
         let e = self.entry(core, id, idx);
@@ -473,7 +583,10 @@ impl ShadowState {
             && fmt.pfn(old) == fmt.pfn(new)
             && self.sp(id).leaf_gfns[idx] == gfn.raw();
         if same_leaf {
-            return core.set_spte_locked(e, old, new, Level::L4K, gfn) == FlushNeed::Remote;
+            return Ok(core.set_spte_locked(e, old, new, Level::L4K, gfn) == FlushNeed::Remote);
+        }
+        if SpteFormat::is_mmu_present(new) {
+            self.rmap.reserve(as_id, gfn)?;
         }
         let mut flush = self.drop_spte(core, id, idx);
         let old = e.load(crate::sync::Ordering::Acquire);
@@ -489,7 +602,7 @@ impl ShadowState {
                 flush = true;
             }
         }
-        flush
+        Ok(flush)
     }
 
     /// Clears SPTE `idx` of page `id` (KVM `mmu_page_zap_pte`): a leaf leaves the rmap, a link
@@ -563,9 +676,9 @@ impl ShadowState {
             let _ = core.set_spte_locked(e, old, SpteFormat::NONPRESENT, level, Gfn(0));
             batch.flush = true;
         }
-        let (gfn, role, valid_gen, seq, root_count) = {
+        let (gfn, role, valid_gen, root_count) = {
             let sp = self.sp(id);
-            (sp.gfn, sp.role, sp.valid_gen, sp.seq, sp.root_count)
+            (sp.gfn, sp.role, sp.valid_gen, sp.root_count)
         };
         if role.invalid() {
             return;
@@ -573,7 +686,7 @@ impl ShadowState {
         if !role.direct() {
             self.unaccount_shadowed(gfn, role.level());
         }
-        self.active.remove(&seq);
+        self.deactivate(id);
         retain_shrinking(&mut self.buckets[Self::bucket(gfn)], |&x| x != id);
         self.sp_mut(id).role = role.with_invalid();
         if root_count == 0 {

@@ -206,7 +206,9 @@ fn run<'a, H: Host>(
         let Some(pfn) = pfn.filter(|&p| core.cfg.format.holds_pfn(p)) else { break };
         let w = write && !st.is_write_tracked(g);
         let leaf = core.cfg.format.make_leaf(pfn, Level::L4K, access, w);
-        batch.flush |= st.set_leaf(core, sp, j + k, leaf, g);
+        // Out of heap for the rmap: prefetching is optional, the fault itself is done.
+        let Ok(flush) = st.set_leaf(core, sp, j + k, leaf, g) else { break };
+        batch.flush |= flush;
         made += 1;
     }
     made

@@ -17,9 +17,8 @@
 //! Everything here runs under the shadow MMU's lock: [`super::pages::ShadowState`] owns the map.
 
 use super::keymap::{gfn_key, shrink_sparse, KeyMap, AS_SHIFT, GFN_MASK};
-use super::pages::SpId;
+use super::pages::{HeapExhausted, SpId};
 use crate::types::{AsId, Gfn};
-use alloc::vec;
 use alloc::vec::Vec;
 
 /// The leaf SPTEs that map one gfn, as (page, index) (KVM's rmap head: one SPTE held in place,
@@ -45,7 +44,34 @@ const _: () = assert!(core::mem::size_of::<RmapHead>() == 16);
 pub(super) fn retain_shrinking<T>(list: &mut Vec<T>, keep: impl FnMut(&T) -> bool) {
     list.retain(keep);
     if list.capacity() > KEPT_CAPACITY.max(4 * list.len()) {
-        list.shrink_to(KEPT_CAPACITY.max(2 * list.len()));
+        // Fallibly (`shrink_to` ends in the allocator's error handler if the allocator refuses):
+        // out of heap, the list keeps its capacity.
+        let mut smaller = Vec::new();
+        if smaller.try_reserve_exact(KEPT_CAPACITY.max(2 * list.len())).is_ok() {
+            smaller.append(list);
+            *list = smaller;
+        }
+    }
+}
+
+/// `Box::new` that reports an allocation failure instead of ending in the allocator's error
+/// handler (`Box::try_new` is not stable).
+fn try_box<T>(value: T) -> Result<alloc::boxed::Box<T>, HeapExhausted> {
+    let layout = core::alloc::Layout::new::<T>();
+    if layout.size() == 0 {
+        return Ok(alloc::boxed::Box::new(value));
+    }
+    // SAFETY: `layout` has a non-zero size (checked above).
+    let p = unsafe { alloc::alloc::alloc(layout) }.cast::<T>();
+    if p.is_null() {
+        return Err(HeapExhausted);
+    }
+    // SAFETY: `p` is a fresh, non-null allocation of the global allocator with `T`'s layout,
+    // which is what `Box<T>` owns and frees; it is initialised with `value` before the box is
+    // made, and nothing else refers to it.
+    unsafe {
+        p.write(value);
+        Ok(alloc::boxed::Box::from_raw(p))
     }
 }
 
@@ -69,11 +95,16 @@ impl RmapHead {
         one.into_iter().chain(many.iter().copied())
     }
 
-    fn push(&mut self, id: SpId, idx: u16) {
+    /// Adds an entry; a `One` head becomes a list, taken from `spare` if there is one (with
+    /// room for two entries, as [`Rmap::reserve`] leaves it), so that nothing is allocated.
+    fn push(&mut self, id: SpId, idx: u16, spare: &mut Option<ListBox>) {
         match self {
             RmapHead::One(first, first_idx) => {
-                *self =
-                    RmapHead::Many(alloc::boxed::Box::new(vec![(*first, *first_idx), (id, idx)]));
+                let mut list = spare.take().unwrap_or_default();
+                list.clear();
+                list.push((*first, *first_idx));
+                list.push((id, idx));
+                *self = RmapHead::Many(list);
             }
             RmapHead::Many(list) => list.push((id, idx)),
         }
@@ -98,14 +129,37 @@ impl RmapHead {
     }
 }
 
+/// A list of a [`RmapHead::Many`].
+type ListBox = alloc::boxed::Box<Vec<(SpId, u16)>>;
+
 /// The reverse map: (address space, gfn) -> [`RmapHead`].
 pub(super) struct Rmap {
     map: KeyMap<RmapHead>,
+    /// A list with room for two entries, made by [`Rmap::reserve`] for the next head that goes
+    /// from one entry to two.
+    spare: Option<ListBox>,
 }
 
 impl Rmap {
     pub(super) fn new() -> Self {
-        Rmap { map: KeyMap::default() }
+        Rmap { map: KeyMap::default(), spare: None }
+    }
+
+    /// Makes room, fallibly, for one [`Rmap::add`] to `gfn` of `as_id`, so that it allocates
+    /// nothing even after removals in between (which may shrink the table or a list, or turn
+    /// the head back into one entry).
+    pub(super) fn reserve(&mut self, as_id: AsId, gfn: Gfn) -> Result<(), HeapExhausted> {
+        match self.map.get_mut(&gfn_key(as_id, gfn)) {
+            None => self.map.try_reserve(1)?,
+            Some(RmapHead::One(..)) => {}
+            Some(RmapHead::Many(list)) => list.try_reserve(1)?,
+        }
+        if self.spare.is_none() {
+            let mut list = Vec::new();
+            list.try_reserve_exact(2)?;
+            self.spare = Some(try_box(list)?);
+        }
+        Ok(())
     }
 
     /// The leaves mapping `gfn` of `as_id`, if any.
@@ -124,7 +178,7 @@ impl Rmap {
             hashbrown::hash_map::Entry::Occupied(mut o) => {
                 let head = o.get_mut();
                 let before = head.len();
-                head.push(id, idx);
+                head.push(id, idx, &mut self.spare);
                 before
             }
         }
@@ -178,7 +232,12 @@ mod tests {
                 let e = (SpId(id), idx);
                 if add {
                     match head.as_mut() {
-                        Some(h) => h.push(e.0, e.1),
+                        // With and without a spare list (what `Rmap::reserve` leaves).
+                        Some(h) => {
+                            let mut spare = (id % 2 == 1)
+                                .then(|| alloc::boxed::Box::new(Vec::with_capacity(2)));
+                            h.push(e.0, e.1, &mut spare);
+                        }
                         None => head = Some(RmapHead::One(e.0, e.1)),
                     }
                     model.push(e);

@@ -214,7 +214,7 @@ impl ShadowRoot {
     /// dummy root), so no device frame is write-tracked; a fault that later finds the table
     /// visible reloads the root ([`Self::start`] gives `None`). Without a `pae_root` (a host with
     /// no frame below 4 GiB) such a 4-level CR3 gets a root page as any other. `None`: the host
-    /// had no frame for a shadow page, or a PAE or non-paging root needs `pae_root` and it is
+    /// had no frame for a shadow page (or the heap no room for its bookkeeping), or a PAE or non-paging root needs `pae_root` and it is
     /// `None`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn alloc<H: Host>(
@@ -235,7 +235,7 @@ impl ShadowRoot {
                 let gfn = Self::cr3_gfn(cpu);
                 let role = SpRole::new(Level::L4, SpKind::Indirect, Access::ALL, as_id)
                     .with_cr0_wp(cpu.cr0_wp);
-                let (sp, _) = st.get_page(core, stats, gfn, role, batch)?;
+                let (sp, _) = st.get_page(core, stats, gfn, role, batch).ok()?;
                 let s = st.sp_mut(sp);
                 s.root_count += 1;
                 s.flood = 0;
@@ -267,7 +267,8 @@ impl ShadowRoot {
     /// PAE root frame (below 4 GiB: the guest runs in PAE paging on it, and a PAE CR3 names only
     /// such frames; KVM allocates it with `__GFP_DMA32`): entry `i` links the level-2 page that
     /// `pages[i]` keys, pinned by the root (`None`: the entry stays 0). `None`: the host had no
-    /// frame for a shadow page; what was linked so far is unlinked and unpinned.
+    /// frame for a shadow page (or the heap no room for its bookkeeping); what was linked so far
+    /// is unlinked and unpinned.
     fn alloc_special<H: Host>(
         core: &MmuCore<H>,
         stats: &super::ShadowStats,
@@ -279,7 +280,7 @@ impl ShadowRoot {
         let mut sps = [None; 4];
         for (i, page) in pages.into_iter().enumerate() {
             let Some((gfn, role)) = page else { continue };
-            let Some((sp, _)) = st.get_page(core, stats, gfn, role, batch) else {
+            let Ok((sp, _)) = st.get_page(core, stats, gfn, role, batch) else {
                 Self::Special { pfn, sps }.release(core, st, batch);
                 return None;
             };

@@ -359,6 +359,7 @@ fn count_outcome(
             return Err(FaultError::Internal { gpa: walk.gpa, dump: Default::default() })
         }
         FetchOutcome::OutOfMemory => return Err(FaultError::OutOfMemory(walk.gpa)),
+        FetchOutcome::OutOfHeap => return Err(FaultError::OutOfHeap(walk.gpa)),
         FetchOutcome::PageLimit => return Err(FaultError::ShadowPageLimit(walk.gpa)),
     })
 }
