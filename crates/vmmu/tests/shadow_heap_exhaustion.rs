@@ -147,3 +147,156 @@ fn shadow_faults_without_heap_report_out_of_memory_and_leave_nothing_half_made()
     }
     assert_eq!(vm.stale_shadow_entries_for_tests(), Some(0));
 }
+
+/// The test host records each page a write translation reached (in a set it allocates for):
+/// every page of guest RAM is written once with heap, so that faults without heap do not end
+/// in the test host's own allocation.
+fn written_once(host: &vmmu::testing::TestHost) {
+    use vmmu::host::{HostAccess, HostMemory};
+    for off in (0..RAM_SIZE).step_by(4096) {
+        host.translate(vmmu::Hva(RAM_HVA + off), HostAccess::Write).unwrap();
+    }
+}
+
+/// The error code of the hardware walk of a user access to `gva` (a write if `write`).
+fn fault_err(v: &mut vmmu::vcpu::Vcpu<vmmu::testing::TestHost>, gva: u64, write: bool) -> PfErr {
+    let walk = hw(v, gva, write);
+    let w = if write { PfErr::WRITE } else { 0 };
+    match walk {
+        HwWalk::Violation { present, .. } => {
+            PfErr(PfErr::USER | w | if present { PfErr::PRESENT } else { 0 })
+        }
+        HwWalk::Misconfig { .. } => PfErr(PfErr::USER | w | PfErr::RSVD | PfErr::PRESENT),
+        other => panic!("{gva:#x}: {other:?}"),
+    }
+}
+
+/// Every fault of the accesses to `gvas` is taken first without heap: it either completes or
+/// reports `OutOfHeap` with nothing half made, and then the access completes with heap back.
+/// Returns how many faults reported `OutOfHeap`.
+fn fault_without_heap_then_with(
+    vm: &vmmu::vm::Vm<vmmu::testing::TestHost>,
+    v: &mut vmmu::vcpu::Vcpu<vmmu::testing::TestHost>,
+    gvas: impl IntoIterator<Item = u64>,
+    write: bool,
+) -> usize {
+    let mut reported = 0;
+    for gva in gvas {
+        if matches!(hw(v, gva, write), HwWalk::Translated { .. }) {
+            continue;
+        }
+        let err = fault_err(v, gva, write);
+        let (out, failed) = without_heap(|| v.handle_page_fault(Gva(gva), err));
+        match out {
+            Err(FaultError::OutOfHeap(_)) => {
+                assert!(failed > 0, "{gva:#x}: out of heap with no allocation refused");
+                reported += 1;
+            }
+            Ok(_) => {}
+            other => panic!("{gva:#x}: {other:?}"),
+        }
+        assert_eq!(vm.stale_shadow_entries_for_tests(), Some(0), "{gva:#x}");
+        let seen = access(v, gva, write);
+        assert!(matches!(seen, Seen::Ram(_) | Seen::Mmio(..)), "{gva:#x}: {seen:?}");
+    }
+    reported
+}
+
+/// One guest frame mapped by more than `RMAP_RECYCLE_THRESHOLD` (1000) leaves: three guest
+/// last-level tables whose 512 entries all name it (accessed and dirty, so faults prefetch
+/// their neighbours). The leaf that takes the gfn over the threshold drops every leaf of the
+/// gfn (KVM's rmap recycling) inside the fault: that must not need the heap either.
+#[test]
+fn a_gfn_mapped_past_the_rmap_recycle_threshold_without_heap() {
+    const A: u64 = 1 << 5;
+    const D: u64 = 1 << 6;
+    let (vm, host, next) = shadow_vm_with(|_| {});
+    let s = Space::new(&host, &next);
+    let target = 0x100_0000;
+    let base = 0x4000_0000u64;
+    for t in 0..3u64 {
+        for i in 0..512u64 {
+            s.map4k(base + (t << 21) + (i << 12), target, P | RW | US | A | D);
+        }
+    }
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    let gvas = (0..3u64 * 512).map(|i| base + (i << 12));
+    fault_without_heap_then_with(&vm, &mut v, gvas, false);
+    assert_eq!(vm.stale_shadow_entries_for_tests(), Some(0));
+}
+
+/// A PAE guest (a special root: its level-2 pages hang from the vCPU's `pae_root` frame), a
+/// guest 2 MiB page (direct pages), and several prefetched neighbours.
+#[test]
+fn pae_and_2m_guest_pages_and_prefetch_without_heap() {
+    use vmmu::guest::{GuestCpu, PagingMode};
+    const A: u64 = 1 << 5;
+    const D: u64 = 1 << 6;
+    let (vm, host, next) = shadow_vm_with(|_| {});
+    written_once(&host);
+    // PAE: PDPT -> PD -> PT, gva 0x40_0000.. mapped 4 KiB, 0x80_0000 by a 2 MiB PDE.
+    let (pdpt, pd, pt) = (alloc_table(&next), alloc_table(&next), alloc_table(&next));
+    host.write_u64(RAM_HVA + pdpt, pd | P);
+    host.write_u64(RAM_HVA + pd + 8 * 2, pt | P | RW | US);
+    for i in 0..16u64 {
+        host.write_u64(RAM_HVA + pt + 8 * i, (0x100_0000 + (i << 12)) | P | RW | US | A | D);
+    }
+    host.write_u64(RAM_HVA + pd + 8 * 4, 0x120_0000 | P | RW | US | PS | A | D);
+    let mut v = vm.create_vcpu().unwrap();
+    v.set_guest_cpu(GuestCpu { mode: PagingMode::Pae { pdptrs: [0; 4] }, ..long4(0) }).unwrap();
+    v.load_cr3(pdpt).unwrap();
+    let gvas: Vec<u64> = (0..16u64)
+        .map(|i| 0x40_0000 + (i << 12))
+        .chain((0..16u64).map(|i| 0x80_0000 + (i << 12)))
+        .collect();
+    fault_without_heap_then_with(&vm, &mut v, gvas.iter().copied(), false);
+    fault_without_heap_then_with(&vm, &mut v, gvas.iter().copied(), true);
+    // 4-level, 2 MiB guest pages.
+    let s = Space::new(&host, &next);
+    s.map2m(0x4000_0000, 0x140_0000, P | RW | US | A | D);
+    s.map2m(0x4020_0000, 0x160_0000, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    let gvas: Vec<u64> = (0..1024u64).step_by(3).map(|i| 0x4000_0000 + (i << 12)).collect();
+    fault_without_heap_then_with(&vm, &mut v, gvas.iter().copied(), false);
+    fault_without_heap_then_with(&vm, &mut v, gvas.iter().copied(), true);
+    assert_eq!(vm.stale_shadow_entries_for_tests(), Some(0));
+}
+
+/// Write faults to guest tables the MMU shadows (write-protected leaves, `WriteProtected`
+/// emulation), and the emulated writes reported with heap; then dirty logging on.
+#[test]
+fn writes_to_shadowed_tables_and_dirty_logging_without_heap() {
+    use vmmu::memslot::{UserspaceMemoryRegion, KVM_MEM_LOG_DIRTY_PAGES};
+    let (vm, host, next) = shadow_vm_with(|_| {});
+    written_once(&host);
+    let s = Space::new(&host, &next);
+    // The guest maps its own tables: gva 0x5000_0000 + gpa.
+    for i in 0..64u64 {
+        let gpa = TABLES_GPA + (i << 12);
+        s.map4k(0x5000_0000 + gpa, gpa, P | RW | US);
+    }
+    for i in 0..32u64 {
+        s.map4k(0x4000_0000 + (i << 12), 0x100_0000 + (i << 12), P | RW | US);
+    }
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    let data: Vec<u64> = (0..32u64).map(|i| 0x4000_0000 + (i << 12)).collect();
+    fault_without_heap_then_with(&vm, &mut v, data.iter().copied(), false);
+    let tables: Vec<u64> = (0..next.get().saturating_sub(TABLES_GPA) >> 12)
+        .map(|i| 0x5000_0000 + TABLES_GPA + (i << 12))
+        .collect();
+    fault_without_heap_then_with(&vm, &mut v, tables.iter().copied(), false);
+    fault_without_heap_then_with(&vm, &mut v, tables.iter().copied(), true);
+    // Dirty logging on for the RAM slot: write faults on write-protected leaves.
+    vm.set_memory_region(&UserspaceMemoryRegion::new(
+        0,
+        KVM_MEM_LOG_DIRTY_PAGES,
+        0,
+        RAM_SIZE,
+        RAM_HVA,
+    ))
+    .unwrap();
+    fault_without_heap_then_with(&vm, &mut v, data.iter().copied(), false);
+    fault_without_heap_then_with(&vm, &mut v, data.iter().copied(), true);
+    let _ = host;
+    assert_eq!(vm.stale_shadow_entries_for_tests(), Some(0));
+}
