@@ -598,7 +598,8 @@ impl ShadowState {
             // again); the caller flushes. (A leaf remade for the same frame, which KVM does
             // not add again, left the list above, so it never counts itself.)
             if mapped > RMAP_RECYCLE_THRESHOLD {
-                self.unmap_gfn_range(core, as_id, gfn, Gfn(gfn.raw() + 1));
+                // Allocates nothing (the fault's leaf is stored already: no failure here).
+                self.unmap_gfn(core, as_id, gfn);
                 flush = true;
             }
         }
@@ -633,6 +634,18 @@ impl ShadowState {
             self.rmap.remove(as_id, gfn, id, idx as u16);
         }
         present
+    }
+
+    /// Drops every leaf mapping `gfn` of `as_id` (KVM `kvm_zap_rmap`), allocating nothing: the
+    /// head leaves the rmap first, so each `drop_spte` finds nothing more to remove there.
+    /// Returns whether one was present.
+    fn unmap_gfn<H: Host>(&mut self, core: &MmuCore<H>, as_id: AsId, gfn: Gfn) -> bool {
+        let Some(head) = self.rmap.take(as_id, gfn) else { return false };
+        let mut flush = false;
+        for (id, idx) in head.iter() {
+            flush |= self.drop_spte(core, id, usize::from(idx));
+        }
+        flush
     }
 
     /// Drops every leaf mapping a gfn in `[start, end)` of `as_id` (host invalidation, KVM

@@ -194,6 +194,14 @@ impl Rmap {
         }
     }
 
+    /// Takes `gfn`'s head out of the map (and gives the table's memory back as
+    /// [`Self::remove`] does); allocates nothing.
+    pub(super) fn take(&mut self, as_id: AsId, gfn: Gfn) -> Option<RmapHead> {
+        let head = self.map.remove(&gfn_key(as_id, gfn))?;
+        shrink_sparse(&mut self.map);
+        Some(head)
+    }
+
     /// The gfns in `[start, end)` of `as_id` that some leaf maps, in ascending order.
     pub(super) fn gfns_in(&self, as_id: AsId, start: Gfn, end: Gfn) -> Vec<Gfn> {
         let (start, end) = (start.raw(), end.raw().max(start.raw()));
