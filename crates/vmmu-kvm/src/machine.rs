@@ -1022,4 +1022,30 @@ mod kernel_memory_tests {
         assert_eq!(m.need(&SlotOp { id: 32764, ..huge.clone() }, LOW), 0);
         assert!(m.need(&huge, LOW) > 0);
     }
+
+    /// KVM refuses a guest address that is not page-aligned among its first checks
+    /// (`__kvm_set_memory_region`: `guest_phys_addr & (PAGE_SIZE - 1)`), before it allocates.
+    #[test]
+    fn a_misaligned_guest_address_counts_for_nothing() {
+        let m = host(true, GIB);
+        assert_eq!(m.need(&slot(1, 0x80_0800, 0x7ff_ffff_f000), LOW), 0);
+    }
+
+    /// A flags-only change (`KVM_MR_FLAGS_ONLY`) keeps the slot's reverse maps and large-page
+    /// counts (x86 `kvm_arch_prepare_memory_region` copies `old->arch`); KVM allocates only the
+    /// dirty bitmaps when logging turns on, and nothing for a request that changes nothing.
+    #[test]
+    fn a_flags_only_change_of_an_accepted_slot_allocates_only_its_bitmaps() {
+        let mut m = host(true, 20 * GIB);
+        // About 4.5 TiB: about 9 GiB of reverse maps, under the 15 GiB allowed.
+        let big = slot(1, 0x80_0000, 0x47f_0000_0000);
+        assert!(m.admit(m.need(&big, LOW)).is_ok());
+        m.accepted(&big);
+        let logged =
+            SlotOp { flags: SlotFlags { dirty_log: true, ..SlotFlags::default() }, ..big.clone() };
+        let need = m.need(&logged, LOW);
+        assert!(need < GIB, "dirty logging on: two bitmaps of 35 MiB each, not {need} bytes");
+        assert!(m.admit(need).is_ok());
+        assert_eq!(m.need(&big, LOW), 0, "the same request again: KVM changes nothing");
+    }
 }
