@@ -248,8 +248,18 @@ struct KernelMemory {
     host: Option<(bool, u64)>,
     /// [`task_size_max`].
     user_limit: u64,
-    /// Bytes per accepted slot, by KVM's `slot` number.
-    live: BTreeMap<u32, u64>,
+    /// The accepted slots, by KVM's `slot` number.
+    live: BTreeMap<u32, LiveSlot>,
+}
+
+/// A slot KVM accepted, as [`KernelMemory`] needs it.
+struct LiveSlot {
+    /// The kernel memory KVM took for it.
+    bytes: u64,
+    gpa: u64,
+    size: u64,
+    uaddr: u64,
+    flags: vmmu_scenario::SlotFlags,
 }
 
 /// KVM's `KVM_MEM_MAX_NR_PAGES`: the most pages a slot may have.
@@ -276,21 +286,41 @@ impl KernelMemory {
     /// What KVM would allocate if it accepted `op` with host address `uaddr`; 0 for a delete
     /// and for a request KVM refuses by its shape before allocating anything (address space 2
     /// and up, a reserved id, misaligned, more than [`KVM_MEM_MAX_NR_PAGES`] pages, a host range
-    /// past [`task_size_max`], a guest range past 2^52). Other refusals (an overlap) are not
-    /// foreseen: such a request counts.
+    /// past [`task_size_max`], a guest range past 2^52, a change of a live slot's size, host
+    /// address or read-only flag). A flags-only change of a live slot keeps its metadata (x86
+    /// `kvm_arch_prepare_memory_region` copies `old->arch`): only the dirty bitmaps are new when
+    /// logging turns on; a request that changes nothing allocates nothing. Other refusals (an
+    /// overlap) are not foreseen: such a request counts.
     fn need(&self, op: &SlotOp, uaddr: u64) -> u64 {
         let Some((rmaps, _)) = self.host else { return 0 };
         let shape_ok = op.size > 0
             && op.as_id < 2
             && u32::from(op.id) < KVM_USER_MEM_SLOTS
-            && (uaddr | op.size) % 4096 == 0
+            && (uaddr | op.size | op.gpa) % 4096 == 0
             && op.size / 4096 <= KVM_MEM_MAX_NR_PAGES
             && uaddr.checked_add(op.size).is_some_and(|end| end <= self.user_limit)
             && op.gpa.checked_add(op.size).is_some_and(|end| end <= 1 << 52);
-        if shape_ok {
-            crate::replay::TraceVm::slot_metadata(op.size, op.flags.dirty_log, rmaps)
-        } else {
-            0
+        if !shape_ok {
+            return 0;
+        }
+        let full = crate::replay::TraceVm::slot_metadata(op.size, op.flags.dirty_log, rmaps);
+        match self.live.get(&op.kvm_slot()) {
+            // KVM_MR_CREATE.
+            None => full,
+            Some(old)
+                if old.uaddr != uaddr
+                    || old.size != op.size
+                    || old.flags.readonly != op.flags.readonly =>
+            {
+                0
+            }
+            // KVM_MR_MOVE: new metadata while the old is live.
+            Some(old) if old.gpa != op.gpa => full,
+            // KVM_MR_FLAGS_ONLY turning logging on: the bitmaps.
+            Some(old) if op.flags.dirty_log && !old.flags.dirty_log => {
+                full - crate::replay::TraceVm::slot_metadata(op.size, false, rmaps)
+            }
+            Some(_) => 0,
         }
     }
 
@@ -298,7 +328,7 @@ impl KernelMemory {
     /// metadata before it frees the old, so every live slot counts.
     fn admit(&self, need: u64) -> Result<(), KvmError> {
         let Some((_, available)) = self.host else { return Ok(()) };
-        let total = self.live.values().sum::<u64>().saturating_add(need);
+        let total = self.live.values().map(|s| s.bytes).sum::<u64>().saturating_add(need);
         if need > 0 && total > available / 4 * 3 {
             return Err(KvmError::KernelMemory {
                 need_mib: total >> 20,
@@ -308,13 +338,15 @@ impl KernelMemory {
         Ok(())
     }
 
-    /// KVM accepted `op`: what it took for the slot replaces what it held.
-    fn accepted(&mut self, op: &SlotOp) {
+    /// KVM accepted `op` with host address `uaddr`: what it holds for the slot replaces what
+    /// it held.
+    fn accepted(&mut self, op: &SlotOp, uaddr: u64) {
         match self.host {
             Some((rmaps, _)) if op.size > 0 => {
-                let need =
+                let bytes =
                     crate::replay::TraceVm::slot_metadata(op.size, op.flags.dirty_log, rmaps);
-                self.live.insert(op.kvm_slot(), need);
+                let (gpa, size, flags) = (op.gpa, op.size, op.flags);
+                self.live.insert(op.kvm_slot(), LiveSlot { bytes, gpa, size, uaddr, flags });
             }
             _ => {
                 self.live.remove(&op.kvm_slot());
@@ -799,7 +831,7 @@ impl Machine for KvmMachine {
         // report addresses), which no request here may cover or take over (`reserved_use`, above).
         match unsafe { self.vm.set_user_memory_region(region) } {
             Ok(()) => {
-                self.kernel_memory.accepted(op);
+                self.kernel_memory.accepted(op, uaddr);
                 if op.size == 0 {
                     self.sizes.remove(&op.kvm_slot());
                 } else {
@@ -998,10 +1030,10 @@ mod kernel_memory_tests {
         let mut m = host(true, 11 * GIB);
         let half = slot(1, 0x80_0000, 0x3ff_0000_0000);
         assert!(m.admit(m.need(&half, LOW)).is_ok());
-        m.accepted(&half);
+        m.accepted(&half, LOW);
         let other = slot(2, 0x400_0000_0000, 0x3ff_0000_0000);
         assert!(m.admit(m.need(&other, LOW)).is_err(), "two 4 TiB slots take about 16 GiB");
-        m.accepted(&slot(1, 0x80_0000, 0));
+        m.accepted(&slot(1, 0x80_0000, 0), 0);
         assert!(m.admit(m.need(&other, LOW)).is_ok());
     }
 
@@ -1040,7 +1072,7 @@ mod kernel_memory_tests {
         // About 4.5 TiB: about 9 GiB of reverse maps, under the 15 GiB allowed.
         let big = slot(1, 0x80_0000, 0x47f_0000_0000);
         assert!(m.admit(m.need(&big, LOW)).is_ok());
-        m.accepted(&big);
+        m.accepted(&big, LOW);
         let logged =
             SlotOp { flags: SlotFlags { dirty_log: true, ..SlotFlags::default() }, ..big.clone() };
         let need = m.need(&logged, LOW);
