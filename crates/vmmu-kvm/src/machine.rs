@@ -246,7 +246,7 @@ pub struct KvmMachine {
 struct KernelMemory {
     /// `(reverse maps allocated up front, MemAvailable in bytes)`; `None`: unknown, no check.
     host: Option<(bool, u64)>,
-    /// [`task_size_max`].
+    /// [`user_address_limit`].
     user_limit: u64,
     /// The accepted slots, by KVM's `slot` number.
     live: BTreeMap<u32, LiveSlot>,
@@ -268,17 +268,28 @@ const KVM_MEM_MAX_NR_PAGES: u64 = (1 << 31) - 1;
 /// x86 KVM's `KVM_USER_MEM_SLOTS`: slot ids at or above it are refused.
 const KVM_USER_MEM_SLOTS: u32 = 32764;
 
-/// The end of the user address range x86-64 `access_ok` allows (`TASK_SIZE_MAX`): 47 bits with
-/// 4-level paging, 56 with 5-level paging (where the CPU has `la57`; counted then even if the
-/// kernel runs 4-level, which only makes the check stricter).
-fn task_size_max() -> u64 {
+/// The end of the user address range x86-64 `access_ok` allows: `TASK_SIZE_MAX` from Linux 6.12
+/// on (47 bits with 4-level paging, 56 with 5-level paging, taken where the CPU has `la57`, even
+/// if the kernel runs 4-level, which only makes the check stricter); before 6.12, or when the
+/// release cannot be read, 2^63, since some earlier kernels (with LAM support) checked only bit
+/// 63, and a limit too high only counts requests KVM would refuse.
+fn user_address_limit() -> u64 {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let la57 = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| {
         c.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "la57"))
     });
-    if la57 {
-        (1 << 56) - 4096
-    } else {
-        (1 << 47) - 4096
+    user_address_limit_of(&release, la57)
+}
+
+/// [`user_address_limit`] for kernel release `release` (as `uname -r` prints it).
+fn user_address_limit_of(release: &str, la57: bool) -> u64 {
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let mut number = || parts.next().and_then(|p| p.parse::<u32>().ok());
+    let version = number().zip(number());
+    match version {
+        Some(v) if v >= (6, 12) && la57 => (1 << 56) - 4096,
+        Some(v) if v >= (6, 12) => (1 << 47) - 4096,
+        _ => 1 << 63,
     }
 }
 
@@ -286,7 +297,7 @@ impl KernelMemory {
     /// What KVM would allocate if it accepted `op` with host address `uaddr`; 0 for a delete
     /// and for a request KVM refuses by its shape before allocating anything (address space 2
     /// and up, a reserved id, misaligned, more than [`KVM_MEM_MAX_NR_PAGES`] pages, a host range
-    /// past [`task_size_max`], a guest range past 2^52, a change of a live slot's size, host
+    /// past [`user_address_limit`], a guest range past 2^52, a change of a live slot's size, host
     /// address or read-only flag). A flags-only change of a live slot keeps its metadata (x86
     /// `kvm_arch_prepare_memory_region` copies `old->arch`): only the dirty bitmaps are new when
     /// logging turns on; a request that changes nothing allocates nothing. Other refusals (an
@@ -498,7 +509,7 @@ pub fn start(scenario: &Scenario) -> Result<Start, BackendError> {
     let sizes = BTreeMap::from([(OWN_SLOT, OWN_SIZE as u64)]);
     let kernel_memory = KernelMemory {
         host: crate::replay::TraceVm::host_memory(),
-        user_limit: task_size_max(),
+        user_limit: user_address_limit(),
         live: BTreeMap::new(),
     };
     let m = KvmMachine { vcpus, vm, own, bufs, _kvm: kvm, slots, paging, sizes, kernel_memory };
@@ -1057,6 +1068,16 @@ mod kernel_memory_tests {
 
     /// KVM refuses a guest address that is not page-aligned among its first checks
     /// (`__kvm_set_memory_region`: `guest_phys_addr & (PAGE_SIZE - 1)`), before it allocates.
+    #[test]
+    fn the_user_address_limit_follows_the_kernel_release() {
+        use super::user_address_limit_of as limit;
+        assert_eq!(limit("6.18.44-fc-v1272", false), (1 << 47) - 4096);
+        assert_eq!(limit("6.12.0", true), (1 << 56) - 4096);
+        assert_eq!(limit("6.8.0-45-generic", false), 1 << 63);
+        assert_eq!(limit("5.15.0", false), 1 << 63);
+        assert_eq!(limit("", false), 1 << 63);
+    }
+
     #[test]
     fn a_misaligned_guest_address_counts_for_nothing() {
         let m = host(true, GIB);
