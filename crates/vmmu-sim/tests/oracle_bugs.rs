@@ -124,6 +124,8 @@ fn oracle_catches_invalid_slot_as_mmio() {
 /// above (a few dozen updates). Without zap-all, a delete zaps only its range, and the MMIO
 /// SPTEs left in a BAR's 2 MiB blocks while it was unmapped go when a fault maps the block with
 /// one huge leaf again (under the exclusive lock), so few are left for a zap to race with.
+/// Up to ten seeds, as [`caught`]: 5 of 40 runs of seed 40 saw no error (two copies of this test
+/// binary on a 2-core host, 0-141 errors per run), and the first seed that catches ends the test.
 #[test]
 fn oracle_catches_zapped_spte_is_misconfig() {
     let _machines = shared();
@@ -131,9 +133,11 @@ fn oracle_catches_zapped_spte_is_misconfig() {
     let run = |seed| {
         let opts = vmmu_sim::RunOptions { seconds: 1.0, seed, bugs, ..Default::default() };
         let r = run_zap(opts.machine_config().expect("valid options"), bugs, true);
-        r.oracle.violations + r.vcpus.iter().map(|v| v.errors).sum::<u64>() > 0
+        let errors = r.oracle.violations + r.vcpus.iter().map(|v| v.errors).sum::<u64>();
+        eprintln!("zapped-spte-is-misconfig seed {seed}: {errors} violations and errors");
+        errors > 0
     };
-    assert!((40..43).any(run), "a misconfiguration error on a zapped SPTE went unseen");
+    assert!((40..50).any(run), "a misconfiguration error on a zapped SPTE went unseen");
 }
 
 /// The hot spots of `--stress-paths` make vCPUs hit their MMIO info cache right across the
