@@ -253,12 +253,23 @@ fn a_wrap_trap_run_too_short_to_spring_fails_and_says_why() {
     assert!(stderr.contains("the trap did not spring"), "{stderr}");
 }
 
+/// A race: a 1 s run sees 1-3 violations, and about one run in eight none (a loaded 2-core host;
+/// 3 of 17 runs of seed 1), so up to ten seeds, as `oracle_bugs.rs`'s `caught`: the first run
+/// that catches ends the test.
 #[cfg(feature = "historical-bugs")]
 #[test]
 fn overlapping_moves_catch_invalid_slot_as_mmio() {
-    let out = vmmu(&["run", "--seconds", "1", "--json", "--inject", "invalid-slot-as-mmio"]);
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
-    let first = &json(&out)["oracle"]["first_violations"][0];
+    let run = ["run", "--seconds", "1", "--json", "--inject", "invalid-slot-as-mmio"];
+    let caught = (1..=10).find_map(|seed| {
+        let out = vmmu(&[&run[..], &["--seed", &seed.to_string()]].concat());
+        match out.status.code() {
+            Some(1) => Some(json(&out)),
+            Some(0) => None,
+            code => panic!("seed {seed}: exit {code:?}: {}", String::from_utf8_lossy(&out.stderr)),
+        }
+    });
+    let r = caught.expect("invalid-slot-as-mmio went unseen with seeds 1-10");
+    let first = &r["oracle"]["first_violations"][0];
     assert!(first["what"].as_str().unwrap().starts_with("Bar"), "{first}");
 }
 
