@@ -258,12 +258,12 @@ impl BenchVm {
         } else {
             self.logged.iter().find(|l| l.0 == slot).map(|l| l.1).ok_or("ENOENT")?
         };
-        crate::dirty::get(&self.vm, slot, size)
+        Ok(crate::dirty::get(&self.vm, slot, size)?)
     }
 
     /// `KVM_CLEAR_DIRTY_LOG` of pages `[first, first + count)` with every bit set.
     pub fn clear_dirty_log(&self, slot: u32, first: u64, count: u32) -> Result<(), String> {
-        crate::dirty::clear(&self.vm, slot, first, count, None)
+        Ok(crate::dirty::clear(&self.vm, slot, first, count, None)?)
     }
 
     /// Enables manual dirty-log protection (without "initially set").

@@ -16,6 +16,34 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use std::os::fd::AsRawFd;
 
+/// Why a dirty-log ioctl gave no result.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum DirtyError {
+    /// KVM's answer: its errno name.
+    #[error("{0}")]
+    Kvm(String),
+    /// This process could not allocate the bitmap (up to 256 MiB for a slot of 2^31 - 1 pages).
+    #[error("cannot allocate a dirty bitmap of {} MiB: this process is out of memory", .bytes >> 20)]
+    Alloc {
+        /// Its size.
+        bytes: u64,
+    },
+}
+
+impl From<DirtyError> for String {
+    fn from(e: DirtyError) -> String {
+        e.to_string()
+    }
+}
+
+/// A bitmap of `words` words, each `fill`, allocated fallibly.
+fn bitmap(words: usize, fill: u64) -> Result<Vec<u64>, DirtyError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(words).map_err(|_| DirtyError::Alloc { bytes: words as u64 * 8 })?;
+    v.resize(words, fill);
+    Ok(v)
+}
+
 /// `KVM_GET_DIRTY_LOG`, `_IOW(KVMIO, 0x42, struct kvm_dirty_log)`.
 const KVM_GET_DIRTY_LOG: libc::c_ulong = 0x4010_ae42;
 /// `KVM_CLEAR_DIRTY_LOG`, `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`.
@@ -57,11 +85,12 @@ pub(crate) fn enable_manual(vm: &VmFd, initially: Initially) -> Result<(), Strin
 
 /// `KVM_GET_DIRTY_LOG` of `slot`, whose accepted size is `size` bytes (0 if KVM has no slot
 /// under that id): the bitmap's words, or KVM's errno name.
-pub(crate) fn get(vm: &VmFd, slot: u32, size: u64) -> Result<Vec<u64>, String> {
+pub(crate) fn get(vm: &VmFd, slot: u32, size: u64) -> Result<Vec<u64>, DirtyError> {
     let pages = size.div_ceil(4096);
-    let words = usize::try_from(pages.div_ceil(64)).map_err(|_| "slot too large".to_string())?;
+    let words = usize::try_from(pages.div_ceil(64))
+        .map_err(|_| DirtyError::Alloc { bytes: pages.div_ceil(64).saturating_mul(8) })?;
     // One spare word: never a zero-length buffer, and room if KVM's rounding ever differed.
-    let mut bitmap = vec![0u64; words + 1];
+    let mut bitmap = bitmap(words + 1, 0)?;
     let arg = kvm_dirty_log {
         slot,
         padding1: 0,
@@ -72,7 +101,7 @@ pub(crate) fn get(vm: &VmFd, slot: u32, size: u64) -> Result<Vec<u64>, String> {
     // words, and `bitmap` has `words + 1`; it lives until the call returns.
     let ret = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_GET_DIRTY_LOG as _, &arg) };
     if ret < 0 {
-        return Err(last_errno());
+        return Err(DirtyError::Kvm(last_errno()));
     }
     bitmap.truncate(words);
     Ok(bitmap)
@@ -88,11 +117,11 @@ pub(crate) fn clear(
     first: u64,
     count: u32,
     size: Option<u64>,
-) -> Result<(), String> {
+) -> Result<(), DirtyError> {
     let npages = size.map(|s| s >> 12);
     let refused = npages.is_some_and(|n| first > n || u64::from(count) > n - first);
     let words = if refused { 1 } else { (count as usize).div_ceil(64).max(1) };
-    let mut bitmap = vec![u64::MAX; words];
+    let mut bitmap = bitmap(words, u64::MAX)?;
     let arg = kvm_clear_dirty_log {
         slot,
         num_pages: count,
@@ -107,7 +136,23 @@ pub(crate) fn clear(
     // known size refuses the range, and then KVM reads nothing.
     let ret = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_CLEAR_DIRTY_LOG as _, &arg) };
     if ret < 0 {
-        return Err(last_errno());
+        return Err(DirtyError::Kvm(last_errno()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod bitmap_tests {
+    use super::{bitmap, DirtyError};
+
+    /// A bitmap this process cannot allocate is an error naming its size, not an abort in the
+    /// allocator's error handler (a scenario may dirty-log a slot of 2^31 - 1 pages: 256 MiB).
+    #[test]
+    fn a_bitmap_that_cannot_be_allocated_is_an_error() {
+        let words = usize::MAX / 16;
+        let e = bitmap(words, 0).unwrap_err();
+        assert_eq!(e, DirtyError::Alloc { bytes: words as u64 * 8 });
+        assert!(e.to_string().contains("out of memory"), "{e}");
+        assert_eq!(bitmap(3, u64::MAX), Ok(vec![u64::MAX; 3]));
+    }
 }

@@ -972,7 +972,8 @@ impl Machine for KvmMachine {
                     })
                     .collect(),
             ),
-            Err(e) => DirtyLogResult::Err(e),
+            Err(crate::dirty::DirtyError::Kvm(e)) => DirtyLogResult::Err(e),
+            Err(e) => return Err(BackendError::Failed(e.to_string())),
         })
     }
 
@@ -986,7 +987,8 @@ impl Machine for KvmMachine {
                 self.sizes.get(&op.kvm_slot()).copied(),
             ) {
                 Ok(()) => SlotResult::Ok,
-                Err(e) => SlotResult::Err(e),
+                Err(crate::dirty::DirtyError::Kvm(e)) => SlotResult::Err(e),
+                Err(e) => return Err(BackendError::Failed(e.to_string())),
             },
         )
     }

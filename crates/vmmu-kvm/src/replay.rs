@@ -484,7 +484,7 @@ impl TraceVm {
     /// copies anything.
     pub fn get_dirty_log(&mut self, slot: u32) -> Result<(), String> {
         let size = self.sizes.get(&slot).copied().unwrap_or(0);
-        crate::dirty::get(&self.vm, slot, size).map(|_| ())
+        Ok(crate::dirty::get(&self.vm, slot, size).map(|_| ())?)
     }
 
     /// `KVM_CLEAR_DIRTY_LOG` of pages `[first_page, first_page + num_pages)` of `slot`, with every
@@ -497,7 +497,7 @@ impl TraceVm {
         num_pages: u32,
     ) -> Result<(), String> {
         let size = self.sizes.get(&slot).copied();
-        crate::dirty::clear(&self.vm, slot, first_page, num_pages, size)
+        Ok(crate::dirty::clear(&self.vm, slot, first_page, num_pages, size)?)
     }
 
     /// One guest access of `len` bytes at `gpa` (a store of `write`, or a load answered with
