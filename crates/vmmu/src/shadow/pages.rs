@@ -659,10 +659,7 @@ impl ShadowState {
     ) -> bool {
         let mut flush = false;
         for gfn in self.rmap.gfns_in(as_id, start, end) {
-            let list = self.rmap.get(as_id, gfn).cloned();
-            for (id, idx) in list.iter().flat_map(|head| head.iter()) {
-                flush |= self.drop_spte(core, id, usize::from(idx));
-            }
+            flush |= self.unmap_gfn(core, as_id, gfn);
         }
         flush
     }

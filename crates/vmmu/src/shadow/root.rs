@@ -214,8 +214,8 @@ impl ShadowRoot {
     /// dummy root), so no device frame is write-tracked; a fault that later finds the table
     /// visible reloads the root ([`Self::start`] gives `None`). Without a `pae_root` (a host with
     /// no frame below 4 GiB) such a 4-level CR3 gets a root page as any other. `None`: the host
-    /// had no frame for a shadow page (or the heap no room for its bookkeeping), or a PAE or non-paging root needs `pae_root` and it is
-    /// `None`.
+    /// had no frame for a shadow page (or the heap no room for its bookkeeping), or a PAE or
+    /// non-paging root needs `pae_root` and it is `None`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn alloc<H: Host>(
         core: &MmuCore<H>,
