@@ -41,16 +41,23 @@
 //!   [`vcpu::Vcpu::service_requests`] when it loads no new root, and
 //!   [`vm::Vm::get_dirty_log_into`] allocate nothing (table frames come from the host's
 //!   [`host::FrameAllocator`]; `crates/vmmu-bare/tests/exit_path_alloc.rs` checks it). Loading a
-//!   root (the first `service_requests`, and after a zap of all roots) allocates, as do memslot
-//!   updates, VM and vCPU creation and [`vm::Vm::get_dirty_log`]; these allocations are
+//!   TDP root (the first `service_requests`, and after a zap of all roots) allocates, as do
+//!   memslot updates, VM and vCPU creation and [`vm::Vm::get_dirty_log`]; these allocations are
 //!   infallible (out of heap, they end in the allocator's error handler: on a bare-metal target a
-//!   panic). A shadow-paging #PF ([`vcpu::Vcpu::handle_page_fault`]) allocates its bookkeeping
-//!   under the shadow lock (new shadow pages, parent links, reverse-map entries) fallibly, each
-//!   reservation made before anything changes (KVM tops up its caches before the MMU lock):
-//!   out of heap, the fault reports [`fault::FaultError::OutOfHeap`] with nothing half made,
-//!   and the guest may retry once the hypervisor has memory again
-//!   (`tests/shadow_heap_exhaustion.rs` fails every allocation during faults); a fault that must
-//!   first recycle pages at the page limit, and a root load, still allocate infallibly. Table
+//!   panic). Under shadow paging the vCPU's paths are heap-fallible: a #PF
+//!   ([`vcpu::Vcpu::handle_page_fault`]) allocates its bookkeeping under the shadow lock (new
+//!   shadow pages, parent links, reverse-map entries) fallibly, each reservation made before
+//!   anything changes (KVM tops up its caches before the MMU lock): out of heap, the fault
+//!   reports [`fault::FaultError::OutOfHeap`] with nothing half made, and the guest may retry
+//!   once the hypervisor has memory again; a root load ([`vcpu::Vcpu::service_requests`])
+//!   reports [`mmu_core::MmuError::OutOfHeap`] the same way. Zapping shadow pages allocates
+//!   nothing (the zapped pages are listed through themselves, and each page's frame has its room
+//!   in the free queue from its creation), so recycling at the page limit, dropping roots (CR3
+//!   loads, paging-mode changes, a vCPU's drop) and emulated writes to shadowed tables
+//!   ([`vcpu::Vcpu::track_write`]) cannot run out of heap (`tests/shadow_heap_exhaustion.rs`
+//!   fails every allocation during each of these). The VMM-side shadow zaps of a gfn range (a
+//!   memslot delete or move, a host invalidation, dirty-log protection) still list the range's
+//!   gfns on the heap, infallibly. Table
 //!   frames ([`fault::FaultError::OutOfMemory`]) and dirty bitmaps (`ENOMEM` from a memslot
 //!   update) report exhaustion too.
 //!   What the guest can make the shadow MMU take is bounded by its page limit

@@ -300,3 +300,184 @@ fn writes_to_shadowed_tables_and_dirty_logging_without_heap() {
     let _ = host;
     assert_eq!(vm.stale_shadow_entries_for_tests(), Some(0));
 }
+
+/// The shadow pages in use, from the VM's shadow counters.
+fn pages_in_use(vm: &vmmu::vm::Vm<vmmu::testing::TestHost>) -> usize {
+    vm.shadow_mmu().unwrap().pages_in_use()
+}
+
+/// The promises of room in the free queue match the frames that will use them: one per live
+/// shadow page and per vCPU's PAE root frame (`pae_roots`), so every zap allocates nothing.
+fn assert_promises(vm: &vmmu::vm::Vm<vmmu::testing::TestHost>, pae_roots: usize) {
+    assert_eq!(vm.core().free_queue_promises(), pages_in_use(vm) + pae_roots);
+}
+
+/// A fault at the page limit recycles the oldest pages (KVM `make_mmu_pages_available`), which
+/// zaps and commits them and queues their frames, before it makes the pages it needs: all of
+/// that without heap. The fault then reports `OutOfHeap` (its new pages need bookkeeping), or
+/// completes where it needs no new page; the recycled pages are gone either way.
+#[test]
+fn recycling_at_the_page_limit_without_heap() {
+    let (vm, host, next) = shadow_vm_with(|_| {});
+    written_once(&host);
+    vm.set_nr_mmu_pages(64).unwrap();
+    let s = Space::new(&host, &next);
+    // One guest page per 2 MiB region: each region needs its own last-level shadow page, every
+    // 1 GiB a directory too.
+    let gvas: Vec<u64> = (0..200u64).map(|i| 0x40_0000_0000 + (i << 21)).collect();
+    for (i, &gva) in gvas.iter().enumerate() {
+        s.map4k(gva, 0x100_0000 + ((i as u64) << 12), P | RW | US);
+    }
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    let recycled = || vm.shadow_mmu().unwrap().stats.mmu_recycled.get();
+    let mut recycled_without_heap = 0;
+    let mut reported = 0;
+    for &gva in &gvas {
+        let err = fault_err(&mut v, gva, false);
+        let before = recycled();
+        let (out, failed) = without_heap(|| v.handle_page_fault(Gva(gva), err));
+        recycled_without_heap += recycled() - before;
+        match out {
+            Err(FaultError::OutOfHeap(_)) => {
+                assert!(failed > 0, "{gva:#x}: out of heap with no allocation refused");
+                reported += 1;
+            }
+            Ok(_) => {}
+            other => panic!("{gva:#x}: {other:?}"),
+        }
+        assert_eq!(vm.stale_shadow_entries_for_tests(), Some(0), "{gva:#x}");
+        assert!(pages_in_use(&vm) <= 64, "{gva:#x}: {} pages", pages_in_use(&vm));
+        assert!(matches!(access(&mut v, gva, false), Seen::Ram(_)), "{gva:#x}");
+    }
+    assert!(recycled_without_heap > 0, "no fault without heap had to recycle");
+    assert!(reported > 0, "no fault without heap needed a new page");
+    assert_promises(&vm, 0);
+    eprintln!("{recycled_without_heap} pages recycled by faults without heap, {reported} reported");
+}
+
+/// Roots after a zap-all: the vCPU drops its obsolete roots (current and previous, which frees
+/// the pages the zap left pinned) and loads a new one. Without heap the drop completes and the
+/// load reports `MmuError::OutOfHeap`; with heap back the vCPU runs on.
+#[test]
+fn root_loads_after_a_zap_all_without_heap() {
+    use vmmu::mmu_core::MmuError;
+    let (vm, host, next) = shadow_vm_with(|_| {});
+    written_once(&host);
+    let spaces: Vec<Space> = (0..4).map(|_| Space::new(&host, &next)).collect();
+    for (i, s) in spaces.iter().enumerate() {
+        s.map4k(0x4000_0000, 0x100_0000 + ((i as u64) << 12), P | RW | US);
+    }
+    let mut v = vcpu_in(&vm, long4(spaces[0].cr3));
+    // Four roots: the current one and three previous ones (KVM's cache of previous roots).
+    for s in spaces.iter().rev() {
+        v.load_cr3(s.cr3).unwrap();
+        assert!(matches!(access(&mut v, 0x4000_0000, false), Seen::Ram(_)));
+    }
+    vm.zap_all_fast();
+    let zapped = vm.shadow_mmu().unwrap().stats.mmu_shadow_zapped.get();
+    let (out, failed) = without_heap(|| v.service_requests());
+    assert_eq!(out.map(|_| ()), Err(MmuError::OutOfHeap), "after {failed} failed allocations");
+    assert!(failed > 0);
+    assert!(
+        vm.shadow_mmu().unwrap().stats.mmu_shadow_zapped.get() > zapped,
+        "the pinned pages were not released"
+    );
+    assert!(MmuError::OutOfHeap.to_string().contains("heap"));
+    assert_eq!(vm.stale_shadow_entries_for_tests(), Some(0));
+    // Memory back: the vCPU loads its root and reaches its page.
+    assert!(matches!(access(&mut v, 0x4000_0000, false), Seen::Ram(p) if p == ram_pfn(0x100_0000)));
+    assert_promises(&vm, 0);
+}
+
+/// CR3 loads that evict obsolete previous roots, a paging-mode change (which drops every root)
+/// and the drop of a PAE vCPU (whose PAE root frame is queued for freeing) need no heap.
+#[test]
+fn cr3_switches_mode_changes_and_vcpu_drops_without_heap() {
+    use vmmu::guest::{GuestCpu, PagingMode};
+    let (vm, host, next) = shadow_vm_with(|_| {});
+    written_once(&host);
+    let spaces: Vec<Space> = (0..5).map(|_| Space::new(&host, &next)).collect();
+    for (i, s) in spaces.iter().enumerate() {
+        s.map4k(0x4000_0000, 0x100_0000 + ((i as u64) << 12), P | RW | US);
+    }
+    let mut v = vcpu_in(&vm, long4(spaces[0].cr3));
+    for s in &spaces {
+        v.load_cr3(s.cr3).unwrap();
+        assert!(matches!(access(&mut v, 0x4000_0000, false), Seen::Ram(_)));
+    }
+    // The previous roots are obsolete now: each load misses and evicts one, whose pages the
+    // zap left pinned and the eviction frees.
+    vm.zap_all_fast();
+    for s in &spaces {
+        let (out, failed) = without_heap(|| v.load_cr3(s.cr3));
+        assert!(out.is_ok(), "{out:?} after {failed} failed allocations");
+        assert_eq!(vm.stale_shadow_entries_for_tests(), Some(0));
+    }
+    // A paging-mode change unloads every root.
+    let (out, failed) =
+        without_heap(|| v.set_guest_cpu(GuestCpu { cr0_wp: false, ..long4(spaces[0].cr3) }));
+    assert!(out.is_ok(), "{out:?} after {failed} failed allocations");
+    assert_eq!(vm.stale_shadow_entries_for_tests(), Some(0));
+    assert!(matches!(access(&mut v, 0x4000_0000, false), Seen::Ram(p) if p == ram_pfn(0x100_0000)));
+    // A PAE vCPU (its special root lives in its PAE root frame) dropped without heap.
+    let pdpt = alloc_table(&next);
+    let mut p = vm.create_vcpu().unwrap();
+    p.set_guest_cpu(GuestCpu { mode: PagingMode::Pae { pdptrs: [0; 4] }, ..long4(0) }).unwrap();
+    p.load_cr3(pdpt).unwrap();
+    p.service_requests().unwrap();
+    assert_promises(&vm, 1);
+    let ((), failed) = without_heap(|| drop(p));
+    assert_eq!(failed, 0, "the drop of a PAE vCPU tried to allocate");
+    assert_promises(&vm, 0);
+    let ((), failed) = without_heap(|| drop(v));
+    assert_eq!(failed, 0, "the drop of a vCPU tried to allocate");
+    vm.zap_all_fast();
+    assert_eq!(pages_in_use(&vm), 0);
+    assert_promises(&vm, 0);
+}
+
+/// Emulated guest writes to the tables the MMU shadows (`Vcpu::track_write`): a write that
+/// drops one SPTE, a misaligned write (zaps the page) and flooding (three writes to an upper-
+/// level table zap it) need no heap. The guest's new entries are used afterwards.
+#[test]
+fn emulated_writes_to_shadowed_tables_without_heap() {
+    let (vm, host, next) = shadow_vm_with(|_| {});
+    written_once(&host);
+    let s = Space::new(&host, &next);
+    let gvas: Vec<u64> = (0..8u64).map(|i| 0x4000_0000 + (i << 12)).collect();
+    for (i, &gva) in gvas.iter().enumerate() {
+        s.map4k(gva, 0x100_0000 + ((i as u64) << 12), P | RW | US);
+    }
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    for &gva in &gvas {
+        assert!(matches!(access(&mut v, gva, false), Seen::Ram(_)));
+    }
+    // `val` lands at the aligned entry `gpa & !7`; the write reported is `bytes` at `gpa`.
+    let write = |v: &mut vmmu::vcpu::Vcpu<vmmu::testing::TestHost>, gpa: u64, val: u64, bytes| {
+        host.write_u64(RAM_HVA + (gpa & !7), val);
+        let (out, failed) = without_heap(|| v.track_write(vmmu::Gpa(gpa), bytes));
+        assert!(out.is_ok(), "{gpa:#x}: {out:?} after {failed} failed allocations");
+        assert_eq!(vm.stale_shadow_entries_for_tests(), Some(0), "{gpa:#x}");
+    };
+    // An aligned 8-byte write: the leaf for gvas[0] goes; it now maps another frame.
+    let pte0 = s.entry_gpa(gvas[0], 1);
+    write(&mut v, pte0, 0x110_0000 | P | RW | US, 8);
+    assert!(matches!(access(&mut v, gvas[0], false), Seen::Ram(p) if p == ram_pfn(0x110_0000)));
+    // A misaligned write (crosses two entries): the last-level page is zapped.
+    let pte1 = s.entry_gpa(gvas[1], 1);
+    let zapped = vm.shadow_mmu().unwrap().stats.mmu_flooded.get();
+    write(&mut v, pte1 + 4, 0x111_0000 | P | RW | US, 8);
+    assert!(vm.shadow_mmu().unwrap().stats.mmu_flooded.get() > zapped, "no page was zapped");
+    assert!(matches!(access(&mut v, gvas[1], false), Seen::Ram(p) if p == ram_pfn(0x111_0000)));
+    // Flooding: three writes to the page directory without it being used in between.
+    let pde = s.entry_gpa(0x4020_0000, 2);
+    let zapped = vm.shadow_mmu().unwrap().stats.mmu_flooded.get();
+    for _ in 0..3 {
+        write(&mut v, pde, 0, 8);
+    }
+    assert!(vm.shadow_mmu().unwrap().stats.mmu_flooded.get() > zapped, "no page was flooded");
+    for &gva in &gvas[2..] {
+        assert!(matches!(access(&mut v, gva, false), Seen::Ram(_)), "{gva:#x}");
+    }
+    assert_promises(&vm, 0);
+}

@@ -16,10 +16,12 @@
 //!   that lock (`lock.rs`).
 
 mod change;
+mod free_queue;
 mod lock;
 mod walk;
 
 pub(crate) use change::FlushNeed;
+pub(crate) use free_queue::{FreeQueue, Promised};
 pub(crate) use lock::{MmuLock, MmuRead, MmuWrite};
 pub use walk::{hw_walk, hw_walk_leaf_table, tdp_need, HwWalk, LocklessWalk};
 pub(crate) use walk::{CachedWalk, LeafTableCache};
@@ -121,6 +123,14 @@ pub enum MmuError {
          `tables_refused` stat is not zero, the host's frames lie beyond the VM's phys_bits"
     )]
     OutOfMemory,
+    /// Shadow paging: the global allocator had nothing for the bookkeeping of a root's shadow
+    /// pages (or of the vCPU's PAE root frame); nothing was half made, and the call succeeds
+    /// once memory is back (KVM: `-ENOMEM` from `mmu_topup_memory_caches`).
+    #[error(
+        "the heap has no room for the shadow MMU's bookkeeping of a new root (KVM: -ENOMEM); \
+         free memory and enter again: nothing was half made"
+    )]
+    OutOfHeap,
     /// Shadow paging: no root could be built, the shadow page limit being reached with every
     /// page pinned by a vCPU root (KVM: `-ENOSPC` from `KVM_RUN`).
     #[error(
@@ -153,8 +163,12 @@ pub struct MmuCore<H: Host> {
     /// table read section. Written only by zaps and faults that replace a table link, so vCPUs
     /// that only read it share its cache line without traffic.
     pub(crate) table_epoch: crate::sync::AtomicU64,
-    /// Unlinked table pages waiting for a grace period (rule 3).
-    pending_free: Mutex<Vec<Pfn>>,
+    /// Unlinked table pages waiting for a grace period (rule 3), with the room promised to the
+    /// shadow pages (`free_queue.rs`).
+    free_queue: Mutex<FreeQueue>,
+    /// Held by a reclaimer from its look at the queue to the last frame it frees: reclaimers
+    /// take turns, so each frees the frames it saw before its grace period (`free_queue.rs`).
+    reclaiming: Mutex<()>,
     /// Host invalidations in flight (KVM's MMU-notifier sequence and range).
     pub(crate) inval: Invalidation,
     /// Mode and request words of the vCPUs, indexed by vCPU index.
@@ -193,7 +207,8 @@ impl<H: Host> MmuCore<H> {
             cfg,
             // One reader record per vCPU, plus one for the VMM's own lockless reads (tests).
             table_srcu: Srcu::with_fences(cfg.max_vcpus + 1, fences),
-            pending_free: Mutex::new(Vec::new()),
+            free_queue: Mutex::new(FreeQueue::default()),
+            reclaiming: Mutex::new(()),
             table_epoch: crate::sync::AtomicU64::new(0),
             inval: Invalidation::new(),
             vcpus: vcpus.into_boxed_slice(),
@@ -327,21 +342,39 @@ impl<H: Host> MmuCore<H> {
         self.stats.tables_freed.add(1);
     }
 
-    /// Queues unlinked table pages for freeing after a grace period (rule 3).
+    /// Queues unlinked table pages for freeing after a grace period (rule 3). For frames that
+    /// hold no promise (TDP tables and roots): may allocate.
     pub(crate) fn defer_free(&self, pages: &mut Vec<Pfn>) {
         if !pages.is_empty() {
             // Before the grace period that frees them: no leaf-table cache hit reads these pages
             // from a section the grace period does not wait for (`walk.rs`).
             self.table_epoch.fetch_add(1, crate::sync::Ordering::Release);
-            self.pending_free.lock().append(pages);
+            self.free_queue.lock_with(&self.relax()).append_unpromised(pages);
         }
     }
 
-    /// Frees every queued page after a `table_srcu` grace period. Must not be called with the MMU
-    /// lock held or from inside a table read section (rule 3).
+    /// The free queue, locked, to promise room for a frame that will be queued by a zap (a new
+    /// shadow page, a vCPU's PAE root): [`FreeQueue::promise`] fails when the heap has no room.
+    pub(crate) fn free_queue(&self) -> crate::sync::MutexGuard<'_, FreeQueue> {
+        self.free_queue.lock_with(&self.relax())
+    }
+
+    /// The free queue, locked, to queue frames whose room was promised (a zap's commit): the
+    /// table epoch is bumped first, as [`Self::defer_free`] does, and no push allocates.
+    pub(crate) fn queue_promised(&self) -> Promised<'_> {
+        self.table_epoch.fetch_add(1, crate::sync::Ordering::Release);
+        Promised(self.free_queue.lock_with(&self.relax()))
+    }
+
+    /// Frees the queued pages after a `table_srcu` grace period: those queued before it began
+    /// (pages queued meanwhile wait for the next reclaim). Must not be called with the MMU lock
+    /// held or from inside a table read section (rule 3). Allocates nothing.
     pub(crate) fn reclaim(&self) {
-        let pages = core::mem::take(&mut *self.pending_free.lock());
-        if pages.is_empty() {
+        // Reclaimers take turns (`free_queue.rs`): only the holder removes frames, so the first
+        // `n` are still the ones it saw when its grace period ends.
+        let _turn = self.reclaiming.lock_with(&self.relax());
+        let n = self.free_queue.lock_with(&self.relax()).len();
+        if n == 0 {
             return;
         }
         // A vCPU in guest mode holds a table read section for its whole guest-mode period and
@@ -354,32 +387,55 @@ impl<H: Host> MmuCore<H> {
         self.table_srcu.synchronize_nudging(&crate::host::HostRelax(&*self.host), || {
             self.request_all(Request::Kick, AckWait::NoWait);
         });
-        for pfn in pages.iter().copied() {
-            // SAFETY: every queued page came from `alloc_table` and was queued once, after
-            // nothing linked it any more (a table by the zap that unlinked it, a root by its
-            // last user or by `zap_all_fast`, a shadow page by its commit, a special root by its
-            // vCPU); the grace period above has drained every walker that could still read it.
-            // The vCPUs' leaf-table caches may still hold its pointer, but `defer_free` bumped
-            // the table epoch before queuing it, so no cache hit reads it again (`walk.rs`; the
-            // re-injected `Bug::LeafCacheIgnoresEpoch` needs a host that keeps freed table
-            // memory, `Vm::new`).
-            unsafe { self.host.free_table(pfn) };
+        // In chunks, so that the host's frees run without the queue's lock, which commits of
+        // zaps take under the MMU lock.
+        const CHUNK: usize = 64;
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(CHUNK);
+            let mut chunk = [Pfn(0); CHUNK];
+            {
+                let mut q = self.free_queue.lock_with(&self.relax());
+                for (slot, pfn) in chunk.iter_mut().zip(q.frames.drain(..k)) {
+                    *slot = pfn;
+                }
+            }
+            for &pfn in &chunk[..k] {
+                // SAFETY: every queued page came from `alloc_table` and was queued once, after
+                // nothing linked it any more (a table by the zap that unlinked it, a root by its
+                // last user or by `zap_all_fast`, a shadow page by its commit, a special root by
+                // its vCPU), and before the grace period above began (it is among the first `n`,
+                // and only this turn's holder removes frames); that grace period has drained every
+                // walker that could still read it. The vCPUs' leaf-table caches may still hold
+                // its pointer, but the table epoch was bumped before it was queued, so no cache
+                // hit reads it again (`walk.rs`; the re-injected `Bug::LeafCacheIgnoresEpoch`
+                // needs a host that keeps freed table memory, `Vm::new`).
+                unsafe { self.host.free_table(pfn) };
+            }
+            left -= k;
         }
-        self.stats.tables_freed.add(pages.len() as u64);
+        self.stats.tables_freed.add(n as u64);
     }
 
     /// [`Self::reclaim`] once enough pages wait (the vCPU-side paths of the shadow MMU: a
     /// grace period per fault would cost more than the pages; they free in batches, and every
     /// zap of the VMM reclaims anyway). Same contract as `reclaim`.
     pub(crate) fn reclaim_batched(&self) {
-        if self.pending_free.lock().len() >= RECLAIM_BATCH {
+        if self.free_queue.lock_with(&self.relax()).len() >= RECLAIM_BATCH {
             self.reclaim();
         }
     }
 
     /// Table pages waiting for a grace period.
     pub fn pending_free(&self) -> usize {
-        self.pending_free.lock().len()
+        self.free_queue.lock_with(&self.relax()).len()
+    }
+
+    /// Test-only (feature `testing`): frames that hold room in the free queue and are not
+    /// queued yet (the live shadow pages and the vCPUs' PAE root frames, `free_queue.rs`).
+    #[cfg(feature = "testing")]
+    pub fn free_queue_promises(&self) -> usize {
+        self.free_queue.lock_with(&self.relax()).promised()
     }
 
     /// The remote TLB flush that ends a zap (KVM `kvm_flush_remote_tlbs` after the zap, or in

@@ -47,7 +47,7 @@ pub use guest_mem::SlotGuestMemory;
 pub use root::ShadowRootKind;
 
 pub(crate) use dirty::ShadowProtect;
-pub(crate) use pages::{ShadowState, ZapBatch};
+pub(crate) use pages::{NewPageError, ShadowPage, ShadowState, ZapBatch};
 pub(crate) use root::{PrevRoot, ShadowRoot};
 
 /// Not one shadow page is free under the page limit, even after recycling: every page is
@@ -342,13 +342,13 @@ impl ShadowMmu {
         loop {
             // Read at each batch: a zap-all that ran at a lock break made a newer generation.
             let gen = st.valid_gen;
-            let victims = st.oldest(BATCH_ZAP_PAGES, |sp| sp.valid_gen != gen, |_| true);
-            if victims.is_empty() {
+            let obsolete = |sp: &ShadowPage| sp.valid_gen != gen;
+            let stats = &self.stats;
+            if st.zap_oldest_while(core, stats, BATCH_ZAP_PAGES, obsolete, |_| true, &mut batch)
+                == 0
+            {
                 st.commit_zap(core, &self.stats, &mut batch);
                 break;
-            }
-            for id in victims {
-                st.prepare_zap(core, &self.stats, id, &mut batch);
             }
             // Lock break between batches (KVM `cond_resched_rwlock_write`): when a vCPU waits
             // for the lock, let it in before the next batch. Not a yield of the CPU: with more
@@ -384,9 +384,7 @@ impl ShadowMmu {
         {
             let mut st = self.lock(core);
             batch.flush |= st.unmap_gfn_range(core, as_id, start, end);
-            for id in st.valid_pages_in(as_id, start, end) {
-                st.prepare_zap(core, &self.stats, id, &mut batch);
-            }
+            st.zap_valid_pages_in(core, &self.stats, (as_id, start, end), &mut batch);
             st.commit_zap(core, &self.stats, &mut batch);
         }
         core.reclaim();

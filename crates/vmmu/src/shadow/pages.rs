@@ -12,7 +12,10 @@
 //! Invariants:
 //! - a live page is in the slab, in its hash bucket and in the active list (oldest first) unless
 //!   it was zapped while a root (`role.invalid`): then it is only in the slab, until its last
-//!   root user drops it;
+//!   root user drops it; a prepared page no root pins is in the slab and on one [`ZapBatch`]'s
+//!   list (`next_zapped`) until that batch's commit takes it out;
+//! - every page in the slab holds one promise of room in the core's free queue, which its
+//!   commit uses to queue its frame (`mmu_core/free_queue.rs`): a zap allocates nothing;
 //! - every present leaf SPTE is in the rmap of the gfn it maps, under the key it was added with
 //!   (the gfn is stored per SPTE, never recomputed), and no gfn has more than
 //!   `RMAP_RECYCLE_THRESHOLD + 1` of them (KVM's rmap recycling);
@@ -93,6 +96,9 @@ pub(crate) struct ShadowPage {
     /// `active_mmu_pages`, intrusive so that making a page allocates nothing there).
     older: Option<SpId>,
     newer: Option<SpId>,
+    /// While the page waits in a [`ZapBatch`] for its commit: the next page of the batch
+    /// (intrusive, so that a zap allocates nothing).
+    next_zapped: Option<SpId>,
     /// Level-1 pages: the gfn each leaf SPTE maps (KVM `shadowed_translation`).
     leaf_gfns: Vec<u64>,
 }
@@ -107,8 +113,11 @@ impl ShadowPage {
 /// What `prepare_zap` and friends leave for the commit.
 #[derive(Default, Debug)]
 pub(crate) struct ZapBatch {
-    /// Prepared pages no root pins: freed by the commit.
-    pub(crate) invalid: Vec<SpId>,
+    /// Prepared pages no root pins, freed by the commit: the first and the last of a list that
+    /// runs through the pages' `next_zapped` (KVM's `invalid_list`, intrusive as KVM's is: a
+    /// zap needs no heap, so neither does a fault that recycles pages to make room).
+    first: Option<SpId>,
+    last: Option<SpId>,
     /// A present SPTE was cleared: remote TLBs must be flushed before anything is freed.
     pub(crate) flush: bool,
     /// Invalid pages whose last root user let go (`put_root`): KVM's `mmu_free_root_page` runs
@@ -242,40 +251,38 @@ impl ShadowState {
         !self.tracked.is_empty()
     }
 
-    /// Valid pages, of either address space, that shadow guest frame `gfn` (indirect ones; KVM
-    /// `for_each_gfn_valid_sp_with_gptes`, which ignores `role.smm`).
-    pub(crate) fn shadowing(&self, gfn: Gfn) -> Vec<SpId> {
-        self.buckets[Self::bucket(gfn)]
-            .iter()
-            .copied()
-            .filter(|&id| {
-                let sp = self.sp(id);
-                sp.gfn == gfn
-                    && sp.has_gptes()
-                    && !sp.role.invalid()
-                    && sp.valid_gen == self.valid_gen
-            })
-            .collect()
+    /// The first valid page at or after position `from` of `gfn`'s hash bucket, of either
+    /// address space, that shadows guest frame `gfn` (an indirect one; KVM
+    /// `for_each_gfn_valid_sp_with_gptes`, which ignores `role.smm`), with its position. A zap
+    /// of that page takes it out of the bucket (the next one then takes its position); nothing
+    /// else changes the bucket under the lock. A walk by position allocates nothing (an
+    /// emulated guest write runs it).
+    pub(crate) fn next_shadowing(&self, gfn: Gfn, from: usize) -> Option<(usize, SpId)> {
+        let bucket = &self.buckets[Self::bucket(gfn)];
+        bucket.iter().copied().enumerate().skip(from).find(|&(_, id)| {
+            let sp = self.sp(id);
+            sp.gfn == gfn && sp.has_gptes() && !sp.role.invalid() && sp.valid_gen == self.valid_gen
+        })
     }
 
-    /// Valid pages of `as_id` whose gfn lies in `[start, end)`, direct or not (KVM
+    /// Zaps the valid pages of `as_id` whose gfn lies in `[start, end)`, direct or not (KVM
     /// `for_each_gfn_valid_sp` over a memslot's gfns), oldest first. Scans the active list,
     /// which the page limit bounds, rather than the range, which a slot can make huge.
-    pub(crate) fn valid_pages_in(&self, as_id: AsId, start: Gfn, end: Gfn) -> Vec<SpId> {
-        self.active()
-            .filter(|&id| {
-                let sp = self.sp(id);
-                (start.raw()..end.raw()).contains(&sp.gfn.raw())
-                    && sp.role.as_id() == as_id
-                    && !sp.role.invalid()
-                    && sp.valid_gen == self.valid_gen
-            })
-            .collect()
-    }
-
-    /// The active list, oldest first.
-    fn active(&self) -> impl Iterator<Item = SpId> + '_ {
-        core::iter::successors(self.oldest_active, |&id| self.sp(id).newer)
+    pub(crate) fn zap_valid_pages_in<H: Host>(
+        &mut self,
+        core: &MmuCore<H>,
+        stats: &ShadowStats,
+        (as_id, start, end): (AsId, Gfn, Gfn),
+        batch: &mut ZapBatch,
+    ) {
+        let valid_gen = self.valid_gen;
+        let in_slot = |sp: &ShadowPage| {
+            (start.raw()..end.raw()).contains(&sp.gfn.raw())
+                && sp.role.as_id() == as_id
+                && !sp.role.invalid()
+                && sp.valid_gen == valid_gen
+        };
+        self.zap_oldest_while(core, stats, usize::MAX, |_| true, in_slot, batch);
     }
 
     /// Adds `id` at the newest end of the active list.
@@ -309,22 +316,36 @@ impl ShadowState {
         }
     }
 
-    /// Up to `n` pages, oldest first, from the oldest end of the active list while `keep_going`
-    /// holds for each page (`take_while`), skipping those `eligible` refuses. Reads only the
-    /// pages it returns or stops at, not the whole list: a zap-all walks it in batches of
-    /// [`super::BATCH_ZAP_PAGES`], and copying every page at each batch made a memslot delete
-    /// quadratic in the number of pages.
-    pub(crate) fn oldest(
-        &self,
+    /// Zaps up to `n` pages, oldest first, from the oldest end of the active list while
+    /// `keep_going` holds for each page (`take_while`), skipping those `eligible` refuses.
+    /// Returns how many it zapped. Reads only the pages it zaps or stops at, not the whole
+    /// list: a zap-all walks it in batches of [`super::BATCH_ZAP_PAGES`], and reading every
+    /// page at each batch made a memslot delete quadratic in the number of pages. Allocates
+    /// nothing (a fault recycles pages through it).
+    pub(crate) fn zap_oldest_while<H: Host>(
+        &mut self,
+        core: &MmuCore<H>,
+        stats: &ShadowStats,
         n: usize,
         keep_going: impl Fn(&ShadowPage) -> bool,
         eligible: impl Fn(&ShadowPage) -> bool,
-    ) -> Vec<SpId> {
-        self.active()
-            .take_while(|&id| keep_going(self.sp(id)))
-            .filter(|&id| eligible(self.sp(id)))
-            .take(n)
-            .collect()
+        batch: &mut ZapBatch,
+    ) -> usize {
+        let mut zapped = 0;
+        let mut next = self.oldest_active;
+        while let Some(id) = next {
+            if zapped == n || !keep_going(self.sp(id)) {
+                break;
+            }
+            // Read before the zap takes `id` out of the list; the zap changes no other page's
+            // place in it (it unlinks children, it does not zap them).
+            next = self.sp(id).newer;
+            if eligible(self.sp(id)) {
+                self.prepare_zap(core, stats, id, batch);
+                zapped += 1;
+            }
+        }
+        zapped
     }
 
     /// The entry `idx` of page `id`.
@@ -371,7 +392,12 @@ impl ShadowState {
         stats.mmu_cache_miss.add(1);
         let NewPageLists { parents, leaf_gfns } =
             self.reserve_new_page(b, gfn, role).map_err(|HeapExhausted| NewPageError::NoHeap)?;
-        let spt = core.alloc_table().ok_or(NewPageError::NoFrame)?;
+        // Room in the free queue for the page's frame, so that its zap allocates nothing.
+        core.free_queue().promise().map_err(|_| NewPageError::NoHeap)?;
+        let Some(spt) = core.alloc_table() else {
+            core.free_queue().unpromise();
+            return Err(NewPageError::NoFrame);
+        };
         let sp = ShadowPage {
             gfn,
             role,
@@ -382,6 +408,7 @@ impl ShadowState {
             flood: 0,
             older: None,
             newer: None,
+            next_zapped: None,
             leaf_gfns,
         };
         let has_gptes = sp.has_gptes();
@@ -665,7 +692,7 @@ impl ShadowState {
     }
 
     /// KVM `__kvm_mmu_prepare_zap_page`: clears every SPTE of the page and every SPTE linking it;
-    /// a page no root pins goes to `batch.invalid` (freed by the commit), a pinned one becomes
+    /// a page no root pins goes to `batch`'s list (freed by the commit), a pinned one becomes
     /// invalid, its vCPUs are asked to drop obsolete roots (in this critical section, so a fault
     /// that holds the lock later sees the request), and its last root user frees it.
     pub(crate) fn prepare_zap<H: Host>(
@@ -704,7 +731,7 @@ impl ShadowState {
             // limit, though it is freed only at the commit (a zap-all commits once, after lock
             // breaks in which faults check the limit).
             self.n_used -= 1;
-            batch.invalid.push(id);
+            self.add_to_batch(batch, id);
         } else if valid_gen == self.valid_gen {
             core.request_all(
                 crate::requests::Request::FreeObsoleteRoots,
@@ -734,9 +761,20 @@ impl ShadowState {
         }
     }
 
+    /// Puts prepared page `id`, which no root pins, at the end of `batch`'s list.
+    fn add_to_batch(&mut self, batch: &mut ZapBatch, id: SpId) {
+        debug_assert!(self.sp(id).next_zapped.is_none() && batch.last != Some(id), "{id:?}");
+        match batch.last {
+            Some(last) => self.sp_mut(last).next_zapped = Some(id),
+            None => batch.first = Some(id),
+        }
+        batch.last = Some(id);
+    }
+
     /// KVM `kvm_mmu_commit_zap_page`, first half: flushes remote TLBs if anything present was
     /// cleared, then takes the prepared pages out of the slab and queues their frames for the
-    /// grace period (the caller calls `reclaim` after unlocking).
+    /// grace period (the caller calls `reclaim` after unlocking). Allocates nothing: each
+    /// frame's room in the queue was promised when its page was made.
     pub(crate) fn commit_zap<H: Host>(
         &mut self,
         core: &MmuCore<H>,
@@ -746,15 +784,18 @@ impl ShadowState {
         let again = core::mem::take(&mut batch.released_invalid);
         stats.mmu_shadow_zapped.add(again);
         core.stats.mmu_shadow_zapped.add(again);
-        if batch.flush || !batch.invalid.is_empty() {
+        if batch.flush || batch.first.is_some() {
             core.flush_after_zap(true);
             batch.flush = false;
         }
-        let mut frames = Vec::with_capacity(batch.invalid.len());
-        for id in batch.invalid.drain(..) {
-            frames.push(self.free_page(stats, id));
+        let Some(first) = batch.first.take() else { return };
+        batch.last = None;
+        let mut queue = core.queue_promised();
+        let mut next = Some(first);
+        while let Some(id) = next {
+            next = self.sp_mut(id).next_zapped.take();
+            queue.push(self.free_page(stats, id));
         }
-        core.defer_free(&mut frames);
     }
 
     /// Takes a zapped, unpinned page out of the slab; returns its frame (to be freed after a
@@ -782,7 +823,7 @@ impl ShadowState {
         if sp.root_count == 0 && sp.role.invalid() {
             self.unlink_children(core, id, batch);
             self.n_used -= 1;
-            batch.invalid.push(id);
+            self.add_to_batch(batch, id);
             batch.released_invalid += 1;
         }
     }
@@ -839,11 +880,8 @@ impl ShadowState {
         nr: usize,
         batch: &mut ZapBatch,
     ) -> usize {
-        let victims = self.oldest(nr, |_| true, |sp| sp.root_count == 0);
-        let zapped = victims.len();
-        for id in victims {
-            self.prepare_zap(core, stats, id, batch);
-        }
+        let zapped =
+            self.zap_oldest_while(core, stats, nr, |_| true, |sp| sp.root_count == 0, batch);
         stats.mmu_recycled.add(zapped as u64);
         zapped
     }

@@ -13,7 +13,7 @@
 //! exactly while a free-obsolete-roots request is pending for its vCPU (it has no page to mark
 //! obsolete).
 
-use super::pages::{ShadowState, SpId, ZapBatch};
+use super::pages::{NewPageError, ShadowState, SpId, ZapBatch};
 use super::role::{SpKind, SpRole};
 use crate::fault::RootState;
 use crate::guest::{GuestCpu, PagingMode};
@@ -21,7 +21,6 @@ use crate::host::Host;
 use crate::mmu_core::MmuCore;
 use crate::spte::SpteFormat;
 use crate::types::{Access, AsId, Gfn, Level, Pfn};
-use alloc::vec::Vec;
 
 /// KVM `KVM_MMU_NUM_PREV_ROOTS`.
 pub const NUM_PREV_ROOTS: usize = 3;
@@ -94,17 +93,13 @@ impl PrevRoots {
     }
 
     /// Takes out every entry `pred` accepts (KVM `kvm_mmu_free_obsolete_roots` for the
-    /// previous roots), leaving its slot empty, and appends it to `out` to release.
+    /// previous roots), leaving its slot empty, and returns them to release (no heap: a vCPU
+    /// drops roots when it has none to spare).
     pub(crate) fn take_where(
         &mut self,
         mut pred: impl FnMut(&PrevRoot) -> bool,
-        out: &mut Vec<ShadowRoot>,
-    ) {
-        for slot in self.0.iter_mut() {
-            if let Some(p) = slot.take_if(|p| pred(p)) {
-                out.push(ShadowRoot::from(p));
-            }
-        }
+    ) -> [Option<ShadowRoot>; NUM_PREV_ROOTS] {
+        self.0.each_mut().map(|slot| slot.take_if(|p| pred(p)).map(ShadowRoot::from))
     }
 }
 
@@ -213,9 +208,9 @@ impl ShadowRoot {
     /// leaves its entry 0; a 4-level CR3 naming one gets a special root with every entry 0, KVM's
     /// dummy root), so no device frame is write-tracked; a fault that later finds the table
     /// visible reloads the root ([`Self::start`] gives `None`). Without a `pae_root` (a host with
-    /// no frame below 4 GiB) such a 4-level CR3 gets a root page as any other. `None`: the host
-    /// had no frame for a shadow page (or the heap no room for its bookkeeping), or a PAE or
-    /// non-paging root needs `pae_root` and it is `None`.
+    /// no frame below 4 GiB) such a 4-level CR3 gets a root page as any other. `Err`: the host
+    /// had no frame for a shadow page (or a PAE or non-paging root needs `pae_root` and it is
+    /// `None`: `NoFrame`), or the heap no room for its bookkeeping (`NoHeap`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn alloc<H: Host>(
         core: &MmuCore<H>,
@@ -226,20 +221,21 @@ impl ShadowRoot {
         pae_root: Option<Pfn>,
         visible: &dyn Fn(Gfn) -> bool,
         batch: &mut ZapBatch,
-    ) -> Option<ShadowRoot> {
+    ) -> Result<ShadowRoot, NewPageError> {
+        let pae_root = pae_root.ok_or(NewPageError::NoFrame);
         match cpu.mode {
-            PagingMode::Long4 if pae_root.is_some() && !visible(Self::cr3_gfn(cpu)) => {
+            PagingMode::Long4 if pae_root.is_ok() && !visible(Self::cr3_gfn(cpu)) => {
                 Self::alloc_special(core, stats, st, pae_root?, [None; 4], batch)
             }
             PagingMode::Long4 => {
                 let gfn = Self::cr3_gfn(cpu);
                 let role = SpRole::new(Level::L4, SpKind::Indirect, Access::ALL, as_id)
                     .with_cr0_wp(cpu.cr0_wp);
-                let (sp, _) = st.get_page(core, stats, gfn, role, batch).ok()?;
+                let (sp, _) = st.get_page(core, stats, gfn, role, batch)?;
                 let s = st.sp_mut(sp);
                 s.root_count += 1;
                 s.flood = 0;
-                Some(ShadowRoot::Page { sp, pfn: s.spt, cr3: cpu.cr3 })
+                Ok(ShadowRoot::Page { sp, pfn: s.spt, cr3: cpu.cr3 })
             }
             PagingMode::Pae { pdptrs } => {
                 // Entry i shadows the guest's PDPTE i; a PDPTE that is not present, or names a
@@ -266,9 +262,8 @@ impl ShadowRoot {
     /// A special root (KVM `pae_root`, which has no shadow page of its own) in `pfn`, the vCPU's
     /// PAE root frame (below 4 GiB: the guest runs in PAE paging on it, and a PAE CR3 names only
     /// such frames; KVM allocates it with `__GFP_DMA32`): entry `i` links the level-2 page that
-    /// `pages[i]` keys, pinned by the root (`None`: the entry stays 0). `None`: the host had no
-    /// frame for a shadow page (or the heap no room for its bookkeeping); what was linked so far
-    /// is unlinked and unpinned.
+    /// `pages[i]` keys, pinned by the root (`None`: the entry stays 0). `Err`: why a shadow page
+    /// could not be made; what was linked so far is unlinked and unpinned.
     fn alloc_special<H: Host>(
         core: &MmuCore<H>,
         stats: &super::ShadowStats,
@@ -276,18 +271,21 @@ impl ShadowRoot {
         pfn: Pfn,
         pages: [Option<(Gfn, SpRole)>; 4],
         batch: &mut ZapBatch,
-    ) -> Option<ShadowRoot> {
+    ) -> Result<ShadowRoot, NewPageError> {
         let mut sps = [None; 4];
         for (i, page) in pages.into_iter().enumerate() {
             let Some((gfn, role)) = page else { continue };
-            let Ok((sp, _)) = st.get_page(core, stats, gfn, role, batch) else {
-                Self::Special { pfn, sps }.release(core, st, batch);
-                return None;
+            let sp = match st.get_page(core, stats, gfn, role, batch) {
+                Ok((sp, _)) => sp,
+                Err(why) => {
+                    Self::Special { pfn, sps }.release(core, st, batch);
+                    return Err(why);
+                }
             };
             sps[i] = Some(sp);
             Self::link_special(core, st, pfn, i, sp);
         }
-        Some(ShadowRoot::Special { pfn, sps })
+        Ok(ShadowRoot::Special { pfn, sps })
     }
 
     /// Entry `i` of special root `root` links `sp`, which the root pins.
@@ -313,6 +311,7 @@ impl ShadowRoot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::vec::Vec;
 
     fn root(cr3: u64) -> PrevRoot {
         PrevRoot { cr3, sp: SpId(cr3 as u32), pfn: Pfn(cr3) }
@@ -357,8 +356,7 @@ mod tests {
     #[test]
     fn take_where_empties_the_slots_it_takes() {
         let mut p = PrevRoots([Some(root(1)), Some(root(2)), Some(root(3))]);
-        let mut out = Vec::new();
-        p.take_where(|r| r.cr3 != 2, &mut out);
+        let out: Vec<_> = p.take_where(|r| r.cr3 != 2).into_iter().flatten().collect();
         assert_eq!(cr3s(&p), [None, Some(2), None]);
         assert_eq!(out, [ShadowRoot::from(root(1)), ShadowRoot::from(root(3))]);
     }

@@ -33,8 +33,8 @@ impl ShadowMmu {
                 return;
             }
             self.stats.mmu_pte_write.add(1);
-            let pages = st.shadowing(gpa.gfn());
-            if pages.is_empty() {
+            let gfn = gpa.gfn();
+            if st.next_shadowing(gfn, 0).is_none() {
                 return;
             }
             // KVM `mmu_pte_write_fetch_gpte`: with 8-byte gPTEs (PAE and 4-level paging, the
@@ -50,7 +50,10 @@ impl ShadowMmu {
             if core.cfg.bugs.has(crate::bugs::Bug::TrackWriteKeepsSpte) {
                 return;
             }
-            for id in pages {
+            // By position in the gfn's bucket, not a list of the pages: an emulated write needs
+            // no heap. A zapped page leaves the bucket, so the next one takes its position.
+            let mut from = 0;
+            while let Some((pos, id)) = st.next_shadowing(gfn, from) {
                 let level = st.sp(id).role.level();
                 // KVM `detect_write_misaligned(..) || detect_write_flooding(..)`: a misaligned
                 // write does not count towards flooding.
@@ -62,8 +65,10 @@ impl ShadowMmu {
                 if misaligned || flooded {
                     st.prepare_zap(core, &self.stats, id, &mut batch);
                     self.stats.mmu_flooded.add(1);
+                    from = pos;
                     continue;
                 }
+                from = pos + 1;
                 let idx = (offset / 8) as usize;
                 batch.flush |= st.drop_spte(core, id, idx);
                 if level > Level::L4K && new_gpte != 0 {

@@ -679,8 +679,9 @@ impl<H: Host> Drop for Vcpu<H> {
         if let VcpuMmuState::Shadow(shadow_path::ShadowVcpu { pae_root: Some(pae_root), .. }) =
             self.mmu
         {
-            // Emptied by the unload; nothing else links or walks it (the vCPU is going).
-            self.vm.core.defer_free(&mut alloc::vec![pae_root]);
+            // Emptied by the unload; nothing else links or walks it (the vCPU is going). Its room
+            // in the queue was promised when it was allocated, so a drop needs no heap.
+            self.vm.core.queue_promised().push(pae_root);
             self.vm.core.reclaim_batched();
         }
         // KVM `kvm_vcpu_destroy`: the index and the reader records go back for the next vCPU.

@@ -17,10 +17,12 @@ use super::{EntryWork, Vcpu, VcpuMmu, VcpuMmuState, VcpuReaders};
 use crate::bugs::Bug;
 use crate::guest::{self, GuestCpu, PagingMode, PdptrError};
 use crate::host::{GuestMemory, Host};
-use crate::mmu_core::MmuCore;
 use crate::mmu_core::{hw_walk, HwWalk};
+use crate::mmu_core::{MmuCore, MmuError};
 use crate::shadow::root::PrevRoots;
-use crate::shadow::{PrevRoot, ShadowMmu, ShadowRoot, ShadowRootKind, SlotGuestMemory, ZapBatch};
+use crate::shadow::{
+    NewPageError, PrevRoot, ShadowMmu, ShadowRoot, ShadowRootKind, SlotGuestMemory, ZapBatch,
+};
 use crate::shared::VmShared;
 use crate::stats::VcpuStats;
 use crate::types::{Access, Gfn, Gpa, Gva, Pfn};
@@ -65,11 +67,11 @@ impl ShadowVcpu {
         shadow: &ShadowMmu,
         cache: &mut MmioInfoCache,
     ) {
-        let mut roots: alloc::vec::Vec<ShadowRoot> = self.root.take().into_iter().collect();
-        self.prev.take_where(|_| true, &mut roots);
+        let current = self.root.take();
+        let prev = self.prev.take_where(|_| true);
         cache.clear_gva();
-        if !roots.is_empty() {
-            shadow.free_roots(core, roots);
+        if current.is_some() || prev.iter().any(Option::is_some) {
+            shadow.free_roots(core, current.into_iter().chain(prev.into_iter().flatten()));
         }
     }
 
@@ -152,22 +154,22 @@ impl ShadowVcpu {
         stats: &mut VcpuStats,
         free_obsolete: bool,
         work: &mut EntryWork,
-    ) -> Result<(), crate::mmu_core::MmuError> {
+    ) -> Result<(), MmuError> {
         let sv = self;
         let shadow = vm.shadow_for(sv);
         let core = &vm.core;
         if free_obsolete {
-            let mut drop = alloc::vec::Vec::new();
-            {
+            let (current, prev) = {
                 let st = shadow.lock(core);
-                if sv.root.as_ref().is_some_and(|r| r.is_obsolete(&st)) {
-                    drop.extend(sv.root.take());
-                }
-                sv.prev.take_where(|p| st.is_obsolete(p.sp), &mut drop);
-            }
-            if !drop.is_empty() {
+                let current = match &sv.root {
+                    Some(r) if r.is_obsolete(&st) => sv.root.take(),
+                    _ => None,
+                };
+                (current, sv.prev.take_where(|p| st.is_obsolete(p.sp)))
+            };
+            if current.is_some() || prev.iter().any(Option::is_some) {
                 st.mmio_cache.clear_gva();
-                shadow.free_roots(core, drop);
+                shadow.free_roots(core, current.into_iter().chain(prev.into_iter().flatten()));
             }
         }
         if sv.root.is_none() {
@@ -183,18 +185,30 @@ impl ShadowVcpu {
             // KVM allocates `pae_root` with the vCPU; here it comes with the first special root
             // (a host without frames below 4 GiB still runs 4-level guests, whose CR3 outside
             // guest memory then gets a root page instead of the empty special root), and stays.
+            // Its frame gets its room in the free queue first, so the vCPU's drop needs no heap.
             if sv.pae_root.is_none() && ShadowRoot::is_special_for(&sv.cpu, &visible) {
+                let promised = core.free_queue().promise().is_ok();
                 match core.alloc_table_below_4g() {
-                    Some(pfn) => sv.pae_root = Some(pfn),
-                    None if sv.cpu.mode == PagingMode::Long4 => {}
-                    None => return Err(crate::mmu_core::MmuError::OutOfMemory),
+                    Some(pfn) if promised => sv.pae_root = Some(pfn),
+                    Some(pfn) => {
+                        core.free_unpublished_table(pfn);
+                        return Err(MmuError::OutOfHeap);
+                    }
+                    None => {
+                        if promised {
+                            core.free_queue().unpromise();
+                        }
+                        if sv.cpu.mode != PagingMode::Long4 {
+                            return Err(MmuError::OutOfMemory);
+                        }
+                    }
                 }
             }
             let mut batch = ZapBatch::default();
             let root = {
                 let mut st = shadow.lock(core);
                 let r = match shadow.make_pages_available(core, &mut st, &mut batch) {
-                    Err(full) => Err(crate::mmu_core::MmuError::ShadowPageLimit(full.limit)),
+                    Err(full) => Err(MmuError::ShadowPageLimit(full.limit)),
                     Ok(()) => ShadowRoot::alloc(
                         core,
                         &shadow.stats,
@@ -205,7 +219,10 @@ impl ShadowVcpu {
                         &visible,
                         &mut batch,
                     )
-                    .ok_or(crate::mmu_core::MmuError::OutOfMemory),
+                    .map_err(|why| match why {
+                        NewPageError::NoFrame => MmuError::OutOfMemory,
+                        NewPageError::NoHeap => MmuError::OutOfHeap,
+                    }),
                 };
                 st.commit_zap(core, &shadow.stats, &mut batch);
                 r
@@ -325,7 +342,9 @@ impl<H: Host + GuestMemory> Vcpu<H> {
             return Err(ShadowError::IllegalCr3 { cr3, maxphyaddr });
         }
         let core = &vm.core;
-        let mut release = alloc::vec::Vec::new();
+        // The one root this load lets go of, if any (a special current root, or the previous
+        // root a cache miss evicts; never both: a special root is not cached).
+        let mut release: Option<ShadowRoot> = None;
         match sv.cpu.mode {
             PagingMode::Pae { .. } => {
                 let pdptrs = {
@@ -341,7 +360,7 @@ impl<H: Host + GuestMemory> Vcpu<H> {
                     && matches!(sv.cpu.mode, PagingMode::Pae { pdptrs: old } if old == pdptrs);
                 sv.cpu.mode = PagingMode::Pae { pdptrs };
                 if !same {
-                    release.extend(sv.root.take());
+                    release = sv.root.take();
                 }
             }
             PagingMode::Long4 => {
@@ -357,7 +376,7 @@ impl<H: Host + GuestMemory> Vcpu<H> {
                     let cur = match current {
                         Some(ShadowRoot::Page { sp, pfn, cr3 }) => Some(PrevRoot { cr3, sp, pfn }),
                         Some(special) => {
-                            release.push(special);
+                            release = Some(special);
                             None
                         }
                         None => None,
@@ -369,7 +388,8 @@ impl<H: Host + GuestMemory> Vcpu<H> {
                             Some(cur) => match sv.prev.find_and_keep_current(cur, usable) {
                                 Ok(hit) => Some(hit),
                                 Err(evicted) => {
-                                    release.extend(evicted.map(ShadowRoot::from));
+                                    debug_assert!(release.is_none(), "{release:?}");
+                                    release = evicted.map(ShadowRoot::from);
                                     None
                                 }
                             },
@@ -390,8 +410,8 @@ impl<H: Host + GuestMemory> Vcpu<H> {
         if !vm.bugs.has(Bug::GvaCacheSurvivesRootSwitch) {
             st.mmio_cache.clear_gva();
         }
-        if !release.is_empty() {
-            shadow.free_roots(core, release);
+        if let Some(root) = release {
+            shadow.free_roots(core, [root]);
         }
         Ok(EntryWork { flush_tlb: true })
     }

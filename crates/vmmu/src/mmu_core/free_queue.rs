@@ -1,0 +1,121 @@
+//! Table pages waiting for a grace period before they go back to the host (rule 3), and the
+//! room promised for them, so that zapping a shadow page needs no heap.
+//!
+//! KVM's zaps allocate nothing (its lists are intrusive), so a zap cannot fail and neither can
+//! the fault that recycles pages to make room. Here the queue is a `Vec`, and each shadow page
+//! (and each vCPU's PAE root frame) reserves its place in it when it is made, where running out
+//! of heap can still be reported ([`FreeQueue::promise`]); queuing it later, in a zap, then
+//! allocates nothing ([`Promised::push`]).
+//!
+//! # Invariants
+//! - `frames.capacity() - frames.len() >= promised`, and `promised` is the number of frames
+//!   that hold a promise and are not queued yet (the live shadow pages, the vCPUs' PAE roots).
+//! - Only a reclaimer removes frames, and reclaimers take turns (`MmuCore::reclaiming`): each
+//!   frees the first `n` frames, those queued before its grace period began, while others
+//!   append behind them. The buffer keeps its capacity (a reclaimer that took the whole buffer
+//!   would leave a queue without the promised room).
+
+use crate::types::Pfn;
+use alloc::collections::TryReserveError;
+use alloc::vec::Vec;
+
+/// The queue of unlinked table frames (inside `MmuCore::free_queue`'s mutex).
+#[derive(Debug, Default)]
+pub(crate) struct FreeQueue {
+    /// Unlinked frames, oldest first.
+    pub(super) frames: Vec<Pfn>,
+    /// Frames that will be queued with [`Promised::push`] and have room reserved (module
+    /// invariant).
+    promised: usize,
+}
+
+impl FreeQueue {
+    /// Reserves room for one more frame to be queued later without allocating.
+    pub(crate) fn promise(&mut self) -> Result<(), TryReserveError> {
+        self.frames.try_reserve(self.promised + 1)?;
+        self.promised += 1;
+        Ok(())
+    }
+
+    /// Gives back a promise whose frame will never be queued (the page was not made after all).
+    pub(crate) fn unpromise(&mut self) {
+        debug_assert!(self.promised > 0, "no promise to give back");
+        self.promised = self.promised.saturating_sub(1);
+    }
+
+    /// Queues frames that hold no promise (TDP tables and roots), keeping the promised room.
+    /// May allocate: the TDP MMU's zaps are not heap-fallible.
+    pub(super) fn append_unpromised(&mut self, pages: &mut Vec<Pfn>) {
+        self.frames.reserve(self.promised + pages.len());
+        self.frames.append(pages);
+    }
+
+    /// Queues a frame that holds a promise: allocates nothing.
+    pub(super) fn push_promised(&mut self, pfn: Pfn) {
+        debug_assert!(self.promised > 0, "{pfn:?} queued without a promise");
+        debug_assert!(self.frames.len() < self.frames.capacity());
+        self.promised = self.promised.saturating_sub(1);
+        self.frames.push(pfn);
+    }
+
+    /// Frames queued.
+    pub(super) fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Test-only: the promises not kept yet.
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) fn promised(&self) -> usize {
+        self.promised
+    }
+}
+
+/// The queue, locked, for frames whose room was promised (a zap's commit): each push allocates
+/// nothing. Made by `MmuCore::queue_promised`, which bumped the table epoch first.
+pub(crate) struct Promised<'a>(pub(super) crate::sync::MutexGuard<'a, FreeQueue>);
+
+impl Promised<'_> {
+    /// Queues `pfn`, whose room was promised.
+    pub(crate) fn push(&mut self, pfn: Pfn) {
+        self.0.push_promised(pfn);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn promised_frames_are_queued_without_growing_the_buffer() {
+        let mut q = FreeQueue::default();
+        for _ in 0..5 {
+            q.promise().unwrap();
+        }
+        let cap = q.frames.capacity();
+        // Unpromised frames keep the promised room.
+        q.append_unpromised(&mut alloc::vec![Pfn(100), Pfn(101), Pfn(102)]);
+        assert!(q.frames.capacity() - q.frames.len() >= 5);
+        let cap2 = q.frames.capacity();
+        assert!(cap2 >= cap);
+        for i in 0..5 {
+            q.push_promised(Pfn(i));
+        }
+        assert_eq!(q.frames.capacity(), cap2, "a promised push reallocated");
+        assert_eq!(q.promised(), 0);
+        // A reclaim removes from the front; the capacity stays.
+        q.frames.drain(..3);
+        assert_eq!(q.frames.capacity(), cap2);
+        assert_eq!(q.frames, [0, 1, 2, 3, 4].map(Pfn));
+    }
+
+    #[test]
+    fn a_promise_given_back_frees_its_room_for_the_next() {
+        let mut q = FreeQueue::default();
+        q.promise().unwrap();
+        q.unpromise();
+        assert_eq!(q.promised(), 0);
+        q.promise().unwrap();
+        q.push_promised(Pfn(7));
+        assert_eq!(q.len(), 1);
+    }
+}
