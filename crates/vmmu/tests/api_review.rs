@@ -1,0 +1,335 @@
+//! Adversarial review of the public API (review-api branch): safe call sequences and safe trait
+//! impls an embedder may write that break a `// SAFETY:` argument of the core, or that panic on
+//! bad input. Each test fails against the code it was written for; see the report.
+#![cfg(not(loom))]
+
+use std::sync::mpsc;
+use vmmu::memslot::{
+    Memslot, MemslotHooks, Memslots, MemslotsConfig, NoHooks, UserspaceMemoryRegion,
+    KVM_MEM_LOG_DIRTY_PAGES,
+};
+use vmmu::{AsId, Generation, SlotId};
+
+// ---------------------------------------------------------------------------------------------
+// 1. `MemslotHooks` is a safe trait, and `Memslots::set_memory_region` trusts `publish` to run
+//    the closure it is given. A hook that does not leaves the old set published, and the swap's
+//    `unsafe { was_active.replace(..) }` then edits the set readers are reading.
+
+/// Hooks that never run the publication (a safe impl: the trait does not say it must) and that
+/// let a reader open a section at the `memslots_updated` step (after the grace period, before
+/// the second `replace`), as any vCPU thread may at that instant.
+struct SkipsPublish {
+    go: mpsc::Sender<()>,
+    ack: std::sync::Mutex<mpsc::Receiver<()>>,
+}
+
+impl MemslotHooks for SkipsPublish {
+    fn flush_slot(&self, _old: &Memslot) {}
+    fn memslots_updated(&self, _as_id: AsId, _new_gen: Generation) {
+        // Stand-in for "a vCPU's read section begins now": let the reader in, and wait until it
+        // holds a reference into the published set.
+        self.go.send(()).unwrap();
+        self.ack.lock().unwrap().recv().unwrap();
+    }
+    fn publish(&self, _publish: &mut dyn FnMut()) {
+        // Forgets to call `_publish()`.
+    }
+}
+
+#[test]
+fn a_hook_that_skips_publish_makes_an_update_edit_the_set_a_reader_holds() {
+    let m = Memslots::new(MemslotsConfig { nr_address_spaces: 1, ..Default::default() });
+    let reader = m.register_reader().unwrap();
+    let region = |flags| UserspaceMemoryRegion::new(0, flags, 0, 0x10_000, 0x7000_0000);
+    m.set_memory_region(&region(0), &NoHooks).unwrap();
+
+    let (go_tx, go_rx) = mpsc::channel();
+    let (ack_tx, ack_rx) = mpsc::channel();
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let hooks = SkipsPublish { go: go_tx, ack: std::sync::Mutex::new(ack_rx) };
+    let (before, after) = std::thread::scope(|s| {
+        let m = &m;
+        let r = s.spawn(move || {
+            go_rx.recv().unwrap();
+            let guard = m.read(&reader);
+            let slot: &Memslot = guard.set(AsId(0)).get(SlotId(0)).unwrap();
+            // SAFETY (of the test): `slot` is a live shared reference inside an open section.
+            let before = unsafe { std::ptr::read_volatile(slot) }.flags();
+            ack_tx.send(()).unwrap();
+            done_rx.recv().unwrap();
+            let after = unsafe { std::ptr::read_volatile(slot) }.flags();
+            drop(guard);
+            (before, after)
+        });
+        // A flags-only change (dirty logging on): the swap overwrites slot 0's entry in place.
+        m.set_memory_region(&region(KVM_MEM_LOG_DIRTY_PAGES), &hooks).unwrap();
+        done_tx.send(()).unwrap();
+        r.join().unwrap()
+    });
+    assert_eq!(
+        before, after,
+        "a memslot update edited the set a reader is reading: the `&Memslot` it holds inside \
+         its read section changed from flags {before:#x} to {after:#x} (MemslotSet::replace's \
+         precondition broken by a safe MemslotHooks::publish that did not publish)"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. A host callback that panics under the shadow lock after the fault's
+//    `make_pages_available` recycled pages (`ShadowMmu::install_fault`, `ShadowVcpu::service`)
+//    unwinds past `commit_zap`: the `ZapBatch` is dropped, so the remote TLB flush the zap
+//    needs is never requested and the zapped pages' frames are never freed (not even when the
+//    VM goes). `Sched::preempt_point` here; `FrameAllocator::alloc_table` and
+//    `GuestMemory::read_u64`, which run at the same place and which the crate says may panic,
+//    do the same.
+
+mod common;
+
+use common::shadow::{access, long4, shadow_vm_with, vcpu_in, Seen, Space, P, RW, US};
+use vmmu::host::PreemptPoint;
+
+/// Vcpu B maps gva 0 (its TLB may now hold it) and goes on outside guest mode; vCPU A fills
+/// the page limit with paths of its own until its next fault must recycle, and that fault's
+/// `preempt_point(FaultInstalled)` panics if `panic`. Returns whether B was asked to flush its
+/// TLB by the time A's fault returned (or unwound), whether gva 0's shadow path survived, and the
+/// table frames left in use once the VM and its vCPUs are dropped.
+fn recycle_under_a_panicking_callback(panic: bool) -> (bool, bool, u64) {
+    let (vm, host, next) = shadow_vm_with(|c| c.shadow_max_pages = Some(64));
+    let s = Space::new(&host, &next);
+    let gva = |i: u64| i << 39; // a PDPT, a PD and a PT of its own per gva
+    for i in 0..64 {
+        s.map4k(gva(i), 0x100_0000 + (i << 12), P | RW | US);
+    }
+    let mut b = vcpu_in(&vm, long4(s.cr3));
+    let mut a = vcpu_in(&vm, long4(s.cr3));
+    assert!(matches!(access(&mut b, gva(0), false), Seen::Ram(_)));
+    let shadow = vm.shadow_mmu().unwrap();
+    let mut i = 1;
+    while shadow.pages_in_use() + 5 <= 64 {
+        assert!(matches!(access(&mut a, gva(i), false), Seen::Ram(_)));
+        i += 1;
+    }
+    assert!(!b.requests_pending(), "setup: nothing asked of B yet");
+    let recycled = shadow.stats.snapshot().mmu_recycled;
+    if panic {
+        vmmu::testing::preempt::on_this_thread(Some(Box::new(|p| {
+            if p == PreemptPoint::FaultInstalled {
+                panic!("host callback panics under the shadow lock");
+            }
+        })));
+    }
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| access(&mut a, gva(i), false)));
+    vmmu::testing::preempt::on_this_thread(None);
+    assert_eq!(r.is_err(), panic);
+    assert!(shadow.stats.snapshot().mmu_recycled > recycled, "setup: A's fault recycled pages");
+    let b_asked_to_flush = b.requests_pending();
+    let path_kept = matches!(common::shadow::hw(&mut b, gva(0), false), vmmu::tdp::HwWalk::Translated { .. });
+    drop((a, b));
+    drop(vm);
+    (b_asked_to_flush, path_kept, host.tables_in_use())
+}
+
+#[test]
+fn a_callback_panic_after_recycling_leaks_the_zapped_pages_past_the_vms_drop() {
+    // Without the panic: B's path was recycled, B is asked to flush, everything is freed.
+    let (flush, kept, left) = recycle_under_a_panicking_callback(false);
+    assert!(!kept && flush && left == 0, "control run: flush {flush}, kept {kept}, left {left}");
+    // With it: the same pages were zapped (B's path is gone). Here `fetch` flushed before the
+    // panic (its first gPTE re-check flushes the batch); the root-load test below shows a
+    // panic that comes before any flush.
+    let (flush, kept, left) = recycle_under_a_panicking_callback(true);
+    assert!(!kept && flush, "B's shadow path to gva 0 was recycled by A's fault and flushed");
+    assert_eq!(
+        left, 0,
+        "table frames of the recycled shadow pages were never given back, not even when the VM \
+         was dropped (the ZapBatch holding them was dropped uncommitted by the unwind)"
+    );
+}
+
+/// The test host, with an `alloc_table` that panics once when armed (a host bug, which the
+/// crate says unwinds out of the fault and leaves the VM usable).
+struct PanicAlloc {
+    inner: Arc<vmmu::testing::TestHost>,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+use std::sync::Arc;
+use vmmu::host::{FrameAllocator, GuestMemory, HostAccess, HostFault, HostMemory, HostPage};
+use vmmu::{Hva, Pfn};
+
+// SAFETY: every frame call is the test host's (whose impl makes the promises), or a panic.
+unsafe impl FrameAllocator for PanicAlloc {
+    fn retains_table_memory(&self) -> bool {
+        self.inner.retains_table_memory()
+    }
+    fn alloc_table(&self, init: u64) -> Option<Pfn> {
+        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            panic!("host bug in alloc_table");
+        }
+        self.inner.alloc_table(init)
+    }
+    fn alloc_table_below_4g(&self, init: u64) -> Option<Pfn> {
+        self.inner.alloc_table_below_4g(init)
+    }
+    unsafe fn free_table(&self, pfn: Pfn) {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.inner.free_table(pfn) }
+    }
+    fn table(&self, pfn: Pfn) -> Option<std::ptr::NonNull<vmmu::host::TableEntries>> {
+        self.inner.table(pfn)
+    }
+}
+impl HostMemory for PanicAlloc {
+    fn translate(&self, hva: Hva, access: HostAccess) -> Result<HostPage, HostFault> {
+        self.inner.translate(hva, access)
+    }
+}
+impl GuestMemory for PanicAlloc {
+    fn read_u64(&self, hva: Hva) -> Result<u64, HostFault> {
+        self.inner.read_u64(hva)
+    }
+    fn cmpxchg_u64(&self, hva: Hva, old: u64, new: u64) -> Result<bool, HostFault> {
+        self.inner.cmpxchg_u64(hva, old, new)
+    }
+}
+impl vmmu::host::Sched for PanicAlloc {}
+
+/// A user read of `gva` as the hardware and the hypervisor do it (`common::shadow::access` for
+/// any host): the frame it reaches.
+fn read_gva<H: vmmu::host::Host + GuestMemory>(v: &mut vmmu::vcpu::Vcpu<H>, gva: u64) -> Pfn {
+    use vmmu::fault::{FaultOutcome, PfErr};
+    for _ in 0..50 {
+        v.service_requests().unwrap();
+        if v.enter_guest_mode().is_err() {
+            continue;
+        }
+        let walk = v.walk_gva(vmmu::Gva(gva), vmmu::Access::USER);
+        v.exit_guest_mode();
+        let err = match walk {
+            vmmu::tdp::HwWalk::Translated { pfn, .. } => return pfn,
+            vmmu::tdp::HwWalk::Violation { present, .. } => {
+                PfErr::USER | if present { PfErr::PRESENT } else { 0 }
+            }
+            w => panic!("{w:?}"),
+        };
+        match v.handle_page_fault(vmmu::Gva(gva), PfErr(err)).unwrap() {
+            FaultOutcome::Fixed | FaultOutcome::Spurious | FaultOutcome::Retry(_) => {}
+            o => panic!("{o:?}"),
+        }
+    }
+    panic!("no translation for {gva:#x}");
+}
+
+/// vCPU B reads gva 0 through the shadow (its TLB may now hold the translation) and stays out of
+/// guest mode. vCPU A fills the page limit, switches CR3 and loads a root: the root load
+/// recycles B's path (`make_pages_available`), then its `alloc_table` panics. The zap cleared a
+/// present SPTE B may have walked, so B must be asked to flush (`request_all(TlbFlush)`), as
+/// without the panic.
+#[test]
+fn a_panicking_alloc_table_in_a_root_load_after_recycling_loses_the_remote_flush() {
+    use vmmu::vm::{Vm, VmConfig};
+    let run = |panic: bool| -> (bool, bool) {
+        let inner = Arc::new(vmmu::testing::TestHost::new(2048));
+        inner.map(common::shadow::RAM_HVA, common::shadow::RAM_SIZE, common::shadow::RAM_HVA >> 12, vmmu::Level::L4K, true);
+        let host = Arc::new(PanicAlloc { inner: inner.clone(), armed: false.into() });
+        let mut cfg = VmConfig::shadow(46).unwrap();
+        cfg.max_vcpus = 2;
+        cfg.shadow_max_pages = Some(64);
+        let vm = Vm::new(cfg, host.clone()).unwrap();
+        vm.set_memory_region(&UserspaceMemoryRegion::new(
+            0,
+            0,
+            0,
+            common::shadow::RAM_SIZE,
+            common::shadow::RAM_HVA,
+        ))
+        .unwrap();
+        let next = std::rc::Rc::new(std::cell::Cell::new(common::shadow::TABLES_GPA));
+        let s1 = Space::new(&inner, &next);
+        let s2 = Space::new(&inner, &next);
+        let gva = |i: u64| i << 39;
+        for i in 0..64 {
+            s1.map4k(gva(i), 0x100_0000 + (i << 12), P | RW | US);
+        }
+        s2.map4k(gva(0), 0x100_0000, P | RW | US);
+        let new_vcpu = || {
+            let mut v = vm.create_vcpu().unwrap();
+            v.set_guest_cpu(long4(s1.cr3)).unwrap();
+            v
+        };
+        let (mut b, mut a) = (new_vcpu(), new_vcpu());
+        read_gva(&mut b, gva(0));
+        let shadow = vm.shadow_mmu().unwrap();
+        let mut i = 1;
+        while shadow.pages_in_use() + 5 <= 64 {
+            read_gva(&mut a, gva(i));
+            i += 1;
+        }
+        assert!(!b.requests_pending(), "setup: nothing asked of B yet");
+        let recycled = shadow.stats.snapshot().mmu_recycled;
+        a.load_cr3(s2.cr3).unwrap();
+        host.armed.store(panic, std::sync::atomic::Ordering::SeqCst);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| a.service_requests()));
+        assert_eq!(r.is_err(), panic, "{r:?}");
+        assert!(shadow.stats.snapshot().mmu_recycled > recycled, "setup: the root load recycled");
+        let asked = b.requests_pending();
+        // The host then takes the page back (munmap, migration): its invalidation zaps what
+        // maps it and flushes the vCPUs that may cache it, as the rmap knows them.
+        let inv = vm.invalidate_hva_range_begin(
+            Hva(common::shadow::RAM_HVA + 0x100_0000),
+            Hva(common::shadow::RAM_HVA + 0x100_1000),
+        );
+        let asked_by_invalidation = b.requests_pending();
+        drop(inv);
+        b.service_requests().unwrap();
+        b.enter_guest_mode().unwrap_or_else(|_| panic!("B has requests"));
+        let kept = matches!(b.walk_gva(vmmu::Gva(gva(0)), vmmu::Access::USER), vmmu::tdp::HwWalk::Translated { .. });
+        b.exit_guest_mode();
+        (asked || asked_by_invalidation, kept)
+    };
+    let (asked, kept) = run(false);
+    assert!(asked && !kept, "control run: B's path recycled and B asked to flush ({asked}, {kept})");
+    let (asked, kept) = run(true);
+    assert!(!kept, "B's shadow path to gva 0 was recycled");
+    assert!(
+        asked,
+        "a root load recycled the shadow path vCPU B walked, then the host's alloc_table \
+         panicked before the batch's commit: B was never asked to flush its TLB, not even by \
+         the host's invalidation of the page (the rmap forgot the leaf)"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. `Memslots::try_new` promises the configuration error instead of a panic, but does not
+//    check `max_readers`: the SRCU domain allocates one 64-byte record per reader up front.
+//    (`Vm::new` bounds its count with `KVM_MAX_VCPUS`; the standalone memslots do not.)
+
+#[test]
+fn memslots_try_new_with_a_huge_reader_count_is_an_error_not_a_panic() {
+    let cfg = MemslotsConfig { max_readers: usize::MAX, ..Default::default() };
+    let r = std::panic::catch_unwind(|| Memslots::try_new(cfg).map(|_| ()));
+    assert!(r.is_ok(), "Memslots::try_new panicked on max_readers = usize::MAX");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. `DirtyBitmap::mark` (public, reached through `MemslotSet::dirty_bitmap`) takes a page index
+//    it does not check but in a debug assertion: past `npages` it panics in debug builds and, in
+//    release builds, sets a bit past the slot's last page in the last word, which the next
+//    `KVM_GET_DIRTY_LOG` returns as a dirty page the slot does not have.
+
+#[test]
+fn dirty_bitmap_mark_past_the_slot_is_ignored_not_a_panic() {
+    let m = Memslots::new(MemslotsConfig { nr_address_spaces: 1, ..Default::default() });
+    let r = m.register_reader().unwrap();
+    m.set_memory_region(
+        &UserspaceMemoryRegion::new(0, KVM_MEM_LOG_DIRTY_PAGES, 0, 0x1000, 0x7000_0000),
+        &NoHooks,
+    )
+    .unwrap();
+    let g = m.read(&r);
+    let bitmap = g.set(AsId(0)).dirty_bitmap(SlotId(0)).unwrap();
+    assert_eq!(bitmap.npages(), 1);
+    let marked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| bitmap.mark(5)));
+    assert!(marked.is_ok(), "DirtyBitmap::mark(5) on a 1-page bitmap panicked");
+    assert_eq!(bitmap.snapshot(), vec![0], "a page past the slot was marked dirty");
+}
