@@ -108,7 +108,9 @@ pub trait MemslotHooks {
     /// Runs `publish`, the stores that make a swap's new set reachable (KVM
     /// `rcu_assign_pointer` in `kvm_swap_active_memslots`). The VM runs it where no host
     /// invalidation is in flight, under its `mn_invalidate_lock`, and lets invalidations begin
-    /// again right after, before the grace period.
+    /// again right after, before the grace period. An implementation must call `publish` once
+    /// before it returns; if it does not, the update publishes right after it returns, since the
+    /// rest of the swap edits the set `publish` replaces.
     fn publish(&self, publish: &mut dyn FnMut()) {
         publish();
     }
@@ -661,12 +663,22 @@ impl Memslots {
         // The mirror says "in progress" before the new set is reachable (field doc): a vCPU
         // that has used the new set must never read the old final generation afterwards.
         let mirror = &self.published_gen[usize::from(as_id.0)];
-        hooks.publish(&mut || {
+        let publish = || {
             mirror.store(next.generation().raw(), Ordering::Release);
             // Release: a reader that loads `active` (Acquire) sees the maps and generation
             // above, and the mirror's in-progress value.
             sp.active.store(cur ^ 1, Ordering::Release);
+        };
+        let mut published = false;
+        hooks.publish(&mut || {
+            publish();
+            published = true;
         });
+        if !published {
+            // `MemslotHooks` is a safe trait: a hook that did not run the publication must not
+            // make the edit of `was_active` below one of the set readers still reach.
+            publish();
+        }
 
         // Every reader that could hold `was_active` has left its section after this.
         self.srcu.synchronize(&HooksRelax(hooks));
