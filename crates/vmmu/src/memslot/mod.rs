@@ -144,7 +144,7 @@ pub struct MemslotsConfig {
     pub max_gpa_bits: u8,
     /// `access_ok` limit for `userspace_addr + memory_size` (x86-64: [`TASK_SIZE_MAX`]).
     pub user_va_limit: u64,
-    /// SRCU reader records: one per vCPU.
+    /// SRCU reader records: one per vCPU, at most [`MAX_READERS`] (each is allocated up front).
     pub max_readers: usize,
     /// Historical bugs to re-inject (empty normally).
     pub bugs: BugSet,
@@ -175,9 +175,17 @@ impl Default for MemslotsConfig {
     }
 }
 
+/// The most SRCU reader records a [`MemslotsConfig`] may ask for: one per vCPU of a VM with
+/// [`crate::vm::KVM_MAX_VCPUS`] vCPUs, plus the VM's own three.
+pub const MAX_READERS: usize = crate::vm::KVM_MAX_VCPUS + 3;
+
 /// An unusable [`MemslotsConfig`].
 #[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// `max_readers` is above [`MAX_READERS`]: the records are allocated up front, so a count
+    /// near `usize::MAX` could not be.
+    #[error("max_readers {0} is above {MAX_READERS}")]
+    TooManyReaders(usize),
     /// `nr_address_spaces` is not 1 or 2.
     #[error("nr_address_spaces must be 1 or 2, not {0}")]
     AddressSpaces(u16),
@@ -206,6 +214,9 @@ impl MemslotsConfig {
         }
         if self.generation_base % nr as u64 != 0 || self.generation_base >= 1 << 62 {
             return Err(ConfigError::GenerationBase { base: self.generation_base, nr });
+        }
+        if self.max_readers > MAX_READERS {
+            return Err(ConfigError::TooManyReaders(self.max_readers));
         }
         Ok(())
     }
