@@ -191,13 +191,16 @@ impl DirtyBitmap {
         self.words.len()
     }
 
-    /// Marks page `index` (KVM `set_bit_le` in `mark_page_dirty_in_slot`). Relaxed: the MMU
+    /// Marks page `index` (KVM `set_bit_le` in `mark_page_dirty_in_slot`); an index past the
+    /// last page marks nothing. Relaxed: the MMU
     /// lock orders it against CLEAR and auto-mode GET; against a manual-mode GET, which takes no
     /// MMU lock, the mark comes before the install of the leaf it is for (module doc), as in
     /// KVM, whose `set_bit_le` is the same relaxed atomic. No lock, no allocation.
     #[inline]
     pub fn mark(&self, index: u64) {
-        debug_assert!(index < self.npages, "page {index} beyond {} pages", self.npages);
+        if index >= self.npages {
+            return;
+        }
         if let Some(w) = self.words.get((index / 64) as usize) {
             w.fetch_or(1 << (index % 64), Ordering::Relaxed);
         }
