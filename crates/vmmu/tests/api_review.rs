@@ -118,12 +118,14 @@ fn recycle_under_a_panicking_callback(panic: bool) -> (bool, bool, u64) {
             }
         })));
     }
-    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| access(&mut a, gva(i), false)));
+    let r =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| access(&mut a, gva(i), false)));
     vmmu::testing::preempt::on_this_thread(None);
     assert_eq!(r.is_err(), panic);
     assert!(shadow.stats.snapshot().mmu_recycled > recycled, "setup: A's fault recycled pages");
     let b_asked_to_flush = b.requests_pending();
-    let path_kept = matches!(common::shadow::hw(&mut b, gva(0), false), vmmu::tdp::HwWalk::Translated { .. });
+    let path_kept =
+        matches!(common::shadow::hw(&mut b, gva(0), false), vmmu::tdp::HwWalk::Translated { .. });
     drop((a, b));
     drop(vm);
     (b_asked_to_flush, path_kept, host.tables_in_use())
@@ -230,7 +232,13 @@ fn a_panicking_alloc_table_in_a_root_load_after_recycling_loses_the_remote_flush
     use vmmu::vm::{Vm, VmConfig};
     let run = |panic: bool| -> (bool, bool) {
         let inner = Arc::new(vmmu::testing::TestHost::new(2048));
-        inner.map(common::shadow::RAM_HVA, common::shadow::RAM_SIZE, common::shadow::RAM_HVA >> 12, vmmu::Level::L4K, true);
+        inner.map(
+            common::shadow::RAM_HVA,
+            common::shadow::RAM_SIZE,
+            common::shadow::RAM_HVA >> 12,
+            vmmu::Level::L4K,
+            true,
+        );
         let host = Arc::new(PanicAlloc { inner: inner.clone(), armed: false.into() });
         let mut cfg = VmConfig::shadow(46).unwrap();
         cfg.max_vcpus = 2;
@@ -283,12 +291,18 @@ fn a_panicking_alloc_table_in_a_root_load_after_recycling_loses_the_remote_flush
         drop(inv);
         b.service_requests().unwrap();
         b.enter_guest_mode().unwrap_or_else(|_| panic!("B has requests"));
-        let kept = matches!(b.walk_gva(vmmu::Gva(gva(0)), vmmu::Access::USER), vmmu::tdp::HwWalk::Translated { .. });
+        let kept = matches!(
+            b.walk_gva(vmmu::Gva(gva(0)), vmmu::Access::USER),
+            vmmu::tdp::HwWalk::Translated { .. }
+        );
         b.exit_guest_mode();
         (asked || asked_by_invalidation, kept)
     };
     let (asked, kept) = run(false);
-    assert!(asked && !kept, "control run: B's path recycled and B asked to flush ({asked}, {kept})");
+    assert!(
+        asked && !kept,
+        "control run: B's path recycled and B asked to flush ({asked}, {kept})"
+    );
     let (asked, kept) = run(true);
     assert!(!kept, "B's shadow path to gva 0 was recycled");
     assert!(
