@@ -184,7 +184,10 @@ pub const MAX_READERS: usize = crate::vm::KVM_MAX_VCPUS + 3;
 pub enum ConfigError {
     /// `max_readers` is above [`MAX_READERS`]: the records are allocated up front, so a count
     /// near `usize::MAX` could not be.
-    #[error("max_readers {0} is above {MAX_READERS}")]
+    #[error(
+        "max_readers {0} is above {MAX_READERS}: one reader record per vCPU (at most \
+         KVM_MAX_VCPUS) plus the VM's own three"
+    )]
     TooManyReaders(usize),
     /// `nr_address_spaces` is not 1 or 2.
     #[error("nr_address_spaces must be 1 or 2, not {0}")]

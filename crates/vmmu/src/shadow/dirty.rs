@@ -5,7 +5,7 @@
 //! (`shadow/fetch.rs`): no collection sits between the mark and the leaf, and no vCPU writes
 //! through the leaf while the bit is clear (`crate::dirty`).
 
-use super::pages::{ShadowState, ZapBatch};
+use super::pages::ShadowState;
 use super::ShadowMmu;
 use crate::dirty::WriteProtect;
 use crate::host::Host;
@@ -24,13 +24,13 @@ impl ShadowMmu {
         start: Gfn,
         end: Gfn,
     ) {
-        let mut batch = ZapBatch::default();
         {
             let mut st = self.lock(core);
             for gfn in st.rmap_gfns(as_id, start, end) {
-                batch.flush |= st.write_protect_gfn(core, as_id, gfn);
+                let dropped = st.write_protect_gfn(core, as_id, gfn);
+                st.owe_flush(dropped);
             }
-            st.commit_zap(core, &self.stats, &mut batch);
+            st.commit_zap(core, &self.stats);
         }
         core.reclaim();
     }

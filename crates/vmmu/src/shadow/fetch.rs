@@ -14,7 +14,7 @@
 //! before an MMIO SPTE replaces it (aad885e77496). After a RAM leaf, neighbour SPTEs are
 //! prefetched (`super::prefetch`).
 
-use super::pages::{HeapExhausted, NewPageError, ShadowState, SpId, ZapBatch};
+use super::pages::{HeapExhausted, NewPageError, ShadowState, SpId};
 use super::prefetch::{prefetch, PrefetchCtx};
 use super::role::{SpKind, SpRole};
 use super::root::ShadowRoot;
@@ -104,7 +104,7 @@ fn table_role_access(bugs: crate::bugs::BugSet, walk: &GuestWalk, i: usize) -> A
 }
 
 /// Builds the shadow path for `gva` as `walk` translated it and installs `want` (under the
-/// lock; `batch` collects flushes and frees for the caller's commit).
+/// lock; the flushes and frees it owes wait in `st` for the caller's commit).
 ///
 /// With [`crate::mmu_core::MmuConfig::shadow_mmio_path_only`] an MMIO leaf is installed only where
 /// the whole shadow path to it exists already (linked pages of the right gfn and role);
@@ -116,7 +116,6 @@ pub(crate) fn fetch<H: Host, M: GuestPteMemory>(
     st: &mut ShadowState,
     root: &ShadowRoot,
     fault: &ShadowFault<'_, M>,
-    batch: &mut ZapBatch,
 ) -> FetchOutcome {
     let ShadowFault { gva, access, walk, nonpaging, want, mem, .. } = *fault;
     let pf = &fault.prefetch;
@@ -144,7 +143,7 @@ pub(crate) fn fetch<H: Host, M: GuestPteMemory>(
         // KVM `FNAME(gpte_changed)` before `link_shadow_page`: the gPTE this entry shadows is
         // re-read now that its table is write-protected, before anything is linked for it. (An
         // MMIO leaf that builds no page links nothing: the check before its leaf is enough.)
-        if !mmio && gpte_changed_at(core, walk, mem, nonpaging, level, batch) {
+        if !mmio && gpte_changed_at(core, st, walk, mem, nonpaging, level) {
             return FetchOutcome::Retry(RetryCause::Race);
         }
         let (gfn, role) = if !nonpaging && child_level >= walk.level {
@@ -178,9 +177,10 @@ pub(crate) fn fetch<H: Host, M: GuestPteMemory>(
         }
         if old != SpteFormat::NONPRESENT {
             // A child of another gfn or role, a leaf, or an MMIO SPTE: unlink it first.
-            batch.flush |= st.drop_spte(core, cur, idx);
+            let dropped = st.drop_spte(core, cur, idx);
+            st.owe_flush(dropped);
         }
-        let child = match st.get_page(core, stats, gfn, role, batch) {
+        let child = match st.get_page(core, stats, gfn, role) {
             Ok((child, _new)) => child,
             Err(NewPageError::NoFrame) => return FetchOutcome::OutOfMemory,
             Err(NewPageError::NoHeap) => return FetchOutcome::OutOfHeap,
@@ -192,23 +192,22 @@ pub(crate) fn fetch<H: Host, M: GuestPteMemory>(
         level = child_level;
     }
     // Whatever was dropped or write-protected on the way is flushed before the leaf goes in.
-    batch.flush_now(core);
+    st.flush_now(core);
     // The leaf's own gPTE (a guest 4 KiB page: the entry of the last-level table); below a
     // guest huge page the loop re-read the huge entry before it linked the direct page. An MMIO
     // leaf that builds no page skipped the loop's checks: every level the walk read, now.
     let recheck =
         if mmio { walk.level.get()..=walk.max_level.get() } else { level.get()..=level.get() };
-    if recheck.filter_map(Level::new).any(|l| gpte_changed_at(core, walk, mem, nonpaging, l, batch))
-    {
+    if recheck.filter_map(Level::new).any(|l| gpte_changed_at(core, st, walk, mem, nonpaging, l)) {
         return FetchOutcome::Retry(RetryCause::Race);
     }
-    let outcome = install_leaf(core, st, cur, vgfn, walk, access, want, pf.set, batch);
+    let outcome = install_leaf(core, st, cur, vgfn, walk, access, want, pf.set);
     // KVM prefetches after every `mmu_set_spte` but a spurious one; after an MMIO SPTE only
     // with MMIO caching on, which this MMU leaves out (see `prefetch`).
     let ram = matches!(want, LeafWant::Ram { .. });
     if ram && matches!(outcome, FetchOutcome::Installed { .. } | FetchOutcome::WriteProtected) {
         let idx = Level::L4K.index(vgfn);
-        prefetch(core, st, cur, idx, walk.pte_gpas[0], pf, mem, batch);
+        prefetch(core, st, cur, idx, walk.pte_gpas[0], pf, mem);
     }
     outcome
 }
@@ -222,17 +221,17 @@ pub(crate) fn fetch<H: Host, M: GuestPteMemory>(
 /// re-read (KVM's `account_shadowed` flushes at once).
 fn gpte_changed_at<H: Host, M: GuestPteMemory>(
     core: &MmuCore<H>,
+    st: &mut ShadowState,
     walk: &GuestWalk,
     mem: &M,
     nonpaging: bool,
     level: Level,
-    batch: &mut ZapBatch,
 ) -> bool {
     let pae_pdpte = walk.max_level == Level::L1G && level == Level::L1G;
     if nonpaging || level < walk.level || level > walk.max_level || pae_pdpte {
         return false;
     }
-    batch.flush_now(core);
+    st.flush_now(core);
     let i = usize::from(level.get() - 1);
     mem.read_gpte(walk.pte_gpas[i]) != Some(walk.ptes[i])
 }
@@ -247,7 +246,6 @@ fn install_leaf<H: Host>(
     access: FaultAccess,
     want: LeafWant,
     set: &MemslotSet,
-    batch: &mut ZapBatch,
 ) -> FetchOutcome {
     let idx = Level::L4K.index(vgfn);
     let old = st.entry(core, sp, idx).load(crate::sync::Ordering::Acquire);
@@ -262,7 +260,7 @@ fn install_leaf<H: Host>(
             };
             // aad885e77496: the present SPTE the MMIO SPTE replaced is flushed.
             if !core.cfg.bugs.has(Bug::MmioOverPresentSpte) {
-                batch.flush |= dropped;
+                st.owe_flush(dropped);
             }
             FetchOutcome::Installed { writable: false }
         }
@@ -288,7 +286,7 @@ fn install_leaf<H: Host>(
             };
             if old != new {
                 match st.set_leaf(core, sp, idx, new, walk.gfn) {
-                    Ok(flush) => batch.flush |= flush,
+                    Ok(flush) => st.owe_flush(flush),
                     Err(HeapExhausted) => return FetchOutcome::OutOfHeap,
                 }
             }

@@ -47,7 +47,7 @@ pub use guest_mem::SlotGuestMemory;
 pub use root::ShadowRootKind;
 
 pub(crate) use dirty::ShadowProtect;
-pub(crate) use pages::{NewPageError, ShadowPage, ShadowState, ZapBatch};
+pub(crate) use pages::{NewPageError, ShadowPage, ShadowState};
 pub(crate) use root::{PrevRoot, ShadowRoot};
 
 /// Not one shadow page is free under the page limit, even after recycling: every page is
@@ -208,13 +208,12 @@ impl ShadowMmu {
         &self,
         core: &MmuCore<H>,
         st: &mut ShadowState,
-        batch: &mut ZapBatch,
     ) -> Result<(), PageLimitReached> {
         let avail = st.n_max.saturating_sub(st.n_used);
         if avail >= MIN_FREE_PAGES {
             return Ok(());
         }
-        st.zap_oldest(core, &self.stats, REFILL_PAGES - avail, batch);
+        st.zap_oldest(core, &self.stats, REFILL_PAGES - avail);
         if st.n_used >= st.n_max {
             return Err(PageLimitReached { limit: st.n_max });
         }
@@ -239,13 +238,12 @@ impl ShadowMmu {
         backing: &Backing,
         fault: &fetch::ShadowFault<'_, M>,
     ) -> fetch::FetchOutcome {
-        let mut batch = ZapBatch::default();
         let mut st = self.lock(core);
         let available =
             if matches!(fault.want, fetch::LeafWant::Mmio(_)) && core.cfg.shadow_mmio_path_only {
                 Ok(())
             } else {
-                self.make_pages_available(core, &mut st, &mut batch)
+                self.make_pages_available(core, &mut st)
             };
         let pending = core.vcpus[vcpu].pending();
         let outcome = match pf.stale(backing, root.state(&st), pending, &core.inval, core.cfg.bugs)
@@ -260,10 +258,10 @@ impl ShadowMmu {
                 core.vcpus[vcpu].request(Request::FreeObsoleteRoots);
                 fetch::FetchOutcome::Retry(crate::stats::RetryCause::NoRoot)
             }
-            None => fetch::fetch(core, &self.stats, &mut st, root, fault, &mut batch),
+            None => fetch::fetch(core, &self.stats, &mut st, root, fault),
         };
         core.host.preempt_point(crate::host::PreemptPoint::FaultInstalled);
-        st.commit_zap(core, &self.stats, &mut batch);
+        st.commit_zap(core, &self.stats);
         outcome
     }
 
@@ -283,7 +281,6 @@ impl ShadowMmu {
     /// KVM `kvm_mmu_change_mmu_pages`; `requested`: from `KVM_SET_NR_MMU_PAGES` (a default
     /// limit is ignored once a limit was requested).
     fn change_max_pages<H: Host>(&self, core: &MmuCore<H>, n: usize, requested: bool) {
-        let mut batch = ZapBatch::default();
         {
             let mut st = self.lock(core);
             if requested {
@@ -297,9 +294,9 @@ impl ShadowMmu {
             let goal = n.max(MIN_ALLOC_PAGES);
             let over = st.n_used.saturating_sub(goal);
             if over > 0 {
-                st.zap_oldest(core, &self.stats, over, &mut batch);
+                st.zap_oldest(core, &self.stats, over);
             }
-            st.commit_zap(core, &self.stats, &mut batch);
+            st.commit_zap(core, &self.stats);
             st.n_max = if over > 0 { st.n_used } else { goal };
         }
         core.reclaim();
@@ -308,11 +305,10 @@ impl ShadowMmu {
     /// The shrinker's entry point (KVM `mmu_shrink_scan` before v6.13): zaps up to `nr` of the
     /// oldest pages no root pins, while vCPUs may be running lockless walks. Returns how many.
     pub(crate) fn shrink<H: Host>(&self, core: &MmuCore<H>, nr: usize) -> usize {
-        let mut batch = ZapBatch::default();
         let n = {
             let mut st = self.lock(core);
-            let n = st.zap_oldest(core, &self.stats, nr, &mut batch);
-            st.commit_zap(core, &self.stats, &mut batch);
+            let n = st.zap_oldest(core, &self.stats, nr);
+            st.commit_zap(core, &self.stats);
             n
         };
         core.reclaim();
@@ -334,7 +330,6 @@ impl ShadowMmu {
     /// pages in use: `shadow_page_limit.rs`).
     pub(crate) fn zap_all_fast<H: Host>(&self, core: &MmuCore<H>) {
         core.stats.zap_all_fast.add(1);
-        let mut batch = ZapBatch::default();
         let mut st = self.lock(core);
         st.valid_gen = st.valid_gen.wrapping_add(1);
         // Same critical section as the bump (shadow facts §6.3).
@@ -344,10 +339,8 @@ impl ShadowMmu {
             let gen = st.valid_gen;
             let obsolete = |sp: &ShadowPage| sp.valid_gen != gen;
             let stats = &self.stats;
-            if st.zap_oldest_while(core, stats, BATCH_ZAP_PAGES, obsolete, |_| true, &mut batch)
-                == 0
-            {
-                st.commit_zap(core, &self.stats, &mut batch);
+            if st.zap_oldest_while(core, stats, BATCH_ZAP_PAGES, obsolete, |_| true) == 0 {
+                st.commit_zap(core, &self.stats);
                 break;
             }
             // Lock break between batches (KVM `cond_resched_rwlock_write`): when a vCPU waits
@@ -380,12 +373,12 @@ impl ShadowMmu {
         start: Gfn,
         end: Gfn,
     ) {
-        let mut batch = ZapBatch::default();
         {
             let mut st = self.lock(core);
-            batch.flush |= st.unmap_gfn_range(core, as_id, start, end);
-            st.zap_valid_pages_in(core, &self.stats, (as_id, start, end), &mut batch);
-            st.commit_zap(core, &self.stats, &mut batch);
+            let dropped = st.unmap_gfn_range(core, as_id, start, end);
+            st.owe_flush(dropped);
+            st.zap_valid_pages_in(core, &self.stats, (as_id, start, end));
+            st.commit_zap(core, &self.stats);
         }
         core.reclaim();
     }
@@ -406,13 +399,13 @@ impl ShadowMmu {
     /// the ranges and flushes. The caller has begun the invalidation (faults on the ranges
     /// retry) before this runs.
     pub(crate) fn unmap_gfn_ranges<H: Host>(&self, core: &MmuCore<H>, ranges: &[(AsId, Gfn, Gfn)]) {
-        let mut batch = ZapBatch::default();
         {
             let mut st = self.lock(core);
             for &(as_id, start, end) in ranges {
-                batch.flush |= st.unmap_gfn_range(core, as_id, start, end);
+                let dropped = st.unmap_gfn_range(core, as_id, start, end);
+                st.owe_flush(dropped);
             }
-            st.commit_zap(core, &self.stats, &mut batch);
+            st.commit_zap(core, &self.stats);
         }
         core.reclaim();
     }
@@ -425,13 +418,12 @@ impl ShadowMmu {
         core: &MmuCore<H>,
         roots: impl IntoIterator<Item = ShadowRoot>,
     ) {
-        let mut batch = ZapBatch::default();
         {
             let mut st = self.lock(core);
             for r in roots {
-                r.release(core, &mut st, &mut batch);
+                r.release(core, &mut st);
             }
-            st.commit_zap(core, &self.stats, &mut batch);
+            st.commit_zap(core, &self.stats);
         }
         core.reclaim_batched();
     }

@@ -12,8 +12,8 @@
 //! Invariants:
 //! - a live page is in the slab, in its hash bucket and in the active list (oldest first) unless
 //!   it was zapped while a root (`role.invalid`): then it is only in the slab, until its last
-//!   root user drops it; a prepared page no root pins is in the slab and on one [`ZapBatch`]'s
-//!   list (`next_zapped`) until that batch's commit takes it out;
+//!   root user drops it; a prepared page no root pins is in the slab and on the state's list of
+//!   prepared pages (`ZapBatch`, through `next_zapped`) until the next commit takes it out;
 //! - every page in the slab holds one promise of room in the core's free queue, which its
 //!   commit uses to queue its frame (`mmu_core/free_queue.rs`): a zap allocates nothing;
 //! - every present leaf SPTE is in the rmap of the gfn it maps, under the key it was added with
@@ -96,7 +96,7 @@ pub(crate) struct ShadowPage {
     /// `active_mmu_pages`, intrusive so that making a page allocates nothing there).
     older: Option<SpId>,
     newer: Option<SpId>,
-    /// While the page waits in a [`ZapBatch`] for its commit: the next page of the batch
+    /// While the page waits in the prepared pages' list for a commit: the next page there
     /// (intrusive, so that a zap allocates nothing).
     next_zapped: Option<SpId>,
     /// Level-1 pages: the gfn each leaf SPTE maps (KVM `shadowed_translation`).
@@ -110,31 +110,26 @@ impl ShadowPage {
     }
 }
 
-/// What `prepare_zap` and friends leave for the commit.
+/// What `prepare_zap` and friends leave for the next commit ([`ShadowState::commit_zap`]), in
+/// the state itself, not on a caller's stack: a host callback that unwinds between a prepare
+/// and its commit (a panicking `alloc_table`, `read_u64` or `preempt_point`) leaves the owed
+/// flush and the prepared pages to the next commit under the lock (every fault, root load, zap
+/// and host invalidation commits; the VM's drop zaps everything), instead of losing the flush a
+/// vCPU's TLB needs and the pages' frames. KVM keeps a zap-all's prepared pages VM-wide too
+/// (`kvm->arch.zapped_obsolete_pages`).
 #[derive(Default, Debug)]
-pub(crate) struct ZapBatch {
+struct ZapBatch {
     /// Prepared pages no root pins, freed by the commit: the first and the last of a list that
     /// runs through the pages' `next_zapped` (KVM's `invalid_list`, intrusive as KVM's is: a
     /// zap needs no heap, so neither does a fault that recycles pages to make room).
     first: Option<SpId>,
     last: Option<SpId>,
     /// A present SPTE was cleared: remote TLBs must be flushed before anything is freed.
-    pub(crate) flush: bool,
+    flush: bool,
     /// Invalid pages whose last root user let go (`put_root`): KVM's `mmu_free_root_page` runs
     /// `kvm_mmu_prepare_zap_page` on each again, which counts `mmu_shadow_zapped` a second
     /// time; the commit counts them the same way.
-    pub(crate) released_invalid: u64,
-}
-
-impl ZapBatch {
-    /// Flushes remote TLBs now if a present SPTE was cleared or a guest table write-protected
-    /// since the last flush (a fault's path, before it re-reads a gPTE or installs its leaf).
-    pub(crate) fn flush_now<H: Host>(&mut self, core: &MmuCore<H>) {
-        if self.flush {
-            core.flush_remote_tlbs();
-            self.flush = false;
-        }
-    }
+    released_invalid: u64,
 }
 
 /// KVM `RMAP_RECYCLE_THRESHOLD`: a leaf added for a gfn that more than this many leaves map
@@ -179,6 +174,8 @@ pub(crate) struct ShadowState {
     /// KVM `n_requested_mmu_pages != 0`: the limit was set by `KVM_SET_NR_MMU_PAGES` (or the
     /// VM's configuration), so memslot changes no longer recompute it.
     pub(crate) n_requested: bool,
+    /// Prepared pages and the owed flush, until the next commit.
+    zap: ZapBatch,
 }
 
 impl ShadowState {
@@ -198,6 +195,22 @@ impl ShadowState {
             n_used: 0,
             n_max,
             n_requested: false,
+            zap: ZapBatch::default(),
+        }
+    }
+
+    /// Owes a remote TLB flush before the next commit or [`Self::flush_now`] if `needed` (a
+    /// present SPTE was cleared, or a guest table write-protected).
+    pub(crate) fn owe_flush(&mut self, needed: bool) {
+        self.zap.flush |= needed;
+    }
+
+    /// Flushes remote TLBs now if a present SPTE was cleared or a guest table write-protected
+    /// since the last flush (a fault's path, before it re-reads a gPTE or installs its leaf).
+    pub(crate) fn flush_now<H: Host>(&mut self, core: &MmuCore<H>) {
+        if self.zap.flush {
+            core.flush_remote_tlbs();
+            self.zap.flush = false;
         }
     }
 
@@ -273,7 +286,6 @@ impl ShadowState {
         core: &MmuCore<H>,
         stats: &ShadowStats,
         (as_id, start, end): (AsId, Gfn, Gfn),
-        batch: &mut ZapBatch,
     ) {
         let valid_gen = self.valid_gen;
         let in_slot = |sp: &ShadowPage| {
@@ -282,7 +294,7 @@ impl ShadowState {
                 && !sp.role.invalid()
                 && sp.valid_gen == valid_gen
         };
-        self.zap_oldest_while(core, stats, usize::MAX, |_| true, in_slot, batch);
+        self.zap_oldest_while(core, stats, usize::MAX, |_| true, in_slot);
     }
 
     /// Adds `id` at the newest end of the active list.
@@ -329,7 +341,6 @@ impl ShadowState {
         n: usize,
         keep_going: impl Fn(&ShadowPage) -> bool,
         eligible: impl Fn(&ShadowPage) -> bool,
-        batch: &mut ZapBatch,
     ) -> usize {
         let mut zapped = 0;
         let mut next = self.oldest_active;
@@ -341,7 +352,7 @@ impl ShadowState {
             // place in it (it unlinks children, it does not zap them).
             next = self.sp(id).newer;
             if eligible(self.sp(id)) {
-                self.prepare_zap(core, stats, id, batch);
+                self.prepare_zap(core, stats, id);
                 zapped += 1;
             }
         }
@@ -378,7 +389,6 @@ impl ShadowState {
         stats: &ShadowStats,
         gfn: Gfn,
         role: SpRole,
-        batch: &mut ZapBatch,
     ) -> Result<(SpId, bool), NewPageError> {
         let b = Self::bucket(gfn);
         let hit = self.buckets[b].iter().copied().find(|&id| {
@@ -428,7 +438,7 @@ impl ShadowState {
         self.n_used += 1;
         stats.shadow_pages.add(1);
         if has_gptes {
-            self.account_shadowed(core, gfn, role.level(), batch);
+            self.account_shadowed(core, gfn, role.level());
         }
         Ok((id, true))
     }
@@ -473,13 +483,7 @@ impl ShadowState {
 
     /// KVM `account_shadowed`: the guest frame is now shadowed; write-protect every leaf that
     /// maps it, in either address space (see `tracked`).
-    fn account_shadowed<H: Host>(
-        &mut self,
-        core: &MmuCore<H>,
-        gfn: Gfn,
-        level: Level,
-        batch: &mut ZapBatch,
-    ) {
+    fn account_shadowed<H: Host>(&mut self, core: &MmuCore<H>, gfn: Gfn, level: Level) {
         if level > Level::L4K {
             *self.tracked_upper.entry(track_key(gfn)).or_insert(0) += 1;
             self.upper_summary.add(gfn);
@@ -488,7 +492,7 @@ impl ShadowState {
         *n += 1;
         if *n == 1 && !core.cfg.bugs.has(crate::bugs::Bug::ShadowTableLeftWritable) {
             for as_id in [AsId(0), AsId(1)] {
-                batch.flush |= self.write_protect_gfn(core, as_id, gfn);
+                self.zap.flush |= self.write_protect_gfn(core, as_id, gfn);
             }
         }
     }
@@ -692,7 +696,7 @@ impl ShadowState {
     }
 
     /// KVM `__kvm_mmu_prepare_zap_page`: clears every SPTE of the page and every SPTE linking it;
-    /// a page no root pins goes to `batch`'s list (freed by the commit), a pinned one becomes
+    /// a page no root pins goes to the prepared list (freed by the next commit), a pinned one becomes
     /// invalid, its vCPUs are asked to drop obsolete roots (in this critical section, so a fault
     /// that holds the lock later sees the request), and its last root user frees it.
     pub(crate) fn prepare_zap<H: Host>(
@@ -700,18 +704,17 @@ impl ShadowState {
         core: &MmuCore<H>,
         stats: &ShadowStats,
         id: SpId,
-        batch: &mut ZapBatch,
     ) {
         stats.mmu_shadow_zapped.add(1);
         core.stats.mmu_shadow_zapped.add(1);
-        self.unlink_children(core, id, batch);
+        self.unlink_children(core, id);
         let parents = core::mem::take(&mut self.sp_mut(id).parents);
         for (p, i) in parents {
             let level = self.sp(p).role.level();
             let e = self.entry(core, p, usize::from(i));
             let old = e.load(crate::sync::Ordering::Acquire);
             let _ = core.set_spte_locked(e, old, SpteFormat::NONPRESENT, level, Gfn(0));
-            batch.flush = true;
+            self.zap.flush = true;
         }
         let (gfn, role, valid_gen, root_count) = {
             let sp = self.sp(id);
@@ -731,7 +734,7 @@ impl ShadowState {
             // limit, though it is freed only at the commit (a zap-all commits once, after lock
             // breaks in which faults check the limit).
             self.n_used -= 1;
-            self.add_to_batch(batch, id);
+            self.add_to_prepared(id);
         } else if valid_gen == self.valid_gen {
             core.request_all(
                 crate::requests::Request::FreeObsoleteRoots,
@@ -741,8 +744,8 @@ impl ShadowState {
     }
 
     /// Clears every SPTE of page `id` (KVM `kvm_mmu_page_unlink_children`): leaves leave the
-    /// rmap, links leave their child's parent list; `batch.flush` is set if one was present.
-    fn unlink_children<H: Host>(&mut self, core: &MmuCore<H>, id: SpId, batch: &mut ZapBatch) {
+    /// rmap, links leave their child's parent list; a flush is owed if one was present.
+    fn unlink_children<H: Host>(&mut self, core: &MmuCore<H>, id: SpId) {
         // Only the entries that hold something go through `drop_spte`: most of a shadow page is
         // not present, and `drop_spte`'s lookups per entry cost more than this scan (a zap-all
         // of a few dozen pages spent most of its time on them).
@@ -756,40 +759,35 @@ impl ShadowState {
         };
         for (idx, e) in table.iter().enumerate() {
             if e.load(crate::sync::Ordering::Acquire) != SpteFormat::NONPRESENT {
-                batch.flush |= self.drop_spte(core, id, idx);
+                self.zap.flush |= self.drop_spte(core, id, idx);
             }
         }
     }
 
-    /// Puts prepared page `id`, which no root pins, at the end of `batch`'s list.
-    fn add_to_batch(&mut self, batch: &mut ZapBatch, id: SpId) {
-        debug_assert!(self.sp(id).next_zapped.is_none() && batch.last != Some(id), "{id:?}");
-        match batch.last {
+    /// Puts prepared page `id`, which no root pins, at the end of the prepared list.
+    fn add_to_prepared(&mut self, id: SpId) {
+        debug_assert!(self.sp(id).next_zapped.is_none() && self.zap.last != Some(id), "{id:?}");
+        match self.zap.last {
             Some(last) => self.sp_mut(last).next_zapped = Some(id),
-            None => batch.first = Some(id),
+            None => self.zap.first = Some(id),
         }
-        batch.last = Some(id);
+        self.zap.last = Some(id);
     }
 
     /// KVM `kvm_mmu_commit_zap_page`, first half: flushes remote TLBs if anything present was
     /// cleared, then takes the prepared pages out of the slab and queues their frames for the
     /// grace period (the caller calls `reclaim` after unlocking). Allocates nothing: each
     /// frame's room in the queue was promised when its page was made.
-    pub(crate) fn commit_zap<H: Host>(
-        &mut self,
-        core: &MmuCore<H>,
-        stats: &ShadowStats,
-        batch: &mut ZapBatch,
-    ) {
-        let again = core::mem::take(&mut batch.released_invalid);
+    pub(crate) fn commit_zap<H: Host>(&mut self, core: &MmuCore<H>, stats: &ShadowStats) {
+        let again = core::mem::take(&mut self.zap.released_invalid);
         stats.mmu_shadow_zapped.add(again);
         core.stats.mmu_shadow_zapped.add(again);
-        if batch.flush || batch.first.is_some() {
+        if self.zap.flush || self.zap.first.is_some() {
             core.flush_after_zap(true);
-            batch.flush = false;
+            self.zap.flush = false;
         }
-        let Some(first) = batch.first.take() else { return };
-        batch.last = None;
+        let Some(first) = self.zap.first.take() else { return };
+        self.zap.last = None;
         let mut queue = core.queue_promised();
         let mut next = Some(first);
         while let Some(id) = next {
@@ -817,14 +815,14 @@ impl ShadowState {
     /// its zap cleared it, and the staleness check keeps faults from building below it since,
     /// but should anything have been linked there, it is unlinked here rather than left
     /// pointing at a freed page.
-    pub(crate) fn put_root<H: Host>(&mut self, core: &MmuCore<H>, id: SpId, batch: &mut ZapBatch) {
+    pub(crate) fn put_root<H: Host>(&mut self, core: &MmuCore<H>, id: SpId) {
         let sp = self.sp_mut(id);
         sp.root_count -= 1;
         if sp.root_count == 0 && sp.role.invalid() {
-            self.unlink_children(core, id, batch);
+            self.unlink_children(core, id);
             self.n_used -= 1;
-            self.add_to_batch(batch, id);
-            batch.released_invalid += 1;
+            self.add_to_prepared(id);
+            self.zap.released_invalid += 1;
         }
     }
 
@@ -878,10 +876,8 @@ impl ShadowState {
         core: &MmuCore<H>,
         stats: &ShadowStats,
         nr: usize,
-        batch: &mut ZapBatch,
     ) -> usize {
-        let zapped =
-            self.zap_oldest_while(core, stats, nr, |_| true, |sp| sp.root_count == 0, batch);
+        let zapped = self.zap_oldest_while(core, stats, nr, |_| true, |sp| sp.root_count == 0);
         stats.mmu_recycled.add(zapped as u64);
         zapped
     }

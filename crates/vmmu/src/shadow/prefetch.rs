@@ -28,7 +28,7 @@
 //! MMIO fault), and no MMU setting may change an observation, so this MMU prefetches only after
 //! a RAM leaf, with MMIO caching on or off.
 
-use super::pages::{ShadowState, SpId, ZapBatch};
+use super::pages::{ShadowState, SpId};
 use crate::guest::pte::{self, RsvdMasks, TableFormat};
 use crate::guest::{GuestCpu, GuestPteMemory, PagingMode};
 use crate::host::{Host, HostMemory};
@@ -60,7 +60,6 @@ pub(crate) fn prefetch<'a, H: Host>(
     leaf_gpte_gpa: Gpa,
     ctx: &PrefetchCtx<'a>,
     mem: &impl GuestPteMemory,
-    batch: &mut ZapBatch,
 ) {
     let role = st.sp(sp).role;
     if role.level() != Level::L4K || ctx.inval.in_progress() != 0 {
@@ -84,7 +83,7 @@ pub(crate) fn prefetch<'a, H: Host>(
         direct_runs(idx as u64, present, |s, n| {
             let gfn = Gfn(base + s);
             let access = role.access();
-            run(core, st, sp, s as usize, n as usize, gfn, access, ctx, &mut last, batch) as u64
+            run(core, st, sp, s as usize, n as usize, gfn, access, ctx, &mut last) as u64
         });
         return;
     }
@@ -117,7 +116,7 @@ pub(crate) fn prefetch<'a, H: Host>(
             access = Access::from_bits(access.bits() & !Access::WRITE.bits());
         }
         let gfn = Gfn((gpte & addr_mask) >> crate::types::PAGE_SHIFT);
-        if run(core, st, sp, j, 1, gfn, access, ctx, &mut last, batch) == 0 {
+        if run(core, st, sp, j, 1, gfn, access, ctx, &mut last) == 0 {
             return;
         }
     }
@@ -194,7 +193,6 @@ fn run<'a, H: Host>(
     access: Access,
     ctx: &PrefetchCtx<'a>,
     last: &mut Option<&'a Memslot>,
-    batch: &mut ZapBatch,
 ) -> usize {
     let write = access.contains(Access::WRITE);
     let Some(slot) = run_slot_near(ctx.set, gfn, n as u64, write, last) else { return 0 };
@@ -208,7 +206,7 @@ fn run<'a, H: Host>(
         let leaf = core.cfg.format.make_leaf(pfn, Level::L4K, access, w);
         // Out of heap for the rmap: prefetching is optional, the fault itself is done.
         let Ok(flush) = st.set_leaf(core, sp, j + k, leaf, g) else { break };
-        batch.flush |= flush;
+        st.owe_flush(flush);
         made += 1;
     }
     made

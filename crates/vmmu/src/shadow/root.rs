@@ -13,7 +13,7 @@
 //! exactly while a free-obsolete-roots request is pending for its vCPU (it has no page to mark
 //! obsolete).
 
-use super::pages::{NewPageError, ShadowState, SpId, ZapBatch};
+use super::pages::{NewPageError, ShadowState, SpId};
 use super::role::{SpKind, SpRole};
 use crate::fault::RootState;
 use crate::guest::{GuestCpu, PagingMode};
@@ -161,14 +161,9 @@ impl ShadowRoot {
     /// Unpins what the root pins; a special root's entries are cleared, so its frame (the
     /// vCPU's, kept for the next special root) links nothing. Called by the vCPU's own thread
     /// outside guest mode.
-    pub(crate) fn release<H: Host>(
-        self,
-        core: &MmuCore<H>,
-        st: &mut ShadowState,
-        batch: &mut ZapBatch,
-    ) {
+    pub(crate) fn release<H: Host>(self, core: &MmuCore<H>, st: &mut ShadowState) {
         match self {
-            ShadowRoot::Page { sp, .. } => st.put_root(core, sp, batch),
+            ShadowRoot::Page { sp, .. } => st.put_root(core, sp),
             ShadowRoot::Special { pfn, sps } => {
                 // SAFETY: `pfn` is the vCPU's PAE root frame, freed only when the vCPU drops,
                 // after its last release (module invariant).
@@ -180,7 +175,7 @@ impl ShadowRoot {
                     }
                 }
                 for sp in sps.into_iter().flatten() {
-                    st.put_root(core, sp, batch);
+                    st.put_root(core, sp);
                 }
             }
         }
@@ -220,18 +215,17 @@ impl ShadowRoot {
         as_id: AsId,
         pae_root: Option<Pfn>,
         visible: &dyn Fn(Gfn) -> bool,
-        batch: &mut ZapBatch,
     ) -> Result<ShadowRoot, NewPageError> {
         let pae_root = pae_root.ok_or(NewPageError::NoFrame);
         match cpu.mode {
             PagingMode::Long4 if pae_root.is_ok() && !visible(Self::cr3_gfn(cpu)) => {
-                Self::alloc_special(core, stats, st, pae_root?, [None; 4], batch)
+                Self::alloc_special(core, stats, st, pae_root?, [None; 4])
             }
             PagingMode::Long4 => {
                 let gfn = Self::cr3_gfn(cpu);
                 let role = SpRole::new(Level::L4, SpKind::Indirect, Access::ALL, as_id)
                     .with_cr0_wp(cpu.cr0_wp);
-                let (sp, _) = st.get_page(core, stats, gfn, role, batch)?;
+                let (sp, _) = st.get_page(core, stats, gfn, role)?;
                 let s = st.sp_mut(sp);
                 s.root_count += 1;
                 s.flood = 0;
@@ -247,14 +241,14 @@ impl ShadowRoot {
                     let gfn = Gfn((pdpte & mask) >> 12);
                     (pdpte & crate::guest::pte::P != 0 && visible(gfn)).then_some((gfn, role))
                 });
-                Self::alloc_special(core, stats, st, pae_root?, pages, batch)
+                Self::alloc_special(core, stats, st, pae_root?, pages)
             }
             PagingMode::NonPaging => {
                 // Four direct level-2 pages cover the 4 GiB a guest without paging reaches.
                 let role = SpRole::new(Level::L2M, SpKind::Direct, Access::ALL, as_id)
                     .with_cr0_wp(cpu.cr0_wp);
                 let pages = core::array::from_fn(|i| Some((Gfn((i as u64) << 18), role)));
-                Self::alloc_special(core, stats, st, pae_root?, pages, batch)
+                Self::alloc_special(core, stats, st, pae_root?, pages)
             }
         }
     }
@@ -270,15 +264,14 @@ impl ShadowRoot {
         st: &mut ShadowState,
         pfn: Pfn,
         pages: [Option<(Gfn, SpRole)>; 4],
-        batch: &mut ZapBatch,
     ) -> Result<ShadowRoot, NewPageError> {
         let mut sps = [None; 4];
         for (i, page) in pages.into_iter().enumerate() {
             let Some((gfn, role)) = page else { continue };
-            let sp = match st.get_page(core, stats, gfn, role, batch) {
+            let sp = match st.get_page(core, stats, gfn, role) {
                 Ok((sp, _)) => sp,
                 Err(why) => {
-                    Self::Special { pfn, sps }.release(core, st, batch);
+                    Self::Special { pfn, sps }.release(core, st);
                     return Err(why);
                 }
             };

@@ -7,7 +7,6 @@
 //! it returns when a present SPTE went. (INVLPG, and the invalidation before an injected #PF,
 //! drop no leaf: `kvm_mmu_invalidate_addr` syncs only unsync pages, and this MMU has none.)
 
-use super::pages::ZapBatch;
 use super::ShadowMmu;
 use crate::host::Host;
 use crate::mmu_core::MmuCore;
@@ -24,7 +23,6 @@ impl ShadowMmu {
         bytes: u32,
         new_gpte: u64,
     ) {
-        let mut batch = ZapBatch::default();
         {
             let mut st = self.lock(core);
             // KVM counts every emulated write while any indirect page exists, whichever frame
@@ -63,19 +61,20 @@ impl ShadowMmu {
                     sp.flood >= 3
                 };
                 if misaligned || flooded {
-                    st.prepare_zap(core, &self.stats, id, &mut batch);
+                    st.prepare_zap(core, &self.stats, id);
                     self.stats.mmu_flooded.add(1);
                     from = pos;
                     continue;
                 }
                 from = pos + 1;
                 let idx = (offset / 8) as usize;
-                batch.flush |= st.drop_spte(core, id, idx);
+                let dropped = st.drop_spte(core, id, idx);
+                st.owe_flush(dropped);
                 if level > Level::L4K && new_gpte != 0 {
                     self.stats.mmu_pde_zapped.add(1);
                 }
             }
-            st.commit_zap(core, &self.stats, &mut batch);
+            st.commit_zap(core, &self.stats);
         }
         core.reclaim_batched();
     }

@@ -21,7 +21,7 @@ use crate::mmu_core::{hw_walk, HwWalk};
 use crate::mmu_core::{MmuCore, MmuError};
 use crate::shadow::root::PrevRoots;
 use crate::shadow::{
-    NewPageError, PrevRoot, ShadowMmu, ShadowRoot, ShadowRootKind, SlotGuestMemory, ZapBatch,
+    NewPageError, PrevRoot, ShadowMmu, ShadowRoot, ShadowRootKind, SlotGuestMemory,
 };
 use crate::shared::VmShared;
 use crate::stats::VcpuStats;
@@ -204,10 +204,9 @@ impl ShadowVcpu {
                     }
                 }
             }
-            let mut batch = ZapBatch::default();
             let root = {
                 let mut st = shadow.lock(core);
-                let r = match shadow.make_pages_available(core, &mut st, &mut batch) {
+                let r = match shadow.make_pages_available(core, &mut st) {
                     Err(full) => Err(MmuError::ShadowPageLimit(full.limit)),
                     Ok(()) => ShadowRoot::alloc(
                         core,
@@ -217,14 +216,13 @@ impl ShadowVcpu {
                         as_id,
                         sv.pae_root,
                         &visible,
-                        &mut batch,
                     )
                     .map_err(|why| match why {
                         NewPageError::NoFrame => MmuError::OutOfMemory,
                         NewPageError::NoHeap => MmuError::OutOfHeap,
                     }),
                 };
-                st.commit_zap(core, &shadow.stats, &mut batch);
+                st.commit_zap(core, &shadow.stats);
                 r
             };
             drop(guard);

@@ -1,6 +1,6 @@
-//! Adversarial review of the public API (review-api branch): safe call sequences and safe trait
-//! impls an embedder may write that break a `// SAFETY:` argument of the core, or that panic on
-//! bad input. Each test fails against the code it was written for; see the report.
+//! Safe trait impls and call sequences an embedder may write that once broke a `// SAFETY:`
+//! argument of the core, lost a remote TLB flush, or panicked on bad input (a public-API review,
+//! session 52): each test failed before its fix.
 #![cfg(not(loom))]
 
 use std::sync::mpsc;
@@ -11,9 +11,10 @@ use vmmu::memslot::{
 use vmmu::{AsId, Generation, SlotId};
 
 // ---------------------------------------------------------------------------------------------
-// 1. `MemslotHooks` is a safe trait, and `Memslots::set_memory_region` trusts `publish` to run
-//    the closure it is given. A hook that does not leaves the old set published, and the swap's
-//    `unsafe { was_active.replace(..) }` then edits the set readers are reading.
+// 1. `MemslotHooks` is a safe trait, so `Memslots::set_memory_region` must not trust `publish`
+//    to run the closure it is given: a hook that did not left the old set published, and the
+//    swap's `unsafe { was_active.replace(..) }` then edited the set readers were reading. The
+//    swap now publishes itself when the hook did not.
 
 /// Hooks that never run the publication (a safe impl: the trait does not say it must) and that
 /// let a reader open a section at the `memslots_updated` step (after the grace period, before
@@ -77,11 +78,12 @@ fn a_hook_that_skips_publish_makes_an_update_edit_the_set_a_reader_holds() {
 // ---------------------------------------------------------------------------------------------
 // 2. A host callback that panics under the shadow lock after the fault's
 //    `make_pages_available` recycled pages (`ShadowMmu::install_fault`, `ShadowVcpu::service`)
-//    unwinds past `commit_zap`: the `ZapBatch` is dropped, so the remote TLB flush the zap
-//    needs is never requested and the zapped pages' frames are never freed (not even when the
-//    VM goes). `Sched::preempt_point` here; `FrameAllocator::alloc_table` and
-//    `GuestMemory::read_u64`, which run at the same place and which the crate says may panic,
-//    do the same.
+//    unwinds past `commit_zap`. The prepared pages and the owed flush were on the caller's
+//    stack and were lost with it: the remote TLB flush the zap needed was never requested and
+//    the zapped pages' frames were never freed (not even when the VM went). They are now kept
+//    in the shadow state for the next commit. `Sched::preempt_point` here;
+//    `FrameAllocator::alloc_table` and `GuestMemory::read_u64`, which run at the same place and
+//    which the crate says may panic, did the same.
 
 mod common;
 
@@ -314,9 +316,9 @@ fn a_panicking_alloc_table_in_a_root_load_after_recycling_loses_the_remote_flush
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3. `Memslots::try_new` promises the configuration error instead of a panic, but does not
-//    check `max_readers`: the SRCU domain allocates one 64-byte record per reader up front.
-//    (`Vm::new` bounds its count with `KVM_MAX_VCPUS`; the standalone memslots do not.)
+// 3. `Memslots::try_new` promises the configuration error instead of a panic; it did not check
+//    `max_readers`, and the SRCU domain allocates one 64-byte record per reader up front
+//    (`Vm::new` bounds its count with `KVM_MAX_VCPUS`). Now `ConfigError::TooManyReaders`.
 
 #[test]
 fn memslots_try_new_with_a_huge_reader_count_is_an_error_not_a_panic() {
@@ -326,10 +328,10 @@ fn memslots_try_new_with_a_huge_reader_count_is_an_error_not_a_panic() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 4. `DirtyBitmap::mark` (public, reached through `MemslotSet::dirty_bitmap`) takes a page index
-//    it does not check but in a debug assertion: past `npages` it panics in debug builds and, in
-//    release builds, sets a bit past the slot's last page in the last word, which the next
-//    `KVM_GET_DIRTY_LOG` returns as a dirty page the slot does not have.
+// 4. `DirtyBitmap::mark` (public, reached through `MemslotSet::dirty_bitmap`) checked its page
+//    index only in a debug assertion: past `npages` it panicked in debug builds and, in release
+//    builds, set a bit past the slot's last page in the last word, which the next
+//    `KVM_GET_DIRTY_LOG` returned as a dirty page the slot does not have. Now it marks nothing.
 
 #[test]
 fn dirty_bitmap_mark_past_the_slot_is_ignored_not_a_panic() {
