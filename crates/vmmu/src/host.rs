@@ -46,7 +46,10 @@
 //!   update waits for that section (`tests/notifier_vs_update.rs`).
 //! - **Panics** unwind out of the VM or vCPU call that made them, releasing the MMU's locks and
 //!   read sections (`tests/embedder_audit.rs` shows a panicking `translate`, `read_u64` and
-//!   `alloc_table` leave the VM usable). A panic in `free_table` while the thread is already
+//!   `alloc_table` leave the VM usable). A shadow zap's owed remote TLB flush and the pages it
+//!   prepared are kept in the shadow MMU's state, not on the unwinding call's stack, so the next
+//!   commit (any later fault, root load, zap or host invalidation) flushes and frees them
+//!   (`tests/embedder_hostile_impls.rs`). A panic in `free_table` while the thread is already
 //!   unwinding (a VM dropped by a panicking thread) aborts the process, as any panic in `Drop`
 //!   during unwinding does.
 
