@@ -171,6 +171,28 @@ fn fault_err(v: &mut vmmu::vcpu::Vcpu<vmmu::testing::TestHost>, gva: u64, write:
     }
 }
 
+/// The fault of an access to `gva` (a write if `write`), taken without heap: it completes or
+/// reports `OutOfHeap` (returns `true`) with nothing half made, never anything else.
+fn fault_without_heap(
+    vm: &vmmu::vm::Vm<vmmu::testing::TestHost>,
+    v: &mut vmmu::vcpu::Vcpu<vmmu::testing::TestHost>,
+    gva: u64,
+    write: bool,
+) -> bool {
+    let err = fault_err(v, gva, write);
+    let (out, failed) = without_heap(|| v.handle_page_fault(Gva(gva), err));
+    let reported = match out {
+        Err(FaultError::OutOfHeap(_)) => {
+            assert!(failed > 0, "{gva:#x}: out of heap with no allocation refused");
+            true
+        }
+        Ok(_) => false,
+        other => panic!("{gva:#x}: {other:?}"),
+    };
+    assert_eq!(vm.stale_shadow_entries_for_tests(), Some(0), "{gva:#x}");
+    reported
+}
+
 /// Every fault of the accesses to `gvas` is taken first without heap: it either completes or
 /// reports `OutOfHeap` with nothing half made, and then the access completes with heap back.
 /// Returns how many faults reported `OutOfHeap`.
@@ -185,17 +207,7 @@ fn fault_without_heap_then_with(
         if matches!(hw(v, gva, write), HwWalk::Translated { .. }) {
             continue;
         }
-        let err = fault_err(v, gva, write);
-        let (out, failed) = without_heap(|| v.handle_page_fault(Gva(gva), err));
-        match out {
-            Err(FaultError::OutOfHeap(_)) => {
-                assert!(failed > 0, "{gva:#x}: out of heap with no allocation refused");
-                reported += 1;
-            }
-            Ok(_) => {}
-            other => panic!("{gva:#x}: {other:?}"),
-        }
-        assert_eq!(vm.stale_shadow_entries_for_tests(), Some(0), "{gva:#x}");
+        reported += usize::from(fault_without_heap(vm, v, gva, write));
         let seen = access(v, gva, write);
         assert!(matches!(seen, Seen::Ram(_) | Seen::Mmio(..)), "{gva:#x}: {seen:?}");
     }
@@ -333,19 +345,9 @@ fn recycling_at_the_page_limit_without_heap() {
     let mut recycled_without_heap = 0;
     let mut reported = 0;
     for &gva in &gvas {
-        let err = fault_err(&mut v, gva, false);
         let before = recycled();
-        let (out, failed) = without_heap(|| v.handle_page_fault(Gva(gva), err));
+        reported += usize::from(fault_without_heap(&vm, &mut v, gva, false));
         recycled_without_heap += recycled() - before;
-        match out {
-            Err(FaultError::OutOfHeap(_)) => {
-                assert!(failed > 0, "{gva:#x}: out of heap with no allocation refused");
-                reported += 1;
-            }
-            Ok(_) => {}
-            other => panic!("{gva:#x}: {other:?}"),
-        }
-        assert_eq!(vm.stale_shadow_entries_for_tests(), Some(0), "{gva:#x}");
         assert!(pages_in_use(&vm) <= 64, "{gva:#x}: {} pages", pages_in_use(&vm));
         assert!(matches!(access(&mut v, gva, false), Seen::Ram(_)), "{gva:#x}");
     }
@@ -355,24 +357,36 @@ fn recycling_at_the_page_limit_without_heap() {
     eprintln!("{recycled_without_heap} pages recycled by faults without heap, {reported} reported");
 }
 
+/// A shadow VM with `n` guest address spaces, each mapping gva 0x4000_0000 to a page of its
+/// own (space i: gpa 0x100_0000 + i pages), and a vCPU that has loaded each space's CR3 in
+/// order and read the page, so that it holds a root for each of the last four (the current
+/// one and KVM's three previous ones).
+fn vcpu_with_roots(
+    n: usize,
+) -> (vmmu::vm::Vm<vmmu::testing::TestHost>, vmmu::vcpu::Vcpu<vmmu::testing::TestHost>, Vec<Space>)
+{
+    let (vm, host, next) = shadow_vm_with(|_| {});
+    written_once(&host);
+    let spaces: Vec<Space> = (0..n).map(|_| Space::new(&host, &next)).collect();
+    for (i, s) in spaces.iter().enumerate() {
+        s.map4k(0x4000_0000, 0x100_0000 + ((i as u64) << 12), P | RW | US);
+    }
+    let mut v = vcpu_in(&vm, long4(spaces[0].cr3));
+    for s in &spaces {
+        v.load_cr3(s.cr3).unwrap();
+        assert!(matches!(access(&mut v, 0x4000_0000, false), Seen::Ram(_)));
+    }
+    (vm, v, spaces)
+}
+
 /// Roots after a zap-all: the vCPU drops its obsolete roots (current and previous, which frees
 /// the pages the zap left pinned) and loads a new one. Without heap the drop completes and the
 /// load reports `MmuError::OutOfHeap`; with heap back the vCPU runs on.
 #[test]
 fn root_loads_after_a_zap_all_without_heap() {
     use vmmu::mmu_core::MmuError;
-    let (vm, host, next) = shadow_vm_with(|_| {});
-    written_once(&host);
-    let spaces: Vec<Space> = (0..4).map(|_| Space::new(&host, &next)).collect();
-    for (i, s) in spaces.iter().enumerate() {
-        s.map4k(0x4000_0000, 0x100_0000 + ((i as u64) << 12), P | RW | US);
-    }
-    let mut v = vcpu_in(&vm, long4(spaces[0].cr3));
     // Four roots: the current one and three previous ones (KVM's cache of previous roots).
-    for s in spaces.iter().rev() {
-        v.load_cr3(s.cr3).unwrap();
-        assert!(matches!(access(&mut v, 0x4000_0000, false), Seen::Ram(_)));
-    }
+    let (vm, mut v, spaces) = vcpu_with_roots(4);
     vm.zap_all_fast();
     let zapped = vm.shadow_mmu().unwrap().stats.mmu_shadow_zapped.get();
     let (out, failed) = without_heap(|| v.service_requests());
@@ -385,7 +399,9 @@ fn root_loads_after_a_zap_all_without_heap() {
     assert!(MmuError::OutOfHeap.to_string().contains("heap"));
     assert_eq!(vm.stale_shadow_entries_for_tests(), Some(0));
     // Memory back: the vCPU loads its root and reaches its page.
-    assert!(matches!(access(&mut v, 0x4000_0000, false), Seen::Ram(p) if p == ram_pfn(0x100_0000)));
+    // The current space is the last one loaded.
+    let last = ram_pfn(0x100_0000 + ((spaces.len() as u64 - 1) << 12));
+    assert!(matches!(access(&mut v, 0x4000_0000, false), Seen::Ram(p) if p == last));
     assert_promises(&vm, 0);
 }
 
@@ -394,17 +410,7 @@ fn root_loads_after_a_zap_all_without_heap() {
 #[test]
 fn cr3_switches_mode_changes_and_vcpu_drops_without_heap() {
     use vmmu::guest::{GuestCpu, PagingMode};
-    let (vm, host, next) = shadow_vm_with(|_| {});
-    written_once(&host);
-    let spaces: Vec<Space> = (0..5).map(|_| Space::new(&host, &next)).collect();
-    for (i, s) in spaces.iter().enumerate() {
-        s.map4k(0x4000_0000, 0x100_0000 + ((i as u64) << 12), P | RW | US);
-    }
-    let mut v = vcpu_in(&vm, long4(spaces[0].cr3));
-    for s in &spaces {
-        v.load_cr3(s.cr3).unwrap();
-        assert!(matches!(access(&mut v, 0x4000_0000, false), Seen::Ram(_)));
-    }
+    let (vm, mut v, spaces) = vcpu_with_roots(5);
     // The previous roots are obsolete now: each load misses and evicts one, whose pages the
     // zap left pinned and the eviction frees.
     vm.zap_all_fast();
@@ -420,7 +426,8 @@ fn cr3_switches_mode_changes_and_vcpu_drops_without_heap() {
     assert_eq!(vm.stale_shadow_entries_for_tests(), Some(0));
     assert!(matches!(access(&mut v, 0x4000_0000, false), Seen::Ram(p) if p == ram_pfn(0x100_0000)));
     // A PAE vCPU (its special root lives in its PAE root frame) dropped without heap.
-    let pdpt = alloc_table(&next);
+    // A PDPT page of zeros: every PDPTE not present.
+    let pdpt = 0x1f0_0000;
     let mut p = vm.create_vcpu().unwrap();
     p.set_guest_cpu(GuestCpu { mode: PagingMode::Pae { pdptrs: [0; 4] }, ..long4(0) }).unwrap();
     p.load_cr3(pdpt).unwrap();
