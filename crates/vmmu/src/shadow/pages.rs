@@ -402,12 +402,14 @@ impl ShadowState {
         stats.mmu_cache_miss.add(1);
         let NewPageLists { parents, leaf_gfns } =
             self.reserve_new_page(b, gfn, role).map_err(|HeapExhausted| NewPageError::NoHeap)?;
-        // Room in the free queue for the page's frame, so that its zap allocates nothing.
-        core.free_queue().promise().map_err(|_| NewPageError::NoHeap)?;
-        let Some(spt) = core.alloc_table() else {
-            core.free_queue().unpromise();
-            return Err(NewPageError::NoFrame);
-        };
+        let spt = core.alloc_table().ok_or(NewPageError::NoFrame)?;
+        // Room in the free queue for the page's frame, so that its zap allocates nothing. Made
+        // after the host's `alloc_table`, which may unwind: a promise made before it would
+        // outlive the unwind with no page behind it.
+        if core.free_queue().promise().is_err() {
+            core.free_unpublished_table(spt);
+            return Err(NewPageError::NoHeap);
+        }
         let sp = ShadowPage {
             gfn,
             role,

@@ -187,21 +187,16 @@ impl ShadowVcpu {
             // guest memory then gets a root page instead of the empty special root), and stays.
             // Its frame gets its room in the free queue first, so the vCPU's drop needs no heap.
             if sv.pae_root.is_none() && ShadowRoot::is_special_for(&sv.cpu, &visible) {
-                let promised = core.free_queue().promise().is_ok();
+                // Promised after the host's allocation, which may unwind (a promise made
+                // before it would outlive the unwind with no frame behind it).
                 match core.alloc_table_below_4g() {
-                    Some(pfn) if promised => sv.pae_root = Some(pfn),
+                    Some(pfn) if core.free_queue().promise().is_ok() => sv.pae_root = Some(pfn),
                     Some(pfn) => {
                         core.free_unpublished_table(pfn);
                         return Err(MmuError::OutOfHeap);
                     }
-                    None => {
-                        if promised {
-                            core.free_queue().unpromise();
-                        }
-                        if sv.cpu.mode != PagingMode::Long4 {
-                            return Err(MmuError::OutOfMemory);
-                        }
-                    }
+                    None if sv.cpu.mode == PagingMode::Long4 => {}
+                    None => return Err(MmuError::OutOfMemory),
                 }
             }
             let root = {
