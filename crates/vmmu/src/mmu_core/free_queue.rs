@@ -16,14 +16,16 @@
 //!   would leave a queue without the promised room).
 
 use crate::types::Pfn;
-use alloc::collections::TryReserveError;
+use alloc::collections::{TryReserveError, VecDeque};
 use alloc::vec::Vec;
 
 /// The queue of unlinked table frames (inside `MmuCore::free_queue`'s mutex).
 #[derive(Debug, Default)]
 pub(crate) struct FreeQueue {
-    /// Unlinked frames, oldest first.
-    pub(super) frames: Vec<Pfn>,
+    /// Unlinked frames, oldest first. A ring buffer: a reclaimer takes its frames from the
+    /// front in chunks, and a `Vec` moved the rest of the queue down at every chunk (a reclaim
+    /// quadratic in the queue's length).
+    pub(super) frames: VecDeque<Pfn>,
     /// Frames that will be queued with [`Promised::push`] and have room reserved (module
     /// invariant).
     promised: usize,
@@ -49,7 +51,7 @@ impl FreeQueue {
     /// May allocate: the TDP MMU's zaps are not heap-fallible.
     pub(super) fn append_unpromised(&mut self, pages: &mut Vec<Pfn>) {
         self.frames.reserve(self.promised + pages.len());
-        self.frames.append(pages);
+        self.frames.extend(pages.drain(..));
     }
 
     /// Queues a frame that holds a promise: allocates nothing.
@@ -57,7 +59,7 @@ impl FreeQueue {
         debug_assert!(self.promised > 0, "{pfn:?} queued without a promise");
         debug_assert!(self.frames.len() < self.frames.capacity());
         self.promised = self.promised.saturating_sub(1);
-        self.frames.push(pfn);
+        self.frames.push_back(pfn);
     }
 
     /// Frames queued.
