@@ -150,11 +150,42 @@ fn a_callback_panic_after_recycling_leaks_the_zapped_pages_past_the_vms_drop() {
     );
 }
 
-/// The test host, with an `alloc_table` that panics once when armed (a host bug, which the
-/// crate says unwinds out of the fault and leaves the VM usable).
+/// The test host, with an `alloc_table` (and an `alloc_table_below_4g`) that panics once when
+/// armed (a host bug, which the crate says unwinds out of the fault and leaves the VM usable).
 struct PanicAlloc {
     inner: Arc<vmmu::testing::TestHost>,
     armed: std::sync::atomic::AtomicBool,
+    armed_low: std::sync::atomic::AtomicBool,
+}
+
+impl PanicAlloc {
+    /// A shadow VM (at most `max_pages` shadow pages) over the test host, with common::shadow's
+    /// RAM slot.
+    fn shadow_vm(max_pages: Option<usize>) -> (vmmu::vm::Vm<PanicAlloc>, Arc<PanicAlloc>) {
+        use vmmu::vm::{Vm, VmConfig};
+        let inner = Arc::new(vmmu::testing::TestHost::new(2048));
+        inner.map(
+            common::shadow::RAM_HVA,
+            common::shadow::RAM_SIZE,
+            common::shadow::RAM_HVA >> 12,
+            vmmu::Level::L4K,
+            true,
+        );
+        let host = Arc::new(PanicAlloc { inner, armed: false.into(), armed_low: false.into() });
+        let mut cfg = VmConfig::shadow(46).unwrap();
+        cfg.max_vcpus = 2;
+        cfg.shadow_max_pages = max_pages;
+        let vm = Vm::new(cfg, host.clone()).unwrap();
+        vm.set_memory_region(&UserspaceMemoryRegion::new(
+            0,
+            0,
+            0,
+            common::shadow::RAM_SIZE,
+            common::shadow::RAM_HVA,
+        ))
+        .unwrap();
+        (vm, host)
+    }
 }
 
 use std::sync::Arc;
@@ -173,6 +204,9 @@ unsafe impl FrameAllocator for PanicAlloc {
         self.inner.alloc_table(init)
     }
     fn alloc_table_below_4g(&self, init: u64) -> Option<Pfn> {
+        if self.armed_low.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            panic!("host bug in alloc_table_below_4g");
+        }
         self.inner.alloc_table_below_4g(init)
     }
     unsafe fn free_table(&self, pfn: Pfn) {
@@ -231,29 +265,9 @@ fn read_gva<H: vmmu::host::Host + GuestMemory>(v: &mut vmmu::vcpu::Vcpu<H>, gva:
 /// without the panic.
 #[test]
 fn a_panicking_alloc_table_in_a_root_load_after_recycling_loses_the_remote_flush() {
-    use vmmu::vm::{Vm, VmConfig};
     let run = |panic: bool| -> (bool, bool) {
-        let inner = Arc::new(vmmu::testing::TestHost::new(2048));
-        inner.map(
-            common::shadow::RAM_HVA,
-            common::shadow::RAM_SIZE,
-            common::shadow::RAM_HVA >> 12,
-            vmmu::Level::L4K,
-            true,
-        );
-        let host = Arc::new(PanicAlloc { inner: inner.clone(), armed: false.into() });
-        let mut cfg = VmConfig::shadow(46).unwrap();
-        cfg.max_vcpus = 2;
-        cfg.shadow_max_pages = Some(64);
-        let vm = Vm::new(cfg, host.clone()).unwrap();
-        vm.set_memory_region(&UserspaceMemoryRegion::new(
-            0,
-            0,
-            0,
-            common::shadow::RAM_SIZE,
-            common::shadow::RAM_HVA,
-        ))
-        .unwrap();
+        let (vm, host) = PanicAlloc::shadow_vm(Some(64));
+        let inner = host.inner.clone();
         let next = std::rc::Rc::new(std::cell::Cell::new(common::shadow::TABLES_GPA));
         let s1 = Space::new(&inner, &next);
         let s2 = Space::new(&inner, &next);
@@ -348,4 +362,48 @@ fn dirty_bitmap_mark_past_the_slot_is_ignored_not_a_panic() {
     let marked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| bitmap.mark(5)));
     assert!(marked.is_ok(), "DirtyBitmap::mark(5) on a 1-page bitmap panicked");
     assert_eq!(bitmap.snapshot(), vec![0], "a page past the slot was marked dirty");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. The free queue's promises (`mmu_core/free_queue.rs`: one per live shadow page and per
+//    vCPU's PAE root frame) were made before the host's `alloc_table` / `alloc_table_below_4g`:
+//    a host callback that unwound there kept the promise with no frame behind it, so each such
+//    panic reserved queue room for the VM's life. They are now made after the allocation.
+
+#[test]
+fn a_panicking_table_allocation_leaves_no_free_queue_promise_behind() {
+    use vmmu::guest::{GuestCpu, PagingMode};
+    let (vm, host) = PanicAlloc::shadow_vm(None);
+    let next = std::rc::Rc::new(std::cell::Cell::new(common::shadow::TABLES_GPA));
+    let s = Space::new(&host.inner, &next);
+    s.map4k(0, 0x100_0000, P | RW | US);
+    s.map4k(1 << 39, 0x100_1000, P | RW | US);
+    let mut v = vm.create_vcpu().unwrap();
+    v.set_guest_cpu(long4(s.cr3)).unwrap();
+    read_gva(&mut v, 0);
+    let shadow = vm.shadow_mmu().unwrap();
+    let promises = || vm.core().free_queue_promises();
+    assert_eq!(promises(), shadow.pages_in_use(), "setup: one promise per page");
+    let sync = std::sync::atomic::Ordering::SeqCst;
+    // The fault for gva 1 << 39 needs a new PDPT page: the host's alloc_table panics.
+    host.armed.store(true, sync);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_gva(&mut v, 1 << 39)));
+    assert!(r.is_err(), "setup: the host panicked");
+    assert_eq!(promises(), shadow.pages_in_use(), "a panicking alloc_table left a promise");
+    // A PAE guest's first root load: the host's alloc_table_below_4g panics.
+    let mut w = vm.create_vcpu().unwrap();
+    w.set_guest_cpu(GuestCpu { mode: PagingMode::Pae { pdptrs: [0; 4] }, ..long4(0) }).unwrap();
+    w.load_cr3(0x20_0000).unwrap();
+    host.armed_low.store(true, sync);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.service_requests()));
+    assert!(r.is_err(), "setup: the host panicked");
+    assert_eq!(
+        promises(),
+        shadow.pages_in_use(),
+        "a panicking alloc_table_below_4g left a promise (no vCPU holds a PAE root frame)"
+    );
+    // The VM goes on: both vCPUs reach their pages.
+    read_gva(&mut v, 1 << 39);
+    w.service_requests().unwrap();
+    assert_eq!(promises(), shadow.pages_in_use() + 1, "w's PAE root frame holds one");
 }

@@ -490,3 +490,45 @@ fn special_root_fault_vs_zap_all_without_the_check_is_unlinked_at_release() {
 fn gva_cache_vs_slot_create_catches_vcpu_cache_without_gen() {
     assert_caught(Bug::VcpuCacheWithoutGen, |b| gva_cache_vs_slot_create(b, false));
 }
+
+/// The free queue's reclaimer turns (`MmuCore::reclaim`): a vCPU walks the
+/// shadow in guest mode and then reclaims (as `reclaim_batched` does after a fault), while the
+/// shrinker zaps the three pages below its pinned root and reclaims too. Property: no walk reads
+/// a freed frame, no frame is freed twice (the test host asserts), and once both are done and
+/// one more reclaim ran, nothing waits in the queue and only the root's frame is in use.
+#[test]
+fn two_reclaimers_and_a_guest_mode_walk() {
+    let cov = Coverage::default();
+    let c = cov.clone();
+    model(move || {
+        c.execution();
+        let (vm, host) = shadow_vm(BugSet::NONE);
+        let cr3 = long4_tables(&host, DATA_GPA);
+        let mut v = long4_vcpu(&vm, cr3);
+        assert_eq!(access(&mut v, GVA), Seen::Ram(ram_pfn(DATA_GPA)), "setup");
+        let vm = Arc::new(vm);
+        let vm2 = vm.clone();
+        let t = thread::spawn(move || {
+            let hw = v.enter_guest_mode().is_ok().then(|| {
+                let w = v.walk_gva(Gva(GVA), Access::USER);
+                v.exit_guest_mode();
+                w
+            });
+            vm2.reclaim();
+            (v, hw)
+        });
+        assert_eq!(vm.shrink_shadow_pages(8), 3);
+        let (v, hw) = t.join().unwrap();
+        c.saw(match hw {
+            Some(HwWalk::Translated { .. }) => "walk translated".into(),
+            Some(HwWalk::Violation { .. }) => "walk zapped".into(),
+            other => format!("{other:?}"),
+        });
+        assert_eq!(host.use_after_free(), 0, "VIOLATION: a walk read a freed table page");
+        vm.reclaim();
+        assert_eq!(vm.core().pending_free(), 0, "VIOLATION: frames left in the queue");
+        assert_eq!(host.tables_in_use(), 1, "VIOLATION: frames of zapped pages not freed");
+        drop(v);
+    });
+    cov.expect(&["walk translated", "walk zapped"]);
+}
