@@ -154,7 +154,8 @@ fn a_callback_panic_after_recycling_leaks_the_zapped_pages_past_the_vms_drop() {
 /// armed (a host bug, which the crate says unwinds out of the fault and leaves the VM usable).
 struct PanicAlloc {
     inner: Arc<vmmu::testing::TestHost>,
-    armed: std::sync::atomic::AtomicBool,
+    /// 0: off; n: the n-th `alloc_table` from now panics.
+    armed: std::sync::atomic::AtomicUsize,
     armed_low: std::sync::atomic::AtomicBool,
 }
 
@@ -171,7 +172,7 @@ impl PanicAlloc {
             vmmu::Level::L4K,
             true,
         );
-        let host = Arc::new(PanicAlloc { inner, armed: false.into(), armed_low: false.into() });
+        let host = Arc::new(PanicAlloc { inner, armed: 0.into(), armed_low: false.into() });
         let mut cfg = VmConfig::shadow(46).unwrap();
         cfg.max_vcpus = 2;
         cfg.shadow_max_pages = max_pages;
@@ -198,7 +199,8 @@ unsafe impl FrameAllocator for PanicAlloc {
         self.inner.retains_table_memory()
     }
     fn alloc_table(&self, init: u64) -> Option<Pfn> {
-        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+        let sync = std::sync::atomic::Ordering::SeqCst;
+        if self.armed.fetch_update(sync, sync, |n| n.checked_sub(1)) == Ok(1) {
             panic!("host bug in alloc_table");
         }
         self.inner.alloc_table(init)
@@ -292,7 +294,7 @@ fn a_panicking_alloc_table_in_a_root_load_after_recycling_loses_the_remote_flush
         assert!(!b.requests_pending(), "setup: nothing asked of B yet");
         let recycled = shadow.stats.snapshot().mmu_recycled;
         a.load_cr3(s2.cr3).unwrap();
-        host.armed.store(panic, std::sync::atomic::Ordering::SeqCst);
+        host.armed.store(usize::from(panic), std::sync::atomic::Ordering::SeqCst);
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| a.service_requests()));
         assert_eq!(r.is_err(), panic, "{r:?}");
         assert!(shadow.stats.snapshot().mmu_recycled > recycled, "setup: the root load recycled");
@@ -386,7 +388,7 @@ fn a_panicking_table_allocation_leaves_no_free_queue_promise_behind() {
     assert_eq!(promises(), shadow.pages_in_use(), "setup: one promise per page");
     let sync = std::sync::atomic::Ordering::SeqCst;
     // The fault for gva 1 << 39 needs a new PDPT page: the host's alloc_table panics.
-    host.armed.store(true, sync);
+    host.armed.store(1, sync);
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_gva(&mut v, 1 << 39)));
     assert!(r.is_err(), "setup: the host panicked");
     assert_eq!(promises(), shadow.pages_in_use(), "a panicking alloc_table left a promise");
@@ -406,4 +408,40 @@ fn a_panicking_table_allocation_leaves_no_free_queue_promise_behind() {
     read_gva(&mut v, 1 << 39);
     w.service_requests().unwrap();
     assert_eq!(promises(), shadow.pages_in_use() + 1, "w's PAE root frame holds one");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. A special root (a PAE guest's) pinned each level-2 page as it got it: a host
+//    `alloc_table` that panicked for a later page left the earlier ones pinned by a root that
+//    never existed, so they were never freed, not by a zap-all nor by the VM's drop, and still
+//    counted against the page limit. The pages are now all got before any is pinned.
+
+#[test]
+fn a_panic_while_building_a_special_root_leaves_no_page_pinned() {
+    use vmmu::guest::{GuestCpu, PagingMode};
+    let (vm, host) = PanicAlloc::shadow_vm(None);
+    let next = std::rc::Rc::new(std::cell::Cell::new(common::shadow::TABLES_GPA));
+    // A PDPT whose four PDPTEs name four page directories (all empty).
+    let pdpt = common::shadow::alloc_table(&next);
+    for i in 0..4 {
+        let pd = common::shadow::alloc_table(&next);
+        host.inner.write_u64(common::shadow::RAM_HVA + pdpt + 8 * i, pd | P);
+    }
+    let mut w = vm.create_vcpu().unwrap();
+    w.set_guest_cpu(GuestCpu { mode: PagingMode::Pae { pdptrs: [0; 4] }, ..long4(0) }).unwrap();
+    w.load_cr3(pdpt).unwrap();
+    // The root's second level-2 page: the host panics.
+    host.armed.store(2, std::sync::atomic::Ordering::SeqCst);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.service_requests()));
+    assert!(r.is_err(), "setup: the host panicked");
+    w.service_requests().unwrap();
+    let shadow = vm.shadow_mmu().unwrap();
+    assert_eq!(shadow.pages_in_use(), 4, "the root's four level-2 pages");
+    drop(w);
+    vm.zap_all_fast();
+    assert_eq!(
+        shadow.pages_in_use(),
+        0,
+        "a page the unwound root build pinned is still held after its vCPU went and a zap-all"
+    );
 }

@@ -257,7 +257,12 @@ impl ShadowRoot {
     /// PAE root frame (below 4 GiB: the guest runs in PAE paging on it, and a PAE CR3 names only
     /// such frames; KVM allocates it with `__GFP_DMA32`): entry `i` links the level-2 page that
     /// `pages[i]` keys, pinned by the root (`None`: the entry stays 0). `Err`: why a shadow page
-    /// could not be made; what was linked so far is unlinked and unpinned.
+    /// could not be made; nothing is pinned or linked then.
+    ///
+    /// Every page is got before any is pinned: getting one calls the host (`alloc_table`), which
+    /// may unwind, and pages pinned by a root that never came to be would stay pinned for good
+    /// (`tests/embedder_hostile_impls.rs`). Pages got before a failure stay as unpinned pages,
+    /// which recycling or a zap frees.
     fn alloc_special<H: Host>(
         core: &MmuCore<H>,
         stats: &super::ShadowStats,
@@ -266,17 +271,15 @@ impl ShadowRoot {
         pages: [Option<(Gfn, SpRole)>; 4],
     ) -> Result<ShadowRoot, NewPageError> {
         let mut sps = [None; 4];
-        for (i, page) in pages.into_iter().enumerate() {
-            let Some((gfn, role)) = page else { continue };
-            let sp = match st.get_page(core, stats, gfn, role) {
-                Ok((sp, _)) => sp,
-                Err(why) => {
-                    Self::Special { pfn, sps }.release(core, st);
-                    return Err(why);
-                }
-            };
-            sps[i] = Some(sp);
-            Self::link_special(core, st, pfn, i, sp);
+        for (sp, page) in sps.iter_mut().zip(pages) {
+            if let Some((gfn, role)) = page {
+                *sp = Some(st.get_page(core, stats, gfn, role)?.0);
+            }
+        }
+        for (i, sp) in sps.iter().enumerate() {
+            if let Some(sp) = *sp {
+                Self::link_special(core, st, pfn, i, sp);
+            }
         }
         Ok(ShadowRoot::Special { pfn, sps })
     }
