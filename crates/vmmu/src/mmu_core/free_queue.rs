@@ -2,10 +2,10 @@
 //! room promised for them, so that zapping a shadow page needs no heap.
 //!
 //! KVM's zaps allocate nothing (its lists are intrusive), so a zap cannot fail and neither can
-//! the fault that recycles pages to make room. Here the queue is a `Vec`, and each shadow page
-//! (and each vCPU's PAE root frame) reserves its place in it when it is made, where running out
-//! of heap can still be reported ([`FreeQueue::promise`]); queuing it later, in a zap, then
-//! allocates nothing ([`Promised::push`]).
+//! the fault that recycles pages to make room. Here the queue is a buffer on the heap, and each
+//! shadow page (and each vCPU's PAE root frame) reserves its place in it when it is made, where
+//! running out of heap can still be reported ([`FreeQueue::promise`]); queuing it later, in a
+//! zap, then allocates nothing ([`Promised::push`]).
 //!
 //! # Invariants
 //! - `frames.capacity() - frames.len() >= promised`, and `promised` is the number of frames
@@ -37,14 +37,6 @@ impl FreeQueue {
         self.frames.try_reserve(self.promised + 1)?;
         self.promised += 1;
         Ok(())
-    }
-
-    /// Gives back a promise whose frame will never be queued (the page was not made after all).
-    /// Unused: promises are made after the frame's allocation, so none is given back.
-    #[cfg(test)]
-    pub(crate) fn unpromise(&mut self) {
-        debug_assert!(self.promised > 0, "no promise to give back");
-        self.promised = self.promised.saturating_sub(1);
     }
 
     /// Queues frames that hold no promise (TDP tables and roots), keeping the promised room.
@@ -110,16 +102,5 @@ mod tests {
         q.frames.drain(..3);
         assert_eq!(q.frames.capacity(), cap2);
         assert_eq!(q.frames, [0, 1, 2, 3, 4].map(Pfn));
-    }
-
-    #[test]
-    fn a_promise_given_back_frees_its_room_for_the_next() {
-        let mut q = FreeQueue::default();
-        q.promise().unwrap();
-        q.unpromise();
-        assert_eq!(q.promised(), 0);
-        q.promise().unwrap();
-        q.push_promised(Pfn(7));
-        assert_eq!(q.len(), 1);
     }
 }

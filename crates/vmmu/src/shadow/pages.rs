@@ -698,9 +698,9 @@ impl ShadowState {
     }
 
     /// KVM `__kvm_mmu_prepare_zap_page`: clears every SPTE of the page and every SPTE linking it;
-    /// a page no root pins goes to the prepared list (freed by the next commit), a pinned one becomes
-    /// invalid, its vCPUs are asked to drop obsolete roots (in this critical section, so a fault
-    /// that holds the lock later sees the request), and its last root user frees it.
+    /// a page no root pins goes to the prepared list (freed by the next commit), a pinned one
+    /// becomes invalid, its vCPUs are asked to drop obsolete roots (in this critical section, so
+    /// a fault that holds the lock later sees the request), and its last root user frees it.
     pub(crate) fn prepare_zap<H: Host>(
         &mut self,
         core: &MmuCore<H>,
