@@ -49,7 +49,9 @@
 //!   `alloc_table` leave the VM usable). A shadow zap's owed remote TLB flush and the pages it
 //!   prepared are kept in the shadow MMU's state, not on the unwinding call's stack, so the next
 //!   commit (any later fault, root load, zap or host invalidation) flushes and frees them
-//!   (`tests/embedder_hostile_impls.rs`). A panic in `free_table` while the thread is already
+//!   (`tests/embedder_hostile_impls.rs`); the tables a TDP zap unlinked are queued for freeing
+//!   as it unwinds, with a TLB flush made pending on every vCPU first
+//!   (`tests/host_misbehaviour.rs`). A panic in `free_table` while the thread is already
 //!   unwinding (a VM dropped by a panicking thread) aborts the process, as any panic in `Drop`
 //!   during unwinding does.
 

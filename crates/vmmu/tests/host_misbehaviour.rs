@@ -317,3 +317,28 @@ fn a_panicking_kick_leaves_no_vcpu_without_its_free_obsolete_roots_request() {
         v1.root().map(|r| r.is_obsolete())
     );
 }
+
+/// A TDP zap unlinks tables and lists their frames for freeing after the remote flush. A kick
+/// that panicked in that flush (here inside `invalidate_hva_range_begin`, whose range covers a
+/// whole page table) dropped the list: the frames were never freed, not even by the VM's drop.
+/// They are now queued as the begin unwinds (every vCPU's flush request was set before any kick,
+/// and a table is freed only after a grace period, so nothing reads it freed).
+#[test]
+fn a_panic_in_a_tdp_zaps_flush_leaks_no_table() {
+    let (vm, host) = panicky_vm(FormatKind::Ept);
+    // A 2 MiB slot at 2 MiB: its page table is unlinked by a zap of the whole slot.
+    vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 2 << 20, 2 << 20, RAM_HVA)).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    assert!(tdp_read(&mut v, (2 << 20) + 0x1000).is_some(), "setup: a table to zap");
+    v.enter_guest_mode().unwrap();
+    KICK_PANICS.with(|p| p.set(true));
+    let delete = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 2 << 20, 0, RAM_HVA)).map(|_| ())
+    }));
+    KICK_PANICS.with(|p| p.set(false));
+    assert!(delete.is_err(), "setup: the kick panicked inside the delete's zap: {delete:?}");
+    v.exit_guest_mode();
+    drop(v);
+    drop(vm);
+    assert_eq!(host.host.tables_in_use(), 0, "table frames the unwound zap unlinked were lost");
+}

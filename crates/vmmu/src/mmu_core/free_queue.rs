@@ -77,6 +77,41 @@ impl Promised<'_> {
     }
 }
 
+/// Table frames a zap unlinked, to be queued for freeing once its remote flush is done
+/// (`MmuCore::unlinked`; a `Vec` to the zap's code, which queues it explicitly after the
+/// flush). Dropped with frames still in it, by an unwind (a host callback that panics in the
+/// zap or in its flush's kick), it first makes a TLB flush pending on every vCPU (atomics only,
+/// no kick: nothing that can unwind again), then queues them, so no frame is lost: a queued
+/// frame is freed only after a grace period in a later reclaim, which a vCPU in guest mode ends
+/// only by leaving it, and it flushes its TLB and paging-structure caches before it enters
+/// again; queuing bumps the table epoch that the vCPUs' leaf-table caches check.
+pub(crate) struct Unlinked<'a, H: crate::host::Host> {
+    pub(super) core: &'a super::MmuCore<H>,
+    pub(super) pages: Vec<Pfn>,
+}
+
+impl<H: crate::host::Host> core::ops::Deref for Unlinked<'_, H> {
+    type Target = Vec<Pfn>;
+    fn deref(&self) -> &Vec<Pfn> {
+        &self.pages
+    }
+}
+
+impl<H: crate::host::Host> core::ops::DerefMut for Unlinked<'_, H> {
+    fn deref_mut(&mut self) -> &mut Vec<Pfn> {
+        &mut self.pages
+    }
+}
+
+impl<H: crate::host::Host> Drop for Unlinked<'_, H> {
+    fn drop(&mut self) {
+        if !self.pages.is_empty() {
+            self.core.request_all_without_kick(crate::requests::Request::TlbFlush);
+            self.core.defer_free(&mut self.pages);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,7 +21,7 @@ mod lock;
 mod walk;
 
 pub(crate) use change::FlushNeed;
-pub(crate) use free_queue::{FreeQueue, Promised};
+pub(crate) use free_queue::{FreeQueue, Promised, Unlinked};
 pub(crate) use lock::{MmuLock, MmuRead, MmuWrite};
 pub use walk::{hw_walk, hw_walk_leaf_table, tdp_need, HwWalk, LocklessWalk};
 pub(crate) use walk::{CachedWalk, LeafTableCache};
@@ -353,6 +353,13 @@ impl<H: Host> MmuCore<H> {
         }
     }
 
+    /// An empty list for the table frames a zap unlinks, queued for freeing when it is dropped,
+    /// also by an unwind ([`Unlinked`]); a zap queues it explicitly after its flush
+    /// ([`Self::defer_free`]).
+    pub(crate) fn unlinked(&self) -> Unlinked<'_, H> {
+        Unlinked { core: self, pages: Vec::new() }
+    }
+
     /// The free queue, locked, to promise room for a frame that will be queued by a zap (a new
     /// shadow page, a vCPU's PAE root): [`FreeQueue::promise`] fails when the heap has no room.
     pub(crate) fn free_queue(&self) -> crate::sync::MutexGuard<'_, FreeQueue> {
@@ -459,6 +466,15 @@ impl<H: Host> MmuCore<H> {
         }
     }
 
+    /// Makes `r` pending on every vCPU and kicks none (an unwind's clean-up, which must not call
+    /// the host again: [`Unlinked`]). A vCPU in guest mode sees it when it next leaves and
+    /// enters.
+    pub(crate) fn request_all_without_kick(&self, r: Request) {
+        for v in self.vcpu_states().iter() {
+            v.request(r);
+        }
+    }
+
     /// Makes `r` pending on every vCPU and kicks those in guest mode; with [`AckWait::Wait`],
     /// waits for the acknowledgement of each of them (KVM `kvm_make_all_cpus_request`, with or
     /// without `KVM_REQUEST_WAIT`). Returns whether any vCPU was in guest mode (was kicked), as
@@ -499,7 +515,7 @@ impl<H: Host> MmuCore<H> {
         ranges: &[(AsId, Gfn, Gfn)],
         mut zap: impl FnMut(&MmuWrite<'_, T>, AsId, Gfn, Gfn, &mut Vec<Pfn>) -> bool,
     ) {
-        let mut pages = Vec::new();
+        let mut pages = self.unlinked();
         // Declared before the lock guard, so an unwind drops the guard first and the undo can
         // take the lock.
         let mut undo = EndIfUnwound { core: self, lock, begun: false };

@@ -169,13 +169,14 @@ impl<'a, H: Host> Tdp<'a, H> {
             // `zap_all_fast` retired it already (it saw no users): it frees the page.
             return;
         }
-        let mut pages = Vec::new();
+        let mut pages = self.unlinked();
         let flush = self.zap_root_locked(&roots, &root, &mut pages);
+        // Listed before the flush, whose kick may unwind: the root is off the list already.
+        pages.push(root.pfn());
         // A pageless root is private to the vCPU dropping it: no other vCPU can hold its
         // translations, and that vCPU flushes its own TLB when it loads its next root.
         self.flush_after_zap(flush && root.kind() == RootKind::Tdp);
         drop(roots);
-        pages.push(root.pfn());
         self.defer_free(&mut pages);
     }
 
@@ -184,7 +185,7 @@ impl<'a, H: Host> Tdp<'a, H> {
     /// Callers hold the slots lock (the memslot update path) or otherwise serialise it.
     pub(crate) fn zap_all_fast(&self) {
         self.stats.zap_all_fast.add(1);
-        let mut pages = Vec::new();
+        let mut pages = self.unlinked();
         let mut roots = self.tdp.mmu_lock.write(&self.vcpus, &self.relax());
         for r in roots.iter().filter(|r| r.kind() == RootKind::Tdp) {
             // Pageless roots have no page to mark (KVM's special roots): their vCPUs drop them on

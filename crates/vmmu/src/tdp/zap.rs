@@ -73,7 +73,7 @@ impl<H: Host> Tdp<'_, H> {
     /// period. The memslot delete/move flush hook and host invalidations use it.
     pub(crate) fn zap_gfn_range(&self, as_id: AsId, start: Gfn, end: Gfn) {
         self.stats.zap_range.add(1);
-        let mut pages = Vec::new();
+        let mut pages = self.unlinked();
         let roots = self.tdp.mmu_lock.write(&self.vcpus, &self.relax());
         let flush =
             self.zap_gfn_range_locked(&roots, as_id, start, end, ZapScope::Tables, &mut pages);
@@ -99,7 +99,7 @@ impl<H: Host> Tdp<'_, H> {
         end: Gfn,
         huge_ok: &dyn Fn(Gfn, Level) -> bool,
     ) {
-        let mut pages = Vec::new();
+        let mut pages = self.unlinked();
         let roots = self.tdp.mmu_lock.write(&self.vcpus, &self.relax());
         let mut flush = false;
         for r in roots.iter().filter(|r| r.as_id() == as_id) {

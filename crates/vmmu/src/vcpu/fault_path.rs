@@ -414,7 +414,7 @@ impl VcpuMmu {
         {
             return Err(cause);
         }
-        let mut pages = alloc::vec::Vec::new();
+        let mut pages = mmu.unlinked();
         // Marked again: the collection that may have run since the first mark (it holds the
         // lock exclusive, so not while the shared hold was) may have cleared the bit.
         mark_before_map(set, fault, backing);
