@@ -1,5 +1,7 @@
-//! Table pages waiting for a grace period before they go back to the host (rule 3), and the
-//! room promised for them, so that zapping a shadow page needs no heap.
+//! Table pages waiting for a grace period before they go back to the host (rule 3): the room
+//! promised for them, so that zapping a shadow page needs no heap, and the list a TDP zap keeps
+//! of the tables it unlinked until its flush is done, which an unwind cannot lose
+//! ([`Unlinked`]).
 //!
 //! KVM's zaps allocate nothing (its lists are intrusive), so a zap cannot fail and neither can
 //! the fault that recycles pages to make room. Here the queue is a buffer on the heap, and each
