@@ -1068,8 +1068,8 @@ mod kernel_memory_tests {
         assert!(m.need(&huge, LOW) > 0);
     }
 
-    /// KVM refuses a guest address that is not page-aligned among its first checks
-    /// (`__kvm_set_memory_region`: `guest_phys_addr & (PAGE_SIZE - 1)`), before it allocates.
+    /// `access_ok`'s limit: `TASK_SIZE_MAX` from Linux 6.12 on (47 or 56 bits), 2^63 before or
+    /// when the release cannot be read.
     #[test]
     fn the_user_address_limit_follows_the_kernel_release() {
         use super::user_address_limit_of as limit;
@@ -1080,6 +1080,8 @@ mod kernel_memory_tests {
         assert_eq!(limit("", false), 1 << 63);
     }
 
+    /// KVM refuses a guest address that is not page-aligned among its first checks
+    /// (`__kvm_set_memory_region`: `guest_phys_addr & (PAGE_SIZE - 1)`), before it allocates.
     #[test]
     fn a_misaligned_guest_address_counts_for_nothing() {
         let m = host(true, GIB);
