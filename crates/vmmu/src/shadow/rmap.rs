@@ -187,10 +187,8 @@ impl Rmap {
     /// Removes leaf (`id`, `idx`) from `gfn`'s head, dropping the head if it empties, and gives
     /// the table's memory back once at most a quarter of it is used. Nothing if it is not there.
     pub(super) fn remove(&mut self, as_id: AsId, gfn: Gfn, id: SpId, idx: u16) {
-        let k = gfn_key(as_id, gfn);
-        if self.map.get_mut(&k).is_some_and(|head| head.remove(id, idx)) {
-            self.map.remove(&k);
-            shrink_sparse(&mut self.map);
+        if self.map.get_mut(&gfn_key(as_id, gfn)).is_some_and(|head| head.remove(id, idx)) {
+            self.take(as_id, gfn);
         }
     }
 
