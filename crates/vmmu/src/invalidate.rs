@@ -16,7 +16,23 @@
 //! `seq` moved: both give Retry.
 
 use crate::sync::{AtomicU64, Ordering};
-use crate::types::Gfn;
+use crate::types::{AsId, Gfn};
+
+/// The gfn ranges of one invalidation, visited one by one: a host range meets any number of
+/// memslots, and listing their ranges would take heap, which a host reclaiming memory may not
+/// have (KVM's notifier calls its handler per memslot too).
+pub(crate) trait GfnRanges {
+    /// Calls `f` with each range as (address space, start, end).
+    fn for_each(&self, f: &mut dyn FnMut(AsId, Gfn, Gfn));
+}
+
+impl GfnRanges for [(AsId, Gfn, Gfn)] {
+    fn for_each(&self, f: &mut dyn FnMut(AsId, Gfn, Gfn)) {
+        for &(as_id, start, end) in self {
+            f(as_id, start, end);
+        }
+    }
+}
 
 /// The invalidation state of one VM.
 #[derive(Debug, Default)]

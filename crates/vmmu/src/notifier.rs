@@ -11,10 +11,11 @@
 //! panics) undoes its own counts and returns no token.
 
 use crate::host::Host;
+use crate::invalidate::GfnRanges;
+use crate::memslot::MemslotsGuard;
 use crate::shared::{VmMmu, VmShared};
 use crate::sync::{Arc, Ordering};
 use crate::types::{AsId, Gfn, Hva, PAGE_SHIFT};
-use alloc::vec::Vec;
 
 /// A host invalidation in flight (between KVM's `invalidate_range_start` and `_end`), from
 /// [`crate::vm::Vm::invalidate_hva_range_begin`]. Faults on the range retry until it ends:
@@ -91,7 +92,6 @@ impl<H: Host> core::fmt::Debug for HvaInvalidation<H> {
 /// [`crate::vm::Vm::invalidate_hva_range_begin`]).
 pub(crate) fn begin<H: Host>(vm: &Arc<VmShared<H>>, start: Hva, end: Hva) -> HvaInvalidation<H> {
     let inner = &**vm;
-    let mut ranges = Vec::new();
     // KVM's `mn_invalidate_lock`: no memslot update publishes while this is held, and none
     // publishes once the count is raised (an update holds it only to publish, never across a
     // grace period, so this never waits for vCPUs).
@@ -100,22 +100,12 @@ pub(crate) fn begin<H: Host>(vm: &Arc<VmShared<H>>, start: Hva, end: Hva) -> Hva
     // If this unwinds (a host callback that panics), the begin is undone: no token is returned
     // to end it, and a count left raised would make every later memslot update wait forever.
     let mut undo = BeginUnwound { vm: inner, mmu_begun: false };
-    {
-        let guard = inner.memslots.read(&mn_reader);
-        for as_id in 0..inner.memslots.nr_address_spaces() {
-            guard.set(AsId(as_id)).for_each_in_hva_range(start, end, |s| {
-                let s_start = s.userspace_addr().raw();
-                let s_end = s.end_hva().raw();
-                let lo = start.raw().max(s_start);
-                let hi = end.raw().min(s_end);
-                if lo < hi {
-                    let g0 = s.base_gfn().raw() + ((lo - s_start) >> PAGE_SHIFT);
-                    let g1 = s.base_gfn().raw() + ((hi - s_start + 0xfff) >> PAGE_SHIFT);
-                    ranges.push((AsId(as_id), Gfn(g0), Gfn(g1)));
-                }
-            });
-        }
-    }
+    // The memslots' read section spans the MMU's work, as KVM's SRCU read lock spans its
+    // notifier handlers: nothing here waits for a memslot grace period (updates are held off by
+    // the lock above anyway), and the MMU's reclaim waits for the table readers only.
+    let slots = inner.memslots.read(&mn_reader);
+    let ranges =
+        HvaRanges { slots: &slots, spaces: inner.memslots.nr_address_spaces(), start, end };
     inner.mmu.invalidate_begin(&inner.core, &ranges);
     undo.mmu_begun = true;
     if let VmMmu::Shadow(shadow) = &inner.mmu {
@@ -123,8 +113,37 @@ pub(crate) fn begin<H: Host>(vm: &Arc<VmShared<H>>, start: Hva, end: Hva) -> Hva
         // before is dropped here.
         shadow.unmap_gfn_ranges(&inner.core, &ranges);
     }
+    drop(slots);
     core::mem::forget(undo);
     HvaInvalidation { vm: vm.clone() }
+}
+
+/// The gfn ranges of the slots a host range `[start, end)` meets, in every address space
+/// (KVM `kvm_handle_hva_range`): each slot's part of the range, rounded out to whole pages.
+struct HvaRanges<'a> {
+    slots: &'a MemslotsGuard<'a>,
+    spaces: u16,
+    start: Hva,
+    end: Hva,
+}
+
+impl GfnRanges for HvaRanges<'_> {
+    fn for_each(&self, f: &mut dyn FnMut(AsId, Gfn, Gfn)) {
+        let (start, end) = (self.start.raw(), self.end.raw());
+        for as_id in 0..self.spaces {
+            self.slots.set(AsId(as_id)).for_each_in_hva_range(self.start, self.end, |s| {
+                let s_start = s.userspace_addr().raw();
+                let s_end = s.end_hva().raw();
+                let lo = start.max(s_start);
+                let hi = end.min(s_end);
+                if lo < hi {
+                    let g0 = s.base_gfn().raw() + ((lo - s_start) >> PAGE_SHIFT);
+                    let g1 = s.base_gfn().raw() + ((hi - s_start + 0xfff) >> PAGE_SHIFT);
+                    f(AsId(as_id), Gfn(g0), Gfn(g1));
+                }
+            });
+        }
+    }
 }
 
 /// Undoes [`begin`] if it unwinds ([`end_counts`]: the MMU's count once its begin returned).

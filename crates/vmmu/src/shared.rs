@@ -6,13 +6,13 @@
 
 use crate::bugs::BugSet;
 use crate::host::Host;
+use crate::invalidate::GfnRanges;
 use crate::memslot::Memslots;
 use crate::mmu_core::MmuCore;
 use crate::shadow::ShadowMmu;
 use crate::spte::MmioCachingPolicy;
 use crate::srcu::ReaderId;
 use crate::tdp::{Tdp, TdpMmu};
-use crate::types::{AsId, Gfn};
 
 /// The state shared by a VM and its vCPUs.
 pub(crate) struct VmShared<H: Host> {
@@ -68,7 +68,11 @@ impl VmMmu {
     /// Host invalidation start for `ranges` (faults there retry from now on), with the TDP
     /// MMU's zap of them in the same critical section; the shadow MMU drops its leaves after
     /// this returns ([`crate::notifier`]).
-    pub(crate) fn invalidate_begin<H: Host>(&self, core: &MmuCore<H>, ranges: &[(AsId, Gfn, Gfn)]) {
+    pub(crate) fn invalidate_begin<H: Host>(
+        &self,
+        core: &MmuCore<H>,
+        ranges: &(impl GfnRanges + ?Sized),
+    ) {
         match self {
             VmMmu::Tdp(tdp) => Tdp { core, tdp }.invalidate_begin(ranges),
             VmMmu::Shadow(shadow) => shadow.invalidate_begin(core, ranges),

@@ -695,7 +695,7 @@ impl<H: Host> Vm<H> {
         let _g = inner.vmm_lock.lock_fair_with(&inner.core.relax());
         let core = &inner.core;
         match &inner.mmu {
-            VmMmu::Shadow(shadow) => shadow.unmap_gfn_ranges(core, &[(as_id, start, end)]),
+            VmMmu::Shadow(shadow) => shadow.unmap_gfn_ranges(core, &[(as_id, start, end)][..]),
             VmMmu::Tdp(tdp) => Tdp { core, tdp }.zap_gfn_range(as_id, start, end),
         }
     }

@@ -22,14 +22,27 @@ struct Failing;
 thread_local! {
     static FAIL: Cell<bool> = const { Cell::new(false) };
     static FAILED: Cell<usize> = const { Cell::new(0) };
+    /// While `FAIL` is on: how many more allocations succeed before they fail.
+    static GRANTED: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Whether this allocation of the thread fails (and counts it).
+fn refuse() -> bool {
+    if !FAIL.try_with(Cell::get).unwrap_or(false) {
+        return false;
+    }
+    if GRANTED.try_with(|g| g.replace(g.get().saturating_sub(1))).unwrap_or(0) > 0 {
+        return false;
+    }
+    let _ = FAILED.try_with(|n| n.set(n.get() + 1));
+    true
 }
 
 // SAFETY: forwards to the system allocator unchanged, or returns null (an allocation failure,
 // which `GlobalAlloc::alloc` may report) while the thread's switch is on.
 unsafe impl GlobalAlloc for Failing {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if FAIL.try_with(Cell::get).unwrap_or(false) {
-            let _ = FAILED.try_with(|n| n.set(n.get() + 1));
+        if refuse() {
             return std::ptr::null_mut();
         }
         // SAFETY: the caller's contract, passed on.
@@ -40,8 +53,7 @@ unsafe impl GlobalAlloc for Failing {
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        if FAIL.try_with(Cell::get).unwrap_or(false) {
-            let _ = FAILED.try_with(|n| n.set(n.get() + 1));
+        if refuse() {
             return std::ptr::null_mut();
         }
         // SAFETY: the caller's contract, passed on.
@@ -55,7 +67,14 @@ static FAILING: Failing = Failing;
 /// Runs `f` with every allocation of this thread failing; returns what it returned and how
 /// many allocations failed.
 fn without_heap<R>(f: impl FnOnce() -> R) -> (R, usize) {
+    heap_for(0, f)
+}
+
+/// Runs `f` with the first `granted` allocations of this thread succeeding and every later one
+/// failing; returns what it returned and how many allocations failed.
+fn heap_for<R>(granted: usize, f: impl FnOnce() -> R) -> (R, usize) {
     FAILED.with(|n| n.set(0));
+    GRANTED.with(|g| g.set(granted));
     FAIL.with(|s| s.set(true));
     let r = f();
     FAIL.with(|s| s.set(false));
@@ -487,4 +506,131 @@ fn emulated_writes_to_shadowed_tables_without_heap() {
         assert!(matches!(access(&mut v, gva, false), Seen::Ram(_)), "{gva:#x}");
     }
     assert_promises(&vm, 0);
+}
+
+/// A second slot of the tests below: 2 MiB of host memory at this address, at guest-physical
+/// `SLOT1_GPA`.
+const SLOT1_HVA: u64 = 0x8000_0000;
+const SLOT1_GPA: u64 = 0x2000_0000;
+const SLOT1_SIZE: u64 = 2 << 20;
+
+/// A shadow VM with a second slot, and a vCPU whose guest maps 32 pages of each slot at
+/// `0x4000_0000` (RAM) and `0x6000_0000` (the second slot), all accessed once.
+fn two_slots_mapped() -> (
+    vmmu::vm::Vm<vmmu::testing::TestHost>,
+    std::sync::Arc<vmmu::testing::TestHost>,
+    vmmu::vcpu::Vcpu<vmmu::testing::TestHost>,
+) {
+    use vmmu::memslot::UserspaceMemoryRegion;
+    let (vm, host, next) = shadow_vm_with(|_| {});
+    host.map(SLOT1_HVA, SLOT1_SIZE, SLOT1_HVA >> 12, vmmu::Level::L4K, true);
+    vm.set_memory_region(&UserspaceMemoryRegion::new(1, 0, SLOT1_GPA, SLOT1_SIZE, SLOT1_HVA))
+        .unwrap();
+    written_once(&host);
+    let s = Space::new(&host, &next);
+    for i in 0..32u64 {
+        s.map4k(0x4000_0000 + (i << 12), 0x100_0000 + (i << 12), P | RW | US);
+        s.map4k(0x6000_0000 + (i << 12), SLOT1_GPA + (i << 12), P | RW | US);
+    }
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    for gva in data_gvas() {
+        assert!(matches!(access(&mut v, gva, true), Seen::Ram(_)), "{gva:#x}");
+    }
+    (vm, host, v)
+}
+
+/// The guest pages [`two_slots_mapped`] maps, in both slots.
+fn data_gvas() -> impl Iterator<Item = u64> {
+    (0..32u64).flat_map(|i| [0x4000_0000 + (i << 12), 0x6000_0000 + (i << 12)])
+}
+
+/// A host invalidation (KVM's MMU notifier) is how a host reclaims memory, so it must not need
+/// the heap: a host range across both slots begins and ends without heap, drops every leaf that
+/// maps it (the slot of 16384 pages is longer than the reverse map, whose list of the range's
+/// mapped gfns the heap then cannot hold: the range is walked gfn by gfn) and makes faults there
+/// retry until it ends. Before, the begin listed the slots' ranges and the mapped gfns on the
+/// heap: out of heap, the process aborted.
+#[test]
+fn host_invalidations_without_heap() {
+    let (vm, _host, mut v) = two_slots_mapped();
+    let ((inv, end), failed) = without_heap(|| {
+        let inv = vm.invalidate_hva_range_begin(vmmu::Hva(RAM_HVA), vmmu::Hva(SLOT1_HVA + 4096));
+        let end = vm.invalidate_hva_range_begin(vmmu::Hva(SLOT1_HVA), vmmu::Hva(SLOT1_HVA + 8192));
+        (inv, end)
+    });
+    assert!(failed > 0, "no allocation was refused: the test proves nothing");
+    for gva in data_gvas() {
+        let walk = hw(&mut v, gva, false);
+        // The RAM slot is in the ranges whole, the second slot's first two pages only.
+        if gva >= 0x6000_2000 {
+            assert!(matches!(walk, HwWalk::Translated { .. }), "{gva:#x}: {walk:?}");
+            continue;
+        }
+        assert!(matches!(walk, HwWalk::Violation { present: false, .. }), "{gva:#x}: {walk:?}");
+        let err = read_fault(&mut v, gva);
+        let (out, _) = without_heap(|| v.handle_page_fault(Gva(gva), err));
+        assert!(matches!(out, Ok(vmmu::fault::FaultOutcome::Retry(_))), "{gva:#x}: {out:?}");
+    }
+    assert_eq!(vm.stale_shadow_entries_for_tests(), Some(0));
+    let ((), failed) = without_heap(|| {
+        inv.end();
+        drop(end);
+    });
+    assert_eq!(failed, 0);
+    for (i, gva) in data_gvas().enumerate() {
+        assert!(matches!(access(&mut v, gva, i % 2 == 0), Seen::Ram(_)), "{gva:#x}");
+    }
+}
+
+/// A memslot delete or move runs out of heap at every allocation in turn: it either fails with
+/// `ENOMEM` and leaves the slot as it was (the guest still reaches its pages), or completes,
+/// with every leaf of the old place dropped (the guest reaches nothing there); never an abort.
+/// Its shadow zap walks the reverse map, whose list of the slot's mapped gfns needs the heap.
+#[test]
+fn memslot_deletes_and_moves_out_of_heap_at_every_allocation() {
+    use vmmu::memslot::{MemslotError, UserspaceMemoryRegion};
+    let (vm, _host, mut v) = two_slots_mapped();
+    let slot1 = |gpa| UserspaceMemoryRegion::new(1, 0, gpa, SLOT1_SIZE, SLOT1_HVA);
+    let gvas = || (0..32u64).map(|i| 0x6000_0000 + (i << 12));
+    for (what, region) in [
+        ("delete", UserspaceMemoryRegion::new(1, 0, SLOT1_GPA, 0, SLOT1_HVA)),
+        ("move", slot1(0x3000_0000)),
+    ] {
+        let mut granted = 0;
+        loop {
+            let (out, failed) = heap_for(granted, || vm.set_memory_region(&region));
+            match out {
+                Err(MemslotError::OutOfMemory { .. }) => {
+                    assert!(failed > 0, "{what} {granted}: ENOMEM with nothing refused");
+                    for gva in gvas() {
+                        let seen = access(&mut v, gva, false);
+                        assert_eq!(seen, Seen::Ram(ram_pfn_at(SLOT1_HVA, gva)), "{what} {granted}");
+                    }
+                }
+                Ok(_) => {
+                    for gva in gvas() {
+                        let seen = access(&mut v, gva, false);
+                        assert!(matches!(seen, Seen::Mmio(..)), "{what} {granted}: {seen:?}");
+                    }
+                    assert_eq!(vm.stale_shadow_entries_for_tests(), Some(0), "{what} {granted}");
+                    vm.set_memory_region(&slot1(SLOT1_GPA)).unwrap();
+                    for gva in gvas() {
+                        assert!(matches!(access(&mut v, gva, false), Seen::Ram(_)), "{gva:#x}");
+                    }
+                    if failed == 0 {
+                        break;
+                    }
+                }
+                Err(e) => panic!("{what} {granted}: {e}"),
+            }
+            granted += 1;
+            assert!(granted < 10_000, "{what}: no end to its allocations");
+        }
+        eprintln!("{what}: {granted} allocations");
+    }
+}
+
+/// The host frame of the page `gva` maps in the second slot (`0x6000_0000 + i` -> page `i`).
+fn ram_pfn_at(hva: u64, gva: u64) -> vmmu::Pfn {
+    vmmu::Pfn((hva + (gva - 0x6000_0000)) >> 12)
 }

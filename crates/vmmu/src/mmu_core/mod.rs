@@ -42,6 +42,7 @@ pub mod loom_knobs {
 
 use crate::bugs::BugSet;
 use crate::host::{Host, TableEntries};
+use crate::invalidate::GfnRanges;
 use crate::invalidate::Invalidation;
 use crate::requests::{Request, VcpuState};
 use crate::spte::{MmioSpteCodec, SpteFormat};
@@ -512,7 +513,7 @@ impl<H: Host> MmuCore<H> {
     pub(crate) fn begin_invalidation<T>(
         &self,
         lock: &MmuLock<T>,
-        ranges: &[(AsId, Gfn, Gfn)],
+        ranges: &(impl GfnRanges + ?Sized),
         mut zap: impl FnMut(&MmuWrite<'_, T>, AsId, Gfn, Gfn, &mut Vec<Pfn>) -> bool,
     ) {
         let mut pages = self.unlinked();
@@ -523,10 +524,10 @@ impl<H: Host> MmuCore<H> {
         self.inval.begin();
         undo.begun = true;
         let mut flush = false;
-        for &(as_id, start, end) in ranges {
+        ranges.for_each(&mut |as_id, start, end| {
             self.inval.add_range(start, end);
             flush |= zap(&guard, as_id, start, end, &mut pages);
-        }
+        });
         self.flush_after_zap(flush);
         drop(guard);
         self.defer_free(&mut pages);

@@ -61,6 +61,7 @@ pub(crate) struct PageLimitReached {
 use crate::fault::{Backing, PageFault};
 use crate::guest::GuestPteMemory;
 use crate::host::Host;
+use crate::invalidate::GfnRanges;
 use crate::mmu_core::{MmuCore, MmuLock};
 use crate::requests::Request;
 use crate::stats::Counter;
@@ -386,7 +387,11 @@ impl ShadowMmu {
     /// Host invalidation start (KVM `kvm_mmu_notifier_invalidate_range_start`): faults on
     /// `ranges` retry from now on. The leaves are dropped by [`Self::unmap_gfn_ranges`], which
     /// the caller runs next.
-    pub(crate) fn invalidate_begin<H: Host>(&self, core: &MmuCore<H>, ranges: &[(AsId, Gfn, Gfn)]) {
+    pub(crate) fn invalidate_begin<H: Host>(
+        &self,
+        core: &MmuCore<H>,
+        ranges: &(impl GfnRanges + ?Sized),
+    ) {
         core.begin_invalidation(&self.mmu_lock, ranges, |_, _, _, _, _| false);
     }
 
@@ -398,13 +403,17 @@ impl ShadowMmu {
     /// Host invalidation (KVM `kvm_unmap_gfn_range` through the rmap): drops every leaf for
     /// the ranges and flushes. The caller has begun the invalidation (faults on the ranges
     /// retry) before this runs.
-    pub(crate) fn unmap_gfn_ranges<H: Host>(&self, core: &MmuCore<H>, ranges: &[(AsId, Gfn, Gfn)]) {
+    pub(crate) fn unmap_gfn_ranges<H: Host>(
+        &self,
+        core: &MmuCore<H>,
+        ranges: &(impl GfnRanges + ?Sized),
+    ) {
         {
             let mut st = self.lock(core);
-            for &(as_id, start, end) in ranges {
+            ranges.for_each(&mut |as_id, start, end| {
                 let dropped = st.unmap_gfn_range(core, as_id, start, end);
                 st.owe_flush(dropped);
-            }
+            });
             st.commit_zap(core, &self.stats);
         }
         core.reclaim();

@@ -542,8 +542,9 @@ impl ShadowState {
         }
     }
 
-    /// The gfns in `[start, end)` of `as_id` that some leaf maps.
-    pub(crate) fn rmap_gfns(&self, as_id: AsId, start: Gfn, end: Gfn) -> Vec<Gfn> {
+    /// The gfns of `[start, end)` of `as_id` to visit for a range operation: every gfn some
+    /// leaf maps, perhaps others ([`super::rmap::Rmap::gfns_in`]); never fails for want of heap.
+    pub(super) fn rmap_gfns(&self, as_id: AsId, start: Gfn, end: Gfn) -> super::rmap::RangeGfns {
         self.rmap.gfns_in(as_id, start, end)
     }
 

@@ -49,6 +49,7 @@ pub mod loom_knobs {
         core::sync::atomic::AtomicBool::new(false);
 }
 
+use crate::invalidate::GfnRanges;
 pub use crate::invalidate::Invalidation;
 use crate::mmu_core::MmuError;
 pub use crate::mmu_core::{hw_walk, hw_walk_leaf_table, tdp_need, HwWalk, LocklessWalk};
@@ -61,7 +62,7 @@ use crate::mmu_core::MmuCore;
 pub(crate) use crate::mmu_core::{MmuLock, MmuRead, MmuWrite};
 use crate::requests::Request;
 use crate::sync::Arc;
-use crate::types::{AsId, Gfn};
+use crate::types::AsId;
 use alloc::vec::Vec;
 use root::{Root, RootKind};
 
@@ -220,7 +221,7 @@ impl<'a, H: Host> Tdp<'a, H> {
     /// ranges a host-address range maps to): faults on the ranges retry until
     /// [`Self::invalidate_end`], and every leaf that maps them is zapped and flushed before this
     /// returns. Tables stay linked ([`ZapScope::Leaves`], as KVM's `kvm_unmap_gfn_range`).
-    pub(crate) fn invalidate_begin(&self, ranges: &[(AsId, Gfn, Gfn)]) {
+    pub(crate) fn invalidate_begin(&self, ranges: &(impl GfnRanges + ?Sized)) {
         self.core.begin_invalidation(
             &self.tdp.mmu_lock,
             ranges,
@@ -250,7 +251,7 @@ impl<'a, H: Host> Tdp<'a, H> {
     pub unsafe fn entry_for_tests(
         &self,
         root: &Root,
-        gfn: Gfn,
+        gfn: crate::types::Gfn,
         level: crate::types::Level,
     ) -> Option<&'a crate::sync::AtomicU64> {
         let _g = self.tdp.mmu_lock.read(&self.relax());
