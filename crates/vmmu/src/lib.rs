@@ -56,8 +56,9 @@
 //!   loads, paging-mode changes, a vCPU's drop) and emulated writes to shadowed tables
 //!   ([`vcpu::Vcpu::track_write`]) cannot run out of heap (`tests/shadow_heap_exhaustion.rs`
 //!   fails every allocation during each of these). The VMM-side shadow zaps of a gfn range (a
-//!   memslot delete or move, a host invalidation, dirty-log protection) still list the range's
-//!   gfns on the heap, infallibly. Table
+//!   memslot delete or move, a host invalidation, dirty-log protection) list a long range's
+//!   mapped gfns only if the heap holds the list, else they visit the range gfn by gfn; a host
+//!   invalidation ([`vm::Vm::invalidate_hva_range_begin`]) needs no heap on either MMU. Table
 //!   frames ([`fault::FaultError::OutOfMemory`]) and dirty bitmaps (`ENOMEM` from a memslot
 //!   update) report exhaustion too.
 //!   What the guest can make the shadow MMU take is bounded by its page limit

@@ -4,8 +4,12 @@
 //! handler (an abort; on a bare-metal target a panic). What a failed fault built before it ran
 //! out stays consistent: the fault succeeds once memory is back, and nothing stale is reachable.
 //!
+//! The VMM's side too: a host invalidation (on TDP VMs as well) and a memslot delete or move
+//! zap what maps the range without needing the heap.
+//!
 //! The global allocator here fails every allocation the faulting thread makes while a
-//! thread-local switch is on; without fallible allocation the test binary aborts.
+//! thread-local switch is on (or every one after the first few granted); without fallible
+//! allocation the test binary aborts.
 #![cfg(not(loom))]
 
 mod common;
@@ -633,4 +637,42 @@ fn memslot_deletes_and_moves_out_of_heap_at_every_allocation() {
 /// The host frame of the page `gva` maps in the second slot (`0x6000_0000 + i` -> page `i`).
 fn ram_pfn_at(hva: u64, gva: u64) -> vmmu::Pfn {
     vmmu::Pfn((hva + (gva - 0x6000_0000)) >> 12)
+}
+
+/// The same on a TDP VM, EPT and NPT: a host invalidation zaps leaves only (its tables stay
+/// linked, as KVM's `kvm_unmap_gfn_range` leaves them), so it needs no heap either. Before, the
+/// begin listed the slot's gfn range on the heap: out of heap, the process aborted.
+#[test]
+fn host_invalidations_on_a_tdp_vm_without_heap() {
+    use vmmu::spte::FormatKind;
+    for format in [FormatKind::Ept, FormatKind::Npt] {
+        let (vm, _host) = common::vm(format);
+        vm.set_memory_region(&common::region(0, 0, 64 << 20, common::RAM_HVA, 0)).unwrap();
+        let mut v = vm.create_vcpu().unwrap();
+        // 32 pages 1 MiB apart: the first half in the invalidated 16 MiB.
+        let gpas = || (0..32u64).map(|i| i << 20);
+        for gpa in gpas() {
+            common::access(&mut v, gpa, true).unwrap();
+        }
+        let (inv, _) = without_heap(|| {
+            vm.invalidate_hva_range_begin(
+                vmmu::Hva(common::RAM_HVA),
+                vmmu::Hva(common::RAM_HVA + (16 << 20)),
+            )
+        });
+        v.service_requests().unwrap();
+        let g = v.enter_guest().unwrap();
+        for gpa in gpas() {
+            let walk = g.walk(vmmu::Gpa(gpa), Access::WRITE);
+            let zapped = matches!(walk, HwWalk::Violation { present: false, .. });
+            assert_eq!(zapped, gpa < 16 << 20, "{format:?} {gpa:#x}: {walk:?}");
+        }
+        drop(g);
+        let ((), failed) = without_heap(|| inv.end());
+        assert_eq!(failed, 0);
+        for gpa in gpas() {
+            let (seen, _) = common::access(&mut v, gpa, false).unwrap();
+            assert_eq!(seen, common::Seen::Ram(vmmu::Pfn((common::RAM_HVA + gpa) >> 12)));
+        }
+    }
 }
