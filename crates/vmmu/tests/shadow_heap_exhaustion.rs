@@ -676,3 +676,43 @@ fn host_invalidations_on_a_tdp_vm_without_heap() {
         }
     }
 }
+
+/// Dirty logging turned on for a slot out of heap at every allocation in turn: it fails with
+/// `ENOMEM` and the guest still writes through its writable leaves, or it completes and every
+/// leaf of the slot is write-protected (a write faults, so it is logged), never an abort.
+/// Turning logging on write-protects through the reverse map, whose list of the slot's mapped
+/// gfns needs the heap.
+#[test]
+fn dirty_logging_on_out_of_heap_at_every_allocation() {
+    use vmmu::memslot::{MemslotError, UserspaceMemoryRegion, KVM_MEM_LOG_DIRTY_PAGES};
+    let (vm, _host, mut v) = two_slots_mapped();
+    let ram = |flags| UserspaceMemoryRegion::new(0, flags, 0, RAM_SIZE, RAM_HVA);
+    let gvas = || (0..32u64).map(|i| 0x4000_0000 + (i << 12));
+    let mut granted = 0;
+    loop {
+        let (out, failed) =
+            heap_for(granted, || vm.set_memory_region(&ram(KVM_MEM_LOG_DIRTY_PAGES)));
+        let logging = match out {
+            Err(MemslotError::OutOfMemory { .. }) => false,
+            Ok(_) => true,
+            Err(e) => panic!("{granted}: {e}"),
+        };
+        for gva in gvas() {
+            let walk = hw(&mut v, gva, true);
+            let protected = matches!(walk, HwWalk::Violation { present: true, .. });
+            assert_eq!(protected, logging, "{granted} {gva:#x}: {walk:?}");
+        }
+        assert_eq!(vm.stale_shadow_entries_for_tests(), Some(0), "{granted}");
+        if logging {
+            if failed == 0 {
+                break;
+            }
+            vm.set_memory_region(&ram(0)).unwrap();
+            for gva in gvas() {
+                assert!(matches!(access(&mut v, gva, true), Seen::Ram(_)), "{gva:#x}");
+            }
+        }
+        granted += 1;
+        assert!(granted < 10_000, "no end to its allocations");
+    }
+}

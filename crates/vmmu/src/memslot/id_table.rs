@@ -16,7 +16,7 @@
 
 use super::slot::Memslot;
 use crate::dirty::DirtyBitmap;
-use crate::sync::Arc;
+use crate::heap::TryArc;
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 
@@ -27,7 +27,7 @@ const PAGE: usize = 64;
 #[derive(Clone, Debug)]
 pub(crate) struct IdEntry {
     pub(crate) slot: Memslot,
-    pub(crate) dirty: Option<Arc<DirtyBitmap>>,
+    pub(crate) dirty: Option<TryArc<DirtyBitmap>>,
 }
 
 type Page = [Option<IdEntry>; PAGE];

@@ -67,8 +67,8 @@ pub use slot::Memslot;
 
 use crate::bugs::{Bug, BugSet};
 use crate::dirty::{DirtyBitmap, DirtyLogError, DirtyLogMode};
+use crate::heap::TryArc;
 use crate::srcu::{ReadGuard, ReaderFences, ReaderId, Srcu, SrcuError};
-use crate::sync::Arc;
 use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, DefaultRelax, Mutex, Ordering, Relax};
 use crate::types::{AsId, Generation, Gfn, SlotId};
 use alloc::boxed::Box;
@@ -597,7 +597,7 @@ impl Memslots {
         old: Option<&Memslot>,
         new: &Memslot,
         change: Update,
-    ) -> Result<Option<Arc<DirtyBitmap>>, MemslotError> {
+    ) -> Result<Option<TryArc<DirtyBitmap>>, MemslotError> {
         let fresh = if new.dirty_logging() && !old.is_some_and(Memslot::dirty_logging) {
             let b = st.meta.alloc_bitmap(new.npages())?;
             if st.dirty_log_mode == DirtyLogMode::InitiallySet {
@@ -627,7 +627,7 @@ impl Memslots {
         &self,
         as_id: AsId,
         old: &Memslot,
-        bitmap: Option<&Arc<DirtyBitmap>>,
+        bitmap: Option<&TryArc<DirtyBitmap>>,
         hooks: &dyn MemslotHooks,
     ) -> Memslot {
         let invalid = old.invalidated();
@@ -645,7 +645,7 @@ impl Memslots {
         as_id: AsId,
         old: Option<&Memslot>,
         new: Option<Memslot>,
-        bitmap: Option<&Arc<DirtyBitmap>>,
+        bitmap: Option<&TryArc<DirtyBitmap>>,
         hooks: &dyn MemslotHooks,
     ) {
         let sp = self.space(as_id);

@@ -22,7 +22,8 @@ use super::hva_index::HvaIndex;
 use super::id_table::{IdEntry, IdTable};
 use super::slot::Memslot;
 use crate::dirty::DirtyBitmap;
-use crate::sync::{Arc, AtomicU64, Ordering, UnsafeCell};
+use crate::heap::TryArc;
+use crate::sync::{AtomicU64, Ordering, UnsafeCell};
 use crate::types::{Generation, Gfn, Hva, SlotId};
 
 /// The slot maps of a set.
@@ -229,7 +230,7 @@ impl MemslotSet {
         &self,
         old: Option<&Memslot>,
         new: Option<Memslot>,
-        bitmap: Option<&Arc<DirtyBitmap>>,
+        bitmap: Option<&TryArc<DirtyBitmap>>,
     ) {
         self.maps.with_mut(|p| {
             // SAFETY: the caller guarantees exclusive access (see above).

@@ -8,37 +8,9 @@
 //! Everything here runs under the shadow MMU's lock, inside [`super::pages::ShadowState`].
 
 use crate::types::{AsId, Gfn};
-use core::hash::{BuildHasherDefault, Hasher};
-
-/// Hashes a key (one `u64`) with MurmurHash3's 64-bit finaliser: every bit of the key moves the
-/// low bits (the table's index) and the top bits (its control bytes), so consecutive gfns, gfns
-/// a table or a huge page apart, frames of a pool, and both address spaces all spread.
-#[derive(Default, Clone, Copy)]
-pub(super) struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 ^= n;
-    }
-
-    fn finish(&self) -> u64 {
-        let mut k = self.0;
-        k ^= k >> 33;
-        k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        k ^= k >> 33;
-        k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-        k ^ (k >> 33)
-    }
-}
 
 /// A map keyed by one `u64`.
-pub(super) type KeyMap<V> = hashbrown::HashMap<u64, V, BuildHasherDefault<KeyHasher>>;
+pub(super) type KeyMap<V> = crate::hash::KeyMap<u64, V>;
 
 /// Bits of a [`gfn_key`] below the address space: a gfn has at most 40 (52-bit guest-physical
 /// addresses, the memslots' limit).

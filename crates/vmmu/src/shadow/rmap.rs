@@ -55,27 +55,6 @@ pub(super) fn retain_shrinking<T>(list: &mut Vec<T>, keep: impl FnMut(&T) -> boo
     }
 }
 
-/// `Box::new` that reports an allocation failure instead of ending in the allocator's error
-/// handler (`Box::try_new` is not stable).
-fn try_box<T>(value: T) -> Result<alloc::boxed::Box<T>, HeapExhausted> {
-    let layout = core::alloc::Layout::new::<T>();
-    if layout.size() == 0 {
-        return Ok(alloc::boxed::Box::new(value));
-    }
-    // SAFETY: `layout` has a non-zero size (checked above).
-    let p = unsafe { alloc::alloc::alloc(layout) }.cast::<T>();
-    if p.is_null() {
-        return Err(HeapExhausted);
-    }
-    // SAFETY: `p` is a fresh, non-null allocation of the global allocator with `T`'s layout,
-    // which is what `Box<T>` owns and frees; it is initialised with `value` before the box is
-    // made, and nothing else refers to it.
-    unsafe {
-        p.write(value);
-        Ok(alloc::boxed::Box::from_raw(p))
-    }
-}
-
 /// The capacity [`retain_shrinking`] leaves to a short list, so a hash bucket or a page's
 /// parent list that empties and fills again does not free and allocate each time.
 pub(super) const KEPT_CAPACITY: usize = 8;
@@ -158,7 +137,7 @@ impl Rmap {
         if self.spare.is_none() {
             let mut list = Vec::new();
             list.try_reserve_exact(2)?;
-            self.spare = Some(try_box(list)?);
+            self.spare = Some(crate::heap::try_box(list).ok_or(HeapExhausted)?);
         }
         Ok(())
     }
