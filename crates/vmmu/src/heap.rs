@@ -1,7 +1,10 @@
 //! Fallible heap allocation on stable Rust, for the paths that report exhaustion instead of
 //! ending in the allocator's error handler (a panic on a bare-metal target): [`try_box`]
-//! (`Box::try_new` is not stable) and [`TryArc`], a shared pointer whose one allocation can fail
-//! (`Arc::new` cannot, and `Arc::try_new` is not stable).
+//! (`Box::try_new` is not stable), [`TryArc`], a shared pointer whose one allocation can fail
+//! (`Arc::new` cannot, and `Arc::try_new` is not stable), and [`vec_room`] /
+//! [`take_vec_room`], room for a vector's growth made fallibly ahead of time and handed over
+//! later without allocating (the memslot sets' indexes: room made before an update publishes
+//! anything, handed to a set once no reader can reach it).
 //!
 //! [`TryArc`]'s contract is `Arc`'s: the count is the number of live handles; the value is
 //! dropped and its memory freed exactly once, by the handle whose drop takes the count to zero,
@@ -30,6 +33,32 @@ pub(crate) fn try_box<T>(value: T) -> Option<Box<T>> {
     unsafe {
         p.write(value);
         Some(Box::from_raw(p))
+    }
+}
+
+/// Room for `extra` more elements in `v` without allocating: `Some(None)` if `v` has it, else
+/// `Some(Some(w))` with `w` an empty vector with that room (and twice `v`'s length at least, so
+/// growth stays amortised), allocated fallibly; `None` if the heap has no room for it.
+pub(crate) fn vec_room<T>(
+    v: &alloc::vec::Vec<T>,
+    extra: usize,
+) -> Option<Option<alloc::vec::Vec<T>>> {
+    if v.capacity() - v.len() >= extra {
+        return Some(None);
+    }
+    let mut w = alloc::vec::Vec::new();
+    w.try_reserve_exact((v.len() + extra).max(2 * v.len())).ok()?;
+    Some(Some(w))
+}
+
+/// Gives `v` the room [`vec_room`] made, if it still lacks it: its elements move into `room`,
+/// which it keeps. Allocates nothing.
+pub(crate) fn take_vec_room<T>(v: &mut alloc::vec::Vec<T>, room: Option<alloc::vec::Vec<T>>) {
+    if let Some(mut w) = room {
+        if w.capacity() > v.capacity() {
+            w.append(v);
+            *v = w;
+        }
     }
 }
 

@@ -49,17 +49,43 @@ struct Block {
 }
 
 impl Block {
-    /// A block holding `first` alone.
-    fn with(first: Memslot) -> Box<Block> {
-        let mut b = Box::new(Block {
-            len: 1,
-            sums: [u64::MAX; GROUPS],
-            keys: [u64::MAX; CAP],
-            slots: Box::new([first; CAP]),
-        });
+    /// A block holding `first` alone: `spare` if there is one, else a new one.
+    fn with(first: Memslot, spare: &mut Option<Box<Block>>) -> Box<Block> {
+        let mut b = match spare.take() {
+            Some(mut b) => {
+                let old_len = b.len;
+                b.len = 0;
+                b.seal(old_len);
+                b.slots[0] = first;
+                b
+            }
+            None => Box::new(Block::empty(first)),
+        };
         b.keys[0] = first.base_gfn().raw();
+        b.len = 1;
         b.seal(1);
         b
+    }
+
+    /// An empty block, its unused slots copies of `filler`.
+    fn empty(filler: Memslot) -> Block {
+        Block {
+            len: 0,
+            sums: [u64::MAX; GROUPS],
+            keys: [u64::MAX; CAP],
+            slots: Box::new([filler; CAP]),
+        }
+    }
+
+    /// [`Self::empty`], or `None` if the heap has no room for it.
+    fn try_empty(filler: Memslot) -> Option<Box<Block>> {
+        let slots = crate::heap::try_box([filler; CAP])?;
+        crate::heap::try_box(Block {
+            len: 0,
+            sums: [u64::MAX; GROUPS],
+            keys: [u64::MAX; CAP],
+            slots,
+        })
     }
 
     /// Restores the padding and `sums` after an edit that left `len` entries, `old_len` before.
@@ -131,9 +157,9 @@ impl Block {
     }
 
     /// Moves the entries from `at` on into a new block.
-    fn split_off(&mut self, at: usize) -> Box<Block> {
+    fn split_off(&mut self, at: usize, spare: &mut Option<Box<Block>>) -> Box<Block> {
         debug_assert!(0 < at && at < self.len);
-        let mut right = Block::with(self.slots[at]);
+        let mut right = Block::with(self.slots[at], spare);
         right.len = 0;
         right.append(self, at, self.len);
         let old_len = self.len;
@@ -156,6 +182,48 @@ pub(crate) struct GfnIndex {
     /// moved back, invalidated then deleted); every use checks it against the keys around it
     /// ([`Self::locate_edit`]), so a stale finger costs a search, never a wrong answer.
     finger: Option<(usize, usize)>,
+    /// A block for the next split or first block, so that an insert given [`GfnRoom`] allocates
+    /// nothing; a block a removal frees is kept here.
+    spare: Option<Box<Block>>,
+}
+
+/// What one more insert into a [`GfnIndex`] needs from the heap, made ahead of time
+/// ([`GfnIndex::room`]) and handed over without allocating ([`GfnIndex::take_room`]).
+pub(crate) struct GfnRoom {
+    block: Option<Box<Block>>,
+    firsts: Option<Vec<u64>>,
+    #[expect(clippy::vec_box, reason = "the room of `GfnIndex::blocks`")]
+    blocks: Option<Vec<Box<Block>>>,
+}
+
+impl GfnIndex {
+    /// Bytes of a block (its keys and its slots).
+    pub(crate) const BLOCK_BYTES: usize =
+        core::mem::size_of::<Block>() + core::mem::size_of::<[Memslot; CAP]>();
+
+    /// What one more insert needs that the index lacks, allocated fallibly (`None`: the heap has
+    /// no room); `filler` fills a new block's unused slots. Changes nothing: a reader may be
+    /// reading the index meanwhile.
+    pub(crate) fn room(&self, filler: Memslot) -> Option<GfnRoom> {
+        let block = match self.spare {
+            Some(_) => None,
+            None => Some(Block::try_empty(filler)?),
+        };
+        Some(GfnRoom {
+            block,
+            firsts: crate::heap::vec_room(&self.firsts, 1)?,
+            blocks: crate::heap::vec_room(&self.blocks, 1)?,
+        })
+    }
+
+    /// Takes `room` in: the next insert allocates nothing. Allocates nothing.
+    pub(crate) fn take_room(&mut self, room: GfnRoom) {
+        if self.spare.is_none() {
+            self.spare = room.block;
+        }
+        crate::heap::take_vec_room(&mut self.firsts, room.firsts);
+        crate::heap::take_vec_room(&mut self.blocks, room.blocks);
+    }
 }
 
 impl core::fmt::Debug for GfnIndex {
@@ -266,7 +334,7 @@ impl GfnIndex {
         let key = s.base_gfn().raw();
         let (b, i) = match self.locate_edit(key) {
             None if self.blocks.is_empty() => {
-                self.blocks.push(Block::with(s));
+                self.blocks.push(Block::with(s, &mut self.spare));
                 self.firsts.push(key);
                 self.len = 1;
                 self.finger = Some((0, 0));
@@ -288,7 +356,7 @@ impl GfnIndex {
                 CAP => CAP - MIN,
                 _ => CAP / 2,
             };
-            let right = self.blocks[b].split_off(at);
+            let right = self.blocks[b].split_off(at, &mut self.spare);
             self.firsts.insert(b + 1, right.keys[0]);
             self.blocks.insert(b + 1, right);
             if i > at {
@@ -353,7 +421,8 @@ impl GfnIndex {
         self.finger = Some((b, i));
         if self.blocks[b].len == 0 {
             // Only the last block can empty (others hold MIN > 1 entries before a removal).
-            self.blocks.remove(b);
+            let gone = self.blocks.remove(b);
+            self.spare.get_or_insert(gone);
             self.firsts.remove(b);
             self.finger = None;
         } else {
@@ -374,6 +443,7 @@ impl GfnIndex {
             let right = self.blocks.remove(l + 1);
             self.firsts.remove(l + 1);
             self.blocks[l].append(&right, 0, rl);
+            self.spare.get_or_insert(right);
             return;
         }
         let want = (ll + rl) / 2;
@@ -436,6 +506,32 @@ mod tests {
 
     fn slot(base: u64) -> Memslot {
         Memslot::new(AsId(0), SlotId((base % 65_000) as u16), Gfn(base), 1, Hva(0), 0)
+    }
+
+    /// Given its room, an insert allocates nothing: it splits into the spare block and grows
+    /// no vector (their buffers stay where they were), through the first block and 2000 more
+    /// slots inserted in front of the others (a split every few inserts).
+    #[test]
+    fn an_insert_given_room_uses_the_spare_and_keeps_the_buffers() {
+        let mut ix = GfnIndex::default();
+        for k in (0..2000u64).rev() {
+            let room = ix.room(slot(k)).expect("heap");
+            ix.take_room(room);
+            let spare = ix.spare.as_deref().map(|b| b as *const Block).expect("a spare block");
+            let (firsts, blocks) = (ix.firsts.as_ptr(), ix.blocks.as_ptr());
+            let nblocks = ix.blocks.len();
+            assert!(ix.insert(slot(k)).is_none());
+            assert_eq!((ix.firsts.as_ptr(), ix.blocks.as_ptr()), (firsts, blocks), "{k}");
+            if ix.blocks.len() > nblocks {
+                assert!(ix.blocks.iter().any(|b| core::ptr::eq(&**b, spare)), "{k}: new block");
+            }
+        }
+        ix.check();
+        for k in 0..1990u64 {
+            ix.remove(k);
+        }
+        ix.check();
+        assert!(ix.spare.is_some(), "a block the removals freed is kept");
     }
 
     /// Compares every query with a `BTreeMap` model.

@@ -60,6 +60,24 @@ impl Block {
         Block { entries: Vec::with_capacity(CAP) }
     }
 
+    /// [`Self::new`], or `None` if the heap has no room for it.
+    fn try_new() -> Option<Block> {
+        let mut entries = Vec::new();
+        entries.try_reserve_exact(CAP).ok()?;
+        Some(Block { entries })
+    }
+
+    /// `spare` emptied, if there is one, else a new block.
+    fn reuse(spare: &mut Option<Block>) -> Block {
+        match spare.take() {
+            Some(mut b) => {
+                b.entries.clear();
+                b
+            }
+            None => Block::new(),
+        }
+    }
+
     fn max_end(&self) -> u64 {
         self.entries.iter().map(|e| e.end).max().unwrap_or(0)
     }
@@ -80,9 +98,54 @@ pub(crate) struct HvaIndex {
     /// (a slot deleted and created again goes back to the same place); every use checks it
     /// against the keys around it ([`Self::position`]), so a stale finger costs a search.
     finger: Option<(usize, usize)>,
+    /// A block for the next split or first block, so that an insert given [`HvaRoom`] allocates
+    /// nothing; a block a removal frees is kept here.
+    spare: Option<Block>,
+}
+
+/// What one more insert into an [`HvaIndex`] needs from the heap, made ahead of time
+/// ([`HvaIndex::room`]) and handed over without allocating ([`HvaIndex::take_room`]).
+pub(crate) struct HvaRoom {
+    block: Option<Block>,
+    firsts: Option<Vec<(u64, u16)>>,
+    max_ends: Option<Vec<u64>>,
+    group_max: Option<Vec<u64>>,
+    blocks: Option<Vec<Block>>,
 }
 
 impl HvaIndex {
+    /// Bytes of a block (its entries).
+    pub(crate) const BLOCK_BYTES: usize = CAP * core::mem::size_of::<Entry>();
+
+    /// What one more insert needs that the index lacks, allocated fallibly (`None`: the heap has
+    /// no room). Changes nothing: a reader may be reading the index meanwhile.
+    pub(crate) fn room(&self) -> Option<HvaRoom> {
+        use crate::heap::vec_room;
+        let block = match self.spare {
+            Some(_) => None,
+            None => Some(Block::try_new()?),
+        };
+        Some(HvaRoom {
+            block,
+            firsts: vec_room(&self.firsts, 1)?,
+            max_ends: vec_room(&self.max_ends, 1)?,
+            group_max: vec_room(&self.group_max, 1)?,
+            blocks: vec_room(&self.blocks, 1)?,
+        })
+    }
+
+    /// Takes `room` in: the next insert allocates nothing. Allocates nothing.
+    pub(crate) fn take_room(&mut self, room: HvaRoom) {
+        use crate::heap::take_vec_room;
+        if self.spare.is_none() {
+            self.spare = room.block;
+        }
+        take_vec_room(&mut self.firsts, room.firsts);
+        take_vec_room(&mut self.max_ends, room.max_ends);
+        take_vec_room(&mut self.group_max, room.group_max);
+        take_vec_room(&mut self.blocks, room.blocks);
+    }
+
     /// Adds slot `id` mapping host addresses `[start, end)` (`start < end`). The key must not be
     /// present (the set removes a slot before it adds its replacement, and checks in debug
     /// builds that the index holds as many slots as the set).
@@ -92,7 +155,7 @@ impl HvaIndex {
         let key = e.key();
         self.len += 1;
         if self.blocks.is_empty() {
-            let mut b = Block::new();
+            let mut b = Block::reuse(&mut self.spare);
             b.entries.push(e);
             self.blocks.push(b);
             self.firsts.push(key);
@@ -127,7 +190,7 @@ impl HvaIndex {
             _ => CAP / 2,
         };
         let left = b;
-        let mut right = Block::new();
+        let mut right = Block::reuse(&mut self.spare);
         right.entries.extend_from_slice(&self.blocks[left].entries[at..]);
         self.blocks[left].entries.truncate(at);
         self.blocks.insert(left + 1, right);
@@ -159,7 +222,8 @@ impl HvaIndex {
         self.finger = Some((b, i));
         if self.blocks[b].entries.is_empty() {
             // Only a lone block empties (others hold MIN > 1 entries before a removal).
-            self.blocks.remove(b);
+            let gone = self.blocks.remove(b);
+            self.spare.get_or_insert(gone);
             self.firsts.remove(b);
             self.max_ends.remove(b);
             self.rebuild_groups();
@@ -288,6 +352,7 @@ impl HvaIndex {
             self.firsts.remove(l + 1);
             self.max_ends.remove(l + 1);
             self.blocks[l].entries.extend_from_slice(&right.entries);
+            self.spare.get_or_insert(right);
             self.refresh(l);
         } else {
             let want = (ll + rl) / 2;
@@ -350,6 +415,31 @@ mod tests {
         let mut v = Vec::new();
         ix.overlapping(start, end, &mut |id| v.push(id.0));
         v
+    }
+
+    /// Given its room, an insert allocates nothing: it splits into the spare block and grows
+    /// no vector (their buffers stay where they were), through 2000 slots inserted in front of
+    /// the others.
+    #[test]
+    fn an_insert_given_room_uses_the_spare_and_keeps_the_buffers() {
+        let mut ix = HvaIndex::default();
+        for k in (0..2000u64).rev() {
+            let room = ix.room().expect("heap");
+            ix.take_room(room);
+            let spare = ix.spare.as_ref().map(|b| b.entries.as_ptr()).expect("a spare block");
+            let bufs = (ix.firsts.as_ptr(), ix.max_ends.as_ptr(), ix.group_max.as_ptr());
+            let blocks = ix.blocks.as_ptr();
+            let nblocks = ix.blocks.len();
+            ix.insert(SlotId(k as u16), k << 12, (k + 1) << 12);
+            let now = (ix.firsts.as_ptr(), ix.max_ends.as_ptr(), ix.group_max.as_ptr());
+            assert_eq!((now, ix.blocks.as_ptr()), (bufs, blocks), "{k}");
+            if ix.blocks.len() > nblocks {
+                let reused = ix.blocks.iter().any(|b| b.entries.as_ptr() == spare);
+                assert!(reused, "{k}: the new block is the spare");
+            }
+        }
+        ix.check();
+        assert_eq!(found(&ix, 0, 4 << 12), [0, 1, 2, 3]);
     }
 
     #[test]

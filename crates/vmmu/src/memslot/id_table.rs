@@ -46,7 +46,44 @@ fn split(id: u16) -> (usize, usize) {
     (usize::from(id) / PAGE, usize::from(id) % PAGE)
 }
 
+/// What an insert of one id into an [`IdTable`] needs from the heap, made ahead of time
+/// ([`IdTable::room`]) and handed over without allocating ([`IdTable::take_room`]).
+pub(crate) struct IdRoom {
+    page: Option<Box<Page>>,
+    pages: Option<Vec<Option<Box<Page>>>>,
+    used: Option<Vec<u8>>,
+}
+
 impl IdTable {
+    /// Bytes of a page of entries.
+    pub(crate) const PAGE_BYTES: usize = core::mem::size_of::<Page>();
+
+    /// What an insert of slot `id` needs that the table lacks, allocated fallibly (`None`: the
+    /// heap has no room). Changes nothing: a reader may be reading the table meanwhile.
+    pub(crate) fn room(&self, id: u16) -> Option<IdRoom> {
+        let (p, _) = split(id);
+        let need = (p + 1).saturating_sub(self.pages.len());
+        let has_page = self.pages.get(p).is_some_and(Option::is_some) || self.spare.is_some();
+        let page = match has_page {
+            true => None,
+            false => Some(crate::heap::try_box([const { None }; PAGE])?),
+        };
+        Some(IdRoom {
+            page,
+            pages: crate::heap::vec_room(&self.pages, need)?,
+            used: crate::heap::vec_room(&self.used, need)?,
+        })
+    }
+
+    /// Takes `room` in: the insert it was made for allocates nothing. Allocates nothing.
+    pub(crate) fn take_room(&mut self, room: IdRoom) {
+        if self.spare.is_none() {
+            self.spare = room.page;
+        }
+        crate::heap::take_vec_room(&mut self.pages, room.pages);
+        crate::heap::take_vec_room(&mut self.used, room.used);
+    }
+
     /// The entry of slot `id`, if it exists.
     #[inline]
     pub(crate) fn get(&self, id: u16) -> Option<&IdEntry> {
@@ -117,6 +154,25 @@ mod tests {
 
     fn entry(id: u16, base: u64) -> IdEntry {
         IdEntry { slot: Memslot::new(AsId(0), SlotId(id), Gfn(base), 1, Hva(0), 0), dirty: None }
+    }
+
+    /// Given its room, an insert allocates nothing: a page it needs is the spare, and the page
+    /// vectors do not grow (their buffers stay where they were), for ids across many pages.
+    #[test]
+    fn an_insert_given_room_uses_the_spare_and_keeps_the_buffers() {
+        let mut t = IdTable::default();
+        for id in [0u16, 63, 64, 5000, 200, 32763, 32700, 1] {
+            let room = t.room(id).expect("heap");
+            t.take_room(room);
+            let page = t.pages.get(usize::from(id) / PAGE).and_then(|p| p.as_deref());
+            let page = page.or(t.spare.as_deref()).map(|p| p as *const Page).expect("a page");
+            let bufs = (t.pages.as_ptr(), t.used.as_ptr());
+            assert!(t.insert(entry(id, 7)).is_none());
+            assert_eq!((t.pages.as_ptr(), t.used.as_ptr()), bufs, "{id}");
+            let now = t.pages[usize::from(id) / PAGE].as_deref().map(|p| p as *const Page);
+            assert_eq!(now, Some(page), "{id}");
+        }
+        assert_eq!(t.check(), 8);
     }
 
     #[test]

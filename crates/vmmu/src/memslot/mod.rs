@@ -63,6 +63,7 @@ pub use region::{
     KVM_MEM_READONLY, KVM_MEM_SLOTS_NUM, KVM_USER_MEM_SLOTS, TASK_SIZE_MAX,
 };
 pub use set::MemslotSet;
+use set::SetRoom;
 pub use slot::Memslot;
 
 use crate::bugs::{Bug, BugSet};
@@ -516,9 +517,10 @@ impl Memslots {
             };
             debug_assert!(st.nr_memslot_pages >= old.npages(), "page accounting");
             let old_bitmap = st.meta.get(key).cloned();
-            let invalid = self.invalidate(req.as_id, &old, old_bitmap.as_ref(), hooks);
+            // A delete needs no room: it removes.
+            let invalid = self.invalidate(req.as_id, &old, old_bitmap.as_ref(), None, hooks);
             // Preparing a delete cannot fail.
-            self.swap(req.as_id, Some(&invalid), None, None, hooks);
+            self.swap(req.as_id, Some(&invalid), None, None, None, hooks);
             st.nr_memslot_pages -= old.npages();
             st.meta.free(key);
             return Ok(MemslotChange::Delete);
@@ -543,12 +545,16 @@ impl Memslots {
         }
 
         let new = Memslot::new(req.as_id, req.id, req.base_gfn, req.npages, req.hva, req.flags);
+        // Room for `new` in both sets before anything is published (KVM allocates its new
+        // memslot before its first swap): out of heap, ENOMEM with nothing changed. The first
+        // swap hands the published set its room once no reader can reach that set.
+        let mut room = Some(self.make_room(req.as_id, &new)?);
         // KVM `kvm_prepare_memory_region`: a slot that keeps logging keeps its bitmap (and its
         // bits, across a move); one that starts logging gets a fresh one (below).
         let old_bitmap = st.meta.get(key).cloned();
         let invalid = match (&old, update) {
             (Some(o), Update::Move) => {
-                Some(self.invalidate(req.as_id, o, old_bitmap.as_ref(), hooks))
+                Some(self.invalidate(req.as_id, o, old_bitmap.as_ref(), room.take(), hooks))
             }
             _ => None,
         };
@@ -558,7 +564,7 @@ impl Memslots {
             Err(e) => {
                 if let Some(inv) = invalid {
                     // Revert the invalidation: publish the old slot again.
-                    self.swap(req.as_id, Some(&inv), old, old_bitmap.as_ref(), hooks);
+                    self.swap(req.as_id, Some(&inv), old, old_bitmap.as_ref(), None, hooks);
                 }
                 return Err(e);
             }
@@ -571,11 +577,15 @@ impl Memslots {
         };
         match update {
             Update::Create => {
-                self.swap(req.as_id, None, Some(new), new_bitmap, hooks);
+                self.swap(req.as_id, None, Some(new), new_bitmap, room.take(), hooks);
                 st.nr_memslot_pages += new.npages();
             }
-            Update::Move => self.swap(req.as_id, invalid.as_ref(), Some(new), new_bitmap, hooks),
-            Update::FlagsOnly => self.swap(req.as_id, old.as_ref(), Some(new), new_bitmap, hooks),
+            Update::Move => {
+                self.swap(req.as_id, invalid.as_ref(), Some(new), new_bitmap, room.take(), hooks)
+            }
+            Update::FlagsOnly => {
+                self.swap(req.as_id, old.as_ref(), Some(new), new_bitmap, room.take(), hooks)
+            }
         }
         // KVM `kvm_commit_memory_region`: a move or flags change that stops dirty logging
         // frees the old bitmap; one that starts it installs the bitmap prepared above.
@@ -621,17 +631,35 @@ impl Memslots {
         Ok(fresh)
     }
 
+    /// Room for `new` in both sets of `as_id` ([`MemslotSet::room_for`]), made fallibly: the set
+    /// no reader can reach takes its room now; the published set's room is returned, for the
+    /// update's first swap to hand over once no reader can reach that set either.
+    fn make_room(&self, as_id: AsId, new: &Memslot) -> Result<SetRoom, MemslotError> {
+        let sp = self.space(as_id);
+        // Relaxed: `active` is stored only by the slots-lock holder, which is this thread.
+        let cur = sp.active.load(Ordering::Relaxed) & 1;
+        let oom = MemslotError::OutOfMemory { bytes: SetRoom::BYTES };
+        let for_next = sp.sets[cur ^ 1].room_for(new).ok_or(oom)?;
+        let for_published = sp.sets[cur].room_for(new).ok_or(oom)?;
+        // SAFETY: as for `swap`'s first `replace`: the set is not published, and the
+        // synchronize of the swap that unpublished it returned before that swap ended, so no
+        // reader can reach it; we hold the slots lock.
+        unsafe { sp.sets[cur ^ 1].take_room(for_next) };
+        Ok(for_published)
+    }
+
     /// KVM `kvm_invalidate_memslot`: publish `old` marked invalid, then flush it. Returns the
-    /// invalid copy now in both sets.
+    /// invalid copy now in both sets. `room` as [`Self::swap`]'s.
     fn invalidate(
         &self,
         as_id: AsId,
         old: &Memslot,
         bitmap: Option<&TryArc<DirtyBitmap>>,
+        room: Option<SetRoom>,
         hooks: &dyn MemslotHooks,
     ) -> Memslot {
         let invalid = old.invalidated();
-        self.swap(as_id, Some(old), Some(invalid), bitmap, hooks);
+        self.swap(as_id, Some(old), Some(invalid), bitmap, room, hooks);
         hooks.flush_slot(old);
         invalid
     }
@@ -639,13 +667,15 @@ impl Memslots {
     /// One swap (module doc): replace `old` by `new` in the inactive set, publish it with the
     /// in-progress generation, wait for a grace period, run the hook, store the final
     /// generation, then make the same replacement in the set that was replaced. `bitmap` is
-    /// `new`'s dirty bitmap (`Some` iff `new` logs).
+    /// `new`'s dirty bitmap (`Some` iff `new` logs). `room`, from [`Self::make_room`], goes to
+    /// the set that was published, before its replacement (the update's first swap passes it).
     fn swap(
         &self,
         as_id: AsId,
         old: Option<&Memslot>,
         new: Option<Memslot>,
         bitmap: Option<&TryArc<DirtyBitmap>>,
+        room: Option<SetRoom>,
         hooks: &dyn MemslotHooks,
     ) {
         let sp = self.space(as_id);
@@ -712,6 +742,10 @@ impl Memslots {
             hooks.memslots_updated(as_id, final_gen);
         }
 
+        if let Some(room) = room {
+            // SAFETY: as for the replace below.
+            unsafe { was_active.take_room(room) };
+        }
         // SAFETY: `was_active` was unpublished above and the synchronize drained every reader
         // that could hold it; new readers reach only `next`. We hold the slots lock.
         unsafe { was_active.replace(old, new, bitmap) };

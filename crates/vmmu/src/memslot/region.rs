@@ -290,8 +290,11 @@ pub enum MemslotError {
         /// `(1 << (max_gpa_bits - 12)) - 1`.
         max_gfn: u64,
     },
-    /// Allocating the slot's metadata (its dirty bitmap) failed (rule 13).
-    #[error("out of memory allocating {bytes} bytes of slot metadata (dirty bitmap)")]
+    /// Allocating the slot's metadata (its dirty bitmap, or room for it in the memslot sets'
+    /// indexes) failed (rule 13).
+    #[error(
+        "out of memory allocating {bytes} bytes of slot metadata (dirty bitmap or memslot index)"
+    )]
     OutOfMemory {
         /// The allocation asked for.
         bytes: u64,

@@ -17,9 +17,9 @@
 //! invalid slot retries).
 
 use super::cache::SlotCache;
-use super::gfn_index::GfnIndex;
-use super::hva_index::HvaIndex;
-use super::id_table::{IdEntry, IdTable};
+use super::gfn_index::{GfnIndex, GfnRoom};
+use super::hva_index::{HvaIndex, HvaRoom};
+use super::id_table::{IdEntry, IdRoom, IdTable};
 use super::slot::Memslot;
 use crate::dirty::DirtyBitmap;
 use crate::heap::TryArc;
@@ -35,6 +35,20 @@ struct SlotMaps {
     by_id: IdTable,
     /// Slot ids by host range (KVM `hva_tree`).
     by_hva: HvaIndex,
+}
+
+/// Room for one more slot in a set's indexes ([`MemslotSet::room_for`]).
+pub(crate) struct SetRoom {
+    gfn: GfnRoom,
+    id: IdRoom,
+    hva: HvaRoom,
+}
+
+impl SetRoom {
+    /// About what a room takes at most, for the `ENOMEM` message: a block of each index and a
+    /// page of the id table (their vectors' growth aside).
+    pub(crate) const BYTES: u64 =
+        (GfnIndex::BLOCK_BYTES + HvaIndex::BLOCK_BYTES + IdTable::PAGE_BYTES) as u64;
 }
 
 /// The slots of `from` (slots by base gfn from the last one at or below `start`) that meet
@@ -221,6 +235,35 @@ impl MemslotSet {
     /// Removes `old` (if any), then inserts `new` (if any) with its dirty bitmap `bitmap` (KVM
     /// `kvm_replace_memslot`). `O(log n)` plus a block shift of at most 64 entries (none for a
     /// flags change, an invalidation or a move past no other slot); no copy of the set.
+    ///
+    /// What one [`Self::replace`] that installs `new` needs from the heap (room for one more
+    /// slot in each index), allocated fallibly: `None` if the heap has no room. Changes nothing
+    /// (a reader may be reading the set). The caller holds the slots lock.
+    pub(crate) fn room_for(&self, new: &Memslot) -> Option<SetRoom> {
+        let m = self.maps();
+        Some(SetRoom {
+            gfn: m.by_gfn.room(*new)?,
+            id: m.by_id.room(new.id().0)?,
+            hva: m.by_hva.room()?,
+        })
+    }
+
+    /// Takes `room` in, so that the next [`Self::replace`] installing the slot it was made for
+    /// allocates nothing. Allocates nothing.
+    ///
+    /// # Safety
+    /// As [`Self::replace`]'s.
+    pub(crate) unsafe fn take_room(&self, room: SetRoom) {
+        self.maps.with_mut(|p| {
+            // SAFETY: the caller guarantees exclusive access (see above).
+            let m = unsafe { &mut *p };
+            m.by_gfn.take_room(room.gfn);
+            m.by_id.take_room(room.id);
+            m.by_hva.take_room(room.hva);
+        });
+    }
+
+    /// Given room ([`Self::take_room`]) for the slot `new` installs, allocates nothing.
     ///
     /// # Safety
     /// No other thread may hold a reference into this set's maps: the set is not the published
