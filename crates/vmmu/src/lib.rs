@@ -42,8 +42,8 @@
 //!   [`vm::Vm::get_dirty_log_into`] allocate nothing (table frames come from the host's
 //!   [`host::FrameAllocator`]; `crates/vmmu-bare/tests/exit_path_alloc.rs` checks it). Loading a
 //!   TDP root (the first `service_requests`, and after a zap of all roots) allocates, as do
-//!   memslot updates (the memslot sets' indexes; a TDP VM's zap of a deleted or moved slot),
-//!   VM and vCPU creation and [`vm::Vm::get_dirty_log`]; these allocations are
+//!   a TDP VM's zap of a deleted or moved slot, VM and vCPU creation and
+//!   [`vm::Vm::get_dirty_log`]; these allocations are
 //!   infallible (out of heap, they end in the allocator's error handler: on a bare-metal target a
 //!   panic). Under shadow paging the vCPU's paths are heap-fallible: a #PF
 //!   ([`vcpu::Vcpu::handle_page_fault`]) allocates its bookkeeping under the shadow lock (new
@@ -61,7 +61,10 @@
 //!   mapped gfns only if the heap holds the list, else they visit the range gfn by gfn; a host
 //!   invalidation ([`vm::Vm::invalidate_hva_range_begin`]) needs no heap on either MMU. Table
 //!   frames ([`fault::FaultError::OutOfMemory`]) and dirty bitmaps (`ENOMEM` from a memslot
-//!   update: the bitmap, its shared handle and its bookkeeping) report exhaustion too.
+//!   update: the bitmap, its shared handle and its bookkeeping) report exhaustion too. A
+//!   memslot update makes room for its slot in the memslot sets' indexes before it publishes
+//!   anything, as KVM allocates its new memslot first: out of heap, `ENOMEM` with nothing
+//!   changed.
 //!   What the guest can make the shadow MMU take is bounded by its page limit
 //!   ([`vm::Vm::set_nr_mmu_pages`], KVM's `n_max_mmu_pages`), not by how much memory the guest
 //!   touches: at most 64 KiB of heap per allowed page plus a fixed part per VM (about 43 KiB

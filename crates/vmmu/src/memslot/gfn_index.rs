@@ -22,7 +22,8 @@
 //!   practice, a few microseconds at the worst at 32764 slots.
 //!
 //! Only `MemslotSet::replace` edits the index, on a set no reader can reach; lookups take `&self`
-//! and allocate nothing.
+//! and allocate nothing. An insert allocates nothing once given room ([`GfnIndex::room`], made
+//! fallibly before a memslot update publishes anything, and [`GfnIndex::take_room`]).
 
 use super::slot::Memslot;
 use alloc::boxed::Box;

@@ -22,8 +22,10 @@
 //! [`MIN`] entries; `firsts[b]` is block `b`'s first key, `max_ends[b]` its largest end,
 //! `group_max[g]` the largest of `max_ends[g * GROUP..]`'s first `GROUP`; a block's entries
 //! never outgrow the capacity they were allocated with (`CAP`), so an edit that splits nothing
-//! allocates nothing. Only the memslot set's `replace` (the slots-lock holder, on a set no reader
-//! can reach) changes it.
+//! allocates nothing, and one that splits allocates nothing once given room ([`HvaIndex::room`],
+//! made fallibly before a memslot update publishes anything; a block a removal frees is kept as
+//! the spare). Only the memslot set's `replace` and `take_room` (the slots-lock holder, on a
+//! set no reader can reach) change it.
 
 use crate::types::SlotId;
 use alloc::vec::Vec;

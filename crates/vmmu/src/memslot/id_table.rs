@@ -8,7 +8,9 @@
 //! and never shrinks (at most 1024 pointers for `u16` ids).
 //!
 //! A page that empties is kept as the one spare, the next page to be needed: a slot deleted
-//! and created again (a VMM's remap) allocates nothing.
+//! and created again (a VMM's remap) allocates nothing. An insert given room
+//! ([`IdTable::room`], made fallibly before a memslot update publishes anything) allocates
+//! nothing either.
 //!
 //! Invariants: `used[p]` is the number of `Some` entries of page `p`, and a page is allocated
 //! iff that number is non-zero; the spare page has no entry. Each entry's slot has that id. Only `MemslotSet::replace` edits
