@@ -535,6 +535,33 @@ mod tests {
         assert!(ix.spare.is_some(), "a block the removals freed is kept");
     }
 
+    /// A block a merge frees keeps its entries (48 here, more than the 32 a split moves into
+    /// it) until a split reuses it as the new right block: its stale keys, padding and `sums`
+    /// must not show through. Slots created in address order (blocks of 48, 48, 32), 33 removed
+    /// from the first block (it merges with the second, which becomes the spare), then two
+    /// inserted into the merged block (full, it splits into the spare).
+    #[test]
+    fn a_split_into_a_block_a_merge_freed_shows_none_of_its_old_keys() {
+        let mut ix = GfnIndex::default();
+        let mut model = BTreeMap::new();
+        for k in (0..128u64).map(|i| 2 * i) {
+            ix.insert(slot(k));
+            model.insert(k, slot(k));
+        }
+        assert_eq!(ix.blocks.iter().map(|b| b.len).collect::<Vec<_>>(), [48, 48, 32]);
+        for k in (0..33u64).map(|i| 2 * i) {
+            assert_eq!(ix.remove(k), model.remove(&k));
+        }
+        assert_eq!(ix.spare.as_ref().map(|b| b.len), Some(48), "the merged-away block");
+        for k in [101, 103] {
+            assert!(ix.insert(slot(k)).is_none());
+            model.insert(k, slot(k));
+        }
+        assert!(ix.spare.is_none(), "the split took the spare");
+        let probes: Vec<u64> = (0..300).collect();
+        agrees(&ix, &model, &probes);
+    }
+
     /// Compares every query with a `BTreeMap` model.
     fn agrees(ix: &GfnIndex, model: &BTreeMap<u64, Memslot>, probes: &[u64]) {
         ix.check();

@@ -500,6 +500,39 @@ mod tests {
         ix.check();
     }
 
+    /// A block a merge frees keeps its entries (48 here) until a split reuses it as the new
+    /// right block, which must start empty. Slots created in address order (blocks of 48, 48,
+    /// 32), 33 removed from the first block (it merges with the second, which becomes the
+    /// spare), then two inserted into the merged block (full, it splits into the spare).
+    #[test]
+    fn a_split_into_a_block_a_merge_freed_holds_none_of_its_old_entries() {
+        let mut ix = HvaIndex::default();
+        let mut model: Vec<u64> = Vec::new();
+        for k in (0..128u64).map(|i| 2 * i) {
+            ix.insert(SlotId(k as u16), k << 12, (k + 1) << 12);
+            model.push(k);
+        }
+        let lens: Vec<usize> = ix.blocks.iter().map(|b| b.entries.len()).collect();
+        assert_eq!(lens, [48, 48, 32]);
+        for k in (0..33u64).map(|i| 2 * i) {
+            assert!(ix.remove(SlotId(k as u16), k << 12));
+            model.retain(|&m| m != k);
+        }
+        assert_eq!(ix.spare.as_ref().map(|b| b.entries.len()), Some(48), "merged away");
+        for k in [101u64, 103] {
+            ix.insert(SlotId(k as u16), k << 12, (k + 1) << 12);
+            model.push(k);
+        }
+        assert!(ix.spare.is_none(), "the split took the spare");
+        ix.check();
+        model.sort();
+        let all: Vec<u16> = model.iter().map(|&k| k as u16).collect();
+        assert_eq!(found(&ix, 0, 1 << 40), all);
+        for &k in &model {
+            assert_eq!(found(&ix, k << 12, (k << 12) + 1), [k as u16], "{k}");
+        }
+    }
+
     /// Creating and deleting one slot again and again allocates no block after the first time
     /// (the memslot update cycle of a VMM's remap).
     #[test]
