@@ -4,74 +4,22 @@
 //! anything (`Memslots::make_room`); no edit of either set after that may allocate.
 //!
 //! The global allocator here fails every allocation of this thread after the first `granted`
-//! while a thread-local switch is on, as in `shadow_heap_exhaustion.rs`.
+//! while a thread-local switch is on (`common/failing_heap.rs`).
 #![cfg(not(loom))]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use vmmu::memslot::{
     MemslotError, Memslots, MemslotsConfig, NoHooks, UserspaceMemoryRegion, KVM_MEM_LOG_DIRTY_PAGES,
 };
 use vmmu::srcu::ReaderId;
 use vmmu::{AsId, Gfn, Hva};
 
-struct Failing;
+#[path = "common/failing_heap.rs"]
+mod failing_heap;
 
-thread_local! {
-    static FAIL: Cell<bool> = const { Cell::new(false) };
-    static FAILED: Cell<usize> = const { Cell::new(0) };
-    /// While `FAIL` is on: how many more allocations succeed before they fail.
-    static GRANTED: Cell<usize> = const { Cell::new(0) };
-}
-
-/// Whether this allocation of the thread fails (and counts it).
-fn refuse() -> bool {
-    if !FAIL.try_with(Cell::get).unwrap_or(false) {
-        return false;
-    }
-    if GRANTED.try_with(|g| g.replace(g.get().saturating_sub(1))).unwrap_or(0) > 0 {
-        return false;
-    }
-    let _ = FAILED.try_with(|n| n.set(n.get() + 1));
-    true
-}
-
-// SAFETY: forwards to the system allocator unchanged, or returns null (an allocation failure,
-// which `GlobalAlloc::alloc` may report) while the thread's switch is on.
-unsafe impl GlobalAlloc for Failing {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if refuse() {
-            return std::ptr::null_mut();
-        }
-        // SAFETY: the caller's contract, passed on.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        // SAFETY: the caller's contract, passed on.
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        if refuse() {
-            return std::ptr::null_mut();
-        }
-        // SAFETY: the caller's contract, passed on.
-        unsafe { System.realloc(p, l, new) }
-    }
-}
+use failing_heap::{heap_for, Failing};
 
 #[global_allocator]
-static FAILING: Failing = Failing;
-
-/// Runs `f` with the first `granted` allocations of this thread succeeding and every later one
-/// failing; returns what it returned and how many allocations failed.
-fn heap_for<R>(granted: usize, f: impl FnOnce() -> R) -> (R, usize) {
-    FAILED.with(|n| n.set(0));
-    GRANTED.with(|g| g.set(granted));
-    FAIL.with(|s| s.set(true));
-    let r = f();
-    FAIL.with(|s| s.set(false));
-    (r, FAILED.with(Cell::get))
-}
+static HEAP: Failing = Failing;
 
 /// A slot as a reader of the published set sees it: `(as, id, base gfn, pages, hva, flags)`.
 type Seen = (u16, u16, u64, u64, u64, u32);

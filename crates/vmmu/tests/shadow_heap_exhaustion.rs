@@ -15,75 +15,17 @@
 mod common;
 
 use common::shadow::*;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use vmmu::fault::{FaultError, PfErr};
 use vmmu::tdp::HwWalk;
 use vmmu::{Access, Gva};
 
-struct Failing;
+#[path = "common/failing_heap.rs"]
+mod failing_heap;
 
-thread_local! {
-    static FAIL: Cell<bool> = const { Cell::new(false) };
-    static FAILED: Cell<usize> = const { Cell::new(0) };
-    /// While `FAIL` is on: how many more allocations succeed before they fail.
-    static GRANTED: Cell<usize> = const { Cell::new(0) };
-}
-
-/// Whether this allocation of the thread fails (and counts it).
-fn refuse() -> bool {
-    if !FAIL.try_with(Cell::get).unwrap_or(false) {
-        return false;
-    }
-    if GRANTED.try_with(|g| g.replace(g.get().saturating_sub(1))).unwrap_or(0) > 0 {
-        return false;
-    }
-    let _ = FAILED.try_with(|n| n.set(n.get() + 1));
-    true
-}
-
-// SAFETY: forwards to the system allocator unchanged, or returns null (an allocation failure,
-// which `GlobalAlloc::alloc` may report) while the thread's switch is on.
-unsafe impl GlobalAlloc for Failing {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if refuse() {
-            return std::ptr::null_mut();
-        }
-        // SAFETY: the caller's contract, passed on.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        // SAFETY: the caller's contract, passed on.
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        if refuse() {
-            return std::ptr::null_mut();
-        }
-        // SAFETY: the caller's contract, passed on.
-        unsafe { System.realloc(p, l, new) }
-    }
-}
+use failing_heap::{heap_for, without_heap, Failing};
 
 #[global_allocator]
-static FAILING: Failing = Failing;
-
-/// Runs `f` with every allocation of this thread failing; returns what it returned and how
-/// many allocations failed.
-fn without_heap<R>(f: impl FnOnce() -> R) -> (R, usize) {
-    heap_for(0, f)
-}
-
-/// Runs `f` with the first `granted` allocations of this thread succeeding and every later one
-/// failing; returns what it returned and how many allocations failed.
-fn heap_for<R>(granted: usize, f: impl FnOnce() -> R) -> (R, usize) {
-    FAILED.with(|n| n.set(0));
-    GRANTED.with(|g| g.set(granted));
-    FAIL.with(|s| s.set(true));
-    let r = f();
-    FAIL.with(|s| s.set(false));
-    (r, FAILED.with(Cell::get))
-}
+static HEAP: Failing = Failing;
 
 /// The error code of the hardware walk of a user read of `gva`.
 fn read_fault(v: &mut vmmu::vcpu::Vcpu<vmmu::testing::TestHost>, gva: u64) -> PfErr {

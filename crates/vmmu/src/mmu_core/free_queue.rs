@@ -1,7 +1,8 @@
 //! Table pages waiting for a grace period before they go back to the host (rule 3): the room
 //! promised for them, so that zapping a shadow page needs no heap, and the list a TDP zap keeps
 //! of the tables it unlinked until its flush is done, which an unwind cannot lose
-//! ([`Unlinked`]).
+//! ([`Unlinked`]; the TDP MMU's recovery of huge pages, optional work, promises its room in
+//! bulk and skips what it cannot promise).
 //!
 //! KVM's zaps allocate nothing (its lists are intrusive), so a zap cannot fail and neither can
 //! the fault that recycles pages to make room. Here the queue is a buffer on the heap, and each
@@ -41,9 +42,27 @@ impl FreeQueue {
         Ok(())
     }
 
+    /// Reserves room for `n` more frames to be queued later without allocating.
+    pub(crate) fn promise_many(&mut self, n: usize) -> Result<(), TryReserveError> {
+        self.frames.try_reserve(self.promised + n)?;
+        self.promised += n;
+        Ok(())
+    }
+
     /// Queues frames that hold no promise (TDP tables and roots), keeping the promised room.
     /// May allocate: the TDP MMU's zaps are not heap-fallible.
     pub(super) fn append_unpromised(&mut self, pages: &mut Vec<Pfn>) {
+        self.append(pages, 0);
+    }
+
+    /// Queues `pages`, of which `promised` hold a promise ([`Self::promise_many`]; unused
+    /// promises are given back), keeping the rest of the promised room. Allocates only for
+    /// frames beyond `promised`.
+    fn append(&mut self, pages: &mut Vec<Pfn>, promised: usize) {
+        debug_assert!(self.promised >= promised, "more promises kept than made");
+        self.promised = self.promised.saturating_sub(promised);
+        // Room for `promised` frames beyond the remaining promises was reserved: no allocation
+        // while `pages` holds no more than that.
         self.frames.reserve(self.promised + pages.len());
         self.frames.extend(pages.drain(..));
     }
@@ -90,6 +109,33 @@ impl Promised<'_> {
 pub(crate) struct Unlinked<'a, H: crate::host::Host> {
     pub(super) core: &'a super::MmuCore<H>,
     pub(super) pages: Vec<Pfn>,
+    /// Room promised in the queue for frames pushed later ([`Self::try_promise`]).
+    pub(super) promised: usize,
+}
+
+impl<H: crate::host::Host> Unlinked<'_, H> {
+    /// Makes room for `n` more frames, in this list and in the queue, so that pushing them and
+    /// queuing them allocate nothing; `false` (and nothing promised) if the heap has no room.
+    /// For optional work, which is skipped when it would need the heap.
+    pub(crate) fn try_promise(&mut self, n: usize) -> bool {
+        if self.pages.try_reserve(n).is_err() || self.core.free_queue().promise_many(n).is_err() {
+            return false;
+        }
+        self.promised += n;
+        true
+    }
+
+    /// Queues the frames for freeing after a grace period ([`super::MmuCore::defer_free`]),
+    /// through the room promised for them, and gives back the promises they did not use.
+    pub(crate) fn queue(&mut self) {
+        if self.pages.is_empty() && self.promised == 0 {
+            return;
+        }
+        // Before the grace period that frees them (`MmuCore::defer_free`).
+        self.core.table_epoch.fetch_add(1, crate::sync::Ordering::Release);
+        self.core.free_queue().append(&mut self.pages, self.promised);
+        self.promised = 0;
+    }
 }
 
 impl<H: crate::host::Host> core::ops::Deref for Unlinked<'_, H> {
@@ -109,8 +155,8 @@ impl<H: crate::host::Host> Drop for Unlinked<'_, H> {
     fn drop(&mut self) {
         if !self.pages.is_empty() {
             self.core.request_all_without_kick(crate::requests::Request::TlbFlush);
-            self.core.defer_free(&mut self.pages);
         }
+        self.queue();
     }
 }
 
@@ -139,5 +185,22 @@ mod tests {
         q.frames.drain(..3);
         assert_eq!(q.frames.capacity(), cap2);
         assert_eq!(q.frames, [0, 1, 2, 3, 4].map(Pfn));
+    }
+
+    /// Frames queued through promises made in bulk do not grow the buffer, and the promises
+    /// they did not use are given back (the other promises keep their room).
+    #[test]
+    fn bulk_promises_are_kept_and_the_unused_given_back() {
+        let mut q = FreeQueue::default();
+        q.promise().unwrap();
+        q.promise_many(3).unwrap();
+        let cap = q.frames.capacity();
+        q.append(&mut alloc::vec![Pfn(7), Pfn(8)], 3);
+        assert_eq!(q.frames.capacity(), cap, "a promised append reallocated");
+        assert_eq!(q.promised(), 1);
+        assert!(q.frames.capacity() - q.frames.len() >= 1, "the other promise keeps its room");
+        q.push_promised(Pfn(9));
+        assert_eq!(q.frames, [7, 8, 9].map(Pfn));
+        assert_eq!(q.promised(), 0);
     }
 }

@@ -358,7 +358,7 @@ impl<H: Host> MmuCore<H> {
     /// also by an unwind ([`Unlinked`]); a zap queues it explicitly after its flush
     /// ([`Self::defer_free`]).
     pub(crate) fn unlinked(&self) -> Unlinked<'_, H> {
-        Unlinked { core: self, pages: Vec::new() }
+        Unlinked { core: self, pages: Vec::new(), promised: 0 }
     }
 
     /// The free queue, locked, to promise room for a frame that will be queued by a zap (a new

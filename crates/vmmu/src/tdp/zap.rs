@@ -14,6 +14,7 @@ use super::{MmuWrite, RootList, Tdp};
 use crate::fault::PageFault;
 use crate::host::Host;
 use crate::mmu_core::FlushNeed;
+use crate::mmu_core::Unlinked;
 use crate::spte::SpteFormat;
 use crate::sync::{AtomicU64, Ordering};
 use crate::types::{AsId, Gfn, Level, Pfn};
@@ -108,7 +109,7 @@ impl<H: Host> Tdp<'_, H> {
         }
         self.flush_after_zap(flush);
         drop(roots);
-        self.defer_free(&mut pages);
+        pages.queue();
         self.reclaim();
     }
 
@@ -120,7 +121,7 @@ impl<H: Host> Tdp<'_, H> {
         base: Gfn,
         (start, end): (Gfn, Gfn),
         huge_ok: &dyn Fn(Gfn, Level) -> bool,
-        pages: &mut Vec<Pfn>,
+        pages: &mut Unlinked<'_, H>,
     ) -> bool {
         // SAFETY: we hold the MMU lock exclusive and reached `pfn` from a root on the list; nothing
         // frees a linked page.
@@ -165,6 +166,13 @@ impl<H: Host> Tdp<'_, H> {
             let first = fmt.pfn(small).raw().wrapping_sub(offset);
             if first & (span - 1) != 0 || !self.leaves_at_place(child, lower, first) {
                 flush |= self.recover_in_table(child, lower, lo, (start, end), huge_ok, pages);
+                continue;
+            }
+            // Recovery is optional work, which KVM skips where it cannot do it: out of heap for
+            // the list of the tables it would detach (the child, and below a 1 GiB block up to
+            // 512 more), the block stays mapped by its small leaves.
+            let below = if lower > Level::L4K { 512 } else { 0 };
+            if !pages.try_promise(1 + below) {
                 continue;
             }
             let frame = Pfn(first);
