@@ -462,13 +462,15 @@ const SLOT1_SIZE: u64 = 2 << 20;
 
 /// A shadow VM with a second slot, and a vCPU whose guest maps 32 pages of each slot at
 /// `0x4000_0000` (RAM) and `0x6000_0000` (the second slot), all accessed once.
-fn two_slots_mapped() -> (
+fn two_slots_mapped(
+    slot_zap_all: bool,
+) -> (
     vmmu::vm::Vm<vmmu::testing::TestHost>,
     std::sync::Arc<vmmu::testing::TestHost>,
     vmmu::vcpu::Vcpu<vmmu::testing::TestHost>,
 ) {
     use vmmu::memslot::UserspaceMemoryRegion;
-    let (vm, host, next) = shadow_vm_with(|_| {});
+    let (vm, host, next) = shadow_vm_with(|c| c.slot_zap_all = slot_zap_all);
     host.map(SLOT1_HVA, SLOT1_SIZE, SLOT1_HVA >> 12, vmmu::Level::L4K, true);
     vm.set_memory_region(&UserspaceMemoryRegion::new(1, 0, SLOT1_GPA, SLOT1_SIZE, SLOT1_HVA))
         .unwrap();
@@ -498,7 +500,7 @@ fn data_gvas() -> impl Iterator<Item = u64> {
 /// heap: out of heap, the process aborted.
 #[test]
 fn host_invalidations_without_heap() {
-    let (vm, _host, mut v) = two_slots_mapped();
+    let (vm, _host, mut v) = two_slots_mapped(false);
     let ((inv, end), failed) = without_heap(|| {
         let inv = vm.invalidate_hva_range_begin(vmmu::Hva(RAM_HVA), vmmu::Hva(SLOT1_HVA + 4096));
         let end = vm.invalidate_hva_range_begin(vmmu::Hva(SLOT1_HVA), vmmu::Hva(SLOT1_HVA + 8192));
@@ -531,15 +533,25 @@ fn host_invalidations_without_heap() {
 /// A memslot delete or move runs out of heap at every allocation in turn: it either fails with
 /// `ENOMEM` and leaves the slot as it was (the guest still reaches its pages), or completes,
 /// with every leaf of the old place dropped (the guest reaches nothing there); never an abort.
-/// Its shadow zap walks the reverse map, whose list of the slot's mapped gfns needs the heap.
+/// Its shadow zap walks the reverse map, whose list of the slot's mapped gfns needs the heap;
+/// with `KVM_X86_QUIRK_SLOT_ZAP_ALL` it zaps every shadow page instead.
 #[test]
 fn memslot_deletes_and_moves_out_of_heap_at_every_allocation() {
+    for slot_zap_all in [false, true] {
+        deletes_and_moves_out_of_heap(slot_zap_all);
+    }
+}
+
+/// [`memslot_deletes_and_moves_out_of_heap_at_every_allocation`] with
+/// `KVM_X86_QUIRK_SLOT_ZAP_ALL` on (a delete or move zaps every shadow page) or off.
+fn deletes_and_moves_out_of_heap(slot_zap_all: bool) {
     use vmmu::memslot::{MemslotError, UserspaceMemoryRegion};
-    let (vm, _host, mut v) = two_slots_mapped();
+    let (vm, _host, mut v) = two_slots_mapped(slot_zap_all);
     let slot1 = |gpa| UserspaceMemoryRegion::new(1, 0, gpa, SLOT1_SIZE, SLOT1_HVA);
     let gvas = || (0..32u64).map(|i| 0x6000_0000 + (i << 12));
+    let delete = if slot_zap_all { "delete (zap all)" } else { "delete" };
     for (what, region) in [
-        ("delete", UserspaceMemoryRegion::new(1, 0, SLOT1_GPA, 0, SLOT1_HVA)),
+        (delete, UserspaceMemoryRegion::new(1, 0, SLOT1_GPA, 0, SLOT1_HVA)),
         ("move", slot1(0x3000_0000)),
     ] {
         let mut granted = 0;
@@ -627,7 +639,7 @@ fn host_invalidations_on_a_tdp_vm_without_heap() {
 #[test]
 fn dirty_logging_on_out_of_heap_at_every_allocation() {
     use vmmu::memslot::{MemslotError, UserspaceMemoryRegion, KVM_MEM_LOG_DIRTY_PAGES};
-    let (vm, _host, mut v) = two_slots_mapped();
+    let (vm, _host, mut v) = two_slots_mapped(false);
     let ram = |flags| UserspaceMemoryRegion::new(0, flags, 0, RAM_SIZE, RAM_HVA);
     let gvas = || (0..32u64).map(|i| 0x4000_0000 + (i << 12));
     let mut granted = 0;
