@@ -217,6 +217,15 @@ impl GfnIndex {
         })
     }
 
+    /// Whether the next insert allocates nothing already (then [`Self::room`] would make
+    /// nothing).
+    pub(crate) fn has_room(&self) -> bool {
+        let spare = |len: usize, cap: usize| cap > len;
+        self.spare.is_some()
+            && spare(self.firsts.len(), self.firsts.capacity())
+            && spare(self.blocks.len(), self.blocks.capacity())
+    }
+
     /// Takes `room` in: the next insert allocates nothing. Allocates nothing.
     pub(crate) fn take_room(&mut self, room: GfnRoom) {
         if self.spare.is_none() {
@@ -518,6 +527,7 @@ mod tests {
         for k in (0..2000u64).rev() {
             let room = ix.room(slot(k)).expect("heap");
             ix.take_room(room);
+            assert!(ix.has_room(), "{k}");
             let spare = ix.spare.as_deref().map(|b| b as *const Block).expect("a spare block");
             let (firsts, blocks) = (ix.firsts.as_ptr(), ix.blocks.as_ptr());
             let nblocks = ix.blocks.len();

@@ -136,6 +136,17 @@ impl HvaIndex {
         })
     }
 
+    /// Whether the next insert allocates nothing already (then [`Self::room`] would make
+    /// nothing).
+    pub(crate) fn has_room(&self) -> bool {
+        let spare = |len: usize, cap: usize| cap > len;
+        self.spare.is_some()
+            && spare(self.firsts.len(), self.firsts.capacity())
+            && spare(self.max_ends.len(), self.max_ends.capacity())
+            && spare(self.group_max.len(), self.group_max.capacity())
+            && spare(self.blocks.len(), self.blocks.capacity())
+    }
+
     /// Takes `room` in: the next insert allocates nothing. Allocates nothing.
     pub(crate) fn take_room(&mut self, room: HvaRoom) {
         use crate::heap::take_vec_room;
@@ -428,6 +439,7 @@ mod tests {
         for k in (0..2000u64).rev() {
             let room = ix.room().expect("heap");
             ix.take_room(room);
+            assert!(ix.has_room(), "{k}");
             let spare = ix.spare.as_ref().map(|b| b.entries.as_ptr()).expect("a spare block");
             let bufs = (ix.firsts.as_ptr(), ix.max_ends.as_ptr(), ix.group_max.as_ptr());
             let blocks = ix.blocks.as_ptr();

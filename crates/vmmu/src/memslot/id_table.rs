@@ -77,6 +77,14 @@ impl IdTable {
         })
     }
 
+    /// Whether an insert of slot `id` allocates nothing already (then [`Self::room`] would make
+    /// nothing).
+    pub(crate) fn has_room(&self, id: u16) -> bool {
+        let (p, _) = split(id);
+        let page = self.pages.get(p).is_some_and(Option::is_some) || self.spare.is_some();
+        page && self.pages.capacity() > p && self.used.capacity() > p
+    }
+
     /// Takes `room` in: the insert it was made for allocates nothing. Allocates nothing.
     pub(crate) fn take_room(&mut self, room: IdRoom) {
         if self.spare.is_none() {
@@ -164,8 +172,10 @@ mod tests {
     fn an_insert_given_room_uses_the_spare_and_keeps_the_buffers() {
         let mut t = IdTable::default();
         for id in [0u16, 63, 64, 5000, 200, 32763, 32700, 1] {
+            assert_eq!(t.has_room(id), id == 63 || id == 1, "{id}");
             let room = t.room(id).expect("heap");
             t.take_room(room);
+            assert!(t.has_room(id), "{id}");
             let page = t.pages.get(usize::from(id) / PAGE).and_then(|p| p.as_deref());
             let page = page.or(t.spare.as_deref()).map(|p| p as *const Page).expect("a page");
             let bufs = (t.pages.as_ptr(), t.used.as_ptr());

@@ -37,14 +37,21 @@ struct SlotMaps {
     by_hva: HvaIndex,
 }
 
-/// Room for one more slot in a set's indexes ([`MemslotSet::room_for`]).
-pub(crate) struct SetRoom {
+/// Room for one more slot in a set's indexes ([`MemslotSet::room_for`]): `None` when the set
+/// has it already (no parts to move around).
+pub(crate) struct SetRoom(Option<alloc::boxed::Box<RoomParts>>);
+
+/// What a [`SetRoom`] hands over.
+struct RoomParts {
     gfn: GfnRoom,
     id: IdRoom,
     hva: HvaRoom,
 }
 
 impl SetRoom {
+    /// No room to hand over.
+    const NONE: SetRoom = SetRoom(None);
+
     /// About what a room takes at most, for the `ENOMEM` message: a block of each index and a
     /// page of the id table (their vectors' growth aside).
     pub(crate) const BYTES: u64 =
@@ -240,12 +247,23 @@ impl MemslotSet {
     /// slot in each index), allocated fallibly: `None` if the heap has no room. Changes nothing
     /// (a reader may be reading the set). The caller holds the slots lock.
     pub(crate) fn room_for(&self, new: &Memslot) -> Option<SetRoom> {
+        if self.has_room_for(new) {
+            return Some(SetRoom::NONE);
+        }
         let m = self.maps();
-        Some(SetRoom {
+        let parts = RoomParts {
             gfn: m.by_gfn.room(*new)?,
             id: m.by_id.room(new.id().0)?,
             hva: m.by_hva.room()?,
-        })
+        };
+        Some(SetRoom(Some(crate::heap::try_box(parts)?)))
+    }
+
+    /// Whether a [`Self::replace`] installing `new` allocates nothing already (the common case:
+    /// the indexes keep spare blocks and room in their vectors).
+    fn has_room_for(&self, new: &Memslot) -> bool {
+        let m = self.maps();
+        m.by_gfn.has_room() && m.by_id.has_room(new.id().0) && m.by_hva.has_room()
     }
 
     /// Takes `room` in, so that the next [`Self::replace`] installing the slot it was made for
@@ -254,6 +272,7 @@ impl MemslotSet {
     /// # Safety
     /// As [`Self::replace`]'s.
     pub(crate) unsafe fn take_room(&self, room: SetRoom) {
+        let Some(room) = room.0 else { return };
         self.maps.with_mut(|p| {
             // SAFETY: the caller guarantees exclusive access (see above).
             let m = unsafe { &mut *p };
