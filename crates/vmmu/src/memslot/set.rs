@@ -239,10 +239,6 @@ impl MemslotSet {
         in_range(self.maps().by_gfn.iter_from_edit(start.0), start, end).find(|s| s.id() != id)
     }
 
-    /// Removes `old` (if any), then inserts `new` (if any) with its dirty bitmap `bitmap` (KVM
-    /// `kvm_replace_memslot`). `O(log n)` plus a block shift of at most 64 entries (none for a
-    /// flags change, an invalidation or a move past no other slot); no copy of the set.
-    ///
     /// What one [`Self::replace`] that installs `new` needs from the heap (room for one more
     /// slot in each index), allocated fallibly: `None` if the heap has no room. Changes nothing
     /// (a reader may be reading the set). The caller holds the slots lock.
@@ -282,7 +278,10 @@ impl MemslotSet {
         });
     }
 
-    /// Given room ([`Self::take_room`]) for the slot `new` installs, allocates nothing.
+    /// Removes `old` (if any), then inserts `new` (if any) with its dirty bitmap `bitmap` (KVM
+    /// `kvm_replace_memslot`). `O(log n)` plus a block shift of at most 64 entries (none for a
+    /// flags change, an invalidation or a move past no other slot); no copy of the set. Given
+    /// room ([`Self::take_room`]) for the slot `new` installs, allocates nothing.
     ///
     /// # Safety
     /// No other thread may hold a reference into this set's maps: the set is not the published
