@@ -42,9 +42,10 @@
 //!   [`vm::Vm::get_dirty_log_into`] allocate nothing (table frames come from the host's
 //!   [`host::FrameAllocator`]; `crates/vmmu-bare/tests/exit_path_alloc.rs` checks it). Loading a
 //!   TDP root (the first `service_requests`, and after a zap of all roots) allocates, as do
-//!   a TDP VM's zap of a deleted or moved slot, the zap of every root when a memslot update
-//!   wraps the MMIO generation (in the middle of the update, after its first publication), VM
-//!   and vCPU creation and
+//!   the TDP MMU's zaps of whole roots (a memslot delete or move with
+//!   [`vm::VmConfig::slot_zap_all`], the zap of every root when a memslot update wraps the MMIO
+//!   generation, in the middle of the update after its first publication, and a root's last
+//!   user dropping an obsolete root), VM and vCPU creation and
 //!   [`vm::Vm::get_dirty_log`]; these allocations are
 //!   infallible (out of heap, they end in the allocator's error handler: on a bare-metal target a
 //!   panic). Under shadow paging the vCPU's paths are heap-fallible: a #PF
@@ -66,9 +67,11 @@
 //!   update: the bitmap, its shared handle and its bookkeeping) report exhaustion too. A
 //!   memslot update makes room for its slot in the memslot sets' indexes before it publishes
 //!   anything, as KVM allocates its new memslot first: out of heap, `ENOMEM` with nothing
-//!   changed (the MMU's allocations listed above aside). A TDP VM's recovery of huge pages when
-//!   a slot stops dirty logging is optional work: out of heap, it leaves the blocks mapped by
-//!   small leaves (`tests/tdp_update_heap_exhaustion.rs`).
+//!   changed (the MMU's allocations listed above aside). A TDP VM's zap of a deleted or moved
+//!   slot unlinks the tables inside the slot only where it can list them (KVM zaps the leaves
+//!   alone), and its recovery of huge pages when a slot stops dirty logging is optional work:
+//!   out of heap, the one leaves the tables linked, emptied, and the other leaves the blocks
+//!   mapped by small leaves (`tests/tdp_update_heap_exhaustion.rs`).
 //!   What the guest can make the shadow MMU take is bounded by its page limit
 //!   ([`vm::Vm::set_nr_mmu_pages`], KVM's `n_max_mmu_pages`), not by how much memory the guest
 //!   touches: at most 64 KiB of heap per allowed page plus a fixed part per VM (about 43 KiB

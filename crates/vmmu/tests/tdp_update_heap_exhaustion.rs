@@ -1,8 +1,9 @@
 //! A TDP VM's side of its memslot updates out of heap at every allocation in turn: dirty logging
 //! turned on (the slot's leaves write-protected) and off (its huge mappings recovered, which is
-//! optional work, skipped out of heap as KVM skips what it cannot recover), and creates; each
-//! answers `ENOMEM` or completes, never an abort, and the guest then reaches its pages as
-//! before. (A create that wraps the MMIO generation zaps every root in the middle of the update,
+//! optional work, skipped out of heap as KVM skips what it cannot recover), creates, deletes
+//! and moves (whose zap unlinks the tables inside the slot, more than KVM's zap of the leaves:
+//! out of heap the tables stay linked, emptied); each answers `ENOMEM` or completes, never an
+//! abort, and the guest then reaches its pages as before. (A create that wraps the MMIO generation zaps every root in the middle of the update,
 //! and that zap still lists the tables it detaches on the heap infallibly: the crate doc says so;
 //! this test stays below the wrap.)
 //!
@@ -76,5 +77,70 @@ fn tdp_vm_logging_on_and_off_and_creates_out_of_heap_at_every_allocation() {
             run("create", &slot, &gone);
             common::access(&mut v, gpa, true).unwrap();
         }
+    }
+}
+
+/// A TDP VM's memslot deletes and moves out of heap at every allocation in turn: the zap drops
+/// every leaf of the old place (the guest's access there exits as MMIO), unlinking the tables
+/// inside it only where it can list them; no table frame is lost (all are freed by the VM's
+/// drop). Before, the zap listed the tables on the heap infallibly: out of heap, an abort.
+#[test]
+fn tdp_vm_deletes_and_moves_out_of_heap_at_every_allocation() {
+    use vmmu::spte::FormatKind;
+    for format in [FormatKind::Ept, FormatKind::Npt] {
+        let (vm, host) = common::vm(format);
+        let (gpa, size) = (1u64 << 30, 8u64 << 20);
+        // A host address 4 KiB off the guest's 2 MiB alignment: no huge leaf, so the slot's
+        // 2 MiB blocks are mapped by last-level tables that lie inside it.
+        let hva = common::RAM_HVA + (256 << 20) + 4096;
+        let slot = |at: u64, size: u64| common::region(1, at, size, hva, 0);
+        vm.set_memory_region(&slot(gpa, size)).unwrap();
+        let mut v = vm.create_vcpu().unwrap();
+        // Pages across the slot, written: 4 KiB leaves under each of its four last-level tables.
+        let touch = |v: &mut vmmu::vcpu::Vcpu<vmmu::testing::TestHost>, at: u64| {
+            for i in 0..16u64 {
+                let (seen, _) = common::access(v, at + i * (512 << 10), true).unwrap();
+                let frame = vmmu::Pfn((hva + i * (512 << 10)) >> 12);
+                assert_eq!(seen, common::Seen::Ram(frame), "{format:?} {i}");
+            }
+        };
+        let gone = |v: &mut vmmu::vcpu::Vcpu<vmmu::testing::TestHost>, at: u64| {
+            for i in 0..16u64 {
+                let (seen, _) = common::access(v, at + i * (512 << 10), false).unwrap();
+                assert!(matches!(seen, common::Seen::Mmio(_)), "{format:?} {i}: {seen:?}");
+            }
+        };
+        for (what, to) in [("delete", None), ("move", Some(gpa + (1 << 30)))] {
+            let mut refused = 0;
+            for granted in 0..10_000 {
+                touch(&mut v, gpa);
+                let r = match to {
+                    None => slot(gpa, 0),
+                    Some(at) => slot(at, size),
+                };
+                let (out, failed) = heap_for(granted, || vm.set_memory_region(&r));
+                match out {
+                    Ok(_) => gone(&mut v, gpa),
+                    Err(MemslotError::OutOfMemory { .. }) if failed > 0 => {
+                        touch(&mut v, gpa);
+                        continue;
+                    }
+                    Err(e) => panic!("{format:?} {what} {granted}: {e}"),
+                }
+                if let Some(at) = to {
+                    touch(&mut v, at);
+                    vm.set_memory_region(&slot(at, 0)).unwrap();
+                }
+                vm.set_memory_region(&slot(gpa, size)).unwrap();
+                refused += failed;
+                if failed == 0 {
+                    break;
+                }
+            }
+            assert!(refused > 0, "{format:?} {what}: no allocation was refused");
+        }
+        drop(v);
+        drop(vm);
+        assert_eq!(host.tables_in_use(), 0, "{format:?}: table frames lost");
     }
 }

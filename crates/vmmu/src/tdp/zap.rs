@@ -33,7 +33,53 @@ pub(crate) enum ZapScope {
     Leaves,
     /// Leaves, MMIO SPTEs, and the tables entirely inside the range (unlinked, flushed, freed
     /// after a grace period): memslot delete and move, whose gfns may stay unmapped for long.
+    /// Out of heap, a table the zap cannot list stays linked, emptied ([`OptionalUnlink`]).
     Tables,
+}
+
+/// Where a zap lists the tables it unlinks, to be freed after a grace period.
+pub(crate) trait TableList {
+    /// Lists `pfn`, a table the caller is about to unlink; `false` if it cannot, and then the
+    /// caller leaves it linked (and every table above it: an unlinked table must take none of
+    /// its tables with it unlisted).
+    fn try_list(&mut self, pfn: Pfn) -> bool;
+    /// How many tables this list refused so far.
+    fn refused(&self) -> usize;
+}
+
+/// Every table listed (the heap permitting: a zap that must unlink what it meets, such as a
+/// root's or a detached table's).
+impl TableList for Vec<Pfn> {
+    fn try_list(&mut self, pfn: Pfn) -> bool {
+        self.push(pfn);
+        true
+    }
+    fn refused(&self) -> usize {
+        0
+    }
+}
+
+/// A memslot range's zap, whose unlinking of the tables inside the range is optional (KVM's
+/// own zaps the leaves alone, `kvm_tdp_mmu_unmap_gfn_range`): a table is listed only with room
+/// promised in the list and the free queue ([`Unlinked::try_promise`]); out of heap, it stays
+/// linked with its leaves zapped.
+pub(crate) struct OptionalUnlink<'a, 'c, H: Host> {
+    pub(crate) pages: &'a mut Unlinked<'c, H>,
+    refused: usize,
+}
+
+impl<H: Host> TableList for OptionalUnlink<'_, '_, H> {
+    fn try_list(&mut self, pfn: Pfn) -> bool {
+        if !self.pages.try_promise(1) {
+            self.refused += 1;
+            return false;
+        }
+        self.pages.push(pfn);
+        true
+    }
+    fn refused(&self) -> usize {
+        self.refused
+    }
 }
 
 impl<H: Host> Tdp<'_, H> {
@@ -61,7 +107,7 @@ impl<H: Host> Tdp<'_, H> {
         start: Gfn,
         end: Gfn,
         scope: ZapScope,
-        pages: &mut Vec<Pfn>,
+        pages: &mut (impl TableList + ?Sized),
     ) -> bool {
         let mut flush = false;
         for r in roots.iter().filter(|r| r.as_id() == as_id) {
@@ -71,16 +117,18 @@ impl<H: Host> Tdp<'_, H> {
     }
 
     /// Zaps `[start, end)` and flushes remote TLBs if needed; frees unlinked tables after a grace
-    /// period. The memslot delete/move flush hook and host invalidations use it.
+    /// period. The memslot delete/move flush hook uses it. Needs no heap: out of heap, the
+    /// tables inside the range stay linked, emptied ([`OptionalUnlink`]).
     pub(crate) fn zap_gfn_range(&self, as_id: AsId, start: Gfn, end: Gfn) {
         self.stats.zap_range.add(1);
         let mut pages = self.unlinked();
         let roots = self.tdp.mmu_lock.write(&self.vcpus, &self.relax());
+        let mut list = OptionalUnlink { pages: &mut pages, refused: 0 };
         let flush =
-            self.zap_gfn_range_locked(&roots, as_id, start, end, ZapScope::Tables, &mut pages);
+            self.zap_gfn_range_locked(&roots, as_id, start, end, ZapScope::Tables, &mut list);
         self.flush_after_zap(flush);
         drop(roots);
-        self.defer_free(&mut pages);
+        pages.queue();
         self.reclaim();
     }
 
@@ -180,9 +228,11 @@ impl<H: Host> Tdp<'_, H> {
             // The huge leaf first, then the detached table's entries (KVM `handle_removed_pt`).
             let swap = self.set_spte_locked(entry, old, huge, level, lo);
             flush |= swap == FlushNeed::Remote;
-            flush |= self.zap_table(child, lower, lo, lo, e.hi, ZapScope::Tables, pages);
+            // Listed in full: the promise above covers the detached table and its tables.
+            let list: &mut Vec<Pfn> = pages;
+            flush |= self.zap_table(child, lower, lo, lo, e.hi, ZapScope::Tables, list);
             self.stats.tdp_tables_zapped.add(1);
-            pages.push(child);
+            list.push(child);
         }
         flush
     }
@@ -298,7 +348,7 @@ impl<H: Host> Tdp<'_, H> {
         start: Gfn,
         end: Gfn,
         scope: ZapScope,
-        pages: &mut Vec<Pfn>,
+        pages: &mut (impl TableList + ?Sized),
     ) -> bool {
         // SAFETY: we hold the MMU lock exclusive and reached `pfn` from a root on the list or
         // being retired; nothing frees a linked page.
@@ -324,7 +374,7 @@ impl<H: Host> Tdp<'_, H> {
         start: Gfn,
         end: Gfn,
         scope: ZapScope,
-        pages: &mut Vec<Pfn>,
+        pages: &mut (impl TableList + ?Sized),
     ) -> bool {
         let fmt = self.cfg.format;
         let old = entry.load(Ordering::Acquire);
@@ -345,14 +395,15 @@ impl<H: Host> Tdp<'_, H> {
         let Some(lower) = level.lower() else {
             return false;
         };
+        let refused = pages.refused();
         let mut flush = self.zap_table(child, lower, lo, start, end, scope, pages);
-        if whole {
+        // Unlinked only if every table below went, and it can be listed.
+        if whole && pages.refused() == refused && pages.try_list(child) {
             // Unlinking the table: a flush even if nothing below was present, for the
             // paging-structure caches that may hold the link (`mmu_core/change.rs`).
             let unlink = self.set_spte_locked(entry, old, SpteFormat::NONPRESENT, level, lo);
             flush |= unlink == FlushNeed::Remote;
             self.stats.tdp_tables_zapped.add(1);
-            pages.push(child);
         }
         flush
     }
