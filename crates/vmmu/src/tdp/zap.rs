@@ -64,7 +64,7 @@ impl TableList for Vec<Pfn> {
 /// promised in the list and the free queue ([`Unlinked::try_promise`]); out of heap, it stays
 /// linked with its leaves zapped.
 pub(crate) struct OptionalUnlink<'a, 'c, H: Host> {
-    pub(crate) pages: &'a mut Unlinked<'c, H>,
+    pages: &'a mut Unlinked<'c, H>,
     refused: usize,
 }
 
