@@ -66,14 +66,33 @@ impl TableList for Vec<Pfn> {
 pub(crate) struct OptionalUnlink<'a, 'c, H: Host> {
     pages: &'a mut Unlinked<'c, H>,
     refused: usize,
+    /// Promised room not used yet: promises are made [`Self::BATCH`] at a time (one lock of
+    /// the free queue per batch), and what is left is given back when the list is queued.
+    room: usize,
+}
+
+impl<'a, 'c, H: Host> OptionalUnlink<'a, 'c, H> {
+    /// Tables promised at a time.
+    const BATCH: usize = 64;
+
+    fn new(pages: &'a mut Unlinked<'c, H>) -> Self {
+        OptionalUnlink { pages, refused: 0, room: 0 }
+    }
 }
 
 impl<H: Host> TableList for OptionalUnlink<'_, '_, H> {
     fn try_list(&mut self, pfn: Pfn) -> bool {
-        if !self.pages.try_promise(1) {
-            self.refused += 1;
-            return false;
+        if self.room == 0 {
+            if self.pages.try_promise(Self::BATCH) {
+                self.room = Self::BATCH;
+            } else if self.pages.try_promise(1) {
+                self.room = 1;
+            } else {
+                self.refused += 1;
+                return false;
+            }
         }
+        self.room -= 1;
         self.pages.push(pfn);
         true
     }
@@ -123,7 +142,7 @@ impl<H: Host> Tdp<'_, H> {
         self.stats.zap_range.add(1);
         let mut pages = self.unlinked();
         let roots = self.tdp.mmu_lock.write(&self.vcpus, &self.relax());
-        let mut list = OptionalUnlink { pages: &mut pages, refused: 0 };
+        let mut list = OptionalUnlink::new(&mut pages);
         let flush =
             self.zap_gfn_range_locked(&roots, as_id, start, end, ZapScope::Tables, &mut list);
         self.flush_after_zap(flush);
