@@ -44,6 +44,7 @@ fn tdp_vm_logging_on_and_off_and_creates_out_of_heap_at_every_allocation() {
             let mut enomem = 0;
             for granted in 0..10_000 {
                 let (out, failed) = heap_for(granted, || vm.set_memory_region(r));
+                assert_eq!(vm.core().free_queue_promises(), 0, "{format:?} {what} {granted}");
                 match out {
                     Err(MemslotError::OutOfMemory { .. }) => {
                         assert!(failed > 0, "{format:?} {what} {granted}");
@@ -119,6 +120,8 @@ fn tdp_vm_deletes_and_moves_out_of_heap_at_every_allocation() {
                     Some(at) => slot(at, size),
                 };
                 let (out, failed) = heap_for(granted, || vm.set_memory_region(&r));
+                // Every promise of room in the free queue was kept or given back.
+                assert_eq!(vm.core().free_queue_promises(), 0, "{format:?} {what} {granted}");
                 match out {
                     Ok(_) => gone(&mut v, gpa),
                     Err(MemslotError::OutOfMemory { .. }) if failed > 0 => {
