@@ -49,16 +49,11 @@ impl FreeQueue {
         Ok(())
     }
 
-    /// Queues frames that hold no promise (TDP tables and roots), keeping the promised room.
-    /// May allocate: the TDP MMU's zaps are not heap-fallible.
-    pub(super) fn append_unpromised(&mut self, pages: &mut Vec<Pfn>) {
-        self.append(pages, 0);
-    }
-
     /// Queues `pages`, of which `promised` hold a promise ([`Self::promise_many`]; unused
     /// promises are given back), keeping the rest of the promised room. Allocates only for
-    /// frames beyond `promised`.
-    fn append(&mut self, pages: &mut Vec<Pfn>, promised: usize) {
+    /// frames beyond `promised` (frames that hold no promise: TDP tables and roots, whose zaps
+    /// of whole roots are not heap-fallible).
+    pub(super) fn append(&mut self, pages: &mut Vec<Pfn>, promised: usize) {
         debug_assert!(self.promised >= promised, "more promises kept than made");
         self.promised = self.promised.saturating_sub(promised);
         // Room for `promised` frames beyond the remaining promises was reserved: no allocation
@@ -128,12 +123,7 @@ impl<H: crate::host::Host> Unlinked<'_, H> {
     /// Queues the frames for freeing after a grace period ([`super::MmuCore::defer_free`]),
     /// through the room promised for them, and gives back the promises they did not use.
     pub(crate) fn queue(&mut self) {
-        if self.pages.is_empty() && self.promised == 0 {
-            return;
-        }
-        // Before the grace period that frees them (`MmuCore::defer_free`).
-        self.core.table_epoch.fetch_add(1, crate::sync::Ordering::Release);
-        self.core.free_queue().append(&mut self.pages, self.promised);
+        self.core.defer_free(&mut self.pages, self.promised);
         self.promised = 0;
     }
 }
@@ -172,7 +162,7 @@ mod tests {
         }
         let cap = q.frames.capacity();
         // Unpromised frames keep the promised room.
-        q.append_unpromised(&mut alloc::vec![Pfn(100), Pfn(101), Pfn(102)]);
+        q.append(&mut alloc::vec![Pfn(100), Pfn(101), Pfn(102)], 0);
         assert!(q.frames.capacity() - q.frames.len() >= 5);
         let cap2 = q.frames.capacity();
         assert!(cap2 >= cap);

@@ -343,20 +343,24 @@ impl<H: Host> MmuCore<H> {
         self.stats.tables_freed.add(1);
     }
 
-    /// Queues unlinked table pages for freeing after a grace period (rule 3). For frames that
-    /// hold no promise (TDP tables and roots): may allocate.
-    pub(crate) fn defer_free(&self, pages: &mut Vec<Pfn>) {
+    /// Queues unlinked table pages for freeing after a grace period (rule 3), `promised` of
+    /// them through room promised in bulk ([`Unlinked::try_promise`]; promises they did not use
+    /// are given back); beyond those it may allocate. Called by [`Unlinked::queue`].
+    pub(crate) fn defer_free(&self, pages: &mut Vec<Pfn>, promised: usize) {
+        if pages.is_empty() && promised == 0 {
+            return;
+        }
         if !pages.is_empty() {
             // Before the grace period that frees them: no leaf-table cache hit reads these pages
             // from a section the grace period does not wait for (`walk.rs`).
             self.table_epoch.fetch_add(1, crate::sync::Ordering::Release);
-            self.free_queue.lock_with(&self.relax()).append_unpromised(pages);
         }
+        self.free_queue.lock_with(&self.relax()).append(pages, promised);
     }
 
     /// An empty list for the table frames a zap unlinks, queued for freeing when it is dropped,
     /// also by an unwind ([`Unlinked`]); a zap queues it explicitly after its flush
-    /// ([`Self::defer_free`]).
+    /// ([`Unlinked::queue`]).
     pub(crate) fn unlinked(&self) -> Unlinked<'_, H> {
         Unlinked { core: self, pages: Vec::new(), promised: 0 }
     }
@@ -530,7 +534,7 @@ impl<H: Host> MmuCore<H> {
         });
         self.flush_after_zap(flush);
         drop(guard);
-        self.defer_free(&mut pages);
+        pages.queue();
         self.reclaim();
         core::mem::forget(undo);
     }

@@ -178,7 +178,7 @@ impl<'a, H: Host> Tdp<'a, H> {
         // translations, and that vCPU flushes its own TLB when it loads its next root.
         self.flush_after_zap(flush && root.kind() == RootKind::Tdp);
         drop(roots);
-        self.defer_free(&mut pages);
+        pages.queue();
     }
 
     /// KVM `kvm_mmu_zap_all_fast`: obsolete every root, ask every vCPU to drop obsolete roots,
@@ -213,7 +213,7 @@ impl<'a, H: Host> Tdp<'a, H> {
         });
         self.flush_after_zap(flush);
         drop(roots);
-        self.defer_free(&mut pages);
+        pages.queue();
         self.reclaim();
     }
 

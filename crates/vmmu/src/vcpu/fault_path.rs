@@ -420,7 +420,7 @@ impl VcpuMmu {
         mark_before_map(set, fault, backing);
         let outcome = mmu.replace_table_in_the_way(&excl, root, fault, spec, &mut pages);
         drop(excl);
-        mmu.defer_free(&mut pages);
+        pages.queue();
         mmu.reclaim_batched();
         Ok(outcome)
     }
