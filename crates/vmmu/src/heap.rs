@@ -43,12 +43,18 @@ pub(crate) fn vec_room<T>(
     v: &alloc::vec::Vec<T>,
     extra: usize,
 ) -> Option<Option<alloc::vec::Vec<T>>> {
-    if v.capacity() - v.len() >= extra {
+    if has_vec_room(v, extra) {
         return Some(None);
     }
     let mut w = alloc::vec::Vec::new();
     w.try_reserve_exact((v.len() + extra).max(2 * v.len())).ok()?;
     Some(Some(w))
+}
+
+/// Whether `v` has room for `extra` more elements without allocating (then [`vec_room`] makes
+/// nothing).
+pub(crate) fn has_vec_room<T>(v: &alloc::vec::Vec<T>, extra: usize) -> bool {
+    v.capacity() - v.len() >= extra
 }
 
 /// Gives `v` the room [`vec_room`] made, if it still lacks it: its elements move into `room`,

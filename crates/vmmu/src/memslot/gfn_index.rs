@@ -220,10 +220,8 @@ impl GfnIndex {
     /// Whether the next insert allocates nothing already (then [`Self::room`] would make
     /// nothing).
     pub(crate) fn has_room(&self) -> bool {
-        let spare = |len: usize, cap: usize| cap > len;
-        self.spare.is_some()
-            && spare(self.firsts.len(), self.firsts.capacity())
-            && spare(self.blocks.len(), self.blocks.capacity())
+        use crate::heap::has_vec_room;
+        self.spare.is_some() && has_vec_room(&self.firsts, 1) && has_vec_room(&self.blocks, 1)
     }
 
     /// Takes `room` in: the next insert allocates nothing. Allocates nothing.

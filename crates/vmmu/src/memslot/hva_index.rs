@@ -139,12 +139,12 @@ impl HvaIndex {
     /// Whether the next insert allocates nothing already (then [`Self::room`] would make
     /// nothing).
     pub(crate) fn has_room(&self) -> bool {
-        let spare = |len: usize, cap: usize| cap > len;
+        use crate::heap::has_vec_room;
         self.spare.is_some()
-            && spare(self.firsts.len(), self.firsts.capacity())
-            && spare(self.max_ends.len(), self.max_ends.capacity())
-            && spare(self.group_max.len(), self.group_max.capacity())
-            && spare(self.blocks.len(), self.blocks.capacity())
+            && has_vec_room(&self.firsts, 1)
+            && has_vec_room(&self.max_ends, 1)
+            && has_vec_room(&self.group_max, 1)
+            && has_vec_room(&self.blocks, 1)
     }
 
     /// Takes `room` in: the next insert allocates nothing. Allocates nothing.

@@ -63,26 +63,32 @@ impl IdTable {
     /// What an insert of slot `id` needs that the table lacks, allocated fallibly (`None`: the
     /// heap has no room). Changes nothing: a reader may be reading the table meanwhile.
     pub(crate) fn room(&self, id: u16) -> Option<IdRoom> {
-        let (p, _) = split(id);
-        let need = (p + 1).saturating_sub(self.pages.len());
-        let has_page = self.pages.get(p).is_some_and(Option::is_some) || self.spare.is_some();
-        let page = match has_page {
+        let (more, page_ready) = self.wants(id);
+        let page = match page_ready {
             true => None,
             false => Some(crate::heap::try_box([const { None }; PAGE])?),
         };
         Some(IdRoom {
             page,
-            pages: crate::heap::vec_room(&self.pages, need)?,
-            used: crate::heap::vec_room(&self.used, need)?,
+            pages: crate::heap::vec_room(&self.pages, more)?,
+            used: crate::heap::vec_room(&self.used, more)?,
         })
     }
 
     /// Whether an insert of slot `id` allocates nothing already (then [`Self::room`] would make
     /// nothing).
     pub(crate) fn has_room(&self, id: u16) -> bool {
+        use crate::heap::has_vec_room;
+        let (more, page_ready) = self.wants(id);
+        page_ready && has_vec_room(&self.pages, more) && has_vec_room(&self.used, more)
+    }
+
+    /// What an insert of slot `id` needs: how many more entries the page vectors get, and
+    /// whether a page is there for it (its own or the spare).
+    fn wants(&self, id: u16) -> (usize, bool) {
         let (p, _) = split(id);
-        let page = self.pages.get(p).is_some_and(Option::is_some) || self.spare.is_some();
-        page && self.pages.capacity() > p && self.used.capacity() > p
+        let more = (p + 1).saturating_sub(self.pages.len());
+        (more, self.pages.get(p).is_some_and(Option::is_some) || self.spare.is_some())
     }
 
     /// Takes `room` in: the insert it was made for allocates nothing. Allocates nothing.
