@@ -4,8 +4,9 @@
 //! handler (an abort; on a bare-metal target a panic). What a failed fault built before it ran
 //! out stays consistent: the fault succeeds once memory is back, and nothing stale is reachable.
 //!
-//! The VMM's side too: a host invalidation (on TDP VMs as well) and a memslot delete or move
-//! zap what maps the range without needing the heap.
+//! The VMM's side too: a host invalidation, a memslot delete or move, and dirty logging turned
+//! on zap or protect what maps the range without needing the heap (TDP VMs:
+//! `tdp_update_heap_exhaustion.rs`).
 //!
 //! The global allocator here fails every allocation the faulting thread makes while a
 //! thread-local switch is on (or every one after the first few granted); without fallible
@@ -593,44 +594,6 @@ fn ram_pfn_at(hva: u64, gva: u64) -> vmmu::Pfn {
     vmmu::Pfn((hva + (gva - 0x6000_0000)) >> 12)
 }
 
-/// The same on a TDP VM, EPT and NPT: a host invalidation zaps leaves only (its tables stay
-/// linked, as KVM's `kvm_unmap_gfn_range` leaves them), so it needs no heap either. Before, the
-/// begin listed the slot's gfn range on the heap: out of heap, the process aborted.
-#[test]
-fn host_invalidations_on_a_tdp_vm_without_heap() {
-    use vmmu::spte::FormatKind;
-    for format in [FormatKind::Ept, FormatKind::Npt] {
-        let (vm, _host) = common::vm(format);
-        vm.set_memory_region(&common::region(0, 0, 64 << 20, common::RAM_HVA, 0)).unwrap();
-        let mut v = vm.create_vcpu().unwrap();
-        // 32 pages 1 MiB apart: the first half in the invalidated 16 MiB.
-        let gpas = || (0..32u64).map(|i| i << 20);
-        for gpa in gpas() {
-            common::access(&mut v, gpa, true).unwrap();
-        }
-        let (inv, _) = without_heap(|| {
-            vm.invalidate_hva_range_begin(
-                vmmu::Hva(common::RAM_HVA),
-                vmmu::Hva(common::RAM_HVA + (16 << 20)),
-            )
-        });
-        v.service_requests().unwrap();
-        let g = v.enter_guest().unwrap();
-        for gpa in gpas() {
-            let walk = g.walk(vmmu::Gpa(gpa), Access::WRITE);
-            let zapped = matches!(walk, HwWalk::Violation { present: false, .. });
-            assert_eq!(zapped, gpa < 16 << 20, "{format:?} {gpa:#x}: {walk:?}");
-        }
-        drop(g);
-        let ((), failed) = without_heap(|| inv.end());
-        assert_eq!(failed, 0);
-        for gpa in gpas() {
-            let (seen, _) = common::access(&mut v, gpa, false).unwrap();
-            assert_eq!(seen, common::Seen::Ram(vmmu::Pfn((common::RAM_HVA + gpa) >> 12)));
-        }
-    }
-}
-
 /// Dirty logging turned on for a slot out of heap at every allocation in turn: it fails with
 /// `ENOMEM` and the guest still writes through its writable leaves, or it completes and every
 /// leaf of the slot is write-protected (a write faults, so it is logged), never an abort.
@@ -669,61 +632,4 @@ fn dirty_logging_on_out_of_heap_at_every_allocation() {
         granted += 1;
         assert!(granted < 10_000, "no end to its allocations");
     }
-}
-
-/// Memslot creates, with and without dirty logging, on a TDP VM, out of heap at every
-/// allocation in turn: each fails with `ENOMEM` and leaves no slot (the guest's access exits as
-/// MMIO), or completes (the access reaches RAM); never an abort. Slot ids across the id table's
-/// pages and both address spaces, then 150 more slots, enough for the sets' indexes to grow and
-/// split their blocks. Before, the sets' indexes grew infallibly in the middle of the update
-/// (between its publications), and a logged slot's shared bitmap handle (`Arc::new`) and its
-/// entry in the table of bitmaps were infallible too.
-#[test]
-fn memslot_creates_out_of_heap_at_every_allocation() {
-    use vmmu::memslot::{MemslotError, KVM_MEM_LOG_DIRTY_PAGES};
-    use vmmu::spte::FormatKind;
-    let mut cfg = vmmu::vm::VmConfig::new(FormatKind::Ept, 46).unwrap();
-    cfg.nr_address_spaces = 2;
-    let (vm, _host) = common::vm_with(cfg);
-    let mut v = vm.create_vcpu().unwrap();
-    let (mut refused, mut enomem) = (0, 0);
-    let smm = 1 << 16;
-    let ids = [(1, 0), (2, 1), (63, 0), (62, 1), (64, 1), (65, 0), (200, 0), (201, 1)];
-    let ids = ids.into_iter().chain([(32000, 1), (32001, 0), (smm | 5, 0), (smm | 6, 1)]);
-    let many = (300u32..450).map(|id| (id, 2));
-    for (i, (id, kind)) in ids.chain(many).enumerate() {
-        let flags = if kind == 1 { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
-        // 2 MiB apart, reversed for the many so that each goes in front of the others.
-        let gpa = if kind == 2 { (1000 - i as u64) << 21 } else { (i as u64) << 21 };
-        let hva = common::RAM_HVA + (gpa & ((1 << 30) - 1));
-        let size = if kind == 2 { 4096 } else { 2 << 20 };
-        let r = common::region(id, gpa, size, hva, flags);
-        let smm = id >> 16 != 0;
-        let mut granted = 0;
-        loop {
-            let (out, failed) = heap_for(granted, || vm.set_memory_region(&r));
-            refused += failed;
-            let seen = (!smm).then(|| common::access(&mut v, gpa, false).unwrap().0);
-            match out {
-                Err(MemslotError::OutOfMemory { .. }) => {
-                    enomem += 1;
-                    assert!(failed > 0, "{id} {granted}: ENOMEM with nothing refused");
-                    assert!(matches!(seen, None | Some(common::Seen::Mmio(_))), "{seen:?}");
-                }
-                Ok(_) => {
-                    let ram = common::Seen::Ram(vmmu::Pfn(hva >> 12));
-                    assert!(seen.is_none_or(|s| s == ram), "{id} {granted}: {seen:?}");
-                    if failed == 0 {
-                        break;
-                    }
-                    vm.set_memory_region(&common::region(id, gpa, 0, hva, flags)).unwrap();
-                }
-                Err(e) => panic!("{id} {granted}: {e}"),
-            }
-            granted += 1;
-            assert!(granted < 100, "{id}: no end to its allocations");
-        }
-    }
-    eprintln!("{refused} allocations refused, {enomem} updates answered ENOMEM");
-    assert!(enomem > 0, "no update ran out of heap: the test proves nothing");
 }

@@ -1,11 +1,12 @@
-//! A TDP VM's side of its memslot updates out of heap at every allocation in turn: dirty logging
-//! turned on (the slot's leaves write-protected) and off (its huge mappings recovered, which is
-//! optional work, skipped out of heap as KVM skips what it cannot recover), creates, deletes
-//! and moves (whose zap unlinks the tables inside the slot, more than KVM's zap of the leaves:
-//! out of heap the tables stay linked, emptied); each answers `ENOMEM` or completes, never an
-//! abort, and the guest then reaches its pages as before. (A create that wraps the MMIO generation zaps every root in the middle of the update,
-//! and that zap still lists the tables it detaches on the heap infallibly: the crate doc says so;
-//! this test stays below the wrap.)
+//! A TDP VM's side of its memslot updates and host invalidations out of heap at every
+//! allocation in turn: dirty logging turned on (the slot's leaves write-protected) and off (its
+//! huge mappings recovered, which is optional work, skipped out of heap as KVM skips what it
+//! cannot recover), creates, deletes and moves (whose zap unlinks the tables inside the slot,
+//! more than KVM's zap of the leaves: out of heap the tables stay linked, emptied), and host
+//! invalidations (leaves only); each answers `ENOMEM` or completes, never an abort, and the
+//! guest then reaches its pages as before. (A create that wraps the MMIO generation zaps every
+//! root in the middle of the update, and that zap still lists the tables it detaches on the
+//! heap infallibly: the crate doc says so; these tests stay below the wrap.)
 //!
 //! The global allocator here fails every allocation of this thread after the first `granted`
 //! while a thread-local switch is on (`common/failing_heap.rs`).
@@ -16,8 +17,10 @@ mod common;
 #[path = "common/failing_heap.rs"]
 mod failing_heap;
 
-use failing_heap::{heap_for, Failing};
+use failing_heap::{heap_for, without_heap, Failing};
 use vmmu::memslot::{MemslotError, UserspaceMemoryRegion, KVM_MEM_LOG_DIRTY_PAGES};
+use vmmu::tdp::HwWalk;
+use vmmu::Access;
 
 #[global_allocator]
 static HEAP: Failing = Failing;
@@ -146,4 +149,99 @@ fn tdp_vm_deletes_and_moves_out_of_heap_at_every_allocation() {
         drop(vm);
         assert_eq!(host.tables_in_use(), 0, "{format:?}: table frames lost");
     }
+}
+
+/// A host invalidation on a TDP VM, EPT and NPT, zaps leaves only (its tables stay
+/// linked, as KVM's `kvm_unmap_gfn_range` leaves them), so it needs no heap either. Before, the
+/// begin listed the slot's gfn range on the heap: out of heap, the process aborted.
+#[test]
+fn host_invalidations_on_a_tdp_vm_without_heap() {
+    use vmmu::spte::FormatKind;
+    for format in [FormatKind::Ept, FormatKind::Npt] {
+        let (vm, _host) = common::vm(format);
+        vm.set_memory_region(&common::region(0, 0, 64 << 20, common::RAM_HVA, 0)).unwrap();
+        let mut v = vm.create_vcpu().unwrap();
+        // 32 pages 1 MiB apart: the first half in the invalidated 16 MiB.
+        let gpas = || (0..32u64).map(|i| i << 20);
+        for gpa in gpas() {
+            common::access(&mut v, gpa, true).unwrap();
+        }
+        let (inv, _) = without_heap(|| {
+            vm.invalidate_hva_range_begin(
+                vmmu::Hva(common::RAM_HVA),
+                vmmu::Hva(common::RAM_HVA + (16 << 20)),
+            )
+        });
+        v.service_requests().unwrap();
+        let g = v.enter_guest().unwrap();
+        for gpa in gpas() {
+            let walk = g.walk(vmmu::Gpa(gpa), Access::WRITE);
+            let zapped = matches!(walk, HwWalk::Violation { present: false, .. });
+            assert_eq!(zapped, gpa < 16 << 20, "{format:?} {gpa:#x}: {walk:?}");
+        }
+        drop(g);
+        let ((), failed) = without_heap(|| inv.end());
+        assert_eq!(failed, 0);
+        for gpa in gpas() {
+            let (seen, _) = common::access(&mut v, gpa, false).unwrap();
+            assert_eq!(seen, common::Seen::Ram(vmmu::Pfn((common::RAM_HVA + gpa) >> 12)));
+        }
+    }
+}
+
+/// Memslot creates, with and without dirty logging, on a TDP VM, out of heap at every
+/// allocation in turn: each fails with `ENOMEM` and leaves no slot (the guest's access exits as
+/// MMIO), or completes (the access reaches RAM); never an abort. Slot ids across the id table's
+/// pages and both address spaces, then 150 more slots, enough for the sets' indexes to grow and
+/// split their blocks. Before, the sets' indexes grew infallibly in the middle of the update
+/// (between its publications), and a logged slot's shared bitmap handle (`Arc::new`) and its
+/// entry in the table of bitmaps were infallible too.
+#[test]
+fn memslot_creates_out_of_heap_at_every_allocation() {
+    use vmmu::memslot::{MemslotError, KVM_MEM_LOG_DIRTY_PAGES};
+    use vmmu::spte::FormatKind;
+    let mut cfg = vmmu::vm::VmConfig::new(FormatKind::Ept, 46).unwrap();
+    cfg.nr_address_spaces = 2;
+    let (vm, _host) = common::vm_with(cfg);
+    let mut v = vm.create_vcpu().unwrap();
+    let (mut refused, mut enomem) = (0, 0);
+    let smm = 1 << 16;
+    let ids = [(1, 0), (2, 1), (63, 0), (62, 1), (64, 1), (65, 0), (200, 0), (201, 1)];
+    let ids = ids.into_iter().chain([(32000, 1), (32001, 0), (smm | 5, 0), (smm | 6, 1)]);
+    let many = (300u32..450).map(|id| (id, 2));
+    for (i, (id, kind)) in ids.chain(many).enumerate() {
+        let flags = if kind == 1 { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+        // 2 MiB apart, reversed for the many so that each goes in front of the others.
+        let gpa = if kind == 2 { (1000 - i as u64) << 21 } else { (i as u64) << 21 };
+        let hva = common::RAM_HVA + (gpa & ((1 << 30) - 1));
+        let size = if kind == 2 { 4096 } else { 2 << 20 };
+        let r = common::region(id, gpa, size, hva, flags);
+        let smm = id >> 16 != 0;
+        let mut granted = 0;
+        loop {
+            let (out, failed) = heap_for(granted, || vm.set_memory_region(&r));
+            refused += failed;
+            let seen = (!smm).then(|| common::access(&mut v, gpa, false).unwrap().0);
+            match out {
+                Err(MemslotError::OutOfMemory { .. }) => {
+                    enomem += 1;
+                    assert!(failed > 0, "{id} {granted}: ENOMEM with nothing refused");
+                    assert!(matches!(seen, None | Some(common::Seen::Mmio(_))), "{seen:?}");
+                }
+                Ok(_) => {
+                    let ram = common::Seen::Ram(vmmu::Pfn(hva >> 12));
+                    assert!(seen.is_none_or(|s| s == ram), "{id} {granted}: {seen:?}");
+                    if failed == 0 {
+                        break;
+                    }
+                    vm.set_memory_region(&common::region(id, gpa, 0, hva, flags)).unwrap();
+                }
+                Err(e) => panic!("{id} {granted}: {e}"),
+            }
+            granted += 1;
+            assert!(granted < 100, "{id}: no end to its allocations");
+        }
+    }
+    eprintln!("{refused} allocations refused, {enomem} updates answered ENOMEM");
+    assert!(enomem > 0, "no update ran out of heap: the test proves nothing");
 }
