@@ -1253,3 +1253,31 @@ fn buffers_filling_the_first_4_gib_of_frames_leave_the_special_root_its_frame() 
         );
     }
 }
+
+/// A delete names whatever `uaddr` the VMM passed (`traces.md`), which KVM checks only for its
+/// shape: page-aligned and within the recording host's user address space. On a host with
+/// 5-level paging that space reaches 2^56 - 4096 (the limit `memory::ANY_HOST_USER_LIMIT`
+/// already grants creates), so a delete naming 2^47 succeeded there, and every recorded request
+/// succeeded. No union of the trace's ranges holds a delete's `uaddr` when it is not the slot's
+/// own, and it went to the machine and to KVM as recorded: refused against this host's 4-level
+/// limit, a divergence the MMU did not make.
+#[test]
+fn a_delete_naming_a_uaddr_only_a_5_level_host_has_replays_cleanly() {
+    let trace = concat!(
+        "{\"vmmu_trace\":1,\"source\":\"hand: a delete with a uaddr above 2^47 (5-level host)\"}\n",
+        "{\"t\":0.000000,\"op\":\"slot\",\"as\":0,\"id\":3,\"flags\":[],\"gpa\":\"0x0\",\"size\":\"0x100000\",\"uaddr\":\"0x7f0000000000\"}\n",
+        "{\"t\":0.000100,\"op\":\"slot\",\"as\":0,\"id\":3,\"flags\":[],\"gpa\":\"0x0\",\"size\":\"0x0\",\"uaddr\":\"0x800000000000\"}\n",
+        "{\"t\":0.000100,\"op\":\"kvm\",\"event\":\"zap_all_fast\"}\n",
+        "{\"t\":0.000200,\"op\":\"mmio\",\"dir\":\"read\",\"gpa\":\"0x1000\",\"len\":4,\"value\":\"0x0\",\"exit\":\"user\"}\n",
+    );
+    let file = temp_file("delete-uaddr-5-level.trace.jsonl", trace).display().to_string();
+    let t = assert_clean(&file);
+    for r in t["runs"].as_array().unwrap() {
+        assert_eq!(u(&r["slots"]["deletes"]), 1, "{:#}", r["slots"]);
+    }
+    let out = vmmu(&["replay", "--json", "--format", "ept", "--mmio-caching", "on", &file]);
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let Some(k) = kvm_half_that_ran(&doc["traces"][0]) else { return };
+    assert_eq!((u(&k["slots_applied"]), u(&k["slots_refused"])), (2, 0), "{k:#}");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
