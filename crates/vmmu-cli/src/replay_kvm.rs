@@ -253,7 +253,11 @@ impl Replay {
             flags |= KVM_MEM_READONLY;
         }
         self.sampler.slots_changed();
-        match self.setup.vm.set_region(slot, flags, s.gpa, s.size, s.uaddr) {
+        // A delete's uaddr only has to have a shape its recording host accepted (see
+        // `delete_uaddr`); a slot's own uaddr is in a union and remapped by `set_region`.
+        let uaddr =
+            if s.size == 0 { vmmu_sim::replay::memory::delete_uaddr(s.uaddr) } else { s.uaddr };
+        match self.setup.vm.set_region(slot, flags, s.gpa, s.size, uaddr) {
             Ok(()) => self.r.slots_applied += 1,
             Err(errno) => {
                 self.r.slots_refused += 1;

@@ -433,7 +433,11 @@ impl Replay<'_> {
         self.in_flight.slot(s);
         let r = &mut self.report.slots;
         r.requests += 1;
-        let userspace_addr = self.memory.hva(s.uaddr).unwrap_or(s.uaddr);
+        let userspace_addr = match self.memory.hva(s.uaddr) {
+            Some(hva) => hva,
+            None if s.size == 0 => super::memory::delete_uaddr(s.uaddr),
+            None => s.uaddr,
+        };
         let flags = u32::from(s.dirty_log) | (u32::from(s.readonly) << 1);
         let region = UserspaceMemoryRegion {
             slot: (u32::from(s.as_id) << 16) | u32::from(s.id),

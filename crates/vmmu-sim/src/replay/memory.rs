@@ -84,6 +84,22 @@ pub fn acceptable_somewhere(s: &SlotEvent) -> bool {
             && s.gpa.checked_add(s.size).is_some_and(|end| end <= 1 << GUEST_PHYS_BITS))
 }
 
+/// The `uaddr` a replay passes for a delete (`size` 0) whose recorded `uaddr` no union holds:
+/// one naming another address than its slot's, which KVM checks for its shape only (page
+/// aligned, inside the host's user address space) and otherwise ignores. A page-aligned one up to
+/// [`ANY_HOST_USER_LIMIT`] succeeded on its recording host (one with 5-level paging above 2^47),
+/// so it becomes an address every x86-64 host accepts, the last page below the 4-level
+/// `TASK_SIZE_MAX`, when it is above that; anything else goes as recorded, to be refused as KVM
+/// refuses it on every host.
+pub fn delete_uaddr(uaddr: u64) -> u64 {
+    const LAST_4_LEVEL_PAGE: u64 = vmmu::memslot::TASK_SIZE_MAX - PAGE_SIZE;
+    if uaddr % PAGE_SIZE == 0 && uaddr <= ANY_HOST_USER_LIMIT {
+        uaddr.min(LAST_4_LEVEL_PAGE)
+    } else {
+        uaddr
+    }
+}
+
 /// The maximal unions of overlapping `[uaddr, uaddr + size)` ranges of the trace's non-delete
 /// slot requests, sorted. Requests KVM refuses whatever the host (`acceptable_range`: 2^31
 /// pages or more, misaligned, a range that wraps or leaves every user address space) get no
@@ -324,5 +340,20 @@ mod tests {
             trace((0..33).map(|i| slot(0, size, 0x1000_0000 + i * (size - PAGE_SIZE))).collect());
         let e = TraceMemory::new(&t, 52).expect_err("unmappable");
         assert!(e.to_string().starts_with("host memory for the trace's slots: "), "{e}");
+    }
+
+    /// A delete's `uaddr` that only a 5-level host has becomes the last 4-level user page; one
+    /// every host accepts stays as recorded, and so does one no host accepts (misaligned, or
+    /// past every user address space), which KVM refuses.
+    #[test]
+    fn a_deletes_uaddr_keeps_the_shape_its_recording_host_accepted() {
+        let last = vmmu::memslot::TASK_SIZE_MAX - PAGE_SIZE;
+        assert_eq!(delete_uaddr(0), 0);
+        assert_eq!(delete_uaddr(0x7f00_0000_0000), 0x7f00_0000_0000);
+        assert_eq!(delete_uaddr(last), last);
+        assert_eq!(delete_uaddr(1 << 47), last);
+        assert_eq!(delete_uaddr(ANY_HOST_USER_LIMIT), last);
+        assert_eq!(delete_uaddr(ANY_HOST_USER_LIMIT + PAGE_SIZE), ANY_HOST_USER_LIMIT + PAGE_SIZE);
+        assert_eq!(delete_uaddr((1 << 47) + 8), (1 << 47) + 8);
     }
 }
