@@ -40,15 +40,18 @@
 //!   [`vcpu::Vcpu::handle_ept_misconfig`], [`vcpu::Vcpu::handle_npf`]), guest entry and exit,
 //!   [`vcpu::Vcpu::service_requests`] when it loads no new root, and
 //!   [`vm::Vm::get_dirty_log_into`] allocate nothing (table frames come from the host's
-//!   [`host::FrameAllocator`]; `crates/vmmu-bare/tests/exit_path_alloc.rs` checks it). Loading a
-//!   TDP root (the first `service_requests`, and after a zap of all roots) allocates, as do
-//!   the TDP MMU's zaps of whole roots (a memslot delete or move with
-//!   [`vm::VmConfig::slot_zap_all`], the zap of every root when a memslot update wraps the MMIO
-//!   generation, in the middle of the update after its first publication, and a root's last
-//!   user dropping an obsolete root), VM and vCPU creation and
-//!   [`vm::Vm::get_dirty_log`]; these allocations are
-//!   infallible (out of heap, they end in the allocator's error handler: on a bare-metal target a
-//!   panic). Under shadow paging the vCPU's paths are heap-fallible: a #PF
+//!   [`host::FrameAllocator`]; `crates/vmmu-bare/tests/exit_path_alloc.rs` checks it), but for
+//!   one rare fault: a huge leaf that replaces a lower table (the host now maps the block huge)
+//!   lists the detached tables on the heap. Loading a TDP root (the first `service_requests`, and
+//!   after a zap of all roots) allocates, as do VM and vCPU creation and
+//!   [`vm::Vm::get_dirty_log`]; these allocations are infallible (out of heap, they end in the
+//!   allocator's error handler: on a bare-metal target a panic), but for the place of a new TDP
+//!   root in the queue of pages to free, whose lack is [`mmu_core::MmuError::OutOfHeap`]. The TDP
+//!   MMU's zaps of whole roots (a memslot delete or move with [`vm::VmConfig::slot_zap_all`],
+//!   the zap of every root when a memslot update wraps the MMIO generation, and a root's last
+//!   user dropping an obsolete root) need no heap: a root no vCPU uses is freed whole, with the
+//!   tables it links, and out of heap a root still in use keeps the tables the zap could not
+//!   list, emptied, until its last user drops it (`tests/tdp_update_heap_exhaustion.rs`). Under shadow paging the vCPU's paths are heap-fallible: a #PF
 //!   ([`vcpu::Vcpu::handle_page_fault`]) allocates its bookkeeping under the shadow lock (new
 //!   shadow pages, parent links, reverse-map entries) fallibly, each reservation made before
 //!   anything changes (KVM tops up its caches before the MMU lock): out of heap, the fault

@@ -4,9 +4,8 @@
 //! cannot recover), creates, deletes and moves (whose zap unlinks the tables inside the slot,
 //! more than KVM's zap of the leaves: out of heap the tables stay linked, emptied), and host
 //! invalidations (leaves only); each answers `ENOMEM` or completes, never an abort, and the
-//! guest then reaches its pages as before. (A create that wraps the MMIO generation zaps every
-//! root in the middle of the update, and that zap still lists the tables it detaches on the
-//! heap infallibly: the crate doc says so; these tests stay below the wrap.)
+//! guest then reaches its pages as before. The zaps of whole roots (`slot_zap_all`, an MMIO
+//! generation wrap, `zap_all_fast`, the VM's drop) likewise.
 //!
 //! The global allocator here fails every allocation of this thread after the first `granted`
 //! while a thread-local switch is on (`common/failing_heap.rs`).
@@ -244,4 +243,112 @@ fn memslot_creates_out_of_heap_at_every_allocation() {
     }
     eprintln!("{refused} allocations refused, {enomem} updates answered ENOMEM");
     assert!(enomem > 0, "no update ran out of heap: the test proves nothing");
+}
+
+/// The TDP zaps of whole roots out of heap: a delete and a move with `slot_zap_all` (KVM's
+/// default quirk: every root obsoleted and zapped) at every allocation in turn, a
+/// `zap_all_fast` with no heap at all while the vCPU holds its root, a create whose update wraps
+/// the MMIO generation (which zaps every root in its middle), and the VM's drop. A root no vCPU
+/// uses goes whole, with the tables it links, and a root in use keeps the tables it cannot list
+/// until its last user drops it: nothing to allocate, no frame lost. Before, each of these
+/// listed every table it unlinked on the heap: out of heap, an abort.
+#[test]
+fn tdp_zaps_of_whole_roots_out_of_heap() {
+    use vmmu::spte::FormatKind;
+    for format in [FormatKind::Ept, FormatKind::Npt] {
+        let mut cfg = vmmu::vm::VmConfig::new(format, 46).unwrap();
+        cfg.slot_zap_all = true;
+        // A few updates before the MMIO generation wraps.
+        cfg.generation_base = (1 << 19) - 40;
+        let (vm, host) = common::vm_with(cfg);
+        let ram = common::region(0, 0, 64 << 20, common::RAM_HVA, 0);
+        vm.set_memory_region(&ram).unwrap();
+        let (gpa, size, hva) = (1u64 << 30, 8u64 << 20, common::RAM_HVA + (256 << 20) + 4096);
+        let slot = |at: u64, size: u64| common::region(1, at, size, hva, 0);
+        vm.set_memory_region(&slot(gpa, size)).unwrap();
+        let mut v = vm.create_vcpu().unwrap();
+        // RAM pages 1 MiB apart and pages across slot 1 (4 KiB leaves: its host address is
+        // off the 2 MiB alignment), each reaching its own frame.
+        let ram_ok = |v: &mut vmmu::vcpu::Vcpu<vmmu::testing::TestHost>| {
+            for i in 0..32u64 {
+                let (seen, _) = common::access(v, i << 20, true).unwrap();
+                let frame = vmmu::Pfn((common::RAM_HVA + (i << 20)) >> 12);
+                assert_eq!(seen, common::Seen::Ram(frame), "{format:?} ram {i}");
+            }
+        };
+        let slot_at = |v: &mut vmmu::vcpu::Vcpu<vmmu::testing::TestHost>, at: u64, there: bool| {
+            for i in 0..16u64 {
+                let (seen, _) = common::access(v, at + i * (512 << 10), there).unwrap();
+                if there {
+                    let frame = vmmu::Pfn((hva + i * (512 << 10)) >> 12);
+                    assert_eq!(seen, common::Seen::Ram(frame), "{format:?} {at:#x} {i}");
+                } else {
+                    assert!(matches!(seen, common::Seen::Mmio(_)), "{format:?} {i}: {seen:?}");
+                }
+            }
+        };
+        ram_ok(&mut v);
+        slot_at(&mut v, gpa, true);
+        // Creates (2 MiB apart) out of heap at every allocation until one wraps the MMIO
+        // generation: its update zaps every root between its publications.
+        let mut i = 0u64;
+        while vm.stats().mmio_gen_wraps == 0 {
+            let at = (3 << 30) + (i << 21);
+            let r = common::region(10 + i as u32, at, 2 << 20, common::RAM_HVA + (i << 21), 0);
+            let mut granted = 0;
+            while let (Err(e), _) = heap_for(granted, || vm.set_memory_region(&r)) {
+                assert!(matches!(e, MemslotError::OutOfMemory { .. }), "{format:?} {i}: {e}");
+                granted += 1;
+                assert!(granted < 100, "{format:?} {i}: no end to its allocations");
+            }
+            ram_ok(&mut v);
+            i += 1;
+            assert!(i < 64, "{format:?}: no wrap");
+        }
+        let zaps = vm.stats().zap_all_fast;
+        for (what, to) in [("delete", None), ("move", Some(gpa + (1 << 30)))] {
+            let mut refused = 0;
+            for granted in 0..10_000 {
+                let r = match to {
+                    None => slot(gpa, 0),
+                    Some(at) => slot(at, size),
+                };
+                let (out, failed) = heap_for(granted, || vm.set_memory_region(&r));
+                refused += failed;
+                match out {
+                    Ok(_) => slot_at(&mut v, gpa, false),
+                    Err(MemslotError::OutOfMemory { .. }) if failed > 0 => {
+                        slot_at(&mut v, gpa, true);
+                        continue;
+                    }
+                    Err(e) => panic!("{format:?} {what} {granted}: {e}"),
+                }
+                ram_ok(&mut v);
+                if let Some(at) = to {
+                    slot_at(&mut v, at, true);
+                    vm.set_memory_region(&slot(at, 0)).unwrap();
+                }
+                vm.set_memory_region(&slot(gpa, size)).unwrap();
+                slot_at(&mut v, gpa, true);
+                if failed == 0 {
+                    break;
+                }
+            }
+            assert!(refused > 0, "{format:?} {what}: no allocation was refused");
+        }
+        assert!(vm.stats().zap_all_fast > zaps, "{format:?}: the updates zapped no root");
+        // With no heap at all, while the vCPU holds its root (so the zap cannot list the tables
+        // it would unlink from it, and keeps them linked, emptied).
+        let (_, failed) = without_heap(|| vm.zap_all_fast());
+        assert!(failed > 0, "{format:?}: the zap was refused no room: the test proves nothing");
+        let before = host.tables_in_use();
+        ram_ok(&mut v); // the vCPU drops its obsolete root, with its tables, and builds a new one
+        slot_at(&mut v, gpa, true);
+        vm.reclaim();
+        assert!(host.tables_in_use() < before + 2, "{format:?}: the old root's tables stayed");
+        drop(v);
+        let ((), failed) = without_heap(|| drop(vm));
+        assert_eq!(failed, 0, "{format:?}: the VM's drop asked the heap");
+        assert_eq!(host.tables_in_use(), 0, "{format:?}: table frames lost");
+    }
 }

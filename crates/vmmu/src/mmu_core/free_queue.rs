@@ -4,6 +4,12 @@
 //! ([`Unlinked`]; the TDP MMU's recovery of huge pages, optional work, promises its room in
 //! bulk and skips what it cannot promise).
 //!
+//! A retired TDP root goes as one entry, a *tree*: its tables stay linked below it, and the
+//! reclaimer frees the root and every table it still links once the grace period is over, as
+//! KVM frees each of a root's tables from its own RCU callback (its `rcu_head` lives in the
+//! page: nothing to allocate). So the zaps of whole roots (`zap_all_fast`, a root's last user)
+//! list nothing, and each TDP root promises its tree's place when it is made.
+//!
 //! KVM's zaps allocate nothing (its lists are intrusive), so a zap cannot fail and neither can
 //! the fault that recycles pages to make room. Here the queue is a buffer on the heap, and each
 //! shadow page (and each vCPU's PAE root frame) reserves its place in it when it is made, where
@@ -13,12 +19,16 @@
 //! # Invariants
 //! - `frames.capacity() - frames.len() >= promised`, and `promised` is the number of frames
 //!   that hold a promise and are not queued yet (the live shadow pages, the vCPUs' PAE roots).
+//! - `trees.capacity() - trees.len() >= promised_trees`, the TDP roots made and not queued yet.
+//! - A tree's tables are reachable only from its root once it is queued (the root left the
+//!   root list under the exclusive MMU lock, with no user), so nothing changes them until the
+//!   reclaimer walks them.
 //! - Only a reclaimer removes frames, and reclaimers take turns (`MmuCore::reclaiming`): each
 //!   frees the first `n` frames, those queued before its grace period began, while others
 //!   append behind them. The buffer keeps its capacity (a reclaimer that took the whole buffer
 //!   would leave a queue without the promised room).
 
-use crate::types::Pfn;
+use crate::types::{Level, Pfn};
 use alloc::collections::{TryReserveError, VecDeque};
 use alloc::vec::Vec;
 
@@ -32,6 +42,11 @@ pub(crate) struct FreeQueue {
     /// Frames that will be queued with [`Promised::push`] and have room reserved (module
     /// invariant).
     promised: usize,
+    /// Retired TDP roots, oldest first: each root frame with its level, to be freed with every
+    /// table it still links (module doc).
+    pub(super) trees: VecDeque<(Pfn, Level)>,
+    /// TDP roots made and not retired yet, each with room reserved in `trees`.
+    promised_trees: usize,
 }
 
 impl FreeQueue {
@@ -51,8 +66,8 @@ impl FreeQueue {
 
     /// Queues `pages`, of which `promised` hold a promise ([`Self::promise_many`]; unused
     /// promises are given back), keeping the rest of the promised room. Allocates only for
-    /// frames beyond `promised` (frames that hold no promise: TDP tables and roots, whose zaps
-    /// of whole roots are not heap-fallible).
+    /// frames beyond `promised` (frames that hold no promise: the tables a TDP fault's huge
+    /// leaf detached).
     pub(super) fn append(&mut self, pages: &mut Vec<Pfn>, promised: usize) {
         debug_assert!(self.promised >= promised, "more promises kept than made");
         self.promised = self.promised.saturating_sub(promised);
@@ -70,15 +85,44 @@ impl FreeQueue {
         self.frames.push_back(pfn);
     }
 
-    /// Frames queued.
+    /// Reserves room for the tree of a TDP root being made, queued when the root retires
+    /// ([`Self::push_tree`]) without allocating.
+    pub(crate) fn promise_tree(&mut self) -> Result<(), TryReserveError> {
+        self.trees.try_reserve(self.promised_trees + 1)?;
+        self.promised_trees += 1;
+        Ok(())
+    }
+
+    /// Gives back a tree's promise (the root it was made for could not be made).
+    pub(crate) fn unpromise_tree(&mut self) {
+        debug_assert!(self.promised_trees > 0, "no tree promised");
+        self.promised_trees = self.promised_trees.saturating_sub(1);
+    }
+
+    /// Queues the tree of the retired TDP root `pfn` at `level`, whose room was promised:
+    /// allocates nothing.
+    pub(super) fn push_tree(&mut self, pfn: Pfn, level: Level) {
+        debug_assert!(self.promised_trees > 0, "root {pfn:?} retired without a promise");
+        debug_assert!(self.trees.len() < self.trees.capacity());
+        self.promised_trees = self.promised_trees.saturating_sub(1);
+        self.trees.push_back((pfn, level));
+    }
+
+    /// Entries queued: frames, and trees (a retired root and its tables count once).
     pub(super) fn len(&self) -> usize {
-        self.frames.len()
+        self.frames.len() + self.trees.len()
     }
 
     /// Test-only: the promises not kept yet.
     #[cfg(any(test, feature = "testing"))]
     pub(crate) fn promised(&self) -> usize {
         self.promised
+    }
+
+    /// Test-only: the TDP roots whose tree's place is promised.
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) fn promised_trees(&self) -> usize {
+        self.promised_trees
     }
 }
 
@@ -192,5 +236,24 @@ mod tests {
         q.push_promised(Pfn(9));
         assert_eq!(q.frames, [7, 8, 9].map(Pfn));
         assert_eq!(q.promised(), 0);
+    }
+
+    /// A root's tree is queued through the room its promise reserved, and a promise given back
+    /// leaves the others' room.
+    #[test]
+    fn promised_trees_are_queued_without_growing_the_buffer() {
+        let mut q = FreeQueue::default();
+        for _ in 0..3 {
+            q.promise_tree().unwrap();
+        }
+        q.unpromise_tree();
+        let cap = q.trees.capacity();
+        assert!(cap >= 2);
+        q.push_tree(Pfn(1), Level::L4);
+        q.push_tree(Pfn(2), Level::L5);
+        assert_eq!(q.trees.capacity(), cap, "a promised tree reallocated");
+        assert_eq!(q.promised_trees(), 0);
+        assert_eq!(q.len(), 2);
+        assert_eq!(q.trees, [(Pfn(1), Level::L4), (Pfn(2), Level::L5)]);
     }
 }

@@ -124,11 +124,12 @@ pub enum MmuError {
          `tables_refused` stat is not zero, the host's frames lie beyond the VM's phys_bits"
     )]
     OutOfMemory,
-    /// Shadow paging: the global allocator had nothing for the bookkeeping of a root's shadow
-    /// pages (or of the vCPU's PAE root frame); nothing was half made, and the call succeeds
-    /// once memory is back (KVM: `-ENOMEM` from `mmu_topup_memory_caches`).
+    /// The global allocator had nothing for the bookkeeping of a new root: a shadow root's
+    /// shadow pages (or the vCPU's PAE root frame), or the place of a TDP root in the queue of
+    /// pages to free; nothing was half made, and the call succeeds once memory is back (KVM:
+    /// `-ENOMEM` from `mmu_topup_memory_caches`).
     #[error(
-        "the heap has no room for the shadow MMU's bookkeeping of a new root (KVM: -ENOMEM); \
+        "the heap has no room for the MMU's bookkeeping of a new root (KVM: -ENOMEM); \
          free memory and enter again: nothing was half made"
     )]
     OutOfHeap,
@@ -379,14 +380,18 @@ impl<H: Host> MmuCore<H> {
     }
 
     /// Frees the queued pages after a `table_srcu` grace period: those queued before it began
-    /// (pages queued meanwhile wait for the next reclaim). Must not be called with the MMU lock
-    /// held or from inside a table read section (rule 3). Allocates nothing.
+    /// (pages queued meanwhile wait for the next reclaim), and the trees of retired TDP roots
+    /// queued before it began, each root with every table it still links. Must not be called
+    /// with the MMU lock held or from inside a table read section (rule 3). Allocates nothing.
     pub(crate) fn reclaim(&self) {
-        // Reclaimers take turns (`free_queue.rs`): only the holder removes frames, so the first
-        // `n` are still the ones it saw when its grace period ends.
+        // Reclaimers take turns (`free_queue.rs`): only the holder removes entries, so the first
+        // `n` frames and `m` trees are still the ones it saw when its grace period ends.
         let _turn = self.reclaiming.lock_with(&self.relax());
-        let n = self.free_queue.lock_with(&self.relax()).len();
-        if n == 0 {
+        let (n, m) = {
+            let q = self.free_queue.lock_with(&self.relax());
+            (q.frames.len(), q.trees.len())
+        };
+        if n == 0 && m == 0 {
             return;
         }
         // A vCPU in guest mode holds a table read section for its whole guest-mode period and
@@ -414,19 +419,91 @@ impl<H: Host> MmuCore<H> {
             }
             for &pfn in &chunk[..k] {
                 // SAFETY: every queued page came from `alloc_table` and was queued once, after
-                // nothing linked it any more (a table by the zap that unlinked it, a root by its
-                // last user or by `zap_all_fast`, a shadow page by its commit, a special root by
-                // its vCPU), and before the grace period above began (it is among the first `n`,
-                // and only this turn's holder removes frames); that grace period has drained every
-                // walker that could still read it. The vCPUs' leaf-table caches may still hold
-                // its pointer, but the table epoch was bumped before it was queued, so no cache
-                // hit reads it again (`walk.rs`; the re-injected `Bug::LeafCacheIgnoresEpoch`
-                // needs a host that keeps freed table memory, `Vm::new`).
+                // nothing linked it any more (a table by the zap that unlinked it, a shadow page
+                // by its commit, a special root by its vCPU), and before the grace period above
+                // began (it is among the first `n`, and only this turn's holder removes frames);
+                // that grace period has drained every walker that could still read it. The
+                // vCPUs' leaf-table caches may still hold its pointer, but the table epoch was
+                // bumped before it was queued, so no cache hit reads it again (`walk.rs`; the
+                // re-injected `Bug::LeafCacheIgnoresEpoch` needs a host that keeps freed table
+                // memory, `Vm::new`).
                 unsafe { self.host.free_table(pfn) };
             }
             left -= k;
         }
         self.stats.tables_freed.add(n as u64);
+        let mut left = m;
+        while left > 0 {
+            let k = left.min(CHUNK);
+            let mut chunk = [(Pfn(0), Level::L4); CHUNK];
+            {
+                let mut q = self.free_queue.lock_with(&self.relax());
+                for (slot, tree) in chunk.iter_mut().zip(q.trees.drain(..k)) {
+                    *slot = tree;
+                }
+            }
+            for &(root, level) in &chunk[..k] {
+                // SAFETY: a queued tree is a TDP root that left the root list with no user,
+                // under the exclusive MMU lock, queued once and before the grace period above
+                // began (among the first `m`); the tables it links are reachable only through
+                // it (`free_queue.rs`), so nothing changes or frees them, and the grace period
+                // drained every walker that could still read them. The table epoch was bumped
+                // before it was queued (`queue_tree`), as for single frames.
+                let tables = unsafe { self.free_tree(root, level) };
+                self.stats.tables_freed.add(tables);
+                self.stats.tdp_tables_zapped.add(tables - 1);
+            }
+            left -= k;
+        }
+    }
+
+    /// Frees the table `pfn` at `level` and every table it links, children first; returns how
+    /// many frames it freed. Recursion is as deep as the table levels (at most 5), so no heap.
+    ///
+    /// # Safety
+    /// Nothing may read, change or free `pfn` or a table below it while this runs, or use any of
+    /// them after: the caller is the reclaimer with a tree whose grace period ended.
+    unsafe fn free_tree(&self, pfn: Pfn, level: Level) -> u64 {
+        let mut freed = 0;
+        if let Some(lower) = level.lower() {
+            // SAFETY: the caller's contract: the frame is not freed before this returns, and
+            // nothing else uses it.
+            if let Some(table) = unsafe { self.table(pfn) } {
+                let fmt = self.cfg.format;
+                for e in table.iter() {
+                    let spte = e.load(crate::sync::Ordering::Acquire);
+                    if SpteFormat::is_mmu_present(spte) && !fmt.is_leaf(spte, level) {
+                        // SAFETY: a table linked from this tree: the caller's contract covers it.
+                        freed += unsafe { self.free_tree(fmt.pfn(spte), lower) };
+                    }
+                }
+            } else {
+                debug_assert!(false, "table frame {pfn:?} unknown to the host");
+            }
+        }
+        // SAFETY: the caller's contract; the entries were read above, and nothing links it.
+        unsafe { self.host.free_table(pfn) };
+        freed + 1
+    }
+
+    /// Queues the tree of a TDP root that just left the root list with no user (under the
+    /// exclusive MMU lock), through the room its promise reserved ([`Self::promise_tree`]):
+    /// freed with every table it still links after a grace period. Allocates nothing. The table
+    /// epoch is bumped first, as [`Self::defer_free`] does.
+    pub(crate) fn queue_tree(&self, root: Pfn, level: Level) {
+        self.table_epoch.fetch_add(1, crate::sync::Ordering::Release);
+        self.free_queue.lock_with(&self.relax()).push_tree(root, level);
+    }
+
+    /// Promises the place of a TDP root's tree in the free queue, before the root is made;
+    /// [`MmuError::OutOfHeap`] when the heap has no room.
+    pub(crate) fn promise_tree(&self) -> Result<(), MmuError> {
+        self.free_queue.lock_with(&self.relax()).promise_tree().map_err(|_| MmuError::OutOfHeap)
+    }
+
+    /// Gives back a promise of [`Self::promise_tree`] whose root was not made.
+    pub(crate) fn unpromise_tree(&self) {
+        self.free_queue.lock_with(&self.relax()).unpromise_tree();
     }
 
     /// [`Self::reclaim`] once enough pages wait (the vCPU-side paths of the shadow MMU: a
@@ -438,7 +515,8 @@ impl<H: Host> MmuCore<H> {
         }
     }
 
-    /// Table pages waiting for a grace period.
+    /// Table pages waiting for a grace period: single pages, and retired TDP roots, each of
+    /// which goes with the tables it still links.
     pub fn pending_free(&self) -> usize {
         self.free_queue.lock_with(&self.relax()).len()
     }
@@ -448,6 +526,13 @@ impl<H: Host> MmuCore<H> {
     #[cfg(feature = "testing")]
     pub fn free_queue_promises(&self) -> usize {
         self.free_queue.lock_with(&self.relax()).promised()
+    }
+
+    /// Test-only (feature `testing`): TDP roots made and not retired, each holding the place of
+    /// its tree in the free queue (`free_queue.rs`).
+    #[cfg(feature = "testing")]
+    pub fn free_queue_tree_promises(&self) -> usize {
+        self.free_queue.lock_with(&self.relax()).promised_trees()
     }
 
     /// The remote TLB flush that ends a zap (KVM `kvm_flush_remote_tlbs` after the zap, or in

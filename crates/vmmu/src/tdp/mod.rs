@@ -62,7 +62,7 @@ use crate::mmu_core::MmuCore;
 pub(crate) use crate::mmu_core::{MmuLock, MmuRead, MmuWrite};
 use crate::requests::Request;
 use crate::sync::Arc;
-use crate::types::AsId;
+use crate::types::{AsId, Pfn};
 use alloc::vec::Vec;
 use root::{Root, RootKind};
 
@@ -127,25 +127,36 @@ impl<'a, H: Host> Tdp<'a, H> {
             r.get();
             return Ok(r.clone());
         }
-        let pfn = self.alloc_table().ok_or(MmuError::OutOfMemory)?;
+        let pfn = self.alloc_root_table()?;
         let root = Arc::new(Root::new(pfn, self.cfg.root_level, as_id, RootKind::Tdp));
         root.get();
         roots.push(root.clone());
         Ok(root)
     }
 
+    /// A root's table, with the place of its tree in the free queue promised, so that retiring
+    /// it needs no heap ([`MmuCore::queue_tree`]).
+    fn alloc_root_table(&self) -> Result<Pfn, MmuError> {
+        self.promise_tree()?;
+        self.alloc_table().ok_or_else(|| {
+            self.unpromise_tree();
+            MmuError::OutOfMemory
+        })
+    }
+
     /// A root without a page-tracking state, private to one vCPU (models KVM's special roots).
     /// It joins the root list, so zaps reach what it maps like any other root.
     pub(crate) fn make_pageless_root(&self, as_id: AsId) -> Result<Arc<Root>, MmuError> {
-        let pfn = self.alloc_table().ok_or(MmuError::OutOfMemory)?;
+        let pfn = self.alloc_root_table()?;
         let root = Arc::new(Root::new(pfn, self.cfg.root_level, as_id, RootKind::Pageless));
         root.get();
         self.tdp.mmu_lock.write(&self.vcpus, &self.relax()).push(root.clone());
         Ok(root)
     }
 
-    /// Drops a vCPU's use of `root`. An obsolete (or pageless) root nobody uses any more is
-    /// zapped, unlinked and queued for freeing.
+    /// Drops a vCPU's use of `root`. An obsolete (or pageless) root nobody uses any more leaves
+    /// the root list, its leaves and MMIO SPTEs zapped, and is queued for freeing with the
+    /// tables it links (a tree, `free_queue.rs`): no heap.
     pub(crate) fn put_root(&self, root: Arc<Root>) {
         if root.put() != 0 {
             return;
@@ -170,20 +181,38 @@ impl<'a, H: Host> Tdp<'a, H> {
             // `zap_all_fast` retired it already (it saw no users): it frees the page.
             return;
         }
-        let mut pages = self.unlinked();
-        let flush = self.zap_root_locked(&roots, &root, &mut pages);
-        // Listed before the flush, whose kick may unwind: the root is off the list already.
-        pages.push(root.pfn());
+        // What a fault built since the root went obsolete (none, unless
+        // `Bug::NoStaleRootCheck`), or all a pageless root maps.
+        let flush = self.zap_root_contents(&roots, &root);
+        self.retire_root(&root);
         // A pageless root is private to the vCPU dropping it: no other vCPU can hold its
         // translations, and that vCPU flushes its own TLB when it loads its next root.
         self.flush_after_zap(flush && root.kind() == RootKind::Tdp);
-        drop(roots);
-        pages.queue();
+    }
+
+    /// Queues `root`, which just left the root list with no user, for freeing with the tables
+    /// it links ([`MmuCore::queue_tree`]). No vCPU walks it any more, but where a TDP root links a
+    /// table, some vCPU's paging-structure caches may still hold the link (tagged with the
+    /// root, which a new root may reuse): a TLB flush is made pending on every vCPU (atomics, no
+    /// kick, so nothing can unwind and lose the tree), so each flushes before it enters the
+    /// guest again, and the grace period that frees the tables ends only after each vCPU in
+    /// guest mode has left it.
+    fn retire_root(&self, root: &Root) {
+        // A pageless root is private to one vCPU, which flushes its own TLB when it loads its
+        // next root.
+        if root.kind() == RootKind::Tdp && self.links_anything(root) {
+            self.request_all_without_kick(Request::TlbFlush);
+        }
+        self.queue_tree(root.pfn(), root.level());
     }
 
     /// KVM `kvm_mmu_zap_all_fast`: obsolete every root, ask every vCPU to drop obsolete roots,
-    /// zap the obsolete roots' tables, flush, and free what nobody uses after a grace period.
-    /// Callers hold the slots lock (the memslot update path) or otherwise serialise it.
+    /// zap the obsolete roots' leaves, MMIO SPTEs and tables, flush, and free what nobody uses
+    /// after a grace period. Needs no heap: a root no vCPU uses goes at once with the tables it
+    /// links (a tree, `free_queue.rs`), and from a root still in use each table goes when it can
+    /// be listed with room promised ([`zap::OptionalUnlink`]), else it stays linked, emptied,
+    /// and goes with the root when its last user drops it. Callers hold the slots lock (the
+    /// memslot update path) or otherwise serialise it.
     pub(crate) fn zap_all_fast(&self) {
         self.stats.zap_all_fast.add(1);
         let mut pages = self.unlinked();
@@ -199,13 +228,20 @@ impl<'a, H: Host> Tdp<'a, H> {
         // Same critical section as the invalidation (facts §4 step 3).
         self.request_all(Request::FreeObsoleteRoots, AckWait::NoWait);
         let mut flush = false;
+        let mut list = zap::OptionalUnlink::new(&mut pages);
         for r in roots.iter() {
-            flush |= self.zap_root_locked(&roots, r, &mut pages);
+            // An obsolete root gains no user (`get_root` takes valid ones), so one with none now
+            // is retired below.
+            flush |= if r.users() == 0 {
+                self.zap_root_contents(&roots, r)
+            } else {
+                self.zap_root_tables(&roots, r, &mut list)
+            };
         }
         // Roots no vCPU uses can go now; the others go when their last user drops them.
         roots.retain(|r| {
             if r.users() == 0 {
-                pages.push(r.pfn());
+                self.retire_root(r);
                 false
             } else {
                 true

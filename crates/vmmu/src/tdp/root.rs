@@ -10,8 +10,9 @@
 //! - every root, pageless ones included, is on the MMU's root list while a vCPU may walk it, so
 //!   every zap reaches it;
 //! - `users` counts the vCPUs holding the root as their current root; an obsolete TDP root with no
-//!   users, or a pageless root its vCPU dropped, is removed from the list, zapped, and its page
-//!   freed after a grace period.
+//!   users, or a pageless root its vCPU dropped, is removed from the list, its leaves zapped,
+//!   and its page freed after a grace period with every table it still links (a tree in the
+//!   free queue, whose place the root promised when it was made).
 
 use crate::sync::{AtomicBool, AtomicU32, Ordering};
 use crate::types::{AsId, Level, Pfn};

@@ -35,6 +35,9 @@ pub(crate) enum ZapScope {
     /// after a grace period): memslot delete and move, whose gfns may stay unmapped for long.
     /// Out of heap, a table the zap cannot list stays linked, emptied ([`OptionalUnlink`]).
     Tables,
+    /// Leaves and MMIO SPTEs; every table stays linked: the zap of a whole root, whose tables
+    /// go with the root when it retires (`MmuCore::queue_tree`), so the zap lists nothing.
+    Contents,
 }
 
 /// Where a zap lists the tables it unlinks, to be freed after a grace period.
@@ -59,6 +62,19 @@ impl TableList for Vec<Pfn> {
     }
 }
 
+/// No list: for [`ZapScope::Contents`], which unlinks nothing.
+struct NoList;
+
+impl TableList for NoList {
+    fn try_list(&mut self, _pfn: Pfn) -> bool {
+        debug_assert!(false, "a zap of a root's contents unlinks no table");
+        false
+    }
+    fn refused(&self) -> usize {
+        0
+    }
+}
+
 /// A memslot range's zap, whose unlinking of the tables inside the range is optional (KVM's
 /// own zaps the leaves alone, `kvm_tdp_mmu_unmap_gfn_range`): a table is listed only with room
 /// promised in the list and the free queue ([`Unlinked::try_promise`]); out of heap, it stays
@@ -75,7 +91,7 @@ impl<'a, 'c, H: Host> OptionalUnlink<'a, 'c, H> {
     /// Tables promised at a time.
     const BATCH: usize = 64;
 
-    fn new(pages: &'a mut Unlinked<'c, H>) -> Self {
+    pub(crate) fn new(pages: &'a mut Unlinked<'c, H>) -> Self {
         OptionalUnlink { pages, refused: 0, room: 0 }
     }
 }
@@ -102,17 +118,47 @@ impl<H: Host> TableList for OptionalUnlink<'_, '_, H> {
 }
 
 impl<H: Host> Tdp<'_, H> {
-    /// Zaps everything under `root`. Returns whether a flush is needed (a present leaf removed, a
-    /// table unlinked). `_excl` proves the MMU lock is held exclusive; unlinked pages (not the
-    /// root page itself) go to `pages`.
-    pub(crate) fn zap_root_locked(
+    /// Zaps every leaf and MMIO SPTE under `root`, leaving its tables linked (they are freed
+    /// with the root, `MmuCore::queue_tree`): needs no heap. Returns whether a flush is needed
+    /// (a present leaf removed). `excl` proves the MMU lock is held exclusive.
+    pub(crate) fn zap_root_contents(&self, excl: &MmuWrite<'_, RootList>, root: &Root) -> bool {
+        self.zap_root(excl, root, ZapScope::Contents, &mut NoList)
+    }
+
+    /// Zaps everything under `root`, a root some vCPU still uses: its leaves, MMIO SPTEs and
+    /// the tables it can list in `pages` with room promised ([`OptionalUnlink`]); out of heap, a
+    /// table stays linked, emptied, and goes with the root when it retires. Returns whether a
+    /// flush is needed (a present leaf removed, a table unlinked).
+    pub(crate) fn zap_root_tables(
+        &self,
+        excl: &MmuWrite<'_, RootList>,
+        root: &Root,
+        pages: &mut OptionalUnlink<'_, '_, H>,
+    ) -> bool {
+        self.zap_root(excl, root, ZapScope::Tables, pages)
+    }
+
+    fn zap_root(
         &self,
         _excl: &MmuWrite<'_, RootList>,
         root: &Root,
-        pages: &mut Vec<Pfn>,
+        scope: ZapScope,
+        pages: &mut (impl TableList + ?Sized),
     ) -> bool {
         let end = Gfn(1u64 << (root.level().shift() + 9 - crate::types::PAGE_SHIFT));
-        self.zap_table(root.pfn(), root.level(), Gfn(0), Gfn(0), end, ZapScope::Tables, pages)
+        self.zap_table(root.pfn(), root.level(), Gfn(0), Gfn(0), end, scope, pages)
+    }
+
+    /// Whether `root` has a present entry: a table linked, or a huge leaf. The caller holds the
+    /// MMU lock exclusive.
+    pub(crate) fn links_anything(&self, root: &Root) -> bool {
+        // SAFETY: the caller holds the MMU lock exclusive and `root` was on the root list under
+        // that hold (or just left it): nothing frees its page meanwhile.
+        let Some(table) = (unsafe { self.table(root.pfn()) }) else {
+            debug_assert!(false, "root frame {:?} unknown to the host", root.pfn());
+            return false;
+        };
+        table.iter().any(|e| SpteFormat::is_mmu_present(e.load(Ordering::Acquire)))
     }
 
     /// Zaps entries for gfns in `[start, end)` under every root of address space `as_id` (valid or
@@ -377,7 +423,7 @@ impl<H: Host> Tdp<'_, H> {
         };
         let mut flush = false;
         for e in entries_meeting(table, level, base, start, end) {
-            let whole = e.inside(start, end) && scope == ZapScope::Tables;
+            let whole = e.inside(start, end) && scope != ZapScope::Leaves;
             flush |= self.zap_entry(e.entry, level, e.lo, whole, start, end, scope, pages);
         }
         flush
@@ -417,7 +463,8 @@ impl<H: Host> Tdp<'_, H> {
         let refused = pages.refused();
         let mut flush = self.zap_table(child, lower, lo, start, end, scope, pages);
         // Unlinked only if every table below went, and it can be listed.
-        if whole && pages.refused() == refused && pages.try_list(child) {
+        let unlink = whole && scope == ZapScope::Tables;
+        if unlink && pages.refused() == refused && pages.try_list(child) {
             // Unlinking the table: a flush even if nothing below was present, for the
             // paging-structure caches that may hold the link (`mmu_core/change.rs`).
             let unlink = self.set_spte_locked(entry, old, SpteFormat::NONPRESENT, level, lo);
