@@ -122,12 +122,22 @@ impl<'a, H: Host> Tdp<'a, H> {
                 return Ok(r.clone());
             }
         }
+        // The tree's place first, without the MMU lock (the free queue's lock under it makes
+        // root loads convoy behind memslot updates); given back if the root is not made.
+        self.promise_tree()?;
         let mut roots = self.tdp.mmu_lock.write(&self.vcpus, &self.relax());
         if let Some(r) = roots.iter().find(|r| r.is_shared_valid(as_id)) {
             r.get();
-            return Ok(r.clone());
+            let r = r.clone();
+            drop(roots);
+            self.unpromise_tree();
+            return Ok(r);
         }
-        let pfn = self.alloc_root_table()?;
+        let Some(pfn) = self.alloc_table() else {
+            drop(roots);
+            self.unpromise_tree();
+            return Err(MmuError::OutOfMemory);
+        };
         let root = Arc::new(Root::new(pfn, self.cfg.root_level, as_id, RootKind::Tdp));
         root.get();
         roots.push(root.clone());
@@ -184,23 +194,34 @@ impl<'a, H: Host> Tdp<'a, H> {
         // What a fault built since the root went obsolete (none, unless
         // `Bug::NoStaleRootCheck`), or all a pageless root maps.
         let flush = self.zap_root_contents(&roots, &root);
-        self.retire_root(&root);
+        let links = self.needs_pending_flush(&root);
+        // Queued after the lock: taking the free queue's lock under the MMU lock made the vCPUs'
+        // root reloads convoy behind memslot updates (`vmmu bench --only churn`, zap-all rows).
+        // Nothing reaches the root meanwhile (it left the list), and nothing can unwind between.
+        drop(roots);
+        self.retire_root(&root, links);
         // A pageless root is private to the vCPU dropping it: no other vCPU can hold its
         // translations, and that vCPU flushes its own TLB when it loads its next root.
         self.flush_after_zap(flush && root.kind() == RootKind::Tdp);
     }
 
-    /// Queues `root`, which just left the root list with no user, for freeing with the tables
-    /// it links ([`MmuCore::queue_tree`]). No vCPU walks it any more, but where a TDP root links a
-    /// table, some vCPU's paging-structure caches may still hold the link (tagged with the
-    /// root, which a new root may reuse): a TLB flush is made pending on every vCPU (atomics, no
-    /// kick, so nothing can unwind and lose the tree), so each flushes before it enters the
-    /// guest again, and the grace period that frees the tables ends only after each vCPU in
-    /// guest mode has left it.
-    fn retire_root(&self, root: &Root) {
-        // A pageless root is private to one vCPU, which flushes its own TLB when it loads its
-        // next root.
-        if root.kind() == RootKind::Tdp && self.links_anything(root) {
+    /// Whether retiring `root` must make a TLB flush pending on every vCPU
+    /// ([`Self::retire_root`]): a TDP root that still links a table or maps a huge leaf. The
+    /// caller holds the MMU lock exclusive, and `root` is on the root list or just left it.
+    fn needs_pending_flush(&self, root: &Root) -> bool {
+        root.kind() == RootKind::Tdp && self.links_anything(root)
+    }
+
+    /// Queues `root`, which left the root list with no user, for freeing with the tables it
+    /// links ([`MmuCore::queue_tree`]). No vCPU walks it any more, but where a TDP root links a
+    /// table (`links`, [`Self::needs_pending_flush`]), some vCPU's paging-structure caches may
+    /// still hold the link (tagged with the root, which a new root may reuse): a TLB flush is
+    /// made pending on every vCPU first (atomics, no kick, so nothing can unwind and lose the
+    /// tree), so each flushes before it enters the guest again, and the grace period that frees
+    /// the tables ends only after each vCPU in guest mode has left it. A pageless root is
+    /// private to one vCPU, which flushes its own TLB when it loads its next root.
+    fn retire_root(&self, root: &Root, links: bool) {
+        if links {
             self.request_all_without_kick(Request::TlbFlush);
         }
         self.queue_tree(root.pfn(), root.level());
@@ -241,7 +262,9 @@ impl<'a, H: Host> Tdp<'a, H> {
         // Roots no vCPU uses can go now; the others go when their last user drops them.
         roots.retain(|r| {
             if r.users() == 0 {
-                self.retire_root(r);
+                // Under the lock: no heap to keep the root in until it is dropped (rare: a
+                // root nobody uses).
+                self.retire_root(r, self.needs_pending_flush(r));
                 false
             } else {
                 true
