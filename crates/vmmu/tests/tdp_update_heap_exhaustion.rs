@@ -269,6 +269,12 @@ fn tdp_zaps_of_whole_roots_out_of_heap() {
         let mut v = vm.create_vcpu().unwrap();
         // RAM pages 1 MiB apart and pages across slot 1 (4 KiB leaves: its host address is
         // off the 2 MiB alignment), each reaching its own frame.
+        // Every root on the list holds the promise of its tree's place in the free queue, and
+        // every retired root kept it.
+        let promises_kept = |vm: &vmmu::vm::Vm<vmmu::testing::TestHost>| {
+            let roots = vm.tdp().expect("a TDP VM").nr_roots();
+            assert_eq!(vm.core().free_queue_tree_promises(), roots, "{format:?}");
+        };
         let ram_ok = |v: &mut vmmu::vcpu::Vcpu<vmmu::testing::TestHost>| {
             for i in 0..32u64 {
                 let (seen, _) = common::access(v, i << 20, true).unwrap();
@@ -302,6 +308,7 @@ fn tdp_zaps_of_whole_roots_out_of_heap() {
                 assert!(granted < 100, "{format:?} {i}: no end to its allocations");
             }
             ram_ok(&mut v);
+            promises_kept(&vm);
             i += 1;
             assert!(i < 64, "{format:?}: no wrap");
         }
@@ -335,6 +342,7 @@ fn tdp_zaps_of_whole_roots_out_of_heap() {
                 }
             }
             assert!(refused > 0, "{format:?} {what}: no allocation was refused");
+            promises_kept(&vm);
         }
         assert!(vm.stats().zap_all_fast > zaps, "{format:?}: the updates zapped no root");
         // With no heap at all, while the vCPU holds its root (so the zap cannot list the tables
@@ -346,6 +354,7 @@ fn tdp_zaps_of_whole_roots_out_of_heap() {
         slot_at(&mut v, gpa, true);
         vm.reclaim();
         assert!(host.tables_in_use() < before + 2, "{format:?}: the old root's tables stayed");
+        promises_kept(&vm);
         drop(v);
         let ((), failed) = without_heap(|| drop(vm));
         assert_eq!(failed, 0, "{format:?}: the VM's drop asked the heap");
