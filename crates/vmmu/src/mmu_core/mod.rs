@@ -486,10 +486,10 @@ impl<H: Host> MmuCore<H> {
         freed + 1
     }
 
-    /// Queues the tree of a TDP root that just left the root list with no user (under the
-    /// exclusive MMU lock), through the room its promise reserved ([`Self::promise_tree`]):
-    /// freed with every table it still links after a grace period. Allocates nothing. The table
-    /// epoch is bumped first, as [`Self::defer_free`] does.
+    /// Queues the tree of a TDP root that left the root list with no user, under the exclusive
+    /// MMU lock (queued under that hold or right after it), through the room its promise
+    /// reserved ([`Self::promise_tree`]): freed with every table it still links after a grace
+    /// period. Allocates nothing. The table epoch is bumped first, as [`Self::defer_free`] does.
     pub(crate) fn queue_tree(&self, root: Pfn, level: Level) {
         self.table_epoch.fetch_add(1, crate::sync::Ordering::Release);
         self.free_queue.lock_with(&self.relax()).push_tree(root, level);
