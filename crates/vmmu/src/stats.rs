@@ -229,7 +229,8 @@ pub struct VmStats {
     /// Shadow pages zapped (`mmu_shadow_zapped`; the shadow MMU's pages only, as KVM's TDP MMU
     /// counts none of its tables here).
     pub mmu_shadow_zapped: Counter,
-    /// TDP MMU table pages zaps unlinked (not a KVM stat: KVM's TDP MMU only traces them).
+    /// TDP MMU table pages zaps unlinked, and the tables below retired roots, counted when the
+    /// reclaimer frees them with their root (not a KVM stat: KVM's TDP MMU only traces them).
     pub tdp_tables_zapped: Counter,
     /// Present 4 KiB leaves (`pages_4k`).
     pub pages_4k: StripedCounter,
