@@ -404,55 +404,55 @@ impl<H: Host> MmuCore<H> {
         self.table_srcu.synchronize_nudging(&crate::host::HostRelax(&*self.host), || {
             self.request_all(Request::Kick, AckWait::NoWait);
         });
-        // In chunks, so that the host's frees run without the queue's lock, which commits of
-        // zaps take under the MMU lock.
+        self.drain_in_chunks(n, Pfn(0), |q| &mut q.frames, |pfn| {
+            // SAFETY: every queued page came from `alloc_table` and was queued once, after
+            // nothing linked it any more (a table by the zap that unlinked it, a shadow page by
+            // its commit, a special root by its vCPU), and before the grace period above began
+            // (it is among the first `n`, and only this turn's holder removes frames); that grace
+            // period has drained every walker that could still read it. The vCPUs' leaf-table
+            // caches may still hold its pointer, but the table epoch was bumped before it was
+            // queued, so no cache hit reads it again (`walk.rs`; the re-injected
+            // `Bug::LeafCacheIgnoresEpoch` needs a host that keeps freed table memory,
+            // `Vm::new`).
+            unsafe { self.host.free_table(pfn) };
+        });
+        self.stats.tables_freed.add(n as u64);
+        self.drain_in_chunks(m, (Pfn(0), Level::L4), |q| &mut q.trees, |(root, level)| {
+            // SAFETY: a queued tree is a TDP root that left the root list with no user, under
+            // the exclusive MMU lock, queued once and before the grace period above began (among
+            // the first `m`); the tables it links are reachable only through it
+            // (`free_queue.rs`), so nothing changes or frees them, and the grace period drained
+            // every walker that could still read them. The table epoch was bumped before it was
+            // queued (`queue_tree`), as for single frames.
+            let tables = unsafe { self.free_tree(root, level) };
+            self.stats.tables_freed.add(tables);
+            self.stats.tdp_tables_zapped.add(tables - 1);
+        });
+    }
+
+    /// Takes the first `n` entries of the free queue's list `list` and hands each to `free`: in
+    /// chunks, each taken under the queue's lock and freed without it, so that the host's frees
+    /// do not hold up the commits of zaps, which take that lock under the MMU lock. `blank`
+    /// fills the chunk buffer (on the stack: no heap). For [`Self::reclaim`].
+    fn drain_in_chunks<T: Copy>(
+        &self,
+        n: usize,
+        blank: T,
+        list: impl Fn(&mut FreeQueue) -> &mut alloc::collections::VecDeque<T>,
+        mut free: impl FnMut(T),
+    ) {
         const CHUNK: usize = 64;
         let mut left = n;
         while left > 0 {
             let k = left.min(CHUNK);
-            let mut chunk = [Pfn(0); CHUNK];
+            let mut chunk = [blank; CHUNK];
             {
                 let mut q = self.free_queue.lock_with(&self.relax());
-                for (slot, pfn) in chunk.iter_mut().zip(q.frames.drain(..k)) {
-                    *slot = pfn;
+                for (slot, e) in chunk.iter_mut().zip(list(&mut q).drain(..k)) {
+                    *slot = e;
                 }
             }
-            for &pfn in &chunk[..k] {
-                // SAFETY: every queued page came from `alloc_table` and was queued once, after
-                // nothing linked it any more (a table by the zap that unlinked it, a shadow page
-                // by its commit, a special root by its vCPU), and before the grace period above
-                // began (it is among the first `n`, and only this turn's holder removes frames);
-                // that grace period has drained every walker that could still read it. The
-                // vCPUs' leaf-table caches may still hold its pointer, but the table epoch was
-                // bumped before it was queued, so no cache hit reads it again (`walk.rs`; the
-                // re-injected `Bug::LeafCacheIgnoresEpoch` needs a host that keeps freed table
-                // memory, `Vm::new`).
-                unsafe { self.host.free_table(pfn) };
-            }
-            left -= k;
-        }
-        self.stats.tables_freed.add(n as u64);
-        let mut left = m;
-        while left > 0 {
-            let k = left.min(CHUNK);
-            let mut chunk = [(Pfn(0), Level::L4); CHUNK];
-            {
-                let mut q = self.free_queue.lock_with(&self.relax());
-                for (slot, tree) in chunk.iter_mut().zip(q.trees.drain(..k)) {
-                    *slot = tree;
-                }
-            }
-            for &(root, level) in &chunk[..k] {
-                // SAFETY: a queued tree is a TDP root that left the root list with no user,
-                // under the exclusive MMU lock, queued once and before the grace period above
-                // began (among the first `m`); the tables it links are reachable only through
-                // it (`free_queue.rs`), so nothing changes or frees them, and the grace period
-                // drained every walker that could still read them. The table epoch was bumped
-                // before it was queued (`queue_tree`), as for single frames.
-                let tables = unsafe { self.free_tree(root, level) };
-                self.stats.tables_freed.add(tables);
-                self.stats.tdp_tables_zapped.add(tables - 1);
-            }
+            chunk[..k].iter().for_each(|&e| free(e));
             left -= k;
         }
     }
