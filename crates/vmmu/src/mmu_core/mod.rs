@@ -183,6 +183,25 @@ pub struct MmuCore<H: Host> {
     pub stats: VmStats,
 }
 
+/// The place of a TDP root's tree in the free queue, promised before the root is made
+/// ([`MmuCore::promise_tree`]): given back when dropped (no root was made, or an unwind), kept
+/// by [`Self::keep`] once the root is on the root list, to be used when it retires
+/// ([`MmuCore::queue_tree`]).
+pub(crate) struct TreePromise<'a, H: Host>(&'a MmuCore<H>);
+
+impl<H: Host> TreePromise<'_, H> {
+    /// The root was made: its tree keeps the place.
+    pub(crate) fn keep(self) {
+        core::mem::forget(self);
+    }
+}
+
+impl<H: Host> Drop for TreePromise<'_, H> {
+    fn drop(&mut self) {
+        self.0.free_queue.lock_with(&self.0.relax()).unpromise_tree();
+    }
+}
+
 /// Whether [`MmuCore::request_all`] waits for the vCPUs it kicked to acknowledge the request
 /// (KVM `KVM_REQUEST_WAIT`): a TLB flush must be done before the caller goes on, a reload
 /// request need only be seen before the next entry.
@@ -404,30 +423,40 @@ impl<H: Host> MmuCore<H> {
         self.table_srcu.synchronize_nudging(&crate::host::HostRelax(&*self.host), || {
             self.request_all(Request::Kick, AckWait::NoWait);
         });
-        self.drain_in_chunks(n, Pfn(0), |q| &mut q.frames, |pfn| {
-            // SAFETY: every queued page came from `alloc_table` and was queued once, after
-            // nothing linked it any more (a table by the zap that unlinked it, a shadow page by
-            // its commit, a special root by its vCPU), and before the grace period above began
-            // (it is among the first `n`, and only this turn's holder removes frames); that grace
-            // period has drained every walker that could still read it. The vCPUs' leaf-table
-            // caches may still hold its pointer, but the table epoch was bumped before it was
-            // queued, so no cache hit reads it again (`walk.rs`; the re-injected
-            // `Bug::LeafCacheIgnoresEpoch` needs a host that keeps freed table memory,
-            // `Vm::new`).
-            unsafe { self.host.free_table(pfn) };
-        });
+        self.drain_in_chunks(
+            n,
+            Pfn(0),
+            |q| &mut q.frames,
+            |pfn| {
+                // SAFETY: every queued page came from `alloc_table` and was queued once, after
+                // nothing linked it any more (a table by the zap that unlinked it, a shadow page by
+                // its commit, a special root by its vCPU), and before the grace period above began
+                // (it is among the first `n`, and only this turn's holder removes frames); that grace
+                // period has drained every walker that could still read it. The vCPUs' leaf-table
+                // caches may still hold its pointer, but the table epoch was bumped before it was
+                // queued, so no cache hit reads it again (`walk.rs`; the re-injected
+                // `Bug::LeafCacheIgnoresEpoch` needs a host that keeps freed table memory,
+                // `Vm::new`).
+                unsafe { self.host.free_table(pfn) };
+            },
+        );
         self.stats.tables_freed.add(n as u64);
-        self.drain_in_chunks(m, (Pfn(0), Level::L4), |q| &mut q.trees, |(root, level)| {
-            // SAFETY: a queued tree is a TDP root that left the root list with no user, under
-            // the exclusive MMU lock, queued once and before the grace period above began (among
-            // the first `m`); the tables it links are reachable only through it
-            // (`free_queue.rs`), so nothing changes or frees them, and the grace period drained
-            // every walker that could still read them. The table epoch was bumped before it was
-            // queued (`queue_tree`), as for single frames.
-            let tables = unsafe { self.free_tree(root, level) };
-            self.stats.tables_freed.add(tables);
-            self.stats.tdp_tables_zapped.add(tables - 1);
-        });
+        self.drain_in_chunks(
+            m,
+            (Pfn(0), Level::L4),
+            |q| &mut q.trees,
+            |(root, level)| {
+                // SAFETY: a queued tree is a TDP root that left the root list with no user, under
+                // the exclusive MMU lock, queued once and before the grace period above began (among
+                // the first `m`); the tables it links are reachable only through it
+                // (`free_queue.rs`), so nothing changes or frees them, and the grace period drained
+                // every walker that could still read them. The table epoch was bumped before it was
+                // queued (`queue_tree`), as for single frames.
+                let tables = unsafe { self.free_tree(root, level) };
+                self.stats.tables_freed.add(tables);
+                self.stats.tdp_tables_zapped.add(tables - 1);
+            },
+        );
     }
 
     /// Takes the first `n` entries of the free queue's list `list` and hands each to `free`: in
@@ -496,14 +525,12 @@ impl<H: Host> MmuCore<H> {
     }
 
     /// Promises the place of a TDP root's tree in the free queue, before the root is made;
-    /// [`MmuError::OutOfHeap`] when the heap has no room.
-    pub(crate) fn promise_tree(&self) -> Result<(), MmuError> {
-        self.free_queue.lock_with(&self.relax()).promise_tree().map_err(|_| MmuError::OutOfHeap)
-    }
-
-    /// Gives back a promise of [`Self::promise_tree`] whose root was not made.
-    pub(crate) fn unpromise_tree(&self) {
-        self.free_queue.lock_with(&self.relax()).unpromise_tree();
+    /// [`MmuError::OutOfHeap`] when the heap has no room. The promise is given back when dropped,
+    /// unless the root is made ([`TreePromise::keep`]).
+    pub(crate) fn promise_tree(&self) -> Result<TreePromise<'_, H>, MmuError> {
+        let mut q = self.free_queue.lock_with(&self.relax());
+        q.promise_tree().map_err(|_| MmuError::OutOfHeap)?;
+        Ok(TreePromise(self))
     }
 
     /// [`Self::reclaim`] once enough pages wait (the vCPU-side paths of the shadow MMU: a

@@ -62,7 +62,7 @@ use crate::mmu_core::MmuCore;
 pub(crate) use crate::mmu_core::{MmuLock, MmuRead, MmuWrite};
 use crate::requests::Request;
 use crate::sync::Arc;
-use crate::types::{AsId, Pfn};
+use crate::types::AsId;
 use alloc::vec::Vec;
 use root::{Root, RootKind};
 
@@ -123,44 +123,31 @@ impl<'a, H: Host> Tdp<'a, H> {
             }
         }
         // The tree's place first, without the MMU lock (the free queue's lock under it makes
-        // root loads convoy behind memslot updates); given back if the root is not made.
-        self.promise_tree()?;
+        // root loads convoy behind memslot updates); given back, after the MMU lock is dropped,
+        // if no root is made here.
+        let promise = self.promise_tree()?;
         let mut roots = self.tdp.mmu_lock.write(&self.vcpus, &self.relax());
         if let Some(r) = roots.iter().find(|r| r.is_shared_valid(as_id)) {
             r.get();
-            let r = r.clone();
-            drop(roots);
-            self.unpromise_tree();
-            return Ok(r);
+            return Ok(r.clone());
         }
-        let Some(pfn) = self.alloc_table() else {
-            drop(roots);
-            self.unpromise_tree();
-            return Err(MmuError::OutOfMemory);
-        };
+        let pfn = self.alloc_table().ok_or(MmuError::OutOfMemory)?;
         let root = Arc::new(Root::new(pfn, self.cfg.root_level, as_id, RootKind::Tdp));
         root.get();
         roots.push(root.clone());
+        promise.keep();
         Ok(root)
-    }
-
-    /// A root's table, with the place of its tree in the free queue promised, so that retiring
-    /// it needs no heap ([`MmuCore::queue_tree`]).
-    fn alloc_root_table(&self) -> Result<Pfn, MmuError> {
-        self.promise_tree()?;
-        self.alloc_table().ok_or_else(|| {
-            self.unpromise_tree();
-            MmuError::OutOfMemory
-        })
     }
 
     /// A root without a page-tracking state, private to one vCPU (models KVM's special roots).
     /// It joins the root list, so zaps reach what it maps like any other root.
     pub(crate) fn make_pageless_root(&self, as_id: AsId) -> Result<Arc<Root>, MmuError> {
-        let pfn = self.alloc_root_table()?;
+        let promise = self.promise_tree()?;
+        let pfn = self.alloc_table().ok_or(MmuError::OutOfMemory)?;
         let root = Arc::new(Root::new(pfn, self.cfg.root_level, as_id, RootKind::Pageless));
         root.get();
         self.tdp.mmu_lock.write(&self.vcpus, &self.relax()).push(root.clone());
+        promise.keep();
         Ok(root)
     }
 
