@@ -42,7 +42,9 @@
 //!   [`vm::Vm::get_dirty_log_into`] allocate nothing (table frames come from the host's
 //!   [`host::FrameAllocator`]; `crates/vmmu-bare/tests/exit_path_alloc.rs` checks it), but for
 //!   one rare fault: a huge leaf that replaces a lower table (the host now maps the block huge)
-//!   lists the detached tables on the heap. Loading a TDP root (the first `service_requests`, and
+//!   promises the detached table's place in the queue of pages to free, which may grow that
+//!   queue's list of trees, fallibly: out of heap the fault reports
+//!   [`fault::FaultError::OutOfHeap`] with nothing changed. Loading a TDP root (the first `service_requests`, and
 //!   after a zap of all roots) allocates, as do VM and vCPU creation and
 //!   [`vm::Vm::get_dirty_log`]; these allocations are infallible (out of heap, they end in the
 //!   allocator's error handler: on a bare-metal target a panic), but for the place of a new TDP

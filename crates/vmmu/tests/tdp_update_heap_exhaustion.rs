@@ -361,3 +361,64 @@ fn tdp_zaps_of_whole_roots_out_of_heap() {
         assert_eq!(host.tables_in_use(), 0, "{format:?}: table frames lost");
     }
 }
+
+/// A fault whose huge leaf replaces a lower table (the host now maps the block huge) detaches
+/// that table and the tables below it; they go to the free queue as one tree, whose place the
+/// fault promises before it changes anything. Out of heap for that place, the fault answers
+/// `OutOfHeap` with nothing changed; with the place at hand it allocates nothing, the guest
+/// reaches the huge leaf's frames, and the reclaimer frees every detached table.
+#[test]
+fn a_huge_leaf_over_tables_out_of_heap() {
+    use vmmu::fault::FaultError;
+    use vmmu::spte::FormatKind;
+    use vmmu::testing::TestHost;
+    use vmmu::{Gpa, Level, Pfn};
+    for format in [FormatKind::Ept, FormatKind::Npt] {
+        let host = TestHost::new(common::test_frames());
+        // 1 GiB of host RAM in one 1 GiB page.
+        host.map(common::RAM_HVA, 1 << 30, common::RAM_HVA >> 12, Level::L1G, true);
+        let (vm, _host) = common::vm_on(vmmu::vm::VmConfig::new(format, 46).unwrap(), host);
+        let mut v = vm.create_vcpu().unwrap();
+        // No slot yet: the read leaves an MMIO SPTE in a 4 KiB table, below a 2 MiB table, in
+        // the first GiB.
+        let (seen, _) = common::access(&mut v, 0x20_3000, false).unwrap();
+        assert!(matches!(seen, common::Seen::Mmio(_)), "{format:?}: {seen:?}");
+        vm.set_memory_region(&common::region(0, 0, 1 << 30, common::RAM_HVA, 0)).unwrap();
+        let before = vm.stats();
+        let promises = vm.core().free_queue_tree_promises();
+        let frame = |gpa: u64| Pfn((common::RAM_HVA + gpa) >> 12);
+
+        // A read's violation, as the hardware reports it (not through `common::access`, which
+        // lists the faults on the heap; a read, as the test host notes written pages there).
+        let violation = |v: &mut vmmu::vcpu::Vcpu<TestHost>, gpa: u64| match format {
+            FormatKind::Ept => v.handle_ept_violation(Gpa(gpa), vmmu::FaultAccess::READ),
+            _ => v.handle_npf(Gpa(gpa), vmmu::fault::PfErr(0)),
+        };
+        v.service_requests().unwrap();
+        let used = vm.core().use_up_tree_room();
+        let (out, _) = without_heap(|| violation(&mut v, 0x4000));
+        assert_eq!(out, Err(FaultError::OutOfHeap(Gpa(0x4000))), "{format:?}");
+        vm.core().give_back_tree_room(used);
+        let after = vm.stats();
+        assert_eq!(vm.core().free_queue_tree_promises(), promises, "{format:?}: promise kept");
+        assert_eq!(
+            (after.pages_1g, after.tdp_tables_zapped, after.tables_freed),
+            (before.pages_1g, before.tdp_tables_zapped, before.tables_freed),
+            "{format:?}: nothing changed"
+        );
+
+        let (out, failed) = without_heap(|| violation(&mut v, 0x4000));
+        assert_eq!(out, Ok(vmmu::fault::FaultOutcome::Fixed), "{format:?}");
+        assert_eq!(failed, 0, "{format:?}: the fault needed the heap");
+        assert_eq!(vm.core().free_queue_tree_promises(), promises, "{format:?}");
+        for gpa in [0x4000, 0x20_3000, 0x3fff_f000] {
+            let (seen, faults) = common::access(&mut v, gpa, true).unwrap();
+            assert_eq!((seen, faults.len()), (common::Seen::Ram(frame(gpa)), 0), "{format:?}");
+        }
+        vm.reclaim();
+        let after = vm.stats();
+        assert_eq!(after.pages_1g, before.pages_1g + 1, "{format:?}");
+        assert_eq!(after.tdp_tables_zapped, before.tdp_tables_zapped + 2, "{format:?}");
+        assert_eq!(after.tables_freed, before.tables_freed + 2, "{format:?}: both tables freed");
+    }
+}

@@ -121,13 +121,14 @@ pub enum FaultError {
          `tables_refused` stat is not zero, the host's frames lie beyond the VM's phys_bits"
     )]
     OutOfMemory(Gpa),
-    /// Shadow paging: the global allocator had no memory for the shadow MMU's bookkeeping (a
-    /// new shadow page, a parent link, a reverse-map entry; KVM: `-ENOMEM` from
-    /// `mmu_topup_memory_caches`). Nothing was changed: the fault can be retried once memory is
-    /// available.
+    /// The global allocator had no memory for the MMU's bookkeeping: under shadow paging a new
+    /// shadow page, a parent link, a reverse-map entry (KVM: `-ENOMEM` from
+    /// `mmu_topup_memory_caches`); on a TDP VM the place, in the queue of pages to free, of a
+    /// lower table that the fault's huge leaf would replace. Nothing was changed: the fault can
+    /// be retried once memory is available.
     #[error(
-        "the global allocator has no memory for the shadow MMU's bookkeeping while handling gpa \
-         {0} (KVM: -ENOMEM); nothing was changed: free memory and let the guest retry the access"
+        "the global allocator has no memory for the MMU's bookkeeping while handling gpa {0} \
+         (KVM: -ENOMEM); nothing was changed: free memory and let the guest retry the access"
     )]
     OutOfHeap(Gpa),
     /// Shadow paging: the shadow page limit is reached and every shadow page is pinned by a

@@ -8,7 +8,9 @@
 //! reclaimer frees the root and every table it still links once the grace period is over, as
 //! KVM frees each of a root's tables from its own RCU callback (its `rcu_head` lives in the
 //! page: nothing to allocate). So the zaps of whole roots (`zap_all_fast`, a root's last user)
-//! list nothing, and each TDP root promises its tree's place when it is made.
+//! list nothing, and each TDP root promises its tree's place when it is made. A table that a
+//! TDP fault's huge leaf detached goes the same way, as a tree whose place the fault promised
+//! before it took the MMU lock.
 //!
 //! KVM's zaps allocate nothing (its lists are intrusive), so a zap cannot fail and neither can
 //! the fault that recycles pages to make room. Here the queue is a buffer on the heap, and each
@@ -19,10 +21,11 @@
 //! # Invariants
 //! - `frames.capacity() - frames.len() >= promised`, and `promised` is the number of frames
 //!   that hold a promise and are not queued yet (the live shadow pages, the vCPUs' PAE roots).
-//! - `trees.capacity() - trees.len() >= promised_trees`, the TDP roots made and not queued yet.
-//! - A tree's tables are reachable only from its root once it is queued (the root left the
-//!   root list under the exclusive MMU lock, with no user), so nothing changes them until the
-//!   reclaimer walks them.
+//! - `trees.capacity() - trees.len() >= promised_trees`, the TDP roots made and not queued yet
+//!   (and, for the moment between its promise and its queuing, a table a fault detaches).
+//! - A tree's tables are reachable only from its top once it is queued (the root left the root
+//!   list under the exclusive MMU lock, with no user; the detached table was replaced by a
+//!   huge leaf under that lock), so nothing changes them until the reclaimer walks them.
 //! - Only a reclaimer removes frames, and reclaimers take turns (`MmuCore::reclaiming`): each
 //!   frees the first `n` frames, those queued before its grace period began, while others
 //!   append behind them. The buffer keeps its capacity (a reclaimer that took the whole buffer
@@ -45,7 +48,8 @@ pub(crate) struct FreeQueue {
     /// Retired TDP roots, oldest first: each root frame with its level, to be freed with every
     /// table it still links (module doc).
     pub(super) trees: VecDeque<(Pfn, Level)>,
-    /// TDP roots made and not retired yet, each with room reserved in `trees`.
+    /// TDP roots made and not retired yet (and tables a fault is detaching), each with room
+    /// reserved in `trees`.
     promised_trees: usize,
 }
 
@@ -66,8 +70,8 @@ impl FreeQueue {
 
     /// Queues `pages`, of which `promised` hold a promise ([`Self::promise_many`]; unused
     /// promises are given back), keeping the rest of the promised room. Allocates only for
-    /// frames beyond `promised` (frames that hold no promise: the tables a TDP fault's huge
-    /// leaf detached).
+    /// frames beyond `promised`, which no zap of the MMUs queues (each promises its frames or
+    /// queues a tree).
     pub(super) fn append(&mut self, pages: &mut Vec<Pfn>, promised: usize) {
         debug_assert!(self.promised >= promised, "more promises kept than made");
         self.promised = self.promised.saturating_sub(promised);
@@ -117,6 +121,12 @@ impl FreeQueue {
     #[cfg(any(test, feature = "testing"))]
     pub(crate) fn promised(&self) -> usize {
         self.promised
+    }
+
+    /// Test-only: how many more trees can be promised without growing the list.
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) fn tree_room(&self) -> usize {
+        self.trees.capacity() - self.trees.len() - self.promised_trees
     }
 
     /// Test-only: the TDP roots whose tree's place is promised.

@@ -183,16 +183,24 @@ pub struct MmuCore<H: Host> {
     pub stats: VmStats,
 }
 
-/// The place of a TDP root's tree in the free queue, promised before the root is made
-/// ([`MmuCore::promise_tree`]): given back when dropped (no root was made, or an unwind), kept
-/// by [`Self::keep`] once the root is on the root list, to be used when it retires
-/// ([`MmuCore::queue_tree`]).
+/// The place of a tree in the free queue ([`MmuCore::promise_tree`]): promised before a TDP
+/// root is made, or before a fault's huge leaf detaches a lower table. Given back when dropped
+/// (no root was made, no table detached, or an unwind); kept by [`Self::keep`] once the root is
+/// on the root list, to be used when it retires ([`MmuCore::queue_tree`]), or used at once by
+/// [`Self::queue`] for the detached table.
 pub(crate) struct TreePromise<'a, H: Host>(&'a MmuCore<H>);
 
 impl<H: Host> TreePromise<'_, H> {
     /// The root was made: its tree keeps the place.
     pub(crate) fn keep(self) {
         core::mem::forget(self);
+    }
+
+    /// Queues the tree of `table` at `level` in the promised place ([`MmuCore::queue_tree`]):
+    /// a table a TDP fault's huge leaf detached, with every table it still links.
+    pub(crate) fn queue(self, table: Pfn, level: Level) {
+        self.0.queue_tree(table, level);
+        self.keep();
     }
 }
 
@@ -446,11 +454,11 @@ impl<H: Host> MmuCore<H> {
             (Pfn(0), Level::L4),
             |q| &mut q.trees,
             |(root, level)| {
-                // SAFETY: a queued tree is a TDP root that left the root list with no user, under
-                // the exclusive MMU lock, queued once and before the grace period above began (among
-                // the first `m`); the tables it links are reachable only through it
-                // (`free_queue.rs`), so nothing changes or frees them, and the grace period drained
-                // every walker that could still read them. The table epoch was bumped before it was
+                // SAFETY: a queued tree is a TDP root that left the root list with no user, or a
+                // table a fault's huge leaf detached, under the exclusive MMU lock, queued once and
+                // before the grace period above began (among the first `m`); the tables it links are
+                // reachable only through it (`free_queue.rs`), so nothing changes or frees them, and
+                // the grace period drained every walker that could still read them. The table epoch was bumped before it was
                 // queued (`queue_tree`), as for single frames.
                 let tables = unsafe { self.free_tree(root, level) };
                 self.stats.tables_freed.add(tables);
@@ -515,18 +523,20 @@ impl<H: Host> MmuCore<H> {
         freed + 1
     }
 
-    /// Queues the tree of a TDP root that left the root list with no user, under the exclusive
-    /// MMU lock (queued under that hold or right after it), through the room its promise
-    /// reserved ([`Self::promise_tree`]): freed with every table it still links after a grace
-    /// period. Allocates nothing. The table epoch is bumped first, as [`Self::defer_free`] does.
+    /// Queues a tree through the room its promise reserved ([`Self::promise_tree`]): a TDP root
+    /// that left the root list with no user, or a table a fault's huge leaf detached, under the
+    /// exclusive MMU lock (queued under that hold or right after it). It is freed with every
+    /// table it still links after a grace period. Allocates nothing. The table epoch is bumped
+    /// first, as [`Self::defer_free`] does.
     pub(crate) fn queue_tree(&self, root: Pfn, level: Level) {
         self.table_epoch.fetch_add(1, crate::sync::Ordering::Release);
         self.free_queue.lock_with(&self.relax()).push_tree(root, level);
     }
 
-    /// Promises the place of a TDP root's tree in the free queue, before the root is made;
-    /// [`MmuError::OutOfHeap`] when the heap has no room. The promise is given back when dropped,
-    /// unless the root is made ([`TreePromise::keep`]).
+    /// Promises the place of a tree in the free queue, before a TDP root is made or a fault's
+    /// huge leaf detaches a table; [`MmuError::OutOfHeap`] when the heap has no room. The
+    /// promise is given back when dropped, unless it is kept ([`TreePromise::keep`],
+    /// [`TreePromise::queue`]).
     pub(crate) fn promise_tree(&self) -> Result<TreePromise<'_, H>, MmuError> {
         let mut q = self.free_queue.lock_with(&self.relax());
         q.promise_tree().map_err(|_| MmuError::OutOfHeap)?;
@@ -560,6 +570,27 @@ impl<H: Host> MmuCore<H> {
     #[cfg(feature = "testing")]
     pub fn free_queue_tree_promises(&self) -> usize {
         self.free_queue.lock_with(&self.relax()).promised_trees()
+    }
+
+    /// Test-only (feature `testing`): promises trees while the free queue's list of trees has
+    /// room for them without growing; returns how many. With the room used up, the next
+    /// promise of a tree needs the heap. [`Self::give_back_tree_room`] undoes it.
+    #[cfg(feature = "testing")]
+    pub fn use_up_tree_room(&self) -> usize {
+        let mut q = self.free_queue.lock_with(&self.relax());
+        let mut n = 0;
+        // Within the capacity: allocates nothing, cannot fail.
+        while q.tree_room() > 0 && q.promise_tree().is_ok() {
+            n += 1;
+        }
+        n
+    }
+
+    /// Test-only (feature `testing`): gives back `n` promises of [`Self::use_up_tree_room`].
+    #[cfg(feature = "testing")]
+    pub fn give_back_tree_room(&self, n: usize) {
+        let mut q = self.free_queue.lock_with(&self.relax());
+        (0..n).for_each(|_| q.unpromise_tree());
     }
 
     /// The remote TLB flush that ends a zap (KVM `kvm_flush_remote_tlbs` after the zap, or in

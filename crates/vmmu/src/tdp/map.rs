@@ -70,6 +70,10 @@ pub enum MapOutcome {
     TableInTheWay,
     /// No frame for a page table.
     OutOfMemory,
+    /// The huge leaf would replace a lower table, and the heap has no room for the detached
+    /// table's place in the queue of pages to free (`MmuCore::promise_tree`); nothing was
+    /// changed.
+    OutOfHeap,
     /// A table frame could not be resolved (internal inconsistency).
     Broken,
 }

@@ -35,8 +35,9 @@ pub(crate) enum ZapScope {
     /// after a grace period): memslot delete and move, whose gfns may stay unmapped for long.
     /// Out of heap, a table the zap cannot list stays linked, emptied ([`OptionalUnlink`]).
     Tables,
-    /// Leaves and MMIO SPTEs; every table stays linked: the zap of a whole root, whose tables
-    /// go with the root when it retires (`MmuCore::queue_tree`), so the zap lists nothing.
+    /// Leaves and MMIO SPTEs; every table stays linked: the zap of a whole root, or of a table
+    /// a fault's huge leaf detached, whose tables go with it as one tree
+    /// (`MmuCore::queue_tree`), so the zap lists nothing.
     Contents,
 }
 
@@ -50,8 +51,8 @@ pub(crate) trait TableList {
     fn refused(&self) -> usize;
 }
 
-/// Every table listed (the heap permitting: a zap that must unlink what it meets, such as a
-/// root's or a detached table's).
+/// Every table listed: a zap that must unlink what it meets and promised the room beforehand
+/// (the recovery of a huge page, `recover_in_table`).
 impl TableList for Vec<Pfn> {
     fn try_list(&mut self, pfn: Pfn) -> bool {
         self.push(pfn);
@@ -67,7 +68,7 @@ struct NoList;
 
 impl TableList for NoList {
     fn try_list(&mut self, _pfn: Pfn) -> bool {
-        debug_assert!(false, "a zap of a root's contents unlinks no table");
+        debug_assert!(false, "a zap of a whole tree's contents unlinks no table");
         false
     }
     fn refused(&self) -> usize {
@@ -305,21 +306,22 @@ impl<H: Host> Tdp<'_, H> {
     /// A fault's huge leaf in place of the lower table linked where it goes (after
     /// [`MapOutcome::TableInTheWay`]; KVM `kvm_tdp_mmu_map` at the target level, then
     /// `handle_removed_pt`): walks from `root` to the entry of `fault.gfn` at `spec`'s level; if
-    /// a table is still linked there, stores the huge leaf over the link, zaps the detached
-    /// table's entries (their pages go to `pages`, to be freed after a grace period), and
-    /// flushes remote TLBs before returning. `Retry` if the entry changed meanwhile (the fault
-    /// then maps as usual). `_excl` proves the MMU lock is held exclusive; the caller checked
-    /// under that hold that the fault is not stale.
+    /// a table is still linked there, stores the huge leaf over the link, zaps the leaves and
+    /// MMIO SPTEs below the detached table ([`ZapScope::Contents`]: its own tables stay linked
+    /// below it, so the zap lists nothing), and flushes remote TLBs before returning. Returns the
+    /// outcome and the detached table with its level, which the caller queues as a tree
+    /// (`MmuCore::queue_tree`) to be freed after a grace period. `Retry` if the entry changed
+    /// meanwhile (the fault then maps as usual). `_excl` proves the MMU lock is held exclusive;
+    /// the caller checked under that hold that the fault is not stale.
     pub(crate) fn replace_table_in_the_way(
         &self,
         _excl: &MmuWrite<'_, RootList>,
         root: &Root,
         fault: &PageFault,
         spec: LeafSpec,
-        pages: &mut Vec<Pfn>,
-    ) -> MapOutcome {
+    ) -> (MapOutcome, Option<(Pfn, Level)>) {
         let LeafSpec::Ram { base_pfn, max_level, access, writable, kind } = spec else {
-            return MapOutcome::Retry; // MMIO SPTEs are 4 KiB: never in this case
+            return (MapOutcome::Retry, None); // MMIO SPTEs are 4 KiB: never in this case
         };
         let fmt = self.cfg.format;
         let (mut pfn, mut level) = (root.pfn(), root.level());
@@ -328,12 +330,12 @@ impl<H: Host> Tdp<'_, H> {
             // frees a linked page meanwhile.
             let Some(table) = (unsafe { self.table(pfn) }) else {
                 debug_assert!(false, "table frame {pfn:?} unknown to the host");
-                return MapOutcome::Broken;
+                return (MapOutcome::Broken, None);
             };
             let entry = &table[level.index(fault.gfn)];
             let old = entry.load(Ordering::Acquire);
             if !SpteFormat::is_mmu_present(old) || fmt.is_leaf(old, level) {
-                return MapOutcome::Retry;
+                return (MapOutcome::Retry, None);
             }
             if level == max_level {
                 break (entry, old);
@@ -341,11 +343,11 @@ impl<H: Host> Tdp<'_, H> {
             pfn = fmt.pfn(old);
             level = match level.lower() {
                 Some(l) if l >= max_level => l,
-                _ => return MapOutcome::Retry,
+                _ => return (MapOutcome::Retry, None),
             };
         };
         let Some(lower) = level.lower() else {
-            return MapOutcome::Broken;
+            return (MapOutcome::Broken, None);
         };
         let child = fmt.pfn(old);
         let lo = level.block_base(fault.gfn);
@@ -353,11 +355,11 @@ impl<H: Host> Tdp<'_, H> {
         let huge = fmt.make_frame_leaf(base_pfn, kind, level, access, writable);
         // The huge leaf first, then the detached table's entries (KVM `handle_removed_pt`).
         let mut flush = self.set_spte_locked(entry, old, huge, level, lo) == FlushNeed::Remote;
-        flush |= self.zap_table(child, lower, lo, lo, hi, ZapScope::Tables, pages);
+        flush |= self.zap_table(child, lower, lo, lo, hi, ZapScope::Contents, &mut NoList);
+        // The detached table; those below it are counted when the reclaimer frees them.
         self.stats.tdp_tables_zapped.add(1);
-        pages.push(child);
         self.flush_after_zap(flush);
-        MapOutcome::Installed { level }
+        (MapOutcome::Installed { level }, Some((child, lower)))
     }
 
     /// The first present leaf in the table `pfn` (at `level`) or below it, and how many pages

@@ -389,7 +389,9 @@ impl VcpuMmu {
 
     /// The huge leaf of `fault` replaces a lower table (`MapOutcome::TableInTheWay`): under the
     /// exclusive MMU lock, after checking again under that hold that the fault is not stale
-    /// (tdp/map.rs). `Err`: the fault is stale, retry it. Rare: kept out of line.
+    /// (tdp/map.rs). The detached table goes to the free queue as a tree, whose place is promised
+    /// before the lock is taken: out of heap, `MapOutcome::OutOfHeap` with nothing changed.
+    /// `Err`: the fault is stale, retry it. Rare: kept out of line.
     #[inline(never)]
     fn map_over_table_in_the_way<H: Host>(
         &self,
@@ -402,6 +404,9 @@ impl VcpuMmu {
     ) -> Result<MapOutcome, RetryCause> {
         let mmu = vm.tdp_for(tv);
         mmu.host.preempt_point(crate::host::PreemptPoint::TableInTheWay);
+        let Ok(promise) = mmu.promise_tree() else {
+            return Ok(MapOutcome::OutOfHeap);
+        };
         let excl = mmu.tdp.mmu_lock.write(&mmu.vcpus, &mmu.relax());
         let pending = mmu.vcpus[self.index].pending();
         #[cfg(loom)]
@@ -414,13 +419,14 @@ impl VcpuMmu {
         {
             return Err(cause);
         }
-        let mut pages = mmu.unlinked();
         // Marked again: the collection that may have run since the first mark (it holds the
         // lock exclusive, so not while the shared hold was) may have cleared the bit.
         mark_before_map(set, fault, backing);
-        let outcome = mmu.replace_table_in_the_way(&excl, root, fault, spec, &mut pages);
+        let (outcome, detached) = mmu.replace_table_in_the_way(&excl, root, fault, spec);
         drop(excl);
-        pages.queue();
+        if let Some((table, level)) = detached {
+            promise.queue(table, level);
+        }
         mmu.reclaim_batched();
         Ok(outcome)
     }
@@ -460,6 +466,7 @@ fn count_map_outcome(
         // TableInTheWay only if the replacement did not happen: fault again.
         MapOutcome::Retry | MapOutcome::TableInTheWay => Ok(retry(stats, RetryCause::Race)),
         MapOutcome::OutOfMemory => Err(FaultError::OutOfMemory(gpa)),
+        MapOutcome::OutOfHeap => Err(FaultError::OutOfHeap(gpa)),
         MapOutcome::Broken => Err(FaultError::Internal { gpa, dump: Default::default() }),
     }
 }
