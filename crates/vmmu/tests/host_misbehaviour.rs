@@ -342,3 +342,40 @@ fn a_panic_in_a_tdp_zaps_flush_leaks_no_table() {
     drop(vm);
     assert_eq!(host.host.tables_in_use(), 0, "table frames the unwound zap unlinked were lost");
 }
+
+/// A fault whose huge leaf replaces a lower table flushes the remote TLBs before it queues the
+/// detached table for freeing; a kick of that flush that panics must not lose the table (a
+/// frame the host never gets back), nor let it be freed while another vCPU may still walk it.
+/// The detached table is queued on the unwind, with a TLB flush made pending on every vCPU.
+#[test]
+fn a_panic_in_the_flush_of_a_huge_leaf_over_a_table_loses_no_table() {
+    let host = Arc::new(PanickyHost { host: TestHost::new(256) });
+    host.host.map(RAM_HVA, 16 << 20, RAM_HVA >> 12, Level::L2M, true);
+    let vm = Vm::new(VmConfig::new(FormatKind::Ept, 46).unwrap(), host.clone()).unwrap();
+    let mut v = vm.create_vcpu().unwrap();
+    let mut w = vm.create_vcpu().unwrap();
+    // No slot yet: the read leaves an MMIO SPTE in a 4 KiB table.
+    v.service_requests().unwrap();
+    let o = v.handle_ept_violation(Gpa(0x20_3000), FaultAccess::READ);
+    assert!(matches!(o, Ok(FaultOutcome::Emulate { .. })), "setup: {o:?}");
+    vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, 4 << 20, RAM_HVA)).unwrap();
+    // w is in guest mode: the replacement's flush must kick it, and the kick panics.
+    w.service_requests().unwrap();
+    w.enter_guest_mode().unwrap();
+    let freed = vm.stats().tables_freed;
+    v.service_requests().unwrap();
+    KICK_PANICS.with(|p| p.set(true));
+    let fault = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        v.handle_ept_violation(Gpa(0x20_5000), FaultAccess::READ)
+    }));
+    KICK_PANICS.with(|p| p.set(false));
+    assert!(fault.is_err(), "setup: the kick panicked inside the fault: {fault:?}");
+    assert_eq!(vm.stats().tdp_tables_zapped, 1, "setup: the table was replaced");
+    w.exit_guest_mode();
+    vm.reclaim();
+    assert_eq!(vm.stats().tables_freed, freed + 1, "the detached table was lost");
+    let frame = |gpa: u64| Some(Pfn((RAM_HVA + gpa) >> 12));
+    assert_eq!(tdp_read(&mut v, 0x20_5000), frame(0x20_5000));
+    assert_eq!(tdp_read(&mut w, 0x20_3000), frame(0x20_3000));
+    assert_eq!(vm.stats().pages_2m, 1, "the huge leaf stayed");
+}

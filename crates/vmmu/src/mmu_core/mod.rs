@@ -186,21 +186,50 @@ pub struct MmuCore<H: Host> {
 /// The place of a tree in the free queue ([`MmuCore::promise_tree`]): promised before a TDP
 /// root is made, or before a fault's huge leaf detaches a lower table. Given back when dropped
 /// (no root was made, no table detached, or an unwind); kept by [`Self::keep`] once the root is
-/// on the root list, to be used when it retires ([`MmuCore::queue_tree`]), or used at once by
-/// [`Self::queue`] for the detached table.
+/// on the root list, to be used when it retires ([`MmuCore::queue_tree`]), or handed to the
+/// detached table by [`Self::hold`].
 pub(crate) struct TreePromise<'a, H: Host>(&'a MmuCore<H>);
 
-impl<H: Host> TreePromise<'_, H> {
+impl<'a, H: Host> TreePromise<'a, H> {
     /// The root was made: its tree keeps the place.
     pub(crate) fn keep(self) {
         core::mem::forget(self);
     }
 
-    /// Queues the tree of `table` at `level` in the promised place ([`MmuCore::queue_tree`]):
-    /// a table a TDP fault's huge leaf detached, with every table it still links.
-    pub(crate) fn queue(self, table: Pfn, level: Level) {
-        self.0.queue_tree(table, level);
+    /// The promised place is for `table` at `level`, which a TDP fault's huge leaf just
+    /// detached: held until it is queued ([`DetachedTree`]).
+    pub(crate) fn hold(self, table: Pfn, level: Level) -> DetachedTree<'a, H> {
+        let core = self.0;
         self.keep();
+        DetachedTree { core, table, level }
+    }
+}
+
+/// A table a TDP fault's huge leaf detached, with every table it still links, from the
+/// replacement (under the exclusive MMU lock) until it is queued as a tree through its promised
+/// place ([`Self::queue`], after the remote TLB flush). Dropped unqueued, by an unwind (a host
+/// kick that panics in that flush), it first makes a TLB flush pending on every vCPU (atomics
+/// only, no kick), then queues the tree, as [`Unlinked`] does with its frames: nothing is lost,
+/// and the tree is freed only after a grace period that no vCPU in guest mode ends before it
+/// leaves (and flushes before it enters again).
+pub(crate) struct DetachedTree<'a, H: Host> {
+    core: &'a MmuCore<H>,
+    table: Pfn,
+    level: Level,
+}
+
+impl<H: Host> DetachedTree<'_, H> {
+    /// Queues the tree ([`MmuCore::queue_tree`]) once the replacement's flush is done.
+    pub(crate) fn queue(self) {
+        self.core.queue_tree(self.table, self.level);
+        core::mem::forget(self);
+    }
+}
+
+impl<H: Host> Drop for DetachedTree<'_, H> {
+    fn drop(&mut self) {
+        self.core.request_all_without_kick(Request::TlbFlush);
+        self.core.queue_tree(self.table, self.level);
     }
 }
 

@@ -41,6 +41,19 @@ pub(crate) enum ZapScope {
     Contents,
 }
 
+/// The table a fault's huge leaf replaced ([`Tdp::replace_table_in_the_way`]), with every table
+/// it still links.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Detached {
+    /// The detached table's frame.
+    pub(crate) table: Pfn,
+    /// Its level.
+    pub(crate) level: Level,
+    /// Whether the replacement needs a remote TLB flush (a present leaf went, or the link did,
+    /// which paging-structure caches may hold).
+    pub(crate) flush: bool,
+}
+
 /// Where a zap lists the tables it unlinks, to be freed after a grace period.
 pub(crate) trait TableList {
     /// Lists `pfn`, a table the caller is about to unlink; `false` if it cannot, and then the
@@ -306,20 +319,21 @@ impl<H: Host> Tdp<'_, H> {
     /// A fault's huge leaf in place of the lower table linked where it goes (after
     /// [`MapOutcome::TableInTheWay`]; KVM `kvm_tdp_mmu_map` at the target level, then
     /// `handle_removed_pt`): walks from `root` to the entry of `fault.gfn` at `spec`'s level; if
-    /// a table is still linked there, stores the huge leaf over the link, zaps the leaves and
+    /// a table is still linked there, stores the huge leaf over the link and zaps the leaves and
     /// MMIO SPTEs below the detached table ([`ZapScope::Contents`]: its own tables stay linked
-    /// below it, so the zap lists nothing), and flushes remote TLBs before returning. Returns the
-    /// outcome and the detached table with its level, which the caller queues as a tree
-    /// (`MmuCore::queue_tree`) to be freed after a grace period. `Retry` if the entry changed
-    /// meanwhile (the fault then maps as usual). `_excl` proves the MMU lock is held exclusive;
-    /// the caller checked under that hold that the fault is not stale.
+    /// below it, so the zap lists nothing). Returns the outcome and, when it replaced a table,
+    /// the [`Detached`] table: the caller flushes remote TLBs under the same hold if needed, then
+    /// queues the table as a tree (`MmuCore::queue_tree`), to be freed after a grace period.
+    /// `Retry` if the entry changed meanwhile (the fault then maps as usual). `_excl` proves the
+    /// MMU lock is held exclusive; the caller checked under that hold that the fault is not
+    /// stale.
     pub(crate) fn replace_table_in_the_way(
         &self,
         _excl: &MmuWrite<'_, RootList>,
         root: &Root,
         fault: &PageFault,
         spec: LeafSpec,
-    ) -> (MapOutcome, Option<(Pfn, Level)>) {
+    ) -> (MapOutcome, Option<Detached>) {
         let LeafSpec::Ram { base_pfn, max_level, access, writable, kind } = spec else {
             return (MapOutcome::Retry, None); // MMIO SPTEs are 4 KiB: never in this case
         };
@@ -358,8 +372,7 @@ impl<H: Host> Tdp<'_, H> {
         flush |= self.zap_table(child, lower, lo, lo, hi, ZapScope::Contents, &mut NoList);
         // The detached table; those below it are counted when the reclaimer frees them.
         self.stats.tdp_tables_zapped.add(1);
-        self.flush_after_zap(flush);
-        (MapOutcome::Installed { level }, Some((child, lower)))
+        (MapOutcome::Installed { level }, Some(Detached { table: child, level: lower, flush }))
     }
 
     /// The first present leaf in the table `pfn` (at `level`) or below it, and how many pages

@@ -423,9 +423,14 @@ impl VcpuMmu {
         // lock exclusive, so not while the shared hold was) may have cleared the bit.
         mark_before_map(set, fault, backing);
         let (outcome, detached) = mmu.replace_table_in_the_way(&excl, root, fault, spec);
-        drop(excl);
-        if let Some((table, level)) = detached {
-            promise.queue(table, level);
+        if let Some(d) = detached {
+            // Held first: a kick of the flush that unwinds still queues the tree (`DetachedTree`).
+            let tree = promise.hold(d.table, d.level);
+            mmu.flush_after_zap(d.flush);
+            drop(excl);
+            tree.queue();
+        } else {
+            drop(excl);
         }
         mmu.reclaim_batched();
         Ok(outcome)
