@@ -147,8 +147,8 @@ pub enum ParseErrorKind {
     },
     /// A guest access whose last byte lies at or above 64 GiB.
     #[error(
-        "guest access at {gpa:#x} reaches 64 GiB (0x1000000000) or beyond: the backends map guest \
-         memory below it only"
+        "guest access at {gpa:#x} ends past 64 GiB (its last byte is at or above 0x1000000000): \
+         the backends map guest memory below 64 GiB only"
     )]
     AccessTooHigh {
         /// The address.
@@ -171,7 +171,7 @@ pub enum ParseErrorKind {
         paging: crate::step::Paging,
     },
     /// A GVA that is not canonical for the paging mode.
-    #[error("gva {gva:#x} is not canonical with paging={paging} (4level: bits 63..47 equal; pae: below 4 GiB)")]
+    #[error("{}", non_canonical(*gva, *paging))]
     NonCanonical {
         /// The address (of the access or page).
         gva: u64,
@@ -190,7 +190,8 @@ pub enum ParseErrorKind {
     },
     /// A `map` whose guest-physical page's last byte lies at or above 64 GiB.
     #[error(
-        "a {} page at gpa {gpa:#x} reaches 64 GiB (0x1000000000) or beyond",
+        "a {} page at gpa {gpa:#x} ends past 64 GiB (its last byte is at or above \
+         0x1000000000): the backends map guest memory below 64 GiB only",
         page_size_name(*size)
     )]
     PageTooHigh {
@@ -294,6 +295,18 @@ fn page_size_name(s: crate::step::PageSize) -> &'static str {
     match s {
         crate::step::PageSize::Size4K => "4K",
         crate::step::PageSize::Size2M => "2M",
+    }
+}
+
+/// The message of [`ParseError::NonCanonical`]: what the paging mode allows.
+fn non_canonical(gva: u64, paging: crate::step::Paging) -> String {
+    match paging {
+        crate::step::Paging::Pae => {
+            format!("gva {gva:#x} is outside paging=pae's 32-bit address space (below 4 GiB)")
+        }
+        _ => format!(
+            "gva {gva:#x} is not canonical with paging={paging} (bits 63..47 must all be equal)"
+        ),
     }
 }
 

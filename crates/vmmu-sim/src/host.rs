@@ -180,7 +180,7 @@ pub enum HostError {
         available: u64,
     },
     /// The system allocator failed.
-    #[error("the host could not allocate {0} bytes")]
+    #[error("the host could not allocate {0:#x} bytes")]
     AllocFailed(u64),
     /// A host-side access outside its buffer or misaligned.
     #[error("host access at offset {offset:#x} of {width} bytes is outside buffer {name:?} (size {size:#x}) or misaligned")]

@@ -640,6 +640,14 @@ mod tests {
             (2, 24, ParseErrorKind::PageTooHigh { .. })
         ));
         assert!(parse(&format!("{L4}map gva=0x40000000 gpa=0xfff000\n")).is_ok());
+        // A page that ends exactly at 64 GiB lies below it.
+        assert!(parse(&format!("{L4}map gva=0x40000000 gpa=0xfffe00000 size=2M\n")).is_ok());
+        let e = parse(&format!("{L4}map gva=0x40000000 gpa=0x1000000000\n")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "line 2, column 24: a 4K page at gpa 0x1000000000 ends past 64 GiB (its last byte is \
+             at or above 0x1000000000): the backends map guest memory below 64 GiB only"
+        );
     }
 
     #[test]
@@ -855,8 +863,14 @@ mod tests {
         let e = parse(&format!("{PAE}read 0 gva=0x100000000 size=1\n")).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "line 2, column 12: gva 0x100000000 is not canonical with paging=pae \
-             (4level: bits 63..47 equal; pae: below 4 GiB)"
+            "line 2, column 12: gva 0x100000000 is outside paging=pae's 32-bit address space \
+             (below 4 GiB)"
+        );
+        let e = parse(&format!("{L4}read 0 gva=0x800000000000 size=1\n")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "line 2, column 12: gva 0x800000000000 is not canonical with paging=4level \
+             (bits 63..47 must all be equal)"
         );
     }
 }
