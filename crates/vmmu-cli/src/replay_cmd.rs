@@ -123,17 +123,23 @@ fn warnings(args: &ReplayArgs, trace: &Trace) -> Vec<String> {
         ));
     }
     if let Some(s) = &trace.summary {
-        if s.lost_events > 0 {
-            w.push(format!(
-                "the capture lost {} events: the trace is incomplete, so refusals and misclassifications \
-                 against it are counted but not judged (UNTRUSTED); the oracle's checks of the replay's own accesses still are",
-                s.lost_events
-            ));
+        match s.lost_events {
+            Some(lost) if lost > 0 => w.push(format!(
+                "the capture lost {lost} events: the trace is incomplete, so refusals and misclassifications \
+                 against it are counted but not judged (UNTRUSTED); the oracle's checks of the replay's own accesses still are"
+            )),
+            Some(_) => {}
+            None => w.push(
+                "the summary does not say whether the capture lost events (no \"lost_events\"): \
+                 the trace is judged as a complete capture; a trace converted with --allow-lost \
+                 must keep its count, or its verdicts cannot be trusted"
+                    .to_string(),
+            ),
         }
         // Only a vCPU thread's KVM_RUN makes an MMIO access: a summary of none beside recorded
         // accesses contradicts its own trace (newcomer audit 44).
         let accesses = trace.count(EventOp::Mmio);
-        if s.vcpu_threads == 0 && accesses > 0 {
+        if s.vcpu_threads == Some(0) && accesses > 0 {
             w.push(format!(
                 "the summary counts no vCPU thread (vcpu_threads 0) but the trace has {accesses} \
                  MMIO accesses, which only a vCPU's KVM_RUN makes: the summary does not belong to \
@@ -159,10 +165,9 @@ fn warnings(args: &ReplayArgs, trace: &Trace) -> Vec<String> {
                 fatal.join(", ")
             ));
         }
-        if s.vcpu_threads > 1 {
+        if let Some(threads) = s.vcpu_threads.filter(|&n| n > 1) {
             w.push(format!(
-                "{} vCPU threads recorded; v1 does not say which vCPU made an access, so this replay (one vCPU) is exact only for 1 (an access that reaches RAM just after the slot request that made its address RAM is counted as raced with it, not misclassified)",
-                s.vcpu_threads
+                "{threads} vCPU threads recorded; v1 does not say which vCPU made an access, so this replay (one vCPU) is exact only for 1 (an access that reaches RAM just after the slot request that made its address RAM is counted as raced with it, not misclassified)"
             ));
         }
     }

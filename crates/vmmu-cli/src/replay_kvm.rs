@@ -207,7 +207,7 @@ impl Replay {
             }
         }
         let total = trace.count(EventOp::Mmio);
-        let in_flight = InFlight::new(trace.summary.as_ref().map(|s| s.vcpu_threads));
+        let in_flight = InFlight::new(trace.summary.as_ref().and_then(|s| s.vcpu_threads));
         Ok(Replay { setup, r, total, sampler: Sampler::new(total), in_flight })
     }
 

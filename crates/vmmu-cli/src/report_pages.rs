@@ -174,7 +174,7 @@ pub fn replay_page(flags: &[(&str, String)], traces: &[TraceReport]) -> String {
             .map(|r| {
                 vec![
                     format!("sim-{}", r.config),
-                    r.verdict(t.lost_events).label().into(),
+                    r.verdict(t.lost()).label().into(),
                     r.slots.applied.to_string(),
                     r.slots.refused.to_string(),
                     r.mmio.classified_mmio.to_string(),

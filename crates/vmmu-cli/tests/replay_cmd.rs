@@ -632,6 +632,36 @@ fn a_capture_that_lost_events_is_untrusted_not_passed_or_failed() {
     assert_eq!((code, t["verdict"].as_str()), (Some(1), Some("fail")), "{t:#}");
 }
 
+/// A hand-written summary may give any subset of the contract's keys. A count it leaves out is
+/// unknown, not 0: the report says "not given", and a summary that does not say whether the
+/// capture lost events is judged as a complete capture, with a warning that says so. (It said
+/// "lost 0", and warned of "vcpu_threads 0" beside the trace's MMIO accesses.)
+#[test]
+fn a_summary_that_leaves_counts_out_reports_them_unknown() {
+    let mmio = "{\"t\":0.000001,\"op\":\"mmio\",\"dir\":\"read\",\"gpa\":\"0xfee00000\",\"len\":4,\"value\":\"0x0\",\"exit\":\"user\"}\n";
+    let summary = "{\"op\":\"summary\",\"events\":{\"slot\":1,\"mmio\":1}}\n";
+    let p = temp_file("subset.trace.jsonl", &format!("{HEADER}{RAM}{mmio}{summary}"));
+    let f = p.display().to_string();
+    let (code, t) = replay_json(&f, &["--format", "ept"]);
+    assert_eq!((code, t["verdict"].as_str()), (Some(0), Some("pass")), "{t:#}");
+    for key in ["lost_events", "vcpu_threads", "kernel_mmio_dropped"] {
+        assert_eq!(t[key], Value::Null, "{key}: {t:#}");
+    }
+    let warnings: Vec<&str> =
+        t["warnings"].as_array().unwrap().iter().map(|w| w.as_str().unwrap()).collect();
+    assert!(
+        warnings.iter().any(|w| w.starts_with("the summary does not say whether the capture lost")),
+        "{warnings:?}"
+    );
+    assert!(!warnings.iter().any(|w| w.contains("vcpu_threads 0")), "{warnings:?}");
+    let out = vmmu(&["replay", "--no-kvm", "--format", "ept", &f]);
+    let report = text(&out.stdout);
+    assert!(
+        report.contains("(kernel MMIO dropped not given, lost not given, vCPU threads not given)"),
+        "{report}"
+    );
+}
+
 #[test]
 fn a_raw_capture_is_named_as_one_not_as_a_scenario() {
     // Hunt 44r: `vmmu replay X.ftrace` (the kit's capture, before ftrace-to-trace.py) said
@@ -1079,7 +1109,8 @@ fn replay_refusing(name: &str, trace: &str) -> Value {
 }
 
 /// A dirty-log call on address space 1 in a trace that never made an address-space-1 slot is
-/// invalid on any kernel (`traces.md`: both calls must succeed): the machine refuses it, and the
+/// invalid on any kernel (`traces.md`: both calls must succeed): the machine refuses it (ENOENT,
+/// as a recording host with that address space would), and the
 /// KVM half asks KVM, which refuses it too, instead of counting it as an SMM request this host
 /// cannot make.
 #[test]
@@ -1094,6 +1125,9 @@ fn a_dirty_log_call_on_an_address_space_without_slots_is_refused_by_both_halves(
     let d = &t["runs"][0]["dirty_log"];
     assert_eq!((u(&d["accepted"]), u(&d["refused"])), (0, 1), "{d:#}");
     assert!(d["first_refusals"][0].as_str().unwrap().starts_with("line 3:"), "{d:#}");
+    // The machine's VM has address space 1, as the recording host had (the trace names it):
+    // no slot there is ENOENT, as on that host, not a one-space VM's EINVAL.
+    assert!(d["first_refusals"][0].as_str().unwrap().ends_with(": ENOENT"), "{d:#}");
     let Some(k) = kvm_half_that_ran(t) else { return };
     assert_eq!((u(&k["dirty_log_applied"]), u(&k["dirty_log_refused"])), (0, 1), "{k:#}");
     assert_eq!(u(&k["smm_skipped"]), 0, "{k:#}");

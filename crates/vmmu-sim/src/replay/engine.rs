@@ -770,8 +770,7 @@ pub(super) fn first_middle_last(gpa: u64, size: u64) -> Option<[u64; 3]> {
 /// Replays `trace` under `cfg` and reports.
 pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayError> {
     let memory = TraceMemory::new(trace, cfg.phys_bits)?;
-    let uses_smm =
-        trace.events.iter().any(|e| matches!(e.kind, EventKind::Slot(s) if s.as_id == 1));
+    let uses_smm = trace.uses_address_space_1();
     let shadow = cfg.mmu == MmuKind::Shadow;
     let mmu_cfg = RealMmuConfig {
         format: if shadow { FormatKind::Npt } else { cfg.format },
@@ -809,7 +808,7 @@ pub fn replay(trace: &Trace, cfg: &ReplayConfig) -> Result<RunReport, ReplayErro
         mmu: &mmu,
         memory: &memory,
         live: LiveSlots::default(),
-        in_flight: InFlight::new(trace.summary.as_ref().map(|s| s.vcpu_threads)),
+        in_flight: InFlight::new(trace.summary.as_ref().and_then(|s| s.vcpu_threads)),
         probe_cursor: 0,
         alias_turn: 0,
         report: RunReport {

@@ -120,6 +120,18 @@ pub enum ParseErrorKind {
         /// Lines found.
         have: u64,
     },
+    /// The summary's `events` leaves out a kind the file has lines of.
+    #[error(
+        "summary's \"events\" gives no count of {op} events, and the file has {have}: a reader \
+         cannot check it for truncation (traces.md: \"events\" counts the lines of each kind; \
+         give \"{op}\":{have}, or leave out \"events\")"
+    )]
+    CountMissing {
+        /// The kind.
+        op: EventOp,
+        /// Lines found.
+        have: u64,
+    },
 }
 
 fn field(field: &'static str, problem: impl Into<String>) -> ParseErrorKind {
@@ -275,15 +287,17 @@ pub struct Event {
     pub kind: EventKind,
 }
 
-/// The parts of the summary line a replayer uses (the rest is kept as JSON).
+/// The parts of the summary line a replayer uses (the rest is kept as JSON). A count the
+/// summary does not give is `None`: unknown, not 0 (a hand-written summary may give any subset
+/// of the contract's keys).
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Summary {
     /// Kernel-handled MMIO events left out of a reduced trace.
-    pub kernel_mmio_dropped: u64,
+    pub kernel_mmio_dropped: Option<u64>,
     /// Events the capture lost (then verdicts are not to be trusted).
-    pub lost_events: u64,
+    pub lost_events: Option<u64>,
     /// Threads that ran `KVM_RUN`.
-    pub vcpu_threads: u64,
+    pub vcpu_threads: Option<u64>,
     /// `KVM_RUN` returns by reason (`userspace_exits`; empty when the summary has none).
     pub userspace_exits: BTreeMap<String, u64>,
 }
@@ -303,6 +317,20 @@ impl Trace {
     /// Number of events of kind `op`.
     pub fn count(&self, op: EventOp) -> u64 {
         self.events.iter().filter(|e| e.kind.op() == op).count() as u64
+    }
+
+    /// Whether an event names address space 1 (SMRAM): a slot request or a dirty-log call. The
+    /// recording host then had an SMM address space, and a replayer gives its VM one too, so
+    /// such a call meets KVM's rules for that address space (a dirty-log call on a slot that was
+    /// never made there is `ENOENT`, not `EINVAL`).
+    pub fn uses_address_space_1(&self) -> bool {
+        self.events.iter().any(|e| match e.kind {
+            EventKind::Slot(s) => s.as_id == 1,
+            EventKind::GetDirtyLog { as_id, .. } | EventKind::ClearDirtyLog { as_id, .. } => {
+                as_id == 1
+            }
+            EventKind::Mmio(_) | EventKind::KvmZapAllFast => false,
+        })
     }
 }
 
@@ -532,7 +560,20 @@ fn parse_event(o: &Ordered<'_>, op: &str) -> Result<EventKind, ParseErrorKind> {
                     ))
                 }
                 "null" => return Err(field("value", "null is allowed for reads only")),
-                _ => {
+                raw => {
+                    // Lowercase hex without leading zeros: more than 16 digits is more than 8
+                    // bytes, which no recording holds, whatever `len` says.
+                    let digits = raw.trim_matches('"').strip_prefix("0x").map_or(0, str::len);
+                    if digits > 16 && len > 8 {
+                        return Err(field(
+                            "value",
+                            format!(
+                                "{raw} has more than 8 bytes: a trace carries at most the first 8 \
+                                 bytes of an access, even of a {len}-byte one (KVM's kvm_mmio \
+                                 tracepoint keeps 8)"
+                            ),
+                        ));
+                    }
                     let v = o.hex("value")?;
                     if len < 8 && v >> (8 * len) != 0 {
                         return Err(field("value", format!("{v:#x} has more than {len} bytes")));
@@ -571,17 +612,24 @@ fn parse_event(o: &Ordered<'_>, op: &str) -> Result<EventKind, ParseErrorKind> {
     })
 }
 
-/// A summary value that must be an object of non-negative integer counts.
+/// A summary value that must be an object of non-negative integer counts, each name once.
 fn counts(o: &Ordered<'_>, key: &'static str) -> Result<BTreeMap<String, u64>, ParseErrorKind> {
-    serde_json::from_str(o.raw(key)?).map_err(|_| {
-        field(key, "must be an object of non-negative integer counts ({\"name\":N,...})")
-    })
+    let bad = || field(key, "must be an object of non-negative integer counts ({\"name\":N,...})");
+    let pairs: Ordered<'_> = serde_json::from_str(o.raw(key)?).map_err(|_| bad())?;
+    let mut counts = BTreeMap::new();
+    for (name, raw) in pairs.0 {
+        let n: u64 = serde_json::from_str(raw.get()).map_err(|_| bad())?;
+        if counts.insert(name.clone(), n).is_some() {
+            return Err(field(key, format!("counts {name:?} twice")));
+        }
+    }
+    Ok(counts)
 }
 
 /// Checks the summary line and the parts a replayer uses. Keys: `op` first, each at most once;
 /// those the contract's table names (any subset: a hand-written trace may give only `events`)
-/// each of the type the table gives; others unchecked. `events` counts match the file (a kind v1
-/// does not have may be counted only as 0).
+/// each of the type the table gives; others unchecked. `events` counts match the file, and count
+/// every kind the file has lines of (a kind v1 does not have may be counted only as 0).
 fn parse_summary(o: &Ordered<'_>, events: &[Event]) -> Result<Summary, ParseErrorKind> {
     let keys = o.keys();
     let bad_keys = |problem: String| ParseErrorKind::SummaryKeys { problem, found: keys.join(",") };
@@ -597,11 +645,11 @@ fn parse_summary(o: &Ordered<'_>, events: &[Event]) -> Result<Summary, ParseErro
         }
     }
     let present = |key: &str| keys.contains(&key);
-    let get = |key: &'static str| -> Result<u64, ParseErrorKind> {
+    let get = |key: &'static str| -> Result<Option<u64>, ParseErrorKind> {
         if present(key) {
-            o.int(key)
+            o.int(key).map(Some)
         } else {
-            Ok(0)
+            Ok(None)
         }
     };
     if present("span") {
@@ -638,7 +686,14 @@ fn parse_summary(o: &Ordered<'_>, events: &[Event]) -> Result<Summary, ParseErro
         }
     }
     if present("events") {
-        for (name, want) in counts(o, "events")? {
+        let given = counts(o, "events")?;
+        for op in EventOp::ALL {
+            let have = events.iter().filter(|e| e.kind.op() == op).count() as u64;
+            if have > 0 && !given.contains_key(op.as_str()) {
+                return Err(ParseErrorKind::CountMissing { op, have });
+            }
+        }
+        for (name, want) in given {
             let Some(op) = EventOp::from_name(&name) else {
                 if want == 0 {
                     continue;
@@ -774,7 +829,7 @@ mod tests {
         );
         assert_eq!(t.events[3].t_us, 1_500_000);
         assert_eq!(t.events[4].line, 6);
-        assert_eq!(t.summary.as_ref().map(|s| s.kernel_mmio_dropped), Some(7));
+        assert_eq!(t.summary.as_ref().and_then(|s| s.kernel_mmio_dropped), Some(7));
     }
 
     #[test]
@@ -867,6 +922,11 @@ mod tests {
             .kind
             .to_string()
             .contains("more than 3 bytes"));
+        // A value of all 32 bytes of a 32-byte access: the trace keeps 8 at most, and says so
+        // (not that the number does not fit 64 bits).
+        let wide = format!("0x1{}", "0".repeat(63));
+        let e = one(&at("0xfebf0000", 32, &wide)).expect_err("wide").kind.to_string();
+        assert!(e.contains("at most the first 8 bytes of an access, even of a 32-byte one"), "{e}");
     }
 
     #[test]
@@ -933,6 +993,10 @@ mod tests {
             ("{\"op\":\"summary\",\"anomalies\":[]}", "counts"),
             ("{\"op\":\"summary\",\"userspace_exits\":{\"KVM_EXIT_IO\":-1}}", "counts"),
             ("{\"op\":\"summary\",\"pio\":{\"0x70\":3}}", "ports"),
+            ("{\"op\":\"summary\",\"events\":{\"kvm\":1,\"kvm\":1}}", "counts \"kvm\" twice"),
+            // A kind the file has lines of, left out of `events`: truncation goes unseen.
+            ("{\"op\":\"summary\",\"events\":{}}", "no count of kvm events, and the file has 1"),
+            ("{\"op\":\"summary\",\"events\":{\"slot\":0}}", "no count of kvm events"),
         ] {
             let e = parse(&format!("{H}{k}\n{summary}\n")).expect_err(summary);
             assert_eq!(e.line, 3, "{summary}");

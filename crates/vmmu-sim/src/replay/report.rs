@@ -428,15 +428,16 @@ pub struct TraceReport {
     pub source: String,
     /// Events by kind.
     pub events: std::collections::BTreeMap<String, u64>,
-    /// The trace ends with a summary line (optional in v1); without one the three counts below
-    /// are 0, unknown rather than recorded.
+    /// The trace ends with a summary line (optional in v1). Each of the three counts below is
+    /// `None` (`null` in JSON) when the summary does not give it, or there is none: unknown.
     pub has_summary: bool,
     /// From the summary: kernel MMIO events left out of a reduced trace.
-    pub kernel_mmio_dropped: u64,
-    /// From the summary: events the capture lost.
-    pub lost_events: u64,
+    pub kernel_mmio_dropped: Option<u64>,
+    /// From the summary: events the capture lost. Not given, the verdicts are those of a
+    /// complete capture (a warning says so).
+    pub lost_events: Option<u64>,
     /// From the summary: vCPU threads (replay is exact for 1).
-    pub vcpu_threads: u64,
+    pub vcpu_threads: Option<u64>,
     /// Warnings about the trace itself.
     pub warnings: Vec<String>,
     /// One run per machine configuration.
@@ -457,19 +458,25 @@ fn us(ns: u64) -> String {
 }
 
 impl TraceReport {
-    /// A count from the summary line, or `unknown (no summary line)`.
-    pub fn summary_count(&self, n: u64) -> String {
-        if self.has_summary {
-            n.to_string()
-        } else {
-            "unknown (no summary line)".to_string()
+    /// A count from the summary line, `not given` when the summary leaves it out, or
+    /// `unknown (no summary line)`.
+    pub fn summary_count(&self, n: Option<u64>) -> String {
+        match n {
+            Some(n) => n.to_string(),
+            None if self.has_summary => "not given".to_string(),
+            None => "unknown (no summary line)".to_string(),
         }
+    }
+
+    /// The events the capture lost, for the verdicts: a count not given counts as none.
+    pub fn lost(&self) -> u64 {
+        self.lost_events.unwrap_or(0)
     }
 
     /// Sets [`Self::verdict`] and [`Self::passed`] from the runs, the run errors and the KVM
     /// half, for a capture that lost [`Self::lost_events`] events.
     pub fn judge(&mut self) {
-        let lost = self.lost_events;
+        let lost = self.lost();
         let mut v = if self.run_errors.is_empty() { Verdict::Pass } else { Verdict::Fail };
         for r in &self.runs {
             v = v.and(r.verdict(lost));
@@ -496,9 +503,9 @@ impl TraceReport {
                 s,
                 "  events: {} (kernel MMIO dropped {}, lost {}, vCPU threads {})",
                 ev.join(", "),
-                self.kernel_mmio_dropped,
-                self.lost_events,
-                self.vcpu_threads
+                self.summary_count(self.kernel_mmio_dropped),
+                self.summary_count(self.lost_events),
+                self.summary_count(self.vcpu_threads)
             );
         } else {
             let _ = writeln!(s, "  events: {} (no summary line)", ev.join(", "));
@@ -510,7 +517,7 @@ impl TraceReport {
             let _ = writeln!(s, "  [FAIL] {e}");
         }
         for r in &self.runs {
-            let v = r.verdict(self.lost_events).label();
+            let v = r.verdict(self.lost()).label();
             let _ = writeln!(
                 s,
                 "  sim-{} [{v}] (MMIO caching {}: {}; MAXPHYADDR {}): {} events applied",
@@ -624,7 +631,7 @@ impl TraceReport {
         } else if let Some(e) = &k.error {
             let _ = writeln!(s, "  kvm [FAIL]: {e}");
         } else if k.ran {
-            let v = k.verdict(self.lost_events).label();
+            let v = k.verdict(self.lost()).label();
             let _ = writeln!(
                 s,
                 "  kvm [{v}]: slots {} applied, {} refused; dirty-log calls {} applied, {} refused; mmio {} checked, {} exited as MMIO, {} not MMIO ({})",
@@ -793,7 +800,7 @@ mod tests {
         let trace = |run: RunReport, kvm: KvmReport| {
             let mut t = TraceReport {
                 file: "t.jsonl".into(),
-                lost_events: 3,
+                lost_events: Some(3),
                 runs: vec![run],
                 kvm,
                 ..TraceReport::default()
@@ -826,7 +833,7 @@ mod tests {
         assert_eq!(trace(run(), skipped).verdict, Verdict::Untrusted);
         // The same disagreements on a complete capture fail.
         let mut complete = trace(run(), kvm());
-        complete.lost_events = 0;
+        complete.lost_events = Some(0);
         complete.runs[0].mmio.misclassified = 1;
         complete.judge();
         assert_eq!(complete.verdict, Verdict::Fail);
