@@ -74,6 +74,56 @@ fn every_committed_trace_replays_cleanly() {
     }
 }
 
+/// The hand-made traces of `tests/traces-outside/` (an outside tester wrote them from traces.md
+/// alone: moves, flags-only changes, address space 1, dirty-log ranges, slot edges, read-only
+/// slots, and malformed files) get the verdict `EXPECTED` gives, and every configuration of the
+/// machine names the same first line.
+#[test]
+fn outside_traces_get_the_verdicts_traces_md_requires() {
+    let dir = repo("tests/traces-outside");
+    let expected = std::fs::read_to_string(format!("{dir}/EXPECTED")).expect("EXPECTED");
+    let mut n = 0;
+    for row in expected.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        let mut w = row.split_whitespace();
+        let (file, verdict, line) = (w.next().unwrap(), w.next().unwrap(), w.next().unwrap());
+        let path = format!("{dir}/{file}");
+        let out = vmmu(&["replay", "--no-kvm", "--json", &path]);
+        let code = out.status.code();
+        if verdict == "malformed" {
+            assert_eq!(code, Some(2), "{file}: {}", text(&out.stdout));
+            let err = text(&out.stderr);
+            assert!(err.contains(&format!("{file}:{line}:")), "{file}: {err}");
+            n += 1;
+            continue;
+        }
+        let want = match verdict {
+            "pass" => 0,
+            "fail" => 1,
+            "untrusted" => 3,
+            v => panic!("EXPECTED: {file}: unknown verdict {v}"),
+        };
+        assert_eq!(code, Some(want), "{file}: {}", text(&out.stderr));
+        let doc: Value = serde_json::from_slice(&out.stdout).expect("json");
+        let runs = doc["traces"][0]["runs"].as_array().expect("runs");
+        assert_eq!(runs.len(), 6, "{file}: every configuration ran");
+        for r in runs {
+            let mut lines: Vec<u64> = Vec::new();
+            for k in [&r["slots"]["first_refusals"], &r["mmio"]["first_misclassified"]] {
+                lines.extend(k.as_array().unwrap().iter().map(|x| u(&x["line"])));
+            }
+            for d in r["dirty_log"]["first_refusals"].as_array().unwrap() {
+                let d = d.as_str().unwrap();
+                let at = d.strip_prefix("line ").and_then(|d| d.split(':').next());
+                lines.push(at.and_then(|l| l.parse().ok()).expect(d));
+            }
+            let first = lines.into_iter().min().map_or("-".to_string(), |l| l.to_string());
+            assert_eq!(first, line, "{file}: {}", r["config"]);
+        }
+        n += 1;
+    }
+    assert!(n >= 39, "{n} traces checked");
+}
+
 /// Two vCPUs, one reading the flash while the other takes it away and back 1500 times: the
 /// reads recorded after the request that re-created the flash's slot (the kit stamps a request
 /// when it starts; KVM installed the slot after those reads) are counted as raced on every
