@@ -3,7 +3,7 @@
 //! A scenario is a deterministic script of memslot operations and guest accesses (the contract is
 //! `shared/design/scenarios.md`). This crate owns:
 //!
-//! - [`parse`]: text to a [`Scenario`]; every error names the line and column, and a scenario
+//! - [`parse`](fn@parse): text to a [`Scenario`]; every error names the line and column, and a scenario
 //!   that parses is one every backend can run (reserved ranges, alignment and sizes are checked
 //!   here, never by the backends), or decline as a whole where its host lacks a feature the
 //!   scenario needs ([`Start::Skip`], e.g. SMM or PAE paging on a kernel without them);

@@ -298,7 +298,7 @@ fn page_size_name(s: crate::step::PageSize) -> &'static str {
     }
 }
 
-/// The message of [`ParseError::NonCanonical`]: what the paging mode allows.
+/// The message of [`ParseErrorKind::NonCanonical`]: what the paging mode allows.
 fn non_canonical(gva: u64, paging: crate::step::Paging) -> String {
     match paging {
         crate::step::Paging::Pae => {

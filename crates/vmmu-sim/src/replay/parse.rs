@@ -563,7 +563,11 @@ fn parse_event(o: &Ordered<'_>, op: &str) -> Result<EventKind, ParseErrorKind> {
                 raw => {
                     // Lowercase hex without leading zeros: more than 16 digits is more than 8
                     // bytes, which no recording holds, whatever `len` says.
-                    let digits = raw.trim_matches('"').strip_prefix("0x").map_or(0, str::len);
+                    let digits = raw
+                        .trim_matches('"')
+                        .strip_prefix("0x")
+                        .filter(|d| d.bytes().all(|b| b.is_ascii_hexdigit()))
+                        .map_or(0, str::len);
                     if digits > 16 && len > 8 {
                         return Err(field(
                             "value",

@@ -485,10 +485,10 @@ impl<H: Host> MmuCore<H> {
             |(root, level)| {
                 // SAFETY: a queued tree is a TDP root that left the root list with no user, or a
                 // table a fault's huge leaf detached, under the exclusive MMU lock, queued once and
-                // before the grace period above began (among the first `m`); the tables it links are
-                // reachable only through it (`free_queue.rs`), so nothing changes or frees them, and
-                // the grace period drained every walker that could still read them. The table epoch was bumped before it was
-                // queued (`queue_tree`), as for single frames.
+                // before the grace period above began (among the first `m`); the tables it links
+                // are reachable only through it (`free_queue.rs`), so nothing changes or frees
+                // them, and the grace period drained every walker that could still read them. The
+                // table epoch was bumped before it was queued (`queue_tree`), as for single frames.
                 let tables = unsafe { self.free_tree(root, level) };
                 self.stats.tables_freed.add(tables);
                 self.stats.tdp_tables_zapped.add(tables - 1);
@@ -565,7 +565,7 @@ impl<H: Host> MmuCore<H> {
     /// Promises the place of a tree in the free queue, before a TDP root is made or a fault's
     /// huge leaf detaches a table; [`MmuError::OutOfHeap`] when the heap has no room. The
     /// promise is given back when dropped, unless it is kept ([`TreePromise::keep`],
-    /// [`TreePromise::queue`]).
+    /// [`TreePromise::hold`]).
     pub(crate) fn promise_tree(&self) -> Result<TreePromise<'_, H>, MmuError> {
         let mut q = self.free_queue.lock_with(&self.relax());
         q.promise_tree().map_err(|_| MmuError::OutOfHeap)?;
