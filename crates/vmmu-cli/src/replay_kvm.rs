@@ -125,8 +125,17 @@ struct Setup {
 fn set_up(trace: &Trace) -> Result<Setup, Box<KvmReport>> {
     let skip = |why: String| Box::new(skipped(&why));
     let info = vmmu_kvm::probe().map_err(skip)?;
+    // The ranges the trace's creates and moves may occupy: not a request KVM refuses on any
+    // host whatever its place (more pages than a slot may have, or a range past 2^64), which
+    // leaves room for the guest and is then asked of KVM, which refuses it too.
     let slots = trace.events.iter().filter_map(|e| match e.kind {
-        EventKind::Slot(s) if s.size > 0 => Some((s.as_id, s.gpa, s.size)),
+        EventKind::Slot(s)
+            if s.size > 0
+                && s.size >> 12 <= vmmu::memslot::KVM_MEM_MAX_NR_PAGES
+                && s.gpa.checked_add(s.size).is_some() =>
+        {
+            Some((s.as_id, s.gpa, s.size))
+        }
         _ => None,
     });
     let mmio = trace.events.iter().filter_map(|e| match e.kind {

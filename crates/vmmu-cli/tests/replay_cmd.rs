@@ -1183,6 +1183,22 @@ fn a_dirty_log_call_on_an_address_space_without_slots_is_refused_by_both_halves(
     assert_eq!(u(&k["smm_skipped"]), 0, "{k:#}");
 }
 
+/// A slot of 2^31 pages, one more than KVM allows (`KVM_MEM_MAX_NR_PAGES`), is refused on any
+/// host: the KVM half does not count its range when it places its guest (it said "no free
+/// window" and skipped the trace), and asks KVM, which refuses it as the machine does.
+#[test]
+fn a_slot_kvm_refuses_on_any_host_leaves_room_for_the_kvm_halfs_guest() {
+    let trace = concat!(
+        "{\"vmmu_trace\":1,\"source\":\"hand: a slot of 2^31 pages\"}\n",
+        "{\"t\":0.000000,\"op\":\"slot\",\"as\":0,\"id\":1,\"flags\":[],\"gpa\":\"0x0\",\"size\":\"0x80000000000\",\"uaddr\":\"0x100000000000\"}\n",
+    );
+    let t = &replay_refusing("too-many-pages.trace.jsonl", trace);
+    let r = &t["runs"][0]["slots"];
+    assert_eq!((u(&r["applied"]), u(&r["refused"])), (0, 1), "{r:#}");
+    let Some(k) = kvm_half_that_ran(t) else { return };
+    assert_eq!((u(&k["slots_applied"]), u(&k["slots_refused"])), (0, 1), "{k:#}");
+}
+
 /// Dirty-log calls on slots the trace never created: the KVM half asks KVM rather than saying
 /// ENOENT itself, so the errno is KVM's: EINVAL for an id at or above `KVM_USER_MEM_SLOTS`,
 /// ENOENT for a user slot id that has no slot; the machine answers the same.
