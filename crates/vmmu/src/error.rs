@@ -1,6 +1,10 @@
 //! The crate's one error type: every fallible operation's error converts into [`Error`] (as in
 //! rust-vmm crates), so an embedder can use `vmmu::Result` throughout and still match on the
 //! module error inside when it needs the detail (a memslot request's errno, a fault's report).
+//! Not an error, and so not converted: the pending requests that [`crate::vcpu::Vcpu::enter_guest`]
+//! and [`crate::vcpu::Vcpu::enter_guest_mode`] answer instead of entering (service them with
+//! [`crate::vcpu::Vcpu::service_requests`], which loads a root if there is none, and enter
+//! again).
 
 use crate::dirty::DirtyLogError;
 use crate::fault::FaultError;

@@ -143,7 +143,8 @@ pub unsafe trait FrameAllocator: Send + Sync {
     /// paging CR3 holds a 32-bit address (KVM allocates `pae_root` with `__GFP_DMA32`). The
     /// default takes a page from `alloc_table` and gives it back if it lies higher, so a host
     /// whose table frames can lie above 4 GiB should override it, or such guests fail to load
-    /// their root (an out-of-memory fault). The MMU checks this frame too, as it checks
+    /// their root ([`crate::mmu_core::MmuError::NoTableBelow4G`] from the shadow vCPU's first
+    /// root load: a vCPU starts with paging off). The MMU checks this frame too, as it checks
     /// `alloc_table`'s, and refuses one at or above 4 GiB.
     fn alloc_table_below_4g(&self, init: u64) -> Option<Pfn> {
         let pfn = self.alloc_table(init)?;
@@ -232,7 +233,11 @@ pub enum FrameKind {
 
 /// Host-virtual to host-frame translation (KVM: `hva_to_pfn` / get_user_pages).
 pub trait HostMemory: Send + Sync {
-    /// Translates `hva` for `access`.
+    /// Translates `hva` for `access`. For [`HostAccess::Write`] the page must be writable
+    /// ([`HostPage::writable`]), or the answer [`HostFault::Protected`]: the MMU takes a
+    /// read-only page given for a write as that refusal
+    /// ([`crate::fault::FaultError::HostFault`]), since a read-only mapping would make the
+    /// write fault again for ever.
     fn translate(&self, hva: Hva, access: HostAccess) -> Result<HostPage, HostFault>;
 
     /// The frame of `hva` if the host maps it writable *already*, found without faulting

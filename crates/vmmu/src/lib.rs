@@ -16,8 +16,10 @@
 //! its environment. `crates/vmmu-bare` is such an embedder, built for `x86_64-unknown-none`.
 //! - **Errors**: every error type implements `core::error::Error` and `Display` in both builds.
 //! - **The host** ([`host::Host`]): [`host::FrameAllocator`] (a fixed pool of table pages is
-//!   enough; its `table` must be O(1) and lock-free), [`host::HostMemory`], [`host::Sched`],
-//!   and [`host::GuestMemory`] for shadow paging. None needs an OS.
+//!   enough; its `table` must be O(1) and lock-free; under shadow paging some of its frames
+//!   must lie below 4 GiB, [`host::FrameAllocator::alloc_table_below_4g`]), [`host::HostMemory`]
+//!   (a write translation gives a writable page or refuses), [`host::Sched`], and
+//!   [`host::GuestMemory`] for shadow paging. None needs an OS.
 //! - **Waits**: every wait of a VM (grace periods, flush acknowledgements, the VM's locks) turns
 //!   [`host::Sched::relax`]. Without `std` its default spins with the pause hint; with `std` it
 //!   yields to the OS. Override it to get the same policy in both builds. No wait parks, sleeps

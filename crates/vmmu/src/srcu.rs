@@ -341,6 +341,14 @@ impl Srcu {
         core::mem::forget(self.read_lock(id));
     }
 
+    /// How many read sections reader `id` has open (nested ones counted). A reader's owner
+    /// that knows no section of its own should be open (a [`ReadGuard`] was forgotten, so its
+    /// drop never runs) can close them with [`Self::read_unlock_raw`].
+    #[inline]
+    pub fn open_sections(&self, id: &ReaderId) -> u64 {
+        self.record(id).state.load(Ordering::Relaxed) & NEST_MASK
+    }
+
     /// Closes a section opened by [`Self::read_lock_raw`].
     ///
     /// # Safety

@@ -55,7 +55,7 @@ pub struct VmConfig {
     pub mmio_caching: bool,
     /// Address spaces: 1, or 2 (SMM).
     pub nr_address_spaces: u16,
-    /// The most vCPUs, at most [`KVM_MAX_VCPUS`] ([`VmError::TooManyVcpus`] above it).
+    /// The most vCPUs, 1 to [`KVM_MAX_VCPUS`] ([`VmError::TooManyVcpus`] otherwise).
     pub max_vcpus: usize,
     /// 4- or 5-level tables ([`VmConfig::new`]: 5 when `phys_bits` is above 48). A TDP VM
     /// refuses 4 levels with `phys_bits` above 48 ([`VmError::RootTooShallow`]).
@@ -156,9 +156,10 @@ pub enum VmError {
     /// Shadow paging needs x86 page-table SPTEs.
     #[error("shadow paging needs the x86 page-table SPTE format (FormatKind::Npt), not {0:?}")]
     ShadowNeedsX86Format(FormatKind),
-    /// [`VmConfig::max_vcpus`] is above [`KVM_MAX_VCPUS`]: the VM's per-vCPU state (request
-    /// words, reader records) is allocated up front, so a count near `usize::MAX` could not be.
-    #[error("max_vcpus {max_vcpus} is above KVM_MAX_VCPUS ({KVM_MAX_VCPUS})")]
+    /// [`VmConfig::max_vcpus`] is 0 (a VM on which every `create_vcpu` would fail) or above
+    /// [`KVM_MAX_VCPUS`]: the VM's per-vCPU state (request words, reader records) is allocated
+    /// up front, so a count near `usize::MAX` could not be.
+    #[error("max_vcpus {max_vcpus} is not between 1 and KVM_MAX_VCPUS ({KVM_MAX_VCPUS})")]
     TooManyVcpus {
         /// The count asked for.
         max_vcpus: usize,
@@ -450,7 +451,7 @@ impl<H: Host> Vm<H> {
         if cfg.mmu == MmuKind::Shadow && cfg.format != FormatKind::Npt {
             return Err(VmError::ShadowNeedsX86Format(cfg.format));
         }
-        if cfg.max_vcpus > KVM_MAX_VCPUS {
+        if cfg.max_vcpus == 0 || cfg.max_vcpus > KVM_MAX_VCPUS {
             return Err(VmError::TooManyVcpus { max_vcpus: cfg.max_vcpus });
         }
         if let Some(n) = cfg.shadow_max_pages {

@@ -186,7 +186,7 @@ fn a_special_root_frame_at_4_gib_is_refused() {
     let vm = Vm::new(VmConfig::shadow(46).unwrap(), host.clone()).unwrap();
     let mut v = vm.create_vcpu().unwrap();
     v.set_guest_cpu(GuestCpu { mode: PagingMode::Pae { pdptrs: [0; 4] }, ..long4(0) }).unwrap();
-    assert_eq!(v.service_requests().map(|_| ()), Err(vmmu::mmu_core::MmuError::OutOfMemory));
+    assert_eq!(v.service_requests().map(|_| ()), Err(vmmu::mmu_core::MmuError::NoTableBelow4G));
     assert_eq!(vm.stats().tables_refused, 1);
     assert_eq!(host.host.tables_in_use(), 0, "the refused frame went back to the host");
     assert_eq!(v.shadow_root_kind(), None);

@@ -156,7 +156,7 @@ fn a_special_root_at_or_above_4g_is_refused() {
     // Within phys_bits but above 4 GiB: a 32-bit CR3 cannot hold it.
     host.high_below_4g.store(true, Ordering::Relaxed);
     let err = v.service_requests().unwrap_err();
-    assert!(err.to_string().contains("no usable frame"), "{err}");
+    assert!(err.to_string().contains("no table frame below 4 GiB"), "{err}");
     assert_eq!(vm.stats().tables_refused, 1);
     assert_eq!(host.high.tables_in_use(), 0, "the refused frame went back to the host");
 

@@ -146,6 +146,16 @@ impl PageFault {
             hva,
             fault,
         })?;
+        if self.access.write && !hp.writable {
+            // A write translation answered with a read-only page breaks `HostMemory::translate`'s
+            // contract (KVM's `hva_to_pfn` gives a writable page or fails): mapped read-only, the
+            // write would fault again for ever. Reported as the refusal it is.
+            return Err(FaultError::HostFault {
+                gpa: self.addr,
+                hva,
+                fault: crate::host::HostFault::Protected(hva),
+            });
+        }
         if !mappable.format.holds_pfn(hp.pfn) {
             let phys_bits = mappable.format.phys_bits();
             return Err(FaultError::HostFrameBeyondPhysBits {

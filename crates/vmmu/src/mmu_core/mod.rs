@@ -124,6 +124,17 @@ pub enum MmuError {
          `tables_refused` stat is not zero, the host's frames lie beyond the VM's phys_bits"
     )]
     OutOfMemory,
+    /// Shadow paging: the host gave no table frame below 4 GiB for the special root of a guest
+    /// without paging or with PAE paging, whose address a 32-bit CR3 holds (KVM allocates
+    /// `pae_root` with `__GFP_DMA32`). A vCPU starts with paging off, so such a host cannot
+    /// boot a guest under shadow paging.
+    #[error(
+        "the host gave no table frame below 4 GiB for the shadow root of a guest without paging \
+         or with PAE paging (a vCPU starts with paging off); implement \
+         FrameAllocator::alloc_table_below_4g to hand out frames below 4 GiB, or keep some of \
+         the table pool there"
+    )]
+    NoTableBelow4G,
     /// The global allocator had nothing for the bookkeeping of a new root: a shadow root's
     /// shadow pages (or the vCPU's PAE root frame), or the place of a TDP root in the queue of
     /// pages to free; nothing was half made, and the call succeeds once memory is back (KVM:

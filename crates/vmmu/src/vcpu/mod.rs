@@ -459,9 +459,34 @@ impl<H: Host> Vcpu<H> {
     }
 
     /// Leaves guest mode entered with [`Self::enter_guest_mode`] (a VM exit). No-op outside it.
+    /// It also ends the guest-mode period of a [`GuestMode`] guard that was forgotten
+    /// (`core::mem::forget`), whose drop never runs: that period would otherwise hold up every
+    /// memslot update, and the vCPU's drop, for good.
     pub fn exit_guest_mode(&mut self) {
         let Vcpu { vm, readers, st, .. } = self;
         st.leave_guest_mode(vm, readers);
+        if vm.core.table_srcu.open_sections(&readers.table) != 0 {
+            self.end_forgotten_guest_mode();
+        }
+    }
+
+    /// [`Self::exit_guest_mode`] for forgotten [`GuestMode`] guards: closes the read sections
+    /// they left open and clears the guest-mode bit.
+    #[cold]
+    fn end_forgotten_guest_mode(&mut self) {
+        let core = &self.vm.core;
+        for _ in 0..core.table_srcu.open_sections(&self.readers.table) {
+            // SAFETY: the raw guest-mode period is over (`leave_guest_mode` just now), and exit
+            // handlers close their sections before they return, so a section still open on
+            // this vCPU's table reader is a `GuestMode` guard's. That guard borrows the vCPU
+            // mutably, and this method has the vCPU mutably: the guard was forgotten, so its
+            // drop (the only other close of that section) never runs.
+            unsafe { core.table_srcu.read_unlock_raw(&self.readers.table) };
+        }
+        let state = &core.vcpus[self.st.index];
+        if state.in_guest_mode() {
+            state.exit_guest_mode();
+        }
     }
 
     /// Whether the vCPU is in guest mode through [`Self::enter_guest_mode`].

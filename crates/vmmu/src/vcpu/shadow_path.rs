@@ -196,7 +196,7 @@ impl ShadowVcpu {
                         return Err(MmuError::OutOfHeap);
                     }
                     None if sv.cpu.mode == PagingMode::Long4 => {}
-                    None => return Err(MmuError::OutOfMemory),
+                    None => return Err(MmuError::NoTableBelow4G),
                 }
             }
             let root = {
