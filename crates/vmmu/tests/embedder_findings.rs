@@ -112,6 +112,14 @@ fn a_forgotten_guest_mode_guard_holds_nothing_up() {
         v.service_requests().unwrap();
         drop(v.enter_guest().unwrap());
         vm.set_memory_region(&UserspaceMemoryRegion::new(1, 0, 1 << 30, 1 << 20, RAM_HVA)).unwrap();
+        // Raw guest mode after a forgotten guard (it panicked in debug builds: "entered guest
+        // mode twice").
+        std::mem::forget(v.enter_guest().unwrap());
+        let raw = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            v.enter_guest_mode().unwrap();
+            v.exit_guest_mode();
+        }));
+        assert!(raw.is_ok(), "raw guest mode after a forgotten guard panicked");
         std::mem::forget(v.enter_guest().unwrap());
         let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(v)));
         // The vCPU's index and reader records went back: a new vCPU can take them.

@@ -436,6 +436,7 @@ impl<H: Host> Vcpu<H> {
         if self.st.in_guest {
             return Ok(());
         }
+        self.end_forgotten_guest_mode();
         if self.hw_root().is_none() {
             return Err(self.state().pending());
         }
@@ -465,15 +466,22 @@ impl<H: Host> Vcpu<H> {
     pub fn exit_guest_mode(&mut self) {
         let Vcpu { vm, readers, st, .. } = self;
         st.leave_guest_mode(vm, readers);
-        if vm.core.table_srcu.open_sections(&readers.table) != 0 {
-            self.end_forgotten_guest_mode();
+        self.end_forgotten_guest_mode();
+    }
+
+    /// Ends the guest-mode period of forgotten [`GuestMode`] guards, if any: closes the read
+    /// sections they left open and clears the guest-mode bit. Outside raw guest mode only
+    /// ([`Self::exit_guest_mode`], and [`Self::enter_guest_mode`] before it enters); one load
+    /// when there is none.
+    #[inline]
+    fn end_forgotten_guest_mode(&mut self) {
+        if self.vm.core.table_srcu.open_sections(&self.readers.table) != 0 {
+            self.close_forgotten_sections();
         }
     }
 
-    /// [`Self::exit_guest_mode`] for forgotten [`GuestMode`] guards: closes the read sections
-    /// they left open and clears the guest-mode bit.
     #[cold]
-    fn end_forgotten_guest_mode(&mut self) {
+    fn close_forgotten_sections(&mut self) {
         let core = &self.vm.core;
         for _ in 0..core.table_srcu.open_sections(&self.readers.table) {
             // SAFETY: the raw guest-mode period is over (`leave_guest_mode` just now), and exit
