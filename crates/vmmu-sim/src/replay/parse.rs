@@ -691,8 +691,9 @@ fn parse_summary(o: &Ordered<'_>, events: &[Event]) -> Result<Summary, ParseErro
     }
     if present("events") {
         let given = counts(o, "events")?;
+        let lines_of = |op: EventOp| events.iter().filter(|e| e.kind.op() == op).count() as u64;
         for op in EventOp::ALL {
-            let have = events.iter().filter(|e| e.kind.op() == op).count() as u64;
+            let have = lines_of(op);
             if have > 0 && !given.contains_key(op.as_str()) {
                 return Err(ParseErrorKind::CountMissing { op, have });
             }
@@ -708,7 +709,7 @@ fn parse_summary(o: &Ordered<'_>, events: &[Event]) -> Result<Summary, ParseErro
                     format!("counts kind {name:?}, which v1 does not have ({})", kinds.join(", ")),
                 ));
             };
-            let have = events.iter().filter(|e| e.kind.op() == op).count() as u64;
+            let have = lines_of(op);
             if have != want {
                 return Err(ParseErrorKind::CountMismatch { op, want, have });
             }

@@ -239,8 +239,7 @@ impl<H: Host> DetachedTree<'_, H> {
 
 impl<H: Host> Drop for DetachedTree<'_, H> {
     fn drop(&mut self) {
-        self.core.request_all_without_kick(Request::TlbFlush);
-        self.core.queue_tree(self.table, self.level);
+        self.core.retire_tree(self.table, self.level, true);
     }
 }
 
@@ -571,6 +570,18 @@ impl<H: Host> MmuCore<H> {
     pub(crate) fn queue_tree(&self, root: Pfn, level: Level) {
         self.table_epoch.fetch_add(1, crate::sync::Ordering::Release);
         self.free_queue.lock_with(&self.relax()).push_tree(root, level);
+    }
+
+    /// Queues a tree ([`Self::queue_tree`]) that some vCPU's paging-structure caches may still
+    /// link (`pending_flush`): a TLB flush is made pending on every vCPU first (atomics, no
+    /// kick, so nothing can unwind and lose the tree), and each flushes before it enters the
+    /// guest again; the grace period that frees the tree ends only after each vCPU in guest
+    /// mode has left it.
+    pub(crate) fn retire_tree(&self, table: Pfn, level: Level, pending_flush: bool) {
+        if pending_flush {
+            self.request_all_without_kick(Request::TlbFlush);
+        }
+        self.queue_tree(table, level);
     }
 
     /// Promises the place of a tree in the free queue, before a TDP root is made or a fault's

@@ -200,18 +200,13 @@ impl<'a, H: Host> Tdp<'a, H> {
     }
 
     /// Queues `root`, which left the root list with no user, for freeing with the tables it
-    /// links ([`MmuCore::queue_tree`]). No vCPU walks it any more, but where a TDP root links a
+    /// links ([`MmuCore::retire_tree`]). No vCPU walks it any more, but where a TDP root links a
     /// table (`links`, [`Self::needs_pending_flush`]), some vCPU's paging-structure caches may
     /// still hold the link (tagged with the root, which a new root may reuse): a TLB flush is
-    /// made pending on every vCPU first (atomics, no kick, so nothing can unwind and lose the
-    /// tree), so each flushes before it enters the guest again, and the grace period that frees
-    /// the tables ends only after each vCPU in guest mode has left it. A pageless root is
-    /// private to one vCPU, which flushes its own TLB when it loads its next root.
+    /// made pending first. A pageless root is private to one vCPU, which flushes its own TLB
+    /// when it loads its next root.
     fn retire_root(&self, root: &Root, links: bool) {
-        if links {
-            self.request_all_without_kick(Request::TlbFlush);
-        }
-        self.queue_tree(root.pfn(), root.level());
+        self.retire_tree(root.pfn(), root.level(), links);
     }
 
     /// KVM `kvm_mmu_zap_all_fast`: obsolete every root, ask every vCPU to drop obsolete roots,
