@@ -143,6 +143,10 @@ pub(crate) struct VcpuMmu {
     slot_cache: SlotCache,
     /// In guest mode through [`Vcpu::enter_guest_mode`] (holding a raw table read section).
     in_guest: bool,
+    /// A [`GuestMode`] guard was made and has not been dropped: set by [`Vcpu::enter_guest`],
+    /// cleared by the guard's drop. Still set when the vCPU is used again, the guard was
+    /// forgotten ([`Vcpu::exit_guest_mode`]).
+    guard_open: bool,
 }
 
 /// The part of a vCPU's MMU state that depends on its VM's kind of MMU. Chosen by
@@ -263,6 +267,7 @@ impl<H: Host> Vcpu<H> {
             leaf_tables: Default::default(),
             slot_cache: SlotCache::default(),
             in_guest: false,
+            guard_open: false,
         };
         let readers = VcpuReaders { memslot, table };
         Ok(Vcpu { vm, readers, st, mmu, stats: VcpuStats::default() })
@@ -408,15 +413,18 @@ impl<H: Host> Vcpu<H> {
         let Some((root_pfn, root_level)) = self.hw_root() else {
             return Err(self.state().pending());
         };
+        let Vcpu { vm, readers, st, mmu, .. } = self;
         // The read section first: the hardware walker may reach any table from the root.
-        let table_guard = self.vm.core.table_srcu.read_lock(&self.readers.table);
-        let state = &self.vm.core.vcpus[self.st.index];
+        let table_guard = vm.core.table_srcu.read_lock(&readers.table);
+        let state = &vm.core.vcpus[st.index];
         state.enter_guest_mode()?;
-        let mmu = match self.mmu {
+        let mmu = match mmu {
             VcpuMmuState::Tdp(_) => MmuKind::Tdp,
             VcpuMmuState::Shadow(_) => MmuKind::Shadow,
         };
-        Ok(GuestMode { vm: &self.vm, state, mmu, root_pfn, root_level, _table: table_guard })
+        st.guard_open = true;
+        let open = &mut st.guard_open;
+        Ok(GuestMode { vm, state, mmu, root_pfn, root_level, open, _table: table_guard })
     }
 
     /// Enters guest mode without a guard, for drivers whose guest-mode period spans several calls
@@ -469,19 +477,20 @@ impl<H: Host> Vcpu<H> {
         self.end_forgotten_guest_mode();
     }
 
-    /// Ends the guest-mode period of forgotten [`GuestMode`] guards, if any: closes the read
-    /// sections they left open and clears the guest-mode bit. Outside raw guest mode only
-    /// ([`Self::exit_guest_mode`], and [`Self::enter_guest_mode`] before it enters); one load
-    /// when there is none.
+    /// Ends the guest-mode period of a forgotten [`GuestMode`] guard, if any: closes the read
+    /// sections it left open and clears the guest-mode bit. Outside raw guest mode only
+    /// ([`Self::exit_guest_mode`], and [`Self::enter_guest_mode`] before it enters); a test of
+    /// the vCPU's own flag when there is none.
     #[inline]
     fn end_forgotten_guest_mode(&mut self) {
-        if self.vm.core.table_srcu.open_sections(&self.readers.table) != 0 {
+        if self.st.guard_open {
             self.close_forgotten_sections();
         }
     }
 
     #[cold]
     fn close_forgotten_sections(&mut self) {
+        self.st.guard_open = false;
         let core = &self.vm.core;
         for _ in 0..core.table_srcu.open_sections(&self.readers.table) {
             // SAFETY: the raw guest-mode period is over (`leave_guest_mode` just now), and exit
@@ -612,6 +621,8 @@ pub struct GuestMode<'a, H: Host> {
     mmu: MmuKind,
     root_pfn: Pfn,
     root_level: Level,
+    /// The vCPU's `guard_open`, cleared by the drop.
+    open: &'a mut bool,
     _table: ReadGuard<'a>,
 }
 
@@ -702,6 +713,7 @@ pub(crate) fn unreachable_walk() -> HwWalk {
 impl<H: Host> Drop for GuestMode<'_, H> {
     fn drop(&mut self) {
         self.state.exit_guest_mode();
+        *self.open = false;
     }
 }
 
