@@ -827,7 +827,8 @@ impl<H: Host> Vm<H> {
     /// In [`DirtyLogMode::Auto`] the returned pages are cleared and write-protected again, and
     /// if a leaf lost its write right every vCPU's TLB is flushed before this returns. Errors
     /// in KVM's order: `EINVAL` for an address space or id out of range, `ENOENT` for no slot
-    /// or no dirty logging.
+    /// or no dirty logging; then `ENOMEM` ([`DirtyLogError::OutOfHeap`]) if the heap cannot
+    /// hold the bitmap, found before any bit is taken, so nothing is lost.
     pub fn get_dirty_log(&self, as_id: AsId, id: SlotId) -> Result<Vec<u64>, DirtyLogError> {
         self.inner.get_dirty_log(as_id.0, id.0)
     }

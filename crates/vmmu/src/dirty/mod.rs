@@ -121,6 +121,14 @@ pub enum DirtyLogError {
         /// Words needed.
         needed: usize,
     },
+    /// [`crate::vm::Vm::get_dirty_log`] could not allocate the slot's bitmap (`ENOMEM`):
+    /// checked before any bit is taken, so nothing is lost, and the same call may be retried
+    /// (or [`crate::vm::Vm::get_dirty_log_into`] used with a buffer of the caller's).
+    #[error("no heap for a dirty bitmap of {words} words (nothing was collected; retry, or use get_dirty_log_into)")]
+    OutOfHeap {
+        /// Words the bitmap needs.
+        words: usize,
+    },
 }
 
 impl DirtyLogError {
@@ -129,15 +137,17 @@ impl DirtyLogError {
         match self {
             DirtyLogError::NoLog { .. } => "ENOENT",
             DirtyLogError::BitmapTooShort { .. } => "EFAULT",
+            DirtyLogError::OutOfHeap { .. } => "ENOMEM",
             _ => "EINVAL",
         }
     }
 
-    /// The numeric errno (Linux x86: ENOENT 2, EFAULT 14, EINVAL 22).
+    /// The numeric errno (Linux x86: ENOENT 2, ENOMEM 12, EFAULT 14, EINVAL 22).
     pub const fn errno_value(&self) -> i32 {
         match self {
             DirtyLogError::NoLog { .. } => 2,
             DirtyLogError::BitmapTooShort { .. } => 14,
+            DirtyLogError::OutOfHeap { .. } => 12,
             _ => 22,
         }
     }
@@ -426,6 +436,9 @@ impl<H: crate::host::Host> VmShared<H> {
         let mut log = Vec::new();
         let buf = &mut log;
         self.get_dirty_log_to(as_id, id, move |needed| {
+            // Fallible: out of heap, `ENOMEM` before a bit is taken.
+            buf.try_reserve_exact(needed)
+                .map_err(|_| DirtyLogError::OutOfHeap { words: needed })?;
             buf.resize(needed, 0);
             Ok(buf.as_mut_slice())
         })?;
