@@ -75,8 +75,9 @@ struct Shared<T> {
     value: T,
 }
 
-/// A shared, immutable `T` like `Arc<T>`, made by [`TryArc::try_new`], which reports a full heap.
-pub(crate) struct TryArc<T> {
+/// A shared, immutable `T` like `Arc<T>`, made by `TryArc::try_new` (crate-internal), which
+/// reports a full heap. Handles clone and deref as `Arc`'s do.
+pub struct TryArc<T> {
     ptr: NonNull<Shared<T>>,
 }
 
@@ -91,6 +92,11 @@ impl<T> TryArc<T> {
     pub(crate) fn try_new(value: T) -> Option<Self> {
         let b = try_box(Shared { refs: AtomicUsize::new(1), value })?;
         Some(TryArc { ptr: NonNull::from(Box::leak(b)) })
+    }
+
+    /// Whether `a` and `b` are handles to the same value (as `Arc::ptr_eq`).
+    pub fn ptr_eq(a: &Self, b: &Self) -> bool {
+        a.ptr == b.ptr
     }
 
     fn shared(&self) -> &Shared<T> {

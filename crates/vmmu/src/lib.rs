@@ -46,12 +46,14 @@
 //!   one rare fault: a huge leaf that replaces a lower table (the host now maps the block huge)
 //!   promises the detached table's place in the queue of pages to free, which may grow that
 //!   queue's list of trees, fallibly: out of heap the fault reports
-//!   [`fault::FaultError::OutOfHeap`] with nothing changed. Loading a TDP root (the first `service_requests`, and
-//!   after a zap of all roots) allocates, as do VM and vCPU creation; these allocations are
-//!   infallible (out of heap, they end in the allocator's error handler: on a bare-metal target
-//!   a panic), but for the place of a new TDP root in the queue of pages to free, whose lack is
-//!   [`mmu_core::MmuError::OutOfHeap`]. [`vm::Vm::get_dirty_log`] allocates the bitmap it
-//!   returns, fallibly: out of heap, [`dirty::DirtyLogError::OutOfHeap`] before any bit is taken. The TDP
+//!   [`fault::FaultError::OutOfHeap`] with nothing changed. Loading a TDP root (the first
+//!   `service_requests`, and after a zap of all roots) allocates the root's record
+//!   ([`tdp::RootRef`]), its place on the root list and its place in the queue of pages to free,
+//!   all fallibly: out of heap, [`mmu_core::MmuError::OutOfHeap`] with nothing made, and the
+//!   vCPU may enter again. [`vm::Vm::get_dirty_log`] allocates the bitmap it returns, fallibly:
+//!   out of heap, [`dirty::DirtyLogError::OutOfHeap`] before any bit is taken. VM and vCPU
+//!   creation allocate infallibly (out of heap, they end in the allocator's error handler: on a
+//!   bare-metal target a panic). The TDP
 //!   MMU's zaps of whole roots (a memslot delete or move with [`vm::VmConfig::slot_zap_all`],
 //!   the zap of every root when a memslot update wraps the MMIO generation, and a root's last
 //!   user dropping an obsolete root) need no heap: a root no vCPU uses is freed whole, with the
@@ -105,7 +107,7 @@ mod error;
 pub mod fault;
 pub mod guest;
 pub mod hash;
-mod heap;
+pub mod heap;
 pub mod host;
 pub mod invalidate;
 pub mod memslot;

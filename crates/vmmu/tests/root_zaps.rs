@@ -8,10 +8,10 @@
 mod common;
 
 use common::{access, region, spte_4k, vm, vm_with, Seen, RAM_HVA};
-use std::sync::Arc;
 use vmmu::spte::FormatKind;
-use vmmu::tdp::root::{Root, RootKind};
+use vmmu::tdp::root::RootKind;
 use vmmu::tdp::HwWalk;
+use vmmu::tdp::RootRef;
 use vmmu::testing::TestHost;
 use vmmu::vcpu::Vcpu;
 use vmmu::vm::{Vm, VmConfig};
@@ -21,7 +21,7 @@ const GPA: u64 = 0x10_0000;
 const FRAME: Pfn = Pfn(RAM_HVA >> 12);
 
 /// Two vCPUs that both mapped GPA: one on a pageless root, one on the shared root.
-fn two_roots(vm: &Vm<TestHost>) -> [(Vcpu<TestHost>, Arc<Root>); 2] {
+fn two_roots(vm: &Vm<TestHost>) -> [(Vcpu<TestHost>, RootRef); 2] {
     let mut pageless = vm.create_vcpu().unwrap();
     pageless.service_requests().unwrap();
     pageless.load_pageless_root().unwrap();
@@ -41,20 +41,16 @@ fn two_roots(vm: &Vm<TestHost>) -> [(Vcpu<TestHost>, Arc<Root>); 2] {
 
 /// What the vCPU's hardware walk of `gpa` gives, after it handled its requests, if it still runs
 /// on `root` (a vCPU that had to reload its root cannot walk the old one any more).
-fn walk_if_still_on(v: &mut Vcpu<TestHost>, root: &Arc<Root>, gpa: u64) -> Option<HwWalk> {
+fn walk_if_still_on(v: &mut Vcpu<TestHost>, root: &RootRef, gpa: u64) -> Option<HwWalk> {
     v.service_requests().unwrap();
-    if !Arc::ptr_eq(v.root().unwrap(), root) {
+    if !RootRef::ptr_eq(v.root().unwrap(), root) {
         return None;
     }
     let g = v.enter_guest().ok()?;
     Some(g.walk(Gpa(gpa), Access::NONE))
 }
 
-fn assert_nothing_stale(
-    vm: &Vm<TestHost>,
-    vcpus: &mut [(Vcpu<TestHost>, Arc<Root>); 2],
-    what: &str,
-) {
+fn assert_nothing_stale(vm: &Vm<TestHost>, vcpus: &mut [(Vcpu<TestHost>, RootRef); 2], what: &str) {
     for (v, root) in vcpus.iter_mut() {
         let kind = root.kind();
         if let Some(e) = spte_4k(vm, root, GPA) {

@@ -422,3 +422,51 @@ fn a_huge_leaf_over_tables_out_of_heap() {
         assert_eq!(after.tables_freed, before.tables_freed + 2, "{format:?}: both tables freed");
     }
 }
+
+/// Loading a TDP root (the first `service_requests`, and the reload after `zap_all_fast` made
+/// the vCPU's root obsolete) out of heap at every allocation in turn: `MmuError::OutOfHeap` with
+/// nothing made (no root on the list, no table frame kept, the free queue's promises as many as
+/// the roots), then a load with heap and the guest reaching its pages. Before, the root's record
+/// and the root list's growth were infallible allocations: out of heap, an abort.
+#[test]
+fn tdp_root_loads_out_of_heap_at_every_allocation() {
+    use vmmu::mmu_core::MmuError;
+    use vmmu::spte::FormatKind;
+    for format in [FormatKind::Ept, FormatKind::Npt] {
+        let (vm, host) = common::vm(format);
+        vm.set_memory_region(&common::region(0, 0, 64 << 20, common::RAM_HVA, 0)).unwrap();
+        let mut v = vm.create_vcpu().unwrap();
+        let tdp = || vm.tdp().expect("a TDP VM");
+        for load in ["first load", "reload after zap_all_fast"] {
+            let mut refused = 0;
+            for granted in 0..100 {
+                let (roots, tables) = (tdp().nr_roots(), host.tables_in_use());
+                let (out, failed) = heap_for(granted, || v.service_requests().map(|_| ()));
+                match out {
+                    Err(MmuError::OutOfHeap) => {
+                        assert!(failed > 0, "{format:?} {load} {granted}");
+                        refused += 1;
+                        assert!(v.root().is_none(), "{format:?} {load} {granted}: a root");
+                        assert!(tdp().nr_roots() <= roots, "{format:?} {load}: a root was made");
+                        assert!(host.tables_in_use() <= tables, "{format:?} {load}: frame kept");
+                        assert_eq!(vm.core().free_queue_tree_promises(), tdp().nr_roots());
+                    }
+                    Ok(()) if failed == 0 => break,
+                    out => panic!("{format:?} {load} {granted}: {out:?}, {failed} refused"),
+                }
+            }
+            assert!(refused > 0, "{format:?} {load}: no allocation was refused");
+            assert!(v.root().is_some_and(|r| !r.is_obsolete()), "{format:?} {load}");
+            assert_eq!(vm.core().free_queue_tree_promises(), tdp().nr_roots(), "{format:?}");
+            for i in 0..32u64 {
+                let (seen, _) = common::access(&mut v, i << 20, true).unwrap();
+                let frame = vmmu::Pfn((common::RAM_HVA + (i << 20)) >> 12);
+                assert_eq!(seen, common::Seen::Ram(frame), "{format:?} {load} {i}");
+            }
+            vm.zap_all_fast();
+        }
+        drop(v);
+        drop(vm);
+        assert_eq!(host.tables_in_use(), 0, "{format:?}: table frames lost");
+    }
+}

@@ -61,7 +61,6 @@ pub(crate) use crate::mmu_core::AckWait;
 use crate::mmu_core::MmuCore;
 pub(crate) use crate::mmu_core::{MmuLock, MmuRead, MmuWrite};
 use crate::requests::Request;
-use crate::sync::Arc;
 use crate::types::AsId;
 use alloc::vec::Vec;
 use root::{Root, RootKind};
@@ -69,7 +68,11 @@ use root::{Root, RootKind};
 pub(crate) use zap::ZapScope;
 
 /// The TDP root list (KVM `tdp_mmu_roots`).
-pub(crate) type RootList = Vec<Arc<Root>>;
+pub(crate) type RootList = Vec<RootRef>;
+
+/// A shared handle to a [`Root`] (the root list holds one, each vCPU using the root another),
+/// allocated fallibly, so that loading a root reports a full heap.
+pub type RootRef = crate::heap::TryArc<Root>;
 
 /// What one VM's TDP MMU owns beyond the VM-wide [`MmuCore`]: KVM's `mmu_lock` with the root
 /// list it guards. Its operations are on [`Tdp`], which pairs it with its VM's core.
@@ -114,7 +117,7 @@ impl<H: Host> core::ops::Deref for Tdp<'_, H> {
 impl<'a, H: Host> Tdp<'a, H> {
     /// A valid root for address space `as_id`, made if there is none (KVM
     /// `kvm_tdp_mmu_get_vcpu_root_hpa`). The caller becomes one of its users.
-    pub(crate) fn get_root(&self, as_id: AsId) -> Result<Arc<Root>, MmuError> {
+    pub(crate) fn get_root(&self, as_id: AsId) -> Result<RootRef, MmuError> {
         {
             let roots = self.tdp.mmu_lock.read(&self.relax());
             if let Some(r) = roots.iter().find(|r| r.is_shared_valid(as_id)) {
@@ -131,22 +134,38 @@ impl<'a, H: Host> Tdp<'a, H> {
             r.get();
             return Ok(r.clone());
         }
+        let root = self.new_root(&mut roots, as_id, RootKind::Tdp)?;
+        promise.keep();
+        Ok(root)
+    }
+
+    /// A new root of `kind` on the root list `roots` (whose lock the caller holds exclusive),
+    /// with the caller as its one user. Fallible all through: the list's room and the root's
+    /// record come from the heap with [`MmuError::OutOfHeap`] on failure, the table frame from
+    /// the host with [`MmuError::OutOfMemory`]; on any failure nothing is made.
+    fn new_root(
+        &self,
+        roots: &mut RootList,
+        as_id: AsId,
+        kind: RootKind,
+    ) -> Result<RootRef, MmuError> {
+        roots.try_reserve(1).map_err(|_| MmuError::OutOfHeap)?;
         let pfn = self.alloc_table().ok_or(MmuError::OutOfMemory)?;
-        let root = Arc::new(Root::new(pfn, self.cfg.root_level, as_id, RootKind::Tdp));
+        let Some(root) = RootRef::try_new(Root::new(pfn, self.cfg.root_level, as_id, kind)) else {
+            self.free_unpublished_table(pfn);
+            return Err(MmuError::OutOfHeap);
+        };
         root.get();
         roots.push(root.clone());
-        promise.keep();
         Ok(root)
     }
 
     /// A root without a page-tracking state, private to one vCPU (models KVM's special roots).
     /// It joins the root list, so zaps reach what it maps like any other root.
-    pub(crate) fn make_pageless_root(&self, as_id: AsId) -> Result<Arc<Root>, MmuError> {
+    pub(crate) fn make_pageless_root(&self, as_id: AsId) -> Result<RootRef, MmuError> {
         let promise = self.promise_tree()?;
-        let pfn = self.alloc_table().ok_or(MmuError::OutOfMemory)?;
-        let root = Arc::new(Root::new(pfn, self.cfg.root_level, as_id, RootKind::Pageless));
-        root.get();
-        self.tdp.mmu_lock.write(&self.vcpus, &self.relax()).push(root.clone());
+        let mut roots = self.tdp.mmu_lock.write(&self.vcpus, &self.relax());
+        let root = self.new_root(&mut roots, as_id, RootKind::Pageless)?;
         promise.keep();
         Ok(root)
     }
@@ -154,7 +173,7 @@ impl<'a, H: Host> Tdp<'a, H> {
     /// Drops a vCPU's use of `root`. An obsolete (or pageless) root nobody uses any more leaves
     /// the root list, its leaves and MMIO SPTEs zapped, and is queued for freeing with the
     /// tables it links (a tree, `free_queue.rs`): no heap.
-    pub(crate) fn put_root(&self, root: Arc<Root>) {
+    pub(crate) fn put_root(&self, root: RootRef) {
         if root.put() != 0 {
             return;
         }
@@ -173,7 +192,7 @@ impl<'a, H: Host> Tdp<'a, H> {
         // pageless root belongs to the vCPU dropping it.
         debug_assert_eq!(root.users(), 0);
         let before = roots.len();
-        roots.retain(|r| !Arc::ptr_eq(r, &root));
+        roots.retain(|r| !RootRef::ptr_eq(r, &root));
         if roots.len() == before {
             // `zap_all_fast` retired it already (it saw no users): it frees the page.
             return;
@@ -283,7 +302,7 @@ impl<'a, H: Host> Tdp<'a, H> {
     ///
     /// # Safety
     /// - `root` is a root of this MMU in use: on its root list, or the current root of one of its
-    ///   VM's vCPUs (a `Root` kept alive by an `Arc` after its vCPU dropped it, or one of another
+    ///   VM's vCPUs (a `Root` kept alive by a `RootRef` after its vCPU dropped it, or one of another
     ///   VM, names a frame this MMU may have freed, or may free during the walk: pages unlinked
     ///   earlier are freed by `reclaim`, which the MMU lock does not hold off);
     /// - it stays in use, and nothing that may free the returned entry's page (a zap, a root's

@@ -24,8 +24,8 @@ use crate::mmu_core::{CachedWalk, LocklessWalk};
 use crate::shared::VmShared;
 use crate::spte::SpteFormat;
 use crate::stats::{RetryCause, StripeKey, VcpuStats};
-use crate::sync::Arc;
 use crate::tdp::root::Root;
+use crate::tdp::RootRef;
 use crate::tdp::{LeafSpec, MapOutcome};
 use crate::types::{Access, Generation, Gpa, Level};
 
@@ -129,7 +129,7 @@ impl VcpuMmu {
         vm: &VmShared<H>,
         readers: &VcpuReaders,
         stats: &mut VcpuStats,
-        (tv, root): (&TdpVcpu, &Arc<Root>),
+        (tv, root): (&TdpVcpu, &RootRef),
         fault: PageFault,
     ) -> Result<FaultOutcome, FaultError> {
         if fault.rsvd() {
@@ -159,7 +159,7 @@ impl VcpuMmu {
         vm: &VmShared<H>,
         readers: &VcpuReaders,
         stats: &mut VcpuStats,
-        (tv, root): (&TdpVcpu, &Arc<Root>),
+        (tv, root): (&TdpVcpu, &RootRef),
         gen: Generation,
         gpa: Gpa,
     ) -> Result<FaultOutcome, FaultError> {
@@ -181,7 +181,7 @@ impl VcpuMmu {
         vm: &VmShared<H>,
         readers: &VcpuReaders,
         stats: &mut VcpuStats,
-        tdp_root: (&TdpVcpu, &Arc<Root>),
+        tdp_root: (&TdpVcpu, &RootRef),
         gpa: Gpa,
     ) -> Result<FaultOutcome, FaultError> {
         let fault = PageFault::tdp(gpa, crate::fault::PfErr(crate::fault::PfErr::RSVD));
@@ -195,7 +195,7 @@ impl VcpuMmu {
         vm: &VmShared<H>,
         readers: &VcpuReaders,
         stats: &mut VcpuStats,
-        tdp_root: (&TdpVcpu, &Arc<Root>),
+        tdp_root: (&TdpVcpu, &RootRef),
         mut fault: PageFault,
     ) -> Result<FaultOutcome, FaultError> {
         // The slow path may wait for every vCPU in guest mode (a remote flush) or for a grace
@@ -313,7 +313,7 @@ impl VcpuMmu {
         &mut self,
         vm: &VmShared<H>,
         stats: &mut VcpuStats,
-        (tv, root): (&TdpVcpu, &Arc<Root>),
+        (tv, root): (&TdpVcpu, &RootRef),
         set: &MemslotSet,
         fault: &mut PageFault,
     ) -> Result<FaultOutcome, FaultError> {

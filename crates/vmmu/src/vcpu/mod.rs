@@ -57,7 +57,8 @@ use crate::shared::{VmMmu, VmShared};
 use crate::srcu::{ReadGuard, ReaderId};
 use crate::stats::VcpuStats;
 use crate::sync::Arc;
-use crate::tdp::root::{Root, RootKind};
+use crate::tdp::root::RootKind;
+use crate::tdp::RootRef;
 use crate::tdp::Tdp;
 use crate::types::{Access, AsId, FaultAccess, Gpa, Level, Pfn};
 use crate::vm::MmuKind;
@@ -164,7 +165,7 @@ pub(crate) enum VcpuMmuState {
 
 /// A TDP vCPU's own state: its current root, loaded by [`Vcpu::service_requests`].
 pub(crate) struct TdpVcpu {
-    root: Option<Arc<Root>>,
+    root: Option<RootRef>,
 }
 
 impl TdpVcpu {
@@ -312,7 +313,7 @@ impl<H: Host> Vcpu<H> {
 
     /// The current TDP root, if loaded (`None` on a vCPU of a shadow-paging VM, whose roots are
     /// shadow pages: [`Self::shadow_root_kind`]).
-    pub fn root(&self) -> Option<&Arc<Root>> {
+    pub fn root(&self) -> Option<&RootRef> {
         match &self.mmu {
             VcpuMmuState::Tdp(tv) => tv.root.as_ref(),
             VcpuMmuState::Shadow(_) => None,
