@@ -823,11 +823,11 @@ fn the_walkers_a_d_updates_dirty_the_guest_tables() {
     assert!(vmmu::dirty::pages_of(&words).all(|g| g == 0x20_0000 >> 12));
 }
 
-/// With 8-byte gPTEs a 4-byte write is half of one entry, widened to the aligned entry before the
-/// misaligned check (KVM `mmu_pte_write_fetch_gpte`): only that entry's SPTE goes, the page
-/// stays (no `mmu_flooded`), and the next access faults it back in.
+/// With 8-byte gPTEs a 4-byte write to one half of an entry is widened to the aligned entry
+/// before the misaligned check (KVM `mmu_pte_write_fetch_gpte`): only that entry's SPTE goes,
+/// the page stays (no `mmu_flooded`), and the next access faults it back in.
 #[test]
-fn a_four_byte_gpte_write_is_one_entry_not_a_misaligned_write() {
+fn a_four_byte_write_to_a_gpte_half_is_one_entry_not_a_misaligned_write() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);
     let s = Space::new(&host, &next);
     let pte = s.map4k(0x4000_0000, 0x20_0000, P | RW | US);
@@ -837,23 +837,59 @@ fn a_four_byte_gpte_write_is_one_entry_not_a_misaligned_write() {
     assert_eq!(access(&mut v, 0x4000_1000, false), Seen::Ram(ram_pfn(0x20_1000)));
     let shadow = vm.shadow_mmu().unwrap();
     let before = shadow.stats.snapshot();
-    // A 4-byte store at byte 6 of the first gPTE: KVM takes it as that (aligned) entry, where
-    // the 8-byte rule alone would call it misaligned (it crosses into the next entry) and zap.
-    v.track_write(Gpa(pte + 6), 4).unwrap();
+    // A 4-byte store to the high half of the first gPTE: KVM takes it as that (aligned) entry.
+    v.track_write(Gpa(pte + 4), 4).unwrap();
     let after = shadow.stats.snapshot();
     assert_eq!(after.mmu_flooded, before.mmu_flooded, "not misaligned");
     assert_eq!(after.mmu_shadow_zapped, before.mmu_shadow_zapped, "the page stays");
-    let w = |v: &mut Vcpu<TestHost>, gva| {
-        (0..5)
-            .find_map(|_| {
-                v.service_requests().unwrap();
-                v.enter_guest().ok().map(|g| g.walk_gva(Gva(gva), vmmu::Access::USER))
-            })
-            .unwrap()
-    };
-    assert!(matches!(w(&mut v, 0x4000_0000), vmmu::tdp::HwWalk::Violation { present: false, .. }));
-    assert!(matches!(w(&mut v, 0x4000_1000), vmmu::tdp::HwWalk::Translated { .. }), "neighbour");
+    assert!(matches!(
+        hw_walk(&mut v, 0x4000_0000),
+        vmmu::tdp::HwWalk::Violation { present: false, .. }
+    ));
+    assert!(
+        matches!(hw_walk(&mut v, 0x4000_1000), vmmu::tdp::HwWalk::Translated { .. }),
+        "neighbour"
+    );
     assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
+}
+
+/// A 4-byte store at byte 6 of a gPTE writes bytes 6-7 of it and bytes 0-1 of the next one
+/// (present, writable, user, accessed, dirty, frame bits 15:12): a misaligned write, which zaps
+/// the page, so that after the guest's INVLPG of the next page the access follows the new
+/// gPTE. KVM widens every 4-byte write to its aligned entry and keeps the next entry's SPTE
+/// (its unsync last-level pages let the store through untrapped and INVLPG syncs the entry);
+/// with no unsync pages that widening left the next SPTE stale for good: a page the guest made
+/// not present still translated, a page it moved reached the old frame (review 56a).
+#[test]
+fn a_four_byte_store_crossing_into_the_next_gpte_is_misaligned() {
+    use vmmu::fault::EmulateSource;
+    let flags = P | RW | US | (1 << 5) | (1 << 6); // accessed and dirty already
+                                                   // The low 16 bits gPTE 1 gets: none (not present), or present, writable, user, accessed,
+                                                   // dirty with frame bits 13:12 = 3 (0x213000 instead of 0x210000).
+    for (low, expected) in [(0u64, Seen::GuestPf(0x4)), (0x3067, Seen::Ram(ram_pfn(0x21_3000)))] {
+        let (vm, host, next) = shadow_vm(BugSet::NONE);
+        let s = Space::new(&host, &next);
+        let pte0 = s.map4k(0x4000_0000, 0x20_0000, flags);
+        let pte1 = s.map4k(0x4000_1000, 0x21_0000, flags);
+        assert_eq!(pte1, pte0 + 8);
+        // The guest maps its own last-level table at 0x5000_0000 to edit it.
+        s.map4k(0x5000_0000, pte0 & !0xfff, flags);
+        let mut v = vcpu_in(&vm, long4(s.cr3));
+        assert_eq!(access(&mut v, 0x4000_1000, false), Seen::Ram(ram_pfn(0x21_0000)));
+        // `mov dword [0x5000_0000 + off + 6], low << 16`: a write to a shadowed table, emulated.
+        let at = 0x5000_0000 + (pte0 & 0xfff) + 6;
+        let emulated = Seen::Mmio(Gpa(pte0 + 6), EmulateSource::WriteProtected);
+        assert_eq!(access(&mut v, at, true), emulated, "{low:#x}");
+        host.write_u64(RAM_HVA + pte1, (s.read(pte1) & !0xffff) | low);
+        v.track_write(Gpa(pte0 + 6), 4).unwrap();
+        v.invlpg(Gva(0x4000_1000)).unwrap();
+        assert_eq!(
+            access(&mut v, 0x4000_1000, false),
+            expected,
+            "gPTE 1's low bytes became {low:#x} by an emulated store and the guest invalidated \
+             its page: the access must follow the new gPTE, not a stale SPTE"
+        );
+    }
 }
 
 /// The hardware walk of `gva` in guest mode, once the vCPU's requests are served.

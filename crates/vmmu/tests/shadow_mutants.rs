@@ -194,12 +194,14 @@ fn a_table_nothing_shadows_any_more_is_written_without_emulation() {
 /// An emulated write into a shadowed last-level table (KVM `kvm_mmu_track_write`): a write
 /// within one gPTE drops just that SPTE, so the neighbours stay mapped; a misaligned one (it
 /// crosses a gPTE, or is shorter than 4 bytes and not a 1-byte write at a gPTE's start) zaps
-/// the whole shadow page; a 4-byte write counts as its aligned 8-byte gPTE first. The written gPTE's own SPTE always goes, so the new gPTE is used.
+/// the whole shadow page; a 4-byte write to a half of a gPTE counts as its aligned 8-byte gPTE
+/// first, and one that crosses into the next gPTE is misaligned. The written gPTE's own SPTE
+/// always goes, so the new gPTE is used.
 /// Kills `shadow/track.rs`: each comparison of `detect_write_misaligned` and the index of the
 /// dropped SPTE.
 #[test]
 fn emulated_table_writes_drop_one_spte_or_zap_the_page_when_misaligned() {
-    let cases: [(u64, u32, bool); 10] = [
+    let cases: [(u64, u32, bool); 12] = [
         (0, 8, false),
         (0, 4, false),
         (4, 4, false),
@@ -208,9 +210,12 @@ fn emulated_table_writes_drop_one_spte_or_zap_the_page_when_misaligned() {
         (0, 2, true),
         (0, 3, true),
         (4, 8, true),
-        // 8-byte gPTEs: a 4-byte write is taken as the aligned entry (KVM
-        // `mmu_pte_write_fetch_gpte`), even one that crosses into the next.
-        (6, 4, false),
+        // 8-byte gPTEs: a 4-byte write within one entry is taken as that entry (KVM
+        // `mmu_pte_write_fetch_gpte`); one that crosses into the next changes both, so it is
+        // misaligned (KVM widens it too, and leaves the next entry's SPTE stale).
+        (2, 4, false),
+        (5, 4, true),
+        (6, 4, true),
         (2, 2, true),
     ];
     for (off, bytes, zaps) in cases {

@@ -36,10 +36,15 @@ impl ShadowMmu {
                 return;
             }
             // KVM `mmu_pte_write_fetch_gpte`: with 8-byte gPTEs (PAE and 4-level paging, the
-            // only modes whose tables are shadowed here) a 4-byte write is one half of a gPTE,
-            // taken as the whole aligned entry before the misaligned check.
+            // only modes whose tables are shadowed here) a 4-byte write to one half of a gPTE
+            // (a 32-bit guest's two stores of an entry) is taken as the whole aligned entry
+            // before the misaligned check. KVM widens every 4-byte write so; one at offset 5 to
+            // 7 of an entry also changes the next entry's low bytes (present, writable, user,
+            // frame bits 15:12), which that widening leaves shadowed as before (KVM's unsync
+            // last-level pages hide it: the write does not trap, and INVLPG syncs the entry).
+            // Here it is a misaligned write, which zaps the page.
             let (offset, bytes) = match bytes {
-                4 => (gpa.page_offset() & !7, 8),
+                4 if gpa.page_offset() & 3 == 0 => (gpa.page_offset() & !7, 8),
                 b => (gpa.page_offset(), b),
             };
             // KVM `detect_write_misaligned`: a 1-byte write at an entry's start is allowed.
