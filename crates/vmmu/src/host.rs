@@ -189,7 +189,12 @@ pub struct HostPage {
     /// The largest level at which the host maps this address contiguously: the naturally aligned
     /// block of that size around the address is backed by naturally aligned contiguous frames
     /// (KVM: `host_pfn_mapping_level`). A page whose `pfn` is not at the address's place in
-    /// such a block breaks this; the MMU then maps that one frame with a 4 KiB leaf.
+    /// such a block breaks this; the MMU then maps that one frame with a 4 KiB leaf. The block
+    /// must also be one mapping as to writes: `writable` holds for every page of it (as a
+    /// PMD-mapped huge page has one write permission), since a huge leaf made writable for one
+    /// page lets the guest write them all (and the recovery of huge leaves after dirty logging
+    /// gives the block the rights of its first small leaf). A host whose pages of one block
+    /// differ there (a copy-on-write page among writable ones) reports a smaller `level`.
     pub level: Level,
 }
 
