@@ -1,10 +1,11 @@
 //! Fallible heap allocation on stable Rust, for the paths that report exhaustion instead of
-//! ending in the allocator's error handler (a panic on a bare-metal target): [`try_box`]
-//! (`Box::try_new` is not stable), [`TryArc`], a shared pointer whose one allocation can fail
-//! (`Arc::new` cannot, and `Arc::try_new` is not stable), and [`vec_room`] /
-//! [`take_vec_room`], room for a vector's growth made fallibly ahead of time and handed over
-//! later without allocating (the memslot sets' indexes: room made before an update publishes
-//! anything, handed to a set once no reader can reach it).
+//! ending in the allocator's error handler (a panic on a bare-metal target): [`TryArc`], a
+//! shared pointer whose one allocation can fail (`Arc::new` cannot, and `Arc::try_new` is not
+//! stable; public as the handle of a TDP root, [`crate::tdp::RootRef`]), and, inside the crate,
+//! `try_box` (`Box::try_new` is not stable) and `vec_room` / `take_vec_room`, room for a
+//! vector's growth made fallibly ahead of time and handed over later without allocating (the
+//! memslot sets' indexes: room made before an update publishes anything, handed to a set once
+//! no reader can reach it).
 //!
 //! [`TryArc`]'s contract is `Arc`'s: the count is the number of live handles; the value is
 //! dropped and its memory freed exactly once, by the handle whose drop takes the count to zero,

@@ -124,7 +124,10 @@ pub enum DirtyLogError {
     /// [`crate::vm::Vm::get_dirty_log`] could not allocate the slot's bitmap (`ENOMEM`):
     /// checked before any bit is taken, so nothing is lost, and the same call may be retried
     /// (or [`crate::vm::Vm::get_dirty_log_into`] used with a buffer of the caller's).
-    #[error("no heap for a dirty bitmap of {words} words (nothing was collected; retry, or use get_dirty_log_into)")]
+    #[error(
+        "no heap for a dirty bitmap of {words} words (nothing was collected; retry, or use \
+         get_dirty_log_into)"
+    )]
     OutOfHeap {
         /// Words the bitmap needs.
         words: usize,

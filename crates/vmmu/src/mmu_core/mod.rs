@@ -137,8 +137,8 @@ pub enum MmuError {
     NoTableBelow4G,
     /// The global allocator had nothing for the bookkeeping of a new root: a shadow root's
     /// shadow pages (or the vCPU's PAE root frame), or a TDP root's record, its place on the
-    /// root list or its place in the queue of pages to free; nothing was half made, and the call succeeds once memory is back (KVM:
-    /// `-ENOMEM` from `mmu_topup_memory_caches`).
+    /// root list or its place in the queue of pages to free; nothing was half made, and the
+    /// call succeeds once memory is back (KVM: `-ENOMEM` from `mmu_topup_memory_caches`).
     #[error(
         "the heap has no room for the MMU's bookkeeping of a new root (KVM: -ENOMEM); \
          free memory and enter again: nothing was half made"

@@ -302,9 +302,9 @@ impl<'a, H: Host> Tdp<'a, H> {
     ///
     /// # Safety
     /// - `root` is a root of this MMU in use: on its root list, or the current root of one of its
-    ///   VM's vCPUs (a `Root` kept alive by a `RootRef` after its vCPU dropped it, or one of another
-    ///   VM, names a frame this MMU may have freed, or may free during the walk: pages unlinked
-    ///   earlier are freed by `reclaim`, which the MMU lock does not hold off);
+    ///   VM's vCPUs (a `Root` kept alive by a `RootRef` after its vCPU dropped it, or one of
+    ///   another VM, names a frame this MMU may have freed, or may free during the walk: pages
+    ///   unlinked earlier are freed by `reclaim`, which the MMU lock does not hold off);
     /// - it stays in use, and nothing that may free the returned entry's page (a zap, a root's
     ///   last user dropping it, `zap_all_fast`) runs, while the caller uses the reference.
     #[cfg(feature = "testing")]
