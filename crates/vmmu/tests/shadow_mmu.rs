@@ -1049,3 +1049,46 @@ fn an_emulated_write_to_a_shadowed_table_is_in_the_dirty_log() {
     let dirty: Vec<u64> = pages_of(&vm.get_dirty_log(AsId(0), SlotId(0)).unwrap()).collect();
     assert_eq!(dirty, vec![0x710, 0x711]);
 }
+
+/// A guest flush of its whole TLB that is neither INVLPG nor MOV CR3 (CR4.PGE toggled, as
+/// Linux's global flush does without INVPCID; INVPCID of all contexts; a paravirtual flush) is
+/// KVM's `KVM_REQ_TLB_FLUSH_GUEST`, which with TDP off syncs the roots and so clears the vCPU's
+/// MMIO GVA cache (shadow facts §4.4, §5.4). vmmu has no unsync pages to sync; it had no entry
+/// point for such a flush either (review 56c), so a vCPU that cached an MMIO GVA kept it after
+/// the guest moved the page and flushed: once another vCPU reinstalled the page's MMIO SPTE,
+/// the RSVD fault hit the cache and was emulated at the old gpa. `Vcpu::flush_guest_tlb` clears
+/// the GVA part, and the access follows the guest's tables.
+#[test]
+fn a_guest_flush_of_the_whole_tlb_clears_the_mmio_gva_cache() {
+    use vmmu::fault::EmulateSource;
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let flags = P | RW | US | (1 << 5) | (1 << 6);
+    let pte = s.map4k(0x4000_0000, MMIO_GPA, flags);
+    // The guest maps its own last-level table to edit it.
+    s.map4k(0x5000_0000, pte & !0xfff, flags);
+    let mut v0 = vcpu_in(&vm, long4(s.cr3));
+    let mut v1 = vcpu_in(&vm, long4(s.cr3));
+    // vCPU 0 reads the MMIO page: the slow path, an MMIO SPTE, the GVA cached with MMIO_GPA.
+    let slow = Seen::Mmio(Gpa(MMIO_GPA), EmulateSource::SlowPathMmio);
+    assert_eq!(access(&mut v0, 0x4000_0000, false), slow);
+    assert!(matches!(access(&mut v0, 0x4000_0000, false), Seen::Mmio(Gpa(MMIO_GPA), _)));
+    // vCPU 1 moves the page one page up (a store to the table, emulated and tracked), then
+    // invalidates it and reads it there, which puts the page's MMIO SPTE back.
+    let at = 0x5000_0000 + (pte & 0xfff);
+    assert_eq!(access(&mut v1, at, true), Seen::Mmio(Gpa(pte), EmulateSource::WriteProtected));
+    let moved = MMIO_GPA + 0x1000;
+    host.write_u64(RAM_HVA + pte, moved | flags);
+    v1.track_write(Gpa(pte), 8).unwrap();
+    v1.invlpg(Gva(0x4000_0000)).unwrap();
+    assert!(matches!(access(&mut v1, 0x4000_0000, false), Seen::Mmio(Gpa(g), _) if g == moved));
+    // The guest flushes vCPU 0's whole TLB (a CR4.PGE toggle, trapped under shadow paging).
+    let work = v0.flush_guest_tlb().unwrap();
+    assert!(work.flush_tlb, "the hypervisor flushes its TLB too");
+    let seen = access(&mut v0, 0x4000_0000, false);
+    assert!(
+        matches!(seen, Seen::Mmio(Gpa(g), _) if g == moved),
+        "after the guest's flush of its whole TLB vCPU 0 reached {seen:?}; the guest's tables \
+         say {moved:#x} (a stale MMIO GVA cache entry answered)"
+    );
+}

@@ -310,6 +310,23 @@ impl<H: Host> Vcpu<H> {
         self.st.mmio_cache.clear_gva_page(gva.raw());
         Ok(())
     }
+
+    /// A flush of the guest's whole TLB (KVM `KVM_REQ_TLB_FLUSH_GUEST`,
+    /// `kvm_vcpu_flush_tlb_guest`): what the hypervisor does when the guest toggles CR4.PGE
+    /// (Linux's global flush without INVPCID), runs INVPCID for all contexts or for its current
+    /// PCID, or asks for a paravirtual flush; INVLPG and MOV CR3 have their own entry points.
+    /// With TDP off KVM syncs the roots, which clears the GVA part of the MMIO cache
+    /// (`kvm_mmu_sync_roots`: `vcpu_clear_mmio_info(MMIO_GVA_ANY)`); this MMU has no unsync
+    /// pages to sync, and clears it, so that a GVA the guest remapped (a trapped store to its
+    /// table) and then flushed this way is translated again rather than answered from the cache
+    /// with its old gpa. The hypervisor flushes its own TLB (`flush_tlb`). In guest mode it
+    /// leaves it first (a VM exit).
+    pub fn flush_guest_tlb(&mut self) -> Result<EntryWork, ShadowError> {
+        self.exit_guest_mode();
+        self.shadow_vcpu()?;
+        self.st.mmio_cache.clear_gva();
+        Ok(EntryWork { flush_tlb: true })
+    }
 }
 
 impl<H: Host + GuestMemory> Vcpu<H> {
