@@ -51,9 +51,9 @@
 //!   ([`tdp::RootRef`]), its place on the root list and its place in the queue of pages to free,
 //!   all fallibly: out of heap, [`mmu_core::MmuError::OutOfHeap`] with nothing made, and the
 //!   vCPU may enter again. [`vm::Vm::get_dirty_log`] allocates the bitmap it returns, fallibly:
-//!   out of heap, [`dirty::DirtyLogError::OutOfHeap`] before any bit is taken. VM and vCPU
-//!   creation allocate infallibly (out of heap, they end in the allocator's error handler: on a
-//!   bare-metal target a panic). The TDP
+//!   out of heap, [`dirty::DirtyLogError::OutOfHeap`] before any bit is taken. Creating a vCPU
+//!   allocates nothing (its records are made with the VM); creating a VM allocates infallibly
+//!   (out of heap, the allocator's error handler: on a bare-metal target a panic). The TDP
 //!   MMU's zaps of whole roots (a memslot delete or move with [`vm::VmConfig::slot_zap_all`],
 //!   the zap of every root when a memslot update wraps the MMIO generation, and a root's last
 //!   user dropping an obsolete root) need no heap: a root no vCPU uses is freed whole, with the

@@ -1,6 +1,7 @@
-//! `Vm::get_dirty_log` out of heap: the bitmap it returns is allocated fallibly, before any bit
-//! is taken, so a call that cannot allocate answers `ENOMEM` and loses no dirty page; the next
-//! call with heap returns every page written (and, in auto mode, write-protects them again).
+//! VM entry points out of heap. `Vm::get_dirty_log`: the bitmap it returns is allocated
+//! fallibly, before any bit is taken, so a call that cannot allocate answers `ENOMEM` and loses
+//! no dirty page; the next call with heap returns every page written (and, in auto mode,
+//! write-protects them again). `Vm::create_vcpu` takes nothing from the heap.
 //!
 //! The global allocator here fails every allocation of this thread after the first `granted`
 //! while a thread-local switch is on (`common/failing_heap.rs`).
@@ -48,4 +49,31 @@ fn get_dirty_log_out_of_heap_answers_enomem_and_loses_no_page() {
             }
         }
     }
+}
+
+/// Creating a vCPU takes nothing from the heap (its records are made with the VM: the SRCU reader
+/// slots, the request words, the vCPU index), on either MMU, so a hypervisor may create vCPUs
+/// when its heap is full; only the VM's creation allocates.
+#[test]
+fn a_vcpu_is_created_without_heap() {
+    let shadow = vmmu::vm::VmConfig::shadow(46).unwrap();
+    for cfg in [ept(), npt(), shadow] {
+        let (vm, _host) = common::vm_with(cfg);
+        let mut vcpus = Vec::with_capacity(3);
+        for _ in 0..3 {
+            let (out, failed) = failing_heap::without_heap(|| vm.create_vcpu());
+            assert_eq!(failed, 0, "a vCPU's creation asked the heap");
+            vcpus.push(out.unwrap());
+        }
+        let ((), failed) = failing_heap::without_heap(|| drop(vcpus.pop()));
+        assert_eq!(failed, 0, "a vCPU's drop asked the heap");
+    }
+}
+
+fn ept() -> vmmu::vm::VmConfig {
+    vmmu::vm::VmConfig::new(FormatKind::Ept, 46).unwrap()
+}
+
+fn npt() -> vmmu::vm::VmConfig {
+    vmmu::vm::VmConfig::new(FormatKind::Npt, 46).unwrap()
 }
