@@ -273,6 +273,10 @@ pub struct PagingCounters {
     /// exited as writes to a write-protected table and were emulated (the others found the
     /// table not shadowed, and stored).
     pub emulated_table_stores: u64,
+    /// Shootdowns a vCPU followed with a flush of its whole TLB (a CR4.PGE toggle, as Linux's
+    /// global flush without INVPCID; under shadow paging `Vcpu::flush_guest_tlb`) instead of
+    /// INVLPG.
+    pub whole_tlb_flushes: u64,
 }
 
 impl PagingCounters {
@@ -285,6 +289,7 @@ impl PagingCounters {
         self.other_space_edits += o.other_space_edits;
         self.read_only_alias_writes += o.read_only_alias_writes;
         self.emulated_table_stores += o.emulated_table_stores;
+        self.whole_tlb_flushes += o.whole_tlb_flushes;
     }
 }
 
@@ -474,6 +479,18 @@ impl VcpuPaging {
         }
     }
 
+    /// A flush of the guest's whole TLB (a CR4.PGE toggle): the GVA TLB emptied and, under
+    /// shadow paging, the MMU told (`Vcpu::flush_guest_tlb`, which clears the GVA part of the
+    /// MMIO cache).
+    fn flush_whole_tlb<M: GuestMmu>(&mut self, hw: &mut HwVcpu<'_, M>) {
+        self.tlb.flush();
+        self.counters.whole_tlb_flushes += 1;
+        if let Some(vcpu) = hw.mmu().shadow_vcpu(hw.state()) {
+            vcpu.exit_guest_mode();
+            let _ = vcpu.flush_guest_tlb();
+        }
+    }
+
     fn invlpg<M: GuestMmu>(&mut self, hw: &mut HwVcpu<'_, M>, gva: u64) {
         self.tlb.invlpg(gva);
         if let Some(vcpu) = hw.mmu().shadow_vcpu(hw.state()) {
@@ -612,7 +629,8 @@ impl VcpuPaging {
     }
 
     /// vCPU 0's half of a shootdown: remap `S` (a store into the shared table, INVLPG on
-    /// itself), then publish the change. Returns whether it did one now.
+    /// itself) from shared RAM to a device page, to the other device page, back to RAM, then
+    /// publish the change. Returns whether it did one now.
     pub fn initiate_shootdown<M: GuestMmu>(
         &mut self,
         hw: &mut HwVcpu<'_, M>,
@@ -623,8 +641,16 @@ impl VcpuPaging {
             return false;
         }
         let now = sd.targets(sd.now(), sd.now()).first().copied().unwrap_or(shared_ram);
-        let device = self.device_pages[0].gpa.0 & !0xfff;
-        let next = if now == shared_ram { device } else { shared_ram };
+        // RAM, then one device page, then the other, then RAM again: the move from one device
+        // page to the other is the one a GVA-keyed MMIO cache entry that outlived the
+        // invalidation would answer wrongly (with the first page, once the MMU has an MMIO SPTE
+        // for `S` again).
+        let device = |i: usize| self.device_pages[i].gpa.0 & !0xfff;
+        let next = match now {
+            n if n == shared_ram => device(0),
+            n if n == device(0) => device(1),
+            _ => shared_ram,
+        };
         // Published before the store: any value a walker reads from `T` is then in the history
         // up to the latest change it loads after its access.
         sd.publish(next);
@@ -636,8 +662,8 @@ impl VcpuPaging {
         true
     }
 
-    /// Every vCPU's half: invalidate `S` if a newer change was published. Returns the change the
-    /// vCPU has now invalidated up to.
+    /// Every vCPU's half: invalidate `S` if a newer change was published (INVLPG, or a flush of
+    /// the whole TLB). Returns the change the vCPU has now invalidated up to.
     pub fn follow_shootdowns<M: GuestMmu>(
         &mut self,
         hw: &mut HwVcpu<'_, M>,
@@ -645,7 +671,12 @@ impl VcpuPaging {
     ) -> u64 {
         let now = sd.completed();
         if now > self.acked {
-            self.invlpg(hw, SHARED_GVA);
+            // One in four as Linux does when a flush covers many pages: the whole TLB.
+            if self.rng.u32(0..4) == 0 {
+                self.flush_whole_tlb(hw);
+            } else {
+                self.invlpg(hw, SHARED_GVA);
+            }
             self.acked = now;
         }
         self.acked

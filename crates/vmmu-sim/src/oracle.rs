@@ -412,18 +412,19 @@ impl VcpuChecker<'_> {
 
     /// Guest paging, the shared GVA of the shootdowns: the access must have reached one of the
     /// targets the GVA mapped from the last change this vCPU invalidated up to the newest (RAM
-    /// at host address `ram_hva`, if that page is one of them; the device, if it is one).
+    /// at host address `ram_hva`, if that page is one of them; a device page, if one is: the
+    /// read of its first register must give that page's identification, one of `device_ids`).
     pub fn check_shared_gva(
         &mut self,
         gva: u64,
         ram_hva: Option<u64>,
-        device: bool,
+        device_ids: &[u64],
         seen: &Observed,
     ) {
         self.report.checked += 1;
         let ok = match seen {
             Observed::Ram { hva, .. } => ram_hva == Some(hva.0),
-            Observed::Mmio { device: true, .. } => device,
+            Observed::Mmio { device: true, value } => device_ids.contains(value),
             _ => false,
         };
         if !ok {
@@ -431,8 +432,8 @@ impl VcpuChecker<'_> {
             if let Some(h) = ram_hva {
                 expected.push(format!("RAM {}", self.oracle.describe_hva(h)));
             }
-            if device {
-                expected.push("the device".to_string());
+            for id in device_ids {
+                expected.push(format!("the device page whose identification reads {id:#x}"));
             }
             self.report.push(Violation {
                 vcpu: Some(self.vcpu),

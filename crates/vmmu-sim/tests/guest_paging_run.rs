@@ -100,6 +100,9 @@ fn guests_edit_the_space_they_do_not_run_and_switch_to_it() {
         assert_eq!(r.oracle.violations, 0, "{mmu:?}: {:#?}", r.oracle.first_violations);
         let g = r.guest_paging.unwrap_or_else(|| panic!("{mmu:?}: no guest paging counters"));
         assert!(g.other_space_edits > 10 && g.read_only_alias_writes > 10, "{mmu:?}: {g:?}");
+        // The other vCPU follows vCPU 0's shootdowns, one time in four with a flush of its whole
+        // TLB (under shadow paging `Vcpu::flush_guest_tlb`).
+        assert!(g.whole_tlb_flushes > 0, "{mmu:?}: {g:?}");
         if mmu == RunMmu::Shadow {
             // Nearly all: the other space's table of `R` is shadowed once its root has been
             // loaded and `R` walked.

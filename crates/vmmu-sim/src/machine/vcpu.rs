@@ -247,8 +247,15 @@ impl<'a, 's, 'o, M: GuestMmu> Running<'a, 's, 'o, M> {
                 let (seen, _, _) = paged_access(sh, hw, c, &a, gva, p);
                 let targets = sd.targets(from, sd.now());
                 let ram = targets.contains(&shared_ram).then_some(shared_ram_hva).flatten();
-                let device = targets.contains(&layout.device.0);
-                checker.check_shared_gva(gva, ram, device, &seen);
+                // The two device pages `S` maps in turn, by what their first register reads.
+                use crate::bus::RegisterDevice as Dev;
+                let pages = [
+                    (layout.device.0, Dev::ID),
+                    (layout.device.0 + Dev::SECOND_ID_OFFSET, Dev::SECOND_ID),
+                ];
+                let ids: Vec<u64> =
+                    pages.iter().filter(|(p, _)| targets.contains(p)).map(|&(_, id)| id).collect();
+                checker.check_shared_gva(gva, ram, &ids, &seen);
             }
         }
     }
