@@ -483,7 +483,7 @@ impl<H: crate::host::Host> VmShared<H> {
                 let core = &self.core;
                 match &self.mmu {
                     VmMmu::Shadow(shadow) => {
-                        get_log_into(&ShadowProtect { core, shadow }, slot, bitmap, mode, out)
+                        get_log_into(&ShadowProtect::new(core, shadow), slot, bitmap, mode, out)
                     }
                     VmMmu::Tdp(tdp) => get_log_into(&Tdp { core, tdp }, slot, bitmap, mode, out),
                 }
@@ -520,9 +520,14 @@ impl<H: crate::host::Host> VmShared<H> {
                 }
                 let core = &self.core;
                 match &self.mmu {
-                    VmMmu::Shadow(shadow) => {
-                        clear_log(&ShadowProtect { core, shadow }, slot, log, first, count, bitmap)
-                    }
+                    VmMmu::Shadow(shadow) => clear_log(
+                        &ShadowProtect::new(core, shadow),
+                        slot,
+                        log,
+                        first,
+                        count,
+                        bitmap,
+                    ),
                     VmMmu::Tdp(tdp) => {
                         clear_log(&Tdp { core, tdp }, slot, log, first, count, bitmap)
                     }

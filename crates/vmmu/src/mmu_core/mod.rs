@@ -190,6 +190,23 @@ pub struct MmuCore<H: Host> {
     vcpu_taken: Box<[crate::sync::AtomicBool]>,
     /// One above the highest vCPU index ever taken: requests go to indices below it.
     pub(crate) nr_vcpus: crate::sync::AtomicUsize,
+    /// Shadow paging: dirty-log write protections (a collection in auto mode, a clear) that
+    /// cleared writable bits under the shadow lock and have not yet completed the remote TLB
+    /// flush they owe, which runs after the lock is dropped (as KVM's). Until it completes, a
+    /// leaf they made read-only may still be writable in a vCPU's TLB. KVM tells such a leaf by
+    /// its MMU-writable bit, which write protection for shadowing clears, flushing
+    /// (`mmu_spte_update`: "rmap_write_protect will find a read-only spte, even though the
+    /// writable spte might be cached on a CPU's TLB"); the SPTEs here have no such bit, so the
+    /// shadowing of a guest table flushes when it finds a read-only leaf of the table's frame
+    /// while this is not zero (`ShadowState::account_shadowed`).
+    ///
+    /// Raised (Relaxed) by `ShadowProtect::write_protect_masked` under the shadow lock, before
+    /// the lock is dropped: a shadowing that takes the lock later sees it. Lowered (Release)
+    /// after the flush returned; a shadowing that loads (Acquire) the lowered value comes after
+    /// the flush, so no TLB holds the writable translation any more. A protector that owes a
+    /// flush and never runs it (an unwind, or `Bug::DirtyLogNoFlush`) leaves it raised: later
+    /// shadowings then flush whenever they find a read-only leaf, which costs, but is safe.
+    pub(crate) unflushed_write_protects: crate::sync::AtomicU32,
     /// VM-wide counters.
     pub stats: VmStats,
 }
@@ -282,6 +299,7 @@ impl<H: Host> MmuCore<H> {
             vcpus: vcpus.into_boxed_slice(),
             vcpu_taken: taken.into_boxed_slice(),
             nr_vcpus: crate::sync::AtomicUsize::new(0),
+            unflushed_write_protects: crate::sync::AtomicU32::new(0),
             stats: VmStats::default(),
         })
     }

@@ -27,7 +27,7 @@ impl ShadowMmu {
         {
             let mut st = self.lock(core);
             for gfn in st.rmap_gfns(as_id, start, end) {
-                let dropped = st.write_protect_gfn(core, as_id, gfn);
+                let dropped = st.write_protect_gfn(core, as_id, gfn, false);
                 st.owe_flush(dropped);
             }
             st.commit_zap(core, &self.stats);
@@ -36,10 +36,21 @@ impl ShadowMmu {
     }
 }
 
-/// The shadow MMU as the dirty log's write protector.
+/// The shadow MMU as the dirty log's write protector. It protects under the shadow lock and
+/// flushes after dropping it, so between the two it counts itself in
+/// `MmuCore::unflushed_write_protects` (a table shadowed meanwhile flushes for it).
 pub(crate) struct ShadowProtect<'a, H: Host> {
-    pub(crate) core: &'a MmuCore<H>,
-    pub(crate) shadow: &'a ShadowMmu,
+    core: &'a MmuCore<H>,
+    shadow: &'a ShadowMmu,
+    /// Whether this protector raised `unflushed_write_protects` and owes it a lowering.
+    counted: core::cell::Cell<bool>,
+}
+
+impl<'a, H: Host> ShadowProtect<'a, H> {
+    /// A protector for one dirty-log call.
+    pub(crate) fn new(core: &'a MmuCore<H>, shadow: &'a ShadowMmu) -> Self {
+        ShadowProtect { core, shadow, counted: core::cell::Cell::new(false) }
+    }
 }
 
 impl<H: Host> WriteProtect for ShadowProtect<'_, H> {
@@ -60,14 +71,22 @@ impl<H: Host> WriteProtect for ShadowProtect<'_, H> {
         mask: u64,
     ) -> bool {
         let flush = crate::dirty::any_masked_gfn(slot, offset, mask, |gfn| {
-            excl.write_protect_gfn(self.core, slot.as_id(), gfn)
+            excl.write_protect_gfn(self.core, slot.as_id(), gfn, false)
         });
         self.core.stats.dirty_log_protected.add(mask.count_ones() as u64);
+        if flush && !self.counted.replace(true) {
+            // Under the shadow lock (`excl`): seen by every shadowing that takes it later.
+            self.core.unflushed_write_protects.fetch_add(1, crate::sync::Ordering::Relaxed);
+        }
         flush
     }
 
     fn flush_remote_tlbs(&self) {
         self.core.flush_remote_tlbs();
+        if self.counted.replace(false) {
+            // Release: the flush, done, comes before a shadowing that loads the lowered count.
+            self.core.unflushed_write_protects.fetch_sub(1, crate::sync::Ordering::Release);
+        }
     }
 
     fn skip_flush(&self) -> bool {

@@ -493,8 +493,12 @@ impl ShadowState {
         let n = self.tracked.entry(track_key(gfn)).or_insert(0);
         *n += 1;
         if *n == 1 && !core.cfg.bugs.has(crate::bugs::Bug::ShadowTableLeftWritable) {
+            // A read-only leaf of the frame may still be writable in a TLB while a dirty-log
+            // protection's flush is owed (`MmuCore::unflushed_write_protects`, KVM's
+            // MMU-writable bit): then it needs the flush too, before the gPTEs are read.
+            let owed = core.unflushed_write_protects.load(crate::sync::Ordering::Acquire) != 0;
             for as_id in [AsId(0), AsId(1)] {
-                self.zap.flush |= self.write_protect_gfn(core, as_id, gfn);
+                self.zap.flush |= self.write_protect_gfn(core, as_id, gfn, owed);
             }
         }
     }
@@ -548,22 +552,31 @@ impl ShadowState {
         self.rmap.gfns_in(as_id, start, end)
     }
 
-    /// Clears the writable bit of every leaf mapping `gfn`. Returns whether one was writable.
+    /// Clears the writable bit of every leaf mapping `gfn`. Returns whether a TLB may still
+    /// hold a writable translation of it (a flush is needed): one was writable, or
+    /// `read_only_unflushed` (a protection whose flush is still owed may have made a read-only
+    /// one so; `MmuCore::unflushed_write_protects`) and one is present.
     pub(crate) fn write_protect_gfn<H: Host>(
         &self,
         core: &MmuCore<H>,
         as_id: AsId,
         gfn: Gfn,
+        read_only_unflushed: bool,
     ) -> bool {
         let Some(list) = self.rmap.get(as_id, gfn) else { return false };
         let mut flush = false;
         for (id, idx) in list.iter() {
             let e = self.entry(core, id, usize::from(idx));
             let old = e.load(crate::sync::Ordering::Acquire);
-            if SpteFormat::is_mmu_present(old) && core.cfg.format.is_writable(old) {
+            if !SpteFormat::is_mmu_present(old) {
+                continue;
+            }
+            if core.cfg.format.is_writable(old) {
                 let new = SpteFormat::without_write(old);
                 let need = core.set_spte_locked(e, old, new, Level::L4K, gfn);
                 flush |= need == FlushNeed::Remote;
+            } else {
+                flush |= read_only_unflushed;
             }
         }
         flush
