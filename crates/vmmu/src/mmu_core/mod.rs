@@ -676,6 +676,19 @@ impl<H: Host> MmuCore<H> {
     /// acknowledged or was outside guest mode (rule 4). Counts as KVM does: one
     /// `remote_tlb_flush_requests` per call, and one `remote_tlb_flush` when some vCPU was in
     /// guest mode and had to be kicked (the others flush at their next entry, unseen).
+    /// A dirty-log protection under the shadow lock cleared writable bits and will flush after
+    /// dropping the lock ([`Self::unflushed_write_protects`]): called under the shadow lock.
+    pub(crate) fn owe_protect_flush(&self) {
+        // Relaxed: the shadow lock, held here and by every reader, orders it.
+        self.unflushed_write_protects.fetch_add(1, crate::sync::Ordering::Relaxed);
+    }
+
+    /// That protection's flush returned.
+    pub(crate) fn protect_flush_done(&self) {
+        // Release: the flush, done, comes before a shadowing that loads the lowered count.
+        self.unflushed_write_protects.fetch_sub(1, crate::sync::Ordering::Release);
+    }
+
     pub(crate) fn flush_remote_tlbs(&self) {
         self.stats.remote_tlb_flush_requests.add(1);
         if self.request_all(Request::TlbFlush, AckWait::Wait) {

@@ -76,7 +76,7 @@ impl<H: Host> WriteProtect for ShadowProtect<'_, H> {
         self.core.stats.dirty_log_protected.add(mask.count_ones() as u64);
         if flush && !self.counted.replace(true) {
             // Under the shadow lock (`excl`): seen by every shadowing that takes it later.
-            self.core.unflushed_write_protects.fetch_add(1, crate::sync::Ordering::Relaxed);
+            self.core.owe_protect_flush();
         }
         flush
     }
@@ -84,8 +84,7 @@ impl<H: Host> WriteProtect for ShadowProtect<'_, H> {
     fn flush_remote_tlbs(&self) {
         self.core.flush_remote_tlbs();
         if self.counted.replace(false) {
-            // Release: the flush, done, comes before a shadowing that loads the lowered count.
-            self.core.unflushed_write_protects.fetch_sub(1, crate::sync::Ordering::Release);
+            self.core.protect_flush_done();
         }
     }
 
