@@ -200,12 +200,13 @@ pub struct MmuCore<H: Host> {
     /// shadowing of a guest table flushes when it finds a read-only leaf of the table's frame
     /// while this is not zero (`ShadowState::account_shadowed`).
     ///
-    /// Raised (Relaxed) by `ShadowProtect::write_protect_masked` under the shadow lock, before
-    /// the lock is dropped: a shadowing that takes the lock later sees it. Lowered (Release)
-    /// after the flush returned; a shadowing that loads (Acquire) the lowered value comes after
-    /// the flush, so no TLB holds the writable translation any more. A protector that owes a
-    /// flush and never runs it (an unwind, or `Bug::DirtyLogNoFlush`) leaves it raised: later
-    /// shadowings then flush whenever they find a read-only leaf, which costs, but is safe.
+    /// Raised (Relaxed, [`Self::owe_protect_flush`]) by `ShadowProtect::write_protect_masked`
+    /// under the shadow lock, before the lock is dropped: a shadowing that takes the lock later
+    /// sees it. Lowered (Release, [`Self::protect_flush_done`]) after the flush returned; a
+    /// shadowing that loads (Acquire) the lowered value comes after the flush, so no TLB holds
+    /// the writable translation any more. A protector that owes a flush and never runs it (an
+    /// unwind, or `Bug::DirtyLogNoFlush`) leaves it raised: later shadowings then flush
+    /// whenever they find a read-only leaf, which costs, but is safe.
     pub(crate) unflushed_write_protects: crate::sync::AtomicU32,
     /// VM-wide counters.
     pub stats: VmStats,
@@ -672,10 +673,6 @@ impl<H: Host> MmuCore<H> {
         }
     }
 
-    /// Flushes every vCPU's TLB (KVM `kvm_flush_remote_tlbs`): returns when each vCPU has
-    /// acknowledged or was outside guest mode (rule 4). Counts as KVM does: one
-    /// `remote_tlb_flush_requests` per call, and one `remote_tlb_flush` when some vCPU was in
-    /// guest mode and had to be kicked (the others flush at their next entry, unseen).
     /// A dirty-log protection under the shadow lock cleared writable bits and will flush after
     /// dropping the lock ([`Self::unflushed_write_protects`]): called under the shadow lock.
     pub(crate) fn owe_protect_flush(&self) {
@@ -689,6 +686,10 @@ impl<H: Host> MmuCore<H> {
         self.unflushed_write_protects.fetch_sub(1, crate::sync::Ordering::Release);
     }
 
+    /// Flushes every vCPU's TLB (KVM `kvm_flush_remote_tlbs`): returns when each vCPU has
+    /// acknowledged or was outside guest mode (rule 4). Counts as KVM does: one
+    /// `remote_tlb_flush_requests` per call, and one `remote_tlb_flush` when some vCPU was in
+    /// guest mode and had to be kicked (the others flush at their next entry, unseen).
     pub(crate) fn flush_remote_tlbs(&self) {
         self.stats.remote_tlb_flush_requests.add(1);
         if self.request_all(Request::TlbFlush, AckWait::Wait) {
