@@ -12,8 +12,9 @@
 mod common;
 
 use common::shadow::*;
+use common::wait_for;
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vmmu::bugs::BugSet;
 use vmmu::memslot::{UserspaceMemoryRegion, KVM_MEM_LOG_DIRTY_PAGES};
 use vmmu::tdp::HwWalk;
@@ -25,18 +26,6 @@ const LOG_GPA: u64 = 0x1_0020_0000;
 const LOG_HVA: u64 = RAM_HVA + 0x100_0000;
 const AC: u64 = 0x20;
 const DT: u64 = 0x40;
-
-/// Waits up to `limit` for `cond`.
-fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let t0 = Instant::now();
-    while t0.elapsed() < limit {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    cond()
-}
 
 /// Shadow facts §4.1 (`account_shadowed` write-protects the new table's gfn "and flushes") and
 /// the KVM rule behind `mmu_spte_update`'s return value: an SPTE whose W bit was cleared by a

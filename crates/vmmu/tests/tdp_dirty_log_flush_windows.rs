@@ -11,9 +11,10 @@
 
 mod common;
 
+use common::wait_for;
 use common::{region, RAM_HVA};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vmmu::dirty::{pages_of, DirtyLogMode};
 use vmmu::memslot::KVM_MEM_LOG_DIRTY_PAGES;
 use vmmu::spte::FormatKind;
@@ -26,17 +27,6 @@ use vmmu::{Access, AsId, Gpa, Hva, Pfn, SlotId};
 const GPA: u64 = 0x10_0000;
 const HVA: u64 = RAM_HVA + 0x10_0000;
 const P: u64 = GPA + 0x1000;
-
-fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let t0 = Instant::now();
-    while t0.elapsed() < limit {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    cond()
-}
 
 fn pages(words: &[u64]) -> Vec<u64> {
     pages_of(words).collect()

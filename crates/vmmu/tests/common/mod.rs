@@ -188,3 +188,16 @@ macro_rules! test_host_frames {
 }
 #[allow(unused_imports)]
 pub(crate) use test_host_frames;
+
+/// Polls `cond` every millisecond for up to `limit`; whether it held (tests that wait for
+/// another thread to reach a state, such as a VMM operation blocked in its TLB flush).
+pub fn wait_for(limit: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    cond()
+}
