@@ -177,12 +177,14 @@ pub enum Verdict {
     },
     /// Nothing could be compared (fewer than two sources ran, or all skipped).
     Skipped(String),
-    /// A source failed.
+    /// A source failed (the first in the list that did).
     Failed {
         /// The source.
         config: String,
         /// Its error.
         error: String,
+        /// Every other source that failed, in list order, with its error.
+        also: Vec<(String, String)>,
     },
 }
 
@@ -203,11 +205,12 @@ fn skip_reason(stream: &[Observation]) -> Option<&str> {
 
 /// Compares sources as described in the module docs.
 pub fn compare(sources: &[Source]) -> Verdict {
-    if let Some((s, e)) = sources.iter().find_map(|s| match &s.outcome {
-        Outcome::Failed(e) => Some((s, e)),
+    let mut failed = sources.iter().filter_map(|s| match &s.outcome {
+        Outcome::Failed(e) => Some((s.name.clone(), e.clone())),
         _ => None,
-    }) {
-        return Verdict::Failed { config: s.name.clone(), error: e.clone() };
+    });
+    if let Some((config, error)) = failed.next() {
+        return Verdict::Failed { config, error, also: failed.collect() };
     }
     let streams: Vec<(&str, &[Observation])> = sources
         .iter()
@@ -430,7 +433,15 @@ impl fmt::Display for VerdictLine<'_> {
                 )
             }
             Verdict::Skipped(why) => write!(f, "skipped {path}: {why}"),
-            Verdict::Failed { config, error } => write!(f, "FAILED {path}: {config}: {error}"),
+            Verdict::Failed { config, error, also } => {
+                write!(f, "FAILED {path}: {config}: {error}")?;
+                let (same, other): (Vec<_>, Vec<_>) = also.iter().partition(|(_, e)| e == error);
+                if !same.is_empty() {
+                    let names: Vec<&str> = same.iter().map(|(n, _)| n.as_str()).collect();
+                    write!(f, " (and {}, with the same error)", names.join(", "))?;
+                }
+                other.iter().try_for_each(|(n, e)| write!(f, "; {n}: {e}"))
+            }
         }
     }
 }
@@ -575,9 +586,27 @@ mod tests {
     }
 
     #[test]
+    fn every_failed_source_is_named_and_equal_errors_are_grouped() {
+        let fail = |e: &str| Outcome::Failed(e.to_string());
+        let v = compare(&[
+            src("a", stream(1)),
+            src("b", fail("boom at step 4")),
+            src("c", fail("boom at step 4")),
+            src("d", fail("bang at step 2")),
+            src("e", fail("boom at step 4")),
+        ]);
+        let line = VerdictLine { path: "s", verdict: &v }.to_string();
+        assert_eq!(
+            line,
+            "FAILED s: b: boom at step 4 (and c, e, with the same error); d: bang at step 2"
+        );
+    }
+
+    #[test]
     fn failure_wins_and_unavailable_is_left_out() {
         let v = compare(&[src("a", stream(1)), src("b", Outcome::Failed("boom at step 4".into()))]);
-        assert_eq!(v, Verdict::Failed { config: "b".into(), error: "boom at step 4".into() });
+        let boom = || "boom at step 4".to_string();
+        assert_eq!(v, Verdict::Failed { config: "b".into(), error: boom(), also: vec![] });
         let v = compare(&[
             src("kvm", Outcome::Unavailable("no /dev/kvm".into())),
             src("expected", stream(1)),
