@@ -460,6 +460,7 @@ fn tdp_vms_refuse_shadow_entry_points() {
     let mut v = vm.create_vcpu().unwrap();
     assert!(v.handle_page_fault(Gva(0x1000), PfErr(0)).is_err());
     assert!(v.invlpg(Gva(0x1000)).is_err());
+    assert!(v.unprotect_gfn(vmmu::Gfn(1)).is_err());
     let mut cfg = VmConfig::shadow(46).unwrap();
     cfg.format = vmmu::spte::FormatKind::Ept;
     assert!(Vm::new(cfg, Arc::new(TestHost::new(16))).is_err());
@@ -1091,4 +1092,34 @@ fn a_guest_flush_of_the_whole_tlb_clears_the_mmio_gva_cache() {
         "after the guest's flush of its whole TLB vCPU 0 reached {seen:?}; the guest's tables \
          say {moved:#x} (a stale MMIO GVA cache entry answered)"
     );
+}
+
+/// KVM `kvm_mmu_unprotect_gfn_and_retry`: instead of emulating a trapped write to a guest table,
+/// the hypervisor unprotects the frame and re-enters the guest. The write then maps the frame
+/// writable and goes through untrapped; the table's shadow is gone, so what the guest wrote into
+/// it is seen by the next walk through it, which shadows and write-protects the table again.
+#[test]
+fn an_unprotected_guest_table_takes_the_write_untrapped_and_is_shadowed_again_when_walked() {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let pte_gpa = s.map4k(0x4000_0000, 0x20_0000, P | RW | US);
+    let table_gpa = pte_gpa & !0xfff;
+    s.map4k(0x5000_0000, table_gpa, P | RW | US);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    let at = 0x5000_0000 + (pte_gpa & 0xfff);
+    let trapped = Seen::Mmio(Gpa(pte_gpa), EmulateSource::WriteProtected);
+    assert_eq!(access(&mut v, at, true), trapped);
+    let zapped = vm.shadow_mmu().unwrap().stats.snapshot().mmu_shadow_zapped;
+    assert_eq!(v.unprotect_gfn(Gpa(pte_gpa).gfn()), Ok(true));
+    assert!(vm.shadow_mmu().unwrap().stats.snapshot().mmu_shadow_zapped > zapped);
+    // Re-executed, the write maps the table's frame writable: no exit.
+    assert_eq!(access(&mut v, at, true), Seen::Ram(ram_pfn(table_gpa)));
+    // The guest's store, untrapped and not reported: the GVA now maps another page.
+    host.write_u64(RAM_HVA + pte_gpa, 0x20_1000 | P | RW | US);
+    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_1000)));
+    // That walk shadowed the table again: the next write to it is trapped.
+    assert_eq!(access(&mut v, at, true), trapped);
+    // A frame no shadow page shadows: nothing to zap.
+    assert_eq!(v.unprotect_gfn(vmmu::Gfn(0x20_1000 >> 12)), Ok(false));
 }

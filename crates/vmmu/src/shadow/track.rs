@@ -6,11 +6,15 @@
 //! an upper-level table without the page being used in between). It flushes remote TLBs before
 //! it returns when a present SPTE went. (INVLPG, and the invalidation before an injected #PF,
 //! drop no leaf: `kvm_mmu_invalidate_addr` syncs only unsync pages, and this MMU has none.)
+//!
+//! The hypervisor may instead unprotect the frame (KVM `kvm_mmu_unprotect_gfn_and_retry`): every
+//! valid shadow page of it is zapped, so nothing write-tracks the frame until a walk shadows it
+//! again, and the guest's write, re-executed, maps it writable.
 
 use super::ShadowMmu;
 use crate::host::Host;
 use crate::mmu_core::MmuCore;
-use crate::types::{Gpa, Level};
+use crate::types::{Gfn, Gpa, Level};
 
 impl ShadowMmu {
     /// KVM `kvm_mmu_track_write`: `bytes` bytes were written at `gpa` (by a vCPU of either
@@ -82,5 +86,27 @@ impl ShadowMmu {
             st.commit_zap(core, &self.stats);
         }
         core.reclaim_batched();
+    }
+
+    /// KVM `kvm_mmu_unprotect_gfn_and_retry`'s zap: zaps every valid shadow page, of either
+    /// address space, that shadows guest frame `gfn` (`for_each_gfn_valid_sp_with_gptes`), and
+    /// flushes remote TLBs before it returns if a present SPTE went. Whether a page was zapped.
+    pub(crate) fn unprotect_gfn<H: Host>(&self, core: &MmuCore<H>, gfn: Gfn) -> bool {
+        let zapped = {
+            let mut st = self.lock(core);
+            let mut zapped = false;
+            // By position, as `track_write`: a zapped page leaves the bucket (an in-use root
+            // stays, invalid, which `next_shadowing` skips).
+            let mut from = 0;
+            while let Some((pos, id)) = st.next_shadowing(gfn, from) {
+                st.prepare_zap(core, &self.stats, id);
+                zapped = true;
+                from = pos;
+            }
+            st.commit_zap(core, &self.stats);
+            zapped
+        };
+        core.reclaim_batched();
+        zapped
     }
 }

@@ -327,6 +327,29 @@ impl<H: Host> Vcpu<H> {
         self.st.mmio_cache.clear_gva();
         Ok(EntryWork { flush_tlb: true })
     }
+
+    /// Unprotects the guest frame `gfn` instead of emulating a write to it (KVM
+    /// `kvm_mmu_unprotect_gfn_and_retry`): every shadow page of that guest table is zapped, so
+    /// the frame is no longer write-tracked, and the hypervisor re-enters the guest to run the
+    /// write again, which then faults the frame in writable (and `track_write` is not called:
+    /// nothing was emulated). Call it after an [`crate::fault::EmulateSource::WriteProtected`]
+    /// exit (its `gpa`'s frame) when the hypervisor's emulator judges the write is not a
+    /// page-table update, as KVM's does for an instruction that does not write page tables
+    /// (`x86_page_table_writing_insn`: a string store, say) or a write fault on the table
+    /// the guest is walking: typically a guest that reuses a freed page-table page as data,
+    /// which would otherwise trap on every aligned store (this MMU has no unsync pages, and a
+    /// last-level table is never flooded). If the frame is a guest table still in use, the next
+    /// walk through it shadows and write-protects it again. `Ok(false)`: no shadow page
+    /// shadowed the frame (already unprotected, by another vCPU say); re-entering is still
+    /// right. Remote TLBs are flushed before it returns if a present SPTE went. In guest mode
+    /// it leaves it first (a VM exit).
+    pub fn unprotect_gfn(&mut self, gfn: Gfn) -> Result<bool, ShadowError> {
+        self.exit_guest_mode();
+        let VcpuMmuState::Shadow(sv) = &self.mmu else {
+            return Err(ShadowError::NotShadow);
+        };
+        Ok(self.vm.shadow_for(sv).unprotect_gfn(&self.vm.core, gfn))
+    }
 }
 
 impl<H: Host + GuestMemory> Vcpu<H> {
