@@ -137,8 +137,8 @@ impl fmt::Display for Text<'_> {
         if let Some(g) = &r.guest_paging {
             writeln!(
                 f,
-                "guest paging: {} PTE stores, {} remaps, {} unmapped reads, {} CR3 loads, {} edits of the other space (then a switch to it), {} table stores emulated as write-protected, {} writes through a read-only alias, {} shootdowns followed by a flush of the whole TLB",
-                g.pte_stores, g.remaps, g.unmapped_reads, g.cr3_loads, g.other_space_edits, g.emulated_table_stores, g.read_only_alias_writes, g.whole_tlb_flushes
+                "guest paging: {} PTE stores, {} remaps, {} unmapped reads, {} CR3 loads, {} edits of the other space (then a switch to it), {} table stores emulated as write-protected, {} unprotected and run again, {} writes through a read-only alias, {} shootdowns followed by a flush of the whole TLB",
+                g.pte_stores, g.remaps, g.unmapped_reads, g.cr3_loads, g.other_space_edits, g.emulated_table_stores, g.unprotected_table_stores, g.read_only_alias_writes, g.whole_tlb_flushes
             )?;
         }
         if let Some(d) = &r.dirty_log {
@@ -206,12 +206,13 @@ mod tests {
         r.guest_paging = Some(vmmu_sim::machine_paging::PagingCounters {
             other_space_edits: 7,
             emulated_table_stores: 6,
+            unprotected_table_stores: 3,
             read_only_alias_writes: 5,
             whole_tlb_flushes: 4,
             ..Default::default()
         });
         let text = Text(&r).to_string();
-        assert!(text.contains("7 edits of the other space (then a switch to it), 6 table stores emulated as write-protected, 5 writes through a read-only alias, 4 shootdowns followed by a flush of the whole TLB"), "{text}");
+        assert!(text.contains("7 edits of the other space (then a switch to it), 6 table stores emulated as write-protected, 3 unprotected and run again, 5 writes through a read-only alias, 4 shootdowns followed by a flush of the whole TLB"), "{text}");
         assert!(to_json(&r).contains("\"read_only_alias_writes\": 5"), "{}", to_json(&r));
     }
 
