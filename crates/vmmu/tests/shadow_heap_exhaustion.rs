@@ -411,7 +411,8 @@ fn cr3_switches_mode_changes_and_vcpu_drops_without_heap() {
 
 /// Emulated guest writes to the tables the MMU shadows (`Vcpu::track_write`): a write that
 /// drops one SPTE, a misaligned write (zaps the page) and flooding (three writes to an upper-
-/// level table zap it) need no heap. The guest's new entries are used afterwards.
+/// level table zap it) need no heap, nor does unprotecting a table (`Vcpu::unprotect_gfn`).
+/// The guest's new entries are used afterwards.
 #[test]
 fn emulated_writes_to_shadowed_tables_without_heap() {
     let (vm, host, next) = shadow_vm_with(|_| {});
@@ -452,6 +453,13 @@ fn emulated_writes_to_shadowed_tables_without_heap() {
     for &gva in &gvas[2..] {
         assert!(matches!(access(&mut v, gva, false), Seen::Ram(_)), "{gva:#x}");
     }
+    // Unprotecting the last-level table instead of emulating a write to it (`unprotect_gfn`)
+    // zaps its shadow pages without heap; the guest's untracked edit is then seen.
+    let pte2 = s.entry_gpa(gvas[2], 1);
+    let (out, failed) = without_heap(|| v.unprotect_gfn(vmmu::Gpa(pte2).gfn()));
+    assert_eq!(out, Ok(true), "after {failed} failed allocations");
+    host.write_u64(RAM_HVA + pte2, 0x112_0000 | P | RW | US);
+    assert!(matches!(access(&mut v, gvas[2], false), Seen::Ram(p) if p == ram_pfn(0x112_0000)));
     assert_promises(&vm, 0);
 }
 
