@@ -665,10 +665,11 @@ fn kvm_stopping_in_a_slot_the_machine_refused_is_the_largest_gfn_difference() {
     assert!(!max_gfn_differs_only(&narrow, &sources));
 }
 
-/// A file whose maps hold [`vmmu_scenario::MAP_TABLES`] guest page tables (the parser's limit)
-/// and one that toggles a region between 4K and 2M pages far more often than the backends have
-/// tables (each toggle unlinks a page table, which they reuse) run to the end on every side, at
-/// `format=shadow` and `ept`, and agree.
+/// A file whose maps hold [`vmmu_scenario::MAP_TABLES`] guest page tables (the parser's limit),
+/// one that toggles a region between 4K and 2M pages far more often than the backends have
+/// tables (each toggle unlinks a page table, which they reuse), and one that reaches the limit
+/// with page tables unlinked while they held entries (never reused) run to the end on every
+/// side, at `format=shadow` and `ept`, and agree.
 #[test]
 fn guest_page_tables_to_the_limit_and_page_size_churn_agree_across_sides() {
     let mut full = String::from("vm vcpus=2 paging=4level format=shadow\n");
@@ -699,8 +700,24 @@ fn guest_page_tables_to_the_limit_and_page_size_churn_agree_across_sides() {
     }
     churn.push_str("map gva=0x80000000 gpa=0x40001000\nwrite 0 gva=0x80000000 size=8 value=0x77\n");
     churn.push_str("read 1 gva=0x80000000 size=8\nread 1 gva=0x80001000 size=8\n");
+    // A 2M unmap over a live 4K mapping leaves its page table holding the entry: the backends
+    // never reuse it, and the parser counts it for good. Up to the limit so, then a 2M map
+    // (no table) and accesses.
+    let mut kept = String::from("vm vcpus=2 paging=4level format=shadow\n");
+    kept.push_str("mem ram size=4M\nslot 1 gpa=0x40000000 size=4M mem=ram\n");
+    for k in 0..n {
+        let gva = (4 + k) << 21;
+        kept.push_str(&format!(
+            "map gva={gva:#x} gpa=0x40000000\nwrite 0 gva={gva:#x} size=8 value={k:#x}\n\
+             unmap gva={gva:#x} size=2M\n"
+        ));
+    }
+    kept.push_str(
+        "map gva=0x800000 gpa=0x40200000 size=2M\nwrite 0 gva=0x801000 size=8 value=0x9\n",
+    );
+    kept.push_str("read 1 gva=0x801000 size=8\nread 1 gva=0x1000000 size=8\n");
     let kvm = vmmu_kvm::probe();
-    for (name, text) in [("full", &full), ("churn", &churn)] {
+    for (name, text) in [("full", &full), ("churn", &churn), ("kept", &kept)] {
         for format in ["shadow", "ept"] {
             let mut s = parse(&text.replacen("format=shadow", &format!("format={format}"), 1))
                 .unwrap_or_else(|e| panic!("{name}: {e}"));

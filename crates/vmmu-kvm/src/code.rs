@@ -86,18 +86,58 @@ pub fn exception_stub(vector: u8) -> [u8; 16] {
     s
 }
 
+/// The pages a routine invalidates: `pages` 4 KiB pages from `gva` up (one `invlpg` for one
+/// page, a loop for more).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Invlpg {
+    /// The first page's address.
+    pub gva: u64,
+    /// How many pages (at least 1).
+    pub pages: u32,
+}
+
+impl Invlpg {
+    /// The one page holding `gva`.
+    pub const fn page(gva: u64) -> Self {
+        Invlpg { gva, pages: 1 }
+    }
+}
+
+/// The `invlpg` of `inv` with the address in rax (eax in 32-bit code, whose encodings of these
+/// instructions are the same without the REX.W prefix): `invlpg [rax]`, or for more pages `mov
+/// ecx, pages; l: invlpg [rax]; add rax, 0x1000; dec ecx; jnz l`.
+fn invlpg_pages(c: &mut Vec<u8>, inv: Invlpg, rex_w: bool) {
+    const INVLPG: [u8; 3] = [0x0f, 0x01, 0x38];
+    if inv.pages <= 1 {
+        c.extend_from_slice(&INVLPG);
+        return;
+    }
+    c.push(0xb9); // mov ecx, pages
+    c.extend_from_slice(&inv.pages.to_le_bytes());
+    let body_start = c.len();
+    c.extend_from_slice(&INVLPG);
+    if rex_w {
+        c.push(0x48);
+    }
+    c.extend_from_slice(&[0x05, 0x00, 0x10, 0x00, 0x00]); // add rax/eax, 0x1000
+    c.extend_from_slice(&[0xff, 0xc9]); // dec ecx
+                                        // jnz back to the invlpg: rel8 from the end of this 2-byte jump.
+    let back = c.len() + 2 - body_start;
+    c.extend_from_slice(&[0x75, (back as u8).wrapping_neg()]);
+}
+
 /// CPL0 code (paging): store each `(address, value)` as one 8-byte `mov` (`writes`, in order),
-/// then `invlpg` `gva` if given, then the sync store to `sync`.
-pub fn kernel_writes(writes: &[(u64, u64)], invlpg: Option<u64>, sync: u64) -> Vec<u8> {
-    let mut c = Vec::with_capacity(23 * writes.len() + 40);
+/// then invalidate the pages of `invlpg` if given, then the sync store to `sync`.
+pub fn kernel_writes(writes: &[(u64, u64)], invlpg: Option<Invlpg>, sync: u64) -> Vec<u8> {
+    let mut c = Vec::with_capacity(23 * writes.len() + 50);
     for &(at, v) in writes {
         mov_rax_imm64(&mut c, at);
         mov_rbx_imm64(&mut c, v);
         c.extend_from_slice(&[0x48, 0x89, 0x18]); // mov qword [rax], rbx
     }
-    if let Some(gva) = invlpg {
-        mov_rax_imm64(&mut c, gva);
-        c.extend_from_slice(&[0x0f, 0x01, 0x38]); // invlpg [rax]
+    if let Some(inv) = invlpg {
+        mov_rax_imm64(&mut c, inv.gva);
+        invlpg_pages(&mut c, inv, true);
     }
     sync_and_trap(&mut c, sync);
     c
@@ -195,7 +235,7 @@ fn store32(c: &mut Vec<u8>, at: u64, v: u64) {
 /// 32-bit [`kernel_writes`]: each 8-byte entry as two 4-byte stores, as a 32-bit PAE OS makes
 /// them (Linux `set_pte`/`pte_clear`): a new value high half first, then the low half (with P);
 /// a clear low half first (dropping P), then the high half.
-pub fn kernel_writes32(writes: &[(u64, u64)], invlpg: Option<u64>, sync: u64) -> Vec<u8> {
+pub fn kernel_writes32(writes: &[(u64, u64)], invlpg: Option<Invlpg>, sync: u64) -> Vec<u8> {
     let mut c = Vec::with_capacity(22 * writes.len() + 20);
     for &(at, v) in writes {
         if v == 0 {
@@ -206,10 +246,10 @@ pub fn kernel_writes32(writes: &[(u64, u64)], invlpg: Option<u64>, sync: u64) ->
             store32(&mut c, at, v & 0xffff_ffff);
         }
     }
-    if let Some(gva) = invlpg {
+    if let Some(inv) = invlpg {
         c.push(0xb8); // mov eax, gva
-        c.extend_from_slice(&imm32(gva));
-        c.extend_from_slice(&[0x0f, 0x01, 0x38]); // invlpg [eax]
+        c.extend_from_slice(&imm32(inv.gva));
+        invlpg_pages(&mut c, inv, false);
     }
     sync_and_trap32(&mut c, sync);
     c
@@ -276,7 +316,7 @@ mod tests {
     }
     #[test]
     fn kernel_routines() {
-        let c = kernel_writes(&[(0x20_1000, 0x7)], Some(0x4000_0000), SYNC_GPA);
+        let c = kernel_writes(&[(0x20_1000, 0x7)], Some(Invlpg::page(0x4000_0000)), SYNC_GPA);
         assert_eq!(&c[..2], &[0x48, 0xb8]);
         assert_eq!(&c[10..12], &[0x48, 0xbb]);
         assert_eq!(&c[20..23], &[0x48, 0x89, 0x18]);
@@ -290,6 +330,21 @@ mod tests {
         let h = pf_handler(0x7f_e000);
         assert_eq!(&h[..3], &[0x0f, 0x20, 0xd0]);
         assert_eq!(h.len(), 3 + 10 + 3 + 4 + 4 + 3);
+    }
+
+    /// More pages than one: a counted loop over them.
+    #[test]
+    fn invlpg_of_a_range_loops_over_its_pages() {
+        let c = kernel_writes(&[], Some(Invlpg { gva: 0x4000_0000, pages: 512 }), SYNC_GPA);
+        assert_eq!(&c[..2], &[0x48, 0xb8]);
+        assert_eq!(&c[10..15], &[0xb9, 0x00, 0x02, 0, 0]);
+        let body = [0x0f, 0x01, 0x38, 0x48, 0x05, 0x00, 0x10, 0, 0, 0xff, 0xc9, 0x75, 0xf3];
+        assert_eq!(&c[15..28], &body);
+        assert_eq!(&c[28..], &TAIL);
+        // jnz goes back to the invlpg: -13, the loop's length (-12 without REX.W).
+        let k = kernel_writes32(&[], Some(Invlpg { gva: 0x4000_0000, pages: 512 }), 0);
+        assert_eq!(&k[5..10], &[0xb9, 0x00, 0x02, 0, 0]);
+        assert_eq!(&k[10..22], &[0x0f, 0x01, 0x38, 0x05, 0x00, 0x10, 0, 0, 0xff, 0xc9, 0x75, 0xf4]);
     }
 
     #[test]
@@ -310,7 +365,7 @@ mod tests {
         let k = kernel_writes32(&[(0x20_0000, 0x8_0000_1007)], None, 0);
         assert_eq!(&k[..11], &[0xb8, 0x04, 0, 0x20, 0, 0xc7, 0x00, 0x08, 0, 0, 0]);
         assert_eq!(&k[11..22], &[0xb8, 0, 0, 0x20, 0, 0xc7, 0x00, 0x07, 0x10, 0, 0]);
-        let k = kernel_writes32(&[(0x20_0000, 0)], Some(0xc000_0000), 0);
+        let k = kernel_writes32(&[(0x20_0000, 0)], Some(Invlpg::page(0xc000_0000)), 0);
         assert_eq!(&k[..5], &[0xb8, 0, 0, 0x20, 0]);
         assert_eq!(&k[27..30], &[0x0f, 0x01, 0x38]);
         assert_eq!(&kernel_cr3_32(0x20_1000, 0)[5..8], &[0x0f, 0x22, 0xd8]);

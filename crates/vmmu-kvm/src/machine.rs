@@ -14,7 +14,7 @@
 //!   every CR3 load after the first is the guest's own MOV CR3. `GuestPaging::tables` is the
 //!   host's copy, used to place new tables and to refuse accesses beyond a slot's buffer.
 
-use crate::code::{self, EXCEPTION_PORT, SYNC_GPA};
+use crate::code::{self, Invlpg, EXCEPTION_PORT, SYNC_GPA};
 use crate::errno;
 use crate::guest::{self, CodeMode, Cpl, CODE, KSTACK_TOP, OWN_SIZE, OWN_SLOT};
 use crate::mapping::Mapping;
@@ -763,8 +763,8 @@ impl KvmMachine {
         }
     }
 
-    /// vCPU 0 makes the entry `writes` at CPL0 and invalidates `gva`, then enters once more
-    /// (`settle`); every other vCPU then invalidates `gva` too (a TLB shootdown).
+    /// vCPU 0 makes the entry `writes` at CPL0 and invalidates the pages of `inv`, then enters
+    /// once more (`settle`); every other vCPU then invalidates them too (a TLB shootdown).
     ///
     /// The settling entry pins down when vCPU 0 replaces a root its stores flooded: KVM loads
     /// the new root at vCPU 0's next VM entry, and whether one comes before the routine's sync
@@ -772,11 +772,11 @@ impl KvmMachine {
     /// but a reschedule in between makes an entry there; CI saw it). With one more entry the
     /// root is always replaced within the step, so KVM's shadow counters after the step do not
     /// depend on timing (the simulated machine makes the same entry).
-    fn shootdown(&mut self, writes: &[(u64, u64)], gva: u64) -> Result<(), KvmError> {
+    fn shootdown(&mut self, writes: &[(u64, u64)], inv: Invlpg) -> Result<(), KvmError> {
         let kernel_writes = if self.pae() { code::kernel_writes32 } else { code::kernel_writes };
-        self.run_kernel(0, &kernel_writes(writes, Some(gva), SYNC_GPA))?;
+        self.run_kernel(0, &kernel_writes(writes, Some(inv), SYNC_GPA))?;
         self.run_kernel(0, &kernel_writes(&[], None, SYNC_GPA))?;
-        let flush = kernel_writes(&[], Some(gva), SYNC_GPA);
+        let flush = kernel_writes(&[], Some(inv), SYNC_GPA);
         for v in 1..self.vcpus.len() as u32 {
             self.run_kernel(v, &flush)?;
         }
@@ -915,13 +915,17 @@ impl Machine for KvmMachine {
 
     fn map(&mut self, op: &MapOp) -> Result<(), BackendError> {
         let writes = self.guest_paging()?.tables.map(op).map_err(KvmError::from)?;
-        self.shootdown(&writes, op.gva)?;
+        self.shootdown(&writes, Invlpg::page(op.gva))?;
         Ok(())
     }
 
     fn unmap(&mut self, op: &UnmapOp) -> Result<(), BackendError> {
-        let writes = self.guest_paging()?.tables.unmap(op);
-        self.shootdown(&writes, op.gva)?;
+        let tables = &mut self.guest_paging()?.tables;
+        // A 2M unmap that clears a link to a page table unmaps every 4K page under it: each is
+        // invalidated (one INVLPG drops only its own page's translations).
+        let pages = if tables.links_table(op) { 512 } else { 1 };
+        let writes = tables.unmap(op);
+        self.shootdown(&writes, Invlpg { gva: op.gva, pages })?;
         Ok(())
     }
 

@@ -247,6 +247,16 @@ impl Tables {
         Ok(writes)
     }
 
+    /// Whether `op` is a 2M unmap whose page-directory entry links a page table (so that it
+    /// unmaps the 4K pages under it).
+    pub fn links_table(&self, op: &UnmapOp) -> bool {
+        op.size == PageSize::Size2M
+            && self.slot(op.space, op.gva, 2).is_some_and(|at| {
+                let e = self.entry(at);
+                e & P != 0 && e & PS == 0
+            })
+    }
+
     /// The entry write that clears the mapping of `op` (none if no table holds that entry),
     /// applied to the model.
     pub fn unmap(&mut self, op: &UnmapOp) -> Vec<(u64, u64)> {

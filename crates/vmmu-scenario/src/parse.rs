@@ -200,12 +200,12 @@ pub enum ParseErrorKind {
         /// The page size.
         size: crate::step::PageSize,
     },
-    /// Page sizes mixed in one 2 MiB region of one page-table space.
+    /// A `map` whose page size mixes with what is live in its 2 MiB region of its page-table
+    /// space.
     #[error(
-        "{} of a {} page at gva {gva:#x} in space {space}: the 2 MiB region holds live {} mapping(s); \
-         page sizes may not mix in a region ({})",
-        if *unmap { "unmap" } else { "map" }, page_size_name(*size), page_size_name(*live),
-        mixed_sizes_hint(*unmap, *live, *gva)
+        "map of a {} page at gva {gva:#x} in space {space}: the 2 MiB region holds live {} \
+         mapping(s); page sizes may not mix in a region ({})",
+        page_size_name(*size), page_size_name(*live), mixed_sizes_hint(*live, *gva)
     )]
     MixedPageSizes {
         /// The page-table space.
@@ -216,13 +216,12 @@ pub enum ParseErrorKind {
         size: crate::step::PageSize,
         /// The size of what is live in the region.
         live: crate::step::PageSize,
-        /// Whether the line is an `unmap` (else a `map`).
-        unmap: bool,
     },
     /// A `map` that needs a guest page table when the file's maps hold the most there are.
     #[error(
         "this map needs a new guest page table, but the file's maps already hold {limit}, the most \
-         the backends keep below 8 MiB (a 2M map or unmap frees the page table of its 2 MiB region)"
+         the backends keep below 8 MiB (a 2M map or unmap frees the page table of its 2 MiB region if \
+         no mapping in it is live)"
     )]
     TooManyTables {
         /// [`crate::MAP_TABLES`].
@@ -311,17 +310,13 @@ fn non_canonical(gva: u64, paging: crate::step::Paging) -> String {
 }
 
 /// What to do instead of mixing page sizes in a 2 MiB region (`live`: the size mapped there).
-fn mixed_sizes_hint(unmap: bool, live: crate::step::PageSize, gva: u64) -> String {
+fn mixed_sizes_hint(live: crate::step::PageSize, gva: u64) -> String {
     let region = gva & !(crate::step::PageSize::Size2M.bytes() - 1);
-    match (unmap, live) {
-        (true, crate::step::PageSize::Size2M) => {
-            format!("to clear the 2M mapping, unmap gva={region:#x} size=2M")
+    match live {
+        crate::step::PageSize::Size2M => format!("unmap gva={region:#x} size=2M first"),
+        crate::step::PageSize::Size4K => {
+            format!("unmap its 4K pages first, or all of them with unmap gva={region:#x} size=2M")
         }
-        (true, crate::step::PageSize::Size4K) => "unmap its 4K pages one by one".into(),
-        (false, crate::step::PageSize::Size2M) => {
-            format!("unmap gva={region:#x} size=2M first")
-        }
-        (false, crate::step::PageSize::Size4K) => "unmap its 4K pages first".into(),
     }
 }
 

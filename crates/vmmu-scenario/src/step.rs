@@ -10,8 +10,8 @@
 //! - with guest paging (version 2) guest accesses name GVAs instead: canonical for the paging
 //!   mode, at or above `RESERVED_BELOW`, outside PML4 entry 256; `map`/`unmap`/`cr3` appear only
 //!   with paging on, name spaces below [`SPACES`], pages aligned to their size, `map` gpas in
-//!   `[RESERVED_BELOW, ACCESS_LIMIT)`, and never mix 4K and 2M pages in one 2 MiB region of a
-//!   space;
+//!   `[RESERVED_BELOW, ACCESS_LIMIT)`, and no `map` mixes 4K and 2M pages in one 2 MiB region
+//!   of a space;
 //! - nothing reserved for the backends (see [`RESERVED_SLOT_IDS`], [`RESERVED_BELOW`]) is used.
 //!
 //! Slot requests are *not* validated: KVM's rules decide them at run time.
@@ -142,7 +142,8 @@ pub struct MapOp {
     pub flags: MapFlags,
 }
 
-/// An `unmap` step: the guest clears one PTE in page-table space `space`.
+/// An `unmap` step: the guest clears the entry of a `size` page at `gva` in page-table space
+/// `space`, if a table holds one (a 2M one over 4K pages clears the link to their table).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UnmapOp {
     /// Page-table space, 0..=7.
@@ -170,8 +171,9 @@ pub const SPACES: u8 = 8;
 /// more is a parse error. A `map` creates the tables its entry needs (with `paging=4level` a
 /// page-directory-pointer table per new PML4 entry and a page directory per new PDPT entry,
 /// except for the first GiB, whose tables every space has; a page table per 2 MiB region that
-/// gets its first 4K mapping); a 2M `map` or `unmap` frees the page table of its region, which
-/// the backends then reuse (its 4K pages were all unmapped, so it is clear).
+/// gets its first 4K mapping); a 2M `map` or `unmap` frees the page table of its region if its
+/// 4K pages were all unmapped (it is clear; the backends then reuse it), and a 2M `unmap` of a
+/// region with live 4K pages leaves its page table held for good (never reused).
 pub const MAP_TABLES: usize = 960;
 
 /// The `vm` line, with defaults filled in (and, in [`Scenario::vm`], command-line overrides).

@@ -320,6 +320,21 @@ impl GuestTables {
         None
     }
 
+    /// Whether a `size` unmap of `gva` in `space` is a 2M one whose page-directory entry links a
+    /// page table (so that it unmaps the 4K pages under it).
+    pub fn links_table(&self, space: u8, gva: u64, size: PageSize) -> Result<bool, TablesError> {
+        if size != PageSize::Size2M {
+            return Ok(false);
+        }
+        Ok(match self.existing_entry_gpa(space, gva, 2)? {
+            Some(at) => {
+                let e = self.read(at)?;
+                e & P != 0 && e & PS == 0
+            }
+            None => false,
+        })
+    }
+
     /// The writes of an `unmap` step: the entry cleared, or nothing when no table holds it (the
     /// space, a table above it or the page table under a large page is missing), as the KVM
     /// backend's guest does; an unmap creates no table. (Creating them wrote entries of shadowed

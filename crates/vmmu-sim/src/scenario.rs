@@ -431,12 +431,12 @@ impl SimMachine {
         self.job(0, |reply| Job::TableWrites { writes, reply })
     }
 
-    /// Every vCPU invalidates `gva` (the guest's TLB shootdown).
-    fn shootdown(&self, gva: u64) -> Result<(), BackendError> {
+    /// Every vCPU invalidates `pages` pages from `gva` up (the guest's TLB shootdown).
+    fn shootdown(&self, gva: u64, pages: u32) -> Result<(), BackendError> {
         for v in 0..self.vcpus.len() as u32 {
             // vCPU 0 invalidates in the routine that made the table writes (no entry between).
             let routine = if v == 0 { InvlpgRoutine::AfterTableWrites } else { InvlpgRoutine::Own };
-            self.job(v, |reply| Job::Invlpg { gva, routine, reply })?;
+            self.job(v, |reply| Job::Invlpg { gva, pages, routine, reply })?;
         }
         Ok(())
     }
@@ -700,13 +700,18 @@ impl Machine for SimMachine {
         let writes =
             self.tables()?.map(op.space, op.gva, op.gpa, op.size, op.flags).map_err(failed)?;
         self.guest_writes(writes)?;
-        self.shootdown(op.gva)
+        self.shootdown(op.gva, 1)
     }
 
     fn unmap(&mut self, op: &UnmapOp) -> Result<(), BackendError> {
-        let writes = self.tables()?.unmap(op.space, op.gva, op.size).map_err(failed)?;
+        let tables = self.tables()?;
+        // A 2M unmap that clears a link to a page table unmaps every 4K page under it: each is
+        // invalidated, as the KVM backend's guest does.
+        let pages =
+            if tables.links_table(op.space, op.gva, op.size).map_err(failed)? { 512 } else { 1 };
+        let writes = tables.unmap(op.space, op.gva, op.size).map_err(failed)?;
         self.guest_writes(writes)?;
-        self.shootdown(op.gva)
+        self.shootdown(op.gva, pages)
     }
 
     fn cr3(&mut self, op: &Cr3Op) -> Result<(), BackendError> {

@@ -30,9 +30,10 @@ pub(crate) enum Job {
     Access { addr: u64, width: RamWidth, write: Option<u64>, reply: Sender<Result<Access, String>> },
     /// The guest stores these page-table entries (8 bytes each, in order).
     TableWrites { writes: Vec<(u64, u64)>, reply: Sender<Result<(), String>> },
-    /// INVLPG of a guest-virtual address, in a routine of its own or at the end of the one that
-    /// made the table writes.
-    Invlpg { gva: u64, routine: InvlpgRoutine, reply: Sender<Result<(), String>> },
+    /// INVLPG of `pages` 4 KiB pages from a guest-virtual address up (the KVM backend's loop for
+    /// more than one), in a routine of its own or at the end of the one that made the table
+    /// writes.
+    Invlpg { gva: u64, pages: u32, routine: InvlpgRoutine, reply: Sender<Result<(), String>> },
     /// MOV CR3: by the guest's own routine (`guest`: with the VM entries around it), or the
     /// loader's initial CR3 (no entry: the vCPU's first one loads the root).
     Cr3 { cr3: u64, guest: bool, reply: Sender<Result<(), String>> },
@@ -244,9 +245,11 @@ fn shadow_thread(
                 });
                 let _ = reply.send(r);
             }
-            Job::Invlpg { gva, routine, reply } => {
+            Job::Invlpg { gva, pages, routine, reply } => {
                 let invlpg = |v: &mut vmmu::vcpu::Vcpu<SimHost>| {
-                    v.invlpg(Gva(gva)).map_err(|e| e.to_string())
+                    (0..u64::from(pages.max(1)))
+                        .try_for_each(|i| v.invlpg(Gva(gva + (i << 12))))
+                        .map_err(|e| e.to_string())
                 };
                 let r = match routine {
                     InvlpgRoutine::Own => entry(v).and_then(|()| invlpg(v)),

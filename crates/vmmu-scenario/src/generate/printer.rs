@@ -461,15 +461,14 @@ impl Guest {
         self.maps.push((space, gva, if m.huge { HUGE_PAGE } else { PAGE_SIZE }));
     }
 
-    /// Unmaps with the size of what is live (a 2M unmap of 4K pages unmaps each of them).
+    /// Unmaps a page of the size asked: a 2M unmap of a region of 4K pages clears the
+    /// page-directory entry above all of them, and a 4K unmap inside a 2M page clears nothing
+    /// (no page table holds such an entry; the 2M page stays).
     fn unmap(&mut self, t: &mut String, space: u8, g: GenGva, huge: bool) {
         let gva = self.gva(g);
         let key = (space, gva & !(HUGE_PAGE - 1));
         match self.live.get_mut(&key) {
-            Some(Live::Huge) => {
-                Self::unmap_line(t, space, key.1, true);
-                self.live.remove(&key);
-            }
+            Some(Live::Huge) if !huge => Self::unmap_line(t, space, gva, false),
             Some(Live::Small(pages)) if !huge => {
                 pages.remove(&gva);
                 if pages.is_empty() {
@@ -477,7 +476,10 @@ impl Guest {
                 }
                 Self::unmap_line(t, space, gva, false);
             }
-            Some(Live::Small(_)) => self.clear_for(t, key, true),
+            Some(_) => {
+                Self::unmap_line(t, space, key.1, true);
+                self.live.remove(&key);
+            }
             None => Self::unmap_line(t, space, if huge { key.1 } else { gva }, huge),
         }
     }

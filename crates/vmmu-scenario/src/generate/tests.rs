@@ -94,6 +94,9 @@ fn paging_scenarios_cover_modes_sizes_flags_spaces_and_hit_mappings() {
     let (mut hits, mut accesses, mut unmap_huge) = (0usize, 0usize, 0usize);
     // Page tables the backends reuse: unlinked by a 2M map or unmap, taken by a later 4K map.
     let mut reused = 0usize;
+    // Unmaps of the other page size: a 2M one over live 4K pages (clears the link to their
+    // table), a 4K one inside a 2M page (clears nothing).
+    let (mut unmap_over_small, mut unmap_in_huge) = (0usize, 0usize);
     for g in paging_samples(300) {
         let s = parse(&g.text()).unwrap();
         *modes.entry(format!("{} {}", s.vm.paging, s.vm.format)).or_default() += 1;
@@ -106,6 +109,8 @@ fn paging_scenarios_cover_modes_sizes_flags_spaces_and_hit_mappings() {
             usize::from(pts.remove(&(space, gva >> 21)))
         };
         let mut cr3 = vec![0u8; s.vm.vcpus as usize];
+        let mut huge_regions = std::collections::BTreeSet::new();
+        let mut small: BTreeMap<(u8, u64), std::collections::BTreeSet<u64>> = BTreeMap::new();
         for step in &s.steps {
             *kinds.entry(step.op.keyword()).or_default() += 1;
             let pages = |gva: u64, size: PageSize| {
@@ -122,6 +127,12 @@ fn paging_scenarios_cover_modes_sizes_flags_spaces_and_hit_mappings() {
                     for p in pages(m.gva, m.size) {
                         mapped.insert((m.space, p), true);
                     }
+                    let region = (m.space, m.gva >> 21);
+                    if m.size == PageSize::Size2M {
+                        huge_regions.insert(region);
+                    } else {
+                        small.entry(region).or_default().insert(m.gva);
+                    }
                     if m.size == PageSize::Size2M {
                         free += unlink(m.space, m.gva, &mut pts);
                     } else if pts.insert((m.space, m.gva >> 21)) && free > 0 {
@@ -131,8 +142,23 @@ fn paging_scenarios_cover_modes_sizes_flags_spaces_and_hit_mappings() {
                 }
                 Op::Unmap(u) => {
                     unmap_huge += usize::from(u.size == PageSize::Size2M);
+                    let region = (u.space, u.gva >> 21);
                     if u.size == PageSize::Size2M {
-                        free += unlink(u.space, u.gva, &mut pts);
+                        let small_live = small.remove(&region).is_some_and(|p| !p.is_empty());
+                        huge_regions.remove(&region);
+                        if small_live {
+                            // Their page table still holds entries: the backends keep it.
+                            unmap_over_small += 1;
+                            pts.remove(&region);
+                        } else {
+                            free += unlink(u.space, u.gva, &mut pts);
+                        }
+                    } else if huge_regions.contains(&region) {
+                        // No page table holds a 4K entry under a 2M page: nothing changes.
+                        unmap_in_huge += 1;
+                        continue;
+                    } else if let Some(p) = small.get_mut(&region) {
+                        p.remove(&u.gva);
                     }
                     for p in pages(u.gva, u.size) {
                         mapped.remove(&(u.space, p));
@@ -163,6 +189,8 @@ fn paging_scenarios_cover_modes_sizes_flags_spaces_and_hit_mappings() {
         ("spaces above 1", other_space),
         ("GVAs above 4 GiB", high),
         ("page tables reused", reused),
+        ("2M unmaps over live 4K pages", unmap_over_small),
+        ("4K unmaps inside a 2M page", unmap_in_huge),
     ] {
         assert!(n >= 20, "{n} {what}");
     }

@@ -11,11 +11,14 @@
 //! - `map`: `space` 0..=7 (default 0), `size` 4K or 2M (default 4K; any spelling of those two
 //!   sizes), `gva` and `gpa` aligned to the size, `gpa` at or above 8 MiB, `gpa + size` at most
 //!   64 GiB, flags `readonly`, `supervisor`, `reserved` (each at most once);
-//! - page sizes do not mix in one 2 MiB region of one space: a 4K `map` or `unmap` inside a live
-//!   2M mapping, a 2M `map` over live 4K mappings, or a 2M `unmap` of a region that holds live 4K
-//!   mappings is an error (an `unmap` names the size of what is mapped there, if anything is: it
-//!   clears that entry). Mapping a mapped page again with the same size replaces it; unmapping
-//!   a page that is not mapped is allowed (the guest clears an entry that is already clear);
+//! - page sizes do not mix in one 2 MiB region of one space: a 4K `map` inside a live 2M
+//!   mapping, or a 2M `map` over live 4K mappings, is an error. Mapping a mapped page again with
+//!   the same size replaces it; an `unmap` clears the entry of its size if a table holds it,
+//!   else writes nothing (the guest clears an entry that is already clear, or that no table
+//!   holds): a 4K `unmap` inside a live 2M mapping changes nothing (no page table holds a 4K
+//!   entry there), and a 2M `unmap` of a region with live 4K mappings clears the page-directory
+//!   entry that links their page table, so all of them go (the backends invalidate every page of
+//!   the region on every vCPU, so this is seen from the next step whatever the MMU);
 //! - `cr3 VCPU space=S`: `VCPU` below `vcpus`, `space` required, 0..=7;
 //! - the file's maps hold at most [`crate::MAP_TABLES`] guest page tables at once ([`MapTables`]
 //!   counts them as the backends allocate them).
@@ -69,11 +72,15 @@ enum Table {
 /// The guest page tables the file's `map` steps hold ([`crate::MAP_TABLES`]). Every space has
 /// its root and the tables of its first GiB (4level: PDPT 0 and PD 0; pae: the four page
 /// directories) from the start; a `map` creates what its entry needs below them, a 2M `map` or
-/// `unmap` frees its region's page table (the backends write the region's page-directory entry,
-/// so the table is unlinked, and reuse it), and nothing else frees a table.
+/// `unmap` unlinks its region's page table (the backends write the region's page-directory
+/// entry) and frees it if no entry in it is live (the backends reuse it), and nothing else frees
+/// a table. One unlinked while it held live 4K mappings (a 2M `unmap`) stays held for good: the
+/// backends never reuse a table with entries in it.
 #[derive(Debug, Default)]
 struct MapTables {
     live: std::collections::HashSet<Table>,
+    /// Page tables unlinked while they held live entries.
+    kept: usize,
 }
 
 impl MapTables {
@@ -92,20 +99,24 @@ impl MapTables {
     fn map(&mut self, paging: Paging, space: u8, gva: u64, size: PageSize) -> Result<(), usize> {
         let new: Vec<Table> =
             Self::path(paging, space, gva, size).filter(|t| !self.live.contains(t)).collect();
-        if self.live.len() + new.len() > crate::step::MAP_TABLES {
+        if self.live.len() + self.kept + new.len() > crate::step::MAP_TABLES {
             return Err(crate::step::MAP_TABLES);
         }
         self.live.extend(new);
         if size == PageSize::Size2M {
-            self.unlink_pt(space, gva);
+            // The parser refuses a 2M map over live 4K mappings: the table holds none.
+            self.unlink_pt(space, gva, false);
         }
         Ok(())
     }
 
     /// A 2M `map` or `unmap` writes the region's page-directory entry: its page table, if it
-    /// had one, is free.
-    fn unlink_pt(&mut self, space: u8, gva: u64) {
-        self.live.remove(&Table::Pt(space, (gva & ((1 << 48) - 1)) >> 21));
+    /// had one, is unlinked, and free unless it `held` live entries.
+    fn unlink_pt(&mut self, space: u8, gva: u64, held: bool) {
+        let linked = self.live.remove(&Table::Pt(space, (gva & ((1 << 48) - 1)) >> 21));
+        if linked && held {
+            self.kept += 1;
+        }
     }
 }
 
@@ -206,7 +217,8 @@ impl Parser {
     }
 
     /// Records a `map` (`unmap: false`) or an `unmap` of the page at `gva` in `space`, or says
-    /// why its size mixes with what is live in its 2 MiB region.
+    /// why a `map`'s size mixes with what is live in its 2 MiB region. `Ok(true)`: a 2M `unmap`
+    /// that unmaps live 4K mappings (it unlinks their page table).
     fn track(
         &mut self,
         gw: Word<'_>,
@@ -214,12 +226,17 @@ impl Parser {
         gva: u64,
         size: PageSize,
         unmap: bool,
-    ) -> LineResult<()> {
+    ) -> LineResult<bool> {
         let key = (space, gva & !(REGION - 1));
-        let mixed =
-            |live| (gw.col, ParseErrorKind::MixedPageSizes { space, gva, size, live, unmap });
+        let mixed = |live| (gw.col, ParseErrorKind::MixedPageSizes { space, gva, size, live });
         match (self.pt.regions.get_mut(&key), size) {
+            // No page table holds a 4K entry under a 2M page: the guest writes nothing.
+            (Some(Region::Huge), PageSize::Size4K) if unmap => {}
             (Some(Region::Huge), PageSize::Size4K) => return Err(mixed(PageSize::Size2M)),
+            (Some(Region::Small(_)), PageSize::Size2M) if unmap => {
+                self.pt.regions.remove(&key);
+                return Ok(true);
+            }
             (Some(Region::Small(_)), PageSize::Size2M) => return Err(mixed(PageSize::Size4K)),
             (Some(Region::Small(pages)), PageSize::Size4K) if unmap => {
                 pages.remove(&gva);
@@ -241,7 +258,7 @@ impl Parser {
             }
             (None, PageSize::Size4K) => {}
         }
-        Ok(())
+        Ok(false)
     }
 
     /// `map [space=S] gva=ADDR gpa=ADDR [size=4K|2M] [flags=FLAG[,FLAG]]`.
@@ -301,9 +318,9 @@ impl Parser {
         self.need_paging("unmap", kw)?;
         let f = Fields::new("unmap", kw.col, rest, &["space", "gva", "size"], "space, gva, size")?;
         let (space, gw, gva, size) = self.page(&f)?;
-        self.track(gw, space, gva, size, true)?;
+        let held = self.track(gw, space, gva, size, true)?;
         if size == PageSize::Size2M {
-            self.pt.tables.unlink_pt(space, gva);
+            self.pt.tables.unlink_pt(space, gva, held);
         }
         Ok(Op::Unmap(UnmapOp { space, gva, size }))
     }
@@ -653,21 +670,19 @@ mod tests {
     #[test]
     fn page_sizes_do_not_mix_in_a_region() {
         let mixed = |text: &str| match err(&format!("{L4}{text}")) {
-            (l, c, ParseErrorKind::MixedPageSizes { size, live, unmap, .. }) => {
-                (l, c, size, live, unmap)
-            }
+            (l, c, ParseErrorKind::MixedPageSizes { size, live, .. }) => (l, c, size, live),
             other => panic!("{other:?}"),
         };
         use PageSize::{Size2M as M, Size4K as K};
         // A 4K map inside a 2M mapping.
         assert_eq!(
             mixed("map gva=0x40000000 gpa=0x10000000 size=2M\nmap gva=0x401ff000 gpa=0x10000000\n"),
-            (3, 9, K, M, false)
+            (3, 9, K, M)
         );
         // A 2M map over live 4K mappings.
         assert_eq!(
             mixed("map gva=0x40005000 gpa=0x10000000\nmap gva=0x40000000 gpa=0x10000000 size=2M\n"),
-            (3, 9, M, K, false)
+            (3, 9, M, K)
         );
         // ... even when some of them were unmapped.
         assert_eq!(
@@ -675,16 +690,26 @@ mod tests {
                 "map gva=0x40005000 gpa=0x10000000\nmap gva=0x40006000 gpa=0x10000000\n\
                  unmap gva=0x40005000\nmap gva=0x40000000 gpa=0x10000000 size=2M\n"
             ),
-            (5, 9, M, K, false)
+            (5, 9, M, K)
         );
-        // An unmap names the size of what is mapped.
+        // An unmap of the other size is no mix: a 4K one inside a 2M mapping clears nothing
+        // (the 2M page stays, so a 4K map there is still refused), a 2M one over 4K mappings
+        // clears their page-directory entry (all of them go, so a 2M map is then fine).
         assert_eq!(
-            mixed("map gva=0x40000000 gpa=0x10000000 size=2M\nunmap gva=0x40001000\n"),
-            (3, 11, K, M, true)
+            mixed(
+                "map gva=0x40000000 gpa=0x10000000 size=2M\nunmap gva=0x40001000\n\
+                 map gva=0x40001000 gpa=0x10000000\n"
+            ),
+            (4, 9, K, M)
         );
+        let s = parse(&format!(
+            "{L4}map gva=0x40001000 gpa=0x10000000\nmap gva=0x40002000 gpa=0x10000000\n\
+             unmap gva=0x40000000 size=2M\nmap gva=0x40000000 gpa=0x10000000 size=2M\n"
+        ))
+        .unwrap();
         assert_eq!(
-            mixed("map gva=0x40001000 gpa=0x10000000\nunmap gva=0x40000000 size=2M\n"),
-            (3, 11, M, K, true)
+            s.steps[3].op,
+            Op::Unmap(UnmapOp { space: 0, gva: 0x4000_0000, size: PageSize::Size2M })
         );
         // Once all 4K mappings are unmapped a 2M map is fine, and back again.
         let s = parse(&format!(
@@ -706,13 +731,17 @@ mod tests {
     #[test]
     fn mixing_errors_say_what_to_write_instead() {
         let msg = |text: &str| parse(&format!("{L4}{text}")).unwrap_err().to_string();
-        let m = msg("map gva=0x40000000 gpa=0x10000000 size=2M\nunmap gva=0x40001000\n");
-        assert!(m.contains("unmap gva=0x40000000 size=2M"), "{m}");
         let m =
             msg("map gva=0x40000000 gpa=0x10000000 size=2M\nmap gva=0x40003000 gpa=0x10000000\n");
         assert!(m.contains("unmap gva=0x40000000 size=2M first"), "{m}");
-        let m = msg("map gva=0x40001000 gpa=0x10000000\nunmap gva=0x40000000 size=2M\n");
-        assert!(m.contains("unmap its 4K pages one by one"), "{m}");
+        let m =
+            msg("map gva=0x40201000 gpa=0x10000000\nmap gva=0x40200000 gpa=0x10000000 size=2M\n");
+        assert!(
+            m.contains(
+                "unmap its 4K pages first, or all of them with unmap gva=0x40200000 size=2M"
+            ),
+            "{m}"
+        );
     }
 
     /// `n` 4K maps, each in a 2 MiB region of its own from 8 MiB up (one page table each; a page
@@ -766,6 +795,12 @@ mod tests {
         {
             assert!(parse(&format!("{cleared}{replace}{next}")).is_ok(), "{replace}");
         }
+        // A 2M unmap over a live 4K mapping unlinks its table, which the backends never reuse
+        // (entries are left in it): it stays counted, and another table is taken next time.
+        let held = format!("{full}unmap gva=0x800000 size=2M\n");
+        assert!(parse(&format!("{held}{next}")).is_err());
+        let again = format!("{held}map gva=0x800000 gpa=0x10000000\n");
+        assert!(parse(&again).is_err(), "the region's new page table is one more");
         // Toggling one region between sizes forever needs one table at a time.
         let mut text = String::from(L4);
         for _ in 0..2000 {
