@@ -256,7 +256,7 @@ fn paging_printer_keeps_page_sizes_apart() {
             map(0, GenGva::Near(0, 5), GenMapGpa::Hole(1), true),
             // 4K inside the 2M page: the 2M page unmapped first.
             map(0, GenGva::Near(0, 3), GenMapGpa::Top, false),
-            // A 2M unmap of a region of 4K pages unmaps each.
+            // A 2M unmap of a region of 4K pages clears the link to their table: one line.
             GenStep::Unmap { space: 0, gva: GenGva::Near(0, 0), huge: true },
             GenStep::Cr3 { vcpu: 3, space: 9 },
             map(9, GenGva::Edge(2, 1), GenMapGpa::Low, true),
@@ -282,7 +282,7 @@ fn paging_printer_keeps_page_sizes_apart() {
                 map space=0 gva=0x40000000 gpa=0x800200000 size=2M flags=supervisor\n\
                 unmap space=0 gva=0x40000000 size=2M\n\
                 map space=0 gva=0x40003000 gpa=0xffffff000 size=4K\n\
-                unmap space=0 gva=0x40003000 size=4K\n\
+                unmap space=0 gva=0x40000000 size=2M\n\
                 cr3 1 space=1\n\
                 map space=1 gva=0x7fffffe00000 gpa=0x800000 size=2M flags=supervisor\n\
                 read 1 gva=0x7ffffffffff8 size=8\n\
