@@ -121,9 +121,8 @@ fn invlpg_pages(c: &mut Vec<u8>, inv: Invlpg, rex_w: bool) {
     }
     c.extend_from_slice(&[0x05, 0x00, 0x10, 0x00, 0x00]); // add rax/eax, 0x1000
     c.extend_from_slice(&[0xff, 0xc9]); // dec ecx
-                                        // jnz back to the invlpg: rel8 from the end of this 2-byte jump.
-    let back = c.len() + 2 - body_start;
-    c.extend_from_slice(&[0x75, (back as u8).wrapping_neg()]);
+    let back = c.len() + 2 - body_start; // to the invlpg, from the end of the jnz
+    c.extend_from_slice(&[0x75, (back as u8).wrapping_neg()]); // jnz
 }
 
 /// CPL0 code (paging): store each `(address, value)` as one 8-byte `mov` (`writes`, in order),

@@ -69,8 +69,8 @@
 //!   in the free queue from its creation), so recycling at the page limit, dropping roots (CR3
 //!   loads, paging-mode changes, a vCPU's drop), emulated writes to shadowed tables
 //!   ([`vcpu::Vcpu::track_write`]) and unprotecting one ([`vcpu::Vcpu::unprotect_gfn`]) cannot
-//!   run out of heap (`tests/shadow_heap_exhaustion.rs`
-//!   fails every allocation during each of these). The VMM-side shadow zaps of a gfn range (a
+//!   run out of heap (`tests/shadow_heap_exhaustion.rs` fails every allocation during each of
+//!   these). The VMM-side shadow zaps of a gfn range (a
 //!   memslot delete or move, a host invalidation, dirty-log protection) list a long range's
 //!   mapped gfns only if the heap holds the list, else they visit the range gfn by gfn; a host
 //!   invalidation ([`vm::Vm::invalidate_hva_range_begin`]) needs no heap on either MMU. Table
