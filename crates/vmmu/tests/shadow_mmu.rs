@@ -66,14 +66,19 @@ fn mmio_is_cached_by_gva_and_in_mmio_sptes_and_never_trusted_after_a_slot_appear
     assert_eq!(access(&mut v2, 0x4000_0010, false), Seen::Ram(ram_pfn(0x300_0000)));
 }
 
+/// GVA 0x4000_0000 mapped to `target`, and its last-level guest table mapped as data at GVA
+/// 0x5000_0000 so that the guest can edit it: the gPTE's gpa.
+fn map_with_own_table(s: &Space, target: u64) -> u64 {
+    let pte_gpa = s.map4k(0x4000_0000, target, P | RW | US);
+    s.map4k(0x5000_0000, pte_gpa & !0xfff, P | RW | US);
+    pte_gpa
+}
+
 #[test]
 fn a_guest_write_to_its_page_table_is_write_protected_and_tracked() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);
     let s = Space::new(&host, &next);
-    let pte_gpa = s.map4k(0x4000_0000, MMIO_GPA, P | RW | US);
-    // The guest maps its own last-level table so that it can edit it.
-    let table_gpa = pte_gpa & !0xfff;
-    s.map4k(0x5000_0000, table_gpa, P | RW | US);
+    let pte_gpa = map_with_own_table(&s, MMIO_GPA);
     let mut v = vcpu_in(&vm, long4(s.cr3));
     assert!(matches!(access(&mut v, 0x4000_0000, false), Seen::Mmio(..)));
     // Writing the table through its mapping exits for emulation: the table is shadowed.
@@ -1024,9 +1029,8 @@ fn an_emulated_write_to_a_shadowed_table_is_in_the_dirty_log() {
     use vmmu::{AsId, SlotId};
     let (vm, host, next) = shadow_vm(BugSet::NONE);
     let s = Space::new(&host, &next);
-    let pte_gpa = s.map4k(0x4000_0000, 0x20_0000, P | RW | US);
+    let pte_gpa = map_with_own_table(&s, 0x20_0000);
     let table_gpa = pte_gpa & !0xfff;
-    s.map4k(0x5000_0000, table_gpa, P | RW | US);
     let mut v = vcpu_in(&vm, long4(s.cr3));
     assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
     let logged = UserspaceMemoryRegion::new(0, KVM_MEM_LOG_DIRTY_PAGES, 0, RAM_SIZE, RAM_HVA);
@@ -1102,9 +1106,8 @@ fn a_guest_flush_of_the_whole_tlb_clears_the_mmio_gva_cache() {
 fn an_unprotected_guest_table_takes_the_write_untrapped_and_is_shadowed_again_when_walked() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);
     let s = Space::new(&host, &next);
-    let pte_gpa = s.map4k(0x4000_0000, 0x20_0000, P | RW | US);
+    let pte_gpa = map_with_own_table(&s, 0x20_0000);
     let table_gpa = pte_gpa & !0xfff;
-    s.map4k(0x5000_0000, table_gpa, P | RW | US);
     let mut v = vcpu_in(&vm, long4(s.cr3));
     assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
     let at = 0x5000_0000 + (pte_gpa & 0xfff);
