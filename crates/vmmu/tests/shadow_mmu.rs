@@ -74,6 +74,17 @@ fn map_with_own_table(s: &Space, target: u64) -> u64 {
     pte_gpa
 }
 
+/// A shadow VM whose vCPU translates GVA 0x4000_0000 to RAM at 0x20_0000 through a table it also
+/// maps as data ([`map_with_own_table`]): the VM, its host, the vCPU and the gPTE's gpa.
+fn own_table_translating() -> (Vm<TestHost>, Arc<TestHost>, Vcpu<TestHost>, u64) {
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let pte_gpa = map_with_own_table(&s, 0x20_0000);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
+    (vm, host, v, pte_gpa)
+}
+
 #[test]
 fn a_guest_write_to_its_page_table_is_write_protected_and_tracked() {
     let (vm, host, next) = shadow_vm(BugSet::NONE);
@@ -1027,12 +1038,8 @@ fn an_emulated_write_to_a_shadowed_table_is_in_the_dirty_log() {
     use vmmu::dirty::pages_of;
     use vmmu::memslot::KVM_MEM_LOG_DIRTY_PAGES;
     use vmmu::{AsId, SlotId};
-    let (vm, host, next) = shadow_vm(BugSet::NONE);
-    let s = Space::new(&host, &next);
-    let pte_gpa = map_with_own_table(&s, 0x20_0000);
+    let (vm, host, mut v, pte_gpa) = own_table_translating();
     let table_gpa = pte_gpa & !0xfff;
-    let mut v = vcpu_in(&vm, long4(s.cr3));
-    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
     let logged = UserspaceMemoryRegion::new(0, KVM_MEM_LOG_DIRTY_PAGES, 0, RAM_SIZE, RAM_HVA);
     vm.set_memory_region(&logged).unwrap();
     // Collect once: what the guest walker's A/D updates marked so far goes.
@@ -1104,12 +1111,8 @@ fn a_guest_flush_of_the_whole_tlb_clears_the_mmio_gva_cache() {
 /// it is seen by the next walk through it, which shadows and write-protects the table again.
 #[test]
 fn an_unprotected_guest_table_takes_the_write_untrapped_and_is_shadowed_again_when_walked() {
-    let (vm, host, next) = shadow_vm(BugSet::NONE);
-    let s = Space::new(&host, &next);
-    let pte_gpa = map_with_own_table(&s, 0x20_0000);
+    let (vm, host, mut v, pte_gpa) = own_table_translating();
     let table_gpa = pte_gpa & !0xfff;
-    let mut v = vcpu_in(&vm, long4(s.cr3));
-    assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
     let at = 0x5000_0000 + (pte_gpa & 0xfff);
     let trapped = Seen::Mmio(Gpa(pte_gpa), EmulateSource::WriteProtected);
     assert_eq!(access(&mut v, at, true), trapped);
