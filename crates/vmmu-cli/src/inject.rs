@@ -103,10 +103,50 @@ pub const fn run_catch(bug: Bug) -> RunCatch {
     }
 }
 
+/// What a run was, as far as showing a bug goes.
+#[derive(Clone, Copy, Debug)]
+pub struct RunShape {
+    /// MMIO caching in effect (asked for, and not turned off by the MMU).
+    pub caching: bool,
+    /// vCPUs.
+    pub vcpus: u16,
+}
+
+/// Why a run of `shape` cannot show `bug`, whatever its seed and length, if it cannot.
+pub fn unshowable(bug: Bug, shape: RunShape) -> Option<&'static str> {
+    let needs_caching = matches!(
+        bug,
+        Bug::MmioSpteIgnoresGen
+            | Bug::VcpuCacheWithoutGen
+            | Bug::GvaCacheSurvivesRootSwitch
+            | Bug::NoSecondIncrement
+            | Bug::WrapHookAfterPublish
+            | Bug::MmioOverPresentSpte
+            | Bug::ZappedSpteIsMisconfig
+    );
+    if needs_caching && !shape.caching {
+        return Some(
+            "its harm is a stale MMIO SPTE or MMIO cache entry, and MMIO caching was not in \
+             effect in this run (the config line says why), so there was none; run it with MMIO \
+             caching on",
+        );
+    }
+    if bug == Bug::MmioOverPresentSpte && shape.vcpus < 2 {
+        return Some(
+            "its harm is another vCPU's translation of the leaf the MMIO SPTE replaced, and \
+             the run had one vCPU; give --vcpus 2 or more",
+        );
+    }
+    None
+}
+
 /// What to say after a `vmmu run --inject BUG` whose oracle saw nothing: why, and what shows
-/// the bug. `given` says whether the run had a flag.
-pub fn unseen_note(bug: Bug, given: impl Fn(RunFlag) -> bool) -> String {
+/// the bug. `given` says whether the run had a flag; `shape` what the run was.
+pub fn unseen_note(bug: Bug, given: impl Fn(RunFlag) -> bool, shape: RunShape) -> String {
     const CATCHERS: &str = "cargo test -p vmmu --features historical-bugs --test bugs_caught";
+    if let Some(why) = unshowable(bug, shape) {
+        return format!("--inject {bug} cannot show in this configuration: {why}");
+    }
     match run_catch(bug) {
         RunCatch::With(flag) if !given(flag) => format!(
             "--inject {bug} went unseen: the machine shows it with {flag} (run it with \
@@ -201,14 +241,34 @@ mod tests {
     /// says "a sequence or a race" when the run had it.
     #[test]
     fn an_unseen_bug_is_explained() {
+        let run = RunShape { caching: true, vcpus: 2 };
         for bug in Bug::ALL {
-            let note = unseen_note(bug, |_| false);
+            let note = unseen_note(bug, |_| false, run);
             assert!(note.starts_with(&format!("--inject {bug} ")), "{note}");
         }
         let bug = Bug::MmioOverPresentSpte;
-        assert!(unseen_note(bug, |_| false).contains("with --stress-paths"));
-        assert!(unseen_note(bug, |f| f == RunFlag::StressPaths).contains("a race"));
-        assert!(unseen_note(Bug::WrapHookAfterPublish, |_| false).contains("with --wrap-trap"));
-        assert!(unseen_note(Bug::NoStaleRootCheck, |_| true).contains("bugs.rs"));
+        assert!(unseen_note(bug, |_| false, run).contains("with --stress-paths"));
+        assert!(unseen_note(bug, |f| f == RunFlag::StressPaths, run).contains("a race"));
+        let wrap = Bug::WrapHookAfterPublish;
+        assert!(unseen_note(wrap, |_| false, run).contains("with --wrap-trap"));
+        assert!(unseen_note(Bug::NoStaleRootCheck, |_| true, run).contains("bugs.rs"));
+    }
+
+    /// A run that cannot show the bug whatever its seed is told so, not "a race": caching off
+    /// for the bugs whose harm is a stale MMIO SPTE or cache entry, one vCPU for the MMIO SPTE
+    /// written over another vCPU's leaf.
+    #[test]
+    fn a_run_that_cannot_show_the_bug_says_why() {
+        let run = RunShape { caching: true, vcpus: 2 };
+        let off = RunShape { caching: false, ..run };
+        let all = |_| true;
+        for bug in [Bug::MmioSpteIgnoresGen, Bug::VcpuCacheWithoutGen, Bug::NoSecondIncrement] {
+            assert!(unseen_note(bug, all, off).contains("MMIO caching was not in effect"), "{bug}");
+            assert!(unseen_note(bug, all, run).contains("a race"), "{bug}");
+        }
+        let one = RunShape { vcpus: 1, ..run };
+        assert!(unseen_note(Bug::MmioOverPresentSpte, all, one).contains("--vcpus 2"));
+        // Bugs whose harm does not need caching are not excused by it.
+        assert!(unseen_note(Bug::NoTlbFlushOnZap, all, off).contains("a race"));
     }
 }

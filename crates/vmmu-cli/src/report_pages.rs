@@ -34,6 +34,17 @@ pub fn run_page(flags: &[(&str, String)], runs: &[(&str, &Report)]) -> String {
         for v in &r.oracle.first_violations {
             p.note(&v.to_string());
         }
+        let trap = &r.memslots.wrap_trap;
+        if trap.missed() {
+            // The run fails (exit 1) without an oracle violation: it did not test its trap.
+            p.verdict(
+                false,
+                &format!(
+                    "wrap trap: NOT sprung after {} dummy swaps: the run did not test it",
+                    trap.swaps
+                ),
+            );
+        }
         let c = &r.config;
         p.h2("Configuration");
         p.config(&[

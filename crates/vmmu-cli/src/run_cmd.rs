@@ -20,7 +20,7 @@ use std::process::ExitCode;
 use vmmu::bugs::BugSet;
 use vmmu_sim::host::ReaderFenceKind;
 use vmmu_sim::options::parse_seconds;
-use vmmu_sim::{GenerationStart, Report, RunMmu, RunOptions, ShadowPages};
+use vmmu_sim::{GenerationStart, Report, RunMmu, RunOptions, ShadowPages, DEFAULT_SHADOW_PAGES};
 
 /// The host page size behind guest RAM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -169,10 +169,11 @@ pub struct RunArgs {
     /// `auto` for KVM's default, 2% of the memslots' pages, which for this machine's few MiB of
     /// RAM is about 80, below what its guest's shadow tables need with MMIO caching on (pages
     /// are recycled all the time: see the README). The default, 1024, is KVM's default for 200
-    /// MiB of guest RAM.
-    #[arg(long = "shadow-pages", value_name = "N|auto", default_value = "1024",
-          value_parser = parse_shadow_pages)]
-    shadow_pages: ShadowPages,
+    /// MiB of guest RAM. A limit too small for the vCPUs' roots (each pins its root and up to
+    /// 3 previous ones) makes faults fail as KVM's do (`-ENOSPC` from `KVM_RUN`), and the run
+    /// fails. Only with `--format shadow`.
+    #[arg(long = "shadow-pages", value_name = "N|auto", value_parser = parse_shadow_pages)]
+    shadow_pages: Option<ShadowPages>,
 }
 
 /// `--shadow-pages`: a page count or `auto`.
@@ -244,7 +245,7 @@ impl RunArgs {
                 HostPages::Small => vmmu_sim::HostPages::Small,
                 HostPages::Huge => vmmu_sim::HostPages::Huge,
             },
-            shadow_pages: self.shadow_pages,
+            shadow_pages: self.shadow_pages.unwrap_or(ShadowPages::Set(DEFAULT_SHADOW_PAGES)),
         }
     }
 
@@ -300,8 +301,9 @@ impl RunArgs {
             (
                 "--shadow-pages",
                 match self.shadow_pages {
-                    ShadowPages::KvmDefault => "auto".into(),
-                    ShadowPages::Set(n) => n.to_string(),
+                    None => "none".into(),
+                    Some(ShadowPages::KvmDefault) => "auto".into(),
+                    Some(ShadowPages::Set(n)) => n.to_string(),
                 },
             ),
         ]
@@ -398,8 +400,11 @@ fn recycling_note(on: &[&Report], off: &[&Report]) -> Option<String> {
     let limit = on.first()?.config.shadow_pages?;
     let (r_on, r_off) = (recycled(on), recycled(off));
     (r_on > 0).then(|| {
-        let how =
-            if limit.set { "set with --shadow-pages" } else { "KVM's default for the memslots" };
+        let how = if limit.set {
+            "set by the VMM: --shadow-pages, 1024 by default"
+        } else {
+            "KVM's default for the memslots"
+        };
         format!(
             "shadow pages recycled (over the page limit, {} at the end, {how}): {r_on} with \
              caching, {r_off} without; every recycled page is rebuilt by a later fault \
@@ -519,9 +524,11 @@ fn compare_caching(args: &RunArgs, bugs: BugSet, report_file: Option<ReportFile>
         }
     }
     let failed = runs.iter().filter(|(_, r)| !passed(r)).count();
-    let missed = runs.iter().filter(|(_, r)| r.memslots.wrap_trap.missed()).count();
-    if missed > 0 {
-        note_trap_missed(&format!("in {missed} of the runs, so they did not test it"), 2);
+    let missed: Vec<&Report> =
+        runs.iter().map(|(_, r)| r).filter(|r| r.memslots.wrap_trap.missed()).collect();
+    if let Some(first) = missed.first() {
+        let when = format!("in {} of the runs, so they did not test it", missed.len());
+        note_trap_missed(args, &when, first);
     }
     let names: Vec<String> = runs
         .iter()
@@ -540,11 +547,50 @@ fn compare_caching(args: &RunArgs, bugs: BugSet, report_file: Option<ReportFile>
     let named: Vec<(&str, &Report)> =
         runs.iter().zip(&names).map(|((_, r), name)| (name.as_str(), r)).collect();
     let written = write_report(args, report_file, &named);
+    note_page_limit(args, &runs.iter().map(|(_, r)| r).collect::<Vec<_>>());
+    if failed == 0 {
+        note_unseen(args, bugs, &on_runs);
+    }
     if failed == 0 && written && printed {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     }
+}
+
+/// Says on stderr, when shadow page faults failed at the page limit in `runs`, that the limit
+/// is too small for the vCPUs (their accesses failed, and so did the run: KVM's `-ENOSPC` from
+/// `KVM_RUN`), and what raises it.
+fn note_page_limit(args: &RunArgs, runs: &[&Report]) {
+    let failures: u64 = runs
+        .iter()
+        .filter_map(|r| r.mmu.extra.as_ref())
+        .map(|c| c.shadow_page_limit_failures)
+        .sum();
+    let Some(limit) = runs.first().and_then(|r| r.config.shadow_pages) else { return };
+    if failures == 0 {
+        return;
+    }
+    let how = if limit.set { "--shadow-pages" } else { "--shadow-pages auto, KVM's default" };
+    note!(
+        "vmmu run: {failures} shadow page faults or root loads failed at the page limit ({} \
+         pages, {how}): the {} vCPUs' roots (each pins its root and up to 3 previous ones) held \
+         every page, so nothing could be recycled (KVM: -ENOSPC from KVM_RUN); give a larger \
+         --shadow-pages, or fewer --vcpus",
+        limit.limit,
+        args.opts.vcpus
+    );
+}
+
+/// Says on stderr why an injected bug went unseen in runs that all passed (`runs`: those with
+/// MMIO caching asked for, whose shape decides what the machine could show).
+fn note_unseen(args: &RunArgs, bugs: BugSet, runs: &[&Report]) {
+    let Some(bug) = vmmu::bugs::Bug::ALL.into_iter().find(|&b| bugs.has(b)) else { return };
+    let shape = crate::inject::RunShape {
+        caching: runs.iter().all(|r| r.config.mmio_caching.effective),
+        vcpus: args.opts.vcpus,
+    };
+    note!("vmmu run: {}", crate::inject::unseen_note(bug, |f| args.has(f), shape));
 }
 
 /// Whether a run passed: no oracle violation, no vCPU access that ended in an error, and a
@@ -555,12 +601,24 @@ fn passed(report: &Report) -> bool {
         && !report.memslots.wrap_trap.missed()
 }
 
-/// Says on stderr that a `--wrap-trap` did not spring (`when`), with the `--seconds` that
-/// lets it.
-fn note_trap_missed(when: &str, seconds: u32) {
-    note!(
-        "vmmu run: --wrap-trap: the trap did not spring {when}; give --seconds {seconds} or more"
-    );
+/// Says on stderr that a `--wrap-trap` did not spring (`when`), and what ended `run` first:
+/// `--churn`'s count of updates, or `--seconds` (the trap's 2^19 dummy swaps take longer with
+/// more vCPUs to pause).
+fn note_trap_missed(args: &RunArgs, when: &str, run: &Report) {
+    let t = &run.memslots.wrap_trap;
+    let why = match args.churn {
+        Some(n) => format!(
+            "--churn {n} ended the run after {} of the trap's dummy swaps; drop --churn (the \
+             trap makes its own swaps, about 2^19 of them)",
+            t.swaps
+        ),
+        None => format!(
+            "the run's time ran out after {:.2} s and {} of the trap's dummy swaps (about 2^19 \
+             are needed); give a longer --seconds",
+            run.elapsed_seconds, t.swaps
+        ),
+    };
+    note!("vmmu run: --wrap-trap: the trap did not spring {when}: {why}");
 }
 
 /// Why an explicit `--updates boot` cannot be had: an option given with it runs the updates back
@@ -591,6 +649,18 @@ fn compare_too_short(args: &RunArgs) -> Option<String> {
     })
 }
 
+/// Why `--shadow-pages` cannot be had: the limit is the shadow MMU's, and the other formats
+/// have none (it was accepted and ignored).
+fn shadow_pages_without_shadow(args: &RunArgs) -> Option<String> {
+    (args.shadow_pages.is_some() && args.opts.format != Format::Shadow).then(|| {
+        format!(
+            "--shadow-pages sets the shadow MMU's page limit, and --format {} has no shadow MMU: \
+             give --format shadow, or drop --shadow-pages",
+            flag_value(args.opts.format)
+        )
+    })
+}
+
 /// Runs `vmmu run`.
 pub fn run(args: &RunArgs) -> ExitCode {
     if args.inject.as_deref() == Some("list") {
@@ -605,6 +675,10 @@ pub fn run(args: &RunArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     if let Some(e) = boot_updates_overridden(args) {
+        note!("vmmu run: {e}");
+        return ExitCode::from(2);
+    }
+    if let Some(e) = shadow_pages_without_shadow(args) {
         note!("vmmu run: {e}");
         return ExitCode::from(2);
     }
@@ -640,11 +714,11 @@ pub fn run(args: &RunArgs) -> ExitCode {
             };
             let written = write_report(args, report_file, &[("run", &report)]);
             if report.memslots.wrap_trap.missed() {
-                note_trap_missed("before the run ended, so the run did not test it", 1);
+                note_trap_missed(args, "before the run ended, so the run did not test it", &report);
             }
-            let injected = vmmu::bugs::Bug::ALL.into_iter().find(|&b| bugs.has(b));
-            if let Some(bug) = injected.filter(|_| passed(&report)) {
-                note!("vmmu run: {}", crate::inject::unseen_note(bug, |f| args.has(f)));
+            note_page_limit(args, &[&report]);
+            if passed(&report) {
+                note_unseen(args, bugs, &[&report]);
             }
             if printed && written && passed(&report) {
                 ExitCode::SUCCESS

@@ -62,7 +62,11 @@ impl fmt::Display for Text<'_> {
             c.reader_fences.name()
         )?;
         if let Some(p) = c.shadow_pages {
-            let why = if p.set { "set, --shadow-pages" } else { "KVM's default for the memslots" };
+            let why = if p.set {
+                "set by the VMM: --shadow-pages, 1024 by default"
+            } else {
+                "KVM's default for the memslots"
+            };
             writeln!(f, "shadow page limit: {} ({why})", p.limit)?;
         }
         writeln!(f, "ran {:.2} s, {} accesses", r.elapsed_seconds, r.total_accesses())?;
@@ -118,7 +122,7 @@ impl fmt::Display for Text<'_> {
             writeln!(
                 f,
                 "wrap trap: {armed}, NOT sprung: the run ended after {} dummy swaps, before the \
-                 wrapping swap (give --seconds 1 or more)",
+                 wrapping swap (about 2^19 swaps are needed: a longer --seconds, and no --churn)",
                 t.swaps
             )?;
         }

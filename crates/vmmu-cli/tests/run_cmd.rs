@@ -53,6 +53,10 @@ fn bad_arguments_exit_2_with_a_message() {
         &["run", "--inject", "no-such-bug"],
         &["run", "--wrap-trap", "--near-wrap"],
         &["run", "--churn", "0"],
+        // The trap's MMIO SPTEs would be zapped by the schedule's first move.
+        &["run", "--wrap-trap", "--slot-zap-all"],
+        // The page limit is the shadow MMU's: ignored elsewhere, so refused.
+        &["run", "--shadow-pages", "64"],
     ] {
         let out = vmmu(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
@@ -251,6 +255,19 @@ fn a_wrap_trap_run_too_short_to_spring_fails_and_says_why() {
     assert!(stdout.contains("NOT sprung"), "{stdout}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("the trap did not spring"), "{stderr}");
+    assert!(stderr.contains("give a longer --seconds"), "{stderr}");
+    // Ended by --churn's count instead: the note names it, and the HTML report shows the run
+    // failed (it said "oracle: OK" in green and nothing of the trap).
+    let page = std::env::temp_dir().join(format!("vmmu-trap-{}.html", std::process::id()));
+    let page_arg = page.to_string_lossy().into_owned();
+    let out =
+        vmmu(&["run", "--seconds", "2", "--wrap-trap", "--churn", "5", "--report", &page_arg]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--churn 5 ended the run"), "{stderr}");
+    let html = std::fs::read_to_string(&page).expect("the report was written");
+    let _ = std::fs::remove_file(&page);
+    assert!(html.contains("wrap trap: NOT sprung"), "{html}");
 }
 
 /// A race: a 1 s run sees 1-3 violations, and about one run in eight none (a loaded 2-core host;
@@ -298,6 +315,19 @@ fn an_injected_bug_that_went_unseen_is_explained() {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot change") && stderr.contains("--test bugs_caught"), "{stderr}");
+    // A configuration that cannot show it is named, not a race: no MMIO SPTE without caching.
+    let off = ["--mmio-caching", "off", "--inject", "mmio-spte-ignores-gen"];
+    let out = vmmu(&[&["run", "--seconds", "0.2"][..], &off].concat());
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot show in this configuration"), "{stderr}");
+    // --compare-caching explains too (it said nothing).
+    let compare =
+        ["run", "--seconds", "0.2", "--compare-caching", "--inject", "dirty-log-no-flush"];
+    let out = vmmu(&compare);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("the machine shows it with --dirty-log"), "{stderr}");
 }
 
 #[cfg(not(feature = "historical-bugs"))]
@@ -306,4 +336,17 @@ fn inject_without_the_feature_explains_how() {
     let out = vmmu(&["run", "--inject", "mmio-spte-ignores-gen"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--features historical-bugs"));
+}
+
+/// A shadow page limit too small for the vCPUs' roots makes faults fail as KVM's do (`-ENOSPC`):
+/// the run fails, and says that the limit is the cause and what raises it (the vCPUs' errors
+/// named only the library's `Vm::set_nr_mmu_pages`).
+#[test]
+fn a_shadow_page_limit_too_small_for_the_vcpus_is_named() {
+    let args = ["run", "--format", "shadow", "--vcpus", "48", "--shadow-pages", "64"];
+    let out = vmmu(&[&args[..], &["--seconds", "0.5"]].concat());
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("failed at the page limit (64 pages"), "{stderr}");
+    assert!(stderr.contains("give a larger --shadow-pages"), "{stderr}");
 }

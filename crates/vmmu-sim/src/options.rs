@@ -190,6 +190,13 @@ pub enum OptionsError {
     /// The wrap trap's sweeps and slow-fault holder access guest-physical addresses directly.
     #[error("--wrap-trap runs without guest paging: drop --format shadow / --guest-paging")]
     WrapTrapPaging,
+    /// `--wrap-trap` with `--slot-zap-all`.
+    #[error(
+        "--wrap-trap and --slot-zap-all exclude each other: the trap keeps MMIO SPTEs made \
+         before its dummy swaps until the wrap, and with --slot-zap-all the first delete or move \
+         of the run's schedule zaps them all, so the wrap would find nothing to test"
+    )]
+    WrapTrapSlotZapAll,
 }
 
 /// Why a run could not complete (its messages are what `vmmu run` prints after `vmmu run: `).
@@ -254,6 +261,9 @@ impl RunOptions {
         }
         if wrap_trap && self.mmu.guest_paging() {
             return Err(OptionsError::WrapTrapPaging);
+        }
+        if wrap_trap && self.slot_zap_all {
+            return Err(OptionsError::WrapTrapSlotZapAll);
         }
         if self.dirty_log_rounds.is_some() && self.dirty_log.is_none() {
             return Err(OptionsError::RoundsWithoutDirtyLog);
@@ -383,6 +393,12 @@ mod tests {
             ..RunOptions::default()
         };
         assert_eq!(o.validate(), Err(OptionsError::WrapTrapPaging));
+        let o = RunOptions {
+            generation: GenerationStart::WrapTrap,
+            slot_zap_all: true,
+            ..RunOptions::default()
+        };
+        assert_eq!(o.validate(), Err(OptionsError::WrapTrapSlotZapAll));
         let o = RunOptions { churn: Some(0), ..RunOptions::default() };
         assert_eq!(o.validate(), Err(OptionsError::Churn));
         assert!(parse_seconds("x").is_err_and(|e| e.contains("not a number")));

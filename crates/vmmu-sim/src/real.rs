@@ -531,6 +531,10 @@ fn stats(m: &RealMmu) -> MmuStats {
             mmio_translations_timed: timing.timed,
             mmio_timed_outliers: timing.outliers,
             mmu_recycled: m.vm.shadow_mmu().map_or(0, |s| s.stats.snapshot().mmu_recycled),
+            shadow_page_limit_failures: m
+                .vm
+                .shadow_mmu()
+                .map_or(0, |s| s.stats.snapshot().page_limit_failures),
             mmu_shadow_zapped: vm.mmu_shadow_zapped,
             tdp_tables_zapped: vm.tdp_tables_zapped,
             pages_1g: vm.pages_1g,

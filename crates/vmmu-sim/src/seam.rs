@@ -288,6 +288,9 @@ pub struct MmuCounters {
     pub retry_zapped_under_walk: u64,
     /// Roots loaded.
     pub root_loads: u64,
+    /// Faults and root loads the shadow MMU refused at its page limit, every page pinned by a
+    /// root (KVM `-ENOSPC`; not a KVM stat; 0 under TDP).
+    pub shadow_page_limit_failures: u64,
     /// MMIO SPTEs with a stale generation.
     pub stale_gen_misses: u64,
     /// Page-table pages allocated.
@@ -305,7 +308,7 @@ pub struct MmuCounters {
 
 impl MmuCounters {
     /// Every counter with its name (the JSON key), in field order.
-    pub fn named(&self) -> [(&'static str, u64); 31] {
+    pub fn named(&self) -> [(&'static str, u64); 32] {
         [
             ("mmio_fast_hits", self.mmio_fast_hits),
             ("mmio_timed_outliers", self.mmio_timed_outliers),
@@ -332,6 +335,7 @@ impl MmuCounters {
             ("retry_race", self.retry_race),
             ("retry_zapped_under_walk", self.retry_zapped_under_walk),
             ("root_loads", self.root_loads),
+            ("shadow_page_limit_failures", self.shadow_page_limit_failures),
             ("stale_gen_misses", self.stale_gen_misses),
             ("tables_allocated", self.tables_allocated),
             ("tables_freed", self.tables_freed),

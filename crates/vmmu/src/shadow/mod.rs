@@ -107,6 +107,10 @@ pub struct ShadowStats {
     pub mmu_recycled: Counter,
     /// Shadow pages in use (KVM `n_used_mmu_pages`).
     pub shadow_pages: Counter,
+    /// Faults and root loads refused because the page limit was reached with every page
+    /// pinned by a root (KVM's `-ENOSPC` from `KVM_RUN`; not a KVM stat): a limit too small for
+    /// the vCPUs.
+    pub page_limit_failures: Counter,
 }
 
 /// A snapshot of [`ShadowStats`].
@@ -126,6 +130,8 @@ pub struct ShadowStatsSnapshot {
     pub mmu_recycled: u64,
     /// See [`ShadowStats::shadow_pages`].
     pub shadow_pages: u64,
+    /// See [`ShadowStats::page_limit_failures`].
+    pub page_limit_failures: u64,
 }
 
 impl ShadowStats {
@@ -139,6 +145,7 @@ impl ShadowStats {
             mmu_flooded: self.mmu_flooded.get(),
             mmu_recycled: self.mmu_recycled.get(),
             shadow_pages: self.shadow_pages.get(),
+            page_limit_failures: self.page_limit_failures.get(),
         }
     }
 }
@@ -250,7 +257,10 @@ impl ShadowMmu {
         let outcome = match pf.stale(backing, root.state(&st), pending, &core.inval, core.cfg.bugs)
         {
             Some(cause) => fetch::FetchOutcome::Retry(cause),
-            None if available.is_err() => fetch::FetchOutcome::PageLimit,
+            None if available.is_err() => {
+                self.stats.page_limit_failures.add(1);
+                fetch::FetchOutcome::PageLimit
+            }
             None if root.start(fault.gva).is_none() => {
                 // A special root whose entry for this gva is 0 although the guest's walk went
                 // through it: the table its PDPTE (or a 4-level CR3) names was outside guest

@@ -202,7 +202,10 @@ impl ShadowVcpu {
             let root = {
                 let mut st = shadow.lock(core);
                 let r = match shadow.make_pages_available(core, &mut st) {
-                    Err(full) => Err(MmuError::ShadowPageLimit(full.limit)),
+                    Err(full) => {
+                        shadow.stats.page_limit_failures.add(1);
+                        Err(MmuError::ShadowPageLimit(full.limit))
+                    }
                     Ok(()) => ShadowRoot::alloc(
                         core,
                         &shadow.stats,
