@@ -53,6 +53,8 @@ fn a_page_limit_full_of_pinned_roots_fails_the_fault_with_enospc() {
         "KVM fails the fault with -ENOSPC; here: {out:?} with {} pages in use at a limit of 64",
         shadow.pages_in_use()
     );
+    // Counted, so that a VMM can tell its limit is too small for its vCPUs.
+    assert!(shadow.stats.snapshot().page_limit_failures >= 1);
     // A vCPU that lets its roots go makes room: the others' faults go on.
     drop(vcpus.pop());
     let v = &mut vcpus[0];
