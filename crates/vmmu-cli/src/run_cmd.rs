@@ -181,7 +181,12 @@ fn parse_shadow_pages(s: &str) -> Result<ShadowPages, String> {
     if s == "auto" {
         return Ok(ShadowPages::KvmDefault);
     }
-    let n: usize = s.parse().map_err(|_| format!("{s:?} is neither a page count nor `auto`"))?;
+    let n: usize = s.parse().map_err(|e: std::num::ParseIntError| match e.kind() {
+        std::num::IntErrorKind::PosOverflow => {
+            format!("{s} pages is more than this host can count")
+        }
+        _ => format!("{s:?} is neither a page count nor `auto`"),
+    })?;
     if n < vmmu::shadow::MIN_ALLOC_PAGES {
         return Err(format!(
             "{n} is below {}, the smallest limit KVM accepts (EINVAL from KVM_SET_NR_MMU_PAGES)",
@@ -717,6 +722,15 @@ pub fn run(args: &RunArgs) -> ExitCode {
                 note_trap_missed(args, "before the run ended, so the run did not test it", &report);
             }
             note_page_limit(args, &[&report]);
+            if args.near_wrap && report.memslots.generation_wraps == 0 {
+                note!(
+                    "vmmu run: --near-wrap: the run's {} memslot updates did not reach the wrap \
+                     ({} generations below it at the start); give --updates steady or --churn \
+                     (back to back updates), or a longer --seconds",
+                    report.memslots.updates,
+                    vmmu_sim::options::NEAR_WRAP_MARGIN
+                );
+            }
             if passed(&report) {
                 note_unseen(args, bugs, &[&report]);
             }
