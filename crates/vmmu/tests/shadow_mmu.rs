@@ -66,14 +66,6 @@ fn mmio_is_cached_by_gva_and_in_mmio_sptes_and_never_trusted_after_a_slot_appear
     assert_eq!(access(&mut v2, 0x4000_0010, false), Seen::Ram(ram_pfn(0x300_0000)));
 }
 
-/// GVA 0x4000_0000 mapped to `target`, and its last-level guest table mapped as data at GVA
-/// 0x5000_0000 so that the guest can edit it: the gPTE's gpa.
-fn map_with_own_table(s: &Space, target: u64) -> u64 {
-    let pte_gpa = s.map4k(0x4000_0000, target, P | RW | US);
-    s.map4k(0x5000_0000, pte_gpa & !0xfff, P | RW | US);
-    pte_gpa
-}
-
 /// A shadow VM whose vCPU translates GVA 0x4000_0000 to RAM at 0x20_0000 through a table it also
 /// maps as data ([`map_with_own_table`]): the VM, its host, the vCPU and the gPTE's gpa.
 fn own_table_translating() -> (Vm<TestHost>, Arc<TestHost>, Vcpu<TestHost>, u64) {

@@ -162,6 +162,15 @@ pub fn access_with(v: &mut Vcpu<TestHost>, gva: u64, write: bool, exec: bool, us
     panic!("access to {gva:#x} did not complete");
 }
 
+/// GVA 0x4000_0000 mapped to `target` in `s`, and its last-level guest table mapped as data at
+/// GVA 0x5000_0000 so that the guest can edit it: the gPTE's gpa.
+#[allow(dead_code)] // not every test file that includes `common` maps its own tables
+pub fn map_with_own_table(s: &Space, target: u64) -> u64 {
+    let pte_gpa = s.map4k(0x4000_0000, target, P | RW | US);
+    s.map4k(0x5000_0000, pte_gpa & !0xfff, P | RW | US);
+    pte_gpa
+}
+
 pub fn vcpu_in(vm: &Vm<TestHost>, cpu: GuestCpu) -> Vcpu<TestHost> {
     let mut v = vm.create_vcpu().unwrap();
     v.set_guest_cpu(cpu).unwrap();
