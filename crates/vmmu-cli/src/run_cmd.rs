@@ -722,6 +722,15 @@ pub fn run(args: &RunArgs) -> ExitCode {
                 note_trap_missed(args, "before the run ended, so the run did not test it", &report);
             }
             note_page_limit(args, &[&report]);
+            if report.memslots.updates == 0 {
+                note!(
+                    "vmmu run: the device manager made no memslot update in this run ({} vCPUs, \
+                     {:.2} s), so no access was judged against a memslot change; give fewer \
+                     --vcpus or a longer --seconds",
+                    args.opts.vcpus,
+                    report.elapsed_seconds
+                );
+            }
             if args.near_wrap && report.memslots.generation_wraps == 0 {
                 note!(
                     "vmmu run: --near-wrap: the run's {} memslot updates did not reach the wrap \
