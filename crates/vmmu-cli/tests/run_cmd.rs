@@ -71,6 +71,11 @@ fn inject_list_names_every_bug() {
     let names: Vec<_> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
     let want: Vec<_> = vmmu::bugs::Bug::ALL.iter().map(|b| b.name().to_string()).collect();
     assert_eq!(names, want);
+    // With --json, a JSON array of the same names.
+    let out = vmmu(&["run", "--inject", "list", "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let names: Vec<String> = serde_json::from_slice(&out.stdout).expect("a JSON array");
+    assert_eq!(names, want);
 }
 
 #[test]
