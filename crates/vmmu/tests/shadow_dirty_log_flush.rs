@@ -12,13 +12,13 @@
 mod common;
 
 use common::shadow::*;
-use common::wait_for;
+use common::start_collection;
 use std::sync::mpsc;
 use std::time::Duration;
 use vmmu::bugs::BugSet;
 use vmmu::memslot::{UserspaceMemoryRegion, KVM_MEM_LOG_DIRTY_PAGES};
 use vmmu::tdp::HwWalk;
-use vmmu::{Access, AsId, Gva, SlotId};
+use vmmu::{Access, Gva};
 
 /// A logged slot (slot 7): its guest-physical base and its host address (inside the test
 /// host's RAM mapping, far above the guest tables `Space` allocates).
@@ -103,19 +103,7 @@ fn collection_window(mode: vmmu::dirty::DirtyLogMode) {
     }
 
     // 2. The collection protects D's leaf and waits in its flush for vCPU 1.
-    let vm_c = vm.clone();
-    let collector = std::thread::spawn(move || {
-        let words = vm_c.get_dirty_log(AsId(0), SlotId(7)).unwrap();
-        if mode == vmmu::dirty::DirtyLogMode::Manual {
-            vm_c.clear_dirty_log(AsId(0), SlotId(7), 0, 4, &words).unwrap();
-        }
-        words
-    });
-    assert!(
-        wait_for(Duration::from_secs(5), || v1.requests_pending()),
-        "the collection's flush request reached vCPU 1"
-    );
-    assert!(!collector.is_finished(), "the collection waits for vCPU 1, in guest mode");
+    let collector = start_collection(&vm, &v1, mode);
 
     // 3. vCPU 0 faults on B through D (its own thread: a correct MMU makes it wait for vCPU 1).
     let (done_tx, done_rx) = mpsc::channel();

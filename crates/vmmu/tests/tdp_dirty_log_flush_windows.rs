@@ -11,8 +11,8 @@
 
 mod common;
 
-use common::wait_for;
 use common::{region, RAM_HVA};
+use common::{start_collection, wait_for};
 use std::sync::mpsc;
 use std::time::Duration;
 use vmmu::dirty::{pages_of, DirtyLogMode};
@@ -70,29 +70,6 @@ fn hold_writable(v: &mut Vcpu<TestHost>, gpa: u64) -> Pfn {
         other => panic!("writable translation of {gpa:#x}: {other:?}"),
     }
     pfn
-}
-
-/// The collection (GET in `mode`, and CLEAR of what it returned in manual mode) on its own
-/// thread; returns once it has write-protected and waits in its flush for `v1`.
-fn start_collection(
-    vm: &Vm<TestHost>,
-    v1: &Vcpu<TestHost>,
-    mode: DirtyLogMode,
-) -> std::thread::JoinHandle<Vec<u64>> {
-    let vm_c = vm.clone();
-    let collector = std::thread::spawn(move || {
-        let words = vm_c.get_dirty_log(AsId(0), SlotId(7)).unwrap();
-        if mode.is_manual() {
-            vm_c.clear_dirty_log(AsId(0), SlotId(7), 0, 4, &words).unwrap();
-        }
-        words
-    });
-    assert!(
-        wait_for(Duration::from_secs(5), || v1.requests_pending()),
-        "the collection's flush request reached vCPU 1"
-    );
-    assert!(!collector.is_finished(), "the collection waits for vCPU 1, in guest mode");
-    collector
 }
 
 /// Dirty logging's promise across the collection's window: vCPU 1 holds a writable translation

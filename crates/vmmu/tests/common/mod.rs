@@ -201,3 +201,28 @@ pub fn wait_for(limit: std::time::Duration, mut cond: impl FnMut() -> bool) -> b
     }
     cond()
 }
+
+/// The collection (GET in `mode`, and CLEAR of what it returned in manual mode) on its own
+/// thread, on slot 7 of address space 0 (pages 0-3 in manual mode); returns once it has
+/// write-protected and waits in its flush for `v1`, in guest mode.
+#[allow(dead_code)] // only the dirty-log flush-window tests collect so
+pub fn start_collection(
+    vm: &Vm<TestHost>,
+    v1: &Vcpu<TestHost>,
+    mode: vmmu::dirty::DirtyLogMode,
+) -> std::thread::JoinHandle<Vec<u64>> {
+    let vm_c = vm.clone();
+    let collector = std::thread::spawn(move || {
+        let words = vm_c.get_dirty_log(vmmu::AsId(0), vmmu::SlotId(7)).unwrap();
+        if mode.is_manual() {
+            vm_c.clear_dirty_log(vmmu::AsId(0), vmmu::SlotId(7), 0, 4, &words).unwrap();
+        }
+        words
+    });
+    assert!(
+        wait_for(std::time::Duration::from_secs(5), || v1.requests_pending()),
+        "the collection's flush request reached vCPU 1"
+    );
+    assert!(!collector.is_finished(), "the collection waits for vCPU 1, in guest mode");
+    collector
+}
