@@ -175,7 +175,7 @@ impl Tables {
     /// all unmapped; a table that still held entries stays out of use rather than be reused
     /// dirty).
     fn unlinked(&mut self, old: u64) {
-        if old & P == 0 || old & PS != 0 {
+        if !links_a_table(old) {
             return;
         }
         let t = old & ADDR;
@@ -251,10 +251,7 @@ impl Tables {
     /// unmaps the 4K pages under it).
     pub fn links_table(&self, op: &UnmapOp) -> bool {
         op.size == PageSize::Size2M
-            && self.slot(op.space, op.gva, 2).is_some_and(|at| {
-                let e = self.entry(at);
-                e & P != 0 && e & PS == 0
-            })
+            && self.slot(op.space, op.gva, 2).is_some_and(|at| links_a_table(self.entry(at)))
     }
 
     /// The entry write that clears the mapping of `op` (none if no table holds that entry),
@@ -296,6 +293,11 @@ impl Tables {
         }
         None
     }
+}
+
+/// Whether page-directory entry `e` links a page table (present, not a 2 MiB page).
+fn links_a_table(e: u64) -> bool {
+    e & P != 0 && e & PS == 0
 }
 
 #[cfg(test)]

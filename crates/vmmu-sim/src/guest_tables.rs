@@ -327,10 +327,7 @@ impl GuestTables {
             return Ok(false);
         }
         Ok(match self.existing_entry_gpa(space, gva, 2)? {
-            Some(at) => {
-                let e = self.read(at)?;
-                e & P != 0 && e & PS == 0
-            }
+            Some(at) => links_a_table(self.read(at)?),
             None => false,
         })
     }
@@ -361,7 +358,7 @@ impl GuestTables {
     /// reused dirty; the parser lets a 2M page replace only a region whose 4K pages are all
     /// unmapped).
     fn unlinked(&mut self, old: u64) -> Result<(), TablesError> {
-        if old & P == 0 || old & PS != 0 {
+        if !links_a_table(old) {
             return Ok(());
         }
         let t = old & ADDR;
@@ -410,6 +407,11 @@ impl GuestTables {
         }
         Ok(Some(table + 8 * ((gva >> (12 + 9 * (level - 1))) & 511)))
     }
+}
+
+/// Whether page-directory entry `e` links a page table (present, not a 2 MiB page).
+fn links_a_table(e: u64) -> bool {
+    e & P != 0 && e & PS == 0
 }
 
 #[cfg(test)]
