@@ -605,8 +605,8 @@ mod tests {
     #[test]
     fn failure_wins_and_unavailable_is_left_out() {
         let v = compare(&[src("a", stream(1)), src("b", Outcome::Failed("boom at step 4".into()))]);
-        let boom = || "boom at step 4".to_string();
-        assert_eq!(v, Verdict::Failed { config: "b".into(), error: boom(), also: vec![] });
+        let error = "boom at step 4".to_string();
+        assert_eq!(v, Verdict::Failed { config: "b".into(), error, also: vec![] });
         let v = compare(&[
             src("kvm", Outcome::Unavailable("no /dev/kvm".into())),
             src("expected", stream(1)),

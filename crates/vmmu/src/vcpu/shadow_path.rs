@@ -338,16 +338,15 @@ impl<H: Host> Vcpu<H> {
     /// nothing was emulated). Call it after an [`crate::fault::EmulateSource::WriteProtected`]
     /// exit (its `gpa`'s frame) when the hypervisor's emulator judges the write is not a
     /// page-table update, as KVM's does for an instruction that does not write page tables
-    /// (`x86_page_table_writing_insn`: a string store, say) or a write fault on the table
-    /// the guest is walking: typically a guest that reuses a freed page-table page as data,
-    /// which would otherwise trap on every aligned store (this MMU has no unsync pages, and a
-    /// last-level table is never flooded). If the frame is a guest table still in use, the next
-    /// walk through it shadows and write-protects it again; so if the write's own translation
-    /// (or the instruction fetch's) walks through that table, the retried write traps again
-    /// (KVM refuses to unprotect then, as it would loop): emulate the write the second time.
-    /// `Ok(false)`: no shadow page shadowed the frame (already unprotected, by another vCPU
-    /// say); re-entering is still right. Remote TLBs are flushed before it returns if a present SPTE went. In guest mode
-    /// it leaves it first (a VM exit).
+    /// (`x86_page_table_writing_insn`: a string store, say): typically a guest that reuses a
+    /// freed page-table page as data, which would otherwise trap on every aligned store (this
+    /// MMU has no unsync pages, and a last-level table is never flooded). If the frame is a
+    /// guest table still in use, the next walk through it shadows and write-protects it again;
+    /// so if the write's own translation (or the instruction fetch's) walks through that table,
+    /// the retried write traps again (KVM refuses to unprotect then, as it would loop): emulate
+    /// the write the second time. `Ok(false)`: no shadow page shadowed the frame (already
+    /// unprotected, by another vCPU say); re-entering is still right. Remote TLBs are flushed
+    /// before it returns if a present SPTE went. In guest mode it leaves it first (a VM exit).
     pub fn unprotect_gfn(&mut self, gfn: Gfn) -> Result<bool, ShadowError> {
         self.exit_guest_mode();
         let VcpuMmuState::Shadow(sv) = &self.mmu else {
