@@ -4,7 +4,7 @@
 //!   than the per-vCPU cache holds, 16 KiB apart so that all select one entry of the
 //!   direct-mapped cache, cycled, so the cache always misses and every call takes the lockless
 //!   walk (KVM `handle_mmio_page_fault`). The gfns share one 2 MiB, as a device's
-//!   registers do, so the walk is answered by the vCPU's leaf-table cache (`vmmu::tdp` walk
+//!   registers do, so the walk is answered by the vCPU's leaf-table cache (`vmmu::mmu_core` walk
 //!   module: one entry read from the last level-1 table, validated by the table epoch);
 //! - **fast path, six devices**: the same with one gfn in each of six 2 MiB (the default
 //!   machine's MMIO regions), all selecting one entry of the per-vCPU cache, so that cache
@@ -40,7 +40,7 @@ const G: &str = "mmio";
 const MMIO_A: u64 = 0x1_0000_0000;
 const MMIO_B: u64 = MMIO_A + 0x1000;
 /// Gfns of the whole-walk row, each in its own 2 MiB: twice what the vCPU's leaf-table cache
-/// holds (16 tables), cycled in order, so every call misses it (the `vmmu::tdp` walk module's
+/// holds (16 tables), cycled in order, so every call misses it (the `vmmu::mmu_core` walk module's
 /// test `cycling_32_neighbouring_regions_always_walks` checks this pattern).
 const FAR_GFNS: u64 = 32;
 /// The default machine's MMIO 2 MiB regions (device window, BAR positions, DIMM), as gfn >> 9.

@@ -17,10 +17,18 @@
 //!   vCPU's deterministic access mix, the device manager's memslot schedule;
 //! - [`oracle`]: judges every access against the memslot history;
 //! - [`machine`]: vCPU threads, the device manager, the run loop;
+//! - [`real`]: the machine on the real MMU ([`RealMmu`]: a `vmmu::vm::Vm` on the machine's host);
+//! - [`machine_paging`], [`guest_tables`]: guest page tables, of the main job's guest processes
+//!   and of scenario format v2;
+//! - [`migration`]: the dirty-log oracle (a collector thread racing the vCPUs' writes);
+//! - [`ram`]: guest-sized atomic accesses to host memory; [`membarrier`]: the host's
+//!   process-wide barrier for the MMU's SRCU readers; [`mmio_timing`]: sampled MMIO resolution
+//!   times;
 //! - [`options`], [`report`]: what one `vmmu run` asks of the engine (a plain struct, and
 //!   [`RunOptions::run`]) and what it reports, as data (the CLI owns the flags, the progress bar
 //!   and the text and JSON rendering).
 //! - [`replay`]: replay of recorded VM boots (vmmu traces) on the real MMU.
+//! - [`scenario`]: the machine as a scenario backend (`vmmu scenario --backend sim`).
 //! - [`selftest`]: KVM's memslot selftests restated on the machine (`vmmu selftest`).
 //! - [`timeline`]: per-interval samples and latency histograms of a run, for HTML reports.
 //!

@@ -106,7 +106,7 @@ pub type TableEntries = [AtomicU64; ENTRIES_PER_TABLE];
 ///   stronger).
 ///
 /// The MMU then answers the fast MMIO path's leaf-table cache hits without a table read section
-/// (the `tdp` walk module: a sequence check of the table epoch around the read instead).
+/// (the `mmu_core` walk module: a sequence check of the table epoch around the read instead).
 ///
 /// An implementation whose [`Self::retains_table_memory`] returns `true` guarantees the first
 /// of these two only: every pointer `table` ever returned stays valid for atomic reads of its

@@ -64,7 +64,7 @@ impl Requests {
 #[repr(align(64))]
 pub struct VcpuState {
     word: AtomicU32,
-    /// The vCPU holds the MMU lock's shared side (`tdp::lock`): written only by this vCPU, on
+    /// The vCPU holds the MMU lock's shared side (`mmu_core::lock`): written only by this vCPU, on
     /// this vCPU's line.
     mmu_mark: AtomicU32,
 }
@@ -75,7 +75,7 @@ impl VcpuState {
         VcpuState { word: AtomicU32::new(0), mmu_mark: AtomicU32::new(0) }
     }
 
-    /// The vCPU's MMU-lock mark (see `tdp::lock`).
+    /// The vCPU's MMU-lock mark (see `mmu_core::lock`).
     #[inline]
     pub(crate) fn mmu_mark(&self) -> &AtomicU32 {
         &self.mmu_mark

@@ -1,8 +1,8 @@
 //! The state a VM and its vCPUs share (KVM's `struct kvm` for the parts this crate covers): the
 //! memslots with their generation protocol, the MMU core and the MMU of the VM's kind, the MMIO
 //! caching policy and the VMM's serialisation. [`crate::vm::Vm`] is the handle embedders hold; each
-//! [`crate::vcpu::Vcpu`] keeps an `Arc` of this. Below both in the module graph, so neither imports
-//! the other.
+//! [`crate::vcpu::Vcpu`] keeps an `Arc` of this. Below both in the module graph: it holds what both
+//! need, so neither reaches into the other's fields.
 
 use crate::bugs::BugSet;
 use crate::host::Host;

@@ -321,7 +321,7 @@ fn walk_vs_zap_catches_zapped_spte_is_misconfig() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// (c2) The fast path's leaf-table cache (issue 17, `tdp/walk.rs`) races a zap that unlinks and
+// (c2) The fast path's leaf-table cache (issue 17, `mmu_core/walk.rs`) races a zap that unlinks and
 // frees the cached table.
 //
 // Property: the fault ends as Emulate or Retry, and its read of the cached table never touches
@@ -349,7 +349,7 @@ fn leaf_cache_vs_zap_catches_leaf_cache_ignores_epoch() {
 // ---------------------------------------------------------------------------------------------
 // (c3) The same hit on a type-stable host (`FrameAllocator::type_stable_tables`), which takes
 // no table read section: a sequence check of the table epoch around the entry read instead
-// (`tdp/walk.rs`, "Type-stable hosts"). The zap unlinks and frees the cached table (its grace
+// (`mmu_core/walk.rs`, "Type-stable hosts"). The zap unlinks and frees the cached table (its grace
 // period does not wait for the hit), and a second vCPU's fault in the next 2 MiB reuses the
 // frame for a new level-1 table holding an MMIO SPTE at the index the hit reads.
 //

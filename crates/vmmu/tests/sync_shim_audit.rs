@@ -59,7 +59,7 @@ const ALLOWED: &[(&str, &str, &str)] = &[
     (
         "mod.rs",
         "core::sync::atomic::AtomicBool",
-        "tdp's loom-only switches that remove a step a model checks, set outside models",
+        "mmu_core's loom-only switches (`loom_knobs`) that remove a step a model checks, set outside models",
     ),
     (
         "walk.rs",

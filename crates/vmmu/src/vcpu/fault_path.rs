@@ -4,7 +4,7 @@
 //!
 //! Everything here runs on the vCPU's thread, outside guest mode. The fast path (per-vCPU cache,
 //! then the lockless walk) reads the published generation and enters only the table read
-//! section, and not even that for a leaf-table cache hit on a type-stable host (`tdp` walk
+//! section, and not even that for a leaf-table cache hit on a type-stable host (`mmu_core` walk
 //! module); the slow path runs inside one memslot read section.
 //!
 //! Hot-path contract: the per-vCPU cache hit, the MMIO SPTE fast path and the uncached slow
