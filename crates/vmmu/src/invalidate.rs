@@ -15,6 +15,7 @@
 //! seen the old backing, then either the range was in flight when it checks under the lock, or
 //! `seq` moved: both give Retry.
 
+use crate::mmu_core::MmuWrite;
 use crate::sync::{AtomicU64, Ordering};
 use crate::types::{AsId, Gfn};
 
@@ -60,8 +61,8 @@ impl Invalidation {
     }
 
     /// Starts an invalidation (KVM `kvm_mmu_invalidate_begin`); its gfn ranges are added with
-    /// [`Self::add_range`]. Caller holds the MMU lock exclusive.
-    pub(crate) fn begin(&self) {
+    /// [`Self::add_range`]. `_excl` proves the MMU lock is held exclusive.
+    pub(crate) fn begin<T>(&self, _excl: &MmuWrite<'_, T>) {
         let n = self.in_progress.load(Ordering::Relaxed);
         if n == 0 {
             // Empty range until one is added.
@@ -73,14 +74,14 @@ impl Invalidation {
     }
 
     /// Widens the in-flight range to cover `[start, end)` (KVM `kvm_mmu_invalidate_range_add`).
-    /// Caller holds the MMU lock exclusive, after [`Self::begin`].
-    pub(crate) fn add_range(&self, start: Gfn, end: Gfn) {
+    /// `_excl` proves the MMU lock is held exclusive, after [`Self::begin`].
+    pub(crate) fn add_range<T>(&self, _excl: &MmuWrite<'_, T>, start: Gfn, end: Gfn) {
         self.start.fetch_min(start.raw(), Ordering::Relaxed);
         self.end.fetch_max(end.raw(), Ordering::Relaxed);
     }
 
-    /// Ends an invalidation. Caller holds the MMU lock exclusive.
-    pub(crate) fn end(&self) {
+    /// Ends an invalidation. `_excl` proves the MMU lock is held exclusive.
+    pub(crate) fn end<T>(&self, _excl: &MmuWrite<'_, T>) {
         // Bump the sequence first, so a fault that sees the count drop also sees the new seq.
         self.seq.fetch_add(1, Ordering::AcqRel);
         let n = self.in_progress.load(Ordering::Relaxed);
@@ -130,44 +131,52 @@ impl Invalidation {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+    use crate::mmu_core::MmuLock;
+    use crate::sync::Spin;
 
     #[test]
     fn in_flight_range_and_sequence() {
+        let lock = MmuLock::new(());
+        let x = lock.write(&[], &Spin);
         let i = Invalidation::new();
         let s = i.seq();
         assert!(!i.retry(s, Gfn(5)));
-        i.begin();
-        i.add_range(Gfn(4), Gfn(8));
+        i.begin(&x);
+        i.add_range(&x, Gfn(4), Gfn(8));
         assert!(i.retry(s, Gfn(5)), "in flight and in range");
         assert!(!i.retry(s, Gfn(9)), "in flight, out of range, seq unchanged");
-        i.end();
+        i.end(&x);
         assert!(i.retry(s, Gfn(9)), "seq moved since the snapshot");
         assert!(!i.retry(i.seq(), Gfn(5)), "a fresh snapshot after the end is fine");
     }
 
     #[test]
     fn a_block_overlapping_the_range_retries() {
+        let lock = MmuLock::new(());
+        let x = lock.write(&[], &Spin);
         let i = Invalidation::new();
         let s = i.seq();
-        i.begin();
-        i.add_range(Gfn(0x205), Gfn(0x206));
+        i.begin(&x);
+        i.add_range(&x, Gfn(0x205), Gfn(0x206));
         assert!(!i.retry(s, Gfn(0x200)), "the faulting gfn itself is outside");
         assert!(i.retry_range(s, Gfn(0x200), Gfn(0x400)), "its 2 MiB block is not");
         assert!(!i.retry_range(s, Gfn(0x400), Gfn(0x600)), "the next block is fine");
-        i.end();
+        i.end(&x);
     }
 
     #[test]
     fn nested_ranges_union() {
+        let lock = MmuLock::new(());
+        let x = lock.write(&[], &Spin);
         let i = Invalidation::new();
-        i.begin();
-        i.add_range(Gfn(10), Gfn(20));
-        i.begin();
-        i.add_range(Gfn(30), Gfn(40));
+        i.begin(&x);
+        i.add_range(&x, Gfn(10), Gfn(20));
+        i.begin(&x);
+        i.add_range(&x, Gfn(30), Gfn(40));
         let s = i.seq();
         assert!(i.retry(s, Gfn(25)), "the union covers the gap, as KVM's single range does");
-        i.end();
-        i.end();
+        i.end(&x);
+        i.end(&x);
         assert_eq!(i.in_progress(), 0);
     }
 }

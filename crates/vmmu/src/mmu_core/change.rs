@@ -48,11 +48,12 @@ impl<H: Host> MmuCore<H> {
         Ok(self.handle_changed_spte(old, new, level, who))
     }
 
-    /// Stores `new` over `old` in `entry` under the exclusive MMU lock (a zap): nothing else
-    /// changes entries meanwhile.
+    /// Stores `new` over `old` in `entry`; `_excl` proves that nothing else changes entries
+    /// meanwhile (the TDP MMU's lock held exclusive, or the shadow MMU's state).
     #[inline]
     pub(crate) fn set_spte_locked(
         &self,
+        _excl: &impl super::TablesExclusive,
         entry: &AtomicU64,
         old: u64,
         new: u64,

@@ -82,6 +82,14 @@ impl<T> Drop for MmuWrite<'_, T> {
     }
 }
 
+/// Proof that no other thread changes the entries of the tables the holder reaches: the TDP MMU's
+/// lock held exclusive (an [`MmuWrite`] of its root list), or the shadow MMU's state, which is
+/// reachable only through the shadow lock's guard. Plain stores into table entries
+/// (`MmuCore::set_spte_locked`) take one.
+pub(crate) trait TablesExclusive {}
+
+impl TablesExclusive for MmuWrite<'_, crate::tdp::RootList> {}
+
 impl<T> MmuLock<T> {
     /// The lock, guarding `value`.
     pub(crate) fn new(value: T) -> Self {

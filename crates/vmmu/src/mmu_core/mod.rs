@@ -22,7 +22,7 @@ mod walk;
 
 pub(crate) use change::FlushNeed;
 pub(crate) use free_queue::{FreeQueue, Promised, Unlinked};
-pub(crate) use lock::{MmuLock, MmuRead, MmuWrite};
+pub(crate) use lock::{MmuLock, MmuRead, MmuWrite, TablesExclusive};
 pub use walk::{hw_walk, hw_walk_leaf_table, tdp_need, HwWalk, LocklessWalk};
 pub(crate) use walk::{CachedWalk, LeafTableCache};
 
@@ -751,11 +751,11 @@ impl<H: Host> MmuCore<H> {
         // take the lock.
         let mut undo = EndIfUnwound { core: self, lock, begun: false };
         let guard = lock.write(&self.vcpus, &self.relax());
-        self.inval.begin();
+        self.inval.begin(&guard);
         undo.begun = true;
         let mut flush = false;
         ranges.for_each(&mut |as_id, start, end| {
-            self.inval.add_range(start, end);
+            self.inval.add_range(&guard, start, end);
             flush |= zap(&guard, as_id, start, end, &mut pages);
         });
         self.flush_after_zap(flush);
@@ -768,8 +768,8 @@ impl<H: Host> MmuCore<H> {
     /// Host invalidation end (KVM `invalidate_range_end`), under `lock`, the VM's MMU lock,
     /// held exclusive.
     pub(crate) fn end_invalidation<T>(&self, lock: &MmuLock<T>) {
-        let _guard = lock.write(&self.vcpus, &self.relax());
-        self.inval.end();
+        let guard = lock.write(&self.vcpus, &self.relax());
+        self.inval.end(&guard);
     }
 }
 

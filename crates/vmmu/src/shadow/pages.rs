@@ -178,6 +178,10 @@ pub(crate) struct ShadowState {
     zap: ZapBatch,
 }
 
+/// Reachable only through the shadow lock's guard (`ShadowMmu::lock`): whoever holds it is the
+/// one thread that changes shadow table entries.
+impl crate::mmu_core::TablesExclusive for ShadowState {}
+
 impl ShadowState {
     pub(crate) fn new(n_max: usize, upper_summary: Arc<UpperTrackSummary>) -> Self {
         ShadowState {
@@ -573,7 +577,7 @@ impl ShadowState {
             }
             if core.cfg.format.is_writable(old) {
                 let new = SpteFormat::without_write(old);
-                let need = core.set_spte_locked(e, old, new, Level::L4K, gfn);
+                let need = core.set_spte_locked(self, e, old, new, Level::L4K, gfn);
                 flush |= need == FlushNeed::Remote;
             } else {
                 flush |= read_only_unflushed;
@@ -599,7 +603,7 @@ impl ShadowState {
         let old = e.load(crate::sync::Ordering::Acquire);
         debug_assert!(!SpteFormat::is_mmu_present(old), "link over a present SPTE");
         let link = core.cfg.format.make_nonleaf(child_spt);
-        let _ = core.set_spte_locked(e, old, link, level, Gfn(0));
+        let _ = core.set_spte_locked(self, e, old, link, level, Gfn(0));
         self.sp_mut(child).parents.push((parent, idx as u16));
         Ok(())
     }
@@ -630,14 +634,16 @@ impl ShadowState {
             && fmt.pfn(old) == fmt.pfn(new)
             && self.sp(id).leaf_gfns[idx] == gfn.raw();
         if same_leaf {
-            return Ok(core.set_spte_locked(e, old, new, Level::L4K, gfn) == FlushNeed::Remote);
+            return Ok(
+                core.set_spte_locked(self, e, old, new, Level::L4K, gfn) == FlushNeed::Remote
+            );
         }
         if SpteFormat::is_mmu_present(new) {
             self.rmap.reserve(as_id, gfn)?;
         }
         let mut flush = self.drop_spte(core, id, idx);
         let old = e.load(crate::sync::Ordering::Acquire);
-        let _ = core.set_spte_locked(e, old, new, Level::L4K, gfn);
+        let _ = core.set_spte_locked(self, e, old, new, Level::L4K, gfn);
         if SpteFormat::is_mmu_present(new) {
             self.sp_mut(id).leaf_gfns[idx] = gfn.raw();
             let mapped = self.rmap.add(as_id, gfn, id, idx as u16);
@@ -672,11 +678,11 @@ impl ShadowState {
                 let parents = &mut self.sp_mut(c).parents;
                 retain_shrinking(parents, |&(p, i)| !(p == id && usize::from(i) == idx));
             }
-            let _ = core.set_spte_locked(e, old, SpteFormat::NONPRESENT, level, Gfn(0));
+            let _ = core.set_spte_locked(self, e, old, SpteFormat::NONPRESENT, level, Gfn(0));
             return true;
         }
         let gfn = if present { Gfn(self.sp(id).leaf_gfns[idx]) } else { Gfn(0) };
-        let _ = core.set_spte_locked(e, old, SpteFormat::NONPRESENT, level, gfn);
+        let _ = core.set_spte_locked(self, e, old, SpteFormat::NONPRESENT, level, gfn);
         if present {
             self.rmap.remove(as_id, gfn, id, idx as u16);
         }
@@ -729,7 +735,7 @@ impl ShadowState {
             let level = self.sp(p).role.level();
             let e = self.entry(core, p, usize::from(i));
             let old = e.load(crate::sync::Ordering::Acquire);
-            let _ = core.set_spte_locked(e, old, SpteFormat::NONPRESENT, level, Gfn(0));
+            let _ = core.set_spte_locked(self, e, old, SpteFormat::NONPRESENT, level, Gfn(0));
             self.zap.flush = true;
         }
         let (gfn, role, valid_gen, root_count) = {

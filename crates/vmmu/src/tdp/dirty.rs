@@ -90,10 +90,17 @@ impl<H: Host> Tdp<'_, H> {
     /// pages holding the first and last page of the mask, which may be two); for a logging
     /// start, KVM's eager split. Reads keep hitting and a write to a protected page faults and
     /// is logged at 4 KiB; where no table page can be had the huge leaf is write-protected whole
-    /// and a write fault splits it later (`map.rs`). The caller holds the MMU lock exclusive.
-    /// Returns whether remote TLBs must be flushed.
-    fn write_protect_table(&self, pfn: Pfn, level: Level, base: Gfn, pages: Pages) -> bool {
-        // SAFETY: the caller holds the MMU lock exclusive and reached `pfn` from a root on the
+    /// and a write fault splits it later (`map.rs`). `excl` proves the MMU lock is held
+    /// exclusive. Returns whether remote TLBs must be flushed.
+    fn write_protect_table(
+        &self,
+        excl: &MmuWrite<'_, RootList>,
+        pfn: Pfn,
+        level: Level,
+        base: Gfn,
+        pages: Pages,
+    ) -> bool {
+        // SAFETY: `excl` holds the MMU lock exclusive and we reached `pfn` from a root on the
         // list; nothing frees a linked page meanwhile.
         let Some(table) = (unsafe { self.table(pfn) }) else {
             debug_assert!(false, "table frame {pfn:?} unknown to the host");
@@ -113,20 +120,20 @@ impl<H: Host> Tdp<'_, H> {
             if fmt.is_leaf(old, level) {
                 let rights = pages.split_rights();
                 if let Some((need, child, lower)) =
-                    self.split_in_place(entry, old, level, lo, rights)
+                    self.split_in_place(excl, entry, old, level, lo, rights)
                 {
                     flush |= need;
                     if lower > Level::L4K || rights == SplitRights::Parent {
                         // A 1 GiB leaf split into 2 MiB leaves: split those the set meets; a
                         // collection's split kept the rights: protect the set's pages in it.
-                        flush |= self.write_protect_table(child, lower, lo, pages);
+                        flush |= self.write_protect_table(excl, child, lower, lo, pages);
                     }
                 } else if fmt.is_writable(old) {
-                    let need = self.set_spte_locked(entry, old, old & !BIT_W, level, lo);
+                    let need = self.set_spte_locked(excl, entry, old, old & !BIT_W, level, lo);
                     flush |= need == FlushNeed::Remote;
                 }
             } else if let Some(lower) = level.lower() {
-                flush |= self.write_protect_table(fmt.pfn(old), lower, lo, pages);
+                flush |= self.write_protect_table(excl, fmt.pfn(old), lower, lo, pages);
             }
         }
         flush
@@ -146,8 +153,8 @@ impl<H: Host> Tdp<'_, H> {
         let roots = self.tdp.mmu_lock.write(&self.vcpus, &self.relax());
         let mut flush = false;
         for r in roots.iter().filter(|r| r.as_id() == as_id) {
-            flush |=
-                self.write_protect_table(r.pfn(), r.level(), Gfn(0), Pages::Range { start, end });
+            let pages = Pages::Range { start, end };
+            flush |= self.write_protect_table(&roots, r.pfn(), r.level(), Gfn(0), pages);
         }
         if flush {
             self.flush_remote_tlbs();
@@ -159,9 +166,11 @@ impl<H: Host> Tdp<'_, H> {
     /// Replaces the huge leaf `old` in `entry` (at `level`, mapping the block at `base`) by a
     /// table of its children with `rights` ([`Self::split_huge_leaf`]). Returns whether remote TLBs
     /// must be flushed (a present leaf was replaced), the table and its level; `None` for a
-    /// 4 KiB leaf or when no table page can be had. The caller holds the MMU lock exclusive.
+    /// 4 KiB leaf or when no table page can be had. `excl` proves the MMU lock is held
+    /// exclusive.
     fn split_in_place(
         &self,
+        excl: &MmuWrite<'_, RootList>,
         entry: &crate::sync::AtomicU64,
         old: u64,
         level: Level,
@@ -170,7 +179,7 @@ impl<H: Host> Tdp<'_, H> {
     ) -> Option<(bool, Pfn, Level)> {
         let (child, lower) = self.split_huge_leaf(old, level, base, rights)?;
         let link = self.cfg.format.make_nonleaf(child);
-        let need = self.set_spte_locked(entry, old, link, level, base);
+        let need = self.set_spte_locked(excl, entry, old, link, level, base);
         Some((need == FlushNeed::Remote, child, lower))
     }
 
@@ -288,7 +297,7 @@ impl<H: Host> WriteProtect for Tdp<'_, H> {
         if in_slot != 0 {
             for r in excl.iter().filter(|r| r.as_id() == slot.as_id()) {
                 let pages = Pages::Masked { start, mask: in_slot };
-                flush |= self.write_protect_table(r.pfn(), r.level(), Gfn(0), pages);
+                flush |= self.write_protect_table(excl, r.pfn(), r.level(), Gfn(0), pages);
             }
         }
         self.stats.dirty_log_protected.add(mask.count_ones() as u64);

@@ -200,7 +200,7 @@ impl<'a, H: Host> Tdp<'a, H> {
         // What a fault built since the root went obsolete (none, unless
         // `Bug::NoStaleRootCheck`), or all a pageless root maps.
         let flush = self.zap_root_contents(&roots, &root);
-        let links = self.needs_pending_flush(&root);
+        let links = self.needs_pending_flush(&roots, &root);
         // Queued after the lock: taking the free queue's lock under the MMU lock made the vCPUs'
         // root reloads convoy behind memslot updates (`vmmu bench --only churn`, zap-all rows).
         // Nothing reaches the root meanwhile (it left the list), and nothing can unwind between.
@@ -213,9 +213,10 @@ impl<'a, H: Host> Tdp<'a, H> {
 
     /// Whether retiring `root` must make a TLB flush pending on every vCPU
     /// ([`Self::retire_root`]): a TDP root that still links a table or maps a huge leaf. The
-    /// caller holds the MMU lock exclusive, and `root` is on the root list or just left it.
-    fn needs_pending_flush(&self, root: &Root) -> bool {
-        root.kind() == RootKind::Tdp && self.links_anything(root)
+    /// caller holds the MMU lock exclusive (`excl`), and `root` is on the root list or just
+    /// left it.
+    fn needs_pending_flush(&self, excl: &MmuWrite<'_, RootList>, root: &Root) -> bool {
+        root.kind() == RootKind::Tdp && self.links_anything(excl, root)
     }
 
     /// Queues `root`, which left the root list with no user, for freeing with the tables it
@@ -261,16 +262,17 @@ impl<'a, H: Host> Tdp<'a, H> {
             };
         }
         // Roots no vCPU uses can go now; the others go when their last user drops them.
-        roots.retain(|r| {
+        // Under the lock: no heap to keep a root in until it is dropped (rare: a root nobody
+        // uses). In list order, as `retain` (which could not lend the guard to the check).
+        let mut i = 0;
+        while let Some(r) = roots.get(i) {
             if r.users() == 0 {
-                // Under the lock: no heap to keep the root in until it is dropped (rare: a
-                // root nobody uses).
-                self.retire_root(r, self.needs_pending_flush(r));
-                false
+                self.retire_root(r, self.needs_pending_flush(&roots, r));
+                roots.remove(i);
             } else {
-                true
+                i += 1;
             }
-        });
+        }
         self.flush_after_zap(flush);
         drop(roots);
         pages.queue();

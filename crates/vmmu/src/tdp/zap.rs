@@ -154,19 +154,19 @@ impl<H: Host> Tdp<'_, H> {
 
     fn zap_root(
         &self,
-        _excl: &MmuWrite<'_, RootList>,
+        excl: &MmuWrite<'_, RootList>,
         root: &Root,
         scope: ZapScope,
         pages: &mut (impl TableList + ?Sized),
     ) -> bool {
         let end = Gfn(1u64 << (root.level().shift() + 9 - crate::types::PAGE_SHIFT));
-        self.zap_table(root.pfn(), root.level(), Gfn(0), Gfn(0), end, scope, pages)
+        self.zap_table(excl, root.pfn(), root.level(), Gfn(0), Gfn(0), end, scope, pages)
     }
 
-    /// Whether `root` has a present entry: a table linked, or a huge leaf. The caller holds the
-    /// MMU lock exclusive.
-    pub(crate) fn links_anything(&self, root: &Root) -> bool {
-        // SAFETY: the caller holds the MMU lock exclusive and `root` was on the root list under
+    /// Whether `root` has a present entry: a table linked, or a huge leaf. `_excl` proves the
+    /// MMU lock is held exclusive.
+    pub(crate) fn links_anything(&self, _excl: &MmuWrite<'_, RootList>, root: &Root) -> bool {
+        // SAFETY: `_excl` holds the MMU lock exclusive and `root` was on the root list under
         // that hold (or just left it): nothing frees its page meanwhile.
         let Some(table) = (unsafe { self.table(root.pfn()) }) else {
             debug_assert!(false, "root frame {:?} unknown to the host", root.pfn());
@@ -177,7 +177,7 @@ impl<H: Host> Tdp<'_, H> {
 
     /// Zaps entries for gfns in `[start, end)` under every root of address space `as_id` (valid or
     /// obsolete). Returns whether a flush is needed (a present leaf removed, a table unlinked).
-    /// The caller holds the MMU lock exclusive.
+    /// `roots` proves the MMU lock is held exclusive.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn zap_gfn_range_locked(
         &self,
@@ -190,7 +190,7 @@ impl<H: Host> Tdp<'_, H> {
     ) -> bool {
         let mut flush = false;
         for r in roots.iter().filter(|r| r.as_id() == as_id) {
-            flush |= self.zap_table(r.pfn(), r.level(), Gfn(0), start, end, scope, pages);
+            flush |= self.zap_table(roots, r.pfn(), r.level(), Gfn(0), start, end, scope, pages);
         }
         flush
     }
@@ -232,7 +232,15 @@ impl<H: Host> Tdp<'_, H> {
         let mut flush = false;
         for r in roots.iter().filter(|r| r.as_id() == as_id) {
             let range = (start, end);
-            flush |= self.recover_in_table(r.pfn(), r.level(), Gfn(0), range, huge_ok, &mut pages);
+            flush |= self.recover_in_table(
+                &roots,
+                r.pfn(),
+                r.level(),
+                Gfn(0),
+                range,
+                huge_ok,
+                &mut pages,
+            );
         }
         self.flush_after_zap(flush);
         drop(roots);
@@ -241,8 +249,10 @@ impl<H: Host> Tdp<'_, H> {
     }
 
     /// [`Self::recover_huge_pages`] in table `pfn` (at `level`, covering gfns from `base`).
+    #[allow(clippy::too_many_arguments)]
     fn recover_in_table(
         &self,
+        excl: &MmuWrite<'_, RootList>,
         pfn: Pfn,
         level: Level,
         base: Gfn,
@@ -250,8 +260,8 @@ impl<H: Host> Tdp<'_, H> {
         huge_ok: &dyn Fn(Gfn, Level) -> bool,
         pages: &mut Unlinked<'_, H>,
     ) -> bool {
-        // SAFETY: we hold the MMU lock exclusive and reached `pfn` from a root on the list; nothing
-        // frees a linked page.
+        // SAFETY: `excl` holds the MMU lock exclusive and we reached `pfn` from a root on the
+        // list; nothing frees a linked page.
         let Some(table) = (unsafe { self.table(pfn) }) else {
             debug_assert!(false, "table frame {pfn:?} unknown to the host");
             return false;
@@ -270,7 +280,8 @@ impl<H: Host> Tdp<'_, H> {
             }
             let child = fmt.pfn(old);
             if !(e.inside(start, end) && level <= fmt.max_leaf_level() && huge_ok(lo, level)) {
-                flush |= self.recover_in_table(child, lower, lo, (start, end), huge_ok, pages);
+                flush |=
+                    self.recover_in_table(excl, child, lower, lo, (start, end), huge_ok, pages);
                 continue;
             }
             // A host invalidation in flight over the block zapped what it maps there, and
@@ -279,10 +290,11 @@ impl<H: Host> Tdp<'_, H> {
             // in-flight range cannot change under this hold. (A memslot update does not keep
             // invalidations out past its first publication, as KVM's does not.)
             if self.inval.retry_range(self.inval.seq(), lo, Gfn(lo.raw() + span)) {
-                flush |= self.recover_in_table(child, lower, lo, (start, end), huge_ok, pages);
+                flush |=
+                    self.recover_in_table(excl, child, lower, lo, (start, end), huge_ok, pages);
                 continue;
             }
-            let Some((small, offset)) = self.first_present_leaf(child, lower) else {
+            let Some((small, offset)) = self.first_present_leaf(excl, child, lower) else {
                 continue; // nothing to make the huge leaf from (KVM: -ENOENT, skipped)
             };
             // KVM builds the huge leaf from the first leaf's frame rounded down to the block,
@@ -291,8 +303,9 @@ impl<H: Host> Tdp<'_, H> {
             // get the guest mapped onto frames it never named, so every present leaf below must
             // map its page's place in one aligned block (else the lower levels are tried).
             let first = fmt.pfn(small).raw().wrapping_sub(offset);
-            if first & (span - 1) != 0 || !self.leaves_at_place(child, lower, first) {
-                flush |= self.recover_in_table(child, lower, lo, (start, end), huge_ok, pages);
+            if first & (span - 1) != 0 || !self.leaves_at_place(excl, child, lower, first) {
+                flush |=
+                    self.recover_in_table(excl, child, lower, lo, (start, end), huge_ok, pages);
                 continue;
             }
             // Recovery is optional work, which KVM skips where it cannot do it: out of heap for
@@ -305,11 +318,11 @@ impl<H: Host> Tdp<'_, H> {
             let frame = Pfn(first);
             let huge = (small & !fmt.addr_mask()) | BIT_LARGE | (frame.hpa() & fmt.addr_mask());
             // The huge leaf first, then the detached table's entries (KVM `handle_removed_pt`).
-            let swap = self.set_spte_locked(entry, old, huge, level, lo);
+            let swap = self.set_spte_locked(excl, entry, old, huge, level, lo);
             flush |= swap == FlushNeed::Remote;
             // Listed in full: the promise above covers the detached table and its tables.
             let list: &mut Vec<Pfn> = pages;
-            flush |= self.zap_table(child, lower, lo, lo, e.hi, ZapScope::Tables, list);
+            flush |= self.zap_table(excl, child, lower, lo, lo, e.hi, ZapScope::Tables, list);
             self.stats.tdp_tables_zapped.add(1);
             list.push(child);
         }
@@ -324,12 +337,12 @@ impl<H: Host> Tdp<'_, H> {
     /// below it, so the zap lists nothing). Returns the outcome and, when it replaced a table,
     /// the [`Detached`] table: the caller flushes remote TLBs under the same hold if needed, then
     /// queues the table as a tree (`MmuCore::queue_tree`), to be freed after a grace period.
-    /// `Retry` if the entry changed meanwhile (the fault then maps as usual). `_excl` proves the
+    /// `Retry` if the entry changed meanwhile (the fault then maps as usual). `excl` proves the
     /// MMU lock is held exclusive; the caller checked under that hold that the fault is not
     /// stale.
     pub(crate) fn replace_table_in_the_way(
         &self,
-        _excl: &MmuWrite<'_, RootList>,
+        excl: &MmuWrite<'_, RootList>,
         root: &Root,
         fault: &PageFault,
         spec: LeafSpec,
@@ -340,7 +353,7 @@ impl<H: Host> Tdp<'_, H> {
         let fmt = self.cfg.format;
         let (mut pfn, mut level) = (root.pfn(), root.level());
         let (entry, old) = loop {
-            // SAFETY: we hold the MMU lock exclusive and walk from a root the vCPU holds; nothing
+            // SAFETY: `excl` holds the MMU lock exclusive and we walk from a root the vCPU holds; nothing
             // frees a linked page meanwhile.
             let Some(table) = (unsafe { self.table(pfn) }) else {
                 debug_assert!(false, "table frame {pfn:?} unknown to the host");
@@ -368,8 +381,9 @@ impl<H: Host> Tdp<'_, H> {
         let hi = Gfn(lo.raw() + level.pages());
         let huge = fmt.make_frame_leaf(base_pfn, kind, level, access, writable);
         // The huge leaf first, then the detached table's entries (KVM `handle_removed_pt`).
-        let mut flush = self.set_spte_locked(entry, old, huge, level, lo) == FlushNeed::Remote;
-        flush |= self.zap_table(child, lower, lo, lo, hi, ZapScope::Contents, &mut NoList);
+        let mut flush =
+            self.set_spte_locked(excl, entry, old, huge, level, lo) == FlushNeed::Remote;
+        flush |= self.zap_table(excl, child, lower, lo, lo, hi, ZapScope::Contents, &mut NoList);
         // The detached table; those below it are counted when the reclaimer frees them.
         self.stats.tdp_tables_zapped.add(1);
         (MapOutcome::Installed { level }, Some(Detached { table: child, level: lower, flush }))
@@ -377,8 +391,13 @@ impl<H: Host> Tdp<'_, H> {
 
     /// The first present leaf in the table `pfn` (at `level`) or below it, and how many pages
     /// into the table's range it maps.
-    fn first_present_leaf(&self, pfn: Pfn, level: Level) -> Option<(u64, u64)> {
-        // SAFETY: we hold the MMU lock exclusive (the caller's) and reached `pfn` through a
+    fn first_present_leaf(
+        &self,
+        _excl: &MmuWrite<'_, RootList>,
+        pfn: Pfn,
+        level: Level,
+    ) -> Option<(u64, u64)> {
+        // SAFETY: `excl` holds the MMU lock exclusive and reached `pfn` through a
         // linked entry; nothing frees a linked page.
         let table = unsafe { self.table(pfn) }?;
         let fmt = self.cfg.format;
@@ -390,7 +409,8 @@ impl<H: Host> Tdp<'_, H> {
             } else if fmt.is_leaf(spte, level) {
                 Some((spte, at))
             } else {
-                let (leaf, below) = self.first_present_leaf(fmt.pfn(spte), level.lower()?)?;
+                let (leaf, below) =
+                    self.first_present_leaf(_excl, fmt.pfn(spte), level.lower()?)?;
                 Some((leaf, at + below))
             }
         })
@@ -398,8 +418,14 @@ impl<H: Host> Tdp<'_, H> {
 
     /// Whether every present leaf under table `pfn` (at `level`) maps the frame at its page's
     /// place in the run of frames from `first`: the leaf `i` pages into the table's range maps
-    /// `first + i`. The caller holds the MMU lock exclusive.
-    fn leaves_at_place(&self, pfn: Pfn, level: Level, first: u64) -> bool {
+    /// `first + i`. `_excl` proves the MMU lock is held exclusive.
+    fn leaves_at_place(
+        &self,
+        _excl: &MmuWrite<'_, RootList>,
+        pfn: Pfn,
+        level: Level,
+        first: u64,
+    ) -> bool {
         // SAFETY: as in `first_present_leaf`.
         let Some(table) = (unsafe { self.table(pfn) }) else { return false };
         let fmt = self.cfg.format;
@@ -411,7 +437,7 @@ impl<H: Host> Tdp<'_, H> {
             } else if fmt.is_leaf(spte, level) {
                 fmt.pfn(spte).raw() == at
             } else {
-                level.lower().is_some_and(|l| self.leaves_at_place(fmt.pfn(spte), l, at))
+                level.lower().is_some_and(|l| self.leaves_at_place(_excl, fmt.pfn(spte), l, at))
             }
         })
     }
@@ -422,6 +448,7 @@ impl<H: Host> Tdp<'_, H> {
     #[allow(clippy::too_many_arguments)]
     fn zap_table(
         &self,
+        excl: &MmuWrite<'_, RootList>,
         pfn: Pfn,
         level: Level,
         base: Gfn,
@@ -430,8 +457,8 @@ impl<H: Host> Tdp<'_, H> {
         scope: ZapScope,
         pages: &mut (impl TableList + ?Sized),
     ) -> bool {
-        // SAFETY: we hold the MMU lock exclusive and reached `pfn` from a root on the list or
-        // being retired; nothing frees a linked page.
+        // SAFETY: `excl` holds the MMU lock exclusive and we reached `pfn` from a root on the
+        // list or being retired; nothing frees a linked page.
         let Some(table) = (unsafe { self.table(pfn) }) else {
             debug_assert!(false, "table frame {pfn:?} unknown to the host");
             return false;
@@ -439,7 +466,7 @@ impl<H: Host> Tdp<'_, H> {
         let mut flush = false;
         for e in entries_meeting(table, level, base, start, end) {
             let whole = e.inside(start, end) && scope != ZapScope::Leaves;
-            flush |= self.zap_entry(e.entry, level, e.lo, whole, start, end, scope, pages);
+            flush |= self.zap_entry(excl, e.entry, level, e.lo, whole, start, end, scope, pages);
         }
         flush
     }
@@ -447,6 +474,7 @@ impl<H: Host> Tdp<'_, H> {
     #[allow(clippy::too_many_arguments)]
     fn zap_entry(
         &self,
+        excl: &MmuWrite<'_, RootList>,
         entry: &AtomicU64,
         level: Level,
         lo: Gfn,
@@ -461,14 +489,15 @@ impl<H: Host> Tdp<'_, H> {
         if !SpteFormat::is_mmu_present(old) {
             if whole && old != SpteFormat::NONPRESENT && !SpteFormat::is_frozen(old) {
                 // An MMIO SPTE inside the range: clear it too (harmless, keeps tables tidy).
-                let none = self.set_spte_locked(entry, old, SpteFormat::NONPRESENT, level, lo);
+                let none =
+                    self.set_spte_locked(excl, entry, old, SpteFormat::NONPRESENT, level, lo);
                 debug_assert_eq!(none, FlushNeed::NotNeeded, "an MMIO SPTE is never cached");
             }
             return false;
         }
         if fmt.is_leaf(old, level) {
             // A huge leaf only partly in range is zapped whole: the next fault remaps what stays.
-            let flush = self.set_spte_locked(entry, old, SpteFormat::NONPRESENT, level, lo);
+            let flush = self.set_spte_locked(excl, entry, old, SpteFormat::NONPRESENT, level, lo);
             return flush == FlushNeed::Remote;
         }
         let child = fmt.pfn(old);
@@ -476,13 +505,13 @@ impl<H: Host> Tdp<'_, H> {
             return false;
         };
         let refused = pages.refused();
-        let mut flush = self.zap_table(child, lower, lo, start, end, scope, pages);
+        let mut flush = self.zap_table(excl, child, lower, lo, start, end, scope, pages);
         // Unlinked only if every table below went, and it can be listed.
         let unlink = whole && scope == ZapScope::Tables;
         if unlink && pages.refused() == refused && pages.try_list(child) {
             // Unlinking the table: a flush even if nothing below was present, for the
             // paging-structure caches that may hold the link (`mmu_core/change.rs`).
-            let unlink = self.set_spte_locked(entry, old, SpteFormat::NONPRESENT, level, lo);
+            let unlink = self.set_spte_locked(excl, entry, old, SpteFormat::NONPRESENT, level, lo);
             flush |= unlink == FlushNeed::Remote;
             self.stats.tdp_tables_zapped.add(1);
         }
