@@ -1,11 +1,22 @@
 //! `--inject BUG|list`: the re-injectable historical bugs (`vmmu::bugs::Bug`) as the commands
-//! name them, shared by `vmmu run`, `vmmu selftest` and `vmmu bugs`.
+//! name them, shared by `vmmu run`, `vmmu selftest`, `vmmu scenario` and `vmmu bugs`.
 
 use vmmu::bugs::{Bug, BugSet};
 
 /// The bug names, one per line, as `vmmu bugs` and `--inject list` print them.
 pub fn list() -> String {
     Bug::ALL.iter().map(|b| format!("{}\n", b.name())).collect()
+}
+
+/// `--inject list` as a command with `--json` prints it: a JSON array of the names with `json`,
+/// else [`list`].
+pub fn listing(json: bool) -> String {
+    if json {
+        let names: Vec<&str> = Bug::ALL.iter().map(|b| b.name()).collect();
+        format!("{}\n", serde_json::to_string(&names).unwrap_or_default())
+    } else {
+        list()
+    }
 }
 
 /// The bugs `--inject NAME` asks `vmmu COMMAND` to re-inject (none without the flag). `Err` says

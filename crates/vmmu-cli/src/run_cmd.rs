@@ -669,12 +669,7 @@ fn shadow_pages_without_shadow(args: &RunArgs) -> Option<String> {
 /// Runs `vmmu run`.
 pub fn run(args: &RunArgs) -> ExitCode {
     if args.inject.as_deref() == Some("list") {
-        let list = if args.opts.json {
-            let names: Vec<&str> = vmmu::bugs::Bug::ALL.iter().map(|b| b.name()).collect();
-            format!("{}\n", serde_json::to_string(&names).unwrap_or_default())
-        } else {
-            crate::inject::list()
-        };
+        let list = crate::inject::listing(args.opts.json);
         return if emit("run", &list) { ExitCode::SUCCESS } else { ExitCode::from(1) };
     }
     if let Err(e) = args.options(true, BugSet::NONE).validate() {

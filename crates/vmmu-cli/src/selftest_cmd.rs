@@ -710,7 +710,7 @@ swing several-fold from run to run (compare without --quick, or with --runs N fo
 pub fn run(args: &SelftestArgs) -> ExitCode {
     if args.inject.as_deref() == Some("list") {
         // As `vmmu run --inject list`.
-        return if emit("selftest", &crate::inject::list()) {
+        return if emit("selftest", &crate::inject::listing(args.json)) {
             ExitCode::SUCCESS
         } else {
             ExitCode::from(1)

@@ -165,6 +165,13 @@ fn inject_list_lists_the_bugs() {
     let run = vmmu(&["run", "--inject", "list"]);
     assert_eq!(out.stdout, run.stdout);
     assert!(String::from_utf8_lossy(&out.stdout).contains("no-tlb-flush-on-zap"));
+    // With --json, the JSON array `vmmu run --inject list --json` prints (it printed lines).
+    let out = vmmu(&["selftest", "--inject", "list", "--json"]);
+    let run = vmmu(&["run", "--inject", "list", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let names: Vec<String> = serde_json::from_slice(&out.stdout).expect("a JSON array");
+    assert_eq!(out.stdout, run.stdout);
+    assert_eq!(names.len(), vmmu::bugs::Bug::ALL.len());
 }
 
 #[test]
