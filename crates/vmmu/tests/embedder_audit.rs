@@ -1208,69 +1208,75 @@ fn tdp_cfg() -> VmConfig {
     VmConfig::new(FormatKind::Ept, 46).unwrap()
 }
 
+/// Every error an embedder gets for a bad configuration or request says, on one line, what was
+/// wrong: the value it refused and the rule, or what to do instead.
 #[test]
-#[ignore = "prints error messages for review"]
-fn print_error_messages() {
+fn error_messages_name_the_value_and_the_rule() {
     let host = AuditHost::new(16);
-    let show = |what: &str, e: &dyn std::fmt::Display| println!("{what:<40} {e}");
-    show("phys_bits 0", &VmConfig::new(FormatKind::Ept, 0).unwrap_err());
-    show("phys_bits 64", &VmConfig::new(FormatKind::Ept, 64).unwrap_err());
+    let show = |what: &str, e: &dyn std::fmt::Display, needles: &[&str]| {
+        let m = e.to_string();
+        assert!(!m.is_empty() && !m.contains('\n'), "{what}: {m:?}");
+        for n in needles {
+            assert!(m.contains(n), "{what}: {m:?} does not say {n:?}");
+        }
+    };
+    for bits in [0u8, 64] {
+        let e = VmConfig::new(FormatKind::Ept, bits).unwrap_err();
+        show("phys_bits", &e, &[&format!("phys_bits={bits}"), "36..=52"]);
+    }
     for nr_as in [0u16, 3] {
         let mut cfg = tdp_cfg();
         cfg.nr_address_spaces = nr_as;
-        show(&format!("nr_as {nr_as}"), &Vm::new(cfg, host.clone()).err().unwrap());
+        let e = Vm::new(cfg, host.clone()).err().unwrap();
+        show("nr_as", &e, &["1 or 2", &format!("not {nr_as}")]);
     }
     let mut cfg = tdp_cfg();
     cfg.root_level = Level::L1G;
-    show("root level 3", &Vm::new(cfg, host.clone()).err().unwrap());
+    show("root level 3", &Vm::new(cfg, host.clone()).err().unwrap(), &["root level 3", "4 or 5"]);
     let mut cfg = tdp_cfg();
     cfg.max_vcpus = 0;
-    let vm = Vm::new(cfg, host.clone()).unwrap();
-    show("create_vcpu with max 0", &vm.create_vcpu().err().unwrap());
-    let mut cfg = tdp_cfg();
-    cfg.format = FormatKind::Ept;
-    cfg.mmu = vmmu::vm::MmuKind::Shadow;
-    show("shadow on EPT", &Vm::new(cfg, host.clone()).err().unwrap());
+    show("max_vcpus 0", &Vm::new(cfg, host.clone()).err().unwrap(), &["max_vcpus 0", "4096"]);
     let vm = tdp_vm(&host, 1);
-    for r in [
-        UserspaceMemoryRegion::new(0, 0, 0, 4095, RAM_HVA),
-        UserspaceMemoryRegion::new(0, 0, 1, 4096, RAM_HVA),
-        UserspaceMemoryRegion::new(0, 0, 0, 4096, RAM_HVA + 1),
-        UserspaceMemoryRegion::new(0, 1 << 5, 0, 4096, RAM_HVA),
-        UserspaceMemoryRegion::new(1 << 16, 0, 0, 4096, RAM_HVA),
-        UserspaceMemoryRegion::new(32764, 0, 0, 4096, RAM_HVA),
-        UserspaceMemoryRegion::new(0, 0, !0xfffu64, 4096, 0x1000),
-        UserspaceMemoryRegion::new(0, 0, 0, 1 << 44, 0x1000),
-        UserspaceMemoryRegion::new(0, 0, 0, 4096, !0xfffu64),
-        UserspaceMemoryRegion::new(0, 0, 0, 0, 0),
-        UserspaceMemoryRegion::new(0, 0, 1 << 46, 4096, 0x1000),
+    let _first = vm.create_vcpu().unwrap();
+    show("create_vcpu past max", &vm.create_vcpu().err().unwrap(), &["1 vCPU(s)", "max_vcpus"]);
+    let mut cfg = tdp_cfg();
+    cfg.mmu = vmmu::vm::MmuKind::Shadow;
+    show("shadow on EPT", &Vm::new(cfg, host.clone()).err().unwrap(), &["Npt", "not Ept"]);
+    let vm = tdp_vm(&host, 1);
+    for (r, needles) in [
+        (UserspaceMemoryRegion::new(0, 0, 0, 4095, RAM_HVA), &["memory_size 0xfff", "4 KiB"][..]),
+        (UserspaceMemoryRegion::new(0, 0, 1, 4096, RAM_HVA), &["guest_phys_addr 0x1", "aligned"]),
+        (UserspaceMemoryRegion::new(0, 0, 0, 4096, RAM_HVA + 1), &["userspace_addr", "aligned"]),
+        (UserspaceMemoryRegion::new(0, 1 << 5, 0, 4096, RAM_HVA), &["flags 0x20", "READONLY"]),
+        (UserspaceMemoryRegion::new(1 << 16, 0, 0, 4096, RAM_HVA), &["address space 1", "has 1"]),
+        (UserspaceMemoryRegion::new(32764, 0, 0, 4096, RAM_HVA), &["32764", "below 32764"]),
+        (
+            UserspaceMemoryRegion::new(0, 0, !0xfffu64, 4096, 0x1000),
+            &["0xfffffffffffff000", "wraps"],
+        ),
+        (UserspaceMemoryRegion::new(0, 0, 0, 1 << 44, 0x1000), &["4294967296 pages", "2147483647"]),
+        (UserspaceMemoryRegion::new(0, 0, 0, 4096, !0xfffu64), &["userspace range", "limit"]),
+        (UserspaceMemoryRegion::new(0, 0, 0, 0, 0), &["delete slot 0", "does not exist"]),
+        (UserspaceMemoryRegion::new(0, 0, 1 << 46, 4096, 0x1000), &["0x400000000", "0x3ffffffff"]),
     ] {
-        show(
-            &format!("{r:x?}").chars().take(40).collect::<String>(),
-            &vm.set_memory_region(&r).unwrap_err(),
-        );
+        show(&format!("{r:x?}"), &vm.set_memory_region(&r).unwrap_err(), needles);
     }
     vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, 4096, RAM_HVA)).unwrap();
-    show(
-        "EEXIST",
-        &vm.set_memory_region(&UserspaceMemoryRegion::new(1, 0, 0, 4096, RAM_HVA)).unwrap_err(),
-    );
-    show(
-        "modify size",
-        &vm.set_memory_region(&UserspaceMemoryRegion::new(0, 0, 0, 8192, RAM_HVA)).unwrap_err(),
-    );
-    show("dirty log no slot", &vm.get_dirty_log(AsId(0), SlotId(3)).unwrap_err());
-    show("dirty log bad as", &vm.get_dirty_log(AsId(3), SlotId(3)).unwrap_err());
+    let overlap = UserspaceMemoryRegion::new(1, 0, 0, 4096, RAM_HVA);
+    show("EEXIST", &vm.set_memory_region(&overlap).unwrap_err(), &["slot 1 overlap slot 0"]);
+    let resize = UserspaceMemoryRegion::new(0, 0, 0, 8192, RAM_HVA);
+    show("resize", &vm.set_memory_region(&resize).unwrap_err(), &["memory_size", "delete it"]);
+    show("dirty log, no slot", &vm.get_dirty_log(AsId(0), SlotId(3)).unwrap_err(), &["slot 3"]);
+    show("dirty log, bad AS", &vm.get_dirty_log(AsId(3), SlotId(3)).unwrap_err(), &["space 3"]);
     let mut v = vm.create_vcpu().unwrap();
     v.service_requests().unwrap();
-    show("set_as_id 1", &v.set_as_id(AsId(1)).unwrap_err());
-    show("load_cr3 on TDP", &v.load_cr3(0).unwrap_err());
-    show("#PF on TDP", &v.handle_page_fault(Gva(0), PfErr(0)).unwrap_err());
-    show("fault outside RAM hva", &{
-        vm.set_memory_region(&UserspaceMemoryRegion::new(2, 0, 1 << 30, 4096, 0x1000)).unwrap();
-        v.handle_ept_violation(Gpa(1 << 30), FaultAccess::READ).unwrap_err()
-    });
-    show("misconfig at 2^52", &format!("{:?}", v.handle_ept_misconfig(Gpa(1 << 52))));
+    show("set_as_id 1", &v.set_as_id(AsId(1)).unwrap_err(), &["address space 1", "has 1"]);
+    show("load_cr3 on TDP", &v.load_cr3(0).unwrap_err(), &["TDP MMU", "not shadow"]);
+    let e = v.handle_page_fault(Gva(0), PfErr(0)).unwrap_err();
+    show("#PF on TDP", &e, &["shadow-paging VM"]);
+    vm.set_memory_region(&UserspaceMemoryRegion::new(2, 0, 1 << 30, 4096, 0x1000)).unwrap();
+    let e = v.handle_ept_violation(Gpa(1 << 30), FaultAccess::READ).unwrap_err();
+    show("fault outside RAM hva", &e, &["gpa 0x40000000", "host address 0x1000"]);
 }
 
 /// A vCPU that sits in raw guest mode and ignores its kicks holds up a zap's flush; dropping it

@@ -115,7 +115,7 @@ pub enum MmuError {
     #[error("root level {0} is not supported: use 4 or 5")]
     BadRootLevel(u8),
     /// All vCPU slots are taken.
-    #[error("the VM already has its maximum of {0} vCPUs")]
+    #[error("the VM already has {0} vCPU(s), the most its VmConfig::max_vcpus allows")]
     TooManyVcpus(usize),
     /// The host had no frame for a page table (or only one the VM's SPTEs cannot name: see
     /// `VmStats::tables_refused`).
