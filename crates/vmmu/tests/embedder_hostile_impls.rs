@@ -54,10 +54,12 @@ fn a_hook_that_skips_publish_makes_an_update_edit_the_set_a_reader_holds() {
             go_rx.recv().unwrap();
             let guard = m.read(&reader);
             let slot: &Memslot = guard.set(AsId(0)).get(SlotId(0)).unwrap();
-            // SAFETY (of the test): `slot` is a live shared reference inside an open section.
+            // SAFETY: `slot` is a live shared reference into the set the open read section
+            // protects, so it is valid and aligned for a read.
             let before = unsafe { std::ptr::read_volatile(slot) }.flags();
             ack_tx.send(()).unwrap();
             done_rx.recv().unwrap();
+            // SAFETY: as above; the section is still open.
             let after = unsafe { std::ptr::read_volatile(slot) }.flags();
             drop(guard);
             (before, after)
