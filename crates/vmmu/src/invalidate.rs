@@ -14,6 +14,20 @@
 //! bumps `seq` (Release) after the host change is complete. If the fault's translation could have
 //! seen the old backing, then either the range was in flight when it checks under the lock, or
 //! `seq` moved: both give Retry.
+//!
+//! Which lock orders the check against `begin`, `add_range` and `end`:
+//! - TDP: all of them run under the MMU lock (`begin`..`end` exclusive, the fault's check shared),
+//!   so the check sees the whole state of one moment, and the atomics' own orderings only serve
+//!   the unlocked pre-check.
+//! - Shadow: `begin`..`end` hold the MMU lock (which guards only this state there), while the
+//!   fault checks under the shadow lock. What orders them is the unmap that every begin runs
+//!   next (`MmuCore::begin_invalidation`'s zap), which takes the shadow lock *after* `begin`
+//!   and `add_range` stored the count and the range: a fault whose shadow-lock hold comes after
+//!   the unmap's sees both (the lock's release and acquire), and one whose hold came before
+//!   installed a leaf the unmap then drops. At `end`, `seq` is bumped before the count drops
+//!   (Release), so a check that sees the count drop (Acquire) sees the new `seq` and retries.
+//!   `tests/loom_invalidate.rs` models both orders (and fails when `end` drops the count first,
+//!   or when the unmap runs before the begin).
 
 use crate::mmu_core::MmuWrite;
 use crate::sync::{AtomicU64, Ordering};
@@ -69,7 +83,10 @@ impl Invalidation {
             self.start.store(u64::MAX, Ordering::Relaxed);
             self.end.store(0, Ordering::Relaxed);
         }
-        // Release: the range is visible to whoever sees the count.
+        // Release: the empty range goes with the count. The range itself comes with
+        // `add_range`; a check ordered after the begin's unmap sees it (module doc), and a check
+        // that sees the count before the range sees the empty range, which is what its hold can
+        // rely on: the unmap after it drops whatever that fault installs.
         self.in_progress.store(n + 1, Ordering::Release);
     }
 
@@ -89,8 +106,9 @@ impl Invalidation {
         self.in_progress.store(n.saturating_sub(1), Ordering::Release);
     }
 
-    /// KVM `mmu_invalidate_retry_gfn`: under the MMU lock (shared), whether a fault that
-    /// snapshotted `seq` must retry for `gfn`.
+    /// KVM `mmu_invalidate_retry_gfn`: whether a fault that snapshotted `seq` must retry for
+    /// `gfn`. Under the lock its MMU installs under (TDP: the MMU lock shared; shadow: the shadow
+    /// lock; the module doc says why either is enough).
     #[inline]
     pub fn retry(&self, snapshot: u64, gfn: Gfn) -> bool {
         if self.in_progress.load(Ordering::Acquire) != 0 {

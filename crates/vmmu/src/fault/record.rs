@@ -183,7 +183,8 @@ impl PageFault {
         Ok(Ok(Backing::Ram { slot: s, base_pfn, max_level, writable, kind }))
     }
 
-    /// KVM `is_page_fault_stale`, under the MMU lock (the caller holds it): the root was
+    /// KVM `is_page_fault_stale`, under the lock the MMU installs under (the caller holds it:
+    /// TDP, the MMU lock shared; shadow, the shadow lock; `invalidate`'s module doc): the root was
     /// obsoleted by `zap_all_fast`, or it has no page and a free-obsolete-roots request is pending
     /// for the vCPU (18c841e1f411), or a host invalidation touched the gfn (the block RAM
     /// `backing` may map) since faultin sampled the sequence.
