@@ -330,6 +330,8 @@ impl<H: Host> MmuCore<H> {
             .vcpu_taken
             .iter()
             .position(|t| {
+                // Acquire on success: pairs with `remove_vcpu`'s Release, so the index's previous
+                // owner is done with its state word and reader record before they are reused.
                 t.compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed).is_ok()
             })
             .ok_or(full)?;

@@ -89,6 +89,10 @@ impl Root {
     pub(crate) fn invalidate(&self) {
         self.invalid.store(true, Ordering::Release);
     }
+    /// Adds one user. The caller holds the MMU lock (`Tdp::get_root`: shared, or exclusive when
+    /// the root is new), and `zap_all_fast` reads `users` holding it exclusive: the lock, not this
+    /// ordering, orders a new user against the zap. AcqRel is more than that needs (one per root
+    /// load, off the hot path).
     pub(crate) fn get(&self) {
         self.users.fetch_add(1, Ordering::AcqRel);
     }
@@ -99,6 +103,8 @@ impl Root {
         debug_assert!(old > 0, "root put without get");
         old - 1
     }
+    /// The users now. Acquire pairs with the release half of [`Self::put`]: a reader that sees a
+    /// count the last user's decrement made sees that user's walks of the root as done.
     pub(crate) fn users(&self) -> u32 {
         self.users.load(Ordering::Acquire)
     }
