@@ -302,8 +302,14 @@ fn from_object(o: &Map<String, Value>) -> Result<Observation, String> {
     if o.contains_key("skipped") {
         return Ok(Observation::Skipped { reason: s("skipped")?.into() });
     }
-    let step = u32::try_from(n("step")?).map_err(|_| "step out of range".to_string())?;
-    let len = || u32::try_from(n("len")?).map_err(|_| "len out of range".to_string());
+    let step = n("step")?;
+    let step = u32::try_from(step).ok().filter(|&s| s >= 1).ok_or_else(|| {
+        format!("field `step` is {step}: steps count lines from 1, up to {}", u32::MAX)
+    })?;
+    let len = || {
+        let len = n("len")?;
+        u32::try_from(len).map_err(|_| format!("field `len` is {len}: more than {}", u32::MAX))
+    };
     Ok(match (s("op")?, o.get("exit").and_then(Value::as_str)) {
         ("slot", _) => Observation::Slot {
             step,
@@ -469,6 +475,24 @@ mod tests {
         ] {
             let e = parse_observations(&format!("\n{bad}\n")).unwrap_err();
             assert_eq!(e.line, 2, "{bad}");
+        }
+    }
+
+    /// A step number the file cannot hold (0: steps count from 1; past `u32`) or a `len` past
+    /// `u32` is refused with the value and the range (review 58b: "step out of range", and step
+    /// 0 was taken, to show up later as a difference).
+    #[test]
+    fn a_step_or_len_out_of_range_is_named() {
+        for (line, want) in [
+            (r#"{"step":0,"op":"slot","result":"ok"}"#, "`step` is 0: steps count lines from 1"),
+            (r#"{"step":4294967296,"op":"slot","result":"ok"}"#, "`step` is 4294967296"),
+            (
+                r#"{"step":1,"op":"read","exit":"mmio","gpa":"0x1","len":4294967296,"value":"0x0"}"#,
+                "`len` is 4294967296: more than 4294967295",
+            ),
+        ] {
+            let e = parse_observations(&format!("{line}\n")).unwrap_err().to_string();
+            assert!(e.contains(want), "{line}: {e}");
         }
     }
 
