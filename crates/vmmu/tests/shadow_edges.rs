@@ -298,49 +298,44 @@ fn a_special_root_short_of_frames_leaves_nothing_pinned() {
     }
 }
 
-/// Walking a gpa on a shadow-paging vCPU is a caller bug (its hardware walks gvas): it panics
-/// naming the right walk, rather than answering as if a table frame were unknown.
+/// A walk of the other MMU kind (a gpa walk on a shadow-paging vCPU, whose hardware walks gvas,
+/// or the reverse) is a not-present violation, never a walk of the root's entries as if the
+/// address were of the other kind (a silent wrong translation), and the exit handler of that
+/// kind answers `WrongMmu`, as every other entry point of the other kind answers an error
+/// (review 58b: these walks panicked, while the entry points return errors).
 #[test]
-#[should_panic(expected = "a shadow-paging vCPU walks gvas")]
-fn a_gpa_walk_on_a_shadow_vcpu_names_the_gva_walk() {
-    let (vm, host, next) = shadow_vm(BugSet::NONE);
-    let s = Space::new(&host, &next);
-    let mut v = vcpu_in(&vm, long4(s.cr3));
-    v.service_requests().unwrap();
-    v.enter_guest_mode().unwrap();
-    let _ = v.walk(Gpa(0x1000), vmmu::Access::USER);
-}
-
-/// The same through the guest-mode guard: its gpa walk would read the shadow root's entries
-/// as if the gpa were a gva, a silent wrong translation; it panics instead.
-#[test]
-#[should_panic(expected = "a shadow-paging vCPU walks gvas")]
-fn a_gpa_walk_through_the_guard_of_a_shadow_vcpu_names_the_gva_walk() {
-    let (vm, host, next) = shadow_vm(BugSet::NONE);
-    let s = Space::new(&host, &next);
-    let mut v = vcpu_in(&vm, long4(s.cr3));
-    v.service_requests().unwrap();
-    let g = v.enter_guest().unwrap();
-    let _ = g.walk(Gpa(0x1000), vmmu::Access::USER);
-}
-
-/// And the other way round: a gva walk on a TDP vCPU.
-#[test]
-#[should_panic(expected = "a TDP vCPU walks gpas")]
-fn a_gva_walk_on_a_tdp_vcpu_names_the_gpa_walk() {
+fn a_walk_of_the_other_kind_is_a_violation_whose_exit_answers_wrong_mmu() {
     use vmmu::spte::FormatKind;
+    use vmmu::tdp::HwWalk;
+    use vmmu::vm::MmuKind;
+    let not_present = |w: HwWalk| matches!(w, HwWalk::Violation { present: false, .. });
+    // A gpa walk on a shadow-paging vCPU, raw and through the guard.
+    let (vm, host, next) = shadow_vm(BugSet::NONE);
+    let s = Space::new(&host, &next);
+    let mut v = vcpu_in(&vm, long4(s.cr3));
+    v.service_requests().unwrap();
+    {
+        let g = v.enter_guest().unwrap();
+        assert!(not_present(g.walk(Gpa(0x1000), vmmu::Access::USER)));
+    }
+    v.enter_guest_mode().unwrap();
+    assert!(not_present(v.walk(Gpa(0x1000), vmmu::Access::USER)));
+    v.exit_guest_mode();
+    let e = v.handle_ept_violation(Gpa(0x1000), vmmu::FaultAccess::READ).unwrap_err();
+    assert!(matches!(e, FaultError::WrongMmu { wanted: MmuKind::Tdp }), "{e}");
+    // A gva walk on a TDP vCPU, raw and through the guard.
     let (vm, _host) = common::vm(FormatKind::Ept);
     let mut v = vm.create_vcpu().unwrap();
     v.service_requests().unwrap();
     {
         let g = v.enter_guest().unwrap();
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let _ = g.walk_gva(vmmu::Gva(0x1000), vmmu::Access::USER);
-        }));
-        assert!(r.is_err(), "the guard's gva walk on a TDP vCPU must panic");
+        assert!(not_present(g.walk_gva(vmmu::Gva(0x1000), vmmu::Access::USER)));
     }
     v.enter_guest_mode().unwrap();
-    let _ = v.walk_gva(vmmu::Gva(0x1000), vmmu::Access::USER);
+    assert!(not_present(v.walk_gva(vmmu::Gva(0x1000), vmmu::Access::USER)));
+    v.exit_guest_mode();
+    let e = v.handle_page_fault(vmmu::Gva(0x1000), PfErr(PfErr::USER)).unwrap_err();
+    assert!(matches!(e, FaultError::WrongMmu { wanted: MmuKind::Shadow }), "{e}");
 }
 
 /// A guest CR3 that no memslot covers (KVM v6.6: the dummy root): a user read is a

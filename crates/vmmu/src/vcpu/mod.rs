@@ -37,7 +37,8 @@
 //! MMU of the same kind comes from `VmShared::tdp_for` or `VmShared::shadow_for`, the only
 //! places that name the impossible mixed case. An embedder calling an entry point of the other
 //! kind gets its error ([`FaultError::WrongMmu`], [`MmuError::NotTdp`],
-//! [`ShadowError::NotShadow`]).
+//! [`ShadowError::NotShadow`]); a hardware walk of the other kind is a not-present violation,
+//! whose exit handler answers `WrongMmu`.
 
 mod fault_path;
 pub mod mmio_cache;
@@ -521,19 +522,21 @@ impl<H: Host> Vcpu<H> {
     /// The hardware walk for a TLB miss, in guest mode entered with [`Self::enter_guest_mode`].
     /// A `gpa` the root does not reach is a not-present violation (see [`GuestMode::walk`]).
     ///
+    /// On a vCPU of a shadow-paging VM, whose hardware walks guest-virtual addresses
+    /// ([`Self::walk_gva`]), every walk is a not-present violation, and its exit handler
+    /// ([`Self::handle_ept_violation`]) answers [`FaultError::WrongMmu`]: the wrong kind is an
+    /// error at the exit, as at every other entry point of the other kind.
+    ///
     /// # Panics
     /// Outside guest mode (a caller bug): only guest mode's read section keeps the tables the
-    /// walk reads from being freed. On a vCPU of a shadow-paging VM, whose hardware walks
-    /// guest-virtual addresses ([`Self::walk_gva`]).
+    /// walk reads from being freed.
     #[inline]
     pub fn walk(&self, gpa: Gpa, need: Access) -> HwWalk {
         assert!(self.st.in_guest, "the hardware walks only in guest mode");
+        // In guest mode a TDP vCPU always has its root (entering needs one, and whatever drops
+        // it leaves guest mode first): no root here is a shadow-paging vCPU.
         let VcpuMmuState::Tdp(TdpVcpu { root: Some(root) }) = &self.mmu else {
-            // In guest mode a TDP vCPU always has its root (entering needs one, and whatever
-            // drops it leaves guest mode first): this is a shadow-paging vCPU.
-            panic!(
-                "Vcpu::walk is the TDP hardware walk; a shadow-paging vCPU walks gvas (walk_gva)"
-            );
+            return unreachable_walk();
         };
         if !tdp_reaches(root.level(), gpa) {
             return unreachable_walk();
@@ -639,15 +642,11 @@ impl<H: Host> GuestMode<'_, H> {
     /// goes to the fault path, which emulates it (it is above every memslot), where a walk of
     /// the tables would read the entries of the gpa with the high bits dropped.
     ///
-    /// # Panics
-    /// On a vCPU of a shadow-paging VM, whose hardware walks gvas ([`Self::walk_gva`]).
+    /// On a vCPU of a shadow-paging VM, whose hardware walks gvas ([`Self::walk_gva`]), every
+    /// walk is a not-present violation, whose exit handler answers [`FaultError::WrongMmu`].
     #[inline]
     pub fn walk(&self, gpa: Gpa, need: Access) -> HwWalk {
-        assert!(
-            self.mmu == MmuKind::Tdp,
-            "GuestMode::walk is the TDP hardware walk; a shadow-paging vCPU walks gvas (walk_gva)"
-        );
-        if !tdp_reaches(self.root_level, gpa) {
+        if self.mmu != MmuKind::Tdp || !tdp_reaches(self.root_level, gpa) {
             return unreachable_walk();
         }
         // Nested walks: on NPT every guest access is a user access (`tdp_need`).
@@ -668,15 +667,12 @@ impl<H: Host> GuestMode<'_, H> {
     /// special root of a PAE or non-paging guest) is a not-present violation, whose exit
     /// [`Vcpu::handle_page_fault`] reports as [`crate::fault::FaultError::NonCanonical`] (#GP).
     ///
-    /// # Panics
-    /// On a vCPU of a TDP VM, whose hardware walks gpas ([`Self::walk`]).
+    /// On a vCPU of a TDP VM, whose hardware walks gpas ([`Self::walk`]), every walk is a
+    /// not-present violation, whose exit handler ([`Vcpu::handle_page_fault`]) answers
+    /// [`FaultError::WrongMmu`].
     #[inline]
     pub fn walk_gva(&self, gva: crate::types::Gva, need: Access) -> HwWalk {
-        assert!(
-            self.mmu == MmuKind::Shadow,
-            "GuestMode::walk_gva is the shadow-paging hardware walk; a TDP vCPU walks gpas (walk)"
-        );
-        if !shadow_reaches(self.root_level, gva) {
+        if self.mmu != MmuKind::Shadow || !shadow_reaches(self.root_level, gva) {
             return unreachable_walk();
         }
         self.walk_tables(crate::types::Gfn(gva.raw() >> crate::types::PAGE_SHIFT), need)

@@ -248,17 +248,18 @@ impl<H: Host> Vcpu<H> {
     /// [`Self::enter_guest_mode`]. A 4-level guest walks a 4-level shadow; a PAE guest (or one
     /// without paging) walks its special root from the PDPTE level.
     ///
+    /// On a vCPU of a TDP VM, whose hardware walks gpas ([`Self::walk`]), every walk is a
+    /// not-present violation, whose exit handler ([`Self::handle_page_fault`]) answers
+    /// [`crate::fault::FaultError::WrongMmu`].
+    ///
     /// # Panics
-    /// Outside guest mode, as [`Self::walk`]. On a vCPU of a TDP VM, whose hardware walks gpas
-    /// ([`Self::walk`]).
+    /// Outside guest mode, as [`Self::walk`].
     pub fn walk_gva(&self, gva: Gva, need: Access) -> HwWalk {
         assert!(self.st.in_guest, "the hardware walks only in guest mode");
+        // In guest mode a shadow vCPU always has its root (entering needs one, and whatever
+        // drops it leaves guest mode first): no root here is a TDP vCPU.
         let VcpuMmuState::Shadow(ShadowVcpu { root: Some(root), .. }) = &self.mmu else {
-            // In guest mode a shadow vCPU always has its root (entering needs one, and whatever
-            // drops it leaves guest mode first): this is a TDP vCPU.
-            panic!(
-                "Vcpu::walk_gva is the shadow-paging hardware walk; a TDP vCPU walks gpas (walk)"
-            );
+            return super::unreachable_walk();
         };
         let (pfn, level) = root.hw_root();
         if !super::shadow_reaches(level, gva) {
