@@ -71,6 +71,29 @@ fn a_backend_failure_is_reported_and_fails() {
     assert!(stdout.starts_with(&want), "{stdout}");
 }
 
+/// A slot past 2^phys_bits that the TDP configurations refuse and the shadow ones (and a
+/// shadow-paging KVM) take is the difference `scenarios.md` allows (the largest gpa depends on
+/// the MMU): equal, exit 0, with the reason (review 58b: DIFFER, exit 1); the same file at
+/// phys_bits=52 is plainly equal. (What the allowance refuses: `vmmu_scenario::diff`'s tests.)
+#[test]
+fn a_slot_past_phys_bits_refused_under_tdp_alone_is_the_allowed_difference() {
+    let dir = temp_dir("maxgpa");
+    let f = dir.join("high.scn");
+    let scn = "vm phys_bits=36\nmem a size=4K\nslot 1 gpa=0x1000000000 size=4K mem=a\n\
+               slot 2 gpa=0x10000000 size=4K mem=a\nread 0 gpa=0x10000000 size=4\n";
+    std::fs::write(&f, scn).unwrap();
+    let out = vmmu(&["diff", "--no-expected", "--no-kvm", f.to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.starts_with(&format!("equal  {} (sim-shadow-on", f.display())), "{stdout}");
+    assert!(stdout.contains("the slot at step 3 reaches past 2^36"), "{stdout}");
+    std::fs::write(&f, scn.replace("phys_bits=36", "phys_bits=52")).unwrap();
+    let out = vmmu(&["diff", "--no-expected", "--no-kvm", f.to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(!stdout.contains("reaches past"), "{stdout}");
+}
+
 #[test]
 fn parse_errors_exit_2_and_the_other_files_still_run() {
     let dir = temp_dir("parse");

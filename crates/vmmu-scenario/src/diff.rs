@@ -19,8 +19,8 @@
 //! off" is one value in the list of backends.
 
 use crate::backend::{run_collect, Backend, BackendError, RunError, Start};
-use crate::observation::{first_difference, DirtyLogResult, Observation};
-use crate::step::{Format, Overrides, Scenario};
+use crate::observation::{first_difference, DirtyLogResult, Observation, SlotResult};
+use crate::step::{Format, Op, Overrides, Scenario};
 use std::fmt;
 use std::fmt::Write as _;
 
@@ -174,6 +174,21 @@ pub enum Verdict {
         step: u32,
         /// Sources that skipped the scenario (compared among themselves).
         skipped: Vec<String>,
+    },
+    /// Every source agrees once the machine's TDP configurations run at `phys_bits=52`: at the
+    /// file's `phys_bits` they refused (`EINVAL`) a slot reaching past `2^phys_bits` that the
+    /// others took, the one difference [`allow_tdp_max_gpa`] allows: the largest gpa a slot may
+    /// reach depends on the MMU (`scenarios.md`, backend notes: `2^phys_bits` under EPT/NPT,
+    /// `2^52` under shadow paging).
+    EqualButTdpMaxGpa {
+        /// The sources that agree exactly at the file's `phys_bits`, reference first.
+        compared: Vec<String>,
+        /// The TDP configurations, which agree with them at `phys_bits=52`.
+        tdp: Vec<String>,
+        /// The first slot step they refused.
+        step: u32,
+        /// The file's `phys_bits`.
+        phys_bits: u8,
     },
     /// Nothing could be compared (fewer than two sources ran, or all skipped).
     Skipped(String),
@@ -341,6 +356,72 @@ pub fn compare_allowing_tdp_dirty_pages(
     }
 }
 
+/// The largest-gpa difference `scenarios.md` allows (backend notes: a slot may reach
+/// `2^phys_bits` under EPT/NPT, `2^52` under shadow paging, as under a nested KVM): when the
+/// machine's TDP configurations (named by [`machine_source_name`]) first differ from the other
+/// sources, which agree among themselves, only in refusing (`EINVAL`) a slot the others took
+/// whose range reaches past `2^phys_bits`, and `rerun` (each TDP configuration run again at
+/// `phys_bits=52`) makes every source agree, the verdict is [`Verdict::EqualButTdpMaxGpa`].
+/// `None` otherwise (the caller keeps its verdict).
+pub fn allow_tdp_max_gpa(
+    scenario: &Scenario,
+    sources: &[Source],
+    rerun: impl Fn(&Source, &Scenario) -> Source,
+) -> Option<Verdict> {
+    let phys_bits = scenario.vm.phys_bits;
+    if phys_bits >= 52 {
+        return None;
+    }
+    let is_tdp =
+        |s: &Source| matches!(machine_source_format(&s.name), Some(Format::Ept | Format::Npt));
+    let stream = |s: &Source| match &s.outcome {
+        Outcome::Stream(o) if skip_reason(o).is_none() => Some(o.clone()),
+        _ => None,
+    };
+    let (tdp, rest): (Vec<&Source>, Vec<&Source>) = sources.iter().partition(|s| is_tdp(s));
+    // Sources that could not run it, or skipped it, have nothing to say about the slot.
+    let rest: Vec<&Source> = rest
+        .into_iter()
+        .filter(|s| matches!(&s.outcome, Outcome::Stream(o) if skip_reason(o).is_none()))
+        .collect();
+    let reference = stream(rest.first()?)?;
+    if tdp.is_empty() || rest.iter().any(|s| stream(s).as_ref() != Some(&reference)) {
+        return None;
+    }
+    let limit = 1u64 << phys_bits;
+    let mut first_refused = u32::MAX;
+    for t in &tdp {
+        let obs = stream(t)?;
+        let (_, Some(a), Some(b)) = first_difference(&reference, &obs)? else { return None };
+        let refused = match (a, b) {
+            (
+                Observation::Slot { step, result: SlotResult::Ok },
+                Observation::Slot { step: s2, result: SlotResult::Err(e) },
+            ) if step == s2 && e == "EINVAL" => *step,
+            _ => return None,
+        };
+        let past_limit = scenario.steps.iter().any(|st| {
+            st.number == refused
+                && matches!(&st.op, Op::Slot(o) if o.gpa.saturating_add(o.size) > limit)
+        });
+        if !past_limit {
+            return None;
+        }
+        first_refused = first_refused.min(refused);
+    }
+    let mut wide = scenario.clone();
+    wide.vm.phys_bits = 52;
+    if tdp.iter().any(|t| stream(&rerun(t, &wide)).as_ref() != Some(&reference)) {
+        return None;
+    }
+    Some(Verdict::EqualButTdpMaxGpa {
+        compared: rest.iter().map(|s| s.name.clone()).collect(),
+        tdp: tdp.iter().map(|s| s.name.clone()).collect(),
+        step: first_refused,
+        phys_bits,
+    })
+}
+
 /// The names of `group`'s sources if they all ran the scenario and agree exactly (one source
 /// agrees with itself).
 fn agreeing(group: &[&Source]) -> Option<Vec<String>> {
@@ -432,6 +513,15 @@ impl fmt::Display for VerdictLine<'_> {
                     tdp.join(", ")
                 )
             }
+            Verdict::EqualButTdpMaxGpa { compared, tdp, step, phys_bits } => write!(
+                f,
+                "equal  {path} ({}); under TDP only ({}) the slot at step {step} reaches past \
+                 2^{phys_bits} and was refused: the largest gpa a slot may reach depends on the \
+                 MMU (2^phys_bits under EPT/NPT, 2^52 under shadow paging); at phys_bits=52 they \
+                 agree",
+                compared.join(", "),
+                tdp.join(", ")
+            ),
             Verdict::Skipped(why) => write!(f, "skipped {path}: {why}"),
             Verdict::Failed { config, error, also } => {
                 write!(f, "FAILED {path}: {config}: {error}")?;
@@ -543,6 +633,67 @@ mod tests {
         // Equal streams stay plainly equal.
         let ept_same = src("sim-ept-on", logged(1, &[2]));
         assert!(matches!(allowing(&[ept_same, shadow, kvm]), Verdict::Equal { .. }));
+    }
+
+    /// The largest-gpa allowance (`scenarios.md`: 2^phys_bits under EPT/NPT, 2^52 under shadow
+    /// paging): TDP configurations that refused only a slot past 2^phys_bits, and agree at
+    /// phys_bits=52, make an equal verdict; anything else keeps the difference (review 58b:
+    /// `vmmu diff` called the spec's own difference DIFFER).
+    #[test]
+    fn tdp_configurations_may_refuse_a_slot_past_their_phys_bits_alone() {
+        let slot = |r: Result<(), &str>| {
+            let result = match r {
+                Ok(()) => SlotResult::Ok,
+                Err(e) => SlotResult::Err(e.into()),
+            };
+            Outcome::Stream(vec![Observation::Slot { step: 3, result }])
+        };
+        let file = |phys_bits: u8, gpa: &str| {
+            let text = format!(
+                "vm phys_bits={phys_bits}\nmem a size=4K\nslot 1 gpa={gpa} size=4K mem=a\n"
+            );
+            crate::parse(&text).unwrap()
+        };
+        let sources = |tdp: Outcome| {
+            vec![
+                src("sim-ept-on", tdp.clone()),
+                src("sim-shadow-on", slot(Ok(()))),
+                src("kvm", slot(Ok(()))),
+                src("sim-npt-off", tdp),
+            ]
+        };
+        let agrees_at_52 = |_: &Source, wide: &Scenario| {
+            assert_eq!(wide.vm.phys_bits, 52);
+            src("rerun", slot(Ok(())))
+        };
+        let refused = sources(slot(Err("EINVAL")));
+        let v = allow_tdp_max_gpa(&file(36, "0x1000000000"), &refused, agrees_at_52);
+        assert_eq!(
+            v,
+            Some(Verdict::EqualButTdpMaxGpa {
+                compared: vec!["sim-shadow-on".into(), "kvm".into()],
+                tdp: vec!["sim-ept-on".into(), "sim-npt-off".into()],
+                step: 3,
+                phys_bits: 36,
+            })
+        );
+        let line = VerdictLine { path: "f", verdict: v.as_ref().unwrap() }.to_string();
+        assert!(
+            line.starts_with("equal  f (sim-shadow-on, kvm)") && line.contains("2^36"),
+            "{line}"
+        );
+        assert!(!v.unwrap().is_bad());
+        // A slot inside 2^phys_bits, another errno, phys_bits 52, a disagreement at 52, or
+        // witnesses that disagree among themselves: no allowance.
+        assert_eq!(allow_tdp_max_gpa(&file(36, "0xfff000000"), &refused, agrees_at_52), None);
+        let other = sources(slot(Err("EEXIST")));
+        assert_eq!(allow_tdp_max_gpa(&file(36, "0x1000000000"), &other, agrees_at_52), None);
+        assert_eq!(allow_tdp_max_gpa(&file(52, "0x1000000000"), &refused, agrees_at_52), None);
+        let still = |_: &Source, _: &Scenario| src("rerun", slot(Err("EINVAL")));
+        assert_eq!(allow_tdp_max_gpa(&file(36, "0x1000000000"), &refused, still), None);
+        let mut split = refused.clone();
+        split[2] = src("kvm", slot(Err("EINVAL")));
+        assert_eq!(allow_tdp_max_gpa(&file(36, "0x1000000000"), &split, agrees_at_52), None);
     }
 
     #[test]
