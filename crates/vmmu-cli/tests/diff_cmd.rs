@@ -92,6 +92,16 @@ fn a_slot_past_phys_bits_refused_under_tdp_alone_is_the_allowed_difference() {
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(!stdout.contains("reaches past"), "{stdout}");
+    // A move past the limit: under TDP the slot stays where it was, so a read there finds RAM
+    // where the others find none; that read is one the refusal explains (review 58c).
+    let moved = "vm phys_bits=36\nmem a size=16K\nslot 1 gpa=0x10000000 size=8K mem=a\n\
+                 write 0 gpa=0x10000000 size=4 value=0x2a\nslot 1 gpa=0xffffff000 size=8K mem=a\n\
+                 read 0 gpa=0x10000000 size=4\nread 0 gpa=0xffffff000 size=4\n";
+    std::fs::write(&f, moved).unwrap();
+    let out = vmmu(&["diff", "--no-expected", "--no-kvm", f.to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("the slot at step 5 reaches past 2^36"), "{stdout}");
 }
 
 #[test]
