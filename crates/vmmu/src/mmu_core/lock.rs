@@ -108,6 +108,13 @@ impl<T> MmuLock<T> {
         relax: &impl Relax,
     ) -> MmuRead<'a, T> {
         let mark = state.mmu_mark();
+        // One hold per vCPU at a time: the mark is 0 or 1, so a nested hold's release would end
+        // the outer one while it still reads tables (no path nests; debug builds check it).
+        debug_assert_eq!(
+            mark.load(Ordering::Relaxed),
+            0,
+            "a vCPU took the MMU lock's fast side twice"
+        );
         mark.store(1, Ordering::Relaxed);
         crate::sync::fence(Ordering::SeqCst);
         // Acquire: a writer that just left published its changes with its Release store of 0.
