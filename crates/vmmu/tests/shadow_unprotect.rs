@@ -12,6 +12,31 @@ use vmmu::guest::{GuestCpu, PagingMode};
 use vmmu::memslot::UserspaceMemoryRegion;
 use vmmu::{Gpa, Gva};
 
+/// The guest stores through gva `at` into the guest table entry at `entry_gpa`: the store traps
+/// (the table is shadowed), the hypervisor unprotects the table's frame and re-enters, and the
+/// retried store either goes through untrapped (to the table's frame) or traps again (the
+/// store's own translation walks the table), in which case the hypervisor emulates it. The
+/// guest's entry then holds `new_entry`. Returns what the retried store saw.
+fn store_after_unprotect(
+    v: &mut vmmu::vcpu::Vcpu<vmmu::testing::TestHost>,
+    host: &vmmu::testing::TestHost,
+    at: u64,
+    entry_gpa: u64,
+    new_entry: u64,
+) -> Seen {
+    let trapped = Seen::Mmio(Gpa(entry_gpa), EmulateSource::WriteProtected);
+    assert_eq!(access(v, at, true), trapped);
+    assert_eq!(v.unprotect_gfn(Gpa(entry_gpa).gfn()), Ok(true));
+    let retried = access(v, at, true);
+    host.write_u64(RAM_HVA + entry_gpa, new_entry);
+    if retried == trapped {
+        v.track_write(Gpa(entry_gpa), 8).unwrap();
+    } else {
+        assert_eq!(retried, Seen::Ram(ram_pfn(entry_gpa & !0xfff)));
+    }
+    retried
+}
+
 /// PAE: the PD of PDPTE 0 (pinned by the special root) is unprotected; the guest rewrites a PDE
 /// untrapped (or emulated if it traps again); the access must follow the guest's tables.
 #[test]
@@ -31,17 +56,8 @@ fn a_pae_page_directory_the_special_root_pins_is_unprotected() {
     v.set_guest_cpu(GuestCpu { mode: PagingMode::Pae { pdptrs: [0; 4] }, ..long4(0) }).unwrap();
     v.load_cr3(pdpt).unwrap();
     assert_eq!(access(&mut v, 0x40_3000, false), Seen::Ram(ram_pfn(0x20_0000)));
-    let at = 0x4000_0000 + 8 * 2;
-    let trapped = Seen::Mmio(Gpa(pd + 16), EmulateSource::WriteProtected);
-    assert_eq!(access(&mut v, at, true), trapped);
-    assert_eq!(v.unprotect_gfn(Gpa(pd).gfn()), Ok(true));
-    let retried = access(&mut v, at, true);
-    host.write_u64(RAM_HVA + pd + 16, pt3 | P | RW | US);
-    if retried == trapped {
-        v.track_write(Gpa(pd + 16), 8).unwrap();
-    } else {
-        assert_eq!(retried, Seen::Ram(ram_pfn(pd)));
-    }
+    let retried =
+        store_after_unprotect(&mut v, &host, 0x4000_0000 + 8 * 2, pd + 16, pt3 | P | RW | US);
     v.invlpg(Gva(0x40_3000)).unwrap();
     assert_eq!(
         access(&mut v, 0x40_3000, false),
@@ -138,15 +154,7 @@ fn the_root_frame_in_use_is_unprotected() {
     let pml4e_new = s2.read(s2.cr3);
     let mut v = vcpu_in(&vm, long4(s.cr3));
     assert_eq!(access(&mut v, 0x4000_0000, false), Seen::Ram(ram_pfn(0x20_0000)));
-    let at = 0x5000_0000;
-    let trapped = Seen::Mmio(Gpa(s.cr3), EmulateSource::WriteProtected);
-    assert_eq!(access(&mut v, at, true), trapped);
-    assert_eq!(v.unprotect_gfn(Gpa(s.cr3).gfn()), Ok(true));
-    let retried = access(&mut v, at, true);
-    host.write_u64(RAM_HVA + s.cr3, pml4e_new);
-    if retried == trapped {
-        v.track_write(Gpa(s.cr3), 8).unwrap();
-    }
+    let retried = store_after_unprotect(&mut v, &host, 0x5000_0000, s.cr3, pml4e_new);
     v.invlpg(Gva(0x4000_0000)).unwrap();
     assert_eq!(
         access(&mut v, 0x4000_0000, false),
