@@ -405,11 +405,7 @@ fn recycling_note(on: &[&Report], off: &[&Report]) -> Option<String> {
     let limit = on.first()?.config.shadow_pages?;
     let (r_on, r_off) = (recycled(on), recycled(off));
     (r_on > 0).then(|| {
-        let how = if limit.set {
-            "set by the VMM: --shadow-pages, 1024 by default"
-        } else {
-            "KVM's default for the memslots"
-        };
+        let how = crate::run_report::shadow_limit_origin(limit.set);
         format!(
             "shadow pages recycled (over the page limit, {} at the end, {how}): {r_on} with \
              caching, {r_off} without; every recycled page is rebuilt by a later fault \
@@ -579,11 +575,12 @@ fn note_page_limit(args: &RunArgs, runs: &[&Report]) {
     let how = if limit.set { "--shadow-pages" } else { "--shadow-pages auto, KVM's default" };
     note!(
         "vmmu run: {failures} shadow page faults or root loads failed at the page limit ({} \
-         pages, {how}): the {} vCPUs' roots (each pins its root and up to 3 previous ones) held \
+         pages, {how}): the {} vCPUs' roots (each pins its root and up to {} previous ones) held \
          every page, so nothing could be recycled (KVM: -ENOSPC from KVM_RUN); give a larger \
          --shadow-pages, or fewer --vcpus",
         limit.limit,
-        args.opts.vcpus
+        args.opts.vcpus,
+        vmmu::vcpu::NUM_PREV_ROOTS
     );
 }
 

@@ -10,6 +10,16 @@ use vmmu_sim::MmuCounters;
 #[derive(Clone, Copy, Debug)]
 pub struct Text<'a>(pub &'a Report);
 
+/// Who set the shadow page limit of a run: the VMM (`--shadow-pages`, with its default when the
+/// flag is not given), or KVM's default for the memslots (`--shadow-pages auto`).
+pub fn shadow_limit_origin(set: bool) -> String {
+    if set {
+        format!("set by the VMM: --shadow-pages, {} by default", vmmu_sim::DEFAULT_SHADOW_PAGES)
+    } else {
+        "KVM's default for the memslots".into()
+    }
+}
+
 /// The report as pretty JSON.
 pub fn to_json(r: &Report) -> String {
     // Serialising plain structs of numbers, strings and maps with string keys cannot fail.
@@ -62,12 +72,7 @@ impl fmt::Display for Text<'_> {
             c.reader_fences.name()
         )?;
         if let Some(p) = c.shadow_pages {
-            let why = if p.set {
-                "set by the VMM: --shadow-pages, 1024 by default"
-            } else {
-                "KVM's default for the memslots"
-            };
-            writeln!(f, "shadow page limit: {} ({why})", p.limit)?;
+            writeln!(f, "shadow page limit: {} ({})", p.limit, shadow_limit_origin(p.set))?;
         }
         writeln!(f, "ran {:.2} s, {} accesses", r.elapsed_seconds, r.total_accesses())?;
         for v in &r.vcpus {
