@@ -387,37 +387,33 @@ pub fn allow_tdp_max_gpa(
     let limit = 1u64 << phys_bits;
     let is_tdp =
         |s: &Source| matches!(machine_source_format(&s.name), Some(Format::Ept | Format::Npt));
-    let running = |s: &Source| match &s.outcome {
-        Outcome::Stream(o) if skip_reason(o).is_none() => Some(o.clone()),
-        _ => None,
-    };
     let (tdp, others): (Vec<&Source>, Vec<&Source>) = sources.iter().partition(|s| is_tdp(s));
-    let rest: Vec<Source> =
-        others.iter().filter(|s| running(s).is_some()).map(|s| (*s).clone()).collect();
-    let skipping: Vec<Source> = others
-        .iter()
-        .filter(|s| matches!(&s.outcome, Outcome::Stream(o) if skip_reason(o).is_some()))
-        .map(|s| (*s).clone())
-        .collect();
-    let reference = running(rest.first()?)?;
-    if tdp.is_empty()
-        || rest.iter().any(|s| running(s).as_ref() != Some(&reference))
-        || matches!(compare(&skipping), Verdict::Differ { .. })
-    {
+    if tdp.is_empty() || others.iter().any(|s| matches!(s.outcome, Outcome::Failed(_))) {
         return None;
     }
+    // Sources that could not run it have nothing to say; those that skipped it are compared
+    // among themselves, as `compare` does.
+    let (rest, skipping): (Vec<&Source>, Vec<&Source>) = others
+        .into_iter()
+        .filter(|s| matches!(s.outcome, Outcome::Stream(_)))
+        .partition(|s| matches!(&s.outcome, Outcome::Stream(o) if skip_reason(o).is_none()));
+    let skipping: Vec<Source> = skipping.into_iter().cloned().collect();
+    if matches!(compare(&skipping), Verdict::Differ { .. }) {
+        return None;
+    }
+    let compared = agreeing(&rest)?;
     let mut wide = scenario.clone();
     wide.vm.phys_bits = 52;
     let mut first_refused = u32::MAX;
     let mut reruns = Vec::new();
-    for t in &tdp {
-        let narrow = running(t)?;
+    for &t in &tdp {
+        let narrow = running_stream(&[t])?;
         let again = rerun(t, &wide);
-        let wide_obs = running(&again)?;
+        let wide_obs = running_stream(&[&again])?;
         first_refused = first_refused.min(refused_only_past(scenario, limit, &narrow, &wide_obs)?);
         reruns.push(again);
     }
-    let mut judged = rest.clone();
+    let mut judged: Vec<Source> = rest.iter().map(|s| (*s).clone()).collect();
     judged.extend(reruns);
     judged.extend(skipping.iter().cloned());
     let dirty_pages_step = match compare_machine_sources(&judged) {
@@ -426,7 +422,7 @@ pub fn allow_tdp_max_gpa(
         _ => return None,
     };
     Some(Verdict::EqualButTdpMaxGpa {
-        compared: rest.iter().map(|s| s.name.clone()).collect(),
+        compared,
         tdp: tdp.iter().map(|s| s.name.clone()).collect(),
         step: first_refused,
         phys_bits,
