@@ -218,10 +218,9 @@ pub fn run(args: &DiffArgs) -> ExitCode {
             continue;
         }
         let pinned = diff::pinned_format(&text, &scenario);
-        let mut sources: Vec<Source> = sim_backends(pinned)
-            .iter()
-            .map(|(name, b)| diff::run_source(name, b.as_ref(), &scenario))
-            .collect();
+        let machine = sim_backends(pinned);
+        let mut sources: Vec<Source> =
+            machine.iter().map(|(name, b)| diff::run_source(name, b.as_ref(), &scenario)).collect();
         if !args.no_kvm {
             let s = diff::run_source("kvm", &kvm, &scenario);
             if let Outcome::Unavailable(why) = &s.outcome {
@@ -252,8 +251,7 @@ pub fn run(args: &DiffArgs) -> ExitCode {
         if matches!(verdict, Verdict::Differ { .. }) {
             // The largest gpa a slot may reach depends on the MMU: rerun the TDP
             // configurations at phys_bits=52 to see whether that is the whole difference.
-            let backends = sim_backends(pinned);
-            let rerun = |src: &Source, wide: &vmmu_scenario::Scenario| match backends
+            let rerun = |src: &Source, wide: &vmmu_scenario::Scenario| match machine
                 .iter()
                 .find(|(name, _)| *name == src.name)
             {
