@@ -280,6 +280,22 @@ pub fn compare(sources: &[Source]) -> Verdict {
     }
 }
 
+/// The sources that ran the scenario, and those that skipped it (owned, for [`compare`]); sources
+/// that could not run it have nothing to say. `None` when those that skipped it disagree among
+/// themselves (as [`compare`] compares them): no allowance can make that equal.
+fn running_and_skipping<'a>(
+    sources: impl Iterator<Item = &'a Source>,
+) -> Option<(Vec<&'a Source>, Vec<Source>)> {
+    let (running, skipping): (Vec<&Source>, Vec<&Source>) = sources
+        .filter(|s| matches!(s.outcome, Outcome::Stream(_)))
+        .partition(|s| matches!(&s.outcome, Outcome::Stream(o) if skip_reason(o).is_none()));
+    let skipping: Vec<Source> = skipping.into_iter().cloned().collect();
+    if matches!(compare(&skipping), Verdict::Differ { .. }) {
+        return None;
+    }
+    Some((running, skipping))
+}
+
 /// The running stream of the first source of `group`, if every source there ran the scenario.
 fn running_stream(group: &[&Source]) -> Option<Vec<Observation>> {
     match &group.first()?.outcome {
@@ -330,15 +346,9 @@ pub fn compare_allowing_tdp_dirty_pages(
     if !matches!(verdict, Verdict::Differ { .. }) {
         return verdict;
     }
-    // Sources that skipped the scenario are compared among themselves, as `compare` does.
-    let (running, skipping): (Vec<&Source>, Vec<&Source>) = sources
-        .iter()
-        .filter(|s| matches!(s.outcome, Outcome::Stream(_)))
-        .partition(|s| matches!(&s.outcome, Outcome::Stream(o) if skip_reason(o).is_none()));
-    let skipping: Vec<Source> = skipping.into_iter().cloned().collect();
-    if matches!(compare(&skipping), Verdict::Differ { .. }) {
+    let Some((running, skipping)) = running_and_skipping(sources.iter()) else {
         return verdict;
-    }
+    };
     let (tdp, rest): (Vec<&Source>, Vec<&Source>) =
         running.into_iter().partition(|s| is_tdp(&s.name));
     if !rest.iter().any(|s| is_shadow(&s.name)) {
@@ -391,16 +401,7 @@ pub fn allow_tdp_max_gpa(
     if tdp.is_empty() || others.iter().any(|s| matches!(s.outcome, Outcome::Failed(_))) {
         return None;
     }
-    // Sources that could not run it have nothing to say; those that skipped it are compared
-    // among themselves, as `compare` does.
-    let (rest, skipping): (Vec<&Source>, Vec<&Source>) = others
-        .into_iter()
-        .filter(|s| matches!(s.outcome, Outcome::Stream(_)))
-        .partition(|s| matches!(&s.outcome, Outcome::Stream(o) if skip_reason(o).is_none()));
-    let skipping: Vec<Source> = skipping.into_iter().cloned().collect();
-    if matches!(compare(&skipping), Verdict::Differ { .. }) {
-        return None;
-    }
+    let (rest, skipping) = running_and_skipping(others.into_iter())?;
     let compared = agreeing(&rest)?;
     let mut wide = scenario.clone();
     wide.vm.phys_bits = 52;
